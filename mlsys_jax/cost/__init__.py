@@ -1,0 +1,1 @@
+"""mlsys_jax.cost: see README.md. Public names are re-exported here."""
