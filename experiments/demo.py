@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pathlib
 import sys
 import time
 import traceback
 
-from absl import app
-from absl import flags
+# Collective demos need several devices: on a CPU-only machine simulate 8 (ignored by GPU backends).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 
 _ONLY = flags.DEFINE_list("only", [], "Run only demo modules whose name contains one of these words.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for every demo.")
