@@ -22,14 +22,16 @@ class MLP(nn.Module):
   features: Sequence[int] = (128, 128)
   num_classes: int = 10
   dot_general: DotGeneral = None
+  dot_general_cls: Any = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train
     x = x.reshape(x.shape[0], -1)
+    dense = lambda f: nn.Dense(f, dot_general=self.dot_general, dot_general_cls=self.dot_general_cls)
     for f in self.features:
-      x = nn.relu(nn.Dense(f, dot_general=self.dot_general)(x))
-    return nn.Dense(self.num_classes, dot_general=self.dot_general)(x)
+      x = nn.relu(dense(f)(x))
+    return dense(self.num_classes)(x)
 
 
 class CNN(nn.Module):
@@ -45,6 +47,8 @@ class CNN(nn.Module):
     kernel_size: spatial size of every convolution kernel (per dimension).
     hidden: width of the dense layer before the logits.
     dot_general / conv_general_dilated: injected primitives for ``Dense`` / ``Conv``.
+    dot_general_cls / conv_general_dilated_cls: injected flax modules (they may hold variables, e.g.
+      calibration statistics); they take precedence over the functions.
   """
   num_classes: int = 10
   channels: Sequence[int] = (32, 64)
@@ -53,6 +57,8 @@ class CNN(nn.Module):
   hidden: int = 128
   dot_general: DotGeneral = None
   conv_general_dilated: ConvGeneral = None
+  dot_general_cls: Any = None
+  conv_general_dilated_cls: Any = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -62,13 +68,15 @@ class CNN(nn.Module):
                        f"(batch, spatial..., channels), got shape {x.shape}.")
     for c in self.channels:
       x = nn.Conv(c, (self.kernel_size,) * self.dims, padding="SAME",
-                  conv_general_dilated=self.conv_general_dilated)(x)
+                  conv_general_dilated=self.conv_general_dilated,
+                  conv_general_dilated_cls=self.conv_general_dilated_cls)(x)
       x = nn.relu(x)
       if min(x.shape[1:-1]) >= 2:
         x = nn.max_pool(x, (2,) * self.dims, strides=(2,) * self.dims)
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.hidden, dot_general=self.dot_general)(x))
-    return nn.Dense(self.num_classes, dot_general=self.dot_general)(x)
+    dense = lambda f: nn.Dense(f, dot_general=self.dot_general, dot_general_cls=self.dot_general_cls)
+    x = nn.relu(dense(self.hidden)(x))
+    return dense(self.num_classes)(x)
 
 
 class _BasicBlock(nn.Module):

@@ -1,1 +1,40 @@
-"""mlsys_jax.quant: see README.md. Public names are re-exported here."""
+"""mlsys_jax.quant: number formats.
+
+Fixed-point codes (symmetric/asymmetric, per-tensor/per-channel, signed/unsigned, nearest/stochastic
+rounding), VS-Quant per-vector scaled quantization with two-level scales (Dai et al., MLSys 2021),
+straight-through fake quantization, range calibration, and quantized ``dot_general``/convolution for
+flax layers with an emulation path and an int8/int32 integer path.
+"""
+
+from mlsys_jax.quant.calibration import CALIBRATION_METHODS, calibrate_amax
+from mlsys_jax.quant.fixed_point import (QuantizedTensor, code_dtype, compute_scale, dequantize,
+                                         fake_quant, qrange, quantize, sqnr_db, straight_through)
+from mlsys_jax.quant.layers import (QuantConfig, QuantConv, QuantDotGeneral, QuantSpec,
+                                    calibration_to_amax, quantized_conv_general_dilated,
+                                    quantized_dot_general)
+from mlsys_jax.quant.vsquant import VSQuantizedTensor, vs_dequantize, vs_fake_quant, vs_quantize
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "QuantConfig",
+    "QuantConv",
+    "QuantDotGeneral",
+    "QuantSpec",
+    "QuantizedTensor",
+    "VSQuantizedTensor",
+    "calibrate_amax",
+    "calibration_to_amax",
+    "code_dtype",
+    "compute_scale",
+    "dequantize",
+    "fake_quant",
+    "qrange",
+    "quantize",
+    "quantized_conv_general_dilated",
+    "quantized_dot_general",
+    "sqnr_db",
+    "straight_through",
+    "vs_dequantize",
+    "vs_fake_quant",
+    "vs_quantize",
+]

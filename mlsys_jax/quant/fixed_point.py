@@ -1,0 +1,260 @@
+"""Fixed-point (integer) codes: quantize, dequantize and straight-through fake quantization.
+
+A real tensor x is represented by integer codes q and a scale s (and, for asymmetric quantization, an
+integer zero point z) so that x ~ s * (q - z):
+
+- symmetric, signed codes:   q = clip(round(x / s), -Q, Q),  s = amax / Q,  Q = 2^(b-1) - 1;
+- asymmetric, unsigned codes: q = clip(round(x / s) + z, 0, 2^b - 1), s = (hi - lo) / (2^b - 1),
+  z = round(-lo / s), with the range [lo, hi] widened to contain 0 so that zero is exact.
+
+Granularity is given by ``axis``: the axes that share one scale (they are reduced when the range is
+computed). ``axis=None`` is per-tensor; for a dense kernel of shape (in, out), ``axis=0`` gives one scale
+per output channel (per-channel). Per-vector scales live in :mod:`mlsys_jax.quant.vsquant`.
+
+Codes can be stored *signed* (int8/int16, symmetric around 0) or *unsigned* (uint8/uint16, what a memory
+holds and what bit-error models flip, see Stutz et al., MLSys 2021): ``unsigned=True`` with a symmetric
+quantizer stores q + 2^(b-1) and keeps the zero point 2^(b-1).
+
+Rounding is round-to-nearest-even (``'nearest'``) or stochastic (``'stochastic'``, unbiased:
+E[q] = x / s inside the range), the latter needs a PRNG ``key``.
+
+Non-finite inputs: concrete arrays with NaN/inf raise ``ValueError``. Under ``jit`` the check cannot run:
+NaN becomes an undefined code and +-inf saturates to the end of the range; clean inputs first.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from mlsys_jax._checks import check_choice, check_finite, check_int
+
+__all__ = [
+    "QuantizedTensor",
+    "code_dtype",
+    "compute_scale",
+    "dequantize",
+    "fake_quant",
+    "qrange",
+    "quantize",
+    "sqnr_db",
+]
+
+Axis = int | Sequence[int] | None
+
+
+def _check_bits(bits: int) -> None:
+  check_int("bits", bits, 2, 16)
+
+
+def _check_float(name: str, x) -> None:
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}; quantize real values, "
+                    "or cast with x.astype(jnp.float32).")
+
+
+def _norm_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+  if axis is None:
+    return tuple(range(ndim))
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for an array of rank {ndim}.")
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"axis {axis} repeats an axis.")
+  return tuple(sorted(out))
+
+
+def qrange(bits: int, symmetric: bool, unsigned: bool) -> tuple[int, int]:
+  """Smallest and largest code: symmetric signed [-Q, Q], symmetric unsigned [1, 2^b - 1]
+  (Q = 2^(b-1) - 1, zero at 2^(b-1)), asymmetric unsigned [0, 2^b - 1], asymmetric signed
+  [-2^(b-1), 2^(b-1) - 1]."""
+  _check_bits(bits)
+  half = 2 ** (bits - 1)
+  if symmetric:
+    return (1, 2 * half - 1) if unsigned else (-(half - 1), half - 1)
+  return (0, 2 * half - 1) if unsigned else (-half, half - 1)
+
+
+def code_dtype(bits: int, unsigned: bool) -> jnp.dtype:
+  """Narrowest integer dtype that holds ``bits``-bit codes (uint8/uint16 or int8/int16)."""
+  _check_bits(bits)
+  if unsigned:
+    return jnp.dtype(jnp.uint8 if bits <= 8 else jnp.uint16)
+  return jnp.dtype(jnp.int8 if bits <= 8 else jnp.int16)
+
+
+@struct.dataclass
+class QuantizedTensor:
+  """Integer codes with their scale and zero point; a pytree (codes, scale, zero_point are leaves).
+
+  The real value is ``scale * (codes - zero_point)``. ``scale`` and ``zero_point`` broadcast against
+  ``codes`` (they keep reduced axes as size 1).
+
+  Attributes:
+    codes: integer codes (int8/int16, or uint8/uint16 when ``unsigned``).
+    scale: float32 step size, broadcastable to ``codes``.
+    zero_point: integer-valued float32 zero point (0 for symmetric signed codes).
+    bits: code width in bits (static).
+    symmetric: whether the range is symmetric around zero (static).
+    unsigned: whether the codes are stored unsigned (static).
+    axis: the axes that share one scale, e.g. ``(0, 1, 2)`` for per-tensor of a 3-D array (static).
+  """
+  codes: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array
+  bits: int = struct.field(pytree_node=False)
+  symmetric: bool = struct.field(pytree_node=False)
+  unsigned: bool = struct.field(pytree_node=False)
+  axis: tuple[int, ...] = struct.field(pytree_node=False)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.codes.shape)
+
+  @property
+  def nbytes_payload(self) -> float:
+    """Bits of the codes plus 32 bits per scale and zero point, in bytes."""
+    return (np.prod(self.codes.shape) * self.bits + 32 * np.size(self.scale) * (1 if self.symmetric else 2)) / 8
+
+
+def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsigned: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Scale and zero point for the real range ``[lo, hi]`` (symmetric: ``amax = max(|lo|, |hi|)``).
+
+  A zero-width range gets scale 1 so that it quantizes to the zero point without dividing by zero.
+  """
+  qmin, qmax = qrange(bits, symmetric, unsigned)
+  lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
+  hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+  if symmetric:
+    amax = jnp.maximum(-lo, hi)
+    q = (qmax - qmin) // 2
+    scale = jnp.where(amax > 0, amax / q, 1.0)
+    zp = jnp.full_like(scale, 2 ** (bits - 1) if unsigned else 0)
+  else:
+    scale = jnp.where(hi > lo, (hi - lo) / (qmax - qmin), 1.0)
+    zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+  return scale, zp
+
+
+def _round(v: jax.Array, rounding: str, key) -> jax.Array:
+  if rounding == "nearest":
+    return jnp.round(v)
+  return jnp.floor(v + jax.random.uniform(key, v.shape, v.dtype))
+
+
+def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = None,
+             unsigned: bool = False, rounding: str = "nearest", key: jax.Array | None = None,
+             bounds: jax.Array | tuple[jax.Array, jax.Array] | None = None) -> QuantizedTensor:
+  """Quantize ``x`` to ``bits``-bit fixed-point codes.
+
+  Args:
+    x: floating-point array.
+    bits: code width, 2..16.
+    symmetric: range [-amax, amax] (True) or [min, max] with an integer zero point (False).
+    axis: axes sharing one scale (reduced when computing the range); None = per-tensor. For a dense
+      kernel ``(in, out)``, ``axis=0`` is per output channel.
+    unsigned: store unsigned codes (uint8/uint16). Asymmetric codes are unsigned by nature; with
+      ``unsigned=False`` they are shifted by -2^(b-1) into a signed type.
+    rounding: ``'nearest'`` or ``'stochastic'`` (needs ``key``).
+    key: PRNG key for stochastic rounding.
+    bounds: calibrated range instead of the data's own: ``amax`` (symmetric) or ``(lo, hi)``, each
+      broadcastable to the reduced shape; values outside saturate.
+
+  Returns:
+    A :class:`QuantizedTensor`.
+
+  Example:
+    >>> qt = quantize(w, 8, axis=0)            # per-output-channel int8 codes of a (in, out) kernel
+    >>> w_hat = dequantize(qt)
+  """
+  _check_bits(bits)
+  _check_float("x", x)
+  check_choice("rounding", rounding, ("nearest", "stochastic"))
+  if rounding == "stochastic" and key is None:
+    raise ValueError("rounding='stochastic' needs a PRNG key: quantize(..., key=jax.random.PRNGKey(0)).")
+  check_finite("x", x)
+  x = jnp.asarray(x)
+  axes = _norm_axes(axis, x.ndim)
+  xf = x.astype(jnp.float32)
+  if bounds is None:
+    lo = jnp.min(xf, axis=axes, keepdims=True)
+    hi = jnp.max(xf, axis=axes, keepdims=True)
+  elif symmetric and not isinstance(bounds, tuple):
+    hi = jnp.abs(jnp.asarray(bounds, jnp.float32))
+    lo = -hi
+  elif isinstance(bounds, tuple) and len(bounds) == 2:
+    lo, hi = (jnp.asarray(b, jnp.float32) for b in bounds)
+  else:
+    raise ValueError("bounds must be amax (symmetric) or a (lo, hi) pair.")
+  scale, zp = compute_scale(lo, hi, bits, symmetric, unsigned or not symmetric)
+  qmin, qmax = qrange(bits, symmetric, unsigned or not symmetric)
+  q = jnp.clip(_round(xf / scale, rounding, key) + zp, qmin, qmax)
+  if not symmetric and not unsigned:  # asymmetric codes stored signed: shift by -2^(b-1)
+    shift = 2 ** (bits - 1)
+    q, zp = q - shift, zp - shift
+  codes = q.astype(code_dtype(bits, unsigned))
+  return QuantizedTensor(codes, scale, zp.astype(jnp.float32), bits, symmetric, unsigned, axes)
+
+
+def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+  """Real values ``scale * (codes - zero_point)`` of a :class:`QuantizedTensor`."""
+  if not isinstance(qt, QuantizedTensor):
+    raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}.")
+  return ((qt.codes.astype(jnp.float32) - qt.zero_point) * qt.scale).astype(dtype)
+
+
+@jax.custom_vjp
+def _ste(x, y, lo, hi):
+  del x, lo, hi
+  return y
+
+
+def _ste_fwd(x, y, lo, hi):
+  return y, (x >= lo) & (x <= hi)
+
+
+def _ste_bwd(mask, g):
+  return (jnp.where(mask, g, 0).astype(g.dtype), None, None, None)
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def straight_through(x: jax.Array, x_quant: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """Return ``x_quant`` forward; backward pass the gradient to ``x`` where ``lo <= x <= hi``, else 0
+  (the clipped straight-through estimator of Bengio et al. 2013, as used in quantization-aware
+  training)."""
+  return _ste(x, jax.lax.stop_gradient(x_quant), jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi))
+
+
+def fake_quant(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = None,
+               rounding: str = "nearest", key: jax.Array | None = None,
+               bounds=None) -> jax.Array:
+  """Quantize and dequantize ``x`` (same arguments as :func:`quantize`) with a straight-through gradient.
+
+  The forward value is ``dequantize(quantize(x, ...))``; the gradient with respect to ``x`` is the
+  identity inside the quantization range and zero where ``x`` saturates.
+  """
+  qt = quantize(x, bits, symmetric=symmetric, axis=axis, unsigned=False, rounding=rounding, key=key,
+                bounds=bounds)
+  y = dequantize(qt, x.dtype)
+  qmin, qmax = qrange(bits, symmetric, False)  # the codes of quantize(..., unsigned=False)
+  lo = (qmin - qt.zero_point) * qt.scale
+  hi = (qmax - qt.zero_point) * qt.scale
+  return straight_through(x, y, lo, hi)
+
+
+def sqnr_db(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+  """Signal-to-quantization-noise ratio 10 log10(sum x^2 / sum (x - x_hat)^2) in dB."""
+  x = jnp.asarray(x, jnp.float32)
+  err = jnp.sum((x - jnp.asarray(x_hat, jnp.float32)) ** 2)
+  return 10.0 * jnp.log10(jnp.sum(x ** 2) / jnp.maximum(err, 1e-30))

@@ -1,0 +1,364 @@
+"""Quantized ``dot_general`` and convolution from a config, injectable into flax layers.
+
+``quantized_dot_general(config)`` returns a drop-in replacement for ``jax.lax.dot_general`` and
+``quantized_conv_general_dilated(config)`` one for ``jax.lax.conv_general_dilated``; pass them to
+``flax.linen.Dense(dot_general=...)`` / ``Conv(conv_general_dilated=...)``, ``flax.nnx.Linear(dot_general=
+...)`` or the library's models. The first operand is taken as the activation, the second as the weight
+(flax's convention). :class:`QuantDotGeneral` and :class:`QuantConv` are the same as flax modules (for
+``dot_general_cls=`` / ``conv_general_dilated_cls=``) that also record activation statistics for static
+calibration (:func:`calibration_to_amax`).
+
+Two execution paths:
+
+- emulation (default): both operands are quantized and dequantized, then multiplied in float32. This
+  is exact emulation of integer hardware with per-vector rescaling (up to float32 summation order), and
+  carries straight-through gradients for quantization-aware training;
+- integer (``integer=True``): int8 codes multiplied with int32 accumulation
+  (``preferred_element_type=jnp.int32``) then rescaled: one product for per-tensor/per-channel scales;
+  for per-vector scales one batched product per vector group, rescaled per group and summed (VS-Quant's
+  datapath). Supports dense layers (one contracting axis each, no batch axes) and convolutions with
+  per-tensor/per-channel scales; other cases raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mlsys_jax._checks import check_choice, check_int
+from mlsys_jax.quant.calibration import CALIBRATION_METHODS, calibrate_amax
+from mlsys_jax.quant.fixed_point import (_check_bits, dequantize, fake_quant, qrange, quantize,
+                                         straight_through)
+from mlsys_jax.quant.vsquant import vs_dequantize, vs_fake_quant, vs_quantize
+
+__all__ = [
+    "QuantConfig",
+    "QuantConv",
+    "QuantDotGeneral",
+    "QuantSpec",
+    "calibration_to_amax",
+    "quantized_conv_general_dilated",
+    "quantized_dot_general",
+]
+
+GRANULARITIES = ("tensor", "channel", "vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one operand is quantized.
+
+  Attributes:
+    bits: code width (2..16).
+    granularity: ``'tensor'`` (one scale), ``'channel'`` (weights: one per output channel;
+      activations: one per row/pixel), or ``'vector'`` (VS-Quant: one per ``vector_size`` elements
+      along the reduction axis).
+    vector_size: V for ``'vector'``.
+    scale_bits: M, integer bits of two-level per-vector scales (``'vector'`` only); None = float scales.
+    calibration: method used by :func:`calibration_to_amax` for static activation ranges.
+    percentile: percentile for ``calibration='percentile'``.
+  """
+  bits: int = 8
+  granularity: str = "channel"
+  vector_size: int = 16
+  scale_bits: int | None = None
+  calibration: str = "max"
+  percentile: float = 99.99
+
+  def __post_init__(self):
+    _check_bits(self.bits)
+    check_choice("granularity", self.granularity, GRANULARITIES)
+    check_int("vector_size", self.vector_size, 1)
+    if self.scale_bits is not None:
+      check_int("scale_bits", self.scale_bits, 1, 16)
+      if self.granularity != "vector":
+        raise ValueError("scale_bits (two-level scaling) applies to granularity='vector' only.")
+    check_choice("calibration", self.calibration, CALIBRATION_METHODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization of a layer's operands: ``weight`` and ``activation`` specs (None = keep float)."""
+  weight: QuantSpec | None = QuantSpec(8, "channel")
+  activation: QuantSpec | None = QuantSpec(8, "tensor")
+  integer: bool = False
+
+  def __post_init__(self):
+    for name in ("weight", "activation"):
+      v = getattr(self, name)
+      if v is not None and not isinstance(v, QuantSpec):
+        raise TypeError(f"QuantConfig.{name} must be a QuantSpec or None, got {type(v).__name__}.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Operand quantization (emulation path).
+
+
+def _fq(x, spec: QuantSpec | None, red_axes: tuple[int, ...], vec_axis: int | None,
+        coarse_axes: tuple[int, ...] | None, amax=None):
+  """Fake-quantize one operand. ``red_axes``: the reduction axes (shared scale for 'channel')."""
+  if spec is None:
+    return x
+  if spec.granularity == "tensor":
+    return fake_quant(x, spec.bits, axis=None, bounds=amax)
+  if spec.granularity == "channel":
+    return fake_quant(x, spec.bits, axis=red_axes, bounds=amax)
+  if vec_axis is None:
+    raise ValueError("per-vector quantization needs a single reduction axis; flatten the operand.")
+  return vs_fake_quant(x, spec.bits, axis=vec_axis, vector_size=spec.vector_size,
+                       scale_bits=spec.scale_bits, coarse_axes=coarse_axes, coarse_amax=amax)
+
+
+def _int_operand(x, spec: QuantSpec, red_axis: int, amax=None):
+  """int8/int16 codes and float scales of one operand with ONE reduction axis (integer path).
+
+  Returns ``(codes, scale)`` where for 'tensor'/'channel' ``scale`` keeps the reduced axis as size 1, and
+  for 'vector' ``(codes_split, scale_split)`` in the split layout (K -> (G, V)).
+  """
+  if spec.granularity in ("tensor", "channel"):
+    qt = quantize(x, spec.bits, axis=None if spec.granularity == "tensor" else red_axis, bounds=amax)
+    return qt.codes, qt.scale
+  coarse = tuple(range(x.ndim)) if red_axis == x.ndim - 1 else None
+  qt = vs_quantize(x, spec.bits, axis=red_axis, vector_size=spec.vector_size,
+                   scale_bits=spec.scale_bits, coarse_axes=coarse, coarse_amax=amax)
+  from mlsys_jax.quant.vsquant import _split
+  cs, _ = _split(qt.codes, red_axis, spec.vector_size, True)
+  return cs, qt.scales()
+
+
+def _dot_int(lhs, rhs, config: QuantConfig, amax):
+  """Integer path for ``lhs (..., K) @ rhs (K, N)``."""
+  w, a = config.weight, config.activation
+  if w is None or a is None or w.bits > 8 or a.bits > 8:
+    raise ValueError("integer=True needs both operands quantized to at most 8 bits.")
+  if (w.granularity == "vector") != (a.granularity == "vector"):
+    raise ValueError("integer=True with per-vector scales needs both operands per-vector (same V).")
+  lead = lhs.shape[:-1]
+  lhs2 = lhs.reshape(-1, lhs.shape[-1])
+  if w.granularity != "vector":
+    ca, sa = _int_operand(lhs2, a, 1, amax)
+    cw, sw = _int_operand(rhs, w, 0)
+    acc = jax.lax.dot(ca, cw, preferred_element_type=jnp.int32)
+    out = acc.astype(jnp.float32) * sa * sw
+  else:
+    if w.vector_size != a.vector_size:
+      raise ValueError("per-vector integer path needs the same vector_size for both operands.")
+    ca, sa = _int_operand(lhs2, a, 1, amax)    # (M, G, V), (M, G, 1)
+    cw, sw = _int_operand(rhs, w, 0)           # (G, V, N), (G, 1, N)
+    part = jax.lax.dot_general(ca, cw, (((2,), (1,)), ((1,), (0,))),
+                               preferred_element_type=jnp.int32)       # (G, M, N)
+    out = jnp.sum(part.astype(jnp.float32) * jnp.transpose(sa, (1, 0, 2)) * sw, axis=0)
+  return out.reshape(*lead, rhs.shape[-1])
+
+
+def _qdot(config: QuantConfig, lhs, rhs, dimension_numbers, precision=None,
+          preferred_element_type=None, act_amax=None, **kwargs):
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc = tuple(a % lhs.ndim for a in lc), tuple(a % rhs.ndim for a in rc)
+  standard = (not lb and not rb and lc == (lhs.ndim - 1,) and rc == (0,) and rhs.ndim == 2)
+  if config.integer:
+    if not standard:
+      raise ValueError("integer=True supports dense layers only (lhs (..., K) x rhs (K, N)); got "
+                       f"dimension_numbers {dimension_numbers}. Use the emulation path.")
+    out = _dot_int(lhs, rhs, config, act_amax)
+    return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+  w_vec = rc[0] if len(rc) == 1 else None
+  a_vec = lc[0] if len(lc) == 1 else None
+  # Weights: coarse scale per output (all axes but the non-contracting ones are shared).
+  w_coarse = tuple(a for a in range(rhs.ndim) if a in rc or a in rb)
+  a_coarse = tuple(range(lhs.ndim))
+  ql = _fq(lhs, config.activation, lc, a_vec, a_coarse, act_amax)
+  qr = _fq(rhs, config.weight, rc, w_vec, w_coarse)
+  return jax.lax.dot_general(ql, qr, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **kwargs)
+
+
+def quantized_dot_general(config: QuantConfig, act_amax: jax.Array | None = None):
+  """A ``lax.dot_general`` replacement that quantizes activation (lhs) and weight (rhs) per ``config``.
+
+  Args:
+    config: a :class:`QuantConfig`.
+    act_amax: optional static (calibrated) activation range; otherwise ranges are dynamic.
+
+  Example:
+    >>> cfg = QuantConfig(weight=QuantSpec(4, 'vector', 16, scale_bits=4), activation=QuantSpec(8, 'vector'))
+    >>> layer = flax.linen.Dense(128, dot_general=quantized_dot_general(cfg))
+  """
+  if not isinstance(config, QuantConfig):
+    raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}.")
+  return functools.partial(_qdot, config, act_amax=act_amax)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convolutions.
+
+
+def _conv_vector(config, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn,
+                 feature_group_count, precision, preferred_element_type, act_amax):
+  """Per-vector convolution as im2col + quantized dot: vectors run along C fastest, then the window."""
+  if feature_group_count != 1:
+    raise ValueError("per-vector quantized convolution supports feature_group_count=1 only.")
+  nsp = lhs.ndim - 2
+  # Bring operands to N..C / ..IO layouts.
+  lhs_t = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+  rhs_t = jnp.transpose(rhs, tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[1], dn.rhs_spec[0]))
+  spatial = "".join("HWDXYZ"[i] for i in range(nsp))
+  dn_t = jax.lax.conv_dimension_numbers(lhs_t.shape, rhs_t.shape,
+                                        ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+  window = rhs_t.shape[:nsp]
+  patches = jax.lax.conv_general_dilated_patches(
+      lhs_t, window, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dn_t, precision=precision)                  # (N, ..., C * prod(window)), C slowest
+  c = lhs_t.shape[-1]
+  p = patches.reshape(*patches.shape[:-1], c, -1)
+  p = jnp.swapaxes(p, -1, -2).reshape(*patches.shape[:-1], -1)    # window-major, C fastest
+  kmat = rhs_t.reshape(-1, rhs_t.shape[-1])                        # (prod(window) * C, O), C fastest
+  out = _qdot(config, p, kmat, (((p.ndim - 1,), (0,)), ((), ())), precision=precision,
+              preferred_element_type=preferred_element_type, act_amax=act_amax)
+  # out is N..O; move to the requested output layout.
+  perm = [0] * out.ndim
+  perm[dn.out_spec[0]] = 0
+  perm[dn.out_spec[1]] = out.ndim - 1
+  for i, a in enumerate(dn.out_spec[2:]):
+    perm[a] = 1 + i
+  return jnp.transpose(out, perm)
+
+
+def _qconv(config: QuantConfig, lhs, rhs, window_strides, padding, lhs_dilation=None,
+           rhs_dilation=None, dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+           precision=None, preferred_element_type=None, act_amax=None, **kwargs):
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  uses_vector = any(s is not None and s.granularity == "vector"
+                    for s in (config.weight, config.activation))
+  if uses_vector:
+    if config.integer:
+      raise ValueError("integer=True convolutions support per-tensor/per-channel scales only.")
+    if batch_group_count != 1:
+      raise ValueError("per-vector quantized convolution supports batch_group_count=1 only.")
+    return _conv_vector(config, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dn,
+                        feature_group_count, precision, preferred_element_type, act_amax)
+  w_red = tuple(a for a in range(rhs.ndim) if a != dn.rhs_spec[0])     # all but the output channel
+  a_red = (dn.lhs_spec[1],)                                             # 'channel' = per pixel
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
+                           padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                           dimension_numbers=dn, feature_group_count=feature_group_count,
+                           batch_group_count=batch_group_count, precision=precision)
+  if config.integer:
+    w, a = config.weight, config.activation
+    if w is None or a is None or w.bits > 8 or a.bits > 8:
+      raise ValueError("integer=True needs both operands quantized to at most 8 bits.")
+    if a.granularity != "tensor":
+      raise ValueError("integer=True convolutions need per-tensor activation scales.")
+    qa = quantize(lhs, a.bits, axis=None, bounds=act_amax)
+    qw = quantize(rhs, w.bits, axis=None if w.granularity == "tensor" else w_red)
+    acc = conv(qa.codes, qw.codes, preferred_element_type=jnp.int32)
+    sw = jnp.reshape(qw.scale, (-1,)) if w.granularity == "channel" else qw.scale.reshape(())
+    shape = [1] * acc.ndim
+    shape[dn.out_spec[1]] = -1
+    out = acc.astype(jnp.float32) * qa.scale.reshape(()) * jnp.reshape(sw, shape)
+    return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+  ql = _fq(lhs, config.activation, a_red, None, None, act_amax)
+  qr = _fq(rhs, config.weight, w_red, None, None)
+  return conv(ql, qr, preferred_element_type=preferred_element_type, **kwargs)
+
+
+def quantized_conv_general_dilated(config: QuantConfig, act_amax: jax.Array | None = None):
+  """A ``lax.conv_general_dilated`` replacement quantizing activations (lhs) and kernels (rhs).
+
+  Per-channel weights get one scale per output channel; per-vector operands use vectors of
+  ``vector_size`` along the flattened reduction (input channels fastest, then the window), computed
+  through im2col patches so that each partial dot product of V elements is rescaled, as in VS-Quant.
+  """
+  if not isinstance(config, QuantConfig):
+    raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}.")
+  return functools.partial(_qconv, config, act_amax=act_amax)
+
+
+# ----------------------------------------------------------------------------------------------------
+# flax modules with static calibration.
+
+_CALIB = "quant_calib"
+_STATIC = "quant"
+
+
+class _Recorder(nn.Module):
+  """Shared logic: record |activation| samples while 'quant_calib' is mutable; read static amax."""
+  config: QuantConfig
+  num_samples: int = 4096
+  num_batches: int = 8
+
+  def _amax(self, x):
+    if self.config.activation is None:
+      return None
+    if self.is_mutable_collection(_CALIB):
+      buf = self.variable(_CALIB, "samples", jnp.zeros, (self.num_batches, self.num_samples), jnp.float32)
+      cnt = self.variable(_CALIB, "count", jnp.zeros, (), jnp.int32)
+      mx = self.variable(_CALIB, "max", jnp.zeros, (), jnp.float32)
+      flat = jnp.abs(jnp.ravel(jax.lax.stop_gradient(x))).astype(jnp.float32)
+      idx = jnp.linspace(0, flat.size - 1, self.num_samples).astype(jnp.int32)
+      slot = cnt.value % self.num_batches
+      buf.value = buf.value.at[slot].set(flat[idx])
+      cnt.value = cnt.value + 1
+      mx.value = jnp.maximum(mx.value, jnp.max(flat))
+    if self.has_variable(_STATIC, "act_amax"):
+      return self.get_variable(_STATIC, "act_amax")
+    return None
+
+
+class QuantDotGeneral(_Recorder):
+  """``dot_general_cls`` for flax Dense: quantizes per ``config``; records/uses static activation ranges.
+
+  Use ``functools.partial(QuantDotGeneral, config=cfg)`` as ``dot_general_cls``. Run a few batches with
+  ``mutable=['quant_calib']`` to collect statistics, convert them with :func:`calibration_to_amax`, and
+  pass the result as the ``'quant'`` collection at inference. Without it, ranges are dynamic.
+  """
+
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    return _qdot(self.config, lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                 act_amax=self._amax(lhs), **kw)
+
+
+class QuantConv(_Recorder):
+  """``conv_general_dilated_cls`` counterpart of :class:`QuantDotGeneral`."""
+
+  @nn.compact
+  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+               preferred_element_type=None, **kw):
+    return _qconv(self.config, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count, batch_group_count, precision,
+                  preferred_element_type, act_amax=self._amax(lhs), **kw)
+
+
+def calibration_to_amax(calib: Any, config: QuantConfig) -> Any:
+  """Turn a ``'quant_calib'`` collection into a ``'quant'`` collection of static activation ranges.
+
+  Each recorder's samples (from up to ``num_batches`` batches) give ``act_amax`` by
+  ``config.activation.calibration`` (``'max'`` uses the exact running maximum).
+  """
+  spec = config.activation
+  if spec is None:
+    raise ValueError("config.activation is None: there is nothing to calibrate.")
+
+  def convert(node):
+    if isinstance(node, dict) and {"samples", "count", "max"} <= set(node):
+      n = int(jnp.minimum(node["count"], node["samples"].shape[0]))
+      if n == 0:
+        raise ValueError("a recorder saw no batch; run the model with mutable=['quant_calib'] first.")
+      if spec.calibration == "max":
+        amax = node["max"]
+      else:
+        amax = calibrate_amax(node["samples"][:n], spec.bits, spec.calibration,
+                              percentile=spec.percentile)
+      return {"act_amax": jnp.asarray(amax, jnp.float32)}
+    if isinstance(node, dict):
+      return {k: convert(v) for k, v in node.items()}
+    raise ValueError(f"unexpected entry in the calibration collection: {type(node).__name__}")
+
+  return convert(dict(calib))

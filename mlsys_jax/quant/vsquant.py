@@ -1,0 +1,166 @@
+"""VS-Quant: per-vector scaled quantization with two-level scales.
+
+Dai, Venkatesan, Ren, Zimmer, Dally and Khailany, "VS-Quant: Per-vector Scaled Quantization for Accurate
+Low-Precision Neural Network Inference", MLSys 2021.
+
+A tensor is cut along its reduction (contraction) axis into vectors of ``V`` consecutive elements, and each
+vector gets its own scale, so a dot product of length K becomes K/V partial integer dot products, each
+rescaled (Sec. 3):
+
+    s_v = amax_v / Q,   q = clip(round(x / s_v), -Q, Q),   Q = 2^(b-1) - 1.
+
+Two-level scaling (Sec. 3.2): the per-vector scales are themselves quantized to ``M``-bit unsigned
+integers against one coarse floating-point scale per channel (weights) or per tensor (activations):
+
+    gamma = max_v s_v / (2^M - 1),   s_v^int = clip(round(s_v / gamma), 1, 2^M - 1),   s_v ~ gamma * s_v^int,
+
+so the hardware multiplies integers and applies one floating-point scale per output. A calibrated
+``amax`` for activations fixes gamma (``coarse_amax``) while the per-vector scales stay dynamic.
+
+If the reduction length K is not a multiple of V, it is padded with zeros to the next multiple (zeros
+do not change any dot product); codes keep the original shape and the scales have ceil(K / V) vectors.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from mlsys_jax._checks import check_finite, check_int
+from mlsys_jax.quant.fixed_point import _check_bits, _check_float, code_dtype, qrange, straight_through
+
+__all__ = [
+    "VSQuantizedTensor",
+    "vs_dequantize",
+    "vs_fake_quant",
+    "vs_quantize",
+]
+
+
+@struct.dataclass
+class VSQuantizedTensor:
+  """Codes with per-vector scales (a pytree).
+
+  The real value of element ``i`` of vector ``g`` is ``codes[i] * vector_scale[g] * coarse_scale``,
+  where ``vector_scale`` is an integer-valued array (two-level, ``scale_bits`` = M) or the float scales
+  themselves (``scale_bits`` None, then ``coarse_scale`` is 1).
+
+  Attributes:
+    codes: signed integer codes, same shape as the input.
+    vector_scale: shape of the input with ``axis`` replaced by ``(ceil(K / V), 1)`` (split layout).
+    coarse_scale: float32 per-channel/per-tensor scale, broadcastable to ``vector_scale``.
+    bits, scale_bits, vector_size, axis: static metadata (``axis`` is the reduction axis).
+  """
+  codes: jax.Array
+  vector_scale: jax.Array
+  coarse_scale: jax.Array
+  bits: int = struct.field(pytree_node=False)
+  scale_bits: int | None = struct.field(pytree_node=False)
+  vector_size: int = struct.field(pytree_node=False)
+  axis: int = struct.field(pytree_node=False)
+
+  def scales(self) -> jax.Array:
+    """The effective float scale of every vector (split layout)."""
+    return self.vector_scale.astype(jnp.float32) * self.coarse_scale
+
+
+def _split(x: jax.Array, axis: int, v: int, pad: bool) -> tuple[jax.Array, int]:
+  k = x.shape[axis]
+  rem = k % v
+  if rem:
+    if not pad:
+      raise ValueError(f"vector_size {v} does not divide the reduction length {k} (axis {axis}); use "
+                       f"a divisor of {k} or pad=True to zero-pad to {k + v - rem}.")
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, v - rem)
+    x = jnp.pad(x, widths)
+  shape = x.shape[:axis] + (x.shape[axis] // v, v) + x.shape[axis + 1:]
+  return x.reshape(shape), k
+
+
+def _merge(xs: jax.Array, axis: int, k: int) -> jax.Array:
+  shape = xs.shape[:axis] + (xs.shape[axis] * xs.shape[axis + 1],) + xs.shape[axis + 2:]
+  return jax.lax.slice_in_dim(xs.reshape(shape), 0, k, axis=axis)
+
+
+def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
+                scale_bits: int | None = 8, coarse_axes: tuple[int, ...] | None = None,
+                coarse_amax: jax.Array | None = None, pad: bool = True) -> VSQuantizedTensor:
+  """Per-vector symmetric quantization of ``x`` along its reduction axis (VS-Quant, Sec. 3).
+
+  Args:
+    x: floating-point array.
+    bits: code width b (2..16).
+    axis: the reduction axis that vectors run along (0 for a dense kernel ``(in, out)``, -1 for
+      activations ``(batch, in)``, the input-channel axis 2 of an HWIO convolution kernel).
+    vector_size: V, elements per vector (16, 32 or 64 in the paper).
+    scale_bits: M, bits of the integer per-vector scales (two-level scaling); None keeps float
+      per-vector scales (single level).
+    coarse_axes: axes (of ``x``) over which the coarse scale is shared, besides ``axis``. Default: all
+      but the last axis for weights-like use (per output channel when ``axis`` is not the last axis), and
+      all axes when ``axis`` is the last one (per tensor, for activations).
+    coarse_amax: calibrated amax that fixes the coarse scale (e.g. of an activation), broadcastable
+      to the coarse shape; vectors with a larger range saturate.
+    pad: zero-pad K to a multiple of V (True) or raise (False).
+
+  Returns:
+    A :class:`VSQuantizedTensor`.
+  """
+  _check_bits(bits)
+  _check_float("x", x)
+  check_int("vector_size", vector_size, 1)
+  if scale_bits is not None:
+    check_int("scale_bits", scale_bits, 1, 16)
+  check_finite("x", x)
+  x = jnp.asarray(x)
+  if not -x.ndim <= axis < x.ndim:
+    raise ValueError(f"axis {axis} out of range for rank {x.ndim}.")
+  axis %= x.ndim
+  xs, k = _split(x.astype(jnp.float32), axis, vector_size, pad)
+  _, qmax = qrange(bits, True, False)
+  amax_v = jnp.max(jnp.abs(xs), axis=axis + 1, keepdims=True)     # one per vector
+  s_v = amax_v / qmax
+  if scale_bits is None:
+    vec, coarse = jnp.where(s_v > 0, s_v, 1.0), jnp.ones((1,) * xs.ndim, jnp.float32)
+  else:
+    if coarse_axes is None:
+      coarse_axes = tuple(range(x.ndim)) if axis == x.ndim - 1 else tuple(range(x.ndim - 1))
+    # Axes of the split layout reduced for the coarse scale: the vector-index axis plus coarse_axes.
+    red = sorted({axis} | {a if a < axis else a + 1 for a in coarse_axes if a != axis})
+    smax = (2 ** scale_bits) - 1
+    if coarse_amax is None:
+      top = jnp.max(s_v, axis=tuple(red), keepdims=True)
+    else:
+      top = jnp.broadcast_to(jnp.abs(jnp.asarray(coarse_amax, jnp.float32)) / qmax,
+                             jnp.max(s_v, axis=tuple(red), keepdims=True).shape)
+    coarse = jnp.where(top > 0, top / smax, 1.0)
+    vec = jnp.clip(jnp.round(s_v / coarse), 1, smax)
+  scale = vec * coarse
+  q = jnp.clip(jnp.round(xs / scale), -qmax, qmax)
+  codes = _merge(q, axis, k).astype(code_dtype(bits, False))
+  if scale_bits is not None:
+    vec = vec.astype(code_dtype(scale_bits, True))
+  return VSQuantizedTensor(codes, vec, coarse, bits, scale_bits, vector_size, axis)
+
+
+def vs_dequantize(qt: VSQuantizedTensor, dtype=jnp.float32) -> jax.Array:
+  """Real values of a :class:`VSQuantizedTensor` (the inverse of :func:`vs_quantize` up to rounding)."""
+  if not isinstance(qt, VSQuantizedTensor):
+    raise TypeError(f"vs_dequantize expects a VSQuantizedTensor, got {type(qt).__name__}.")
+  cs, k = _split(qt.codes.astype(jnp.float32), qt.axis, qt.vector_size, True)
+  return _merge(cs * qt.scales(), qt.axis, k).astype(dtype)
+
+
+def vs_fake_quant(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
+                  scale_bits: int | None = 8, coarse_axes=None, coarse_amax=None) -> jax.Array:
+  """``vs_dequantize(vs_quantize(x, ...))`` with a straight-through gradient (zero where saturated)."""
+  qt = vs_quantize(x, bits, axis=axis, vector_size=vector_size, scale_bits=scale_bits,
+                   coarse_axes=coarse_axes, coarse_amax=coarse_amax)
+  y = vs_dequantize(qt, x.dtype)
+  _, qmax = qrange(bits, True, False)
+  ones = jnp.ones(x.shape, jnp.float32)
+  hs, k = _split(ones, qt.axis, vector_size, True)
+  hi = _merge(hs * qt.scales() * qmax, qt.axis, k)
+  return straight_through(x, y, -hi, hi)
