@@ -1,0 +1,227 @@
+"""Tests of mlsys_jax.quant against float64 numpy references, closed forms and properties."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax import quant
+
+DN = (((1,), (0,)), ((), ()))
+
+
+def _np_sym(x, bits, axes):
+  q = 2 ** (bits - 1) - 1
+  amax = np.max(np.abs(x), axis=axes, keepdims=True)
+  s = np.where(amax > 0, amax / q, 1.0)
+  return np.clip(np.round(x / s), -q, q) * s
+
+
+def _np_asym(x, bits, axes):
+  lo = np.minimum(np.min(x, axis=axes, keepdims=True), 0)
+  hi = np.maximum(np.max(x, axis=axes, keepdims=True), 0)
+  s = np.where(hi > lo, (hi - lo) / (2 ** bits - 1), 1.0)
+  z = np.clip(np.round(-lo / s), 0, 2 ** bits - 1)
+  return (np.clip(np.round(x / s) + z, 0, 2 ** bits - 1) - z) * s
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12])
+@pytest.mark.parametrize("axis", [None, 0, (0, 1)])
+def test_quantize_matches_numpy_reference(bits, axis):
+  x = np.random.default_rng(bits).normal(size=(6, 5, 4)).astype(np.float32)
+  axes = tuple(range(3)) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+  for sym, ref in ((True, _np_sym), (False, _np_asym)):
+    for unsigned in (False, True):
+      qt = quant.quantize(x, bits, symmetric=sym, axis=axis, unsigned=unsigned)
+      got = np.asarray(quant.dequantize(qt))
+      np.testing.assert_allclose(got, ref(x.astype(np.float64), bits, axes), rtol=1e-5, atol=1e-6)
+      lo, hi = quant.qrange(bits, sym, unsigned or not sym)
+      codes = np.asarray(qt.codes).astype(np.int64) + (0 if unsigned or sym else 2 ** (bits - 1))
+      assert codes.min() >= lo and codes.max() <= hi
+      assert qt.codes.dtype == quant.code_dtype(bits, unsigned)
+      # Inside the range the error is at most half a step.
+      assert np.all(np.abs(got - x) <= np.asarray(qt.scale) / 2 + 1e-6)
+
+
+def test_zero_is_exact_and_constant_tensor():
+  x = jnp.array([-0.3, 0.0, 0.7, 1.9])
+  assert float(quant.dequantize(quant.quantize(x, 4, symmetric=False))[1]) == 0.0
+  z = quant.dequantize(quant.quantize(jnp.zeros((3,)), 8))
+  np.testing.assert_array_equal(z, 0.0)
+
+
+def test_stochastic_rounding_is_unbiased():
+  x = jnp.linspace(-1, 1, 37)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  f = jax.jit(jax.vmap(lambda k: quant.dequantize(quant.quantize(x, 3, rounding="stochastic", key=k,
+                                                                  bounds=1.0))))
+  mean = np.asarray(f(keys)).mean(0)
+  step = 1.0 / 3
+  assert np.max(np.abs(mean - np.asarray(x))) < 4 * step / np.sqrt(4000) * 0.5 + 1e-3
+  nearest = quant.dequantize(quant.quantize(x, 3, bounds=1.0))
+  assert np.max(np.abs(np.asarray(nearest) - np.asarray(x))) > 0.1  # nearest is biased per element
+
+
+def test_fake_quant_straight_through_gradient():
+  x = jnp.array([-2.0, -0.5, 0.1, 0.4, 3.0])
+  g = jax.grad(lambda v: jnp.sum(quant.fake_quant(v, 4, bounds=1.0) * jnp.arange(5.0)))(x)
+  np.testing.assert_array_equal(g, [0.0, 1.0, 2.0, 3.0, 0.0])
+  y = quant.fake_quant(x, 4, bounds=1.0)
+  np.testing.assert_allclose(y, quant.dequantize(quant.quantize(x, 4, bounds=1.0)))
+
+
+def _np_vs(w, bits, v, m, axis=0):
+  """float64 reference of two-level per-vector quantization of a (K, N) kernel along axis 0."""
+  k, n = w.shape
+  q = 2 ** (bits - 1) - 1
+  g = -(-k // v)
+  wp = np.zeros((g * v, n))
+  wp[:k] = w
+  ws = wp.reshape(g, v, n)
+  s = np.abs(ws).max(axis=1, keepdims=True) / q
+  if m is None:
+    scale = np.where(s > 0, s, 1.0)
+  else:
+    gamma = s.max(axis=0, keepdims=True) / (2 ** m - 1)
+    gamma = np.where(gamma > 0, gamma, 1.0)
+    scale = np.clip(np.round(s / gamma), 1, 2 ** m - 1) * gamma
+  out = np.clip(np.round(ws / scale), -q, q) * scale
+  return out.reshape(g * v, n)[:k]
+
+
+@pytest.mark.parametrize("m", [None, 4, 8])
+@pytest.mark.parametrize("k", [64, 50])
+def test_vs_quantize_matches_reference(m, k):
+  w = np.random.default_rng(k).standard_t(3, size=(k, 12)).astype(np.float32)
+  qt = quant.vs_quantize(w, 4, axis=0, vector_size=16, scale_bits=m)
+  assert qt.codes.shape == w.shape and qt.vector_scale.shape == (-(-k // 16), 1, 12)
+  if m is not None:
+    assert qt.vector_scale.dtype == jnp.uint8 and int(qt.vector_scale.max()) <= 2 ** m - 1
+  np.testing.assert_allclose(quant.vs_dequantize(qt), _np_vs(w.astype(np.float64), 4, 16, m),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="does not divide") if k % 16 else _nullcontext():
+    quant.vs_quantize(w, 4, axis=0, vector_size=16, pad=False)
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def test_per_vector_beats_per_channel_sqnr():
+  rng = np.random.default_rng(0)
+  # Rows of very different magnitude within each output channel: what per-vector scales are for.
+  w = rng.normal(size=(256, 32)) * np.exp(rng.normal(size=(256, 1)))
+  w = jnp.asarray(w, jnp.float32)
+  pc = float(quant.sqnr_db(w, quant.dequantize(quant.quantize(w, 4, axis=0))))
+  pv = float(quant.sqnr_db(w, quant.vs_dequantize(quant.vs_quantize(w, 4, axis=0, scale_bits=6))))
+  assert pv > pc + 3.0
+
+
+@pytest.mark.parametrize("gran", ["tensor", "channel", "vector"])
+def test_integer_path_equals_emulation_dense(gran):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 64))
+  w = jax.random.normal(jax.random.PRNGKey(1), (64, 10))
+  a_gran = "vector" if gran == "vector" else "tensor"
+  cfg = quant.QuantConfig(quant.QuantSpec(4, gran, 16, scale_bits=4 if gran == "vector" else None),
+                          quant.QuantSpec(8, a_gran, 16))
+  emu = quant.quantized_dot_general(cfg)(x, w, (((2,), (0,)), ((), ())))
+  integer = jax.jit(quant.quantized_dot_general(quant.QuantConfig(cfg.weight, cfg.activation, True)),
+                    static_argnums=2)(x, w, (((2,), (0,)), ((), ())))
+  np.testing.assert_allclose(integer, emu, rtol=1e-5, atol=1e-5)
+  # and the emulation equals the float64 product of the dequantized operands
+  assert float(jnp.linalg.norm(emu - x @ w) / jnp.linalg.norm(x @ w)) < 0.2
+
+
+def test_quantized_conv_paths():
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 7, 24))
+  k = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 24, 5))
+  dn = ("NHWC", "HWIO", "NHWC")
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                           dimension_numbers=dn)
+  # Per-vector weights only: equal to a conv with the kernel quantized in vectors along (C, then window).
+  cfg = quant.QuantConfig(quant.QuantSpec(4, "vector", 16, scale_bits=None), None)
+  got = quant.quantized_conv_general_dilated(cfg)(x, k, (1, 1), "SAME", dimension_numbers=dn)
+  kq = quant.vs_dequantize(quant.vs_quantize(k.reshape(-1, 5), 4, axis=0, vector_size=16,
+                                             scale_bits=None)).reshape(k.shape)
+  np.testing.assert_allclose(got, conv(x, kq), rtol=1e-4, atol=1e-4)
+  # Integer per-channel conv equals emulation.
+  cfg = quant.QuantConfig(quant.QuantSpec(8, "channel"), quant.QuantSpec(8, "tensor"))
+  emu = quant.quantized_conv_general_dilated(cfg)(x, k, (1, 1), "SAME", dimension_numbers=dn)
+  icfg = quant.QuantConfig(cfg.weight, cfg.activation, integer=True)
+  integer = quant.quantized_conv_general_dilated(icfg)(x, k, (1, 1), "SAME", dimension_numbers=dn)
+  np.testing.assert_allclose(integer, emu, rtol=1e-4, atol=1e-4)
+  assert float(jnp.linalg.norm(emu - conv(x, k)) / jnp.linalg.norm(conv(x, k))) < 0.02
+
+
+def test_flax_linen_and_nnx_injection():
+  cfg = quant.QuantConfig(quant.QuantSpec(4, "vector", 16, scale_bits=6), quant.QuantSpec(8, "vector"))
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32))
+  dense = nn.Dense(8, dot_general=quant.quantized_dot_general(cfg))
+  v = dense.init(jax.random.PRNGKey(1), x)
+  ref = quant.quantized_dot_general(cfg)(x, v["params"]["kernel"], DN) + v["params"]["bias"]
+  np.testing.assert_allclose(dense.apply(v, x), ref, rtol=1e-6)
+  from flax import nnx
+  lin = nnx.Linear(32, 8, dot_general=quant.quantized_dot_general(cfg), rngs=nnx.Rngs(0))
+  ref = quant.quantized_dot_general(cfg)(x, lin.kernel[...], DN) + lin.bias[...]
+  np.testing.assert_allclose(lin(x), ref, rtol=1e-6)
+  # vmap over a batch of weight matrices works
+  ws = jax.random.normal(jax.random.PRNGKey(2), (3, 32, 8))
+  out = jax.vmap(lambda w: quant.quantized_dot_general(cfg)(x, w, DN))(ws)
+  assert out.shape == (3, 4, 8)
+
+
+def test_calibration_methods_and_model_flow():
+  rng = np.random.default_rng(0)
+  s = np.concatenate([rng.normal(size=20000), [40.0]]).astype(np.float32)
+  amax_max = float(quant.calibrate_amax(s, 4, "max"))
+  amax_pct = float(quant.calibrate_amax(s, 4, "percentile", percentile=99.9))
+  amax_mse = float(quant.calibrate_amax(s, 4, "mse"))
+  assert amax_max == pytest.approx(40.0)
+  assert amax_pct == pytest.approx(np.percentile(np.abs(s), 99.9), rel=1e-4)
+  assert amax_mse < 10.0  # MSE clips the lone outlier
+  from mlsys_jax import models
+  cfg = quant.QuantConfig(quant.QuantSpec(8, "channel"), quant.QuantSpec(8, "tensor", calibration="mse"))
+  m = models.CNN(num_classes=3, channels=(4,), hidden=8,
+                 dot_general_cls=functools.partial(quant.QuantDotGeneral, config=cfg),
+                 conv_general_dilated_cls=functools.partial(quant.QuantConv, config=cfg))
+  xb = jax.random.normal(jax.random.PRNGKey(0), (16, 8, 8, 1))
+  v = m.init(jax.random.PRNGKey(1), xb)
+  v = {"params": v["params"]}
+  _, st = m.apply(v, xb, mutable=["quant_calib"])
+  q = quant.calibration_to_amax(st["quant_calib"], cfg)
+  amaxes = jax.tree_util.tree_leaves(q)
+  assert len(amaxes) == 3 and all(float(a) > 0 for a in amaxes)
+  out_static = m.apply({**v, "quant": q}, xb)
+  out_dynamic = m.apply(v, xb)
+  assert out_static.shape == out_dynamic.shape == (16, 3)
+
+
+def test_bad_inputs():
+  x = jnp.ones((4, 4))
+  with pytest.raises(ValueError, match="bits"):
+    quant.quantize(x, 1)
+  with pytest.raises(ValueError, match="bits"):
+    quant.quantize(x, 17)
+  with pytest.raises(TypeError, match="floating-point"):
+    quant.quantize(jnp.ones((4,), jnp.int32), 8)
+  with pytest.raises(ValueError, match="NaN"):
+    quant.quantize(jnp.array([1.0, jnp.nan]), 8)
+  with pytest.raises(ValueError, match="PRNG key"):
+    quant.quantize(x, 8, rounding="stochastic")
+  with pytest.raises(ValueError, match="out of range"):
+    quant.quantize(x, 8, axis=3)
+  with pytest.raises(ValueError, match="scale_bits"):
+    quant.QuantSpec(4, "channel", scale_bits=4)
+  with pytest.raises(ValueError, match="granularity"):
+    quant.QuantSpec(4, "row")
+  with pytest.raises(ValueError, match="integer=True"):
+    quant.quantized_dot_general(quant.QuantConfig(quant.QuantSpec(4), None, integer=True))(x, x, DN)
+  with pytest.raises(TypeError, match="QuantizedTensor"):
+    quant.dequantize(x)
