@@ -1,0 +1,47 @@
+"""Shared helpers of the GPU benchmark scripts: environment record, bandwidth probe, JSON output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+
+import jax
+import jax.numpy as jnp
+
+from mlsys_jax import stats
+
+
+def environment() -> dict:
+  d = jax.devices()[0]
+  return {"date": datetime.date.today().isoformat(), "device": getattr(d, "device_kind", d.platform),
+          "platform": d.platform, "num_devices": jax.device_count(), "jax": jax.__version__,
+          "python": platform.python_version()}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+  """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (x -> x * 1 + 0)."""
+  n = nbytes // 4
+  x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
+  f = jax.jit(lambda a: a * 1.0000001)
+  g = jax.jit(lambda a: a + 1.0)
+  t = stats.time_interleaved(lambda: f(x), lambda: g(x), repeats=repeats, warmup=3)
+  return 2 * 4 * n / min(t.median_a, t.median_b)
+
+
+def write_json(out: str | None, name: str, payload: dict) -> None:
+  out = out or os.environ.get("OUT") or "results/benchmarks"
+  path = pathlib.Path(out)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / f"{name}.json").write_text(json.dumps(payload, indent=1))
+  print(f"wrote {path / (name + '.json')}")
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+  widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+  print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
+  print("-+-".join("-" * w for w in widths))
+  for r in rows:
+    print(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
