@@ -1,3 +1,373 @@
-"""Placeholder until its issue lands; the owning issue replaces this file (or package)."""
+"""Bit errors in quantized weights, weight clipping and random bit error training (RandBET).
 
-__all__: list[str] = []
+Stutz, Chandramoorthy, Hein and Schiele, "Bit Error Robustness for Energy-Efficient DNN Accelerators",
+MLSys 2021. Lowering an accelerator's SRAM voltage saves energy but flips stored bits. The paper models
+this as independent random bit flips with probability p in the stored integer codes of the weights
+(Sec. 3), and makes networks robust with three ingredients:
+
+1. robust fixed-point quantization: per-layer, asymmetric, proper rounding, *unsigned* codes (an offset
+   representation, so a flipped MSB does not turn a small weight into a huge one of the other sign);
+2. weight clipping: projecting weights into [-w_max, w_max] after every step, which spreads information
+   over more weights and makes each bit matter less;
+3. RandBET: training on the clean quantized weights and on the same weights with freshly sampled random
+   bit errors each step, with straight-through gradients, averaging the two gradients (the perturbed
+   one clamped to +-0.05).
+
+Robustness is measured by the robust test error RErr: the fraction of test examples misclassified by the
+clean quantized model or by the model with a bit-error pattern, averaged over many fixed patterns.
+
+Fault model conventions (as in the paper's code): bit 0 is the LSB; only the low ``bits`` bits of each
+code are faulty; a pattern is one uniform draw per (code, bit); a bit is faulty at rate p iff its draw is
+below p, so for a fixed pattern key the faults at a lower rate are a subset of those at a higher rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlsys_jax._checks import check_int, check_range, is_concrete
+from mlsys_jax.quant import QuantizedTensor, dequantize, quantize
+
+__all__ = [
+    "ErrorMap",
+    "apply_error_map",
+    "bit_error_rate",
+    "clip_weights",
+    "dequantize_params",
+    "inject_bit_errors",
+    "inject_stuck_at",
+    "perturb_params",
+    "profiled_error_map",
+    "quantize_params",
+    "randbet_value_and_grad",
+    "robust_error",
+]
+
+_U32 = 2 ** 32
+
+
+def _check_codes(codes, bits: int) -> None:
+  check_int("bits", bits, 1, 16)
+  dtype = jnp.result_type(codes)
+  if not jnp.issubdtype(dtype, jnp.unsignedinteger):
+    hint = (" Quantize first: mlsys_jax.quant.quantize(x, bits, symmetric=False, unsigned=True).codes"
+            if jnp.issubdtype(dtype, jnp.floating) else " Use the unsigned (offset) representation.")
+    raise TypeError(f"codes must be unsigned integers (uint8/uint16), got dtype {dtype}.{hint}")
+  if bits > jnp.iinfo(dtype).bits:
+    raise ValueError(f"bits={bits} exceeds the width of codes of dtype {dtype}.")
+  if is_concrete(codes) and np.size(codes) and int(np.max(np.asarray(codes))) >= 2 ** bits:
+    raise ValueError(f"codes hold values >= 2**{bits} = {2 ** bits}: they are wider than bits={bits}.")
+
+
+def _check_p(p) -> None:
+  if is_concrete(p):
+    if np.ndim(p) != 0:
+      raise ValueError(f"p must be a scalar probability, got shape {np.shape(p)}.")
+    check_range("p", float(p), 0.0, 1.0)
+
+
+def _threshold(p) -> jax.Array:
+  """p as a uint32 threshold t with P(u < t) = p for u uniform on 32 bits (p = 1 maps to always)."""
+  pf = jnp.asarray(p, jnp.float32)
+  t = jnp.clip(jnp.floor(pf * np.float32(_U32)), 0.0, np.float32(4294967040.0))  # largest f32 < 2^32
+  return t.astype(jnp.uint32), pf >= 1.0
+
+
+def _plane_mask(u: jax.Array, p, codes_dtype) -> jax.Array:
+  """OR of (1 << i) over bit planes i whose draw u[..., i] falls below p."""
+  t, always = _threshold(p)
+  hit = (u < t) | always
+  shifts = jnp.arange(u.shape[-1], dtype=jnp.uint32)
+  return jnp.sum(jnp.where(hit, jnp.left_shift(jnp.uint32(1), shifts), jnp.uint32(0)),
+                 axis=-1, dtype=jnp.uint32).astype(codes_dtype)
+
+
+def inject_bit_errors(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits: int) -> jax.Array:
+  """Flip every one of the low ``bits`` bits of every code independently with probability ``p``.
+
+  Stutz et al. (MLSys 2021), Sec. 3: random bit errors model low-voltage SRAM. One 32-bit uniform draw
+  per (code, bit) decides the flip (``u < p``), so for a fixed ``key`` the flips at a lower ``p`` are a
+  subset of those at a higher ``p``, and 1->0 and 0->1 flips are equally likely.
+
+  Args:
+    key: PRNG key of the error pattern (any key type; ``jax.random.key(0, impl='rbg')`` is fastest on GPU).
+    codes: unsigned integer codes (uint8/uint16), any shape, values < 2**bits.
+    p: bit error rate in [0, 1] (may be traced).
+    bits: number of stored bits per code (1..16).
+
+  Returns:
+    Codes of the same shape and dtype with flipped bits.
+
+  Example:
+    >>> qt = quantize(w, 8, symmetric=False, unsigned=True)
+    >>> noisy = inject_bit_errors(jax.random.PRNGKey(0), qt.codes, 0.01, 8)
+  """
+  _check_codes(codes, bits)
+  _check_p(p)
+  u = jax.random.bits(key, tuple(codes.shape) + (bits,), jnp.uint32)
+  return jnp.bitwise_xor(codes, _plane_mask(u, p, codes.dtype))
+
+
+def inject_stuck_at(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits: int,
+                    p_one: float = 0.5) -> jax.Array:
+  """Stuck-at faults: each of the low ``bits`` bits is faulty with probability ``p``; a faulty bit
+  reads 1 with probability ``p_one`` (stuck-at-1) and 0 otherwise (stuck-at-0).
+
+  Unlike flips, a stuck bit only changes the code when it differs from the stored bit, so the
+  effective flip rate is about ``p / 2`` for ``p_one = 0.5``.
+  """
+  _check_codes(codes, bits)
+  _check_p(p)
+  check_range("p_one", p_one, 0.0, 1.0)
+  k1, k2 = jax.random.split(key)
+  u = jax.random.bits(k1, tuple(codes.shape) + (bits,), jnp.uint32)
+  faulty = _plane_mask(u, p, codes.dtype)
+  ones = _plane_mask(jax.random.bits(k2, u.shape, jnp.uint32), p_one, codes.dtype)
+  return (codes & ~faulty) | (faulty & ones)
+
+
+class ErrorMap(NamedTuple):
+  """A fixed ("profiled") fault map of a memory holding codes of some shape.
+
+  ``rate_draw[..., i]`` is the uniform 32-bit draw of bit i: the bit is faulty at rate p iff it is below
+  p, so the faults at a lower rate are exactly a subset of those at a higher rate, as for a chip whose
+  weakest cells fail first as the voltage drops. ``stuck`` holds the value (0/1 in bit i) a faulty bit
+  reads; ``flip=True`` maps use flips instead of stuck values.
+  """
+  rate_draw: jax.Array  # uint32, shape codes.shape + (bits,)
+  stuck: jax.Array      # codes dtype, codes.shape
+  flip: bool
+
+
+def profiled_error_map(key: jax.Array, shape: tuple[int, ...], bits: int, *, flip: bool = False,
+                       p_one: float = 0.5, dtype=jnp.uint8) -> ErrorMap:
+  """Draw a persistent fault map for codes of ``shape`` (see :class:`ErrorMap`)."""
+  check_int("bits", bits, 1, 16)
+  check_range("p_one", p_one, 0.0, 1.0)
+  dtype = jnp.dtype(dtype)
+  if bits > jnp.iinfo(dtype).bits:
+    raise ValueError(f"bits={bits} exceeds the width of dtype {dtype}.")
+  k1, k2 = jax.random.split(key)
+  draw = jax.random.bits(k1, tuple(shape) + (bits,), jnp.uint32)
+  stuck = _plane_mask(jax.random.bits(k2, draw.shape, jnp.uint32), p_one, dtype)
+  return ErrorMap(draw, stuck, flip)
+
+
+def apply_error_map(codes: jax.Array, error_map: ErrorMap, p: float | jax.Array, bits: int) -> jax.Array:
+  """Apply the faults of ``error_map`` that are active at rate ``p`` to ``codes``."""
+  _check_codes(codes, bits)
+  _check_p(p)
+  if error_map.rate_draw.shape != tuple(codes.shape) + (bits,):
+    raise ValueError(f"error map of shape {error_map.rate_draw.shape[:-1]} with "
+                     f"{error_map.rate_draw.shape[-1]} bits does not match codes {codes.shape} and "
+                     f"bits={bits}.")
+  faulty = _plane_mask(error_map.rate_draw, p, codes.dtype)
+  if error_map.flip:
+    return jnp.bitwise_xor(codes, faulty)
+  return (codes & ~faulty) | (faulty & error_map.stuck.astype(codes.dtype))
+
+
+def bit_error_rate(a: jax.Array, b: jax.Array, bits: int) -> jax.Array:
+  """Fraction of the low ``bits`` bits that differ between two code arrays."""
+  diff = jnp.bitwise_xor(a, b).astype(jnp.uint32) & jnp.uint32(2 ** bits - 1)
+  return jnp.sum(jax.lax.population_count(diff)) / (np.size(a) * bits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter trees.
+
+
+def _is_float(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def quantize_params(params: Any, bits: int, w_max: float | None = None) -> Any:
+  """Robust quantization of every float leaf (RQuant, Stutz et al. Sec. 4.1).
+
+  Per tensor, asymmetric range ``[min, max]`` (after clipping to ``[-w_max, w_max]`` when given),
+  round-to-nearest, unsigned codes. Non-float leaves are kept as they are.
+
+  Returns:
+    A pytree with a :class:`mlsys_jax.quant.QuantizedTensor` in place of each float leaf.
+  """
+  check_int("bits", bits, 2, 16)
+  if w_max is not None:
+    check_range("w_max", w_max, 0.0, low_inclusive=False)
+
+  def q(x):
+    if not _is_float(x):
+      return x
+    if w_max is not None:
+      x = jnp.clip(x, -w_max, w_max)
+    return quantize(x, bits, symmetric=False, unsigned=True)
+
+  return jax.tree_util.tree_map(q, params)
+
+
+def _is_qt(x) -> bool:
+  return isinstance(x, QuantizedTensor)
+
+
+def dequantize_params(qparams: Any) -> Any:
+  """Inverse of :func:`quantize_params` (float32 leaves)."""
+  return jax.tree_util.tree_map(lambda x: dequantize(x) if _is_qt(x) else x, qparams, is_leaf=_is_qt)
+
+
+def perturb_params(key: jax.Array, params: Any, p: float | jax.Array, bits: int,
+                   w_max: float | None = None, quantized: Any | None = None) -> Any:
+  """Quantize ``params``, flip bits of every code with rate ``p``, and dequantize.
+
+  The quantization ranges come from the clean weights, so errors do not change them (as in the paper).
+  Each leaf gets its own key folded from ``key`` by its position in the tree.
+
+  Args:
+    key: the error pattern's key.
+    params: float parameter pytree.
+    p: bit error rate.
+    bits: code width.
+    w_max: clipping bound used for quantization (None = no clipping).
+    quantized: optional precomputed :func:`quantize_params` result (saves work in loops).
+
+  Returns:
+    A float pytree of the same structure as ``params``.
+  """
+  qp = quantized if quantized is not None else quantize_params(params, bits, w_max)
+  leaves, treedef = jax.tree_util.tree_flatten(qp, is_leaf=_is_qt)
+  out = []
+  for i, leaf in enumerate(leaves):
+    if _is_qt(leaf):
+      leaf = leaf.replace(codes=inject_bit_errors(jax.random.fold_in(key, i), leaf.codes, p, bits))
+      out.append(dequantize(leaf))
+    else:
+      out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _straight_through(params, values):
+  """``values`` forward, identity gradient to ``params`` (the paper's gradient copying)."""
+  return jax.tree_util.tree_map(lambda w, v: w + jax.lax.stop_gradient(v - w) if _is_float(w) else w,
+                                params, values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training.
+
+
+class _ClipState(NamedTuple):
+  pass
+
+
+def clip_weights(w_max: float) -> optax.GradientTransformation:
+  """Weight clipping as an optax transform: the updated parameters land in ``[-w_max, w_max]``.
+
+  Stutz et al., Sec. 4.2: after every step the weights are projected onto the box. Use it *last* in a
+  chain, after the optimizer, and pass ``params`` to ``update``:
+  ``optax.chain(optax.adam(1e-3), clip_weights(0.1))``. It returns
+  ``clip(params + updates, -w_max, w_max) - params`` for float leaves.
+  """
+  check_range("w_max", w_max, 0.0, low_inclusive=False)
+
+  def init_fn(params):
+    del params
+    return _ClipState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("clip_weights needs params: call tx.update(grads, state, params).")
+    new = jax.tree_util.tree_map(
+        lambda u, w: (jnp.clip(w + u, -w_max, w_max) - w) if _is_float(w) else u, updates, params)
+    return new, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def randbet_value_and_grad(loss_fn: Callable[..., jax.Array], params: Any, key: jax.Array, *,
+                           p: float | jax.Array, bits: int, w_max: float | None = None,
+                           grad_clamp: float = 0.05, loss_threshold: float | None = None,
+                           perturbed: bool = True):
+  """Loss and gradient of random bit error training (RandBET, Stutz et al. Sec. 5).
+
+  Computes the loss on the clean quantized weights ``L(Q(w))`` and on the same codes with freshly drawn
+  random bit errors ``L(BE(Q(w)))``, both with straight-through gradients to the float weights ``w``,
+  and returns the average gradient ``(g_clean + clip(g_perturbed, -grad_clamp, grad_clamp)) / 2``.
+  With ``loss_threshold`` tau, the perturbed term is used only when the clean loss is below 1.15 tau and
+  the mean of both losses at most tau (the paper's curriculum, evaluated on the current step).
+
+  Args:
+    loss_fn: ``loss_fn(params) -> scalar`` (close over the batch).
+    params: float parameters.
+    key: key of this step's error pattern (draw a fresh one every step).
+    p: training bit error rate (e.g. 0.01).
+    bits: code width.
+    w_max: clipping bound used by quantization (combine with :func:`clip_weights`).
+    grad_clamp: clamp of the perturbed gradient.
+    loss_threshold: optional tau of the curriculum.
+    perturbed: False gives plain quantization-aware training with clipping (the "Clipping" model).
+
+  Returns:
+    ``((clean_loss, perturbed_loss), grads)``.
+  """
+  check_range("grad_clamp", grad_clamp, 0.0, low_inclusive=False)
+  qp = quantize_params(params, bits, w_max)
+  clean_vals = dequantize_params(qp)
+  clean_loss, g_clean = jax.value_and_grad(lambda w: loss_fn(_straight_through(w, clean_vals)))(params)
+  if not perturbed:
+    return (clean_loss, jnp.zeros_like(clean_loss)), g_clean
+  noisy_vals = perturb_params(key, params, p, bits, quantized=qp)
+  pert_loss, g_pert = jax.value_and_grad(lambda w: loss_fn(_straight_through(w, noisy_vals)))(params)
+  combined = jax.tree_util.tree_map(lambda a, b: (a + jnp.clip(b, -grad_clamp, grad_clamp)) / 2,
+                                    g_clean, g_pert)
+  if loss_threshold is not None:
+    on = (clean_loss < 1.15 * loss_threshold) & ((clean_loss + pert_loss) / 2 <= loss_threshold)
+    combined = jax.tree_util.tree_map(lambda c, g: jnp.where(on, c, g), combined, g_clean)
+  return (clean_loss, pert_loss), combined
+
+
+class RobustError(NamedTuple):
+  """Outcome of :func:`robust_error`: clean error, per-pattern RErr, their mean and std."""
+  err: float
+  rerr_per_pattern: np.ndarray
+  rerr_mean: float
+  rerr_std: float
+
+
+def robust_error(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array,
+                 y: jax.Array, *, p: float, bits: int, num_patterns: int = 25, seed: int = 100,
+                 w_max: float | None = None) -> RobustError:
+  """Robust test error RErr under random bit errors (Stutz et al., Sec. 6).
+
+  For each of ``num_patterns`` fixed error patterns (keys ``seed``, ``seed + 1``, ... so every model
+  sees the same patterns), RErr is the fraction of examples misclassified by the clean quantized model or
+  by the perturbed one; the mean and std over patterns are reported with the clean quantized error Err.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits``.
+    params: float parameters (quantized here with :func:`quantize_params`).
+    x, y: test inputs and integer labels.
+    p: bit error rate.
+    bits: code width.
+    num_patterns: error patterns to average over.
+    seed: key of the first pattern.
+    w_max: the clipping bound the model was trained with (None = no clipping).
+  """
+  check_int("num_patterns", num_patterns, 1)
+  _check_p(p)
+  if len(x) != len(y):
+    raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}.")
+  qp = quantize_params(params, bits, w_max)
+  clean_wrong = jnp.argmax(apply_fn(dequantize_params(qp), x), -1) != y
+
+  @jax.jit
+  def one(k):
+    noisy = perturb_params(k, params, p, bits, quantized=qp)
+    wrong = jnp.argmax(apply_fn(noisy, x), -1) != y
+    return jnp.mean(wrong | clean_wrong)
+
+  keys = [jax.random.PRNGKey(seed + i) for i in range(num_patterns)]
+  r = np.array([float(one(k)) for k in keys])
+  return RobustError(float(jnp.mean(clean_wrong)), r, float(r.mean()), float(r.std()))
