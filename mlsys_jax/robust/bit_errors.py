@@ -186,11 +186,13 @@ def _is_float(x) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def quantize_params(params: Any, bits: int, w_max: float | None = None) -> Any:
+def quantize_params(params: Any, bits: int, w_max: float | None = None, symmetric: bool = False) -> Any:
   """Robust quantization of every float leaf (RQuant, Stutz et al. Sec. 4.1).
 
   Per tensor, asymmetric range ``[min, max]`` (after clipping to ``[-w_max, w_max]`` when given),
-  round-to-nearest, unsigned codes. Non-float leaves are kept as they are.
+  round-to-nearest, unsigned codes. Non-float leaves are kept as they are. ``symmetric=True`` gives the
+  less robust per-tensor symmetric range ``[-max|w|, max|w|]`` (still unsigned offset codes), for
+  comparison.
 
   Returns:
     A pytree with a :class:`mlsys_jax.quant.QuantizedTensor` in place of each float leaf.
@@ -204,7 +206,7 @@ def quantize_params(params: Any, bits: int, w_max: float | None = None) -> Any:
       return x
     if w_max is not None:
       x = jnp.clip(x, -w_max, w_max)
-    return quantize(x, bits, symmetric=False, unsigned=True)
+    return quantize(x, bits, symmetric=symmetric, unsigned=True)
 
   return jax.tree_util.tree_map(q, params)
 
@@ -219,7 +221,8 @@ def dequantize_params(qparams: Any) -> Any:
 
 
 def perturb_params(key: jax.Array, params: Any, p: float | jax.Array, bits: int,
-                   w_max: float | None = None, quantized: Any | None = None) -> Any:
+                   w_max: float | None = None, quantized: Any | None = None,
+                   symmetric: bool = False) -> Any:
   """Quantize ``params``, flip bits of every code with rate ``p``, and dequantize.
 
   The quantization ranges come from the clean weights, so errors do not change them (as in the paper).
@@ -236,7 +239,7 @@ def perturb_params(key: jax.Array, params: Any, p: float | jax.Array, bits: int,
   Returns:
     A float pytree of the same structure as ``params``.
   """
-  qp = quantized if quantized is not None else quantize_params(params, bits, w_max)
+  qp = quantized if quantized is not None else quantize_params(params, bits, w_max, symmetric)
   leaves, treedef = jax.tree_util.tree_flatten(qp, is_leaf=_is_qt)
   out = []
   for i, leaf in enumerate(leaves):
@@ -338,7 +341,7 @@ class RobustError(NamedTuple):
 
 def robust_error(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array,
                  y: jax.Array, *, p: float, bits: int, num_patterns: int = 25, seed: int = 100,
-                 w_max: float | None = None) -> RobustError:
+                 w_max: float | None = None, symmetric: bool = False) -> RobustError:
   """Robust test error RErr under random bit errors (Stutz et al., Sec. 6).
 
   For each of ``num_patterns`` fixed error patterns (keys ``seed``, ``seed + 1``, ... so every model
@@ -354,12 +357,13 @@ def robust_error(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x
     num_patterns: error patterns to average over.
     seed: key of the first pattern.
     w_max: the clipping bound the model was trained with (None = no clipping).
+    symmetric: quantize with the symmetric scheme instead of RQuant (see :func:`quantize_params`).
   """
   check_int("num_patterns", num_patterns, 1)
   _check_p(p)
   if len(x) != len(y):
     raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}.")
-  qp = quantize_params(params, bits, w_max)
+  qp = quantize_params(params, bits, w_max, symmetric)
   clean_wrong = jnp.argmax(apply_fn(dequantize_params(qp), x), -1) != y
 
   @jax.jit
