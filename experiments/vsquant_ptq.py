@@ -76,8 +76,10 @@ def _weight_sqnr(params, v):
     w2 = w.reshape(-1, w.shape[-1])
     pc = quant.dequantize(quant.quantize(w2, 4, axis=0))
     pv = quant.vs_dequantize(quant.vs_quantize(w2, 4, axis=0, vector_size=v, scale_bits=6))
+    pf = quant.vs_dequantize(quant.vs_quantize(w2, 4, axis=0, vector_size=v, scale_bits=None))
     out[jax.tree_util.keystr(path)] = {"per_channel_db": float(quant.sqnr_db(w2, pc)),
-                                       "per_vector_M6_db": float(quant.sqnr_db(w2, pv))}
+                                       "per_vector_M6_db": float(quant.sqnr_db(w2, pv)),
+                                       "per_vector_fp_db": float(quant.sqnr_db(w2, pf))}
   return out
 
 
@@ -131,9 +133,10 @@ def main(argv):
   print(f"{'config':44s} {'accuracy':>16s}")
   for k in acc:
     print(f"{k:44s} {np.mean(acc[k]):.4f} +- {np.std(acc[k]):.4f}")
-  print("\n4-bit weight SQNR per layer (dB): per-channel vs per-vector (V=%d, M=6)" % v)
+  print("\n4-bit weight SQNR per layer (dB): per-channel | per-vector V=%d M=6 | per-vector fp scales" % v)
   for l in layers:
-    print(f"  {l:40s} {sqnr_mean[l]['per_channel_db']:6.2f}  {sqnr_mean[l]['per_vector_M6_db']:6.2f}")
+    print(f"  {l:40s} {sqnr_mean[l]['per_channel_db']:6.2f}  {sqnr_mean[l]['per_vector_M6_db']:6.2f}"
+          f"  {sqnr_mean[l]['per_vector_fp_db']:6.2f}")
   print("\nVariance-aware comparisons (P(per-vector > per-channel)):")
   for k, c in comparisons.items():
     print(f"  {k}: {stats.Comparison(**c)}")

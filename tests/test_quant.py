@@ -139,6 +139,18 @@ def test_integer_path_equals_emulation_dense(gran):
   assert float(jnp.linalg.norm(emu - x @ w) / jnp.linalg.norm(x @ w)) < 0.2
 
 
+def test_per_vector_integer_path_loops_over_groups_when_large(monkeypatch):
+  from mlsys_jax.quant import layers
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 64))
+  w = jax.random.normal(jax.random.PRNGKey(1), (64, 5))
+  cfg = quant.QuantConfig(quant.QuantSpec(4, "vector", 16, scale_bits=6),
+                          quant.QuantSpec(8, "vector", 16, scale_bits=6), integer=True)
+  batched = quant.quantized_dot_general(cfg)(x, w, DN)
+  monkeypatch.setattr(layers, "_BATCHED_PARTIALS_LIMIT", 1)
+  looped = quant.quantized_dot_general(cfg)(x, w, DN)
+  np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-5)
+
+
 def test_quantized_conv_paths():
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 7, 24))
   k = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 24, 5))

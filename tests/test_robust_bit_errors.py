@@ -56,6 +56,12 @@ def test_subset_property_exact():
   f, stuck, c = faulty[-1], np.asarray(emap.stuck), np.asarray(codes)
   np.testing.assert_array_equal(out & f, stuck & f)
   np.testing.assert_array_equal(out & ~f, c & ~f)
+  mask = be.error_mask(emap, 0.2)
+  np.testing.assert_array_equal(np.asarray(mask), f)
+  np.testing.assert_array_equal(np.asarray(be.apply_error_mask(codes, mask, emap.stuck)), out)
+  np.testing.assert_array_equal(np.asarray(be.apply_error_mask(codes, mask)), c ^ f)
+  with pytest.raises(ValueError, match="must match"):
+    be.apply_error_mask(codes, mask[:5])
   flip_map = emap._replace(flip=True)
   np.testing.assert_array_equal(np.asarray(be.apply_error_map(codes, flip_map, 0.2, 8)), c ^ f)
 

@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "channel", "vector")
+# Above this many (group, row, column) partial products the per-vector integer path loops over groups.
+_BATCHED_PARTIALS_LIMIT = 1 << 26
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +152,20 @@ def _dot_int(lhs, rhs, config: QuantConfig, amax):
       raise ValueError("per-vector integer path needs the same vector_size for both operands.")
     ca, sa = _int_operand(lhs2, a, 1, amax)    # (M, G, V), (M, G, 1)
     cw, sw = _int_operand(rhs, w, 0)           # (G, V, N), (G, 1, N)
-    part = jax.lax.dot_general(ca, cw, (((2,), (1,)), ((1,), (0,))),
-                               preferred_element_type=jnp.int32)       # (G, M, N)
-    out = jnp.sum(part.astype(jnp.float32) * jnp.transpose(sa, (1, 0, 2)) * sw, axis=0)
+    g, m, n = cw.shape[0], ca.shape[0], cw.shape[-1]
+    if g * m * n <= _BATCHED_PARTIALS_LIMIT:
+      part = jax.lax.dot_general(ca, cw, (((2,), (1,)), ((1,), (0,))),
+                                 preferred_element_type=jnp.int32)       # (G, M, N)
+      out = jnp.sum(part.astype(jnp.float32) * jnp.transpose(sa, (1, 0, 2)) * sw, axis=0)
+    else:  # large: accumulate one vector group at a time instead of materialising G partial products
+
+      def body(acc, xs):
+        ca_g, sa_g, cw_g, sw_g = xs
+        part = jax.lax.dot(ca_g, cw_g, preferred_element_type=jnp.int32)  # (M, N)
+        return acc + part.astype(jnp.float32) * sa_g * sw_g, None
+
+      xs = (jnp.moveaxis(ca, 1, 0), jnp.moveaxis(sa, 1, 0), cw, sw)
+      out, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), xs)
   return out.reshape(*lead, rhs.shape[-1])
 
 

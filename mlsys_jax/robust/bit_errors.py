@@ -36,9 +36,11 @@ from mlsys_jax.quant import QuantizedTensor, dequantize, quantize
 __all__ = [
     "ErrorMap",
     "apply_error_map",
+    "apply_error_mask",
     "bit_error_rate",
     "clip_weights",
     "dequantize_params",
+    "error_mask",
     "inject_bit_errors",
     "inject_stuck_at",
     "perturb_params",
@@ -156,6 +158,26 @@ def profiled_error_map(key: jax.Array, shape: tuple[int, ...], bits: int, *, fli
   draw = jax.random.bits(k1, tuple(shape) + (bits,), jnp.uint32)
   stuck = _plane_mask(jax.random.bits(k2, draw.shape, jnp.uint32), p_one, dtype)
   return ErrorMap(draw, stuck, flip)
+
+
+def error_mask(error_map: ErrorMap, p: float | jax.Array) -> jax.Array:
+  """The faulty-bit mask of ``error_map`` at rate ``p`` (codes dtype, shape of the codes).
+
+  For a fixed chip and voltage the mask is fixed: compute it once and apply it with
+  :func:`apply_error_mask`, which then only reads the codes and the mask (memory-bandwidth bound).
+  """
+  _check_p(p)
+  return _plane_mask(error_map.rate_draw, p, error_map.stuck.dtype)
+
+
+def apply_error_mask(codes: jax.Array, mask: jax.Array, stuck: jax.Array | None = None) -> jax.Array:
+  """Apply a precomputed fault ``mask``: flip the masked bits (``stuck=None``) or force them to the bits
+  of ``stuck``."""
+  if codes.shape != mask.shape or codes.dtype != mask.dtype:
+    raise ValueError(f"mask {mask.shape} {mask.dtype} must match codes {codes.shape} {codes.dtype}.")
+  if stuck is None:
+    return jnp.bitwise_xor(codes, mask)
+  return (codes & ~mask) | (mask & stuck.astype(codes.dtype))
 
 
 def apply_error_map(codes: jax.Array, error_map: ErrorMap, p: float | jax.Array, bits: int) -> jax.Array:
