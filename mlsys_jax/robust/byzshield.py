@@ -1,3 +1,559 @@
-"""Placeholder until its issue lands; the owning issue replaces this file (or package)."""
+"""ByzShield: redundant task assignment, majority vote and robust aggregation against Byzantine workers.
 
-__all__: list[str] = []
+Konstantinidis and Ramamoorthy, "ByzShield: An Efficient and Robust System for Distributed Training",
+MLSys 2021. A batch is split into ``f`` files; each file is processed by ``r`` workers (``r`` odd) and each
+of the ``K`` workers processes ``l`` files (``K l = f r``). The server first takes a majority vote over the
+``r`` copies of every file's gradient, then applies a robust aggregator to the ``f`` winners. A file is
+*distorted* when at least ``r' = (r + 1) / 2`` of its copies come from Byzantine workers. An omniscient
+adversary chooses the ``q`` workers that distort the most files, ``c_max(q)``; ByzShield's assignments,
+built from mutually orthogonal Latin squares (MOLS) or Ramanujan bigraphs, keep ``eps = c_max / f``
+small because any two workers share at most one file (Sec. 3-4).
+
+Everything here is pure: assignments are static numpy structures; the vote, the aggregators and the
+attacks are jit-able functions on pytrees whose leaves are stacked along a leading axis. Pass
+``axis_name`` to run them inside ``shard_map`` with the *coordinates* of the gradients sharded over
+devices (each device holds a slice of every worker's gradient): the vote and the distance-based
+aggregators then reduce over devices with ``psum``.
+
+Non-finite values (a Byzantine worker may send NaN/inf): the vote compares bit patterns, so NaN copies
+are equal to each other and lose the vote to an honest majority; coordinate-wise aggregators treat NaN as
++inf, so such values sort to the extreme and are trimmed; Krum/Bulyan give a gradient with any
+non-finite entry an infinite score, so it is never selected; the plain mean propagates them (it is not
+robust).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlsys_jax._checks import check_choice, check_int, check_range
+
+__all__ = [
+    "Assignment",
+    "ATTACKS",
+    "AGGREGATORS",
+    "aggregate",
+    "apply_attack",
+    "baseline_assignment",
+    "bulyan",
+    "byzshield_assignment",
+    "coordinate_median",
+    "detox_assignment",
+    "distorted_files",
+    "files_to_workers",
+    "majority_vote",
+    "mean",
+    "mols_assignment",
+    "multi_krum",
+    "ramanujan_assignment",
+    "robust_step",
+    "sign_majority",
+    "spectral_bound",
+    "trimmed_mean",
+    "worst_case_distortion",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task assignments.
+
+
+class Assignment(NamedTuple):
+  """A worker-to-file bipartite map.
+
+  Attributes:
+    matrix: ``(K, f)`` 0/1 numpy array, ``matrix[w, j] = 1`` iff worker ``w`` processes file ``j``.
+    worker_files: ``(K, l)`` file ids of each worker, increasing.
+    file_workers: ``(f, r)`` ``(worker, slot)`` pairs holding each file, shape ``(f, r, 2)``.
+    name: a short description.
+  """
+  matrix: np.ndarray
+  worker_files: np.ndarray
+  file_workers: np.ndarray
+  name: str
+
+  @property
+  def num_workers(self) -> int:
+    return self.matrix.shape[0]
+
+  @property
+  def num_files(self) -> int:
+    return self.matrix.shape[1]
+
+  @property
+  def replication(self) -> int:
+    return int(self.matrix[:, 0].sum())
+
+  @property
+  def load(self) -> int:
+    return int(self.matrix[0].sum())
+
+  @property
+  def majority(self) -> int:
+    """r' = (r + 1) // 2: Byzantine copies needed to win a file's vote."""
+    return (self.replication + 1) // 2
+
+
+def _from_matrix(m: np.ndarray, name: str) -> Assignment:
+  m = np.asarray(m, np.int8)
+  rows, cols = m.sum(1), m.sum(0)
+  if len(set(rows.tolist())) != 1 or len(set(cols.tolist())) != 1:
+    raise ValueError(f"{name}: the assignment must be biregular (every worker l files, every file r "
+                     f"workers), got worker degrees {sorted(set(rows))} and file degrees {sorted(set(cols))}.")
+  worker_files = np.stack([np.flatnonzero(row) for row in m])
+  slot = {(w, j): s for w in range(m.shape[0]) for s, j in enumerate(worker_files[w])}
+  file_workers = np.stack([np.array([(w, slot[w, j]) for w in np.flatnonzero(m[:, j])])
+                           for j in range(m.shape[1])])
+  return Assignment(m, worker_files, file_workers, name)
+
+
+def _is_prime(n: int) -> bool:
+  return n >= 2 and all(n % d for d in range(2, int(math.isqrt(n)) + 1))
+
+
+def mols_assignment(l: int, r: int) -> Assignment:
+  """ByzShield's MOLS assignment (Sec. 4.1): K = r l workers, f = l^2 files, load l, replication r.
+
+  The Latin squares ``L_k(i, j) = (k i + j) mod l`` for ``k = 1..r`` are mutually orthogonal when ``l`` is
+  prime; file ``i l + j`` is cell ``(i, j)`` and worker ``(k, s)`` processes the ``l`` cells of square ``k``
+  holding symbol ``s``. Exists for prime ``l`` and ``1 <= r <= l - 1``.
+  """
+  check_int("l", l, 2)
+  check_int("r", r, 1)
+  if not _is_prime(l):
+    raise ValueError(f"mols_assignment needs a prime l (the cyclic MOLS construction), got l={l}; "
+                     "prime l in 3, 5, 7, 11, ... give K = r l workers and f = l^2 files.")
+  if r > l - 1:
+    raise ValueError(f"only l - 1 = {l - 1} mutually orthogonal Latin squares of order {l} exist; "
+                     f"r={r} is too large.")
+  m = np.zeros((r * l, l * l), np.int8)
+  i, j = np.meshgrid(np.arange(l), np.arange(l), indexing="ij")
+  for k in range(1, r + 1):
+    square = (k * i + j) % l
+    for s in range(l):
+      m[(k - 1) * l + s, (i * l + j)[square == s]] = 1
+  return _from_matrix(m, f"MOLS(l={l}, r={r})")
+
+
+def ramanujan_assignment(s: int, m: int) -> Assignment:
+  """ByzShield's Ramanujan-bigraph assignment (Sec. 4.2), from the array ``B`` whose ``(i, j)`` block is
+  ``P^(i j)`` (``P`` the ``s x s`` cyclic shift), ``i < s``, ``j < m``.
+
+  - Case 1, ``m < s``: workers are the columns of ``B``: K = m s, f = s^2, l = s, r = m.
+  - Case 2, ``m >= s`` and ``s | m``: workers are the rows of ``B``: K = s^2, f = m s, l = m, r = s.
+
+  Exists for prime ``s``.
+  """
+  check_int("s", s, 2)
+  check_int("m", m, 1)
+  if not _is_prime(s):
+    raise ValueError(f"ramanujan_assignment needs a prime s, got s={s}.")
+  if m >= s and m % s:
+    raise ValueError(f"case 2 (m >= s) needs s | m, got s={s}, m={m}.")
+  b = np.zeros((s * s, m * s), np.int8)
+  a = np.arange(s)
+  for i in range(s):
+    for j in range(m):
+      b[i * s + a, j * s + (a + i * j) % s] = 1
+  mat = b.T if m < s else b
+  return _from_matrix(mat, f"Ramanujan(s={s}, m={m}, case {1 if m < s else 2})")
+
+
+def detox_assignment(num_workers: int, r: int) -> Assignment:
+  """DETOX (Rajput et al., 2019): disjoint groups of ``r`` consecutive workers, one file per group."""
+  check_int("num_workers", num_workers, 1)
+  check_int("r", r, 1)
+  if num_workers % r:
+    raise ValueError(f"DETOX needs r | K, got K={num_workers}, r={r}.")
+  m = np.zeros((num_workers, num_workers // r), np.int8)
+  m[np.arange(num_workers), np.arange(num_workers) // r] = 1
+  return _from_matrix(m, f"DETOX(K={num_workers}, r={r})")
+
+
+def baseline_assignment(num_workers: int) -> Assignment:
+  """No redundancy: worker ``w`` processes file ``w`` (r = l = 1)."""
+  check_int("num_workers", num_workers, 1)
+  return _from_matrix(np.eye(num_workers, dtype=np.int8), f"baseline(K={num_workers})")
+
+
+def byzshield_assignment(kind: str, **params) -> Assignment:
+  """Build an assignment by name: ``'mols'`` (l, r), ``'ramanujan'`` (s, m), ``'detox'``
+  (num_workers, r) or ``'baseline'`` (num_workers)."""
+  makers = {"mols": mols_assignment, "ramanujan": ramanujan_assignment, "detox": detox_assignment,
+            "baseline": baseline_assignment}
+  check_choice("kind", kind, makers)
+  return makers[kind](**params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worst-case adversary.
+
+
+def distorted_files(assignment: Assignment, byzantine: np.ndarray) -> np.ndarray:
+  """Boolean ``(..., f)``: the files whose vote Byzantine workers win, from a ``(..., K)`` 0/1 mask."""
+  byz = np.asarray(byzantine)
+  if byz.shape[-1] != assignment.num_workers:
+    raise ValueError(f"byzantine must be a (..., K={assignment.num_workers}) mask, got shape {byz.shape}.")
+  return (byz.astype(np.int32) @ assignment.matrix.astype(np.int32)) >= assignment.majority
+
+
+def worst_case_distortion(assignment: Assignment, q: int, *, exact: bool | None = None,
+                          max_subsets: int = 30_000_000, restarts: int = 64, seed: int = 0
+                          ) -> tuple[int, np.ndarray]:
+  """c_max(q): the most files ``q`` colluding workers can distort, and one worst set.
+
+  ``exact=True`` enumerates all C(K, q) subsets (vectorized in chunks); ``exact=False`` runs a greedy
+  construction followed by swap local search from ``restarts`` random starts (a lower bound on c_max).
+  By default the exact search runs when C(K, q) <= ``max_subsets``.
+
+  Returns:
+    ``(c_max, workers)``; ``eps = c_max / f``.
+  """
+  k = assignment.num_workers
+  check_int("q", q, 0)
+  if q >= k:
+    raise ValueError(f"q={q} Byzantine workers must be fewer than K={k}.")
+  if q == 0:
+    return 0, np.zeros((0,), np.int64)
+  n_sub = math.comb(k, q)
+  if exact is None:
+    exact = n_sub <= max_subsets
+  a = assignment.matrix.astype(np.int16)
+  rp = assignment.majority
+  if exact:
+    best, best_set = -1, None
+    it = itertools.combinations(range(k), q)
+    while True:
+      chunk = np.fromiter(itertools.chain.from_iterable(itertools.islice(it, 200_000)), np.int64)
+      if chunk.size == 0:
+        break
+      idx = chunk.reshape(-1, q)
+      counts = a[idx].sum(1)                      # (n, f)
+      dist = (counts >= rp).sum(1)
+      i = int(np.argmax(dist))
+      if dist[i] > best:
+        best, best_set = int(dist[i]), idx[i].copy()
+    return best, best_set
+  rng = np.random.default_rng(seed)
+
+  def score(mask):
+    return int(((mask.astype(np.int16) @ a) >= rp).sum())
+
+  best, best_set = -1, None
+  for _ in range(restarts):
+    mask = np.zeros(k, bool)
+    mask[rng.choice(k, q, replace=False)] = True
+    improved = True
+    while improved:
+      improved = False
+      cur = score(mask)
+      ins, outs = np.flatnonzero(mask), np.flatnonzero(~mask)
+      for i in ins:
+        for o in outs:
+          mask[i], mask[o] = False, True
+          s = score(mask)
+          if s > cur:
+            cur, improved = s, True
+            break
+          mask[i], mask[o] = True, False
+        if improved:
+          break
+    s = score(mask)
+    if s > best:
+      best, best_set = s, np.flatnonzero(mask)
+  return best, best_set
+
+
+def spectral_bound(assignment: Assignment, q: int) -> float:
+  """ByzShield's spectral upper bound on c_max(q) (Sec. 5) from the second eigenvalue mu_1 of H H^T,
+  H = A / sqrt(l r): with beta = (q l / r) / (mu_1 + (1 - mu_1) q / K),
+  c_max <= (q l - beta) / ((r - 1) / 2)."""
+  a = assignment.matrix.astype(np.float64)
+  k, l, r = assignment.num_workers, assignment.load, assignment.replication
+  if r < 3:
+    raise ValueError("the spectral bound needs replication r >= 3.")
+  h = a / np.sqrt(l * r)
+  ev = np.sort(np.linalg.eigvalsh(h @ h.T))[::-1]
+  mu1 = float(ev[1])
+  beta = (q * l / r) / (mu1 + (1 - mu1) * q / k)
+  return (q * l - beta) / ((r - 1) / 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vote and aggregation (pure, jit-able, pytrees stacked on a leading axis).
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _bits(x):
+  """Bit pattern of a float array (so NaN == NaN and +0 != -0 exactly as sent)."""
+  width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(x.dtype).itemsize]
+  return jax.lax.bitcast_convert_type(x, width)
+
+
+def files_to_workers(file_grads: Any, assignment: Assignment) -> Any:
+  """Honest worker stacks ``(K, l, ...)`` from per-file gradients ``(f, ...)``: every worker sends the
+  gradient of each of its files (replicas of a file are bit-identical)."""
+  idx = jnp.asarray(assignment.worker_files)
+  return jax.tree_util.tree_map(lambda g: g[idx], file_grads)
+
+
+def majority_vote(worker_grads: Any, assignment: Assignment, axis_name: str | None = None) -> Any:
+  """Per-file majority vote over the r copies (ByzShield Sec. 3, stage 1).
+
+  Args:
+    worker_grads: pytree with leaves ``(K, l, ...)``: worker ``w``'s gradient for its ``s``-th file
+      (files in increasing id order, ``assignment.worker_files``).
+    assignment: the assignment.
+    axis_name: mapped axis over which the *coordinates* are sharded (equality is then global).
+
+  Returns:
+    Pytree with leaves ``(f, ...)``: for each file the copy that the most copies equal exactly
+    (the first such copy on ties, which an odd r with an honest majority never has).
+  """
+  fw = jnp.asarray(assignment.file_workers)          # (f, r, 2)
+  copies = jax.tree_util.tree_map(lambda g: g[fw[..., 0], fw[..., 1]], worker_grads)  # (f, r, ...)
+  leaves = jax.tree_util.tree_leaves(copies)
+  if not leaves:
+    raise ValueError("worker_grads is an empty pytree.")
+  k = assignment.num_workers
+  for leaf in jax.tree_util.tree_leaves(worker_grads):
+    if leaf.shape[:2] != (k, assignment.load):
+      raise ValueError(f"worker gradients must be stacked as (K, l, ...) = ({k}, {assignment.load}, ...), "
+                       f"got a leaf of shape {leaf.shape}.")
+  diff = 0
+  for c in leaves:
+    b = _bits(c).reshape(c.shape[0], c.shape[1], -1)
+    diff = diff + jnp.sum(b[:, :, None, :] != b[:, None, :, :], axis=-1)   # (f, r, r) mismatches
+  diff = _psum(diff, axis_name)
+  agree = jnp.sum(diff == 0, axis=-1)                     # copies equal to copy i
+  winner = jnp.argmax(agree, axis=-1)                     # (f,)
+  rows = jnp.arange(winner.shape[0])
+  return jax.tree_util.tree_map(lambda c: c[rows, winner], copies)
+
+
+def _flat(tree):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  n = leaves[0].shape[0]
+  return jnp.concatenate([l.reshape(n, -1) for l in leaves], axis=1), (leaves, treedef)
+
+
+def _unflat(vec, meta):
+  leaves, treedef = meta
+  out, i = [], 0
+  for l in leaves:
+    size = int(np.prod(l.shape[1:]))
+    out.append(vec[i:i + size].reshape(l.shape[1:]))
+    i += size
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _sanitize(x):
+  return jnp.where(jnp.isnan(x), jnp.inf, x)
+
+
+def mean(grads: Any, axis_name: str | None = None) -> Any:
+  """Plain average over the leading axis (not robust; the baseline)."""
+  del axis_name
+  return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+
+
+def coordinate_median(grads: Any, axis_name: str | None = None) -> Any:
+  """Coordinate-wise median over the leading axis (NaN treated as +inf)."""
+  del axis_name
+  return jax.tree_util.tree_map(lambda g: jnp.median(_sanitize(g), axis=0), grads)
+
+
+def trimmed_mean(grads: Any, trim: int, axis_name: str | None = None) -> Any:
+  """Coordinate-wise mean after dropping the ``trim`` largest and ``trim`` smallest values."""
+  del axis_name
+
+  def one(g):
+    n = g.shape[0]
+    if not 0 <= 2 * trim < n:
+      raise ValueError(f"trim={trim} must satisfy 0 <= 2 trim < n = {n}.")
+    s = jnp.sort(_sanitize(g), axis=0)
+    return jnp.mean(s[trim:n - trim], axis=0)
+
+  return jax.tree_util.tree_map(one, grads)
+
+
+def sign_majority(grads: Any, axis_name: str | None = None) -> Any:
+  """signSGD with majority vote (Bernstein et al., 2019): sign of the sum of the signs."""
+  del axis_name
+  return jax.tree_util.tree_map(lambda g: jnp.sign(jnp.sum(jnp.sign(jnp.nan_to_num(g)), axis=0)), grads)
+
+
+def _pairwise_sq_dists(grads, axis_name):
+  total = 0
+  finite = True
+  for g in jax.tree_util.tree_leaves(grads):
+    x = g.reshape(g.shape[0], -1).astype(jnp.float32)
+    ok = jnp.all(jnp.isfinite(x), axis=1)
+    x = jnp.where(jnp.isfinite(x), x, 0.0)
+    sq = jnp.sum(x * x, axis=1)
+    total = total + sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    finite = finite & ok
+  total = _psum(total, axis_name)
+  finite = _psum((~finite).astype(jnp.int32), axis_name) == 0
+  total = jnp.maximum(total, 0.0)
+  bad = ~(finite[:, None] & finite[None, :])
+  return jnp.where(bad, jnp.inf, total), finite
+
+
+def _krum_scores(d, num_byzantine):
+  n = d.shape[0]
+  m = n - num_byzantine - 2
+  if m < 1:
+    raise ValueError(f"Krum needs n - b - 2 >= 1, got n={n}, b={num_byzantine}.")
+  d = d + jnp.diag(jnp.full((n,), jnp.inf))
+  closest = jnp.sort(d, axis=1)[:, :m]
+  return jnp.sum(closest, axis=1)
+
+
+def multi_krum(grads: Any, num_byzantine: int, num_selected: int | None = None,
+               axis_name: str | None = None) -> Any:
+  """Multi-Krum (Blanchard et al., 2017): average the ``num_selected`` gradients with the lowest Krum
+  scores (sum of squared distances to their ``n - b - 2`` nearest neighbours).
+  ``num_selected`` defaults to ``n - b``."""
+  d, _ = _pairwise_sq_dists(grads, axis_name)
+  n = d.shape[0]
+  m = n - num_byzantine if num_selected is None else num_selected
+  check_int("num_selected", m, 1, n)
+  scores = _krum_scores(d, num_byzantine)
+  sel = jnp.argsort(scores)[:m]
+  return jax.tree_util.tree_map(lambda g: jnp.mean(g[sel], axis=0), grads)
+
+
+def bulyan(grads: Any, num_byzantine: int, axis_name: str | None = None) -> Any:
+  """Bulyan (El Mhamdi et al., 2018): pick theta = n - 2b gradients by repeated Krum, then per coordinate
+  average the beta = theta - 2b values closest to the median. Needs n >= 4b + 3."""
+  d, _ = _pairwise_sq_dists(grads, axis_name)
+  n = d.shape[0]
+  b = num_byzantine
+  theta = n - 2 * b
+  beta = theta - 2 * b
+  if beta < 1 or n - b - 2 < 1:
+    raise ValueError(f"Bulyan needs n >= 4b + 3, got n={n}, b={b}.")
+  chosen = jnp.zeros((n,), bool)
+  order = []
+  for _ in range(theta):  # static loop: Krum on the remaining gradients
+    mask = chosen[:, None] | chosen[None, :]
+    dd = jnp.where(mask, jnp.inf, d)
+    rem = n - len(order)
+    mm = max(rem - b - 2, 1)
+    dd = dd + jnp.diag(jnp.full((n,), jnp.inf))
+    scores = jnp.sum(jnp.sort(dd, axis=1)[:, :mm], axis=1)
+    scores = jnp.where(chosen, jnp.inf, scores)
+    i = jnp.argmin(scores)
+    order.append(i)
+    chosen = chosen.at[i].set(True)
+  sel = jnp.stack(order)
+
+  def one(g):
+    s = _sanitize(g[sel])
+    med = jnp.median(s, axis=0)
+    idx = jnp.argsort(jnp.abs(s - med), axis=0)[:beta]
+    return jnp.mean(jnp.take_along_axis(s, idx, axis=0), axis=0)
+
+  return jax.tree_util.tree_map(one, grads)
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "multi_krum", "bulyan", "sign")
+
+
+def aggregate(grads: Any, method: str, *, num_byzantine: int = 0, trim: int | None = None,
+              axis_name: str | None = None) -> Any:
+  """Dispatch to a robust aggregator by name (see :data:`AGGREGATORS`)."""
+  check_choice("method", method, AGGREGATORS)
+  if method == "mean":
+    return mean(grads)
+  if method == "median":
+    return coordinate_median(grads)
+  if method == "trimmed_mean":
+    return trimmed_mean(grads, num_byzantine if trim is None else trim)
+  if method == "multi_krum":
+    return multi_krum(grads, num_byzantine, axis_name=axis_name)
+  if method == "bulyan":
+    return bulyan(grads, num_byzantine, axis_name=axis_name)
+  return sign_majority(grads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attacks.
+
+ATTACKS = ("alie", "constant", "reversed", "random", "nan")
+
+
+def apply_attack(worker_grads: Any, byzantine: jax.Array, attack: str, *, key: jax.Array | None = None,
+                 z: float = 1.0, scale: float = 100.0) -> Any:
+  """Replace the gradients of Byzantine workers (``byzantine``: ``(K,)`` bool) by an attack.
+
+  Colluding Byzantine workers send identical values for the same file, so they can win votes.
+
+  - ``'alie'`` (A Little Is Enough, Baruch et al. 2019): mu + z sigma, with the coordinate-wise mean and
+    std over all honest and Byzantine copies (z = 1 as in ByzShield's code);
+  - ``'constant'``: every entry ``-scale``;
+  - ``'reversed'``: ``-scale`` times the honest gradient;
+  - ``'random'``: Gaussian noise of std ``scale`` (one draw per file id: needs ``key``);
+  - ``'nan'``: NaN everywhere (a crashing worker).
+  """
+  check_choice("attack", attack, ATTACKS)
+  byz = jnp.asarray(byzantine)
+
+  def one(i, g):
+    shape = (-1,) + (1,) * (g.ndim - 1)
+    mask = byz.reshape(shape)
+    if attack == "alie":
+      flat = g.reshape((-1,) + g.shape[2:])
+      bad = jnp.broadcast_to(jnp.mean(flat, 0) + z * jnp.std(flat, 0), g.shape)
+    elif attack == "constant":
+      bad = jnp.full_like(g, -scale)
+    elif attack == "reversed":
+      bad = -scale * g
+    elif attack == "nan":
+      bad = jnp.full_like(g, jnp.nan)
+    else:
+      if key is None:
+        raise ValueError("attack='random' needs a PRNG key.")
+      k = jax.random.fold_in(key, i)
+      # one draw per (file slot) so colluders agree: noise depends on the file, not on the worker
+      bad = scale * jax.random.normal(k, g.shape[1:], g.dtype)[None]
+      bad = jnp.broadcast_to(bad, g.shape)
+    return jnp.where(mask, bad.astype(g.dtype), g)
+
+  leaves, treedef = jax.tree_util.tree_flatten(worker_grads)
+  return jax.tree_util.tree_unflatten(treedef, [one(i, g) for i, g in enumerate(leaves)])
+
+
+def robust_step(file_grads: Any, assignment: Assignment, byzantine: jax.Array, *, attack: str,
+                aggregator: str, num_byzantine_files: int = 0, key: jax.Array | None = None,
+                vote: bool = True) -> Any:
+  """One server step of simulated redundant training: honest copies -> attack -> vote -> aggregate.
+
+  Args:
+    file_grads: per-file gradients, leaves ``(f, ...)`` (e.g. ``jax.vmap(grad_fn)`` over file batches).
+    assignment: worker-to-file map.
+    byzantine: ``(K,)`` bool mask of Byzantine workers.
+    attack: one of :data:`ATTACKS`.
+    aggregator: one of :data:`AGGREGATORS` (applied to the voted file gradients, or to all copies if
+      ``vote=False``).
+    num_byzantine_files: the ``b`` of Krum/Bulyan/trimmed mean (e.g. c_max for ByzShield).
+    key: PRNG key for random attacks.
+    vote: majority-vote first (ByzShield, DETOX) or aggregate the ``K l`` copies directly.
+  """
+  workers = files_to_workers(file_grads, assignment)
+  workers = apply_attack(workers, byzantine, attack, key=key)
+  if vote:
+    voted = majority_vote(workers, assignment)
+  else:
+    voted = jax.tree_util.tree_map(lambda g: g.reshape((-1,) + g.shape[2:]), workers)
+  return aggregate(voted, aggregator, num_byzantine=num_byzantine_files)
