@@ -329,10 +329,16 @@ def majority_vote(worker_grads: Any, assignment: Assignment, axis_name: str | No
     if leaf.shape[:2] != (k, assignment.load):
       raise ValueError(f"worker gradients must be stacked as (K, l, ...) = ({k}, {assignment.load}, ...), "
                        f"got a leaf of shape {leaf.shape}.")
-  diff = 0
-  for c in leaves:
-    b = _bits(c).reshape(c.shape[0], c.shape[1], -1)
-    diff = diff + jnp.sum(b[:, :, None, :] != b[:, None, :, :], axis=-1)   # (f, r, r) mismatches
+  r = assignment.replication
+  bits = [_bits(c).reshape(c.shape[0], r, -1) for c in leaves]
+  # Mismatch counts of every pair of copies, one fused compare-and-count per pair (no (f, r, r, d) array).
+  pair = {}
+  for i in range(r):
+    for j in range(i + 1, r):
+      pair[i, j] = sum(jnp.sum(b[:, i] != b[:, j], axis=-1, dtype=jnp.int32) for b in bits)
+  zero = jnp.zeros((bits[0].shape[0],), jnp.int32)
+  diff = jnp.stack([jnp.stack([zero if i == j else pair[min(i, j), max(i, j)] for j in range(r)], -1)
+                    for i in range(r)], -2)                                 # (f, r, r)
   diff = _psum(diff, axis_name)
   agree = jnp.sum(diff == 0, axis=-1)                     # copies equal to copy i
   winner = jnp.argmax(agree, axis=-1)                     # (f,)
