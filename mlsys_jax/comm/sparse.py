@@ -1,3 +1,458 @@
-"""Placeholder until its issue lands; the owning issue replaces this file (or package)."""
+"""Gradient sparsification with error feedback: Top-k, DGC, Random-k and SIDCo, as optax transforms.
 
-__all__: list[str] = []
+SIDCo: Abdelmoniem, Elzanaty, Alouini and Canini, "An Efficient Statistical-based Gradient Compression
+Technique for Distributed Training Systems", MLSys 2021. Instead of sorting (Top-k) or sampling (DGC), SIDCo
+models the magnitudes of the error-compensated gradient with a sparsity-inducing distribution and
+computes the threshold that keeps a fraction delta of the elements in closed form (Sec. 3-4):
+
+- exponential: eta = mean(|g|) * ln(1 / delta);
+- generalized Pareto (method of moments on y = |g| - min): k = (mu^2 / s^2 - 1) / 2,
+  a = mu (mu^2 / s^2 + 1) / 2, eta = min + a (1 - delta^k) / k;
+- gamma (method of moments: shape mu^2 / s^2, scale s^2 / mu): eta = Q^{-1}(shape, delta) * scale, the
+  inverse regularized upper incomplete gamma (solved here by bisection in log space).
+
+Multi-stage fitting: the first stage keeps ``first_ratio`` of the elements, each later stage refits the
+same family to the exceedances of the previous threshold (shifted by their minimum) and keeps
+``(delta / first_ratio)^(1 / (stages - 1))`` of them. With ``stages='adaptive'`` the number of stages moves
+by one every ``adapt_every`` steps when the achieved density strays from the target by more than
+``tolerance`` (the paper's adaptation), between 1 and ceil(log2(1 / delta)).
+
+Static shapes: what is sent is a :class:`SparsePayload` of fixed ``capacity`` (target count times
+``capacity_factor``): indices, values, a count and an overflow flag. Elements above the threshold that do
+not fit, and everything below it, stay in the error-feedback residual, so no gradient mass is lost:
+``dense(payload) + residual == gradient + previous residual`` exactly.
+
+Compaction of the selected elements into the payload uses a blockwise count and prefix sum (no sort).
+
+Collectives: with ``axis_name`` the transforms run inside ``pmap``/``shard_map``; every device all-gathers
+the static payloads, scatter-adds them and averages, so the update that comes out is the decompressed
+global gradient and the state counts the bytes each device sent.
+
+Non-finite gradients: a step whose incoming gradient holds NaN/inf sends nothing, leaves the residual
+as it was, and increments ``state.nonfinite_steps`` (so it is visible, not silent).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from mlsys_jax._checks import check_choice, check_int, check_range
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "SparsePayload",
+    "SparsifierState",
+    "compact",
+    "decompress",
+    "dgc",
+    "dgc_threshold",
+    "max_stages",
+    "payload_bytes",
+    "randomk",
+    "sidco",
+    "sidco_threshold",
+    "topk",
+    "topk_payload",
+]
+
+DISTRIBUTIONS = ("exponential", "gpareto", "gamma")
+
+
+class SparsePayload(NamedTuple):
+  """A static-shape sparse vector: ``indices[:count]`` and ``values[:count]`` are valid.
+
+  Slots past ``count`` hold index 0 and value 0 (they add nothing when scattered). ``overflow`` says that
+  more elements were selected than ``capacity``; the extra ones were not sent.
+  """
+  indices: jax.Array   # int32 (capacity,)
+  values: jax.Array    # (capacity,)
+  count: jax.Array     # int32 ()
+  overflow: jax.Array  # bool ()
+
+
+def payload_bytes(p: SparsePayload) -> int:
+  """Bytes a collective moves for one payload (static: every slot travels) plus the count."""
+  return int(p.indices.size * p.indices.dtype.itemsize + p.values.size * p.values.dtype.itemsize + 4)
+
+
+def _block_size(n: int) -> int:
+  return int(min(4096, max(128, 2 ** math.ceil(math.log2(max(1, math.isqrt(n)))))))
+
+
+def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
+  """Pack the elements of a 1-D ``x`` where ``mask`` is true into a :class:`SparsePayload`.
+
+  Blockwise: count the selected elements per block, take an exclusive prefix sum of the block counts,
+  give each selected element its slot (block offset + rank inside the block) and scatter; slots at or past
+  ``capacity`` are dropped (``overflow``). The first ``capacity`` selected elements in index order are kept.
+  """
+  n = x.shape[0]
+  b = _block_size(n)
+  nb = -(-n // b)
+  pad = nb * b - n
+  m = jnp.pad(mask, (0, pad)).reshape(nb, b).astype(jnp.int32)
+  within = jnp.cumsum(m, axis=1)                      # inclusive rank inside the block
+  counts = within[:, -1]
+  offsets = jnp.cumsum(counts) - counts               # exclusive prefix sum over blocks
+  slot = (offsets[:, None] + within - 1).reshape(-1)[:n]
+  total = offsets[-1] + counts[-1]
+  slot = jnp.where(mask, slot, capacity)              # unselected -> out of range -> dropped
+  idx = jnp.zeros((capacity,), jnp.int32).at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+  vals = jnp.zeros((capacity,), x.dtype).at[slot].set(x, mode="drop")
+  return SparsePayload(idx, vals, jnp.minimum(total, capacity).astype(jnp.int32), total > capacity)
+
+
+def decompress(payload: SparsePayload, size: int, dtype=None) -> jax.Array:
+  """Dense vector of length ``size`` from a payload (invalid slots add zero)."""
+  valid = jnp.arange(payload.values.shape[0]) < payload.count
+  vals = jnp.where(valid, payload.values, 0)
+  return jnp.zeros((size,), dtype or payload.values.dtype).at[payload.indices].add(vals)
+
+
+def topk_payload(x: jax.Array, k: int) -> SparsePayload:
+  """Exact Top-k by magnitude of a 1-D ``x`` (``lax.top_k``)."""
+  _, idx = jax.lax.top_k(jnp.abs(x), k)
+  idx = idx.astype(jnp.int32)
+  return SparsePayload(idx, x[idx], jnp.asarray(k, jnp.int32), jnp.asarray(False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Threshold estimators.
+
+
+def max_stages(ratio: float) -> int:
+  """Upper bound on SIDCo's number of stages: ceil(log(ratio) / log(1/2))."""
+  return max(1, math.ceil(math.log(ratio) / math.log(0.5)))
+
+
+def _masked_moments(a, mask):
+  cnt = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+  mn = jnp.min(jnp.where(mask, a, jnp.inf))
+  mn = jnp.where(jnp.isfinite(mn), mn, 0.0)
+  y = jnp.where(mask, a - mn, 0.0)
+  mean = jnp.sum(y) / cnt
+  var = jnp.maximum(jnp.sum(y * y) / cnt - mean * mean, 1e-30)
+  return mn, mean, var
+
+
+def _gamma_upper_quantile(shape, delta):
+  """x with Q(shape, x) = delta (regularized upper incomplete gamma), bisection on log x."""
+  lo, hi = jnp.full_like(shape, -40.0), jnp.full_like(shape, 8.0)
+
+  def body(_, lh):
+    lo, hi = lh
+    mid = 0.5 * (lo + hi)
+    q = jax.scipy.special.gammaincc(shape, jnp.exp(mid))
+    go_right = q > delta
+    return jnp.where(go_right, mid, lo), jnp.where(go_right, hi, mid)
+
+  lo, hi = jax.lax.fori_loop(0, 60, body, (lo, hi))
+  return jnp.exp(0.5 * (lo + hi))
+
+
+def _stage_threshold(dist, mn, mean, var, delta, first: bool):
+  delta = jnp.asarray(delta, jnp.float32)
+  if dist == "exponential":
+    return mn + mean * (-jnp.log(delta))
+  if dist == "gpareto" or (dist == "gamma" and not first):  # gamma fits the bulk, GP the tails
+    r = mean * mean / var
+    k = 0.5 * (r - 1.0)
+    a = 0.5 * mean * (r + 1.0)
+    k_safe = jnp.where(jnp.abs(k) < 1e-6, 1e-6, k)
+    return mn + a * (1.0 - jnp.exp(k_safe * jnp.log(delta))) / k_safe
+  shape = jnp.clip(mean * mean / var, 1e-3, 1e3)
+  scale = var / jnp.maximum(mean, 1e-30)
+  return mn + _gamma_upper_quantile(shape, delta) * scale
+
+
+def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponential",
+                    stages: int | jax.Array = 1, first_ratio: float = 0.25) -> jax.Array:
+  """SIDCo's threshold for keeping about ``ratio`` of the entries of ``abs_x`` (magnitudes).
+
+  Args:
+    abs_x: 1-D non-negative array.
+    ratio: target density delta in (0, 1).
+    distribution: ``'exponential'``, ``'gpareto'`` or ``'gamma'`` (gamma first stage, then
+      generalized Pareto on the tails, as in the paper's code).
+    stages: number of fitting stages (may be traced, e.g. adapted during training).
+    first_ratio: density kept by the first stage when ``stages > 1``.
+  """
+  check_choice("distribution", distribution, DISTRIBUTIONS)
+  stages = jnp.asarray(stages, jnp.int32)
+  multi = (stages > 1) & (ratio < first_ratio)
+  everything = jnp.ones(abs_x.shape, bool)
+  mn, mean, var = _masked_moments(abs_x, everything)
+  mn = jnp.zeros_like(mn)  # the first stage fits |g| itself (its support starts at 0)
+  mean = jnp.mean(abs_x)
+  var = jnp.maximum(jnp.var(abs_x), 1e-30)
+  t0 = _stage_threshold(distribution, mn, mean, var, jnp.where(multi, first_ratio, ratio), True)
+  loops = jnp.where(multi, stages - 1, 0)
+  i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / jnp.maximum(stages - 1, 1)), 1.0)
+
+  def cond(c):
+    return c[0] < loops
+
+  def body(c):
+    i, t = c
+    mn, mean, var = _masked_moments(abs_x, abs_x > t)
+    return i + 1, _stage_threshold(distribution, mn, mean, var, i_ratio, False)
+
+  _, t = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), t0))
+  return t
+
+
+def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fraction: float = 0.01
+                  ) -> jax.Array:
+  """DGC's sampled threshold (Lin et al., ICLR 2018): the k-th largest magnitude of a random sample of
+  ``sample_fraction`` of the entries, k = ratio * sample size."""
+  n = abs_x.shape[0]
+  s = max(1, min(n, int(round(n * sample_fraction))))
+  k = max(1, int(round(s * ratio)))
+  idx = jax.random.randint(key, (s,), 0, n)
+  return jax.lax.top_k(abs_x[idx], k)[0][-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optax transforms.
+
+
+class SparsifierState(NamedTuple):
+  """State of the sparsifying transforms.
+
+  Attributes:
+    residual: error-feedback memory, same structure as the gradients.
+    key: PRNG key (DGC sampling, Random-k).
+    stages: SIDCo's current number of stages (int32).
+    ratio_sum: running sum of achieved/target densities since the last adaptation.
+    step: steps taken.
+    density: achieved density of the last step (selected / total entries).
+    bytes_sent: bytes this device passed to the collective in the last step (static payloads).
+    total_bytes: cumulative ``bytes_sent``.
+    overflow_steps: steps in which the payload overflowed (the rest stayed in the residual).
+    nonfinite_steps: steps skipped because the incoming gradient held NaN/inf.
+  """
+  residual: Any
+  key: jax.Array
+  stages: jax.Array
+  ratio_sum: jax.Array
+  step: jax.Array
+  density: jax.Array
+  bytes_sent: jax.Array
+  total_bytes: jax.Array
+  overflow_steps: jax.Array
+  nonfinite_steps: jax.Array
+
+
+def _check_common(ratio, capacity_factor):
+  check_range("ratio", ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_range("capacity_factor", capacity_factor, 1.0)
+
+
+def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: bool,
+                axis_name: str | None, seed: int, initial_stages: int) -> optax.GradientTransformation:
+  """Shared machinery: error feedback, payloads, collectives, byte accounting.
+
+  ``select(vec, k, capacity, state) -> (payload, new_stages, ratio_sum)``.
+  """
+
+  def init_fn(params):
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+      raise ValueError("sparsifiers need a non-empty pytree of parameters.")
+    for leaf in leaves:
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise TypeError(f"sparsifiers need floating-point parameters, got dtype {jnp.result_type(leaf)}.")
+    z = jnp.zeros((), jnp.int32)
+    return SparsifierState(jax.tree_util.tree_map(jnp.zeros_like, params), jax.random.PRNGKey(seed),
+                           jnp.asarray(initial_stages, jnp.int32), jnp.zeros((), jnp.float32), z,
+                           jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                           jnp.zeros((), jnp.float32), z, z)
+
+  def compress_vec(vec, state, key):
+    n = vec.shape[0]
+    k = max(1, int(round(n * ratio)))
+    cap = min(n, max(k, int(math.ceil(k * capacity_factor))))
+    payload, stages, ratio_sum = select(vec, k, cap, state._replace(key=key))
+    return payload, stages, ratio_sum
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree_util.tree_leaves(updates)
+    if not leaves:
+      raise ValueError("sparsifiers got an empty pytree of gradients.")
+    for leaf in leaves:
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise TypeError(f"sparsifiers need floating-point gradients, got dtype {jnp.result_type(leaf)}.")
+    if axis_name is not None:
+      try:
+        n_dev = jax.lax.psum(1, axis_name)
+      except NameError as e:
+        raise NameError(f"axis_name {axis_name!r} is not bound: call the update inside pmap/shard_map "
+                        f"over that axis, or pass axis_name=None for one device.") from e
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves]))
+    acc = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype) + r, updates, state.residual)
+    key, sub = jax.random.split(state.key)
+    if per_tensor:
+      groups = jax.tree_util.tree_leaves(acc)
+      treedef = jax.tree_util.tree_structure(acc)
+      vecs = [g.reshape(-1) for g in groups]
+    else:
+      flat, unravel = ravel_pytree(acc)
+      vecs = [flat]
+    outs, residuals, nsel, nbytes, overflow = [], [], 0, 0, False
+    stages, ratio_sum = state.stages, state.ratio_sum
+    for i, vec in enumerate(vecs):
+      payload, st, rs = compress_vec(vec, state._replace(stages=state.stages, ratio_sum=state.ratio_sum),
+                                     jax.random.fold_in(sub, i))
+      if i == 0:
+        stages, ratio_sum = st, rs
+      count = jnp.where(finite, payload.count, 0)
+      payload = payload._replace(count=count)
+      sent = decompress(payload, vec.shape[0], vec.dtype)
+      residuals.append(vec - sent)                     # exact: sent entries equal vec there
+      if axis_name is not None:
+        gathered = jax.lax.all_gather(payload, axis_name)
+        valid = jnp.arange(payload.values.shape[0])[None] < gathered.count[:, None]
+        dense = jnp.zeros_like(vec).at[gathered.indices.reshape(-1)].add(
+            jnp.where(valid, gathered.values, 0).reshape(-1))
+        outs.append(dense / n_dev)
+      else:
+        outs.append(sent)
+      nsel = nsel + count
+      nbytes = nbytes + payload_bytes(payload)
+      overflow = overflow | payload.overflow
+    total = sum(v.shape[0] for v in vecs)
+    if per_tensor:
+      new_res = jax.tree_util.tree_unflatten(treedef, [r.reshape(g.shape) for r, g in zip(residuals, groups)])
+      out = jax.tree_util.tree_unflatten(treedef, [o.reshape(g.shape) for o, g in zip(outs, groups)])
+    else:
+      new_res, out = unravel(residuals[0]), unravel(outs[0])
+    new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
+    out = jax.tree_util.tree_map(lambda o: jnp.where(finite, o, jnp.zeros_like(o)), out)
+    out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, updates)
+    nb = jnp.where(finite, jnp.float32(nbytes), 0.0)
+    new_state = SparsifierState(
+        new_res, key, jnp.where(finite, stages, state.stages), jnp.where(finite, ratio_sum, state.ratio_sum),
+        state.step + 1, nsel.astype(jnp.float32) / total, nb, state.total_bytes + nb,
+        state.overflow_steps + (overflow & finite).astype(jnp.int32),
+        state.nonfinite_steps + (~finite).astype(jnp.int32))
+    return out, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False
+         ) -> optax.GradientTransformation:
+  """Exact Top-k sparsification with error feedback (Aji and Heafield, 2017; ``lax.top_k``).
+
+  Example:
+    >>> tx = optax.chain(topk(0.01), optax.sgd(0.1))
+  """
+  _check_common(ratio, 1.0)
+
+  def select(vec, k, cap, state):
+    return topk_payload(vec, k), state.stages, state.ratio_sum
+
+  return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
+                     seed=0, initial_stages=1)
+
+
+def randomk(ratio: float, *, seed: int = 0, axis_name: str | None = None, per_tensor: bool = False
+            ) -> optax.GradientTransformation:
+  """Random-k sparsification with error feedback: ``k`` uniformly random distinct entries per step."""
+  _check_common(ratio, 1.0)
+
+  def select(vec, k, cap, state):
+    idx = jax.random.choice(state.key, vec.shape[0], (k,), replace=False).astype(jnp.int32)
+    return SparsePayload(idx, vec[idx], jnp.asarray(k, jnp.int32), jnp.asarray(False)), state.stages, \
+        state.ratio_sum
+
+  return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
+                     seed=seed, initial_stages=1)
+
+
+def dgc(ratio: float, *, sample_fraction: float = 0.01, capacity_factor: float = 2.0, seed: int = 0,
+        axis_name: str | None = None, per_tensor: bool = False) -> optax.GradientTransformation:
+  """DGC's sampled-threshold sparsification with error feedback (Lin et al., ICLR 2018).
+
+  The threshold is the top-k magnitude of a random sample; if more than the capacity
+  (``capacity_factor`` times k) exceed it, a second top-k over the exceedances keeps exactly k, as DGC's
+  second round does.
+  """
+  _check_common(ratio, capacity_factor)
+  check_range("sample_fraction", sample_fraction, 0.0, 1.0, low_inclusive=False)
+
+  def select(vec, k, cap, state):
+    a = jnp.abs(vec)
+    t = dgc_threshold(state.key, a, ratio, sample_fraction)
+    payload = compact(vec, a >= t, cap)
+
+    def second_round(_):
+      vals, pos = jax.lax.top_k(jnp.where(a >= t, a, -1.0), k)
+      del vals
+      pos = pos.astype(jnp.int32)
+      idx = jnp.zeros((cap,), jnp.int32).at[:k].set(pos)
+      v = jnp.zeros((cap,), vec.dtype).at[:k].set(vec[pos])
+      return SparsePayload(idx, v, jnp.asarray(k, jnp.int32), jnp.asarray(False))
+
+    payload = jax.lax.cond(payload.overflow, second_round, lambda _: payload, None)
+    return payload, state.stages, state.ratio_sum
+
+  return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
+                     axis_name=axis_name, seed=seed, initial_stages=1)
+
+
+def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str = "adaptive",
+          first_ratio: float = 0.25, adapt_every: int = 10, tolerance: float = 0.1,
+          capacity_factor: float = 2.0, axis_name: str | None = None, per_tensor: bool = False
+          ) -> optax.GradientTransformation:
+  """SIDCo threshold sparsification with error feedback (Abdelmoniem et al., MLSys 2021).
+
+  Args:
+    ratio: target density delta in (0, 1) (e.g. 0.001).
+    distribution: ``'exponential'``, ``'gpareto'`` or ``'gamma'`` (see :func:`sidco_threshold`).
+    stages: a fixed number of fitting stages, or ``'adaptive'`` (start at 1, adapt every
+      ``adapt_every`` steps by the mean achieved/target density ratio against ``1 +- tolerance``).
+    first_ratio: density kept by the first stage of a multi-stage fit.
+    adapt_every, tolerance: the adaptation rule.
+    capacity_factor: payload capacity in units of the target count; more selected elements overflow
+      into the residual.
+    axis_name: mapped axis for the collective (None: one device, the update is the local sparse vector).
+    per_tensor: one threshold and payload per leaf (True) or one for the flattened gradient (False).
+
+  Example:
+    >>> tx = optax.chain(sidco(0.001, distribution='gpareto'), optax.adam(1e-3))
+  """
+  _check_common(ratio, capacity_factor)
+  check_choice("distribution", distribution, DISTRIBUTIONS)
+  check_range("first_ratio", first_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_int("adapt_every", adapt_every, 1)
+  check_range("tolerance", tolerance, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  adaptive = stages == "adaptive"
+  if not adaptive:
+    check_int("stages", stages, 1, 64)
+  hi = max_stages(ratio)
+
+  def select(vec, k, cap, state):
+    a = jnp.abs(vec)
+    t = sidco_threshold(a, ratio, distribution, state.stages, first_ratio)
+    payload = compact(vec, a > t, cap)
+    if not adaptive:
+      return payload, state.stages, state.ratio_sum
+    achieved = jnp.sum(a > t).astype(jnp.float32) / (vec.shape[0] * ratio)
+    rsum = state.ratio_sum + achieved
+    due = (state.step + 1) % adapt_every == 0
+    est = rsum / adapt_every
+    st = state.stages - (est > 1 + tolerance).astype(jnp.int32) + (est < 1 - tolerance).astype(jnp.int32)
+    st = jnp.clip(st, 1, hi)
+    return payload, jnp.where(due, st, state.stages), jnp.where(due, 0.0, rsum)
+
+  return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
+                     axis_name=axis_name, seed=0, initial_stages=1 if adaptive else stages)

@@ -1,0 +1,149 @@
+"""Tests of mlsys_jax.comm.sparse: payloads, error feedback, estimators, transforms, collectives."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mlsys_jax._compat import shard_map
+from mlsys_jax.comm import sparse as sp
+
+
+def _heavy(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.laplace(size=n) * rng.lognormal(size=n, sigma=0.5), jnp.float32)
+
+
+@pytest.mark.parametrize("n,cap", [(1000, 50), (5000, 2000), (7, 7)])
+def test_compact_matches_nonzero(n, cap):
+  x = _heavy(n)
+  mask = jnp.abs(x) > 1.0
+  p = jax.jit(sp.compact, static_argnums=2)(x, mask, cap)
+  ref = np.flatnonzero(np.asarray(mask))
+  c = min(len(ref), cap)
+  assert int(p.count) == c and bool(p.overflow) == (len(ref) > cap)
+  np.testing.assert_array_equal(np.asarray(p.indices)[:c], ref[:c])
+  np.testing.assert_array_equal(np.asarray(p.values)[:c], np.asarray(x)[ref[:c]])
+  dense = sp.decompress(p, n)
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(dense)), ref[:c][np.asarray(x)[ref[:c]] != 0])
+
+
+@pytest.mark.parametrize("dist", sp.DISTRIBUTIONS)
+@pytest.mark.parametrize("ratio", [0.1, 0.01, 0.001])
+def test_sidco_estimators_hit_target_density(dist, ratio):
+  a = jnp.abs(_heavy(400_000, seed=1))
+  st = 1 if dist == "gpareto" else 3
+  got = float(jnp.mean(a > sp.sidco_threshold(a, ratio, dist, st))) / ratio
+  assert 0.75 < got < 1.3, got
+
+
+def test_exponential_single_stage_closed_form():
+  a = jnp.abs(_heavy(10_000))
+  t = sp.sidco_threshold(a, 0.01, "exponential", 1)
+  np.testing.assert_allclose(t, float(jnp.mean(a)) * np.log(100.0), rtol=1e-5)
+  # on truly exponential data, one stage is exact
+  e = jnp.asarray(np.random.default_rng(0).exponential(size=500_000), jnp.float32)
+  assert abs(float(jnp.mean(e > sp.sidco_threshold(e, 0.01, "exponential", 1))) / 0.01 - 1) < 0.05
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sp.sidco(0.01), lambda: sp.sidco(0.01, distribution="gpareto", stages=2, per_tensor=True),
+    lambda: sp.sidco(0.01, distribution="gamma", stages=2), lambda: sp.topk(0.01),
+    lambda: sp.dgc(0.01, sample_fraction=0.1), lambda: sp.randomk(0.01)])
+def test_error_feedback_conserves_gradient_mass_exactly(make):
+  tx = make()
+  params = {"a": jnp.zeros((300, 20)), "b": jnp.zeros((500,))}
+  state = tx.init(params)
+  upd = jax.jit(tx.update)
+  total_in = jax.tree_util.tree_map(jnp.zeros_like, params)
+  total_out = jax.tree_util.tree_map(jnp.zeros_like, params)
+  for i in range(5):
+    g = {"a": _heavy(6000, i).reshape(300, 20), "b": _heavy(500, 100 + i)}
+    before = state.residual
+    out, state = upd(g, state)
+    # sent + new residual == gradient + previous residual, exactly
+    for k in g:
+      np.testing.assert_array_equal(np.asarray(out[k] + state.residual[k]), np.asarray(g[k] + before[k]))
+    total_in = jax.tree_util.tree_map(jnp.add, total_in, g)
+    total_out = jax.tree_util.tree_map(jnp.add, total_out, out)
+  assert 0.0 < float(state.density) < 0.05
+  assert float(state.bytes_sent) > 0 and float(state.total_bytes) >= 5 * float(state.bytes_sent) * 0.5
+
+
+def test_overflow_keeps_mass_in_residual():
+  tx = sp.sidco(0.001, stages=1, capacity_factor=1.0)   # exponential 1-stage overshoots on heavy tails
+  g = {"w": _heavy(50_000, 3)}
+  out, st = tx.update(g, tx.init(g))
+  assert int(st.overflow_steps) == 1
+  assert int(jnp.sum(out["w"] != 0)) == 50  # capacity
+  np.testing.assert_array_equal(np.asarray(out["w"] + st.residual["w"]), np.asarray(g["w"]))
+
+
+def test_adaptive_stages_move_toward_target():
+  tx = sp.sidco(0.001, distribution="exponential", adapt_every=2)
+  g = {"w": _heavy(100_000, 4)}
+  st = tx.init(g)
+  upd = jax.jit(tx.update)
+  dens = []
+  for i in range(12):
+    _, st = upd({"w": _heavy(100_000, 10 + i)}, st)
+    dens.append(float(st.density))
+  assert int(st.stages) > 1
+  assert abs(dens[-1] / 0.001 - 1) < abs(dens[0] / 0.001 - 1)
+
+
+def test_nonfinite_gradient_is_skipped_and_counted():
+  tx = sp.topk(0.1)
+  params = {"w": jnp.zeros((100,))}
+  st = tx.init(params)
+  _, st = tx.update({"w": _heavy(100)}, st)
+  res = st.residual["w"]
+  out, st2 = tx.update({"w": _heavy(100).at[3].set(jnp.nan)}, st)
+  assert int(st2.nonfinite_steps) == 1 and float(jnp.abs(out["w"]).sum()) == 0.0
+  np.testing.assert_array_equal(st2.residual["w"], res)
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="ratio"):
+    sp.sidco(0.0)
+  with pytest.raises(ValueError, match="ratio"):
+    sp.topk(1.0)
+  with pytest.raises(ValueError, match="distribution"):
+    sp.sidco(0.01, distribution="cauchy")
+  with pytest.raises(TypeError, match="floating-point"):
+    sp.topk(0.1).init({"w": jnp.zeros((4,), jnp.int32)})
+  with pytest.raises(ValueError, match="empty"):
+    sp.topk(0.1).init({})
+  tx = sp.topk(0.1, axis_name="batch")
+  with pytest.raises(NameError, match="not bound"):
+    tx.update({"w": jnp.ones((10,))}, tx.init({"w": jnp.ones((10,))}))
+
+
+def test_chain_and_collective_equals_mean_of_local_payloads(devices):
+  mesh = Mesh(np.array(devices), ("d",))
+  n = 4000
+  grads = jnp.stack([_heavy(n, 50 + i) for i in range(8)])
+  tx = sp.sidco(0.01, distribution="gpareto", stages=2, axis_name="d")
+  local_tx = sp.sidco(0.01, distribution="gpareto", stages=2)
+
+  def step(g):
+    g = {"w": g[0]}
+    out, st = tx.update(g, tx.init(g))
+    return out["w"][None], st.bytes_sent[None]
+
+  f = shard_map(step, mesh=mesh, in_specs=(P("d"),), out_specs=(P("d"), P("d")), check_vma=False)
+  outs, nbytes = jax.jit(f)(grads)
+  local = jnp.stack([local_tx.update({"w": g}, local_tx.init({"w": g}))[0]["w"] for g in grads])
+  np.testing.assert_allclose(outs[0], local.mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(outs, jnp.broadcast_to(outs[0], outs.shape))   # every device agrees
+  assert float(nbytes[0]) == 2 * 80 * 4 + 4  # capacity 2*k = 80 int32 indices + 80 float32 values
+  # and it composes with optax
+  opt = optax.chain(sp.topk(0.05), optax.adam(1e-2))
+  p = {"w": jnp.ones((50,))}
+  s = opt.init(p)
+  u, s = jax.jit(opt.update)({"w": _heavy(50)}, s, p)
+  assert u["w"].shape == (50,)
