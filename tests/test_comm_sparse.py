@@ -147,3 +147,11 @@ def test_chain_and_collective_equals_mean_of_local_payloads(devices):
   s = opt.init(p)
   u, s = jax.jit(opt.update)({"w": _heavy(50)}, s, p)
   assert u["w"].shape == (50,)
+
+
+def test_gamma_quantile_matches_scipy():
+  special = pytest.importorskip("scipy.special")
+  for a in (0.2, 0.7, 1.0, 3.0):
+    for d in (0.25, 0.01, 0.001):
+      got = float(sp._gamma_upper_quantile(jnp.float32(a), d))
+      np.testing.assert_allclose(got, special.gammainccinv(a, d), rtol=1e-4)
