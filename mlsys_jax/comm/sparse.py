@@ -83,17 +83,18 @@ def payload_bytes(p: SparsePayload) -> int:
   return int(p.indices.size * p.indices.dtype.itemsize + p.values.size * p.values.dtype.itemsize + 4)
 
 
-_BLOCK = 32
+_BLOCK = 64
+_SEARCH_METHOD = "scan_unrolled"   # jnp.searchsorted method for the slot -> block search
 
 
 def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
   """Pack the elements of a 1-D ``x`` where ``mask`` is true into a :class:`SparsePayload`.
 
   The first ``capacity`` selected elements in index order are kept (``overflow`` if there were more).
-  No sort and no scatter over all n elements: the mask is counted in blocks of 32, an inclusive prefix
+  No sort and no scatter over all n elements: the mask is counted in blocks of 64, an inclusive prefix
   sum over the block counts is searched for every output slot ``j`` (the block holding the ``j``-th
   selected element), and only those blocks are read again to find the element's position inside its
-  block. The work beyond one pass over the mask is O(n / 32 + capacity * 32).
+  block. The work beyond one pass over the mask is O(n / 64 + capacity * 64).
   """
   n = x.shape[0]
   nb = -(-n // _BLOCK)
@@ -103,9 +104,9 @@ def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
   incl = jnp.cumsum(counts)
   total = incl[-1]
   j = jnp.arange(capacity, dtype=jnp.int32)
-  blk = jnp.minimum(jnp.searchsorted(incl, j, side="right"), nb - 1).astype(jnp.int32)
+  blk = jnp.minimum(jnp.searchsorted(incl, j, side="right", method=_SEARCH_METHOD), nb - 1).astype(jnp.int32)
   rank = j - (incl[blk] - counts[blk])                      # rank of slot j inside its block
-  sel = mb[blk]                                             # (capacity, 32)
+  sel = mb[blk]                                             # (capacity, 64)
   within = jnp.cumsum(sel, axis=1, dtype=jnp.int32) - 1
   pos = jnp.argmax(sel & (within == rank[:, None]), axis=1).astype(jnp.int32)
   valid = j < total
@@ -138,13 +139,13 @@ def max_stages(ratio: float) -> int:
 
 
 def _masked_moments(a, mask):
-  cnt = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+  """Minimum, mean and variance of ``a - min`` over ``mask`` in one fused pass (sums, not two passes)."""
+  cnt = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
   mn = jnp.min(jnp.where(mask, a, jnp.inf))
   mn = jnp.where(jnp.isfinite(mn), mn, 0.0)
-  y = jnp.where(mask, a - mn, 0.0)
-  mean = jnp.sum(y) / cnt
-  var = jnp.maximum(jnp.sum(y * y) / cnt - mean * mean, 1e-30)
-  return mn, mean, var
+  m1 = jnp.sum(jnp.where(mask, a, 0.0)) / cnt
+  m2 = jnp.sum(jnp.where(mask, a * a, 0.0)) / cnt
+  return mn, m1 - mn, jnp.maximum(m2 - m1 * m1, 1e-30)
 
 
 def _gamma_upper_quantile(shape, delta, grid: int = 256):
@@ -195,11 +196,11 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
   check_choice("distribution", distribution, DISTRIBUTIONS)
   stages = jnp.asarray(stages, jnp.int32)
   multi = (stages > 1) & (ratio < first_ratio)
-  everything = jnp.ones(abs_x.shape, bool)
-  mn, mean, var = _masked_moments(abs_x, everything)
-  mn = jnp.zeros_like(mn)  # the first stage fits |g| itself (its support starts at 0)
-  mean = jnp.mean(abs_x)
-  var = jnp.maximum(jnp.var(abs_x), 1e-30)
+  # The first stage fits |g| itself (support from 0): mean and variance from one fused pass of sums.
+  n = abs_x.shape[0]
+  mean = jnp.sum(abs_x) / n
+  var = jnp.maximum(jnp.sum(abs_x * abs_x) / n - mean * mean, 1e-30)
+  mn = jnp.zeros_like(mean)
   t0 = _stage_threshold(distribution, mn, mean, var, jnp.where(multi, first_ratio, ratio), True)
   loops = jnp.where(multi, stages - 1, 0)
   i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / jnp.maximum(stages - 1, 1)), 1.0)
