@@ -52,11 +52,7 @@ def _schemes(v: int):
 
 
 def _load():
-  if _DATASET.value == "cifar10":
-    if not _DATA_DIR.value:
-      raise app.UsageError("--dataset=cifar10 needs --data_dir with the CIFAR-10 binary batches.")
-    return data.load_cifar10(_DATA_DIR.value)
-  return data.load_digits(seed=0) if _DATASET.value == "digits" else data.load_mnist1d(seed=0)
+  return data.load_dataset(_DATASET.value, seed=0, data_dir=_DATA_DIR.value or None)
 
 
 def _model(ds, **hooks):

@@ -77,3 +77,11 @@ def test_synthetic_and_batches():
     next(data.batches(ds.x_train, ds.y_train[:-1], 10))
   with pytest.raises(ValueError, match="noise"):
     data.synthetic_classification(noise=-1.0)
+
+
+def test_load_dataset_by_name(tmp_path):
+  assert data.load_dataset("digits").name == "digits"
+  with pytest.raises(ValueError, match="needs data_dir"):
+    data.load_dataset("cifar10")
+  with pytest.raises(ValueError, match="unknown dataset"):
+    data.load_dataset("imagenet")

@@ -12,9 +12,11 @@ Nothing here downloads anything at run time:
 from mlsys_jax.data.loaders import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    DATASETS,
     Dataset,
     batches,
     load_cifar10,
+    load_dataset,
     load_digits,
     load_mnist1d,
     read_cifar10_batch,
@@ -24,9 +26,11 @@ from mlsys_jax.data.loaders import (
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "DATASETS",
     "Dataset",
     "batches",
     "load_cifar10",
+    "load_dataset",
     "load_digits",
     "load_mnist1d",
     "read_cifar10_batch",

@@ -210,3 +210,21 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
   for i in range(0, stop, batch_size):
     idx = perm[i:i + batch_size]
     yield x[idx], y[idx]
+
+
+DATASETS = ("digits", "mnist1d", "cifar10")
+
+
+def load_dataset(name: str, seed: int = 0, data_dir: str | os.PathLike | None = None) -> Dataset:
+  """Load a data set by name (what experiments' ``--dataset``/``--data_dir`` flags pass).
+
+  ``'digits'`` and ``'mnist1d'`` need no files; ``'cifar10'`` needs ``data_dir`` with the binary batches.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}.")
+  if name == "cifar10":
+    if not data_dir:
+      raise ValueError("dataset 'cifar10' needs data_dir: the folder with the CIFAR-10 binary batches "
+                       "(data_batch_1.bin .. data_batch_5.bin, test_batch.bin).")
+    return load_cifar10(data_dir)
+  return load_digits(seed=seed) if name == "digits" else load_mnist1d(seed=seed)
