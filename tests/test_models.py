@@ -75,6 +75,10 @@ def test_loss_extra_and_errors():
   extra = lambda p, xb, yb, key: 0.1 * sum(jnp.sum(w ** 2) for w in jax.tree_util.tree_leaves(p))
   _, hist = models.train_classifier(m, ds, optax.sgd(0.1), epochs=1, batch_size=16, loss_extra=extra)
   assert np.isfinite(hist["loss"][0])
+  tx = optax.sgd(0.1)
+  st = models.create_train_state(m, jax.random.PRNGKey(0), ds.x_train[:4], tx)
+  st2, metrics = models.make_train_step(m, tx)(st, ds.x_train[:16], ds.y_train[:16], jax.random.PRNGKey(1))
+  assert int(st2.step) == 1 and set(metrics) == {"loss", "extra", "accuracy"}
   with pytest.raises(ValueError, match="logits"):
     models.cross_entropy(jnp.ones((3,)), jnp.ones((3,), jnp.int32))
   with pytest.raises(ValueError, match="epochs"):

@@ -11,6 +11,7 @@ from mlsys_jax.models.training import (
     create_train_state,
     cross_entropy,
     evaluate,
+    make_train_step,
     predict,
     train_classifier,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "create_train_state",
     "cross_entropy",
     "evaluate",
+    "make_train_step",
     "predict",
     "train_classifier",
 ]
