@@ -265,10 +265,13 @@ def _check_common(ratio, capacity_factor):
 
 
 def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: bool,
-                axis_name: str | None, seed: int, initial_stages: int) -> optax.GradientTransformation:
-  """Shared machinery: error feedback, payloads, collectives, byte accounting.
+                axis_name: str | None, seed: int, initial_stages: int,
+                adapt: tuple[int, int, float] | None = None) -> optax.GradientTransformation:
+  """Shared machinery: error feedback, payloads, collectives, byte accounting, stage adaptation.
 
-  ``select(vec, k, capacity, state) -> (payload, new_stages, ratio_sum)``.
+  ``select(vec, k, capacity, key, stages) -> (payload, n_above)`` where ``n_above`` counts the entries the
+  threshold selected before the capacity cut. ``adapt = (max_stages, every, tolerance)`` turns on SIDCo's
+  stage adaptation from the achieved density of the whole update (all leaves together).
   """
 
   def init_fn(params):
@@ -279,17 +282,9 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
         raise TypeError(f"sparsifiers need floating-point parameters, got dtype {jnp.result_type(leaf)}.")
     z = jnp.zeros((), jnp.int32)
+    f = jnp.zeros((), jnp.float32)
     return SparsifierState(jax.tree_util.tree_map(jnp.zeros_like, params), jax.random.PRNGKey(seed),
-                           jnp.asarray(initial_stages, jnp.int32), jnp.zeros((), jnp.float32), z,
-                           jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                           jnp.zeros((), jnp.float32), z, z)
-
-  def compress_vec(vec, state, key):
-    n = vec.shape[0]
-    k = max(1, int(round(n * ratio)))
-    cap = min(n, max(k, int(math.ceil(k * capacity_factor))))
-    payload, stages, ratio_sum = select(vec, k, cap, state._replace(key=key))
-    return payload, stages, ratio_sum
+                           jnp.asarray(initial_stages, jnp.int32), f, z, f, f, f, z, z)
 
   def update_fn(updates, state, params=None):
     del params
@@ -309,32 +304,30 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     acc = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype) + r, updates, state.residual)
     key, sub = jax.random.split(state.key)
     if per_tensor:
-      groups = jax.tree_util.tree_leaves(acc)
-      treedef = jax.tree_util.tree_structure(acc)
+      groups, treedef = jax.tree_util.tree_flatten(acc)
       vecs = [g.reshape(-1) for g in groups]
     else:
       flat, unravel = ravel_pytree(acc)
       vecs = [flat]
-    outs, residuals, nsel, nbytes, overflow = [], [], 0, 0, False
-    stages, ratio_sum = state.stages, state.ratio_sum
+    outs, residuals, nsel, n_above, nbytes, overflow = [], [], 0, 0, 0, False
     for i, vec in enumerate(vecs):
-      payload, st, rs = compress_vec(vec, state._replace(stages=state.stages, ratio_sum=state.ratio_sum),
-                                     jax.random.fold_in(sub, i))
-      if i == 0:
-        stages, ratio_sum = st, rs
-      count = jnp.where(finite, payload.count, 0)
-      payload = payload._replace(count=count)
-      sent = decompress(payload, vec.shape[0], vec.dtype)
+      n = vec.shape[0]
+      k = max(1, int(round(n * ratio)))
+      cap = min(n, max(k, int(math.ceil(k * capacity_factor))))
+      payload, above = select(vec, k, cap, jax.random.fold_in(sub, i), state.stages)
+      payload = payload._replace(count=jnp.where(finite, payload.count, 0))
+      sent = decompress(payload, n, vec.dtype)
       residuals.append(vec - sent)                     # exact: sent entries equal vec there
       if axis_name is not None:
         gathered = jax.lax.all_gather(payload, axis_name)
-        valid = jnp.arange(payload.values.shape[0])[None] < gathered.count[:, None]
+        valid = jnp.arange(cap)[None] < gathered.count[:, None]
         dense = jnp.zeros_like(vec).at[gathered.indices.reshape(-1)].add(
             jnp.where(valid, gathered.values, 0).reshape(-1))
         outs.append(dense / n_dev)
       else:
         outs.append(sent)
-      nsel = nsel + count
+      nsel = nsel + payload.count
+      n_above = n_above + above
       nbytes = nbytes + payload_bytes(payload)
       overflow = overflow | payload.overflow
     total = sum(v.shape[0] for v in vecs)
@@ -344,13 +337,20 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     else:
       new_res, out = unravel(residuals[0]), unravel(outs[0])
     new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
-    out = jax.tree_util.tree_map(lambda o: jnp.where(finite, o, jnp.zeros_like(o)), out)
-    out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, updates)
+    out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, updates)
+    stages, ratio_sum = state.stages, state.ratio_sum
+    if adapt is not None:
+      hi, every, tol = adapt
+      rsum = ratio_sum + jnp.asarray(n_above, jnp.float32) / (total * ratio)
+      due = (state.step + 1) % every == 0
+      est = rsum / every
+      moved = jnp.clip(stages - (est > 1 + tol).astype(jnp.int32) + (est < 1 - tol).astype(jnp.int32), 1, hi)
+      stages = jnp.where(finite & due, moved, stages)
+      ratio_sum = jnp.where(finite, jnp.where(due, 0.0, rsum), ratio_sum)
     nb = jnp.where(finite, jnp.float32(nbytes), 0.0)
     new_state = SparsifierState(
-        new_res, key, jnp.where(finite, stages, state.stages), jnp.where(finite, ratio_sum, state.ratio_sum),
-        state.step + 1, nsel.astype(jnp.float32) / total, nb, state.total_bytes + nb,
-        state.overflow_steps + (overflow & finite).astype(jnp.int32),
+        new_res, key, stages, ratio_sum, state.step + 1, nsel.astype(jnp.float32) / total, nb,
+        state.total_bytes + nb, state.overflow_steps + (overflow & finite).astype(jnp.int32),
         state.nonfinite_steps + (~finite).astype(jnp.int32))
     return out, new_state
 
@@ -366,8 +366,8 @@ def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False
   """
   _check_common(ratio, 1.0)
 
-  def select(vec, k, cap, state):
-    return topk_payload(vec, k), state.stages, state.ratio_sum
+  def select(vec, k, cap, key, stages):
+    return topk_payload(vec, k), k
 
   return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
                      seed=0, initial_stages=1)
@@ -378,10 +378,9 @@ def randomk(ratio: float, *, seed: int = 0, axis_name: str | None = None, per_te
   """Random-k sparsification with error feedback: ``k`` uniformly random distinct entries per step."""
   _check_common(ratio, 1.0)
 
-  def select(vec, k, cap, state):
-    idx = jax.random.choice(state.key, vec.shape[0], (k,), replace=False).astype(jnp.int32)
-    return SparsePayload(idx, vec[idx], jnp.asarray(k, jnp.int32), jnp.asarray(False)), state.stages, \
-        state.ratio_sum
+  def select(vec, k, cap, key, stages):
+    idx = jax.random.choice(key, vec.shape[0], (k,), replace=False).astype(jnp.int32)
+    return SparsePayload(idx, vec[idx], jnp.asarray(k, jnp.int32), jnp.asarray(False)), k
 
   return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
                      seed=seed, initial_stages=1)
@@ -398,10 +397,11 @@ def dgc(ratio: float, *, sample_fraction: float = 0.01, capacity_factor: float =
   _check_common(ratio, capacity_factor)
   check_range("sample_fraction", sample_fraction, 0.0, 1.0, low_inclusive=False)
 
-  def select(vec, k, cap, state):
+  def select(vec, k, cap, key, stages):
     a = jnp.abs(vec)
-    t = dgc_threshold(state.key, a, ratio, sample_fraction)
+    t = dgc_threshold(key, a, ratio, sample_fraction)
     payload = compact(vec, a >= t, cap)
+    above = jnp.sum(a >= t)
 
     def second_round(_):
       vals, pos = jax.lax.top_k(jnp.where(a >= t, a, -1.0), k)
@@ -412,7 +412,7 @@ def dgc(ratio: float, *, sample_fraction: float = 0.01, capacity_factor: float =
       return SparsePayload(idx, v, jnp.asarray(k, jnp.int32), jnp.asarray(False))
 
     payload = jax.lax.cond(payload.overflow, second_round, lambda _: payload, None)
-    return payload, state.stages, state.ratio_sum
+    return payload, above
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
                      axis_name=axis_name, seed=seed, initial_stages=1)
@@ -449,19 +449,11 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
     check_int("stages", stages, 1, 64)
   hi = max_stages(ratio)
 
-  def select(vec, k, cap, state):
+  def select(vec, k, cap, key, n_stages):
     a = jnp.abs(vec)
-    t = sidco_threshold(a, ratio, distribution, state.stages, first_ratio)
-    payload = compact(vec, a > t, cap)
-    if not adaptive:
-      return payload, state.stages, state.ratio_sum
-    achieved = jnp.sum(a > t).astype(jnp.float32) / (vec.shape[0] * ratio)
-    rsum = state.ratio_sum + achieved
-    due = (state.step + 1) % adapt_every == 0
-    est = rsum / adapt_every
-    st = state.stages - (est > 1 + tolerance).astype(jnp.int32) + (est < 1 - tolerance).astype(jnp.int32)
-    st = jnp.clip(st, 1, hi)
-    return payload, jnp.where(due, st, state.stages), jnp.where(due, 0.0, rsum)
+    t = sidco_threshold(a, ratio, distribution, n_stages, first_ratio)
+    return compact(vec, a > t, cap), jnp.sum(a > t)
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
-                     axis_name=axis_name, seed=0, initial_stages=1 if adaptive else stages)
+                     axis_name=axis_name, seed=0, initial_stages=1 if adaptive else stages,
+                     adapt=(hi, adapt_every, tolerance) if adaptive else None)
