@@ -31,6 +31,9 @@ _RECORD = flags.DEFINE_integer("record", 40, "Gradients recorded for part (1).")
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps for part (2).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds for part (2).")
 _TRAIN_RATIO = flags.DEFINE_float("train_ratio", 0.01, "Density for part (2).")
+_PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "Part (2): one threshold per tensor instead of one "
+                                "for the flattened gradient.")
+_SKIP_DENSITY = flags.DEFINE_bool("skip_density", False, "Skip part (1).")
 _OUT = flags.DEFINE_string("out_dir", "results/sidco", "Output directory.")
 
 
@@ -132,13 +135,14 @@ def main(argv):
   ds, model = _setup()
   t0 = time.perf_counter()
   print(f"(1) density vs target on {_RECORD.value} recorded gradients ({ds.name} CNN)", flush=True)
-  _, grads = record_gradients(ds, model)
-  quality = density_quality(grads)
+  quality = {} if _SKIP_DENSITY.value else density_quality(record_gradients(ds, model)[1])
   print(f"(2) data-parallel training with 8 simulated workers, {_STEPS.value} steps "
         f"({time.perf_counter() - t0:.0f}s so far)", flush=True)
   r = _TRAIN_RATIO.value
-  comps = {"none": None, f"SIDCo gpareto {r}": sp.sidco(r, distribution="gpareto", axis_name="d"),
-           f"Top-k {r}": sp.topk(r, axis_name="d")}
+  pt = _PER_TENSOR.value
+  comps = {"none": None,
+           f"SIDCo gpareto {r}": sp.sidco(r, distribution="gpareto", axis_name="d", per_tensor=pt),
+           f"Top-k {r}": sp.topk(r, axis_name="d", per_tensor=pt)}
   acc, sent = {}, {}
   for name, c in comps.items():
     for s in range(_SEEDS.value):
@@ -150,7 +154,7 @@ def main(argv):
   cmp = stats.compare(acc[f"SIDCo gpareto {r}"], acc["none"])
   print(f"  SIDCo vs none: {cmp}")
   (out / "results.json").write_text(json.dumps({
-      "dataset": ds.name, "density_quality": quality, "train": {"accuracy": acc, "bytes_per_device": sent,
+      "dataset": ds.name, "per_tensor": _PER_TENSOR.value, "density_quality": quality, "train": {"accuracy": acc, "bytes_per_device": sent,
                                                                "steps": _STEPS.value,
                                                                "workers": 8},
       "sidco_vs_none": cmp._asdict()}, indent=1))

@@ -46,6 +46,13 @@ def test_quantize_matches_numpy_reference(bits, axis):
       assert np.all(np.abs(got - x) <= np.asarray(qt.scale) / 2 + 1e-6)
 
 
+def test_payload_size():
+  qt = quant.quantize(jnp.ones((64, 8)), 4, axis=0)
+  assert qt.nbytes_payload == (64 * 8 * 4 + 32 * 8) / 8      # 4-bit codes + one fp32 scale per channel
+  qa = quant.quantize(jnp.ones((64, 8)), 4, axis=0, symmetric=False)
+  assert qa.nbytes_payload == (64 * 8 * 4 + 2 * 32 * 8) / 8  # + a zero point per channel
+
+
 def test_zero_is_exact_and_constant_tensor():
   x = jnp.array([-0.3, 0.0, 0.7, 1.9])
   assert float(quant.dequantize(quant.quantize(x, 4, symmetric=False))[1]) == 0.0

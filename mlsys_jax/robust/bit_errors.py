@@ -283,10 +283,6 @@ def _straight_through(params, values):
 # Training.
 
 
-class _ClipState(NamedTuple):
-  pass
-
-
 def clip_weights(w_max: float) -> optax.GradientTransformation:
   """Weight clipping as an optax transform: the updated parameters land in ``[-w_max, w_max]``.
 
@@ -299,7 +295,7 @@ def clip_weights(w_max: float) -> optax.GradientTransformation:
 
   def init_fn(params):
     del params
-    return _ClipState()
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
