@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -14,16 +13,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import copy_bandwidth, environment, print_table, write_json  # noqa: E402
+from benchmarks.common import copy_bandwidth, environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.robust import bit_errors as be  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true")
-  args = ap.parse_args()
+  args = parse_args(__doc__)
   env = environment()
   n = 100_000 if args.small else 25_000_000
   bw = copy_bandwidth(1 << 22 if args.small else 1 << 30)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -15,16 +14,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.common import environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.robust import byzshield as bz  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true")
-  args = ap.parse_args()
+  args = parse_args(__doc__)
   env = environment()
   d = 20_000 if args.small else 11_000_000
   a = bz.ramanujan_assignment(5, 5)                    # K = 25 workers, f = 25 files, l = r = 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -12,6 +13,15 @@ import jax
 import jax.numpy as jnp
 
 from mlsys_jax import stats
+
+
+def parse_args(description: str | None = None) -> argparse.Namespace:
+  """The flags every benchmark takes: ``--out`` (JSON directory, default $OUT) and ``--small`` (tiny
+  sizes for a CPU smoke test)."""
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--out", default=None, help="directory for the JSON result (default: $OUT)")
+  ap.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
+  return ap.parse_args()
 
 
 def environment() -> dict:

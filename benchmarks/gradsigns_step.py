@@ -6,26 +6,21 @@ input gradient of 64 target-class inputs) against a plain step, ResNet-20 on CIF
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.common import environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import models, stats  # noqa: E402
 from mlsys_jax.robust import gradsigns as gs  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true")
-  args = ap.parse_args()
+  args = parse_args(__doc__)
   env = environment()
   batch, n_target = (8, 4) if args.small else (128, 64)
   model = models.ResNet20()

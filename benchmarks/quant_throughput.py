@@ -6,7 +6,6 @@ int8 matmul with scales against a bf16 matmul of the same shape.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -15,15 +14,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import copy_bandwidth, environment, print_table, write_json  # noqa: E402
+from benchmarks.common import copy_bandwidth, environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import quant, stats  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
-  args = ap.parse_args()
+  args = parse_args(__doc__)
   env = environment()
   n_rows, n_cols = (256, 256) if args.small else (8192, 4096)       # 32M floats = 128 MB
   mm = (256, 256, 256) if args.small else (8192, 8192, 8192)

@@ -7,8 +7,6 @@ against the memory-bandwidth floor (read the gradient once).
 
 from __future__ import annotations
 
-import argparse
-import math
 import pathlib
 import sys
 
@@ -16,18 +14,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks.common import copy_bandwidth, environment, print_table, write_json  # noqa: E402
+from benchmarks.common import copy_bandwidth, environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true")
-  args = ap.parse_args()
+  args = parse_args(__doc__)
   env = environment()
   sizes = [100_000, 1_000_000] if args.small else [1_000_000, 25_000_000, 100_000_000]
   ratio = 0.001

@@ -107,7 +107,7 @@ def main(argv):
         a = models.evaluate(qmodel, qvars, ds.x_test, ds.y_test)
         acc.setdefault(f"W{wb}A{ab} {name}", []).append(a)
     print(f"[seed {seed + 1}/{_SEEDS.value}] float {acc['float'][-1]:.4f}  "
-          f"W4A8 per-channel {acc[f'W4A8 per-channel'][-1]:.4f}  "
+          f"W4A8 per-channel {acc['W4A8 per-channel'][-1]:.4f}  "
           f"W4A8 per-vector M=6 {acc[f'W4A8 per-vector V={_VECTOR.value} M=6'][-1]:.4f}  "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 

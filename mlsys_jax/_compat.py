@@ -8,7 +8,7 @@ try:  # jax >= 0.6 exposes shard_map at the top level.
   shard_map = jax.shard_map  # type: ignore[attr-defined]
   _SHARD_MAP_NEW = True
 except AttributeError:  # pragma: no cover - older jax
-  from jax.experimental.shard_map import shard_map  # type: ignore[no-redef]
+  from jax.experimental.shard_map import shard_map  # type: ignore[no-redef]  # noqa: F401
   _SHARD_MAP_NEW = False
 
 

@@ -212,10 +212,13 @@ class Timing(NamedTuple):
             f"P(A faster) = {self.p_a_faster:.2f} over {len(self.times_a)} pairs")
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def _timed(fn: Callable[[], Any], inner: int = 1) -> float:
+  """Seconds per call of ``fn`` over ``inner`` calls, blocking on the last result."""
   t0 = time.perf_counter()
+  for _ in range(inner - 1):
+    fn()
   jax.block_until_ready(fn())
-  return time.perf_counter() - t0
+  return (time.perf_counter() - t0) / inner
 
 
 def time_interleaved(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int = 30,
@@ -239,14 +242,7 @@ def time_interleaved(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeat
   check_int("warmup", warmup, 0)
   check_int("inner", inner, 1)
 
-  def run(fn):
-    if inner == 1:
-      return _timed(fn)
-    t0 = time.perf_counter()
-    for _ in range(inner - 1):
-      fn()
-    jax.block_until_ready(fn())
-    return (time.perf_counter() - t0) / inner
+  run = lambda fn: _timed(fn, inner)
 
   for _ in range(warmup):
     run(fn_a)

@@ -1,6 +1,5 @@
 """Tests of mlsys_jax.comm.sparse: payloads, error feedback, estimators, transforms, collectives."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Tests of mlsys_jax.models: shapes, injected primitives, a real training run."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 
-from mlsys_jax import quant
 from mlsys_jax.robust import bit_errors as be
 
 N = 250_000

@@ -1,7 +1,6 @@
 """Demo rows of mlsys_jax.comm.sparse: SIDCo's density on real gradients and exact error feedback."""
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from mlsys_jax import data, models

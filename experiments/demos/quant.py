@@ -2,7 +2,6 @@
 
 import functools
 
-import jax
 import optax
 
 from mlsys_jax import data, models, quant

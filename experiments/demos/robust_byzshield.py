@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mlsys_jax.robust import byzshield as bz
 

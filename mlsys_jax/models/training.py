@@ -7,6 +7,7 @@ plain: a jitted step over ``(params, model_state, opt_state)``, shuffled minibat
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -81,11 +82,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return jax.jit(step) if jit else step
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_eval(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
+  # One compiled function per (model, shapes), shared by every predict/evaluate call.
+  return model.apply(variables, x, train=False)
+
+
 def predict(model: nn.Module, variables: dict, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
   """Logits of ``model`` on ``x`` in evaluation mode, computed in batches."""
   check_int("batch_size", batch_size, 1)
-  apply = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
-  return np.concatenate([np.asarray(apply(variables, x[i:i + batch_size]))
+  return np.concatenate([np.asarray(_apply_eval(model, variables, x[i:i + batch_size]))
                          for i in range(0, len(x), batch_size)])
 
 

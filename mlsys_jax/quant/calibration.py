@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mlsys_jax._checks import check_choice, check_finite, check_int, check_range
 from mlsys_jax.quant.fixed_point import _check_bits, qrange

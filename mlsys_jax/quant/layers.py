@@ -32,9 +32,8 @@ import jax.numpy as jnp
 
 from mlsys_jax._checks import check_choice, check_int
 from mlsys_jax.quant.calibration import CALIBRATION_METHODS, calibrate_amax
-from mlsys_jax.quant.fixed_point import (_check_bits, dequantize, fake_quant, qrange, quantize,
-                                         straight_through)
-from mlsys_jax.quant.vsquant import vs_dequantize, vs_fake_quant, vs_quantize
+from mlsys_jax.quant.fixed_point import (_check_bits, fake_quant, quantize)
+from mlsys_jax.quant.vsquant import _split, vs_fake_quant, vs_quantize
 
 __all__ = [
     "QuantConfig",
@@ -128,7 +127,6 @@ def _int_operand(x, spec: QuantSpec, red_axis: int, amax=None):
   coarse = tuple(range(x.ndim)) if red_axis == x.ndim - 1 else None
   qt = vs_quantize(x, spec.bits, axis=red_axis, vector_size=spec.vector_size,
                    scale_bits=spec.scale_bits, coarse_axes=coarse, coarse_amax=amax)
-  from mlsys_jax.quant.vsquant import _split
   cs, _ = _split(qt.codes, red_axis, spec.vector_size, True)
   return cs, qt.scales()
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlsys_jax._checks import check_choice, check_int, check_range
+from mlsys_jax._checks import check_choice, check_int
 
 __all__ = [
     "Assignment",
@@ -344,22 +344,6 @@ def majority_vote(worker_grads: Any, assignment: Assignment, axis_name: str | No
   winner = jnp.argmax(agree, axis=-1)                     # (f,)
   rows = jnp.arange(winner.shape[0])
   return jax.tree_util.tree_map(lambda c: c[rows, winner], copies)
-
-
-def _flat(tree):
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  n = leaves[0].shape[0]
-  return jnp.concatenate([l.reshape(n, -1) for l in leaves], axis=1), (leaves, treedef)
-
-
-def _unflat(vec, meta):
-  leaves, treedef = meta
-  out, i = [], 0
-  for l in leaves:
-    size = int(np.prod(l.shape[1:]))
-    out.append(vec[i:i + size].reshape(l.shape[1:]))
-    i += size
-  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _sanitize(x):

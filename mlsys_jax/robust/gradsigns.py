@@ -18,7 +18,7 @@ P(Bin(N, 1/2) >= m).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
