@@ -1,0 +1,270 @@
+"""Collect a cost-model dataset: compile many programs under several XLA option sets, time them.
+
+Kaufman et al. (MLSys 2021) train on measured kernel/program runtimes of XLA HLO. This script builds the
+same kind of data for XLA as JAX uses it: programs from :mod:`mlsys_jax.cost.programs` (12 families),
+each compiled under the option variants of :func:`option_variants` (fusion, autotuning, GEMM backend),
+optimized HLO + XLA cost analysis captured, duplicates (same optimized HLO) dropped, and each variant
+timed robustly: warm-up, an inner loop long enough to hide dispatch, variants of one program timed
+interleaved round by round, median over rounds, outlier rounds beyond 5 MADs dropped, and a program
+flagged ``noisy`` when its interquartile range exceeds 10% of the median or its time is within 3x the
+measured dispatch floor.
+
+Phases run against a wall-clock budget so the dataset is written before a device call's limit:
+compile (thread pool) until ``--compile_frac`` of ``--max_seconds``, then time until the end, saving
+partial results every ``--save_every`` seconds.
+
+  python3 experiments/cost_collect.py --small --max_seconds 60          # CPU smoke test
+  python3 experiments/cost_collect.py --max_seconds 480 --out $OUT      # GPU collection
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlsys_jax.cost import dataset as ds  # noqa: E402
+from mlsys_jax.cost import hlo as hlo_lib  # noqa: E402
+from mlsys_jax.cost import programs  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "output directory (default $OUT, else experiments/data)")
+flags.DEFINE_string("name", "cost_dataset", "file name stem of the dataset")
+flags.DEFINE_bool("small", False, "tiny programs for a CPU smoke test")
+flags.DEFINE_float("max_seconds", 480.0, "wall-clock budget of the whole collection")
+flags.DEFINE_float("compile_frac", 0.5, "fraction of the budget spent compiling")
+flags.DEFINE_integer("threads", 0, "compile threads (0: number of CPUs)")
+flags.DEFINE_integer("max_groups", 100000, "stop after this many programs")
+flags.DEFINE_integer("seed", 0, "program sampling seed")
+flags.DEFINE_integer("rounds", 10, "timing rounds per variant (interleaved across variants)")
+flags.DEFINE_float("target_ms", 1.0, "minimum wall time of one timed batch (inner loop)")
+flags.DEFINE_float("save_every", 60.0, "seconds between partial saves")
+flags.DEFINE_list("families", list(programs.FAMILIES), "program families to draw from")
+flags.DEFINE_list("skip_variants", [], "option variants to leave out (e.g. after a backend crash)")
+
+
+def _now():
+  return time.perf_counter()
+
+
+def _time_batch(fn, args, n):
+  t0 = _now()
+  out = None
+  for _ in range(n):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (_now() - t0) / n
+
+
+def measure_peaks(small: bool) -> dict:
+  """Peak matmul rate (bf16 and f32) and copy bandwidth, measured here (MLSys method: measure ceilings)."""
+  out = {}
+  n = 256 if small else 8192
+  for dt in ("bfloat16", "float32"):
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, a))
+    t = min(_time_batch(f, (a, a), 3 if small else 10) for _ in range(3))
+    out[f"matmul_{dt}_flops_per_s"] = 2 * n ** 3 / t
+  m = (1 << 16) if small else (1 << 28)
+  x = jax.random.normal(jax.random.PRNGKey(2), (m,), jnp.float32)
+  g = jax.jit(lambda a: a * 1.0001)
+  jax.block_until_ready(g(x))
+  t = min(_time_batch(g, (x,), 5 if small else 20) for _ in range(3))
+  out["copy_bytes_per_s"] = 8.0 * m / t
+  f1 = jax.jit(lambda a: a + 1)
+  s = jnp.ones((8,))
+  jax.block_until_ready(f1(s))
+  out["dispatch_floor_s"] = float(np.median([_time_batch(f1, (s,), 200) for _ in range(5)]))
+  return out
+
+
+def compile_group(gid: int, spec: programs.ProgramSpec, variants, platform_name: str) -> dict:
+  """Compile one program under every option variant; keep distinct optimized HLO."""
+  rec = {"group": gid, "spec": spec, "variants": [], "errors": []}
+  seen = set()
+  try:
+    lowered = jax.jit(spec.fn).lower(*spec.args)
+  except Exception as e:  # noqa: BLE001 - a program that does not lower is skipped
+    rec["errors"].append(("lower", repr(e)[:300]))
+    return rec
+  for vname, opts in variants:
+    t0 = _now()
+    try:
+      compiled = lowered.compile(compiler_options=opts) if opts else lowered.compile()
+    except Exception as e:  # noqa: BLE001 - unknown option on this backend
+      rec["errors"].append((vname, repr(e)[:300]))
+      continue
+    dt = _now() - t0
+    text = hlo_lib.strip_metadata(compiled.as_text())
+    h = hashlib.sha1(text.encode()).hexdigest()
+    if h in seen:
+      continue
+    seen.add(h)
+    cost = hlo_lib.cost_dict(compiled)
+    rec["variants"].append({"variant": vname, "options": opts, "compiled": compiled, "hlo": text,
+                            "compile_s": dt, "flops": cost.get("flops", 0.0),
+                            "bytes_accessed": cost.get("bytes accessed", 0.0),
+                            "transcendentals": cost.get("transcendentals", 0.0)})
+  return rec
+
+
+def time_group(rec: dict, rounds: int, target_s: float, floor_s: float, deadline: float) -> list[dict]:
+  """Time the variants of one program interleaved; return dataset rows."""
+  spec = rec["spec"]
+  args = programs.make_args(spec, rec["group"])
+  jax.block_until_ready(args)
+  vs = rec["variants"]
+  inner, first = [], []
+  for v in vs:
+    fn = v["compiled"]
+    jax.block_until_ready(fn(*args))  # warm-up (loads the executable)
+    t1 = _time_batch(fn, args, 1)
+    t1 = min(t1, _time_batch(fn, args, 1))
+    first.append(t1)
+    inner.append(int(np.clip(np.ceil(target_s / max(t1, 1e-7)), 1, 1000)))
+  times = [[] for _ in vs]
+  slowest = max(inner_t for inner_t in first)
+  if slowest > 0.02:  # long programs: fewer rounds (their timing noise is relatively small)
+    rounds = max(5, rounds // 2)
+  for _ in range(rounds):
+    if _now() > deadline:
+      break
+    for j, v in enumerate(vs):
+      times[j].append(_time_batch(v["compiled"], args, inner[j]))
+  rows = []
+  for j, v in enumerate(vs):
+    t = np.asarray(times[j])
+    if t.size < 3:
+      continue
+    med = float(np.median(t))
+    mad = float(np.median(np.abs(t - med))) + 1e-12
+    kept = t[np.abs(t - med) <= 5 * 1.4826 * mad]
+    med = float(np.median(kept))
+    q25, q75 = np.percentile(kept, [25, 75])
+    iqr = float(q75 - q25)
+    noisy = bool(iqr > 0.1 * med or med < 3 * floor_s)
+    rows.append({"hlo": v["hlo"], "group": rec["group"], "family": spec.family, "variant": v["variant"],
+                 "config": json.dumps(spec.config, sort_keys=True), "runtime_s": med,
+                 "runtime_iqr_s": iqr, "runtime_min_s": float(kept.min()), "n_inner": inner[j],
+                 "n_rounds": int(t.size), "noisy": noisy, "flops": v["flops"],
+                 "bytes_accessed": v["bytes_accessed"], "transcendentals": v["transcendentals"],
+                 "compile_s": v["compile_s"]})
+  del args
+  return rows
+
+
+def main(argv):
+  del argv
+  t_start = _now()
+  budget = FLAGS.max_seconds
+  out_dir = FLAGS.out or os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "data")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, FLAGS.name + ".npz")
+  dev = jax.devices()[0]
+  plat = dev.platform
+  variants = [v for v in programs.option_variants(plat) if v[0] not in FLAGS.skip_variants]
+  print(f"device {getattr(dev, 'device_kind', plat)} ({plat}), jax {jax.__version__}, "
+        f"{len(variants)} option variants, budget {budget:.0f}s", flush=True)
+  peaks = measure_peaks(FLAGS.small)
+  print("peaks:", {k: f"{v:.3g}" for k, v in peaks.items()}, flush=True)
+  meta = {"device": getattr(dev, "device_kind", plat), "platform": plat, "jax": jax.__version__,
+          "python": platform.python_version(), "date": datetime.datetime.utcnow().isoformat() + "Z",
+          "variants": [[n, o] for n, o in variants], "families": FLAGS.families, "seed": FLAGS.seed,
+          "small": FLAGS.small, "rounds": FLAGS.rounds, "target_ms": FLAGS.target_ms, **peaks}
+
+  # Phase 1: compile in a thread pool until the compile deadline.
+  compile_deadline = t_start + FLAGS.compile_frac * budget
+  threads = FLAGS.threads or (os.cpu_count() or 2)
+  rng = np.random.default_rng(FLAGS.seed)
+  fams = list(FLAGS.families)
+  compiled: list[dict] = []
+  n_err = {}
+  lock = threading.Lock()
+  gid = 0
+  last_print = _now()
+  with cf.ThreadPoolExecutor(threads) as pool:
+    pending = set()
+    while _now() < compile_deadline and gid < FLAGS.max_groups:
+      while len(pending) < 2 * threads and gid < FLAGS.max_groups:
+        fam = fams[gid % len(fams)]
+        spec = programs.sample_program(fam, rng, "cpu" if FLAGS.small else "gpu")
+        pending.add(pool.submit(compile_group, gid, spec, variants, plat))
+        gid += 1
+      done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+      for f in done:
+        rec = f.result()
+        with lock:
+          for v, e in rec["errors"]:
+            n_err[v] = n_err.get(v, 0) + 1
+          if rec["variants"]:
+            compiled.append(rec)
+      if _now() - last_print > 30:
+        last_print = _now()
+        print(f"[{_now() - t_start:6.1f}s] compiled {len(compiled)} programs "
+              f"({sum(len(r['variants']) for r in compiled)} variants), errors {n_err}", flush=True)
+    for f in pending:
+      f.cancel()
+  n_var = sum(len(r["variants"]) for r in compiled)
+  print(f"[{_now() - t_start:6.1f}s] compiled {len(compiled)} programs, {n_var} distinct variants; "
+        f"compile errors by variant: {n_err}", flush=True)
+  if n_err:
+    ex = next((r["errors"][0] for r in compiled if r["errors"]), None)
+    print("  example error:", ex, flush=True)
+
+  # Phase 2: time, interleaving variants of one program; save partial results.
+  order = np.random.default_rng(FLAGS.seed + 1).permutation(len(compiled))
+  rows: list[dict] = []
+  last_save = _now()
+  deadline = t_start + budget
+  n_timed = 0
+  for k, i in enumerate(order):
+    if _now() > deadline - 5:
+      break
+    rec = compiled[i]
+    try:
+      rows.extend(time_group(rec, FLAGS.rounds, FLAGS.target_ms / 1e3, peaks["dispatch_floor_s"],
+                             deadline - 5))
+      n_timed += 1
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory for one program
+      print(f"  group {rec['group']} ({rec['spec'].family}) failed to run: {repr(e)[:200]}", flush=True)
+    compiled[i] = None  # free executables
+    if _now() - last_save > FLAGS.save_every:
+      ds.save_dataset(path, rows, {**meta, "partial": True})
+      last_save = _now()
+      print(f"[{_now() - t_start:6.1f}s] timed {n_timed}/{len(order)} programs, {len(rows)} rows "
+            f"(saved)", flush=True)
+  meta["partial"] = False
+  meta["programs_compiled"] = len(order)
+  meta["programs_timed"] = n_timed
+  meta["compile_errors"] = n_err
+  meta["seconds"] = _now() - t_start
+  ds.save_dataset(path, rows, meta)
+  noisy = sum(r["noisy"] for r in rows)
+  fam_counts = {}
+  for r in rows:
+    fam_counts[r["family"]] = fam_counts.get(r["family"], 0) + 1
+  print(f"[{_now() - t_start:6.1f}s] wrote {path}: {len(rows)} rows from {n_timed} programs, "
+        f"{noisy} noisy; {os.path.getsize(path) / 1e6:.2f} MB", flush=True)
+  print("rows per family:", fam_counts, flush=True)
+  if rows:
+    rt = np.asarray([r["runtime_s"] for r in rows])
+    print(f"runtime median {np.median(rt) * 1e6:.1f} us, range {rt.min() * 1e6:.1f} .. "
+          f"{rt.max() * 1e3:.2f} ms", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
