@@ -1,8 +1,18 @@
 """mlsys_jax.comm: gradient compression for data-parallel training.
 
-- ``sparse``: static-capacity sparse payloads, selection kernels, Top-k, DGC, SIDCo (MLSys 2021).
-- ``lowrank``: PowerSGD (Vogels et al., 2019).
-- ``accordion``: ACCORDION adaptive compression (Agarwal et al., MLSys 2021).
+- ``sparse``: static-capacity sparse payloads, selection kernels, Top-k, DGC, Random-k, SIDCo (MLSys 2021).
+- ``lowrank``: PowerSGD (Vogels et al., NeurIPS 2019): ``powersgd``, ``powersgd_step``,
+  ``orthogonalize``, ``powersgd_bytes``, ``total_bytes``.
+- ``accordion``: ACCORDION adaptive compression (Agarwal et al., MLSys 2021): ``accordion`` (per-layer
+  switching of PowerSGD ranks or Top-k densities), ``critical_regime``, ``accordion_batch_size``,
+  ``accordion_report``.
+
+Every transform takes ``axis_name`` for its collectives (None: one device) and counts the bytes each
+device sends in its state.
+
+Note: ``from mlsys_jax.comm import accordion`` gives the *function* (the public name follows the
+paper); the module is ``mlsys_jax.comm.accordion`` in ``sys.modules`` (``from mlsys_jax.comm.accordion
+import ...`` works as usual).
 """
 
 from mlsys_jax.comm.sparse import *  # noqa: F401,F403

@@ -1,3 +1,392 @@
-"""Placeholder until its issue lands; the owning issue replaces this file (or package)."""
+"""ACCORDION: adaptive gradient compression driven by critical-regime detection, as optax transforms.
 
-__all__: list[str] = []
+Agarwal, Wang, Lee, Venkataraman and Papailiopoulos, "Adaptive Gradient Communication via Critical
+Learning Regime Identification", MLSys 2021 (Algorithm 1; official code uw-mad-dash/Accordion,
+``auto_scale.py`` and ``main.py``). Training has short critical regimes (the start, and after a
+learning-rate decay) in which gradient errors hurt the final accuracy; elsewhere heavy compression is
+harmless. Per layer, ACCORDION accumulates the gradient over a window, and every ``interval`` steps
+compares the norm of that accumulation with the previous window's:
+
+    critical  <=>  |norm_prev - norm_now| / norm_prev >= eta        (eta = 0.5 in the paper's code)
+
+(also critical when norm_prev == 0 and at the first decision, which has no previous window). A
+critical layer uses the *low-compression* level of the underlying compressor until the next decision,
+the others the *high-compression* level. Second rule: when the learning rate decays (``lr_schedule``
+drops), every layer switches to low compression until the next decision. Training starts in the
+critical regime (low compression).
+
+The reference's levels: PowerSGD rank 2 vs rank 1 (ResNet-18) and rank 4 vs rank 1 (VGG-19bn, SENet);
+Top-k keeping 99% vs 10% of each layer; detection every 10 epochs (5 for the LSTM) on the gradient
+accumulated over the epoch that ends there. Here ``interval`` (steps between decisions) and
+``accumulate`` (the last steps of each interval that are accumulated; default the whole interval)
+express this: e.g. ``interval=10 * steps_per_epoch, accumulate=steps_per_epoch`` is the reference.
+
+Static shapes: each compressed layer holds the state of the low-compression level (PowerSGD's warm
+start Q with the larger rank; Top-k's residual), and ``lax.cond`` on the layer's flag runs one of two
+compiled branches, each with its own collective sizes (P/Q of rank r, or a Top-k payload of k
+slots), so ``bytes_sent`` counts what the chosen level sends. The detector's norms are averaged over
+devices (one ``pmean`` of L floats, only at decision steps, counted in ``bytes_sent``) so that every
+device takes the same decision; the reference decides on rank 0's local norms and broadcasts them.
+
+Uncompressed leaves (rank <= 1 or fewer than ``min_size`` entries) are all-reduced dense as in
+PowerSGD; their flag is still reported.
+
+Non-finite gradients: as :func:`mlsys_jax.comm.powersgd`: when any device sees NaN/inf, the step
+sends nothing, returns zeros, leaves residuals/Q/detector accumulation unchanged and increments
+``state.nonfinite_steps``.
+
+Batch-size variant (the paper's Sec. 5): :func:`accordion_batch_size` is a pure state machine from
+the whole-model accumulated gradient norm to a batch size (small in critical regimes, large
+otherwise), for a training loop outside jit.
+
+Example:
+  >>> lr = optax.piecewise_constant_schedule(0.1, {3000: 0.1})
+  >>> tx = optax.chain(accordion('powersgd', low=4, high=1, interval=200, lr_schedule=lr),
+  ...                  optax.sgd(lr, momentum=0.9))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlsys_jax._checks import check_choice, check_int, check_range
+from mlsys_jax.comm import sparse as _sp
+from mlsys_jax.comm.lowrank import (_check_axis, _check_float_tree, _global_finite, _keep_warm,
+                                    matrix_shape, powersgd_layout, powersgd_step)
+
+__all__ = [
+    "AccordionState",
+    "BatchSizeSchedule",
+    "BatchSizeState",
+    "COMPRESSORS",
+    "accordion",
+    "accordion_batch_size",
+    "accordion_report",
+    "critical_regime",
+]
+
+COMPRESSORS = ("powersgd", "topk")
+_DEFAULT_LEVELS = {"powersgd": (2, 1), "topk": (0.99, 0.1)}   # the reference code's pairs
+
+
+def critical_regime(prev_norm: Any, norm: Any, eta: float, has_prev: Any = True) -> jax.Array:
+  """ACCORDION's detector rule, elementwise: ``|prev - now| / prev >= eta``.
+
+  Also True where ``prev_norm == 0`` (the reference gives it a ratio of 9) and where there is no
+  previous window (``has_prev`` False). Works on scalars or arrays of per-layer norms.
+
+  >>> critical_regime(jnp.array([10., 10.]), jnp.array([4., 8.]), 0.5)
+  Array([ True, False], dtype=bool)
+  """
+  prev = jnp.asarray(prev_norm, jnp.float32)
+  now = jnp.asarray(norm, jnp.float32)
+  ratio = jnp.abs(prev - now) / jnp.where(prev == 0, 1.0, prev)
+  return (ratio >= eta) | (prev == 0) | jnp.logical_not(jnp.asarray(has_prev))
+
+
+class AccordionState(NamedTuple):
+  """State of :func:`accordion`.
+
+  Attributes:
+    residual: error-feedback memory per leaf.
+    q: PowerSGD warm starts per leaf, (m, low-compression rank), or (0, 0) (dense leaves, Top-k).
+    accum: gradient accumulated in the current detection window, per leaf.
+    prev_norm: (L,) float32 norms of the previous window's accumulation, per leaf (flatten order).
+    has_prev: bool, whether ``prev_norm`` holds a window yet.
+    critical: (L,) bool, True where the leaf uses the low-compression level now.
+    step: steps taken (int32), skipped ones included.
+    bytes_sent: bytes this device passed to collectives in the last step (float32).
+    total_bytes: cumulative ``bytes_sent``.
+    nonfinite_steps: steps skipped because some device saw NaN/inf.
+    decisions: detector decisions taken so far (int32).
+  """
+  residual: Any
+  q: tuple
+  accum: Any
+  prev_norm: jax.Array
+  has_prev: jax.Array
+  critical: jax.Array
+  step: jax.Array
+  bytes_sent: jax.Array
+  total_bytes: jax.Array
+  nonfinite_steps: jax.Array
+  decisions: jax.Array
+
+
+def _topk_gather_mean(payload: _sp.SparsePayload, size: int, axis_name: str) -> jax.Array:
+  """All-gather static Top-k payloads and average the scattered sum (the same collective as
+  ``comm.sparse``'s transforms, which keep it internal)."""
+  g = jax.lax.all_gather(payload, axis_name)
+  valid = jnp.arange(payload.values.shape[0])[None] < g.count[:, None]
+  dense = jnp.zeros((size,), payload.values.dtype).at[g.indices.reshape(-1)].add(
+      jnp.where(valid, g.values, 0).reshape(-1))
+  return dense / jax.lax.psum(1, axis_name)
+
+
+def _topk_k(density: float, n: int) -> int:
+  return min(n, max(1, int(round(density * n))))
+
+
+def accordion(compressor: str = "powersgd", low: float | None = None, high: float | None = None, *,
+              eta: float = 0.5, interval: int = 100, accumulate: int | None = None,
+              lr_schedule: Callable[[Any], Any] | None = None, min_size: int = 0,
+              clamp_rank: bool = False, seed: int = 0, axis_name: str | None = None
+              ) -> optax.GradientTransformation:
+  """ACCORDION per-layer switching between two compression levels (Agarwal et al., MLSys 2021).
+
+  Args:
+    compressor: ``'powersgd'`` (levels are ranks) or ``'topk'`` (levels are per-layer densities,
+      the fraction of entries kept).
+    low: the low-compression level used in critical regimes (PowerSGD rank, e.g. 2 or 4; Top-k
+      density, e.g. 0.99). Default: the reference code's (2 for PowerSGD, 0.99 for Top-k).
+    high: the high-compression level used otherwise (rank 1; density 0.1 by default). Must compress
+      more than ``low`` (smaller rank / density).
+    eta: detector threshold in (0, 1) on the relative change of the accumulated-gradient norm.
+    interval: steps between detector decisions (>= 1); the reference decides every 10 epochs.
+    accumulate: steps at the end of each interval whose gradients are accumulated for the norm
+      (1..interval, default interval); the reference accumulates the last epoch.
+    lr_schedule: optional optax-style schedule (step -> learning rate). When it drops between step t
+      and t+1, all layers switch to low compression from step t+1 until the next decision.
+    min_size: leaves with fewer entries (and all of rank <= 1) are sent dense.
+    clamp_rank: PowerSGD only: use min(n, m, rank) for small matrices instead of raising.
+    seed: seed of PowerSGD's initial Q (identical on every device).
+    axis_name: mapped axis of the data-parallel workers (pmap/shard_map); None for one device.
+
+  Returns:
+    ``optax.GradientTransformation`` with an :class:`AccordionState`.
+
+  Example:
+    >>> tx = optax.chain(accordion('topk', low=0.1, high=0.01, interval=50), optax.sgd(0.1))
+  """
+  check_choice("compressor", compressor, COMPRESSORS)
+  lo_c, hi_c = _DEFAULT_LEVELS[compressor]
+  lo_c = lo_c if low is None else low
+  hi_c = hi_c if high is None else high
+  if compressor == "powersgd":
+    check_int("low (PowerSGD rank in critical regimes)", lo_c, 1)
+    check_int("high (PowerSGD rank outside critical regimes)", hi_c, 1)
+    if hi_c >= lo_c:
+      raise ValueError(f"accordion: high compression must use a smaller rank than low compression, "
+                       f"got low={lo_c}, high={hi_c} (e.g. low=4, high=1).")
+  else:
+    check_range("low (Top-k density in critical regimes)", lo_c, 0.0, 1.0, low_inclusive=False)
+    check_range("high (Top-k density outside critical regimes)", hi_c, 0.0, 1.0, low_inclusive=False)
+    if hi_c >= lo_c:
+      raise ValueError(f"accordion: high compression must keep a smaller density than low "
+                       f"compression, got low={lo_c}, high={hi_c} (e.g. low=0.1, high=0.01).")
+  check_range("eta", eta, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_int("interval", interval, 1)
+  accumulate = interval if accumulate is None else accumulate
+  check_int("accumulate", accumulate, 1, interval)
+  check_int("min_size", min_size, 0)
+  if lr_schedule is not None and not callable(lr_schedule):
+    raise TypeError(f"lr_schedule must be a callable step -> learning rate (an optax schedule), "
+                    f"got {type(lr_schedule).__name__}.")
+
+  def _layout(params):
+    """Per leaf: (kind, low-level parameter, high-level parameter); kind 'dense' or compressor."""
+    leaves = jax.tree_util.tree_leaves(params)
+    if compressor == "powersgd":
+      lo_r = powersgd_layout(params, lo_c, min_size=min_size, clamp_rank=clamp_rank)
+      hi_r = powersgd_layout(params, hi_c, min_size=min_size, clamp_rank=True)
+      return [("dense", 0, 0) if a == 0 else ("powersgd", a, min(b, a)) for a, b in zip(lo_r, hi_r)]
+    out = []
+    for leaf in leaves:
+      size = int(np.prod(np.shape(leaf)))
+      if np.ndim(leaf) < 2 or size < min_size:
+        out.append(("dense", 0, 0))
+      else:
+        out.append(("topk", _topk_k(lo_c, size), _topk_k(hi_c, size)))
+    return out
+
+  def init_fn(params):
+    _check_float_tree("accordion.init", params)
+    leaves = jax.tree_util.tree_leaves(params)
+    layout = _layout(params)
+    key = jax.random.PRNGKey(seed)
+    qs = []
+    for i, (leaf, (kind, lo, _)) in enumerate(zip(leaves, layout)):
+      dt = jnp.result_type(leaf)
+      if kind == "powersgd":
+        qs.append(jax.random.normal(jax.random.fold_in(key, i), (matrix_shape(leaf.shape)[1], lo), dt))
+      else:
+        qs.append(jnp.zeros((0, 0), dt))
+    n_leaves = len(leaves)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zi, zf = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+    return AccordionState(zeros, tuple(qs), zeros, jnp.zeros((n_leaves,), jnp.float32),
+                          jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi)
+
+  def _compress_leaf(kind, lo, hi, acc, q, critical):
+    """(out, new_residual, new_q, bytes) of one leaf at the level chosen by ``critical``."""
+    item = jnp.dtype(acc.dtype).itemsize
+    if kind == "dense":
+      out = jax.lax.pmean(acc, axis_name) if axis_name is not None else acc
+      return out, jnp.zeros_like(acc), q, jnp.float32(acc.size * item)
+    if kind == "powersgd":
+      mat = acc.reshape(matrix_shape(acc.shape))
+      n, m = mat.shape
+
+      def branch(r):
+        def f(operands):
+          mat, q = operands
+          approx, _, qn = powersgd_step(mat, q[:, :r], axis_name)
+          q_full = q.at[:, :r].set(_keep_warm(qn, q[:, :r]))
+          return approx, q_full, jnp.float32((n + m) * r * item)
+        return f
+
+      approx, q_new, nb = jax.lax.cond(critical, branch(lo), branch(hi), (mat, q))
+      out = approx.reshape(acc.shape)
+      return out, acc - out, q_new, nb
+    vec = acc.reshape(-1)
+    size = vec.shape[0]
+
+    def branch_k(k):
+      def f(vec):
+        payload = _sp.topk_payload(vec, k)
+        sent = _sp.decompress(payload, size, vec.dtype)
+        out = _topk_gather_mean(payload, size, axis_name) if axis_name is not None else sent
+        return out, vec - sent, jnp.float32(_sp.payload_bytes(payload))
+      return f
+
+    out, res, nb = jax.lax.cond(critical, branch_k(lo), branch_k(hi), vec)
+    return out.reshape(acc.shape), res.reshape(acc.shape), q, nb
+
+  def update_fn(updates, state, params=None):
+    del params
+    _check_float_tree("accordion.update", updates)
+    _check_axis(axis_name)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    layout = _layout(updates)
+    res_leaves = treedef.flatten_up_to(state.residual)
+    acc_leaves = treedef.flatten_up_to(state.accum)
+    finite = _global_finite(leaves, axis_name)
+    t = state.step
+    outs, new_res, new_q, new_accum, nbytes = [], [], [], [], jnp.float32(0.0)
+    in_window = (t % interval) >= (interval - accumulate)
+    for i, (g, res, q, acc_w, (kind, lo, hi)) in enumerate(
+        zip(leaves, res_leaves, state.q, acc_leaves, layout)):
+      acc = jnp.where(finite, g.astype(res.dtype) + res, 0)
+      out, r_new, q_new, nb = _compress_leaf(kind, lo, hi, acc, q, state.critical[i])
+      outs.append(jnp.where(finite, out, 0).astype(g.dtype))
+      new_res.append(jnp.where(finite, r_new, res))
+      new_q.append(jnp.where(finite, q_new, q))
+      new_accum.append(jnp.where(finite & in_window, acc_w + jnp.where(finite, g, 0).astype(acc_w.dtype),
+                                 acc_w))
+      nbytes = nbytes + nb
+    nbytes = jnp.where(finite, nbytes, 0.0)
+
+    # Detector: decide at the end of every interval.
+    decide = (t + 1) % interval == 0
+    n_leaves = len(leaves)
+
+    def do_decide(accs):
+      norms = jnp.stack([jnp.linalg.norm(a.astype(jnp.float32)) for a in accs])
+      if axis_name is not None:
+        norms = jax.lax.pmean(norms, axis_name)
+      return norms
+
+    norms = jax.lax.cond(decide, do_decide, lambda accs: state.prev_norm, new_accum)
+    critical = jnp.where(decide, critical_regime(state.prev_norm, norms, eta, state.has_prev),
+                         state.critical)
+    prev_norm = jnp.where(decide, norms, state.prev_norm)
+    has_prev = state.has_prev | decide
+    new_accum = [jnp.where(decide, jnp.zeros_like(a), a) for a in new_accum]
+    if axis_name is not None:
+      nbytes = nbytes + jnp.where(decide, jnp.float32(4 * n_leaves), 0.0)
+    if lr_schedule is not None:
+      decayed = jnp.asarray(lr_schedule(t + 1)) < jnp.asarray(lr_schedule(t))
+      critical = critical | decayed
+    new_state = AccordionState(
+        jax.tree_util.tree_unflatten(treedef, new_res), tuple(new_q),
+        jax.tree_util.tree_unflatten(treedef, new_accum), prev_norm, has_prev, critical, t + 1,
+        nbytes, state.total_bytes + nbytes, state.nonfinite_steps + (~finite).astype(jnp.int32),
+        state.decisions + decide.astype(jnp.int32))
+    return jax.tree_util.tree_unflatten(treedef, outs), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def accordion_report(state: AccordionState, params: Any | None = None) -> dict:
+  """A plain-Python summary of a run: steps, total bytes, decisions, skipped steps and the current
+  per-layer regime (with the leaf paths when ``params`` is given). Accepts a state with a leading
+  worker axis (it reads worker 0)."""
+  def first(x):
+    x = np.asarray(x)
+    return x.reshape(-1)[0] if x.ndim == 0 or x.size == 1 else x
+
+  crit = np.asarray(state.critical)
+  crit = crit.reshape(-1, crit.shape[-1])[0]
+  names = ([jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+           if params is not None else [str(i) for i in range(len(crit))])
+  steps = int(np.asarray(state.step).reshape(-1)[0])
+  tot = float(np.asarray(state.total_bytes).reshape(-1)[0])
+  return {"steps": steps, "total_bytes": tot, "bytes_per_step": tot / max(steps, 1),
+          "decisions": int(np.asarray(state.decisions).reshape(-1)[0]),
+          "nonfinite_steps": int(np.asarray(state.nonfinite_steps).reshape(-1)[0]),
+          "critical": {n: bool(c) for n, c in zip(names, crit)}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batch-size variant.
+
+
+class BatchSizeState(NamedTuple):
+  """State of :func:`accordion_batch_size`: previous window norm, whether one exists, the regime and
+  the batch size to use for the next window."""
+  prev_norm: float
+  has_prev: bool
+  critical: bool
+  batch_size: int
+
+
+class BatchSizeSchedule(NamedTuple):
+  """``init() -> BatchSizeState`` and ``update(state, norm, lr_decayed=False) -> BatchSizeState``."""
+  init: Callable[[], BatchSizeState]
+  update: Callable[..., BatchSizeState]
+
+
+def accordion_batch_size(small: int, large: int, *, eta: float = 0.5) -> BatchSizeSchedule:
+  """ACCORDION's batch-size switching (Agarwal et al., MLSys 2021, Sec. 5) as a pure state machine.
+
+  Call ``update`` once per detection window with the norm of the whole-model gradient accumulated
+  over that window (a float, or a pytree of accumulated gradients whose global norm is taken). A
+  critical window (the detector rule of :func:`critical_regime`; also the first one, and any window
+  in which the learning rate decayed) selects ``small``; otherwise ``large``. Training starts
+  critical (``small``). Scaling the learning rate with the batch size is left to the caller.
+
+  Example:
+    >>> sched = accordion_batch_size(64, 512)
+    >>> st = sched.init()
+    >>> st = sched.update(st, 10.0); st = sched.update(st, 9.0)   # |10 - 9| / 10 < 0.5
+    >>> st.batch_size
+    512
+  """
+  check_int("small", small, 1)
+  check_int("large", large, 1)
+  if large <= small:
+    raise ValueError(f"accordion_batch_size needs large > small, got small={small}, large={large}.")
+  check_range("eta", eta, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+
+  def init() -> BatchSizeState:
+    return BatchSizeState(0.0, False, True, small)
+
+  def update(state: BatchSizeState, norm: Any, lr_decayed: bool = False) -> BatchSizeState:
+    if not isinstance(norm, (int, float, np.floating, np.integer)) and not (
+        hasattr(norm, "shape") and np.ndim(norm) == 0):
+      norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                               for x in jax.tree_util.tree_leaves(norm))))
+    norm = float(norm)
+    if not math.isfinite(norm) or norm < 0:
+      raise ValueError(f"accordion_batch_size: the accumulated gradient norm must be finite and "
+                       f">= 0, got {norm}; skip windows with NaN/inf gradients.")
+    crit = bool(critical_regime(state.prev_norm, norm, eta, state.has_prev)) or bool(lr_decayed)
+    return BatchSizeState(norm, True, crit, small if crit else large)
+
+  return BatchSizeSchedule(init, update)
