@@ -16,6 +16,7 @@ from mlsys_jax.models.ios_nets import (
     RandWire,
     SqueezeNet,
     ios_benchmark_nets,
+    ios_init_params,
     watts_strogatz_dag,
 )
 from mlsys_jax.models.nets import CNN, MLP, ResNet20
@@ -46,5 +47,6 @@ __all__ = [
     "predict",
     "train_classifier",
     "ios_benchmark_nets",
+    "ios_init_params",
     "watts_strogatz_dag",
 ]
