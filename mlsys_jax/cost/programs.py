@@ -50,7 +50,7 @@ _ACTS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "silu": jax
 
 
 def _mlp(rng, big):
-  b = int(_pick(rng, [256, 1024, 4096, 8192] if big else [8, 16, 32]))
+  b = int(_pick(rng, [1024, 4096, 8192, 16384] if big else [8, 16, 32]))
   depth = int(rng.integers(1, 4))
   widths = [int(_pick(rng, [256, 512, 1024, 2048, 4096] if big else [16, 32, 48])) for _ in range(depth + 1)]
   act, dt = _pick(rng, list(_ACTS)), _pick(rng, ["float32", "bfloat16"])
@@ -162,7 +162,7 @@ def _elementwise(rng, big):
 
 
 def _reduction(rng, big):
-  shape = tuple(int(_pick(rng, [64, 256, 1024, 4096] if big else [4, 8, 16])) for _ in range(
+  shape = tuple(int(_pick(rng, [256, 1024, 4096] if big else [4, 8, 16])) for _ in range(
       int(rng.integers(2, 4))))
   axis = int(rng.integers(len(shape)))
   kind = _pick(rng, ["sum", "max", "logsumexp", "var", "argmax", "mean_sq"])
@@ -206,7 +206,7 @@ def _softmax_xent(rng, big):
 def _embedding(rng, big):
   vocab = int(_pick(rng, [8192, 32768, 131072] if big else [32, 100]))
   d = int(_pick(rng, [128, 512, 1024] if big else [8, 16]))
-  b, L = (int(_pick(rng, [32, 128])), int(_pick(rng, [128, 512]))) if big else (4, 8)
+  b, L = (int(_pick(rng, [64, 256])), int(_pick(rng, [256, 1024]))) if big else (4, 8)
   pool = _pick(rng, ["sum", "mean", "none"])
   dt = _pick(rng, ["float32", "bfloat16"])
   cfg = dict(vocab=vocab, dim=d, batch=b, length=L, pool=pool, dtype=dt)
@@ -223,7 +223,7 @@ def _embedding(rng, big):
 
 def _transpose(rng, big):
   rank = int(rng.integers(2, 5))
-  base = [64, 128, 256, 512] if big else [4, 8]
+  base = [128, 256, 512, 1024] if big else [4, 8]
   shape = [int(_pick(rng, base)) for _ in range(rank)]
   while big and int(np.prod(shape)) > (1 << 26):
     shape[int(np.argmax(shape))] //= 2
@@ -288,7 +288,7 @@ def _rnn(rng, big):
 
 def _batched_matmul(rng, big):
   bt = int(_pick(rng, [1, 8, 32, 128] if big else [2, 3]))
-  m, k, n = (int(_pick(rng, [128, 256, 512, 1024, 2048, 4096] if big else [4, 8, 16])) for _ in range(3))
+  m, k, n = (int(_pick(rng, [256, 512, 1024, 2048, 4096] if big else [4, 8, 16])) for _ in range(3))
   while big and bt * (m * k + k * n + m * n) > (1 << 27):
     bt = max(1, bt // 2)
     if bt == 1:
@@ -362,10 +362,8 @@ def option_variants(platform: str) -> list[tuple[str, dict[str, Any]]]:
         ("default", {}),
         ("autotune0", {"xla_gpu_autotune_level": 0}),
         ("no_triton_gemm", {"xla_gpu_enable_triton_gemm": False}),
-        ("no_multi_output_fusion", {"xla_disable_hlo_passes": "multi_output_fusion"}),
         ("no_fusion", {"xla_disable_hlo_passes":
                        "priority-fusion,fusion,multi_output_fusion,horizontal-loop-fusion"}),
-        ("cublaslt", {"xla_gpu_enable_cublaslt": True}),
     ]
   return [
       ("default", {}),
