@@ -193,3 +193,29 @@ def test_sidco_compress_equals_threshold_then_compact(dist, stages):
     assert int(got.count) == int(ref.count)
     if not bool(got.overflow):
       assert int(n_above) == int(jnp.sum(a > t))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_momentum_correction_is_exact_and_masks_sent_entries(per_tensor):
+  m = 0.9
+  tx = sp.sidco(0.02, distribution="gpareto", stages=1, momentum=m, per_tensor=per_tensor)
+  params = {"a": jnp.zeros((40, 25)), "b": jnp.zeros((300,))}
+  st = tx.init(params)
+  upd = jax.jit(tx.update)
+  u_ref = {k: np.zeros(v.shape, np.float32) for k, v in params.items()}
+  for i in range(4):
+    g = {"a": _heavy(1000, 20 + i).reshape(40, 25), "b": _heavy(300, 40 + i)}
+    res_before = st.residual
+    out, st = upd(g, st)
+    for k in g:
+      u = m * u_ref[k] + np.asarray(g[k])                     # DGC velocity before masking
+      # (allclose: XLA may fuse m * u + g + r into FMAs that round differently from numpy)
+      np.testing.assert_allclose(np.asarray(out[k] + st.residual[k]), np.asarray(res_before[k] + u),
+                                 rtol=1e-6, atol=1e-6)
+      sent = np.asarray(out[k]) != 0
+      assert sent.any()
+      np.testing.assert_allclose(np.asarray(st.velocity[k]), np.where(sent, 0.0, u), rtol=1e-6, atol=1e-6)
+      assert np.all(np.asarray(st.velocity[k])[sent] == 0)
+      u_ref[k] = np.asarray(st.velocity[k])
+  with pytest.raises(ValueError, match="momentum"):
+    sp.topk(0.1, momentum=1.0)

@@ -410,6 +410,8 @@ class SparsifierState(NamedTuple):
     total_bytes: cumulative ``bytes_sent``.
     overflow_steps: steps in which the payload overflowed (the rest stayed in the residual).
     nonfinite_steps: steps skipped because the incoming gradient held NaN/inf.
+    velocity: momentum-correction velocity (same structure as the gradients) when the transform was
+      built with ``momentum > 0``, else ``()``.
   """
   residual: Any
   key: jax.Array
@@ -421,6 +423,7 @@ class SparsifierState(NamedTuple):
   total_bytes: jax.Array
   overflow_steps: jax.Array
   nonfinite_steps: jax.Array
+  velocity: Any = ()
 
 
 def _check_common(ratio, capacity_factor):
@@ -430,12 +433,18 @@ def _check_common(ratio, capacity_factor):
 
 def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: bool,
                 axis_name: str | None, seed: int, initial_stages: int,
-                adapt: tuple[int, int, float] | None = None) -> optax.GradientTransformation:
+                adapt: tuple[int, int, float] | None = None, momentum: float = 0.0
+                ) -> optax.GradientTransformation:
   """Shared machinery: error feedback, payloads, collectives, byte accounting, stage adaptation.
 
   ``select(vec, k, capacity, key, stages) -> (payload, n_above)`` where ``n_above`` counts the entries the
   threshold selected before the capacity cut. ``adapt = (max_stages, every, tolerance)`` turns on SIDCo's
   stage adaptation from the achieved density of the whole update (all leaves together).
+
+  ``momentum > 0`` turns on DGC's momentum correction with momentum-factor masking (Lin et al., ICLR 2018,
+  Sec. 3.2): each worker keeps a velocity ``u = momentum * u + g`` and accumulates ``u`` (not ``g``) into the
+  residual; entries that were sent are zeroed in both. The optimizer after it must then be plain SGD
+  (the momentum is already applied). Exact: ``sent + residual == previous residual + u``.
   """
 
   def init_fn(params):
@@ -447,8 +456,9 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
         raise TypeError(f"sparsifiers need floating-point parameters, got dtype {jnp.result_type(leaf)}.")
     z = jnp.zeros((), jnp.int32)
     f = jnp.zeros((), jnp.float32)
-    return SparsifierState(jax.tree_util.tree_map(jnp.zeros_like, params), jax.random.PRNGKey(seed),
-                           jnp.asarray(initial_stages, jnp.int32), f, z, f, f, f, z, z)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return SparsifierState(zeros, jax.random.PRNGKey(seed), jnp.asarray(initial_stages, jnp.int32),
+                           f, z, f, f, f, z, z, zeros if momentum > 0 else ())
 
   def update_fn(updates, state, params=None):
     del params
@@ -465,7 +475,11 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
         raise NameError(f"axis_name {axis_name!r} is not bound: call the update inside pmap/shard_map "
                         f"over that axis, or pass axis_name=None for one device.") from e
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves]))
-    acc = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype) + r, updates, state.residual)
+    if momentum > 0:
+      vel = jax.tree_util.tree_map(lambda g, u: momentum * u + g.astype(u.dtype), updates, state.velocity)
+      acc = jax.tree_util.tree_map(jnp.add, vel, state.residual)
+    else:
+      acc = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype) + r, updates, state.residual)
     key, sub = jax.random.split(state.key)
     if per_tensor:
       groups, treedef = jax.tree_util.tree_flatten(acc)
@@ -473,7 +487,7 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     else:
       flat, unravel = ravel_pytree(acc)
       vecs = [flat]
-    outs, residuals, nsel, n_above, nbytes, overflow = [], [], 0, 0, 0, False
+    outs, residuals, hits, nsel, n_above, nbytes, overflow = [], [], [], 0, 0, 0, False
     for i, vec in enumerate(vecs):
       n = vec.shape[0]
       k = max(1, int(round(n * ratio)))
@@ -482,6 +496,8 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
       payload = payload._replace(count=jnp.where(finite, payload.count, 0))
       sent = decompress(payload, n, vec.dtype)
       residuals.append(vec - sent)                     # exact: sent entries equal vec there
+      if momentum > 0:                                 # momentum-factor masking: entries that were sent
+        hits.append(decompress(payload._replace(values=jnp.ones_like(payload.values)), n, vec.dtype) > 0)
       if axis_name is not None:
         gathered = jax.lax.all_gather(payload, axis_name)
         valid = jnp.arange(cap)[None] < gathered.count[:, None]
@@ -500,6 +516,14 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
       out = jax.tree_util.tree_unflatten(treedef, [o.reshape(g.shape) for o, g in zip(outs, groups)])
     else:
       new_res, out = unravel(residuals[0]), unravel(outs[0])
+    velocity = state.velocity
+    if momentum > 0:
+      if per_tensor:
+        hit_tree = jax.tree_util.tree_unflatten(treedef, [h.reshape(g.shape) for h, g in zip(hits, groups)])
+      else:
+        hit_tree = jax.tree_util.tree_map(lambda h: h > 0, unravel(hits[0].astype(flat.dtype)))
+      velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
+                                        vel, hit_tree, state.velocity)
     new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
     out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, updates)
     stages, ratio_sum = state.stages, state.ratio_sum
@@ -515,26 +539,30 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     new_state = SparsifierState(
         new_res, key, stages, ratio_sum, state.step + 1, nsel.astype(jnp.float32) / total, nb,
         state.total_bytes + nb, state.overflow_steps + (overflow & finite).astype(jnp.int32),
-        state.nonfinite_steps + (~finite).astype(jnp.int32))
+        state.nonfinite_steps + (~finite).astype(jnp.int32), velocity)
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False
+def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False, momentum: float = 0.0
          ) -> optax.GradientTransformation:
   """Exact Top-k sparsification with error feedback (Aji and Heafield, 2017; ``lax.top_k``).
+
+  ``momentum > 0``: DGC's momentum correction (see :func:`sidco`); chain with plain ``optax.sgd``.
 
   Example:
     >>> tx = optax.chain(topk(0.01), optax.sgd(0.1))
   """
   _check_common(ratio, 1.0)
 
+  check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+
   def select(vec, k, cap, key, stages):
     return topk_payload(vec, k), k
 
   return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
-                     seed=0, initial_stages=1)
+                     seed=0, initial_stages=1, momentum=momentum)
 
 
 def randomk(ratio: float, *, seed: int = 0, axis_name: str | None = None, per_tensor: bool = False
@@ -584,8 +612,8 @@ def dgc(ratio: float, *, sample_fraction: float = 0.01, capacity_factor: float =
 
 def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str = "adaptive",
           first_ratio: float = 0.25, adapt_every: int = 10, tolerance: float = 0.1,
-          capacity_factor: float = 2.0, axis_name: str | None = None, per_tensor: bool = False
-          ) -> optax.GradientTransformation:
+          capacity_factor: float = 2.0, axis_name: str | None = None, per_tensor: bool = False,
+          momentum: float = 0.0) -> optax.GradientTransformation:
   """SIDCo threshold sparsification with error feedback (Abdelmoniem et al., MLSys 2021).
 
   Args:
@@ -599,15 +627,20 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       into the residual.
     axis_name: mapped axis for the collective (None: one device, the update is the local sparse vector).
     per_tensor: one threshold and payload per leaf (True) or one for the flattened gradient (False).
+    momentum: DGC's momentum correction with momentum-factor masking (Lin et al., ICLR 2018, Sec. 3.2):
+      the worker's velocity, not the raw gradient, is accumulated and sparsified; chain with plain
+      ``optax.sgd`` (no second momentum). 0 turns it off.
 
   Example:
     >>> tx = optax.chain(sidco(0.001, distribution='gpareto'), optax.adam(1e-3))
+    >>> tx = optax.chain(sidco(0.01, momentum=0.9), optax.sgd(0.05))     # momentum SGD, as in DGC
   """
   _check_common(ratio, capacity_factor)
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_range("first_ratio", first_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   check_int("adapt_every", adapt_every, 1)
   check_range("tolerance", tolerance, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
   adaptive = stages == "adaptive"
   if not adaptive:
     check_int("stages", stages, 1, 64)
@@ -619,4 +652,4 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
                      axis_name=axis_name, seed=0, initial_stages=1 if adaptive else stages,
-                     adapt=(hi, adapt_every, tolerance) if adaptive else None)
+                     adapt=(hi, adapt_every, tolerance) if adaptive else None, momentum=momentum)
