@@ -24,6 +24,12 @@ def test_keygen_shapes_and_determinism():
   assert len(set(np.asarray(a.carriers).tolist())) == 40 and float(jnp.abs(a.projection).max()) <= 1.0
   with pytest.raises(ValueError, match="num_carriers"):
     gs.gradsigns_keygen(jax.random.PRNGKey(0), (4,), 8, 5)
+  with pytest.raises(ValueError, match="num_carriers"):       # empty carrier set
+    gs.gradsigns_keygen(jax.random.PRNGKey(0), (4,), 8, 0)
+  with pytest.raises(ValueError, match="target_class"):
+    gs.gradsigns_keygen(jax.random.PRNGKey(0), (4,), 8, target_class=3, num_classes=3)
+  with pytest.raises(ValueError, match="input_shape"):
+    gs.gradsigns_keygen(jax.random.PRNGKey(0), (4, 0), 8)
 
 
 def test_mean_input_gradient_matches_closed_form():
@@ -41,7 +47,7 @@ def test_whitebox_and_blackbox_agree_and_regularizer_is_bce():
   rng = np.random.default_rng(1)
   w = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(20, 10)), jnp.float32)
-  wm = gs.gradsigns_keygen(jax.random.PRNGKey(2), (10,), 8, 10)
+  wm = gs.gradsigns_keygen(jax.random.PRNGKey(2), (10,), 8, 10, num_classes=4)
   logits = _linear_logits(w)
   wb = gs.extract_whitebox(logits, x, wm)
   bb, q = gs.extract_blackbox(lambda xx: jax.nn.softmax(logits(xx)), x, wm, step=1e-3)
@@ -53,6 +59,47 @@ def test_whitebox_and_blackbox_agree_and_regularizer_is_bce():
   b = wm.signature
   ref = -jnp.mean(b * jnp.log(jax.nn.sigmoid(z)) + (1 - b) * jnp.log(1 - jax.nn.sigmoid(z)))
   np.testing.assert_allclose(gs.gradsigns_regularizer(logits, x, wm), ref, rtol=1e-5)
+
+
+def _hinge_ref(z, b, kappa):
+  z = np.asarray(z, np.float64)
+  s = 2.0 * np.asarray(b) - 1.0
+  return np.mean(np.maximum(0.0, kappa - s * z / np.sqrt(np.mean(z ** 2, axis=-1, keepdims=True))))
+
+
+def test_hinge_regularizer_matches_numpy_and_vanishes_at_the_margin():
+  rng = np.random.default_rng(3)
+  w = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(7, 12)), jnp.float32)
+  wm = gs.gradsigns_keygen(jax.random.PRNGKey(4), (12,), 16, 12, target_class=2, num_classes=5)
+  logits = _linear_logits(w)
+  # float64 reference: per-input gradient of CE w.r.t. x for softmax regression is W (p - e_t)
+  w64, x64 = np.asarray(w, np.float64), np.asarray(x, np.float64)
+  p = np.exp(x64 @ w64)
+  p /= p.sum(1, keepdims=True)
+  g = (p - np.eye(5)[2]) @ w64.T                                     # (7, 12)
+  k = np.asarray(wm.projection, np.float64)
+  zs = g[:, np.asarray(wm.carriers)] @ k.T
+  z = zs.mean(0)
+  b = np.asarray(wm.signature)
+  got = gs.gradsigns_regularizer(logits, x, wm, 2.5, loss="hinge", margin=0.3)
+  np.testing.assert_allclose(got, 2.5 * _hinge_ref(z, b, 0.3), rtol=1e-4, atol=1e-6)
+  got = gs.gradsigns_regularizer(logits, x, wm, 1.0, loss="hinge", margin=0.3, per_example=True)
+  np.testing.assert_allclose(got, _hinge_ref(z, b, 0.3) + _hinge_ref(zs, b, 0.3), rtol=1e-4, atol=1e-6)
+  # a key whose signature is the model's own signs has zero loss at margin 0, and positive if flipped
+  own = wm._replace(signature=jnp.asarray((z >= 0).astype(np.int32)))
+  assert float(gs.gradsigns_regularizer(logits, x, own, loss="hinge", margin=0.0)) == 0.0
+  assert float(gs.gradsigns_regularizer(logits, x, own._replace(signature=1 - own.signature), loss="hinge",
+                                        margin=0.0)) > 0.0
+  # scale-free: f(x) = 10 * logits(x) at x / 10 has the same softmax and 10x the input gradient, so the
+  # hinge is unchanged while the paper's BCE is not
+  scaled = lambda xx: logits(xx) * 10.0
+  for kw, same in ((dict(loss="hinge", margin=0.3), True), (dict(loss="bce"), False)):
+    a = float(gs.gradsigns_regularizer(scaled, x * 0.1, wm, **kw))
+    c = float(gs.gradsigns_regularizer(logits, x, wm, **kw))
+    assert (abs(a - c) <= 1e-4 * abs(c)) == same, (kw, a, c)
+  jitted = jax.jit(lambda xx: gs.gradsigns_regularizer(logits, xx, wm, loss="hinge", margin=0.3))
+  np.testing.assert_allclose(jitted(x), _hinge_ref(z, b, 0.3), rtol=1e-4, atol=1e-6)
 
 
 def test_false_claim_probability_binomial_tail():
@@ -94,3 +141,32 @@ def test_bad_inputs():
     gs.extract_whitebox(lambda x: jnp.zeros((x.shape[0],)), jnp.zeros((2, 8, 8, 1)), wm)
   with pytest.raises(ValueError, match="matches"):
     gs.false_claim_probability(9, 8)
+  with pytest.raises(ValueError, match="num_classes"):              # logits of the wrong class count
+    gs.gradsigns_regularizer(lambda x: jnp.zeros((x.shape[0], 7)), jnp.zeros((2, 8, 8, 1)), wm)
+  with pytest.raises(ValueError, match="num_classes"):
+    gs.extract_blackbox(lambda x: jnp.full((x.shape[0], 7), 1 / 7), jnp.zeros((2, 8, 8, 1)), wm)
+  with pytest.raises(ValueError, match="loss"):
+    gs.gradsigns_regularizer(f, jnp.zeros((2, 8, 8, 1)), wm, loss="l2")
+  with pytest.raises(ValueError, match="margin"):
+    gs.gradsigns_regularizer(f, jnp.zeros((2, 8, 8, 1)), wm, loss="hinge", margin=1.0)
+  with pytest.raises(ValueError, match="per_example"):
+    gs.gradsigns_regularizer(f, jnp.zeros((2, 8, 8, 1)), wm, per_example=True)
+  # keys whose parts do not fit the model input or each other
+  x = jnp.zeros((2, 8, 8, 1))
+  with pytest.raises(ValueError, match="projection"):
+    gs.extract_whitebox(f, x, wm._replace(projection=wm.projection[:, :-1]))
+  with pytest.raises(ValueError, match="carriers must be integer indices"):
+    gs.extract_whitebox(f, x, wm._replace(carriers=wm.carriers.at[0].set(64)))
+  with pytest.raises(ValueError, match="distinct"):
+    gs.extract_whitebox(f, x, wm._replace(carriers=wm.carriers.at[1].set(wm.carriers[0])))
+  with pytest.raises(ValueError, match="carrier set is empty"):
+    gs.extract_whitebox(f, x, wm._replace(carriers=jnp.zeros((0,), jnp.int32),
+                                          projection=jnp.zeros((8, 0))))
+  with pytest.raises(ValueError, match="0/1 bits"):
+    gs.extract_whitebox(f, x, wm._replace(signature=wm.signature.at[0].set(2)))
+  with pytest.raises(ValueError, match="target_class"):
+    gs.extract_whitebox(f, x, wm._replace(target_class=10))
+  with pytest.raises(ValueError, match="signature of shape"):
+    gs.verify(wm.signature[:-1], wm)
+  with pytest.raises(ValueError, match="signature of shape"):
+    gs.signature_ber(jnp.zeros((8, 1), jnp.int32), wm)
