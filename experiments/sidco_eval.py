@@ -4,6 +4,8 @@ workers (8 simulated workers mapped with jax.vmap and an axis name) with compres
 
   python experiments/sidco_eval.py
   python experiments/sidco_eval.py --dataset=digits --steps=400 --seeds=3
+  # momentum SGD (the SIDCo authors' optimizer) with DGC momentum correction in the compressed arms
+  python experiments/sidco_eval.py --skip_density --optimizer=momentum --seeds=8 --out_name=sidco_mnist1d_momentum
 """
 
 from __future__ import annotations
@@ -34,7 +36,17 @@ _TRAIN_RATIO = flags.DEFINE_float("train_ratio", 0.01, "Density for part (2).")
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "Part (2): one threshold per tensor instead of one "
                                 "for the flattened gradient.")
 _SKIP_DENSITY = flags.DEFINE_bool("skip_density", False, "Skip part (1).")
+_OPT = flags.DEFINE_enum("optimizer", "adam", ["adam", "momentum"], "Part (2): Adam (lr 1e-3) on the "
+                         "decompressed gradient, or SGD with momentum 0.9 (lr --lr): uncompressed runs use "
+                         "optax.sgd(lr, momentum), compressed ones DGC's momentum correction inside the "
+                         "sparsifier followed by plain SGD.")
+_LR = flags.DEFINE_float("lr", 0.05, "Learning rate of --optimizer=momentum.")
+_WARMUP = flags.DEFINE_integer("warmup_epochs", 0, "Part (2): DGC-style density warm-up over this many "
+                              "epochs (25% down to --train_ratio); 0: none.")
+_ARMS = flags.DEFINE_list("arms", ["none", "sidco", "topk"], "Part (2) arms.")
+_SEED0 = flags.DEFINE_integer("seed_offset", 0, "First seed of part (2).")
 _OUT = flags.DEFINE_string("out_dir", "results/sidco", "Output directory.")
+_NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
 
 def _setup():
@@ -87,41 +99,68 @@ def density_quality(grads):
   return table
 
 
-def train_parallel(ds, model, compressor, seed, workers: int = 8):
+def warmup_schedule(target: float, epochs: int, steps_per_epoch: int) -> list[tuple[float, int]]:
+  """DGC's warm-up (Lin et al., ICLR 2018, Sec. 3.3): density decays exponentially from 25% to the target
+  over the first ``epochs`` epochs; returns ``[(density, first step), ...]`` ending with the target."""
+  phases = [(0.25 * (target / 0.25) ** (i / epochs), i * steps_per_epoch) for i in range(epochs)]
+  return phases + [(target, epochs * steps_per_epoch)]
+
+
+def train_parallel(ds, model, make_compressor, seed, workers: int = 8):
   """Data-parallel training with ``workers`` simulated workers.
 
   The workers are mapped with ``jax.vmap(..., axis_name='d')``: the transforms' collectives (all-gather of
   payloads, pmean) run over the mapped axis exactly as they do over devices in ``shard_map`` (which the
   unit tests cover), without the thread rendezvous of simulated CPU devices, which can stall on a
-  loaded 2-core machine.
+  loaded 2-core machine. ``make_compressor(density)`` builds the sparsifier (None: uncompressed); with
+  ``--warmup_epochs`` the density follows :func:`warmup_schedule`, switching transforms between phases
+  while the sparsifier state (residual, velocity, stages, byte counters) carries over: the state does
+  not depend on the density, only the static payload capacity of each phase does.
   """
-  tx = optax.adam(1e-3) if compressor is None else optax.chain(compressor, optax.adam(1e-3))
+  b = 32
+  steps_per_epoch = max(1, len(ds.x_train) // (workers * b))
+  r = _TRAIN_RATIO.value
+  phases = ([(r, 0)] if make_compressor is None or _WARMUP.value == 0
+            else warmup_schedule(r, _WARMUP.value, steps_per_epoch))
+  if _OPT.value == "adam":
+    opt = optax.adam(1e-3)
+  else:
+    opt = optax.sgd(_LR.value, momentum=0.9) if make_compressor is None else optax.sgd(_LR.value)
+
+  def make_step(density):
+    compressor = None if make_compressor is None else make_compressor(density)
+    tx = opt if compressor is None else optax.chain(compressor, opt)
+
+    def local_step(params, state, xb, yb):
+      g = jax.grad(lambda p: models.cross_entropy(model.apply({"params": p}, xb), yb))(params)
+      if compressor is None:
+        g = jax.lax.pmean(g, "d")
+      upd, state = tx.update(g, state, params)
+      return optax.apply_updates(params, upd), state
+
+    @jax.jit
+    def step(params, state, xb, yb):
+      new_params, state = jax.vmap(local_step, in_axes=(None, 0, 0, 0), axis_name="d")(params, state, xb, yb)
+      return jax.tree_util.tree_map(lambda x: x[0], new_params), state  # identical on every worker
+
+    return tx, step
+
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
+  tx, step = make_step(phases[0][0])
   # Every worker keeps its own optimizer state (and error-feedback residual).
   state = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (workers,) + x.shape), tx.init(params))
-
-  def local_step(params, state, xb, yb):
-    g = jax.grad(lambda p: models.cross_entropy(model.apply({"params": p}, xb), yb))(params)
-    if compressor is None:
-      g = jax.lax.pmean(g, "d")
-    upd, state = tx.update(g, state, params)
-    return optax.apply_updates(params, upd), state
-
-  @jax.jit
-  def step(params, state, xb, yb):
-    new_params, state = jax.vmap(local_step, in_axes=(None, 0, 0, 0), axis_name="d")(params, state, xb, yb)
-    return jax.tree_util.tree_map(lambda x: x[0], new_params), state  # identical on every worker
-
+  starts = {s: d for d, s in phases}
   rng = np.random.default_rng(seed)
-  b = 32
-  for _ in range(_STEPS.value):
+  for i in range(_STEPS.value):
+    if i in starts and i > 0:
+      _, step = make_step(starts[i])
     idx = rng.choice(len(ds.x_train), workers * b, replace=False)
     xb = ds.x_train[idx].reshape(workers, b, *ds.x_train.shape[1:])
     yb = ds.y_train[idx].reshape(workers, b)
     params, state = step(params, state, xb, yb)
   acc = models.evaluate(model, {"params": params}, ds.x_test, ds.y_test)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  if compressor is None:
+  if make_compressor is None:
     sent = 4.0 * n_params * _STEPS.value          # the uncompressed all-reduce input of one worker
   else:
     sent = float(state[0].total_bytes[0])
@@ -140,25 +179,43 @@ def main(argv):
         f"({time.perf_counter() - t0:.0f}s so far)", flush=True)
   r = _TRAIN_RATIO.value
   pt = _PER_TENSOR.value
-  comps = {"none": None,
-           f"SIDCo gpareto {r}": sp.sidco(r, distribution="gpareto", axis_name="d", per_tensor=pt),
-           f"Top-k {r}": sp.topk(r, axis_name="d", per_tensor=pt)}
+  mom = 0.9 if _OPT.value == "momentum" else 0.0
+  all_comps = {"none": ("none", None),
+               "sidco": (f"SIDCo gpareto {r}", lambda d: sp.sidco(d, distribution="gpareto", axis_name="d",
+                                                                  per_tensor=pt, momentum=mom)),
+               "topk": (f"Top-k {r}", lambda d: sp.topk(d, axis_name="d", per_tensor=pt, momentum=mom))}
+  comps = dict(all_comps[a] for a in _ARMS.value)
   acc, sent = {}, {}
+  seeds = list(range(_SEED0.value, _SEED0.value + _SEEDS.value))
   for name, c in comps.items():
-    for s in range(_SEEDS.value):
+    for s in seeds:
       a, b = train_parallel(ds, model, c, s)
       acc.setdefault(name, []).append(a)
       sent.setdefault(name, []).append(b)
     print(f"  {name:22s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  "
           f"MB sent per device {np.mean(sent[name]) / 1e6:.2f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
-  cmp = stats.compare(acc[f"SIDCo gpareto {r}"], acc["none"])
-  print(f"  SIDCo vs none: {cmp}")
-  (out / "results.json").write_text(json.dumps({
-      "dataset": ds.name, "per_tensor": _PER_TENSOR.value, "density_quality": quality, "train": {"accuracy": acc, "bytes_per_device": sent,
-                                                               "steps": _STEPS.value,
-                                                               "workers": 8},
-      "sidco_vs_none": cmp._asdict()}, indent=1))
-  print(f"wrote {out / 'results.json'}")
+  comparisons = {}
+  names = list(comps)
+  for i, a_name in enumerate(names):
+    for b_name in names[i + 1:]:
+      diff = np.asarray(acc[a_name]) - np.asarray(acc[b_name])      # paired: same seeds
+      boot = np.random.default_rng(0).choice(diff, (2000, len(diff))).mean(1)
+      c = stats.compare(acc[a_name], acc[b_name])
+      comparisons[f"{a_name} vs {b_name}"] = {
+          **c._asdict(), "mean_diff": float(diff.mean()),
+          "mean_diff_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]}
+      print(f"  {a_name} vs {b_name}: mean difference {diff.mean() * 100:+.2f} pt "
+            f"[{np.quantile(boot, 0.025) * 100:+.2f}, {np.quantile(boot, 0.975) * 100:+.2f}] (paired bootstrap); "
+            f"{c}")
+  path = out / f"{_NAME.value}.json"
+  path.write_text(json.dumps({
+      "dataset": ds.name, "per_tensor": _PER_TENSOR.value, "optimizer": _OPT.value,
+      "warmup_epochs": _WARMUP.value,
+      "lr": _LR.value if _OPT.value == "momentum" else 1e-3, "density_quality": quality,
+      "train": {"accuracy": acc, "bytes_per_device": sent, "steps": _STEPS.value, "workers": 8,
+                "seeds": seeds},
+      "comparisons": comparisons}, indent=1))
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

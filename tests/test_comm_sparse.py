@@ -160,7 +160,9 @@ def test_gamma_quantile_matches_scipy():
 
 @pytest.mark.parametrize("n,cap,thr", [(5003, 2000, 1.0), (64 * 40, 10, 0.3), (130, 20, -1.0),
                                        (20_000, 30, 2.5)])
-def test_compact_above_matches_compact(n, cap, thr):
+@pytest.mark.parametrize("method", ["scatter", "search"])
+def test_compact_above_matches_compact(n, cap, thr, method, monkeypatch):
+  monkeypatch.setattr(sp, "_PACK_METHOD", method)
   x = _heavy(n, seed=n)
   mask = jnp.abs(x) > thr
   ref = jax.jit(sp.compact, static_argnums=2)(x, mask, cap)

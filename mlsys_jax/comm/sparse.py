@@ -137,6 +137,36 @@ def _block_stats(a: jax.Array):
                         lambda u, v: (u[0] + v[0], u[1] + v[1], jnp.maximum(u[2], v[2])), (1,))
 
 
+_PACK_METHOD = "scatter"   # "scatter" (unique-index scatters) or "search" (per-slot binary search)
+
+
+def _pack_scatter(x, threshold, capacity, flags, incl, n_cand, cap_b):
+  """compact_above's packing by scatters to unique destinations: flagged block b goes to candidate slot
+  ``incl[b] - 1``, selected entry e of candidate row r to payload slot ``row_offset[r] + rank(e)``;
+  everything else is sent out of bounds and dropped. No search, no sort; deterministic."""
+  n = x.shape[0]
+  nb = flags.shape[0]
+  dst = jnp.where(flags, incl - 1, cap_b)
+  cand = jnp.zeros((cap_b,), jnp.int32).at[dst].set(
+      jnp.arange(nb, dtype=jnp.int32), mode="drop", unique_indices=True)
+  j = jnp.arange(cap_b, dtype=jnp.int32)
+  pos = cand[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)[None]           # (cap_b, 64)
+  rows = jnp.take(x, pos.reshape(-1), mode="fill", fill_value=0).reshape(cap_b, _BLOCK)
+  mask = (jnp.abs(rows).astype(jnp.float32) > threshold) & (pos < n) & (j < n_cand)[:, None]
+  rank = jnp.cumsum(mask, axis=1, dtype=jnp.int32)
+  row_cnt = rank[:, -1]
+  row_end = jnp.cumsum(row_cnt)
+  total = row_end[-1]
+  slot = jnp.where(mask, (row_end - row_cnt)[:, None] + rank - 1, capacity)
+  slot = jnp.where(slot < capacity, slot, capacity).reshape(-1)
+  idx = jnp.zeros((capacity,), jnp.int32).at[slot].set(pos.reshape(-1), mode="drop", unique_indices=True)
+  vals = jnp.zeros((capacity,), x.dtype).at[slot].set(rows.reshape(-1), mode="drop", unique_indices=True)
+  extra = jnp.maximum(n_cand - cap_b, 0)
+  overflow = (total > capacity) | (extra > 0)
+  return (SparsePayload(idx, vals, jnp.minimum(total, capacity).astype(jnp.int32), overflow),
+          total + extra)
+
+
 def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
                   block_max: jax.Array | None = None) -> tuple[SparsePayload, jax.Array]:
   """Pack the entries of a 1-D ``x`` with ``|x| > threshold`` into a :class:`SparsePayload`.
@@ -171,6 +201,8 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
   flags = block_max > threshold
   incl = jnp.cumsum(flags, dtype=jnp.int32)
   n_cand = incl[-1]
+  if _PACK_METHOD == "scatter":
+    return _pack_scatter(x, threshold, capacity, flags, incl, n_cand, cap_b)
   j = jnp.arange(cap_b, dtype=jnp.int32)
   cand = jnp.minimum(jnp.searchsorted(incl, j, side="right", method=_SEARCH_METHOD), nb - 1).astype(jnp.int32)
   pos = (cand[:, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)[None]).reshape(-1)
