@@ -1,4 +1,5 @@
-"""Demo rows of mlsys_jax.robust.gradsigns: embed and extract a 32-bit signature on digits."""
+"""Demo rows of mlsys_jax.robust.gradsigns: embed (hinge loss with a relative margin, fresh class-0 inputs
+per step) and extract a 32-bit signature on digits."""
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,12 @@ def run(seed: int):
   ds = data.load_digits(seed=seed)
   m = models.MLP(features=(64,))
   wm = gs.gradsigns_keygen(jax.random.PRNGKey(seed + 7), ds.input_shape, 32)
-  xt = jnp.asarray(ds.x_train[ds.y_train == 0][:32])
-  extra = lambda p, xb, yb, k: gs.gradsigns_regularizer(lambda x: m.apply({"params": p}, x), xt, wm)
+  pool = jnp.asarray(ds.x_train[ds.y_train == 0])
+
+  def extra(p, xb, yb, k):
+    xt = pool[jax.random.choice(k, pool.shape[0], (32,), replace=False)]
+    return gs.gradsigns_regularizer(lambda x: m.apply({"params": p}, x), xt, wm, 3.0, loss="hinge",
+                                    per_example=True)
   v, h = models.train_classifier(m, ds, optax.adam(2e-3), epochs=4, batch_size=32, seed=seed,
                                  loss_extra=extra)
   v0, h0 = models.train_classifier(m, ds, optax.adam(2e-3), epochs=4, batch_size=32, seed=seed)
