@@ -1,1 +1,21 @@
-"""mlsys_jax.sched: see README.md. Public names are re-exported here."""
+"""mlsys_jax.sched: IOS, the inter-operator scheduler (Ding et al., MLSys 2021), on jaxprs.
+
+Public API:
+  ios_schedule(fn, *example_args, r=3, s=8, profiler=None, strategy='both', ...) -> Schedule
+  Schedule (apply / __call__, summary, measure, to_json, from_json)
+  AnalyticalCost, StageProfiler          stage cost models (roofline; on-device differential timing)
+  build_graph, Graph, Unit               jaxpr -> unit DAG with blocks/parts
+  ios_dp, Stage                          the dynamic program over ending sets
+  compiler_options, stream_call, stream_call_available, merge_key   emission helpers
+"""
+
+from mlsys_jax.sched.api import Schedule, ios_schedule, sequential_schedule
+from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler
+from mlsys_jax.sched.dp import Stage, ios_dp
+from mlsys_jax.sched.emit import (CUDA_GRAPH_OPTIONS, compiler_options, merge_key, stream_call,
+                                  stream_call_available)
+from mlsys_jax.sched.graph import Graph, Unit, build_graph
+
+__all__ = ["ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
+           "Stage", "ios_dp", "CUDA_GRAPH_OPTIONS", "compiler_options", "merge_key", "stream_call",
+           "stream_call_available", "Graph", "Unit", "build_graph"]

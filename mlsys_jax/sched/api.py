@@ -1,0 +1,283 @@
+"""``ios_schedule``: IOS (Ding et al., "IOS: Inter-Operator Scheduler for CNN Acceleration", MLSys 2021)
+on jaxprs: trace -> unit graph -> per-part dynamic program -> one jitted function.
+
+Weights are *static*: schedule a function that closes over them, e.g.
+``ios_schedule(lambda x: model.apply(variables, x), x)``; or name the static positional arguments with
+``static_argnums`` (their example values are then baked in, and the scheduled function takes only the
+remaining arguments). Closed-over arrays are constants, so weight-only computation is hoisted and
+merged kernels are precomputed once.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+  >>> def f(x):
+  ...   c = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+  ...                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ...   return jax.nn.relu(c(w1)) + c(w2)
+  >>> sched = ios_schedule(f, jnp.ones((1, 8, 8, 4)))
+  >>> bool(jnp.allclose(sched(jnp.ones((1, 8, 8, 4))), f(jnp.ones((1, 8, 8, 4)))))
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from mlsys_jax.sched import emit
+from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler, time_calls
+from mlsys_jax.sched.dp import Stage, ios_dp
+from mlsys_jax.sched.graph import Graph, build_graph, summarize_graph
+
+SCHEMA = "mlsys_jax.sched.ios/1"
+
+
+def _bind_static(fn, example_args, static_argnums):
+  static_argnums = tuple(sorted(set(int(i) for i in static_argnums)))
+  for i in static_argnums:
+    if not -len(example_args) <= i < len(example_args):
+      raise ValueError(f"static_argnums entry {i} out of range for {len(example_args)} arguments")
+  static_argnums = tuple(i % len(example_args) for i in static_argnums)
+  if not static_argnums:
+    return fn, tuple(example_args)
+  static_vals = {i: example_args[i] for i in static_argnums}
+  dyn = tuple(a for i, a in enumerate(example_args) if i not in static_vals)
+
+  def bound(*dargs):
+    it = iter(dargs)
+    full = [static_vals[i] if i in static_vals else next(it) for i in range(len(example_args))]
+    return fn(*full)
+
+  return bound, dyn
+
+
+@dataclasses.dataclass
+class Schedule:
+  """An IOS schedule of a traced function and its emitted program.
+
+  Attributes:
+    graph: the unit graph (``mlsys_jax.sched.graph.Graph``).
+    stages: list of ``Stage`` in execution order.
+    stage_latency: predicted latency of each stage (seconds, from the cost model used in the search).
+    emission: 'cuda_graph', 'streams' or 'plain' (see ``mlsys_jax.sched.emit``).
+    search_s: seconds spent in the search (graph + DP + profiling).
+    info: extra numbers (r, s, strategy, profiler hits/misses, measured latencies once ``measure`` ran).
+  """
+  graph: Graph
+  stages: list
+  stage_latency: list
+  emission: str = "cuda_graph"
+  search_s: float = 0.0
+  info: dict = dataclasses.field(default_factory=dict)
+  _jitted: Any = None
+  _consts: Any = None
+
+  # ------------------------------------------------------------------ running
+  def _build(self):
+    if self._jitted is None:
+      merges = emit.prepare_merges(self.graph, self.stages)
+      consts = dict(self.graph.consts)
+      next_id = max(list(self.graph.avals) + list(consts) + [0]) + 1
+      merges_ids = {}
+      for i, (kernel, params, ranges) in merges.items():
+        consts[next_id] = kernel
+        merges_ids[i] = (next_id, params, ranges)
+        next_id += 1
+      run = emit.make_program(self.graph, self.stages, self.emission, merges_ids)
+      opts = emit.compiler_options(self.emission, self.info.get("s", 8))
+      self._jitted = jax.jit(run, compiler_options=opts or None)
+      self._consts = consts
+    return self._jitted, self._consts
+
+  def apply(self, *args):
+    """Run the scheduled program on arguments shaped like the example arguments (minus static ones)."""
+    f, consts = self._build()
+    return f(consts, *args)
+
+  __call__ = apply
+
+  def as_function(self) -> Callable:
+    """A plain function ``f(*args)`` running the schedule."""
+    return lambda *args: self.apply(*args)
+
+  def lower(self, *args):
+    f, consts = self._build()
+    return f.lower(consts, *args)
+
+  # ------------------------------------------------------------------ reporting
+  @property
+  def predicted_latency(self) -> float:
+    return float(sum(self.stage_latency))
+
+  def counts(self) -> dict:
+    merges = [s for s in self.stages if s.kind == "merge"]
+    par = [s for s in self.stages if s.kind == "parallel" and len(s.groups) > 1]
+    return {"units": len(self.graph.units), "stages": len(self.stages), "merge_stages": len(merges),
+            "merged_units": sum(len(s.units) for s in merges), "concurrent_stages": len(par),
+            "max_groups": max((len(s.groups) for s in self.stages), default=0)}
+
+  def measure(self, *args, number: int = 50, repeat: int = 7, baseline: Optional[Callable] = None
+              ) -> dict:
+    """Median wall time per call of the scheduled program (and of ``baseline``), interleaved."""
+    f, consts = self._build()
+    out = {}
+    fns = {"ios": (f, (consts,) + tuple(args))}
+    if baseline is not None:
+      fns["baseline"] = (baseline, tuple(args))
+    ts = {k: [] for k in fns}
+    for _ in range(repeat):
+      for k, (fn, a) in fns.items():
+        ts[k] += time_calls(fn, a, number, 1)
+    for k in fns:
+      out[f"{k}_s"] = float(np.median(ts[k]))
+    if baseline is not None:
+      out["speedup"] = out["baseline_s"] / out["ios_s"]
+    self.info["measured"] = out
+    return out
+
+  def summary(self, max_stages: int = 30) -> str:
+    c = self.counts()
+    lines = [f"IOS schedule ({self.info.get('strategy', '?')}, r={self.info.get('r')}, "
+             f"s={self.info.get('s')}, emission={self.emission}): {c['units']} units in "
+             f"{len(self.graph.blocks)} parts -> {c['stages']} stages ({c['merge_stages']} merges of "
+             f"{c['merged_units']} units, {c['concurrent_stages']} concurrent, max {c['max_groups']} "
+             f"groups)", f"predicted latency {self.predicted_latency * 1e3:.4f} ms; search "
+             f"{self.search_s:.2f} s"]
+    if "measured" in self.info:
+      m = self.info["measured"]
+      lines.append("measured " + ", ".join(f"{k}={v * 1e3:.4f} ms" if k.endswith("_s") else
+                                           f"{k}={v:.3f}" for k, v in m.items()))
+    for i, (st, lat) in enumerate(zip(self.stages, self.stage_latency)):
+      if i >= max_stages:
+        lines.append(f"  ... {len(self.stages) - max_stages} more stages")
+        break
+      desc = " | ".join(",".join(f"{u}:{self.graph.units[u].kind.split('_')[0]}" for u in grp)
+                        for grp in st.groups)
+      lines.append(f"  stage {i:3d} {st.kind:8s} {lat * 1e6:9.2f} us  [{desc}]")
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.summary()
+
+  # ------------------------------------------------------------------ serialization
+  def to_json(self) -> str:
+    return json.dumps({
+        "schema": SCHEMA, "fingerprint": self.graph.fingerprint(), "emission": self.emission,
+        "search_s": self.search_s, "info": self.info,
+        "stages": [{"kind": s.kind, "groups": [list(g) for g in s.groups], "latency_s": lat}
+                   for s, lat in zip(self.stages, self.stage_latency)]}, indent=1)
+
+  @classmethod
+  def from_json(cls, text: str, fn: Callable, *example_args, static_argnums: Sequence[int] = (),
+                part_size: int = 50, emission: Optional[str] = None) -> "Schedule":
+    """Rebuild a schedule saved by ``to_json`` for ``fn`` without a new search (the function must
+    trace to the same unit graph; otherwise ValueError)."""
+    d = json.loads(text)
+    if d.get("schema") != SCHEMA:
+      raise ValueError(f"not an IOS schedule JSON (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+    bound, dyn = _bind_static(fn, example_args, static_argnums)
+    g = build_graph(bound, *dyn, part_size=part_size)
+    if g.fingerprint() != d["fingerprint"]:
+      raise ValueError("the saved schedule was made for a different graph (fingerprint "
+                       f"{d['fingerprint']} vs {g.fingerprint()}); run ios_schedule again")
+    stages = [Stage(s["kind"], tuple(tuple(gr) for gr in s["groups"])) for s in d["stages"]]
+    _check_cover(g, stages)
+    return cls(g, stages, [s["latency_s"] for s in d["stages"]], emission or d["emission"],
+               d.get("search_s", 0.0), dict(d.get("info", {})))
+
+
+def _check_cover(g: Graph, stages: list) -> None:
+  seen = []
+  for st in stages:
+    seen.extend(st.units)
+  if sorted(seen) != list(range(len(g.units))):
+    raise ValueError("schedule does not cover every unit exactly once")
+  done = set()
+  for st in stages:
+    for u in st.units:
+      for p in g.units[u].preds:
+        if p not in done and p not in st.units:
+          raise ValueError(f"schedule runs unit {u} before its predecessor {p}")
+    done.update(st.units)
+
+
+def sequential_schedule(g: Graph) -> list:
+  return [Stage("parallel", ((u,),)) for u in range(len(g.units))]
+
+
+def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: Any = None,
+                 strategy: str = "both", part_size: int = 50, emission: str = "cuda_graph",
+                 static_argnums: Sequence[int] = (), allow_opaque: bool = True,
+                 verbose: bool = False) -> Schedule:
+  """Search an IOS schedule for ``fn`` and return it (callable).
+
+  Args:
+    fn: function of arrays; weights closed over or named in ``static_argnums``.
+    *example_args: example inputs (shapes/dtypes; their values are used for static args only).
+    r: most units per group of a concurrent stage (paper default 3).
+    s: most groups per concurrent stage (paper default 8).
+    profiler: stage cost model ``(graph, Stage) -> seconds``: ``AnalyticalCost()`` (default when no GPU)
+      or ``StageProfiler(...)`` (default on GPU, measuring on the device).
+    strategy: 'both' (IOS-Both), 'merge' (IOS-Merge) or 'parallel' (IOS-Parallel).
+    part_size: largest DP part (paper experiments: 50).
+    emission: 'cuda_graph' (default), 'streams' or 'plain'; see ``mlsys_jax.sched.emit``.
+    static_argnums: positional arguments treated as constants (e.g. the variables of model.apply).
+    allow_opaque: keep control flow / unknown higher-order primitives as sequential units (True) or
+      raise ValueError naming them (False).
+
+  Returns:
+    a ``Schedule``; ``sched(*dynamic_args)`` runs it.
+  """
+  if strategy not in ("both", "merge", "parallel"):
+    raise ValueError(f"strategy must be 'both', 'merge' or 'parallel', got {strategy!r}")
+  if emission not in emit.EMISSION_MODES:
+    raise ValueError(f"emission must be one of {emit.EMISSION_MODES}, got {emission!r}")
+  if emission == "streams" and not emit.stream_call_available():
+    raise ValueError("emission='streams' needs jax.experimental.compute_on's function form "
+                     "(jax >= 0.8); use emission='cuda_graph'")
+  t0 = time.perf_counter()
+  bound, dyn = _bind_static(fn, example_args, static_argnums)
+  g = build_graph(bound, *dyn, part_size=part_size, allow_opaque=allow_opaque)
+  if profiler is None:
+    profiler = StageProfiler(mode=emission, s=s) if jax.default_backend() == "gpu" else AnalyticalCost()
+  mk = (lambda u: emit.merge_key(g, u)) if strategy in ("both", "merge") else None
+  succ = {u.idx: u.succs for u in g.units}
+  stages, lats = [], []
+  cost = lambda st: profiler(g, st)
+  if hasattr(profiler, "prefetch"):
+    # pass 1: record the stages a DP asks for under the analytical model, then compile them in
+    # parallel and time them; pass 2 (below) hits the profiler's cache.
+    wanted: dict = {}
+    model = AnalyticalCost()
+
+    def record(st):
+      wanted[st] = None
+      return model(g, st)
+
+    for part in g.blocks:
+      ios_dp(part, succ, record, r=r, s=s, strategy=strategy, merge_key=mk)
+    n = profiler.prefetch(g, list(wanted))
+    if verbose:
+      print(f"ios: prefetched {n} stage measurements ({len(wanted)} stages requested)", flush=True)
+  for pi, part in enumerate(g.blocks):
+    st, _ = ios_dp(part, succ, cost, r=r, s=s, strategy=strategy, merge_key=mk)
+    for x in st:
+      stages.append(x)
+      lats.append(cost(x))
+    if verbose:
+      print(f"ios: part {pi + 1}/{len(g.blocks)} ({len(part)} units) -> {len(st)} stages", flush=True)
+  if hasattr(profiler, "save"):
+    profiler.save()
+  _check_cover(g, stages)
+  info = {"r": r, "s": s, "strategy": strategy, "graph": summarize_graph(g),
+          "profiler": type(profiler).__name__}
+  for k in ("hits", "misses", "compile_s"):
+    if hasattr(profiler, k):
+      info[f"profiler_{k}"] = getattr(profiler, k)
+  return Schedule(g, stages, lats, emission, time.perf_counter() - t0, info)

@@ -1,0 +1,246 @@
+"""Stage-latency cost models for the IOS search (Ding et al., MLSys 2021, Sec. 4.3 "profiling").
+
+* ``AnalyticalCost``: a roofline with an under-utilisation term and a per-kernel launch cost; cheap,
+  deterministic, used for CPU runs and tests. A unit of F flops and B bytes takes
+  ``launch + max(max(F, F_sat) / peak, B / bw)``; a concurrent stage takes
+  ``launch * groups + max(longest group, sum F / peak, sum B / bw)``; a merge stage is one conv over the
+  padded kernels.
+* ``StageProfiler``: measures a candidate stage on the device. The stage is emitted exactly as in the
+  final program (same merge code, same XLA options), compiled, warmed up, and timed by *differential
+  timing*: a program with K copies chained through ``lax.optimization_barrier`` (each copy reads the
+  previous copy's barrier outputs, so copies run in order and cannot be CSE'd) against K=1;
+  latency = (T_K - T_1) / (K - 1), the median of ``repeat`` rounds of ``number`` calls. This cancels the
+  per-call dispatch cost (~10 us), which is as large as a batch-1 stage. Results are cached by a
+  signature of the stage program (its jaxpr text, the XLA options and the device kind), in memory and
+  in a JSON file, so a second search is fast.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from mlsys_jax.sched import graph, dp
+  >>> g = graph.build_graph(lambda x: x @ jnp.ones((4, 4)), jnp.ones((2, 4)))
+  >>> AnalyticalCost()(g, dp.Stage('parallel', ((0,),))) > 0
+  True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mlsys_jax.sched import emit
+from mlsys_jax.sched.dp import Stage
+from mlsys_jax.sched.graph import Graph
+
+INF = float("inf")
+
+
+def _valid(g: Graph, st: Stage) -> bool:
+  units = st.units
+  if len(units) > 1 and any(g.units[u].opaque for u in units):
+    return False
+  return True
+
+
+class AnalyticalCost:
+  """Roofline cost model of a stage (seconds). Defaults resemble an H100 at batch 1."""
+
+  def __init__(self, peak_flops: float = 400e12, bandwidth: float = 3.0e12, launch_s: float = 2e-6,
+               sat_flops: float = 2e9, merge_launch_s: Optional[float] = None):
+    if peak_flops <= 0 or bandwidth <= 0 or launch_s < 0 or sat_flops < 0:
+      raise ValueError("AnalyticalCost: peak_flops, bandwidth > 0 and launch_s, sat_flops >= 0")
+    self.peak, self.bw, self.launch, self.sat = peak_flops, bandwidth, launch_s, sat_flops
+    self.merge_launch = launch_s if merge_launch_s is None else merge_launch_s
+
+  def unit_time(self, g: Graph, u: int) -> float:
+    f, b = g.unit_flops_bytes(u)
+    return self.launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw)
+
+  def __call__(self, g: Graph, st: Stage) -> float:
+    if not _valid(g, st):
+      return INF
+    if st.kind == "merge":
+      units = st.groups[0]
+      e0 = g.eqns[g.units[units[0]].anchor]
+      dn = e0.params["dimension_numbers"]
+      ws = [g.avals[g.eqns[g.units[u].anchor].inputs[1]] for u in units]
+      ksp = int(np.prod([max(w.shape[d] for w in ws) for d in dn.rhs_spec[2:]]))
+      kin = ws[0].shape[dn.rhs_spec[1]]
+      out_elems = sum(int(np.prod(g.avals[g.eqns[g.units[u].anchor].outputs[0]].shape)) for u in units)
+      f = 2.0 * out_elems * kin * ksp
+      b = float(sum(g.unit_flops_bytes(u)[1] for u in units))
+      b -= (len(units) - 1) * g.avals[e0.inputs[0]].size * g.avals[e0.inputs[0]].dtype.itemsize
+      return self.merge_launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw) + \
+          self.launch * 0.25 * (len(units) - 1)
+    groups = [sum(self.unit_time(g, u) for u in grp) for grp in st.groups]
+    tot_f = sum(g.unit_flops_bytes(u)[0] for u in st.units)
+    tot_b = sum(g.unit_flops_bytes(u)[1] for u in st.units)
+    return self.launch * (len(st.groups) - 1) + max(max(groups), tot_f / self.peak, tot_b / self.bw)
+
+
+def _random_like(aval, key):
+  if jnp.issubdtype(aval.dtype, jnp.floating):
+    return jax.random.normal(key, aval.shape, aval.dtype)
+  if jnp.issubdtype(aval.dtype, jnp.integer):
+    return jax.random.randint(key, aval.shape, 0, 2, aval.dtype)
+  return jnp.zeros(aval.shape, aval.dtype)
+
+
+def chain_program(fn, k: int):
+  """K copies of ``fn(consts, xs)`` chained through optimization barriers (for differential timing)."""
+  def run(consts, xs):
+    res = []
+    cur = tuple(xs)
+    for _ in range(k):
+      ys = fn(consts, cur)
+      cur, ys = lax.optimization_barrier((cur, ys))
+      res.append(ys)
+    return res
+  return run
+
+
+def time_calls(f, args, number: int, repeat: int) -> list:
+  jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(repeat):
+    t0 = time.perf_counter()
+    for _ in range(number):
+      y = f(*args)
+    jax.block_until_ready(y)
+    ts.append((time.perf_counter() - t0) / number)
+  return ts
+
+
+class StageProfiler:
+  """Measures stage latency on the default device with differential timing and a persistent cache.
+
+  Args:
+    mode: emission mode the stages are compiled with (see ``emit.EMISSION_MODES``).
+    k: number of chained copies for differential timing (K >= 2).
+    number, repeat, warmup: calls per round, rounds (median taken), warm-up calls.
+    cache_path: JSON file of measured latencies keyed by stage signature (loaded if it exists).
+    parallel: 'measure' to time concurrent stages of several units on the device, or 'sum' to take
+      the sum of their measured single-group latencies (no profiling of concurrency: with CUDA-graph
+      emission XLA already overlaps independent kernels, whatever the stage grouping). Merge stages and
+      single groups are always measured.
+    s: the number of streams used for the 'streams' XLA options.
+  """
+
+  def __init__(self, mode: str = "cuda_graph", k: int = 5, number: int = 20, repeat: int = 5,
+               warmup: int = 2, cache_path: Optional[str] = None, parallel: str = "sum", s: int = 8):
+    if k < 2:
+      raise ValueError(f"k must be >= 2 for differential timing, got {k}")
+    if parallel not in ("measure", "sum"):
+      raise ValueError(f"parallel must be 'measure' or 'sum', got {parallel!r}")
+    self.mode, self.k, self.number, self.repeat, self.warmup = mode, k, number, repeat, warmup
+    self.parallel, self.s = parallel, s
+    self.cache_path = cache_path
+    self.cache: dict = {}
+    self.hits = self.misses = 0
+    self.compile_s = 0.0
+    self._dirty = 0
+    self._lock = threading.Lock()
+    if cache_path and os.path.exists(cache_path):
+      with open(cache_path) as fh:
+        self.cache = json.load(fh)
+    dev = jax.devices()[0]
+    self.device = getattr(dev, "device_kind", dev.platform)
+    self.options = emit.compiler_options(mode, s)
+
+  def save(self) -> None:
+    if self.cache_path:
+      os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
+      tmp = self.cache_path + ".tmp"
+      with open(tmp, "w") as fh:
+        json.dump(self.cache, fh)
+      os.replace(tmp, self.cache_path)
+      self._dirty = 0
+
+  def __call__(self, g: Graph, st: Stage) -> float:
+    if not _valid(g, st):
+      return INF
+    if st.kind == "parallel" and len(st.groups) > 1 and self.parallel == "sum":
+      return sum(self(g, Stage("parallel", (grp,))) for grp in st.groups)
+    key, prog = self._key(g, st)
+    if key in self.cache:
+      self.hits += 1
+      return self.cache[key]
+    self.misses += 1
+    compiled = self._compile(prog)
+    return self._time(key, compiled)
+
+  def _key(self, g: Graph, st: Stage):
+    fn, ins, _, cids = emit.stage_program(g, st, self.mode)
+    consts = {c: g.consts[c] for c in cids}
+    in_avals = [g.avals[v] for v in ins]
+    sig_src = str(jax.make_jaxpr(fn)(consts, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                    for a in in_avals)))
+    key = hashlib.sha1(f"{self.device}|{self.mode}|{self.k}|{sorted(self.options.items())}|{sig_src}"
+                       .encode()).hexdigest()
+    return key, (fn, consts, in_avals)
+
+  def _compile(self, prog):
+    fn, consts, in_avals = prog
+    xs = tuple(_random_like(a, jax.random.PRNGKey(i)) for i, a in enumerate(in_avals))
+    t0 = time.perf_counter()
+    f1 = jax.jit(chain_program(fn, 1), compiler_options=self.options or None)
+    fk = jax.jit(chain_program(fn, self.k), compiler_options=self.options or None)
+    c1 = f1.lower(consts, xs).compile()
+    ck = fk.lower(consts, xs).compile()
+    with self._lock:
+      self.compile_s += time.perf_counter() - t0
+    return c1, ck, consts, xs
+
+  def _time(self, key, compiled) -> float:
+    c1, ck, consts, xs = compiled
+    for _ in range(self.warmup):
+      jax.block_until_ready(c1(consts, xs))
+      jax.block_until_ready(ck(consts, xs))
+    t1, tk = [], []
+    for _ in range(self.repeat):  # interleave to share clock drift
+      t1 += time_calls(c1, (consts, xs), self.number, 1)
+      tk += time_calls(ck, (consts, xs), self.number, 1)
+    lat = max((float(np.median(tk)) - float(np.median(t1))) / (self.k - 1), 1e-7)
+    self.cache[key] = lat
+    self._dirty += 1
+    if self._dirty >= 50:
+      self.save()
+    return lat
+
+  def expand(self, st: Stage) -> list:
+    """The stages this profiler measures for ``st`` (its groups when parallel='sum')."""
+    if st.kind == "parallel" and len(st.groups) > 1 and self.parallel == "sum":
+      return [Stage("parallel", (grp,)) for grp in st.groups]
+    return [st]
+
+  def prefetch(self, g: Graph, stages, threads: int = 8) -> int:
+    """Compile the not-yet-cached stages in a thread pool (XLA compiles in parallel), then time them
+    one by one. Returns the number measured."""
+    from concurrent.futures import ThreadPoolExecutor
+    todo, seen = [], set()
+    for st in stages:
+      for sub in self.expand(st):
+        if not _valid(g, sub):
+          continue
+        key, prog = self._key(g, sub)
+        if key in self.cache or key in seen:
+          continue
+        seen.add(key)
+        todo.append((key, prog))
+    if not todo:
+      return 0
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+      futs = [(key, ex.submit(self._compile, prog)) for key, prog in todo]
+      for key, fut in futs:
+        self.misses += 1
+        self._time(key, fut.result())
+    self.save()
+    return len(todo)

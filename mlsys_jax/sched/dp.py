@@ -1,0 +1,211 @@
+"""The IOS dynamic program (Ding et al., MLSys 2021, Sec. 4, Algorithm 1) over "ending" sets.
+
+``cost[S] = min over endings S' of S and strategies of cost[S - S'] + stage_latency(S')``, where an
+ending S' of S is a successor-closed subset (no edge from S' to S - S'). States are int bitmasks of the
+units still to schedule inside one part; every reachable state is a down-set.
+
+Stage candidates, as in the official ``ending_iterator`` / ``check_merge``:
+  * concurrent execution ('parallel'): chain-decompose the transitive closure; from each chain choose at
+    most one root among the last ``r`` units present in S; the group of root u is ``desc(u) & S`` and
+    must hold at most ``r`` units; groups must be disjoint; at most ``s`` groups;
+  * operator merge ('merge'): a subset (>= 2) of the sinks of S that are convolutions reading the same
+    value with compatible parameters (see ``merge_key``); one conv with concatenated, zero-padded
+    kernels.
+
+Example:
+  >>> succ = {0: {1, 2}, 1: {3}, 2: {3}, 3: set()}
+  >>> stages, cost = ios_dp([0, 1, 2, 3], succ, lambda st: float(max(len(g) for g in st.groups)),
+  ...                       merge_key=lambda u: None)
+  >>> [s.groups for s in stages]
+  [((0,),), ((1,), (2,)), ((3,),)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Hashable, Optional, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A stage: strategy 'parallel' (groups run concurrently, each a chain in order) or 'merge'
+  (the units, all convs on one input, become one conv). Units are global unit indices."""
+  kind: str
+  groups: tuple  # tuple of tuples of unit indices (for 'merge': one group)
+
+  @property
+  def units(self) -> tuple:
+    return tuple(u for g in self.groups for u in g)
+
+
+def _bits(mask: int):
+  while mask:
+    low = mask & -mask
+    yield low.bit_length() - 1
+    mask ^= low
+
+
+def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float], *, r: int = 3,
+           s: int = 8, strategy: str = "both",
+           merge_key: Optional[Callable[[int], Optional[Hashable]]] = None,
+           max_merge: int = 8) -> tuple[list, float]:
+  """Optimal stage sequence of one part under the pruning parameters ``r`` (max units per group) and
+  ``s`` (max groups per stage).
+
+  Args:
+    nodes: unit indices of the part in a topological order.
+    succ: unit -> set of successor units (units outside ``nodes`` are ignored).
+    stage_cost: Stage -> latency (seconds); called once per distinct stage (memoized here).
+    r, s: the IOS pruning parameters (paper defaults r=3, s=8).
+    strategy: 'both', 'parallel' or 'merge' (IOS-Both / IOS-Parallel / IOS-Merge). With 'merge' a
+      parallel stage is a single unit (sequential execution plus merges).
+    merge_key: unit -> hashable key, equal for units that may be merged, None if not mergeable.
+    max_merge: largest number of units in one merge stage.
+
+  Returns:
+    (stages in execution order, total predicted latency).
+  """
+  if r < 1 or s < 1:
+    raise ValueError(f"r and s must be >= 1, got r={r}, s={s}")
+  if strategy not in ("both", "parallel", "merge"):
+    raise ValueError(f"strategy must be 'both', 'parallel' or 'merge', got {strategy!r}")
+  n = len(nodes)
+  if n == 0:
+    return [], 0.0
+  pos = {u: i for i, u in enumerate(nodes)}
+  succ_m = [0] * n
+  for u in nodes:
+    for v in succ.get(u, ()):
+      if v in pos:
+        succ_m[pos[u]] |= 1 << pos[v]
+  # transitive closure (descendants incl. self), reverse topological order
+  tc = [0] * n
+  for i in range(n - 1, -1, -1):
+    m = 1 << i
+    for j in _bits(succ_m[i]):
+      m |= tc[j]
+    tc[i] = m
+  pred_m = [0] * n
+  for i in range(n):
+    for j in _bits(succ_m[i]):
+      pred_m[j] |= 1 << i
+  # chain decomposition: repeatedly take a longest path among remaining nodes
+  remaining = (1 << n) - 1
+  chains = []
+  while remaining:
+    best_len = [0] * n
+    nxt = [-1] * n
+    for i in range(n - 1, -1, -1):
+      if not remaining >> i & 1:
+        continue
+      bl, bn = 1, -1
+      for j in _bits(tc[i] & remaining & ~(1 << i)):
+        if best_len[j] + 1 > bl:
+          bl, bn = best_len[j] + 1, j
+      best_len[i], nxt[i] = bl, bn
+    start = max((i for i in range(n) if remaining >> i & 1), key=lambda i: best_len[i])
+    chain = []
+    i = start
+    while i != -1:
+      chain.append(i)
+      i = nxt[i]
+    for i in chain:
+      remaining &= ~(1 << i)
+    chains.append(chain)
+  keys = [merge_key(u) if merge_key is not None else None for u in nodes]
+  cost_memo: dict = {}
+
+  def group_order(gmask: int) -> tuple:
+    return tuple(nodes[i] for i in _bits(gmask))  # ascending = topological
+
+  def cost_of(stage_masks: tuple, kind: str) -> float:
+    k = (kind, stage_masks)
+    if k not in cost_memo:
+      st = Stage(kind, tuple(group_order(m) for m in stage_masks))
+      cost_memo[k] = float(stage_cost(st))
+    return cost_memo[k]
+
+  def endings(S: int):
+    # parallel candidates
+    roots_per_chain = []
+    for ch in chains:
+      present = [i for i in ch if S >> i & 1]
+      cands = []
+      for i in present[-r:]:
+        gm = tc[i] & S
+        if bin(gm).count("1") <= r:
+          cands.append(gm)
+      roots_per_chain.append(cands)
+    max_groups = 1 if strategy == "merge" else s
+    out = []
+
+    def rec(ci, used, groups):
+      if ci == len(roots_per_chain):
+        if groups:
+          out.append(tuple(sorted(groups)))
+        return
+      rec(ci + 1, used, groups)
+      if len(groups) >= max_groups:
+        return
+      for gm in roots_per_chain[ci]:
+        if gm & used:
+          continue
+        if strategy == "merge" and bin(gm).count("1") > 1:
+          continue
+        rec(ci + 1, used | gm, groups + [gm])
+
+    rec(0, 0, [])
+    res = []
+    for groups in set(out):
+      # opaque/unmergeable units are handled by stage_cost (inf for invalid stages)
+      res.append(("parallel", groups))
+    if strategy in ("both", "merge"):
+      sinks = [i for i in _bits(S) if not (succ_m[i] & S)]
+      by_key: dict = {}
+      for i in sinks:
+        if keys[i] is not None:
+          by_key.setdefault(keys[i], []).append(i)
+      for members in by_key.values():
+        members = members[:max_merge]
+        m = len(members)
+        for sub in range(1, 1 << m):
+          if bin(sub).count("1") < 2:
+            continue
+          gm = 0
+          for t in range(m):
+            if sub >> t & 1:
+              gm |= 1 << members[t]
+          res.append(("merge", (gm,)))
+    return res
+
+  memo: dict = {0: (0.0, None)}
+  import sys
+  sys.setrecursionlimit(max(10000, sys.getrecursionlimit()))
+
+  def solve(S: int) -> float:
+    if S in memo:
+      return memo[S][0]
+    best, arg = float("inf"), None
+    for kind, groups in endings(S):
+      em = 0
+      for gm in groups:
+        em |= gm
+      c = cost_of(groups, kind)
+      if c >= best:
+        continue
+      tot = solve(S & ~em) + c
+      if tot < best:
+        best, arg = tot, (kind, groups, em)
+    memo[S] = (best, arg)
+    return best
+
+  full = (1 << n) - 1
+  total = solve(full)
+  stages = []
+  S = full
+  while S:
+    _, (kind, groups, em) = memo[S]
+    stages.append(Stage(kind, tuple(group_order(m) for m in groups)))
+    S &= ~em
+  stages.reverse()
+  return stages, total

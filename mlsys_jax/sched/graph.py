@@ -1,0 +1,448 @@
+"""Jaxpr -> operator DAG for IOS (Ding et al., "IOS: Inter-Operator Scheduler for CNN Acceleration",
+MLSys 2021, Sec. 3: the computation graph whose nodes are operators).
+
+Steps (see ``build_graph``):
+  1. trace ``fn`` to a closed jaxpr; inline nested ``jit``/``pjit``, ``closed_call``, ``custom_jvp_call``,
+     ``custom_vjp_call`` and ``checkpoint`` so that the program is one flat list of equations over integer
+     value ids;
+  2. hoist weight-only computation: an equation whose inputs are all constants is evaluated once, at
+     schedule time (BN scale/shift, weight reshapes). Equations that would *expand* a constant
+     (``broadcast_in_dim`` to an activation shape, ``iota``) are kept "lazy" and re-emitted next to their
+     consumer so that XLA fuses them instead of reading a large constant;
+  3. group equations into *units* (IOS operators): a heavy primitive (conv, dot, pooling, reduction)
+     starts a unit and light single-producer equations (bias, BN affine, activation, reshape) attach to it
+     as an epilogue; multi-input light equations (add, concatenate) are units of their own, like IOS's
+     ``Identity`` nodes; control flow and unknown higher-order primitives become *opaque* units that are
+     always scheduled alone;
+  4. partition the unit DAG into blocks at cut points (units on every source->sink path, as RAF's port of
+     IOS does) and split large blocks into parts of at most ``part_size`` units.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> g = build_graph(lambda x: jax.nn.relu(x @ jnp.ones((3, 2))), jnp.ones((1, 3)))
+  >>> [u.kind for u in g.units]
+  ['dot_general']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import jax
+from jax import core as _jcore  # noqa: F401  (kept for older jax)
+from jax.extend import core as jex_core
+
+HEAVY = frozenset({
+    "conv_general_dilated", "dot_general", "reduce_window_sum", "reduce_window_max",
+    "reduce_window_min", "reduce_window", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+    "argmax", "argmin", "sort", "cumsum", "cumprod", "cummax", "cummin", "reduce_and", "reduce_or",
+    "reduce_precision_sum",
+})
+INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+                    "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "custom_lin"})
+OPAQUE_HINT = frozenset({"cond", "while", "scan", "custom_call", "pure_callback", "io_callback",
+                         "shard_map", "pallas_call"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Lit:
+  """A literal operand (python scalar or small array) of a flat equation."""
+  val: Any
+
+
+@dataclasses.dataclass
+class FlatEqn:
+  prim: Any
+  params: dict
+  inputs: tuple  # ints (value ids) or Lit
+  outputs: tuple  # ints
+
+
+@dataclasses.dataclass
+class Unit:
+  """One IOS operator: a heavy (or multi-input / opaque) equation plus its attached light equations."""
+  idx: int
+  kind: str  # primitive name of the anchor, 'identity' for light multi-input units, or 'opaque:<prim>'
+  eqns: list  # indices into Graph.eqns, topological
+  anchor: int  # index into Graph.eqns of the anchor equation
+  inputs: list = dataclasses.field(default_factory=list)  # external dynamic value ids read
+  outputs: list = dataclasses.field(default_factory=list)  # value ids used outside the unit
+  opaque: bool = False
+  preds: set = dataclasses.field(default_factory=set)
+  succs: set = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass
+class Graph:
+  eqns: list
+  units: list
+  consts: dict  # value id -> concrete array (weights, hoisted results)
+  lazy: dict  # value id -> eqn index of a constant-expanding equation re-emitted by consumers
+  avals: dict  # value id -> ShapedArray
+  in_ids: list  # flat dynamic input ids
+  out_ids: list  # flat outputs (value ids or Lit)
+  in_tree: Any
+  out_tree: Any
+  producer: dict  # value id -> unit index
+  blocks: list  # list of parts, each a list of unit indices (topological)
+  _fb: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def fingerprint(self) -> str:
+    """A hash of the unit structure; a saved schedule is only applied to a graph with the same one."""
+    h = hashlib.sha256()
+    for u in self.units:
+      h.update(f"{u.kind}|{sorted(u.preds)}|{[str(self.avals[o]) for o in u.outputs]};".encode())
+    return h.hexdigest()[:16]
+
+  def unit_flops_bytes(self, ui: int) -> tuple[float, float]:
+    """Analytical FLOPs and DRAM bytes of a unit (inputs + outputs + weights read once)."""
+    if ui in self._fb:
+      return self._fb[ui]
+    u = self.units[ui]
+    flops = 0.0
+    consts_read = set()
+    for ei in u.eqns:
+      e = self.eqns[ei]
+      flops += eqn_flops(e, self.avals)
+      for v in e.inputs:
+        if isinstance(v, int) and v in self.consts:
+          consts_read.add(v)
+    nbytes = sum(_nbytes(self.avals[v]) for v in u.inputs)
+    nbytes += sum(_nbytes(self.avals[v]) for v in u.outputs)
+    nbytes += sum(_nbytes(self.avals[v]) for v in consts_read)
+    self._fb[ui] = (flops, float(nbytes))
+    return self._fb[ui]
+
+
+def _nbytes(aval) -> int:
+  return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def eqn_flops(e: FlatEqn, avals: dict) -> float:
+  name = e.prim.name
+  out = avals[e.outputs[0]] if e.outputs else None
+  if name == "conv_general_dilated":
+    rhs = avals_of(e.inputs[1], avals)
+    dn = e.params["dimension_numbers"]
+    rs = rhs.shape
+    kin = rs[dn.rhs_spec[1]]
+    ksp = int(np.prod([rs[d] for d in dn.rhs_spec[2:]]))
+    return 2.0 * int(np.prod(out.shape)) * kin * ksp
+  if name == "dot_general":
+    lhs = avals_of(e.inputs[0], avals)
+    (lc, _), _ = e.params["dimension_numbers"]
+    k = int(np.prod([lhs.shape[d] for d in lc])) if lc else 1
+    return 2.0 * int(np.prod(out.shape)) * k
+  if name.startswith("reduce_window"):
+    w = int(np.prod(e.params.get("window_dimensions", (1,))))
+    return float(int(np.prod(out.shape)) * w)
+  if out is None:
+    return 0.0
+  ins = [avals_of(v, avals) for v in e.inputs]
+  return float(max([int(np.prod(out.shape))] + [int(np.prod(a.shape)) for a in ins if a is not None]))
+
+
+def avals_of(v, avals):
+  if isinstance(v, Lit):
+    return jax.core.get_aval(v.val) if hasattr(jax.core, "get_aval") else None
+  return avals.get(v)
+
+
+class _Builder:
+
+  def __init__(self):
+    self.eqns: list[FlatEqn] = []
+    self.consts: dict[int, Any] = {}
+    self.lazy: dict[int, int] = {}
+    self.avals: dict[int, Any] = {}
+    self.next_id = 0
+
+  def new(self, aval) -> int:
+    i = self.next_id
+    self.next_id += 1
+    self.avals[i] = aval
+    return i
+
+  def add_const(self, val) -> int:
+    arr = jax.numpy.asarray(val)
+    i = self.new(jax.core.ShapedArray(arr.shape, arr.dtype))
+    self.consts[i] = arr
+    return i
+
+  def read(self, env, v):
+    if isinstance(v, jex_core.Literal):
+      return Lit(v.val)
+    return env[v]
+
+  def inline(self, jaxpr, consts, args):
+    env = {}
+    for var, c in zip(jaxpr.constvars, consts):
+      env[var] = self.add_const(c)
+    for var, a in zip(jaxpr.invars, args):
+      env[var] = a
+    for eqn in jaxpr.eqns:
+      ins = [self.read(env, v) for v in eqn.invars]
+      name = eqn.primitive.name
+      if name in INLINE:
+        sub = (eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr"))
+        if sub is not None:
+          if hasattr(sub, "jaxpr"):  # ClosedJaxpr
+            sub_j, sub_c = sub.jaxpr, sub.consts
+          else:
+            sub_j, sub_c = sub, []
+          n_skip = len(ins) - len(sub_j.invars)
+          if n_skip < 0:
+            raise ValueError(f"ios: cannot inline {name}: operand count mismatch")
+          ins2 = [self._materialize(a) for a in ins[n_skip:]] if n_skip else [
+              self._materialize(a) for a in ins]
+          outs = self.inline(sub_j, sub_c, ins2)
+          for var, o in zip(eqn.outvars, outs):
+            if not isinstance(var, jex_core.DropVar):
+              env[var] = o
+          continue
+      for var in eqn.outvars:
+        if hasattr(var, "aval") and not all(isinstance(d, (int, np.integer)) for d in var.aval.shape):
+          raise ValueError(f"ios: dynamic shape {var.aval} produced by '{name}'; IOS needs static shapes "
+                           "(trace with concrete example arguments)")
+      outs = self.emit(eqn.primitive, dict(eqn.params), ins, [v.aval for v in eqn.outvars],
+                       bool(eqn.effects))
+      for var, o in zip(eqn.outvars, outs):
+        if not isinstance(var, jex_core.DropVar):
+          env[var] = o
+    return [self.read(env, v) for v in jaxpr.outvars]
+
+  def _materialize(self, a):
+    if isinstance(a, Lit):
+      return self.add_const(a.val)
+    return a
+
+  def emit(self, prim, params, ins, out_avals, effectful):
+    const_like = all(isinstance(a, Lit) or a in self.consts or a in self.lazy for a in ins)
+    if const_like and not effectful and not prim.multiple_results and len(out_avals) == 1:
+      out_aval = out_avals[0]
+      in_sizes = [int(np.prod(self.avals[a].shape)) for a in ins if not isinstance(a, Lit)]
+      expands = (not in_sizes or int(np.prod(out_aval.shape)) > max(in_sizes) or
+                 any(a in self.lazy for a in ins if not isinstance(a, Lit)))
+      if not expands and all(isinstance(a, Lit) or a in self.consts for a in ins):
+        vals = [a.val if isinstance(a, Lit) else self.consts[a] for a in ins]
+        with jax.ensure_compile_time_eval():
+          out = prim.bind(*vals, **params)
+        return [self.add_const(out)]
+      o = self.new(out_aval)
+      self.eqns.append(FlatEqn(prim, params, tuple(ins), (o,)))
+      self.lazy[o] = len(self.eqns) - 1
+      return [o]
+    outs = [self.new(a) for a in out_avals]
+    self.eqns.append(FlatEqn(prim, params, tuple(ins), tuple(outs)))
+    return outs
+
+
+def _is_opaque(prim, params) -> bool:
+  if prim.name in OPAQUE_HINT:
+    return True
+  for p in params.values():
+    if isinstance(p, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+      return True
+    if isinstance(p, (tuple, list)) and p and isinstance(p[0], (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+      return True
+  return False
+
+
+def _link(units, eqns, b, out_set):
+  """(Re)compute inputs, outputs, preds and succs of units in place."""
+  unit_of_val = {}
+  for u in units:
+    u.preds, u.succs = set(), set()
+    for ei in u.eqns:
+      for o in eqns[ei].outputs:
+        if o not in b.lazy:
+          unit_of_val[o] = u.idx
+  for u in units:
+    own = set()
+    for ei in u.eqns:
+      own.update(eqns[ei].outputs)
+    ins = []
+    for ei in u.eqns:
+      for a in eqns[ei].inputs:
+        if isinstance(a, int) and a not in own and a not in b.consts and a not in b.lazy and a not in ins:
+          ins.append(a)
+    u.inputs = ins
+    for a in ins:
+      if a in unit_of_val:
+        p = unit_of_val[a]
+        u.preds.add(p)
+        units[p].succs.add(u.idx)
+  for u in units:
+    used = set(out_set)
+    for s in u.succs:
+      used.update(units[s].inputs)
+    u.outputs = [o for ei in u.eqns for o in eqns[ei].outputs if o in used]
+
+
+def _fuse(units, eqns, b, out_set):
+  """Schedule units as IOS does: a light multi-input unit (sum/concat, IOS 'Identity') with a single
+  consumer becomes that consumer's prologue (IOS: operator inputs are 'terms'), and a depthwise conv
+  whose only consumer is a conv becomes one 'sepconv' unit with it (IOS 'Sequential')."""
+  alive = {u.idx: u for u in units}
+  changed = True
+  while changed:
+    changed = False
+    for u in sorted(alive.values(), key=lambda u: u.idx):
+      if len(u.succs) != 1 or any(o in out_set for o in u.outputs) or u.opaque:
+        continue
+      (c,) = tuple(u.succs)
+      cu = alive[c]
+      if cu.opaque:
+        continue
+      is_identity = u.kind == "identity"
+      e = eqns[u.anchor]
+      is_dw = (u.kind == "conv_general_dilated" and e.params["feature_group_count"] > 1 and
+               cu.kind == "conv_general_dilated" and cu.preds == {u.idx})
+      if not (is_identity or is_dw):
+        continue
+      merged = sorted(set(u.eqns) | set(cu.eqns))
+      cu.eqns = merged
+      if is_dw:
+        cu.kind = "sepconv"
+      cu.preds = (cu.preds | u.preds) - {u.idx}
+      for p in u.preds:
+        alive[p].succs = (alive[p].succs - {u.idx}) | {c}
+      del alive[u.idx]
+      changed = True
+      break
+  new = sorted(alive.values(), key=lambda u: u.idx)
+  for i, u in enumerate(new):
+    u.idx = i
+  _link(new, eqns, b, out_set)
+  return new
+
+
+def build_graph(fn: Callable, *example_args, part_size: int = 50, allow_opaque: bool = True,
+                fuse: bool = True) -> Graph:
+  """Trace ``fn(*example_args)`` and build the IOS unit graph.
+
+  Args:
+    fn: a function of arrays. Weights should be closed over (``lambda x: model.apply(variables, x)``):
+      closed-over arrays are constants, so weight-only computation is hoisted and conv weights can be
+      concatenated for operator merges.
+    *example_args: arrays (or pytrees of arrays) with the shapes and dtypes of the real inputs.
+    part_size: largest number of units in one DP part (IOS's ``max_part_size``, 50 in the paper's runs).
+    fuse: fold single-consumer sum/concat units into their consumer and depthwise+pointwise conv
+      pairs into one unit, as IOS's hand-written graphs do (Identity terms, Sequential SepConv).
+    allow_opaque: if False, control flow and unknown higher-order primitives raise ``ValueError``
+      naming the primitive; if True (default) they become opaque units scheduled alone.
+
+  Returns:
+    a ``Graph``.
+  """
+  if part_size < 1:
+    raise ValueError(f"part_size must be >= 1, got {part_size}")
+  flat_args, in_tree = jax.tree_util.tree_flatten(example_args)
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+  out_tree = jax.tree_util.tree_structure(out_shape)
+  b = _Builder()
+  in_ids = [b.new(v.aval) for v in closed.jaxpr.invars]
+  outs = b.inline(closed.jaxpr, closed.consts, in_ids)
+  eqns = b.eqns
+  # ---- units
+  producer_eqn: dict[int, int] = {}
+  for i, e in enumerate(eqns):
+    for o in e.outputs:
+      producer_eqn[o] = i
+  unit_of_val: dict[int, int] = {}
+  units: list[Unit] = []
+
+  def dyn_inputs(e):
+    return [a for a in e.inputs if isinstance(a, int) and a not in b.consts and a not in b.lazy]
+
+  def add_lazy_deps(unit: Unit, e: FlatEqn, seen: set):
+    for a in e.inputs:
+      if isinstance(a, int) and a in b.lazy:
+        li = b.lazy[a]
+        if li not in seen:
+          add_lazy_deps(unit, eqns[li], seen)
+          seen.add(li)
+          unit.eqns.append(li)
+
+  unit_lazy_seen: dict[int, set] = {}
+  for i, e in enumerate(eqns):
+    if e.outputs and e.outputs[0] in b.lazy:
+      continue
+    name = e.prim.name
+    opaque = _is_opaque(e.prim, e.params)
+    if opaque and not allow_opaque:
+      raise ValueError(f"ios: unsupported primitive '{name}' (control flow or higher-order); pass "
+                       "allow_opaque=True to schedule it as a sequential node")
+    dyn = dyn_inputs(e)
+    prods = {unit_of_val[a] for a in dyn if a in unit_of_val}
+    from_input = any(a not in unit_of_val for a in dyn)
+    if name in HEAVY or opaque or len(prods) != 1 or from_input or e.prim.multiple_results:
+      kind = ("opaque:" + name) if opaque else (name if name in HEAVY else "identity")
+      u = Unit(len(units), kind, [], i, opaque=opaque)
+      unit_lazy_seen[u.idx] = set()
+      units.append(u)
+    else:
+      u = units[prods.pop()]
+    add_lazy_deps(u, e, unit_lazy_seen[u.idx])
+    u.eqns.append(i)
+    for o in e.outputs:
+      unit_of_val[o] = u.idx
+  out_set = {o for o in outs if isinstance(o, int)}
+  _link(units, eqns, b, out_set)
+  if fuse:
+    units = _fuse(units, eqns, b, out_set)
+  for o in outs:
+    if isinstance(o, int) and o in b.lazy:
+      raise ValueError("ios: an output is a constant expression; schedule a function whose outputs "
+                       "depend on its inputs")
+  unit_of_val = {o: u.idx for u in units for ei in u.eqns for o in eqns[ei].outputs
+                 if o not in b.lazy}
+  g = Graph(eqns, units, b.consts, b.lazy, b.avals, in_ids, outs, in_tree, out_tree, unit_of_val, [])
+  g.blocks = partition_blocks(g, part_size)
+  return g
+
+
+def partition_blocks(g: Graph, part_size: int) -> list:
+  """Blocks between cut points (units that every source->sink path crosses), split into parts."""
+  n = len(g.units)
+  if n == 0:
+    return []
+  crossed = np.zeros(n + 2, np.int64)  # positions shifted by 1; virtual source at 0, sink at n+1
+  edges = []
+  for u in g.units:
+    if not u.preds or any(a not in g.producer for a in u.inputs):
+      edges.append((0, u.idx + 1))
+    for s in u.succs:
+      edges.append((u.idx + 1, s + 1))
+    if any(o in g.out_ids for o in u.outputs) or not u.succs:
+      edges.append((u.idx + 1, n + 1))
+  diff = np.zeros(n + 3, np.int64)
+  for a, b in edges:
+    if b > a + 1:
+      diff[a + 1] += 1
+      diff[b] -= 1
+  crossed = np.cumsum(diff)[: n + 2]
+  blocks, cur = [], []
+  for i in range(n):
+    cur.append(i)
+    if crossed[i + 1] == 0:  # unit i is a cut point
+      blocks.append(cur)
+      cur = []
+  if cur:
+    blocks.append(cur)
+  parts = []
+  for blk in blocks:
+    for s in range(0, len(blk), part_size):
+      parts.append(blk[s:s + part_size])
+  return parts
+
+
+def summarize_graph(g: Graph) -> dict:
+  kinds: dict[str, int] = {}
+  for u in g.units:
+    kinds[u.kind] = kinds.get(u.kind, 0) + 1
+  return {"units": len(g.units), "eqns": len(g.eqns), "blocks": len(g.blocks),
+          "largest_part": max((len(p) for p in g.blocks), default=0), "kinds": kinds}

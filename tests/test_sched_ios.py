@@ -1,0 +1,293 @@
+"""Tests of mlsys_jax.sched (IOS on jaxprs). CPU, small shapes, analytical cost model."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mlsys_jax import sched
+from mlsys_jax.sched import emit
+from mlsys_jax.sched.dp import Stage, ios_dp
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, b, stride=1):
+  y = lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=DN)
+  return jax.nn.relu(y + b)
+
+
+def _block_params(key, cin=8):
+  shapes = {"a": (1, 1, cin, 8), "b1": (1, 1, cin, 6), "b2": (5, 5, 6, 8), "c1": (1, 1, cin, 8),
+            "c2": (3, 3, 8, 12), "c3": (3, 3, 12, 12), "d": (1, 1, cin, 4), "e": (3, 1, cin, 4)}
+  p = {}
+  for i, (k, s) in enumerate(sorted(shapes.items())):
+    kk = jax.random.fold_in(key, i)
+    p[k] = (jax.random.normal(kk, s) * (2.0 / np.prod(s[:3])) ** 0.5,
+            jax.random.normal(jax.random.fold_in(kk, 7), (s[3],)) * 0.1)
+  return p
+
+
+def _inception_like(p):
+  def f(x):
+    a = _conv(x, *p["a"])
+    b = _conv(_conv(x, *p["b1"]), *p["b2"])
+    c = _conv(_conv(_conv(x, *p["c1"]), *p["c2"]), *p["c3"])
+    pooled = lax.reduce_window(x, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME") / 9.0
+    d = _conv(pooled, *p["d"])
+    e = _conv(x, *p["e"])
+    y = jnp.concatenate([a, b, c, d, e], axis=-1)
+    return jnp.mean(y, axis=(1, 2)) @ jnp.ones((y.shape[-1], 3)) + a.sum()
+  return f
+
+
+@pytest.fixture(scope="module")
+def block():
+  p = _block_params(jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 9, 8))
+  return _inception_like(p), x
+
+
+def _relerr(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ------------------------------------------------------------------------------------------ DP
+def _brute_force(n, succ, cost, r, s):
+  """Exhaustive search over every sequence of valid parallel stages (tiny n)."""
+  tc = {}
+  for i in reversed(range(n)):
+    tc[i] = {i}.union(*[tc[j] for j in succ[i]]) if succ[i] else {i}
+  best = {frozenset(): 0.0}
+
+  def solve(S):
+    if S in best:
+      return best[S]
+    res = float("inf")
+    # a stage = disjoint groups, each = desc(u) & S of some u, |group| <= r, at most s groups
+    cands = {frozenset(tc[u] & S) for u in S if len(tc[u] & S) <= r}
+    cands = list(cands)
+    for k in range(1, s + 1):
+      for combo in itertools.combinations(cands, k):
+        un = frozenset().union(*combo)
+        if sum(len(c) for c in combo) != len(un):
+          continue
+        st = Stage("parallel", tuple(sorted(tuple(sorted(c)) for c in combo)))
+        res = min(res, solve(S - un) + cost(st))
+    best[S] = res
+    return res
+
+  return solve(frozenset(range(n)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dp_matches_brute_force_on_random_dags(seed):
+  rng = np.random.default_rng(seed)
+  n = 6
+  succ = {i: {j for j in range(i + 1, n) if rng.random() < 0.35} for i in range(n)}
+  w = rng.uniform(1, 3, n)
+
+  def cost(st):  # concurrency helps: max group sum plus a per-group overhead
+    return max(sum(w[u] for u in g) for g in st.groups) + 0.3 * len(st.groups) + 0.1 * len(st.units)
+
+  stages, total = ios_dp(list(range(n)), succ, cost, r=2, s=2, strategy="parallel")
+  # the chain-decomposition candidate set restricts roots to the last r of each chain, so the DP
+  # optimum is >= the unrestricted one; with r >= chain tail it must be equal on these DAGs or close
+  bf = _brute_force(n, succ, cost, 2, 2)
+  assert total >= bf - 1e-9
+  assert total == pytest.approx(sum(cost(s) for s in stages))
+  # schedule validity: every unit once, predecessors first
+  done = set()
+  for st in stages:
+    for u in st.units:
+      assert all(p in done or p in st.units for p in range(n) if u in succ[p])
+    done.update(st.units)
+  assert done == set(range(n))
+  # with r = s = n the candidate set is complete and the DP finds the exhaustive optimum
+  _, total_full = ios_dp(list(range(n)), succ, cost, r=n, s=n, strategy="parallel")
+  assert total_full == pytest.approx(_brute_force(n, succ, cost, n, n))
+
+
+def test_dp_diamond_and_strategies():
+  succ = {0: {1, 2}, 1: {3}, 2: {3}, 3: set()}
+  cost = lambda st: float(max(len(g) for g in st.groups))
+  stages, total = ios_dp([0, 1, 2, 3], succ, cost)
+  assert [s.groups for s in stages] == [((0,),), ((1,), (2,)), ((3,),)] and total == 3.0
+  stages, _ = ios_dp([0, 1, 2, 3], succ, cost, strategy="merge", merge_key=lambda u: "k" if u in (1, 2)
+                     else None)
+  assert all(len(s.units) == 1 or s.kind == "merge" for s in stages)
+  with pytest.raises(ValueError, match="strategy"):
+    ios_dp([0], {0: set()}, cost, strategy="fast")
+  with pytest.raises(ValueError, match="r and s"):
+    ios_dp([0], {0: set()}, cost, r=0)
+
+
+# ------------------------------------------------------------------------------------------ graph
+def test_graph_units_inlining_and_hoisting():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=True)(x)
+      x = jax.nn.swish(nn.relu(x))
+      y = nn.Conv(8, (1, 1))(x)
+      z = nn.Conv(8, (3, 3))(x)
+      return nn.avg_pool(y + z, (2, 2), (2, 2))
+
+  m = Net()
+  x = jnp.ones((1, 8, 8, 3))
+  v = m.init(jax.random.PRNGKey(0), x)
+  g = sched.build_graph(lambda x: m.apply(v, x), x, fuse=False)
+  kinds = [u.kind for u in g.units]
+  assert kinds.count("conv_general_dilated") == 3 and "identity" in kinds and "reduce_window_sum" in kinds
+  prims = {g.eqns[e].prim.name for u in g.units for e in u.eqns}
+  assert not prims & {"jit", "pjit", "custom_jvp_call", "rsqrt"}  # inlined; BN scale hoisted
+  first = g.units[0]
+  assert len(first.eqns) > 3  # bias, BN affine, relu, swish attached as epilogue
+  assert g.units[1].preds == {0} and g.units[2].preds == {0}
+  # the cut points split it into blocks: [conv], [conv, conv, add] ... ; every unit is in one part
+  assert sorted(u for p in g.blocks for u in p) == list(range(len(g.units)))
+  assert g.blocks[0] == [0]
+  g2 = sched.build_graph(lambda x: m.apply(v, x), x)  # fused: the add joins its consumer (the pool)
+  assert len(g2.units) == len(g.units) - 1
+
+
+def test_custom_vjp_inlined_and_part_size():
+  @jax.custom_vjp
+  def sq(x):
+    return x * x
+  sq.defvjp(lambda x: (x * x, x), lambda x, gbar: (2 * x * gbar,))
+  f = lambda x: jnp.tanh(sq(x @ jnp.ones((4, 4))) @ jnp.ones((4, 4)))
+  g = sched.build_graph(f, jnp.ones((2, 4)), part_size=1)
+  assert [u.kind for u in g.units] == ["dot_general", "dot_general"]
+  assert all(len(p) == 1 for p in g.blocks)
+  with pytest.raises(ValueError, match="part_size"):
+    sched.build_graph(f, jnp.ones((2, 4)), part_size=0)
+
+
+# ------------------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("strategy", ["both", "merge", "parallel"])
+def test_schedule_matches_original(block, strategy):
+  f, x = block
+  s = sched.ios_schedule(f, x, strategy=strategy)
+  x2 = jax.random.normal(jax.random.PRNGKey(5), x.shape)  # fresh inputs, not the example
+  assert _relerr(s(x2), jax.jit(f)(x2)) < 1e-5
+  c = s.counts()
+  if strategy == "parallel":
+    assert c["merge_stages"] == 0 and c["concurrent_stages"] >= 1
+  else:
+    assert c["merge_stages"] >= 1  # 1x1 convs on the block input merge under the launch-cost model
+  if strategy == "merge":
+    assert c["concurrent_stages"] == 0
+  assert "stages" in s.summary()
+
+
+def test_merged_conv_padding_and_slices():
+  key = jax.random.PRNGKey(3)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), s) for i, s in
+        enumerate([(1, 1, 4, 3), (3, 3, 4, 5), (5, 5, 4, 2), (3, 1, 4, 2), (1, 3, 4, 3)])]
+  x = jax.random.normal(key, (1, 7, 7, 4))
+
+  def f(x):
+    return [lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) for w in ws]
+
+  g = sched.build_graph(f, x)
+  keys = {emit.merge_key(g, u.idx) for u in g.units}
+  assert len(keys) == 1 and None not in keys
+  st = Stage("merge", (tuple(range(len(ws))),))
+  fn, ins, outs, cids = emit.stage_program(g, st, "plain")
+  got = fn({c: g.consts[c] for c in cids}, (x,))
+  want = f(x)
+  for a, b in zip(got, want):
+    assert _relerr(a, b) < 1e-5
+  # stride 2 valid padding and a grouped conv are not mergeable with stride-1 SAME convs
+  def h(x):
+    return (lax.conv_general_dilated(x, ws[0], (2, 2), "SAME", dimension_numbers=DN),
+            lax.conv_general_dilated(x, jnp.ones((3, 3, 2, 4)), (1, 1), "SAME", dimension_numbers=DN,
+                                     feature_group_count=2))
+  g2 = sched.build_graph(h, x)
+  assert emit.merge_key(g2, 1) is None and emit.merge_key(g2, 0) is not None
+
+
+def test_control_flow_kept_sequential_or_refused():
+  w = jnp.ones((4, 4)) * 0.1
+
+  def f(x):
+    a = x @ w
+    b = lax.cond(a.sum() > 0, lambda v: v * 2.0, lambda v: v - 1.0, a)
+    c, _ = lax.scan(lambda carry, _: (jnp.tanh(carry @ w), None), a, None, length=3)
+    return b + c + x @ (2 * w)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+  s = sched.ios_schedule(f, x)
+  kinds = [u.kind for u in s.graph.units]
+  assert "opaque:cond" in kinds and "opaque:scan" in kinds
+  for st in s.stages:  # opaque units are always alone in their stage
+    if any(s.graph.units[u].opaque for u in st.units):
+      assert len(st.units) == 1
+  assert _relerr(s(x), f(x)) < 1e-6
+  with pytest.raises(ValueError, match="cond"):
+    sched.ios_schedule(f, x, allow_opaque=False)
+
+
+# ------------------------------------------------------------------------------------------ API
+def test_json_roundtrip_and_static_argnums(block, tmp_path):
+  f, x = block
+  p = _block_params(jax.random.PRNGKey(0))
+
+  def apply(params, x):
+    return _inception_like(params)(x)
+
+  s = sched.ios_schedule(apply, p, x, static_argnums=(0,))
+  assert _relerr(s(x), f(x)) < 1e-5
+  text = s.to_json()
+  assert json.loads(text)["schema"].startswith("mlsys_jax.sched.ios")
+  s2 = sched.Schedule.from_json(text, apply, p, x, static_argnums=(0,))
+  assert [st.groups for st in s2.stages] == [st.groups for st in s.stages]
+  assert _relerr(s2(x), s(x)) < 1e-6
+  with pytest.raises(ValueError, match="different graph"):
+    sched.Schedule.from_json(text, lambda x: jnp.tanh(x @ jnp.ones((8, 8))), x)
+  with pytest.raises(ValueError, match="strategy"):
+    sched.ios_schedule(f, x, strategy="greedy")
+  with pytest.raises(ValueError, match="static_argnums"):
+    sched.ios_schedule(apply, p, x, static_argnums=(5,))
+
+
+def test_streams_emission_lowers_with_annotation(block):
+  if not sched.stream_call_available():
+    pytest.skip("jax without function-form compute_on")
+  f, x = block
+  s = sched.ios_schedule(f, x, strategy="parallel", emission="streams")
+  assert s.counts()["concurrent_stages"] >= 1
+  txt = s.lower(x).as_text()
+  assert "_xla_stream_annotation" in txt
+  assert sched.compiler_options("cuda_graph", backend="gpu")["xla_gpu_command_buffer_scheduling_mode"] \
+      == "CONCURRENT"
+  assert "CONVOLUTION" in sched.compiler_options("streams", backend="gpu")["xla_gpu_enable_command_buffer"]
+  assert sched.compiler_options("cuda_graph", backend="cpu") == {}
+
+
+def test_stage_profiler_cache_on_disk(tmp_path):
+  w = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 4, 4))
+  f = lambda x: (jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)),
+                 lax.conv_general_dilated(x, 2 * w, (1, 1), "SAME", dimension_numbers=DN))
+  x = jnp.ones((1, 6, 6, 4))
+  path = str(tmp_path / "cache.json")
+  prof = sched.StageProfiler(mode="plain", k=2, number=2, repeat=1, warmup=1, cache_path=path)
+  s = sched.ios_schedule(f, x, profiler=prof, r=2, s=2)
+  assert prof.misses > 0 and os.path.exists(path)
+  prof2 = sched.StageProfiler(mode="plain", k=2, number=2, repeat=1, warmup=1, cache_path=path)
+  s2 = sched.ios_schedule(f, x, profiler=prof2, r=2, s=2)
+  assert prof2.misses == 0 and prof2.hits > 0
+  assert [st.groups for st in s2.stages] == [st.groups for st in s.stages]
+  assert _relerr(s2(x)[0], f(x)[0]) < 1e-6
+  with pytest.raises(ValueError, match="k must be"):
+    sched.StageProfiler(k=1)
