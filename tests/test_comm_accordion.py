@@ -107,20 +107,34 @@ def test_collectives_agree_with_single_device(devices):
 
   def run(g0, g1):
     first = jax.tree_util.tree_map(lambda x: x[0], g0)
+    second = jax.tree_util.tree_map(lambda x: x[0], g1)
     st = tx.init(first)
     out0, st = tx.update(first, st)
-    out1, st = tx.update(jax.tree_util.tree_map(lambda x: x[0], g1), st)
-    return (jax.tree_util.tree_map(lambda x: x[None], out0), st.critical[None], st.prev_norm[None],
-            st.bytes_sent[None])
+    _, st = tx.update(second, st)
+    crit, norms, nb = st.critical, st.prev_norm, st.bytes_sent
+    out2, _ = tx.update(second, st)          # third step: rank 1 where the detector said so
+    return (jax.tree_util.tree_map(lambda x: x[None], out0), crit[None], norms[None], nb[None],
+            jax.tree_util.tree_map(lambda x: x[None], out2))
 
-  f = shard_map(run, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, P("d"), P("d"), P("d")),
-                check_vma=False)
-  out0, crit, norms, nbytes = jax.jit(f)(g0, g1)
+  f = jax.jit(shard_map(run, mesh=mesh, in_specs=(spec, spec),
+                        out_specs=(spec, P("d"), P("d"), P("d"), spec), check_vma=False))
+  out0, crit, norms, nbytes, _ = f(g0, g1)
   # step 1 is critical (rank 2): the global output equals single-device PowerSGD on the mean gradient
   ref, _ = jax.jit(lr.powersgd(2).update)(jax.tree_util.tree_map(lambda x: x.mean(0), g0),
                                           lr.powersgd(2).init(params))
   for k in params:
     np.testing.assert_allclose(np.asarray(out0[k][3]), np.asarray(ref[k]), rtol=2e-4, atol=2e-5)
+  # identical gradients on every worker: all three steps (both levels) equal the single-device run
+  rep = lambda g: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x[:1], x.shape), g)
+  *_, out2 = f(rep(g0), rep(g1))
+  single = accordion("powersgd", low=2, high=1, interval=1)
+  sst = single.init(params)
+  for i, g in enumerate((g0, g1, g1)):
+    if i == 2:   # the flags the third step uses: conv at rank 2, dense at rank 1
+      np.testing.assert_array_equal(np.asarray(sst.critical), [False, True, False])
+    sout, sst = jax.jit(single.update)(jax.tree_util.tree_map(lambda x: x[0], g), sst)
+  for k in params:
+    np.testing.assert_allclose(np.asarray(out2[k][5]), np.asarray(sout[k]), rtol=2e-4, atol=2e-5)
   # decisions: same on every device, from the mean over devices of the local window norms
   crit = np.asarray(crit)
   assert (crit == crit[0]).all()
