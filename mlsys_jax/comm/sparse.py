@@ -151,7 +151,8 @@ _PACK_METHOD = "search"
 def _pack_scatter(x, threshold, capacity, flags, incl, n_cand, cap_b):
   """compact_above's packing by scatters to unique destinations: flagged block b goes to candidate slot
   ``incl[b] - 1``, selected entry e of candidate row r to payload slot ``row_offset[r] + rank(e)``;
-  everything else is sent out of bounds and dropped. No search, no sort; deterministic."""
+  everything else is sent out of bounds and dropped. No search, no sort; deterministic. (The in-bounds
+  destinations are unique; the repeated out-of-bounds ones are dropped before any write.)"""
   n = x.shape[0]
   nb = flags.shape[0]
   dst = jnp.where(flags, incl - 1, cap_b)
