@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -50,6 +51,7 @@ OPCODES: tuple[str, ...] = (
     "set-dimension-size", "shift-left", "shift-right-arithmetic", "shift-right-logical", "sign", "sine",
     "slice", "sort", "sqrt", "stochastic-convert", "subtract", "tan", "tanh", "topk", "transpose",
     "triangular-solve", "tuple", "while", "xor", "ragged-all-to-all", "ragged-dot", "composite",
+    "fusion-start", "fusion-done", "call-start", "call-done",
 )
 OPCODE_ID = {name: i for i, name in enumerate(OPCODES)}
 
@@ -143,6 +145,20 @@ def _node_costs(ins: Instruction, operand_shapes) -> tuple[float, float]:
   """(flops, transcendentals) of one instruction from shapes alone."""
   out = ins.shape.num_elements if not ins.shape.is_tuple else 0
   op = ins.opcode
+  if op == "custom-call" and len(operand_shapes) >= 2:
+    # cuBLAS / cuDNN calls return (result, workspace): cost them as the dot / convolution they are.
+    res = ins.shape.elements[0] if ins.shape.is_tuple and ins.shape.elements else ins.shape
+    target = _custom_target(ins)
+    if target == 1:
+      m = re.search(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]', ins.attrs.get("backend_config", ""))
+      k = 1
+      for d in (int_list(m.group(1)) if m else []):
+        if 0 <= d < len(operand_shapes[0].dims):
+          k *= operand_shapes[0].dims[d]
+      return 2.0 * res.num_elements * k, 0.0
+    if target == 2 and "dim_labels" in ins.attrs:
+      ins = Instruction(ins.name, "convolution", res, ins.operands, ins.attrs)
+      out, op = res.num_elements, "convolution"
   if op == "dot" and len(operand_shapes) >= 2:
     k = 1
     lhs = operand_shapes[0]
@@ -219,7 +235,8 @@ def _node_row(module: HloModule, ins: Instruction, names: dict[str, Instruction]
   a[ATTR_ID["fusion_kind"]] = float(fusion_kind)
   if ins.opcode == "constant" and rank == 0 and ins.literal:
     try:
-      a[ATTR_ID["scalar_constant"]] = float(np.clip(float(ins.literal), -1e6, 1e6))
+      v = float(ins.literal)
+      a[ATTR_ID["scalar_constant"]] = float(np.clip(v, -1e6, 1e6)) if not np.isnan(v) else 0.0
     except ValueError:
       pass
   flops, trans = _node_costs(ins, operand_shapes)
@@ -230,7 +247,7 @@ def _node_row(module: HloModule, ins: Instruction, names: dict[str, Instruction]
 
 
 def _fusion_kind(ins: Instruction) -> int:
-  if ins.opcode != "fusion":
+  if ins.opcode not in ("fusion", "fusion-start"):
     return 0
   k = ins.attrs.get("kind", "").strip()
   return FUSION_KINDS.index(k) if k in FUSION_KINDS else 4

@@ -1,0 +1,237 @@
+"""Tests of mlsys_jax.cost HLO capture, parsing and graph building."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax import cost
+from mlsys_jax.cost import graph as graph_lib
+from mlsys_jax.cost import hlo as hlo_lib
+from mlsys_jax.cost import programs
+
+DATA = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "mlsys_jax", "cost", "data", "*.npz")))
+
+
+def _check_graph(g: cost.HloGraph):
+  n, e = int(g.n_node.sum()), int(g.n_edge.sum())
+  assert g.opcode.shape == (n,) and g.attrs.shape == (n, graph_lib.NUM_ATTRS)
+  assert g.senders.shape == (e,) and g.receivers.shape == (e,)
+  if e:
+    assert g.senders.min() >= 0 and g.senders.max() < n
+    assert g.receivers.min() >= 0 and g.receivers.max() < n
+  assert g.kernel.min() >= 0 and g.kernel.max() < int(g.n_kernel.sum())
+  assert np.all(g.opcode > 0)  # no padding opcode, no unknown opcode in real graphs
+  assert np.all(g.opcode != 1), [graph_lib.OPCODES[o] for o in g.opcode]
+
+
+def test_parse_shape():
+  s = cost.parse_shape("f32[8,16]{1,0}")
+  assert s == hlo_lib.Shape("f32", (8, 16), (1, 0)) and s.num_bytes == 512
+  t = cost.parse_shape("(bf16[4]{0}, s32[], (pred[2]{0}))")
+  assert t.is_tuple and t.num_bytes == 8 + 4 + 2
+  assert cost.parse_shape("f32[<=10,3]{1,0:T(8,128)}").dims == (10, 3)
+  assert cost.parse_shape("token[]").num_elements == 1
+  with pytest.raises(ValueError):
+    cost.parse_shape("f32[8,x]")
+
+
+def test_capture_matmul_flops_match_xla():
+  cap = cost.capture(jnp.dot, jnp.ones((64, 32)), jnp.ones((32, 16)))
+  mod = cost.parse_hlo(cap.hlo_text)
+  kc = cost.kernel_costs(mod)
+  assert sum(k["flops"] for k in kc) == 2 * 64 * 32 * 16 == cap.cost["flops"]
+  # Bytes of the kernel: both operands read, output written once.
+  assert max(k["bytes"] for k in kc) == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+
+
+def test_conv_flops_closed_form():
+  x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+  f = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  cap = cost.capture(f, x, w)
+  flops = sum(k["flops"] for k in cost.kernel_costs(cost.parse_hlo(cap.hlo_text)))
+  assert flops == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
+
+
+def test_strip_metadata_keeps_graph():
+  cap = cost.capture(lambda x: jax.nn.softmax(jnp.tanh(x), -1).sum(), jnp.ones((8, 16)))
+  g1 = cost.program_graph(cost.parse_hlo(cap.hlo_text))
+  stripped = cost.strip_metadata(cap.hlo_text)
+  assert "metadata=" not in stripped and "StackFrames" not in stripped
+  g2 = cost.program_graph(cost.parse_hlo(stripped))
+  for a, b in zip(g1, g2):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_program_graph_structure():
+  cap = cost.capture(lambda x, w: jnp.tanh(x @ w) + 1.0, jnp.ones((4, 8)), jnp.ones((8, 2)))
+  mod = cost.parse_hlo(cap.hlo_text)
+  g = cost.program_graph(mod)
+  _check_graph(g)
+  n_entry = len(mod.entry.instructions)
+  assert int(g.n_kernel[0]) == n_entry
+  # Every instruction of the entry plus every instruction of fused/called computations is a node.
+  called = list(hlo_lib.iter_called(mod, mod.entry))
+  assert int(g.n_node[0]) == n_entry + sum(len(c.instructions) for c in called)
+  # Each operand edge inside a computation is present.
+  edges = set(zip(g.senders.tolist(), g.receivers.tolist()))
+  assert sum(len(i.operands) for i in mod.entry.instructions) <= len(edges)
+  kg = cost.kernel_graphs(mod)
+  assert len(kg) >= 1 and all(int(k.n_kernel[0]) == 1 for _, k in kg)
+
+
+@pytest.mark.parametrize("family", programs.FAMILIES)
+def test_parse_every_family_cpu(family):
+  rng = np.random.default_rng(3)
+  spec = programs.sample_program(family, rng, "cpu")
+  for name, opts in programs.option_variants("cpu")[:1]:
+    cap = cost.capture(spec.fn, *spec.args, compiler_options=opts or None)
+    g = cost.program_graph(cost.parse_hlo(cap.hlo_text))
+    _check_graph(g)
+    x = cost.node_features(g)
+    assert x.shape == (int(g.n_node[0]), cost.NUM_NODE_FEATURES) and np.isfinite(x).all()
+
+
+def test_while_loop_and_conditional():
+  def f(x, p):
+    y = jax.lax.fori_loop(0, 5, lambda i, c: jnp.sin(c) * 1.1, x)
+    return jax.lax.cond(p > 0, lambda a: a + 1, lambda a: a * 2, y)
+  cap = cost.capture(f, jnp.ones((16,)), 1.0)
+  mod = cost.parse_hlo(cap.hlo_text)
+  ops = {i.opcode for c in mod.computations.values() for i in c.instructions}
+  assert "while" in ops
+  _check_graph(cost.program_graph(mod))
+
+
+GPU_HLO = """HloModule jit_fn, is_scheduled=true, entry_computation_layout={(f32[64,32]{1,0}, f32[32,16]{1,0})->f32[64,16]{1,0}}
+
+%fused_relu (param_0: f32[64,16]) -> f32[64,16] {
+  %param_0 = f32[64,16]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  %b = f32[64,16]{1,0} broadcast(%c), dimensions={}
+  ROOT %m = f32[64,16]{1,0} maximum(%param_0, %b)
+}
+
+%gemm_fusion_dot (p0: f32[64,32], p1: f32[32,16]) -> f32[64,16] {
+  %p0 = f32[64,32]{1,0} parameter(0)
+  %p1 = f32[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.3 (x.1: f32[64,32], w.1: f32[32,16]) -> f32[64,16] {
+  %x.1 = f32[64,32]{1,0} parameter(0), metadata={op_name="x"}
+  %w.1 = f32[32,16]{1,0} parameter(1), metadata={op_name="w"}
+  %gemm = f32[64,16]{1,0} fusion(%x.1, %w.1), kind=kCustom, calls=%gemm_fusion_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":{"block_m":"32","block_n":"16","block_k":"32","split_k":"1","num_stages":"4","num_warps":"2","num_ctas":"1"}}}
+  %cc = (f32[64,16]{1,0}, s8[1024]{0}) custom-call(%x.1, %w.1), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %gte = f32[64,16]{1,0} get-tuple-element(%cc), index=0
+  %sum = f32[64,16]{1,0} add(%gemm, %gte)
+  ROOT %relu = f32[64,16]{1,0} fusion(%sum), kind=kLoop, calls=%fused_relu
+}
+"""
+
+
+def test_gpu_dialect_text():
+  mod = cost.parse_hlo(GPU_HLO)
+  g = cost.program_graph(mod)
+  _check_graph(g)
+  A = graph_lib.ATTR_ID
+  gemm = [i for i, o in enumerate(g.opcode) if graph_lib.OPCODES[o] == "fusion"
+          and g.attrs[i, A["fusion_kind"]] == graph_lib.FUSION_KINDS.index("kCustom")]
+  assert len(gemm) == 1
+  assert g.attrs[gemm[0], A["block_m"]] == 32 and g.attrs[gemm[0], A["num_warps"]] == 2
+  cc = [i for i, o in enumerate(g.opcode) if graph_lib.OPCODES[o] == "custom-call"][0]
+  assert g.attrs[cc, A["custom_target"]] == graph_lib.CUSTOM_TARGETS.index("gemm")
+  kc = {k["name"]: k for k in cost.kernel_costs(mod)}
+  assert kc["gemm"]["flops"] == kc["cc"]["flops"] == 2 * 64 * 32 * 16
+  assert kc["relu"]["fusion_kind"] == "kLoop" and kc["gte"]["trivial"]
+
+
+@pytest.mark.parametrize("bad, line, what", [
+    ("  %b = f32[64,16]{1,0} broadcast(%c, dimensions={}", 6, "unbalanced"),
+    ("  %b = f32[64,1x]{1,0} broadcast(%c), dimensions={}", 6, "dimension"),
+    ("  %b = f32[64,16]{1,0} broadcast(%nope), dimensions={}", 6, "not defined"),
+    ("  %b f32[64,16]{1,0} broadcast(%c), dimensions={}", 6, "expected an instruction"),
+])
+def test_malformed_reports_line(bad, line, what):
+  lines = GPU_HLO.splitlines()
+  assert "%b = f32[64,16]{1,0} broadcast(%c)" in lines[line - 1]
+  lines[line - 1] = bad
+  with pytest.raises(cost.HloParseError) as e:
+    cost.parse_hlo("\n".join(lines))
+  assert e.value.lineno == line and what in str(e.value) and f"line {line}" in str(e.value)
+
+
+def test_malformed_structure():
+  with pytest.raises(cost.HloParseError, match="not closed"):
+    cost.parse_hlo(GPU_HLO.rstrip().rstrip("}"))
+  with pytest.raises(cost.HloParseError, match="HloModule"):
+    cost.parse_hlo("ENTRY %m () -> f32[] {\n  ROOT %c = f32[] constant(1)\n}")
+  with pytest.raises(cost.HloParseError, match="unknown computation"):
+    cost.parse_hlo(GPU_HLO.replace("calls=%fused_relu", "calls=%missing"))
+  with pytest.raises(TypeError):
+    cost.parse_hlo(b"HloModule x")
+
+
+def test_batch_pad_unbatch_roundtrip():
+  gs = [cost.program_graph(cost.parse_hlo(cost.capture(f, jnp.ones((4, 4))).hlo_text))
+        for f in (jnp.sin, lambda x: x @ x, lambda x: jnp.exp(x).sum(0))]
+  b = cost.batch_graphs(gs)
+  for i, g in enumerate(gs):
+    for u, v in zip(cost.unbatch_graph(b, i), g):
+      np.testing.assert_array_equal(u, v)
+  n, e, k = int(b.n_node.sum()), int(b.n_edge.sum()), int(b.n_kernel.sum())
+  p = cost.pad_graph(b, n + 5, e + 3, k + 2, 5)
+  assert p.opcode.shape == (n + 5,) and p.senders.shape == (e + 3,)
+  assert int(p.n_node.sum()) == n + 5 and int(p.n_kernel.sum()) == k + 2 and p.n_node.shape == (5,)
+  assert np.all(p.opcode[n:] == 0) and np.all(p.kernel[n:] == k + 1)
+  with pytest.raises(ValueError, match="exceed"):
+    cost.pad_graph(b, n, e, k + 1, 5)
+
+
+def test_resnet20_hlo():
+  from mlsys_jax.models import ResNet20
+  m = ResNet20()
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)  # abstract variables: no eager init
+  cap = cost.capture(lambda v, x: m.apply(v, x), v, x)
+  mod = cost.parse_hlo(cap.hlo_text)
+  g = cost.program_graph(mod)
+  _check_graph(g)
+  assert int(g.n_node[0]) > 300
+  # Shape-based flops are close to XLA's (XLA also counts a few elementwise ops differently).
+  ours = sum(k["flops"] for k in cost.kernel_costs(mod))
+  assert 0.8 < ours / cap.cost["flops"] < 1.25
+
+
+def test_ios_nets_hlo():
+  ios = pytest.importorskip("mlsys_jax.models.ios_nets")
+  nets = ios.ios_benchmark_nets(small=True)
+  assert set(nets) >= {"inception_v3", "squeezenet", "randwire", "nasnet"}
+  for name, (m, shape) in nets.items():
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
+    lowered = jax.jit(lambda v, x: m.apply(v, x)).lower(v, x)
+    # Pre-optimization HLO of every net (no compile), optimized HLO of the smallest one.
+    text = lowered.compiler_ir("hlo").as_hlo_text()
+    mod = cost.parse_hlo(text)
+    n_conv = sum(i.opcode == "convolution" for c in mod.computations.values() for i in c.instructions)
+    if name == "nasnet":  # the small NasNet has fewer cells than IOS's
+      assert n_conv > 10
+    else:  # one HLO convolution per conv_general_dilated of the net
+      assert n_conv == ios.IOS_OP_COUNTS[name]["conv"], (name, n_conv)
+    _check_graph(cost.program_graph(mod))
+    if name == "squeezenet":
+      _check_graph(cost.program_graph(cost.parse_hlo(lowered.compile().as_text())))
+
+
+@pytest.mark.skipif(not DATA, reason="no committed dataset")
+def test_parse_every_collected_program():
+  for path in DATA:
+    d = cost.load_dataset(path)
+    assert len(d) > 100
+    for text in d.hlo:
+      _check_graph(cost.program_graph(cost.parse_hlo(text)))
