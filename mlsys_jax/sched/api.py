@@ -214,7 +214,7 @@ def sequential_schedule(g: Graph) -> list:
 def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: Any = None,
                  strategy: str = "both", part_size: int = 50, emission: str = "cuda_graph",
                  static_argnums: Sequence[int] = (), allow_opaque: bool = True,
-                 verbose: bool = False) -> Schedule:
+                 prefetch: bool = True, verbose: bool = False) -> Schedule:
   """Search an IOS schedule for ``fn`` and return it (callable).
 
   Args:
@@ -228,6 +228,8 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
     part_size: largest DP part (paper experiments: 50).
     emission: 'cuda_graph' (default), 'streams' or 'plain'; see ``mlsys_jax.sched.emit``.
     static_argnums: positional arguments treated as constants (e.g. the variables of model.apply).
+    prefetch: with a profiler that has ``prefetch`` (``StageProfiler``), first run the DP under the
+      analytical model to collect the stages it asks for and compile them in parallel threads.
     allow_opaque: keep control flow / unknown higher-order primitives as sequential units (True) or
       raise ValueError naming them (False).
 
@@ -250,7 +252,7 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   succ = {u.idx: u.succs for u in g.units}
   stages, lats = [], []
   cost = lambda st: profiler(g, st)
-  if hasattr(profiler, "prefetch"):
+  if hasattr(profiler, "prefetch") and prefetch:
     # pass 1: record the stages a DP asks for under the analytical model, then compile them in
     # parallel and time them; pass 2 (below) hits the profiler's cache.
     wanted: dict = {}
