@@ -47,6 +47,8 @@ _FT_LRS = flags.DEFINE_list("ft_lrs", ["1e-3", "1e-4", "1e-5"], "Fine-tuning lea
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Trials.")
 _CAPACITY = flags.DEFINE_list("capacity_bits", ["32", "64", "128", "256"], "N of the capacity sweep.")
 _CAPACITY_LAMS = flags.DEFINE_list("capacity_lams", ["1", "3", "10"], "lambda of the capacity sweep.")
+_FT_DIAG = flags.DEFINE_bool("ft_diagnostic", True, "Also fine-tune the plain model: relative weight "
+                              "change and how many of its own projected-gradient signs flip.")
 _PAPER = flags.DEFINE_bool("paper_baseline", True, "Also train the paper's loss (BCE, lambda=1).")
 _OUT = flags.DEFINE_string("out", "", "Output JSON (default experiments/results/gradsigns_<dataset>.json).")
 
@@ -104,6 +106,13 @@ def quantize_weights(params, bits):
   return jax.tree_util.tree_map(q, params)
 
 
+def rel_change(new, old):
+  """||new - old|| / ||old|| over all parameters."""
+  num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree_util.tree_leaves(new),
+                                                          jax.tree_util.tree_leaves(old)))
+  return float(np.sqrt(num / sum(float(jnp.sum(b ** 2)) for b in jax.tree_util.tree_leaves(old))))
+
+
 def summary(x):
   a = np.asarray(x, np.float64)
   return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
@@ -125,7 +134,7 @@ def main(argv):
   x_train_t = jnp.asarray(ds.x_train[ds.y_train == 0])
   r = {k: [] for k in ("plain_acc", "wm_acc", "ber_whitebox", "ber_whitebox_keyset", "ber_blackbox",
                        "paper_acc", "paper_ber", "false_claim", "owner_claim")}
-  attacks = {}
+  attacks, ft_diag = {}, {}
 
   def record(name, e, a):
     attacks.setdefault(name, {"ber": [], "acc": []})
@@ -147,9 +156,17 @@ def main(argv):
     # the plain model of this seed is an independent model for this key
     r["false_claim"].append(gs.verify(gs.extract_whitebox(lambda x: model.apply(vp, x), x_test_t, wm),
                                       wm)._asdict())
+    own = wm._replace(signature=gs.extract_whitebox(lambda x: model.apply(vp, x), x_test_t, wm))
     for lr in ft_lrs:   # adversary: the full training set, plain cross-entropy, as many epochs as training
       vf, af = train(ds, model, seed + 100, _EPOCHS.value, params=vw["params"], lr=lr)
       record(f"fine-tuning lr={lr:g}", ber(model, vf, x_test_t, wm), af)
+      if _FT_DIAG.value:   # the same fine-tuning of the plain model: how stable are its own signs?
+        vpf, _ = train(ds, model, seed + 100, _EPOCHS.value, params=vp["params"], lr=lr)
+        d = ft_diag.setdefault(f"lr={lr:g}", {"wm_weight_change": [], "plain_weight_change": [],
+                                              "plain_own_sign_flips": []})
+        d["wm_weight_change"].append(rel_change(vf["params"], vw["params"]))
+        d["plain_weight_change"].append(rel_change(vpf["params"], vp["params"]))
+        d["plain_own_sign_flips"].append(ber(model, vpf, x_test_t, own))
     for frac in (0.5, 0.8):
       pv = {"params": prune(vw["params"], frac)}
       record(f"pruning {int(frac * 100)}%", ber(model, pv, x_test_t, wm),
@@ -199,6 +216,7 @@ def main(argv):
       "ber_blackbox": summary(r["ber_blackbox"]), "owner_claim": r["owner_claim"],
       "false_claim": r["false_claim"],
       "attacks": {k: {"ber": summary(d["ber"]), "acc": summary(d["acc"])} for k, d in attacks.items()},
+      "fine_tuning_diagnostic": {k: {m: summary(v) for m, v in d.items()} for k, d in ft_diag.items()},
       "capacity": cap, "largest_bits_with_ber0": largest, "seconds": time.perf_counter() - t0,
   }
   if r["paper_acc"]:
@@ -218,6 +236,10 @@ def main(argv):
           f"{np.mean(r['paper_ber']):.4f}")
   for k, d in res["attacks"].items():
     print(f"  {k:34s} BER {d['ber']['mean']:.3f} +- {d['ber']['std']:.3f}  accuracy {d['acc']['mean']:.4f}")
+  for k, d in res["fine_tuning_diagnostic"].items():
+    print(f"  fine-tuning {k}: relative weight change wm {d['wm_weight_change']['mean']:.3f} plain "
+          f"{d['plain_weight_change']['mean']:.3f}; plain model's own signs flipped "
+          f"{d['plain_own_sign_flips']['mean']:.3f} (watermark BER {res['attacks'][f'fine-tuning {k}']['ber']['mean']:.3f})")
   print("  independent models claimed:", sum(f["owned"] for f in r["false_claim"]), "of",
         len(r["false_claim"]), "; smallest false-claim probability at their matches:",
         f"{min(f['false_claim_probability'] for f in r['false_claim']):.3g}; owner claimed (black-box):",

@@ -78,7 +78,7 @@ def gradsigns_keygen(key: jax.Array, input_shape: tuple[int, ...], num_bits: int
                      num_classes: int = 10) -> WatermarkKey:
   """Draw a projection, a carrier set and a signature (Bernoulli(1/2) bits) from ``key``.
 
-  Aramoon et al. (MLSys 2021), Sec. 3; as in the authors' code the carriers are a uniformly random subset
+  Aramoon et al. (MLSys 2021); as in the authors' code the carriers are a uniformly random subset
   of the flattened input coordinates and the projection entries are U(-1, 1).
 
   Args:
@@ -188,7 +188,7 @@ def gradsigns_regularizer(logits_fn: Callable[[jax.Array], jax.Array], x_target:
                           margin: float = 0.5, per_example: bool = False) -> jax.Array:
   """The GradSigns embedding loss on class-t inputs ``x_target``; add it to the task loss.
 
-  Aramoon et al. (MLSys 2021), Eq. for the watermarked objective: with z = K g_bar[C],
+  Aramoon et al. (MLSys 2021), the watermarked training objective L = CE + lambda * reg; with z = K g_bar[C],
 
   * ``loss="bce"`` (the paper): ``weight * BCE(b, sigmoid(z))``, averaged over bits;
   * ``loss="hinge"``: ``weight * mean_i max(0, margin - s_i z_i / rms(z))`` with s = 2b - 1: zero once
