@@ -136,7 +136,7 @@ def test_gnn_padding_invariance_and_jit():
 
   model = cost.GraphSAGECostModel(hidden=16, embed_dim=8, num_layers=2)
   batch = padded(b, np.concatenate(feats))
-  params = model.init(jax.random.PRNGKey(0), batch)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
   apply = jax.jit(model.apply)
   y0 = np.asarray(apply(params, batch))[:len(gs)]
   assert np.isfinite(y0).all()

@@ -96,7 +96,7 @@ def fit_gnn(graphs: Sequence[HloGraph], runtime_s: np.ndarray, group: np.ndarray
   rng = np.random.default_rng(cfg.seed)
   idx = np.arange(len(graphs))
   _, b0, _ = next(_batches(graphs, feats, idx[:2], cfg.graphs_per_batch, None, None))
-  params = model.init(jax.random.PRNGKey(cfg.seed), b0)
+  params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed), b0)
   tx = optax.adamw(optax.cosine_decay_schedule(cfg.lr, cfg.epochs * max(1, len(idx) // cfg.graphs_per_batch)),
                    weight_decay=cfg.weight_decay)
   opt_state = tx.init(params)
