@@ -160,7 +160,11 @@ def main(argv):
     print(f"  gnn trained in {time.time() - tg:.0f}s; fold MAPE gnn "
           f"{metrics.mape(preds['gnn'][ite], y[ite]):.3f} analytical_max "
           f"{metrics.mape(preds['analytical_max'][ite], y[ite]):.3f}", flush=True)
-  done = np.all(np.isfinite(np.stack(list(preds.values()))), axis=0)
+  finite = {k: np.isfinite(p) for k, p in preds.items()}
+  for k, f in finite.items():
+    if not f.all():
+      print(f"WARNING: {k} has {int((~f).sum())} non-finite predictions; those rows are left out", flush=True)
+  done = np.all(np.stack(list(finite.values())), axis=0)
   results, per_group = [], {}
   for name, p in preds.items():
     s, gm = summarize(name, p[done], y[done], a["group"][done])

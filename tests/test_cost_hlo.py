@@ -46,6 +46,7 @@ def test_capture_matmul_flops_match_xla():
   assert sum(k["flops"] for k in kc) == 2 * 64 * 32 * 16 == cap.cost["flops"]
   # Bytes of the kernel: both operands read, output written once.
   assert max(k["bytes"] for k in kc) == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+  assert cost.capture_kernels(jnp.dot, jnp.ones((64, 32)), jnp.ones((32, 16))) == kc
 
 
 def test_conv_flops_closed_form():

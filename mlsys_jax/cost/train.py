@@ -137,7 +137,7 @@ def predict_gnn(params: dict, graphs: Sequence[HloGraph], cfg: GNNConfig = GNNCo
   out = np.zeros(len(graphs))
   for c, b, _ in _batches(graphs, feats, np.arange(len(graphs)), cfg.graphs_per_batch, None, None):
     out[c] = np.asarray(apply(params, b))[:len(c)]
-  return np.exp(out) / 1e6
+  return np.exp(np.clip(out, -20.0, 25.0)) / 1e6  # log-microseconds, clipped against overflow
 
 
 class MLPConfig(NamedTuple):
@@ -178,4 +178,5 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
 def predict_mlp(state, x: np.ndarray, cfg: MLPConfig = MLPConfig()) -> np.ndarray:
   params, mu, sd = state
   model = MLPCostModel(cfg.hidden, cfg.num_layers)
-  return np.exp(np.asarray(model.apply(params, (np.asarray(x, np.float32) - mu) / sd))) / 1e6
+  out = np.asarray(model.apply(params, (np.asarray(x, np.float32) - mu) / sd), np.float64)
+  return np.exp(np.clip(out, -20.0, 25.0)) / 1e6  # an MLP can extrapolate far on unseen families
