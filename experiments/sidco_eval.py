@@ -5,7 +5,10 @@ workers (8 simulated workers mapped with jax.vmap and an axis name) with compres
   python experiments/sidco_eval.py
   python experiments/sidco_eval.py --dataset=digits --steps=400 --seeds=3
   # momentum SGD (the SIDCo authors' optimizer) with DGC momentum correction in the compressed arms
-  python experiments/sidco_eval.py --skip_density --optimizer=momentum --seeds=8 --out_name=sidco_mnist1d_momentum
+  python experiments/sidco_eval.py --skip_density --optimizer=momentum --seeds=5 --out_name=sidco_mnist1d_momentum
+  # the same with one threshold per tensor (the configuration that matches uncompressed accuracy)
+  python experiments/sidco_eval.py --skip_density --optimizer=momentum --per_tensor --seeds=5 \
+      --arms=none,sidco,topk --out_name=sidco_mnist1d_momentum_per_tensor
 """
 
 from __future__ import annotations
