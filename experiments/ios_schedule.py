@@ -36,6 +36,8 @@ _R = flags.DEFINE_integer("r", 3, "Max operators per group (paper: 3).")
 _S = flags.DEFINE_integer("s", 8, "Max groups per stage (paper: 8).")
 _RS_LARGE = flags.DEFINE_string("rs_large", "1,3", "r,s for RandWire and NasNet (Python DP cost).")
 _PART = flags.DEFINE_integer("part_size", 50, "Max units per DP part (paper: 50).")
+_PART_NAS = flags.DEFINE_integer("part_size_nasnet", 25, "Max units per DP part for NasNet (IOS cuts it "
+                                 "into 25 parts at cell boundaries; parts of 50 take minutes of DP).")
 _FULL = flags.DEFINE_bool("full", False, "Full-size nets (default: the small CPU configs).")
 _PROFILER = flags.DEFINE_enum("profiler", "analytical", ["analytical", "device"], "Stage cost model.")
 _SCHEDULE_IN = flags.DEFINE_string("schedule_in", "", "Apply this saved schedule JSON (no search).")
@@ -64,7 +66,8 @@ def main(_):
       print(f"{name}: loaded {s.counts()} max|diff| {out['loaded']['max_abs_diff']:.2e}", flush=True)
       results["nets"][name] = out
       continue
-    g = sched.build_graph(f, x, part_size=_PART.value)
+    part = _PART_NAS.value if name == "nasnet" else _PART.value
+    g = sched.build_graph(f, x, part_size=part)
     out["graph"] = sched.graph.summarize_graph(g)
     out["graph_s"] = time.perf_counter() - t0
     cost = sched.AnalyticalCost() if _PROFILER.value == "analytical" else sched.StageProfiler()
@@ -77,7 +80,7 @@ def main(_):
           f"(largest {out['graph']['largest_part']}); r={r} s={s_}", flush=True)
     for strat in _STRATS.value:
       t0 = time.perf_counter()
-      sc = sched.ios_schedule(f, x, r=r, s=s_, strategy=strat, profiler=cost, part_size=_PART.value)
+      sc = sched.ios_schedule(f, x, r=r, s=s_, strategy=strat, profiler=cost, part_size=part)
       dt = time.perf_counter() - t0
       x2 = jax.random.normal(jax.random.PRNGKey(7), shape)
       diff = float(jnp.max(jnp.abs(sc(x2) - jax.jit(model.apply)(params, x2))))
