@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import jax
-from jax import core as _jcore  # noqa: F401  (kept for older jax)
 from jax.extend import core as jex_core
 
 HEAVY = frozenset({
