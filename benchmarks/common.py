@@ -15,10 +15,12 @@ import jax.numpy as jnp
 from mlsys_jax import stats
 
 
-def parse_args(description: str | None = None) -> argparse.Namespace:
+def parse_args(description: str | None = None, extra=None) -> argparse.Namespace:
   """The flags every benchmark takes: ``--out`` (JSON directory, default $OUT) and ``--small`` (tiny
-  sizes for a CPU smoke test)."""
+  sizes for a CPU smoke test); ``extra(parser)`` adds a script's own flags."""
   ap = argparse.ArgumentParser(description=description)
+  if extra is not None:
+    extra(ap)
   ap.add_argument("--out", default=None, help="directory for the JSON result (default: $OUT)")
   ap.add_argument("--small", action="store_true", help="tiny sizes for a CPU smoke test")
   return ap.parse_args()
