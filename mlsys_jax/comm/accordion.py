@@ -119,16 +119,6 @@ class AccordionState(NamedTuple):
   decisions: jax.Array
 
 
-def _topk_gather_mean(payload: _sp.SparsePayload, size: int, axis_name: str) -> jax.Array:
-  """All-gather static Top-k payloads and average the scattered sum (the same collective as
-  ``comm.sparse``'s transforms, which keep it internal)."""
-  g = jax.lax.all_gather(payload, axis_name)
-  valid = jnp.arange(payload.values.shape[0])[None] < g.count[:, None]
-  dense = jnp.zeros((size,), payload.values.dtype).at[g.indices.reshape(-1)].add(
-      jnp.where(valid, g.values, 0).reshape(-1))
-  return dense / jax.lax.psum(1, axis_name)
-
-
 def _topk_k(density: float, n: int) -> int:
   return min(n, max(1, int(round(density * n))))
 
@@ -251,7 +241,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       def f(vec):
         payload = _sp.topk_payload(vec, k)
         sent = _sp.decompress(payload, size, vec.dtype)
-        out = _topk_gather_mean(payload, size, axis_name) if axis_name is not None else sent
+        out = _sp.allgather_mean(payload, size, axis_name) if axis_name is not None else sent
         return out, vec - sent, jnp.float32(_sp.payload_bytes(payload))
       return f
 

@@ -55,6 +55,7 @@ __all__ = [
     "DISTRIBUTIONS",
     "SparsePayload",
     "SparsifierState",
+    "allgather_mean",
     "compact",
     "compact_above",
     "decompress",
@@ -127,6 +128,20 @@ def decompress(payload: SparsePayload, size: int, dtype=None) -> jax.Array:
   valid = jnp.arange(payload.values.shape[0]) < payload.count
   vals = jnp.where(valid, payload.values, 0)
   return jnp.zeros((size,), dtype or payload.values.dtype).at[payload.indices].add(vals)
+
+
+def allgather_mean(payload: SparsePayload, size: int, axis_name: str, dtype=None) -> jax.Array:
+  """Mean over the devices of ``axis_name`` of their decompressed payloads (dense, length ``size``).
+
+  The collective of every sparsifier here: all-gather the static-capacity payloads (what is actually
+  communicated: ``payload_bytes`` per device), scatter-add them once, divide by the axis size. Call it
+  inside ``pmap``/``shard_map`` over ``axis_name``.
+  """
+  g = jax.lax.all_gather(payload, axis_name)
+  valid = jnp.arange(payload.values.shape[0])[None] < g.count[:, None]
+  dense = jnp.zeros((size,), dtype or payload.values.dtype).at[g.indices.reshape(-1)].add(
+      jnp.where(valid, g.values, 0).reshape(-1))
+  return dense / jax.lax.psum(1, axis_name)
 
 
 def _block_stats(a: jax.Array):
@@ -511,7 +526,7 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
         raise TypeError(f"sparsifiers need floating-point gradients, got dtype {jnp.result_type(leaf)}.")
     if axis_name is not None:
       try:
-        n_dev = jax.lax.psum(1, axis_name)
+        jax.lax.psum(1, axis_name)
       except NameError as e:
         raise NameError(f"axis_name {axis_name!r} is not bound: call the update inside pmap/shard_map "
                         f"over that axis, or pass axis_name=None for one device.") from e
@@ -540,11 +555,7 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
       if momentum > 0:                                 # momentum-factor masking: entries that were sent
         hits.append(decompress(payload._replace(values=jnp.ones_like(payload.values)), n, vec.dtype) > 0)
       if axis_name is not None:
-        gathered = jax.lax.all_gather(payload, axis_name)
-        valid = jnp.arange(cap)[None] < gathered.count[:, None]
-        dense = jnp.zeros_like(vec).at[gathered.indices.reshape(-1)].add(
-            jnp.where(valid, gathered.values, 0).reshape(-1))
-        outs.append(dense / n_dev)
+        outs.append(allgather_mean(payload, n, axis_name, vec.dtype))
       else:
         outs.append(sent)
       nsel = nsel + payload.count
