@@ -150,7 +150,12 @@ class MLPConfig(NamedTuple):
 
 
 def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPConfig = MLPConfig()):
-  """Train :class:`MLPCostModel` full-batch (inputs standardised); returns (params, mean, std)."""
+  """Train :class:`MLPCostModel` full-batch (inputs standardised).
+
+  Returns ``(params, mean, std, log_lo, log_hi)``; predictions are clipped to the training range of
+  log runtime widened by log(10) on each side (an MLP on aggregate features extrapolates wildly on
+  program families it has not seen).
+  """
   x = np.asarray(x, np.float32)
   mu, sd = x.mean(0), x.std(0) + 1e-6
   xs = (x - mu) / sd
@@ -172,11 +177,11 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
     return optax.apply_updates(params, upd), st, loss
   for _ in range(cfg.epochs):
     params, st, _ = step(params, st)
-  return params, mu, sd
+  return params, mu, sd, float(y.min() - np.log(10.0)), float(y.max() + np.log(10.0))
 
 
 def predict_mlp(state, x: np.ndarray, cfg: MLPConfig = MLPConfig()) -> np.ndarray:
-  params, mu, sd = state
+  params, mu, sd, lo, hi = state
   model = MLPCostModel(cfg.hidden, cfg.num_layers)
   out = np.asarray(model.apply(params, (np.asarray(x, np.float32) - mu) / sd), np.float64)
-  return np.exp(np.clip(out, -20.0, 25.0)) / 1e6  # an MLP can extrapolate far on unseen families
+  return np.exp(np.clip(out, lo, hi)) / 1e6
