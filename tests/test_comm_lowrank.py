@@ -206,3 +206,12 @@ def test_bad_inputs():
     tx.update({"w": jnp.ones((4, 4))}, tx.init({"w": jnp.ones((4, 4))}))
   with pytest.raises(ValueError, match="matrix"):
     lr.orthogonalize(jnp.ones((3,)))
+
+
+def test_powersgd_layout_ranks_dense_leaves_and_errors():
+  params = {"b": jnp.zeros((10,)), "d": jnp.zeros((5, 2)), "w": jnp.zeros((3, 3, 4, 8))}   # flatten: b, d, w
+  assert lr.powersgd_layout(params, 2) == [0, 2, 2]
+  assert lr.powersgd_layout(params, 2, min_size=50) == [0, 0, 2]     # d has 10 < 50 entries
+  with pytest.raises(ValueError, match="rank"):
+    lr.powersgd_layout(params, 3)                                    # d is 5 x 2
+  assert lr.powersgd_layout(params, 3, clamp_rank=True) == [0, 2, 3]

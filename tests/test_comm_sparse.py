@@ -241,3 +241,14 @@ def test_momentum_correction_is_exact_and_masks_sent_entries(per_tensor):
       u_ref[k] = np.asarray(st.velocity[k])
   with pytest.raises(ValueError, match="momentum"):
     sp.topk(0.1, momentum=1.0)
+
+
+def test_dgc_threshold_max_stages_and_payload_bytes():
+  x = _heavy(200_000, 3)
+  a = jnp.abs(x)
+  t = sp.dgc_threshold(jax.random.PRNGKey(0), a, 0.01, sample_fraction=0.1)
+  kept = float(jnp.mean(a >= t))
+  assert 0.008 < kept < 0.0125, kept              # a 10% sample estimates the 1% tail within ~25%
+  assert sp.max_stages(0.001) == 10 and sp.max_stages(0.5) == 1 and sp.max_stages(0.1) == 4
+  p = sp.compact(x, a >= t, 80)
+  assert sp.payload_bytes(p) == 80 * 4 + 80 * 4 + 4   # int32 indices + float32 values + the count

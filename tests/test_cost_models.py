@@ -219,3 +219,29 @@ def test_tiny_gnn_learns_on_committed_dataset():
   assert cost.group_metrics(pred, y, grp).tau.mean() > 0.3
   with pytest.raises(ValueError):
     cost.fit_gnn(gs, y[:-1], grp, cfg)
+
+
+def test_mlp_baseline_fits_and_clips_extrapolation():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(160, 5)).astype(np.float32)
+  runtime = np.exp(3.0 + 0.6 * x[:, 0] - 0.4 * x[:, 1]) * 1e-6           # seconds
+  group = np.arange(160) // 4
+  cfg = cost.MLPConfig(hidden=32, num_layers=2, epochs=300, rank_weight=0.0)
+  state = cost.fit_mlp(x, runtime, group, cfg)
+  pred = cost.predict_mlp(state, x, cfg)
+  assert pred.shape == (160,) and np.all(pred > 0)
+  assert cost.mape(pred, runtime) < 0.15
+  far = cost.predict_mlp(state, 100 * x, cfg)           # far outside the training range: clipped
+  lo, hi = runtime.min() / 10, runtime.max() * 10
+  assert np.all(far >= lo * 0.999) and np.all(far <= hi * 1.001)
+
+
+def test_make_args_and_cost_dict_for_a_sampled_program():
+  spec = cost.sample_program("mlp", np.random.default_rng(0), scale="cpu")
+  args = cost.make_args(spec, seed=1)
+  assert [a.shape for a in args] == [tuple(s.shape) for s in spec.args]
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in args)
+  assert not np.array_equal(np.asarray(args[0]), np.asarray(cost.make_args(spec, seed=2)[0]))
+  m, k, n = 16, 32, 8
+  c = cost.cost_dict(jax.jit(lambda a, b: a @ b).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile())
+  assert c["flops"] >= 2 * m * k * n * 0.99

@@ -170,3 +170,6 @@ def test_bad_inputs():
     gs.verify(wm.signature[:-1], wm)
   with pytest.raises(ValueError, match="signature of shape"):
     gs.signature_ber(jnp.zeros((8, 1), jnp.int32), wm)
+  assert gs.check_watermark_key(wm) is None                          # the public check itself
+  with pytest.raises(ValueError, match="projection"):
+    gs.check_watermark_key(wm._replace(projection=wm.projection[:-1]))

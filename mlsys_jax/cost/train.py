@@ -181,6 +181,8 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
 
 
 def predict_mlp(state, x: np.ndarray, cfg: MLPConfig = MLPConfig()) -> np.ndarray:
+  """Runtimes in seconds predicted by a model from :func:`fit_mlp` for feature rows ``x``
+  (``cfg`` must be the one it was trained with)."""
   params, mu, sd, lo, hi = state
   model = MLPCostModel(cfg.hidden, cfg.num_layers)
   out = np.asarray(model.apply(params, (np.asarray(x, np.float32) - mu) / sd), np.float64)

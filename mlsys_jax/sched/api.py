@@ -208,6 +208,7 @@ def _check_cover(g: Graph, stages: list) -> None:
 
 
 def sequential_schedule(g: Graph) -> list:
+  """The baseline schedule: every unit of ``g`` alone in its own stage, in topological order."""
   return [Stage("parallel", ((u,),)) for u in range(len(g.units))]
 
 
