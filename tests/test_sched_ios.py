@@ -291,3 +291,45 @@ def test_stage_profiler_cache_on_disk(tmp_path):
   assert _relerr(s2(x)[0], f(x)[0]) < 1e-6
   with pytest.raises(ValueError, match="k must be"):
     sched.StageProfiler(k=1)
+
+
+def test_from_json_refuses_invalid_merge_and_bad_stage_order():
+  """A saved merge of two SAME 3x3 convs must not be applied to a same-shaped graph whose second conv
+  pads asymmetrically (the fingerprint matches, the merged conv would give wrong values)."""
+  k = jax.random.PRNGKey(4)
+  w1, w2 = (jax.random.normal(jax.random.fold_in(k, i), (3, 3, 4, 4)) for i in range(2))
+  x = jax.random.normal(k, (1, 6, 6, 4))
+  def make(pad2):
+    return lambda x: (lax.conv_general_dilated(x, w1, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN),
+                      lax.conv_general_dilated(x, w2, (1, 1), pad2, dimension_numbers=DN))
+
+  f_ok, f_bad = make(((1, 1), (1, 1))), make(((2, 0), (2, 0)))
+  s = sched.ios_schedule(f_ok, x, strategy="merge")
+  assert s.counts()["merge_stages"] == 1
+  assert sched.build_graph(f_bad, x).fingerprint() == s.graph.fingerprint()
+  with pytest.raises(ValueError, match="not mergeable"):
+    sched.Schedule.from_json(s.to_json(), f_bad, x)
+  s_bad = sched.Schedule.from_json(s.to_json().replace('"merge"', '"parallel"'), f_bad, x)
+  for a, b in zip(s_bad(x), f_bad(x)):
+    assert _relerr(a, b) < 1e-5
+  # a unit placed before its predecessor inside one group is refused too
+  g = sched.build_graph(lambda x: jnp.tanh(x @ jnp.ones((4, 4))) @ jnp.ones((4, 4)), jnp.ones((2, 4)))
+  from mlsys_jax.sched.api import _check_cover
+  _check_cover(g, [Stage("parallel", ((0, 1),))])
+  with pytest.raises(ValueError, match="predecessor"):
+    _check_cover(g, [Stage("parallel", ((1, 0),))])
+  with pytest.raises(ValueError, match="predecessor"):
+    _check_cover(g, [Stage("parallel", ((1,), (0,)))])
+
+
+def test_scheduled_function_checks_its_arguments():
+  w = jnp.ones((3, 3), jnp.bfloat16)
+  x = jnp.ones((2, 3), jnp.bfloat16)
+  s = sched.ios_schedule(lambda x: (x @ w) * 0.5, x)
+  assert _relerr(s(x), (x @ w) * 0.5) < 1e-6
+  with pytest.raises(TypeError, match="shape"):
+    s(jnp.ones((4, 3), jnp.bfloat16))
+  with pytest.raises(TypeError, match="dtype"):
+    s(jnp.ones((2, 3), jnp.float32))
+  with pytest.raises(TypeError, match="structured"):
+    s(x, x)  # an extra argument was silently ignored before

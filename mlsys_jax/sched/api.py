@@ -193,17 +193,32 @@ class Schedule:
 
 
 def _check_cover(g: Graph, stages: list) -> None:
+  """Check that ``stages`` is a valid schedule of ``g``: every unit exactly once, every unit after its
+  predecessors (earlier stage, or earlier in the same group of a parallel stage; groups of one stage
+  independent), and every merge stage made of >= 2 convolutions with one common ``merge_key`` (a merge
+  of incompatible convolutions would compute wrong values, e.g. a saved schedule applied to a function
+  whose conv paddings differ but whose unit graph has the same fingerprint)."""
   seen = []
   for st in stages:
     seen.extend(st.units)
   if sorted(seen) != list(range(len(g.units))):
     raise ValueError("schedule does not cover every unit exactly once")
   done = set()
-  for st in stages:
-    for u in st.units:
-      for p in g.units[u].preds:
-        if p not in done and p not in st.units:
-          raise ValueError(f"schedule runs unit {u} before its predecessor {p}")
+  for i, st in enumerate(stages):
+    if st.kind == "merge":
+      keys = {emit.merge_key(g, u) for u in st.units}
+      if len(st.groups) != 1 or len(st.units) < 2 or None in keys or len(keys) != 1:
+        raise ValueError(f"stage {i} merges units {st.units} that are not mergeable convolutions "
+                         "(same input, strides, padding, layout, dtype); run ios_schedule again")
+    elif st.kind != "parallel":
+      raise ValueError(f"stage {i} has kind {st.kind!r}; expected 'parallel' or 'merge'")
+    for grp in st.groups:
+      earlier = set()
+      for u in grp:
+        for p in g.units[u].preds:
+          if p not in done and (st.kind == "merge" or p not in earlier):
+            raise ValueError(f"schedule runs unit {u} before its predecessor {p} (stage {i})")
+        earlier.add(u)
     done.update(st.units)
 
 

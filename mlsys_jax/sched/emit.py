@@ -242,11 +242,28 @@ def run_stage(g: Graph, st: Stage, env: dict, consts: dict, mode: str, merged=No
   run_group(g, st.groups[main], env, consts)
 
 
+def _check_args(g: Graph, args: tuple) -> None:
+  """TypeError unless ``args`` has the structure, shapes and dtypes of the example arguments the
+  graph was traced with (other shapes would run the traced program on the wrong sizes or drop
+  extra arguments silently)."""
+  flat, tree = jax.tree_util.tree_flatten(args)
+  if tree != g.in_tree:
+    raise TypeError(f"ios: the scheduled function takes arguments structured as {g.in_tree} (the "
+                    f"example arguments minus static ones), got {tree}")
+  for i, (v, x) in enumerate(zip(g.in_ids, flat)):
+    want = g.avals[v]
+    if tuple(np.shape(x)) != tuple(want.shape) or jnp.result_type(x) != want.dtype:
+      raise TypeError(f"ios: argument leaf {i} has shape {tuple(np.shape(x))} and dtype "
+                      f"{jnp.result_type(x)}, but the schedule was traced for {want.str_short()}; "
+                      "schedule again for new shapes/dtypes")
+
+
 def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optional[dict] = None):
   """The scheduled program ``run(consts, *args)``; ``consts`` is ``{value id: array}``."""
   merges = prepare_merges(g, stages) if merges is None else merges
 
   def run(consts, *args):
+    _check_args(g, args)  # at trace time only: no cost per call
     flat = jax.tree_util.tree_leaves(args)
     env = dict(zip(g.in_ids, flat))
     for i, st in enumerate(stages):
