@@ -177,6 +177,14 @@ def test_malformed_structure():
     cost.parse_hlo(b"HloModule x")
 
 
+def test_duplicate_instruction_reports_its_line():
+  # The second definition of %c (line 6) is the error, not the computation header (line 3).
+  text = GPU_HLO.replace("  %b = f32[64,16]{1,0} broadcast(%c)", "  %c = f32[] constant(1)\n  %b = f32[64,16]{1,0} broadcast(%c)", 1)
+  with pytest.raises(cost.HloParseError, match="duplicate instruction name 'c'") as e:
+    cost.parse_hlo(text)
+  assert e.value.lineno == 6
+
+
 def test_batch_pad_unbatch_roundtrip():
   gs = [cost.program_graph(cost.parse_hlo(cost.capture(f, jnp.ones((4, 4))).hlo_text))
         for f in (jnp.sin, lambda x: x @ x, lambda x: jnp.exp(x).sum(0))]

@@ -73,6 +73,30 @@ def test_mape_slowdown_opa():
   assert lo < 49.5 < hi
 
 
+def test_group_metrics_scores_the_same_groups_for_every_model():
+  target = np.array([1., 2., 3., 5., 4., 7., 7.])
+  group = np.array([0, 0, 0, 1, 1, 2, 2])          # group 2 has tied targets: no ranking to score
+  good = cost.group_metrics(target, target, group)
+  flat = cost.group_metrics(np.ones(7), target, group)   # no ranking information at all
+  assert list(good.groups) == list(flat.groups) == [0, 1]
+  np.testing.assert_array_equal(good.tau, [1.0, 1.0])
+  np.testing.assert_array_equal(flat.tau, [0.0, 0.0])
+  np.testing.assert_array_equal(flat.opa, [0.0, 0.0])  # tied predictions order no pair
+  with pytest.raises(ValueError, match="1-D shape"):
+    cost.group_metrics(target, target[:-1], group)
+
+
+def test_metrics_reject_bad_input():
+  with pytest.raises(ValueError, match="one length"):
+    cost.ordered_pair_accuracy([1.0, 2.0], [1.0])
+  with pytest.raises(ValueError, match="one length"):
+    cost.topk_slowdown([], [])
+  with pytest.raises(ValueError, match="positive"):
+    cost.mape_scale([1.0, 0.0], [1.0, 2.0])
+  with pytest.raises(ValueError, match="positive"):
+    cost.fit_roofline([1.0, 2.0], [1.0, 2.0], [1e-3, 0.0])
+
+
 def test_fit_roofline_recovers_rates():
   rng = np.random.default_rng(1)
   f = 10 ** rng.uniform(6, 12, 300)
@@ -136,6 +160,12 @@ def test_gnn_padding_invariance_and_jit():
 
   model = cost.GraphSAGECostModel(hidden=16, embed_dim=8, num_layers=2)
   batch = padded(b, np.concatenate(feats))
+  # Real graphs are unmasked; all three padding graphs (one holding the padding nodes) are masked.
+  np.testing.assert_array_equal(batch.graph_mask, [True] * len(gs) + [False] * 3)
+  with pytest.raises(ValueError, match="x must be"):
+    cost.make_batch(cost.pad_graph(b, N, E, K, G), np.zeros((n, feats[0].shape[1]), np.float32))
+  with pytest.raises(ValueError, match="reduction"):
+    cost.GraphSAGECostModel(reduction="max").init(jax.random.PRNGKey(0), batch)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)
   apply = jax.jit(model.apply)
   y0 = np.asarray(apply(params, batch))[:len(gs)]
@@ -219,6 +249,26 @@ def test_tiny_gnn_learns_on_committed_dataset():
   assert cost.group_metrics(pred, y, grp).tau.mean() > 0.3
   with pytest.raises(ValueError):
     cost.fit_gnn(gs, y[:-1], grp, cfg)
+
+
+def test_gnn_cosine_schedule_spans_every_step(monkeypatch):
+  # Groups of 3 with 4 graphs per batch: one group per batch, so 2 steps per epoch, not 6 // 4 = 1.
+  from mlsys_jax.cost import train as train_lib
+  seen = []
+  real = train_lib.optax.cosine_decay_schedule
+  monkeypatch.setattr(train_lib.optax, "cosine_decay_schedule",
+                      lambda lr, steps: seen.append(steps) or real(lr, steps))
+  gs = _graphs()
+  gs = gs + gs[:2]
+  group = np.array([0, 0, 0, 1, 1, 1])
+  chunks = train_lib._chunks(np.arange(6), 4, group, np.random.default_rng(0))
+  assert sorted(len(c) for c in chunks) == [3, 3] and all(len(set(group[c])) == 1 for c in chunks)
+  cfg = cost.GNNConfig(hidden=8, embed_dim=4, num_layers=1, epochs=3, graphs_per_batch=4)
+  params = cost.fit_gnn(gs, np.linspace(1e-5, 6e-5, 6), group, cfg)
+  assert seen == [3 * 2]
+  assert np.all(np.isfinite(cost.predict_gnn(params, gs, cfg)))
+  with pytest.raises(ValueError, match="feats"):
+    cost.fit_gnn(gs, np.ones(6), group, cfg, feats=[cost.node_features(gs[0])])
 
 
 def test_mlp_baseline_fits_and_clips_extrapolation():

@@ -68,8 +68,7 @@ def node_features(g: HloGraph) -> np.ndarray:
   return x
 
 
-_HIST_OPS = [o for o in OPCODES[2:]]
-NUM_PROGRAM_FEATURES = 12 + len(_HIST_OPS) + len(FUSION_KINDS)
+NUM_PROGRAM_FEATURES = 12 + (len(OPCODES) - 2) + len(FUSION_KINDS)  # base, opcode histogram, kinds
 
 
 def program_features(g: HloGraph, xla_cost: dict | None = None) -> np.ndarray:
@@ -77,7 +76,8 @@ def program_features(g: HloGraph, xla_cost: dict | None = None) -> np.ndarray:
 
   log1p of: XLA flops, bytes accessed, transcendentals (from ``xla_cost``); our shape-based flops and
   transcendentals; nodes, edges, kernels, non-trivial kernels; entry-level output bytes, largest
-  tensor, fusion count; plus log1p opcode counts and fusion-kind counts of the entry kernels.
+  tensor, fusion count; plus log1p counts of each opcode over all nodes (fused bodies included) and of
+  each fusion kind over the non-trivial entry kernels.
   """
   c = xla_cost or {}
   a = g.attrs.astype(np.float64)

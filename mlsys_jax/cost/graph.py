@@ -26,8 +26,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from mlsys_jax.cost.hlo import (DTYPE_BYTES, HloModule, Instruction, Computation, backend_tiles,
-                                int_list, parse_window, reducer_opcode)
+from mlsys_jax.cost.hlo import (HloModule, Instruction, Computation, backend_tiles, int_list,
+                                parse_window, reducer_opcode)
 
 MAX_RANK = 6
 
@@ -341,7 +341,6 @@ def kernel_graphs(module: HloModule, include_trivial: bool = False) -> list[tupl
     if not include_trivial and ins.opcode in TRIVIAL:
       continue
     b = _Builder(module)
-    sub = Computation(entry.name, [ins], True)
     # Operands outside the kernel are not nodes: rebuild the row with the entry's name table.
     b.rows.append(_node_row(module, ins, names, 0, _fusion_kind(ins)))
     b.kernel.append(0)
@@ -351,7 +350,6 @@ def kernel_graphs(module: HloModule, include_trivial: bool = False) -> list[tupl
       if cname != ins.attrs.get("condition", "").lstrip("%"):
         b.senders.append(idx[c.root.name])
         b.receivers.append(0)
-    del sub
     out.append((ins.name, b.finish(1)))
   return out
 
@@ -437,5 +435,3 @@ def graph_stats(g: HloGraph) -> dict:
           "flops": float(g.attrs[:, ATTR_ID["flops"]].sum()),
           "transcendentals": float(g.attrs[:, ATTR_ID["transcendentals"]].sum())}
 
-
-_ = DTYPE_BYTES  # re-exported through hlo

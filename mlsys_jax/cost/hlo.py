@@ -396,9 +396,9 @@ def parse_hlo(text: str) -> HloModule:
   for comp in comps.values():
     names = comp.by_name()
     if len(names) != len(comp.instructions):
-      dup = [i for i in comp.instructions if list(names).count(i.name) > 1]
-      raise HloParseError(f"duplicate instruction name in {comp.name!r}",
-                          dup[0].lineno if dup else comp.lineno)
+      seen: set[str] = set()
+      dup = next(i for i in comp.instructions if i.name in seen or seen.add(i.name))
+      raise HloParseError(f"duplicate instruction name {dup.name!r} in {comp.name!r}", dup.lineno)
     for ins in comp.instructions:
       for op in ins.operands:
         if op not in names:

@@ -29,6 +29,13 @@ def mape(pred: Sequence[float], target: Sequence[float]) -> float:
   return float(np.mean(np.abs(p - t) / t))
 
 
+def _pair(pred, target, what: str) -> tuple[np.ndarray, np.ndarray]:
+  p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  if p.shape != t.shape or p.ndim != 1 or p.size == 0:
+    raise ValueError(f"{what} needs two non-empty 1-D sequences of one length, got {p.shape}, {t.shape}.")
+  return p, t
+
+
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
   """Kendall's tau-b between two sequences (ties handled as in tau-b; nan if either is constant)."""
   x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -47,7 +54,7 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
 
 def ordered_pair_accuracy(pred: Sequence[float], target: Sequence[float]) -> float:
   """Fraction of pairs with distinct targets that ``pred`` orders the same way (TpuGraphs' OPA)."""
-  p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  p, t = _pair(pred, target, "ordered_pair_accuracy")
   iu = np.triu_indices(p.size, 1)
   dt = np.sign(t[:, None] - t[None, :])[iu]
   dp = np.sign(p[:, None] - p[None, :])[iu]
@@ -57,7 +64,7 @@ def ordered_pair_accuracy(pred: Sequence[float], target: Sequence[float]) -> flo
 
 def topk_slowdown(pred: Sequence[float], target: Sequence[float], k: int = 1) -> float:
   """``min(target[top-k by pred]) / min(target) - 1``: the cost of trusting the model's k best picks."""
-  p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  p, t = _pair(pred, target, "topk_slowdown")
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}.")
   top = np.argsort(p, kind="stable")[:k]
@@ -70,7 +77,9 @@ def mape_scale(pred: Sequence[float], target: Sequence[float]) -> float:
   A model trained on squared log error predicts the median; MAPE is minimised lower (a weighted
   median of ``target / pred`` with weights ``pred / target``), which this computes exactly.
   """
-  p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+  p, t = _pair(pred, target, "mape_scale")
+  if np.any(p <= 0) or np.any(t <= 0):
+    raise ValueError("mape_scale needs positive predictions and targets (runtimes).")
   r = t / p
   w = p / t
   order = np.argsort(r)
@@ -79,7 +88,8 @@ def mape_scale(pred: Sequence[float], target: Sequence[float]) -> float:
 
 
 class GroupMetrics(NamedTuple):
-  """Per-group metrics (arrays over groups with >= 2 variants): tau, pair accuracy, top-1 slowdown."""
+  """Per-group metrics (arrays over groups with >= 2 distinct targets): tau, pair accuracy, top-1
+  slowdown."""
   groups: np.ndarray
   tau: np.ndarray
   opa: np.ndarray
@@ -87,17 +97,24 @@ class GroupMetrics(NamedTuple):
 
 
 def group_metrics(pred: np.ndarray, target: np.ndarray, group: np.ndarray) -> GroupMetrics:
-  """Kendall tau, ordered-pair accuracy and top-1 slowdown within each group of >= 2 variants."""
+  """Kendall tau, ordered-pair accuracy and top-1 slowdown within each group of variants.
+
+  The groups scored depend on the targets only (at least two variants with distinct runtimes), so
+  every model is averaged over the same groups. A model that predicts one value for all variants of a
+  group (tau-b undefined) gets tau 0 there: it carries no ranking information.
+  """
+  pred, target, group = np.asarray(pred), np.asarray(target), np.asarray(group)
+  if not pred.shape == target.shape == group.shape or pred.ndim != 1:
+    raise ValueError(f"pred, target and group need one 1-D shape, got {pred.shape}, {target.shape}, "
+                     f"{group.shape}.")
   gs, taus, opas, slows = [], [], [], []
   for g in np.unique(group):
     m = group == g
-    if m.sum() < 2:
+    if m.sum() < 2 or np.unique(target[m]).size < 2:
       continue
     tau = kendall_tau(pred[m], target[m])
-    if np.isnan(tau):
-      continue
     gs.append(g)
-    taus.append(tau)
+    taus.append(0.0 if np.isnan(tau) else tau)
     opas.append(ordered_pair_accuracy(pred[m], target[m]))
     slows.append(topk_slowdown(pred[m], target[m], 1))
   return GroupMetrics(np.asarray(gs), np.asarray(taus), np.asarray(opas), np.asarray(slows))
@@ -145,6 +162,11 @@ def fit_roofline(flops: np.ndarray, nbytes: np.ndarray, runtime_s: np.ndarray, c
   if objective not in ("log", "mape"):
     raise ValueError(f"objective must be 'log' or 'mape', got {objective!r}.")
   f, b, y = (np.asarray(a, np.float64) for a in (flops, nbytes, runtime_s))
+  if not f.shape == b.shape == y.shape or y.ndim != 1 or y.size == 0:
+    raise ValueError(f"flops, nbytes and runtime_s need one non-empty 1-D shape, got {f.shape}, "
+                     f"{b.shape}, {y.shape}.")
+  if not np.all(np.isfinite(y) & (y > 0)):
+    raise ValueError("runtime_s must be positive and finite (drop failed or unmeasured rows first).")
   ly = np.log(y)
   overheads = [0.0] + (list(np.logspace(-6, -3, 13)) if fit_overhead else [])
 

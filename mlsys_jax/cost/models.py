@@ -29,8 +29,9 @@ from mlsys_jax.cost.graph import ATTR_ID, OPCODE_ID, OPCODES, TRIVIAL, HloGraph
 class GraphBatch(NamedTuple):
   """Device-ready padded batch: an :class:`HloGraph`'s index arrays plus node features.
 
-  ``node_graph``/``kernel_graph`` map each node/kernel to its graph; ``graph_mask`` is False for the
-  padding graph.
+  ``kernel_graph`` maps each kernel to its graph; ``graph_mask`` is True for real graphs and False for
+  the padding graphs :func:`~mlsys_jax.cost.graph.pad_graph` appends (every graph without a node of
+  non-padding opcode).
   """
   opcode: jnp.ndarray        # int32 [N]
   x: jnp.ndarray             # float32 [N, F]
@@ -51,9 +52,13 @@ def make_batch(g: HloGraph, x: np.ndarray) -> GraphBatch:
   kernel_graph = np.repeat(np.arange(n_graph, dtype=np.int32), g.n_kernel)
   if kernel_graph.shape[0] != k:
     raise ValueError("n_kernel does not add up to the kernel count.")
-  real = np.ones(n_graph, bool)
-  if n_graph > 1 and g.opcode.size and g.opcode[-1] == 0:
-    real[-1] = False  # pad_graph appends one padding graph
+  if x.ndim != 2 or x.shape[0] != g.opcode.shape[0]:
+    raise ValueError(f"x must be [N, F] with N = {g.opcode.shape[0]} nodes (pad it with the graph), "
+                     f"got {x.shape}.")
+  node_graph = np.repeat(np.arange(n_graph), g.n_node)
+  if node_graph.shape[0] != g.opcode.shape[0]:
+    raise ValueError("n_node does not add up to the node count.")
+  real = np.bincount(node_graph, weights=(g.opcode != 0), minlength=n_graph) > 0
   top = ((g.attrs[:, ATTR_ID["depth"]] == 0) & (g.opcode != 0)).astype(np.float32)
   trivial = np.isin(g.opcode, [OPCODE_ID[o] for o in TRIVIAL if o in OPCODE_ID])
   io = np.where((top > 0) & ~trivial, g.attrs[:, ATTR_ID["operand_bytes"]] + g.num_bytes, 0.0)
@@ -115,6 +120,8 @@ class GraphSAGECostModel(nn.Module):
   @nn.compact
   def kernel_log_runtimes(self, b: GraphBatch) -> jnp.ndarray:
     """Predicted log runtime (log microseconds) of every kernel in the batch, [K]."""
+    if self.reduction not in ("sum_max", "mean"):
+      raise ValueError(f"reduction must be 'sum_max' or 'mean', got {self.reduction!r}.")
     emb = nn.Embed(self.num_opcodes, self.embed_dim, name="opcode_embed")(b.opcode)
     h = nn.relu(nn.Dense(self.hidden, name="input")(jnp.concatenate([emb, b.x], -1)))
     for i in range(self.num_layers):

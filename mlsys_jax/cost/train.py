@@ -47,24 +47,30 @@ def _bucket(n: int, lo: int = 64) -> int:
   return max(lo, 1 << int(np.ceil(np.log2(n + 1))))
 
 
-def _batches(graphs: Sequence[HloGraph], feats: Sequence[np.ndarray], idx: np.ndarray, per_batch: int,
-             group: np.ndarray | None, rng: np.random.Generator | None):
-  """Yield (index array, padded GraphBatch); groups kept together, group order shuffled if rng."""
+def _chunks(idx: np.ndarray, per_batch: int, group: np.ndarray | None,
+            rng: np.random.Generator | None) -> list[np.ndarray]:
+  """Split ``idx`` into batches of at most ``per_batch`` graphs (more only for a group that is larger);
+  with ``group``, all variants of one program stay in one batch, group order shuffled if ``rng``."""
   if group is None:
-    chunks = [idx[i:i + per_batch] for i in range(0, len(idx), per_batch)]
-  else:
-    gids = np.unique(group[idx])
-    if rng is not None:
-      gids = rng.permutation(gids)
-    chunks, cur = [], []
-    for g in gids:
-      members = idx[group[idx] == g]
-      if cur and len(cur) + len(members) > per_batch:
-        chunks.append(np.asarray(cur))
-        cur = []
-      cur.extend(members.tolist())
-    if cur:
+    return [idx[i:i + per_batch] for i in range(0, len(idx), per_batch)]
+  gids = np.unique(group[idx])
+  if rng is not None:
+    gids = rng.permutation(gids)
+  chunks, cur = [], []
+  for g in gids:
+    members = idx[group[idx] == g]
+    if cur and len(cur) + len(members) > per_batch:
       chunks.append(np.asarray(cur))
+      cur = []
+    cur.extend(members.tolist())
+  if cur:
+    chunks.append(np.asarray(cur))
+  return chunks
+
+
+def _batches(graphs: Sequence[HloGraph], feats: Sequence[np.ndarray], chunks: Sequence[np.ndarray],
+             per_batch: int):
+  """Yield (index array, padded GraphBatch, padded graph count) for each chunk of graph indices."""
   cap = max(per_batch, max(len(c) for c in chunks))
   for c in chunks:
     gb = batch_graphs([graphs[i] for i in c])
@@ -87,17 +93,21 @@ def fit_gnn(graphs: Sequence[HloGraph], runtime_s: np.ndarray, group: np.ndarray
 
   Returns the flax parameters. ``feats`` (node features per graph) default to :func:`node_features`.
   """
-  if len(graphs) != len(runtime_s) or len(graphs) != len(group):
-    raise ValueError("graphs, runtime_s and group must have one entry per program variant.")
+  if not graphs or len(graphs) != len(runtime_s) or len(graphs) != len(group):
+    raise ValueError("graphs, runtime_s and group must have one entry per program variant (at least one).")
   feats = list(feats) if feats is not None else [node_features(g) for g in graphs]
+  if len(feats) != len(graphs):
+    raise ValueError(f"feats has {len(feats)} entries for {len(graphs)} graphs.")
   y = np.log(np.asarray(runtime_s, np.float64) * 1e6).astype(np.float32)
   group = np.asarray(group)
   model = _model(cfg)
   rng = np.random.default_rng(cfg.seed)
   idx = np.arange(len(graphs))
-  _, b0, _ = next(_batches(graphs, feats, idx[:2], cfg.graphs_per_batch, None, None))
+  _, b0, _ = next(_batches(graphs, feats, [idx[:2]], cfg.graphs_per_batch))
   params = jax.jit(model.init)(jax.random.PRNGKey(cfg.seed), b0)
-  tx = optax.adamw(optax.cosine_decay_schedule(cfg.lr, cfg.epochs * max(1, len(idx) // cfg.graphs_per_batch)),
+  # Keeping groups together leaves batches part-full, so count the real steps for the cosine schedule.
+  epoch_chunks = [_chunks(idx, cfg.graphs_per_batch, group, rng) for _ in range(cfg.epochs)]
+  tx = optax.adamw(optax.cosine_decay_schedule(cfg.lr, max(1, sum(len(c) for c in epoch_chunks))),
                    weight_decay=cfg.weight_decay)
   opt_state = tx.init(params)
 
@@ -112,9 +122,9 @@ def fit_gnn(graphs: Sequence[HloGraph], runtime_s: np.ndarray, group: np.ndarray
     return optax.apply_updates(params, upd), opt_state, loss
 
   t0 = time.time()
-  for ep in range(cfg.epochs):
+  for ep, chunks in enumerate(epoch_chunks):
     losses = []
-    for c, b, gcap in _batches(graphs, feats, idx, cfg.graphs_per_batch, group, rng):
+    for c, b, gcap in _batches(graphs, feats, chunks, cfg.graphs_per_batch):
       yt = np.zeros(gcap, np.float32)
       yt[:len(c)] = y[c]
       gt = -np.ones(gcap, np.int32)
@@ -135,7 +145,8 @@ def predict_gnn(params: dict, graphs: Sequence[HloGraph], cfg: GNNConfig = GNNCo
   model = _model(cfg)
   apply = jax.jit(model.apply)
   out = np.zeros(len(graphs))
-  for c, b, _ in _batches(graphs, feats, np.arange(len(graphs)), cfg.graphs_per_batch, None, None):
+  chunks = _chunks(np.arange(len(graphs)), cfg.graphs_per_batch, None, None)
+  for c, b, _ in _batches(graphs, feats, chunks, cfg.graphs_per_batch):
     out[c] = np.asarray(apply(params, b))[:len(c)]
   return np.exp(np.clip(out, -20.0, 25.0)) / 1e6  # log-microseconds, clipped against overflow
 
@@ -157,6 +168,9 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
   program families it has not seen).
   """
   x = np.asarray(x, np.float32)
+  if x.ndim != 2 or not x.shape[0] == len(runtime_s) == len(group) or x.shape[0] == 0:
+    raise ValueError(f"x must be [P, F] with one row per entry of runtime_s ({len(runtime_s)}) and "
+                     f"group ({len(group)}), got {x.shape}.")
   mu, sd = x.mean(0), x.std(0) + 1e-6
   xs = (x - mu) / sd
   y = np.log(np.asarray(runtime_s) * 1e6).astype(np.float32)
@@ -166,8 +180,8 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
   tx = optax.adam(cfg.lr)
   st = tx.init(params)
   mask = np.ones(len(y), bool)
-  # Ranking pairs only within groups: sort by group and use blocks to keep the pair matrix small.
-  @jax.jit
+
+  @jax.jit  # full batch, closed over as constants: one compile; the pair matrix is [P, P]
   def step(params, st):
     def loss_fn(p):
       pred = model.apply(p, xs)
