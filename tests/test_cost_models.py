@@ -269,6 +269,10 @@ def test_gnn_cosine_schedule_spans_every_step(monkeypatch):
   assert np.all(np.isfinite(cost.predict_gnn(params, gs, cfg)))
   with pytest.raises(ValueError, match="feats"):
     cost.fit_gnn(gs, np.ones(6), group, cfg, feats=[cost.node_features(gs[0])])
+  with pytest.raises(ValueError, match="positive"):
+    cost.fit_gnn(gs, np.array([1e-5, np.nan, 1e-5, 1e-5, 1e-5, 1e-5]), group, cfg)
+  with pytest.raises(ValueError, match="positive"):
+    cost.fit_mlp(np.ones((2, 3)), np.array([1e-5, 0.0]), np.zeros(2))
 
 
 def test_mlp_baseline_fits_and_clips_extrapolation():

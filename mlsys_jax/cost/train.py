@@ -82,6 +82,13 @@ def _batches(graphs: Sequence[HloGraph], feats: Sequence[np.ndarray], chunks: Se
     yield c, make_batch(padded, xp), cap + 1
 
 
+def _log_us(runtime_s) -> np.ndarray:
+  r = np.asarray(runtime_s, np.float64)
+  if not np.all(np.isfinite(r) & (r > 0)):
+    raise ValueError("runtime_s must be positive and finite seconds (drop failed or unmeasured rows).")
+  return np.log(r * 1e6).astype(np.float32)
+
+
 def _model(cfg: GNNConfig) -> GraphSAGECostModel:
   return GraphSAGECostModel(embed_dim=cfg.embed_dim, hidden=cfg.hidden, num_layers=cfg.num_layers,
                             reduction=cfg.reduction)
@@ -98,7 +105,7 @@ def fit_gnn(graphs: Sequence[HloGraph], runtime_s: np.ndarray, group: np.ndarray
   feats = list(feats) if feats is not None else [node_features(g) for g in graphs]
   if len(feats) != len(graphs):
     raise ValueError(f"feats has {len(feats)} entries for {len(graphs)} graphs.")
-  y = np.log(np.asarray(runtime_s, np.float64) * 1e6).astype(np.float32)
+  y = _log_us(runtime_s)
   group = np.asarray(group)
   model = _model(cfg)
   rng = np.random.default_rng(cfg.seed)
@@ -173,7 +180,7 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
                      f"group ({len(group)}), got {x.shape}.")
   mu, sd = x.mean(0), x.std(0) + 1e-6
   xs = (x - mu) / sd
-  y = np.log(np.asarray(runtime_s) * 1e6).astype(np.float32)
+  y = _log_us(runtime_s)
   g = np.asarray(group)
   model = MLPCostModel(cfg.hidden, cfg.num_layers)
   params = model.init(jax.random.PRNGKey(cfg.seed), xs[:1])
