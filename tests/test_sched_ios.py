@@ -333,3 +333,20 @@ def test_scheduled_function_checks_its_arguments():
     s(jnp.ones((2, 3), jnp.float32))
   with pytest.raises(TypeError, match="structured"):
     s(x, x)  # an extra argument was silently ignored before
+
+
+def test_stage_profiler_not_fooled_by_a_reused_graph_id():
+  """The in-memory memo is keyed by id(graph); a new graph at the address of a freed one must not get
+  the old graph's latencies (simulated by moving the old graph's entries to the new id)."""
+  g1 = sched.build_graph(lambda x: x @ jnp.ones((4, 4)), jnp.ones((2, 4)))
+  g2 = sched.build_graph(lambda x: jnp.tanh(x @ jnp.ones((4, 64))), jnp.ones((32, 4)))
+  assert g1.fingerprint() != g2.fingerprint()
+  prof = sched.StageProfiler(mode="plain", k=2, number=1, repeat=1, warmup=0)
+  st = Stage("parallel", ((0,),))
+  prof(g1, st)
+  assert prof.misses == 1
+  prof._fps[id(g2)] = prof._fps.pop(id(g1))
+  prof._memo = {(id(g2), k[1]): v for k, v in prof._memo.items()}
+  prof(g2, st)
+  assert prof.misses == 2  # measured g2's own program
+  assert prof._fps[id(g2)][1] == g2.fingerprint()

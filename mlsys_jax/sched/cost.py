@@ -29,6 +29,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -149,7 +150,7 @@ class StageProfiler:
     self._dirty = 0
     self._lock = threading.Lock()
     self._memo: dict = {}  # (id(graph), stage) -> cache key (signatures cost a trace each)
-    self._fps: dict = {}
+    self._fps: dict = {}  # id(graph) -> (weakref to the graph, fingerprint)
     if cache_path and os.path.exists(cache_path):
       with open(cache_path) as fh:
         self.cache = json.load(fh)
@@ -171,7 +172,7 @@ class StageProfiler:
       return INF
     if st.kind == "parallel" and len(st.groups) > 1 and self.parallel == "sum":
       return sum(self(g, Stage("parallel", (grp,))) for grp in st.groups)
-    mk = (id(g), st)
+    mk = (self._gid(g), st)
     if mk not in self._memo:  # a saved alias (graph fingerprint + stage) skips the trace
       alias = self.cache.get(self._alias(g, st))
       if alias is not None:
@@ -190,9 +191,17 @@ class StageProfiler:
     return self._time(key, compiled)
 
   def _alias(self, g: Graph, st: Stage) -> str:
-    if id(g) not in self._fps:
-      self._fps[id(g)] = g.fingerprint()
-    return f"alias|{self._fps[id(g)]}|{self.mode}|{self.k}|{st.kind}|{st.groups}"
+    return f"alias|{self._fps[self._gid(g)][1]}|{self.mode}|{self.k}|{st.kind}|{st.groups}"
+
+  def _gid(self, g: Graph) -> int:
+    """``id(g)`` for the in-memory memo, after dropping what was memoized for an earlier graph that
+    lived at the same address (ids are reused once a graph is freed, e.g. a profiler shared by
+    several ``ios_schedule`` calls)."""
+    ent = self._fps.get(id(g))
+    if ent is None or ent[0]() is not g:
+      self._memo = {k: v for k, v in self._memo.items() if k[0] != id(g)}
+      self._fps[id(g)] = (weakref.ref(g), g.fingerprint())
+    return id(g)
 
   def _key(self, g: Graph, st: Stage):
     fn, ins, _, cids = emit.stage_program(g, st, self.mode)
@@ -250,10 +259,10 @@ class StageProfiler:
           continue
         alias = self.cache.get(self._alias(g, sub))
         if alias is not None and alias in self.cache:
-          self._memo[(id(g), sub)] = alias
+          self._memo[(self._gid(g), sub)] = alias
           continue
         key, prog = self._key(g, sub)
-        self._memo[(id(g), sub)] = key
+        self._memo[(self._gid(g), sub)] = key
         self.cache[self._alias(g, sub)] = key
         if key in self.cache or key in seen:
           continue
