@@ -94,6 +94,10 @@ def test_metrics_reject_bad_input():
   with pytest.raises(ValueError, match="positive"):
     cost.mape_scale([1.0, 0.0], [1.0, 2.0])
   with pytest.raises(ValueError, match="positive"):
+    cost.mape_scale([1.0, np.nan], [1.0, 2.0])
+  with pytest.raises(ValueError, match="combine"):
+    cost.Roofline(1e12, 1e11, "min").predict(np.ones(2), np.ones(2))
+  with pytest.raises(ValueError, match="positive"):
     cost.fit_roofline([1.0, 2.0], [1.0, 2.0], [1e-3, 0.0])
 
 

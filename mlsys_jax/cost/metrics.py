@@ -78,8 +78,8 @@ def mape_scale(pred: Sequence[float], target: Sequence[float]) -> float:
   median of ``target / pred`` with weights ``pred / target``), which this computes exactly.
   """
   p, t = _pair(pred, target, "mape_scale")
-  if np.any(p <= 0) or np.any(t <= 0):
-    raise ValueError("mape_scale needs positive predictions and targets (runtimes).")
+  if not np.all(np.isfinite(p) & (p > 0) & np.isfinite(t) & (t > 0)):
+    raise ValueError("mape_scale needs positive, finite predictions and targets (runtimes).")
   r = t / p
   w = p / t
   order = np.argsort(r)
@@ -143,6 +143,9 @@ class Roofline(NamedTuple):
   overhead_s: float = 0.0
 
   def predict(self, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """Runtime in seconds of programs with ``flops`` and ``nbytes`` (arrays of one shape)."""
+    if self.combine not in ("max", "sum"):
+      raise ValueError(f"combine must be 'max' or 'sum', got {self.combine!r}.")
     tf = np.asarray(flops, np.float64) / self.flops_per_s
     tb = np.asarray(nbytes, np.float64) / self.bytes_per_s
     t = np.maximum(tf, tb) if self.combine == "max" else tf + tb
