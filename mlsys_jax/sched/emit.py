@@ -1,7 +1,7 @@
 """Emission of an IOS schedule as one jitted JAX function (Ding et al., MLSys 2021, Sec. 5: the runtime
 that executes stages; here XLA plays the runtime).
 
-Two emission modes:
+Four emission modes:
   * ``'cuda_graph'`` (default, what works best on H100, see benchmarks/ios_probe.py): the flat primitives
     are emitted in schedule order, merge stages as one convolution with concatenated, zero-padded
     kernels plus channel slices; the function is compiled with command buffers that include

@@ -195,9 +195,7 @@ class _Builder:
           n_skip = len(ins) - len(sub_j.invars)
           if n_skip < 0:
             raise ValueError(f"ios: cannot inline {name}: operand count mismatch")
-          ins2 = [self._materialize(a) for a in ins[n_skip:]] if n_skip else [
-              self._materialize(a) for a in ins]
-          outs = self.inline(sub_j, sub_c, ins2)
+          outs = self.inline(sub_j, sub_c, [self._materialize(a) for a in ins[n_skip:]])
           for var, o in zip(eqn.outvars, outs):
             if not isinstance(var, jex_core.DropVar):
               env[var] = o
@@ -409,8 +407,7 @@ def partition_blocks(g: Graph, part_size: int) -> list:
   n = len(g.units)
   if n == 0:
     return []
-  crossed = np.zeros(n + 2, np.int64)  # positions shifted by 1; virtual source at 0, sink at n+1
-  edges = []
+  edges = []  # positions shifted by 1; virtual source at 0, sink at n+1
   for u in g.units:
     if not u.preds or any(a not in g.producer for a in u.inputs):
       edges.append((0, u.idx + 1))
