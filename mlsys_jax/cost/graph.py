@@ -427,11 +427,3 @@ def pad_graph(g: HloGraph, n_node: int, n_edge: int, n_kernel: int, n_graph: int
       receivers=np.concatenate([g.receivers, np.full(pe, n_node - 1, np.int32)]),
       n_node=pad_counts(g.n_node, pn, pg), n_edge=pad_counts(g.n_edge, pe, pg),
       n_kernel=pad_counts(g.n_kernel, pk, pg))
-
-
-def graph_stats(g: HloGraph) -> dict:
-  """Aggregate numbers of a single-graph batch (used by the MLP baseline and for sanity checks)."""
-  return {"nodes": int(g.n_node.sum()), "edges": int(g.n_edge.sum()), "kernels": int(g.n_kernel.sum()),
-          "flops": float(g.attrs[:, ATTR_ID["flops"]].sum()),
-          "transcendentals": float(g.attrs[:, ATTR_ID["transcendentals"]].sum())}
-

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -161,9 +160,6 @@ class HloModule:
   @property
   def entry(self) -> Computation:
     return self.computations[self.entry_name]
-
-  def num_instructions(self) -> int:
-    return sum(len(c.instructions) for c in self.computations.values())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -523,17 +519,6 @@ def reducer_opcode(module: HloModule, ins: Instruction) -> str | None:
     return None
   comp = module.computations.get(name.lstrip("%"))
   return comp.root.opcode if comp else None
-
-
-def json_backend_config(ins: Instruction) -> dict:
-  """``backend_config`` parsed as JSON ({} if absent or not JSON)."""
-  v = ins.attrs.get("backend_config")
-  if not v:
-    return {}
-  try:
-    return json.loads(v)
-  except (ValueError, TypeError):
-    return {}
 
 
 __all__: Sequence[str] = ("Capture", "Computation", "HloModule", "HloParseError", "Instruction",
