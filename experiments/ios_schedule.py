@@ -72,7 +72,8 @@ def main(_):
     out["graph_s"] = time.perf_counter() - t0
     cost = sched.AnalyticalCost() if _PROFILER.value == "analytical" else sched.StageProfiler()
     seq = sched.sequential_schedule(g)
-    out["sequential_pred_us"] = sum(sched.AnalyticalCost()(g, st) for st in seq) * 1e6
+    # the same cost model as the search, so that the predicted speedup compares like with like
+    out["sequential_pred_us"] = sum(cost(g, st) for st in seq) * 1e6
     r, s_ = (_R.value, _S.value)
     if name in ("randwire", "nasnet"):
       r, s_ = (int(v) for v in _RS_LARGE.value.split(","))

@@ -95,7 +95,12 @@ def stream_call(f: Callable, stream: int) -> Callable:
 def merge_key(g: Graph, ui: int):
   """Key equal for conv units that IOS may merge: same input value, strides, layout, output size,
   dtype and a padding that stays valid when kernels are zero-padded, centred, to the largest one
-  (odd kernels). ``None`` if the unit is not a mergeable convolution."""
+  (odd kernels). ``None`` if the unit is not a mergeable convolution.
+
+  Dilated, grouped, string-padded convs and kernels that are not constants are never merged. NaN/inf:
+  a merged conv multiplies the zero taps of a padded kernel too, so an inf in the input window of the
+  largest kernel but outside a smaller kernel's window turns that smaller conv's output into NaN
+  (0 * inf); with finite inputs the result equals the separate convs up to summation order."""
   u = g.units[ui]
   if u.kind != "conv_general_dilated" or u.opaque:
     return None
