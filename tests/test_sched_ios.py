@@ -309,6 +309,8 @@ def test_from_json_refuses_invalid_merge_and_bad_stage_order():
   assert sched.build_graph(f_bad, x).fingerprint() == s.graph.fingerprint()
   with pytest.raises(ValueError, match="not mergeable"):
     sched.Schedule.from_json(s.to_json(), f_bad, x)
+  with pytest.raises(ValueError, match="emission"):  # raised at load, not at the first call
+    sched.Schedule.from_json(s.to_json(), f_ok, x, emission="cudagraph")
   s_bad = sched.Schedule.from_json(s.to_json().replace('"merge"', '"parallel"'), f_bad, x)
   for a, b in zip(s_bad(x), f_bad(x)):
     assert _relerr(a, b) < 1e-5

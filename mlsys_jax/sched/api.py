@@ -181,6 +181,9 @@ class Schedule:
     d = json.loads(text)
     if d.get("schema") != SCHEMA:
       raise ValueError(f"not an IOS schedule JSON (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+    emission = emission or d["emission"]
+    if emission not in emit.EMISSION_MODES:
+      raise ValueError(f"emission must be one of {emit.EMISSION_MODES}, got {emission!r}")
     bound, dyn = _bind_static(fn, example_args, static_argnums)
     g = build_graph(bound, *dyn, part_size=part_size)
     if g.fingerprint() != d["fingerprint"]:
@@ -188,7 +191,7 @@ class Schedule:
                        f"{d['fingerprint']} vs {g.fingerprint()}); run ios_schedule again")
     stages = [Stage(s["kind"], tuple(tuple(gr) for gr in s["groups"])) for s in d["stages"]]
     _check_cover(g, stages)
-    return cls(g, stages, [s["latency_s"] for s in d["stages"]], emission or d["emission"],
+    return cls(g, stages, [s["latency_s"] for s in d["stages"]], emission,
                d.get("search_s", 0.0), dict(d.get("info", {})))
 
 
