@@ -289,6 +289,13 @@ def test_mlp_baseline_fits_and_clips_extrapolation():
   pred = cost.predict_mlp(state, x, cfg)
   assert pred.shape == (160,) and np.all(pred > 0)
   assert cost.mape(pred, runtime) < 0.15
+  # A column constant in training (an opcode absent from the training families) is ignored, not
+  # divided by a ~0 std: changing it at prediction time leaves the predictions alone.
+  xc = np.concatenate([x, np.zeros((160, 1), np.float32)], 1)
+  state_c = cost.fit_mlp(xc, runtime, group, cfg)
+  xc_test = xc.copy()
+  xc_test[:, -1] = 2.0
+  np.testing.assert_allclose(cost.predict_mlp(state_c, xc_test, cfg), cost.predict_mlp(state_c, xc, cfg))
   far = cost.predict_mlp(state, 100 * x, cfg)           # far outside the training range: clipped
   lo, hi = runtime.min() / 10, runtime.max() * 10
   assert np.all(far >= lo * 0.999) and np.all(far <= hi * 1.001)

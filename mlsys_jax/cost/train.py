@@ -178,7 +178,11 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
   if x.ndim != 2 or not x.shape[0] == len(runtime_s) == len(group) or x.shape[0] == 0:
     raise ValueError(f"x must be [P, F] with one row per entry of runtime_s ({len(runtime_s)}) and "
                      f"group ({len(group)}), got {x.shape}.")
-  mu, sd = x.mean(0), x.std(0) + 1e-6
+  mu, sd = x.mean(0), x.std(0)
+  # A feature constant on the training rows (say the count of 'while' when every loop family is held
+  # out) carries nothing learnable; dividing by a tiny std would blow its held-out values up to ~1e6
+  # and drive the MLP to its clip. An infinite std maps it to 0 at training and at prediction time.
+  sd = np.where(sd > 1e-6, sd, np.inf).astype(np.float32)
   xs = (x - mu) / sd
   y = _log_us(runtime_s)
   g = np.asarray(group)
