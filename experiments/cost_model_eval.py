@@ -47,6 +47,10 @@ flags.DEFINE_integer("max_rows", 0, "use at most this many rows (0: all), for sm
 flags.DEFINE_float("noise_iqr", 0.2, "exclude rows whose IQR exceeds this fraction of the median")
 flags.DEFINE_float("floor_mult", 2.0, "exclude rows faster than this multiple of the dispatch floor")
 flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_bool("drop_model_duplicates", False,
+                  "keep one row per set of variants of a program whose graph and node features are "
+                  "identical (e.g. 'autotune0' differing from 'default' only in the module fingerprint): "
+                  "no model can order them, so their measured order is timing noise")
 
 
 def load_all(paths, max_rows, noise_iqr, floor_mult):
@@ -83,6 +87,17 @@ def load_all(paths, max_rows, noise_iqr, floor_mult):
   return rows["hlo"], arr, metas
 
 
+def model_duplicates(graphs, feats, group):
+  """Boolean mask of rows whose (graph, node features) equal an earlier row's of the same group."""
+  seen, dup = set(), np.zeros(len(graphs), bool)
+  for i, (g, x) in enumerate(zip(graphs, feats)):
+    key = (int(group[i]), g.opcode.tobytes(), g.kernel.tobytes(), g.senders.tobytes(),
+           g.receivers.tobytes(), x.tobytes())
+    dup[i] = key in seen
+    seen.add(key)
+  return dup
+
+
 def summarize(name, pred, y, group):
   gm = metrics.group_metrics(pred, y, group)
   ape = np.abs(pred - y) / y
@@ -104,6 +119,14 @@ def main(argv):
   print(f"{len(texts)} rows kept from {FLAGS.data}", flush=True)
   graphs = [graph.program_graph(hlo.parse_hlo(t)) for t in texts]
   feats = [features.node_features(g) for g in graphs]
+  dup = model_duplicates(graphs, feats, a["group"])
+  print(f"{int(dup.sum())} rows repeat an earlier variant of their program as the model sees it "
+        f"({'dropped' if FLAGS.drop_model_duplicates else 'kept'})", flush=True)
+  n_model_duplicates = int(dup.sum())
+  if FLAGS.drop_model_duplicates and dup.any():
+    keep = np.where(~dup)[0]
+    texts, graphs, feats = [texts[i] for i in keep], [graphs[i] for i in keep], [feats[i] for i in keep]
+    a = {k: v[keep] for k, v in a.items()}
   # Shape-based counts from our parser (XLA's GPU cost analysis counts no flops in cuBLAS/cuDNN calls).
   trivial = np.asarray([graph.OPCODE_ID[o] for o in graph.TRIVIAL if o in graph.OPCODE_ID])
   own_flops = np.asarray([float(g.attrs[:, graph.ATTR_ID["flops"]].sum()) for g in graphs])
@@ -210,8 +233,9 @@ def main(argv):
   out = {"results": results, "comparisons": comparisons, "per_family": fam_rows, "folds": folds,
          "fitted_rooflines": fitted, "datasets": metas,
          "flags": {k: FLAGS[k].value for k in ("epochs", "hidden", "layers", "rank_weight", "max_rows",
-                                                "noise_iqr", "floor_mult", "seed", "folds")},
-         "rows": int(done.sum()), "seconds": time.time() - t0}
+                                                "noise_iqr", "floor_mult", "seed", "folds",
+                                                "drop_model_duplicates")},
+         "rows": int(done.sum()), "model_duplicate_rows": n_model_duplicates, "seconds": time.time() - t0}
   os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(out, f, indent=1)
