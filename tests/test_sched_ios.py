@@ -289,6 +289,11 @@ def test_stage_profiler_cache_on_disk(tmp_path):
   assert prof2.misses == 0 and prof2.hits > 0
   assert [st.groups for st in s2.stages] == [st.groups for st in s.stages]
   assert _relerr(s2(x)[0], f(x)[0]) < 1e-6
+  # a cache recorded on another device kind answers neither by alias nor by signature
+  prof3 = sched.StageProfiler(mode="plain", k=2, number=2, repeat=1, warmup=1, cache_path=path)
+  prof3.device = "another-gpu"
+  sched.ios_schedule(f, x, profiler=prof3, r=2, s=2, prefetch=False)
+  assert prof3.misses > 0
   with pytest.raises(ValueError, match="k must be"):
     sched.StageProfiler(k=1)
 

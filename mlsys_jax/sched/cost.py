@@ -191,7 +191,9 @@ class StageProfiler:
     return self._time(key, compiled)
 
   def _alias(self, g: Graph, st: Stage) -> str:
-    return f"alias|{self._fps[self._gid(g)][1]}|{self.mode}|{self.k}|{st.kind}|{st.groups}"
+    # device and options as in the measurement key: a cache file from another GPU must not answer
+    return (f"alias|{self.device}|{sorted(self.options.items())}|{self._fps[self._gid(g)][1]}|"
+            f"{self.mode}|{self.k}|{st.kind}|{st.groups}")
 
   def _gid(self, g: Graph) -> int:
     """``id(g)`` for the in-memory memo, after dropping what was memoized for an earlier graph that
