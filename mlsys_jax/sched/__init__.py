@@ -3,6 +3,7 @@
 Public API:
   ios_schedule(fn, *example_args, r=3, s=8, profiler=None, strategy='both', ...) -> Schedule
   Schedule (apply / __call__, summary, measure, to_json, from_json)
+  sequential_schedule(graph) -> [Stage]  the baseline: one unit per stage
   AnalyticalCost, StageProfiler          stage cost models (roofline; on-device differential timing)
   build_graph, Graph, Unit               jaxpr -> unit DAG with blocks/parts
   ios_dp, Stage                          the dynamic program over ending sets
