@@ -65,7 +65,7 @@ class Schedule:
     graph: the unit graph (``mlsys_jax.sched.graph.Graph``).
     stages: list of ``Stage`` in execution order.
     stage_latency: predicted latency of each stage (seconds, from the cost model used in the search).
-    emission: 'cuda_graph', 'streams' or 'plain' (see ``mlsys_jax.sched.emit``).
+    emission: 'cuda_graph', 'cuda_graph_lhs', 'streams' or 'plain' (see ``mlsys_jax.sched.emit``).
     search_s: seconds spent in the search (graph + DP + profiling).
     info: extra numbers (r, s, strategy, profiler hits/misses, measured latencies once ``measure`` ran).
   """
@@ -245,7 +245,7 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       or ``StageProfiler(...)`` (default on GPU, measuring on the device).
     strategy: 'both' (IOS-Both), 'merge' (IOS-Merge) or 'parallel' (IOS-Parallel).
     part_size: largest DP part (paper experiments: 50).
-    emission: 'cuda_graph' (default), 'streams' or 'plain'; see ``mlsys_jax.sched.emit``.
+    emission: 'cuda_graph' (default), 'cuda_graph_lhs', 'streams' or 'plain'; see ``mlsys_jax.sched.emit``.
     static_argnums: positional arguments treated as constants (e.g. the variables of model.apply).
     prefetch: with a profiler that has ``prefetch`` (``StageProfiler``), first run the DP under the
       analytical model to collect the stages it asks for and compile them in parallel threads.
