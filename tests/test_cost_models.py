@@ -84,6 +84,8 @@ def test_group_metrics_scores_the_same_groups_for_every_model():
   np.testing.assert_array_equal(flat.opa, [0.0, 0.0])  # tied predictions order no pair
   with pytest.raises(ValueError, match="1-D shape"):
     cost.group_metrics(target, target[:-1], group)
+  with pytest.raises(ValueError, match="finite"):
+    cost.group_metrics(np.r_[np.nan, target[1:]], target, group)
 
 
 def test_metrics_reject_bad_input():

@@ -107,6 +107,9 @@ def group_metrics(pred: np.ndarray, target: np.ndarray, group: np.ndarray) -> Gr
   if not pred.shape == target.shape == group.shape or pred.ndim != 1:
     raise ValueError(f"pred, target and group need one 1-D shape, got {pred.shape}, {target.shape}, "
                      f"{group.shape}.")
+  if not (np.all(np.isfinite(pred)) and np.all(np.isfinite(target))):
+    raise ValueError("group_metrics needs finite pred and target; drop rows a model could not predict "
+                     "from every model's arrays first, so all models are scored on the same rows.")
   gs, taus, opas, slows = [], [], [], []
   for g in np.unique(group):
     m = group == g
