@@ -273,6 +273,13 @@ def test_gnn_cosine_schedule_spans_every_step(monkeypatch):
   params = cost.fit_gnn(gs, np.linspace(1e-5, 6e-5, 6), group, cfg)
   assert seen == [3 * 2]
   assert np.all(np.isfinite(cost.predict_gnn(params, gs, cfg)))
+  # predict_gnn keeps one jitted apply per architecture: a second call compiles nothing new.
+  apply = train_lib._jitted_apply(cfg.embed_dim, cfg.hidden, cfg.num_layers, cfg.reduction)
+  assert apply is train_lib._jitted_apply(cfg.embed_dim, cfg.hidden, cfg.num_layers, cfg.reduction)
+  size = getattr(apply, "_cache_size", lambda: 0)  # private jax API: 0 == 0 where it is missing
+  n_compiled = size()
+  np.testing.assert_array_equal(cost.predict_gnn(params, gs, cfg), cost.predict_gnn(params, gs, cfg))
+  assert size() == n_compiled
   with pytest.raises(ValueError, match="feats"):
     cost.fit_gnn(gs, np.ones(6), group, cfg, feats=[cost.node_features(gs[0])])
   with pytest.raises(ValueError, match="positive"):

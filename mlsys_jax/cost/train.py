@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import NamedTuple, Sequence
 
@@ -94,6 +95,13 @@ def _model(cfg: GNNConfig) -> GraphSAGECostModel:
                             reduction=cfg.reduction)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(embed_dim: int, hidden: int, num_layers: int, reduction: str):
+  """One jitted ``apply`` per architecture, so repeated :func:`predict_gnn` calls reuse compilations."""
+  return jax.jit(GraphSAGECostModel(embed_dim=embed_dim, hidden=hidden, num_layers=num_layers,
+                                    reduction=reduction).apply)
+
+
 def fit_gnn(graphs: Sequence[HloGraph], runtime_s: np.ndarray, group: np.ndarray,
             cfg: GNNConfig = GNNConfig(), feats: Sequence[np.ndarray] | None = None) -> dict:
   """Train :class:`GraphSAGECostModel` on log-microsecond runtimes with MSE + pairwise ranking loss.
@@ -149,8 +157,7 @@ def predict_gnn(params: dict, graphs: Sequence[HloGraph], cfg: GNNConfig = GNNCo
                 feats: Sequence[np.ndarray] | None = None) -> np.ndarray:
   """Predicted runtimes in seconds, one per graph."""
   feats = list(feats) if feats is not None else [node_features(g) for g in graphs]
-  model = _model(cfg)
-  apply = jax.jit(model.apply)
+  apply = _jitted_apply(cfg.embed_dim, cfg.hidden, cfg.num_layers, cfg.reduction)
   out = np.zeros(len(graphs))
   chunks = _chunks(np.arange(len(graphs)), cfg.graphs_per_batch, None, None)
   for c, b, _ in _batches(graphs, feats, chunks, cfg.graphs_per_batch):
