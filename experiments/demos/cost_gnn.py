@@ -57,8 +57,9 @@ def run(seed: int):
   pa = roof.predict(flops[te], nbytes[te])
   y, grp = d.runtime_s[te], d.group[te]
   mg, ma = cost.group_metrics(pred, y, grp), cost.group_metrics(pa, y, grp)
-  # Ordered-pair accuracy counts a predicted tie as wrong; tau-b drops the roofline's ties (variants
-  # with equal flops and bytes), which flatters it. The full model and folds: experiments/cost_model_eval.py.
+  # Ordered-pair accuracy counts a predicted tie as wrong; within a program whose variants all get one
+  # prediction (e.g. equal flops and bytes for the roofline) tau is 0. Every model is scored on the same
+  # programs. The full model and folds: experiments/cost_model_eval.py.
   rows.append((TECHNIQUE, f"tiny GNN ({dt:.0f}s, {len(tr)} H100 variants) vs XLA-cost roofline on "
                f"{len(test_g)} held-out programs: tau-b; pair accuracy",
                f"tau {mg.tau.mean():.2f} vs {ma.tau.mean():.2f}; pairs {mg.opa.mean():.2f} vs {ma.opa.mean():.2f}"))
