@@ -238,6 +238,18 @@ def test_control_flow_kept_sequential_or_refused():
     sched.ios_schedule(f, x, allow_opaque=False)
 
 
+def test_side_effects_are_refused_by_name():
+  w = jnp.ones((4, 4)) * 0.1
+
+  def f(x):
+    a = x @ w
+    jax.debug.callback(lambda v: None, a)
+    return a @ w + x @ w
+
+  with pytest.raises(ValueError, match="side effects"):
+    sched.ios_schedule(f, jnp.ones((3, 4)))
+
+
 # ------------------------------------------------------------------------------------------ API
 def test_json_roundtrip_and_static_argnums(block, tmp_path):
   f, x = block

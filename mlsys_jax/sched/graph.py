@@ -204,6 +204,10 @@ class _Builder:
         if hasattr(var, "aval") and not all(isinstance(d, (int, np.integer)) for d in var.aval.shape):
           raise ValueError(f"ios: dynamic shape {var.aval} produced by '{name}'; IOS needs static shapes "
                            "(trace with concrete example arguments)")
+      if eqn.effects:
+        raise ValueError(f"ios: '{name}' has side effects ({', '.join(map(str, eqn.effects))}); a "
+                         "schedule may reorder operators around it, so functions with effects (debug "
+                         "prints, callbacks, ordered I/O) are refused: schedule the pure part only")
       outs = self.emit(eqn.primitive, dict(eqn.params), ins, [v.aval for v in eqn.outvars],
                        bool(eqn.effects))
       for var, o in zip(eqn.outvars, outs):
