@@ -57,17 +57,8 @@ def train(ds, model, compressor, schedule, steps, seed, record_levels=False):
   workers, b = _WORKERS.value, _BATCH.value
   tx = optax.chain(compressor, optax.sgd(schedule, momentum=0.9))
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
-  state = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (workers,) + x.shape), tx.init(params))
-
-  def local_step(params, state, xb, yb):
-    g = jax.grad(lambda p: models.cross_entropy(model.apply({"params": p}, xb), yb))(params)
-    upd, state = tx.update(g, state, params)
-    return optax.apply_updates(params, upd), state
-
-  @jax.jit
-  def step(params, state, xb, yb):
-    new_params, state = jax.vmap(local_step, in_axes=(None, 0, 0, 0), axis_name="d")(params, state, xb, yb)
-    return jax.tree_util.tree_map(lambda x: x[0], new_params), state  # identical on every worker
+  state = models.replicate(tx.init(params), workers)
+  step = models.make_simulated_data_parallel_step(model, tx, axis_name="d")
 
   rng = np.random.default_rng(seed)
   levels = []

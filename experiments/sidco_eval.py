@@ -23,7 +23,6 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -134,24 +133,13 @@ def train_parallel(ds, model, make_compressor, seed, workers: int = 8):
     compressor = None if make_compressor is None else make_compressor(density)
     tx = opt if compressor is None else optax.chain(compressor, opt)
 
-    def local_step(params, state, xb, yb):
-      g = jax.grad(lambda p: models.cross_entropy(model.apply({"params": p}, xb), yb))(params)
-      if compressor is None:
-        g = jax.lax.pmean(g, "d")
-      upd, state = tx.update(g, state, params)
-      return optax.apply_updates(params, upd), state
-
-    @jax.jit
-    def step(params, state, xb, yb):
-      new_params, state = jax.vmap(local_step, in_axes=(None, 0, 0, 0), axis_name="d")(params, state, xb, yb)
-      return jax.tree_util.tree_map(lambda x: x[0], new_params), state  # identical on every worker
-
-    return tx, step
+    return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
+                                                        average_grads=compressor is None)
 
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   tx, step = make_step(phases[0][0])
   # Every worker keeps its own optimizer state (and error-feedback residual).
-  state = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (workers,) + x.shape), tx.init(params))
+  state = models.replicate(tx.init(params), workers)
   starts = {s: d for d, s in phases}
   rng = np.random.default_rng(seed)
   for i in range(_STEPS.value):

@@ -82,3 +82,25 @@ def test_loss_extra_and_errors():
     models.cross_entropy(jnp.ones((3,)), jnp.ones((3,), jnp.int32))
   with pytest.raises(ValueError, match="epochs"):
     models.train_classifier(m, ds, optax.sgd(0.1), epochs=0)
+
+
+def test_simulated_data_parallel_step_equals_full_batch_sgd():
+  ds = data.load_digits(seed=0)
+  model = models.MLP(features=(16,), num_classes=10)
+  params = model.init(jax.random.PRNGKey(0), ds.x_train[:2])["params"]
+  tx = optax.sgd(0.1)
+  workers, b = 4, 8
+  xb = ds.x_train[:workers * b].reshape(workers, b, *ds.x_train.shape[1:])
+  yb = ds.y_train[:workers * b].reshape(workers, b)
+  step = models.make_simulated_data_parallel_step(model, tx, average_grads=True)
+  states = models.replicate(tx.init(params), workers)
+  new, new_states = step(params, states, xb, yb)
+  # the mean of equal-size per-worker mean gradients is the full-batch gradient
+  g = jax.grad(lambda p: models.cross_entropy(model.apply({"params": p}, ds.x_train[:workers * b]),
+                                              ds.y_train[:workers * b]))(params)
+  ref = optax.apply_updates(params, jax.tree_util.tree_map(lambda x: -0.1 * x, g))
+  for a, r in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+  assert jax.tree_util.tree_structure(new_states) == jax.tree_util.tree_structure(states)
+  with pytest.raises(ValueError, match="workers"):
+    models.replicate(params, 0)

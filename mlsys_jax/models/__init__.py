@@ -25,8 +25,10 @@ from mlsys_jax.models.training import (
     create_train_state,
     cross_entropy,
     evaluate,
+    make_simulated_data_parallel_step,
     make_train_step,
     predict,
+    replicate,
     train_classifier,
 )
 
@@ -43,8 +45,10 @@ __all__ = [
     "create_train_state",
     "cross_entropy",
     "evaluate",
+    "make_simulated_data_parallel_step",
     "make_train_step",
     "predict",
+    "replicate",
     "train_classifier",
     "ios_benchmark_nets",
     "ios_init_params",

@@ -82,6 +82,42 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return jax.jit(step) if jit else step
 
 
+def replicate(tree: Any, workers: int) -> Any:
+  """``tree`` with a leading axis of ``workers`` copies (one optimizer state per simulated worker)."""
+  check_int("workers", workers, 1)
+  return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (workers,) + jnp.shape(x)), tree)
+
+
+def make_simulated_data_parallel_step(model: nn.Module, tx: optax.GradientTransformation, *,
+                                      axis_name: str = "d", average_grads: bool = False) -> Callable:
+  """A jitted step of data-parallel training over simulated workers in ONE program.
+
+  ``vmap`` over a leading worker axis bound to ``axis_name``, so transforms that take ``axis_name``
+  (``mlsys_jax.comm``: SIDCo, Top-k, PowerSGD, ACCORDION) run their collectives across the workers,
+  without the thread rendezvous of simulated CPU devices. Each worker computes the cross-entropy gradient
+  of its own batch and keeps its own optimizer state (error-feedback residuals); ``average_grads=True``
+  averages the gradients first (uncompressed all-reduce). The parameters are shared: the transform must
+  return the same update on every worker (an averaging collective does), and worker 0's copy is kept.
+
+  Returns ``step(params, worker_states, xb, yb) -> (params, worker_states)`` with ``worker_states``
+  from :func:`replicate` and ``xb``/``yb`` of shape ``(workers, batch, ...)``.
+  """
+  def local_step(params, state, xb, yb):
+    g = jax.grad(lambda p: cross_entropy(model.apply({"params": p}, xb), yb))(params)
+    if average_grads:
+      g = jax.lax.pmean(g, axis_name)
+    upd, state = tx.update(g, state, params)
+    return optax.apply_updates(params, upd), state
+
+  @jax.jit
+  def step(params, state, xb, yb):
+    new_params, state = jax.vmap(local_step, in_axes=(None, 0, 0, 0), axis_name=axis_name)(
+        params, state, xb, yb)
+    return jax.tree_util.tree_map(lambda x: x[0], new_params), state
+
+  return step
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _apply_eval(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
   # One compiled function per (model, shapes), shared by every predict/evaluate call.
