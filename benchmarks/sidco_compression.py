@@ -4,47 +4,59 @@ against the memory-bandwidth floor (read the gradient once). Then, at 25M, the t
 SIDCo-GP (statistics pass, threshold fit, candidate-block prefix sum, pack) and of the previous path
 (threshold with a device-side stage loop, then a compaction pass over the whole mask), and the block size.
 
+``--phases`` times, inside the device loop at 25M, each phase of SIDCo-GP on both paths (statistics pass,
+threshold fit, packing given the threshold and block maxima) plus kernel tile-size variants; ``--check``
+first verifies the Pallas path against ``compact`` on the device (ragged sizes, overflow, negative and
+zero thresholds, vmap) and the new path's payload against the XLA path's at every size.
+
 Every time is the median over interleaved rounds (``stats.time_interleaved``) of 10 back-to-back calls,
 so that Python dispatch is amortised the way it is in a training step. The first table (``device_loop``)
 runs each method 20 times inside one jitted loop instead: the device time per call with no host dispatch,
 which is what compression costs inside a jitted training step (``--device_only`` prints only it).
 
   PYTHONPATH=. python benchmarks/sidco_compression.py --out $OUT
+  PYTHONPATH=. python benchmarks/sidco_compression.py --device_only --check --name sidco_pallas --out $OUT
+  PYTHONPATH=. python benchmarks/sidco_compression.py --phases --check --out $OUT
 """
 
 from __future__ import annotations
 
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks.common import copy_bandwidth, environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
+from mlsys_jax.comm import _pallas_pack as pp  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 INNER = 10
 LOOP = 20
 
 
-def device_loop(fn, reps: int = LOOP):
+def device_loop(fn, reps: int = LOOP, unroll: bool = False):
   """``fn`` applied ``reps`` times inside ONE jitted ``fori_loop``, its input routed through
   ``lax.optimization_barrier`` with the loop counter so XLA can neither hoist nor merge the calls.
 
   Divided by ``reps`` this is the device time of one call without host dispatch: the cost the
-  compression adds inside a jitted training step, where it is never dispatched on its own.
+  compression adds inside a jitted training step, where it is never dispatched on its own. ``fn`` takes
+  the positional arguments of the returned function. ``unroll``: the 20 calls as straight-line code (no
+  loop-control overhead per call).
   """
-  def run(x):
+  def run(*x):
     def body(i, carry):
       xx, acc = carry
       xx, i = jax.lax.optimization_barrier((xx, i))
-      out = fn(xx)
+      out = fn(*xx)
       leaf = jax.tree_util.tree_leaves(out)[0]
-      return xx, acc + jnp.sum(leaf[:1]).astype(jnp.float32)
-    return jax.lax.fori_loop(0, reps, body, (x, jnp.float32(0)))[1]
+      return xx, acc + jnp.sum(leaf.reshape(-1)[:1]).astype(jnp.float32)
+    return jax.lax.fori_loop(0, reps, body, (x, jnp.float32(0)), unroll=unroll)[1]
   return jax.jit(run)
 
 
@@ -58,21 +70,35 @@ def _time(fn, base, repeats):
   return stats.time_interleaved(fn, base, repeats=repeats, warmup=3, inner=INNER)
 
 
-def device_table(sizes, ratio, bw, repeats):
-  """Per-call device time (``device_loop``) of top_k, DGC and SIDCo at each size."""
-  rows = []
+def _sidco(dist, stages, packing):
+  return lambda cap, ratio: (lambda x: sp.sidco_compress(x, ratio, cap, dist, stages, packing=packing)[0])
+
+
+def device_table(sizes, ratio, bw, repeats, check=False):
+  """Per-call device time (``device_loop``) of top_k, approx_max_k, DGC and SIDCo at each size, SIDCo-GP
+  on the new (Pallas) and the previous (XLA) packing; with ``check`` the two payloads are compared."""
+  rows, checks = [], []
   for n in sizes:
     g = _gradient(n)
     k = max(1, int(n * ratio))
     cap = 2 * k
     cases = {
         "lax.top_k": lambda x: jax.lax.top_k(jnp.abs(x), k),
+        "lax.approx_max_k": lambda x: jax.lax.approx_max_k(jnp.abs(x), k),
         "DGC (1% sample)": lambda x: sp.compact(
             x, jnp.abs(x) >= sp.dgc_threshold(jax.random.PRNGKey(0), jnp.abs(x), ratio, 0.01), cap),
-        "SIDCo exponential (3 stages)": lambda x: sp.sidco_compress(x, ratio, cap, "exponential", 3)[0],
-        "SIDCo gpareto (1 stage)": lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1)[0],
-        "SIDCo gamma (2 stages)": lambda x: sp.sidco_compress(x, ratio, cap, "gamma", 2)[0],
+        "SIDCo gpareto (1 stage), Pallas (new default on GPU)": _sidco("gpareto", 1, "pallas")(cap, ratio),
+        "SIDCo gpareto (1 stage), XLA (previous path)": _sidco("gpareto", 1, "xla")(cap, ratio),
+        "SIDCo exponential (3 stages), Pallas": _sidco("exponential", 3, "pallas")(cap, ratio),
+        "SIDCo gamma (2 stages), Pallas": _sidco("gamma", 2, "pallas")(cap, ratio),
     }
+    if check:
+      new = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas"))(g)
+      old = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla"))(g)
+      same = all(bool(jnp.array_equal(a, b)) for a, b in zip(new[0], old[0]))
+      checks.append({"n": n, "payload_equal_pallas_vs_xla": same, "count": int(new[0].count),
+                     "n_above_pallas": int(new[1]), "n_above_xla": int(old[1])})
+      print(checks[-1], flush=True)
     loops = {name: device_loop(fn) for name, fn in cases.items()}
     top = loops["lax.top_k"]
     floor = 4 * n / bw
@@ -81,21 +107,133 @@ def device_table(sizes, ratio, bw, repeats):
       rows.append({"n": f"{n / 1e6:g}M", "method": name, "device ms/call": f"{t.median_a / LOOP * 1e3:.4f}",
                    "speed-up vs top_k": f"{t.ratio:.2f}", "x floor": f"{t.median_a / LOOP / floor:.2f}"})
       print(rows[-1], flush=True)
+    rows.append({"n": f"{n / 1e6:g}M", "method": "floor: 4n bytes / copy bandwidth",
+                 "device ms/call": f"{floor * 1e3:.4f}", "x floor": "1.00"})
+  return rows, checks
+
+
+def check_pallas(ratio):
+  """The Pallas path against ``compact`` on this device: ragged sizes, overflow, negative/zero thresholds,
+  a vmapped call. Raises on any mismatch."""
+  rng = np.random.default_rng(0)
+  out = []
+  for n, cap, thr in [(5003, 2000, 1.0), (64 * 40, 10, 0.3), (130, 20, -1.0), (20_000, 30, 2.5),
+                      (9_001, 4000, 0.0), (1_000_003, 2000, 3.0), (300_000, 100, 1.5)]:
+    x = jnp.asarray(rng.laplace(size=n) * rng.lognormal(size=n, sigma=0.5), jnp.float32)
+    x = x.at[::11].set(0.0)
+    ref = jax.jit(sp.compact, static_argnums=2)(x, jnp.abs(x) > thr, cap)
+    got, n_above = jax.jit(lambda v, t, c=cap: sp.compact_above(v, t, c, packing="pallas"))(x, thr)
+    total = int(jnp.sum(jnp.abs(x) > thr))
+    ok = (int(got.count) == int(ref.count) and bool(got.overflow) == bool(ref.overflow)
+          and int(n_above) == total and bool(jnp.array_equal(got.indices, ref.indices))
+          and bool(jnp.array_equal(got.values, ref.values)))
+    s1, s2, bmax = jax.jit(pp.block_stats)(x)
+    ok = ok and bool(jnp.array_equal(bmax, sp._block_stats(jnp.abs(x))[2]))
+    ok = ok and abs(float(s1) / float(jnp.sum(jnp.abs(x))) - 1) < 1e-5
+    out.append({"n": n, "capacity": cap, "threshold": thr, "selected": total, "ok": ok})
+    print(out[-1], flush=True)
+  xb = jnp.asarray(rng.laplace(size=(3, 50_000)), jnp.float32)
+  f = lambda p: jax.jit(jax.vmap(lambda v: sp.sidco_compress(v, 0.01, 1000, "gpareto", 1, packing=p)))(xb)
+  a, b = f("pallas"), f("xla")
+  ok = all(bool(jnp.array_equal(u, w)) for u, w in zip(a[0], b[0]))
+  out.append({"n": "vmap 3 x 50000", "ok": ok})
+  print(out[-1], flush=True)
+  if not all(r["ok"] for r in out):
+    raise SystemExit(f"Pallas path check FAILED: {out}")
+  return out
+
+
+def phase_table(n, ratio, bw, repeats):
+  """Device-loop time of each phase of SIDCo-GP (1 stage) at ``n`` on both paths, and tile variants."""
+  g = _gradient(n)
+  k = max(1, int(n * ratio))
+  cap = 2 * k
+  a = jnp.abs(g)
+  bsum, bsq, bmax = jax.jit(sp._block_stats)(a)
+  t = jax.jit(lambda x: sp.sidco_threshold(jnp.abs(x), ratio, "gpareto", 1))(g)
+  fit = lambda s1, s2, x: sp._threshold_from_sums(x, s1, s2, ratio, "gpareto", 1, 0.25)
+  phases = {
+      "empty loop body (x[:1])": (lambda x: x[:1], (g,)),
+      "read once: sum |g|": (lambda x: jnp.sum(jnp.abs(x)), (g,)),
+      "stats, XLA variadic reduction (+ sums)": (
+          lambda x: (lambda s: (jnp.sum(s[0]), jnp.sum(s[1]), s[2]))(sp._block_stats(jnp.abs(x))), (g,)),
+      "stats, Pallas kernel (+ sums)": (pp.block_stats, (g,)),
+      "threshold fit from the two sums": (lambda s1, s2, x: fit(s1, s2, x), (jnp.sum(bsum), jnp.sum(bsq), a)),
+      "pack given t, block max: XLA (search)": (
+          lambda x, tt, m: sp.compact_above(x, tt, cap, m, packing="xla"), (g, t, bmax)),
+      "pack given t, block max: Pallas (count+cumsum+write)": (
+          lambda x, tt, m: sp.compact_above(x, tt, cap, m, packing="pallas"), (g, t, bmax)),
+      "all: sidco_compress XLA (previous)": (
+          lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla"), (g,)),
+      "all: sidco_compress Pallas": (
+          lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas"), (g,)),
+  }
+  floor = 4 * n / bw
+  top = device_loop(lambda x: jax.lax.top_k(jnp.abs(x), k))
+  rows = []
+
+  def timed(name, fn, fargs, **extra):
+    loop = device_loop(fn)
+    tm = stats.time_interleaved(lambda: loop(*fargs), lambda: top(g), repeats=repeats, warmup=2)
+    rows.append({"n": f"{n / 1e6:g}M", "phase": name, "device ms/call": f"{tm.median_a / LOOP * 1e3:.4f}",
+                 "x floor": f"{tm.median_a / LOOP / floor:.2f}", **extra})
+    print(rows[-1], flush=True)
+
+  for name, (fn, fargs) in phases.items():
+    timed(name, fn, fargs)
+  full = lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas")
+  old_stats = sp._PALLAS_STATS
+  sp._PALLAS_STATS = "xla"
+  try:
+    timed("all: Pallas pack, XLA stats", jax.jit(full), (g,))
+  finally:
+    sp._PALLAS_STATS = old_stats
+  unrolled = device_loop(full, unroll=True)
+  tm = stats.time_interleaved(lambda: unrolled(g), lambda: top(g), repeats=repeats, warmup=2)
+  rows.append({"n": f"{n / 1e6:g}M", "phase": "all: sidco_compress Pallas, 20 calls unrolled (no loop)",
+               "device ms/call": f"{tm.median_a / LOOP * 1e3:.4f}", "x floor": f"{tm.median_a / LOOP / floor:.2f}"})
+  print(rows[-1], flush=True)
+  for tb in (32, 128, 256):
+    timed(f"pack Pallas, tile {tb} blocks", lambda x, tt, m, tb=tb: pp.pack_above(x, tt, cap, m, tile_blocks=tb),
+          (g, t, bmax))
+  for tb, w in ((64, 4), (128, 4), (256, 8), (512, 8)):
+    timed(f"stats Pallas, tile {tb} blocks, {w} warps",
+          lambda x, tb=tb, w=w: pp.block_stats(x, tile_blocks=tb, num_warps=w), (g,))
   return rows
 
 
 def main():
-  args = parse_args(__doc__, lambda ap: ap.add_argument(
-      "--device_only", action="store_true", help="only the device-loop table (no dispatch)"))
+  def extra(ap):
+    ap.add_argument("--device_only", action="store_true", help="only the device-loop table (no dispatch)")
+    ap.add_argument("--phases", action="store_true", help="only the device-loop phase table at 25M")
+    ap.add_argument("--check", action="store_true", help="verify the Pallas path on the device first")
+    ap.add_argument("--name", default="sidco_compression", help="JSON file name (without .json)")
+  args = parse_args(__doc__, extra)
   env = environment()
   sizes = [100_000, 1_000_000] if args.small else [1_000_000, 25_000_000, 100_000_000]
   repeats = 5 if args.small else 20
   ratio = 0.001
+  t0 = time.time()
   bw = copy_bandwidth(1 << 22 if args.small else 1 << 30)
-  drows = device_table(sizes[1:] if not args.small else sizes, ratio, bw, repeats)
-  write_json(args.out, "sidco_compression", {"env": env, "ratio": ratio, "copy_bandwidth_Bps": bw,
-                                             "loop": LOOP, "device_rows": drows})
+  result = {"env": env, "ratio": ratio, "copy_bandwidth_Bps": bw, "loop": LOOP}
+  if args.check:
+    result["pallas_checks"] = check_pallas(ratio)
+    print(f"checks done in {time.time() - t0:.0f} s", flush=True)
+  if args.phases:
+    prows = phase_table(sizes[-2], ratio, bw, repeats)
+    result["phases_device_loop"] = prows
+    write_json(args.out, args.name, result)
+    print(f"\n{env}\ncopy bandwidth {bw / 1e12:.2f} TB/s; floor = 4 n bytes / bandwidth")
+    print_table(prows, ["n", "phase", "device ms/call", "x floor"])
+    return
+  drows, checks = device_table(sizes, ratio, bw, repeats, check=args.check)
+  result.update(device_rows=drows, payload_checks=checks)
+  write_json(args.out, args.name, result)
+  print(f"\n{env}\ncopy bandwidth {bw / 1e12:.2f} TB/s; floor = 4 n bytes / bandwidth; {LOOP} calls in one "
+        f"jitted loop; {time.time() - t0:.0f} s")
   print_table(drows, ["n", "method", "device ms/call", "speed-up vs top_k", "x floor"])
+  if checks:
+    print(checks)
   if args.device_only:
     return
   rows = []
@@ -129,9 +267,7 @@ def main():
                    **extra})
       print(rows[-1], flush=True)
 
-  write_json(args.out, "sidco_compression", {"env": env, "ratio": ratio, "copy_bandwidth_Bps": bw,
-                                             "inner_calls": INNER, "rows": rows,
-                                             "loop": LOOP, "device_rows": drows})
+  write_json(args.out, args.name, {**result, "inner_calls": INNER, "rows": rows})
   # Phases of SIDCo-GP (1 stage) at the middle size. Phases shorter than the per-call dispatch time of
   # the host (about 0.07 ms per call measured on the H100 machine) show that time, not the kernel's.
   n = sizes[-2] if len(sizes) > 2 else sizes[-1]
@@ -191,9 +327,7 @@ def main():
   print()
   print_table(prow, ["n", "phase", "ms", "x floor", "speed-up vs top_k", "count",
                      "pack alone ms (incl. block max)"])
-  write_json(args.out, "sidco_compression", {"env": env, "ratio": ratio, "copy_bandwidth_Bps": bw,
-                                             "inner_calls": INNER, "rows": rows, "phases": prow,
-                                             "loop": LOOP, "device_rows": drows})
+  write_json(args.out, args.name, {**result, "inner_calls": INNER, "rows": rows, "phases": prow})
 
 
 if __name__ == "__main__":

@@ -180,13 +180,15 @@ def test_gamma_quantile_matches_scipy():
 
 @pytest.mark.parametrize("n,cap,thr", [(5003, 2000, 1.0), (64 * 40, 10, 0.3), (130, 20, -1.0),
                                        (20_000, 30, 2.5)])
-@pytest.mark.parametrize("method", ["scatter", "search"])
+@pytest.mark.parametrize("method", ["scatter", "search", "pallas"])
 def test_compact_above_matches_compact(n, cap, thr, method, monkeypatch):
-  monkeypatch.setattr(sp, "_PACK_METHOD", method)
+  if method != "pallas":
+    monkeypatch.setattr(sp, "_PACK_METHOD", method)
+  packing = "pallas" if method == "pallas" else "xla"   # pallas: Triton kernels, interpreted on CPU
   x = _heavy(n, seed=n)
   mask = jnp.abs(x) > thr
   ref = jax.jit(sp.compact, static_argnums=2)(x, mask, cap)
-  got, n_above = jax.jit(sp.compact_above, static_argnums=2)(x, thr, cap)
+  got, n_above = jax.jit(lambda v, t: sp.compact_above(v, t, cap, packing=packing))(x, thr)
   total = int(jnp.sum(mask))
   assert int(got.count) == int(ref.count) and bool(got.overflow) == bool(ref.overflow) == (total > cap)
   np.testing.assert_array_equal(got.indices, ref.indices)
@@ -194,7 +196,7 @@ def test_compact_above_matches_compact(n, cap, thr, method, monkeypatch):
   # n_above is exact unless candidate blocks were truncated (then a lower bound above the capacity)
   nb = -(-n // 64)
   cand = int(jnp.sum(jnp.pad(mask, (0, nb * 64 - n)).reshape(nb, 64).any(1)))
-  if cand <= min(nb, cap):
+  if cand <= min(nb, cap) or method == "pallas":     # the Pallas path always counts exactly
     assert int(n_above) == total
   else:
     assert cap < int(n_above) <= total
@@ -252,3 +254,45 @@ def test_dgc_threshold_max_stages_and_payload_bytes():
   assert sp.max_stages(0.001) == 10 and sp.max_stages(0.5) == 1 and sp.max_stages(0.1) == 4
   p = sp.compact(x, a >= t, 80)
   assert sp.payload_bytes(p) == 80 * 4 + 80 * 4 + 4   # int32 indices + float32 values + the count
+
+
+@pytest.mark.parametrize("n,cap,thr", [(64 * 64 * 2 + 65, 3000, 0.0), (4097, 5, 1.0)])
+def test_pallas_pack_zero_threshold_zeros_and_tile_edges(n, cap, thr):
+  # exact zeros are not selected at t = 0; sizes straddle the 4096-entry tiles (ragged last tile/block)
+  x = _heavy(n, seed=3).at[::5].set(0.0)
+  ref = sp.compact(x, jnp.abs(x) > thr, cap)
+  got, n_above = jax.jit(lambda v: sp.compact_above(v, thr, cap, packing="pallas"))(x)
+  for a, b in zip(got, ref):
+    np.testing.assert_array_equal(a, b)
+  assert int(n_above) == int(jnp.sum(jnp.abs(x) > thr))
+
+
+def test_pallas_block_stats_match_reduction():
+  from mlsys_jax.comm import _pallas_pack
+  x = _heavy(10_001, seed=4)
+  s1, s2, bmax = jax.jit(_pallas_pack.block_stats)(x)
+  bsum, bsq, ref_max = sp._block_stats(jnp.abs(x))
+  np.testing.assert_array_equal(bmax, ref_max)
+  xd = np.asarray(x, np.float64)
+  np.testing.assert_allclose([float(s1), float(s2)], [np.abs(xd).sum(), (xd * xd).sum()], rtol=1e-5)
+
+
+def test_sidco_compress_pallas_equals_xla_path_and_vmaps():
+  x = jnp.stack([_heavy(20_000, seed=s) for s in (5, 6)])
+  cap = 60
+  f = lambda p: jax.jit(jax.vmap(lambda v: sp.sidco_compress(v, 0.001, cap, "gpareto", 1, packing=p)))(x)
+  (new, n_new), (old, n_old) = f("pallas"), f("xla")
+  for a, b in zip(new, old):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(n_new, n_old)
+  # exact error feedback through the sidco transform on the Pallas path: sent + residual == gradient
+  g = {"w": _heavy(5000, seed=8)}
+  tx = sp.sidco(0.01, distribution="gpareto", stages=1)
+  with pytest.MonkeyPatch.context() as mp:
+    real = sp.sidco_compress
+    mp.setattr(sp, "sidco_compress", lambda *a, **k: real(*a, **{**k, "packing": "pallas"}))
+    out, state = jax.jit(tx.update)(g, tx.init(g))
+  np.testing.assert_array_equal(out["w"] + state.residual["w"], g["w"])
+  assert 0 < int(jnp.sum(out["w"] != 0)) <= 100
+  with pytest.raises(ValueError, match="packing"):
+    sp.compact_above(x[0], 1.0, 10, packing="cuda")

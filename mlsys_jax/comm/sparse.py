@@ -50,6 +50,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from mlsys_jax._checks import check_choice, check_int, check_range
+from mlsys_jax.comm import _pallas_pack
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -191,36 +192,27 @@ def _pack_scatter(x, threshold, capacity, flags, incl, n_cand, cap_b):
           total + extra)
 
 
-def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
-                  block_max: jax.Array | None = None) -> tuple[SparsePayload, jax.Array]:
-  """Pack the entries of a 1-D ``x`` with ``|x| > threshold`` into a :class:`SparsePayload`.
+PACKINGS = ("auto", "xla", "pallas")
+# Statistics pass of the Pallas path: "pallas" (one Triton kernel: per-tile sums, per-block maxima) or
+# "xla" (the variadic reduction of _block_stats). Module-level so the benchmark can compare them.
+_PALLAS_STATS = "pallas"
 
-  Same result as ``compact(x, abs(x) > threshold, capacity)`` (the first ``capacity`` selected entries
-  in index order, ``overflow`` when there were more), without a second pass over ``x``: ``block_max``
-  (the maximum of ``|x|`` over each block of 64 entries, e.g. from the pass that computed the
-  threshold's moments) says which blocks can hold a selected entry. Only the first
-  ``min(n / 64, capacity)`` such candidate blocks are gathered (a block with a candidate holds at least one
-  selected entry, so more candidates than that means overflow) and packed. Work beyond the statistics
-  pass: a prefix sum over n / 64 block flags and O(capacity * 64) on the gathered blocks.
 
-  Args:
-    x: 1-D array.
-    threshold: scalar; entries with ``|x| > threshold`` are selected.
-    capacity: static payload size.
-    block_max: optional ``(ceil(n / 64),)`` block maxima of ``|x|`` (computed here when omitted).
+def _pallas_mode(packing: str) -> tuple[bool, bool]:
+  """``(use_pallas, interpret)`` for a ``packing`` argument (checked)."""
+  check_choice("packing", packing, PACKINGS)
+  on_gpu = jax.default_backend() == "gpu"
+  if packing == "auto":
+    return on_gpu and _pallas_pack.available(), False
+  if packing == "pallas" and not _pallas_pack.available():
+    raise ValueError("packing='pallas' needs jax.experimental.pallas.triton (load/store with masks); "
+                     "use packing='xla'.")
+  return packing == "pallas", not on_gpu
 
-  Returns:
-    ``(payload, n_above)``: ``n_above`` is the number of selected entries; exact unless the payload
-    overflowed with more than ``capacity`` candidate blocks, where it is a lower bound (>= capacity + 1).
 
-  Example:
-    >>> p, n_above = compact_above(jnp.array([0.1, -3.0, 0.2, 5.0]), 1.0, 4)   # indices [1, 3, ...]
-  """
+def _pack_xla(x, threshold, capacity, block_max):
   n = x.shape[0]
   nb = -(-n // _BLOCK)
-  if block_max is None:
-    block_max = _block_stats(jnp.abs(x))[2]
-  threshold = jnp.asarray(threshold, jnp.float32)
   cap_b = min(nb, capacity)
   flags = block_max > threshold
   incl = jnp.cumsum(flags, dtype=jnp.int32)
@@ -239,6 +231,60 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
   extra = jnp.maximum(n_cand - cap_b, 0)
   n_above = jnp.sum(mask, dtype=jnp.int32) + extra
   return SparsePayload(idx, p.values, p.count, p.overflow | (extra > 0)), n_above
+
+
+def _pack_pallas(x, threshold, capacity, block_max, interpret):
+  idx, vals, total = _pallas_pack.pack_above(x, threshold, capacity, block_max, interpret=interpret)
+  total = total.astype(jnp.int32)
+  return SparsePayload(idx, vals, jnp.minimum(total, capacity), total > capacity), total
+
+
+def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
+                  block_max: jax.Array | None = None, packing: str = "auto"
+                  ) -> tuple[SparsePayload, jax.Array]:
+  """Pack the entries of a 1-D ``x`` with ``|x| > threshold`` into a :class:`SparsePayload`.
+
+  Same result as ``compact(x, abs(x) > threshold, capacity)`` (the first ``capacity`` selected entries
+  in index order, ``overflow`` when there were more), without a second full pass over ``x``:
+  ``block_max`` (the maximum of ``|x|`` over each block of 64 entries, e.g. from the pass that computed
+  the threshold's moments) says which blocks can hold a selected entry, and only those are read.
+
+  Two implementations (``packing``):
+
+  - ``'xla'``: a prefix sum over the n / 64 block flags, a binary search per slot for the first
+    ``min(n / 64, capacity)`` candidate blocks (a block with a candidate holds at least one selected
+    entry, so more candidates than that means overflow), a gather of those blocks and :func:`compact`
+    on them. Runs on every backend.
+  - ``'pallas'``: two Triton kernels (:mod:`mlsys_jax.comm._pallas_pack`): count the selected entries per
+    tile of 4096 reading only candidate blocks (masked loads), an exclusive prefix sum over the tile
+    counts, then each tile writes its entries at its offset. Off GPU it runs in Pallas interpret mode
+    (slow; for tests).
+  - ``'auto'`` (default): ``'pallas'`` on GPU, ``'xla'`` elsewhere.
+
+  Both give the same payload; deterministic.
+
+  Args:
+    x: 1-D array.
+    threshold: scalar; entries with ``|x| > threshold`` are selected.
+    capacity: static payload size.
+    block_max: optional ``(ceil(n / 64),)`` block maxima of ``|x|`` (computed here when omitted).
+    packing: ``'auto'``, ``'xla'`` or ``'pallas'``.
+
+  Returns:
+    ``(payload, n_above)``: ``n_above`` is the number of selected entries; exact, except on the ``'xla'``
+    path when the payload overflowed with more than ``capacity`` candidate blocks, where it is a lower
+    bound (>= capacity + 1).
+
+  Example:
+    >>> p, n_above = compact_above(jnp.array([0.1, -3.0, 0.2, 5.0]), 1.0, 4)   # indices [1, 3, ...]
+  """
+  use_pallas, interpret = _pallas_mode(packing)
+  if block_max is None:
+    block_max = _block_stats(jnp.abs(x))[2]
+  threshold = jnp.asarray(threshold, jnp.float32)
+  if use_pallas:
+    return _pack_pallas(x, threshold, capacity, block_max, interpret)
+  return _pack_xla(x, threshold, capacity, block_max)
 
 
 def topk_payload(x: jax.Array, k: int) -> SparsePayload:
@@ -408,7 +454,7 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
 
 
 def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str = "exponential",
-                   stages: int | jax.Array = 1, first_ratio: float = 0.25
+                   stages: int | jax.Array = 1, first_ratio: float = 0.25, packing: str = "auto"
                    ) -> tuple[SparsePayload, jax.Array]:
   """SIDCo selection and packing of a 1-D ``x`` in as few passes as the estimator allows.
 
@@ -423,6 +469,9 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     ratio: target density delta in (0, 1).
     capacity: static payload size (e.g. 2 * ratio * n).
     distribution, stages, first_ratio: as in :func:`sidco_threshold`.
+    packing: ``'auto'`` (Pallas kernels on GPU, XLA elsewhere), ``'xla'`` or ``'pallas'``; see
+      :func:`compact_above`. With ``'pallas'`` the statistics pass is a Pallas kernel too (per-tile float32
+      sums, so the threshold can differ from the XLA path's in the last bits).
 
   Returns:
     ``(payload, n_above)`` as in :func:`compact_above`.
@@ -431,10 +480,17 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     >>> payload, n_above = sidco_compress(g, 0.001, capacity=2 * g.size // 1000, distribution='gpareto')
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
+  use_pallas, interpret = _pallas_mode(packing)
   a = jnp.abs(x).astype(jnp.float32)
-  bsum, bsq, bmax = _block_stats(a)
-  t = _threshold_from_sums(a, jnp.sum(bsum), jnp.sum(bsq), ratio, distribution, stages, first_ratio)
-  return compact_above(x, t, capacity, bmax)
+  if use_pallas and _PALLAS_STATS == "pallas":
+    s1, s2, bmax = _pallas_pack.block_stats(x, interpret=interpret)
+  else:
+    bsum, bsq, bmax = _block_stats(a)
+    s1, s2 = jnp.sum(bsum), jnp.sum(bsq)
+  t = _threshold_from_sums(a, s1, s2, ratio, distribution, stages, first_ratio)
+  if use_pallas:
+    return _pack_pallas(x, t, capacity, bmax, interpret)
+  return _pack_xla(x, t, capacity, bmax)
 
 
 def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fraction: float = 0.01

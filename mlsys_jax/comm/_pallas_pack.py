@@ -1,0 +1,148 @@
+"""Pallas (Triton backend) kernels for SIDCo's select-and-pack: block statistics and candidate packing.
+
+Used by :func:`mlsys_jax.comm.sparse.compact_above` / :func:`~mlsys_jax.comm.sparse.sidco_compress` with
+``packing='pallas'`` (the default on GPU). Three launches replace the XLA path's chain of prefix sums,
+binary searches and gathers:
+
+1. ``block_stats``: one read of ``x``; per tile the float32 sum and sum of squares of ``|x|``, per block
+   of 64 entries the maximum of ``|x|`` (what the SIDCo fit and the packing need).
+2. ``_count``: per tile of ``tile_blocks`` blocks, the number of entries with ``|x| > t``. Only blocks
+   whose maximum exceeds ``t`` are loaded (masked lanes fetch no memory), so at ratio 0.001 about 6% of
+   ``x`` is read.
+3. an exclusive prefix sum over the tile counts (XLA, n / 4096 numbers), then ``_write``: each tile
+   reloads its candidate blocks and stores value and index of its ``r``-th selected entry at payload slot
+   ``tile_offset + r`` (rank from an in-tile prefix sum in index order).
+
+The payload is therefore identical to ``compact(x, abs(x) > t, capacity)``: same order (ascending index),
+the first ``capacity`` selected entries, zeros in unused slots, ``count = min(total, capacity)``,
+``overflow = total > capacity``. Deterministic (no atomics). ``n_above`` (the total) is exact.
+
+Off GPU the same kernels run with ``interpret=True`` (for tests; slow).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+try:  # Pallas and its Triton-specific load/store with masks
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+except Exception:  # pragma: no cover - jax without Pallas/Triton support
+  pl = plgpu = None
+
+BLOCK = 64          # entries per block (the granularity of the block maxima)
+TILE_BLOCKS = 64    # blocks per program of the count/write kernels (4096 entries)
+STATS_BLOCKS = 128  # blocks per program of the statistics kernel (8192 entries)
+NUM_WARPS = 4       # warps per program of the count/write kernels
+STATS_WARPS = 8     # warps per program of the statistics kernel
+
+
+def available() -> bool:
+  """Whether the Pallas Triton primitives exist in this jax."""
+  return plgpu is not None and hasattr(plgpu, "load") and hasattr(plgpu, "store")
+
+
+def _compiler_params(num_warps: int):
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+  if cls is None:  # pragma: no cover
+    return None
+  return cls(num_warps=num_warps, num_stages=1)
+
+
+def _call(kernel, out_shape, grid, interpret, num_warps, **kw):
+  if interpret is None:   # compiled Triton on GPU, the Pallas interpreter elsewhere
+    interpret = jax.default_backend() != "gpu"
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+                        compiler_params=None if interpret else _compiler_params(num_warps), **kw)
+
+
+def _tile(x_ref, bmax_ref, t, i, *, n: int, nb: int, tb: int):
+  """Offsets (tb, 64), loaded values and the selection mask of tile ``i`` (candidate blocks only)."""
+  blk = i * tb + jnp.arange(tb, dtype=jnp.int32)
+  bm = plgpu.load(bmax_ref.at[blk], mask=blk < nb, other=-jnp.inf)
+  offs = blk[:, None] * BLOCK + jnp.arange(BLOCK, dtype=jnp.int32)[None, :]
+  m = (bm > t)[:, None] & (offs < n)
+  v = plgpu.load(x_ref.at[offs], mask=m, other=jnp.zeros((), x_ref.dtype))
+  sel = m & (jnp.abs(v.astype(jnp.float32)) > t)
+  return offs, v, sel
+
+
+def block_stats(x: jax.Array, *, interpret: bool | None = None, tile_blocks: int | None = None,
+                num_warps: int | None = None):
+  """One read of a 1-D ``x``: ``(sum |x|, sum x^2, block_max)`` (float32; block maxima per 64 entries)."""
+  tile_blocks = tile_blocks or STATS_BLOCKS
+  num_warps = num_warps or STATS_WARPS
+  n = x.shape[0]
+  nb = -(-n // BLOCK)
+  tiles = -(-nb // tile_blocks)
+  tb = tile_blocks
+
+  def kernel(x_ref, bmax_ref, s1_ref, s2_ref):
+    i = pl.program_id(0)
+    blk = i * tb + jnp.arange(tb, dtype=jnp.int32)
+    offs = blk[:, None] * BLOCK + jnp.arange(BLOCK, dtype=jnp.int32)[None, :]
+    v = plgpu.load(x_ref.at[offs], mask=offs < n, other=jnp.zeros((), x_ref.dtype))
+    a = jnp.abs(v.astype(jnp.float32))
+    plgpu.store(bmax_ref.at[blk], jnp.max(a, axis=1), mask=blk < nb)
+    s1_ref[i] = jnp.sum(a)
+    s2_ref[i] = jnp.sum(a * a)
+
+  f32 = jnp.float32
+  bmax, s1, s2 = _call(kernel, (jax.ShapeDtypeStruct((nb,), f32), jax.ShapeDtypeStruct((tiles,), f32),
+                                jax.ShapeDtypeStruct((tiles,), f32)), (tiles,), interpret, num_warps)(x)
+  return jnp.sum(s1), jnp.sum(s2), bmax
+
+
+def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax.Array, *,
+               interpret: bool | None = None, tile_blocks: int | None = None, num_warps: int | None = None):
+  """``(indices, values, total)``: the first ``capacity`` entries of ``x`` with ``|x| > threshold`` in index
+  order (zeros after them) and the exact number of such entries. ``block_max``: max of ``|x|`` per block
+  of 64 (length ``ceil(n / 64)``; any upper bound that is exact enough to exclude blocks works)."""
+  tile_blocks = tile_blocks or TILE_BLOCKS
+  num_warps = num_warps or NUM_WARPS
+  n = x.shape[0]
+  nb = -(-n // BLOCK)
+  if block_max.shape != (nb,):
+    raise ValueError(f"block_max must have shape ({nb},) (one maximum per 64 entries), got "
+                     f"{block_max.shape}.")
+  tb = tile_blocks
+  tiles = -(-nb // tb)
+  t = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
+  bmax = block_max.astype(jnp.float32)
+  tile = functools.partial(_tile, n=n, nb=nb, tb=tb)
+
+  def count_kernel(t_ref, bmax_ref, x_ref, cnt_ref):
+    i = pl.program_id(0)
+    _, _, sel = tile(x_ref, bmax_ref, t_ref[0], i)
+    cnt_ref[i] = jnp.sum(sel.astype(jnp.int32))
+
+  counts = _call(count_kernel, jax.ShapeDtypeStruct((tiles,), jnp.int32), (tiles,), interpret,
+                 num_warps)(t, bmax, x)
+  incl = jnp.cumsum(counts)
+  base = incl - counts
+
+  def write_kernel(t_ref, bmax_ref, x_ref, base_ref, idx0_ref, val0_ref, idx_ref, val_ref):
+    del idx0_ref, val0_ref   # aliased to idx_ref / val_ref (zero-initialised payload)
+    i = pl.program_id(0)
+    b = base_ref[i]
+
+    @pl.when(b < capacity)
+    def _():
+      offs, v, sel = tile(x_ref, bmax_ref, t_ref[0], i)
+      s = sel.astype(jnp.int32)
+      within = jnp.cumsum(s, axis=1)                         # inclusive rank inside each block row
+      row = jnp.sum(s, axis=1)
+      row_before = jnp.cumsum(row) - row                     # selected entries in earlier rows
+      slot = b + row_before[:, None] + within - 1
+      ok = sel & (slot < capacity)
+      dst = jnp.where(ok, slot, capacity)
+      plgpu.store(idx_ref.at[dst], offs, mask=ok)
+      plgpu.store(val_ref.at[dst], v, mask=ok)
+
+  idx, vals = _call(
+      write_kernel, (jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((capacity,), x.dtype)),
+      (tiles,), interpret, num_warps, input_output_aliases={4: 0, 5: 1})(
+          t, bmax, x, base, jnp.zeros((capacity,), jnp.int32), jnp.zeros((capacity,), x.dtype))
+  return idx, vals, incl[-1]
