@@ -143,6 +143,57 @@ def check_pallas(ratio):
   return out
 
 
+def kernel_profile(n, ratio, calls: int = 10):
+  """Per-kernel GPU time of one call of each SIDCo-GP variant at ``n`` from a ``jax.profiler`` trace of
+  ``calls`` back-to-back calls: ``{variant: {"kernels": [(name, us per call, launches per call)],
+  "busy_us": sum of kernel times per call, "span_us": first kernel start to last kernel end per call}}``.
+  """
+  import glob
+  import tempfile
+  g = _gradient(n)
+  k = max(1, int(n * ratio))
+  cap = 2 * k
+  variants = {
+      "xla": jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla")),
+      "pallas": jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas")),
+      "top_k": jax.jit(lambda x: jax.lax.top_k(jnp.abs(x), k)),
+  }
+  out = {}
+  for name, fn in variants.items():
+    jax.block_until_ready(fn(g))
+    jax.block_until_ready(fn(g))
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d):
+      for _ in range(calls):
+        r = fn(g)
+      jax.block_until_ready(r)
+    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    if not files:
+      out[name] = {"error": "no xplane file"}
+      continue
+    prof = jax.profiler.ProfileData.from_file(files[0])
+    per, starts, ends = {}, [], []
+    for plane in prof.planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        if "stream" not in line.name.lower():
+          continue
+        for ev in line.events:
+          tot, cnt = per.get(ev.name, (0.0, 0))
+          per[ev.name] = (tot + ev.duration_ns, cnt + 1)
+          starts.append(ev.start_ns)
+          ends.append(ev.end_ns)
+    kernels = sorted(((kn[:60], round(tot / calls / 1e3, 2), round(cnt / calls, 2))
+                      for kn, (tot, cnt) in per.items()), key=lambda r: -r[1])
+    out[name] = {"kernels": kernels, "busy_us": round(sum(r[1] for r in kernels), 2),
+                 "span_us": round((max(ends) - min(starts)) / calls / 1e3, 2) if starts else None}
+    print(name, out[name]["busy_us"], "us busy per call;", out[name]["span_us"], "us span per call", flush=True)
+    for row in kernels[:14]:
+      print("   ", row, flush=True)
+  return out
+
+
 def phase_table(n, ratio, bw, repeats):
   """Device-loop time of each phase of SIDCo-GP (1 stage) at ``n`` on both paths, and tile variants."""
   g = _gradient(n)
@@ -161,8 +212,10 @@ def phase_table(n, ratio, bw, repeats):
       "threshold fit from the two sums": (lambda s1, s2, x: fit(s1, s2, x), (jnp.sum(bsum), jnp.sum(bsq), a)),
       "pack given t, block max: XLA (search)": (
           lambda x, tt, m: sp.compact_above(x, tt, cap, m, packing="xla"), (g, t, bmax)),
-      "pack given t, block max: Pallas (count+cumsum+write)": (
+      "pack given t, block max: Pallas (list + count + write)": (
           lambda x, tt, m: sp.compact_above(x, tt, cap, m, packing="pallas"), (g, t, bmax)),
+      "pack given t, block max: Pallas first design (all tiles)": (
+          lambda x, tt, m: pp.pack_above_all_tiles(x, tt, cap, m, tile_blocks=32), (g, t, bmax)),
       "all: sidco_compress XLA (previous)": (
           lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla"), (g,)),
       "all: sidco_compress Pallas": (
@@ -183,9 +236,9 @@ def phase_table(n, ratio, bw, repeats):
     timed(name, fn, fargs)
   full = lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas")
   old_stats = sp._PALLAS_STATS
-  sp._PALLAS_STATS = "xla"
+  sp._PALLAS_STATS = "pallas"
   try:
-    timed("all: Pallas pack, XLA stats", jax.jit(full), (g,))
+    timed("all: Pallas pack, Pallas stats", jax.jit(full), (g,))
   finally:
     sp._PALLAS_STATS = old_stats
   unrolled = device_loop(full, unroll=True)
@@ -193,12 +246,10 @@ def phase_table(n, ratio, bw, repeats):
   rows.append({"n": f"{n / 1e6:g}M", "phase": "all: sidco_compress Pallas, 20 calls unrolled (no loop)",
                "device ms/call": f"{tm.median_a / LOOP * 1e3:.4f}", "x floor": f"{tm.median_a / LOOP / floor:.2f}"})
   print(rows[-1], flush=True)
-  for tb in (32, 128, 256):
-    timed(f"pack Pallas, tile {tb} blocks", lambda x, tt, m, tb=tb: pp.pack_above(x, tt, cap, m, tile_blocks=tb),
+  for lb, rb, w in ((1024, 32, 4), (4096, 64, 4), (2048, 128, 8), (2048, 64, 2)):
+    timed(f"pack Pallas, list tile {lb}, rows {rb}, {w} warps",
+          lambda x, tt, m, lb=lb, rb=rb, w=w: pp.pack_above(x, tt, cap, m, list_blocks=lb, rows=rb, num_warps=w),
           (g, t, bmax))
-  for tb, w in ((64, 4), (128, 4), (256, 8), (512, 8)):
-    timed(f"stats Pallas, tile {tb} blocks, {w} warps",
-          lambda x, tb=tb, w=w: pp.block_stats(x, tile_blocks=tb, num_warps=w), (g,))
   return rows
 
 
@@ -220,6 +271,7 @@ def main():
     result["pallas_checks"] = check_pallas(ratio)
     print(f"checks done in {time.time() - t0:.0f} s", flush=True)
   if args.phases:
+    result["kernel_profile"] = kernel_profile(sizes[-2], ratio)
     prows = phase_table(sizes[-2], ratio, bw, repeats)
     result["phases_device_loop"] = prows
     write_json(args.out, args.name, result)
