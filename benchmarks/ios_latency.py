@@ -5,6 +5,14 @@ this GPU with the stage profiler), search time cold and warm, and the roofline f
   PYTHONPATH=. python3 benchmarks/ios_latency.py --nets inception_v3 --out $OUT     # GPU
   PYTHONPATH=. python3 benchmarks/ios_latency.py --small                           # CPU smoke test
 
+On the GPU, IOS programs and their stage profiles are compiled with the schedule's emission options
+(command buffers incl. convolutions + CONCURRENT) plus ``xla_gpu_experimental_enable_conv_fusion``
+(``--conv_fusion 1``, default): without it every depthwise conv of an executable builds a
+runtime-compiled cuDNN plan on its first call (~0.25 s each, see benchmarks/ios_compile_probe.py), which
+makes profiling RandWire/NasNet stages take many minutes. The XLA baselines include the same option
+(``*_convfusion`` configs) next to the configurations without it, so "best XLA" is the best of both.
+The JSON is rewritten after every compiled variant (a time-out keeps what was measured).
+
 All variants are timed interleaved in one loop (median of rounds; each round ``number`` back-to-back
 calls, then block). Ratios are against the best XLA configuration measured in the same run.
 Weights are arguments of the baselines (``jax.jit(model.apply)(params, x)``) and constants passed as
@@ -28,13 +36,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from mlsys_jax import sched  # noqa: E402
-from mlsys_jax.models import ios_benchmark_nets  # noqa: E402
+from mlsys_jax.models import ios_benchmark_nets, ios_init_params  # noqa: E402
 from mlsys_jax.sched.cost import time_calls  # noqa: E402
 
-try:
-  from benchmarks.ios_xla_baselines import XLA_CONFIGS
-except Exception:  # noqa: BLE001
-  XLA_CONFIGS = {"jit": {}, "cmdbuf_conv_concurrent": dict(sched.CUDA_GRAPH_OPTIONS)}
+from benchmarks.ios_xla_baselines import CONV_FUSION_OPTIONS, XLA_CONFIGS  # noqa: E402
 
 # pruning per net (paper: r=3, s=8; RandWire/NasNet DPs are minutes of Python at r3s8, so the
 # paper's cheaper r/s trade-off points are used there, see its run_expr_prune.sh)
@@ -50,61 +55,93 @@ def relerr(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def bench_net(name, model, shape, dtype, args, cache_path, log):
+def ios_compiled(sc, x, extra_options):
+  """Compile the schedule's program with its emission options plus ``extra_options`` (the same extra
+  options the XLA baselines and the stage profiler get, e.g. conv fusion)."""
+  jitted, consts = sc._build()
+  opts = {**sched.emit.compiler_options(sc.emission, sc.info.get("s", 8)), **extra_options}
+  f = jax.jit(getattr(jitted, "__wrapped__", jitted), compiler_options=opts or None)
+  return f.lower(consts, x).compile(), consts
+
+
+def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
+  """One (net, dtype) row; ``flush(row)`` is called after every variant so a time-out keeps data."""
   dn = jnp.dtype(dtype).name
-  key = jax.random.PRNGKey(0)
+  on_gpu = jax.default_backend() == "gpu"
+  params = ios_init_params(model, shape, seed=0)  # no jit(model.init): threefry for 200-500 kernels
   x = jax.random.normal(jax.random.PRNGKey(1), shape, dtype)
-  params = jax.jit(model.init)(key, x)
   f_closed = lambda x: model.apply(params, x)
-  row = {"net": name, "dtype": dn}
-  fns = {}
+  row = {"net": name, "dtype": dn, "commit": args.commit}
+  extra = dict(CONV_FUSION_OPTIONS) if (args.conv_fusion and on_gpu) else {}
+  row["ios_extra_options"] = extra
+  fns, outs = {}, {}
+
+  def add(key, comp, fargs, t_compile):
+    t0 = time.perf_counter()
+    y = jax.block_until_ready(comp(*fargs))
+    row[f"compile_{key}_s"] = round(t_compile, 2)
+    row[f"first_call_{key}_s"] = round(time.perf_counter() - t0, 2)
+    fns[key], outs[key] = (comp, fargs), y
+    log(f"{name} {dn}: {key} compile {t_compile:.1f} s, first call {row[f'first_call_{key}_s']} s")
+    flush(row)
+
   # ---- XLA baselines (unscheduled)
-  configs = {k: v for k, v in XLA_CONFIGS.items() if k in args.configs.split(",")} or XLA_CONFIGS
-  ref = None
+  configs = {k: XLA_CONFIGS[k] for k in args.configs.split(",") if k in XLA_CONFIGS}
   for cname, opts in configs.items():
-    if jax.default_backend() != "gpu" and opts:
+    if not on_gpu and opts:
       continue
     t0 = time.perf_counter()
     try:
       c = jax.jit(model.apply, compiler_options=opts or None).lower(params, x).compile()
-      y = c(params, x)
-      jax.block_until_ready(y)
     except Exception as e:  # noqa: BLE001
-      row[f"err_{cname}"] = str(e)[:200]
+      row[f"err_{cname}"] = str(e)[:300]
+      flush(row)
       continue
-    row[f"compile_{cname}_s"] = round(time.perf_counter() - t0, 1)
-    if ref is None:
-      ref = y
-    fns[cname] = (c, (params, x))
-    log(f"{name} {dn}: compiled {cname} in {row[f'compile_{cname}_s']} s")
+    add(cname, c, (params, x), time.perf_counter() - t0)
+  if fns:  # baseline-only timing first: kept even if the IOS part runs out of time
+    _time_into(row, fns, args.number, max(3, args.repeat // 2), prefix="pre_")
+    flush(row)
   # ---- IOS searches
   r, s = RS.get(name, (3, 8))
   if args.small:
     r, s = min(r, 2), min(s, 3)
-  row["r"], row["s"] = r, s
+  row["r"], row["s"], row["part_size"] = r, s, PART.get(name, 50)
   mode = "cuda_graph"
-  on_gpu = jax.default_backend() == "gpu"
   schedules = {}
+
+  def profiler():
+    if not on_gpu or args.analytical:
+      return sched.AnalyticalCost()
+    prof = sched.StageProfiler(mode=mode, cache_path=cache_path, s=s, parallel="sum", k=args.k)
+    prof.options = {**prof.options, **extra}  # stages measured as the final program compiles them
+    return prof
+
   for strat in args.strategies.split(","):
-    prof = (sched.StageProfiler(mode=mode, cache_path=cache_path, s=s, parallel="sum")
-            if on_gpu and not args.analytical else sched.AnalyticalCost())
+    prof = profiler()
     t0 = time.perf_counter()
     sc = sched.ios_schedule(f_closed, x, r=r, s=s, strategy=strat, profiler=prof, emission=mode,
                             part_size=PART.get(name, 50))
     row[f"search_{strat}_s"] = round(time.perf_counter() - t0, 1)
     row[f"profiled_{strat}"] = getattr(prof, "misses", 0)
+    row[f"profile_compile_{strat}_s"] = round(getattr(prof, "compile_s", 0.0), 1)
     c = sc.counts()
-    row[f"{strat}_stages"], row[f"{strat}_merges"] = c["stages"], c["merge_stages"]
+    row[f"{strat}_counts"] = c
     row[f"{strat}_pred_ms"] = round(sc.predicted_latency * 1e3, 4)
     schedules[strat] = sc
-    log(f"{name} {dn}: IOS-{strat} search {row[f'search_{strat}_s']} s, {c}")
-    if strat == "both" and on_gpu and not args.analytical and name in args.warm.split(","):
-      prof2 = sched.StageProfiler(mode=mode, cache_path=cache_path, s=s, parallel="sum")
+    log(f"{name} {dn}: IOS-{strat} search {row[f'search_{strat}_s']} s "
+        f"({row[f'profiled_{strat}']} stages profiled), {c}")
+    flush(row)
+    if on_gpu and not args.analytical and name in args.warm.split(",") and strat == "both":
       t0 = time.perf_counter()
-      sched.ios_schedule(f_closed, x, r=r, s=s, strategy=strat, profiler=prof2, emission=mode,
+      sched.ios_schedule(f_closed, x, r=r, s=s, strategy=strat, profiler=profiler(), emission=mode,
                          part_size=PART.get(name, 50))
-      row["search_both_warm_s"] = round(time.perf_counter() - t0, 1)
-  if on_gpu:  # the same schedules under the latency-hiding scheduler too (best XLA set for f32)
+      row[f"search_{strat}_warm_s"] = round(time.perf_counter() - t0, 1)
+      log(f"{name} {dn}: IOS-{strat} warm search {row[f'search_{strat}_warm_s']} s")
+      flush(row)
+    if name in args.save_schedules.split(","):
+      with open(os.path.join(args.out_dir, f"ios_schedule_{name}_{dn}_{strat}.json"), "w") as fh:
+        fh.write(sc.to_json())
+  if on_gpu and args.lhs:
     for k in list(schedules):
       b = schedules[k]
       schedules[k + "_lhs"] = sched.Schedule(b.graph, b.stages, b.stage_latency, "cuda_graph_lhs",
@@ -113,51 +150,66 @@ def bench_net(name, model, shape, dtype, args, cache_path, log):
     b = schedules["both"]
     schedules["both_streams"] = sched.Schedule(b.graph, b.stages, b.stage_latency, "streams",
                                                b.search_s, dict(b.info))
+  ref_key = "jit" if "jit" in outs else next(iter(outs), None)
+  same_key = next((k for k in ("cmdbuf_conv_concurrent_convfusion" if extra else
+                               "cmdbuf_conv_concurrent",) if k in outs), ref_key)
   for k, sc in schedules.items():
     t0 = time.perf_counter()
     try:
-      jitted, consts = sc._build()
-      comp = jitted.lower(consts, x).compile()
-      y = comp(consts, x)
-      jax.block_until_ready(y)
+      comp, consts = ios_compiled(sc, x, extra)
     except Exception as e:  # noqa: BLE001
-      row[f"err_ios_{k}"] = str(e)[:200]
+      row[f"err_ios_{k}"] = str(e)[:300]
+      flush(row)
       continue
-    if k == "both_streams":
-      txt = comp.as_text()
-      row["streams_call_start"] = txt.count("call-start")
-    row[f"compile_ios_{k}_s"] = round(time.perf_counter() - t0, 1)
-    row[f"relerr_ios_{k}"] = relerr(y, ref)
-    fns[f"ios_{k}"] = (comp, (consts, x))
-    if k in ("merge", "both") and name in args.save_schedules.split(","):
-      with open(os.path.join(args.out_dir, f"ios_schedule_{name}_{dn}_{k}.json"), "w") as fh:
-        fh.write(sc.to_json())
-  # ---- interleaved timing
-  ts = {k: [] for k in fns}
-  for k, (f, a) in fns.items():
-    time_calls(f, a, 3, 1)
-  for _ in range(args.repeat):
-    for k, (f, a) in fns.items():
-      ts[k] += time_calls(f, a, args.number, 1)
-  med = {k: float(np.median(v)) for k, v in ts.items()}
-  base_names = [k for k in fns if not k.startswith("ios_")]
-  best = min(base_names, key=lambda k: med[k])
-  row["best_xla"] = best
-  for k, v in med.items():
-    row[f"{k}_ms"] = round(v * 1e3, 4)
-  for k in fns:
-    if k.startswith("ios_"):
-      row[f"{k}_vs_best_xla"] = round(med[best] / med[k], 3)
-      row[f"{k}_vs_jit"] = round(med.get("jit", np.nan) / med[k], 3)
-  row["best_xla_vs_jit"] = round(med.get("jit", np.nan) / med[best], 3)
+    add(f"ios_{k}", comp, (consts, x), time.perf_counter() - t0)
+    if ref_key is not None:  # vs plain jit, and vs the XLA config with the same options
+      row[f"relerr_ios_{k}_vs_{ref_key}"] = relerr(outs[f"ios_{k}"], outs[ref_key])
+      row[f"relerr_ios_{k}_vs_{same_key}"] = relerr(outs[f"ios_{k}"], outs[same_key])
+  for k in outs:
+    if not k.startswith("ios_") and ref_key is not None and k != ref_key:
+      row[f"relerr_{k}_vs_{ref_key}"] = relerr(outs[k], outs[ref_key])
   # ---- floor
-  g = schedules[next(iter(schedules))].graph
-  flops = sum(g.unit_flops_bytes(u)[0] for u in range(len(g.units)))
-  pbytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in jax.tree_util.tree_leaves(params))
-  io_bytes = x.size * x.dtype.itemsize + ref.size * ref.dtype.itemsize
-  row["gflops"] = round(flops / 1e9, 2)
-  row["floor_ms"] = round(max(flops / PEAK.get(dn, 400e12), (pbytes + io_bytes) / BW) * 1e3, 4)
+  g = schedules[next(iter(schedules))].graph if schedules else None
+  if g is not None:
+    flops = sum(g.unit_flops_bytes(u)[0] for u in range(len(g.units)))
+    pbytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in jax.tree_util.tree_leaves(params))
+    y0 = next(iter(outs.values()))
+    io_bytes = x.size * x.dtype.itemsize + y0.size * y0.dtype.itemsize
+    row["gflops"] = round(flops / 1e9, 2)
+    row["floor_ms"] = round(max(flops / PEAK.get(dn, 400e12), (pbytes + io_bytes) / BW) * 1e3, 4)
+  flush(row)
+  # ---- interleaved timing of everything
+  _time_into(row, fns, args.number, args.repeat)
+  flush(row)
   return row, schedules
+
+
+def _time_into(row, fns, number, repeat, prefix=""):
+  """Median per-call latency of every compiled variant, rounds interleaved with a rotating start."""
+  names = list(fns)
+  for k in names:
+    time_calls(*fns[k], 3, 1)
+  ts = {k: [] for k in names}
+  for i in range(repeat):
+    for k in names[i % len(names):] + names[:i % len(names)]:
+      ts[k] += time_calls(*fns[k], number, 1)
+  med = {k: float(np.median(v)) for k, v in ts.items()}
+  for k in names:
+    row[f"{prefix}{k}_ms"] = round(med[k] * 1e3, 4)
+    row[f"{prefix}{k}_iqr_ms"] = [round(float(np.percentile(ts[k], q)) * 1e3, 4) for q in (25, 75)]
+  base = [k for k in names if not k.startswith("ios_")]
+  if not base:
+    return
+  best = min(base, key=lambda k: med[k])
+  row[f"{prefix}best_xla"] = best
+  row[f"{prefix}best_xla_ms"] = round(med[best] * 1e3, 4)
+  if "jit" in med:
+    row[f"{prefix}best_xla_vs_jit"] = round(med["jit"] / med[best], 3)
+  for k in names:
+    if k.startswith("ios_"):
+      row[f"{prefix}{k}_vs_best_xla"] = round(med[best] / med[k], 3)
+      if "jit" in med:
+        row[f"{prefix}{k}_vs_jit"] = round(med["jit"] / med[k], 3)
 
 
 def main():
@@ -167,14 +219,27 @@ def main():
   ap.add_argument("--nets", default="inception_v3,squeezenet,randwire,nasnet")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--strategies", default="merge,both")
-  ap.add_argument("--configs", default="jit,cmdbuf_conv,cmdbuf_conv_concurrent,cmdbuf_conv_concurrent_lhs")
+  ap.add_argument("--configs", default="jit,cmdbuf_conv_concurrent,convfusion,"
+                  "cmdbuf_conv_concurrent_convfusion,cmdbuf_conv_concurrent_lhs_convfusion",
+                  help="XLA configurations of the unscheduled net (names of XLA_CONFIGS)")
+  ap.add_argument("--conv_fusion", type=int, default=1,
+                  help="1: IOS programs and stage profiles compiled with "
+                       "xla_gpu_experimental_enable_conv_fusion (as the *_convfusion baselines)")
+  ap.add_argument("--lhs", action="store_true", help="also time the IOS programs with the LHS")
   ap.add_argument("--streams", action="store_true", help="also emit IOS-Both with stream annotations")
   ap.add_argument("--analytical", action="store_true", help="search with the analytical cost model")
   ap.add_argument("--pairs", default=None, help="net:dtype,... in this order (overrides --nets/--dtypes)")
-  ap.add_argument("--warm", default="inception_v3", help="nets whose IOS-Both search is repeated warm")
-  ap.add_argument("--save_schedules", default="inception_v3", help="nets whose schedules go to JSON")
+  ap.add_argument("--warm", default="inception_v3,squeezenet,randwire,nasnet",
+                  help="nets whose IOS-Both search is repeated warm (profile cache on disk)")
+  ap.add_argument("--save_schedules", default="inception_v3,randwire,nasnet",
+                  help="nets whose schedules go to JSON")
+  ap.add_argument("--k", type=int, default=5, help="chained copies for differential stage timing")
   ap.add_argument("--number", type=int, default=50)
   ap.add_argument("--repeat", type=int, default=9)
+  ap.add_argument("--time_budget_s", type=float, default=1e9,
+                  help="skip the remaining (net, dtype) pairs once this much wall time has passed")
+  ap.add_argument("--commit", default=os.environ.get("IOS_COMMIT", ""), help="recorded in the JSON")
+  ap.add_argument("--name", default="ios_latency", help="JSON file name (without .json)")
   ap.add_argument("--cache", default=None, help="stage-latency cache JSON (default: $OUT/ios_cache.json)")
   args = ap.parse_args()
   args.out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
@@ -186,20 +251,33 @@ def main():
   print(env, flush=True)
   t_start = time.perf_counter()
   log = lambda m: print(f"[{time.perf_counter() - t_start:6.1f}s] {m}", flush=True)
-  rows = []
+  rows, skipped = [], []
+  payload = {"env": env, "argv": sys.argv[1:], "rows": rows, "skipped": skipped}
+
+  def flush(row):
+    payload["wall_s"] = round(time.perf_counter() - t_start, 1)
+    with open(os.path.join(args.out_dir, args.name + ".json"), "w") as fh:
+      json.dump(payload, fh, indent=1)
+
   pairs = ([p.split(":") for p in args.pairs.split(",")] if args.pairs else
            [(n, d) for d in args.dtypes.split(",") for n in args.nets.split(",")])
   for name, dt in pairs:
+    if time.perf_counter() - t_start > args.time_budget_s:
+      skipped.append(f"{name}:{dt}")
+      log(f"skip {name} {dt}: time budget")
+      continue
     dtype = jnp.dtype(dt)
     nets = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)
     model, shape = nets[name]
-    row, _ = bench_net(name, model, shape, dtype, args, cache, log)
+    row = {"net": name, "dtype": dtype.name}
     rows.append(row)
-    print(json.dumps(row), flush=True)
-    write_json(args.out_dir, "ios_latency", {"env": env, "rows": rows})
-  cols = ["net", "dtype", "jit_ms", "best_xla", "best_xla_vs_jit"]
+    r, _ = bench_net(name, model, shape, dtype, args, cache, log,
+                     lambda rr: (rows.__setitem__(len(rows) - 1, rr), flush(rr)))
+    print(json.dumps({k: v for k, v in r.items() if "iqr" not in k}), flush=True)
+  flush(None)
+  cols = ["net", "dtype", "jit_ms", "best_xla", "best_xla_ms", "best_xla_vs_jit"]
   cols += sorted({c for r in rows for c in r if c.startswith("ios_") and
-                  (c.endswith("_ms") or c.endswith("vs_best_xla"))})
+                  (c.endswith("_ms") or c.endswith("vs_best_xla")) and "iqr" not in c})
   cols += ["floor_ms", "search_merge_s", "search_both_s", "search_both_warm_s"]
   print_table(rows, cols)
 

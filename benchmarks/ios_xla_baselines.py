@@ -7,8 +7,9 @@ command-buffer scheduling, the latency-hiding scheduler), with a roofline floor 
   PYTHONPATH=. python benchmarks/ios_xla_baselines.py --small             # CPU smoke test
 
 On one H100 the three smaller nets take ~5 min (RandWire ~135 s per dtype, mostly the first call of
-each executable); NasNet (488 convs) needs a call of its own, e.g.
-``--nets nasnet --configs jit,cmdbuf_conv_concurrent_lhs``.
+each executable: ~0.25 s per depthwise conv, see ``_CONV_FUSION``); NasNet (440 depthwise convs)
+needs a call of its own and the ``*_convfusion`` configs, e.g.
+``--nets nasnet --configs jit,cmdbuf_conv_concurrent_convfusion``.
 
 Importable by other benchmarks (e.g. the IOS scheduler's ``benchmarks/ios_latency.py``)::
 
@@ -44,6 +45,14 @@ COMMAND_BUFFER_WITH_CONV = ("FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONA
 _CMDBUF = {"xla_gpu_enable_command_buffer": COMMAND_BUFFER_WITH_CONV, "xla_gpu_graph_min_graph_size": 1}
 _CONCURRENT = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}  # default: LHS
 _LHS = {"xla_gpu_enable_latency_hiding_scheduler": True}  # default: False
+# Convolutions as cuDNN fusions planned at compile time instead of cuDNN custom calls whose runner is
+# built on the first execution (default: False). Measured on the H100 (benchmarks/ios_compile_probe.py,
+# jax 0.11.2): the autotuned algorithm of a depthwise conv is a runtime-compiled cuDNN engine whose plan
+# takes ~0.25 s per conv *instance* on the first call of every executable (32 depthwise convs: 7.8 s;
+# 32 pointwise: 0.01 s; the persistent compilation cache does not help: 8.6 s on a cache hit), so
+# RandWire (112 depthwise) pays ~28 s and NasNet-A (440) ~110 s per executable. With conv fusion the
+# first call of the same 64-conv program takes 0.7 s and it runs faster (1.16 vs 1.8-2.1 ms).
+_CONV_FUSION = {"xla_gpu_experimental_enable_conv_fusion": True}
 
 # name -> per-jit compiler_options. "jit" is the plain default; xla_gpu_autotune_level is already at
 # its maximum (4) by default, so it is not varied.
@@ -54,7 +63,11 @@ XLA_CONFIGS: dict[str, dict[str, Any]] = {
     "lhs": dict(_LHS),
     "cmdbuf_conv_concurrent_lhs": {**_CMDBUF, **_CONCURRENT, **_LHS},
     "no_cmdbuf": {"xla_gpu_enable_command_buffer": ""},
+    "convfusion": dict(_CONV_FUSION),
+    "cmdbuf_conv_concurrent_convfusion": {**_CMDBUF, **_CONCURRENT, **_CONV_FUSION},
+    "cmdbuf_conv_concurrent_lhs_convfusion": {**_CMDBUF, **_CONCURRENT, **_LHS, **_CONV_FUSION},
 }
+CONV_FUSION_OPTIONS = dict(_CONV_FUSION)
 
 
 def compile_config(fn: Callable, args: Sequence[Any], options: Mapping[str, Any]):
@@ -202,7 +215,8 @@ def _parse_args():
   ap.add_argument("--small", action="store_true", help="tiny nets on CPU (smoke test)")
   ap.add_argument("--nets", default="squeezenet,inception_v3,randwire,nasnet")
   ap.add_argument("--dtypes", default="float32,bfloat16")
-  ap.add_argument("--configs", default=",".join(n for n in XLA_CONFIGS if n != "no_cmdbuf"),
+  ap.add_argument("--configs", default=",".join(n for n in XLA_CONFIGS
+                                                if n != "no_cmdbuf" and "convfusion" not in n),
                   help=f"comma-separated names from {list(XLA_CONFIGS)}")
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--time_budget_s", type=float, default=300.0,
