@@ -12,6 +12,12 @@ It checks each variant against the sequential float32 result, greps the compiled
 kernels of different streams overlap in time.
 
 Usage: python3 benchmarks/ios_probe.py [--small]   (JSON to $OUT/ios_probe.json)
+
+``--net inception_v3`` instead probes the whole network (JSON to $OUT/ios_net_probe.json): XLA option
+sets, IOS emissions of hand-built schedules (sequential, merges of same-input convs, a saved IOS-Merge
+schedule) with and without ``keep_alive`` (every intermediate kept live so that CONCURRENT command
+buffers see only true dependencies), all timed interleaved, plus a per-kernel CUPTI trace summary
+(kernels, summed kernel time, busy time, overlap, span per call) and HLO statistics.
 """
 
 from __future__ import annotations
@@ -209,8 +215,238 @@ def differential(stage, x, ks=(1, 8)):
           "stage_ms": (t[ks[1]] - t[ks[0]]) / (ks[1] - ks[0]) * 1e3}
 
 
+def trace_kernels(f, args, tag, iters=5):
+  """Per-call GPU kernel statistics from a CUPTI trace: calls are separated by a sync and a sleep."""
+  d = tempfile.mkdtemp(prefix=f"prof_{tag}_")
+  jax.block_until_ready(f(*args))
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    for _ in range(iters):
+      jax.block_until_ready(f(*args))
+      time.sleep(0.003)
+  files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+  if not files:
+    return {"error": "no perfetto trace"}
+  with gzip.open(files[0]) as fh:
+    tr = json.load(fh)
+  ev = tr["traceEvents"] if isinstance(tr, dict) else tr
+  pname, tname = {}, {}
+  for e in ev:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      pname[e["pid"]] = e["args"].get("name", "")
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      tname[(e["pid"], e["tid"])] = e["args"].get("name", "")
+  gpu_pids = {p for p, n in pname.items() if "GPU" in n or "gpu" in n}
+  ks = sorted((float(e["ts"]), float(e.get("dur", 0)), e["tid"], e.get("name", ""))
+              for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "Stream" in tname.get(
+                  (e["pid"], e["tid"]), "Stream"))
+  if not ks:
+    return {"error": "no GPU events", "pids": list(pname.values())[:10]}
+  calls, cur, end = [], [], None
+  for k in ks:
+    if cur and k[0] - end > 1000.0:
+      calls.append(cur)
+      cur = []
+    cur.append(k)
+    end = max(end or 0.0, k[0] + k[1]) if cur[1:] else k[0] + k[1]
+  calls.append(cur)
+  stats_ = []
+  for c in calls:
+    pts = sorted([(a, 1) for a, _, _, _ in c] + [(a + b, -1) for a, b, _, _ in c])
+    act, last, busy, over = 0, None, 0.0, 0.0
+    for t, dlt in pts:
+      if last is not None and act >= 1:
+        busy += t - last
+        if act >= 2:
+          over += t - last
+      act += dlt
+      last = t
+    t0 = c[0][0]
+    span = max(a + b for a, b, _, _ in c) - t0
+    stats_.append({"kernels": len(c), "sum_us": sum(b for _, b, _, _ in c), "busy_us": busy,
+                   "overlap_us": over, "span_us": span, "streams": len({t for _, _, t, _ in c})})
+  med = {k: float(np.median([s_[k] for s_ in stats_])) for k in stats_[0]}
+  last = calls[len(calls) // 2]
+  t0 = last[0][0]
+  med["kernel_list"] = [(round(a - t0, 2), round(b, 2), t, n[:90]) for a, b, t, n in last]
+  return med
+
+
+def hlo_stats(compiled) -> dict:
+  import re
+  txt = compiled.as_text()
+  convs = re.findall(r"= \(([a-z0-9]+)\[([0-9,]*)\]\{([0-9,]*)\}, u8\[(\d+)\]\{0\}\) custom-call\("
+                     r"[^)]*\), custom_call_target=\"(__cudnn\$conv[A-Za-z]*)\"", txt)
+  layouts = {}
+  for _, _, lay, _, _ in convs:
+    layouts[lay] = layouts.get(lay, 0) + 1
+  return {"convs": len(convs), "conv_targets": sorted({c[4] for c in convs}),
+          "scratch_nonzero": sum(1 for c in convs if int(c[3]) > 0),
+          "scratch_max": max([int(c[3]) for c in convs] + [0]), "conv_out_layouts": layouts,
+          "fusions": txt.count(" fusion("), "copies": len(re.findall(r"= [a-z0-9]+\[[^\]]*\]\{[^}]*\} copy\(", txt)),
+          "transposes": txt.count(" transpose("), "lines": txt.count("\n")}
+
+
+def merge_groups(g, same_kernel=True, only_1x1=False, max_merge=8):
+  """Groups of >= 2 mutually independent convs with one merge key (and one kernel size)."""
+  from mlsys_jax.sched import emit as semit
+  by = {}
+  for u in range(len(g.units)):
+    k = semit.merge_key(g, u)
+    if k is None:
+      continue
+    e = g.eqns[g.units[u].anchor]
+    w = g.avals[e.inputs[1]]
+    ks = tuple(w.shape[d] for d in e.params["dimension_numbers"].rhs_spec[2:])
+    if only_1x1 and any(k_ != 1 for k_ in ks):
+      continue
+    by.setdefault(k + ((ks,) if same_kernel else ()), []).append(u)
+  return [tuple(v[:max_merge]) for v in by.values() if len(v) >= 2]
+
+
+def stages_with_merges(g, groups):
+  from mlsys_jax.sched.dp import Stage
+  where = {u: grp for grp in groups for u in grp}
+  done, out = set(), []
+  for u in range(len(g.units)):
+    if u in done:
+      continue
+    if u in where:
+      out.append(Stage("merge", (tuple(sorted(where[u])),)))
+      done.update(where[u])
+    else:
+      out.append(Stage("parallel", ((u,),)))
+      done.add(u)
+  return out
+
+
+def net_probe(args):
+  from mlsys_jax import sched
+  from mlsys_jax.sched.graph import relayout_conv_kernels
+  from mlsys_jax.models import ios_benchmark_nets
+  env = common.environment()
+  print(env, flush=True)
+  res = {"env": env, "rows": []}
+  cb = CONFIGS["cb_conv_conc"]
+  xla = {"jit": {}, "cc": dict(cb), "cc_lhs": {**cb, "xla_gpu_enable_latency_hiding_scheduler": True},
+         "cc_nhwc": {**cb, "xla_gpu_force_conv_nhwc": True},
+         "cc_nchw": {**cb, "xla_gpu_force_conv_nchw": True}}
+  for dt in args.dtypes.split(","):
+    dtype = jnp.dtype(dt)
+    nets = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)
+    model, shape = nets[args.net]
+    x = jax.random.normal(jax.random.PRNGKey(1), shape, dtype)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    fc = lambda x: model.apply(params, x)
+    fns, row, ref = {}, {"net": args.net, "dtype": dt}, None
+    on_gpu = jax.default_backend() == "gpu"
+    for name, opts in xla.items():
+      if not on_gpu and opts:
+        continue
+      try:
+        c = jax.jit(model.apply, compiler_options=opts or None).lower(params, x).compile()
+        y = c(params, x)
+        if ref is None:
+          ref = np.asarray(y.astype(jnp.float32))
+        fns[name] = (c, (params, x))
+      except Exception as e:  # noqa: BLE001
+        row[f"err_{name}"] = f"{type(e).__name__}: {str(e)[:200]}"
+      print(dt, name, "ok" if name in fns else row.get(f"err_{name}"), flush=True)
+    # weights closed over: XLA sees them as constants and may lay them out at compile time
+    const_cfgs = (("jit_const", {}), ("cc_const", dict(cb)),
+                  ("cc_const_lhs", {**cb, "xla_gpu_enable_latency_hiding_scheduler": True}))
+    for name, opts in const_cfgs if on_gpu else ():
+      try:
+        t0 = time.perf_counter()
+        c = jax.jit(fc, compiler_options=opts or None).lower(x).compile()
+        row[f"compile_{name}_s"] = round(time.perf_counter() - t0, 1)
+        c(x)
+        fns[name] = (c, (x,))
+        xla[name] = opts
+      except Exception as e:  # noqa: BLE001
+        row[f"err_{name}"] = f"{type(e).__name__}: {str(e)[:200]}"
+      print(dt, name, "ok" if name in fns else row.get(f"err_{name}"), flush=True)
+    g0 = sched.build_graph(fc, x)
+    g = relayout_conv_kernels(g0)
+    scheds = {"seq": (g, sched.sequential_schedule(g)),
+              "m1x1": (g, stages_with_merges(g, merge_groups(g, only_1x1=True))),
+              "msame": (g, stages_with_merges(g, merge_groups(g, same_kernel=True))),
+              "many": (g, stages_with_merges(g, merge_groups(g, same_kernel=False)))}
+    # the library path: IOS-Merge searched with the on-device stage profiler
+    for mk in args.search.split(",") if args.search else ():
+      try:
+        prof = sched.StageProfiler(mode="cuda_graph", parallel="sum") if on_gpu else None
+        t0 = time.perf_counter()
+        sc = sched.ios_schedule(fc, x, strategy="merge", merge_kernels=mk, profiler=prof,
+                                keep_alive=True)
+        row[f"search_{mk}_s"] = round(time.perf_counter() - t0, 1)
+        row[f"search_{mk}_pred_ms"] = round(sc.predicted_latency * 1e3, 4)
+        scheds[f"ios_{mk}"] = (sc.graph, sc.stages)
+        open(os.path.join(args.out or os.environ.get("OUT", "/tmp"),
+                          f"sched_{dt}_{mk}.json"), "w").write(sc.to_json())
+      except Exception as e:  # noqa: BLE001
+        row[f"err_search_{mk}"] = f"{type(e).__name__}: {str(e)[:200]}"
+        traceback.print_exc()
+    row["merges"] = {k: sum(1 for s_ in v[1] if s_.kind == "merge") for k, v in scheds.items()}
+    for sname, (gg, stages) in scheds.items():
+      for ka, embed in ((False, True), (True, True), (True, False)):
+        if not embed and sname != "m1x1":
+          continue
+        name = f"{sname}{'_ka' if ka else ''}{'' if embed else '_args'}"
+        sc = sched.Schedule(gg, stages, [0.0] * len(stages), "cuda_graph", 0.0,
+                            {"keep_alive": ka, "fuse_epilogue": True, "embed_consts": embed})
+        try:
+          jitted, consts = sc._build()
+          c = jitted.lower(consts, x).compile()
+          y = c(consts, x)
+          err = float(np.linalg.norm(np.asarray(y.astype(jnp.float32)) - ref) / np.linalg.norm(ref))
+          row[f"relerr_{name}"] = err
+          fns[name] = (c, (consts, x))
+        except Exception as e:  # noqa: BLE001
+          row[f"err_{name}"] = f"{type(e).__name__}: {str(e)[:200]}"
+          traceback.print_exc()
+        print(dt, name, "ok" if name in fns else row.get(f"err_{name}"), flush=True)
+    ts = {k: [] for k in fns}
+    for k, (f, a) in fns.items():
+      time_fn(lambda _: f(*a), None, number=3, repeat=1)
+    for _ in range(args.repeat):
+      for k, (f, a) in fns.items():
+        ts[k].append(time_fn(lambda _: f(*a), None, number=args.number, repeat=1))
+    med = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
+    row["ms"] = {k: round(v, 4) for k, v in med.items()}
+    base = [k for k in med if k in xla]
+    best = min(base, key=med.get)
+    row["best_xla"], row["best_xla_ms"] = best, med[best]
+    row["vs_best"] = {k: round(med[best] / v, 3) for k, v in med.items()}
+    print(json.dumps(row), flush=True)
+    if on_gpu:
+      tr = {}
+      ios_best = min((k for k in med if k not in xla), key=med.get)
+      for k in [best, "cc_const", "seq_ka", "m1x1_ka", "ios_same_ka", "ios_any_ka", ios_best]:
+        if k in fns and k not in tr:
+          try:
+            tr[k] = trace_kernels(fns[k][0], fns[k][1], k)
+          except Exception as e:  # noqa: BLE001
+            tr[k] = {"error": str(e)[:200]}
+          print("trace", dt, k, {a: b for a, b in tr[k].items() if a != "kernel_list"}, flush=True)
+      row["trace"] = tr
+    res["rows"].append(row)
+    common.write_json(args.out, "ios_net_probe", res)
+
+
+def emit_opts():
+  from mlsys_jax.sched import emit as semit
+  return semit.compiler_options("cuda_graph")
+
+
 def main():
-  args = common.parse_args(__doc__)
+  args = common.parse_args(__doc__, extra=lambda ap: (
+      ap.add_argument("--net", default=None, help="probe this whole net instead of the blocks"),
+      ap.add_argument("--dtypes", default="float32,bfloat16"),
+      ap.add_argument("--search", default="same,any", help="merge_kernels values to search with"),
+      ap.add_argument("--number", type=int, default=40),
+      ap.add_argument("--repeat", type=int, default=7)))
+  if args.net:
+    return net_probe(args)
   env = common.environment()
   print(env, flush=True)
   nblocks = 1 if args.small else 4

@@ -323,17 +323,21 @@ def test_from_json_refuses_invalid_merge_and_bad_stage_order():
   f_ok, f_bad = make(((1, 1), (1, 1))), make(((2, 0), (2, 0)))
   s = sched.ios_schedule(f_ok, x, strategy="merge")
   assert s.counts()["merge_stages"] == 1
-  assert sched.build_graph(f_bad, x).fingerprint() == s.graph.fingerprint()
-  with pytest.raises(ValueError, match="not mergeable"):
+  # the fingerprint covers conv parameters: the padded-differently graph is a different graph
+  assert sched.build_graph(f_bad, x).fingerprint() != sched.build_graph(f_ok, x).fingerprint()
+  with pytest.raises(ValueError, match="different graph"):
     sched.Schedule.from_json(s.to_json(), f_bad, x)
+  # and a merge of incompatible convs is refused even when handed a schedule directly
+  from mlsys_jax.sched.api import _check_cover
+  with pytest.raises(ValueError, match="not mergeable"):
+    _check_cover(sched.build_graph(f_bad, x), list(s.stages))
   with pytest.raises(ValueError, match="emission"):  # raised at load, not at the first call
     sched.Schedule.from_json(s.to_json(), f_ok, x, emission="cudagraph")
-  s_bad = sched.Schedule.from_json(s.to_json().replace('"merge"', '"parallel"'), f_bad, x)
-  for a, b in zip(s_bad(x), f_bad(x)):
+  s_par = sched.Schedule.from_json(s.to_json().replace('"merge"', '"parallel"'), f_ok, x)
+  for a, b in zip(s_par(x), f_ok(x)):
     assert _relerr(a, b) < 1e-5
   # a unit placed before its predecessor inside one group is refused too
   g = sched.build_graph(lambda x: jnp.tanh(x @ jnp.ones((4, 4))) @ jnp.ones((4, 4)), jnp.ones((2, 4)))
-  from mlsys_jax.sched.api import _check_cover
   _check_cover(g, [Stage("parallel", ((0, 1),))])
   with pytest.raises(ValueError, match="predecessor"):
     _check_cover(g, [Stage("parallel", ((1, 0),))])
@@ -369,3 +373,89 @@ def test_stage_profiler_not_fooled_by_a_reused_graph_id():
   prof(g2, st)
   assert prof.misses == 2  # measured g2's own program
   assert prof._fps[id(g2)][1] == g2.fingerprint()
+
+
+def test_merged_epilogue_once_on_merged_output():
+  """Merged convs with bias+ReLU epilogues get one epilogue on the concatenated channels (so XLA can
+  keep conv+bias+activation fused); different epilogues fall back to slice-then-epilogue."""
+  key = jax.random.PRNGKey(11)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (1, 1, 4, c)) for i, c in enumerate((3, 5))]
+  bs = [jax.random.normal(jax.random.fold_in(key, 9 + i), (c,)) for i, c in enumerate((3, 5))]
+  x = jax.random.normal(key, (1, 6, 6, 4))
+
+  def same(x):
+    c = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+    return [jax.nn.relu(c(w) + b) for w, b in zip(ws, bs)]
+
+  def differ(x):
+    c = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+    return [jax.nn.relu(c(ws[0]) + bs[0]), jnp.tanh(c(ws[1]) + bs[1])]
+
+  st = Stage("merge", ((0, 1),))
+  g = sched.build_graph(same, x)
+  epi = emit.merged_epilogue(g, (0, 1))
+  assert epi is not None and [p.name for p, *_ in epi] == ["add", "max"]
+  np.testing.assert_allclose(np.asarray(epi[0][3]), np.concatenate([np.asarray(b) for b in bs]))
+  gd = sched.build_graph(differ, x)
+  assert emit.merged_epilogue(gd, (0, 1)) is None
+  for gg, f in ((g, same), (gd, differ)):
+    fn, ins, outs, cids = emit.stage_program(gg, st, "plain")
+    for a, b in zip(fn({c: gg.consts[c] for c in cids}, (x,)), f(x)):
+      assert _relerr(a, b) < 1e-5
+
+
+def test_keep_alive_term_is_exact_zero_and_schedule_matches(block):
+  vals = [jnp.array([[jnp.inf, 1.0]]), jnp.array([jnp.nan]), jnp.array([-3e38], jnp.float32),
+          jnp.array([7], jnp.int32), jnp.array([2.0], jnp.bfloat16)]
+  t = emit.keep_alive_term(vals)
+  assert t.dtype == jnp.float32 and float(t) == 0.0
+  assert float(jnp.array(-0.0) + t) == 0.0 and bool(jnp.isnan(jnp.array(jnp.nan) + t))
+  f, x = block
+  s = sched.ios_schedule(f, x, strategy="merge", keep_alive=True)
+  assert s.info["keep_alive"]
+  assert _relerr(s(x), jax.jit(f)(x)) < 1e-5
+  assert "keep_alive" in s.to_json()
+
+
+def test_relayout_conv_kernels_and_same_kernel_merges(block):
+  from mlsys_jax.sched.graph import relayout_conv_kernels
+  f, x = block
+  g = sched.build_graph(f, x)
+  assert relayout_conv_kernels(g, "keep") is g
+  with pytest.raises(ValueError, match="auto"):
+    relayout_conv_kernels(g, "NHWC")
+  g2 = relayout_conv_kernels(g)
+  for u in g2.units:
+    if u.kind == "conv_general_dilated":
+      e = g2.eqns[u.anchor]
+      assert e.params["dimension_numbers"].rhs_spec == (0, 3, 1, 2)  # OHWI under NHWC inputs
+  s = sched.ios_schedule(f, x, strategy="merge", merge_kernels="same")
+  assert s.info["kernel_layout"] == "auto"
+  x2 = jax.random.normal(jax.random.PRNGKey(8), x.shape)
+  assert _relerr(s(x2), jax.jit(f)(x2)) < 1e-5
+  for st in s.stages:  # only equal windows merge
+    if st.kind == "merge":
+      shapes = {s.graph.avals[s.graph.eqns[s.graph.units[u].anchor].inputs[1]].shape[1:3]
+                for u in st.units}
+      assert len(shapes) == 1
+  s_keep = sched.ios_schedule(f, x, strategy="merge", kernel_layout="keep")
+  t = sched.Schedule.from_json(s.to_json(), f, x)  # relayout is recorded and reapplied
+  assert t.graph.fingerprint() == s.graph.fingerprint() != s_keep.graph.fingerprint()
+  with pytest.raises(ValueError, match="merge_kernels"):
+    sched.ios_schedule(f, x, merge_kernels="equal")
+
+
+def test_dp_all_inf_cost_and_scoped_recursion_limit():
+  import sys
+  succ = {0: {1}, 1: set()}
+  with pytest.raises(ValueError, match="infinite cost"):
+    ios_dp([0, 1], succ, lambda st: float("inf"))
+  with pytest.raises(ValueError, match="infinite cost"):
+    ios_dp([0, 1], succ, lambda st: float("nan"))
+  # a long chain recurses deeper than the default limit; the limit is restored afterwards
+  before = sys.getrecursionlimit()
+  n = before + 500
+  stages, total = ios_dp(list(range(n)), {i: {i + 1} for i in range(n - 1)}, lambda st: 1.0,
+                         r=1, s=1)
+  assert len(stages) == n and total == n
+  assert sys.getrecursionlimit() == before

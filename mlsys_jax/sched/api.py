@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from mlsys_jax.sched import emit
 from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler, time_calls
 from mlsys_jax.sched.dp import Stage, ios_dp
-from mlsys_jax.sched.graph import Graph, build_graph, summarize_graph
+from mlsys_jax.sched.graph import Graph, build_graph, relayout_conv_kernels, summarize_graph
 
 SCHEMA = "mlsys_jax.sched.ios/1"
 
@@ -81,18 +81,37 @@ class Schedule:
   # ------------------------------------------------------------------ running
   def _build(self):
     if self._jitted is None:
-      merges = emit.prepare_merges(self.graph, self.stages)
-      consts = dict(self.graph.consts)
+      merges = emit.prepare_merges(self.graph, self.stages,
+                                   fuse_epilogue=self.info.get("fuse_epilogue", True))
+      g = self.graph
+      merged_units = {u for st in self.stages if st.kind == "merge" for u in st.units}
+      used = {o for o in g.out_ids if isinstance(o, int) and o in g.consts}
+      for u in g.units:
+        for ei in u.eqns:
+          if u.idx in merged_units and ei == u.anchor:
+            continue  # its kernel is part of the merged kernel
+          used.update(v for v in g.eqns[ei].inputs if isinstance(v, int) and v in g.consts)
+      consts = {k: v for k, v in g.consts.items() if k in used}  # only what the program reads
       next_id = max(list(self.graph.avals) + list(consts) + [0]) + 1
       merges_ids = {}
-      for i, (kernel, params, ranges) in merges.items():
+      for i, (kernel, params, ranges, epi) in merges.items():
         consts[next_id] = kernel
-        merges_ids[i] = (next_id, params, ranges)
+        merges_ids[i] = (next_id, params, ranges, epi)
         next_id += 1
-      run = emit.make_program(self.graph, self.stages, self.emission, merges_ids)
+      run = emit.make_program(self.graph, self.stages, self.emission, merges_ids,
+                              keep_alive=self.info.get("keep_alive", False))
       opts = emit.compiler_options(self.emission, self.info.get("s", 8))
-      self._jitted = jax.jit(run, compiler_options=opts or None)
-      self._consts = consts
+      if self.info.get("embed_consts", True):
+        # weights as compile-time constants, as XLA sees them in ``jax.jit(lambda x: f(w, x))``: no
+        # per-call argument handling for ~200 weight arrays (~0.1-0.3 ms of host time per call at
+        # batch 1, more than the whole GPU program in bf16) and layouts fixed at compile time
+        closed = consts
+        self._jitted = jax.jit(lambda _unused, *args: run(closed, *args),
+                               compiler_options=opts or None)
+        self._consts = {}
+      else:
+        self._jitted = jax.jit(run, compiler_options=opts or None)
+        self._consts = consts
     return self._jitted, self._consts
 
   def apply(self, *args):
@@ -185,7 +204,8 @@ class Schedule:
     if emission not in emit.EMISSION_MODES:
       raise ValueError(f"emission must be one of {emit.EMISSION_MODES}, got {emission!r}")
     bound, dyn = _bind_static(fn, example_args, static_argnums)
-    g = build_graph(bound, *dyn, part_size=part_size)
+    g = relayout_conv_kernels(build_graph(bound, *dyn, part_size=part_size),
+                              d.get("info", {}).get("kernel_layout", "keep"))
     if g.fingerprint() != d["fingerprint"]:
       raise ValueError("the saved schedule was made for a different graph (fingerprint "
                        f"{d['fingerprint']} vs {g.fingerprint()}); run ios_schedule again")
@@ -233,7 +253,9 @@ def sequential_schedule(g: Graph) -> list:
 def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: Any = None,
                  strategy: str = "both", part_size: int = 50, emission: str = "cuda_graph",
                  static_argnums: Sequence[int] = (), allow_opaque: bool = True,
-                 prefetch: bool = True, verbose: bool = False) -> Schedule:
+                 prefetch: bool = True, merge_kernels: str = "any", kernel_layout: str = "auto",
+                 keep_alive: bool = False, fuse_epilogue: bool = True,
+                 embed_consts: bool = True, verbose: bool = False) -> Schedule:
   """Search an IOS schedule for ``fn`` and return it (callable).
 
   Args:
@@ -251,6 +273,18 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       analytical model to collect the stages it asks for and compile them in parallel threads.
     allow_opaque: keep control flow / unknown higher-order primitives as sequential units (True) or
       raise ValueError naming them (False).
+    merge_kernels: 'any' (IOS: kernels zero-padded to the largest window) or 'same' (merge only
+      convs with equal kernel sizes, no padded FLOPs).
+    kernel_layout: 'auto' stores conv kernels in the layout the GPU kernels read (OHWI for NHWC
+      inputs) so the program has no per-call weight transposes; 'keep' leaves them as traced
+      (see ``graph.relayout_conv_kernels``).
+    keep_alive: keep every intermediate live to the end of the program (no buffer reuse, so no false
+      dependencies between independent operators in CONCURRENT CUDA graphs; see
+      ``emit.keep_alive_term``).
+    fuse_epilogue: apply the (identical) epilogues of merged convs once on the merged output, before
+      the channel slices, so XLA keeps cuDNN's fused conv+bias+activation.
+    embed_consts: compile the weights (and merged kernels) into the program as constants (True) or
+      pass them as arguments on every call (False).
 
   Returns:
     a ``Schedule``; ``sched(*dynamic_args)`` runs it.
@@ -259,15 +293,19 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
     raise ValueError(f"strategy must be 'both', 'merge' or 'parallel', got {strategy!r}")
   if emission not in emit.EMISSION_MODES:
     raise ValueError(f"emission must be one of {emit.EMISSION_MODES}, got {emission!r}")
+  if merge_kernels not in ("any", "same"):
+    raise ValueError(f"merge_kernels must be 'any' or 'same', got {merge_kernels!r}")
   if emission == "streams" and not emit.stream_call_available():
     raise ValueError("emission='streams' needs jax.experimental.compute_on's function form "
                      "(jax >= 0.8); use emission='cuda_graph'")
   t0 = time.perf_counter()
   bound, dyn = _bind_static(fn, example_args, static_argnums)
-  g = build_graph(bound, *dyn, part_size=part_size, allow_opaque=allow_opaque)
+  g = relayout_conv_kernels(build_graph(bound, *dyn, part_size=part_size, allow_opaque=allow_opaque),
+                            kernel_layout)
   if profiler is None:
     profiler = StageProfiler(mode=emission, s=s) if jax.default_backend() == "gpu" else AnalyticalCost()
-  mk = (lambda u: emit.merge_key(g, u)) if strategy in ("both", "merge") else None
+  same = merge_kernels == "same"
+  mk = (lambda u: emit.merge_key(g, u, same)) if strategy in ("both", "merge") else None
   succ = {u.idx: u.succs for u in g.units}
   stages, lats = [], []
   cost = lambda st: profiler(g, st)
@@ -297,7 +335,9 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
     profiler.save()
   _check_cover(g, stages)
   info = {"r": r, "s": s, "strategy": strategy, "graph": summarize_graph(g),
-          "profiler": type(profiler).__name__}
+          "profiler": type(profiler).__name__, "merge_kernels": merge_kernels,
+          "kernel_layout": kernel_layout, "keep_alive": bool(keep_alive),
+          "fuse_epilogue": bool(fuse_epilogue), "embed_consts": bool(embed_consts)}
   for k in ("hits", "misses", "compile_s"):
     if hasattr(profiler, k):
       info[f"profiler_{k}"] = getattr(profiler, k)

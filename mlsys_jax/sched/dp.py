@@ -22,7 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 from typing import Callable, Hashable, Optional, Sequence
 
 
@@ -36,6 +38,24 @@ class Stage:
   @property
   def units(self) -> tuple:
     return tuple(u for g in self.groups for u in g)
+
+
+@contextlib.contextmanager
+def _recursion_limit(depth: int):
+  """Raise Python's recursion limit to at least ``depth`` frames above the current stack for the
+  duration of the block, then restore the previous limit (the process-wide setting is not left
+  changed)."""
+  old = sys.getrecursionlimit()
+  frame, used = sys._getframe(), 0
+  while frame is not None:
+    used, frame = used + 1, frame.f_back
+  need = depth + used
+  if need > old:
+    sys.setrecursionlimit(need)
+  try:
+    yield
+  finally:
+    sys.setrecursionlimit(old)
 
 
 def _bits(mask: int):
@@ -122,7 +142,8 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
     k = (kind, stage_masks)
     if k not in cost_memo:
       st = Stage(kind, tuple(group_order(m) for m in stage_masks))
-      cost_memo[k] = float(stage_cost(st))
+      c = float(stage_cost(st))
+      cost_memo[k] = float("inf") if c != c else c  # NaN: an invalid stage
     return cost_memo[k]
 
   def endings(S: int):
@@ -179,8 +200,6 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
     return res
 
   memo: dict = {0: (0.0, None)}
-  import sys
-  sys.setrecursionlimit(max(10000, sys.getrecursionlimit()))
 
   def solve(S: int) -> float:
     if S in memo:
@@ -200,7 +219,13 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
     return best
 
   full = (1 << n) - 1
-  total = solve(full)
+  with _recursion_limit(4 * n + 200):  # depth <= n states, a few frames each; restored on exit
+    total = solve(full)
+  if total == float("inf"):
+    raise ValueError(f"ios_dp: every schedule of this part ({n} units) has infinite cost: the stage "
+                     "cost model returned inf (or NaN) for all candidate stages of some state, e.g. "
+                     "for single-unit stages; check the profiler (a failed measurement?) or that "
+                     "stage_cost returns finite seconds for every one-unit stage")
   stages = []
   S = full
   while S:

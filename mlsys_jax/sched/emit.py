@@ -92,7 +92,7 @@ def stream_call(f: Callable, stream: int) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------ merges
-def merge_key(g: Graph, ui: int):
+def merge_key(g: Graph, ui: int, same_kernel: bool = False):
   """Key equal for conv units that IOS may merge: same input value, strides, layout, output size,
   dtype and a padding that stays valid when kernels are zero-padded, centred, to the largest one
   (odd kernels). ``None`` if the unit is not a mergeable convolution.
@@ -100,7 +100,10 @@ def merge_key(g: Graph, ui: int):
   Dilated, grouped, string-padded convs and kernels that are not constants are never merged. NaN/inf:
   a merged conv multiplies the zero taps of a padded kernel too, so an inf in the input window of the
   largest kernel but outside a smaller kernel's window turns that smaller conv's output into NaN
-  (0 * inf); with finite inputs the result equals the separate convs up to summation order."""
+  (0 * inf); with finite inputs the result equals the separate convs up to summation order.
+
+  ``same_kernel=True`` also keys on the kernel's spatial size, so only convs with equal windows merge
+  (no zero-padded taps: a 1x1 merged into a 3x3 or 5x5 conv costs 9x or 25x its FLOPs)."""
   u = g.units[ui]
   if u.kind != "conv_general_dilated" or u.opaque:
     return None
@@ -126,8 +129,9 @@ def merge_key(g: Graph, ui: int):
       pad_key.append(("even", k, lo, hi))
   out = g.avals[e.outputs[0]]
   out_sp = tuple(out.shape[d] for d in dn.out_spec[2:])
-  return (lhs, tuple(p["window_strides"]), str(dn), out_sp, str(out.dtype), str(w.dtype),
-          str(p.get("preferred_element_type")), str(p.get("precision")), tuple(pad_key))
+  key = (lhs, tuple(p["window_strides"]), str(dn), out_sp, str(out.dtype), str(w.dtype),
+         str(p.get("preferred_element_type")), str(p.get("precision")), tuple(pad_key))
+  return key + (tuple(ks),) if same_kernel else key
 
 
 def merged_conv_params(g: Graph, units: tuple) -> tuple[Any, dict, list]:
@@ -159,9 +163,120 @@ def merged_conv_params(g: Graph, units: tuple) -> tuple[Any, dict, list]:
   return jnp.asarray(merged, dtype=ws[0].dtype), params, ranges
 
 
-def prepare_merges(g: Graph, stages: list) -> dict:
-  """Precompute merged kernels for every merge stage: {stage index: (kernel, params, ranges)}."""
-  return {i: merged_conv_params(g, st.groups[0]) for i, st in enumerate(stages) if st.kind == "merge"}
+# elementwise primitives an epilogue may hold to be applied once on a merged conv's output
+_EPILOGUE_PRIMS = frozenset({"add", "sub", "mul", "div", "max", "min", "neg", "abs", "exp", "log",
+                             "tanh", "logistic", "convert_element_type", "integer_pow", "sqrt",
+                             "rsqrt", "square", "sign", "exp2", "log1p", "expm1", "erf"})
+
+
+def const_value(g: Graph, v):
+  """Concrete value of a literal, constant or lazy (constant-expanding) value id."""
+  if isinstance(v, Lit):
+    return v.val
+  if v in g.consts:
+    return g.consts[v]
+  if v in g.lazy:
+    e = g.eqns[g.lazy[v]]
+    vals = [const_value(g, a) for a in e.inputs]
+    with jax.ensure_compile_time_eval():
+      out = e.prim.bind(*vals, **e.params)
+    return out[0] if e.prim.multiple_results else out
+  raise KeyError(f"value {v} is not constant")
+
+
+def epilogue_chain(g: Graph, ui: int):
+  """The epilogue of conv unit ``ui`` as a list of ``(prim, params, chain_pos, operand)`` steps if it
+  is a chain of elementwise equations whose other operands are literals or per-output-channel
+  constants (bias, folded BN scale, ReLU's 0); ``operand`` is a ``Lit`` or a 1-D numpy channel
+  vector. ``None`` if the epilogue is anything else (then merged convs slice before the epilogue)."""
+  u = g.units[ui]
+  e0 = g.eqns[u.anchor]
+  axis = e0.params["dimension_numbers"].out_spec[1]
+  cur = e0.outputs[0]
+  shape = g.avals[cur].shape
+  steps = []
+  for ei in u.eqns[u.eqns.index(u.anchor) + 1:]:
+    e = g.eqns[ei]
+    if len(e.outputs) == 1 and e.outputs[0] in g.lazy:
+      continue
+    if e.prim.name not in _EPILOGUE_PRIMS or len(e.outputs) != 1:
+      return None
+    pos = [i for i, a in enumerate(e.inputs) if a == cur]
+    if len(pos) != 1 or g.avals[e.outputs[0]].shape != shape:
+      return None
+    operand = None
+    for i, a in enumerate(e.inputs):
+      if i == pos[0]:
+        continue
+      if isinstance(a, Lit):
+        operand = a
+        continue
+      if not (a in g.consts or a in g.lazy):
+        return None
+      c = np.asarray(const_value(g, a))
+      if c.ndim != len(shape) or any(c.shape[d] not in (1, shape[d]) for d in range(len(shape))):
+        return None
+      idx = tuple(slice(None) if d == axis else 0 for d in range(c.ndim))
+      vec = c[idx].reshape(-1)
+      if vec.size == 1:
+        vec = np.broadcast_to(vec, (shape[axis],))
+      expect = np.broadcast_to(vec.reshape([-1 if d == axis else 1 for d in range(c.ndim)]), c.shape)
+      if not np.array_equal(expect, c, equal_nan=True):
+        return None
+      operand = np.array(vec)
+    if len(e.inputs) > 2:
+      return None
+    steps.append((e.prim, dict(e.params), pos[0], operand))
+    cur = e.outputs[0]
+  if list(u.outputs) != [cur]:
+    return None
+  return steps
+
+
+def merged_epilogue(g: Graph, units: tuple):
+  """One epilogue for the concatenated output channels of merged convs, or ``None`` when their
+  epilogues differ in structure (see ``epilogue_chain``)."""
+  chains = [epilogue_chain(g, u) for u in units]
+  if any(c is None for c in chains) or len({len(c) for c in chains}) != 1:
+    return None
+  out = []
+  for steps in zip(*chains):
+    prims = {s[0] for s in steps}
+    if len(prims) != 1 or len({s[2] for s in steps}) != 1 or any(s[1] != steps[0][1] for s in steps):
+      return None
+    ops = [s[3] for s in steps]
+    if all(o is None for o in ops):
+      op = None
+    elif all(isinstance(o, Lit) for o in ops) and all(
+        np.array_equal(np.asarray(o.val), np.asarray(ops[0].val)) for o in ops):
+      op = ops[0]
+    else:
+      vecs = []
+      for u, o in zip(units, ops):
+        e = g.eqns[g.units[u].anchor]
+        c = g.avals[e.outputs[0]].shape[e.params["dimension_numbers"].out_spec[1]]
+        if o is None:
+          return None
+        vecs.append(np.broadcast_to(np.asarray(o.val if isinstance(o, Lit) else o), (c,)))
+      dtypes = {v.dtype for v in vecs}
+      if len(dtypes) != 1:
+        return None
+      op = jnp.asarray(np.concatenate(vecs))
+    out.append((steps[0][0], steps[0][1], steps[0][2], op))
+  return out
+
+
+def prepare_merges(g: Graph, stages: list, fuse_epilogue: bool = True) -> dict:
+  """Precompute merged kernels for every merge stage: {stage index: (kernel, params, ranges, epi)};
+  ``epi`` is the merged epilogue (``merged_epilogue``) or None (slice first, then each unit's own
+  epilogue)."""
+  out = {}
+  for i, st in enumerate(stages):
+    if st.kind == "merge":
+      kernel, params, ranges = merged_conv_params(g, st.groups[0])
+      epi = merged_epilogue(g, st.groups[0]) if fuse_epilogue else None
+      out[i] = (kernel, params, ranges, epi)
+  return out
 
 
 # ------------------------------------------------------------------------------------------ units
@@ -190,15 +305,29 @@ def run_unit(g: Graph, ui: int, env: dict, consts: dict, anchor_out=None) -> Non
 
 
 def run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
-  kernel, params, ranges = merged
+  kernel, params, ranges = merged[:3]
+  epi = merged[3] if len(merged) > 3 else None
   if isinstance(kernel, int):  # a value id in consts (kernels precomputed by the Schedule)
     kernel = consts[kernel]
   e0 = g.eqns[g.units[units[0]].anchor]
   lhs = _read(g, env, consts, e0.inputs[0])
   y = lax.conv_general_dilated_p.bind(lhs, kernel, **params)
   axis = params["dimension_numbers"].out_spec[1]
+  if epi is None:
+    for u, (a, b) in zip(units, ranges):
+      run_unit(g, u, env, consts, anchor_out=lax.slice_in_dim(y, a, b, axis=axis))
+    return
+  # one epilogue on the merged output (keeps XLA's conv+bias+activation fusion), then slices
+  for prim, p, pos, op in epi:
+    if op is None:
+      args = [y]
+    else:
+      other = op.val if isinstance(op, Lit) else lax.broadcast_in_dim(op, y.shape, (axis,))
+      args = [other, other]
+      args[pos] = y
+    y = prim.bind(*args, **p)
   for u, (a, b) in zip(units, ranges):
-    run_unit(g, u, env, consts, anchor_out=lax.slice_in_dim(y, a, b, axis=axis))
+    env[g.units[u].outputs[0]] = lax.slice_in_dim(y, a, b, axis=axis)
 
 
 def run_group(g: Graph, group: tuple, env: dict, consts: dict) -> None:
@@ -263,8 +392,28 @@ def _check_args(g: Graph, args: tuple) -> None:
                       "schedule again for new shapes/dtypes")
 
 
-def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optional[dict] = None):
-  """The scheduled program ``run(consts, *args)``; ``consts`` is ``{value id: array}``."""
+def keep_alive_term(vals: list):
+  """A scalar that reads one element of every array in ``vals`` and is exactly 0: adding it to an
+  output keeps those buffers live until the end of the program, so XLA's buffer assignment cannot
+  reuse their memory for later values. On GPU with CONCURRENT command buffers, whose DAG edges come
+  from buffer conflicts, reuse adds false write-after-read edges between independent branches; with
+  every intermediate kept live only true data dependencies remain. ``min(|v|, 1)`` on finite
+  elements bounds the sum, so ``0 * sum`` is exactly zero and ``out + term`` equals ``out`` for every
+  ``out`` (NaN and inf included)."""
+  acc = None
+  for v in vals:
+    x = lax.convert_element_type(lax.reshape(lax.slice(v, (0,) * v.ndim, (1,) * v.ndim), ()),
+                                 jnp.float32)
+    x = lax.select(lax.is_finite(x), lax.min(lax.abs(x), jnp.float32(1)), jnp.float32(0))
+    acc = x if acc is None else lax.add(acc, x)
+  return None if acc is None else lax.mul(acc, jnp.float32(0))
+
+
+def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optional[dict] = None,
+                 keep_alive: bool = False):
+  """The scheduled program ``run(consts, *args)``; ``consts`` is ``{value id: array}``.
+
+  ``keep_alive=True`` keeps every unit output live to the end (see ``keep_alive_term``)."""
   merges = prepare_merges(g, stages) if merges is None else merges
 
   def run(consts, *args):
@@ -274,6 +423,18 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
     for i, st in enumerate(stages):
       run_stage(g, st, env, consts, mode, merges.get(i))
     outs = [_read(g, env, consts, o) for o in g.out_ids]
+    if keep_alive:
+      out_set = {o for o in g.out_ids if isinstance(o, int)}
+      vals = [env[o] for u in g.units if not u.opaque for o in u.outputs
+              if o not in out_set and o in env and hasattr(env[o], "ndim") and env[o].size > 0
+              and (jnp.issubdtype(env[o].dtype, jnp.floating) or
+                   jnp.issubdtype(env[o].dtype, jnp.integer))]
+      term = keep_alive_term(vals)
+      if term is not None:
+        for i, o in enumerate(outs):
+          if hasattr(o, "dtype") and jnp.issubdtype(o.dtype, jnp.floating) and o.size > 0:
+            outs[i] = lax.add(o, lax.convert_element_type(term, o.dtype))
+            break
     return jax.tree_util.tree_unflatten(g.out_tree, outs)
 
   return run
@@ -281,7 +442,9 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
 
 def stage_program(g: Graph, st: Stage, mode: str):
   """A standalone function for one stage: ``(consts, ins) -> outs`` and the ids it reads/writes."""
-  merged = merged_conv_params(g, st.groups[0]) if st.kind == "merge" else None
+  merged = None
+  if st.kind == "merge":
+    merged = merged_conv_params(g, st.groups[0]) + (merged_epilogue(g, st.groups[0]),)
   own = set()
   for u in st.units:
     for ei in g.units[u].eqns:
