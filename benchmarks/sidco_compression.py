@@ -70,13 +70,24 @@ def _time(fn, base, repeats):
   return stats.time_interleaved(fn, base, repeats=repeats, warmup=3, inner=INNER)
 
 
-def _sidco(dist, stages, packing):
-  return lambda cap, ratio: (lambda x: sp.sidco_compress(x, ratio, cap, dist, stages, packing=packing)[0])
+def _sidco(dist, stages, packing, stats=None):
+  """sidco_compress with ``packing``; ``stats`` ('pallas'/'xla') picks the statistics pass of the Pallas
+  path (module switch, applied while the function is traced)."""
+  def make(cap, ratio):
+    def f(x):
+      old = sp._PALLAS_STATS
+      sp._PALLAS_STATS = stats or old
+      try:
+        return sp.sidco_compress(x, ratio, cap, dist, stages, packing=packing)[0]
+      finally:
+        sp._PALLAS_STATS = old
+    return f
+  return make
 
 
 def device_table(sizes, ratio, bw, repeats, check=False):
   """Per-call device time (``device_loop``) of top_k, approx_max_k, DGC and SIDCo at each size, SIDCo-GP
-  on the new (Pallas) and the previous (XLA) packing; with ``check`` the two payloads are compared."""
+  on the new (Pallas) and the previous (XLA) path; with ``check`` the payloads are compared."""
   rows, checks = [], []
   for n in sizes:
     g = _gradient(n)
@@ -87,17 +98,29 @@ def device_table(sizes, ratio, bw, repeats, check=False):
         "lax.approx_max_k": lambda x: jax.lax.approx_max_k(jnp.abs(x), k),
         "DGC (1% sample)": lambda x: sp.compact(
             x, jnp.abs(x) >= sp.dgc_threshold(jax.random.PRNGKey(0), jnp.abs(x), ratio, 0.01), cap),
-        "SIDCo gpareto (1 stage), Pallas (new default on GPU)": _sidco("gpareto", 1, "pallas")(cap, ratio),
-        "SIDCo gpareto (1 stage), XLA (previous path)": _sidco("gpareto", 1, "xla")(cap, ratio),
+        "SIDCo gpareto (1 stage): Pallas stats + Pallas pack (default on GPU)":
+            _sidco("gpareto", 1, "pallas", "pallas")(cap, ratio),
+        "SIDCo gpareto (1 stage): XLA stats + Pallas pack": _sidco("gpareto", 1, "pallas", "xla")(cap, ratio),
+        "SIDCo gpareto (1 stage): XLA path (previous)": _sidco("gpareto", 1, "xla")(cap, ratio),
         "SIDCo exponential (3 stages), Pallas": _sidco("exponential", 3, "pallas")(cap, ratio),
         "SIDCo gamma (2 stages), Pallas": _sidco("gamma", 2, "pallas")(cap, ratio),
     }
     if check:
+      # (1) the packing alone, same threshold and block maxima: must be identical
+      t = jax.jit(lambda x: sp.sidco_threshold(jnp.abs(x), ratio, "gpareto", 1))(g)
+      bmax = jax.jit(sp._block_stats)(jnp.abs(g))[2]
+      pk = {p: jax.jit(lambda x, tt, m, p=p: sp.compact_above(x, tt, cap, m, packing=p))(g, t, bmax)
+            for p in ("pallas", "xla")}
+      same_pack = all(bool(jnp.array_equal(a, b)) for a, b in zip(pk["pallas"][0], pk["xla"][0]))
+      # (2) end to end (the Pallas statistics pass sums in another order: the threshold may differ in
+      # the last bits, which could move an entry lying exactly at it)
       new = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas"))(g)
       old = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla"))(g)
       same = all(bool(jnp.array_equal(a, b)) for a, b in zip(new[0], old[0]))
-      checks.append({"n": n, "payload_equal_pallas_vs_xla": same, "count": int(new[0].count),
-                     "n_above_pallas": int(new[1]), "n_above_xla": int(old[1])})
+      checks.append({"n": n, "pack_equal_pallas_vs_xla_same_t": same_pack,
+                     "sidco_compress_equal_pallas_vs_xla": same, "count": int(new[0].count),
+                     "overflow": bool(new[0].overflow), "n_above_pallas": int(new[1]),
+                     "n_above_xla": int(old[1])})
       print(checks[-1], flush=True)
     loops = {name: device_loop(fn) for name, fn in cases.items()}
     top = loops["lax.top_k"]
@@ -123,9 +146,11 @@ def check_pallas(ratio):
     x = x.at[::11].set(0.0)
     ref = jax.jit(sp.compact, static_argnums=2)(x, jnp.abs(x) > thr, cap)
     got, n_above = jax.jit(lambda v, t, c=cap: sp.compact_above(v, t, c, packing="pallas"))(x, thr)
+    _, n_above_xla = jax.jit(lambda v, t, c=cap: sp.compact_above(v, t, c, packing="xla"))(x, thr)
     total = int(jnp.sum(jnp.abs(x) > thr))
+    # n_above: same semantics as the XLA path (exact unless > capacity candidate blocks were cut off)
     ok = (int(got.count) == int(ref.count) and bool(got.overflow) == bool(ref.overflow)
-          and int(n_above) == total and bool(jnp.array_equal(got.indices, ref.indices))
+          and int(n_above) == int(n_above_xla) and bool(jnp.array_equal(got.indices, ref.indices))
           and bool(jnp.array_equal(got.values, ref.values)))
     s1, s2, bmax = jax.jit(pp.block_stats)(x)
     ok = ok and bool(jnp.array_equal(bmax, sp._block_stats(jnp.abs(x))[2]))
@@ -156,6 +181,7 @@ def kernel_profile(n, ratio, calls: int = 10):
   variants = {
       "xla": jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla")),
       "pallas": jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas")),
+      "pallas pack, xla stats": jax.jit(_sidco("gpareto", 1, "pallas", "xla")(cap, ratio)),
       "top_k": jax.jit(lambda x: jax.lax.top_k(jnp.abs(x), k)),
   }
   out = {}
@@ -259,6 +285,7 @@ def main():
     ap.add_argument("--phases", action="store_true", help="only the device-loop phase table at 25M")
     ap.add_argument("--check", action="store_true", help="verify the Pallas path on the device first")
     ap.add_argument("--name", default="sidco_compression", help="JSON file name (without .json)")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU times at 25M (jax.profiler)")
   args = parse_args(__doc__, extra)
   env = environment()
   sizes = [100_000, 1_000_000] if args.small else [1_000_000, 25_000_000, 100_000_000]
@@ -278,6 +305,8 @@ def main():
     print(f"\n{env}\ncopy bandwidth {bw / 1e12:.2f} TB/s; floor = 4 n bytes / bandwidth")
     print_table(prows, ["n", "phase", "device ms/call", "x floor"])
     return
+  if args.profile:
+    result["kernel_profile"] = kernel_profile(sizes[-2], ratio)
   drows, checks = device_table(sizes, ratio, bw, repeats, check=args.check)
   result.update(device_rows=drows, payload_checks=checks)
   write_json(args.out, args.name, result)
