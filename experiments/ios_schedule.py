@@ -8,7 +8,7 @@ are measured on the default device (GPU) with the differential-timing stage prof
 
   python experiments/ios_schedule.py                                  # small nets, analytical, CPU
   python experiments/ios_schedule.py --nets=inception_v3 --full       # full-size Inception-V3 graph
-  python experiments/ios_schedule.py --schedule_in=benchmarks/results/ios_schedule_inception_v3_float32_both.json \
+  python experiments/ios_schedule.py --schedule_in=benchmarks/results/ios_schedule_inception_v3_float32_merge_any_h100.json \
       --nets=inception_v3 --full                                      # reuse an H100 schedule, no search
 """
 
@@ -38,6 +38,8 @@ _RS_LARGE = flags.DEFINE_string("rs_large", "1,3", "r,s for RandWire and NasNet 
 _PART = flags.DEFINE_integer("part_size", 50, "Max units per DP part (paper: 50).")
 _PART_NAS = flags.DEFINE_integer("part_size_nasnet", 25, "Max units per DP part for NasNet (IOS cuts it "
                                  "into 25 parts at cell boundaries; parts of 50 take minutes of DP).")
+_MERGE_KERNELS = flags.DEFINE_enum("merge_kernels", "any", ["any", "same"],
+                                   "'same': merge only convs with equal kernel sizes.")
 _FULL = flags.DEFINE_bool("full", False, "Full-size nets (default: the small CPU configs).")
 _PROFILER = flags.DEFINE_enum("profiler", "analytical", ["analytical", "device"], "Stage cost model.")
 _SCHEDULE_IN = flags.DEFINE_string("schedule_in", "", "Apply this saved schedule JSON (no search).")
@@ -81,7 +83,8 @@ def main(_):
           f"(largest {out['graph']['largest_part']}); r={r} s={s_}", flush=True)
     for strat in _STRATS.value:
       t0 = time.perf_counter()
-      sc = sched.ios_schedule(f, x, r=r, s=s_, strategy=strat, profiler=cost, part_size=part)
+      sc = sched.ios_schedule(f, x, r=r, s=s_, strategy=strat, profiler=cost, part_size=part,
+                              merge_kernels=_MERGE_KERNELS.value)
       dt = time.perf_counter() - t0
       x2 = jax.random.normal(jax.random.PRNGKey(7), shape)
       diff = float(jnp.max(jnp.abs(sc(x2) - jax.jit(model.apply)(params, x2))))

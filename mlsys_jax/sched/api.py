@@ -254,7 +254,7 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
                  strategy: str = "both", part_size: int = 50, emission: str = "cuda_graph",
                  static_argnums: Sequence[int] = (), allow_opaque: bool = True,
                  prefetch: bool = True, merge_kernels: str = "any", kernel_layout: str = "auto",
-                 keep_alive: bool = False, fuse_epilogue: bool = True,
+                 keep_alive: bool = True, fuse_epilogue: bool = True,
                  embed_consts: bool = True, verbose: bool = False) -> Schedule:
   """Search an IOS schedule for ``fn`` and return it (callable).
 
@@ -280,7 +280,8 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       (see ``graph.relayout_conv_kernels``).
     keep_alive: keep every intermediate live to the end of the program (no buffer reuse, so no false
       dependencies between independent operators in CONCURRENT CUDA graphs; see
-      ``emit.keep_alive_term``).
+      ``emit.keep_alive_term``). Costs the memory of all activations at once (tens of MB for
+      Inception-V3 at batch 1); measured 1.34x (f32) / 1.21x (bf16) on Inception-V3 by itself.
     fuse_epilogue: apply the (identical) epilogues of merged convs once on the merged output, before
       the channel slices, so XLA keeps cuDNN's fused conv+bias+activation.
     embed_consts: compile the weights (and merged kernels) into the program as constants (True) or
