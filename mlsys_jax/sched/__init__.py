@@ -6,6 +6,7 @@ Public API:
   sequential_schedule(graph) -> [Stage]  the baseline: one unit per stage
   AnalyticalCost, StageProfiler          stage cost models (roofline; on-device differential timing)
   build_graph, Graph, Unit               jaxpr -> unit DAG with blocks/parts
+  relayout_conv_kernels                  conv kernels stored in the layout the GPU conv reads
   ios_dp, Stage                          the dynamic program over ending sets
   compiler_options, stream_call, stream_call_available, merge_key   emission helpers
 """
@@ -15,8 +16,8 @@ from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler
 from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.emit import (CUDA_GRAPH_OPTIONS, compiler_options, merge_key, stream_call,
                                   stream_call_available)
-from mlsys_jax.sched.graph import Graph, Unit, build_graph
+from mlsys_jax.sched.graph import Graph, Unit, build_graph, relayout_conv_kernels
 
 __all__ = ["ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
            "Stage", "ios_dp", "CUDA_GRAPH_OPTIONS", "compiler_options", "merge_key", "stream_call",
-           "stream_call_available", "Graph", "Unit", "build_graph"]
+           "stream_call_available", "Graph", "Unit", "build_graph", "relayout_conv_kernels"]
