@@ -409,7 +409,11 @@ def test_keep_alive_term_is_exact_zero_and_schedule_matches(block):
           jnp.array([7], jnp.int32), jnp.array([2.0], jnp.bfloat16)]
   t = emit.keep_alive_term(vals)
   assert t.dtype == jnp.float32 and float(t) == 0.0
-  assert float(jnp.array(-0.0) + t) == 0.0 and bool(jnp.isnan(jnp.array(jnp.nan) + t))
+  assert not bool(jnp.signbit(t))
+  for v in (-0.0, 0.0, jnp.inf, -jnp.inf, 1e-30, -2.5):  # out - term is out, bit for bit
+    got = jnp.array(v, jnp.float32) - t
+    assert np.asarray(got).tobytes() == np.asarray(jnp.array(v, jnp.float32)).tobytes()
+  assert bool(jnp.isnan(jnp.array(jnp.nan) - t))
   f, x = block
   s = sched.ios_schedule(f, x, strategy="merge", keep_alive=True)
   assert s.info["keep_alive"]

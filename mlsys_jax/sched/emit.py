@@ -407,8 +407,8 @@ def keep_alive_term(vals: list):
   reuse their memory for later values. On GPU with CONCURRENT command buffers, whose DAG edges come
   from buffer conflicts, reuse adds false write-after-read edges between independent branches; with
   every intermediate kept live only true data dependencies remain. ``min(|v|, 1)`` on finite
-  elements bounds the sum, so ``0 * sum`` is exactly zero and ``out + term`` equals ``out`` for every
-  ``out`` (NaN and inf included)."""
+  elements bounds the sum, so ``0 * sum`` is exactly +0 and ``out - term`` equals ``out`` bit for bit
+  for every ``out`` (NaN, inf and -0 included; ``out + term`` would turn -0 into +0)."""
   acc = None
   for v in vals:
     x = lax.convert_element_type(lax.reshape(lax.slice(v, (0,) * v.ndim, (1,) * v.ndim), ()),
@@ -442,7 +442,7 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
       if term is not None:
         for i, o in enumerate(outs):
           if hasattr(o, "dtype") and jnp.issubdtype(o.dtype, jnp.floating) and o.size > 0:
-            outs[i] = lax.add(o, lax.convert_element_type(term, o.dtype))
+            outs[i] = lax.sub(o, lax.convert_element_type(term, o.dtype))
             break
     return jax.tree_util.tree_unflatten(g.out_tree, outs)
 
