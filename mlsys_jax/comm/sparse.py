@@ -27,7 +27,11 @@ squares and maxima; the sums give the first-stage fit, each later stage costs on
 exceedances, and the block maxima tell :func:`compact_above` which blocks can hold a selected entry, so
 packing gathers only those (at most ``capacity`` blocks) instead of a second pass over the gradient.
 Compaction uses block counts, a prefix sum and a search per output slot (no sort, no scatter over all
-elements). The gamma quantile is loop-free (closed-form start, Newton steps on a fixed-term incomplete
+elements). On GPU (``packing='auto'``) the statistics pass and the packing are Pallas Triton kernels
+(:mod:`mlsys_jax.comm._pallas_pack`): list the candidate blocks, count the selected entries per group of
+candidate blocks, write them at in-kernel offsets; same payload, deterministic. On an H100 this selects and
+packs 25M float32 at ratio 0.001 in 0.086 ms (1.9x the copy-bandwidth floor, 12x faster than
+``lax.top_k``; the XLA path: 0.156 ms). The gamma quantile is loop-free (closed-form start, Newton steps on a fixed-term incomplete
 gamma), so no estimator runs device-side loops unless the stage count is traced (adaptive).
 
 Collectives: with ``axis_name`` the transforms run inside ``pmap``/``shard_map``; every device all-gathers
