@@ -7,7 +7,8 @@ SIDCo-GP (statistics pass, threshold fit, candidate-block prefix sum, pack) and 
 ``--phases`` times, inside the device loop at 25M, each phase of SIDCo-GP on both paths (statistics pass,
 threshold fit, packing given the threshold and block maxima) plus kernel tile-size variants; ``--check``
 first verifies the Pallas path against ``compact`` on the device (ragged sizes, overflow, negative and
-zero thresholds, vmap) and the new path's payload against the XLA path's at every size.
+zero thresholds, vmap) and the new path's payload against the XLA path's at every size. ``--profile``
+adds per-kernel GPU times at 25M from a ``jax.profiler`` trace (SIDCo-GP on each path, top_k).
 
 Every time is the median over interleaved rounds (``stats.time_interleaved``) of 10 back-to-back calls,
 so that Python dispatch is amortised the way it is in a training step. The first table (``device_loop``)
@@ -15,8 +16,9 @@ runs each method 20 times inside one jitted loop instead: the device time per ca
 which is what compression costs inside a jitted training step (``--device_only`` prints only it).
 
   PYTHONPATH=. python benchmarks/sidco_compression.py --out $OUT
-  PYTHONPATH=. python benchmarks/sidco_compression.py --device_only --check --name sidco_pallas --out $OUT
-  PYTHONPATH=. python benchmarks/sidco_compression.py --phases --check --out $OUT
+  PYTHONPATH=. python benchmarks/sidco_compression.py --device_only --check --profile \
+      --name sidco_compression_pallas --out $OUT      # benchmarks/results/sidco_compression_pallas.json
+  PYTHONPATH=. python benchmarks/sidco_compression.py --phases --check --name sidco_phases --out $OUT
 """
 
 from __future__ import annotations
@@ -384,13 +386,13 @@ def main():
     prow.append({"n": f"{n / 1e6:g}M", "phase": name, "ms": f"{tm.median_a * 1e3:.4f}",
                  "x floor": f"{tm.median_a / floor:.2f}"})
     print(prow[-1], flush=True)
-  # Packing method and block size of the statistics / candidate blocks.
+  # Packing method and block size of the statistics / candidate blocks (XLA path).
   for method, blk in (("search", 64), ("scatter", 64), ("search", 128)):
     old_blk, old_method = sp._BLOCK, sp._PACK_METHOD
     sp._BLOCK, sp._PACK_METHOD = blk, method
     try:
-      fn = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1)[0])
-      pk = jax.jit(lambda x, tt: sp.compact_above(x, tt, cap)[0])
+      fn = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla")[0])
+      pk = jax.jit(lambda x, tt: sp.compact_above(x, tt, cap, packing="xla")[0])
       tm = _time(lambda: fn(g), lambda: top(g), repeats)
       tp = _time(lambda: pk(g, t), lambda: top(g), repeats)
       cnt = int(fn(g).count)
