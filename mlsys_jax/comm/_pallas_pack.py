@@ -1,23 +1,22 @@
 """Pallas (Triton backend) kernels for SIDCo's select-and-pack: block statistics and candidate packing.
 
 Used by :func:`mlsys_jax.comm.sparse.compact_above` / :func:`~mlsys_jax.comm.sparse.sidco_compress` with
-``packing='pallas'`` (the default on GPU). Three launches replace the XLA path's chain of prefix sums,
-binary searches and gathers:
+``packing='pallas'`` (the default on GPU), in place of the XLA path's chain of prefix sums, binary
+searches and gathers (about 25 kernels):
 
-1. ``block_stats``: one read of ``x``; per tile the float32 sum and sum of squares of ``|x|``, per block
-   of 64 entries the maximum of ``|x|`` (what the SIDCo fit and the packing need).
-2. ``_count``: per tile of ``tile_blocks`` blocks, the number of entries with ``|x| > t``. Only blocks
-   whose maximum exceeds ``t`` are loaded (masked lanes fetch no memory), so at ratio 0.001 about 6% of
-   ``x`` is read.
-3. an exclusive prefix sum over the tile counts (XLA, n / 4096 numbers), then ``_write``: each tile
-   reloads its candidate blocks and stores value and index of its ``r``-th selected entry at payload slot
-   ``tile_offset + r`` (rank from an in-tile prefix sum in index order).
+1. :func:`block_stats`: one read of ``x``; per tile the float32 sum and sum of squares of ``|x|``, per
+   block of 64 entries the maximum of ``|x|`` (what the SIDCo fit and the packing need).
+2. :func:`pack_above`, given the threshold ``t``: count the candidate blocks (maximum > t) per tile of
+   block maxima; list them in index order (each tile writes at the sum of the earlier tiles' counts, read
+   in-kernel); count the selected entries per group of 64 listed blocks (masked loads of those blocks
+   only: about 6% of ``x`` at ratio 0.001); each group writes value and index of its entries at its
+   offset plus their rank (prefix sums along and across block rows) into a zero-initialised payload.
 
-The payload is therefore identical to ``compact(x, abs(x) > t, capacity)``: same order (ascending index),
-the first ``capacity`` selected entries, zeros in unused slots, ``count = min(total, capacity)``,
-``overflow = total > capacity``. Deterministic (no atomics). ``n_above`` (the total) is exact.
+The payload is identical to ``compact(x, abs(x) > t, capacity)``: ascending index, the first ``capacity``
+selected entries, zeros in unused slots. Deterministic (no atomics). On an H100 (jax 0.11.2) at 25M float32,
+ratio 0.001: statistics 36 us, packing ~18 us of kernel time (benchmarks/sidco_compression.py --profile).
 
-Off GPU the same kernels run with ``interpret=True`` (for tests; slow).
+Off GPU the same kernels run in Pallas' interpreter (``interpret=True``; for tests, slow).
 """
 
 from __future__ import annotations

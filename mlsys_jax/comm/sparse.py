@@ -261,10 +261,10 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
     ``min(n / 64, capacity)`` candidate blocks (a block with a candidate holds at least one selected
     entry, so more candidates than that means overflow), a gather of those blocks and :func:`compact`
     on them. Runs on every backend.
-  - ``'pallas'``: two Triton kernels (:mod:`mlsys_jax.comm._pallas_pack`): count the selected entries per
-    tile of 4096 reading only candidate blocks (masked loads), an exclusive prefix sum over the tile
-    counts, then each tile writes its entries at its offset. Off GPU it runs in Pallas interpret mode
-    (slow; for tests).
+  - ``'pallas'``: Triton kernels (:mod:`mlsys_jax.comm._pallas_pack`): list the candidate blocks in
+    order, count the selected entries per group of candidate blocks (masked loads of those blocks only),
+    then each group writes its entries at its in-kernel offset. Same truncation as ``'xla'``. Off GPU it
+    runs in Pallas interpret mode (slow; for tests).
   - ``'auto'`` (default): ``'pallas'`` on GPU, ``'xla'`` elsewhere.
 
   Both give the same payload; deterministic.
@@ -277,9 +277,8 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
     packing: ``'auto'``, ``'xla'`` or ``'pallas'``.
 
   Returns:
-    ``(payload, n_above)``: ``n_above`` is the number of selected entries; exact, except on the ``'xla'``
-    path when the payload overflowed with more than ``capacity`` candidate blocks, where it is a lower
-    bound (>= capacity + 1).
+    ``(payload, n_above)``: ``n_above`` is the number of selected entries; exact unless the payload
+    overflowed with more than ``capacity`` candidate blocks, where it is a lower bound (>= capacity + 1).
 
   Example:
     >>> p, n_above = compact_above(jnp.array([0.1, -3.0, 0.2, 5.0]), 1.0, 4)   # indices [1, 3, ...]
