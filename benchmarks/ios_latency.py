@@ -5,12 +5,14 @@ this GPU with the stage profiler), search time cold and warm, and the roofline f
   PYTHONPATH=. python3 benchmarks/ios_latency.py --nets inception_v3 --out $OUT     # GPU
   PYTHONPATH=. python3 benchmarks/ios_latency.py --small                           # CPU smoke test
 
-On the GPU, IOS programs and their stage profiles are compiled with the schedule's emission options
-(command buffers incl. convolutions + CONCURRENT) plus ``xla_gpu_experimental_enable_conv_fusion``
-(``--conv_fusion 1``, default): without it every depthwise conv of an executable builds a
-runtime-compiled cuDNN plan on its first call (~0.25 s each, see benchmarks/ios_compile_probe.py), which
-makes profiling RandWire/NasNet stages take many minutes. The XLA baselines include the same option
-(``*_convfusion`` configs) next to the configurations without it, so "best XLA" is the best of both.
+On the GPU the stage profiler compiles stages with the emission's options (command buffers incl.
+convolutions + CONCURRENT) plus ``xla_gpu_experimental_enable_conv_fusion`` (``--conv_fusion 1``,
+default): without it every depthwise conv of an executable builds a runtime-compiled cuDNN plan on its
+first call (~0.25 s each, see benchmarks/ios_compile_probe.py), so profiling the hundreds of RandWire /
+NasNet-A stages would take many minutes. The IOS programs are then compiled both with the emission's
+options alone (``ios_merge``, ``ios_both``: the same options as the XLA baseline
+``cmdbuf_conv_concurrent``) and with conv fusion too (``ios_*_cf``, as ``*_convfusion``); "best XLA" is
+the best of all XLA configurations timed.
 The JSON is rewritten after every compiled variant (a time-out keeps what was measured).
 
 All variants are timed interleaved in one loop (median of rounds; each round ``number`` back-to-back
@@ -34,7 +36,7 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.common import environment, print_table  # noqa: E402
 from mlsys_jax import sched  # noqa: E402
 from mlsys_jax.models import ios_benchmark_nets, ios_init_params  # noqa: E402
 from mlsys_jax.sched.cost import time_calls  # noqa: E402
@@ -64,6 +66,41 @@ def ios_compiled(sc, x, extra_options):
   return f.lower(consts, x).compile(), consts
 
 
+class SplitPrefetchProfiler(sched.StageProfiler):
+  """``StageProfiler`` whose prefetch compiles every missing stage in threads *first* and times them
+  only after all compiles finished. The committed prefetch times early stages while later ones still
+  compile; with conv fusion the first execution of a stage deserializes cuDNN graphs, which failed on the
+  H100 with "capturing stream has unjoined work" while other threads were compiling (autotuning)."""
+
+  def prefetch(self, g, stages, threads: int = 8) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+    todo, seen = [], set()
+    for st in stages:
+      for sub in self.expand(st):
+        if len(sub.units) > 1 and any(g.units[u].opaque for u in sub.units):
+          continue
+        alias = self.cache.get(self._alias(g, sub))
+        if alias is not None and alias in self.cache:
+          self._memo[(self._gid(g), sub)] = alias
+          continue
+        key, prog = self._key(g, sub)
+        self._memo[(self._gid(g), sub)] = key
+        self.cache[self._alias(g, sub)] = key
+        if key in self.cache or key in seen:
+          continue
+        seen.add(key)
+        todo.append((key, prog))
+    if not todo:
+      return 0
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+      compiled = list(ex.map(lambda kp: (kp[0], self._compile(kp[1])), todo))
+    for key, comp in compiled:
+      self.misses += 1
+      self._time(key, comp)
+    self.save()
+    return len(todo)
+
+
 def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
   """One (net, dtype) row; ``flush(row)`` is called after every variant so a time-out keeps data."""
   dn = jnp.dtype(dtype).name
@@ -73,7 +110,12 @@ def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
   f_closed = lambda x: model.apply(params, x)
   row = {"net": name, "dtype": dn, "commit": args.commit}
   extra = dict(CONV_FUSION_OPTIONS) if (args.conv_fusion and on_gpu) else {}
-  row["ios_extra_options"] = extra
+  row["profile_extra_options"] = extra
+  # IOS program options: the emission's own (cc: suffix ""), and the same plus conv fusion ("_cf")
+  wanted = (args.ios_variants or "cc,cf").split(",")
+  emit_variants = {"": {}} if "cc" in wanted else {}
+  if extra and "cf" in wanted:
+    emit_variants["_cf"] = extra
   fns, outs = {}, {}
 
   def add(key, comp, fargs, t_compile):
@@ -98,6 +140,20 @@ def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
       flush(row)
       continue
     add(cname, c, (params, x), time.perf_counter() - t0)
+  # the same configurations with the weights closed over (constants in the HLO, as the IOS program
+  # embeds them): no per-call conv-kernel transposes (see /work/notes/ios_requests.md)
+  for cname in [c for c in args.const_configs.split(",") if c in XLA_CONFIGS]:
+    opts = XLA_CONFIGS[cname]
+    if not on_gpu and opts:
+      continue
+    t0 = time.perf_counter()
+    try:
+      c = jax.jit(f_closed, compiler_options=opts or None).lower(x).compile()
+    except Exception as e:  # noqa: BLE001
+      row[f"err_{cname}_const"] = str(e)[:300]
+      flush(row)
+      continue
+    add(f"{cname}_const", c, (x,), time.perf_counter() - t0)
   if fns:  # baseline-only timing first: kept even if the IOS part runs out of time
     _time_into(row, fns, args.number, max(3, args.repeat // 2), prefix="pre_")
     flush(row)
@@ -112,7 +168,7 @@ def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
   def profiler():
     if not on_gpu or args.analytical:
       return sched.AnalyticalCost()
-    prof = sched.StageProfiler(mode=mode, cache_path=cache_path, s=s, parallel="sum", k=args.k)
+    prof = SplitPrefetchProfiler(mode=mode, cache_path=cache_path, s=s, parallel="sum", k=args.k)
     prof.options = {**prof.options, **extra}  # stages measured as the final program compiles them
     return prof
 
@@ -151,20 +207,21 @@ def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
     schedules["both_streams"] = sched.Schedule(b.graph, b.stages, b.stage_latency, "streams",
                                                b.search_s, dict(b.info))
   ref_key = "jit" if "jit" in outs else next(iter(outs), None)
-  same_key = next((k for k in ("cmdbuf_conv_concurrent_convfusion" if extra else
-                               "cmdbuf_conv_concurrent",) if k in outs), ref_key)
-  for k, sc in schedules.items():
-    t0 = time.perf_counter()
-    try:
-      comp, consts = ios_compiled(sc, x, extra)
-    except Exception as e:  # noqa: BLE001
-      row[f"err_ios_{k}"] = str(e)[:300]
-      flush(row)
-      continue
-    add(f"ios_{k}", comp, (consts, x), time.perf_counter() - t0)
-    if ref_key is not None:  # vs plain jit, and vs the XLA config with the same options
-      row[f"relerr_ios_{k}_vs_{ref_key}"] = relerr(outs[f"ios_{k}"], outs[ref_key])
-      row[f"relerr_ios_{k}_vs_{same_key}"] = relerr(outs[f"ios_{k}"], outs[same_key])
+  for suffix, eopts in sorted(emit_variants.items(), key=lambda kv: -len(kv[0])):  # cheap first
+    for k0, sc in schedules.items():
+      k = k0 + suffix
+      t0 = time.perf_counter()
+      try:
+        comp, consts = ios_compiled(sc, x, eopts)
+      except Exception as e:  # noqa: BLE001
+        row[f"err_ios_{k}"] = str(e)[:300]
+        flush(row)
+        continue
+      add(f"ios_{k}", comp, (consts, x), time.perf_counter() - t0)
+      same = "cmdbuf_conv_concurrent" + ("_convfusion" if suffix else "")
+      for rk in {ref_key, same}:  # vs plain jit, and vs the XLA config with the same options
+        if rk in outs:
+          row[f"relerr_ios_{k}_vs_{rk}"] = relerr(outs[f"ios_{k}"], outs[rk])
   for k in outs:
     if not k.startswith("ios_") and ref_key is not None and k != ref_key:
       row[f"relerr_{k}_vs_{ref_key}"] = relerr(outs[k], outs[ref_key])
@@ -219,12 +276,14 @@ def main():
   ap.add_argument("--nets", default="inception_v3,squeezenet,randwire,nasnet")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--strategies", default="merge,both")
-  ap.add_argument("--configs", default="jit,cmdbuf_conv_concurrent,convfusion,"
-                  "cmdbuf_conv_concurrent_convfusion,cmdbuf_conv_concurrent_lhs_convfusion",
+  ap.add_argument("--configs", default="jit,cmdbuf_conv_concurrent,cmdbuf_conv_concurrent_convfusion",
                   help="XLA configurations of the unscheduled net (names of XLA_CONFIGS)")
+  ap.add_argument("--const_configs", default="cmdbuf_conv_concurrent,cmdbuf_conv_concurrent_convfusion",
+                  help="XLA configurations also timed with the weights closed over (name_const)")
   ap.add_argument("--conv_fusion", type=int, default=1,
-                  help="1: IOS programs and stage profiles compiled with "
-                       "xla_gpu_experimental_enable_conv_fusion (as the *_convfusion baselines)")
+                  help="1: stage profiles compiled with xla_gpu_experimental_enable_conv_fusion, and "
+                       "the IOS programs emitted both without (ios_*) and with it (ios_*_cf)")
+  ap.add_argument("--ios_variants", default="", help="subset of cc,cf (IOS program options; all)")
   ap.add_argument("--lhs", action="store_true", help="also time the IOS programs with the LHS")
   ap.add_argument("--streams", action="store_true", help="also emit IOS-Both with stream annotations")
   ap.add_argument("--analytical", action="store_true", help="search with the analytical cost model")
