@@ -463,3 +463,31 @@ def test_dp_all_inf_cost_and_scoped_recursion_limit():
                          r=1, s=1)
   assert len(stages) == n and total == n
   assert sys.getrecursionlimit() == before
+
+
+def test_compiler_options_reach_profiler_program_and_json(block, monkeypatch):
+  """Extra XLA options go into the stage profiler's options and cache keys, the program's compile, and
+  the saved schedule; prefetch compiles every stage before timing any (no compile while stages run)."""
+  f, x = block
+  opts = {"xla_gpu_experimental_enable_conv_fusion": True}
+  prof = sched.StageProfiler(mode="plain", k=2, number=1, repeat=1, warmup=0, compiler_options=opts)
+  assert prof.options["xla_gpu_experimental_enable_conv_fusion"] is True
+  events = []
+  comp, tim = prof._compile, prof._time
+  monkeypatch.setattr(prof, "_compile", lambda p: (events.append("c"), comp(p))[1])
+  monkeypatch.setattr(prof, "_time", lambda k, c: (events.append("t"), tim(k, c))[1])
+  s = sched.ios_schedule(f, x, profiler=prof, strategy="merge", r=2, s=2, compiler_options=opts)
+  assert "t" in events and "c" not in events[events.index("t"):]
+  assert s.info["compiler_options"] == opts
+  seen = {}
+  real_jit = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda fn, **kw: (seen.update(kw), real_jit(fn, **kw))[1])
+  assert _relerr(s(x), f(x)) < 1e-5
+  assert seen["compiler_options"]["xla_gpu_experimental_enable_conv_fusion"] is True
+  monkeypatch.setattr(jax, "jit", real_jit)
+  s2 = sched.Schedule.from_json(s.to_json(), f, x)
+  assert s2.info["compiler_options"] == opts
+  with pytest.raises(TypeError, match="compiler_options"):
+    sched.ios_schedule(f, x, compiler_options={"xla_gpu_foo": [1]})
+  with pytest.raises(TypeError, match="compiler_options"):
+    sched.ios_schedule(f, x, compiler_options=["xla_gpu_foo"])

@@ -100,7 +100,8 @@ class Schedule:
         next_id += 1
       run = emit.make_program(self.graph, self.stages, self.emission, merges_ids,
                               keep_alive=self.info.get("keep_alive", False))
-      opts = emit.compiler_options(self.emission, self.info.get("s", 8))
+      opts = {**emit.compiler_options(self.emission, self.info.get("s", 8)),
+              **self.info.get("compiler_options", {})}
       if self.info.get("embed_consts", True):
         # weights as compile-time constants, as XLA sees them in ``jax.jit(lambda x: f(w, x))``: no
         # per-call argument handling for ~200 weight arrays (~0.1-0.3 ms of host time per call at
@@ -250,12 +251,26 @@ def sequential_schedule(g: Graph) -> list:
   return [Stage("parallel", ((u,),)) for u in range(len(g.units))]
 
 
+def _check_compiler_options(options) -> dict:
+  if options is None:
+    return {}
+  if not isinstance(options, dict):
+    raise TypeError(f"compiler_options must be a dict of XLA option names to values, got "
+                    f"{type(options).__name__}")
+  for k, v in options.items():
+    if not isinstance(k, str) or not isinstance(v, (bool, int, float, str)):
+      raise TypeError(f"compiler_options entry {k!r}: {v!r} must map a str to a bool, int, float or "
+                      "str (as jax.jit(..., compiler_options=...) takes them)")
+  return dict(options)
+
+
 def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: Any = None,
                  strategy: str = "both", part_size: int = 50, emission: str = "cuda_graph",
                  static_argnums: Sequence[int] = (), allow_opaque: bool = True,
                  prefetch: bool = True, merge_kernels: str = "any", kernel_layout: str = "auto",
                  keep_alive: bool = True, fuse_epilogue: bool = True,
-                 embed_consts: bool = True, verbose: bool = False) -> Schedule:
+                 embed_consts: bool = True, compiler_options: Optional[dict] = None,
+                 verbose: bool = False) -> Schedule:
   """Search an IOS schedule for ``fn`` and return it (callable).
 
   Args:
@@ -286,6 +301,10 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       the channel slices, so XLA keeps cuDNN's fused conv+bias+activation.
     embed_consts: compile the weights (and merged kernels) into the program as constants (True) or
       pass them as arguments on every call (False).
+    compiler_options: extra XLA options for the scheduled program, on top of the emission's (e.g.
+      ``{"xla_gpu_experimental_enable_conv_fusion": True}``, which makes the first call of programs with
+      hundreds of depthwise convs fast); the default ``StageProfiler`` compiles stages with them too, and
+      they are saved with the schedule. Values must be bool, int, float or str.
 
   Returns:
     a ``Schedule``; ``sched(*dynamic_args)`` runs it.
@@ -299,12 +318,14 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   if emission == "streams" and not emit.stream_call_available():
     raise ValueError("emission='streams' needs jax.experimental.compute_on's function form "
                      "(jax >= 0.8); use emission='cuda_graph'")
+  compiler_options = _check_compiler_options(compiler_options)
   t0 = time.perf_counter()
   bound, dyn = _bind_static(fn, example_args, static_argnums)
   g = relayout_conv_kernels(build_graph(bound, *dyn, part_size=part_size, allow_opaque=allow_opaque),
                             kernel_layout)
   if profiler is None:
-    profiler = StageProfiler(mode=emission, s=s) if jax.default_backend() == "gpu" else AnalyticalCost()
+    profiler = (StageProfiler(mode=emission, s=s, compiler_options=compiler_options)
+                if jax.default_backend() == "gpu" else AnalyticalCost())
   same = merge_kernels == "same"
   mk = (lambda u: emit.merge_key(g, u, same)) if strategy in ("both", "merge") else None
   succ = {u.idx: u.succs for u in g.units}
@@ -338,7 +359,8 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   info = {"r": r, "s": s, "strategy": strategy, "graph": summarize_graph(g),
           "profiler": type(profiler).__name__, "merge_kernels": merge_kernels,
           "kernel_layout": kernel_layout, "keep_alive": bool(keep_alive),
-          "fuse_epilogue": bool(fuse_epilogue), "embed_consts": bool(embed_consts)}
+          "fuse_epilogue": bool(fuse_epilogue), "embed_consts": bool(embed_consts),
+          "compiler_options": compiler_options}
   for k in ("hits", "misses", "compile_s"):
     if hasattr(profiler, k):
       info[f"profiler_{k}"] = getattr(profiler, k)

@@ -133,10 +133,13 @@ class StageProfiler:
       emission XLA already overlaps independent kernels, whatever the stage grouping). Merge stages and
       single groups are always measured.
     s: the number of streams used for the 'streams' XLA options.
+    compiler_options: extra XLA options on top of the emission's (part of every cache key); pass the
+      same ones as ``ios_schedule(..., compiler_options=...)``.
   """
 
   def __init__(self, mode: str = "cuda_graph", k: int = 5, number: int = 20, repeat: int = 5,
-               warmup: int = 2, cache_path: Optional[str] = None, parallel: str = "sum", s: int = 8):
+               warmup: int = 2, cache_path: Optional[str] = None, parallel: str = "sum", s: int = 8,
+               compiler_options: Optional[dict] = None):
     if k < 2:
       raise ValueError(f"k must be >= 2 for differential timing, got {k}")
     if parallel not in ("measure", "sum"):
@@ -156,7 +159,7 @@ class StageProfiler:
         self.cache = json.load(fh)
     dev = jax.devices()[0]
     self.device = getattr(dev, "device_kind", dev.platform)
-    self.options = emit.compiler_options(mode, s)
+    self.options = {**emit.compiler_options(mode, s), **(compiler_options or {})}
 
   def save(self) -> None:
     if self.cache_path:
@@ -251,8 +254,12 @@ class StageProfiler:
     return [st]
 
   def prefetch(self, g: Graph, stages, threads: int = 8) -> int:
-    """Compile the not-yet-cached stages in a thread pool (XLA compiles in parallel), then time them
-    one by one. Returns the number measured."""
+    """Compile the not-yet-cached stages in a thread pool (XLA compiles in parallel), then, once every
+    compile has finished, time them one by one. Returns the number measured.
+
+    Timing only after all compiles matters on GPU: the first execution of a stage may capture cuDNN
+    graphs into a CUDA graph, which failed on an H100 ("capturing stream has unjoined work") while other
+    threads were still compiling and autotuning."""
     from concurrent.futures import ThreadPoolExecutor
     todo, seen = [], set()
     for st in stages:
@@ -273,9 +280,9 @@ class StageProfiler:
     if not todo:
       return 0
     with ThreadPoolExecutor(max(1, threads)) as ex:
-      futs = [(key, ex.submit(self._compile, prog)) for key, prog in todo]
-      for key, fut in futs:
-        self.misses += 1
-        self._time(key, fut.result())
+      compiled = list(ex.map(lambda kp: (kp[0], self._compile(kp[1])), todo))
+    for key, comp in compiled:  # no compile runs while stages execute
+      self.misses += 1
+      self._time(key, comp)
     self.save()
     return len(todo)
