@@ -222,6 +222,20 @@ def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
       for rk in {ref_key, same}:  # vs plain jit, and vs the XLA config with the same options
         if rk in outs:
           row[f"relerr_ios_{k}_vs_{rk}"] = relerr(outs[f"ios_{k}"], outs[rk])
+  if args.precision_check and schedules:
+    # default precision lets cuDNN use TF32 for float32 convs, so two programs that pick different conv
+    # algorithms differ at TF32 rounding (~1e-4); with every conv at HIGHEST precision the scheduled
+    # program must match the original to float32 rounding
+    with jax.default_matmul_precision("highest"):
+      ref_hi = jax.jit(f_closed, compiler_options=extra or None).lower(x).compile()(x)
+      for k0, sc in schedules.items():
+        comp, consts = ios_compiled(sc, x, extra)
+        row[f"relerr_highest_ios_{k0}_vs_jit_highest"] = relerr(comp(consts, x), ref_hi)
+    if ref_key in outs:
+      row[f"relerr_{ref_key}_default_vs_jit_highest"] = relerr(outs[ref_key], ref_hi)
+    log(f"{name} {dn}: precision check " + ", ".join(f"{k}={v:.2e}" for k, v in row.items()
+                                                     if k.startswith("relerr_") and "highest" in k))
+    flush(row)
   for k in outs:
     if not k.startswith("ios_") and ref_key is not None and k != ref_key:
       row[f"relerr_{k}_vs_{ref_key}"] = relerr(outs[k], outs[ref_key])
@@ -299,6 +313,8 @@ def main():
                   help="skip the remaining (net, dtype) pairs once this much wall time has passed")
   ap.add_argument("--commit", default=os.environ.get("IOS_COMMIT", ""), help="recorded in the JSON")
   ap.add_argument("--name", default="ios_latency", help="JSON file name (without .json)")
+  ap.add_argument("--precision_check", action="store_true",
+                  help="also compare IOS programs with the original, both with every conv at HIGHEST precision")
   ap.add_argument("--cache", default=None, help="stage-latency cache JSON (default: $OUT/ios_cache.json)")
   args = ap.parse_args()
   args.out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
