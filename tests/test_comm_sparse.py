@@ -313,3 +313,30 @@ def test_sidco_compress_pallas_equals_xla_path_and_vmaps():
   assert 0 < int(jnp.sum(out["w"] != 0)) <= 100
   with pytest.raises(ValueError, match="packing"):
     sp.compact_above(x[0], 1.0, 10, packing="cuda")
+
+
+def test_compact_above_nan_block_keeps_its_selected_entries():
+  # a NaN is never selected (|NaN| > t is false), but the finite entries above t in its 64-block are:
+  # the block maximum must ignore the NaN, as the Pallas statistics kernel does
+  x = _heavy(300, seed=11).at[5].set(jnp.nan).at[70].set(jnp.inf).at[200].set(jnp.nan)
+  ref = jax.jit(sp.compact, static_argnums=2)(x, jnp.abs(x) > 1.0, 200)
+  for packing in ("xla", "pallas"):
+    got, n_above = jax.jit(lambda v, p=packing: sp.compact_above(v, 1.0, 200, packing=p))(x)
+    for a, b in zip(got, ref):
+      np.testing.assert_array_equal(a, b)
+    assert int(n_above) == int(jnp.sum(jnp.abs(x) > 1.0))
+  # sidco_compress on the XLA path (later stages give a finite threshold despite the NaN) counts every
+  # entry above it, as the Pallas path does
+  y = _heavy(3000, seed=1).at[5].set(jnp.nan)
+  n, want = jax.jit(lambda v: (sp.sidco_compress(v, 0.01, 60, "gpareto", 3, packing="xla")[1], jnp.sum(
+      jnp.abs(v) > sp._threshold_from_sums(jnp.abs(v), jnp.nan, jnp.nan, 0.01, "gpareto", 3, 0.25))))(y)
+  assert int(n) == int(want)
+
+
+def test_compact_above_capacity_must_be_positive():
+  x = _heavy(100, seed=2)
+  for packing in ("xla", "pallas"):
+    with pytest.raises(ValueError, match="capacity"):
+      sp.compact_above(x, 1.0, 0, packing=packing)
+    with pytest.raises(ValueError, match="capacity"):
+      sp.sidco_compress(x, 0.01, 0, packing=packing)

@@ -152,13 +152,15 @@ def allgather_mean(payload: SparsePayload, size: int, axis_name: str, dtype=None
 def _block_stats(a: jax.Array):
   """Per-block sum, sum of squares and maximum of a 1-D non-negative ``a`` (blocks of 64, zero padded).
 
-  One variadic reduction: the three statistics come out of a single read of ``a`` (float32 sums).
+  One variadic reduction: the three statistics come out of a single read of ``a`` (float32 sums). The
+  maximum ignores NaN (as the Pallas kernel's does): a NaN is never selected, and a NaN block maximum
+  would hide the block's selected entries from :func:`compact_above`.
   """
   n = a.shape[0]
   nb = -(-n // _BLOCK)
   ab = jnp.pad(a.astype(jnp.float32), (0, nb * _BLOCK - n)).reshape(nb, _BLOCK)
   zero = jnp.float32(0.0)
-  return jax.lax.reduce((ab, ab * ab, ab), (zero, zero, zero),
+  return jax.lax.reduce((ab, ab * ab, jnp.where(jnp.isnan(ab), zero, ab)), (zero, zero, zero),
                         lambda u, v: (u[0] + v[0], u[1] + v[1], jnp.maximum(u[2], v[2])), (1,))
 
 
@@ -283,6 +285,7 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
   Example:
     >>> p, n_above = compact_above(jnp.array([0.1, -3.0, 0.2, 5.0]), 1.0, 4)   # indices [1, 3, ...]
   """
+  check_int("capacity", capacity, 1)
   use_pallas, interpret = _pallas_mode(packing)
   if block_max is None:
     block_max = _block_stats(jnp.abs(x))[2]
@@ -485,6 +488,7 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     >>> payload, n_above = sidco_compress(g, 0.001, capacity=2 * g.size // 1000, distribution='gpareto')
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
+  check_int("capacity", capacity, 1)
   use_pallas, interpret = _pallas_mode(packing)
   a = jnp.abs(x).astype(jnp.float32)
   if use_pallas and _PALLAS_STATS == "pallas":
