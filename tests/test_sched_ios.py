@@ -491,3 +491,24 @@ def test_compiler_options_reach_profiler_program_and_json(block, monkeypatch):
     sched.ios_schedule(f, x, compiler_options={"xla_gpu_foo": [1]})
   with pytest.raises(TypeError, match="compiler_options"):
     sched.ios_schedule(f, x, compiler_options=["xla_gpu_foo"])
+
+
+def test_merged_epilogue_with_size_one_channel_constants():
+  """Epilogue constants with a size-1 channel dim (lax broadcasts them implicitly): a spatial map
+  (1, H, W, 1) is not per-channel (slice first, then each unit's epilogue); a (1, 1, 1, 1) scale is."""
+  key = jax.random.PRNGKey(12)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (1, 1, 4, c)) for i, c in enumerate((3, 5))]
+  x = jax.random.normal(key, (1, 6, 6, 4))
+  spatial = jax.random.normal(jax.random.fold_in(key, 5), (1, 6, 6, 1))
+  scale = jnp.full((1, 1, 1, 1), 1.5)
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+  f_sp = lambda x: [conv(x, w) + spatial for w in ws]
+  f_sc = lambda x: [jax.nn.relu(conv(x, w) * scale) for w in ws]
+  assert emit.merged_epilogue(sched.build_graph(f_sp, x), (0, 1)) is None
+  epi = emit.merged_epilogue(sched.build_graph(f_sc, x), (0, 1))
+  assert epi is not None and np.allclose(np.asarray(epi[0][3]), 1.5) and epi[0][3].shape == (8,)
+  for f in (f_sp, f_sc):
+    s = sched.ios_schedule(f, x, strategy="merge")
+    assert s.counts()["merge_stages"] == 1
+    for a, b in zip(s(x), f(x)):
+      assert _relerr(a, b) < 1e-5

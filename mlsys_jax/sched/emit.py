@@ -226,13 +226,11 @@ def epilogue_chain(g: Graph, ui: int):
       if c.ndim != len(shape) or any(c.shape[d] not in (1, shape[d]) for d in range(len(shape))):
         return None
       idx = tuple(slice(None) if d == axis else 0 for d in range(c.ndim))
-      vec = c[idx].reshape(-1)
-      if vec.size == 1:
-        vec = np.broadcast_to(vec, (shape[axis],))
+      vec = c[idx].reshape(-1)   # c.shape[axis] entries: 1 or the channel count
       expect = np.broadcast_to(vec.reshape([-1 if d == axis else 1 for d in range(c.ndim)]), c.shape)
       if not np.array_equal(expect, c, equal_nan=True):
-        return None
-      operand = np.array(vec)
+        return None                # varies along a non-channel dim (e.g. a (1, H, W, 1) map)
+      operand = np.array(np.broadcast_to(vec, (shape[axis],)))
     if len(e.inputs) > 2:
       return None
     steps.append((e.prim, dict(e.params), pos[0], operand))
