@@ -333,10 +333,14 @@ def test_compact_above_nan_block_keeps_its_selected_entries():
   assert int(n) == int(want)
 
 
-def test_compact_above_capacity_must_be_positive():
+def test_compact_above_capacity_and_rank_checked():
   x = _heavy(100, seed=2)
   for packing in ("xla", "pallas"):
     with pytest.raises(ValueError, match="capacity"):
       sp.compact_above(x, 1.0, 0, packing=packing)
     with pytest.raises(ValueError, match="capacity"):
       sp.sidco_compress(x, 0.01, 0, packing=packing)
+    with pytest.raises(ValueError, match="rank 1"):   # flatten first (ravel_pytree)
+      sp.compact_above(x.reshape(4, 25), 1.0, 10, packing=packing)
+    with pytest.raises(ValueError, match="rank 1"):
+      sp.sidco_compress(x.reshape(4, 25), 0.01, 10, packing=packing)

@@ -53,7 +53,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from mlsys_jax._checks import check_choice, check_int, check_range
+from mlsys_jax._checks import check_choice, check_int, check_range, check_rank
 from mlsys_jax.comm import _pallas_pack
 
 __all__ = [
@@ -285,6 +285,7 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
   Example:
     >>> p, n_above = compact_above(jnp.array([0.1, -3.0, 0.2, 5.0]), 1.0, 4)   # indices [1, 3, ...]
   """
+  check_rank("x", x, 1)
   check_int("capacity", capacity, 1)
   use_pallas, interpret = _pallas_mode(packing)
   if block_max is None:
@@ -488,6 +489,7 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     >>> payload, n_above = sidco_compress(g, 0.001, capacity=2 * g.size // 1000, distribution='gpareto')
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
+  check_rank("x", x, 1)
   check_int("capacity", capacity, 1)
   use_pallas, interpret = _pallas_mode(packing)
   a = jnp.abs(x).astype(jnp.float32)
