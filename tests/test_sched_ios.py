@@ -512,3 +512,12 @@ def test_merged_epilogue_with_size_one_channel_constants():
     assert s.counts()["merge_stages"] == 1
     for a, b in zip(s(x), f(x)):
       assert _relerr(a, b) < 1e-5
+
+
+def test_typed_prng_key_constant_is_scheduled():
+  """A closed-over typed key (dtype key<fry>, no numpy dtype) used to crash graph building."""
+  k = jax.random.key(0)
+  f = lambda x: x + jax.random.normal(k, x.shape)
+  x = jnp.ones((4,))
+  s = sched.ios_schedule(f, x)
+  assert _relerr(s(x), jax.jit(f)(x)) < 1e-6

@@ -142,7 +142,11 @@ def _param_sig(params: dict) -> str:
 
 
 def _nbytes(aval) -> int:
-  return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+  # extended dtypes (typed PRNG keys: key<fry>) are no numpy dtypes but carry their own itemsize
+  size = getattr(aval.dtype, "itemsize", None)
+  if size is None:
+    size = np.dtype(aval.dtype).itemsize
+  return int(np.prod(aval.shape, dtype=np.int64)) * int(size)
 
 
 def eqn_flops(e: FlatEqn, avals: dict) -> float:
