@@ -521,3 +521,14 @@ def test_typed_prng_key_constant_is_scheduled():
   x = jnp.ones((4,))
   s = sched.ios_schedule(f, x)
   assert _relerr(s(x), jax.jit(f)(x)) < 1e-6
+
+
+def test_keep_alive_applies_to_integer_outputs():
+  """With only an integer output the keep-alive term is still attached (x - 0 is exact for ints)."""
+  w = jnp.ones((3, 3))
+  f = lambda x: (jnp.tanh(jnp.tanh(x @ w) @ w) * 3).astype(jnp.int32)
+  x = jnp.arange(6.).reshape(2, 3)
+  s = sched.ios_schedule(f, x, keep_alive=True)
+  prog, consts = s._build()
+  assert "sub" in str(jax.make_jaxpr(prog)(consts, x))
+  np.testing.assert_array_equal(s(x), f(x))

@@ -439,7 +439,8 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
       term = keep_alive_term(vals)
       if term is not None:
         for i, o in enumerate(outs):
-          if hasattr(o, "dtype") and jnp.issubdtype(o.dtype, jnp.floating) and o.size > 0:
+          if (hasattr(o, "dtype") and o.size > 0 and  # x - 0 == x exactly for these dtypes
+              any(jnp.issubdtype(o.dtype, t) for t in (jnp.floating, jnp.complexfloating, jnp.integer))):
             outs[i] = lax.sub(o, lax.convert_element_type(term, o.dtype))
             break
     return jax.tree_util.tree_unflatten(g.out_tree, outs)
