@@ -276,7 +276,8 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
     threshold: scalar; entries with ``|x| > threshold`` are selected.
     capacity: static payload size.
     block_max: optional ``(ceil(n / 64),)`` block maxima of ``|x|`` (computed here when omitted).
-    packing: ``'auto'``, ``'xla'`` or ``'pallas'``.
+    packing: ``'auto'``, ``'xla'`` or ``'pallas'``. ``'auto'`` decides by ``jax.default_backend()``:
+      on a GPU host, computations placed on the CPU (``jax.default_device(cpu)``) must pass ``'xla'``.
 
   Returns:
     ``(payload, n_above)``: ``n_above`` is the number of selected entries; exact unless the payload
