@@ -532,3 +532,32 @@ def test_keep_alive_applies_to_integer_outputs():
   prog, consts = s._build()
   assert "sub" in str(jax.make_jaxpr(prog)(consts, x))
   np.testing.assert_array_equal(s(x), f(x))
+
+
+def test_profiler_builds_merge_stages_as_emitted():
+  """fuse_epilogue=False: the profiler's merge-stage program applies the epilogue per slice (one max per
+  conv), as the emitted program will, and its cache alias differs from the fused one's."""
+  key = jax.random.PRNGKey(12)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (1, 1, 4, c)) for i, c in enumerate((3, 5))]
+  bs = [jax.random.normal(jax.random.fold_in(key, 9 + i), (c,)) for i, c in enumerate((3, 5))]
+  x = jax.random.normal(key, (1, 6, 6, 4))
+
+  def f(x):
+    c = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+    return [jax.nn.relu(c(w) + b) for w, b in zip(ws, bs)]
+
+  g = sched.build_graph(f, x)
+  st = Stage("merge", ((0, 1),))
+  n_max = {}
+  for fuse in (True, False):
+    fn, ins, outs, cids = emit.stage_program(g, st, "plain", fuse_epilogue=fuse)
+    jx = str(jax.make_jaxpr(fn)({c: g.consts[c] for c in cids}, (x,)))
+    n_max[fuse] = jx.count(" max ")
+    for a, b in zip(fn({c: g.consts[c] for c in cids}, (x,)), f(x)):
+      assert _relerr(a, b) < 1e-5
+  assert n_max[True] == 1 and n_max[False] == 2
+  fused = sched.StageProfiler(mode="plain", k=2, number=1, repeat=1, warmup=0)
+  unfused = sched.StageProfiler(mode="plain", k=2, number=1, repeat=1, warmup=0, fuse_epilogue=False)
+  fused._gid(g), unfused._gid(g)
+  assert fused._alias(g, st) != unfused._alias(g, st)
+  assert fused._key(g, st)[0] != unfused._key(g, st)[0]

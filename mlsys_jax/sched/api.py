@@ -324,7 +324,8 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   g = relayout_conv_kernels(build_graph(bound, *dyn, part_size=part_size, allow_opaque=allow_opaque),
                             kernel_layout)
   if profiler is None:
-    profiler = (StageProfiler(mode=emission, s=s, compiler_options=compiler_options)
+    profiler = (StageProfiler(mode=emission, s=s, compiler_options=compiler_options,
+                              fuse_epilogue=fuse_epilogue)
                 if jax.default_backend() == "gpu" else AnalyticalCost())
   same = merge_kernels == "same"
   mk = (lambda u: emit.merge_key(g, u, same)) if strategy in ("both", "merge") else None

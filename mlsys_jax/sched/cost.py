@@ -135,17 +135,20 @@ class StageProfiler:
     s: the number of streams used for the 'streams' XLA options.
     compiler_options: extra XLA options on top of the emission's (part of every cache key); pass the
       same ones as ``ios_schedule(..., compiler_options=...)``.
+    fuse_epilogue: build merge stages with their epilogue fused on the merged output (True) or applied
+      per slice (False), as ``ios_schedule(..., fuse_epilogue=...)`` will emit them.
   """
 
   def __init__(self, mode: str = "cuda_graph", k: int = 5, number: int = 20, repeat: int = 5,
                warmup: int = 2, cache_path: Optional[str] = None, parallel: str = "sum", s: int = 8,
-               compiler_options: Optional[dict] = None):
+               compiler_options: Optional[dict] = None, fuse_epilogue: bool = True):
     if k < 2:
       raise ValueError(f"k must be >= 2 for differential timing, got {k}")
     if parallel not in ("measure", "sum"):
       raise ValueError(f"parallel must be 'measure' or 'sum', got {parallel!r}")
     self.mode, self.k, self.number, self.repeat, self.warmup = mode, k, number, repeat, warmup
     self.parallel, self.s = parallel, s
+    self.fuse_epilogue = bool(fuse_epilogue)
     self.cache_path = cache_path
     self.cache: dict = {}
     self.hits = self.misses = 0
@@ -196,7 +199,7 @@ class StageProfiler:
   def _alias(self, g: Graph, st: Stage) -> str:
     # device and options as in the measurement key: a cache file from another GPU must not answer
     return (f"alias|{self.device}|{sorted(self.options.items())}|{self._fps[self._gid(g)][1]}|"
-            f"{self.mode}|{self.k}|{st.kind}|{st.groups}")
+            f"{self.mode}|{self.k}|{st.kind}|{st.groups}" + ("" if self.fuse_epilogue else "|unfused"))
 
   def _gid(self, g: Graph) -> int:
     """``id(g)`` for the in-memory memo, after dropping what was memoized for an earlier graph that
@@ -209,7 +212,7 @@ class StageProfiler:
     return id(g)
 
   def _key(self, g: Graph, st: Stage):
-    fn, ins, _, cids = emit.stage_program(g, st, self.mode)
+    fn, ins, _, cids = emit.stage_program(g, st, self.mode, self.fuse_epilogue)
     consts = {c: g.consts[c] for c in cids}
     in_avals = [g.avals[v] for v in ins]
     sig_src = str(jax.make_jaxpr(fn)(consts, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)

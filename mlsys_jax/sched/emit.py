@@ -448,11 +448,14 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
   return run
 
 
-def stage_program(g: Graph, st: Stage, mode: str):
-  """A standalone function for one stage: ``(consts, ins) -> outs`` and the ids it reads/writes."""
+def stage_program(g: Graph, st: Stage, mode: str, fuse_epilogue: bool = True):
+  """A standalone function for one stage: ``(consts, ins) -> outs`` and the ids it reads/writes.
+
+  ``fuse_epilogue`` as in ``prepare_merges``: the merge stage is built as the scheduled program will run it."""
   merged = None
   if st.kind == "merge":
-    merged = merged_conv_params(g, st.groups[0]) + (merged_epilogue(g, st.groups[0]),)
+    epi = merged_epilogue(g, st.groups[0]) if fuse_epilogue else None
+    merged = merged_conv_params(g, st.groups[0]) + (epi,)
   own = set()
   for u in st.units:
     for ei in g.units[u].eqns:
