@@ -66,41 +66,6 @@ def ios_compiled(sc, x, extra_options):
   return f.lower(consts, x).compile(), consts
 
 
-class SplitPrefetchProfiler(sched.StageProfiler):
-  """``StageProfiler`` whose prefetch compiles every missing stage in threads *first* and times them
-  only after all compiles finished. The committed prefetch times early stages while later ones still
-  compile; with conv fusion the first execution of a stage deserializes cuDNN graphs, which failed on the
-  H100 with "capturing stream has unjoined work" while other threads were compiling (autotuning)."""
-
-  def prefetch(self, g, stages, threads: int = 8) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-    todo, seen = [], set()
-    for st in stages:
-      for sub in self.expand(st):
-        if len(sub.units) > 1 and any(g.units[u].opaque for u in sub.units):
-          continue
-        alias = self.cache.get(self._alias(g, sub))
-        if alias is not None and alias in self.cache:
-          self._memo[(self._gid(g), sub)] = alias
-          continue
-        key, prog = self._key(g, sub)
-        self._memo[(self._gid(g), sub)] = key
-        self.cache[self._alias(g, sub)] = key
-        if key in self.cache or key in seen:
-          continue
-        seen.add(key)
-        todo.append((key, prog))
-    if not todo:
-      return 0
-    with ThreadPoolExecutor(max(1, threads)) as ex:
-      compiled = list(ex.map(lambda kp: (kp[0], self._compile(kp[1])), todo))
-    for key, comp in compiled:
-      self.misses += 1
-      self._time(key, comp)
-    self.save()
-    return len(todo)
-
-
 def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
   """One (net, dtype) row; ``flush(row)`` is called after every variant so a time-out keeps data."""
   dn = jnp.dtype(dtype).name
@@ -168,8 +133,10 @@ def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
   def profiler():
     if not on_gpu or args.analytical:
       return sched.AnalyticalCost()
-    prof = SplitPrefetchProfiler(mode=mode, cache_path=cache_path, s=s, parallel="sum", k=args.k)
-    prof.options = {**prof.options, **extra}  # stages measured as the final program compiles them
+    # stages measured as the final program compiles them (extra options, e.g. conv fusion); the
+    # library's prefetch compiles every stage before timing any
+    prof = sched.StageProfiler(mode=mode, cache_path=cache_path, s=s, parallel="sum", k=args.k,
+                               compiler_options=extra)
     return prof
 
   for strat in args.strategies.split(","):
