@@ -153,14 +153,9 @@ def time_fn(f, x, number=100, repeat=7):
   return float(np.median(ts))
 
 
-def trace_overlap(f, x, tag):
-  """Run f under the profiler; return {streams, kernels, busy_us, overlap_us} from the perfetto trace."""
-  d = tempfile.mkdtemp(prefix=f"prof_{tag}_")
-  jax.block_until_ready(f(x))
-  with jax.profiler.trace(d, create_perfetto_trace=True):
-    for _ in range(5):
-      y = f(x)
-    jax.block_until_ready(y)
+def _gpu_kernel_events(d):
+  """GPU kernel events ``(start_us, dur_us, stream tid, name)`` of the perfetto trace under ``d`` (sorted),
+  or an error dict."""
   files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
   if not files:
     return {"error": "no perfetto trace"}
@@ -174,12 +169,17 @@ def trace_overlap(f, x, tag):
     if e.get("ph") == "M" and e.get("name") == "thread_name":
       tname[(e["pid"], e["tid"])] = e["args"].get("name", "")
   gpu_pids = {p for p, n in pname.items() if "GPU" in n or "gpu" in n}
-  ks = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["tid"], e.get("name", ""))
-        for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "Stream" in tname.get(
-            (e["pid"], e["tid"]), "Stream")]
+  ks = sorted((float(e["ts"]), float(e.get("dur", 0)), e["tid"], e.get("name", ""))
+              for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "Stream" in tname.get(
+                  (e["pid"], e["tid"]), "Stream"))
   if not ks:
     return {"error": "no GPU events", "pids": list(pname.values())[:10]}
-  pts = sorted([(a, 1) for a, _, _, _ in ks] + [(b, -1) for _, b, _, _ in ks])
+  return ks
+
+
+def _busy_overlap(ks):
+  """(time with >= 1 kernel running, time with >= 2 running) for events ``(start, dur, ...)``."""
+  pts = sorted([(a, 1) for a, *_ in ks] + [(a + b, -1) for a, b, *_ in ks])
   act, last, busy, over = 0, None, 0.0, 0.0
   for t, dlt in pts:
     if last is not None and act >= 1:
@@ -188,10 +188,23 @@ def trace_overlap(f, x, tag):
         over += t - last
     act += dlt
     last = t
-  streams = sorted({tname.get((0, t), str(t)) for _, _, t, _ in ks})
-  return {"streams": len({t for _, _, t, _ in ks}), "kernels": len(ks) // 5, "busy_us": busy / 5,
-          "overlap_us": over / 5, "stream_names": [tname.get((p, t), "") for p in gpu_pids
-                                                   for t in {k[2] for k in ks}][:8]}
+  return busy, over
+
+
+def trace_overlap(f, x, tag):
+  """Run f under the profiler; return {streams, kernels, busy_us, overlap_us} from the perfetto trace."""
+  d = tempfile.mkdtemp(prefix=f"prof_{tag}_")
+  jax.block_until_ready(f(x))
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    for _ in range(5):
+      y = f(x)
+    jax.block_until_ready(y)
+  ks = _gpu_kernel_events(d)
+  if isinstance(ks, dict):
+    return ks
+  busy, over = _busy_overlap(ks)
+  tids = {t for _, _, t, _ in ks}
+  return {"streams": len(tids), "kernels": len(ks) // 5, "busy_us": busy / 5, "overlap_us": over / 5}
 
 
 def differential(stage, x, ks=(1, 8)):
@@ -223,24 +236,9 @@ def trace_kernels(f, args, tag, iters=5):
     for _ in range(iters):
       jax.block_until_ready(f(*args))
       time.sleep(0.003)
-  files = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
-  if not files:
-    return {"error": "no perfetto trace"}
-  with gzip.open(files[0]) as fh:
-    tr = json.load(fh)
-  ev = tr["traceEvents"] if isinstance(tr, dict) else tr
-  pname, tname = {}, {}
-  for e in ev:
-    if e.get("ph") == "M" and e.get("name") == "process_name":
-      pname[e["pid"]] = e["args"].get("name", "")
-    if e.get("ph") == "M" and e.get("name") == "thread_name":
-      tname[(e["pid"], e["tid"])] = e["args"].get("name", "")
-  gpu_pids = {p for p, n in pname.items() if "GPU" in n or "gpu" in n}
-  ks = sorted((float(e["ts"]), float(e.get("dur", 0)), e["tid"], e.get("name", ""))
-              for e in ev if e.get("ph") == "X" and e.get("pid") in gpu_pids and "Stream" in tname.get(
-                  (e["pid"], e["tid"]), "Stream"))
-  if not ks:
-    return {"error": "no GPU events", "pids": list(pname.values())[:10]}
+  ks = _gpu_kernel_events(d)
+  if isinstance(ks, dict):
+    return ks
   calls, cur, end = [], [], None
   for k in ks:
     if cur and k[0] - end > 1000.0:
@@ -251,15 +249,7 @@ def trace_kernels(f, args, tag, iters=5):
   calls.append(cur)
   stats_ = []
   for c in calls:
-    pts = sorted([(a, 1) for a, _, _, _ in c] + [(a + b, -1) for a, b, _, _ in c])
-    act, last, busy, over = 0, None, 0.0, 0.0
-    for t, dlt in pts:
-      if last is not None and act >= 1:
-        busy += t - last
-        if act >= 2:
-          over += t - last
-      act += dlt
-      last = t
+    busy, over = _busy_overlap(c)
     t0 = c[0][0]
     span = max(a + b for a, b, _, _ in c) - t0
     stats_.append({"kernels": len(c), "sum_us": sum(b for _, b, _, _ in c), "busy_us": busy,
