@@ -375,17 +375,24 @@ def test_stage_profiler_not_fooled_by_a_reused_graph_id():
   assert prof._fps[id(g2)][1] == g2.fingerprint()
 
 
-def test_merged_epilogue_once_on_merged_output():
-  """Merged convs with bias+ReLU epilogues get one epilogue on the concatenated channels (so XLA can
-  keep conv+bias+activation fused); different epilogues fall back to slice-then-epilogue."""
-  key = jax.random.PRNGKey(11)
+def _two_relu_convs(seed):
+  """Two 1x1 convs (3 and 5 output channels) of one input with bias + ReLU epilogues:
+  ``(kernels, biases, x, f)``."""
+  key = jax.random.PRNGKey(seed)
   ws = [jax.random.normal(jax.random.fold_in(key, i), (1, 1, 4, c)) for i, c in enumerate((3, 5))]
   bs = [jax.random.normal(jax.random.fold_in(key, 9 + i), (c,)) for i, c in enumerate((3, 5))]
   x = jax.random.normal(key, (1, 6, 6, 4))
 
-  def same(x):
+  def f(x):
     c = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
     return [jax.nn.relu(c(w) + b) for w, b in zip(ws, bs)]
+  return ws, bs, x, f
+
+
+def test_merged_epilogue_once_on_merged_output():
+  """Merged convs with bias+ReLU epilogues get one epilogue on the concatenated channels (so XLA can
+  keep conv+bias+activation fused); different epilogues fall back to slice-then-epilogue."""
+  ws, bs, x, same = _two_relu_convs(11)
 
   def differ(x):
     c = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
@@ -537,14 +544,7 @@ def test_keep_alive_applies_to_integer_outputs():
 def test_profiler_builds_merge_stages_as_emitted():
   """fuse_epilogue=False: the profiler's merge-stage program applies the epilogue per slice (one max per
   conv), as the emitted program will, and its cache alias differs from the fused one's."""
-  key = jax.random.PRNGKey(12)
-  ws = [jax.random.normal(jax.random.fold_in(key, i), (1, 1, 4, c)) for i, c in enumerate((3, 5))]
-  bs = [jax.random.normal(jax.random.fold_in(key, 9 + i), (c,)) for i, c in enumerate((3, 5))]
-  x = jax.random.normal(key, (1, 6, 6, 4))
-
-  def f(x):
-    c = lambda w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
-    return [jax.nn.relu(c(w) + b) for w, b in zip(ws, bs)]
+  _, _, x, f = _two_relu_convs(12)
 
   g = sched.build_graph(f, x)
   st = Stage("merge", ((0, 1),))
