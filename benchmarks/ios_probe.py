@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from mlsys_jax.sched.cost import time_calls  # noqa: E402
 
 CB_TYPES = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,DYNAMIC_SLICE_FUSION,CONVOLUTION"
 CONFIGS = {
@@ -142,15 +143,8 @@ def make_net(kind, params, mparams):
 
 
 def time_fn(f, x, number=100, repeat=7):
-  jax.block_until_ready(f(x))
-  ts = []
-  for _ in range(repeat):
-    t0 = time.perf_counter()
-    for _ in range(number):
-      y = f(x)
-    jax.block_until_ready(y)
-    ts.append((time.perf_counter() - t0) / number)
-  return float(np.median(ts))
+  """Median seconds per call of ``f(x)`` (``repeat`` rounds of ``number`` back-to-back calls)."""
+  return float(np.median(time_calls(f, (x,), number, repeat)))
 
 
 def _gpu_kernel_events(d):

@@ -109,6 +109,8 @@ def chain_program(fn, k: int):
 
 
 def time_calls(f, args, number: int, repeat: int) -> list:
+  """Seconds per call of ``f(*args)`` for each of ``repeat`` rounds of ``number`` back-to-back calls
+  (one warm-up call first; each round ends with ``block_until_ready``, so dispatch is amortised)."""
   jax.block_until_ready(f(*args))
   ts = []
   for _ in range(repeat):
