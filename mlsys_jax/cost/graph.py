@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from mlsys_jax.cost.hlo import (HloModule, Instruction, Computation, backend_tiles, int_list,
+from mlsys_jax.cost.hlo import (HloModule, Instruction, Computation, Shape, backend_tiles, int_list,
                                 parse_window, reducer_opcode)
 
 MAX_RANK = 6
@@ -141,6 +141,15 @@ def _custom_target(ins: Instruction) -> int:
   return 4
 
 
+def _dims_product(shape: Shape, dims: Sequence[int]) -> int:
+  """Product of ``shape.dims[d]`` over the listed dimensions (out-of-range ones skipped): a dot's K."""
+  k = 1
+  for d in dims:
+    if 0 <= d < len(shape.dims):
+      k *= shape.dims[d]
+  return k
+
+
 def _node_costs(ins: Instruction, operand_shapes) -> tuple[float, float]:
   """(flops, transcendentals) of one instruction from shapes alone."""
   out = ins.shape.num_elements if not ins.shape.is_tuple else 0
@@ -151,21 +160,13 @@ def _node_costs(ins: Instruction, operand_shapes) -> tuple[float, float]:
     target = _custom_target(ins)
     if target == 1:
       m = re.search(r'"lhs_contracting_dimensions"\s*:\s*\[([^\]]*)\]', ins.attrs.get("backend_config", ""))
-      k = 1
-      for d in (int_list(m.group(1)) if m else []):
-        if 0 <= d < len(operand_shapes[0].dims):
-          k *= operand_shapes[0].dims[d]
+      k = _dims_product(operand_shapes[0], int_list(m.group(1)) if m else [])
       return 2.0 * res.num_elements * k, 0.0
     if target == 2 and "dim_labels" in ins.attrs:
       ins = Instruction(ins.name, "convolution", res, ins.operands, ins.attrs)
       out, op = res.num_elements, "convolution"
   if op == "dot" and len(operand_shapes) >= 2:
-    k = 1
-    lhs = operand_shapes[0]
-    for d in int_list(ins.attrs.get("lhs_contracting_dims")):
-      if 0 <= d < len(lhs.dims):
-        k *= lhs.dims[d]
-    return 2.0 * out * k, 0.0
+    return 2.0 * out * _dims_product(operand_shapes[0], int_list(ins.attrs.get("lhs_contracting_dims"))), 0.0
   if op == "convolution" and len(operand_shapes) >= 2:
     labels = _dim_labels(ins.attrs.get("dim_labels"))
     rhs = operand_shapes[1]
@@ -214,10 +215,7 @@ def _node_row(module: HloModule, ins: Instruction, names: dict[str, Instruction]
   a[ATTR_ID["batch_group_count"]] = float(ins.attrs.get("batch_group_count", "1").strip() or 1)
   operand_shapes = [names[o].shape for o in ins.operands if o in names]
   if ins.opcode == "dot" and operand_shapes:
-    k = 1
-    for d in int_list(ins.attrs.get("lhs_contracting_dims")):
-      if d < len(operand_shapes[0].dims):
-        k *= operand_shapes[0].dims[d]
+    k = _dims_product(operand_shapes[0], int_list(ins.attrs.get("lhs_contracting_dims")))
     a[ATTR_ID["dot_contract_size"]] = float(k)
     a[ATTR_ID["dot_batch_dims"]] = float(len(int_list(ins.attrs.get("lhs_batch_dims"))))
   a[ATTR_ID["dimensions_attr"]] = float(len(int_list(ins.attrs.get("dimensions"))))
