@@ -25,9 +25,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-CB = ("FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,DYNAMIC_SLICE_FUSION,CONVOLUTION")
-CC = {"xla_gpu_enable_command_buffer": CB, "xla_gpu_graph_min_graph_size": 1,
-      "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+from mlsys_jax.sched.emit import CUDA_GRAPH_OPTIONS as CC  # noqa: E402
 
 # name -> (settings for the child, extra XLA_FLAGS)
 VARIANTS = {

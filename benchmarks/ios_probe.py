@@ -40,18 +40,15 @@ from jax import lax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from mlsys_jax.sched.cost import time_calls  # noqa: E402
+from mlsys_jax.sched.emit import CB_TYPES, CUDA_GRAPH_OPTIONS  # noqa: E402
 
-CB_TYPES = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,DYNAMIC_SLICE_FUSION,CONVOLUTION"
 CONFIGS = {
     "default": {},
     "cb_conv": {"xla_gpu_enable_command_buffer": CB_TYPES, "xla_gpu_graph_min_graph_size": 1},
-    "cb_conv_conc": {"xla_gpu_enable_command_buffer": CB_TYPES, "xla_gpu_graph_min_graph_size": 1,
-                     "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"},
+    "cb_conv_conc": dict(CUDA_GRAPH_OPTIONS),
     "lhs8": {"xla_gpu_enable_latency_hiding_scheduler": True,
              "xla_gpu_experimental_parallel_async_compute_limit": 8},
-    "cb_conv_conc_lhs8": {"xla_gpu_enable_command_buffer": CB_TYPES, "xla_gpu_graph_min_graph_size": 1,
-                          "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
-                          "xla_gpu_enable_latency_hiding_scheduler": True,
+    "cb_conv_conc_lhs8": {**CUDA_GRAPH_OPTIONS, "xla_gpu_enable_latency_hiding_scheduler": True,
                           "xla_gpu_experimental_parallel_async_compute_limit": 8},
 }
 

@@ -36,12 +36,12 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import copy_bandwidth, environment, print_table, write_json  # noqa: E402
 from mlsys_jax import models  # noqa: E402
+from mlsys_jax.sched.emit import CB_TYPES  # noqa: E402
 
 # The default of jaxlib 0.10.2 is FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,
 # DYNAMIC_SLICE_FUSION (no CONVOLUTION, so every cuDNN conv thunk splits the CUDA graphs). Per jit,
 # a comma-separated string *replaces* that list ("+CONVOLUTION" is accepted only in XLA_FLAGS).
-COMMAND_BUFFER_WITH_CONV = ("FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,DYNAMIC_SLICE_FUSION,"
-                            "CONVOLUTION")
+COMMAND_BUFFER_WITH_CONV = CB_TYPES
 _CMDBUF = {"xla_gpu_enable_command_buffer": COMMAND_BUFFER_WITH_CONV, "xla_gpu_graph_min_graph_size": 1}
 _CONCURRENT = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}  # default: LHS
 _LHS = {"xla_gpu_enable_latency_hiding_scheduler": True}  # default: False
