@@ -55,10 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlsys_jax._checks import check_choice, check_int, check_range
+from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import (_check_axis, _check_float_tree, _global_finite, _keep_warm,
-                                    matrix_shape, powersgd_layout, powersgd_step)
+from mlsys_jax.comm.lowrank import (_check_axis, _global_finite, _keep_warm, matrix_shape,
+                                    powersgd_layout, powersgd_step)
 
 __all__ = [
     "AccordionState",
@@ -196,7 +196,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     return out
 
   def init_fn(params):
-    _check_float_tree("accordion.init", params)
+    check_floating("accordion.init", params)
     leaves = jax.tree_util.tree_leaves(params)
     layout = _layout(params)
     key = jax.random.PRNGKey(seed)
@@ -250,7 +250,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
 
   def update_fn(updates, state, params=None):
     del params
-    _check_float_tree("accordion.update", updates)
+    check_floating("accordion.update", updates)
     _check_axis(axis_name)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     layout = _layout(updates)

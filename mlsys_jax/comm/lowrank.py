@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlsys_jax._checks import check_int
+from mlsys_jax._checks import check_floating, check_int
 
 __all__ = [
     "PowerSGDState",
@@ -209,16 +209,6 @@ def _check_axis(axis_name):
                     f"that axis, or pass axis_name=None for one device.") from e
 
 
-def _check_float_tree(name, tree):
-  leaves = jax.tree_util.tree_leaves(tree)
-  if not leaves:
-    raise ValueError(f"{name}: empty pytree; pass at least one array.")
-  for leaf in leaves:
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise TypeError(f"{name}: need floating-point arrays, got dtype {jnp.result_type(leaf)}. "
-                      f"Cast first, e.g. x.astype(jnp.float32).")
-
-
 def _global_finite(leaves, axis_name):
   """True when every leaf is finite on every device (one scalar ``pmax`` when ``axis_name`` is set)."""
   bad = jnp.logical_not(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves])))
@@ -251,7 +241,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
   check_int("min_size", min_size, 0)
 
   def init_fn(params):
-    _check_float_tree("powersgd.init", params)
+    check_floating("powersgd.init", params)
     leaves = jax.tree_util.tree_leaves(params)
     ranks = powersgd_layout(params, rank, min_size=min_size, clamp_rank=clamp_rank)
     key = jax.random.PRNGKey(seed)
@@ -268,7 +258,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
 
   def update_fn(updates, state, params=None):
     del params
-    _check_float_tree("powersgd.update", updates)
+    check_floating("powersgd.update", updates)
     _check_axis(axis_name)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     res_leaves = treedef.flatten_up_to(state.residual)
