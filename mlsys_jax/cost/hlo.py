@@ -169,42 +169,10 @@ _OPEN = {"(": ")", "{": "}", "[": "]"}
 _CLOSE = {")": "(", "}": "{", "]": "["}
 
 
-def split_top_level(s: str, sep: str = ",") -> list[str]:
-  """Split ``s`` at ``sep`` outside brackets and quoted strings; raise ValueError if unbalanced."""
-  parts, depth, cur, quote, esc = [], [], [], False, False
-  for ch in s:
-    if quote:
-      cur.append(ch)
-      if esc:
-        esc = False
-      elif ch == "\\":
-        esc = True
-      elif ch == '"':
-        quote = False
-      continue
-    if ch == '"':
-      quote = True
-    elif ch in _OPEN:
-      depth.append(ch)
-    elif ch in _CLOSE:
-      if not depth or depth[-1] != _CLOSE[ch]:
-        raise ValueError(f"unbalanced {ch!r}")
-      depth.pop()
-    if ch == sep and not depth:
-      parts.append("".join(cur).strip())
-      cur = []
-    else:
-      cur.append(ch)
-  if depth or quote:
-    raise ValueError("unbalanced brackets or quotes")
-  last = "".join(cur).strip()
-  if last or parts:
-    parts.append(last)
-  return parts
-
-
-def _matching(s: str, start: int) -> int:
-  """Index of the bracket closing the one at ``s[start]`` (quotes respected); -1 if none."""
+def _scan(s: str, start: int = 0) -> Iterable[tuple[int, int]]:
+  """Yield ``(i, depth)`` for each character ``s[i]`` from ``start`` on that lies outside double-quoted
+  strings, ``depth`` being the number of brackets open after it. Raise ValueError at a closing bracket
+  that does not match, or at the end if a bracket or a quote is still open."""
   stack, quote, esc = [], False, False
   for i in range(start, len(s)):
     ch = s[i]
@@ -218,15 +186,31 @@ def _matching(s: str, start: int) -> int:
       continue
     if ch == '"':
       quote = True
-    elif ch in _OPEN:
+      continue
+    if ch in _OPEN:
       stack.append(ch)
     elif ch in _CLOSE:
       if not stack or stack[-1] != _CLOSE[ch]:
-        return -1
+        raise ValueError(f"unbalanced {ch!r}")
       stack.pop()
-      if not stack:
-        return i
-  return -1
+    yield i, len(stack)
+  if stack or quote:
+    raise ValueError("unbalanced brackets or quotes")
+
+
+def split_top_level(s: str, sep: str = ",") -> list[str]:
+  """Split ``s`` at ``sep`` outside brackets and quoted strings; raise ValueError if unbalanced."""
+  cuts = [i for i, depth in _scan(s) if depth == 0 and s[i] == sep]
+  parts = [s[a + 1:b].strip() for a, b in zip([-1] + cuts, cuts + [len(s)])]
+  return parts if cuts or parts[0] else []
+
+
+def _matching(s: str, start: int) -> int:
+  """Index of the bracket closing the one at ``s[start]`` (quotes respected); -1 if none."""
+  try:
+    return next(i for i, depth in _scan(s, start) if depth == 0)
+  except (ValueError, StopIteration):
+    return -1
 
 
 _SECTION_NAMES = {"FileNames", "FunctionNames", "FileLocations", "StackFrames"}
