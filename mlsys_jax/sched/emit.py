@@ -277,13 +277,14 @@ def prepare_merges(g: Graph, stages: list, fuse_epilogue: bool = True) -> dict:
   """Precompute merged kernels for every merge stage: {stage index: (kernel, params, ranges, epi)};
   ``epi`` is the merged epilogue (``merged_epilogue``) or None (slice first, then each unit's own
   epilogue)."""
-  out = {}
-  for i, st in enumerate(stages):
-    if st.kind == "merge":
-      kernel, params, ranges = merged_conv_params(g, st.groups[0])
-      epi = merged_epilogue(g, st.groups[0]) if fuse_epilogue else None
-      out[i] = (kernel, params, ranges, epi)
-  return out
+  return {i: merge_entry(g, st.groups[0], fuse_epilogue)
+          for i, st in enumerate(stages) if st.kind == "merge"}
+
+
+def merge_entry(g: Graph, units: tuple, fuse_epilogue: bool = True) -> tuple:
+  """``(kernel, params, ranges, epi)`` of one merge of ``units`` (see ``prepare_merges``)."""
+  epi = merged_epilogue(g, units) if fuse_epilogue else None
+  return merged_conv_params(g, units) + (epi,)
 
 
 # ------------------------------------------------------------------------------------------ units
@@ -454,8 +455,7 @@ def stage_program(g: Graph, st: Stage, mode: str, fuse_epilogue: bool = True):
   ``fuse_epilogue`` as in ``prepare_merges``: the merge stage is built as the scheduled program will run it."""
   merged = None
   if st.kind == "merge":
-    epi = merged_epilogue(g, st.groups[0]) if fuse_epilogue else None
-    merged = merged_conv_params(g, st.groups[0]) + (epi,)
+    merged = merge_entry(g, st.groups[0], fuse_epilogue)
   own = set()
   for u in st.units:
     for ei in g.units[u].eqns:
