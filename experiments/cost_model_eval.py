@@ -67,16 +67,15 @@ def load_all(paths, max_rows, noise_iqr, floor_mult):
     floor = d.meta.get("dispatch_floor_s", 0.0)
     ok = (d.runtime_iqr_s <= noise_iqr * d.runtime_s) & (d.runtime_s >= floor_mult * floor)
     ok &= np.isfinite(d.runtime_s) & (d.runtime_s > 0)
-    for i in np.where(ok)[0]:
-      rows["hlo"].append(d.hlo[i])
-      rows["group"].append(int(d.group[i]) + goff)
-      rows["family"].append(str(d.family[i]))
-      rows["variant"].append(str(d.variant[i]))
-      rows["runtime_s"].append(float(d.runtime_s[i]))
-      rows["flops"].append(max(float(d.flops[i]), 0.0))
-      rows["bytes"].append(max(float(d.bytes_accessed[i]), 0.0))
-      rows["trans"].append(max(float(d.transcendentals[i]), 0.0))
-      rows["source"].append(si)
+    idx = np.where(ok)[0]
+    rows["hlo"].extend(d.hlo[i] for i in idx)
+    for k, v in (("group", d.group[idx].astype(np.int64) + goff), ("family", d.family[idx]),
+                 ("variant", d.variant[idx]), ("runtime_s", d.runtime_s[idx].astype(np.float64)),
+                 ("flops", np.maximum(d.flops[idx].astype(np.float64), 0.0)),
+                 ("bytes", np.maximum(d.bytes_accessed[idx].astype(np.float64), 0.0)),
+                 ("trans", np.maximum(d.transcendentals[idx].astype(np.float64), 0.0)),
+                 ("source", np.full(idx.size, si))):
+      rows[k].extend(v.tolist())
     metas[-1]["rows_kept"] = int(ok.sum())
     goff += int(d.group.max()) + 1 if len(d) else 0
   n = len(rows["hlo"])
