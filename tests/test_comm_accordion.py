@@ -13,16 +13,7 @@ from mlsys_jax.comm import sparse as sp
 from mlsys_jax.comm.accordion import (accordion, accordion_batch_size, accordion_report,
                                       critical_regime)
 
-
-def _params():
-  return {"conv": jnp.zeros((3, 3, 4, 8)), "dense": jnp.zeros((40, 10)), "bias": jnp.zeros((10,))}
-
-
-def _grads(seed, scale=1.0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-  return {"conv": scale * jax.random.normal(ks[0], (3, 3, 4, 8)),
-          "dense": scale * jax.random.normal(ks[1], (40, 10)),
-          "bias": scale * jax.random.normal(ks[2], (10,))}
+from _trees import grads as _grads, params as _params  # tests/_trees.py
 
 
 def test_critical_regime_rule():

@@ -10,16 +10,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import lowrank as lr
 
-
-def _params():
-  return {"conv": jnp.zeros((3, 3, 4, 8)), "dense": jnp.zeros((40, 10)), "bias": jnp.zeros((10,))}
-
-
-def _grads(seed, scale=1.0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-  return {"conv": scale * jax.random.normal(ks[0], (3, 3, 4, 8)),
-          "dense": scale * jax.random.normal(ks[1], (40, 10)),
-          "bias": scale * jax.random.normal(ks[2], (10,))}
+from _trees import grads as _grads, params as _params  # tests/_trees.py
 
 
 def _low_rank_matrix(n, m, svals, seed=0):
