@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlsys_jax._checks import check_choice, check_int, check_range
+from mlsys_jax._checks import check_choice, check_int, check_range, is_concrete
 
 __all__ = [
     "Verification",
@@ -129,14 +129,14 @@ def check_watermark_key(wm: WatermarkKey) -> None:
   if np.shape(wm.projection) != (n, c[0]):
     raise ValueError(f"projection of shape {np.shape(wm.projection)} does not match the signature and "
                      f"carriers: expected (N, C) = {(n, c[0])}.")
-  if not isinstance(wm.carriers, jax.core.Tracer):
+  if is_concrete(wm.carriers):
     car = np.asarray(wm.carriers)
     if not np.issubdtype(car.dtype, np.integer) or car.min() < 0 or car.max() >= d:
       raise ValueError(f"carriers must be integer indices into the flattened input of size {d} "
                        f"(input_shape {wm.input_shape}), got values in [{car.min()}, {car.max()}].")
     if len(np.unique(car)) != len(car):
       raise ValueError("carriers must be distinct input coordinates.")
-  if not isinstance(wm.signature, jax.core.Tracer) and not np.isin(np.asarray(wm.signature), (0, 1)).all():
+  if is_concrete(wm.signature) and not np.isin(np.asarray(wm.signature), (0, 1)).all():
     raise ValueError("the signature must hold only 0/1 bits.")
   check_int("num_classes", wm.num_classes, 2)
   check_int("target_class", wm.target_class, 0, wm.num_classes - 1)
