@@ -154,9 +154,9 @@ def main(argv):
     r["ber_blackbox"].append(gs.signature_ber(bb, wm))
     r["owner_claim"].append(gs.verify(bb, wm)._asdict())
     # the plain model of this seed is an independent model for this key
-    r["false_claim"].append(gs.verify(gs.extract_whitebox(lambda x: model.apply(vp, x), x_test_t, wm),
-                                      wm)._asdict())
-    own = wm._replace(signature=gs.extract_whitebox(lambda x: model.apply(vp, x), x_test_t, wm))
+    plain_bits = gs.extract_whitebox(lambda x: model.apply(vp, x), x_test_t, wm)
+    r["false_claim"].append(gs.verify(plain_bits, wm)._asdict())
+    own = wm._replace(signature=plain_bits)
     for lr in ft_lrs:   # adversary: the full training set, plain cross-entropy, as many epochs as training
       vf, af = train(ds, model, seed + 100, _EPOCHS.value, params=vw["params"], lr=lr)
       record(f"fine-tuning lr={lr:g}", ber(model, vf, x_test_t, wm), af)
