@@ -173,9 +173,9 @@ def main(argv):
     cfg = train.GNNConfig(hidden=FLAGS.hidden, num_layers=FLAGS.layers, epochs=FLAGS.epochs,
                           rank_weight=FLAGS.rank_weight, seed=FLAGS.seed, verbose=True)
     tg = time.time()
-    params = train.fit_gnn([graphs[i] for i in itr], y[tr], a["group"][tr], cfg, [feats[i] for i in itr])
-    c_gnn = metrics.mape_scale(train.predict_gnn(params, [graphs[i] for i in itr], cfg,
-                                                 [feats[i] for i in itr]), y[tr])
+    g_tr, f_tr = [graphs[i] for i in itr], [feats[i] for i in itr]
+    params = train.fit_gnn(g_tr, y[tr], a["group"][tr], cfg, f_tr)
+    c_gnn = metrics.mape_scale(train.predict_gnn(params, g_tr, cfg, f_tr), y[tr])
     preds["gnn"][ite] = c_gnn * train.predict_gnn(params, [graphs[i] for i in ite], cfg,
                                                   [feats[i] for i in ite])
     fitted.append({"fold": fi, "gnn_mape_scale": c_gnn, "mlp_mape_scale": c_mlp})
