@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -137,7 +136,7 @@ def time_group(rec: dict, rounds: int, target_s: float, floor_s: float, deadline
     first.append(t1)
     inner.append(int(np.clip(np.ceil(target_s / max(t1, 1e-7)), 1, 1000)))
   times = [[] for _ in vs]
-  slowest = max(inner_t for inner_t in first)
+  slowest = max(first)
   if slowest > 0.02:  # long programs: fewer rounds (their timing noise is relatively small)
     rounds = max(5, rounds // 2)
   for _ in range(rounds):
@@ -193,7 +192,6 @@ def main(argv):
   fams = list(FLAGS.families)
   compiled: list[dict] = []
   n_err = {}
-  lock = threading.Lock()
   gid = 0
   last_print = _now()
   with cf.ThreadPoolExecutor(threads) as pool:
@@ -205,13 +203,12 @@ def main(argv):
         pending.add(pool.submit(compile_group, gid, spec, variants, plat))
         gid += 1
       done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
-      for f in done:
+      for f in done:  # results are gathered here, in the main thread only
         rec = f.result()
-        with lock:
-          for v, e in rec["errors"]:
-            n_err[v] = n_err.get(v, 0) + 1
-          if rec["variants"]:
-            compiled.append(rec)
+        for v, _ in rec["errors"]:
+          n_err[v] = n_err.get(v, 0) + 1
+        if rec["variants"]:
+          compiled.append(rec)
       if _now() - last_print > 30:
         last_print = _now()
         print(f"[{_now() - t_start:6.1f}s] compiled {len(compiled)} programs "
