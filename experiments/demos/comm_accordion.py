@@ -8,15 +8,14 @@ import optax
 from mlsys_jax import data, models
 from mlsys_jax.comm import accordion, lowrank
 
+from .comm_sparse import digits_cnn
+
 ORDER = 21
 TECHNIQUE = "ACCORDION / PowerSGD"
 
 
 def run(seed: int):
-  ds = data.load_digits(seed=seed)
-  m = models.CNN(channels=(16, 32), hidden=64)
-  params = m.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
-  grad = jax.jit(jax.grad(lambda p, x, y: models.cross_entropy(m.apply({"params": p}, x), y)))
+  ds, m, params, grad = digits_cnn(seed)
   # (1) PowerSGD rank 2 on the hidden layer's gradient: warm-started steps vs the best rank-2 (SVD).
   g = np.asarray(grad(params, ds.x_train[:256], ds.y_train[:256])["Dense_0"]["kernel"], np.float64)
   s = np.linalg.svd(g, compute_uv=False)

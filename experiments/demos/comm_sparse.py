@@ -10,11 +10,18 @@ ORDER = 20
 TECHNIQUE = "SIDCo"
 
 
-def run(seed: int):
+def digits_cnn(seed: int):
+  """``(dataset, model, params, grad)`` of the digits CNN both comm demos train; ``grad(params, x, y)`` is
+  the jitted cross-entropy gradient."""
   ds = data.load_digits(seed=seed)
   m = models.CNN(channels=(16, 32), hidden=64)
   params = m.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   grad = jax.jit(jax.grad(lambda p, x, y: models.cross_entropy(m.apply({"params": p}, x), y)))
+  return ds, m, params, grad
+
+
+def run(seed: int):
+  ds, m, params, grad = digits_cnn(seed)
   tx = optax.chain(sp.sidco(0.01, distribution="gpareto"), optax.adam(2e-3))
   st = tx.init(params)
   step = jax.jit(tx.update)
