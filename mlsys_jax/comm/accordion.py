@@ -57,7 +57,7 @@ import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import (_check_axis, _global_finite, _keep_warm, matrix_shape,
+from mlsys_jax.comm.lowrank import (_check_axis, _global_finite, _initial_q, _keep_warm, matrix_shape,
                                     powersgd_layout, powersgd_step)
 
 __all__ = [
@@ -199,18 +199,11 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     check_floating("accordion.init", params)
     leaves = jax.tree_util.tree_leaves(params)
     layout = _layout(params)
-    key = jax.random.PRNGKey(seed)
-    qs = []
-    for i, (leaf, (kind, lo, _)) in enumerate(zip(leaves, layout)):
-      dt = jnp.result_type(leaf)
-      if kind == "powersgd":
-        qs.append(jax.random.normal(jax.random.fold_in(key, i), (matrix_shape(leaf.shape)[1], lo), dt))
-      else:
-        qs.append(jnp.zeros((0, 0), dt))
+    qs = _initial_q(leaves, [lo if kind == "powersgd" else 0 for kind, lo, _ in layout], seed)
     n_leaves = len(leaves)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     zi, zf = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
-    return AccordionState(zeros, tuple(qs), zeros, jnp.zeros((n_leaves,), jnp.float32),
+    return AccordionState(zeros, qs, zeros, jnp.zeros((n_leaves,), jnp.float32),
                           jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi)
 
   def _compress_leaf(kind, lo, hi, acc, q, critical):

@@ -217,6 +217,16 @@ def _global_finite(leaves, axis_name):
   return jnp.logical_not(bad)
 
 
+def _initial_q(leaves: Sequence[Any], ranks: Sequence[int], seed: int) -> tuple:
+  """Random warm starts Q (m, r) per leaf from ``seed`` (the same on every device: no broadcast), leaf i
+  drawn with ``fold_in(key, i)``; shape (0, 0) where the rank is 0 (dense leaves)."""
+  key = jax.random.PRNGKey(seed)
+  return tuple(
+      jnp.zeros((0, 0), jnp.result_type(leaf)) if r == 0 else
+      jax.random.normal(jax.random.fold_in(key, i), (matrix_shape(leaf.shape)[1], r), jnp.result_type(leaf))
+      for i, (leaf, r) in enumerate(zip(leaves, ranks)))
+
+
 def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: int = 0,
              axis_name: str | None = None) -> optax.GradientTransformation:
   """PowerSGD compression with error feedback (Vogels et al., NeurIPS 2019, Algorithms 1-2).
@@ -244,16 +254,8 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     check_floating("powersgd.init", params)
     leaves = jax.tree_util.tree_leaves(params)
     ranks = powersgd_layout(params, rank, min_size=min_size, clamp_rank=clamp_rank)
-    key = jax.random.PRNGKey(seed)
-    qs = []
-    for i, (leaf, r) in enumerate(zip(leaves, ranks)):
-      dt = jnp.result_type(leaf)
-      if r == 0:
-        qs.append(jnp.zeros((0, 0), dt))
-      else:
-        qs.append(jax.random.normal(jax.random.fold_in(key, i), (matrix_shape(leaf.shape)[1], r), dt))
     z = jnp.zeros((), jnp.float32)
-    return PowerSGDState(jax.tree_util.tree_map(jnp.zeros_like, params), tuple(qs),
+    return PowerSGDState(jax.tree_util.tree_map(jnp.zeros_like, params), _initial_q(leaves, ranks, seed),
                          jnp.zeros((), jnp.int32), z, z, jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
