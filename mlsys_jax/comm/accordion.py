@@ -260,8 +260,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       outs.append(jnp.where(finite, out, 0).astype(g.dtype))
       new_res.append(jnp.where(finite, r_new, res))
       new_q.append(jnp.where(finite, q_new, q))
-      new_accum.append(jnp.where(finite & in_window, acc_w + jnp.where(finite, g, 0).astype(acc_w.dtype),
-                                 acc_w))
+      new_accum.append(jnp.where(finite & in_window, acc_w + g.astype(acc_w.dtype), acc_w))
       nbytes = nbytes + nb
     nbytes = jnp.where(finite, nbytes, 0.0)
 
@@ -275,10 +274,9 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
         norms = jax.lax.pmean(norms, axis_name)
       return norms
 
-    norms = jax.lax.cond(decide, do_decide, lambda accs: state.prev_norm, new_accum)
+    norms = jax.lax.cond(decide, do_decide, lambda accs: state.prev_norm, new_accum)  # old if no decision
     critical = jnp.where(decide, critical_regime(state.prev_norm, norms, eta, state.has_prev),
                          state.critical)
-    prev_norm = jnp.where(decide, norms, state.prev_norm)
     has_prev = state.has_prev | decide
     new_accum = [jnp.where(decide, jnp.zeros_like(a), a) for a in new_accum]
     if axis_name is not None:
@@ -288,7 +286,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       critical = critical | decayed
     new_state = AccordionState(
         jax.tree_util.tree_unflatten(treedef, new_res), tuple(new_q),
-        jax.tree_util.tree_unflatten(treedef, new_accum), prev_norm, has_prev, critical, t + 1,
+        jax.tree_util.tree_unflatten(treedef, new_accum), norms, has_prev, critical, t + 1,
         nbytes, state.total_bytes + nbytes, state.nonfinite_steps + (~finite).astype(jnp.int32),
         state.decisions + decide.astype(jnp.int32))
     return jax.tree_util.tree_unflatten(treedef, outs), new_state
@@ -300,19 +298,16 @@ def accordion_report(state: AccordionState, params: Any | None = None) -> dict:
   """A plain-Python summary of a run: steps, total bytes, decisions, skipped steps and the current
   per-layer regime (with the leaf paths when ``params`` is given). Accepts a state with a leading
   worker axis (it reads worker 0)."""
-  def first(x):
-    x = np.asarray(x)
-    return x.reshape(-1)[0] if x.ndim == 0 or x.size == 1 else x
+  def first(x):   # worker 0's value of a scalar field
+    return np.asarray(x).reshape(-1)[0]
 
   crit = np.asarray(state.critical)
   crit = crit.reshape(-1, crit.shape[-1])[0]
   names = ([jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
            if params is not None else [str(i) for i in range(len(crit))])
-  steps = int(np.asarray(state.step).reshape(-1)[0])
-  tot = float(np.asarray(state.total_bytes).reshape(-1)[0])
+  steps, tot = int(first(state.step)), float(first(state.total_bytes))
   return {"steps": steps, "total_bytes": tot, "bytes_per_step": tot / max(steps, 1),
-          "decisions": int(np.asarray(state.decisions).reshape(-1)[0]),
-          "nonfinite_steps": int(np.asarray(state.nonfinite_steps).reshape(-1)[0]),
+          "decisions": int(first(state.decisions)), "nonfinite_steps": int(first(state.nonfinite_steps)),
           "critical": {n: bool(c) for n, c in zip(names, crit)}}
 
 
