@@ -127,11 +127,8 @@ def main(argv):
     texts, graphs, feats = [texts[i] for i in keep], [graphs[i] for i in keep], [feats[i] for i in keep]
     a = {k: v[keep] for k, v in a.items()}
   # Shape-based counts from our parser (XLA's GPU cost analysis counts no flops in cuBLAS/cuDNN calls).
-  trivial = np.asarray([graph.OPCODE_ID[o] for o in graph.TRIVIAL if o in graph.OPCODE_ID])
   own_flops = np.asarray([float(g.attrs[:, graph.ATTR_ID["flops"]].sum()) for g in graphs])
-  own_bytes = np.asarray([float(((g.attrs[:, graph.ATTR_ID["operand_bytes"]] + g.num_bytes)
-                                 * ((g.attrs[:, graph.ATTR_ID["depth"]] == 0)
-                                    & ~np.isin(g.opcode, trivial))).sum()) for g in graphs])
+  own_bytes = np.asarray([float(graph.kernel_io_bytes(g).sum()) for g in graphs])
   progf = np.stack([features.program_features(g, {"flops": f, "bytes accessed": b, "transcendentals": tr})
                     for g, f, b, tr in zip(graphs, a["flops"], a["bytes"], a["trans"])])
   print(f"parsed {len(graphs)} programs in {time.time() - t0:.0f}s; nodes median "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlsys_jax.cost.graph import (ATTR_ID, CUSTOM_TARGETS, DTYPES, FUSION_KINDS, MAX_RANK, OPCODES,
-                                  REDUCERS, HloGraph, TRIVIAL, OPCODE_ID)
+                                  REDUCERS, HloGraph, OPCODE_ID, kernel_nodes)
 
 _CATEGORICAL = {"reducer": len(REDUCERS), "custom_target": len(CUSTOM_TARGETS),
                 "fusion_kind": len(FUSION_KINDS)}
@@ -82,8 +82,7 @@ def program_features(g: HloGraph, xla_cost: dict | None = None) -> np.ndarray:
   c = xla_cost or {}
   a = g.attrs.astype(np.float64)
   top = a[:, ATTR_ID["depth"]] == 0
-  trivial_ids = np.asarray([OPCODE_ID[o] for o in TRIVIAL if o in OPCODE_ID])
-  nontrivial = top & ~np.isin(g.opcode, trivial_ids)
+  nontrivial = kernel_nodes(g)
   base = [c.get("flops", 0.0), c.get("bytes accessed", c.get("bytes_accessed", 0.0)),
           c.get("transcendentals", 0.0), a[:, ATTR_ID["flops"]].sum(), a[:, ATTR_ID["transcendentals"]].sum(),
           g.opcode.shape[0], g.senders.shape[0], int(g.n_kernel.sum()), nontrivial.sum(),

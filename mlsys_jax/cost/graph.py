@@ -120,6 +120,19 @@ class HloGraph(NamedTuple):
     return int(self.n_node.shape[0])
 
 
+_TRIVIAL_IDS = np.asarray([OPCODE_ID[o] for o in TRIVIAL if o in OPCODE_ID])
+
+
+def kernel_nodes(g: HloGraph) -> np.ndarray:
+  """bool [N]: entry-level nodes that launch a kernel (not padding, not :data:`TRIVIAL`)."""
+  return (g.attrs[:, ATTR_ID["depth"]] == 0) & (g.opcode != 0) & ~np.isin(g.opcode, _TRIVIAL_IDS)
+
+
+def kernel_io_bytes(g: HloGraph) -> np.ndarray:
+  """float64 [N]: operand + output bytes of each kernel-launching node (:func:`kernel_nodes`), else 0."""
+  return np.where(kernel_nodes(g), g.attrs[:, ATTR_ID["operand_bytes"]] + g.num_bytes, 0.0)
+
+
 def _dim_labels(value: str | None) -> tuple[str, str, str] | None:
   if not value or "->" not in value or "_" not in value:
     return None

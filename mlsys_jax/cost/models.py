@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlsys_jax.cost.graph import ATTR_ID, OPCODE_ID, OPCODES, TRIVIAL, HloGraph
+from mlsys_jax.cost.graph import ATTR_ID, OPCODES, HloGraph, kernel_io_bytes
 
 
 class GraphBatch(NamedTuple):
@@ -60,8 +60,7 @@ def make_batch(g: HloGraph, x: np.ndarray) -> GraphBatch:
     raise ValueError("n_node does not add up to the node count.")
   real = np.bincount(node_graph, weights=(g.opcode != 0), minlength=n_graph) > 0
   top = ((g.attrs[:, ATTR_ID["depth"]] == 0) & (g.opcode != 0)).astype(np.float32)
-  trivial = np.isin(g.opcode, [OPCODE_ID[o] for o in TRIVIAL if o in OPCODE_ID])
-  io = np.where((top > 0) & ~trivial, g.attrs[:, ATTR_ID["operand_bytes"]] + g.num_bytes, 0.0)
+  io = kernel_io_bytes(g)
   return GraphBatch(g.opcode.astype(np.int32), x.astype(np.float32), g.senders.astype(np.int32),
                     g.receivers.astype(np.int32), g.kernel.astype(np.int32), kernel_graph, real, top,
                     g.attrs[:, ATTR_ID["flops"]].astype(np.float32), io.astype(np.float32))
