@@ -191,13 +191,12 @@ def main(argv):
     for b_name in names[i + 1:]:
       diff = np.asarray(acc[a_name]) - np.asarray(acc[b_name])      # paired: same seeds
       boot = np.random.default_rng(0).choice(diff, (2000, len(diff))).mean(1)
+      lo, hi = np.quantile(boot, [0.025, 0.975])
       c = stats.compare(acc[a_name], acc[b_name])
       comparisons[f"{a_name} vs {b_name}"] = {
-          **c._asdict(), "mean_diff": float(diff.mean()),
-          "mean_diff_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]}
+          **c._asdict(), "mean_diff": float(diff.mean()), "mean_diff_ci95": [float(lo), float(hi)]}
       print(f"  {a_name} vs {b_name}: mean difference {diff.mean() * 100:+.2f} pt "
-            f"[{np.quantile(boot, 0.025) * 100:+.2f}, {np.quantile(boot, 0.975) * 100:+.2f}] (paired bootstrap); "
-            f"{c}")
+            f"[{lo * 100:+.2f}, {hi * 100:+.2f}] (paired bootstrap); {c}")
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
       "dataset": ds.name, "per_tensor": _PER_TENSOR.value, "optimizer": _OPT.value,
