@@ -18,6 +18,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from mlsys_jax._checks import check_choice
+
 
 def mape(pred: Sequence[float], target: Sequence[float]) -> float:
   """Mean absolute percentage error ``mean(|pred - target| / target)`` (a fraction, not %)."""
@@ -147,8 +149,7 @@ class Roofline(NamedTuple):
 
   def predict(self, flops: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     """Runtime in seconds of programs with ``flops`` and ``nbytes`` (arrays of one shape)."""
-    if self.combine not in ("max", "sum"):
-      raise ValueError(f"combine must be 'max' or 'sum', got {self.combine!r}.")
+    check_choice("combine", self.combine, ("max", "sum"))
     tf = np.asarray(flops, np.float64) / self.flops_per_s
     tb = np.asarray(nbytes, np.float64) / self.bytes_per_s
     t = np.maximum(tf, tb) if self.combine == "max" else tf + tb
@@ -163,10 +164,8 @@ def fit_roofline(flops: np.ndarray, nbytes: np.ndarray, runtime_s: np.ndarray, c
   A log-spaced grid search (rates 1e9..1e17 /s, overhead 0 or 1e-6..1e-3 s), then one refinement
   around the best point; robust and dependency-free.
   """
-  if combine not in ("max", "sum"):
-    raise ValueError(f"combine must be 'max' or 'sum', got {combine!r}.")
-  if objective not in ("log", "mape"):
-    raise ValueError(f"objective must be 'log' or 'mape', got {objective!r}.")
+  check_choice("combine", combine, ("max", "sum"))
+  check_choice("objective", objective, ("log", "mape"))
   f, b, y = (np.asarray(a, np.float64) for a in (flops, nbytes, runtime_s))
   if not f.shape == b.shape == y.shape or y.ndim != 1 or y.size == 0:
     raise ValueError(f"flops, nbytes and runtime_s need one non-empty 1-D shape, got {f.shape}, "

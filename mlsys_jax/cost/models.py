@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlsys_jax._checks import check_choice
 from mlsys_jax.cost.graph import ATTR_ID, OPCODES, HloGraph, kernel_io_bytes
 
 
@@ -119,8 +120,7 @@ class GraphSAGECostModel(nn.Module):
   @nn.compact
   def kernel_log_runtimes(self, b: GraphBatch) -> jnp.ndarray:
     """Predicted log runtime (log microseconds) of every kernel in the batch, [K]."""
-    if self.reduction not in ("sum_max", "mean"):
-      raise ValueError(f"reduction must be 'sum_max' or 'mean', got {self.reduction!r}.")
+    check_choice("reduction", self.reduction, ("sum_max", "mean"))
     emb = nn.Embed(self.num_opcodes, self.embed_dim, name="opcode_embed")(b.opcode)
     h = nn.relu(nn.Dense(self.hidden, name="input")(jnp.concatenate([emb, b.x], -1)))
     for i in range(self.num_layers):
