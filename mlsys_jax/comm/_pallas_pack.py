@@ -60,6 +60,28 @@ def _call(kernel, out_shape, grid, interpret, num_warps, **kw):
                         compiler_params=None if interpret else _compiler_params(num_warps), **kw)
 
 
+def _num_blocks(n: int, block_max: jax.Array) -> int:
+  """Number of 64-entry blocks of ``n`` entries, checking that ``block_max`` has one maximum per block."""
+  nb = -(-n // BLOCK)
+  if block_max.shape != (nb,):
+    raise ValueError(f"block_max must have shape ({nb},) (one maximum per 64 entries), got "
+                     f"{block_max.shape}.")
+  return nb
+
+
+def _store_ranked(idx_ref, val_ref, offs, v, sel, base, capacity: int):
+  """In-kernel: write the selected entries of a (rows, 64) tile to payload slots ``base`` + their rank in
+  index order (prefix sums along and across the block rows); slots at or past ``capacity`` are dropped."""
+  s = sel.astype(jnp.int32)
+  within = jnp.cumsum(s, axis=1)                         # inclusive rank inside each block row
+  row = jnp.sum(s, axis=1)
+  slot = base + (jnp.cumsum(row) - row)[:, None] + within - 1   # + selected entries in earlier rows
+  ok = sel & (slot < capacity)
+  dst = jnp.where(ok, slot, capacity)
+  plgpu.store(idx_ref.at[dst], offs, mask=ok)
+  plgpu.store(val_ref.at[dst], v, mask=ok)
+
+
 def _tile(x_ref, bmax_ref, t, i, *, n: int, nb: int, tb: int):
   """Offsets (tb, 64), loaded values and the selection mask of tile ``i`` (candidate blocks only)."""
   blk = i * tb + jnp.arange(tb, dtype=jnp.int32)
@@ -108,10 +130,7 @@ def pack_above_all_tiles(x: jax.Array, threshold: jax.Array, capacity: int, bloc
   tile_blocks = tile_blocks or TILE_BLOCKS
   num_warps = num_warps or NUM_WARPS
   n = x.shape[0]
-  nb = -(-n // BLOCK)
-  if block_max.shape != (nb,):
-    raise ValueError(f"block_max must have shape ({nb},) (one maximum per 64 entries), got "
-                     f"{block_max.shape}.")
+  nb = _num_blocks(n, block_max)
   tb = tile_blocks
   tiles = -(-nb // tb)
   t = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
@@ -136,15 +155,7 @@ def pack_above_all_tiles(x: jax.Array, threshold: jax.Array, capacity: int, bloc
     @pl.when(b < capacity)
     def _():
       offs, v, sel = tile(x_ref, bmax_ref, t_ref[0], i)
-      s = sel.astype(jnp.int32)
-      within = jnp.cumsum(s, axis=1)                         # inclusive rank inside each block row
-      row = jnp.sum(s, axis=1)
-      row_before = jnp.cumsum(row) - row                     # selected entries in earlier rows
-      slot = b + row_before[:, None] + within - 1
-      ok = sel & (slot < capacity)
-      dst = jnp.where(ok, slot, capacity)
-      plgpu.store(idx_ref.at[dst], offs, mask=ok)
-      plgpu.store(val_ref.at[dst], v, mask=ok)
+      _store_ranked(idx_ref, val_ref, offs, v, sel, b, capacity)
 
   idx, vals = _call(
       write_kernel, (jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((capacity,), x.dtype)),
@@ -177,10 +188,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
   """
   num_warps = num_warps or NUM_WARPS
   n = x.shape[0]
-  nb = -(-n // BLOCK)
-  if block_max.shape != (nb,):
-    raise ValueError(f"block_max must have shape ({nb},) (one maximum per 64 entries), got "
-                     f"{block_max.shape}.")
+  nb = _num_blocks(n, block_max)
   cap_b = min(nb, capacity)
   lb = list_blocks or max(LIST_BLOCKS, _pow2(-(-nb // MAX_TILES)))
   rb = rows or max(ROWS, _pow2(-(-cap_b // MAX_TILES)))
@@ -257,14 +265,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
     @pl.when((g * rb < nr) & (b < capacity))
     def _():
       offs, v, sel = rows_of(x_ref, cand_ref, t_ref[0], nr, g)
-      s = sel.astype(i32)
-      within = jnp.cumsum(s, axis=1)                         # inclusive rank inside each block row
-      row = jnp.sum(s, axis=1)
-      slot = b + (jnp.cumsum(row) - row)[:, None] + within - 1
-      ok = sel & (slot < capacity)
-      dst = jnp.where(ok, slot, capacity)
-      plgpu.store(idx_ref.at[dst], offs, mask=ok)
-      plgpu.store(val_ref.at[dst], v, mask=ok)
+      _store_ranked(idx_ref, val_ref, offs, v, sel, b, capacity)
 
   idx, vals = _call(
       write_kernel, (jax.ShapeDtypeStruct((capacity,), i32), jax.ShapeDtypeStruct((capacity,), x.dtype)),
