@@ -170,6 +170,16 @@ def _block_stats(a: jax.Array):
 _PACK_METHOD = "search"
 
 
+def _payload_and_count(idx, vals, total, n_cand, cap_b, capacity):
+  """``(payload, n_above)`` of a packing that placed the selected entries of its first ``cap_b`` of
+  ``n_cand`` candidate blocks (``total`` of them) at ``idx``/``vals``: each candidate block left out holds
+  at least one more selected entry, so it means overflow and adds one to the (lower-bound) count."""
+  total = total.astype(jnp.int32)
+  extra = jnp.maximum(n_cand - cap_b, 0).astype(jnp.int32)
+  return (SparsePayload(idx, vals, jnp.minimum(total, capacity), (total > capacity) | (extra > 0)),
+          total + extra)
+
+
 def _pack_scatter(x, threshold, capacity, flags, incl, n_cand, cap_b):
   """compact_above's packing by scatters to unique destinations: flagged block b goes to candidate slot
   ``incl[b] - 1``, selected entry e of candidate row r to payload slot ``row_offset[r] + rank(e)``;
@@ -192,10 +202,7 @@ def _pack_scatter(x, threshold, capacity, flags, incl, n_cand, cap_b):
   slot = jnp.where(slot < capacity, slot, capacity).reshape(-1)
   idx = jnp.zeros((capacity,), jnp.int32).at[slot].set(pos.reshape(-1), mode="drop", unique_indices=True)
   vals = jnp.zeros((capacity,), x.dtype).at[slot].set(rows.reshape(-1), mode="drop", unique_indices=True)
-  extra = jnp.maximum(n_cand - cap_b, 0)
-  overflow = (total > capacity) | (extra > 0)
-  return (SparsePayload(idx, vals, jnp.minimum(total, capacity).astype(jnp.int32), overflow),
-          total + extra)
+  return _payload_and_count(idx, vals, total, n_cand, cap_b, capacity)
 
 
 PACKINGS = ("auto", "xla", "pallas")
@@ -241,10 +248,7 @@ def _pack_xla(x, threshold, capacity, block_max):
 
 def _pack_pallas(x, threshold, capacity, block_max, interpret):
   idx, vals, total, n_cand = _pallas_pack.pack_above(x, threshold, capacity, block_max, interpret=interpret)
-  total = total.astype(jnp.int32)
-  extra = jnp.maximum(n_cand - min(block_max.shape[0], capacity), 0).astype(jnp.int32)
-  return (SparsePayload(idx, vals, jnp.minimum(total, capacity), (total > capacity) | (extra > 0)),
-          total + extra)
+  return _payload_and_count(idx, vals, total, n_cand, min(block_max.shape[0], capacity), capacity)
 
 
 def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
