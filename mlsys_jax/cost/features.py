@@ -44,8 +44,7 @@ def node_features(g: HloGraph) -> np.ndarray:
   cols = []
   cols.append(np.log1p(g.dims.astype(np.float64)) / 10.0)
   cols.append(g.rank[:, None] / 6.0)
-  elems = np.where(g.rank > 0, np.prod(np.maximum(g.dims, 1) * (np.arange(MAX_RANK)[None] < g.rank[:, None])
-                                       + (np.arange(MAX_RANK)[None] >= g.rank[:, None]), axis=1), 1)
+  elems = np.prod(np.maximum(g.dims, 1), axis=1)  # dims beyond the rank are 0 in an HloGraph: factor 1
   cols.append(np.log1p(elems.astype(np.float64))[:, None] / 20.0)
   cols.append(np.log1p(g.num_bytes)[:, None] / 25.0)
   cols.append(np.eye(len(DTYPES))[np.clip(g.dtype, 0, len(DTYPES) - 1)])
