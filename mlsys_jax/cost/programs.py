@@ -345,7 +345,8 @@ def make_args(spec: ProgramSpec, seed: int) -> list[jax.Array]:
       host = rng.integers(0, hi or 2, size=a.shape).astype(a.dtype)
     else:
       off = int(rng.integers(pool.size))
-      flat = np.roll(pool, -off)[:n] if n <= pool.size else np.resize(np.roll(pool, -off), n)
+      # The pool read cyclically from off: a view unless it wraps (no 64 MB roll per argument).
+      flat = pool[off:off + n] if off + n <= pool.size else np.resize(np.roll(pool, -off), n)
       host = flat.reshape(a.shape).astype(a.dtype)
     out.append(jax.device_put(host))
   return out
