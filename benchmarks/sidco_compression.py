@@ -23,6 +23,7 @@ which is what compression costs inside a jitted training step (``--device_only``
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import sys
 import time
@@ -72,17 +73,27 @@ def _time(fn, base, repeats):
   return stats.time_interleaved(fn, base, repeats=repeats, warmup=3, inner=INNER)
 
 
+@contextlib.contextmanager
+def _sparse_switches(**values):
+  """Set module switches of ``mlsys_jax.comm.sparse`` (``_PALLAS_STATS``, ``_BLOCK``, ``_PACK_METHOD``)
+  inside the block and restore them after; they act while a function is traced, so trace inside it."""
+  old = {k: getattr(sp, k) for k in values}
+  for k, v in values.items():
+    setattr(sp, k, v)
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      setattr(sp, k, v)
+
+
 def _sidco(dist, stages, packing, stats=None):
   """sidco_compress with ``packing``; ``stats`` ('pallas'/'xla') picks the statistics pass of the Pallas
   path (module switch, applied while the function is traced)."""
   def make(cap, ratio):
     def f(x):
-      old = sp._PALLAS_STATS
-      sp._PALLAS_STATS = stats or old
-      try:
+      with _sparse_switches(_PALLAS_STATS=stats or sp._PALLAS_STATS):
         return sp.sidco_compress(x, ratio, cap, dist, stages, packing=packing)[0]
-      finally:
-        sp._PALLAS_STATS = old
     return f
   return make
 
@@ -263,12 +274,8 @@ def phase_table(n, ratio, bw, repeats):
   for name, (fn, fargs) in phases.items():
     timed(name, fn, fargs)
   full = lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas")
-  old_stats = sp._PALLAS_STATS
-  sp._PALLAS_STATS = "pallas"
-  try:
+  with _sparse_switches(_PALLAS_STATS="pallas"):
     timed("all: Pallas pack, Pallas stats", jax.jit(full), (g,))
-  finally:
-    sp._PALLAS_STATS = old_stats
   unrolled = device_loop(full, unroll=True)
   tm = stats.time_interleaved(lambda: unrolled(g), lambda: top(g), repeats=repeats, warmup=2)
   rows.append({"n": f"{n / 1e6:g}M", "phase": "all: sidco_compress Pallas, 20 calls unrolled (no loop)",
@@ -388,16 +395,12 @@ def main():
     print(prow[-1], flush=True)
   # Packing method and block size of the statistics / candidate blocks (XLA path).
   for method, blk in (("search", 64), ("scatter", 64), ("search", 128)):
-    old_blk, old_method = sp._BLOCK, sp._PACK_METHOD
-    sp._BLOCK, sp._PACK_METHOD = blk, method
-    try:
+    with _sparse_switches(_BLOCK=blk, _PACK_METHOD=method):
       fn = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla")[0])
       pk = jax.jit(lambda x, tt: sp.compact_above(x, tt, cap, packing="xla")[0])
       tm = _time(lambda: fn(g), lambda: top(g), repeats)
       tp = _time(lambda: pk(g, t), lambda: top(g), repeats)
       cnt = int(fn(g).count)
-    finally:
-      sp._BLOCK, sp._PACK_METHOD = old_blk, old_method
     prow.append({"n": f"{n / 1e6:g}M", "phase": f"sidco_compress, pack {method}, block {blk}",
                  "ms": f"{tm.median_a * 1e3:.4f}", "x floor": f"{tm.median_a / floor:.2f}",
                  "speed-up vs top_k": f"{tm.ratio:.2f}", "count": cnt,
