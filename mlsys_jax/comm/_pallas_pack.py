@@ -82,15 +82,20 @@ def _store_ranked(idx_ref, val_ref, offs, v, sel, base, capacity: int):
   plgpu.store(val_ref.at[dst], v, mask=ok)
 
 
+def _load_blocks(x_ref, ids, row_ok, t, n: int):
+  """In-kernel: offsets (rows, 64), values and selection mask (``|x| > t``) of the 64-entry blocks ``ids``;
+  rows where ``row_ok`` is False and entries past ``n`` are not loaded (zeros, not selected)."""
+  offs = ids[:, None] * BLOCK + jnp.arange(BLOCK, dtype=jnp.int32)[None, :]
+  m = row_ok[:, None] & (offs < n)
+  v = plgpu.load(x_ref.at[offs], mask=m, other=jnp.zeros((), x_ref.dtype))
+  return offs, v, m & (jnp.abs(v.astype(jnp.float32)) > t)
+
+
 def _tile(x_ref, bmax_ref, t, i, *, n: int, nb: int, tb: int):
   """Offsets (tb, 64), loaded values and the selection mask of tile ``i`` (candidate blocks only)."""
   blk = i * tb + jnp.arange(tb, dtype=jnp.int32)
   bm = plgpu.load(bmax_ref.at[blk], mask=blk < nb, other=-jnp.inf)
-  offs = blk[:, None] * BLOCK + jnp.arange(BLOCK, dtype=jnp.int32)[None, :]
-  m = (bm > t)[:, None] & (offs < n)
-  v = plgpu.load(x_ref.at[offs], mask=m, other=jnp.zeros((), x_ref.dtype))
-  sel = m & (jnp.abs(v.astype(jnp.float32)) > t)
-  return offs, v, sel
+  return _load_blocks(x_ref, blk, bm > t, t, n)
 
 
 def block_stats(x: jax.Array, *, interpret: bool | None = None, tile_blocks: int | None = None,
@@ -238,10 +243,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
     r = g * rb + jnp.arange(rb, dtype=i32)
     valid = r < nr
     ids = plgpu.load(cand_ref.at[r], mask=valid, other=0)
-    offs = ids[:, None] * BLOCK + jnp.arange(BLOCK, dtype=i32)[None, :]
-    m = valid[:, None] & (offs < n)
-    v = plgpu.load(x_ref.at[offs], mask=m, other=jnp.zeros((), x_ref.dtype))
-    return offs, v, m & (jnp.abs(v.astype(jnp.float32)) > tt)
+    return _load_blocks(x_ref, ids, valid, tt, n)
 
   def group_count_kernel(t_ref, nr_ref, cand_ref, x_ref, gc_ref):
     g = pl.program_id(0)
