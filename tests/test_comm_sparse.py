@@ -178,6 +178,13 @@ def test_gamma_quantile_matches_scipy():
                              special.gammainccinv(a[keep], d[keep]), rtol=1e-4)
 
 
+def _candidate_blocks(mask):
+  """(number of 64-entry blocks, number of them holding a selected entry) of a 1-D selection mask."""
+  n = mask.shape[0]
+  nb = -(-n // 64)
+  return nb, int(jnp.sum(jnp.pad(mask, (0, nb * 64 - n)).reshape(nb, 64).any(1)))
+
+
 @pytest.mark.parametrize("n,cap,thr", [(5003, 2000, 1.0), (64 * 40, 10, 0.3), (130, 20, -1.0),
                                        (20_000, 30, 2.5)])
 @pytest.mark.parametrize("method", ["scatter", "search", "pallas"])
@@ -194,8 +201,7 @@ def test_compact_above_matches_compact(n, cap, thr, method, monkeypatch):
   np.testing.assert_array_equal(got.indices, ref.indices)
   np.testing.assert_array_equal(got.values, ref.values)
   # n_above is exact unless candidate blocks were truncated (then a lower bound above the capacity)
-  nb = -(-n // 64)
-  cand = int(jnp.sum(jnp.pad(mask, (0, nb * 64 - n)).reshape(nb, 64).any(1)))
+  nb, cand = _candidate_blocks(mask)
   if cand <= min(nb, cap):
     assert int(n_above) == total
   else:
@@ -265,8 +271,7 @@ def test_pallas_pack_zero_threshold_zeros_and_tile_edges(n, cap, thr):
   for a, b in zip(got, ref):
     np.testing.assert_array_equal(a, b)
   total = int(jnp.sum(jnp.abs(x) > thr))
-  nb = -(-n // 64)
-  cand = int(jnp.sum(jnp.pad(jnp.abs(x) > thr, (0, nb * 64 - n)).reshape(nb, 64).any(1)))
+  nb, cand = _candidate_blocks(jnp.abs(x) > thr)
   assert int(n_above) == total if cand <= min(nb, cap) else cap < int(n_above) <= total
 
 
