@@ -57,8 +57,8 @@ import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import (_check_axis, _global_finite, _initial_q, _keep_warm, matrix_shape,
-                                    powersgd_layout, powersgd_step)
+from mlsys_jax.comm.lowrank import (_global_finite, _initial_q, _keep_warm, matrix_shape, powersgd_layout,
+                                    powersgd_step)
 
 __all__ = [
     "AccordionState",
@@ -244,7 +244,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
   def update_fn(updates, state, params=None):
     del params
     check_floating("accordion.update", updates)
-    _check_axis(axis_name)
+    _sp._check_axis(axis_name)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     layout = _layout(updates)
     res_leaves = treedef.flatten_up_to(state.residual)

@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 from mlsys_jax._checks import check_floating, check_int
+from mlsys_jax.comm.sparse import _check_axis
 
 __all__ = [
     "PowerSGDState",
@@ -197,16 +198,6 @@ def total_bytes(state: Any) -> float:
       except ValueError:
         continue
   raise ValueError(f"no compression state with total_bytes found in {type(state).__name__}.")
-
-
-def _check_axis(axis_name):
-  if axis_name is None:
-    return
-  try:
-    jax.lax.psum(1, axis_name)
-  except NameError as e:
-    raise NameError(f"axis_name {axis_name!r} is not bound: call the update inside pmap/shard_map over "
-                    f"that axis, or pass axis_name=None for one device.") from e
 
 
 def _global_finite(leaves, axis_name):

@@ -559,6 +559,17 @@ def _check_common(ratio, capacity_factor):
   check_range("capacity_factor", capacity_factor, 1.0)
 
 
+def _check_axis(axis_name: str | None) -> None:
+  """Raise ``NameError`` saying what to do when ``axis_name`` is set but not bound by pmap/shard_map."""
+  if axis_name is None:
+    return
+  try:
+    jax.lax.psum(1, axis_name)
+  except NameError as e:
+    raise NameError(f"axis_name {axis_name!r} is not bound: call the update inside pmap/shard_map over "
+                    f"that axis, or pass axis_name=None for one device.") from e
+
+
 def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: bool,
                 axis_name: str | None, seed: int, initial_stages: int,
                 adapt: tuple[int, int, float] | None = None, momentum: float = 0.0
@@ -596,12 +607,7 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     for leaf in leaves:
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
         raise TypeError(f"sparsifiers need floating-point gradients, got dtype {jnp.result_type(leaf)}.")
-    if axis_name is not None:
-      try:
-        jax.lax.psum(1, axis_name)
-      except NameError as e:
-        raise NameError(f"axis_name {axis_name!r} is not bound: call the update inside pmap/shard_map "
-                        f"over that axis, or pass axis_name=None for one device.") from e
+    _check_axis(axis_name)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves]))
     if momentum > 0:
       vel = jax.tree_util.tree_map(lambda g, u: momentum * u + g.astype(u.dtype), updates, state.velocity)
