@@ -13,6 +13,7 @@ workers (8 simulated workers mapped with jax.vmap and an axis name) with compres
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -108,6 +109,20 @@ def warmup_schedule(target: float, epochs: int, steps_per_epoch: int) -> list[tu
   return phases + [(target, epochs * steps_per_epoch)]
 
 
+@functools.lru_cache(maxsize=None)
+def _make_step(model, make_compressor, density):
+  """The optimizer and jitted data-parallel step of one arm at one density, built once and shared by every
+  seed (and warm-up phase) that uses it: one compilation each, not one per run."""
+  if _OPT.value == "adam":
+    opt = optax.adam(1e-3)
+  else:
+    opt = optax.sgd(_LR.value, momentum=0.9) if make_compressor is None else optax.sgd(_LR.value)
+  compressor = None if make_compressor is None else make_compressor(density)
+  tx = opt if compressor is None else optax.chain(compressor, opt)
+  return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
+                                                      average_grads=compressor is None)
+
+
 def train_parallel(ds, model, make_compressor, seed, workers: int = 8):
   """Data-parallel training with ``workers`` simulated workers.
 
@@ -124,18 +139,7 @@ def train_parallel(ds, model, make_compressor, seed, workers: int = 8):
   r = _TRAIN_RATIO.value
   phases = ([(r, 0)] if make_compressor is None or _WARMUP.value == 0
             else warmup_schedule(r, _WARMUP.value, steps_per_epoch))
-  if _OPT.value == "adam":
-    opt = optax.adam(1e-3)
-  else:
-    opt = optax.sgd(_LR.value, momentum=0.9) if make_compressor is None else optax.sgd(_LR.value)
-
-  def make_step(density):
-    compressor = None if make_compressor is None else make_compressor(density)
-    tx = opt if compressor is None else optax.chain(compressor, opt)
-
-    return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
-                                                        average_grads=compressor is None)
-
+  make_step = functools.partial(_make_step, model, make_compressor)
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   tx, step = make_step(phases[0][0])
   # Every worker keeps its own optimizer state (and error-feedback residual).
