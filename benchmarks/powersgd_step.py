@@ -88,6 +88,7 @@ def main():
   cases["ACCORDION (4 vs 1), normal: rank 1"] = make(accordion("powersgd", low=4, high=1,
                                                                axis_name="d"), force_high=True)
   rows = []
+  meta = {"env": env, "n_params": n_params, "n_tensors": len(shapes), "devices": nd}
   t0 = time.perf_counter()
   jax.block_until_ready(base(grads))
   for name, fn in cases.items():
@@ -101,14 +102,12 @@ def main():
                  "time / all-reduce": f"{1 / t.ratio:.2f}", "MB sent": f"{nbytes / 1e6:.3f}",
                  "compression": f"{4.0 * n_params / nbytes:.0f}x", "compile s": f"{compile_s:.1f}"})
     print(rows[-1], flush=True)
-    write_json(args.out, "powersgd_step", {"env": env, "n_params": n_params, "n_tensors": len(shapes),
-                                           "devices": nd, "rows": rows, "partial": True})
+    write_json(args.out, "powersgd_step", {**meta, "rows": rows, "partial": True})
   print(f"\n{env}\n{len(shapes)} tensors, {n_params:,} parameters, {nd} device(s); dense all-reduce "
         f"input {4 * n_params / 1e6:.1f} MB; total {time.perf_counter() - t0:.0f}s")
   print_table(rows, ["method", "ms", "all-reduce ms", "time / all-reduce", "MB sent", "compression",
                      "compile s"])
-  write_json(args.out, "powersgd_step", {"env": env, "n_params": n_params, "n_tensors": len(shapes),
-                                         "devices": nd, "rows": rows})
+  write_json(args.out, "powersgd_step", {**meta, "rows": rows})
 
 
 if __name__ == "__main__":
