@@ -87,15 +87,13 @@ def _sparse_switches(**values):
       setattr(sp, k, v)
 
 
-def _sidco(dist, stages, packing, stats=None):
-  """sidco_compress with ``packing``; ``stats`` ('pallas'/'xla') picks the statistics pass of the Pallas
-  path (module switch, applied while the function is traced)."""
-  def make(cap, ratio):
-    def f(x):
-      with _sparse_switches(_PALLAS_STATS=stats or sp._PALLAS_STATS):
-        return sp.sidco_compress(x, ratio, cap, dist, stages, packing=packing)[0]
-    return f
-  return make
+def _sidco(dist, stages, packing, cap, ratio, stats=None):
+  """``x -> sidco_compress(x, ...)`` payload with ``packing``; ``stats`` ('pallas'/'xla') picks the
+  statistics pass of the Pallas path (module switch, applied while the function is traced)."""
+  def f(x):
+    with _sparse_switches(_PALLAS_STATS=stats or sp._PALLAS_STATS):
+      return sp.sidco_compress(x, ratio, cap, dist, stages, packing=packing)[0]
+  return f
 
 
 def device_table(sizes, ratio, bw, repeats, check=False):
@@ -112,11 +110,11 @@ def device_table(sizes, ratio, bw, repeats, check=False):
         "DGC (1% sample)": lambda x: sp.compact(
             x, jnp.abs(x) >= sp.dgc_threshold(jax.random.PRNGKey(0), jnp.abs(x), ratio, 0.01), cap),
         "SIDCo gpareto (1 stage): Pallas stats + Pallas pack (default on GPU)":
-            _sidco("gpareto", 1, "pallas", "pallas")(cap, ratio),
-        "SIDCo gpareto (1 stage): XLA stats + Pallas pack": _sidco("gpareto", 1, "pallas", "xla")(cap, ratio),
-        "SIDCo gpareto (1 stage): XLA path (previous)": _sidco("gpareto", 1, "xla")(cap, ratio),
-        "SIDCo exponential (3 stages), Pallas": _sidco("exponential", 3, "pallas")(cap, ratio),
-        "SIDCo gamma (2 stages), Pallas": _sidco("gamma", 2, "pallas")(cap, ratio),
+            _sidco("gpareto", 1, "pallas", cap, ratio, "pallas"),
+        "SIDCo gpareto (1 stage): XLA stats + Pallas pack": _sidco("gpareto", 1, "pallas", cap, ratio, "xla"),
+        "SIDCo gpareto (1 stage): XLA path (previous)": _sidco("gpareto", 1, "xla", cap, ratio),
+        "SIDCo exponential (3 stages), Pallas": _sidco("exponential", 3, "pallas", cap, ratio),
+        "SIDCo gamma (2 stages), Pallas": _sidco("gamma", 2, "pallas", cap, ratio),
     }
     if check:
       # (1) the packing alone, same threshold and block maxima: must be identical
@@ -194,7 +192,7 @@ def kernel_profile(n, ratio, calls: int = 10):
   variants = {
       "xla": jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla")),
       "pallas": jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="pallas")),
-      "pallas pack, xla stats": jax.jit(_sidco("gpareto", 1, "pallas", "xla")(cap, ratio)),
+      "pallas pack, xla stats": jax.jit(_sidco("gpareto", 1, "pallas", cap, ratio, "xla")),
       "top_k": jax.jit(lambda x: jax.lax.top_k(jnp.abs(x), k)),
   }
   out = {}
