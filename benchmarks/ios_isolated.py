@@ -1,0 +1,297 @@
+"""IOS vs XLA with every program timed in a fresh process (no shared autotuning or capture state).
+
+Why: in one long process that has run the stage profiler (hundreds of command-buffer executables), a
+later compilation can see XLA's autotuner fail ("All configs failed during profiling ...
+cudaErrorStreamCaptureInvalidated") and the same XLA configuration has measured 0.55-0.75 ms for
+Inception-V3 f32 in different runs. Here:
+
+1. one child process searches IOS-Merge and IOS-Both with the stage profiler and writes the schedules;
+2. every program (XLA configurations of the unscheduled net, IOS schedules re-applied with
+   ``Schedule.from_json``) is compiled, run and timed in its own fresh child process (``isolated``);
+3. one more child compiles every program before running any of them, then times them interleaved
+   (``interleaved``: rounds of ``number`` back-to-back calls with a rotating start).
+
+Ratios are against the best XLA program of the same method. Outputs are compared with plain jit.
+
+  PYTHONPATH=. python3 benchmarks/ios_isolated.py --net inception_v3 --dtypes float32 --out $OUT  # GPU
+  PYTHONPATH=. python3 benchmarks/ios_isolated.py --small                                    # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+XLA_PROGRAMS = {  # name -> (XLA_CONFIGS key, weights closed over)
+    "jit": ("jit", False),
+    "cc": ("cmdbuf_conv_concurrent", False),
+    "jit_const": ("jit", True),
+    "cc_const": ("cmdbuf_conv_concurrent", True),
+    "cc_const_lhs": ("cmdbuf_conv_concurrent_lhs", True),
+    "cc_const_cf": ("cmdbuf_conv_concurrent_convfusion", True),
+}
+IOS_PROGRAMS = ("ios_seq", "ios_seq_ka", "ios_merge", "ios_both")
+
+
+def _setup(args, dtype_name):
+  import jax
+  import jax.numpy as jnp
+  from mlsys_jax.models import ios_benchmark_nets, ios_init_params
+  dtype = jnp.dtype(dtype_name)
+  nets = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)
+  model, shape = nets[args.net]
+  params = ios_init_params(model, shape, seed=0)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape, dtype)
+  return model, params, x
+
+
+def _sched_path(args, dtype_name, strategy):
+  return os.path.join(args.work, f"sched_{args.net}_{dtype_name}_{strategy}.json")
+
+
+def _build(args, name, model, params, x):
+  """(compiled, call args) of one program, compiled but not run."""
+  import jax
+  from mlsys_jax import sched
+  from benchmarks.ios_xla_baselines import XLA_CONFIGS
+  on_gpu = jax.default_backend() == "gpu"
+  if name in XLA_PROGRAMS:
+    cfg, const = XLA_PROGRAMS[name]
+    opts = XLA_CONFIGS[cfg] if on_gpu else {}
+    if const:
+      return jax.jit(lambda x: model.apply(params, x), compiler_options=opts or None).lower(x).compile(), (x,)
+    return jax.jit(model.apply, compiler_options=opts or None).lower(params, x).compile(), (params, x)
+  fc = lambda x: model.apply(params, x)
+  strategy = "merge" if name.startswith("ios_seq") else name[len("ios_"):]
+  sc = sched.Schedule.from_json(open(_sched_path(args, x.dtype.name, strategy)).read(), fc, x,
+                                 part_size=args.part_size)
+  if name.startswith("ios_seq"):
+    info = {**sc.info, "keep_alive": name.endswith("_ka")}
+    stages = sched.sequential_schedule(sc.graph)
+    sc = sched.Schedule(sc.graph, stages, [0.0] * len(stages), sc.emission, 0.0, info)
+  jitted, consts = sc._build()
+  return jitted.lower(consts, x).compile(), (consts, x)
+
+
+def _search_options(args) -> dict:
+  """Extra XLA options of the stage profiles and of the emitted IOS programs."""
+  from benchmarks.ios_xla_baselines import CONV_FUSION_OPTIONS
+  return dict(CONV_FUSION_OPTIONS) if args.conv_fusion else {}
+
+
+def _stats(ts):
+  return {"ms": round(float(np.median(ts)) * 1e3, 4),
+          "iqr_ms": [round(float(np.percentile(ts, q)) * 1e3, 4) for q in (25, 75)]}
+
+
+def child_search(args):
+  import jax
+  from mlsys_jax import sched
+  model, params, x = _setup(args, args.dtype)
+  fc = lambda x: model.apply(params, x)
+  on_gpu = jax.default_backend() == "gpu"
+  out = {}
+  opts = _search_options(args) if on_gpu else {}
+  for strategy in args.strategies.split(","):
+    prof = (sched.StageProfiler(mode="cuda_graph", parallel="sum", compiler_options=opts,
+                                cache_path=os.path.join(args.work, f"cache_{args.dtype}.json"))
+            if on_gpu else None)
+    t0 = time.perf_counter()
+    sc = sched.ios_schedule(fc, x, r=args.r, s=args.s, strategy=strategy, profiler=prof,
+                            part_size=args.part_size,
+                            compiler_options=opts or None)
+    out[f"search_{strategy}_s"] = round(time.perf_counter() - t0, 1)
+    out[f"{strategy}_pred_ms"] = round(sc.predicted_latency * 1e3, 4)
+    out[f"{strategy}_counts"] = sc.counts()
+    with open(_sched_path(args, args.dtype, strategy), "w") as fh:
+      fh.write(sc.to_json())
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def child_time(args):
+  """Compile every named program, then run each once, then time (interleaved if several)."""
+  import jax
+  from mlsys_jax.sched.cost import time_calls
+  model, params, x = _setup(args, args.dtype)
+  names = args.programs.split(",")
+  built, res = {}, {}
+  for n in names:
+    t0 = time.perf_counter()
+    try:
+      built[n] = _build(args, n, model, params, x)
+      res[n] = {"compile_s": round(time.perf_counter() - t0, 2)}
+    except Exception as e:  # noqa: BLE001
+      res[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+  for n, (c, a) in built.items():  # first calls only after every compilation
+    t0 = time.perf_counter()
+    y = jax.block_until_ready(c(*a))
+    res[n]["first_call_s"] = round(time.perf_counter() - t0, 3)
+    np.save(os.path.join(args.work, f"y_{args.dtype}_{n}.npy"), np.asarray(y.astype("float32")))
+  ts = {n: [] for n in built}
+  order = list(built)
+  for i in range(args.repeat):
+    for n in order[i % len(order):] + order[:i % len(order)]:
+      ts[n] += time_calls(*built[n], args.number, 1)
+  for n in built:
+    res[n].update(_stats(ts[n]))
+  for n in [t for t in args.trace.split(",") if t in built]:
+    # per-call CUPTI kernel statistics (kernels, sum of kernel times, busy = union, overlap)
+    from benchmarks.ios_probe import trace_kernels
+    try:
+      tr = trace_kernels(built[n][0], built[n][1], n)
+      res[n]["trace"] = {k: v for k, v in tr.items() if k != "kernel_list"}
+    except Exception as e:  # noqa: BLE001
+      res[n]["trace"] = {"error": str(e)[:200]}
+  print("RESULT " + json.dumps(res), flush=True)
+
+
+def _run_child(args, mode, dtype, programs=""):
+  cmd = [sys.executable, __file__, "--child", mode, "--net", args.net, "--dtype", dtype,
+         "--work", args.work, "--programs", programs, "--number", str(args.number),
+         "--repeat", str(args.repeat), "--r", str(args.r), "--s", str(args.s),
+         "--trace", args.trace if mode == "time" and "," in programs else "",
+         "--strategies", args.strategies, "--part_size", str(args.part_size), "--conv_fusion", str(args.conv_fusion)]
+  if args.small:
+    cmd.append("--small")
+  t0 = time.perf_counter()
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout_s)
+  lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+  if p.returncode != 0 or not lines:
+    tail = (p.stderr or p.stdout)[-600:]
+    return {"error": f"child {mode} {programs} rc={p.returncode}: {tail}"}, time.perf_counter() - t0
+  return json.loads(lines[-1][len("RESULT "):]), time.perf_counter() - t0
+
+
+def _relerr(a, b):
+  a, b = a.astype(np.float64), b.astype(np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _ratios(res: dict, programs: list) -> dict:
+  ms = {n: res[n]["ms"] for n in programs if "ms" in res.get(n, {})}
+  xla = [n for n in ms if n in XLA_PROGRAMS]
+  if not xla:
+    return {}
+  best = min(xla, key=ms.get)
+  out = {"best_xla": best, "best_xla_ms": ms[best]}
+  for n in ms:
+    out[f"{n}_vs_best_xla"] = round(ms[best] / ms[n], 3)
+    if "jit" in ms:
+      out[f"{n}_vs_jit"] = round(ms["jit"] / ms[n], 3)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--net", default="inception_v3")
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--dtype", default="float32", help="(child) the dtype of this child")
+  ap.add_argument("--programs", default="jit,cc,cc_const,cc_const_lhs,ios_seq,ios_seq_ka,ios_merge,ios_both",
+                  help=f"XLA programs {sorted(XLA_PROGRAMS)} and IOS programs {IOS_PROGRAMS}")
+  ap.add_argument("--schedules", default="",
+                  help="directory with sched_<net>_<dtype>_<merge|both>.json to use instead of a search")
+  ap.add_argument("--strategies", default="merge,both", help="IOS searches (merge, both, parallel)")
+  ap.add_argument("--conv_fusion", type=int, default=0,
+                  help="1: stage profiles and IOS programs compiled with conv fusion (nets with many "
+                       "depthwise convs; compare with cc_const_cf)")
+  ap.add_argument("--cache", default="", help="stage-latency cache JSON to start from (copied)")
+  ap.add_argument("--part_size", type=int, default=50, help="units per DP part (IOS cuts NasNet into ~25)")
+  ap.add_argument("--r", type=int, default=3)
+  ap.add_argument("--s", type=int, default=8)
+  ap.add_argument("--number", type=int, default=30)
+  ap.add_argument("--repeat", type=int, default=9)
+  ap.add_argument("--trace", default="", help="programs whose kernels are traced (interleaved child)")
+  ap.add_argument("--skip_isolated", action="store_true", help="only the interleaved child")
+  ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--work", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--child_timeout_s", type=float, default=400)
+  ap.add_argument("--small", action="store_true")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--name", default="ios_isolated")
+  args = ap.parse_args()
+  if args.child == "search":
+    return child_search(args)
+  if args.child == "time":
+    return child_time(args)
+  if args.small:
+    args.net, args.number, args.repeat, args.r, args.s = "squeezenet", 2, 2, 2, 3
+  from benchmarks.common import environment, print_table
+  out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
+  os.makedirs(out_dir, exist_ok=True)
+  # schedules, stage cache and outputs in a scratch folder (the device returns at most 8 files); the
+  # searched schedules are copied next to the JSON at the end
+  args.work = args.schedules or os.path.join("/tmp", f"ios_isolated_{os.getpid()}")
+  os.makedirs(args.work, exist_ok=True)
+  if args.cache:
+    for dt in args.dtypes.split(","):
+      shutil.copy(args.cache, os.path.join(args.work, f"cache_{dt}.json"))
+  env = environment()
+  print(env, flush=True)
+  t_start = time.perf_counter()
+  payload = {"env": env, "argv": sys.argv[1:], "rows": []}
+  programs = args.programs.split(",")
+  bad = [p for p in programs if p not in XLA_PROGRAMS and p not in IOS_PROGRAMS]
+  if bad:
+    raise SystemExit(f"unknown programs {bad}; choose from {sorted(XLA_PROGRAMS)} + {list(IOS_PROGRAMS)}")
+
+  def flush():
+    payload["wall_s"] = round(time.perf_counter() - t_start, 1)
+    with open(os.path.join(out_dir, args.name + ".json"), "w") as fh:
+      json.dump(payload, fh, indent=1)
+
+  table = []
+  for dt in args.dtypes.split(","):
+    row = {"net": args.net, "dtype": dt}
+    payload["rows"].append(row)
+    if not args.schedules and any(p in IOS_PROGRAMS for p in programs):
+      row["search"], secs = _run_child(args, "search", dt)
+      print(f"[{time.perf_counter() - t_start:6.1f}s] {dt} search ({secs:.0f} s): {row['search']}", flush=True)
+      flush()
+    iso = {}
+    for p in programs if not args.skip_isolated else ():
+      r, secs = _run_child(args, "time", dt, p)
+      iso[p] = r.get(p, r)
+      print(f"[{time.perf_counter() - t_start:6.1f}s] {dt} isolated {p} ({secs:.0f} s): {iso[p]}", flush=True)
+      row["isolated"] = iso
+      flush()
+    row["isolated_ratios"] = _ratios(iso, programs)
+    inter, secs = _run_child(args, "time", dt, ",".join(programs))
+    row["interleaved"] = inter
+    row["interleaved_ratios"] = _ratios(inter, programs)
+    print(f"[{time.perf_counter() - t_start:6.1f}s] {dt} interleaved ({secs:.0f} s): {inter}", flush=True)
+    ref_path = os.path.join(args.work, f"y_{dt}_jit.npy")
+    if os.path.exists(ref_path):
+      ref = np.load(ref_path)
+      row["relerr_vs_jit"] = {p: _relerr(np.load(os.path.join(args.work, f"y_{dt}_{p}.npy")), ref)
+                              for p in programs
+                              if os.path.exists(os.path.join(args.work, f"y_{dt}_{p}.npy"))}
+    flush()
+    for p in programs:
+      table.append({"dtype": dt, "program": p,
+                    "isolated_ms": iso.get(p, {}).get("ms"),
+                    "iso_vs_best_xla": row["isolated_ratios"].get(f"{p}_vs_best_xla"),
+                    "interleaved_ms": inter.get(p, {}).get("ms") if isinstance(inter.get(p), dict) else None,
+                    "inter_vs_best_xla": row["interleaved_ratios"].get(f"{p}_vs_best_xla"),
+                    "relerr_vs_jit": row.get("relerr_vs_jit", {}).get(p)})
+  if not args.schedules:
+    for dt in args.dtypes.split(","):
+      for strategy in args.strategies.split(","):
+        src = _sched_path(args, dt, strategy)
+        if os.path.exists(src):
+          shutil.copy(src, os.path.join(out_dir, os.path.basename(src)))
+  print_table(table, ["dtype", "program", "isolated_ms", "iso_vs_best_xla", "interleaved_ms",
+                      "inter_vs_best_xla", "relerr_vs_jit"])
+
+
+if __name__ == "__main__":
+  main()
