@@ -310,6 +310,25 @@ def test_stage_profiler_cache_on_disk(tmp_path):
     sched.StageProfiler(k=1)
 
 
+def test_stage_profiler_serial_compiles_profile_the_same_stages():
+  """compile_threads=1 compiles one stage at a time and measures exactly the stages the pooled path does."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 4, 4))
+  f = lambda x: (jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)),
+                 lax.conv_general_dilated(x, 2 * w, (1, 1), "SAME", dimension_numbers=DN))
+  x = jnp.ones((1, 6, 6, 4))
+  kw = dict(mode="plain", k=2, number=1, repeat=1, warmup=0)
+  pooled = sched.StageProfiler(**kw)
+  serial = sched.StageProfiler(**kw, compile_threads=1)
+  s1 = sched.ios_schedule(f, x, profiler=pooled, r=2, s=2)
+  s2 = sched.ios_schedule(f, x, profiler=serial, r=2, s=2)
+  assert serial.misses == pooled.misses > 0
+  assert set(serial.cache) == set(pooled.cache)
+  assert _relerr(s2(x)[1], f(x)[1]) < 1e-6 and len(s1.stages) >= 1
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(ValueError, match="compile_threads must be an integer >= 1"):
+      sched.StageProfiler(compile_threads=bad)
+
+
 def test_from_json_refuses_invalid_merge_and_bad_stage_order():
   """A saved merge of two SAME 3x3 convs must not be applied to a same-shaped graph whose second conv
   pads asymmetrically (the fingerprint matches, the merged conv would give wrong values)."""

@@ -144,7 +144,12 @@ class Schedule:
 
   def measure(self, *args, number: int = 50, repeat: int = 7, baseline: Optional[Callable] = None
               ) -> dict:
-    """Median wall time per call of the scheduled program (and of ``baseline``), interleaved."""
+    """Median wall time per call of the scheduled program (and of ``baseline``), interleaved.
+
+    A quick in-process check. For figures you report, time the programs in fresh processes (save the
+    schedule with ``to_json``, reload it with ``from_json``): in a process that has run a GPU search,
+    XLA's autotuning of later compilations (``baseline`` included) can be degraded (see
+    ``StageProfiler``)."""
     f, consts = self._build()
     out = {}
     fns = {"ios": (f, (consts,) + tuple(args))}

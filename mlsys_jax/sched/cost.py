@@ -139,18 +139,33 @@ class StageProfiler:
       same ones as ``ios_schedule(..., compiler_options=...)``.
     fuse_epilogue: build merge stages with their epilogue fused on the merged output (True) or applied
       per slice (False), as ``ios_schedule(..., fuse_epilogue=...)`` will emit them.
+    compile_threads: threads that compile not-yet-cached stages before any is timed (``prefetch``).
+      1 compiles one stage at a time: slower searches, but XLA's autotuner then never measures
+      candidates while other compilations run (parallel autotuning can time out its delay kernel and
+      time candidates less accurately, and XLA keeps one autotuning result per process).
+
+  The profiler compiles and runs hundreds of small programs in the calling process. To compare the
+  scheduled program with other programs, save the schedule (``Schedule.to_json``) and compile and time the
+  programs in fresh processes (``benchmarks/ios_isolated.py``): on an H100, compilations made later in a
+  process that had run such searches failed autotuning outright once, and an XLA baseline measured that
+  way ran 35% slower than in a fresh process.
   """
 
   def __init__(self, mode: str = "cuda_graph", k: int = 5, number: int = 20, repeat: int = 5,
                warmup: int = 2, cache_path: Optional[str] = None, parallel: str = "sum", s: int = 8,
-               compiler_options: Optional[dict] = None, fuse_epilogue: bool = True):
+               compiler_options: Optional[dict] = None, fuse_epilogue: bool = True,
+               compile_threads: int = 8):
     if k < 2:
       raise ValueError(f"k must be >= 2 for differential timing, got {k}")
+    if isinstance(compile_threads, bool) or not isinstance(compile_threads, int) or compile_threads < 1:
+      raise ValueError(f"compile_threads must be an integer >= 1 (1 = compile stages one at a time), "
+                       f"got {compile_threads!r}")
     if parallel not in ("measure", "sum"):
       raise ValueError(f"parallel must be 'measure' or 'sum', got {parallel!r}")
     self.mode, self.k, self.number, self.repeat, self.warmup = mode, k, number, repeat, warmup
     self.parallel, self.s = parallel, s
     self.fuse_epilogue = bool(fuse_epilogue)
+    self.compile_threads = compile_threads
     self.cache_path = cache_path
     self.cache: dict = {}
     self.hits = self.misses = 0
@@ -258,9 +273,10 @@ class StageProfiler:
       return [Stage("parallel", (grp,)) for grp in st.groups]
     return [st]
 
-  def prefetch(self, g: Graph, stages, threads: int = 8) -> int:
-    """Compile the not-yet-cached stages in a thread pool (XLA compiles in parallel), then, once every
-    compile has finished, time them one by one. Returns the number measured.
+  def prefetch(self, g: Graph, stages, threads: Optional[int] = None) -> int:
+    """Compile the not-yet-cached stages in a thread pool of ``threads`` (default: the profiler's
+    ``compile_threads``; XLA compiles in parallel), then, once every compile has finished, time them one
+    by one. Returns the number measured.
 
     Timing only after all compiles matters on GPU: the first execution of a stage may capture cuDNN
     graphs into a CUDA graph, which failed on an H100 ("capturing stream has unjoined work") while other
@@ -284,8 +300,12 @@ class StageProfiler:
         todo.append((key, prog))
     if not todo:
       return 0
-    with ThreadPoolExecutor(max(1, threads)) as ex:
-      compiled = list(ex.map(lambda kp: (kp[0], self._compile(kp[1])), todo))
+    threads = self.compile_threads if threads is None else threads
+    if threads <= 1:
+      compiled = [(key, self._compile(prog)) for key, prog in todo]
+    else:
+      with ThreadPoolExecutor(threads) as ex:
+        compiled = list(ex.map(lambda kp: (kp[0], self._compile(kp[1])), todo))
     for key, comp in compiled:  # no compile runs while stages execute
       self.misses += 1
       self._time(key, comp)
