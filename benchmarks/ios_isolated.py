@@ -50,8 +50,11 @@ def _setup(args, dtype_name):
   dtype = jnp.dtype(dtype_name)
   nets = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)
   model, shape = nets[args.net]
-  params = ios_init_params(model, shape, seed=0)
   x = jax.random.normal(jax.random.PRNGKey(1), shape, dtype)
+  if args.init == "flax":  # flax's initial values: zero biases (XLA folds adds of zero constants)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  else:  # random nonzero kernels and biases, like trained weights
+    params = ios_init_params(model, shape, seed=0)
   return model, params, x
 
 
@@ -119,12 +122,21 @@ def child_search(args):
 
 
 def child_time(args):
-  """Compile every named program, then run each once, then time (interleaved if several)."""
+  """Compile every named program, then run each once (``--run_after_compile``: right after its own
+  compilation), then time them (interleaved if several)."""
   import jax
   from mlsys_jax.sched.cost import time_calls
   model, params, x = _setup(args, args.dtype)
   names = args.programs.split(",")
   built, res = {}, {}
+  first = {}
+
+  def first_call(n):
+    c, a = built[n]
+    t0 = time.perf_counter()
+    first[n] = jax.block_until_ready(c(*a))
+    res[n]["first_call_s"] = round(time.perf_counter() - t0, 3)
+
   for n in names:
     t0 = time.perf_counter()
     try:
@@ -132,11 +144,13 @@ def child_time(args):
       res[n] = {"compile_s": round(time.perf_counter() - t0, 2)}
     except Exception as e:  # noqa: BLE001
       res[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-  for n, (c, a) in built.items():  # first calls only after every compilation
-    t0 = time.perf_counter()
-    y = jax.block_until_ready(c(*a))
-    res[n]["first_call_s"] = round(time.perf_counter() - t0, 3)
-    np.save(os.path.join(args.work, f"y_{args.dtype}_{n}.npy"), np.asarray(y.astype("float32")))
+      continue
+    if args.run_after_compile:  # the order of a naive script: compile, run, compile the next, ...
+      first_call(n)
+  for n in built:  # otherwise: first calls only after every compilation
+    if n not in first:
+      first_call(n)
+    np.save(os.path.join(args.work, f"y_{args.dtype}_{n}.npy"), np.asarray(first[n].astype("float32")))
   ts = {n: [] for n in built}
   order = list(built)
   for i in range(args.repeat):
@@ -160,7 +174,8 @@ def _run_child(args, mode, dtype, programs=""):
          "--work", args.work, "--programs", programs, "--number", str(args.number),
          "--repeat", str(args.repeat), "--r", str(args.r), "--s", str(args.s),
          "--trace", args.trace if mode == "time" and "," in programs else "",
-         "--strategies", args.strategies, "--part_size", str(args.part_size), "--conv_fusion", str(args.conv_fusion)]
+         "--strategies", args.strategies, "--part_size", str(args.part_size),
+         *(["--run_after_compile"] if args.run_after_compile else []), "--init", args.init, "--conv_fusion", str(args.conv_fusion)]
   if args.small:
     cmd.append("--small")
   t0 = time.perf_counter()
@@ -211,7 +226,12 @@ def main():
   ap.add_argument("--number", type=int, default=30)
   ap.add_argument("--repeat", type=int, default=9)
   ap.add_argument("--trace", default="", help="programs whose kernels are traced (interleaved child)")
+  ap.add_argument("--init", default="random", choices=("random", "flax"),
+                  help="weights: ios_init_params (nonzero biases) or jax.jit(model.init) (zero biases)")
   ap.add_argument("--skip_isolated", action="store_true", help="only the interleaved child")
+  ap.add_argument("--run_after_compile", action="store_true",
+                  help="interleaved child: run each program right after compiling it (a naive script's "
+                       "order) instead of compiling every program first")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   ap.add_argument("--work", default="", help=argparse.SUPPRESS)
   ap.add_argument("--child_timeout_s", type=float, default=400)

@@ -16,9 +16,9 @@ the best of all XLA configurations timed.
 The JSON is rewritten after every compiled variant (a time-out keeps what was measured).
 
 Caution: everything here runs in one process after the stage profiler; on an H100 a later compilation in
-such a process once failed autotuning outright, and XLA baselines timed this way have run up to 35% slower
-than in a fresh process. Figures to report come from ``benchmarks/ios_isolated.py`` (a fresh process per
-program); this script remains useful for quick searches and for the stage cache.
+such a process once failed autotuning outright (its timings still agreed with fresh processes). Figures to
+report come from ``benchmarks/ios_isolated.py`` (a fresh process per program); this script remains useful
+for quick searches and for the stage cache.
 
 All variants are timed interleaved in one loop (median of rounds; each round ``number`` back-to-back
 calls, then block). Ratios are against the best XLA configuration measured in the same run.

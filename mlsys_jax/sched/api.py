@@ -148,8 +148,9 @@ class Schedule:
 
     A quick in-process check. For figures you report, time the programs in fresh processes (save the
     schedule with ``to_json``, reload it with ``from_json``): in a process that has run a GPU search,
-    XLA's autotuning of later compilations (``baseline`` included) can be degraded (see
-    ``StageProfiler``)."""
+    XLA's autotuning of later compilations (``baseline`` included) has failed (see ``StageProfiler``).
+    Use weights with realistic values: XLA folds all-zero constants (e.g. the zero biases of a freshly
+    initialised flax model), which changes the program it builds for ``baseline``."""
     f, consts = self._build()
     out = {}
     fns = {"ios": (f, (consts,) + tuple(args))}

@@ -146,9 +146,8 @@ class StageProfiler:
 
   The profiler compiles and runs hundreds of small programs in the calling process. To compare the
   scheduled program with other programs, save the schedule (``Schedule.to_json``) and compile and time the
-  programs in fresh processes (``benchmarks/ios_isolated.py``): on an H100, compilations made later in a
-  process that had run such searches failed autotuning outright once, and an XLA baseline measured that
-  way ran 35% slower than in a fresh process.
+  programs in fresh processes (``benchmarks/ios_isolated.py``): on an H100, a compilation made later in a
+  process that had run such searches once failed autotuning outright.
   """
 
   def __init__(self, mode: str = "cuda_graph", k: int = 5, number: int = 20, repeat: int = 5,
