@@ -1,17 +1,21 @@
 """IOS vs XLA with every program timed in a fresh process (no shared autotuning or capture state).
 
-Why: in one long process that has run the stage profiler (hundreds of command-buffer executables), a
-later compilation can see XLA's autotuner fail ("All configs failed during profiling ...
-cudaErrorStreamCaptureInvalidated") and the same XLA configuration has measured 0.55-0.75 ms for
-Inception-V3 f32 in different runs. Here:
+Why: a long process that has run the stage profiler (hundreds of captured command-buffer programs,
+compiles from several threads) is not a safe place to compile what you compare: on an H100 a later
+compilation there failed XLA's autotuning outright ("All configs failed during profiling ...
+cudaErrorStreamCaptureInvalidated"). Here:
 
-1. one child process searches IOS-Merge and IOS-Both with the stage profiler and writes the schedules;
+1. one child process searches IOS-Merge / IOS-Both with the stage profiler and writes the schedules
+   (or ``--schedules DIR`` gives saved ones);
 2. every program (XLA configurations of the unscheduled net, IOS schedules re-applied with
    ``Schedule.from_json``) is compiled, run and timed in its own fresh child process (``isolated``);
-3. one more child compiles every program before running any of them, then times them interleaved
-   (``interleaved``: rounds of ``number`` back-to-back calls with a rotating start).
+3. one more child compiles every program before running any of them (``--run_after_compile``: each right
+   after its compilation), then times them interleaved (rounds of ``number`` back-to-back calls with a
+   rotating start).
 
-Ratios are against the best XLA program of the same method. Outputs are compared with plain jit.
+Ratios are against the fastest XLA program of the same method. Outputs are compared with plain jit (from
+the interleaved child). Weights: ``--init random`` (nonzero biases, like trained weights) or ``flax``
+(``model.init``: zero biases, which XLA folds away when the weights are constants, changing its program).
 
   PYTHONPATH=. python3 benchmarks/ios_isolated.py --net inception_v3 --dtypes float32 --out $OUT  # GPU
   PYTHONPATH=. python3 benchmarks/ios_isolated.py --small                                    # CPU smoke
@@ -26,6 +30,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -59,7 +64,7 @@ def _setup(args, dtype_name):
 
 
 def _sched_path(args, dtype_name, strategy):
-  return os.path.join(args.work, f"sched_{args.net}_{dtype_name}_{strategy}.json")
+  return os.path.join(args.schedules or args.work, f"sched_{args.net}_{dtype_name}_{strategy}.json")
 
 
 def _build(args, name, model, params, x):
@@ -150,7 +155,8 @@ def child_time(args):
   for n in built:  # otherwise: first calls only after every compilation
     if n not in first:
       first_call(n)
-    np.save(os.path.join(args.work, f"y_{args.dtype}_{n}.npy"), np.asarray(first[n].astype("float32")))
+    np.save(os.path.join(args.work, f"y_{args.tag}_{args.dtype}_{n}.npy"),
+            np.asarray(first[n].astype("float32")))
   ts = {n: [] for n in built}
   order = list(built)
   for i in range(args.repeat):
@@ -169,13 +175,14 @@ def child_time(args):
   print("RESULT " + json.dumps(res), flush=True)
 
 
-def _run_child(args, mode, dtype, programs=""):
+def _run_child(args, mode, dtype, programs="", tag="iso"):
   cmd = [sys.executable, __file__, "--child", mode, "--net", args.net, "--dtype", dtype,
-         "--work", args.work, "--programs", programs, "--number", str(args.number),
-         "--repeat", str(args.repeat), "--r", str(args.r), "--s", str(args.s),
-         "--trace", args.trace if mode == "time" and "," in programs else "",
-         "--strategies", args.strategies, "--part_size", str(args.part_size),
-         *(["--run_after_compile"] if args.run_after_compile else []), "--init", args.init, "--conv_fusion", str(args.conv_fusion)]
+         "--work", args.work, "--schedules", args.schedules, "--programs", programs,
+         "--number", str(args.number), "--repeat", str(args.repeat), "--r", str(args.r), "--s", str(args.s),
+         "--trace", args.trace if tag == "inter" else "", "--tag", tag,
+         "--strategies", args.strategies, "--part_size", str(args.part_size), "--init", args.init,
+         "--conv_fusion", str(args.conv_fusion),
+         *(["--run_after_compile"] if args.run_after_compile else [])]
   if args.small:
     cmd.append("--small")
   t0 = time.perf_counter()
@@ -193,12 +200,14 @@ def _relerr(a, b):
 
 
 def _ratios(res: dict, programs: list) -> dict:
-  ms = {n: res[n]["ms"] for n in programs if "ms" in res.get(n, {})}
+  """Ratios against the fastest XLA program that ran; programs without a time are listed as failed."""
+  ms = {n: res[n]["ms"] for n in programs if isinstance(res.get(n), dict) and "ms" in res[n]}
+  out = {"failed": [n for n in programs if n in res and n not in ms]}
   xla = [n for n in ms if n in XLA_PROGRAMS]
   if not xla:
-    return {}
+    return out
   best = min(xla, key=ms.get)
-  out = {"best_xla": best, "best_xla_ms": ms[best]}
+  out.update(best_xla=best, best_xla_ms=ms[best])
   for n in ms:
     out[f"{n}_vs_best_xla"] = round(ms[best] / ms[n], 3)
     if "jit" in ms:
@@ -208,7 +217,7 @@ def _ratios(res: dict, programs: list) -> dict:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--net", default="inception_v3")
+  ap.add_argument("--net", default=None, help="inception_v3 (default), squeezenet, randwire, nasnet")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--dtype", default="float32", help="(child) the dtype of this child")
   ap.add_argument("--programs", default="jit,cc,cc_const,cc_const_lhs,ios_seq,ios_seq_ka,ios_merge,ios_both",
@@ -234,6 +243,7 @@ def main():
                        "order) instead of compiling every program first")
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   ap.add_argument("--work", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--tag", default="iso", help=argparse.SUPPRESS)
   ap.add_argument("--child_timeout_s", type=float, default=400)
   ap.add_argument("--small", action="store_true")
   ap.add_argument("--out", default=None)
@@ -243,15 +253,26 @@ def main():
     return child_search(args)
   if args.child == "time":
     return child_time(args)
+  if args.net is None:
+    args.net = "squeezenet" if args.small else "inception_v3"
   if args.small:
-    args.net, args.number, args.repeat, args.r, args.s = "squeezenet", 2, 2, 2, 3
+    args.number, args.repeat, args.r, args.s = 2, 2, 2, 3
   from benchmarks.common import environment, print_table
   out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
   os.makedirs(out_dir, exist_ok=True)
-  # schedules, stage cache and outputs in a scratch folder (the device returns at most 8 files); the
-  # searched schedules are copied next to the JSON at the end
-  args.work = args.schedules or os.path.join("/tmp", f"ios_isolated_{os.getpid()}")
-  os.makedirs(args.work, exist_ok=True)
+  programs = args.programs.split(",")
+  bad = [p for p in programs if p not in XLA_PROGRAMS and p not in IOS_PROGRAMS]
+  if bad:
+    raise SystemExit(f"unknown programs {bad}; choose from {sorted(XLA_PROGRAMS)} + {list(IOS_PROGRAMS)}")
+  strategies = args.strategies.split(",")
+  need = {"merge" if p.startswith("ios_seq") else p[len("ios_"):] for p in programs if p in IOS_PROGRAMS}
+  if not args.schedules and need - set(strategies):
+    raise SystemExit(f"programs {sorted(p for p in programs if p in IOS_PROGRAMS)} need the schedules "
+                     f"{sorted(need)} (ios_seq* reuses the merge schedule's graph); add them to "
+                     f"--strategies or pass --schedules DIR")
+  # stage cache, searched schedules and outputs in a fresh scratch folder (the device returns at most 8
+  # files); the searched schedules are copied next to the JSON at the end
+  args.work = tempfile.mkdtemp(prefix="ios_isolated_")
   if args.cache:
     for dt in args.dtypes.split(","):
       shutil.copy(args.cache, os.path.join(args.work, f"cache_{dt}.json"))
@@ -259,11 +280,6 @@ def main():
   print(env, flush=True)
   t_start = time.perf_counter()
   payload = {"env": env, "argv": sys.argv[1:], "rows": []}
-  programs = args.programs.split(",")
-  bad = [p for p in programs if p not in XLA_PROGRAMS and p not in IOS_PROGRAMS]
-  if bad:
-    raise SystemExit(f"unknown programs {bad}; choose from {sorted(XLA_PROGRAMS)} + {list(IOS_PROGRAMS)}")
-
   def flush():
     payload["wall_s"] = round(time.perf_counter() - t_start, 1)
     with open(os.path.join(out_dir, args.name + ".json"), "w") as fh:
@@ -283,18 +299,22 @@ def main():
       iso[p] = r.get(p, r)
       print(f"[{time.perf_counter() - t_start:6.1f}s] {dt} isolated {p} ({secs:.0f} s): {iso[p]}", flush=True)
       row["isolated"] = iso
+      row["isolated_ratios"] = _ratios(iso, programs)
       flush()
     row["isolated_ratios"] = _ratios(iso, programs)
-    inter, secs = _run_child(args, "time", dt, ",".join(programs))
+    inter, secs = _run_child(args, "time", dt, ",".join(programs), tag="inter")
     row["interleaved"] = inter
     row["interleaved_ratios"] = _ratios(inter, programs)
     print(f"[{time.perf_counter() - t_start:6.1f}s] {dt} interleaved ({secs:.0f} s): {inter}", flush=True)
-    ref_path = os.path.join(args.work, f"y_{dt}_jit.npy")
-    if os.path.exists(ref_path):
-      ref = np.load(ref_path)
-      row["relerr_vs_jit"] = {p: _relerr(np.load(os.path.join(args.work, f"y_{dt}_{p}.npy")), ref)
-                              for p in programs
-                              if os.path.exists(os.path.join(args.work, f"y_{dt}_{p}.npy"))}
+    # outputs of the interleaved child (all programs of one process), else of the isolated children
+    for tag in ("inter", "iso"):
+      y = {p: os.path.join(args.work, f"y_{tag}_{dt}_{p}.npy") for p in programs}
+      y = {p: f for p, f in y.items() if os.path.exists(f)}
+      if "jit" in y:
+        ref = np.load(y["jit"])
+        row["relerr_vs_jit"] = {p: _relerr(np.load(f), ref) for p, f in y.items()}
+        row["relerr_from"] = "interleaved" if tag == "inter" else "isolated"
+        break
     flush()
     for p in programs:
       table.append({"dtype": dt, "program": p,
@@ -309,6 +329,7 @@ def main():
         src = _sched_path(args, dt, strategy)
         if os.path.exists(src):
           shutil.copy(src, os.path.join(out_dir, os.path.basename(src)))
+  shutil.rmtree(args.work, ignore_errors=True)
   print_table(table, ["dtype", "program", "isolated_ms", "iso_vs_best_xla", "interleaved_ms",
                       "inter_vs_best_xla", "relerr_vs_jit"])
 

@@ -311,22 +311,34 @@ def test_stage_profiler_cache_on_disk(tmp_path):
 
 
 def test_stage_profiler_serial_compiles_profile_the_same_stages():
-  """compile_threads=1 compiles one stage at a time and measures exactly the stages the pooled path does."""
+  """compile_threads=1 compiles every stage on the calling thread and measures exactly the stages the
+  pooled path does (which compiles on worker threads)."""
+  import threading
   w = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 4, 4))
   f = lambda x: (jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)),
                  lax.conv_general_dilated(x, 2 * w, (1, 1), "SAME", dimension_numbers=DN))
   x = jnp.ones((1, 6, 6, 4))
   kw = dict(mode="plain", k=2, number=1, repeat=1, warmup=0)
+
+  def recording(prof):
+    threads, compile_ = [], prof._compile
+    prof._compile = lambda prog: (threads.append(threading.get_ident()), compile_(prog))[1]
+    return threads
+
   pooled = sched.StageProfiler(**kw)
   serial = sched.StageProfiler(**kw, compile_threads=1)
-  s1 = sched.ios_schedule(f, x, profiler=pooled, r=2, s=2)
+  t_pooled, t_serial = recording(pooled), recording(serial)
+  sched.ios_schedule(f, x, profiler=pooled, r=2, s=2)
   s2 = sched.ios_schedule(f, x, profiler=serial, r=2, s=2)
-  assert serial.misses == pooled.misses > 0
+  main = threading.get_ident()
+  assert len(t_serial) == serial.misses == pooled.misses == len(t_pooled) > 1
+  assert set(t_serial) == {main} and main not in set(t_pooled)
   assert set(serial.cache) == set(pooled.cache)
-  assert _relerr(s2(x)[1], f(x)[1]) < 1e-6 and len(s1.stages) >= 1
-  for bad in (0, -2, 1.5, True):
-    with pytest.raises(ValueError, match="compile_threads must be an integer >= 1"):
+  assert _relerr(s2(x)[1], f(x)[1]) < 1e-6
+  for bad, err in ((0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)):
+    with pytest.raises(err, match="compile_threads"):
       sched.StageProfiler(compile_threads=bad)
+  sched.StageProfiler(compile_threads=np.int64(2))  # numpy integers are fine
 
 
 def test_from_json_refuses_invalid_merge_and_bad_stage_order():

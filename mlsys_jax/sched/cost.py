@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mlsys_jax._checks import check_int
 from mlsys_jax.sched import emit
 from mlsys_jax.sched.dp import Stage
 from mlsys_jax.sched.graph import Graph
@@ -141,8 +142,9 @@ class StageProfiler:
       per slice (False), as ``ios_schedule(..., fuse_epilogue=...)`` will emit them.
     compile_threads: threads that compile not-yet-cached stages before any is timed (``prefetch``).
       1 compiles one stage at a time: slower searches, but XLA's autotuner then never measures
-      candidates while other compilations run (parallel autotuning can time out its delay kernel and
-      time candidates less accurately, and XLA keeps one autotuning result per process).
+      candidates while other compilations run (parallel autotuning may time out its delay kernel and
+      time candidates less accurately; XLA keeps one autotuning result per process). Whether that
+      avoids the autotuning failure described below has not been measured.
 
   The profiler compiles and runs hundreds of small programs in the calling process. To compare the
   scheduled program with other programs, save the schedule (``Schedule.to_json``) and compile and time the
@@ -156,15 +158,13 @@ class StageProfiler:
                compile_threads: int = 8):
     if k < 2:
       raise ValueError(f"k must be >= 2 for differential timing, got {k}")
-    if isinstance(compile_threads, bool) or not isinstance(compile_threads, int) or compile_threads < 1:
-      raise ValueError(f"compile_threads must be an integer >= 1 (1 = compile stages one at a time), "
-                       f"got {compile_threads!r}")
+    check_int("compile_threads (1 = compile stages one at a time)", compile_threads, low=1)
     if parallel not in ("measure", "sum"):
       raise ValueError(f"parallel must be 'measure' or 'sum', got {parallel!r}")
     self.mode, self.k, self.number, self.repeat, self.warmup = mode, k, number, repeat, warmup
     self.parallel, self.s = parallel, s
     self.fuse_epilogue = bool(fuse_epilogue)
-    self.compile_threads = compile_threads
+    self.compile_threads = int(compile_threads)
     self.cache_path = cache_path
     self.cache: dict = {}
     self.hits = self.misses = 0
