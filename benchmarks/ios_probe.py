@@ -303,7 +303,7 @@ def stages_with_merges(g, groups):
 def net_probe(args):
   from mlsys_jax import sched
   from mlsys_jax.sched.graph import relayout_conv_kernels
-  from mlsys_jax.models import ios_benchmark_nets
+  from mlsys_jax.models import ios_benchmark_nets, ios_init_params
   env = common.environment()
   print(env, flush=True)
   res = {"env": env, "rows": []}
@@ -316,7 +316,10 @@ def net_probe(args):
     nets = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)
     model, shape = nets[args.net]
     x = jax.random.normal(jax.random.PRNGKey(1), shape, dtype)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    if args.init == "flax":  # model.init: zero biases, folded away by XLA as constants (slower XLA program)
+      params = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    else:  # nonzero biases, like trained weights
+      params = ios_init_params(model, shape, seed=0)
     fc = lambda x: model.apply(params, x)
     fns, row, ref = {}, {"net": args.net, "dtype": dt}, None
     on_gpu = jax.default_backend() == "gpu"
@@ -424,6 +427,9 @@ def main():
       ap.add_argument("--net", default=None, help="probe this whole net instead of the blocks"),
       ap.add_argument("--dtypes", default="float32,bfloat16"),
       ap.add_argument("--search", default="same,any", help="merge_kernels values to search with"),
+      ap.add_argument("--init", default="random", choices=("random", "flax"),
+                      help="weights of --net: ios_init_params (nonzero biases) or model.init (zero biases; "
+                           "as in benchmarks/results/ios_net_probe_h100*.json)"),
       ap.add_argument("--number", type=int, default=40),
       ap.add_argument("--repeat", type=int, default=7)))
   if args.net:
