@@ -87,8 +87,7 @@ def _build(args, name, model, params, x):
     info = {**sc.info, "keep_alive": name.endswith("_ka")}
     stages = sched.sequential_schedule(sc.graph)
     sc = sched.Schedule(sc.graph, stages, [0.0] * len(stages), sc.emission, 0.0, info)
-  jitted, consts = sc._build()
-  return jitted.lower(consts, x).compile(), (consts, x)
+  return sc.lower(x).compile(), (sc._build()[1], x)
 
 
 def _search_options(args) -> dict:
@@ -130,7 +129,7 @@ def child_time(args):
   """Compile every named program, then run each once (``--run_after_compile``: right after its own
   compilation), then time them (interleaved if several)."""
   import jax
-  from mlsys_jax.sched.cost import time_calls
+  from benchmarks.ios_latency import interleaved_times
   model, params, x = _setup(args, args.dtype)
   names = args.programs.split(",")
   built, res = {}, {}
@@ -157,11 +156,7 @@ def child_time(args):
       first_call(n)
     np.save(os.path.join(args.work, f"y_{args.tag}_{args.dtype}_{n}.npy"),
             np.asarray(first[n].astype("float32")))
-  ts = {n: [] for n in built}
-  order = list(built)
-  for i in range(args.repeat):
-    for n in order[i % len(order):] + order[:i % len(order)]:
-      ts[n] += time_calls(*built[n], args.number, 1)
+  ts = interleaved_times(built, args.number, args.repeat)
   for n in built:
     res[n].update(_stats(ts[n]))
   for n in [t for t in args.trace.split(",") if t in built]:
@@ -192,11 +187,6 @@ def _run_child(args, mode, dtype, programs="", tag="iso"):
     tail = (p.stderr or p.stdout)[-600:]
     return {"error": f"child {mode} {programs} rc={p.returncode}: {tail}"}, time.perf_counter() - t0
   return json.loads(lines[-1][len("RESULT "):]), time.perf_counter() - t0
-
-
-def _relerr(a, b):
-  a, b = a.astype(np.float64), b.astype(np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _ratios(res: dict, programs: list) -> dict:
@@ -258,6 +248,7 @@ def main():
   if args.small:
     args.number, args.repeat, args.r, args.s = 2, 2, 2, 3
   from benchmarks.common import environment, print_table
+  from benchmarks.ios_latency import relerr
   out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
   os.makedirs(out_dir, exist_ok=True)
   programs = args.programs.split(",")
@@ -312,7 +303,7 @@ def main():
       y = {p: f for p, f in y.items() if os.path.exists(f)}
       if "jit" in y:
         ref = np.load(y["jit"])
-        row["relerr_vs_jit"] = {p: _relerr(np.load(f), ref) for p, f in y.items()}
+        row["relerr_vs_jit"] = {p: relerr(np.load(f), ref) for p, f in y.items()}
         row["relerr_from"] = "interleaved" if tag == "inter" else "isolated"
         break
     flush()

@@ -227,15 +227,23 @@ def bench_net(name, model, shape, dtype, args, cache_path, log, flush):
   return row, schedules
 
 
+def interleaved_times(fns: dict, number: int, repeat: int) -> dict:
+  """Seconds per call of every ``fns[name] = (f, args)`` in ``repeat`` rounds of ``number``
+  back-to-back calls each, the rounds interleaved across programs with a rotating start."""
+  names = list(fns)
+  ts = {k: [] for k in names}
+  for i in range(repeat):
+    for k in names[i % len(names):] + names[:i % len(names)]:
+      ts[k] += time_calls(*fns[k], number, 1)
+  return ts
+
+
 def _time_into(row, fns, number, repeat, prefix=""):
   """Median per-call latency of every compiled variant, rounds interleaved with a rotating start."""
   names = list(fns)
   for k in names:
     time_calls(*fns[k], 3, 1)
-  ts = {k: [] for k in names}
-  for i in range(repeat):
-    for k in names[i % len(names):] + names[:i % len(names)]:
-      ts[k] += time_calls(*fns[k], number, 1)
+  ts = interleaved_times(fns, number, repeat)
   med = {k: float(np.median(v)) for k, v in ts.items()}
   for k in names:
     row[f"{prefix}{k}_ms"] = round(med[k] * 1e3, 4)
