@@ -124,7 +124,7 @@ def main(argv):
   n_model_duplicates = int(dup.sum())
   if FLAGS.drop_model_duplicates and dup.any():
     keep = np.where(~dup)[0]
-    texts, graphs, feats = [texts[i] for i in keep], [graphs[i] for i in keep], [feats[i] for i in keep]
+    graphs, feats = [graphs[i] for i in keep], [feats[i] for i in keep]
     a = {k: v[keep] for k, v in a.items()}
   # Shape-based counts from our parser (XLA's GPU cost analysis counts no flops in cuBLAS/cuDNN calls).
   own_flops = np.asarray([float(g.attrs[:, graph.ATTR_ID["flops"]].sum()) for g in graphs])
