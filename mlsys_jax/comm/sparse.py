@@ -53,7 +53,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from mlsys_jax._checks import check_choice, check_int, check_range, check_rank
+from mlsys_jax._checks import check_choice, check_floating, check_int, check_range, check_rank
 from mlsys_jax.comm import _pallas_pack
 
 __all__ = [
@@ -239,11 +239,8 @@ def _pack_xla(x, threshold, capacity, block_max):
   row_ok = jnp.broadcast_to((j < n_cand)[:, None], (cap_b, _BLOCK)).reshape(-1)
   mask = (jnp.abs(rows).astype(jnp.float32) > threshold) & (pos < n) & row_ok
   p = compact(rows, mask, capacity)
-  valid = jnp.arange(capacity) < p.count
-  idx = jnp.where(valid, jnp.take(pos, p.indices), 0).astype(jnp.int32)
-  extra = jnp.maximum(n_cand - cap_b, 0)
-  n_above = jnp.sum(mask, dtype=jnp.int32) + extra
-  return SparsePayload(idx, p.values, p.count, p.overflow | (extra > 0)), n_above
+  idx = jnp.where(jnp.arange(capacity) < p.count, jnp.take(pos, p.indices), 0).astype(jnp.int32)
+  return _payload_and_count(idx, p.values, jnp.sum(mask, dtype=jnp.int32), n_cand, cap_b, capacity)
 
 
 def _pack_pallas(x, threshold, capacity, block_max, interpret):
@@ -587,12 +584,7 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
   """
 
   def init_fn(params):
-    leaves = jax.tree_util.tree_leaves(params)
-    if not leaves:
-      raise ValueError("sparsifiers need a non-empty pytree of parameters.")
-    for leaf in leaves:
-      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-        raise TypeError(f"sparsifiers need floating-point parameters, got dtype {jnp.result_type(leaf)}.")
+    check_floating("sparsifier.init", params)
     z = jnp.zeros((), jnp.int32)
     f = jnp.zeros((), jnp.float32)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -601,12 +593,8 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
 
   def update_fn(updates, state, params=None):
     del params
+    check_floating("sparsifier.update", updates)
     leaves = jax.tree_util.tree_leaves(updates)
-    if not leaves:
-      raise ValueError("sparsifiers got an empty pytree of gradients.")
-    for leaf in leaves:
-      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-        raise TypeError(f"sparsifiers need floating-point gradients, got dtype {jnp.result_type(leaf)}.")
     _check_axis(axis_name)
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves]))
     if momentum > 0:
