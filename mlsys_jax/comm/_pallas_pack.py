@@ -91,11 +91,17 @@ def _load_blocks(x_ref, ids, row_ok, t, n: int):
   return offs, v, m & (jnp.abs(v.astype(jnp.float32)) > t)
 
 
-def _tile(x_ref, bmax_ref, t, i, *, n: int, nb: int, tb: int):
-  """Offsets (tb, 64), loaded values and the selection mask of tile ``i`` (candidate blocks only)."""
+def _block_flags(bmax_ref, t, i, *, nb: int, tb: int):
+  """In-kernel: ids of the ``tb`` blocks of tile ``i`` and whether each is a candidate (maximum > t)."""
   blk = i * tb + jnp.arange(tb, dtype=jnp.int32)
   bm = plgpu.load(bmax_ref.at[blk], mask=blk < nb, other=-jnp.inf)
-  return _load_blocks(x_ref, blk, bm > t, t, n)
+  return blk, bm > t
+
+
+def _tile(x_ref, bmax_ref, t, i, *, n: int, nb: int, tb: int):
+  """Offsets (tb, 64), loaded values and the selection mask of tile ``i`` (candidate blocks only)."""
+  blk, cand = _block_flags(bmax_ref, t, i, nb=nb, tb=tb)
+  return _load_blocks(x_ref, blk, cand, t, n)
 
 
 def block_stats(x: jax.Array, *, interpret: bool | None = None, tile_blocks: int | None = None,
@@ -203,11 +209,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
   t = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
   bmax = block_max.astype(jnp.float32)
   i32 = jnp.int32
-
-  def flags_of(bmax_ref, tt, i):
-    blk = i * lb + jnp.arange(lb, dtype=i32)
-    bm = plgpu.load(bmax_ref.at[blk], mask=blk < nb, other=-jnp.inf)
-    return blk, bm > tt
+  flags_of = functools.partial(_block_flags, nb=nb, tb=lb)
 
   def before(cnt_ref, i, size, padded):
     """Sum of cnt_ref[:i] (the exclusive prefix of tile i), read in-kernel."""
