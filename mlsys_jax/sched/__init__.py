@@ -9,9 +9,11 @@ Public API:
   relayout_conv_kernels                  conv kernels stored in the layout the GPU conv reads
   ios_dp, Stage                          the dynamic program over ending sets
   compiler_options, stream_call, stream_call_available, merge_key   emission helpers
+  longest_paths, path_program            critical-path floor of any schedule (time a chain alone)
 """
 
 from mlsys_jax.sched.api import Schedule, ios_schedule, sequential_schedule
+from mlsys_jax.sched.bound import longest_paths, path_program
 from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler
 from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.emit import (CUDA_GRAPH_OPTIONS, compiler_options, merge_key, stream_call,
@@ -20,4 +22,5 @@ from mlsys_jax.sched.graph import Graph, Unit, build_graph, relayout_conv_kernel
 
 __all__ = ["ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
            "Stage", "ios_dp", "CUDA_GRAPH_OPTIONS", "compiler_options", "merge_key", "stream_call",
-           "stream_call_available", "Graph", "Unit", "build_graph", "relayout_conv_kernels"]
+           "stream_call_available", "Graph", "Unit", "build_graph", "relayout_conv_kernels",
+           "longest_paths", "path_program"]
