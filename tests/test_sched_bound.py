@@ -11,8 +11,9 @@ from mlsys_jax.sched import emit
 from mlsys_jax.sched.bound import longest_paths, path_program
 
 
-def _random_dag_fn(seed, n=9, width=4):
-  """A function whose dots form a random DAG: node i reads the sum of 1-3 earlier nodes (or x)."""
+def _random_dag_fn(seed, n=9, width=4, sinks=1):
+  """A function whose dots form a random DAG: node i reads the sum of 1-3 earlier nodes (or x); with
+  ``sinks > 1`` the unused nodes are returned as separate outputs (several sinks)."""
   rng = np.random.default_rng(seed)
   ins = [sorted(rng.choice(i + 1, size=min(i + 1, rng.integers(1, 4)), replace=False)) for i in range(n)]
   ws = [jnp.asarray(rng.normal(size=(width, width)) / width, jnp.float32) for _ in range(n)]
@@ -25,7 +26,10 @@ def _random_dag_fn(seed, n=9, width=4):
         h = h + vals[j]
       vals.append(jnp.tanh(h @ ws[i]))
     used = {j for js in ins for j in js}
-    return sum(vals[i] for i in range(1, n + 1) if i not in used) + 0.0
+    ends = [vals[i] for i in range(1, n + 1) if i not in used]
+    if sinks > 1:
+      return tuple(ends)
+    return sum(ends) + 0.0
   return f, jnp.ones((2, width), jnp.float32)
 
 
@@ -44,10 +48,12 @@ def _all_paths(g):
   return out
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_longest_paths_match_brute_force(seed):
-  f, x = _random_dag_fn(seed)
+@pytest.mark.parametrize("seed,sinks", [(s, 1) for s in range(6)] + [(s, 2) for s in range(6, 10)])
+def test_longest_paths_match_brute_force(seed, sinks):
+  f, x = _random_dag_fn(seed, sinks=sinks)
   g = sched.build_graph(f, x)
+  if sinks > 1:
+    assert sum(1 for u in g.units if not u.succs) >= 2, "the case must have several sinks"
   lat = np.random.default_rng(100 + seed).uniform(0.5, 3.0, len(g.units))
   paths = _all_paths(g)
   length = {p: float(sum(lat[u] for u in p)) for p in paths}
@@ -57,10 +63,9 @@ def test_longest_paths_match_brute_force(seed):
   for t, p in res:
     assert p in length, f"{p} is not a source-to-sink path"
     assert t == pytest.approx(length[p], rel=1e-12)
-    new = [u for u in p if u not in seen]
-    assert new, "each path must visit a unit no earlier path visits"
-    # it is the longest path through one of its new units
-    assert any(t == pytest.approx(max(length[q] for q in paths if u in q), rel=1e-12) for u in new)
+    assert set(p) - seen, "each path must visit a unit no earlier path visits"
+    # the documented choice: the longest of all paths that visit a not-yet-visited unit
+    assert t == pytest.approx(max(length[q] for q in paths if set(q) - seen), rel=1e-12)
     seen.update(p)
   assert [t for t, _ in res] == sorted((t for t, _ in res), reverse=True)
   assert seen == set(range(len(g.units)))  # with k >= units, every unit ends up on some path
@@ -97,11 +102,14 @@ def test_path_program_reproduces_the_full_function(net):
   for _, path in longest_paths(g, lat, k=3):
     fn, extra_ids = path_program(g, path)
     assert not set(extra_ids) & set(g.in_ids)
+    produced = {o for u in path for ei in g.units[u].eqns for o in g.eqns[ei].outputs}
+    assert not set(extra_ids) & produced, "values the chain computes must not be passed in"
+    assert set(extra_ids) == {v for u in path for v in g.units[u].inputs} - produced - set(g.in_ids)
     extras = tuple(env[v] for v in extra_ids)
     got = jax.jit(fn)(g.consts, extras, x)
     want = [env[o] for o in g.units[path[-1]].outputs]
-    for a, b in zip(got, want):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(got, want):  # jitted chain vs eager units: XLA may reassociate a little
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   # the critical path ends at the output unit: the chain computes the network's output
   (_, path), = longest_paths(g, lat)
   fn, extra_ids = path_program(g, path)
@@ -119,8 +127,9 @@ def test_bound_bad_input_errors():
     longest_paths(g, [1.0] * (n - 1) + [float("nan")])
   with pytest.raises(ValueError, match="finite and >= 0"):
     longest_paths(g, [-1.0] + [1.0] * (n - 1))
-  with pytest.raises(ValueError, match="k must be an integer >= 1"):
-    longest_paths(g, [1.0] * n, k=0)
+  for bad_k in (0, None, True, 1.5):
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+      longest_paths(g, [1.0] * n, k=bad_k)
   with pytest.raises(ValueError, match="out of range"):
     path_program(g, [0, n])
   with pytest.raises(ValueError, match="repeats"):
@@ -132,5 +141,21 @@ def test_bound_bad_input_errors():
     with pytest.raises(ValueError, match="dependency order"):
       path_program(g, list(reversed(path)))
   fn, extra_ids = path_program(g, path)
+  extras = tuple(jnp.zeros(g.avals[v].shape) for v in extra_ids)
   with pytest.raises(ValueError, match="extra values"):
-    fn(g.consts, tuple(jnp.zeros(g.avals[v].shape) for v in extra_ids) + (jnp.zeros(1),), x)
+    fn(g.consts, extras + (jnp.zeros(1),), x)
+  with pytest.raises(ValueError, match="array leaves"):
+    fn(g.consts, extras, x, x)
+
+
+def test_path_program_refuses_a_last_unit_without_outputs():
+  f, x = _random_dag_fn(1)
+  g = sched.build_graph(f, x)
+  sink = next(u.idx for u in g.units if not u.succs)
+  saved = g.units[sink].outputs
+  g.units[sink].outputs = []  # as for a unit whose value nothing reads
+  try:
+    with pytest.raises(ValueError, match="has no outputs"):
+      path_program(g, [sink])
+  finally:
+    g.units[sink].outputs = saved

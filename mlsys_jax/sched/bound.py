@@ -4,18 +4,20 @@ IOS (Ding et al., MLSys 2021) changes two things about a CNN's execution: which 
 run at the same time (concurrent stages) and which same-input convolutions become one kernel (merge
 stages). Neither shortens a chain of dependent operators: operators on one path must run one after
 another, and a merge joins operators of *different* branches (same input), so a merged kernel replaces
-one operator of a path by a kernel that does at least as much work. So, for kernels that run no faster
-when other kernels share the GPU, every schedule of a graph whose operators take ``t(u)`` satisfies
+one operator of a path by a kernel that does at least as much work. Assuming that such a merged kernel
+is not faster than the operator it replaces, and that kernels run no faster when other kernels share the
+GPU, every IOS schedule of a graph whose operators take ``t(u)`` satisfies
 
     latency(schedule) >= max over source-to-sink paths P of sum_{u in P} t(u)        (critical path)
 
-and the speedup any schedule can reach over a program ``B`` of the same operators is at most
+and the speedup any such schedule can reach over a program ``B`` of the same operators is at most
 ``latency(B) / latency(P)``. ``longest_paths`` finds the longest paths (and near-longest ones through
 other operators) for given unit latencies; ``path_program`` builds a function that runs only the units
 of one path, with every value produced off the path passed in, so the chain can be compiled and timed
-on the device with the same kernels, compiler options and constants as the scheduled program
-(``benchmarks/ios_chain_bound.py``). The chain's measured time is a lower bound on every schedule
-whose kernels are those of the chain; the unit latencies only choose *which* chains to time.
+on the device with the same compiler options and constants as the scheduled program
+(``benchmarks/ios_chain_bound.py``). Compiled alone, XLA may fuse a few operators differently or autotune
+a different kernel for some of them, so the measured chain bounds the schedules made of the kernels it
+ran; the unit latencies only choose *which* chains to time.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -31,6 +33,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import jax
 
 from mlsys_jax.sched import emit
@@ -63,7 +66,7 @@ def longest_paths(g: Graph, unit_latency: Sequence[float], k: int = 1) -> list:
     list of ``(length, units)``, ``units`` a tuple of unit indices in dependency order, longest first;
     the first entry is the critical path ``max_P sum_{u in P} t(u)``.
   """
-  if int(k) != k or k < 1:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be an integer >= 1, got {k!r}")
   lat = _check_latency(g, unit_latency)
   n = len(g.units)
@@ -159,11 +162,18 @@ def path_program(g: Graph, units: Sequence[int]) -> tuple[Callable, list]:
       if v not in own and v not in in_set and v not in extra_ids:
         extra_ids.append(v)
   last = units[-1]
+  if not g.units[last].outputs:
+    raise ValueError(f"the last unit ({last}) has no outputs, so a compiled chain would drop every unit; "
+                     "end the chain at a unit whose value is used (a sink of the graph or an output)")
 
   def fn(consts, extras, *args):
     if len(extras) != len(extra_ids):
       raise ValueError(f"path_program: expected {len(extra_ids)} extra values, got {len(extras)}")
-    env = dict(zip(g.in_ids, jax.tree_util.tree_leaves(args)))
+    leaves = jax.tree_util.tree_leaves(args)
+    if len(leaves) != len(g.in_ids):
+      raise ValueError(f"path_program: the traced function takes {len(g.in_ids)} array leaves, got "
+                       f"{len(leaves)}")
+    env = dict(zip(g.in_ids, leaves))
     env.update(zip(extra_ids, extras))
     for u in units:
       emit.run_unit(g, u, env, consts)
