@@ -132,6 +132,39 @@ def _build_chain(args, i, model, params, x):
   return f.lower(x).compile(), (x,)
 
 
+def offchain_stages(stages, chain_units) -> list:
+  """The schedule with every unit of ``chain_units`` taken out of its merge stage and run alone right
+  after it (the rest of the merge stays merged if it keeps >= 2 convs)."""
+  from mlsys_jax.sched import Stage
+  out = []
+  for st in stages:
+    if st.kind != "merge" or not set(st.units) & chain_units:
+      out.append(st)
+      continue
+    rest = tuple(u for u in st.groups[0] if u not in chain_units)
+    if len(rest) >= 2:
+      out.append(Stage("merge", (rest,)))
+    else:
+      out.extend(Stage("parallel", ((u,),)) for u in rest)
+    out.extend(Stage("parallel", ((u,),)) for u in st.groups[0] if u in chain_units)
+  return out
+
+
+def _build_offchain(args, model, params, x, which=None):
+  """IOS-Merge with no merge on the timed chains (all of them, or chain ``which``): a merge puts a bigger
+  kernel and a slice copy on the chain (bf16 Inception-V3 Mixed_5b: 2.85 us alone vs 6.08 + 1.44 us)."""
+  from mlsys_jax import sched
+  with open(os.path.join(args.work, f"paths_{args.dtype}.json")) as fh:
+    paths = json.load(fh)["paths"]
+  chain_units = {u for i, p in enumerate(paths) if which in (None, i) for u in p["units"]}
+  fc = lambda x: model.apply(params, x)
+  path = os.path.join(args.schedules, f"sched_{args.net}_{x.dtype.name}_merge.json")
+  sc = sched.Schedule.from_json(open(path).read(), fc, x, part_size=args.part_size)
+  stages = offchain_stages(sc.stages, chain_units)
+  sc = sched.Schedule(sc.graph, stages, [0.0] * len(stages), sc.emission, 0.0, dict(sc.info))
+  return sc.lower(x).compile(), (sc._build()[1], x)
+
+
 def child_time(args):
   import jax
   from benchmarks.ios_isolated import _build, _stats
@@ -145,15 +178,25 @@ def child_time(args):
     try:
       if n.startswith("chain"):
         built[n] = _build_chain(args, int(n[len("chain"):]), model, params, x)
+      elif n.startswith("ios_merge_offchain"):
+        k = n[len("ios_merge_offchain"):]
+        built[n] = _build_offchain(args, model, params, x, int(k) if k else None)
       else:
         built[n] = _build(iso_args, n, model, params, x)
       res[n] = {"compile_s": round(time.perf_counter() - t0, 2)}
     except Exception as e:  # noqa: BLE001
       res[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+  outs = {}
   for n, (c, a) in built.items():
     t0 = time.perf_counter()
-    jax.block_until_ready(c(*a))
+    outs[n] = jax.block_until_ready(c(*a))
     res[n]["first_call_s"] = round(time.perf_counter() - t0, 3)
+  ref = next((n for n in built if not n.startswith(("chain", "ios"))), None)
+  if ref is not None:  # whole-network programs must agree with the XLA program
+    from benchmarks.ios_latency import relerr
+    for n in built:
+      if not n.startswith("chain"):
+        res[n]["relerr_vs_" + ref] = relerr(np.asarray(outs[n], np.float32), np.asarray(outs[ref], np.float32))
   ts = interleaved_times(built, args.number, args.repeat)
   for n in built:
     res[n].update(_stats(ts[n]))
@@ -208,9 +251,14 @@ def main():
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   ap.add_argument("--xla", default="cc_const,cc_const_lhs", help="XLA programs (ios_isolated names)")
-  ap.add_argument("--ios", default="ios_merge", help="IOS programs (need --schedules), '' for none")
+  ap.add_argument("--ios", default="ios_merge",
+                  help="IOS programs (need --schedules): ios_merge, ios_both, ios_seq_ka, and "
+                       "ios_merge_offchain (IOS-Merge without merges on any timed chain; "
+                       "ios_merge_offchain<K>: on chain K only); '' for none")
   ap.add_argument("--schedules", default="", help="directory with sched_<net>_<dtype>_merge.json")
   ap.add_argument("--paths", type=int, default=6, help="most chains timed")
+  ap.add_argument("--paths_from", default="",
+                  help="JSON of an earlier run of the same net: reuse its chains instead of profiling")
   ap.add_argument("--perturb", type=int, default=8,
                   help="candidate chains from this many randomly perturbed latency estimates")
   ap.add_argument("--cache", default="", help="stage-latency cache JSON to start from (copied)")
@@ -267,7 +315,14 @@ def main():
   for dt in args.dtypes.split(","):
     row = {"net": args.net, "dtype": dt}
     payload["rows"].append(row)
-    row["paths"] = _run_child(args, "paths", dt)
+    if args.paths_from:  # the chains of an earlier run (same net, dtype and graph), no profiling
+      prev = {r["dtype"]: r for r in json.load(open(args.paths_from))["rows"]}
+      row["paths"] = dict(prev[dt]["paths"], paths_from=args.paths_from)
+      row["paths"]["paths"] = row["paths"]["paths"][:args.paths]
+      with open(os.path.join(args.work, f"paths_{dt}.json"), "w") as fh:
+        json.dump(row["paths"], fh)
+    else:
+      row["paths"] = _run_child(args, "paths", dt)
     print(f"[{time.perf_counter() - t_start:6.1f}s] {dt} paths: "
           f"{[(p['pred_us'], len(p['units'])) for p in row['paths'].get('paths', [])]}", flush=True)
     flush()
