@@ -31,7 +31,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -290,27 +289,14 @@ def main():
     args.number, args.repeat = 2, 2
   if args.ios and not args.schedules:
     raise SystemExit("--ios programs need --schedules DIR (saved schedules); pass --ios '' to skip them")
-  from benchmarks.common import environment, print_table
+  from benchmarks.common import print_table
+  from benchmarks.ios_isolated import start_run
   out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
   os.makedirs(out_dir, exist_ok=True)
-  args.work = tempfile.mkdtemp(prefix="ios_chain_")
-  if args.cache:
-    for dt in args.dtypes.split(","):
-      shutil.copy(args.cache, os.path.join(args.work, f"cache_{dt}.json"))
   xla = [p for p in args.xla.split(",") if p]
   ios = [p for p in args.ios.split(",") if p]
   chains = [f"chain{i}" for i in range(args.paths)]
-  programs = xla + ios + chains
-  env = environment()
-  print(env, flush=True)
-  t_start = time.perf_counter()
-  payload = {"env": env, "argv": sys.argv[1:], "rows": []}
-
-  def flush():
-    payload["wall_s"] = round(time.perf_counter() - t_start, 1)
-    with open(os.path.join(out_dir, args.name + ".json"), "w") as fh:
-      json.dump(payload, fh, indent=1)
-
+  payload, flush, t_start = start_run(args, out_dir, "ios_chain_")
   table = []
   for dt in args.dtypes.split(","):
     row = {"net": args.net, "dtype": dt}

@@ -205,6 +205,27 @@ def _ratios(res: dict, programs: list) -> dict:
   return out
 
 
+def start_run(args, out_dir: str, prefix: str):
+  """Scratch folder ``args.work`` (with ``args.cache`` copied in per dtype), the environment printed, and
+  ``(payload, flush, t_start)``: ``flush()`` writes ``payload`` (+ wall time) to ``out_dir/args.name.json``."""
+  from benchmarks.common import environment
+  args.work = tempfile.mkdtemp(prefix=prefix)
+  if args.cache:
+    for dt in args.dtypes.split(","):
+      shutil.copy(args.cache, os.path.join(args.work, f"cache_{dt}.json"))
+  env = environment()
+  print(env, flush=True)
+  t_start = time.perf_counter()
+  payload = {"env": env, "argv": sys.argv[1:], "rows": []}
+
+  def flush():
+    payload["wall_s"] = round(time.perf_counter() - t_start, 1)
+    with open(os.path.join(out_dir, args.name + ".json"), "w") as fh:
+      json.dump(payload, fh, indent=1)
+
+  return payload, flush, t_start
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--net", default=None, help="inception_v3 (default), squeezenet, randwire, nasnet")
@@ -247,7 +268,7 @@ def main():
     args.net = "squeezenet" if args.small else "inception_v3"
   if args.small:
     args.number, args.repeat, args.r, args.s = 2, 2, 2, 3
-  from benchmarks.common import environment, print_table
+  from benchmarks.common import print_table
   from benchmarks.ios_latency import relerr
   out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
   os.makedirs(out_dir, exist_ok=True)
@@ -263,19 +284,7 @@ def main():
                      f"--strategies or pass --schedules DIR")
   # stage cache, searched schedules and outputs in a fresh scratch folder (the device returns at most 8
   # files); the searched schedules are copied next to the JSON at the end
-  args.work = tempfile.mkdtemp(prefix="ios_isolated_")
-  if args.cache:
-    for dt in args.dtypes.split(","):
-      shutil.copy(args.cache, os.path.join(args.work, f"cache_{dt}.json"))
-  env = environment()
-  print(env, flush=True)
-  t_start = time.perf_counter()
-  payload = {"env": env, "argv": sys.argv[1:], "rows": []}
-  def flush():
-    payload["wall_s"] = round(time.perf_counter() - t_start, 1)
-    with open(os.path.join(out_dir, args.name + ".json"), "w") as fh:
-      json.dump(payload, fh, indent=1)
-
+  payload, flush, t_start = start_run(args, out_dir, "ios_isolated_")
   table = []
   for dt in args.dtypes.split(","):
     row = {"net": args.net, "dtype": dt}
