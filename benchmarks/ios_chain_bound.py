@@ -10,9 +10,9 @@ This script measures that floor on the device:
 2. every program runs in its own fresh process (compiled, run, timed), then all of them interleaved in
    one more: the fastest XLA configurations of the whole network (weights closed over), the saved
    IOS-Merge schedule (``--schedules DIR``), and each chain alone (``path_program``: only the chain's
-   units, every off-chain value passed in as an argument; same compiler options, weights embedded,
-   kernel layout as the IOS emission; the off-chain values are closed over as constants, like the
-   weights, so the per-call host work does not hide the GPU time).
+   units; same compiler options, weights embedded, kernel layout as the IOS emission; the off-chain
+   values are closed over as constants, like the weights, so per-call host work does not hide the GPU
+   time).
 
 The slowest chain bounds every schedule built from these kernels: ``best XLA / chain`` is the largest
 speedup over the best XLA program that any IOS schedule could reach.
@@ -51,12 +51,13 @@ def _graph(args, model, params, x):
 
 
 def _options(args):
+  """The IOS emission's XLA options (empty off GPU), as the chains are compiled."""
   import jax
   from mlsys_jax.sched import emit
-  from benchmarks.ios_xla_baselines import CONV_FUSION_OPTIONS
+  from benchmarks.ios_isolated import _search_options
   if jax.default_backend() != "gpu":
     return {}
-  return {**emit.compiler_options("cuda_graph"), **(CONV_FUSION_OPTIONS if args.conv_fusion else {})}
+  return {**emit.compiler_options("cuda_graph"), **_search_options(args)}
 
 
 def child_paths(args):
@@ -64,12 +65,13 @@ def child_paths(args):
   from mlsys_jax import sched
   from mlsys_jax.sched.bound import longest_paths
   model, params, x = _setup(args, args.dtype)
+  from benchmarks.ios_isolated import _search_options
   g = _graph(args, model, params, x)
   t0 = time.perf_counter()
+  ana = sched.AnalyticalCost()
+  ana_lat = [ana.unit_time(g, u) for u in range(len(g.units))]
   if jax.default_backend() == "gpu":
-    extra = _options(args)
-    extra = {k: v for k, v in extra.items() if k not in sched.compiler_options("cuda_graph")}
-    prof = sched.StageProfiler(mode="cuda_graph", compiler_options=extra,
+    prof = sched.StageProfiler(mode="cuda_graph", compiler_options=_search_options(args),
                                cache_path=os.path.join(args.work, f"cache_{args.dtype}.json"))
     stages = [sched.Stage("parallel", ((u,),)) for u in range(len(g.units))]
     prof.prefetch(g, stages)
@@ -77,19 +79,16 @@ def child_paths(args):
     prof.save()
     source = "StageProfiler (each unit alone, differential timing)"
   else:
-    cost = sched.AnalyticalCost()
-    lat = [cost.unit_time(g, u) for u in range(len(g.units))]
-    source = "AnalyticalCost (no GPU)"
+    lat, source = ana_lat, "AnalyticalCost (no GPU)"
   # which chain is longest in the program is uncertain: isolated stage latencies carry a per-stage
   # overhead (a 2 us pooling kernel measures ~15 us alone) and noise, so candidates come from several
   # estimates; every candidate is timed and the slowest bounds the schedules
-  ana = sched.AnalyticalCost()
   # per-stage overhead: the 10th percentile of the unit latencies (the minimum can be the profiler's
   # 0.1 us clamp), clamped so no estimate turns negative
   floor = float(np.percentile(lat, 10))
   rng = np.random.default_rng(0)
   estimates = [("profiled", lat), ("profiled minus per-stage floor", [max(t - 0.8 * floor, 0.0) for t in lat]),
-               ("analytical", [ana.unit_time(g, u) for u in range(len(g.units))])]
+               ("analytical", ana_lat)]
   estimates += [(f"profiled x lognormal(0.15) #{i}", list(np.asarray(lat) * rng.lognormal(0, 0.15, len(lat))))
                 for i in range(args.perturb)]
   paths, sources = [], []
@@ -112,14 +111,14 @@ def child_paths(args):
   print("RESULT " + json.dumps(out), flush=True)
 
 
-def _build_chain(args, i, model, params, x):
+def _build_chain(args, i, g, x):
+  """(compiled, call args) of chain ``i`` of this dtype's paths file, on the unit graph ``g``."""
   import jax
   from mlsys_jax.sched.bound import path_program
+  from mlsys_jax.sched.cost import _random_like
   with open(os.path.join(args.work, f"paths_{args.dtype}.json")) as fh:
     units = json.load(fh)["paths"][i]["units"]
-  g = _graph(args, model, params, x)
   fn, extra_ids = path_program(g, units)
-  from mlsys_jax.sched.cost import _random_like
   extras = tuple(_random_like(g.avals[v], jax.random.PRNGKey(10 + j)) for j, v in enumerate(extra_ids))
   consts = g.consts
   if args.extras == "arg":
@@ -152,16 +151,11 @@ def offchain_stages(stages, chain_units) -> list:
 def _build_offchain(args, model, params, x, which=None):
   """IOS-Merge with no merge on the timed chains (all of them, or chain ``which``): a merge puts a bigger
   kernel and a slice copy on the chain (bf16 Inception-V3 Mixed_5b: 2.85 us alone vs 6.08 + 1.44 us)."""
-  from mlsys_jax import sched
+  from benchmarks.ios_isolated import build_saved
   with open(os.path.join(args.work, f"paths_{args.dtype}.json")) as fh:
     paths = json.load(fh)["paths"]
   chain_units = {u for i, p in enumerate(paths) if which in (None, i) for u in p["units"]}
-  fc = lambda x: model.apply(params, x)
-  path = os.path.join(args.schedules, f"sched_{args.net}_{x.dtype.name}_merge.json")
-  sc = sched.Schedule.from_json(open(path).read(), fc, x, part_size=args.part_size)
-  stages = offchain_stages(sc.stages, chain_units)
-  sc = sched.Schedule(sc.graph, stages, [0.0] * len(stages), sc.emission, 0.0, dict(sc.info))
-  return sc.lower(x).compile(), (sc._build()[1], x)
+  return build_saved(args, model, params, x, "merge", lambda sc: offchain_stages(sc.stages, chain_units))
 
 
 def child_time(args):
@@ -169,19 +163,19 @@ def child_time(args):
   from benchmarks.ios_isolated import _build, _stats
   from benchmarks.ios_latency import interleaved_times
   model, params, x = _setup(args, args.dtype)
-  iso_args = argparse.Namespace(schedules=args.schedules, work=args.work, part_size=args.part_size,
-                                net=args.net)
   built, res = {}, {}
+  g = None  # the unit graph, built once for all chains
   for n in args.programs.split(","):
     t0 = time.perf_counter()
     try:
       if n.startswith("chain"):
-        built[n] = _build_chain(args, int(n[len("chain"):]), model, params, x)
+        g = g or _graph(args, model, params, x)
+        built[n] = _build_chain(args, int(n[len("chain"):]), g, x)
       elif n.startswith("ios_merge_offchain"):
         k = n[len("ios_merge_offchain"):]
         built[n] = _build_offchain(args, model, params, x, int(k) if k else None)
       else:
-        built[n] = _build(iso_args, n, model, params, x)
+        built[n] = _build(args, n, model, params, x)
       res[n] = {"compile_s": round(time.perf_counter() - t0, 2)}
     except Exception as e:  # noqa: BLE001
       res[n] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -214,7 +208,8 @@ def child_time(args):
 def _run_child(args, mode, dtype, programs=""):
   cmd = [sys.executable, __file__, "--child", mode, "--net", args.net, "--dtype", dtype,
          "--work", args.work, "--schedules", args.schedules, "--programs", programs,
-         "--number", str(args.number), "--repeat", str(args.repeat), "--paths", str(args.paths), "--perturb", str(args.perturb),
+         "--number", str(args.number), "--repeat", str(args.repeat), "--paths", str(args.paths),
+         "--perturb", str(args.perturb),
          "--part_size", str(args.part_size), "--conv_fusion", str(args.conv_fusion),
          "--trace", str(args.trace if mode == "time" and "," in programs else 0),
          "--kernel_lists", args.kernel_lists, "--extras", args.extras]

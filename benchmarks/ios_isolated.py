@@ -79,14 +79,22 @@ def _build(args, name, model, params, x):
     if const:
       return jax.jit(lambda x: model.apply(params, x), compiler_options=opts or None).lower(x).compile(), (x,)
     return jax.jit(model.apply, compiler_options=opts or None).lower(params, x).compile(), (params, x)
-  fc = lambda x: model.apply(params, x)
-  strategy = "merge" if name.startswith("ios_seq") else name[len("ios_"):]
-  sc = sched.Schedule.from_json(open(_sched_path(args, x.dtype.name, strategy)).read(), fc, x,
-                                 part_size=args.part_size)
   if name.startswith("ios_seq"):
-    info = {**sc.info, "keep_alive": name.endswith("_ka")}
-    stages = sched.sequential_schedule(sc.graph)
-    sc = sched.Schedule(sc.graph, stages, [0.0] * len(stages), sc.emission, 0.0, info)
+    return build_saved(args, model, params, x, "merge", lambda sc: sched.sequential_schedule(sc.graph),
+                       keep_alive=name.endswith("_ka"))
+  return build_saved(args, model, params, x, name[len("ios_"):])
+
+
+def build_saved(args, model, params, x, strategy, restage=None, **info):
+  """(compiled, call args) of the saved ``strategy`` schedule (``Schedule.from_json``, no search); with
+  ``restage``, its stages replaced by ``restage(schedule)``; ``info`` overrides emission options (e.g.
+  ``keep_alive``)."""
+  from mlsys_jax import sched
+  sc = sched.Schedule.from_json(open(_sched_path(args, x.dtype.name, strategy)).read(),
+                                lambda x: model.apply(params, x), x, part_size=args.part_size)
+  if restage is not None or info:
+    stages = sc.stages if restage is None else restage(sc)
+    sc = sched.Schedule(sc.graph, stages, [0.0] * len(stages), sc.emission, 0.0, {**sc.info, **info})
   return sc.lower(x).compile(), (sc._build()[1], x)
 
 

@@ -72,10 +72,11 @@ def longest_paths(g: Graph, unit_latency: Sequence[float], k: int = 1) -> list:
   n = len(g.units)
   if n == 0:
     return []
-  order = _topological(g)
+  # unit indices are topological (``build_graph`` numbers units in equation order, as
+  # ``sequential_schedule`` relies on), so one forward and one backward sweep suffice
   down = [0.0] * n  # longest path ending at u, u included
   best_pred = [-1] * n
-  for u in order:
+  for u in range(n):
     preds = g.units[u].preds
     if preds:
       p = max(preds, key=lambda q: (down[q], -q))
@@ -84,7 +85,7 @@ def longest_paths(g: Graph, unit_latency: Sequence[float], k: int = 1) -> list:
       down[u] = lat[u]
   up = [0.0] * n  # longest path starting after u
   best_succ = [-1] * n
-  for u in reversed(order):
+  for u in reversed(range(n)):
     succs = g.units[u].succs
     if succs:
       s = max(succs, key=lambda q: (lat[q] + up[q], -q))
@@ -108,22 +109,6 @@ def longest_paths(g: Graph, unit_latency: Sequence[float], k: int = 1) -> list:
     seen.update(path)
     paths.append((sum(lat[v] for v in path), path))
   return paths
-
-
-def _topological(g: Graph) -> list:
-  indeg = {u.idx: len(u.preds) for u in g.units}
-  ready = sorted(u for u, d in indeg.items() if d == 0)
-  order = []
-  while ready:
-    u = ready.pop(0)
-    order.append(u)
-    for s in sorted(g.units[u].succs):
-      indeg[s] -= 1
-      if indeg[s] == 0:
-        ready.append(s)
-  if len(order) != len(g.units):
-    raise ValueError("the unit graph has a cycle")
-  return order
 
 
 def path_program(g: Graph, units: Sequence[int]) -> tuple[Callable, list]:
@@ -154,13 +139,9 @@ def path_program(g: Graph, units: Sequence[int]) -> tuple[Callable, list]:
     if late:
       raise ValueError(f"unit {u} is listed before its predecessors {late}; list units in "
                        "dependency order")
-  own = {o for u in units for ei in g.units[u].eqns for o in g.eqns[ei].outputs}
+  ins, _ = emit._group_io(g, tuple(units))  # what the units read and do not compute themselves
   in_set = set(g.in_ids)
-  extra_ids = []
-  for u in units:
-    for v in g.units[u].inputs:
-      if v not in own and v not in in_set and v not in extra_ids:
-        extra_ids.append(v)
+  extra_ids = [v for v in ins if v not in in_set]
   last = units[-1]
   if not g.units[last].outputs:
     raise ValueError(f"the last unit ({last}) has no outputs, so a compiled chain would drop every unit; "

@@ -456,20 +456,13 @@ def stage_program(g: Graph, st: Stage, mode: str, fuse_epilogue: bool = True):
   merged = None
   if st.kind == "merge":
     merged = merge_entry(g, st.groups[0], fuse_epilogue)
-  own = set()
+  ins, outs = _group_io(g, st.units)
+  cids = []
   for u in st.units:
-    for ei in g.units[u].eqns:
-      own.update(g.eqns[ei].outputs)
-  ins, outs, cids = [], [], []
-  for u in st.units:
-    for v in g.units[u].inputs:
-      if v not in own and v not in ins:
-        ins.append(v)
     for ei in g.units[u].eqns:
       for v in g.eqns[ei].inputs:
         if isinstance(v, int) and v in g.consts and v not in cids:
           cids.append(v)
-    outs.extend(g.units[u].outputs)
 
   def fn(consts, xs):
     env = dict(zip(ins, xs))
