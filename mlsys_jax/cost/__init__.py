@@ -18,9 +18,9 @@ from mlsys_jax.cost.dataset import (CostDataset, TpuGraphsExample, load_dataset,
                                     save_dataset)
 from mlsys_jax.cost.features import (NUM_NODE_FEATURES, NUM_PROGRAM_FEATURES, node_features,
                                      program_features)
-from mlsys_jax.cost.graph import (ATTR_NAMES, OPCODES, HloGraph, batch_graphs, kernel_costs,
-                                  kernel_graphs, pad_graph, program_graph, unbatch_graph)
-from mlsys_jax.cost.hlo import (Capture, HloModule, HloParseError, capture, capture_kernels, cost_dict,
+from mlsys_jax.cost.graph import (ATTR_NAMES, OPCODES, HloGraph, batch_graphs, capture_kernels,
+                                  kernel_costs, kernel_graphs, pad_graph, program_graph, unbatch_graph)
+from mlsys_jax.cost.hlo import (Capture, HloModule, HloParseError, capture, cost_dict,
                                 parse_hlo, parse_shape, strip_metadata)
 from mlsys_jax.cost.metrics import (Roofline, bootstrap_mean_ci, fit_roofline, group_metrics,
                                     kendall_tau, mape, mape_scale, ordered_pair_accuracy,

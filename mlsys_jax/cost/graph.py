@@ -22,12 +22,12 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from mlsys_jax.cost.hlo import (HloModule, Instruction, Computation, Shape, backend_tiles, int_list,
-                                parse_window, reducer_opcode)
+from mlsys_jax.cost.hlo import (Computation, HloModule, Instruction, Shape, backend_tiles, capture,
+                                int_list, parse_hlo, parse_window, reducer_opcode)
 
 MAX_RANK = 6
 
@@ -438,3 +438,10 @@ def pad_graph(g: HloGraph, n_node: int, n_edge: int, n_kernel: int, n_graph: int
       receivers=np.concatenate([g.receivers, np.full(pe, n_node - 1, np.int32)]),
       n_node=pad_counts(g.n_node, pn, pg), n_edge=pad_counts(g.n_edge, pe, pg),
       n_kernel=pad_counts(g.n_kernel, pk, pg))
+
+
+def capture_kernels(fn: Callable, *args, **kwargs) -> list[dict]:
+  """Per-kernel view of :func:`capture`: one dict per kernel of the entry computation with its name,
+  opcode, fusion kind and the analytical flops/bytes of :func:`kernel_costs`."""
+  cap = capture(fn, *args, **kwargs)
+  return kernel_costs(parse_hlo(cap.hlo_text))

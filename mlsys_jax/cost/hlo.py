@@ -474,14 +474,6 @@ def capture(fn: Callable, *args, compiler_options: dict | None = None, **kwargs)
   return Capture(compiled.as_text(), cost_dict(compiled), compiled)
 
 
-def capture_kernels(fn: Callable, *args, **kwargs) -> list[dict]:
-  """Per-kernel view of :func:`capture`: one dict per kernel of the entry computation with its name,
-  opcode, fusion kind and the analytical flops/bytes of :func:`mlsys_jax.cost.graph.kernel_costs`."""
-  from mlsys_jax.cost.graph import kernel_costs  # local import: graph imports this module
-  cap = capture(fn, *args, **kwargs)
-  return kernel_costs(parse_hlo(cap.hlo_text))
-
-
 def iter_called(module: HloModule, comp: Computation) -> Iterable[Computation]:
   """Computations reachable from ``comp`` through fusion/call/while/conditional (depth first)."""
   seen: set[str] = set()
@@ -506,5 +498,5 @@ def reducer_opcode(module: HloModule, ins: Instruction) -> str | None:
 
 
 __all__: Sequence[str] = ("Capture", "Computation", "HloModule", "HloParseError", "Instruction",
-                          "Shape", "capture", "capture_kernels", "cost_dict", "parse_hlo", "parse_shape",
+                          "Shape", "capture", "cost_dict", "parse_hlo", "parse_shape",
                           "strip_metadata")
