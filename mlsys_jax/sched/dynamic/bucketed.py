@@ -1,0 +1,409 @@
+"""``bucketed_jit``: one compiled program per bucket of a dynamic dimension, not one per shape.
+
+Nimble (Shen et al., "Nimble: Efficiently Compiling Dynamic Neural Networks for Model Inference",
+MLSys 2021, sections 3-4) gives a dimension the type ``Any`` and dispatches each concrete size to a few
+statically compiled kernels; TVM's ``FlexibleShapeDispatch`` pads a size ``n`` to bucket ``b_i`` when
+``b_{i-1} < n <= b_i`` and slices the outputs back. XLA compiles static shapes only, so under
+``jax.jit`` every new length is a new compilation (jax-ml/jax#803, #2521). ``bucketed_jit`` does the
+padding, passes the true length (and optionally a mask) to the function so it can ignore the padding,
+slices the outputs back, counts compilations, compiles every bucket ahead of time on request, and can
+check at run time that the padding does not change the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlsys_jax._checks import check_choice, check_range
+from mlsys_jax.sched.dynamic.buckets import bucket_for, pow2_buckets
+
+__all__ = ["bucketed_jit", "BucketedFunction", "PaddingInvarianceError", "length_mask"]
+
+
+class PaddingInvarianceError(AssertionError):
+  """Raised when an output changes with the padding; the message names the output."""
+
+
+def length_mask(length, size: int, dtype=jnp.bool_):
+  """``mask[..., i] = i < length``; ``length`` is a scalar or an array of per-row lengths.
+
+  >>> length_mask(jnp.array([1, 3]), 4).astype(int).tolist()
+  [[1, 0, 0, 0], [1, 1, 1, 0]]
+  """
+  length = jnp.asarray(length)
+  return (jnp.arange(size) < length[..., None]).astype(dtype)
+
+
+def _normalize_dims(dims) -> dict[int, int]:
+  if isinstance(dims, Mapping):
+    items = dict(dims)
+  elif isinstance(dims, Sequence) and not isinstance(dims, str):
+    items = {i: a for i, a in enumerate(dims) if a is not None}
+  else:
+    raise TypeError("dims must map positional argument index -> dynamic axis, e.g. {0: 1}, or be a "
+                    f"sequence with one axis (or None) per argument; got {dims!r}.")
+  if not items:
+    raise ValueError("dims names no dynamic argument; give at least one, e.g. dims={0: 1}.")
+  for k, v in items.items():
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+      raise TypeError(f"dims keys are positional argument indices (int >= 0), got {k!r}.")
+    if isinstance(v, bool) or not isinstance(v, int):
+      raise TypeError(f"dims[{k}] must be an int axis, got {v!r}.")
+  return items
+
+
+def _leaf_axis(leaf, axis: int, where: str) -> int:
+  nd = np.ndim(leaf)
+  if not -nd <= axis < nd:
+    raise ValueError(f"{where} has shape {np.shape(leaf)}; dynamic axis {axis} is out of range.")
+  return axis % nd
+
+
+def _pad_host(x, axis: int, size: int, fill) -> np.ndarray:
+  """Pad ``x`` along ``axis`` to ``size`` on the host (numpy; no device program per shape)."""
+  x = np.asarray(x)
+  n = x.shape[axis]
+  if n == size and fill is None:
+    return x
+  shape = list(x.shape)
+  shape[axis] = size
+  if fill is None or np.isscalar(fill):
+    out = np.full(shape, 0 if fill is None else fill, dtype=x.dtype)
+  else:  # a callable producing fill values of a shape/dtype
+    out = np.asarray(fill(tuple(shape), x.dtype), dtype=x.dtype)
+  sl = [slice(None)] * x.ndim
+  sl[axis] = slice(0, n)
+  out[tuple(sl)] = x
+  return out
+
+
+def _random_fill(seed: int):
+  rng = np.random.default_rng(seed)
+
+  def fill(shape, dtype):
+    if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating):
+      return rng.normal(0.0, 10.0, shape)
+    if dtype == np.bool_:
+      return rng.integers(0, 2, shape).astype(bool)
+    if np.issubdtype(dtype, np.integer):
+      return rng.integers(0, 2, shape)  # small valid-looking ids (e.g. for embedding lookups)
+    return np.zeros(shape, dtype)
+  return fill
+
+
+def _slice_leaf(y, axes: tuple[int, ...], n: int, unpad: str):
+  if not axes or unpad == "none":
+    return y if unpad != "host" else np.asarray(y)
+  if unpad == "host":
+    y = np.asarray(y)
+  sl = [slice(None)] * np.ndim(y)
+  for a in axes:
+    sl[a] = slice(0, n)
+  return y[tuple(sl)]
+
+
+def _compare_outputs(ref_leaves, got_leaves, paths, rtol, atol, what: str) -> None:
+  for r, g, path in zip(ref_leaves, got_leaves, paths):
+    r, g = np.asarray(r), np.asarray(g)
+    if r.shape != g.shape:
+      raise PaddingInvarianceError(f"output{path}: shape {g.shape} {what} vs {r.shape}.")
+    same = np.isclose(g, r, rtol=rtol, atol=atol, equal_nan=True) if np.issubdtype(
+        r.dtype, np.inexact) else (g == r)
+    if not np.all(same):
+      bad = int(np.size(same) - np.count_nonzero(same))
+      with np.errstate(invalid="ignore"):
+        err = (float(np.nanmax(np.abs(g.astype(np.float64) - r.astype(np.float64))))
+               if r.size else 0.0)
+      raise PaddingInvarianceError(
+          f"output{path} depends on the padding: {bad} of {r.size} values changed {what} (max |diff| "
+          f"{err:.3g}). Mask the padded positions with the `length`/`mask` argument (e.g. "
+          "jnp.where(mask, x, 0) before sums, a large negative before softmax/max).")
+
+
+@dataclasses.dataclass
+class _Program:
+  bucket: int
+  compiled: Any
+  compile_seconds: float
+
+
+class BucketedFunction:
+  """A function compiled once per bucket of one dynamic dimension; see :func:`bucketed_jit`."""
+
+  def __init__(self, fn: Callable, dims, buckets: Sequence[int], *, out_dims="infer",
+               length_arg: str | None = "length", mask_arg: str | None = None, unpad: str = "host",
+               overflow: str = "error", donate: bool = False, check_padding: bool = False,
+               rtol: float = 1e-5, atol: float = 1e-5, seed: int = 0):
+    if not callable(fn):
+      raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
+    self.fn = fn
+    self.dims = _normalize_dims(dims)
+    bs = [int(b) for b in buckets]
+    if not bs or any(b < 1 for b in bs) or any(isinstance(b, bool) for b in buckets):
+      raise ValueError(f"buckets must be positive integers, got {tuple(buckets)!r}.")
+    self.buckets = tuple(sorted(set(bs)))
+    check_choice("unpad", unpad, ("host", "device", "none"))
+    check_choice("overflow", overflow, ("error", "compile"))
+    check_range("rtol", rtol, 0.0)
+    check_range("atol", atol, 0.0)
+    self.length_arg, self.mask_arg = length_arg, mask_arg
+    self.unpad, self.overflow, self.donate = unpad, overflow, bool(donate)
+    self.check_padding, self.rtol, self.atol, self.seed = bool(check_padding), rtol, atol, seed
+    self._out_dims_spec = out_dims
+    self.out_axes: tuple[tuple[int, ...], ...] | None = None  # per output leaf, after inference
+    self._out_paths: list[str] | None = None
+    self._programs: dict[Any, _Program] = {}
+    self.calls = 0
+    self.compile_count = 0
+    self.overflow_compiles = 0
+    self.compile_seconds = 0.0
+    self.true_elements = 0  # sum of true lengths over calls
+    self.padded_elements = 0  # sum of bucket sizes over calls
+    self.padding_checks = 0
+
+  # ---- the function that is compiled: true length first, then the padded arguments ----
+  def _padded_fn(self, length, *args):
+    kw = {}
+    if self.length_arg is not None:
+      kw[self.length_arg] = length
+    if self.mask_arg is not None:
+      size = self._size_of(args)
+      kw[self.mask_arg] = jnp.arange(size) < length
+    return self.fn(*args, **kw)
+
+  def _size_of(self, args) -> int:
+    for i, axis in self.dims.items():
+      leaf = jax.tree_util.tree_leaves(args[i])[0]
+      return int(np.shape(leaf)[_leaf_axis(leaf, axis, f"argument {i}")])
+    raise AssertionError
+
+  def _length(self, args) -> int:
+    n = None
+    for i, axis in self.dims.items():
+      if i >= len(args):
+        raise ValueError(f"dims names argument {i} but the call has {len(args)} positional arguments.")
+      for path, leaf in jax.tree_util.tree_flatten_with_path(args[i])[0]:
+        where = f"argument {i}{jax.tree_util.keystr(path)}"
+        m = int(np.shape(leaf)[_leaf_axis(leaf, axis, where)])
+        if n is None:
+          n = m
+        elif m != n:
+          raise ValueError(f"{where} has length {m} on dynamic axis {axis}, but another dynamic input "
+                           f"has {n}; all dynamic axes share one length per call.")
+    if n is None:
+      raise ValueError("the dynamic arguments hold no arrays.")
+    return n
+
+  def _abstract(self, args, size: int):
+    def leaf_struct(leaf, axis):
+      shape = list(np.shape(leaf))
+      if axis is not None:
+        shape[_leaf_axis(leaf, axis, "input")] = size
+      return jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(leaf))
+    return tuple(jax.tree_util.tree_map(lambda l, a=self.dims.get(i): leaf_struct(l, a), x)
+                 for i, x in enumerate(args))
+
+  def _infer_out_axes(self, args, size: int) -> None:
+    if self.out_axes is not None:
+      return
+    probe = lambda s: jax.eval_shape(self._padded_fn, jax.ShapeDtypeStruct((), jnp.int32),
+                                     *self._abstract(args, s))
+    out1 = probe(size)
+    flat1 = jax.tree_util.tree_flatten_with_path(out1)[0]
+    self._out_paths = [jax.tree_util.keystr(p) for p, _ in flat1]
+    spec = self._out_dims_spec
+    if isinstance(spec, str):
+      if spec != "infer":
+        raise ValueError(f"out_dims must be 'infer', None, an int, a tuple or a pytree; got {spec!r}.")
+      other = 2 * size + 1
+      flat2 = jax.tree_util.tree_leaves(probe(other))
+      axes = []
+      for (path, a), b in zip(flat1, flat2):
+        dyn = tuple(k for k, (s1, s2) in enumerate(zip(a.shape, b.shape)) if s1 != s2)
+        if len(a.shape) != len(b.shape) or any(a.shape[k] != size or b.shape[k] != other for k in dyn):
+          raise ValueError(
+              f"output{jax.tree_util.keystr(path)} has shape {a.shape} at length {size} and {b.shape} at "
+              f"{other}: a dynamic axis that is not the length itself cannot be sliced back. Declare "
+              "out_dims explicitly (None for outputs to return padded) or return length-sized axes.")
+        axes.append(dyn)
+      self.out_axes = tuple(axes)
+      return
+    is_spec_leaf = lambda s: s is None or isinstance(s, (int, tuple))
+    if is_spec_leaf(spec):
+      specs = [spec] * len(flat1)
+    else:
+      specs = jax.tree_util.tree_leaves(spec, is_leaf=is_spec_leaf)
+      if len(specs) != len(flat1):
+        raise ValueError(f"out_dims has {len(specs)} entries but fn returns {len(flat1)} arrays; give "
+                         "one axis/None/tuple per output (same structure as the outputs).")
+    axes = []
+    for (path, a), s in zip(flat1, specs):
+      t = () if s is None else ((s,) if isinstance(s, int) else tuple(s))
+      t = tuple(_leaf_axis(a, k, f"output{jax.tree_util.keystr(path)}") for k in t)
+      for k in t:
+        if a.shape[k] != size:
+          raise ValueError(f"out_dims says axis {k} of output{jax.tree_util.keystr(path)} is dynamic, "
+                           f"but its size is {a.shape[k]} at length {size}.")
+      axes.append(t)
+    self.out_axes = tuple(axes)
+
+  def _key(self, args, size):
+    structs = self._abstract(args, size)
+    leaves, tree = jax.tree_util.tree_flatten(structs)
+    return (size, tree, tuple((l.shape, str(l.dtype)) for l in leaves)), structs
+
+  def _program(self, args, size: int, *, overflow: bool = False) -> _Program:
+    key, structs = self._key(args, size)
+    prog = self._programs.get(key)
+    if prog is None:
+      self._infer_out_axes(args, size)
+      donate = tuple(1 + i for i in self.dims) if self.donate else ()
+      t0 = time.perf_counter()
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
+        compiled = jax.jit(self._padded_fn, donate_argnums=donate).lower(
+            jax.ShapeDtypeStruct((), jnp.int32), *structs).compile()
+      dt = time.perf_counter() - t0
+      prog = _Program(size, compiled, dt)
+      self._programs[key] = prog
+      self.compile_count += 1
+      self.overflow_compiles += int(overflow)
+      self.compile_seconds += dt
+    return prog
+
+  def bucket_of(self, n: int) -> int:
+    """The bucket a length ``n`` runs in (raises for lengths above the largest bucket)."""
+    b = bucket_for(n, self.buckets)
+    if b is None:
+      if self.overflow == "error":
+        raise ValueError(
+            f"length {n} exceeds the largest bucket {self.buckets[-1]}; add a larger bucket (buckets="
+            f"{self.buckets + (pow2_buckets(n)[-1],)}) or pass overflow='compile' to compile one more "
+            "bucket on demand (counted in .overflow_compiles).")
+      b = pow2_buckets(n)[-1]
+    return b
+
+  def _pad_args(self, args, size: int, fill):
+    out = []
+    for i, x in enumerate(args):
+      axis = self.dims.get(i)
+      if axis is None:
+        out.append(x)
+        continue
+      def pad(leaf, axis=axis):
+        if fill is None and not self.donate and np.shape(leaf)[_leaf_axis(leaf, axis, "input")] == size:
+          return leaf  # already bucket-sized: pass through (no copy, stays on device)
+        return _pad_host(leaf, _leaf_axis(leaf, axis, "input"), size, fill)
+      out.append(jax.tree_util.tree_map(pad, x))
+    return tuple(out)
+
+  def __call__(self, *args, **kwargs):
+    if kwargs:
+      raise TypeError(f"{type(self).__name__} takes positional arguments only; bind keyword arguments "
+                      f"with functools.partial first (got {sorted(kwargs)}).")
+    n = self._length(args)
+    b = bucket_for(n, self.buckets)
+    if b is None:
+      b = self.bucket_of(n)
+      prog = self._program(args, b, overflow=True)
+      self.buckets = tuple(sorted(set(self.buckets) | {b}))
+    else:
+      prog = self._program(args, b)
+    padded = self._pad_args(args, b, None)
+    out = prog.compiled(np.int32(n), *padded)
+    self.calls += 1
+    self.true_elements += n
+    self.padded_elements += b
+    leaves, tree = jax.tree_util.tree_flatten(out)
+    sliced = [_slice_leaf(y, ax, n, self.unpad) for y, ax in zip(leaves, self.out_axes)]
+    if self.check_padding and b > n:
+      alt = self._pad_args(args, b, _random_fill(self.seed + self.calls))
+      alt_leaves = jax.tree_util.tree_leaves(prog.compiled(np.int32(n), *alt))
+      alt_sliced = [_slice_leaf(y, ax, n, "host") for y, ax in zip(alt_leaves, self.out_axes)]
+      self.padding_checks += 1
+      _compare_outputs([np.asarray(s) for s in sliced], alt_sliced, self._out_paths, self.rtol,
+                       self.atol, f"when the padding of length {n} -> bucket {b} is refilled with "
+                       "random values")
+    return jax.tree_util.tree_unflatten(tree, sliced)
+
+  def compile_all(self, *example_args) -> float:
+    """Compile every bucket ahead of time (``jit(...).lower(...).compile()``) for arguments shaped like
+    ``example_args`` (arrays or ``jax.ShapeDtypeStruct``, any length); returns the seconds spent."""
+    t = self.compile_seconds
+    for b in self.buckets:
+      self._program(example_args, b)
+    return self.compile_seconds - t
+
+  def stats(self) -> dict:
+    """Counters: calls, compiles (overflow ones too), compile seconds, padding overhead."""
+    return {"calls": self.calls, "compiles": self.compile_count,
+            "overflow_compiles": self.overflow_compiles, "compile_seconds": self.compile_seconds,
+            "buckets": list(self.buckets), "padding_checks": self.padding_checks,
+            "padding_overhead": (self.padded_elements / self.true_elements - 1.0)
+            if self.true_elements else 0.0}
+
+
+def bucketed_jit(fn: Callable, dims, buckets: Sequence[int] | None = None, *, max_length: int | None = None,
+                 out_dims="infer", length_arg: str | None = "length", mask_arg: str | None = None,
+                 unpad: str = "host", overflow: str = "error", donate: bool = False,
+                 check_padding: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
+                 seed: int = 0) -> BucketedFunction:
+  """Compile ``fn`` once per bucket of a dynamic dimension instead of once per length.
+
+  Nimble (Shen et al., MLSys 2021, sections 3-4; TVM ``FlexibleShapeDispatch``): a length ``n`` runs in
+  the smallest bucket ``b >= n``; the dynamic axes of the inputs are zero-padded to ``b`` on the host
+  (numpy: no device program per length), ``fn`` receives the true length as a traced int32 scalar
+  (keyword ``length_arg``) and, if ``mask_arg`` is set, a boolean mask of shape ``(b,)``, and the
+  dynamic axes of the outputs are sliced back to ``n``. ``fn`` must ignore the padding (mask it);
+  ``check_padding=True`` verifies this at run time by re-running each padded call with random padding.
+
+  Args:
+    fn: the function; positional array (pytree) arguments, plus the ``length``/``mask`` keywords.
+    dims: ``{argument index: dynamic axis}`` (every leaf of that argument has the axis), or a sequence
+      with one axis or ``None`` per positional argument. All dynamic axes share one length per call.
+    buckets: bucket sizes, e.g. ``pow2_buckets(512, 8)`` or ``choose_buckets(...).buckets``; default:
+      powers of two up to ``max_length``.
+    max_length: used only when ``buckets`` is None.
+    out_dims: which output axes are the dynamic length: ``'infer'`` (default: traced at two sizes with
+      ``jax.eval_shape``; an axis whose size is the bucket size both times is dynamic), ``None`` (return
+      everything padded), an int / tuple of ints for every output, or a pytree of those per output.
+    length_arg, mask_arg: keyword names under which ``fn`` gets the true length / the mask (None: not
+      passed).
+    unpad: ``'host'`` slices outputs on the host and returns numpy arrays (no per-length device program);
+      ``'device'`` returns jax arrays (each new length runs one small slice program of JAX's eager
+      cache); ``'none'`` returns the padded outputs.
+    overflow: lengths above the largest bucket raise ``ValueError`` (``'error'``) or compile one more
+      power-of-two bucket, counted in ``.overflow_compiles`` (``'compile'``).
+    donate: donate the padded input buffers to the program (memory reuse for outputs of the same shape;
+      inputs are always copied into fresh padded buffers then).
+    check_padding: runtime padding-invariance check (doubles the cost of padded calls); raises
+      :class:`PaddingInvarianceError` naming the output that changed beyond ``rtol``/``atol``.
+    seed: seed of the random padding used by the check.
+
+  Returns:
+    A :class:`BucketedFunction`: call it like ``fn`` (without ``length``/``mask``); ``.compile_all(*args)``
+    compiles every bucket ahead of time; ``.compile_count`` and ``.stats()`` report compilations.
+
+  >>> def mean_pool(x, length):  # x: (batch, n, d); masked mean over the n axis
+  ...   m = length_mask(length, x.shape[1], x.dtype)[None, :, None]
+  ...   return (x * m).sum(1) / length, x * 2
+  >>> f = bucketed_jit(mean_pool, dims={0: 1}, buckets=(4, 8))
+  >>> for n in (3, 4, 5, 7):
+  ...   pooled, doubled = f(np.ones((2, n, 3), np.float32))
+  >>> pooled.shape, doubled.shape, f.compile_count, f.out_axes
+  ((2, 3), (2, 7, 3), 2, ((), (1,)))
+  """
+  if buckets is None:
+    if max_length is None:
+      raise ValueError("give buckets=... or max_length=... (powers of two up to it).")
+    buckets = pow2_buckets(max_length)
+  return BucketedFunction(fn, dims, buckets, out_dims=out_dims, length_arg=length_arg, mask_arg=mask_arg,
+                          unpad=unpad, overflow=overflow, donate=donate, check_padding=check_padding,
+                          rtol=rtol, atol=atol, seed=seed)

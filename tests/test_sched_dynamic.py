@@ -1,0 +1,159 @@
+"""Tests of mlsys_jax.sched.dynamic (Nimble: bucketed/symbolic shapes, dynamic control flow)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax.sched import dynamic as dyn
+
+
+def _masked_fn(x, w, length):
+  """Per-token projection, masked prefix sum and masked mean pooling: x (b, n, d), w (d, e)."""
+  m = dyn.length_mask(length, x.shape[1], x.dtype)[None, :, None]
+  h = jnp.tanh(x @ w) * m
+  return {"tokens": h, "cumsum": jnp.cumsum(h, axis=1), "pooled": h.sum(1) / length}
+
+
+def _reference(x, w):
+  h = np.tanh(x.astype(np.float64) @ w.astype(np.float64))
+  return {"tokens": h, "cumsum": np.cumsum(h, 1), "pooled": h.mean(1)}
+
+
+def test_bucketed_matches_unpadded_reference_and_counts_compiles():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(3, 5)).astype(np.float32)
+  f = dyn.bucketed_jit(_masked_fn, dims={0: 1}, buckets=(4, 8, 16))
+  for n in (1, 3, 4, 5, 8, 9, 16, 2):
+    x = rng.normal(size=(2, n, 3)).astype(np.float32)
+    out, ref = f(x, w), _reference(x, w)
+    assert set(out) == set(ref)
+    for k in ref:
+      assert out[k].shape == ref[k].shape, k
+      np.testing.assert_allclose(out[k], ref[k], rtol=2e-5, atol=2e-5, err_msg=k)
+  assert f.compile_count == 3 and f.calls == 8
+  assert f.out_axes == ((1,), (), (1,))  # dict leaves sorted: cumsum, pooled, tokens
+  s = f.stats()
+  assert s["compiles"] == 3 and s["padding_overhead"] == pytest.approx((4 + 4 + 4 + 8 + 8 + 16 + 16 + 4)
+                                                                       / (1 + 3 + 4 + 5 + 8 + 9 + 16 + 2) - 1)
+
+
+def test_compile_all_ahead_of_time_then_no_compiles():
+  w = jnp.ones((3, 5))
+  f = dyn.bucketed_jit(_masked_fn, dims=(1, None), buckets=dyn.pow2_buckets(32, 8))
+  assert f.buckets == (8, 16, 32)
+  f.compile_all(jax.ShapeDtypeStruct((2, 1, 3), jnp.float32), w)
+  assert f.compile_count == 3 and f.compile_seconds > 0
+  for n in (5, 17, 32, 9):
+    f(np.ones((2, n, 3), np.float32), w)
+  assert f.compile_count == 3
+  f(np.ones((4, 5, 3), np.float32), w)  # a new batch size is a new program
+  assert f.compile_count == 4
+
+
+def test_overflow_error_and_opt_in_compile():
+  f = dyn.bucketed_jit(lambda x, length: x * 2, dims={0: 0}, buckets=(4, 8))
+  with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
+    f(np.ones(9, np.float32))
+  g = dyn.bucketed_jit(lambda x, length: x * 2, dims={0: 0}, buckets=(4, 8), overflow="compile")
+  np.testing.assert_array_equal(g(np.ones(9, np.float32)), 2 * np.ones(9))
+  g(np.ones(13, np.float32))
+  assert g.overflow_compiles == 1 and g.compile_count == 1 and g.buckets == (4, 8, 16)
+
+
+def test_padding_check_names_the_output_that_depends_on_padding():
+  def leaky(x, length):
+    m = dyn.length_mask(length, x.shape[0], x.dtype)
+    return {"good": (x * m).sum(), "bad": x.sum(), "tokens": x + 1}
+  f = dyn.bucketed_jit(leaky, dims={0: 0}, buckets=(8,), check_padding=True)
+  with pytest.raises(dyn.PaddingInvarianceError, match=r"output\['bad'\]"):
+    f(np.ones(5, np.float32))
+  ok = dyn.bucketed_jit(lambda x, length: (x * dyn.length_mask(length, x.shape[0], x.dtype)).sum(),
+                        dims={0: 0}, buckets=(8,), check_padding=True)
+  assert float(ok(np.ones(5, np.float32))) == 5.0 and ok.padding_checks == 1
+
+
+def test_mask_argument_out_dims_and_bad_specs():
+  f = dyn.bucketed_jit(lambda x, mask: jnp.where(mask, x, 0.0), dims={0: 0}, buckets=(8,),
+                       length_arg=None, mask_arg="mask", unpad="device")
+  y = f(np.arange(3, dtype=np.float32))
+  assert isinstance(y, jax.Array) and y.tolist() == [0.0, 1.0, 2.0]
+  g = dyn.bucketed_jit(lambda x, length: x * 2, dims={0: 0}, buckets=(8,), out_dims=None)
+  assert g(np.ones(3, np.float32)).shape == (8,)
+  h = dyn.bucketed_jit(lambda x, length: jnp.concatenate([x, x]), dims={0: 0}, buckets=(8,))
+  with pytest.raises(ValueError, match="Declare out_dims"):
+    h(np.ones(3, np.float32))
+  two = dyn.bucketed_jit(lambda a, b, length: a + b, dims={0: 0, 1: 0}, buckets=(8,))
+  with pytest.raises(ValueError, match="share one length"):
+    two(np.ones(3), np.ones(4))
+  with pytest.raises(TypeError, match="positional"):
+    two(np.ones(3), b=np.ones(3))
+  with pytest.raises(ValueError, match="buckets"):
+    dyn.bucketed_jit(lambda x, length: x, dims={0: 0}, buckets=(0, 4))
+  with pytest.raises(ValueError, match="unpad"):
+    dyn.bucketed_jit(lambda x, length: x, dims={0: 0}, buckets=(4,), unpad="gpu")
+
+
+def test_donated_buffers_leave_user_arrays_alive():
+  f = dyn.bucketed_jit(lambda x, length: x * 3.0, dims={0: 1}, buckets=(4,), donate=True)
+  x = jnp.ones((2, 4))
+  y = f(x)
+  assert not x.is_deleted() and np.allclose(y, 3.0) and np.allclose(x, 1.0)
+
+
+def _brute_force(lengths, k_max, run, comp, s):
+  best = (np.inf, None)
+  uniq = sorted(set(lengths))
+  for k in range(1, k_max + 1):
+    for bs in itertools.combinations(uniq, k):
+      if bs[-1] != uniq[-1]:
+        continue
+      c = dyn.expected_cost(bs, lengths, run_cost=run, compile_cost=comp, stream_length=s)
+      best = min(best, (c, bs))
+  return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_choose_buckets_dp_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, 40, size=30).tolist()
+  a, b = rng.uniform(0.1, 1.0), rng.uniform(0.01, 0.1)
+  run = lambda n: a + b * n + 0.001 * n * n
+  comp, s = float(rng.uniform(0, 20)), int(rng.integers(1, 50))
+  plan = dyn.choose_buckets(lengths, num_buckets=4, run_cost=run, compile_cost=comp, stream_length=s)
+  cost, bs = _brute_force(lengths, 4, run, comp, s)
+  assert plan.total_cost == pytest.approx(cost, rel=1e-9)
+  assert dyn.expected_cost(plan.buckets, lengths, run_cost=run, compile_cost=comp,
+                           stream_length=s) == pytest.approx(cost, rel=1e-9)
+  assert len(plan.costs_by_k) == 4 and min(plan.costs_by_k) == pytest.approx(cost)
+
+
+def test_choose_buckets_properties():
+  lengths = [3, 5, 9, 17, 17, 33]
+  full = dyn.choose_buckets(lengths, num_buckets=10)
+  assert full.buckets == (3, 5, 9, 17, 33) and full.padding_overhead == 0.0
+  one = dyn.choose_buckets(lengths, num_buckets=1)
+  assert one.buckets == (33,) and one.run_cost == pytest.approx(33.0)
+  # costs never increase with more buckets when compiling is free
+  assert all(x >= y - 1e-12 for x, y in zip(full.costs_by_k, full.costs_by_k[1:]))
+  # candidates restrict the sizes (multiples of 8 here)
+  c8 = dyn.choose_buckets(lengths, num_buckets=3, candidates=range(8, 41, 8))
+  assert set(c8.buckets) <= {8, 16, 24, 32, 40} and c8.buckets[-1] == 40
+  # a long stream pays for more compiled buckets, a short one does not
+  long = dyn.choose_buckets(lengths, num_buckets=5, compile_cost=10.0, stream_length=10_000)
+  short = dyn.choose_buckets(lengths, num_buckets=5, compile_cost=100.0, stream_length=1)
+  assert len(long.buckets) == 5 and short.buckets == (33,)
+  exact = dyn.choose_buckets(lengths, num_buckets=3, compile_cost=10.0, exact_k=True)
+  assert len(exact.buckets) == 3
+  with pytest.raises(ValueError, match="non-decreasing"):
+    dyn.choose_buckets(lengths, num_buckets=2, run_cost=lambda n: 100 - n)
+  with pytest.raises(ValueError, match="candidates must include"):
+    dyn.choose_buckets(lengths, num_buckets=2, candidates=[8, 16])
+  with pytest.raises(ValueError, match="lengths must be >= 1"):
+    dyn.choose_buckets([0, 3], num_buckets=2)
+  with pytest.raises(ValueError, match="largest bucket"):
+    dyn.expected_cost((4,), [5])
