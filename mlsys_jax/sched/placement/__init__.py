@@ -1,0 +1,28 @@
+"""mlsys_jax.sched.placement: FirePlace, online VM placement by hindsight imitation (Balaji, Kakovitch,
+Narayanaswamy, MLSys 2021).
+
+Public API:
+  Cluster, make_cluster, Trace, Spec, Observation, SimResult   data types
+  simulate(trace, cluster, policy, spec=...) -> SimResult      jittable/vmappable lax.scan simulator
+  par_per_step, par_objective                                  the peak-to-average objective
+  hindsight_scores, validate_trace
+  synthetic_trace, make_trace, load_csv_trace, WORKLOADS, VM_SIZES   workloads
+  random_policy, round_robin, first_fit, best_fit, least_loaded, power_of_two, forecast,
+  hindsight_oracle, BASELINES                                  baseline policies
+  simulate_numpy, NUMPY_POLICIES                               numpy reference simulator
+"""
+
+from mlsys_jax.sched.placement.policies import (BASELINES, NUMPY_POLICIES, best_fit, first_fit, forecast,
+                                                hindsight_oracle, least_loaded, power_of_two,
+                                                random_policy, round_robin, simulate_numpy)
+from mlsys_jax.sched.placement.sim import (Cluster, Observation, SimResult, Spec, Trace, hindsight_scores,
+                                           make_cluster, par_objective, par_per_step, simulate,
+                                           validate_trace)
+from mlsys_jax.sched.placement.traces import (VM_SIZES, WORKLOADS, load_csv_trace, make_trace,
+                                              synthetic_trace)
+
+__all__ = ["Cluster", "Observation", "SimResult", "Spec", "Trace", "hindsight_scores", "make_cluster",
+           "par_objective", "par_per_step", "simulate", "validate_trace", "VM_SIZES", "WORKLOADS",
+           "load_csv_trace", "make_trace", "synthetic_trace", "BASELINES", "NUMPY_POLICIES", "best_fit",
+           "first_fit", "forecast", "hindsight_oracle", "least_loaded", "power_of_two", "random_policy",
+           "round_robin", "simulate_numpy"]

@@ -1,0 +1,151 @@
+"""Baseline placement policies (FirePlace, Balaji et al., MLSys 2021, Sec. 4 baselines) and a numpy
+reference simulator.
+
+Each policy is a pure function ``policy(params, obs, key) -> scores[M]`` for
+:func:`~mlsys_jax.sched.placement.sim.simulate`: the simulator takes the feasible machine with the highest
+score (ties: lowest index). ``params`` is ignored by the baselines. Loads are summed over resources
+as fractions of each machine's capacity.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlsys_jax.sched.placement.sim import (_CAP_TOL, Cluster, Observation, SimResult, Spec,
+                                           par_objective, validate_trace)
+
+__all__ = ["random_policy", "round_robin", "first_fit", "best_fit", "least_loaded", "power_of_two",
+           "forecast", "hindsight_oracle", "BASELINES", "simulate_numpy", "NUMPY_POLICIES"]
+
+
+def random_policy(params, obs: Observation, key) -> jax.Array:
+  """Uniformly random feasible machine (Gumbel scores).
+
+  Example:
+    >>> from mlsys_jax.sched.placement import sim, traces
+    >>> tr = traces.synthetic_trace(jax.random.PRNGKey(0), n_vms=16, horizon=32, max_life=8)
+    >>> r = sim.simulate(tr, sim.make_cluster(2), random_policy, spec=sim.Spec(32))
+    >>> set(r.actions.tolist()) <= {0, 1}
+    True
+  """
+  del params
+  return jax.random.gumbel(key, obs.feasible.shape)
+
+
+def round_robin(params, obs: Observation, key) -> jax.Array:
+  """Machine ``index mod M``; if it is full, the next feasible one in cyclic order."""
+  del params, key
+  m = obs.feasible.shape[0]
+  return -((jnp.arange(m) - obs.index) % m).astype(jnp.float32)
+
+
+def first_fit(params, obs: Observation, key) -> jax.Array:
+  """The lowest-index machine where the VM fits."""
+  del params, key
+  return -jnp.arange(obs.feasible.shape[0], dtype=jnp.float32)
+
+
+def best_fit(params, obs: Observation, key) -> jax.Array:
+  """The machine left fullest (summed reserved fraction after placing the VM): tightest fit."""
+  del params, key
+  return jnp.sum(obs.reserved + obs.size_frac, axis=-1)
+
+
+def least_loaded(params, obs: Observation, key) -> jax.Array:
+  """The machine with the lowest usage now (summed utilisation over resources)."""
+  del params, key
+  return -jnp.sum(obs.usage_hist[:, -1], axis=-1)
+
+
+def power_of_two(params, obs: Observation, key) -> jax.Array:
+  """Power of two choices: sample two distinct feasible machines, take the less loaded now."""
+  del params
+  m = obs.feasible.shape[0]
+  g = jax.random.gumbel(key, (m,)) + jnp.where(obs.feasible, 0.0, -jnp.inf)
+  _, two = jax.lax.top_k(g, min(2, m))
+  load = jnp.where(obs.feasible, jnp.sum(obs.usage_hist[:, -1], axis=-1), jnp.inf)
+  pick = two[jnp.argmin(load[two])]
+  return jnp.where(jnp.arange(m) == pick, 1.0, jnp.where(jnp.isin(jnp.arange(m), two), 0.0, -1.0))
+
+
+def forecast(params, obs: Observation, key) -> jax.Array:
+  """Forecasting baseline: each machine's usage predicted by its moving average over the observed
+  window; the VM goes to the machine with the lowest predicted load."""
+  del params, key
+  return -jnp.sum(jnp.mean(obs.usage_hist, axis=1), axis=-1)
+
+
+def hindsight_oracle(params, obs: Observation, key) -> jax.Array:
+  """NOT causal: the candidate with the lowest hindsight cost (reads the true future; needs
+  ``simulate(..., with_hindsight=True)``). The label FirePlace imitates; a reference, not a baseline."""
+  del params, key
+  return -obs.hindsight
+
+
+BASELINES = {"random": random_policy, "round_robin": round_robin, "first_fit": first_fit,
+             "best_fit": best_fit, "least_loaded": least_loaded, "power_of_two": power_of_two,
+             "forecast": forecast}
+
+
+# ---------------------------------------------------------------- numpy reference (deterministic policies)
+def _np_scores(name: str, hist, reserved, size_frac, index):
+  m = hist.shape[0]
+  if name == "round_robin":
+    return -((np.arange(m) - index) % m).astype(np.float32)
+  if name == "first_fit":
+    return -np.arange(m, dtype=np.float32)
+  if name == "best_fit":
+    return np.sum(reserved + size_frac, axis=-1, dtype=np.float32)
+  if name == "least_loaded":
+    return -np.sum(hist[:, -1], axis=-1, dtype=np.float32)
+  if name == "forecast":
+    return -np.sum(np.mean(hist, axis=1, dtype=np.float32), axis=-1, dtype=np.float32)
+  raise ValueError(f"no numpy reference for policy {name!r}; choose from {NUMPY_POLICIES}.")
+
+
+NUMPY_POLICIES = ("round_robin", "first_fit", "best_fit", "least_loaded", "forecast")
+
+
+def simulate_numpy(trace, cluster: Cluster, policy: str, *, spec: Spec) -> SimResult:
+  """A straightforward numpy simulator (loop over arrivals, float32), the reference for the jax one.
+
+  Keeps a list of placed VMs per machine and recomputes machine usage and reservations from it at each
+  arrival. ``policy`` names a deterministic baseline (:data:`NUMPY_POLICIES`).
+  """
+  validate_trace(trace, cluster, spec.horizon)
+  cap = np.asarray(cluster.capacity, np.float32)
+  arr, usage, life = np.asarray(trace.arrival), np.asarray(trace.usage), np.asarray(trace.lifetime)
+  size, valid = np.asarray(trace.size), np.asarray(trace.valid)
+  m, r = cap.shape
+  n, l, _ = usage.shape
+  t_len, w = spec.horizon, spec.window
+  use = np.zeros((m, t_len + l, r), np.float32)   # time t at index t
+  placed_on: list[list[int]] = [[] for _ in range(m)]
+  actions = np.full(n, -1, np.int32)
+  rejected = 0
+  for i in range(n):
+    if not valid[i]:
+      continue
+    a = int(arr[i])
+    reserved = np.zeros((m, r), np.float32)
+    for j in range(m):
+      for v in placed_on[j]:
+        if arr[v] <= a < arr[v] + life[v]:
+          reserved[j] += size[v]
+    lo = a - w + 1
+    hist = np.zeros((m, w, r), np.float32)
+    hist[:, max(0, -lo):] = use[:, max(lo, 0):a + 1]
+    hist = hist / cap[:, None, :]
+    feasible = np.all(reserved + size[i][None] <= cap * np.float32(1 + _CAP_TOL), axis=-1)
+    if not feasible.any():
+      rejected += 1
+      continue
+    s = _np_scores(policy, hist, reserved / cap, size[i][None] / cap, i)
+    j = int(np.argmax(np.where(feasible, s, -np.inf)))
+    actions[i] = j
+    placed_on[j].append(i)
+    use[j, a:a + l] += usage[i]
+  out = use[:, :t_len]
+  return SimResult(actions, np.int32(rejected), float(par_objective(out, cap)), out)
