@@ -10,8 +10,13 @@ Public API:
   random_policy, round_robin, first_fit, best_fit, least_loaded, power_of_two, forecast,
   hindsight_oracle, BASELINES                                  baseline policies
   simulate_numpy, NUMPY_POLICIES                               numpy reference simulator
+  machine_features, PlacementNet, imitation_policy, train_imitation, imitation_loss,
+  ImitationResult, offline_optimum                             hindsight imitation (DAgger), brute force
 """
 
+from mlsys_jax.sched.placement.hindsight import (ImitationResult, PlacementNet, imitation_loss,
+                                                 imitation_policy, machine_features, offline_optimum,
+                                                 train_imitation)
 from mlsys_jax.sched.placement.policies import (BASELINES, NUMPY_POLICIES, best_fit, first_fit, forecast,
                                                 hindsight_oracle, least_loaded, power_of_two,
                                                 random_policy, round_robin, simulate_numpy)
@@ -25,4 +30,5 @@ __all__ = ["Cluster", "Observation", "SimResult", "Spec", "Trace", "hindsight_sc
            "par_objective", "par_per_step", "simulate", "validate_trace", "VM_SIZES", "WORKLOADS",
            "load_csv_trace", "make_trace", "synthetic_trace", "BASELINES", "NUMPY_POLICIES", "best_fit",
            "first_fit", "forecast", "hindsight_oracle", "least_loaded", "power_of_two", "random_policy",
-           "round_robin", "simulate_numpy"]
+           "round_robin", "simulate_numpy", "ImitationResult", "PlacementNet", "imitation_loss",
+           "imitation_policy", "machine_features", "offline_optimum", "train_imitation"]
