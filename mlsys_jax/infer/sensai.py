@@ -1,0 +1,1009 @@
+"""sensAI: a trained classifier split into small class-group subnets that run in parallel.
+
+Wang, Liu, Hsieh, Zhuang, Gonzalez, Darrell and Stoica, "sensAI: ConvNets Decomposition via Class
+Parallelism for Fast Inference on Live Data", MLSys 2021. The recipe (paper Sec. 3, and the authors'
+code ``GuanhuaWang/sensAI``):
+
+1. **Group the classes** (:func:`group_classes`): average the penultimate features of the trained model
+   per class and cluster the class means with *equal-size* k-means (:func:`balanced_kmeans`); or take
+   contiguous blocks of classes (the paper's ImageNet setting).
+2. **Measure every ReLU output channel on a group's data** (:func:`channel_stats`): the average
+   percentage of zeros ``APoZ_c = mean over (n, spatial) of 1[|a| <= 0.005]`` and ``avg_c = mean |a|``.
+3. **Prune** (:func:`prune_masks`, :func:`prune`): drop channel ``c`` iff ``APoZ_c > 0.73`` and
+   ``avg_c < 0.01`` (the paper's thresholds, APoZ as a fraction here), physically, as surgery on the
+   flax variables: the producing layer's output axis (conv/dense kernel, bias, batch norm) and the next
+   layer's input axis. At least one channel per layer is kept (with a warning).
+4. **Retrain** each pruned subnet one-vs-rest with ``m + 1`` outputs, output 0 meaning "other"
+   (:func:`make_subnet`, :func:`group_dataset`, :func:`retrain_subnet`); positives are oversampled.
+5. **Combine** (:func:`combine`): softmax each subnet, drop its "other" column, put the columns back in
+   class order. Beyond the paper, each subnet's logits are divided by a temperature fitted on held-out
+   data (:func:`calibrate_temperature`, Guo et al. 2017) so that independently trained softmaxes are
+   comparable, and the result is renormalised to a distribution (the argmax is unchanged by that).
+6. **Execute**: one device runs all subnets as ONE program, zero-padded to a common width and mapped
+   with ``jax.vmap`` (:func:`stack_subnets`, :func:`ensemble_predict`; exact, because padded channels
+   have zero weights, zero bias and zero batch-norm affine parameters); several devices run one group
+   of subnets each under ``shard_map`` and add their class columns with one ``psum``
+   (:func:`ensemble_predict_sharded`).
+
+Supported models (the surgery follows their structure exactly, and refuses anything else, naming the
+layer): :class:`mlsys_jax.models.CNN` (every conv and the hidden dense layer are pruned; the flatten
+between the last conv and the dense layer is followed), :class:`mlsys_jax.models.MLP` (every hidden
+layer), and :class:`mlsys_jax.models.ResNet20` (the inner channels of every basic block, i.e. the
+output of its first conv + batch norm + ReLU; the residual stream is left whole, so residual adds keep
+matching shapes). A pruned ResNet-20 is a :class:`SlimResNet20`, which is ResNet-20 with per-block
+inner widths and the same variable names. Injected ``dot_general``/``conv_general_dilated`` functions
+are kept; injected *modules* (``*_cls``, which may hold their own variables) are refused.
+
+Activations are read with flax's ``capture_intermediates``: a pruning site is a module whose output
+goes straight into a ReLU (``Conv_i``/``Dense_i`` of the CNN and MLP, ``BatchNorm_0`` inside a ResNet
+block), and its ReLU output is ``max(z, 0)`` of the captured ``z``.
+
+Example (a tiny CNN on random data; real use trains the model first):
+
+>>> import jax, numpy as np
+>>> from mlsys_jax import models
+>>> from mlsys_jax.infer import sensai
+>>> model = models.CNN(num_classes=4, channels=(4, 8), hidden=16)
+>>> x = np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype(np.float32)
+>>> variables = model.init(jax.random.PRNGKey(0), x[:1])
+>>> groups = sensai.group_classes_contiguous(4, 2)
+>>> groups
+((0, 1), (2, 3))
+>>> keep = sensai.prune_masks(sensai.channel_stats(model, variables, x), keep_fraction=0.5)
+>>> sub = sensai.make_subnet(model, variables, groups[0], keep)
+>>> sub.model.channels, sub.model.hidden, sub.model.num_classes
+((2, 4), 8, 3)
+>>> ens = sensai.stack_subnets([sub, sensai.make_subnet(model, variables, groups[1], keep)], 4)
+>>> probs = sensai.ensemble_predict(ens, x[:3])
+>>> probs.shape, bool(np.allclose(probs.sum(-1), 1.0, atol=1e-5))
+((3, 4), True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mlsys_jax import models as _models
+from mlsys_jax._checks import check_finite, check_int, check_range
+from mlsys_jax._compat import shard_map
+from mlsys_jax.data import Dataset
+
+__all__ = [
+    "ChannelStats",
+    "Ensemble",
+    "SlimResNet20",
+    "Subnet",
+    "balanced_kmeans",
+    "balanced_sizes",
+    "calibrate_temperature",
+    "channel_stats",
+    "combine",
+    "count_flops",
+    "count_params",
+    "ensemble_logits",
+    "ensemble_predict",
+    "ensemble_predict_sharded",
+    "group_classes",
+    "group_classes_contiguous",
+    "group_dataset",
+    "make_subnet",
+    "penultimate_features",
+    "prune",
+    "prune_masks",
+    "relabel",
+    "retrain_subnet",
+    "stack_subnets",
+    "subnet_predict",
+    "zero_pruned",
+]
+
+APOZ_EPS = 0.005  # |a| <= this counts as a zero (the authors' apoz_policy.py)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A ResNet-20 whose blocks have their own inner widths (what pruning a ResNet-20 produces).
+# ----------------------------------------------------------------------------------------------------
+
+class _SlimBlock(nn.Module):
+  filters: int
+  inner: int
+  strides: int
+  conv_general_dilated: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = lambda f, k, s: nn.Conv(f, (k, k), (s, s), padding="SAME", use_bias=False,
+                                   conv_general_dilated=self.conv_general_dilated)
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    y = nn.relu(norm()(conv(self.inner, 3, self.strides)(x)))
+    y = norm()(conv(self.filters, 3, 1)(y))
+    if x.shape != y.shape:
+      x = norm()(conv(self.filters, 1, self.strides)(x))
+    return nn.relu(x + y)
+
+
+class SlimResNet20(nn.Module):
+  """:class:`mlsys_jax.models.ResNet20` with a per-block inner width (the pruned form of a ResNet-20).
+
+  Block ``b`` computes ``relu(bn(conv3x3(x)))`` with ``inner[b]`` channels, then ``bn(conv3x3(.))``
+  back to the stage width, plus the (projected) shortcut. With ``inner`` equal to the stage widths it
+  is ResNet-20 itself, with the same variable names (``_BasicBlock_i/Conv_0`` ...).
+  """
+  num_classes: int = 10
+  width: int = 16
+  blocks_per_stage: int = 3
+  inner: Sequence[int] = ()
+  dot_general: Any = None
+  conv_general_dilated: Any = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    if x.ndim != 4:
+      raise ValueError(f"SlimResNet20 expects images (batch, h, w, c), got shape {x.shape}.")
+    if len(self.inner) != 3 * self.blocks_per_stage:
+      raise ValueError(f"SlimResNet20 needs one inner width per block ({3 * self.blocks_per_stage}), got "
+                       f"{len(self.inner)}.")
+    x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False,
+                conv_general_dilated=self.conv_general_dilated)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    b = 0
+    for stage in range(3):
+      for block in range(self.blocks_per_stage):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = _SlimBlock(self.width * 2**stage, int(self.inner[b]), strides, self.conv_general_dilated,
+                       name=f"_BasicBlock_{b}")(x, train)
+        b += 1
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dot_general=self.dot_general)(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer plans: where the ReLU outputs are and which variables carry each channel.
+# ----------------------------------------------------------------------------------------------------
+
+Path = tuple  # a tuple of keys into the variables dict, e.g. ('params', 'Conv_0', 'kernel')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+  name: str                       # e.g. 'Conv_0' or '_BasicBlock_3/BatchNorm_0'
+  module: tuple[str, ...]         # module path of the layer whose output enters the ReLU
+  producers: tuple[tuple[Path, int], ...]   # (leaf path, output axis)
+  consumers: tuple[tuple[Path, int, bool], ...]  # (leaf path, input axis, follows a flatten)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  sites: tuple[_Site, ...]
+  head: tuple[str, ...]           # module path of the logits layer (a Dense)
+  collections: tuple[str, ...]
+  rebuild: Callable[[dict, int], nn.Module]   # (width per site name, outputs) -> model
+  penultimate: Callable[[dict], jnp.ndarray]  # captured intermediates -> (n, features)
+
+
+def _relu_of(inter: dict, module: tuple[str, ...]) -> jnp.ndarray:
+  node = inter
+  for k in module:
+    node = node[k]
+  return jnp.maximum(node["__call__"][0], 0)
+
+
+def _refuse_cls(model: nn.Module) -> None:
+  for attr in ("dot_general_cls", "conv_general_dilated_cls"):
+    if getattr(model, attr, None) is not None:
+      raise ValueError(f"sensAI surgery cannot follow {type(model).__name__}.{attr}: an injected module may "
+                       "hold variables of its own that carry channels. Prune the float model, then inject.")
+
+
+def _plan(model: nn.Module) -> _Plan:
+  """The pruning plan of a supported model; anything else is refused with the reason."""
+  _refuse_cls(model)
+  if type(model) is _models.CNN:
+    n = len(model.channels)
+    sites = []
+    for i in range(n):
+      conv = f"Conv_{i}"
+      nxt = ((("params", f"Conv_{i + 1}", "kernel"), -2, False) if i + 1 < n
+             else (("params", "Dense_0", "kernel"), 0, True))
+      sites.append(_Site(conv, (conv,), ((("params", conv, "kernel"), -1), (("params", conv, "bias"), 0)),
+                         (nxt,)))
+    sites.append(_Site("Dense_0", ("Dense_0",), ((("params", "Dense_0", "kernel"), -1),
+                                                  (("params", "Dense_0", "bias"), 0)),
+                       ((("params", "Dense_1", "kernel"), 0, False),)))
+
+    def rebuild(w, out):
+      return model.clone(channels=tuple(w[f"Conv_{i}"] for i in range(n)), hidden=w["Dense_0"],
+                         num_classes=out, parent=None)
+    return _Plan(tuple(sites), ("Dense_1",), ("params",), rebuild,
+                 lambda inter: _relu_of(inter, ("Dense_0",)))
+  if type(model) is _models.MLP:
+    n = len(model.features)
+    if n == 0:
+      raise ValueError("sensAI surgery needs at least one hidden layer; MLP(features=()) has none.")
+    sites = tuple(_Site(f"Dense_{i}", (f"Dense_{i}",),
+                        ((("params", f"Dense_{i}", "kernel"), -1), (("params", f"Dense_{i}", "bias"), 0)),
+                        ((("params", f"Dense_{i + 1}", "kernel"), 0, False),)) for i in range(n))
+
+    def rebuild(w, out):
+      return model.clone(features=tuple(w[f"Dense_{i}"] for i in range(n)), num_classes=out, parent=None)
+    return _Plan(sites, (f"Dense_{n}",), ("params",), rebuild,
+                 lambda inter: _relu_of(inter, (f"Dense_{n - 1}",)))
+  if type(model) in (_models.ResNet20, SlimResNet20):
+    nb = 3 * model.blocks_per_stage
+    sites = []
+    for b in range(nb):
+      blk = f"_BasicBlock_{b}"
+      prods = ((("params", blk, "Conv_0", "kernel"), -1), (("params", blk, "BatchNorm_0", "scale"), 0),
+               (("params", blk, "BatchNorm_0", "bias"), 0), (("batch_stats", blk, "BatchNorm_0", "mean"), 0),
+               (("batch_stats", blk, "BatchNorm_0", "var"), 0))
+      sites.append(_Site(f"{blk}/BatchNorm_0", (blk, "BatchNorm_0"), prods,
+                         ((("params", blk, "Conv_1", "kernel"), -2, False),)))
+
+    def rebuild(w, out):
+      return SlimResNet20(num_classes=out, width=model.width, blocks_per_stage=model.blocks_per_stage,
+                          inner=tuple(w[f"_BasicBlock_{b}/BatchNorm_0"] for b in range(nb)),
+                          dot_general=model.dot_general, conv_general_dilated=model.conv_general_dilated)
+
+    def penult(inter):
+      return jnp.mean(inter[f"_BasicBlock_{nb - 1}"]["__call__"][0], axis=(1, 2))
+    return _Plan(tuple(sites), ("Dense_0",), ("params", "batch_stats"), rebuild, penult)
+  raise TypeError(f"sensAI surgery follows mlsys_jax.models.CNN, MLP, ResNet20 and sensai.SlimResNet20; "
+                  f"{type(model).__name__} is none of them, so its channels cannot be traced. Express the "
+                  "model as one of these or add a layer plan for it in mlsys_jax/infer/sensai.py.")
+
+
+def _get(tree: dict, path: Path):
+  node = tree
+  for k in path:
+    node = node[k]
+  return node
+
+
+def _check_structure(model: nn.Module, variables: dict, plan: _Plan) -> dict[str, int]:
+  """Check that ``variables`` have exactly the layout ``plan`` follows; return the width per site."""
+  if not isinstance(variables, dict) or "params" not in variables:
+    raise TypeError(f"variables must be a flax variables dict with a 'params' collection, got "
+                    f"{type(variables).__name__}.")
+  extra = sorted(set(variables) - set(plan.collections))
+  if extra:
+    raise ValueError(f"{type(model).__name__}: variables hold collection(s) {extra} that the sensAI surgery "
+                     f"does not follow (it knows {list(plan.collections)}); refusing to prune.")
+  leaves = {tuple(getattr(k, "key", k) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  known = set()
+  widths = {}
+  for s in plan.sites:
+    sizes = []
+    for path, axis in s.producers:
+      if path not in leaves:
+        raise ValueError(f"layer {'/'.join(path[1:-1])} of {type(model).__name__}: expected variable "
+                         f"{'/'.join(path)}, which is missing; the surgery cannot follow this layer.")
+      sizes.append(_get(variables, path).shape[axis])
+      known.add(path)
+    if len(set(sizes)) != 1:
+      raise ValueError(f"layer {s.name}: its variables disagree on the channel count ({sizes}).")
+    widths[s.name] = sizes[0]
+    for path, axis, flat in s.consumers:
+      if path not in leaves:
+        raise ValueError(f"layer {'/'.join(path[1:-1])}: expected variable {'/'.join(path)} (input of the "
+                         f"channels of {s.name}), which is missing.")
+      size = _get(variables, path).shape[axis]
+      if (size % sizes[0]) if flat else (size != sizes[0]):
+        raise ValueError(f"layer {'/'.join(path[1:-1])}: input axis of size {size} does not match the "
+                         f"{sizes[0]} channels of {s.name}.")
+  for leaf in ("kernel", "bias"):
+    if ("params", *plan.head, leaf) not in leaves:
+      raise ValueError(f"logits layer {'/'.join(plan.head)}: variable {leaf!r} missing.")
+  # Every variable inside a layer the plan touches must be one the plan knows how to cut (no extra
+  # 'scale', no nested module of an injected primitive).
+  allowed = set(known) | {c[0] for s in plan.sites for c in s.consumers}
+  allowed |= {(c[0][0], *c[0][1:-1], "bias") for s in plan.sites for c in s.consumers}
+  allowed |= {("params", *plan.head, "kernel"), ("params", *plan.head, "bias")}
+  touched = {p[1:-1] for p in allowed}
+  for leaf in sorted(leaves, key=str):
+    if leaf not in allowed and any(leaf[1:1 + i] in touched for i in range(1, len(leaf))):
+      raise ValueError(f"layer {'/'.join(leaf[1:-1])}: variable {'/'.join(leaf)} is not one the sensAI "
+                       "surgery knows how to cut; refusing to prune this model.")
+  return widths
+
+
+def _take(a: jnp.ndarray, idx: np.ndarray, axis: int, fill: float = 0.0) -> jnp.ndarray:
+  """``a`` indexed along ``axis`` by ``idx``; entries ``-1`` become ``fill`` (padding)."""
+  a = jnp.asarray(a)
+  out = jnp.take(a, jnp.asarray(np.maximum(idx, 0)), axis=axis)
+  if np.any(idx < 0):
+    shape = [1] * a.ndim
+    shape[axis] = len(idx)
+    out = jnp.where(jnp.asarray(idx >= 0).reshape(shape), out, jnp.asarray(fill, a.dtype))
+  return out
+
+
+def _take_flat(a: jnp.ndarray, idx: np.ndarray, width: int) -> jnp.ndarray:
+  """Rows of a dense kernel after a flatten of ``(..., width)`` channels: index the channel part."""
+  rows, out = a.shape
+  b = _take(a.reshape(rows // width, width, out), idx, 1)
+  return b.reshape(-1, out)
+
+
+def _set(tree: dict, path: Path, value) -> dict:
+  if len(path) == 1:
+    return {**tree, path[0]: value}
+  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
+def _plain(variables) -> dict:
+  """A mutable-free nested dict copy (flax may hand out FrozenDicts)."""
+  if hasattr(variables, "unfreeze"):
+    variables = variables.unfreeze()
+  return jax.tree_util.tree_map(lambda x: x, dict(variables))
+
+
+def _resize(model: nn.Module, variables: dict, index: dict[str, np.ndarray]) -> tuple[nn.Module, dict]:
+  """Gather (or zero-pad, index -1) every site's channels."""
+  plan = _plan(model)
+  variables = _plain(variables)
+  widths = _check_structure(model, variables, plan)
+  new = variables
+  for s in plan.sites:
+    idx = np.asarray(index[s.name], np.int64)
+    for path, axis in s.producers:
+      fill = 1.0 if path[-1] == "var" else 0.0
+      new = _set(new, path, _take(_get(new, path), idx, axis, fill))
+    for path, axis, flat in s.consumers:
+      a = _get(new, path)
+      new = _set(new, path, _take_flat(a, idx, widths[s.name]) if flat else _take(a, idx, axis))
+  outputs = _get(new, ("params", *plan.head, "bias")).shape[0]
+  return plan.rebuild({s.name: len(index[s.name]) for s in plan.sites}, outputs), new
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Class grouping
+# ----------------------------------------------------------------------------------------------------
+
+def balanced_sizes(num_items: int, num_groups: int) -> tuple[int, ...]:
+  """Group sizes that differ by at most one: the first ``num_items % num_groups`` groups get one more.
+
+  >>> balanced_sizes(10, 4)
+  (3, 3, 2, 2)
+  """
+  check_int("num_groups", num_groups, 1)
+  check_int("num_items", num_items, num_groups)
+  q, r = divmod(num_items, num_groups)
+  return tuple(q + 1 if g < r else q for g in range(num_groups))
+
+
+def group_classes_contiguous(num_classes: int, num_groups: int) -> tuple[tuple[int, ...], ...]:
+  """Contiguous blocks of classes (the paper's ImageNet grouping), sizes from :func:`balanced_sizes`."""
+  sizes = balanced_sizes(num_classes, num_groups)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  return tuple(tuple(range(int(starts[g]), int(starts[g + 1]))) for g in range(num_groups))
+
+
+def _min_cost_assignment(cost: np.ndarray) -> np.ndarray:
+  """Hungarian algorithm (potentials form) for a rectangular ``(n, m)`` cost, ``n <= m``: returns the
+  column of each row minimising the total cost, every column used at most once."""
+  n, m = cost.shape
+  inf = np.inf
+  u, v = np.zeros(n + 1), np.zeros(m + 1)
+  p = np.zeros(m + 1, np.int64)   # p[j]: row (1-based) matched to column j
+  way = np.zeros(m + 1, np.int64)
+  for i in range(1, n + 1):
+    p[0] = i
+    j0 = 0
+    minv = np.full(m + 1, inf)
+    used = np.zeros(m + 1, bool)
+    while True:
+      used[j0] = True
+      i0 = p[j0]
+      delta, j1 = inf, 0
+      for j in range(1, m + 1):
+        if not used[j]:
+          cur = cost[i0 - 1, j - 1] - u[i0] - v[j]
+          if cur < minv[j]:
+            minv[j], way[j] = cur, j0
+          if minv[j] < delta:
+            delta, j1 = minv[j], j
+      for j in range(m + 1):
+        if used[j]:
+          u[p[j]] += delta
+          v[j] -= delta
+        else:
+          minv[j] -= delta
+      j0 = j1
+      if p[j0] == 0:
+        break
+    while j0:
+      j1 = way[j0]
+      p[j0] = p[j1]
+      j0 = j1
+  col = np.empty(n, np.int64)
+  for j in range(1, m + 1):
+    if p[j]:
+      col[p[j] - 1] = j - 1
+  return col
+
+
+def balanced_kmeans(points: np.ndarray, num_groups: int, *, seed: int = 42, n_init: int = 10,
+                    max_iter: int = 100) -> tuple[np.ndarray, float]:
+  """Equal-size k-means: Lloyd iterations whose assignment step is an exact balanced assignment.
+
+  Each cluster holds :func:`balanced_sizes` ``(n, num_groups)`` points (sizes differ by at most one when
+  ``num_groups`` does not divide ``n``); the assignment step solves the min-cost matching of points to
+  cluster *slots* (squared Euclidean distance) with the Hungarian algorithm, so it never increases the
+  objective. ``n_init`` seeded restarts (k-means++ initial centres); the best objective is kept.
+
+  Returns:
+    ``(labels (n,), inertia)``: cluster of each point and the sum of squared distances to its centre.
+  """
+  x = np.asarray(points, np.float64)
+  if x.ndim != 2:
+    raise ValueError(f"points must be (n, features), got shape {x.shape}.")
+  check_finite("points", x)
+  n = x.shape[0]
+  sizes = balanced_sizes(n, num_groups)
+  check_int("n_init", n_init, 1)
+  check_int("max_iter", max_iter, 1)
+  slot_cluster = np.repeat(np.arange(num_groups), sizes)
+  rng = np.random.default_rng(seed)
+  best = (None, np.inf)
+  for _ in range(n_init):
+    centres = [x[rng.integers(n)]]
+    for _ in range(1, num_groups):   # k-means++
+      d = np.min([np.sum((x - c) ** 2, 1) for c in centres], axis=0)
+      pr = d / d.sum() if d.sum() > 0 else np.full(n, 1.0 / n)
+      centres.append(x[rng.choice(n, p=pr)])
+    centres = np.stack(centres)
+    labels = None
+    for _ in range(max_iter):
+      d = np.sum((x[:, None, :] - centres[None]) ** 2, -1)  # (n, k)
+      new = slot_cluster[_min_cost_assignment(d[:, slot_cluster])]
+      if labels is not None and np.array_equal(new, labels):
+        break
+      labels = new
+      centres = np.stack([x[labels == g].mean(0) for g in range(num_groups)])
+    inertia = float(sum(np.sum((x[labels == g] - centres[g]) ** 2) for g in range(num_groups)))
+    if inertia < best[1] - 1e-12:
+      best = (labels, inertia)
+  return best[0], best[1]
+
+
+def penultimate_features(model: nn.Module, variables: dict, x: np.ndarray,
+                         batch_size: int = 512) -> np.ndarray:
+  """The input of the logits layer (after its ReLU / global pooling) for every example of ``x``."""
+  plan = _plan(model)
+  check_int("batch_size", batch_size, 1)
+  fn = _captured_fn(model)
+  return np.concatenate([np.asarray(plan.penultimate(fn(variables, jnp.asarray(x[i:i + batch_size]))))
+                         for i in range(0, len(x), batch_size)])
+
+
+def group_classes(features: np.ndarray, labels: np.ndarray, num_groups: int, *, seed: int = 42,
+                  n_init: int = 10) -> tuple[tuple[int, ...], ...]:
+  """sensAI's class grouping: equal-size k-means over the per-class means of penultimate ``features``.
+
+  Args:
+    features: ``(n, d)`` penultimate features (:func:`penultimate_features`) of the training set.
+    labels: ``(n,)`` integer labels in ``[0, K)``; every class must occur.
+    num_groups: number of groups ``G <= K``; when ``G`` does not divide ``K`` the group sizes differ by
+      at most one (:func:`balanced_sizes`).
+    seed, n_init: seed (42 as in the authors' code) and restarts of :func:`balanced_kmeans`.
+
+  Returns:
+    ``G`` sorted tuples of class ids, ordered by their smallest class.
+  """
+  f = np.asarray(features, np.float64)
+  y = np.asarray(labels)
+  if f.ndim != 2 or y.shape != (f.shape[0],):
+    raise ValueError(f"features must be (n, d) and labels (n,), got {f.shape} and {y.shape}.")
+  k = int(y.max()) + 1
+  missing = sorted(set(range(k)) - set(np.unique(y).tolist()))
+  if missing:
+    raise ValueError(f"classes {missing} have no examples; every class needs features to be grouped.")
+  check_int("num_groups", num_groups, 1, k)
+  means = np.stack([f[y == c].mean(0) for c in range(k)])
+  lab, _ = balanced_kmeans(means, num_groups, seed=seed, n_init=n_init)
+  groups = [tuple(int(c) for c in np.flatnonzero(lab == g)) for g in range(num_groups)]
+  return tuple(sorted(groups))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. APoZ statistics and structured pruning
+# ----------------------------------------------------------------------------------------------------
+
+class ChannelStats(NamedTuple):
+  """Per-channel statistics of every ReLU output (site name -> ``(channels,)`` float64 arrays).
+
+  Attributes:
+    apoz: fraction of activations with ``|a| <= 0.005`` over examples and positions (APoZ / 100).
+    mean_abs: mean of ``|a|``.
+    count: number of examples they were computed on.
+  """
+  apoz: dict
+  mean_abs: dict
+  count: int
+
+
+@functools.lru_cache(maxsize=64)
+def _captured_fn(model: nn.Module):
+  @jax.jit
+  def fn(variables, x):
+    _, st = model.apply(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+    return st["intermediates"]
+  return fn
+
+
+def channel_stats(model: nn.Module, variables: dict, x: np.ndarray, batch_size: int = 256) -> ChannelStats:
+  """APoZ and mean ``|activation|`` of every prunable ReLU output channel on the examples ``x``.
+
+  The paper (Sec. 3.2) averages per-batch means; here the statistics are exact means over all examples
+  and spatial positions (the same when every batch has the same size).
+
+  Args:
+    model, variables: a supported model (see the module docstring) and its trained variables.
+    x: inputs of ONE class group, ``(n, *input_shape)``.
+    batch_size: examples per forward pass.
+  """
+  plan = _plan(model)
+  _check_structure(model, _plain(variables), plan)
+  check_int("batch_size", batch_size, 1)
+  if len(x) == 0:
+    raise ValueError("channel_stats needs at least one example.")
+  fn = _captured_fn(model)
+  zeros = {s.name: 0.0 for s in plan.sites}
+  sums = dict(zeros)
+  counts = dict(zeros)
+  for i in range(0, len(x), batch_size):
+    inter = fn(variables, jnp.asarray(x[i:i + batch_size]))
+    for s in plan.sites:
+      a = np.asarray(_relu_of(inter, s.module), np.float64)
+      a = a.reshape(-1, a.shape[-1])
+      counts[s.name] = counts[s.name] + np.sum(np.abs(a) <= APOZ_EPS, 0)
+      sums[s.name] = sums[s.name] + np.sum(np.abs(a), 0)
+      zeros[s.name] += a.shape[0]
+  apoz = {k: counts[k] / zeros[k] for k in zeros}
+  mean = {k: sums[k] / zeros[k] for k in zeros}
+  for k in zeros:
+    check_finite(f"activations of {k}", mean[k])
+  return ChannelStats(apoz, mean, int(len(x)))
+
+
+def prune_masks(stats: ChannelStats, *, apoz_threshold: float = 0.73, mean_threshold: float = 0.01,
+                keep_fraction: float | None = None) -> dict[str, np.ndarray]:
+  """Which channels to keep, per site.
+
+  Paper rule (Sec. 3.2, the authors' ``apoz_policy.py``): prune channel ``c`` iff
+  ``APoZ_c > apoz_threshold`` and ``mean|a|_c < mean_threshold``. With ``keep_fraction`` (beyond the
+  paper, for a FLOP budget) each layer instead keeps the ``ceil(keep_fraction * channels)`` channels
+  with the lowest APoZ (ties: larger mean ``|a|`` first). Either way at least one channel per layer is
+  kept: if the rule would remove all of them, the channel with the lowest APoZ stays and a
+  ``UserWarning`` names the layer.
+
+  Returns:
+    ``{site name: bool array (channels,)}``, True = keep.
+  """
+  check_range("apoz_threshold", apoz_threshold, 0.0, 1.0)
+  check_range("mean_threshold", mean_threshold, 0.0)
+  if keep_fraction is not None:
+    check_range("keep_fraction", keep_fraction, 0.0, 1.0, low_inclusive=False)
+  masks = {}
+  for name, apoz in stats.apoz.items():
+    apoz = np.asarray(apoz)
+    mean = np.asarray(stats.mean_abs[name])
+    order = np.lexsort((-mean, apoz))  # lowest APoZ first, then largest mean
+    if keep_fraction is None:
+      keep = ~((apoz > apoz_threshold) & (mean < mean_threshold))
+    else:
+      keep = np.zeros(apoz.shape, bool)
+      keep[order[:max(1, math.ceil(keep_fraction * apoz.size - 1e-9))]] = True
+    if not keep.any():
+      warnings.warn(f"sensAI pruning would remove every channel of {name}; keeping channel {order[0]} "
+                    "(lowest APoZ).", UserWarning, stacklevel=2)
+      keep[order[0]] = True
+    masks[name] = keep
+  return masks
+
+
+def _mask_index(masks: dict, widths: dict, model: nn.Module) -> dict[str, np.ndarray]:
+  index = {}
+  for name, w in widths.items():
+    if name not in masks:
+      raise ValueError(f"no keep mask for layer {name} of {type(model).__name__}; masks cover "
+                       f"{sorted(masks)}.")
+    m = np.asarray(masks[name])
+    if m.dtype != bool or m.shape != (w,):
+      raise ValueError(f"keep mask of {name} must be a bool array of shape ({w},), got {m.dtype} {m.shape}.")
+    if not m.any():
+      warnings.warn(f"keep mask of {name} removes every channel; keeping channel 0.", UserWarning,
+                    stacklevel=3)
+      m = m.copy()
+      m[0] = True
+    index[name] = np.flatnonzero(m)
+  return index
+
+
+def prune(model: nn.Module, variables: dict, masks: dict[str, np.ndarray]) -> tuple[nn.Module, dict]:
+  """Structured pruning as pytree surgery: remove the channels whose mask is False.
+
+  Each removed channel disappears from its producing layer (conv/dense kernel output axis, bias, batch
+  norm scale/bias/mean/var) and from the next layer's input axis (through the flatten for the CNN's
+  first dense layer). The logits layer is untouched.
+
+  Returns:
+    ``(pruned_model, pruned_variables)``: a model of the same family with the new widths.
+  """
+  plan = _plan(model)
+  widths = _check_structure(model, _plain(variables), plan)
+  return _resize(model, variables, _mask_index(masks, widths, model))
+
+
+def zero_pruned(model: nn.Module, variables: dict, masks: dict[str, np.ndarray]) -> dict:
+  """The original model's variables with the producers of the masked-out channels zeroed.
+
+  The zeroed channels output ``relu(0) = 0``, so the model computes exactly what :func:`prune`'s
+  smaller model computes (a check of the surgery).
+  """
+  plan = _plan(model)
+  variables = _plain(variables)
+  widths = _check_structure(model, variables, plan)
+  _mask_index(masks, widths, model)
+  out = variables
+  for s in plan.sites:
+    keep = np.asarray(masks[s.name])
+    for path, axis in s.producers:
+      if path[0] == "batch_stats":
+        continue  # BN output is scale * (.) + bias = 0 once both are zero
+      a = _get(variables, path)
+      shape = [1] * a.ndim
+      shape[axis] = a.shape[axis]
+      out = _set(out, path, jnp.where(jnp.asarray(keep).reshape(shape), a, 0))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Subnets: one-vs-rest heads, retraining, calibration, combination
+# ----------------------------------------------------------------------------------------------------
+
+class Subnet(NamedTuple):
+  """One class group's model: output 0 is "other", output ``j + 1`` is class ``classes[j]``."""
+  model: nn.Module
+  variables: dict
+  classes: tuple[int, ...]
+
+
+def relabel(y: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+  """Labels of a group's task: 0 for classes outside ``classes``, ``j + 1`` for ``classes[j]``."""
+  y = np.asarray(y)
+  out = np.zeros(y.shape, np.int32)
+  for j, c in enumerate(classes):
+    out[y == c] = j + 1
+  return out
+
+
+def _check_classes(classes, num_classes: int | None = None) -> tuple[int, ...]:
+  classes = tuple(int(c) for c in classes)
+  if not classes or len(set(classes)) != len(classes) or min(classes) < 0:
+    raise ValueError(f"classes must be distinct non-negative class ids, got {classes}.")
+  if num_classes is not None and max(classes) >= num_classes:
+    raise ValueError(f"class {max(classes)} is outside the model's {num_classes} classes.")
+  return classes
+
+
+def make_subnet(model: nn.Module, variables: dict, classes: Sequence[int],
+                masks: dict[str, np.ndarray] | None = None) -> Subnet:
+  """Prune ``model`` with ``masks`` (None: keep every channel) and give it an ``m + 1``-way head.
+
+  The head starts from the original logits layer: the columns of the group's classes are copied, and
+  the "other" column is the mean of the remaining classes' columns (weights and bias).
+  """
+  plan = _plan(model)
+  variables = _plain(variables)
+  widths = _check_structure(model, variables, plan)
+  kernel = np.asarray(_get(variables, ("params", *plan.head, "kernel")))
+  bias = np.asarray(_get(variables, ("params", *plan.head, "bias")))
+  classes = _check_classes(classes, bias.shape[0])
+  rest = [c for c in range(bias.shape[0]) if c not in classes]
+  if not rest:
+    raise ValueError(f"group {classes} holds every class; a subnet needs an 'other' class outside it.")
+  hk = np.concatenate([kernel[:, rest].mean(1, keepdims=True), kernel[:, list(classes)]], 1)
+  hb = np.concatenate([bias[rest].mean(keepdims=True), bias[list(classes)]])
+  index = (_mask_index(masks, widths, model) if masks is not None
+           else {k: np.arange(w) for k, w in widths.items()})
+  variables = _set(variables, ("params", *plan.head, "kernel"), jnp.asarray(hk, kernel.dtype))
+  variables = _set(variables, ("params", *plan.head, "bias"), jnp.asarray(hb, bias.dtype))
+  m, v = _resize(model, variables, index)
+  return Subnet(m, v, classes)
+
+
+def group_dataset(dataset: Dataset, classes: Sequence[int], *, oversample: bool = True) -> Dataset:
+  """The one-vs-rest data set of a group: labels from :func:`relabel`; with ``oversample`` the group's
+  training examples are repeated ``max(1, round(n_other / n_group))`` times (the paper oversamples the
+  positives). The test split is relabelled, not resampled."""
+  classes = _check_classes(classes, dataset.num_classes)
+  ytr = relabel(dataset.y_train, classes)
+  xtr = dataset.x_train
+  pos = np.flatnonzero(ytr > 0)
+  if oversample and len(pos):
+    reps = max(1, int(round((len(ytr) - len(pos)) / len(pos))))
+    idx = np.concatenate([np.arange(len(ytr))] + [pos] * (reps - 1))
+    xtr, ytr = xtr[idx], ytr[idx]
+  return Dataset(xtr, ytr, dataset.x_test, relabel(dataset.y_test, classes), len(classes) + 1,
+                 f"{dataset.name}-group{'-'.join(map(str, classes))}")
+
+
+def retrain_subnet(subnet: Subnet, dataset: Dataset, tx: optax.GradientTransformation, *, epochs: int,
+                   batch_size: int = 64, seed: int = 0, oversample: bool = True,
+                   verbose: bool = False) -> tuple[Subnet, dict]:
+  """Fine-tune a pruned subnet on its group's one-vs-rest task (paper Sec. 3.3).
+
+  ``dataset`` has the ORIGINAL labels; it is turned into the group task with :func:`group_dataset`.
+  The paper uses SGD (momentum 0.9, weight decay 5e-4, lr 0.01 with 10x drops); pass any optax ``tx``.
+
+  Returns:
+    ``(subnet with the new variables, history of mlsys_jax.models.train_classifier)``.
+  """
+  gds = group_dataset(dataset, subnet.classes, oversample=oversample)
+  variables = _plain(subnet.variables)
+  params = variables["params"]
+  state = _models.TrainState(params, {k: v for k, v in variables.items() if k != "params"},
+                             tx.init(params), jnp.zeros((), jnp.int32))
+  new_vars, hist = _models.train_classifier(subnet.model, gds, tx, epochs=epochs, batch_size=batch_size,
+                                            seed=seed, verbose=verbose, state=state)
+  return subnet._replace(variables=_plain(new_vars)), hist
+
+
+def subnet_predict(subnet: Subnet, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+  """Logits ``(n, m + 1)`` of one subnet."""
+  return _models.predict(subnet.model, subnet.variables, x, batch_size)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, t: float) -> float:
+  z = logits / t
+  z = z - z.max(1, keepdims=True)
+  lse = np.log(np.exp(z).sum(1))
+  return float(np.mean(lse - z[np.arange(len(labels)), labels]))
+
+
+def calibrate_temperature(logits: np.ndarray, labels: np.ndarray, *, low: float = 0.05,
+                          high: float = 20.0) -> float:
+  """Temperature ``T`` minimising the held-out NLL of ``softmax(logits / T)`` (Guo et al., 2017).
+
+  A log-spaced grid over ``[low, high]`` followed by a golden-section refinement in log ``T`` around
+  the best grid point (float64 numpy). Use it per subnet on its relabelled held-out data
+  (:func:`relabel`) before :func:`combine`.
+  """
+  z = np.asarray(logits, np.float64)
+  y = np.asarray(labels)
+  if z.ndim != 2 or y.shape != (z.shape[0],) or z.shape[0] == 0:
+    raise ValueError(f"logits must be (n, c) and labels (n,) with n > 0, got {z.shape} and {y.shape}.")
+  check_finite("logits", z)
+  if y.min() < 0 or y.max() >= z.shape[1]:
+    raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}].")
+  check_range("low", low, 0.0, low_inclusive=False)
+  check_range("high", high, low, low_inclusive=False)
+  grid = np.linspace(np.log(low), np.log(high), 61)
+  f = [_nll(z, y, np.exp(g)) for g in grid]
+  i = int(np.argmin(f))
+  a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+  g = (math.sqrt(5) - 1) / 2
+  for _ in range(40):
+    c, d = b - g * (b - a), a + g * (b - a)
+    if _nll(z, y, np.exp(c)) < _nll(z, y, np.exp(d)):
+      b = d
+    else:
+      a = c
+  return float(np.exp((a + b) / 2))
+
+
+def _combine_padded(logits: jnp.ndarray, valid: jnp.ndarray, assign: jnp.ndarray,
+                    temperatures: jnp.ndarray) -> jnp.ndarray:
+  """(S, n, M+1) padded logits -> (n, K) class distribution. NaN logits propagate to the output."""
+  z = logits / temperatures[:, None, None]
+  z = jnp.where(valid[:, None, :], z, -jnp.inf)
+  p = jax.nn.softmax(z, axis=-1)
+  q = jnp.einsum("snj,sjk->nk", p[:, :, 1:], assign)
+  return q / jnp.sum(q, axis=-1, keepdims=True)
+
+
+def _assignment(classes: Sequence[tuple[int, ...]], num_classes: int, width: int) -> np.ndarray:
+  assign = np.zeros((len(classes), width, num_classes), np.float32)
+  seen = []
+  for s, cl in enumerate(classes):
+    for j, c in enumerate(cl):
+      assign[s, j, c] = 1.0
+      seen.append(c)
+  if sorted(seen) != list(range(num_classes)):
+    raise ValueError(f"the groups {list(classes)} must cover each of the {num_classes} classes exactly once.")
+  return assign
+
+
+def combine(logits: Sequence[np.ndarray], classes: Sequence[Sequence[int]], num_classes: int,
+            temperatures: Sequence[float] | None = None) -> np.ndarray:
+  """Class distribution ``(n, K)`` from per-subnet logits (paper Sec. 3.4, with temperatures).
+
+  ``softmax(logits_s / T_s)`` per subnet, drop column 0 ("other"), scatter columns ``1..m`` to
+  ``classes[s]`` and renormalise over the ``K`` classes. The groups must partition the classes.
+  """
+  classes = [_check_classes(c, num_classes) for c in classes]
+  if len(logits) != len(classes):
+    raise ValueError(f"got {len(logits)} logit arrays for {len(classes)} groups.")
+  temps = np.ones(len(classes)) if temperatures is None else np.asarray(temperatures, np.float64)
+  if temps.shape != (len(classes),) or not np.all(temps > 0):
+    raise ValueError(f"temperatures must be {len(classes)} positive numbers, got {temps}.")
+  width = max(len(c) for c in classes) + 1
+  n = np.shape(logits[0])[0]
+  padded = np.zeros((len(classes), n, width), np.float32)
+  valid = np.zeros((len(classes), width), bool)
+  for s, (z, cl) in enumerate(zip(logits, classes)):
+    if np.shape(z) != (n, len(cl) + 1):
+      raise ValueError(f"logits of group {s} must be ({n}, {len(cl) + 1}), got {np.shape(z)}.")
+    padded[s, :, :len(cl) + 1] = z
+    valid[s, :len(cl) + 1] = True
+  return np.asarray(_combine_padded(jnp.asarray(padded), jnp.asarray(valid),
+                                    jnp.asarray(_assignment(classes, num_classes, width - 1)),
+                                    jnp.asarray(temps, jnp.float32)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Execution: one vmapped program, or one subnet group per device
+# ----------------------------------------------------------------------------------------------------
+
+class Ensemble(NamedTuple):
+  """Subnets zero-padded to a common width and stacked along a leading axis of size ``S``.
+
+  Attributes:
+    model: the common-width model (one copy of the architecture, ``M + 1`` outputs).
+    variables: its variables with a leading subnet axis ``S``.
+    valid: ``(S, M + 1)`` bool, which outputs of each subnet are real.
+    assign: ``(S, M, K)`` 0/1, output ``j + 1`` of subnet ``s`` is class ``k``.
+    temperatures: ``(S,)`` float32.
+  """
+  model: nn.Module
+  variables: Any
+  valid: jnp.ndarray
+  assign: jnp.ndarray
+  temperatures: jnp.ndarray
+
+
+def stack_subnets(subnets: Sequence[Subnet], num_classes: int,
+                  temperatures: Sequence[float] | None = None) -> Ensemble:
+  """Pad every subnet to the widest width of each layer (zero channels) and stack them.
+
+  Padding is exact: a padded channel has zero weights and bias (and zero batch-norm scale and bias),
+  so it outputs ``relu(0) = 0``, and the next layer's rows for it are zero as well. Padded outputs are
+  masked to ``-inf`` before the softmax. The groups of the subnets must partition the classes.
+  """
+  if not subnets:
+    raise ValueError("stack_subnets needs at least one subnet.")
+  plans = [_plan(s.model) for s in subnets]
+  widths = [_check_structure(s.model, _plain(s.variables), p) for s, p in zip(subnets, plans)]
+  names = [tuple(w) for w in widths]
+  if len(set(names)) != 1 or len({type(s.model) for s in subnets}) != 1:
+    raise ValueError("stack_subnets needs subnets of one architecture (same layers); got "
+                     f"{[type(s.model).__name__ for s in subnets]} with layers {set(names)}.")
+  common = {k: max(w[k] for w in widths) for k in widths[0]}
+  width = max(len(s.classes) for s in subnets) + 1
+  padded_vars = []
+  model = None
+  for s, p, w in zip(subnets, plans, widths):
+    index = {k: np.concatenate([np.arange(w[k]), -np.ones(common[k] - w[k], np.int64)]) for k in w}
+    _, v = _resize(s.model, s.variables, index)   # pads the head's input rows too when it consumes a site
+    hk = _get(v, ("params", *p.head, "kernel"))
+    hb = _get(v, ("params", *p.head, "bias"))
+    extra = width - hb.shape[0]
+    v = _set(_set(v, ("params", *p.head, "kernel"), jnp.pad(hk, ((0, 0), (0, extra)))),
+             ("params", *p.head, "bias"), jnp.pad(hb, (0, extra)))
+    model = p.rebuild(common, width)
+    padded_vars.append(v)
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *padded_vars)
+  classes = [s.classes for s in subnets]
+  valid = np.zeros((len(subnets), width), bool)
+  for i, cl in enumerate(classes):
+    valid[i, :len(cl) + 1] = True
+  temps = np.ones(len(subnets)) if temperatures is None else np.asarray(temperatures, np.float64)
+  if temps.shape != (len(subnets),) or not np.all(temps > 0):
+    raise ValueError(f"temperatures must be {len(subnets)} positive numbers, got {temps}.")
+  return Ensemble(model, stacked, jnp.asarray(valid), jnp.asarray(_assignment(classes, num_classes, width - 1)),
+                  jnp.asarray(temps, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ensemble_logits(model, variables, x):
+  return jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
+
+
+def ensemble_logits(ens: Ensemble, x: jnp.ndarray) -> jnp.ndarray:
+  """Padded logits ``(S, n, M + 1)`` of every subnet, computed by ONE vmapped program."""
+  return _ensemble_logits(ens.model, ens.variables, jnp.asarray(x))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ensemble_predict(model, variables, valid, assign, temps, x):
+  logits = jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
+  return _combine_padded(logits, valid, assign, temps)
+
+
+def ensemble_predict(ens: Ensemble, x: jnp.ndarray) -> jnp.ndarray:
+  """Combined class distribution ``(n, K)`` of the stacked subnets on one device (jitted, vmapped)."""
+  return _ensemble_predict(ens.model, ens.variables, ens.valid, ens.assign, ens.temperatures, jnp.asarray(x))
+
+
+def ensemble_predict_sharded(ens: Ensemble, x: jnp.ndarray, mesh: Mesh | None = None,
+                             axis_name: str = "g") -> jnp.ndarray:
+  """Combined class distribution with the subnets split over devices under ``shard_map``.
+
+  Each device runs its ``S / D`` subnets (vmapped) on the replicated input, computes their temperature
+  softmax, scatters the class columns, and one ``psum`` over ``axis_name`` adds the devices' columns;
+  the result is renormalised and replicated. Equal to :func:`ensemble_predict` up to float rounding.
+
+  Args:
+    ens: from :func:`stack_subnets`.
+    x: inputs ``(n, ...)``, replicated to every device.
+    mesh: a 1-D mesh whose size divides ``S``; default: the first ``d`` devices, ``d`` the largest
+      divisor of ``S`` not above ``jax.device_count()``.
+    axis_name: the mesh axis name.
+  """
+  s = ens.valid.shape[0]
+  if mesh is None:
+    d = max(k for k in range(1, min(s, jax.device_count()) + 1) if s % k == 0)
+    mesh = Mesh(np.array(jax.devices()[:d]), (axis_name,))
+  if mesh.axis_names != (axis_name,) or s % mesh.size:
+    raise ValueError(f"mesh must be 1-D with axis {axis_name!r} and a size dividing the {s} subnets, got "
+                     f"axes {mesh.axis_names} of size {mesh.size}.")
+  return _sharded_fn(ens.model, mesh, axis_name)(ens.variables, ens.valid, ens.assign, ens.temperatures,
+                                                 jnp.asarray(x))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_fn(model, mesh, axis_name):
+  def local(variables, valid, assign, temps, x):
+    logits = jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
+    z = jnp.where(valid[:, None, :], logits / temps[:, None, None], -jnp.inf)
+    q = jnp.einsum("snj,sjk->nk", jax.nn.softmax(z, axis=-1)[:, :, 1:], assign)
+    q = jax.lax.psum(q, axis_name)
+    return q / jnp.sum(q, axis=-1, keepdims=True)
+
+  spec = P(axis_name)
+  f = shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec, P()), out_specs=P(), check_vma=False)
+  return jax.jit(f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cost accounting
+# ----------------------------------------------------------------------------------------------------
+
+def count_params(variables: dict) -> int:
+  """Number of trainable parameters (the ``params`` collection)."""
+  return int(sum(np.size(a) for a in jax.tree_util.tree_leaves(variables["params"])))
+
+
+def count_flops(model: nn.Module, variables: dict, input_shape: Sequence[int]) -> int:
+  """Floating-point operations of one example: ``2 x`` the multiply-adds of every conv and dense layer.
+
+  A conv layer costs ``2 * prod(output spatial) * kernel.size``, a dense layer ``2 * kernel.size``
+  (shapes from ``capture_intermediates`` on one example). Biases, batch norm, ReLU and pooling are
+  left out (they are a few percent at most for these models).
+  """
+  x = jnp.zeros((1, *tuple(input_shape)), jnp.float32)
+  inter = _captured_fn(model)(variables, x)
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+    keys = tuple(getattr(k, "key", k) for k in path)
+    if keys[-1] != "kernel":
+      continue
+    node = inter
+    for k in keys[:-1]:
+      node = node[k]
+    out = node["__call__"][0]
+    spatial = int(np.prod(out.shape[1:-1])) if leaf.ndim > 2 else 1
+    total += 2 * spatial * int(np.size(leaf))
+  return total

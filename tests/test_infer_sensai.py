@@ -1,0 +1,195 @@
+"""Tests of mlsys_jax.infer.sensai: grouping, APoZ, pruning surgery, subnets, combination, execution."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+from mlsys_jax import data, models
+from mlsys_jax.infer import sensai
+
+
+def _init(model, shape, seed=0):
+  return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape)))
+
+
+def _bn_randomise(variables, seed):
+  """Give batch-norm statistics and affine parameters non-trivial values (as after training)."""
+  rng = np.random.default_rng(seed)
+  def f(path, a):
+    name = getattr(path[-1], "key", "")
+    if name == "var":
+      return jnp.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype)
+    if name in ("mean", "bias"):
+      return jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype)
+    if name == "scale":
+      return jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype)
+    return a
+  return jax.tree_util.tree_map_with_path(f, variables)
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+
+def test_balanced_sizes_and_contiguous_groups():
+  assert sensai.balanced_sizes(10, 4) == (3, 3, 2, 2)
+  assert sensai.balanced_sizes(9, 3) == (3, 3, 3)
+  assert sensai.group_classes_contiguous(10, 3) == ((0, 1, 2, 3), (4, 5, 6), (7, 8, 9))
+  with pytest.raises(ValueError, match="num_items"):
+    sensai.balanced_sizes(3, 4)
+  with pytest.raises(TypeError):
+    sensai.balanced_sizes(10, 2.0)
+
+
+def test_min_cost_assignment_matches_brute_force():
+  rng = np.random.default_rng(0)
+  for n, m in [(5, 5), (4, 6), (6, 6)]:
+    cost = rng.normal(size=(n, m))
+    col = sensai._min_cost_assignment(cost)
+    assert len(set(col.tolist())) == n
+    best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
+    np.testing.assert_allclose(cost[np.arange(n), col].sum(), best, rtol=1e-12)
+
+
+def test_balanced_kmeans_recovers_separated_clusters_with_equal_sizes():
+  rng = np.random.default_rng(1)
+  centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+  truth = np.repeat(np.arange(3), 4)
+  pts = centres[truth] + 0.1 * rng.normal(size=(12, 2))
+  lab, inertia = sensai.balanced_kmeans(pts, 3, seed=0)
+  # same partition up to renaming
+  assert {frozenset(np.flatnonzero(lab == g)) for g in range(3)} == {
+      frozenset(np.flatnonzero(truth == g)) for g in range(3)}
+  assert inertia < 12 * 0.1
+  # 10 points in 3 groups: sizes 4, 3, 3 whatever the geometry (an unbalanced 8/1/1 cloud)
+  pts = np.concatenate([rng.normal(size=(8, 2)), [[50.0, 50.0], [-50.0, 50.0]]])
+  lab, _ = sensai.balanced_kmeans(pts, 3, seed=0)
+  assert sorted(np.bincount(lab, minlength=3).tolist()) == [3, 3, 4]
+
+
+def test_group_classes_uses_class_means():
+  rng = np.random.default_rng(2)
+  # classes 0, 2, 4 near one point, 1, 3, 5 near another
+  means = np.where(np.arange(6)[:, None] % 2 == 0, 0.0, 5.0) + 0.1 * rng.normal(size=(6, 3))
+  y = np.repeat(np.arange(6), 20)
+  feats = means[y] + 0.3 * rng.normal(size=(120, 3))
+  assert sensai.group_classes(feats, y, 2) == ((0, 2, 4), (1, 3, 5))
+  with pytest.raises(ValueError, match="no examples"):
+    sensai.group_classes(feats[y != 3], y[y != 3], 2)
+
+
+# ---------------------------------------------------------------------------------------------- APoZ
+
+def test_channel_stats_matches_numpy_reference_on_mlp():
+  model = models.MLP(features=(7, 5), num_classes=3)
+  variables = _init(model, (6,))
+  x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+  st = sensai.channel_stats(model, variables, x, batch_size=16)
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+  h0 = np.maximum(x.astype(np.float64) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0)
+  h1 = np.maximum(h0 @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"], 0)
+  for name, h in (("Dense_0", h0), ("Dense_1", h1)):
+    np.testing.assert_allclose(st.apoz[name], np.mean(np.abs(h) <= 0.005, 0), atol=1e-12)
+    np.testing.assert_allclose(st.mean_abs[name], np.mean(np.abs(h), 0), rtol=1e-5)
+  assert st.count == 50 and set(st.apoz) == {"Dense_0", "Dense_1"}
+
+
+def test_channel_stats_cnn_counts_spatial_positions():
+  model = models.CNN(num_classes=3, channels=(4, 6), hidden=8)
+  variables = _init(model, (8, 8, 1))
+  x = np.random.default_rng(0).normal(size=(9, 8, 8, 1)).astype(np.float32)
+  st = sensai.channel_stats(model, variables, x)
+  assert [st.apoz[k].shape for k in ("Conv_0", "Conv_1", "Dense_0")] == [(4,), (6,), (8,)]
+  # APoZ is a fraction of 9 * 64 positions for Conv_0
+  assert np.allclose(st.apoz["Conv_0"] * 9 * 64, np.round(st.apoz["Conv_0"] * 9 * 64))
+  assert all(np.all((a >= 0) & (a <= 1)) for a in st.apoz.values())
+
+
+def test_prune_masks_paper_rule_budget_and_keep_one():
+  st = sensai.ChannelStats({"a": np.array([0.9, 0.9, 0.5, 0.8]), "b": np.array([0.99, 0.98])},
+                           {"a": np.array([0.001, 0.5, 0.001, 0.005]), "b": np.array([0.0, 0.0])}, 10)
+  with pytest.warns(UserWarning, match="every channel of b"):
+    m = sensai.prune_masks(st)
+  np.testing.assert_array_equal(m["a"], [False, True, True, False])
+  np.testing.assert_array_equal(m["b"], [False, True])   # the lower APoZ survives
+  m = sensai.prune_masks(st, keep_fraction=0.5)
+  np.testing.assert_array_equal(m["a"], [False, False, True, True])
+  np.testing.assert_array_equal(m["b"], [False, True])
+  with pytest.raises(ValueError):
+    sensai.prune_masks(st, apoz_threshold=1.5)
+
+
+# ---------------------------------------------------------------------------------------------- surgery
+
+@pytest.mark.parametrize("kind", ["cnn2", "cnn1", "mlp", "resnet"])
+def test_pruned_model_equals_original_with_zeroed_channels(kind):
+  if kind == "cnn2":
+    model, shape = models.CNN(num_classes=5, channels=(6, 8), hidden=10), (8, 8, 1)
+  elif kind == "cnn1":
+    model, shape = models.CNN(num_classes=5, channels=(6, 8, 4), hidden=10, dims=1, kernel_size=5), (12, 2)
+  elif kind == "mlp":
+    model, shape = models.MLP(features=(9, 7), num_classes=5), (6,)
+  else:
+    model, shape = models.ResNet20(num_classes=5, width=4, blocks_per_stage=1), (8, 8, 3)
+  variables = _bn_randomise(_init(model, shape, seed=3), seed=3)
+  x = np.random.default_rng(4).normal(size=(7, *shape)).astype(np.float32)
+  st = sensai.channel_stats(model, variables, x)
+  rng = np.random.default_rng(5)
+  masks = {k: rng.random(v.shape) < 0.5 for k, v in st.apoz.items()}
+  for k in masks:
+    masks[k][rng.integers(len(masks[k]))] = True
+  pm, pv = sensai.prune(model, variables, masks)
+  zv = sensai.zero_pruned(model, variables, masks)
+  out_p = pm.apply(pv, x)
+  out_z = model.apply(zv, x)
+  np.testing.assert_allclose(out_p, out_z, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out_z, model.apply(variables, x), atol=1e-3)  # the zeroing did change things
+  assert sensai.count_params(pv) < sensai.count_params(variables)
+  widths = {k: int(m.sum()) for k, m in masks.items()}
+  st_p = sensai.channel_stats(pm, pv, x)
+  assert {k: len(v) for k, v in st_p.apoz.items()} == widths
+
+
+def test_slim_resnet_with_full_width_is_resnet20():
+  model = models.ResNet20(num_classes=3, width=4, blocks_per_stage=1)
+  variables = _bn_randomise(_init(model, (8, 8, 3)), 0)
+  slim = sensai.SlimResNet20(num_classes=3, width=4, blocks_per_stage=1, inner=(4, 8, 16))
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  np.testing.assert_allclose(slim.apply(variables, x), model.apply(variables, x), rtol=1e-6)
+
+
+def test_surgery_refuses_what_it_cannot_follow():
+  class Other(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(2)(x)
+  with pytest.raises(TypeError, match="Other"):
+    sensai.prune(Other(), {"params": {}}, {})
+  cnn = models.CNN(num_classes=3, channels=(4,), hidden=6)
+  v = _init(cnn, (4, 4, 1))
+  with pytest.raises(ValueError, match="conv_general_dilated_cls"):
+    sensai.prune(cnn.clone(conv_general_dilated_cls=nn.Dense), v, {})
+  bad = {"params": {**v["params"], "Conv_0": {**v["params"]["Conv_0"], "scale": jnp.ones(4)}}}
+  with pytest.raises(ValueError, match="Conv_0.*scale"):
+    sensai.prune(cnn, bad, {"Conv_0": np.ones(4, bool), "Dense_0": np.ones(6, bool)})
+  with pytest.raises(ValueError, match="collection"):
+    sensai.prune(cnn, {**v, "quant": {}}, {})
+  with pytest.raises(ValueError, match="Dense_0.*shape"):
+    sensai.prune(cnn, v, {"Conv_0": np.ones(4, bool), "Dense_0": np.ones(5, bool)})
+  with pytest.warns(UserWarning, match="every channel"):
+    pm, _ = sensai.prune(cnn, v, {"Conv_0": np.zeros(4, bool), "Dense_0": np.ones(6, bool)})
+  assert pm.channels == (1,)
+
+
+def test_count_flops_closed_form():
+  model = models.CNN(num_classes=3, channels=(4, 6), hidden=8)
+  variables = _init(model, (8, 8, 1))
+  expect = 2 * (64 * 9 * 1 * 4 + 16 * 9 * 4 * 6 + 4 * 6 * 8 + 8 * 3)
+  assert sensai.count_flops(model, variables, (8, 8, 1)) == expect
