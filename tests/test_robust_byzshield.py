@@ -193,3 +193,120 @@ def test_robust_step_alie_end_to_end():
   assert float(jnp.abs(out["w"] - clean).max()) < 0.5
   with pytest.raises(ValueError, match="key"):
     bz.robust_step(fg, a, byz, attack="random", aggregator="mean")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 17: honest copies that are not bit-identical, even replication, bad masks, Bulyan reference.
+
+
+def _perturbed_copies(a, fg, seed=0, ulps=3):
+  """Honest worker stacks whose copies of a file differ by a few ulps (nondeterministic reductions)."""
+  w = bz.files_to_workers({"g": fg}, a)["g"]
+  steps = np.random.default_rng(seed).integers(-ulps, ulps + 1, size=w.shape)
+  out = np.asarray(w).copy()
+  for _ in range(ulps):
+    out = np.where(steps > 0, np.nextafter(out, np.inf), np.where(steps < 0, np.nextafter(out, -np.inf), out))
+    steps = steps - np.sign(steps)
+  return {"g": jnp.asarray(out)}
+
+
+def test_vote_with_perturbed_honest_copies_follows_distorted_files():
+  a = bz.mols_assignment(5, 3)
+  fg = jax.random.normal(jax.random.PRNGKey(1), (25, 8))
+  workers = _perturbed_copies(a, fg)
+  assert not np.array_equal(workers["g"][0], bz.files_to_workers({"g": fg}, a)["g"][0])
+  byz = np.zeros((4, 15), bool)  # four Byzantine sets: one worker (first / middle copy), 2 and 3 workers
+  for row, ws in enumerate([[0], [3], [0, 5], [2, 7, 11]]):
+    byz[row, ws] = True
+  dist = bz.distorted_files(a, byz)
+  assert dist[:2].sum() == 0 and dist[2:].sum() > 0
+  attacked = jax.vmap(lambda m: bz.apply_attack(workers, m, "constant"))(jnp.asarray(byz))
+  for kw in ({"rtol": 1e-5}, {"atol": 1e-5}, {}):  # with a tolerance, and exact bits + median fallback
+    vote = jax.jit(jax.vmap(functools.partial(bz.majority_vote, assignment=a, return_no_majority=True, **kw)))
+    voted, no_major = vote(attacked)
+    lost = np.abs(np.asarray(voted["g"]) - np.asarray(fg)).max(-1) > 1e-4
+    np.testing.assert_array_equal(lost, dist)  # exactly the files distorted_files predicts
+    if kw:
+      assert not np.any(no_major)
+    else:  # exact comparison: honest copies never agree; the vote counts it and falls back
+      assert np.all(np.asarray(no_major)[~dist])
+
+
+def test_vote_tolerance_bounds_and_old_first_copy_behaviour():
+  a = bz.mols_assignment(5, 3)
+  fg = jax.random.normal(jax.random.PRNGKey(2), (25, 4))
+  workers = _perturbed_copies(a, fg)
+  byz = jnp.zeros(15, bool).at[0].set(True)  # worker 0 is the first copy of each of its files
+  attacked = bz.apply_attack(workers, byz, "constant")
+  # fallback='first' is the old rule: the first copy wins when no copy has a majority.
+  old = bz.majority_vote(attacked, a, fallback="first")["g"]
+  mine = np.asarray(a.worker_files[0])
+  assert np.all(np.asarray(old)[mine] == -100.0)
+  # A tolerance too small to cover the perturbation cannot merge honest copies: every file falls back.
+  _, nm = bz.majority_vote(attacked, a, rtol=1e-12, return_no_majority=True)
+  assert np.all(nm)
+  with pytest.raises(ValueError, match="rtol"):
+    bz.majority_vote(attacked, a, rtol=-1.0)
+  with pytest.raises(ValueError, match="fallback"):
+    bz.majority_vote(attacked, a, fallback="last")
+
+
+def test_even_replication_warns_and_ties_do_not_follow_worker_order():
+  with pytest.warns(UserWarning, match="even replication"):
+    a = bz.mols_assignment(5, 2)
+  fg = jax.random.normal(jax.random.PRNGKey(3), (25, 4))
+  workers = bz.files_to_workers({"g": fg}, a)
+  byz = np.zeros(10, bool)
+  byz[0] = True
+  dist = bz.distorted_files(a, byz)
+  assert dist.sum() == 5  # r' = r / 2 = 1: a tie counts as lost
+  voted = bz.majority_vote(bz.apply_attack(workers, jnp.asarray(byz), "constant"), a)["g"]
+  # a 1-1 tie: the median of the two copies, not whichever worker comes first
+  np.testing.assert_allclose(np.asarray(voted)[dist], (np.asarray(fg)[dist] - 100.0) / 2, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(voted)[~dist], np.asarray(fg)[~dist])
+
+
+def test_robust_step_rejects_wrong_mask_length():
+  a = bz.mols_assignment(5, 3)
+  fg = {"w": jnp.ones((25, 3))}
+  with pytest.raises(ValueError, match="byzantine.*\\(15,\\)"):
+    bz.robust_step(fg, a, jnp.zeros(14, bool), attack="constant", aggregator="mean")
+  with pytest.raises(ValueError, match="byzantine.*\\(15,\\)"):
+    bz.apply_attack(bz.files_to_workers(fg, a), jnp.zeros((15, 2), bool), "constant")
+  with pytest.raises(ValueError, match="file_grads.*25"):
+    bz.robust_step({"w": jnp.ones((24, 3))}, a, jnp.zeros(15, bool), attack="constant", aggregator="mean")
+
+
+def _np_bulyan(x, b):
+  """float64 Bulyan (El Mhamdi, Guerraoui and Rouault, ICML 2018, Algorithm 1): theta = n - 2b rounds of
+  Krum on the remaining set (score: distances to the rem - b - 2 nearest others, at least 1), then per
+  coordinate the mean of the beta = theta - 2b selected values closest to their median."""
+  n = len(x)
+  rem = list(range(n))
+  sel = []
+  d = ((x[:, None] - x[None]) ** 2).sum(-1)
+  for _ in range(n - 2 * b):
+    m = max(len(rem) - b - 2, 1)
+    scores = [np.sort([d[i, j] for j in rem if j != i])[:m].sum() for i in rem]
+    best = rem[int(np.argmin(scores))]
+    sel.append(best)
+    rem.remove(best)
+  s = x[sel]
+  beta = len(sel) - 2 * b
+  med = np.median(s, 0)
+  idx = np.argsort(np.abs(s - med), axis=0, kind="stable")[:beta]
+  return np.take_along_axis(s, idx, 0).mean(0), sel
+
+
+@pytest.mark.parametrize("n,b", [(11, 2), (7, 1)])
+def test_bulyan_matches_numpy_reference(n, b):
+  rng = np.random.default_rng(n)
+  x = rng.normal(size=(n, 5)) * rng.uniform(0.5, 3.0, size=(n, 1))  # spread so Krum's choice matters
+  x[:b] += 40.0 * np.arange(1, b + 1)[:, None]                        # b scattered outliers
+  ref, sel = _np_bulyan(x, b)
+  assert not set(range(b)) & set(sel)                                 # the outliers are not selected
+  got = np.asarray(jax.jit(bz.bulyan, static_argnums=1)({"a": jnp.asarray(x, jnp.float32)}, b)["a"])
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  # and differs from the trivial answers a weak test would accept
+  for trivial in (x.mean(0), x[0], np.zeros(5), np.median(x, 0)):
+    assert np.abs(got - trivial).max() > 1e-3

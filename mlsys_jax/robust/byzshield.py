@@ -15,6 +15,18 @@ attacks are jit-able functions on pytrees whose leaves are stacked along a leadi
 devices (each device holds a slice of every worker's gradient): the vote and the distance-based
 aggregators then reduce over devices with ``psum``.
 
+When exact voting is safe: the vote compares copies bit for bit by default, which is right only when
+honest copies of a file are bit-identical: the same file batch, the same parameters, the same compiled
+program on the same kind of device, and deterministic kernels (XLA on CPU; on GPU set
+``--xla_gpu_deterministic_ops=true``, since atomics in scatter-adds/segment sums and autotuned
+convolution algorithms can change the last bits from run to run and device to device). Otherwise pass
+``rtol``/``atol`` to :func:`majority_vote`: two copies then agree when every coordinate is within the
+tolerance. A copy that wins only by agreeing with Byzantine copies within the tolerance is at most that
+far from an honest one. A file whose copies have no strict majority (honest copies that disagree, or a
+tie under even replication) is not decided by worker order: the vote falls back to the coordinate-wise
+median of the ``r`` copies (with at most ``r' - 1`` Byzantine copies the median lies inside the range of
+the honest values) and can report those files (``return_no_majority=True``).
+
 Non-finite values (a Byzantine worker may send NaN/inf): the vote compares bit patterns, so NaN copies
 are equal to each other and lose the vote to an honest majority; coordinate-wise aggregators treat NaN as
 +inf, so such values sort to the extreme and are trimmed; Krum/Bulyan give a gradient with any
@@ -26,13 +38,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlsys_jax._checks import check_choice, check_int
+from mlsys_jax._checks import check_choice, check_int, check_range
 
 __all__ = [
     "Assignment",
@@ -106,6 +119,12 @@ def _from_matrix(m: np.ndarray, name: str) -> Assignment:
   if len(set(rows.tolist())) != 1 or len(set(cols.tolist())) != 1:
     raise ValueError(f"{name}: the assignment must be biregular (every worker l files, every file r "
                      f"workers), got worker degrees {sorted(set(rows))} and file degrees {sorted(set(cols))}.")
+  r = int(cols[0])
+  if r >= 2 and r % 2 == 0:
+    warnings.warn(f"{name}: even replication r={r}: r/2 Byzantine copies already tie the vote of a file, "
+                  f"so a file is lost with r' = {r // 2} bad copies (distorted_files counts ties as lost; "
+                  "majority_vote resolves them with the median of the copies). An odd r protects better "
+                  f"at the same cost, e.g. r={r - 1} or r={r + 1}.", UserWarning, stacklevel=3)
   worker_files = np.stack([np.flatnonzero(row) for row in m])
   slot = {(w, j): s for w in range(m.shape[0]) for s, j in enumerate(worker_files[w])}
   file_workers = np.stack([np.array([(w, slot[w, j]) for w in np.flatnonzero(m[:, j])])
@@ -306,44 +325,92 @@ def files_to_workers(file_grads: Any, assignment: Assignment) -> Any:
   return jax.tree_util.tree_map(lambda g: g[idx], file_grads)
 
 
-def majority_vote(worker_grads: Any, assignment: Assignment, axis_name: str | None = None) -> Any:
+def majority_vote(worker_grads: Any, assignment: Assignment, axis_name: str | None = None, *,
+                  rtol: float = 0.0, atol: float = 0.0, fallback: str = "median",
+                  return_no_majority: bool = False) -> Any:
   """Per-file majority vote over the r copies (ByzShield Sec. 3, stage 1).
+
+  Two copies agree when their bit patterns are equal (default: exact voting, safe only for
+  bit-identical honest copies, see the module docstring) or, with a tolerance, when every coordinate
+  satisfies ``|a - b| <= atol + rtol * max(|a|, |b|)``. The winner is the copy that agrees with the most
+  copies (itself included); it is taken when that count is a strict majority (``> r / 2``). Otherwise
+  (honest copies that do not agree, or a tie under even replication) ``fallback='median'`` returns the
+  coordinate-wise median of the ``r`` copies (NaN sorted as +inf) and ``fallback='first'`` the first
+  most-agreed copy (the rule of the paper's exact vote, which then depends on worker order).
 
   Args:
     worker_grads: pytree with leaves ``(K, l, ...)``: worker ``w``'s gradient for its ``s``-th file
       (files in increasing id order, ``assignment.worker_files``).
     assignment: the assignment.
-    axis_name: mapped axis over which the *coordinates* are sharded (equality is then global).
+    axis_name: mapped axis over which the *coordinates* are sharded (agreement is then global).
+    rtol: relative tolerance (>= 0), e.g. ``1e-5`` for float32 gradients from nondeterministic
+      reductions.
+    atol: absolute tolerance (>= 0), for coordinates near zero whose relative error is large after
+      cancellation (in the units of the gradient).
+    fallback: ``'median'`` or ``'first'``, for files without a strict majority.
+    return_no_majority: also return the ``(f,)`` bool mask of files without a strict majority.
 
   Returns:
-    Pytree with leaves ``(f, ...)``: for each file the copy that the most copies equal exactly
-    (the first such copy on ties, which an odd r with an honest majority never has).
+    Pytree with leaves ``(f, ...)`` (and the mask when ``return_no_majority``).
+
+  Example:
+    >>> a = mols_assignment(5, 3)
+    >>> w = files_to_workers({"g": jnp.arange(50.0).reshape(25, 2)}, a)
+    >>> voted = majority_vote(w, a, rtol=1e-5)
+    >>> bool(jnp.all(voted["g"] == jnp.arange(50.0).reshape(25, 2)))
+    True
   """
+  check_range("rtol", rtol, 0.0)
+  check_range("atol", atol, 0.0)
+  check_choice("fallback", fallback, ("median", "first"))
   fw = jnp.asarray(assignment.file_workers)          # (f, r, 2)
-  copies = jax.tree_util.tree_map(lambda g: g[fw[..., 0], fw[..., 1]], worker_grads)  # (f, r, ...)
-  leaves = jax.tree_util.tree_leaves(copies)
-  if not leaves:
-    raise ValueError("worker_grads is an empty pytree.")
   k = assignment.num_workers
+  if not jax.tree_util.tree_leaves(worker_grads):
+    raise ValueError("worker_grads is an empty pytree.")
   for leaf in jax.tree_util.tree_leaves(worker_grads):
     if leaf.shape[:2] != (k, assignment.load):
       raise ValueError(f"worker gradients must be stacked as (K, l, ...) = ({k}, {assignment.load}, ...), "
                        f"got a leaf of shape {leaf.shape}.")
+  copies = jax.tree_util.tree_map(lambda g: g[fw[..., 0], fw[..., 1]], worker_grads)  # (f, r, ...)
+  leaves = jax.tree_util.tree_leaves(copies)
   r = assignment.replication
-  bits = [_bits(c).reshape(c.shape[0], r, -1) for c in leaves]
+  flat = [c.reshape(c.shape[0], r, -1) for c in leaves]
+  exact = rtol == 0.0 and atol == 0.0
+
+  def mismatch(c, i, j):
+    bi, bj = _bits(c[:, i]), _bits(c[:, j])
+    same = bi == bj
+    if not exact:
+      a, b = c[:, i].astype(jnp.float32), c[:, j].astype(jnp.float32)
+      tol = atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))
+      same = same | (jnp.abs(a - b) <= tol)
+    return jnp.sum(~same, axis=-1, dtype=jnp.int32)
+
   # Mismatch counts of every pair of copies, one fused compare-and-count per pair (no (f, r, r, d) array).
   pair = {}
   for i in range(r):
     for j in range(i + 1, r):
-      pair[i, j] = sum(jnp.sum(b[:, i] != b[:, j], axis=-1, dtype=jnp.int32) for b in bits)
-  zero = jnp.zeros((bits[0].shape[0],), jnp.int32)
+      pair[i, j] = sum(mismatch(c, i, j) for c in flat)
+  zero = jnp.zeros((flat[0].shape[0],), jnp.int32)
   diff = jnp.stack([jnp.stack([zero if i == j else pair[min(i, j), max(i, j)] for j in range(r)], -1)
                     for i in range(r)], -2)                                 # (f, r, r)
   diff = _psum(diff, axis_name)
-  agree = jnp.sum(diff == 0, axis=-1)                     # copies equal to copy i
+  agree = jnp.sum(diff == 0, axis=-1)                     # copies that agree with copy i
   winner = jnp.argmax(agree, axis=-1)                     # (f,)
   rows = jnp.arange(winner.shape[0])
-  return jax.tree_util.tree_map(lambda c: c[rows, winner], copies)
+  no_majority = jnp.max(agree, axis=-1) <= r // 2         # no strict majority
+  voted = jax.tree_util.tree_map(lambda c: c[rows, winner], copies)
+  if fallback == "median":
+
+    def use_median(voted):
+      def one(v, c):
+        med = jnp.median(_sanitize(c), axis=1).astype(c.dtype)
+        return jnp.where(no_majority.reshape((-1,) + (1,) * (v.ndim - 1)), med, v)
+      return jax.tree_util.tree_map(one, voted, copies)
+
+    # Usually every file has a majority: skip the sort then (the flag is global under axis_name).
+    voted = jax.lax.cond(jnp.any(no_majority), use_median, lambda v: v, voted)
+  return (voted, no_majority) if return_no_majority else voted
 
 
 def _sanitize(x):
@@ -498,6 +565,12 @@ def apply_attack(worker_grads: Any, byzantine: jax.Array, attack: str, *, key: j
   """
   check_choice("attack", attack, ATTACKS)
   byz = jnp.asarray(byzantine)
+  ks = sorted({leaf.shape[0] for leaf in jax.tree_util.tree_leaves(worker_grads)})
+  if len(ks) != 1:
+    raise ValueError(f"worker_grads leaves must share the leading worker axis K, got sizes {ks}.")
+  if byz.shape != (ks[0],):
+    raise ValueError(f"byzantine must be a ({ks[0]},) bool mask, one entry per worker, got shape "
+                     f"{byz.shape}.")
 
   def one(i, g):
     shape = (-1,) + (1,) * (g.ndim - 1)
@@ -526,7 +599,7 @@ def apply_attack(worker_grads: Any, byzantine: jax.Array, attack: str, *, key: j
 
 def robust_step(file_grads: Any, assignment: Assignment, byzantine: jax.Array, *, attack: str,
                 aggregator: str, num_byzantine_files: int = 0, key: jax.Array | None = None,
-                vote: bool = True) -> Any:
+                vote: bool = True, vote_rtol: float = 0.0, vote_atol: float = 0.0) -> Any:
   """One server step of simulated redundant training: honest copies -> attack -> vote -> aggregate.
 
   Args:
@@ -539,11 +612,19 @@ def robust_step(file_grads: Any, assignment: Assignment, byzantine: jax.Array, *
     num_byzantine_files: the ``b`` of Krum/Bulyan/trimmed mean (e.g. c_max for ByzShield).
     key: PRNG key for random attacks.
     vote: majority-vote first (ByzShield, DETOX) or aggregate the ``K l`` copies directly.
+    vote_rtol, vote_atol: tolerances of :func:`majority_vote` (0 = exact bits).
   """
+  f = assignment.num_files
+  for leaf in jax.tree_util.tree_leaves(file_grads):
+    if leaf.ndim < 1 or leaf.shape[0] != f:
+      raise ValueError(f"file_grads leaves must be stacked as (f, ...) = ({f}, ...), got shape {leaf.shape}.")
+  if jnp.shape(byzantine) != (assignment.num_workers,):
+    raise ValueError(f"byzantine must be a ({assignment.num_workers},) bool mask, one entry per worker of "
+                     f"{assignment.name}, got shape {jnp.shape(byzantine)}.")
   workers = files_to_workers(file_grads, assignment)
   workers = apply_attack(workers, byzantine, attack, key=key)
   if vote:
-    voted = majority_vote(workers, assignment)
+    voted = majority_vote(workers, assignment, rtol=vote_rtol, atol=vote_atol)
   else:
     voted = jax.tree_util.tree_map(lambda g: g.reshape((-1,) + g.shape[2:]), workers)
   return aggregate(voted, aggregator, num_byzantine=num_byzantine_files)
