@@ -6,13 +6,23 @@ Networks", MLSys 2021: Larq's quantizers with their exact pseudo-gradients, a we
 with ``optax.multi_transform``, QuickNet, and a bit-packed XOR-popcount inference path.
 """
 
+from mlsys_jax.quant.binary.bop import (BopState, binary_param_labels, bop, case_optimizer,
+                                        flip_ratio)
+from mlsys_jax.quant.binary.layers import binary_conv_general_dilated, binary_dot_general
 from mlsys_jax.quant.binary.quantizers import (approx_sign, dorefa, larq_sign, magnitude_aware_sign,
                                                ste_heaviside, ste_sign, ste_tern, swish_sign,
                                                weight_clip)
 
 __all__ = [
+    "BopState",
     "approx_sign",
+    "binary_conv_general_dilated",
+    "binary_dot_general",
+    "binary_param_labels",
+    "bop",
+    "case_optimizer",
     "dorefa",
+    "flip_ratio",
     "larq_sign",
     "magnitude_aware_sign",
     "ste_heaviside",
