@@ -12,6 +12,7 @@ Public API:
   simulate_numpy, NUMPY_POLICIES                               numpy reference simulator
   machine_features, PlacementNet, imitation_policy, train_imitation, imitation_loss,
   ImitationResult, offline_optimum                             hindsight imitation (DAgger), brute force
+  train_ppo, ppo_policy, step_rewards, PPOResult               off-the-shelf RL baseline (PPO)
 """
 
 from mlsys_jax.sched.placement.hindsight import (ImitationResult, PlacementNet, imitation_loss,
@@ -20,6 +21,7 @@ from mlsys_jax.sched.placement.hindsight import (ImitationResult, PlacementNet, 
 from mlsys_jax.sched.placement.policies import (BASELINES, NUMPY_POLICIES, best_fit, first_fit, forecast,
                                                 hindsight_oracle, least_loaded, power_of_two,
                                                 random_policy, round_robin, simulate_numpy)
+from mlsys_jax.sched.placement.ppo import PPOResult, ppo_policy, step_rewards, train_ppo
 from mlsys_jax.sched.placement.sim import (Cluster, Observation, SimResult, Spec, Trace, hindsight_scores,
                                            make_cluster, par_objective, par_per_step, simulate,
                                            validate_trace)
@@ -31,4 +33,5 @@ __all__ = ["Cluster", "Observation", "SimResult", "Spec", "Trace", "hindsight_sc
            "load_csv_trace", "make_trace", "synthetic_trace", "BASELINES", "NUMPY_POLICIES", "best_fit",
            "first_fit", "forecast", "hindsight_oracle", "least_loaded", "power_of_two", "random_policy",
            "round_robin", "simulate_numpy", "ImitationResult", "PlacementNet", "imitation_loss",
-           "imitation_policy", "machine_features", "offline_optimum", "train_imitation"]
+           "imitation_policy", "machine_features", "offline_optimum", "train_imitation",
+           "PPOResult", "ppo_policy", "step_rewards", "train_ppo"]
