@@ -157,3 +157,103 @@ def test_choose_buckets_properties():
     dyn.choose_buckets([0, 3], num_buckets=2)
   with pytest.raises(ValueError, match="largest bucket"):
     dyn.expected_cost((4,), [5])
+
+
+# ---------------------------------------------------------------- models: padding invariance
+def _np_lstm(v, x, length):
+  p = v["params"]
+  wx, bx, wh = (np.asarray(p["wx"]["kernel"], np.float64), np.asarray(p["wx"]["bias"], np.float64),
+                np.asarray(p["wh"], np.float64))
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  hd = wh.shape[0]
+  outs, finals = np.zeros(x.shape[:2] + (hd,)), np.zeros((x.shape[0], hd))
+  for r in range(x.shape[0]):
+    h = c = np.zeros(hd)
+    for t in range(length[r]):
+      i, f, u, o = np.split(x[r, t] @ wx + bx + h @ wh, 4)
+      c = sig(f + 1) * c + sig(i) * np.tanh(u)
+      h = sig(o) * np.tanh(c)
+      outs[r, t] = h
+    finals[r] = h
+  return outs, finals
+
+
+def test_masked_lstm_matches_numpy_and_ignores_padding():
+  m = dyn.MaskedLSTM(6)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 7, 4)).astype(np.float32)
+  v = m.init(jax.random.PRNGKey(0), x, 7)
+  lengths = np.array([7, 2, 5])
+  out, h = jax.jit(m.apply)(v, x, lengths)
+  ref_out, ref_h = _np_lstm(v, x.astype(np.float64), lengths)
+  np.testing.assert_allclose(out, ref_out, atol=1e-5)
+  np.testing.assert_allclose(h, ref_h, atol=1e-5)
+  # padding the time axis (bucketed_jit path) leaves every output unchanged
+  diffs = dyn.check_padding_invariance(lambda x, length: m.apply(v, x, length), x, dims={0: 1},
+                                       pad_to=16)
+  assert set(diffs) == {"[0]", "[1]"} and max(diffs.values()) < 1e-5
+
+
+def test_transformer_encoder_padding_invariance_and_leak_is_named():
+  m = dyn.TransformerEncoder(num_layers=1, d_model=8, num_heads=2)
+  x = np.random.default_rng(2).normal(size=(2, 5, 8)).astype(np.float32)
+  v = m.init(jax.random.PRNGKey(0), x, 5)
+  f = lambda x, length: m.apply(v, x, length)
+  diffs = dyn.check_padding_invariance(f, x, dims={0: 1}, pad_to=8)
+  assert max(diffs.values()) < 1e-5
+  leaky = lambda x, length: m.apply(v, x, x.shape[1])  # forgets the mask: attends to the padding
+  with pytest.raises(dyn.PaddingInvarianceError, match=r"output\[0\]"):
+    dyn.check_padding_invariance(leaky, x, dims={0: 1}, pad_to=8)
+
+
+# ---------------------------------------------------------------- symbolic export
+def test_export_symbolic_one_trace_matches_reference_and_buckets():
+  w = np.random.default_rng(3).normal(size=(3, 5)).astype(np.float32)
+  sym = dyn.export_symbolic(_masked_fn, np.ones((2, 1, 3), np.float32), w, dims={0: 1})
+  assert str(sym.exported.in_avals[1].shape[1]) == "n"
+  assert sym.out_axes == ((1,), (), (1,))
+  sym_b = dyn.export_symbolic(_masked_fn, np.ones((2, 1, 3), np.float32), w, dims={0: 1}, buckets=(8,))
+  rng = np.random.default_rng(3)
+  for n in (3, 6, 3):
+    x = rng.normal(size=(2, n, 3)).astype(np.float32)
+    ref = _reference(x, w)
+    for got in (sym(x, w), sym_b(x, w)):
+      for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=2e-5, err_msg=k)
+  assert sym.compile_count == 2 and sym_b.compile_count == 1 and sym.calls == 3
+
+
+# ---------------------------------------------------------------- Tree-LSTM
+def _random_tree(rng, n):
+  return [-1] + [int(rng.integers(0, j)) for j in range(1, n)]
+
+
+def test_tree_levels_and_encoding_errors():
+  assert dyn.tree_levels([-1, 0, 1, 2, 0]).tolist() == [3, 2, 1, 0, 0]
+  with pytest.raises(ValueError, match="exactly one root"):
+    dyn.tree_levels([-1, -1])
+  with pytest.raises(ValueError, match="cycle"):
+    dyn.tree_levels([-1, 2, 1])
+  with pytest.raises(ValueError, match="smaller than"):
+    dyn.encode_trees([[-1, 0, 0]], [np.ones((3, 2))], num_nodes=2)
+  with pytest.raises(ValueError, match="features"):
+    dyn.encode_trees([[-1, 0]], [np.ones((3, 2))])
+
+
+def test_tree_lstm_batched_matches_per_tree_recursion_and_ignores_padding():
+  rng = np.random.default_rng(4)
+  trees = [_random_tree(rng, int(n)) for n in (1, 3, 6, 10)]
+  feats = [rng.normal(size=(len(t), 3)).astype(np.float32) for t in trees]
+  m = dyn.ChildSumTreeLSTM(4)
+  batch = dyn.encode_trees(trees, feats)
+  v = m.init(jax.random.PRNGKey(0), batch)
+  root_h, _ = jax.jit(m.apply)(v, batch)
+  ref = np.stack([dyn.tree_lstm_recursive(v, t, f) for t, f in zip(trees, feats)])  # eager
+  np.testing.assert_allclose(root_h[:len(trees)], ref, atol=1e-5)
+  assert np.all(np.asarray(root_h[len(trees):]) == 0)  # padded tree slots
+  # another padding and another batch order give the same root states
+  order = [3, 0, 2, 1]
+  other = dyn.encode_trees([trees[i] for i in order], [feats[i] for i in order], pad="exact",
+                           num_nodes=40, width=13)
+  root2, _ = jax.jit(m.apply)(v, other)
+  np.testing.assert_allclose(np.asarray(root2)[np.argsort(order)], ref, atol=1e-5)

@@ -24,7 +24,8 @@ import numpy as np
 from mlsys_jax._checks import check_choice, check_range
 from mlsys_jax.sched.dynamic.buckets import bucket_for, pow2_buckets
 
-__all__ = ["bucketed_jit", "BucketedFunction", "PaddingInvarianceError", "length_mask"]
+__all__ = ["bucketed_jit", "BucketedFunction", "PaddingInvarianceError", "length_mask",
+           "check_padding_invariance"]
 
 
 class PaddingInvarianceError(AssertionError):
@@ -407,3 +408,41 @@ def bucketed_jit(fn: Callable, dims, buckets: Sequence[int] | None = None, *, ma
   return BucketedFunction(fn, dims, buckets, out_dims=out_dims, length_arg=length_arg, mask_arg=mask_arg,
                           unpad=unpad, overflow=overflow, donate=donate, check_padding=check_padding,
                           rtol=rtol, atol=atol, seed=seed)
+
+
+def check_padding_invariance(fn: Callable, *args, dims, pad_to: int | Sequence[int],
+                             out_dims="infer", length_arg: str | None = "length",
+                             mask_arg: str | None = None, rtol: float = 1e-5, atol: float = 1e-5,
+                             seed: int = 0) -> dict[str, float]:
+  """Check that padding the dynamic axes of ``args`` to each size in ``pad_to`` leaves the (sliced)
+  outputs of ``fn`` unchanged: against the unpadded call (zero padding) and against random padding.
+
+  Raises :class:`PaddingInvarianceError` naming the first output that changed beyond ``rtol``/``atol``;
+  returns ``{output path: max |padded - unpadded|}`` over all ``pad_to`` sizes otherwise.
+
+  >>> ok = lambda x, length: (x * length_mask(length, x.shape[0], x.dtype)).sum()
+  >>> check_padding_invariance(ok, np.ones(3, np.float32), dims={0: 0}, pad_to=(4, 8))
+  {'': 0.0}
+  >>> bad = lambda x, length: x.mean()
+  >>> check_padding_invariance(bad, np.ones(3, np.float32), dims={0: 0}, pad_to=8)
+  Traceback (most recent call last):
+  ...
+  mlsys_jax.sched.dynamic.bucketed.PaddingInvarianceError: output depends on the padding: ...
+  """
+  sizes = (pad_to,) if isinstance(pad_to, (int, np.integer)) else tuple(pad_to)
+  kw = dict(out_dims=out_dims, length_arg=length_arg, mask_arg=mask_arg, rtol=rtol, atol=atol)
+  exact = BucketedFunction(fn, dims, (1,), **kw)
+  n = exact._length(args)
+  exact = BucketedFunction(fn, dims, (n,), **kw)
+  ref = jax.tree_util.tree_leaves(exact(*args))
+  diffs = {p: 0.0 for p in exact._out_paths}
+  for s in sizes:
+    if s < n:
+      raise ValueError(f"pad_to={s} is smaller than the length {n} of the inputs.")
+    padded = BucketedFunction(fn, dims, (s,), check_padding=True, seed=seed, **kw)
+    got = jax.tree_util.tree_leaves(padded(*args))
+    _compare_outputs(ref, got, exact._out_paths, rtol, atol, f"when length {n} is zero-padded to {s}")
+    for p, r, g in zip(exact._out_paths, ref, got):
+      if np.size(r):
+        diffs[p] = max(diffs[p], float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64)))))
+  return diffs

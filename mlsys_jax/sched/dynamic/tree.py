@@ -1,0 +1,233 @@
+"""Child-sum Tree-LSTM over batches of trees of different shapes: padded level-by-level encoding.
+
+Nimble (Shen et al., MLSys 2021, section 6) runs Tree-LSTM, whose control flow follows each input tree,
+with a VM that interprets data-dependent control flow; TF Fold and DyNet batch such models dynamically.
+In JAX, Python recursion over a tree under ``jit`` traces the tree's shape into the program, so every
+new tree shape compiles again and each tree runs alone. Here a batch of trees becomes flat padded arrays
+(nodes, parent pointers, and the nodes of each height level); one ``lax.scan`` over levels updates all
+nodes of one level of all trees at once, and padding the array sizes to powers of two leaves a handful
+of programs for any stream of trees. The cell is the child-sum Tree-LSTM of Tai, Socher and Manning
+(ACL 2015, eq. 2-8):
+
+    h~_j = sum_k h_k,            i, o, u = x_j W + h~_j U + b (split),
+    f_jk = sigmoid(x_j W_f + h_k U_f + b_f),
+    c_j = sigmoid(i) tanh(u) + sum_k f_jk c_k,     h_j = sigmoid(o) tanh(c_j).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["TreeBatch", "encode_trees", "tree_levels", "ChildSumTreeLSTM", "tree_lstm_levels", "tree_lstm_recursive",
+           "tree_lstm_cell"]
+
+
+class TreeBatch(NamedTuple):
+  """Flat padded encoding of a batch of trees (numpy or jax arrays).
+
+  Attributes:
+    x: ``(N + 1, d)`` node features; the last row is a dummy node that absorbs padding.
+    parent: ``(N + 1,)`` int32 parent index; roots and padding point at the dummy ``N``.
+    level_nodes: ``(L, W)`` int32, row ``l`` lists the nodes of height ``l`` (leaves have height 0),
+      padded with the dummy.
+    roots: ``(T,)`` int32 root of each tree, padded with the dummy.
+  """
+  x: np.ndarray
+  parent: np.ndarray
+  level_nodes: np.ndarray
+  roots: np.ndarray
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def tree_levels(parents: Sequence[int]) -> np.ndarray:
+  """Height of every node (leaves 0, a parent 1 + its highest child); checks the parent array.
+
+  >>> tree_levels([-1, 0, 0, 1]).tolist()
+  [2, 1, 0, 0]
+  """
+  p = np.asarray(parents, np.int64)
+  n = p.size
+  if p.ndim != 1 or n == 0:
+    raise ValueError(f"parents must be a non-empty 1-D sequence, got shape {p.shape}.")
+  if np.sum(p == -1) != 1 or np.any((p < -1) | (p >= n)):
+    raise ValueError("parents must hold exactly one root (-1) and indices of nodes of the same tree; "
+                     f"got {p.tolist()}.")
+  height = np.zeros(n, np.int64)
+  depth = np.full(n, -1)
+  root = int(np.flatnonzero(p == -1)[0])
+  depth[root] = 0
+  children = [[] for _ in range(n)]
+  for j, q in enumerate(p):
+    if q >= 0:
+      children[q].append(j)
+  order, stack = [], [root]
+  while stack:  # preorder from the root; nodes not reached are on a cycle
+    j = stack.pop()
+    order.append(j)
+    stack.extend(children[j])
+  if len(order) != n:
+    raise ValueError("parents holds a cycle (some node never reaches the root).")
+  for j in reversed(order):
+    if p[j] >= 0:
+      height[p[j]] = max(height[p[j]], height[j] + 1)
+  return height
+
+
+def encode_trees(parents_list: Sequence[Sequence[int]], features: Sequence[np.ndarray], *,
+                 pad: str = "pow2", num_nodes: int | None = None, num_levels: int | None = None,
+                 width: int | None = None, num_trees: int | None = None) -> TreeBatch:
+  """Encode trees (parent arrays, ``-1`` for the root, plus ``(n_i, d)`` node features) as a
+  :class:`TreeBatch`. Sizes are padded to powers of two (``pad='pow2'``, few compiled programs) or kept
+  exact (``pad='exact'``); ``num_nodes``/``num_levels``/``width``/``num_trees`` force sizes.
+
+  >>> b = encode_trees([[-1, 0, 0], [-1]], [np.ones((3, 2)), np.ones((1, 2))], pad="exact")
+  >>> b.x.shape, b.level_nodes.tolist(), b.roots.tolist()
+  ((5, 2), [[1, 2, 3], [0, 4, 4]], [0, 3])
+  """
+  if pad not in ("pow2", "exact"):
+    raise ValueError(f"pad must be 'pow2' or 'exact', got {pad!r}.")
+  if len(parents_list) != len(features) or not parents_list:
+    raise ValueError(f"give one feature array per tree: {len(parents_list)} parent arrays, "
+                     f"{len(features)} feature arrays.")
+  feats = [np.asarray(f) for f in features]
+  d = feats[0].shape[-1]
+  heights, offsets, total = [], [], 0
+  for t, (p, f) in enumerate(zip(parents_list, feats)):
+    if f.ndim != 2 or f.shape != (len(p), d):
+      raise ValueError(f"features[{t}] must have shape ({len(p)}, {d}), got {f.shape}.")
+    heights.append(tree_levels(p))
+    offsets.append(total)
+    total += len(p)
+  levels = max(int(h.max()) for h in heights) + 1
+  counts = np.zeros(levels, np.int64)
+  for h in heights:
+    counts += np.bincount(h, minlength=levels)
+  w = int(counts.max())
+  rnd = _pow2 if pad == "pow2" else int
+  sizes = {"num_nodes": (num_nodes, total), "num_levels": (num_levels, levels), "width": (width, w),
+           "num_trees": (num_trees, len(feats))}
+  out = {}
+  for k, (forced, need) in sizes.items():
+    out[k] = rnd(need) if forced is None else int(forced)
+    if out[k] < need:
+      raise ValueError(f"{k}={forced} is smaller than the {need} the trees need.")
+  n_pad, dummy = out["num_nodes"], out["num_nodes"]
+  x = np.zeros((n_pad + 1, d), feats[0].dtype)
+  parent = np.full(n_pad + 1, dummy, np.int32)
+  level_nodes = np.full((out["num_levels"], out["width"]), dummy, np.int32)
+  roots = np.full(out["num_trees"], dummy, np.int32)
+  fill = np.zeros(levels, np.int64)
+  for t, (p, f, h, off) in enumerate(zip(parents_list, feats, heights, offsets)):
+    p = np.asarray(p)
+    x[off:off + len(p)] = f
+    parent[off:off + len(p)] = np.where(p >= 0, p + off, dummy)
+    roots[t] = off + int(np.flatnonzero(p == -1)[0])
+    for j, lv in enumerate(h):
+      level_nodes[lv, fill[lv]] = off + j
+      fill[lv] += 1
+  return TreeBatch(x, parent, level_nodes, roots)
+
+
+def tree_lstm_cell(params, x_j, child_h, child_c):
+  """One child-sum Tree-LSTM node: ``x_j`` ``(d,)``, children ``(k, h)`` (``k`` may be 0)."""
+  h_sum = child_h.sum(0)
+  iou = x_j @ params["W_iou"] + params["b_iou"] + h_sum @ params["U_iou"]
+  i, o, u = jnp.split(iou, 3, axis=-1)
+  f = jax.nn.sigmoid(x_j @ params["W_f"] + params["b_f"] + child_h @ params["U_f"])
+  c = jax.nn.sigmoid(i) * jnp.tanh(u) + (f * child_c).sum(0)
+  return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+
+class ChildSumTreeLSTM(nn.Module):
+  """Child-sum Tree-LSTM (Tai et al. 2015) run level by level over a :class:`TreeBatch`.
+
+  Returns ``(root_h, node_h)``: ``(T, features)`` root states (zero for padded trees) and ``(N + 1,
+  features)`` states of every node. Work per level is one matmul over the ``W`` nodes of that level of
+  all trees; padded slots scatter into the dummy node with zero weight, so results do not depend on the
+  padding or on which trees share the batch.
+
+  >>> trees = [[-1, 0, 0, 1], [-1, 0]]
+  >>> b = encode_trees(trees, [np.ones((4, 3)), np.ones((2, 3))])
+  >>> m = ChildSumTreeLSTM(5)
+  >>> v = m.init(jax.random.PRNGKey(0), b)
+  >>> root_h, _ = m.apply(v, b)
+  >>> ref = tree_lstm_recursive(v, trees[1], jnp.ones((2, 3)))
+  >>> bool(jnp.allclose(root_h[1], ref, atol=1e-6)), root_h.shape
+  (True, (2, 5))
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, batch: TreeBatch):
+    x = jnp.asarray(batch.x)
+    parent = jnp.asarray(batch.parent)
+    d, hd = x.shape[-1], self.features
+    init = nn.initializers.lecun_normal()
+    p = {"W_iou": self.param("W_iou", init, (d, 3 * hd), x.dtype),
+         "b_iou": self.param("b_iou", nn.initializers.zeros, (3 * hd,), x.dtype),
+         "U_iou": self.param("U_iou", init, (hd, 3 * hd), x.dtype),
+         "W_f": self.param("W_f", init, (d, hd), x.dtype),
+         "b_f": self.param("b_f", nn.initializers.ones, (hd,), x.dtype),
+         "U_f": self.param("U_f", init, (hd, hd), x.dtype)}
+    return tree_lstm_levels(p, TreeBatch(x, parent, jnp.asarray(batch.level_nodes),
+                                         jnp.asarray(batch.roots)))
+
+
+def tree_lstm_levels(p, batch: TreeBatch):
+  """The level-by-level computation of :class:`ChildSumTreeLSTM` on a params dict."""
+  x, parent = batch.x, batch.parent
+  dummy = x.shape[0] - 1
+  hd = p["U_f"].shape[0]
+  wx_iou = x @ p["W_iou"] + p["b_iou"]
+  wx_f = x @ p["W_f"] + p["b_f"]
+  zeros = jnp.zeros((x.shape[0], hd), x.dtype)
+
+  def level(carry, idx):
+    h_all, h_sum, fc_sum = carry
+    iou = wx_iou[idx] + h_sum[idx] @ p["U_iou"]
+    i, o, u = jnp.split(iou, 3, axis=-1)
+    c = jax.nn.sigmoid(i) * jnp.tanh(u) + fc_sum[idx]
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    par = parent[idx]
+    real = (idx != dummy)[:, None]
+    to_parent = real & (par != dummy)[:, None]
+    f = jax.nn.sigmoid(wx_f[par] + h @ p["U_f"])  # forget gate of the parent for this child
+    h_sum = h_sum.at[par].add(jnp.where(to_parent, h, 0.0))
+    fc_sum = fc_sum.at[par].add(jnp.where(to_parent, f * c, 0.0))
+    h_all = h_all.at[idx].set(jnp.where(real, h, 0.0))
+    return (h_all, h_sum, fc_sum), None
+
+  (h_all, _, _), _ = lax.scan(level, (zeros, zeros, zeros), batch.level_nodes)
+  h_all = h_all.at[dummy].set(0.0)
+  return h_all[batch.roots], h_all
+
+
+def tree_lstm_recursive(variables, parents: Sequence[int], x):
+  """Root state of ONE tree by Python recursion over its structure (the per-tree baseline). Under
+  ``jax.jit(..., static_argnums=1)`` every distinct tree shape compiles a new program."""
+  p = variables["params"] if "params" in variables else variables
+  parents = [int(q) for q in parents]
+  children = [[] for _ in parents]
+  for j, q in enumerate(parents):
+    if q >= 0:
+      children[q].append(j)
+  hd = p["U_f"].shape[0]
+
+  def node(j):
+    if children[j]:
+      hs, cs = zip(*(node(k) for k in children[j]))
+      ch, cc = jnp.stack(hs), jnp.stack(cs)
+    else:
+      ch = cc = jnp.zeros((0, hd), x.dtype)
+    return tree_lstm_cell(p, x[j], ch, cc)
+
+  return node(parents.index(-1))[0]
