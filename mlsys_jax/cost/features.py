@@ -7,8 +7,11 @@ enter as ``log1p`` scaled to about [0, 1]. :func:`program_features` summarises a
 analysis, kernel counts, opcode histogram) for the MLP baseline.
 
 Example:
-  >>> g = program_graph(parse_hlo(text))
-  >>> x = node_features(g)       # float32 [N, NUM_NODE_FEATURES]
+  >>> from mlsys_jax.cost import capture, parse_hlo, program_graph
+  >>> g = program_graph(parse_hlo(capture(lambda x: jnp.tanh(x @ x), jnp.ones((8, 8))).hlo_text))
+  >>> x = node_features(g)                 # float32 [N, NUM_NODE_FEATURES]
+  >>> x.shape == (g.opcode.shape[0], NUM_NODE_FEATURES)
+  True
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ the instructions of the computations it fuses or calls; each node's kernel is th
 belongs to. A *kernel graph* (:func:`kernel_graphs`) holds one kernel alone.
 
 Example:
+  >>> from mlsys_jax.cost.hlo import parse_hlo
   >>> mod = parse_hlo(jax.jit(lambda x: jnp.tanh(x @ x)).lower(jnp.ones((4, 4))).compile().as_text())
   >>> g = program_graph(mod)
   >>> int(g.n_node[0]) == g.opcode.shape[0]

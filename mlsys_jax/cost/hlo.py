@@ -313,7 +313,8 @@ def parse_hlo(text: str) -> HloModule:
 
   Example:
     >>> mod = parse_hlo(jax.jit(jnp.sin).lower(1.0).compile().as_text())
-    >>> [i.opcode for i in mod.entry.instructions]
+    >>> mod.entry.instructions[0].opcode, mod.entry.root.shape.dims
+    ('parameter', ())
   """
   if not isinstance(text, str):
     raise TypeError(f"parse_hlo expects HLO text (str), got {type(text).__name__}.")

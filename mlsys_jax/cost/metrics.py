@@ -8,7 +8,7 @@ two rates, as a roofline: ``max(flops / R_f, bytes / R_b)`` or ``flops / R_f + b
 rates are either measured peaks or fitted on training data.
 
 Example:
-  >>> kendall_tau([1, 2, 3], [10, 20, 30])
+  >>> float(kendall_tau([1, 2, 3], [10, 20, 30]))
   1.0
 """
 

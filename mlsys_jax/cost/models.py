@@ -9,9 +9,15 @@ task) and a pairwise logistic ranking loss among variants of the same program (t
 Sec. 4).
 
 Example:
+  >>> from mlsys_jax.cost import capture, make_batch, parse_hlo, program_graph
+  >>> g = program_graph(parse_hlo(capture(lambda x: jnp.tanh(x @ x), jnp.ones((8, 8))).hlo_text))
+  >>> from mlsys_jax.cost import node_features, pad_graph
+  >>> g = pad_graph(g, 64, 128, 8, 2)                    # static sizes: nodes, edges, kernels, graphs
+  >>> batch = make_batch(g, node_features(g))            # a GraphBatch of one program
   >>> model = GraphSAGECostModel(num_opcodes=len(OPCODES))
-  >>> params = model.init(key, batch)            # batch: a padded GraphBatch
-  >>> log_runtime_us = model.apply(params, batch)   # [G]
+  >>> params = model.init(jax.random.PRNGKey(0), batch)
+  >>> model.apply(params, batch).shape                   # log runtime (us) per graph (+ padding graph)
+  (2,)
 """
 
 from __future__ import annotations

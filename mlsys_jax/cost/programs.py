@@ -10,6 +10,8 @@ Example:
   >>> rng = np.random.default_rng(0)
   >>> spec = sample_program("mlp", rng, scale="cpu")
   >>> hlo = jax.jit(spec.fn).lower(*spec.args).compile().as_text()
+  >>> "ENTRY" in hlo
+  True
 """
 
 from __future__ import annotations

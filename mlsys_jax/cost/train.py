@@ -5,9 +5,14 @@ Batches keep all variants of a program together so the pairwise ranking loss of 
 compiles a handful of shapes only.
 
 Example:
-  >>> graphs = [program_graph(parse_hlo(t)) for t in texts]
-  >>> params = fit_gnn(graphs, runtimes_s, groups, GNNConfig(epochs=5))
-  >>> pred_s = predict_gnn(params, graphs, GNNConfig())
+  >>> from mlsys_jax.cost import capture, parse_hlo, program_graph
+  >>> fns = [lambda x: jnp.tanh(x @ x), lambda x: jnp.sin(x) @ x]
+  >>> graphs = [program_graph(parse_hlo(capture(f, jnp.ones((8, 8))).hlo_text)) for f in fns]
+  >>> cfg = GNNConfig(epochs=2)
+  >>> params = fit_gnn(graphs, np.array([2e-6, 3e-6]), np.array([0, 0]), cfg)   # doctest: +ELLIPSIS
+  ...
+  >>> predict_gnn(params, graphs, cfg).shape                # seconds, one per graph
+  (2,)
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> nets = ios_benchmark_nets(small=True)
   >>> model, shape = nets["squeezenet"]
-  >>> params = model.init(jax.random.PRNGKey(0), jnp.zeros(shape))
-  >>> model.apply(params, jnp.zeros(shape)).shape
+  >>> params = ios_init_params(model, shape)
+  >>> model.apply(params, jnp.ones(shape)).shape
   (1, 16)
 """
 
@@ -159,8 +159,9 @@ class InceptionV3(nn.Module):
 
   Example:
     >>> m = InceptionV3(width=0.125)
-    >>> x = jnp.zeros((1, 75, 75, 3))
-    >>> m.apply(m.init(jax.random.PRNGKey(0), x), x).shape
+    >>> x = jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32)
+    >>> v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)    # shapes only: nothing is computed
+    >>> jax.eval_shape(m.apply, v, x).shape
     (1, 256)
   """
   width: float = 1.0
@@ -404,8 +405,9 @@ class NasNetA(nn.Module):
 
   Example:
     >>> m = NasNetA(stem_filters=8, filters=8, num_normal=1)
-    >>> x = jnp.zeros((1, 64, 64, 3))
-    >>> m.apply(m.init(jax.random.PRNGKey(0), x), x).shape
+    >>> x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    >>> v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)    # shapes only: nothing is computed
+    >>> jax.eval_shape(m.apply, v, x).shape
     (1, 160)
   """
   stem_filters: int = 96

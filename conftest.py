@@ -1,0 +1,27 @@
+"""Root pytest configuration: simulated CPU devices before jax is imported, and the names every docstring
+example may use without importing them (``jax``, ``jnp``, ``np``, ``optax``, ``flax``, ``nn``)."""
+
+import os
+
+# Must happen before jax is imported anywhere in the session (tests and doctests alike).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# Simulated devices are threads; on a loaded 2-core machine a collective can wait longer than XLA's
+# default 40 s rendezvous limit, which aborts the process. Allow more time.
+if "collective_call_terminate_timeout" not in _flags:
+  _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+os.environ["XLA_FLAGS"] = _flags
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(doctest_namespace):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  doctest_namespace.update(jax=jax, jnp=jnp, np=np, optax=optax, nn=nn)
