@@ -9,20 +9,28 @@ with ``optax.multi_transform``, QuickNet, and a bit-packed XOR-popcount inferenc
 from mlsys_jax.quant.binary.bop import (BopState, binary_param_labels, bop, case_optimizer,
                                         flip_ratio)
 from mlsys_jax.quant.binary.layers import binary_conv_general_dilated, binary_dot_general
+from mlsys_jax.quant.binary.quicknet import (QuickNet, QuickNetBlock, QuickNetLarge, QuickNetSmall,
+                                             blur_kernel, larq_param_count)
 from mlsys_jax.quant.binary.quantizers import (approx_sign, dorefa, larq_sign, magnitude_aware_sign,
                                                ste_heaviside, ste_sign, ste_tern, swish_sign,
                                                weight_clip)
 
 __all__ = [
     "BopState",
+    "QuickNet",
+    "QuickNetBlock",
+    "QuickNetLarge",
+    "QuickNetSmall",
     "approx_sign",
     "binary_conv_general_dilated",
+    "blur_kernel",
     "binary_dot_general",
     "binary_param_labels",
     "bop",
     "case_optimizer",
     "dorefa",
     "flip_ratio",
+    "larq_param_count",
     "larq_sign",
     "magnitude_aware_sign",
     "ste_heaviside",
