@@ -51,9 +51,19 @@ def write_json(out: str | None, name: str, payload: dict) -> None:
   print(f"wrote {path / (name + '.json')}")
 
 
+def _cell(v) -> str:
+  """Table text of one value: floats with 4 significant digits, everything else as str."""
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
-  widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+  """Print ``rows`` (dicts of raw values: seconds, counts, ratios) as an aligned text table. Store the raw
+  rows in the JSON; only this printout is formatted."""
+  cells = [[_cell(r.get(c, "")) for c in cols] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
   print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
   print("-+-".join("-" * w for w in widths))
-  for r in rows:
-    print(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+  for row in cells:
+    print(" | ".join(v.ljust(w) for v, w in zip(row, widths)))
