@@ -9,6 +9,9 @@ with ``optax.multi_transform``, QuickNet, and a bit-packed XOR-popcount inferenc
 from mlsys_jax.quant.binary.bop import (BopState, binary_param_labels, bop, case_optimizer,
                                         flip_ratio)
 from mlsys_jax.quant.binary.layers import binary_conv_general_dilated, binary_dot_general
+from mlsys_jax.quant.binary.packed import (PackedConv2D, PackedDense, convert_quicknet, fold_batchnorm,
+                                           pack_bits, pack_conv2d, pack_dense, packed_conv2d,
+                                           packed_dense, packed_nbytes, unpack_bits)
 from mlsys_jax.quant.binary.quicknet import (QuickNet, QuickNetBlock, QuickNetLarge, QuickNetSmall,
                                              blur_kernel, larq_param_count)
 from mlsys_jax.quant.binary.quantizers import (approx_sign, dorefa, larq_sign, magnitude_aware_sign,
@@ -17,6 +20,8 @@ from mlsys_jax.quant.binary.quantizers import (approx_sign, dorefa, larq_sign, m
 
 __all__ = [
     "BopState",
+    "PackedConv2D",
+    "PackedDense",
     "QuickNet",
     "QuickNetBlock",
     "QuickNetLarge",
@@ -28,14 +33,23 @@ __all__ = [
     "binary_param_labels",
     "bop",
     "case_optimizer",
+    "convert_quicknet",
     "dorefa",
     "flip_ratio",
+    "fold_batchnorm",
     "larq_param_count",
     "larq_sign",
     "magnitude_aware_sign",
+    "pack_bits",
+    "pack_conv2d",
+    "pack_dense",
+    "packed_conv2d",
+    "packed_dense",
+    "packed_nbytes",
     "ste_heaviside",
     "ste_sign",
     "ste_tern",
     "swish_sign",
+    "unpack_bits",
     "weight_clip",
 ]
