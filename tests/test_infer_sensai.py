@@ -18,7 +18,19 @@ from mlsys_jax.infer import sensai
 
 
 def _init(model, shape, seed=0):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *shape)))
+  """Random variables of ``model`` without compiling its initialisers (slow on a loaded CPU): shapes
+  from ``jax.eval_shape``, kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.1), BN scale 1 / var 1."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))
+
+  def fill(path, a):
+    name = getattr(path[-1], "key", "")
+    if name == "kernel":
+      return jnp.asarray(rng.normal(size=a.shape) / np.sqrt(np.prod(a.shape[:-1])), jnp.float32)
+    if name in ("scale", "var"):
+      return jnp.ones(a.shape, jnp.float32)
+    return jnp.asarray(0.1 * rng.normal(size=a.shape), jnp.float32)
+  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _bn_randomise(variables, seed):
@@ -147,14 +159,15 @@ def test_pruned_model_equals_original_with_zeroed_channels(kind):
     masks[k][rng.integers(len(masks[k]))] = True
   pm, pv = sensai.prune(model, variables, masks)
   zv = sensai.zero_pruned(model, variables, masks)
-  out_p = pm.apply(pv, x)
-  out_z = model.apply(zv, x)
+  out_p = jax.jit(pm.apply)(pv, x)
+  full = jax.jit(model.apply)
+  out_z = full(zv, x)
   np.testing.assert_allclose(out_p, out_z, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(out_z, model.apply(variables, x), atol=1e-3)  # the zeroing did change things
+  assert not np.allclose(out_z, full(variables, x), atol=1e-3)  # the zeroing did change things
   assert sensai.count_params(pv) < sensai.count_params(variables)
   widths = {k: int(m.sum()) for k, m in masks.items()}
-  st_p = sensai.channel_stats(pm, pv, x)
-  assert {k: len(v) for k, v in st_p.apoz.items()} == widths
+  assert {s.name: sensai._check_structure(pm, pv, sensai._plan(pm))[s.name]
+          for s in sensai._plan(pm).sites} == widths
 
 
 def test_slim_resnet_with_full_width_is_resnet20():
@@ -193,3 +206,109 @@ def test_count_flops_closed_form():
   variables = _init(model, (8, 8, 1))
   expect = 2 * (64 * 9 * 1 * 4 + 16 * 9 * 4 * 6 + 4 * 6 * 8 + 8 * 3)
   assert sensai.count_flops(model, variables, (8, 8, 1)) == expect
+
+
+# ---------------------------------------------------------------------------------------------- combination
+
+def _softmax64(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_combine_matches_float64_reference():
+  rng = np.random.default_rng(0)
+  groups = [(4, 0, 2), (1,), (3, 5)]
+  logits = [rng.normal(size=(6, len(g) + 1)).astype(np.float32) * 3 for g in groups]
+  temps = [0.5, 2.0, 1.3]
+  out = sensai.combine(logits, groups, 6, temps)
+  ref = np.zeros((6, 6))
+  for z, g, t in zip(logits, groups, temps):
+    ref[:, list(g)] = _softmax64(z.astype(np.float64) / t)[:, 1:]
+  ref /= ref.sum(1, keepdims=True)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="exactly once"):
+    sensai.combine(logits[:2], groups[:2], 6)
+  with pytest.raises(ValueError, match="positive"):
+    sensai.combine(logits, groups, 6, [1.0, -1.0, 1.0])
+
+
+def test_calibrate_temperature_recovers_the_generating_temperature():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(4000, 4)) * 4
+  y = np.array([rng.choice(4, p=p) for p in _softmax64(z / 2.5)])
+  t = sensai.calibrate_temperature(z, y)
+  assert abs(t - 2.5) < 0.25
+  nll = lambda tt: sensai._nll(z, y, tt)
+  assert nll(t) <= min(nll(t * 1.05), nll(t / 1.05))
+  with pytest.raises(ValueError, match="NaN"):
+    sensai.calibrate_temperature(np.full((2, 2), np.nan), np.zeros(2, int))
+
+
+def test_relabel_and_group_dataset_oversample():
+  ds = data.synthetic_classification(seed=0, num_samples=200, shape=(3,), num_classes=4)
+  np.testing.assert_array_equal(sensai.relabel(np.array([0, 1, 2, 3, 1]), (3, 1)), [0, 2, 0, 1, 2])
+  g = sensai.group_dataset(ds, (2,))
+  pos = int(np.sum(ds.y_train == 2))
+  reps = round((len(ds.y_train) - pos) / pos)
+  assert g.num_classes == 2 and int(np.sum(g.y_train == 1)) == reps * pos
+  assert int(np.sum(g.y_train == 0)) == len(ds.y_train) - pos
+  np.testing.assert_array_equal(g.y_test, (ds.y_test == 2).astype(np.int32))
+
+
+def test_retrained_subnet_learns_its_group_task():
+  ds = data.synthetic_classification(seed=1, num_samples=400, shape=(8,), num_classes=4, noise=0.6)
+  model = models.MLP(features=(16,), num_classes=4)
+  variables = _init(model, (8,), seed=1)
+  st = sensai.channel_stats(model, variables, ds.x_train[ds.y_train < 2])
+  sub = sensai.make_subnet(model, variables, (0, 1), sensai.prune_masks(st, keep_fraction=0.5))
+  assert sub.model.features == (8,) and sub.model.num_classes == 3
+  gy = sensai.relabel(ds.y_test, (0, 1))
+  before = np.mean(np.argmax(sensai.subnet_predict(sub, ds.x_test), -1) == gy)
+  sub2, hist = sensai.retrain_subnet(sub, ds, optax.adam(1e-2), epochs=4, batch_size=32)
+  after = np.mean(np.argmax(sensai.subnet_predict(sub2, ds.x_test), -1) == gy)
+  assert after > 0.85 and after > before
+  assert hist["test_accuracy"][-1] == pytest.approx(after)
+
+
+# ---------------------------------------------------------------------------------------------- execution
+
+def _cnn_subnets(num_classes, groups, seed=0):
+  model = models.CNN(num_classes=num_classes, channels=(6, 8), hidden=10)
+  variables = _init(model, (8, 8, 1), seed=seed)
+  x = np.random.default_rng(seed).normal(size=(5, 8, 8, 1)).astype(np.float32)
+  st = sensai.channel_stats(model, variables, x)
+  subs = []
+  for i, g in enumerate(groups):   # different widths per subnet
+    subs.append(sensai.make_subnet(model, variables, g, sensai.prune_masks(st, keep_fraction=0.3 + 0.2 * (i % 3))))
+  return subs, x
+
+
+def test_vmapped_ensemble_equals_separate_subnets():
+  groups = [(0, 3, 4), (1,), (2, 5)]
+  subs, x = _cnn_subnets(6, groups)
+  assert len({s.model.channels for s in subs}) == 3
+  temps = [0.7, 1.0, 1.8]
+  ens = sensai.stack_subnets(subs, 6, temps)
+  assert ens.model.channels == tuple(max(s.model.channels[i] for s in subs) for i in range(2))
+  logits = sensai.ensemble_logits(ens, x)
+  for i, s in enumerate(subs):
+    m = len(s.classes) + 1
+    np.testing.assert_allclose(logits[i, :, :m], sensai.subnet_predict(s, x), rtol=1e-5, atol=1e-5)
+  ref = sensai.combine([sensai.subnet_predict(s, x) for s in subs], groups, 6, temps)
+  np.testing.assert_allclose(sensai.ensemble_predict(ens, x), ref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="exactly once"):
+    sensai.stack_subnets(subs[:2], 6)
+
+
+def test_shard_map_ensemble_equals_vmapped(devices):
+  groups = [(c,) for c in range(8)]
+  subs, x = _cnn_subnets(8, groups, seed=1)
+  ens = sensai.stack_subnets(subs, 8, np.linspace(0.5, 2.0, 8))
+  ref = np.asarray(sensai.ensemble_predict(ens, x))
+  out = sensai.ensemble_predict_sharded(ens, x)   # one subnet per device on 8 devices
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  two = sensai.ensemble_predict_sharded(ens, x, Mesh(np.array(devices[:2]), ("g",)))  # 4 per device
+  np.testing.assert_allclose(two, ref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="dividing"):
+    sensai.ensemble_predict_sharded(ens, x, Mesh(np.array(devices[:3]), ("g",)))

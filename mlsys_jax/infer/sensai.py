@@ -189,14 +189,14 @@ class _Plan:
   head: tuple[str, ...]           # module path of the logits layer (a Dense)
   collections: tuple[str, ...]
   rebuild: Callable[[dict, int], nn.Module]   # (width per site name, outputs) -> model
-  penultimate: Callable[[dict], jnp.ndarray]  # captured intermediates -> (n, features)
+  penultimate: Callable[[dict], np.ndarray]  # captured intermediates -> (n, features)
 
 
-def _relu_of(inter: dict, module: tuple[str, ...]) -> jnp.ndarray:
+def _relu_of(inter: dict, module: tuple[str, ...]) -> np.ndarray:
   node = inter
   for k in module:
     node = node[k]
-  return jnp.maximum(node["__call__"][0], 0)
+  return np.maximum(np.asarray(node["__call__"][0]), 0)
 
 
 def _refuse_cls(model: nn.Module) -> None:
@@ -256,7 +256,7 @@ def _plan(model: nn.Module) -> _Plan:
                           dot_general=model.dot_general, conv_general_dilated=model.conv_general_dilated)
 
     def penult(inter):
-      return jnp.mean(inter[f"_BasicBlock_{nb - 1}"]["__call__"][0], axis=(1, 2))
+      return np.mean(np.asarray(inter[f"_BasicBlock_{nb - 1}"]["__call__"][0]), axis=(1, 2))
     return _Plan(tuple(sites), ("Dense_0",), ("params", "batch_stats"), rebuild, penult)
   raise TypeError(f"sensAI surgery follows mlsys_jax.models.CNN, MLP, ResNet20 and sensai.SlimResNet20; "
                   f"{type(model).__name__} is none of them, so its channels cannot be traced. Express the "
@@ -317,22 +317,23 @@ def _check_structure(model: nn.Module, variables: dict, plan: _Plan) -> dict[str
   return widths
 
 
-def _take(a: jnp.ndarray, idx: np.ndarray, axis: int, fill: float = 0.0) -> jnp.ndarray:
-  """``a`` indexed along ``axis`` by ``idx``; entries ``-1`` become ``fill`` (padding)."""
-  a = jnp.asarray(a)
-  out = jnp.take(a, jnp.asarray(np.maximum(idx, 0)), axis=axis)
+def _take(a, idx: np.ndarray, axis: int, fill: float = 0.0) -> np.ndarray:
+  """``a`` indexed along ``axis`` by ``idx``; entries ``-1`` become ``fill`` (padding). Surgery runs in
+  numpy on the host: it is a one-off rewrite of the variables, and eager jax ops would compile per shape."""
+  a = np.asarray(a)
+  out = np.take(a, np.maximum(idx, 0), axis=axis)
   if np.any(idx < 0):
     shape = [1] * a.ndim
     shape[axis] = len(idx)
-    out = jnp.where(jnp.asarray(idx >= 0).reshape(shape), out, jnp.asarray(fill, a.dtype))
+    out = np.where((idx >= 0).reshape(shape), out, np.asarray(fill, a.dtype))
   return out
 
 
-def _take_flat(a: jnp.ndarray, idx: np.ndarray, width: int) -> jnp.ndarray:
+def _take_flat(a, idx: np.ndarray, width: int) -> np.ndarray:
   """Rows of a dense kernel after a flatten of ``(..., width)`` channels: index the channel part."""
+  a = np.asarray(a)
   rows, out = a.shape
-  b = _take(a.reshape(rows // width, width, out), idx, 1)
-  return b.reshape(-1, out)
+  return _take(a.reshape(rows // width, width, out), idx, 1).reshape(-1, out)
 
 
 def _set(tree: dict, path: Path, value) -> dict:
@@ -362,6 +363,7 @@ def _resize(model: nn.Module, variables: dict, index: dict[str, np.ndarray]) -> 
     for path, axis, flat in s.consumers:
       a = _get(new, path)
       new = _set(new, path, _take_flat(a, idx, widths[s.name]) if flat else _take(a, idx, axis))
+  new = jax.tree_util.tree_map(jnp.asarray, new)
   outputs = _get(new, ("params", *plan.head, "bias")).shape[0]
   return plan.rebuild({s.name: len(index[s.name]) for s in plan.sites}, outputs), new
 
@@ -662,10 +664,10 @@ def zero_pruned(model: nn.Module, variables: dict, masks: dict[str, np.ndarray])
     for path, axis in s.producers:
       if path[0] == "batch_stats":
         continue  # BN output is scale * (.) + bias = 0 once both are zero
-      a = _get(variables, path)
+      a = np.asarray(_get(variables, path))
       shape = [1] * a.ndim
       shape[axis] = a.shape[axis]
-      out = _set(out, path, jnp.where(jnp.asarray(keep).reshape(shape), a, 0))
+      out = _set(out, path, jnp.asarray(np.where(keep.reshape(shape), a, np.zeros((), a.dtype))))
   return out
 
 
@@ -718,8 +720,8 @@ def make_subnet(model: nn.Module, variables: dict, classes: Sequence[int],
   hb = np.concatenate([bias[rest].mean(keepdims=True), bias[list(classes)]])
   index = (_mask_index(masks, widths, model) if masks is not None
            else {k: np.arange(w) for k, w in widths.items()})
-  variables = _set(variables, ("params", *plan.head, "kernel"), jnp.asarray(hk, kernel.dtype))
-  variables = _set(variables, ("params", *plan.head, "bias"), jnp.asarray(hb, bias.dtype))
+  variables = _set(variables, ("params", *plan.head, "kernel"), hk.astype(kernel.dtype))
+  variables = _set(variables, ("params", *plan.head, "bias"), hb.astype(bias.dtype))
   m, v = _resize(model, variables, index)
   return Subnet(m, v, classes)
 
@@ -900,11 +902,12 @@ def stack_subnets(subnets: Sequence[Subnet], num_classes: int,
     hk = _get(v, ("params", *p.head, "kernel"))
     hb = _get(v, ("params", *p.head, "bias"))
     extra = width - hb.shape[0]
-    v = _set(_set(v, ("params", *p.head, "kernel"), jnp.pad(hk, ((0, 0), (0, extra)))),
-             ("params", *p.head, "bias"), jnp.pad(hb, (0, extra)))
+    v = _set(_set(v, ("params", *p.head, "kernel"), np.pad(np.asarray(hk), ((0, 0), (0, extra)))),
+             ("params", *p.head, "bias"), np.pad(np.asarray(hb), (0, extra)))
     model = p.rebuild(common, width)
     padded_vars.append(v)
-  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *padded_vars)
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(b) for b in a])),
+                                   *padded_vars)
   classes = [s.classes for s in subnets]
   valid = np.zeros((len(subnets), width), bool)
   for i, cl in enumerate(classes):
