@@ -1,0 +1,245 @@
+"""Tests of mlsys_jax.quant.fp_align against an exact Python (fractions) reference and properties."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mlsys_jax.quant import fp_align
+from mlsys_jax.quant.fp_align import fp_dot
+
+FMTS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+_OUT_P = {"float32": (24, -149, 127), "float16": (11, -24, 15), "bfloat16": (8, -133, 127)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact reference: Python integers and Fractions, one product at a time.
+
+
+def _exp(x: float, f) -> int:
+  """Exponent of a nonzero finite value of format f (subnormals: emin)."""
+  return max(math.frexp(abs(x))[1] - 1, f.emin)
+
+
+def _round_to(v: Fraction, out: str) -> float:
+  """Round an exact rational to nearest-even in the output format (p bits, smallest quantum 2^qmin)."""
+  p, qmin, emax = _OUT_P[out]
+  if v == 0:
+    return 0.0
+  sign, a = (-1 if v < 0 else 1), abs(v)
+  e = math.floor(math.log2(a.numerator)) - math.floor(math.log2(a.denominator))
+  while Fraction(2) ** e > a:
+    e -= 1
+  while Fraction(2) ** (e + 1) <= a:
+    e += 1
+  q = max(e - p + 1, qmin)                      # quantum exponent
+  scaled = a / Fraction(2) ** q
+  n = scaled.numerator // scaled.denominator
+  rem = scaled - n
+  if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n % 2 == 1):
+    n += 1
+  val = n * Fraction(2) ** q
+  if val >= Fraction(2) ** (emax + 1):
+    return sign * math.inf
+  return sign * float(val)
+
+
+def _ref_dot(a: np.ndarray, b: np.ndarray, fmt: str, w: int | None, conv: str, out="float32"):
+  f = fp_align.FORMATS[fmt]
+  w = fp_align.max_alignment_shift(fmt) if w is None else w
+  m2 = 2 * f.man_bits
+  res = np.zeros((a.shape[0], b.shape[1]))
+  for i in range(a.shape[0]):
+    for j in range(b.shape[1]):
+      prods = [(float(a[i, k]), float(b[k, j])) for k in range(a.shape[1])]
+      nz = [(x, y) for x, y in prods if x != 0 and y != 0]
+      if not nz:
+        res[i, j] = 0.0
+        continue
+      emax = max(_exp(x, f) + _exp(y, f) for x, y in nz)
+      acc = 0                                      # in units of 2^(emax - 2M - w)
+      for x, y in nz:
+        d = emax - _exp(x, f) - _exp(y, f)
+        t = Fraction(x) * Fraction(y) / Fraction(2) ** (emax - m2 - w)   # in accumulator LSBs
+        if conv == "drop":
+          if d > w:
+            continue
+          assert t.denominator == 1
+          acc += int(t)
+        else:
+          mag = abs(t)
+          acc += (1 if t > 0 else -1) * (mag.numerator // mag.denominator)
+      res[i, j] = _round_to(acc * Fraction(2) ** (emax - m2 - w), out)
+  return res
+
+
+def _rand(fmt, shape, rng, spread=6.0, zeros=0.0):
+  """Random representable values of fmt with exponents spread over about 2*spread binades."""
+  dt = fp_align.FORMATS[fmt].dtype
+  x = rng.normal(size=shape) * np.exp2(rng.uniform(-spread, spread, size=shape))
+  x = x * (rng.uniform(size=shape) >= zeros)
+  return np.asarray(x).astype(dt)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_max_alignment_shift_closed_form():
+  assert [fp_align.max_alignment_shift(f) for f in FMTS] == [58, 506, 28, 58]
+  for name in FMTS:  # against ml_dtypes' finfo: 2 * (maxexp - 1 - minexp)
+    fi = ml_dtypes.finfo(fp_align.FORMATS[name].dtype)
+    assert fp_align.max_alignment_shift(name) == 2 * (int(np.log2(float(fi.max))) - int(np.log2(
+        float(fi.smallest_normal))))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_decode_roundtrip_all_codes(fmt):
+  f = fp_align.FORMATS[fmt]
+  codes = np.arange(256, dtype=np.uint8) if f.width == 8 else np.arange(0, 65536, 7, dtype=np.uint16)
+  x = codes.view(f.dtype)
+  d = fp_align.decode(jnp.asarray(x), fmt)
+  finite = np.isfinite(x.astype(np.float64))
+  np.testing.assert_array_equal(np.asarray(d.bad), ~finite)
+  val = np.asarray(d.sig).astype(np.float64) * np.exp2(np.asarray(d.exp) - f.man_bits)
+  np.testing.assert_array_equal(val[finite], x.astype(np.float64)[finite])
+
+
+@pytest.mark.parametrize("fmt,w,conv", [("fp16", None, "truncate"), ("fp16", 4, "drop"),
+                                        ("fp16", 3, "truncate"), ("bf16", 6, "truncate"),
+                                        ("bf16", None, "drop"), ("fp8_e4m3", 2, "drop"),
+                                        ("fp8_e4m3", 5, "truncate"), ("fp8_e5m2", 0, "truncate")])
+def test_matches_exact_reference(fmt, w, conv):
+  rng = np.random.default_rng(hash((fmt, w, conv)) % 2**32)
+  spread = {"fp16": 5.0, "bf16": 20.0, "fp8_e4m3": 3.0, "fp8_e5m2": 6.0}[fmt]
+  a = _rand(fmt, (5, 7), rng, spread, zeros=0.15)
+  b = _rand(fmt, (7, 4), rng, spread, zeros=0.15)
+  got = np.asarray(fp_dot(a, b, fmt=fmt, align_bits=w, convention=conv))
+  np.testing.assert_array_equal(got, _ref_dot(a, b, fmt, w, conv))
+
+
+def test_exact_is_correctly_rounded_and_cancels():
+  # Large products cancel exactly; only the tiny product remains (needs the full 58-bit window).
+  a = np.array([[60000.0, -60000.0, 2.0 ** -24, 1.0]], np.float16)
+  b = np.array([[60000.0], [60000.0], [2.0 ** -24], [0.0]], np.float16)
+  assert float(fp_dot(a, b, fmt="fp16")[0, 0]) == 2.0 ** -48
+  assert float(fp_dot(a, b, fmt="fp16", align_bits=57)[0, 0]) == 0.0      # d = 58 > 57
+  # Correct rounding vs float64 on values whose exact sum float64 holds, to fp16 and bf16 outputs.
+  rng = np.random.default_rng(1)
+  a = _rand("fp8_e5m2", (6, 16), rng, 3.0)
+  b = _rand("fp8_e5m2", (16, 5), rng, 3.0)
+  exact = a.astype(np.float64) @ b.astype(np.float64)      # exact: few bits, narrow range
+  for out in ("float32", "float16", "bfloat16"):
+    got = np.asarray(fp_dot(a, b, fmt="fp8_e5m2", out_dtype=out)).astype(np.float64)
+    want = exact.astype(getattr(ml_dtypes, out) if out == "bfloat16" else out).astype(np.float64)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_exact_when_spread_fits_and_equal_exponents():
+  rng = np.random.default_rng(2)
+  # Exponents in [0, 3] for both operands: product shifts <= 6, so w >= 6 is exact in both conventions.
+  a = (rng.integers(1024, 2048, (8, 32)) * np.exp2(rng.integers(0, 4, (8, 32)) - 10)
+       * rng.choice([-1, 1], (8, 32))).astype(np.float16)
+  b = (rng.integers(1024, 2048, (32, 6)) * np.exp2(rng.integers(0, 4, (32, 6)) - 10)).astype(np.float16)
+  exact = np.asarray(fp_dot(a, b, fmt="fp16"))
+  for conv in fp_align.CONVENTIONS:
+    for w in (6, 9):
+      np.testing.assert_array_equal(np.asarray(fp_dot(a, b, fmt="fp16", align_bits=w, convention=conv)),
+                                    exact)
+  # Equal exponents: every shift is 0, so even w = 0 is exact.
+  a0 = (rng.integers(1024, 2048, (4, 16)) * rng.choice([-1, 1], (4, 16)) / 1024).astype(np.float16)
+  b0 = (rng.integers(1024, 2048, (16, 3)) / 1024).astype(np.float16)
+  hist = np.asarray(fp_align.alignment_shift_histogram(a0, b0, fmt="fp16"))
+  assert hist[0] == 4 * 16 * 3 and hist[1:].sum() == 0
+  for conv in fp_align.CONVENTIONS:
+    np.testing.assert_array_equal(np.asarray(fp_dot(a0, b0, fmt="fp16", align_bits=0, convention=conv)),
+                                  np.asarray(fp_dot(a0, b0, fmt="fp16")))
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "fp8_e4m3"])
+def test_error_non_increasing_in_w(fmt):
+  rng = np.random.default_rng(3)
+  a = _rand(fmt, (16, 64), rng, 4.0)
+  b = _rand(fmt, (64, 16), rng, 4.0)
+  exact = a.astype(np.float64) @ b.astype(np.float64)
+  for conv in fp_align.CONVENTIONS:
+    # one compiled program for every w: align_bits traced, accumulator sized for the format's maximum
+    f = jax.jit(lambda w: fp_dot(a, b, fmt=fmt, align_bits=w, convention=conv))
+    errs = [float(np.mean(np.abs(np.asarray(f(jnp.int32(w))) - exact)))
+            for w in range(0, fp_align.max_alignment_shift(fmt) + 1, 2)]
+    # Truncation of a window that grows downward only removes error; same for drop.
+    assert all(e2 <= e1 + 1e-6 * abs(e1) for e1, e2 in zip(errs, errs[1:])), (conv, errs)
+    assert errs[0] > errs[-1]
+
+
+def test_conventions_on_a_hand_example():
+  # Products 1 (exponent 0) and 2047^2 * 2^-30 (exponent -10 + 0): alignment shift d = 10.
+  a = np.array([[1.0, 2047 * 2.0 ** -20]], np.float16)
+  b = np.array([[1.0], [2047 / 1024]], np.float16)
+  small = 2047 ** 2 * 2.0 ** -30
+  dot = lambda w, c: float(fp_dot(a, b, fmt="fp16", align_bits=w, convention=c)[0, 0])
+  assert dot(9, "drop") == 1.0 and dot(10, "drop") == np.float32(1.0 + small)
+  # truncate: the accumulator LSB is 2^(0 - 20 - w); the small product is chopped to it.
+  for w in (0, 3, 5, 9, 10):
+    lsb = 2.0 ** (-20 - w)
+    assert dot(w, "truncate") == np.float32(1.0 + np.floor(small / lsb) * lsb), w
+  assert dot(0, "truncate") == 1.0 + 4092 * 2.0 ** -20
+  # negative products are truncated toward zero (magnitude), not toward -inf
+  neg = float(fp_dot(a, -b, fmt="fp16", align_bits=0, convention="truncate")[0, 0])
+  assert neg == -dot(0, "truncate")
+
+
+def test_jit_vmap_and_nonfinite():
+  rng = np.random.default_rng(4)
+  a = _rand("fp16", (3, 4, 8), rng)
+  b = _rand("fp16", (8, 5), rng)
+  f = jax.jit(lambda x, y: fp_dot(x, y, fmt="fp16", align_bits=6))
+  batched = jax.vmap(f, in_axes=(0, None))(jnp.asarray(a), jnp.asarray(b))
+  for i in range(3):
+    np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(fp_dot(a[i], b, fmt="fp16",
+                                                                               align_bits=6)))
+  # 1-D operands
+  v = float(fp_dot(a[0, 0], b[:, 0], fmt="fp16", align_bits=6))
+  assert v == float(np.asarray(batched[0])[0, 0])
+  # NaN / inf inputs: NaN exactly where the row or column reads them
+  a2 = a[0].astype(np.float32).copy()
+  a2[1, 2] = np.inf
+  out = np.asarray(fp_dot(a2.astype(np.float16), b, fmt="fp16"))
+  assert np.all(np.isnan(out[1])) and np.all(np.isfinite(np.delete(out, 1, 0)))
+  # Under jit an unrepresentable float32 input gives NaN (never a silent rounding).
+  a3 = a[0].astype(np.float32).copy()
+  a3[2, 0] = 0.1
+  out = np.asarray(jax.jit(lambda x: fp_dot(x, b, fmt="fp16"))(jnp.asarray(a3)))
+  assert np.all(np.isnan(out[2])) and np.all(np.isfinite(np.delete(out, 2, 0)))
+  # Overflow to inf in an fp16 output
+  big = np.full((1, 4), 256.0, np.float16)
+  assert np.isinf(float(fp_dot(big, big.T, fmt="fp16", out_dtype=jnp.float16)[0, 0]))
+
+
+def test_bad_input():
+  a = np.ones((2, 3), np.float16)
+  with pytest.raises(ValueError, match="fmt"):
+    fp_dot(a, a.T, fmt="fp32")
+  with pytest.raises(ValueError, match="align_bits"):
+    fp_dot(a, a.T, fmt="fp16", align_bits=-1)
+  with pytest.raises(TypeError, match="align_bits"):
+    fp_dot(a, a.T, fmt="fp16", align_bits=2.5)
+  with pytest.raises(ValueError, match="convention"):
+    fp_dot(a, a.T, fmt="fp16", convention="round")
+  with pytest.raises(ValueError, match=r"a\[0, 1\] = .*0\.1\)? is not representable in fp16"):
+    fp_dot(np.array([[1.0, 0.1]]), np.ones((2, 1)), fmt="fp16")
+  with pytest.raises(ValueError, match=r"b\[0, 0\] = .*not representable in fp8_e4m3"):
+    fp_dot(np.ones((1, 2)), jnp.array([[1000.0], [1.0]]), fmt="fp8_e4m3")
+  with pytest.raises(ValueError, match="not representable in fp16"):   # float64 detail lost in float32
+    fp_dot(np.array([[1.0 + 2.0 ** -30]]), np.ones((1, 1)), fmt="fp16")
+  with pytest.raises(TypeError, match="floating-point"):
+    fp_dot(np.ones((2, 3), np.int32), a.T, fmt="fp16")
+  with pytest.raises(ValueError, match="out_dtype"):
+    fp_dot(a, a.T, fmt="fp16", out_dtype=jnp.int32)
+  with pytest.raises(ValueError, match="contracting"):
+    fp_dot(a, a, fmt="fp16")
