@@ -17,7 +17,7 @@ from mlsys_jax.sched.placement.sim import (_CAP_TOL, Cluster, Observation, SimRe
                                            par_objective, validate_trace)
 
 __all__ = ["random_policy", "round_robin", "first_fit", "best_fit", "least_loaded", "power_of_two",
-           "forecast", "hindsight_oracle", "BASELINES", "simulate_numpy", "NUMPY_POLICIES"]
+           "forecast", "hindsight_oracle", "switch_policy", "BASELINES", "simulate_numpy", "NUMPY_POLICIES"]
 
 
 def random_policy(params, obs: Observation, key) -> jax.Array:
@@ -82,6 +82,35 @@ def hindsight_oracle(params, obs: Observation, key) -> jax.Array:
   ``simulate(..., with_hindsight=True)``). The label FirePlace imitates; a reference, not a baseline."""
   del params, key
   return -obs.hindsight
+
+
+def switch_policy(*policies):
+  """One policy that runs ``policies[index]`` with ``params = (index, inner_params)`` (``lax.switch``),
+  so that several policies share one compiled simulation (create it once and reuse it: jit caches on
+  the function object).
+
+  Example:
+    >>> from mlsys_jax.sched.placement import sim, traces
+    >>> both = switch_policy(first_fit, least_loaded)
+    >>> tr = traces.synthetic_trace(jax.random.PRNGKey(0), n_vms=16, horizon=32, max_life=8)
+    >>> a = sim.simulate(tr, sim.make_cluster(3), both, spec=sim.Spec(32), params=(0, None))
+    >>> b = sim.simulate(tr, sim.make_cluster(3), first_fit, spec=sim.Spec(32))
+    >>> bool(jnp.all(a.actions == b.actions))
+    True
+  """
+  if not policies:
+    raise ValueError("switch_policy needs at least one policy.")
+
+  def branch(pol):
+    return lambda p, obs, key: pol(p, obs, key).astype(jnp.float32)
+
+  branches = [branch(p) for p in policies]
+
+  def policy(params, obs, key):
+    index, inner = params
+    return jax.lax.switch(jnp.clip(index, 0, len(branches) - 1), branches, inner, obs, key)
+
+  return policy
 
 
 BASELINES = {"random": random_policy, "round_robin": round_robin, "first_fit": first_fit,
