@@ -560,9 +560,6 @@ def byzshield_reduce(assignment, aggregator: str = "median", *, num_byzantine_fi
     raise ValueError(f"byzantine={byz} needs an attack (one of {robust.ATTACKS}).")
   check_range("scale", scale, 0.0)
   check_int("seed", seed, 0)
-  if assignment.replication % 2 == 0:
-    raise ValueError(f"the majority vote needs an odd replication r, got r={assignment.replication} "
-                     f"({assignment.name}).")
   return ByzShieldReduce(assignment, aggregator, num_byzantine_files, byz, attack, float(scale), seed)
 
 

@@ -1,0 +1,298 @@
+"""mlsys_jax.comm.distributed: data parallelism across processes (jax.distributed, gloo on CPU).
+
+The multi-process tests start real processes on 127.0.0.1 with ``experiments/train_distributed.py``
+(each with its own XLA_FLAGS: 4 simulated CPU devices), under a hard timeout. The in-process tests use
+the 8 simulated devices of conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mlsys_jax import robust
+from mlsys_jax.comm import distributed as dist
+from mlsys_jax.comm import powersgd, sidco
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "train_distributed.py"
+CHILD_TIMEOUT = 300   # seconds; hard limit per child (the 2-core CI machine is shared)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _child_env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _start(args: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
+  f = open(log, "w")
+  return subprocess.Popen([sys.executable, str(SCRIPT), f"--local_devices={devices}", *args],
+                          env=_child_env(devices), cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[pathlib.Path], timeout: float) -> list[int]:
+  deadline = time.time() + timeout
+  codes = []
+  for p in procs:
+    try:
+      codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      tails = "\n".join(f"--- {l}:\n{l.read_text()[-3000:]}" for l in logs)
+      pytest.fail(f"child processes did not finish within {timeout} s:\n{tails}")
+  return codes
+
+
+def _cluster(n: int, port: int, extra: list[list[str]] | list[str]) -> list[list[str]]:
+  """Arguments of the ``n`` processes of one cluster (``extra``: shared, or one list per process)."""
+  per = extra if extra and isinstance(extra[0], list) else [extra] * n
+  return [[f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}", *per[i]]
+          for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two processes x 4 devices == one process x 8 devices.
+
+METHODS = ("sidco", "accordion", "byzshield")
+BITWISE = ("sidco", "byzshield")   # all-gathers + the same local arithmetic: no reduction order involved
+TRAIN_FLAGS = [f"--method={','.join(METHODS)}", "--steps=3", "--log_every=1", "--hidden=32", "--batch=8",
+               "--accordion_interval=2", "--attack=constant", "--byzantine=0", "--save_params"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("dist")
+  port = _free_port()
+  procs, logs = [], []
+  t0 = time.time()
+  for i, args in enumerate(_cluster(2, port, TRAIN_FLAGS + [f"--out_dir={out / 'multi'}",
+                                                          "--initialization_timeout=120"])):
+    logs.append(out / f"p{i}.log")
+    procs.append(_start(args, 4, logs[-1]))
+  logs.append(out / "single.log")
+  procs.append(_start(TRAIN_FLAGS + [f"--out_dir={out / 'single'}"], 8, logs[-1]))
+  codes = _wait(procs, logs, CHILD_TIMEOUT)
+  wall = time.time() - t0
+  for code, log in zip(codes, logs):
+    assert code == 0, f"{log} exited with {code}:\n{log.read_text()[-4000:]}"
+  return out, wall
+
+
+def _params(folder: pathlib.Path, method: str, pid: int) -> dict:
+  with np.load(folder / f"params_{method}_process{pid}.npz") as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_equal_single_process_8_devices(two_process_run, method):
+  out, wall = two_process_run
+  single = _params(out / "single", method, 0)
+  p0, p1 = _params(out / "multi", method, 0), _params(out / "multi", method, 1)
+  assert single.keys() == p0.keys() == p1.keys() and len(single) == 4
+  for k in single:
+    np.testing.assert_array_equal(p0[k], p1[k], err_msg=f"{method} {k}: processes hold different replicas")
+    if method in BITWISE:
+      np.testing.assert_array_equal(p0[k], single[k], err_msg=f"{method} {k} (expected bitwise)")
+    else:   # pmean over gloo vs in-process: float32 rounding of the reduction order, through 3 Adam steps
+      np.testing.assert_allclose(p0[k], single[k], rtol=1e-5, atol=2e-6, err_msg=f"{method} {k}")
+  r0 = json.loads((out / "multi" / "results.json").read_text())
+  r1 = json.loads((out / "multi" / "results_process1.json").read_text())
+  rs = json.loads((out / "single" / "results.json").read_text())
+  assert (r0["process_count"], r0["devices"], r0["local_devices"]) == (2, 8, 4)
+  assert (rs["process_count"], rs["devices"]) == (1, 8)
+  m0, m1, ms = r0["methods"][method], r1["methods"][method], rs["methods"][method]
+  assert m0["replicas_agree"] and m1["replicas_agree"] and ms["replicas_agree"]
+  assert m0["params_checksum"] == m1["params_checksum"]
+  assert m0["bytes_per_worker"] == ms["bytes_per_worker"] > 0
+  assert m0["reduce"] == ms["reduce"] == ("byzshield" if method == "byzshield" else "tx")
+  np.testing.assert_allclose(m0["loss"], ms["loss"], rtol=1e-5)
+  assert len(m0["loss"]) == 3 and np.isfinite(m0["loss"]).all() and m0["loss"][0] != m0["loss"][-1]
+  print(f"two-process run + single-process reference: {wall:.1f} s wall")
+
+
+def test_process_that_never_joins_fails_within_bounded_time(tmp_path):
+  port = _free_port()
+  log = tmp_path / "lone.log"
+  args = _cluster(2, port, ["--method=dense", "--steps=1", "--initialization_timeout=3"])[0]
+  t0 = time.time()
+  proc = _start(args, 4, log)
+  code = _wait([proc], [log], CHILD_TIMEOUT)[0]
+  text = log.read_text()
+  assert code != 0, text[-3000:]
+  assert "TimeoutError" in text and "could not join the jax.distributed cluster" in text, text[-3000:]
+  assert f"127.0.0.1:{port}" in text and "initialization_timeout=3 s" in text
+  assert "process 0 of 2" in text
+  assert time.time() - t0 < CHILD_TIMEOUT
+
+
+def test_processes_with_different_params_or_devices_name_the_mismatch(tmp_path):
+  common = ["--method=dense", "--steps=1", "--initialization_timeout=120"]
+  shape_args = _cluster(2, _free_port(), [common + ["--hidden=32"], common + ["--hidden=16"]])
+  dev_args = _cluster(2, _free_port(), common)
+  procs, logs = [], []
+  for i, (args, devices) in enumerate([(shape_args[0], 4), (shape_args[1], 4), (dev_args[0], 4),
+                                       (dev_args[1], 2)]):
+    logs.append(tmp_path / f"c{i}.log")
+    procs.append(_start(args, devices, logs[-1]))
+  codes = _wait(procs, logs, CHILD_TIMEOUT)
+  texts = [l.read_text() for l in logs]
+  for i in range(4):
+    assert codes[i] != 0 and "ValueError: processes disagree" in texts[i], texts[i][-3000:]
+  for t in texts[:2]:
+    assert ("params['Dense_0']['bias'] has shape (16,) float32 on process 1 but shape (32,) float32 on "
+            "process 0") in t, t[-3000:]
+  for t in texts[2:]:
+    assert "process 1 has 2 local cpu device(s) but process 0 has 4" in t, t[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-process (8 simulated devices): the step's math and its errors.
+
+def _mlp():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  params = {"w1": 0.3 * jax.random.normal(k1, (6, 5)), "b1": jnp.zeros((5,)),
+            "w2": 0.3 * jax.random.normal(k2, (5, 3))}
+
+  def loss(p, batch):
+    x, y = batch
+    logits = jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(72, 6)).astype(np.float32)
+  y = rng.integers(0, 3, size=72).astype(np.int32)
+  return params, loss, x, y
+
+
+def _full_batch_reference(params, loss, x, y, steps, lr):
+  """Adam on the whole batch on one device (float32): what data parallelism must reproduce."""
+  tx = optax.adam(lr)
+  st = tx.init(params)
+  for _ in range(steps):
+    g = jax.grad(loss)(params, (x, y))
+    u, st = tx.update(g, st, params)
+    params = optax.apply_updates(params, u)
+  return params
+
+
+def test_dense_mean_and_byzshield_vote_equal_full_batch_adam(devices):
+  params, loss, x, y = _mlp()
+  mesh = dist.global_mesh("d", devices)
+  ref = _full_batch_reference(params, loss, x[:64], y[:64], 2, 0.05)
+  tx = optax.adam(0.05)
+  state = dist.data_parallel_init(params, tx, mesh)
+  step = dist.data_parallel_step(loss, tx, mesh)
+  for _ in range(2):
+    state, m = step(state, dist.shard_batch(mesh, (x[:64], y[:64])))
+  assert step.mode() == "mean" and bool(m["replicas_agree"])
+  assert float(m["bytes_sent"]) == 4 * (30 + 5 + 15)
+  chex_close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+  jax.tree_util.tree_map(chex_close, state.params, ref)
+  # ByzShield, no attack, mean aggregator: each file's r copies agree, the mean of the 9 file gradients
+  # (8 rows each) is the full-batch gradient of the 72 rows.
+  ref72 = _full_batch_reference(params, loss, x, y, 2, 0.05)
+  spec = dist.byzshield_reduce(robust.ramanujan_assignment(3, 3), "mean")
+  state = dist.data_parallel_init(params, tx, mesh)
+  step = dist.data_parallel_step(loss, tx, mesh, reduce=spec)
+  batch = dist.byzshield_batch(mesh, spec, (x, y))
+  assert batch[0].shape == (16, 3, 8, 6)          # 9 workers on 8 devices: 2 slots each, 3 files of 8 rows
+  for _ in range(2):
+    state, m = step(state, batch)
+  assert step.mode() == "byzshield" and bool(m["replicas_agree"])
+  jax.tree_util.tree_map(chex_close, state.params, ref72)
+
+
+def test_byzshield_vote_removes_a_byzantine_worker(devices):
+  params, loss, x, y = _mlp()
+  mesh = dist.global_mesh("d", devices)
+  tx = optax.sgd(0.1)
+  clean = dist.byzshield_reduce(robust.ramanujan_assignment(3, 3), "mean")
+  attacked = dist.byzshield_reduce(robust.ramanujan_assignment(3, 3), "mean", byzantine=(4,),
+                                   attack="constant", scale=1e3)
+  outs = []
+  for spec in (clean, attacked):
+    state = dist.data_parallel_init(params, tx, mesh)
+    state, _ = dist.data_parallel_step(loss, tx, mesh, reduce=spec)(state, dist.byzshield_batch(mesh, spec, (x, y)))
+    outs.append(state.params)
+  # one Byzantine worker of 9 (r = 3) wins no vote: the update is bitwise the clean one
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *outs)
+
+
+def test_step_errors_name_the_mismatch(devices):
+  params, loss, x, y = _mlp()
+  mesh = dist.global_mesh("d", devices)
+  batch = dist.shard_batch(mesh, (x[:64], y[:64]))
+  cases = [
+      (optax.chain(sidco(0.1), optax.sgd(0.1)), "auto", "used outside its collective context"),
+      (optax.chain(powersgd(1, axis_name="batch"), optax.sgd(0.1)), "auto",
+       "collective over axis 'batch' but the data-parallel mesh axis is 'd'"),
+      (optax.sgd(0.1), "tx", "runs no collective over 'd'"),
+      (optax.chain(sidco(0.1, axis_name="d"), optax.sgd(0.1)), "mean", "already communicates over 'd'"),
+  ]
+  for tx, reduce, msg in cases:
+    state = dist.data_parallel_init(params, tx, mesh)
+    with pytest.raises(ValueError, match=msg):
+      dist.data_parallel_step(loss, tx, mesh, reduce=reduce)(state, batch)
+  tx = optax.sgd(0.1)
+  state = dist.data_parallel_init(params, tx, mesh)
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    dist.data_parallel_step(loss, tx, mesh)(state, (jnp.zeros((4, 6)), jnp.zeros((4,), jnp.int32)))
+  with pytest.raises(ValueError, match="not an axis of the mesh"):
+    dist.data_parallel_step(loss, tx, mesh, axis_name="x")
+  with pytest.raises(ValueError, match="reduce must be one of"):
+    dist.data_parallel_step(loss, tx, mesh, reduce="sum")
+  with pytest.raises(TypeError, match="must be a mlsys_jax.robust.Assignment"):
+    dist.byzshield_reduce(np.eye(8))
+  with pytest.raises(ValueError, match="needs an attack"):
+    dist.byzshield_reduce(robust.ramanujan_assignment(3, 3), byzantine=(1,))
+
+
+def test_initialize_checks_arguments():
+  with pytest.raises(ValueError, match=r"process_id must lie in \[0, num_processes\)"):
+    dist.initialize("127.0.0.1:1234", 2, 2)
+  with pytest.raises(ValueError, match="needs coordinator_address"):
+    dist.initialize(None, 2, 0)
+  with pytest.raises(ValueError, match="host:port"):
+    dist.initialize("127.0.0.1", 2, 0)
+  with pytest.raises(ValueError, match="host:port"):
+    dist.initialize("127.0.0.1:70000", 2, 0)
+  with pytest.raises(ValueError, match="initialization_timeout"):
+    dist.initialize("127.0.0.1:1234", 2, 0, initialization_timeout=0)
+  info = dist.initialize()
+  assert (info.process_index, info.process_count) == (0, 1)
+  dist.check_same_across_processes({"a": np.zeros(3)})   # one process: nothing to compare
+
+
+def test_collective_axes_and_helpers(devices):
+  mesh = dist.global_mesh("d", devices)
+  f = dist.shard_map(lambda a: jax.lax.psum(a, "d") + jax.lax.all_gather(a, "d").sum(), mesh=mesh,
+                     in_specs=P("d"), out_specs=P("d"))
+  axes = dist.collective_axes(f, jax.ShapeDtypeStruct((8,), jnp.float32))
+  assert set(axes) == {"d"} and {"psum", "all_gather"} <= axes["d"]
+  assert dist.collective_axes(lambda a: a * 2, jnp.ones(3)) == {}
+  assert dist.local_batch_slice(64, mesh) == slice(0, 64)
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    dist.local_batch_slice(12, mesh)
