@@ -116,9 +116,21 @@ def test_convert_quicknet_matches_flax(shortcut):
   v = {"params": v["params"], "batch_stats": jax.tree_util.tree_map(
       lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32),
       v["batch_stats"])}
-  infer, layers = qb.convert_quicknet(m, v, (16, 16))
+  infer, layers = qb.convert_quicknet(m, v, (16, 16, 3))
   assert len(layers) == 2
   ref = jax.jit(lambda v, x: m.apply(v, x))(v, x)
   np.testing.assert_allclose(infer(x), ref, rtol=1e-4, atol=1e-4)
   words = sum(pk.packed_nbytes(l.words) for l in layers.values())
   assert words * 32 == sum(9 * c * c * 4 for c in (32, 64))   # exactly 1/32 of float32
+
+
+@pytest.mark.parametrize("variant", ["rows", "bcast"])
+def test_pallas_kernel_interpret_matches_xla_packed_path(variant):
+  from mlsys_jax.quant.binary.pallas_dense import pallas_packed_dense
+  rng = np.random.default_rng(11)
+  a = jnp.asarray(rng.integers(0, 2**32, size=(3, 8), dtype=np.uint64).astype(np.uint32))  # B=3: padded
+  w = jnp.asarray(rng.integers(0, 2**32, size=(32, 8), dtype=np.uint64).astype(np.uint32))
+  got = pallas_packed_dense(a, w, 250, block_n=16, block_k=4, variant=variant, interpret=True)
+  np.testing.assert_array_equal(got, pk._popcount_dot(a, w, 250))
+  with pytest.raises(ValueError, match="multiple"):
+    pallas_packed_dense(a, w, 250, block_n=64, interpret=True)

@@ -345,7 +345,7 @@ def packed_nbytes(tree: Any) -> int:
 # Converter for QuickNet.
 
 
-def convert_quicknet(model, variables: dict, input_hw: tuple[int, int]) -> tuple[Callable, dict]:
+def convert_quicknet(model, variables: dict, input_shape: tuple[int, int, int]) -> tuple[Callable, dict]:
   """Trained :class:`QuickNet` variables -> ``(infer(x) -> logits, packed_layers)``.
 
   Each binary residual block ``x + BN(ReLU(bconv(x)))`` runs packed: ``sign(x)`` is packed per pixel,
@@ -358,13 +358,15 @@ def convert_quicknet(model, variables: dict, input_hw: tuple[int, int]) -> tuple
   Args:
     model: the :class:`QuickNet` (any variant, ``binary=True``).
     variables: ``{'params', 'batch_stats'}`` after training.
-    input_hw: the input image size the function will be called with (fixes padding).
+    input_shape: ``(H, W, C)`` of the images the function will be called with (fixes the padding).
 
   Returns:
     The jitted inference function and ``{module_path: PackedConv2D}``.
   """
   from mlsys_jax.quant.binary.quicknet import QuickNetBlock  # local: avoid an import cycle
 
+  if len(input_shape) != 3:
+    raise ValueError(f"input_shape must be (H, W, C), got {input_shape}.")
   if not model.binary:
     raise ValueError("convert_quicknet needs a binary model (binary=True).")
   shapes = {}
@@ -375,7 +377,7 @@ def convert_quicknet(model, variables: dict, input_hw: tuple[int, int]) -> tuple
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.apply(variables, x), jnp.zeros((1, *input_hw, 3), jnp.float32))
+    jax.eval_shape(lambda x: model.apply(variables, x), jnp.zeros((1, *input_shape), jnp.float32))
 
   layers = {}
   for path, shape in shapes.items():

@@ -14,8 +14,8 @@ Bannink et al., MLSys 2021, Sec. 5 (QuickNet, the network family designed with L
 Stem BNs use Keras' defaults (momentum 0.99, eps 1e-3). Binary convolutions are named ``BinaryConv``
 so :func:`mlsys_jax.quant.binary.case_optimizer` routes them to Bop. Two switches make the same model a
 baseline for experiments: ``binary=False`` (the blocks' convolutions in float, same architecture) and
-``shortcut=False`` (no full-precision residual connections). ``stem_strides`` adapts the stem to small
-images (the zoo uses 2, 2).
+``shortcut=False`` (no full-precision residual connections). ``stem_strides`` and ``stem_momentum``
+adapt the stem to small images and short runs (the zoo uses strides 2, 2 and Keras' momentum 0.99).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class QuickNet(nn.Module):
   binary: bool = True
   shortcut: bool = True
   stem_strides: tuple[int, int] = (2, 2)
+  stem_momentum: float = 0.99
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -95,7 +96,7 @@ class QuickNet(nn.Module):
     if f0 % 4:
       raise ValueError(f"the first section's filters must be a multiple of 4, got {f0}.")
     s1, s2 = self.stem_strides
-    keras_bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.99,
+    keras_bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=self.stem_momentum,
                                  epsilon=1e-3)
     x = nn.Conv(f0 // 4, (3, 3), strides=s1, padding="SAME", use_bias=False, kernel_init=_HE,
                 name="StemConv")(x)
