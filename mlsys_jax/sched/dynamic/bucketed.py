@@ -223,8 +223,12 @@ class BucketedFunction:
     if isinstance(spec, str):
       if spec != "infer":
         raise ValueError(f"out_dims must be 'infer', None, an int, a tuple or a pytree; got {spec!r}.")
-      other = 2 * size + 1
-      flat2 = jax.tree_util.tree_leaves(probe(other))
+      other = size - 1 if size > 1 else 2
+      try:
+        flat2 = jax.tree_util.tree_leaves(probe(other))
+      except Exception as e:  # e.g. fn only accepts some sizes
+        raise ValueError(f"out_dims='infer' traces fn at length {other} to find the dynamic output axes "
+                         f"and that failed ({type(e).__name__}: {e}); declare out_dims explicitly.") from e
       axes = []
       for (path, a), b in zip(flat1, flat2):
         dyn = tuple(k for k, (s1, s2) in enumerate(zip(a.shape, b.shape)) if s1 != s2)
@@ -373,7 +377,7 @@ def bucketed_jit(fn: Callable, dims, buckets: Sequence[int] | None = None, *, ma
       powers of two up to ``max_length``.
     max_length: used only when ``buckets`` is None.
     out_dims: which output axes are the dynamic length: ``'infer'`` (default: traced at two sizes with
-      ``jax.eval_shape``; an axis whose size is the bucket size both times is dynamic), ``None`` (return
+      ``jax.eval_shape`` at the bucket size and one less; an axis that follows the size is dynamic), ``None`` (return
       everything padded), an int / tuple of ints for every output, or a pytree of those per output.
     length_arg, mask_arg: keyword names under which ``fn`` gets the true length / the mask (None: not
       passed).
