@@ -37,37 +37,10 @@ import numpy as np  # noqa: E402
 from benchmarks.common import copy_bandwidth, environment, print_table, write_json  # noqa: E402
 from mlsys_jax import models  # noqa: E402
 from mlsys_jax.sched.emit import CB_TYPES  # noqa: E402
+from mlsys_jax.sched.xla import CONV_FUSION_OPTIONS, XLA_CONFIGS  # noqa: E402,F401
 
-# The default of jaxlib 0.10.2 is FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,
-# DYNAMIC_SLICE_FUSION (no CONVOLUTION, so every cuDNN conv thunk splits the CUDA graphs). Per jit,
-# a comma-separated string *replaces* that list ("+CONVOLUTION" is accepted only in XLA_FLAGS).
+# The configurations live in the library (``mlsys_jax.sched.xla``), where ``ios_schedule``'s check uses them.
 COMMAND_BUFFER_WITH_CONV = CB_TYPES
-_CMDBUF = {"xla_gpu_enable_command_buffer": COMMAND_BUFFER_WITH_CONV, "xla_gpu_graph_min_graph_size": 1}
-_CONCURRENT = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}  # default: LHS
-_LHS = {"xla_gpu_enable_latency_hiding_scheduler": True}  # default: False
-# Convolutions as cuDNN fusions planned at compile time instead of cuDNN custom calls whose runner is
-# built on the first execution (default: False). Measured on the H100 (benchmarks/ios_compile_probe.py,
-# jax 0.11.2): the autotuned algorithm of a depthwise conv is a runtime-compiled cuDNN engine whose plan
-# takes ~0.25 s per conv *instance* on the first call of every executable (32 depthwise convs: 7.8 s;
-# 32 pointwise: 0.01 s; the persistent compilation cache does not help: 8.6 s on a cache hit), so
-# RandWire (112 depthwise) pays ~28 s and NasNet-A (440) ~110 s per executable. With conv fusion the
-# first call of the same 64-conv program takes 0.7 s and it runs faster (1.16 vs 1.8-2.1 ms).
-_CONV_FUSION = {"xla_gpu_experimental_enable_conv_fusion": True}
-
-# name -> per-jit compiler_options. "jit" is the plain default; xla_gpu_autotune_level is already at
-# its maximum (4) by default, so it is not varied.
-XLA_CONFIGS: dict[str, dict[str, Any]] = {
-    "jit": {},
-    "cmdbuf_conv": dict(_CMDBUF),
-    "cmdbuf_conv_concurrent": {**_CMDBUF, **_CONCURRENT},
-    "lhs": dict(_LHS),
-    "cmdbuf_conv_concurrent_lhs": {**_CMDBUF, **_CONCURRENT, **_LHS},
-    "no_cmdbuf": {"xla_gpu_enable_command_buffer": ""},
-    "convfusion": dict(_CONV_FUSION),
-    "cmdbuf_conv_concurrent_convfusion": {**_CMDBUF, **_CONCURRENT, **_CONV_FUSION},
-    "cmdbuf_conv_concurrent_lhs_convfusion": {**_CMDBUF, **_CONCURRENT, **_LHS, **_CONV_FUSION},
-}
-CONV_FUSION_OPTIONS = dict(_CONV_FUSION)
 
 
 def compile_config(fn: Callable, args: Sequence[Any], options: Mapping[str, Any]):

@@ -592,3 +592,61 @@ def test_profiler_builds_merge_stages_as_emitted():
   fused._gid(g), unfused._gid(g)
   assert fused._alias(g, st) != unfused._alias(g, st)
   assert fused._key(g, st)[0] != unfused._key(g, st)[0]
+
+
+def _two_conv_fn():
+  w1 = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 4, 8)) * 0.5
+  w2 = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 4, 8)) * 0.3
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2), jnp.ones((1, 8, 8, 4))
+
+
+def test_never_slower_check_analytical_by_default_on_cpu():
+  f, x = _two_conv_fn()
+  s = sched.ios_schedule(f, x)
+  c = s.info["check"]
+  assert c["method"] == "analytical" and c["device"] == "cpu"
+  # the DP minimises the same model, so the schedule is never predicted slower than one unit per stage
+  seq = sum(sched.AnalyticalCost()(s.graph, st) for st in sched.sequential_schedule(s.graph))
+  assert c["xla_s"] == pytest.approx(seq) and c["ios_s"] <= c["xla_s"] and s.program == "ios"
+  assert "analytical model only" in s.summary()
+  off = sched.ios_schedule(f, x, check="off")
+  assert "check" not in off.info and off.program == "ios"
+
+
+def test_never_slower_check_measured_picks_the_faster_program():
+  f, x = _two_conv_fn()
+  s = sched.ios_schedule(f, x, check="measure")
+  c = s.info["check"]
+  assert c["method"] == "measured" and set(c["xla_all_s"]) == set(sched.CHECK_CONFIGS)
+  assert c["xla_s"] == min(c["xla_all_s"].values())
+  assert s.program == ("ios" if c["ios_s"] <= c["xla_s"] else "xla")
+  np.testing.assert_allclose(s(x), f(x), rtol=1e-5, atol=1e-5)
+  saved = json.loads(s.to_json())
+  assert saved["info"]["check"]["choice"] == s.program and saved["device"] == "cpu"
+
+
+def test_never_slower_fallback_runs_the_xla_program_and_is_revalidated():
+  f, x = _two_conv_fn()
+  d = json.loads(sched.ios_schedule(f, x, check="analytical").to_json())
+  d["info"]["check"].update(choice="xla", xla_config="cmdbuf_conv_concurrent")
+  s = sched.Schedule.from_json(json.dumps(d), f, x)          # same device and jax: the choice is kept
+  assert s.program == "xla"
+  np.testing.assert_allclose(s(x), f(x), rtol=1e-6, atol=1e-6)
+  assert s._xla is not None and s._jitted is None            # the emitted schedule was never built
+  d["device"] = "another accelerator"                        # saved elsewhere: the check runs again here
+  s2 = sched.Schedule.from_json(json.dumps(d), f, x)
+  assert s2.info["check"]["device"] == "cpu" and s2.program == "ios"
+  assert sched.Schedule.from_json(json.dumps(d), f, x, check="off").program == "xla"
+
+
+def test_never_slower_check_bad_input():
+  f, x = _two_conv_fn()
+  with pytest.raises(ValueError, match="check must be one of"):
+    sched.ios_schedule(f, x, check="fastest")
+  s = sched.ios_schedule(f, x, check="off")
+  s.info["check"] = {"choice": "xla", "xla_config": "jit"}
+  s._fn = None
+  with pytest.raises(ValueError, match="holds no function"):
+    s(x)

@@ -10,6 +10,7 @@ Public API:
   ios_dp, Stage                          the dynamic program over ending sets
   compiler_options, stream_call, stream_call_available, merge_key   emission helpers
   longest_paths, path_program            critical-path floor of any schedule (time a chain alone)
+  XLA_CONFIGS, CHECK_CONFIGS, CONV_FUSION_OPTIONS   per-jit XLA options; the never-slower check's set
 """
 
 from mlsys_jax.sched.api import Schedule, ios_schedule, sequential_schedule
@@ -19,8 +20,9 @@ from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.emit import (CUDA_GRAPH_OPTIONS, compiler_options, merge_key, stream_call,
                                   stream_call_available)
 from mlsys_jax.sched.graph import Graph, Unit, build_graph, relayout_conv_kernels
+from mlsys_jax.sched.xla import CHECK_CONFIGS, CONV_FUSION_OPTIONS, XLA_CONFIGS
 
 __all__ = ["ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
            "Stage", "ios_dp", "CUDA_GRAPH_OPTIONS", "compiler_options", "merge_key", "stream_call",
            "stream_call_available", "Graph", "Unit", "build_graph", "relayout_conv_kernels",
-           "longest_paths", "path_program"]
+           "longest_paths", "path_program", "XLA_CONFIGS", "CHECK_CONFIGS", "CONV_FUSION_OPTIONS"]

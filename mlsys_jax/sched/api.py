@@ -34,6 +34,7 @@ from mlsys_jax.sched import emit
 from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler, time_calls
 from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.graph import Graph, build_graph, relayout_conv_kernels, summarize_graph
+from mlsys_jax.sched.xla import CHECK_CONFIGS, XLA_CONFIGS
 
 SCHEMA = "mlsys_jax.sched.ios/1"
 
@@ -67,7 +68,8 @@ class Schedule:
     stage_latency: predicted latency of each stage (seconds, from the cost model used in the search).
     emission: 'cuda_graph', 'cuda_graph_lhs', 'streams' or 'plain' (see ``mlsys_jax.sched.emit``).
     search_s: seconds spent in the search (graph + DP + profiling).
-    info: extra numbers (r, s, strategy, profiler hits/misses, measured latencies once ``measure`` ran).
+    info: extra numbers (r, s, strategy, profiler hits/misses, measured latencies once ``measure`` ran,
+      and ``info["check"]``: the never-slower check's method, times and choice, see :func:`ios_schedule`).
   """
   graph: Graph
   stages: list
@@ -77,6 +79,23 @@ class Schedule:
   info: dict = dataclasses.field(default_factory=dict)
   _jitted: Any = None
   _consts: Any = None
+  _fn: Any = None            # the unscheduled function (static arguments bound): the fallback program
+  _xla: Any = None
+
+  @property
+  def program(self) -> str:
+    """'ios' when calls run the emitted schedule, 'xla' when the never-slower check found the unscheduled
+    function faster under ``info['check']['xla_config']`` (calls then run that program)."""
+    return self.info.get("check", {}).get("choice", "ios")
+
+  def _xla_program(self):
+    if self._xla is None:
+      if self._fn is None:
+        raise ValueError("this schedule chose the unscheduled XLA program but holds no function; rebuild it "
+                         "with Schedule.from_json(text, fn, *example_args)")
+      opts = XLA_CONFIGS[self.info["check"]["xla_config"]]
+      self._xla = jax.jit(self._fn, compiler_options=opts or None)
+    return self._xla
 
   # ------------------------------------------------------------------ running
   def _build(self):
@@ -116,7 +135,10 @@ class Schedule:
     return self._jitted, self._consts
 
   def apply(self, *args):
-    """Run the scheduled program on arguments shaped like the example arguments (minus static ones)."""
+    """Run the scheduled program on arguments shaped like the example arguments (minus static ones); when
+    the never-slower check chose the unscheduled function (``program == 'xla'``), run that instead."""
+    if self.program == "xla":
+      return self._xla_program()(*args)
     f, consts = self._build()
     return f(consts, *args)
 
@@ -175,6 +197,14 @@ class Schedule:
              f"{c['merged_units']} units, {c['concurrent_stages']} concurrent, max {c['max_groups']} "
              f"groups)", f"predicted latency {self.predicted_latency * 1e3:.4f} ms; search "
              f"{self.search_s:.2f} s"]
+    if "check" in self.info:
+      c = self.info["check"]
+      if c["method"] == "measured":
+        lines.append(f"check (measured, {c['device']}): IOS {c['ios_s'] * 1e3:.4f} ms vs unscheduled "
+                     f"{c['xla_s'] * 1e3:.4f} ms under {c['xla_config']!r} -> runs {c['choice']}")
+      else:
+        lines.append(f"check (analytical model only, no GPU timing): IOS {c['ios_s'] * 1e3:.4f} ms vs "
+                     f"sequential {c['xla_s'] * 1e3:.4f} ms predicted -> runs {c['choice']}")
     if "measured" in self.info:
       m = self.info["measured"]
       lines.append("measured " + ", ".join(f"{k}={v * 1e3:.4f} ms" if k.endswith("_s") else
@@ -195,15 +225,19 @@ class Schedule:
   def to_json(self) -> str:
     return json.dumps({
         "schema": SCHEMA, "fingerprint": self.graph.fingerprint(), "emission": self.emission,
-        "search_s": self.search_s, "info": self.info,
+        "search_s": self.search_s, "info": self.info, "device": _device_kind(), "jax": jax.__version__,
         "stages": [{"kind": s.kind, "groups": [list(g) for g in s.groups], "latency_s": lat}
                    for s, lat in zip(self.stages, self.stage_latency)]}, indent=1)
 
   @classmethod
   def from_json(cls, text: str, fn: Callable, *example_args, static_argnums: Sequence[int] = (),
-                part_size: int = 50, emission: Optional[str] = None) -> "Schedule":
+                part_size: int = 50, emission: Optional[str] = None, check: str = "auto") -> "Schedule":
     """Rebuild a schedule saved by ``to_json`` for ``fn`` without a new search (the function must
-    trace to the same unit graph; otherwise ValueError)."""
+    trace to the same unit graph; otherwise ValueError).
+
+    The never-slower choice saved with it is kept when the device kind and jax version match the saved
+    ones; otherwise (or with ``check='measure'``) the check runs again here (``check`` as in
+    :func:`ios_schedule`; ``'off'`` keeps the saved choice regardless)."""
     d = json.loads(text)
     if d.get("schema") != SCHEMA:
       raise ValueError(f"not an IOS schedule JSON (schema {d.get('schema')!r}, expected {SCHEMA!r})")
@@ -218,8 +252,14 @@ class Schedule:
                        f"{d['fingerprint']} vs {g.fingerprint()}); run ios_schedule again")
     stages = [Stage(s["kind"], tuple(tuple(gr) for gr in s["groups"])) for s in d["stages"]]
     _check_cover(g, stages)
-    return cls(g, stages, [s["latency_s"] for s in d["stages"]], emission,
-               d.get("search_s", 0.0), dict(d.get("info", {})))
+    _check_mode(check)
+    sched = cls(g, stages, [s["latency_s"] for s in d["stages"]], emission,
+                d.get("search_s", 0.0), dict(d.get("info", {})), _fn=bound)
+    same_place = d.get("device") == _device_kind() and d.get("jax") == jax.__version__
+    if check in ("measure", "analytical") or (check == "auto" and not same_place):
+      sched.info.pop("check", None)
+      _never_slower(sched, dyn, _auto_method() if check == "auto" else check, AnalyticalCost())
+    return sched
 
 
 def _check_cover(g: Graph, stages: list) -> None:
@@ -252,6 +292,63 @@ def _check_cover(g: Graph, stages: list) -> None:
     done.update(st.units)
 
 
+def _device_kind() -> str:
+  d = jax.devices()[0]
+  return str(getattr(d, "device_kind", d.platform))
+
+
+_CHECK_MODES = ("auto", "measure", "analytical", "off")
+
+
+def _check_mode(check: str) -> None:
+  if check not in _CHECK_MODES:
+    raise ValueError(f"check must be one of {_CHECK_MODES}, got {check!r}: 'measure' times the schedule "
+                     "against the unscheduled function, 'analytical' compares predicted latencies, 'off' "
+                     "skips the check")
+
+
+def _auto_method() -> str:
+  return "measure" if jax.default_backend() == "gpu" else "analytical"
+
+
+def _never_slower(sched: "Schedule", dyn: tuple, method: str, model, *,
+                  configs: Sequence[str] = CHECK_CONFIGS, number: int = 20, repeat: int = 7) -> None:
+  """Decide which program ``sched`` runs: its emission or the unscheduled function, whichever is faster.
+
+  'measure': compile the emitted schedule and the unscheduled function under each of ``configs`` (all
+  compiled before any runs), then time them in interleaved rounds of ``number`` calls (median of
+  ``repeat`` rounds); the schedule runs only if its median is not above the fastest XLA program's.
+  'analytical': no timing; the schedule's predicted latency is compared with the sequential schedule's
+  under ``model`` (the analytical roofline), which is all a machine without a GPU can say.
+  Records ``sched.info['check']``."""
+  if method == "off":
+    return
+  if method == "analytical":
+    seq = sum(model(sched.graph, st) for st in sequential_schedule(sched.graph))
+    ios = sum(model(sched.graph, st) for st in sched.stages)
+    sched.info["check"] = {"method": "analytical", "ios_s": float(ios), "xla_s": float(seq),
+                           "xla_config": "jit", "choice": "ios" if ios <= seq else "xla",
+                           "device": _device_kind()}
+    return
+  unknown = [c for c in configs if c not in XLA_CONFIGS]
+  if unknown:
+    raise ValueError(f"unknown XLA configurations {unknown}; choose from {sorted(XLA_CONFIGS)}")
+  f, consts = sched._build()
+  progs = {"ios": (f.lower(consts, *dyn).compile(), (consts,) + tuple(dyn))}
+  for name in configs:
+    opts = XLA_CONFIGS[name]
+    progs[name] = (jax.jit(sched._fn, compiler_options=opts or None).lower(*dyn).compile(), tuple(dyn))
+  times = {k: [] for k in progs}
+  for _ in range(repeat):
+    for k, (prog, a) in progs.items():
+      times[k] += time_calls(prog, a, number, 1)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  best = min(configs, key=lambda k: med[k])
+  sched.info["check"] = {"method": "measured", "ios_s": med["ios"], "xla_s": med[best], "xla_config": best,
+                         "xla_all_s": {k: med[k] for k in configs}, "number": number, "repeat": repeat,
+                         "choice": "ios" if med["ios"] <= med[best] else "xla", "device": _device_kind()}
+
+
 def sequential_schedule(g: Graph) -> list:
   """The baseline schedule: every unit of ``g`` alone in its own stage, in topological order."""
   return [Stage("parallel", ((u,),)) for u in range(len(g.units))]
@@ -276,7 +373,7 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
                  prefetch: bool = True, merge_kernels: str = "any", kernel_layout: str = "auto",
                  keep_alive: bool = True, fuse_epilogue: bool = True,
                  embed_consts: bool = True, compiler_options: Optional[dict] = None,
-                 verbose: bool = False) -> Schedule:
+                 check: str = "auto", verbose: bool = False) -> Schedule:
   """Search an IOS schedule for ``fn`` and return it (callable).
 
   Args:
@@ -313,6 +410,13 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       ``{"xla_gpu_experimental_enable_conv_fusion": True}``, which makes the first call of programs with
       hundreds of depthwise convs fast); the default ``StageProfiler`` compiles stages with them too, and
       they are saved with the schedule. Values must be bool, int, float or str.
+    check: the never-slower check at the end of the search. 'measure' compiles the emitted schedule and
+      the unscheduled function under plain jit and the best command-buffer configurations
+      (``sched.CHECK_CONFIGS``), times them interleaved after all compiles, and makes the returned
+      ``Schedule`` run whichever is faster (``Schedule.program`` says which; ``summary()`` and
+      ``to_json`` record both times and the choice). 'analytical' compares predicted latencies only (the
+      schedule vs the sequential schedule under the analytical model) and says so. 'auto' (default):
+      'measure' on a GPU, 'analytical' elsewhere. 'off': no check, always the schedule.
 
   Returns:
     a ``Schedule``; ``sched(*dynamic_args)`` runs it.
@@ -327,6 +431,7 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
     raise ValueError("emission='streams' needs jax.experimental.compute_on's function form "
                      "(jax >= 0.8); use emission='cuda_graph'")
   compiler_options = _check_compiler_options(compiler_options)
+  _check_mode(check)
   t0 = time.perf_counter()
   bound, dyn = _bind_static(fn, example_args, static_argnums)
   g = relayout_conv_kernels(build_graph(bound, *dyn, part_size=part_size, allow_opaque=allow_opaque),
@@ -373,4 +478,9 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   for k in ("hits", "misses", "compile_s"):
     if hasattr(profiler, k):
       info[f"profiler_{k}"] = getattr(profiler, k)
-  return Schedule(g, stages, lats, emission, time.perf_counter() - t0, info)
+  sched = Schedule(g, stages, lats, emission, time.perf_counter() - t0, info, _fn=bound)
+  _never_slower(sched, dyn, _auto_method() if check == "auto" else check,
+                profiler if isinstance(profiler, AnalyticalCost) else AnalyticalCost())
+  if verbose:
+    print("ios: " + next(l for l in sched.summary(0).splitlines() if l.startswith("check")), flush=True)
+  return sched
