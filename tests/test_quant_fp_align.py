@@ -243,3 +243,106 @@ def test_bad_input():
     fp_dot(a, a.T, fmt="fp16", out_dtype=jnp.int32)
   with pytest.raises(ValueError, match="contracting"):
     fp_dot(a, a, fmt="fp16")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Temporal decomposition.
+
+
+@pytest.mark.parametrize("bits,lane_bits,passes", [(12, 4, 9), (12, 8, 4), (8, 4, 4), (16, 8, 4)])
+def test_temporal_product_bit_exact(bits, lane_bits, passes):
+  rng = np.random.default_rng(bits * lane_bits)
+  lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+  x = np.concatenate([rng.integers(lo, hi, 2000), [lo, hi - 1, 0, -1]]).astype(np.int32)
+  y = np.concatenate([rng.integers(lo, hi, 2000), [lo, hi - 1, 0, lo]]).astype(np.int32)
+  r = fp_align.temporal_product(jnp.asarray(x), jnp.asarray(y), bits, lane_bits)
+  np.testing.assert_array_equal(np.asarray(r.product), x.astype(np.int64) * y)
+  assert r.passes == passes == fp_align.temporal_passes(bits, lane_bits)
+  lanes = np.asarray(fp_align.lane_split(jnp.asarray(x), bits, lane_bits)).astype(np.int64)
+  np.testing.assert_array_equal((lanes * 2 ** (lane_bits * np.arange(lanes.shape[-1]))).sum(-1), x)
+  assert lanes[:, :-1].min() >= 0 and lanes[:, :-1].max() < 2 ** lane_bits
+
+
+def test_temporal_dot_and_fp_dot_with_lanes():
+  rng = np.random.default_rng(5)
+  x = rng.integers(-128, 128, (6, 40)).astype(np.int8)
+  y = rng.integers(-128, 128, (40, 3)).astype(np.int8)
+  r = fp_align.temporal_dot(jnp.asarray(x), jnp.asarray(y), 8, 4)
+  np.testing.assert_array_equal(np.asarray(r.product), x.astype(np.int64) @ y.astype(np.int64))
+  assert r.passes == 4
+  with pytest.raises(ValueError, match="overflow"):
+    fp_align.temporal_dot(jnp.zeros((2, 4), jnp.int32), jnp.zeros((4, 2), jnp.int32), 16, 8)
+  # FP16 significand products from 4-bit lanes (9 passes): bit-identical fp_dot.
+  a, b = _rand("fp16", (8, 24), rng), _rand("fp16", (24, 5), rng)
+  for w in (3, None):
+    np.testing.assert_array_equal(np.asarray(fp_dot(a, b, fmt="fp16", align_bits=w, lane_bits=4)),
+                                  np.asarray(fp_dot(a, b, fmt="fp16", align_bits=w)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Injection into flax.
+
+
+def test_dot_general_and_conv_match_lax_when_exact():
+  import flax.linen as nn
+  rng = np.random.default_rng(6)
+  cfg = fp_align.FpAlignConfig("fp16", align_bits=None)
+  # small integers: every product and partial sum is exact in float32, so results must be identical
+  x = rng.integers(-8, 9, (2, 7, 6, 3)).astype(np.float32)
+  k = rng.integers(-8, 9, (3, 3, 3, 4)).astype(np.float32)
+  for stride, pad in (((1, 1), "SAME"), ((2, 1), "VALID")):
+    want = jax.lax.conv_general_dilated(x, k, stride, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = fp_align.fp_align_conv_general_dilated(cfg)(x, k, stride, pad,
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # NCHW / OIHW layouts
+  xc, kc = np.transpose(x, (0, 3, 1, 2)), np.transpose(k, (3, 2, 0, 1))
+  want = jax.lax.conv_general_dilated(xc, kc, (1, 1), "SAME")
+  got = fp_align.fp_align_conv_general_dilated(cfg)(xc, kc, (1, 1), "SAME")
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # dot_general with a batch dimension and two contracting dimensions
+  a = rng.integers(-8, 9, (2, 3, 4, 5)).astype(np.float32)
+  b = rng.integers(-8, 9, (2, 5, 4, 6)).astype(np.float32)
+  dn = (((2, 3), (2, 1)), ((0,), (0,)))
+  np.testing.assert_array_equal(np.asarray(fp_align.fp_align_dot_general(cfg)(a, b, dn)),
+                                np.asarray(jax.lax.dot_general(a, b, dn)))
+  # FP8 with power-of-two scaling: exact for values representable after scaling
+  cfg8 = fp_align.FpAlignConfig("fp8_e4m3", align_bits=None)
+  a8, b8 = a[0, :, 0, :] * 1024, b[0, :, 0, :] / 64
+  np.testing.assert_array_equal(np.asarray(fp_align.fp_align_dot_general(cfg8)(a8, b8, DN)),
+                                a8 @ b8)
+  # a Dense layer with limited alignment drops what fp_dot drops
+  dense = nn.Dense(2, use_bias=False,
+                   dot_general=fp_align.fp_align_dot_general(fp_align.FpAlignConfig("fp16", 4, "drop")))
+  xs = np.array([[1.0, 2.0 ** -8]], np.float32)
+  out = dense.apply({"params": {"kernel": np.ones((2, 2), np.float32)}}, xs)
+  np.testing.assert_array_equal(np.asarray(out), [[1.0, 1.0]])
+
+
+DN = (((1,), (0,)), ((), ()))
+
+
+def test_flax_modules_per_layer_configs_and_histograms():
+  import functools
+  from mlsys_jax import models
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+  plain = models.CNN(channels=(4,), hidden=8)
+  variables = plain.init(jax.random.PRNGKey(0), x)
+  ref = np.asarray(plain.apply(variables, x))
+  exact = fp_align.FpAlignConfig("fp16", None)
+  coarse = fp_align.FpAlignConfig("fp16", 0, "drop")
+  mk = lambda cfg, ov=(): models.CNN(
+      channels=(4,), hidden=8,
+      dot_general_cls=functools.partial(fp_align.FpAlignDotGeneral, config=cfg, overrides=ov),
+      conv_general_dilated_cls=functools.partial(fp_align.FpAlignConv, config=cfg, overrides=ov))
+  out_c = np.asarray(mk(coarse).apply(variables, x))
+  out_mixed = np.asarray(mk(coarse, (("Conv_0", exact), ("Dense_0", None), ("Dense_1", exact)))
+                         .apply(variables, x))
+  # x rounded to fp16 then exact accumulation: close to float32; w=0 'drop' is far from it
+  assert np.max(np.abs(out_mixed - ref)) < 1e-2 < np.max(np.abs(out_c - ref))
+  out, st = mk(exact).apply(variables, x, mutable=[fp_align.SPREAD_COLLECTION])
+  hists = jax.tree_util.tree_leaves(st)
+  assert len(hists) == 3 and all(h.shape == (59,) for h in hists)
+  conv_h = np.asarray(st[fp_align.SPREAD_COLLECTION]["Conv_0"]["FpAlignConv_0"]["shift_histogram"])
+  assert conv_h.sum() > 0 and conv_h[0] > 0

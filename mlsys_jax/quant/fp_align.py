@@ -62,6 +62,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +77,16 @@ __all__ = [
     "decode",
     "fp_dot",
     "max_alignment_shift",
+    "FpAlignConfig",
+    "FpAlignConv",
+    "FpAlignDotGeneral",
+    "TemporalProduct",
+    "fp_align_conv_general_dilated",
+    "fp_align_dot_general",
+    "lane_split",
+    "temporal_dot",
+    "temporal_passes",
+    "temporal_product",
 ]
 
 CONVENTIONS = ("drop", "truncate")
@@ -264,13 +275,16 @@ def _shift(x, r):
   return jnp.where(r >= 0, jnp.where(r > 31, 0, left), jnp.where(r < -31, 0, right))
 
 
-def _block_sums(sa, ea, sb, eb, emax, w, drop: bool, nl: int, lw: int):
+def _block_sums(sa, ea, sb, eb, emax, w, drop: bool, nl: int, lw: int, lanes: tuple | None = None):
   """Limb sums ``(rows, cols, nl)`` of the aligned products of a row block.
 
   ``sa (r, K)``/``sb (K, c)``: signed significands; ``ea``/``eb``: exponents with zero operands at
   ``-_BIG``; ``emax (r, c)``: the largest product exponent.
   """
-  mag = jnp.abs(sa)[:, :, None] * jnp.abs(sb)[None, :, :]              # exact: < 2^(2M+2) <= 2^22
+  if lanes is None:
+    mag = jnp.abs(sa)[:, :, None] * jnp.abs(sb)[None, :, :]            # exact: < 2^(2M+2) <= 2^22
+  else:                                                                  # temporal decomposition
+    mag = temporal_product(jnp.abs(sa)[:, :, None], jnp.abs(sb)[None, :, :], *lanes).product
   neg = (sa[:, :, None] < 0) != (sb[None, :, :] < 0)
   d = emax[:, None, :] - ea[:, :, None] - eb[None, :, :]                 # alignment shift, >= 0
   s = w - d                                                              # position of the product LSB
@@ -346,7 +360,7 @@ def _num_limbs(f: FloatFormat, w_bound: int, k: int) -> int:
 
 
 def _matmul(a: Decoded, b: Decoded, f: FloatFormat, w, nl: int, convention: str, out_dtype,
-            block_elems: int):
+            block_elems: int, lane_bits: int | None = None):
   """``(M, K) x (K, N)`` limited-alignment products of decoded operands (``w`` may be traced)."""
   m, k = a.sig.shape
   n = b.sig.shape[1]
@@ -360,7 +374,8 @@ def _matmul(a: Decoded, b: Decoded, f: FloatFormat, w, nl: int, convention: str,
   def one(xs):
     sa_blk, ea_blk = xs
     emax = jnp.max(ea_blk[:, :, None] + eb[None, :, :], axis=1)
-    limbs = _block_sums(sa_blk, ea_blk, b.sig, eb, emax, w, convention == "drop", nl, lw)
+    lanes = None if lane_bits is None else (f.man_bits + 1, lane_bits)
+    limbs = _block_sums(sa_blk, ea_blk, b.sig, eb, emax, w, convention == "drop", nl, lw, lanes)
     base = emax - 2 * f.man_bits - w
     return _round(limbs, base, lw, out_dtype)
 
@@ -376,15 +391,16 @@ def _matmul(a: Decoded, b: Decoded, f: FloatFormat, w, nl: int, convention: str,
   return jnp.where(bad, jnp.nan, out).astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _fp_matmul(a, b, bad_a, bad_b, w, fmt: str, nl: int, convention: str, out_dtype, block_elems: int):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
+def _fp_matmul(a, b, bad_a, bad_b, w, fmt: str, nl: int, convention: str, out_dtype, block_elems: int,
+               lane_bits: int | None = None):
   """One compiled program per (shapes, format, limb count, convention); ``w`` is an argument."""
   f = FORMATS[fmt]
   da, db = decode(a, f), decode(b, f)
   da = da._replace(bad=da.bad | bad_a)
   db = db._replace(bad=db.bad | bad_b)
   w = jnp.asarray(w, jnp.int32)
-  out = _matmul(da, db, f, w, nl, convention, out_dtype, block_elems)
+  out = _matmul(da, db, f, w, nl, convention, out_dtype, block_elems, lane_bits)
   lw = _limb_width(a.shape[1])
   ok = (w >= 0) & (f.product_bits + w <= nl * lw)     # a traced w outside its declared bound
   return jnp.where(ok, out, jnp.nan).astype(out_dtype)
@@ -392,7 +408,8 @@ def _fp_matmul(a, b, bad_a, bad_b, w, fmt: str, nl: int, convention: str, out_dt
 
 def fp_dot(a: jax.Array, b: jax.Array, *, fmt: str, align_bits: int | None = None,
            convention: str = "truncate", out_dtype: Any = jnp.float32,
-           max_align_bits: int | None = None, block_elems: int = 1 << 24) -> jax.Array:
+           max_align_bits: int | None = None, lane_bits: int | None = None,
+           block_elems: int = 1 << 24) -> jax.Array:
   """Matrix product ``a @ b`` through an emulated accumulator with ``align_bits`` bits of alignment.
 
   Abdelaziz et al., MLSys 2021, Sec. 3 (alignment of products in an FP inner-product unit); the
@@ -410,6 +427,8 @@ def fp_dot(a: jax.Array, b: jax.Array, *, fmt: str, align_bits: int | None = Non
     max_align_bits: static upper bound for a *traced* ``align_bits`` (an int32 scalar, e.g. to sweep
       ``w`` without recompiling); it sets the accumulator width. Default: the format's maximum shift.
       A traced ``align_bits`` outside ``[0, max_align_bits]`` makes the whole output NaN.
+    lane_bits: if set (1..8), significand products are built from ``lane_bits``-bit integer lanes over
+      several passes (:func:`temporal_product`); the result is bit-identical.
     block_elems: rows are processed in blocks of about this many ``(row, k, col, limb)`` elements.
 
   Returns:
@@ -424,6 +443,8 @@ def fp_dot(a: jax.Array, b: jax.Array, *, fmt: str, align_bits: int | None = Non
   """
   f, w, w_bound, od = _check_common(fmt, align_bits, convention, out_dtype, max_align_bits)
   check_int("block_elems", block_elems, 1)
+  if lane_bits is not None:
+    check_int("lane_bits", lane_bits, 1, 8)
   a, bad_a = _to_format("a", a, f)
   b, bad_b = _to_format("b", b, f)
   if a.ndim not in (1, 2) or b.ndim not in (1, 2):
@@ -441,7 +462,7 @@ def fp_dot(a: jax.Array, b: jax.Array, *, fmt: str, align_bits: int | None = Non
     nl = _num_limbs(f, w_bound, a2.shape[1])
     if not isinstance(w, jax.Array):
       w = np.int32(w)
-    out = _fp_matmul(a2, b2, ba, bb, w, f.name, nl, convention, od, block_elems)
+    out = _fp_matmul(a2, b2, ba, bb, w, f.name, nl, convention, od, block_elems, lane_bits)
   if a.ndim == 1:
     out = out[0]
   if b.ndim == 1:
@@ -487,3 +508,340 @@ def alignment_shift_histogram(a: jax.Array, b: jax.Array, *, fmt: str,
 
   out, _ = jax.lax.scan(one, jnp.zeros((nb,), jnp.int32), ea.reshape(nblk, rows, k))
   return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Temporal decomposition: wide integer products from narrow integer lanes over several passes.
+
+
+def lane_split(x: jax.Array, bits: int, lane_bits: int) -> jax.Array:
+  """Split ``bits``-bit integers into ``ceil(bits / lane_bits)`` lanes, least significant first.
+
+  ``x = sum_i lanes[..., i] * 2^(i * lane_bits)``. Lower lanes are unsigned in ``[0, 2^lane_bits)``;
+  the top lane carries the sign (two's complement), so signed ``x`` works too.
+
+  >>> [int(v) for v in lane_split(jnp.int32(-1000), 12, 4)]
+  [8, 1, -4]
+  """
+  check_int("bits", bits, 1, 31)
+  check_int("lane_bits", lane_bits, 1, 16)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"lane_split takes integers, got dtype {x.dtype}.")
+  x = x.astype(jnp.int32)
+  n = -(-bits // lane_bits)
+  lanes = [(x >> (i * lane_bits)) & ((1 << lane_bits) - 1) for i in range(n - 1)]
+  lanes.append(x >> ((n - 1) * lane_bits))                     # arithmetic: keeps the sign
+  return jnp.stack(lanes, -1)
+
+
+def temporal_passes(bits: int, lane_bits: int, bits_b: int | None = None) -> int:
+  """Passes of a ``lane_bits`` x ``lane_bits`` multiplier for a ``bits`` x ``bits_b`` product.
+
+  Abdelaziz et al. (MLSys 2021) build higher-precision products from low-bit integer units over time;
+  one pass multiplies one lane of each operand. FP16 significands (11 bits): 9 passes of 4-bit lanes,
+  4 passes of 8-bit lanes; INT8 x INT8 with 4-bit lanes: 4.
+
+  >>> temporal_passes(11, 4), temporal_passes(11, 8), temporal_passes(8, 4)
+  (9, 4, 4)
+  """
+  check_int("bits", bits, 1, 31)
+  check_int("lane_bits", lane_bits, 1, 16)
+  bits_b = bits if bits_b is None else bits_b
+  check_int("bits_b", bits_b, 1, 31)
+  return (-(-bits // lane_bits)) * (-(-bits_b // lane_bits))
+
+
+class TemporalProduct(NamedTuple):
+  product: jax.Array   # int32, bit-exact x * y
+  passes: int          # number of lane-by-lane multiplications
+
+
+def temporal_product(x: jax.Array, y: jax.Array, bits: int, lane_bits: int) -> TemporalProduct:
+  """``x * y`` of ``bits``-bit integers from ``lane_bits``-bit lane products, shifted and summed.
+
+  Each pass multiplies one lane of ``x`` by one lane of ``y`` (a ``2 * lane_bits``-bit product, what a
+  narrow integer multiplier computes) and adds it at offset ``(i + j) * lane_bits``. Bit-exact when the
+  product fits int32 (``2 * bits <= 31``; FP16 significands: ``bits = 11``; INT8/INT16 signed).
+
+  >>> r = temporal_product(jnp.int32(2047), jnp.int32(-1365), 12, 4)
+  >>> int(r.product) == 2047 * -1365, r.passes
+  (True, 9)
+  """
+  check_int("bits", bits, 1, 16)
+  lx, ly = lane_split(x, bits, lane_bits), lane_split(y, bits, lane_bits)
+  n = lx.shape[-1]
+  acc = jnp.zeros(jnp.broadcast_shapes(lx.shape[:-1], ly.shape[:-1]), jnp.int32)
+  for i in range(n):
+    for j in range(n):
+      acc = acc + ((lx[..., i] * ly[..., j]) << ((i + j) * lane_bits))
+  return TemporalProduct(acc, n * n)
+
+
+def temporal_dot(x: jax.Array, y: jax.Array, bits: int, lane_bits: int) -> TemporalProduct:
+  """Integer matrix product ``x (M, K) @ y (K, N)`` from lane matrix products (int32 accumulation).
+
+  Every pass is one integer matmul of lane matrices (``|lane| < 2^lane_bits``), e.g. the four INT4
+  passes of an INT8 product; the partial results are shifted and summed. Raises if the exact result
+  could overflow int32 (``K * 2^(2 bits - 2) >= 2^31``).
+
+  >>> x = jnp.array([[-128, 127]], jnp.int8); y = jnp.array([[3], [-5]], jnp.int8)
+  >>> r = temporal_dot(x, y, 8, 4)
+  >>> int(r.product[0, 0]), r.passes
+  (-1019, 4)
+  """
+  check_int("bits", bits, 1, 16)
+  if np.ndim(x) != 2 or np.ndim(y) != 2 or np.shape(x)[1] != np.shape(y)[0]:
+    raise ValueError(f"temporal_dot needs x (M, K) and y (K, N), got {np.shape(x)} and {np.shape(y)}.")
+  k = np.shape(x)[1]
+  if k * 2.0 ** (2 * bits - 2) >= 2.0 ** 31:
+    raise ValueError(f"K={k} products of {bits}-bit integers may overflow int32; split K into chunks.")
+  lx, ly = lane_split(x, bits, lane_bits), lane_split(y, bits, lane_bits)
+  n = lx.shape[-1]
+  acc = jnp.zeros((lx.shape[0], ly.shape[1]), jnp.int32)
+  for i in range(n):
+    for j in range(n):
+      part = jax.lax.dot(lx[..., i], ly[..., j], preferred_element_type=jnp.int32)
+      acc = acc + (part << ((i + j) * lane_bits))
+  return TemporalProduct(acc, n * n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Injection into flax layers: dot_general and convolution.
+
+SCALINGS = ("auto", "none", "pow2")
+
+
+@dataclasses.dataclass(frozen=True)
+class FpAlignConfig:
+  """How a layer's products are computed by :func:`fp_dot`.
+
+  Attributes:
+    fmt: input format of both operands (``'fp16'``, ``'bf16'``, ``'fp8_e4m3'``, ``'fp8_e5m2'``).
+    align_bits: ``w``; None = exact accumulation.
+    convention: ``'truncate'`` or ``'drop'``.
+    scaling: operands are rounded to ``fmt`` (nearest-even) before the product; ``'pow2'`` first scales
+      each operand by a power of two so that its largest magnitude sits just below the format's maximum
+      (exact, undone after the product; what FP8 inference needs), ``'none'`` casts directly,
+      ``'auto'`` = ``'pow2'`` for FP8 and ``'none'`` for FP16/BF16. Values beyond the range become inf
+      and the outputs that read them NaN.
+    out_dtype: accumulator output format (float32 by default).
+    lane_bits: optional temporal decomposition of significand products (bit-identical results).
+  """
+  fmt: str = "fp16"
+  align_bits: int | None = 8
+  convention: str = "truncate"
+  scaling: str = "auto"
+  out_dtype: Any = jnp.float32
+  lane_bits: int | None = None
+
+  def __post_init__(self):
+    _check_common(self.fmt, self.align_bits, self.convention, self.out_dtype)
+    check_choice("scaling", self.scaling, SCALINGS)
+    if self.lane_bits is not None:
+      check_int("lane_bits", self.lane_bits, 1, 8)
+
+
+def _cast(x, cfg: FpAlignConfig):
+  """``(x * 2^k rounded to cfg.fmt, k)``: explicit rounding of a model tensor to the input format."""
+  f = FORMATS[cfg.fmt]
+  x = jnp.asarray(x, jnp.float32)
+  mode = cfg.scaling if cfg.scaling != "auto" else ("pow2" if f.width == 8 else "none")
+  if mode == "none":
+    return x.astype(f.dtype), jnp.zeros((), jnp.int32)
+  fmax = float(ml_dtypes_finfo(f.dtype).max)
+  amax = jnp.max(jnp.abs(jnp.where(jnp.isfinite(x), x, 0.0)))
+  k = jnp.where(amax > 0, jnp.floor(jnp.log2(fmax / jnp.maximum(amax, 1e-30))), 0.0)
+  k = jnp.clip(k, -100, 100).astype(jnp.int32)
+  scaled = x * jnp.exp2(k.astype(jnp.float32))
+  return scaled.astype(f.dtype), k
+
+
+def ml_dtypes_finfo(dtype):
+  import ml_dtypes  # noqa: PLC0415 (jax depends on it)
+  return ml_dtypes.finfo(dtype)
+
+
+def _batched_fp_dot(a, b, cfg: FpAlignConfig):
+  """``(B, M, K) x (B, K, N)`` of format-typed operands -> float32 ``(B, M, N)``."""
+  f, w, _, od = _check_common(cfg.fmt, cfg.align_bits, cfg.convention, cfg.out_dtype)
+  k = a.shape[-1]
+  if k == 0:
+    return jnp.zeros((a.shape[0], a.shape[1], b.shape[2]), jnp.float32)
+  nl = _num_limbs(f, w, k)
+  zb = lambda x: jnp.zeros(x.shape[1:], bool)
+  fn = lambda x, y: _fp_matmul(x, y, zb(a), zb(b), np.int32(w), f.name, nl, cfg.convention, od,
+                               1 << 24, cfg.lane_bits)
+  return jax.vmap(fn)(a, b).astype(jnp.float32)
+
+
+def _fpa_dot(cfg: FpAlignConfig | None, lhs, rhs, dimension_numbers, precision=None,
+             preferred_element_type=None, **kwargs):
+  if cfg is None:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc = tuple(i % lhs.ndim for i in lc), tuple(i % rhs.ndim for i in rc)
+  lb, rb = tuple(i % lhs.ndim for i in lb), tuple(i % rhs.ndim for i in rb)
+  lf = tuple(i for i in range(lhs.ndim) if i not in lc + lb)
+  rf = tuple(i for i in range(rhs.ndim) if i not in rc + rb)
+  shp = lambda x, ax: tuple(x.shape[i] for i in ax)
+  bsz, ksz = int(np.prod(shp(lhs, lb))), int(np.prod(shp(lhs, lc)))
+  a = jnp.transpose(lhs, lb + lf + lc).reshape(bsz, int(np.prod(shp(lhs, lf))), ksz)
+  b = jnp.transpose(rhs, rb + rc + rf).reshape(bsz, ksz, int(np.prod(shp(rhs, rf))))
+  (qa, ka), (qb, kb) = _cast(a, cfg), _cast(b, cfg)
+  out = _batched_fp_dot(qa, qb, cfg) * jnp.exp2(-(ka + kb).astype(jnp.float32))
+  out = out.reshape(shp(lhs, lb) + shp(lhs, lf) + shp(rhs, rf))
+  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def fp_align_dot_general(config: FpAlignConfig | None):
+  """A ``lax.dot_general`` replacement whose products go through :func:`fp_dot` per ``config``.
+
+  Pass it to ``flax.linen.Dense(dot_general=...)``, ``flax.nnx.Linear(dot_general=...)`` or the
+  library's models (``models.CNN(dot_general=...)``). Operands are first rounded to ``config.fmt``
+  (see :class:`FpAlignConfig`); any batch/contracting dimensions are supported. ``None`` = plain
+  float product. Inference only (no gradient).
+
+  >>> import flax.linen as nn
+  >>> layer = nn.Dense(3, dot_general=fp_align_dot_general(FpAlignConfig('fp16', align_bits=8)))
+  >>> x = jnp.ones((2, 4))
+  >>> y = layer.apply(layer.init(jax.random.PRNGKey(0), x), x)
+  >>> y.shape
+  (2, 3)
+  """
+  if config is not None and not isinstance(config, FpAlignConfig):
+    raise TypeError(f"config must be an FpAlignConfig or None, got {type(config).__name__}.")
+  return functools.partial(_fpa_dot, config)
+
+
+def _fpa_conv(cfg: FpAlignConfig | None, lhs, rhs, window_strides, padding, lhs_dilation=None,
+              rhs_dilation=None, dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+              precision=None, preferred_element_type=None, **kwargs):
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
+                           padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                           dimension_numbers=dimension_numbers,
+                           feature_group_count=feature_group_count,
+                           batch_group_count=batch_group_count, precision=precision)
+  if cfg is None:
+    return conv(lhs, rhs, preferred_element_type=preferred_element_type, **kwargs)
+  if feature_group_count != 1 or batch_group_count != 1:
+    raise ValueError("fp_align convolutions support feature_group_count=1 and batch_group_count=1; "
+                     f"got {feature_group_count} and {batch_group_count}.")
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  nsp = lhs.ndim - 2
+  # Round to the format first (exact copies from here on), then im2col: patches are one-hot
+  # convolutions of format values, exact at any precision (<= 11 significant bits, wide exponent).
+  (qa, ka), (qb, kb) = _cast(lhs, cfg), _cast(rhs, cfg)
+  lhs_t = jnp.transpose(qa.astype(jnp.float32), (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) +
+                        (dn.lhs_spec[1],))                              # N, spatial..., C
+  rhs_t = jnp.transpose(qb.astype(jnp.float32), (dn.rhs_spec[1],) + tuple(dn.rhs_spec[2:]) +
+                        (dn.rhs_spec[0],))                              # I, spatial..., O
+  sp = "".join("HWDXYZ"[i] for i in range(nsp))
+  dn_t = jax.lax.conv_dimension_numbers(lhs_t.shape, (rhs_t.shape[-1], rhs_t.shape[0]) +
+                                        rhs_t.shape[1:-1], ("N" + sp + "C", "OI" + sp, "N" + sp + "C"))
+  patches = jax.lax.conv_general_dilated_patches(
+      lhs_t, rhs_t.shape[1:-1], window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dn_t,
+      precision=jax.lax.Precision.HIGHEST)                              # (N, sp'..., C * window), C slowest
+  lead = patches.shape[:-1]
+  pa = patches.reshape(1, -1, patches.shape[-1]).astype(FORMATS[cfg.fmt].dtype)
+  km = rhs_t.reshape(1, -1, rhs_t.shape[-1]).astype(FORMATS[cfg.fmt].dtype)
+  out = _batched_fp_dot(pa, km, cfg)[0] * jnp.exp2(-(ka + kb).astype(jnp.float32))
+  out = out.reshape(lead + (rhs_t.shape[-1],))                          # N, sp'..., O
+  perm = [0] * out.ndim
+  perm[dn.out_spec[0]] = 0
+  perm[dn.out_spec[1]] = out.ndim - 1
+  for i, ax in enumerate(dn.out_spec[2:]):
+    perm[ax] = 1 + i
+  out = jnp.transpose(out, perm)
+  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def fp_align_conv_general_dilated(config: FpAlignConfig | None):
+  """A ``lax.conv_general_dilated`` replacement computing every output as an :func:`fp_dot` inner product.
+
+  The inner product of one output pixel runs over input channels x window (im2col); for
+  ``flax.linen.Conv(conv_general_dilated=...)`` and the library's models. Grouped convolutions raise.
+  """
+  if config is not None and not isinstance(config, FpAlignConfig):
+    raise TypeError(f"config must be an FpAlignConfig or None, got {type(config).__name__}.")
+  return functools.partial(_fpa_conv, config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# flax modules: per-layer configs and exponent-spread statistics.
+
+SPREAD_COLLECTION = "fp_align_spread"
+
+
+class _PerLayer:
+  """Shared logic of the flax modules: pick the layer's config; record shift histograms."""
+
+  def _config(self) -> FpAlignConfig | None:
+    names = [str(p) for p in self.path[:-1]]
+    for key, cfg in self.overrides:
+      if key in names:
+        return cfg
+    return self.config
+
+  def _record(self, a2, b2, fmt):
+    if self.is_mutable_collection(SPREAD_COLLECTION) and fmt is not None:
+      (qa, _), (qb, _) = _cast(a2, fmt), _cast(b2, fmt)
+      h = alignment_shift_histogram(qa, qb, fmt=fmt.fmt, max_rows=self.max_rows)
+      var = self.variable(SPREAD_COLLECTION, "shift_histogram", jnp.zeros, h.shape, jnp.int32)
+      var.value = var.value + h
+
+
+class FpAlignDotGeneral(nn.Module, _PerLayer):
+  """``dot_general_cls`` for flax ``Dense`` with per-layer configs and shift histograms.
+
+  Attributes:
+    config: default :class:`FpAlignConfig` (None = float).
+    overrides: ``((layer_name, config_or_None), ...)``: a layer whose path contains ``layer_name``
+      (e.g. ``'Dense_1'``) uses that config instead.
+    max_rows: rows sampled per call for the histogram.
+
+  With ``mutable=['fp_align_spread']`` each layer adds the histogram of its alignment shifts
+  (:func:`alignment_shift_histogram`, ``config.fmt``) to ``fp_align_spread/.../shift_histogram``.
+  """
+  config: FpAlignConfig | None = FpAlignConfig()
+  overrides: tuple = ()
+  max_rows: int = 512
+
+  @nn.compact
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    cfg = self._config()
+    (lc, rc), (lb, rb) = dimension_numbers
+    if not lb and not rb and len(lc) == 1 and len(rc) == 1 and rhs.ndim == 2:
+      a2 = jnp.moveaxis(lhs, lc[0], -1).reshape(-1, lhs.shape[lc[0]])
+      self._record(a2, jnp.moveaxis(rhs, rc[0], 0), cfg)
+    return _fpa_dot(cfg, lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
+
+
+class FpAlignConv(nn.Module, _PerLayer):
+  """``conv_general_dilated_cls`` counterpart of :class:`FpAlignDotGeneral` (im2col inner products)."""
+  config: FpAlignConfig | None = FpAlignConfig()
+  overrides: tuple = ()
+  max_rows: int = 512
+
+  @nn.compact
+  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+               preferred_element_type=None, **kw):
+    cfg = self._config()
+    if cfg is not None and self.is_mutable_collection(SPREAD_COLLECTION):
+      dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      lhs_t = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+      rhs_t = jnp.transpose(rhs, (dn.rhs_spec[1],) + tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[0],))
+      sp = "".join("HWDXYZ"[i] for i in range(lhs.ndim - 2))
+      dn_t = jax.lax.conv_dimension_numbers(lhs_t.shape, (rhs_t.shape[-1], rhs_t.shape[0]) +
+                                            rhs_t.shape[1:-1], ("N" + sp + "C", "OI" + sp, "N" + sp + "C"))
+      p = jax.lax.conv_general_dilated_patches(lhs_t, rhs_t.shape[1:-1], window_strides, padding,
+                                               lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                               dimension_numbers=dn_t,
+                                               precision=jax.lax.Precision.HIGHEST)
+      self._record(p.reshape(-1, p.shape[-1]), rhs_t.reshape(-1, rhs_t.shape[-1]), cfg)
+    return _fpa_conv(cfg, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count, batch_group_count, precision,
+                     preferred_element_type, **kw)
