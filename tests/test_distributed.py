@@ -133,19 +133,57 @@ def test_two_processes_equal_single_process_8_devices(two_process_run, method):
   print(f"two-process run + single-process reference: {wall:.1f} s wall")
 
 
-def test_process_that_never_joins_fails_within_bounded_time(tmp_path):
+DIES_AFTER_JOINING = """
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from mlsys_jax.comm import distributed as dist
+pid, port = int(sys.argv[1]), sys.argv[2]
+dist.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=120, heartbeat_timeout=10)
+mesh = dist.global_mesh()
+f = jax.jit(dist.shard_map(lambda a: jax.lax.psum(a, "d"), mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+x = dist.shard_batch(mesh, np.ones(4, np.float32))
+print("first step", float(np.asarray(f(x).addressable_data(0))[0]), flush=True)
+if pid == 1:
+  print("process 1 dies", time.time(), flush=True)
+  os._exit(1)
+for i in range(1000):   # the next psum waits for process 1, which is gone
+  f(x).block_until_ready()
+print("process 0 was not stopped", flush=True)
+"""
+
+
+def test_process_that_never_joins_or_dies_fails_within_bounded_time(tmp_path):
+  # (a) num_processes=2 but only process 0 is started: TimeoutError after initialization_timeout.
   port = _free_port()
-  log = tmp_path / "lone.log"
+  logs = [tmp_path / "lone.log", tmp_path / "dies0.log", tmp_path / "dies1.log"]
   args = _cluster(2, port, ["--method=dense", "--steps=1", "--initialization_timeout=3"])[0]
   t0 = time.time()
-  proc = _start(args, 4, log)
-  code = _wait([proc], [log], CHILD_TIMEOUT)[0]
-  text = log.read_text()
-  assert code != 0, text[-3000:]
+  procs = [_start(args, 4, logs[0])]
+  # (b) both join, run one psum, then process 1 exits: process 0's next collective cannot complete and
+  # jax.distributed's heartbeat (10 s here) terminates it with a message naming the dead task.
+  child = tmp_path / "dies.py"
+  child.write_text(DIES_AFTER_JOINING)
+  port2 = str(_free_port())
+  for i in range(2):
+    procs.append(subprocess.Popen([sys.executable, str(child), str(i), port2, str(ROOT)], env=_child_env(4),
+                                  cwd=str(ROOT), stdout=open(logs[i + 1], "w"), stderr=subprocess.STDOUT))
+  codes = _wait(procs, logs, CHILD_TIMEOUT)
+  t_end = time.time()
+  text = logs[0].read_text()
+  assert codes[0] != 0, text[-3000:]
   assert "TimeoutError" in text and "could not join the jax.distributed cluster" in text, text[-3000:]
   assert f"127.0.0.1:{port}" in text and "initialization_timeout=3 s" in text
   assert "process 0 of 2" in text
-  assert time.time() - t0 < CHILD_TIMEOUT
+  dies0, dies1 = logs[1].read_text(), logs[2].read_text()
+  assert "first step 8.0" in dies0 and "process 1 dies" in dies1, dies0[-2000:] + dies1[-2000:]
+  assert codes[1] != 0 and codes[2] == 1, (codes, dies0[-3000:])
+  assert "stopped sending heartbeats" in dies0 and "process 0 was not stopped" not in dies0, dies0[-3000:]
+  died_at = float(dies1.split("process 1 dies")[1].split()[0])
+  assert t_end - died_at < 10 + 80, "process 0 was not stopped within heartbeat_timeout + slack"
+  print(f"lone process / dead peer: {t_end - t0:.1f} s wall; process 0 stopped "
+        f"<= {t_end - died_at:.1f} s after its peer died")
 
 
 def test_processes_with_different_params_or_devices_name_the_mismatch(tmp_path):

@@ -244,9 +244,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int = 1, p
 
 
 def define_flags(flag_values=None) -> None:
-  """Define absl flags ``--coordinator_address --num_processes --process_id --initialization_timeout``
-  (jax.distributed's names) on ``flag_values`` (default ``absl.flags.FLAGS``); read them back with
-  :func:`initialize_from_flags`."""
+  """Define absl flags ``--coordinator_address --num_processes --process_id`` (jax.distributed's names),
+  ``--initialization_timeout`` and ``--heartbeat_timeout`` on ``flag_values`` (default
+  ``absl.flags.FLAGS``); read them back with :func:`initialize_from_flags`."""
   from absl import flags
   fv = flags.FLAGS if flag_values is None else flag_values
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (jax.distributed); unset for "
@@ -257,6 +257,9 @@ def define_flags(flag_values=None) -> None:
                        flag_values=fv)
   flags.DEFINE_float("initialization_timeout", 300.0, "Seconds to wait for every process to join before "
                      "failing with a clear error.", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a joined process "
+                       "counts as dead and jax.distributed terminates the others.", lower_bound=1,
+                       flag_values=fv)
 
 
 def initialize_from_flags(flag_values=None, **kwargs) -> ProcessInfo:
@@ -264,7 +267,8 @@ def initialize_from_flags(flag_values=None, **kwargs) -> ProcessInfo:
   from absl import flags
   fv = flags.FLAGS if flag_values is None else flag_values
   return initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
-                    initialization_timeout=fv.initialization_timeout, **kwargs)
+                    initialization_timeout=fv.initialization_timeout,
+                    heartbeat_timeout=fv.heartbeat_timeout, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
