@@ -22,7 +22,9 @@ loss curve, test accuracy, bytes each worker sent, a checksum of the final param
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
 import sys
 import time
 import zlib
@@ -32,7 +34,6 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -68,7 +69,12 @@ def set_local_devices(n: int) -> None:
   if n <= 0:
     return
   jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", n)
+  if "jax_num_cpu_devices" in getattr(jax.config, "values", {}):
+    jax.config.update("jax_num_cpu_devices", n)
+  else:  # older jax: the XLA flag, read when the CPU backend starts
+    flags_ = os.environ.get("XLA_FLAGS", "")
+    flags_ = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags_)
+    os.environ["XLA_FLAGS"] = f"{flags_} --xla_force_host_platform_device_count={n}".strip()
 
 
 def make_tx(method: str, cfg: dict, axis: str):

@@ -46,10 +46,14 @@ def _child_env(devices: int) -> dict:
   return env
 
 
+def _popen(cmd: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
+  with open(log, "w") as f:   # the child keeps its own copy of the descriptor
+    return subprocess.Popen(cmd, env=_child_env(devices), cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT)
+
+
 def _start(args: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
-  f = open(log, "w")
-  return subprocess.Popen([sys.executable, str(SCRIPT), f"--local_devices={devices}", *args],
-                          env=_child_env(devices), cwd=str(ROOT), stdout=f, stderr=subprocess.STDOUT)
+  """``experiments/train_distributed.py`` with ``devices`` simulated CPU devices, output to ``log``."""
+  return _popen([sys.executable, str(SCRIPT), f"--local_devices={devices}", *args], devices, log)
 
 
 def _wait(procs: list[subprocess.Popen], logs: list[pathlib.Path], timeout: float) -> list[int]:
@@ -167,8 +171,7 @@ def test_process_that_never_joins_or_dies_fails_within_bounded_time(tmp_path):
   child.write_text(DIES_AFTER_JOINING)
   port2 = str(_free_port())
   for i in range(2):
-    procs.append(subprocess.Popen([sys.executable, str(child), str(i), port2, str(ROOT)], env=_child_env(4),
-                                  cwd=str(ROOT), stdout=open(logs[i + 1], "w"), stderr=subprocess.STDOUT))
+    procs.append(_popen([sys.executable, str(child), str(i), port2, str(ROOT)], 4, logs[i + 1]))
   codes = _wait(procs, logs, CHILD_TIMEOUT)
   t_end = time.time()
   text = logs[0].read_text()

@@ -54,7 +54,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import sys
 import threading
 import zlib
 from typing import Any, Callable, NamedTuple, Sequence
@@ -209,7 +208,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int = 1, p
     return _info(coordinator_address)
   if cpu_collectives is not None:
     check_choice("cpu_collectives", cpu_collectives, ("gloo", "mpi"))
-    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    if "jax_cpu_collectives_implementation" in getattr(jax.config, "values", {}):
+      jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   kwargs: dict[str, Any] = {}
   sig = inspect.signature(jax.distributed.initialize).parameters
   if heartbeat_timeout is not None and "heartbeat_timeout_seconds" in sig:
