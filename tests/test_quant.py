@@ -289,3 +289,113 @@ def test_integer_conv_gradient_is_the_emulation_gradient():
   for a, b in zip(gi, ge):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert float(jnp.abs(a).max()) > 0.1
+
+
+import chex  # noqa: E402
+
+
+class NaNUnderJitTest(chex.TestCase):
+  """One NaN must never come back as zeros: eager calls raise, traced calls give NaN for its scale group."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quantize_and_fake_quant(self):
+    x = jnp.array([[1.0, jnp.nan, 2.0], [0.5, -1.0, 3.0]])
+
+    def fns(x):
+      return (quant.dequantize(quant.quantize(x, 8, axis=1)),          # one scale per row: row 0 NaN
+              quant.fake_quant(x, 8),                                    # per tensor: all NaN
+              quant.dequantize(quant.quantize(x, 8, axis=1, bounds=jnp.full((2, 1), 4.0))),  # static
+              quant.vs_dequantize(quant.vs_quantize(x, 8, axis=1, vector_size=2, scale_bits=None)),
+              quant.vs_fake_quant(x, 4, axis=1, vector_size=2, scale_bits=4))
+
+    if self.variant.type == chex.ChexVariantType.WITHOUT_JIT:
+      with self.assertRaisesRegex(ValueError, "NaN"):
+        self.variant(fns)(x)
+      return
+    per_row, per_tensor, static, vs1, vs2 = self.variant(fns)(x)
+    np.testing.assert_array_equal(np.isnan(per_row), [[True] * 3, [False] * 3])
+    assert np.all(np.isnan(per_tensor))
+    np.testing.assert_array_equal(np.isnan(static), [[True] * 3, [False] * 3])
+    np.testing.assert_array_equal(np.isnan(vs1), [[True, True, False], [False, False, False]])
+    assert np.all(np.isnan(vs2[0]))  # the row's coarse scale is undefined
+    # the finite values elsewhere are still quantized normally
+    np.testing.assert_allclose(per_row[1], quant.dequantize(quant.quantize(x[1], 8)), rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quantize_round_trip_is_the_same_with_and_without_jit(self):
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 16))
+    got = self.variant(lambda x: quant.dequantize(quant.quantize(x, 4, axis=0)))(x)
+    chex.assert_trees_all_close(got, _np_sym(np.asarray(x, np.float64), 4, (0,)), rtol=1e-5, atol=1e-6)
+
+
+def test_integer_path_propagates_nan_under_jit():
+  x = jnp.ones((2, 16)).at[0, 3].set(jnp.nan)
+  w = jax.random.normal(jax.random.PRNGKey(1), (16, 4))
+  cfg = quant.QuantConfig(quant.QuantSpec(8, "channel"), quant.QuantSpec(8, "channel"), integer=True)
+  out = jax.jit(lambda x, w: quant.quantized_dot_general(cfg)(x, w, DN))(x, w)
+  assert np.all(np.isnan(out[0])) and np.all(np.isfinite(out[1]))
+
+
+def _np_vs_rows(a, bits, v, m):
+  """float64 per-vector quantization of a (M, K) activation along K; one coarse scale for the tensor."""
+  q = 2 ** (bits - 1) - 1
+  mm, k = a.shape
+  s = np.abs(a.reshape(mm, k // v, v)).max(-1, keepdims=True) / q
+  gamma = s.max() / (2 ** m - 1)
+  scale = np.clip(np.round(s / gamma), 1, 2 ** m - 1) * gamma
+  return (np.clip(np.round(a.reshape(mm, k // v, v) / scale), -q, q) * scale).reshape(mm, k)
+
+
+_VEC = quant.QuantConfig(quant.QuantSpec(8, "vector", 8, scale_bits=6), quant.QuantSpec(8, "vector", 8, scale_bits=6))
+_CHAN = quant.QuantConfig(quant.QuantSpec(8, "channel"), quant.QuantSpec(8, "tensor"))
+
+
+def _np_ref(cfg, a2, w2):
+  """float64 reference of a quantized (M, K) @ (K, N) product for the two configs above."""
+  a2, w2 = np.asarray(a2, np.float64), np.asarray(w2, np.float64)
+  if cfg.weight.granularity == "vector":
+    return _np_vs_rows(a2, 8, 8, 6) @ _np_vs(w2, 8, 8, 6)
+  return _np_sym(a2, 8, (0, 1)) @ _np_sym(w2, 8, (0,))
+
+
+@pytest.mark.parametrize("cfg", [_VEC, _CHAN], ids=["vector", "channel"])
+def test_multi_axis_contractions_linen_dense_general(cfg):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 16))
+  qkv = nn.DenseGeneral((2, 8), use_bias=False)                   # kernel (E, heads, head_dim)
+  out = nn.DenseGeneral(5, axis=(-2, -1), use_bias=False)          # kernel (heads, head_dim, E): two axes
+  kq = qkv.init(jax.random.PRNGKey(1), x)["params"]["kernel"]
+  h = x @ kq.reshape(16, 16)
+  ko = out.init(jax.random.PRNGKey(2), h.reshape(2, 3, 2, 8))["params"]["kernel"]
+  ref_qkv = _np_ref(cfg, x.reshape(6, 16), kq.reshape(16, 16)).reshape(2, 3, 2, 8)
+  ref_out = _np_ref(cfg, h.reshape(6, 16), ko.reshape(16, 5)).reshape(2, 3, 5)
+  for integer in (False, True):
+    dg = quant.quantized_dot_general(quant.QuantConfig(cfg.weight, cfg.activation, integer))
+    got_qkv = jax.jit(nn.DenseGeneral((2, 8), use_bias=False, dot_general=dg).apply)(
+        {"params": {"kernel": kq}}, x)
+    got_out = jax.jit(nn.DenseGeneral(5, axis=(-2, -1), use_bias=False, dot_general=dg).apply)(
+        {"params": {"kernel": ko}}, h.reshape(2, 3, 2, 8))
+    np.testing.assert_allclose(got_qkv, ref_qkv, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_out, ref_out, rtol=1e-4, atol=1e-4)
+
+
+def test_multi_axis_contractions_attention_and_nnx():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16))
+  mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, out_features=16)
+  v = mha.init(jax.random.PRNGKey(1), x)
+  ref = mha.apply(v, x)
+  outs = []
+  for integer in (False, True):
+    dg = quant.quantized_dot_general(quant.QuantConfig(_VEC.weight, _VEC.activation, integer))
+    q = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, out_features=16,
+                                        qkv_dot_general=dg, out_dot_general=dg)
+    outs.append(jax.jit(q.apply)(v, x))
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)  # integer == emulation
+  assert float(jnp.linalg.norm(outs[0] - ref) / jnp.linalg.norm(ref)) < 0.03
+  from flax import nnx
+  lin = nnx.Linear(16, 8, use_bias=False, rngs=nnx.Rngs(0),
+                   dot_general=quant.quantized_dot_general(quant.QuantConfig(_VEC.weight, _VEC.activation, True)))
+  np.testing.assert_allclose(lin(x), _np_ref(_VEC, x.reshape(8, 16), lin.kernel[...]).reshape(2, 4, 8),
+                             rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="batch dimensions"):
+    quant.quantized_dot_general(_CHAN.__class__(_CHAN.weight, _CHAN.activation, True))(
+        jnp.ones((3, 4, 5)), jnp.ones((3, 5, 2)), (((2,), (1,)), ((0,), (0,))))

@@ -18,8 +18,12 @@ quantizer stores q + 2^(b-1) and keeps the zero point 2^(b-1).
 Rounding is round-to-nearest-even (``'nearest'``) or stochastic (``'stochastic'``, unbiased:
 E[q] = x / s inside the range), the latter needs a PRNG ``key``.
 
-Non-finite inputs: concrete arrays with NaN/inf raise ``ValueError``. Under ``jit`` the check cannot run:
-NaN becomes an undefined code and +-inf saturates to the end of the range; clean inputs first.
+Non-finite inputs: concrete arrays with NaN/inf raise ``ValueError``. Under ``jit`` (or any tracing:
+``grad``, ``vmap``) the check cannot run, and integer codes cannot hold NaN, so the *scale* carries it:
+every scale group (the elements that share one scale) holding a NaN gets scale NaN, and so does a
+group holding +-inf when its range is computed from the data (the range is then undefined);
+:func:`dequantize` and :func:`fake_quant` return NaN for the whole group, never zeros. With a calibrated
+range (``bounds``) +-inf saturates to the end of the range like any out-of-range value.
 """
 
 from __future__ import annotations
@@ -173,8 +177,12 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
     A :class:`QuantizedTensor`.
 
   Example:
+    >>> w = jnp.array([[0.5, -2.0], [-1.0, 1.0]])
     >>> qt = quantize(w, 8, axis=0)            # per-output-channel int8 codes of a (in, out) kernel
-    >>> w_hat = dequantize(qt)
+    >>> qt.codes.tolist(), qt.scale.shape
+    ([[64, -127], [-127, 64]], (1, 2))
+    >>> bool(jnp.all(jnp.abs(dequantize(qt) - w) <= qt.scale / 2))
+    True
   """
   _check_bits(bits)
   _check_float("x", x)
@@ -196,6 +204,9 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
   else:
     raise ValueError("bounds must be amax (symmetric) or a (lo, hi) pair.")
   scale, zp = compute_scale(lo, hi, bits, symmetric, unsigned or not symmetric)
+  # NaN (and, for a data-driven range, +-inf) makes the group's scale NaN: codes cannot carry it.
+  bad = jnp.isnan(xf) if bounds is not None else ~jnp.isfinite(xf)
+  scale = jnp.where(jnp.any(bad, axis=axes, keepdims=True), jnp.nan, scale)
   qmin, qmax = qrange(bits, symmetric, unsigned or not symmetric)
   q = jnp.clip(_round(xf / scale, rounding, key) + zp, qmin, qmax)
   if not symmetric and not unsigned:  # asymmetric codes stored signed: shift by -2^(b-1)

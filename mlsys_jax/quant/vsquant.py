@@ -19,6 +19,11 @@ so the hardware multiplies integers and applies one floating-point scale per out
 
 If the reduction length K is not a multiple of V, it is padded with zeros to the next multiple (zeros
 do not change any dot product); codes keep the original shape and the scales have ceil(K / V) vectors.
+
+Non-finite inputs: concrete arrays raise ``ValueError``; under tracing (``jit``, ``grad``, ``vmap``) a
+vector holding NaN/inf gets a NaN scale: with float per-vector scales that vector dequantizes to NaN;
+with two-level scales the integer vector scale cannot hold NaN, so the coarse scale of its group (a
+channel for weights, the tensor for activations) becomes NaN. Never zeros.
 """
 
 from __future__ import annotations
@@ -120,9 +125,10 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   xs, k = _split(x.astype(jnp.float32), axis, vector_size, pad)
   _, qmax = qrange(bits, True, False)
   amax_v = jnp.max(jnp.abs(xs), axis=axis + 1, keepdims=True)     # one per vector
-  s_v = amax_v / qmax
+  bad_v = jnp.any(~jnp.isfinite(xs), axis=axis + 1, keepdims=True)
+  s_v = jnp.where(bad_v, jnp.nan, amax_v / qmax)
   if scale_bits is None:
-    vec, coarse = jnp.where(s_v > 0, s_v, 1.0), jnp.ones((1,) * xs.ndim, jnp.float32)
+    vec, coarse = jnp.where(s_v == 0, 1.0, s_v), jnp.ones((1,) * xs.ndim, jnp.float32)
   else:
     if coarse_axes is None:
       coarse_axes = tuple(range(x.ndim)) if axis == x.ndim - 1 else tuple(range(x.ndim - 1))
@@ -135,7 +141,8 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
       top = jnp.broadcast_to(jnp.abs(jnp.asarray(coarse_amax, jnp.float32)) / qmax,
                              jnp.max(s_v, axis=tuple(red), keepdims=True).shape)
     coarse = jnp.where(top > 0, top / smax, 1.0)
-    vec = jnp.clip(jnp.round(s_v / coarse), 1, smax)
+    coarse = jnp.where(jnp.any(bad_v, axis=tuple(red), keepdims=True), jnp.nan, coarse)
+    vec = jnp.clip(jnp.nan_to_num(jnp.round(s_v / coarse), nan=1.0), 1, smax)
   scale = vec * coarse
   q = jnp.clip(jnp.round(xs / scale), -qmax, qmax)
   codes = _merge(q, axis, k).astype(code_dtype(bits, False))
