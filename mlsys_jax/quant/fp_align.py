@@ -74,9 +74,13 @@ __all__ = [
     "FORMATS",
     "FloatFormat",
     "alignment_shift_histogram",
+    "bfp_conv_general_dilated",
+    "bfp_dot_general",
+    "bfp_quantize",
     "decode",
     "fp_dot",
     "max_alignment_shift",
+    "BfpConfig",
     "FpAlignConfig",
     "FpAlignConv",
     "FpAlignDotGeneral",
@@ -348,8 +352,7 @@ def _round(limbs, base, lw: int, out_dtype):
   # kept * 2^e in float32 exactly: two power-of-two factors, each a normal float32.
   e1 = jnp.clip(e, -126, 127)
   e2 = jnp.clip(e - e1, -126, 127)
-  pow2 = lambda t: jax.lax.bitcast_convert_type((t + 127) << 23, jnp.float32)
-  val = kept.astype(jnp.float32) * pow2(e1) * pow2(e2)
+  val = kept.astype(jnp.float32) * _pow2(e1) * _pow2(e2)
   val = jnp.where(top > emax_out, jnp.inf, val)
   val = jnp.where(zero, 0.0, val)
   return jnp.where(neg, -val, val).astype(out_dtype)
@@ -357,6 +360,12 @@ def _round(limbs, base, lw: int, out_dtype):
 
 def _num_limbs(f: FloatFormat, w_bound: int, k: int) -> int:
   return -(-(f.product_bits + w_bound) // _limb_width(k))
+
+
+def _pow2(t):
+  """``2.0 ** t`` in float32, exactly, for int32 ``t`` in ``[-126, 127]`` (jnp.exp2 is not exact)."""
+  t = jnp.clip(jnp.asarray(t, jnp.int32), -126, 127)
+  return jax.lax.bitcast_convert_type((t + 127) << 23, jnp.float32)
 
 
 def _matmul(a: Decoded, b: Decoded, f: FloatFormat, w, nl: int, convention: str, out_dtype,
@@ -426,7 +435,8 @@ def fp_dot(a: jax.Array, b: jax.Array, *, fmt: str, align_bits: int | None = Non
     out_dtype: float32 (default), float16 or bfloat16: the single final rounding (nearest-even).
     max_align_bits: static upper bound for a *traced* ``align_bits`` (an int32 scalar, e.g. to sweep
       ``w`` without recompiling); it sets the accumulator width. Default: the format's maximum shift.
-      A traced ``align_bits`` outside ``[0, max_align_bits]`` makes the whole output NaN.
+      A traced ``align_bits`` below 0, or too wide for the accumulator sized for ``max_align_bits``,
+      makes the whole output NaN (a value above ``max_alignment_shift(fmt)`` means exact).
     lane_bits: if set (1..8), significand products are built from ``lane_bits``-bit integer lanes over
       several passes (:func:`temporal_product`); the result is bit-identical.
     block_elems: rows are processed in blocks of about this many ``(row, k, col, limb)`` elements.
@@ -627,6 +637,8 @@ class FpAlignConfig:
       and the outputs that read them NaN.
     out_dtype: accumulator output format (float32 by default).
     lane_bits: optional temporal decomposition of significand products (bit-identical results).
+    max_align_bits: static bound when ``align_bits`` is a traced int32 scalar (a sweep over ``w``
+      inside one compiled program); see :func:`fp_dot`.
   """
   fmt: str = "fp16"
   align_bits: int | None = 8
@@ -634,9 +646,10 @@ class FpAlignConfig:
   scaling: str = "auto"
   out_dtype: Any = jnp.float32
   lane_bits: int | None = None
+  max_align_bits: int | None = None
 
   def __post_init__(self):
-    _check_common(self.fmt, self.align_bits, self.convention, self.out_dtype)
+    _check_common(self.fmt, self.align_bits, self.convention, self.out_dtype, self.max_align_bits)
     check_choice("scaling", self.scaling, SCALINGS)
     if self.lane_bits is not None:
       check_int("lane_bits", self.lane_bits, 1, 8)
@@ -653,7 +666,8 @@ def _cast(x, cfg: FpAlignConfig):
   amax = jnp.max(jnp.abs(jnp.where(jnp.isfinite(x), x, 0.0)))
   k = jnp.where(amax > 0, jnp.floor(jnp.log2(fmax / jnp.maximum(amax, 1e-30))), 0.0)
   k = jnp.clip(k, -100, 100).astype(jnp.int32)
-  scaled = x * jnp.exp2(k.astype(jnp.float32))
+  k = jnp.where(amax * _pow2(k) > fmax, k - 1, k)                       # log2 is not exact
+  scaled = x * _pow2(k)
   return scaled.astype(f.dtype), k
 
 
@@ -664,13 +678,15 @@ def ml_dtypes_finfo(dtype):
 
 def _batched_fp_dot(a, b, cfg: FpAlignConfig):
   """``(B, M, K) x (B, K, N)`` of format-typed operands -> float32 ``(B, M, N)``."""
-  f, w, _, od = _check_common(cfg.fmt, cfg.align_bits, cfg.convention, cfg.out_dtype)
+  f, w, bound, od = _check_common(cfg.fmt, cfg.align_bits, cfg.convention, cfg.out_dtype,
+                                  cfg.max_align_bits)
   k = a.shape[-1]
   if k == 0:
     return jnp.zeros((a.shape[0], a.shape[1], b.shape[2]), jnp.float32)
-  nl = _num_limbs(f, w, k)
+  nl = _num_limbs(f, bound, k)
+  w = w if isinstance(w, jax.Array) else np.int32(w)
   zb = lambda x: jnp.zeros(x.shape[1:], bool)
-  fn = lambda x, y: _fp_matmul(x, y, zb(a), zb(b), np.int32(w), f.name, nl, cfg.convention, od,
+  fn = lambda x, y: _fp_matmul(x, y, zb(a), zb(b), w, f.name, nl, cfg.convention, od,
                                1 << 24, cfg.lane_bits)
   return jax.vmap(fn)(a, b).astype(jnp.float32)
 
@@ -690,7 +706,7 @@ def _fpa_dot(cfg: FpAlignConfig | None, lhs, rhs, dimension_numbers, precision=N
   a = jnp.transpose(lhs, lb + lf + lc).reshape(bsz, int(np.prod(shp(lhs, lf))), ksz)
   b = jnp.transpose(rhs, rb + rc + rf).reshape(bsz, ksz, int(np.prod(shp(rhs, rf))))
   (qa, ka), (qb, kb) = _cast(a, cfg), _cast(b, cfg)
-  out = _batched_fp_dot(qa, qb, cfg) * jnp.exp2(-(ka + kb).astype(jnp.float32))
+  out = _batched_fp_dot(qa, qb, cfg) * _pow2(-ka) * _pow2(-kb)
   out = out.reshape(shp(lhs, lb) + shp(lhs, lf) + shp(rhs, rf))
   return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
@@ -728,34 +744,47 @@ def _fpa_conv(cfg: FpAlignConfig | None, lhs, rhs, window_strides, padding, lhs_
   if feature_group_count != 1 or batch_group_count != 1:
     raise ValueError("fp_align convolutions support feature_group_count=1 and batch_group_count=1; "
                      f"got {feature_group_count} and {batch_group_count}.")
-  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  nsp = lhs.ndim - 2
+  (qa, ka), (qb, kb) = _cast(lhs, cfg), _cast(rhs, cfg)
+  dt = FORMATS[cfg.fmt].dtype
   # Round to the format first (exact copies from here on), then im2col: patches are one-hot
   # convolutions of format values, exact at any precision (<= 11 significant bits, wide exponent).
-  (qa, ka), (qb, kb) = _cast(lhs, cfg), _cast(rhs, cfg)
-  lhs_t = jnp.transpose(qa.astype(jnp.float32), (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) +
-                        (dn.lhs_spec[1],))                              # N, spatial..., C
-  rhs_t = jnp.transpose(qb.astype(jnp.float32), (dn.rhs_spec[1],) + tuple(dn.rhs_spec[2:]) +
-                        (dn.rhs_spec[0],))                              # I, spatial..., O
+  pa, km, finish = _im2col(qa.astype(jnp.float32), qb.astype(jnp.float32), window_strides, padding,
+                           lhs_dilation, rhs_dilation, dimension_numbers)
+  out = _batched_fp_dot(pa[None].astype(dt), km[None].astype(dt), cfg)[0]
+  out = finish(out * _pow2(-ka) * _pow2(-kb))
+  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def _im2col(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers):
+  """``(patches (P, K), kernel (K, O), finish)``: a convolution as one matrix product.
+
+  ``K`` runs over input channels (slowest) and the window; ``finish((P, O))`` restores the output
+  layout of ``dimension_numbers``.
+  """
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  nsp = lhs.ndim - 2
+  lhs_t = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+  rhs_t = jnp.transpose(rhs, (dn.rhs_spec[1],) + tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[0],))
   sp = "".join("HWDXYZ"[i] for i in range(nsp))
   dn_t = jax.lax.conv_dimension_numbers(lhs_t.shape, (rhs_t.shape[-1], rhs_t.shape[0]) +
                                         rhs_t.shape[1:-1], ("N" + sp + "C", "OI" + sp, "N" + sp + "C"))
   patches = jax.lax.conv_general_dilated_patches(
       lhs_t, rhs_t.shape[1:-1], window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dn_t,
-      precision=jax.lax.Precision.HIGHEST)                              # (N, sp'..., C * window), C slowest
+      precision=jax.lax.Precision.HIGHEST)                              # (N, sp'..., C * window)
   lead = patches.shape[:-1]
-  pa = patches.reshape(1, -1, patches.shape[-1]).astype(FORMATS[cfg.fmt].dtype)
-  km = rhs_t.reshape(1, -1, rhs_t.shape[-1]).astype(FORMATS[cfg.fmt].dtype)
-  out = _batched_fp_dot(pa, km, cfg)[0] * jnp.exp2(-(ka + kb).astype(jnp.float32))
-  out = out.reshape(lead + (rhs_t.shape[-1],))                          # N, sp'..., O
-  perm = [0] * out.ndim
-  perm[dn.out_spec[0]] = 0
-  perm[dn.out_spec[1]] = out.ndim - 1
-  for i, ax in enumerate(dn.out_spec[2:]):
-    perm[ax] = 1 + i
-  out = jnp.transpose(out, perm)
-  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+  o = rhs_t.shape[-1]
+
+  def finish(out):
+    out = out.reshape(lead + (o,))                                      # N, sp'..., O
+    perm = [0] * out.ndim
+    perm[dn.out_spec[0]] = 0
+    perm[dn.out_spec[1]] = out.ndim - 1
+    for i, ax in enumerate(dn.out_spec[2:]):
+      perm[ax] = 1 + i
+    return jnp.transpose(out, perm)
+
+  return patches.reshape(-1, patches.shape[-1]), rhs_t.reshape(-1, o), finish
 
 
 def fp_align_conv_general_dilated(config: FpAlignConfig | None):
@@ -831,17 +860,95 @@ class FpAlignConv(nn.Module, _PerLayer):
                preferred_element_type=None, **kw):
     cfg = self._config()
     if cfg is not None and self.is_mutable_collection(SPREAD_COLLECTION):
-      dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      lhs_t = jnp.transpose(lhs, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
-      rhs_t = jnp.transpose(rhs, (dn.rhs_spec[1],) + tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[0],))
-      sp = "".join("HWDXYZ"[i] for i in range(lhs.ndim - 2))
-      dn_t = jax.lax.conv_dimension_numbers(lhs_t.shape, (rhs_t.shape[-1], rhs_t.shape[0]) +
-                                            rhs_t.shape[1:-1], ("N" + sp + "C", "OI" + sp, "N" + sp + "C"))
-      p = jax.lax.conv_general_dilated_patches(lhs_t, rhs_t.shape[1:-1], window_strides, padding,
-                                               lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                                               dimension_numbers=dn_t,
-                                               precision=jax.lax.Precision.HIGHEST)
-      self._record(p.reshape(-1, p.shape[-1]), rhs_t.reshape(-1, rhs_t.shape[-1]), cfg)
+      pa, km, _ = _im2col(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                          dimension_numbers)
+      self._record(pa, km, cfg)
     return _fpa_conv(cfg, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                      dimension_numbers, feature_group_count, batch_group_count, precision,
                      preferred_element_type, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MX-style block floating point: the same alignment window applied to the inputs, per block.
+
+
+@dataclasses.dataclass(frozen=True)
+class BfpConfig:
+  """Block floating point with a shared exponent per ``block`` elements along the reduction axis.
+
+  Each operand is rounded to ``fmt`` (as :class:`FpAlignConfig` with ``scaling='auto'``), then every
+  block of ``block`` consecutive reduction elements shares the exponent of its largest element and
+  each element is truncated (toward zero) to the grid ``2^(E_block - M - align_bits)``: elements within
+  ``align_bits`` binades of the block maximum stay exact, smaller ones lose low bits (MX formats use
+  ``block=32``). The products are then accumulated in float32. ``align_bits`` may be a traced int32.
+  """
+  fmt: str = "fp8_e4m3"
+  align_bits: Any = 8
+  block: int = 32
+
+  def __post_init__(self):
+    _format(self.fmt)
+    check_int("block", self.block, 1)
+    if not isinstance(self.align_bits, jax.Array):
+      check_int("align_bits", self.align_bits, 0)
+
+
+def bfp_quantize(x: jax.Array, cfg: BfpConfig, axis: int = -1) -> jax.Array:
+  """``x`` (float) as block floating point per ``cfg`` along ``axis``; returns float32 values.
+
+  >>> x = jnp.array([1.0, 0.75, 3 * 2.0 ** -12, 0.0])     # grid 2^(0 - 10 - 1)
+  >>> [float(v) * 2 ** 11 for v in bfp_quantize(x, BfpConfig('fp16', 1, block=4))]
+  [2048.0, 1536.0, 1.0, 0.0]
+  """
+  if not isinstance(cfg, BfpConfig):
+    raise TypeError(f"cfg must be a BfpConfig, got {type(cfg).__name__}.")
+  f = FORMATS[cfg.fmt]
+  q, k = _cast(x, FpAlignConfig(cfg.fmt, None))
+  v = jnp.moveaxis(q.astype(jnp.float32), axis, -1)
+  n = v.shape[-1]
+  pad = (-n) % cfg.block
+  vb = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]).reshape(v.shape[:-1] + (-1, cfg.block))
+  e = decode(vb.astype(f.dtype), f).exp
+  e = jnp.where(vb != 0, e, -_BIG)
+  eblk = jnp.max(e, axis=-1, keepdims=True)
+  grid = eblk - f.man_bits - jnp.asarray(cfg.align_bits, jnp.int32)
+  out = jnp.trunc(vb * _pow2(-grid)) * _pow2(grid)                    # exact power-of-two scalings
+  out = jnp.where(jnp.isfinite(vb), out, vb)
+  out = out.reshape(v.shape[:-1] + (-1,))[..., :n] * _pow2(-k)
+  return jnp.moveaxis(out, -1, axis)
+
+
+def _bfp_dot(cfg: BfpConfig, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+             **kwargs):
+  (lc, rc), _ = dimension_numbers
+  if len(lc) != 1 or len(rc) != 1:
+    raise ValueError("bfp_dot_general needs exactly one contracting dimension per operand.")
+  qa, qb = bfp_quantize(lhs, cfg, lc[0]), bfp_quantize(rhs, cfg, rc[0])
+  out = jax.lax.dot_general(qa, qb, dimension_numbers, precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=jnp.float32)
+  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def bfp_dot_general(cfg: BfpConfig):
+  """A ``lax.dot_general`` replacement on block-floating-point operands (see :class:`BfpConfig`)."""
+  if not isinstance(cfg, BfpConfig):
+    raise TypeError(f"cfg must be a BfpConfig, got {type(cfg).__name__}.")
+  return functools.partial(_bfp_dot, cfg)
+
+
+def _bfp_conv(cfg: BfpConfig, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+              dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+              preferred_element_type=None, **kwargs):
+  if feature_group_count != 1 or batch_group_count != 1:
+    raise ValueError("bfp convolutions support feature_group_count=1 and batch_group_count=1.")
+  pa, km, finish = _im2col(jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32),
+                           window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+  out = _bfp_dot(cfg, pa, km, (((1,), (0,)), ((), ())))
+  return finish(out).astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def bfp_conv_general_dilated(cfg: BfpConfig):
+  """A ``lax.conv_general_dilated`` replacement: im2col, then :func:`bfp_dot_general` (blocks along K)."""
+  if not isinstance(cfg, BfpConfig):
+    raise TypeError(f"cfg must be a BfpConfig, got {type(cfg).__name__}.")
+  return functools.partial(_bfp_conv, cfg)
