@@ -161,6 +161,7 @@ class BucketedFunction:
     self.out_axes: tuple[tuple[int, ...], ...] | None = None  # per output leaf, after inference
     self._out_paths: list[str] | None = None
     self._programs: dict[Any, _Program] = {}
+    self._static_sig: dict[int, Any] = {}
     self.calls = 0
     self.compile_count = 0
     self.overflow_compiles = 0
@@ -190,14 +191,17 @@ class BucketedFunction:
     for i, axis in self.dims.items():
       if i >= len(args):
         raise ValueError(f"dims names argument {i} but the call has {len(args)} positional arguments.")
-      for path, leaf in jax.tree_util.tree_flatten_with_path(args[i])[0]:
-        where = f"argument {i}{jax.tree_util.keystr(path)}"
-        m = int(np.shape(leaf)[_leaf_axis(leaf, axis, where)])
+      for leaf in jax.tree_util.tree_leaves(args[i]):
+        shape = np.shape(leaf)
+        if not -len(shape) <= axis < len(shape):
+          raise ValueError(f"argument {i} has a leaf of shape {shape}; dynamic axis {axis} is out of "
+                           "range.")
+        m = int(shape[axis])
         if n is None:
           n = m
         elif m != n:
-          raise ValueError(f"{where} has length {m} on dynamic axis {axis}, but another dynamic input "
-                           f"has {n}; all dynamic axes share one length per call.")
+          raise ValueError(f"argument {i} has length {m} on dynamic axis {axis}, but another dynamic "
+                           f"input has {n}; all dynamic axes share one length per call.")
     if n is None:
       raise ValueError("the dynamic arguments hold no arrays.")
     return n
@@ -259,15 +263,35 @@ class BucketedFunction:
       axes.append(t)
     self.out_axes = tuple(axes)
 
+  def _signature(self, i: int, x):
+    """Hashable (treedef, shapes, dtypes) of argument ``i``; for the non-dynamic arguments (e.g. the
+    parameters) it is cached while the caller passes the very same (immutable) arrays again."""
+    leaves, tree = jax.tree_util.tree_flatten(x)
+    axis = self.dims.get(i)
+    if axis is None:
+      last = self._static_sig.get(i)
+      if last is not None and last[0] == tree and len(last[1]) == len(leaves) and all(
+          a is b for a, b in zip(last[1], leaves)):
+        return last[2]
+    sig = []
+    for leaf in leaves:
+      shape = tuple(np.shape(leaf))
+      if axis is not None:
+        shape = shape[:axis % len(shape)] + (None,) + shape[axis % len(shape) + 1:]
+      sig.append((shape, getattr(leaf, "dtype", None) or np.result_type(leaf)))
+    sig = (tree, tuple(sig))
+    if axis is None:
+      self._static_sig[i] = (tree, tuple(leaves), sig)
+    return sig
+
   def _key(self, args, size):
-    structs = self._abstract(args, size)
-    leaves, tree = jax.tree_util.tree_flatten(structs)
-    return (size, tree, tuple((l.shape, str(l.dtype)) for l in leaves)), structs
+    return (size,) + tuple(self._signature(i, x) for i, x in enumerate(args))
 
   def _program(self, args, size: int, *, overflow: bool = False) -> _Program:
-    key, structs = self._key(args, size)
+    key = self._key(args, size)
     prog = self._programs.get(key)
     if prog is None:
+      structs = self._abstract(args, size)
       self._infer_out_axes(args, size)
       donate = tuple(1 + i for i in self.dims) if self.donate else ()
       t0 = time.perf_counter()
