@@ -650,3 +650,21 @@ def test_never_slower_check_bad_input():
   s._fn = None
   with pytest.raises(ValueError, match="holds no function"):
     s(x)
+
+
+def test_fake_quantized_kernels_are_folded_and_merge():
+  """Per-channel scales broadcast against their kernel (fake quantization) are weight-only work: the
+  quantized kernels become constants computed once, so the convs get merge keys as in float."""
+  from mlsys_jax import quant
+  k1, k2, kx = jax.random.split(jax.random.PRNGKey(0), 3)
+  w1, w2 = jax.random.normal(k1, (1, 1, 8, 8)), jax.random.normal(k2, (1, 1, 8, 16))
+  conv = lambda x, w: lax.conv_general_dilated(x, quant.fake_quant(w, 8, axis=-1), (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  f = lambda x: (jax.nn.relu(conv(x, w1)), jax.nn.relu(conv(x, w2)))
+  x = jax.random.normal(kx, (1, 8, 8, 8))
+  s = sched.ios_schedule(f, x, strategy="merge")
+  assert s.counts()["merge_stages"] == 1
+  for u in s.graph.units:                       # each conv reads a folded constant kernel
+    assert s.graph.eqns[u.anchor].inputs[1] in s.graph.consts
+  for got, want in zip(s(x), f(x)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -6,9 +6,11 @@ Steps (see ``build_graph``):
      ``custom_vjp_call`` and ``checkpoint`` so that the program is one flat list of equations over integer
      value ids;
   2. hoist weight-only computation: an equation whose inputs are all constants is evaluated once, at
-     schedule time (BN scale/shift, weight reshapes). Equations that would *expand* a constant
-     (``broadcast_in_dim`` to an activation shape, ``iota``) are kept "lazy" and re-emitted next to their
-     consumer so that XLA fuses them instead of reading a large constant;
+     schedule time (BN scale/shift, weight reshapes, fake-quantized kernels). Equations that would
+     *expand* a constant (``broadcast_in_dim`` to an activation shape, ``iota``) are kept "lazy" and
+     re-emitted next to their consumer so that XLA fuses them instead of reading a large constant; a
+     constant expression that comes back to the size of the largest constant it derives from (per-channel
+     quantization scales broadcast against their kernel: ``w / broadcast(s)``) is evaluated once too;
   3. group equations into *units* (IOS operators): a heavy primitive (conv, dot, pooling, reduction)
      starts a unit and light single-producer equations (bias, BN affine, activation, reshape) attach to it
      as an epilogue; multi-input light equations (add, concatenate) are units of their own, like IOS's
@@ -185,6 +187,7 @@ class _Builder:
     self.eqns: list[FlatEqn] = []
     self.consts: dict[int, Any] = {}
     self.lazy: dict[int, int] = {}
+    self.lazy_source: dict[int, int] = {}  # lazy value id -> size of the largest constant it derives from
     self.avals: dict[int, Any] = {}
     self.next_id = 0
 
@@ -249,21 +252,35 @@ class _Builder:
       return self.add_const(a.val)
     return a
 
+  def _concrete(self, a):
+    """The value of a constant or lazy constant expression ``a`` (evaluated now)."""
+    if isinstance(a, Lit):
+      return a.val
+    if a in self.consts:
+      return self.consts[a]
+    e = self.eqns[self.lazy[a]]
+    with jax.ensure_compile_time_eval():
+      return e.prim.bind(*[self._concrete(i) for i in e.inputs], **e.params)
+
   def emit(self, prim, params, ins, out_avals, effectful):
     const_like = all(isinstance(a, Lit) or a in self.consts or a in self.lazy for a in ins)
     if const_like and not effectful and not prim.multiple_results and len(out_avals) == 1:
       out_aval = out_avals[0]
-      in_sizes = [int(np.prod(self.avals[a].shape)) for a in ins if not isinstance(a, Lit)]
-      expands = (not in_sizes or int(np.prod(out_aval.shape)) > max(in_sizes) or
-                 any(a in self.lazy for a in ins if not isinstance(a, Lit)))
-      if not expands and all(isinstance(a, Lit) or a in self.consts for a in ins):
-        vals = [a.val if isinstance(a, Lit) else self.consts[a] for a in ins]
+      out_size = int(np.prod(out_aval.shape))
+      # the largest real constant this expression derives from (through lazy expressions too)
+      source = max([int(np.prod(self.avals[a].shape)) for a in ins if not isinstance(a, Lit) and a in self.consts]
+                   + [self.lazy_source[a] for a in ins if not isinstance(a, Lit) and a in self.lazy] + [0])
+      if source and out_size <= source:
+        # no larger than the weight it comes from (e.g. a fake-quantized kernel: w / broadcast(scale)):
+        # evaluate it once, here, so the kernel is a constant (foldable, mergeable, no per-call work)
         with jax.ensure_compile_time_eval():
-          out = prim.bind(*vals, **params)
+          out = prim.bind(*[self._concrete(a) for a in ins], **params)
         return [self.add_const(out)]
+      # expands a constant (a bias broadcast to an activation shape, iota): re-emitted by consumers
       o = self.new(out_aval)
       self.eqns.append(FlatEqn(prim, params, tuple(ins), (o,)))
       self.lazy[o] = len(self.eqns) - 1
+      self.lazy_source[o] = source
       return [o]
     outs = [self.new(a) for a in out_avals]
     self.eqns.append(FlatEqn(prim, params, tuple(ins), tuple(outs)))
