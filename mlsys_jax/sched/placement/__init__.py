@@ -12,12 +12,12 @@ Public API:
   switch_policy                                                several policies in one compiled simulation
   simulate_numpy, NUMPY_POLICIES                               numpy reference simulator
   machine_features, PlacementNet, imitation_policy, train_imitation, imitation_loss,
-  ImitationResult, offline_optimum                             hindsight imitation (DAgger), brute force
+  ImitationResult, offline_optimum, dagger_rollouts           hindsight imitation (DAgger), brute force
   train_ppo, ppo_policy, step_rewards, PPOResult               off-the-shelf RL baseline (PPO)
 """
 
-from mlsys_jax.sched.placement.hindsight import (ImitationResult, PlacementNet, imitation_loss,
-                                                 imitation_policy, machine_features, offline_optimum,
+from mlsys_jax.sched.placement.hindsight import (ImitationResult, PlacementNet, dagger_rollouts,
+                                                 imitation_loss, imitation_policy, machine_features, offline_optimum,
                                                  train_imitation)
 from mlsys_jax.sched.placement.policies import (BASELINES, NUMPY_POLICIES, best_fit, first_fit, forecast,
                                                 hindsight_oracle, least_loaded, power_of_two,
@@ -35,5 +35,5 @@ __all__ = ["Cluster", "Observation", "SimResult", "Spec", "Trace", "hindsight_sc
            "load_csv_trace", "make_trace", "synthetic_trace", "BASELINES", "NUMPY_POLICIES", "best_fit",
            "first_fit", "forecast", "hindsight_oracle", "least_loaded", "power_of_two", "random_policy",
            "round_robin", "simulate_numpy", "switch_policy", "ImitationResult", "PlacementNet", "imitation_loss",
-           "imitation_policy", "machine_features", "offline_optimum", "train_imitation",
+           "imitation_policy", "machine_features", "offline_optimum", "train_imitation", "dagger_rollouts",
            "PPOResult", "ppo_policy", "step_rewards", "train_ppo"]

@@ -31,6 +31,7 @@ from mlsys_jax.sched.placement.sim import (_CAP_TOL, Cluster, Observation, Spec,
                                            simulate, validate_trace)
 
 __all__ = ["machine_features", "PlacementNet", "imitation_policy", "ImitationResult", "train_imitation",
+           "dagger_rollouts",
            "imitation_loss", "offline_optimum"]
 
 
@@ -107,11 +108,26 @@ class ImitationResult(NamedTuple):
   n_samples: int
 
 
-def _collect(traces: Trace, capacity, spec: Spec, params, keys):
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _rollouts(traces: Trace, capacity, spec: Spec, params, keys):
   def one(tr, key):
     return simulate(tr, Cluster(capacity), _dagger_policy, spec=spec, key=key, params=params,
                     record=True, with_hindsight=True)
-  res = jax.jit(jax.vmap(one))(traces, keys)
+  return jax.vmap(one)(traces, keys)
+
+
+def dagger_rollouts(traces: Trace, cluster: Cluster, *, spec: Spec, params, beta: float, key: jax.Array):
+  """Roll out the DAgger mixture on a batch of traces: each decision follows the hindsight oracle with
+  probability ``beta`` and the imitation policy (``params``) otherwise (``beta=0``: the learned policy;
+  ``beta=1``: the oracle). Returns the batched :class:`SimResult` with observations and hindsight costs
+  recorded (one compilation per trace shape and spec, shared with :func:`train_imitation`)."""
+  check_range("beta", beta, 0.0, 1.0)
+  b = np.shape(traces.arrival)[0]
+  return _rollouts(traces, cluster.capacity, spec, (params, jnp.float32(beta)), jax.random.split(key, b))
+
+
+def _collect(traces: Trace, capacity, spec: Spec, params, keys):
+  res = _rollouts(traces, capacity, spec, params, keys)
   feats = jax.vmap(jax.vmap(machine_features))(res.obs)
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
   keep = np.asarray(flat(res.obs.feasible).sum(-1) >= 2)
