@@ -37,8 +37,8 @@ from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.quant import binary as qb  # noqa: E402
 
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Paired seeds.")
-_EPOCHS = flags.DEFINE_integer("epochs", 20, "Training epochs.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "Training epochs.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _LR = flags.DEFINE_float("lr", 3e-3, "Adam learning rate of the float parameters (cosine decay).")
 _LR_BIN = flags.DEFINE_float("lr_binary", 1e-2, "Adam learning rate of the latent binary kernels.")
 _GAMMA = flags.DEFINE_float("bop_gamma", 1e-2, "Bop adaptivity rate (decayed x0.01 by cosine).")

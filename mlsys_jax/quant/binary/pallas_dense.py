@@ -97,15 +97,22 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, block_n:
     raise ValueError(f"N={n} must be a multiple of block_n={block_n} and W={wn} of block_k={block_k}.")
   bp = 1 << max(0, (b - 1).bit_length())
   a = jax.lax.bitcast_convert_type(a_words, jnp.int32)
-  a = jnp.pad(a, ((0, bp - b), (0, 0)))
   w = jax.lax.bitcast_convert_type(w_words, jnp.int32)
+  return _pallas_int32(jnp.pad(a, ((0, bp - b), (0, 0))), w, k, block_n, block_k, num_warps, num_stages,
+                       variant, interpret)[:b]
+
+
+def _pallas_int32(a, w, k, block_n, block_k, num_warps, num_stages, variant, interpret):
+  """The pallas_call on int32 views: ``a (Bp, W)`` with Bp a power of two, ``w (N, W)``."""
+  bp, wn = a.shape
+  n = w.shape[0]
   check_choice("variant", variant, tuple(_KERNELS))
   kernel = functools.partial(_KERNELS[variant], k=k, block_k=block_k, num_k=wn // block_k, batch=bp)
   params = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  out = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((bp, n), jnp.int32),
       grid=(n // block_n,),
@@ -115,4 +122,3 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, block_n:
       interpret=interpret,
       **params,
   )(a, w)
-  return out[:b]
