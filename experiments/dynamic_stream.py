@@ -21,12 +21,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
 from benchmarks.dynamic_stream import stream_benchmark, tree_benchmark  # noqa: E402
 
-_REQUESTS = flags.DEFINE_integer("requests", 120, "Requests in the stream.")
-_BATCH = flags.DEFINE_integer("batch", 2, "Sequences per request.")
-_D_MODEL = flags.DEFINE_integer("d_model", 32, "Encoder width.")
+_REQUESTS = flags.DEFINE_integer("requests", 150, "Requests in the stream.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per request.")
+_D_MODEL = flags.DEFINE_integer("d_model", 64, "Encoder width.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Encoder layers.")
 _MIN_LEN = flags.DEFINE_integer("min_len", 8, "Shortest request.")
-_MAX_LEN = flags.DEFINE_integer("max_len", 128, "Longest request.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 256, "Longest request.")
 _BUCKETS = flags.DEFINE_integer("max_buckets", 8, "Most buckets the DP may choose.")
 _BUDGET = flags.DEFINE_float("budget_s", 15.0, "Seconds per per-shape method before extrapolating.")
 _TREE_BATCH = flags.DEFINE_integer("tree_batch", 16, "Trees per batch for the Tree-LSTM part.")
@@ -49,7 +49,14 @@ def _plot(res, path):
   ax[0].set_xscale("log")
   ax[0].set_xlabel("stream seconds, compilation included (gray: extrapolated)")
   w = res["stream"]["warm"]
-  ax[1].bar(list(w), [w[k]["speedup_vs_pad_to_max"] for k in w])
+  names = [k for k in w if "serial" in w[k]]
+  x = range(len(names))
+  ax[1].bar([i - 0.2 for i in x], [w[k]["serial"]["speedup_vs_pad_to_max"] for k in names], 0.4,
+            label="serial")
+  ax[1].bar([i + 0.2 for i in x], [w[k].get("pipelined", {}).get("speedup_vs_pad_to_max", 0) for k in names],
+            0.4, label="pipelined")
+  ax[1].set_xticks(list(x), names)
+  ax[1].legend()
   ax[1].axhline(1.0, color="k", lw=0.8)
   ax[1].set_ylabel("after warm-up: speed-up over pad-to-max")
   fig.tight_layout()
