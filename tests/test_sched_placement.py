@@ -155,21 +155,24 @@ def test_hindsight_scores_against_numpy():
 
 
 def test_offline_optimum_bounds_every_policy():
-  tr = P.synthetic_trace(jax.random.PRNGKey(2), n_vms=7, horizon=8, max_life=4, span=0.6)
-  spec = P.Spec(horizon=8, window=2)
+  # 7 real VMs padded to the shared trace shape (padding rows are skipped by both), 3 machines
+  full = _trace(2)
+  tr = full._replace(valid=jnp.arange(N) < 7)
   cl = P.make_cluster(3)
-  opt, assign = H.offline_optimum(tr, cl, spec=spec)
+  opt, assign = H.offline_optimum(tr, cl, spec=SPEC)
+  assert np.all(assign[7:] == -1)
   objs = []
   for name in NAMES:
-    r = _run(tr, cl, name, spec=spec, net=_net())
-    assert int(r.rejected) == 0
+    r = _run(tr, cl, name, net=_net())
+    assert int(r.rejected) == 0 and np.all(np.asarray(r.actions)[7:] == -1)
     objs.append(float(r.objective))
     assert opt <= float(r.objective) + 1e-6, name
   # the optimum's own assignment scores as reported
-  u = np.zeros((3, 8 + 4, 2), np.float32)
-  for i, j in enumerate(assign):
-    u[j, int(tr.arrival[i]):int(tr.arrival[i]) + 4] += np.asarray(tr.usage[i])
-  np.testing.assert_allclose(float(P.par_objective(u[:, :8], cl.capacity)), opt, rtol=1e-6)
+  u = np.zeros((3, SPEC.horizon + L, 2), np.float32)
+  for i in range(7):
+    a = int(tr.arrival[i])
+    u[assign[i], a:a + L] += np.asarray(tr.usage[i])
+  np.testing.assert_allclose(float(P.par_objective(u[:, :SPEC.horizon], cl.capacity)), opt, rtol=1e-6)
   assert opt < max(objs)  # the bound is informative on this instance
 
 
