@@ -36,6 +36,8 @@ def _extra(ap):
   ap.add_argument("--rotate_bytes", type=float, default=256 * 2**20,
                   help="rotate enough packed-weight copies to span this many bytes (> 2x the L2)")
   ap.add_argument("--repeats", type=int, default=10, help="timed pairs per comparison")
+  ap.add_argument("--conv_only", action="store_true",
+                  help="only the binary-conv section (e.g. on CPU, LCE's setting: float32 baseline)")
   ap.add_argument("--configs", default="rows:32:128:4:3,rows:64:64:4:3,rows:16:256:4:3,rows:32:256:8:4,"
                   "rows:64:128:8:3,bcast:32:64:4:3",
                   help="Pallas variant:block_n:block_k:num_warps:num_stages, tried in order")
@@ -66,6 +68,11 @@ def main():
     configs.append((v, int(bn), int(bk), int(nw), int(ns)))
   if args.small:
     configs = [("rows", 64, 4, 4, 3)]
+  if args.conv_only:
+    conv = _conv_section(args, interpret)
+    common.write_json(args.out, "binary_conv_cpu" if interpret else "binary_conv",
+                      {"env": common.environment(), "conv": conv})
+    return
   bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
   print(f"device copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
   rows = []
@@ -152,10 +159,12 @@ def main():
 
 
 def _conv_section(args, interpret):
-  """Binary 3x3 convolution, batch 1: packed XLA im2col XOR-popcount vs a bf16 (tensor-core) conv."""
+  """Binary 3x3 convolution, batch 1: packed XLA im2col XOR-popcount vs a bf16 (tensor-core) conv on
+  GPU, vs a float32 conv on CPU."""
   out = []
   shapes = [(8, 32)] if args.small else [(56, 256), (28, 256), (14, 512), (7, 512)]
-  reps = 2 if args.small else 16
+  reps = 2 if (args.small or interpret) else 16
+  fdt = jnp.float32 if interpret else jnp.bfloat16
   rng = np.random.default_rng(1)
   for hw, c in shapes:
     try:
@@ -163,19 +172,20 @@ def _conv_section(args, interpret):
       layer = pk.pack_conv2d(w, (hw, hw), 1, "SAME", 0.0)   # zero padding, as lax (corrected)
       xs = jnp.asarray(np.where(rng.random((reps, 1, hw, hw, c)) < 0.5, -1.0, 1.0), jnp.float32)
       xw = jnp.stack([pk.pack_bits(x, pad=True) for x in xs])
-      wb = jnp.asarray(w, jnp.bfloat16)
+      wb = jnp.asarray(w, fdt)
       conv_b = lambda x: jax.lax.conv_general_dilated(x, wb, (1, 1), "SAME",
                                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                                       preferred_element_type=jnp.float32)
       fp = jax.jit(lambda xw: sum(jnp.sum(pk.packed_conv2d(xw[r], layer).astype(jnp.float32))
                                   for r in range(reps)))
       fb = jax.jit(lambda xs: sum(jnp.sum(conv_b(xs[r])) for r in range(reps)))   # whole outputs
-      xsb = xs.astype(jnp.bfloat16)
+      xsb = xs.astype(fdt)
       exact = bool(jnp.all(pk.packed_conv2d(xw[0], layer) == conv_b(xsb[0]).astype(jnp.int32)))
       t = stats.time_interleaved(lambda: fp(xw), lambda: fb(xsb), repeats=args.repeats if not args.small
                                  else 3, warmup=2)
-      row = {"hw": hw, "c": c, "packed_xla_seconds": t.median_a / reps, "bf16_seconds": t.median_b / reps,
-             "speedup_packed_vs_bf16": t.ratio, "exact": exact,
+      row = {"hw": hw, "c": c, "packed_xla_seconds": t.median_a / reps,
+             "float_dtype": str(jnp.dtype(fdt)), "float_seconds": t.median_b / reps,
+             "speedup_packed_vs_float": t.ratio, "p_packed_faster": t.p_a_faster, "exact": exact,
              "binary_macs": hw * hw * 9 * c * c}
     except Exception as e:  # recorded, not fatal
       row = {"hw": hw, "c": c, "error": f"{type(e).__name__}: {str(e)[:300]}"}
