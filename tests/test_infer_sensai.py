@@ -163,19 +163,15 @@ def test_pruned_model_equals_original_with_zeroed_channels(kind):
   full = jax.jit(model.apply)
   out_z = full(zv, x)
   np.testing.assert_allclose(out_p, out_z, rtol=1e-5, atol=1e-5)
-  assert not np.allclose(out_z, full(variables, x), atol=1e-3)  # the zeroing did change things
+  out_full = full(variables, x)
+  assert not np.allclose(out_z, out_full, atol=1e-3)  # the zeroing did change things
+  if kind == "resnet":   # a SlimResNet20 with the full inner widths IS ResNet-20 (same variable names)
+    slim = sensai.SlimResNet20(num_classes=5, width=4, blocks_per_stage=1, inner=(4, 8, 16))
+    np.testing.assert_allclose(jax.jit(slim.apply)(variables, x), out_full, rtol=1e-5, atol=1e-6)
   assert sensai.count_params(pv) < sensai.count_params(variables)
   widths = {k: int(m.sum()) for k, m in masks.items()}
   assert {s.name: sensai._check_structure(pm, pv, sensai._plan(pm))[s.name]
           for s in sensai._plan(pm).sites} == widths
-
-
-def test_slim_resnet_with_full_width_is_resnet20():
-  model = models.ResNet20(num_classes=3, width=4, blocks_per_stage=1)
-  variables = _bn_randomise(_init(model, (8, 8, 3)), 0)
-  slim = sensai.SlimResNet20(num_classes=3, width=4, blocks_per_stage=1, inner=(4, 8, 16))
-  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
-  np.testing.assert_allclose(slim.apply(variables, x), model.apply(variables, x), rtol=1e-6)
 
 
 def test_surgery_refuses_what_it_cannot_follow():
@@ -243,6 +239,22 @@ def test_calibrate_temperature_recovers_the_generating_temperature():
   assert nll(t) <= min(nll(t * 1.05), nll(t / 1.05))
   with pytest.raises(ValueError, match="NaN"):
     sensai.calibrate_temperature(np.full((2, 2), np.nan), np.zeros(2, int))
+  sep = np.array([[5.0, -5.0], [-5.0, 5.0]] * 10)   # perfectly separated: T is not identified
+  with pytest.warns(UserWarning, match="not identified"):
+    sensai.calibrate_temperature(sep, np.array([0, 1] * 10))
+
+
+def test_joint_temperatures_recover_the_generating_ones():
+  rng = np.random.default_rng(1)
+  groups = [(0, 3), (1, 4), (2,)]
+  n = 2000
+  logits = [rng.normal(size=(n, len(g) + 1)) * 3 for g in groups]
+  t0 = np.array([0.6, 1.0, 2.0])
+  p = sensai.combine(logits, groups, 5, t0).astype(np.float64)
+  cdf = np.cumsum(p / p.sum(1, keepdims=True), 1)
+  y = np.minimum((rng.random((n, 1)) > cdf).sum(1), 4)   # one draw per row from p
+  t = sensai.calibrate_temperatures_joint(logits, groups, y, 5, steps=300)
+  np.testing.assert_allclose(t, t0, rtol=0.2)
 
 
 def test_relabel_and_group_dataset_oversample():
@@ -297,18 +309,26 @@ def test_vmapped_ensemble_equals_separate_subnets():
     np.testing.assert_allclose(logits[i, :, :m], sensai.subnet_predict(s, x), rtol=1e-5, atol=1e-5)
   ref = sensai.combine([sensai.subnet_predict(s, x) for s in subs], groups, 6, temps)
   np.testing.assert_allclose(sensai.ensemble_predict(ens, x), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sensai.make_branch_predictor(subs, 6, temps)(x), ref, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="exactly once"):
     sensai.stack_subnets(subs[:2], 6)
 
 
 def test_shard_map_ensemble_equals_vmapped(devices):
+  """One subnet per device on 8 devices (the several-subnets-per-device case: the slow test below)."""
   groups = [(c,) for c in range(8)]
   subs, x = _cnn_subnets(8, groups, seed=1)
   ens = sensai.stack_subnets(subs, 8, np.linspace(0.5, 2.0, 8))
   ref = np.asarray(sensai.ensemble_predict(ens, x))
   out = sensai.ensemble_predict_sharded(ens, x)   # one subnet per device on 8 devices
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
-  two = sensai.ensemble_predict_sharded(ens, x, Mesh(np.array(devices[:2]), ("g",)))  # 4 per device
-  np.testing.assert_allclose(two, ref, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="dividing"):
     sensai.ensemble_predict_sharded(ens, x, Mesh(np.array(devices[:3]), ("g",)))
+
+
+@pytest.mark.slow
+def test_shard_map_ensemble_several_subnets_per_device(devices):
+  subs, x = _cnn_subnets(8, [(c,) for c in range(8)], seed=2)
+  ens = sensai.stack_subnets(subs, 8)
+  two = sensai.ensemble_predict_sharded(ens, x, Mesh(np.array(devices[:2]), ("g",)))  # 4 per device
+  np.testing.assert_allclose(two, sensai.ensemble_predict(ens, x), rtol=1e-5, atol=1e-6)

@@ -87,6 +87,7 @@ __all__ = [
     "balanced_kmeans",
     "balanced_sizes",
     "calibrate_temperature",
+    "calibrate_temperatures_joint",
     "channel_stats",
     "combine",
     "count_flops",
@@ -97,6 +98,7 @@ __all__ = [
     "group_classes",
     "group_classes_contiguous",
     "group_dataset",
+    "make_branch_predictor",
     "make_subnet",
     "penultimate_features",
     "prune",
@@ -803,7 +805,63 @@ def calibrate_temperature(logits: np.ndarray, labels: np.ndarray, *, low: float 
       b = d
     else:
       a = c
-  return float(np.exp((a + b) / 2))
+  t = float(np.exp((a + b) / 2))
+  if i in (0, len(grid) - 1):
+    warnings.warn(f"calibrate_temperature: the held-out NLL is smallest at the search bound T={t:.3g} "
+                  f"(the logits {'separate the held-out data perfectly' if i == 0 else 'carry no signal'}); "
+                  "the temperature is not identified. Use more (or harder) held-out data, or "
+                  "calibrate_temperatures_joint.", UserWarning, stacklevel=2)
+  return t
+
+
+def calibrate_temperatures_joint(logits: Sequence[np.ndarray], classes: Sequence[Sequence[int]],
+                                 labels: np.ndarray, num_classes: int, *, steps: int = 300,
+                                 learning_rate: float = 0.05, low: float = 0.05,
+                                 high: float = 20.0) -> np.ndarray:
+  """Temperatures of ALL subnets fitted together on the NLL of the *combined* distribution.
+
+  Beyond the paper: per-subnet calibration (:func:`calibrate_temperature`) makes each softmax honest
+  about its own task, but the combination compares the subnets' class columns with each other; this
+  fits ``log T`` (one per subnet, clipped to ``[low, high]``) by Adam on
+  ``-mean log combine(logits, classes, T)[label]`` with the original held-out ``labels``. Starts at 1.
+
+  Returns:
+    ``(S,)`` float64 temperatures.
+  """
+  classes = [_check_classes(c, num_classes) for c in classes]
+  check_int("steps", steps, 1)
+  check_range("learning_rate", learning_rate, 0.0, low_inclusive=False)
+  y = np.asarray(labels)
+  n = y.shape[0]
+  width = max(len(c) for c in classes) + 1
+  padded = np.zeros((len(classes), n, width), np.float32)
+  valid = np.zeros((len(classes), width), bool)
+  for s, (z, cl) in enumerate(zip(logits, classes)):
+    if np.shape(z) != (n, len(cl) + 1):
+      raise ValueError(f"logits of group {s} must be ({n}, {len(cl) + 1}), got {np.shape(z)}.")
+    padded[s, :, :len(cl) + 1] = z
+    valid[s, :len(cl) + 1] = True
+  check_finite("logits", padded)
+  assign = jnp.asarray(_assignment(classes, num_classes, width - 1))
+  z, valid, yj = jnp.asarray(padded), jnp.asarray(valid), jnp.asarray(y)
+  lo, hi = math.log(low), math.log(high)
+
+  def loss(log_t):
+    p = _combine_padded(z, valid, assign, jnp.exp(jnp.clip(log_t, lo, hi)))
+    return -jnp.mean(jnp.log(jnp.take_along_axis(p, yj[:, None], 1) + 1e-30))
+
+  opt = optax.adam(learning_rate)
+
+  @jax.jit
+  def fit(log_t):
+    def body(_, carry):
+      lt, st = carry
+      g = jax.grad(loss)(lt)
+      upd, st = opt.update(g, st)
+      return jnp.clip(optax.apply_updates(lt, upd), lo, hi), st
+    return jax.lax.fori_loop(0, steps, body, (log_t, opt.init(log_t)))[0]
+
+  return np.exp(np.asarray(fit(jnp.zeros(len(classes))), np.float64))
 
 
 def _combine_padded(logits: jnp.ndarray, valid: jnp.ndarray, assign: jnp.ndarray,
@@ -938,6 +996,26 @@ def _ensemble_predict(model, variables, valid, assign, temps, x):
 def ensemble_predict(ens: Ensemble, x: jnp.ndarray) -> jnp.ndarray:
   """Combined class distribution ``(n, K)`` of the stacked subnets on one device (jitted, vmapped)."""
   return _ensemble_predict(ens.model, ens.variables, ens.valid, ens.assign, ens.temperatures, jnp.asarray(x))
+
+
+def make_branch_predictor(subnets: Sequence[Subnet], num_classes: int,
+                          temperatures: Sequence[float] | None = None) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """A jitted ``x -> (n, K)`` class distribution that runs every subnet at its OWN width as an
+  independent branch of one program (no padding; XLA may schedule the branches concurrently), then
+  combines them as :func:`combine` does. The alternative to :func:`ensemble_predict` when the subnets'
+  widths differ a lot, or where a batched (grouped) convolution is slow (XLA CPU)."""
+  ens = stack_subnets(subnets, num_classes, temperatures)   # validates and builds valid/assign/temps
+  mods = [s.model for s in subnets]
+  variables = [s.variables for s in subnets]
+  width = ens.valid.shape[1]
+
+  @jax.jit
+  def predict(variables, x):
+    logits = [m.apply(v, x, train=False) for m, v in zip(mods, variables)]
+    padded = jnp.stack([jnp.pad(z, ((0, 0), (0, width - z.shape[1]))) for z in logits])
+    return _combine_padded(padded, ens.valid, ens.assign, ens.temperatures)
+
+  return functools.partial(predict, variables)
 
 
 def ensemble_predict_sharded(ens: Ensemble, x: jnp.ndarray, mesh: Mesh | None = None,
