@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,7 +222,7 @@ def test_vote_with_perturbed_honest_copies_follows_distorted_files():
   dist = bz.distorted_files(a, byz)
   assert dist[:2].sum() == 0 and dist[2:].sum() > 0
   attacked = jax.vmap(lambda m: bz.apply_attack(workers, m, "constant"))(jnp.asarray(byz))
-  for kw in ({"rtol": 1e-5}, {"atol": 1e-5}, {}):  # with a tolerance, and exact bits + median fallback
+  for kw in ({"rtol": 1e-5}, {}):  # with a tolerance, and exact bits + median fallback (atol: below)
     vote = jax.jit(jax.vmap(functools.partial(bz.majority_vote, assignment=a, return_no_majority=True, **kw)))
     voted, no_major = vote(attacked)
     lost = np.abs(np.asarray(voted["g"]) - np.asarray(fg)).max(-1) > 1e-4
@@ -239,11 +240,11 @@ def test_vote_tolerance_bounds_and_old_first_copy_behaviour():
   byz = jnp.zeros(15, bool).at[0].set(True)  # worker 0 is the first copy of each of its files
   attacked = bz.apply_attack(workers, byz, "constant")
   # fallback='first' is the old rule: the first copy wins when no copy has a majority.
-  old = bz.majority_vote(attacked, a, fallback="first")["g"]
+  old = jax.jit(functools.partial(bz.majority_vote, assignment=a, fallback="first"))(attacked)["g"]
   mine = np.asarray(a.worker_files[0])
   assert np.all(np.asarray(old)[mine] == -100.0)
   # A tolerance too small to cover the perturbation cannot merge honest copies: every file falls back.
-  _, nm = bz.majority_vote(attacked, a, rtol=1e-12, return_no_majority=True)
+  _, nm = jax.jit(functools.partial(bz.majority_vote, assignment=a, rtol=1e-12, return_no_majority=True))(attacked)
   assert np.all(nm)
   with pytest.raises(ValueError, match="rtol"):
     bz.majority_vote(attacked, a, rtol=-1.0)
@@ -260,7 +261,8 @@ def test_even_replication_warns_and_ties_do_not_follow_worker_order():
   byz[0] = True
   dist = bz.distorted_files(a, byz)
   assert dist.sum() == 5  # r' = r / 2 = 1: a tie counts as lost
-  voted = bz.majority_vote(bz.apply_attack(workers, jnp.asarray(byz), "constant"), a)["g"]
+  voted = jax.jit(functools.partial(bz.majority_vote, assignment=a))(
+      bz.apply_attack(workers, jnp.asarray(byz), "constant"))["g"]
   # a 1-1 tie: the median of the two copies, not whichever worker comes first
   np.testing.assert_allclose(np.asarray(voted)[dist], (np.asarray(fg)[dist] - 100.0) / 2, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(voted)[~dist], np.asarray(fg)[~dist])
@@ -310,3 +312,17 @@ def test_bulyan_matches_numpy_reference(n, b):
   # and differs from the trivial answers a weak test would accept
   for trivial in (x.mean(0), x[0], np.zeros(5), np.median(x, 0)):
     assert np.abs(got - trivial).max() > 1e-3
+
+
+class VoteVariantsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_tolerant_vote_and_step_same_with_and_without_jit(self):
+    a = bz.mols_assignment(5, 3)
+    fg = jax.random.normal(jax.random.PRNGKey(4), (25, 3))
+    workers = _perturbed_copies(a, fg, seed=1)
+    byz = jnp.zeros(15, bool).at[jnp.array([1, 6])].set(True)     # workers 1, 6 share one file
+    dist = bz.distorted_files(a, np.asarray(byz))
+    voted = self.variant(lambda w: bz.majority_vote(bz.apply_attack(w, byz, "reversed"), a, atol=1e-5))(workers)
+    chex.assert_trees_all_close(voted["g"][~dist], fg[~dist], rtol=1e-5)
+    assert not np.allclose(voted["g"][dist], fg[dist])
