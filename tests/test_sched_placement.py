@@ -113,6 +113,12 @@ def test_every_policy_respects_capacity():
       before = _reserved_np(tr, np.where(np.arange(N) < i, acts, -1), 3, SPEC.horizon)[:, a]
       assert not np.any(np.all(before + np.asarray(tr.size[i]) <= np.asarray(cap) + 1e-6, -1)), name
     assert int(r.rejected) == int(np.sum(acts < 0)), name
+    assert int(r.nonfinite) == 0, name
+  # a policy emitting NaN is counted, and capacity still holds
+  nan_pol = lambda p, obs, k: jnp.where(jnp.arange(3) == 1, jnp.nan, 0.0)
+  r = P.simulate(tr, cl, nan_pol, spec=SPEC)
+  assert int(r.nonfinite) > 0
+  assert np.all(_reserved_np(tr, r.actions, 3, SPEC.horizon) <= np.asarray(cap) + 1e-6)
 
 
 # ------------------------------------------------------------------ jit / vmap

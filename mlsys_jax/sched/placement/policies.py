@@ -179,4 +179,4 @@ def simulate_numpy(trace, cluster: Cluster, policy: str, *, spec: Spec, check: b
   util = out / cap[:, None, :]
   mean, peak = util.mean(0, dtype=np.float64), util.max(0)
   par = np.where(mean > 0, peak / np.where(mean > 0, mean, 1.0), 1.0)
-  return SimResult(actions, np.int32(rejected), float(par.mean()), out)
+  return SimResult(actions, np.int32(rejected), float(par.mean()), out, np.int32(0))

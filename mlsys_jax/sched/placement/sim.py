@@ -119,12 +119,15 @@ class SimResult(NamedTuple):
     rejected: int32, valid VMs that fit on no machine.
     objective: float32, :func:`par_objective` of the final usage (``aggregate='mean'``).
     usage: float32 [M, horizon, R], usage of each machine over time.
+    nonfinite: int32, decisions where the policy gave a feasible machine a NaN/inf score (the VM then
+      still goes to a feasible machine, the first NaN one or the +inf one; counted, never hidden).
     obs: the per-step :class:`Observation` stacked over arrivals (only with ``record=True``, else None).
   """
   actions: jax.Array
   rejected: jax.Array
   objective: jax.Array
   usage: jax.Array
+  nonfinite: Any = 0
   obs: Any = None
 
 
@@ -311,7 +314,8 @@ def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, ke
     use = lax.dynamic_update_slice(use, row_u + add_u, (action, a + pad, 0))
     row_r = lax.dynamic_slice(res, (action, a + pad, 0), (1, l, r + k))
     res = lax.dynamic_update_slice(res, row_r + add_r[None], (action, a + pad, 0))
-    out = (jnp.where(placed, action, -1), valid & ~placed)
+    bad = jnp.any(feasible & ~jnp.isfinite(scores))
+    out = (jnp.where(placed, action, -1), valid & ~placed, bad)
     if record:
       out = out + (obs,)
     return (use, res), out
@@ -324,7 +328,7 @@ def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, ke
   usage = use[:, pad:pad + t_len]
   obj = par_objective(usage, capacity)
   return SimResult(outs[0], jnp.sum(outs[1]).astype(jnp.int32), obj, usage,
-                   outs[2] if record else None)
+                   jnp.sum(outs[2]).astype(jnp.int32), outs[3] if record else None)
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "spec", "record", "with_hindsight"))
