@@ -132,7 +132,8 @@ def _max_diff(outs, ref, upto):
 
 
 def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len, max_len, vocab=1000,
-                     budget_s=120.0, max_buckets=8, seed=0, warm_repeats=3, log=print) -> dict:
+                     budget_s=120.0, max_buckets=8, seed=0, warm_repeats=3,
+                     warm_modes=("serial", "pipelined"), log=print) -> dict:
   served, params = make_model(num_layers, d_model, num_heads, vocab, max_len, seed)
   lengths = sample_lengths(seed, requests, min_len, max_len)
   history = sample_lengths(seed + 1000, requests, min_len, max_len)  # the DP plans from past traffic
@@ -199,7 +200,8 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
                       budget_s=budget_s)
   r.update(compiles=r["new_shape_calls"])
   res["methods"]["per_shape_jit"] = r
-  log(f"per_shape_jit: {r['seconds']:.2f} s ({'extrapolated from ' + str(r['requests_measured']) + ' requests' if r['extrapolated'] else 'measured'})")
+  how = f"extrapolated from {r['requests_measured']} requests" if r["extrapolated"] else "measured"
+  log(f"per_shape_jit: {r['seconds']:.2f} s ({how})")
 
   sym = dyn.export_symbolic(served, params, reqs[0], dims={1: 1})
   _, r = run_stream(lambda ids: sym(params, ids), reqs, budget_s=budget_s)
@@ -218,10 +220,11 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
   res["requests_compared"] = upto
   log(f"max |padded - unpadded| over {upto} requests: {res['max_abs_diff_vs_unpadded']} (scale {scale:.2f})")
 
-  # after warm-up: the whole stream again, interleaved with pad-to-max; "serial" waits for each result
-  # on the host (one request at a time), "pipelined" dispatches every request and waits at the end
-  # (the pooled output has no dynamic axis, so unpad='device' returns device arrays without slicing)
-  pad_f = fns["pad_to_max"][0]
+  # after warm-up: the whole stream again with every program compiled, the methods interleaved round
+  # by round (medians over rounds); "serial" waits for each result on the host (one request at a time),
+  # "pipelined" dispatches every request and waits at the end (the pooled output has no dynamic axis,
+  # so unpad='device' returns device arrays without slicing)
+  names = ["pad_to_max", "pow2", "dp_warm", "dp_warm_k_pow2", "dp_e2e"]
 
   def serial(f):
     return lambda: [f(params, x) for x in reqs]
@@ -230,23 +233,29 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
     def run():
       f.unpad = "device"
       try:
-        return [f(params, x) for x in reqs]
+        return jax.block_until_ready([f(params, x) for x in reqs])
       finally:
         f.unpad = "host"
     return run
 
-  warm = {}
-  for name in ("pow2", "dp_warm", "dp_warm_k_pow2", "dp_e2e"):
-    f = fns[name][0]
-    warm[name] = {}
-    for mode, wrap in (("serial", serial), ("pipelined", pipelined)):
-      if mode == "pipelined" and any(f.out_axes):
-        continue
-      tm = stats.time_interleaved(wrap(f), wrap(pad_f), repeats=warm_repeats, warmup=1)
-      warm[name][mode] = {"seconds": tm.median_a, "pad_to_max_seconds": tm.median_b,
-                          "speedup_vs_pad_to_max": tm.median_b / tm.median_a}
-      log(f"warm {mode} {name}: {tm.median_a:.3f} s vs pad-to-max {tm.median_b:.3f} s "
-          f"({tm.median_b / tm.median_a:.2f}x)")
+  warm = {k: {} for k in names}
+  for mode in warm_modes:
+    wrap = serial if mode == "serial" else pipelined
+    if mode == "pipelined" and any(any(fns[k][0].out_axes) for k in names):
+      continue
+    times = {k: [] for k in names}
+    for r in range(warm_repeats):
+      for k in (names if r % 2 == 0 else names[::-1]):
+        t = time.perf_counter()
+        wrap(fns[k][0])()
+        times[k].append(time.perf_counter() - t)
+    base = float(np.median(times["pad_to_max"]))
+    for k in names:
+      med = float(np.median(times[k]))
+      warm[k][mode] = {"seconds": med, "seconds_all": times[k], "pad_to_max_seconds": base,
+                       "speedup_vs_pad_to_max": base / med,
+                       "requests_per_s": len(reqs) / med}
+      log(f"warm {mode} {k}: {med:.3f} s per stream ({base / med:.2f}x pad-to-max)")
   res["warm"] = warm
   e2e = {k: v["seconds"] for k, v in res["methods"].items()}
   res["speedup_e2e_vs_per_shape"] = {k: e2e["per_shape_jit"] / v for k, v in e2e.items()}

@@ -254,6 +254,6 @@ def test_tree_lstm_batched_matches_per_tree_recursion_and_ignores_padding():
   # another padding and another batch order give the same root states
   order = [3, 0, 2, 1]
   other = dyn.encode_trees([trees[i] for i in order], [feats[i] for i in order], pad="exact",
-                           num_nodes=40, width=13)
+                           num_nodes=40, width=13, num_levels=16)
   root2, _ = jax.jit(m.apply)(v, other)
   np.testing.assert_allclose(np.asarray(root2)[np.argsort(order)], ref, atol=1e-5)

@@ -400,9 +400,10 @@ def bucketed_jit(fn: Callable, dims, buckets: Sequence[int] | None = None, *, ma
     buckets: bucket sizes, e.g. ``pow2_buckets(512, 8)`` or ``choose_buckets(...).buckets``; default:
       powers of two up to ``max_length``.
     max_length: used only when ``buckets`` is None.
-    out_dims: which output axes are the dynamic length: ``'infer'`` (default: traced at two sizes with
-      ``jax.eval_shape`` at the bucket size and one less; an axis that follows the size is dynamic), ``None`` (return
-      everything padded), an int / tuple of ints for every output, or a pytree of those per output.
+    out_dims: which output axes are the dynamic length: ``'infer'`` (default: traced with
+      ``jax.eval_shape`` at the bucket size and one less; an axis that follows the size is dynamic),
+      ``None`` (return everything padded), an int / tuple of ints for every output, or a pytree of
+      those per output.
     length_arg, mask_arg: keyword names under which ``fn`` gets the true length / the mask (None: not
       passed).
     unpad: ``'host'`` slices outputs on the host and returns numpy arrays (no per-length device program);

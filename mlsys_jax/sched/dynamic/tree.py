@@ -4,8 +4,8 @@ Nimble (Shen et al., MLSys 2021, section 6) runs Tree-LSTM, whose control flow f
 with a VM that interprets data-dependent control flow; TF Fold and DyNet batch such models dynamically.
 In JAX, Python recursion over a tree under ``jit`` traces the tree's shape into the program, so every
 new tree shape compiles again and each tree runs alone. Here a batch of trees becomes flat padded arrays
-(nodes, parent pointers, and the nodes of each height level); one ``lax.scan`` over levels updates all
-nodes of one level of all trees at once, and padding the array sizes to powers of two leaves a handful
+(nodes, parent pointers, and the nodes of each height level); one ``lax.while_loop`` over the true
+number of levels updates all nodes of one level of all trees at once, and padding the array sizes to powers of two leaves a handful
 of programs for any stream of trees. The cell is the child-sum Tree-LSTM of Tai, Socher and Manning
 (ACL 2015, eq. 2-8):
 
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["TreeBatch", "encode_trees", "tree_levels", "ChildSumTreeLSTM", "tree_lstm_levels", "tree_lstm_recursive",
-           "tree_lstm_cell"]
+__all__ = ["TreeBatch", "encode_trees", "tree_levels", "ChildSumTreeLSTM", "tree_lstm_levels",
+           "tree_lstm_recursive", "tree_lstm_cell"]
 
 
 class TreeBatch(NamedTuple):
@@ -37,11 +37,14 @@ class TreeBatch(NamedTuple):
     level_nodes: ``(L, W)`` int32, row ``l`` lists the nodes of height ``l`` (leaves have height 0),
       padded with the dummy.
     roots: ``(T,)`` int32 root of each tree, padded with the dummy.
+    num_levels: int32 scalar, the true number of levels (``<= L``): the loop over levels is a
+      ``lax.while_loop`` with this trip count, so padded level rows cost nothing.
   """
   x: np.ndarray
   parent: np.ndarray
   level_nodes: np.ndarray
   roots: np.ndarray
+  num_levels: np.ndarray
 
 
 def _pow2(n: int) -> int:
@@ -134,7 +137,7 @@ def encode_trees(parents_list: Sequence[Sequence[int]], features: Sequence[np.nd
     for j, lv in enumerate(h):
       level_nodes[lv, fill[lv]] = off + j
       fill[lv] += 1
-  return TreeBatch(x, parent, level_nodes, roots)
+  return TreeBatch(x, parent, level_nodes, roots, np.int32(levels))
 
 
 def tree_lstm_cell(params, x_j, child_h, child_c):
@@ -179,7 +182,7 @@ class ChildSumTreeLSTM(nn.Module):
          "b_f": self.param("b_f", nn.initializers.ones, (hd,), x.dtype),
          "U_f": self.param("U_f", init, (hd, hd), x.dtype)}
     return tree_lstm_levels(p, TreeBatch(x, parent, jnp.asarray(batch.level_nodes),
-                                         jnp.asarray(batch.roots)))
+                                         jnp.asarray(batch.roots), jnp.asarray(batch.num_levels)))
 
 
 def tree_lstm_levels(p, batch: TreeBatch):
@@ -191,8 +194,9 @@ def tree_lstm_levels(p, batch: TreeBatch):
   wx_f = x @ p["W_f"] + p["b_f"]
   zeros = jnp.zeros((x.shape[0], hd), x.dtype)
 
-  def level(carry, idx):
+  def level(l, carry):
     h_all, h_sum, fc_sum = carry
+    idx = batch.level_nodes[l]
     iou = wx_iou[idx] + h_sum[idx] @ p["U_iou"]
     i, o, u = jnp.split(iou, 3, axis=-1)
     c = jax.nn.sigmoid(i) * jnp.tanh(u) + fc_sum[idx]
@@ -204,9 +208,10 @@ def tree_lstm_levels(p, batch: TreeBatch):
     h_sum = h_sum.at[par].add(jnp.where(to_parent, h, 0.0))
     fc_sum = fc_sum.at[par].add(jnp.where(to_parent, f * c, 0.0))
     h_all = h_all.at[idx].set(jnp.where(real, h, 0.0))
-    return (h_all, h_sum, fc_sum), None
+    return h_all, h_sum, fc_sum
 
-  (h_all, _, _), _ = lax.scan(level, (zeros, zeros, zeros), batch.level_nodes)
+  # a data-dependent trip count (Nimble's dynamic control flow): padded level rows are never run
+  h_all, _, _ = lax.fori_loop(0, batch.num_levels, level, (zeros, zeros, zeros))
   h_all = h_all.at[dummy].set(0.0)
   return h_all[batch.roots], h_all
 
