@@ -128,11 +128,17 @@ def dagger_rollouts(traces: Trace, cluster: Cluster, *, spec: Spec, params, beta
 
 def _collect(traces: Trace, capacity, spec: Spec, params, keys):
   res = _rollouts(traces, capacity, spec, params, keys)
-  feats = jax.vmap(jax.vmap(machine_features))(res.obs)
+  feats, hs, fe = _flat_samples(res.obs)
+  keep = np.asarray(fe.sum(-1) >= 2)
+  return (np.asarray(feats)[keep], np.asarray(hs)[keep], np.asarray(fe)[keep],
+          float(jnp.mean(res.objective)))
+
+
+@jax.jit
+def _flat_samples(obs: Observation):
+  feats = jax.vmap(jax.vmap(machine_features))(obs)
   flat = lambda x: x.reshape((-1,) + x.shape[2:])
-  keep = np.asarray(flat(res.obs.feasible).sum(-1) >= 2)
-  return (np.asarray(flat(feats))[keep], np.asarray(flat(res.obs.hindsight))[keep],
-          np.asarray(flat(res.obs.feasible))[keep], float(jnp.mean(res.objective)))
+  return flat(feats), flat(obs.hindsight), flat(obs.feasible)
 
 
 def train_imitation(traces: Trace, cluster: Cluster, *, spec: Spec, key: jax.Array, iterations: int = 4,
