@@ -685,7 +685,8 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
     :func:`data_parallel_init` and ``batch`` from :func:`shard_batch` (leading axis split over the
     devices). ``metrics``: ``loss`` (mean over devices), ``bytes_sent`` (what one device passed to the
     gradient collectives this step; float32), ``replicas_agree`` (bool: the new parameters are bitwise
-    identical on all devices). The first call raises ``RuntimeError`` if ``replicas_agree`` is False.
+    identical on all devices). The first call raises ``RuntimeError`` if ``replicas_agree`` is False;
+    after it, ``step.mode()`` says which reduction was chosen (``'tx'``, ``'mean'`` or ``'byzshield'``).
   """
   axis_name = mesh.axis_names[0] if axis_name is None else axis_name
   n_dev = _mesh_axis(mesh, axis_name)
