@@ -87,6 +87,10 @@ def test_mask_argument_out_dims_and_bad_specs():
   h = dyn.bucketed_jit(lambda x, length: jnp.concatenate([x, x]), dims={0: 0}, buckets=(8,))
   with pytest.raises(ValueError, match="Declare out_dims"):
     h(np.ones(3, np.float32))
+  tree = dyn.bucketed_jit(lambda d, length: {"s": d["a"][:, None] * d["b"], "n": length},
+                          dims={0: 0}, buckets=(8,))
+  out = tree({"a": np.arange(3, dtype=np.float32), "b": np.ones((3, 2), np.float32)})
+  assert out["s"].shape == (3, 2) and out["s"][:, 0].tolist() == [0.0, 1.0, 2.0] and int(out["n"]) == 3
   two = dyn.bucketed_jit(lambda a, b, length: a + b, dims={0: 0, 1: 0}, buckets=(8,))
   with pytest.raises(ValueError, match="share one length"):
     two(np.ones(3), np.ones(4))
