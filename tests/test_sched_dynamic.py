@@ -98,6 +98,8 @@ def test_mask_argument_out_dims_and_bad_specs():
     two(np.ones(3), b=np.ones(3))
   with pytest.raises(ValueError, match="buckets"):
     dyn.bucketed_jit(lambda x, length: x, dims={0: 0}, buckets=(0, 4))
+  with pytest.raises(TypeError, match="buckets must be an integer"):
+    dyn.bucketed_jit(lambda x, length: x, dims={0: 0}, buckets=(4.5,))
   with pytest.raises(ValueError, match="unpad"):
     dyn.bucketed_jit(lambda x, length: x, dims={0: 0}, buckets=(4,), unpad="gpu")
 

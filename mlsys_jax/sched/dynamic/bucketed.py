@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlsys_jax._checks import check_choice, check_range
+from mlsys_jax._checks import check_choice, check_int, check_range
 from mlsys_jax.sched.dynamic.buckets import bucket_for, pow2_buckets
 
 __all__ = ["bucketed_jit", "BucketedFunction", "PaddingInvarianceError", "length_mask",
@@ -146,10 +146,12 @@ class BucketedFunction:
       raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     self.fn = fn
     self.dims = _normalize_dims(dims)
-    bs = [int(b) for b in buckets]
-    if not bs or any(b < 1 for b in bs) or any(isinstance(b, bool) for b in buckets):
-      raise ValueError(f"buckets must be positive integers, got {tuple(buckets)!r}.")
-    self.buckets = tuple(sorted(set(bs)))
+    buckets = tuple(buckets)
+    if not buckets:
+      raise ValueError("buckets is empty; give at least one size, e.g. pow2_buckets(max_length).")
+    for b in buckets:
+      check_int("each of buckets", b, 1)
+    self.buckets = tuple(sorted({int(b) for b in buckets}))
     check_choice("unpad", unpad, ("host", "device", "none"))
     check_choice("overflow", overflow, ("error", "compile"))
     check_range("rtol", rtol, 0.0)
