@@ -151,7 +151,8 @@ sys.path.insert(0, root)
 import jax, numpy as np, optax
 from jax.sharding import PartitionSpec as P
 from mlsys_jax.comm import distributed as dist
-dist.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=120, heartbeat_timeout=10)
+dist.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=120,
+                heartbeat_timeout=10 if mode == "die" else 100)
 mesh = dist.global_mesh()
 if mode == "init":
   h, seed = int(sys.argv[5]), int(sys.argv[6])
@@ -259,7 +260,7 @@ def _full_batch_reference(params, loss, x, y, steps, lr):
   return params
 
 
-def test_dense_mean_and_byzshield_vote_equal_full_batch_adam(devices):
+def test_dense_mean_and_byzshield_equal_full_batch_adam_and_ignore_a_byzantine_worker(devices):
   params, loss, x, y = _mlp()
   mesh = dist.global_mesh("d", devices)
   ref = _full_batch_reference(params, loss, x[:64], y[:64], 2, 0.05)
@@ -284,22 +285,15 @@ def test_dense_mean_and_byzshield_vote_equal_full_batch_adam(devices):
     state, m = step(state, batch)
   assert step.mode() == "byzshield" and bool(m["replicas_agree"])
   jax.tree_util.tree_map(chex_close, state.params, ref72)
-
-
-def test_byzshield_vote_removes_a_byzantine_worker(devices):
-  params, loss, x, y = _mlp()
-  mesh = dist.global_mesh("d", devices)
-  tx = optax.sgd(0.1)
-  clean = dist.byzshield_reduce(robust.ramanujan_assignment(3, 3), "mean")
+  # One Byzantine worker of 9 (r = 3) sending -1000 everywhere wins no vote: bitwise the clean run.
   attacked = dist.byzshield_reduce(robust.ramanujan_assignment(3, 3), "mean", byzantine=(4,),
                                    attack="constant", scale=1e3)
-  outs = []
-  for spec in (clean, attacked):
-    state = dist.data_parallel_init(params, tx, mesh)
-    state, _ = dist.data_parallel_step(loss, tx, mesh, reduce=spec)(state, dist.byzshield_batch(mesh, spec, (x, y)))
-    outs.append(state.params)
-  # one Byzantine worker of 9 (r = 3) wins no vote: the update is bitwise the clean one
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *outs)
+  state_a = dist.data_parallel_init(params, tx, mesh)
+  step_a = dist.data_parallel_step(loss, tx, mesh, reduce=attacked)
+  for _ in range(2):
+    state_a, _ = step_a(state_a, dist.byzshield_batch(mesh, attacked, (x, y)))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         state_a.params, state.params)
 
 
 def test_step_errors_name_the_mismatch(devices):
