@@ -273,10 +273,16 @@ def _limb_width(k: int) -> int:
 
 
 def _shift(x, r):
-  """``floor(x * 2^r)`` for non-negative int32 ``x`` and int32 ``r`` (bits beyond 32 are lost)."""
+  """The low 31 bits of ``floor(x * 2^r)`` for non-negative int32 ``x`` (< 2^31) and int32 ``r``.
+
+  Shift amounts are clamped to 31. A right shift by 31 gives 0, as it should. A left shift by more
+  than 31 would give 0 in its low bits; the clamp leaves bit 31 set instead, which every caller removes
+  (limb masks of at most 24 bits, bit windows of at most 25; the unmasked top limb never shifts left
+  by more than ``L - P``).
+  """
   left = jax.lax.shift_left(x, jnp.clip(r, 0, 31))
   right = jax.lax.shift_right_logical(x, jnp.clip(-r, 0, 31))
-  return jnp.where(r >= 0, jnp.where(r > 31, 0, left), jnp.where(r < -31, 0, right))
+  return jnp.where(r >= 0, left, right)
 
 
 def _block_sums(sa, ea, sb, eb, emax, w, drop: bool, nl: int, lw: int, lanes: tuple | None = None):
@@ -294,13 +300,12 @@ def _block_sums(sa, ea, sb, eb, emax, w, drop: bool, nl: int, lw: int, lanes: tu
   s = w - d                                                              # position of the product LSB
   if drop:
     mag = jnp.where(d > w, 0, mag)
-  mag = jnp.where(neg, -mag, mag)
   limbs = []
   for j in range(nl):            # one fused reduction over K per limb
-    v = _shift(jnp.abs(mag), s - j * lw)
+    v = _shift(mag, s - j * lw)
     if j < nl - 1:
       v = v & ((1 << lw) - 1)
-    limbs.append(jnp.sum(jnp.where(mag < 0, -v, v), axis=1))
+    limbs.append(jnp.sum(jnp.where(neg, -v, v), axis=1))
   return jnp.stack(limbs, -1)
 
 
