@@ -44,6 +44,8 @@ _EPOCHS = flags.DEFINE_integer("epochs", 10, "Training epochs.")
 _BFP = flags.DEFINE_bool("bfp", True, "Add the MX-style block floating point curve.")
 _OUT = flags.DEFINE_string("out_dir", "results/fp_align", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "fp_align_eval", "Output JSON/PNG name.")
+_RESUM = flags.DEFINE_string("resummarize", "", "Recompute the summary and plot of this results JSON "
+                             "(no training) and write it back.")
 
 
 def _setup(name: str, seed: int):
@@ -100,6 +102,35 @@ def _spread(kw, fmt, variables, x):
   return out
 
 
+def _summary(res, ws):
+  """Per format/convention over seeds: smallest w within 0.1 point, accuracy and agreement curves."""
+  summ = {}
+  run0 = res["runs"][0]["fmts"]
+  for fmt in run0:
+    keys = list(run0[fmt]["conventions"]) + (["bfp32"] if "bfp32" in run0[fmt] else [])
+    for conv in keys:
+      get = (lambda r: r["fmts"][fmt]["bfp32"]) if conv == "bfp32" else (
+          lambda r: r["fmts"][fmt]["conventions"][conv])
+      sw = [get(r)["smallest_w_within_0.1pt"] for r in res["runs"]]
+      acc = np.array([get(r)["accuracy"] for r in res["runs"]])
+      agree = np.array([get(r)["agreement_with_exact"] for r in res["runs"]])
+      exact = np.array([r["fmts"][fmt]["exact_accuracy"] for r in res["runs"]])
+      mean_acc = acc.mean(0)
+      # P(limited-alignment accuracy >= exact accuracy) over paired seeds, a few widths
+      p_ok = {str(w): float(stats.prob_outperform(acc[:, i] + 1e-9, exact))
+              for i, w in enumerate(ws) if w in (4, 6, 8, 10, 12)}
+      summ[f"{fmt}/{conv}"] = {
+          "smallest_w_per_seed": sw,
+          "max_smallest_w": max((s for s in sw if s is not None), default=None),
+          "smallest_w_mean_within_0.1pt": _smallest_w(ws, mean_acc.tolist(), float(exact.mean())),
+          "smallest_w_mean_agreement_99.5": _smallest_w(ws, agree.mean(0).tolist(), 1.0, tol=0.005),
+          "mean_accuracy": mean_acc.tolist(), "mean_agreement": agree.mean(0).tolist(),
+          "mean_exact_accuracy": float(exact.mean()),
+          "min_accuracy_minus_exact": (acc - exact[:, None]).min(0).tolist(),
+          "prob_at_least_exact": p_ok}
+  return summ
+
+
 def _smallest_w(ws, accs, exact, tol=0.001):
   ok = [w for w, a in zip(ws, accs) if a >= exact - tol]
   # smallest w from which every larger w also stays within tol
@@ -111,6 +142,15 @@ def _smallest_w(ws, accs, exact, tol=0.001):
 
 def main(argv):
   del argv
+  if _RESUM.value:
+    path = pathlib.Path(_RESUM.value)
+    results = json.loads(path.read_text())
+    for res in results["models"].values():
+      res["summary"] = _summary(res, results["ws"])
+    path.write_text(json.dumps(results, indent=1, default=float))
+    _plot(results, path.with_suffix(".png"))
+    _print_summary(results)
+    return
   ws = list(range(_WMIN.value, _WMAX.value + 1))
   out_dir = pathlib.Path(_OUT.value)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,31 +216,22 @@ def main(argv):
                   f"{h['max_shift']}, share > 8: {h['frac_shift_gt_8']:.4f}", flush=True)
         run["fmts"][fmt] = fr
       res["runs"].append(run)
-    # summary over seeds
-    summ = {}
-    for fmt in _FMTS.value:
-      for conv in _CONVS.value + (["bfp32"] if _BFP.value and hasattr(fp_align, "BfpConfig") else []):
-        get = (lambda r: r["fmts"][fmt]["bfp32"]) if conv == "bfp32" else (
-            lambda r: r["fmts"][fmt]["conventions"][conv])
-        sw = [get(r)["smallest_w_within_0.1pt"] for r in res["runs"]]
-        acc = np.array([get(r)["accuracy"] for r in res["runs"]])
-        exact = np.array([r["fmts"][fmt]["exact_accuracy"] for r in res["runs"]])
-        # P(limited-alignment accuracy >= exact accuracy) over paired seeds, a few widths
-        p_ok = {str(w): float(stats.prob_outperform(acc[:, i] + 1e-9, exact))
-                for i, w in enumerate(ws) if w in (4, 6, 8, 10, 12)}
-        summ[f"{fmt}/{conv}"] = {"smallest_w_per_seed": sw,
-                                 "max_smallest_w": max((s for s in sw if s is not None), default=None),
-                                 "mean_accuracy": acc.mean(0).tolist(),
-                                 "mean_exact_accuracy": float(exact.mean()),
-                                 "min_accuracy_minus_exact": (acc - exact[:, None]).min(0).tolist(),
-                                 "prob_at_least_exact": p_ok}
-    res["summary"] = summ
+    res["summary"] = _summary(res, ws)
     results["models"][mname] = res
   results["seconds"] = time.perf_counter() - t_start
   path = out_dir / f"{_NAME.value}.json"
   path.write_text(json.dumps(results, indent=1, default=float))
   print(f"wrote {path}")
   _plot(results, out_dir / f"{_NAME.value}.png")
+  _print_summary(results)
+
+
+def _print_summary(results):
+  for mname, res in results["models"].items():
+    for key, s in res["summary"].items():
+      print(f"{mname} {key}: exact acc {s['mean_exact_accuracy']:.4f}; smallest w within 0.1 pt per "
+            f"seed {s['smallest_w_per_seed']} (of the mean curve: {s['smallest_w_mean_within_0.1pt']}); "
+            f"mean agreement >= 99.5% from w = {s['smallest_w_mean_agreement_99.5']}")
 
 
 def _plot(results, path):
