@@ -398,13 +398,18 @@ def main():
     ap.add_argument("--budget_s", type=float, default=90.0,
                     help="seconds per per-shape method before extrapolating the rest of the stream")
     ap.add_argument("--parts", default="stream,tree", help="comma list: stream, tree")
+    ap.add_argument("--matmul_precision", default="highest",
+                    help="jax_default_matmul_precision ('highest': true float32, so padded and unpadded "
+                    "results can be compared to float32 rounding; 'default': XLA's, TF32 on GPUs)")
     ap.add_argument("--tree_batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
   args = common.parse_args(__doc__.splitlines()[0], extra)
   if args.small:
     args.requests, args.d_model, args.num_layers, args.batch = 120, 32, 2, 2
     args.max_len, args.budget_s, args.tree_batch = 128, 15.0, 16
-  payload = {"environment": common.environment()}
+  if args.matmul_precision != "default":
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+  payload = {"environment": common.environment(), "matmul_precision": args.matmul_precision}
   parts = set(args.parts.split(","))
   if "stream" in parts:
     payload["stream"] = stream_benchmark(
