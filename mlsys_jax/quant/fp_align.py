@@ -70,24 +70,27 @@ import numpy as np
 from mlsys_jax._checks import check_choice, check_int, is_concrete
 
 __all__ = [
+    "BfpConfig",
     "CONVENTIONS",
+    "Decoded",
     "FORMATS",
     "FloatFormat",
+    "FpAlignConfig",
+    "FpAlignConv",
+    "FpAlignDotGeneral",
+    "SCALINGS",
+    "SPREAD_COLLECTION",
+    "TemporalProduct",
     "alignment_shift_histogram",
     "bfp_conv_general_dilated",
     "bfp_dot_general",
     "bfp_quantize",
     "decode",
-    "fp_dot",
-    "max_alignment_shift",
-    "BfpConfig",
-    "FpAlignConfig",
-    "FpAlignConv",
-    "FpAlignDotGeneral",
-    "TemporalProduct",
     "fp_align_conv_general_dilated",
     "fp_align_dot_general",
+    "fp_dot",
     "lane_split",
+    "max_alignment_shift",
     "temporal_dot",
     "temporal_passes",
     "temporal_product",
@@ -667,18 +670,13 @@ def _cast(x, cfg: FpAlignConfig):
   mode = cfg.scaling if cfg.scaling != "auto" else ("pow2" if f.width == 8 else "none")
   if mode == "none":
     return x.astype(f.dtype), jnp.zeros((), jnp.int32)
-  fmax = float(ml_dtypes_finfo(f.dtype).max)
+  fmax = float(jnp.finfo(f.dtype).max)
   amax = jnp.max(jnp.abs(jnp.where(jnp.isfinite(x), x, 0.0)))
   k = jnp.where(amax > 0, jnp.floor(jnp.log2(fmax / jnp.maximum(amax, 1e-30))), 0.0)
   k = jnp.clip(k, -100, 100).astype(jnp.int32)
   k = jnp.where(amax * _pow2(k) > fmax, k - 1, k)                       # log2 is not exact
   scaled = x * _pow2(k)
   return scaled.astype(f.dtype), k
-
-
-def ml_dtypes_finfo(dtype):
-  import ml_dtypes  # noqa: PLC0415 (jax depends on it)
-  return ml_dtypes.finfo(dtype)
 
 
 def _batched_fp_dot(a, b, cfg: FpAlignConfig):
