@@ -10,7 +10,7 @@ import optax
 from mlsys_jax import data, models
 from mlsys_jax.quant import fp_align
 
-ORDER = 12
+ORDER = 13
 TECHNIQUE = "FP alignment (Abdelaziz)"
 
 
