@@ -188,7 +188,7 @@ def test_masked_lstm_matches_numpy_and_ignores_padding():
   m = dyn.MaskedLSTM(6)
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 7, 4)).astype(np.float32)
-  v = m.init(jax.random.PRNGKey(0), x, 7)
+  v = jax.jit(m.init)(jax.random.PRNGKey(0), x, 7)  # jit: one compile instead of many eager ops
   lengths = np.array([7, 2, 5])
   out, h = jax.jit(m.apply)(v, x, lengths)
   ref_out, ref_h = _np_lstm(v, x.astype(np.float64), lengths)
@@ -203,7 +203,7 @@ def test_masked_lstm_matches_numpy_and_ignores_padding():
 def test_transformer_encoder_padding_invariance_and_leak_is_named():
   m = dyn.TransformerEncoder(num_layers=1, d_model=8, num_heads=2)
   x = np.random.default_rng(2).normal(size=(2, 5, 8)).astype(np.float32)
-  v = m.init(jax.random.PRNGKey(0), x, 5)
+  v = jax.jit(m.init)(jax.random.PRNGKey(0), x, 5)
   f = lambda x, length: m.apply(v, x, length)
   diffs = dyn.check_padding_invariance(f, x, dims={0: 1}, pad_to=8)
   assert max(diffs.values()) < 1e-5
@@ -252,7 +252,7 @@ def test_tree_lstm_batched_matches_per_tree_recursion_and_ignores_padding():
   feats = [rng.normal(size=(len(t), 3)).astype(np.float32) for t in trees]
   m = dyn.ChildSumTreeLSTM(4)
   batch = dyn.encode_trees(trees, feats)
-  v = m.init(jax.random.PRNGKey(0), batch)
+  v = jax.jit(m.init)(jax.random.PRNGKey(0), batch)
   root_h, _ = jax.jit(m.apply)(v, batch)
   ref = np.stack([dyn.tree_lstm_recursive(v, t, f) for t, f in zip(trees, feats)])  # eager
   np.testing.assert_allclose(root_h[:len(trees)], ref, atol=1e-5)
