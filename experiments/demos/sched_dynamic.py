@@ -47,7 +47,7 @@ def run(seed: int):
   feats = [rng.normal(size=(len(p), 4)).astype(np.float32) for p in trees]
   m = dyn.ChildSumTreeLSTM(4)
   batch = dyn.encode_trees(trees, feats)
-  v = m.init(jax.random.PRNGKey(seed), batch)
+  v = jax.jit(m.init)(jax.random.PRNGKey(seed), batch)
   roots = np.asarray(jax.jit(m.apply)(v, batch)[0])
   rec = np.stack([dyn.tree_lstm_recursive(v, p, x) for p, x in zip(trees, feats)])
   return [
