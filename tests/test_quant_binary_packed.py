@@ -38,10 +38,11 @@ def test_layout_bit_i_is_element_i_and_roundtrip():
   words = np.asarray(qb.pack_bits(jnp.asarray(x), pad=True))
   assert words.dtype == np.uint32 and words.shape == (3,)
   assert words[0] == (1 << 0) | (1 << 5) | (1 << 31) and words[1] == 1 and words[2] == 1 << 5
-  np.testing.assert_array_equal(qb.unpack_bits(jnp.asarray(words), 70), x)
   rng = np.random.default_rng(0)
   a = _pm1(rng, (3, 4, 64))
-  np.testing.assert_array_equal(qb.unpack_bits(jax.jit(qb.pack_bits)(a), 64), a)
+  back = jax.jit(lambda w, a: (qb.unpack_bits(w, 70), qb.unpack_bits(qb.pack_bits(a), 64)))(words, a)
+  np.testing.assert_array_equal(back[0], x)
+  np.testing.assert_array_equal(back[1], a)
 
 
 def test_bad_inputs_raise():
@@ -55,13 +56,13 @@ def test_bad_inputs_raise():
     qb.pack_conv2d(jnp.ones((3, 3, 32, 2)), (4, 4), pad_value=-1.0)
 
 
-@pytest.mark.parametrize("k", [32, 96, 100])
+@pytest.mark.parametrize("k", [pytest.param(32, marks=pytest.mark.slow), 100])
 def test_packed_dense_bit_exact_with_transforms(k):
   rng = np.random.default_rng(k)
   a, w = _pm1(rng, (5, k)), _pm1(rng, (k, 7))
   ref = a.astype(np.float64) @ w
   aw = qb.pack_bits(a, pad=True)
-  got = qb.packed_dense(aw, qb.pack_dense(w, pad=True))
+  got = jax.jit(qb.packed_dense)(aw, qb.pack_dense(w, pad=True))
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, ref)
   mul = rng.normal(size=7).astype(np.float32)
@@ -70,17 +71,20 @@ def test_packed_dense_bit_exact_with_transforms(k):
   bias[1] = np.float32(ref[0, 1] * -1)  # a tie: y == 0 exactly for row 0 -> sign +1
   y32 = np.maximum(ref, 0).astype(np.float32) * mul + bias
   layer = qb.pack_dense(w, mul, bias, clamp=(0, None), pad=True)
-  np.testing.assert_array_equal(qb.packed_dense(aw, layer), y32)
+  # Equal to the float32 formula up to one ulp: under jit XLA may contract mul + add into an FMA.
+  np.testing.assert_allclose(jax.jit(qb.packed_dense)(aw, layer), y32, rtol=2e-7, atol=1e-6)
   tl = qb.pack_dense(w, mul, bias, clamp=(0, None), threshold=True, pad=True)
   bits = jax.jit(qb.packed_dense)(aw, tl)
   np.testing.assert_array_equal(qb.unpack_bits(bits, 7), np.where(y32 < 0, -1.0, 1.0))
   # vmap over a leading axis gives the same result.
-  np.testing.assert_array_equal(jax.vmap(qb.packed_dense, (0, None))(aw[:, None], layer)[:, 0], y32)
+  np.testing.assert_allclose(jax.jit(jax.vmap(qb.packed_dense, (0, None)))(aw[:, None], layer)[:, 0],
+                             y32, rtol=2e-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("cin,ksize,strides,padding,pad_value", [
-    (3, 3, 1, "SAME", 1.0), (40, 3, 2, "SAME", 0.0), (32, 3, 1, "SAME", 0.0), (64, 1, 1, "VALID", 1.0),
-    (5, 3, 2, "VALID", 0.0), (8, 2, 2, "SAME", 0.0)])
+    (3, 3, 1, "SAME", 1.0), (40, 3, 2, "SAME", 0.0), (64, 1, 1, "VALID", 1.0), (8, 2, 2, "SAME", 0.0),
+    pytest.param(32, 3, 1, "SAME", 0.0, marks=pytest.mark.slow),
+    pytest.param(5, 3, 2, "VALID", 0.0, marks=pytest.mark.slow)])
 def test_packed_conv_bit_exact(cin, ksize, strides, padding, pad_value):
   rng = np.random.default_rng(cin + ksize)
   x, w = _pm1(rng, (2, 7, 6, cin)), _pm1(rng, (ksize, ksize, cin, 5))
@@ -101,7 +105,7 @@ def test_threshold_chain_of_binary_convs_is_exact():
   bias = (rng.normal(size=40) * 20).astype(np.float32)
   l1 = qb.pack_conv2d(w1, (5, 5), mul=mul, bias=bias, clamp=(0, None), threshold=True)
   l2 = qb.pack_conv2d(w2, (5, 5), pad_value=0.0)
-  got = qb.packed_conv2d(qb.packed_conv2d(qb.pack_bits(x), l1), l2)
+  got = jax.jit(lambda x, l1, l2: qb.packed_conv2d(qb.packed_conv2d(qb.pack_bits(x), l1), l2))(x, l1, l2)
   y1 = np.maximum(_conv_ref(x, w1, (1, 1), "SAME", 1.0), 0).astype(np.float32) * mul + bias
   ref = _conv_ref(np.where(y1 < 0, -1.0, 1.0), w2, (1, 1), "SAME", 0.0)
   np.testing.assert_array_equal(got, ref)
@@ -109,7 +113,7 @@ def test_threshold_chain_of_binary_convs_is_exact():
 
 @pytest.mark.parametrize("shortcut", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_convert_quicknet_matches_flax(shortcut):
-  m = qb.QuickNet(section_blocks=(1, 1), section_filters=(32, 64), num_classes=5, shortcut=shortcut)
+  m = qb.QuickNet(section_blocks=(2,), section_filters=(32,), num_classes=5, shortcut=shortcut)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
   v = jax.jit(m.init)(jax.random.PRNGKey(0), x)
   rng = np.random.default_rng(2)  # non-trivial BatchNorm statistics
@@ -121,10 +125,10 @@ def test_convert_quicknet_matches_flax(shortcut):
   ref = jax.jit(lambda v, x: m.apply(v, x))(v, x)
   np.testing.assert_allclose(infer(x), ref, rtol=1e-4, atol=1e-4)
   words = sum(pk.packed_nbytes(l.words) for l in layers.values())
-  assert words * 32 == sum(9 * c * c * 4 for c in (32, 64))   # exactly 1/32 of float32
+  assert words * 32 == 2 * 9 * 32 * 32 * 4   # exactly 1/32 of float32
 
 
-@pytest.mark.parametrize("variant", ["rows", "bcast"])
+@pytest.mark.parametrize("variant", ["rows", pytest.param("bcast", marks=pytest.mark.slow)])
 def test_pallas_kernel_interpret_matches_xla_packed_path(variant):
   from mlsys_jax.quant.binary.pallas_dense import pallas_packed_dense
   rng = np.random.default_rng(11)

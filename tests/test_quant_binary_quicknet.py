@@ -29,6 +29,7 @@ def test_param_counts_match_larq_zoo(cls):
   assert jax.tree_util.tree_leaves(labels).count("binary") == sum(m.section_blocks)
 
 
+@pytest.mark.slow
 def test_small_quicknet_forward_train_and_bop_step():
   m = qb.QuickNet(section_blocks=(1, 1), section_filters=(8, 16), num_classes=3)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)

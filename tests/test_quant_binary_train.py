@@ -74,7 +74,7 @@ def test_nnx_linear_and_conv():
 
 def test_library_cnn_binary_weights_equal_float_cnn_on_signed_kernels():
   x = np.random.default_rng(4).normal(size=(2, 8, 8, 1)).astype(np.float32)
-  kw = dict(channels=(4, 8), hidden=16)
+  kw = dict(channels=(4,), hidden=8)
   bcnn = models.CNN(conv_general_dilated=qb.binary_conv_general_dilated(None), **kw,
                     dot_general=qb.binary_dot_general(None))
   fcnn = models.CNN(**kw)

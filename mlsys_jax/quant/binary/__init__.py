@@ -12,6 +12,7 @@ from mlsys_jax.quant.binary.layers import binary_conv_general_dilated, binary_do
 from mlsys_jax.quant.binary.packed import (PackedConv2D, PackedDense, convert_quicknet, fold_batchnorm,
                                            pack_bits, pack_conv2d, pack_dense, packed_conv2d,
                                            packed_dense, packed_nbytes, unpack_bits)
+from mlsys_jax.quant.binary.pallas_dense import pallas_packed_dense
 from mlsys_jax.quant.binary.quicknet import (QuickNet, QuickNetBlock, QuickNetLarge, QuickNetSmall,
                                              blur_kernel, larq_param_count)
 from mlsys_jax.quant.binary.quantizers import (approx_sign, dorefa, larq_sign, magnitude_aware_sign,
@@ -46,6 +47,7 @@ __all__ = [
     "packed_conv2d",
     "packed_dense",
     "packed_nbytes",
+    "pallas_packed_dense",
     "ste_heaviside",
     "ste_sign",
     "ste_tern",
