@@ -1045,8 +1045,12 @@ def stack_subnets(subnets: Sequence[Subnet], num_classes: int,
                      f"{[type(s.model).__name__ for s in subnets]} with layers {set(names)}.")
   common = {k: max(w[k] for w in widths) for k in widths[0]}
   width = max(len(s.classes) for s in subnets) + 1
+  models_ = {p.rebuild(common, width) for p in plans}
+  if len(models_) != 1:
+    raise ValueError(f"stack_subnets needs subnets of one architecture; padded to common widths they differ: "
+                     f"{models_}.")
+  model = models_.pop()
   padded_vars = []
-  model = None
   for s, p, w in zip(subnets, plans, widths):
     index = {k: np.concatenate([np.arange(w[k]), -np.ones(common[k] - w[k], np.int64)]) for k in w}
     _, v = _resize(s.model, s.variables, index)   # pads the head's input rows too when it consumes a site
@@ -1055,7 +1059,6 @@ def stack_subnets(subnets: Sequence[Subnet], num_classes: int,
     extra = width - hb.shape[0]
     v = _set(_set(v, ("params", *p.head, "kernel"), np.pad(np.asarray(hk), ((0, 0), (0, extra)))),
              ("params", *p.head, "bias"), np.pad(np.asarray(hb), (0, extra)))
-    model = p.rebuild(common, width)
     padded_vars.append(v)
   stacked = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(b) for b in a])),
                                    *padded_vars)
