@@ -280,7 +280,8 @@ class BucketedFunction:
       shape = tuple(np.shape(leaf))
       if axis is not None:
         shape = shape[:axis % len(shape)] + (None,) + shape[axis % len(shape) + 1:]
-      sig.append((shape, getattr(leaf, "dtype", None) or np.result_type(leaf)))
+      dtype = getattr(leaf, "dtype", None)
+      sig.append((shape, np.result_type(leaf) if dtype is None else dtype))
     sig = (tree, tuple(sig))
     if axis is None:
       self._static_sig[i] = (tree, tuple(leaves), sig)
