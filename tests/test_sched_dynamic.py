@@ -263,3 +263,16 @@ def test_tree_lstm_batched_matches_per_tree_recursion_and_ignores_padding():
                            num_nodes=40, width=13, num_levels=16)
   root2, _ = jax.jit(m.apply)(v, other)
   np.testing.assert_allclose(np.asarray(root2)[np.argsort(order)], ref, atol=1e-5)
+
+
+def test_choose_buckets_from_a_distribution_equals_samples():
+  rng = np.random.default_rng(5)
+  samples = rng.integers(8, 100, size=200)
+  uniq, counts = np.unique(samples, return_counts=True)
+  a = dyn.choose_buckets(samples, num_buckets=4, compile_cost=3.0, stream_length=50)
+  b = dyn.choose_buckets(uniq, num_buckets=4, weights=counts / counts.sum(), compile_cost=3.0,
+                         stream_length=50)
+  assert a.buckets == b.buckets and a.total_cost == pytest.approx(b.total_cost)
+  assert dyn.bucket_for(a.buckets[0], a.buckets) == a.buckets[0]
+  with pytest.raises(ValueError, match="weights must match"):
+    dyn.choose_buckets(uniq, num_buckets=2, weights=[1.0])
