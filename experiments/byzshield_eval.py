@@ -32,6 +32,8 @@ _FILE = flags.DEFINE_integer("file_size", 12, "Samples per file. As in the paper
                              "files of the same size, so a step of ByzShield (f=25) sees 25 files, DETOX (f=5) "
                              "5 and the baseline (f=15) 15: ByzShield workers compute l=5 files each.")
 _AGG = flags.DEFINE_enum("aggregator", "median", list(bz.AGGREGATORS), "Stage-2 aggregator.")
+_VOTE_RTOL = flags.DEFINE_float("vote_rtol", 0.0, "Relative tolerance of the majority vote (0 = exact bits; "
+                                "the simulated honest copies here are bit-identical, so exact voting is safe).")
 _OUT = flags.DEFINE_string("out_dir", "results/byzshield", "Output directory.")
 
 # (name, assignment, q values): the settings of the ByzShield paper's worst-case tables.
@@ -86,7 +88,7 @@ def train(ds, assignment, q, seed, vote):
     ys = yb.reshape(f, b // f)
     fg = jax.vmap(file_grad, in_axes=(None, 0, 0))(p, xs, ys)
     g = bz.robust_step(fg, assignment, byz, attack="alie", aggregator=_AGG.value,
-                       num_byzantine_files=c_max, vote=vote)
+                       num_byzantine_files=c_max, vote=vote, vote_rtol=_VOTE_RTOL.value)
     upd, opt = tx.update(g, opt, p)
     return optax.apply_updates(p, upd), opt
 
@@ -119,7 +121,7 @@ def main(argv):
       c = stats.compare(acc[q]["ByzShield (MOLS l=5 r=3)"], acc[q]["DETOX (r=3)"])
       comps[q] = c._asdict()
       print(f"q={q}: ByzShield vs DETOX: {c}")
-    result.update({"accuracy": acc, "comparisons": comps, "aggregator": _AGG.value, "steps": _STEPS.value,
+    result.update({"accuracy": acc, "comparisons": comps, "aggregator": _AGG.value, "vote_rtol": _VOTE_RTOL.value, "steps": _STEPS.value,
                    "seeds": _SEEDS.value, "attack": "alie (z=1), omniscient worst-case workers"})
   (out / "results.json").write_text(json.dumps(result, indent=1))
   print(f"wrote {out / 'results.json'}")
