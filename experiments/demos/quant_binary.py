@@ -1,6 +1,5 @@
 """Demo rows of mlsys_jax.quant.binary (Larq / LCE, MLSys 2021): QuickNet size, packed exactness, Bop."""
 
-import functools
 
 import flax.linen as nn
 import jax

@@ -23,8 +23,7 @@ LCE). Everything runs under ``jit`` on any backend; ``lax.population_count`` doe
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
