@@ -349,3 +349,119 @@ def test_compact_above_capacity_and_rank_checked():
       sp.compact_above(x.reshape(4, 25), 1.0, 10, packing=packing)
     with pytest.raises(ValueError, match="rank 1"):
       sp.sidco_compress(x.reshape(4, 25), 0.01, 10, packing=packing)
+
+
+# ---- reliability (issue 17) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: sp.sidco(0.1, distribution="gpareto", stages=1), lambda: sp.topk(0.1),
+                                  lambda: sp.topk(0.1, momentum=0.5)])
+def test_float16_overflow_of_gradient_plus_residual_is_counted_not_sent(make):
+  # residual 60000 + gradient 10000 overflows float16 (max 65504) although neither does
+  tx = make()
+  p = {"w": jnp.zeros((20,), jnp.float16)}
+  st = tx.init(p)
+  st = st._replace(residual={"w": jnp.full((20,), 60000, jnp.float16)})
+  upd = jax.jit(tx.update)
+  for i in range(3):
+    out, st = upd({"w": jnp.full((20,), 10000, jnp.float16)}, st)
+    assert np.all(np.isfinite(np.asarray(out["w"], np.float32))) and not np.any(np.asarray(out["w"]))
+    assert int(st.nonfinite_steps) == i + 1 and float(st.bytes_sent) == 0.0
+    np.testing.assert_array_equal(st.residual["w"], np.full(20, 60000, np.float16))   # no growing infs
+  # a gradient that brings the sum back into range is sent again
+  g = jnp.asarray(-10000 - 200 * np.arange(20) ** 1.5, jnp.float16)
+  out, st = upd({"w": g}, st)
+  assert int(st.nonfinite_steps) == 3 and np.count_nonzero(np.asarray(out["w"])) > 0
+  if not st.velocity:   # (with momentum the velocity was added too)
+    np.testing.assert_array_equal(out["w"] + st.residual["w"], 60000 + g)
+
+
+@pytest.mark.parametrize("stages", [3])
+def test_multistage_threshold_keeps_previous_stage_without_exceedances(stages):
+  x = jnp.concatenate([jnp.ones(999), jnp.array([5.0])])
+  for dist in ("exponential", "gpareto"):   # (gamma's later stages are generalized Pareto fits too)
+    t = float(sp.sidco_threshold(x, 0.001, dist, stages))
+    assert 1.0 <= t < 5.0, (dist, t)                    # never 0 (which would select all 1000 entries)
+  t_traced = float(jax.jit(lambda v, s: sp.sidco_threshold(v, 0.001, "gpareto", s))(x, jnp.int32(stages)))
+  assert t_traced == pytest.approx(float(sp.sidco_threshold(x, 0.001, "gpareto", stages)), rel=1e-5)
+  tx = sp.sidco(0.001, distribution="gpareto", stages=stages)
+  out, st = jax.jit(tx.update)({"w": x}, tx.init({"w": x}))
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(out["w"])), [999])   # the 5.0 is sent
+  assert float(out["w"][999]) == 5.0
+
+
+def test_bad_inputs_give_clear_errors():
+  x = _heavy(100)
+  with pytest.raises(ValueError, match="rank 1"):
+    sp.sidco_threshold(jnp.abs(x).reshape(10, 10), 0.01)
+  for r in (1.5, 0.0, -0.1):
+    with pytest.raises(ValueError, match="ratio"):
+      sp.sidco_threshold(jnp.abs(x), r)
+  p = sp.compact(x, jnp.abs(x) > 1.0, 50)
+  with pytest.raises(ValueError, match="outside a dense vector of size 20"):
+    sp.decompress(p, 20)
+  # under jit: NaN, never a silently truncated vector
+  assert np.all(np.isnan(jax.jit(lambda q: sp.decompress(q, 20))(p)))
+  with pytest.raises(ValueError, match="same shape"):
+    sp.compact(x, jnp.abs(x[:50]) > 1.0, 10)
+  with pytest.raises(TypeError, match="boolean"):
+    sp.compact(x, jnp.abs(x), 10)
+  with pytest.raises(ValueError, match="rank 1"):
+    sp.compact(x.reshape(10, 10), jnp.abs(x.reshape(10, 10)) > 1, 10)
+  for tx in (sp.sidco(0.1), sp.topk(0.1, per_tensor=True)):
+    st = tx.init({"w": jnp.zeros((10, 10))})
+    with pytest.raises(ValueError, match=r"shape \(100,\).*\(10, 10\)"):
+      tx.update({"w": jnp.zeros((100,))}, st)
+    with pytest.raises(ValueError, match="tree structure"):
+      tx.update({"v": jnp.zeros((10, 10))}, st)
+
+
+def test_inject_hyperparams_density_schedule():
+  sched = optax.linear_schedule(0.1, 0.02, 8)
+  n = 2000
+  for make in (sp.sidco, sp.topk):
+    tx = optax.inject_hyperparams(make, static_args=("max_ratio",))(ratio=sched, max_ratio=0.1)
+    st = tx.init({"w": jnp.zeros((n,))})
+    upd = jax.jit(tx.update)
+    dens = []
+    for i in range(10):
+      g = {"w": _heavy(n, 200 + i)}
+      before = st.inner_state.residual["w"]
+      out, st = upd(g, st)
+      np.testing.assert_array_equal(out["w"] + st.inner_state.residual["w"], g["w"] + before)   # exact EF
+      dens.append(float(st.inner_state.density))
+    assert upd._cache_size() == 1                        # one compilation for the whole schedule
+    if make is sp.topk:   # exact counts: round(n * ratio(t))
+      np.testing.assert_allclose(dens, [round(n * float(sched(i))) / n for i in range(10)], rtol=1e-6)
+    else:                 # the threshold follows the schedule within the capacity (2 * 0.1 * n)
+      assert dens[0] > 0.05 and max(dens[7:]) < 0.05, dens
+  with pytest.raises(ValueError, match="max_ratio"):
+    optax.inject_hyperparams(sp.sidco)(ratio=sched).init({"w": jnp.zeros((n,))})
+  tx = optax.inject_hyperparams(sp.sidco)(ratio=sched, max_ratio=0.1)   # max_ratio not static
+  with pytest.raises(TypeError, match="static_args"):
+    jax.jit(tx.update)({"w": jnp.ones((n,))}, tx.init({"w": jnp.zeros((n,))}))
+  with pytest.raises(ValueError, match="exceeds max_ratio"):
+    sp.topk(0.2, max_ratio=0.1)
+
+
+def test_precondition_compresses_the_local_adam_direction_exactly():
+  pre = optax.scale_by_adam()
+  tx = sp.topk(0.05, precondition=pre)
+  g0 = {"w": _heavy(400, 1).reshape(20, 20), "b": _heavy(20, 2)}
+  st = tx.init(g0)
+  pst = pre.init(g0)
+  upd = jax.jit(tx.update)
+  for i in range(3):
+    g = {"w": _heavy(400, 10 + i).reshape(20, 20), "b": _heavy(20, 20 + i)}
+    d, pst = pre.update(g, pst)                                   # the local Adam direction
+    before = st.residual
+    out, st = upd(g, st)
+    for k in g:   # error feedback on the direction: sent + residual == direction + previous residual
+      np.testing.assert_allclose(out[k] + st.residual[k], d[k] + before[k], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(st.precondition.nu["w"], pst.nu["w"], rtol=1e-6)
+  # a NaN step leaves Adam's moments as they were
+  out, st2 = upd({"w": g["w"].at[0, 0].set(jnp.nan), "b": g["b"]}, st)
+  assert int(st2.nonfinite_steps) == 1 and not np.any(np.asarray(out["w"]))
+  np.testing.assert_array_equal(st2.precondition.mu["w"], st.precondition.mu["w"])
+  with pytest.raises(TypeError, match="precondition"):
+    sp.sidco(0.01, precondition=optax.adam)

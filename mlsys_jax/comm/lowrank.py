@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from mlsys_jax._checks import check_floating, check_int
-from mlsys_jax.comm.sparse import _check_axis
+from mlsys_jax.comm.sparse import _check_axis, _global_finite  # noqa: F401 (accordion imports it from here)
 
 __all__ = [
     "PowerSGDState",
@@ -200,14 +200,6 @@ def total_bytes(state: Any) -> float:
   raise ValueError(f"no compression state with total_bytes found in {type(state).__name__}.")
 
 
-def _global_finite(leaves, axis_name):
-  """True when every leaf is finite on every device (one scalar ``pmax`` when ``axis_name`` is set)."""
-  bad = jnp.logical_not(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves])))
-  if axis_name is not None:
-    bad = jax.lax.pmax(bad.astype(jnp.int32), axis_name) > 0
-  return jnp.logical_not(bad)
-
-
 def _initial_q(leaves: Sequence[Any], ranks: Sequence[int], seed: int) -> tuple:
   """Random warm starts Q (m, r) per leaf from ``seed`` (the same on every device: no broadcast), leaf i
   drawn with ``fold_in(key, i)``; shape (0, 0) where the rank is 0 (dense leaves)."""
@@ -236,7 +228,11 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
 
   Example:
     >>> tx = optax.chain(powersgd(2), optax.sgd(0.05, momentum=0.9))
+    >>> params = {"w": jnp.zeros((8, 6)), "b": jnp.zeros((6,))}
+    >>> grads = {"w": jnp.ones((8, 6)), "b": jnp.ones((6,))}
     >>> state = tx.init(params); updates, state = tx.update(grads, state, params)
+    >>> updates["w"].shape
+    (8, 6)
   """
   check_int("rank", rank, 1)
   check_int("min_size", min_size, 0)

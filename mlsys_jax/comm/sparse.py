@@ -38,8 +38,14 @@ Collectives: with ``axis_name`` the transforms run inside ``pmap``/``shard_map``
 the static payloads, scatter-adds them and averages, so the update that comes out is the decompressed
 global gradient and the state counts the bytes each device sent.
 
-Non-finite gradients: a step whose incoming gradient holds NaN/inf sends nothing, leaves the residual
-as it was, and increments ``state.nonfinite_steps`` (so it is visible, not silent).
+Non-finite values: a step whose error-compensated gradient (gradient plus residual, i.e. also a float16
+overflow of that sum) holds NaN/inf on ANY device sends nothing, leaves residual and velocity as they were,
+and increments ``state.nonfinite_steps`` on every device: the decision is agreed through one ``pmax`` of a
+flag over ``axis_name``, as PowerSGD/ACCORDION do, so the replicas never drift apart.
+
+Density schedules: ``ratio`` may be traced (``optax.inject_hyperparams``) when a static ``max_ratio`` sets
+the payload capacity; every other hyperparameter is static (``None`` defaults keep them out of
+``inject_hyperparams``).
 """
 
 from __future__ import annotations
@@ -108,7 +114,16 @@ def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
   sum over the block counts is searched for every output slot ``j`` (the block holding the ``j``-th
   selected element), and only those blocks are read again to find the element's position inside its
   block. The work beyond one pass over the mask is O(n / 64 + capacity * 64).
+
+  Raises ``ValueError`` unless ``x`` is 1-D, ``mask`` has the same shape and ``capacity >= 1``.
   """
+  check_rank("x", x, 1)
+  if np.shape(mask) != np.shape(x):
+    raise ValueError(f"compact needs a mask of the same shape as x, got x {np.shape(x)} and mask "
+                     f"{np.shape(mask)}; pass one boolean per entry of x.")
+  if jnp.result_type(mask) != jnp.bool_:
+    raise TypeError(f"compact needs a boolean mask, got dtype {jnp.result_type(mask)}; e.g. jnp.abs(x) > t.")
+  check_int("capacity", capacity, 1)
   n = x.shape[0]
   nb = -(-n // _BLOCK)
   pad = nb * _BLOCK - n
@@ -128,11 +143,37 @@ def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
   return SparsePayload(idx, vals, jnp.minimum(total, capacity).astype(jnp.int32), total > capacity)
 
 
+def _check_indices(payload: SparsePayload, size: int, where: str) -> jax.Array:
+  """Check a payload against a dense ``size``: raise for concrete out-of-range valid indices; return the
+  traced flag ``bad`` (some valid index outside ``[0, size)``) for callers under jit."""
+  check_int("size", size, 1)
+  if payload.indices.ndim < 1 or payload.values.shape != payload.indices.shape:
+    raise ValueError(f"{where}: payload indices and values must have the same shape, got "
+                     f"{payload.indices.shape} and {payload.values.shape}.")
+  cap = payload.indices.shape[-1]
+  valid = jnp.arange(cap) < jnp.asarray(payload.count)[..., None]
+  bad = jnp.any(valid & ((payload.indices < 0) | (payload.indices >= size)))
+  if not isinstance(bad, jax.core.Tracer) and bool(bad):
+    hi = int(jnp.max(jnp.where(valid, payload.indices, -1)))
+    raise ValueError(f"{where}: the payload holds index {hi} (or a negative one), outside a dense vector "
+                     f"of size {size}; pass the size of the vector that was compressed.")
+  return bad
+
+
 def decompress(payload: SparsePayload, size: int, dtype=None) -> jax.Array:
-  """Dense vector of length ``size`` from a payload (invalid slots add zero)."""
+  """Dense vector of length ``size`` from a payload (invalid slots add zero).
+
+  A valid index outside ``[0, size)`` raises ``ValueError`` (concrete payloads); under ``jit`` the
+  result is all NaN instead (never a silently truncated vector).
+
+  >>> decompress(SparsePayload(jnp.array([2, 0]), jnp.array([5., 7.]), jnp.array(1), jnp.array(False)), 4)
+  Array([0., 0., 5., 0.], dtype=float32)
+  """
+  bad = _check_indices(payload, size, "decompress")
   valid = jnp.arange(payload.values.shape[0]) < payload.count
   vals = jnp.where(valid, payload.values, 0)
-  return jnp.zeros((size,), dtype or payload.values.dtype).at[payload.indices].add(vals)
+  out = jnp.zeros((size,), dtype or payload.values.dtype).at[payload.indices].add(vals)
+  return jnp.where(bad, jnp.nan, out)
 
 
 def allgather_mean(payload: SparsePayload, size: int, axis_name: str, dtype=None) -> jax.Array:
@@ -140,13 +181,16 @@ def allgather_mean(payload: SparsePayload, size: int, axis_name: str, dtype=None
 
   The collective of every sparsifier here: all-gather the static-capacity payloads (what is actually
   communicated: ``payload_bytes`` per device), scatter-add them once, divide by the axis size. Call it
-  inside ``pmap``/``shard_map`` over ``axis_name``.
+  inside ``pmap``/``shard_map`` over ``axis_name``. A valid index outside ``[0, size)`` on any device
+  makes the result all NaN (under jit; concrete payloads raise).
   """
+  bad = _check_indices(payload, size, "allgather_mean")
+  bad = jax.lax.pmax(bad.astype(jnp.int32), axis_name) > 0
   g = jax.lax.all_gather(payload, axis_name)
   valid = jnp.arange(payload.values.shape[0])[None] < g.count[:, None]
   dense = jnp.zeros((size,), dtype or payload.values.dtype).at[g.indices.reshape(-1)].add(
       jnp.where(valid, g.values, 0).reshape(-1))
-  return dense / jax.lax.psum(1, axis_name)
+  return jnp.where(bad, jnp.nan, dense / jax.lax.psum(1, axis_name))
 
 
 def _block_stats(a: jax.Array):
@@ -315,13 +359,15 @@ def max_stages(ratio: float) -> int:
 
 
 def _masked_moments(a, mask):
-  """Minimum, mean and variance of ``a - min`` over ``mask`` in one fused pass (sums, not two passes)."""
-  cnt = jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
+  """Minimum, mean and variance of ``a - min`` over ``mask`` in one fused pass (sums, not two passes),
+  and the number of entries in ``mask`` (float32)."""
+  n_in = jnp.sum(mask, dtype=jnp.float32)
+  cnt = jnp.maximum(n_in, 1.0)
   mn = jnp.min(jnp.where(mask, a, jnp.inf))
   mn = jnp.where(jnp.isfinite(mn), mn, 0.0)
   m1 = jnp.sum(jnp.where(mask, a, 0.0)) / cnt
   m2 = jnp.sum(jnp.where(mask, a * a, 0.0)) / cnt
-  return mn, m1 - mn, jnp.maximum(m2 - m1 * m1, 1e-30)
+  return mn, m1 - mn, jnp.maximum(m2 - m1 * m1, 1e-30), n_in
 
 
 def _log_gammaincc(a, x, terms: int = 40):
@@ -408,29 +454,48 @@ def _stage_threshold(dist, mn, mean, var, delta, first: bool):
   return mn + _gamma_upper_quantile(shape, delta) * scale
 
 
+def _is_static(x) -> bool:
+  """True for a Python/numpy number (a static hyperparameter), False for a jax array (maybe traced)."""
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def _threshold_from_sums(abs_x, s1, s2, ratio, distribution, stages, first_ratio):
   """SIDCo's threshold given the first-stage sums ``s1 = sum |g|`` and ``s2 = sum g^2``.
 
   Later stages (``stages > 1`` and ``ratio < first_ratio``) refit the exceedances of the previous threshold,
   one pass over ``abs_x`` each: unrolled when ``stages`` is a Python int, a ``while_loop`` when it is traced
-  (SIDCo's adaptive stage count).
+  (SIDCo's adaptive stage count). ``ratio`` may be traced (a density schedule).
+
+  A later stage whose input (the exceedances of the previous threshold) already holds at most the target
+  count ``ratio * n`` keeps the previous threshold: refitting fewer entries than are wanted could only
+  raise the threshold above entries that should be sent (with no exceedances the fit would even
+  collapse to 0 and select everything in index order).
   """
   n = abs_x.shape[0]
   mean = s1 / n
   var = jnp.maximum(s2 / n - mean * mean, 1e-30)
   mn = jnp.zeros_like(mean)
+  target = jnp.maximum(jnp.asarray(ratio, jnp.float32) * n, 1.0)
 
   def later(t, i_ratio):
-    mn, mean, var = _masked_moments(abs_x, abs_x > t)
-    return _stage_threshold(distribution, mn, mean, var, i_ratio, False)
+    mn, mean, var, n_in = _masked_moments(abs_x, abs_x > t)
+    return jnp.where(n_in > target, _stage_threshold(distribution, mn, mean, var, i_ratio, False), t)
 
   if isinstance(stages, (int, np.integer)):
-    multi = stages > 1 and ratio < first_ratio
-    t = _stage_threshold(distribution, mn, mean, var, first_ratio if multi else ratio, True)
-    if multi:
-      i_ratio = (ratio / first_ratio) ** (1.0 / (stages - 1))
-      for _ in range(stages - 1):
-        t = later(t, i_ratio)
+    if _is_static(ratio):
+      multi = stages > 1 and ratio < first_ratio
+      t = _stage_threshold(distribution, mn, mean, var, first_ratio if multi else ratio, True)
+      if multi:
+        i_ratio = (ratio / first_ratio) ** (1.0 / (stages - 1))
+        for _ in range(stages - 1):
+          t = later(t, i_ratio)
+      return t
+    ratio = jnp.asarray(ratio, jnp.float32)
+    multi = (ratio < first_ratio) & (stages > 1)
+    t = _stage_threshold(distribution, mn, mean, var, jnp.where(multi, first_ratio, ratio), True)
+    i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / max(stages - 1, 1)), 1.0)
+    for _ in range(stages - 1):
+      t = jnp.where(multi, later(t, i_ratio), t)
     return t
   stages = jnp.asarray(stages, jnp.int32)
   multi = (stages > 1) & (ratio < first_ratio)
@@ -442,13 +507,22 @@ def _threshold_from_sums(abs_x, s1, s2, ratio, distribution, stages, first_ratio
   return t
 
 
+def _check_ratio(name: str, ratio) -> None:
+  """``ratio`` in (0, 1) when it is a number or a concrete array (a traced one is not checked)."""
+  if _is_static(ratio) or (isinstance(ratio, (jax.Array, np.ndarray)) and np.ndim(ratio) == 0):
+    check_range(name, ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  else:
+    raise TypeError(f"{name} must be a number in (0, 1) or a scalar array, got {type(ratio).__name__} "
+                    f"with shape {np.shape(ratio)}.")
+
+
 def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponential",
                     stages: int | jax.Array = 1, first_ratio: float = 0.25) -> jax.Array:
   """SIDCo's threshold for keeping about ``ratio`` of the entries of ``abs_x`` (magnitudes).
 
   Args:
-    abs_x: 1-D non-negative array.
-    ratio: target density delta in (0, 1).
+    abs_x: 1-D non-negative array (flatten a tensor first: ``jnp.abs(g).reshape(-1)``).
+    ratio: target density delta in (0, 1) (a number, or a scalar array that may be traced).
     distribution: ``'exponential'``, ``'gpareto'`` or ``'gamma'`` (gamma first stage, then
       generalized Pareto on the tails, as in the paper's code).
     stages: number of fitting stages: a Python int (later stages unrolled) or a traced int32 (e.g.
@@ -456,9 +530,17 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
     first_ratio: density kept by the first stage when ``stages > 1``.
 
   Example:
-    >>> t = sidco_threshold(jnp.abs(g), 0.001, 'gpareto')      # about 0.1% of |g| exceed t
+    >>> a = jnp.abs(jax.random.laplace(jax.random.PRNGKey(0), (100_000,)))
+    >>> t = sidco_threshold(a, 0.01, 'exponential')      # about 1% of a exceed t
+    >>> bool(0.008 < jnp.mean(a > t) < 0.012)
+    True
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
+  check_rank("abs_x", abs_x, 1)
+  _check_ratio("ratio", ratio)
+  check_range("first_ratio", first_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  if isinstance(stages, (int, np.integer)):
+    check_int("stages", stages, 1, 64)
   a = abs_x.astype(jnp.float32)
   # The first stage fits |g| itself (support from 0): mean and variance from one fused pass of sums.
   return _threshold_from_sums(a, jnp.sum(a), jnp.sum(a * a), ratio, distribution, stages, first_ratio)
@@ -488,11 +570,15 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     ``(payload, n_above)`` as in :func:`compact_above`.
 
   Example:
+    >>> g = jax.random.laplace(jax.random.PRNGKey(0), (100_000,))
     >>> payload, n_above = sidco_compress(g, 0.001, capacity=2 * g.size // 1000, distribution='gpareto')
+    >>> payload.indices.shape, bool(0 < int(payload.count) <= 200)
+    ((200,), True)
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_rank("x", x, 1)
   check_int("capacity", capacity, 1)
+  _check_ratio("ratio", ratio)
   use_pallas, interpret = _pallas_mode(packing)
   a = jnp.abs(x).astype(jnp.float32)
   if use_pallas and _PALLAS_STATS == "pallas":
@@ -506,15 +592,24 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
   return _pack_xla(x, t, capacity, bmax)
 
 
-def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fraction: float = 0.01
-                  ) -> jax.Array:
+def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fraction: float = 0.01,
+                  max_ratio: float | None = None) -> jax.Array:
   """DGC's sampled threshold (Lin et al., ICLR 2018): the k-th largest magnitude of a random sample of
-  ``sample_fraction`` of the entries, k = ratio * sample size."""
+  ``sample_fraction`` of the entries, k = ratio * sample size.
+
+  ``ratio`` may be traced when ``max_ratio`` (a number >= ratio) is given: the sample's top
+  ``max_ratio * sample size`` are computed and the k-th of them is taken.
+  """
+  check_rank("abs_x", abs_x, 1)
   n = abs_x.shape[0]
   s = max(1, min(n, int(round(n * sample_fraction))))
-  k = max(1, int(round(s * ratio)))
   idx = jax.random.randint(key, (s,), 0, n)
-  return jax.lax.top_k(abs_x[idx], k)[0][-1]
+  if max_ratio is None:
+    k = max(1, int(round(s * ratio)))
+    return jax.lax.top_k(abs_x[idx], k)[0][-1]
+  k_max = max(1, int(round(s * max_ratio)))
+  k = jnp.clip(jnp.round(s * jnp.asarray(ratio, jnp.float32)), 1, k_max).astype(jnp.int32)
+  return jax.lax.top_k(abs_x[idx], k_max)[0][k - 1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,9 +629,12 @@ class SparsifierState(NamedTuple):
     bytes_sent: bytes this device passed to the collective in the last step (static payloads).
     total_bytes: cumulative ``bytes_sent``.
     overflow_steps: steps in which the payload overflowed (the rest stayed in the residual).
-    nonfinite_steps: steps skipped because the incoming gradient held NaN/inf.
+    nonfinite_steps: steps skipped because some device's error-compensated gradient (gradient plus
+      residual, after momentum when it is on) held NaN/inf.
     velocity: momentum-correction velocity (same structure as the gradients) when the transform was
       built with ``momentum > 0``, else ``()``.
+    precondition: state of the local ``precondition`` transform (e.g. Adam's moments of this worker's
+      gradients), or ``()`` without one.
   """
   residual: Any
   key: jax.Array
@@ -549,10 +647,53 @@ class SparsifierState(NamedTuple):
   overflow_steps: jax.Array
   nonfinite_steps: jax.Array
   velocity: Any = ()
+  precondition: Any = ()
+
+
+def _static(name: str, value, default, kind=float):
+  """A hyperparameter that fixes shapes or Python control flow: ``default`` when None, a Python number
+  from a concrete scalar array (``optax.inject_hyperparams`` turns numbers into arrays), and a clear
+  error when it is traced."""
+  if value is None:
+    return default
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} is traced (e.g. a hyperparameter injected by optax.inject_hyperparams), but it "
+                    f"fixes static shapes or control flow: pass static_args=({name!r},) to "
+                    f"optax.inject_hyperparams, or leave it at its default. Only `ratio` may be traced.")
+  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+    value = value.item()
+  if kind is int and isinstance(value, float) and value.is_integer():
+    value = int(value)
+  return value
+
+
+def _resolve_ratio(ratio, max_ratio):
+  """``(ratio, max_ratio)`` checked. ``max_ratio`` is None for a static ratio (a number); a ratio that is
+  an array (a schedule through ``optax.inject_hyperparams``, maybe traced) needs a static ``max_ratio``
+  that sets the payload capacity."""
+  max_ratio = _static("max_ratio", max_ratio, None)
+  if max_ratio is not None:
+    check_range("max_ratio", max_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  if _is_static(ratio):
+    check_range("ratio", ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+    if max_ratio is not None:
+      if ratio > max_ratio:
+        raise ValueError(f"ratio {ratio} exceeds max_ratio {max_ratio}; the payload capacity is set by "
+                         f"max_ratio, so raise it.")
+    return ratio, max_ratio
+  _check_ratio("ratio", ratio)
+  if max_ratio is None:
+    raise ValueError("ratio is an array (e.g. a schedule through optax.inject_hyperparams), so the payload "
+                     "capacity cannot follow it: pass a static max_ratio (the largest density the schedule "
+                     "reaches), e.g. optax.inject_hyperparams(sidco, static_args=('max_ratio',))"
+                     "(ratio=schedule, max_ratio=0.05).")
+  if not isinstance(ratio, jax.core.Tracer) and float(ratio) > max_ratio:
+    raise ValueError(f"ratio {float(ratio)} exceeds max_ratio {max_ratio}; raise max_ratio.")
+  return ratio, max_ratio
 
 
 def _check_common(ratio, capacity_factor):
-  check_range("ratio", ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  _check_ratio("ratio", ratio)
   check_range("capacity_factor", capacity_factor, 1.0)
 
 
@@ -567,21 +708,79 @@ def _check_axis(axis_name: str | None) -> None:
                     f"that axis, or pass axis_name=None for one device.") from e
 
 
-def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: bool,
-                axis_name: str | None, seed: int, initial_stages: int,
-                adapt: tuple[int, int, float] | None = None, momentum: float = 0.0
+def _global_finite(leaves, axis_name):
+  """True when every leaf is finite on every device (one scalar ``pmax`` when ``axis_name`` is set), so
+  that every replica takes the same decision."""
+  bad = jnp.logical_not(jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves])))
+  if axis_name is not None:
+    bad = jax.lax.pmax(bad.astype(jnp.int32), axis_name) > 0
+  return jnp.logical_not(bad)
+
+
+def _check_like(name: str, updates, reference) -> None:
+  """Raise ``ValueError`` unless ``updates`` has the tree structure and leaf shapes of ``reference`` (the
+  parameters the state was initialised with)."""
+  t_u, t_r = jax.tree_util.tree_structure(updates), jax.tree_util.tree_structure(reference)
+  if t_u != t_r:
+    raise ValueError(f"{name}: the gradients' tree structure {t_u} differs from the parameters' the state "
+                     f"was initialised with ({t_r}); call init with the same tree.")
+  for (path, u), r in zip(jax.tree_util.tree_flatten_with_path(updates)[0], jax.tree_util.tree_leaves(reference)):
+    if np.shape(u) != np.shape(r):
+      raise ValueError(f"{name}: gradient{jax.tree_util.keystr(path)} has shape {np.shape(u)}, but the "
+                       f"state was initialised with shape {np.shape(r)}; pass gradients shaped like the "
+                       f"parameters.")
+
+
+def _counts(n: int, ratio, max_ratio, capacity_factor: float):
+  """``(k, k_max, capacity)`` for a vector of ``n`` entries: the target count (a Python int, or a traced
+  int32 when the ratio is dynamic), its static bound and the static payload capacity."""
+  r_cap = ratio if max_ratio is None else max_ratio
+  k_max = max(1, int(round(n * r_cap)))
+  cap = min(n, max(k_max, int(math.ceil(k_max * capacity_factor))))
+  if max_ratio is None:
+    return k_max, k_max, cap
+  k = jnp.clip(jnp.round(n * jnp.asarray(ratio, jnp.float32)), 1, k_max).astype(jnp.int32)
+  return k, k_max, cap
+
+
+def _first_k(payload: SparsePayload, k) -> SparsePayload:
+  """The first ``k`` (maybe traced) slots of a payload; later slots become index 0, value 0."""
+  if isinstance(k, int):
+    return payload
+  keep = jnp.arange(payload.indices.shape[0]) < k
+  return SparsePayload(jnp.where(keep, payload.indices, 0), jnp.where(keep, payload.values, 0),
+                       jnp.minimum(payload.count, k).astype(jnp.int32), payload.overflow)
+
+
+def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
+                axis_name: str | None, seed: int, initial_stages, max_ratio: float | None = None,
+                adapt: tuple[int, int, float] | None = None, momentum: float = 0.0,
+                precondition: optax.GradientTransformation | None = None
                 ) -> optax.GradientTransformation:
   """Shared machinery: error feedback, payloads, collectives, byte accounting, stage adaptation.
 
-  ``select(vec, k, capacity, key, stages) -> (payload, n_above)`` where ``n_above`` counts the entries the
-  threshold selected before the capacity cut. ``adapt = (max_stages, every, tolerance)`` turns on SIDCo's
-  stage adaptation from the achieved density of the whole update (all leaves together).
+  ``select(vec, k, k_max, capacity, key, stages, ratio) -> (payload, n_above)`` where ``n_above`` counts the
+  entries the threshold selected before the capacity cut (``k`` is traced when ``ratio`` is).
+  ``adapt = (max_stages, every, tolerance)`` turns on SIDCo's stage adaptation from the achieved density
+  of the whole update (all leaves together).
 
   ``momentum > 0`` turns on DGC's momentum correction with momentum-factor masking (Lin et al., ICLR 2018,
   Sec. 3.2): each worker keeps a velocity ``u = momentum * u + g`` and accumulates ``u`` (not ``g``) into the
   residual; entries that were sent are zeroed in both. The optimizer after it must then be plain SGD
   (the momentum is already applied). Exact: ``sent + residual == previous residual + u``.
+
+  ``precondition``: a local optax transform applied to this worker's gradient before error feedback
+  (e.g. ``optax.scale_by_adam()``: compress the local Adam direction, as 1-bit Adam compresses after the
+  moment update); its state is kept per worker and left unchanged on skipped steps.
+
+  Non-finite values: the check is on what would be compressed (gradient plus residual, i.e. also an
+  overflow of that sum, e.g. in float16), and the flag is agreed through one ``pmax`` over
+  ``axis_name``, so that every replica skips the same steps (nothing sent, residual and velocity
+  unchanged, ``nonfinite_steps`` incremented everywhere) and the replicas never drift apart.
   """
+  if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
+    raise TypeError(f"precondition must be an optax.GradientTransformation (e.g. optax.scale_by_adam()), "
+                    f"got {type(precondition).__name__}.")
 
   def init_fn(params):
     check_floating("sparsifier.init", params)
@@ -589,19 +788,24 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     f = jnp.zeros((), jnp.float32)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     return SparsifierState(zeros, jax.random.PRNGKey(seed), jnp.asarray(initial_stages, jnp.int32),
-                           f, z, f, f, f, z, z, zeros if momentum > 0 else ())
+                           f, z, f, f, f, z, z, zeros if momentum > 0 else (),
+                           precondition.init(params) if precondition is not None else ())
 
   def update_fn(updates, state, params=None):
-    del params
     check_floating("sparsifier.update", updates)
-    leaves = jax.tree_util.tree_leaves(updates)
+    _check_like("sparsifier.update", updates, state.residual)
     _check_axis(axis_name)
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(l)) for l in leaves]))
+    grads = updates
+    pre_state = state.precondition
+    if precondition is not None:
+      updates, pre_state = precondition.update(updates, state.precondition, params)
     if momentum > 0:
       vel = jax.tree_util.tree_map(lambda g, u: momentum * u + g.astype(u.dtype), updates, state.velocity)
       acc = jax.tree_util.tree_map(jnp.add, vel, state.residual)
     else:
       acc = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype) + r, updates, state.residual)
+    # gradient + residual, not only the gradient: the sum can overflow (float16) when neither does
+    finite = _global_finite(jax.tree_util.tree_leaves(acc), axis_name)
     key, sub = jax.random.split(state.key)
     if per_tensor:
       groups, treedef = jax.tree_util.tree_flatten(acc)
@@ -612,9 +816,9 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     outs, residuals, hits, nsel, n_above, nbytes, overflow = [], [], [], 0, 0, 0, False
     for i, vec in enumerate(vecs):
       n = vec.shape[0]
-      k = max(1, int(round(n * ratio)))
-      cap = min(n, max(k, int(math.ceil(k * capacity_factor))))
-      payload, above = select(vec, k, cap, jax.random.fold_in(sub, i), state.stages)
+      k, k_max, cap = _counts(n, ratio, max_ratio, capacity_factor)
+      vec_in = jnp.where(finite, vec, 0)                # never select from (or send) NaN/inf
+      payload, above = select(vec_in, k, k_max, cap, jax.random.fold_in(sub, i), state.stages, ratio)
       payload = payload._replace(count=jnp.where(finite, payload.count, 0))
       sent = decompress(payload, n, vec.dtype)
       residuals.append(vec - sent)                     # exact: sent entries equal vec there
@@ -643,7 +847,10 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
     new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
-    out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, updates)
+    out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
+    if precondition is not None:
+      pre_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), pre_state,
+                                         state.precondition)
     stages, ratio_sum = state.stages, state.ratio_sum
     if adapt is not None:
       hi, every, tol = adapt
@@ -657,104 +864,146 @@ def _sparsifier(select, ratio: float, *, capacity_factor: float, per_tensor: boo
     new_state = SparsifierState(
         new_res, key, stages, ratio_sum, state.step + 1, nsel.astype(jnp.float32) / total, nb,
         state.total_bytes + nb, state.overflow_steps + (overflow & finite).astype(jnp.int32),
-        state.nonfinite_steps + (~finite).astype(jnp.int32), velocity)
+        state.nonfinite_steps + (~finite).astype(jnp.int32), velocity, pre_state)
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False, momentum: float = 0.0
+def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False, momentum: float | None = None,
+         max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None
          ) -> optax.GradientTransformation:
   """Exact Top-k sparsification with error feedback (Aji and Heafield, 2017; ``lax.top_k``).
 
   ``momentum > 0``: DGC's momentum correction (see :func:`sidco`); chain with plain ``optax.sgd``.
+  ``ratio`` may be a schedule through ``optax.inject_hyperparams`` with a static ``max_ratio`` (see
+  :func:`sidco`).
 
   Example:
     >>> tx = optax.chain(topk(0.01), optax.sgd(0.1))
   """
-  _check_common(ratio, 1.0)
-
+  ratio, max_ratio = _resolve_ratio(ratio, max_ratio)
+  momentum = _static("momentum", momentum, 0.0)
   check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
 
-  def select(vec, k, cap, key, stages):
-    return topk_payload(vec, k), k
+  def select(vec, k, k_max, cap, key, stages, r):
+    return _first_k(topk_payload(vec, k_max), k), k
 
   return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
-                     seed=0, initial_stages=1, momentum=momentum)
+                     seed=0, initial_stages=1, momentum=momentum, max_ratio=max_ratio, precondition=precondition)
 
 
-def randomk(ratio: float, *, seed: int = 0, axis_name: str | None = None, per_tensor: bool = False
+def randomk(ratio: float, *, seed: int | None = None, axis_name: str | None = None, per_tensor: bool = False,
+            max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None
             ) -> optax.GradientTransformation:
-  """Random-k sparsification with error feedback: ``k`` uniformly random distinct entries per step."""
-  _check_common(ratio, 1.0)
+  """Random-k sparsification with error feedback: ``k`` uniformly random distinct entries per step.
 
-  def select(vec, k, cap, key, stages):
-    idx = jax.random.choice(key, vec.shape[0], (k,), replace=False).astype(jnp.int32)
-    return SparsePayload(idx, vec[idx], jnp.asarray(k, jnp.int32), jnp.asarray(False)), k
+  The workers share ``seed`` (the same entries everywhere, as in the literature's shared-seed Random-k).
+  """
+  ratio, max_ratio = _resolve_ratio(ratio, max_ratio)
+  seed = _static("seed", seed, 0, int)
+  check_int("seed", seed)
+
+  def select(vec, k, k_max, cap, key, stages, r):
+    idx = jax.random.choice(key, vec.shape[0], (k_max,), replace=False).astype(jnp.int32)
+    return _first_k(SparsePayload(idx, vec[idx], jnp.asarray(k_max, jnp.int32), jnp.asarray(False)), k), k
 
   return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
-                     seed=seed, initial_stages=1)
+                     seed=seed, initial_stages=1, max_ratio=max_ratio, precondition=precondition)
 
 
-def dgc(ratio: float, *, sample_fraction: float = 0.01, capacity_factor: float = 2.0, seed: int = 0,
-        axis_name: str | None = None, per_tensor: bool = False) -> optax.GradientTransformation:
+def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: float | None = None,
+        seed: int | None = None, axis_name: str | None = None, per_tensor: bool = False,
+        max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None
+        ) -> optax.GradientTransformation:
   """DGC's sampled-threshold sparsification with error feedback (Lin et al., ICLR 2018).
 
-  The threshold is the top-k magnitude of a random sample; if more than the capacity
-  (``capacity_factor`` times k) exceed it, a second top-k over the exceedances keeps exactly k, as DGC's
-  second round does.
+  The threshold is the top-k magnitude of a random sample (``sample_fraction``, default 0.01); if more
+  than the capacity (``capacity_factor`` times k, default 2) exceed it, a second top-k over the
+  exceedances keeps exactly k, as DGC's second round does.
   """
-  _check_common(ratio, capacity_factor)
+  ratio, max_ratio = _resolve_ratio(ratio, max_ratio)
+  sample_fraction = _static("sample_fraction", sample_fraction, 0.01)
+  capacity_factor = _static("capacity_factor", capacity_factor, 2.0)
+  seed = _static("seed", seed, 0, int)
+  check_range("capacity_factor", capacity_factor, 1.0)
   check_range("sample_fraction", sample_fraction, 0.0, 1.0, low_inclusive=False)
+  check_int("seed", seed)
 
-  def select(vec, k, cap, key, stages):
+  def select(vec, k, k_max, cap, key, stages, r):
     a = jnp.abs(vec)
-    t = dgc_threshold(key, a, ratio, sample_fraction)
+    t = dgc_threshold(key, a, r, sample_fraction, max_ratio=max_ratio)
     payload = compact(vec, a >= t, cap)
     above = jnp.sum(a >= t)
 
     def second_round(_):
-      vals, pos = jax.lax.top_k(jnp.where(a >= t, a, -1.0), k)
-      del vals
-      pos = pos.astype(jnp.int32)
-      idx = jnp.zeros((cap,), jnp.int32).at[:k].set(pos)
-      v = jnp.zeros((cap,), vec.dtype).at[:k].set(vec[pos])
-      return SparsePayload(idx, v, jnp.asarray(k, jnp.int32), jnp.asarray(False))
+      pos = jax.lax.top_k(jnp.where(a >= t, a, -1.0), k_max)[1].astype(jnp.int32)
+      idx = jnp.zeros((cap,), jnp.int32).at[:k_max].set(pos)
+      v = jnp.zeros((cap,), vec.dtype).at[:k_max].set(vec[pos])
+      return _first_k(SparsePayload(idx, v, jnp.asarray(k_max, jnp.int32), jnp.asarray(False)), k)
 
     payload = jax.lax.cond(payload.overflow, second_round, lambda _: payload, None)
     return payload, above
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
-                     axis_name=axis_name, seed=seed, initial_stages=1)
+                     axis_name=axis_name, seed=seed, initial_stages=1, max_ratio=max_ratio,
+                     precondition=precondition)
 
 
 def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str = "adaptive",
-          first_ratio: float = 0.25, adapt_every: int = 10, tolerance: float = 0.1,
-          capacity_factor: float = 2.0, axis_name: str | None = None, per_tensor: bool = False,
-          momentum: float = 0.0) -> optax.GradientTransformation:
+          first_ratio: float | None = None, adapt_every: int | None = None, tolerance: float | None = None,
+          capacity_factor: float | None = None, axis_name: str | None = None, per_tensor: bool = False,
+          momentum: float | None = None, max_ratio: float | None = None,
+          precondition: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
   """SIDCo threshold sparsification with error feedback (Abdelmoniem et al., MLSys 2021).
 
   Args:
-    ratio: target density delta in (0, 1) (e.g. 0.001).
+    ratio: target density delta in (0, 1) (e.g. 0.001). May be a schedule through
+      ``optax.inject_hyperparams`` (then pass a static ``max_ratio``).
     distribution: ``'exponential'``, ``'gpareto'`` or ``'gamma'`` (see :func:`sidco_threshold`).
     stages: a fixed number of fitting stages, or ``'adaptive'`` (start at 1, adapt every
       ``adapt_every`` steps by the mean achieved/target density ratio against ``1 +- tolerance``).
-    first_ratio: density kept by the first stage of a multi-stage fit.
-    adapt_every, tolerance: the adaptation rule.
-    capacity_factor: payload capacity in units of the target count; more selected elements overflow
-      into the residual.
+    first_ratio: density kept by the first stage of a multi-stage fit (default 0.25).
+    adapt_every, tolerance: the adaptation rule (defaults 10 steps, 0.1).
+    capacity_factor: payload capacity in units of the target count (default 2); more selected elements
+      overflow into the residual.
     axis_name: mapped axis for the collective (None: one device, the update is the local sparse vector).
     per_tensor: one threshold and payload per leaf (True) or one for the flattened gradient (False).
     momentum: DGC's momentum correction with momentum-factor masking (Lin et al., ICLR 2018, Sec. 3.2):
       the worker's velocity, not the raw gradient, is accumulated and sparsified; chain with plain
-      ``optax.sgd`` (no second momentum). 0 turns it off.
+      ``optax.sgd`` (no second momentum). 0 (default) turns it off.
+    max_ratio: the largest density a traced ``ratio`` takes; it fixes the payload capacity
+      (``capacity_factor * max_ratio * n``). Needed when ``ratio`` is an array.
+    precondition: a local optax transform applied to this worker's gradient before error feedback,
+      e.g. ``optax.scale_by_adam()``: the local Adam direction is compressed (as 1-bit Adam compresses
+      after the moment update), so chain with ``optax.sgd(lr)`` instead of ``optax.adam(lr)``. See the
+      note on adaptive optimizers below.
+
+  Adaptive optimizers: ``optax.chain(sidco(delta), optax.adam(lr))`` gives Adam a gradient in which
+  each coordinate is non-zero on about a fraction p of the steps and then carries the residual of the
+  ~1/p steps before it; Adam's per-coordinate normalization divides by the RMS of that spiky signal, so
+  a coordinate with a consistent gradient moves about sqrt(p) as far as under dense Adam (0.1x at
+  p = 0.01): the chain trains like Adam with a far smaller step size (docs/comm.md has the numbers).
+  Compress after the moment update instead: ``optax.chain(sidco(delta,
+  precondition=optax.scale_by_adam()), optax.sgd(lr))``.
+
+  Hyperparameters other than ``ratio`` default to None (meaning the value above) so that
+  ``optax.inject_hyperparams`` leaves them static; pass ``static_args`` for the ones you set, e.g.
+  ``optax.inject_hyperparams(sidco, static_args=('max_ratio',))(ratio=schedule, max_ratio=0.05)``.
 
   Example:
     >>> tx = optax.chain(sidco(0.001, distribution='gpareto'), optax.adam(1e-3))
     >>> # momentum SGD as in DGC, one threshold per tensor (mnist1d, 8 workers, 1%: 94.7% vs 93.1% dense)
     >>> tx = optax.chain(sidco(0.01, momentum=0.9, per_tensor=True), optax.sgd(0.05))
   """
-  _check_common(ratio, capacity_factor)
+  ratio, max_ratio = _resolve_ratio(ratio, max_ratio)
+  first_ratio = _static("first_ratio", first_ratio, 0.25)
+  adapt_every = _static("adapt_every", adapt_every, 10, int)
+  tolerance = _static("tolerance", tolerance, 0.1)
+  capacity_factor = _static("capacity_factor", capacity_factor, 2.0)
+  momentum = _static("momentum", momentum, 0.0)
+  stages = _static("stages", stages, "adaptive", int) if not isinstance(stages, str) else stages
+  check_range("capacity_factor", capacity_factor, 1.0)
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_range("first_ratio", first_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   check_int("adapt_every", adapt_every, 1)
@@ -763,12 +1012,16 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   adaptive = stages == "adaptive"
   if not adaptive:
     check_int("stages", stages, 1, 64)
-  hi = max_stages(ratio)
+  if max_ratio is None:
+    hi = max_stages(ratio)
+  else:   # the bound follows the traced ratio
+    hi = jnp.maximum(1, jnp.ceil(jnp.log(jnp.asarray(ratio, jnp.float32)) / math.log(0.5))).astype(jnp.int32)
 
-  def select(vec, k, cap, key, n_stages):
+  def select(vec, k, k_max, cap, key, n_stages, r):
     # fixed stages stay a Python int (later stages unrolled, no device-side loop)
-    return sidco_compress(vec, ratio, cap, distribution, n_stages if adaptive else stages, first_ratio)
+    return sidco_compress(vec, r, cap, distribution, n_stages if adaptive else stages, first_ratio)
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
                      axis_name=axis_name, seed=0, initial_stages=1 if adaptive else stages,
-                     adapt=(hi, adapt_every, tolerance) if adaptive else None, momentum=momentum)
+                     adapt=(hi, adapt_every, tolerance) if adaptive else None, momentum=momentum,
+                     max_ratio=max_ratio, precondition=precondition)
