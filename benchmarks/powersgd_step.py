@@ -3,6 +3,7 @@ gradients (161 tensors, 25.56M float32 parameters, flax HWIO layout), against th
 all-reduce (``pmean`` of the dense gradient) measured in the same run, on all local devices
 (``shard_map`` over axis 'd'; with one device the collectives are local copies, so the numbers are
 the compute overhead of compression, and the bytes column is what a multi-host run would move).
+The JSON holds raw numbers (seconds, bytes, ratios); only the printed table is formatted.
 
   PYTHONPATH=. python benchmarks/powersgd_step.py --out $OUT
   PYTHONPATH=. python benchmarks/powersgd_step.py --small      # CPU smoke test (widths / 8)
@@ -98,15 +99,15 @@ def main():
     t = stats.time_interleaved(lambda: fn(grads), lambda: base(grads), repeats=10 if not args.small else 5,
                                warmup=2)
     nbytes = float(np.asarray(nb)[0])
-    rows.append({"method": name, "ms": f"{t.median_a * 1e3:.2f}", "all-reduce ms": f"{t.median_b * 1e3:.2f}",
-                 "time / all-reduce": f"{1 / t.ratio:.2f}", "MB sent": f"{nbytes / 1e6:.3f}",
-                 "compression": f"{4.0 * n_params / nbytes:.0f}x", "compile s": f"{compile_s:.1f}"})
+    rows.append({"method": name, "seconds": float(t.median_a), "allreduce_seconds": float(t.median_b),
+                 "time_over_allreduce": float(1 / t.ratio), "bytes_sent": nbytes,
+                 "compression": float(4.0 * n_params / nbytes), "compile_seconds": float(compile_s)})
     print(rows[-1], flush=True)
     write_json(args.out, "powersgd_step", {**meta, "rows": rows, "partial": True})
   print(f"\n{env}\n{len(shapes)} tensors, {n_params:,} parameters, {nd} device(s); dense all-reduce "
         f"input {4 * n_params / 1e6:.1f} MB; total {time.perf_counter() - t0:.0f}s")
-  print_table(rows, ["method", "ms", "all-reduce ms", "time / all-reduce", "MB sent", "compression",
-                     "compile s"])
+  print_table(rows, ["method", "seconds", "allreduce_seconds", "time_over_allreduce", "bytes_sent",
+                     "compression", "compile_seconds"])
   write_json(args.out, "powersgd_step", {**meta, "rows": rows})
 
 

@@ -95,9 +95,13 @@ def density_quality(grads):
         _, st = upd(g, st)
         dens.append(float(st.density) / r)
       d = np.array(dens[len(dens) // 4:])  # after the first quarter (adaptation warm-up)
+      a = np.array(dens)                    # every step, the warm-up included
       table.setdefault(str(r), {})[name] = {"mean": float(d.mean()), "min": float(d.min()),
-                                            "max": float(d.max()), "all": dens}
-      print(f"  ratio {r:<6g} {name:18s} achieved/target mean {d.mean():.3f} "
+                                            "max": float(d.max()), "all_steps_mean": float(a.mean()),
+                                            "all_steps_min": float(a.min()), "all_steps_max": float(a.max()),
+                                            "all": dens}
+      print(f"  ratio {r:<6g} {name:18s} achieved/target over all steps mean {a.mean():.3f} "
+            f"[{a.min():.3f}, {a.max():.3f}]; after the first quarter {d.mean():.3f} "
             f"[{d.min():.3f}, {d.max():.3f}]", flush=True)
   return table
 
