@@ -8,8 +8,9 @@ per group, measure APoZ on the group's training images, prune, retrain the subne
   python experiments/sensai_eval.py                                   # digits, 5 seeds
   python experiments/sensai_eval.py --dataset=mnist1d --seeds=5
   python experiments/sensai_eval.py --keep_fraction=0 --seeds=1       # the paper's APoZ thresholds only
+  python experiments/sensai_eval.py --dataset=cifar10 --data_dir=DIR --arch=resnet20 --retrain=stacked
 
-Writes ``<out_dir>/sensai_<dataset>.json`` (raw per-seed numbers, summary, the flags).
+Writes ``<out_dir>/sensai_<dataset>[_resnet20].json`` (raw per-seed numbers, summary, the flags).
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.infer import sensai  # noqa: E402
 from benchmarks.sensai_latency import batch1_latency  # noqa: E402
 
-_DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "mnist1d"], "Data set (no download).")
+_DATASET = flags.DEFINE_enum("dataset", "digits", ["digits", "mnist1d", "cifar10"], "Data set (cifar10 needs "
+                              "--data_dir with the binary batches; nothing is downloaded).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "", "Folder with the CIFAR-10 binary batches.")
+_ARCH = flags.DEFINE_enum("arch", "cnn", ["cnn", "resnet20"], "Original network: the library's CNN or ResNet-20 "
+                          "(images only; its block-inner channels are pruned).")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Seeds (data split, initialisation, shuffling).")
 _GROUPS = flags.DEFINE_integer("groups", 5, "Number of class groups.")
 _GROUPING = flags.DEFINE_enum("grouping", "kmeans", ["kmeans", "contiguous"], "How classes are grouped.")
@@ -61,6 +66,10 @@ def _split_holdout(ds: data.Dataset, frac: float, seed: int):
 
 
 def _model(ds):
+  if _ARCH.value == "resnet20":
+    if len(ds.input_shape) != 3:
+      raise ValueError("--arch=resnet20 needs images (digits or cifar10).")
+    return models.ResNet20(num_classes=ds.num_classes)
   chans = tuple(int(c) for c in _CHANNELS.value)
   if ds.name == "mnist1d":
     return models.CNN(num_classes=ds.num_classes, channels=chans, hidden=_HIDDEN.value, dims=1, kernel_size=5)
@@ -68,7 +77,7 @@ def _model(ds):
 
 
 def run_seed(seed: int, timing: bool) -> dict:
-  ds = data.load_dataset(_DATASET.value, seed=seed)
+  ds = data.load_dataset(_DATASET.value, seed=seed, data_dir=_DATA_DIR.value or None)
   train, x_ho, y_ho = _split_holdout(ds, _HOLDOUT.value, seed)
   model = _model(ds)
   t0 = time.perf_counter()
@@ -204,7 +213,7 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   payload = {"flags": {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])},
              "jax": jax.__version__, "device": jax.devices()[0].platform, "summary": summary, "runs": runs}
-  path = out / f"sensai_{_DATASET.value}.json"
+  path = out / f"sensai_{_DATASET.value}{'' if _ARCH.value == 'cnn' else '_' + _ARCH.value}.json"
   path.write_text(json.dumps(payload, indent=1))
   print(f"wrote {path}")
 
