@@ -106,8 +106,12 @@ def inject_bit_errors(key: jax.Array, codes: jax.Array, p: float | jax.Array, bi
     Codes of the same shape and dtype with flipped bits.
 
   Example:
+    >>> w = jnp.linspace(-1.0, 1.0, 1000)
     >>> qt = quantize(w, 8, symmetric=False, unsigned=True)
     >>> noisy = inject_bit_errors(jax.random.PRNGKey(0), qt.codes, 0.01, 8)
+    >>> flips = jnp.unpackbits((noisy ^ qt.codes)[:, None], axis=1).sum()   # about 1% of 8000 bits
+    >>> 40 < int(flips) < 120
+    True
   """
   _check_codes(codes, bits)
   _check_p(p)
