@@ -1,0 +1,22 @@
+"""mlsys_jax.profile: RL-Scope (Gleeson et al., MLSys 2021) for JAX: where the time of a workload goes,
+per user operation and category, with the profiler's own overhead calibrated and subtracted.
+
+Public API:
+  Profiler(level='intercept'|'off'|'scopes'|'trace', trace_dir=None)   records one run (context manager)
+  CURRENT                                  the current-profiler context variable (the only global state)
+  operation(name), simulator(name), set_phase(name)   scopes (context managers / decorators)
+  jit(fn), device_put, device_get, block_until_ready  intercepted JAX calls (dispatch/compile/transfer/wait)
+  attribute(prof, trace=None) -> Attribution          (phase, op) x category table, device overlap
+  summarize(attribution), load_trace(path), device_intervals(trace, ops)
+  LEVELS, HOST_CATEGORIES, RESOURCES, SOURCES
+"""
+
+from mlsys_jax.profile.attribution import (RESOURCES, Attribution, attribute, device_intervals, load_trace,
+                                           summarize)
+from mlsys_jax.profile.scopes import (CURRENT, HOST_CATEGORIES, LEVELS, SOURCES, Profiler, Record,
+                                      block_until_ready, device_get, device_put, jit, operation, set_phase,
+                                      simulator)
+
+__all__ = ["Profiler", "Record", "CURRENT", "operation", "simulator", "set_phase", "jit", "device_put",
+           "device_get", "block_until_ready", "attribute", "Attribution", "summarize", "load_trace",
+           "device_intervals", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]

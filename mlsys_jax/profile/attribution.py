@@ -1,0 +1,237 @@
+"""Attribute a profiled run's time to (phase, operation) x category, with device overlap
+(RL-Scope, Gleeson et al., MLSys 2021, Sec. 3.2: "CPU-only", "GPU-only" and "CPU + GPU" time per operation).
+
+Host time: at every instant the time belongs to the innermost open operation (``'(none)'`` outside all of
+them) and to the innermost open host category (``'python'`` when none is open); the categories of an
+operation therefore sum exactly to its wall time, and all operations sum to the profiler's wall time.
+
+Device time comes from the ``jax.profiler`` trace: device kernels are the events of ``/device:*``
+processes (GPU/TPU); on the CPU backend, where XLA programs run on host worker threads, they are the
+events of the XLA worker threads (everything but the Python thread and bookkeeping markers). The trace's
+clock is aligned with ``perf_counter_ns`` through the ``TraceAnnotation`` each operation emitted (median
+offset over all matched operations). The union of device intervals splits each operation's host time into
+*CPU-only* (host busy, device idle), *overlap* (both busy), *device-only* (the host waits in
+``block_until_ready`` while the device works) and *idle wait* (the host waits and the device is idle).
+
+>>> import time
+>>> from mlsys_jax import profile
+>>> with profile.Profiler(level="scopes") as prof:
+...   with profile.operation("sim"):
+...     with profile.simulator():
+...       time.sleep(0.01)
+>>> a = profile.attribute(prof)
+>>> round(a.table[("default", "sim")]["simulator"] / 1e6) >= 9
+True
+"""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import json
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from mlsys_jax.profile.scopes import _ANN_PREFIX, HOST_CATEGORIES, SOURCES, Profiler, Record
+
+RESOURCES = ("cpu_only", "overlap", "device_only", "idle_wait")
+NONE_OP = "(none)"
+
+
+class Attribution(NamedTuple):
+  """Result of :func:`attribute`. ``table[(phase, op)]`` maps every host category, every resource
+  and ``'total'``/``'device'`` (device-busy union inside the op) to nanoseconds; ``counts[(phase, op)]``
+  maps each instrumentation source to the number of its events that ran inside that operation."""
+  table: dict
+  counts: dict
+  wall_ns: int
+  has_device: bool
+  note: str
+
+
+def _union(iv: list[tuple[int, int]]) -> list[tuple[int, int]]:
+  out: list[list[int]] = []
+  for a, b in sorted(iv):
+    if b <= a:
+      continue
+    if out and a <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], b)
+    else:
+      out.append([a, b])
+  return [(a, b) for a, b in out]
+
+
+def load_trace(path: str) -> dict:
+  """Read a chrome/perfetto JSON trace (``.json`` or ``.json.gz``); ``ValueError`` on another format."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rt") as f:
+      t = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not a JSON trace ({e}); pass the perfetto_trace.json.gz that "
+                     "jax.profiler writes.") from e
+  if isinstance(t, list):
+    t = {"traceEvents": t}
+  if not isinstance(t, dict) or not isinstance(t.get("traceEvents"), list):
+    raise ValueError(f"{path}: no 'traceEvents' list; this trace comes from an unsupported tool version.")
+  return t
+
+
+def device_intervals(trace: dict, ops: list[Record]) -> list[tuple[int, int]]:
+  """Device-busy intervals of ``trace`` on the ``perf_counter_ns`` clock, aligned through the
+  operations' annotations. ``ValueError`` if no annotation of ``ops`` is found in the trace."""
+  ev = trace["traceEvents"]
+  pname: dict = {}
+  tname: dict = {}
+  for e in ev:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      pname[e.get("pid")] = str(e.get("args", {}).get("name", ""))
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      tname[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
+  xs = [e for e in ev if e.get("ph") == "X" and "ts" in e and "dur" in e]
+  anns = [e for e in xs if str(e.get("name", "")).startswith(_ANN_PREFIX)]
+  if not anns and ops:
+    raise ValueError("the trace has no operation annotations ('rlscope/<name>' TraceAnnotations); it was not "
+                     "collected by this profiler at level='trace' or comes from another tool version.")
+  # Align: k-th annotation of a name <-> k-th recorded operation of that name.
+  by_name: dict[str, list[float]] = {}
+  for e in sorted(anns, key=lambda e: float(e["ts"])):
+    by_name.setdefault(e["name"][len(_ANN_PREFIX):], []).append(float(e["ts"]))
+  offs = []
+  seen: dict[str, int] = {}
+  for r in sorted(ops, key=lambda r: r.start):
+    k = seen.get(r.name, 0)
+    seen[r.name] = k + 1
+    lst = by_name.get(r.name, [])
+    if k < len(lst):
+      offs.append(lst[k] * 1e3 - r.start)
+  if ops and not offs:
+    raise ValueError("no trace annotation matches a recorded operation; the trace belongs to another run.")
+  off = float(np.median(offs)) if offs else 0.0
+  dev_pids = {p for p, n in pname.items() if n.startswith("/device:")}
+  ann_threads = {(e.get("pid"), e.get("tid")) for e in anns}
+  out = []
+  for e in xs:
+    name = str(e.get("name", ""))
+    key = (e.get("pid"), e.get("tid"))
+    if dev_pids:
+      if e.get("pid") not in dev_pids:
+        continue
+    else:  # CPU backend: XLA worker threads of the host process
+      if key in ann_threads or "python" in tname.get(key, "").lower():
+        continue
+      if name.startswith(("ThreadpoolListener", "end: ", "$", "ThunkExecutor")) or _is_compiler(name):
+        continue
+    s = float(e["ts"]) * 1e3 - off
+    out.append((int(s), int(s + float(e["dur"]) * 1e3)))
+  return _union(out)
+
+
+def _is_compiler(name: str) -> bool:
+  # The CPU backend compiles on the same worker threads that run programs; keep compiler passes out.
+  low = name.lower()
+  return low.endswith("pass") or "compil" in low or "lower" in low or "optimiz" in low or "llvm" in low
+
+
+def _innermost(active: list[Record]) -> Record | None:
+  best = None
+  for r in active:
+    if best is None or r.start > best.start or (r.start == best.start and r.end < best.end):
+      best = r
+  return best
+
+
+def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
+  """Split the wall time of a finished profiler run by (phase, operation) and category.
+
+  ``trace`` defaults to the profiler's own trace (``prof.trace_path``) when it collected one; without a
+  trace, device columns are zero and ``has_device`` is False (CPU categories only).
+  """
+  if prof.end_ns <= prof.start_ns:
+    raise ValueError("the profiler has not run; use it as `with Profiler(...) as prof:` first.")
+  lo, hi = prof.start_ns, prof.end_ns
+  recs = [r._replace(start=max(r.start, lo), end=min(r.end, hi)) for r in prof._records]
+  recs = [r for r in recs if r.end > r.start]
+  ops = [r for r in recs if r.kind == "operation"]
+  cats = [r for r in recs if r.kind != "operation"]
+  note = prof.degraded or ""
+  dev: list[tuple[int, int]] = []
+  has_device = False
+  if trace is None and prof.trace_path:
+    trace = load_trace(prof.trace_path)
+  if trace is not None:
+    dev = [(max(a, lo), min(b, hi)) for a, b in device_intervals(trace, ops) if b > lo and a < hi]
+    has_device = True
+  elif not note:
+    note = f"no device trace (level={prof.level!r}); CPU categories only"
+  pts = sorted({lo, hi, *(r.start for r in recs), *(r.end for r in recs), *(a for a, _ in dev),
+                *(b for _, b in dev)})
+  zero = {c: 0 for c in (*HOST_CATEGORIES, *RESOURCES, "total", "device")}
+  table: dict = {}
+  by_start_o = sorted(ops, key=lambda r: r.start)
+  by_start_c = sorted(cats, key=lambda r: r.start)
+  io = ic = idev = 0
+  act_o: list[Record] = []
+  act_c: list[Record] = []
+  seg_t: list[int] = []
+  seg_key: list[tuple] = []
+  for t0, t1 in zip(pts[:-1], pts[1:]):
+    while io < len(by_start_o) and by_start_o[io].start <= t0:
+      act_o.append(by_start_o[io]); io += 1
+    while ic < len(by_start_c) and by_start_c[ic].start <= t0:
+      act_c.append(by_start_c[ic]); ic += 1
+    act_o = [r for r in act_o if r.end > t0]
+    act_c = [r for r in act_c if r.end > t0]
+    o = _innermost(act_o)
+    c = _innermost(act_c)
+    key = (o.phase, o.name) if o is not None else (c.phase if c is not None else prof._phase, NONE_OP)
+    cat = c.kind if c is not None else "python"
+    while idev < len(dev) and dev[idev][1] <= t0:
+      idev += 1
+    busy = idev < len(dev) and dev[idev][0] <= t0
+    d = t1 - t0
+    row = table.setdefault(key, dict(zero))
+    row[cat] += d
+    row["total"] += d
+    if busy:
+      row["device"] += d
+    if cat == "wait":
+      row["device_only" if busy else "idle_wait"] += d
+    else:
+      row["overlap" if busy else "cpu_only"] += d
+    seg_t.append(t0)
+    seg_key.append(key)
+  # Instrumentation events, located where their book-keeping ran.
+  counts: dict = {k: {s: 0 for s in SOURCES} for k in table}
+
+  def where(t: int, default_phase: str) -> tuple:
+    i = bisect.bisect_right(seg_t, t) - 1
+    return seg_key[i] if i >= 0 else (default_phase, NONE_OP)
+
+  per_scope_trace = prof.counts["trace"] > 0
+  for r in recs:
+    if r.kind == "operation" or r.kind == "simulator":
+      k = where(r.start - 1, r.phase)  # enter/exit cost lands in the enclosing operation
+      counts.setdefault(k, {s: 0 for s in SOURCES})
+      counts[k]["scope"] += 1
+      if per_scope_trace and r.kind == "operation":
+        counts[k]["trace"] += 1
+    elif r.kind != "compile":
+      k = where(r.start, r.phase)
+      counts.setdefault(k, {s: 0 for s in SOURCES})
+      counts[k]["intercept"] += 1
+  for k in counts:
+    table.setdefault(k, dict(zero))
+  return Attribution(table, counts, hi - lo, has_device, note)
+
+
+def summarize(a: Attribution, by_phase: bool = False) -> dict:
+  """Merge ``a.table`` over phases (or keep ``(phase, op)`` keys) into ``{op: {column: seconds}}``."""
+  out: dict = {}
+  for (ph, op), row in a.table.items():
+    key = f"{ph}/{op}" if by_phase else op
+    acc = out.setdefault(key, {})
+    for c, v in row.items():
+      acc[c] = acc.get(c, 0.0) + v / 1e9
+  return out
