@@ -1,6 +1,12 @@
-"""mlsys_jax.sched: IOS, the inter-operator scheduler (Ding et al., MLSys 2021), on jaxprs.
+"""mlsys_jax.sched: execution decisions.
 
-Public API:
+- IOS, the inter-operator scheduler (Ding et al., MLSys 2021), on jaxprs: the names below.
+- ``mlsys_jax.sched.dynamic``: Nimble (Shen et al., MLSys 2021): bucketed jit, bucket choice, symbolic export,
+  batched dynamic control flow (Tree-LSTM); import from the subpackage.
+- ``mlsys_jax.sched.placement``: FirePlace (Balaji et al., MLSys 2021): VM placement simulator, baselines and
+  hindsight imitation; import from the subpackage.
+
+Public API of IOS:
   ios_schedule(fn, *example_args, r=3, s=8, profiler=None, strategy='both', ...) -> Schedule
   Schedule (apply / __call__, summary, measure, to_json, from_json)
   sequential_schedule(graph) -> [Stage]  the baseline: one unit per stage
