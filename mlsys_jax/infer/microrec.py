@@ -1,0 +1,668 @@
+"""MicroRec: fewer embedding lookups by Cartesian combination of tables (Jiang et al., MLSys 2021).
+
+Recommendation inference is bound by random embedding lookups. MicroRec (Jiang, He, Zhang, Preusser, Zeng,
+Feng, Zhang, Liu, Li, Zhou, Zhang, Alonso, "MicroRec: Efficient Recommendation Inference by Hardware and
+Data Structure Solutions", MLSys 2021, section 3) replaces the lookups into small one-hot tables A
+(n_A x d_A) and B (n_B x d_B) by ONE lookup into their Cartesian product
+
+    C[i * n_B + j] = concat(A[i], B[j])          (n_A * n_B rows of width d_A + d_B)
+
+(more tables: mixed-radix index, first table most significant). The result is bit-identical; the price is
+storage, n_A n_B (d_A + d_B) - n_A d_A - n_B d_B extra elements, so it only pays for small tables.
+
+This module has
+
+- table specs: :data:`ALIBABA_47` and :data:`ALIBABA_98` (the authors' public ``embedding_dimension.npy``
+  of their 47- and 98-table wide&deep models) and :data:`CRITEO_26` (the public Criteo Kaggle cardinalities);
+- plans (:class:`Plan`: which tables share one lookup) with storage/lookup accounting (:func:`plan_report`);
+- planners: :func:`authors_plan` (the authors' outer-inner pairing of the 2i smallest tables),
+  :func:`greedy_plan` (merge the cheapest extra bytes per saved lookup) and :func:`optimal_plan` (an exact
+  integer program over pairs and triples of table *types*: most lookups saved within the budget, then
+  least storage);
+- the lookup stage (:class:`EmbeddingStage`, :func:`build_stage`, :func:`lookup`): per-table ``take``, one
+  fused gather per embedding width over concatenated tables (row offsets), and combined tables (fused or
+  not); :func:`sharded_lookup` places whole physical tables on the devices of one host (LPT balance of
+  bytes) and gathers them under ``shard_map``;
+- :class:`DLRM`, a flax bottom-MLP / embeddings / dot (or concat, wide&deep) interaction / top-MLP model
+  whose embedding stage is an input, and :func:`synthetic_batch` (uniform or Zipf access).
+
+Out-of-range indices: with concrete indices :func:`lookup` raises ``ValueError`` naming the table; with
+traced indices (inside ``jit``) each index is clamped into its table and the number of out-of-range
+indices is returned next to the embeddings (never a silent wrong answer). Multi-hot features (bags) are
+refused in a combined table: the product only represents one row per table.
+
+Example:
+  >>> import jax, numpy as np
+  >>> from mlsys_jax.infer import microrec as mr
+  >>> specs = (mr.TableSpec(3, 2), mr.TableSpec(4, 2), mr.TableSpec(50, 2))
+  >>> tables = mr.init_tables(jax.random.PRNGKey(0), specs)
+  >>> plan = mr.Plan(((0, 1), (2,)))
+  >>> idx = np.array([[2, 3, 7], [0, 1, 49]])
+  >>> a, _ = mr.lookup(mr.build_stage(tables, mr.Plan.identity(3)), idx)
+  >>> b, bad = mr.lookup(mr.build_stage(tables, plan), idx)
+  >>> bool(np.array_equal(a, b)), int(bad), mr.plan_report(specs, plan).lookups
+  (True, 0, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlsys_jax._checks import check_choice, check_int, check_range, is_concrete
+
+__all__ = [
+    "TableSpec", "ALIBABA_47", "ALIBABA_98", "CRITEO_26", "Plan", "PlanReport", "plan_report",
+    "combine_tables", "combined_index", "authors_plan", "greedy_plan", "optimal_plan", "frontier",
+    "EmbeddingStage", "build_stage", "lookup", "init_tables", "balanced_placement", "sharded_lookup",
+    "DLRM", "synthetic_batch", "INDEX_LIMIT",
+]
+
+INDEX_LIMIT = 2**31 - 1  # combined row indices are int32 (jax's default integer width).
+
+
+class TableSpec(NamedTuple):
+  """One embedding table: ``rows`` (cardinality) x ``dim`` (width)."""
+  rows: int
+  dim: int
+
+
+def _specs(pairs) -> tuple[TableSpec, ...]:
+  return tuple(TableSpec(int(r), int(d)) for d, r in pairs)
+
+
+# The authors' table specs, (dim, rows) pairs of `keras_wide_deep*/cartesian_analysis/embedding_dimension.npy`
+# in WenqiJiang/FPGA-Accelerator-for-Recommender-Systems (353,669,600 and 3,776,852,800 parameters).
+ALIBABA_47 = _specs([(4, 100)] * 4 + [(4, 500)] * 2 + [(4, 1000)] * 10 + [(8, 3000)] + [(8, 10000)] * 15
+                    + [(8, 20000), (8, 30000)] + [(8, 100000)] * 10 + [(16, 500000), (16, 1000000),
+                                                                       (32, 10000000)])
+ALIBABA_98 = _specs([(4, 100)] * 12 + [(4, 500)] * 6 + [(4, 1000)] * 9 + [(8, 5000)] * 14 + [(8, 15000)] * 2
+                    + [(8, 50000)] * 30 + [(8, 100000)] * 2 + [(8, 150000)] * 2 + [(16, 500000)] * 16
+                    + [(16, 1000000)] * 2 + [(16, 5000000), (32, 10000000), (32, 100000000)])
+# Criteo Kaggle (Display Advertising Challenge) categorical cardinalities C1..C26, as counted by the DLRM
+# preprocessing; width 16 as in the issue's H200 measurement.
+CRITEO_26 = tuple(TableSpec(n, 16) for n in (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306,
+    10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572))
+
+
+def _check_specs(specs) -> tuple[TableSpec, ...]:
+  specs = tuple(TableSpec(*s) for s in specs)
+  if not specs:
+    raise ValueError("specs is empty; pass at least one TableSpec(rows, dim).")
+  for i, s in enumerate(specs):
+    check_int(f"specs[{i}].rows", s.rows, 1)
+    check_int(f"specs[{i}].dim", s.dim, 1)
+  return specs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plans and accounting.
+
+class Plan(NamedTuple):
+  """Which tables share one lookup: ``groups`` partitions ``range(num_tables)``; a group of 2+ tables is
+  one Cartesian-product table (index order = radix order, first table most significant)."""
+  groups: tuple[tuple[int, ...], ...]
+
+  @staticmethod
+  def identity(num_tables: int) -> "Plan":
+    return Plan(tuple((i,) for i in range(num_tables)))
+
+
+def _check_plan(plan: Plan, specs: Sequence[TableSpec], multi_hot: Sequence[int] = ()) -> Plan:
+  if not isinstance(plan, Plan):
+    raise TypeError(f"plan must be a microrec.Plan, got {type(plan).__name__}.")
+  groups = tuple(tuple(int(i) for i in g) for g in plan.groups)
+  flat = [i for g in groups for i in g]
+  if any(len(g) == 0 for g in groups):
+    raise ValueError("plan has an empty group; every group needs at least one table index.")
+  if sorted(flat) != list(range(len(specs))):
+    raise ValueError(f"plan.groups must partition range({len(specs)}) (each table exactly once), got "
+                     f"{groups}.")
+  hot = set(int(i) for i in multi_hot)
+  for g in groups:
+    if len(g) > 1 and hot & set(g):
+      raise ValueError(f"tables {sorted(hot & set(g))} are multi-hot but sit in the combined group {g}; a "
+                       "Cartesian product holds one row per table (one-hot only). Keep multi-hot tables alone.")
+    n = math.prod(specs[i].rows for i in g)
+    if n > INDEX_LIMIT:
+      raise ValueError(f"group {g} would have {n} rows, more than int32 indices address ({INDEX_LIMIT}); "
+                       "combine smaller tables.")
+  return Plan(groups)
+
+
+class PlanReport(NamedTuple):
+  """Accounting of a plan (element counts; multiply by the dtype size for bytes).
+
+  Attributes:
+    lookups: random row lookups per sample (number of groups); ``tables``: lookups without combination.
+    base_elements: elements of the separate tables; ``elements``: elements the plan stores.
+    overhead: ``elements / base_elements - 1`` (the combined tables replace their members).
+    authors_overhead: the authors' trade-off-script convention, ``sum_{|g|>1} prod(rows) * sum(dims)`` over
+      ``base_elements`` (members are kept as well).
+  """
+  lookups: int
+  tables: int
+  base_elements: int
+  elements: int
+  overhead: float
+  authors_overhead: float
+
+
+def _group_elements(specs, g) -> int:
+  return math.prod(specs[i].rows for i in g) * sum(specs[i].dim for i in g)
+
+
+def plan_report(specs: Sequence[TableSpec], plan: Plan) -> PlanReport:
+  """Lookups and storage of ``plan`` on ``specs`` (see :class:`PlanReport`)."""
+  specs = _check_specs(specs)
+  plan = _check_plan(plan, specs)
+  base = sum(s.rows * s.dim for s in specs)
+  elems = sum(_group_elements(specs, g) for g in plan.groups)
+  prod = sum(_group_elements(specs, g) for g in plan.groups if len(g) > 1)
+  return PlanReport(len(plan.groups), len(specs), base, elems, elems / base - 1.0, prod / base)
+
+
+def _extra(specs, g) -> int:
+  """Extra elements of combining group ``g`` instead of storing its members separately."""
+  return _group_elements(specs, g) - sum(specs[i].rows * specs[i].dim for i in g)
+
+
+def _budget_elements(specs, budget: float) -> float:
+  check_range("budget", budget, 0.0)
+  return budget * sum(s.rows * s.dim for s in specs)
+
+
+def _finish(specs, groups, num_tables) -> Plan:
+  used = {i for g in groups for i in g}
+  out = [tuple(g) for g in groups] + [(i,) for i in range(num_tables) if i not in used]
+  return Plan(tuple(sorted(out, key=lambda g: g[0])))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planners.
+
+def authors_plan(specs: Sequence[TableSpec], budget: float) -> Plan:
+  """The authors' heuristic: sort tables by size, take the ``2i`` smallest, pair the ``j``-th with the
+  ``(2i-1-j)``-th, for the largest ``i`` whose extra storage (``plan_report(...).overhead``) is <= ``budget``
+  (a fraction of the separate tables' elements). Raises ``ValueError`` if no plan (not even no combination)
+  fits, which cannot happen for ``budget >= 0``."""
+  specs = _check_specs(specs)
+  cap = _budget_elements(specs, budget)
+  order = sorted(range(len(specs)), key=lambda i: (specs[i].rows * specs[i].dim, i))
+  best: list[tuple[int, int]] = []
+  for i in range(1, len(specs) // 2 + 1):
+    top = order[:2 * i]
+    pairs = [(top[j], top[-1 - j]) for j in range(i)]
+    if any(math.prod(specs[k].rows for k in p) > INDEX_LIMIT for p in pairs):
+      break
+    if sum(_extra(specs, p) for p in pairs) > cap:
+      break
+    best = pairs
+  return _finish(specs, best, len(specs))
+
+
+def greedy_plan(specs: Sequence[TableSpec], budget: float, *, max_group: int = 3,
+                multi_hot: Sequence[int] = ()) -> Plan:
+  """Greedy on bytes per saved lookup: repeatedly merge the two current groups whose merge adds the fewest
+  elements (each merge saves one lookup) while the total extra storage stays <= ``budget`` and groups
+  have at most ``max_group`` tables. Multi-hot tables are never merged."""
+  specs = _check_specs(specs)
+  check_int("max_group", max_group, 2)
+  cap = _budget_elements(specs, budget)
+  hot = set(int(i) for i in multi_hot)
+  groups = [(i,) for i in range(len(specs)) if i not in hot]
+  spent = 0
+  while True:
+    best = None
+    # Only the cheapest candidates can win: sort by size and scan pairs of the smallest groups.
+    groups.sort(key=lambda g: _group_elements(specs, g))
+    lim = min(len(groups), 64)
+    for a in range(lim):
+      for b in range(a + 1, lim):
+        g = groups[a] + groups[b]
+        if len(g) > max_group or math.prod(specs[i].rows for i in g) > INDEX_LIMIT:
+          continue
+        cost = _extra(specs, g) - _extra(specs, groups[a]) - _extra(specs, groups[b])
+        if spent + cost <= cap and (best is None or cost < best[0]):
+          best = (cost, a, b)
+    if best is None:
+      break
+    cost, a, b = best
+    merged = groups[a] + groups[b]
+    groups = [g for k, g in enumerate(groups) if k not in (a, b)] + [merged]
+    spent += cost
+  return _finish(specs, [g for g in groups if len(g) > 1], len(specs))
+
+
+def _group_types(specs, cand, cap, max_group):
+  """Types (rows, dim) of candidate tables with their counts, and every pair/triple of types whose extra
+  storage fits ``cap`` (each a combination saving len-1 lookups)."""
+  types = sorted({(specs[i].rows, specs[i].dim) for i in cand})
+  count = [sum(1 for i in cand if (specs[i].rows, specs[i].dim) == t) for t in types]
+  tspecs = [TableSpec(*t) for t in types]
+  combos = []
+  n = len(types)
+  for a in range(n):
+    for b in range(a, n):
+      sizes = [(a, b)] + ([(a, b, c) for c in range(b, n)] if max_group >= 3 else [])
+      for combo in sizes:
+        if any(combo.count(t) > count[t] for t in set(combo)):
+          continue
+        if math.prod(tspecs[t].rows for t in combo) > INDEX_LIMIT:
+          continue
+        cost = _extra(tspecs, combo)
+        if cost <= cap:
+          combos.append((combo, cost))
+  return types, count, combos
+
+
+def _milp(count, combos, cap, saved_at_least=None):
+  """Integer program over combination multiplicities: maximise lookups saved (then minimise storage) with
+  each type used at most ``count`` times and extra storage <= ``cap``; two solves (most saved, then least
+  storage at that many saved)."""
+  from scipy.optimize import Bounds, LinearConstraint, milp
+  m = len(combos)
+  saves = np.array([len(c) - 1 for c, _ in combos], float)
+  costs = np.array([cost for _, cost in combos], float)
+  use = np.zeros((len(count), m))
+  for j, (c, _) in enumerate(combos):
+    for t in c:
+      use[t, j] += 1
+  cons = [LinearConstraint(use, 0, np.array(count, float)), LinearConstraint(costs[None], 0, cap)]
+  integrality = np.ones(m)
+  bounds = Bounds(0, np.inf)
+  if saved_at_least is None:
+    res = milp(-saves, constraints=cons, integrality=integrality, bounds=bounds)
+    if not res.success:
+      raise RuntimeError(f"integer program failed: {res.message}")
+    s = int(round(saves @ np.round(res.x)))
+    saved_at_least = s
+  cons.append(LinearConstraint(saves[None], saved_at_least, np.inf))
+  res = milp(costs, constraints=cons, integrality=integrality, bounds=bounds)
+  if not res.success:
+    return None
+  return np.round(res.x).astype(int)
+
+
+def optimal_plan(specs: Sequence[TableSpec], budget: float, *, max_group: int = 3,
+                 multi_hot: Sequence[int] = (), min_saved: int | None = None) -> Plan:
+  """Exact planner (integer program, ``scipy.optimize.milp``): groups of 2..``max_group`` (2 or 3) tables,
+  the most lookups saved with extra storage <= ``budget`` (fraction of the separate tables' elements),
+  ties broken by least storage. Tables of equal (rows, dim) are interchangeable, so the program runs over
+  multiplicities of type pairs/triples and stays small for any table count.
+
+  ``min_saved`` asks for at least that many saved lookups at least storage; ``ValueError`` if no plan
+  within ``budget`` saves that many (raise ``budget`` or lower ``min_saved``).
+  """
+  specs = _check_specs(specs)
+  check_choice("max_group", max_group, (2, 3))
+  cap = _budget_elements(specs, budget)
+  hot = set(int(i) for i in multi_hot)
+  cand = [i for i in range(len(specs)) if i not in hot]
+  types, count, combos = _group_types(specs, cand, cap, max_group)
+  if not combos:
+    if min_saved:
+      raise ValueError(f"no combination of tables fits budget={budget} (extra storage as a fraction of "
+                       f"{sum(s.rows * s.dim for s in specs)} elements); raise the budget.")
+    return Plan.identity(len(specs))
+  if min_saved is not None:
+    check_int("min_saved", min_saved, 0)
+  x = _milp(count, combos, cap, min_saved)
+  if x is None:
+    raise ValueError(f"no plan saves {min_saved} lookups within budget={budget}; the most that fits is "
+                     f"{len(specs) - plan_report(specs, optimal_plan(specs, budget, max_group=max_group, multi_hot=multi_hot)).lookups}.")
+  pool = {t: [i for i in cand if (specs[i].rows, specs[i].dim) == t] for t in types}
+  groups = []
+  for (combo, _), k in zip(combos, x):
+    for _ in range(k):
+      groups.append(tuple(pool[types[t]].pop(0) for t in combo))
+  return _finish(specs, groups, len(specs))
+
+
+def frontier(specs: Sequence[TableSpec], planner: str, budgets: Sequence[float], **kw) -> list[dict]:
+  """Lookups and storage of ``planner`` ('authors', 'greedy', 'optimal') at each budget."""
+  check_choice("planner", planner, ("authors", "greedy", "optimal"))
+  fn = {"authors": authors_plan, "greedy": greedy_plan, "optimal": optimal_plan}[planner]
+  out = []
+  for b in budgets:
+    r = plan_report(specs, fn(specs, b, **kw))
+    out.append({"budget": float(b), **r._asdict()})
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Combination and lookups.
+
+def combine_tables(tables: Sequence[jax.Array]) -> jax.Array:
+  """Cartesian product of 2+ tables: row ``combined_index(i, rows)`` is ``concat(t0[i0], t1[i1], ...)``."""
+  if len(tables) == 0:
+    raise ValueError("combine_tables needs at least one table.")
+  rows = [t.shape[0] for t in tables]
+  k = len(tables)
+  parts = []
+  for j, t in enumerate(tables):
+    shape = [1] * k + [t.shape[1]]
+    shape[j] = rows[j]
+    parts.append(jnp.broadcast_to(t.reshape(shape), tuple(rows) + (t.shape[1],)))
+  return jnp.concatenate(parts, axis=-1).reshape(math.prod(rows), -1)
+
+
+def combined_index(idx: jax.Array, rows: Sequence[int]) -> jax.Array:
+  """Mixed-radix row of a combined table: ``idx[..., 0] * prod(rows[1:]) + ... + idx[..., -1]``."""
+  out = idx[..., 0]
+  for j in range(1, len(rows)):
+    out = out * rows[j] + idx[..., j]
+  return out
+
+
+class _Layout(NamedTuple):
+  rows: tuple[int, ...]
+  dims: tuple[int, ...]
+  groups: tuple[tuple[int, ...], ...]
+  fuse: bool
+  # per physical table: (buffer id, row offset); buffers are concatenations of equal-width tables.
+  where: tuple[tuple[int, int], ...]
+
+
+@jax.tree_util.register_pytree_node_class
+class EmbeddingStage:
+  """Physical embedding buffers of a plan (a pytree; the layout is static). Build with :func:`build_stage`."""
+
+  def __init__(self, buffers, layout: _Layout):
+    self.buffers = tuple(buffers)
+    self.layout = layout
+
+  def tree_flatten(self):
+    return self.buffers, self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, buffers):
+    return cls(buffers, layout)
+
+  @property
+  def lookups(self) -> int:
+    return len(self.layout.groups)
+
+  @property
+  def gathers(self) -> int:
+    return len(self.buffers)
+
+
+def init_tables(key: jax.Array, specs: Sequence[TableSpec], dtype=jnp.float32, scale: float = 0.05):
+  """Separate tables ``N(0, scale^2)`` of the given specs (a list)."""
+  specs = _check_specs(specs)
+  keys = jax.random.split(key, len(specs))
+  return [scale * jax.random.normal(k, (s.rows, s.dim), dtype) for k, s in zip(keys, specs)]
+
+
+def build_stage(tables: Sequence[jax.Array], plan: Plan, *, fuse: bool = False,
+                multi_hot: Sequence[int] = ()) -> EmbeddingStage:
+  """Physical tables of ``plan``: each group becomes one Cartesian-product table. With ``fuse=True`` the
+  physical tables of equal width are concatenated into one buffer (row offsets), so the whole stage is
+  one gather per distinct width. ``Plan.identity(n)`` with ``fuse=False`` is the per-table baseline."""
+  tables = list(tables)
+  for i, t in enumerate(tables):
+    if getattr(t, "ndim", None) != 2:
+      raise ValueError(f"tables[{i}] must be a (rows, dim) array, got shape {getattr(t, 'shape', None)}.")
+  specs = tuple(TableSpec(t.shape[0], t.shape[1]) for t in tables)
+  plan = _check_plan(plan, specs, multi_hot)
+  phys = [tables[g[0]] if len(g) == 1 else combine_tables([tables[i] for i in g]) for g in plan.groups]
+  if not fuse:
+    where = tuple((k, 0) for k in range(len(phys)))
+    buffers = phys
+  else:
+    widths = sorted({p.shape[1] for p in phys})
+    members = {w: [k for k, p in enumerate(phys) if p.shape[1] == w] for w in widths}
+    wh = [None] * len(phys)
+    buffers = []
+    for b, w in enumerate(widths):
+      off = 0
+      for k in members[w]:
+        wh[k] = (b, off)
+        off += phys[k].shape[0]
+      if off > INDEX_LIMIT:
+        raise ValueError(f"fused buffer of width {w} would have {off} rows (> int32); use fuse=False.")
+      buffers.append(jnp.concatenate([phys[k] for k in members[w]], axis=0))
+    where = tuple(wh)
+  layout = _Layout(tuple(s.rows for s in specs), tuple(s.dim for s in specs), plan.groups, bool(fuse), where)
+  return EmbeddingStage(buffers, layout)
+
+
+def _check_indices(idx, rows, multi_hot_ok):
+  if idx.ndim not in (2, 3) or idx.shape[1] != len(rows):
+    raise ValueError(f"indices must be (batch, {len(rows)}) one-hot or (batch, {len(rows)}, bag) multi-hot, "
+                     f"got shape {idx.shape}.")
+  if not jnp.issubdtype(idx.dtype, jnp.integer):
+    raise TypeError(f"indices must be integers, got dtype {idx.dtype}.")
+  if idx.ndim == 3 and idx.shape[2] > 1 and not multi_hot_ok:
+    raise ValueError("multi-hot indices (batch, tables, bag>1) cannot be looked up in a combined table: a "
+                     "Cartesian product holds one row per table. Use a plan without combined groups.")
+  if is_concrete(idx):
+    a = np.asarray(idx)
+    r = np.asarray(rows).reshape((1, -1) + (1,) * (a.ndim - 2))
+    bad = (a < 0) | (a >= r)
+    if bad.any():
+      t = int(np.argwhere(bad)[0][1])
+      col = a[:, t]
+      raise ValueError(f"index out of range for table {t} ({rows[t]} rows): values in [{col.min()}, "
+                       f"{col.max()}]; indices must lie in [0, rows).")
+
+
+def lookup(stage: EmbeddingStage, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Embeddings of ``idx`` ((batch, tables) int, or (batch, tables, bag) multi-hot summed over the bag
+  when no table is combined), concatenated in the ORIGINAL table order: (batch, sum(dims)).
+
+  Returns ``(embeddings, num_out_of_range)``. Concrete out-of-range indices raise ``ValueError``; traced
+  ones (inside ``jit``) are clamped into their table and counted in ``num_out_of_range`` (int32).
+  """
+  lay = stage.layout
+  idx = jnp.asarray(idx)
+  _check_indices(idx, lay.rows, all(len(g) == 1 for g in lay.groups))
+  rows = jnp.asarray(lay.rows, idx.dtype).reshape((1, -1) + (1,) * (idx.ndim - 2))
+  bad = jnp.sum((idx < 0) | (idx >= rows)).astype(jnp.int32)
+  idx = jnp.clip(idx, 0, rows - 1).astype(jnp.int32)
+  bag = idx.ndim == 3
+  # row of each group in its physical table, then in its buffer
+  grows = []
+  for g, (b, off) in zip(lay.groups, lay.where):
+    r = combined_index(idx[:, list(g)] if not bag else idx[:, list(g)].transpose(0, 2, 1),
+                       [lay.rows[i] for i in g]) if len(g) > 1 else idx[:, g[0]]
+    grows.append(r + off if off else r)
+  out_g = [None] * len(lay.groups)
+  for b, buf in enumerate(stage.buffers):
+    ks = [k for k, (bb, _) in enumerate(lay.where) if bb == b]
+    if len(ks) == 1:
+      v = jnp.take(buf, grows[ks[0]], axis=0, mode="clip")
+      if bag:
+        v = v.sum(1)
+      out_g[ks[0]] = v
+    else:
+      r = jnp.stack([grows[k] for k in ks], axis=1)  # (batch, n[, bag])
+      v = jnp.take(buf, r, axis=0, mode="clip")
+      if bag:
+        v = v.sum(2)
+      for j, k in enumerate(ks):
+        out_g[k] = v[:, j]
+  # back to the original table order (static column split)
+  pieces = {}
+  for g, v in zip(lay.groups, out_g):
+    c = 0
+    for i in g:
+      pieces[i] = v[:, c:c + lay.dims[i]]
+      c += lay.dims[i]
+  return jnp.concatenate([pieces[i] for i in range(len(lay.rows))], axis=-1), bad
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables sharded across the devices of one host.
+
+def balanced_placement(sizes: Sequence[int], num_devices: int) -> tuple[tuple[int, ...], ...]:
+  """LPT: place items (physical tables, by bytes) largest first on the least-loaded device. Returns the
+  items of each device (4/3-approximation of the optimal makespan)."""
+  check_int("num_devices", num_devices, 1)
+  load = [0] * num_devices
+  out: list[list[int]] = [[] for _ in range(num_devices)]
+  for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+    d = min(range(num_devices), key=lambda d: (load[d], d))
+    out[d].append(k)
+    load[d] += int(sizes[k])
+  return tuple(tuple(sorted(o)) for o in out)
+
+
+@jax.tree_util.register_pytree_node_class
+class ShardedStage:
+  """Per-device buffers (device axis first) of physical tables padded to the widest one; ``slot_group``
+  (static) maps (device, slot) to a group id or -1. Build with :func:`shard_stage`."""
+
+  def __init__(self, buffers, offsets, slot_group, layout: _Layout):
+    self.buffers = buffers  # (devices, rows_per_device, width)
+    self.offsets = offsets  # (devices, slots) row offset of each slot's table
+    self.slot_group = slot_group
+    self.layout = layout
+
+  def tree_flatten(self):
+    return (self.buffers, self.offsets), (self.slot_group, self.layout)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+
+def shard_stage(tables: Sequence[jax.Array], plan: Plan, num_devices: int) -> ShardedStage:
+  """Physical tables of ``plan`` placed whole on ``num_devices`` devices (:func:`balanced_placement` on
+  bytes), each device's tables concatenated and zero-padded to the widest table."""
+  stage = build_stage(tables, plan)
+  phys = stage.buffers
+  place = balanced_placement([p.size for p in phys], num_devices)
+  width = max(p.shape[1] for p in phys)
+  slots = max(1, max(len(p) for p in place))
+  rows_dev = max(1, max(sum(phys[k].shape[0] for k in p) for p in place))
+  bufs, offs, slot_group = [], [], []
+  for p in place:
+    parts, off, o = [], [], 0
+    for k in p:
+      t = phys[k]
+      parts.append(jnp.pad(t, ((0, 0), (0, width - t.shape[1]))))
+      off.append(o)
+      o += t.shape[0]
+    parts.append(jnp.zeros((rows_dev - o, width), phys[0].dtype))
+    bufs.append(jnp.concatenate(parts, 0))
+    offs.append(off + [0] * (slots - len(p)))
+    slot_group.append(tuple(p) + (-1,) * (slots - len(p)))
+  return ShardedStage(jnp.stack(bufs), jnp.asarray(offs, jnp.int32), tuple(slot_group), stage.layout)
+
+
+def sharded_lookup(sh: ShardedStage, idx: jax.Array, mesh, axis_name: str) -> tuple[jax.Array, jax.Array]:
+  """:func:`lookup` with the physical tables spread over ``mesh``'s ``axis_name`` (one table per device
+  slot, indices replicated): each device gathers its tables' rows, one ``all_gather`` brings them together.
+  Same output and out-of-range rule as :func:`lookup`."""
+  from jax.sharding import PartitionSpec as P
+
+  from mlsys_jax.comm.distributed import shard_map
+  lay = sh.layout
+  idx = jnp.asarray(idx)
+  _check_indices(idx, lay.rows, False)
+  rows = jnp.asarray(lay.rows, idx.dtype)[None]
+  bad = jnp.sum((idx < 0) | (idx >= rows)).astype(jnp.int32)
+  idx = jnp.clip(idx, 0, rows - 1).astype(jnp.int32)
+  grows = jnp.stack([combined_index(idx[:, list(g)], [lay.rows[i] for i in g]) if len(g) > 1 else idx[:, g[0]]
+                     for g in lay.groups], axis=1)  # (batch, groups)
+  ndev = sh.buffers.shape[0]
+  if mesh.shape[axis_name] != ndev:
+    raise ValueError(f"stage was sharded for {ndev} devices but mesh axis '{axis_name}' has "
+                     f"{mesh.shape[axis_name]}.")
+  sel = np.array([[max(g, 0) for g in s] for s in sh.slot_group], np.int32)  # (devices, slots)
+  slot_rows = jnp.take(grows, jnp.asarray(sel.reshape(-1)), axis=1).reshape(idx.shape[0], ndev, -1)
+  slot_rows = slot_rows.transpose(1, 0, 2)  # (devices, batch, slots)
+
+  def local(buf, off, r):
+    v = jnp.take(buf[0], r[0] + off[0][None, :], axis=0, mode="clip")  # (batch, slots, width)
+    return jax.lax.all_gather(v, axis_name)  # (devices, batch, slots, width)
+
+  spec = P(axis_name)
+  g = shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=P(), check=False)(
+      sh.buffers, sh.offsets, slot_rows)
+  pieces = {}
+  for d, slots in enumerate(sh.slot_group):
+    for s, k in enumerate(slots):
+      if k < 0:
+        continue
+      c = 0
+      for i in lay.groups[k]:
+        pieces[i] = g[d, :, s, c:c + lay.dims[i]]
+        c += lay.dims[i]
+  return jnp.concatenate([pieces[i] for i in range(len(lay.rows))], axis=-1), bad
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and data.
+
+class DLRM(nn.Module):
+  """DLRM / wide&deep style model (Naumov et al. 2019; MicroRec's section 2 workloads): bottom MLP on the
+  dense features, embeddings from an :class:`EmbeddingStage` (an input, so any plan or lookup path plugs
+  in), ``interaction='dot'`` (pairwise dots of the bottom output and every table's vector; all widths
+  equal to ``bottom[-1]``) or ``'concat'`` (wide&deep: concatenate), then the top MLP (one logit).
+  ``__call__(stage, dense, idx)`` returns ``(logits (batch,), num_out_of_range)``."""
+  bottom: Sequence[int] = (64, 16)
+  top: Sequence[int] = (64, 32)
+  interaction: str = "dot"
+
+  @nn.compact
+  def __call__(self, stage: EmbeddingStage, dense: jax.Array, idx: jax.Array):
+    check_choice("interaction", self.interaction, ("dot", "concat"))
+    x = dense
+    for h in self.bottom:
+      x = nn.relu(nn.Dense(h)(x))
+    emb, bad = lookup(stage, idx)
+    if self.interaction == "dot":
+      dims = set(stage.layout.dims)
+      if dims != {x.shape[-1]}:
+        raise ValueError(f"dot interaction needs every table width == bottom[-1] ({x.shape[-1]}), got "
+                         f"widths {sorted(dims)}; use interaction='concat' or bottom=(..., width).")
+      z = jnp.concatenate([x[:, None, :], emb.reshape(emb.shape[0], -1, x.shape[-1])], axis=1)
+      dots = jnp.einsum("bid,bjd->bij", z, z)
+      iu, ju = np.triu_indices(z.shape[1], k=1)
+      feats = jnp.concatenate([x, dots[:, iu, ju]], axis=-1)
+    else:
+      feats = jnp.concatenate([x, emb], axis=-1)
+    for h in self.top:
+      feats = nn.relu(nn.Dense(h)(feats))
+    return nn.Dense(1)(feats)[:, 0], bad
+
+
+def synthetic_batch(seed: int, specs: Sequence[TableSpec], batch: int, *, num_dense: int = 13,
+                    zipf: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Synthetic inputs (no download): dense features N(0, 1) (batch, num_dense) float32 and indices
+  (batch, tables) int32, uniform or, with ``zipf=a`` (> 0), bounded Zipf: P(rank k) ~ k^-a (continuous
+  inverse-CDF approximation), ranks scattered over the table by a fixed bijection ``k -> k*p mod rows``."""
+  specs = _check_specs(specs)
+  check_int("batch", batch, 1)
+  check_int("num_dense", num_dense, 0)
+  if zipf is not None:
+    check_range("zipf", zipf, 0.0, low_inclusive=False)
+  rng = np.random.default_rng(seed)
+  dense = rng.standard_normal((batch, num_dense)).astype(np.float32)
+  cols = []
+  for s in specs:
+    if zipf is None:
+      cols.append(rng.integers(0, s.rows, batch))
+      continue
+    u = rng.random(batch)
+    n = float(s.rows)
+    if abs(zipf - 1.0) < 1e-9:
+      k = np.power(n + 1, u)
+    else:
+      e = 1.0 - zipf
+      k = np.power(((n + 1) ** e - 1.0) * u + 1.0, 1.0 / e)
+    k = np.clip(np.floor(k).astype(np.int64) - 1, 0, s.rows - 1)
+    p = 1_000_003
+    while math.gcd(p, s.rows) != 1:
+      p += 2
+    cols.append((k * p) % s.rows)
+  return dense, np.stack(cols, axis=1).astype(np.int32)
