@@ -95,6 +95,10 @@ def bootstrap_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, 
 
   Returns:
     ``(low, high)``: the ``(1 - level)/2`` and ``(1 + level)/2`` quantiles over ``n_boot`` resamples.
+
+  Example:
+    >>> bootstrap_ci([0.91, 0.93, 0.90, 0.92], [0.90, 0.92, 0.90, 0.90])
+    (0.625, 1.0)
   """
   check_int("n_boot", n_boot, 100)
   check_range("level", level, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
@@ -126,6 +130,11 @@ class Comparison(NamedTuple):
     meaningful: ``p > gamma``.
     n: number of trials.
     gamma: the meaningfulness threshold used.
+
+  Example:
+    >>> c = compare([0.91, 0.93, 0.90], [0.90, 0.92, 0.90])
+    >>> c.n, round(c.p, 3), c.verdict
+    (3, 0.833, 'no significant difference')
   """
   p: float
   ci_low: float
@@ -202,6 +211,11 @@ class Timing(NamedTuple):
     median_a, median_b: their medians.
     ratio: ``median_b / median_a`` (> 1 means A is faster: the speed-up of A over B).
     p_a_faster: fraction of repeats in which A's call was faster than the B call beside it.
+
+  Example:
+    >>> t = Timing(np.array([1.0, 2.0]), np.array([3.0, 1.5]), 1.5, 2.25, 1.5, 0.5)
+    >>> print(t)
+    A 1500.000 ms, B 2250.000 ms, B/A = 1.50x, P(A faster) = 0.50 over 2 pairs
   """
   times_a: np.ndarray
   times_b: np.ndarray
@@ -240,6 +254,11 @@ def time_interleaved(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeat
 
   Returns:
     A :class:`Timing`.
+
+  Example:
+    >>> t = time_interleaved(lambda: sum(range(10)), lambda: sum(range(100_000)), repeats=5, warmup=1)
+    >>> len(t.times_a), t.ratio > 1.0
+    (5, True)
   """
   check_int("repeats", repeats, 1)
   check_int("warmup", warmup, 0)
