@@ -43,12 +43,12 @@ def _all_lookups(stages, idx):
   return jax.jit(lambda ss, i: [mr.lookup(st, i) for st in ss])(stages, idx)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_random_plans_are_bit_identical(seed):
   """Property: any partition into groups, fused or not, returns the per-table lookups bit for bit."""
   specs = _small_specs(seed)
   rng = random.Random(seed)
-  tables = mr.init_tables(jax.random.PRNGKey(seed), specs)
+  tables = mr.init_tables(seed, specs)
   perm = list(range(len(specs)))
   rng.shuffle(perm)
   groups, i = [], 0
@@ -67,7 +67,7 @@ def test_random_plans_are_bit_identical(seed):
 
 def test_planner_outputs_bit_identical():
   specs = [mr.TableSpec(r, d) for r, d in [(3, 2), (4, 2), (5, 1), (2, 3), (60, 2), (7, 4), (1000, 2)]]
-  tables = mr.init_tables(jax.random.PRNGKey(1), specs)
+  tables = mr.init_tables(1, specs)
   _, idx = mr.synthetic_batch(0, specs, 33, zipf=1.1)
   ref = np.concatenate([np.asarray(t)[idx[:, j]] for j, t in enumerate(tables)], 1)
   stages = []
@@ -80,7 +80,7 @@ def test_planner_outputs_bit_identical():
       assert rep.elements == sum(math.prod(specs[i].rows for i in g) * sum(specs[i].dim for i in g)
                                  for g in plan.groups)
       if b in (0.1, 3.0):
-        stages += [mr.build_stage(tables, plan, fuse=f) for f in (False, True)]
+        stages.append(mr.build_stage(tables, plan, fuse=b > 1))
   assert min(st.lookups for st in stages) < len(specs)
   for out, _ in _all_lookups(stages, idx):
     np.testing.assert_array_equal(np.asarray(out), ref)
@@ -149,7 +149,7 @@ def test_budget_errors():
 
 def test_bad_plans_and_indices():
   specs = [mr.TableSpec(3, 2), mr.TableSpec(4, 2), mr.TableSpec(5, 2)]
-  tables = mr.init_tables(jax.random.PRNGKey(0), specs)
+  tables = mr.init_tables(0, specs)
   with pytest.raises(ValueError, match="partition"):
     mr.build_stage(tables, mr.Plan(((0, 1),)))
   with pytest.raises(ValueError, match="multi-hot"):
@@ -168,7 +168,7 @@ def test_bad_plans_and_indices():
 
 def test_multi_hot_sum_pooling_without_combination():
   specs = [mr.TableSpec(6, 2), mr.TableSpec(9, 3)]
-  tables = mr.init_tables(jax.random.PRNGKey(2), specs)
+  tables = mr.init_tables(2, specs)
   idx = np.random.default_rng(0).integers(0, 6, (5, 2, 4))
   for fuse in (False, True):
     out, _ = mr.lookup(mr.build_stage(tables, mr.Plan.identity(2), fuse=fuse), idx)
@@ -184,8 +184,8 @@ def test_balanced_placement_lpt():
 
 
 def test_sharded_lookup_equals_unsharded(devices):
-  specs = _small_specs(7, n=11)
-  tables = mr.init_tables(jax.random.PRNGKey(3), specs)
+  specs = _small_specs(7, n=7)
+  tables = mr.init_tables(3, specs)
   plan = mr.optimal_plan(specs, 0.5)
   mesh = Mesh(np.array(devices), ("t",))
   sh = mr.shard_stage(tables, plan, 8)
@@ -198,22 +198,27 @@ def test_sharded_lookup_equals_unsharded(devices):
 
 def test_dlrm_same_output_with_and_without_combination():
   specs = [mr.TableSpec(r, 8) for r in (3, 5, 7, 20, 400, 2)]
-  tables = mr.init_tables(jax.random.PRNGKey(4), specs)
+  tables = mr.init_tables(4, specs)
   dense, idx = mr.synthetic_batch(0, specs, 9, num_dense=5, zipf=0.8)
   model = mr.DLRM(bottom=(16, 8), top=(16,))
   base = mr.build_stage(tables, mr.Plan.identity(len(specs)))
-  variables = model.init(jax.random.PRNGKey(5), base, dense, idx)
-  y0, _ = jax.jit(model.apply)(variables, base, dense, idx)
   comb = mr.build_stage(tables, mr.optimal_plan(specs, 1.0), fuse=True)
   assert comb.lookups < len(specs)
-  y1, bad = jax.jit(model.apply)(variables, comb, dense, idx)
+
+  @jax.jit
+  def both(key, s0, s1):
+    variables = model.init(key, s0, dense, idx)
+    return model.apply(variables, s0, dense, idx), model.apply(variables, s1, dense, idx)
+
+  (y0, _), (y1, bad) = both(jax.random.PRNGKey(5), base, comb)
   np.testing.assert_array_equal(np.asarray(y0), np.asarray(y1))
-  assert y0.shape == (9,) and int(bad) == 0
+  assert y0.shape == (9,) and int(bad) == 0 and np.all(np.isfinite(np.asarray(y0)))
   wide = mr.DLRM(bottom=(4,), top=(8,), interaction="concat")
-  v = wide.init(jax.random.PRNGKey(6), comb, dense, idx)
-  assert wide.apply(v, comb, dense, idx)[0].shape == (9,)
+  out = jax.eval_shape(lambda k: wide.apply(wide.init(k, comb, dense, idx), comb, dense, idx),
+                       jax.random.PRNGKey(6))
+  assert out[0].shape == (9,)
   with pytest.raises(ValueError, match="interaction"):
-    mr.DLRM(bottom=(4,)).init(jax.random.PRNGKey(6), comb, dense, idx)
+    jax.eval_shape(lambda k: mr.DLRM(bottom=(4,)).init(k, comb, dense, idx), jax.random.PRNGKey(6))
 
 
 def test_synthetic_zipf_is_skewed_and_in_range():

@@ -35,7 +35,7 @@ Example:
   >>> import jax, numpy as np
   >>> from mlsys_jax.infer import microrec as mr
   >>> specs = (mr.TableSpec(3, 2), mr.TableSpec(4, 2), mr.TableSpec(50, 2))
-  >>> tables = mr.init_tables(jax.random.PRNGKey(0), specs)
+  >>> tables = mr.init_tables(0, specs)
   >>> plan = mr.Plan(((0, 1), (2,)))
   >>> idx = np.array([[2, 3, 7], [0, 1, 49]])
   >>> a, _ = mr.lookup(mr.build_stage(tables, mr.Plan.identity(3)), idx)
@@ -345,12 +345,14 @@ def combine_tables(tables: Sequence[jax.Array]) -> jax.Array:
     raise ValueError("combine_tables needs at least one table.")
   rows = [t.shape[0] for t in tables]
   k = len(tables)
+  # Concrete tables are combined on the host (a one-off preprocessing step, no per-shape compiles).
+  xp = np if all(is_concrete(t) for t in tables) else jnp
   parts = []
   for j, t in enumerate(tables):
     shape = [1] * k + [t.shape[1]]
     shape[j] = rows[j]
-    parts.append(jnp.broadcast_to(t.reshape(shape), tuple(rows) + (t.shape[1],)))
-  return jnp.concatenate(parts, axis=-1).reshape(math.prod(rows), -1)
+    parts.append(xp.broadcast_to(xp.asarray(t).reshape(shape), tuple(rows) + (t.shape[1],)))
+  return jnp.asarray(xp.concatenate(parts, axis=-1).reshape(math.prod(rows), -1))
 
 
 def combined_index(idx: jax.Array, rows: Sequence[int]) -> jax.Array:
@@ -394,11 +396,14 @@ class EmbeddingStage:
     return len(self.buffers)
 
 
-def init_tables(key: jax.Array, specs: Sequence[TableSpec], dtype=jnp.float32, scale: float = 0.05):
-  """Separate tables ``N(0, scale^2)`` of the given specs (a list)."""
+def init_tables(seed: int, specs: Sequence[TableSpec], dtype=jnp.float32, scale: float = 0.05):
+  """Separate tables ``N(0, scale^2)`` of the given specs (a list of jax arrays), drawn on the host with
+  numpy (one-off; no per-shape compiles)."""
   specs = _check_specs(specs)
-  keys = jax.random.split(key, len(specs))
-  return [scale * jax.random.normal(k, (s.rows, s.dim), dtype) for k, s in zip(keys, specs)]
+  check_int("seed", seed, 0)
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray((scale * rng.standard_normal((s.rows, s.dim), dtype=np.float32)).astype(dtype))
+          for s in specs]
 
 
 def build_stage(tables: Sequence[jax.Array], plan: Plan, *, fuse: bool = False,
@@ -428,7 +433,9 @@ def build_stage(tables: Sequence[jax.Array], plan: Plan, *, fuse: bool = False,
         off += phys[k].shape[0]
       if off > INDEX_LIMIT:
         raise ValueError(f"fused buffer of width {w} would have {off} rows (> int32); use fuse=False.")
-      buffers.append(jnp.concatenate([phys[k] for k in members[w]], axis=0))
+      parts = [phys[k] for k in members[w]]
+      xp = np if all(is_concrete(q) for q in parts) else jnp
+      buffers.append(jnp.asarray(xp.concatenate([xp.asarray(q) for q in parts], axis=0)))
     where = tuple(wh)
   layout = _Layout(tuple(s.rows for s in specs), tuple(s.dim for s in specs), plan.groups, bool(fuse), where)
   return EmbeddingStage(buffers, layout)
