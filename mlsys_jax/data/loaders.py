@@ -29,6 +29,11 @@ class Dataset(NamedTuple):
     y_test: int32 labels, shape ``(n_test,)``.
     num_classes: number of classes.
     name: a short name for tables and file names.
+
+  Example:
+    >>> ds = synthetic_classification(seed=0, num_samples=8, shape=(4,), num_classes=2)
+    >>> ds, ds.input_shape
+    (Dataset(synthetic: train (6, 4), test (2, 4), 2 classes), (4,))
   """
   x_train: np.ndarray
   y_train: np.ndarray
@@ -94,6 +99,11 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000, test_fraction: float = 
 
   Returns:
     A :class:`Dataset` with inputs of shape ``(n, 40, 1)`` and 10 classes.
+
+  Example:
+    >>> ds = load_mnist1d(seed=0, num_samples=100)
+    >>> ds.x_train.shape, ds.x_test.shape
+    ((80, 40, 1), (20, 40, 1))
   """
   check_int("seed", seed, 0)
   check_int("num_samples", num_samples, 20)
@@ -123,6 +133,14 @@ def read_cifar10_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
 
   Returns:
     ``(images, labels)``: uint8 ``(n, 32, 32, 3)`` and int32 ``(n,)``.
+
+  Example:
+    >>> import os, tempfile
+    >>> rec = np.zeros((2, 3073), np.uint8); rec[:, 0] = [3, 7]       # two all-black images, labels 3 and 7
+    >>> path = os.path.join(tempfile.mkdtemp(), "b.bin"); rec.tofile(path)
+    >>> images, labels = read_cifar10_batch(path)
+    >>> images.shape, labels.tolist()
+    ((2, 32, 32, 3), [3, 7])
   """
   raw = np.fromfile(path, dtype=np.uint8)
   if raw.size == 0 or raw.size % _CIFAR_RECORD:
@@ -151,6 +169,14 @@ def load_cifar10(data_dir: str | os.PathLike, normalize: bool = True,
 
   Returns:
     A :class:`Dataset` with inputs ``(n, 32, 32, 3)`` float32 and 10 classes.
+
+  Example:
+    >>> import os, tempfile
+    >>> d = tempfile.mkdtemp(); rec = np.zeros((2, 3073), np.uint8)   # a tiny stand-in: 2 images per file
+    >>> for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+    ...   rec.tofile(os.path.join(d, f))
+    >>> load_cifar10(d)
+    Dataset(cifar10: train (10, 32, 32, 3), test (2, 32, 32, 3), 10 classes)
   """
   root = pathlib.Path(data_dir)
   if (root / "cifar-10-batches-bin").is_dir():
@@ -183,6 +209,11 @@ def synthetic_classification(seed: int = 0, num_samples: int = 1024, shape: tupl
   """Gaussian clusters, one random unit-norm mean (times 3) per class, isotropic noise of std ``noise``.
 
   Useful for tests: the Bayes accuracy is high for small ``noise`` and falls toward chance as it grows.
+
+  Example:
+    >>> ds = synthetic_classification(seed=0, num_samples=100, shape=(4, 4), num_classes=3)
+    >>> ds.x_train.shape, ds.y_test.shape, ds.num_classes
+    ((75, 4, 4), (25,), 3)
   """
   check_int("num_samples", num_samples, 2)
   check_int("num_classes", num_classes, 2)
@@ -198,7 +229,15 @@ def synthetic_classification(seed: int = 0, num_samples: int = 1024, shape: tupl
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
             drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yield one epoch of shuffled minibatches ``(xb, yb)``; the order depends only on ``seed``."""
+  """Yield one epoch of shuffled minibatches ``(xb, yb)``; the order depends only on ``seed``.
+
+  Example:
+    >>> x, y = np.zeros((10, 3)), np.arange(10)
+    >>> [xb.shape for xb, yb in batches(x, y, batch_size=4)]           # the remainder of 2 is dropped
+    [(4, 3), (4, 3)]
+    >>> [yb.tolist() for xb, yb in batches(x, y, batch_size=4, drop_remainder=False)]
+    [[4, 6, 2, 7], [3, 5, 9, 0], [8, 1]]
+  """
   check_int("batch_size", batch_size, 1)
   if len(x) != len(y):
     raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}.")
@@ -219,6 +258,10 @@ def load_dataset(name: str, seed: int = 0, data_dir: str | os.PathLike | None = 
   """Load a data set by name (what experiments' ``--dataset``/``--data_dir`` flags pass).
 
   ``'digits'`` and ``'mnist1d'`` need no files; ``'cifar10'`` needs ``data_dir`` with the binary batches.
+
+  Example:
+    >>> load_dataset("digits", seed=0)
+    Dataset(digits: train (1348, 8, 8, 1), test (449, 8, 8, 1), 10 classes)
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}.")
