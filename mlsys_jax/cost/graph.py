@@ -53,7 +53,11 @@ OPCODES: tuple[str, ...] = (
     "slice", "sort", "sqrt", "stochastic-convert", "subtract", "tan", "tanh", "topk", "transpose",
     "triangular-solve", "tuple", "while", "xor", "ragged-all-to-all", "ragged-dot", "composite",
     "fusion-start", "fusion-done", "call-start", "call-done",
+    "reduce-scatter-start", "reduce-scatter-done", "fusion-update", "all-to-all-start", "all-to-all-done",
+    "collective-broadcast-start", "collective-broadcast-done", "ragged-all-to-all-start",
+    "ragged-all-to-all-done", "erf-inv", "scan",
 )
+"""Opcode vocabulary; an opcode outside it (a newer XLA's) gets id 1, ``<unknown>``."""
 OPCODE_ID = {name: i for i, name in enumerate(OPCODES)}
 
 DTYPES: tuple[str, ...] = ("<pad>", "<other>", "pred", "s8", "s16", "s32", "s64", "u8", "u16", "u32",
@@ -72,7 +76,10 @@ ATTR_NAMES: tuple[str, ...] = (
     "dimensions_attr", "reducer", "num_operands", "is_root", "depth", "operand_bytes",
     "block_m", "block_n", "block_k", "split_k", "num_stages", "num_warps", "custom_target",
     "fusion_kind", "scalar_constant", "flops", "transcendentals",
+    "tile_second_minor", "tile_minor", "memory_space",
 )
+"""Columns of :attr:`HloGraph.attrs`. The last three keep TPU layouts: the first tile of the output's
+layout (``{1,0:T(8,128)}`` -> 8, 128; 0 if untiled) and its memory space (``S(1)`` -> 1)."""
 ATTR_ID = {n: i for i, n in enumerate(ATTR_NAMES)}
 NUM_ATTRS = len(ATTR_NAMES)
 
@@ -251,6 +258,11 @@ def _node_row(module: HloModule, ins: Instruction, names: dict[str, Instruction]
       a[ATTR_ID["scalar_constant"]] = float(np.clip(v, -1e6, 1e6)) if not np.isnan(v) else 0.0
     except ValueError:
       pass
+  if shape.tiles:
+    t = shape.tiles[0]
+    a[ATTR_ID["tile_minor"]] = float(max(t[-1], 0))
+    a[ATTR_ID["tile_second_minor"]] = float(max(t[-2], 0)) if len(t) > 1 else 1.0
+  a[ATTR_ID["memory_space"]] = float(shape.memory_space)
   flops, trans = _node_costs(ins, operand_shapes)
   a[ATTR_ID["flops"]] = flops
   a[ATTR_ID["transcendentals"]] = trans

@@ -45,12 +45,15 @@ class HloParseError(ValueError):
 
 
 class Shape(NamedTuple):
-  """An HLO shape: ``dtype`` ('f32', ..., or 'tuple'), ``dims``, minor-to-major ``layout`` (or None)
-  and, for tuples, the element shapes."""
+  """An HLO shape: ``dtype`` ('f32', ..., or 'tuple'), ``dims``, minor-to-major ``layout`` (or None),
+  for tuples the element shapes; TPU-style layouts also give their ``tiles`` (``T(8,128)(2,1)`` ->
+  ``((8, 128), (2, 1))``) and ``memory_space`` (``S(1)`` -> 1; 0 = default memory)."""
   dtype: str
   dims: tuple[int, ...] = ()
   layout: tuple[int, ...] | None = None
   elements: tuple["Shape", ...] = ()
+  tiles: tuple[tuple[int, ...], ...] = ()
+  memory_space: int = 0
 
   @property
   def is_tuple(self) -> bool:
@@ -72,11 +75,32 @@ class Shape(NamedTuple):
     return self.num_elements * DTYPE_BYTES.get(self.dtype, 4)
 
 
-_ARRAY_SHAPE = re.compile(r"^([a-z][a-z0-9]*)\[([^\]]*)\](\{[^}]*\})?$")
+_ARRAY_SHAPE = re.compile(r"^([a-z][a-z0-9]*)\s*\[([^\]]*)\]\s*(\{[^{}]*\})?$")
+_TILE = re.compile(r"T((?:\([^()]*\))+)")
+_MEMSPACE = re.compile(r"S\((\d+)\)")
+
+
+def _parse_layout(layout_s: str, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]:
+  """``{1,0:T(8,128)(2,1)S(1)}`` -> (minor_to_major, tiles, memory_space)."""
+  body, _, extra = layout_s[1:-1].partition(":")
+  if not re.fullmatch(r"[\d\s,]*", body):
+    raise ValueError(f"bad layout {layout_s!r} in shape {text!r}")
+  layout = tuple(int(x) for x in re.findall(r"\d+", body))
+  tiles: tuple[tuple[int, ...], ...] = ()
+  space = 0
+  m = _TILE.search(extra)
+  if m:
+    tiles = tuple(tuple(int(x) if x.strip() not in ("*", "") else -1 for x in t.split(","))
+                  for t in re.findall(r"\(([^()]*)\)", m.group(1)))
+  m = _MEMSPACE.search(extra)
+  if m:
+    space = int(m.group(1))
+  return layout, tiles, space
 
 
 def parse_shape(text: str) -> Shape:
-  """Parse an HLO shape such as ``f32[8,16]{1,0}``, ``bf16[<=4,2]``, ``(f32[], s32[2]{0})``."""
+  """Parse an HLO shape such as ``f32[8,16]{1,0}``, ``bf16[<=4, 2]``, ``(f32[], s32[2]{0})`` or a
+  TPU shape ``f32[8,128]{1,0:T(8,128)S(1)}`` (tiling and memory space kept in the :class:`Shape`)."""
   s = text.strip()
   if s.startswith("("):
     if not s.endswith(")"):
@@ -92,17 +116,16 @@ def parse_shape(text: str) -> Shape:
   dtype, dims_s, layout_s = m.groups()
   dims: list[int] = []
   for d in filter(None, (x.strip() for x in dims_s.split(","))):
-    d = d.lstrip("<=")
+    d = d.lstrip("<=").strip()
     if d == "?":
       d = "-1"
     if not re.fullmatch(r"-?\d+", d):
       raise ValueError(f"bad dimension {d!r} in shape {text!r}")
     dims.append(int(d))
-  layout = None
-  if layout_s:
-    body = layout_s[1:-1].split(":")[0]
-    layout = tuple(int(x) for x in re.findall(r"\d+", body))
-  return Shape(dtype, tuple(dims), layout)
+  if not layout_s:
+    return Shape(dtype, tuple(dims))
+  layout, tiles, space = _parse_layout(layout_s, text)
+  return Shape(dtype, tuple(dims), layout, (), tiles, space)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,70 +238,225 @@ def _matching(s: str, start: int) -> int:
 
 _SECTION_NAMES = {"FileNames", "FunctionNames", "FileLocations", "StackFrames"}
 _NAME = r"%?[A-Za-z_][\w.\-]*"
-_COMP_HEADER = re.compile(rf"^(ENTRY\s+)?({_NAME})\s*(\(.*\))?\s*(->\s*.*)?\{{$")
-_COMMENT = re.compile(r"/\*.*?\*/")
-_INSTR = re.compile(rf"^(ROOT\s+)?({_NAME})\s*=\s*(.*)$")
+_NAME_AT = re.compile(r"%?[\w.\-]+")
+_OPCODE_AT = re.compile(r"[a-z][\w\-]*(?=\s*\()")
+_DTYPE_AT = re.compile(r"[a-z][a-z0-9]*(?=\s*\[)")
+_LAYOUT_AT = re.compile(r"\s*\{[^{}=%\"]*\}")
+_KEY_AT = re.compile(r"[A-Za-z_][\w.\-]*")
+_SECTION_LINE = re.compile(r"\n\s*\d+[ \t][^\n]*")
 
 
-def _parse_instruction(line: str, lineno: int) -> Instruction:
-  m = _INSTR.match(line)
-  if not m:
-    raise HloParseError("expected an instruction 'name = shape opcode(operands), attrs'", lineno, line)
-  is_root, name, rest = bool(m.group(1)), m.group(2).lstrip("%"), m.group(3).strip()
-  # Shape: a parenthesized tuple or one token.
-  if rest.startswith("("):
-    end = _matching(rest, 0)
-    if end < 0:
-      raise HloParseError("unbalanced parentheses in tuple shape", lineno, line)
-    shape_s, rest = rest[:end + 1], rest[end + 1:].strip()
-  else:
-    sp = rest.find(" ")
-    if sp < 0:
-      raise HloParseError("missing opcode after the shape", lineno, line)
-    shape_s, rest = rest[:sp], rest[sp + 1:].strip()
-  try:
-    shape = parse_shape(shape_s)
-  except ValueError as e:
-    raise HloParseError(str(e), lineno, line) from None
-  m2 = re.match(r"^([a-z][\w\-]*)\(", rest)
-  if not m2:
-    raise HloParseError("expected 'opcode(' after the shape", lineno, line)
-  opcode = m2.group(1)
-  open_at = m2.end() - 1
-  close_at = _matching(rest, open_at)
-  if close_at < 0:
-    raise HloParseError(f"unbalanced operand list of {opcode}", lineno, line)
-  ops_s, tail = rest[open_at + 1:close_at], rest[close_at + 1:].strip()
-  attrs: dict[str, str] = {}
-  if tail:
-    if not tail.startswith(","):
-      raise HloParseError(f"unexpected text after the operands: {tail[:40]!r}", lineno, line)
-    try:
-      items = split_top_level(tail[1:])
-    except ValueError as e:
-      raise HloParseError(f"attributes: {e}", lineno, line) from None
-    for it in items:
-      if not it:
+def _strip_comments(text: str) -> str:
+  """Blank out ``// ...`` and ``/* ... */`` comments (and lines starting with ``#``) outside quoted
+  strings, keeping every newline so that offsets map to the same line numbers."""
+  out = list(text)
+  i, n, quote, line_start = 0, len(text), False, True
+  while i < n:
+    ch = text[i]
+    if quote:
+      if ch == "\\":
+        i += 2
         continue
-      k, eq, v = it.partition("=")
-      if not eq:
-        raise HloParseError(f"attribute without '=': {it[:40]!r}", lineno, line)
-      attrs[k.strip()] = v.strip()
+      if ch == '"':
+        quote = False
+    elif ch == '"':
+      quote = True
+    elif ch == "#" and line_start:
+      while i < n and text[i] != "\n":
+        out[i] = " "
+        i += 1
+      continue
+    elif text.startswith("//", i):
+      while i < n and text[i] != "\n":
+        out[i] = " "
+        i += 1
+      continue
+    elif text.startswith("/*", i):
+      j = text.find("*/", i + 2)
+      if j < 0:
+        lineno = text.count("\n", 0, i) + 1
+        raise HloParseError("block comment '/*' is never closed with '*/'", lineno,
+                            text.splitlines()[lineno - 1])
+      for k in range(i, j + 2):
+        if text[k] != "\n":
+          out[k] = " "
+      i = j + 2
+      continue
+    if ch == "\n":
+      line_start = True
+    elif not ch.isspace():
+      line_start = False
+    i += 1
+  return "".join(out)
+
+
+class _Reader:
+  """Cursor over comment-free HLO text (whitespace, newlines included, is insignificant, as in XLA's
+  own parser), with 1-based line numbers for errors."""
+
+  def __init__(self, text: str, raw: str):
+    self.s, self.i, self.n = text, 0, len(text)
+    self.lines = raw.splitlines()
+
+  def lineno(self, at: int | None = None) -> int:
+    return self.s.count("\n", 0, self.i if at is None else at) + 1
+
+  def error(self, msg: str, at: int | None = None) -> HloParseError:
+    ln = self.lineno(at)
+    return HloParseError(msg, ln, self.lines[ln - 1] if 0 < ln <= len(self.lines) else "")
+
+  def ws(self) -> None:
+    while self.i < self.n and self.s[self.i].isspace():
+      self.i += 1
+
+  def peek(self) -> str:
+    return self.s[self.i] if self.i < self.n else ""
+
+  def keyword(self, word: str) -> bool:
+    j = self.i + len(word)
+    if self.s.startswith(word, self.i) and (j >= self.n or not (self.s[j].isalnum() or self.s[j] in "_.-%")):
+      self.i = j
+      return True
+    return False
+
+  def match(self, pattern: re.Pattern) -> str | None:
+    m = pattern.match(self.s, self.i)
+    if not m:
+      return None
+    self.i = m.end()
+    return m.group(0)
+
+  def balanced(self) -> str:
+    """The bracketed (or quoted) group starting at the cursor, brackets and quotes nested."""
+    start, stack, quote = self.i, [], False
+    while self.i < self.n:
+      ch = self.s[self.i]
+      self.i += 1
+      if quote:
+        if ch == "\\":
+          self.i += 1
+        elif ch == '"':
+          quote = False
+          if not stack:
+            return self.s[start:self.i]
+        continue
+      if ch == '"':
+        quote = True
+      elif ch in _OPEN:
+        stack.append(ch)
+      elif ch in _CLOSE:
+        if not stack or stack[-1] != _CLOSE[ch]:
+          raise self.error(f"unbalanced {ch!r} (group opened here)", start)
+        stack.pop()
+      if not stack and not quote:
+        return self.s[start:self.i]
+    raise self.error("unbalanced brackets or quotes: group opened here is never closed", start)
+
+  def shape(self) -> str | None:
+    """Text of the shape at the cursor, or None (cursor unchanged) if no shape starts here."""
+    start = self.i
+    if self.peek() == "(":
+      return self.balanced()
+    d = self.match(_DTYPE_AT)
+    if d is None:
+      m = re.match(r"(token|opaque)\b(?=\s+[a-z][\w\-]*\s*\()", self.s[self.i:self.i + 80])
+      if m:
+        self.i += m.end()
+        return m.group(0)
+      return None
+    self.ws()
+    self.balanced()  # [dims]
+    self.match(_LAYOUT_AT)
+    return self.s[start:self.i]
+
+  def value(self) -> str:
+    """An attribute value: characters up to a top-level ',', whitespace or unmatched '}'."""
+    start = self.i
+    while self.i < self.n:
+      ch = self.s[self.i]
+      if ch in _OPEN or ch == '"':
+        self.balanced()
+      elif ch.isspace() or ch == "," or ch in _CLOSE:
+        break
+      else:
+        self.i += 1
+    return self.s[start:self.i]
+
+  def attributes(self) -> dict[str, str]:
+    """``, key=value, key=value`` (possibly over several lines) up to the first non-comma."""
+    attrs: dict[str, str] = {}
+    while True:
+      save = self.i
+      self.ws()
+      if self.peek() != ",":
+        self.i = save
+        return attrs
+      self.i += 1
+      self.ws()
+      at = self.i
+      key = self.match(_KEY_AT)
+      self.ws()
+      if key is None or self.peek() != "=":
+        raise self.error(f"attribute without '=': {self.s[at:at + 40].split(chr(10))[0]!r}", at)
+      self.i += 1
+      self.ws()
+      v = self.value()
+      if not v:
+        raise self.error(f"attribute {key!r} has no value", at)
+      attrs[key] = v
+
+
+def _parse_instruction_at(r: _Reader) -> Instruction:
+  start = r.i
+  lineno = r.lineno()
+  is_root = r.keyword("ROOT")
+  r.ws()
+  name = r.match(_NAME_AT)
+  r.ws()
+  if name is None or r.peek() != "=":
+    raise r.error("expected an instruction 'name = shape opcode(operands), attrs'", start)
+  r.i += 1
+  r.ws()
+  at = r.i
+  shape_s = r.shape()
+  shape = None
+  if shape_s is not None:
+    try:
+      shape = parse_shape(shape_s)
+    except ValueError as e:
+      raise r.error(str(e), at) from None
+  r.ws()
+  at = r.i
+  opcode = r.match(_OPCODE_AT)
+  if opcode is None:
+    raise r.error("expected 'opcode(' after the shape", at)
+  r.ws()
+  ops_s = r.balanced()[1:-1]
+  attrs = r.attributes()
   literal = None
   operands: list[str] = []
   if opcode in ("parameter", "constant"):
-    literal = ops_s.strip()
+    literal = " ".join(ops_s.split())
   else:
     try:
       parts = split_top_level(ops_s) if ops_s.strip() else []
     except ValueError as e:
-      raise HloParseError(f"operands: {e}", lineno, line) from None
+      raise r.error(f"operands: {e}", start) from None
     for p in parts:
       tok = p.split()[-1] if p.split() else ""
-      if not re.fullmatch(_NAME, tok):
-        raise HloParseError(f"bad operand {p!r} of {opcode}", lineno, line)
+      if not re.fullmatch(r"%?[\w.\-]+", tok):
+        raise r.error(f"bad operand {p!r} of {opcode}", start)
       operands.append(tok.lstrip("%"))
-  return Instruction(name, opcode, shape, operands, attrs, is_root, lineno, literal)
+  ins = Instruction(name.lstrip("%"), opcode, shape, operands, attrs, is_root, lineno, literal)
+  return ins
+
+
+def _skip_section(r: _Reader) -> None:
+  """Skip a source-location section (``FileNames`` then lines ``<number> <text>``)."""
+  while r.i < r.n and r.s[r.i] != "\n":
+    r.i += 1
+  while r.match(_SECTION_LINE):
+    pass
 
 
 def strip_metadata(hlo_text: str) -> str:
@@ -303,92 +481,201 @@ def strip_metadata(hlo_text: str) -> str:
   return "\n".join(out)
 
 
+_SAME_SHAPE = {"abs", "add", "and", "atan2", "cbrt", "ceil", "clamp", "copy", "cosine", "divide",
+               "erf", "exponential", "exponential-minus-one", "floor", "is-finite", "log", "log-plus-one",
+               "logistic", "maximum", "minimum", "multiply", "negate", "not", "or", "popcnt", "power",
+               "remainder", "round-nearest-afz", "round-nearest-even", "rsqrt", "shift-left",
+               "shift-right-arithmetic", "shift-right-logical", "sign", "sine", "sqrt", "subtract",
+               "tan", "tanh", "xor", "clz", "reduce-precision", "optimization-barrier"}
+
+
+def _infer_shape(module_comps: dict, ins: Instruction, ops: list[Shape]) -> Shape | None:
+  """Shape of an instruction written without one, for the opcodes whose shape XLA's parser infers
+  (elementwise, compare, select, tuple, get-tuple-element, dot, transpose, reduce, concatenate,
+  broadcast of a scalar with ``dimensions={}``, call/fusion/while). None if it cannot be inferred."""
+  op = ins.opcode
+  arr = [s for s in ops if not s.is_tuple]
+  if op in _SAME_SHAPE and ops:
+    return ops[0]
+  if op == "select" and len(ops) == 3:
+    return ops[1]
+  if op == "compare" and arr:
+    return Shape("pred", arr[0].dims, arr[0].layout)
+  if op == "tuple":
+    return Shape("tuple", (), None, tuple(ops))
+  if op == "get-tuple-element" and ops and ops[0].is_tuple:
+    idx = int_list(ins.attrs.get("index"))
+    if idx and 0 <= idx[0] < len(ops[0].elements):
+      return ops[0].elements[idx[0]]
+  if op == "dot" and len(arr) == 2:
+    lb, rb = int_list(ins.attrs.get("lhs_batch_dims")), int_list(ins.attrs.get("rhs_batch_dims"))
+    lc, rc = int_list(ins.attrs.get("lhs_contracting_dims")), int_list(ins.attrs.get("rhs_contracting_dims"))
+    lhs, rhs = arr
+    dims = ([lhs.dims[d] for d in lb] + [x for d, x in enumerate(lhs.dims) if d not in lb + lc]
+            + [x for d, x in enumerate(rhs.dims) if d not in rb + rc])
+    return Shape(lhs.dtype, tuple(dims))
+  if op == "transpose" and arr:
+    perm = int_list(ins.attrs.get("dimensions"))
+    if sorted(perm) == list(range(len(arr[0].dims))):
+      return Shape(arr[0].dtype, tuple(arr[0].dims[p] for p in perm))
+  if op == "reduce" and arr:
+    red = set(int_list(ins.attrs.get("dimensions")))
+    half = max(1, len(ops) // 2)
+    outs = [Shape(s.dtype, tuple(x for d, x in enumerate(s.dims) if d not in red)) for s in ops[:half]]
+    return outs[0] if half == 1 else Shape("tuple", (), None, tuple(outs))
+  if op == "concatenate" and arr:
+    ax = int_list(ins.attrs.get("dimensions"))
+    if ax and all(len(s.dims) == len(arr[0].dims) for s in arr) and 0 <= ax[0] < len(arr[0].dims):
+      dims = list(arr[0].dims)
+      dims[ax[0]] = sum(s.dims[ax[0]] for s in arr)
+      return Shape(arr[0].dtype, tuple(dims))
+  if op == "broadcast" and arr and not int_list(ins.attrs.get("dimensions")):
+    return arr[0]
+  if op in ("call", "fusion", "while", "async-start", "fusion-start", "call-start") or op.endswith("-start"):
+    called = ins.called()
+    if called and called[0] in module_comps:
+      root = module_comps[called[0]].root
+      if op == "while":
+        return ops[0] if ops else root.shape
+      return root.shape
+  return None
+
+
 def parse_hlo(text: str) -> HloModule:
-  """Parse HLO text (``HloModule ...`` followed by computations) into an :class:`HloModule`.
+  """Parse HLO text into an :class:`HloModule`, accepting what XLA's own HLO parser accepts.
+
+  Whitespace, newlines included, is insignificant (an instruction may span several lines, several may
+  share one), ``//`` and ``/* */`` comments are ignored, the ``HloModule`` header is optional, shapes
+  may hold spaces (``f32[2, 3]``) and TPU layouts (``{1,0:T(8,128)S(1)}``), and a shape may be left out
+  where XLA infers it (elementwise, dot, reduce, tuple, get-tuple-element, ...). Opcodes are not
+  checked against a list: a new one parses, and :func:`~mlsys_jax.cost.graph.program_graph` maps it to
+  the ``<unknown>`` id.
 
   Raises:
     HloParseError: with the 1-based line number, for unbalanced brackets, bad shapes, an instruction
-      that is not ``name = shape opcode(...)``, an operand or called computation that does not exist,
-      a computation left open, or a module without ENTRY.
+      that is not ``name = [shape] opcode(...)``, an operand or called computation that does not exist,
+      a shape that cannot be inferred, a computation left open, or text with no computation.
 
   Example:
     >>> mod = parse_hlo(jax.jit(jnp.sin).lower(1.0).compile().as_text())
     >>> mod.entry.instructions[0].opcode, mod.entry.root.shape.dims
     ('parameter', ())
+    >>> parse_hlo("ENTRY e {\\n p = f32[2, 3] parameter(0)\\n ROOT n = negate(\\n   p) /* c */\\n}").entry.root.shape
+    Shape(dtype='f32', dims=(2, 3), layout=None, elements=(), tiles=(), memory_space=0)
   """
   if not isinstance(text, str):
     raise TypeError(f"parse_hlo expects HLO text (str), got {type(text).__name__}.")
-  lines = text.splitlines()
-  name, comps, entry = None, {}, None
-  cur: Computation | None = None
-  in_section = False
-  for lineno, raw in enumerate(lines, start=1):
-    line = raw.strip()
-    if not line or line.startswith("//") or line.startswith("#"):
-      continue
-    if cur is None:
-      if line.startswith("HloModule"):
-        parts = line.split(None, 1)
-        if len(parts) < 2:
-          raise HloParseError("HloModule without a name", lineno, raw)
-        name = parts[1].split(",")[0].strip()
-        in_section = False
-        continue
-      if line in _SECTION_NAMES:
-        in_section = True
-        continue
-      if in_section and re.match(r"^\d+\s", line):
-        continue
-      m = _COMP_HEADER.match(line)
-      if m:
-        in_section = False
-        if name is None:
-          raise HloParseError("computation before the 'HloModule' header", lineno, raw)
-        cname = m.group(2).lstrip("%")
-        if cname in comps:
-          raise HloParseError(f"computation {cname!r} defined twice", lineno, raw)
-        cur = Computation(cname, [], bool(m.group(1)), lineno)
-        continue
-      raise HloParseError("expected 'HloModule', a computation header '... {' or a section", lineno, raw)
-    if line == "}":
+  r = _Reader(_strip_comments(text), text)
+  name: str | None = None
+  comps: dict[str, Computation] = {}
+  entry: str | None = None
+  r.ws()
+  if r.keyword("HloModule"):
+    r.ws()
+    at = r.i
+    name = r.value()
+    if not name:
+      raise r.error("HloModule without a name", at)
+    r.attributes()
+  while True:
+    r.ws()
+    if r.i >= r.n:
+      break
+    at = r.i
+    for sec in _SECTION_NAMES:
+      if r.keyword(sec):
+        _skip_section(r)
+        break
+    else:
+      is_entry = r.keyword("ENTRY")
+      r.ws()
+      cname = r.match(_NAME_AT)
+      if cname is None:
+        raise r.error("expected 'HloModule', a computation header '[ENTRY] name [(params) -> shape] {' "
+                      "or a section", at)
+      cname = cname.lstrip("%")
+      r.ws()
+      if r.peek() == "(":
+        r.balanced()
+        r.ws()
+      if r.s.startswith("->", r.i):
+        r.i += 2
+        r.ws()
+        if r.shape() is None:
+          raise r.error("expected the result shape after '->'")
+        r.ws()
+      if r.peek() != "{":
+        raise r.error(f"expected '{{' to open computation {cname!r}", at)
+      r.i += 1
+      if cname in comps:
+        raise r.error(f"computation {cname!r} defined twice", at)
+      cur = Computation(cname, [], is_entry, r.lineno(at))
+      while True:
+        r.ws()
+        if r.i >= r.n:
+          raise r.error(f"computation {cname!r} is not closed with '}}' at end of text", r.n)
+        if r.peek() == "}":
+          r.i += 1
+          break
+        cur.instructions.append(_parse_instruction_at(r))
       if not cur.instructions:
-        raise HloParseError(f"computation {cur.name!r} has no instructions", lineno, raw)
-      comps[cur.name] = cur
-      if cur.is_entry:
+        raise r.error(f"computation {cname!r} has no instructions", at)
+      r.attributes()  # e.g. ", execution_thread=..." after the closing brace
+      comps[cname] = cur
+      if is_entry:
         if entry is not None:
-          raise HloParseError("two ENTRY computations", lineno, raw)
-        entry = cur.name
-      cur = None
-      continue
-    if "/*" in line:
-      line = _COMMENT.sub("", line)
-    cur.instructions.append(_parse_instruction(line, lineno))
-  if cur is not None:
-    raise HloParseError(f"computation {cur.name!r} is not closed with '}}' at end of text",
-                        len(lines), lines[-1] if lines else "")
-  if name is None:
-    raise HloParseError("no 'HloModule' header found; pass the text of compiled.as_text()", 1,
-                        lines[0] if lines else "")
+          raise r.error("two ENTRY computations", at)
+        entry = cname
+  if not comps:
+    raise HloParseError("no computation found: expected HLO text such as compiled.as_text() "
+                        "('HloModule name' then '[ENTRY] name {...}' blocks)", 1,
+                        text.splitlines()[0] if text.splitlines() else "")
   if entry is None:
-    if not comps:
-      raise HloParseError("module has no computations", len(lines))
     entry = list(comps)[-1]  # entry is printed last when not marked
-  # Resolve names.
+  if name is None:
+    name = f"module_{entry}"
+  # Resolve names, infer left-out shapes (operands first, in dependency order).
   for comp in comps.values():
     names = comp.by_name()
     if len(names) != len(comp.instructions):
       seen: set[str] = set()
       dup = next(i for i in comp.instructions if i.name in seen or seen.add(i.name))
-      raise HloParseError(f"duplicate instruction name {dup.name!r} in {comp.name!r}", dup.lineno)
+      raise HloParseError(f"duplicate instruction name {dup.name!r} in {comp.name!r}", dup.lineno,
+                          r.lines[dup.lineno - 1])
     for ins in comp.instructions:
       for op in ins.operands:
         if op not in names:
           raise HloParseError(f"operand {op!r} of {ins.name!r} is not defined in computation "
-                              f"{comp.name!r}", ins.lineno)
+                              f"{comp.name!r}", ins.lineno, r.lines[ins.lineno - 1])
       for c in ins.called() + ([ins.attrs["to_apply"].lstrip("%")] if "to_apply" in ins.attrs else []):
         if c not in comps:
-          raise HloParseError(f"{ins.name!r} calls unknown computation {c!r}", ins.lineno)
+          raise HloParseError(f"{ins.name!r} calls unknown computation {c!r}", ins.lineno,
+                              r.lines[ins.lineno - 1])
+  _infer_missing_shapes(comps, r)
   return HloModule(name, comps, entry)
+
+
+def _infer_missing_shapes(comps: dict[str, Computation], r: _Reader) -> None:
+  pending = [(c, i) for c in comps.values() for i in c.instructions if i.shape is None]
+  while pending:
+    left = []
+    for comp, ins in pending:
+      names = comp.by_name()
+      ops = [names[o].shape for o in ins.operands]
+      if any(s is None for s in ops) or any(
+          comps[c].root.shape is None for c in ins.called() if c in comps):
+        left.append((comp, ins))
+        continue
+      shape = _infer_shape(comps, ins, ops)
+      if shape is None:
+        raise HloParseError(f"cannot infer the shape of {ins.name!r} (opcode {ins.opcode}); write it "
+                            "before the opcode, as XLA requires", ins.lineno, r.lines[ins.lineno - 1])
+      ins.shape = shape
+    if len(left) == len(pending):
+      comp, ins = left[0]
+      raise HloParseError(f"cannot infer the shape of {ins.name!r}: its operands' shapes are cyclic "
+                          "or missing", ins.lineno, r.lines[ins.lineno - 1])
+    pending = left
 
 
 # ------------------------------------------------------------------------------------------------
