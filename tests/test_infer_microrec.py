@@ -229,3 +229,11 @@ def test_synthetic_zipf_is_skewed_and_in_range():
     assert a.min() >= 0 and (a < np.array([1000, 7])).all()
   top = lambda col: np.sort(np.bincount(col))[::-1][:10].sum() / len(col)
   assert top(z[:, 0]) > 0.4 > 0.05 > top(u[:, 0])
+
+
+def test_authors_num_pairs():
+  r = mr.plan_report(mr.ALIBABA_47, mr.authors_plan(mr.ALIBABA_47, 1.0, num_pairs=5))
+  opt = mr.plan_report(mr.ALIBABA_47, mr.optimal_plan(mr.ALIBABA_47, 1.0, min_saved=5))
+  assert r.lookups == opt.lookups == 42 and opt.elements <= r.elements
+  with pytest.raises(ValueError, match="budget"):
+    mr.authors_plan(mr.ALIBABA_47, 0.001, num_pairs=5)

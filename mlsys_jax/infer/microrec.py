@@ -187,14 +187,23 @@ def _finish(specs, groups, num_tables) -> Plan:
 # ----------------------------------------------------------------------------------------------------
 # Planners.
 
-def authors_plan(specs: Sequence[TableSpec], budget: float) -> Plan:
+def authors_plan(specs: Sequence[TableSpec], budget: float, *, num_pairs: int | None = None) -> Plan:
   """The authors' heuristic: sort tables by size, take the ``2i`` smallest, pair the ``j``-th with the
   ``(2i-1-j)``-th, for the largest ``i`` whose extra storage (``plan_report(...).overhead``) is <= ``budget``
-  (a fraction of the separate tables' elements). Raises ``ValueError`` if no plan (not even no combination)
-  fits, which cannot happen for ``budget >= 0``."""
+  (a fraction of the separate tables' elements). ``num_pairs=i`` fixes ``i`` instead (``ValueError`` if
+  those pairs exceed ``budget``)."""
   specs = _check_specs(specs)
   cap = _budget_elements(specs, budget)
   order = sorted(range(len(specs)), key=lambda i: (specs[i].rows * specs[i].dim, i))
+  if num_pairs is not None:
+    check_int("num_pairs", num_pairs, 0, len(specs) // 2)
+    top = order[:2 * num_pairs]
+    pairs = [(top[j], top[-1 - j]) for j in range(num_pairs)]
+    extra = sum(_extra(specs, p) for p in pairs)
+    if extra > cap:
+      raise ValueError(f"the authors' {num_pairs} pairs need {extra / sum(s.rows * s.dim for s in specs):.4f} "
+                       f"extra storage, over budget={budget}; raise the budget.")
+    return _finish(specs, pairs, len(specs))
   best: list[tuple[int, int]] = []
   for i in range(1, len(specs) // 2 + 1):
     top = order[:2 * i]
