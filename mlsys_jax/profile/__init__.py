@@ -8,15 +8,23 @@ Public API:
   jit(fn), device_put, device_get, block_until_ready  intercepted JAX calls (dispatch/compile/transfer/wait)
   attribute(prof, trace=None) -> Attribution          (phase, op) x category table, device overlap
   summarize(attribution), load_trace(path), device_intervals(trace, ops)
+  calibrate(workload, repeats=5, levels=LEVELS) -> Calibration     per-event cost of each source
+  calibrate_micro(n=4000) -> Calibration                         the same from book-keeping-bound loops
+  correct(attribution, calibration) -> Corrected                   overhead subtracted where it ran
+  validate(workload, calibration, level='trace') -> Validation    corrected vs uninstrumented totals
+  run_levels, spin_ns
   LEVELS, HOST_CATEGORIES, RESOURCES, SOURCES
 """
 
 from mlsys_jax.profile.attribution import (RESOURCES, Attribution, attribute, device_intervals, load_trace,
                                            summarize)
+from mlsys_jax.profile.overhead import (Calibration, Corrected, Validation, calibrate, calibrate_micro, correct, run_levels,
+                                        spin_ns, validate)
 from mlsys_jax.profile.scopes import (CURRENT, HOST_CATEGORIES, LEVELS, SOURCES, Profiler, Record,
                                       block_until_ready, device_get, device_put, jit, operation, set_phase,
                                       simulator)
 
 __all__ = ["Profiler", "Record", "CURRENT", "operation", "simulator", "set_phase", "jit", "device_put",
            "device_get", "block_until_ready", "attribute", "Attribution", "summarize", "load_trace",
-           "device_intervals", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]
+           "device_intervals", "calibrate", "calibrate_micro", "Calibration", "correct", "Corrected", "validate", "Validation",
+           "run_levels", "spin_ns", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]

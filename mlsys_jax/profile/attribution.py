@@ -7,7 +7,8 @@ operation therefore sum exactly to its wall time, and all operations sum to the 
 
 Device time comes from the ``jax.profiler`` trace: device kernels are the events of ``/device:*``
 processes (GPU/TPU); on the CPU backend, where XLA programs run on host worker threads, they are the
-events of the XLA worker threads (everything but the Python thread and bookkeeping markers). The trace's
+events of the XLA:CPU executor threads (``*CpuClient*`` / ``*Eigen*``; compiler threads and bookkeeping
+markers excluded). The trace's
 clock is aligned with ``perf_counter_ns`` through the ``TraceAnnotation`` each operation emitted (median
 offset over all matched operations). The union of device intervals splits each operation's host time into
 *CPU-only* (host busy, device idle), *overlap* (both busy), *device-only* (the host waits in
@@ -81,6 +82,13 @@ def load_trace(path: str) -> dict:
 def device_intervals(trace: dict, ops: list[Record]) -> list[tuple[int, int]]:
   """Device-busy intervals of ``trace`` on the ``perf_counter_ns`` clock, aligned through the
   operations' annotations. ``ValueError`` if no annotation of ``ops`` is found in the trace."""
+  return parse_trace(trace, ops)[0]
+
+
+def parse_trace(trace: dict, ops: list[Record]) -> tuple[list[tuple[int, int]], list[int]]:
+  """``(device-busy union, start times of the host trace events)`` on the ``perf_counter_ns`` clock.
+  Host trace events are those recorded on the Python thread (the thread of the annotations): each one
+  is book-keeping the tracer adds to the host, the unit of the ``trace`` overhead source."""
   ev = trace["traceEvents"]
   pname: dict = {}
   tname: dict = {}
@@ -112,20 +120,27 @@ def device_intervals(trace: dict, ops: list[Record]) -> list[tuple[int, int]]:
   dev_pids = {p for p, n in pname.items() if n.startswith("/device:")}
   ann_threads = {(e.get("pid"), e.get("tid")) for e in anns}
   out = []
+  host = []
   for e in xs:
     name = str(e.get("name", ""))
     key = (e.get("pid"), e.get("tid"))
+    if key in ann_threads:
+      host.append(int(float(e["ts"]) * 1e3 - off))
     if dev_pids:
       if e.get("pid") not in dev_pids:
         continue
     else:  # CPU backend: XLA worker threads of the host process
-      if key in ann_threads or "python" in tname.get(key, "").lower():
+      tn = tname.get(key, "").lower()
+      if key in ann_threads or not any(w in tn for w in _CPU_EXECUTOR_THREADS):
         continue
       if name.startswith(("ThreadpoolListener", "end: ", "$", "ThunkExecutor")) or _is_compiler(name):
         continue
     s = float(e["ts"]) * 1e3 - off
     out.append((int(s), int(s + float(e["dur"]) * 1e3)))
-  return _union(out)
+  return _union(out), sorted(host)
+
+
+_CPU_EXECUTOR_THREADS = ("cpuclient", "eigen")  # XLA:CPU program threads (compiler threads differ)
 
 
 def _is_compiler(name: str) -> bool:
@@ -157,11 +172,14 @@ def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
   cats = [r for r in recs if r.kind != "operation"]
   note = prof.degraded or ""
   dev: list[tuple[int, int]] = []
+  host_ev: list[int] = []
   has_device = False
   if trace is None and prof.trace_path:
     trace = load_trace(prof.trace_path)
   if trace is not None:
-    dev = [(max(a, lo), min(b, hi)) for a, b in device_intervals(trace, ops) if b > lo and a < hi]
+    dev_all, host_ev = parse_trace(trace, ops)
+    dev = [(max(a, lo), min(b, hi)) for a, b in dev_all if b > lo and a < hi]
+    host_ev = [t for t in host_ev if lo <= t < hi]
     has_device = True
   elif not note:
     note = f"no device trace (level={prof.level!r}); CPU categories only"
@@ -209,18 +227,19 @@ def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
     i = bisect.bisect_right(seg_t, t) - 1
     return seg_key[i] if i >= 0 else (default_phase, NONE_OP)
 
-  per_scope_trace = prof.counts["trace"] > 0
   for r in recs:
     if r.kind == "operation" or r.kind == "simulator":
       k = where(r.start - 1, r.phase)  # enter/exit cost lands in the enclosing operation
       counts.setdefault(k, {s: 0 for s in SOURCES})
       counts[k]["scope"] += 1
-      if per_scope_trace and r.kind == "operation":
-        counts[k]["trace"] += 1
     elif r.kind != "compile":
       k = where(r.start, r.phase)
       counts.setdefault(k, {s: 0 for s in SOURCES})
       counts[k]["intercept"] += 1
+  for t in host_ev:
+    k = where(t, prof._phase)
+    counts.setdefault(k, {s: 0 for s in SOURCES})
+    counts[k]["trace"] += 1
   for k in counts:
     table.setdefault(k, dict(zero))
   return Attribution(table, counts, hi - lo, has_device, note)

@@ -138,6 +138,8 @@ class Profiler:
     self.trace_path: str | None = None
     self.degraded: str | None = None
     self.start_ns = self.end_ns = 0
+    self.thread_ns = self.process_ns = 0  # CPU time of the calling thread / the process in the window
+    self.setup_ns = 0  # one-time trace start/stop cost, outside [start_ns, end_ns]
     self._token = None
     self._annotations: list[Any] = []
     self._tracing = False
@@ -149,18 +151,25 @@ class Profiler:
     if self._lvl >= 2:
       _listener_acquire()
     if self._lvl >= 3:
+      t = _now()
       self._start_trace()
+      self.setup_ns += _now() - t
     self._token = CURRENT.set(self)
+    self._t_thread, self._t_proc = time.thread_time_ns(), time.process_time_ns()
     self.start_ns = _now()
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
     self.end_ns = _now()
+    self.thread_ns = time.thread_time_ns() - self._t_thread
+    self.process_ns = time.process_time_ns() - self._t_proc
     CURRENT.reset(self._token)
     if self._lvl >= 2:
       _listener_release()
     if self._tracing:
+      t = _now()
       self._stop_trace()
+      self.setup_ns += _now() - t
     if self._stack and exc_type is None:
       names = [n for n, _ in self._stack]
       raise ValueError(f"unbalanced scopes: {names} still open when the profiler stopped; close every "
@@ -201,6 +210,11 @@ class Profiler:
                    key=os.path.getmtime)
     if found:
       self.trace_path = found[-1]
+      from mlsys_jax.profile.attribution import load_trace, parse_trace
+      ops = [r for r in self._records if r.kind == "operation"]
+      if ops:  # the tracer's host events in the window: the unit of the 'trace' overhead source
+        host = parse_trace(load_trace(self.trace_path), ops)[1]
+        self.counts["trace"] = sum(self.start_ns <= t < self.end_ns for t in host)
     else:
       self._degrade(f"no trace file written under {self.trace_dir}")
 
@@ -223,7 +237,6 @@ class Profiler:
                        "double-count its time); give the inner scope a distinct name.")
     self.counts["scope"] += 1
     if self._tracing:
-      self.counts["trace"] += 1
       a = jax.profiler.TraceAnnotation(_ANN_PREFIX + name)
       a.__enter__()
       self._annotations.append(a)
