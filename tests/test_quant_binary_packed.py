@@ -113,7 +113,7 @@ def test_threshold_chain_of_binary_convs_is_exact():
 
 @pytest.mark.parametrize("shortcut", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_convert_quicknet_matches_flax(shortcut):
-  m = qb.QuickNet(section_blocks=(2,), section_filters=(32,), num_classes=5, shortcut=shortcut)
+  m = qb.QuickNet(section_blocks=(1,), section_filters=(32,), num_classes=5, shortcut=shortcut)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
   v = jax.jit(m.init)(jax.random.PRNGKey(0), x)
   rng = np.random.default_rng(2)  # non-trivial BatchNorm statistics
@@ -121,11 +121,11 @@ def test_convert_quicknet_matches_flax(shortcut):
       lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32),
       v["batch_stats"])}
   infer, layers = qb.convert_quicknet(m, v, (16, 16, 3))
-  assert len(layers) == 2
+  assert len(layers) == 1
   ref = jax.jit(lambda v, x: m.apply(v, x))(v, x)
   np.testing.assert_allclose(infer(x), ref, rtol=1e-4, atol=1e-4)
   words = sum(pk.packed_nbytes(l.words) for l in layers.values())
-  assert words * 32 == 2 * 9 * 32 * 32 * 4   # exactly 1/32 of float32
+  assert words * 32 == 9 * 32 * 32 * 4   # exactly 1/32 of float32
 
 
 @pytest.mark.parametrize("variant", ["rows", pytest.param("bcast", marks=pytest.mark.slow)])

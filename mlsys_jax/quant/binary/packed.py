@@ -92,6 +92,15 @@ def pack_bits(x: jax.Array, axis: int = -1, pad: bool = False) -> jax.Array:
   Array([9], dtype=uint32)
   """
   _check_pm1("pack_bits input", x)
+  if is_concrete(x):  # host-side packing (conversion of trained weights): no per-op compilation
+    neg = np.moveaxis(np.asarray(x), axis, -1) < 0
+    k = neg.shape[-1]
+    if k % WORD:
+      if not pad:
+        _pad_to_word(jnp.zeros(k, bool), pad, "pack_bits")  # raises the usual error
+      neg = np.pad(neg, [(0, 0)] * (neg.ndim - 1) + [(0, -k % WORD)])
+    bits = neg.astype(np.uint32).reshape(*neg.shape[:-1], -1, WORD)
+    return jnp.asarray(np.sum(bits << np.arange(WORD, dtype=np.uint32), axis=-1, dtype=np.uint32))
   x = jnp.moveaxis(jnp.asarray(x), axis, -1)
   return _pack_negative(_pad_to_word(x < 0, pad, "pack_bits"))
 
@@ -291,9 +300,9 @@ def pack_conv2d(kernel: jax.Array, input_hw: tuple[int, int], strides=1, padding
                  for p in jax.lax.padtype_to_pads((h, w), (kh, kw), strides, padding))
   else:
     pads = tuple(tuple(int(v) for v in p) for p in padding)
-  kernel = jnp.asarray(kernel, jnp.float32)
   words = pack_bits(kernel, axis=2, pad=True)                      # (kh, kw, O, Cw)
   words = jnp.transpose(words, (2, 0, 1, 3)).reshape(o, -1)         # (O, kh*kw*Cw)
+  kernel = jnp.asarray(kernel, jnp.float32)
   correction = None
   if pad_value == 0.0 and any(p != (0, 0) for p in pads):
     # Packed padding is +1; subtract what the padded taps added: T - S, with S the sum over valid taps.
