@@ -18,6 +18,13 @@ class MLP(nn.Module):
     features: widths of the hidden layers.
     num_classes: number of output logits.
     dot_general: optional replacement for ``lax.dot_general`` in every ``Dense`` (e.g. a quantized one).
+
+  Example:
+    >>> model = MLP(features=(8,), num_classes=3)
+    >>> init = lambda x: model.init_with_output(jax.random.PRNGKey(0), x)
+    >>> out, v = jax.eval_shape(init, jnp.ones((2, 4, 4)))          # shapes only: nothing is computed
+    >>> out.shape, v["params"]["Dense_0"]["kernel"].shape          # inputs are flattened to 16 features
+    ((2, 3), (16, 8))
   """
   features: Sequence[int] = (128, 128)
   num_classes: int = 10
@@ -49,6 +56,13 @@ class CNN(nn.Module):
     dot_general / conv_general_dilated: injected primitives for ``Dense`` / ``Conv``.
     dot_general_cls / conv_general_dilated_cls: injected flax modules (they may hold variables, e.g.
       calibration statistics); they take precedence over the functions.
+
+  Example:
+    >>> model = CNN(num_classes=5, channels=(4,), dims=1, hidden=8)   # 1-D, e.g. MNIST-1D sequences
+    >>> init = lambda x: model.init_with_output(jax.random.PRNGKey(0), x)
+    >>> out, v = jax.eval_shape(init, jnp.ones((2, 40, 1)))
+    >>> out.shape, v["params"]["Conv_0"]["kernel"].shape
+    ((2, 5), (3, 1, 4))
   """
   num_classes: int = 10
   channels: Sequence[int] = (32, 64)
@@ -100,6 +114,13 @@ class ResNet20(nn.Module):
   """ResNet-20 for 32x32 images (He et al., 2016, Sec. 4.2): 3 stages of 3 basic blocks, 16/32/64 filters.
 
   Call with ``train=True`` (and ``mutable=['batch_stats']``) while training.
+
+  Example:
+    >>> model = ResNet20(num_classes=10)
+    >>> init = lambda x: model.init_with_output(jax.random.PRNGKey(0), x)
+    >>> out, v = jax.eval_shape(init, jnp.ones((2, 32, 32, 3)))
+    >>> out.shape, sorted(v), sum(p.size for p in jax.tree_util.tree_leaves(v["params"]))
+    ((2, 10), ['batch_stats', 'params'], 272474)
   """
   num_classes: int = 10
   width: int = 16
