@@ -59,7 +59,9 @@ def test_random_plans_are_bit_identical(seed):
   plan = mr.Plan(tuple(groups))
   idx = np.stack([np.random.default_rng(seed).integers(0, s.rows, 17) for s in specs], 1)
   ref = np.concatenate([np.asarray(t)[idx[:, j]] for j, t in enumerate(tables)], 1)
-  stages = [mr.build_stage(tables, p, fuse=f) for p in (mr.Plan.identity(len(specs)), plan) for f in (False, True)]
+  stages = [mr.build_stage(tables, p, fuse=f) for p in (mr.Plan.identity(len(specs)), plan)
+            for f in (False, True, "chunks")]
+  assert stages[-1].gathers == 1
   for out, bad in _all_lookups(stages, idx):
     np.testing.assert_array_equal(np.asarray(out), ref)
     assert int(bad) == 0
@@ -80,7 +82,7 @@ def test_planner_outputs_bit_identical():
       assert rep.elements == sum(math.prod(specs[i].rows for i in g) * sum(specs[i].dim for i in g)
                                  for g in plan.groups)
       if b in (0.1, 3.0):
-        stages.append(mr.build_stage(tables, plan, fuse=b > 1))
+        stages.append(mr.build_stage(tables, plan, fuse=True if b > 1 else "chunks"))
   assert min(st.lookups for st in stages) < len(specs)
   for out, _ in _all_lookups(stages, idx):
     np.testing.assert_array_equal(np.asarray(out), ref)
@@ -170,7 +172,7 @@ def test_multi_hot_sum_pooling_without_combination():
   specs = [mr.TableSpec(6, 2), mr.TableSpec(9, 3)]
   tables = mr.init_tables(2, specs)
   idx = np.random.default_rng(0).integers(0, 6, (5, 2, 4))
-  for fuse in (False, True):
+  for fuse in (False, True, "chunks"):
     out, _ = mr.lookup(mr.build_stage(tables, mr.Plan.identity(2), fuse=fuse), idx)
     ref = np.concatenate([np.asarray(t, np.float64)[idx[:, j]].sum(1) for j, t in enumerate(tables)], 1)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-7)

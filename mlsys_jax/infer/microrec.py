@@ -376,9 +376,11 @@ class _Layout(NamedTuple):
   rows: tuple[int, ...]
   dims: tuple[int, ...]
   groups: tuple[tuple[int, ...], ...]
-  fuse: bool
-  # per physical table: (buffer id, row offset); buffers are concatenations of equal-width tables.
+  fuse: str  # "none", "width" or "chunks"
+  # per physical table: (buffer id, row offset); buffers are concatenations of equal-width tables, or with
+  # fuse="chunks" one buffer of `chunk`-wide rows (offset in chunk rows).
   where: tuple[tuple[int, int], ...]
+  chunk: int = 0
 
 
 @jax.tree_util.register_pytree_node_class
@@ -415,11 +417,16 @@ def init_tables(seed: int, specs: Sequence[TableSpec], dtype=jnp.float32, scale:
           for s in specs]
 
 
-def build_stage(tables: Sequence[jax.Array], plan: Plan, *, fuse: bool = False,
+def build_stage(tables: Sequence[jax.Array], plan: Plan, *, fuse: bool | str = False,
                 multi_hot: Sequence[int] = ()) -> EmbeddingStage:
-  """Physical tables of ``plan``: each group becomes one Cartesian-product table. With ``fuse=True`` the
-  physical tables of equal width are concatenated into one buffer (row offsets), so the whole stage is
-  one gather per distinct width. ``Plan.identity(n)`` with ``fuse=False`` is the per-table baseline."""
+  """Physical tables of ``plan``: each group becomes one Cartesian-product table.
+
+  ``fuse``: ``False`` one gather per physical table (``Plan.identity(n)``: the per-table baseline);
+  ``True`` physical tables of equal width concatenated into one buffer (row offsets): one gather per
+  distinct width; ``"chunks"``: every physical table cut into rows of ``c = gcd(widths)`` elements and
+  all concatenated, so the whole stage is ONE gather of ``width / c`` adjacent chunk rows per table
+  (a combined row stays contiguous in memory).
+  """
   tables = list(tables)
   for i, t in enumerate(tables):
     if getattr(t, "ndim", None) != 2:
@@ -427,7 +434,21 @@ def build_stage(tables: Sequence[jax.Array], plan: Plan, *, fuse: bool = False,
   specs = tuple(TableSpec(t.shape[0], t.shape[1]) for t in tables)
   plan = _check_plan(plan, specs, multi_hot)
   phys = [tables[g[0]] if len(g) == 1 else combine_tables([tables[i] for i in g]) for g in plan.groups]
-  if not fuse:
+  check_choice("fuse", fuse, (False, True, "chunks"))
+  chunk = 0
+  if fuse == "chunks":
+    chunk = math.gcd(*[int(p.shape[1]) for p in phys])
+    wh, off, parts = [], 0, []
+    for p in phys:
+      wh.append((0, off))
+      off += p.shape[0] * (p.shape[1] // chunk)
+      parts.append(p.reshape(-1, chunk))
+    if off > INDEX_LIMIT:
+      raise ValueError(f"chunked buffer would have {off} rows (> int32); use fuse=True.")
+    xp = np if all(is_concrete(q) for q in parts) else jnp
+    buffers = [jnp.asarray(xp.concatenate([xp.asarray(q) for q in parts], axis=0))]
+    where = tuple(wh)
+  elif not fuse:
     where = tuple((k, 0) for k in range(len(phys)))
     buffers = phys
   else:
@@ -446,7 +467,8 @@ def build_stage(tables: Sequence[jax.Array], plan: Plan, *, fuse: bool = False,
       xp = np if all(is_concrete(q) for q in parts) else jnp
       buffers.append(jnp.asarray(xp.concatenate([xp.asarray(q) for q in parts], axis=0)))
     where = tuple(wh)
-  layout = _Layout(tuple(s.rows for s in specs), tuple(s.dim for s in specs), plan.groups, bool(fuse), where)
+  mode = "chunks" if fuse == "chunks" else ("width" if fuse else "none")
+  layout = _Layout(tuple(s.rows for s in specs), tuple(s.dim for s in specs), plan.groups, mode, where, chunk)
   return EmbeddingStage(buffers, layout)
 
 
@@ -489,9 +511,21 @@ def lookup(stage: EmbeddingStage, idx: jax.Array) -> tuple[jax.Array, jax.Array]
   for g, (b, off) in zip(lay.groups, lay.where):
     r = combined_index(idx[:, list(g)] if not bag else idx[:, list(g)].transpose(0, 2, 1),
                        [lay.rows[i] for i in g]) if len(g) > 1 else idx[:, g[0]]
-    grows.append(r + off if off else r)
+    grows.append(r + off if off and not lay.chunk else r)
   out_g = [None] * len(lay.groups)
-  for b, buf in enumerate(stage.buffers):
+  if lay.chunk:  # one gather of adjacent chunk rows
+    gw = [sum(lay.dims[i] for i in g) // lay.chunk for g in lay.groups]
+    cols = [(r * m + off)[..., None] + jnp.arange(m, dtype=jnp.int32)
+            for r, m, (_, off) in zip(grows, gw, lay.where)]
+    v = jnp.take(stage.buffers[0], jnp.concatenate(cols, axis=-1), axis=0, mode="clip")
+    if bag:
+      v = v.sum(1)
+    v = v.reshape(v.shape[0], -1)
+    c = 0
+    for k, m in enumerate(gw):
+      out_g[k] = v[:, c:c + m * lay.chunk]
+      c += m * lay.chunk
+  for b, buf in enumerate(stage.buffers if not lay.chunk else ()):
     ks = [k for k, (bb, _) in enumerate(lay.where) if bb == b]
     if len(ks) == 1:
       v = jnp.take(buf, grows[ks[0]], axis=0, mode="clip")
