@@ -485,14 +485,15 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     hw, c = (ho, wo), l.kernel.shape[3]
 
   def _check_frame(frame):
+    dtype = getattr(frame, "dtype", None)
+    if dtype is None or dtype != np.float32:
+      raise TypeError(f"frames must be float32 arrays, got {dtype}; cast with .astype(np.float32).")
     frame = jnp.asarray(frame)
     if frame.ndim == 4 and frame.shape[0] == 1:
       frame = frame[0]
     if tuple(frame.shape) != frame_shape:
       raise ValueError(f"frame shape {tuple(frame.shape)} differs from the stream's {frame_shape}; "
                        "build a new range_bound_model for another frame size.")
-    if frame.dtype != jnp.float32:
-      raise TypeError(f"frames must be float32, got {frame.dtype}; cast with .astype(jnp.float32).")
     check_finite("frame", frame)  # concrete frames only; under jit NaN/inf propagate like dense
     return frame
 

@@ -1,0 +1,205 @@
+"""Tests of mlsys_jax.infer.video: sound bounds (float64 reference), bitwise exactness against the flax
+model on many streams (including adversarial ones), fallback, bad input."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax.infer import video
+
+H = W = 20
+TILE = 4
+
+
+def _sparse_net_variables(net, seed=0, bias=-0.04):
+  """Zero-mean (high-pass) kernels and a negative bias: zero on smooth background, like a detector."""
+  v = net.init(jax.random.PRNGKey(seed), jnp.zeros((1, H, W, 3)))
+  p = jax.tree_util.tree_map(lambda a: a, v["params"])
+  for k in p:
+    ker = p[k]["kernel"]
+    p[k] = {"kernel": ker - jnp.mean(ker, axis=(0, 1), keepdims=True),
+            "bias": jnp.full_like(p[k]["bias"], bias)}
+  return {"params": p}
+
+
+NET = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, nn.Conv(4, (3, 3)), nn.relu])
+VARS = _sparse_net_variables(NET)
+
+
+@pytest.fixture(scope="module")
+def model():
+  rb = video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=0.5)
+  return rb, jax.jit(rb.step), jax.jit(lambda f: NET.apply(VARS, f[None])[0])
+
+
+def _run(model, frames):
+  rb, step, ref = model
+  st, y = rb.init(frames[0])
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref(frames[0])))
+  all_stats = []
+  for f in frames[1:]:
+    st, y, s = step(st, f)
+    r = ref(f)
+    same = np.asarray(y).view(np.uint32) == np.asarray(r).view(np.uint32)
+    assert same.all(), f"{(~same).sum()} outputs differ from the flax model"
+    all_stats.append(s)
+  return all_stats
+
+
+def test_bounds_are_sound_against_float64():
+  rng = np.random.default_rng(0)
+  layer = video.ConvLayer(jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32),
+                          jnp.asarray(rng.normal(size=7), jnp.float32))
+  x0 = rng.uniform(-1, 2, (30, 3, 3, 5)).astype(np.float32)
+  x1 = (x0 + rng.normal(0, 0.1, x0.shape)).astype(np.float32)
+  k64, b64 = np.asarray(layer.kernel, np.float64), np.asarray(layer.bias, np.float64)
+  z = lambda x: np.einsum("nijc,ijco->no", x.astype(np.float64), k64) + b64
+  ub0, m0 = video.range_upper_bound(layer, x0.min((1, 2)), x0.max((1, 2)))
+  assert np.all(np.asarray(ub0, np.float64) >= z(x0))
+  # a pre-activation bound of frame 0 that is exact up to the margin, propagated to frame 1
+  prev = jnp.asarray(z(x0) + np.asarray(m0), jnp.float32)
+  d = x1 - x0
+  amax = np.abs(x1).max((1, 2)) + np.abs(x0).max((1, 2))
+  ub1 = video.temporal_upper_bound(layer, prev, d.min((1, 2)), d.max((1, 2)), amax)
+  assert np.all(np.asarray(ub1, np.float64) >= z(x1))
+  # the temporal bound is tighter than the range bound for a small change
+  ubr1, _ = video.range_upper_bound(layer, x1.min((1, 2)), x1.max((1, 2)))
+  assert np.mean(np.asarray(ub1) < np.asarray(ubr1)) > 0.5
+  # the dense float32 error lies inside the margin
+  zf = np.einsum("nijc,ijco->no", x0, np.asarray(layer.kernel)) + np.asarray(layer.bias)
+  assert np.all(np.abs(zf - z(x0)) <= np.asarray(m0))
+
+
+def test_margin_factor_closed_form_and_limit():
+  assert video.fp_margin_factor(27) == pytest.approx(2 * 28 * 2.0 ** -24)
+  with pytest.raises(ValueError, match="margin derivation"):
+    video.fp_margin_factor(10 ** 6, 2.0 ** -10)
+
+
+def test_tile_conv_is_bitwise_the_full_conv_on_cpu():
+  rng = np.random.default_rng(1)
+  layer = video.ConvLayer(jnp.asarray(rng.normal(size=(3, 3, 6, 8)), jnp.float32),
+                          jnp.asarray(rng.normal(size=8), jnp.float32))
+  x = jnp.asarray(rng.normal(size=(18, 18, 6)), jnp.float32)
+  st, y = video.conv_layer_init(layer, x, 4)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(video.dense_conv(layer, x)))
+  x2 = x.at[5, 7].add(1.0)
+  step = jax.jit(lambda st, x: video.conv_layer_step(layer, st, x, tile=4, capacity=20))
+  _, y2, s = step(st, x2)
+  assert int(s.dense) == 0 and int(s.computed) >= 1
+  np.testing.assert_array_equal(np.asarray(y2), np.asarray(video.dense_conv(layer, x2)))
+
+
+@pytest.mark.parametrize("activity", ["static", "low", "medium", "full"])
+def test_exact_on_synthetic_streams(model, activity):
+  frames = video.synthetic_video(3, num_frames=5, height=H, width=W, activity=activity)
+  stats = _run(model, frames)
+  last = stats[-1]
+  if activity == "static":
+    assert all(int(s.reused) == (H // TILE) * (W // TILE) for s in last)
+  if activity == "low":
+    assert sum(int(s.skipped) + int(s.reused) for s in last) > 0
+  for s in last:  # a skipped tile is always a zero tile
+    assert int(s.skipped) <= int(s.zero_tiles)
+
+
+def test_skips_happen_and_are_exact(model):
+  # a bright object moving over a flat background: the changed tiles away from edges are provably zero
+  f = np.full((6, H, W, 3), 0.5, np.float32)
+  for t in range(6):
+    f[t, 2:6, 2 + 2 * t:6 + 2 * t] = 0.9
+  stats = _run(model, f)
+  assert sum(int(s[0].skipped) for s in stats) > 0
+
+
+def test_adversarial_every_pixel_changes(model):
+  rng = np.random.default_rng(7)
+  frames = rng.uniform(0, 1, (5, H, W, 3)).astype(np.float32)
+  frames[2] = -frames[2]  # sign flips
+  frames[3] = frames[2] + np.float32(1e-7)  # sub-ulp-scale changes
+  stats = _run(model, frames)
+  assert int(stats[0][0].dense) == 1  # above the capacity: dense fallback
+  # alternating 0.0 / -0.0 changes bits but not values
+  z = np.zeros((3, H, W, 3), np.float32)
+  z[1] = -0.0
+  _run(model, z)
+
+
+def test_nan_frame_under_jit_propagates_and_recovers(model):
+  rb, step, ref = model
+  frames = video.synthetic_video(1, num_frames=4, height=H, width=W, activity="low")
+  st, _ = rb.init(frames[0])
+  bad = frames[1].copy()
+  bad[3, 4, 0] = np.nan
+  st, y, _ = step(st, jnp.asarray(bad))
+  r = np.asarray(ref(jnp.asarray(bad)))
+  np.testing.assert_array_equal(np.isnan(np.asarray(y)), np.isnan(r))
+  assert np.isnan(r).any()
+  for f in frames[2:]:
+    st, y, _ = step(st, f)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref(f)))
+
+
+def test_valid_padding_and_ragged_tiles():
+  rng = np.random.default_rng(2)
+  layers = [video.ConvLayer(jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32),
+                            jnp.full((3,), -0.5, jnp.float32), "VALID"),
+            video.ConvLayer(jnp.asarray(rng.normal(size=(5, 5, 3, 2)), jnp.float32),
+                            jnp.zeros((2,), jnp.float32), "SAME", relu=False)]
+  rb = video.range_bound_model(layers, None, (13, 11, 2), tile=4)
+  dense = jax.jit(video.dense_model(layers))
+  x = rng.uniform(0, 1, (13, 11, 2)).astype(np.float32)
+  st, y = rb.init(x)
+  assert y.shape == (11, 9, 2)
+  step = jax.jit(rb.step)
+  for t in range(3):
+    x = x.copy()
+    x[t * 3:t * 3 + 2, 1:4] += 0.5
+    st, y, _ = step(st, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(dense(x)))
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="gelu"):
+    net = nn.Sequential([nn.Conv(2, (3, 3)), nn.gelu])
+    video.range_bound_model(net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))), (8, 8, 1))
+  with pytest.raises(ValueError, match="strides"):
+    net = nn.Sequential([nn.Conv(2, (3, 3), strides=2), nn.relu])
+    video.range_bound_model(net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))), (8, 8, 1))
+  with pytest.raises(ValueError, match="Dense"):
+    net = nn.Sequential([nn.Conv(2, (3, 3)), nn.relu, nn.Dense(3)])
+    video.range_bound_model(net, net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))), (8, 8, 1))
+  with pytest.raises(TypeError, match="Sequential"):
+    video.range_bound_model(nn.Conv(2, (3, 3)), {}, (8, 8, 1))
+  rb = video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE)
+  st, _ = rb.init(np.zeros((H, W, 3), np.float32))
+  with pytest.raises(ValueError, match="differs from the stream"):
+    rb.step(st, np.zeros((H + 1, W, 3), np.float32))
+  with pytest.raises(ValueError, match="NaN"):
+    rb.step(st, np.full((H, W, 3), np.nan, np.float32))
+  with pytest.raises(TypeError, match="float32"):
+    rb.init(np.zeros((H, W, 3), np.float64))
+
+
+def test_synthetic_video_and_loader(tmp_path):
+  a = video.synthetic_video(5, num_frames=4, height=16, width=12, activity="medium")
+  np.testing.assert_array_equal(a, video.synthetic_video(5, num_frames=4, height=16, width=12,
+                                                         activity="medium"))
+  assert a.shape == (4, 16, 12, 3) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+  s = video.synthetic_video(0, num_frames=3, height=8, width=8, activity="static")
+  assert np.array_equal(s[0], s[2])
+  f = video.synthetic_video(0, num_frames=3, height=16, width=16, activity="full")
+  assert np.mean(np.any(f[1] != f[2], axis=-1)) > 0.9
+  with pytest.raises(ValueError, match="activity"):
+    video.synthetic_video(0, activity="busy")
+  p = tmp_path / "v.npy"
+  np.save(p, (a * 255).round().astype(np.uint8)[..., 0])
+  b = video.load_frames(str(p))
+  assert b.shape == (4, 16, 12, 1)
+  np.testing.assert_allclose(b[..., 0], a[..., 0], atol=1e-6)
+  with pytest.raises(ValueError, match=".npy"):
+    video.load_frames(str(tmp_path / "v.mp4"))
