@@ -5,7 +5,8 @@ Three lookup paths over the same tables (26 Criteo-sized tables, width 16, by de
 - ``per_table``: one ``jnp.take`` per table (the plain baseline);
 - ``fused``: one gather over all tables concatenated (row offsets), the strongest baseline;
 - ``combined``: the exact planner's Cartesian combination (``optimal_plan`` within ``--budget`` extra
-  storage), its physical tables fused per width.
+  storage), its physical tables fused per width;
+- ``combined_chunks``: the same plan as ONE gather of adjacent gcd-wide chunk rows (``fuse="chunks"``).
 
 Timings, each interleaved with the ``fused`` baseline (``mlsys_jax.stats.time_interleaved``; raw seconds):
 ``stage_loop_s``: embedding stage, per lookup batch inside one jitted ``fori_loop`` of ``--loop``
@@ -78,7 +79,8 @@ def main():
   tables = mr.init_tables(0, specs)
   stages = {"per_table": mr.build_stage(tables, mr.Plan.identity(len(specs))),
             "fused": mr.build_stage(tables, mr.Plan.identity(len(specs)), fuse=True),
-            "combined": mr.build_stage(tables, plan, fuse=True)}
+            "combined": mr.build_stage(tables, plan, fuse=True),
+            "combined_chunks": mr.build_stage(tables, plan, fuse="chunks")}
   del tables
   bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
   model = mr.DLRM(bottom=(512, 256, 64, width), top=(512, 256), interaction=interaction)
@@ -87,12 +89,13 @@ def main():
   apply = jax.jit(model.apply)
   rows = [s.rows for s in specs]
   group_widths = {name: [sum(specs[i].dim for i in g) for g in st.layout.groups] for name, st in stages.items()}
+  print({name: st.gathers for name, st in stages.items()}, "gathers per stage")
   results = []
   for b in batches:
     dense, idx = mr.synthetic_batch(b, specs, b, zipf=args.zipf or None)
     dense, idx = jnp.asarray(dense), jnp.asarray(idx)
     base_loop = stage_loop(stages["fused"], rows, loop)
-    for name in ("per_table", "combined"):
+    for name in ("per_table", "combined", "combined_chunks"):
       st = stages[name]
       lp = stage_loop(st, rows, loop)
       tl = stats.time_interleaved(lambda: base_loop(idx), lambda: lp(idx), repeats=repeats, warmup=2)
@@ -110,14 +113,15 @@ def main():
   direct = []
   for b in batches[:2]:
     dense, idx = mr.synthetic_batch(b, specs, b, zipf=args.zipf or None)
-    t = stats.time_interleaved(lambda: apply(variables, stages["per_table"], dense, idx),
-                               lambda: apply(variables, stages["combined"], dense, idx), repeats=repeats * 3,
-                               warmup=3)
-    direct.append({"batch": b, "per_table_model_call_s": t.median_a, "combined_model_call_s": t.median_b,
-                   "speedup": t.median_a / t.median_b, "p_combined_faster": 1.0 - t.p_a_faster})
+    for name in ("combined", "combined_chunks"):
+      t = stats.time_interleaved(lambda: apply(variables, stages["per_table"], dense, idx),
+                                 lambda: apply(variables, stages[name], dense, idx), repeats=repeats * 3,
+                                 warmup=3)
+      direct.append({"batch": b, "path": name, "per_table_model_call_s": t.median_a, "model_call_s": t.median_b,
+                     "speedup": t.median_a / t.median_b, "p_faster": 1.0 - t.p_a_faster})
   common.print_table(results, ["batch", "path", "lookups", "stage_loop_s", "fused_stage_loop_s", "stage_vs_fused",
                                "floor_s", "stage_vs_floor", "model_call_s", "fused_model_call_s"])
-  common.print_table(direct, ["batch", "per_table_model_call_s", "combined_model_call_s", "speedup"])
+  common.print_table(direct, ["batch", "path", "per_table_model_call_s", "model_call_s", "speedup"])
   common.write_json(args.out, "microrec_lookup" + ("_small" if args.small else ""), {
       "env": common.environment(), "args": vars(args), "copy_bandwidth_Bps": bw,
       "plan": {"groups": [list(g) for g in plan.groups], **rep._asdict()},
