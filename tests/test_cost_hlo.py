@@ -248,3 +248,112 @@ def test_parse_every_collected_program():
       mod = cost.parse_hlo(text)  # every collected program parses
       if i % 4 == 0:  # graph checks on a quarter of them (time)
         _check_graph(cost.program_graph(mod))
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpus: every text XLA's own parser accepts goes through parse_hlo + program_graph with finite
+# costs; every text it rejects raises HloParseError at the expected line.
+
+import re  # noqa: E402
+
+CORPUS = os.path.join(os.path.dirname(__file__), "data", "hlo")
+GOOD = sorted(f for f in glob.glob(os.path.join(CORPUS, "*.hlo")) if not os.path.basename(f).startswith("bad_"))
+BAD = sorted(glob.glob(os.path.join(CORPUS, "bad_*.hlo")))
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def _same_structure_as_xla(text, mod):
+  want = hlo_lib.xla_structure(text)  # raises ValueError if XLA rejects the text
+  if want is None:
+    return
+  for cname, comp in mod.computations.items():
+    assert cname in want, (cname, sorted(want))
+    assert sorted(i.name for i in comp.instructions) == sorted(want[cname]), cname
+
+
+def test_corpus_is_there():
+  assert len(GOOD) >= 20 and len(BAD) >= 8
+
+
+@pytest.mark.parametrize("path", GOOD, ids=os.path.basename)
+def test_corpus_accepted(path):
+  text = _read(path)
+  mod = cost.parse_hlo(text)
+  _same_structure_as_xla(text, mod)
+  g = cost.program_graph(mod)
+  _check_graph(g)
+  assert np.all(np.isfinite(g.attrs)) and np.all(np.isfinite(g.num_bytes))
+  kc = cost.kernel_costs(mod)
+  assert all(np.isfinite(k["flops"]) and np.isfinite(k["bytes"]) for k in kc)
+  assert np.isfinite(cost.node_features(g)).all()
+  # XLA's canonical re-print of the module parses to the same structure.
+  parser = hlo_lib.xla_hlo_parser()
+  if parser is not None:
+    again = cost.parse_hlo(parser(text).to_string())
+    assert {c: sorted(i.name for i in v.instructions) for c, v in again.computations.items()} == {
+        c: sorted(i.name for i in v.instructions) for c, v in mod.computations.items()}
+
+
+@pytest.mark.parametrize("path", BAD, ids=os.path.basename)
+def test_corpus_rejected_with_line(path):
+  text = _read(path)
+  want = int(re.search(r"expect-line: (\d+)", text).group(1))
+  if hlo_lib.xla_hlo_parser() is not None:
+    with pytest.raises(ValueError, match="XLA rejects"):
+      hlo_lib.xla_structure(text)
+  with pytest.raises(cost.HloParseError) as e:
+    cost.parse_hlo(text)
+  assert e.value.lineno == want, str(e.value)
+
+
+def test_grammar_features_parsed_into_values():
+  A = graph_lib.ATTR_ID
+  # Several lines per instruction: attributes on the continuation lines are kept.
+  mod = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_multiline.hlo")))
+  d = mod.entry.by_name()["d"]
+  assert d.attrs["lhs_contracting_dims"] == "{1}" and d.shape.dims == (8, 4) and d.lineno == 13
+  assert sum(k["flops"] for k in cost.kernel_costs(mod)) == 2 * 8 * 16 * 4 + 8 * 4
+  # Inferred shapes agree with XLA's shape rules (written out by hand here).
+  ins = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_inferred.hlo"))).entry.by_name()
+  assert ins["d"].shape.dims == (4, 5) and ins["tr"].shape.dims == (3, 4) and ins["r"].shape.dims == (4,)
+  assert ins["cmp"].shape.dtype == "pred" and ins["cat"].shape.dims == (8, 3)
+  assert ins["cl"].shape.dims == (4, 3) and ins["g"].shape.dims == (4, 5)
+  # Spaces inside shapes; comments (a '//' inside a quoted string is not one).
+  sp = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_spaces.hlo"))).entry.by_name()
+  assert sp["q"].shape == hlo_lib.Shape("f32", (3, 5), (1, 0)) and sp["d"].operands == ["p", "q"]
+  cm = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_comments.hlo")))
+  assert cm.entry.root.attrs["metadata"] == '{op_name="a // not a comment"}'
+  # TPU tiling and memory space are features, not dropped.
+  tpu = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_tpu_layout.hlo")))
+  b, c = tpu.entry.by_name()["b"].shape, tpu.entry.by_name()["c"].shape
+  assert b.tiles == ((8, 128), (2, 1)) and b.memory_space == 0 and c.memory_space == 1
+  g = cost.program_graph(tpu)
+  assert g.attrs[2, A["memory_space"]] == 1 and g.attrs[1, A["tile_minor"]] == 128
+  assert g.attrs[1, A["tile_second_minor"]] == 8
+  # Async collectives and fusion-update have their own ids.
+  for f, ops in [("hand_async_collectives.hlo", {"reduce-scatter-start", "reduce-scatter-done"}),
+                 ("hand_fusion_update.hlo", {"fusion-update"})]:
+    g = cost.program_graph(cost.parse_hlo(_read(os.path.join(CORPUS, f))))
+    assert ops <= {graph_lib.OPCODES[o] for o in g.opcode}
+
+
+def test_unknown_opcode_maps_to_unknown_id():
+  text = "ENTRY e {\n  p = f32[4] parameter(0)\n  ROOT q = f32[4] frobnicate-start(p), flavour=new\n}"
+  g = cost.program_graph(cost.parse_hlo(text))
+  assert graph_lib.OPCODES[g.opcode[1]] == "<unknown>" and np.isfinite(g.attrs).all()
+  with pytest.raises(cost.HloParseError, match="cannot infer"):
+    cost.parse_hlo(text.replace("f32[4] frobnicate", "frobnicate"))
+
+
+def test_whitespace_insensitive_matches_one_line_form():
+  one = _read(os.path.join(CORPUS, "jax_softmax.hlo"))
+  # Put every attribute and operand list on lines of its own; XLA reads it the same.
+  spread = re.sub(r", ([a-z_]+=)", r",\n      \1", one).replace("(%", "(\n  %")
+  a, b = cost.program_graph(cost.parse_hlo(one)), cost.program_graph(cost.parse_hlo(spread))
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u, v)
+  _same_structure_as_xla(spread, cost.parse_hlo(spread))

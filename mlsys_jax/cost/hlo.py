@@ -153,6 +153,8 @@ class Instruction:
     for key in ("true_computation", "false_computation"):
       if key in self.attrs:
         out.append(self.attrs[key].lstrip("%"))
+    if self.opcode == "call" and "to_apply" in self.attrs and not out:  # XLA's form of a call
+      out.append(self.attrs["to_apply"].lstrip("%"))
     return out
 
 
@@ -246,48 +248,26 @@ _KEY_AT = re.compile(r"[A-Za-z_][\w.\-]*")
 _SECTION_LINE = re.compile(r"\n\s*\d+[ \t][^\n]*")
 
 
+_COMMENT_OR_STRING = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/|(?m:^[ \t]*#[^\n]*)|/\*', re.S)
+
+
 def _strip_comments(text: str) -> str:
   """Blank out ``// ...`` and ``/* ... */`` comments (and lines starting with ``#``) outside quoted
   strings, keeping every newline so that offsets map to the same line numbers."""
-  out = list(text)
-  i, n, quote, line_start = 0, len(text), False, True
-  while i < n:
-    ch = text[i]
-    if quote:
-      if ch == "\\":
-        i += 2
-        continue
-      if ch == '"':
-        quote = False
-    elif ch == '"':
-      quote = True
-    elif ch == "#" and line_start:
-      while i < n and text[i] != "\n":
-        out[i] = " "
-        i += 1
-      continue
-    elif text.startswith("//", i):
-      while i < n and text[i] != "\n":
-        out[i] = " "
-        i += 1
-      continue
-    elif text.startswith("/*", i):
-      j = text.find("*/", i + 2)
-      if j < 0:
-        lineno = text.count("\n", 0, i) + 1
-        raise HloParseError("block comment '/*' is never closed with '*/'", lineno,
-                            text.splitlines()[lineno - 1])
-      for k in range(i, j + 2):
-        if text[k] != "\n":
-          out[k] = " "
-      i = j + 2
-      continue
-    if ch == "\n":
-      line_start = True
-    elif not ch.isspace():
-      line_start = False
-    i += 1
-  return "".join(out)
+  if "/" not in text and "#" not in text:
+    return text
+
+  def blank(m: re.Match) -> str:
+    t = m.group(0)
+    if t.startswith('"'):
+      return t
+    if t == "/*":
+      lineno = text.count("\n", 0, m.start()) + 1
+      raise HloParseError("block comment '/*' is never closed with '*/'", lineno,
+                          text.splitlines()[lineno - 1])
+    return re.sub(r"[^\n]", " ", t)
+
+  return _COMMENT_OR_STRING.sub(blank, text)
 
 
 class _Reader:
@@ -613,7 +593,8 @@ def parse_hlo(text: str) -> HloModule:
       while True:
         r.ws()
         if r.i >= r.n:
-          raise r.error(f"computation {cname!r} is not closed with '}}' at end of text", r.n)
+          raise r.error(f"computation {cname!r} is not closed with '}}' at end of text",
+                        len(r.s.rstrip()))
         if r.peek() == "}":
           r.i += 1
           break
@@ -676,6 +657,46 @@ def _infer_missing_shapes(comps: dict[str, Computation], r: _Reader) -> None:
       raise HloParseError(f"cannot infer the shape of {ins.name!r}: its operands' shapes are cyclic "
                           "or missing", ins.lineno, r.lines[ins.lineno - 1])
     pending = left
+
+
+# ------------------------------------------------------------------------------------------------
+# XLA's own parser (the oracle), behind a version-checked adapter.
+
+def xla_hlo_parser() -> Callable[[str], Any] | None:
+  """XLA's own HLO text parser from this jaxlib, or None where it does not ship one.
+
+  jaxlib exposes it as ``xla_client.hlo.hlo_module_from_text`` (jax 0.10/0.11) and, in older
+  releases, as ``xla_client._xla.hlo_module_from_text``; it returns an XLA ``HloModule`` (with
+  ``computations()`` / ``instructions()``) and raises on text it rejects.
+  """
+  try:
+    from jax._src.lib import xla_client as xc  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover
+    return None
+  for owner in (getattr(xc, "hlo", None), getattr(xc, "_xla", None)):
+    fn = getattr(owner, "hlo_module_from_text", None) if owner is not None else None
+    if callable(fn):
+      return fn
+  return None
+
+
+def xla_structure(text: str) -> dict[str, list[str]] | None:
+  """``{computation: [instruction names]}`` as XLA's own parser reads ``text``; None if this jaxlib
+  has no parser (:func:`xla_hlo_parser`). Raises ValueError (with XLA's message) if XLA rejects it.
+
+  Example:
+    >>> s = xla_structure("ENTRY e {\\n p = f32[2] parameter(0)\\n ROOT n = negate(p)\\n}")
+    >>> s is None or s == {"e": ["p", "n"]}
+    True
+  """
+  fn = xla_hlo_parser()
+  if fn is None:
+    return None
+  try:
+    mod = fn(text)
+  except Exception as e:  # XLA raises XlaRuntimeError / JaxRuntimeError (names vary by version)
+    raise ValueError(f"XLA rejects the HLO text: {e}") from None
+  return {c.name: [i.name for i in c.instructions()] for c in mod.computations()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -787,4 +808,4 @@ def reducer_opcode(module: HloModule, ins: Instruction) -> str | None:
 
 __all__: Sequence[str] = ("Capture", "Computation", "HloModule", "HloParseError", "Instruction",
                           "Shape", "capture", "cost_dict", "parse_hlo", "parse_shape",
-                          "strip_metadata")
+                          "strip_metadata", "xla_hlo_parser", "xla_structure")
