@@ -40,6 +40,11 @@ def calibrate_amax(samples: jax.Array, bits: int, method: str = "max", *, percen
 
   Returns:
     A float32 scalar ``amax``.
+
+  Example:
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (4096,))
+    >>> [round(float(calibrate_amax(x, 4, m, percentile=99.0)), 2) for m in ("max", "percentile", "mse")]
+    [3.92, 2.62, 2.45]
   """
   _check_bits(bits)
   check_choice("method", method, CALIBRATION_METHODS)

@@ -56,6 +56,11 @@ class VSQuantizedTensor:
     vector_scale: shape of the input with ``axis`` replaced by ``(ceil(K / V), 1)`` (split layout).
     coarse_scale: float32 per-channel/per-tensor scale, broadcastable to ``vector_scale``.
     bits, scale_bits, vector_size, axis: static metadata (``axis`` is the reduction axis).
+
+  Example:
+    >>> qt = vs_quantize(jax.random.normal(jax.random.PRNGKey(0), (64, 8)), 4, axis=0, vector_size=16)
+    >>> qt.codes.shape, qt.vector_scale.shape, str(qt.vector_scale.dtype), qt.coarse_scale.shape
+    ((64, 8), (4, 1, 8), 'uint8', (1, 1, 8))
   """
   codes: jax.Array
   vector_scale: jax.Array
@@ -111,6 +116,14 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
 
   Returns:
     A :class:`VSQuantizedTensor`.
+
+  Example:
+    >>> from mlsys_jax.quant.fixed_point import dequantize, quantize, sqnr_db
+    >>> w = jax.random.normal(jax.random.PRNGKey(0), (64, 8))     # dense kernel (in, out): vectors along in
+    >>> qt = vs_quantize(w, 4, axis=0, vector_size=16)
+    >>> per_channel = dequantize(quantize(w, 4, axis=0))          # one scale per output channel
+    >>> round(float(sqnr_db(w, vs_dequantize(qt))), 1), round(float(sqnr_db(w, per_channel)), 1)   # dB
+    (21.6, 19.3)
   """
   _check_bits(bits)
   _check_float("x", x)
@@ -152,7 +165,16 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
 
 
 def vs_dequantize(qt: VSQuantizedTensor, dtype=jnp.float32) -> jax.Array:
-  """Real values of a :class:`VSQuantizedTensor` (the inverse of :func:`vs_quantize` up to rounding)."""
+  """Real values of a :class:`VSQuantizedTensor` (the inverse of :func:`vs_quantize` up to rounding).
+
+  Example:
+    >>> w = jnp.arange(32.0).reshape(32, 1)                # two vectors: 0..15 and 16..31
+    >>> qt = vs_quantize(w, 8, axis=0, vector_size=16, scale_bits=None)    # float per-vector scales
+    >>> np.asarray(qt.scales(), float).round(4).ravel().tolist()          # amax / 127 per vector
+    [0.1181, 0.2441]
+    >>> bool(jnp.all(jnp.abs(vs_dequantize(qt) - w) <= qt.scales().max() / 2))
+    True
+  """
   if not isinstance(qt, VSQuantizedTensor):
     raise TypeError(f"vs_dequantize expects a VSQuantizedTensor, got {type(qt).__name__}.")
   cs, k = _split(qt.codes.astype(jnp.float32), qt.axis, qt.vector_size, True)
@@ -161,7 +183,16 @@ def vs_dequantize(qt: VSQuantizedTensor, dtype=jnp.float32) -> jax.Array:
 
 def vs_fake_quant(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
                   scale_bits: int | None = 8, coarse_axes=None, coarse_amax=None) -> jax.Array:
-  """``vs_dequantize(vs_quantize(x, ...))`` with a straight-through gradient (zero where saturated)."""
+  """``vs_dequantize(vs_quantize(x, ...))`` with a straight-through gradient (zero where saturated).
+
+  Example:
+    >>> x = jnp.array([[0.1, -0.2, 0.3, 4.0]])
+    >>> np.asarray(vs_fake_quant(x, 4, axis=-1, vector_size=2, scale_bits=None), float).round(2).tolist()
+    [[0.09, -0.2, 0.57, 4.0]]
+    >>> from mlsys_jax.quant.fixed_point import fake_quant
+    >>> np.asarray(fake_quant(x, 4), float).round(2).tolist()    # one scale per tensor: small values vanish
+    [[0.0, 0.0, 0.57, 4.0]]
+  """
   qt = vs_quantize(x, bits, axis=axis, vector_size=vector_size, scale_bits=scale_bits,
                    coarse_axes=coarse_axes, coarse_amax=coarse_amax)
   y = vs_dequantize(qt, x.dtype)
