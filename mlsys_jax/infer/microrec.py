@@ -47,7 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -59,7 +59,8 @@ from mlsys_jax._checks import check_choice, check_int, check_range, is_concrete
 __all__ = [
     "TableSpec", "ALIBABA_47", "ALIBABA_98", "CRITEO_26", "Plan", "PlanReport", "plan_report",
     "combine_tables", "combined_index", "authors_plan", "greedy_plan", "optimal_plan", "frontier",
-    "EmbeddingStage", "build_stage", "lookup", "init_tables", "balanced_placement", "sharded_lookup",
+    "EmbeddingStage", "build_stage", "lookup", "init_tables", "balanced_placement", "ShardedStage",
+    "shard_stage", "sharded_lookup",
     "DLRM", "synthetic_batch", "INDEX_LIMIT",
 ]
 
