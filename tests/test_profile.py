@@ -203,3 +203,44 @@ def test_correct_subtracts_where_events_ran():
   assert c.total_ns == 2500 - 400 - 500 and c.removed_ns == 900 and c.unabsorbed_ns == 0
   with pytest.raises(ValueError, match="source"):
     profile.correct(a, {"cupti": 1.0})
+
+
+def test_numpy_and_jax_simulators_agree():
+  assert profile.numpy_jax_agree("cartpole", steps=40) < 1e-4
+  assert profile.numpy_jax_agree("pendulum", steps=40) < 1e-3
+  e = profile.CartPoleNP(0)
+  lens = []
+  for _ in range(3):  # random actions end CartPole episodes well before the 200-step limit
+    e.reset()
+    n, done = 0, False
+    while not done:
+      _, _, done = e.step(int(e.rng.integers(2)))
+      n += 1
+    lens.append(n)
+  assert all(5 <= n < 200 for n in lens)
+
+
+def test_workload_rollout_without_update_is_annotated():
+  w = profile.make_workload("a2c", "pendulum", "numpy", steps=20)  # < one 32-step rollout: no update
+  with profile.Profiler("intercept") as p:
+    w()
+  a = profile.attribute(p)
+  assert {op for _, op in a.table} == {"inference", "simulation", "(none)"}
+  assert a.table[("default", "inference")]["compile"] > 0            # first call of the policy
+  assert a.table[("default", "simulation")]["simulator"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,backend", [("a2c", "numpy"), ("dqn", "jax")])
+def test_workloads_are_annotated(algo, backend):
+  w = profile.make_workload(algo, "cartpole", backend, steps=70)
+  w()
+  with profile.Profiler("intercept") as p:
+    w()
+  a = profile.attribute(p)
+  ops = {op for _, op in a.table}
+  assert {"inference", "simulation", "backpropagation"} <= ops
+  sim = sum(r["simulator"] for (_, op), r in a.table.items() if op == "simulation")
+  assert sim > 0 and sum(r["total"] for r in a.table.values()) == p.wall_ns
+  with pytest.raises(ValueError, match="algo"):
+    profile.make_workload("ppo")

@@ -13,6 +13,8 @@ Public API:
   correct(attribution, calibration) -> Corrected                   overhead subtracted where it ran
   validate(workload, calibration, level='trace') -> Validation    corrected vs uninstrumented totals
   run_levels, spin_ns
+  make_workload(algo, env, backend, steps, seed)   a2c/dqn/supervised on cartpole/pendulum, numpy or JAX sim
+  CartPoleNP, PendulumNP, cartpole_step/reset, pendulum_step/reset, numpy_jax_agree
   LEVELS, HOST_CATEGORIES, RESOURCES, SOURCES
 """
 
@@ -20,6 +22,8 @@ from mlsys_jax.profile.attribution import (RESOURCES, Attribution, attribute, de
                                            summarize)
 from mlsys_jax.profile.overhead import (Calibration, Corrected, Validation, calibrate, calibrate_micro, correct, run_levels,
                                         spin_ns, validate)
+from mlsys_jax.profile.workloads import (CartPoleNP, PendulumNP, cartpole_reset, cartpole_step, make_workload,
+                                         numpy_jax_agree, pendulum_reset, pendulum_step)
 from mlsys_jax.profile.scopes import (CURRENT, HOST_CATEGORIES, LEVELS, SOURCES, Profiler, Record,
                                       block_until_ready, device_get, device_put, jit, operation, set_phase,
                                       simulator)
@@ -27,4 +31,5 @@ from mlsys_jax.profile.scopes import (CURRENT, HOST_CATEGORIES, LEVELS, SOURCES,
 __all__ = ["Profiler", "Record", "CURRENT", "operation", "simulator", "set_phase", "jit", "device_put",
            "device_get", "block_until_ready", "attribute", "Attribution", "summarize", "load_trace",
            "device_intervals", "calibrate", "calibrate_micro", "Calibration", "correct", "Corrected", "validate", "Validation",
-           "run_levels", "spin_ns", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]
+           "run_levels", "spin_ns", "make_workload", "CartPoleNP", "PendulumNP", "cartpole_reset",
+           "cartpole_step", "pendulum_reset", "pendulum_step", "numpy_jax_agree", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]

@@ -1,0 +1,367 @@
+"""Small RL and supervised workloads annotated the RL-Scope way (Gleeson et al., MLSys 2021, Sec. 5):
+operations ``inference``, ``simulation`` (with a :func:`~mlsys_jax.profile.simulator` scope),
+``replay_buffer``, ``backpropagation``, ``data_loading``.
+
+Environments, written here twice with the same dynamics (classic-control equations, as in Gym):
+
+* ``cartpole`` (Barto, Sutton & Anderson 1983; 2 actions, episodes end at |x| > 2.4, |theta| > 12 deg or
+  200 steps) and ``pendulum`` (torque discretised to {-2, 0, 2} so both agents apply; 200-step episodes);
+* backend ``'numpy'`` (a Python/numpy simulator, like Gym's) or ``'jax'`` (a jitted pure step function,
+  like gymnax; its time shows as dispatch/wait inside the ``simulation`` operation).
+
+Agents in flax + optax: ``a2c`` (on-policy: one gradient step per 32-step rollout) and ``dqn``
+(off-policy: one gradient step on a 64-sample replay batch per environment step, target network every
+100 steps); ``supervised``: an MLP regression (no simulator).
+
+:func:`make_workload` returns a zero-argument callable running ``steps`` environment steps (or
+training steps) per call and carrying its state between calls, ready for :func:`calibrate`/
+:func:`validate`/``with Profiler(): workload()``.
+
+>>> from mlsys_jax import profile
+>>> w = profile.make_workload("a2c", "cartpole", "numpy", steps=8)
+>>> with profile.Profiler("scopes") as p:
+...   w()
+>>> sorted({r.name for r in p.records if r.kind == "operation"})
+['backpropagation', 'inference', 'simulation']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlsys_jax._checks import check_choice, check_int
+from mlsys_jax.profile.scopes import block_until_ready, device_get, device_put, jit, operation, simulator
+
+ALGOS = ("a2c", "dqn", "supervised")
+ENVS = ("cartpole", "pendulum")
+BACKENDS = ("numpy", "jax")
+PENDULUM_TORQUES = (-2.0, 0.0, 2.0)
+
+# ---- environments: numpy ----------------------------------------------------------------------------
+_G, _MC, _MP, _L, _FMAG, _TAU = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
+_THETA_LIM, _X_LIM, _HORIZON = 12 * 2 * math.pi / 360, 2.4, 200
+
+
+class CartPoleNP:
+  """CartPole in numpy (Gym's classic-control equations, Euler integration, tau = 0.02 s)."""
+  n_actions, obs_dim = 2, 4
+
+  def __init__(self, seed: int = 0):
+    self.rng = np.random.default_rng(seed)
+    self.reset()
+
+  def reset(self) -> np.ndarray:
+    self.s = self.rng.uniform(-0.05, 0.05, 4)
+    self.t = 0
+    return self.s.astype(np.float32)
+
+  def step(self, a: int) -> tuple[np.ndarray, float, bool]:
+    x, xd, th, thd = self.s
+    force = _FMAG if a == 1 else -_FMAG
+    ct, st = math.cos(th), math.sin(th)
+    pml = _MP * _L
+    temp = (force + pml * thd * thd * st) / (_MC + _MP)
+    thacc = (_G * st - ct * temp) / (_L * (4.0 / 3.0 - _MP * ct * ct / (_MC + _MP)))
+    xacc = temp - pml * thacc * ct / (_MC + _MP)
+    self.s = np.array([x + _TAU * xd, xd + _TAU * xacc, th + _TAU * thd, thd + _TAU * thacc])
+    self.t += 1
+    done = bool(abs(self.s[0]) > _X_LIM or abs(self.s[2]) > _THETA_LIM or self.t >= _HORIZON)
+    return self.s.astype(np.float32), 1.0, done
+
+
+class PendulumNP:
+  """Pendulum swing-up in numpy (Gym's equations, dt = 0.05 s, torque from :data:`PENDULUM_TORQUES`)."""
+  n_actions, obs_dim = len(PENDULUM_TORQUES), 3
+
+  def __init__(self, seed: int = 0):
+    self.rng = np.random.default_rng(seed)
+    self.reset()
+
+  def _obs(self) -> np.ndarray:
+    return np.array([math.cos(self.th), math.sin(self.th), self.thd], np.float32)
+
+  def reset(self) -> np.ndarray:
+    self.th, self.thd = self.rng.uniform(-math.pi, math.pi), self.rng.uniform(-1.0, 1.0)
+    self.t = 0
+    return self._obs()
+
+  def step(self, a: int) -> tuple[np.ndarray, float, bool]:
+    u = PENDULUM_TORQUES[int(a)]
+    th_n = ((self.th + math.pi) % (2 * math.pi)) - math.pi
+    cost = th_n ** 2 + 0.1 * self.thd ** 2 + 0.001 * u ** 2
+    thd = self.thd + (3 * 10.0 / 2 * math.sin(self.th) + 3.0 * u) * 0.05
+    self.thd = min(max(thd, -8.0), 8.0)
+    self.th = self.th + self.thd * 0.05
+    self.t += 1
+    return self._obs(), -cost, self.t >= _HORIZON
+
+
+# ---- environments: JAX (pure, jitted; state is an array, t carried in it) ----------------------------
+def cartpole_reset(key: jax.Array) -> jax.Array:
+  """JAX CartPole state ``[x, x_dot, theta, theta_dot, t]``."""
+  return jnp.concatenate([jax.random.uniform(key, (4,), minval=-0.05, maxval=0.05), jnp.zeros(1)])
+
+
+def cartpole_step(s: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One CartPole step (same equations as :class:`CartPoleNP`): ``(state, obs, reward, done)``."""
+  x, xd, th, thd, t = s[0], s[1], s[2], s[3], s[4]
+  force = jnp.where(a == 1, _FMAG, -_FMAG)
+  ct, st = jnp.cos(th), jnp.sin(th)
+  pml = _MP * _L
+  temp = (force + pml * thd * thd * st) / (_MC + _MP)
+  thacc = (_G * st - ct * temp) / (_L * (4.0 / 3.0 - _MP * ct * ct / (_MC + _MP)))
+  xacc = temp - pml * thacc * ct / (_MC + _MP)
+  ns = jnp.stack([x + _TAU * xd, xd + _TAU * xacc, th + _TAU * thd, thd + _TAU * thacc, t + 1])
+  done = (jnp.abs(ns[0]) > _X_LIM) | (jnp.abs(ns[2]) > _THETA_LIM) | (ns[4] >= _HORIZON)
+  return ns, ns[:4], jnp.float32(1.0), done
+
+
+def pendulum_reset(key: jax.Array) -> jax.Array:
+  """JAX Pendulum state ``[theta, theta_dot, t]``."""
+  k1, k2 = jax.random.split(key)
+  return jnp.stack([jax.random.uniform(k1, minval=-math.pi, maxval=math.pi),
+                    jax.random.uniform(k2, minval=-1.0, maxval=1.0), jnp.float32(0.0)])
+
+
+def pendulum_step(s: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One Pendulum step (same equations as :class:`PendulumNP`)."""
+  th, thd, t = s[0], s[1], s[2]
+  u = jnp.asarray(PENDULUM_TORQUES)[a]
+  th_n = ((th + math.pi) % (2 * math.pi)) - math.pi
+  cost = th_n ** 2 + 0.1 * thd ** 2 + 0.001 * u ** 2
+  thd = jnp.clip(thd + (3 * 10.0 / 2 * jnp.sin(th) + 3.0 * u) * 0.05, -8.0, 8.0)
+  th = th + thd * 0.05
+  ns = jnp.stack([th, thd, t + 1])
+  return ns, jnp.stack([jnp.cos(th), jnp.sin(th), thd]), -cost, ns[2] >= _HORIZON
+
+
+class _JaxEnv:
+  """Host-side handle of a jitted JAX environment: state, obs and done stay device arrays."""
+
+  def __init__(self, name: str, seed: int):
+    reset, step = (cartpole_reset, cartpole_step) if name == "cartpole" else (pendulum_reset, pendulum_step)
+    self.n_actions, self.obs_dim = (2, 4) if name == "cartpole" else (len(PENDULUM_TORQUES), 3)
+    self._reset, self._step = jit(reset), jit(step)
+    self._obs_of = jit((lambda s: s[:4]) if name == "cartpole" else
+                       (lambda s: jnp.stack([jnp.cos(s[0]), jnp.sin(s[0]), s[1]])))
+    self.key = jax.random.PRNGKey(seed)
+    self.reset()
+
+  def reset(self):
+    self.key, k = jax.random.split(self.key)
+    self.s = self._reset(k)
+    return self._obs_of(self.s)
+
+  def step(self, a):
+    self.s, obs, r, done = self._step(self.s, a)
+    return obs, r, done
+
+
+def _make_env(env: str, backend: str, seed: int):
+  if backend == "jax":
+    return _JaxEnv(env, seed)
+  return CartPoleNP(seed) if env == "cartpole" else PendulumNP(seed)
+
+
+def _sim_step(e, a, backend: str):
+  """One simulation step with auto-reset; returns (obs, reward, done) with ``done`` a host bool."""
+  with operation("simulation"), simulator():
+    obs, r, done = e.step(a)
+    if backend == "jax":
+      done = bool(device_get(done))
+    if done:
+      obs = e.reset()
+  return obs, r, done
+
+
+class _MLP(nn.Module):
+  out: int
+  hidden: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(self.hidden)(x))
+    x = nn.tanh(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.out)(x)
+
+
+def _a2c(env: str, backend: str, steps: int, seed: int, n_rollout: int = 32, gamma: float = 0.99):
+  e = _make_env(env, backend, seed)
+  net = _MLP(e.n_actions + 1)
+  params = jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.zeros((1, e.obs_dim)))
+  opt = optax.adam(7e-4)
+  st = {"params": params, "opt": opt.init(params), "key": jax.random.PRNGKey(seed + 1), "obs": e.reset(),
+        "buf": []}
+
+  def act(p, obs, key):
+    key, k = jax.random.split(key)
+    logits = net.apply(p, obs[None])[0, :-1]
+    return jax.random.categorical(k, logits), key
+
+  def loss(p, obs, acts, rets):
+    out = net.apply(p, obs)
+    logits, v = out[:, :-1], out[:, -1]
+    logp = jax.nn.log_softmax(logits)[jnp.arange(acts.shape[0]), acts]
+    adv = rets - v
+    ent = -(jax.nn.softmax(logits) * jax.nn.log_softmax(logits)).sum(-1).mean()
+    return -(logp * jax.lax.stop_gradient(adv)).mean() + 0.5 * (adv ** 2).mean() - 0.01 * ent
+
+  def update(p, o, obs, acts, rews, dones, last_obs):
+    last_v = net.apply(p, last_obs[None])[0, -1]
+
+    def back(ret, xs):
+      r, d = xs
+      ret = r + gamma * ret * (1.0 - d)
+      return ret, ret
+    _, rets = jax.lax.scan(back, last_v, (rews, dones), reverse=True)
+    g = jax.grad(loss)(p, obs, acts, jax.lax.stop_gradient(rets))
+    upd, o = opt.update(g, o, p)
+    return optax.apply_updates(p, upd), o
+
+  act_j, update_j = jit(act), jit(update)
+
+  def run():
+    for _ in range(steps):
+      with operation("inference"):
+        a, st["key"] = act_j(st["params"], jnp.asarray(st["obs"]), st["key"])
+        if backend == "numpy":
+          a = int(device_get(a))
+      obs, r, done = _sim_step(e, a, backend)
+      st["buf"].append((st["obs"], a, r, float(done)))
+      st["obs"] = obs
+      if len(st["buf"]) == n_rollout:
+        with operation("backpropagation"):
+          o_, a_, r_, d_ = zip(*st["buf"])
+          batch = (jnp.stack([jnp.asarray(x) for x in o_]), jnp.asarray(np.array(a_) if backend == "numpy" else
+                                                                          jnp.stack(a_)),
+                   jnp.asarray(np.array(r_, np.float32) if backend == "numpy" else jnp.stack(r_)),
+                   jnp.asarray(np.array(d_, np.float32)))
+          st["params"], st["opt"] = update_j(st["params"], st["opt"], *batch, jnp.asarray(obs))
+          block_until_ready(st["params"])
+        st["buf"] = []
+  return run
+
+
+def _dqn(env: str, backend: str, steps: int, seed: int, batch: int = 64, capacity: int = 10_000,
+         gamma: float = 0.99, eps: float = 0.1, target_every: int = 100):
+  e = _make_env(env, backend, seed)
+  net = _MLP(e.n_actions)
+  params = jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.zeros((1, e.obs_dim)))
+  opt = optax.adam(1e-3)
+  rng = np.random.default_rng(seed)
+  buf = {"o": np.zeros((capacity, e.obs_dim), np.float32), "a": np.zeros(capacity, np.int32),
+         "r": np.zeros(capacity, np.float32), "o2": np.zeros((capacity, e.obs_dim), np.float32),
+         "d": np.zeros(capacity, np.float32)}
+  st = {"params": params, "target": params, "opt": opt.init(params), "obs": e.reset(), "n": 0, "t": 0}
+
+  def greedy(p, obs):
+    return jnp.argmax(net.apply(p, obs[None])[0])
+
+  def update(p, tp, o, ob, a, r, ob2, d):
+    def loss(p):
+      q = net.apply(p, ob)[jnp.arange(a.shape[0]), a]
+      y = r + gamma * (1.0 - d) * net.apply(tp, ob2).max(-1)
+      return optax.huber_loss(q, jax.lax.stop_gradient(y)).mean()
+    g = jax.grad(loss)(p)
+    upd, o = opt.update(g, o, p)
+    return optax.apply_updates(p, upd), o
+
+  greedy_j, update_j = jit(greedy), jit(update)
+
+  def run():
+    for _ in range(steps):
+      with operation("inference"):
+        a = greedy_j(st["params"], jnp.asarray(st["obs"]))
+        a = int(device_get(a))
+        if rng.random() < eps:
+          a = int(rng.integers(e.n_actions))
+      obs, r, done = _sim_step(e, a if backend == "numpy" else jnp.int32(a), backend)
+      with operation("replay_buffer"):
+        i = st["n"] % capacity
+        o2 = np.asarray(device_get(obs)) if backend == "jax" else obs
+        buf["o"][i], buf["a"][i], buf["r"][i] = np.asarray(device_get(st["obs"])), a, float(device_get(r))
+        buf["o2"][i], buf["d"][i] = o2, float(done)
+        st["n"] += 1
+        idx = rng.integers(min(st["n"], capacity), size=batch) if st["n"] >= batch else None
+        mb = None if idx is None else device_put({k: v[idx] for k, v in buf.items()})
+      st["obs"] = obs
+      if mb is not None:
+        with operation("backpropagation"):
+          st["params"], st["opt"] = update_j(st["params"], st["target"], st["opt"], mb["o"], mb["a"], mb["r"],
+                                             mb["o2"], mb["d"])
+          block_until_ready(st["params"])
+      st["t"] += 1
+      if st["t"] % target_every == 0:
+        st["target"] = st["params"]
+  return run
+
+
+def _supervised(steps: int, seed: int, batch: int = 64, n: int = 2048, dim: int = 16):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, dim)).astype(np.float32)
+  y = (np.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]).astype(np.float32)
+  net = _MLP(1)
+  params = jax.jit(net.init)(jax.random.PRNGKey(seed), jnp.zeros((1, dim)))
+  opt = optax.adam(1e-3)
+  st = {"params": params, "opt": opt.init(params)}
+
+  def update(p, o, xb, yb):
+    g = jax.grad(lambda p: ((net.apply(p, xb) - yb) ** 2).mean())(p)
+    upd, o = opt.update(g, o, p)
+    return optax.apply_updates(p, upd), o
+
+  update_j = jit(update)
+
+  def run():
+    for _ in range(steps):
+      with operation("data_loading"):
+        idx = rng.integers(n, size=batch)
+        xb, yb = device_put(x[idx]), device_put(y[idx])
+      with operation("backpropagation"):
+        st["params"], st["opt"] = update_j(st["params"], st["opt"], xb, yb)
+        block_until_ready(st["params"])
+  return run
+
+
+def make_workload(algo: str, env: str = "cartpole", backend: str = "numpy", *, steps: int = 256,
+                  seed: int = 0) -> Callable[[], None]:
+  """A zero-argument annotated workload: ``steps`` environment steps of ``algo`` on ``env`` simulated
+  with ``backend`` per call (``algo='supervised'``: ``steps`` training steps; env/backend ignored)."""
+  check_choice("algo", algo, ALGOS)
+  check_choice("env", env, ENVS)
+  check_choice("backend", backend, BACKENDS)
+  check_int("steps", steps, 1)
+  check_int("seed", seed, 0)
+  if algo == "supervised":
+    return _supervised(steps, seed)
+  return (_a2c if algo == "a2c" else _dqn)(env, backend, steps, seed)
+
+
+def numpy_jax_agree(env: str = "cartpole", steps: int = 50, seed: int = 0) -> float:
+  """Max |obs_numpy - obs_jax| over ``steps`` steps from the same start and actions (a consistency check
+  of the two simulators; float32 JAX vs float64 numpy)."""
+  check_choice("env", env, ENVS)
+  e = CartPoleNP(seed) if env == "cartpole" else PendulumNP(seed)
+  if env == "cartpole":
+    s = jnp.concatenate([jnp.asarray(e.s, jnp.float32), jnp.zeros(1)])
+    step = jax.jit(cartpole_step)
+  else:
+    s = jnp.asarray([e.th, e.thd, 0.0], jnp.float32)
+    step = jax.jit(pendulum_step)
+  rng = np.random.default_rng(seed)
+  err = 0.0
+  for _ in range(steps):
+    a = int(rng.integers(e.n_actions))
+    o_np, _, d = e.step(a)
+    s, o_j, _, _ = step(s, jnp.int32(a))
+    err = max(err, float(np.max(np.abs(o_np - np.asarray(o_j)))))
+    if d:
+      break
+  return err
