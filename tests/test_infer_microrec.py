@@ -43,26 +43,32 @@ def _all_lookups(stages, idx):
   return jax.jit(lambda ss, i: [mr.lookup(st, i) for st in ss])(stages, idx)
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_random_plans_are_bit_identical(seed):
-  """Property: any partition into groups, fused or not, returns the per-table lookups bit for bit."""
-  specs = _small_specs(seed)
-  rng = random.Random(seed)
-  tables = mr.init_tables(seed, specs)
-  perm = list(range(len(specs)))
-  rng.shuffle(perm)
-  groups, i = [], 0
-  while i < len(perm):
-    k = rng.randint(1, 3)
-    groups.append(tuple(perm[i:i + k]))
-    i += k
-  plan = mr.Plan(tuple(groups))
-  idx = np.stack([np.random.default_rng(seed).integers(0, s.rows, 17) for s in specs], 1)
-  ref = np.concatenate([np.asarray(t)[idx[:, j]] for j, t in enumerate(tables)], 1)
-  stages = [mr.build_stage(tables, p, fuse=f) for p in (mr.Plan.identity(len(specs)), plan)
-            for f in (False, True, "chunks")]
-  assert stages[-1].gathers == 1
-  for out, bad in _all_lookups(stages, idx):
+def test_random_plans_are_bit_identical():
+  """Property: random partitions into groups (2 random spec sets), fused or not, chunked, return the
+  per-table lookups bit for bit (all variants in one jit)."""
+  stages, idxs, refs = [], [], []
+  for seed in range(2):
+    specs = _small_specs(seed)
+    rng = random.Random(seed)
+    tables = mr.init_tables(seed, specs)
+    perm = list(range(len(specs)))
+    rng.shuffle(perm)
+    groups, i = [], 0
+    while i < len(perm):
+      k = rng.randint(1, 3)
+      groups.append(tuple(perm[i:i + k]))
+      i += k
+    plan = mr.Plan(tuple(groups))
+    idx = np.stack([np.random.default_rng(seed).integers(0, s.rows, 17) for s in specs], 1)
+    ref = np.concatenate([np.asarray(t)[idx[:, j]] for j, t in enumerate(tables)], 1)
+    for p in (mr.Plan.identity(len(specs)), plan):
+      for f in (False, True, "chunks"):
+        stages.append(mr.build_stage(tables, p, fuse=f))
+        idxs.append(idx)
+        refs.append(ref)
+  assert stages[-1].gathers == 1 and stages[-1].lookups < len(stages[-1].layout.rows)
+  outs = jax.jit(lambda ss, ii: [mr.lookup(st, i) for st, i in zip(ss, ii)])(stages, idxs)
+  for (out, bad), ref in zip(outs, refs):
     np.testing.assert_array_equal(np.asarray(out), ref)
     assert int(bad) == 0
 
@@ -172,9 +178,9 @@ def test_multi_hot_sum_pooling_without_combination():
   specs = [mr.TableSpec(6, 2), mr.TableSpec(9, 3)]
   tables = mr.init_tables(2, specs)
   idx = np.random.default_rng(0).integers(0, 6, (5, 2, 4))
-  for fuse in (False, True, "chunks"):
-    out, _ = mr.lookup(mr.build_stage(tables, mr.Plan.identity(2), fuse=fuse), idx)
-    ref = np.concatenate([np.asarray(t, np.float64)[idx[:, j]].sum(1) for j, t in enumerate(tables)], 1)
+  stages = [mr.build_stage(tables, mr.Plan.identity(2), fuse=f) for f in (False, True, "chunks")]
+  ref = np.concatenate([np.asarray(t, np.float64)[idx[:, j]].sum(1) for j, t in enumerate(tables)], 1)
+  for out, _ in _all_lookups(stages, idx):
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-7)
 
 
