@@ -32,7 +32,7 @@ VARS = _sparse_net_variables(NET)
 
 @pytest.fixture(scope="module")
 def model():
-  rb = video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=0.5)
+  rb = video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=0.5, buckets=())
   return rb, jax.jit(rb.step), jax.jit(lambda f: NET.apply(VARS, f[None])[0])
 
 
@@ -80,6 +80,7 @@ def test_margin_factor_closed_form_and_limit():
     video.fp_margin_factor(10 ** 6, 2.0 ** -10)
 
 
+@pytest.mark.slow  # the same property is checked through the flax model by the stream tests below
 def test_tile_conv_is_bitwise_the_full_conv_on_cpu():
   rng = np.random.default_rng(1)
   layer = video.ConvLayer(jnp.asarray(rng.normal(size=(3, 3, 6, 8)), jnp.float32),
@@ -88,7 +89,7 @@ def test_tile_conv_is_bitwise_the_full_conv_on_cpu():
   st, y = video.conv_layer_init(layer, x, 4)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(video.dense_conv(layer, x)))
   x2 = x.at[5, 7].add(1.0)
-  step = jax.jit(lambda st, x: video.conv_layer_step(layer, st, x, tile=4, capacity=20))
+  step = jax.jit(lambda st, x: video.conv_layer_step(layer, st, x, tile=4, capacity=(2, 20)))
   _, y2, s = step(st, x2)
   assert int(s.dense) == 0 and int(s.computed) >= 1
   np.testing.assert_array_equal(np.asarray(y2), np.asarray(video.dense_conv(layer, x2)))
@@ -150,7 +151,7 @@ def test_valid_padding_and_ragged_tiles():
                             jnp.full((3,), -0.5, jnp.float32), "VALID"),
             video.ConvLayer(jnp.asarray(rng.normal(size=(5, 5, 3, 2)), jnp.float32),
                             jnp.zeros((2,), jnp.float32), "SAME", relu=False)]
-  rb = video.range_bound_model(layers, None, (13, 11, 2), tile=4)
+  rb = video.range_bound_model(layers, None, (13, 11, 2), tile=4, buckets=())
   dense = jax.jit(video.dense_model(layers))
   x = rng.uniform(0, 1, (13, 11, 2)).astype(np.float32)
   st, y = rb.init(x)
@@ -161,6 +162,17 @@ def test_valid_padding_and_ragged_tiles():
     x[t * 3:t * 3 + 2, 1:4] += 0.5
     st, y, _ = step(st, x)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(dense(x)))
+
+
+def test_window_reduce_matches_numpy():
+  rng = np.random.default_rng(4)
+  layer = video.ConvLayer(jnp.zeros((5, 3, 2, 1), jnp.float32), jnp.zeros((1,), jnp.float32))
+  a = rng.normal(size=(3 * 4 + 4, 2 * 4 + 2, 2)).astype(np.float32)
+  got = np.asarray(video._window_reduce(jnp.asarray(a), layer, 4, "max"))
+  want = np.array([[a[i * 4:i * 4 + 8, j * 4:j * 4 + 6].max((0, 1)) for j in range(2)] for i in range(3)])
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="halo"):
+    video.range_bound_model([layer], None, (10, 10, 2), tile=2)
 
 
 def test_bad_input():

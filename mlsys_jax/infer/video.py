@@ -92,11 +92,14 @@ __all__ = [
     "conv_layer_init",
     "conv_layer_step",
     "dense_conv",
+    "dense_model",
     "fp_margin_factor",
+    "highpass_variables",
     "layers_from_flax",
     "load_frames",
     "range_bound_model",
     "range_upper_bound",
+    "relu_cnn",
     "synthetic_video",
     "temporal_upper_bound",
 ]
@@ -163,6 +166,9 @@ def _geometry(layer: ConvLayer, hw: tuple[int, int], tile: int):
   ho, wo = hw[0] + 2 * ph - kh + 1, hw[1] + 2 * pw - kw + 1
   if ho < 1 or wo < 1:
     raise ValueError(f"layer {layer.name}: a {kh}x{kw} VALID convolution does not fit a {hw} input.")
+  if kh - 1 > tile or kw - 1 > tile:
+    raise ValueError(f"layer {layer.name}: tile={tile} is smaller than the {kh}x{kw} kernel's halo; "
+                     f"use tile >= {max(kh, kw) - 1}.")
   nh, nw = -(-ho // tile), -(-wo // tile)
   return ho, wo, nh, nw, ph, pw
 
@@ -175,13 +181,26 @@ def _canvas(x: jax.Array, layer: ConvLayer, tile: int) -> jax.Array:
   return jnp.pad(x, ((ph, hc - x.shape[0] - ph), (pw, wc - x.shape[1] - pw), (0, 0)))
 
 
+def _axis_window_reduce(a: jax.Array, axis: int, tile: int, halo: int, red: Callable) -> jax.Array:
+  """Reduce windows ``[i*T, i*T + T + halo)`` along ``axis`` of length ``n*T + halo`` (halo <= T) with
+  reshapes (XLA:CPU's overlapping ``reduce_window`` is several times slower)."""
+  n = (a.shape[axis] - halo) // tile
+  pad = [(0, 0)] * a.ndim
+  pad[axis] = (0, (n + 1) * tile - a.shape[axis])
+  b = jnp.pad(a, pad)  # padding rows are never inside a window: only the first `halo` rows are used
+  b = b.reshape(a.shape[:axis] + (n + 1, tile) + a.shape[axis + 1:])
+  body = red(lax.slice_in_dim(b, 0, n, axis=axis), axis=axis + 1)
+  if halo == 0:
+    return body
+  nxt = lax.slice_in_dim(lax.slice_in_dim(b, 1, n + 1, axis=axis), 0, halo, axis=axis + 1)
+  return red(jnp.stack([body, red(nxt, axis=axis + 1)]), axis=0)
+
+
 def _window_reduce(a: jax.Array, layer: ConvLayer, tile: int, op: str) -> jax.Array:
   """Max (``op='max'``) or min over each tile's receptive field of a canvas, per channel."""
   kh, kw = layer.kernel.shape[:2]
-  win = (tile + kh - 1, tile + kw - 1, 1)
-  if op == "max":
-    return lax.reduce_window(a, -jnp.inf, lax.max, win, (tile, tile, 1), "VALID")
-  return lax.reduce_window(a, jnp.inf, lax.min, win, (tile, tile, 1), "VALID")
+  red = jnp.max if op == "max" else jnp.min
+  return _axis_window_reduce(_axis_window_reduce(a, 0, tile, kh - 1, red), 1, tile, kw - 1, red)
 
 
 def _to_tiles(y: jax.Array, tile: int, nh: int, nw: int) -> jax.Array:
@@ -316,8 +335,10 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
                     unit_roundoff: float = 2.0 ** -24) -> tuple[LayerState, jax.Array, LayerStats]:
   """One frame through one layer: reuse unchanged tiles, skip provably-zero tiles, compute the rest.
 
-  ``capacity`` (static) is the number of tiles the sparse path can compute; when more tiles must be
-  computed, the layer runs the dense convolution instead (``lax.cond``). Jit-able.
+  ``capacity`` (static int, or a tuple of ints: buckets) is the number of tiles the sparse path
+  computes; the smallest bucket that holds every tile to compute is used (``lax.switch``), no conv at
+  all when no tile must be computed, and the dense convolution when more tiles than the largest bucket
+  must be computed. Jit-able.
   """
   if x.shape != state.x.shape:
     raise ValueError(f"layer {layer.name}: input shape {x.shape} differs from the previous frame's "
@@ -329,14 +350,12 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
   # receptive fields that changed bit for bit (-0.0 vs 0.0 and NaN payloads count as changes)
   bits = lambda a: lax.bitcast_convert_type(a, jnp.int32)
   diff = (bits(xc) != bits(pc)).astype(xc.dtype)
-  changed = jnp.any(_window_reduce(diff, layer, tile, "max") > 0, axis=-1)  # (nh, nw)
   d = xc - pc
-  dmax = _window_reduce(d, layer, tile, "max")
-  dmin = _window_reduce(d, layer, tile, "min")
-  xmax = _window_reduce(xc, layer, tile, "max")
-  xmin = _window_reduce(xc, layer, tile, "min")
-  pmax = jnp.maximum(jnp.abs(_window_reduce(pc, layer, tile, "max")),
-                     jnp.abs(_window_reduce(pc, layer, tile, "min")))
+  ab_p = jnp.abs(pc)
+  red = _window_reduce(jnp.concatenate([diff, d, -d, xc, -xc, ab_p], axis=-1), layer, tile, "max")
+  cd, dmax, ndmin, xmax, nxmin, pmax = jnp.split(red, 6, axis=-1)
+  changed = jnp.any(cd > 0, axis=-1)  # (nh, nw)
+  dmin, xmin = -ndmin, -nxmin
   amax_t = jnp.maximum(jnp.abs(xmax), jnp.abs(xmin))
   ub_r, dense_margin = range_upper_bound(layer, xmin, xmax, unit_roundoff)
   ub_t = temporal_upper_bound(layer, state.ub, dmin, dmax, amax_t + pmax, unit_roundoff)
@@ -350,28 +369,37 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
   count = jnp.sum(compute)
   prev_y_tiles = _to_tiles(state.y, tile, nh, nw)
 
-  def sparse(_):
-    flat = compute.reshape(-1)
-    (idx,) = jnp.nonzero(flat, size=capacity, fill_value=nh * nw)  # fill -> out of range, dropped
-    ti, tj = idx // nw, idx % nw
-    ph, pw = tile + kh - 1, tile + kw - 1
-    take = lambda i, j: lax.dynamic_slice(xc, (i * tile, j * tile, 0), (ph, pw, cin))
-    patches = jax.vmap(take)(jnp.minimum(ti, nh - 1), tj)
-    z = _conv_valid(patches, layer)  # (capacity, T, T, cout)
+  def sparse(cap):
+    def run(_):
+      flat = compute.reshape(-1)
+      (idx,) = jnp.nonzero(flat, size=cap, fill_value=nh * nw)  # fill -> out of range, dropped
+      ti, tj = idx // nw, idx % nw
+      ph, pw = tile + kh - 1, tile + kw - 1
+      take = lambda i, j: lax.dynamic_slice(xc, (i * tile, j * tile, 0), (ph, pw, cin))
+      patches = jax.vmap(take)(jnp.minimum(ti, nh - 1), tj)
+      z = _conv_valid(patches, layer)  # (cap, T, T, cout)
+      yt = jnp.where(skip[..., None, None, None], jnp.zeros_like(prev_y_tiles), prev_y_tiles)
+      yt = yt.reshape(nh * nw, tile, tile, cout).at[idx].set(_act(layer, z), mode="drop")
+      zt = jnp.full((nh * nw, tile, tile, cout), -jnp.inf, z.dtype).at[idx].set(z, mode="drop")
+      ub_c = _tile_ub_from_z(_valid_mask_tiles(zt.reshape(nh, nw, tile, tile, cout), ho, wo, tile),
+                             dense_margin)
+      return yt.reshape(nh, nw, tile, tile, cout), ub_c
+    return run
+
+  def nothing(_):  # no tile to compute: reuse and skip only
     yt = jnp.where(skip[..., None, None, None], jnp.zeros_like(prev_y_tiles), prev_y_tiles)
-    yt = yt.reshape(nh * nw, tile, tile, cout).at[idx].set(_act(layer, z), mode="drop")
-    zt = _valid_mask_tiles(jnp.zeros((nh * nw, tile, tile, cout), z.dtype).at[idx].set(
-        z, mode="drop").reshape(nh, nw, tile, tile, cout), ho, wo, tile)
-    ub_c = _tile_ub_from_z(zt, dense_margin)
-    return yt.reshape(nh, nw, tile, tile, cout), ub_c
+    return yt, jnp.full((nh, nw, cout), -jnp.inf, xc.dtype)
 
   def dense(_):
     z = _conv_valid(xc[None], layer)[0]
     zt = _to_tiles(z, tile, nh, nw)
     return _act(layer, zt), _tile_ub_from_z(_valid_mask_tiles(zt, ho, wo, tile), dense_margin)
 
-  use_dense = count > capacity
-  yt, ub_c = lax.cond(use_dense, dense, sparse, None)
+  caps = sorted(set(int(c) for c in capacity)) if isinstance(capacity, (tuple, list)) else [capacity]
+  caps = [c for c in caps if c >= 1]
+  branch = jnp.sum(jnp.asarray([count > c for c in caps], jnp.int32)) + (count > 0)
+  use_dense = count > caps[-1]
+  yt, ub_c = lax.switch(branch, [nothing] + [sparse(c) for c in caps] + [dense], None)
   new_ub = jnp.where(compute[..., None] | use_dense, ub_c, jnp.where(skip[..., None], ub, state.ub))
   y = _from_tiles(yt, ho, wo)
   nz = jnp.all(yt == 0, axis=(2, 3, 4))
@@ -445,6 +473,7 @@ def layers_from_flax(module: Any, variables: Any) -> tuple[ConvLayer, ...]:
 
 def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *, tile: int = 8,
                       max_active_fraction: float = 0.5,
+                      buckets: Sequence[float] = (1 / 32, 1 / 8),
                       unit_roundoff: float = 2.0 ** -24) -> RangeBoundModel:
   """Exact frame-by-frame inference of a ReLU CNN that skips provably-zero and unchanged tiles.
 
@@ -456,6 +485,7 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     tile: output tile size ``T`` (tiles are ``T x T`` positions, all channels).
     max_active_fraction: the sparse path computes at most this fraction of tiles (a static capacity);
       above it the layer runs densely.
+    buckets: smaller static capacities (fractions of the tiles) for frames with few active tiles.
     unit_roundoff: ``u`` of the conv arithmetic for the margin (``2**-24`` float32; ``2**-10`` TF32).
   Returns:
     :class:`RangeBoundModel` with ``init(frame) -> (state, y)`` and
@@ -481,7 +511,8 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     ho, wo, nh, nw, _, _ = _geometry(l, hw, tile)
     fp_margin_factor(int(np.prod(l.kernel.shape[:3])), unit_roundoff)
     shapes.append(hw + (c,))
-    caps.append(max(1, int(math.floor(max_active_fraction * nh * nw))))
+    top = max(1, int(math.floor(max_active_fraction * nh * nw)))
+    caps.append(tuple(sorted({max(1, min(top, int(math.ceil(f * nh * nw)))) for f in buckets} | {top})))
     hw, c = (ho, wo), l.kernel.shape[3]
 
   def _check_frame(frame):
@@ -526,6 +557,34 @@ def dense_model(layers: Sequence[ConvLayer]) -> Callable:
       x = dense_conv(l, x)
     return x
   return f
+
+
+def relu_cnn(channels: Sequence[int], kernel_size: int = 3) -> Any:
+  """A ``flax.linen.Sequential`` of SAME ``kernel_size`` convolutions, each followed by ``nn.relu``."""
+  import flax.linen as nn
+  if not channels:
+    raise ValueError("channels must name at least one conv layer.")
+  mods: list = []
+  for c in channels:
+    check_int("channels[i]", c, 1)
+    mods += [nn.Conv(c, (kernel_size, kernel_size)), nn.relu]
+  return nn.Sequential(mods)
+
+
+def highpass_variables(variables: Any, bias: float = -0.05) -> Any:
+  """A stand-in for trained detector layers: every kernel made zero-mean over its spatial taps (an
+  edge/blob filter) and every bias set to ``bias`` (< 0), so flat regions give exactly-zero ReLU
+  outputs and only structure (objects, edges) activates. Random-init CNNs have no such spatial
+  sparsity; use this to model the activation sparsity of trained networks (stated wherever used)."""
+  check_range("bias", bias)
+  def fix(path, a):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['kernel']"):
+      return a - jnp.mean(a, axis=(0, 1), keepdims=True)
+    if name.endswith("['bias']"):
+      return jnp.full_like(a, bias)
+    return a
+  return jax.tree_util.tree_map_with_path(fix, variables)
 
 
 # ----------------------------------------------------------------------------------------------------
