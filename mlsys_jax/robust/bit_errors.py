@@ -126,6 +126,11 @@ def inject_stuck_at(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits
 
   Unlike flips, a stuck bit only changes the code when it differs from the stored bit, so the
   effective flip rate is about ``p / 2`` for ``p_one = 0.5``.
+
+  Example:
+    >>> codes = jnp.zeros(4, jnp.uint8)
+    >>> inject_stuck_at(jax.random.PRNGKey(0), codes, 1.0, 4, p_one=1.0).tolist()   # every low bit stuck at 1
+    [15, 15, 15, 15]
   """
   _check_codes(codes, bits)
   _check_p(p)
@@ -144,6 +149,11 @@ class ErrorMap(NamedTuple):
   p, so the faults at a lower rate are exactly a subset of those at a higher rate, as for a chip whose
   weakest cells fail first as the voltage drops. ``stuck`` holds the value (0/1 in bit i) a faulty bit
   reads; ``flip=True`` maps use flips instead of stuck values.
+
+  Example:
+    >>> m = profiled_error_map(jax.random.PRNGKey(0), (1000,), 8, flip=True)
+    >>> m.rate_draw.shape, str(m.stuck.dtype), m.flip
+    ((1000, 8), 'uint8', True)
   """
   rate_draw: jax.Array  # uint32, shape codes.shape + (bits,)
   stuck: jax.Array      # codes dtype, codes.shape
@@ -152,7 +162,14 @@ class ErrorMap(NamedTuple):
 
 def profiled_error_map(key: jax.Array, shape: tuple[int, ...], bits: int, *, flip: bool = False,
                        p_one: float = 0.5, dtype=jnp.uint8) -> ErrorMap:
-  """Draw a persistent fault map for codes of ``shape`` (see :class:`ErrorMap`)."""
+  """Draw a persistent fault map for codes of ``shape`` (see :class:`ErrorMap`).
+
+  Example:
+    >>> m = profiled_error_map(jax.random.PRNGKey(0), (1000,), 8, flip=True)
+    >>> low, high = error_mask(m, 0.01), error_mask(m, 0.1)
+    >>> bool(jnp.all(low & ~high == 0))          # weakest cells fail first: 1% faults are among the 10% ones
+    True
+  """
   check_int("bits", bits, 1, 16)
   check_range("p_one", p_one, 0.0, 1.0)
   dtype = jnp.dtype(dtype)
@@ -169,6 +186,12 @@ def error_mask(error_map: ErrorMap, p: float | jax.Array) -> jax.Array:
 
   For a fixed chip and voltage the mask is fixed: compute it once and apply it with
   :func:`apply_error_mask`, which then only reads the codes and the mask (memory-bandwidth bound).
+
+  Example:
+    >>> m = profiled_error_map(jax.random.PRNGKey(0), (1000,), 8, flip=True)
+    >>> mask = error_mask(m, 0.1)
+    >>> round(float(bit_error_rate(mask, jnp.zeros_like(mask), 8)), 3)    # about 10% of the 8000 bits
+    0.104
   """
   _check_p(p)
   return _plane_mask(error_map.rate_draw, p, error_map.stuck.dtype)
@@ -176,7 +199,14 @@ def error_mask(error_map: ErrorMap, p: float | jax.Array) -> jax.Array:
 
 def apply_error_mask(codes: jax.Array, mask: jax.Array, stuck: jax.Array | None = None) -> jax.Array:
   """Apply a precomputed fault ``mask``: flip the masked bits (``stuck=None``) or force them to the bits
-  of ``stuck``."""
+  of ``stuck``.
+
+  Example:
+    >>> codes, mask = jnp.array([0b1010], jnp.uint8), jnp.array([0b0011], jnp.uint8)
+    >>> ones = jnp.array([0xFF], jnp.uint8)
+    >>> apply_error_mask(codes, mask).tolist(), apply_error_mask(codes, mask, stuck=ones).tolist()
+    ([9], [11])
+  """
   if codes.shape != mask.shape or codes.dtype != mask.dtype:
     raise ValueError(f"mask {mask.shape} {mask.dtype} must match codes {codes.shape} {codes.dtype}.")
   if stuck is None:
@@ -185,7 +215,14 @@ def apply_error_mask(codes: jax.Array, mask: jax.Array, stuck: jax.Array | None 
 
 
 def apply_error_map(codes: jax.Array, error_map: ErrorMap, p: float | jax.Array, bits: int) -> jax.Array:
-  """Apply the faults of ``error_map`` that are active at rate ``p`` to ``codes``."""
+  """Apply the faults of ``error_map`` that are active at rate ``p`` to ``codes``.
+
+  Example:
+    >>> codes = jnp.arange(0, 256, 51, dtype=jnp.uint8)
+    >>> m = profiled_error_map(jax.random.PRNGKey(0), codes.shape, 8, flip=True)
+    >>> apply_error_map(codes, m, 0.0, 8).tolist(), apply_error_map(codes, m, 1.0, 8).tolist()   # p=0, p=1
+    ([0, 51, 102, 153, 204, 255], [255, 204, 153, 102, 51, 0])
+  """
   _check_codes(codes, bits)
   _check_p(p)
   if error_map.rate_draw.shape != tuple(codes.shape) + (bits,):
@@ -199,7 +236,13 @@ def apply_error_map(codes: jax.Array, error_map: ErrorMap, p: float | jax.Array,
 
 
 def bit_error_rate(a: jax.Array, b: jax.Array, bits: int) -> jax.Array:
-  """Fraction of the low ``bits`` bits that differ between two code arrays."""
+  """Fraction of the low ``bits`` bits that differ between two code arrays.
+
+  Example:
+    >>> a, b = jnp.array([0, 255], jnp.uint8), jnp.array([1, 255], jnp.uint8)
+    >>> float(bit_error_rate(a, b, 8))                   # 1 of 16 bits differs
+    0.0625
+  """
   diff = jnp.bitwise_xor(a, b).astype(jnp.uint32) & jnp.uint32(2 ** bits - 1)
   return jnp.sum(jax.lax.population_count(diff)) / (np.size(a) * bits)
 
@@ -222,6 +265,11 @@ def quantize_params(params: Any, bits: int, w_max: float | None = None, symmetri
 
   Returns:
     A pytree with a :class:`mlsys_jax.quant.QuantizedTensor` in place of each float leaf.
+
+  Example:
+    >>> qp = quantize_params({"w": jnp.linspace(-1.0, 1.0, 5), "step": jnp.int32(3)}, 8)
+    >>> qp["w"].codes.tolist(), str(qp["w"].codes.dtype), int(qp["step"])   # unsigned codes; ints kept
+    ([0, 63, 127, 191, 254], 'uint8', 3)
   """
   check_int("bits", bits, 2, 16)
   if w_max is not None:
@@ -242,7 +290,13 @@ def _is_qt(x) -> bool:
 
 
 def dequantize_params(qparams: Any) -> Any:
-  """Inverse of :func:`quantize_params` (float32 leaves)."""
+  """Inverse of :func:`quantize_params` (float32 leaves).
+
+  Example:
+    >>> qp = quantize_params({"w": jnp.linspace(-1.0, 1.0, 5)}, 8)
+    >>> np.asarray(dequantize_params(qp)["w"], float).round(3).tolist()
+    [-0.996, -0.502, 0.0, 0.502, 0.996]
+  """
   return jax.tree_util.tree_map(lambda x: dequantize(x) if _is_qt(x) else x, qparams, is_leaf=_is_qt)
 
 
@@ -264,6 +318,13 @@ def perturb_params(key: jax.Array, params: Any, p: float | jax.Array, bits: int,
 
   Returns:
     A float pytree of the same structure as ``params``.
+
+  Example:
+    >>> params, key = {"w": jnp.linspace(-1.0, 1.0, 5)}, jax.random.PRNGKey(0)
+    >>> clean = dequantize_params(quantize_params(params, 8))["w"]
+    >>> at = lambda p: perturb_params(key, params, p, 8)["w"]
+    >>> bool(jnp.all(at(0.0) == clean)), bool(jnp.any(at(0.5) != clean))
+    (True, True)
   """
   qp = quantized if quantized is not None else quantize_params(params, bits, w_max, symmetric)
   leaves, treedef = jax.tree_util.tree_flatten(qp, is_leaf=_is_qt)
@@ -294,6 +355,13 @@ def clip_weights(w_max: float) -> optax.GradientTransformation:
   chain, after the optimizer, and pass ``params`` to ``update``:
   ``optax.chain(optax.adam(1e-3), clip_weights(0.1))``. It returns
   ``clip(params + updates, -w_max, w_max) - params`` for float leaves.
+
+  Example:
+    >>> tx = optax.chain(optax.sgd(1.0), clip_weights(0.1))
+    >>> w, g = jnp.array([0.05, 0.5]), jnp.array([-1.0, 1.0])
+    >>> updates, _ = tx.update(g, tx.init(w), w)
+    >>> np.asarray(optax.apply_updates(w, updates), float).round(3).tolist()     # [1.05, -0.5] projected
+    [0.1, -0.1]
   """
   check_range("w_max", w_max, 0.0, low_inclusive=False)
 
@@ -336,6 +404,13 @@ def randbet_value_and_grad(loss_fn: Callable[..., jax.Array], params: Any, key: 
 
   Returns:
     ``((clean_loss, perturbed_loss), grads)``.
+
+  Example:
+    >>> w = {"w": jnp.array([0.5, -0.25, 1.0])}
+    >>> loss = lambda q: jnp.sum(q["w"] ** 2)
+    >>> (clean, perturbed), g = randbet_value_and_grad(loss, w, jax.random.PRNGKey(0), p=0.01, bits=8)
+    >>> round(float(clean), 3), np.asarray(g["w"], float).round(3).tolist()   # (2w + clip(g_pert)) / 2
+    (1.312, [0.525, -0.275, 1.025])
   """
   check_range("grad_clamp", grad_clamp, 0.0, low_inclusive=False)
   qp = quantize_params(params, bits, w_max)
@@ -380,6 +455,14 @@ def robust_error(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x
     seed: key of the first pattern.
     w_max: the clipping bound the model was trained with (None = no clipping).
     symmetric: quantize with the symmetric scheme instead of RQuant (see :func:`quantize_params`).
+
+  Example:
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (256, 8))
+    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(1), (8, 4))}
+    >>> y = jnp.argmax(x @ params["w"], -1)                          # labels of the float model
+    >>> r = robust_error(lambda p, x: x @ p["w"], params, x, y, p=0.02, bits=4, num_patterns=3)
+    >>> round(r.err, 3), r.rerr_per_pattern.shape, r.rerr_mean > r.err      # 4-bit error, then RErr at p = 2%
+    (0.031, (3,), True)
   """
   check_int("num_patterns", num_patterns, 1)
   _check_p(p)
