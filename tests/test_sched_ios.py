@@ -606,11 +606,12 @@ def test_never_slower_check_analytical_by_default_on_cpu():
   f, x = _two_conv_fn()
   s = sched.ios_schedule(f, x)
   c = s.info["check"]
-  assert c["method"] == "analytical" and c["device"] == "cpu"
-  # the DP minimises the same model, so the schedule is never predicted slower than one unit per stage
+  assert c["method"] == "analytical" and c["device"] == "cpu" and c["verified"] is False
+  # the DP minimises the same model, so the schedule is never predicted slower than one unit per stage:
+  # this check cannot verify anything, and says so
   seq = sum(sched.AnalyticalCost()(s.graph, st) for st in sched.sequential_schedule(s.graph))
-  assert c["xla_s"] == pytest.approx(seq) and c["ios_s"] <= c["xla_s"] and s.program == "ios"
-  assert "analytical model only" in s.summary()
+  assert c["sequential_s"] == pytest.approx(seq) and c["ios_s"] <= seq and s.program == "ios"
+  assert "NOT verified" in s.summary() and "xla_s" not in c
   off = sched.ios_schedule(f, x, check="off")
   assert "check" not in off.info and off.program == "ios"
 
@@ -619,7 +620,8 @@ def test_never_slower_check_measured_picks_the_faster_program():
   f, x = _two_conv_fn()
   s = sched.ios_schedule(f, x, check="measure")
   c = s.info["check"]
-  assert c["method"] == "measured" and set(c["xla_all_s"]) == set(sched.CHECK_CONFIGS)
+  assert c["method"] == "measured" and c["verified"] and set(c["xla_all_s"]) == set(sched.CHECK_CONFIGS)
+  assert c["rel_err"] < 1e-5
   assert c["xla_s"] == min(c["xla_all_s"].values())
   assert s.program == ("ios" if c["ios_s"] <= c["xla_s"] else "xla")
   np.testing.assert_allclose(s(x), f(x), rtol=1e-5, atol=1e-5)
@@ -639,6 +641,23 @@ def test_never_slower_fallback_runs_the_xla_program_and_is_revalidated():
   s2 = sched.Schedule.from_json(json.dumps(d), f, x)
   assert s2.info["check"]["device"] == "cpu" and s2.program == "ios"
   assert sched.Schedule.from_json(json.dumps(d), f, x, check="off").program == "xla"
+  d["device"] = "cpu"
+  s3 = sched.Schedule.from_json(json.dumps(d), f, x, emission="plain")   # checked for another emission
+  assert s3.program == "ios" and s3.info["check"]["emission"] == "plain"
+  # measure() and lower() follow the program that calls run
+  s.measure(x, number=2, repeat=1)
+  n_conv = lambda lowered: lowered.as_text().count("stablehlo.convolution")
+  assert n_conv(s.lower(x)) == 2                              # the unscheduled program: two convs
+  assert n_conv(s3.lower(x)) == 1                             # the emitted schedule: one merged conv
+  assert s._jitted is None                                    # still never built the emitted schedule
+
+
+def test_never_slower_check_refuses_programs_that_disagree():
+  f, x = _two_conv_fn()
+  s = sched.ios_schedule(f, x, check="off")
+  s._fn = lambda v: f(v) * 1.5                                 # a different function than the schedule's
+  with pytest.raises(ValueError, match="differ from the unscheduled"):
+    sched.api._never_slower(s, (x,), "measure", sched.AnalyticalCost(), number=1, repeat=1)
 
 
 def test_never_slower_check_bad_input():

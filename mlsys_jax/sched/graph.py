@@ -177,7 +177,7 @@ def eqn_flops(e: FlatEqn, avals: dict) -> float:
 
 def avals_of(v, avals):
   if isinstance(v, Lit):
-    return jax.core.get_aval(v.val) if hasattr(jax.core, "get_aval") else None
+    return jax.typeof(v.val) if hasattr(jax, "typeof") else jax.core.get_aval(v.val)
   return avals.get(v)
 
 
