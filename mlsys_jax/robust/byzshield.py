@@ -85,6 +85,11 @@ class Assignment(NamedTuple):
     worker_files: ``(K, l)`` file ids of each worker, increasing.
     file_workers: ``(f, r)`` ``(worker, slot)`` pairs holding each file, shape ``(f, r, 2)``.
     name: a short description.
+
+  Example:
+    >>> a = mols_assignment(5, 3)
+    >>> a.name, a.num_workers, a.num_files, a.load, a.replication, a.majority
+    ('MOLS(l=5, r=3)', 15, 25, 5, 3, 2)
   """
   matrix: np.ndarray
   worker_files: np.ndarray
@@ -142,6 +147,12 @@ def mols_assignment(l: int, r: int) -> Assignment:
   The Latin squares ``L_k(i, j) = (k i + j) mod l`` for ``k = 1..r`` are mutually orthogonal when ``l`` is
   prime; file ``i l + j`` is cell ``(i, j)`` and worker ``(k, s)`` processes the ``l`` cells of square ``k``
   holding symbol ``s``. Exists for prime ``l`` and ``1 <= r <= l - 1``.
+
+  Example:
+    >>> a = mols_assignment(5, 3)                            # K = 15 workers, f = 25 files
+    >>> overlap = a.matrix.astype(int) @ a.matrix.T.astype(int)
+    >>> int((overlap - np.diag(np.diag(overlap))).max())     # two workers share at most one file
+    1
   """
   check_int("l", l, 2)
   check_int("r", r, 1)
@@ -168,6 +179,11 @@ def ramanujan_assignment(s: int, m: int) -> Assignment:
   - Case 2, ``m >= s`` and ``s | m``: workers are the rows of ``B``: K = s^2, f = m s, l = m, r = s.
 
   Exists for prime ``s``.
+
+  Example:
+    >>> a = ramanujan_assignment(5, 3)                       # case 1: K = m s, f = s^2, l = s, r = m
+    >>> a.name, a.num_workers, a.num_files, a.load, a.replication
+    ('Ramanujan(s=5, m=3, case 1)', 15, 25, 5, 3)
   """
   check_int("s", s, 2)
   check_int("m", m, 1)
@@ -185,7 +201,13 @@ def ramanujan_assignment(s: int, m: int) -> Assignment:
 
 
 def detox_assignment(num_workers: int, r: int) -> Assignment:
-  """DETOX (Rajput et al., 2019): disjoint groups of ``r`` consecutive workers, one file per group."""
+  """DETOX (Rajput et al., 2019): disjoint groups of ``r`` consecutive workers, one file per group.
+
+  Example:
+    >>> a = detox_assignment(15, 3)                          # 5 groups of 3 workers, one file each
+    >>> a.num_files, a.worker_files[:4].ravel().tolist()
+    (5, [0, 0, 0, 1])
+  """
   check_int("num_workers", num_workers, 1)
   check_int("r", r, 1)
   if num_workers % r:
@@ -196,14 +218,25 @@ def detox_assignment(num_workers: int, r: int) -> Assignment:
 
 
 def baseline_assignment(num_workers: int) -> Assignment:
-  """No redundancy: worker ``w`` processes file ``w`` (r = l = 1)."""
+  """No redundancy: worker ``w`` processes file ``w`` (r = l = 1).
+
+  Example:
+    >>> a = baseline_assignment(4)
+    >>> a.name, a.replication, a.load
+    ('baseline(K=4)', 1, 1)
+  """
   check_int("num_workers", num_workers, 1)
   return _from_matrix(np.eye(num_workers, dtype=np.int8), f"baseline(K={num_workers})")
 
 
 def byzshield_assignment(kind: str, **params) -> Assignment:
   """Build an assignment by name: ``'mols'`` (l, r), ``'ramanujan'`` (s, m), ``'detox'``
-  (num_workers, r) or ``'baseline'`` (num_workers)."""
+  (num_workers, r) or ``'baseline'`` (num_workers).
+
+  Example:
+    >>> byzshield_assignment("mols", l=5, r=3).name, byzshield_assignment("detox", num_workers=15, r=3).name
+    ('MOLS(l=5, r=3)', 'DETOX(K=15, r=3)')
+  """
   makers = {"mols": mols_assignment, "ramanujan": ramanujan_assignment, "detox": detox_assignment,
             "baseline": baseline_assignment}
   check_choice("kind", kind, makers)
@@ -215,7 +248,14 @@ def byzshield_assignment(kind: str, **params) -> Assignment:
 
 
 def distorted_files(assignment: Assignment, byzantine: np.ndarray) -> np.ndarray:
-  """Boolean ``(..., f)``: the files whose vote Byzantine workers win, from a ``(..., K)`` 0/1 mask."""
+  """Boolean ``(..., f)``: the files whose vote Byzantine workers win, from a ``(..., K)`` 0/1 mask.
+
+  Example:
+    >>> byz = np.zeros(15, bool); byz[[0, 1]] = True          # two workers of DETOX's first group
+    >>> lost = lambda a: int(distorted_files(a, byz).sum())
+    >>> lost(detox_assignment(15, 3)), lost(mols_assignment(5, 3))
+    (1, 0)
+  """
   byz = np.asarray(byzantine)
   if byz.shape[-1] != assignment.num_workers:
     raise ValueError(f"byzantine must be a (..., K={assignment.num_workers}) mask, got shape {byz.shape}.")
@@ -233,6 +273,11 @@ def worst_case_distortion(assignment: Assignment, q: int, *, exact: bool | None 
 
   Returns:
     ``(c_max, workers)``; ``eps = c_max / f``.
+
+  Example:
+    >>> c_max, workers = worst_case_distortion(mols_assignment(5, 3), 3)   # exact search over C(15, 3) sets
+    >>> c_max, workers.tolist()                                           # eps = 3 / 25
+    (3, [0, 5, 11])
   """
   k = assignment.num_workers
   check_int("q", q, 0)
@@ -292,7 +337,12 @@ def worst_case_distortion(assignment: Assignment, q: int, *, exact: bool | None 
 def spectral_bound(assignment: Assignment, q: int) -> float:
   """ByzShield's spectral upper bound on c_max(q) (Sec. 5) from the second eigenvalue mu_1 of H H^T,
   H = A / sqrt(l r): with beta = (q l / r) / (mu_1 + (1 - mu_1) q / K),
-  c_max <= (q l - beta) / ((r - 1) / 2)."""
+  c_max <= (q l - beta) / ((r - 1) / 2).
+
+  Example:
+    >>> round(spectral_bound(mols_assignment(5, 3), 3), 3)   # >= c_max(3) = 3
+    4.286
+  """
   a = assignment.matrix.astype(np.float64)
   k, l, r = assignment.num_workers, assignment.load, assignment.replication
   if r < 3:
@@ -320,7 +370,14 @@ def _bits(x):
 
 def files_to_workers(file_grads: Any, assignment: Assignment) -> Any:
   """Honest worker stacks ``(K, l, ...)`` from per-file gradients ``(f, ...)``: every worker sends the
-  gradient of each of its files (replicas of a file are bit-identical)."""
+  gradient of each of its files (replicas of a file are bit-identical).
+
+  Example:
+    >>> a = mols_assignment(5, 3)
+    >>> stacks = files_to_workers(jnp.arange(25.0)[:, None], a)   # file j's gradient is [j]
+    >>> stacks.shape, stacks[0, :, 0].tolist()                    # worker 0 holds files 0, 9, 13, 17, 21
+    ((15, 5, 1), [0.0, 9.0, 13.0, 17.0, 21.0])
+  """
   idx = jnp.asarray(assignment.worker_files)
   return jax.tree_util.tree_map(lambda g: g[idx], file_grads)
 
@@ -418,19 +475,34 @@ def _sanitize(x):
 
 
 def mean(grads: Any, axis_name: str | None = None) -> Any:
-  """Plain average over the leading axis (not robust; the baseline)."""
+  """Plain average over the leading axis (not robust; the baseline).
+
+  Example:
+    >>> mean(jnp.array([[1.0], [2.0], [3.0], [100.0]])).tolist()    # one outlier moves it far
+    [26.5]
+  """
   del axis_name
   return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
 
 
 def coordinate_median(grads: Any, axis_name: str | None = None) -> Any:
-  """Coordinate-wise median over the leading axis (NaN treated as +inf)."""
+  """Coordinate-wise median over the leading axis (NaN treated as +inf).
+
+  Example:
+    >>> coordinate_median(jnp.array([[1.0], [2.0], [3.0], [100.0], [jnp.nan]])).tolist()   # NaN sorts as +inf
+    [3.0]
+  """
   del axis_name
   return jax.tree_util.tree_map(lambda g: jnp.median(_sanitize(g), axis=0), grads)
 
 
 def trimmed_mean(grads: Any, trim: int, axis_name: str | None = None) -> Any:
-  """Coordinate-wise mean after dropping the ``trim`` largest and ``trim`` smallest values."""
+  """Coordinate-wise mean after dropping the ``trim`` largest and ``trim`` smallest values.
+
+  Example:
+    >>> trimmed_mean(jnp.array([[1.0], [2.0], [3.0], [100.0], [jnp.nan]]), 1).tolist()     # mean of 2, 3, 100
+    [35.0]
+  """
   del axis_name
 
   def one(g):
@@ -444,7 +516,12 @@ def trimmed_mean(grads: Any, trim: int, axis_name: str | None = None) -> Any:
 
 
 def sign_majority(grads: Any, axis_name: str | None = None) -> Any:
-  """signSGD with majority vote (Bernstein et al., 2019): sign of the sum of the signs."""
+  """signSGD with majority vote (Bernstein et al., 2019): sign of the sum of the signs.
+
+  Example:
+    >>> sign_majority(jnp.array([[1.0, -2.0], [3.0, -1.0], [-5.0, -3.0]])).tolist()
+    [1.0, -1.0]
+  """
   del axis_name
   return jax.tree_util.tree_map(lambda g: jnp.sign(jnp.sum(jnp.sign(jnp.nan_to_num(g)), axis=0)), grads)
 
@@ -480,7 +557,13 @@ def multi_krum(grads: Any, num_byzantine: int, num_selected: int | None = None,
                axis_name: str | None = None) -> Any:
   """Multi-Krum (Blanchard et al., 2017): average the ``num_selected`` gradients with the lowest Krum
   scores (sum of squared distances to their ``n - b - 2`` nearest neighbours).
-  ``num_selected`` defaults to ``n - b``."""
+  ``num_selected`` defaults to ``n - b``.
+
+  Example:
+    >>> g = jnp.array([[1.0, 0.0], [1.1, 0.1], [0.9, -0.1], [1.0, 0.05], [50.0, -50.0]])
+    >>> np.asarray(multi_krum(g, 1), float).round(3).tolist()    # the outlier is never selected
+    [1.0, 0.013]
+  """
   d, _ = _pairwise_sq_dists(grads, axis_name)
   n = d.shape[0]
   m = n - num_byzantine if num_selected is None else num_selected
@@ -492,7 +575,13 @@ def multi_krum(grads: Any, num_byzantine: int, num_selected: int | None = None,
 
 def bulyan(grads: Any, num_byzantine: int, axis_name: str | None = None) -> Any:
   """Bulyan (El Mhamdi et al., 2018): pick theta = n - 2b gradients by repeated Krum, then per coordinate
-  average the beta = theta - 2b values closest to the median. Needs n >= 4b + 3."""
+  average the beta = theta - 2b values closest to the median. Needs n >= 4b + 3.
+
+  Example:
+    >>> g = jnp.concatenate([jnp.linspace(0.9, 1.1, 6)[:, None], jnp.array([[40.0]])])   # n = 7 = 4b + 3
+    >>> np.asarray(bulyan(g, 1), float).round(3).tolist()
+    [0.98]
+  """
   d, _ = _pairwise_sq_dists(grads, axis_name)
   n = d.shape[0]
   b = num_byzantine
@@ -529,7 +618,14 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "multi_krum", "bulyan", "sign")
 
 def aggregate(grads: Any, method: str, *, num_byzantine: int = 0, trim: int | None = None,
               axis_name: str | None = None) -> Any:
-  """Dispatch to a robust aggregator by name (see :data:`AGGREGATORS`)."""
+  """Dispatch to a robust aggregator by name (see :data:`AGGREGATORS`).
+
+  Example:
+    >>> g = jnp.array([[1.0, 0.0], [1.1, 0.1], [0.9, -0.1], [1.0, 0.05], [50.0, -50.0]])
+    >>> agg = lambda method: np.asarray(aggregate(g, method), float).round(3).tolist()
+    >>> agg("median"), agg("mean")
+    ([1.0, 0.0], [10.8, -9.99])
+  """
   check_choice("method", method, AGGREGATORS)
   if method == "mean":
     return mean(grads)
@@ -562,6 +658,12 @@ def apply_attack(worker_grads: Any, byzantine: jax.Array, attack: str, *, key: j
   - ``'reversed'``: ``-scale`` times the honest gradient;
   - ``'random'``: Gaussian noise of std ``scale`` (one draw per file id: needs ``key``);
   - ``'nan'``: NaN everywhere (a crashing worker).
+
+  Example:
+    >>> grads = files_to_workers(jnp.ones((5, 1)), detox_assignment(15, 3))    # (K=15, l=1, 1)
+    >>> byz = jnp.zeros(15, bool).at[jnp.array([0, 1])].set(True)
+    >>> apply_attack(grads, byz, "constant")[:4, 0, 0].tolist()        # -scale from the Byzantine ones
+    [-100.0, -100.0, 1.0, 1.0]
   """
   check_choice("attack", attack, ATTACKS)
   byz = jnp.asarray(byzantine)
@@ -613,6 +715,15 @@ def robust_step(file_grads: Any, assignment: Assignment, byzantine: jax.Array, *
     key: PRNG key for random attacks.
     vote: majority-vote first (ByzShield, DETOX) or aggregate the ``K l`` copies directly.
     vote_rtol, vote_atol: tolerances of :func:`majority_vote` (0 = exact bits).
+
+  Example:
+    >>> a, g = mols_assignment(5, 3), jnp.ones((25, 2))            # every honest file gradient is [1, 1]
+    >>> byz = jnp.zeros(15, bool).at[jnp.array([0, 5])].set(True)        # they win the vote of one file
+    >>> robust_step(g, a, byz, attack="constant", aggregator="median").tolist()
+    [1.0, 1.0]
+    >>> no_vote = robust_step(g, a, byz, attack="constant", aggregator="mean", vote=False)   # all 75 copies
+    >>> np.asarray(no_vote, float).round(2).tolist()
+    [-12.47, -12.47]
   """
   f = assignment.num_files
   for leaf in jax.tree_util.tree_leaves(file_grads):
