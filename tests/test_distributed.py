@@ -351,3 +351,66 @@ def test_collective_axes_and_helpers(devices):
   assert dist.local_batch_slice(64, mesh) == slice(0, 64)
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
     dist.local_batch_slice(12, mesh)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replica check: divergences that a linear (weighted-sum) fingerprint cancels must be caught.
+
+def test_fingerprint_sees_sign_flips_swaps_and_exponent_bits():
+  jfp = jax.jit(dist._fingerprint)
+  fp = lambda t: tuple(np.asarray(jfp(t)))
+  f32 = lambda *v: np.array(v, np.float32)
+  same = [({"w": f32(0, 1)}, {"w": f32(0, -1)}),                        # sign bit at an odd index
+          ({"w": f32(0, 0, 0, 2)}, {"w": f32(0, 0, 0, 0)}),              # 2**30 bit at index 3 mod 4
+          ({"u": f32(1), "v": f32(2)}, {"u": f32(2), "v": f32(1)}),      # values swapped between leaves
+          ({"w": f32(3, 5)}, {"w": f32(5, 3)}),                          # swapped inside a leaf
+          ({"w": np.array([1.0, 2.0])}, {"w": np.array([1.0, -2.0])}),   # float64 / 8-byte words
+          ({"w": np.array([1, 2], np.int8)}, {"w": np.array([2, 1], np.int8)}),
+          ({"w": np.array([1.0, -1.0], jnp.bfloat16)}, {"w": np.array([-1.0, 1.0], jnp.bfloat16)})]
+  for a, b in same:
+    assert fp(a) != fp(b), (a, b)
+    assert fp(a) == fp(jax.tree_util.tree_map(np.copy, a))
+  nan = {"w": f32(np.nan, 1)}
+  assert fp(nan) == fp(jax.tree_util.tree_map(np.copy, nan))   # bit patterns, not float ==
+  # random single-element changes of a 1000-element tree: never a collision
+  rng = np.random.default_rng(0)
+  base = {"a": rng.normal(size=(10, 50)).astype(np.float32), "b": rng.normal(size=500).astype(np.float32)}
+  ref = fp(base)
+  for _ in range(20):
+    t = jax.tree_util.tree_map(np.copy, base)
+    leaf = t["a" if rng.random() < 0.5 else "b"].reshape(-1)
+    leaf[rng.integers(leaf.size)] *= -1
+    assert fp(t) != ref
+
+
+def _diverging_tx(device: int, from_step: int):
+  """No update, except that from step ``from_step`` on, device ``device`` negates element 1 of 'w1'
+  exactly (p + (-2p) == -p): a sign flip at an odd index on one replica."""
+  def update(g, count, p):
+    me = jax.lax.axis_index("d")
+    flip = (me == device) & (count >= from_step)
+    u = jax.tree_util.tree_map(jnp.zeros_like, g)
+    w = p["w1"].reshape(-1)
+    hit = (jnp.arange(w.size) == 1) & flip
+    u["w1"] = jnp.where(hit, -2.0 * w, 0.0).reshape(p["w1"].shape)
+    return u, count + 1
+  return optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
+
+
+def test_replicas_that_diverge_are_reported_and_the_first_step_raises(devices):
+  params, loss, x, y = _mlp()
+  mesh = dist.global_mesh("d", devices)
+  batch = dist.shard_batch(mesh, (x[:64], y[:64]))
+  tx = _diverging_tx(device=1, from_step=0)
+  state = dist.data_parallel_init(params, tx, mesh)
+  with pytest.raises(RuntimeError, match="parameters differ between devices"):
+    dist.data_parallel_step(loss, tx, mesh)(state, batch)
+  tx = _diverging_tx(device=5, from_step=1)   # first step clean, second diverges: only the metric says so
+  state = dist.data_parallel_init(params, tx, mesh)
+  step = dist.data_parallel_step(loss, tx, mesh)
+  state, m = step(state, batch)
+  assert step.mode() == "mean" and bool(m["replicas_agree"])
+  state, m = step(state, batch)
+  assert not bool(m["replicas_agree"])
+  w1 = [np.asarray(s.data) for s in state.params["w1"].addressable_shards]
+  assert w1[5].reshape(-1)[1] == -w1[0].reshape(-1)[1] != 0   # the replicas really differ

@@ -23,8 +23,9 @@ on CPUs through gloo. This module holds the few pieces that turn a single-proces
   ByzShield's vote + aggregator (:func:`byzshield_reduce`). The first call checks that the optimizer's
   collectives use the mesh axis (a mismatched ``axis_name`` or a compression transform built with
   ``axis_name=None`` raises ``ValueError`` naming it); every step reports whether the parameter replicas
-  are bitwise identical on all devices (``metrics['replicas_agree']``, a wrapping integer sum of their
-  bit patterns compared with ``pmax``/``pmin``), so a divergence is never silent.
+  are bitwise identical on all devices (``metrics['replicas_agree']``: a 64-bit non-linear hash of their
+  bit patterns compared with ``pmax``/``pmin``; a false "agree" has probability about ``2**-64``), so a
+  divergence is never silent.
 - :func:`shard_map`: the version shim (``jax.shard_map`` with ``check_vma`` on new jax,
   ``jax.experimental.shard_map`` with ``check_rep`` on old).
 
@@ -639,21 +640,58 @@ def data_parallel_init(params: Any, tx: optax.GradientTransformation, mesh: Mesh
   return DataParallelState(rep, opt_state, step)
 
 
-def _bits_sum(tree: Any) -> jax.Array:
-  """Wrapping int32 sum of the bit patterns of every leaf, each weighted by its position: equal on two
-  devices when their trees are bitwise equal, and (all but surely) different otherwise; NaN-safe."""
-  total = jnp.zeros((), jnp.int32)
-  for leaf in jax.tree_util.tree_leaves(tree):
-    x = jnp.asarray(leaf)
-    if x.dtype.itemsize == 4:
-      bits = jax.lax.bitcast_convert_type(x, jnp.int32)
-    elif x.dtype.itemsize == 8:
-      bits = jax.lax.bitcast_convert_type(x, jnp.int32)  # (..., 2)
-    else:
-      bits = jax.lax.bitcast_convert_type(x, {1: jnp.int8, 2: jnp.int16}[x.dtype.itemsize]).astype(jnp.int32)
-    total = total + jnp.sum(bits * (1 + jnp.arange(bits.size, dtype=jnp.int32).reshape(bits.shape)),
-                            dtype=jnp.int32)
-  return total
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 in which every input bit flips each output
+  bit with probability about 1/2 (wrapping uint32 arithmetic)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+_FINGERPRINT_SEEDS = (0x9E3779B9, 0x7F4A7C15)   # two independent 32-bit hashes: a 64-bit fingerprint
+
+
+def _leaf_words(x: jax.Array) -> jax.Array:
+  """The bit pattern of ``x`` as a flat uint32 vector (8-byte elements give two words each)."""
+  if x.dtype == jnp.bool_:
+    return x.reshape(-1).astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size in (4, 8):
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  word = {1: jnp.uint8, 2: jnp.uint16}[size]
+  return jax.lax.bitcast_convert_type(x, word).reshape(-1).astype(jnp.uint32)
+
+
+def _fingerprint(tree: Any) -> jax.Array:
+  """``(2,)`` int32 fingerprint of the bit patterns of every leaf (NaN-safe: bits, not values).
+
+  Each 32-bit word ``b`` at flat position ``i`` of leaf ``l`` is hashed non-linearly,
+  ``fmix32(b ^ fmix32(i * c + l * c' + seed))``, and the hashes are summed with wrap-around, for two
+  seeds. Equal trees give equal fingerprints; for unequal trees every hash that differs is a
+  pseudo-random uint32, so the sums collide with probability about ``2**-64`` whatever the structure of
+  the difference (a sign flip, a swap of two elements or of two leaves, one changed exponent bit...).
+  A *linear* weighted sum of the bits would cancel such differences modulo ``2**32``.
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  out = []
+  for seed in _FINGERPRINT_SEEDS:
+    total = jnp.zeros((), jnp.uint32)
+    for l, leaf in enumerate(leaves):
+      words = _leaf_words(jnp.asarray(leaf))
+      idx = jnp.arange(words.shape[0], dtype=jnp.uint32)
+      key = _fmix32(idx * jnp.uint32(0x9E3779B1) + jnp.uint32((l * 0x85EBCA77 + seed) % 2**32))
+      total = total + jnp.sum(_fmix32(words ^ key), dtype=jnp.uint32)
+    out.append(total)
+  return jax.lax.bitcast_convert_type(jnp.stack(out), jnp.int32)
+
+
+def _replicas_agree(tree: Any, axis_name: str) -> jax.Array:
+  """True (on every device) iff the fingerprints of ``tree`` are equal on all devices of ``axis_name``:
+  two scalar-sized all-reduces, not a parameter-sized one."""
+  fp = _fingerprint(tree)
+  return jnp.all(jax.lax.pmax(fp, axis_name) == jax.lax.pmin(fp, axis_name))
 
 
 REDUCTIONS = ("auto", "tx", "mean")
@@ -759,8 +797,7 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
       comm = _comm_states(opt_state)
       if comm and mode == "tx":
         nbytes = sum(jnp.asarray(c.bytes_sent, jnp.float32).reshape(()) for c in comm)
-      fp = _bits_sum(new_params)
-      agree = jax.lax.pmax(fp, axis_name) == jax.lax.pmin(fp, axis_name)
+      agree = _replicas_agree(new_params, axis_name)
       metrics = {"loss": loss, "bytes_sent": jnp.asarray(nbytes, jnp.float32), "replicas_agree": agree}
       return new_params, expand(opt_state), step + 1, metrics
 
