@@ -60,6 +60,11 @@ class WatermarkKey(NamedTuple):
     target_class: the class whose inputs carry the watermark.
     input_shape: shape of one input (without the batch axis).
     num_classes: number of logits the model returns.
+
+  Example:
+    >>> wm = gradsigns_keygen(jax.random.PRNGKey(0), (8, 8, 1), num_bits=32)
+    >>> wm.num_bits, wm.target_class, wm.input_shape, wm.num_classes
+    (32, 0, (8, 8, 1), 10)
   """
   projection: jax.Array
   carriers: jax.Array
@@ -117,7 +122,14 @@ def gradsigns_keygen(key: jax.Array, input_shape: tuple[int, ...], num_bits: int
 def check_watermark_key(wm: WatermarkKey) -> None:
   """Raise ``ValueError`` unless the parts of ``wm`` fit together (a key built by hand or loaded from
   disk): projection (N, C), carriers (C,) distinct indices inside the input, signature (N,) of 0/1 bits,
-  target class below ``num_classes``."""
+  target class below ``num_classes``.
+
+  Example:
+    >>> wm = gradsigns_keygen(jax.random.PRNGKey(0), (8, 8, 1), num_bits=32)
+    >>> check_watermark_key(wm._replace(carriers=wm.carriers.at[1].set(wm.carriers[0])))
+    Traceback (most recent call last):
+    ValueError: carriers must be distinct input coordinates.
+  """
   d = int(np.prod(wm.input_shape))
   c = np.shape(wm.carriers)
   if np.ndim(wm.signature) != 1 or np.shape(wm.signature)[0] == 0:
@@ -170,6 +182,11 @@ def mean_input_gradient(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Arra
 
   The model must treat inputs independently (no batch statistics in ``logits_fn``: use evaluation mode
   or fixed statistics for batch norm).
+
+  Example:
+    >>> f = lambda x: x @ jnp.eye(4, 3)                      # logits = first 3 inputs
+    >>> np.asarray(mean_input_gradient(f, jnp.zeros((2, 4)), 0), float).round(3).tolist()   # softmax - onehot
+    [-0.667, 0.333, 0.333, 0.0]
   """
   return _input_gradients(logits_fn, x, target_class).mean(axis=0)
 
@@ -259,6 +276,14 @@ def extract_blackbox(predict_proba: Callable[[jax.Array], jax.Array], x_target: 
 
   Returns:
     ``(bits, queries)`` with queries = n (C + 1).
+
+  Example:
+    >>> wm = gradsigns_keygen(jax.random.PRNGKey(0), (4,), num_bits=8, num_classes=3)
+    >>> w = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+    >>> x = jax.random.normal(jax.random.PRNGKey(2), (5, 4))
+    >>> bits, queries = extract_blackbox(lambda x: jax.nn.softmax(x @ w), x, wm)
+    >>> bool(jnp.all(bits == extract_whitebox(lambda x: x @ w, x, wm))), queries   # n (C + 1) = 5 * 5
+    (True, 25)
   """
   _check_inputs(wm, x_target)
   check_range("step", step, 0.0, low_inclusive=False)
@@ -290,18 +315,38 @@ def _check_bits(bits, wm: WatermarkKey):
 
 
 def signature_ber(bits: jax.Array, wm: WatermarkKey) -> float:
-  """Fraction of signature bits that differ."""
+  """Fraction of signature bits that differ.
+
+  Example:
+    >>> wm = gradsigns_keygen(jax.random.PRNGKey(0), (8, 8, 1), num_bits=32)
+    >>> signature_ber(wm.signature, wm), signature_ber(1 - wm.signature, wm)
+    (0.0, 1.0)
+  """
   return float(jnp.mean(_check_bits(bits, wm) != wm.signature))
 
 
 def false_claim_probability(matches: int, num_bits: int) -> float:
-  """P(Bin(N, 1/2) >= matches): the chance that an unrelated model matches at least that many bits."""
+  """P(Bin(N, 1/2) >= matches): the chance that an unrelated model matches at least that many bits.
+
+  Example:
+    >>> false_claim_probability(32, 32), round(false_claim_probability(16, 32), 3)   # 2^-32; a coin toss
+    (2.3283064365386963e-10, 0.57)
+  """
   check_int("num_bits", num_bits, 1)
   check_int("matches", matches, 0, num_bits)
   return sum(math.comb(num_bits, k) for k in range(matches, num_bits + 1)) / 2.0 ** num_bits
 
 
 class Verification(NamedTuple):
+  """Outcome of :func:`verify`: matching bits, signature length, their false-claim probability and the
+  ownership decision.
+
+  Example:
+    >>> wm = gradsigns_keygen(jax.random.PRNGKey(0), (8, 8, 1), num_bits=32)
+    >>> v = verify(wm.signature, wm)
+    >>> v.matches, v.num_bits, v.owned
+    (32, 32, True)
+  """
   matches: int
   num_bits: int
   false_claim_probability: float
@@ -310,7 +355,13 @@ class Verification(NamedTuple):
 
 def verify(bits: jax.Array, wm: WatermarkKey, max_false_claim: float = 1e-6) -> Verification:
   """Claim ownership iff the false-claim probability of the observed matches is at most
-  ``max_false_claim``."""
+  ``max_false_claim``.
+
+  Example:
+    >>> wm = gradsigns_keygen(jax.random.PRNGKey(0), (8, 8, 1), num_bits=32)
+    >>> verify(wm.signature.at[:4].set(1 - wm.signature[:4]), wm)    # 28 of 32 bits: P ~ 1e-5 > 1e-6
+    Verification(matches=28, num_bits=32, false_claim_probability=9.650597348809242e-06, owned=False)
+  """
   check_range("max_false_claim", max_false_claim, 0.0, 1.0, low_inclusive=False)
   m = int(jnp.sum(_check_bits(bits, wm) == wm.signature))
   p = false_claim_probability(m, wm.num_bits)
