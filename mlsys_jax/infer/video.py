@@ -528,13 +528,16 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     check_finite("frame", frame)  # concrete frames only; under jit NaN/inf propagate like dense
     return frame
 
-  def init(frame):
-    x = _check_frame(frame)
+  @jax.jit
+  def _init(x):
     states = []
     for l in layers:
       st, x = conv_layer_init(l, x, tile, unit_roundoff)
       states.append(st)
     return tuple(states), x
+
+  def init(frame):
+    return _init(_check_frame(frame))
 
   def step(state, frame):
     x = _check_frame(frame)
