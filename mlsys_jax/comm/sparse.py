@@ -17,6 +17,10 @@ same family to the exceedances of the previous threshold (shifted by their minim
 by one every ``adapt_every`` steps when the achieved density strays from the target by more than
 ``tolerance`` (the paper's adaptation), between 1 and ceil(log2(1 / delta)).
 
+Floor (``sidco(min_fraction=0.25)``): error-compensated vectors drift away from the fitted family, and
+a fit can land above every entry (the exponential fit on a Gaussian-like vector sends nothing at all);
+the transform lowers such a threshold to select at least ``min_fraction`` of the target count.
+
 Static shapes: what is sent is a :class:`SparsePayload` of fixed ``capacity`` (target count times
 ``capacity_factor``): indices, values, a count and an overflow flag. Elements above the threshold that do
 not fit, and everything below it, stay in the error-feedback residual, so no gradient mass is lost:
@@ -547,7 +551,8 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
 
 
 def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str = "exponential",
-                   stages: int | jax.Array = 1, first_ratio: float = 0.25, packing: str = "auto"
+                   stages: int | jax.Array = 1, first_ratio: float = 0.25, packing: str = "auto",
+                   min_count: int | jax.Array = 0, max_min_count: int | None = None
                    ) -> tuple[SparsePayload, jax.Array]:
   """SIDCo selection and packing of a 1-D ``x`` in as few passes as the estimator allows.
 
@@ -562,6 +567,9 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     ratio: target density delta in (0, 1).
     capacity: static payload size (e.g. 2 * ratio * n).
     distribution, stages, first_ratio: as in :func:`sidco_threshold`.
+    min_count: when > 0, the threshold is lowered (if needed) so that at least this many entries are
+      selected, up to a quarter of the 64-entry blocks (one ``top_k`` over the n / 64 block maxima); 0:
+      the fitted threshold alone. May be traced when ``max_min_count`` (static) bounds it.
     packing: ``'auto'`` (Pallas kernels on GPU, XLA elsewhere), ``'xla'`` or ``'pallas'``; see
       :func:`compact_above`. With ``'pallas'`` the statistics pass is a Pallas kernel too (per-tile float32
       sums, so the threshold can differ from the XLA path's in the last bits).
@@ -578,6 +586,10 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_rank("x", x, 1)
   check_int("capacity", capacity, 1)
+  if max_min_count is None:
+    check_int("min_count", min_count, 0)
+  else:
+    check_int("max_min_count", max_min_count, 0)
   _check_ratio("ratio", ratio)
   use_pallas, interpret = _pallas_mode(packing)
   a = jnp.abs(x).astype(jnp.float32)
@@ -587,6 +599,16 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     bsum, bsq, bmax = _block_stats(a)
     s1, s2 = jnp.sum(bsum), jnp.sum(bsq)
   t = _threshold_from_sums(a, s1, s2, ratio, distribution, stages, first_ratio)
+  bound = max_min_count if max_min_count is not None else min_count
+  if bound > 0:
+    # floor: the j-th largest block maximum is at most the j-th largest |x|, so a threshold just below
+    # it selects at least j entries (a fit that lands above every entry, e.g. the exponential on
+    # Gaussian-like vectors, would otherwise send nothing). At most a quarter of the blocks, so that a
+    # short vector is not flooded (one entry per block).
+    kk = max(1, min(int(bound), bmax.shape[0] // 4))
+    j = jnp.clip(jnp.asarray(min_count, jnp.int32), 1, kk) - 1
+    floor = jax.lax.top_k(bmax, kk)[0][j]
+    t = jnp.where((floor > 0) & (jnp.asarray(min_count) > 0), jnp.minimum(t, jnp.nextafter(floor, jnp.float32(0))), t)
   if use_pallas:
     return _pack_pallas(x, t, capacity, bmax, interpret)
   return _pack_xla(x, t, capacity, bmax)
@@ -954,7 +976,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
           first_ratio: float | None = None, adapt_every: int | None = None, tolerance: float | None = None,
           capacity_factor: float | None = None, axis_name: str | None = None, per_tensor: bool = False,
           momentum: float | None = None, max_ratio: float | None = None,
-          precondition: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+          precondition: optax.GradientTransformation | None = None,
+          min_fraction: float | None = None) -> optax.GradientTransformation:
   """SIDCo threshold sparsification with error feedback (Abdelmoniem et al., MLSys 2021).
 
   Args:
@@ -978,6 +1001,11 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       e.g. ``optax.scale_by_adam()``: the local Adam direction is compressed (as 1-bit Adam compresses
       after the moment update), so chain with ``optax.sgd(lr)`` instead of ``optax.adam(lr)``. See the
       note on adaptive optimizers below.
+    min_fraction: floor on the selected count, as a fraction of the target count (default 0.25; 0
+      turns it off): when the fitted threshold would select fewer, it is lowered to the
+      ``min_fraction * k``-th largest 64-entry block maximum (see ``min_count`` of
+      :func:`sidco_compress`). Error-compensated vectors drift away from the fitted family; without
+      the floor the default exponential fit sends nothing at all on Gaussian-like gradients.
 
   Adaptive optimizers: ``optax.chain(sidco(delta), optax.adam(lr))`` gives Adam a gradient in which
   each coordinate is non-zero on about a fraction p of the steps and then carries the residual of the
@@ -1002,6 +1030,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   tolerance = _static("tolerance", tolerance, 0.1)
   capacity_factor = _static("capacity_factor", capacity_factor, 2.0)
   momentum = _static("momentum", momentum, 0.0)
+  min_fraction = _static("min_fraction", min_fraction, 0.25)
+  check_range("min_fraction", min_fraction, 0.0, 1.0)
   stages = _static("stages", stages, "adaptive", int) if not isinstance(stages, str) else stages
   check_range("capacity_factor", capacity_factor, 1.0)
   check_choice("distribution", distribution, DISTRIBUTIONS)
@@ -1019,7 +1049,12 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
 
   def select(vec, k, k_max, cap, key, n_stages, r):
     # fixed stages stay a Python int (later stages unrolled, no device-side loop)
-    return sidco_compress(vec, r, cap, distribution, n_stages if adaptive else stages, first_ratio)
+    if min_fraction == 0:
+      return sidco_compress(vec, r, cap, distribution, n_stages if adaptive else stages, first_ratio)
+    floor_max = max(1, int(round(min_fraction * k_max)))
+    floor = floor_max if isinstance(k, int) else jnp.maximum(jnp.round(min_fraction * k), 1).astype(jnp.int32)
+    return sidco_compress(vec, r, cap, distribution, n_stages if adaptive else stages, first_ratio,
+                          min_count=floor, max_min_count=floor_max)
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
                      axis_name=axis_name, seed=0, initial_stages=1 if adaptive else stages,
