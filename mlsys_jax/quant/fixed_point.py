@@ -269,7 +269,14 @@ _ste.defvjp(_ste_fwd, _ste_bwd)
 def straight_through(x: jax.Array, x_quant: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
   """Return ``x_quant`` forward; backward pass the gradient to ``x`` where ``lo <= x <= hi``, else 0
   (the clipped straight-through estimator of Bengio et al. 2013, as used in quantization-aware
-  training)."""
+  training).
+
+  Example:
+    >>> x = jnp.array([-2.0, 0.3, 0.7])
+    >>> f = lambda x: straight_through(x, jnp.round(x), -1.0, 1.0).sum()    # forward: round(x)
+    >>> jax.grad(f)(x).tolist()                                             # backward: 1 inside [-1, 1]
+    [0.0, 1.0, 1.0]
+  """
   return _ste(x, jax.lax.stop_gradient(x_quant), jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi))
 
 
