@@ -284,6 +284,10 @@ def test_dense_mean_and_byzshield_equal_full_batch_adam_and_ignore_a_byzantine_w
   for _ in range(2):
     state, m = step(state, batch)
   assert step.mode() == "byzshield" and bool(m["replicas_agree"])
+  # bytes_sent = what one device all-gathers: its (16 / 8 = 2 slots, padding included) x (l = 3 files)
+  # gradients of 50 float32 parameters, i.e. its share of the gathered (16, 3, ...) stack.
+  payload = batch[0].shape[0] // 8 * batch[0].shape[1] * 4 * (30 + 5 + 15)
+  assert float(m["bytes_sent"]) == payload == 1200
   jax.tree_util.tree_map(chex_close, state.params, ref72)
   # One Byzantine worker of 9 (r = 3) sending -1000 everywhere wins no vote: bitwise the clean run.
   attacked = dist.byzshield_reduce(robust.ramanujan_assignment(3, 3), "mean", byzantine=(4,),

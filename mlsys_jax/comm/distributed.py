@@ -722,7 +722,8 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
     ``step(state, batch) -> (state, metrics)`` with a :class:`DataParallelState` from
     :func:`data_parallel_init` and ``batch`` from :func:`shard_batch` (leading axis split over the
     devices). ``metrics``: ``loss`` (mean over devices), ``bytes_sent`` (what one device passed to the
-    gradient collectives this step; float32), ``replicas_agree`` (bool: the new parameters are bitwise
+    gradient collectives this step; float32; with ByzShield its ``ceil(K / D)`` worker slots, padding
+    included, times ``l`` file gradients), ``replicas_agree`` (bool: the new parameters are bitwise
     identical on all devices). The first call raises ``RuntimeError`` if ``replicas_agree`` is False;
     after it, ``step.mode()`` says which reduction was chosen (``'tx'``, ``'mean'`` or ``'byzshield'``).
   """
@@ -825,7 +826,8 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
     agg = robust.aggregate(voted, byz.aggregator, num_byzantine=byz.num_byzantine_files)
     lsum = jax.lax.psum(jnp.sum(jnp.where(valid[:, None], losses, 0.0)), axis_name)
     loss = lsum / (a.num_workers * a.load)
-    return agg, loss, a.load * dense_bytes(params)
+    # what this device all-gathers: all its wpd slots (padding slots too) x l file gradients
+    return agg, loss, wpd * a.load * dense_bytes(params)
 
   def check_batch(batch):
     for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
