@@ -64,7 +64,15 @@ class FlatEqn:
 
 @dataclasses.dataclass
 class Unit:
-  """One IOS operator: a heavy (or multi-input / opaque) equation plus its attached light equations."""
+  """One IOS operator: a heavy (or multi-input / opaque) equation plus its attached light equations.
+
+  Example:
+    >>> f = lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4))
+    >>> g = build_graph(f, jnp.ones((1, 4)))
+    >>> u = g.units[0]                                     # the first dot, tanh attached as its epilogue
+    >>> u.kind, sorted(u.succs), g.units[2].kind, sorted(g.units[2].preds)     # the add reads both dots
+    ('dot_general', [2], 'identity', [0, 1])
+  """
   idx: int
   kind: str  # primitive name of the anchor, 'identity' for light multi-input units, or 'opaque:<prim>'
   eqns: list  # indices into Graph.eqns, topological
@@ -78,6 +86,15 @@ class Unit:
 
 @dataclasses.dataclass
 class Graph:
+  """The IOS unit DAG of a traced function (built by :func:`build_graph`): flat equations over integer
+  value ids, the units (operators) that group them, constants, and the blocks/parts the DP runs on.
+
+  Example:
+    >>> f = lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4))
+    >>> g = build_graph(f, jnp.ones((1, 4)))
+    >>> [u.kind for u in g.units], g.blocks               # two dots side by side, then their sum
+    (['dot_general', 'dot_general', 'identity'], [[0, 1, 2]])
+  """
   eqns: list
   units: list
   consts: dict  # value id -> concrete array (weights, hoisted results)
@@ -384,6 +401,14 @@ def build_graph(fn: Callable, *example_args, part_size: int = 50, allow_opaque: 
 
   Returns:
     a ``Graph``.
+
+  Example:
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> g = build_graph(lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2), jnp.ones((1, 8, 8, 4)))
+    >>> [u.kind for u in g.units], len(g.eqns)                   # relu is the first conv's epilogue
+    (['conv_general_dilated', 'conv_general_dilated', 'identity'], 4)
   """
   if part_size < 1:
     raise ValueError(f"part_size must be >= 1, got {part_size}")
