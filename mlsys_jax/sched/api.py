@@ -70,6 +70,16 @@ class Schedule:
     search_s: seconds spent in the search (graph + DP + profiling).
     info: extra numbers (r, s, strategy, profiler hits/misses, measured latencies once ``measure`` ran,
       and ``info["check"]``: the never-slower check's method, times and choice, see :func:`ios_schedule`).
+
+  Example:
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> sched = ios_schedule(lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2), jnp.ones((1, 8, 8, 4)))
+    >>> [(st.kind, st.groups) for st in sched.stages]      # both convs read x: merged into one conv
+    [('merge', ((0, 1),)), ('parallel', ((2,),))]
+    >>> sched.counts()["merged_units"], sched.program
+    (2, 'ios')
   """
   graph: Graph
   stages: list
@@ -380,7 +390,13 @@ def _rel_err(a, b) -> float:
 
 
 def sequential_schedule(g: Graph) -> list:
-  """The baseline schedule: every unit of ``g`` alone in its own stage, in topological order."""
+  """The baseline schedule: every unit of ``g`` alone in its own stage, in topological order.
+
+  Example:
+    >>> g = build_graph(lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4)), jnp.ones((1, 4)))
+    >>> [st.groups for st in sequential_schedule(g)]
+    [((0,),), ((1,),), ((2,),)]
+  """
   return [Stage("parallel", ((u,),)) for u in range(len(g.units))]
 
 
@@ -450,6 +466,16 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
 
   Returns:
     a ``Schedule``; ``sched(*dynamic_args)`` runs it.
+
+  Example:
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> f = lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2)
+    >>> x = jnp.ones((1, 8, 8, 4))
+    >>> sched = ios_schedule(f, x, strategy="parallel")    # IOS-Parallel: no merges
+    >>> [s.groups for s in sched.stages], bool(jnp.allclose(sched(x), f(x)))   # the convs run concurrently
+    ([((0,), (1,)), ((2,),)], True)
   """
   if strategy not in ("both", "merge", "parallel"):
     raise ValueError(f"strategy must be 'both', 'merge' or 'parallel', got {strategy!r}")
