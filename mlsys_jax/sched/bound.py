@@ -65,6 +65,12 @@ def longest_paths(g: Graph, unit_latency: Sequence[float], k: int = 1) -> list:
   Returns:
     list of ``(length, units)``, ``units`` a tuple of unit indices in dependency order, longest first;
     the first entry is the critical path ``max_P sum_{u in P} t(u)``.
+
+  Example:
+    >>> from mlsys_jax.sched import build_graph
+    >>> f = lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4))   # units: dot, dot, add
+    >>> longest_paths(build_graph(f, jnp.ones((1, 4))), [1.0, 2.0, 0.5], k=2)   # then the path through 0
+    [(2.5, (1, 2)), (1.5, (0, 2))]
   """
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -123,6 +129,17 @@ def path_program(g: Graph, units: Sequence[int]) -> tuple[Callable, list]:
 
   Raises ValueError for unit indices out of range, repeats, or an order in which a unit comes before
   one of its predecessors that is also listed.
+
+  Example:
+    >>> from mlsys_jax.sched import build_graph
+    >>> w1, w2 = jnp.ones((4, 4)), 2 * jnp.ones((4, 4))
+    >>> f = lambda x: jnp.tanh(x @ w1) + x @ w2
+    >>> x = jnp.ones((1, 4))
+    >>> g = build_graph(f, x)
+    >>> fn, extra_ids = path_program(g, (1, 2))          # the second dot and the add
+    >>> out = fn(g.consts, (jnp.tanh(x @ w1),), x)        # the first dot's output comes in as an extra
+    >>> len(extra_ids), bool(jnp.allclose(out[0], f(x)))
+    (1, True)
   """
   units = [int(u) for u in units]
   if not units:

@@ -31,7 +31,13 @@ from typing import Callable, Hashable, Optional, Sequence
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """A stage: strategy 'parallel' (groups run concurrently, each a chain in order) or 'merge'
-  (the units, all convs on one input, become one conv). Units are global unit indices."""
+  (the units, all convs on one input, become one conv). Units are global unit indices.
+
+  Example:
+    >>> st = Stage("parallel", ((0, 1), (2,)))             # chain 0 -> 1 beside unit 2
+    >>> st.units
+    (0, 1, 2)
+  """
   kind: str
   groups: tuple  # tuple of tuples of unit indices (for 'merge': one group)
 
@@ -84,6 +90,13 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
 
   Returns:
     (stages in execution order, total predicted latency).
+
+  Example:
+    >>> succ = {0: {2}, 1: {2}, 2: set()}                 # two convs on one input, then their sum
+    >>> cost = lambda st: 1.0 if st.kind == "merge" else float(len(st.units))
+    >>> stages, total = ios_dp([0, 1, 2], succ, cost, merge_key=lambda u: "conv" if u < 2 else None)
+    >>> [(st.kind, st.groups) for st in stages], total
+    ([('merge', ((0, 1),)), ('parallel', ((2,),))], 2.0)
   """
   if r < 1 or s < 1:
     raise ValueError(f"r and s must be >= 1, got r={r}, s={s}")
