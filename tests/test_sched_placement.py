@@ -266,3 +266,60 @@ def test_bad_input_errors():
     P.synthetic_trace(jax.random.PRNGKey(0), workload="smooth")
   with pytest.raises(ValueError, match="brute force"):
     H.offline_optimum(_trace(0), P.make_cluster(3), spec=SPEC)
+
+
+# ------------------------------------------------------------------ review fixes (capacity, validation)
+def _two_big_vms(arrival=(0, 0), lifetime=None):
+  usage = np.full((2, 4, 1), 0.8, np.float32)
+  return P.make_trace(np.array(arrival), usage, np.full((2, 1), 0.8, np.float32), lifetime=lifetime)
+
+
+def test_nonfinite_scores_never_place_on_an_infeasible_machine():
+  # VM0 (finite scores) goes to machine 0; VM1 gets -inf everywhere: machine 0 is full, so it must go
+  # to machine 1, never on top of VM0 (capacity 1, sizes 0.8).
+  pol = lambda p, obs, k: jnp.where(obs.index == 0, -jnp.arange(2.0), -jnp.inf)
+  cl = P.make_cluster(2, (1.0,))
+  r = P.simulate(_two_big_vms(), cl, pol, spec=P.Spec(horizon=8))
+  assert r.actions.tolist() == [0, 1]
+  assert int(r.rejected) == 0 and int(r.nonfinite) == 1
+  assert float(r.usage.max()) <= 1.0
+  # a NaN on a feasible machine still wins (documented rule) and is counted; NaN on an infeasible one
+  # is ignored (the only feasible machine is chosen).
+  nan0 = lambda p, obs, k: jnp.array([jnp.nan, 0.0])
+  r = P.simulate(_two_big_vms(), cl, nan0, spec=P.Spec(horizon=8))
+  assert r.actions.tolist() == [0, 1] and int(r.nonfinite) == 1
+  assert float(r.usage.max()) <= 1.0
+  # no feasible machine at all (one machine): rejected, whatever the scores
+  r = P.simulate(_two_big_vms(), P.make_cluster(1, (1.0,)), lambda p, o, k: jnp.full((1,), -jnp.inf),
+                 spec=P.Spec(horizon=8))
+  assert r.actions.tolist() == [0, -1] and int(r.rejected) == 1
+  assert float(r.usage.max()) <= 1.0
+
+
+def test_usage_after_lifetime_is_rejected_or_masked():
+  # usage rows run 4 steps but the declared lifetimes are 1 step (reviewer's repro)
+  bad = _two_big_vms(arrival=(0, 1), lifetime=np.array([1, 1]))
+  cl = P.make_cluster(1, (1.0,))
+  with pytest.raises(ValueError, match="VM 0 uses resources after its lifetime"):
+    P.validate_trace(bad, cl, 8)
+  with pytest.raises(ValueError, match="after its lifetime"):
+    P.simulate(bad, cl, P.first_fit, spec=P.Spec(horizon=8))
+  with pytest.raises(ValueError, match="after its lifetime"):
+    P.simulate_numpy(bad, cl, "first_fit", spec=P.Spec(horizon=8))
+  # under vmap validation is skipped: the simulator masks usage after the lifetime instead
+  batch = jax.tree_util.tree_map(lambda x: x[None], bad)
+  r = jax.vmap(lambda t: P.simulate(t, cl, P.first_fit, spec=P.Spec(horizon=8)))(batch)
+  assert r.actions[0].tolist() == [0, 0]
+  np.testing.assert_allclose(np.asarray(r.usage[0, 0, :4, 0]), [0.8, 0.8, 0.0, 0.0])
+  ref = P.simulate_numpy(bad, cl, "first_fit", spec=P.Spec(horizon=8), check=False)
+  np.testing.assert_array_equal(np.asarray(r.usage[0]), ref.usage)
+
+
+def test_train_ppo_validates_its_traces():
+  from mlsys_jax.sched.placement import ppo
+  trs = jax.tree_util.tree_map(lambda *x: jnp.stack(x), _trace(0), _trace(1))
+  unsorted = trs._replace(arrival=trs.arrival.at[1].set(trs.arrival[1, ::-1]))
+  with pytest.raises(ValueError, match="sorted"):
+    ppo.train_ppo(unsorted, P.make_cluster(3), spec=SPEC, key=jax.random.PRNGKey(0), iterations=1)
+  with pytest.raises(ValueError, match="horizon"):
+    ppo.train_ppo(trs, P.make_cluster(3), spec=P.Spec(4), key=jax.random.PRNGKey(0), iterations=1)

@@ -173,7 +173,7 @@ def simulate_numpy(trace, cluster: Cluster, policy: str, *, spec: Spec, check: b
     s = _np_scores(policy, hist / cap[:, None, :], reserved / cap, size[i][None] / cap, i)
     j = int(np.argmax(np.where(feasible, s, -np.inf)))
     actions[i] = j
-    use[j, a:a + l] += usage[i]
+    use[j, a:a + l] += usage[i] * (np.arange(l) < life[i])[:, None]  # masked after the lifetime
     res[j, a:a + life[i]] += size[i]
   out = use[:, :t_len]
   util = out / cap[:, None, :]

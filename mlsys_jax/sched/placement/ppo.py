@@ -22,7 +22,8 @@ import optax
 
 from mlsys_jax._checks import check_int, check_range
 from mlsys_jax.sched.placement.hindsight import _NET, machine_features
-from mlsys_jax.sched.placement.sim import Cluster, Observation, Spec, Trace, par_per_step, simulate
+from mlsys_jax.sched.placement.sim import (Cluster, Observation, Spec, Trace, par_per_step, simulate,
+                                           validate_trace)
 
 __all__ = ["PPOResult", "ppo_policy", "train_ppo", "step_rewards"]
 
@@ -92,6 +93,7 @@ def train_ppo(traces: Trace, cluster: Cluster, *, spec: Spec, key: jax.Array, it
   check_range("clip", clip, 0.0, low_inclusive=False)
   if np.ndim(traces.arrival) != 2:
     raise ValueError(f"traces must be a batch (arrival of shape [B, N]), got {np.shape(traces.arrival)}.")
+  validate_trace(traces, cluster, spec.horizon)  # outside jit: checks are skipped on tracers
   m, r = cluster.capacity.shape
   f = 2 * (5 * r + spec.n_types) + spec.n_types + r
   k1, k2, key = jax.random.split(key, 3)

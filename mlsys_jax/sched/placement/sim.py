@@ -56,8 +56,10 @@ class Trace(NamedTuple):
 
   Attributes:
     arrival: int32 [N], arrival time step, non-decreasing, in ``[0, horizon)``.
-    usage: float32 [N, L, R], usage of each VM by age (step since arrival), zero after its lifetime;
-      ``L`` is the longest lifetime the buffer holds.
+    usage: float32 [N, L, R], usage of each VM by age (step since arrival), zero after its lifetime
+      (:func:`validate_trace` rejects usage after the lifetime; on traced input, where validation is
+      skipped, the simulator ignores it, so capacity still holds); ``L`` is the longest lifetime the
+      buffer holds.
     lifetime: int32 [N], steps the VM stays (1..L); its reservation is held for these steps.
     size: float32 [N, R], the VM's declared size (reservation); ``0 <= usage <= size``.
     vm_type: int32 [N], VM type in ``[0, n_types)`` (observable at arrival, like the size).
@@ -119,8 +121,9 @@ class SimResult(NamedTuple):
     rejected: int32, valid VMs that fit on no machine.
     objective: float32, :func:`par_objective` of the final usage (``aggregate='mean'``).
     usage: float32 [M, horizon, R], usage of each machine over time.
-    nonfinite: int32, decisions where the policy gave a feasible machine a NaN/inf score (the VM then
-      still goes to a feasible machine, the first NaN one or the +inf one; counted, never hidden).
+    nonfinite: int32, decisions where the policy gave a feasible machine a NaN/inf score (counted,
+      never hidden). The VM then still goes to a feasible machine: the first feasible NaN or +inf one;
+      a feasible -inf counts as the lowest finite score, so a VM is never placed on a full machine.
     obs: the per-step :class:`Observation` stacked over arrivals (only with ``record=True``, else None).
   """
   actions: jax.Array
@@ -166,8 +169,9 @@ def validate_trace(trace: Trace, cluster: Cluster, horizon: int) -> None:
   arrays, e.g. inside ``vmap``, are skipped: validate before vmapping).
 
   Checks: shapes agree with the cluster, arrivals are non-decreasing and in ``[0, horizon)``, usage and
-  sizes are finite and non-negative, usage never exceeds the VM's size, lifetimes in ``[1, L]``, and
-  every VM fits on at least one machine when it is empty.
+  sizes are finite and non-negative, usage never exceeds the VM's size, lifetimes in ``[1, L]``, no usage
+  after a VM's lifetime (its reservation is released then), and every VM fits on at least one machine
+  when it is empty.
   """
   _check_cluster(cluster)
   n, l, r = np.shape(trace.usage)[-3:]
@@ -202,6 +206,13 @@ def validate_trace(trace: Trace, cluster: Cluster, horizon: int) -> None:
     i = int(np.argmax(np.any(over, axis=(1, 2)) & valid))
     raise ValueError(f"VM {i} uses more than its declared size (max usage {usage[i].max(0)}, size "
                      f"{size[i]}); the size is the reservation and must bound the usage.")
+  late = np.any(usage > 0, axis=2) & (np.arange(l)[None, :] >= life[:, None])
+  if np.any(late[valid]):
+    i = int(np.argmax(np.any(late, axis=1) & valid))
+    raise ValueError(f"VM {i} uses resources after its lifetime (lifetime {life[i]}, nonzero usage at age "
+                     f"{int(np.flatnonzero(late[i]).max())}); its reservation is released after the "
+                     f"lifetime, so usage there could exceed capacity. Set lifetime to at least one past "
+                     f"the last nonzero usage step (make_trace's default) or zero the usage after it.")
   cap = np.asarray(cluster.capacity)
   fits = np.all(size[:, None, :] <= cap[None] * (1 + _CAP_TOL), axis=-1).any(axis=1)
   if np.any(~fits & valid):
@@ -277,6 +288,19 @@ def hindsight_scores(future: jax.Array, vm_usage: jax.Array, capacity: jax.Array
   return jax.vmap(cost)(jnp.arange(m))
 
 
+def _choose(scores: jax.Array, feasible: jax.Array) -> jax.Array:
+  """Index of the highest-scoring *feasible* machine (ties: lowest index). Non-finite scores are
+  sanitised so the choice is always feasible when any machine is: NaN counts as +inf (a NaN machine
+  wins, as documented), and -inf as the lowest finite score, so it still beats every infeasible machine.
+  When no machine is feasible the result is unused (the VM is rejected)."""
+  s = jnp.asarray(scores)
+  if not jnp.issubdtype(s.dtype, jnp.floating):
+    s = s.astype(jnp.float32)
+  s = jnp.where(jnp.isnan(s), jnp.inf, s)
+  s = jnp.where(feasible, jnp.maximum(s, jnp.finfo(s.dtype).min), -jnp.inf)
+  return jnp.argmax(s).astype(jnp.int32)
+
+
 def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, key: jax.Array,
               spec: Spec, record: bool, with_hindsight: bool):
   m, r = capacity.shape
@@ -305,10 +329,11 @@ def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, ke
     obs = Observation(hist / capacity[:, None, :], reserved / capacity, counts,
                       size[None] / capacity, typ, feasible, i, a, hs)
     scores = policy(params, obs, key_i)
-    action = jnp.argmax(jnp.where(feasible, scores, -jnp.inf)).astype(jnp.int32)
+    action = _choose(scores, feasible)
     placed = jnp.any(feasible)
     alive = (ages < life)[:, None].astype(dtype)
-    add_u = jnp.where(placed, u_vm, 0.0)[None]
+    # usage after the lifetime is masked (the reservation is gone; validate_trace rejects such traces)
+    add_u = jnp.where(placed, u_vm * alive, 0.0)[None]
     add_r = jnp.where(placed, alive * jnp.concatenate([size, jax.nn.one_hot(typ, k, dtype=dtype)]), 0.0)
     row_u = lax.dynamic_slice(use, (action, a + pad, 0), (1, l, r))
     use = lax.dynamic_update_slice(use, row_u + add_u, (action, a + pad, 0))
