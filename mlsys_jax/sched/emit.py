@@ -50,7 +50,14 @@ EMISSION_MODES = ("cuda_graph", "cuda_graph_lhs", "streams", "plain")
 
 
 def compiler_options(mode: str, s: int = 8, backend: Optional[str] = None) -> dict:
-  """XLA options for an emission mode; empty on non-GPU backends (the flags are GPU-only)."""
+  """XLA options for an emission mode; empty on non-GPU backends (the flags are GPU-only).
+
+  Example:
+    >>> compiler_options("cuda_graph", backend="cpu")         # the flags are GPU-only
+    {}
+    >>> compiler_options("cuda_graph_lhs", backend="gpu")["xla_gpu_enable_latency_hiding_scheduler"]
+    True
+  """
   if mode not in EMISSION_MODES:
     raise ValueError(f"emission must be one of {EMISSION_MODES}, got {mode!r}")
   backend = backend or jax.default_backend()
@@ -86,7 +93,12 @@ def _compute_on_fn():
 
 
 def stream_call_available() -> bool:
-  """Whether this jax has the function form of compute_on (compute_on2 or HEAD's compute_on)."""
+  """Whether this jax has the function form of compute_on (compute_on2 or HEAD's compute_on).
+
+  Example:
+    >>> isinstance(stream_call_available(), bool)             # True with jax >= 0.8 (compute_on2)
+    True
+  """
   try:
     return _compute_on_fn() is not None
   except ImportError:
@@ -94,7 +106,13 @@ def stream_call_available() -> bool:
 
 
 def stream_call(f: Callable, stream: int) -> Callable:
-  """Wrap ``f`` so that XLA runs it on GPU stream ``stream`` (``_xla_stream_annotation``)."""
+  """Wrap ``f`` so that XLA runs it on GPU stream ``stream`` (``_xla_stream_annotation``).
+
+  Example:
+    >>> f = stream_call(lambda x: x + 1, 1) if stream_call_available() else (lambda x: x + 1)
+    >>> jax.jit(f)(jnp.ones(2)).tolist()                      # the stream annotation matters on GPU only
+    [2.0, 2.0]
+  """
   fn = _compute_on_fn()
   if fn is None:
     raise RuntimeError("this jax has no function-form compute_on/compute_on2; use emission='cuda_graph'")
@@ -113,7 +131,19 @@ def merge_key(g: Graph, ui: int, same_kernel: bool = False):
   (0 * inf); with finite inputs the result equals the separate convs up to summation order.
 
   ``same_kernel=True`` also keys on the kernel's spatial size, so only convs with equal windows merge
-  (no zero-padded taps: a 1x1 merged into a 3x3 or 5x5 conv costs 9x or 25x its FLOPs)."""
+  (no zero-padded taps: a 1x1 merged into a 3x3 or 5x5 conv costs 9x or 25x its FLOPs).
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> g = build_graph(lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2), jnp.ones((1, 8, 8, 4)))
+    >>> merge_key(g, 0) == merge_key(g, 1), merge_key(g, 2)        # the two convs may merge; the add not
+    (True, None)
+    >>> merge_key(g, 0, same_kernel=True) == merge_key(g, 1, same_kernel=True)   # 1x1 vs 3x3 window
+    False
+  """
   u = g.units[ui]
   if u.kind != "conv_general_dilated" or u.opaque:
     return None
