@@ -122,10 +122,13 @@ class ConvLayer(NamedTuple):
 
 class LayerState(NamedTuple):
   """Per-layer state after a frame: its input ``x`` ``(H, W, c_in)``, output ``y`` ``(H', W', c_out)``
-  and ``ub`` ``(nH, nW, c_out)``, an upper bound on the real pre-activation over each output tile."""
+  ``ub`` ``(nH, nW, c_out)``, an upper bound on the real pre-activation over each output tile, and
+  ``xmax``/``xmin`` ``(nH, nW, c_in)``, the input's per-channel max/min over each tile's receptive field."""
   x: jax.Array
   y: jax.Array
   ub: jax.Array
+  xmax: jax.Array
+  xmin: jax.Array
 
 
 class LayerStats(NamedTuple):
@@ -181,26 +184,15 @@ def _canvas(x: jax.Array, layer: ConvLayer, tile: int) -> jax.Array:
   return jnp.pad(x, ((ph, hc - x.shape[0] - ph), (pw, wc - x.shape[1] - pw), (0, 0)))
 
 
-def _axis_window_reduce(a: jax.Array, axis: int, tile: int, halo: int, red: Callable) -> jax.Array:
-  """Reduce windows ``[i*T, i*T + T + halo)`` along ``axis`` of length ``n*T + halo`` (halo <= T) with
-  reshapes (XLA:CPU's overlapping ``reduce_window`` is several times slower)."""
-  n = (a.shape[axis] - halo) // tile
-  pad = [(0, 0)] * a.ndim
-  pad[axis] = (0, (n + 1) * tile - a.shape[axis])
-  b = jnp.pad(a, pad)  # padding rows are never inside a window: only the first `halo` rows are used
-  b = b.reshape(a.shape[:axis] + (n + 1, tile) + a.shape[axis + 1:])
-  body = red(lax.slice_in_dim(b, 0, n, axis=axis), axis=axis + 1)
-  if halo == 0:
-    return body
-  nxt = lax.slice_in_dim(lax.slice_in_dim(b, 1, n + 1, axis=axis), 0, halo, axis=axis + 1)
-  return red(jnp.stack([body, red(nxt, axis=axis + 1)]), axis=0)
-
-
 def _window_reduce(a: jax.Array, layer: ConvLayer, tile: int, op: str) -> jax.Array:
-  """Max (``op='max'``) or min over each tile's receptive field of a canvas, per channel."""
+  """Max (``op='max'``) or min over each tile's receptive field of a canvas, per channel: windows
+  ``[i*T, i*T + T + k - 1)`` per spatial axis, as two separable ``reduce_window`` passes (the 2-D
+  overlapping window is several times slower on XLA:CPU)."""
   kh, kw = layer.kernel.shape[:2]
-  red = jnp.max if op == "max" else jnp.min
-  return _axis_window_reduce(_axis_window_reduce(a, 0, tile, kh - 1, red), 1, tile, kw - 1, red)
+  init, fn = (-jnp.inf, lax.max) if op == "max" else (jnp.inf, lax.min)
+  a = lax.reduce_window(a, jnp.asarray(init, a.dtype), fn, (tile + kh - 1, 1, 1), (tile, 1, 1), "VALID")
+  return lax.reduce_window(a, jnp.asarray(init, a.dtype), fn, (1, tile + kw - 1, 1), (1, tile, 1),
+                           "VALID")
 
 
 def _to_tiles(y: jax.Array, tile: int, nh: int, nw: int) -> jax.Array:
@@ -315,11 +307,11 @@ def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int,
   xc = _canvas(x, layer, tile)
   z = _conv_valid(xc[None], layer)[0]
   zt = _to_tiles(z, tile, nh, nw)  # z already covers (nh*T, nw*T): reshape only
-  amax = _window_reduce(jnp.abs(xc), layer, tile, "max")
-  _, dm = range_upper_bound(layer, -amax, amax, unit_roundoff)
+  xmax, xmin = _window_reduce(xc, layer, tile, "max"), _window_reduce(xc, layer, tile, "min")
+  _, dm = range_upper_bound(layer, xmin, xmax, unit_roundoff)
   ub = _tile_ub_from_z(_valid_mask_tiles(zt, ho, wo, tile), dm)
   y = _act(layer, z[:ho, :wo])
-  return LayerState(x=x, y=y, ub=ub), y
+  return LayerState(x=x, y=y, ub=ub, xmax=xmax, xmin=xmin), y
 
 
 def _valid_mask_tiles(zt: jax.Array, ho: int, wo: int, tile: int) -> jax.Array:
@@ -349,13 +341,14 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
   pc = _canvas(state.x, layer, tile)
   # receptive fields that changed bit for bit (-0.0 vs 0.0 and NaN payloads count as changes)
   bits = lambda a: lax.bitcast_convert_type(a, jnp.int32)
-  diff = (bits(xc) != bits(pc)).astype(xc.dtype)
+  # channels are collapsed first (a contiguous reduction), then one 1-channel window pass
+  diff = jnp.any(bits(xc) != bits(pc), axis=-1, keepdims=True).astype(xc.dtype)
   d = xc - pc
-  ab_p = jnp.abs(pc)
-  red = _window_reduce(jnp.concatenate([diff, d, -d, xc, -xc, ab_p], axis=-1), layer, tile, "max")
-  cd, dmax, ndmin, xmax, nxmin, pmax = jnp.split(red, 6, axis=-1)
-  changed = jnp.any(cd > 0, axis=-1)  # (nh, nw)
-  dmin, xmin = -ndmin, -nxmin
+  mx = lambda a: _window_reduce(a, layer, tile, "max")
+  mn = lambda a: _window_reduce(a, layer, tile, "min")
+  changed = mx(diff)[..., 0] > 0  # (nh, nw)
+  dmax, dmin, xmax, xmin = mx(d), mn(d), mx(xc), mn(xc)
+  pmax = jnp.maximum(jnp.abs(state.xmax), jnp.abs(state.xmin))  # the previous frame's, exact
   amax_t = jnp.maximum(jnp.abs(xmax), jnp.abs(xmin))
   ub_r, dense_margin = range_upper_bound(layer, xmin, xmax, unit_roundoff)
   ub_t = temporal_upper_bound(layer, state.ub, dmin, dmax, amax_t + pmax, unit_roundoff)
@@ -406,7 +399,7 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
   stats = LayerStats(reused=jnp.sum(~changed), skipped=jnp.sum(skip), computed=count,
                      dense=use_dense.astype(jnp.int32), zero_tiles=jnp.sum(nz),
                      zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
-  return LayerState(x=x, y=y, ub=new_ub), y, stats
+  return LayerState(x=x, y=y, ub=new_ub, xmax=xmax, xmin=xmin), y, stats
 
 
 # ----------------------------------------------------------------------------------------------------
