@@ -228,6 +228,38 @@ def test_combine_matches_float64_reference():
     sensai.combine(logits, groups, 6, [1.0, -1.0, 1.0])
 
 
+def _combine64(logits, groups, num_classes, temps):
+  """The combination formula in float64 log space: log q_k = log_softmax(z_s / T_s)[j] for the (s, j)
+  that owns class k, normalised over the classes."""
+  lq = np.full((np.shape(logits[0])[0], num_classes), -np.inf)
+  for z, g, t in zip(logits, groups, temps):
+    zt = np.asarray(z, np.float64) / t
+    zt = zt - zt.max(-1, keepdims=True)
+    lq[:, list(g)] = (zt - np.log(np.exp(zt).sum(-1, keepdims=True)))[:, 1:]
+  lq -= lq.max(-1, keepdims=True)
+  q = np.exp(lq)
+  return q / q.sum(-1, keepdims=True)
+
+
+def test_combine_is_finite_when_every_subnet_says_other_at_small_temperature():
+  # reviewer's repro: margin 7 for "other" at T = 0.05 underflows every class probability (exp(-140))
+  out = sensai.combine([np.array([[7.0, 0, 0]]), np.array([[7.0, 0, 0]])], [(0, 1), (2, 3)], 4,
+                       temperatures=[0.05, 0.05])
+  np.testing.assert_allclose(out, np.full((1, 4), 0.25), rtol=1e-6)
+  logits = [np.array([[7.0, 1.0, 0.0], [200.0, 0.0, 3.0]], np.float32),
+            np.array([[7.0, 0.0, 0.5], [300.0, 1.0, 0.0]], np.float32)]
+  for temps in ([0.05, 0.05], [1.0, 1.0], [0.05, 0.2]):
+    out = sensai.combine(logits, [(0, 1), (2, 3)], 4, temperatures=temps)
+    ref = _combine64(logits, [(0, 1), (2, 3)], 4, temps)
+    assert np.isfinite(out).all(), (temps, out)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+  # T = 1, margin 200/300: class 1 (logit 1, "other" 7) beats class 2 at row 0; row 1: class 1 (3 - 200)
+  assert list(sensai.combine(logits, [(0, 1), (2, 3)], 4).argmax(-1)) == [0, 1]
+  nan = [np.array([[np.nan, 0, 0]]), np.array([[7.0, 0, 0]])]   # NaN logits still propagate
+  assert np.isnan(sensai.combine(nan, [(0, 1), (2, 3)], 4)).all()
+
+
 def test_calibrate_temperature_recovers_the_generating_temperature():
   rng = np.random.default_rng(0)
   z = rng.normal(size=(4000, 4)) * 4
@@ -321,6 +353,18 @@ def test_shard_map_ensemble_equals_vmapped(devices):
   ref = np.asarray(sensai.ensemble_predict(ens, x))
   out = sensai.ensemble_predict_sharded(ens, x)   # one subnet per device on 8 devices
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  # tiny temperatures: every class probability underflows in probability space; both paths stay finite
+  # and match the float64 log-space formula
+  head = [k for k, v in ens.variables["params"].items() if v.get("bias", np.zeros(0)).shape == (8, 2)]
+  assert len(head) == 1
+  params = dict(ens.variables["params"])
+  params[head[0]] = dict(params[head[0]], bias=params[head[0]]["bias"].at[:, 0].add(50.0))  # all: "other"
+  cold = ens._replace(variables=dict(ens.variables, params=params),
+                      temperatures=jnp.full((8,), 0.05, jnp.float32))
+  ref64 = _combine64(list(np.asarray(sensai.ensemble_logits(cold, x))), groups, 8, [0.05] * 8)
+  for got in (sensai.ensemble_predict(cold, x), sensai.ensemble_predict_sharded(cold, x)):
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref64, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="dividing"):
     sensai.ensemble_predict_sharded(ens, x, Mesh(np.array(devices[:3]), ("g",)))
 

@@ -19,10 +19,12 @@ code ``GuanhuaWang/sensAI``):
    class order. Beyond the paper, each subnet's logits are divided by a temperature fitted on held-out
    data (:func:`calibrate_temperature`, Guo et al. 2017) so that independently trained softmaxes are
    comparable, and the result is renormalised to a distribution (the argmax is unchanged by that).
+   The arithmetic is done in log space (``log_softmax``, then a max-shifted softmax over the classes),
+   so the result is finite for finite logits at any temperature.
 6. **Execute**: one device runs all subnets as ONE program, zero-padded to a common width and mapped
    with ``jax.vmap`` (:func:`stack_subnets`, :func:`ensemble_predict`; exact, because padded channels
    have zero weights, zero bias and zero batch-norm affine parameters); several devices run one group
-   of subnets each under ``shard_map`` and add their class columns with one ``psum``
+   of subnets each under ``shard_map`` and add their class columns with one ``pmax`` + ``psum``
    (:func:`ensemble_predict_sharded`).
 
 Supported models (the surgery follows their structure exactly, and refuses anything else, naming the
@@ -957,14 +959,44 @@ def calibrate_temperatures_joint(logits: Sequence[np.ndarray], classes: Sequence
   return np.exp(np.asarray(fit(jnp.zeros(len(classes))), np.float64))
 
 
+def _class_log_scores(logits: jnp.ndarray, valid: jnp.ndarray, assign: jnp.ndarray,
+                      temperatures: jnp.ndarray) -> jnp.ndarray:
+  """(S, n, M+1) padded logits -> (n, K) unnormalised class log-scores of these subnets.
+
+  Class ``k`` owned by output ``j + 1`` of subnet ``s`` gets ``log_softmax(z_s / T_s)[j + 1]``; a class
+  that none of these subnets owns (the other devices' classes, under ``shard_map``) gets ``-inf``.
+  Everything stays in log space, so no class probability underflows. NaN logits propagate.
+  """
+  z = jnp.where(valid[:, None, :], logits / temperatures[:, None, None], -jnp.inf)
+  lp = jax.nn.log_softmax(z, axis=-1)[:, :, 1:]                     # (S, n, M)
+  s, n, m = lp.shape
+  owners = assign.reshape(s * m, -1)                                 # (S M, K) 0/1
+  owner = jnp.argmax(owners, axis=0)                                 # row of each class's owner
+  lp = jnp.moveaxis(lp, 1, 0).reshape(n, s * m)
+  return jnp.where(jnp.max(owners, axis=0) > 0, lp[:, owner], -jnp.inf)
+
+
+def _normalise_log_scores(lq: jnp.ndarray, axis_name: str | None = None) -> jnp.ndarray:
+  """``softmax`` over the classes of (n, K) log-scores, the classes optionally split over the devices of
+  ``axis_name`` (each device: its own classes, ``-inf`` elsewhere; one ``pmax`` and one ``psum``).
+
+  Shifted by the row maximum: the largest term is ``exp(0) = 1``, so the sum never underflows to 0.
+  """
+  mx = jnp.max(lq, axis=-1, keepdims=True)
+  if axis_name is not None:
+    mx = jax.lax.pmax(mx, axis_name)
+  mx = jax.lax.stop_gradient(jnp.where(jnp.isfinite(mx), mx, 0.0))   # NaN rows stay NaN through lq
+  e = jnp.exp(lq - mx)
+  if axis_name is not None:
+    e = jax.lax.psum(e, axis_name)
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
 def _combine_padded(logits: jnp.ndarray, valid: jnp.ndarray, assign: jnp.ndarray,
                     temperatures: jnp.ndarray) -> jnp.ndarray:
-  """(S, n, M+1) padded logits -> (n, K) class distribution. NaN logits propagate to the output."""
-  z = logits / temperatures[:, None, None]
-  z = jnp.where(valid[:, None, :], z, -jnp.inf)
-  p = jax.nn.softmax(z, axis=-1)
-  q = jnp.einsum("snj,sjk->nk", p[:, :, 1:], assign)
-  return q / jnp.sum(q, axis=-1, keepdims=True)
+  """(S, n, M+1) padded logits -> (n, K) class distribution (computed in log space; finite for finite
+  logits at any temperature). NaN logits propagate to the output."""
+  return _normalise_log_scores(_class_log_scores(logits, valid, assign, temperatures))
 
 
 def _assignment(classes: Sequence[tuple[int, ...]], num_classes: int, width: int) -> np.ndarray:
@@ -985,6 +1017,13 @@ def combine(logits: Sequence[np.ndarray], classes: Sequence[Sequence[int]], num_
 
   ``softmax(logits_s / T_s)`` per subnet, drop column 0 ("other"), scatter columns ``1..m`` to
   ``classes[s]`` and renormalise over the ``K`` classes. The groups must partition the classes.
+  Computed in log space: ``log q_k = log_softmax(logits_s / T_s)[j]`` for the output ``j`` owning class
+  ``k``, then a softmax over ``k``; finite for finite logits even when every class probability would
+  underflow (all subnets confident in "other" at a small temperature). NaN logits give NaN rows.
+
+  >>> p = combine([np.array([[7., 0, 0]]), np.array([[7., 0, 1]])], [(0, 1), (2, 3)], 4, [0.05, 0.05])
+  >>> np.round(p, 3).tolist()   # exp(-140) in probability space: 0 / 0 without the log space
+  [[0.0, 0.0, 0.0, 1.0]]
   """
   classes = [_check_classes(c, num_classes) for c in classes]
   if len(logits) != len(classes):
@@ -1118,9 +1157,10 @@ def ensemble_predict_sharded(ens: Ensemble, x: jnp.ndarray, mesh: Mesh | None = 
                              axis_name: str = "g") -> jnp.ndarray:
   """Combined class distribution with the subnets split over devices under ``shard_map``.
 
-  Each device runs its ``S / D`` subnets (vmapped) on the replicated input, computes their temperature
-  softmax, scatters the class columns, and one ``psum`` over ``axis_name`` adds the devices' columns;
-  the result is renormalised and replicated. Equal to :func:`ensemble_predict` up to float rounding.
+  Each device runs its ``S / D`` subnets (vmapped) on the replicated input and computes the log-scores
+  of its classes (temperature ``log_softmax``, ``-inf`` for the other devices' classes); a ``pmax`` of
+  the row maxima and a ``psum`` of the shifted exponentials over ``axis_name`` give the normalised,
+  replicated distribution (the same code as :func:`combine`, in log space). Equal to :func:`ensemble_predict` up to float rounding.
 
   Args:
     ens: from :func:`stack_subnets`.
@@ -1144,10 +1184,7 @@ def ensemble_predict_sharded(ens: Ensemble, x: jnp.ndarray, mesh: Mesh | None = 
 def _sharded_fn(model, mesh, axis_name):
   def local(variables, valid, assign, temps, x):
     logits = jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
-    z = jnp.where(valid[:, None, :], logits / temps[:, None, None], -jnp.inf)
-    q = jnp.einsum("snj,sjk->nk", jax.nn.softmax(z, axis=-1)[:, :, 1:], assign)
-    q = jax.lax.psum(q, axis_name)
-    return q / jnp.sum(q, axis=-1, keepdims=True)
+    return _normalise_log_scores(_class_log_scores(logits, valid, assign, temps), axis_name)
 
   spec = P(axis_name)
   f = shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec, P()), out_specs=P(), check_vma=False)
