@@ -469,10 +469,10 @@ def test_precondition_compresses_the_local_adam_direction_exactly():
 
 def test_min_fraction_floor_keeps_sidco_sending_on_gaussian_gradients():
   # the exponential fit's threshold lies above every entry of a Gaussian vector at ratio 0.001
-  g = {"w": jax.random.normal(jax.random.PRNGKey(0), (100_000,))}
-  k = 100
-  for frac, lo, hi in ((0.0, 0, 0), (0.25, 24, 200), (0.5, 49, 200)):
-    tx = sp.sidco(0.001, min_fraction=frac)
+  g = {"w": jax.random.normal(jax.random.PRNGKey(0), (40_000,))}
+  k = 40
+  for frac, lo, hi in ((0.0, 0, 0), (0.5, k // 2 - 1, 2 * k)):
+    tx = sp.sidco(0.001, stages=1, min_fraction=frac)
     out, st = jax.jit(tx.update)(g, tx.init(g))
     sent = int(np.count_nonzero(np.asarray(out["w"])))
     assert lo <= sent <= hi, (frac, sent)
@@ -480,10 +480,5 @@ def test_min_fraction_floor_keeps_sidco_sending_on_gaussian_gradients():
       a = np.abs(np.asarray(g["w"]))
       assert a[np.asarray(out["w"]) == 0].max() <= a[np.asarray(out["w"]) != 0].min()
     np.testing.assert_array_equal(out["w"] + st.residual["w"], g["w"])
-  # sidco_compress: min_count 0 is the fitted threshold; a floor never selects fewer than min_count - 1
-  x = g["w"]
-  p0, _ = sp.sidco_compress(x, 0.001, 2 * k, "exponential", 1)
-  p1, _ = sp.sidco_compress(x, 0.001, 2 * k, "exponential", 1, min_count=k)
-  assert int(p0.count) == 0 and k - 1 <= int(p1.count) <= 2 * k
   with pytest.raises(ValueError, match="min_fraction"):
     sp.sidco(0.01, min_fraction=1.5)
