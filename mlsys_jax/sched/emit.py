@@ -27,7 +27,7 @@ conv reads (``graph.relayout_conv_kernels``) and embedded as constants (``Schedu
 transposed per call.
 
 Example:
-  >>> stream_call_available()  # doctest: +SKIP
+  >>> isinstance(stream_call_available(), bool)   # True with jax >= 0.8 (streams emission possible)
   True
 """
 
@@ -175,7 +175,18 @@ def merge_key(g: Graph, ui: int, same_kernel: bool = False):
 
 
 def merged_conv_params(g: Graph, units: tuple) -> tuple[Any, dict, list]:
-  """Concatenated kernel (zero-padded, centred), conv params, and per-unit output channel ranges."""
+  """Concatenated kernel (zero-padded, centred), conv params, and per-unit output channel ranges.
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> g = build_graph(lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2), jnp.ones((1, 8, 8, 4)))
+    >>> kernel, params, ranges = merged_conv_params(g, (0, 1))
+    >>> kernel.shape, ranges                                # 1x1 zero-padded to 3x3; 8 + 8 output channels
+    ((3, 3, 4, 16), [(0, 8), (8, 16)])
+  """
   e0 = g.eqns[g.units[units[0]].anchor]
   dn = e0.params["dimension_numbers"]
   ws = [np.asarray(g.consts[g.eqns[g.units[u].anchor].inputs[1]]) for u in units]
@@ -307,7 +318,18 @@ def merged_epilogue(g: Graph, units: tuple):
 def prepare_merges(g: Graph, stages: list, fuse_epilogue: bool = True) -> dict:
   """Precompute merged kernels for every merge stage: {stage index: (kernel, params, ranges, epi)};
   ``epi`` is the merged epilogue (``merged_epilogue``) or None (slice first, then each unit's own
-  epilogue)."""
+  epilogue).
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> g = build_graph(lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2), jnp.ones((1, 8, 8, 4)))
+    >>> merges = prepare_merges(g, [Stage("merge", ((0, 1),)), Stage("parallel", ((2,),))])
+    >>> list(merges), merges[0][0].shape, merges[0][3]      # epilogues differ (relu on one): slice first
+    ([0], (3, 3, 4, 16), None)
+  """
   return {i: merge_entry(g, st.groups[0], fuse_epilogue)
           for i, st in enumerate(stages) if st.kind == "merge"}
 
@@ -437,7 +459,13 @@ def keep_alive_term(vals: list):
   from buffer conflicts, reuse adds false write-after-read edges between independent branches; with
   every intermediate kept live only true data dependencies remain. ``min(|v|, 1)`` on finite
   elements bounds the sum, so ``0 * sum`` is exactly +0 and ``out - term`` equals ``out`` bit for bit
-  for every ``out`` (NaN, inf and -0 included; ``out + term`` would turn -0 into +0)."""
+  for every ``out`` (NaN, inf and -0 included; ``out + term`` would turn -0 into +0).
+
+  Example:
+    >>> t = keep_alive_term([jnp.array([jnp.inf, 2.0]), jnp.ones((2, 2))])
+    >>> float(t), bool(jnp.signbit(jnp.array(-0.0) - t))    # exactly 0; out - t keeps -0
+    (0.0, True)
+  """
   acc = None
   for v in vals:
     x = lax.convert_element_type(lax.reshape(lax.slice(v, (0,) * v.ndim, (1,) * v.ndim), ()),
@@ -451,7 +479,20 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
                  keep_alive: bool = False):
   """The scheduled program ``run(consts, *args)``; ``consts`` is ``{value id: array}``.
 
-  ``keep_alive=True`` keeps every unit output live to the end (see ``keep_alive_term``)."""
+  ``keep_alive=True`` keeps every unit output live to the end (see ``keep_alive_term``).
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> f = lambda x: jax.nn.relu(conv(x, w1)) + conv(x, w2)
+    >>> x = jnp.ones((1, 8, 8, 4))
+    >>> g = build_graph(f, x)
+    >>> run = make_program(g, [Stage("merge", ((0, 1),)), Stage("parallel", ((2,),))], mode="plain")
+    >>> bool(jnp.allclose(jax.jit(run)(g.consts, x), f(x)))
+    True
+  """
   merges = prepare_merges(g, stages) if merges is None else merges
 
   def run(consts, *args):
@@ -482,7 +523,17 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
 def stage_program(g: Graph, st: Stage, mode: str, fuse_epilogue: bool = True):
   """A standalone function for one stage: ``(consts, ins) -> outs`` and the ids it reads/writes.
 
-  ``fuse_epilogue`` as in ``prepare_merges``: the merge stage is built as the scheduled program will run it."""
+  ``fuse_epilogue`` as in ``prepare_merges``: the merge stage is built as the scheduled program will run it.
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> f = lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4))
+    >>> g = build_graph(f, jnp.ones((1, 4)))
+    >>> fn, ins, outs, const_ids = stage_program(g, Stage("parallel", ((0,), (1,))), "plain")
+    >>> ys = fn({c: g.consts[c] for c in const_ids}, (jnp.ones((1, 4)),))
+    >>> len(ins), len(outs), [y.shape for y in ys]          # reads x; writes both dots' outputs
+    (1, 2, [(1, 4), (1, 4)])
+  """
   merged = None
   if st.kind == "merge":
     merged = merge_entry(g, st.groups[0], fuse_epilogue)
