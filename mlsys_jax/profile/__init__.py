@@ -14,6 +14,7 @@ Public API:
   validate(workload, calibration, level='trace') -> Validation    corrected vs uninstrumented totals
   run_levels, spin_ns
   make_workload(algo, env, backend, steps, seed)   a2c/dqn/supervised on cartpole/pendulum, numpy or JAX sim
+  table_rows(attribution_or_corrected), format_table(rows), plot_stacked(groups, path)   reports
   CartPoleNP, PendulumNP, cartpole_step/reset, pendulum_step/reset, numpy_jax_agree
   LEVELS, HOST_CATEGORIES, RESOURCES, SOURCES
 """
@@ -24,6 +25,7 @@ from mlsys_jax.profile.overhead import (Calibration, Corrected, Validation, cali
                                         spin_ns, validate)
 from mlsys_jax.profile.workloads import (CartPoleNP, PendulumNP, cartpole_reset, cartpole_step, make_workload,
                                          numpy_jax_agree, pendulum_reset, pendulum_step)
+from mlsys_jax.profile.report import format_table, plot_stacked, table_rows, to_jsonable
 from mlsys_jax.profile.scopes import (CURRENT, HOST_CATEGORIES, LEVELS, SOURCES, Profiler, Record,
                                       block_until_ready, device_get, device_put, jit, operation, set_phase,
                                       simulator)
@@ -32,4 +34,5 @@ __all__ = ["Profiler", "Record", "CURRENT", "operation", "simulator", "set_phase
            "device_get", "block_until_ready", "attribute", "Attribution", "summarize", "load_trace",
            "device_intervals", "calibrate", "calibrate_micro", "Calibration", "correct", "Corrected", "validate", "Validation",
            "run_levels", "spin_ns", "make_workload", "CartPoleNP", "PendulumNP", "cartpole_reset",
-           "cartpole_step", "pendulum_reset", "pendulum_step", "numpy_jax_agree", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]
+           "cartpole_step", "pendulum_reset", "pendulum_step", "numpy_jax_agree", "table_rows",
+           "format_table", "plot_stacked", "to_jsonable", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]

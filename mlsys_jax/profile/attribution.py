@@ -86,9 +86,9 @@ def device_intervals(trace: dict, ops: list[Record]) -> list[tuple[int, int]]:
 
 
 def parse_trace(trace: dict, ops: list[Record]) -> tuple[list[tuple[int, int]], list[int]]:
-  """``(device-busy union, start times of the host trace events)`` on the ``perf_counter_ns`` clock.
-  Host trace events are those recorded on the Python thread (the thread of the annotations): each one
-  is book-keeping the tracer adds to the host, the unit of the ``trace`` overhead source."""
+  """``(device-busy union, start times of all trace events)`` on the ``perf_counter_ns`` clock. Every
+  recorded event (annotations, runtime TraceMe's on the Python and XLA threads, device activities) is
+  book-keeping the tracer adds: the unit of the ``trace`` overhead source, located at its start."""
   ev = trace["traceEvents"]
   pname: dict = {}
   tname: dict = {}
@@ -124,8 +124,7 @@ def parse_trace(trace: dict, ops: list[Record]) -> tuple[list[tuple[int, int]], 
   for e in xs:
     name = str(e.get("name", ""))
     key = (e.get("pid"), e.get("tid"))
-    if key in ann_threads:
-      host.append(int(float(e["ts"]) * 1e3 - off))
+    host.append(int(float(e["ts"]) * 1e3 - off))
     if dev_pids:
       if e.get("pid") not in dev_pids:
         continue

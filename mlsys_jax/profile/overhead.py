@@ -1,8 +1,8 @@
 """Overhead calibration and correction (RL-Scope, Gleeson et al., MLSys 2021, Sec. 4 "Overhead correction").
 
 Every instrumentation source k (``scope``: operation/simulator enter+exit; ``intercept``: the wrapper
-around a jitted call / transfer / wait plus compile listening; ``trace``: the ``TraceAnnotation`` of a scope
-and the trace collection inside each intercepted call) costs about the same delta_k per event. Running the
+around a jitted call / transfer / wait plus compile listening; ``trace``: one event recorded by the ``jax.profiler`` tracer,
+an annotation or a runtime TraceMe on any thread) costs about the same delta_k per event. Running the
 same workload at successive levels (``off`` < ``scopes`` < ``intercept`` < ``trace``), each adding one
 source, gives (paper, Sec. 4.1)
 
@@ -235,7 +235,8 @@ def validate(workload: Callable[[], Any], cal: Calibration | dict, *, level: str
   for _ in range(warmup):
     with Profiler("off"):
       workload()
-  runs: dict = {k: [] for k in ("wall_off", "wall_inst", "wall_corr", "cpu_off", "cpu_inst", "cpu_corr")}
+  runs: dict = {k: [] for k in ("wall_off", "wall_inst", "wall_corr", "cpu_off", "cpu_inst", "cpu_corr",
+                                "counts")}
   for r in range(repeats):
     for lvl in (("off", level) if r % 2 == 0 else (level, "off")):
       gc.collect()
@@ -250,8 +251,9 @@ def validate(workload: Callable[[], Any], cal: Calibration | dict, *, level: str
         runs["wall_corr"].append(correct(attribute(p), delta).total_ns / 1e9)
         runs["cpu_inst"].append(p.process_ns / 1e9)
         runs["cpu_corr"].append((p.process_ns - over) / 1e9)
+        runs["counts"].append(dict(p.counts))
   agg = np.min if stat == "min" else np.median
-  m = {k: float(agg(v)) for k, v in runs.items()}
+  m = {k: float(agg(v)) for k, v in runs.items() if k != "counts"}
   return Validation(m["wall_off"], m["wall_inst"], m["wall_corr"], m["wall_corr"] / m["wall_off"] - 1.0,
                     m["wall_inst"] / m["wall_off"], m["cpu_off"], m["cpu_inst"], m["cpu_corr"],
                     m["cpu_corr"] / m["cpu_off"] - 1.0, m["cpu_inst"] / m["cpu_off"], runs)

@@ -212,7 +212,7 @@ class Profiler:
       self.trace_path = found[-1]
       from mlsys_jax.profile.attribution import load_trace, parse_trace
       ops = [r for r in self._records if r.kind == "operation"]
-      if ops:  # the tracer's host events in the window: the unit of the 'trace' overhead source
+      if ops:  # the tracer's events in the window: the unit of the 'trace' overhead source
         host = parse_trace(load_trace(self.trace_path), ops)[1]
         self.counts["trace"] = sum(self.start_ns <= t < self.end_ns for t in host)
     else:
