@@ -43,6 +43,31 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
   return 2 * 4 * n / min(t.median_a, t.median_b)
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+  """Device read bandwidth in bytes/s by a fixed method: a float32 sum over ``nbytes`` (1 GiB, far larger
+  than any L2), inside one jitted loop of 10 reductions through an optimization barrier, median of
+  ``repeats`` timed calls after warm-up. Use it as the floor of kernels that read their input once, so the
+  floor does not move with a copy measurement's write half."""
+  import time
+  import numpy as np
+  n = nbytes // 4
+  x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.float32)
+
+  @jax.jit
+  def ten_sums(a):
+    def body(i, acc):
+      return acc + jnp.sum(jax.lax.optimization_barrier(a + acc * 0))
+    return jax.lax.fori_loop(0, 10, body, jnp.float32(0))
+
+  jax.block_until_ready(ten_sums(x))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(ten_sums(x))
+    ts.append((time.perf_counter() - t0) / 10)
+  return 4 * n / float(np.median(ts))
+
+
 def write_json(out: str | None, name: str, payload: dict) -> None:
   out = out or os.environ.get("OUT") or "results/benchmarks"
   path = pathlib.Path(out)
