@@ -77,6 +77,19 @@ def test_padding_check_names_the_output_that_depends_on_padding():
   assert float(ok(np.ones(5, np.float32))) == 5.0 and ok.padding_checks == 1
 
 
+@pytest.mark.parametrize("unpad", ["host", "device", "none"])
+def test_padding_check_compares_the_valid_slice_for_every_unpad_mode(unpad):
+  masked = lambda x, length: x * dyn.length_mask(length, x.shape[0], x.dtype)
+  f = dyn.bucketed_jit(masked, {0: 0}, (8,), unpad=unpad, check_padding=True)
+  out = np.asarray(f(np.arange(1.0, 4.0, dtype=np.float32)))
+  assert out.shape == ((8,) if unpad == "none" else (3,))   # 'none' returns the padded output
+  np.testing.assert_array_equal(out[:3], [1.0, 2.0, 3.0])
+  assert f.padding_checks == 1
+  leaky = dyn.bucketed_jit(lambda x, length: x + x.sum(), {0: 0}, (8,), unpad=unpad, check_padding=True)
+  with pytest.raises(dyn.PaddingInvarianceError, match="random values"):
+    leaky(np.ones(3, np.float32))
+
+
 def test_mask_argument_out_dims_and_bad_specs():
   f = dyn.bucketed_jit(lambda x, mask: jnp.where(mask, x, 0.0), dims={0: 0}, buckets=(8,),
                        length_arg=None, mask_arg="mask", unpad="device")
