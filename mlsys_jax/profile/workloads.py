@@ -18,11 +18,10 @@ training steps) per call and carrying its state between calls, ready for :func:`
 :func:`validate`/``with Profiler(): workload()``.
 
 >>> from mlsys_jax import profile
->>> w = profile.make_workload("a2c", "cartpole", "numpy", steps=8)  # < one 32-step rollout: no update
->>> with profile.Profiler("scopes") as p:
-...   w()
->>> sorted({r.name for r in p.records if r.kind == "operation"})
-['inference', 'simulation']
+>>> e = profile.CartPoleNP(seed=0)
+>>> obs, reward, done = e.step(1)
+>>> obs.shape, reward, done
+((4,), 1.0, False)
 """
 
 from __future__ import annotations
