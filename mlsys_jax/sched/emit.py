@@ -221,7 +221,14 @@ _EPILOGUE_PRIMS = frozenset({"add", "sub", "mul", "div", "max", "min", "neg", "a
 
 
 def const_value(g: Graph, v):
-  """Concrete value of a literal, constant or lazy (constant-expanding) value id."""
+  """Concrete value of a literal, constant or lazy (constant-expanding) value id.
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> g = build_graph(lambda x: x @ jnp.ones((4, 4)) + 1.0, jnp.ones((1, 4)))
+    >>> g.lazy, const_value(g, 1).shape                    # jnp.ones is re-emitted next to its consumer
+    ({1: 0}, (4, 4))
+  """
   if isinstance(v, Lit):
     return v.val
   if v in g.consts:
@@ -239,7 +246,17 @@ def epilogue_chain(g: Graph, ui: int):
   """The epilogue of conv unit ``ui`` as a list of ``(prim, params, chain_pos, operand)`` steps if it
   is a chain of elementwise equations whose other operands are literals or per-output-channel
   constants (bias, folded BN scale, ReLU's 0); ``operand`` is a ``Lit`` or a 1-D numpy channel
-  vector. ``None`` if the epilogue is anything else (then merged convs slice before the epilogue)."""
+  vector. ``None`` if the epilogue is anything else (then merged convs slice before the epilogue).
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w, b = jnp.ones((1, 1, 4, 8)), jnp.arange(8.0)
+    >>> conv = lambda x: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> g = build_graph(lambda x: jax.nn.relu(conv(x) + b), jnp.ones((1, 8, 8, 4)))
+    >>> [(prim.name, type(op).__name__) for prim, _, _, op in epilogue_chain(g, 0)]   # bias vector, relu's 0
+    [('add', 'ndarray'), ('max', 'Lit')]
+  """
   u = g.units[ui]
   e0 = g.eqns[u.anchor]
   axis = e0.params["dimension_numbers"].out_spec[1]
@@ -284,7 +301,18 @@ def epilogue_chain(g: Graph, ui: int):
 
 def merged_epilogue(g: Graph, units: tuple):
   """One epilogue for the concatenated output channels of merged convs, or ``None`` when their
-  epilogues differ in structure (see ``epilogue_chain``)."""
+  epilogues differ in structure (see ``epilogue_chain``).
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w, b = jnp.ones((1, 1, 4, 8)), jnp.arange(8.0)
+    >>> conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> f = lambda x: jax.nn.relu(conv(x, w) + b) + jax.nn.relu(conv(x, 2 * w) + b)
+    >>> g = build_graph(f, jnp.ones((1, 8, 8, 4)))
+    >>> [(prim.name, getattr(op, "shape", None)) for prim, _, _, op in merged_epilogue(g, (0, 1))]   # 2 biases
+    [('add', (16,)), ('max', None)]
+  """
   chains = [epilogue_chain(g, u) for u in units]
   if any(c is None for c in chains) or len({len(c) for c in chains}) != 1:
     return None
@@ -335,7 +363,18 @@ def prepare_merges(g: Graph, stages: list, fuse_epilogue: bool = True) -> dict:
 
 
 def merge_entry(g: Graph, units: tuple, fuse_epilogue: bool = True) -> tuple:
-  """``(kernel, params, ranges, epi)`` of one merge of ``units`` (see ``prepare_merges``)."""
+  """``(kernel, params, ranges, epi)`` of one merge of ``units`` (see ``prepare_merges``).
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> g = build_graph(lambda x: conv(x, w1) + conv(x, w2), jnp.ones((1, 8, 8, 4)))
+    >>> kernel, params, ranges, epi = merge_entry(g, (0, 1))
+    >>> kernel.shape, ranges, epi                          # no epilogue on either conv
+    ((3, 3, 4, 16), [(0, 8), (8, 16)], [])
+  """
   epi = merged_epilogue(g, units) if fuse_epilogue else None
   return merged_conv_params(g, units) + (epi,)
 

@@ -50,12 +50,29 @@ OPAQUE_HINT = frozenset({"cond", "while", "scan", "custom_call", "pure_callback"
 
 @dataclasses.dataclass(frozen=True)
 class Lit:
-  """A literal operand (python scalar or small array) of a flat equation."""
+  """A literal operand (python scalar or small array) of a flat equation.
+
+  Example:
+    >>> w = jnp.ones((4, 4))
+    >>> g = build_graph(lambda x: jnp.tanh(x @ w) + 1.0, jnp.ones((1, 4)))
+    >>> lit = g.eqns[-1].inputs[1]                         # the 1.0 of the add
+    >>> isinstance(lit, Lit), float(lit.val)
+    (True, 1.0)
+  """
   val: Any
 
 
 @dataclasses.dataclass
 class FlatEqn:
+  """One equation of the flattened program: a primitive, its parameters, input value ids (or
+  :class:`Lit`) and output value ids.
+
+  Example:
+    >>> w = jnp.ones((4, 4))                               # closed over: a constant of the graph
+    >>> g = build_graph(lambda x: jnp.tanh(x @ w) + 1.0, jnp.ones((1, 4)))
+    >>> [e.prim.name for e in g.eqns], g.eqns[0].inputs, list(g.consts)    # x is value 0, w value 1
+    (['dot_general', 'tanh', 'add'], (0, 1), [1])
+  """
   prim: Any
   params: dict
   inputs: tuple  # ints (value ids) or Lit
@@ -200,6 +217,14 @@ def eqn_flops(e: FlatEqn, avals: dict) -> float:
 
 
 def avals_of(v, avals):
+  """Abstract value (shape, dtype) of a value id or a literal.
+
+  Example:
+    >>> w = jnp.ones((4, 4))
+    >>> g = build_graph(lambda x: jnp.tanh(x @ w) + 1.0, jnp.ones((1, 4)))
+    >>> [avals_of(v, g.avals).shape for v in g.eqns[-1].inputs]    # a value id, then a literal
+    [(1, 4), ()]
+  """
   if isinstance(v, Lit):
     return jax.typeof(v.val) if hasattr(jax, "typeof") else jax.core.get_aval(v.val)
   return avals.get(v)
