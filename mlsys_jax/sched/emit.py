@@ -310,7 +310,7 @@ def merged_epilogue(g: Graph, units: tuple):
     ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
     >>> f = lambda x: jax.nn.relu(conv(x, w) + b) + jax.nn.relu(conv(x, 2 * w) + b)
     >>> g = build_graph(f, jnp.ones((1, 8, 8, 4)))
-    >>> [(prim.name, getattr(op, "shape", None)) for prim, _, _, op in merged_epilogue(g, (0, 1))]   # 2 biases
+    >>> [(prim.name, getattr(op, "shape", None)) for prim, _, _, op in merged_epilogue(g, (0, 1))]
     [('add', (16,)), ('max', None)]
   """
   chains = [epilogue_chain(g, u) for u in units]
@@ -389,7 +389,17 @@ def _read(g: Graph, env: dict, consts: dict, v):
 
 
 def run_unit(g: Graph, ui: int, env: dict, consts: dict, anchor_out=None) -> None:
-  """Evaluate the equations of unit ``ui`` (flat ``bind`` calls), writing results into ``env``."""
+  """Evaluate the equations of unit ``ui`` (flat ``bind`` calls), writing results into ``env``.
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w = jnp.ones((4, 4))
+    >>> g = build_graph(lambda x: jnp.tanh(x @ w) + x @ (2 * w), jnp.ones((1, 4)))
+    >>> env = {g.in_ids[0]: jnp.ones((1, 4))}
+    >>> run_unit(g, 0, env, g.consts)                      # the first dot and its tanh
+    >>> round(float(env[g.units[0].outputs[0]][0, 0]), 4)   # tanh(4)
+    0.9993
+  """
   u = g.units[ui]
   for ei in u.eqns:
     e = g.eqns[ei]
@@ -405,6 +415,21 @@ def run_unit(g: Graph, ui: int, env: dict, consts: dict, anchor_out=None) -> Non
 
 
 def run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
+  """Run the convs ``units`` as one conv with the kernel of ``merged`` (``merge_entry``), then slice
+  each unit's output channels (and its epilogue) into ``env``.
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
+    >>> conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    >>> x = jnp.ones((1, 8, 8, 4))
+    >>> g = build_graph(lambda x: conv(x, w1) + conv(x, w2), x)
+    >>> env = {g.in_ids[0]: x}
+    >>> run_merge(g, (0, 1), merge_entry(g, (0, 1)), env, g.consts)
+    >>> [bool(jnp.allclose(env[g.units[u].outputs[0]], conv(x, w))) for u, w in ((0, w1), (1, w2))]
+    [True, True]
+  """
   kernel, params, ranges, epi = merged
   if isinstance(kernel, int):  # a value id in consts (kernels precomputed by the Schedule)
     kernel = consts[kernel]
@@ -430,6 +455,17 @@ def run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
 
 
 def run_group(g: Graph, group: tuple, env: dict, consts: dict) -> None:
+  """Run the units of one group (a chain) in order (see :func:`run_unit`).
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w = jnp.ones((4, 4))
+    >>> g = build_graph(lambda x: jnp.tanh(x @ w) + x @ (2 * w), jnp.ones((1, 4)))
+    >>> env = {g.in_ids[0]: jnp.ones((1, 4))}
+    >>> run_group(g, (0, 1, 2), env, g.consts)             # all three units in order
+    >>> round(float(env[g.out_ids[0]][0, 0]), 4)           # tanh(4) + 8
+    8.9993
+  """
   for u in group:
     run_unit(g, u, env, consts)
 
@@ -448,6 +484,19 @@ def _group_io(g: Graph, group: tuple):
 
 
 def run_stage(g: Graph, st: Stage, env: dict, consts: dict, mode: str, merged=None) -> None:
+  """Emit one stage into ``env``: a merge (``merged`` from ``merge_entry``) or its groups, the groups
+  wrapped for GPU streams under ``mode='streams'``.
+
+  Example:
+    >>> from mlsys_jax.sched.graph import build_graph
+    >>> w = jnp.ones((4, 4))
+    >>> g = build_graph(lambda x: jnp.tanh(x @ w) + x @ (2 * w), jnp.ones((1, 4)))
+    >>> env = {g.in_ids[0]: jnp.ones((1, 4))}
+    >>> for st in (Stage("parallel", ((0,), (1,))), Stage("parallel", ((2,),))):
+    ...   run_stage(g, st, env, g.consts, "plain")
+    >>> round(float(env[g.out_ids[0]][0, 0]), 4)
+    8.9993
+  """
   if st.kind == "merge":
     run_merge(g, st.groups[0], merged, env, consts)
     return
