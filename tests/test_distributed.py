@@ -353,6 +353,14 @@ def test_collective_axes_and_helpers(devices):
   assert set(axes) == {"d"} and {"psum", "all_gather"} <= axes["d"]
   assert dist.collective_axes(lambda a: a * 2, jnp.ones(3)) == {}
   assert dist.local_batch_slice(64, mesh) == slice(0, 64)
+  # the shim is mlsys_jax._compat's shard_map with the check keyword mapped: check=True rejects a
+  # device-varying output declared replicated, check=False (data-parallel default) lets it through
+  from mlsys_jax import _compat
+  assert dist._CHECK_KW == ("check_vma" if _compat._SHARD_MAP_NEW else "check_rep")
+  x = jnp.arange(8.0)
+  assert np.asarray(dist.shard_map(lambda a: a, mesh=mesh, in_specs=P("d"), out_specs=P())(x)).shape == (1,)
+  with pytest.raises(Exception, match="(?i)vary|replicat"):
+    dist.shard_map(lambda a: a, mesh=mesh, in_specs=P("d"), out_specs=P(), check=True)(x)
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
     dist.local_batch_slice(12, mesh)
 

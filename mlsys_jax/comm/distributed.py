@@ -26,8 +26,8 @@ on CPUs through gloo. This module holds the few pieces that turn a single-proces
   are bitwise identical on all devices (``metrics['replicas_agree']``: a 64-bit non-linear hash of their
   bit patterns compared with ``pmax``/``pmin``; a false "agree" has probability about ``2**-64``), so a
   divergence is never silent.
-- :func:`shard_map`: the version shim (``jax.shard_map`` with ``check_vma`` on new jax,
-  ``jax.experimental.shard_map`` with ``check_rep`` on old).
+- :func:`shard_map`: :mod:`mlsys_jax._compat`'s ``shard_map`` with one ``check`` keyword (``check_vma``
+  on new jax, ``check_rep`` on old).
 
 Example (one process; the same code runs on every process of a cluster after :func:`initialize`):
 
@@ -65,6 +65,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mlsys_jax import _compat
 from mlsys_jax._checks import check_choice, check_int, check_range
 
 __all__ = [
@@ -90,28 +91,25 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # Version shim.
 
-def _shard_map_impl():
-  """``(function, name of its replication-check keyword)`` for this jax version."""
-  fn = getattr(jax, "shard_map", None)
-  if fn is None:  # pragma: no cover - jax < 0.6
-    from jax.experimental.shard_map import shard_map as fn  # type: ignore[no-redef]
-  params = inspect.signature(fn).parameters
-  check = "check_vma" if "check_vma" in params else "check_rep"
-  return fn, check
+def _check_keyword(fn: Callable) -> str:
+  """Name of ``fn``'s replication-check keyword: ``check_vma`` (``jax.shard_map``, jax >= 0.6: 0.10 and
+  0.11 here) or ``check_rep`` (``jax.experimental.shard_map``, older jax)."""
+  return "check_vma" if "check_vma" in inspect.signature(fn).parameters else "check_rep"
 
 
-_SHARD_MAP, _CHECK_KW = _shard_map_impl()
+_CHECK_KW = _check_keyword(_compat.shard_map)   # the library's one shard_map (mlsys_jax._compat)
 
 
 def shard_map(f: Callable, *, mesh: Mesh, in_specs: Any, out_specs: Any, check: bool = False) -> Callable:
-  """``shard_map`` on any supported jax: ``jax.shard_map(..., check_vma=check)`` where it exists (jax >= 0.6;
-  0.10 and 0.11 here), else ``jax.experimental.shard_map.shard_map(..., check_rep=check)``.
+  """``mlsys_jax._compat.shard_map`` with a version-independent ``check`` keyword:
+  ``jax.shard_map(..., check_vma=check)`` where it exists (jax >= 0.6; 0.10 and 0.11 here), else
+  ``jax.experimental.shard_map.shard_map(..., check_rep=check)``.
 
   ``check=False`` (default) is what data-parallel code over replicated parameters needs: a gradient
   taken inside the map is the device's *local* gradient (with ``check_vma=True`` jax would insert an
   implicit ``psum`` for parameters that enter unvarying), and the reduction is the optimizer's.
   """
-  return _SHARD_MAP(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KW: check})
+  return _compat.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **{_CHECK_KW: check})
 
 
 # ----------------------------------------------------------------------------------------------------
