@@ -369,6 +369,71 @@ def test_bfp_quantize_matches_numpy():
     fp_align.BfpConfig("fp16", 2, 0)
 
 
+
+def _bfp_reference(x: np.ndarray, fmt: str, w: int, block: int) -> np.ndarray:
+  """Exact float64 BFP reference for formats used unscaled (fp16, bf16): each block's grid is
+  2^(E_block - M - w) with E_block the largest element exponent (subnormals: emin); truncate."""
+  f = fp_align.FORMATS[fmt]
+  out = np.zeros(x.shape, np.float64)
+  for r in range(x.shape[0]):
+    for s in range(0, x.shape[1], block):
+      blk = [float(v) for v in x[r, s:s + block]]
+      nz = [_exp(v, f) for v in blk if v != 0]
+      if not nz:
+        continue
+      grid = max(nz) - f.man_bits - w
+      out[r, s:s + block] = [math.ldexp(math.trunc(math.ldexp(v, -grid)), grid) for v in blk]
+  return out
+
+
+def test_bfp_quantize_out_of_range_scales_match_exact_reference():
+  # reviewer's repros: a bf16 block near 1e-35 (grid < -126) came back doubled
+  x = np.array([[1.0e-35, 5.0e-36, 0.0, 0.0]], np.float32).astype(ml_dtypes.bfloat16)
+  got = np.asarray(fp_align.bfp_quantize(jnp.asarray(x, jnp.float32), fp_align.BfpConfig("bf16", 8, 4)))
+  np.testing.assert_array_equal(got, _bfp_reference(x, "bf16", 8, 4))
+  np.testing.assert_array_equal(got, x.astype(np.float64))     # within 8 binades: exact
+  # fp16 with align_bits=120 used to return x2: now align_bits is bounded with a clear error
+  with pytest.raises(ValueError, match=r"align_bits=120 .* fp16"):
+    fp_align.BfpConfig("fp16", 120, block=4)
+  top = fp_align.FORMATS["fp16"].emax - fp_align.FORMATS["fp16"].emin
+  one = np.array([[1.0, 0.5, 3 * 2.0 ** -24, 0.0]], np.float16)  # 2^-24: the smallest subnormal
+  got = np.asarray(fp_align.bfp_quantize(jnp.asarray(one, jnp.float32), fp_align.BfpConfig("fp16", top, 4)))
+  np.testing.assert_array_equal(got, one.astype(np.float64))    # the largest align_bits is exact
+  # random bf16 blocks spanning the whole normal exponent range, every w up to the bound (subnormals are
+  # left out: XLA on CPU flushes float32 subnormals, so bf16 subnormal inputs already read as 0 there)
+  rng = np.random.default_rng(3)
+  f = fp_align.FORMATS["bf16"]
+  e = rng.integers(f.emin, f.emax, (4, 1)) - rng.integers(0, 40, (4, 48))
+  xb = (rng.uniform(1, 2, (4, 48)) * rng.choice([-1, 1], (4, 48)) * np.exp2(np.maximum(e, f.emin)))
+  xb = xb.astype(np.float32).astype(ml_dtypes.bfloat16)
+  xb[0, :16] = 0
+  xb[1, 3] = np.float32(2.0 ** f.emin)
+  # (one compiled program for the sweep: align_bits traced; the static path is the one checked above)
+  jq = jax.jit(lambda v, w: fp_align.bfp_quantize(v, fp_align.BfpConfig("bf16", w, 16)))
+  for w in (0, 5, 60, 130, f.emax - f.emin):
+    got = np.asarray(jq(jnp.asarray(xb, jnp.float32), jnp.int32(w)))
+    np.testing.assert_array_equal(got, _bfp_reference(xb, "bf16", w, 16), err_msg=f"w={w}")
+  # a traced align_bits above the bound is clamped to it (exact), as fp_dot does
+  np.testing.assert_array_equal(np.asarray(jq(jnp.asarray(xb, jnp.float32), jnp.int32(400))),
+                                xb.astype(np.float64))
+
+
+
+def test_fp8_pow2_scale_is_per_tensor_batch_included():
+  # documented behaviour (FpAlignConfig.scaling): one scale per operand, so a row's FP8 rounding depends
+  # on the other rows of its batch. Alone, row 0 is scaled up and exact; next to a row 2^12 larger it
+  # shares that row's scale and its small entries lose bits (E4M3 keeps 3 fraction bits).
+  cfg = fp_align.FpAlignConfig("fp8_e4m3", align_bits=None)
+  dot = fp_align.fp_align_dot_general(cfg)
+  row = np.array([[1.0, 2.0 ** -5, 2.0 ** -9]], np.float32)
+  w = np.eye(3, dtype=np.float32)
+  alone = np.asarray(dot(np.concatenate([row, row]), w, (((1,), (0,)), ((), ()))))  # same shape: one compile
+  np.testing.assert_array_equal(alone, np.concatenate([row, row]))
+  both = np.asarray(dot(np.concatenate([row, row * 2.0 ** 12]), w, (((1,), (0,)), ((), ()))))
+  np.testing.assert_array_equal(both[1], row[0] * 2.0 ** 12)
+  assert both[0, 2] != row[0, 2]                   # 2^-9 is 21 binades below the batch amax: flushed
+
+
 DN = (((1,), (0,)), ((), ()))
 
 

@@ -642,7 +642,11 @@ class FpAlignConfig:
       each operand by a power of two so that its largest magnitude sits just below the format's maximum
       (exact, undone after the product; what FP8 inference needs), ``'none'`` casts directly,
       ``'auto'`` = ``'pow2'`` for FP8 and ``'none'`` for FP16/BF16. Values beyond the range become inf
-      and the outputs that read them NaN.
+      and the outputs that read them NaN. The ``'pow2'`` scale is one per *operand tensor*, computed
+      from its largest magnitude over every row, batch included (in a flax layer: over the whole input
+      batch). So one example's FP8 rounding, and hence its output, depends on the other examples in
+      its batch, and FP8 accuracy can change with the evaluation batch size; evaluate with a fixed
+      batch size (or batch 1) when comparing runs.
     out_dtype: accumulator output format (float32 by default).
     lane_bits: optional temporal decomposition of significand products (bit-identical results).
     max_align_bits: static bound when ``align_bits`` is a traced int32 scalar (a sweep over ``w``
@@ -664,7 +668,10 @@ class FpAlignConfig:
 
 
 def _cast(x, cfg: FpAlignConfig):
-  """``(x * 2^k rounded to cfg.fmt, k)``: explicit rounding of a model tensor to the input format."""
+  """``(x * 2^k rounded to cfg.fmt, k)``: explicit rounding of a model tensor to the input format.
+
+  ``k`` is one scalar per call, from the amax of the whole of ``x`` (batch rows included): examples
+  that share a batch share the scale (documented in :class:`FpAlignConfig`)."""
   f = FORMATS[cfg.fmt]
   x = jnp.asarray(x, jnp.float32)
   mode = cfg.scaling if cfg.scaling != "auto" else ("pow2" if f.width == 8 else "none")
@@ -883,21 +890,47 @@ class BfpConfig:
   block of ``block`` consecutive reduction elements shares the exponent of its largest element and
   each element is truncated (toward zero) to the grid ``2^(E_block - M - align_bits)``: elements within
   ``align_bits`` binades of the block maximum stay exact, smaller ones lose low bits (MX formats use
-  ``block=32``). The products are then accumulated in float32. ``align_bits`` may be a traced int32.
+  ``block=32``). The products are then accumulated in float32.
+
+  ``align_bits`` lies in ``[0, emax - emin]`` of ``fmt`` (fp16 29, bf16 253, E4M3 14, E5M2 29): at the
+  upper bound every element of every block is exact, so larger values are rejected. It may be a traced
+  int32; a traced value above the bound is clamped to it (the same exact result).
+
+  FP8 operands are first scaled by one power of two per *tensor* (see :class:`FpAlignConfig`), so an
+  example's result can depend on the other examples in its batch.
   """
   fmt: str = "fp8_e4m3"
   align_bits: Any = 8
   block: int = 32
 
   def __post_init__(self):
-    _format(self.fmt)
+    f = _format(self.fmt)
     check_int("block", self.block, 1)
     if not isinstance(self.align_bits, jax.Array):
       check_int("align_bits", self.align_bits, 0)
+      top = _bfp_max_align(f)
+      if self.align_bits > top:
+        raise ValueError(f"align_bits={self.align_bits} is too large for BFP in {f.name}: it must lie in "
+                         f"[0, {top}] (emax - emin); align_bits={top} already keeps every element exact.")
+
+
+def _bfp_max_align(f: FloatFormat) -> int:
+  """The largest useful BFP ``align_bits``: the grid then lies at or below every element's quantum."""
+  return f.emax - f.emin
+
+
+def _scale_pow2(x, t):
+  """``x * 2^t`` for int32 ``t`` in ``[-252, 254]``, as two in-range exact power-of-two factors."""
+  t1 = jnp.clip(t, -126, 127)
+  return x * _pow2(t1) * _pow2(t - t1)
 
 
 def bfp_quantize(x: jax.Array, cfg: BfpConfig, axis: int = -1) -> jax.Array:
   """``x`` (float) as block floating point per ``cfg`` along ``axis``; returns float32 values.
+
+  Power-of-two scalings are exact: they are applied as at most two in-range float32 factors, and only to
+  elements with bits below the block's grid. XLA on CPU flushes float32 subnormals, so there BF16
+  subnormal inputs (below 2^-126) already read as 0.
 
   >>> x = jnp.array([1.0, 0.75, 3 * 2.0 ** -12, 0.0])     # grid 2^(0 - 10 - 1)
   >>> [float(v) * 2 ** 11 for v in bfp_quantize(x, BfpConfig('fp16', 1, block=4))]
@@ -914,8 +947,13 @@ def bfp_quantize(x: jax.Array, cfg: BfpConfig, axis: int = -1) -> jax.Array:
   e = decode(vb.astype(f.dtype), f).exp
   e = jnp.where(vb != 0, e, -_BIG)
   eblk = jnp.max(e, axis=-1, keepdims=True)
-  grid = eblk - f.man_bits - jnp.asarray(cfg.align_bits, jnp.int32)
-  out = jnp.trunc(vb * _pow2(-grid)) * _pow2(grid)                    # exact power-of-two scalings
+  w = jnp.minimum(jnp.asarray(cfg.align_bits, jnp.int32), _bfp_max_align(f))
+  # Values of fmt are multiples of 2^(emin - M), so a finer grid changes nothing: clamping the grid there
+  # keeps 2^-grid in [2^(M - emax), 2^(M - emin)] (two float32 power-of-two factors at most).
+  grid = jnp.maximum(eblk - f.man_bits - w, f.emin - f.man_bits)
+  small = e - f.man_bits < grid                                       # has bits below the grid
+  t = jnp.trunc(_scale_pow2(jnp.where(small, vb, 0.0), -grid))        # |t| < 2^(M+1): no overflow
+  out = jnp.where(small, _scale_pow2(t, grid), vb)                    # exact power-of-two scalings
   out = jnp.where(jnp.isfinite(vb), out, vb)
   out = out.reshape(v.shape[:-1] + (-1,))[..., :n] * _pow2(-k)
   return jnp.moveaxis(out, -1, axis)
