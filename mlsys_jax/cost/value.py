@@ -294,7 +294,7 @@ _APPLY_CACHE: dict = {}
 
 def predict(model: ValueModel, kind_ids: np.ndarray, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   """Predicted log latency (log seconds) of a batch of padded state sequences."""
-  key = id(model.module)
+  key = (model.module.vocab, model.module.hidden, model.module.embed)
   fn = _APPLY_CACHE.get(key)
   if fn is None:
     fn = _APPLY_CACHE[key] = jax.jit(model.module.apply)
@@ -417,6 +417,27 @@ def collect_states(infos: Sequence[GraphInfo], cost: Callable, n_rollouts: int, 
 # ------------------------------------------------------------------------------------------------
 # Training.
 
+_STEP_CACHE: dict = {}
+
+
+def _train_step(module: ValueLSTM, opt) -> Callable:
+  """One jitted Adam step per model shape (reused across fits: compiling the LSTM's backward pass
+  dominates small fits on CPU)."""
+  key = (module.vocab, module.hidden, module.embed)
+  if key not in _STEP_CACHE:
+    def loss_fn(p, k, x, ln, yy):
+      return jnp.mean((module.apply(p, k, x, ln) - yy) ** 2)
+
+    @jax.jit
+    def step(p, o, k, x, ln, yy):
+      loss, grad = jax.value_and_grad(loss_fn)(p, k, x, ln, yy)
+      upd, o = opt.update(grad, o, p)
+      return optax.apply_updates(p, upd), o, loss
+
+    _STEP_CACHE[key] = step
+  return _STEP_CACHE[key]
+
+
 def fit_value_model(data: StateData, vocab: dict | None = None, *, hidden: int = 64, steps: int = 800,
                     batch: int = 128, lr: float = 3e-3, seed: int = 0, r: int = 3, s: int = 8,
                     init: ValueModel | None = None) -> tuple[ValueModel, list]:
@@ -445,23 +466,17 @@ def fit_value_model(data: StateData, vocab: dict | None = None, *, hidden: int =
     params = jax.tree_util.tree_map(lambda a: a, params)
     off = float(np.mean(y) - np.mean(np.log(np.maximum(L, 1))))
     params["params"]["offset"] = jnp.asarray(off, jnp.float32)
-  opt = optax.adam(optax.cosine_decay_schedule(lr, steps, 0.05))
+  opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
   ostate = opt.init(params)
-
-  def loss_fn(p, k, x, ln, yy):
-    return jnp.mean((module.apply(p, k, x, ln) - yy) ** 2)
-
-  @jax.jit
-  def step(p, o, k, x, ln, yy):
-    loss, grad = jax.value_and_grad(loss_fn)(p, k, x, ln, yy)
-    upd, o = opt.update(grad, o, p)
-    return optax.apply_updates(p, upd), o, loss
+  step = _train_step(module, opt)
+  sched_lr = optax.cosine_decay_schedule(lr, steps, 0.05)
 
   rng = np.random.default_rng(seed)
   losses, run = [], []
   n = len(y)
   for i in range(steps):
     idx = rng.integers(0, n, min(batch, n))
+    ostate.hyperparams["learning_rate"] = jnp.asarray(sched_lr(i), jnp.float32)
     params, ostate, loss = step(params, ostate, K[idx], X[idx], L[idx], y[idx])
     run.append(float(loss))
     if (i + 1) % 50 == 0 or i + 1 == steps:
