@@ -7,6 +7,10 @@
   switching of PowerSGD ranks or Top-k densities), ``critical_regime``, ``accordion_batch_size``,
   ``accordion_report``.
 
+- ``distributed`` (import the module: ``from mlsys_jax.comm import distributed``): data-parallel training
+  across processes with ``jax.distributed`` (bounded join, global mesh, per-process batches, cross-process
+  checks, a step that runs these transforms and ByzShield's vote over all processes' devices).
+
 Every transform takes ``axis_name`` for its collectives (None: one device) and counts the bytes each
 device sends in its state.
 

@@ -4,6 +4,13 @@ Fixed-point codes (symmetric/asymmetric, per-tensor/per-channel, signed/unsigned
 rounding), VS-Quant per-vector scaled quantization with two-level scales (Dai et al., MLSys 2021),
 straight-through fake quantization, range calibration, and quantized ``dot_general``/convolution for
 flax layers with an emulation path and an int8/int32 integer path.
+
+Subpackages and modules imported on their own:
+
+- ``mlsys_jax.quant.binary``: binarized networks as in Larq and the Larq Compute Engine (Bannink et al.,
+  MLSys 2021): quantizers, binary dot/conv, Bop, QuickNet, bit-packed XOR-popcount inference.
+- ``mlsys_jax.quant.fp_align``: floating-point inner products with limited alignment (Abdelaziz et al., MLSys
+  2021): ``fp_dot``, temporal decomposition, block floating point, flax injection.
 """
 
 from mlsys_jax.quant.calibration import CALIBRATION_METHODS, calibrate_amax
