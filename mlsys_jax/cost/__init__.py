@@ -5,7 +5,9 @@ text (:func:`parse_hlo`) -> graphs (:func:`program_graph`, :func:`kernel_graphs`
 :class:`HloGraph` container) -> features (:func:`node_features`, :func:`program_features`) -> models
 (:class:`GraphSAGECostModel`, :class:`MLPCostModel`, the :class:`Roofline` baseline) -> metrics
 (:func:`mape`, :func:`kendall_tau`, :func:`topk_slowdown`). Datasets: :func:`load_dataset` (ours,
-collected by experiments/cost_collect.py) and :func:`load_tpugraphs_npz` (TpuGraphs).
+collected by experiments/cost_collect.py) and :func:`load_tpugraphs_npz` (TpuGraphs). :func:`parse_hlo`
+reads the grammar XLA's own parser reads (checked against it, :func:`xla_structure`). Value Learning
+(Steiner et al., MLSys 2021) for IOS schedules: ``from mlsys_jax.cost import value``.
 
 Example:
   >>> from mlsys_jax import cost
@@ -22,7 +24,7 @@ from mlsys_jax.cost.features import (NUM_NODE_FEATURES, NUM_PROGRAM_FEATURES, no
 from mlsys_jax.cost.graph import (ATTR_NAMES, OPCODES, HloGraph, batch_graphs, capture_kernels,
                                   kernel_costs, kernel_graphs, pad_graph, program_graph, unbatch_graph)
 from mlsys_jax.cost.hlo import (Capture, HloModule, HloParseError, capture, cost_dict,
-                                parse_hlo, parse_shape, strip_metadata)
+                                parse_hlo, parse_shape, strip_metadata, xla_hlo_parser, xla_structure)
 from mlsys_jax.cost.metrics import (Roofline, bootstrap_mean_ci, fit_roofline, group_metrics,
                                     kendall_tau, mape, mape_scale, ordered_pair_accuracy,
                                     topk_slowdown)
@@ -40,5 +42,6 @@ __all__ = [
     "log_mse_loss", "make_args", "make_batch", "mape", "mape_scale", "node_features", "option_variants",
     "ordered_pair_accuracy", "pad_graph", "pairwise_rank_loss", "parse_hlo", "parse_shape",
     "predict_gnn", "predict_mlp", "program_features", "program_graph", "sample_program", "save_dataset",
-    "segment_logsumexp", "strip_metadata", "topk_slowdown", "unbatch_graph",
+    "segment_logsumexp", "strip_metadata", "topk_slowdown", "unbatch_graph", "xla_hlo_parser",
+    "xla_structure",
 ]
