@@ -26,8 +26,8 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> nets = ios_benchmark_nets(small=True)
   >>> model, shape = nets["squeezenet"]
-  >>> params = ios_init_params(model, shape)
-  >>> model.apply(params, jnp.ones(shape)).shape
+  >>> params = ios_init_params(model, shape)                   # host-side random weights, fast
+  >>> jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
   (1, 16)
 """
 
@@ -241,8 +241,9 @@ class SqueezeNet(nn.Module):
 
   Example:
     >>> m = SqueezeNet(width=0.25, num_classes=10)
-    >>> x = jnp.zeros((1, 64, 64, 3))
-    >>> m.apply(m.init(jax.random.PRNGKey(0), x), x).shape
+    >>> x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    >>> v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)    # shapes only: nothing is computed
+    >>> jax.eval_shape(m.apply, v, x).shape
     (1, 10)
   """
   width: float = 1.0
@@ -353,8 +354,9 @@ class RandWire(nn.Module):
 
   Example:
     >>> m = RandWire(channels=8, graphs=((6, 4, 0.75, 0),), head_channels=16)
-    >>> x = jnp.zeros((1, 32, 32, 3))
-    >>> m.apply(m.init(jax.random.PRNGKey(0), x), x).shape
+    >>> x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    >>> v = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)    # shapes only: nothing is computed
+    >>> jax.eval_shape(m.apply, v, x).shape
     (1, 16)
   """
   channels: int = 154
@@ -566,8 +568,8 @@ def ios_init_params(model: nn.Module, input_shape: Sequence[int], seed: int = 0)
   Example:
     >>> m, shape = ios_benchmark_nets(small=True)["squeezenet"]
     >>> v = ios_init_params(m, shape)
-    >>> m.apply(v, jnp.ones(shape)).shape
-    (1, 16)
+    >>> sum(p.size for p in jax.tree_util.tree_leaves(v)), jax.eval_shape(m.apply, v, jnp.ones(shape)).shape
+    (72800, (1, 16))
   """
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
