@@ -37,7 +37,7 @@ from mlsys_jax import profile  # noqa: E402
 
 _OUT = flags.DEFINE_string("out_dir", "results/rlscope", "Output folder.")
 _STEPS = flags.DEFINE_integer("steps", 256, "Environment (or training) steps per workload run.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved uninstrumented/instrumented run pairs per workload.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Interleaved uninstrumented/instrumented run pairs per workload.")
 _CAL_N = flags.DEFINE_integer("calib_n", 3000, "Events per calibration loop.")
 _CAL_REPEATS = flags.DEFINE_integer("calib_repeats", 5, "Repeats per calibration level.")
 _ATTR_RUNS = flags.DEFINE_integer("attr_runs", 3, "Traced runs whose corrected attributions are median-merged.")
@@ -117,8 +117,8 @@ def main(_):
     cal_w = profile.calibrate(w, repeats=_REPEATS.value, warmup=0)
     v = profile.validate(w, cal_w, level="trace", repeats=_REPEATS.value, warmup=0)
     # transfer check: the same instrumented runs corrected with the micro-benchmark deltas
-    micro_corr = [ci - sum(n[s] * cal.delta_ns[s] for s in profile.SOURCES) / 1e9
-                  for ci, n in zip(v.runs["cpu_inst"], v.runs["counts"])]
+    micro_corr = [(ci - sum(n[s] * cal.delta_ns[s] for s in profile.SOURCES) / 1e9) / co
+                  for ci, n, co in zip(v.runs["cpu_inst"], v.runs["counts"], v.runs["cpu_off"])]
     # attribution: element-wise median over traced runs (single runs are noisy on a shared host)
     per_run_c, per_run_u = [], []
     for _ in range(_ATTR_RUNS.value):
@@ -131,7 +131,7 @@ def main(_):
     groups[spec] = rows_c
     entry = {"validation": v._asdict(), "calibration": {"delta_ns": cal_w.delta_ns, "raw_delta_ns": cal_w.raw_delta_ns,
                                                          "seconds": cal_w.wall_s, "counts": cal_w.counts},
-             "cpu_bias_micro_calibration": float(np.min(micro_corr) / v.cpu_uninstrumented_s - 1.0),
+             "cpu_bias_micro_calibration": float(np.median(micro_corr) - 1.0),
              "counts": p.counts, "has_device": a.has_device, "note": a.note,
              "trace_setup_s": p.setup_ns / 1e9, "rows_corrected": profile.to_jsonable(rows_c),
              "rows_uncorrected": profile.to_jsonable(rows_u),

@@ -87,7 +87,7 @@ def run_levels(workload: Callable[[], Any], levels: Sequence[str], repeats: int,
 
 
 def calibrate(workload: Callable[[], Any], *, repeats: int = 5,
-              levels: Sequence[str] = LEVELS, warmup: int = 1, stat: str = "min",
+              levels: Sequence[str] = LEVELS, warmup: int = 1, stat: str = "paired",
               clock: str = "process") -> Calibration:
   """Per-event cost of each instrumentation source from runs of ``workload`` at successive ``levels``
   (must start with ``'off'`` and be in :data:`LEVELS` order).
@@ -95,10 +95,11 @@ def calibrate(workload: Callable[[], Any], *, repeats: int = 5,
   ``clock='process'`` (default) times the runs in process CPU time, which a shared, oversubscribed
   machine barely perturbs (wall time there varies by 2x between identical runs); the book-keeping is
   CPU work, so its CPU cost is its wall cost on an idle machine. ``clock='wall'`` for an idle machine.
-  ``stat`` ('min' or 'median') summarizes the repeats; 'min' (default) because interference only adds.
+  ``stat`` summarizes the repeats: 'paired' (default) takes the median over repeats of the difference
+  between the two levels' runs of the same repeat (adjacent in time, so slow load drift cancels); 'min'
+  the difference of minima (interference only adds); 'median' the difference of medians.
   """
-  check_choice("stat", stat, ("min", "median"))
-  agg = np.min if stat == "min" else np.median
+  check_choice("stat", stat, ("paired", "min", "median"))
   levels = tuple(levels)
   if not levels or levels[0] != "off" or list(levels) != sorted(levels, key=LEVELS.index):
     raise ValueError(f"levels must start with 'off' and follow {LEVELS}, got {levels}.")
@@ -111,7 +112,11 @@ def calibrate(workload: Callable[[], Any], *, repeats: int = 5,
     if n == 0:
       raise ValueError(f"the workload emitted no {src!r} events at level {lvl!r}; cannot calibrate it "
                        "(annotate operations / use profile.jit in the calibration workload).")
-    dt = float(agg(wall[lvl]) - agg(wall[prev]))
+    if stat == "paired":
+      dt = float(np.median(np.subtract(wall[lvl], wall[prev])))
+    else:
+      agg = np.min if stat == "min" else np.median
+      dt = float(agg(wall[lvl]) - agg(wall[prev]))
     # events of sources already calibrated that the new level runs more of (none in practice)
     for s in SOURCES:
       if s != src:
@@ -223,11 +228,13 @@ class Validation(NamedTuple):
 
 
 def validate(workload: Callable[[], Any], cal: Calibration | dict, *, level: str = "trace",
-             repeats: int = 5, warmup: int = 1, stat: str = "min") -> Validation:
+             repeats: int = 5, warmup: int = 1, stat: str = "paired") -> Validation:
   """Run ``workload`` uninstrumented and at ``level`` (interleaved), correct each instrumented run
   with ``cal`` (per-operation :func:`correct` for wall time; the same n_k * delta_k for CPU time) and
-  compare totals summarized by ``stat`` ('min' or 'median') over the repeats."""
-  check_choice("stat", stat, ("min", "median"))
+  compare totals summarized by ``stat`` over the repeats: 'paired' (default; ratios use the median over
+  repeats of instrumented/uninstrumented of the same, adjacent pair; the seconds are medians), 'min' or
+  'median'."""
+  check_choice("stat", stat, ("paired", "min", "median"))
   from mlsys_jax.profile.attribution import attribute
   check_choice("level", level, LEVELS[1:])
   check_int("repeats", repeats, 1)
@@ -254,9 +261,14 @@ def validate(workload: Callable[[], Any], cal: Calibration | dict, *, level: str
         runs["counts"].append(dict(p.counts))
   agg = np.min if stat == "min" else np.median
   m = {k: float(agg(v)) for k, v in runs.items() if k != "counts"}
-  return Validation(m["wall_off"], m["wall_inst"], m["wall_corr"], m["wall_corr"] / m["wall_off"] - 1.0,
-                    m["wall_inst"] / m["wall_off"], m["cpu_off"], m["cpu_inst"], m["cpu_corr"],
-                    m["cpu_corr"] / m["cpu_off"] - 1.0, m["cpu_inst"] / m["cpu_off"], runs)
+
+  def ratio(a: str, b: str) -> float:
+    if stat == "paired":
+      return float(np.median(np.divide(runs[a], runs[b])))
+    return m[a] / m[b]
+  return Validation(m["wall_off"], m["wall_inst"], m["wall_corr"], ratio("wall_corr", "wall_off") - 1.0,
+                    ratio("wall_inst", "wall_off"), m["cpu_off"], m["cpu_inst"], m["cpu_corr"],
+                    ratio("cpu_corr", "cpu_off") - 1.0, ratio("cpu_inst", "cpu_off"), runs)
 
 
 def spin_ns(ns: int) -> None:
