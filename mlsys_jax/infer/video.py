@@ -123,12 +123,11 @@ class ConvLayer(NamedTuple):
 class LayerState(NamedTuple):
   """Per-layer state after a frame: its input ``x`` ``(H, W, c_in)``, output ``y`` ``(H', W', c_out)``
   ``ub`` ``(nH, nW, c_out)``, an upper bound on the real pre-activation over each output tile, and
-  ``xmax``/``xmin`` ``(nH, nW, c_in)``, the input's per-channel max/min over each tile's receptive field."""
+  ``amax`` ``(nH, nW, 1)``, the largest ``|x|`` (all channels) over each tile's receptive field."""
   x: jax.Array
   y: jax.Array
   ub: jax.Array
-  xmax: jax.Array
-  xmin: jax.Array
+  amax: jax.Array
 
 
 class LayerStats(NamedTuple):
@@ -307,11 +306,13 @@ def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int,
   xc = _canvas(x, layer, tile)
   z = _conv_valid(xc[None], layer)[0]
   zt = _to_tiles(z, tile, nh, nw)  # z already covers (nh*T, nw*T): reshape only
-  xmax, xmin = _window_reduce(xc, layer, tile, "max"), _window_reduce(xc, layer, tile, "min")
-  _, dm = range_upper_bound(layer, xmin, xmax, unit_roundoff)
+  amax = _window_reduce(jnp.max(jnp.abs(xc), axis=-1, keepdims=True), layer, tile, "max")
+  cin = layer.kernel.shape[2]
+  _, dm = range_upper_bound(layer, jnp.broadcast_to(-amax, (nh, nw, cin)),
+                            jnp.broadcast_to(amax, (nh, nw, cin)), unit_roundoff)
   ub = _tile_ub_from_z(_valid_mask_tiles(zt, ho, wo, tile), dm)
   y = _act(layer, z[:ho, :wo])
-  return LayerState(x=x, y=y, ub=ub, xmax=xmax, xmin=xmin), y
+  return LayerState(x=x, y=y, ub=ub, amax=amax), y
 
 
 def _valid_mask_tiles(zt: jax.Array, ho: int, wo: int, tile: int) -> jax.Array:
@@ -328,9 +329,11 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
   """One frame through one layer: reuse unchanged tiles, skip provably-zero tiles, compute the rest.
 
   ``capacity`` (static int, or a tuple of ints: buckets) is the number of tiles the sparse path
-  computes; the smallest bucket that holds every tile to compute is used (``lax.switch``), no conv at
-  all when no tile must be computed, and the dense convolution when more tiles than the largest bucket
-  must be computed. Jit-able.
+  computes; the smallest bucket that holds every tile to compute is used (``lax.switch``) and no conv at
+  all runs when no tile must be computed. When more tiles *changed* than the largest bucket holds, the
+  layer runs the dense convolution without evaluating the bounds (``lax.cond``; the change test and
+  ``max |x|`` are two cheap channel-collapsed passes), so full-activity frames pay little over dense.
+  Jit-able.
   """
   if x.shape != state.x.shape:
     raise ValueError(f"layer {layer.name}: input shape {x.shape} differs from the previous frame's "
@@ -339,67 +342,76 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
   ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[:2], tile)
   xc = _canvas(x, layer, tile)
   pc = _canvas(state.x, layer, tile)
-  # receptive fields that changed bit for bit (-0.0 vs 0.0 and NaN payloads count as changes)
+  # receptive fields that changed bit for bit (-0.0 vs 0.0 and NaN payloads count as changes) and the
+  # largest |x| per receptive field: channels are collapsed first, then one 1-channel window pass each
   bits = lambda a: lax.bitcast_convert_type(a, jnp.int32)
-  # channels are collapsed first (a contiguous reduction), then one 1-channel window pass
-  diff = jnp.any(bits(xc) != bits(pc), axis=-1, keepdims=True).astype(xc.dtype)
-  d = xc - pc
   mx = lambda a: _window_reduce(a, layer, tile, "max")
   mn = lambda a: _window_reduce(a, layer, tile, "min")
+  diff = jnp.any(bits(xc) != bits(pc), axis=-1, keepdims=True).astype(xc.dtype)
   changed = mx(diff)[..., 0] > 0  # (nh, nw)
-  dmax, dmin, xmax, xmin = mx(d), mn(d), mx(xc), mn(xc)
-  pmax = jnp.maximum(jnp.abs(state.xmax), jnp.abs(state.xmin))  # the previous frame's, exact
-  amax_t = jnp.maximum(jnp.abs(xmax), jnp.abs(xmin))
-  ub_r, dense_margin = range_upper_bound(layer, xmin, xmax, unit_roundoff)
-  ub_t = temporal_upper_bound(layer, state.ub, dmin, dmax, amax_t + pmax, unit_roundoff)
-  ub = jnp.where(jnp.isnan(ub_t), ub_r, jnp.minimum(ub_t, ub_r))
-  if layer.relu:
-    zero = _up(ub + dense_margin) < 0  # (nh, nw, cout): every output of the tile is +0.0
-    skip = changed & jnp.all(zero, axis=-1)
-  else:
-    skip = jnp.zeros_like(changed)
-  compute = changed & ~skip
-  count = jnp.sum(compute)
-  prev_y_tiles = _to_tiles(state.y, tile, nh, nw)
-
-  def sparse(cap):
-    def run(_):
-      flat = compute.reshape(-1)
-      (idx,) = jnp.nonzero(flat, size=cap, fill_value=nh * nw)  # fill -> out of range, dropped
-      ti, tj = idx // nw, idx % nw
-      ph, pw = tile + kh - 1, tile + kw - 1
-      take = lambda i, j: lax.dynamic_slice(xc, (i * tile, j * tile, 0), (ph, pw, cin))
-      patches = jax.vmap(take)(jnp.minimum(ti, nh - 1), tj)
-      z = _conv_valid(patches, layer)  # (cap, T, T, cout)
-      yt = jnp.where(skip[..., None, None, None], jnp.zeros_like(prev_y_tiles), prev_y_tiles)
-      yt = yt.reshape(nh * nw, tile, tile, cout).at[idx].set(_act(layer, z), mode="drop")
-      zt = jnp.full((nh * nw, tile, tile, cout), -jnp.inf, z.dtype).at[idx].set(z, mode="drop")
-      ub_c = _tile_ub_from_z(_valid_mask_tiles(zt.reshape(nh, nw, tile, tile, cout), ho, wo, tile),
-                             dense_margin)
-      return yt.reshape(nh, nw, tile, tile, cout), ub_c
-    return run
-
-  def nothing(_):  # no tile to compute: reuse and skip only
-    yt = jnp.where(skip[..., None, None, None], jnp.zeros_like(prev_y_tiles), prev_y_tiles)
-    return yt, jnp.full((nh, nw, cout), -jnp.inf, xc.dtype)
-
-  def dense(_):
-    z = _conv_valid(xc[None], layer)[0]
-    zt = _to_tiles(z, tile, nh, nw)
-    return _act(layer, zt), _tile_ub_from_z(_valid_mask_tiles(zt, ho, wo, tile), dense_margin)
-
+  amax = mx(jnp.max(jnp.abs(xc), axis=-1, keepdims=True))  # (nh, nw, 1)
+  n_changed = jnp.sum(changed)
   caps = sorted(set(int(c) for c in capacity)) if isinstance(capacity, (tuple, list)) else [capacity]
   caps = [c for c in caps if c >= 1]
-  branch = jnp.sum(jnp.asarray([count > c for c in caps], jnp.int32)) + (count > 0)
-  use_dense = count > caps[-1]
-  yt, ub_c = lax.switch(branch, [nothing] + [sparse(c) for c in caps] + [dense], None)
-  new_ub = jnp.where(compute[..., None] | use_dense, ub_c, jnp.where(skip[..., None], ub, state.ub))
-  y = _from_tiles(yt, ho, wo)
-  nz = jnp.all(yt == 0, axis=(2, 3, 4))
-  stats = LayerStats(reused=jnp.sum(~changed), skipped=jnp.sum(skip), computed=count,
-                     dense=use_dense.astype(jnp.int32), zero_tiles=jnp.sum(nz),
-                     zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
-  return LayerState(x=x, y=y, ub=new_ub, xmax=xmax, xmin=xmin), y, stats
+  all_tiles = jnp.asarray(nh * nw)
+
+  def dense_all(_):  # too many changed tiles: dense conv, no bounds to evaluate
+    z = _conv_valid(xc[None], layer)[0]
+    _, dm = range_upper_bound(layer, jnp.broadcast_to(-amax, (nh, nw, cin)),
+                              jnp.broadcast_to(amax, (nh, nw, cin)), unit_roundoff)
+    zt = _to_tiles(z, tile, nh, nw)
+    ub = _tile_ub_from_z(_valid_mask_tiles(zt, ho, wo, tile), dm)
+    zero = jnp.zeros((), jnp.int32)
+    return _act(layer, z[:ho, :wo]), ub, (zero, zero, all_tiles.astype(jnp.int32), jnp.ones((), jnp.int32))
+
+  def bounded(_):
+    d = xc - pc
+    dmax, dmin, xmax, xmin = mx(d), mn(d), mx(xc), mn(xc)
+    amax_t = jnp.maximum(jnp.abs(xmax), jnp.abs(xmin))
+    ub_r, dense_margin = range_upper_bound(layer, xmin, xmax, unit_roundoff)
+    ub_t = temporal_upper_bound(layer, state.ub, dmin, dmax, amax_t + state.amax, unit_roundoff)
+    ub = jnp.where(jnp.isnan(ub_t), ub_r, jnp.minimum(ub_t, ub_r))
+    if layer.relu:
+      zero = _up(ub + dense_margin) < 0  # (nh, nw, cout): every output of the tile is +0.0
+      skip = changed & jnp.all(zero, axis=-1)
+    else:
+      skip = jnp.zeros_like(changed)
+    compute = changed & ~skip
+    count = jnp.sum(compute)
+    prev_y_tiles = _to_tiles(state.y, tile, nh, nw)
+    kept = jnp.where(skip[..., None, None, None], jnp.zeros_like(prev_y_tiles), prev_y_tiles)
+
+    def sparse(cap):
+      def run(_):
+        (idx,) = jnp.nonzero(compute.reshape(-1), size=cap, fill_value=nh * nw)  # fill: dropped
+        ti, tj = idx // nw, idx % nw
+        ph, pw = tile + kh - 1, tile + kw - 1
+        take = lambda i, j: lax.dynamic_slice(xc, (i * tile, j * tile, 0), (ph, pw, cin))
+        patches = jax.vmap(take)(jnp.minimum(ti, nh - 1), tj)
+        z = _conv_valid(patches, layer)  # (cap, T, T, cout)
+        yt = kept.reshape(nh * nw, tile, tile, cout).at[idx].set(_act(layer, z), mode="drop")
+        zt = jnp.full((nh * nw, tile, tile, cout), -jnp.inf, z.dtype).at[idx].set(z, mode="drop")
+        ub_c = _tile_ub_from_z(_valid_mask_tiles(zt.reshape(nh, nw, tile, tile, cout), ho, wo, tile),
+                               dense_margin)
+        return yt.reshape(nh, nw, tile, tile, cout), ub_c
+      return run
+
+    def nothing(_):  # no tile to compute: reuse and skip only
+      return kept, jnp.full((nh, nw, cout), -jnp.inf, xc.dtype)
+
+    branch = jnp.sum(jnp.asarray([count > c for c in caps], jnp.int32)) + (count > 0)
+    yt, ub_c = lax.switch(jnp.minimum(branch, len(caps)), [nothing] + [sparse(c) for c in caps], None)
+    new_ub = jnp.where(compute[..., None], ub_c, jnp.where(skip[..., None], ub, state.ub))
+    st = (jnp.sum(~changed).astype(jnp.int32), jnp.sum(skip).astype(jnp.int32),
+          count.astype(jnp.int32), jnp.zeros((), jnp.int32))
+    return _from_tiles(yt, ho, wo), new_ub, st
+
+  y, new_ub, (reused, skipped, computed, used_dense) = lax.cond(n_changed > caps[-1], dense_all,
+                                                               bounded, None)
+  nz = jnp.all(_to_tiles(y, tile, nh, nw) == 0, axis=(2, 3, 4))
+  stats = LayerStats(reused=reused, skipped=skipped, computed=computed, dense=used_dense,
+                     zero_tiles=jnp.sum(nz), zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
+  return LayerState(x=x, y=y, ub=new_ub, amax=amax), y, stats
 
 
 # ----------------------------------------------------------------------------------------------------
