@@ -463,8 +463,8 @@ class QuantDotGeneral(_Recorder):
     >>> cfg = QuantConfig(activation=QuantSpec(8, "tensor"))
     >>> layer = nn.Dense(2, dot_general_cls=functools.partial(QuantDotGeneral, config=cfg, num_samples=16))
     >>> x = jnp.linspace(-3.0, 3.0, 8).reshape(2, 4)
-    >>> variables = layer.init(jax.random.PRNGKey(0), x)
-    >>> _, stats = layer.apply(variables, x, mutable=["quant_calib"])        # one calibration batch
+    >>> variables = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
+    >>> _, stats = jax.jit(functools.partial(layer.apply, mutable=["quant_calib"]))(variables, x)   # 1 batch
     >>> static = calibration_to_amax(stats["quant_calib"], cfg)
     >>> float(static["QuantDotGeneral_0"]["act_amax"]), layer.apply({**variables, "quant": static}, x).shape
     (3.0, (2, 2))
@@ -484,8 +484,8 @@ class QuantConv(_Recorder):
     >>> cfg = QuantConfig(activation=QuantSpec(8, "tensor"))
     >>> conv = nn.Conv(4, (3, 3), conv_general_dilated_cls=functools.partial(QuantConv, config=cfg))
     >>> x = jnp.linspace(-1.0, 2.0, 48).reshape(1, 4, 4, 3)
-    >>> variables = conv.init(jax.random.PRNGKey(0), x)
-    >>> y, stats = conv.apply(variables, x, mutable=["quant_calib"])
+    >>> variables = jax.jit(conv.init)(jax.random.PRNGKey(0), x)
+    >>> y, stats = jax.jit(functools.partial(conv.apply, mutable=["quant_calib"]))(variables, x)
     >>> y.shape, float(calibration_to_amax(stats["quant_calib"], cfg)["QuantConv_0"]["act_amax"])
     ((1, 4, 4, 4), 2.0)
   """
