@@ -410,8 +410,8 @@ def quantized_conv_general_dilated(config: QuantConfig, act_amax: jax.Array | No
   Example:
     >>> conv = nn.Conv(4, (3, 3), conv_general_dilated=quantized_conv_general_dilated(QuantConfig()))
     >>> x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 3))
-    >>> variables = conv.init(jax.random.PRNGKey(1), x)
-    >>> y, y_float = conv.apply(variables, x), nn.Conv(4, (3, 3)).apply(variables, x)
+    >>> variables = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
+    >>> y, y_float = jax.jit(conv.apply)(variables, x), nn.Conv(4, (3, 3)).apply(variables, x)
     >>> y.shape, bool(jnp.linalg.norm(y - y_float) < 0.02 * jnp.linalg.norm(y_float))      # W8A8: ~1% error
     ((1, 8, 8, 4), True)
   """
