@@ -213,6 +213,18 @@ def _conv_valid(x: jax.Array, layer: ConvLayer) -> jax.Array:
   return z + layer.bias
 
 
+def _conv_canvas(x: jax.Array, layer: ConvLayer, tile: int) -> jax.Array:
+  """Conv + bias over the whole canvas, ``(nH*T, nW*T, c_out)``, with the zero padding done by the
+  convolution itself (a VALID conv of the pre-padded canvas is about 2x slower on XLA:CPU)."""
+  kh, kw = layer.kernel.shape[:2]
+  ho, wo, nh, nw, ph, pw = _geometry(layer, x.shape[:2], tile)
+  hc, wc = nh * tile + kh - 1, nw * tile + kw - 1
+  pad = ((ph, hc - x.shape[0] - ph), (pw, wc - x.shape[1] - pw))
+  z = lax.conv_general_dilated(x[None], layer.kernel, (1, 1), pad, dimension_numbers=_DN,
+                               precision=layer.precision)
+  return z[0] + layer.bias
+
+
 def _act(layer: ConvLayer, z: jax.Array) -> jax.Array:
   return jax.nn.relu(z) if layer.relu else z
 
@@ -304,7 +316,7 @@ def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int,
   """Dense first frame: returns the layer state and the output."""
   ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[:2], tile)
   xc = _canvas(x, layer, tile)
-  z = _conv_valid(xc[None], layer)[0]
+  z = _conv_canvas(x, layer, tile)
   zt = _to_tiles(z, tile, nh, nw)  # z already covers (nh*T, nw*T): reshape only
   amax = _window_reduce(jnp.max(jnp.abs(xc), axis=-1, keepdims=True), layer, tile, "max")
   cin = layer.kernel.shape[2]
@@ -356,7 +368,7 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: 
   all_tiles = jnp.asarray(nh * nw)
 
   def dense_all(_):  # too many changed tiles: dense conv, no bounds to evaluate
-    z = _conv_valid(xc[None], layer)[0]
+    z = _conv_canvas(x, layer, tile)
     _, dm = range_upper_bound(layer, jnp.broadcast_to(-amax, (nh, nw, cin)),
                               jnp.broadcast_to(amax, (nh, nw, cin)), unit_roundoff)
     zt = _to_tiles(z, tile, nh, nw)
