@@ -7,6 +7,7 @@ Public API:
   operation(name), simulator(name), set_phase(name)   scopes (context managers / decorators)
   jit(fn), device_put, device_get, block_until_ready  intercepted JAX calls (dispatch/compile/transfer/wait)
   attribute(prof, trace=None) -> Attribution          (phase, op) x category table, device overlap
+  Record                                   one recorded host interval (Profiler.records)
   summarize(attribution), load_trace(path), device_intervals(trace, ops)
   calibrate(workload, repeats=5, levels=LEVELS) -> Calibration     per-event cost of each source
   calibrate_micro(n=4000) -> Calibration                         the same from book-keeping-bound loops
@@ -14,15 +15,15 @@ Public API:
   validate(workload, calibration, level='trace') -> Validation    corrected vs uninstrumented totals
   run_levels, spin_ns
   make_workload(algo, env, backend, steps, seed)   a2c/dqn/supervised on cartpole/pendulum, numpy or JAX sim
-  table_rows(attribution_or_corrected), format_table(rows), plot_stacked(groups, path)   reports
+  table_rows(attribution_or_corrected), format_table(rows), plot_stacked(groups, path), to_jsonable
   CartPoleNP, PendulumNP, cartpole_step/reset, pendulum_step/reset, numpy_jax_agree
   LEVELS, HOST_CATEGORIES, RESOURCES, SOURCES
 """
 
 from mlsys_jax.profile.attribution import (RESOURCES, Attribution, attribute, device_intervals, load_trace,
                                            summarize)
-from mlsys_jax.profile.overhead import (Calibration, Corrected, Validation, calibrate, calibrate_micro, correct, run_levels,
-                                        spin_ns, validate)
+from mlsys_jax.profile.overhead import (Calibration, Corrected, Validation, calibrate, calibrate_micro, correct,
+                                        run_levels, spin_ns, validate)
 from mlsys_jax.profile.workloads import (CartPoleNP, PendulumNP, cartpole_reset, cartpole_step, make_workload,
                                          numpy_jax_agree, pendulum_reset, pendulum_step)
 from mlsys_jax.profile.report import format_table, plot_stacked, table_rows, to_jsonable
