@@ -225,6 +225,8 @@ class GraphInfo:
 
 
 def graph_info(g: Graph) -> GraphInfo:
+  """The per-graph inputs of the value model, computed once: static unit features in the decision order,
+  unit kinds, per-unit (FLOPs, bytes) and the order itself (the units of ``g`` in topological order)."""
   st = static_features(g)
   order = initial_state(g).order
   fb = np.asarray([g.unit_flops_bytes(u.idx) for u in g.units], np.float64).reshape(len(g.units), 2)
