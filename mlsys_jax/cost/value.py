@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -315,17 +316,17 @@ class StateData(NamedTuple):
   keys: list
 
 
+def _merge_keys(g: Graph) -> Callable:
+  """``emit.merge_key(g, u)`` memoised per unit (decoding asks for the same units many times)."""
+  return functools.lru_cache(maxsize=None)(lambda u: emit.merge_key(g, u))
+
+
 def rollout(info: GraphInfo, policy: Callable, r: int, s: int) -> tuple[list, State]:
   """Decide every unit with ``policy(state, u, actions) -> action``; return (states visited incl. the
   final one, final state)."""
   g = info.graph
   part = _part_of(g)
-  mk_memo: dict = {}
-
-  def mk(v):
-    if v not in mk_memo:
-      mk_memo[v] = emit.merge_key(g, v)
-    return mk_memo[v]
+  mk = _merge_keys(g)
 
   st = initial_state(g)
   states = [st]
@@ -539,12 +540,7 @@ def beam_schedule(model: ValueModel, g: Graph, width: int = 1, info: GraphInfo |
   check_int("width", width, low=1)
   info = graph_info(g) if info is None else info
   part = _part_of(g)
-  mk_memo: dict = {}
-
-  def mk(v):
-    if v not in mk_memo:
-      mk_memo[v] = emit.merge_key(g, v)
-    return mk_memo[v]
+  mk = _merge_keys(g)
 
   beam = [(0.0, initial_state(g))]
   for u in info.order:

@@ -927,15 +927,8 @@ def calibrate_temperatures_joint(logits: Sequence[np.ndarray], classes: Sequence
   check_int("steps", steps, 1)
   check_range("learning_rate", learning_rate, 0.0, low_inclusive=False)
   y = np.asarray(labels)
-  n = y.shape[0]
-  width = max(len(c) for c in classes) + 1
-  padded = np.zeros((len(classes), n, width), np.float32)
-  valid = np.zeros((len(classes), width), bool)
-  for s, (z, cl) in enumerate(zip(logits, classes)):
-    if np.shape(z) != (n, len(cl) + 1):
-      raise ValueError(f"logits of group {s} must be ({n}, {len(cl) + 1}), got {np.shape(z)}.")
-    padded[s, :, :len(cl) + 1] = z
-    valid[s, :len(cl) + 1] = True
+  padded, valid = _pad_group_logits(logits, classes, y.shape[0])
+  width = padded.shape[2]
   check_finite("logits", padded)
   assign = jnp.asarray(_assignment(classes, num_classes, width - 1))
   z, valid, yj = jnp.asarray(padded), jnp.asarray(valid), jnp.asarray(y)
@@ -999,6 +992,21 @@ def _combine_padded(logits: jnp.ndarray, valid: jnp.ndarray, assign: jnp.ndarray
   return _normalise_log_scores(_class_log_scores(logits, valid, assign, temperatures))
 
 
+def _pad_group_logits(logits: Sequence[np.ndarray], classes: Sequence[tuple[int, ...]],
+                      n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Stack per-group logits ``(n, m_s + 1)`` into ``(G, n, max m + 1)`` float32 with a validity mask
+  ``(G, max m + 1)``; ValueError naming the group whose shape is wrong."""
+  width = max(len(c) for c in classes) + 1
+  padded = np.zeros((len(classes), n, width), np.float32)
+  valid = np.zeros((len(classes), width), bool)
+  for s, (z, cl) in enumerate(zip(logits, classes)):
+    if np.shape(z) != (n, len(cl) + 1):
+      raise ValueError(f"logits of group {s} must be ({n}, {len(cl) + 1}), got {np.shape(z)}.")
+    padded[s, :, :len(cl) + 1] = z
+    valid[s, :len(cl) + 1] = True
+  return padded, valid
+
+
 def _assignment(classes: Sequence[tuple[int, ...]], num_classes: int, width: int) -> np.ndarray:
   assign = np.zeros((len(classes), width, num_classes), np.float32)
   seen = []
@@ -1031,15 +1039,8 @@ def combine(logits: Sequence[np.ndarray], classes: Sequence[Sequence[int]], num_
   temps = np.ones(len(classes)) if temperatures is None else np.asarray(temperatures, np.float64)
   if temps.shape != (len(classes),) or not np.all(temps > 0):
     raise ValueError(f"temperatures must be {len(classes)} positive numbers, got {temps}.")
-  width = max(len(c) for c in classes) + 1
-  n = np.shape(logits[0])[0]
-  padded = np.zeros((len(classes), n, width), np.float32)
-  valid = np.zeros((len(classes), width), bool)
-  for s, (z, cl) in enumerate(zip(logits, classes)):
-    if np.shape(z) != (n, len(cl) + 1):
-      raise ValueError(f"logits of group {s} must be ({n}, {len(cl) + 1}), got {np.shape(z)}.")
-    padded[s, :, :len(cl) + 1] = z
-    valid[s, :len(cl) + 1] = True
+  padded, valid = _pad_group_logits(logits, classes, np.shape(logits[0])[0])
+  width = padded.shape[2]
   return np.asarray(_combine_padded(jnp.asarray(padded), jnp.asarray(valid),
                                     jnp.asarray(_assignment(classes, num_classes, width - 1)),
                                     jnp.asarray(temps, jnp.float32)))
