@@ -80,7 +80,6 @@ def test_margin_factor_closed_form_and_limit():
     video.fp_margin_factor(10 ** 6, 2.0 ** -10)
 
 
-@pytest.mark.slow  # the same property is checked through the flax model by the stream tests below
 def test_tile_conv_is_bitwise_the_full_conv_on_cpu():
   rng = np.random.default_rng(1)
   layer = video.ConvLayer(jnp.asarray(rng.normal(size=(3, 3, 6, 8)), jnp.float32),
@@ -89,10 +88,17 @@ def test_tile_conv_is_bitwise_the_full_conv_on_cpu():
   st, y = video.conv_layer_init(layer, x, 4)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(video.dense_conv(layer, x)))
   x2 = x.at[5, 7].add(1.0)
-  step = jax.jit(lambda st, x: video.conv_layer_step(layer, st, x, tile=4, capacity=(2, 20)))
-  _, y2, s = step(st, x2)
-  assert int(s.dense) == 0 and int(s.computed) >= 1
+  changed = jnp.zeros((5, 5), bool).at[1:3, 1:3].set(True)  # the tiles around pixel (5, 7)
+  amax = jnp.ones((5, 5, 6), jnp.float32)
+  _, y2, flags, s = jax.jit(lambda st, a, b: video.conv_layer_step(
+      layer, st, a, b, changed, amax, tile=4, capacity=(2, 20)))(st, x2, x)
+  assert int(s.dense) == 0 and int(s.computed) == 4 and int(s.reused) == 21
   np.testing.assert_array_equal(np.asarray(y2), np.asarray(video.dense_conv(layer, x2)))
+  # the output change flags: exactly the tiles whose bits changed
+  diff = np.any(np.asarray(y2) != np.asarray(y), axis=-1)
+  got = np.asarray(flags[..., 1, 1])
+  want = np.array([[diff[i * 4:i * 4 + 4, j * 4:j * 4 + 4].any() for j in range(5)] for i in range(5)])
+  np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("activity", ["static", "low", "medium", "full"])
@@ -164,15 +170,26 @@ def test_valid_padding_and_ragged_tiles():
     np.testing.assert_array_equal(np.asarray(y), np.asarray(dense(x)))
 
 
-def test_window_reduce_matches_numpy():
-  rng = np.random.default_rng(4)
-  layer = video.ConvLayer(jnp.zeros((5, 3, 2, 1), jnp.float32), jnp.zeros((1,), jnp.float32))
-  a = rng.normal(size=(3 * 4 + 4, 2 * 4 + 2, 2)).astype(np.float32)
-  got = np.asarray(video._window_reduce(jnp.asarray(a), layer, 4, "max"))
-  want = np.array([[a[i * 4:i * 4 + 8, j * 4:j * 4 + 6].max((0, 1)) for j in range(2)] for i in range(3)])
-  np.testing.assert_array_equal(got, want)
+@pytest.mark.parametrize("kernel,padding", [((3, 3), "SAME"), ((5, 3), "SAME"), ((3, 5), "VALID")])
+def test_changed_tiles_are_exactly_the_changed_receptive_fields(kernel, padding):
+  # region flags of the input tiles + neighbour strips == brute-force receptive-field change test
+  rng = np.random.default_rng(5)
+  t, h, w = 4, 17, 14
+  layer = video.ConvLayer(jnp.zeros(kernel + (1, 1), jnp.float32), jnp.zeros((1,), jnp.float32), padding)
+  ho, wo, nh, nw, ph, pw = video._geometry(layer, (h, w), t)
+  for trial in range(4):
+    m = rng.uniform(size=(h, w)) < [0.01, 0.03, 0.1, 0.0][trial]
+    nhi, nwi = -(-h // t), -(-w // t)
+    flags = video._region_flags(video._tile_view(jnp.asarray(m)[..., None], t, nhi, nwi, False)[..., 0],
+                                video._strips(layer))
+    got = np.asarray(video._rf_changed(flags, nh, nw))
+    mp = np.pad(m, ((ph, kernel[0] + t), (pw, kernel[1] + t)))
+    want = np.array([[mp[i * t:i * t + t + kernel[0] - 1, j * t:j * t + t + kernel[1] - 1].any()
+                      for j in range(nw)] for i in range(nh)])
+    np.testing.assert_array_equal(got, want)
+  big = video.ConvLayer(jnp.zeros((5, 5, 1, 1), jnp.float32), jnp.zeros((1,), jnp.float32))
   with pytest.raises(ValueError, match="halo"):
-    video.range_bound_model([layer], None, (10, 10, 2), tile=2)
+    video.range_bound_model([big], None, (10, 10, 1), tile=2)
 
 
 def test_bad_input():

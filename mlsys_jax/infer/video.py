@@ -88,7 +88,9 @@ __all__ = [
     "ConvLayer",
     "LayerState",
     "LayerStats",
+    "ModelState",
     "RangeBoundModel",
+    "calibrate_active_fraction",
     "conv_layer_init",
     "conv_layer_step",
     "dense_conv",
@@ -121,20 +123,26 @@ class ConvLayer(NamedTuple):
 
 
 class LayerState(NamedTuple):
-  """Per-layer state after a frame: its input ``x`` ``(H, W, c_in)``, output ``y`` ``(H', W', c_out)``
-  ``ub`` ``(nH, nW, c_out)``, an upper bound on the real pre-activation over each output tile, and
-  ``amax`` ``(nH, nW, 1)``, the largest ``|x|`` (all channels) over each tile's receptive field."""
-  x: jax.Array
+  """Per-layer state after a frame: its output ``y`` ``(H', W', c_out)``, ``ub`` ``(nH, nW, c_out)``, an
+  upper bound on the real pre-activation over each output tile, and ``amax`` ``(nH, nW, c_out)``, the
+  largest ``|y|`` over each output tile (the next layer's input range for its dense-path margin)."""
   y: jax.Array
   ub: jax.Array
   amax: jax.Array
 
 
+class ModelState(NamedTuple):
+  """State of a stream: the previous frame ``x`` ``(H, W, C)`` and one :class:`LayerState` per layer
+  (layer ``l``'s previous input is layer ``l-1``'s ``y``: nothing is stored twice)."""
+  x: jax.Array
+  layers: tuple
+
+
 class LayerStats(NamedTuple):
   """Tile counts of one layer on one frame: ``reused`` (receptive field unchanged), ``skipped`` (proved
-  zero), ``computed`` (all other tiles), ``dense`` (1 when the layer fell back to the dense conv),
-  ``zero_tiles`` (tiles whose outputs are all 0, the most any exact skip could reach) and
-  ``zero_fraction`` (fraction of exactly-zero outputs)."""
+  zero), ``computed`` (all other tiles), ``dense`` (1 when the layer ran the dense conv), ``zero_tiles``
+  (tiles whose outputs are all 0, the most any exact skip could reach) and ``zero_fraction`` (fraction
+  of exactly-zero outputs). Unused fields cost nothing under ``jit`` (dead code)."""
   reused: jax.Array
   skipped: jax.Array
   computed: jax.Array
@@ -145,10 +153,12 @@ class LayerStats(NamedTuple):
 
 class RangeBoundModel(NamedTuple):
   """``init(frame) -> (state, output)`` (dense) and ``step(state, frame) -> (state, output, stats)``
-  (jit-able; ``stats`` is a tuple of :class:`LayerStats`, one per layer)."""
+  (jit-able; ``stats`` is a tuple of :class:`LayerStats`, one per layer); ``capacities``: per layer,
+  the static tile capacities of the sparse path (above the largest one the layer runs densely)."""
   init: Callable
   step: Callable
   layers: tuple
+  capacities: tuple
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,66 +185,106 @@ def _geometry(layer: ConvLayer, hw: tuple[int, int], tile: int):
   return ho, wo, nh, nw, ph, pw
 
 
-def _canvas(x: jax.Array, layer: ConvLayer, tile: int) -> jax.Array:
-  """Zero-padded input whose VALID conv gives ``(nH*T, nW*T)`` outputs (the first ``(H', W')`` valid)."""
+def _strips(layer: ConvLayer) -> tuple[int, int, int, int]:
+  """Widths of the input-tile border strips this layer's output tiles read from their neighbours:
+  (top strip of the tile below, bottom strip of the tile above, left strip of the tile to the right,
+  right strip of the tile to the left) = ``(kh - 1 - ph, ph, kw - 1 - pw, pw)``."""
   kh, kw = layer.kernel.shape[:2]
-  ho, wo, nh, nw, ph, pw = _geometry(layer, x.shape[:2], tile)
-  hc, wc = nh * tile + kh - 1, nw * tile + kw - 1
-  return jnp.pad(x, ((ph, hc - x.shape[0] - ph), (pw, wc - x.shape[1] - pw), (0, 0)))
+  ph, pw = _pads(layer)
+  return kh - 1 - ph, ph, kw - 1 - pw, pw
 
 
-def _window_reduce(a: jax.Array, layer: ConvLayer, tile: int, op: str) -> jax.Array:
-  """Max (``op='max'``) or min over each tile's receptive field of a canvas, per channel: windows
-  ``[i*T, i*T + T + k - 1)`` per spatial axis, as two separable ``reduce_window`` passes (the 2-D
-  overlapping window is several times slower on XLA:CPU)."""
-  kh, kw = layer.kernel.shape[:2]
-  init, fn = (-jnp.inf, lax.max) if op == "max" else (jnp.inf, lax.min)
-  a = lax.reduce_window(a, jnp.asarray(init, a.dtype), fn, (tile + kh - 1, 1, 1), (tile, 1, 1), "VALID")
-  return lax.reduce_window(a, jnp.asarray(init, a.dtype), fn, (1, tile + kw - 1, 1), (1, tile, 1),
-                           "VALID")
+def _tile_view(a: jax.Array, tile: int, nh: int, nw: int, fill) -> jax.Array:
+  """``(H, W, C)`` -> ``(nH, nW, T, T, C)``, padded with ``fill`` at the bottom/right."""
+  h, w, c = a.shape
+  a = jnp.pad(a, ((0, nh * tile - h), (0, nw * tile - w), (0, 0)), constant_values=fill)
+  return a.reshape(nh, tile, nw, tile, c).transpose(0, 2, 1, 3, 4)
 
 
-def _to_tiles(y: jax.Array, tile: int, nh: int, nw: int) -> jax.Array:
-  """``(H', W', C)`` -> ``(nH, nW, T, T, C)`` (zero-padded at the bottom/right)."""
-  c = y.shape[-1]
-  y = jnp.pad(y, ((0, nh * tile - y.shape[0]), (0, nw * tile - y.shape[1]), (0, 0)))
-  return y.reshape(nh, tile, nw, tile, c).transpose(0, 2, 1, 3, 4)
+def _bits(a: jax.Array) -> jax.Array:
+  return lax.bitcast_convert_type(a, jnp.int32)
 
 
-def _from_tiles(t: jax.Array, ho: int, wo: int) -> jax.Array:
-  nh, nw, tile, _, c = t.shape
-  return t.transpose(0, 2, 1, 3, 4).reshape(nh * tile, nw * tile, c)[:ho, :wo]
+def _region_flags(m: jax.Array, strips: tuple[int, int, int, int]) -> jax.Array:
+  """Change flags of tiles ``m`` ``(..., T, T)`` (bool) -> ``(..., 3, 3)``: any change in the
+  (top strip, whole tile, bottom strip) rows x (left strip, whole, right strip) columns."""
+  top, bottom, left, right = strips
+  t = m.shape[-1]
+  def parts(a, axis, lo, hi):
+    n = a.shape[axis]
+    zero = jnp.zeros(a.shape[:axis] + a.shape[axis + 1:], bool)
+    part = lambda s, e: jnp.any(lax.slice_in_dim(a, s, e, axis=axis), axis=axis) if e > s else zero
+    return jnp.stack([part(0, lo), part(0, n), part(n - hi, n)], axis=axis)
+  del t
+  return parts(parts(m, m.ndim - 2, top, bottom), m.ndim - 1, left, right)
+
+
+def _rf_changed(flags: jax.Array, nh: int, nw: int) -> jax.Array:
+  """Output tiles ``(nh, nw)`` whose receptive field holds a changed input, from the input tiles'
+  region flags ``(nhi, nwi, 3, 3)`` (same tile grid): tile ``(i, j)`` reads the whole input tile
+  ``(i, j)``, the bottom strip of ``(i-1, j)``, the top strip of ``(i+1, j)``, and so on."""
+  nhi, nwi = flags.shape[:2]
+  f = jnp.pad(flags, ((1, 1 + max(0, nh - nhi)), (1, 1 + max(0, nw - nwi)), (0, 0), (0, 0)))
+  out = jnp.zeros((nh, nw), bool)
+  for di in (-1, 0, 1):
+    for dj in (-1, 0, 1):
+      out = out | f[1 + di:1 + di + nh, 1 + dj:1 + dj + nw, 1 - di, 1 - dj]
+  return out
+
+
+def _rf_max(a: jax.Array, nh: int, nw: int) -> jax.Array:
+  """Max over the 3 x 3 neighbouring input tiles of per-tile maxima ``a`` ``(nhi, nwi, C)`` (``>= 0``):
+  a bound on the receptive field's ``max |x|`` (padding is 0; NaN propagates)."""
+  nhi, nwi = a.shape[:2]
+  f = jnp.pad(a, ((1, 1 + max(0, nh - nhi)), (1, 1 + max(0, nw - nwi)), (0, 0)))
+  out = f[1:1 + nh, 1:1 + nw]
+  for di in (-1, 0, 1):
+    for dj in (-1, 0, 1):
+      out = jnp.maximum(out, f[1 + di:1 + di + nh, 1 + dj:1 + dj + nw])
+  return out
+
+
+def _tile_index(x: jax.Array, ti: jax.Array, tj: jax.Array, tile: int, size: tuple[int, int],
+                offset: tuple[int, int]):
+  """Row/column index arrays ``(k, sh, 1)``, ``(k, 1, sw)`` of the windows starting at
+  ``(ti * T + offset[0], tj * T + offset[1])``; out-of-range rows/columns (negative included) are
+  mapped past the end so that ``mode='fill'`` reads 0 and ``mode='drop'`` writes nothing."""
+  h, w = x.shape[:2]
+  r = ti[:, None] * tile + offset[0] + jnp.arange(size[0])[None]
+  c = tj[:, None] * tile + offset[1] + jnp.arange(size[1])[None]
+  r = jnp.where((r < 0) | (r >= h), h, r)
+  c = jnp.where((c < 0) | (c >= w), w, c)
+  return r[:, :, None], c[:, None, :]
+
+
+def _gather_windows(x, ti, tj, tile, size, offset):
+  """``(k, sh, sw, C)`` windows of ``x`` ``(H, W, C)``, zero outside (the convolution's padding)."""
+  r, c = _tile_index(x, ti, tj, tile, size, offset)
+  return x.at[r, c].get(mode="fill", fill_value=0)
 
 
 def _conv_valid(x: jax.Array, layer: ConvLayer) -> jax.Array:
-  """Batched VALID conv + bias (the same op for the full canvas and the tile patches)."""
+  """Batched VALID conv + bias of tile-plus-halo patches ``(k, T+kh-1, T+kw-1, c_in)``."""
   z = lax.conv_general_dilated(x, layer.kernel, (1, 1), "VALID", dimension_numbers=_DN,
                                precision=layer.precision)
   return z + layer.bias
-
-
-def _conv_canvas(x: jax.Array, layer: ConvLayer, tile: int) -> jax.Array:
-  """Conv + bias over the whole canvas, ``(nH*T, nW*T, c_out)``, with the zero padding done by the
-  convolution itself (a VALID conv of the pre-padded canvas is about 2x slower on XLA:CPU)."""
-  kh, kw = layer.kernel.shape[:2]
-  ho, wo, nh, nw, ph, pw = _geometry(layer, x.shape[:2], tile)
-  hc, wc = nh * tile + kh - 1, nw * tile + kw - 1
-  pad = ((ph, hc - x.shape[0] - ph), (pw, wc - x.shape[1] - pw))
-  z = lax.conv_general_dilated(x[None], layer.kernel, (1, 1), pad, dimension_numbers=_DN,
-                               precision=layer.precision)
-  return z[0] + layer.bias
 
 
 def _act(layer: ConvLayer, z: jax.Array) -> jax.Array:
   return jax.nn.relu(z) if layer.relu else z
 
 
-def dense_conv(layer: ConvLayer, x: jax.Array) -> jax.Array:
-  """Dense conv + bias (+ ReLU) of one frame ``(H, W, c_in)``, as ``flax.linen.Conv`` computes it."""
+def _dense_pre(layer: ConvLayer, x: jax.Array) -> jax.Array:
+  """Conv + bias of one frame, exactly as ``flax.linen.Conv`` computes it (same padding, same op)."""
   ph, pw = _pads(layer)
   z = lax.conv_general_dilated(x[None], layer.kernel, (1, 1), ((ph, ph), (pw, pw)),
                                dimension_numbers=_DN, precision=layer.precision)
-  return _act(layer, z[0] + layer.bias)
+  return z[0] + layer.bias
+
+
+def dense_conv(layer: ConvLayer, x: jax.Array) -> jax.Array:
+  """Dense conv + bias (+ ReLU) of one frame ``(H, W, c_in)``, as ``flax.linen.Conv`` computes it."""
+  return _act(layer, _dense_pre(layer, x))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,124 +356,154 @@ def temporal_upper_bound(layer: ConvLayer, prev_ub: jax.Array, dmin: jax.Array, 
 # one layer
 
 
-def _tile_ub_from_z(z_tiles: jax.Array, dense_margin: jax.Array) -> jax.Array:
-  """Upper bound on the real pre-activation of computed tiles ``(..., T, T, c)``: max zhat + margin."""
-  return _up(jnp.max(z_tiles, axis=(-3, -2)) + dense_margin)
+def _input_tile_stats(x: jax.Array, x_prev: jax.Array, tile: int, strips) -> tuple[jax.Array, jax.Array]:
+  """Region change flags ``(nH, nW, 3, 3)`` and per-tile ``max |x|`` ``(nH, nW, C)`` of a frame (the
+  first layer's input), on the ``T``-tile grid of the frame: one pass over the frame."""
+  nh, nw = -(-x.shape[0] // tile), -(-x.shape[1] // tile)
+  ch = jnp.any(_bits(x) != _bits(x_prev), axis=-1, keepdims=True)
+  flags = _region_flags(_tile_view(ch, tile, nh, nw, False)[..., 0], strips)
+  amax = jnp.max(_tile_view(jnp.abs(x), tile, nh, nw, 0), axis=(2, 3))
+  return flags, amax
 
 
-def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int,
-                    unit_roundoff: float = 2.0 ** -24) -> tuple[LayerState, jax.Array]:
-  """Dense first frame: returns the layer state and the output."""
+def _dense_outputs(layer: ConvLayer, x: jax.Array, in_amax: jax.Array, tile: int, unit_roundoff: float):
+  """Dense conv of one layer and its per-tile state: ``(y, ub, amax)``."""
   ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[:2], tile)
-  xc = _canvas(x, layer, tile)
-  z = _conv_canvas(x, layer, tile)
-  zt = _to_tiles(z, tile, nh, nw)  # z already covers (nh*T, nw*T): reshape only
-  amax = _window_reduce(jnp.max(jnp.abs(xc), axis=-1, keepdims=True), layer, tile, "max")
-  cin = layer.kernel.shape[2]
-  _, dm = range_upper_bound(layer, jnp.broadcast_to(-amax, (nh, nw, cin)),
-                            jnp.broadcast_to(amax, (nh, nw, cin)), unit_roundoff)
-  ub = _tile_ub_from_z(_valid_mask_tiles(zt, ho, wo, tile), dm)
-  y = _act(layer, z[:ho, :wo])
-  return LayerState(x=x, y=y, ub=ub, amax=amax), y
+  z = _dense_pre(layer, x)
+  zmax = jnp.max(_tile_view(z, tile, nh, nw, -jnp.inf), axis=(2, 3))  # (nh, nw, cout)
+  a = _rf_max(in_amax, nh, nw)
+  _, dm = range_upper_bound(layer, -a, a, unit_roundoff)
+  y = _act(layer, z)
+  amax = jax.nn.relu(zmax) if layer.relu else jnp.max(_tile_view(jnp.abs(z), tile, nh, nw, 0), (2, 3))
+  return y, _up(zmax + dm), amax
 
 
-def _valid_mask_tiles(zt: jax.Array, ho: int, wo: int, tile: int) -> jax.Array:
-  """Set the padding positions of edge tiles (beyond ``(H', W')``) to -inf: they are no outputs."""
-  nh, nw = zt.shape[:2]
-  r = (jnp.arange(nh)[:, None] * tile + jnp.arange(tile)[None, :]) < ho  # (nh, T)
-  c = (jnp.arange(nw)[:, None] * tile + jnp.arange(tile)[None, :]) < wo  # (nw, T)
-  valid = r[:, None, :, None] & c[None, :, None, :]  # (nh, nw, T, T)
-  return jnp.where(valid[..., None], zt, -jnp.inf)
+def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int, unit_roundoff: float = 2.0 ** -24, *,
+                    in_amax: jax.Array | None = None) -> tuple[LayerState, jax.Array]:
+  """Dense first frame of one layer: returns its state and output. ``in_amax`` ``(nHi, nWi, c_in)``:
+  per-input-tile ``max |x|`` (computed from ``x`` when omitted)."""
+  if in_amax is None:
+    in_amax = _input_tile_stats(x, x, tile, _strips(layer))[1]
+  y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff)
+  return LayerState(y=y, ub=ub, amax=amax), y
 
 
-def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, *, tile: int, capacity: int,
-                    unit_roundoff: float = 2.0 ** -24) -> tuple[LayerState, jax.Array, LayerStats]:
+def _buckets_for(caps, count):
+  """Branch index into ``[nothing, caps[0], ..., caps[-1], dense]`` for ``count`` tiles to process."""
+  b = jnp.sum(jnp.asarray([count > c for c in caps], jnp.int32)) if caps else jnp.zeros((), jnp.int32)
+  return jnp.where(count == 0, 0, 1 + b)
+
+
+def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: jax.Array,
+                    changed: jax.Array, in_amax: jax.Array, *, tile: int, capacity: Sequence[int],
+                    unit_roundoff: float = 2.0 ** -24, next_strips=(0, 0, 0, 0)):
   """One frame through one layer: reuse unchanged tiles, skip provably-zero tiles, compute the rest.
 
-  ``capacity`` (static int, or a tuple of ints: buckets) is the number of tiles the sparse path
-  computes; the smallest bucket that holds every tile to compute is used (``lax.switch``) and no conv at
-  all runs when no tile must be computed. When more tiles *changed* than the largest bucket holds, the
-  layer runs the dense convolution without evaluating the bounds (``lax.cond``; the change test and
-  ``max |x|`` are two cheap channel-collapsed passes), so full-activity frames pay little over dense.
-  Jit-able.
+  Args:
+    layer: the convolution.
+    state: the layer's :class:`LayerState` after the previous frame.
+    x, x_prev: this and the previous frame's input ``(H, W, c_in)``.
+    changed: ``(nH, nW)`` bool, output tiles whose receptive field changed (a superset is fine; see
+      :func:`_rf_changed`); every other tile keeps its previous output.
+    in_amax: ``(nHi, nWi, c_in)`` per-input-tile ``max |x|`` (used by the dense path's margin).
+    tile: tile size ``T``.
+    capacity: static tile capacities of the sparse path (buckets); the smallest bucket holding every
+      changed tile is used (``lax.switch``: exactly one branch runs). Nothing runs when no tile changed;
+      the dense convolution runs, before any bound is evaluated, when more tiles changed than the
+      largest bucket holds (``()``: dense whenever anything changed).
+    unit_roundoff: ``u`` of the conv arithmetic.
+    next_strips: the next layer's :func:`_strips` (which border strips of this layer's output tiles
+      its receptive fields read).
+  Returns:
+    ``(state, y, flags, stats)``: ``flags`` ``(nH, nW, 3, 3)`` are the region change flags of this
+    layer's *output* tiles (bit-exact: a recomputed tile with the same bits is unchanged).
   """
-  if x.shape != state.x.shape:
+  if x.shape != x_prev.shape:
     raise ValueError(f"layer {layer.name}: input shape {x.shape} differs from the previous frame's "
-                     f"{state.x.shape}; start a new stream with init() for a new frame size.")
+                     f"{x_prev.shape}; start a new stream with init() for a new frame size.")
   kh, kw, cin, cout = layer.kernel.shape
-  ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[:2], tile)
-  xc = _canvas(x, layer, tile)
-  pc = _canvas(state.x, layer, tile)
-  # receptive fields that changed bit for bit (-0.0 vs 0.0 and NaN payloads count as changes) and the
-  # largest |x| per receptive field: channels are collapsed first, then one 1-channel window pass each
-  bits = lambda a: lax.bitcast_convert_type(a, jnp.int32)
-  mx = lambda a: _window_reduce(a, layer, tile, "max")
-  mn = lambda a: _window_reduce(a, layer, tile, "min")
-  diff = jnp.any(bits(xc) != bits(pc), axis=-1, keepdims=True).astype(xc.dtype)
-  changed = mx(diff)[..., 0] > 0  # (nh, nw)
-  amax = mx(jnp.max(jnp.abs(xc), axis=-1, keepdims=True))  # (nh, nw, 1)
-  n_changed = jnp.sum(changed)
-  caps = sorted(set(int(c) for c in capacity)) if isinstance(capacity, (tuple, list)) else [capacity]
-  caps = [c for c in caps if c >= 1]
-  all_tiles = jnp.asarray(nh * nw)
+  ho, wo, nh, nw, ph, pw = _geometry(layer, x.shape[:2], tile)
+  n_tiles = nh * nw
+  caps = sorted({int(c) for c in capacity if 1 <= int(c)})
+  caps = sorted({min(c, n_tiles) for c in caps})
+  count = jnp.sum(changed)
+  zero = jnp.zeros((), jnp.int32)
 
-  def dense_all(_):  # too many changed tiles: dense conv, no bounds to evaluate
-    z = _conv_canvas(x, layer, tile)
-    _, dm = range_upper_bound(layer, jnp.broadcast_to(-amax, (nh, nw, cin)),
-                              jnp.broadcast_to(amax, (nh, nw, cin)), unit_roundoff)
-    zt = _to_tiles(z, tile, nh, nw)
-    ub = _tile_ub_from_z(_valid_mask_tiles(zt, ho, wo, tile), dm)
-    zero = jnp.zeros((), jnp.int32)
-    return _act(layer, z[:ho, :wo]), ub, (zero, zero, all_tiles.astype(jnp.int32), jnp.ones((), jnp.int32))
+  def nothing(_):
+    return state.y, state.ub, state.amax, jnp.zeros((nh, nw, 3, 3), bool), (zero, zero)
 
-  def bounded(_):
-    d = xc - pc
-    dmax, dmin, xmax, xmin = mx(d), mn(d), mx(xc), mn(xc)
-    amax_t = jnp.maximum(jnp.abs(xmax), jnp.abs(xmin))
-    ub_r, dense_margin = range_upper_bound(layer, xmin, xmax, unit_roundoff)
-    ub_t = temporal_upper_bound(layer, state.ub, dmin, dmax, amax_t + state.amax, unit_roundoff)
-    ub = jnp.where(jnp.isnan(ub_t), ub_r, jnp.minimum(ub_t, ub_r))
-    if layer.relu:
-      zero = _up(ub + dense_margin) < 0  # (nh, nw, cout): every output of the tile is +0.0
-      skip = changed & jnp.all(zero, axis=-1)
-    else:
-      skip = jnp.zeros_like(changed)
-    compute = changed & ~skip
-    count = jnp.sum(compute)
-    prev_y_tiles = _to_tiles(state.y, tile, nh, nw)
-    kept = jnp.where(skip[..., None, None, None], jnp.zeros_like(prev_y_tiles), prev_y_tiles)
+  def dense(_):
+    y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff)
+    ch = jnp.any(_bits(y) != _bits(state.y), axis=-1, keepdims=True)
+    flags = _region_flags(_tile_view(ch, tile, nh, nw, False)[..., 0], next_strips)
+    return y, ub, amax, flags, (zero, jnp.asarray(n_tiles, jnp.int32))
 
-    def sparse(cap):
-      def run(_):
-        (idx,) = jnp.nonzero(compute.reshape(-1), size=cap, fill_value=nh * nw)  # fill: dropped
-        ti, tj = idx // nw, idx % nw
-        ph, pw = tile + kh - 1, tile + kw - 1
-        take = lambda i, j: lax.dynamic_slice(xc, (i * tile, j * tile, 0), (ph, pw, cin))
-        patches = jax.vmap(take)(jnp.minimum(ti, nh - 1), tj)
-        z = _conv_valid(patches, layer)  # (cap, T, T, cout)
-        yt = kept.reshape(nh * nw, tile, tile, cout).at[idx].set(_act(layer, z), mode="drop")
-        zt = jnp.full((nh * nw, tile, tile, cout), -jnp.inf, z.dtype).at[idx].set(z, mode="drop")
-        ub_c = _tile_ub_from_z(_valid_mask_tiles(zt.reshape(nh, nw, tile, tile, cout), ho, wo, tile),
-                               dense_margin)
-        return yt.reshape(nh, nw, tile, tile, cout), ub_c
-      return run
+  def sparse(cap):
+    def run(_):
+      (idx,) = jnp.nonzero(changed.reshape(-1), size=cap, fill_value=n_tiles)
+      valid = idx < n_tiles
+      ti = jnp.where(valid, idx // nw, nh + jnp.arange(cap))  # fill entries: distinct, out of range
+      tj = jnp.where(valid, idx % nw, 0)
+      size = (tile + kh - 1, tile + kw - 1)
+      pc = _gather_windows(x, ti, tj, tile, size, (-ph, -pw))  # (cap, T+kh-1, T+kw-1, cin)
+      pp = _gather_windows(x_prev, ti, tj, tile, size, (-ph, -pw))
+      xmax, xmin = jnp.max(pc, axis=(1, 2)), jnp.min(pc, axis=(1, 2))
+      d = pc - pp
+      a2 = jnp.max(jnp.abs(pc), axis=(1, 2)) + jnp.max(jnp.abs(pp), axis=(1, 2))
+      ub_r, dm = range_upper_bound(layer, xmin, xmax, unit_roundoff)
+      prev_ub = state.ub.reshape(n_tiles, cout)[jnp.minimum(idx, n_tiles - 1)]
+      ub_t = temporal_upper_bound(layer, prev_ub, jnp.min(d, axis=(1, 2)), jnp.max(d, axis=(1, 2)),
+                                  a2, unit_roundoff)
+      ub = jnp.where(jnp.isnan(ub_t), ub_r, jnp.minimum(ub_t, ub_r))
+      if layer.relu:  # every output of the tile is +0.0 in dense float32 inference
+        skip = valid & jnp.all(_up(ub + dm) < 0, axis=-1)
+      else:
+        skip = jnp.zeros_like(valid)
+      comp = valid & ~skip
+      n_comp = jnp.sum(comp)
+      inner = [c for c in caps if c < cap] + [cap]
 
-    def nothing(_):  # no tile to compute: reuse and skip only
-      return kept, jnp.full((nh, nw, cout), -jnp.inf, xc.dtype)
+      def conv_some(c2):
+        def f(_):
+          if c2 == cap:
+            return _conv_valid(pc, layer)
+          (pos,) = jnp.nonzero(comp, size=c2, fill_value=cap)
+          z = _conv_valid(pc.at[pos].get(mode="fill", fill_value=0), layer)
+          return jnp.full((cap, tile, tile, cout), -jnp.inf, z.dtype).at[pos].set(z, mode="drop")
+        return f
 
-    branch = jnp.sum(jnp.asarray([count > c for c in caps], jnp.int32)) + (count > 0)
-    yt, ub_c = lax.switch(jnp.minimum(branch, len(caps)), [nothing] + [sparse(c) for c in caps], None)
-    new_ub = jnp.where(compute[..., None], ub_c, jnp.where(skip[..., None], ub, state.ub))
-    st = (jnp.sum(~changed).astype(jnp.int32), jnp.sum(skip).astype(jnp.int32),
-          count.astype(jnp.int32), jnp.zeros((), jnp.int32))
-    return _from_tiles(yt, ho, wo), new_ub, st
+      def no_conv(_):
+        return jnp.full((cap, tile, tile, cout), -jnp.inf, x.dtype)
 
-  y, new_ub, (reused, skipped, computed, used_dense) = lax.cond(n_changed > caps[-1], dense_all,
-                                                               bounded, None)
-  nz = jnp.all(_to_tiles(y, tile, nh, nw) == 0, axis=(2, 3, 4))
+      z = lax.switch(jnp.minimum(_buckets_for(inner, n_comp), len(inner)),
+                     [no_conv] + [conv_some(c) for c in inner], None)  # (cap, T, T, cout)
+      ro, co = _tile_index(state.y, ti, tj, tile, (tile, tile), (0, 0))
+      vm = (ro < ho) & (co < wo)  # (cap, T, T): real output positions
+      zmax = jnp.max(jnp.where(vm[..., None], z, -jnp.inf), axis=(1, 2))
+      new_ub = jnp.where(comp[:, None], _up(zmax + dm), jnp.where(skip[:, None], ub, prev_ub))
+      yt = jnp.where(comp[:, None, None, None], _act(layer, z), jnp.zeros((), z.dtype))
+      yt = jnp.where(vm[..., None], yt, jnp.zeros((), z.dtype))
+      old = state.y.at[ro, co].get(mode="fill", fill_value=0)
+      flags = _region_flags(jnp.any(_bits(yt) != _bits(old), axis=-1), next_strips)  # (cap, 3, 3)
+      amax_t = jnp.max(jnp.abs(yt), axis=(1, 2))
+      y = state.y.at[ro, co].set(yt, mode="drop", unique_indices=True)
+      iu = jnp.where(valid, idx, n_tiles + jnp.arange(cap))  # distinct indices, fill ones dropped
+      put = lambda full, v: full.reshape((n_tiles,) + full.shape[2:]).at[iu].set(
+          v, mode="drop", unique_indices=True).reshape(full.shape)
+      return (y, put(state.ub, new_ub), put(state.amax, amax_t),
+              put(jnp.zeros((nh, nw, 3, 3), bool), flags),
+              (jnp.sum(skip).astype(jnp.int32), n_comp.astype(jnp.int32)))
+    return run
+
+  branches = [nothing] + [sparse(c) for c in caps] + [dense]
+  y, ub, amax, flags, (skipped, computed) = lax.switch(_buckets_for(caps, count), branches, None)
+  used_dense = (count > (caps[-1] if caps else 0)).astype(jnp.int32)
+  reused = jnp.where(used_dense > 0, 0, n_tiles - count).astype(jnp.int32)
+  zt = _tile_view(y, tile, nh, nw, 0)
   stats = LayerStats(reused=reused, skipped=skipped, computed=computed, dense=used_dense,
-                     zero_tiles=jnp.sum(nz), zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
-  return LayerState(x=x, y=y, ub=new_ub, amax=amax), y, stats
+                     zero_tiles=jnp.sum(jnp.all(zt == 0, axis=(2, 3, 4))).astype(jnp.int32),
+                     zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
+  return LayerState(y=y, ub=ub, amax=amax), y, flags, stats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,39 +568,20 @@ def layers_from_flax(module: Any, variables: Any) -> tuple[ConvLayer, ...]:
   return tuple(layers)
 
 
-def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *, tile: int = 8,
-                      max_active_fraction: float = 0.5,
-                      buckets: Sequence[float] = (1 / 32, 1 / 8),
-                      unit_roundoff: float = 2.0 ** -24) -> RangeBoundModel:
-  """Exact frame-by-frame inference of a ReLU CNN that skips provably-zero and unchanged tiles.
 
-  Args:
-    module: a ``flax.linen.Sequential`` of ``nn.Conv`` + ``nn.relu`` (see :func:`layers_from_flax`),
-      or a sequence of :class:`ConvLayer`.
-    variables: the module's variables (ignored for a ConvLayer sequence).
-    frame_shape: ``(H, W, C)`` of every frame of the stream.
-    tile: output tile size ``T`` (tiles are ``T x T`` positions, all channels).
-    max_active_fraction: the sparse path computes at most this fraction of tiles (a static capacity);
-      above it the layer runs densely.
-    buckets: smaller static capacities (fractions of the tiles) for frames with few active tiles.
-    unit_roundoff: ``u`` of the conv arithmetic for the margin (``2**-24`` float32; ``2**-10`` TF32).
-  Returns:
-    :class:`RangeBoundModel` with ``init(frame) -> (state, y)`` and
-    ``step(state, frame) -> (state, y, stats)``; outputs are ``(H', W', c_out)``.
-  """
-  check_int("tile", tile, 1)
-  check_range("max_active_fraction", max_active_fraction, 0.0, 1.0, low_inclusive=False)
+
+def _layer_list(module: Any, variables: Any) -> tuple[ConvLayer, ...]:
   if isinstance(module, (list, tuple)):
     layers = tuple(module)
-    if not all(isinstance(l, ConvLayer) for l in layers) or not layers:
+    if not layers or not all(isinstance(l, ConvLayer) for l in layers):
       raise TypeError("a layer list must be a non-empty sequence of ConvLayer.")
-  else:
-    layers = layers_from_flax(module, variables)
-  frame_shape = tuple(int(s) for s in frame_shape)
-  if len(frame_shape) != 3:
-    raise ValueError(f"frame_shape must be (H, W, C), got {frame_shape}.")
-  shapes, caps, hw = [], [], frame_shape[:2]
-  c = frame_shape[2]
+    return layers
+  return layers_from_flax(module, variables)
+
+
+def _layer_shapes(layers, frame_shape, tile, unit_roundoff):
+  """Input shape and ``(nH, nW)`` of every layer; validates channels, padding and the margin."""
+  shapes, grids, hw, c = [], [], tuple(frame_shape[:2]), frame_shape[2]
   for l in layers:
     if l.kernel.shape[2] != c:
       raise ValueError(f"layer {l.name} expects {l.kernel.shape[2]} input channels, gets {c}.")
@@ -528,9 +589,58 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     ho, wo, nh, nw, _, _ = _geometry(l, hw, tile)
     fp_margin_factor(int(np.prod(l.kernel.shape[:3])), unit_roundoff)
     shapes.append(hw + (c,))
-    top = max(1, int(math.floor(max_active_fraction * nh * nw)))
-    caps.append(tuple(sorted({max(1, min(top, int(math.ceil(f * nh * nw)))) for f in buckets} | {top})))
+    grids.append((nh, nw))
     hw, c = (ho, wo), l.kernel.shape[3]
+  return shapes, grids
+
+
+def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *, tile: int = 8,
+                      max_active_fraction: float | Sequence[float] = 0.25,
+                      buckets: Sequence[float] = (1 / 32, 1 / 8),
+                      unit_roundoff: float = 2.0 ** -24) -> RangeBoundModel:
+  """Exact frame-by-frame inference of a ReLU CNN that skips provably-zero and unchanged tiles.
+
+  Per frame, one pass over the input frame finds the changed tiles (bit comparison); from there on
+  change is tracked per tile through the layers (a recomputed tile whose bits did not change stops
+  the propagation), so a layer whose receptive fields did not change does no work at all, and the
+  choice between the sparse path and the dense convolution is made per layer from the number of
+  changed tiles *before* any bound, gather or scatter runs (one ``lax.switch``: only one branch runs).
+
+  Args:
+    module: a ``flax.linen.Sequential`` of ``nn.Conv`` + ``nn.relu`` (see :func:`layers_from_flax`),
+      or a sequence of :class:`ConvLayer`.
+    variables: the module's variables (ignored for a ConvLayer sequence).
+    frame_shape: ``(H, W, C)`` of every frame of the stream.
+    tile: output tile size ``T`` (tiles are ``T x T`` positions, all channels).
+    max_active_fraction: the sparse path handles at most this fraction of a layer's tiles (a static
+      capacity); above it the layer runs densely. One float, or one per layer (e.g. from
+      :func:`calibrate_active_fraction`); ``0`` makes a layer dense whenever its input changed.
+    buckets: smaller static capacities (fractions of the tiles) for frames with few active tiles.
+    unit_roundoff: ``u`` of the conv arithmetic for the margin (``2**-24`` float32; ``2**-10`` TF32).
+  Returns:
+    :class:`RangeBoundModel` with ``init(frame) -> (state, y)`` and
+    ``step(state, frame) -> (state, y, stats)``; outputs are ``(H', W', c_out)``.
+  """
+  check_int("tile", tile, 1)
+  layers = _layer_list(module, variables)
+  frame_shape = tuple(int(s) for s in frame_shape)
+  if len(frame_shape) != 3:
+    raise ValueError(f"frame_shape must be (H, W, C), got {frame_shape}.")
+  fracs = (tuple(max_active_fraction) if isinstance(max_active_fraction, (list, tuple))
+           else (max_active_fraction,) * len(layers))
+  if len(fracs) != len(layers):
+    raise ValueError(f"max_active_fraction has {len(fracs)} entries for {len(layers)} layers.")
+  for f in fracs:
+    check_range("max_active_fraction", f, 0.0, 1.0)
+  for f in buckets:
+    check_range("buckets[i]", f, 0.0, 1.0, low_inclusive=False)
+  _, grids = _layer_shapes(layers, frame_shape, tile, unit_roundoff)
+  caps = []
+  for (nh, nw), frac in zip(grids, fracs):
+    top = int(math.floor(frac * nh * nw))
+    caps.append(tuple(sorted({int(math.ceil(f * nh * nw)) for f in buckets if f * nh * nw < top} |
+                             ({top} if top >= 1 else set()))))
+  strips = [_strips(l) for l in layers] + [(0, 0, 0, 0)]
 
   def _check_frame(frame):
     dtype = getattr(frame, "dtype", None)
@@ -547,27 +657,85 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
 
   @jax.jit
   def _init(x):
-    states = []
+    states, frame = [], x
+    in_amax = _input_tile_stats(x, x, tile, strips[0])[1]
     for l in layers:
-      st, x = conv_layer_init(l, x, tile, unit_roundoff)
+      st, x = conv_layer_init(l, x, tile, unit_roundoff, in_amax=in_amax)
       states.append(st)
-    return tuple(states), x
+      in_amax = st.amax
+    return ModelState(frame, tuple(states)), x
 
   def init(frame):
     return _init(_check_frame(frame))
 
   def step(state, frame):
     x = _check_frame(frame)
-    if len(state) != len(layers):
-      raise ValueError(f"state has {len(state)} layers, the model {len(layers)}.")
-    new, stats = [], []
-    for l, st, cap in zip(layers, state, caps):
-      st, x, s = conv_layer_step(l, st, x, tile=tile, capacity=cap, unit_roundoff=unit_roundoff)
-      new.append(st)
+    if not isinstance(state, ModelState) or len(state.layers) != len(layers):
+      raise ValueError(f"state must be the ModelState of this model ({len(layers)} layers); "
+                       "get it from init().")
+    flags, in_amax = _input_tile_stats(x, state.x, tile, strips[0])
+    frame_now, x_prev, new, stats = x, state.x, [], []
+    for i, (l, st, cap) in enumerate(zip(layers, state.layers, caps)):
+      nh, nw = grids[i]
+      st_new, y, flags, s = conv_layer_step(l, st, x, x_prev, _rf_changed(flags, nh, nw), in_amax,
+                                            tile=tile, capacity=cap, unit_roundoff=unit_roundoff,
+                                            next_strips=strips[i + 1])
+      new.append(st_new)
       stats.append(s)
-    return tuple(new), x, tuple(stats)
+      x, x_prev, in_amax = y, st.y, st_new.amax
+    return ModelState(x=frame_now, layers=tuple(new)), x, tuple(stats)
 
-  return RangeBoundModel(init=init, step=step, layers=layers)
+  return RangeBoundModel(init=init, step=step, layers=layers, capacities=tuple(caps))
+
+
+def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence[int], *,
+                              tile: int = 8, fractions: Sequence[float] = (1 / 32, 1 / 16, 1 / 8, 1 / 4,
+                                                                           1 / 2),
+                              repeats: int = 5, slack: float = 1.0, seed: int = 0,
+                              unit_roundoff: float = 2.0 ** -24) -> tuple[float, ...]:
+  """Per-layer dense-fallback threshold from measured costs on this machine.
+
+  For every layer and candidate fraction ``f``, times (``mlsys_jax.stats.time_interleaved``, jitted)
+  one layer step whose changed tiles are a random ``f`` of all tiles on the sparse path against the same
+  layer's dense path, on random inputs (no tile provably zero: the sparse path's worst case). Returns,
+  per layer, the largest ``f`` whose sparse step took ``<= slack`` times the dense step (``0.0`` if none):
+  pass it as ``max_active_fraction`` so that a frame never takes the sparse path where dense is cheaper.
+  """
+  from mlsys_jax import stats as _stats
+  check_int("repeats", repeats, 1)
+  check_range("slack", slack, 0.0, None, low_inclusive=False)
+  layers = _layer_list(module, variables)
+  frame_shape = tuple(int(s) for s in frame_shape)
+  shapes, grids = _layer_shapes(layers, frame_shape, tile, unit_roundoff)
+  rng = np.random.default_rng(seed)
+  out = []
+  for l, shp, (nh, nw) in zip(layers, shapes, grids):
+    x0 = jnp.asarray(rng.uniform(-1, 1, shp), jnp.float32)
+    x1 = jnp.asarray(rng.uniform(-1, 1, shp), jnp.float32)
+    st, _ = conv_layer_init(l, x0, tile, unit_roundoff)
+    in_amax = _input_tile_stats(x1, x0, tile, _strips(l))[1]
+
+    def timed(cap, n):
+      mask = np.zeros(nh * nw, bool)
+      mask[rng.choice(nh * nw, n, replace=False)] = True
+      mask = jnp.asarray(mask.reshape(nh, nw))
+      f = jax.jit(lambda st, x, xp, m: conv_layer_step(l, st, x, xp, m, in_amax, tile=tile,
+                                                       capacity=cap, unit_roundoff=unit_roundoff)[1])
+      return lambda: f(st, x1, x0, mask)
+
+    dense_fn = timed((), nh * nw)
+    best = 0.0
+    for frac in sorted(fractions):
+      n = int(math.floor(frac * nh * nw))
+      if n < 1:
+        continue
+      t = _stats.time_interleaved(timed((n,), n), dense_fn, repeats=repeats, warmup=1)
+      if t.median_a <= slack * t.median_b:
+        best = frac
+      else:
+        break
+    out.append(best)
+  return tuple(out)
 
 
 def dense_model(layers: Sequence[ConvLayer]) -> Callable:
