@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from mlsys_jax._checks import check_choice, check_int
+from mlsys_jax.quant import _pallas_gemm
 from mlsys_jax.quant.calibration import CALIBRATION_METHODS, calibrate_amax
 from mlsys_jax.quant.fixed_point import (_check_bits, fake_quant, quantize)
 from mlsys_jax.quant.vsquant import _split, vs_fake_quant, vs_quantize
@@ -160,6 +161,25 @@ def _int_operand(x, spec: QuantSpec, red_axis: int, amax=None):
   return cs, qt.scales()
 
 
+def _use_pallas_kernel(vector_size: int) -> bool:
+  """Per-vector integer products go to the Pallas kernel on the GPU when it supports V."""
+  return _pallas_gemm.on_gpu() and vector_size in _pallas_gemm.SUPPORTED_VECTOR_SIZES
+
+
+def _dot_int_pallas(lhs2, rhs, a: QuantSpec, w: QuantSpec, amax):
+  """Per-vector ``lhs2 (M, K) @ rhs (K, N)`` through the Pallas int8 GEMM (the same codes and scales
+  as the XLA path: integer vector scales in the K loop, coarse scales once at the end)."""
+  qa = vs_quantize(lhs2, a.bits, axis=1, vector_size=a.vector_size, scale_bits=a.scale_bits,
+                   coarse_axes=(0, 1), coarse_amax=amax)
+  qw = vs_quantize(rhs, w.bits, axis=0, vector_size=w.vector_size, scale_bits=w.scale_bits)
+  g = qa.vector_scale.shape[1]
+  return _pallas_gemm.vs_int8_matmul(
+      qa.codes.astype(jnp.int8), qa.vector_scale.reshape(-1, g), qw.codes.astype(jnp.int8),
+      qw.vector_scale.reshape(g, -1), vector_size=a.vector_size,
+      a_coarse=qa.coarse_scale.reshape(()), w_coarse=qw.coarse_scale.reshape(-1),
+      integer_scales=a.scale_bits is not None)
+
+
 def _dot_int(lhs, rhs, config: QuantConfig, amax):
   """Integer path for ``lhs (M, K) @ rhs (K, N)`` (any dot_general is brought to this form first)."""
   w, a = config.weight, config.activation
@@ -177,23 +197,31 @@ def _dot_int(lhs, rhs, config: QuantConfig, amax):
   else:
     if w.vector_size != a.vector_size:
       raise ValueError("per-vector integer path needs the same vector_size for both operands.")
+    if _use_pallas_kernel(w.vector_size):
+      return _dot_int_pallas(lhs2, rhs, a, w, amax).reshape(*lead, rhs.shape[-1])
     ca, sa = _int_operand(lhs2, a, 1, amax)    # (M, G, V), (M, G, 1)
     cw, sw = _int_operand(rhs, w, 0)           # (G, V, N), (G, 1, N)
-    g, m, n = cw.shape[0], ca.shape[0], cw.shape[-1]
-    if g * m * n <= _BATCHED_PARTIALS_LIMIT:
-      part = jax.lax.dot_general(ca, cw, (((2,), (1,)), ((1,), (0,))),
-                                 preferred_element_type=jnp.int32)       # (G, M, N)
-      out = jnp.sum(part.astype(jnp.float32) * jnp.transpose(sa, (1, 0, 2)) * sw, axis=0)
-    else:  # large: accumulate one vector group at a time instead of materialising G partial products
-
-      def body(acc, xs):
-        ca_g, sa_g, cw_g, sw_g = xs
-        part = jax.lax.dot(ca_g, cw_g, preferred_element_type=jnp.int32)  # (M, N)
-        return acc + part.astype(jnp.float32) * sa_g * sw_g, None
-
-      xs = (jnp.moveaxis(ca, 1, 0), jnp.moveaxis(sa, 1, 0), cw, sw)
-      out, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), xs)
+    out = _vs_dot_xla(ca, sa, cw, sw)
   return out.reshape(*lead, rhs.shape[-1])
+
+
+def _vs_dot_xla(ca, sa, cw, sw):
+  """XLA per-vector integer product from split codes ``ca (M, G, V)``, ``cw (G, V, N)`` and float
+  scales ``sa (M, G, 1)``, ``sw (G, 1, N)``: int32 partial sums per vector, rescaled and summed."""
+  g, m, n = cw.shape[0], ca.shape[0], cw.shape[-1]
+  if g * m * n <= _BATCHED_PARTIALS_LIMIT:
+    part = jax.lax.dot_general(ca, cw, (((2,), (1,)), ((1,), (0,))),
+                               preferred_element_type=jnp.int32)       # (G, M, N)
+    return jnp.sum(part.astype(jnp.float32) * jnp.transpose(sa, (1, 0, 2)) * sw, axis=0)
+
+  def body(acc, xs):  # large: accumulate one vector group at a time, not G partial products at once
+    ca_g, sa_g, cw_g, sw_g = xs
+    part = jax.lax.dot(ca_g, cw_g, preferred_element_type=jnp.int32)  # (M, N)
+    return acc + part.astype(jnp.float32) * sa_g * sw_g, None
+
+  xs = (jnp.moveaxis(ca, 1, 0), jnp.moveaxis(sa, 1, 0), cw, sw)
+  out, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), xs)
+  return out
 
 
 def _integer_with_emulation_grad(int_fn, emu_fn, lhs, rhs, amax):
