@@ -188,8 +188,8 @@ def main():
   t = stats.time_interleaved(kfn, cases[1][1], repeats=reps, warmup=2, inner=inner)
   result["kernel_vs_int8_channel"] = {"kernel_s": t.median_a, "int8_channel_s": t.median_b,
                                       "ratio": t.ratio}
-  e2e_err = _rel(e2e_vec(a, w), jax.jit(lambda p, q: quant.quantized_dot_general(
-      quant.QuantConfig(vcfg.weight, vcfg.activation))(p, q, dn))(a, w))
+  e2e_err = _rel(e2e_vec(a, w), jax.jit(lambda p, q: quant.quantized_dot_general(   # float32, not tf32
+      quant.QuantConfig(vcfg.weight, vcfg.activation))(p, q, dn, precision=jax.lax.Precision.HIGHEST))(a, w))
   result["e2e_rel_err_vs_emulation"] = e2e_err
 
   # 5. Other vector sizes with the chosen configuration (V=16 also with native K=16 products).
