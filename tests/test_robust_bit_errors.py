@@ -161,3 +161,85 @@ def test_robust_error_properties():
   r2 = be.robust_error(apply, params, x, y, p=0.1, bits=8, num_patterns=5)
   assert r0.rerr_mean <= r1.rerr_mean <= r2.rerr_mean and r2.rerr_mean > r0.rerr_mean
   assert r1.rerr_per_pattern.shape == (5,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The counter-based in-register generator (mlsys_jax/robust/_pallas_bits.py).
+
+from mlsys_jax.robust import _pallas_bits as pb  # noqa: E402
+
+
+def test_threefry_matches_jax():
+  import jax.extend.random as jr
+  kd = jax.random.key_data(jax.random.PRNGKey(11))
+  x = jax.random.bits(jax.random.PRNGKey(4), (2, 37), jnp.uint32)
+  y0, y1 = pb.threefry2x32(kd[0], kd[1], x[0], x[1])
+  np.testing.assert_array_equal(np.concatenate([y0, y1]), jr.threefry_2x32(kd, x.reshape(-1)))
+
+
+def test_bitsliced_comparison_is_the_32_bit_draw():
+  """Faults equal U < t exactly, with U rebuilt from all 32 level words (most significant first)."""
+  k0, k1 = np.uint32(123), np.uint32(456789)
+  nw = 300
+  idx = jnp.arange(nw, dtype=jnp.uint32)
+  lv = []
+  for m in range(16):
+    r0, r1 = pb.threefry2x32(jnp.uint32(k0), jnp.uint32(k1), idx, jnp.full((nw,), m, jnp.uint32))
+    lv += [np.asarray(r0, np.uint64), np.asarray(r1, np.uint64)]
+  lanes = np.arange(32, dtype=np.uint64)
+  u = sum(((lv[l][:, None] >> lanes) & 1) << np.uint64(31 - l) for l in range(32))   # (nw, 32) draws
+  # p's threshold, extreme and "adversarial" thresholds (equal to some lane's draw, or one above).
+  below = jax.jit(lambda t: pb.below_words(jnp.uint32(k0), jnp.uint32(k1), t, jnp.bool_(False), idx,
+                                           0xFFFFFFFF))
+  for t in [0, 1, 2 ** 20, int(0.01 * 2 ** 32), 2 ** 31, int(u[7, 3]), int(u[7, 3]) + 1, 2 ** 32 - 1]:
+    got = np.asarray(below(jnp.uint32(t)), np.uint64)
+    want = ((u < t).astype(np.uint64) << lanes).sum(axis=1)
+    np.testing.assert_array_equal(got, want, err_msg=f"t={t}")
+  always = pb.below_words(jnp.uint32(k0), jnp.uint32(k1), jnp.uint32(0), jnp.bool_(True), idx, 0x0F0F0F0F)
+  assert bool(jnp.all(always == 0x0F0F0F0F))
+
+
+@pytest.mark.parametrize("dtype,bits,n", [(jnp.uint8, 5, 1027), (jnp.uint16, 12, 999)])
+def test_kernel_matches_xla_bit_for_bit(dtype, bits, n):
+  codes = jax.random.randint(jax.random.PRNGKey(n), (n,), 0, 2 ** bits).astype(dtype).reshape(-1, 1)
+  key = jax.random.PRNGKey(5)
+  both = lambda impl: jax.jit(lambda p, q: (be._inject(key, codes, p, bits, impl=impl, words=64),
+                                            be._inject(key, codes, p, bits, p_one=q, impl=impl, words=64)))
+  xla, kernel = both("xla"), both("interpret")   # several programs, ragged end
+  for p, q in ((0.0, 0.5), (0.03, 0.3), (1.0, 1.0)):
+    for a, b in zip(kernel(p, q), xla(p, q)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      assert a.shape == (n, 1) and a.dtype == dtype
+  # The public function is the XLA path here (no GPU), with the same bits.
+  np.testing.assert_array_equal(np.asarray(be.inject_bit_errors(key, codes, 0.03, bits)),
+                                np.asarray(kernel(0.03, 0.3)[0]))
+
+
+def test_flip_statistics_uint16_and_symmetry():
+  """Binomial bounds per bit plane (uint16, 12 bits), equal 0->1 and 1->0 rates, no pairwise coupling."""
+  n, p = 60_000, 0.05
+  codes = jax.random.randint(jax.random.PRNGKey(0), (n,), 0, 2 ** 12).astype(jnp.uint16)
+  noisy = be.inject_bit_errors(jax.random.key(3, impl="rbg"), codes, p, 12)
+  c, d = np.asarray(codes), np.asarray(codes ^ noisy)
+  assert d.max() < 2 ** 12                                   # bits 12..15 never touched
+  planes = (d[:, None] >> np.arange(12)) & 1                 # (n, 12) flips
+  se = np.sqrt(p * (1 - p) / n)
+  assert np.all(np.abs(planes.mean(0) - p) < 4.5 * se), planes.mean(0)
+  stored = (c[:, None] >> np.arange(12)) & 1
+  r01, r10 = planes[stored == 0].mean(), planes[stored == 1].mean()   # 0->1 and 1->0 flip rates
+  se2 = np.sqrt(p * (1 - p) * (1 / (stored == 0).sum() + 1 / (stored == 1).sum()))
+  assert abs(r01 - r10) < 4 * se2, (r01, r10)
+  # Neighbouring planes of one code and the same plane of neighbouring codes flip independently.
+  for a, b in ((planes[:, :-1], planes[:, 1:]), (planes[:-1], planes[1:])):
+    both = (a & b).mean()
+    assert abs(both - p * p) < 4.5 * np.sqrt(p * p * (1 - p * p) / a.size), both
+
+
+def test_subset_property_exact_for_stuck_at_faults():
+  zeros = jnp.zeros((5000,), jnp.uint8)
+  key = jax.random.PRNGKey(2)
+  stuck = jax.jit(lambda p: be.inject_stuck_at(key, zeros, p, 8, p_one=1.0))
+  masks = [np.asarray(stuck(p)) for p in (0.001, 0.01, 0.1, 0.5)]
+  assert masks[0].any()
+  for lo, hi in zip(masks, masks[1:]):
+    assert np.all((lo & ~hi) == 0)

@@ -32,6 +32,7 @@ import optax
 
 from mlsys_jax._checks import check_int, check_range, is_concrete
 from mlsys_jax.quant import QuantizedTensor, dequantize, quantize
+from mlsys_jax.robust import _pallas_bits
 
 __all__ = [
     "ErrorMap",
@@ -89,15 +90,40 @@ def _plane_mask(u: jax.Array, p, codes_dtype) -> jax.Array:
                  axis=-1, dtype=jnp.uint32).astype(codes_dtype)
 
 
+def _flip_params(kw: jax.Array, p) -> jax.Array:
+  t, always = _threshold(p)
+  return jnp.stack([kw[0], kw[1], t, always.astype(jnp.uint32)])
+
+
+def _inject(key: jax.Array, codes: jax.Array, p, bits: int, p_one=None, impl: str | None = None,
+            **kernel_args) -> jax.Array:
+  """Flips (``p_one`` None) or stuck-at faults through the counter-based hash of ``_pallas_bits``;
+  ``impl``: None (Pallas kernel on GPU, XLA elsewhere), ``'xla'``, ``'pallas'`` or ``'interpret'``."""
+  impl = impl or _pallas_bits.default_impl()
+  if p_one is None:
+    return _pallas_bits.inject(codes, bits, _flip_params(_pallas_bits.key_words(key), p), impl=impl,
+                               **kernel_args)
+  kw = jax.random.bits(key, (4,), jnp.uint32)
+  return _pallas_bits.inject(codes, bits, _flip_params(kw[:2], p), _flip_params(kw[2:], p_one),
+                             impl=impl, **kernel_args)
+
+
 def inject_bit_errors(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits: int) -> jax.Array:
   """Flip every one of the low ``bits`` bits of every code independently with probability ``p``.
 
-  Stutz et al. (MLSys 2021), Sec. 3: random bit errors model low-voltage SRAM. One 32-bit uniform draw
-  per (code, bit) decides the flip (``u < p``), so for a fixed ``key`` the flips at a lower ``p`` are a
-  subset of those at a higher ``p``, and 1->0 and 0->1 flips are equally likely.
+  Stutz et al. (MLSys 2021), Sec. 3: random bit errors model low-voltage SRAM. Every bit owns one
+  uniform 32-bit draw ``U`` and flips iff ``U < floor(p * 2^32)``, so for a fixed ``key`` the flips at a
+  lower ``p`` are a subset of those at a higher ``p``, and 1->0 and 0->1 flips are equally likely.
+
+  The draws are never stored: a counter-based hash (Threefry-2x32-20) of the key, the code's position
+  and the bit is evaluated where it is needed, comparing only as many leading binary digits of ``U`` as
+  it takes to decide (``mlsys_jax/robust/_pallas_bits.py``). On GPU this runs as one Pallas (Triton)
+  kernel that reads the codes once and writes them once; elsewhere the same hash runs in XLA, and the
+  two give identical flips for the same key. The pattern is a function of the key, the flat index of
+  the code, the bit and the code dtype; it differs from ``jax.random.bits(key, ...)``.
 
   Args:
-    key: PRNG key of the error pattern (any key type; ``jax.random.key(0, impl='rbg')`` is fastest on GPU).
+    key: PRNG key of the error pattern (any key type).
     codes: unsigned integer codes (uint8/uint16), any shape, values < 2**bits.
     p: bit error rate in [0, 1] (may be traced).
     bits: number of stored bits per code (1..16).
@@ -115,8 +141,7 @@ def inject_bit_errors(key: jax.Array, codes: jax.Array, p: float | jax.Array, bi
   """
   _check_codes(codes, bits)
   _check_p(p)
-  u = jax.random.bits(key, tuple(codes.shape) + (bits,), jnp.uint32)
-  return jnp.bitwise_xor(codes, _plane_mask(u, p, codes.dtype))
+  return _inject(key, codes, p, bits)
 
 
 def inject_stuck_at(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits: int,
@@ -125,7 +150,9 @@ def inject_stuck_at(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits
   reads 1 with probability ``p_one`` (stuck-at-1) and 0 otherwise (stuck-at-0).
 
   Unlike flips, a stuck bit only changes the code when it differs from the stored bit, so the
-  effective flip rate is about ``p / 2`` for ``p_one = 0.5``.
+  effective flip rate is about ``p / 2`` for ``p_one = 0.5``. Faulty bits and stuck values come from
+  two independent streams of the counter-based hash of :func:`inject_bit_errors` (one kernel on GPU),
+  so the faulty bits at a lower ``p`` are a subset of those at a higher ``p`` for a fixed key.
 
   Example:
     >>> codes = jnp.zeros(4, jnp.uint8)
@@ -135,11 +162,7 @@ def inject_stuck_at(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits
   _check_codes(codes, bits)
   _check_p(p)
   check_range("p_one", p_one, 0.0, 1.0)
-  k1, k2 = jax.random.split(key)
-  u = jax.random.bits(k1, tuple(codes.shape) + (bits,), jnp.uint32)
-  faulty = _plane_mask(u, p, codes.dtype)
-  ones = _plane_mask(jax.random.bits(k2, u.shape, jnp.uint32), p_one, codes.dtype)
-  return (codes & ~faulty) | (faulty & ones)
+  return _inject(key, codes, p, bits, p_one=p_one)
 
 
 class ErrorMap(NamedTuple):

@@ -1,0 +1,195 @@
+"""Counter-based random bit errors drawn in registers: a Pallas (Triton) kernel and the same hash in XLA.
+
+Used by :func:`mlsys_jax.robust.bit_errors.inject_bit_errors` and
+:func:`~mlsys_jax.robust.bit_errors.inject_stuck_at` (Stutz et al., MLSys 2021, Sec. 3: independent flips
+with rate p per stored bit). The fault model is the one documented there: every faulty-capable bit j
+(a *lane*) owns a uniform 32-bit draw ``U_j``, and the bit is faulty at rate p iff ``U_j < t(p)`` with
+``t(p) = floor(p * 2^32)``. So the faults at p1 < p2 are a subset of those at p2 for a fixed key, every
+lane fails independently with probability t / 2^32, and the decision never looks at the stored value
+(0->1 and 1->0 flips are equally likely).
+
+Nothing is stored: ``U_j`` is never materialised. The codes are packed 32 lanes to a word (4 uint8 or 2
+uint16 codes, lane = ``width * slot + plane``), and the binary digits of all 32 lanes' draws at one
+level (most significant first) form one *level word*, the output of a counter-based hash of
+``(key, word index, level)``. The comparison ``U < t`` is decided, bit-sliced over 32 lanes with a
+few logical operations per word, at the first level where a lane's digit differs from t's digit; a
+lane whose digits all equal t's is not below it. Evaluation stops once every lane of a tile is decided
+(about log2(lanes per tile) + 2 levels instead of 32, and p = 0 or 1 stops at once): the result is
+exactly that of the full 32-level comparison, whatever the stopping point, so the kernel (tiles) and the
+XLA path (one tile) give identical bits.
+
+The hash is Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), the generator behind
+``jax.random``'s default keys, written in 32-bit jnp operations (adds, rotations, xors) so that the
+same function runs inside the kernel and in XLA: ``(level word 2m, level word 2m + 1) =
+threefry2x32((k0, k1), (word index, m))``. The key pair (k0, k1) is ``jax.random.bits(key, (2,))`` (any
+key type). The stream differs from ``jax.random.bits(key, codes.shape + (bits,))`` (what this module
+replaced): same distribution, different patterns for the same key.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:  # Pallas and its Triton-specific load/store with masks
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+except Exception:  # pragma: no cover - jax without Pallas/Triton support
+  pl = plgpu = None
+
+WORDS = 256        # 32-lane words per program (1024 uint8 codes)
+NUM_WARPS = 4      # warps per program
+_ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
+_U32 = jnp.uint32
+
+
+def available() -> bool:
+  """Whether the Pallas Triton primitives exist in this jax."""
+  return plgpu is not None and hasattr(plgpu, "load") and hasattr(plgpu, "store")
+
+
+def _rotl(x, r: int):
+  return (x << _U32(r)) | (x >> _U32(32 - r))
+
+
+def threefry2x32(k0, k1, x0, x1, rounds: int = 20):
+  """Threefry-2x32 block function (Salmon et al. 2011) on uint32 arrays: ``(y0, y1)``.
+
+  With 20 rounds it equals jax's own ``threefry_2x32`` (checked in the tests).
+  """
+  if rounds % 4:
+    raise ValueError(f"rounds must be a multiple of 4, got {rounds}.")
+  ks = (k0, k1, k0 ^ k1 ^ _U32(0x1BD11BDA))
+  x0 = x0 + ks[0]
+  x1 = x1 + ks[1]
+  for g in range(rounds // 4):
+    for r in _ROT[g % 2]:
+      x0 = x0 + x1
+      x1 = _rotl(x1, r) ^ x0
+    x0 = x0 + ks[(g + 1) % 3]
+    x1 = x1 + ks[(g + 2) % 3] + _U32(g + 1)
+  return x0, x1
+
+
+def lane_mask(bits: int, width: int) -> int:
+  """32-bit word with the lanes of the low ``bits`` planes of each ``width``-bit code slot set."""
+  one = (1 << bits) - 1
+  return sum(one << (width * s) for s in range(32 // width))
+
+
+def below_words(k0, k1, t, always, word_idx, lanes, rounds: int = 20):
+  """Bit-sliced ``U_j < t`` for the 32 lanes of each word of ``word_idx`` (uint32 array).
+
+  ``t`` is the uint32 threshold, ``always`` (bool) forces every lane of ``lanes`` on (p = 1); lanes
+  outside ``lanes`` are never set. Runs level pairs until every lane is decided.
+  """
+  lanes = jnp.full(word_idx.shape, lanes, _U32)
+  zero = jnp.zeros(word_idx.shape, _U32)
+  und0 = jnp.where(always | (t == _U32(0)), zero, lanes)
+  lt0 = jnp.where(always, lanes, zero)
+
+  def cond(c):
+    m, _, und = c
+    return (m < 16) & (jnp.max(und) != _U32(0))
+
+  def level(lt, und, r, bit):
+    tm = _U32(0) - ((t >> bit) & _U32(1))      # all ones where t's digit is 1
+    lt = lt | (und & ~r & tm)                    # digit 0 < 1: decided below
+    und = und & ~(r ^ tm)                        # still equal: undecided
+    return lt, und
+
+  def body(c):
+    m, lt, und = c
+    mu = m.astype(_U32)
+    r0, r1 = threefry2x32(k0, k1, word_idx, jnp.full(word_idx.shape, mu, _U32), rounds)
+    lt, und = level(lt, und, r0, _U32(31) - _U32(2) * mu)
+    lt, und = level(lt, und, r1, _U32(30) - _U32(2) * mu)
+    return m + 1, lt, und
+
+  _, lt, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), lt0, und0))
+  return lt
+
+
+def _unpack(words, cpw: int, width: int, dtype):
+  """(W,) uint32 words -> (W, cpw) codes of ``width`` bits (slot s = bits width*s ...)."""
+  sh = (jnp.arange(cpw, dtype=jnp.int32) * width).astype(_U32)
+  return ((words[:, None] >> sh[None, :]) & _U32((1 << width) - 1)).astype(dtype)
+
+
+def key_words(key) -> jax.Array:
+  """Two uint32 hash-key words from any jax PRNG key (raw uint32[2] or typed)."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def _params(kw, t, always):
+  return jnp.stack([kw[0], kw[1], jnp.asarray(t, _U32), jnp.asarray(always, _U32)])
+
+
+def _faults_xla(params, nw: int, lanes: int, rounds: int):
+  idx = jnp.arange(nw, dtype=_U32)
+  return below_words(params[0], params[1], params[2], params[3] != 0, idx, lanes, rounds)
+
+
+def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: str = "xla",
+           words: int | None = None, num_warps: int | None = None, rounds: int = 20) -> jax.Array:
+  """Faults on the flat codes: flips (``one_params`` None) or stuck-at values.
+
+  ``flip_params``/``one_params``: uint32[4] ``(k0, k1, t, always)`` of the faulty-bit draw and of the
+  stuck value draw (a faulty bit reads 1 where the second draw is below its threshold).
+  ``impl``: ``'xla'``, ``'pallas'`` (compiled Triton) or ``'interpret'`` (the kernel in Pallas' interpreter).
+  """
+  shape, dtype = codes.shape, codes.dtype
+  width = jnp.iinfo(dtype).bits
+  cpw = 32 // width
+  flat = codes.reshape(-1)
+  n = flat.shape[0]
+  if n == 0:
+    return codes
+  nw = -(-n // cpw)
+  lanes = lane_mask(bits, width)
+  stuck = one_params is not None
+  allp = jnp.concatenate([flip_params, one_params]) if stuck else flip_params
+
+  def combine(c, f, o):
+    return (c & ~f) | (f & o) if stuck else c ^ f
+
+  if impl == "xla":
+    f = _faults_xla(allp[:4], nw, lanes, rounds)
+    o = _faults_xla(allp[4:], nw, lanes, rounds) if stuck else None
+    c = jnp.pad(flat, (0, nw * cpw - n)).reshape(nw, cpw)
+    out = combine(c, _unpack(f, cpw, width, dtype), _unpack(o, cpw, width, dtype) if stuck else None)
+    return out.reshape(-1)[:n].reshape(shape)
+  if impl not in ("pallas", "interpret"):
+    raise ValueError(f"impl must be 'xla', 'pallas' or 'interpret', got {impl!r}.")
+  w = words or WORDS
+  grid = -(-nw // w)
+
+  def kernel(p_ref, c_ref, o_ref):
+    i = pl.program_id(0)
+    widx = i * w + jnp.arange(w, dtype=jnp.int32)
+    offs = widx[:, None] * cpw + jnp.arange(cpw, dtype=jnp.int32)[None, :]
+    ok = offs < n
+    c = plgpu.load(c_ref.at[offs], mask=ok, other=jnp.zeros((), dtype))
+    wu = widx.astype(_U32)
+    f = below_words(p_ref[0], p_ref[1], p_ref[2], p_ref[3] != _U32(0), wu, lanes, rounds)
+    o = None
+    if stuck:
+      o = _unpack(below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, rounds),
+                  cpw, width, dtype)
+    plgpu.store(o_ref.at[offs], combine(c, _unpack(f, cpw, width, dtype), o), mask=ok)
+
+  interpret = impl == "interpret"
+  cp = None
+  if not interpret:
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    cp = cls(num_warps=num_warps or NUM_WARPS, num_stages=1)
+  out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n,), dtype), grid=(grid,),
+                       interpret=interpret, compiler_params=cp)(allp, flat)
+  return out.reshape(shape)
+
+
+def default_impl() -> str:
+  """``'pallas'`` on a GPU backend with Pallas Triton, ``'xla'`` elsewhere."""
+  return "pallas" if jax.default_backend() == "gpu" and available() else "xla"
+
