@@ -30,6 +30,7 @@ import optax  # noqa: E402
 
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
+from mlsys_jax.comm.warmup import dense_warmup  # noqa: E402
 
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["mnist1d", "digits"], "Data set.")
 _RATIOS = flags.DEFINE_list("ratios", ["0.01"], "Target densities.")
@@ -41,6 +42,7 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Batch per worker.")
 _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compressors.")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd).")
+_WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
@@ -52,29 +54,32 @@ def _setup():
   return ds, model
 
 
-def make_tx(compressor: str | None, mode: str, ratio: float, lr: float) -> optax.GradientTransformation:
+def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0
+            ) -> optax.GradientTransformation:
   """The optimizer of one arm: dense Adam (compressor None), ``chain(c, adam)`` or the preconditioned
-  compressor followed by SGD."""
+  compressor followed by SGD; ``warmup > 0`` wraps the compressor in ``comm.dense_warmup``."""
   if compressor is None:
     return optax.adam(lr)
   pre = optax.scale_by_adam() if mode == "precondition" else None
   c = {"sidco": lambda: sp.sidco(ratio, distribution="gpareto", axis_name="d", precondition=pre),
        "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre),
        "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre)}[compressor]()
+  if warmup:
+    c = dense_warmup(c, warmup, axis_name="d")
   return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, compressor, mode, ratio):
+def _step(model, compressor, mode, ratio, warmup):
   """One compiled data-parallel step per arm, shared by all seeds."""
-  tx = make_tx(compressor, mode, ratio, _LR.value)
+  tx = make_tx(compressor, mode, ratio, _LR.value, warmup)
   return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
                                                       average_grads=compressor is None)
 
 
-def train(ds, model, compressor, mode, ratio, seed):
+def train(ds, model, compressor, mode, ratio, seed, warmup=0):
   """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed."""
-  tx, step = _step(model, compressor, mode, ratio)
+  tx, step = _step(model, compressor, mode, ratio, warmup)
   w, b = _WORKERS.value, _BATCH.value
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   state = models.replicate(tx.init(params), w)
@@ -87,7 +92,7 @@ def train(ds, model, compressor, mode, ratio, seed):
   if compressor is None:
     sent = 4.0 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * _STEPS.value
   else:
-    sent = float(np.asarray(state[0].total_bytes).reshape(-1)[0])
+    sent = float(np.asarray(state[0].total_bytes).reshape(-1)[0])   # the wrapper's total when warmed up
   return acc, sent
 
 
@@ -106,15 +111,16 @@ def main(argv):
   ds, model = _setup()
   seeds = list(range(_SEEDS.value))
   t0 = time.perf_counter()
-  arms = [("adam", None, "dense", 1.0)]
+  arms = [("adam", None, "dense", 1.0, 0)]
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:
-        arms.append((f"{c} {r:g} {m}", c, m, r))
+        for w in [int(v) for v in _WARMUP.value]:
+          arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else ""), c, m, r, w))
   acc, sent = {}, {}
-  for name, c, m, r in arms:
+  for name, c, m, r, w in arms:
     for s in seeds:
-      a, b = train(ds, model, c, m, r, s)
+      a, b = train(ds, model, c, m, r, s, w)
       acc.setdefault(name, []).append(a)
       sent.setdefault(name, []).append(b)
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
@@ -129,7 +135,7 @@ def main(argv):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
-      "lr": _LR.value, "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
+      "lr": _LR.value, "warmup": [int(v) for v in _WARMUP.value], "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons}, indent=1))
   print(f"wrote {path}")
 

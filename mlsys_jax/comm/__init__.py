@@ -22,3 +22,4 @@ import ...`` works as usual).
 from mlsys_jax.comm.sparse import *  # noqa: F401,F403
 from mlsys_jax.comm.lowrank import *  # noqa: F401,F403
 from mlsys_jax.comm.accordion import *  # noqa: F401,F403
+from mlsys_jax.comm.warmup import *  # noqa: F401,F403
