@@ -177,20 +177,37 @@ def test_threefry_matches_jax():
   np.testing.assert_array_equal(np.concatenate([y0, y1]), jr.threefry_2x32(kd, x.reshape(-1)))
 
 
-def test_bitsliced_comparison_is_the_32_bit_draw():
+def test_philox_known_answers():
+  """Random123's known-answer vectors of Philox-4x32-10 (counter, key -> output)."""
+  u = jnp.uint32
+  cases = [((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+           ((0xffffffff,) * 4, (0xffffffff,) * 2, (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+           ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+            (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1))]
+  for ctr, key, want in cases:
+    got = pb.philox4x32(u(key[0]), u(key[1]), *(jnp.full((1,), c, u) for c in ctr))
+    assert [int(g[0]) for g in got] == list(want)
+  a = jax.random.bits(jax.random.PRNGKey(0), (1000,), jnp.uint32)
+  hi, lo = pb._mulhilo_split(a, 0xCD9E8D57)
+  prod = np.asarray(a).astype(np.uint64) * np.uint64(0xCD9E8D57)
+  np.testing.assert_array_equal(np.asarray(hi), prod >> np.uint64(32))
+  np.testing.assert_array_equal(np.asarray(lo), prod & np.uint64(0xFFFFFFFF))
+
+
+@pytest.mark.parametrize("hash", ["philox", "threefry"])
+def test_bitsliced_comparison_is_the_32_bit_draw(hash):
   """Faults equal U < t exactly, with U rebuilt from all 32 level words (most significant first)."""
   k0, k1 = np.uint32(123), np.uint32(456789)
   nw = 300
   idx = jnp.arange(nw, dtype=jnp.uint32)
   lv = []
-  for m in range(16):
-    r0, r1 = pb.threefry2x32(jnp.uint32(k0), jnp.uint32(k1), idx, jnp.full((nw,), m, jnp.uint32))
-    lv += [np.asarray(r0, np.uint64), np.asarray(r1, np.uint64)]
+  for m in range(16 if hash == "threefry" else 8):
+    lv += [np.asarray(r, np.uint64) for r in pb.level_words(jnp.uint32(k0), jnp.uint32(k1), idx, m, hash)]
   lanes = np.arange(32, dtype=np.uint64)
   u = sum(((lv[l][:, None] >> lanes) & 1) << np.uint64(31 - l) for l in range(32))   # (nw, 32) draws
   # p's threshold, extreme and "adversarial" thresholds (equal to some lane's draw, or one above).
   below = jax.jit(lambda t: pb.below_words(jnp.uint32(k0), jnp.uint32(k1), t, jnp.bool_(False), idx,
-                                           0xFFFFFFFF))
+                                           0xFFFFFFFF, hash))
   for t in [0, 1, 2 ** 20, int(0.01 * 2 ** 32), 2 ** 31, int(u[7, 3]), int(u[7, 3]) + 1, 2 ** 32 - 1]:
     got = np.asarray(below(jnp.uint32(t)), np.uint64)
     want = ((u < t).astype(np.uint64) << lanes).sum(axis=1)
@@ -199,7 +216,8 @@ def test_bitsliced_comparison_is_the_32_bit_draw():
   assert bool(jnp.all(always == 0x0F0F0F0F))
 
 
-@pytest.mark.parametrize("dtype,bits,n", [(jnp.uint8, 5, 1027), (jnp.uint16, 12, 999)])
+@pytest.mark.parametrize("dtype,bits,n", [(jnp.uint8, 5, 1027),
+                                          pytest.param(jnp.uint16, 12, 999, marks=pytest.mark.slow)])
 def test_kernel_matches_xla_bit_for_bit(dtype, bits, n):
   codes = jax.random.randint(jax.random.PRNGKey(n), (n,), 0, 2 ** bits).astype(dtype).reshape(-1, 1)
   key = jax.random.PRNGKey(5)

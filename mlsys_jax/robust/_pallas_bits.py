@@ -18,15 +18,19 @@ lane whose digits all equal t's is not below it. Evaluation stops once every lan
 exactly that of the full 32-level comparison, whatever the stopping point, so the kernel (tiles) and the
 XLA path (one tile) give identical bits.
 
-The hash is Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), the generator behind
-``jax.random``'s default keys, written in 32-bit jnp operations (adds, rotations, xors) so that the
-same function runs inside the kernel and in XLA: ``(level word 2m, level word 2m + 1) =
-threefry2x32((k0, k1), (word index, m))``. The key pair (k0, k1) is ``jax.random.bits(key, (2,))`` (any
+The hash is Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011;
+the generator of cuRAND's and XLA's Philox), written in 32-bit jnp operations so that the same function
+runs inside the kernel and in XLA: ``(level words 4m ... 4m + 3) = philox4x32((k0, k1), (word index, m,
+0, 0))``. Its 32x32->64-bit multiplications are one PTX ``mul.wide.u32`` in the compiled kernel and
+16-bit limbs elsewhere (the same bits). Threefry-2x32-20 (the generator of ``jax.random``'s default
+keys; 2 level words per call) is kept as an alternative (``hash='threefry'``). The key pair (k0, k1) is ``jax.random.bits(key, (2,))`` (any
 key type). The stream differs from ``jax.random.bits(key, codes.shape + (bits,))`` (what this module
 replaced): same distribution, different patterns for the same key.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,7 @@ except Exception:  # pragma: no cover - jax without Pallas/Triton support
 
 WORDS = 256        # 32-lane words per program (1024 uint8 codes)
 NUM_WARPS = 4      # warps per program
+HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 _U32 = jnp.uint32
 
@@ -72,18 +77,71 @@ def threefry2x32(k0, k1, x0, x1, rounds: int = 20):
   return x0, x1
 
 
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo_split(a, m: int):
+  """(hi, lo) 32-bit halves of the 64-bit product a * m in 32-bit arithmetic (16-bit limbs)."""
+  mh, ml = _U32(m >> 16), _U32(m & 0xFFFF)
+  ah, al = a >> _U32(16), a & _U32(0xFFFF)
+  lh, hl = al * mh, ah * ml
+  mid = ((al * ml) >> _U32(16)) + (lh & _U32(0xFFFF)) + (hl & _U32(0xFFFF))
+  hi = ah * mh + (lh >> _U32(16)) + (hl >> _U32(16)) + (mid >> _U32(16))
+  return hi, a * _U32(m)
+
+
+def _mulhilo_asm(a, m: int):
+  """The same product with one PTX ``mul.wide.u32`` (compiled Triton only)."""
+  b = jnp.full(a.shape, m, _U32)
+  sd = jax.ShapeDtypeStruct(a.shape, _U32)
+  hi, lo = plgpu.elementwise_inline_asm(
+      "{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }", args=[a, b],
+      constraints="=r,=r,r,r", pack=1, result_shape_dtypes=[sd, sd])
+  return hi, lo
+
+
+def philox4x32(k0, k1, c0, c1, c2, c3, rounds: int = 10, asm: bool = False):
+  """Philox-4x32 block function (Salmon et al. 2011) on uint32 arrays: four output words.
+
+  ``asm`` uses PTX inline assembly for the 32x32->64 multiplications (inside a compiled Triton kernel);
+  otherwise they are computed in 16-bit limbs: the same bits.
+  """
+  mulhilo = _mulhilo_asm if asm else _mulhilo_split
+  for r in range(rounds):
+    if r:
+      k0, k1 = k0 + _U32(_PHILOX_W[0]), k1 + _U32(_PHILOX_W[1])
+    hi0, lo0 = mulhilo(c0, _PHILOX_M[0])
+    hi1, lo1 = mulhilo(c2, _PHILOX_M[1])
+    c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+  return c0, c1, c2, c3
+
+
 def lane_mask(bits: int, width: int) -> int:
   """32-bit word with the lanes of the low ``bits`` planes of each ``width``-bit code slot set."""
   one = (1 << bits) - 1
   return sum(one << (width * s) for s in range(32 // width))
 
 
-def below_words(k0, k1, t, always, word_idx, lanes, rounds: int = 20):
+def level_words(k0, k1, word_idx, m, hash: str = "philox", asm: bool = False):
+  """The level words of step ``m`` (levels ``step * m`` ... ``step * m + step - 1``, most significant
+  first) of the words ``word_idx``: 4 per step with Philox-4x32-10, 2 with Threefry-2x32-20."""
+  mu = jnp.full(word_idx.shape, m, _U32)
+  if hash == "philox":
+    z = jnp.zeros(word_idx.shape, _U32)
+    return philox4x32(k0, k1, word_idx, mu, z, z, asm=asm)
+  if hash == "threefry":
+    return threefry2x32(k0, k1, word_idx, mu)
+  raise ValueError(f"hash must be 'philox' or 'threefry', got {hash!r}.")
+
+
+def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: bool = False):
   """Bit-sliced ``U_j < t`` for the 32 lanes of each word of ``word_idx`` (uint32 array).
 
   ``t`` is the uint32 threshold, ``always`` (bool) forces every lane of ``lanes`` on (p = 1); lanes
-  outside ``lanes`` are never set. Runs level pairs until every lane is decided.
+  outside ``lanes`` are never set. Runs steps of levels until every lane is decided.
   """
+  step = 4 if hash == "philox" else 2
   lanes = jnp.full(word_idx.shape, lanes, _U32)
   zero = jnp.zeros(word_idx.shape, _U32)
   und0 = jnp.where(always | (t == _U32(0)), zero, lanes)
@@ -91,7 +149,7 @@ def below_words(k0, k1, t, always, word_idx, lanes, rounds: int = 20):
 
   def cond(c):
     m, _, und = c
-    return (m < 16) & (jnp.max(und) != _U32(0))
+    return (m < 32 // step) & (jnp.max(und) != _U32(0))
 
   def level(lt, und, r, bit):
     tm = _U32(0) - ((t >> bit) & _U32(1))      # all ones where t's digit is 1
@@ -102,9 +160,8 @@ def below_words(k0, k1, t, always, word_idx, lanes, rounds: int = 20):
   def body(c):
     m, lt, und = c
     mu = m.astype(_U32)
-    r0, r1 = threefry2x32(k0, k1, word_idx, jnp.full(word_idx.shape, mu, _U32), rounds)
-    lt, und = level(lt, und, r0, _U32(31) - _U32(2) * mu)
-    lt, und = level(lt, und, r1, _U32(30) - _U32(2) * mu)
+    for j, r in enumerate(level_words(k0, k1, word_idx, mu, hash, asm)):
+      lt, und = level(lt, und, r, _U32(31 - j) - _U32(step) * mu)
     return m + 1, lt, und
 
   _, lt, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), lt0, und0))
@@ -126,19 +183,22 @@ def _params(kw, t, always):
   return jnp.stack([kw[0], kw[1], jnp.asarray(t, _U32), jnp.asarray(always, _U32)])
 
 
-def _faults_xla(params, nw: int, lanes: int, rounds: int):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _faults_xla(params, nw: int, lanes: int, hash: str):
   idx = jnp.arange(nw, dtype=_U32)
-  return below_words(params[0], params[1], params[2], params[3] != 0, idx, lanes, rounds)
+  return below_words(params[0], params[1], params[2], params[3] != 0, idx, lanes, hash)
 
 
 def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: str = "xla",
-           words: int | None = None, num_warps: int | None = None, rounds: int = 20) -> jax.Array:
+           words: int | None = None, num_warps: int | None = None, hash: str | None = None) -> jax.Array:
   """Faults on the flat codes: flips (``one_params`` None) or stuck-at values.
 
   ``flip_params``/``one_params``: uint32[4] ``(k0, k1, t, always)`` of the faulty-bit draw and of the
   stuck value draw (a faulty bit reads 1 where the second draw is below its threshold).
   ``impl``: ``'xla'``, ``'pallas'`` (compiled Triton) or ``'interpret'`` (the kernel in Pallas' interpreter).
+  ``hash``: ``'philox'`` (default) or ``'threefry'``; ``words``/``num_warps``: kernel tile and warps.
   """
+  hash = hash or HASH
   shape, dtype = codes.shape, codes.dtype
   width = jnp.iinfo(dtype).bits
   cpw = 32 // width
@@ -155,8 +215,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
     return (c & ~f) | (f & o) if stuck else c ^ f
 
   if impl == "xla":
-    f = _faults_xla(allp[:4], nw, lanes, rounds)
-    o = _faults_xla(allp[4:], nw, lanes, rounds) if stuck else None
+    f = _faults_xla(allp[:4], nw, lanes, hash)
+    o = _faults_xla(allp[4:], nw, lanes, hash) if stuck else None
     c = jnp.pad(flat, (0, nw * cpw - n)).reshape(nw, cpw)
     out = combine(c, _unpack(f, cpw, width, dtype), _unpack(o, cpw, width, dtype) if stuck else None)
     return out.reshape(-1)[:n].reshape(shape)
@@ -164,6 +224,7 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
     raise ValueError(f"impl must be 'xla', 'pallas' or 'interpret', got {impl!r}.")
   w = words or WORDS
   grid = -(-nw // w)
+  interpret = impl == "interpret"
 
   def kernel(p_ref, c_ref, o_ref):
     i = pl.program_id(0)
@@ -172,14 +233,14 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
     ok = offs < n
     c = plgpu.load(c_ref.at[offs], mask=ok, other=jnp.zeros((), dtype))
     wu = widx.astype(_U32)
-    f = below_words(p_ref[0], p_ref[1], p_ref[2], p_ref[3] != _U32(0), wu, lanes, rounds)
+    asm = not interpret
+    f = below_words(p_ref[0], p_ref[1], p_ref[2], p_ref[3] != _U32(0), wu, lanes, hash, asm)
     o = None
     if stuck:
-      o = _unpack(below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, rounds),
+      o = _unpack(below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, hash, asm),
                   cpw, width, dtype)
     plgpu.store(o_ref.at[offs], combine(c, _unpack(f, cpw, width, dtype), o), mask=ok)
 
-  interpret = impl == "interpret"
   cp = None
   if not interpret:
     cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
