@@ -14,6 +14,7 @@ the baselines, for V = 64 and then V = 16/32/128.
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import sys
 import time
@@ -31,21 +32,33 @@ from mlsys_jax.quant import _pallas_gemm as pg  # noqa: E402
 from mlsys_jax.quant.layers import _vs_dot_xla  # noqa: E402
 from mlsys_jax.quant.vsquant import _split  # noqa: E402
 
-# Launch configurations tried for V = 64 (block_m, block_n, vectors_per_step, num_warps, num_stages,
-# convert); the first is the library default.
+# Launch configurations tried for V = 64: (block_m, block_n, vectors_per_step, num_warps, num_stages,
+# convert, w_layout, prefetch). Run 1 on the H200 (2026-12-02, no scale prefetch, 'kn' weights) peaked at
+# 166 TOP/s; these probe the scale-load latency (prefetch), the weight layout and the tile.
 SWEEP = [
-    (128, 128, 1, 8, 3, "magic_fma"),
-    (128, 128, 1, 8, 3, "magic"),
-    (128, 128, 1, 8, 3, "cast"),
-    (128, 128, 1, 4, 3, "magic_fma"),
-    (128, 128, 2, 8, 3, "magic_fma"),
-    (128, 128, 1, 8, 4, "magic_fma"),
-    (128, 256, 1, 8, 3, "magic_fma"),
-    (256, 128, 1, 8, 3, "magic_fma"),
-    (128, 256, 1, 16, 3, "magic_fma"),
-    (64, 128, 1, 4, 4, "magic_fma"),
-    (64, 256, 1, 8, 3, "magic_fma"),
+    (128, 128, 1, 8, 3, "magic_fma", "kn", 0),
+    (128, 128, 1, 8, 3, "magic_fma", "kn", 1),
+    (128, 128, 1, 8, 3, "magic_fma", "kn", 2),
+    (128, 128, 1, 8, 3, "magic_fma", "nk", 1),
+    (128, 128, 1, 8, 3, "magic_fma", "nk", 2),
+    (256, 128, 1, 8, 3, "magic_fma", "kn", 1),
+    (256, 128, 1, 8, 3, "magic_fma", "nk", 1),
+    (256, 128, 1, 8, 3, "magic_fma", "nk", 2),
+    (256, 128, 1, 8, 4, "magic_fma", "nk", 2),
+    (128, 256, 1, 8, 3, "magic_fma", "nk", 1),
+    (128, 128, 1, 8, 4, "magic_fma", "nk", 1),
+    (128, 128, 1, 8, 2, "magic_fma", "nk", 1),
+    (128, 128, 2, 8, 3, "magic_fma", "nk", 1),
+    (128, 128, 2, 8, 4, "magic_fma", "nk", 2),
+    (128, 128, 1, 4, 3, "magic_fma", "nk", 1),
+    (128, 128, 1, 8, 3, "magic", "nk", 1),
+    (128, 128, 1, 8, 3, "cast", "nk", 1),
+    (64, 128, 1, 4, 4, "magic_fma", "nk", 1),
+    (64, 256, 1, 8, 4, "magic_fma", "nk", 1),
+    (256, 64, 1, 8, 4, "magic_fma", "nk", 1),
 ]
+_KEYS = ("block_m", "block_n", "vectors_per_step", "num_warps", "num_stages", "convert", "w_layout",
+         "prefetch")
 
 
 def _extra(ap):
@@ -100,12 +113,12 @@ def main():
   pm, pk, pn = (48, 200, 40) if args.small else (520, 1000, 260)
   ca = jax.random.randint(jax.random.PRNGKey(3), (pm, pk), -127, 128, jnp.int32).astype(jnp.int8)
   cw = jax.random.randint(jax.random.PRNGKey(4), (pk, pn), -127, 128, jnp.int32).astype(jnp.int8)
-  for v in pg.SUPPORTED_VECTOR_SIZES:
-    for mdk in sorted({v, max(v, 32)}):
-      row = {"check": "int32 partial sums == XLA", "vector_size": v, "min_dot_k": mdk}
+  for v, lay in itertools.product(pg.SUPPORTED_VECTOR_SIZES, ("kn", "nk")):
+    for mdk in sorted({max(v, 32), max(v, 64)}):
+      row = {"check": "int32 partial sums == XLA", "vector_size": v, "min_dot_k": mdk, "w_layout": lay}
       try:
-        ps = jax.jit(lambda x, y, v=v, mdk=mdk: pg.vs_int8_partial_sums(
-            x, y, vector_size=v, min_dot_k=mdk))(ca, cw)
+        ps = jax.jit(lambda x, y, v=v, mdk=mdk, lay=lay: pg.vs_int8_partial_sums(
+            x, y, vector_size=v, min_dot_k=mdk, w_layout=lay))(ca, cw)
         ref = jax.lax.dot_general(_split(ca, 1, v, True)[0], _split(cw, 0, v, True)[0],
                                   (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
         row["exact"] = bool(jnp.array_equal(ps, ref))
@@ -127,22 +140,19 @@ def main():
   kern64, xla64 = _operands(a, w, 64)
   ref64 = jax.block_until_ready(xla_vec(*xla64))
 
-  def kernel_fn(kern, v, cfg):
-    bm, bn, per, nw, ns, conv = cfg
-    f = jax.jit(lambda d: pg.vs_int8_matmul(
-        **d, vector_size=v, block_m=bm, block_n=bn, vectors_per_step=per, num_warps=nw,
-        num_stages=ns, convert=conv, integer_scales=True))
+  def kernel_fn(kern, v, cfg, **kw):
+    f = jax.jit(lambda d: pg.vs_int8_matmul(**d, vector_size=v, integer_scales=True,
+                                            **dict(zip(_KEYS, cfg)), **kw))
     return lambda: f(kern)
 
   # 3. Sweep of launch parameters for V = 64 (compile, check, quick time).
-  sweep = SWEEP if gpu else SWEEP[:1] + [(32, 32, 2, 4, 3, "cast"), (64, 32, 1, 4, 3, "magic")]
+  sweep = SWEEP if gpu else [SWEEP[0], (32, 32, 2, 4, 3, "cast", "nk", 2), (64, 32, 1, 4, 3, "magic", "kn", 1)]
   best = None
   for cfg in sweep:
     if time.perf_counter() - t_start > args.budget_s:
       print("time budget reached: sweep stopped")
       break
-    row = {"block_m": cfg[0], "block_n": cfg[1], "vectors_per_step": cfg[2], "num_warps": cfg[3],
-           "num_stages": cfg[4], "convert": cfg[5]}
+    row = dict(zip(_KEYS, cfg))
     try:
       fn = kernel_fn(kern64, 64, cfg)
       t0 = time.perf_counter()
@@ -163,7 +173,11 @@ def main():
     write_json(args.out, "vsquant_gemm", result)
     return
   cfg = best[0]
-  result["best_config"] = list(cfg)
+  result["best_config"] = dict(zip(_KEYS, cfg))
+  for v in pg.SUPPORTED_VECTOR_SIZES:   # the library's defaults for this run: the best configuration
+    tuned = dict(zip(_KEYS, cfg))
+    tuned["convert_integer_scales"] = tuned.pop("convert")
+    pg._TUNED[v].update(tuned)
 
   # 4. The table: each candidate interleaved with bf16; the kernel also with int8 per-channel.
   vcfg = quant.QuantConfig(quant.QuantSpec(8, "vector", 64, scale_bits=8),
@@ -198,15 +212,12 @@ def main():
       break
     kern, xla = _operands(a, w, v)
     ref = xla_vec(*xla)
-    for mdk in ((16, 32) if v == 16 else (32,)):
+    for mdk in ((32, 64) if v == 16 else (32,)):
       row = {"vector_size": v, "min_dot_k": mdk}
       try:
-        f = jax.jit(lambda d, v=v, mdk=mdk: pg.vs_int8_matmul(
-            **d, vector_size=v, block_m=cfg[0], block_n=cfg[1], vectors_per_step=cfg[2],
-            num_warps=cfg[3], num_stages=cfg[4], convert=cfg[5], min_dot_k=mdk,
-            integer_scales=True))
-        row["rel_err"] = _rel(f(kern), ref)
-        row["s"] = _quick(lambda: f(kern), max(3, reps // 2), inner)
+        f = kernel_fn(kern, v, cfg, min_dot_k=mdk)
+        row["rel_err"] = _rel(f(), ref)
+        row["s"] = _quick(f, max(3, reps // 2), inner)
         row["xla_s"] = _quick(lambda: xla_vec(*xla), 3, 1)
         row["TOPs"] = flops / row["s"] / 1e12
       except Exception as e:
@@ -215,8 +226,7 @@ def main():
       result["per_v"].append(row)
 
   print()
-  print_table(result["sweep"], ["block_m", "block_n", "vectors_per_step", "num_warps", "num_stages",
-                                "convert", "s", "TOPs", "rel_err", "error"])
+  print_table(result["sweep"], list(_KEYS) + ["s", "TOPs", "rel_err", "error"])
   print()
   print_table(result["per_v"], ["vector_size", "min_dot_k", "s", "xla_s", "TOPs", "rel_err", "error"])
   print()

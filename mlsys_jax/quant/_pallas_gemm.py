@@ -44,6 +44,7 @@ __all__ = ["SUPPORTED_VECTOR_SIZES", "default_config", "on_gpu", "vs_int8_matmul
 
 SUPPORTED_VECTOR_SIZES = (16, 32, 64, 128)
 CONVERSIONS = ("magic", "magic_fma", "cast")
+MIN_DOT_KS = (32, 64, 128)
 _MAGIC_I = 0x4B400000          # bit pattern of 1.5 * 2^23
 _MAGIC_F = 12582912.0          # 1.5 * 2^23: float(p) = bitcast(p + _MAGIC_I) - _MAGIC_F for |p| < 2^22
 
@@ -67,7 +68,8 @@ def _pow2_at_least(x: int, low: int) -> int:
 
 # Launch parameters per V for large products (chosen by benchmarks/vsquant_gemm.py's sweep on an H200).
 _TUNED = {v: dict(block_m=128, block_n=128, vectors_per_step=1, num_warps=8, num_stages=3,
-                  min_dot_k=32, convert="magic", convert_integer_scales="magic_fma")
+                  min_dot_k=32, convert="magic", convert_integer_scales="magic_fma",
+                  w_layout="kn", prefetch=1)
           for v in SUPPORTED_VECTOR_SIZES}
 
 
@@ -112,23 +114,28 @@ def _pad_to(x, shape):
   return jnp.pad(x, widths) if any(w for _, w in widths) else x
 
 
-def _vector_dot(a_ref, w_ref, g, v: int, kdot: int):
+def _vector_dot(a_ref, w_ref, g, v: int, kdot: int, w_nk: bool):
   """int32 partial sum of vector ``g``: ``A[:, gV:(g+1)V] @ W[gV:(g+1)V, :]`` on the tensor cores.
 
-  With ``kdot > v`` (tensor-core products shorter than ``kdot`` are not available, e.g. int8 needs
-  K >= 32 on Hopper) the product runs over the ``kdot``-wide K block holding vector ``g`` with the
-  weight rows of the other vectors zeroed: exact, at ``kdot / v`` times the tensor-core work.
+  ``w_nk``: the weight block is stored ``(block_n, K)`` (K-major, the operand layout Hopper's 8-bit
+  tensor-core instructions read) instead of ``(K, block_n)``. With ``kdot > v`` the product runs over
+  the ``kdot``-wide K block holding vector ``g`` with the weight entries of the other vectors zeroed:
+  exact, at ``kdot / v`` times the tensor-core work. (Triton's int8 products need K >= 32: with K = 16
+  the H200 returned wrong sums, so ``kdot`` is at least 32.)
   """
-  if kdot == v:
-    k0 = pl.multiple_of(g * v, v)
-    return jax.lax.dot(a_ref[:, pl.ds(k0, v)], w_ref[pl.ds(k0, v), :],
-                       preferred_element_type=jnp.int32)
+  dn = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
   r = kdot // v
-  k0 = pl.multiple_of((g // r) * kdot, kdot)
-  w = w_ref[pl.ds(k0, kdot), :]
-  rows = jax.lax.broadcasted_iota(jnp.int32, w.shape, 0) // v
-  w = jnp.where(rows == g % r, w, jnp.zeros_like(w))
-  return jax.lax.dot(a_ref[:, pl.ds(k0, kdot)], w, preferred_element_type=jnp.int32)
+  if r == 1:
+    k0 = pl.multiple_of(g * v, v)
+  else:
+    k0 = pl.multiple_of(jax.lax.div(g, jnp.int32(r)) * kdot, kdot)
+  a = a_ref[:, pl.ds(k0, kdot)]
+  w = w_ref[:, pl.ds(k0, kdot)] if w_nk else w_ref[pl.ds(k0, kdot), :]
+  if r > 1:
+    axis = 1 if w_nk else 0
+    sub = jax.lax.broadcasted_iota(jnp.int32, w.shape, axis) // v
+    w = jnp.where(sub == jax.lax.rem(g, jnp.int32(r)), w, jnp.zeros_like(w))
+  return jax.lax.dot_general(a, w, dn, preferred_element_type=jnp.int32)
 
 
 def _fma(x, y, z, use_asm: bool):
@@ -175,19 +182,26 @@ def _grouped_tile(pid, nm: int, nn: int, group: int):
 
 
 def _gemm_kernel(a_ref, w_ref, sa_ref, sw_ref, ca_ref, cw_ref, o_ref, *, v: int, kdot: int,
-                 steps: int, per_step: int, convert: str, use_asm: bool):
+                 steps: int, per_step: int, convert: str, use_asm: bool, w_nk: bool, prefetch: int):
   bm, bn = o_ref.shape
 
-  def body(s, acc):
-    for u in range(per_step):                       # unrolled: per_step vectors per loop iteration
-      g = s * per_step + u
-      p = _vector_dot(a_ref, w_ref, g, v, kdot)                        # (bm, bn) int32
-      sa = sa_ref[pl.ds(g, 1), :].reshape(bm, 1)                       # (bm, 1)
-      sw = sw_ref[pl.ds(g, 1), :]                                      # (1, bn)
-      acc = acc + _scaled_f32(p, sa, convert, use_asm) * sw
-    return acc
+  def scales(s):  # the vector scales of loop step s: per_step columns of sa, per_step rows of sw
+    gs = [s * per_step + u for u in range(per_step)]
+    return (tuple(sa_ref[:, pl.ds(g, 1)] for g in gs), tuple(sw_ref[pl.ds(g, 1), :] for g in gs))
 
-  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+  def body(s, carry):
+    acc, pending = carry[0], carry[1:]
+    if prefetch:   # load the scales of step s + prefetch now; use those loaded `prefetch` steps ago
+      cur, pending = pending[0], pending[1:] + (scales(s + prefetch),)
+    else:
+      cur = scales(s)
+    for u in range(per_step):                       # unrolled: per_step vectors per loop iteration
+      p = _vector_dot(a_ref, w_ref, s * per_step + u, v, kdot, w_nk)   # (bm, bn) int32
+      acc = acc + _scaled_f32(p, cur[0][u], convert, use_asm) * cur[1][u]
+    return (acc,) + pending
+
+  init = (jnp.zeros((bm, bn), jnp.float32),) + tuple(scales(i) for i in range(prefetch))
+  acc = jax.lax.fori_loop(0, steps, body, init)[0]
   o_ref[...] = acc * ca_ref[...] * cw_ref[...]
 
 
@@ -197,7 +211,8 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
                    block_n: int | None = None, vectors_per_step: int | None = None, group_m: int = 8,
                    num_warps: int | None = None, num_stages: int | None = None,
                    integer_scales: bool = False, convert: str | None = None,
-                   min_dot_k: int | None = None, interpret: bool | None = None) -> jax.Array:
+                   min_dot_k: int | None = None, w_layout: str | None = None,
+                   prefetch: int | None = None, interpret: bool | None = None) -> jax.Array:
   """Per-vector scaled int8 GEMM ``(M, K) x (K, N) -> float32 (M, N)`` (VS-Quant, Sec. 3) in Pallas.
 
   ``out[m, n] = a_coarse[m] * w_coarse[n] * sum_g a_scale[m, g] * w_scale[g, n] * P_g[m, n]`` where
@@ -222,8 +237,13 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
     convert: int32 -> float32 conversion and row scaling of the partial sums, ``'magic'``,
       ``'magic_fma'`` (needs ``integer_scales``) or ``'cast'``, all exact up to the one rounding of
       ``p * a_scale`` (see :func:`_scaled_f32`); None: :func:`default_config`.
-    min_dot_k: shortest K of one tensor-core product; vectors shorter than that are multiplied in a
-      ``min_dot_k`` block with the other vectors' weight rows masked (see :func:`_vector_dot`).
+    min_dot_k: shortest K of one tensor-core product (32, 64 or 128); vectors shorter than that are
+      multiplied in a ``min_dot_k`` block with the other vectors' weights masked (see
+      :func:`_vector_dot`).
+    w_layout: the weight layout inside the kernel: ``'kn'`` as given or ``'nk'`` (transposed by the
+      wrapper; K-major, as Hopper's 8-bit tensor-core instructions read it).
+    prefetch: load the vector scales this many K steps ahead (0, 1 or 2), so their memory latency
+      hides behind the products of the steps in between.
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -258,15 +278,25 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
   if interpret is None:
     interpret = not on_gpu()
   v = vector_size
-  kdot = max(v, min_dot_k or cfg["min_dot_k"])
-  check_choice("min_dot_k", kdot, SUPPORTED_VECTOR_SIZES)
+  min_dot_k = min_dot_k or cfg["min_dot_k"]
+  check_choice("min_dot_k", min_dot_k, MIN_DOT_KS)
+  kdot = max(v, min_dot_k)
+  w_layout = w_layout or cfg["w_layout"]
+  check_choice("w_layout", w_layout, ("kn", "nk"))
+  prefetch = cfg["prefetch"] if prefetch is None else prefetch
+  check_int("prefetch", prefetch, 0, 2)
   unit = math.lcm(vectors_per_step, kdot // v)
   gp = -(-g // unit) * unit                                 # whole loop steps and whole dot blocks
+  steps = gp // vectors_per_step
   mp, np_, kp = -(-m // bm) * bm, -(-n // bn) * bn, gp * v
   a = _pad_to(a_codes, (mp, kp))
   w = _pad_to(w_codes, (kp, np_))
-  sa = _pad_to(jnp.asarray(a_scale, jnp.float32).T, (gp, mp))        # (G, M): a row per vector
-  sw = _pad_to(jnp.asarray(w_scale, jnp.float32), (gp, np_))
+  if w_layout == "nk":
+    w = w.T
+  # Scales: prefetch steps of zero padding past the end, so the last prefetches stay in bounds.
+  gs = gp + prefetch * vectors_per_step
+  sa = _pad_to(jnp.asarray(a_scale, jnp.float32), (mp, gs))           # (M, G): a column per vector
+  sw = _pad_to(jnp.asarray(w_scale, jnp.float32), (gs, np_))          # (G, N): a row per vector
   ca = _pad_to(jnp.broadcast_to(jnp.reshape(jnp.asarray(a_coarse, jnp.float32), (-1, 1)), (m, 1)), (mp, 1))
   cw = _pad_to(jnp.broadcast_to(jnp.reshape(jnp.asarray(w_coarse, jnp.float32), (1, -1)), (1, n)), (1, np_))
   nm, nn = mp // bm, np_ // bn
@@ -278,35 +308,38 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
   def col(pid):
     return tile(pid)[1]
 
-  kernel = functools.partial(_gemm_kernel, v=v, kdot=kdot, steps=gp // vectors_per_step,
-                             per_step=vectors_per_step, convert=convert, use_asm=not interpret)
+  kernel = functools.partial(_gemm_kernel, v=v, kdot=kdot, steps=steps, per_step=vectors_per_step,
+                             convert=convert, use_asm=not interpret, w_nk=w_layout == "nk",
+                             prefetch=prefetch)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
       grid=(nm * nn,),
       in_specs=[
           pl.BlockSpec((bm, kp), lambda p: (row(p), 0)),
-          pl.BlockSpec((kp, bn), lambda p: (0, col(p))),
-          pl.BlockSpec((gp, bm), lambda p: (0, row(p))),
-          pl.BlockSpec((gp, bn), lambda p: (0, col(p))),
+          (pl.BlockSpec((bn, kp), lambda p: (col(p), 0)) if w_layout == "nk"
+           else pl.BlockSpec((kp, bn), lambda p: (0, col(p)))),
+          pl.BlockSpec((bm, gs), lambda p: (row(p), 0)),
+          pl.BlockSpec((gs, bn), lambda p: (0, col(p))),
           pl.BlockSpec((bm, 1), lambda p: (row(p), 0)),
           pl.BlockSpec((1, bn), lambda p: (0, col(p))),
       ],
       out_specs=pl.BlockSpec((bm, bn), lambda p: (row(p), col(p))),
       compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
       interpret=interpret,
-      name=f"vs_int8_gemm_v{v}",
+      name=f"vs_int8_gemm_v{v}_{w_layout}",
   )(a, w, sa, sw, ca, cw)
   return out[:m, :n]
 
 
-def _partials_kernel(a_ref, w_ref, o_ref, *, v: int, kdot: int):
-  o_ref[...] = _vector_dot(a_ref, w_ref, pl.program_id(2), v, kdot)
+def _partials_kernel(a_ref, w_ref, o_ref, *, v: int, kdot: int, w_nk: bool):
+  o_ref[...] = _vector_dot(a_ref, w_ref, pl.program_id(2), v, kdot, w_nk)
 
 
 def vs_int8_partial_sums(a_codes: jax.Array, w_codes: jax.Array, *, vector_size: int,
                          block_m: int | None = None, block_n: int | None = None,
-                         min_dot_k: int | None = None, interpret: bool | None = None) -> jax.Array:
+                         min_dot_k: int | None = None, w_layout: str | None = None,
+                         interpret: bool | None = None) -> jax.Array:
   """The int32 partial sums ``P_g = A[:, vector g] @ W[vector g, :]``, shape ``(G, M, N)``.
 
   The same tensor-core step (:func:`_vector_dot`) as :func:`vs_int8_matmul`, written out instead of
@@ -324,20 +357,26 @@ def vs_int8_partial_sums(a_codes: jax.Array, w_codes: jax.Array, *, vector_size:
   bm, bn = block_m or cfg["block_m"], block_n or cfg["block_n"]
   if interpret is None:
     interpret = not on_gpu()
-  kdot = max(vector_size, min_dot_k or cfg["min_dot_k"])
+  min_dot_k = min_dot_k or cfg["min_dot_k"]
+  check_choice("min_dot_k", min_dot_k, MIN_DOT_KS)
+  kdot = max(vector_size, min_dot_k)
+  w_layout = w_layout or cfg["w_layout"]
+  check_choice("w_layout", w_layout, ("kn", "nk"))
   gp = -(-g // (kdot // vector_size)) * (kdot // vector_size)
   mp, np_, kp = -(-m // bm) * bm, -(-n // bn) * bn, gp * vector_size
   a = _pad_to(a_codes, (mp, kp))
   w = _pad_to(w_codes, (kp, np_))
+  w_nk = w_layout == "nk"
   out = pl.pallas_call(
-      functools.partial(_partials_kernel, v=vector_size, kdot=kdot),
+      functools.partial(_partials_kernel, v=vector_size, kdot=kdot, w_nk=w_nk),
       out_shape=jax.ShapeDtypeStruct((g, mp, np_), jnp.int32),
       grid=(mp // bm, np_ // bn, g),
       in_specs=[pl.BlockSpec((bm, kp), lambda i, j, gg: (i, 0)),
-                pl.BlockSpec((kp, bn), lambda i, j, gg: (0, j))],
+                (pl.BlockSpec((bn, kp), lambda i, j, gg: (j, 0)) if w_nk
+                 else pl.BlockSpec((kp, bn), lambda i, j, gg: (0, j)))],
       out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, gg: (gg, i, j)),
       compiler_params=None if interpret else _compiler_params(None, None),
       interpret=interpret,
       name=f"vs_int8_partials_v{vector_size}",
-  )(a, w)
+  )(a, w.T if w_nk else w)
   return out[:, :m, :n]
