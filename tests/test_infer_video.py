@@ -30,10 +30,19 @@ NET = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, nn.Conv(4, (3, 3)), nn.relu])
 VARS = _sparse_net_variables(NET)
 
 
+_CACHE = {}
+
+
+def _model_cache():
+  if "m" not in _CACHE:
+    rb = video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=0.5, buckets=())
+    _CACHE["m"] = rb, jax.jit(rb.step), jax.jit(lambda f: NET.apply(VARS, f[None])[0])
+  return _CACHE["m"]
+
+
 @pytest.fixture(scope="module")
 def model():
-  rb = video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=0.5, buckets=())
-  return rb, jax.jit(rb.step), jax.jit(lambda f: NET.apply(VARS, f[None])[0])
+  return _model_cache()
 
 
 def _run(model, frames):
@@ -91,7 +100,7 @@ def test_tile_conv_is_bitwise_the_full_conv_on_cpu():
   changed = jnp.zeros((5, 5), bool).at[1:3, 1:3].set(True)  # the tiles around pixel (5, 7)
   amax = jnp.ones((5, 5, 6), jnp.float32)
   _, y2, flags, s = jax.jit(lambda st, a, b: video.conv_layer_step(
-      layer, st, a, b, changed, amax, tile=4, capacity=(2, 20)))(st, x2, x)
+      layer, st, a, b, changed, amax, tile=4, capacity=(6,)))(st, x2, x)
   assert int(s.dense) == 0 and int(s.computed) == 4 and int(s.reused) == 21
   np.testing.assert_array_equal(np.asarray(y2), np.asarray(video.dense_conv(layer, x2)))
   # the output change flags: exactly the tiles whose bits changed
@@ -179,9 +188,7 @@ def test_changed_tiles_are_exactly_the_changed_receptive_fields(kernel, padding)
   ho, wo, nh, nw, ph, pw = video._geometry(layer, (h, w), t)
   for trial in range(4):
     m = rng.uniform(size=(h, w)) < [0.01, 0.03, 0.1, 0.0][trial]
-    nhi, nwi = -(-h // t), -(-w // t)
-    flags = video._region_flags(video._tile_view(jnp.asarray(m)[..., None], t, nhi, nwi, False)[..., 0],
-                                video._strips(layer))
+    flags = video._grid_flags(jnp.asarray(m), t, -(-h // t), -(-w // t), video._strips(layer))
     got = np.asarray(video._rf_changed(flags, nh, nw))
     mp = np.pad(m, ((ph, kernel[0] + t), (pw, kernel[1] + t)))
     want = np.array([[mp[i * t:i * t + t + kernel[0] - 1, j * t:j * t + t + kernel[1] - 1].any()
@@ -190,6 +197,41 @@ def test_changed_tiles_are_exactly_the_changed_receptive_fields(kernel, padding)
   big = video.ConvLayer(jnp.zeros((5, 5, 1, 1), jnp.float32), jnp.zeros((1,), jnp.float32))
   with pytest.raises(ValueError, match="halo"):
     video.range_bound_model([big], None, (10, 10, 1), tile=2)
+
+
+def test_change_propagation_stops_where_outputs_keep_their_bits():
+  # a flat patch of the background changes level: the high-pass first layer's outputs there stay
+  # exactly 0 (proved or recomputed), so the second layer sees no change and does no work at all
+  rb, step, ref = _model_cache()
+  f0 = np.full((H, W, 3), 0.5, np.float32)
+  f1 = f0.copy()
+  f1[8:12, 8:12] = 0.5 + 2 ** -9
+  st, _ = rb.init(f0)
+  st, y, s = step(st, f1)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref(f1)))
+  assert int(s[0].reused) < (H // TILE) * (W // TILE)  # the first layer looked at the changed tiles
+  assert int(s[1].reused) == (H // TILE) * (W // TILE) and int(s[1].computed) == 0
+
+
+def test_fallback_thresholds_per_layer():
+  frames = video.synthetic_video(2, num_frames=3, height=H, width=W, activity="full")
+  ref = jax.jit(lambda f: NET.apply(VARS, f[None])[0])
+  # layer 0 always dense once anything changed, layer 1 sparse up to all its tiles
+  rb = video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=(0.0, 1.0),
+                               buckets=())
+  assert rb.capacities == ((), (25,))
+  st, _ = rb.init(frames[0])
+  st, y, s = jax.jit(rb.step)(st, frames[1])
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref(frames[1])))
+  assert int(s[0].dense) == 1 and int(s[1].dense) == 0
+  with pytest.raises(ValueError, match="entries"):
+    video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=(0.5,))
+
+
+@pytest.mark.slow  # compiles and times one layer step per layer and fraction
+def test_calibration_returns_a_measured_fraction_per_layer():
+  fr = video.calibrate_active_fraction(NET, VARS, (H, W, 3), tile=TILE, fractions=(0.25, 0.5), repeats=1)
+  assert len(fr) == 2 and all(f in (0.0, 0.25, 0.5) for f in fr)
 
 
 def test_bad_input():

@@ -194,29 +194,40 @@ def _strips(layer: ConvLayer) -> tuple[int, int, int, int]:
   return kh - 1 - ph, ph, kw - 1 - pw, pw
 
 
-def _tile_view(a: jax.Array, tile: int, nh: int, nw: int, fill) -> jax.Array:
-  """``(H, W, C)`` -> ``(nH, nW, T, T, C)``, padded with ``fill`` at the bottom/right."""
-  h, w, c = a.shape
-  a = jnp.pad(a, ((0, nh * tile - h), (0, nw * tile - w), (0, 0)), constant_values=fill)
-  return a.reshape(nh, tile, nw, tile, c).transpose(0, 2, 1, 3, 4)
-
-
 def _bits(a: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(a, jnp.int32)
 
 
-def _region_flags(m: jax.Array, strips: tuple[int, int, int, int]) -> jax.Array:
-  """Change flags of tiles ``m`` ``(..., T, T)`` (bool) -> ``(..., 3, 3)``: any change in the
-  (top strip, whole tile, bottom strip) rows x (left strip, whole, right strip) columns."""
+def _tile_grid(a: jax.Array, tile: int, nh: int, nw: int, fill) -> jax.Array:
+  """``(H, W, ...)`` -> ``(nH, T, nW, T, ...)`` (a reshape, no transpose), padded with ``fill``."""
+  h, w = a.shape[:2]
+  pad = ((0, nh * tile - h), (0, nw * tile - w)) + ((0, 0),) * (a.ndim - 2)
+  return jnp.pad(a, pad, constant_values=fill).reshape((nh, tile, nw, tile) + a.shape[2:])
+
+
+def _tile_max(a: jax.Array, tile: int, nh: int, nw: int, fill) -> jax.Array:
+  """Per-tile, per-channel max of ``(H, W, C)`` -> ``(nH, nW, C)``."""
+  return jnp.max(_tile_grid(a, tile, nh, nw, fill), axis=(1, 3))
+
+
+def _region_flags(m: jax.Array, strips: tuple[int, int, int, int], axes=(-2, -1)) -> jax.Array:
+  """Change flags of tiles ``m`` (bool, tile rows/columns on ``axes``): each axis becomes 3 entries,
+  any change in the (top strip, whole tile, bottom strip) rows and (left strip, whole, right strip)
+  columns; ``(..., T, T)`` -> ``(..., 3, 3)``."""
   top, bottom, left, right = strips
-  t = m.shape[-1]
+  ra, ca = (a % m.ndim for a in axes)
   def parts(a, axis, lo, hi):
     n = a.shape[axis]
     zero = jnp.zeros(a.shape[:axis] + a.shape[axis + 1:], bool)
     part = lambda s, e: jnp.any(lax.slice_in_dim(a, s, e, axis=axis), axis=axis) if e > s else zero
     return jnp.stack([part(0, lo), part(0, n), part(n - hi, n)], axis=axis)
-  del t
-  return parts(parts(m, m.ndim - 2, top, bottom), m.ndim - 1, left, right)
+  return parts(parts(m, ra, top, bottom), ca, left, right)
+
+
+def _grid_flags(m: jax.Array, tile: int, nh: int, nw: int, strips) -> jax.Array:
+  """Region flags ``(nH, nW, 3, 3)`` of a full change map ``(H, W)`` (bool)."""
+  f = _region_flags(_tile_grid(m, tile, nh, nw, False), strips, axes=(1, 3))  # (nh, 3, nw, 3)
+  return f.transpose(0, 2, 1, 3)
 
 
 def _rf_changed(flags: jax.Array, nh: int, nw: int) -> jax.Array:
@@ -229,18 +240,6 @@ def _rf_changed(flags: jax.Array, nh: int, nw: int) -> jax.Array:
   for di in (-1, 0, 1):
     for dj in (-1, 0, 1):
       out = out | f[1 + di:1 + di + nh, 1 + dj:1 + dj + nw, 1 - di, 1 - dj]
-  return out
-
-
-def _rf_max(a: jax.Array, nh: int, nw: int) -> jax.Array:
-  """Max over the 3 x 3 neighbouring input tiles of per-tile maxima ``a`` ``(nhi, nwi, C)`` (``>= 0``):
-  a bound on the receptive field's ``max |x|`` (padding is 0; NaN propagates)."""
-  nhi, nwi = a.shape[:2]
-  f = jnp.pad(a, ((1, 1 + max(0, nh - nhi)), (1, 1 + max(0, nw - nwi)), (0, 0)))
-  out = f[1:1 + nh, 1:1 + nw]
-  for di in (-1, 0, 1):
-    for dj in (-1, 0, 1):
-      out = jnp.maximum(out, f[1 + di:1 + di + nh, 1 + dj:1 + dj + nw])
   return out
 
 
@@ -264,9 +263,20 @@ def _gather_windows(x, ti, tj, tile, size, offset):
 
 
 def _conv_valid(x: jax.Array, layer: ConvLayer) -> jax.Array:
-  """Batched VALID conv + bias of tile-plus-halo patches ``(k, T+kh-1, T+kw-1, c_in)``."""
-  z = lax.conv_general_dilated(x, layer.kernel, (1, 1), "VALID", dimension_numbers=_DN,
-                               precision=layer.precision)
+  """Batched VALID conv + bias of tile-plus-halo patches ``(k, T+kh-1, T+kw-1, c_in)`` -> ``(k, T, T,
+  c_out)``. On XLA:CPU a VALID conv with a large batch is several times slower than a padded one, so
+  there the patches are convolved with SAME-style padding and the ring of outputs that read padding is
+  cut off (the kept outputs read no padding; bitwise the dense conv's values, tested); other backends
+  run the VALID conv."""
+  kh, kw = layer.kernel.shape[:2]
+  if jax.default_backend() == "cpu" and (kh > 1 or kw > 1):
+    lo_h, lo_w = (kh - 1) // 2, (kw - 1) // 2
+    z = lax.conv_general_dilated(x, layer.kernel, (1, 1), ((lo_h, kh - 1 - lo_h), (lo_w, kw - 1 - lo_w)),
+                                 dimension_numbers=_DN, precision=layer.precision)
+    z = z[:, lo_h:lo_h + x.shape[1] - kh + 1, lo_w:lo_w + x.shape[2] - kw + 1]
+  else:
+    z = lax.conv_general_dilated(x, layer.kernel, (1, 1), "VALID", dimension_numbers=_DN,
+                                 precision=layer.precision)
   return z + layer.bias
 
 
@@ -360,21 +370,21 @@ def _input_tile_stats(x: jax.Array, x_prev: jax.Array, tile: int, strips) -> tup
   """Region change flags ``(nH, nW, 3, 3)`` and per-tile ``max |x|`` ``(nH, nW, C)`` of a frame (the
   first layer's input), on the ``T``-tile grid of the frame: one pass over the frame."""
   nh, nw = -(-x.shape[0] // tile), -(-x.shape[1] // tile)
-  ch = jnp.any(_bits(x) != _bits(x_prev), axis=-1, keepdims=True)
-  flags = _region_flags(_tile_view(ch, tile, nh, nw, False)[..., 0], strips)
-  amax = jnp.max(_tile_view(jnp.abs(x), tile, nh, nw, 0), axis=(2, 3))
-  return flags, amax
+  flags = _grid_flags(jnp.any(_bits(x) != _bits(x_prev), axis=-1), tile, nh, nw, strips)
+  return flags, _tile_max(jnp.abs(x), tile, nh, nw, 0)
 
 
 def _dense_outputs(layer: ConvLayer, x: jax.Array, in_amax: jax.Array, tile: int, unit_roundoff: float):
-  """Dense conv of one layer and its per-tile state: ``(y, ub, amax)``."""
+  """Dense conv of one layer and its per-tile state: ``(y, ub, amax)``. The margin of ``ub`` uses the
+  frame's per-channel ``max |x|`` (from the per-tile maxima ``in_amax``): looser than per tile by a
+  relative ~1e-4 of ``sum |w||x|``, and a handful of tiny ops instead of per-tile work."""
   ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[:2], tile)
   z = _dense_pre(layer, x)
-  zmax = jnp.max(_tile_view(z, tile, nh, nw, -jnp.inf), axis=(2, 3))  # (nh, nw, cout)
-  a = _rf_max(in_amax, nh, nw)
+  zmax = _tile_max(z, tile, nh, nw, -jnp.inf)  # (nh, nw, cout)
+  a = jnp.max(in_amax, axis=(0, 1))
   _, dm = range_upper_bound(layer, -a, a, unit_roundoff)
   y = _act(layer, z)
-  amax = jax.nn.relu(zmax) if layer.relu else jnp.max(_tile_view(jnp.abs(z), tile, nh, nw, 0), (2, 3))
+  amax = jax.nn.relu(zmax) if layer.relu else _tile_max(jnp.abs(z), tile, nh, nw, 0)
   return y, _up(zmax + dm), amax
 
 
@@ -434,8 +444,7 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
 
   def dense(_):
     y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff)
-    ch = jnp.any(_bits(y) != _bits(state.y), axis=-1, keepdims=True)
-    flags = _region_flags(_tile_view(ch, tile, nh, nw, False)[..., 0], next_strips)
+    flags = _grid_flags(jnp.any(_bits(y) != _bits(state.y), axis=-1), tile, nh, nw, next_strips)
     return y, ub, amax, flags, (zero, jnp.asarray(n_tiles, jnp.int32))
 
   def sparse(cap):
@@ -499,9 +508,9 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
   y, ub, amax, flags, (skipped, computed) = lax.switch(_buckets_for(caps, count), branches, None)
   used_dense = (count > (caps[-1] if caps else 0)).astype(jnp.int32)
   reused = jnp.where(used_dense > 0, 0, n_tiles - count).astype(jnp.int32)
-  zt = _tile_view(y, tile, nh, nw, 0)
   stats = LayerStats(reused=reused, skipped=skipped, computed=computed, dense=used_dense,
-                     zero_tiles=jnp.sum(jnp.all(zt == 0, axis=(2, 3, 4))).astype(jnp.int32),
+                     zero_tiles=jnp.sum(jnp.all(_tile_grid(y, tile, nh, nw, 0) == 0, axis=(1, 3, 4)))
+                     .astype(jnp.int32),
                      zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
   return LayerState(y=y, ub=ub, amax=amax), y, flags, stats
 
