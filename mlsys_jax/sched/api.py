@@ -419,7 +419,8 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
                  prefetch: bool = True, merge_kernels: str = "any", kernel_layout: str = "auto",
                  keep_alive: bool = True, fuse_epilogue: bool = True,
                  embed_consts: bool = True, compiler_options: Optional[dict] = None,
-                 check: str = "auto", verbose: bool = False) -> Schedule:
+                 check: str = "auto", predictor: Any = None, top_k: int = 0,
+                 verbose: bool = False) -> Schedule:
   """Search an IOS schedule for ``fn`` and return it (callable).
 
   Args:
@@ -463,6 +464,16 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       ``to_json`` record both times and the choice). 'analytical' compares predicted latencies only (the
       schedule vs the sequential schedule under the analytical model) and says so. 'auto' (default):
       'measure' on a GPU, 'analytical' elsewhere. 'off': no check, always the schedule.
+    predictor: a learned stage cost ``(graph, Stage) -> seconds`` used *instead of* profiling
+      (Value Learning, Steiner et al., MLSys 2021), e.g. ``mlsys_jax.cost.value_ios.StagePredictor``.
+      Optional methods: ``prefetch(graph, stages)`` (predict many stages in one batch) and
+      ``ood(graph) -> [(unit, reason)]`` (units unlike its training data). Parts of the graph with an
+      out-of-distribution unit are searched with ``profiler`` as without a predictor (never a silent
+      guess); ``info["predictor"]`` lists them.
+    top_k: with ``predictor``: 0 costs every candidate stage with the predictor alone (no profiling);
+      k >= 1 is the hybrid: each DP state profiles only its ``k`` best candidates by predicted total
+      (``sched.ios_dp(rank=..., top_k=k)``). ``stage_latency`` holds predicted latencies for
+      predicted parts (top_k = 0) and ``profiler`` latencies otherwise.
 
   Returns:
     a ``Schedule``; ``sched(*dynamic_args)`` runs it.
@@ -488,6 +499,14 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
                      "(jax >= 0.8); use emission='cuda_graph'")
   compiler_options = _check_compiler_options(compiler_options)
   _check_mode(check)
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"top_k must be an int >= 0 (0: predicted costs only, k: profile the k best "
+                     f"predicted candidates per DP state), got {top_k!r}")
+  if top_k and predictor is None:
+    raise ValueError("top_k needs a predictor (a learned stage cost, e.g. cost.value_ios.StagePredictor)")
+  if predictor is not None and not callable(predictor):
+    raise TypeError(f"predictor must be callable as predictor(graph, stage) -> seconds, got "
+                    f"{type(predictor).__name__}")
   t0 = time.perf_counter()
   bound, dyn = _bind_static(fn, example_args, static_argnums)
   g = relayout_conv_kernels(build_graph(bound, *dyn, part_size=part_size, allow_opaque=allow_opaque),
@@ -501,9 +520,33 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   succ = {u.idx: u.succs for u in g.units}
   stages, lats = [], []
   cost = lambda st: profiler(g, st)
-  if hasattr(profiler, "prefetch") and prefetch:
-    # pass 1: record the stages a DP asks for under the analytical model, then compile them in
-    # parallel and time them; pass 2 (below) hits the profiler's cache.
+  # With a predictor: parts with an out-of-distribution unit are profiled as without one.
+  pinfo: dict = {}
+  mode = ["profiled"] * len(g.blocks)
+  if predictor is not None:
+    ood = [(int(u), str(why)) for u, why in (predictor.ood(g) if hasattr(predictor, "ood") else [])]
+    bad = {u for u, _ in ood}
+    mode = ["profiled" if bad & set(part) else ("hybrid" if top_k else "predicted") for part in g.blocks]
+    pcost = lambda st: predictor(g, st)
+    if hasattr(predictor, "prefetch"):
+      # every candidate stage of every state of the predicted parts, predicted in batches (a DP with
+      # constant costs visits every state: no candidate is pruned by an earlier one's cost)
+      asked: dict = {}
+
+      def record_all(st):
+        asked[st] = None
+        return 1.0
+
+      for part, m in zip(g.blocks, mode):
+        if m != "profiled":
+          ios_dp(part, succ, record_all, r=r, s=s, strategy=strategy, merge_key=mk)
+      predictor.prefetch(g, list(asked))
+    pinfo = {"predictor": type(predictor).__name__, "top_k": top_k, "ood": ood[:50], "n_ood": len(ood),
+             "profiled_parts": mode.count("profiled"), "parts": len(g.blocks)}
+  if hasattr(profiler, "prefetch") and prefetch and any(m != "predicted" for m in mode):
+    # pass 1: record the stages a DP asks for (under the analytical model; a hybrid's: its top-k
+    # under the predictor), then compile them in parallel and time them; pass 2 (below) hits the
+    # profiler's cache.
     wanted: dict = {}
     model = AnalyticalCost()
 
@@ -511,16 +554,38 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       wanted[st] = None
       return model(g, st)
 
-    for part in g.blocks:
-      ios_dp(part, succ, record, r=r, s=s, strategy=strategy, merge_key=mk)
+    def record_pred(st):
+      wanted[st] = None
+      return pcost(st)
+
+    for part, m in zip(g.blocks, mode):
+      if m == "predicted":
+        continue
+      if m == "hybrid":
+        ios_dp(part, succ, record_pred, r=r, s=s, strategy=strategy, merge_key=mk, rank=pcost,
+               top_k=top_k)
+      else:
+        ios_dp(part, succ, record, r=r, s=s, strategy=strategy, merge_key=mk)
     n = profiler.prefetch(g, list(wanted))
     if verbose:
       print(f"ios: prefetched {n} stage measurements ({len(wanted)} stages requested)", flush=True)
+  profiled: dict = {}
+
+  def counted(st):
+    profiled[st] = None
+    return cost(st)
+
   for pi, part in enumerate(g.blocks):
-    st, _ = ios_dp(part, succ, cost, r=r, s=s, strategy=strategy, merge_key=mk)
+    if mode[pi] == "predicted":
+      st, _ = ios_dp(part, succ, pcost, r=r, s=s, strategy=strategy, merge_key=mk)
+    elif mode[pi] == "hybrid":
+      st, _ = ios_dp(part, succ, counted, r=r, s=s, strategy=strategy, merge_key=mk, rank=pcost,
+                     top_k=top_k)
+    else:
+      st, _ = ios_dp(part, succ, counted, r=r, s=s, strategy=strategy, merge_key=mk)
     for x in st:
       stages.append(x)
-      lats.append(cost(x))
+      lats.append(pcost(x) if mode[pi] == "predicted" else cost(x))
     if verbose:
       print(f"ios: part {pi + 1}/{len(g.blocks)} ({len(part)} units) -> {len(st)} stages", flush=True)
   if hasattr(profiler, "save"):
@@ -534,6 +599,9 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   for k in ("hits", "misses", "compile_s"):
     if hasattr(profiler, k):
       info[f"profiler_{k}"] = getattr(profiler, k)
+  info["profiled_stages"] = len(profiled)   # distinct stages the DP asked the profiler for
+  if predictor is not None:
+    info["predictor"] = pinfo
   sched = Schedule(g, stages, lats, emission, time.perf_counter() - t0, info, _fn=bound)
   _never_slower(sched, dyn, _auto_method() if check == "auto" else check,
                 profiler if isinstance(profiler, AnalyticalCost) else AnalyticalCost())

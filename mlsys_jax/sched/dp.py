@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import sys
 from typing import Callable, Hashable, Optional, Sequence
 
@@ -74,7 +75,8 @@ def _bits(mask: int):
 def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float], *, r: int = 3,
            s: int = 8, strategy: str = "both",
            merge_key: Optional[Callable[[int], Optional[Hashable]]] = None,
-           max_merge: int = 8) -> tuple[list, float]:
+           max_merge: int = 8, rank: Optional[Callable[[Stage], float]] = None,
+           top_k: int = 0) -> tuple[list, float]:
   """Optimal stage sequence of one part under the pruning parameters ``r`` (max units per group) and
   ``s`` (max groups per stage).
 
@@ -87,6 +89,12 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
       parallel stage is a single unit (sequential execution plus merges).
     merge_key: unit -> hashable key, equal for units that may be merged, None if not mergeable.
     max_merge: largest number of units in one merge stage.
+    rank, top_k: the hybrid search (Value Learning, Steiner et al., MLSys 2021, applied to IOS): with
+      ``rank`` (Stage -> predicted latency, e.g. a learned model) and ``top_k >= 1``, each state keeps
+      only the ``top_k`` candidate stages with the lowest predicted total (``rank`` of the stage + the
+      optimum of the rest under ``rank``), and ``stage_cost`` (the profiler) is called for those alone;
+      if all of them cost inf, the next ones in predicted order are tried. ``top_k = 0``: every
+      candidate is costed (IOS).
 
   Returns:
     (stages in execution order, total predicted latency).
@@ -100,6 +108,10 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
   """
   if r < 1 or s < 1:
     raise ValueError(f"r and s must be >= 1, got r={r}, s={s}")
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"top_k must be an int >= 0 (0: cost every candidate), got {top_k!r}")
+  if top_k and rank is None:
+    raise ValueError("top_k >= 1 needs rank, the predicted stage latency that picks the candidates")
   if strategy not in ("both", "parallel", "merge"):
     raise ValueError(f"strategy must be 'both', 'parallel' or 'merge', got {strategy!r}")
   n = len(nodes)
@@ -212,16 +224,50 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
           res.append(("merge", (gm,)))
     return res
 
+  def ending_mask(groups: tuple) -> int:
+    em = 0
+    for gm in groups:
+      em |= gm
+    return em
+
+  hybrid = rank is not None and top_k >= 1
+  if hybrid:  # both DPs enumerate every state's candidates: enumerate once
+    endings = functools.lru_cache(maxsize=None)(endings)
+  rank_memo: dict = {}
+  rank_best: dict = {0: 0.0}
+
+  def rank_of(groups: tuple, kind: str) -> float:
+    k = (kind, groups)
+    if k not in rank_memo:
+      c = float(rank(Stage(kind, tuple(group_order(m) for m in groups))))
+      rank_memo[k] = float("inf") if c != c else c
+    return rank_memo[k]
+
+  def solve_rank(S: int) -> float:  # the DP under the predicted costs alone
+    if S not in rank_best:
+      rank_best[S] = min((rank_of(g_, k_) + solve_rank(S & ~ending_mask(g_)) for k_, g_ in endings(S)),
+                         default=float("inf"))
+    return rank_best[S]
+
+  def ordered(S: int):
+    ends = endings(S)
+    if not hybrid:
+      return ends, len(ends)
+    pred = [rank_of(g_, k_) + solve_rank(S & ~ending_mask(g_)) for k_, g_ in ends]
+    order = sorted(range(len(ends)), key=lambda i: pred[i])
+    return [ends[i] for i in order], top_k
+
   memo: dict = {0: (0.0, None)}
 
   def solve(S: int) -> float:
     if S in memo:
       return memo[S][0]
     best, arg = float("inf"), None
-    for kind, groups in endings(S):
-      em = 0
-      for gm in groups:
-        em |= gm
+    cands, keep = ordered(S)
+    for i, (kind, groups) in enumerate(cands):
+      if i >= keep and best < float("inf"):
+        break  # hybrid: only the top_k predicted candidates (more only while none is finite)
+      em = ending_mask(groups)
       c = cost_of(groups, kind)
       if c >= best:
         continue
@@ -232,7 +278,8 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
     return best
 
   full = (1 << n) - 1
-  with _recursion_limit(4 * n + 200):  # depth <= n states, a few frames each; restored on exit
+  # depth <= n states, a few frames each (twice that with the predicted DP nested); restored on exit
+  with _recursion_limit((8 if hybrid else 4) * n + 200):
     total = solve(full)
   if total == float("inf"):
     raise ValueError(f"ios_dp: every schedule of this part ({n} units) has infinite cost: the stage "

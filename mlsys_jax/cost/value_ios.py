@@ -1,0 +1,249 @@
+"""Learned stage costs for the IOS search: predict instead of profiling, or profile only the top-k.
+
+Steiner, Cummins, He, Leather, "Value Learning for Throughput Optimization of Deep Learning Workloads"
+(MLSys 2021), Sec. 3-4: a sequence model over the operators of a (partial) schedule, each step fed the
+operator's features and its decision, predicts the schedule's latency, so decisions can be made without
+runs on the target. IOS (Ding et al., MLSys 2021, Sec. 4.3) spends its search time profiling candidate
+stages. Here the value model of :mod:`mlsys_jax.cost.value` (``ValueLSTM``) is applied to the schedule
+made of *one stage*: its operators in the stage's order with their decision features (group, merge,
+stage size, stage FLOPs/bytes); its value is that stage's latency. Trained on stages whose latency is
+known (the stage profiler's cache, or an analytical model on CPU), it stands in for the profiler:
+
+- ``ios_schedule(fn, x, predictor=p)``: every candidate stage costed by the model (no profiling);
+- ``ios_schedule(fn, x, predictor=p, top_k=k)``: the hybrid; each DP state profiles only its k best
+  candidates by predicted total (``sched.ios_dp(rank=..., top_k=k)``);
+- parts with units unlike the training data (:meth:`StagePredictor.ood`: kind never seen, or static
+  features outside the training range) are profiled as without a model, and listed in
+  ``Schedule.info["predictor"]``.
+
+Example:
+  >>> from mlsys_jax import sched
+  >>> from mlsys_jax.cost import value
+  >>> g = sched.build_graph(*value.random_conv_net(0))
+  >>> st = candidate_stages(g, r=2, s=2)[0]
+  >>> stage_features(g, st).shape[1] == value.NUM_FEATURES
+  True
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import time
+import weakref
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mlsys_jax._checks import check_int, check_range
+from mlsys_jax.cost import value as V
+from mlsys_jax.sched import emit
+from mlsys_jax.sched.dp import Stage, ios_dp
+from mlsys_jax.sched.graph import Graph
+
+
+def _state_of(g: Graph, st: Stage) -> V.State:
+  part = 0
+  groups = tuple(tuple(int(u) for u in grp) for grp in st.groups)
+  where = tuple((u, 0, gi) for gi, grp in enumerate(groups) for u in grp)
+  return V.State((("merge" if st.kind == "merge" else "parallel", groups, part),), where, len(where),
+                 tuple(u for grp in groups for u in grp))
+
+
+def stage_features(g: Graph, st: Stage, static: np.ndarray | None = None,
+                   fb: np.ndarray | None = None) -> np.ndarray:
+  """float32 [units of ``st``, ``value.NUM_FEATURES``]: the value model's input for the schedule made
+  of the single stage ``st`` (its units in group order; static unit features, then the decision
+  features of the stage). ``static`` (``value.static_features(g)``) and ``fb`` (per-unit FLOPs, bytes)
+  may be passed to skip recomputing them."""
+  static = V.static_features(g) if static is None else static
+  if fb is None:
+    fb = np.asarray([g.unit_flops_bytes(u.idx) for u in g.units], np.float64).reshape(len(g.units), 2)
+  state = _state_of(g, st)
+  return np.concatenate([static[list(state.order)], V.decision_features(g, state, fb)], axis=1)
+
+
+def candidate_stages(g: Graph, r: int = 3, s: int = 8, strategy: str = "both",
+                     merge_kernels: str = "any") -> list:
+  """Every distinct stage IOS's DP (:func:`mlsys_jax.sched.ios_dp`) considers for ``g`` under ``r``,
+  ``s`` and ``strategy``: the stages a profiler would be asked about (a DP with constant costs visits
+  every state, so none is pruned). In the order first asked."""
+  same = merge_kernels == "same"
+  mk = (lambda u: emit.merge_key(g, u, same)) if strategy in ("both", "merge") else None
+  succ = {u.idx: u.succs for u in g.units}
+  asked: dict = {}
+
+  def record(st):
+    asked[st] = None
+    return 1.0
+
+  for part in g.blocks:
+    ios_dp(part, succ, record, r=r, s=s, strategy=strategy, merge_key=mk)
+  return list(asked)
+
+
+def _valid(g: Graph, st: Stage) -> bool:
+  return not (len(st.units) > 1 and any(g.units[u].opaque for u in st.units))
+
+
+class StagePredictor:
+  """A learned stage cost ``(graph, Stage) -> seconds`` (the value model on one-stage schedules), for
+  ``sched.ios_schedule(..., predictor=...)``.
+
+  Args:
+    model: a ``value.ValueModel`` fitted on stage latencies (:func:`fit_stage_model`).
+    margin: how far (features scale to about [0, 1]) a unit's static features may lie outside the
+      training range before :meth:`ood` flags it.
+    batch: stages per model call in :meth:`prefetch`.
+
+  ``calls`` counts model evaluations (stages predicted), ``predict_s`` their seconds.
+  """
+
+  def __init__(self, model: V.ValueModel, margin: float = 0.15, batch: int = 512):
+    check_range("margin", margin, low=0.0)
+    check_int("batch", batch, low=1)
+    self.model, self.margin, self.batch = model, float(margin), int(batch)
+    self.calls = 0
+    self.predict_s = 0.0
+    self._graphs: dict = {}  # id(g) -> (weakref(g), static features, fb, {Stage: seconds})
+
+  def _graph(self, g: Graph):
+    ent = self._graphs.get(id(g))
+    if ent is None or ent[0]() is not g:
+      fb = np.asarray([g.unit_flops_bytes(u.idx) for u in g.units], np.float64).reshape(len(g.units), 2)
+      ent = self._graphs[id(g)] = (weakref.ref(g), V.static_features(g), fb, {})
+    return ent
+
+  def ood(self, g: Graph) -> list:
+    """[(unit, reason)] for units of ``g`` whose kind the model never saw or whose static features lie
+    more than ``margin`` outside the training range; predictions for stages of such units are not to
+    be trusted (``ios_schedule`` profiles their parts instead)."""
+    _, static, _, _ = self._graph(g)
+    m, out = self.model, []
+    for u in g.units:
+      if u.kind not in m.vocab:
+        out.append((u.idx, f"kind {u.kind!r} unseen in training"))
+        continue
+      f = static[u.idx]
+      bad = np.nonzero((f < m.feat_lo - self.margin) | (f > m.feat_hi + self.margin))[0]
+      if bad.size:
+        out.append((u.idx, f"features {bad.tolist()} outside the training range"))
+    return out
+
+  def log_predict(self, g: Graph, stages: Sequence[Stage]) -> np.ndarray:
+    """Predicted log seconds of ``stages`` (no cache; invalid stages -> inf)."""
+    _, static, fb, _ = self._graph(g)
+    out = np.full(len(stages), np.inf)
+    ok = [i for i, st in enumerate(stages) if _valid(g, st)]
+    t0 = time.perf_counter()
+    for c0 in range(0, len(ok), self.batch):
+      idx = ok[c0:c0 + self.batch]
+      feats = [stage_features(g, stages[i], static, fb) for i in idx]
+      ids = [[self.model.vocab.get(g.units[u].kind, 0) for grp in stages[i].groups for u in grp]
+             for i in idx]
+      nb = V._bucket(len(feats)) if len(feats) < self.batch else self.batch  # few compiled shapes
+      pad = nb - len(feats)
+      k, x, ln = V._pad(feats + feats[:1] * pad, ids + ids[:1] * pad, V._bucket(max(len(f) for f in feats)))
+      out[idx] = V.predict(self.model, k, x, ln)[:len(feats)]
+      self.calls += len(feats)
+    self.predict_s += time.perf_counter() - t0
+    return out
+
+  def prefetch(self, g: Graph, stages: Sequence[Stage]) -> int:
+    """Predict the not-yet-cached ``stages`` in batches; returns how many were predicted."""
+    cache = self._graph(g)[3]
+    todo = list(dict.fromkeys(st for st in stages if st not in cache))
+    if todo:
+      for st, lp in zip(todo, self.log_predict(g, todo)):
+        cache[st] = float(math.exp(lp)) if np.isfinite(lp) else math.inf
+    return len(todo)
+
+  def __call__(self, g: Graph, st: Stage) -> float:
+    cache = self._graph(g)[3]
+    if st not in cache:
+      self.prefetch(g, [st])
+    return cache[st]
+
+
+def stage_examples(graphs: Sequence[Graph], cost: Callable, *, r: int = 3, s: int = 8,
+                   strategy: str = "both", max_per_graph: int | None = None, seed: int = 0) -> list:
+  """Training examples ``(graph, stage, seconds)``: the candidate stages of each graph
+  (:func:`candidate_stages`; at most ``max_per_graph`` of them, drawn at random) costed with
+  ``cost(graph, stage)``; stages of infinite or non-positive cost are left out."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for g in graphs:
+    cands = candidate_stages(g, r, s, strategy)
+    if max_per_graph is not None and len(cands) > max_per_graph:
+      cands = [cands[i] for i in sorted(rng.choice(len(cands), max_per_graph, replace=False))]
+    for st in cands:
+      c = float(cost(g, st))
+      if math.isfinite(c) and c > 0:
+        out.append((g, st, c))
+  return out
+
+
+def fit_stage_model(examples: Sequence[tuple], *, hidden: int = 64, steps: int = 600, lr: float = 3e-3,
+                    seed: int = 0, margin: float = 0.15) -> tuple[StagePredictor, dict]:
+  """Fit the value model (``value.ValueLSTM``) to the log latency of one-stage schedules.
+
+  Args:
+    examples: ``(graph, Stage, seconds)`` triples (:func:`stage_examples`, or measured stage costs
+      from a profiler cache, :func:`stage_costs_from_cache`).
+    hidden, steps, lr, seed: model width and Adam schedule (``value.fit_value_model``).
+    margin: out-of-distribution margin of the returned predictor.
+
+  Returns:
+    (``StagePredictor``, stats: examples, training seconds, loss curve).
+  """
+  if not examples:
+    raise ValueError("fit_stage_model needs at least one (graph, stage, seconds) example")
+  t0 = time.perf_counter()
+  statics: dict = {}
+  feats, kinds, tgt = [], [], []
+  for g, st, sec in examples:
+    if not (isinstance(sec, (int, float, np.floating)) and math.isfinite(sec) and sec > 0):
+      raise ValueError(f"stage latency must be a finite positive number of seconds, got {sec!r}")
+    if id(g) not in statics:
+      fb = np.asarray([g.unit_flops_bytes(u.idx) for u in g.units], np.float64).reshape(len(g.units), 2)
+      statics[id(g)] = (V.static_features(g), fb)
+    feats.append(stage_features(g, st, *statics[id(g)]))
+    kinds.append([g.units[u].kind for grp in st.groups for u in grp])
+    tgt.append(math.log(sec))
+  data = V.StateData(feats, kinds, np.asarray(tgt), list(range(len(tgt))))
+  model, losses = V.fit_value_model(data, hidden=hidden, steps=steps, lr=lr, seed=seed)
+  return StagePredictor(model, margin), {"examples": len(tgt), "train_s": time.perf_counter() - t0,
+                                         "losses": losses}
+
+
+def stage_costs_from_cache(cache: dict, g: Graph) -> dict:
+  """Measured stage latencies of graph ``g`` in a ``sched.StageProfiler`` cache (the dict its JSON file
+  holds): ``{Stage: seconds}`` for every alias entry of ``g``'s fingerprint (any device, options, K;
+  entries of stages built without the fused epilogue are skipped). With several entries for a stage
+  the last one wins.
+
+  Example:
+    >>> from mlsys_jax import sched
+    >>> g = sched.build_graph(lambda x: x @ jnp.ones((4, 4)), jnp.ones((2, 4)))
+    >>> cache = {f"alias|cpu|[]|{g.fingerprint()}|plain|5|parallel|((0,),)": "abc", "abc": 1.5e-6}
+    >>> stage_costs_from_cache(cache, g)
+    {Stage(kind='parallel', groups=((0,),)): 1.5e-06}
+  """
+  fp = g.fingerprint()
+  out = {}
+  for key, ref in cache.items():
+    if not key.startswith("alias|") or key.endswith("|unfused"):
+      continue
+    fields = key.split("|")
+    if len(fields) < 6 or fields[-5] != fp or ref not in cache:
+      continue
+    groups = ast.literal_eval(fields[-1])
+    st = Stage(fields[-2], tuple(tuple(int(u) for u in grp) for grp in groups))
+    if max(st.units, default=-1) >= len(g.units):
+      raise ValueError(f"cache entry {key!r} names units outside the graph ({len(g.units)} units)")
+    out[st] = float(cache[ref])
+  return out
+
+
+__all__ = ["StagePredictor", "candidate_stages", "fit_stage_model", "stage_costs_from_cache",
+           "stage_examples", "stage_features"]
