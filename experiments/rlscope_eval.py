@@ -154,6 +154,7 @@ def main(_):
     print(profile.format_table(rows_c), flush=True)
 
   W = res["workloads"]
+  (out / "rlscope.json").write_text(json.dumps(res, indent=1, default=float))   # raw results first
   findings: dict = {}
   for env in ("cartpole", "pendulum"):
     for be in ("numpy", "jax"):
@@ -166,6 +167,8 @@ def main(_):
       def sim_row(e):
         return next((r for r in e["rows_corrected"] if r["operation"] == "simulation"), None)
       rn, rj = sim_row(n), sim_row(j)
+      if not rn or not rj or rn["total"] <= 0 or rj["total"] <= 0:
+        continue          # a run attributed no time to `simulation` (e.g. cut short): no ratio
       findings[f"sim_time_jax_over_numpy/{algo}/cartpole"] = rj["total"] / rn["total"]
       findings[f"sim_split/{algo}/cartpole/numpy"] = {c: rn[c] / rn["total"] for c in profile.HOST_CATEGORIES}
       findings[f"sim_split/{algo}/cartpole/jax"] = {c: rj[c] / rj["total"] for c in profile.HOST_CATEGORIES}
