@@ -34,8 +34,11 @@ from mlsys_jax.quant.vsquant import _split  # noqa: E402
 
 # Launch configurations tried for V = 64: (block_m, block_n, vectors_per_step, num_warps, num_stages,
 # convert, w_layout, prefetch). Run 1 on the H200 (2026-12-02, no scale prefetch, 'kn' weights) peaked at
-# 166 TOP/s; these probe the scale-load latency (prefetch), the weight layout and the tile.
+# 166 TOP/s (256 x 128 tiles); num_stages made no difference, which points at the per-step scale loads
+# (not pipelined by Triton, a full memory latency per K step): these probe scale prefetch, the weight
+# layout and the tile.
 SWEEP = [
+    (256, 128, 1, 8, 3, "magic_fma", "kn", 0),     # the library default (run 1's best)
     (128, 128, 1, 8, 3, "magic_fma", "kn", 0),
     (128, 128, 1, 8, 3, "magic_fma", "kn", 1),
     (128, 128, 1, 8, 3, "magic_fma", "kn", 2),

@@ -66,10 +66,12 @@ def _pow2_at_least(x: int, low: int) -> int:
   return max(low, 1 << max(0, (x - 1).bit_length()))
 
 
-# Launch parameters per V for large products (chosen by benchmarks/vsquant_gemm.py's sweep on an H200).
-_TUNED = {v: dict(block_m=128, block_n=128, vectors_per_step=1, num_warps=8, num_stages=3,
+# Launch parameters per V for large products: the fastest configuration verified on an H200 by
+# benchmarks/vsquant_gemm.py (run of 2026-12-02, benchmarks/results/vsquant_gemm_h200.json). Later
+# runs of that script print `best_config` from a wider sweep (scale prefetch, K-major weights).
+_TUNED = {v: dict(block_m=256, block_n=128, vectors_per_step=1, num_warps=8, num_stages=3,
                   min_dot_k=32, convert="magic", convert_integer_scales="magic_fma",
-                  w_layout="kn", prefetch=1)
+                  w_layout="kn", prefetch=0)
           for v in SUPPORTED_VECTOR_SIZES}
 
 
