@@ -63,13 +63,16 @@ def main():
   variables = video.highpass_variables(net.init(jax.random.PRNGKey(0), jnp.zeros((1, h, w, 3))), -0.05)
   t_cal = time.time()
   if args.max_active_fraction == "calibrate":
-    fracs = video.calibrate_active_fraction(net, variables, (h, w, 3), tile=args.tile, unit_roundoff=u,
-                                            repeats=args.calibration_repeats)
+    fracs, cal = video.calibrate_active_fraction(net, variables, (h, w, 3), tile=args.tile,
+                                                 unit_roundoff=u, repeats=args.calibration_repeats,
+                                                 return_timings=True)
+    cal = [{"dense_s": c["dense_s"], "sparse_s": {str(k): v for k, v in c["sparse_s"].items()}}
+           for c in cal]
   else:
     fracs = tuple(float(f) for f in args.max_active_fraction.split(","))
-    fracs = fracs * len(chans) if len(fracs) == 1 else fracs
+    fracs, cal = (fracs * len(chans) if len(fracs) == 1 else fracs), None
   t_cal = time.time() - t_cal
-  print(f"max_active_fraction per layer: {fracs} ({t_cal:.1f} s)", flush=True)
+  print(f"max_active_fraction per layer: {fracs} ({t_cal:.1f} s); calibration: {cal}", flush=True)
   rb = video.range_bound_model(net, variables, (h, w, 3), tile=args.tile, max_active_fraction=fracs,
                                unit_roundoff=u)
   dense = lambda f: net.apply(variables, f[None])[0]
@@ -100,6 +103,12 @@ def main():
       return st, (nd, jnp.max(jnp.abs(y - r)))
     return lax.scan(body, st, frames[1:])[1]
 
+  def dump(rows):
+    common.write_json(args.out, "video_conv" + ("_small" if args.small else ""),
+                      {"env": common.environment(), "args": vars(args), "max_active_fraction": list(fracs),
+                       "capacities": [list(c) for c in rb.capacities], "calibration_s": t_cal,
+                       "calibration": cal, "rows": rows})
+
   rows = []
   n_tiles = (-(-h // args.tile)) * (-(-w // args.tile))
   for act in args.activity.split(","):
@@ -122,14 +131,11 @@ def main():
            "reused_frac": [float(np.mean(c)) / n_tiles for c in reuse],
            "dense_fallback_rate": [float(np.mean(c)) for c in dns], "wall_s": time.time() - t0}
     rows.append(row)
+    dump(rows)  # after every activity level: a run cut short still leaves its rows
     print(f"{act}: sparse {row['sparse_frame_s'] * 1e3:.3f} ms, dense {row['dense_frame_s'] * 1e3:.3f} ms "
           f"({row['speedup']:.2f}x), diff={row['bitwise_differing_outputs']}", flush=True)
   common.print_table(rows, ["activity", "sparse_frame_s", "dense_frame_s", "speedup", "dense_tflops",
                             "bitwise_differing_outputs", "max_abs_diff"])
-  common.write_json(args.out, "video_conv" + ("_small" if args.small else ""),
-                    {"env": common.environment(), "args": vars(args), "max_active_fraction": list(fracs),
-                     "capacities": [list(c) for c in rb.capacities], "calibration_s": t_cal,
-                     "rows": rows})
 
 
 if __name__ == "__main__":

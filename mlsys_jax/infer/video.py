@@ -124,18 +124,23 @@ class ConvLayer(NamedTuple):
 
 class LayerState(NamedTuple):
   """Per-layer state after a frame: its output ``y`` ``(H', W', c_out)``, ``ub`` ``(nH, nW, c_out)``, an
-  upper bound on the real pre-activation over each output tile, and ``amax`` ``(nH, nW, c_out)``, the
-  largest ``|y|`` over each output tile (the next layer's input range for its dense-path margin)."""
+  upper bound on the real pre-activation over each output tile (``+inf``: unknown), ``amax``
+  ``(nH, nW, c_out)``, an upper bound on ``|y|`` over each output tile (the next layer's input range for
+  its dense-path margin), and ``n_changed`` (int32), the number of output tiles whose bits changed in
+  the last frame (``nH * nW`` when not measured)."""
   y: jax.Array
   ub: jax.Array
   amax: jax.Array
+  n_changed: jax.Array
 
 
 class ModelState(NamedTuple):
-  """State of a stream: the previous frame ``x`` ``(H, W, C)`` and one :class:`LayerState` per layer
-  (layer ``l``'s previous input is layer ``l-1``'s ``y``: nothing is stored twice)."""
+  """State of a stream: the previous frame ``x`` ``(H, W, C)``, one :class:`LayerState` per layer
+  (layer ``l``'s previous input is layer ``l-1``'s ``y``: nothing is stored twice) and the frame
+  counter ``t`` (int32)."""
   x: jax.Array
   layers: tuple
+  t: jax.Array
 
 
 class LayerStats(NamedTuple):
@@ -374,11 +379,23 @@ def _input_tile_stats(x: jax.Array, x_prev: jax.Array, tile: int, strips) -> tup
   return flags, _tile_max(jnp.abs(x), tile, nh, nw, 0)
 
 
-def _dense_outputs(layer: ConvLayer, x: jax.Array, in_amax: jax.Array, tile: int, unit_roundoff: float):
+def _dense_outputs(layer: ConvLayer, x: jax.Array, in_amax: jax.Array, tile: int, unit_roundoff: float,
+                   bounds: bool = True):
   """Dense conv of one layer and its per-tile state: ``(y, ub, amax)``. The margin of ``ub`` uses the
   frame's per-channel ``max |x|`` (from the per-tile maxima ``in_amax``): looser than per tile by a
-  relative ~1e-4 of ``sum |w||x|``, and a handful of tiny ops instead of per-tile work."""
+  relative ~1e-4 of ``sum |w||x|``, and a handful of tiny ops instead of per-tile work. Without
+  ``bounds``: the plain dense conv, ``ub = +inf`` (unknown) and ``amax`` the analytic bound
+  ``(|b| + sum_c max|x_c| |W|[c, o]) (1 + 2 (n + c_in + 2) u)`` rounded up (``|y| <= |zhat|``, which
+  exceeds ``|b| + sum |w||x|`` by at most ``gamma_{n+1}`` relatively; the bound's own evaluation errs by
+  at most ``gamma_{c_in + 1}``): no pass over the output."""
   ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[:2], tile)
+  if not bounds:
+    kh, kw, cin, cout = layer.kernel.shape
+    a = jnp.max(in_amax, axis=(0, 1))
+    s = (jnp.abs(layer.bias) + a @ _kernel_sums(layer.kernel)[2]) * (
+        1 + 2 * (kh * kw * cin + cin + 2) * unit_roundoff)
+    amax = jnp.broadcast_to(_up(s + 4 * (kh * kw * cin + 2) * _TINY), (nh, nw, cout))
+    return dense_conv(layer, x), jnp.full((nh, nw, cout), jnp.inf, x.dtype), amax
   z = _dense_pre(layer, x)
   zmax = _tile_max(z, tile, nh, nw, -jnp.inf)  # (nh, nw, cout)
   a = jnp.max(in_amax, axis=(0, 1))
@@ -395,7 +412,7 @@ def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int, unit_roundoff: fl
   if in_amax is None:
     in_amax = _input_tile_stats(x, x, tile, _strips(layer))[1]
   y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff)
-  return LayerState(y=y, ub=ub, amax=amax), y
+  return LayerState(y=y, ub=ub, amax=amax, n_changed=jnp.zeros((), jnp.int32)), y
 
 
 def _buckets_for(caps, count):
@@ -406,7 +423,8 @@ def _buckets_for(caps, count):
 
 def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: jax.Array,
                     changed: jax.Array, in_amax: jax.Array, *, tile: int, capacity: Sequence[int],
-                    unit_roundoff: float = 2.0 ** -24, next_strips=(0, 0, 0, 0)):
+                    unit_roundoff: float = 2.0 ** -24, next_strips=(0, 0, 0, 0),
+                    dense_bounds: bool = True, dense_flags: bool = True):
   """One frame through one layer: reuse unchanged tiles, skip provably-zero tiles, compute the rest.
 
   Args:
@@ -424,6 +442,12 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
     unit_roundoff: ``u`` of the conv arithmetic.
     next_strips: the next layer's :func:`_strips` (which border strips of this layer's output tiles
       its receptive fields read).
+    dense_bounds: whether the dense path computes the per-tile bound ``ub`` (a pass over the
+      pre-activation); ``False``: ``ub = +inf`` (sound: the next sparse frame uses the range bound for
+      those tiles) and an analytic ``amax``, the plain dense conv.
+    dense_flags: whether the dense path compares its output with the previous one, bit for bit, to
+      give the next layer exact change flags (a pass over both outputs); ``False`` marks every tile
+      changed (the next layer then runs densely); a traced bool decides per frame (``lax.cond``).
   Returns:
     ``(state, y, flags, stats)``: ``flags`` ``(nH, nW, 3, 3)`` are the region change flags of this
     layer's *output* tiles (bit-exact: a recomputed tile with the same bits is unchanged).
@@ -443,8 +467,14 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
     return state.y, state.ub, state.amax, jnp.zeros((nh, nw, 3, 3), bool), (zero, zero)
 
   def dense(_):
-    y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff)
-    flags = _grid_flags(jnp.any(_bits(y) != _bits(state.y), axis=-1), tile, nh, nw, next_strips)
+    y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff, dense_bounds)
+    compare = lambda _: _grid_flags(jnp.any(_bits(y) != _bits(state.y), axis=-1), tile, nh, nw,
+                                    next_strips)
+    all_changed = lambda _: jnp.ones((nh, nw, 3, 3), bool)  # the next layer then runs densely too
+    if isinstance(dense_flags, bool):
+      flags = compare(None) if dense_flags else all_changed(None)
+    else:
+      flags = lax.cond(dense_flags, compare, all_changed, None)
     return y, ub, amax, flags, (zero, jnp.asarray(n_tiles, jnp.int32))
 
   def sparse(cap):
@@ -512,7 +542,8 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
                      zero_tiles=jnp.sum(jnp.all(_tile_grid(y, tile, nh, nw, 0) == 0, axis=(1, 3, 4)))
                      .astype(jnp.int32),
                      zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
-  return LayerState(y=y, ub=ub, amax=amax), y, flags, stats
+  n_changed = jnp.sum(flags[..., 1, 1]).astype(jnp.int32)
+  return LayerState(y=y, ub=ub, amax=amax, n_changed=n_changed), y, flags, stats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -606,7 +637,8 @@ def _layer_shapes(layers, frame_shape, tile, unit_roundoff):
 def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *, tile: int = 8,
                       max_active_fraction: float | Sequence[float] = 0.25,
                       buckets: Sequence[float] = (1 / 32, 1 / 8),
-                      unit_roundoff: float = 2.0 ** -24) -> RangeBoundModel:
+                      unit_roundoff: float = 2.0 ** -24, dense_bounds: bool = False,
+                      probe_every: int = 8) -> RangeBoundModel:
   """Exact frame-by-frame inference of a ReLU CNN that skips provably-zero and unchanged tiles.
 
   Per frame, one pass over the input frame finds the changed tiles (bit comparison); from there on
@@ -614,6 +646,9 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
   the propagation), so a layer whose receptive fields did not change does no work at all, and the
   choice between the sparse path and the dense convolution is made per layer from the number of
   changed tiles *before* any bound, gather or scatter runs (one ``lax.switch``: only one branch runs).
+  A layer that never takes the sparse path (threshold 0) keeps no bounds, and the layer before it
+  does not compare its dense outputs with the previous ones: there the fallback is the plain dense
+  convolution.
 
   Args:
     module: a ``flax.linen.Sequential`` of ``nn.Conv`` + ``nn.relu`` (see :func:`layers_from_flax`),
@@ -626,11 +661,19 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
       :func:`calibrate_active_fraction`); ``0`` makes a layer dense whenever its input changed.
     buckets: smaller static capacities (fractions of the tiles) for frames with few active tiles.
     unit_roundoff: ``u`` of the conv arithmetic for the margin (``2**-24`` float32; ``2**-10`` TF32).
+    dense_bounds: whether a layer that ran densely also computes its per-tile pre-activation bound
+      (one more pass), so that the next frame's temporal bound is available for every tile; without
+      it those tiles use the range bound until they are computed on the sparse path.
+    probe_every: after a dense layer, its outputs are compared with the previous ones (exact change
+      flags for the next layer, one pass over both) when the last comparison found few enough changed
+      tiles for the next layer's sparse path, and on every ``probe_every``-th frame; otherwise every
+      tile counts as changed and the next layer runs densely (full motion: the plain dense conv).
   Returns:
     :class:`RangeBoundModel` with ``init(frame) -> (state, y)`` and
     ``step(state, frame) -> (state, y, stats)``; outputs are ``(H', W', c_out)``.
   """
   check_int("tile", tile, 1)
+  check_int("probe_every", probe_every, 1)
   layers = _layer_list(module, variables)
   frame_shape = tuple(int(s) for s in frame_shape)
   if len(frame_shape) != 3:
@@ -672,7 +715,7 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
       st, x = conv_layer_init(l, x, tile, unit_roundoff, in_amax=in_amax)
       states.append(st)
       in_amax = st.amax
-    return ModelState(frame, tuple(states)), x
+    return ModelState(frame, tuple(states), jnp.zeros((), jnp.int32)), x
 
   def init(frame):
     return _init(_check_frame(frame))
@@ -686,29 +729,39 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     frame_now, x_prev, new, stats = x, state.x, [], []
     for i, (l, st, cap) in enumerate(zip(layers, state.layers, caps)):
       nh, nw = grids[i]
+      if i + 1 < len(layers) and caps[i + 1]:  # the next layer can go sparse: exact flags, if likely
+        probe = (st.n_changed <= caps[i + 1][-1]) | (state.t % probe_every == 0)  # useful
+      else:
+        probe = False
       st_new, y, flags, s = conv_layer_step(l, st, x, x_prev, _rf_changed(flags, nh, nw), in_amax,
                                             tile=tile, capacity=cap, unit_roundoff=unit_roundoff,
-                                            next_strips=strips[i + 1])
+                                            next_strips=strips[i + 1],
+                                            dense_bounds=dense_bounds and bool(cap), dense_flags=probe)
       new.append(st_new)
       stats.append(s)
       x, x_prev, in_amax = y, st.y, st_new.amax
-    return ModelState(x=frame_now, layers=tuple(new)), x, tuple(stats)
+    return ModelState(x=frame_now, layers=tuple(new), t=state.t + 1), x, tuple(stats)
 
   return RangeBoundModel(init=init, step=step, layers=layers, capacities=tuple(caps))
 
 
 def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence[int], *,
-                              tile: int = 8, fractions: Sequence[float] = (1 / 32, 1 / 16, 1 / 8, 1 / 4,
-                                                                           1 / 2),
+                              tile: int = 8, fractions: Sequence[float] = (1 / 16, 1 / 8, 1 / 4, 1 / 2),
                               repeats: int = 5, slack: float = 1.0, seed: int = 0,
-                              unit_roundoff: float = 2.0 ** -24) -> tuple[float, ...]:
+                              unit_roundoff: float = 2.0 ** -24, return_timings: bool = False):
   """Per-layer dense-fallback threshold from measured costs on this machine.
 
-  For every layer and candidate fraction ``f``, times (``mlsys_jax.stats.time_interleaved``, jitted)
-  one layer step whose changed tiles are a random ``f`` of all tiles on the sparse path against the same
-  layer's dense path, on random inputs (no tile provably zero: the sparse path's worst case). Returns,
-  per layer, the largest ``f`` whose sparse step took ``<= slack`` times the dense step (``0.0`` if none):
-  pass it as ``max_active_fraction`` so that a frame never takes the sparse path where dense is cheaper.
+  For every layer and candidate fraction ``f`` (ascending, stopping at the first that loses), times
+  (``mlsys_jax.stats.time_interleaved``, jitted) one layer step whose changed tiles are a random ``f``
+  of all tiles, on the sparse path, against the same layer's dense path, on random inputs (no tile
+  provably zero: the sparse path's worst case). The threshold is the largest ``f`` whose sparse step
+  took ``<= slack`` times the dense step, moved linearly towards the first losing fraction by where the
+  dense time lies between the two (``0.0`` when even the smallest fraction loses). Pass the result as
+  ``max_active_fraction``: a frame then takes the sparse path only where it measured cheaper.
+
+  Returns:
+    a tuple of per-layer fractions; with ``return_timings``, also a list (per layer) of dicts with
+    ``dense_s`` and ``sparse_s`` (fraction -> median seconds).
   """
   from mlsys_jax import stats as _stats
   check_int("repeats", repeats, 1)
@@ -717,7 +770,7 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
   frame_shape = tuple(int(s) for s in frame_shape)
   shapes, grids = _layer_shapes(layers, frame_shape, tile, unit_roundoff)
   rng = np.random.default_rng(seed)
-  out = []
+  out, timings = [], []
   for l, shp, (nh, nw) in zip(layers, shapes, grids):
     x0 = jnp.asarray(rng.uniform(-1, 1, shp), jnp.float32)
     x1 = jnp.asarray(rng.uniform(-1, 1, shp), jnp.float32)
@@ -733,18 +786,24 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
       return lambda: f(st, x1, x0, mask)
 
     dense_fn = timed((), nh * nw)
-    best = 0.0
+    best, t_best, rec = 0.0, 0.0, {"dense_s": [], "sparse_s": {}}
     for frac in sorted(fractions):
       n = int(math.floor(frac * nh * nw))
       if n < 1:
         continue
       t = _stats.time_interleaved(timed((n,), n), dense_fn, repeats=repeats, warmup=1)
+      rec["dense_s"].append(t.median_b)
+      rec["sparse_s"][frac] = t.median_a
       if t.median_a <= slack * t.median_b:
-        best = frac
+        best, t_best = frac, t.median_a
       else:
+        if best > 0 and t.median_a > t_best:
+          best += (frac - best) * (slack * t.median_b - t_best) / (t.median_a - t_best)
         break
-    out.append(best)
-  return tuple(out)
+    rec["dense_s"] = float(np.median(rec["dense_s"])) if rec["dense_s"] else None
+    out.append(float(min(best, 1.0)))
+    timings.append(rec)
+  return (tuple(out), timings) if return_timings else tuple(out)
 
 
 def dense_model(layers: Sequence[ConvLayer]) -> Callable:
