@@ -209,7 +209,7 @@ def main():
       quant.QuantConfig(vcfg.weight, vcfg.activation))(p, q, dn, precision=jax.lax.Precision.HIGHEST))(a, w))
   result["e2e_rel_err_vs_emulation"] = e2e_err
 
-  # 5. Other vector sizes with the chosen configuration (V=16 also with native K=16 products).
+  # 5. Other vector sizes with the chosen configuration (V=16 through masked K=32 and K=64 products).
   for v in (16, 32, 128):
     if time.perf_counter() - t_start > args.budget_s + 20:
       break
@@ -228,12 +228,56 @@ def main():
       print(row)
       result["per_v"].append(row)
 
+  # 6. Other formats with the chosen tile: W4A8 (int4 weights packed two per byte, V=64) and FP8 E4M3
+  # with per-128 scales (DeepGEMM-style blocks), against XLA's fp8 matmul with per-tensor scales.
+  bf16_s = result["table"][0]["s"]
+  launch = dict(zip(_KEYS[:5], cfg[:5]), prefetch=cfg[7])
+  result["formats"] = []
+
+  def fmt_row(name, fn, ref):
+    row = {"op": name}
+    try:
+      row["rel_err"] = _rel(fn(), ref) if ref is not None else None
+      row["s"] = _quick(fn, max(3, reps // 2), inner)
+      row["TOPs"], row["speedup_vs_bf16"] = flops / row["s"] / 1e12, bf16_s / row["s"]
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    print(row)
+    result["formats"].append(row)
+
+  if time.perf_counter() - t_start < args.budget_s + 40:
+    qa4 = quant.vs_quantize(a, 8, axis=1, vector_size=64, scale_bits=8, coarse_axes=(0, 1))
+    qw4 = quant.vs_quantize(w, 4, axis=0, vector_size=64, scale_bits=8)
+    g = qa4.vector_scale.shape[1]
+    packed = pg.pack_int4_vectors(qw4.codes, 64)
+    w4 = jax.jit(lambda ca, sa, pw, sw, cc, wc: pg.vs_w4a8_matmul(
+        ca, sa, pw, sw, vector_size=64, a_coarse=cc, w_coarse=wc, integer_scales=True,
+        convert=cfg[5], **launch))
+    args4 = (qa4.codes, qa4.vector_scale.reshape(-1, g).astype(jnp.float32), packed,
+             qw4.vector_scale.reshape(g, -1).astype(jnp.float32), qa4.coarse_scale.reshape(()),
+             qw4.coarse_scale.reshape(-1))
+    ref4 = xla_vec(_split(qa4.codes, 1, 64, True)[0], qa4.scales(), _split(qw4.codes, 0, 64, True)[0],
+                   qw4.scales())
+    fmt_row("Pallas W4A8 per-vector (V=64, M=8)", lambda: w4(*args4), ref4)
+    (fa, fsa), (fw, fsw) = pg.fp8_vector_quantize(a, 1, 128), pg.fp8_vector_quantize(w, 0, 128)
+    fp8 = jax.jit(lambda *x: pg.vs_fp8_matmul(*x, vector_size=128, **launch))
+    ref8 = jax.jit(lambda: jnp.dot(
+        fa.astype(jnp.float32) * jnp.repeat(fsa, 128, axis=1)[:, :k],
+        fw.astype(jnp.float32) * jnp.repeat(fsw, 128, axis=0)[:k], precision=jax.lax.Precision.HIGHEST))()
+    fmt_row("Pallas FP8 E4M3 per-block (1x128 / 128 scales)", lambda: fp8(fa, fsa, fw, fsw), ref8)
+    ta, tw = jnp.max(jnp.abs(a)) / 448, jnp.max(jnp.abs(w)) / 448
+    a8, w8 = (a / ta).astype(jnp.float8_e4m3fn), (w / tw).astype(jnp.float8_e4m3fn)
+    xla8 = jax.jit(lambda p, q, s: jnp.dot(p, q, preferred_element_type=jnp.float32) * s)
+    fmt_row("XLA FP8 E4M3 per-tensor", lambda: xla8(a8, w8, ta * tw), None)
+
   print()
   print_table(result["sweep"], list(_KEYS) + ["s", "TOPs", "rel_err", "error"])
   print()
   print_table(result["per_v"], ["vector_size", "min_dot_k", "s", "xla_s", "TOPs", "rel_err", "error"])
   print()
   print_table(result["table"], ["op", "s", "bf16_s", "speedup_vs_bf16", "TOPs"])
+  print()
+  print_table(result["formats"], ["op", "s", "TOPs", "speedup_vs_bf16", "rel_err", "error"])
   kv = result["kernel_vs_int8_channel"]
   print(f"\nkernel vs XLA int8 per-channel (interleaved): {kv['ratio']:.3f}x "
         f"({kv['kernel_s'] * 1e3:.3f} ms vs {kv['int8_channel_s'] * 1e3:.3f} ms); best config {cfg}; "

@@ -157,3 +157,53 @@ def test_off_gpu_uses_xla_path():
   assert not pg.on_gpu()
   assert not layers._use_pallas_kernel(64)
   assert not any(layers._use_pallas_kernel(v) for v in (8, 24, 256))
+
+
+@pytest.mark.parametrize("v", [64, 128])
+def test_w4a8_packed_equals_int8_kernel(v):
+  """int4 weights packed two per byte and unpacked in the kernel give the same int32 partial sums, hence
+  bit-identical outputs, as the int8 kernel on the unpacked codes; and match the float64 reference."""
+  rng = np.random.default_rng(v)
+  a = _codes(rng, (20, 150))
+  w = jnp.asarray(rng.integers(-8, 8, (150, 24)), jnp.int8)
+  g = -(-150 // v)
+  sa = jnp.asarray(rng.integers(1, 256, (20, g)), jnp.float32)
+  sw = jnp.asarray(rng.integers(1, 256, (g, 24)), jnp.float32)
+  packed = pg.pack_int4_vectors(w, v)
+  assert packed.shape == (g * v // 2, 24) and packed.dtype == jnp.int8
+  o4 = pg.vs_w4a8_matmul(a, sa, packed, sw, vector_size=v, integer_scales=True, prefetch=1)
+  o8 = pg.vs_int8_matmul(a, sa, w, sw, vector_size=v, integer_scales=True)
+  np.testing.assert_array_equal(np.asarray(o4), np.asarray(o8))
+  ref, _ = _reference(a, sa, w, sw, v)
+  np.testing.assert_allclose(np.asarray(o4, np.float64), ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_pack_int4_roundtrip_and_errors():
+  w = jnp.asarray(np.random.default_rng(0).integers(-8, 8, (100, 3)), jnp.int8)
+  b = np.asarray(pg.pack_int4_vectors(w, 64)).astype(np.int64)
+  lo, hi = ((b & 15) ^ 8) - 8, (((b >> 4) & 15) ^ 8) - 8       # sign-extend nibbles (numpy reference)
+  un = np.concatenate([lo.reshape(2, 32, 3), hi.reshape(2, 32, 3)], axis=1).reshape(128, 3)
+  np.testing.assert_array_equal(un[:100], np.asarray(w))
+  assert not un[100:].any()
+  with pytest.raises(ValueError, match="W4A8 needs vector_size 64 or 128"):
+    pg.vs_w4a8_matmul(jnp.zeros((16, 64), jnp.int8), jnp.ones((16, 2)), jnp.zeros((32, 16), jnp.int8),
+                      jnp.ones((2, 16)), vector_size=32)
+  with pytest.raises(ValueError, match="packed by pack_int4_vectors: 32 rows"):
+    pg.vs_w4a8_matmul(jnp.zeros((16, 64), jnp.int8), jnp.ones((16, 1)), jnp.zeros((64, 16), jnp.int8),
+                      jnp.ones((1, 16)), vector_size=64)
+
+
+def test_fp8_per_block_matches_dequantized_product():
+  x = jax.random.normal(jax.random.PRNGKey(2), (16, 200))
+  w = jax.random.normal(jax.random.PRNGKey(3), (200, 16))
+  (ca, sa), (cw, sw) = pg.fp8_vector_quantize(x, 1, 128), pg.fp8_vector_quantize(w, 0, 128)
+  assert ca.dtype == jnp.float8_e4m3fn and sa.shape == (16, 2) and sw.shape == (2, 16)
+  y = pg.vs_fp8_matmul(ca, sa, cw, sw, w_layout="nk")
+  deq_a = np.asarray(ca, np.float64) * np.repeat(np.asarray(sa, np.float64), 128, axis=1)[:, :200]
+  deq_w = np.asarray(cw, np.float64) * np.repeat(np.asarray(sw, np.float64), 128, axis=0)[:200]
+  ref = deq_a @ deq_w
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  assert np.linalg.norm(ref - exact) < 0.05 * np.linalg.norm(exact)        # E4M3 rounding: ~3%
+  with pytest.raises(TypeError, match="float8_e4m3fn codes"):
+    pg.vs_fp8_matmul(x, sa, cw, sw)

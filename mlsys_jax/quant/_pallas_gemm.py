@@ -39,8 +39,9 @@ from jax.experimental import pallas as pl
 
 from mlsys_jax._checks import check_choice, check_int
 
-__all__ = ["SUPPORTED_VECTOR_SIZES", "default_config", "on_gpu", "vs_int8_matmul",
-           "vs_int8_partial_sums"]
+__all__ = ["SUPPORTED_VECTOR_SIZES", "default_config", "fp8_vector_quantize", "on_gpu",
+           "pack_int4_vectors", "vs_fp8_matmul", "vs_int8_matmul", "vs_int8_partial_sums",
+           "vs_w4a8_matmul"]
 
 SUPPORTED_VECTOR_SIZES = (16, 32, 64, 128)
 CONVERSIONS = ("magic", "magic_fma", "cast")
@@ -84,26 +85,38 @@ def default_config(m: int, n: int, vector_size: int) -> dict:
   return cfg
 
 
-def _check_codes(name: str, x) -> None:
+_KINDS = {"int8": (jnp.int8, jnp.int8), "w4a8": (jnp.int8, jnp.int8),
+          "fp8": (jnp.float8_e4m3fn, jnp.float8_e4m3fn)}
+
+
+def _check_codes(name: str, x, dtype) -> None:
   if not hasattr(x, "dtype") or x.ndim != 2:
-    raise ValueError(f"{name} must be a 2-D integer array, got {getattr(x, 'shape', type(x))}.")
-  if x.dtype != jnp.int8:
-    raise TypeError(f"{name} must hold int8 codes (signed), got {x.dtype}; quantize with bits <= 8 "
-                    "and cast with .astype(jnp.int8).")
+    raise ValueError(f"{name} must be a 2-D array of codes, got {getattr(x, 'shape', type(x))}.")
+  if x.dtype != dtype:
+    hint = ("quantize with bits <= 8 and cast with .astype(jnp.int8)" if dtype == jnp.int8 else
+            "quantize with fp8_vector_quantize")
+    raise TypeError(f"{name} must hold {jnp.dtype(dtype).name} codes, got {x.dtype}; {hint}.")
 
 
-def _check_args(a_codes, a_scale, w_codes, w_scale, vector_size: int):
-  _check_codes("a_codes", a_codes)
-  _check_codes("w_codes", w_codes)
+def _check_args(a_codes, a_scale, w_codes, w_scale, vector_size: int, kind: str = "int8"):
+  _check_codes("a_codes", a_codes, _KINDS[kind][0])
+  _check_codes("w_codes", w_codes, _KINDS[kind][1])
   if vector_size not in SUPPORTED_VECTOR_SIZES:
     raise ValueError(f"vector_size must be one of {SUPPORTED_VECTOR_SIZES} for the Pallas kernel, got "
                      f"{vector_size}; use the XLA integer path (quantized_dot_general) for other V.")
+  if kind == "w4a8" and vector_size < 64:
+    raise ValueError(f"W4A8 needs vector_size 64 or 128 (each vector's two packed halves are separate "
+                     f"tensor-core products of K = V / 2 >= 32), got {vector_size}.")
   m, k = a_codes.shape
+  g = -(-k // vector_size)
   k2, n = w_codes.shape
-  if k != k2:
+  if kind == "w4a8":
+    if k2 != g * vector_size // 2:
+      raise ValueError(f"w_codes must be int4 pairs packed by pack_int4_vectors: {g * vector_size // 2} "
+                       f"rows for K={k} and V={vector_size}, got shape {w_codes.shape}.")
+  elif k != k2:
     raise ValueError(f"contraction lengths differ: a_codes is {a_codes.shape} (K={k}) but w_codes is "
                      f"{w_codes.shape} (K={k2}).")
-  g = -(-k // vector_size)
   if tuple(a_scale.shape) != (m, g):
     raise ValueError(f"a_scale must have shape (M, ceil(K / V)) = {(m, g)}, got {tuple(a_scale.shape)}.")
   if tuple(w_scale.shape) != (g, n):
@@ -116,15 +129,32 @@ def _pad_to(x, shape):
   return jnp.pad(x, widths) if any(w for _, w in widths) else x
 
 
-def _vector_dot(a_ref, w_ref, g, v: int, kdot: int, w_nk: bool):
-  """int32 partial sum of vector ``g``: ``A[:, gV:(g+1)V] @ W[gV:(g+1)V, :]`` on the tensor cores.
+def _unpack_int4(b):
+  """Signed int4 pairs in int8 bytes -> (low nibbles, high nibbles), each sign-extended to int8."""
+  four = jnp.int8(4)
+  lo = jax.lax.shift_right_arithmetic(jax.lax.shift_left(b, four), four)
+  return lo, jax.lax.shift_right_arithmetic(b, four)
+
+
+def _vector_dot(a_ref, w_ref, g, v: int, kdot: int, w_nk: bool, w4: bool = False):
+  """Partial sum of vector ``g``: ``A[:, gV:(g+1)V] @ W[gV:(g+1)V, :]`` on the tensor cores (int32
+  for int8 codes, float32 for fp8 codes).
 
   ``w_nk``: the weight block is stored ``(block_n, K)`` (K-major, the operand layout Hopper's 8-bit
   tensor-core instructions read) instead of ``(K, block_n)``. With ``kdot > v`` the product runs over
   the ``kdot``-wide K block holding vector ``g`` with the weight entries of the other vectors zeroed:
   exact, at ``kdot / v`` times the tensor-core work. (Triton's int8 products need K >= 32: with K = 16
-  the H200 returned wrong sums, so ``kdot`` is at least 32.)
+  the H200 returned wrong sums, so ``kdot`` is at least 32.) ``w4``: the weights are int4 pairs (see
+  :func:`pack_int4_vectors`): byte row ``j`` of vector ``g`` holds elements ``j`` (low nibble) and
+  ``V/2 + j`` (high nibble), so the vector is two products of K = V/2 on the unpacked halves.
   """
+  acc_t = jnp.int32 if a_ref.dtype == jnp.int8 else jnp.float32
+  if w4:
+    h = v // 2
+    lo, hi = _unpack_int4(w_ref[pl.ds(pl.multiple_of(g * h, h), h), :])
+    k0 = pl.multiple_of(g * v, v)
+    return (jax.lax.dot(a_ref[:, pl.ds(k0, h)], lo, preferred_element_type=acc_t)
+            + jax.lax.dot(a_ref[:, pl.ds(k0 + h, h)], hi, preferred_element_type=acc_t))
   dn = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
   r = kdot // v
   if r == 1:
@@ -137,7 +167,7 @@ def _vector_dot(a_ref, w_ref, g, v: int, kdot: int, w_nk: bool):
     axis = 1 if w_nk else 0
     sub = jax.lax.broadcasted_iota(jnp.int32, w.shape, axis) // v
     w = jnp.where(sub == jax.lax.rem(g, jnp.int32(r)), w, jnp.zeros_like(w))
-  return jax.lax.dot_general(a, w, dn, preferred_element_type=jnp.int32)
+  return jax.lax.dot_general(a, w, dn, preferred_element_type=acc_t)
 
 
 def _fma(x, y, z, use_asm: bool):
@@ -164,6 +194,8 @@ def _scaled_f32(p, sa, convert: str, use_asm: bool):
     others (``round(p * sa)``) when ``1.5 * 2^23 * sa`` is exact in float32, i.e. ``sa`` has at most 22
     significant bits: true for the integer vector scales of two-level scaling (``sa < 2^22``).
   """
+  if p.dtype == jnp.float32:       # fp8 products arrive in float32
+    return p * sa
   if convert == "cast":
     return p.astype(jnp.float32) * sa
   y = jax.lax.bitcast_convert_type(p + jnp.int32(_MAGIC_I), jnp.float32)
@@ -184,7 +216,8 @@ def _grouped_tile(pid, nm: int, nn: int, group: int):
 
 
 def _gemm_kernel(a_ref, w_ref, sa_ref, sw_ref, ca_ref, cw_ref, o_ref, *, v: int, kdot: int,
-                 steps: int, per_step: int, convert: str, use_asm: bool, w_nk: bool, prefetch: int):
+                 steps: int, per_step: int, convert: str, use_asm: bool, w_nk: bool, prefetch: int,
+                 w4: bool):
   bm, bn = o_ref.shape
 
   def scales(s):  # the vector scales of loop step s: per_step columns of sa, per_step rows of sw
@@ -198,7 +231,7 @@ def _gemm_kernel(a_ref, w_ref, sa_ref, sw_ref, ca_ref, cw_ref, o_ref, *, v: int,
     else:
       cur = scales(s)
     for u in range(per_step):                       # unrolled: per_step vectors per loop iteration
-      p = _vector_dot(a_ref, w_ref, s * per_step + u, v, kdot, w_nk)   # (bm, bn) int32
+      p = _vector_dot(a_ref, w_ref, s * per_step + u, v, kdot, w_nk, w4)   # (bm, bn)
       acc = acc + _scaled_f32(p, cur[0][u], convert, use_asm) * cur[1][u]
     return (acc,) + pending
 
@@ -208,17 +241,12 @@ def _gemm_kernel(a_ref, w_ref, sa_ref, sw_ref, ca_ref, cw_ref, o_ref, *, v: int,
 
 
 def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
-                   *, vector_size: int, a_coarse: jax.Array | float = 1.0,
-                   w_coarse: jax.Array | float = 1.0, block_m: int | None = None,
-                   block_n: int | None = None, vectors_per_step: int | None = None, group_m: int = 8,
-                   num_warps: int | None = None, num_stages: int | None = None,
-                   integer_scales: bool = False, convert: str | None = None,
-                   min_dot_k: int | None = None, w_layout: str | None = None,
-                   prefetch: int | None = None, interpret: bool | None = None) -> jax.Array:
+                   *, vector_size: int, **kwargs) -> jax.Array:
   """Per-vector scaled int8 GEMM ``(M, K) x (K, N) -> float32 (M, N)`` (VS-Quant, Sec. 3) in Pallas.
 
   ``out[m, n] = a_coarse[m] * w_coarse[n] * sum_g a_scale[m, g] * w_scale[g, n] * P_g[m, n]`` where
-  ``P_g`` is the exact int32 product of vector ``g`` (V consecutive elements of K).
+  ``P_g`` is the exact int32 product of vector ``g`` (V consecutive elements of K). Keyword arguments
+  as in :func:`_vs_gemm`.
 
   Args:
     a_codes: int8 activation codes ``(M, K)``.
@@ -227,6 +255,112 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
     w_codes: int8 weight codes ``(K, N)``.
     w_scale: per-vector weight scales ``(ceil(K / V), N)``.
     vector_size: V, one of 16, 32, 64, 128.
+
+  Returns:
+    float32 ``(M, N)``.
+
+  Example:
+    >>> a = jnp.arange(-64, 64, dtype=jnp.int8).reshape(2, 64)
+    >>> w = jnp.ones((64, 16), jnp.int8)
+    >>> sa, sw = jnp.array([[1.0, 2.0], [3.0, 1.0]]), jnp.ones((2, 16))    # V=32: two vectors
+    >>> out = vs_int8_matmul(a, sa, w, sw, vector_size=32)
+    >>> out[:, 0].tolist()        # row 0: 1 * sum(-64..-33) + 2 * sum(-32..-1); row 1: 3 * sum(0..31) + sum(32..63)
+    [-2608.0, 3008.0]
+  """
+  return _vs_gemm(a_codes, a_scale, w_codes, w_scale, vector_size=vector_size, kind="int8", **kwargs)
+
+
+def vs_w4a8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_packed: jax.Array, w_scale: jax.Array,
+                   *, vector_size: int, **kwargs) -> jax.Array:
+  """W4A8 per-vector GEMM: int8 activation codes times int4 weight codes packed two per byte
+  (:func:`pack_int4_vectors`), unpacked in the kernel (shift, sign-extend) and multiplied as int8 on
+  the tensor cores; half the weight bytes of :func:`vs_int8_matmul`, the same int32 partial sums.
+  VS-Quant's 4-bit weights with 8-bit activations (Dai et al., MLSys 2021, Sec. 5). ``vector_size``
+  64 or 128; other arguments as in :func:`vs_int8_matmul`.
+
+  Example:
+    >>> w4 = (jnp.arange(64 * 16) % 15 - 7).astype(jnp.int8).reshape(64, 16)       # int4 codes
+    >>> a = jnp.ones((2, 64), jnp.int8)
+    >>> sa, sw = jnp.ones((2, 1)), jnp.ones((1, 16))
+    >>> out = vs_w4a8_matmul(a, sa, pack_int4_vectors(w4, 64), sw, vector_size=64)
+    >>> bool(jnp.array_equal(out, vs_int8_matmul(a, sa, w4, sw, vector_size=64)))
+    True
+  """
+  return _vs_gemm(a_codes, a_scale, w_packed, w_scale, vector_size=vector_size, kind="w4a8", **kwargs)
+
+
+def vs_fp8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
+                  *, vector_size: int = 128, **kwargs) -> jax.Array:
+  """FP8 (E4M3) GEMM with per-block scales along K, as deployed on Hopper (DeepSeek-V3 / DeepGEMM:
+  1 x 128 activation tiles, 128 x 128 weight blocks — pass those as ``w_scale`` rows repeated per
+  column): each K block's float32 tensor-core product is scaled by ``a_scale[:, g] * w_scale[g, :]``
+  and accumulated in float32. Codes from :func:`fp8_vector_quantize`.
+
+  Example:
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (16, 256))
+    >>> w = jax.random.normal(jax.random.PRNGKey(1), (256, 16))
+    >>> (ca, sa), (cw, sw) = fp8_vector_quantize(x, 1, 128), fp8_vector_quantize(w, 0, 128)
+    >>> y = vs_fp8_matmul(ca, sa, cw, sw)
+    >>> bool(jnp.linalg.norm(y - x @ w) < 0.05 * jnp.linalg.norm(x @ w))        # E4M3: ~3% error
+    True
+  """
+  return _vs_gemm(a_codes, a_scale, w_codes, w_scale, vector_size=vector_size, kind="fp8", **kwargs)
+
+
+def pack_int4_vectors(w_codes: jax.Array, vector_size: int) -> jax.Array:
+  """Pack int4 weight codes ``(K, N)`` (values in [-8, 7], any integer dtype) two per int8 byte, in
+  the layout :func:`vs_w4a8_matmul` reads: K is zero-padded to whole vectors; byte row ``j`` of vector
+  ``g`` holds element ``gV + j`` in its low nibble and ``gV + V/2 + j`` in its high nibble. Returns
+  ``(ceil(K / V) * V / 2, N)`` int8.
+
+  Example:
+    >>> pack_int4_vectors(jnp.array([[1], [-2], [3], [-8]]), 2)[:, 0].tolist()   # (1, -2) and (3, -8)
+    [-31, -125]
+  """
+  if vector_size % 2:
+    raise ValueError(f"vector_size must be even to pack int4 pairs, got {vector_size}.")
+  w = jnp.asarray(w_codes)
+  if not jnp.issubdtype(w.dtype, jnp.integer):
+    raise TypeError(f"w_codes must be integer int4 codes, got {w.dtype}.")
+  k, n = w.shape
+  g = -(-k // vector_size)
+  w = _pad_to(w.astype(jnp.int32), (g * vector_size, n)).reshape(g, 2, vector_size // 2, n)
+  byte = (w[:, 0] & 15) | ((w[:, 1] & 15) << 4)
+  return jax.lax.bitcast_convert_type(byte.astype(jnp.uint8), jnp.int8).reshape(-1, n)
+
+
+def fp8_vector_quantize(x: jax.Array, axis: int, vector_size: int = 128):
+  """E4M3 codes and float32 per-vector scales (``amax / 448`` per V elements along ``axis``) of a 2-D
+  ``x``: returns ``(codes, scales)`` with codes shaped like ``x`` (K zero-padded to whole vectors is
+  not kept) and scales ``(M, G)`` for ``axis=1`` (activations) or ``(G, N)`` for ``axis=0`` (weights).
+
+  Example:
+    >>> codes, scales = fp8_vector_quantize(jnp.arange(8.0).reshape(1, 8), 1, 4)
+    >>> str(codes.dtype), scales.shape
+    ('float8_e4m3fn', (1, 2))
+  """
+  from mlsys_jax.quant.vsquant import _merge, _split
+  xs, k = _split(jnp.asarray(x, jnp.float32), axis, vector_size, True)
+  amax = jnp.max(jnp.abs(xs), axis=axis + 1, keepdims=True)
+  s = jnp.where(amax > 0, amax / 448.0, 1.0)
+  codes = _merge((xs / s).astype(jnp.float8_e4m3fn), axis, k)
+  return codes, jnp.squeeze(s, axis + 1)
+
+
+def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
+             *, vector_size: int, kind: str = "int8", a_coarse: jax.Array | float = 1.0,
+             w_coarse: jax.Array | float = 1.0, block_m: int | None = None,
+             block_n: int | None = None, vectors_per_step: int | None = None, group_m: int = 8,
+             num_warps: int | None = None, num_stages: int | None = None,
+             integer_scales: bool = False, convert: str | None = None,
+             min_dot_k: int | None = None, w_layout: str | None = None,
+             prefetch: int | None = None, interpret: bool | None = None) -> jax.Array:
+  """The kernels' shared wrapper: checks, padding, launch. Public entry points: :func:`vs_int8_matmul`,
+  :func:`vs_w4a8_matmul`, :func:`vs_fp8_matmul` (``kind`` 'int8', 'w4a8', 'fp8').
+
+  Args:
+    a_codes, a_scale, w_codes, w_scale, vector_size: see :func:`vs_int8_matmul`.
+    kind: operand format.
     a_coarse: float scale per activation row, shape ``(M,)``, ``(M, 1)`` or scalar.
     w_coarse: float scale per output channel, shape ``(N,)``, ``(1, N)`` or scalar.
     block_m, block_n: output tile (powers of two >= 16); default :func:`default_config`.
@@ -252,14 +386,12 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
     float32 ``(M, N)``.
 
   Example:
-    >>> a = jnp.arange(-64, 64, dtype=jnp.int8).reshape(2, 64)
-    >>> w = jnp.ones((64, 16), jnp.int8)
-    >>> sa, sw = jnp.array([[1.0, 2.0], [3.0, 1.0]]), jnp.ones((2, 16))    # V=32: two vectors
-    >>> out = vs_int8_matmul(a, sa, w, sw, vector_size=32)
-    >>> out[:, 0].tolist()        # row 0: 1 * sum(-64..-33) + 2 * sum(-32..-1); row 1: 3 * sum(0..31) + sum(32..63)
-    [-2576.0, 2960.0]
+    >>> a, w = jnp.ones((2, 64), jnp.int8), jnp.full((64, 16), 3, jnp.int8)
+    >>> _vs_gemm(a, jnp.ones((2, 1)), w, jnp.ones((1, 16)), vector_size=64, w_coarse=0.5)[0, 0].tolist()
+    96.0
   """
-  m, k, n, g = _check_args(a_codes, a_scale, w_codes, w_scale, vector_size)
+  check_choice("kind", kind, tuple(_KINDS))
+  m, k, n, g = _check_args(a_codes, a_scale, w_codes, w_scale, vector_size, kind)
   cfg = default_config(m, n, vector_size)
   if convert is None:
     convert = cfg["convert_integer_scales" if integer_scales else "convert"]
@@ -285,6 +417,9 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
   kdot = max(v, min_dot_k)
   w_layout = w_layout or cfg["w_layout"]
   check_choice("w_layout", w_layout, ("kn", "nk"))
+  w4 = kind == "w4a8"
+  if w4:
+    w_layout, kdot = "kn", v       # packed halves: two products of K = V/2 per vector
   prefetch = cfg["prefetch"] if prefetch is None else prefetch
   check_int("prefetch", prefetch, 0, 2)
   unit = math.lcm(vectors_per_step, kdot // v)
@@ -292,7 +427,7 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
   steps = gp // vectors_per_step
   mp, np_, kp = -(-m // bm) * bm, -(-n // bn) * bn, gp * v
   a = _pad_to(a_codes, (mp, kp))
-  w = _pad_to(w_codes, (kp, np_))
+  w = _pad_to(w_codes, (kp // 2 if w4 else kp, np_))
   if w_layout == "nk":
     w = w.T
   # Scales: prefetch steps of zero padding past the end, so the last prefetches stay in bounds.
@@ -312,7 +447,7 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
 
   kernel = functools.partial(_gemm_kernel, v=v, kdot=kdot, steps=steps, per_step=vectors_per_step,
                              convert=convert, use_asm=not interpret, w_nk=w_layout == "nk",
-                             prefetch=prefetch)
+                             prefetch=prefetch, w4=w4)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
@@ -320,7 +455,7 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
       in_specs=[
           pl.BlockSpec((bm, kp), lambda p: (row(p), 0)),
           (pl.BlockSpec((bn, kp), lambda p: (col(p), 0)) if w_layout == "nk"
-           else pl.BlockSpec((kp, bn), lambda p: (0, col(p)))),
+           else pl.BlockSpec((w.shape[0], bn), lambda p: (0, col(p)))),
           pl.BlockSpec((bm, gs), lambda p: (row(p), 0)),
           pl.BlockSpec((gs, bn), lambda p: (0, col(p))),
           pl.BlockSpec((bm, 1), lambda p: (row(p), 0)),
@@ -329,7 +464,7 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
       out_specs=pl.BlockSpec((bm, bn), lambda p: (row(p), col(p))),
       compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
       interpret=interpret,
-      name=f"vs_int8_gemm_v{v}_{w_layout}",
+      name=f"vs_{kind}_gemm_v{v}_{w_layout}",
   )(a, w, sa, sw, ca, cw)
   return out[:m, :n]
 
