@@ -36,6 +36,7 @@ import numpy as np
 from flax import struct
 
 from mlsys_jax._checks import check_choice, check_finite, check_int
+from mlsys_jax.quant import _pallas_quant
 
 __all__ = [
     "QuantizedTensor",
@@ -212,6 +213,11 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
   check_finite("x", x)
   x = jnp.asarray(x)
   axes = _norm_axes(axis, x.ndim)
+  if bounds is None and rounding == "nearest":
+    impl = _pallas_quant.default_impl()
+    groups = _onepass_groups(x, axes) if impl else None
+    if groups is not None:
+      return _quantize_onepass(x, bits, symmetric, unsigned, axes, groups, impl)
   xf = x.astype(jnp.float32)
   if bounds is None:
     lo = jnp.min(xf, axis=axes, keepdims=True)
@@ -234,6 +240,37 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
     q, zp = q - shift, zp - shift
   codes = q.astype(code_dtype(bits, unsigned))
   return QuantizedTensor(codes, scale, zp.astype(jnp.float32), bits, symmetric, unsigned, axes)
+
+
+def _onepass_groups(x: jax.Array, axes: tuple[int, ...]) -> str | None:
+  """Whether the one-pass kernel of :mod:`mlsys_jax.quant._pallas_quant` takes these scale groups:
+  ``'cols'`` when the reduced axes are the leading ones (per output channel), ``'rows'`` when they are
+  the trailing ones and a padded row fits a program (per row), None otherwise (per tensor, mixed axes,
+  other dtypes, more than 2^31 elements)."""
+  nd = x.ndim
+  if (not 0 < len(axes) < nd or x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16)
+      or x.size == 0 or x.size >= 2 ** 31):
+    return None
+  a = len(axes)
+  if axes == tuple(range(a)):
+    return "cols"
+  if axes == tuple(range(nd - a, nd)) and _pallas_quant._pow2(int(np.prod(x.shape[nd - a:]))) <= \
+      _pallas_quant.MAX_ROW:
+    return "rows"
+  return None
+
+
+def _quantize_onepass(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, axes: tuple[int, ...],
+                      groups: str, impl: str, **tile) -> QuantizedTensor:
+  """:func:`quantize` (nearest rounding, data range) through the one-pass kernel; identical results."""
+  shape = x.shape
+  red = int(np.prod([shape[a] for a in axes]))
+  kept = [1 if a in axes else d for a, d in enumerate(shape)]
+  x2 = x.reshape(red, -1) if groups == "cols" else x.reshape(-1, red)
+  codes, scale, zp = _pallas_quant.quantize_2d(x2, bits, symmetric, unsigned, code_dtype(bits, unsigned),
+                                               groups=groups, impl=impl, **tile)
+  return QuantizedTensor(codes.reshape(shape), scale.reshape(kept), zp.reshape(kept), bits, symmetric,
+                         unsigned, axes)
 
 
 def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:

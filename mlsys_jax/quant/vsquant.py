@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from mlsys_jax._checks import check_finite, check_int
+from mlsys_jax.quant import _pallas_quant
 from mlsys_jax.quant.fixed_point import _check_bits, _check_float, code_dtype, qrange, straight_through
 
 __all__ = [
@@ -135,6 +136,9 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"axis {axis} out of range for rank {x.ndim}.")
   axis %= x.ndim
+  impl = _pallas_quant.default_impl()
+  if impl and _onepass_ok(x, axis, vector_size, coarse_axes, coarse_amax):
+    return _vs_quantize_onepass(x, bits, vector_size, scale_bits, impl)
   xs, k = _split(x.astype(jnp.float32), axis, vector_size, pad)
   _, qmax = qrange(bits, True, False)
   amax_v = jnp.max(jnp.abs(xs), axis=axis + 1, keepdims=True)     # one per vector
@@ -162,6 +166,24 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   if scale_bits is not None:
     vec = vec.astype(code_dtype(scale_bits, True))
   return VSQuantizedTensor(codes, vec, coarse, bits, scale_bits, vector_size, axis)
+
+
+def _onepass_ok(x: jax.Array, axis: int, vector_size: int, coarse_axes, coarse_amax) -> bool:
+  """Whether the one-pass kernel takes this call: a 2-D kernel quantized along axis 0 with the default
+  (per-column) coarse scale, K a multiple of V, V a power of two."""
+  return (x.ndim == 2 and axis == 0 and coarse_amax is None and coarse_axes in (None, (0,), [0])
+          and x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) and 0 < x.size < 2 ** 31
+          and x.shape[0] % vector_size == 0 and vector_size & (vector_size - 1) == 0
+          and vector_size <= 1024)
+
+
+def _vs_quantize_onepass(x: jax.Array, bits: int, vector_size: int, scale_bits: int | None, impl: str,
+                         **tile) -> VSQuantizedTensor:
+  """:func:`vs_quantize` through the one-pass kernel of :mod:`mlsys_jax.quant._pallas_quant`."""
+  sdt = code_dtype(scale_bits, True) if scale_bits is not None else jnp.float32
+  codes, vec, coarse = _pallas_quant.vs_quantize_cols(x, bits, vector_size, scale_bits,
+                                                      code_dtype(bits, False), sdt, impl=impl, **tile)
+  return VSQuantizedTensor(codes, vec, coarse, bits, scale_bits, vector_size, 0)
 
 
 def vs_dequantize(qt: VSQuantizedTensor, dtype=jnp.float32) -> jax.Array:
