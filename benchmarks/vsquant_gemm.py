@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import quant, stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemm as pg  # noqa: E402
+from mlsys_jax.quant import layers  # noqa: E402
 from mlsys_jax.quant.layers import _vs_dot_xla  # noqa: E402
 from mlsys_jax.quant.vsquant import _split  # noqa: E402
 
@@ -130,6 +131,27 @@ def main():
       print(row)
       result["checks"].append(row)
 
+  # 1b. Decode shapes through quantized_dot_general with the library defaults (tiles shrink to M).
+  for rows in (1, 8, 16):
+    xd = jax.random.normal(jax.random.PRNGKey(5), (rows, pk), jnp.float32)
+    wd = jax.random.normal(jax.random.PRNGKey(6), (pk, pn), jnp.float32)
+    cfg_d = quant.QuantConfig(quant.QuantSpec(8, "vector", 64, scale_bits=8),
+                              quant.QuantSpec(8, "vector", 64, scale_bits=8), integer=True)
+    row = {"check": "quantized_dot_general decode shape vs XLA integer path", "M": rows}
+    try:
+      out = jax.jit(lambda p, q: quant.quantized_dot_general(cfg_d)(p, q, (((1,), (0,)), ((), ()))))(xd, wd)
+      use = layers._use_pallas_kernel
+      layers._use_pallas_kernel = lambda v: False
+      try:
+        ref = jax.jit(lambda p, q: quant.quantized_dot_general(cfg_d)(p, q, (((1,), (0,)), ((), ()))))(xd, wd)
+      finally:
+        layers._use_pallas_kernel = use
+      row["rel_err"] = _rel(out, ref)
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    print(row)
+    result["checks"].append(row)
+
   # 2. Baselines (same data) and the XLA per-vector reference.
   a16, w16 = a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   bf16 = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32))
@@ -149,7 +171,8 @@ def main():
     return lambda: f(kern)
 
   # 3. Sweep of launch parameters for V = 64 (compile, check, quick time).
-  sweep = SWEEP if gpu else [SWEEP[0], (32, 32, 2, 4, 3, "cast", "nk", 2), (64, 32, 1, 4, 3, "magic", "kn", 1)]
+  cpu_sweep = [SWEEP[0], (32, 32, 2, 4, 3, "cast", "nk", 2), (64, 32, 1, 4, 3, "magic", "kn", 1)]
+  sweep = SWEEP if gpu else cpu_sweep
   best = None
   for cfg in sweep:
     if time.perf_counter() - t_start > args.budget_s:
@@ -192,7 +215,8 @@ def main():
   kfn = kernel_fn(kern64, 64, cfg)
   cases = [
       ("bf16 jnp.dot (f32 accumulation)", lambda: bf16(a16, w16)),
-      ("XLA int8 x int8 -> int32, per-channel rescale", lambda: int8_channel(qa.codes, qa.scale, qw.codes, qw.scale)),
+      ("XLA int8 x int8 -> int32, per-channel rescale",
+       lambda: int8_channel(qa.codes, qa.scale, qw.codes, qw.scale)),
       ("XLA per-vector int8 (V=64, M=8)", lambda: xla_vec(*xla64)),
       ("Pallas per-vector int8 (V=64, M=8)", kfn),
       ("quantize + per-channel int8 (quantized_dot_general)", lambda: e2e_chan(a, w)),
@@ -205,8 +229,9 @@ def main():
   t = stats.time_interleaved(kfn, cases[1][1], repeats=reps, warmup=2, inner=inner)
   result["kernel_vs_int8_channel"] = {"kernel_s": t.median_a, "int8_channel_s": t.median_b,
                                       "ratio": t.ratio}
-  e2e_err = _rel(e2e_vec(a, w), jax.jit(lambda p, q: quant.quantized_dot_general(   # float32, not tf32
-      quant.QuantConfig(vcfg.weight, vcfg.activation))(p, q, dn, precision=jax.lax.Precision.HIGHEST))(a, w))
+  emulation = quant.quantized_dot_general(quant.QuantConfig(vcfg.weight, vcfg.activation))
+  e2e_err = _rel(e2e_vec(a, w), jax.jit(lambda p, q: emulation(   # float32 products, not tf32
+      p, q, dn, precision=jax.lax.Precision.HIGHEST))(a, w))
   result["e2e_rel_err_vs_emulation"] = e2e_err
 
   # 5. Other vector sizes with the chosen configuration (V=16 through masked K=32 and K=64 products).

@@ -31,7 +31,8 @@ def _reference(a, sa, w, sw, v, ca=1.0, cw=1.0):
   W = np.pad(np.asarray(w, np.float64), ((0, g * v - k), (0, 0))).reshape(g, v, -1)
   P = np.einsum("mgv,gvn->gmn", A, W)
   out = np.einsum("gmn,mg,gn->mn", P, np.asarray(sa, np.float64), np.asarray(sw, np.float64))
-  return out * np.reshape(np.asarray(ca, np.float64), (-1, 1)) * np.reshape(np.asarray(cw, np.float64), (1, -1)), P
+  coarse = np.reshape(np.asarray(ca, np.float64), (-1, 1)) * np.reshape(np.asarray(cw, np.float64), (1, -1))
+  return out * coarse, P
 
 
 # (M, K, N, V, layout, convert, prefetch, vectors_per_step): ragged M/N/K (padded to blocks and whole

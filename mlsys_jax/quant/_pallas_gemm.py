@@ -264,7 +264,7 @@ def vs_int8_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w
     >>> w = jnp.ones((64, 16), jnp.int8)
     >>> sa, sw = jnp.array([[1.0, 2.0], [3.0, 1.0]]), jnp.ones((2, 16))    # V=32: two vectors
     >>> out = vs_int8_matmul(a, sa, w, sw, vector_size=32)
-    >>> out[:, 0].tolist()        # row 0: 1 * sum(-64..-33) + 2 * sum(-32..-1); row 1: 3 * sum(0..31) + sum(32..63)
+    >>> out[:, 0].tolist()   # 1 * sum(-64..-33) + 2 * sum(-32..-1); 3 * sum(0..31) + sum(32..63)
     [-2608.0, 3008.0]
   """
   return _vs_gemm(a_codes, a_scale, w_codes, w_scale, vector_size=vector_size, kind="int8", **kwargs)
