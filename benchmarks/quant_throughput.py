@@ -95,7 +95,8 @@ def main():
        {"cols=32 chunk=256": lambda a: fp._quantize_onepass(a, 8, True, False, (0,), "cols", kimpl, cols=32, chunk=256),
         "cols=16 chunk=512": lambda a: fp._quantize_onepass(a, 8, True, False, (0,), "cols", kimpl, cols=16, chunk=512),
         "cols=64 chunk=128": lambda a: fp._quantize_onepass(a, 8, True, False, (0,), "cols", kimpl, cols=64, chunk=128),
-        "cols=32 chunk=128 warps=4": lambda a: fp._quantize_onepass(a, 8, True, False, (0,), "cols", kimpl, cols=32, chunk=128, num_warps=4)}),
+        "cols=32 chunk=128 warps=4": lambda a: fp._quantize_onepass(a, 8, True, False, (0,), "cols", kimpl, cols=32, chunk=128, num_warps=4),
+        "cols=32 chunk=256 stages=3": lambda a: fp._quantize_onepass(a, 8, True, False, (0,), "cols", kimpl, cols=32, chunk=256, num_stages=3)}),
       ("quantize uint8 asymmetric per-channel (axis=0)", q_asym, 4 * n + n, {}),
       ("quantize int8 per-row (axis=1)", q_row, 4 * n + n,
        {"row_elems=8192": lambda a: fp._quantize_onepass(a, 8, True, False, (1,), "rows", kimpl, row_elems=8192),
@@ -104,7 +105,8 @@ def main():
       ("vs_quantize 4b V=16 M=8", v_two, 4 * n + n + n // 16,
        {"cols=32 chunk=256": lambda a: vs._vs_quantize_onepass(a, 4, 16, 8, kimpl, cols=32, chunk=256),
         "cols=16 chunk=512": lambda a: vs._vs_quantize_onepass(a, 4, 16, 8, kimpl, cols=16, chunk=512),
-        "cols=64 chunk=128": lambda a: vs._vs_quantize_onepass(a, 4, 16, 8, kimpl, cols=64, chunk=128)}),
+        "cols=64 chunk=128": lambda a: vs._vs_quantize_onepass(a, 4, 16, 8, kimpl, cols=64, chunk=128),
+        "cols=32 chunk=256 stages=3": lambda a: vs._vs_quantize_onepass(a, 4, 16, 8, kimpl, cols=32, chunk=256, num_stages=3)}),
       ("vs_quantize 4b V=16 float scales", v_one, 4 * n + n + 4 * n // 16, {}),
   ]
   rows, checks, errors = [], {}, {}

@@ -42,6 +42,7 @@ MAX_ROW = 16384         # longest row (padded to a power of two) the per-row ker
 COLS = 32               # columns per program of the column-strip kernels
 CHUNK = 256             # rows per loop step of the column-strip kernels
 NUM_WARPS = 8
+NUM_STAGES = 1          # Triton software-pipelining depth of the chunk loops
 ENABLED = True          # False sends the public functions to the XLA path (for benchmarks)
 _F32 = jnp.float32
 
@@ -99,20 +100,22 @@ def _scale_zp(lo, hi, nbad, bits: int, symmetric: bool, unsigned: bool, qmin: in
   return scale, zp
 
 
-def _compiler_params(num_warps: int):
+def _compiler_params(num_warps: int, num_stages: int):
   cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=1)
+  return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _call(kernel, out_shape, grid, impl: str, num_warps: int, *args):
+def _call(kernel, out_shape, grid, impl: str, num_warps: int, num_stages: int | None, *args):
   interpret = impl == "interpret"
+  cp = None if interpret else _compiler_params(num_warps, num_stages or NUM_STAGES)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
-                        compiler_params=None if interpret else _compiler_params(num_warps))(*args)
+                        compiler_params=cp)(*args)
 
 
 def quantize_2d(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code_dtype, *, groups: str,
                 impl: str = "pallas", cols: int | None = None, chunk: int | None = None,
-                row_elems: int | None = None, num_warps: int | None = None):
+                row_elems: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None):
   """Codes, scale and zero point of a 2-D ``x`` (R, C) with one range per column (``groups='cols'``,
   scale (1, C)) or per row (``groups='rows'``, scale (R, 1)); asymmetric codes use an unsigned code
   range (shifted by -2^(b-1) into signed codes when ``unsigned`` is False), as in ``quantize``."""
@@ -157,7 +160,7 @@ def quantize_2d(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code_d
 
     codes, scale, zp = _call(kernel, (jax.ShapeDtypeStruct((r_ * c_,), code_dtype),
                                       jax.ShapeDtypeStruct((r_,), _F32), jax.ShapeDtypeStruct((r_,), _F32)),
-                             (grid,), impl, nw, xf)
+                             (grid,), impl, nw, num_stages, xf)
     return codes.reshape(r_, c_), scale.reshape(r_, 1), zp.reshape(r_, 1)
 
   if groups != "cols":
@@ -201,13 +204,14 @@ def quantize_2d(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code_d
 
   codes, scale, zp = _call(kernel, (jax.ShapeDtypeStruct((r_ * c_,), code_dtype),
                                     jax.ShapeDtypeStruct((c_,), _F32), jax.ShapeDtypeStruct((c_,), _F32)),
-                           (grid,), impl, nw, xf)
+                           (grid,), impl, nw, num_stages, xf)
   return codes.reshape(r_, c_), scale.reshape(1, c_), zp.reshape(1, c_)
 
 
 def vs_quantize_cols(x: jax.Array, bits: int, vector_size: int, scale_bits: int | None, code_dtype,
                      scale_dtype, *, impl: str = "pallas", cols: int | None = None,
-                     chunk: int | None = None, num_warps: int | None = None):
+                     chunk: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None):
   """VS-Quant of a 2-D ``x`` (K, N) with vectors of ``vector_size`` rows along axis 0 and, for two-level
   scales, one coarse scale per column (``vs_quantize(x, axis=0)``'s default). K must be a multiple of
   ``vector_size`` (a power of two). Returns ``(codes (K, N), vector_scale (K/V, 1, N), coarse)`` with
@@ -288,5 +292,5 @@ def vs_quantize_cols(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
   codes, vec, coarse = _call(kernel, (jax.ShapeDtypeStruct((k_ * n_,), code_dtype),
                                       jax.ShapeDtypeStruct((g_ * n_,), scale_dtype),
                                       jax.ShapeDtypeStruct((n_co,), _F32)),
-                             (grid,), impl, nw, x.reshape(-1))
+                             (grid,), impl, nw, num_stages, x.reshape(-1))
   return codes.reshape(k_, n_), vec.reshape(g_, 1, n_), coarse.reshape(1, 1, n_co)
