@@ -259,6 +259,108 @@ def test_tree_levels_and_encoding_errors():
     dyn.encode_trees([[-1, 0]], [np.ones((3, 2))])
 
 
+def _levels_loop(p):
+  """Heights by a per-node walk: preorder from the root, then children before parents."""
+  p = [int(q) for q in p]
+  children = [[] for _ in p]
+  for j, q in enumerate(p):
+    if q >= 0:
+      children[q].append(j)
+  order, stack = [], [p.index(-1)]
+  while stack:
+    j = stack.pop()
+    order.append(j)
+    stack.extend(children[j])
+  h = np.zeros(len(p), np.int64)
+  for j in reversed(order):
+    if p[j] >= 0:
+      h[p[j]] = max(h[p[j]], h[j] + 1)
+  return h
+
+
+def _encode_trees_loop(parents_list, features, pad="pow2", num_nodes=None, num_levels=None, width=None,
+                      num_trees=None):
+  """The per-node Python encoding (the library's first version), kept as the reference."""
+  heights = [_levels_loop(p) for p in parents_list]
+  total = sum(len(p) for p in parents_list)
+  levels = max(int(h.max()) for h in heights) + 1
+  counts = sum(np.bincount(h, minlength=levels) for h in heights)
+  rnd = (lambda n: 1 << max(0, n - 1).bit_length()) if pad == "pow2" else int
+  n_pad = num_nodes or rnd(total)
+  n_lev, w, n_tr = num_levels or rnd(levels), width or rnd(int(counts.max())), num_trees or rnd(
+      len(parents_list))
+  x = np.zeros((n_pad + 1, features[0].shape[1]), features[0].dtype)
+  parent = np.full(n_pad + 1, n_pad, np.int32)
+  level_nodes = np.full((n_lev, w), n_pad, np.int32)
+  roots = np.full(n_tr, n_pad, np.int32)
+  fill, off = np.zeros(levels, np.int64), 0
+  for t, (p, f, h) in enumerate(zip(parents_list, features, heights)):
+    p = np.asarray(p)
+    x[off:off + len(p)] = f
+    parent[off:off + len(p)] = np.where(p >= 0, p + off, n_pad)
+    roots[t] = off + int(np.flatnonzero(p == -1)[0])
+    for j, lv in enumerate(h):
+      level_nodes[lv, fill[lv]] = off + j
+      fill[lv] += 1
+    off += len(p)
+  return x, parent, level_nodes, roots, np.int32(levels)
+
+
+def _random_relabelled_tree(rng, n):
+  """A random tree whose node labels are shuffled (parents may come after their children)."""
+  p = _random_tree(rng, n)
+  perm = rng.permutation(n)  # new label of old node j is perm[j]
+  out = [0] * n
+  for j, q in enumerate(p):
+    out[perm[j]] = -1 if q < 0 else int(perm[q])
+  return out
+
+
+def test_encode_trees_vectorised_equals_per_node_reference():
+  rng = np.random.default_rng(11)
+  for trial in range(30):
+    count = int(rng.integers(1, 20))
+    sizes = rng.integers(1, 60, size=count)
+    trees = [(_random_relabelled_tree if trial % 2 else _random_tree)(rng, int(n)) for n in sizes]
+    if trial % 3 == 0:  # chains: one level per node
+      trees[0] = [-1] + list(range(int(sizes[0]) - 1))
+    dtype = np.float64 if trial % 4 == 0 else np.float32
+    feats = [rng.normal(size=(len(t), 3)).astype(dtype) for t in trees]
+    pad = "exact" if trial % 2 else "pow2"
+    forced = {}
+    if trial % 5 == 0:
+      forced = dict(num_nodes=int(sizes.sum()) + 7, num_trees=count + 2, width=int(sizes.sum()),
+                    num_levels=int(sizes.max()) + 1)
+    ref = _encode_trees_loop(trees, feats, pad, **forced)
+    for parents in (trees, [np.asarray(t, np.int32) for t in trees]):
+      got = dyn.encode_trees(parents, feats, pad=pad, **forced)
+      for name, a, b in zip(dyn.TreeBatch._fields, got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, (trial, name)
+        np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}: {name}")
+    for t in trees[:3]:
+      np.testing.assert_array_equal(dyn.tree_levels(t), _levels_loop(t))
+      np.testing.assert_array_equal(dyn.tree_levels(np.asarray(t)), _levels_loop(t))
+
+
+def test_encode_trees_names_the_bad_tree():
+  good = [-1, 0, 0]
+  f = lambda *ts: [np.ones((len(t), 2)) for t in ts]
+  with pytest.raises(ValueError, match="exactly one root.*tree 1"):
+    dyn.encode_trees([good, [-1, -1]], f(good, [0, 0]))
+  with pytest.raises(ValueError, match="same tree; tree 1"):
+    dyn.encode_trees([good, [-1, 3]], f(good, [0, 0]))  # 3 would be a node of another tree
+  with pytest.raises(ValueError, match="cycle.*tree 2"):
+    dyn.encode_trees([good, good, [-1, 2, 1]], f(good, good, good))
+  with pytest.raises(TypeError, match="integers"):
+    dyn.encode_trees([[-1, 0.5]], f([0, 0]))
+  with pytest.raises(TypeError, match="integers"):
+    dyn.encode_trees([np.array([-1.0, 0.0])], f([0, 0]))
+  with pytest.raises(ValueError, match="empty"):
+    dyn.encode_trees([good, []], [np.ones((3, 2)), np.ones((0, 2))])
+  with pytest.raises(ValueError, match="1-D"):
+    dyn.encode_trees([np.array([[-1, 0]])], [np.ones((2, 2))])
+
+
 def test_tree_lstm_batched_matches_per_tree_recursion_and_ignores_padding():
   rng = np.random.default_rng(4)
   trees = [_random_tree(rng, int(n)) for n in (1, 3, 6, 10)]
