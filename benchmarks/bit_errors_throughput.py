@@ -57,10 +57,10 @@ def main():
             jax.jit(lambda k, c: _previous(k, c, p, 8)), jax.random.key(1, impl="rbg")),
            ("inject_bit_errors (public: kernel on GPU)",
             jax.jit(lambda k, c: be.inject_bit_errors(k, c, p, 8)), key)]
-  variants = [("philox", 64, 2), ("philox", 128, 4), ("philox", 256, 4), ("philox", 512, 8),
+  variants = [("philox", 32, 1), ("philox", 64, 2), ("philox", 128, 4), ("philox", 256, 4), ("philox", 512, 8),
               ("philox", 1024, 8), ("threefry", 256, 4)]
   if args.small:
-    variants = variants[2:3]
+    variants = variants[3:4]
   for h, w, nwarp in variants:
     cases.append((f"kernel {h} words={w} warps={nwarp}", inj(impl=kimpl, hash=h, words=w, num_warps=nwarp),
                   key))

@@ -149,7 +149,7 @@ def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: b
 
   def cond(c):
     m, _, und = c
-    return (m < 32 // step) & (jnp.max(und) != _U32(0))
+    return (m < 32 // step) & (jnp.max((und != _U32(0)).astype(jnp.int32)) > 0)
 
   def level(lt, und, r, bit):
     tm = _U32(0) - ((t >> bit) & _U32(1))      # all ones where t's digit is 1
