@@ -89,6 +89,7 @@ def test_margin_factor_closed_form_and_limit():
     video.fp_margin_factor(10 ** 6, 2.0 ** -10)
 
 
+@pytest.mark.slow  # the stream tests check the same through the model; this one checks one layer's flags
 def test_tile_conv_is_bitwise_the_full_conv_on_cpu():
   rng = np.random.default_rng(1)
   layer = video.ConvLayer(jnp.asarray(rng.normal(size=(3, 3, 6, 8)), jnp.float32),

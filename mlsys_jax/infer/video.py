@@ -50,11 +50,25 @@ bounds: pass ``unit_roundoff=2**-10`` for TF32 and use ``precision=HIGHEST`` whe
 Winograd. NaN/inf inputs never satisfy a bound test, so they are computed and propagate as in dense
 inference.
 
-**Exactness of computed tiles.** On XLA:CPU the tile convolution (batched VALID convolution of
-tile-plus-halo patches) gives *bitwise* the same numbers as the full-frame convolution (checked in
-``tests/test_infer_video.py`` against the flax model itself); on other backends it is the same
-convolution on the same inputs, and any difference is float32 rounding only, which
-``max_abs_diff_vs_dense`` in ``experiments/video_eval.py`` reports.
+**Execution** (per frame). One pass over the frame compares it bit for bit with the previous one and
+records, per ``T x T`` tile, whether anything changed in the tile and in its border strips (the rows
+and columns the neighbouring output tiles' receptive fields read): the receptive-field change test
+of every output tile is then exact and costs nothing per pixel. From there on change is tracked per
+tile through the layers: a layer's output tile counts as changed only if its new bits differ, so a
+change that ReLU zeroes (or a proved-zero tile that was zero before) stops there, and a layer whose
+receptive fields did not change does no work at all (change propagation across layers). Per layer,
+the number of changed tiles picks one branch of a ``lax.switch`` before any bound is evaluated:
+nothing (reuse everything), the sparse path at the smallest static capacity that holds them
+(gather tile-plus-halo patches of the new and previous input, evaluate the bounds on them, convolve
+the tiles not proved zero as one batch, scatter the new tiles into the previous output in place), or
+the plain dense convolution when more tiles changed than the largest capacity (a per-layer threshold,
+measured by :func:`calibrate_active_fraction`).
+
+**Exactness of computed tiles.** The dense fallback is the flax model's own convolution (same padding,
+same op). On XLA:CPU the tile convolution (batched convolution of tile-plus-halo patches) gives
+*bitwise* the same numbers as the full-frame convolution (checked in ``tests/test_infer_video.py``
+against the flax model itself); on other backends it is the same convolution on the same inputs, and
+any difference is float32 rounding only, which ``benchmarks/video_conv.py`` counts.
 
 Example (a 2-layer ReLU CNN over 3 frames; every output equals the flax model's, bit for bit):
 
@@ -746,15 +760,16 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
 
 
 def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence[int], *,
-                              tile: int = 8, fractions: Sequence[float] = (1 / 16, 1 / 8, 1 / 4, 1 / 2),
+                              tile: int = 8,
+                              fractions: Sequence[float] = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2),
                               repeats: int = 5, slack: float = 1.0, seed: int = 0,
                               unit_roundoff: float = 2.0 ** -24, return_timings: bool = False):
   """Per-layer dense-fallback threshold from measured costs on this machine.
 
   For every layer and candidate fraction ``f`` (ascending, stopping at the first that loses), times
   (``mlsys_jax.stats.time_interleaved``, jitted) one layer step whose changed tiles are a random ``f``
-  of all tiles, on the sparse path, against the same layer's dense path, on random inputs (no tile
-  provably zero: the sparse path's worst case). The threshold is the largest ``f`` whose sparse step
+  of all tiles, on the sparse path, against the same layer's plain dense convolution, on random inputs
+  (no tile provably zero: the sparse path's worst case). The threshold is the largest ``f`` whose sparse step
   took ``<= slack`` times the dense step, moved linearly towards the first losing fraction by where the
   dense time lies between the two (``0.0`` when even the smallest fraction loses). Pass the result as
   ``max_active_fraction``: a frame then takes the sparse path only where it measured cheaper.
@@ -782,11 +797,12 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
       mask[rng.choice(nh * nw, n, replace=False)] = True
       mask = jnp.asarray(mask.reshape(nh, nw))
       f = jax.jit(lambda st, x, xp, m: conv_layer_step(l, st, x, xp, m, in_amax, tile=tile,
-                                                       capacity=cap, unit_roundoff=unit_roundoff)[1])
+                                                       capacity=cap, unit_roundoff=unit_roundoff,
+                                                       dense_bounds=False, dense_flags=False)[1])
       return lambda: f(st, x1, x0, mask)
 
     dense_fn = timed((), nh * nw)
-    best, t_best, rec = 0.0, 0.0, {"dense_s": [], "sparse_s": {}}
+    best, rec = 0.0, {"dense_s": [], "sparse_s": {}}
     for frac in sorted(fractions):
       n = int(math.floor(frac * nh * nw))
       if n < 1:
@@ -794,12 +810,9 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
       t = _stats.time_interleaved(timed((n,), n), dense_fn, repeats=repeats, warmup=1)
       rec["dense_s"].append(t.median_b)
       rec["sparse_s"][frac] = t.median_a
-      if t.median_a <= slack * t.median_b:
-        best, t_best = frac, t.median_a
-      else:
-        if best > 0 and t.median_a > t_best:
-          best += (frac - best) * (slack * t.median_b - t_best) / (t.median_a - t_best)
+      if t.median_a > slack * t.median_b:
         break
+      best = frac
     rec["dense_s"] = float(np.median(rec["dense_s"])) if rec["dense_s"] else None
     out.append(float(min(best, 1.0)))
     timings.append(rec)
