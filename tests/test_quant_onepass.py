@@ -134,3 +134,16 @@ def test_vs_quantize_nonfinite_column():
   _same(got.vector_scale, ref.vector_scale)
   np.testing.assert_array_equal(np.delete(np.asarray(got.codes), 2, axis=1),
                                 np.delete(np.asarray(ref.codes), 2, axis=1))
+
+
+@pytest.mark.slow
+def test_self_test_runs_while_tracing(monkeypatch):
+  """The GPU self-test (kernels vs XLA) runs on its own thread, so it works when first called inside jit."""
+  o1, o2 = pq.quantize_2d, pq.vs_quantize_cols
+  monkeypatch.setattr(pq, "quantize_2d", lambda *a, impl="pallas", **k: o1(*a, impl="interpret", **k))
+  monkeypatch.setattr(pq, "vs_quantize_cols", lambda *a, impl="pallas", **k: o2(*a, impl="interpret", **k))
+  pq._kernel_self_test.cache_clear()
+  seen = []
+  jax.jit(lambda x: seen.append(pq._kernel_self_test()) or x)(jnp.ones(2))
+  pq._kernel_self_test.cache_clear()
+  assert seen == [True]

@@ -261,3 +261,15 @@ def test_subset_property_exact_for_stuck_at_faults():
   assert masks[0].any()
   for lo, hi in zip(masks, masks[1:]):
     assert np.all((lo & ~hi) == 0)
+
+
+@pytest.mark.slow
+def test_kernel_self_test_runs_while_tracing(monkeypatch):
+  orig = pb.inject
+  monkeypatch.setattr(pb, "inject", lambda *a, impl="xla", **k: orig(*a, impl="interpret" if impl == "pallas"
+                                                                       else impl, **k))
+  pb._kernel_self_test.cache_clear()
+  seen = []
+  jax.jit(lambda x: seen.append(pb._kernel_self_test()) or x)(jnp.ones(2))
+  pb._kernel_self_test.cache_clear()
+  assert seen == [True]

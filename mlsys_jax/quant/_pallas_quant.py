@@ -27,6 +27,8 @@ Off GPU the kernels run in Pallas' interpreter (``impl='interpret'``; for tests,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,9 +53,61 @@ def available() -> bool:
   return plgpu is not None and hasattr(plgpu, "load") and hasattr(plgpu, "elementwise_inline_asm")
 
 
+_IN_SELF_TEST = False
+
+
+def _run_outside_traces(fn):
+  """``np.asarray(fn())`` computed on a fresh thread: JAX's trace state is per thread, so this runs and
+  compiles now even when the caller is being traced (jit, vmap, grad)."""
+  import concurrent.futures
+  with concurrent.futures.ThreadPoolExecutor(1) as ex:
+    return ex.submit(lambda: np.asarray(fn())).result()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_self_test() -> bool:
+  """Once per process: compile the kernels on small inputs and compare them with the XLA path bit for
+  bit. On failure warn and use the XLA path."""
+  global _IN_SELF_TEST
+  import warnings
+  from mlsys_jax.quant import fixed_point, vsquant
+  _IN_SELF_TEST = True
+
+  def same():
+    x = jnp.sin(jnp.arange(96 * 40, dtype=_F32) * 0.37).reshape(96, 40) * jnp.exp(
+        jnp.cos(jnp.arange(40, dtype=_F32)) * 3)
+    out = []
+    for sym, uns, axis, groups in ((True, False, 0, "cols"), (False, True, 1, "rows"),
+                                   (False, False, 0, "cols")):
+      a = fixed_point._quantize_onepass(x, 8, sym, uns, (axis,), groups, "pallas")
+      b = fixed_point.quantize(x, 8, symmetric=sym, unsigned=uns, axis=axis)
+      out += [jnp.all(a.codes == b.codes), jnp.all(a.scale == b.scale), jnp.all(a.zero_point == b.zero_point)]
+    for sb in (8, None):
+      a = vsquant._vs_quantize_onepass(x, 4, 16, sb, "pallas")
+      b = vsquant.vs_quantize(x, 4, axis=0, vector_size=16, scale_bits=sb)
+      out += [jnp.all(a.codes == b.codes), jnp.all(a.vector_scale == b.vector_scale),
+              jnp.all(a.coarse_scale == b.coarse_scale)]
+    return jnp.stack(out)
+
+  try:
+    ok = _run_outside_traces(jax.jit(same))
+    if not ok.all():
+      raise RuntimeError(f"kernels and XLA path differ: {ok.tolist()}")
+    return True
+  except Exception as e:  # pragma: no cover - GPU only
+    warnings.warn(f"mlsys_jax.quant: the one-pass quantize kernels failed their self-test ({e!r:.300}); "
+                  "using the XLA path.", RuntimeWarning, stacklevel=3)
+    return False
+  finally:
+    _IN_SELF_TEST = False
+
+
 def default_impl() -> str | None:
-  """``'pallas'`` on a GPU backend with Pallas Triton, None (use XLA) elsewhere."""
-  return "pallas" if ENABLED and jax.default_backend() == "gpu" and available() else None
+  """``'pallas'`` on a GPU backend with Pallas Triton whose kernels passed their self-test, None (use
+  XLA) elsewhere."""
+  if not ENABLED or _IN_SELF_TEST or jax.default_backend() != "gpu" or not available():
+    return None
+  return "pallas" if _kernel_self_test() else None
 
 
 def _pow2(v: int) -> int:

@@ -250,7 +250,49 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   return out.reshape(shape)
 
 
+ENABLED = True   # False sends inject_bit_errors / inject_stuck_at to the XLA path everywhere
+
+
+def _run_outside_traces(fn):
+  """``np.asarray(fn())`` computed on a fresh thread: JAX's trace state is per thread, so this runs and
+  compiles now even when the caller is being traced (jit, vmap, grad)."""
+  import concurrent.futures
+  with concurrent.futures.ThreadPoolExecutor(1) as ex:
+    return ex.submit(lambda: np.asarray(fn())).result()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_self_test() -> bool:
+  """Once per process: compile the kernel on a small input and compare it with the XLA path bit for bit
+  (flips and stuck-at, uint8 and uint16). On failure warn and use the XLA path (same bits, slower)."""
+  import warnings
+  def same():
+    kw = jnp.asarray([0x12345678, 0x9ABCDEF0], _U32)
+    fp = _params(kw, jnp.uint32(int(0.05 * 2 ** 32)), False)
+    op = _params(kw[::-1], jnp.uint32(2 ** 31), False)
+    out = []
+    for dtype, bits in ((jnp.uint8, 8), (jnp.uint16, 11)):
+      codes = (jnp.arange(5001, dtype=_U32) * _U32(2654435761) % _U32(2 ** bits)).astype(dtype)
+      for one in (None, op):
+        out.append(jnp.all(inject(codes, bits, fp, one, impl="pallas") ==
+                           inject(codes, bits, fp, one, impl="xla")))
+    return jnp.stack(out)
+
+  try:
+    ok = _run_outside_traces(jax.jit(same))
+    if not ok.all():
+      raise RuntimeError(f"kernel and XLA path differ (cases uint8, uint8 stuck-at, uint16, uint16 "
+                         f"stuck-at: {ok.tolist()})")
+    return True
+  except Exception as e:  # pragma: no cover - GPU only
+    warnings.warn(f"mlsys_jax.robust: the Pallas bit-error kernel failed its self-test ({e!r:.300}); "
+                  "using the XLA path (identical bits, slower).", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def default_impl() -> str:
-  """``'pallas'`` on a GPU backend with Pallas Triton, ``'xla'`` elsewhere."""
-  return "pallas" if jax.default_backend() == "gpu" and available() else "xla"
+  """``'pallas'`` on a GPU backend with Pallas Triton whose kernel passed its self-test, ``'xla'``
+  elsewhere."""
+  gpu = ENABLED and jax.default_backend() == "gpu" and available()
+  return "pallas" if gpu and _kernel_self_test() else "xla"
 
