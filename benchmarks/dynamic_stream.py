@@ -2,10 +2,19 @@
 compilation, served by per-shape jit, pad-to-max, bucketed_jit (power-of-two and DP-chosen buckets) and
 jax.export symbolic shapes; plus a batched Tree-LSTM against per-tree execution.
 
-  # H200 (the lead's GPU run): 2-layer d=256 encoder, batch 8, 2000 requests, lengths 8-512
+  # H200 in <= 200 s (both parts; the issue's targets): Tree-LSTM first, then the stream methods that
+  # the targets need; whatever would run past 180 s is skipped and listed in the JSON
+  python benchmarks/dynamic_stream.py --parts=tree,stream --time_limit_s=180 --tree_budget_s=15 \
+      --requests=2000 --budget_s=10 --max_buckets=4 --calibration_points=2 \
+      --methods=pad_to_max,dp_e2e,per_shape_jit,dp_warm --out=$OUT
+  # everything (all nine stream methods; 6-10 minutes on an H200)
   python benchmarks/dynamic_stream.py --out=$OUT
   # CPU smoke test
   python benchmarks/dynamic_stream.py --small --out=/tmp/dyn
+
+The JSON is rewritten after every step (``complete: false`` until the end), so a run stopped from
+outside keeps what it measured; ``--time_limit_s`` skips work predicted (from the calibrated compile
+and call times) to run past the limit and lists it under ``skipped``.
 
 Requests are token ids (batch, n) drawn with a log-normal length distribution clipped to
 [min_len, max_len] (a fit to sentence/paragraph token counts: median ~ 48, sigma 0.9); the served
@@ -66,16 +75,43 @@ def _requests(lengths, batch, vocab, seed):
 
 
 # --------------------------------------------------------------------------- methods
-def run_stream(call, reqs, *, budget_s=None, new_shape=None, compile_count=None):
-  """One pass over the stream; returns outputs and timing. With ``budget_s`` stops early and
-  extrapolates the rest from the measured new-shape (compile + first call) and repeat-call times."""
+class Clock:
+  """The wall-clock budget of one run (``--time_limit_s``): work predicted not to fit in what is left is
+  skipped and recorded, so a time limit never costs the results already measured."""
+
+  def __init__(self, limit_s: float | None = None):
+    self.t0 = time.perf_counter()
+    self.limit_s = limit_s
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.t0
+
+  def left(self) -> float:
+    return float("inf") if self.limit_s is None else self.limit_s - self.elapsed()
+
+
+def _skip(res: dict, clock: Clock, what: str, predicted: float, log=print) -> None:
+  left = clock.left()
+  res.setdefault("skipped", []).append(
+      {"what": what, "predicted_seconds": float(predicted), "seconds_left": float(left),
+       "reason": "--time_limit_s: predicted to run past the limit"})
+  log(f"skip {what}: predicted {predicted:.1f} s, {left:.1f} s left of --time_limit_s")
+
+
+def run_stream(call, reqs, *, budget_s=None, key=None):
+  """One pass over the stream; returns outputs and timing. ``key(ids)`` names the compiled program a
+  request runs in (default: its shape; a bucketed function passes its bucket), so "new" calls are the
+  ones that compile. With ``budget_s`` stops early and extrapolates the rest from the measured
+  new-program (compile + first call) and repeat-call times."""
+  key = key or (lambda ids: ids.shape)
   outs, t_new, t_rep, n_new, n_rep = [], 0.0, 0.0, 0, 0
   seen = set()
   t0 = time.perf_counter()
   done = len(reqs)
   for i, ids in enumerate(reqs):
-    new = ids.shape not in seen
-    seen.add(ids.shape)
+    k = key(ids)
+    new = k not in seen
+    seen.add(k)
     t = time.perf_counter()
     outs.append(call(ids))
     dt = time.perf_counter() - t
@@ -88,12 +124,12 @@ def run_stream(call, reqs, *, budget_s=None, new_shape=None, compile_count=None)
       break
   measured = time.perf_counter() - t0
   rest = reqs[done:]
-  rest_new = len({r.shape for r in rest} - seen)
+  rest_new = len({key(r) for r in rest} - seen)
   rest_rep = len(rest) - rest_new
   mean_new = t_new / max(n_new, 1)
   if n_rep >= 5:
     mean_rep = t_rep / n_rep
-  else:  # too few repeats seen: time repeated calls of shapes already compiled
+  else:  # too few repeats seen: time repeated calls of programs already compiled
     ts = []
     for ids in reqs[max(0, done - 5):done]:
       t = time.perf_counter()
@@ -102,8 +138,8 @@ def run_stream(call, reqs, *, budget_s=None, new_shape=None, compile_count=None)
     mean_rep = float(np.median(ts))
   total = measured + rest_new * mean_new + rest_rep * mean_rep
   return outs, {"seconds": total, "measured_seconds": measured, "requests_measured": done,
-                "extrapolated": done < len(reqs), "new_shape_calls": n_new + rest_new,
-                "new_shape_seconds_mean": mean_new, "repeat_call_seconds_mean": mean_rep}
+                "extrapolated": done < len(reqs), "new_program_calls": n_new + rest_new,
+                "new_program_seconds_mean": mean_new, "repeat_call_seconds_mean": mean_rep}
 
 
 def calibrate(served, params, batch, sizes, repeats=7):
@@ -139,24 +175,54 @@ def _max_diff(outs, ref, upto):
   return max(d), scale
 
 
+# the order methods run in: what the issue's targets need first (pad-to-max and the DP's end-to-end plan
+# against per-shape jit; a many-bucket plan for the warm comparison), then the other variants
+METHODS = ("pad_to_max", "dp_e2e", "per_shape_jit", "dp_warm", "pow2", "dp_warm_k_pow2", "dp_warm_aot",
+           "symbolic_pow2", "symbolic_per_shape")
+_WARM = ("pad_to_max", "pow2", "dp_warm", "dp_warm_k_pow2", "dp_e2e")  # compared after warm-up
+
+
 def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len, max_len, vocab=1000,
                      budget_s=120.0, max_buckets=8, seed=0, warm_repeats=3,
-                     warm_modes=("serial", "pipelined"), log=print) -> dict:
+                     warm_modes=("serial", "pipelined"), methods=METHODS, calibration_points=3,
+                     clock: Clock | None = None,
+                     on_update=None, log=print) -> dict:
+  """The request-stream benchmark. ``methods`` picks (a subset of :data:`METHODS`, always run in that
+  order); ``clock`` skips what would run past its limit; ``on_update(res)`` is called after every step
+  with the results so far (the caller writes them to disk)."""
+  clock = clock or Clock()
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}.")
+  if calibration_points < 2:
+    raise ValueError(f"calibration_points must be >= 2 (an affine fit), got {calibration_points}.")
   served, params = make_model(num_layers, d_model, num_heads, vocab, max_len, seed)
   lengths = sample_lengths(seed, requests, min_len, max_len)
   history = sample_lengths(seed + 1000, requests, min_len, max_len)  # the DP plans from past traffic
   reqs = _requests(lengths, batch, vocab, seed)
   res = {"config": dict(num_layers=num_layers, d_model=d_model, num_heads=num_heads, batch=batch,
                         requests=requests, min_len=min_len, max_len=max_len, vocab=vocab,
-                        budget_s=budget_s, max_buckets=max_buckets, seed=seed),
+                        budget_s=budget_s, max_buckets=max_buckets, seed=seed, methods=list(methods),
+                        warm_repeats=warm_repeats, warm_modes=list(warm_modes),
+                        calibration_points=calibration_points,
+                        time_limit_s=clock.limit_s),
          "distinct_lengths": int(np.unique(lengths).size),
          "length_quantiles": {q: float(np.quantile(lengths, q / 100)) for q in (10, 50, 90, 99)},
-         "methods": {}}
+         "methods": {}, "skipped": []}
+
+  def update():
+    res["elapsed_s"] = clock.elapsed()
+    if on_update is not None:
+      on_update(res)
+
   log(f"{requests} requests, {res['distinct_lengths']} distinct lengths, median "
       f"{res['length_quantiles'][50]:.0f}")
+  update()
 
   t = time.perf_counter()
-  cal_sizes = sorted({min_len, int(np.sqrt(min_len * max_len)), max_len})
+  # sizes spaced evenly in log between min_len and max_len (2 points: an exact affine fit, one compile less)
+  cal_sizes = sorted({int(round(min_len * (max_len / min_len) ** (i / max(calibration_points - 1, 1))))
+                      for i in range(calibration_points)})
   cal_rows, coef, run_cost, compile_s = calibrate(served, params, batch, cal_sizes)
   res["calibration"] = {"rows": cal_rows, "run_cost": coef, "compile_s_mean": compile_s,
                         "seconds": time.perf_counter() - t}
@@ -173,68 +239,94 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
                   for k, p in (("dp_e2e", plan_e2e), ("dp_warm", plan_warm),
                                ("dp_warm_k_pow2", plan_warm_pow2k))}
   log(f"plans: {res['plans']}")
+  update()
 
   bucketed = {"pad_to_max": (max_len,), "pow2": pow2, "dp_e2e": plan_e2e.buckets,
               "dp_warm": plan_warm.buckets, "dp_warm_k_pow2": plan_warm_pow2k.buckets}
-  fns = {}
-  for name, bs in bucketed.items():
+  fns, ref = {}, None
+  call_s = lambda b: run_cost(b) + 1e-4  # predicted seconds of one warm call (+ host overhead)
+
+  def predict_bucketed(bs):
+    return len(bs) * compile_s + sum(call_s(dyn.bucket_for(int(n), bs) or bs[-1]) for n in lengths)
+
+  def correctness():
+    if ref is None:
+      return
+    upto = len(ref)
+    res["max_abs_diff_vs_unpadded"] = {n: _max_diff(o, ref, upto)[0] for n, (_, o) in fns.items()}
+    res["output_scale"] = _max_diff(ref, ref, upto)[1]
+    res["requests_compared"] = upto
+
+  def run_bucketed(name):
+    bs = bucketed[name]
+    pred = predict_bucketed(bs)
+    if pred > clock.left():
+      return _skip(res, clock, name, pred, log)
     f = dyn.bucketed_jit(served, dims={1: 1}, buckets=bs)
-    call = lambda ids, f=f: f(params, ids)
-    outs, r = run_stream(call, reqs)
+    outs, r = run_stream(lambda ids: f(params, ids), reqs, key=lambda ids: f.bucket_of(ids.shape[1]),
+                         budget_s=max(clock.left(), 1.0) if clock.limit_s is not None else None)
+    st = f.stats()
     r.update(compiles=f.compile_count, compile_seconds=f.compile_seconds, buckets=list(bs),
-             padding_overhead=f.stats()["padding_overhead"])
+             compile_seconds_by_bucket={str(b): v for b, v in st["compile_seconds_by_bucket"].items()},
+             padding_overhead=st["padding_overhead"], predicted_seconds=pred)
     res["methods"][name] = r
     fns[name] = (f, outs)
     log(f"{name}: {r['seconds']:.2f} s end to end, {f.compile_count} compiles "
-        f"({f.compile_seconds:.2f} s)")
-  # ahead-of-time: compile every bucket before the stream (the DP warm plan), reported separately
-  f = dyn.bucketed_jit(served, dims={1: 1}, buckets=plan_warm.buckets)
-  aot = f.compile_all(params, reqs[0])
-  _, r = run_stream(lambda ids: f(params, ids), reqs)
-  r.update(compiles=f.compile_count, aot_compile_seconds=aot, stream_seconds=r["seconds"])
-  r["seconds"] += aot  # end to end: the AOT compilation counts too
-  res["methods"]["dp_warm_aot"] = r
-  log(f"dp_warm_aot: {aot:.2f} s AOT compile + {r['stream_seconds']:.2f} s stream")
+        f"({f.compile_seconds:.2f} s: {r['compile_seconds_by_bucket']})")
 
-  sym_b = dyn.export_symbolic(served, params, reqs[0], dims={1: 1}, buckets=pow2)
-  outs, r = run_stream(lambda ids: sym_b(params, ids), reqs)
-  r.update(compiles=sym_b.compile_count, export_seconds=sym_b.export_seconds)
-  r["seconds"] += sym_b.export_seconds
-  res["methods"]["symbolic_pow2"] = r
-  fns["symbolic_pow2"] = (None, outs)
-  log(f"symbolic_pow2: {r['seconds']:.2f} s, {sym_b.compile_count} compiles")
+  def run_per_shape(name):
+    nonlocal ref
+    # at least two new lengths (compile + call) to extrapolate from; never past the time limit
+    need = 2 * (compile_s + call_s(max_len))
+    budget = min(budget_s, clock.left() - need)
+    if budget < 0:
+      return _skip(res, clock, name, need + budget_s, log)
+    if name == "per_shape_jit":
+      per = jax.jit(served)
+      outs, r = run_stream(lambda ids: np.asarray(per(params, ids, np.int32(ids.shape[1]))), reqs,
+                           budget_s=budget)
+      ref = outs
+    else:
+      sym = dyn.export_symbolic(served, params, reqs[0], dims={1: 1})
+      outs, r = run_stream(lambda ids: sym(params, ids), reqs, budget_s=budget)
+      r["seconds"] += sym.export_seconds
+      r["export_seconds"] = sym.export_seconds
+      fns[name] = (None, outs)
+    r.update(compiles=r["new_program_calls"], budget_s=budget)
+    res["methods"][name] = r
+    how = f"extrapolated from {r['requests_measured']} requests" if r["extrapolated"] else "measured"
+    log(f"{name}: {r['seconds']:.2f} s ({how})")
 
-  per = jax.jit(served)
-  ref, r = run_stream(lambda ids: np.asarray(per(params, ids, np.int32(ids.shape[1]))), reqs,
-                      budget_s=budget_s)
-  r.update(compiles=r["new_shape_calls"])
-  res["methods"]["per_shape_jit"] = r
-  how = f"extrapolated from {r['requests_measured']} requests" if r["extrapolated"] else "measured"
-  log(f"per_shape_jit: {r['seconds']:.2f} s ({how})")
+  def run_aot():
+    pred = predict_bucketed(plan_warm.buckets)
+    if pred > clock.left():
+      return _skip(res, clock, "dp_warm_aot", pred, log)
+    # ahead-of-time: compile every bucket before the stream (the DP warm plan), reported separately
+    f = dyn.bucketed_jit(served, dims={1: 1}, buckets=plan_warm.buckets)
+    aot = f.compile_all(params, reqs[0])
+    _, r = run_stream(lambda ids: f(params, ids), reqs)
+    r.update(compiles=f.compile_count, aot_compile_seconds=aot, stream_seconds=r["seconds"])
+    r["seconds"] += aot  # end to end: the AOT compilation counts too
+    res["methods"]["dp_warm_aot"] = r
+    log(f"dp_warm_aot: {aot:.2f} s AOT compile + {r['stream_seconds']:.2f} s stream")
 
-  sym = dyn.export_symbolic(served, params, reqs[0], dims={1: 1})
-  _, r = run_stream(lambda ids: sym(params, ids), reqs, budget_s=budget_s)
-  r["seconds"] += sym.export_seconds
-  r.update(compiles=r["new_shape_calls"], export_seconds=sym.export_seconds)
-  res["methods"]["symbolic_per_shape"] = r
-  log(f"symbolic_per_shape: {r['seconds']:.2f} s")
-
-  # correctness: padded results vs the unpadded per-shape computation (requests it ran)
-  upto = len(ref)
-  res["max_abs_diff_vs_unpadded"] = {}
-  for name, (_, outs) in fns.items():
-    d, scale = _max_diff(outs, ref, upto)
-    res["max_abs_diff_vs_unpadded"][name] = d
-  res["output_scale"] = scale
-  res["requests_compared"] = upto
-  log(f"max |padded - unpadded| over {upto} requests: {res['max_abs_diff_vs_unpadded']} (scale {scale:.2f})")
+  def run_symbolic_pow2():
+    pred = predict_bucketed(pow2) + compile_s
+    if pred > clock.left():
+      return _skip(res, clock, "symbolic_pow2", pred, log)
+    sym_b = dyn.export_symbolic(served, params, reqs[0], dims={1: 1}, buckets=pow2)
+    outs, r = run_stream(lambda ids: sym_b(params, ids), reqs,
+                         key=lambda ids: dyn.bucket_for(ids.shape[1], pow2))
+    r.update(compiles=sym_b.compile_count, export_seconds=sym_b.export_seconds)
+    r["seconds"] += sym_b.export_seconds
+    res["methods"]["symbolic_pow2"] = r
+    fns["symbolic_pow2"] = (None, outs)
+    log(f"symbolic_pow2: {r['seconds']:.2f} s, {sym_b.compile_count} compiles")
 
   # after warm-up: the whole stream again with every program compiled, the methods interleaved round
   # by round (medians over rounds); "serial" waits for each result on the host (one request at a time),
   # "pipelined" dispatches every request and waits at the end (the pooled output has no dynamic axis,
   # so unpad='device' returns device arrays without slicing)
-  names = ["pad_to_max", "pow2", "dp_warm", "dp_warm_k_pow2", "dp_e2e"]
-
   def serial(f):
     return lambda: [f(params, x) for x in reqs]
 
@@ -247,28 +339,63 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         f.unpad = "host"
     return run
 
-  warm = {k: {} for k in names}
-  for mode in warm_modes:
-    wrap = serial if mode == "serial" else pipelined
-    if mode == "pipelined" and any(any(fns[k][0].out_axes) for k in names):
-      continue
-    times = {k: [] for k in names}
-    for r in range(warm_repeats):
-      for k in (names if r % 2 == 0 else names[::-1]):
-        t = time.perf_counter()
-        wrap(fns[k][0])()
-        times[k].append(time.perf_counter() - t)
-    base = float(np.median(times["pad_to_max"]))
-    for k in names:
-      med = float(np.median(times[k]))
-      warm[k][mode] = {"seconds": med, "seconds_all": times[k], "pad_to_max_seconds": base,
-                       "speedup_vs_pad_to_max": base / med,
-                       "requests_per_s": len(reqs) / med}
-      log(f"warm {mode} {k}: {med:.3f} s per stream ({base / med:.2f}x pad-to-max)")
-  res["warm"] = warm
-  e2e = {k: v["seconds"] for k, v in res["methods"].items()}
-  res["speedup_e2e_vs_per_shape"] = {k: e2e["per_shape_jit"] / v for k, v in e2e.items()}
-  res["speedup_e2e_vs_pad_to_max"] = {k: e2e["pad_to_max"] / v for k, v in e2e.items()}
+  def run_warm():
+    # methods whose stream was cut by the time limit did not compile all their buckets: left out
+    names = [k for k in _WARM if k in fns and not res["methods"][k]["extrapolated"]]
+    if "pad_to_max" not in names or len(names) < 2:
+      res["warm_note"] = f"not run: needs pad_to_max and a bucketed method, have {names}"
+      return
+    warm = res.setdefault("warm", {k: {} for k in names})
+    for mode in warm_modes:
+      wrap = serial if mode == "serial" else pipelined
+      if mode == "pipelined" and any(any(fns[k][0].out_axes) for k in names):
+        continue
+      one_round = sum(res["methods"][k]["repeat_call_seconds_mean"] for k in names) * len(reqs)
+      rounds = int(min(warm_repeats, clock.left() // max(one_round, 1e-9)))
+      if rounds < min(3, warm_repeats):
+        _skip(res, clock, f"warm {mode}", warm_repeats * one_round, log)
+        continue
+      times = {k: [] for k in names}
+      for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+          t = time.perf_counter()
+          wrap(fns[k][0])()
+          times[k].append(time.perf_counter() - t)
+      base = float(np.median(times["pad_to_max"]))
+      for k in names:
+        med = float(np.median(times[k]))
+        warm[k][mode] = {"seconds": med, "seconds_all": times[k], "pad_to_max_seconds": base,
+                         "speedup_vs_pad_to_max": base / med, "requests_per_s": len(reqs) / med}
+        log(f"warm {mode} {k}: {med:.3f} s per stream ({base / med:.2f}x pad-to-max)")
+      update()
+
+  def summary():
+    e2e = {k: v["seconds"] for k, v in res["methods"].items()}
+    if "per_shape_jit" in e2e:
+      res["speedup_e2e_vs_per_shape"] = {k: e2e["per_shape_jit"] / v for k, v in e2e.items()}
+    if "pad_to_max" in e2e:
+      res["speedup_e2e_vs_pad_to_max"] = {k: e2e["pad_to_max"] / v for k, v in e2e.items()}
+    correctness()
+    update()
+
+  warm_after = max((METHODS.index(m) for m in methods if m in _WARM), default=-1)
+  for i, name in enumerate(METHODS):
+    if name in methods:
+      if name in bucketed:
+        run_bucketed(name)
+      elif name in ("per_shape_jit", "symbolic_per_shape"):
+        run_per_shape(name)
+      elif name == "dp_warm_aot":
+        run_aot()
+      else:
+        run_symbolic_pow2()
+      summary()
+    if i == warm_after:
+      run_warm()
+      summary()
+  if ref is not None:
+    log(f"max |padded - unpadded| over {res['requests_compared']} requests: "
+        f"{res['max_abs_diff_vs_unpadded']} (scale {res['output_scale']:.2f})")
   return res
 
 
@@ -294,31 +421,89 @@ def random_trees(seed, count, lo, hi, d):
   return trees, feats
 
 
-def tree_benchmark(*, batch, hidden, d_in, lo, hi, seed=0, budget_s=60.0, repeats=5, log=print) -> dict:
+def tree_benchmark(*, batch, hidden, d_in, lo, hi, seed=0, budget_s=60.0, repeats=5, clock=None,
+                   on_update=None, log=print) -> dict:
+  """Batched level-by-level Tree-LSTM against per-tree jit (one program per tree shape) and a per-node
+  jitted cell. The batched end-to-end time (encode on the host, transfer, run, fetch the root states)
+  is also measured step by step: ``batched_split_s``."""
+  clock = clock or Clock()
+  if clock.left() <= 0:
+    res = {"skipped": []}
+    _skip(res, clock, "tree_lstm", 0.0, log)
+    if on_update is not None:
+      on_update(res)
+    return res
   trees, feats = random_trees(seed, batch, lo, hi, d_in)
   m = dyn.ChildSumTreeLSTM(hidden)
   enc = dyn.encode_trees(trees, feats)
   v = m.init(jax.random.PRNGKey(seed), enc)
-  res = {"config": dict(batch=batch, hidden=hidden, d_in=d_in, leaves=[lo, hi], seed=seed),
+  res = {"config": dict(batch=batch, hidden=hidden, d_in=d_in, leaves=[lo, hi], seed=seed,
+                        budget_s=budget_s, repeats=repeats, time_limit_s=clock.limit_s),
          "nodes": int(sum(len(t) for t in trees)),
-         "levels": int(enc.level_nodes.shape[0])}
+         "levels": int(enc.num_levels), "padded_levels": int(enc.level_nodes.shape[0]),
+         "padded_nodes": int(enc.x.shape[0] - 1), "level_width": int(enc.level_nodes.shape[1]),
+         "skipped": []}
+
+  def update():
+    res["elapsed_s"] = clock.elapsed()
+    if on_update is not None:
+      on_update(res)
+
   batched = jax.jit(m.apply)
   t = time.perf_counter()
   root = np.asarray(batched(v, enc)[0])
   res["batched_first_call_s"] = time.perf_counter() - t
+  update()
 
-  def run_batched():
+  def timed(fn, n=repeats):
+    ts = []
+    for _ in range(n):
+      t = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+  def run_batched():  # end to end: host encoding, implicit transfer, run, fetch
     b = dyn.encode_trees(trees, feats)
     return np.asarray(batched(v, b)[0])
 
-  def run_batched_device():
-    return batched(v, enc)[0].block_until_ready()
+  # the same steps one at a time, each timed to completion (medians over repeats)
+  encode = lambda: dyn.encode_trees(trees, feats)
+  to_device = lambda: jax.block_until_ready(jax.device_put(enc))
+  enc_dev = to_device()
+  run_device = lambda: batched(v, enc_dev)[0].block_until_ready()
 
+  def fetch():  # copy a fresh (already computed) result to the host; np.asarray caches per array
+    out = run_device()
+    t = time.perf_counter()
+    np.asarray(out)
+    return time.perf_counter() - t
+
+  run_batched()
+  res["batched_s"] = timed(run_batched, 2 * repeats)
+  split = {"encode": timed(encode, 4 * repeats), "transfer": timed(to_device, 2 * repeats),
+           "device": timed(run_device, 2 * repeats),
+           "fetch": float(np.median([fetch() for _ in range(2 * repeats)]))}
+  res["batched_split_s"] = split
+  res["batched_split_sum_s"] = float(sum(split.values()))
+  res["batched_device_only_s"] = split["device"]
+  res["input_bytes"] = int(sum(np.asarray(a).nbytes for a in enc))
+  log(f"tree-lstm batch {batch}: batched {res['batched_s'] * 1e3:.2f} ms end to end; encode "
+      f"{split['encode'] * 1e3:.3f} ms, transfer {split['transfer'] * 1e3:.3f} ms "
+      f"({res['input_bytes'] / 1e6:.1f} MB), device {split['device'] * 1e3:.3f} ms, fetch ~"
+      f"{split['fetch'] * 1e3:.3f} ms")
+  update()
+
+  if clock.left() <= 0:
+    _skip(res, clock, "per_tree_jit and per_node_cell", 0.0, log)
+    update()
+    return res
   rec = jax.jit(dyn.tree_lstm_recursive, static_argnums=1)
   t0, compiled = time.perf_counter(), 0
   keys = [tuple(p) for p in trees]
+  budget = min(budget_s, max(clock.left() - 10.0, 0.0))
   for k, f in zip(keys, feats):
-    if time.perf_counter() - t0 > budget_s:
+    if compiled and time.perf_counter() - t0 > budget:
       break
     rec(v, k, f).block_until_ready()
     compiled += 1
@@ -328,6 +513,20 @@ def tree_benchmark(*, batch, hidden, d_in, lo, hi, seed=0, budget_s=60.0, repeat
 
   def run_per_tree():
     return [np.asarray(rec(v, k, f)) for k, f in sub]
+
+  per_tree_out = run_per_tree()
+  res["max_abs_diff_batched_vs_per_tree_jit"] = float(
+      np.max(np.abs(root[:compiled] - np.stack(per_tree_out))))
+  tpt = timed(run_per_tree) * batch / compiled  # scaled to the whole batch
+  tb = res["batched_s"]
+  res.update(per_tree_jit_s=tpt, speedup_vs_per_tree_jit_warm=tpt / tb,
+             speedup_device_only_vs_per_tree_jit_warm=tpt / split["device"],
+             per_tree_jit_e2e_s=res["per_tree_jit_compile_s_mean"] * batch + tpt,
+             trees_per_s={"batched": batch / tb, "per_tree_jit_warm": batch / tpt})
+  log(f"per-tree jit warm {tpt * 1e3:.2f} ms per batch ({tpt / tb:.1f}x batched end to end, "
+      f"{tpt / split['device']:.1f}x on the device); compile {res['per_tree_jit_compile_s_mean']:.2f} "
+      f"s per tree shape ({compiled} compiled)")
+  update()
 
   p = v["params"]
   cell = jax.jit(dyn.tree_lstm_cell)
@@ -356,32 +555,19 @@ def tree_benchmark(*, batch, hidden, d_in, lo, hi, seed=0, budget_s=60.0, repeat
       outs.append(np.asarray(hc[order[0]][0]))
     return outs
 
+  t = time.perf_counter()
   ref = run_per_node()  # also warms the per-node cell programs
+  first = time.perf_counter() - t
   res["max_abs_diff_batched_vs_per_node"] = float(np.max(np.abs(root[:batch] - np.stack(ref))))
-  per_tree_out = run_per_tree()
-  res["max_abs_diff_batched_vs_per_tree_jit"] = float(
-      np.max(np.abs(root[:compiled] - np.stack(per_tree_out)))) if compiled else None
-
-  def timed(fn):
-    ts = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-  run_batched()
-  tb, tbd = timed(run_batched), timed(run_batched_device)
-  tpt = timed(run_per_tree) * batch / max(compiled, 1)  # scaled to the whole batch
-  tpn = timed(run_per_node)
-  res.update(batched_s=tb, batched_device_only_s=tbd, per_tree_jit_s=tpt, per_node_cell_s=tpn,
-             trees_per_s={"batched": batch / tb, "per_tree_jit_warm": batch / tpt,
-                          "per_node_cell": batch / tpn},
-             speedup_vs_per_tree_jit_warm=tpt / tb, speedup_vs_per_node=tpn / tb,
-             per_tree_jit_e2e_s=compiled and (res["per_tree_jit_compile_s_mean"] * batch + tpt))
-  log(f"tree-lstm batch {batch}: batched {tb * 1e3:.2f} ms (device only {tbd * 1e3:.2f} ms), per-tree "
-      f"jit warm {tpt * 1e3:.2f} ms ({tpt / tb:.1f}x), per-node cell {tpn * 1e3:.1f} ms ({tpn / tb:.1f}x); "
-      f"per-tree compile {res['per_tree_jit_compile_s_mean']:.2f} s/tree")
+  n_node = int(min(repeats, clock.left() // max(first, 1e-9)))
+  if n_node >= 1:
+    tpn = timed(run_per_node, n_node)
+    res.update(per_node_cell_s=tpn, speedup_vs_per_node=tpn / tb, per_node_repeats=n_node)
+    res["trees_per_s"]["per_node_cell"] = batch / tpn
+    log(f"per-node cell {tpn * 1e3:.1f} ms ({tpn / tb:.1f}x)")
+  else:
+    _skip(res, clock, "per_node_cell timing", repeats * first, log)
+  update()
   return res
 
 
@@ -397,30 +583,62 @@ def main():
     ap.add_argument("--max_buckets", type=int, default=8)
     ap.add_argument("--budget_s", type=float, default=90.0,
                     help="seconds per per-shape method before extrapolating the rest of the stream")
-    ap.add_argument("--parts", default="stream,tree", help="comma list: stream, tree")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of stream methods (run in this order whatever the list says): "
+                    f"{','.join(METHODS)}")
+    ap.add_argument("--warm_repeats", type=int, default=3, help="rounds of the warm comparison")
+    ap.add_argument("--calibration_points", type=int, default=3,
+                    help="sizes compiled and timed for the DP's cost model (>= 2; each is one compilation)")
+    ap.add_argument("--parts", default="stream,tree", help="comma list, run in the given order: stream, tree")
+    ap.add_argument("--time_limit_s", type=float, default=None,
+                    help="wall-clock limit of the whole run (from the start of main): work predicted to "
+                    "run past it is skipped and listed under 'skipped' in the JSON, which is rewritten "
+                    "after every step")
     ap.add_argument("--matmul_precision", default="highest",
                     help="jax_default_matmul_precision ('highest': true float32, so padded and unpadded "
                     "results can be compared to float32 rounding; 'default': XLA's, TF32 on GPUs)")
     ap.add_argument("--tree_batch", type=int, default=64)
+    ap.add_argument("--tree_budget_s", type=float, default=60.0,
+                    help="seconds of per-tree jit compilation (trees compiled until then; the warm time "
+                    "is scaled to the batch)")
     ap.add_argument("--seed", type=int, default=0)
   args = common.parse_args(__doc__.splitlines()[0], extra)
+  clock = Clock(args.time_limit_s)
   if args.small:
     args.requests, args.d_model, args.num_layers, args.batch = 120, 32, 2, 2
-    args.max_len, args.budget_s, args.tree_batch = 128, 15.0, 16
+    args.max_len, args.budget_s, args.tree_batch, args.tree_budget_s = 128, 15.0, 16, 10.0
   if args.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
-  payload = {"environment": common.environment(), "matmul_precision": args.matmul_precision}
-  parts = set(args.parts.split(","))
-  if "stream" in parts:
-    payload["stream"] = stream_benchmark(
-        num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, batch=args.batch,
-        requests=args.requests, min_len=args.min_len, max_len=args.max_len, budget_s=args.budget_s,
-        max_buckets=args.max_buckets, seed=args.seed)
-  if "tree" in parts:
-    payload["tree_lstm"] = tree_benchmark(batch=args.tree_batch, hidden=64 if args.small else 256,
-                                          d_in=32 if args.small else 256, lo=4, hi=40, seed=args.seed,
-                                          budget_s=10.0 if args.small else 60.0)
-  common.write_json(args.out, "dynamic_stream" + ("_small" if args.small else ""), payload)
+  payload = {"environment": common.environment(), "matmul_precision": args.matmul_precision,
+             "time_limit_s": args.time_limit_s, "complete": False}
+  name = "dynamic_stream" + ("_small" if args.small else "")
+
+  def save(part):
+    def write(res):
+      payload[part] = res
+      payload["elapsed_s"] = clock.elapsed()
+      common.write_json(args.out, name, payload)
+    return write
+
+  parts = [p for p in args.parts.split(",") if p]
+  bad = set(parts) - {"stream", "tree"}
+  if bad:
+    raise SystemExit(f"--parts: unknown {sorted(bad)}; use stream and/or tree")
+  for part in parts:
+    if part == "stream":
+      stream_benchmark(
+          num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, batch=args.batch,
+          requests=args.requests, min_len=args.min_len, max_len=args.max_len, budget_s=args.budget_s,
+          max_buckets=args.max_buckets, seed=args.seed, warm_repeats=args.warm_repeats,
+          calibration_points=args.calibration_points,
+          methods=tuple(m for m in args.methods.split(",") if m), clock=clock, on_update=save("stream"))
+    else:
+      tree_benchmark(batch=args.tree_batch, hidden=64 if args.small else 256,
+                     d_in=32 if args.small else 256, lo=4, hi=40, seed=args.seed,
+                     budget_s=args.tree_budget_s, clock=clock, on_update=save("tree_lstm"))
+  payload["complete"] = True
+  save("parts")(parts)
+  print(f"done in {clock.elapsed():.1f} s")
 
 
 if __name__ == "__main__":

@@ -377,9 +377,14 @@ class BucketedFunction:
     return self.compile_seconds - t
 
   def stats(self) -> dict:
-    """Counters: calls, compiles (overflow ones too), compile seconds, padding overhead."""
+    """Counters: calls, compiles (overflow ones too), compile seconds (in total and per bucket size, in
+    compilation order), padding overhead."""
+    by_bucket: dict[int, float] = {}
+    for prog in self._programs.values():
+      by_bucket[prog.bucket] = by_bucket.get(prog.bucket, 0.0) + prog.compile_seconds
     return {"calls": self.calls, "compiles": self.compile_count,
             "overflow_compiles": self.overflow_compiles, "compile_seconds": self.compile_seconds,
+            "compile_seconds_by_bucket": by_bucket,
             "buckets": list(self.buckets), "padding_checks": self.padding_checks,
             "padding_overhead": (self.padded_elements / self.true_elements - 1.0)
             if self.true_elements else 0.0}
