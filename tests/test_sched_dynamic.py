@@ -40,6 +40,9 @@ def test_bucketed_matches_unpadded_reference_and_counts_compiles():
   s = f.stats()
   assert s["compiles"] == 3 and s["padding_overhead"] == pytest.approx((4 + 4 + 4 + 8 + 8 + 16 + 16 + 4)
                                                                        / (1 + 3 + 4 + 5 + 8 + 9 + 16 + 2) - 1)
+  by_bucket = s["compile_seconds_by_bucket"]
+  assert list(by_bucket) == [4, 8, 16]  # in compilation order: the first calls were 1, 5, 9
+  assert sum(by_bucket.values()) == pytest.approx(s["compile_seconds"]) and min(by_bucket.values()) > 0
 
 
 def test_compile_all_ahead_of_time_then_no_compiles():
