@@ -69,6 +69,7 @@ def test_gemm_matches_float64_reference(m, k, n, v, layout, convert, prefetch, p
   ref, _ = _reference(a, sa, w, sw, v, ca, cw)
   out = pg.vs_int8_matmul(a, sa, w, sw, vector_size=v, a_coarse=ca, w_coarse=cw, integer_scales=True,
                           convert=convert, prefetch=prefetch, vectors_per_step=per_step,
+                          overlap=per_step == 1 and v != 64,
                           w_layout=layout, block_n=16)      # several column tiles (grouped order)
   assert out.dtype == jnp.float32 and out.shape == (m, n)
   np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2e-6, atol=1e-6 * np.abs(ref).max())
@@ -208,3 +209,24 @@ def test_fp8_per_block_matches_dequantized_product():
   assert np.linalg.norm(ref - exact) < 0.05 * np.linalg.norm(exact)        # E4M3 rounding: ~3%
   with pytest.raises(TypeError, match="float8_e4m3fn codes"):
     pg.vs_fp8_matmul(x, sa, cw, sw)
+
+
+@pytest.mark.parametrize("kind,v,opts", [
+    ("int8", 64, dict(w_layout="nk", prefetch=1, overlap=True)),
+    ("int8", 16, dict(w_layout="kn", prefetch=0, vectors_per_step=2, convert="cast")),
+    ("w4a8", 64, dict(prefetch=1)),
+    ("fp8", 128, dict(w_layout="nk")),
+])
+def test_lowers_to_triton_ir(kind, v, opts):
+  """The GPU (Triton) lowering runs here without a GPU: catches Pallas-Triton lowering errors (seen: a
+  jnp remainder and an alignment hint on a constant offset) before a device run."""
+  dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
+  fn = {"int8": pg.vs_int8_matmul, "w4a8": pg.vs_w4a8_matmul, "fp8": pg.vs_fp8_matmul}[kind]
+  m = k = n = 256
+  g = k // v
+  f = jax.jit(functools.partial(fn, vector_size=v, interpret=False, integer_scales=kind != "fp8",
+                                **opts))
+  lowered = f.trace(jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((m, g), jnp.float32),
+                    jax.ShapeDtypeStruct((k // 2 if kind == "w4a8" else k, n), dt),
+                    jax.ShapeDtypeStruct((g, n), jnp.float32)).lower(lowering_platforms=("cuda",))
+  assert "triton" in lowered.as_text().lower()

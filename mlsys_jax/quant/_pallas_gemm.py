@@ -72,7 +72,7 @@ def _pow2_at_least(x: int, low: int) -> int:
 # runs of that script print `best_config` from a wider sweep (scale prefetch, K-major weights).
 _TUNED = {v: dict(block_m=256, block_n=128, vectors_per_step=1, num_warps=8, num_stages=3,
                   min_dot_k=32, convert="magic", convert_integer_scales="magic_fma",
-                  w_layout="kn", prefetch=0)
+                  w_layout="kn", prefetch=0, overlap=False)
           for v in SUPPORTED_VECTOR_SIZES}
 
 
@@ -149,16 +149,22 @@ def _vector_dot(a_ref, w_ref, g, v: int, kdot: int, w_nk: bool, w4: bool = False
   ``V/2 + j`` (high nibble), so the vector is two products of K = V/2 on the unpacked halves.
   """
   acc_t = jnp.int32 if a_ref.dtype == jnp.int8 else jnp.float32
+
+  def multiple_of(x, m):   # an alignment hint for traced offsets (a Python int needs none)
+    return x if isinstance(x, int) else pl.multiple_of(x, m)
+
   if w4:
     h = v // 2
-    lo, hi = _unpack_int4(w_ref[pl.ds(pl.multiple_of(g * h, h), h), :])
-    k0 = pl.multiple_of(g * v, v)
+    lo, hi = _unpack_int4(w_ref[pl.ds(multiple_of(g * h, h), h), :])
+    k0 = multiple_of(g * v, v)
     return (jax.lax.dot(a_ref[:, pl.ds(k0, h)], lo, preferred_element_type=acc_t)
             + jax.lax.dot(a_ref[:, pl.ds(k0 + h, h)], hi, preferred_element_type=acc_t))
   dn = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
   r = kdot // v
   if r == 1:
-    k0 = pl.multiple_of(g * v, v)
+    k0 = multiple_of(g * v, v)
+  elif isinstance(g, int):
+    k0 = (g // r) * kdot
   else:
     k0 = pl.multiple_of(jax.lax.div(g, jnp.int32(r)) * kdot, kdot)
   a = a_ref[:, pl.ds(k0, kdot)]
@@ -166,7 +172,8 @@ def _vector_dot(a_ref, w_ref, g, v: int, kdot: int, w_nk: bool, w4: bool = False
   if r > 1:
     axis = 1 if w_nk else 0
     sub = jax.lax.broadcasted_iota(jnp.int32, w.shape, axis) // v
-    w = jnp.where(sub == jax.lax.rem(g, jnp.int32(r)), w, jnp.zeros_like(w))
+    w = jnp.where(sub == (g % r if isinstance(g, int) else jax.lax.rem(g, jnp.int32(r))), w,
+                  jnp.zeros_like(w))
   return jax.lax.dot_general(a, w, dn, preferred_element_type=acc_t)
 
 
@@ -217,25 +224,31 @@ def _grouped_tile(pid, nm: int, nn: int, group: int):
 
 def _gemm_kernel(a_ref, w_ref, sa_ref, sw_ref, ca_ref, cw_ref, o_ref, *, v: int, kdot: int,
                  steps: int, per_step: int, convert: str, use_asm: bool, w_nk: bool, prefetch: int,
-                 w4: bool):
+                 w4: bool, overlap: bool):
   bm, bn = o_ref.shape
 
   def scales(s):  # the vector scales of loop step s: per_step columns of sa, per_step rows of sw
     gs = [s * per_step + u for u in range(per_step)]
     return (tuple(sa_ref[:, pl.ds(g, 1)] for g in gs), tuple(sw_ref[pl.ds(g, 1), :] for g in gs))
 
+  def dot(g):
+    return _vector_dot(a_ref, w_ref, g, v, kdot, w_nk, w4)                # (bm, bn)
+
   def body(s, carry):
-    acc, pending = carry[0], carry[1:]
+    acc, nxt, pending = carry[0], carry[1], carry[2:]
     if prefetch:   # load the scales of step s + prefetch now; use those loaded `prefetch` steps ago
       cur, pending = pending[0], pending[1:] + (scales(s + prefetch),)
     else:
       cur = scales(s)
+    if overlap:    # issue the product of step s + 1 before scaling the one of step s (one vector/step)
+      p_now, nxt = nxt, dot(s + 1)
+      return (acc + _scaled_f32(p_now, cur[0][0], convert, use_asm) * cur[1][0], nxt) + pending
     for u in range(per_step):                       # unrolled: per_step vectors per loop iteration
-      p = _vector_dot(a_ref, w_ref, s * per_step + u, v, kdot, w_nk, w4)   # (bm, bn)
-      acc = acc + _scaled_f32(p, cur[0][u], convert, use_asm) * cur[1][u]
-    return (acc,) + pending
+      acc = acc + _scaled_f32(dot(s * per_step + u), cur[0][u], convert, use_asm) * cur[1][u]
+    return (acc, nxt) + pending
 
-  init = (jnp.zeros((bm, bn), jnp.float32),) + tuple(scales(i) for i in range(prefetch))
+  first = dot(0) if overlap else jnp.zeros((), jnp.int32)
+  init = (jnp.zeros((bm, bn), jnp.float32), first) + tuple(scales(i) for i in range(prefetch))
   acc = jax.lax.fori_loop(0, steps, body, init)[0]
   o_ref[...] = acc * ca_ref[...] * cw_ref[...]
 
@@ -354,7 +367,8 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
              num_warps: int | None = None, num_stages: int | None = None,
              integer_scales: bool = False, convert: str | None = None,
              min_dot_k: int | None = None, w_layout: str | None = None,
-             prefetch: int | None = None, interpret: bool | None = None) -> jax.Array:
+             prefetch: int | None = None, overlap: bool | None = None,
+             interpret: bool | None = None) -> jax.Array:
   """The kernels' shared wrapper: checks, padding, launch. Public entry points: :func:`vs_int8_matmul`,
   :func:`vs_w4a8_matmul`, :func:`vs_fp8_matmul` (``kind`` 'int8', 'w4a8', 'fp8').
 
@@ -380,6 +394,9 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
       wrapper; K-major, as Hopper's 8-bit tensor-core instructions read it).
     prefetch: load the vector scales this many K steps ahead (0, 1 or 2), so their memory latency
       hides behind the products of the steps in between.
+    overlap: issue the tensor-core product of the next K step before scaling and accumulating the
+      current one (the int32 partial sum is carried across the loop), so the float epilogue can run
+      while the product is in flight; needs ``vectors_per_step=1``.
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -422,10 +439,15 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
     w_layout, kdot = "kn", v       # packed halves: two products of K = V/2 per vector
   prefetch = cfg["prefetch"] if prefetch is None else prefetch
   check_int("prefetch", prefetch, 0, 2)
+  overlap = cfg["overlap"] if overlap is None else bool(overlap)
+  if overlap and vectors_per_step != 1:
+    raise ValueError(f"overlap=True needs vectors_per_step=1, got {vectors_per_step}.")
   unit = math.lcm(vectors_per_step, kdot // v)
   gp = -(-g // unit) * unit                                 # whole loop steps and whole dot blocks
   steps = gp // vectors_per_step
-  mp, np_, kp = -(-m // bm) * bm, -(-n // bn) * bn, gp * v
+  # overlap: the last step issues one product past the end, which reads a zero-padded K block.
+  kp = (gp + (kdot // v if overlap else 0)) * v
+  mp, np_ = -(-m // bm) * bm, -(-n // bn) * bn
   a = _pad_to(a_codes, (mp, kp))
   w = _pad_to(w_codes, (kp // 2 if w4 else kp, np_))
   if w_layout == "nk":
@@ -447,7 +469,7 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
 
   kernel = functools.partial(_gemm_kernel, v=v, kdot=kdot, steps=steps, per_step=vectors_per_step,
                              convert=convert, use_asm=not interpret, w_nk=w_layout == "nk",
-                             prefetch=prefetch, w4=w4)
+                             prefetch=prefetch, w4=w4, overlap=overlap)
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
