@@ -8,7 +8,7 @@ first: int32 partial sums identical to XLA's, float32 output against the XLA per
 int32 -> float conversion) runs inside a time budget; the best passing configuration is timed against
 the baselines, for V = 64 and then V = 16/32/128.
 
-  PYTHONPATH=. timeout 220 python3 benchmarks/vsquant_gemm.py --out $OUT
+  PYTHONUNBUFFERED=1 PYTHONPATH=. timeout 220 python3 benchmarks/vsquant_gemm.py --out $OUT --budget_s 100
   PYTHONPATH=. python3 benchmarks/vsquant_gemm.py --small          # CPU smoke test (interpreter)
 """
 
@@ -67,7 +67,7 @@ _KEYS = ("block_m", "block_n", "vectors_per_step", "num_warps", "num_stages", "c
 
 
 def _extra(ap):
-  ap.add_argument("--budget_s", type=float, default=170.0,
+  ap.add_argument("--budget_s", type=float, default=100.0,
                   help="stop starting new sweep entries after this many seconds")
 
 
@@ -201,6 +201,7 @@ def main():
     return
   cfg = best[0]
   result["best_config"] = dict(zip(_KEYS, cfg))
+  write_json(args.out, "vsquant_gemm", result)    # partial results survive a timeout later on
   for v in pg.SUPPORTED_VECTOR_SIZES:   # the library's defaults for this run: the best configuration
     tuned = dict(zip(_KEYS, cfg))
     tuned["convert_integer_scales"] = tuned.pop("convert")
@@ -234,6 +235,7 @@ def main():
   e2e_err = _rel(e2e_vec(a, w), jax.jit(lambda p, q: emulation(   # float32 products, not tf32
       p, q, dn, precision=jax.lax.Precision.HIGHEST))(a, w))
   result["e2e_rel_err_vs_emulation"] = e2e_err
+  write_json(args.out, "vsquant_gemm", result)
 
   # 5. Other vector sizes with the chosen configuration (V=16 through masked K=32 and K=64 products).
   for v in (16, 32, 128):
@@ -253,6 +255,8 @@ def main():
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       print(row)
       result["per_v"].append(row)
+
+  write_json(args.out, "vsquant_gemm", result)
 
   # 6. Other formats with the chosen tile: W4A8 (int4 weights packed two per byte, V=64) and FP8 E4M3
   # with per-128 scales (DeepGEMM-style blocks), against XLA's fp8 matmul with per-tensor scales.
