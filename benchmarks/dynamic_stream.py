@@ -7,7 +7,7 @@ jax.export symbolic shapes; plus a batched Tree-LSTM against per-tree execution.
   python benchmarks/dynamic_stream.py --parts=tree,stream --time_limit_s=180 --tree_budget_s=15 \
       --requests=2000 --budget_s=10 --max_buckets=4 --calibration_points=2 \
       --methods=pad_to_max,dp_e2e,per_shape_jit,dp_warm --out=$OUT
-  # everything (all nine stream methods; 6-10 minutes on an H200)
+  # everything (all nine stream methods; likely over 10 minutes on an H200: split it with --methods)
   python benchmarks/dynamic_stream.py --out=$OUT
   # CPU smoke test
   python benchmarks/dynamic_stream.py --small --out=/tmp/dyn
