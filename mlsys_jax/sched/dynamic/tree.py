@@ -150,8 +150,8 @@ def encode_trees(parents_list: Sequence[Sequence[int]], features: Sequence[np.nd
   Vectorised over the whole batch (no Python loop per node): the parents are concatenated into one
   array, heights come from a bottom-up sweep with one numpy step per level, and the nodes of each
   level are listed (in increasing node index: tree by tree, node by node) by one stable argsort of the
-  heights. 64 trees of 4-40 leaves (~3,000 nodes) take ~0.3 ms for the structure on one CPU core, plus
-  the copy of the features into the padded ``x``.
+  heights. 64 trees of 4-40 leaves (~3,000 nodes) take ~0.4 ms of CPU time for the structure, ~0.6-0.8
+  ms with the copy of d=256 features into the padded ``x`` (the per-node loop it replaced: 4-5 ms).
 
   >>> b = encode_trees([[-1, 0, 0], [-1]], [np.ones((3, 2)), np.ones((1, 2))], pad="exact")
   >>> b.x.shape, b.level_nodes.tolist(), b.roots.tolist()
