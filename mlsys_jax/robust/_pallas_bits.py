@@ -21,7 +21,7 @@ XLA path (one tile) give identical bits.
 The hash is Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011;
 the generator of cuRAND's and XLA's Philox), written in 32-bit jnp operations so that the same function
 runs inside the kernel and in XLA: ``(level words 4m ... 4m + 3) = philox4x32((k0, k1), (word index, m,
-0, 0))``. Its 32x32->64-bit multiplications are one PTX ``mul.wide.u32`` in the compiled kernel and
+0, 0))``. The high halves of its 32x32-bit products are PTX ``mul.hi.u32`` in the compiled kernel and
 16-bit limbs elsewhere (the same bits). Threefry-2x32-20 (the generator of ``jax.random``'s default
 keys; 2 level words per call) is kept as an alternative (``hash='threefry'``). The key pair (k0, k1) is ``jax.random.bits(key, (2,))`` (any
 key type). The stream differs from ``jax.random.bits(key, codes.shape + (bits,))`` (what this module
@@ -92,13 +92,14 @@ def _mulhilo_split(a, m: int):
 
 
 def _mulhilo_asm(a, m: int):
-  """The same product with one PTX ``mul.wide.u32`` (compiled Triton only)."""
-  b = jnp.full(a.shape, m, _U32)
-  sd = jax.ShapeDtypeStruct(a.shape, _U32)
-  hi, lo = plgpu.elementwise_inline_asm(
-      "{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }", args=[a, b],
-      constraints="=r,=r,r,r", pack=1, result_shape_dtypes=[sd, sd])
-  return hi, lo
+  """The same product with PTX ``mul.hi.u32`` for the high half (compiled Triton only; ptxas pairs it
+  with the low half's multiplication). One result per inline-asm call: Pallas lowers only those."""
+  i32 = jnp.int32   # the asm takes and gives int32 (Pallas types unsigned results apart); same bits
+  a32 = jax.lax.bitcast_convert_type(a, i32)
+  b32 = jnp.full(a.shape, np.uint32(m).view(np.int32), i32)
+  hi = plgpu.elementwise_inline_asm("mul.hi.u32 $0, $1, $2;", args=[a32, b32], constraints="=r,r,r",
+                                    pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, i32)])[0]
+  return jax.lax.bitcast_convert_type(hi, _U32), a * _U32(m)
 
 
 def philox4x32(k0, k1, c0, c1, c2, c3, rounds: int = 10, asm: bool = False):
