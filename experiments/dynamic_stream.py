@@ -48,7 +48,7 @@ def _plot(res, path):
              color=["tab:gray" if m[k].get("extrapolated") else "tab:blue" for k in names])
   ax[0].set_xscale("log")
   ax[0].set_xlabel("stream seconds, compilation included (gray: extrapolated)")
-  w = res["stream"]["warm"]
+  w = res["stream"].get("warm", {})
   names = [k for k in w if "serial" in w[k] and k != "pad_to_max"]
   x = range(len(names))
   ax[1].bar([i - 0.2 for i in x], [w[k]["serial"]["speedup_vs_pad_to_max"] for k in names], 0.4,
@@ -66,15 +66,22 @@ def _plot(res, path):
 def main(_):
   out = pathlib.Path(_OUT_DIR.value)
   out.mkdir(parents=True, exist_ok=True)
-  res = {"environment": common.environment()}
-  res["stream"] = stream_benchmark(num_layers=_LAYERS.value, d_model=_D_MODEL.value, num_heads=4,
-                                   batch=_BATCH.value, requests=_REQUESTS.value, min_len=_MIN_LEN.value,
-                                   max_len=_MAX_LEN.value, budget_s=_BUDGET.value,
-                                   max_buckets=_BUCKETS.value, seed=_SEED.value, warm_repeats=2,
-                                   warm_modes=("serial",))
-  res["tree_lstm"] = tree_benchmark(batch=_TREE_BATCH.value, hidden=64, d_in=32, lo=4, hi=40,
-                                    seed=_SEED.value, budget_s=10.0)
-  (out / "dynamic_stream.json").write_text(json.dumps(res, indent=1))
+  res = {"environment": common.environment(), "complete": False}
+
+  def save(part):  # the JSON is rewritten after every step: an interrupted run keeps what it measured
+    def write(r):
+      res[part] = r
+      (out / "dynamic_stream.json").write_text(json.dumps(res, indent=1))
+    return write
+
+  stream_benchmark(num_layers=_LAYERS.value, d_model=_D_MODEL.value, num_heads=4, batch=_BATCH.value,
+                   requests=_REQUESTS.value, min_len=_MIN_LEN.value, max_len=_MAX_LEN.value,
+                   budget_s=_BUDGET.value, max_buckets=_BUCKETS.value, seed=_SEED.value, warm_repeats=2,
+                   warm_modes=("serial",), on_update=save("stream"))
+  tree_benchmark(batch=_TREE_BATCH.value, hidden=64, d_in=32, lo=4, hi=40, seed=_SEED.value,
+                 budget_s=10.0, on_update=save("tree_lstm"))
+  res["complete"] = True
+  save("complete")(True)
   _plot(res, out / "dynamic_stream.png")
   print(f"wrote {out / 'dynamic_stream.json'}")
 
