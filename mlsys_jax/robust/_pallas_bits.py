@@ -23,9 +23,13 @@ the generator of cuRAND's and XLA's Philox), written in 32-bit jnp operations so
 runs inside the kernel and in XLA: ``(level words 4m ... 4m + 3) = philox4x32((k0, k1), (word index, m,
 0, 0))``. The high halves of its 32x32-bit products are PTX ``mul.hi.u32`` in the compiled kernel and
 16-bit limbs elsewhere (the same bits). Threefry-2x32-20 (the generator of ``jax.random``'s default
-keys; 2 level words per call) is kept as an alternative (``hash='threefry'``). The key pair (k0, k1) is ``jax.random.bits(key, (2,))`` (any
-key type). The stream differs from ``jax.random.bits(key, codes.shape + (bits,))`` (what this module
-replaced): same distribution, different patterns for the same key.
+keys; 2 level words per call) is kept as an alternative (``hash='threefry'``). The key pair (k0, k1)
+is ``jax.random.bits(key, (2,))`` (any key type). The stream differs from
+``jax.random.bits(key, codes.shape + (bits,))`` (what this module replaced): same distribution,
+different patterns for the same key.
+
+On GPU the kernel is compared once per process with the XLA path on a small input (``default_impl``);
+any compile error or mismatch falls back to the XLA path with a warning.
 """
 
 from __future__ import annotations
