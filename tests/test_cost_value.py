@@ -96,3 +96,12 @@ def test_bad_input():
     V.apply_action(V.initial_state(g), 0, ("teleport", 0, 0), 0)
   with pytest.raises(TypeError):
     V.collect_states([V.graph_info(g)], COST, 2.5)
+
+
+def test_random_conv_net_average_pooling():
+  kinds = lambda **kw: {u.kind for i in range(6)
+                        for u in sched.build_graph(*V.random_conv_net(100 + i, **kw)).units}
+  assert "reduce_window_sum" not in kinds() and "reduce_window_max" in kinds()
+  assert "reduce_window_sum" in kinds(avg_pool=True)
+  fn, x = V.random_conv_net(100, avg_pool=True)
+  assert bool(jnp.all(jnp.isfinite(fn(x))))

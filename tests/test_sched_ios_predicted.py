@@ -124,6 +124,10 @@ def test_stage_predictor_accuracy_and_cache(predictor):
   keep = np.abs(np.log(true[i] / true[j])) > 0.1
   conc = np.mean(np.sign(pred[i] - pred[j])[keep] == np.sign(true[i] - true[j])[keep])
   assert conc > 0.85, conc
+  # base=: the model as a correction factor of another stage cost
+  corr = VI.StagePredictor(p.model, base=COST)
+  assert np.allclose(corr.log_predict(g, stages[:20]) - p.log_predict(g, stages[:20]),
+                     np.log([COST(g, st) for st in stages[:20]]))
 
 
 def test_predicted_and_hybrid_ios_schedule(predictor):

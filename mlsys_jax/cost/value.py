@@ -660,10 +660,12 @@ def train_value_model(graphs: Sequence[Graph], cost: Callable, *, rounds: int = 
 # ------------------------------------------------------------------------------------------------
 # Small conv nets for training and tests.
 
-def random_conv_net(seed: int, blocks: int = 1, hw: int = 9, cin: int = 8) -> tuple[Callable, Any]:
+def random_conv_net(seed: int, blocks: int = 1, hw: int = 9, cin: int = 8,
+                    avg_pool: bool = False) -> tuple[Callable, Any]:
   """An Inception-style net of ``blocks`` random blocks (3-5 branches of 1-3 convolutions with 1x1,
   3x3 or 5x5 kernels, 4-16 channels, an optional pooled branch, concatenated), weights closed over as
-  constants so that IOS may merge convolutions. Returns (fn, example input)."""
+  constants so that IOS may merge convolutions. Pooled branches max-pool 3x3; with ``avg_pool`` half
+  of them (at random) average-pool instead. Returns (fn, example input)."""
   check_int("seed", seed, low=0)
   rng = np.random.default_rng(seed)
   dn = ("NHWC", "HWIO", "NHWC")
@@ -682,7 +684,10 @@ def random_conv_net(seed: int, blocks: int = 1, hw: int = 9, cin: int = 8) -> tu
         co = int(rng.choice([4, 8, 12, 16]))
         chain.append(conv_p(ci, int(rng.choice([1, 3, 5])), co))
         ci = co
-      branches.append((bool(rng.random() < 0.2), chain))
+      pooled = "max" if rng.random() < 0.2 else None
+      if pooled and avg_pool and rng.random() < 0.5:
+        pooled = "avg"
+      branches.append((pooled, chain))
     spec.append(branches)
     c = sum(ch[-1][0].shape[-1] for _, ch in branches)
 
@@ -690,7 +695,12 @@ def random_conv_net(seed: int, blocks: int = 1, hw: int = 9, cin: int = 8) -> tu
     for branches in spec:
       outs = []
       for pooled, chain in branches:
-        y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME") if pooled else x
+        if pooled == "max":
+          y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+        elif pooled == "avg":
+          y = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME") / 9.0
+        else:
+          y = x
         for w, b in chain:
           y = jax.nn.relu(jax.lax.conv_general_dilated(y, w, (1, 1), "SAME", dimension_numbers=dn) + b)
         outs.append(y)

@@ -95,14 +95,20 @@ class StagePredictor:
     margin: how far (features scale to about [0, 1]) a unit's static features may lie outside the
       training range before :meth:`ood` flags it.
     batch: stages per model call in :meth:`prefetch`.
+    base: None (the model predicts the stage latency) or the stage cost the model was fitted to
+      correct (``fit_stage_model(base=...)``, e.g. ``sched.AnalyticalCost()``): the prediction is
+      ``base(g, stage) * exp(model)``.
 
   ``calls`` counts model evaluations (stages predicted), ``predict_s`` their seconds.
   """
 
-  def __init__(self, model: V.ValueModel, margin: float = 0.15, batch: int = 512):
+  def __init__(self, model: V.ValueModel, margin: float = 0.15, batch: int = 512,
+               base: Callable | None = None):
     check_range("margin", margin, low=0.0)
     check_int("batch", batch, low=1)
-    self.model, self.margin, self.batch = model, float(margin), int(batch)
+    if base is not None and not callable(base):
+      raise TypeError(f"base must be a stage cost (graph, Stage) -> seconds, got {type(base).__name__}")
+    self.model, self.margin, self.batch, self.base = model, float(margin), int(batch), base
     self.calls = 0
     self.predict_s = 0.0
     self._graphs: dict = {}  # id(g) -> (weakref(g), static features, fb, {Stage: seconds})
@@ -145,6 +151,8 @@ class StagePredictor:
       pad = nb - len(feats)
       k, x, ln = V._pad(feats + feats[:1] * pad, ids + ids[:1] * pad, V._bucket(max(len(f) for f in feats)))
       out[idx] = V.predict(self.model, k, x, ln)[:len(feats)]
+      if self.base is not None:
+        out[idx] += np.log([max(float(self.base(g, stages[i])), 1e-30) for i in idx])
       self.calls += len(feats)
     self.predict_s += time.perf_counter() - t0
     return out
@@ -184,7 +192,8 @@ def stage_examples(graphs: Sequence[Graph], cost: Callable, *, r: int = 3, s: in
 
 
 def fit_stage_model(examples: Sequence[tuple], *, hidden: int = 64, steps: int = 600, lr: float = 3e-3,
-                    seed: int = 0, margin: float = 0.15) -> tuple[StagePredictor, dict]:
+                    seed: int = 0, margin: float = 0.15, base: Callable | None = None
+                    ) -> tuple[StagePredictor, dict]:
   """Fit the value model (``value.ValueLSTM``) to the log latency of one-stage schedules.
 
   Args:
@@ -192,6 +201,8 @@ def fit_stage_model(examples: Sequence[tuple], *, hidden: int = 64, steps: int =
       from a profiler cache, :func:`stage_costs_from_cache`).
     hidden, steps, lr, seed: model width and Adam schedule (``value.fit_value_model``).
     margin: out-of-distribution margin of the returned predictor.
+    base: None, or a stage cost ``(graph, Stage) -> seconds`` (e.g. ``sched.AnalyticalCost()``) whose
+      error the model learns: targets ``log(seconds / base)``, predictions ``base * exp(model)``.
 
   Returns:
     (``StagePredictor``, stats: examples, training seconds, loss curve).
@@ -209,10 +220,13 @@ def fit_stage_model(examples: Sequence[tuple], *, hidden: int = 64, steps: int =
       statics[id(g)] = (V.static_features(g), fb)
     feats.append(stage_features(g, st, *statics[id(g)]))
     kinds.append([g.units[u].kind for grp in st.groups for u in grp])
-    tgt.append(math.log(sec))
+    ref = 1.0 if base is None else float(base(g, st))
+    if not (math.isfinite(ref) and ref > 0):
+      raise ValueError(f"base cost of stage {st} is {ref}; it must be finite and positive")
+    tgt.append(math.log(sec / ref))
   data = V.StateData(feats, kinds, np.asarray(tgt), list(range(len(tgt))))
   model, losses = V.fit_value_model(data, hidden=hidden, steps=steps, lr=lr, seed=seed)
-  return StagePredictor(model, margin), {"examples": len(tgt), "train_s": time.perf_counter() - t0,
+  return StagePredictor(model, margin, base=base), {"examples": len(tgt), "train_s": time.perf_counter() - t0,
                                          "losses": losses}
 
 

@@ -1,0 +1,310 @@
+"""Learned stage costs for IOS (Value Learning, Steiner et al., MLSys 2021; issue 24 items 2a and 4).
+
+Two parts, both on CPU:
+
+``--part=accuracy`` (GPU data already in the repo, no device run): the IOS stage profiler's measured
+H100 stage latencies (``benchmarks/results/ios_cache_h100*.json`` and the stage latencies saved with the
+H100 schedules in ``benchmarks/results/ios_sched_h100/`` and ``ios_schedule_*_h100.json``) for the four
+IOS nets in float32 and bfloat16, matched to the graphs by fingerprint. Leave one net out (both dtypes):
+the value model (``cost.value_ios``: the value LSTM on one-stage schedules) is trained on the other
+nets' measured stages and predicts the held-out net's. Baselines: ``sched.AnalyticalCost`` as is
+(H100-like roofline) and scaled by one factor fitted on the training nets. Metrics per held-out net:
+MAPE and Kendall tau of stage latencies; whole-program latency of the sequential schedule (sum of the
+predicted single-unit stages, optionally times a factor fitted on the training nets' in-graph
+timings) vs its measured in-graph latency (``benchmarks/results/ios_isolated_*.json``, ``ios_seq_ka``).
+
+``--part=search`` (CPU timing): the small IOS nets (``ios_benchmark_nets(small=True)``) are searched
+with the real stage profiler on this CPU (differential timing, ``StageProfiler(mode="plain")``), cold
+cache: that is the profiled search. Then, leaving one net out, the value model is trained on the other
+nets' CPU-measured stages and the held-out net is searched with predicted costs (no profiling) and with
+the hybrid (top-k per DP state profiled, with a fresh cold profiler). Every emitted schedule (and the
+sequential one) is compiled and timed on the CPU, interleaved. Search time counts graph building, DP,
+prediction and profiling, as ``Schedule.search_s`` does.
+
+  python experiments/value_ios.py --part=accuracy                 # ~2-5 min
+  python experiments/value_ios.py --part=search --nets=squeezenet,inception_v3
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlsys_jax import sched  # noqa: E402
+from mlsys_jax.cost import value_ios as VI  # noqa: E402
+from mlsys_jax.cost.metrics import kendall_tau, mape  # noqa: E402
+from mlsys_jax.models import ios_benchmark_nets, ios_init_params  # noqa: E402
+
+_PART = flags.DEFINE_enum("part", "accuracy", ["accuracy", "search", "both"], "Which experiment.")
+_NETS = flags.DEFINE_list("nets", ["squeezenet", "inception_v3", "randwire", "nasnet"], "IOS nets.")
+_SEARCH_NETS = flags.DEFINE_list("search_nets", ["squeezenet", "inception_v3"],
+                                  "IOS nets (small) of the CPU search part.")
+_RANDOM = flags.DEFINE_integer("random_nets", 4, "Search part: random conv nets timed for training.")
+_PER_RANDOM = flags.DEFINE_integer("per_random", 30, "Search part: stages timed per random net.")
+_STEPS = flags.DEFINE_integer("steps", 1500, "Adam steps of the stage model.")
+_HIDDEN = flags.DEFINE_integer("hidden", 64, "LSTM width.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+_TOPK = flags.DEFINE_list("top_k", ["1", "3"], "Hybrid: candidates profiled per DP state.")
+_STRATEGY = flags.DEFINE_string("strategy", "merge", "IOS strategy of the CPU search part.")
+_R = flags.DEFINE_integer("r", 3, "IOS r (search part).")
+_S = flags.DEFINE_integer("s", 8, "IOS s (search part).")
+_NUMBER = flags.DEFINE_integer("number", 20, "Calls per timing round (schedule latency).")
+_REPEAT = flags.DEFINE_integer("repeat", 9, "Interleaved timing rounds (schedule latency).")
+_OUT = flags.DEFINE_string("out_dir", "experiments/results/value_ios", "Output directory.")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RES = ROOT / "benchmarks" / "results"
+
+
+def _graph(name, dtype, small=False):
+  model, shape = ios_benchmark_nets(small=small, dtype=dtype)[name]
+  params = ios_init_params(model, shape)
+  x = jnp.ones(shape, dtype or jnp.float32)
+  fn = lambda x: model.apply(params, x)
+  g = sched.relayout_conv_kernels(sched.build_graph(fn, x), "auto")
+  return g, fn, x
+
+
+def _measured_h100(g) -> dict:
+  """{Stage: median measured H100 seconds} for graph ``g`` from every stage cache and saved schedule."""
+  fp = g.fingerprint()
+  vals: dict = {}
+  for path in sorted(glob.glob(str(RES / "ios_cache_h100*.json"))):
+    with open(path) as fh:
+      for st, t in VI.stage_costs_from_cache(json.load(fh), g).items():
+        vals.setdefault(st, []).append(t)
+  for path in sorted(glob.glob(str(RES / "ios_sched_h100" / "*.json")) +
+                     glob.glob(str(RES / "ios_schedule_*.json"))):
+    with open(path) as fh:
+      d = json.load(fh)
+    if d.get("fingerprint") != fp:
+      continue
+    for s in d["stages"]:
+      st = sched.Stage(s["kind"], tuple(tuple(int(u) for u in grp) for grp in s["groups"]))
+      if math.isfinite(s["latency_s"]) and s["latency_s"] > 0:
+        vals.setdefault(st, []).append(float(s["latency_s"]))
+  return {st: float(np.median(v)) for st, v in vals.items()}
+
+
+def _in_graph_seq_ms() -> dict:
+  """Measured in-graph latency (ms) of the sequential IOS program (one unit per stage, keep_alive),
+  from the fresh-process H100 runs: {(net, dtype): ms}."""
+  out = {}
+  for path in sorted(glob.glob(str(RES / "ios_isolated_*.json"))):
+    if "flaxinit" in path:
+      continue  # zero biases: XLA folds them, a different program
+    with open(path) as fh:
+      d = json.load(fh)
+    for row in d.get("rows", []):
+      iso = row.get("isolated", {})
+      prog = iso.get("ios_seq_ka") or iso.get("ios_seq")
+      if prog and "ms" in prog:
+        out.setdefault((row["net"], row["dtype"]), prog["ms"])
+  return out
+
+
+def _metrics(pred, true, group):
+  pred, true, group = np.asarray(pred), np.asarray(true), np.asarray(group)
+  taus = [kendall_tau(pred[group == k], true[group == k]) for k in np.unique(group)]
+  return {"mape": mape(pred, true), "kendall_tau": float(np.nanmean(taus)),
+          "kendall_tau_per_dtype": [float(t) for t in taus], "n": int(true.size)}
+
+
+def part_accuracy():
+  cost = sched.AnalyticalCost()
+  t0 = time.perf_counter()
+  data = {}
+  for name in _NETS.value:
+    for dt_name, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
+      g, _, _ = _graph(name, dt)
+      meas = _measured_h100(g)
+      if meas:
+        data[(name, dt_name)] = (g, meas)
+      print(f"{name} {dt_name}: {len(g.units)} units, fingerprint {g.fingerprint()}, {len(meas)} measured "
+            f"H100 stages ({time.perf_counter() - t0:.0f} s)", flush=True)
+  seq_ms = _in_graph_seq_ms()
+  rows = {}
+  for held in _NETS.value:
+    test = {k: v for k, v in data.items() if k[0] == held}
+    train = {k: v for k, v in data.items() if k[0] != held}
+    if not test or not train:
+      continue
+    ex = [(g, st, t) for g, meas in train.values() for st, t in meas.items()]
+    t = time.perf_counter()
+    pred_model, stats = VI.fit_stage_model(ex, hidden=_HIDDEN.value, steps=_STEPS.value, seed=_SEED.value)
+    train_s = time.perf_counter() - t
+    # the analytical model scaled by one factor fitted on the training nets (median ratio, log space)
+    scale = float(np.exp(np.median([math.log(t_ / cost(g, st)) for g, st, t_ in ex])))
+    p_val, p_an, true, grp, ood_flags = [], [], [], [], []
+    whole = {}
+    for (name, dt_name), (g, meas) in test.items():
+      sts = list(meas)
+      bad = {u for u, _ in pred_model.ood(g)}
+      lp = pred_model.log_predict(g, sts)
+      p_val += np.exp(lp).tolist()
+      p_an += [cost(g, st) for st in sts]
+      true += [meas[st] for st in sts]
+      grp += [dt_name] * len(sts)
+      ood_flags += [bool(bad & set(st.units)) for st in sts]
+      # whole program: the sequential schedule, in-graph
+      if (name, dt_name) in seq_ms:
+        seq = sched.sequential_schedule(g)
+        whole[dt_name] = {"measured_ms": seq_ms[(name, dt_name)],
+                          "value_ms": 1e3 * float(np.sum(np.exp(pred_model.log_predict(g, seq)))),
+                          "analytical_ms": 1e3 * sum(cost(g, st) for st in seq),
+                          "profiler_sum_ms": (1e3 * sum(meas[st] for st in seq)
+                                              if all(st in meas for st in seq) else None)}
+    # in-graph / isolated-sum factors of the training nets (what in-graph timings teach the model)
+    fac_v, fac_a = [], []
+    for (name, dt_name), (g, meas) in train.items():
+      if (name, dt_name) in seq_ms:
+        seq = sched.sequential_schedule(g)
+        fac_v.append(seq_ms[(name, dt_name)] / (1e3 * float(np.sum(np.exp(pred_model.log_predict(g, seq))))))
+        fac_a.append(seq_ms[(name, dt_name)] / (1e3 * sum(cost(g, st) for st in seq)))
+    fv = float(np.exp(np.mean(np.log(fac_v)))) if fac_v else float("nan")
+    fa = float(np.exp(np.mean(np.log(fac_a)))) if fac_a else float("nan")
+    for w in whole.values():
+      w["value_calibrated_ms"] = w["value_ms"] * fv
+      w["analytical_calibrated_ms"] = w["analytical_ms"] * fa
+    ape = lambda key: [abs(w[key] - w["measured_ms"]) / w["measured_ms"] for w in whole.values()]
+    ood_flags = np.asarray(ood_flags)
+    ind = ~ood_flags
+    row = {
+        "train_examples": stats["examples"], "train_s": train_s, "final_loss": stats["losses"][-1],
+        "test_stages": len(true), "test_stages_ood": int(ood_flags.sum()),
+        "value": _metrics(p_val, true, grp), "analytical": _metrics(p_an, true, grp),
+        "analytical_scaled": {**_metrics(np.asarray(p_an) * scale, true, grp), "scale": scale},
+        "value_in_distribution": (_metrics(np.asarray(p_val)[ind], np.asarray(true)[ind], np.asarray(grp)[ind])
+                                  if ind.sum() > 2 else None),
+        "whole_program_sequential": whole, "in_graph_factor_value": fv, "in_graph_factor_analytical": fa,
+        "whole_program_mape": {k: float(np.mean(ape(k))) if whole else None
+                               for k in ("value_ms", "value_calibrated_ms", "analytical_ms",
+                                         "analytical_calibrated_ms")},
+    }
+    row["mape_ratio_analytical_over_value"] = row["analytical"]["mape"] / row["value"]["mape"]
+    row["mape_ratio_scaled_analytical_over_value"] = row["analytical_scaled"]["mape"] / row["value"]["mape"]
+    rows[held] = row
+    print(f"{held}: {len(true)} stages ({int(ood_flags.sum())} OOD) | MAPE value {row['value']['mape']:.3f} "
+          f"analytical {row['analytical']['mape']:.3f} scaled {row['analytical_scaled']['mape']:.3f} | tau "
+          f"value {row['value']['kendall_tau']:.3f} analytical {row['analytical']['kendall_tau']:.3f} | "
+          f"whole-program MAPE {row['whole_program_mape']} ({train_s:.0f} s)", flush=True)
+  return {"source": "H100 stage latencies measured by sched.StageProfiler (differential timing, K=5, "
+                    "cuda_graph emission) in earlier runs, stored in benchmarks/results; in-graph "
+                    "latencies from benchmarks/results/ios_isolated_*.json (fresh processes)",
+          "measured_graphs": {f"{k[0]}/{k[1]}": len(v[1]) for k, v in data.items()},
+          "held_out": rows, "total_s": time.perf_counter() - t0}
+
+
+def _cpu_profiler(cache=None):
+  from mlsys_jax.sched.cost import StageProfiler
+  return StageProfiler(mode="plain", k=3, number=10, repeat=5, warmup=2, cache_path=cache)
+
+
+def part_search(out_dir):
+  from mlsys_jax.cost import value as V
+  from mlsys_jax.sched.cost import time_calls
+  r, s, strategy = _R.value, _S.value, _STRATEGY.value
+  t0 = time.perf_counter()
+  nets = {n: _graph(n, None, small=True) for n in _SEARCH_NETS.value}
+  # 1. the profiled search of every net, cold cache: its wall time, and its measured stages (training data)
+  prof_runs, measured = {}, {}
+  for n, (g, fn, x) in nets.items():
+    prof = _cpu_profiler()
+    sp = sched.ios_schedule(fn, x, r=r, s=s, strategy=strategy, profiler=prof, emission="plain",
+                            check="off")
+    prof_runs[n] = sp
+    measured[n] = VI.stage_costs_from_cache(prof.cache, sp.graph)
+    print(f"{n}: profiled search {sp.search_s:.1f} s, {prof.misses} stages timed "
+          f"({prof.compile_s:.1f} s compiling), {len(sp.stages)} stages ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+  # 2. extra training data: random Inception-style nets, a sample of their candidate stages timed here
+  extra = []
+  prof = _cpu_profiler()
+  for i in range(_RANDOM.value):
+    g = sched.build_graph(*V.random_conv_net(100 + i, blocks=1 + i % 2, hw=int(8 + 4 * (i % 3)),
+                                             avg_pool=True))
+    extra += VI.stage_examples([g], prof, r=r, s=s, strategy=strategy, max_per_graph=_PER_RANDOM.value,
+                               seed=i)
+  print(f"random nets: {len(extra)} stages timed ({time.perf_counter() - t0:.0f} s)", flush=True)
+  rows = {}
+  for held in nets:
+    g, fn, x = nets[held]
+    ex = extra + [(prof_runs[n].graph, st, t) for n in nets if n != held for st, t in measured[n].items()]
+    t = time.perf_counter()
+    pred_model, stats = VI.fit_stage_model(ex, hidden=_HIDDEN.value, steps=_STEPS.value, seed=_SEED.value)
+    train_s = time.perf_counter() - t
+    scheds = {"profiled": prof_runs[held]}
+    pr = sched.ios_schedule(fn, x, r=r, s=s, strategy=strategy, emission="plain", check="off",
+                            profiler=_cpu_profiler(),
+                            predictor=pred_model)
+    scheds["predicted"] = pr
+    for k in (int(v) for v in _TOPK.value):
+      scheds[f"hybrid_k{k}"] = sched.ios_schedule(
+          fn, x, r=r, s=s, strategy=strategy, emission="plain", check="off", predictor=pred_model,
+          top_k=k, profiler=_cpu_profiler())
+    # time every emitted program (and the sequential schedule), interleaved
+    seq = sched.Schedule(g, sched.sequential_schedule(g), [0.0] * len(g.units), "plain", 0.0,
+                         dict(prof_runs[held].info), _fn=fn)
+    progs = {k: v.as_function() for k, v in scheds.items()}
+    progs["sequential"] = seq.as_function()
+    progs["xla_jit"] = jax.jit(fn)
+    for f in progs.values():
+      jax.block_until_ready(f(x))
+    ts = {k: [] for k in progs}
+    for _ in range(_REPEAT.value):
+      for k, f in progs.items():
+        ts[k] += time_calls(f, (x,), _NUMBER.value, 1)
+    med = {k: float(np.median(v)) for k, v in ts.items()}
+    base = scheds["profiled"]
+    row = {"units": len(g.units), "train_examples": stats["examples"], "train_s": train_s,
+           "latency_s": med, "latency_spread_s": {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
+                                                   for k, v in ts.items()}}
+    for k, sc in scheds.items():
+      row[k] = {"search_s": sc.search_s, "profiled_stages": sc.info["profiled_stages"],
+                "stages": len(sc.stages), "merge_stages": sc.counts()["merge_stages"],
+                "latency_over_profiled": med[k] / med["profiled"],
+                "search_speedup_vs_profiled": base.search_s / sc.search_s,
+                "same_schedule_as_profiled": sc.stages == base.stages,
+                "predictor": sc.info.get("predictor")}
+    rows[held] = row
+    print(f"{held}: " + "  ".join(f"{k} {med[k] * 1e6:.1f} us ({row[k]['latency_over_profiled']:.3f}x, search "
+                                  f"{scheds[k].search_s:.1f} s, {row[k]['profiled_stages']} profiled)"
+                                  for k in scheds) +
+          f"  sequential {med['sequential'] * 1e6:.1f} us, jit {med['xla_jit'] * 1e6:.1f} us", flush=True)
+  return {"device": str(jax.devices()[0].device_kind), "strategy": strategy, "r": r, "s": s,
+          "profiler": "StageProfiler(mode='plain', k=3, number=10, repeat=5), cold cache",
+          "latency": f"CPU wall time per call, median of {_REPEAT.value} interleaved rounds of "
+                     f"{_NUMBER.value} calls", "held_out": rows, "total_s": time.perf_counter() - t0}
+
+
+def main(_):
+  os.makedirs(_OUT.value, exist_ok=True)
+  out = {"config": {"nets": _NETS.value, "steps": _STEPS.value, "hidden": _HIDDEN.value, "seed": _SEED.value,
+                    "top_k": _TOPK.value, "strategy": _STRATEGY.value, "r": _R.value, "s": _S.value},
+         "jax": jax.__version__}
+  if _PART.value in ("accuracy", "both"):
+    out["accuracy"] = part_accuracy()
+    with open(os.path.join(_OUT.value, "value_ios_accuracy.json"), "w") as f:
+      json.dump({**out}, f, indent=1)
+  if _PART.value in ("search", "both"):
+    out["search"] = part_search(_OUT.value)
+    with open(os.path.join(_OUT.value, "value_ios_search.json"), "w") as f:
+      json.dump({k: v for k, v in out.items() if k != "accuracy"}, f, indent=1)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
