@@ -41,8 +41,8 @@ except Exception:  # pragma: no cover - jax without Pallas/Triton support
 
 ROW_ELEMS = 8192        # elements per program of the per-row kernel (rows * padded row length)
 MAX_ROW = 16384         # longest row (padded to a power of two) the per-row kernel takes
-COLS = 32               # columns per program of the column-strip kernels
-CHUNK = 256             # rows per loop step of the column-strip kernels
+COLS = 16               # columns per program of the column-strip kernels (256 programs at 4096)
+CHUNK = 512             # rows per loop step of the column-strip kernels
 NUM_WARPS = 8
 NUM_STAGES = 1          # Triton software-pipelining depth of the chunk loops
 ENABLED = True          # False sends the public functions to the XLA path (for benchmarks)
