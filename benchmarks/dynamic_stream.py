@@ -26,6 +26,8 @@ the stream is extrapolated from their measured compile and call times (reported 
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import sys
 import time
@@ -191,6 +193,12 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
   order); ``clock`` skips what would run past its limit; ``on_update(res)`` is called after every step
   with the results so far (the caller writes them to disk)."""
   clock = clock or Clock()
+  if clock.left() <= 0:
+    res = {"skipped": []}
+    _skip(res, clock, "stream", 0.0, log)
+    if on_update is not None:
+      on_update(res)
+    return res
   unknown = set(methods) - set(METHODS)
   if unknown:
     raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}.")
@@ -613,11 +621,16 @@ def main():
              "time_limit_s": args.time_limit_s, "complete": False}
   name = "dynamic_stream" + ("_small" if args.small else "")
 
-  def save(part):
+  path = pathlib.Path(args.out or os.environ.get("OUT") or "results/benchmarks") / f"{name}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+
+  def save(part):  # rewrite the whole JSON (quietly) after every step
     def write(res):
       payload[part] = res
       payload["elapsed_s"] = clock.elapsed()
-      common.write_json(args.out, name, payload)
+      tmp = path.with_suffix(".json.tmp")
+      tmp.write_text(json.dumps(payload, indent=1))
+      tmp.replace(path)  # atomic: a run killed mid-write leaves the previous complete JSON
     return write
 
   parts = [p for p in args.parts.split(",") if p]
@@ -638,7 +651,7 @@ def main():
                      budget_s=args.tree_budget_s, clock=clock, on_update=save("tree_lstm"))
   payload["complete"] = True
   save("parts")(parts)
-  print(f"done in {clock.elapsed():.1f} s")
+  print(f"wrote {path}; done in {clock.elapsed():.1f} s")
 
 
 if __name__ == "__main__":

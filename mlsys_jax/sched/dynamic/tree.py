@@ -5,8 +5,8 @@ with a VM that interprets data-dependent control flow; TF Fold and DyNet batch s
 In JAX, Python recursion over a tree under ``jit`` traces the tree's shape into the program, so every
 new tree shape compiles again and each tree runs alone. Here a batch of trees becomes flat padded arrays
 (nodes, parent pointers, and the nodes of each height level); one ``lax.while_loop`` over the true
-number of levels updates all nodes of one level of all trees at once, and padding the array sizes to powers of two leaves a handful
-of programs for any stream of trees. The cell is the child-sum Tree-LSTM of Tai, Socher and Manning
+number of levels updates all nodes of one level of all trees at once, and padding the array sizes to
+powers of two leaves a handful of programs for any stream of trees. The cell is the child-sum Tree-LSTM of Tai, Socher and Manning
 (ACL 2015, eq. 2-8):
 
     h~_j = sum_k h_k,            i, o, u = x_j W + h~_j U + b (split),
