@@ -230,3 +230,18 @@ def test_lowers_to_triton_ir(kind, v, opts):
                     jax.ShapeDtypeStruct((k // 2 if kind == "w4a8" else k, n), dt),
                     jax.ShapeDtypeStruct((g, n), jnp.float32)).lower(lowering_platforms=("cuda",))
   assert "triton" in lowered.as_text().lower()
+
+
+def test_self_test_passes_and_catches_a_wrong_kernel(monkeypatch):
+  """The once-per-process self-test that gates the layer path: passes for the real kernel (interpreter
+  here), returns False with a warning for a kernel that computes the wrong thing."""
+  pg.kernel_self_test.cache_clear()
+  try:
+    assert pg.kernel_self_test(32)
+    real = pg.vs_int8_matmul
+    monkeypatch.setattr(pg, "vs_int8_matmul", lambda *a, **k: real(*a, **k) * 1.001)
+    pg.kernel_self_test.cache_clear()
+    with pytest.warns(RuntimeWarning, match="failed its self-test"):
+      assert not pg.kernel_self_test(32)
+  finally:
+    pg.kernel_self_test.cache_clear()

@@ -35,11 +35,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from mlsys_jax._checks import check_choice, check_int
 
-__all__ = ["SUPPORTED_VECTOR_SIZES", "default_config", "fp8_vector_quantize", "on_gpu",
+__all__ = ["SUPPORTED_VECTOR_SIZES", "default_config", "fp8_vector_quantize", "kernel_self_test", "on_gpu",
            "pack_int4_vectors", "vs_fp8_matmul", "vs_int8_matmul", "vs_int8_partial_sums",
            "vs_w4a8_matmul"]
 
@@ -55,6 +56,57 @@ def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
+def _run_outside_traces(fn):
+  """``fn()`` as numpy, computed on a fresh thread: JAX's trace state is per thread, so this compiles
+  and runs now even when the caller is being traced (``jit``, ``grad``, ``vmap``)."""
+  import concurrent.futures
+  with concurrent.futures.ThreadPoolExecutor(1) as ex:
+    return ex.submit(lambda: jax.tree_util.tree_map(np.asarray, fn())).result()
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_self_test(vector_size: int) -> bool:
+  """Once per process and V: compile the GEMM with its default launch parameters on a ragged problem
+  (several tiles, K not a multiple of V) and check it against XLA: int32 partial sums identical, float32
+  output within 1e-5 (relative norm) of XLA's per-vector product. On failure (a compile error or a
+  mismatch) warn and return False, and ``quantized_dot_general`` keeps the XLA integer path.
+
+  Example:
+    >>> kernel_self_test(64)          # in the interpreter here; compiled through Triton on a GPU
+    True
+  """
+  import warnings
+  v = vector_size
+
+  def check():
+    m, k, n = 160, 4 * v + 24, 144
+    ka, kw, ks, kt = jax.random.split(jax.random.PRNGKey(21), 4)
+    a = jax.random.randint(ka, (m, k), -127, 128, jnp.int32).astype(jnp.int8)
+    w = jax.random.randint(kw, (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+    g = -(-k // v)
+    sa = jax.random.randint(ks, (m, g), 1, 256, jnp.int32).astype(jnp.float32)
+    sw = jax.random.randint(kt, (g, n), 1, 256, jnp.int32).astype(jnp.float32)
+    ca, cw = jnp.float32(0.01), jnp.linspace(0.5, 2.0, n, dtype=jnp.float32)
+    ap = jnp.pad(a, ((0, 0), (0, g * v - k))).reshape(m, g, v)
+    wp = jnp.pad(w, ((0, g * v - k), (0, 0))).reshape(g, v, n)
+    ref_p = jax.lax.dot_general(ap, wp, (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)
+    ref = jnp.sum(ref_p.astype(jnp.float32) * sa.T[:, :, None] * sw[:, None, :], axis=0) * ca * cw
+    out = vs_int8_matmul(a, sa, w, sw, vector_size=v, a_coarse=ca, w_coarse=cw, integer_scales=True)
+    same_p = jnp.array_equal(vs_int8_partial_sums(a, w, vector_size=v), ref_p)
+    return same_p, jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)
+
+  try:
+    same_p, err = _run_outside_traces(jax.jit(check))
+    if not (bool(same_p) and float(err) < 1e-5):
+      raise RuntimeError(f"kernel and XLA differ (int32 partial sums identical: {bool(same_p)}, "
+                         f"relative error of the output {float(err):.3g})")
+    return True
+  except Exception as e:
+    warnings.warn(f"mlsys_jax.quant: the per-vector GEMM kernel (V={v}) failed its self-test ({e!r:.300});"
+                  " using the XLA integer path.", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def _compiler_params(num_warps: int | None, num_stages: int | None):
   """Triton compiler parameters under either name (``CompilerParams`` in jax >= 0.7,
   ``TritonCompilerParams`` before)."""
@@ -67,12 +119,15 @@ def _pow2_at_least(x: int, low: int) -> int:
   return max(low, 1 << max(0, (x - 1).bit_length()))
 
 
-# Launch parameters per V for large products: the fastest configuration verified on an H200 by
-# benchmarks/vsquant_gemm.py (run of 2026-12-02, benchmarks/results/vsquant_gemm_h200.json). Later
-# runs of that script print `best_config` from a wider sweep (scale prefetch, K-major weights).
-_TUNED = {v: dict(block_m=256, block_n=128, vectors_per_step=1, num_warps=8, num_stages=3,
+# Launch parameters per V for large products. Run 1 on an H200 (2026-12-02,
+# benchmarks/results/vsquant_gemm_h200.json) verified 256 x 128 'kn' tiles without prefetch (6.6 ms at
+# 8192^3); offline sm_90a compiles of that configuration show the weight tile and the scales loaded
+# synchronously every K step and register spills, while the one below pipelines both tiles, prefetches
+# the scales and does not spill. It is not yet timed on a GPU: benchmarks/vsquant_gemm.py sweeps both
+# and prints `best_config` to put here. The layer path only uses the kernel after `kernel_self_test`.
+_TUNED = {v: dict(block_m=128, block_n=128, vectors_per_step=1, num_warps=8, num_stages=3,
                   min_dot_k=32, convert="magic", convert_integer_scales="magic_fma",
-                  w_layout="kn", prefetch=0, overlap=False)
+                  w_layout="nk", prefetch=1, overlap=False)
           for v in SUPPORTED_VECTOR_SIZES}
 
 

@@ -162,8 +162,10 @@ def _int_operand(x, spec: QuantSpec, red_axis: int, amax=None):
 
 
 def _use_pallas_kernel(vector_size: int) -> bool:
-  """Per-vector integer products go to the Pallas kernel on the GPU when it supports V."""
-  return _pallas_gemm.on_gpu() and vector_size in _pallas_gemm.SUPPORTED_VECTOR_SIZES
+  """Per-vector integer products go to the Pallas kernel on the GPU when it supports V and passed its
+  once-per-process self-test against XLA (otherwise the XLA path, with a warning)."""
+  return (_pallas_gemm.on_gpu() and vector_size in _pallas_gemm.SUPPORTED_VECTOR_SIZES
+          and _pallas_gemm.kernel_self_test(vector_size))
 
 
 def _dot_int_pallas(lhs2, rhs, a: QuantSpec, w: QuantSpec, amax):
