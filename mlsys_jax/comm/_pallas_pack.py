@@ -39,6 +39,7 @@ STATS_WARPS = 8     # warps per program of the statistics kernel
 LIST_BLOCKS = 2048  # blocks per program when listing candidate blocks (pack_above)
 ROWS = 64           # candidate blocks per program when counting / writing (pack_above)
 MAX_TILES = 8192    # tiles/groups are widened so that their counts fit one in-kernel vector
+THR_BLOCKS = 64     # blocks per threshold tile: a threshold array holds one threshold per 4096 entries
 
 
 def available() -> bool:
@@ -82,31 +83,59 @@ def _store_ranked(idx_ref, val_ref, offs, v, sel, base, capacity: int):
   plgpu.store(val_ref.at[dst], v, mask=ok)
 
 
-def _load_blocks(x_ref, ids, row_ok, t, n: int):
-  """In-kernel: offsets (rows, 64), values and selection mask (``|x| > t``) of the 64-entry blocks ``ids``;
-  rows where ``row_ok`` is False and entries past ``n`` are not loaded (zeros, not selected)."""
+def _thr(t_ref, blk, n_thr: int):
+  """In-kernel: the threshold of each block id in ``blk`` (one threshold per ``THR_BLOCKS`` blocks; a
+  single threshold when ``n_thr == 1``)."""
+  if n_thr == 1:
+    return jnp.broadcast_to(t_ref[0], blk.shape)
+  return plgpu.load(t_ref.at[jnp.clip(blk // THR_BLOCKS, 0, n_thr - 1)])
+
+
+def _load_blocks(x_ref, ids, row_ok, t_ref, n: int, n_thr: int):
+  """In-kernel: offsets (rows, 64), values and selection mask (``|x| > t``, the threshold of each block)
+  of the 64-entry blocks ``ids``; rows where ``row_ok`` is False and entries past ``n`` are not loaded
+  (zeros, not selected)."""
   offs = ids[:, None] * BLOCK + jnp.arange(BLOCK, dtype=jnp.int32)[None, :]
   m = row_ok[:, None] & (offs < n)
   v = plgpu.load(x_ref.at[offs], mask=m, other=jnp.zeros((), x_ref.dtype))
-  return offs, v, m & (jnp.abs(v.astype(jnp.float32)) > t)
+  return offs, v, m & (jnp.abs(v.astype(jnp.float32)) > _thr(t_ref, ids, n_thr)[:, None])
 
 
-def _block_flags(bmax_ref, t, i, *, nb: int, tb: int):
-  """In-kernel: ids of the ``tb`` blocks of tile ``i`` and whether each is a candidate (maximum > t)."""
+def _block_flags(bmax_ref, t_ref, i, *, nb: int, tb: int, n_thr: int):
+  """In-kernel: ids of the ``tb`` blocks of tile ``i`` and whether each is a candidate (maximum > its
+  threshold)."""
   blk = i * tb + jnp.arange(tb, dtype=jnp.int32)
   bm = plgpu.load(bmax_ref.at[blk], mask=blk < nb, other=-jnp.inf)
-  return blk, bm > t
+  return blk, bm > _thr(t_ref, blk, n_thr)
 
 
-def _tile(x_ref, bmax_ref, t, i, *, n: int, nb: int, tb: int):
+def _tile(x_ref, bmax_ref, t_ref, i, *, n: int, nb: int, tb: int, n_thr: int):
   """Offsets (tb, 64), loaded values and the selection mask of tile ``i`` (candidate blocks only)."""
-  blk, cand = _block_flags(bmax_ref, t, i, nb=nb, tb=tb)
-  return _load_blocks(x_ref, blk, cand, t, n)
+  blk, cand = _block_flags(bmax_ref, t_ref, i, nb=nb, tb=tb, n_thr=n_thr)
+  return _load_blocks(x_ref, blk, cand, t_ref, n, n_thr)
+
+
+def _thresholds(threshold, nb: int):
+  """``(t, n_thr)``: a float32 threshold array, one entry or one per ``THR_BLOCKS`` blocks."""
+  t = jnp.asarray(threshold, jnp.float32).reshape(-1)
+  n_thr = t.shape[0]
+  if n_thr != 1 and n_thr != -(-nb // THR_BLOCKS):
+    raise ValueError(f"threshold must be a scalar or hold one value per {THR_BLOCKS * BLOCK} entries "
+                     f"({-(-nb // THR_BLOCKS)} here), got shape {t.shape}.")
+  return t, n_thr
 
 
 def block_stats(x: jax.Array, *, interpret: bool | None = None, tile_blocks: int | None = None,
                 num_warps: int | None = None):
   """One read of a 1-D ``x``: ``(sum |x|, sum x^2, block_max)`` (float32; block maxima per 64 entries)."""
+  s1, s2, bmax = tile_stats(x, interpret=interpret, tile_blocks=tile_blocks, num_warps=num_warps)
+  return jnp.sum(s1), jnp.sum(s2), bmax
+
+
+def tile_stats(x: jax.Array, *, interpret: bool | None = None, tile_blocks: int | None = None,
+               num_warps: int | None = None):
+  """One read of a 1-D ``x``: per tile of ``tile_blocks`` blocks the float32 sum of ``|x|`` and of
+  ``x^2``, per block of 64 entries the maximum of ``|x|``: ``(s1 (tiles,), s2 (tiles,), block_max)``."""
   tile_blocks = tile_blocks or STATS_BLOCKS
   num_warps = num_warps or STATS_WARPS
   n = x.shape[0]
@@ -127,7 +156,7 @@ def block_stats(x: jax.Array, *, interpret: bool | None = None, tile_blocks: int
   f32 = jnp.float32
   bmax, s1, s2 = _call(kernel, (jax.ShapeDtypeStruct((nb,), f32), jax.ShapeDtypeStruct((tiles,), f32),
                                 jax.ShapeDtypeStruct((tiles,), f32)), (tiles,), interpret, num_warps)(x)
-  return jnp.sum(s1), jnp.sum(s2), bmax
+  return s1, s2, bmax
 
 
 def pack_above_all_tiles(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax.Array, *,
@@ -144,13 +173,13 @@ def pack_above_all_tiles(x: jax.Array, threshold: jax.Array, capacity: int, bloc
   nb = _num_blocks(n, block_max)
   tb = tile_blocks
   tiles = -(-nb // tb)
-  t = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
+  t, n_thr = _thresholds(threshold, nb)
   bmax = block_max.astype(jnp.float32)
-  tile = functools.partial(_tile, n=n, nb=nb, tb=tb)
+  tile = functools.partial(_tile, n=n, nb=nb, tb=tb, n_thr=n_thr)
 
   def count_kernel(t_ref, bmax_ref, x_ref, cnt_ref):
     i = pl.program_id(0)
-    _, _, sel = tile(x_ref, bmax_ref, t_ref[0], i)
+    _, _, sel = tile(x_ref, bmax_ref, t_ref, i)
     cnt_ref[i] = jnp.sum(sel.astype(jnp.int32))
 
   counts = _call(count_kernel, jax.ShapeDtypeStruct((tiles,), jnp.int32), (tiles,), interpret,
@@ -165,7 +194,7 @@ def pack_above_all_tiles(x: jax.Array, threshold: jax.Array, capacity: int, bloc
 
     @pl.when(b < capacity)
     def _():
-      offs, v, sel = tile(x_ref, bmax_ref, t_ref[0], i)
+      offs, v, sel = tile(x_ref, bmax_ref, t_ref, i)
       _store_ranked(idx_ref, val_ref, offs, v, sel, b, capacity)
 
   idx, vals = _call(
@@ -183,7 +212,8 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
                interpret: bool | None = None, list_blocks: int | None = None, rows: int | None = None,
                num_warps: int | None = None):
   """``(indices, values, total, n_cand)``: the first ``capacity`` entries of ``x`` with ``|x| > threshold``
-  in index order (zeros after them).
+  in index order (zeros after them). ``threshold`` is a scalar or holds one threshold per 4096 entries
+  (``THR_BLOCKS`` blocks: the per-segment thresholds of :func:`mlsys_jax.comm.sidco` on its flat buffer).
 
   Candidate blocks (``block_max > threshold``) are listed first and only the first
   ``cap_b = min(n / 64, capacity)`` of them are packed (each holds at least one selected entry, so more
@@ -206,10 +236,10 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
   nt = -(-nb // lb)                 # list tiles
   ng = -(-cap_b // rb)              # row groups
   ntp, ngp = _pow2(nt), _pow2(ng)
-  t = jnp.reshape(jnp.asarray(threshold, jnp.float32), (1,))
+  t, n_thr = _thresholds(threshold, nb)
   bmax = block_max.astype(jnp.float32)
   i32 = jnp.int32
-  flags_of = functools.partial(_block_flags, nb=nb, tb=lb)
+  flags_of = functools.partial(_block_flags, nb=nb, tb=lb, n_thr=n_thr)
 
   def before(cnt_ref, i, size, padded):
     """Sum of cnt_ref[:i] (the exclusive prefix of tile i), read in-kernel."""
@@ -219,7 +249,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
 
   def tile_count_kernel(t_ref, bmax_ref, tc_ref):
     i = pl.program_id(0)
-    _, f = flags_of(bmax_ref, t_ref[0], i)
+    _, f = flags_of(bmax_ref, t_ref, i)
     tc_ref[i] = jnp.sum(f.astype(i32))
 
   tile_counts = _call(tile_count_kernel, jax.ShapeDtypeStruct((nt,), i32), (nt,), interpret,
@@ -231,7 +261,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
 
     @pl.when(b < cap_b)
     def _():
-      blk, f = flags_of(bmax_ref, t_ref[0], i)
+      blk, f = flags_of(bmax_ref, t_ref, i)
       r = b + jnp.cumsum(f.astype(i32)) - 1
       ok = f & (r < cap_b)
       plgpu.store(cand_ref.at[jnp.where(ok, r, cap_b)], blk, mask=ok)
@@ -241,11 +271,11 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
   n_cand = jnp.sum(tile_counts)
   n_rows = jnp.reshape(jnp.minimum(n_cand, cap_b).astype(i32), (1,))
 
-  def rows_of(x_ref, cand_ref, tt, nr, g):
+  def rows_of(x_ref, cand_ref, t_ref, nr, g):
     r = g * rb + jnp.arange(rb, dtype=i32)
     valid = r < nr
     ids = plgpu.load(cand_ref.at[r], mask=valid, other=0)
-    return _load_blocks(x_ref, ids, valid, tt, n)
+    return _load_blocks(x_ref, ids, valid, t_ref, n, n_thr)
 
   def group_count_kernel(t_ref, nr_ref, cand_ref, x_ref, gc_ref):
     g = pl.program_id(0)
@@ -254,7 +284,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
 
     @pl.when(g * rb < nr)
     def _():
-      _, _, sel = rows_of(x_ref, cand_ref, t_ref[0], nr, g)
+      _, _, sel = rows_of(x_ref, cand_ref, t_ref, nr, g)
       gc_ref[g] = jnp.sum(sel.astype(i32))
 
   group_counts = _call(group_count_kernel, jax.ShapeDtypeStruct((ng,), i32), (ng,), interpret,
@@ -268,7 +298,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
 
     @pl.when((g * rb < nr) & (b < capacity))
     def _():
-      offs, v, sel = rows_of(x_ref, cand_ref, t_ref[0], nr, g)
+      offs, v, sel = rows_of(x_ref, cand_ref, t_ref, nr, g)
       _store_ranked(idx_ref, val_ref, offs, v, sel, b, capacity)
 
   idx, vals = _call(
