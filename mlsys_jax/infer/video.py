@@ -140,21 +140,21 @@ class LayerState(NamedTuple):
   """Per-layer state after a frame: its output ``y`` ``(H', W', c_out)``, ``ub`` ``(nH, nW, c_out)``, an
   upper bound on the real pre-activation over each output tile (``+inf``: unknown), ``amax``
   ``(nH, nW, c_out)``, an upper bound on ``|y|`` over each output tile (the next layer's input range for
-  its dense-path margin), and ``n_changed`` (int32), the number of output tiles whose bits changed in
-  the last frame (``nH * nW`` when not measured)."""
+  its dense-path margin), and ``dmax``/``dmin`` ``(nH, nW, c_out)``, the range of this frame's output
+  change ``y_t - y_{t-1}`` per tile (0 where unchanged, ``+-inf`` after a dense frame: unknown), which
+  the next layer's temporal bound reads instead of the previous output (so that output can be
+  updated in place)."""
   y: jax.Array
   ub: jax.Array
   amax: jax.Array
-  n_changed: jax.Array
+  dmax: jax.Array
+  dmin: jax.Array
 
 
 class ModelState(NamedTuple):
-  """State of a stream: the previous frame ``x`` ``(H, W, C)``, one :class:`LayerState` per layer
-  (layer ``l``'s previous input is layer ``l-1``'s ``y``: nothing is stored twice) and the frame
-  counter ``t`` (int32)."""
+  """State of a stream: the previous frame ``x`` ``(H, W, C)`` and one :class:`LayerState` per layer."""
   x: jax.Array
   layers: tuple
-  t: jax.Array
 
 
 class LayerStats(NamedTuple):
@@ -426,7 +426,27 @@ def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int, unit_roundoff: fl
   if in_amax is None:
     in_amax = _input_tile_stats(x, x, tile, _strips(layer))[1]
   y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff)
-  return LayerState(y=y, ub=ub, amax=amax, n_changed=jnp.zeros((), jnp.int32)), y
+  zeros = jnp.zeros_like(ub)
+  return LayerState(y=y, ub=ub, amax=amax, dmax=zeros, dmin=zeros), y
+
+
+def _neighbours(m: jax.Array, ti: jax.Array, tj: jax.Array) -> jax.Array:
+  """``(k, 3, 3, C)``: the 3 x 3 neighbourhood of tiles ``(ti, tj)`` in a per-tile map ``(nH, nW, C)``
+  (0 outside the map: padding never changes)."""
+  r = ti[:, None] + jnp.arange(-1, 2)[None]
+  c = tj[:, None] + jnp.arange(-1, 2)[None]
+  nh, nw = m.shape[:2]
+  r = jnp.where((r < 0) | (r >= nh), nh, r)
+  c = jnp.where((c < 0) | (c >= nw), nw, c)
+  return m.at[r[:, :, None], c[:, None, :]].get(mode="fill", fill_value=0)
+
+
+def _layer_stats(y, tile, nh, nw, reused, skipped, computed, dense) -> LayerStats:
+  """:class:`LayerStats` of one layer's output ``y`` (the zero counts are dead code unless used)."""
+  return LayerStats(reused=reused, skipped=skipped, computed=computed, dense=dense,
+                    zero_tiles=jnp.sum(jnp.all(_tile_grid(y, tile, nh, nw, 0) == 0, axis=(1, 3, 4)))
+                    .astype(jnp.int32),
+                    zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
 
 
 def _buckets_for(caps, count):
@@ -435,16 +455,17 @@ def _buckets_for(caps, count):
   return jnp.where(count == 0, 0, 1 + b)
 
 
-def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: jax.Array,
+def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: jax.Array | None,
                     changed: jax.Array, in_amax: jax.Array, *, tile: int, capacity: Sequence[int],
                     unit_roundoff: float = 2.0 ** -24, next_strips=(0, 0, 0, 0),
-                    dense_bounds: bool = True, dense_flags: bool = True):
+                    dense_bounds: bool = True, in_change: tuple | None = None):
   """One frame through one layer: reuse unchanged tiles, skip provably-zero tiles, compute the rest.
 
   Args:
     layer: the convolution.
     state: the layer's :class:`LayerState` after the previous frame.
-    x, x_prev: this and the previous frame's input ``(H, W, c_in)``.
+    x, x_prev: this and the previous frame's input ``(H, W, c_in)``; ``x_prev`` may be ``None`` when
+      ``in_change`` is given.
     changed: ``(nH, nW)`` bool, output tiles whose receptive field changed (a superset is fine; see
       :func:`_rf_changed`); every other tile keeps its previous output.
     in_amax: ``(nHi, nWi, c_in)`` per-input-tile ``max |x|`` (used by the dense path's margin).
@@ -459,14 +480,16 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
     dense_bounds: whether the dense path computes the per-tile bound ``ub`` (a pass over the
       pre-activation); ``False``: ``ub = +inf`` (sound: the next sparse frame uses the range bound for
       those tiles) and an analytic ``amax``, the plain dense conv.
-    dense_flags: whether the dense path compares its output with the previous one, bit for bit, to
-      give the next layer exact change flags (a pass over both outputs); ``False`` marks every tile
-      changed (the next layer then runs densely); a traced bool decides per frame (``lax.cond``).
+    in_change: ``(dmax, dmin)`` ``(nHi, nWi, c_in)``, the per-input-tile range of ``x - x_prev`` (the
+      previous layer's :class:`LayerState` fields); the temporal bound then takes the range over the
+      3 x 3 neighbouring input tiles (a superset of the receptive field) and ``x_prev`` is not read.
   Returns:
     ``(state, y, flags, stats)``: ``flags`` ``(nH, nW, 3, 3)`` are the region change flags of this
-    layer's *output* tiles (bit-exact: a recomputed tile with the same bits is unchanged).
+    layer's *output* tiles (bit-exact on the sparse path: a recomputed tile with the same bits is
+    unchanged; all set after the dense path, which never reads the previous output, so that XLA can
+    write the new output over it without a copy).
   """
-  if x.shape != x_prev.shape:
+  if x_prev is not None and x.shape != x_prev.shape:
     raise ValueError(f"layer {layer.name}: input shape {x.shape} differs from the previous frame's "
                      f"{x_prev.shape}; start a new stream with init() for a new frame size.")
   kh, kw, cin, cout = layer.kernel.shape
@@ -477,19 +500,16 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
   count = jnp.sum(changed)
   zero = jnp.zeros((), jnp.int32)
 
-  def nothing(_):
-    return state.y, state.ub, state.amax, jnp.zeros((nh, nw, 3, 3), bool), (zero, zero)
+  fill = lambda v: jnp.full((nh, nw, cout), v, x.dtype)
 
-  def dense(_):
+  def nothing(_):
+    return (state.y, state.ub, state.amax, fill(0), fill(0), jnp.zeros((nh, nw, 3, 3), bool),
+            (zero, zero))
+
+  def dense(_):  # the plain conv; the previous output is not read (it is overwritten in place)
     y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff, dense_bounds)
-    compare = lambda _: _grid_flags(jnp.any(_bits(y) != _bits(state.y), axis=-1), tile, nh, nw,
-                                    next_strips)
-    all_changed = lambda _: jnp.ones((nh, nw, 3, 3), bool)  # the next layer then runs densely too
-    if isinstance(dense_flags, bool):
-      flags = compare(None) if dense_flags else all_changed(None)
-    else:
-      flags = lax.cond(dense_flags, compare, all_changed, None)
-    return y, ub, amax, flags, (zero, jnp.asarray(n_tiles, jnp.int32))
+    return (y, ub, amax, fill(jnp.inf), fill(-jnp.inf), jnp.ones((nh, nw, 3, 3), bool),
+            (zero, jnp.asarray(n_tiles, jnp.int32)))
 
   def sparse(cap):
     def run(_):
@@ -499,14 +519,20 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
       tj = jnp.where(valid, idx % nw, 0)
       size = (tile + kh - 1, tile + kw - 1)
       pc = _gather_windows(x, ti, tj, tile, size, (-ph, -pw))  # (cap, T+kh-1, T+kw-1, cin)
-      pp = _gather_windows(x_prev, ti, tj, tile, size, (-ph, -pw))
       xmax, xmin = jnp.max(pc, axis=(1, 2)), jnp.min(pc, axis=(1, 2))
-      d = pc - pp
-      a2 = jnp.max(jnp.abs(pc), axis=(1, 2)) + jnp.max(jnp.abs(pp), axis=(1, 2))
+      a_t = jnp.max(jnp.abs(pc), axis=(1, 2))
+      if in_change is None:  # exact receptive-field change range from the previous input
+        pp = _gather_windows(x_prev, ti, tj, tile, size, (-ph, -pw))
+        d = pc - pp
+        dmax, dmin = jnp.max(d, axis=(1, 2)), jnp.min(d, axis=(1, 2))
+        a2 = a_t + jnp.max(jnp.abs(pp), axis=(1, 2))
+      else:  # per-tile change ranges of the 3 x 3 neighbouring input tiles; |x_prev| <= |x| + |d|
+        dmax = jnp.max(_neighbours(in_change[0], ti, tj), axis=(1, 2))
+        dmin = jnp.min(_neighbours(in_change[1], ti, tj), axis=(1, 2))
+        a2 = 2 * a_t + jnp.maximum(jnp.abs(dmax), jnp.abs(dmin))
       ub_r, dm = range_upper_bound(layer, xmin, xmax, unit_roundoff)
       prev_ub = state.ub.reshape(n_tiles, cout)[jnp.minimum(idx, n_tiles - 1)]
-      ub_t = temporal_upper_bound(layer, prev_ub, jnp.min(d, axis=(1, 2)), jnp.max(d, axis=(1, 2)),
-                                  a2, unit_roundoff)
+      ub_t = temporal_upper_bound(layer, prev_ub, dmin, dmax, a2, unit_roundoff)
       ub = jnp.where(jnp.isnan(ub_t), ub_r, jnp.minimum(ub_t, ub_r))
       if layer.relu:  # every output of the tile is +0.0 in dense float32 inference
         skip = valid & jnp.all(_up(ub + dm) < 0, axis=-1)
@@ -539,25 +565,24 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
       old = state.y.at[ro, co].get(mode="fill", fill_value=0)
       flags = _region_flags(jnp.any(_bits(yt) != _bits(old), axis=-1), next_strips)  # (cap, 3, 3)
       amax_t = jnp.max(jnp.abs(yt), axis=(1, 2))
+      dy = yt - old  # 0 at padding positions (both 0)
+      dmax_t, dmin_t = jnp.max(dy, axis=(1, 2)), jnp.min(dy, axis=(1, 2))
       y = state.y.at[ro, co].set(yt, mode="drop", unique_indices=True)
       iu = jnp.where(valid, idx, n_tiles + jnp.arange(cap))  # distinct indices, fill ones dropped
       put = lambda full, v: full.reshape((n_tiles,) + full.shape[2:]).at[iu].set(
           v, mode="drop", unique_indices=True).reshape(full.shape)
-      return (y, put(state.ub, new_ub), put(state.amax, amax_t),
-              put(jnp.zeros((nh, nw, 3, 3), bool), flags),
+      return (y, put(state.ub, new_ub), put(state.amax, amax_t), put(fill(0), dmax_t),
+              put(fill(0), dmin_t), put(jnp.zeros((nh, nw, 3, 3), bool), flags),
               (jnp.sum(skip).astype(jnp.int32), n_comp.astype(jnp.int32)))
     return run
 
   branches = [nothing] + [sparse(c) for c in caps] + [dense]
-  y, ub, amax, flags, (skipped, computed) = lax.switch(_buckets_for(caps, count), branches, None)
+  y, ub, amax, dmax, dmin, flags, (skipped, computed) = lax.switch(_buckets_for(caps, count),
+                                                                  branches, None)
   used_dense = (count > (caps[-1] if caps else 0)).astype(jnp.int32)
   reused = jnp.where(used_dense > 0, 0, n_tiles - count).astype(jnp.int32)
-  stats = LayerStats(reused=reused, skipped=skipped, computed=computed, dense=used_dense,
-                     zero_tiles=jnp.sum(jnp.all(_tile_grid(y, tile, nh, nw, 0) == 0, axis=(1, 3, 4)))
-                     .astype(jnp.int32),
-                     zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
-  n_changed = jnp.sum(flags[..., 1, 1]).astype(jnp.int32)
-  return LayerState(y=y, ub=ub, amax=amax, n_changed=n_changed), y, flags, stats
+  stats = _layer_stats(y, tile, nh, nw, reused, skipped, computed, used_dense)
+  return LayerState(y=y, ub=ub, amax=amax, dmax=dmax, dmin=dmin), y, flags, stats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -651,8 +676,7 @@ def _layer_shapes(layers, frame_shape, tile, unit_roundoff):
 def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *, tile: int = 8,
                       max_active_fraction: float | Sequence[float] = 0.25,
                       buckets: Sequence[float] = (1 / 32, 1 / 8),
-                      unit_roundoff: float = 2.0 ** -24, dense_bounds: bool = False,
-                      probe_every: int = 8) -> RangeBoundModel:
+                      unit_roundoff: float = 2.0 ** -24, dense_bounds: bool = False) -> RangeBoundModel:
   """Exact frame-by-frame inference of a ReLU CNN that skips provably-zero and unchanged tiles.
 
   Per frame, one pass over the input frame finds the changed tiles (bit comparison); from there on
@@ -660,9 +684,9 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
   the propagation), so a layer whose receptive fields did not change does no work at all, and the
   choice between the sparse path and the dense convolution is made per layer from the number of
   changed tiles *before* any bound, gather or scatter runs (one ``lax.switch``: only one branch runs).
-  A layer that never takes the sparse path (threshold 0) keeps no bounds, and the layer before it
-  does not compare its dense outputs with the previous ones: there the fallback is the plain dense
-  convolution.
+  The dense path is the plain convolution: it keeps no per-tile bounds (unless ``dense_bounds``) and
+  never reads the previous output (so XLA overwrites it in place); every tile of a dense layer counts
+  as changed for the next layer, which then falls back too.
 
   Args:
     module: a ``flax.linen.Sequential`` of ``nn.Conv`` + ``nn.relu`` (see :func:`layers_from_flax`),
@@ -678,16 +702,11 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     dense_bounds: whether a layer that ran densely also computes its per-tile pre-activation bound
       (one more pass), so that the next frame's temporal bound is available for every tile; without
       it those tiles use the range bound until they are computed on the sparse path.
-    probe_every: after a dense layer, its outputs are compared with the previous ones (exact change
-      flags for the next layer, one pass over both) when the last comparison found few enough changed
-      tiles for the next layer's sparse path, and on every ``probe_every``-th frame; otherwise every
-      tile counts as changed and the next layer runs densely (full motion: the plain dense conv).
   Returns:
     :class:`RangeBoundModel` with ``init(frame) -> (state, y)`` and
     ``step(state, frame) -> (state, y, stats)``; outputs are ``(H', W', c_out)``.
   """
   check_int("tile", tile, 1)
-  check_int("probe_every", probe_every, 1)
   layers = _layer_list(module, variables)
   frame_shape = tuple(int(s) for s in frame_shape)
   if len(frame_shape) != 3:
@@ -729,7 +748,7 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
       st, x = conv_layer_init(l, x, tile, unit_roundoff, in_amax=in_amax)
       states.append(st)
       in_amax = st.amax
-    return ModelState(frame, tuple(states), jnp.zeros((), jnp.int32)), x
+    return ModelState(frame, tuple(states)), x
 
   def init(frame):
     return _init(_check_frame(frame))
@@ -740,21 +759,18 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
       raise ValueError(f"state must be the ModelState of this model ({len(layers)} layers); "
                        "get it from init().")
     flags, in_amax = _input_tile_stats(x, state.x, tile, strips[0])
-    frame_now, x_prev, new, stats = x, state.x, [], []
+    frame_now = x
+    x_prev, in_change, new, stats = state.x, None, [], []
     for i, (l, st, cap) in enumerate(zip(layers, state.layers, caps)):
       nh, nw = grids[i]
-      if i + 1 < len(layers) and caps[i + 1]:  # the next layer can go sparse: exact flags, if likely
-        probe = (st.n_changed <= caps[i + 1][-1]) | (state.t % probe_every == 0)  # useful
-      else:
-        probe = False
-      st_new, y, flags, s = conv_layer_step(l, st, x, x_prev, _rf_changed(flags, nh, nw), in_amax,
-                                            tile=tile, capacity=cap, unit_roundoff=unit_roundoff,
-                                            next_strips=strips[i + 1],
-                                            dense_bounds=dense_bounds and bool(cap), dense_flags=probe)
+      st_new, y, flags, s = conv_layer_step(
+          l, st, x, x_prev, _rf_changed(flags, nh, nw), in_amax, tile=tile, capacity=cap,
+          unit_roundoff=unit_roundoff, next_strips=strips[i + 1],
+          dense_bounds=dense_bounds and bool(cap), in_change=in_change)
       new.append(st_new)
       stats.append(s)
-      x, x_prev, in_amax = y, st.y, st_new.amax
-    return ModelState(x=frame_now, layers=tuple(new), t=state.t + 1), x, tuple(stats)
+      x, x_prev, in_amax, in_change = y, None, st_new.amax, (st_new.dmax, st_new.dmin)
+    return ModelState(x=frame_now, layers=tuple(new)), x, tuple(stats)
 
   return RangeBoundModel(init=init, step=step, layers=layers, capacities=tuple(caps))
 
@@ -798,7 +814,7 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
       mask = jnp.asarray(mask.reshape(nh, nw))
       f = jax.jit(lambda st, x, xp, m: conv_layer_step(l, st, x, xp, m, in_amax, tile=tile,
                                                        capacity=cap, unit_roundoff=unit_roundoff,
-                                                       dense_bounds=False, dense_flags=False)[1])
+                                                       dense_bounds=False)[1])
       return lambda: f(st, x1, x0, mask)
 
     dense_fn = timed((), nh * nw)
