@@ -859,7 +859,8 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
                     max_count=None, packing: str = "auto"):
   """SIDCo on the flat buffer of a whole tree: one statistics pass (per-tile sums, per-block maxima),
   per-segment thresholds, the floor, and one packing of every segment into one shared payload.
-  Returns ``(payload, n_above, thresholds (segments,))``."""
+  Returns ``(payload, n_above, thresholds (segments,), finite)``: ``finite`` says that every entry of
+  ``flat`` is finite (from the statistics pass); when it is False the payload must not be sent."""
   use_pallas, interpret = _pallas_mode(packing)
   nt = lay.num_tiles
   if use_pallas and _PALLAS_STATS == "pallas":
@@ -867,6 +868,9 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   else:
     bsum, bsq, bmax = _block_stats(jnp.abs(flat))
     s1t, s2t = bsum.reshape(nt, _THR_BLOCKS).sum(1), bsq.reshape(nt, _THR_BLOCKS).sum(1)
+  # every entry finite iff sum |x| is (an inf or NaN entry makes it inf or NaN; finite entries can only
+  # overflow it above 3.4e38 in float32, and such a step is then skipped and counted, never silent)
+  finite = jnp.isfinite(jnp.sum(s1t))
   a_tiles = jnp.abs(flat).astype(jnp.float32).reshape(nt, _TILE)
   t = _seg_threshold(a_tiles, lay, lay.seg_reduce(s1t, "sum"), lay.seg_reduce(s2t, "sum"), ratio,
                      distribution, stages, first_ratio)
@@ -888,8 +892,8 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
       p2, _ = pack(t2)
       return p2, t2
 
-    payload, t = jax.lax.cond(payload.overflow, again, lambda _: (payload, t), None)
-  return payload, n_above, t
+    payload, t = jax.lax.cond(payload.overflow & finite, again, lambda _: (payload, t), None)
+  return payload, n_above, t, finite
 
 
 def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fraction: float = 0.01,
@@ -1131,7 +1135,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         hit_tree = jax.tree_util.tree_map(lambda h: h > 0, unravel(hits[0].astype(flat.dtype)))
     return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total
 
-  def _segmented_step(acc, finite, state):
+  def _segmented_step(acc, state):
     """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
     segments), one collective; the residual, the output and the momentum mask of every leaf are
     elementwise in the leaf (selected = above its segment's threshold and at or before the last packed
@@ -1141,7 +1145,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     r_cap = ratio if max_ratio is None else max_ratio
     lay = _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
     dtype = jnp.result_type(*leaves)
-    flat = lay.flatten([jnp.where(finite, l, 0) for l in leaves], dtype)   # never select NaN/inf
+    flat = lay.flatten(leaves, dtype)
     counts = [_counts(int(n), ratio, max_ratio, capacity_factor) for n in lay.seg_n]
     cap = int(sum(c[2] for c in counts))
     if isinstance(counts[0][0], int):
@@ -1149,8 +1153,11 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     else:
       k = jnp.stack([c[0] for c in counts])
     k_max = np.asarray([c[1] for c in counts])
-    payload, above, t = segmented(flat, lay, k, k_max, cap, state.stages, ratio)
-    count = jnp.where(finite, payload.count, 0)
+    payload, above, t, local_finite = segmented(flat, lay, k, k_max, cap, state.stages, ratio)
+    finite = local_finite
+    if axis_name is not None:   # one decision on every replica
+      finite = jax.lax.pmax(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
+    count = jnp.where(finite, payload.count, 0)          # a non-finite step sends nothing
     payload = payload._replace(count=count)
     last = jnp.where(count > 0, payload.indices[jnp.maximum(count - 1, 0)], -1)
     dense = None
@@ -1169,8 +1176,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
       hits.append(sel.reshape(leaf.shape))
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    return (unflat(outs), unflat(residuals), unflat(hits) if momentum > 0 else None, count, above,
-            payload_bytes(payload), payload.overflow, lay.n_real)
+    return finite, (unflat(outs), unflat(residuals), unflat(hits) if momentum > 0 else None, count, above,
+                    payload_bytes(payload), payload.overflow, lay.n_real)
 
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
@@ -1186,11 +1193,11 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     else:
       acc = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype) + r, updates, state.residual)
     # gradient + residual, not only the gradient: the sum can overflow (float16) when neither does
-    finite = _global_finite(jax.tree_util.tree_leaves(acc), axis_name)
     key, sub = jax.random.split(state.key)
-    if segmented is not None:
-      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _segmented_step(acc, finite, state)
+    if segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
+      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total) = _segmented_step(acc, state)
     else:
+      finite = _global_finite(jax.tree_util.tree_leaves(acc), axis_name)
       out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(acc, finite, sub, state)
     velocity = state.velocity
     if momentum > 0:
