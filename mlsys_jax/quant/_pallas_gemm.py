@@ -125,7 +125,8 @@ def _pow2_at_least(x: int, low: int) -> int:
 # synchronously every K step and register spills, while the one below pipelines both tiles, prefetches
 # the scales and does not spill. It is not yet timed on a GPU: benchmarks/vsquant_gemm.py sweeps both
 # and prints `best_config` to put here. The layer path only uses the kernel after `kernel_self_test`.
-_TUNED = {v: dict(block_m=128, block_n=128, vectors_per_step=1, num_warps=8, num_stages=3,
+# H200 sweep of 2026-12-02 (benchmarks/results/vsquant_gemm_h200.json, best_config at V = 64, 8192^3)
+_TUNED = {v: dict(block_m=64, block_n=128, vectors_per_step=1, num_warps=4, num_stages=3,
                   min_dot_k=32, convert="magic", convert_integer_scales="magic_fma",
                   w_layout="nk", prefetch=1, overlap=False)
           for v in SUPPORTED_VECTOR_SIZES}
