@@ -200,6 +200,19 @@ def test_changed_tiles_are_exactly_the_changed_receptive_fields(kernel, padding)
     video.range_bound_model([big], None, (10, 10, 1), tile=2)
 
 
+def test_gpu_tile_conv_path_is_bitwise_too(monkeypatch):
+  # other backends convolve the patches with a VALID conv: run that code path here (same values)
+  rng = np.random.default_rng(3)
+  layer = video.ConvLayer(jnp.asarray(rng.normal(size=(3, 5, 4, 6)), jnp.float32),
+                          jnp.asarray(rng.normal(size=6), jnp.float32))
+  p = jnp.asarray(rng.normal(size=(5, 4 + 2, 4 + 4, 4)), jnp.float32)
+  cpu = np.asarray(video._conv_valid(p, layer))
+  monkeypatch.setattr(video.jax, "default_backend", lambda: "gpu")
+  other = np.asarray(video._conv_valid(p, layer))
+  assert cpu.shape == other.shape == (5, 4, 4, 6)
+  np.testing.assert_array_equal(cpu.view(np.uint32), other.view(np.uint32))
+
+
 def test_change_propagation_stops_where_outputs_keep_their_bits():
   # a flat patch of the background changes level: the high-pass first layer's outputs there stay
   # exactly 0 (proved or recomputed), so the second layer sees no change and does no work at all
