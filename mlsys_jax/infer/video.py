@@ -59,10 +59,12 @@ change that ReLU zeroes (or a proved-zero tile that was zero before) stops there
 receptive fields did not change does no work at all (change propagation across layers). Per layer,
 the number of changed tiles picks one branch of a ``lax.switch`` before any bound is evaluated:
 nothing (reuse everything), the sparse path at the smallest static capacity that holds them
-(gather tile-plus-halo patches of the new and previous input, evaluate the bounds on them, convolve
-the tiles not proved zero as one batch, scatter the new tiles into the previous output in place), or
-the plain dense convolution when more tiles changed than the largest capacity (a per-layer threshold,
-measured by :func:`calibrate_active_fraction`).
+(gather tile-plus-halo patches of the input, evaluate the bounds on them, convolve the tiles not
+proved zero as one batch, scatter the new tiles into the previous output), or the plain dense
+convolution when more tiles changed than the largest capacity (a per-layer threshold, measured by
+:func:`calibrate_active_fraction`). The temporal bound of the first layer reads the previous frame's
+patches; later layers read the per-tile ranges of their input's change (``LayerState.dmax/dmin`` of
+the layer before, over the 3 x 3 neighbouring tiles), so no layer re-reads a previous output.
 
 **Exactness of computed tiles.** The dense fallback is the flax model's own convolution (same padding,
 same op). On XLA:CPU the tile convolution (batched convolution of tile-plus-halo patches) gives
