@@ -13,7 +13,8 @@ Cases: the default ``sidco(0.001)`` (exponential, adaptive stages), ``sidco(0.00
 estimator), and, with ``--topk_per_tensor``, ``topk(0.001, per_tensor=True)`` (a Python loop of
 ``lax.top_k`` over the leaves). Raw seconds in the JSON (``seconds``: median per call).
 
-  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT       # H200: about 1.5 minutes
+  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT       # H200: about 2 minutes
+  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT --packing xla   # the XLA packing path
   PYTHONPATH=. python benchmarks/sidco_tree.py --small          # CPU smoke test (widths / 8)
   PYTHONPATH=. python benchmarks/sidco_tree.py --div 2          # CPU, a mid size (widths / 2)
 """
@@ -43,11 +44,14 @@ def _flags(ap):
   ap.add_argument("--div", type=int, default=None, help="divide the channel widths (default 1; 8 with --small)")
   ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 30; 5 with --small)")
   ap.add_argument("--topk_per_tensor", action="store_true", help="also time topk(per_tensor=True) (slow)")
+  ap.add_argument("--packing", default="auto", choices=sp.PACKINGS,
+                  help="packing of the sidco transform's flat buffer (auto: Pallas kernels on GPU)")
 
 
 def main():
   args = parse_args(__doc__, _flags)
   env = environment()
+  sp._TRANSFORM_PACKING = args.packing
   div = args.div or (8 if args.small else 1)
   shapes = resnet50_shapes(div)
   n_params = int(sum(np.prod(s) for s in shapes))
@@ -79,7 +83,7 @@ def main():
   base_fn = jax.jit(base_tx.update)
   base_st = base_tx.init(grads)
   copy = jax.jit(lambda g: jax.tree_util.tree_map(lambda x: x * 1.0000001, g))
-  meta = {"env": env, "n_params": n_params, "n_tensors": len(shapes), "ratio": RATIO, "repeats": reps,
+  meta = {"env": env, "packing": args.packing, "n_params": n_params, "n_tensors": len(shapes), "ratio": RATIO, "repeats": reps,
           "div": div, "copy_bandwidth": copy_bw, "read_bandwidth": read_bw, "rw_floor_seconds": rw_floor,
           "read_floor_seconds": 4 * n_params / read_bw}
   jax.block_until_ready(base_fn(grads, base_st))
