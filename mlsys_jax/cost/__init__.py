@@ -7,7 +7,8 @@ text (:func:`parse_hlo`) -> graphs (:func:`program_graph`, :func:`kernel_graphs`
 (:func:`mape`, :func:`kendall_tau`, :func:`topk_slowdown`). Datasets: :func:`load_dataset` (ours,
 collected by experiments/cost_collect.py) and :func:`load_tpugraphs_npz` (TpuGraphs). :func:`parse_hlo`
 reads the grammar XLA's own parser reads (checked against it, :func:`xla_structure`). Value Learning
-(Steiner et al., MLSys 2021) for IOS schedules: ``from mlsys_jax.cost import value``.
+(Steiner et al., MLSys 2021) for IOS schedules: ``from mlsys_jax.cost import value``; its stage-cost
+predictor for ``sched.ios_schedule(..., predictor=...)``: ``from mlsys_jax.cost import value_ios``.
 
 Example:
   >>> from mlsys_jax import cost

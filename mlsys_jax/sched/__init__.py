@@ -7,7 +7,9 @@
   hindsight imitation; import from the subpackage.
 
 Public API of IOS:
-  ios_schedule(fn, *example_args, r=3, s=8, profiler=None, strategy='both', ...) -> Schedule
+  ios_schedule(fn, *example_args, r=3, s=8, profiler=None, strategy='both', predictor=None, top_k=0,
+               ...) -> Schedule   (predictor: learned stage costs, e.g. cost.value_ios.StagePredictor;
+               top_k > 0 profiles only the k best-predicted candidates per DP state)
   Schedule (apply / __call__, summary, measure, to_json, from_json)
   sequential_schedule(graph) -> [Stage]  the baseline: one unit per stage
   AnalyticalCost, StageProfiler          stage cost models (roofline; on-device differential timing)
