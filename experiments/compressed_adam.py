@@ -42,6 +42,8 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Batch per worker.")
 _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compressors.")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd).")
+_SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "gpareto", ["exponential", "gpareto", "gamma"],
+                                "SIDCo's fitted distribution (sidco's own default is 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
@@ -61,7 +63,7 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
   if compressor is None:
     return optax.adam(lr)
   pre = optax.scale_by_adam() if mode == "precondition" else None
-  c = {"sidco": lambda: sp.sidco(ratio, distribution="gpareto", axis_name="d", precondition=pre),
+  c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre),
        "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre),
        "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre)}[compressor]()
   if warmup:
@@ -135,7 +137,8 @@ def main(argv):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
-      "lr": _LR.value, "warmup": [int(v) for v in _WARMUP.value], "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
+      "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
+      "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons}, indent=1))
   print(f"wrote {path}")
 
