@@ -2,14 +2,17 @@
 per operation and category, overhead-corrected, with the correction validated against uninstrumented runs.
 
 Steps: (1) calibrate the per-event cost of each instrumentation source on book-keeping-bound loops
-(`profile.calibrate_micro`, the transfer check) and, as the paper does, on each workload itself
-(`profile.calibrate`, levels off/scopes/intercept/trace); (2) per workload, on separate runs, interleave uninstrumented and fully instrumented
-(`level='trace'`) runs, correct each instrumented run and compare totals (bias, paper Fig. 11: -16.8% to
-+10.9%) and report the uncorrected overhead; (3) attribute one traced run per workload, corrected; (4) the
+(`profile.calibrate_micro`, the fallback); (2) per workload, as the paper does, calibrate on the workload
+itself (`profile.calibrate_insitu`): adjacent uninstrumented/`level='trace'` pairs, the tracer's per-event
+cost fitted on the pairs' extra time (scope/intercept costs from (1)), validated on pairs HELD OUT of the
+fit (contiguous folds, `profile.crossvalidate`; bias = corrected / uninstrumented - 1, paper Fig. 11:
+-16.8% to +10.9%), on the median of per-pair ratios ('paired') and on minima ('min'); the same pairs
+corrected with (1) alone; each workload corrected with the median cost fitted on the OTHER workloads
+(transfer); the uncorrected overhead; (3) attribute traced runs per workload, corrected; (4) the
 paper's qualitative findings with numbers: on-policy (A2C) vs off-policy (DQN) simulation share, numpy vs
 JAX simulator.
 
-  python experiments/rlscope_eval.py                          # CPU, about 2-4 minutes
+  python experiments/rlscope_eval.py                          # CPU, about 3 minutes on an idle 2-core host
   python experiments/rlscope_eval.py --gpu_util               # on a GPU host: + nvidia-smi utilization
                                                               #   vs the trace's device-busy fraction
 
@@ -37,7 +40,8 @@ from mlsys_jax import profile  # noqa: E402
 
 _OUT = flags.DEFINE_string("out_dir", "results/rlscope", "Output folder.")
 _STEPS = flags.DEFINE_integer("steps", 256, "Environment (or training) steps per workload run.")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Interleaved uninstrumented/instrumented run pairs per workload.")
+_REPEATS = flags.DEFINE_integer("repeats", 12, "Interleaved uninstrumented/instrumented run pairs per workload.")
+_FOLDS = flags.DEFINE_integer("folds", 3, "Contiguous folds of the pairs for the held-out check of the in-situ fit.")
 _CAL_N = flags.DEFINE_integer("calib_n", 3000, "Events per calibration loop.")
 _CAL_REPEATS = flags.DEFINE_integer("calib_repeats", 5, "Repeats per calibration level.")
 _ATTR_RUNS = flags.DEFINE_integer("attr_runs", 3, "Traced runs whose corrected attributions are median-merged.")
@@ -100,7 +104,7 @@ def main(_):
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; calibrating ...", flush=True)
   cal = profile.calibrate_micro(n=_CAL_N.value, repeats=_CAL_REPEATS.value)
   print("  per-event cost (ns, process CPU time):", {k: round(v, 1) for k, v in cal.raw_delta_ns.items()})
-  res: dict = {"flags": {f: getattr(flags.FLAGS, f) for f in ("steps", "repeats", "calib_n", "calib_repeats", "attr_runs",
+  res: dict = {"flags": {f: getattr(flags.FLAGS, f) for f in ("steps", "repeats", "folds", "calib_n", "calib_repeats", "attr_runs",
                                                                   "workloads", "gpu_util")},
                "jax": jax.__version__, "platform": jax.devices()[0].platform,
                "calibration": {"delta_ns": cal.delta_ns, "raw_delta_ns": cal.raw_delta_ns,
@@ -113,25 +117,26 @@ def main(_):
     for _ in range(2):  # compile + warm caches
       with profile.Profiler("off"):
         w()
-    # the paper's protocol: calibrate on this workload, then validate on separate runs
-    cal_w = profile.calibrate(w, repeats=_REPEATS.value, warmup=0)
-    v = profile.validate(w, cal_w, level="trace", repeats=_REPEATS.value, warmup=0)
-    # transfer check: the same instrumented runs corrected with the micro-benchmark deltas
-    micro_corr = [(ci - sum(n[s] * cal.delta_ns[s] for s in profile.SOURCES) / 1e9) / co
-                  for ci, n, co in zip(v.runs["cpu_inst"], v.runs["counts"], v.runs["cpu_off"])]
+    # in situ (the paper's protocol: calibrate on this workload): adjacent off/trace pairs; the tracer's
+    # per-event cost is fitted on the pairs' extra time (scope/intercept costs from the micro calibration),
+    # and validated on pairs held out of the fit (contiguous folds), on two statistics
+    ins = profile.calibrate_insitu(w, cal, repeats=_REPEATS.value, folds=_FOLDS.value, warmup=0, stat="paired")
+    held = {"paired": ins.heldout, "min": profile.crossvalidate(ins.runs, cal, folds=_FOLDS.value, stat="min")}
+    runs = {k: v for k, v in ins.runs.items() if k != "attribution"}
     # attribution: element-wise median over traced runs (single runs are noisy on a shared host)
     per_run_c, per_run_u = [], []
     for _ in range(_ATTR_RUNS.value):
       with profile.Profiler("trace") as p:
         w()
       a = profile.attribute(p)
-      per_run_c.append(profile.table_rows(profile.correct(a, cal_w)))
+      per_run_c.append(profile.table_rows(profile.correct(a, ins.wall)))
       per_run_u.append(profile.table_rows(a))
     rows_c, rows_u = _median_rows(per_run_c), _median_rows(per_run_u)
     groups[spec] = rows_c
-    entry = {"validation": v._asdict(), "calibration": {"delta_ns": cal_w.delta_ns, "raw_delta_ns": cal_w.raw_delta_ns,
-                                                         "seconds": cal_w.wall_s, "counts": cal_w.counts},
-             "cpu_bias_micro_calibration": float(np.median(micro_corr) - 1.0),
+    entry = {"pairs": runs, "heldout": held, "fitted_trace_delta_ns": {"cpu": ins.cpu.raw_delta_ns["trace"],
+                                                                       "wall": ins.wall.raw_delta_ns["trace"]},
+             "uninstrumented_wall_s": float(np.median(runs["wall_off"])),
+             "uninstrumented_wall_min_s": float(np.min(runs["wall_off"])),
              "counts": p.counts, "has_device": a.has_device, "note": a.note,
              "trace_setup_s": p.setup_ns / 1e9, "rows_corrected": profile.to_jsonable(rows_c),
              "rows_uncorrected": profile.to_jsonable(rows_u),
@@ -147,10 +152,13 @@ def main(_):
       entry["nvidia_smi_util_mean_pct"] = float(np.mean(util)) if util else None
       entry["nvidia_smi_samples"] = len(util)
     res["workloads"][spec] = entry
-    print(f"[{time.time() - t_start:6.1f}s] {spec:<22} off {v.wall_uninstrumented_s * 1e3:7.1f} ms  "
-          f"traced x{v.wall_overhead:.2f} (cpu x{v.cpu_overhead:.2f})  corrected bias wall {100 * v.wall_bias:+.1f}% "
-          f"cpu {100 * v.cpu_bias:+.1f}% (micro-cal {100 * entry['cpu_bias_micro_calibration']:+.1f}%)  sim share {100 * entry['simulation_share']:.1f}%  "
-          f"({time.time() - t0:.0f}s)", flush=True)
+    hp, hm = held["paired"], held["min"]
+    print(f"[{time.time() - t_start:6.1f}s] {spec:<22} off {1e3 * entry['uninstrumented_wall_s']:7.1f} ms  traced "
+          f"x{hp['wall_overhead']:.2f} (cpu x{hp['cpu_overhead']:.2f})  trace event {ins.cpu.raw_delta_ns['trace']:.0f} ns  "
+          f"held-out bias paired wall {100 * hp['wall_bias']:+.1f}% cpu {100 * hp['cpu_bias']:+.1f}%, min wall "
+          f"{100 * hm['wall_bias']:+.1f}% cpu {100 * hm['cpu_bias']:+.1f}%  (micro-cal paired cpu "
+          f"{100 * hp['fixed_cpu_bias']:+.1f}%)  sim share {100 * entry['simulation_share']:.1f}%  ({time.time() - t0:.0f}s)",
+          flush=True)
     print(profile.format_table(rows_c), flush=True)
 
   W = res["workloads"]
@@ -172,13 +180,32 @@ def main(_):
       findings[f"sim_time_jax_over_numpy/{algo}/cartpole"] = rj["total"] / rn["total"]
       findings[f"sim_split/{algo}/cartpole/numpy"] = {c: rn[c] / rn["total"] for c in profile.HOST_CATEGORIES}
       findings[f"sim_split/{algo}/cartpole/jax"] = {c: rj[c] / rj["total"] for c in profile.HOST_CATEGORIES}
-  vals = [e["validation"] for e in W.values()]
-  findings["bias_wall_range"] = [min(x["wall_bias"] for x in vals), max(x["wall_bias"] for x in vals)]
-  findings["bias_cpu_range"] = [min(x["cpu_bias"] for x in vals), max(x["cpu_bias"] for x in vals)]
-  findings["bias_cpu_micro_range"] = [min(e["cpu_bias_micro_calibration"] for e in W.values()),
-                                      max(e["cpu_bias_micro_calibration"] for e in W.values())]
-  findings["overhead_wall_worst"] = max(x["wall_overhead"] for x in vals)
-  findings["overhead_cpu_worst"] = max(x["cpu_overhead"] for x in vals)
+  # transfer across workloads: correct each workload's pairs with the median per-event trace cost fitted
+  # on the OTHER workloads (a single calibration for a family of workloads, never fitted on this one)
+  for spec, e in W.items():
+    others = [W[o]["fitted_trace_delta_ns"]["cpu"] for o in W if o != spec]
+    if not others:
+      continue
+    d = dict(cal.delta_ns, trace=max(0.0, float(np.median(others))))
+    r = e["pairs"]
+    ratios = [(ci - sum(n[s] * d[s] for s in profile.SOURCES) / 1e9) / co
+              for ci, n, co in zip(r["cpu_inst"], r["counts"], r["cpu_off"])]
+    e["leave_one_workload_out"] = {"trace_delta_ns": d["trace"], "cpu_bias": float(np.median(ratios)) - 1.0}
+  for st in ("paired", "min"):
+    for clk in ("wall", "cpu"):
+      vals = [e["heldout"][st][f"{clk}_bias"] for e in W.values()]
+      micro = [e["heldout"][st][f"fixed_{clk}_bias"] for e in W.values()]
+      findings[f"heldout_bias_{clk}_{st}_range"] = [min(vals), max(vals)]
+      findings[f"heldout_bias_{clk}_{st}_within_10pct"] = sum(abs(x) <= 0.1 for x in vals)
+      findings[f"micro_bias_{clk}_{st}_range"] = [min(micro), max(micro)]
+      findings[f"micro_bias_{clk}_{st}_within_10pct"] = sum(abs(x) <= 0.1 for x in micro)
+  lowo = [e["leave_one_workload_out"]["cpu_bias"] for e in W.values() if "leave_one_workload_out" in e]
+  if lowo:
+    findings["leave_one_workload_out_cpu_bias_range"] = [min(lowo), max(lowo)]
+  findings["n_workloads"] = len(W)
+  findings["overhead_wall_worst"] = max(e["heldout"]["paired"]["wall_overhead"] for e in W.values())
+  findings["overhead_cpu_worst"] = max(e["heldout"]["paired"]["cpu_overhead"] for e in W.values())
+  findings["fitted_trace_delta_ns_cpu"] = {k: e["fitted_trace_delta_ns"]["cpu"] for k, e in W.items()}
   res["findings"] = findings
   res["elapsed_s"] = time.time() - t_start
   (out / "rlscope.json").write_text(json.dumps(res, indent=1, default=float))

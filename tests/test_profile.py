@@ -187,6 +187,66 @@ def test_calibration_recovers_injected_overhead():
   assert v.wall_corrected_s < v.wall_instrumented_s  # wall time is too noisy on a shared CPU for more
 
 
+def test_insitu_calibration_recovers_injected_overhead_on_heldout_pairs():
+  inject_ns = 200_000
+
+  def work():
+    p = profile.CURRENT.get()
+    for _ in range(30):
+      if p is not None and p.level != "off":      # a known per-scope cost where the book-keeping runs
+        profile.spin_ns(inject_ns)
+      with profile.operation("step"):
+        profile.spin_ns(250_000)
+
+  ins = profile.calibrate_insitu(work, fit=("scope",), level="scopes", repeats=4, folds=2, warmup=0)
+  assert ins.fitted == ("scope",) and len(ins.runs["counts"]) == 4
+  assert ins.runs["counts"][0]["scope"] == 30
+  assert ins.cpu.delta_ns["scope"] == pytest.approx(inject_ns, rel=0.15)
+  assert ins.wall.delta_ns["scope"] > 0.5 * inject_ns
+  h = ins.heldout
+  assert h["cpu_overhead"] > 1.5                   # 30 x 200 us on top of 30 x 250 us
+  assert abs(h["cpu_bias"]) < 0.1                  # pairs corrected with deltas fitted on the other fold
+  assert h["fixed_cpu_bias"] > 0.5                 # no fixed costs given: the fallback corrects nothing
+  assert [f["pairs"] for f in h["folds"]] == [[0, 1], [2, 3]]
+  # the min statistic on the same pairs
+  hm = profile.crossvalidate(ins.runs, None, fit=("scope",), folds=2, stat="min")
+  assert abs(hm["cpu_bias"]) < 0.1 and hm["stat"] == "min"
+
+
+def _synthetic_runs(deltas, counts, off=0.01):
+  on = [off + sum(c[s] * deltas.get(s, 0.0) for s in c) / 1e9 for c in counts]
+  return {"cpu_off": [off] * len(counts), "cpu_inst": on, "wall_off": [off] * len(counts), "wall_inst": on,
+          "counts": counts, "attribution": [None] * len(counts)}
+
+
+def test_fit_deltas_and_crossvalidation_are_held_out():
+  # several sources: least squares on counts that vary across pairs recovers each cost exactly
+  cnt = [{"scope": 10 * i + 5, "intercept": 7 * (i % 3) + 1, "trace": 100 + 13 * i * i} for i in range(6)]
+  true = {"scope": 800.0, "intercept": 500.0, "trace": 300.0}
+  r = _synthetic_runs(true, cnt)
+  d = profile.fit_deltas(np.subtract(r["cpu_inst"], r["cpu_off"]), cnt, {}, ("scope", "intercept", "trace"))
+  assert d == pytest.approx(true, rel=1e-6)
+  # one fitted source with the others known
+  d1 = profile.fit_deltas(np.subtract(r["cpu_inst"], r["cpu_off"]), cnt, {"scope": 800.0, "intercept": 500.0},
+                          ("trace",))
+  assert d1["trace"] == pytest.approx(300.0, rel=1e-6)
+  # held-out: the second block costs twice as much per event; each block is corrected with the OTHER's fit
+  c = [{"scope": 0, "intercept": 0, "trace": 1000}] * 4
+  r2 = _synthetic_runs({"trace": 100.0}, c[:2])
+  r3 = _synthetic_runs({"trace": 200.0}, c[2:])
+  runs = {k: r2[k] + r3[k] for k in r2}
+  h = profile.crossvalidate(runs, {}, fit=("trace",), folds=2)
+  assert h["folds"][0]["cpu_delta_ns"]["trace"] == pytest.approx(200.0)   # fitted on block 2
+  assert h["cpu_ratios"][0] == pytest.approx((0.01 + 100e-6 - 200e-6) / 0.01)
+  assert h["cpu_ratios"][3] == pytest.approx((0.01 + 200e-6 - 100e-6) / 0.01)
+  with pytest.raises(ValueError, match="folds"):
+    profile.crossvalidate(runs, {}, folds=5)
+  with pytest.raises(ValueError, match="no events"):
+    profile.fit_deltas([1e-3], [{"scope": 0, "intercept": 0, "trace": 0}], {}, ("trace",))
+  with pytest.raises(ValueError, match="source"):
+    profile.fit_deltas([1e-3], [{"trace": 1}], {}, ("cupti",))
+
+
 def test_correct_subtracts_where_events_ran():
   table = {("default", "a"): dict(python=1000, simulator=500, dispatch=0, compile=0, transfer=0, wait=0,
                                   cpu_only=1500, overlap=0, device_only=0, idle_wait=0, total=1500,

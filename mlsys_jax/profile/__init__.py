@@ -11,6 +11,8 @@ Public API:
   summarize(attribution), load_trace(path), device_intervals(trace, ops)
   calibrate(workload, repeats=5, levels=LEVELS) -> Calibration     per-event cost of each source
   calibrate_micro(n=4000) -> Calibration                         the same from book-keeping-bound loops
+  calibrate_insitu(workload, fixed, fit=('trace',)) -> InSitu    fitted on the workload's off/traced pairs,
+                                           with held-out (cross-validated) bias; crossvalidate, fit_deltas, run_pairs
   correct(attribution, calibration) -> Corrected                   overhead subtracted where it ran
   validate(workload, calibration, level='trace') -> Validation    corrected vs uninstrumented totals
   run_levels, spin_ns
@@ -22,8 +24,9 @@ Public API:
 
 from mlsys_jax.profile.attribution import (RESOURCES, Attribution, attribute, device_intervals, load_trace,
                                            summarize)
-from mlsys_jax.profile.overhead import (Calibration, Corrected, Validation, calibrate, calibrate_micro, correct,
-                                        run_levels, spin_ns, validate)
+from mlsys_jax.profile.overhead import (Calibration, Corrected, InSitu, Validation, calibrate, calibrate_insitu,
+                                        calibrate_micro, correct, crossvalidate, fit_deltas, run_levels, run_pairs,
+                                        spin_ns, validate)
 from mlsys_jax.profile.workloads import (CartPoleNP, PendulumNP, cartpole_reset, cartpole_step, make_workload,
                                          numpy_jax_agree, pendulum_reset, pendulum_step)
 from mlsys_jax.profile.report import format_table, plot_stacked, table_rows, to_jsonable
@@ -33,7 +36,8 @@ from mlsys_jax.profile.scopes import (CURRENT, HOST_CATEGORIES, LEVELS, SOURCES,
 
 __all__ = ["Profiler", "Record", "CURRENT", "operation", "simulator", "set_phase", "jit", "device_put",
            "device_get", "block_until_ready", "attribute", "Attribution", "summarize", "load_trace",
-           "device_intervals", "calibrate", "calibrate_micro", "Calibration", "correct", "Corrected", "validate", "Validation",
+           "device_intervals", "calibrate", "calibrate_micro", "calibrate_insitu", "InSitu", "crossvalidate",
+           "fit_deltas", "run_pairs", "Calibration", "correct", "Corrected", "validate", "Validation",
            "run_levels", "spin_ns", "make_workload", "CartPoleNP", "PendulumNP", "cartpole_reset",
            "cartpole_step", "pendulum_reset", "pendulum_step", "numpy_jax_agree", "table_rows",
            "format_table", "plot_stacked", "to_jsonable", "LEVELS", "HOST_CATEGORIES", "RESOURCES", "SOURCES"]

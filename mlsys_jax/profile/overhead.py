@@ -276,3 +276,196 @@ def spin_ns(ns: int) -> None:
   end = time.perf_counter_ns() + int(ns)
   while time.perf_counter_ns() < end:
     pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-situ calibration on the workload's own uninstrumented/instrumented pairs, with held-out validation.
+
+
+class InSitu(NamedTuple):
+  """In-situ calibration of one workload (:func:`calibrate_insitu`).
+
+  ``cpu`` / ``wall``: :class:`Calibration` fitted on all pairs, on process CPU time and on wall time (the
+  attribution's clock); ``fitted``: the sources fitted here (the others come from ``fixed``);
+  ``runs``: per pair ``cpu_off, cpu_inst, wall_off, wall_inst`` (s), ``counts`` and the fold index;
+  ``heldout``: cross-validated results: every pair corrected with deltas fitted on the *other* folds only
+  (``cpu_bias`` / ``wall_bias`` = median over pairs of corrected / uninstrumented - 1, per-fold deltas,
+  per-pair ratios), and the same pairs corrected with ``fixed`` alone (``fixed_cpu_bias`` /
+  ``fixed_wall_bias``, the fallback); ``cpu_overhead`` / ``wall_overhead``: median uncorrected
+  instrumented / uninstrumented ratio."""
+  cpu: Calibration
+  wall: Calibration
+  fitted: tuple
+  runs: dict
+  heldout: dict
+
+
+def fit_deltas(dy_s: Sequence[float], counts: Sequence[dict], fixed: dict, fit: Sequence[str],
+               on_s: Sequence[float] | None = None, off_s: Sequence[float] | None = None,
+               stat: str = "paired") -> dict:
+  """Per-event costs (ns) of the sources in ``fit`` from pairs: ``dy_s[i]`` is instrumented minus
+  uninstrumented time of pair i (s), ``counts[i]`` its events per source. The known cost of the other
+  sources (``fixed`` ns per event) is subtracted first. One fitted source: the median over pairs of
+  residual / n (robust to a disturbed pair); several: least squares on the counts (needs counts that vary
+  across pairs, e.g. workloads of different lengths; otherwise the split between them is not identified).
+  ``stat='min'`` (one fitted source; needs ``on_s``/``off_s``, the instrumented and uninstrumented times)
+  uses min(on) - min(off) instead of the per-pair differences: interference from other processes only
+  adds time, so the minima are the least disturbed runs on a shared host."""
+  check_choice("stat", stat, ("paired", "min"))
+  fit = tuple(fit)
+  for s in fit:
+    if s not in SOURCES:
+      raise ValueError(f"unknown instrumentation source {s!r} in fit; expected {SOURCES}.")
+  if not fit:
+    raise ValueError("fit must name at least one source to fit in situ.")
+  if len(dy_s) != len(counts) or not len(dy_s):
+    raise ValueError(f"need one count dict per pair and at least one pair, got {len(dy_s)} and {len(counts)}.")
+  res = np.array([dy * 1e9 - sum(c.get(s, 0) * fixed.get(s, 0.0) for s in SOURCES if s not in fit)
+                  for dy, c in zip(dy_s, counts)], dtype=np.float64)
+  x = np.array([[c.get(s, 0) for s in fit] for c in counts], dtype=np.float64)
+  if np.any(x.sum(axis=0) == 0):
+    raise ValueError(f"no events of {[s for s, n in zip(fit, x.sum(axis=0)) if n == 0]} were recorded in the "
+                     "pairs; instrument at a level that emits them or leave them out of fit.")
+  if stat == "min":
+    if len(fit) != 1 or on_s is None or off_s is None:
+      raise ValueError("stat='min' fits exactly one source and needs on_s and off_s; use stat='paired'.")
+    known = float(np.mean([sum(c.get(s, 0) * fixed.get(s, 0.0) for s in SOURCES if s not in fit) for c in counts]))
+    return {fit[0]: ((min(on_s) - min(off_s)) * 1e9 - known) / max(float(np.mean(x[:, 0])), 1.0)}
+  if len(fit) == 1:
+    return {fit[0]: float(np.median(res / np.maximum(x[:, 0], 1)))}
+  sol = np.linalg.lstsq(x, res, rcond=None)[0]
+  return {s: float(v) for s, v in zip(fit, sol)}
+
+
+def run_pairs(workload: Callable[[], Any], *, level: str = "trace", repeats: int = 8,
+              warmup: int = 1) -> dict:
+  """``repeats`` adjacent (uninstrumented, ``level``) pairs of runs of ``workload`` (order alternating).
+  Returns lists of ``cpu_off, cpu_inst, wall_off, wall_inst`` (s), ``counts`` and ``attribution``
+  (of each instrumented run, for per-operation wall correction)."""
+  from mlsys_jax.profile.attribution import attribute
+  check_choice("level", level, LEVELS[1:])
+  check_int("repeats", repeats, 2)
+  check_int("warmup", warmup, 0)
+  for _ in range(warmup):
+    with Profiler("off"):
+      workload()
+  runs: dict = {k: [] for k in ("cpu_off", "cpu_inst", "wall_off", "wall_inst", "counts", "attribution")}
+  for r in range(repeats):
+    for lvl in (("off", level) if r % 2 == 0 else (level, "off")):
+      gc.collect()
+      with Profiler(lvl) as p:
+        workload()
+      if lvl == "off":
+        runs["cpu_off"].append(p.process_ns / 1e9)
+        runs["wall_off"].append(p.wall_ns / 1e9)
+      else:
+        runs["cpu_inst"].append(p.process_ns / 1e9)
+        runs["wall_inst"].append(p.wall_ns / 1e9)
+        runs["counts"].append(dict(p.counts))
+        runs["attribution"].append(attribute(p))
+  return runs
+
+
+def _deltas(fixed: dict, fitted: dict) -> dict:
+  return {s: max(0.0, fitted.get(s, fixed.get(s, 0.0))) for s in SOURCES}
+
+
+def _corrected_ratios(runs: dict, idx: Sequence[int], d_cpu: dict, d_wall: dict) -> tuple[list, list]:
+  cpu, wall = [], []
+  for i in idx:
+    over = sum(runs["counts"][i][s] * d_cpu.get(s, 0.0) for s in SOURCES) / 1e9
+    cpu.append((runs["cpu_inst"][i] - over) / runs["cpu_off"][i])
+    a = runs["attribution"][i]
+    wc = correct(a, d_wall).total_ns / 1e9 if a is not None else (
+      runs["wall_inst"][i] - sum(runs["counts"][i][s] * d_wall.get(s, 0.0) for s in SOURCES) / 1e9)
+    wall.append(wc / runs["wall_off"][i])
+  return cpu, wall
+
+
+def crossvalidate(runs: dict, fixed: Calibration | dict | None = None, *, fit: Sequence[str] = ("trace",),
+                  folds: int = 2, stat: str = "paired") -> dict:
+  """Held-out check of the in-situ fit on pairs from :func:`run_pairs`: split the pairs into ``folds``
+  contiguous blocks (in time), fit the deltas of ``fit`` on all other blocks (CPU and wall clock
+  separately), correct the block's pairs with them. Returns the held-out biases (median of per-pair
+  ratios - 1), per-fold deltas, and the biases of the same pairs corrected with ``fixed`` alone.
+  ``stat='min'``: fit on minima (see :func:`fit_deltas`) and report each block's bias as
+  min(corrected) / min(uninstrumented) - 1 (the median over blocks), on both clocks."""
+  check_choice("stat", stat, ("paired", "min"))
+  fixed_d = {} if fixed is None else (fixed.delta_ns if isinstance(fixed, Calibration) else dict(fixed))
+  n = len(runs["counts"])
+  check_int("folds", folds, 2)
+  if folds > n:
+    raise ValueError(f"folds={folds} exceeds the {n} pairs; use at most {n} folds (or more repeats).")
+  block = np.array_split(np.arange(n), folds)
+  cpu_r = [0.0] * n
+  wall_r = [0.0] * n
+  per_fold = []
+  min_c, min_w, fmin_c, fmin_w = [], [], [], []
+
+  def fit_on(idx, on, off):
+    return fit_deltas([runs[on][i] - runs[off][i] for i in idx], [runs["counts"][i] for i in idx], fixed_d, fit,
+                      [runs[on][i] for i in idx], [runs[off][i] for i in idx], stat)
+  for b in block:
+    bl = b.tolist()
+    train = [i for i in range(n) if i not in set(bl)]
+    dc, dw = fit_on(train, "cpu_inst", "cpu_off"), fit_on(train, "wall_inst", "wall_off")
+    c, w = _corrected_ratios(runs, bl, _deltas(fixed_d, dc), _deltas(fixed_d, dw))
+    for j, i in enumerate(bl):
+      cpu_r[i], wall_r[i] = c[j], w[j]
+    per_fold.append({"pairs": bl, "cpu_delta_ns": dc, "wall_delta_ns": dw})
+    if stat == "min":  # corrected time of pair i = ratio * off_i
+      min_c.append(min(c[j] * runs["cpu_off"][i] for j, i in enumerate(bl)) / min(runs["cpu_off"][i] for i in bl))
+      min_w.append(min(w[j] * runs["wall_off"][i] for j, i in enumerate(bl)) / min(runs["wall_off"][i] for i in bl))
+  fc, fw = _corrected_ratios(runs, range(n), _deltas(fixed_d, {}), _deltas(fixed_d, {}))
+  if stat == "min":
+    cb, wb = float(np.median(min_c)) - 1.0, float(np.median(min_w)) - 1.0
+    fcb = min(f * o for f, o in zip(fc, runs["cpu_off"])) / min(runs["cpu_off"]) - 1.0
+    fwb = min(f * o for f, o in zip(fw, runs["wall_off"])) / min(runs["wall_off"]) - 1.0
+    ovc = min(runs["cpu_inst"]) / min(runs["cpu_off"])
+    ovw = min(runs["wall_inst"]) / min(runs["wall_off"])
+  else:
+    cb, wb = float(np.median(cpu_r)) - 1.0, float(np.median(wall_r)) - 1.0
+    fcb, fwb = float(np.median(fc)) - 1.0, float(np.median(fw)) - 1.0
+    ovc = float(np.median(np.divide(runs["cpu_inst"], runs["cpu_off"])))
+    ovw = float(np.median(np.divide(runs["wall_inst"], runs["wall_off"])))
+  return {"stat": stat, "cpu_bias": cb, "wall_bias": wb, "cpu_overhead": ovc, "wall_overhead": ovw,
+          "cpu_ratios": cpu_r, "wall_ratios": wall_r, "folds": per_fold,
+          "fixed_cpu_bias": fcb, "fixed_wall_bias": fwb,
+          "paired_cpu_overhead": float(np.median(np.divide(runs["cpu_inst"], runs["cpu_off"]))),
+          "paired_wall_overhead": float(np.median(np.divide(runs["wall_inst"], runs["wall_off"])))}
+
+
+def calibrate_insitu(workload: Callable[[], Any], fixed: Calibration | dict | None = None, *,
+                     fit: Sequence[str] = ("trace",), level: str = "trace", repeats: int = 8, folds: int = 2,
+                     warmup: int = 1, stat: str = "paired") -> InSitu:
+  """Calibrate on the workload itself (RL-Scope Sec. 4: per-event costs from enabled/disabled runs of the
+  workload being profiled) from ``repeats`` adjacent uninstrumented/``level`` pairs: the per-pair extra
+  time minus the ``fixed`` sources' known cost (e.g. :func:`calibrate_micro`'s scope/intercept deltas) is
+  charged to the events of the ``fit`` sources (default the tracer's events, whose cost depends on the
+  workload: bigger programs and executor threads record costlier events than a micro loop). One
+  difference level-to-level is a few percent of a run; off/trace pairs differ by the whole overhead, so
+  the fit is far less noise-limited than :func:`calibrate`'s level ladder. :func:`crossvalidate` (run
+  here with ``folds``) reports the bias on pairs held out of the fit, so the validation is not circular.
+  ``stat``: 'paired' (median of per-pair differences/ratios) or 'min' (minima: a loaded shared host).
+
+  >>> from mlsys_jax import profile
+  >>> def work():
+  ...   for _ in range(20):
+  ...     with profile.operation("step"):
+  ...       profile.spin_ns(20_000)
+  >>> ins = profile.calibrate_insitu(work, fit=("scope",), level="scopes", repeats=4)
+  >>> sorted(ins.heldout)[:2], ins.fitted
+  (['cpu_bias', 'cpu_overhead'], ('scope',))
+  """
+  fixed_d = {} if fixed is None else (fixed.delta_ns if isinstance(fixed, Calibration) else dict(fixed))
+  runs = run_pairs(workload, level=level, repeats=repeats, warmup=warmup)
+  held = crossvalidate(runs, fixed_d, fit=fit, folds=folds, stat=stat)
+  cals = []
+  for clock in ("process", "wall"):
+    on, off = ("cpu_inst", "cpu_off") if clock == "process" else ("wall_inst", "wall_off")
+    raw_fit = fit_deltas(list(np.subtract(runs[on], runs[off])), runs["counts"], fixed_d, fit, runs[on], runs[off],
+                         stat)
+    raw = {s: raw_fit.get(s, fixed_d.get(s, 0.0)) for s in SOURCES}
+    cals.append(Calibration({s: max(0.0, v) for s, v in raw.items()}, raw,
+                            {"off": runs[off], level: runs[on]}, {level: runs["counts"][-1]}, clock))
+  return InSitu(cals[0], cals[1], tuple(fit), runs, held)
