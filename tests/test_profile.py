@@ -150,6 +150,8 @@ def test_trace_level_device_columns_or_clear_degradation(monkeypatch):
   assert 0 <= row["device"] <= row["total"]
   assert row["device_only"] + row["overlap"] == row["device"]
   assert p.counts["trace"] >= 1
+  # the trace events split by kind: one annotation per operation, kinds sum to the count
+  assert sum(p.trace_kinds.values()) == p.counts["trace"] and p.trace_kinds["annotation"] == 1
   # no profiler backend: degrade to CPU categories, warn once
   def broken(*a, **k):
     raise RuntimeError("no profiler backend")

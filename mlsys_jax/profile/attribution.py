@@ -85,10 +85,17 @@ def device_intervals(trace: dict, ops: list[Record]) -> list[tuple[int, int]]:
   return parse_trace(trace, ops)[0]
 
 
-def parse_trace(trace: dict, ops: list[Record]) -> tuple[list[tuple[int, int]], list[int]]:
+TRACE_KINDS = ("annotation", "host_thread", "executor", "device")
+
+
+def parse_trace(trace: dict, ops: list[Record], kinds: list | None = None) -> tuple[list[tuple[int, int]], list[int]]:
   """``(device-busy union, start times of all trace events)`` on the ``perf_counter_ns`` clock. Every
   recorded event (annotations, runtime TraceMe's on the Python and XLA threads, device activities) is
-  book-keeping the tracer adds: the unit of the ``trace`` overhead source, located at its start."""
+  book-keeping the tracer adds: the unit of the ``trace`` overhead source, located at its start.
+  If ``kinds`` is a list, it receives one label of :data:`TRACE_KINDS` per host event (same order):
+  this profiler's ``annotation``, other events on the annotating (Python) thread (``host_thread``),
+  XLA executor-thread events (``executor``), device-process events (``device``); other threads count
+  as ``executor``."""
   ev = trace["traceEvents"]
   pname: dict = {}
   tname: dict = {}
@@ -125,6 +132,9 @@ def parse_trace(trace: dict, ops: list[Record]) -> tuple[list[tuple[int, int]], 
     name = str(e.get("name", ""))
     key = (e.get("pid"), e.get("tid"))
     host.append(int(float(e["ts"]) * 1e3 - off))
+    if kinds is not None:
+      kinds.append("annotation" if name.startswith(_ANN_PREFIX) else "device" if e.get("pid") in dev_pids
+                   else "host_thread" if key in ann_threads else "executor")
     if dev_pids:
       if e.get("pid") not in dev_pids:
         continue

@@ -340,8 +340,9 @@ def fit_deltas(dy_s: Sequence[float], counts: Sequence[dict], fixed: dict, fit: 
 def run_pairs(workload: Callable[[], Any], *, level: str = "trace", repeats: int = 8,
               warmup: int = 1) -> dict:
   """``repeats`` adjacent (uninstrumented, ``level``) pairs of runs of ``workload`` (order alternating).
-  Returns lists of ``cpu_off, cpu_inst, wall_off, wall_inst`` (s), ``counts`` and ``attribution``
-  (of each instrumented run, for per-operation wall correction)."""
+  Returns lists of ``cpu_off, cpu_inst, wall_off, wall_inst`` (s), ``counts``, ``trace_kinds`` (the
+  ``trace`` events split by kind, ``Profiler.trace_kinds``) and ``attribution`` (of each instrumented run,
+  for per-operation wall correction)."""
   from mlsys_jax.profile.attribution import attribute
   check_choice("level", level, LEVELS[1:])
   check_int("repeats", repeats, 2)
@@ -349,7 +350,8 @@ def run_pairs(workload: Callable[[], Any], *, level: str = "trace", repeats: int
   for _ in range(warmup):
     with Profiler("off"):
       workload()
-  runs: dict = {k: [] for k in ("cpu_off", "cpu_inst", "wall_off", "wall_inst", "counts", "attribution")}
+  runs: dict = {k: [] for k in ("cpu_off", "cpu_inst", "wall_off", "wall_inst", "counts", "trace_kinds",
+                                "attribution")}
   for r in range(repeats):
     for lvl in (("off", level) if r % 2 == 0 else (level, "off")):
       gc.collect()
@@ -362,6 +364,7 @@ def run_pairs(workload: Callable[[], Any], *, level: str = "trace", repeats: int
         runs["cpu_inst"].append(p.process_ns / 1e9)
         runs["wall_inst"].append(p.wall_ns / 1e9)
         runs["counts"].append(dict(p.counts))
+        runs["trace_kinds"].append(dict(p.trace_kinds))
         runs["attribution"].append(attribute(p))
   return runs
 

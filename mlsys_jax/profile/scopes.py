@@ -135,6 +135,7 @@ class Profiler:
     self._open: set[str] = set()
     self._phase = "default"
     self.counts = {s: 0 for s in SOURCES}
+    self.trace_kinds: dict = {}  # level='trace': the 'trace' events split by kind (attribution.TRACE_KINDS)
     self.trace_path: str | None = None
     self.degraded: str | None = None
     self.start_ns = self.end_ns = 0
@@ -210,11 +211,14 @@ class Profiler:
                    key=os.path.getmtime)
     if found:
       self.trace_path = found[-1]
-      from mlsys_jax.profile.attribution import load_trace, parse_trace
+      from mlsys_jax.profile.attribution import TRACE_KINDS, load_trace, parse_trace
       ops = [r for r in self._records if r.kind == "operation"]
       if ops:  # the tracer's events in the window: the unit of the 'trace' overhead source
-        host = parse_trace(load_trace(self.trace_path), ops)[1]
-        self.counts["trace"] = sum(self.start_ns <= t < self.end_ns for t in host)
+        kinds: list = []
+        host = parse_trace(load_trace(self.trace_path), ops, kinds)[1]
+        inside = [k for t, k in zip(host, kinds) if self.start_ns <= t < self.end_ns]
+        self.counts["trace"] = len(inside)
+        self.trace_kinds = {k: inside.count(k) for k in TRACE_KINDS}
     else:
       self._degrade(f"no trace file written under {self.trace_dir}")
 
