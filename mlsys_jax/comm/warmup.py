@@ -13,9 +13,9 @@ thresholds, warm-start factors) starts at the end of the warm-up. It wraps any t
     out_t = pmean(g_t)                 for t < steps
     out_t = compressor.update(g_t)     for t >= steps
 
-Measured (``experiments/compressed_adam.py``; docs/comm.md has the table): a short dense start closes
-most of the gap between compressed and dense training at a short horizon, for a byte cost of ``steps``
-dense all-reduces.
+Measured (``experiments/compressed_adam.py --warmup``, digits, 8 workers, density 1%): at a short horizon
+a dense start narrows the gap to dense Adam (150 steps, one seed: ``chain(topk, adam)`` 88.9% -> 92.9% with
+15 dense steps, Adam 98.7%); at 600 steps it gave no gain. It costs ``steps`` dense all-reduces.
 
 Non-finite gradients during the warm-up: one ``pmax`` of a flag makes every device agree; the step sends
 nothing, returns zeros and counts ``nonfinite_steps`` (after the warm-up the compressor counts its own).
