@@ -15,7 +15,7 @@ thresholds, warm-start factors) starts at the end of the warm-up. It wraps any t
 
 Measured (``experiments/compressed_adam.py --warmup``, digits, 8 workers, density 1%): at a short horizon
 a dense start narrows the gap to dense Adam (150 steps, one seed: ``chain(topk, adam)`` 88.9% -> 92.9% with
-15 dense steps, Adam 98.7%); at 600 steps it gave no gain. It costs ``steps`` dense all-reduces.
+15 dense steps, Adam 98.7%; ``experiments/results/exploratory/``). It costs ``steps`` dense all-reduces.
 
 Non-finite gradients during the warm-up: one ``pmax`` of a flag makes every device agree; the step sends
 nothing, returns zeros and counts ``nonfinite_steps`` (after the warm-up the compressor counts its own).
