@@ -12,7 +12,7 @@ corrected with (1) alone; each workload corrected with the median cost fitted on
 paper's qualitative findings with numbers: on-policy (A2C) vs off-policy (DQN) simulation share, numpy vs
 JAX simulator.
 
-  python experiments/rlscope_eval.py                          # CPU, about 3 minutes on an idle 2-core host
+  python experiments/rlscope_eval.py                          # CPU, about 4 minutes on an idle 2-core host
   python experiments/rlscope_eval.py --gpu_util               # on a GPU host: + nvidia-smi utilization
                                                               #   vs the trace's device-busy fraction
 
@@ -40,8 +40,8 @@ from mlsys_jax import profile  # noqa: E402
 
 _OUT = flags.DEFINE_string("out_dir", "results/rlscope", "Output folder.")
 _STEPS = flags.DEFINE_integer("steps", 256, "Environment (or training) steps per workload run.")
-_REPEATS = flags.DEFINE_integer("repeats", 12, "Interleaved uninstrumented/instrumented run pairs per workload.")
-_FOLDS = flags.DEFINE_integer("folds", 3, "Contiguous folds of the pairs for the held-out check of the in-situ fit.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Interleaved uninstrumented/instrumented run pairs per workload.")
+_FOLDS = flags.DEFINE_integer("folds", 4, "Contiguous folds of the pairs for the held-out check of the in-situ fit.")
 _CAL_N = flags.DEFINE_integer("calib_n", 3000, "Events per calibration loop.")
 _CAL_REPEATS = flags.DEFINE_integer("calib_repeats", 5, "Repeats per calibration level.")
 _ATTR_RUNS = flags.DEFINE_integer("attr_runs", 3, "Traced runs whose corrected attributions are median-merged.")
