@@ -18,3 +18,22 @@ def axis_size(axis_name) -> int:
     return jax.lax.axis_size(axis_name)  # type: ignore[attr-defined]
   except AttributeError:  # pragma: no cover - older jax
     return jax.lax.psum(1, axis_name)
+
+
+def triton_compiler_params(num_warps: int | None, num_stages: int | None):
+  """Pallas-Triton compiler parameters under either name (``CompilerParams`` in newer jax,
+  ``TritonCompilerParams`` before); None when this jax has neither (Pallas then uses its defaults)."""
+  from jax.experimental.pallas import triton as plgpu
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+  return None if cls is None else cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def run_outside_traces(fn):
+  """``fn()`` (a pytree) as numpy arrays, computed on a fresh thread: JAX's trace state is per thread, so
+  this compiles and runs now even when the caller is being traced (``jit``, ``grad``, ``vmap``). Used by
+  the GPU kernels' once-per-process self-tests against the XLA path."""
+  import concurrent.futures
+
+  import numpy as np
+  with concurrent.futures.ThreadPoolExecutor(1) as ex:
+    return ex.submit(lambda: jax.tree_util.tree_map(np.asarray, fn())).result()

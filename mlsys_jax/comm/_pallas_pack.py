@@ -31,6 +31,8 @@ try:  # Pallas and its Triton-specific load/store with masks
 except Exception:  # pragma: no cover - jax without Pallas/Triton support
   pl = plgpu = None
 
+from mlsys_jax._compat import triton_compiler_params
+
 BLOCK = 64          # entries per block (the granularity of the block maxima)
 TILE_BLOCKS = 64    # blocks per program of the count/write kernels (4096 entries)
 STATS_BLOCKS = 128  # blocks per program of the statistics kernel (8192 entries)
@@ -48,10 +50,7 @@ def available() -> bool:
 
 
 def _compiler_params(num_warps: int):
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
-  if cls is None:  # pragma: no cover
-    return None
-  return cls(num_warps=num_warps, num_stages=1)
+  return triton_compiler_params(num_warps, 1)
 
 
 def _call(kernel, out_shape, grid, interpret, num_warps, **kw):

@@ -509,14 +509,24 @@ def _threshold_from_sums(abs_x, s1, s2, ratio, distribution, stages, first_ratio
   mn = jnp.zeros_like(mean)
   target = jnp.maximum(jnp.asarray(ratio, jnp.float32) * n, 1.0)
 
+  def first(r):
+    return _stage_threshold(distribution, mn, mean, var, r, True)
+
   def later(t, i_ratio):
     mn, mean, var, n_in = _masked_moments(abs_x, abs_x > t)
     return jnp.where(n_in > target, _stage_threshold(distribution, mn, mean, var, i_ratio, False), t)
 
+  return _stage_schedule(first, later, ratio, stages, first_ratio)
+
+
+def _stage_schedule(first, later, ratio, stages, first_ratio):
+  """SIDCo's multi-stage schedule, shared by the one-vector and the per-segment fits: ``first(r)`` fits
+  the first stage at density ``r``; ``later(t, i_ratio)`` refits the exceedances of ``t``. Unrolled when
+  ``stages`` is a Python int (and ``ratio`` may be traced), a ``while_loop`` when ``stages`` is traced."""
   if isinstance(stages, (int, np.integer)):
     if _is_static(ratio):
       multi = stages > 1 and ratio < first_ratio
-      t = _stage_threshold(distribution, mn, mean, var, first_ratio if multi else ratio, True)
+      t = first(first_ratio if multi else ratio)
       if multi:
         i_ratio = (ratio / first_ratio) ** (1.0 / (stages - 1))
         for _ in range(stages - 1):
@@ -524,14 +534,14 @@ def _threshold_from_sums(abs_x, s1, s2, ratio, distribution, stages, first_ratio
       return t
     ratio = jnp.asarray(ratio, jnp.float32)
     multi = (ratio < first_ratio) & (stages > 1)
-    t = _stage_threshold(distribution, mn, mean, var, jnp.where(multi, first_ratio, ratio), True)
+    t = first(jnp.where(multi, first_ratio, ratio))
     i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / max(stages - 1, 1)), 1.0)
     for _ in range(stages - 1):
       t = jnp.where(multi, later(t, i_ratio), t)
     return t
   stages = jnp.asarray(stages, jnp.int32)
   multi = (stages > 1) & (ratio < first_ratio)
-  t0 = _stage_threshold(distribution, mn, mean, var, jnp.where(multi, first_ratio, ratio), True)
+  t0 = first(jnp.where(multi, first_ratio, ratio))
   loops = jnp.where(multi, stages - 1, 0)
   i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / jnp.maximum(stages - 1, 1)), 1.0)
   _, t = jax.lax.while_loop(lambda c: c[0] < loops, lambda c: (c[0] + 1, later(c[1], i_ratio)),
@@ -766,34 +776,14 @@ def _seg_threshold(a_tiles, lay: _Layout, s1, s2, ratio, distribution, stages, f
   mn = jnp.zeros_like(mean)
   target = jnp.maximum(jnp.asarray(ratio, jnp.float32) * n, 1.0)
 
+  def first(r):
+    return _stage_threshold(distribution, mn, mean, var, r, True)
+
   def later(t, i_ratio):
     mn, mean, var, n_in = _seg_masked_moments(a_tiles, lay.per_tile(t), lay)
     return jnp.where(n_in > target, _stage_threshold(distribution, mn, mean, var, i_ratio, False), t)
 
-  if isinstance(stages, (int, np.integer)) and _is_static(ratio):
-    multi = stages > 1 and ratio < first_ratio
-    t = _stage_threshold(distribution, mn, mean, var, first_ratio if multi else ratio, True)
-    if multi:
-      i_ratio = (ratio / first_ratio) ** (1.0 / (stages - 1))
-      for _ in range(stages - 1):
-        t = later(t, i_ratio)
-    return t
-  if isinstance(stages, (int, np.integer)):
-    ratio = jnp.asarray(ratio, jnp.float32)
-    multi = (ratio < first_ratio) & (stages > 1)
-    t = _stage_threshold(distribution, mn, mean, var, jnp.where(multi, first_ratio, ratio), True)
-    i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / max(stages - 1, 1)), 1.0)
-    for _ in range(stages - 1):
-      t = jnp.where(multi, later(t, i_ratio), t)
-    return t
-  stages = jnp.asarray(stages, jnp.int32)
-  multi = (stages > 1) & (ratio < first_ratio)
-  t0 = _stage_threshold(distribution, mn, mean, var, jnp.where(multi, first_ratio, ratio), True)
-  loops = jnp.where(multi, stages - 1, 0)
-  i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / jnp.maximum(stages - 1, 1)), 1.0)
-  _, t = jax.lax.while_loop(lambda c: c[0] < loops, lambda c: (c[0] + 1, later(c[1], i_ratio)),
-                            (jnp.asarray(0, jnp.int32), t0))
-  return t
+  return _stage_schedule(first, later, ratio, stages, first_ratio)
 
 
 def _seg_floor(t, bmax, lay: _Layout, j):

@@ -235,30 +235,12 @@ def validate(workload: Callable[[], Any], cal: Calibration | dict, *, level: str
   repeats of instrumented/uninstrumented of the same, adjacent pair; the seconds are medians), 'min' or
   'median'."""
   check_choice("stat", stat, ("paired", "min", "median"))
-  from mlsys_jax.profile.attribution import attribute
-  check_choice("level", level, LEVELS[1:])
-  check_int("repeats", repeats, 1)
   delta = cal.delta_ns if isinstance(cal, Calibration) else dict(cal)
-  for _ in range(warmup):
-    with Profiler("off"):
-      workload()
-  runs: dict = {k: [] for k in ("wall_off", "wall_inst", "wall_corr", "cpu_off", "cpu_inst", "cpu_corr",
-                                "counts")}
-  for r in range(repeats):
-    for lvl in (("off", level) if r % 2 == 0 else (level, "off")):
-      gc.collect()
-      with Profiler(lvl) as p:
-        workload()
-      if lvl == "off":
-        runs["wall_off"].append(p.wall_ns / 1e9)
-        runs["cpu_off"].append(p.process_ns / 1e9)
-      else:
-        over = sum(p.counts[s] * delta.get(s, 0.0) for s in SOURCES)
-        runs["wall_inst"].append(p.wall_ns / 1e9)
-        runs["wall_corr"].append(correct(attribute(p), delta).total_ns / 1e9)
-        runs["cpu_inst"].append(p.process_ns / 1e9)
-        runs["cpu_corr"].append((p.process_ns - over) / 1e9)
-        runs["counts"].append(dict(p.counts))
+  pairs = run_pairs(workload, level=level, repeats=repeats, warmup=warmup)
+  runs: dict = {k: pairs[k] for k in ("wall_off", "wall_inst", "cpu_off", "cpu_inst", "counts")}
+  runs["wall_corr"] = [correct(a, delta).total_ns / 1e9 for a in pairs["attribution"]]
+  runs["cpu_corr"] = [cpu - sum(c[s] * delta.get(s, 0.0) for s in SOURCES) / 1e9
+                      for cpu, c in zip(pairs["cpu_inst"], pairs["counts"])]
   agg = np.min if stat == "min" else np.median
   m = {k: float(agg(v)) for k, v in runs.items() if k != "counts"}
 
@@ -345,7 +327,7 @@ def run_pairs(workload: Callable[[], Any], *, level: str = "trace", repeats: int
   for per-operation wall correction)."""
   from mlsys_jax.profile.attribution import attribute
   check_choice("level", level, LEVELS[1:])
-  check_int("repeats", repeats, 2)
+  check_int("repeats", repeats, 1)
   check_int("warmup", warmup, 0)
   for _ in range(warmup):
     with Profiler("off"):

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from mlsys_jax._compat import run_outside_traces, triton_compiler_params
 from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["SUPPORTED_VECTOR_SIZES", "default_config", "fp8_vector_quantize", "kernel_self_test", "on_gpu",
@@ -54,14 +55,6 @@ _MAGIC_F = 12582912.0          # 1.5 * 2^23: float(p) = bitcast(p + _MAGIC_I) - 
 def on_gpu() -> bool:
   """Whether the default JAX backend is a GPU (where the kernel compiles through Triton)."""
   return jax.default_backend() == "gpu"
-
-
-def _run_outside_traces(fn):
-  """``fn()`` as numpy, computed on a fresh thread: JAX's trace state is per thread, so this compiles
-  and runs now even when the caller is being traced (``jit``, ``grad``, ``vmap``)."""
-  import concurrent.futures
-  with concurrent.futures.ThreadPoolExecutor(1) as ex:
-    return ex.submit(lambda: jax.tree_util.tree_map(np.asarray, fn())).result()
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +89,7 @@ def kernel_self_test(vector_size: int) -> bool:
     return same_p, jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)
 
   try:
-    same_p, err = _run_outside_traces(jax.jit(check))
+    same_p, err = run_outside_traces(jax.jit(check))
     if not (bool(same_p) and float(err) < 1e-5):
       raise RuntimeError(f"kernel and XLA differ (int32 partial sums identical: {bool(same_p)}, "
                          f"relative error of the output {float(err):.3g})")
@@ -105,14 +98,6 @@ def kernel_self_test(vector_size: int) -> bool:
     warnings.warn(f"mlsys_jax.quant: the per-vector GEMM kernel (V={v}) failed its self-test ({e!r:.300});"
                   " using the XLA integer path.", RuntimeWarning, stacklevel=3)
     return False
-
-
-def _compiler_params(num_warps: int | None, num_stages: int | None):
-  """Triton compiler parameters under either name (``CompilerParams`` in jax >= 0.7,
-  ``TritonCompilerParams`` before)."""
-  from jax.experimental.pallas import triton as plgpu
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 def _pow2_at_least(x: int, low: int) -> int:
@@ -540,7 +525,7 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
           pl.BlockSpec((1, bn), lambda p: (0, col(p))),
       ],
       out_specs=pl.BlockSpec((bm, bn), lambda p: (row(p), col(p))),
-      compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+      compiler_params=None if interpret else triton_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name=f"vs_{kind}_gemm_v{v}_{w_layout}",
   )(a, w, sa, sw, ca, cw)
@@ -590,7 +575,7 @@ def vs_int8_partial_sums(a_codes: jax.Array, w_codes: jax.Array, *, vector_size:
                 (pl.BlockSpec((bn, kp), lambda i, j, gg: (j, 0)) if w_nk
                  else pl.BlockSpec((kp, bn), lambda i, j, gg: (0, j)))],
       out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, gg: (gg, i, j)),
-      compiler_params=None if interpret else _compiler_params(None, None),
+      compiler_params=None if interpret else triton_compiler_params(None, None),
       interpret=interpret,
       name=f"vs_int8_partials_v{vector_size}",
   )(a, w.T if w_nk else w)

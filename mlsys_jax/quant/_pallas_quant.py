@@ -39,6 +39,8 @@ try:
 except Exception:  # pragma: no cover - jax without Pallas/Triton support
   pl = plgpu = None
 
+from mlsys_jax._compat import run_outside_traces, triton_compiler_params
+
 ROW_ELEMS = 8192        # elements per program of the per-row kernel (rows * padded row length)
 MAX_ROW = 16384         # longest row (padded to a power of two) the per-row kernel takes
 COLS = 16               # columns per program of the column-strip kernels (256 programs at 4096)
@@ -54,14 +56,6 @@ def available() -> bool:
 
 
 _IN_SELF_TEST = False
-
-
-def _run_outside_traces(fn):
-  """``np.asarray(fn())`` computed on a fresh thread: JAX's trace state is per thread, so this runs and
-  compiles now even when the caller is being traced (jit, vmap, grad)."""
-  import concurrent.futures
-  with concurrent.futures.ThreadPoolExecutor(1) as ex:
-    return ex.submit(lambda: np.asarray(fn())).result()
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +84,7 @@ def _kernel_self_test() -> bool:
     return jnp.stack(out)
 
   try:
-    ok = _run_outside_traces(jax.jit(same))
+    ok = run_outside_traces(jax.jit(same))
     if not ok.all():
       raise RuntimeError(f"kernels and XLA path differ: {ok.tolist()}")
     return True
@@ -154,14 +148,9 @@ def _scale_zp(lo, hi, nbad, bits: int, symmetric: bool, unsigned: bool, qmin: in
   return scale, zp
 
 
-def _compiler_params(num_warps: int, num_stages: int):
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=num_stages)
-
-
 def _call(kernel, out_shape, grid, impl: str, num_warps: int, num_stages: int | None, *args):
   interpret = impl == "interpret"
-  cp = None if interpret else _compiler_params(num_warps, num_stages or NUM_STAGES)
+  cp = None if interpret else triton_compiler_params(num_warps, num_stages or NUM_STAGES)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
                         compiler_params=cp)(*args)
 

@@ -46,6 +46,8 @@ try:  # Pallas and its Triton-specific load/store with masks
 except Exception:  # pragma: no cover - jax without Pallas/Triton support
   pl = plgpu = None
 
+from mlsys_jax._compat import run_outside_traces, triton_compiler_params
+
 WORDS = 256        # 32-lane words per program (1024 uint8 codes)
 NUM_WARPS = 4      # warps per program
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
@@ -246,24 +248,13 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
                   cpw, width, dtype)
     plgpu.store(o_ref.at[offs], combine(c, _unpack(f, cpw, width, dtype), o), mask=ok)
 
-  cp = None
-  if not interpret:
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    cp = cls(num_warps=num_warps or NUM_WARPS, num_stages=1)
+  cp = None if interpret else triton_compiler_params(num_warps or NUM_WARPS, 1)
   out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n,), dtype), grid=(grid,),
                        interpret=interpret, compiler_params=cp)(allp, flat)
   return out.reshape(shape)
 
 
 ENABLED = True   # False sends inject_bit_errors / inject_stuck_at to the XLA path everywhere
-
-
-def _run_outside_traces(fn):
-  """``np.asarray(fn())`` computed on a fresh thread: JAX's trace state is per thread, so this runs and
-  compiles now even when the caller is being traced (jit, vmap, grad)."""
-  import concurrent.futures
-  with concurrent.futures.ThreadPoolExecutor(1) as ex:
-    return ex.submit(lambda: np.asarray(fn())).result()
 
 
 @functools.lru_cache(maxsize=None)
@@ -284,7 +275,7 @@ def _kernel_self_test() -> bool:
     return jnp.stack(out)
 
   try:
-    ok = _run_outside_traces(jax.jit(same))
+    ok = run_outside_traces(jax.jit(same))
     if not ok.all():
       raise RuntimeError(f"kernel and XLA path differ (cases uint8, uint8 stuck-at, uint16, uint16 "
                          f"stuck-at: {ok.tolist()})")
