@@ -186,18 +186,26 @@ class PowerSGDState(NamedTuple):
   nonfinite_steps: jax.Array
 
 
+def _state_field(state: Any, name: str):
+  """The first ``name`` field of a compression state found in ``state`` (itself, or nested in an optax
+  chain's tuple of states), or None."""
+  if hasattr(state, name):
+    return getattr(state, name)
+  if isinstance(state, (tuple, list)):
+    for s in state:
+      f = _state_field(s, name)
+      if f is not None:
+        return f
+  return None
+
+
 def total_bytes(state: Any) -> float:
   """Cumulative bytes one device sent, from a :class:`PowerSGDState`, an ACCORDION state, a
   ``SparsifierState``, or an optax chain state that contains one of them (first found)."""
-  if hasattr(state, "total_bytes"):
-    return float(np.asarray(state.total_bytes).reshape(-1)[0])
-  if isinstance(state, (tuple, list)):
-    for s in state:
-      try:
-        return total_bytes(s)
-      except ValueError:
-        continue
-  raise ValueError(f"no compression state with total_bytes found in {type(state).__name__}.")
+  f = _state_field(state, "total_bytes")
+  if f is None:
+    raise ValueError(f"no compression state with total_bytes found in {type(state).__name__}.")
+  return float(np.asarray(f).reshape(-1)[0])
 
 
 def _initial_q(leaves: Sequence[Any], ranks: Sequence[int], seed: int) -> tuple:

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from mlsys_jax._checks import check_floating, check_int
+from mlsys_jax.comm.lowrank import _state_field
 from mlsys_jax.comm.sparse import _check_axis, _global_finite
 
 __all__ = ["WarmupState", "dense_warmup"]
@@ -52,18 +53,6 @@ class WarmupState(NamedTuple):
   bytes_sent: jax.Array
   total_bytes: jax.Array
   nonfinite_steps: jax.Array
-
-
-def _field(state: Any, name: str):
-  """The first ``name`` field found in a (nested) compressor state, or None."""
-  if hasattr(state, name):
-    return getattr(state, name)
-  if isinstance(state, (tuple, list)):
-    for s in state:
-      f = _field(s, name)
-      if f is not None:
-        return f
-  return None
 
 
 def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
@@ -101,7 +90,7 @@ def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
   def init_fn(params):
     check_floating("dense_warmup.init", params)
     inner = compressor.init(params)
-    if _field(inner, "bytes_sent") is None:
+    if _state_field(inner, "bytes_sent") is None:
       raise TypeError("dense_warmup: the compressor's state has no bytes_sent field; wrap a compressor of "
                       "mlsys_jax.comm (sidco, topk, dgc, randomk, powersgd, accordion).")
     f = jnp.zeros((), jnp.float32)
@@ -112,7 +101,7 @@ def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
     _check_axis(axis_name)
     if steps == 0:
       out, inner = compressor.update(updates, state.inner_state, params)
-      sent = jnp.asarray(_field(inner, "bytes_sent"), jnp.float32)
+      sent = jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32)
       return out, WarmupState(state.step + 1, inner, sent, state.total_bytes + sent, state.nonfinite_steps)
     leaves = jax.tree_util.tree_leaves(updates)
     dense_bytes = float(sum(int(np.size(l)) * jnp.dtype(l.dtype).itemsize for l in leaves))
@@ -127,7 +116,7 @@ def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
     def compressed(_):
       out, inner = compressor.update(updates, state.inner_state, params)
       out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, updates)
-      return out, inner, jnp.asarray(_field(inner, "bytes_sent"), jnp.float32), jnp.asarray(False)
+      return out, inner, jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32), jnp.asarray(False)
 
     out, inner, sent, bad = jax.lax.cond(state.step < steps, dense, compressed, None)
     return out, WarmupState(state.step + 1, inner, sent, state.total_bytes + sent,
