@@ -30,6 +30,7 @@ import optax  # noqa: E402
 
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
+from mlsys_jax.comm.lowrank import total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import dense_warmup  # noqa: E402
 
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["mnist1d", "digits"], "Data set.")
@@ -94,7 +95,7 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0):
   if compressor is None:
     sent = 4.0 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * _STEPS.value
   else:
-    sent = float(np.asarray(state[0].total_bytes).reshape(-1)[0])   # the wrapper's total when warmed up
+    sent = total_bytes(state)   # worker 0's count (the wrapper's total when warmed up)
   return acc, sent
 
 
