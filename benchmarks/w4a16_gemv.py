@@ -1,0 +1,202 @@
+"""W4A16 GEMV (packed int4 weights, per-group scales, Pallas Triton kernel) vs a bf16 GEMV, batch 1-16.
+
+At small batch a matmul is bound by reading its weights: packed int4 is 0.5 byte per weight plus one
+scale per group (bf16: 2 bytes per ``group_size`` weights) against 2 bytes for bf16, so the ceiling is
+about 4x. Baselines in the same run: ``x @ W`` in bf16 with float32 accumulation (XLA; cuBLAS/Triton
+GEMV), and XLA on the packed weights (dequantize to bf16 then dot; dequantize to float32 then dot, the
+library's reference path). The read floor is the packed bytes over the measured device bandwidth.
+
+Method: every method runs ``--reps`` (32) times inside ONE jitted function, each launch on a different
+activation and rotating over enough weight copies to span ``--rotate_bytes`` (256 MiB, > 2x the L2), so
+weights come from HBM; the sum of every output element is returned (nothing can be sliced away). All
+kernel configurations of a case are compiled first (in parallel threads), checked against the XLA path,
+then each is timed with ``mlsys_jax.stats.time_interleaved`` against the bf16 baseline in the same
+process.
+
+  python benchmarks/w4a16_gemv.py --out benchmarks/results        # GPU
+  python benchmarks/w4a16_gemv.py --small                         # CPU smoke test (interpret mode)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from mlsys_jax import stats  # noqa: E402
+from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
+from mlsys_jax.quant import weight_only as wo  # noqa: E402
+
+SWEEP = ("fma:32:2:1:2:3,fma:32:2:1:4:3,fma:32:4:1:4:4,fma:64:1:1:4:3,fma:64:2:1:4:3,fma:64:4:1:4:3,"
+         "fma:64:2:1:4:4,fma:64:2:1:8:3,fma:64:2:2:4:3,fma:64:1:4:4:3,fma:128:1:1:4:3,fma:128:2:1:8:3,"
+         "fma:128:1:2:4:3,fma:256:1:1:8:3,dot:32:2:1:4:3,dot:64:1:1:4:3,dot:64:2:2:4:3,dot:128:1:1:4:3")
+OTHER = "fma:32:2:1:4:3,fma:64:2:1:4:3,fma:64:2:2:4:3,fma:128:1:1:4:3,dot:64:1:1:4:3,dot:128:1:1:4:3"
+
+
+def _extra(ap):
+  ap.add_argument("--shapes", default="8192x8192,8192x28672", help="KxN weight shapes")
+  ap.add_argument("--batches", default="1,4,16")
+  ap.add_argument("--group_size", type=int, default=128)
+  ap.add_argument("--reps", type=int, default=32, help="launches per timed call")
+  ap.add_argument("--rotate_bytes", type=float, default=256 * 2**20,
+                  help="rotate enough weight copies to span this many bytes (> 2x the L2)")
+  ap.add_argument("--repeats", type=int, default=10, help="timed pairs per comparison")
+  ap.add_argument("--configs", default=SWEEP,
+                  help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages for the first case")
+  ap.add_argument("--other_configs", default=OTHER, help="the same for every other case")
+  ap.add_argument("--fma_max_batch", type=int, default=4, help="skip 'fma' configs above this batch")
+  ap.add_argument("--name", default="w4a16_gemv", help="JSON file name")
+
+
+def _parse(spec: str):
+  out = []
+  for c in spec.split(","):
+    if c:
+      v, bn, bps, sk, nw, ns = c.split(":")
+      out.append((v, int(bn), int(bps), int(sk), int(nw), int(ns)))
+  return out
+
+
+def _looped(op, copies, reps):
+  """``op(x_r, w_{r mod copies})`` for ``reps`` different activations, summed over every output
+  element, in one jitted function."""
+  def f(xs, ws):
+    return sum(jnp.sum(op(xs[r], ws[r % copies]).astype(jnp.float32)) for r in range(reps))
+  return jax.jit(f)
+
+
+def _compile_all(fns: dict, args: dict) -> dict:
+  """Compile every ``fns[name]`` on ``args[name]`` in parallel threads: name -> compiled or exception."""
+  def one(name):
+    try:
+      return fns[name].lower(*args[name]).compile()
+    except Exception as e:  # recorded per configuration
+      return e
+  with concurrent.futures.ThreadPoolExecutor(8) as ex:
+    return dict(zip(fns, ex.map(one, list(fns))))
+
+
+def main():
+  args = common.parse_args(__doc__, _extra)
+  on_gpu = jax.devices()[0].platform == "gpu"
+  interpret = not on_gpu
+  if args.small:
+    shapes, batches, reps0, repeats = [(256, 96)], [1, 4], 2, 3
+    sweep = [("fma", 32, 1, 1, 4, 3), ("fma", 32, 2, 2, 4, 3), ("dot", 32, 1, 1, 4, 3)]
+    other = [("fma", 32, 1, 1, 4, 3), ("dot", 32, 1, 1, 4, 3)]
+    gs = 64
+  else:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    reps0, repeats = args.reps, args.repeats
+    sweep, other = _parse(args.configs), _parse(args.other_configs)
+    gs = args.group_size
+  t_start = time.time()
+  bw_copy = common.copy_bandwidth(1 << (22 if args.small else 30), repeats=3 if args.small else 20)
+  bw_read = common.read_bandwidth(1 << (22 if args.small else 30), repeats=3 if args.small else 20)
+  print(f"copy bandwidth {bw_copy / 1e12:.3f} TB/s (read + write), read bandwidth {bw_read / 1e12:.3f} "
+        f"TB/s", flush=True)
+  rows = []
+  first = True
+  for k, n in shapes:
+    packed_bytes = k * n // 2 + (k // gs) * n * 2
+    copies = 2 if args.small else max(2, int(np.ceil(args.rotate_bytes / packed_bytes)))
+    copies_b = 2 if args.small else max(2, int(np.ceil(args.rotate_bytes / (2 * k * n))))
+    reps = max(reps0, copies)
+    wf = [jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.float32) * 0.02 for i in range(copies)]
+    packed = [wo.pack_int4(w, gs) for w in wf]
+    wb = [w.astype(jnp.bfloat16) for w in wf[:copies_b]]
+    del wf
+    jax.block_until_ready(packed)
+    for b in batches:
+      t_case = time.time()
+      xs = jax.random.normal(jax.random.PRNGKey(1000 + b), (reps, b, k), jnp.float32).astype(jnp.bfloat16)
+      ref = np.asarray(wo.w4a16_matmul(xs[0], packed[0], impl="xla"))
+      cfgs = sweep if first else other
+      cfgs = [c for c in cfgs if not (c[0] == "fma" and b > args.fma_max_batch)]
+      first = False
+      fns, fargs, single = {}, {}, {}
+      for c in cfgs:
+        v, bn, bps, sk, nw, ns = c
+        kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
+                  interpret=interpret)
+        name = ":".join(map(str, c))
+        op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
+        fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
+        single[name] = jax.jit(op)
+      fns["bf16"] = _looped(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), copies_b, reps)
+      fargs["bf16"] = (xs, wb)
+      fns["xla_packed_bf16"] = _looped(
+          lambda x, p: jnp.dot(x, wo.dequantize_int4(p, jnp.bfloat16), preferred_element_type=jnp.float32),
+          copies, reps)
+      fargs["xla_packed_bf16"] = (xs, packed)
+      fns["xla_packed_f32"] = _looped(lambda x, p: wo.w4a16_matmul(x, p, impl="xla"), copies, reps)
+      fargs["xla_packed_f32"] = (xs, packed)
+      compiled = _compile_all(fns, fargs)
+      t_compiled = time.time()
+      row = {"k": k, "n": n, "batch": b, "group_size": gs, "reps": reps, "copies": copies,
+             "copies_bf16": copies_b, "packed_bytes": packed[0].nbytes(), "bf16_bytes": 2 * k * n,
+             "read_floor_seconds": packed[0].nbytes() / bw_read,
+             "copy_floor_seconds": packed[0].nbytes() / bw_copy,
+             "bf16_read_floor_seconds": 2 * k * n / bw_read, "configs": []}
+      fb = compiled["bf16"]
+      if isinstance(fb, Exception):
+        raise fb
+      for name in list(fns):
+        if name in ("bf16",):
+          continue
+        fc = compiled[name]
+        entry = {"config": name}
+        if isinstance(fc, Exception):
+          entry["error"] = f"{type(fc).__name__}: {str(fc)[:300]}"
+        else:
+          try:
+            if name in single:
+              got = np.asarray(single[name](xs[0], packed[0]))
+              entry["rel_error_vs_xla"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+            t = stats.time_interleaved(lambda: fc(*fargs[name]), lambda: fb(*fargs["bf16"]),
+                                       repeats=repeats, warmup=2)
+            entry.update(seconds=t.median_a / reps, bf16_seconds=t.median_b / reps,
+                         speedup_vs_bf16=t.ratio, p_faster_than_bf16=t.p_a_faster)
+          except Exception as e:
+            entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if name in single:
+          row["configs"].append(entry)
+        else:
+          row[name] = entry
+        print(b, k, n, entry, flush=True)
+      ok = [e for e in row["configs"] if "seconds" in e and e.get("rel_error_vs_xla", 1) < 1e-5]
+      if ok:
+        best = min(ok, key=lambda e: e["seconds"])
+        row.update(best_config=best["config"], pallas_seconds=best["seconds"],
+                   bf16_seconds=best["bf16_seconds"], speedup_vs_bf16=best["speedup_vs_bf16"],
+                   p_faster_than_bf16=best["p_faster_than_bf16"],
+                   fraction_of_read_floor=row["read_floor_seconds"] / best["seconds"])
+        for base in ("xla_packed_bf16", "xla_packed_f32"):
+          if "seconds" in row.get(base, {}):
+            row[f"speedup_vs_{base}"] = row[base]["seconds"] / best["seconds"]
+      row["compile_seconds"] = t_compiled - t_case
+      row["case_seconds"] = time.time() - t_case
+      rows.append(row)
+      common.write_json(args.out, args.name, {"env": common.environment(), "rows": rows, "partial": True,
+                                              "copy_bandwidth_bytes_per_s": bw_copy,
+                                              "read_bandwidth_bytes_per_s": bw_read})
+  payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": bw_copy,
+             "read_bandwidth_bytes_per_s": bw_read, "rows": rows, "small": bool(args.small),
+             "interpret": interpret, "total_seconds": time.time() - t_start}
+  common.write_json(args.out, args.name, payload)
+  common.print_table([{kk: vv for kk, vv in r.items() if not isinstance(vv, (list, dict))} for r in rows],
+                     ["k", "n", "batch", "best_config", "pallas_seconds", "bf16_seconds", "speedup_vs_bf16",
+                      "speedup_vs_xla_packed_bf16", "read_floor_seconds", "fraction_of_read_floor"])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,222 @@
+"""Weight-only int4 (W4A16) GEMV for small batches as a Pallas (Triton backend) kernel.
+
+At batch 1-16 a matmul ``x (B, K) @ W (K, N)`` is bound by reading W: bf16 weights are 2 bytes per
+element, packed int4 codes 0.5 bytes plus a per-group scale. The kernel reads the packed words once,
+unpacks them in registers, multiplies in float32 and applies the per-group scales (VS-Quant's
+per-vector scaling along K: Dai et al., "VS-Quant", MLSys 2021, Sec. 3, with one float scale per V = G
+elements instead of the two-level integer scales):
+
+    y[b, n] = sum_g  s[g, n] * sum_{k in group g} x[b, k] * c[k, n],     c in [-7, 7].
+
+Layout (see :func:`mlsys_jax.quant.weight_only.pack_int4`): ``words (K/8, N)`` uint32, K cut in blocks
+of 128; within block ``t``, word row ``16 t + j`` holds in nibble ``i`` (bits ``4i .. 4i+3``) the code of
+element ``k = 128 t + 16 i + j`` plus 8 (offset binary, 1..15). So nibble plane ``i`` of a block is a
+``(16, N)`` slab of codes whose activations ``x[:, 128 t + 16 i : + 16]`` are contiguous.
+
+Unpacking uses the exponent trick: ``bitcast_f32(((w >> 4i) & 15) | 0x4B000000) = 2^23 + u`` exactly, so
+``c = that - (2^23 + 8)`` is the signed code as a float in three integer/float instructions (a shift, one
+and-or, one subtraction) without an int -> float conversion instruction.
+
+Two variants of the inner product:
+  - ``'fma'``: for each batch row, ``acc (16, block_n) += c * x[b, plane][:, None]`` on the CUDA cores
+    (float32 products and sums), reduced over the 16 rows once at the end.
+  - ``'dot'``: ``x[:, plane] (Bp, 16) @ c (16, block_n)`` on the tensor cores (codes are exact in bf16;
+    the batch is padded to 16 rows), float32 accumulation.
+Per group the partial sums are multiplied by the group's scale row and added to the output accumulator.
+
+Grid: ``(N / block_n, split_k)``; with ``split_k > 1`` each program covers ``K / split_k`` and the partial
+outputs are summed by XLA afterwards. Off the GPU the kernel runs in Pallas's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from mlsys_jax._checks import check_choice, check_int
+from mlsys_jax._compat import triton_compiler_params
+
+__all__ = ["BLOCK_K", "VARIANTS", "default_config", "int4_gemv", "on_gpu"]
+
+BLOCK_K = 128                  # K elements per packing block: 16 uint32 rows x 8 nibbles
+PLANE = 16                     # K elements per nibble plane
+VARIANTS = ("fma", "dot")
+_MAGIC_I = 0x4B000000          # bit pattern of 2^23
+_MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
+
+# The launch parameters used when none are given; from the H200 sweep (benchmarks/w4a16_gemv.py).
+_DEFAULT = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=1, num_warps=4, num_stages=3)
+
+
+def on_gpu() -> bool:
+  """Whether the default JAX backend is a GPU (where the kernel compiles through Triton)."""
+  return jax.default_backend() == "gpu"
+
+
+def _pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def default_config(batch: int, k: int, n: int) -> dict:
+  """Launch parameters for ``(batch, K) @ (K, N)``: the tuned defaults, with ``blocks_per_step`` and
+  ``split_k`` reduced until they divide K's blocks and ``block_n`` shrunk for narrow N."""
+  cfg = dict(_DEFAULT)
+  if batch > 4:
+    cfg["variant"] = "dot"
+  nb = k // BLOCK_K
+  while cfg["split_k"] > 1 and nb % cfg["split_k"]:
+    cfg["split_k"] //= 2
+  while cfg["blocks_per_step"] > 1 and (nb // cfg["split_k"]) % cfg["blocks_per_step"]:
+    cfg["blocks_per_step"] //= 2
+  cfg["block_n"] = min(cfg["block_n"], max(16, _pow2(n)))
+  return cfg
+
+
+def _unpack_plane(words, i: int):
+  """Nibble plane ``i`` of int32 words as float32 signed codes (exact; see the module docstring)."""
+  u = words if i == 0 else jax.lax.shift_right_logical(words, jnp.int32(4 * i))
+  bits = jnp.bitwise_or(jnp.bitwise_and(u, jnp.int32(15)), jnp.int32(_MAGIC_I))
+  return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F)
+
+
+def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks_per_step: int,
+                 steps: int, group_size: int, precision):
+  bn = w_ref.shape[1]
+  step_k = BLOCK_K * blocks_per_step
+  planes = step_k // PLANE
+  per_group = min(group_size // PLANE, planes)     # consecutive planes sharing one scale row
+  groups_per_step = planes // per_group
+
+  def mult(x, m):
+    return x if isinstance(x, int) else pl.multiple_of(x, m)
+
+  def partial(words_of, k0, p):
+    """Products of plane ``p`` of this step (k offset ``k0``): a list (fma: one per batch row) or an
+    array (dot)."""
+    u, i = divmod(p, 8)
+    c = _unpack_plane(words_of[u], i)                                  # (16, bn) float32
+    kk = mult(k0 + u * BLOCK_K + i * PLANE, PLANE)
+    if variant == "dot":
+      xs = x_ref[:, pl.ds(kk, PLANE)]                                  # (Bp, 16)
+      return jax.lax.dot(xs, c.astype(xs.dtype), precision=precision,
+                         preferred_element_type=jnp.float32)           # (Bp, bn)
+    return [c * x_ref[b, pl.ds(kk, PLANE)].astype(jnp.float32)[:, None] for b in range(batch)]
+
+  def add(a, b):
+    if isinstance(a, list):
+      return [u + v for u, v in zip(a, b)]
+    return a + b
+
+  def body(it, acc):
+    k0 = mult(it * step_k, step_k)
+    words_of = [w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
+                for u in range(blocks_per_step)]
+    for q in range(groups_per_step):
+      part = None
+      for p in range(q * per_group, (q + 1) * per_group):
+        pr = partial(words_of, k0, p)
+        part = pr if part is None else add(part, pr)
+      g = jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size))
+      srow = s_ref[pl.ds(g, 1), :].astype(jnp.float32)                 # (1, bn)
+      if variant == "dot":
+        acc = acc + part * srow
+      else:
+        acc = [a + pt * srow for a, pt in zip(acc, part)]
+    return acc
+
+  if variant == "dot":
+    init = jnp.zeros(o_ref.shape, jnp.float32)
+  else:
+    init = [jnp.zeros((PLANE, bn), jnp.float32) for _ in range(batch)]
+  acc = jax.lax.fori_loop(0, steps, body, init)
+  if variant == "dot":
+    o_ref[...] = acc.astype(o_ref.dtype)
+  else:
+    for b in range(batch):
+      o_ref[b, :] = jnp.sum(acc[b], axis=0).astype(o_ref.dtype)
+
+
+def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jnp.float32,
+              variant: str | None = None, block_n: int | None = None,
+              blocks_per_step: int | None = None, split_k: int | None = None,
+              num_warps: int | None = None, num_stages: int | None = None,
+              interpret: bool | None = None) -> jax.Array:
+  """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
+
+  Args:
+    x: ``(B, K)`` bfloat16 or float32 activations, ``K % 128 == 0``.
+    words: ``(K / 8, N)`` uint32 packed codes (layout in the module docstring).
+    scales: ``(K / group_size, N)`` float scales (bfloat16 or float32), ``group_size`` a power of two
+      >= 16 or K itself (one scale per column).
+    out_dtype: output dtype (the float32 result is cast once when stored).
+    variant: ``'fma'`` or ``'dot'``; None (and each launch parameter left None): :func:`default_config`.
+    block_n: output columns per program (power of two >= 16); N is zero-padded to a multiple.
+    blocks_per_step: 128-element K blocks per loop step (power of two).
+    split_k: programs along K (a power of two dividing the K blocks); partial outputs summed by XLA.
+    num_warps, num_stages: Triton launch / pipelining parameters.
+    interpret: run in Pallas's interpreter; default: on every backend but the GPU.
+
+  Returns:
+    ``(B, N)`` in ``out_dtype``.
+
+  Example:
+    >>> words = jnp.full((16, 16), 0x99999999, jnp.uint32)       # every code 9 - 8 = 1
+    >>> int4_gemv(jnp.ones((1, 128)), words, jnp.full((1, 16), 0.5))[0, :3].tolist()
+    [64.0, 64.0, 64.0]
+  """
+  b, k = x.shape
+  n = words.shape[1]
+  group_size = k // scales.shape[0]
+  cfg = default_config(b, k, n)
+  variant = variant or cfg["variant"]
+  check_choice("variant", variant, VARIANTS)
+  bn = block_n or cfg["block_n"]
+  bps = blocks_per_step or cfg["blocks_per_step"]
+  sk = split_k or cfg["split_k"]
+  nw, ns = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
+  nb = k // BLOCK_K
+  for name, v in (("block_n", bn), ("blocks_per_step", bps), ("split_k", sk)):
+    check_int(name, v, 1)
+    if v & (v - 1):
+      raise ValueError(f"{name} must be a power of two, got {v}.")
+  check_int("block_n", bn, 16, 1024)
+  if nb % (sk * bps):
+    raise ValueError(f"K={k} has {nb} blocks of {BLOCK_K}; split_k * blocks_per_step = {sk * bps} must "
+                     f"divide it. Pass smaller values.")
+  if scales.shape[0] % sk:
+    raise ValueError(f"split_k={sk} must divide the number of scale groups ({scales.shape[0]}); per-column "
+                     f"scales (one group) need split_k=1.")
+  if interpret is None:
+    interpret = not on_gpu()
+  bp = max(16, _pow2(b)) if variant == "dot" else _pow2(b)
+  xp = x if bp == b else jnp.pad(x, ((0, bp - b), (0, 0)))
+  np_ = -(-n // bn) * bn
+  w = jax.lax.bitcast_convert_type(words, jnp.int32)
+  s = scales
+  if np_ != n:
+    w = jnp.pad(w, ((0, 0), (0, np_ - n)))
+    s = jnp.pad(s, ((0, 0), (0, np_ - n)))
+  kc, gc = k // sk, scales.shape[0] // sk
+  precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+  kernel = functools.partial(_gemv_kernel, variant=variant, batch=bp, blocks_per_step=bps,
+                             steps=kc // (BLOCK_K * bps), group_size=group_size, precision=precision)
+  odt = out_dtype if sk == 1 else jnp.float32
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((sk, bp, np_), odt),
+      grid=(np_ // bn, sk),
+      in_specs=[pl.BlockSpec((bp, kc), lambda j, q: (0, q)),
+                pl.BlockSpec((kc // 8, bn), lambda j, q: (q, j)),
+                pl.BlockSpec((gc, bn), lambda j, q: (q, j))],
+      out_specs=pl.BlockSpec((None, bp, bn), lambda j, q: (q, 0, j)),
+      compiler_params=None if interpret else triton_compiler_params(nw, ns),
+      interpret=interpret,
+      name=f"w4a16_gemv_{variant}",
+  )(xp, w, s)
+  out = out[0] if sk == 1 else jnp.sum(out, axis=0).astype(out_dtype)
+  if bp != b or np_ != n:
+    out = out[:b, :n]
+  return out
