@@ -1,21 +1,37 @@
-"""MicroRec (Jiang et al., MLSys 2021) lookup paths: embedding-stage and whole-model latency, batch 1..4096.
+"""MicroRec (Jiang et al., MLSys 2021): where a small-batch DLRM call goes, the serving entry point, and the
+embedding stage against the random-row gather floor.
 
-Three lookup paths over the same tables (26 Criteo-sized tables, width 16, by default):
+Tables: 26 Criteo-sized tables, width 16 (``--spec criteo``); the combined plan is ``optimal_plan`` within
+``--budget`` extra storage (26 -> 17 lookups at 5%). The model is the DLRM of the earlier runs (bottom MLP
+13-512-256-64-16, dot interaction, top 512-256-1). Three parts (``--parts``), all raw seconds:
 
-- ``per_table``: one ``jnp.take`` per table (the plain baseline);
-- ``fused``: one gather over all tables concatenated (row offsets), the strongest baseline;
-- ``combined``: the exact planner's Cartesian combination (``optimal_plan`` within ``--budget`` extra
-  storage), its physical tables fused per width;
-- ``combined_chunks``: the same plan as ONE gather of adjacent gcd-wide chunk rows (``fuse="chunks"``).
+``dispatch``: what a jitted call costs before any work: a trivial jitted function with k = 1..48 device
+arguments (``noop_s``), the same with one numpy argument (host->device copy), and one device->host copy.
 
-Timings, each interleaved with the ``fused`` baseline (``mlsys_jax.stats.time_interleaved``; raw seconds):
-``stage_loop_s``: embedding stage, per lookup batch inside one jitted ``fori_loop`` of ``--loop``
-iterations (indices shift every iteration, so nothing is hoisted; device time without dispatch);
-``model_call_s``: the whole DLRM (bottom MLP 13-512-256-64-16, dot interaction, top 512-256-1) as one
-jitted call per batch, as a user makes it. ``floor_s``: the random-row gather floor of the path, rows x
-ceil(row bytes / 32) x 32 bytes over the measured copy bandwidth.
+``serve`` (batches ``--serve_batches``): the whole model per call, in two modes. ``user``: numpy dense and
+indices in, numpy logits out (as a serving user calls it); ``device``: inputs already on the device, block
+on the result. Variants, timed round-robin in the same process (median of ``--serve_rounds``):
 
-  PYTHONPATH=. python benchmarks/microrec_lookup.py --out $OUT          # GPU (H200): the issue's targets
+- ``per_table``: user code: ``jax.jit(model.apply)(variables, stage, dense, idx)``, one table per
+  argument (26 buffers), one ``take`` per table, weights as a pytree (14 arrays);
+- ``concat``: the same with the 26 tables concatenated into one buffer (row offsets, one gather);
+- ``combined_pytree``: the combined plan through the same user code (buffers per width: 16 and 32);
+- ``server_identity``: :class:`microrec.Server` with the per-table plan (one buffer, weights compiled in,
+  one int32 array in and one out): the serving design without combination;
+- ``server``: :class:`microrec.Server` with the combined plan (``server_packed``, ``server_pytree``: its
+  weights as one flat buffer / as a pytree argument instead of compiled in).
+
+``model_loop_s``: device time per whole-model call, ``--loop`` calls in one jitted ``fori_loop`` (indices
+shift every iteration), and ``empty_loop_s`` the loop alone (index shift + a sum).
+
+``stage`` (batches ``--batches``): the embedding stage per lookup batch for ``per_table``, ``fused`` (one
+gather over all tables), ``combined`` (plan, one gather per width) and ``combined_chunks`` (plan, one
+gather of gcd-wide chunk rows over ONE buffer): ``stage_loop_s`` inside a ``fori_loop``, ``stage_unrolled_s``
+as ``--unroll`` independent lookups in one jitted call (no loop overhead; the kernels queue back to back).
+``floor_read_s``: the issue's random-row gather floor, rows x ceil(row bytes / 32) x 32 B over the
+measured copy bandwidth (read+write bytes per second); ``floor_rw_s`` adds writing the output once.
+
+  PYTHONPATH=. python benchmarks/microrec_lookup.py --out $OUT          # GPU (H200)
   python benchmarks/microrec_lookup.py --small                           # CPU smoke test (tiny tables)
 """
 
@@ -24,6 +40,7 @@ from __future__ import annotations
 import math
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -32,16 +49,19 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.infer import microrec as mr  # noqa: E402
 
 
 def _flags(ap):
   ap.add_argument("--spec", default="criteo", choices=["criteo", "alibaba47"])
   ap.add_argument("--budget", type=float, default=0.05, help="extra storage allowed to the combined plan")
-  ap.add_argument("--batches", default="1,4,16,64,256,1024,4096")
-  ap.add_argument("--loop", type=int, default=100, help="lookup batches per jitted loop")
-  ap.add_argument("--repeats", type=int, default=30)
+  ap.add_argument("--parts", default="dispatch,serve,stage")
+  ap.add_argument("--batches", default="1,256,1024,4096", help="stage part")
+  ap.add_argument("--serve_batches", default="1,64,4096")
+  ap.add_argument("--loop", type=int, default=100, help="calls per jitted fori_loop")
+  ap.add_argument("--unroll", type=int, default=8, help="independent stage lookups per unrolled call")
+  ap.add_argument("--rounds", type=int, default=30, help="timed rounds (stage part)")
+  ap.add_argument("--serve_rounds", type=int, default=200, help="timed rounds (serve and dispatch parts)")
   ap.add_argument("--zipf", type=float, default=0.0, help="Zipf exponent of the access pattern (0: uniform)")
 
 
@@ -49,89 +69,198 @@ def sector_bytes(width: int, itemsize: int = 4) -> int:
   return int(math.ceil(width * itemsize / 32) * 32)
 
 
-def stage_loop(stage, rows, n: int):
-  """``n`` lookups of one batch in ONE jitted loop; indices shift by one every iteration."""
-  rows = jnp.asarray(rows, jnp.int32)[None]
+def round_robin(fns: dict, rounds: int, warmup: int = 5) -> dict:
+  """Time zero-argument callables round-robin (order rotated every round); each call ends when its result
+  is ready (``block_until_ready``, or a host numpy value). Returns name -> array of seconds."""
+  names = list(fns)
+  for _ in range(warmup):
+    for n in names:
+      jax.block_until_ready(fns[n]())
+  out = {n: np.empty(rounds) for n in names}
+  for r in range(rounds):
+    k = r % len(names)
+    for n in names[k:] + names[:k]:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[n]())
+      out[n][r] = time.perf_counter() - t0
+  return out
 
-  @jax.jit
-  def run(st, idx):
-    def body(i, acc):
-      out, _ = mr.lookup(st, (idx + i) % rows)
-      return acc + jnp.sum(out)
-    return jax.lax.fori_loop(0, n, body, jnp.float32(0))
-  return lambda idx: run(stage, idx)
+
+def summary(ts: np.ndarray) -> dict:
+  return {"median_s": float(np.median(ts)), "p10_s": float(np.percentile(ts, 10)),
+          "p90_s": float(np.percentile(ts, 90))}
+
+
+def part_dispatch(rounds):
+  fns, res = {}, {}
+  for k in (1, 2, 4, 8, 16, 32, 48):
+    xs = [jnp.full((4,), float(i)) for i in range(k)]
+    f = jax.jit(lambda *a: a[0] + a[-1])
+    fns[f"noop_{k}"] = (lambda f=f, xs=xs: f(*xs))
+  x_np = np.zeros((1, 39), np.int32)
+  g = jax.jit(lambda a: a + 1)
+  x_dev = jnp.asarray(x_np)
+  fns["numpy_arg_1"] = lambda: g(x_np)
+  fns["device_arg_1"] = lambda: g(x_dev)
+  fns["device_arg_1_to_host"] = lambda: np.asarray(g(x_dev))  # minus device_arg_1: one device->host copy
+  ts = round_robin(fns, rounds)
+  for n, t in ts.items():
+    res[n] = summary(t)
+  return res
+
+
+def shifted(idx, i, rows):
+  return (idx + i) % rows
 
 
 def main():
   args = common.parse_args(__doc__.splitlines()[0], _flags)
+  parts = set(args.parts.split(","))
   specs = {"criteo": mr.CRITEO_26, "alibaba47": mr.ALIBABA_47}[args.spec]
   batches = [int(b) for b in args.batches.split(",")]
-  loop, repeats = args.loop, args.repeats
+  serve_batches = [int(b) for b in args.serve_batches.split(",")]
+  loop, rounds, srounds = args.loop, args.rounds, args.serve_rounds
   if args.small:
     specs = tuple(mr.TableSpec(min(s.rows, 5000), s.dim) for s in specs)
-    batches, loop, repeats = [1, 64, 1024], 20, 7
+    batches, serve_batches, loop, rounds, srounds = [1, 1024], [1, 64], 10, 5, 20
+  out = {"env": common.environment(), "args": vars(args)}
+  t_start = time.perf_counter()
+  if "dispatch" in parts:
+    out["dispatch"] = part_dispatch(srounds)
+    print("dispatch:", {k: round(v["median_s"] * 1e6, 1) for k, v in out["dispatch"].items()}, "us")
   dims = {s.dim for s in specs}
   interaction = "dot" if len(dims) == 1 else "concat"
   width = dims.pop() if interaction == "dot" else 16
+  nt, nd = len(specs), 13
   plan = mr.optimal_plan(specs, args.budget)
   rep = mr.plan_report(specs, plan)
-  print(f"{args.spec}: {len(specs)} tables -> {rep.lookups} lookups, storage +{100 * rep.overhead:.2f}%")
+  out["plan"] = {"groups": [list(g) for g in plan.groups], **rep._asdict()}
+  print(f"{args.spec}: {nt} tables -> {rep.lookups} lookups, storage +{100 * rep.overhead:.2f}%")
   tables = mr.init_tables(0, specs)
-  stages = {"per_table": mr.build_stage(tables, mr.Plan.identity(len(specs))),
-            "fused": mr.build_stage(tables, mr.Plan.identity(len(specs)), fuse=True),
+  ident = mr.Plan.identity(nt)
+  stages = {"per_table": mr.build_stage(tables, ident), "fused": mr.build_stage(tables, ident, fuse=True),
             "combined": mr.build_stage(tables, plan, fuse=True),
             "combined_chunks": mr.build_stage(tables, plan, fuse="chunks")}
+  ident_chunks = mr.build_stage(tables, ident, fuse="chunks")
   del tables
-  bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
-  model = mr.DLRM(bottom=(512, 256, 64, width), top=(512, 256), interaction=interaction)
-  dense0, idx0 = mr.synthetic_batch(0, specs, 1)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), stages["fused"], dense0, idx0)
-  apply = jax.jit(model.apply)
-  rows = [s.rows for s in specs]
-  group_widths = {name: [sum(specs[i].dim for i in g) for g in st.layout.groups] for name, st in stages.items()}
-  print({name: st.gathers for name, st in stages.items()}, "gathers per stage")
-  # the combined paths must return the per-table embeddings bit for bit on this device too
+  print(f"stages built ({time.perf_counter() - t_start:.0f} s)")
+  rows = np.asarray([s.rows for s in specs], np.int32)
   _, idx_chk = mr.synthetic_batch(123, specs, 256, zipf=args.zipf or None)
   look = jax.jit(mr.lookup)
   ref = np.asarray(look(stages["per_table"], idx_chk)[0])
-  identical = {name: bool(np.array_equal(np.asarray(look(st, idx_chk)[0]), ref)) for name, st in stages.items()}
-  print("bit-identical to per-table lookups:", identical)
-  results = []
-  for b in batches:
-    dense, idx = mr.synthetic_batch(b, specs, b, zipf=args.zipf or None)
-    dense, idx = jnp.asarray(dense), jnp.asarray(idx)
-    base_loop = stage_loop(stages["fused"], rows, loop)
-    for name in ("per_table", "combined", "combined_chunks"):
-      st = stages[name]
-      lp = stage_loop(st, rows, loop)
-      tl = stats.time_interleaved(lambda: base_loop(idx), lambda: lp(idx), repeats=repeats, warmup=2)
-      tm = stats.time_interleaved(lambda: apply(variables, stages["fused"], dense, idx),
-                                  lambda: apply(variables, st, dense, idx), repeats=repeats * 3, warmup=3)
-      row = {"batch": b, "path": name, "lookups": st.lookups, "gathers": st.gathers,
-             "stage_loop_s": tl.median_b / loop, "fused_stage_loop_s": tl.median_a / loop,
-             "stage_vs_fused": tl.median_b / tl.median_a, "stage_p_faster_than_fused": 1.0 - tl.p_a_faster,
-             "model_call_s": tm.median_b, "fused_model_call_s": tm.median_a,
-             "floor_s": b * sum(sector_bytes(w) for w in group_widths[name]) / bw,
-             "fused_floor_s": b * sum(sector_bytes(w) for w in group_widths["fused"]) / bw}
-      row["stage_vs_floor"] = row["stage_loop_s"] / row["floor_s"]
-      results.append(row)
-  # whole-model per-call: combined against per_table directly (the issue's batch-1 target)
-  direct = []
-  for b in batches[:2]:
-    dense, idx = mr.synthetic_batch(b, specs, b, zipf=args.zipf or None)
-    for name in ("combined", "combined_chunks"):
-      t = stats.time_interleaved(lambda: apply(variables, stages["per_table"], dense, idx),
-                                 lambda: apply(variables, stages[name], dense, idx), repeats=repeats * 3,
-                                 warmup=3)
-      direct.append({"batch": b, "path": name, "per_table_model_call_s": t.median_a, "model_call_s": t.median_b,
-                     "speedup": t.median_a / t.median_b, "p_faster": 1.0 - t.p_a_faster})
-  common.print_table(results, ["batch", "path", "lookups", "stage_loop_s", "fused_stage_loop_s", "stage_vs_fused",
-                               "floor_s", "stage_vs_floor", "model_call_s", "fused_model_call_s"])
-  common.print_table(direct, ["batch", "path", "per_table_model_call_s", "model_call_s", "speedup"])
-  common.write_json(args.out, "microrec_lookup" + ("_small" if args.small else ""), {
-      "env": common.environment(), "args": vars(args), "copy_bandwidth_Bps": bw,
-      "plan": {"groups": [list(g) for g in plan.groups], **rep._asdict()},
-      "bit_identical": identical, "rows": results, "model_direct": direct})
+  out["bit_identical"] = {n: bool(np.array_equal(np.asarray(look(st, idx_chk)[0]), ref))
+                          for n, st in list(stages.items()) + [("identity_chunks", ident_chunks)]}
+  print("bit-identical to per-table lookups:", out["bit_identical"])
+
+  if "serve" in parts:
+    model = mr.DLRM(bottom=(512, 256, 64, width), top=(512, 256), interaction=interaction)
+    d0, i0 = mr.synthetic_batch(0, specs, 1, num_dense=nd)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), stages["fused"], d0, i0)
+    apply = jax.jit(model.apply)
+    servers = {"server_identity": mr.Server(model, variables, ident_chunks, num_dense=nd),
+               "server": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd),
+               "server_packed": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd,
+                                          weights="packed"),
+               "server_pytree": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd,
+                                          weights="pytree")}
+    user_stages = {"per_table": stages["per_table"], "concat": stages["fused"], "combined_pytree": stages["combined"]}
+    serve = []
+    for b in serve_batches:
+      dense, idx = mr.synthetic_batch(b, specs, b, num_dense=nd, zipf=args.zipf or None)
+      dd, di = jnp.asarray(dense), jnp.asarray(idx)
+      ref_logits = np.asarray(apply(variables, stages["per_table"], dd, di)[0])
+      fns = {}
+      for n, st in user_stages.items():
+        fns[f"user/{n}"] = (lambda st=st: np.asarray(apply(variables, st, dense, idx)[0]))
+        fns[f"device/{n}"] = (lambda st=st: apply(variables, st, dd, di))
+      agree = {}
+      for n, sv in servers.items():
+        packed = jnp.asarray(sv.pack(dense, idx))
+        fns[f"user/{n}"] = (lambda sv=sv: sv(dense, idx)[0])
+        fns[f"device/{n}"] = (lambda sv=sv, p=packed: sv.call(p))
+        lg, bad = sv(dense, idx)
+        agree[n] = {"max_abs_diff": float(np.max(np.abs(lg - ref_logits))), "bad": bad,
+                    "bit_identical": bool(np.array_equal(lg, ref_logits))}
+      ts = round_robin(fns, srounds)
+      row = {"batch": b, "agreement_with_per_table": agree, "times": {n: summary(t) for n, t in ts.items()}}
+      # device time of one whole-model call: calls inside one fori_loop
+      sv = servers["server"]
+      packed = jnp.asarray(sv.pack(dense, idx))
+      shift = jnp.concatenate([jnp.zeros((nd,), jnp.int32), jnp.ones((nt,), jnp.int32)])
+      modulus = jnp.concatenate([jnp.full((nd,), 2**31 - 1, jnp.int32), jnp.asarray(rows)])
+
+      def model_loop(st):
+        @jax.jit
+        def run(v, st, dense, idx):
+          def body(i, acc):
+            y, _ = model.apply(v, st, dense, shifted(idx, i, rows))
+            return acc + jnp.sum(y)
+          return jax.lax.fori_loop(0, loop, body, jnp.float32(0))
+        return lambda: run(variables, st, dd, di)
+
+      @jax.jit
+      def server_loop(table, p):
+        def body(i, acc):
+          q = jnp.where(shift > 0, (p + i * shift) % modulus, p)
+          return acc + jnp.sum(sv.device_call(table, q)[:-1])
+        return jax.lax.fori_loop(0, loop, body, jnp.int32(0))
+
+      @jax.jit
+      def empty_loop(idx):
+        def body(i, acc):
+          return acc + jnp.sum(shifted(idx, i, rows))
+        return jax.lax.fori_loop(0, loop, body, jnp.int32(0))
+
+      lfns = {"per_table": model_loop(stages["per_table"]), "concat": model_loop(stages["fused"]),
+              "server": lambda: server_loop(sv.table, packed), "empty": lambda: empty_loop(di)}
+      lts = round_robin(lfns, max(5, rounds // 3), warmup=2)
+      row["model_loop_s"] = {n: float(np.median(t)) / loop for n, t in lts.items()}
+      serve.append(row)
+      med = {n: round(v["median_s"] * 1e6, 1) for n, v in row["times"].items()}
+      print(f"serve batch {b}: {med} us; device loop/call {({n: round(v * 1e6, 1) for n, v in row['model_loop_s'].items()})} us")
+      print(f"  agreement: {agree}  ({time.perf_counter() - t_start:.0f} s)")
+    out["serve"] = serve
+
+  if "stage" in parts:
+    bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
+    out["copy_bandwidth_Bps"] = bw
+    gw = {n: [sum(specs[i].dim for i in g) for g in st.layout.groups] for n, st in stages.items()}
+    stage_rows = []
+    for b in batches:
+      _, idx = mr.synthetic_batch(b, specs, b, zipf=args.zipf or None)
+      di = jnp.asarray(idx)
+      fns = {}
+      for n, st in stages.items():
+        @jax.jit
+        def lp(st, idx):
+          def body(i, acc):
+            return acc + jnp.sum(mr.lookup(st, shifted(idx, i, rows))[0])
+          return jax.lax.fori_loop(0, loop, body, jnp.float32(0))
+
+        @jax.jit
+        def unrolled(st, idx):
+          return [mr.lookup(st, shifted(idx, i, rows))[0] for i in range(args.unroll)]
+
+        fns[f"loop/{n}"] = (lambda lp=lp, st=st: lp(st, di))
+        fns[f"unrolled/{n}"] = (lambda u=unrolled, st=st: u(st, di))
+      ts = round_robin(fns, rounds, warmup=2)
+      for n in stages:
+        read = b * sum(sector_bytes(w) for w in gw[n])
+        write = b * sum(s.dim for s in specs) * 4
+        r = {"batch": b, "path": n, "lookups": stages[n].lookups, "gathers": stages[n].gathers,
+             "stage_loop_s": float(np.median(ts[f"loop/{n}"])) / loop,
+             "stage_unrolled_s": float(np.median(ts[f"unrolled/{n}"])) / args.unroll,
+             "floor_read_s": read / bw, "floor_rw_s": (read + write) / bw}
+        r["loop_vs_floor_read"] = r["stage_loop_s"] / r["floor_read_s"]
+        r["unrolled_vs_floor_read"] = r["stage_unrolled_s"] / r["floor_read_s"]
+        r["unrolled_vs_floor_rw"] = r["stage_unrolled_s"] / r["floor_rw_s"]
+        stage_rows.append(r)
+      print(f"stage batch {b} done ({time.perf_counter() - t_start:.0f} s)")
+    common.print_table(stage_rows, ["batch", "path", "lookups", "stage_loop_s", "stage_unrolled_s", "floor_read_s",
+                                    "unrolled_vs_floor_read", "unrolled_vs_floor_rw"])
+    out["stage"] = stage_rows
+  out["wall_s"] = time.perf_counter() - t_start
+  common.write_json(args.out, "microrec_lookup" + ("_small" if args.small else ""), out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ This module has
   not); :func:`sharded_lookup` places whole physical tables on the devices of one host (LPT balance of
   bytes) and gathers them under ``shard_map``;
 - :class:`DLRM`, a flax bottom-MLP / embeddings / dot (or concat, wide&deep) interaction / top-MLP model
-  whose embedding stage is an input, and :func:`synthetic_batch` (uniform or Zipf access).
+  whose embedding stage is an input, and :func:`synthetic_batch` (uniform or Zipf access);
+- :class:`Server`, the serving entry point: one table buffer, weights compiled in, one int32 array in and
+  one out per call (what makes a small-batch call cheap is mostly not the lookups; see its docstring).
 
 Out-of-range indices: with concrete indices :func:`lookup` raises ``ValueError`` naming the table; with
 traced indices (inside ``jit``) each index is clamped into its table and the number of out-of-range
@@ -61,7 +63,7 @@ __all__ = [
     "combine_tables", "combined_index", "authors_plan", "greedy_plan", "optimal_plan", "frontier",
     "EmbeddingStage", "build_stage", "lookup", "init_tables", "balanced_placement", "ShardedStage",
     "shard_stage", "sharded_lookup",
-    "DLRM", "synthetic_batch", "INDEX_LIMIT",
+    "DLRM", "Server", "synthetic_batch", "INDEX_LIMIT",
 ]
 
 INDEX_LIMIT = 2**31 - 1  # combined row indices are int32 (jax's default integer width).
@@ -685,6 +687,127 @@ class DLRM(nn.Module):
     for h in self.top:
       feats = nn.relu(nn.Dense(h)(feats))
     return nn.Dense(1)(feats)[:, 0], bad
+
+
+class Server:
+  """Serving entry point of a :class:`DLRM`: one device call per request batch, numpy in, numpy out.
+
+  What a call costs at small batch is mostly not the lookups (MicroRec section 5 measures the embedding
+  stage; on a GPU a batch-1 call is dominated by per-argument dispatch, host<->device copies and the
+  MLP kernels). The server makes the call itself cheap, for any ``plan``:
+
+  - all physical tables of ``plan`` in ONE buffer (``build_stage(..., fuse="chunks")``: gcd-wide chunk rows
+    with row offsets; a combined row stays contiguous), the only large argument;
+  - MLP weights ``weights="constants"`` closed over (compiled into the executable, no argument),
+    ``"packed"`` one flat buffer (``ravel_pytree``) or ``"pytree"`` passed as is (for comparison);
+  - dense features and raw per-table indices travel as ONE int32 array (dense bit-cast), the combined-row
+    arithmetic (mixed radix + offsets) runs on the device, and the logits and the out-of-range count come
+    back as ONE int32 array (one device->host copy).
+
+  ``server(dense, idx)`` returns ``(logits float32 (batch,), num_out_of_range)``; indices out of range raise
+  ``ValueError`` naming the table (``on_bad="raise"``, checked from the count the device returns, so the
+  good path pays nothing) or are clamped and counted (``on_bad="count"``). ``server.call(packed)`` is the
+  device function alone (input from :meth:`pack`, output a device array; :meth:`unpack` splits it).
+
+  Example:
+    >>> import jax, numpy as np
+    >>> from mlsys_jax.infer import microrec as mr
+    >>> specs = [mr.TableSpec(r, 4) for r in (3, 5, 40)]
+    >>> tables = mr.init_tables(0, specs)
+    >>> model = mr.DLRM(bottom=(8, 4), top=(8,))
+    >>> dense, idx = mr.synthetic_batch(0, specs, 2, num_dense=3)
+    >>> variables = model.init(jax.random.PRNGKey(0), mr.build_stage(tables, mr.Plan.identity(3)), dense, idx)
+    >>> server = mr.Server(model, variables, tables, mr.Plan(((0, 1), (2,))), num_dense=3)
+    >>> logits, bad = server(dense, idx)
+    >>> ref, _ = model.apply(variables, mr.build_stage(tables, mr.Plan.identity(3)), dense, idx)
+    >>> bool(np.allclose(logits, ref, rtol=1e-5, atol=1e-6)), bad, server.lookups
+    (True, 0, 2)
+  """
+
+  def __init__(self, model: DLRM, variables, tables: Sequence[jax.Array] | EmbeddingStage, plan: Plan | None = None,
+               *, num_dense: int, weights: str = "constants", on_bad: str = "raise"):
+    from jax.flatten_util import ravel_pytree
+    if not isinstance(model, DLRM):
+      raise TypeError(f"model must be a microrec.DLRM, got {type(model).__name__}.")
+    check_int("num_dense", num_dense, 0)
+    check_choice("weights", weights, ("constants", "packed", "pytree"))
+    check_choice("on_bad", on_bad, ("raise", "count"))
+    if isinstance(tables, EmbeddingStage):  # a stage built with fuse="chunks" (shared between servers)
+      if tables.layout.fuse != "chunks" or plan is not None:
+        raise ValueError("pass either (tables, plan) or one stage built with build_stage(..., fuse='chunks') "
+                         "and plan=None.")
+      self.stage = tables
+    else:
+      if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a microrec.Plan, got {type(plan).__name__}.")
+      self.stage = build_stage(tables, plan, fuse="chunks")
+    self.table = self.stage.buffers[0]
+    self.num_dense, self.weights, self.on_bad = num_dense, weights, on_bad
+    self.rows = np.asarray(self.stage.layout.rows, np.int64)
+    layout, nd = self.stage.layout, num_dense
+    if weights == "constants":
+      const = jax.tree.map(np.asarray, variables)
+      self.weight_args: tuple = ()
+      params_of = lambda: const
+    elif weights == "packed":
+      flat, unravel = ravel_pytree(variables)
+      self.weight_args = (flat,)
+      params_of = unravel
+    else:
+      self.weight_args = (variables,)
+      params_of = lambda v: v
+
+    def device_call(table, *rest):
+      *w, x = rest
+      dense = jax.lax.bitcast_convert_type(x[:, :nd], jnp.float32)
+      logits, bad = model.apply(params_of(*w), EmbeddingStage([table], layout), dense, x[:, nd:])
+      return jnp.concatenate([jax.lax.bitcast_convert_type(logits.astype(jnp.float32), jnp.int32), bad[None]])
+
+    self.device_call = device_call  # (table, *weight_args, packed) -> int32 (batch + 1,); traceable
+    self._fn = jax.jit(device_call)
+
+  @property
+  def lookups(self) -> int:
+    return self.stage.lookups
+
+  def pack(self, dense, idx) -> np.ndarray:
+    """``(batch, num_dense + tables)`` int32: dense float32 bits, then the raw per-table indices."""
+    dense = np.asarray(dense, np.float32)
+    idx = np.asarray(idx)
+    nt = len(self.rows)
+    if dense.ndim != 2 or dense.shape[1] != self.num_dense:
+      raise ValueError(f"dense must be (batch, {self.num_dense}), got shape {dense.shape}.")
+    if idx.ndim != 2 or idx.shape != (dense.shape[0], nt):
+      raise ValueError(f"indices must be (batch, {nt}) one-hot with batch {dense.shape[0]}, got {idx.shape}.")
+    if not np.issubdtype(idx.dtype, np.integer):
+      raise TypeError(f"indices must be integers, got dtype {idx.dtype}.")
+    if idx.dtype != np.int32 and idx.size and (idx.min() < 0 or idx.max() > INDEX_LIMIT):
+      self._raise_bad(idx)  # would wrap in int32
+    out = np.empty((dense.shape[0], self.num_dense + nt), np.int32)
+    out[:, :self.num_dense] = dense.view(np.int32)
+    out[:, self.num_dense:] = idx
+    return out
+
+  def call(self, packed) -> jax.Array:
+    """The device function: ``packed`` from :meth:`pack` -> int32 ``(batch + 1,)`` (logit bits, count)."""
+    return self._fn(self.table, *self.weight_args, packed)
+
+  @staticmethod
+  def unpack(out) -> tuple[np.ndarray, int]:
+    out = np.asarray(out)
+    return out[:-1].view(np.float32), int(out[-1])
+
+  def _raise_bad(self, idx):
+    bad = (idx < 0) | (idx >= self.rows[None])
+    t = int(np.argwhere(bad)[0][1])
+    raise ValueError(f"index out of range for table {t} ({self.rows[t]} rows): values in "
+                     f"[{idx[:, t].min()}, {idx[:, t].max()}]; indices must lie in [0, rows).")
+
+  def __call__(self, dense, idx) -> tuple[np.ndarray, int]:
+    logits, bad = self.unpack(self.call(self.pack(dense, idx)))
+    if bad and self.on_bad == "raise":
+      self._raise_bad(np.asarray(idx))
+    return logits, bad
 
 
 def synthetic_batch(seed: int, specs: Sequence[TableSpec], batch: int, *, num_dense: int = 13,
