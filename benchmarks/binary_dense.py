@@ -1,17 +1,30 @@
 """Packed binary dense layer (Pallas XOR+popcount) vs bf16, int8 and plain-XLA xor+popcount, batch 1-8.
 
 Bannink et al., MLSys 2021 (LCE): a binary layer at small batch is bound by reading its weights; packed
-weights are 16x fewer bytes than bf16. Every method runs ``--reps`` times inside ONE jitted function
-(back-to-back launches, rotating over ``--copies`` weight copies so that the packed weights do not
-sit in L2), timed with ``mlsys_jax.stats.time_interleaved`` against the Pallas kernel in the same run.
-The read floor is the packed weights' bytes over the measured device copy bandwidth.
+weights are 16x fewer bytes than bf16. Every method runs ``--reps`` times inside ONE jitted function:
+
+- every launch gets its OWN weights and activations (separate jit arguments, never slices of one array:
+  a slice would add a copy kernel per launch; shared weights let XLA merge dots that share an operand
+  -- DotMerger, sibling fusion -- which made the earlier 16384 bf16 baseline "run" at 12 TB/s);
+  ``reps`` distinct weight sets also span far more than the 50 MB L2;
+- every output element is consumed, by ONE fused sum over all launches at the end (no per-launch
+  reduction kernel, and nothing for XLA to slice into the dot);
+- an EMPTY Pallas kernel (same grid, writes its output, reads nothing) runs in the same loop shape: its
+  time per launch is the floor of launch + write + consumption that every method pays here.
+
+All functions of one shape (every kernel configuration, the floor, the baselines) are compiled first,
+then timed round-robin (``--repeats`` rounds, each call ``--inner`` times back to back, order rotated
+per round); medians per launch are reported with the read floor (packed weight bytes at the measured
+read bandwidth). ``best_config`` is the exact configuration with the lowest geometric mean over shapes.
 
   python benchmarks/binary_dense.py --out benchmarks/results     # GPU
   python benchmarks/binary_dense.py --small                      # CPU smoke test (interpret mode)
+  python benchmarks/binary_dense.py --conv_only                  # binary convs (CPU: LCE's setting)
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 import sys
 import time
@@ -21,141 +34,275 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant.binary import packed as pk  # noqa: E402
-from mlsys_jax.quant.binary.pallas_dense import _pallas_int32, pallas_packed_dense  # noqa: E402
+from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, default_config, packed_dot_call,  # noqa: E402
+                                                 pallas_packed_dense)
+
+DEFAULT_CONFIGS = ("default,acc:16:128:1:4:2,acc:32:128:1:4:2,acc:8:256:1:2:1,acc:32:64:2:4:2,acc:128:32:1:8:3,"
+                   "acc:32:32:1:4:3,acc:64:32:1:8:3,rows:32:256:1:8:4,rows:64:128:1:8:3,bcast:32:64:1:4:3,"
+                   "acc:16:256:1:4:1")
 
 
 def _extra(ap):
   ap.add_argument("--sizes", default="8192,16384")
-  ap.add_argument("--batches", default="1,2,4,8")
-  ap.add_argument("--reps", type=int, default=32, help="launches per timed call")
-  ap.add_argument("--copies", type=int, default=4, help="at least this many weight copies rotated")
-  ap.add_argument("--rotate_bytes", type=float, default=256 * 2**20,
-                  help="rotate enough packed-weight copies to span this many bytes (> 2x the L2)")
-  ap.add_argument("--repeats", type=int, default=10, help="timed pairs per comparison")
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--reps", type=int, default=32, help="launches per timed call, each on its own weights")
+  ap.add_argument("--repeats", type=int, default=15, help="timed rounds")
+  ap.add_argument("--inner", type=int, default=2, help="back-to-back calls per timing")
+  ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                  help="'default' or variant:block_n:block_k:splits:num_warps:num_stages, comma-separated")
+  ap.add_argument("--deadline_s", type=float, default=1e9,
+                  help="stop starting new shapes after this many seconds (results so far are written)")
+  ap.add_argument("--no_baselines", action="store_true", help="time only the Pallas configurations")
+  ap.add_argument("--old_loop", action="store_true",
+                  help="also time the previous loop shape (sliced arguments, one reduction per launch) "
+                       "with the empty kernel and the default config, at the first shape")
   ap.add_argument("--conv_only", action="store_true",
                   help="only the binary-conv section (e.g. on CPU, LCE's setting: float32 baseline)")
-  ap.add_argument("--configs", default="rows:32:128:4:3,rows:64:64:4:3,rows:16:256:4:3,rows:32:256:8:4,"
-                  "rows:64:128:8:3,bcast:32:64:4:3",
-                  help="Pallas variant:block_n:block_k:num_warps:num_stages, tried in order")
+  ap.add_argument("--with_conv", action="store_true", help="also run the binary-conv section")
+  ap.add_argument("--conv_repeats", type=int, default=10)
 
 
-def _looped(op, copies, reps):
-  """One jitted function running ``op(x_r, w_{r mod copies})`` for ``reps`` DIFFERENT activations x_r
-  (so that no two launches are the same computation and XLA cannot merge them) over rotating weight
-  copies (so that the weights come from HBM, not L2)."""
+def _parse_configs(text: str, b: int, n: int, wn: int) -> list[DenseConfig]:
+  out = []
+  for c in text.split(","):
+    if c == "default":
+      cfg = default_config(b, n, wn)
+    else:
+      v, bn, bk, s, nw, ns = c.split(":")
+      cfg = DenseConfig(v, int(bn), int(bk), int(s), int(nw), int(ns))
+    if n % cfg.block_n == 0 and wn % cfg.splits == 0 and (wn // cfg.splits) % cfg.block_k == 0 \
+        and cfg not in out:
+      out.append(cfg)
+  return out
+
+
+def _name(cfg: DenseConfig) -> str:
+  return "pallas:" + ":".join(str(v) for v in cfg)
+
+
+def _empty_kernel(a_ref, w_ref, o_ref):
+  o_ref[...] = jnp.zeros(o_ref.shape, jnp.int32)
+
+
+def _empty_call(a, w, block_n: int = 32):
+  """The floor: a Pallas call with the kernel's grid and output that reads nothing."""
+  bp, wn = a.shape
+  n = w.shape[0]
+  return pl.pallas_call(
+      _empty_kernel, out_shape=jax.ShapeDtypeStruct((bp, n), jnp.int32), grid=(n // block_n,),
+      in_specs=[pl.BlockSpec((bp, wn), lambda j: (0, 0)), pl.BlockSpec((block_n, wn), lambda j: (j, 0))],
+      out_specs=pl.BlockSpec((bp, block_n), lambda j: (0, j)),
+      interpret=jax.devices()[0].platform != "gpu")(a, w)
+
+
+def _looped(op, reps: int):
+  """``f(xs, ws)`` over two lists of ``reps`` distinct arrays: ``sum(op(x_r, w_r))`` over every output
+  element of every launch, with one fused reduction at the end; also returns launch 0's output (for
+  the exactness check, without compiling the op a second time)."""
   def f(xs, ws):
-    outs = [op(xs[r], ws[r % copies]) for r in range(reps)]
-    # Reduce EVERY output element: a slice here (o[:, :8]) lets XLA sink the slice into the dot or the
-    # popcount reduction and read only a few weight columns (seen on H200, run 2: bf16 "13 TB/s").
-    return sum(jnp.sum(o.astype(jnp.float32)) for o in outs)
+    total, first = None, None
+    for r in range(reps):
+      o = op(xs[r], ws[r])
+      first = o if first is None else first
+      total = o.astype(jnp.float32) if total is None else total + o.astype(jnp.float32)
+    return jnp.sum(total), first
   return jax.jit(f)
+
+
+def _looped_old(op, reps: int):
+  """The previous loop shape, kept to measure its overhead: stacked (sliced) activations, one
+  reduction per launch."""
+  def f(xs, ws):
+    return sum(jnp.sum(op(xs[r], ws[r]).astype(jnp.float32)) for r in range(reps))
+  return jax.jit(f)
+
+
+def _timed(fn, inner: int) -> float:
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(inner):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / inner
+
+
+def _round_robin(fns: dict, repeats: int, inner: int, warmup: int = 2) -> dict:
+  """Seconds per call of each zero-argument callable: ``repeats`` rounds, each timing every callable
+  once (order rotated per round so that drift hits all alike). Returns ``{name: array of times}``."""
+  names = list(fns)
+  for _ in range(warmup):
+    for nm in names:
+      _timed(fns[nm], inner)
+  times = {nm: [] for nm in names}
+  for i in range(repeats):
+    order = names[i % len(names):] + names[:i % len(names)]
+    if i % 2:
+      order = order[::-1]
+    for nm in order:
+      times[nm].append(_timed(fns[nm], inner))
+  return {nm: np.asarray(t) for nm, t in times.items()}
+
+
+def _uint32(rng, shape):
+  return jnp.asarray(rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32))
+
+
+def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bool, read_bw: float,
+               old_loop: bool) -> dict:
+  k = n
+  wn = k // 32
+  bp = 1 << max(0, (b - 1).bit_length())
+  rng = np.random.default_rng(1000 * n + b)
+  xs_p = [_uint32(rng, (b, wn)) for _ in range(reps)]
+  ref = pk._popcount_dot(xs_p[0], packed_w[0], k)
+  fns, exact, errors = {}, {}, {}
+  t_compile = time.perf_counter()
+  for cfg in _parse_configs(args.configs, b, n, wn):
+    op = lambda x, w, cfg=cfg: pallas_packed_dense(x, w, k, *cfg, interpret=interpret)
+    try:
+      f = _looped(op, reps)
+      exact[_name(cfg)] = bool(jnp.all(f(xs_p, packed_w)[1] == ref))   # compiles it now
+    except Exception as e:  # a configuration Triton cannot lower is recorded and skipped
+      errors[_name(cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
+      continue
+    fns[_name(cfg)] = (lambda f=f: f(xs_p, packed_w))
+  xs_e = [jnp.pad(x, ((0, bp - b), (0, 0))) for x in xs_p]
+  # The default configuration on int32 views of the words (bitcast outside the kernel, as in run 1-3).
+  i32 = lambda x: jax.lax.bitcast_convert_type(x, jnp.int32)
+  xs_i, ws_i = [i32(x) for x in xs_e], [i32(w) for w in packed_w]
+  cfg = default_config(b, n, wn)
+  try:
+    f_i = _looped(lambda x, w: packed_dot_call(x, w, k, cfg, interpret), reps)
+    exact["int32_view_" + _name(cfg)] = bool(jnp.all(f_i(xs_i, ws_i)[1][:b] == ref))
+    fns["int32_view_" + _name(cfg)] = lambda: f_i(xs_i, ws_i)
+  except Exception as e:
+    errors["int32_view_" + _name(cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
+  f_empty = _looped(lambda x, w: _empty_call(x, w), reps)
+  fns["empty_kernel"] = lambda: f_empty(xs_e, packed_w)
+  if old_loop:
+    cfg = default_config(b, n, wn)
+    xs_stack = jnp.stack(xs_p)
+    f_old_e = _looped_old(lambda x, w: _empty_call(x, w), reps)
+    f_old_k = _looped_old(lambda x, w: pallas_packed_dense(x, w, k, *cfg, interpret=interpret), reps)
+    xs_stack_e = jnp.stack(xs_e)
+    fns["old_loop_empty_kernel"] = lambda: f_old_e(xs_stack_e, packed_w)
+    fns["old_loop_" + _name(cfg)] = lambda: f_old_k(xs_stack, packed_w)
+  if not args.no_baselines:
+    wb, wi = dense_w
+    xb = [jax.random.normal(jax.random.PRNGKey(10 + r), (b, k), jnp.bfloat16) for r in range(reps)]
+    xi = [jax.random.randint(jax.random.PRNGKey(50 + r), (b, k), -127, 128, jnp.int8) for r in range(reps)]
+    f_xla = _looped(lambda x, w: pk._popcount_dot(x, w, k), reps)
+    f_bf16 = _looped(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), reps)
+    f_int8 = _looped(lambda x, w: jax.lax.dot(x, w, preferred_element_type=jnp.int32), reps)
+    f_w8 = _looped(lambda x, w: jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32),
+                   reps)
+    fns["xla_packed"] = lambda: f_xla(xs_p, packed_w)
+    fns["bf16"] = lambda: f_bf16(xb, wb)
+    fns["int8"] = lambda: f_int8(xi, wi)
+    fns["int8_weight_only"] = lambda: f_w8(xb, wi)
+  for nm, fn in fns.items():  # compile what is left
+    jax.block_until_ready(fn())
+  t_compile = time.perf_counter() - t_compile
+  times = _round_robin(fns, args.repeats, args.inner)
+  per = {nm: float(np.median(t)) / reps for nm, t in times.items()}
+  row = {"n": n, "k": k, "batch": b, "reps": reps, "inner": args.inner, "repeats": args.repeats,
+         "compile_and_check_seconds": t_compile, "seconds_per_launch": per, "exact": exact,
+         "config_errors": errors, "packed_weight_bytes": n * wn * 4, "bf16_weight_bytes": n * k * 2,
+         "int8_weight_bytes": n * k, "read_floor_seconds": n * wn * 4 / read_bw,
+         "empty_kernel_seconds": per["empty_kernel"]}
+  ok = [nm for nm in per if nm.startswith("pallas:") and exact.get(nm)]
+  if ok:
+    best = min(ok, key=per.get)
+    dflt = _name(default_config(b, n, wn))
+    row.update(best_config=best, pallas_seconds=per[best], default_config=dflt,
+               default_seconds=per.get(dflt))
+    for base in ("bf16", "int8", "int8_weight_only", "xla_packed"):
+      if base in per:
+        row[f"{base}_seconds"] = per[base]
+        row[f"speedup_vs_{base}"] = per[base] / per[best]
+        row[f"p_pallas_faster_than_{base}"] = stats.prob_outperform(times[best], times[base],
+                                                                    lower_is_better=True)
+    if "int8" in per:
+      strongest = min(per["int8"], per["int8_weight_only"])
+      row["speedup_vs_strongest_int8"] = strongest / per[best]
+  return row
 
 
 def main():
   args = common.parse_args(__doc__, _extra)
   on_gpu = jax.devices()[0].platform == "gpu"
   interpret = not on_gpu
-  sizes = [256] if args.small else [int(s) for s in args.sizes.split(",")]
-  batches = [1, 8] if args.small else [int(b) for b in args.batches.split(",")]
-  reps0, copies0, repeats = (2, 2, 3) if args.small else (args.reps, args.copies, args.repeats)
-  configs = []
-  for c in args.configs.split(","):
-    v, bn, bk, nw, ns = c.split(":")
-    configs.append((v, int(bn), int(bk), int(nw), int(ns)))
-  if args.small:
-    configs = [("rows", 64, 4, 4, 3)]
   if args.conv_only:
     conv = _conv_section(args, interpret)
     common.write_json(args.out, "binary_conv_cpu" if interpret else "binary_conv",
                       {"env": common.environment(), "conv": conv})
     return
-  bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
-  print(f"device copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-  rows = []
+  t0 = time.perf_counter()
+  sizes = [256] if args.small else [int(s) for s in args.sizes.split(",")]
+  batches = [1, 3] if args.small else [int(b) for b in args.batches.split(",")]
+  reps = 2 if args.small else args.reps
+  if args.small:
+    args.repeats, args.inner = 3, 1
+    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3"
+  read_bw = common.read_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
+  print(f"device read bandwidth {read_bw / 1e12:.2f} TB/s", flush=True)
+  payload = {"env": common.environment(), "read_bandwidth_bytes_per_s": read_bw, "rows": [],
+             "small": bool(args.small), "interpret": interpret, "args": vars(args)}
   rng = np.random.default_rng(0)
+  first = True
   for n in sizes:
-    k = n
-    wn = k // 32
-    copies = max(copies0, int(np.ceil(args.rotate_bytes / (n * wn * 4)))) if not args.small else copies0
-    reps = max(reps0, copies)
-    wp = [jnp.asarray(rng.integers(0, 2**32, size=(n, wn), dtype=np.uint64).astype(np.uint32))
-          for _ in range(copies)]
-    wp32 = [jax.lax.bitcast_convert_type(w, jnp.int32) for w in wp]
-    wb = [jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.bfloat16) for i in range(copies)]
-    wi = [jax.random.randint(jax.random.PRNGKey(100 + i), (k, n), -127, 128, jnp.int8)
-          for i in range(copies)]
+    if time.perf_counter() - t0 > args.deadline_s:
+      payload["stopped_at_deadline"] = n
+      break
+    wn = n // 32
+    packed_w = [_uint32(rng, (n, wn)) for _ in range(reps)]
+    dense_w = None
+    if not args.no_baselines:
+      dense_w = ([jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.bfloat16) for i in range(reps)],
+                 [jax.random.randint(jax.random.PRNGKey(100 + i), (n, n), -127, 128, jnp.int8)
+                  for i in range(reps)])
     for b in batches:
-      bp = 1 << max(0, (b - 1).bit_length())
-      aps = jnp.asarray(rng.integers(0, 2**32, size=(reps, b, wn), dtype=np.uint64).astype(np.uint32))
-      ap = aps[0]
-      ap32 = jnp.pad(jax.lax.bitcast_convert_type(aps, jnp.int32), ((0, 0), (0, bp - b), (0, 0)))
-      xb = jax.random.normal(jax.random.PRNGKey(7), (reps, b, k), jnp.bfloat16)
-      xi = jax.random.randint(jax.random.PRNGKey(8), (reps, b, k), -127, 128, jnp.int8)
-      ref = pk._popcount_dot(ap, wp[0], k)
-      # Pick the fastest Pallas configuration that compiles and is bit-exact.
-      best, tried = None, []
-      for cfg in configs:
-        v, bn, bk, nw, ns = cfg
-        if n % bn or wn % bk:
-          continue
-        # Timed on int32 views prepared once (the public wrapper bitcasts and pads per call).
-        op = lambda x, w, cfg=cfg: _pallas_int32(x, w, k, cfg[1], cfg[2], cfg[3], cfg[4], cfg[0],
-                                                 interpret)
-        try:
-          got = pallas_packed_dense(ap, wp[0], k, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
-                                    variant=v, interpret=interpret)
-          ok = bool(jnp.all(got == ref)) and bool(jnp.all(op(ap32[0], wp32[0])[:b] == ref))
-          f = _looped(op, copies, reps)
-          t = stats.time_interleaved(lambda: f(ap32, wp32), lambda: f(ap32, wp32), repeats=repeats,
-                                     warmup=2)
-          sec = min(t.median_a, t.median_b) / reps
-        except Exception as e:  # a configuration Triton cannot lower is skipped and recorded
-          tried.append({"config": list(cfg), "error": f"{type(e).__name__}: {str(e)[:300]}"})
-          continue
-        tried.append({"config": list(cfg), "exact": ok, "seconds": sec})
-        if ok and (best is None or sec < best[1]):
-          best = (cfg, sec, f)
-      row = {"n": n, "k": k, "batch": b, "pallas_configs": tried, "reps": reps, "copies": copies,
-             "packed_weight_bytes": n * wn * 4, "read_floor_seconds": n * wn * 4 / bw,
-             "bf16_weight_bytes": n * k * 2, "int8_weight_bytes": n * k}
-      if best is None:
-        row["pallas_error"] = "no configuration compiled and matched the XLA packed path"
-        rows.append(row)
-        print(row, flush=True)
-        common.write_json(args.out, "binary_dense", {"env": common.environment(), "rows": rows,
-                                                     "partial": True})
-        continue
-      cfg, _, fp = best
-      row["pallas_config"] = list(cfg)
-      baselines = {
-          "bf16": (_looped(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), copies, reps),
-                   (xb, wb)),
-          "int8": (_looped(lambda x, w: jax.lax.dot(x, w, preferred_element_type=jnp.int32), copies, reps),
-                   (xi, wi)),
-          "xla_packed": (_looped(lambda x, w: pk._popcount_dot(x, w, k), copies, reps), (aps, wp)),
-      }
-      for name, (fb, argsb) in baselines.items():
-        t = stats.time_interleaved(lambda: fp(ap32, wp32), lambda: fb(*argsb), repeats=repeats, warmup=2)
-        row["pallas_seconds"] = min(row.get("pallas_seconds", np.inf), t.median_a / reps)
-        row[f"{name}_seconds"] = t.median_b / reps
-        row[f"speedup_vs_{name}"] = t.median_b / t.median_a
-        row[f"p_pallas_faster_than_{name}"] = t.p_a_faster
-      rows.append(row)
-      print({kk: vv for kk, vv in row.items() if kk != "pallas_configs"}, flush=True)
-      common.write_json(args.out, "binary_dense", {"env": common.environment(), "rows": rows,
-                                                   "partial": True})   # survives a time-out
-  conv = _conv_section(args, interpret)
-  payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": bw, "rows": rows, "conv": conv,
-             "small": bool(args.small), "interpret": interpret, "time": time.time()}
+      if time.perf_counter() - t0 > args.deadline_s:
+        payload["stopped_at_deadline"] = [n, b]
+        break
+      row = _shape_row(args, n, b, reps, packed_w, dense_w, interpret, read_bw, args.old_loop and first)
+      first = False
+      payload["rows"].append(row)
+      print({kk: vv for kk, vv in row.items() if kk not in ("seconds_per_launch", "exact")}, flush=True)
+      print("  per launch (us): " + ", ".join(f"{nm} {s * 1e6:.2f}"
+                                              for nm, s in sorted(row["seconds_per_launch"].items(),
+                                                                  key=lambda t: t[1])), flush=True)
+      payload["elapsed_seconds"] = time.perf_counter() - t0
+      common.write_json(args.out, "binary_dense", payload)     # survives a time-out
+    del packed_w, dense_w
+  payload["best_config"] = _overall_best(payload["rows"])
+  print("best_config", payload["best_config"], flush=True)
+  if args.with_conv:
+    payload["conv"] = _conv_section(args, interpret)
+  payload["elapsed_seconds"] = time.perf_counter() - t0
   common.write_json(args.out, "binary_dense", payload)
-  common.print_table([{kk: (f"{vv:.3g}" if isinstance(vv, float) else vv) for kk, vv in r.items()
-                       if not isinstance(vv, list)} for r in rows],
-                     ["n", "batch", "pallas_seconds", "bf16_seconds", "int8_seconds", "xla_packed_seconds",
-                      "read_floor_seconds", "speedup_vs_bf16", "speedup_vs_int8"])
+  common.print_table(payload["rows"], ["n", "batch", "pallas_seconds", "empty_kernel_seconds",
+                                       "bf16_seconds", "int8_seconds", "int8_weight_only_seconds",
+                                       "xla_packed_seconds", "read_floor_seconds", "speedup_vs_bf16",
+                                       "speedup_vs_strongest_int8", "best_config"])
+
+
+def _overall_best(rows: list[dict]) -> str | None:
+  """The configuration, exact at every shape, with the lowest geometric mean of time / best time."""
+  common_names = None
+  for r in rows:
+    names = {nm for nm, ok in r["exact"].items() if ok and nm in r["seconds_per_launch"]}
+    common_names = names if common_names is None else common_names & names
+  if not common_names:
+    return None
+  def score(nm):
+    return sum(math.log(r["seconds_per_launch"][nm] / r["pallas_seconds"]) for r in rows)
+  return min(sorted(common_names), key=score)
 
 
 def _conv_section(args, interpret):
@@ -181,8 +328,8 @@ def _conv_section(args, interpret):
       fb = jax.jit(lambda xs: sum(jnp.sum(conv_b(xs[r])) for r in range(reps)))   # whole outputs
       xsb = xs.astype(fdt)
       exact = bool(jnp.all(pk.packed_conv2d(xw[0], layer) == conv_b(xsb[0]).astype(jnp.int32)))
-      t = stats.time_interleaved(lambda: fp(xw), lambda: fb(xsb), repeats=args.repeats if not args.small
-                                 else 3, warmup=2)
+      t = stats.time_interleaved(lambda: fp(xw), lambda: fb(xsb), repeats=args.conv_repeats
+                                 if not args.small else 3, warmup=2)
       row = {"hw": hw, "c": c, "packed_xla_seconds": t.median_a / reps,
              "float_dtype": str(jnp.dtype(fdt)), "float_seconds": t.median_b / reps,
              "speedup_packed_vs_float": t.ratio, "p_packed_faster": t.p_a_faster, "exact": exact,

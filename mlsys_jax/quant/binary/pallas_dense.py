@@ -2,18 +2,28 @@
 
 Bannink et al., MLSys 2021, Sec. 4 (LCE's binary kernels), ported to a GPU: for small batches
 (1-8, the LCE setting of single-image inference) a binary dense layer is bound by reading its weights,
-and packed weights are 16x fewer bytes than bf16 (8x fewer than int8). Each program reads a
-``(block_n, W)`` slab of packed weights in ``block_k``-word steps, XORs it with the packed activations,
-counts bits with ``lax.population_count`` and accumulates ``K - 2 popcount`` in int32: the same
-numbers as :func:`mlsys_jax.quant.binary.packed_dense` (tested in Pallas interpret mode on CPU).
+and packed weights are 16x fewer bytes than bf16 (8x fewer than int8). The grid splits the ``N`` output
+channels into ``N / block_n`` programs (and optionally the ``W`` words of the reduction into ``splits``
+parts, summed by XLA afterwards). Each program reads its ``(block_n, W / splits)`` slab of packed weights
+as contiguous ``block_k``-word rows, XORs them with the packed activations (one row per batch element,
+kept in registers), counts bits with ``lax.population_count`` and returns ``K - 2 popcount`` in int32:
+the same numbers as :func:`mlsys_jax.quant.binary.packed_dense` (tested in Pallas interpret mode on CPU).
 
-Triton's ``population_count`` lowering takes int32, so words are bitcast uint32 -> int32 (the bit
-pattern, hence the count, is unchanged).
+Variants of the inner loop (``variant``):
+
+- ``'acc'``: one ``(block_n, block_k)`` int32 accumulator per batch element, summed along the words
+  only once at the end (no cross-thread reduction inside the loop);
+- ``'rows'``: the same, but each step reduces its popcounts to ``(block_n,)`` immediately;
+- ``'bcast'``: one ``(B, block_n, block_k)`` broadcast XOR per step.
+
+Triton's ``population_count`` lowering takes int32, so the XOR of the uint32 words is bitcast to int32
+inside the kernel (the bit pattern, hence the count, is unchanged).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,65 +31,121 @@ from jax.experimental import pallas as pl
 
 from mlsys_jax._checks import check_choice, check_int
 
-__all__ = ["pallas_packed_dense"]
+__all__ = ["DenseConfig", "default_config", "pallas_packed_dense"]
+
+VARIANTS = ("acc", "rows", "bcast")
 
 
-def _kernel_rows(a_ref, w_ref, o_ref, *, k: int, block_k: int, num_k: int, batch: int):
-  """One int32 accumulator row per batch element (batch is small and static)."""
+class DenseConfig(NamedTuple):
+  """Launch parameters of :func:`pallas_packed_dense` (see its arguments)."""
+  variant: str = "acc"
+  block_n: int = 32
+  block_k: int = 64
+  splits: int = 1
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def default_config(b: int, n: int, wn: int) -> DenseConfig:
+  """The tuned launch parameters for ``b`` activation rows, ``n`` outputs and ``wn`` words, shrunk
+  (powers of two) to fit small layers: ``block_n <= n`` and ``block_k <= wn / splits``."""
+  cfg = _TUNED
+  block_n = min(cfg.block_n, _pow2_floor(n))
+  splits = cfg.splits if wn % cfg.splits == 0 and wn // cfg.splits >= 1 else 1
+  block_k = min(cfg.block_k, _pow2_floor(wn // splits))
+  return cfg._replace(block_n=block_n, block_k=block_k, splits=splits)
+
+
+# Not yet tuned on a GPU: benchmarks/binary_dense.py --sweep prints `best_config` for this.
+_TUNED = DenseConfig()
+
+
+def _pow2_floor(x: int) -> int:
+  return 1 << (max(1, x).bit_length() - 1)
+
+
+def _as_int32(x):
+  return x if x.dtype == jnp.int32 else jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _popc(x, a):
+  """popcount(x XOR a) of uint32 (or int32-viewed) words, counted on the int32 bit pattern."""
+  return jax.lax.population_count(_as_int32(jnp.bitwise_xor(x, a)))
+
+
+def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, num_k: int,
+            batch: int):
+  """Popcounts of one ``(block_n, num_k * block_k)`` weight slab against ``batch`` activation rows.
+
+  Writes ``k - 2 acc`` (``k`` given: the whole reduction is in this program) or ``acc`` (split K)."""
   block_n = w_ref.shape[0]
+  words = lambda i: pl.ds(i * block_k, block_k)
+
+  if variant == "bcast":
+    def body(i, acc):
+      x = jnp.bitwise_xor(a_ref[:, words(i)][:, None, :], w_ref[:, words(i)][None, :, :])
+      pc = jax.lax.population_count(_as_int32(x))
+      return acc + jnp.sum(pc, axis=2)
+    acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((batch, block_n), jnp.int32))
+    o_ref[...] = acc if k is None else k - 2 * acc
+    return
+
+  wide = variant == "acc"
 
   def body(i, accs):
-    w = w_ref[:, pl.ds(i * block_k, block_k)]                       # (block_n, block_k)
+    w = w_ref[:, words(i)]                                          # (block_n, block_k) uint32
     out = []
     for b in range(batch):
-      a = a_ref[b, pl.ds(i * block_k, block_k)]                     # (block_k,)
-      x = jnp.bitwise_xor(w, a[None, :])
-      out.append(accs[b] + jnp.sum(jax.lax.population_count(x), axis=1))
+      pc = _popc(w, a_ref[b, words(i)][None, :])
+      out.append(accs[b] + (pc if wide else jnp.sum(pc, axis=1)))
     return tuple(out)
 
-  accs = jax.lax.fori_loop(0, num_k, body, tuple(jnp.zeros((block_n,), jnp.int32) for _ in range(batch)))
+  shape = (block_n, block_k) if wide else (block_n,)
+  accs = jax.lax.fori_loop(0, num_k, body, tuple(jnp.zeros(shape, jnp.int32) for _ in range(batch)))
   for b in range(batch):
-    o_ref[b, :] = k - 2 * accs[b]
+    acc = jnp.sum(accs[b], axis=1) if wide else accs[b]
+    o_ref[b, :] = acc if k is None else k - 2 * acc
 
 
-def _kernel_bcast(a_ref, w_ref, o_ref, *, k: int, block_k: int, num_k: int, batch: int):
-  """A (batch, block_n, block_k) broadcast XOR per step."""
-  block_n = w_ref.shape[0]
-
-  def body(i, acc):
-    w = w_ref[:, pl.ds(i * block_k, block_k)]                       # (block_n, block_k)
-    a = a_ref[:, pl.ds(i * block_k, block_k)]                       # (batch, block_k)
-    x = jnp.bitwise_xor(a[:, None, :], w[None, :, :])
-    return acc + jnp.sum(jax.lax.population_count(x), axis=2)
-
-  acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((batch, block_n), jnp.int32))
-  o_ref[...] = k - 2 * acc
-
-
-_KERNELS = {"rows": _kernel_rows, "bcast": _kernel_bcast}
+def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
+  check_choice("variant", cfg.variant, VARIANTS)
+  for name in ("block_n", "block_k", "splits", "num_warps"):
+    v = getattr(cfg, name)
+    check_int(name, v, 1)
+    if v & (v - 1):
+      raise ValueError(f"{name} must be a power of two, got {v}.")
+  check_int("num_stages", cfg.num_stages, 1)
+  if n % cfg.block_n or wn % cfg.splits or (wn // cfg.splits) % cfg.block_k:
+    raise ValueError(f"N={n} must be a multiple of block_n={cfg.block_n} and W={wn} of "
+                     f"splits * block_k={cfg.splits} * {cfg.block_k}; pick smaller blocks "
+                     "(default_config(b, n, w) fits them) or pad N and W.")
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block_n", "block_k", "num_warps", "num_stages",
-                                             "variant", "interpret"))
-def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, block_n: int = 64,
-                        block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-                        variant: str = "rows", interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("k", "variant", "block_n", "block_k", "splits", "num_warps",
+                                             "num_stages", "interpret"))
+def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant: str | None = None,
+                        block_n: int | None = None, block_k: int | None = None, splits: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        interpret: bool = False) -> jax.Array:
   """``(B, W)`` packed activations x ``(N, W)`` packed weights -> ``(B, N)`` int32 +-1 dot products.
 
   Args:
-    a_words: uint32 ``(B, W)`` from :func:`pack_bits` (B is padded to a power of two inside).
+    a_words: uint32 ``(B, W)`` from :func:`pack_bits` (B is padded to a power of two inside; the
+      kernel keeps one accumulator per row, so it is meant for B <= 8 or so).
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
-      ``W % block_k == 0``.
+      ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    block_n, block_k: tile of output channels and of words per step (powers of two).
+    variant: ``'acc'``, ``'rows'`` or ``'bcast'`` (module docstring).
+    block_n, block_k: tile of output channels and of words per loop step (powers of two).
+    splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
-    variant: ``'rows'`` (one accumulator row per batch element) or ``'bcast'`` (one 3-D XOR).
     interpret: run in Pallas interpret mode (CPU tests).
+    Parameters left None come from :func:`default_config`.
 
   >>> from mlsys_jax.quant.binary import pack_bits
   >>> a = pack_bits(-jnp.ones((1, 64)))
   >>> w = pack_bits(jnp.ones((16, 64)))
-  >>> pallas_packed_dense(a, w, 64, block_n=16, block_k=2, interpret=True)[0, :3]
+  >>> pallas_packed_dense(a, w, 64, interpret=True)[0, :3]
   Array([-64, -64, -64], dtype=int32)
   """
   if a_words.dtype != jnp.uint32 or w_words.dtype != jnp.uint32:
@@ -89,36 +155,45 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, block_n:
   b, wn = a_words.shape
   n = w_words.shape[0]
   check_int("k", k, 1, 32 * wn)
-  for name, v in (("block_n", block_n), ("block_k", block_k)):
-    check_int(name, v, 1)
-    if v & (v - 1):
-      raise ValueError(f"{name} must be a power of two, got {v}.")
-  if n % block_n or wn % block_k:
-    raise ValueError(f"N={n} must be a multiple of block_n={block_n} and W={wn} of block_k={block_k}.")
+  given = dict(variant=variant, block_n=block_n, block_k=block_k, splits=splits, num_warps=num_warps,
+               num_stages=num_stages)
+  cfg = default_config(b, n, wn)._replace(**{f: v for f, v in given.items() if v is not None})
+  _check_config(n, wn, cfg)
   bp = 1 << max(0, (b - 1).bit_length())
-  a = jax.lax.bitcast_convert_type(a_words, jnp.int32)
-  w = jax.lax.bitcast_convert_type(w_words, jnp.int32)
-  return _pallas_int32(jnp.pad(a, ((0, bp - b), (0, 0))), w, k, block_n, block_k, num_warps, num_stages,
-                       variant, interpret)[:b]
+  a = a_words if bp == b else jnp.pad(a_words, ((0, bp - b), (0, 0)))
+  return packed_dot_call(a, w_words, k, cfg, interpret)[:b]
 
 
-def _pallas_int32(a, w, k, block_n, block_k, num_warps, num_stages, variant, interpret):
-  """The pallas_call on int32 views: ``a (Bp, W)`` with Bp a power of two, ``w (N, W)``."""
+def packed_dot_call(a: jax.Array, w: jax.Array, k: int, cfg: DenseConfig, interpret: bool = False):
+  """The pallas_call (plus the split-K sum) on uint32 ``a (Bp, W)``, Bp a power of two, ``w (N, W)``
+  (or both viewed as int32); no argument checks (use :func:`pallas_packed_dense`)."""
   bp, wn = a.shape
   n = w.shape[0]
-  check_choice("variant", variant, tuple(_KERNELS))
-  kernel = functools.partial(_KERNELS[variant], k=k, block_k=block_k, num_k=wn // block_k, batch=bp)
+  ws = wn // cfg.splits                     # words per split
+  kernel = functools.partial(_kernel, variant=cfg.variant, k=k if cfg.splits == 1 else None,
+                             block_k=cfg.block_k, num_k=ws // cfg.block_k, batch=bp)
   params = {}
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    params["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  return pl.pallas_call(
+    from mlsys_jax._compat import triton_compiler_params
+    cp = triton_compiler_params(cfg.num_warps, cfg.num_stages)
+    if cp is not None:
+      params["compiler_params"] = cp
+  if cfg.splits == 1:
+    out_shape = jax.ShapeDtypeStruct((bp, n), jnp.int32)
+    out_spec = pl.BlockSpec((bp, cfg.block_n), lambda j, s: (0, j))
+  else:
+    out_shape = jax.ShapeDtypeStruct((cfg.splits, bp, n), jnp.int32)
+    out_spec = pl.BlockSpec((None, bp, cfg.block_n), lambda j, s: (s, 0, j))
+  out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((bp, n), jnp.int32),
-      grid=(n // block_n,),
-      in_specs=[pl.BlockSpec((bp, wn), lambda j: (0, 0)),
-                pl.BlockSpec((block_n, wn), lambda j: (j, 0))],
-      out_specs=pl.BlockSpec((bp, block_n), lambda j: (0, j)),
+      out_shape=out_shape,
+      grid=(n // cfg.block_n, cfg.splits),
+      in_specs=[pl.BlockSpec((bp, ws), lambda j, s: (0, s)),
+                pl.BlockSpec((cfg.block_n, ws), lambda j, s: (j, s))],
+      out_specs=out_spec,
       interpret=interpret,
       **params,
   )(a, w)
+  if cfg.splits > 1:
+    out = k - 2 * jnp.sum(out, axis=0)
+  return out
