@@ -177,6 +177,56 @@ def _max_diff(outs, ref, upto):
   return max(d), scale
 
 
+def cost_curve(*, num_layers, d_model, num_heads, batch, requests, min_len, max_len, vocab=1000, seed=0,
+               sizes=(8, 32, 64, 128, 256, 512), loop=50, repeats=5,
+               clock: Clock | None = None, on_update=None, log=print) -> dict:
+  """Device time of one call per padded length (a jitted loop of ``loop`` calls on inputs that change
+  every iteration, so nothing is hoisted; the fastest of ``repeats``) and what it bounds: after warm-up,
+  no bucketing can beat pad-to-max by more than ``mean_n t(max_len) / mean_n t(n)`` over the stream's
+  lengths (every request run at its exact length, device time only, t interpolated between sizes)."""
+  clock = clock or Clock()
+  served, params = make_model(num_layers, d_model, num_heads, vocab, max_len, seed)
+  lengths = sample_lengths(seed, requests, min_len, max_len)
+  sizes = sorted({int(s) for s in sizes if min_len <= s <= max_len} | {min_len, max_len})
+  res: dict = {"sizes": [], "device_s": [], "loop": loop, "skipped": []}
+
+  def looped(n):
+    def body(i, acc):
+      ids = (base + i) % vocab
+      return acc + served(params, ids, jnp.int32(n))
+    base = jnp.asarray(np.random.default_rng(seed).integers(1, vocab, (batch, n)), jnp.int32)
+    return jax.jit(lambda: jax.lax.fori_loop(0, loop, body, jnp.zeros((batch, d_model), jnp.float32)))
+
+  for n in sizes:
+    if clock.left() < 30:
+      _skip(res, clock, f"cost size {n}", 30.0, log)
+      break
+    f = looped(n)
+    jax.block_until_ready(f())
+    dev = min(_timed_once(f) for _ in range(repeats)) / loop
+    res["sizes"].append(n)
+    res["device_s"].append(dev)
+    log(f"cost: length {n}: device {dev * 1e3:.3f} ms per call")
+    if on_update is not None:
+      on_update(res)
+  if len(res["sizes"]) >= 2 and res["sizes"][-1] == max_len:
+    t = np.interp(lengths, res["sizes"], res["device_s"])
+    res["exact_length_bound"] = float(res["device_s"][-1] / np.mean(t))
+    res["device_ratio_max_over_min"] = float(res["device_s"][-1] / res["device_s"][0])
+    log(f"cost: after warm-up, no bucketing beats pad-to-max by more than "
+        f"{res['exact_length_bound']:.2f}x in device time on this stream (t({max_len}) / t({min_len}) = "
+        f"{res['device_ratio_max_over_min']:.2f})")
+  if on_update is not None:
+    on_update(res)
+  return res
+
+
+def _timed_once(f) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(f())
+  return time.perf_counter() - t
+
+
 # the order methods run in: what the issue's targets need first (pad-to-max and the DP's end-to-end plan
 # against per-shape jit; a many-bucket plan for the warm comparison), then the other variants
 METHODS = ("pad_to_max", "dp_e2e", "per_shape_jit", "dp_warm", "pow2", "dp_warm_k_pow2", "dp_warm_aot",
@@ -597,7 +647,8 @@ def main():
     ap.add_argument("--warm_repeats", type=int, default=3, help="rounds of the warm comparison")
     ap.add_argument("--calibration_points", type=int, default=3,
                     help="sizes compiled and timed for the DP's cost model (>= 2; each is one compilation)")
-    ap.add_argument("--parts", default="stream,tree", help="comma list, run in the given order: stream, tree")
+    ap.add_argument("--parts", default="stream,tree",
+                    help="comma list, run in the given order: stream, tree, cost (device time per length)")
     ap.add_argument("--time_limit_s", type=float, default=None,
                     help="wall-clock limit of the whole run (from the start of main): work predicted to "
                     "run past it is skipped and listed under 'skipped' in the JSON, which is rewritten "
@@ -634,9 +685,9 @@ def main():
     return write
 
   parts = [p for p in args.parts.split(",") if p]
-  bad = set(parts) - {"stream", "tree"}
+  bad = set(parts) - {"stream", "tree", "cost"}
   if bad:
-    raise SystemExit(f"--parts: unknown {sorted(bad)}; use stream and/or tree")
+    raise SystemExit(f"--parts: unknown {sorted(bad)}; use stream, tree and/or cost")
   for part in parts:
     if part == "stream":
       stream_benchmark(
@@ -645,6 +696,10 @@ def main():
           max_buckets=args.max_buckets, seed=args.seed, warm_repeats=args.warm_repeats,
           calibration_points=args.calibration_points,
           methods=tuple(m for m in args.methods.split(",") if m), clock=clock, on_update=save("stream"))
+    elif part == "cost":
+      cost_curve(num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads,
+                 batch=args.batch, requests=args.requests, min_len=args.min_len, max_len=args.max_len,
+                 seed=args.seed, loop=5 if args.small else 50, clock=clock, on_update=save("cost"))
     else:
       tree_benchmark(batch=args.tree_batch, hidden=64 if args.small else 256,
                      d_in=32 if args.small else 256, lo=4, hi=40, seed=args.seed,
