@@ -152,6 +152,7 @@ def main(_):
       entry["nvidia_smi_util_mean_pct"] = float(np.mean(util)) if util else None
       entry["nvidia_smi_samples"] = len(util)
     res["workloads"][spec] = entry
+    (out / "rlscope.json").write_text(json.dumps(res, indent=1, default=float))  # a cut-short run keeps these
     hp, hm = held["paired"], held["min"]
     print(f"[{time.time() - t_start:6.1f}s] {spec:<22} off {1e3 * entry['uninstrumented_wall_s']:7.1f} ms  traced "
           f"x{hp['wall_overhead']:.2f} (cpu x{hp['cpu_overhead']:.2f})  trace event {ins.cpu.raw_delta_ns['trace']:.0f} ns  "
