@@ -128,13 +128,63 @@ def test_convert_quicknet_matches_flax(shortcut):
   assert words * 32 == 9 * 32 * 32 * 4   # exactly 1/32 of float32
 
 
-@pytest.mark.parametrize("variant", ["rows", pytest.param("bcast", marks=pytest.mark.slow)])
-def test_pallas_kernel_interpret_matches_xla_packed_path(variant):
+@pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1),
+                                            pytest.param("bcast", 2, marks=pytest.mark.slow),
+                                            pytest.param("rows", 4, marks=pytest.mark.slow)])
+def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
   from mlsys_jax.quant.binary.pallas_dense import pallas_packed_dense
   rng = np.random.default_rng(11)
-  a = jnp.asarray(rng.integers(0, 2**32, size=(3, 8), dtype=np.uint64).astype(np.uint32))  # B=3: padded
-  w = jnp.asarray(rng.integers(0, 2**32, size=(32, 8), dtype=np.uint64).astype(np.uint32))
-  got = pallas_packed_dense(a, w, 250, block_n=16, block_k=4, variant=variant, interpret=True)
-  np.testing.assert_array_equal(got, pk._popcount_dot(a, w, 250))
+  a = jnp.asarray(rng.integers(0, 2**32, size=(3, 16), dtype=np.uint64).astype(np.uint32))  # B=3: padded
+  w = jnp.asarray(rng.integers(0, 2**32, size=(32, 16), dtype=np.uint64).astype(np.uint32))
+  tail = np.ones(16, np.uint32) * np.uint32(2**32 - 1)
+  tail[-1] = (1 << (500 - 15 * 32)) - 1                      # LCE layout: bits past K are 0
+  a, w = a & tail, w & tail
+  # Several programs along N and along the words, several loop steps each.
+  got = pallas_packed_dense(a, w, 500, variant, block_n=16, block_k=4, splits=splits, interpret=True)
+  np.testing.assert_array_equal(got, pk._popcount_dot(a, w, 500))
+  # Against the float +-1 computation itself (bits -> +-1, float64 dot over the true length).
+  ua, uw = qb.unpack_bits(a, 500, jnp.float32), qb.unpack_bits(w, 500, jnp.float32)
+  np.testing.assert_array_equal(got, np.asarray(ua, np.float64) @ np.asarray(uw, np.float64).T)
+
+
+def test_pallas_kernel_bad_configs_raise():
+  from mlsys_jax.quant.binary.pallas_dense import pallas_packed_dense
+  a = jnp.zeros((1, 8), jnp.uint32)
+  w = jnp.zeros((32, 8), jnp.uint32)
   with pytest.raises(ValueError, match="multiple"):
     pallas_packed_dense(a, w, 250, block_n=64, interpret=True)
+  with pytest.raises(ValueError, match="multiple"):
+    pallas_packed_dense(a, w, 250, block_k=4, splits=4, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    pallas_packed_dense(a, w, 250, block_n=24, interpret=True)
+  with pytest.raises(ValueError, match="variant"):
+    pallas_packed_dense(a, w, 250, "tiles", interpret=True)
+  with pytest.raises(TypeError, match="uint32"):
+    pallas_packed_dense(a.astype(jnp.int32), w, 250, interpret=True)
+  with pytest.raises(ValueError):
+    pallas_packed_dense(a, w, 257, interpret=True)          # k > 32 W
+
+
+def test_default_config_fits_every_shape_and_dispatch_rule():
+  from mlsys_jax.quant.binary import pallas_dense as pd
+  for n, wn in [(8192, 256), (16384, 512), (48, 12), (96, 3), (7, 5)]:
+    cfg = pd.default_config(1, n, wn)
+    assert n % cfg.block_n == 0 and wn % (cfg.splits * cfg.block_k) == 0
+  assert pd.kernel_applies(8, 8192, 256) and not pd.kernel_applies(9, 8192, 256)
+  assert not pd.kernel_applies(1, 8192, 250) and not pd.kernel_applies(1, 8200, 256)
+
+
+def test_packed_dense_kernel_dispatch_is_exact_with_transform_and_leading_dims():
+  rng = np.random.default_rng(3)
+  a, w = _pm1(rng, (2, 3, 100)), _pm1(rng, (100, 48))
+  ref = a.astype(np.float64) @ w
+  aw = qb.pack_bits(a, pad=True)
+  f = jax.jit(qb.packed_dense, static_argnames="kernel")
+  for kernel in ("auto", "xla", "pallas"):            # 'auto' on CPU is XLA's path
+    np.testing.assert_array_equal(f(aw, qb.pack_dense(w, pad=True), kernel=kernel), ref)
+  mul = rng.normal(size=48).astype(np.float32)
+  bias = rng.normal(size=48).astype(np.float32)
+  tl = qb.pack_dense(w, mul, bias, clamp=(0, None), threshold=True, pad=True)
+  np.testing.assert_array_equal(f(aw, tl, kernel="pallas"), f(aw, tl, kernel="xla"))
+  with pytest.raises(ValueError, match="kernel"):
+    qb.packed_dense(aw, tl, kernel="cuda")

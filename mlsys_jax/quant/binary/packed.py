@@ -32,6 +32,7 @@ import numpy as np
 from flax import struct
 
 from mlsys_jax._checks import check_choice, check_int, check_rank, is_concrete
+from mlsys_jax.quant.binary import pallas_dense as pd
 
 __all__ = [
     "PackedConv2D",
@@ -235,12 +236,29 @@ def pack_dense(kernel: jax.Array, mul=None, bias=None, clamp=(None, None),
   return PackedDense(words, _transform(n, k, mul, bias, clamp, threshold), k)
 
 
-def packed_dense(a_words: jax.Array, layer: PackedDense) -> jax.Array:
-  """``(..., W)`` packed activations -> int32 dots, float outputs, or packed sign bits ``(..., N)``."""
+def packed_dense(a_words: jax.Array, layer: PackedDense, kernel: str = "auto") -> jax.Array:
+  """``(..., W)`` packed activations -> int32 dots, float outputs, or packed sign bits ``(..., N)``.
+
+  ``kernel``: ``'auto'`` runs the Pallas kernel (:mod:`~mlsys_jax.quant.binary.pallas_dense`) on a GPU
+  when it applies (at most 8 activation rows, N and W multiples of 16) and passed its once-per-process
+  self-test, else XLA's XOR-popcount; ``'xla'`` always XLA; ``'pallas'`` always the kernel (in Pallas
+  interpret mode off GPU, for tests). The integer dots are identical on every path.
+  """
   if a_words.dtype != jnp.uint32 or a_words.shape[-1] != layer.words.shape[-1]:
     raise ValueError(f"activations must be uint32 words (..., {layer.words.shape[-1]}), got "
                      f"{a_words.dtype} {a_words.shape}; pack them with pack_bits.")
-  return layer.transform(_popcount_dot(a_words, layer.words, layer.k))
+  check_choice("kernel", kernel, ("auto", "xla", "pallas"))
+  n, wn = layer.words.shape
+  rows = int(np.prod(a_words.shape[:-1], dtype=np.int64))
+  use = kernel == "pallas" or (kernel == "auto" and jax.default_backend() == "gpu"
+                               and pd.kernel_applies(rows, n, wn) and pd.kernel_self_test())
+  if use and rows > 0:
+    dot = pd.pallas_packed_dense(a_words.reshape(rows, wn), layer.words, layer.k,
+                                 interpret=jax.default_backend() != "gpu")
+    dot = dot.reshape(*a_words.shape[:-1], n)
+  else:
+    dot = _popcount_dot(a_words, layer.words, layer.k)
+  return layer.transform(dot)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from mlsys_jax._checks import check_choice, check_int
 
-__all__ = ["DenseConfig", "default_config", "pallas_packed_dense"]
+__all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
 VARIANTS = ("acc", "rows", "bcast")
 
@@ -47,21 +47,71 @@ class DenseConfig(NamedTuple):
 
 
 def default_config(b: int, n: int, wn: int) -> DenseConfig:
-  """The tuned launch parameters for ``b`` activation rows, ``n`` outputs and ``wn`` words, shrunk
-  (powers of two) to fit small layers: ``block_n <= n`` and ``block_k <= wn / splits``."""
+  """The tuned launch parameters for ``b`` activation rows, ``n`` outputs and ``wn`` words, with
+  ``block_n``/``block_k`` shrunk to the largest powers of two that divide ``n`` and ``wn / splits``
+  (so that every shape fits; :func:`kernel_applies` says when it is worth launching).
+
+  >>> default_config(1, 8192, 256).block_n <= 8192
+  True
+  """
   cfg = _TUNED
-  block_n = min(cfg.block_n, _pow2_floor(n))
-  splits = cfg.splits if wn % cfg.splits == 0 and wn // cfg.splits >= 1 else 1
-  block_k = min(cfg.block_k, _pow2_floor(wn // splits))
-  return cfg._replace(block_n=block_n, block_k=block_k, splits=splits)
+  splits = cfg.splits if wn % cfg.splits == 0 else 1
+  ws = wn // splits
+  return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=min(cfg.block_k, ws & -ws), splits=splits)
 
 
 # Not yet tuned on a GPU: benchmarks/binary_dense.py --sweep prints `best_config` for this.
 _TUNED = DenseConfig()
 
+MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
+MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
 
-def _pow2_floor(x: int) -> int:
-  return 1 << (max(1, x).bit_length() - 1)
+
+def kernel_applies(b: int, n: int, wn: int) -> bool:
+  """Whether :func:`mlsys_jax.quant.binary.packed_dense` routes ``b`` rows x ``(n, wn)`` words to the
+  kernel: ``1 <= b <= 8`` and ``n``, ``wn`` multiples of 16 (otherwise XLA's packed path runs).
+
+  >>> kernel_applies(1, 8192, 256), kernel_applies(64, 8192, 256), kernel_applies(1, 100, 4)
+  (True, False, False)
+  """
+  return 1 <= b <= MAX_BATCH and n % MIN_BLOCK == 0 and wn % MIN_BLOCK == 0
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_self_test() -> bool:
+  """Once per process: compile the kernel with its default launch parameters on a ragged problem
+  (B = 3, padded inside; K not a multiple of 32) and compare it with XLA's packed path. On failure (a
+  compile error or a mismatch) warn and return False: ``packed_dense`` then keeps the XLA path.
+
+  >>> kernel_self_test()          # in the interpreter here; compiled through Triton on a GPU
+  True
+  """
+  import warnings
+
+  import numpy as np
+
+  from mlsys_jax._compat import run_outside_traces
+
+  def check():
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.integers(0, 2**32, size=(3, 32), dtype=np.uint64).astype(np.uint32))
+    w = jnp.asarray(rng.integers(0, 2**32, size=(96, 32), dtype=np.uint64).astype(np.uint32))
+    k = 32 * 32 - 7
+    ref = k - 2 * jnp.sum(jax.lax.population_count(a[:, None, :] ^ w[None]).astype(jnp.int32), -1)
+    return jnp.array_equal(pallas_packed_dense(a, w, k, interpret=not _on_gpu()), ref)
+
+  try:
+    if not bool(run_outside_traces(jax.jit(check))):
+      raise RuntimeError("kernel and XLA's packed path differ")
+    return True
+  except Exception as e:
+    warnings.warn(f"mlsys_jax.quant.binary: the Pallas packed dense kernel failed its self-test "
+                  f"({e!r:.300}); using XLA's packed path.", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
 
 
 def _as_int32(x):
