@@ -1,0 +1,191 @@
+"""Tests of weight-only int4 quantization (mlsys_jax.quant.weight_only) and its Pallas GEMV kernel.
+
+Packing is checked against a numpy quantizer and a hand-built bit layout; the matmul (XLA path and the
+kernel in Pallas's interpreter) against ``x @ dequantize(W)`` in numpy float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mlsys_jax.quant import _pallas_gemv as pg
+from mlsys_jax.quant import weight_only as wo
+
+
+def _np_quantize(w, gs, scale_dtype):
+  """float64 numpy reference of pack_int4's codes (K, N) and scales (G, N). The scale is amax / 7 to
+  within one float32 rounding (XLA may divide by 7 as a multiply by 1/7), then rounded to bf16."""
+  k, n = w.shape
+  wg = np.asarray(w, np.float64).reshape(k // gs, gs, n)
+  amax = np.abs(wg).max(axis=1)
+  s = (amax / 7).astype(np.float32)
+  if scale_dtype == jnp.bfloat16:
+    s = s.astype(ml_dtypes.bfloat16).astype(np.float32)
+  s = np.where(amax == 0, 1.0, s).astype(np.float64)
+  codes = np.clip(np.round(wg / s[:, None, :]), -7, 7)
+  return codes.reshape(k, n), s
+
+
+def _assert_scales(got, want, scale_dtype):
+  ulp = 2.0 ** (-7 if scale_dtype == jnp.bfloat16 else -23)
+  np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - want), ulp * np.abs(want) * 1.01)
+
+
+def _packed_np(p):
+  return np.asarray(wo._unpack_codes(p.words), np.float64), np.asarray(p.scales, np.float64)
+
+
+def _np_matmul(x, codes, s, gs):
+  w = codes * np.repeat(s, gs, axis=0)
+  return np.asarray(x, np.float64) @ w, np.abs(np.asarray(x, np.float64)) @ np.abs(w)
+
+
+@pytest.mark.parametrize("gs,scale_dtype", [(16, jnp.float32), (128, jnp.bfloat16), (None, jnp.float32)])
+def test_pack_matches_numpy(gs, scale_dtype):
+  w = jax.random.normal(jax.random.PRNGKey(0), (256, 40))
+  p = wo.pack_int4(w, gs, scale_dtype=scale_dtype)
+  g = 256 if gs is None else gs
+  codes, s = _np_quantize(w, g, scale_dtype)
+  assert p.words.dtype == jnp.uint32 and p.words.shape == (32, 40) and p.scales.dtype == scale_dtype
+  assert (p.k, p.n, p.group_size) == (256, 40, g)
+  _assert_scales(p.scales, s, scale_dtype)
+  s = np.asarray(p.scales, np.float64)          # the codes are round(w / s) for the stored scales
+  codes = np.clip(np.round(np.asarray(w, np.float64).reshape(-1, g, 40) / s[:, None]), -7, 7).reshape(256, 40)
+  np.testing.assert_array_equal(np.asarray(wo._unpack_codes(p.words)), codes)
+  np.testing.assert_array_equal(np.asarray(wo.dequantize_int4(p), np.float64),
+                                (codes * np.repeat(s, g, axis=0)).astype(np.float32))
+  # Quantization error at most half a step per element (no clipping: s = amax / 7).
+  err = np.abs(np.asarray(wo.dequantize_int4(p), np.float64) - np.asarray(w, np.float64))
+  assert np.all(err <= np.repeat(s, g, axis=0) / 2 * (1 + 2 ** -7) + 1e-7)
+  assert p.nbytes() == 32 * 40 * 4 + (256 // g) * 40 * jnp.dtype(scale_dtype).itemsize
+
+
+def test_bit_layout_and_axis():
+  # codes c[k] = (k % 15) - 7 for one column; element k = 128 t + 16 i + j sits in nibble i of row 16 t + j.
+  k = np.arange(256)
+  c = (k % 15) - 7
+  p = wo.pack_int4(jnp.asarray(c, jnp.float32)[:, None], None, scale_dtype=jnp.float32)
+  assert float(p.scales[0, 0]) == 1.0
+  words = np.asarray(p.words)[:, 0].astype(np.int64)
+  for kk in (0, 1, 17, 127, 128, 200, 255):
+    t, r = divmod(kk, 128)
+    i, j = divmod(r, 16)
+    assert (words[16 * t + j] >> (4 * i)) & 15 == c[kk] + 8
+  # axis=1 takes (N, K) weights (the torch layout) and packs their transpose.
+  w = jax.random.normal(jax.random.PRNGKey(1), (24, 128))
+  a, b = wo.pack_int4(w, 32, axis=1), wo.pack_int4(w.T, 32)
+  assert np.array_equal(np.asarray(a.words), np.asarray(b.words))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_xla_matmul_vs_float64(dtype):
+  w = jax.random.normal(jax.random.PRNGKey(2), (384, 72))
+  p = wo.pack_int4(w, 64)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 3, 384)).astype(dtype)
+  y = wo.w4a16_matmul(x, p)                    # CPU: 'auto' is the XLA path
+  assert y.shape == (2, 3, 72) and y.dtype == jnp.float32
+  codes, s = _packed_np(p)        # the packing itself is checked against numpy above
+  ref, mag = _np_matmul(np.asarray(x.astype(jnp.float32)).reshape(6, 384), codes, s, 64)
+  np.testing.assert_array_less(np.abs(np.asarray(y).reshape(6, 72) - ref), 384 * 2 ** -24 * mag + 1e-30)
+  yb = wo.w4a16_matmul(x, p, out_dtype=jnp.bfloat16)
+  assert yb.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(yb), np.asarray(y.astype(jnp.bfloat16)))
+
+
+# (variant, batch, group size, block_n, blocks_per_step, split_k): ragged N (40 over blocks of 16/32),
+# groups smaller than, equal to and larger than a loop step, per-column scales, split K, batch padding.
+# The interpreter compiles each configuration anew (seconds each): two cases by default, the rest slow.
+KERNEL_CASES = [("fma", 3, 16, 32, 2, 1), ("dot", 5, 32, 32, 1, 2),
+                pytest.param("fma", 1, 128, 16, 1, 1, marks=pytest.mark.slow),
+                pytest.param("fma", 2, 64, 16, 1, 2, marks=pytest.mark.slow),
+                pytest.param("dot", 1, None, 16, 2, 1, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("variant,b,gs,bn,bps,sk", KERNEL_CASES)
+def test_kernel_interpret_vs_float64(variant, b, gs, bn, bps, sk):
+  w = jax.random.normal(jax.random.PRNGKey(4), (256, 40))
+  p = wo.pack_int4(w, gs)
+  x = jax.random.normal(jax.random.PRNGKey(5), (b, 256)).astype(jnp.bfloat16)
+  y = wo.w4a16_matmul(x, p, impl="pallas", variant=variant, block_n=bn, blocks_per_step=bps, split_k=sk)
+  assert y.shape == (b, 40) and y.dtype == jnp.float32
+  codes, s = _packed_np(p)
+  ref, mag = _np_matmul(np.asarray(x.astype(jnp.float32)), codes, s, 256 if gs is None else gs)
+  np.testing.assert_array_less(np.abs(np.asarray(y) - ref), 256 * 2 ** -24 * mag + 1e-30)
+  xla = wo.w4a16_matmul(x, p, impl="xla")
+  assert float(jnp.linalg.norm(y - xla) / jnp.linalg.norm(xla)) < 1e-6
+
+
+def test_kernel_jit_vmap_float32_and_nan():
+  w = jax.random.normal(jax.random.PRNGKey(6), (128, 32))
+  x = jax.random.normal(jax.random.PRNGKey(7), (4, 2, 128))           # float32 activations
+  f = jax.jit(lambda x, w: jax.vmap(lambda xi: wo.w4a16_matmul(
+      xi, wo.pack_int4(w, 32), impl="pallas", block_n=16))(x))
+  y = f(x, w)
+  assert y.shape == (4, 2, 32)
+  p = wo.pack_int4(w, 32)
+  ref = wo.w4a16_matmul(x, p, impl="xla")
+  assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 1e-6
+  # vmap over stacked packed weights on the XLA path (one packed matrix per expert).
+  ws = jax.random.normal(jax.random.PRNGKey(8), (3, 128, 32))
+  ps = jax.vmap(lambda w: wo.pack_int4(w, 64))(ws)
+  ye = jax.jit(jax.vmap(lambda p, x: wo.w4a16_matmul(x, p)))(ps, x[:3, 0])
+  for e in range(3):
+    pe = wo.Int4Weights(ps.words[e], ps.scales[e])
+    np.testing.assert_array_equal(np.asarray(ye[e]), np.asarray(wo.w4a16_matmul(x[e, 0], pe)))
+  # Under jit a NaN weight cannot raise: its group's scale is NaN and the outputs it touches are NaN.
+  wn = w.at[5, 3].set(jnp.nan)
+  yn = f(x, wn)
+  assert bool(jnp.all(jnp.isnan(yn[..., 3]))) and bool(jnp.all(jnp.isfinite(yn[..., :3])))
+  pn = jax.jit(wo.pack_int4, static_argnums=1)(wn, 32)
+  assert bool(jnp.all(jnp.isnan(wo.w4a16_matmul(x[0], pn)[:, 3])))
+
+
+def test_errors():
+  w = jnp.ones((256, 8))
+  with pytest.raises(ValueError, match="multiple of 128"):
+    wo.pack_int4(jnp.ones((100, 8)))
+  with pytest.raises(ValueError, match="power of two"):
+    wo.pack_int4(w, 48)
+  with pytest.raises(ValueError, match="not a multiple of group_size"):
+    wo.pack_int4(jnp.ones((384, 8)), 256)
+  with pytest.raises(TypeError, match="group_size"):
+    wo.pack_int4(w, 64.0)
+  with pytest.raises(ValueError, match="NaN"):
+    wo.pack_int4(w.at[0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="rank 2"):
+    wo.pack_int4(jnp.ones((256,)))
+  with pytest.raises(TypeError, match="floating"):
+    wo.pack_int4(jnp.ones((256, 8), jnp.int32))
+  p = wo.pack_int4(w)
+  with pytest.raises(ValueError, match="K=256"):
+    wo.w4a16_matmul(jnp.ones((1, 255)), p)
+  with pytest.raises(TypeError, match="floating"):
+    wo.w4a16_matmul(jnp.ones((1, 256), jnp.int32), p)
+  with pytest.raises(TypeError, match="Int4Weights"):
+    wo.w4a16_matmul(jnp.ones((1, 256)), (p.words, p.scales))
+  with pytest.raises(ValueError, match="does not match"):
+    wo.w4a16_matmul(jnp.ones((1, 256)), wo.Int4Weights(p.words, p.scales[:, :4]))
+  with pytest.raises(ValueError, match="impl='pallas'"):
+    wo.w4a16_matmul(jnp.ones((1, 256)), p, block_n=32)
+  with pytest.raises(ValueError, match="must divide"):
+    wo.w4a16_matmul(jnp.ones((1, 256)), p, impl="pallas", blocks_per_step=4)
+  with pytest.raises(ValueError, match="power of two"):
+    wo.w4a16_matmul(jnp.ones((1, 256)), p, impl="pallas", block_n=48)
+  with pytest.raises(ValueError, match="split_k"):
+    wo.w4a16_matmul(jnp.ones((1, 256)), wo.pack_int4(w, None), impl="pallas", split_k=2)
+
+
+def test_self_test_and_default_config():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert wo.kernel_self_test("fma")
+  cfg = pg.default_config(1, 8192, 8192)
+  assert (8192 // pg.BLOCK_K) % (cfg["split_k"] * cfg["blocks_per_step"]) == 0
+  cfg = pg.default_config(16, 384, 20)              # 3 blocks: nothing but 1 divides them
+  assert cfg["blocks_per_step"] == 1 and cfg["split_k"] == 1 and cfg["block_n"] <= 32
