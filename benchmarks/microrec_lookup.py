@@ -55,13 +55,15 @@ from mlsys_jax.infer import microrec as mr  # noqa: E402
 def _flags(ap):
   ap.add_argument("--spec", default="criteo", choices=["criteo", "alibaba47"])
   ap.add_argument("--budget", type=float, default=0.05, help="extra storage allowed to the combined plan")
-  ap.add_argument("--parts", default="dispatch,serve,stage")
+  ap.add_argument("--parts", default="dispatch,serve,profile,stage")
   ap.add_argument("--batches", default="1,256,1024,4096", help="stage part")
-  ap.add_argument("--serve_batches", default="1,64,4096")
+  ap.add_argument("--serve_batches", default="1,4096")
+  ap.add_argument("--tag", default="", help="suffix of the JSON name")
   ap.add_argument("--loop", type=int, default=100, help="calls per jitted fori_loop")
   ap.add_argument("--unroll", type=int, default=8, help="independent stage lookups per unrolled call")
   ap.add_argument("--rounds", type=int, default=30, help="timed rounds (stage part)")
   ap.add_argument("--serve_rounds", type=int, default=200, help="timed rounds (serve and dispatch parts)")
+  ap.add_argument("--profile_calls", type=int, default=20, help="calls per profiled variant (profile part)")
   ap.add_argument("--zipf", type=float, default=0.0, help="Zipf exponent of the access pattern (0: uniform)")
 
 
@@ -109,6 +111,59 @@ def part_dispatch(rounds):
   return res
 
 
+def profile_calls(fn, calls: int, top: int = 12) -> dict:
+  """``calls`` calls of ``fn`` under ``jax.profiler`` (perfetto trace): per call, the host events (by name:
+  microseconds and count) and the device events per device thread (kernels, copies; ``XLA Modules`` spans),
+  the ``top`` names by time. Device threads exist on GPU only."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  import tempfile
+  for _ in range(3):
+    jax.block_until_ready(fn())
+  d = tempfile.mkdtemp(prefix="microrec_prof")
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    for _ in range(calls):
+      with jax.profiler.TraceAnnotation("microrec_call"):
+        jax.block_until_ready(fn())
+  path = glob.glob(d + "/**/perfetto_trace.json.gz", recursive=True)[0]
+  with gzip.open(path, "rt") as f:
+    t = json.load(f)
+  ev = t["traceEvents"] if isinstance(t, dict) else t
+  pname = {e["pid"]: str(e["args"]["name"]) for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+  tname = {(e["pid"], e["tid"]): str(e["args"]["name"]) for e in ev
+           if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  xs = [e for e in ev if e.get("ph") == "X" and "dur" in e and "ts" in e]
+  calls_iv = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in xs if e.get("name") == "microrec_call")
+  starts = np.asarray([a for a, _ in calls_iv])
+  ends = np.asarray([b for _, b in calls_iv])
+  acc = collections.defaultdict(lambda: np.zeros((2, max(1, len(starts)))))  # per call: us, count
+  for e in xs:
+    a = float(e["ts"])
+    k = int(np.searchsorted(starts, a, side="right")) - 1  # events inside one timed call only
+    if k < 0 or a + float(e["dur"]) > ends[k] + 1e-3:
+      continue
+    proc = pname.get(e["pid"], "?")
+    where = "device/" + re.sub(r"\d+", "#", tname.get((e["pid"], e["tid"]), "?")) if proc.startswith("/device") \
+        else "host"
+    name = re.sub(r"\.\d+$", "", str(e.get("name", "")))[:80]
+    acc[(where, name)][:, k] += (float(e["dur"]), 1)
+  groups = collections.defaultdict(list)
+  for (where, name), (us, n) in acc.items():  # medians over the calls (one slow call does not skew them)
+    groups[where].append({"name": name, "us_per_call": float(np.median(us)), "count_per_call": float(np.median(n))})
+  out = {}
+  for where, lst in groups.items():
+    lst.sort(key=lambda r: -r["us_per_call"])
+    # host events nest (inclusive times): their sum means nothing; device events of one thread do not
+    out[where] = {"count_per_call": sum(r["count_per_call"] for r in lst), "top": lst[:top]}
+    if where != "host":
+      out[where]["total_us_per_call"] = sum(r["us_per_call"] for r in lst)
+  out["call_us_median"] = float(np.median(ends - starts)) if len(starts) else float("nan")
+  return out
+
+
 def shifted(idx, i, rows):
   return (idx + i) % rows
 
@@ -124,10 +179,12 @@ def main():
     specs = tuple(mr.TableSpec(min(s.rows, 5000), s.dim) for s in specs)
     batches, serve_batches, loop, rounds, srounds = [1, 1024], [1, 64], 10, 5, 20
   out = {"env": common.environment(), "args": vars(args)}
+  name = "microrec_lookup" + ("_small" if args.small else "") + (f"_{args.tag}" if args.tag else "")
   t_start = time.perf_counter()
   if "dispatch" in parts:
     out["dispatch"] = part_dispatch(srounds)
     print("dispatch:", {k: round(v["median_s"] * 1e6, 1) for k, v in out["dispatch"].items()}, "us")
+    common.write_json(args.out, name, out)
   dims = {s.dim for s in specs}
   interaction = "dot" if len(dims) == 1 else "concat"
   width = dims.pop() if interaction == "dot" else 16
@@ -220,6 +277,23 @@ def main():
       print(f"serve batch {b}: {med} us; device loop/call {({n: round(v * 1e6, 1) for n, v in row['model_loop_s'].items()})} us")
       print(f"  agreement: {agree}  ({time.perf_counter() - t_start:.0f} s)")
     out["serve"] = serve
+    common.write_json(args.out, name, out)
+    if "profile" in parts:  # where the time of one call goes, batch 1, host and device events
+      dense, idx = mr.synthetic_batch(1, specs, 1, num_dense=nd, zipf=args.zipf or None)
+      dd, di = jnp.asarray(dense), jnp.asarray(idx)
+      sv = servers["server"]
+      packed = jnp.asarray(sv.pack(dense, idx))
+      variants = {"user/per_table": lambda: np.asarray(apply(variables, stages["per_table"], dense, idx)[0]),
+                  "device/per_table": lambda: apply(variables, stages["per_table"], dd, di),
+                  "device/concat": lambda: apply(variables, stages["fused"], dd, di),
+                  "user/server": lambda: sv(dense, idx)[0], "device/server": lambda: sv.call(packed)}
+      out["profile"] = {n: profile_calls(f, args.profile_calls) for n, f in variants.items()}
+      for n, pr in out["profile"].items():
+        print(f"profile {n}: call {pr['call_us_median']:.1f} us; " + "; ".join(
+            f"{w}: {v.get('total_us_per_call', float('nan')):.1f} us, {v['count_per_call']:.1f} events, top "
+            f"{[(r['name'][:40], round(r['us_per_call'], 1)) for r in v['top'][:4]]}"
+            for w, v in pr.items() if w != "call_us_median"))
+      common.write_json(args.out, name, out)
 
   if "stage" in parts:
     bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
@@ -259,8 +333,9 @@ def main():
     common.print_table(stage_rows, ["batch", "path", "lookups", "stage_loop_s", "stage_unrolled_s", "floor_read_s",
                                     "unrolled_vs_floor_read", "unrolled_vs_floor_rw"])
     out["stage"] = stage_rows
+    common.write_json(args.out, name, out)
   out["wall_s"] = time.perf_counter() - t_start
-  common.write_json(args.out, "microrec_lookup" + ("_small" if args.small else ""), out)
+  common.write_json(args.out, name, out)
 
 
 if __name__ == "__main__":
