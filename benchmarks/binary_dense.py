@@ -44,7 +44,7 @@ from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, default_config, pa
 
 DEFAULT_CONFIGS = ("default,acc:16:128:1:4:2,acc:32:128:1:4:2,acc:8:256:1:2:1,acc:32:64:2:4:2,acc:128:32:1:8:3,"
                    "acc:32:32:1:4:3,acc:64:32:1:8:3,rows:32:256:1:8:4,rows:64:128:1:8:3,bcast:32:64:1:4:3,"
-                   "acc:16:256:1:4:1")
+                   "acc:16:256:1:4:1,acc:16:64:1:2:3")
 
 
 def _extra(ap):
@@ -120,6 +120,30 @@ def _looped_old(op, reps: int):
   def f(xs, ws):
     return sum(jnp.sum(op(xs[r], ws[r]).astype(jnp.float32)) for r in range(reps))
   return jax.jit(f)
+
+
+def _entry_ops(f, *args) -> dict:
+  """Kernel-launching ops in the compiled ENTRY computation of ``f(*args)`` (fusions, custom calls,
+  library calls), and whether XLA wrapped them in command buffers (CUDA graphs)."""
+  try:
+    text = f.lower(*args).compile().as_text()
+  except Exception as e:  # diagnostics only
+    return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+  entry = text[text.index("ENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  ops = {"fusion": 0, "custom-call": 0, "call": 0, "other": 0}
+  for line in entry.splitlines()[1:]:
+    if "=" not in line:
+      continue
+    rhs = line.split("=", 1)[1]
+    for op in ("fusion(", "custom-call(", "call("):
+      if f" {op}" in rhs:
+        ops[op[:-1]] += 1
+        break
+    else:
+      ops["other"] += 1
+  ops["command_buffer"] = "command_buffer" in text
+  return ops
 
 
 def _timed(fn, inner: int) -> float:
@@ -208,13 +232,22 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
   for nm, fn in fns.items():  # compile what is left
     jax.block_until_ready(fn())
   t_compile = time.perf_counter() - t_compile
+  hlo = {}
+  if old_loop:   # what each loop shape launches, once
+    dflt = default_config(b, n, wn)
+    hlo["pallas_default"] = _entry_ops(_looped(lambda x, w: pallas_packed_dense(x, w, k, *dflt,
+                                                                                 interpret=interpret),
+                                               reps), xs_p, packed_w)
+    hlo["old_loop_pallas_default"] = _entry_ops(f_old_k, xs_stack, packed_w)
+    if not args.no_baselines:
+      hlo["bf16"] = _entry_ops(f_bf16, xb, wb)
   times = _round_robin(fns, args.repeats, args.inner)
   per = {nm: float(np.median(t)) / reps for nm, t in times.items()}
   row = {"n": n, "k": k, "batch": b, "reps": reps, "inner": args.inner, "repeats": args.repeats,
          "compile_and_check_seconds": t_compile, "seconds_per_launch": per, "exact": exact,
          "config_errors": errors, "packed_weight_bytes": n * wn * 4, "bf16_weight_bytes": n * k * 2,
          "int8_weight_bytes": n * k, "read_floor_seconds": n * wn * 4 / read_bw,
-         "empty_kernel_seconds": per["empty_kernel"]}
+         "empty_kernel_seconds": per["empty_kernel"], "entry_ops": hlo}
   ok = [nm for nm in per if nm.startswith("pallas:") and exact.get(nm)]
   if ok:
     best = min(ok, key=per.get)
