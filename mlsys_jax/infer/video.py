@@ -154,9 +154,12 @@ class LayerState(NamedTuple):
 
 
 class ModelState(NamedTuple):
-  """State of a stream: the previous frame ``x`` ``(H, W, C)`` and one :class:`LayerState` per layer."""
+  """State of a stream: the previous frame ``x`` ``(H, W, C)``, one :class:`LayerState` per layer and
+  ``dense_frames``, the number of frames so far that ran the whole network densely (the network-level
+  fallback, taken when the first layer's changed tiles exceed its sparse capacity)."""
   x: jax.Array
   layers: tuple
+  dense_frames: Any = 0
 
 
 class LayerStats(NamedTuple):
@@ -451,6 +454,16 @@ def _layer_stats(y, tile, nh, nw, reused, skipped, computed, dense) -> LayerStat
                     zero_fraction=jnp.mean((y == 0).astype(jnp.float32)))
 
 
+def _when(pred: jax.Array, fn: Callable, carry: Any) -> Any:
+  """``fn(carry) if pred else carry`` as a ``lax.while_loop`` of 0 or 1 trips. XLA updates a while
+  loop's carry in place, but copies the buffers a ``lax.cond``/``lax.switch`` passes through or updates
+  (its outputs never share buffers with its operands): with a chain of these, a branch that leaves a
+  layer's output alone, rewrites a few tiles or writes a fresh dense output costs no copy of it."""
+  def body(c):
+    return jnp.zeros((), bool), fn(c[1])
+  return lax.while_loop(lambda c: c[0], body, (jnp.asarray(pred, bool), carry))[1]
+
+
 def _buckets_for(caps, count):
   """Branch index into ``[nothing, caps[0], ..., caps[-1], dense]`` for ``count`` tiles to process."""
   b = jnp.sum(jnp.asarray([count > c for c in caps], jnp.int32)) if caps else jnp.zeros((), jnp.int32)
@@ -460,7 +473,8 @@ def _buckets_for(caps, count):
 def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: jax.Array | None,
                     changed: jax.Array, in_amax: jax.Array, *, tile: int, capacity: Sequence[int],
                     unit_roundoff: float = 2.0 ** -24, next_strips=(0, 0, 0, 0),
-                    dense_bounds: bool = True, in_change: tuple | None = None):
+                    dense_bounds: bool = True, in_change: tuple | None = None,
+                    with_stats: bool = True):
   """One frame through one layer: reuse unchanged tiles, skip provably-zero tiles, compute the rest.
 
   Args:
@@ -485,6 +499,8 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
     in_change: ``(dmax, dmin)`` ``(nHi, nWi, c_in)``, the per-input-tile range of ``x - x_prev`` (the
       previous layer's :class:`LayerState` fields); the temporal bound then takes the range over the
       3 x 3 neighbouring input tiles (a superset of the receptive field) and ``x_prev`` is not read.
+    with_stats: return :class:`LayerStats`; ``False``: only the tile counts ``(reused, skipped,
+      computed, dense)``.
   Returns:
     ``(state, y, flags, stats)``: ``flags`` ``(nH, nW, 3, 3)`` are the region change flags of this
     layer's *output* tiles (bit-exact on the sparse path: a recomputed tile with the same bits is
@@ -504,9 +520,8 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
 
   fill = lambda v: jnp.full((nh, nw, cout), v, x.dtype)
 
-  def nothing(_):
-    return (state.y, state.ub, state.amax, fill(0), fill(0), jnp.zeros((nh, nw, 3, 3), bool),
-            (zero, zero))
+  nothing = (state.y, state.ub, state.amax, fill(0), fill(0), jnp.zeros((nh, nw, 3, 3), bool),
+             (zero, zero))
 
   def dense(_):  # the plain conv; the previous output is not read (it is overwritten in place)
     y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff, dense_bounds)
@@ -514,7 +529,8 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
             (zero, jnp.asarray(n_tiles, jnp.int32)))
 
   def sparse(cap):
-    def run(_):
+    def run(carry):  # reads the previous state from the loop carry, so XLA updates it in place
+      prev = LayerState(carry[0], carry[1], carry[2], None, None)
       (idx,) = jnp.nonzero(changed.reshape(-1), size=cap, fill_value=n_tiles)
       valid = idx < n_tiles
       ti = jnp.where(valid, idx // nw, nh + jnp.arange(cap))  # fill entries: distinct, out of range
@@ -533,7 +549,7 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
         dmin = jnp.min(_neighbours(in_change[1], ti, tj), axis=(1, 2))
         a2 = 2 * a_t + jnp.maximum(jnp.abs(dmax), jnp.abs(dmin))
       ub_r, dm = range_upper_bound(layer, xmin, xmax, unit_roundoff)
-      prev_ub = state.ub.reshape(n_tiles, cout)[jnp.minimum(idx, n_tiles - 1)]
+      prev_ub = prev.ub.reshape(n_tiles, cout)[jnp.minimum(idx, n_tiles - 1)]
       ub_t = temporal_upper_bound(layer, prev_ub, dmin, dmax, a2, unit_roundoff)
       ub = jnp.where(jnp.isnan(ub_t), ub_r, jnp.minimum(ub_t, ub_r))
       if layer.relu:  # every output of the tile is +0.0 in dense float32 inference
@@ -558,32 +574,39 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
 
       z = lax.switch(jnp.minimum(_buckets_for(inner, n_comp), len(inner)),
                      [no_conv] + [conv_some(c) for c in inner], None)  # (cap, T, T, cout)
-      ro, co = _tile_index(state.y, ti, tj, tile, (tile, tile), (0, 0))
+      ro, co = _tile_index(prev.y, ti, tj, tile, (tile, tile), (0, 0))
       vm = (ro < ho) & (co < wo)  # (cap, T, T): real output positions
       zmax = jnp.max(jnp.where(vm[..., None], z, -jnp.inf), axis=(1, 2))
       new_ub = jnp.where(comp[:, None], _up(zmax + dm), jnp.where(skip[:, None], ub, prev_ub))
       yt = jnp.where(comp[:, None, None, None], _act(layer, z), jnp.zeros((), z.dtype))
       yt = jnp.where(vm[..., None], yt, jnp.zeros((), z.dtype))
-      old = state.y.at[ro, co].get(mode="fill", fill_value=0)
-      flags = _region_flags(jnp.any(_bits(yt) != _bits(old), axis=-1), next_strips)  # (cap, 3, 3)
+      old = prev.y.at[ro, co].get(mode="fill", fill_value=0)
+      same = _bits(yt) == _bits(old)
+      flags = _region_flags(jnp.any(~same, axis=-1), next_strips)  # (cap, 3, 3)
       amax_t = jnp.max(jnp.abs(yt), axis=(1, 2))
       dy = yt - old  # 0 at padding positions (both 0)
       dmax_t, dmin_t = jnp.max(dy, axis=(1, 2)), jnp.min(dy, axis=(1, 2))
-      y = state.y.at[ro, co].set(yt, mode="drop", unique_indices=True)
+      # the same bits either way; the data dependency makes XLA read the old tiles before the in-place
+      # write below (unordered, it copies the whole output instead)
+      yt = jnp.where(same, old, yt)
+      y = prev.y.at[ro, co].set(yt, mode="drop", unique_indices=True)
       iu = jnp.where(valid, idx, n_tiles + jnp.arange(cap))  # distinct indices, fill ones dropped
       put = lambda full, v: full.reshape((n_tiles,) + full.shape[2:]).at[iu].set(
           v, mode="drop", unique_indices=True).reshape(full.shape)
-      return (y, put(state.ub, new_ub), put(state.amax, amax_t), put(fill(0), dmax_t),
+      return (y, put(prev.ub, new_ub), put(prev.amax, amax_t), put(fill(0), dmax_t),
               put(fill(0), dmin_t), put(jnp.zeros((nh, nw, 3, 3), bool), flags),
               (jnp.sum(skip).astype(jnp.int32), n_comp.astype(jnp.int32)))
     return run
 
-  branches = [nothing] + [sparse(c) for c in caps] + [dense]
-  y, ub, amax, dmax, dmin, flags, (skipped, computed) = lax.switch(_buckets_for(caps, count),
-                                                                  branches, None)
+  branch = _buckets_for(caps, count)  # 0: nothing changed (the carry as it is), then caps, dense
+  out = nothing
+  for b, fn in enumerate([sparse(c) for c in caps] + [dense]):
+    out = _when(branch == b + 1, fn, out)
+  y, ub, amax, dmax, dmin, flags, (skipped, computed) = out
   used_dense = (count > (caps[-1] if caps else 0)).astype(jnp.int32)
   reused = jnp.where(used_dense > 0, 0, n_tiles - count).astype(jnp.int32)
-  stats = _layer_stats(y, tile, nh, nw, reused, skipped, computed, used_dense)
+  counts = (reused, skipped, computed, used_dense)
+  stats = _layer_stats(y, tile, nh, nw, *counts) if with_stats else counts
   return LayerState(y=y, ub=ub, amax=amax, dmax=dmax, dmin=dmin), y, flags, stats
 
 
@@ -750,10 +773,39 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
       st, x = conv_layer_init(l, x, tile, unit_roundoff, in_amax=in_amax)
       states.append(st)
       in_amax = st.amax
-    return ModelState(frame, tuple(states)), x
+    return ModelState(frame, tuple(states), jnp.zeros((), jnp.int32)), x
 
   def init(frame):
     return _init(_check_frame(frame))
+
+  # a layer after a dense one sees every tile changed: it falls back too unless its sparse capacity
+  # holds all its tiles; when none does, a dense first layer means a dense network (one decision)
+  net_dense = all(not c or c[-1] < nh * nw for c, (nh, nw) in zip(caps[1:], grids[1:]))
+
+  def dense_network(x, in_amax):
+    """Every layer's plain dense conv (no switch, no bound, no read of a previous output)."""
+    new, counts = [], []
+    for l, (nh, nw), cap in zip(layers, grids, caps):
+      y, ub, amax = _dense_outputs(l, x, in_amax, tile, unit_roundoff, dense_bounds and bool(cap))
+      full = lambda v: jnp.full(ub.shape, v, x.dtype)
+      new.append(LayerState(y=y, ub=ub, amax=amax, dmax=full(jnp.inf), dmin=full(-jnp.inf)))
+      zero = jnp.zeros((), jnp.int32)
+      counts.append((zero, zero, jnp.asarray(nh * nw, jnp.int32), jnp.ones((), jnp.int32)))
+      x, in_amax = y, amax
+    return tuple(new), tuple(counts)
+
+  def skip_network(layer_states, x, x_prev, flags, in_amax):
+    in_change, new, counts = None, [], []
+    for i, (l, st, cap) in enumerate(zip(layers, layer_states, caps)):
+      nh, nw = grids[i]
+      st_new, y, flags, s = conv_layer_step(
+          l, st, x, x_prev, _rf_changed(flags, nh, nw), in_amax, tile=tile,
+          capacity=cap, unit_roundoff=unit_roundoff, next_strips=strips[i + 1],
+          dense_bounds=dense_bounds and bool(cap), in_change=in_change, with_stats=False)
+      new.append(st_new)
+      counts.append(s)
+      x, x_prev, in_amax, in_change = y, None, st_new.amax, (st_new.dmax, st_new.dmin)
+    return tuple(new), tuple(counts)
 
   def step(state, frame):
     x = _check_frame(frame)
@@ -761,18 +813,15 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
       raise ValueError(f"state must be the ModelState of this model ({len(layers)} layers); "
                        "get it from init().")
     flags, in_amax = _input_tile_stats(x, state.x, tile, strips[0])
-    frame_now = x
-    x_prev, in_change, new, stats = state.x, None, [], []
-    for i, (l, st, cap) in enumerate(zip(layers, state.layers, caps)):
-      nh, nw = grids[i]
-      st_new, y, flags, s = conv_layer_step(
-          l, st, x, x_prev, _rf_changed(flags, nh, nw), in_amax, tile=tile, capacity=cap,
-          unit_roundoff=unit_roundoff, next_strips=strips[i + 1],
-          dense_bounds=dense_bounds and bool(cap), in_change=in_change)
-      new.append(st_new)
-      stats.append(s)
-      x, x_prev, in_amax, in_change = y, None, st_new.amax, (st_new.dmax, st_new.dmin)
-    return ModelState(x=frame_now, layers=tuple(new)), x, tuple(stats)
+    count0 = jnp.sum(_rf_changed(flags, *grids[0]))
+    go_dense = (count0 > (caps[0][-1] if caps[0] else 0)) & net_dense
+    zero = jnp.zeros((), jnp.int32)
+    carry = (state.layers, tuple((zero, zero, zero, zero) for _ in layers))
+    carry = _when(go_dense, lambda c: dense_network(x, in_amax), carry)
+    new, counts = _when(~go_dense, lambda c: skip_network(c[0], x, state.x, flags, in_amax), carry)
+    stats = tuple(_layer_stats(st.y, tile, nh, nw, *c) for st, (nh, nw), c in zip(new, grids, counts))
+    return (ModelState(x=x, layers=new, dense_frames=state.dense_frames + go_dense.astype(jnp.int32)),
+            new[-1].y, stats)
 
   return RangeBoundModel(init=init, step=step, layers=layers, capacities=tuple(caps))
 
