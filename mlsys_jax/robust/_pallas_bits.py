@@ -51,6 +51,8 @@ from mlsys_jax._compat import run_outside_traces, triton_compiler_params
 WORDS = 256        # 32-lane words per program (1024 uint8 codes)
 NUM_WARPS = 4      # warps per program
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
+IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
+HASHES = ("philox", "philox7", "threefry")
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 _U32 = jnp.uint32
 
@@ -130,16 +132,24 @@ def lane_mask(bits: int, width: int) -> int:
   return sum(one << (width * s) for s in range(32 // width))
 
 
+def check_hash(hash: str) -> str:
+  if hash not in HASHES:
+    raise ValueError(f"hash must be one of {HASHES}, got {hash!r}.")
+  return hash
+
+
 def level_words(k0, k1, word_idx, m, hash: str = "philox", asm: bool = False):
   """The level words of step ``m`` (levels ``step * m`` ... ``step * m + step - 1``, most significant
-  first) of the words ``word_idx``: 4 per step with Philox-4x32-10, 2 with Threefry-2x32-20."""
+  first) of the words ``word_idx``: 4 per step with Philox-4x32-10 ('philox') or Philox-4x32-7
+  ('philox7', measured only: Salmon et al. report BigCrush passes from 7 rounds, 10 is their default),
+  2 with Threefry-2x32-20."""
   mu = jnp.full(word_idx.shape, m, _U32)
-  if hash == "philox":
+  if hash in ("philox", "philox7"):
     z = jnp.zeros(word_idx.shape, _U32)
-    return philox4x32(k0, k1, word_idx, mu, z, z, asm=asm)
+    return philox4x32(k0, k1, word_idx, mu, z, z, rounds=10 if hash == "philox" else 7, asm=asm)
   if hash == "threefry":
     return threefry2x32(k0, k1, word_idx, mu)
-  raise ValueError(f"hash must be 'philox' or 'threefry', got {hash!r}.")
+  check_hash(hash)
 
 
 def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: bool = False):
@@ -148,7 +158,7 @@ def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: b
   ``t`` is the uint32 threshold, ``always`` (bool) forces every lane of ``lanes`` on (p = 1); lanes
   outside ``lanes`` are never set. Runs steps of levels until every lane is decided.
   """
-  step = 4 if hash == "philox" else 2
+  step = 2 if hash == "threefry" else 4
   lanes = jnp.full(word_idx.shape, lanes, _U32)
   zero = jnp.zeros(word_idx.shape, _U32)
   und0 = jnp.where(always | (t == _U32(0)), zero, lanes)
@@ -197,15 +207,23 @@ def _faults_xla(params, nw: int, lanes: int, hash: str):
 
 
 def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: str = "xla",
-           words: int | None = None, num_warps: int | None = None, hash: str | None = None) -> jax.Array:
+           words: int | None = None, num_warps: int | None = None, hash: str | None = None,
+           io: str | None = None) -> jax.Array:
   """Faults on the flat codes: flips (``one_params`` None) or stuck-at values.
 
   ``flip_params``/``one_params``: uint32[4] ``(k0, k1, t, always)`` of the faulty-bit draw and of the
   stuck value draw (a faulty bit reads 1 where the second draw is below its threshold).
   ``impl``: ``'xla'``, ``'pallas'`` (compiled Triton) or ``'interpret'`` (the kernel in Pallas' interpreter).
-  ``hash``: ``'philox'`` (default) or ``'threefry'``; ``words``/``num_warps``: kernel tile and warps.
+  ``hash``: one of ``HASHES`` (default ``HASH``); ``words``/``num_warps``: kernel tile and warps;
+  ``io``: ``'words'`` (the kernel loads and stores the codes as 32-bit words, a free bitcast outside;
+  used when the number of codes is a multiple of the codes per word, else ``'bytes'``) or ``'bytes'``
+  (loads of the codes' own dtype). ``hash`` changes the pattern; ``impl``, ``words``, ``num_warps`` and
+  ``io`` never do.
   """
-  hash = hash or HASH
+  hash = check_hash(hash or HASH)
+  io = io or IO
+  if io not in ("words", "bytes"):
+    raise ValueError(f"io must be 'words' or 'bytes', got {io!r}.")
   shape, dtype = codes.shape, codes.dtype
   width = jnp.iinfo(dtype).bits
   cpw = 32 // width
@@ -230,26 +248,41 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   if impl not in ("pallas", "interpret"):
     raise ValueError(f"impl must be 'xla', 'pallas' or 'interpret', got {impl!r}.")
   w = words or WORDS
-  grid = -(-nw // w)
   interpret = impl == "interpret"
+  asm = not interpret
+  as_words = io == "words" and n % cpw == 0
+  grid = -(-nw // w)
 
-  def kernel(p_ref, c_ref, o_ref):
-    i = pl.program_id(0)
-    widx = i * w + jnp.arange(w, dtype=jnp.int32)
-    offs = widx[:, None] * cpw + jnp.arange(cpw, dtype=jnp.int32)[None, :]
-    ok = offs < n
-    c = plgpu.load(c_ref.at[offs], mask=ok, other=jnp.zeros((), dtype))
-    wu = widx.astype(_U32)
-    asm = not interpret
+  def faults(p_ref, wu):
     f = below_words(p_ref[0], p_ref[1], p_ref[2], p_ref[3] != _U32(0), wu, lanes, hash, asm)
     o = None
     if stuck:
-      o = _unpack(below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, hash, asm),
-                  cpw, width, dtype)
+      o = below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, hash, asm)
+    return f, o
+
+  def word_kernel(p_ref, c_ref, o_ref):
+    widx = pl.program_id(0) * w + jnp.arange(w, dtype=jnp.int32)
+    ok = widx < nw
+    c = plgpu.load(c_ref.at[widx], mask=ok, other=jnp.zeros((), _U32))
+    f, o = faults(p_ref, widx.astype(_U32))
+    plgpu.store(o_ref.at[widx], combine(c, f, o), mask=ok)
+
+  def byte_kernel(p_ref, c_ref, o_ref):
+    widx = pl.program_id(0) * w + jnp.arange(w, dtype=jnp.int32)
+    offs = widx[:, None] * cpw + jnp.arange(cpw, dtype=jnp.int32)[None, :]
+    ok = offs < n
+    c = plgpu.load(c_ref.at[offs], mask=ok, other=jnp.zeros((), dtype))
+    f, o = faults(p_ref, widx.astype(_U32))
+    o = None if o is None else _unpack(o, cpw, width, dtype)
     plgpu.store(o_ref.at[offs], combine(c, _unpack(f, cpw, width, dtype), o), mask=ok)
 
   cp = None if interpret else triton_compiler_params(num_warps or NUM_WARPS, 1)
-  out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n,), dtype), grid=(grid,),
+  if as_words:   # 4 uint8 / 2 uint16 codes per word, slot s in bits width*s... (little-endian bitcast)
+    cw = jax.lax.bitcast_convert_type(flat.reshape(nw, cpw), _U32)
+    out = pl.pallas_call(word_kernel, out_shape=jax.ShapeDtypeStruct((nw,), _U32), grid=(grid,),
+                         interpret=interpret, compiler_params=cp)(allp, cw)
+    return jax.lax.bitcast_convert_type(out, dtype).reshape(shape)
+  out = pl.pallas_call(byte_kernel, out_shape=jax.ShapeDtypeStruct((n,), dtype), grid=(grid,),
                        interpret=interpret, compiler_params=cp)(allp, flat)
   return out.reshape(shape)
 
