@@ -101,7 +101,8 @@ def test_xla_matmul_vs_float64(dtype):
 # (variant, batch, group size, block_n, blocks_per_step, split_k): ragged N (40 over blocks of 16/32),
 # groups smaller than, equal to and larger than a loop step, per-column scales, split K, batch padding.
 # The interpreter compiles each configuration anew (seconds each): two cases by default, the rest slow.
-KERNEL_CASES = [("fma", 3, 16, 32, 2, 1), ("dot", 5, 32, 32, 1, 2),
+KERNEL_CASES = [("fma", 2, 16, 32, 1, 2), ("dot", 5, 32, 32, 2, 1),
+                pytest.param("fma", 3, 16, 32, 2, 1, marks=pytest.mark.slow),
                 pytest.param("fma", 1, 128, 16, 1, 1, marks=pytest.mark.slow),
                 pytest.param("fma", 2, 64, 16, 1, 2, marks=pytest.mark.slow),
                 pytest.param("dot", 1, None, 16, 2, 1, marks=pytest.mark.slow)]
@@ -123,11 +124,11 @@ def test_kernel_interpret_vs_float64(variant, b, gs, bn, bps, sk):
 
 def test_kernel_jit_vmap_float32_and_nan():
   w = jax.random.normal(jax.random.PRNGKey(6), (128, 32))
-  x = jax.random.normal(jax.random.PRNGKey(7), (4, 2, 128))           # float32 activations
+  x = jax.random.normal(jax.random.PRNGKey(7), (3, 1, 128))           # float32 activations
   f = jax.jit(lambda x, w: jax.vmap(lambda xi: wo.w4a16_matmul(
       xi, wo.pack_int4(w, 32), impl="pallas", block_n=16))(x))
   y = f(x, w)
-  assert y.shape == (4, 2, 32)
+  assert y.shape == (3, 1, 32)
   p = wo.pack_int4(w, 32)
   ref = wo.w4a16_matmul(x, p, impl="xla")
   assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 1e-6

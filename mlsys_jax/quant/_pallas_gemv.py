@@ -191,6 +191,14 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
                      f"scales (one group) need split_k=1.")
   if interpret is None:
     interpret = not on_gpu()
+  return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, bool(interpret))
+
+
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 11)))
+def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, interpret):
+  b, k = x.shape
+  n = words.shape[1]
+  group_size = k // scales.shape[0]
   bp = max(16, _pow2(b)) if variant == "dot" else _pow2(b)
   xp = x if bp == b else jnp.pad(x, ((0, bp - b), (0, 0)))
   np_ = -(-n // bn) * bn
