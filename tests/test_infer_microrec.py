@@ -245,3 +245,65 @@ def test_authors_num_pairs():
   assert r.lookups == opt.lookups == 42 and opt.elements <= r.elements
   with pytest.raises(ValueError, match="budget"):
     mr.authors_plan(mr.ALIBABA_47, 0.001, num_pairs=5)
+
+
+def _serving_setup():
+  specs = [mr.TableSpec(r, 4) for r in (3, 5, 7, 40, 2, 300)]
+  tables = mr.init_tables(8, specs)
+  model = mr.DLRM(bottom=(8, 4), top=(8,))
+  dense, idx = mr.synthetic_batch(3, specs, 6, num_dense=3, zipf=0.9)
+  base = mr.build_stage(tables, mr.Plan.identity(len(specs)))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), base, dense, idx)
+  return specs, tables, model, variables, base, dense, idx
+
+
+def test_server_matches_model_for_every_weight_mode():
+  specs, tables, model, variables, base, dense, idx = _serving_setup()
+  plan = mr.optimal_plan(specs, 1.0)
+  assert len(plan.groups) < len(specs)
+  ref, _ = jax.jit(model.apply)(variables, base, dense, idx)
+  ref = np.asarray(ref)
+  for weights in ("constants", "packed", "pytree"):
+    sv = mr.Server(model, variables, tables, plan, num_dense=3, weights=weights)
+    assert sv.lookups == len(plan.groups) and sv.stage.gathers == 1
+    logits, bad = sv(dense, idx)
+    assert logits.dtype == np.float32 and logits.shape == (6,) and bad == 0
+    if weights == "constants":  # weights compiled in: XLA may reassociate, so equal to rounding only
+      np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-6)
+    else:  # same program on the same values: bit for bit
+      np.testing.assert_array_equal(logits, ref)
+  # the device function alone: packed in, (logit bits, count) out
+  out = sv.call(jnp.asarray(sv.pack(dense, idx)))
+  assert out.dtype == jnp.int32 and out.shape == (7,)
+  np.testing.assert_array_equal(sv.unpack(out)[0], logits)
+
+
+def test_server_bad_input():
+  specs, tables, model, variables, base, dense, idx = _serving_setup()
+  plan = mr.Plan(((0, 1), (2, 4), (3,), (5,)))
+  sv = mr.Server(model, variables, tables, plan, num_dense=3)
+  bad_idx = idx.copy()
+  bad_idx[2, 4] = 2  # table 4 has 2 rows
+  with pytest.raises(ValueError, match="table 4"):
+    sv(dense, bad_idx)
+  with pytest.raises(ValueError, match="table 1"):  # int64 beyond int32 would wrap: refused before the cast
+    sv(dense, np.where(np.arange(6) == 1, 2**32 + 1, idx.astype(np.int64)))
+  counting = mr.Server(model, variables, mr.build_stage(tables, plan, fuse="chunks"), num_dense=3, on_bad="count")
+  logits, bad = counting(dense, np.where(np.arange(6) == 3, -5, bad_idx))
+  clamped = np.clip(np.where(np.arange(6) == 3, -5, bad_idx), 0, np.array([s.rows - 1 for s in specs]))
+  ref, _ = counting(dense, clamped)
+  assert bad == 1 + 6
+  np.testing.assert_array_equal(logits, ref)
+  nan_dense = dense.copy()
+  nan_dense[1, 0] = np.nan
+  assert np.isnan(counting(nan_dense, idx)[0][1]) and np.isfinite(counting(nan_dense, idx)[0][0])
+  with pytest.raises(ValueError, match=r"dense must be \(batch, 3\)"):
+    sv(dense[:, :2], idx)
+  with pytest.raises(ValueError, match="one-hot"):
+    sv(dense, idx[:, :, None])
+  with pytest.raises(TypeError, match="integers"):
+    sv(dense, idx.astype(np.float32))
+  with pytest.raises(ValueError, match="fuse='chunks'"):
+    mr.Server(model, variables, base, num_dense=3)
+  with pytest.raises(ValueError, match="weights"):
+    mr.Server(model, variables, tables, plan, num_dense=3, weights="closure")
