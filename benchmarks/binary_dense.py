@@ -43,8 +43,8 @@ from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, default_config, pa
                                                  pallas_packed_dense)
 
 DEFAULT_CONFIGS = ("default,acc:16:128:1:4:2,acc:32:128:1:4:2,acc:8:256:1:2:1,acc:32:64:2:4:2,acc:128:32:1:8:3,"
-                   "acc:32:32:1:4:3,acc:64:32:1:8:3,rows:32:256:1:8:4,rows:64:128:1:8:3,bcast:32:64:1:4:3,"
-                   "acc:16:256:1:4:1,acc:16:64:1:2:3")
+                   "acc:32:32:1:4:3,rows:32:256:1:8:4,rows:64:128:1:8:3,bcast:32:64:1:4:3,acc:16:64:1:2:3,"
+                   "csa:32:128:1:4:2,csa:64:128:1:8:2,csa:16:256:1:4:1")
 
 
 def _extra(ap):
@@ -281,7 +281,7 @@ def main():
   reps = 2 if args.small else args.reps
   if args.small:
     args.repeats, args.inner = 3, 1
-    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3"
+    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2"
   read_bw = common.read_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
   print(f"device read bandwidth {read_bw / 1e12:.2f} TB/s", flush=True)
   payload = {"env": common.environment(), "read_bandwidth_bytes_per_s": read_bw, "rows": [],
