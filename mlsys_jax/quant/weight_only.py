@@ -114,9 +114,10 @@ def pack_int4(w: jax.Array, group_size: int | None = 128, *, axis: int = 0,
       (concrete arrays only).
 
   Example:
-    >>> w = jnp.array([[0.7], [-0.35]] * 64)                   # K=128, N=1
-    >>> dequantize_int4(pack_int4(w, 16))[:2, 0].tolist()
-    [0.69921875, -0.349609375]
+    >>> w = jnp.array([[0.7], [-0.35]] * 64)                   # K=128, N=1; s = bf16(0.1)
+    >>> p = pack_int4(w, 16)
+    >>> float(p.scales[0, 0]), dequantize_int4(p)[:2, 0].tolist()   # codes 7 and -3 (-0.35 / s = -3.497)
+    (0.10009765625, [0.70068359375, -0.30029296875])
   """
   w = jnp.asarray(w)
   check_rank("w", w, 2)
@@ -165,8 +166,8 @@ def dequantize_int4(packed: Int4Weights, dtype=jnp.float32) -> jax.Array:
   """The ``(K, N)`` weight that :class:`Int4Weights` represents: ``code * scale`` (float32, then cast).
 
   Example:
-    >>> dequantize_int4(pack_int4(jnp.full((128, 2), -3.0), None))[0].tolist()
-    [-3.0, -3.0]
+    >>> dequantize_int4(pack_int4(jnp.full((128, 2), -3.0), None))[0].tolist()   # 7 * bf16(3 / 7)
+    [-2.994140625, -2.994140625]
   """
   _check_packed(packed)
   return _dequantize(packed, jnp.dtype(dtype))
