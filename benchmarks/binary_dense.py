@@ -314,7 +314,9 @@ def main():
       common.write_json(args.out, "binary_dense", payload)     # survives a time-out
     del packed_w, dense_w
   payload["best_config"] = _overall_best(payload["rows"])
-  print("best_config", payload["best_config"], flush=True)
+  payload["best_config_by_batch"] = {b: _overall_best([r for r in payload["rows"] if r["batch"] == b])
+                                     for b in sorted({r["batch"] for r in payload["rows"]})}
+  print("best_config", payload["best_config"], "by batch", payload["best_config_by_batch"], flush=True)
   if args.with_conv:
     payload["conv"] = _conv_section(args, interpret)
   payload["elapsed_seconds"] = time.perf_counter() - t0
@@ -327,9 +329,11 @@ def main():
 
 def _overall_best(rows: list[dict]) -> str | None:
   """The configuration, exact at every shape, with the lowest geometric mean of time / best time."""
+  rows = [r for r in rows if "pallas_seconds" in r]
   common_names = None
   for r in rows:
-    names = {nm for nm, ok in r["exact"].items() if ok and nm in r["seconds_per_launch"]}
+    names = {nm for nm, ok in r["exact"].items()
+             if ok and nm.startswith("pallas:") and nm in r["seconds_per_launch"]}
     common_names = names if common_names is None else common_names & names
   if not common_names:
     return None
