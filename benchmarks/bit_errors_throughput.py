@@ -34,15 +34,15 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.robust import _pallas_bits as pb  # noqa: E402
 from mlsys_jax.robust import bit_errors as be  # noqa: E402
 
-# (hash, words per program, warps, io) of the kernel sweep; the first entry of each group is also run
-# at p = 0 where marked below.
-SWEEP = [("philox", 256, 4, "bytes"),      # the previous default
-         ("philox", 32, 1, "words"), ("philox", 64, 1, "words"), ("philox", 64, 2, "words"),
-         ("philox", 128, 2, "words"), ("philox", 128, 4, "words"), ("philox", 256, 4, "words"),
-         ("philox", 256, 8, "words"), ("philox", 512, 8, "words"), ("philox", 32, 1, "bytes"),
-         ("philox7", 32, 1, "words"), ("philox7", 64, 2, "words"), ("philox7", 256, 4, "words"),
-         ("threefry", 256, 4, "words")]
-SMALL_SWEEP = [("philox", 64, 2, "words"), ("philox", 64, 2, "bytes")]
+# (hash, words per program, warps, io, steps before the first early-stop test) of the kernel sweep.
+SWEEP = [("philox", 256, 4, "bytes", 0),      # the previous default
+         ("philox", 256, 4, "words", 0), ("philox", 32, 1, "words", 0), ("philox", 64, 1, "words", 0),
+         ("philox", 64, 2, "words", 0), ("philox", 128, 4, "words", 0), ("philox", 512, 8, "words", 0),
+         ("philox", 32, 1, "words", 3), ("philox", 64, 1, "words", 3), ("philox", 64, 2, "words", 2),
+         ("philox", 256, 4, "words", 3),
+         ("philox7", 32, 1, "words", 0), ("philox7", 64, 2, "words", 0), ("philox7", 256, 4, "words", 0),
+         ("philox7", 32, 1, "words", 3), ("threefry", 256, 4, "words", 0)]
+SMALL_SWEEP = [("philox", 64, 2, "words", 0), ("philox", 64, 2, "bytes", 2)]
 
 
 def _extra(ap):
@@ -95,10 +95,10 @@ def main():
   t, always = be._threshold(p)
   t0_, a0_ = be._threshold(0.0)
 
-  def kernel_step(hash, w, nwarp, io, thr=(t, always)):
+  def kernel_step(hash, w, nwarp, io, pre, thr=(t, always)):
     def step(c, k):
       fp = jnp.stack([k[0], k[1], thr[0], thr[1].astype(jnp.uint32)])
-      return pb.inject(c, 8, fp, impl=kimpl, hash=hash, words=w, num_warps=nwarp, io=io)
+      return pb.inject(c, 8, fp, impl=kimpl, hash=hash, words=w, num_warps=nwarp, io=io, pre=pre)
     return step
 
   emap = be.profiled_error_map(jax.random.PRNGKey(3), (n,), 8, flip=True)
@@ -107,11 +107,11 @@ def main():
   steps = {"uint8 XOR-copy": lambda c, k: c ^ k[0].astype(jnp.uint8),
            "apply_error_mask (precomputed fault mask)": lambda c, k: be.apply_error_mask(c, mask)}
   sweep = SMALL_SWEEP if args.small else SWEEP
-  for h, w, nwarp, io in sweep:
-    steps[f"kernel {h} words={w} warps={nwarp} io={io}"] = kernel_step(h, w, nwarp, io)
+  for h, w, nwarp, io, pre in sweep:
+    steps[f"kernel {h} words={w} warps={nwarp} io={io} pre={pre}"] = kernel_step(h, w, nwarp, io, pre)
   for io in ("words", "bytes"):
     steps[f"kernel p=0 (memory path only) words=256 warps=4 io={io}"] = kernel_step(
-        "philox", 256, 4, io, (t0_, a0_))
+        "philox", 256, 4, io, 0, (t0_, a0_))
   steps["same hash in XLA (philox)"] = lambda c, k: pb.inject(
       c, 8, jnp.stack([k[0], k[1], t, always.astype(jnp.uint32)]), impl="xla")
   steps["previous: jax.random.bits, 8 stored draws per code (rbg key)"] = lambda c, k: _previous(
@@ -119,22 +119,46 @@ def main():
   steps["inject_bit_errors (public)"] = lambda c, k: be.inject_bit_errors(k, c, p, 8)
   steps["inject_stuck_at (public)"] = lambda c, k: be.inject_stuck_at(k, c, p, 8)
 
-  fns, errors, compile_s = {}, {}, {}
+  fns, errors, compile_s, outs = {}, {}, {}, {}
   for name, step in steps.items():   # compile everything first
     try:
       f = _chain(step, chain)
       t_c = time.perf_counter()
-      jax.block_until_ready(f(codes, kw))
+      outs[name] = jax.block_until_ready(f(codes, kw))
       compile_s[name] = time.perf_counter() - t_c
       fns[name] = (lambda f=f: f(codes, kw))
     except Exception as e:  # keep the other rows if one variant fails to compile
       errors[name] = "".join(traceback.format_exception_only(type(e), e))[-2000:]
       print("FAILED", name, errors[name], flush=True)
   print(f"compiled {len(fns)} rows", flush=True)
+  # Every chain of one hash must end in the same codes (tile, warps, io and pre never change the bits).
+  ref = {"philox": outs.get("same hash in XLA (philox)")}
+  same_bits = {}
+  for name, o in outs.items():
+    if name.startswith("kernel ") and "p=0" not in name:
+      h = name.split()[1]
+      ref.setdefault(h, o)
+      same_bits[name] = int(jnp.sum(o != ref[h])) if ref[h] is not None else -1
+  del outs, ref
+  print(f"{env}\ncopy bandwidth {bw / 1e12:.2f} TB/s, {n / 1e6:.2f}M uint8 codes, p = 1%, floor "
+        f"{floor * 1e6:.1f} us; chains of {chain} calls in one jit, median of {repeats} round-robin rounds")
   med = _round_robin(fns, repeats, chain)
   copy_s = med.get("uint8 XOR-copy", float("nan"))
   rows = [{"op": nm, "s": s, "xor_copy_s": copy_s, "floor_s": floor, "fraction_of_floor": floor / s,
            "vs_xor_copy": s / copy_s, "codes_per_s": n / s} for nm, s in med.items()]
+  base = {"env": env, "n": n, "p": p, "copy_bandwidth_Bps": bw, "floor_s": floor, "chain": chain,
+          "repeats": repeats,
+          "method": "floor = 2 bytes per code (read + write) / float32 copy bandwidth of the same run; "
+                    f"each row: {chain} dependent calls in one jitted fori_loop (fresh key per call), "
+                    f"median over {repeats} round-robin rounds, all rows compiled first",
+          "kernel_defaults": {"hash": pb.HASH, "words": pb.WORDS, "num_warps": pb.NUM_WARPS, "io": pb.IO,
+                              "pre": pb.PRE},
+          "rows": rows, "compile_s": compile_s, "errors": errors,
+          "mismatched_codes_after_chain_vs_reference": same_bits}
+  write_json(args.out, "bit_errors_throughput", base)   # rewritten below with the checks
+  print_table([{**r, "us": r["s"] * 1e6, "x XOR-copy": r["vs_xor_copy"],
+                "% of floor": 100 * r["fraction_of_floor"]} for r in rows],
+              ["op", "us", "x XOR-copy", "% of floor"])
 
   # The public function timed as in earlier tables (dispatched calls, interleaved with the XOR-copy).
   copy1 = jax.jit(lambda c: c ^ jnp.uint8(1))
@@ -167,23 +191,10 @@ def main():
         be._inject(key, odd, 0.02, 8, impl=kimpl) != be._inject(key, odd, 0.02, 8, impl="xla")))
   except Exception as e:
     checks["error"] = "".join(traceback.format_exception_only(type(e), e))[-2000:]
-  print(f"{env}\ncopy bandwidth {bw / 1e12:.2f} TB/s, {n / 1e6:.2f}M uint8 codes, p = 1%, floor "
-        f"{floor * 1e6:.1f} us; chains of {chain} calls in one jit, median of {repeats} round-robin rounds")
-  print_table([{**r, "us": r["s"] * 1e6, "x XOR-copy": r["vs_xor_copy"],
-                "% of floor": 100 * r["fraction_of_floor"]} for r in rows],
-              ["op", "us", "x XOR-copy", "% of floor"])
+  print("chains vs reference (mismatched codes):", same_bits)
   print("public, dispatched (time_interleaved, inner=20):", dispatched)
   print(checks)
-  write_json(args.out, "bit_errors_throughput",
-             {"env": env, "n": n, "p": p, "copy_bandwidth_Bps": bw, "floor_s": floor, "chain": chain,
-              "repeats": repeats,
-              "method": "floor = 2 bytes per code (read + write) / float32 copy bandwidth of the same run; "
-                        f"each row: {chain} dependent calls in one jitted fori_loop (fresh key per call), "
-                        f"median over {repeats} round-robin rounds, all rows compiled first",
-              "kernel_defaults": {"hash": pb.HASH, "words": pb.WORDS, "num_warps": pb.NUM_WARPS,
-                                  "io": pb.IO},
-              "rows": rows, "public_dispatched": dispatched, "compile_s": compile_s, "checks": checks,
-              "errors": errors})
+  write_json(args.out, "bit_errors_throughput", {**base, "public_dispatched": dispatched, "checks": checks})
 
 
 if __name__ == "__main__":

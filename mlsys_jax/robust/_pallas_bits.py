@@ -52,6 +52,7 @@ WORDS = 256        # 32-lane words per program (1024 uint8 codes)
 NUM_WARPS = 4      # warps per program
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
+PRE = 0            # steps of levels the kernel runs before its first early-stop test
 HASHES = ("philox", "philox7", "threefry")
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 _U32 = jnp.uint32
@@ -152,11 +153,14 @@ def level_words(k0, k1, word_idx, m, hash: str = "philox", asm: bool = False):
   check_hash(hash)
 
 
-def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: bool = False):
+def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: bool = False,
+                pre: int = 0):
   """Bit-sliced ``U_j < t`` for the 32 lanes of each word of ``word_idx`` (uint32 array).
 
   ``t`` is the uint32 threshold, ``always`` (bool) forces every lane of ``lanes`` on (p = 1); lanes
-  outside ``lanes`` are never set. Runs steps of levels until every lane is decided.
+  outside ``lanes`` are never set. Runs ``pre`` steps of levels unconditionally (straight-line code the
+  compiler can interleave), then steps until every lane is decided. The result does not depend on
+  ``pre``: levels past a lane's decision do not change it.
   """
   step = 2 if hash == "threefry" else 4
   lanes = jnp.full(word_idx.shape, lanes, _U32)
@@ -181,7 +185,10 @@ def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: b
       lt, und = level(lt, und, r, _U32(31 - j) - _U32(step) * mu)
     return m + 1, lt, und
 
-  _, lt, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), lt0, und0))
+  c = (jnp.int32(0), lt0, und0)
+  for _ in range(min(pre, 32 // step)):
+    c = body(c)
+  _, lt, _ = jax.lax.while_loop(cond, body, c)
   return lt
 
 
@@ -208,7 +215,7 @@ def _faults_xla(params, nw: int, lanes: int, hash: str):
 
 def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: str = "xla",
            words: int | None = None, num_warps: int | None = None, hash: str | None = None,
-           io: str | None = None) -> jax.Array:
+           io: str | None = None, pre: int | None = None) -> jax.Array:
   """Faults on the flat codes: flips (``one_params`` None) or stuck-at values.
 
   ``flip_params``/``one_params``: uint32[4] ``(k0, k1, t, always)`` of the faulty-bit draw and of the
@@ -218,7 +225,7 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   ``io``: ``'words'`` (the kernel loads and stores the codes as 32-bit words, a free bitcast outside;
   used when the number of codes is a multiple of the codes per word, else ``'bytes'``) or ``'bytes'``
   (loads of the codes' own dtype). ``hash`` changes the pattern; ``impl``, ``words``, ``num_warps`` and
-  ``io`` never do.
+  ``io`` never do; nor does ``pre`` (kernel steps before the first early-stop test).
   """
   hash = check_hash(hash or HASH)
   io = io or IO
@@ -253,11 +260,13 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   as_words = io == "words" and n % cpw == 0
   grid = -(-nw // w)
 
+  pre = PRE if pre is None else pre
+
   def faults(p_ref, wu):
-    f = below_words(p_ref[0], p_ref[1], p_ref[2], p_ref[3] != _U32(0), wu, lanes, hash, asm)
+    f = below_words(p_ref[0], p_ref[1], p_ref[2], p_ref[3] != _U32(0), wu, lanes, hash, asm, pre)
     o = None
     if stuck:
-      o = below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, hash, asm)
+      o = below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, hash, asm, pre)
     return f, o
 
   def word_kernel(p_ref, c_ref, o_ref):
