@@ -221,6 +221,51 @@ def cost_curve(*, num_layers, d_model, num_heads, batch, requests, min_len, max_
   return res
 
 
+def dispatch_cost(*, num_layers, d_model, num_heads, batch, max_len, vocab=1000, seed=0, length=20,
+                  calls=400, rounds=5, clock: Clock | None = None, on_update=None, log=print) -> dict:
+  """Host cost per call of the ways a request can reach the same compiled program (one bucket, length
+  ``length``), pipelined: ``calls`` calls dispatched back to back, then one wait. ``host_s`` is the time
+  until the loop returns (what the host spends per call), ``total_s`` until the results are ready
+  (throughput). Medians over ``rounds`` interleaved rounds."""
+  clock = clock or Clock()
+  served, params = make_model(num_layers, d_model, num_heads, vocab, max_len, seed)
+  b = int(pow(2, int(np.ceil(np.log2(max(length, 8))))))
+  ids = np.random.default_rng(seed).integers(1, vocab, (batch, length)).astype(np.int32)
+  padded = np.zeros((batch, b), np.int32)
+  padded[:, :length] = ids
+  dev_ids, dev_len = jax.device_put(padded), jax.device_put(np.int32(length))
+  j = jax.jit(served)
+  comp = j.lower(params, padded, np.int32(length)).compile()
+  f = dyn.bucketed_jit(served, dims={1: 1}, buckets=(b,), unpad="device")
+  ways = {
+      "jit, device-resident inputs": lambda: j(params, dev_ids, dev_len),
+      "jit, numpy ids + numpy length": lambda: j(params, padded, np.int32(length)),
+      "jit, numpy ids + device length": lambda: j(params, padded, dev_len),
+      "AOT Compiled, numpy inputs": lambda: comp(params, padded, np.int32(length)),
+      "bucketed_jit (pads on host)": lambda: f(params, ids),
+  }
+  for w in ways.values():
+    jax.block_until_ready(w())
+  res: dict = {"length": length, "bucket": b, "calls": calls, "ways": {k: {"host_s": [], "total_s": []}
+                                                                      for k in ways}}
+  for r in range(rounds):
+    for k, w in (ways.items() if r % 2 == 0 else reversed(ways.items())):
+      t = time.perf_counter()
+      outs = [w() for _ in range(calls)]
+      t1 = time.perf_counter()
+      jax.block_until_ready(outs)
+      t2 = time.perf_counter()
+      res["ways"][k]["host_s"].append((t1 - t) / calls)
+      res["ways"][k]["total_s"].append((t2 - t) / calls)
+  for k, v in res["ways"].items():
+    v["host_s_median"], v["total_s_median"] = float(np.median(v["host_s"])), float(np.median(v["total_s"]))
+    log(f"dispatch: {k:<32} host {v['host_s_median'] * 1e6:7.1f} us per call, throughput "
+        f"{v['total_s_median'] * 1e6:7.1f} us per call")
+  if on_update is not None:
+    on_update(res)
+  return res
+
+
 def _timed_once(f) -> float:
   t = time.perf_counter()
   jax.block_until_ready(f())
@@ -685,9 +730,9 @@ def main():
     return write
 
   parts = [p for p in args.parts.split(",") if p]
-  bad = set(parts) - {"stream", "tree", "cost"}
+  bad = set(parts) - {"stream", "tree", "cost", "dispatch"}
   if bad:
-    raise SystemExit(f"--parts: unknown {sorted(bad)}; use stream, tree and/or cost")
+    raise SystemExit(f"--parts: unknown {sorted(bad)}; use stream, tree, cost and/or dispatch")
   for part in parts:
     if part == "stream":
       stream_benchmark(
@@ -696,6 +741,10 @@ def main():
           max_buckets=args.max_buckets, seed=args.seed, warm_repeats=args.warm_repeats,
           calibration_points=args.calibration_points,
           methods=tuple(m for m in args.methods.split(",") if m), clock=clock, on_update=save("stream"))
+    elif part == "dispatch":
+      dispatch_cost(num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads,
+                    batch=args.batch, max_len=args.max_len, seed=args.seed, clock=clock,
+                    on_update=save("dispatch"))
     elif part == "cost":
       cost_curve(num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads,
                  batch=args.batch, requests=args.requests, min_len=args.min_len, max_len=args.max_len,
