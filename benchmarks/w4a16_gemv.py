@@ -35,10 +35,13 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
-SWEEP = ("fma:32:2:1:2:3,fma:32:2:1:4:3,fma:32:4:1:4:4,fma:64:1:1:4:3,fma:64:2:1:4:3,fma:64:4:1:4:3,"
-         "fma:64:2:1:4:4,fma:64:2:1:8:3,fma:64:2:2:4:3,fma:64:1:4:4:3,fma:128:1:1:4:3,fma:128:2:1:8:3,"
-         "fma:128:1:2:4:3,fma:256:1:1:8:3,dot:32:2:1:4:3,dot:64:1:1:4:3,dot:64:2:2:4:3,dot:128:1:1:4:3")
-OTHER = "fma:32:2:1:4:3,fma:64:2:1:4:3,fma:64:2:2:4:3,fma:128:1:1:4:3,dot:64:1:1:4:3,dot:128:1:1:4:3"
+SWEEP = ("fma:32:2:1:2:3,fma:32:2:1:4:3,fma:32:4:1:4:4,fma:32:2:2:4:3,fma:64:1:1:4:3,fma:64:2:1:4:3,"
+         "fma:64:4:1:4:3,fma:64:2:1:4:4,fma:64:2:1:8:3,fma:64:2:2:4:3,fma:64:1:4:4:3,fma:128:1:1:4:3,"
+         "fma:128:2:1:8:3,fma:128:1:2:4:3,fma:128:1:4:8:3,fma:256:1:1:8:3,fma_shift:64:2:1:4:3,"
+         "fma_shift:32:2:2:4:3,fma_shift:128:1:2:4:3,dot:32:2:1:4:3,dot:64:1:1:4:3,dot:64:2:2:4:3,"
+         "dot:128:1:1:4:3,dot_shift:64:1:1:4:3")
+OTHER = ("fma:32:2:2:4:3,fma:64:2:1:4:3,fma:64:2:2:4:3,fma:128:1:2:4:3,fma_shift:64:2:2:4:3,dot:64:1:1:4:3,"
+         "dot:64:2:2:4:3,dot:128:1:1:4:3,dot:128:1:2:8:3")
 
 
 def _extra(ap):
@@ -121,7 +124,7 @@ def main():
       xs = jax.random.normal(jax.random.PRNGKey(1000 + b), (reps, b, k), jnp.float32).astype(jnp.bfloat16)
       ref = np.asarray(wo.w4a16_matmul(xs[0], packed[0], impl="xla"))
       cfgs = sweep if first else other
-      cfgs = [c for c in cfgs if not (c[0] == "fma" and b > args.fma_max_batch)]
+      cfgs = [c for c in cfgs if not (c[0].startswith("fma") and b > args.fma_max_batch)]
       first = False
       fns, fargs, single = {}, {}, {}
       for c in cfgs:

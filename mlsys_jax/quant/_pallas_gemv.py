@@ -17,10 +17,12 @@ Unpacking uses the exponent trick: ``bitcast_f32(((w >> 4i) & 15) | 0x4B000000) 
 ``c = that - (2^23 + 8)`` is the signed code as a float in three integer/float instructions (a shift, one
 and-or, one subtraction) without an int -> float conversion instruction.
 
-Two variants of the inner product:
-  - ``'fma'``: for each batch row, ``acc (16, block_n) += c * x[b, plane][:, None]`` on the CUDA cores
+Variants ``'fma_shift'``/``'dot_shift'`` unpack exactly so; ``'fma'``/``'dot'`` skip the per-plane shift
+(see :func:`_unpack_plane`: the nibble is masked in place, giving ``c * 16^j``, and the activations are
+scaled by ``16^-j``, a power of two, so every product is the same number). Inner products:
+  - ``'fma*'``: for each batch row, ``acc (16, block_n) += c * x[b, plane][:, None]`` on the CUDA cores
     (float32 products and sums), reduced over the 16 rows once at the end.
-  - ``'dot'``: ``x[:, plane] (Bp, 16) @ c (16, block_n)`` on the tensor cores (codes are exact in bf16;
+  - ``'dot*'``: ``x[:, plane] (Bp, 16) @ c (16, block_n)`` on the tensor cores (codes are exact in bf16;
     the batch is padded to 16 rows), float32 accumulation.
 Per group the partial sums are multiplied by the group's scale row and added to the output accumulator.
 
@@ -43,7 +45,7 @@ __all__ = ["BLOCK_K", "VARIANTS", "default_config", "int4_gemv", "on_gpu"]
 
 BLOCK_K = 128                  # K elements per packing block: 16 uint32 rows x 8 nibbles
 PLANE = 16                     # K elements per nibble plane
-VARIANTS = ("fma", "dot")
+VARIANTS = ("fma", "fma_shift", "dot", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
@@ -75,11 +77,23 @@ def default_config(batch: int, k: int, n: int) -> dict:
   return cfg
 
 
-def _unpack_plane(words, i: int):
-  """Nibble plane ``i`` of int32 words as float32 signed codes (exact; see the module docstring)."""
-  u = words if i == 0 else jax.lax.shift_right_logical(words, jnp.int32(4 * i))
-  bits = jnp.bitwise_or(jnp.bitwise_and(u, jnp.int32(15)), jnp.int32(_MAGIC_I))
-  return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F)
+def _unpack_plane(words, hi, i: int, shift: bool):
+  """Nibble plane ``i`` of int32 words as float32 values ``c * 16^j`` and ``j`` (exact).
+
+  ``shift``: ``((w >> 4i) & 15) | 2^23 bits`` minus ``2^23 + 8`` gives ``c`` (``j = 0``). Otherwise (no
+  per-plane shift): the nibble is masked in place, ``(w & (15 << 4j)) | 2^23 bits`` is exactly
+  ``2^23 + u 16^j`` for ``j = i mod 4`` (the nibble stays inside the 23 mantissa bits), minus
+  ``2^23 + 8 * 16^j`` gives ``c 16^j``; planes 4-7 come from ``hi = w >> 16`` (one shift per word). The
+  caller multiplies the activations by ``16^-j`` (a power of two: exact), so products are unchanged.
+  """
+  if shift:
+    u = words if i == 0 else jax.lax.shift_right_logical(words, jnp.int32(4 * i))
+    bits = jnp.bitwise_or(jnp.bitwise_and(u, jnp.int32(15)), jnp.int32(_MAGIC_I))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F), 0
+  j = i % 4
+  src = words if i < 4 else hi
+  bits = jnp.bitwise_or(jnp.bitwise_and(src, jnp.int32(15 << (4 * j))), jnp.int32(_MAGIC_I))
+  return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(2.0 ** 23 + 8 * 16 ** j), j
 
 
 def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks_per_step: int,
@@ -93,17 +107,27 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks
   def mult(x, m):
     return x if isinstance(x, int) else pl.multiple_of(x, m)
 
+  shift = variant.endswith("_shift")
+
   def partial(words_of, k0, p):
     """Products of plane ``p`` of this step (k offset ``k0``): a list (fma: one per batch row) or an
     array (dot)."""
     u, i = divmod(p, 8)
-    c = _unpack_plane(words_of[u], i)                                  # (16, bn) float32
+    c, j = _unpack_plane(words_of[u][0], words_of[u][1], i, shift)    # (16, bn) float32, c * 16^j
     kk = mult(k0 + u * BLOCK_K + i * PLANE, PLANE)
-    if variant == "dot":
+    if variant.startswith("dot"):
       xs = x_ref[:, pl.ds(kk, PLANE)]                                  # (Bp, 16)
+      if j:
+        xs = xs * jnp.asarray(16.0 ** -j, xs.dtype)
       return jax.lax.dot(xs, c.astype(xs.dtype), precision=precision,
                          preferred_element_type=jnp.float32)           # (Bp, bn)
-    return [c * x_ref[b, pl.ds(kk, PLANE)].astype(jnp.float32)[:, None] for b in range(batch)]
+    out = []
+    for b in range(batch):
+      xb = x_ref[b, pl.ds(kk, PLANE)].astype(jnp.float32)
+      if j:
+        xb = xb * jnp.float32(16.0 ** -j)
+      out.append(c * xb[:, None])
+    return out
 
   def add(a, b):
     if isinstance(a, list):
@@ -112,8 +136,10 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks
 
   def body(it, acc):
     k0 = mult(it * step_k, step_k)
-    words_of = [w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
-                for u in range(blocks_per_step)]
+    words_of = []
+    for u in range(blocks_per_step):
+      wu = w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
+      words_of.append((wu, None if shift else jax.lax.shift_right_logical(wu, jnp.int32(16))))
     for q in range(groups_per_step):
       part = None
       for p in range(q * per_group, (q + 1) * per_group):
@@ -121,18 +147,18 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks
         part = pr if part is None else add(part, pr)
       g = jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size))
       srow = s_ref[pl.ds(g, 1), :].astype(jnp.float32)                 # (1, bn)
-      if variant == "dot":
+      if variant.startswith("dot"):
         acc = acc + part * srow
       else:
         acc = [a + pt * srow for a, pt in zip(acc, part)]
     return acc
 
-  if variant == "dot":
+  if variant.startswith("dot"):
     init = jnp.zeros(o_ref.shape, jnp.float32)
   else:
     init = [jnp.zeros((PLANE, bn), jnp.float32) for _ in range(batch)]
   acc = jax.lax.fori_loop(0, steps, body, init)
-  if variant == "dot":
+  if variant.startswith("dot"):
     o_ref[...] = acc.astype(o_ref.dtype)
   else:
     for b in range(batch):
@@ -199,7 +225,7 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, interpret
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
-  bp = max(16, _pow2(b)) if variant == "dot" else _pow2(b)
+  bp = max(16, _pow2(b)) if variant.startswith("dot") else _pow2(b)
   xp = x if bp == b else jnp.pad(x, ((0, bp - b), (0, 0)))
   np_ = -(-n // bn) * bn
   w = jax.lax.bitcast_convert_type(words, jnp.int32)
