@@ -146,6 +146,43 @@ def test_adversarial_every_pixel_changes(model):
   _run(model, z)
 
 
+def test_network_level_fallback_is_taken_and_exact(model):
+  # every pixel changes (adversarial values) -> the whole network runs densely (one decision per
+  # frame, counted in the state); a quiet frame after it takes the skip path again; bitwise throughout
+  rb, step, ref = model
+  rng = np.random.default_rng(11)
+  low = video.synthetic_video(4, num_frames=3, height=H, width=W, activity="low")
+  noisy = rng.uniform(-1, 1, (2, H, W, 3)).astype(np.float32)
+  noisy[1] = np.nextafter(noisy[0], np.float32(np.inf))  # every pixel moves by one ulp
+  frames = np.concatenate([low[:1], noisy, low[1:]])
+  st, _ = rb.init(frames[0])
+  assert int(st.dense_frames) == 0
+  counts = []
+  for f in frames[1:]:
+    st, y, s = step(st, f)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(ref(f)).view(np.uint32))
+    counts.append(int(st.dense_frames))
+    if counts[-1] > (counts[-2] if len(counts) > 1 else 0):  # network-level dense: every layer dense
+      assert all(int(l.dense) == 1 and int(l.reused) == 0 for l in s)
+  # noise, one-ulp noise, the jump back to the scene: dense network; then low activity: skip path,
+  # reusing tiles of the state the dense network left
+  assert counts == [1, 2, 3, 3]
+  assert int(s[0].dense) == 0 and int(s[0].reused) > 0
+
+
+def test_step_updates_the_state_in_place():
+  # a stream step compiled with the state donated holds no copy of a layer output (the network-level
+  # fallback and the per-layer buckets are 0/1-trip while loops: XLA updates their carry in place)
+  rb, _, _ = _model_cache()
+  frames = jnp.asarray(video.synthetic_video(0, num_frames=3, height=H, width=W, activity="low"))
+
+  def loop(st, seq):
+    return jax.lax.scan(lambda st, f: (rb.step(st, f)[0], None), st, seq)[0]
+  text = jax.jit(loop, donate_argnums=0).lower(rb.init(frames[0])[0], frames[1:]).compile().as_text()
+  assert text.count(f"f32[{H},{W},4]") > 0
+  assert f"f32[{H},{W},4]{{2,1,0}} copy(" not in text
+
+
 def test_nan_frame_under_jit_propagates_and_recovers(model):
   rb, step, ref = model
   frames = video.synthetic_video(1, num_frames=4, height=H, width=W, activity="low")

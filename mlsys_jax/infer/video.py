@@ -834,11 +834,11 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
   """Per-layer dense-fallback threshold from measured costs on this machine.
 
   For every layer and candidate fraction ``f`` (ascending, stopping at the first that loses), times
-  (``mlsys_jax.stats.time_interleaved``, jitted) one layer step whose changed tiles are a random ``f``
-  of all tiles, on the sparse path, against the same layer's plain dense convolution, on random inputs
-  (no tile provably zero: the sparse path's worst case). The threshold is the largest ``f`` whose sparse step
-  took ``<= slack`` times the dense step, moved linearly towards the first losing fraction by where the
-  dense time lies between the two (``0.0`` when even the smallest fraction loses). Pass the result as
+  (``mlsys_jax.stats.time_interleaved``, jitted, the layer state donated and carried from call to call)
+  one layer step whose changed tiles are a random ``f`` of all tiles, on the sparse path, against the
+  same layer's plain dense convolution, on random inputs (no tile provably zero: the sparse path's
+  worst case). The threshold is the largest ``f`` whose sparse step took ``<= slack`` times the dense
+  step (no interpolation; ``0.0`` when even the smallest fraction loses). Pass the result as
   ``max_active_fraction``: a frame then takes the sparse path only where it measured cheaper.
 
   Returns:
@@ -863,10 +863,17 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
       mask = np.zeros(nh * nw, bool)
       mask[rng.choice(nh * nw, n, replace=False)] = True
       mask = jnp.asarray(mask.reshape(nh, nw))
+      # the state is donated and carried from call to call, as in a stream: the sparse path then
+      # rewrites its tiles in place instead of copying the whole output into a fresh buffer
       f = jax.jit(lambda st, x, xp, m: conv_layer_step(l, st, x, xp, m, in_amax, tile=tile,
                                                        capacity=cap, unit_roundoff=unit_roundoff,
-                                                       dense_bounds=False)[1])
-      return lambda: f(st, x1, x0, mask)
+                                                       dense_bounds=False)[0], donate_argnums=0)
+      box = [jax.tree_util.tree_map(jnp.copy, st)]
+
+      def call():
+        box[0] = f(box[0], x1, x0, mask)
+        return box[0].y
+      return call
 
     dense_fn = timed((), nh * nw)
     best, rec = 0.0, {"dense_s": [], "sparse_s": {}}
