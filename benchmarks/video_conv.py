@@ -211,7 +211,12 @@ def main():
   rows, walls = [], []
   out["rows"] = rows
   for act in args.activity.split(","):
-    if args.time_budget_s > 0 and walls and time.time() - t_start + max(walls) > args.time_budget_s:
+    # the next level costs its stream, one check pass and (repeats + 3) calls of every loop; the
+    # last level's call times tell (its wall time may hold the compilations)
+    est = walls and 2.0 + (args.repeats + 3) * sum(
+        [*rows[-1]["rb_frame_s"].values(), rows[-1]["dense_jit_frame_s"], rows[-1]["dense_best_frame_s"]]
+    ) * nseq
+    if args.time_budget_s > 0 and walls and time.time() - t_start + est > args.time_budget_s:
       print(f"{act}: left out (time budget)", flush=True)
       out.setdefault("left_out", []).append(act)
       continue
