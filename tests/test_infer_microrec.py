@@ -307,3 +307,20 @@ def test_server_bad_input():
     mr.Server(model, variables, base, num_dense=3)
   with pytest.raises(ValueError, match="weights"):
     mr.Server(model, variables, tables, plan, num_dense=3, weights="closure")
+
+
+def test_pallas_lookup_bit_identical_in_interpreter():
+  """The one-kernel Pallas stage (Pallas's interpreter here; Triton on GPU) equals the XLA gathers, clamps
+  and counts out-of-range indices the same way, for a batch that is not a multiple of the block."""
+  specs = [mr.TableSpec(r, d) for r, d in [(3, 4), (5, 8), (7, 4), (40, 4), (2, 8), (300, 4)]]
+  tables = mr.init_tables(9, specs)
+  st = mr.build_stage(tables, mr.Plan(((0, 1), (2, 4), (3,), (5,))), fuse="chunks")
+  assert mr.pallas_supported(st) and st.layout.chunk == 4
+  _, idx = mr.synthetic_batch(1, specs, 11)
+  idx[3, 4], idx[7, 0] = 2, -3
+  run = jax.jit(lambda s, i: (mr.lookup(s, i), mr.lookup(s, i, impl="pallas", block=4)))
+  (ref, rbad), (out, bad) = run(st, idx)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  assert int(bad) == int(rbad) == 2
+  with pytest.raises(ValueError, match="pallas_supported"):
+    mr.lookup(mr.build_stage(tables, mr.Plan.identity(6), fuse=True), np.clip(idx, 0, 1), impl="pallas")

@@ -61,7 +61,7 @@ from mlsys_jax._checks import check_choice, check_int, check_range, is_concrete
 __all__ = [
     "TableSpec", "ALIBABA_47", "ALIBABA_98", "CRITEO_26", "Plan", "PlanReport", "plan_report",
     "combine_tables", "combined_index", "authors_plan", "greedy_plan", "optimal_plan", "frontier",
-    "EmbeddingStage", "build_stage", "lookup", "init_tables", "balanced_placement", "ShardedStage",
+    "EmbeddingStage", "build_stage", "lookup", "pallas_supported", "init_tables", "balanced_placement", "ShardedStage",
     "shard_stage", "sharded_lookup",
     "DLRM", "Server", "synthetic_batch", "INDEX_LIMIT",
 ]
@@ -495,16 +495,94 @@ def _check_indices(idx, rows, multi_hot_ok):
                        f"{col.max()}]; indices must lie in [0, rows).")
 
 
-def lookup(stage: EmbeddingStage, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+def pallas_supported(stage: EmbeddingStage) -> bool:
+  """Whether :func:`lookup` can run ``stage`` with ``impl="pallas"``: ONE chunk buffer (``fuse="chunks"``)
+  of a power-of-two chunk width that divides every table width, under 2^31 elements."""
+  lay = stage.layout
+  c = lay.chunk
+  return (lay.fuse == "chunks" and c > 0 and c & (c - 1) == 0 and all(d % c == 0 for d in lay.dims)
+          and int(np.prod(stage.buffers[0].shape)) < 2**31)
+
+
+def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps: int,
+                   interpret: bool | None) -> tuple[jax.Array, jax.Array]:
+  """The whole stage as ONE Pallas kernel (Triton on GPU, interpreter elsewhere): each program takes
+  ``block`` samples, clamps and counts their raw indices, forms each group's mixed-radix row and copies its
+  chunk rows straight into the output's original table order (no separate index, reorder or clamp ops).
+  The per-program counts are summed by XLA."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  from mlsys_jax._compat import triton_compiler_params
+  lay = stage.layout
+  b, nt = idx.shape
+  c, rows, dims = lay.chunk, lay.rows, lay.dims
+  col = [int(x) for x in np.concatenate([[0], np.cumsum(dims)]) // c]
+  nb = min(block, 1 << max(0, (b - 1).bit_length()))
+  grid = -(-b // nb)
+
+  def kernel(idx_ref, buf_ref, out_ref, bad_ref):
+    pid = pl.program_id(0)
+    r = pid * nb + jnp.arange(nb, dtype=jnp.int32)
+    valid = r < b
+    cnt = jnp.int32(0)
+    cl = []
+    for t in range(nt):
+      v = plgpu.load(idx_ref.at[r * nt + t], mask=valid, other=jnp.zeros((), jnp.int32))
+      cnt += jnp.sum((((v < 0) | (v >= rows[t])) & valid).astype(jnp.int32))
+      cl.append(jnp.clip(v, 0, rows[t] - 1))
+    vmask = jnp.broadcast_to(valid[:, None], (nb, c))
+    lane = jnp.arange(c, dtype=jnp.int32)[None, :]
+    for g, (_, off) in zip(lay.groups, lay.where):
+      row = cl[g[0]]
+      for i in g[1:]:
+        row = row * rows[i] + cl[i]
+      row = row * (sum(dims[i] for i in g) // c) + off
+      j = 0
+      for i in g:
+        for k in range(dims[i] // c):
+          x = plgpu.load(buf_ref.at[(row + (j + k))[:, None] * c + lane])
+          plgpu.store(out_ref.at[(r * col[-1] + (col[i] + k))[:, None] * c + lane], x, mask=vmask)
+        j += dims[i] // c
+    bad_ref[pl.ds(pid, 1)] = jnp.full((1,), cnt, jnp.int32)
+
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  buf = stage.buffers[0]
+  out, bad = pl.pallas_call(
+      kernel, grid=(grid,),
+      out_shape=(jax.ShapeDtypeStruct((b * col[-1] * c,), buf.dtype), jax.ShapeDtypeStruct((grid,), jnp.int32)),
+      interpret=interpret, compiler_params=None if interpret else triton_compiler_params(num_warps, 1),
+  )(idx.astype(jnp.int32).reshape(-1), buf.reshape(-1))
+  return out.reshape(b, -1), jnp.sum(bad)
+
+
+def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: int = 32, num_warps: int = 2,
+           interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """Embeddings of ``idx`` ((batch, tables) int, or (batch, tables, bag) multi-hot summed over the bag
   when no table is combined), concatenated in the ORIGINAL table order: (batch, sum(dims)).
 
   Returns ``(embeddings, num_out_of_range)``. Concrete out-of-range indices raise ``ValueError``; traced
   ones (inside ``jit``) are clamped into their table and counted in ``num_out_of_range`` (int32).
+
+  ``impl="xla"``: XLA gathers (any layout); ``"pallas"``: the whole stage as one Pallas kernel (one-hot,
+  a stage with :func:`pallas_supported`; ``block`` samples per program, ``num_warps``; Triton on GPU,
+  Pallas's interpreter elsewhere or with ``interpret=True``), same output bit for bit.
   """
+  check_choice("impl", impl, ("xla", "pallas"))
   lay = stage.layout
-  idx = jnp.asarray(idx)
+  if is_concrete(idx) and not isinstance(idx, jax.Array):
+    idx = np.asarray(idx)  # check before any int64 -> int32 conversion could wrap a value into range
   _check_indices(idx, lay.rows, all(len(g) == 1 for g in lay.groups))
+  idx = jnp.asarray(idx)
+  if impl == "pallas":
+    if not pallas_supported(stage) or idx.ndim != 2:
+      raise ValueError("impl='pallas' needs one-hot (batch, tables) indices and a stage built with "
+                       "fuse='chunks' whose chunk width is a power of two dividing every table width "
+                       "(pallas_supported(stage)); use impl='xla'.")
+    check_int("block", block, 1)
+    check_int("num_warps", num_warps, 1)
+    return _pallas_lookup(stage, idx, block, num_warps, interpret)
   rows = jnp.asarray(lay.rows, idx.dtype).reshape((1, -1) + (1,) * (idx.ndim - 2))
   bad = jnp.sum((idx < 0) | (idx >= rows)).astype(jnp.int32)
   idx = jnp.clip(idx, 0, rows - 1).astype(jnp.int32)
@@ -665,6 +743,7 @@ class DLRM(nn.Module):
   bottom: Sequence[int] = (64, 16)
   top: Sequence[int] = (64, 32)
   interaction: str = "dot"
+  lookup_impl: str = "xla"  # :func:`lookup`'s ``impl``
 
   @nn.compact
   def __call__(self, stage: EmbeddingStage, dense: jax.Array, idx: jax.Array):
@@ -672,7 +751,7 @@ class DLRM(nn.Module):
     x = dense
     for h in self.bottom:
       x = nn.relu(nn.Dense(h)(x))
-    emb, bad = lookup(stage, idx)
+    emb, bad = lookup(stage, idx, impl=self.lookup_impl)
     if self.interaction == "dot":
       dims = set(stage.layout.dims)
       if dims != {x.shape[-1]}:
@@ -704,6 +783,10 @@ class Server:
     arithmetic (mixed radix + offsets) runs on the device, and the logits and the out-of-range count come
     back as ONE int32 array (one device->host copy).
 
+  - ``impl="auto"``: the embedding stage as ONE Pallas kernel on a GPU (:func:`lookup` ``impl="pallas"``)
+    when it passes a self-test against the XLA gathers on this stage at construction, else XLA
+    (``server.impl`` says which ran, ``server.fallback`` why not Pallas); ``"xla"`` / ``"pallas"`` force one.
+
   ``server(dense, idx)`` returns ``(logits float32 (batch,), num_out_of_range)``; indices out of range raise
   ``ValueError`` naming the table (``on_bad="raise"``, checked from the count the device returns, so the
   good path pays nothing) or are clamped and counted (``on_bad="count"``). ``server.call(packed)`` is the
@@ -725,7 +808,7 @@ class Server:
   """
 
   def __init__(self, model: DLRM, variables, tables: Sequence[jax.Array] | EmbeddingStage, plan: Plan | None = None,
-               *, num_dense: int, weights: str = "constants", on_bad: str = "raise"):
+               *, num_dense: int, weights: str = "constants", on_bad: str = "raise", impl: str = "auto"):
     from jax.flatten_util import ravel_pytree
     if not isinstance(model, DLRM):
       raise TypeError(f"model must be a microrec.DLRM, got {type(model).__name__}.")
@@ -742,6 +825,12 @@ class Server:
         raise TypeError(f"plan must be a microrec.Plan, got {type(plan).__name__}.")
       self.stage = build_stage(tables, plan, fuse="chunks")
     self.table = self.stage.buffers[0]
+    check_choice("impl", impl, ("auto", "xla", "pallas"))
+    self.fallback = ""
+    if impl == "auto":
+      impl, self.fallback = self._choose_impl()
+    self.impl = impl
+    model = model.clone(lookup_impl=impl)
     self.num_dense, self.weights, self.on_bad = num_dense, weights, on_bad
     self.rows = np.asarray(self.stage.layout.rows, np.int64)
     layout, nd = self.stage.layout, num_dense
@@ -765,6 +854,21 @@ class Server:
 
     self.device_call = device_call  # (table, *weight_args, packed) -> int32 (batch + 1,); traceable
     self._fn = jax.jit(device_call)
+
+  def _choose_impl(self) -> tuple[str, str]:
+    if jax.default_backend() != "gpu":
+      return "xla", "not a GPU (the Pallas kernel would run in the interpreter)"
+    if not pallas_supported(self.stage):
+      return "xla", "stage layout not supported by the Pallas kernel (pallas_supported)"
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.integers(-1, r + 1, 257) for r in self.stage.layout.rows], 1).astype(np.int32)
+    try:
+      got = jax.jit(lambda st, i: lookup(st, i, impl="pallas"))(self.stage, idx)
+      ref = jax.jit(lookup)(self.stage, idx)
+      same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, ref))
+    except Exception as e:  # noqa: BLE001 - any lowering/compile failure means: use XLA
+      return "xla", f"Pallas kernel failed: {type(e).__name__}: {str(e)[:200]}"
+    return ("pallas", "") if same else ("xla", "Pallas kernel differs from the XLA gathers on the self-test")
 
   @property
   def lookups(self) -> int:
