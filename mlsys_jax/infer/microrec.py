@@ -881,16 +881,15 @@ class Server:
     nt = len(self.rows)
     if dense.ndim != 2 or dense.shape[1] != self.num_dense:
       raise ValueError(f"dense must be (batch, {self.num_dense}), got shape {dense.shape}.")
-    if idx.ndim != 2 or idx.shape != (dense.shape[0], nt):
+    if idx.shape != (dense.shape[0], nt):
       raise ValueError(f"indices must be (batch, {nt}) one-hot with batch {dense.shape[0]}, got {idx.shape}.")
-    if not np.issubdtype(idx.dtype, np.integer):
-      raise TypeError(f"indices must be integers, got dtype {idx.dtype}.")
-    if idx.dtype != np.int32 and idx.size and (idx.min() < 0 or idx.max() > INDEX_LIMIT):
-      self._raise_bad(idx)  # would wrap in int32
-    out = np.empty((dense.shape[0], self.num_dense + nt), np.int32)
-    out[:, :self.num_dense] = dense.view(np.int32)
-    out[:, self.num_dense:] = idx
-    return out
+    if idx.dtype != np.int32:
+      if idx.dtype.kind not in "iu":
+        raise TypeError(f"indices must be integers, got dtype {idx.dtype}.")
+      if idx.size and (idx.min() < 0 or idx.max() > INDEX_LIMIT):
+        self._raise_bad(idx)  # would wrap in int32
+      idx = idx.astype(np.int32)
+    return np.concatenate((dense.view(np.int32), idx), axis=1)
 
   def call(self, packed) -> jax.Array:
     """The device function: ``packed`` from :meth:`pack` -> int32 ``(batch + 1,)`` (logit bits, count)."""
@@ -898,6 +897,7 @@ class Server:
 
   @staticmethod
   def unpack(out) -> tuple[np.ndarray, int]:
+    """Host ``(logits float32, num_out_of_range)`` of a :meth:`call` result (one device->host copy)."""
     out = np.asarray(out)
     return out[:-1].view(np.float32), int(out[-1])
 
