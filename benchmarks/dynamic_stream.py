@@ -241,6 +241,7 @@ def dispatch_cost(*, num_layers, d_model, num_heads, batch, max_len, vocab=1000,
       "jit, device-resident inputs": lambda: j(params, dev_ids, dev_len),
       "jit, numpy ids + numpy length": lambda: j(params, padded, np.int32(length)),
       "jit, numpy ids + device length": lambda: j(params, padded, dev_len),
+      "jit, device_put(ids) + device length": lambda: j(params, jax.device_put(padded), dev_len),
       "AOT Compiled, numpy inputs": lambda: comp(params, padded, np.int32(length)),
       "bucketed_jit (pads on host)": lambda: f(params, ids),
   }

@@ -58,6 +58,23 @@ def test_compile_all_ahead_of_time_then_no_compiles():
   assert f.compile_count == 4
 
 
+def test_parameters_swapped_in_place_are_used_and_shape_changes_are_caught():
+  # the wrapper caches the signature of a non-dynamic argument by the container's identity: a leaf
+  # swapped in place must still be used, and a leaf of another shape must fail loudly (never run)
+  def f(p, x, length):
+    return (x * p["w"][:, None]).sum(1) / length
+  params = {"w": np.float32(2.0) * np.ones((3,), np.float32)}
+  g = dyn.bucketed_jit(f, dims={1: 1}, buckets=(4, 8))
+  x = np.arange(15, dtype=np.float32).reshape(3, 5)
+  np.testing.assert_allclose(g(params, x), (x * 2.0).sum(1) / 5, rtol=1e-6)
+  params["w"] = np.array([1.0, -1.0, 0.5], np.float32)       # same shape, new values
+  np.testing.assert_allclose(g(params, x), (x * params["w"][:, None]).sum(1) / 5, rtol=1e-6)
+  assert g.compile_count == 1
+  params["w"] = np.ones((4,), np.float32)                    # new shape in the same dict
+  with pytest.raises((TypeError, ValueError)):
+    g(params, x)
+
+
 def test_overflow_error_and_opt_in_compile():
   f = dyn.bucketed_jit(lambda x, length: x * 2, dims={0: 0}, buckets=(4, 8))
   with pytest.raises(ValueError, match="exceeds the largest bucket 8"):
