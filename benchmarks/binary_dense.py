@@ -42,9 +42,11 @@ from mlsys_jax.quant.binary import packed as pk  # noqa: E402
 from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, default_config, packed_dot_call,  # noqa: E402
                                                  pallas_packed_dense)
 
-DEFAULT_CONFIGS = ("default,acc:16:128:1:4:2,acc:32:128:1:4:2,acc:8:256:1:2:1,acc:32:64:2:4:2,acc:128:32:1:8:3,"
-                   "acc:32:32:1:4:3,rows:32:256:1:8:4,rows:64:128:1:8:3,bcast:32:64:1:4:3,acc:16:64:1:2:3,"
-                   "csa:32:128:1:4:2,csa:64:128:1:8:2,csa:16:256:1:4:1")
+# Sweep 1 (binary_dense_h200_sweep1.json) tried 14; these are its front runners.
+DEFAULT_CONFIGS = "default,acc:32:128:1:4:2,csa:16:256:1:4:1,acc:8:256:1:2:1,rows:32:256:1:8:4"
+SWEEP1_CONFIGS = ("acc:32:64:1:4:2,acc:16:128:1:4:2,acc:32:128:1:4:2,acc:8:256:1:2:1,acc:32:64:2:4:2,"
+                  "acc:128:32:1:8:3,acc:32:32:1:4:3,rows:32:256:1:8:4,rows:64:128:1:8:3,bcast:32:64:1:4:3,"
+                  "acc:16:64:1:2:3,csa:32:128:1:4:2,csa:64:128:1:8:2,csa:16:256:1:4:1")
 
 
 def _extra(ap):
@@ -54,13 +56,16 @@ def _extra(ap):
   ap.add_argument("--repeats", type=int, default=15, help="timed rounds")
   ap.add_argument("--inner", type=int, default=2, help="back-to-back calls per timing")
   ap.add_argument("--configs", default=DEFAULT_CONFIGS,
-                  help="'default' or variant:block_n:block_k:splits:num_warps:num_stages, comma-separated")
+                  help="'default', 'sweep1' (the 14 of sweep 1) or variant:block_n:block_k:splits:num_warps:"
+                       "num_stages, comma-separated")
   ap.add_argument("--deadline_s", type=float, default=1e9,
                   help="stop starting new shapes after this many seconds (results so far are written)")
   ap.add_argument("--no_baselines", action="store_true", help="time only the Pallas configurations")
   ap.add_argument("--old_loop", action="store_true",
                   help="also time the previous loop shape (sliced arguments, one reduction per launch) "
                        "with the empty kernel and the default config, at the first shape")
+  ap.add_argument("--profile", action="store_true",
+                  help="also measure device time per launch from a profiler trace (GPU)")
   ap.add_argument("--conv_only", action="store_true",
                   help="only the binary-conv section (e.g. on CPU, LCE's setting: float32 baseline)")
   ap.add_argument("--with_conv", action="store_true", help="also run the binary-conv section")
@@ -69,7 +74,7 @@ def _extra(ap):
 
 def _parse_configs(text: str, b: int, n: int, wn: int) -> list[DenseConfig]:
   out = []
-  for c in text.split(","):
+  for c in text.replace("sweep1", SWEEP1_CONFIGS).split(","):
     if c == "default":
       cfg = default_config(b, n, wn)
     else:
@@ -120,6 +125,65 @@ def _looped_old(op, reps: int):
   def f(xs, ws):
     return sum(jnp.sum(op(xs[r], ws[r]).astype(jnp.float32)) for r in range(reps))
   return jax.jit(f)
+
+
+def _clusters(events: list, gap_ns: float) -> list:
+  """Split ``(start_ns, end_ns, ...)`` events, sorted by start, where the device was idle > gap_ns."""
+  clusters, cur, last_end = [], [], 0
+  for ev in sorted(events):
+    if cur and ev[0] - last_end > gap_ns:
+      clusters.append(cur)
+      cur = []
+    last_end = ev[1] if not cur else max(last_end, ev[1])
+    cur.append(ev)
+  if cur:
+    clusters.append(cur)
+  return clusters
+
+
+def _device_profile(fns: dict, calls: int, reps: int, gap_s: float = 0.02) -> dict:
+  """Device time per launch of each loop from ONE ``jax.profiler`` trace: every function runs ``calls``
+  times back to back, then the host sleeps ``gap_s``; GPU kernel events are split into clusters at
+  gaps longer than half of ``gap_s`` (one cluster per function, in order). Per launch: ``busy`` = sum of
+  kernel durations / (calls * reps) (the kernels' own time), ``span`` = first start to last end /
+  (calls * reps) (the device timeline including launch gaps)."""
+  import glob
+  import tempfile
+  names = list(fns)
+  d = tempfile.mkdtemp()
+  try:
+    with jax.profiler.trace(d):
+      for nm in names:
+        out = None
+        for _ in range(calls):
+          out = fns[nm]()
+        jax.block_until_ready(out)
+        time.sleep(gap_s)
+    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    prof = jax.profiler.ProfileData.from_file(files[0])
+    events = []
+    for plane in prof.planes:
+      if not plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        if "stream" not in line.name.lower():
+          continue
+        events += [(ev.start_ns, ev.end_ns, ev.duration_ns, ev.name) for ev in line.events]
+    clusters = _clusters(events, gap_s * 1e9 / 2)
+    if len(clusters) != len(names):
+      return {"error": f"{len(clusters)} kernel clusters for {len(names)} functions"}
+    out = {}
+    for nm, cl in zip(names, clusters):
+      kinds = {}
+      for ev in cl:
+        kinds[ev[3][:50]] = kinds.get(ev[3][:50], 0) + 1
+      out[nm] = {"busy": sum(ev[2] for ev in cl) * 1e-9 / (calls * reps),
+                 "span": (max(ev[1] for ev in cl) - cl[0][0]) * 1e-9 / (calls * reps),
+                 "kernels_per_call": len(cl) / calls,
+                 "top_kernels": sorted(kinds.items(), key=lambda t: -t[1])[:3]}
+    return out
+  except Exception as e:  # diagnostics: never fatal
+    return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 class _Skip(Exception):
@@ -252,11 +316,12 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
       hlo["bf16"] = _entry_ops(f_bf16, xb, wb)
   times = _round_robin(fns, args.repeats, args.inner)
   per = {nm: float(np.median(t)) / reps for nm, t in times.items()}
+  dev = _device_profile(fns, 3, reps) if args.profile else {}
   row = {"n": n, "k": k, "batch": b, "reps": reps, "inner": args.inner, "repeats": args.repeats,
          "compile_and_check_seconds": t_compile, "seconds_per_launch": per, "exact": exact,
          "config_errors": errors, "packed_weight_bytes": n * wn * 4, "bf16_weight_bytes": n * k * 2,
          "int8_weight_bytes": n * k, "read_floor_seconds": n * wn * 4 / read_bw,
-         "empty_kernel_seconds": per["empty_kernel"], "entry_ops": hlo}
+         "empty_kernel_seconds": per["empty_kernel"], "entry_ops": hlo, "device": dev}
   ok = [nm for nm in per if nm.startswith("pallas:") and exact.get(nm)]
   if ok:
     best = min(ok, key=per.get)
@@ -272,6 +337,19 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
     if "int8" in per:
       strongest = min(per["int8"], per["int8_weight_only"])
       row["speedup_vs_strongest_int8"] = strongest / per[best]
+  if ok and dev and "error" not in dev:
+    busy = {nm: v["busy"] for nm, v in dev.items()}
+    dbest = min((nm for nm in ok if nm in busy), key=busy.get)
+    row.update(device_best_config=dbest, device_pallas_busy_seconds=busy[dbest],
+               device_default_busy_seconds=busy.get(row["default_config"]),
+               device_empty_kernel_busy_seconds=busy["empty_kernel"])
+    for base in ("bf16", "int8", "int8_weight_only", "xla_packed"):
+      if base in busy:
+        row[f"device_{base}_busy_seconds"] = busy[base]
+        row[f"device_speedup_vs_{base}"] = busy[base] / busy[dbest]
+        row[f"device_default_speedup_vs_{base}"] = busy[base] / busy[row["default_config"]]
+    if "bf16" in busy:   # the packed bytes at the rate the bf16 kernel reads its weights
+      row["floor_at_bf16_read_rate_seconds"] = n * wn * 4 * busy["bf16"] / (n * k * 2)
   return row
 
 
@@ -291,9 +369,11 @@ def main():
   if args.small:
     args.repeats, args.inner = 3, 1
     args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2"
-  read_bw = common.read_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
-  print(f"device read bandwidth {read_bw / 1e12:.2f} TB/s", flush=True)
-  payload = {"env": common.environment(), "read_bandwidth_bytes_per_s": read_bw, "rows": [],
+  # Copy rate (bytes read + written / s); the floor is the packed bytes at this rate. (Run 3 used
+  # common.read_bandwidth, 1.36 TB/s on the H200: below what the kernels themselves read.)
+  read_bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
+  print(f"device copy bandwidth {read_bw / 1e12:.2f} TB/s", flush=True)
+  payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": read_bw, "rows": [],
              "small": bool(args.small), "interpret": interpret, "args": vars(args)}
   rng = np.random.default_rng(0)
   first = True

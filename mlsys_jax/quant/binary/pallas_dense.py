@@ -64,8 +64,10 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
   return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=min(cfg.block_k, ws & -ws), splits=splits)
 
 
-# Not yet tuned on a GPU: benchmarks/binary_dense.py --sweep prints `best_config` for this.
-_TUNED = DenseConfig()
+# H200 sweep 1 (2026-12-02, benchmarks/results/binary_dense_h200_sweep1.json; 14 configurations at
+# 8192/16384 x batch 1/8, wall time per launch): 'rows', 64 x 128 words, 8 warps, 3 stages has the best
+# geometric mean (best at batch 8 of both sizes, within the noise of the best at batch 1).
+_TUNED = DenseConfig("rows", 64, 128, 1, 8, 3)
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
