@@ -56,15 +56,20 @@ and columns the neighbouring output tiles' receptive fields read): the receptive
 of every output tile is then exact and costs nothing per pixel. From there on change is tracked per
 tile through the layers: a layer's output tile counts as changed only if its new bits differ, so a
 change that ReLU zeroes (or a proved-zero tile that was zero before) stops there, and a layer whose
-receptive fields did not change does no work at all (change propagation across layers). Per layer,
-the number of changed tiles picks one branch of a ``lax.switch`` before any bound is evaluated:
+receptive fields did not change does no work at all (change propagation across layers). Once per
+frame, when more of the first layer's tiles changed than its sparse capacity holds, the whole network
+runs densely (plain convs, nothing else; counted in ``ModelState.dense_frames``). Otherwise, per
+layer, the number of changed tiles picks one path before any bound is evaluated:
 nothing (reuse everything), the sparse path at the smallest static capacity that holds them
 (gather tile-plus-halo patches of the input, evaluate the bounds on them, convolve the tiles not
 proved zero as one batch, scatter the new tiles into the previous output), or the plain dense
 convolution when more tiles changed than the largest capacity (a per-layer threshold, measured by
 :func:`calibrate_active_fraction`). The temporal bound of the first layer reads the previous frame's
 patches; later layers read the per-tile ranges of their input's change (``LayerState.dmax/dmin`` of
-the layer before, over the 3 x 3 neighbouring tiles), so no layer re-reads a previous output.
+the layer before, over the 3 x 3 neighbouring tiles), so no layer re-reads a previous output. Each
+choice is a ``lax.while_loop`` of 0 or 1 trips (:func:`_when`), not a ``lax.cond``: XLA updates a
+loop's carry in place, so no path copies a layer's output (with ``lax.switch`` it copied every
+output once per frame); under ``jax.jit(step, donate_argnums=0)`` the state is updated in place.
 
 **Exactness of computed tiles.** The dense fallback is the flax model's own convolution (same padding,
 same op). On XLA:CPU the tile convolution (batched convolution of tile-plus-halo patches) gives
@@ -81,7 +86,7 @@ Example (a 2-layer ReLU CNN over 3 frames; every output equals the flax model's,
 >>> variables = net.init(jax.random.PRNGKey(0), frames[:1])
 >>> rb = video.range_bound_model(net, variables, frames.shape[1:], tile=4)
 >>> state, y = rb.init(frames[0])
->>> step = jax.jit(rb.step)
+>>> step = jax.jit(rb.step, donate_argnums=0)  # the state's buffers are updated in place
 >>> for f in frames[1:]:
 ...   state, y, stats = step(state, f)
 >>> bool(jnp.all(y == net.apply(variables, frames[-1:])[0]))
@@ -487,7 +492,7 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
     in_amax: ``(nHi, nWi, c_in)`` per-input-tile ``max |x|`` (used by the dense path's margin).
     tile: tile size ``T``.
     capacity: static tile capacities of the sparse path (buckets); the smallest bucket holding every
-      changed tile is used (``lax.switch``: exactly one branch runs). Nothing runs when no tile changed;
+      changed tile is used (exactly one path runs). Nothing runs when no tile changed;
       the dense convolution runs, before any bound is evaluated, when more tiles changed than the
       largest bucket holds (``()``: dense whenever anything changed).
     unit_roundoff: ``u`` of the conv arithmetic.
@@ -707,11 +712,15 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
   Per frame, one pass over the input frame finds the changed tiles (bit comparison); from there on
   change is tracked per tile through the layers (a recomputed tile whose bits did not change stops
   the propagation), so a layer whose receptive fields did not change does no work at all, and the
-  choice between the sparse path and the dense convolution is made per layer from the number of
-  changed tiles *before* any bound, gather or scatter runs (one ``lax.switch``: only one branch runs).
-  The dense path is the plain convolution: it keeps no per-tile bounds (unless ``dense_bounds``) and
-  never reads the previous output (so XLA overwrites it in place); every tile of a dense layer counts
-  as changed for the next layer, which then falls back too.
+  choice between the sparse path and the dense convolution is made from the number of changed tiles
+  *before* any bound, gather or scatter runs: once per frame for the whole network (the first layer's
+  changed tiles exceed its capacity, and no later layer's capacity holds all its tiles: every layer
+  runs its plain conv, nothing else), otherwise per layer (only one path runs; each choice is a 0/1-trip
+  while loop, so XLA updates the state in place instead of copying it). The dense path is the plain
+  convolution: it keeps no per-tile bounds (unless ``dense_bounds``) and never reads the previous
+  output; every tile of a dense layer counts as changed for the next layer, which then falls back too.
+  Step with ``jax.jit(rb.step, donate_argnums=0)`` (or inside a ``lax.scan``) so that the state's
+  buffers are reused; without donation XLA writes a fresh state every frame.
 
   Args:
     module: a ``flax.linen.Sequential`` of ``nn.Conv`` + ``nn.relu`` (see :func:`layers_from_flax`),
