@@ -34,15 +34,18 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.robust import _pallas_bits as pb  # noqa: E402
 from mlsys_jax.robust import bit_errors as be  # noqa: E402
 
-# (hash, words per program, warps, io, steps before the first early-stop test) of the kernel sweep.
-SWEEP = [("philox", 256, 4, "bytes", 0),      # the previous default
-         ("philox", 256, 4, "words", 0), ("philox", 32, 1, "words", 0), ("philox", 64, 1, "words", 0),
-         ("philox", 64, 2, "words", 0), ("philox", 128, 4, "words", 0), ("philox", 512, 8, "words", 0),
-         ("philox", 32, 1, "words", 3), ("philox", 64, 1, "words", 3), ("philox", 64, 2, "words", 2),
-         ("philox", 256, 4, "words", 3),
-         ("philox7", 32, 1, "words", 0), ("philox7", 64, 2, "words", 0), ("philox7", 256, 4, "words", 0),
-         ("philox7", 32, 1, "words", 3), ("threefry", 256, 4, "words", 0)]
-SMALL_SWEEP = [("philox", 64, 2, "words", 0), ("philox", 64, 2, "bytes", 2)]
+# (method, hash, words per program, warps, io, steps before the first early-stop test) of the kernel sweep.
+SWEEP = [("levels", "philox", 256, 4, "bytes", 0),      # the previous default
+         ("levels", "philox", 256, 4, "words", 0), ("levels", "philox", 32, 1, "words", 0),
+         ("levels", "philox", 64, 2, "words", 0), ("levels", "philox", 32, 1, "words", 3),
+         ("levels", "philox", 256, 4, "words", 3), ("levels", "philox7", 32, 1, "words", 0),
+         ("levels", "philox7", 256, 4, "words", 0), ("levels", "threefry", 256, 4, "words", 0),
+         ("binomial", "philox", 32, 1, "words", 0), ("binomial", "philox", 64, 1, "words", 0),
+         ("binomial", "philox", 64, 2, "words", 0), ("binomial", "philox", 128, 4, "words", 0),
+         ("binomial", "philox", 256, 4, "words", 0), ("binomial", "philox", 256, 8, "words", 0),
+         ("binomial", "philox", 512, 8, "words", 0), ("binomial", "philox", 128, 4, "bytes", 0)]
+SMALL_SWEEP = [("levels", "philox", 64, 2, "words", 0), ("levels", "philox", 64, 2, "bytes", 2),
+               ("binomial", "philox", 64, 2, "words", 0)]
 
 
 def _extra(ap):
@@ -95,10 +98,11 @@ def main():
   t, always = be._threshold(p)
   t0_, a0_ = be._threshold(0.0)
 
-  def kernel_step(hash, w, nwarp, io, pre, thr=(t, always)):
+  def kernel_step(method, hash, w, nwarp, io, pre, thr=(t, always)):
     def step(c, k):
       fp = jnp.stack([k[0], k[1], thr[0], thr[1].astype(jnp.uint32)])
-      return pb.inject(c, 8, fp, impl=kimpl, hash=hash, words=w, num_warps=nwarp, io=io, pre=pre)
+      return pb.inject(c, 8, fp, impl=kimpl, hash=hash, words=w, num_warps=nwarp, io=io, pre=pre,
+                       method=method)
     return step
 
   emap = be.profiled_error_map(jax.random.PRNGKey(3), (n,), 8, flip=True)
@@ -107,13 +111,15 @@ def main():
   steps = {"uint8 XOR-copy": lambda c, k: c ^ k[0].astype(jnp.uint8),
            "apply_error_mask (precomputed fault mask)": lambda c, k: be.apply_error_mask(c, mask)}
   sweep = SMALL_SWEEP if args.small else SWEEP
-  for h, w, nwarp, io, pre in sweep:
-    steps[f"kernel {h} words={w} warps={nwarp} io={io} pre={pre}"] = kernel_step(h, w, nwarp, io, pre)
+  for mth, h, w, nwarp, io, pre in sweep:
+    steps[f"kernel {mth} {h} words={w} warps={nwarp} io={io} pre={pre}"] = kernel_step(
+        mth, h, w, nwarp, io, pre)
   for io in ("words", "bytes"):
-    steps[f"kernel p=0 (memory path only) words=256 warps=4 io={io}"] = kernel_step(
-        "philox", 256, 4, io, 0, (t0_, a0_))
-  steps["same hash in XLA (philox)"] = lambda c, k: pb.inject(
-      c, 8, jnp.stack([k[0], k[1], t, always.astype(jnp.uint32)]), impl="xla")
+    steps[f"kernel p=0 (memory path only) levels words=256 warps=4 io={io}"] = kernel_step(
+        "levels", "philox", 256, 4, io, 0, (t0_, a0_))
+  for mth in ("levels", "binomial"):
+    steps[f"same method in XLA ({mth} philox)"] = lambda c, k, mth=mth: pb.inject(
+        c, 8, jnp.stack([k[0], k[1], t, always.astype(jnp.uint32)]), impl="xla", method=mth)
   steps["previous: jax.random.bits, 8 stored draws per code (rbg key)"] = lambda c, k: _previous(
       jax.random.wrap_key_data(jnp.concatenate([k, k]), impl="rbg"), c, p, 8)
   steps["inject_bit_errors (public)"] = lambda c, k: be.inject_bit_errors(k, c, p, 8)
@@ -131,14 +137,16 @@ def main():
       errors[name] = "".join(traceback.format_exception_only(type(e), e))[-2000:]
       print("FAILED", name, errors[name], flush=True)
   print(f"compiled {len(fns)} rows", flush=True)
-  # Every chain of one hash must end in the same codes (tile, warps, io and pre never change the bits).
-  ref = {"philox": outs.get("same hash in XLA (philox)")}
+  # Every chain of one method and hash must end in the same codes (tile, warps, io and pre never change
+  # the bits), equal to the XLA path's where it ran.
+  ref = {(m, "philox"): outs.get(f"same method in XLA ({m} philox)") for m in ("levels", "binomial")}
   same_bits = {}
   for name, o in outs.items():
     if name.startswith("kernel ") and "p=0" not in name:
-      h = name.split()[1]
-      ref.setdefault(h, o)
-      same_bits[name] = int(jnp.sum(o != ref[h])) if ref[h] is not None else -1
+      g = tuple(name.split()[1:3])
+      if ref.get(g) is None:
+        ref[g] = o
+      same_bits[name] = int(jnp.sum(o != ref[g]))
   del outs, ref
   print(f"{env}\ncopy bandwidth {bw / 1e12:.2f} TB/s, {n / 1e6:.2f}M uint8 codes, p = 1%, floor "
         f"{floor * 1e6:.1f} us; chains of {chain} calls in one jit, median of {repeats} round-robin rounds")
@@ -168,27 +176,30 @@ def main():
   dispatched = {"s": td.median_a, "xor_copy_s": td.median_b, "fraction_of_floor": floor / td.median_a}
 
   # On-device exactness: the kernel against the XLA path of the same hash, and the flip rates.
-  checks = {"public path": pb.default_impl()}   # 'pallas' once the kernel passed its self-test
+  checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   try:
-    for h in pb.HASHES:
-      for io in ("words", "bytes"):
-        for pp in (0.01, 0.3):
-          a = be._inject(key, codes, pp, 8, impl=kimpl, hash=h, io=io)
-          b = be._inject(key, codes, pp, 8, impl="xla", hash=h)
-          checks[f"mismatched codes kernel vs xla {h} io={io} p={pp}"] = int(jnp.sum(a != b))
-          if io == "words":
-            checks[f"flip rate {h} p={pp}"] = float(
-                jnp.sum(jax.lax.population_count(a ^ codes).astype(jnp.int32)) / (8 * n))
-    a = be._inject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl)
-    b = be._inject(key, codes, 0.05, 8, p_one=0.5, impl="xla")
-    checks["mismatched codes stuck-at kernel vs xla"] = int(jnp.sum(a != b))
-    a16 = (codes.astype(jnp.uint16) * 7)[: n // 2]
-    for io in ("words", "bytes"):
-      checks[f"mismatched uint16 12-bit kernel vs xla io={io}"] = int(jnp.sum(
-          be._inject(key, a16, 0.02, 12, impl=kimpl, io=io) != be._inject(key, a16, 0.02, 12, impl="xla")))
-    odd = codes[: n - 3]
-    checks["mismatched odd length (byte fallback) kernel vs xla"] = int(jnp.sum(
-        be._inject(key, odd, 0.02, 8, impl=kimpl) != be._inject(key, odd, 0.02, 8, impl="xla")))
+    for mth, h, io in (("binomial", "philox", "words"), ("binomial", "philox", "bytes"),
+                       ("levels", "philox", "words"), ("levels", "philox", "bytes"),
+                       ("levels", "philox7", "words"), ("levels", "threefry", "words")):
+      for pp in (0.01, 0.3):
+        a = be._inject(key, codes, pp, 8, impl=kimpl, hash=h, io=io, method=mth)
+        b = be._inject(key, codes, pp, 8, impl="xla", hash=h, method=mth)
+        checks[f"mismatched codes kernel vs xla {mth} {h} io={io} p={pp}"] = int(jnp.sum(a != b))
+        if io == "words":
+          checks[f"flip rate {mth} {h} p={pp}"] = float(
+              jnp.sum(jax.lax.population_count(a ^ codes).astype(jnp.int32)) / (8 * n))
+    for mth in ("binomial", "levels"):
+      a = be._inject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl, method=mth)
+      b = be._inject(key, codes, 0.05, 8, p_one=0.5, impl="xla", method=mth)
+      checks[f"mismatched codes stuck-at kernel vs xla {mth}"] = int(jnp.sum(a != b))
+      a16 = (codes.astype(jnp.uint16) * 7)[: n // 2]
+      checks[f"mismatched uint16 12-bit kernel vs xla {mth}"] = int(jnp.sum(
+          be._inject(key, a16, 0.02, 12, impl=kimpl, method=mth)
+          != be._inject(key, a16, 0.02, 12, impl="xla", method=mth)))
+      odd = codes[: n - 3]
+      checks[f"mismatched odd length (byte fallback) kernel vs xla {mth}"] = int(jnp.sum(
+          be._inject(key, odd, 0.02, 5, impl=kimpl, method=mth)
+          != be._inject(key, odd, 0.02, 5, impl="xla", method=mth)))
   except Exception as e:
     checks["error"] = "".join(traceback.format_exception_only(type(e), e))[-2000:]
   print("chains vs reference (mismatched codes):", same_bits)

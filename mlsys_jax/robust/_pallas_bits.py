@@ -53,6 +53,7 @@ NUM_WARPS = 4      # warps per program
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
 PRE = 0            # steps of levels the kernel runs before its first early-stop test
+METHOD = "binomial"  # 'binomial' (count, then lanes) or 'levels' (one bit-sliced draw per lane)
 HASHES = ("philox", "philox7", "threefry")
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
 _U32 = jnp.uint32
@@ -192,6 +193,100 @@ def below_words(k0, k1, t, always, word_idx, lanes, hash: str = "philox", asm: b
   return lt
 
 
+# ----------------------------------------------------------------------------------------------------
+# 'binomial': the count of faulty lanes of a word, then which lanes.
+
+
+def binomial_thresholds(t, n_lanes: int) -> jax.Array:
+  """uint32[32] ``s_c = floor(P(C > c) * 2^32)`` (c = 0 .. n_lanes - 1, zero past) for the number C of
+  faulty lanes of a word, ``C ~ Binomial(n_lanes, q)`` with the lane rate ``q = t / 2^32``.
+
+  float32 log-space pmf, summed from the top so that the tails keep their relative precision (about 1e-6);
+  the thresholds decrease in c. ``t`` may be traced.
+  """
+  q = jnp.clip(jnp.asarray(t, _U32).astype(jnp.float32) * np.float32(2.0 ** -32), 0.0,
+               np.float32(1.0 - 2.0 ** -24))
+  i = np.arange(1, n_lanes + 1, dtype=np.float64)
+  from math import lgamma
+  logc = np.asarray([lgamma(n_lanes + 1) - lgamma(k + 1) - lgamma(n_lanes - k + 1) for k in i], np.float32)
+  logpmf = logc + i.astype(np.float32) * jnp.log(q) + (n_lanes - i).astype(np.float32) * jnp.log1p(-q)
+  pmf = jnp.where(q > 0, jnp.exp(logpmf), 0.0)                 # P(C = i), i = 1 .. n_lanes
+  surv = jnp.cumsum(pmf[::-1])[::-1]                             # P(C > c) = sum_{i > c}, c = 0 .. n_lanes-1
+  s = jnp.floor(jnp.clip(surv * np.float32(2.0 ** 32), 0.0, np.float32(4294967040.0))).astype(_U32)
+  return jnp.concatenate([s, jnp.zeros((32 - n_lanes,), _U32)])
+
+
+def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits: int, asm: bool = False):
+  """Faulty lanes of each word of ``word_idx``: the first C distinct lanes of a random sequence.
+
+  One Philox-4x32-10 call on the counter ``(word, 0, 0, 0)`` gives the count's uniform ``u`` (its first
+  word: ``C = #{c : u < s_c}`` with the thresholds ``thr(c)`` of :func:`binomial_thresholds`) and
+  ``32 // db`` lane draws of ``db = ceil(log2 n_lanes)`` bits from each of its other three words; more
+  draws come from the calls ``(word, m, 0, 0)``, m = 1, 2, ... (four words each). A draw ``v >= n_lanes``
+  or a lane already chosen is skipped, so the chosen lanes are the first C distinct ones of a uniform
+  random order of the word's lanes: a uniform C-subset, hence independent Bernoulli(q) lanes when C is
+  binomial, and for a fixed key the lanes at a lower rate are the first ones of those at a higher rate.
+  ``always`` (bool) selects every lane. ``thr(c)`` returns threshold c (a uint32 scalar).
+  """
+  db = max(1, (n_lanes - 1).bit_length())
+  per_word = 32 // db
+  zero = jnp.zeros(word_idx.shape, _U32)
+  out = philox4x32(k0, k1, word_idx, zero, zero, zero, asm=asm)
+  u = out[0]
+
+  def ccond(c):
+    j, _, more = c
+    return (j < n_lanes) & more
+
+  def cbody(c):
+    j, cnt, _ = c
+    hit = u < thr(j)
+    return j + 1, cnt + hit.astype(_U32), jnp.max(hit.astype(jnp.int32)) > 0
+
+  _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(0), zero, jnp.bool_(True)))
+  cnt = jnp.where(always, _U32(0), cnt)          # p = 1: every lane, no draws
+
+  def need(k):
+    return jnp.max((k < cnt).astype(jnp.int32)) > 0
+
+  def consume(pool, nd: int, chosen, k):
+    """Draws 0 .. nd-1 of the words ``pool`` while some word still needs lanes."""
+    def cond(c):
+      j, _, kk = c
+      return (j < nd) & need(kk)
+
+    def body(c):
+      j, ch, kk = c
+      ju = j.astype(_U32)
+      wsel = ju // _U32(per_word)
+      r = pool[0]
+      for idx in range(1, len(pool)):
+        r = jnp.where(wsel == _U32(idx), pool[idx], r)
+      v = (r >> (_U32(db) * (ju % _U32(per_word)))) & _U32((1 << db) - 1)
+      lane = v if bits == width else _U32(width) * (v // _U32(bits)) + v % _U32(bits)
+      bit = _U32(1) << jnp.minimum(lane, _U32(31))
+      new = (v < _U32(n_lanes)) & (kk < cnt) & ((ch & bit) == _U32(0))
+      return j + 1, ch | jnp.where(new, bit, _U32(0)), kk + new.astype(_U32)
+
+    _, chosen, k = jax.lax.while_loop(cond, body, (jnp.int32(0), chosen, k))
+    return chosen, k
+
+  chosen, k = consume(out[1:], 3 * per_word, zero, zero)
+
+  def rcond(c):
+    m, _, kk = c
+    return need(kk) & (m < (1 << 20))
+
+  def rbody(c):
+    m, ch, kk = c
+    more = philox4x32(k0, k1, word_idx, jnp.full(word_idx.shape, m, _U32), zero, zero, asm=asm)
+    ch, kk = consume(more, 4 * per_word, ch, kk)
+    return m + _U32(1), ch, kk
+
+  _, chosen, _ = jax.lax.while_loop(rcond, rbody, (_U32(1), chosen, k))
+  return jnp.where(always, jnp.full(word_idx.shape, lane_mask(bits, width), _U32), chosen)
+
+
 def _unpack(words, cpw: int, width: int, dtype):
   """(W,) uint32 words -> (W, cpw) codes of ``width`` bits (slot s = bits width*s ...)."""
   sh = (jnp.arange(cpw, dtype=jnp.int32) * width).astype(_U32)
@@ -207,15 +302,24 @@ def _params(kw, t, always):
   return jnp.stack([kw[0], kw[1], jnp.asarray(t, _U32), jnp.asarray(always, _U32)])
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _faults_xla(params, nw: int, lanes: int, hash: str):
-  idx = jnp.arange(nw, dtype=_U32)
-  return below_words(params[0], params[1], params[2], params[3] != 0, idx, lanes, hash)
+def _faults(params, off: int, word_idx, method: str, lanes: int, hash: str, width: int, bits: int,
+            asm: bool = False, pre: int = 0):
+  """Faulty lanes of the words ``word_idx`` from ``params[off:]`` (a ref or an array)."""
+  k0, k1, t, always = params[off], params[off + 1], params[off + 2], params[off + 3] != _U32(0)
+  if method == "levels":
+    return below_words(k0, k1, t, always, word_idx, lanes, hash, asm, pre)
+  return binomial_words(k0, k1, always, lambda c: params[off + 4 + c], word_idx, bits * (32 // width),
+                        width, bits, asm)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
+def _faults_xla(params, off: int, nw: int, method: str, lanes: int, hash: str, width: int, bits: int):
+  return _faults(params, off, jnp.arange(nw, dtype=_U32), method, lanes, hash, width, bits)
 
 
 def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: str = "xla",
            words: int | None = None, num_warps: int | None = None, hash: str | None = None,
-           io: str | None = None, pre: int | None = None) -> jax.Array:
+           io: str | None = None, pre: int | None = None, method: str | None = None) -> jax.Array:
   """Faults on the flat codes: flips (``one_params`` None) or stuck-at values.
 
   ``flip_params``/``one_params``: uint32[4] ``(k0, k1, t, always)`` of the faulty-bit draw and of the
@@ -225,9 +329,13 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   ``io``: ``'words'`` (the kernel loads and stores the codes as 32-bit words, a free bitcast outside;
   used when the number of codes is a multiple of the codes per word, else ``'bytes'``) or ``'bytes'``
   (loads of the codes' own dtype). ``hash`` changes the pattern; ``impl``, ``words``, ``num_warps`` and
-  ``io`` never do; nor does ``pre`` (kernel steps before the first early-stop test).
+  ``io`` never do; nor does ``pre`` (kernel steps before the first early-stop test). ``method``:
+  ``'binomial'`` (default ``METHOD``; Philox-4x32-10 only) or ``'levels'``: different patterns.
   """
   hash = check_hash(hash or HASH)
+  method = method or METHOD
+  if method not in ("binomial", "levels"):
+    raise ValueError(f"method must be 'binomial' or 'levels', got {method!r}.")
   io = io or IO
   if io not in ("words", "bytes"):
     raise ValueError(f"io must be 'words' or 'bytes', got {io!r}.")
@@ -241,14 +349,19 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   nw = -(-n // cpw)
   lanes = lane_mask(bits, width)
   stuck = one_params is not None
+  if method == "binomial":
+    n_lanes = bits * cpw
+    flip_params = jnp.concatenate([flip_params, binomial_thresholds(flip_params[2], n_lanes)])
+  off = flip_params.shape[0]
+  one_method = "levels"   # the stuck values need no subset property across p_one; levels decide p_one = 0.5 at once
   allp = jnp.concatenate([flip_params, one_params]) if stuck else flip_params
 
   def combine(c, f, o):
     return (c & ~f) | (f & o) if stuck else c ^ f
 
   if impl == "xla":
-    f = _faults_xla(allp[:4], nw, lanes, hash)
-    o = _faults_xla(allp[4:], nw, lanes, hash) if stuck else None
+    f = _faults_xla(allp, 0, nw, method, lanes, hash, width, bits)
+    o = _faults_xla(allp, off, nw, one_method, lanes, hash, width, bits) if stuck else None
     c = jnp.pad(flat, (0, nw * cpw - n)).reshape(nw, cpw)
     out = combine(c, _unpack(f, cpw, width, dtype), _unpack(o, cpw, width, dtype) if stuck else None)
     return out.reshape(-1)[:n].reshape(shape)
@@ -263,10 +376,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   pre = PRE if pre is None else pre
 
   def faults(p_ref, wu):
-    f = below_words(p_ref[0], p_ref[1], p_ref[2], p_ref[3] != _U32(0), wu, lanes, hash, asm, pre)
-    o = None
-    if stuck:
-      o = below_words(p_ref[4], p_ref[5], p_ref[6], p_ref[7] != _U32(0), wu, lanes, hash, asm, pre)
+    f = _faults(p_ref, 0, wu, method, lanes, hash, width, bits, asm, pre)
+    o = _faults(p_ref, off, wu, one_method, lanes, hash, width, bits, asm, pre) if stuck else None
     return f, o
 
   def word_kernel(p_ref, c_ref, o_ref):
