@@ -4,11 +4,11 @@ At small batch a matmul is bound by reading its weights: packed int4 is 0.5 byte
 scale per group (bf16: 2 bytes per ``group_size`` weights) against 2 bytes for bf16, so the ceiling is
 about 4x. Baselines in the same run: ``x @ W`` in bf16 with float32 accumulation (XLA; cuBLAS/Triton
 GEMV), and XLA on the packed weights (dequantize to bf16 then dot; dequantize to float32 then dot, the
-library's reference path). The read floor is the packed bytes over the measured device bandwidth.
+library's reference path, with ``--xla_f32``). The read floor is the packed bytes over the measured device bandwidth.
 
 Method: every method runs ``--reps`` (32) times inside ONE jitted function, each launch on a different
-activation and rotating over enough weight copies to span ``--rotate_bytes`` (256 MiB, > 2x the L2), so
-weights come from HBM; the sum of every output element is returned (nothing can be sliced away). All
+activation AND a different weight (32 copies, far more than the L2, and no two dots share an operand
+that XLA's dot merger could batch), so weights come from HBM; the sum of every output element is returned (nothing can be sliced away). All
 kernel configurations of a case are compiled first (in parallel threads), checked against the XLA path,
 then each is timed with ``mlsys_jax.stats.time_interleaved`` against the bf16 baseline in the same
 process.
@@ -35,13 +35,13 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
-SWEEP = ("fma:32:2:1:2:3,fma:32:2:1:4:3,fma:32:4:1:4:4,fma:32:2:2:4:3,fma:64:1:1:4:3,fma:64:2:1:4:3,"
-         "fma:64:4:1:4:3,fma:64:2:1:4:4,fma:64:2:1:8:3,fma:64:2:2:4:3,fma:64:1:4:4:3,fma:128:1:1:4:3,"
-         "fma:128:2:1:8:3,fma:128:1:2:4:3,fma:128:1:4:8:3,fma:256:1:1:8:3,fma_shift:64:2:1:4:3,"
-         "fma_shift:32:2:2:4:3,fma_shift:128:1:2:4:3,dot:32:2:1:4:3,dot:64:1:1:4:3,dot:64:2:2:4:3,"
-         "dot:128:1:1:4:3,dot_shift:64:1:1:4:3")
-OTHER = ("fma:32:2:2:4:3,fma:64:2:1:4:3,fma:64:2:2:4:3,fma:128:1:2:4:3,fma_shift:64:2:2:4:3,dot:64:1:1:4:3,"
-         "dot:64:2:2:4:3,dot:128:1:1:4:3,dot:128:1:2:8:3")
+# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. H200 run 1 (2026-12-02, 11:23)
+# showed the kernel latency-bound at one program per SM (fma 64:1:1 104 us -> split_k 4 46 us): the
+# sweep now goes to 8-16 programs per SM and prefetches each step's loads a step ahead.
+SWEEP = ("fma:64:1:4:4:3:1,fma:64:1:8:4:3:1,fma:32:1:8:4:3:1,fma:64:2:8:4:3:1,fma:32:2:4:4:3:1,"
+         "fma:64:1:16:4:3:1,fma:128:1:8:8:3:1,fma:64:1:8:4:3:0,fma_shift:64:1:8:4:3:1,"
+         "dot:64:1:8:4:3:1")
+OTHER = "dot:64:1:8:4:3:1,dot:64:1:4:4:3:1,dot:128:1:8:8:3:1"
 
 
 def _extra(ap):
@@ -49,11 +49,10 @@ def _extra(ap):
   ap.add_argument("--batches", default="1,4,16")
   ap.add_argument("--group_size", type=int, default=128)
   ap.add_argument("--reps", type=int, default=32, help="launches per timed call")
-  ap.add_argument("--rotate_bytes", type=float, default=256 * 2**20,
-                  help="rotate enough weight copies to span this many bytes (> 2x the L2)")
+  ap.add_argument("--xla_f32", action="store_true", help="also time the float32 XLA reference path")
   ap.add_argument("--repeats", type=int, default=10, help="timed pairs per comparison")
   ap.add_argument("--configs", default=SWEEP,
-                  help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages for the first case")
+                  help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch, first case")
   ap.add_argument("--other_configs", default=OTHER, help="the same for every other case")
   ap.add_argument("--fma_max_batch", type=int, default=4, help="skip 'fma' configs above this batch")
   ap.add_argument("--name", default="w4a16_gemv", help="JSON file name")
@@ -63,8 +62,10 @@ def _parse(spec: str):
   out = []
   for c in spec.split(","):
     if c:
-      v, bn, bps, sk, nw, ns = c.split(":")
-      out.append((v, int(bn), int(bps), int(sk), int(nw), int(ns)))
+      v, *ints = c.split(":")
+      if len(ints) == 5:
+        ints.append("1")
+      out.append((v, *map(int, ints)))
   return out
 
 
@@ -93,8 +94,8 @@ def main():
   interpret = not on_gpu
   if args.small:
     shapes, batches, reps0, repeats = [(256, 96)], [1, 4], 2, 3
-    sweep = [("fma", 32, 1, 1, 4, 3), ("fma", 32, 2, 2, 4, 3), ("dot", 32, 1, 1, 4, 3)]
-    other = [("fma", 32, 1, 1, 4, 3), ("dot", 32, 1, 1, 4, 3)]
+    sweep = [("fma", 32, 1, 1, 4, 3, 1), ("fma", 32, 2, 2, 4, 3, 0), ("dot", 32, 1, 2, 4, 3, 1)]
+    other = [("fma", 32, 1, 1, 4, 3, 1), ("dot", 32, 1, 1, 4, 3, 1)]
     gs = 64
   else:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -110,15 +111,17 @@ def main():
   rows = []
   first = True
   for k, n in shapes:
-    packed_bytes = k * n // 2 + (k // gs) * n * 2
-    copies = 2 if args.small else max(2, int(np.ceil(args.rotate_bytes / packed_bytes)))
-    copies_b = 2 if args.small else max(2, int(np.ceil(args.rotate_bytes / (2 * k * n))))
-    reps = max(reps0, copies)
-    wf = [jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.float32) * 0.02 for i in range(copies)]
-    packed = [wo.pack_int4(w, gs) for w in wf]
-    wb = [w.astype(jnp.bfloat16) for w in wf[:copies_b]]
-    del wf
-    jax.block_until_ready(packed)
+    # A distinct weight for EVERY launch, for every method: with fewer copies than launches XLA merges
+    # the dots that share a weight into one (its dot merger), so the bf16 baseline read each weight once
+    # per several launches (run 1: a "bf16 GEMV" of 8192x28672 in 18 us = 26 TB/s).
+    reps = copies = copies_b = reps0
+    packed, wb = [], []
+    for i in range(copies):
+      w = jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.float32) * 0.02
+      packed.append(wo.pack_int4(w, gs))
+      wb.append(w.astype(jnp.bfloat16))
+      del w
+    jax.block_until_ready((packed, wb))
     for b in batches:
       t_case = time.time()
       xs = jax.random.normal(jax.random.PRNGKey(1000 + b), (reps, b, k), jnp.float32).astype(jnp.bfloat16)
@@ -128,25 +131,26 @@ def main():
       first = False
       fns, fargs, single = {}, {}, {}
       for c in cfgs:
-        v, bn, bps, sk, nw, ns = c
+        v, bn, bps, sk, nw, ns, pf = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                  interpret=interpret)
+                  prefetch=bool(pf), interpret=interpret)
         name = ":".join(map(str, c))
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
-        single[name] = jax.jit(op)
+        fns["single " + name], fargs["single " + name] = jax.jit(op), (xs[0], packed[0])
+        single[name] = "single " + name
       fns["bf16"] = _looped(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), copies_b, reps)
       fargs["bf16"] = (xs, wb)
       fns["xla_packed_bf16"] = _looped(
           lambda x, p: jnp.dot(x, wo.dequantize_int4(p, jnp.bfloat16), preferred_element_type=jnp.float32),
           copies, reps)
       fargs["xla_packed_bf16"] = (xs, packed)
-      fns["xla_packed_f32"] = _looped(lambda x, p: wo.w4a16_matmul(x, p, impl="xla"), copies, reps)
-      fargs["xla_packed_f32"] = (xs, packed)
+      if args.xla_f32:
+        fns["xla_packed_f32"] = _looped(lambda x, p: wo.w4a16_matmul(x, p, impl="xla"), copies, reps)
+        fargs["xla_packed_f32"] = (xs, packed)
       compiled = _compile_all(fns, fargs)
       t_compiled = time.time()
-      row = {"k": k, "n": n, "batch": b, "group_size": gs, "reps": reps, "copies": copies,
-             "copies_bf16": copies_b, "packed_bytes": packed[0].nbytes(), "bf16_bytes": 2 * k * n,
+      row = {"k": k, "n": n, "batch": b, "group_size": gs, "reps": reps, "copies": copies, "packed_bytes": packed[0].nbytes(), "bf16_bytes": 2 * k * n,
              "read_floor_seconds": packed[0].nbytes() / bw_read,
              "copy_floor_seconds": packed[0].nbytes() / bw_copy,
              "bf16_read_floor_seconds": 2 * k * n / bw_read, "configs": []}
@@ -154,7 +158,7 @@ def main():
       if isinstance(fb, Exception):
         raise fb
       for name in list(fns):
-        if name in ("bf16",):
+        if name == "bf16" or name.startswith("single "):
           continue
         fc = compiled[name]
         entry = {"config": name}
@@ -163,7 +167,10 @@ def main():
         else:
           try:
             if name in single:
-              got = np.asarray(single[name](xs[0], packed[0]))
+              fs = compiled[single[name]]
+              if isinstance(fs, Exception):
+                raise fs
+              got = np.asarray(fs(*fargs[single[name]]))
               entry["rel_error_vs_xla"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
             t = stats.time_interleaved(lambda: fc(*fargs[name]), lambda: fb(*fargs["bf16"]),
                                        repeats=repeats, warmup=2)

@@ -101,19 +101,20 @@ def test_xla_matmul_vs_float64(dtype):
 # (variant, batch, group size, block_n, blocks_per_step, split_k): ragged N (40 over blocks of 16/32),
 # groups smaller than, equal to and larger than a loop step, per-column scales, split K, batch padding.
 # The interpreter compiles each configuration anew (seconds each): two cases by default, the rest slow.
-KERNEL_CASES = [("fma", 2, 16, 32, 1, 2), ("dot", 5, 32, 32, 2, 1),
-                pytest.param("fma", 3, 16, 32, 2, 1, marks=pytest.mark.slow),
-                pytest.param("fma", 1, 128, 16, 1, 1, marks=pytest.mark.slow),
-                pytest.param("fma", 2, 64, 16, 1, 2, marks=pytest.mark.slow),
-                pytest.param("dot", 1, None, 16, 2, 1, marks=pytest.mark.slow)]
+KERNEL_CASES = [("fma", 2, 16, 32, 1, 2, True), ("dot", 5, 32, 32, 2, 1, False),
+                pytest.param("fma", 3, 16, 32, 2, 1, False, marks=pytest.mark.slow),
+                pytest.param("fma_shift", 1, 128, 16, 1, 1, True, marks=pytest.mark.slow),
+                pytest.param("fma", 2, 64, 16, 1, 2, False, marks=pytest.mark.slow),
+                pytest.param("dot_shift", 1, None, 16, 2, 1, True, marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("variant,b,gs,bn,bps,sk", KERNEL_CASES)
-def test_kernel_interpret_vs_float64(variant, b, gs, bn, bps, sk):
+@pytest.mark.parametrize("variant,b,gs,bn,bps,sk,pf", KERNEL_CASES)
+def test_kernel_interpret_vs_float64(variant, b, gs, bn, bps, sk, pf):
   w = jax.random.normal(jax.random.PRNGKey(4), (256, 40))
   p = wo.pack_int4(w, gs)
   x = jax.random.normal(jax.random.PRNGKey(5), (b, 256)).astype(jnp.bfloat16)
-  y = wo.w4a16_matmul(x, p, impl="pallas", variant=variant, block_n=bn, blocks_per_step=bps, split_k=sk)
+  y = wo.w4a16_matmul(x, p, impl="pallas", variant=variant, block_n=bn, blocks_per_step=bps, split_k=sk,
+                      prefetch=pf)
   assert y.shape == (b, 40) and y.dtype == jnp.float32
   codes, s = _packed_np(p)
   ref, mag = _np_matmul(np.asarray(x.astype(jnp.float32)), codes, s, 256 if gs is None else gs)

@@ -50,7 +50,8 @@ _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
 # The launch parameters used when none are given; from the H200 sweep (benchmarks/w4a16_gemv.py).
-_DEFAULT = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=1, num_warps=4, num_stages=3)
+_DEFAULT = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=1, num_warps=4, num_stages=3,
+                prefetch=True)
 
 
 def on_gpu() -> bool:
@@ -97,68 +98,70 @@ def _unpack_plane(words, hi, i: int, shift: bool):
 
 
 def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks_per_step: int,
-                 steps: int, group_size: int, precision):
+                 steps: int, group_size: int, precision, prefetch: bool):
   bn = w_ref.shape[1]
   step_k = BLOCK_K * blocks_per_step
   planes = step_k // PLANE
   per_group = min(group_size // PLANE, planes)     # consecutive planes sharing one scale row
   groups_per_step = planes // per_group
+  dot = variant.startswith("dot")
+  shift = variant.endswith("_shift")
 
   def mult(x, m):
     return x if isinstance(x, int) else pl.multiple_of(x, m)
 
-  shift = variant.endswith("_shift")
-
-  def partial(words_of, k0, p):
-    """Products of plane ``p`` of this step (k offset ``k0``): a list (fma: one per batch row) or an
-    array (dot)."""
-    u, i = divmod(p, 8)
-    c, j = _unpack_plane(words_of[u][0], words_of[u][1], i, shift)    # (16, bn) float32, c * 16^j
-    kk = mult(k0 + u * BLOCK_K + i * PLANE, PLANE)
-    if variant.startswith("dot"):
-      xs = x_ref[:, pl.ds(kk, PLANE)]                                  # (Bp, 16)
-      if j:
-        xs = xs * jnp.asarray(16.0 ** -j, xs.dtype)
-      return jax.lax.dot(xs, c.astype(xs.dtype), precision=precision,
-                         preferred_element_type=jnp.float32)           # (Bp, bn)
-    out = []
-    for b in range(batch):
-      xb = x_ref[b, pl.ds(kk, PLANE)].astype(jnp.float32)
-      if j:
-        xb = xb * jnp.float32(16.0 ** -j)
-      out.append(c * xb[:, None])
-    return out
-
-  def add(a, b):
-    if isinstance(a, list):
-      return [u + v for u, v in zip(a, b)]
-    return a + b
-
-  def body(it, acc):
+  def load(it):
+    """Everything step ``it`` reads: its weight words, its scale rows and its activation planes."""
     k0 = mult(it * step_k, step_k)
-    words_of = []
-    for u in range(blocks_per_step):
-      wu = w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
-      words_of.append((wu, None if shift else jax.lax.shift_right_logical(wu, jnp.int32(16))))
+    words = [w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
+             for u in range(blocks_per_step)]
+    srows = [s_ref[pl.ds(jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size)), 1), :]
+             for q in range(groups_per_step)]
+    xs = []
+    for p in range(planes):
+      kk = mult(k0 + p * PLANE, PLANE)
+      xs.append(x_ref[:, pl.ds(kk, PLANE)] if dot else
+                [x_ref[b, pl.ds(kk, PLANE)] for b in range(batch)])
+    return words, srows, xs
+
+  def compute(acc, loaded):
+    words, srows, xs = loaded
+    his = [None if shift else jax.lax.shift_right_logical(w, jnp.int32(16)) for w in words]
     for q in range(groups_per_step):
       part = None
       for p in range(q * per_group, (q + 1) * per_group):
-        pr = partial(words_of, k0, p)
-        part = pr if part is None else add(part, pr)
-      g = jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size))
-      srow = s_ref[pl.ds(g, 1), :].astype(jnp.float32)                 # (1, bn)
-      if variant.startswith("dot"):
-        acc = acc + part * srow
-      else:
-        acc = [a + pt * srow for a, pt in zip(acc, part)]
+        u, i = divmod(p, 8)
+        c, j = _unpack_plane(words[u], his[u], i, shift)              # (16, bn) float32, c * 16^j
+        if dot:
+          xp = xs[p] if not j else xs[p] * jnp.asarray(16.0 ** -j, xs[p].dtype)   # (Bp, 16), exact
+          pr = jax.lax.dot(xp, c.astype(xp.dtype), precision=precision,
+                           preferred_element_type=jnp.float32)         # (Bp, bn)
+          part = pr if part is None else part + pr
+        else:
+          pr = []
+          for b in range(batch):
+            xb = xs[p][b].astype(jnp.float32)
+            if j:
+              xb = xb * jnp.float32(16.0 ** -j)                        # a power of two: exact
+            pr.append(c * xb[:, None])
+          part = pr if part is None else [a + v for a, v in zip(part, pr)]
+      srow = srows[q].astype(jnp.float32)                              # (1, bn)
+      acc = acc + part * srow if dot else [a + pt * srow for a, pt in zip(acc, part)]
     return acc
 
-  if variant.startswith("dot"):
-    init = jnp.zeros(o_ref.shape, jnp.float32)
+  init = (jnp.zeros(o_ref.shape, jnp.float32) if dot else
+          [jnp.zeros((PLANE, bn), jnp.float32) for _ in range(batch)])
+  if prefetch:
+    # Software pipelining in registers: issue the loads of step it + 1 before computing step it, so
+    # the memory latency hides behind the unpacking and the products (the last step reloads itself).
+    def body(it, carry):
+      acc, cur = carry
+      nxt = load(jax.lax.min(it + 1, jnp.int32(steps - 1)))
+      return compute(acc, cur), nxt
+    acc, _ = jax.lax.fori_loop(0, steps, body, (init, load(0)))
   else:
-    init = [jnp.zeros((PLANE, bn), jnp.float32) for _ in range(batch)]
-  acc = jax.lax.fori_loop(0, steps, body, init)
-  if variant.startswith("dot"):
+    acc = jax.lax.fori_loop(0, steps, lambda it, acc: compute(acc, load(it)), init)
+  if dot:
     o_ref[...] = acc.astype(o_ref.dtype)
   else:
     for b in range(batch):
@@ -169,7 +172,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
               variant: str | None = None, block_n: int | None = None,
               blocks_per_step: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None,
-              interpret: bool | None = None) -> jax.Array:
+              prefetch: bool | None = None, interpret: bool | None = None) -> jax.Array:
   """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
 
   Args:
@@ -183,6 +186,8 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     blocks_per_step: 128-element K blocks per loop step (power of two).
     split_k: programs along K (a power of two dividing the K blocks); partial outputs summed by XLA.
     num_warps, num_stages: Triton launch / pipelining parameters.
+    prefetch: load step ``s + 1``'s words, scales and activations before computing step ``s``
+      (software pipelining through registers; Triton's own pipeliner only serves ``dot`` operands).
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -217,11 +222,13 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
                      f"scales (one group) need split_k=1.")
   if interpret is None:
     interpret = not on_gpu()
-  return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, bool(interpret))
+  pf = cfg["prefetch"] if prefetch is None else bool(prefetch)
+  return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf,
+                 bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(3, 11)))
-def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, interpret):
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 12)))
+def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, interpret):
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
@@ -236,7 +243,8 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, interpret
   kc, gc = k // sk, scales.shape[0] // sk
   precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
   kernel = functools.partial(_gemv_kernel, variant=variant, batch=bp, blocks_per_step=bps,
-                             steps=kc // (BLOCK_K * bps), group_size=group_size, precision=precision)
+                             steps=kc // (BLOCK_K * bps), group_size=group_size, precision=precision,
+                             prefetch=pf)
   odt = out_dtype if sk == 1 else jnp.float32
   out = pl.pallas_call(
       kernel,
