@@ -376,32 +376,35 @@ def main():
   payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": read_bw, "rows": [],
              "small": bool(args.small), "interpret": interpret, "args": vars(args)}
   rng = np.random.default_rng(0)
-  first = True
-  for n in sizes:
-    if time.perf_counter() - t0 > args.deadline_s:
-      payload["stopped_at_deadline"] = n
-      break
-    wn = n // 32
-    packed_w = [_uint32(rng, (n, wn)) for _ in range(reps)]
-    dense_w = None
+  weights = {}
+  for n in sizes:   # all sizes at once (~33 GB at 8192 + 16384): shapes then run in priority order
+    weights[n] = ([_uint32(rng, (n, n // 32)) for _ in range(reps)], None)
     if not args.no_baselines:
-      dense_w = ([jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.bfloat16) for i in range(reps)],
-                 [jax.random.randint(jax.random.PRNGKey(100 + i), (n, n), -127, 128, jnp.int8)
-                  for i in range(reps)])
-    for b in batches:
+      weights[n] = (weights[n][0],
+                    ([jax.random.normal(jax.random.PRNGKey(i), (n, n), jnp.bfloat16) for i in range(reps)],
+                     [jax.random.randint(jax.random.PRNGKey(100 + i), (n, n), -127, 128, jnp.int8)
+                      for i in range(reps)]))
+  first = True
+  for b in batches:          # batch-major: every size at batch 1 first, then the next batch
+    for n in sizes:
       if time.perf_counter() - t0 > args.deadline_s:
-        payload["stopped_at_deadline"] = [n, b]
-        break
-      row = _shape_row(args, n, b, reps, packed_w, dense_w, interpret, read_bw, args.old_loop and first)
+        payload.setdefault("stopped_at_deadline", [n, b])
+        continue
+      row = _shape_row(args, n, b, reps, *weights[n], interpret, read_bw, args.old_loop and first)
       first = False
       payload["rows"].append(row)
-      print({kk: vv for kk, vv in row.items() if kk not in ("seconds_per_launch", "exact")}, flush=True)
+      print({kk: vv for kk, vv in row.items() if kk not in ("seconds_per_launch", "exact", "device")},
+            flush=True)
       print("  per launch (us): " + ", ".join(f"{nm} {s * 1e6:.2f}"
                                               for nm, s in sorted(row["seconds_per_launch"].items(),
                                                                   key=lambda t: t[1])), flush=True)
+      if row["device"] and "error" not in row["device"]:
+        print("  device busy per launch (us): " + ", ".join(
+            f"{nm} {v['busy'] * 1e6:.2f}" for nm, v in sorted(row["device"].items(),
+                                                               key=lambda t: t[1]["busy"])), flush=True)
       payload["elapsed_seconds"] = time.perf_counter() - t0
       common.write_json(args.out, "binary_dense", payload)     # survives a time-out
-    del packed_w, dense_w
+  del weights
   payload["best_config"] = _overall_best(payload["rows"])
   payload["best_config_by_batch"] = {b: _overall_best([r for r in payload["rows"] if r["batch"] == b])
                                      for b in sorted({r["batch"] for r in payload["rows"]})}
