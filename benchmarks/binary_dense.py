@@ -43,7 +43,8 @@ from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, default_config, pa
                                                  pallas_packed_dense)
 
 # Sweep 1 (binary_dense_h200_sweep1.json) tried 14; these are its front runners.
-DEFAULT_CONFIGS = "default,acc:32:128:1:4:2,csa:16:256:1:4:1,acc:8:256:1:2:1,rows:32:256:1:8:4"
+DEFAULT_CONFIGS = ("default,acc:32:128:1:4:2,csa:16:256:1:4:1,acc:8:256:1:2:1,rows:32:256:1:8:4,acc:32:64:1:8:3,"
+                   "rows:128:64:1:8:3")
 SWEEP1_CONFIGS = ("acc:32:64:1:4:2,acc:16:128:1:4:2,acc:32:128:1:4:2,acc:8:256:1:2:1,acc:32:64:2:4:2,"
                   "acc:128:32:1:8:3,acc:32:32:1:4:3,rows:32:256:1:8:4,rows:64:128:1:8:3,bcast:32:64:1:4:3,"
                   "acc:16:64:1:2:3,csa:32:128:1:4:2,csa:64:128:1:8:2,csa:16:256:1:4:1")
