@@ -48,11 +48,11 @@ except Exception:  # pragma: no cover - jax without Pallas/Triton support
 
 from mlsys_jax._compat import run_outside_traces, triton_compiler_params
 
-WORDS = 256        # 32-lane words per program (1024 uint8 codes)
-NUM_WARPS = 4      # warps per program
+WORDS = 64         # 32-lane words per program (256 uint8 codes)
+NUM_WARPS = 1      # warps per program
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
-PRE = 0            # steps of levels the kernel runs before its first early-stop test
+PRE = 3            # steps of levels the kernel runs before its first early-stop test
 METHOD = "binomial"  # 'binomial' (count, then lanes) or 'levels' (one bit-sliced draw per lane)
 HASHES = ("philox", "philox7", "threefry")
 _ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
