@@ -187,7 +187,14 @@ def test_self_test_and_default_config():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert wo.kernel_self_test("fma")
-  cfg = pg.default_config(1, 8192, 8192)
-  assert (8192 // pg.BLOCK_K) % (cfg["split_k"] * cfg["blocks_per_step"]) == 0
-  cfg = pg.default_config(16, 384, 20)              # 3 blocks: nothing but 1 divides them
+  cfg = pg.default_config(1, 8192, 8192, 64)
+  assert (8192 // pg.BLOCK_K) % (cfg["split_k"] * cfg["blocks_per_step"]) == 0 and 64 % cfg["split_k"] == 0
+  cfg = pg.default_config(16, 384, 20, 3)           # 3 blocks: nothing but 1 divides them
   assert cfg["blocks_per_step"] == 1 and cfg["split_k"] == 1 and cfg["block_n"] <= 32
+  assert cfg["variant"].startswith("dot")
+  assert pg.default_config(1, 8192, 64, 1)["split_k"] == 1       # one scale per column: no split
+  # The defaults run for per-column scales (the split must divide the groups).
+  p = wo.pack_int4(jnp.ones((256, 16)), None)
+  want = 256 * 7 * float(p.scales[0, 0])                          # every code 7, s = bf16(1 / 7)
+  np.testing.assert_allclose(np.asarray(wo.w4a16_matmul(jnp.ones((1, 256)), p, impl="pallas")), want,
+                             rtol=1e-6)

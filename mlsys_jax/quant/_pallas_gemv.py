@@ -22,8 +22,9 @@ Variants ``'fma_shift'``/``'dot_shift'`` unpack exactly so; ``'fma'``/``'dot'`` 
 scaled by ``16^-j``, a power of two, so every product is the same number). Inner products:
   - ``'fma*'``: for each batch row, ``acc (16, block_n) += c * x[b, plane][:, None]`` on the CUDA cores
     (float32 products and sums), reduced over the 16 rows once at the end.
-  - ``'dot*'``: ``x[:, plane] (Bp, 16) @ c (16, block_n)`` on the tensor cores (codes are exact in bf16;
-    the batch is padded to 16 rows), float32 accumulation.
+  - ``'dot*'``: ``x[:, plane] (16, 16) @ c (16, block_n)`` on the tensor cores (codes are exact in bf16;
+    the batch is padded to 16 rows, batch 1 by repeating the row in registers), float32 accumulation;
+    only the real rows are stored.
 Per group the partial sums are multiplied by the group's scale row and added to the output accumulator.
 
 Grid: ``(N / block_n, split_k)``; with ``split_k > 1`` each program covers ``K / split_k`` and the partial
@@ -50,7 +51,7 @@ _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
 # The launch parameters used when none are given; from the H200 sweep (benchmarks/w4a16_gemv.py).
-_DEFAULT = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=1, num_warps=4, num_stages=3,
+_DEFAULT = dict(variant="fma", block_n=64, blocks_per_step=1, split_k=8, num_warps=4, num_stages=3,
                 prefetch=True)
 
 
@@ -63,14 +64,15 @@ def _pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 
 
-def default_config(batch: int, k: int, n: int) -> dict:
-  """Launch parameters for ``(batch, K) @ (K, N)``: the tuned defaults, with ``blocks_per_step`` and
-  ``split_k`` reduced until they divide K's blocks and ``block_n`` shrunk for narrow N."""
+def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
+  """Launch parameters for ``(batch, K) @ (K, N)`` with ``groups`` scale groups along K: the tuned
+  defaults, with ``split_k`` and ``blocks_per_step`` halved until they divide K's 128-blocks (and
+  ``split_k`` the groups), ``block_n`` shrunk for narrow N, the tensor-core variant above batch 4."""
   cfg = dict(_DEFAULT)
   if batch > 4:
     cfg["variant"] = "dot"
   nb = k // BLOCK_K
-  while cfg["split_k"] > 1 and nb % cfg["split_k"]:
+  while cfg["split_k"] > 1 and (nb % cfg["split_k"] or groups % cfg["split_k"]):
     cfg["split_k"] //= 2
   while cfg["blocks_per_step"] > 1 and (nb // cfg["split_k"]) % cfg["blocks_per_step"]:
     cfg["blocks_per_step"] //= 2
@@ -133,7 +135,9 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks
         u, i = divmod(p, 8)
         c, j = _unpack_plane(words[u], his[u], i, shift)              # (16, bn) float32, c * 16^j
         if dot:
-          xp = xs[p] if not j else xs[p] * jnp.asarray(16.0 ** -j, xs[p].dtype)   # (Bp, 16), exact
+          xp = xs[p] if not j else xs[p] * jnp.asarray(16.0 ** -j, xs[p].dtype)   # (Bx, 16), exact
+          if xp.shape[0] < PLANE:      # batch 1: the row repeated to the smallest tensor-core tile
+            xp = jnp.broadcast_to(xp, (PLANE, PLANE))
           pr = jax.lax.dot(xp, c.astype(xp.dtype), precision=precision,
                            preferred_element_type=jnp.float32)         # (Bp, bn)
           part = pr if part is None else part + pr
@@ -149,7 +153,8 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks
       acc = acc + part * srow if dot else [a + pt * srow for a, pt in zip(acc, part)]
     return acc
 
-  init = (jnp.zeros(o_ref.shape, jnp.float32) if dot else
+  mrows = max(PLANE, x_ref.shape[0])
+  init = (jnp.zeros((mrows, bn), jnp.float32) if dot else
           [jnp.zeros((PLANE, bn), jnp.float32) for _ in range(batch)])
   if prefetch:
     # Software pipelining in registers: issue the loads of step it + 1 before computing step it, so
@@ -161,8 +166,12 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, variant: str, batch: int, blocks
     acc, _ = jax.lax.fori_loop(0, steps, body, (init, load(0)))
   else:
     acc = jax.lax.fori_loop(0, steps, lambda it, acc: compute(acc, load(it)), init)
-  if dot:
+  if dot and batch == mrows:
     o_ref[...] = acc.astype(o_ref.dtype)
+  elif dot:                        # store only the real rows (no 16-row partial outputs for batch 1)
+    rows = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 0)
+    for b in range(batch):
+      o_ref[b, :] = jnp.sum(jnp.where(rows == b, acc, 0.0), axis=0).astype(o_ref.dtype)
   else:
     for b in range(batch):
       o_ref[b, :] = jnp.sum(acc[b], axis=0).astype(o_ref.dtype)
@@ -201,7 +210,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
-  cfg = default_config(b, k, n)
+  cfg = default_config(b, k, n, scales.shape[0])
   variant = variant or cfg["variant"]
   check_choice("variant", variant, VARIANTS)
   bn = block_n or cfg["block_n"]
@@ -232,8 +241,9 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, inter
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
-  bp = max(16, _pow2(b)) if variant.startswith("dot") else _pow2(b)
-  xp = x if bp == b else jnp.pad(x, ((0, bp - b), (0, 0)))
+  bp = _pow2(b)                                  # output rows (and x rows of the fma variants)
+  bx = (1 if b == 1 else max(16, bp)) if variant.startswith("dot") else bp   # x rows in the kernel
+  xp = x if bx == b else jnp.pad(x, ((0, bx - b), (0, 0)))
   np_ = -(-n // bn) * bn
   w = jax.lax.bitcast_convert_type(words, jnp.int32)
   s = scales
@@ -250,7 +260,7 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, inter
       kernel,
       out_shape=jax.ShapeDtypeStruct((sk, bp, np_), odt),
       grid=(np_ // bn, sk),
-      in_specs=[pl.BlockSpec((bp, kc), lambda j, q: (0, q)),
+      in_specs=[pl.BlockSpec((bx, kc), lambda j, q: (0, q)),
                 pl.BlockSpec((kc // 8, bn), lambda j, q: (q, j)),
                 pl.BlockSpec((gc, bn), lambda j, q: (q, j))],
       out_specs=pl.BlockSpec((None, bp, bn), lambda j, q: (q, 0, j)),

@@ -274,7 +274,8 @@ def w4a16_matmul(x: jax.Array, packed: Int4Weights, *, out_dtype=jnp.float32, im
   m = x2.shape[0]
   if impl == "auto":
     use = (_pallas_gemv.on_gpu() and 0 < m <= MAX_KERNEL_BATCH
-           and kernel_self_test(_pallas_gemv.default_config(m, packed.k, packed.n)["variant"]))
+           and kernel_self_test(_pallas_gemv.default_config(m, packed.k, packed.n,
+                                                            packed.scales.shape[0])["variant"]))
     impl = "pallas" if use else "xla"
   if impl == "pallas":
     if m == 0:
