@@ -51,14 +51,16 @@ class DenseConfig(NamedTuple):
 
 
 def default_config(b: int, n: int, wn: int) -> DenseConfig:
-  """The tuned launch parameters for ``b`` activation rows, ``n`` outputs and ``wn`` words, with
-  ``block_n``/``block_k`` shrunk to the largest powers of two that divide ``n`` and ``wn / splits``
-  (so that every shape fits; :func:`kernel_applies` says when it is worth launching).
+  """The tuned launch parameters for ``b`` activation rows (the entry of the smallest tuned batch
+  ``>= b``), ``n`` outputs and ``wn`` words, with ``block_n``/``block_k`` shrunk to the largest powers
+  of two that divide ``n`` and ``wn / splits`` (so that every shape fits; :func:`kernel_applies` says
+  when it is worth launching).
 
   >>> default_config(1, 8192, 256).block_n <= 8192
   True
   """
-  cfg = _TUNED
+  keys = sorted(_TUNED)
+  cfg = _TUNED[next((t for t in keys if t >= b), keys[-1])]
   splits = cfg.splits if wn % cfg.splits == 0 else 1
   ws = wn // splits
   return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=min(cfg.block_k, ws & -ws), splits=splits)
@@ -67,7 +69,8 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # H200 sweep 1 (2026-12-02, benchmarks/results/binary_dense_h200_sweep1.json; 14 configurations at
 # 8192/16384 x batch 1/8, wall time per launch): 'rows', 64 x 128 words, 8 warps, 3 stages has the best
 # geometric mean (best at batch 8 of both sizes, within the noise of the best at batch 1).
-_TUNED = DenseConfig("rows", 64, 128, 1, 8, 3)
+# Keys: the largest batch an entry is tuned for.
+_TUNED = {1: DenseConfig("rows", 64, 128, 1, 8, 3), 8: DenseConfig("rows", 64, 128, 1, 8, 3)}
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
