@@ -1,12 +1,13 @@
 """A Pallas (Triton backend) kernel for the packed binary dense layer: XOR + popcount on uint32 words.
 
 Bannink et al., MLSys 2021, Sec. 4 (LCE's binary kernels), ported to a GPU: for small batches
-(1-8, the LCE setting of single-image inference) a binary dense layer is bound by reading its weights,
-and packed weights are 16x fewer bytes than bf16 (8x fewer than int8). The grid splits the ``N`` output
+(1-8, the LCE setting of single-image inference) a binary dense layer reads 16x fewer weight bytes
+than bf16 (8x fewer than int8); at batch 1 the read bounds it, at batch 8 the popcounts (8 per weight
+word, issued at 16 per clock per SM on an H100/H200) do. The grid splits the ``N`` output
 channels into ``N / block_n`` programs (and optionally the ``W`` words of the reduction into ``splits``
 parts, summed by XLA afterwards). Each program reads its ``(block_n, W / splits)`` slab of packed weights
-as contiguous ``block_k``-word rows, XORs them with the packed activations (one row per batch element,
-kept in registers), counts bits with ``lax.population_count`` and returns ``K - 2 popcount`` in int32:
+as contiguous ``block_k``-word rows, XORs them with the packed activations (one register accumulator
+per batch row), counts bits with ``lax.population_count`` and returns ``K - 2 popcount`` in int32:
 the same numbers as :func:`mlsys_jax.quant.binary.packed_dense` (tested in Pallas interpret mode on CPU).
 
 Variants of the inner loop (``variant``):
@@ -227,7 +228,7 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'`` or ``'bcast'`` (module docstring).
+    variant: ``'acc'``, ``'rows'``, ``'bcast'`` or ``'csa'`` (module docstring).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
