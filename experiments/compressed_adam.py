@@ -40,11 +40,13 @@ _SEEDS = flags.DEFINE_integer("seeds", 5, "Paired seeds.")
 _LR = flags.DEFINE_float("lr", 1e-3, "Adam learning rate (also of sgd after a preconditioned compressor).")
 _WORKERS = flags.DEFINE_integer("workers", 8, "Simulated data-parallel workers.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch per worker.")
-_COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compressors.")
+_COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compressors: sidco (its default: "
+                                  "exact target count), sidco_fitonly (exact=False: the paper's estimator "
+                                  "alone, as before issue 18's fix), topk, dgc.")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd).")
-_SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "gpareto", ["exponential", "gpareto", "gamma"],
-                                "SIDCo's fitted distribution (sidco's own default is 'exponential').")
+_SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
+                                "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
@@ -65,6 +67,8 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     return optax.adam(lr)
   pre = optax.scale_by_adam() if mode == "precondition" else None
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre),
+       "sidco_fitonly": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d",
+                                         precondition=pre, exact=False),
        "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre),
        "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre)}[compressor]()
   if warmup:
@@ -121,13 +125,17 @@ def main(argv):
         for w in [int(v) for v in _WARMUP.value]:
           arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else ""), c, m, r, w))
   acc, sent = {}, {}
-  for name, c, m, r, w in arms:
-    for s in seeds:
+  for s in seeds:   # seed-major, the JSON rewritten after every seed (a stopped run keeps its seeds)
+    for name, c, m, r, w in arms:
       a, b = train(ds, model, c, m, r, s, w)
       acc.setdefault(name, []).append(a)
       sent.setdefault(name, []).append(b)
+      print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
+            f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    _write(out, ds, seeds[:s + 1], acc, sent, {})
+  for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
-          f"{np.mean(sent[name]) / 1e6:.3f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+          f"{np.mean(sent[name]) / 1e6:.3f}", flush=True)
   comparisons = {}
   for name in acc:
     if name != "adam":
@@ -135,13 +143,24 @@ def main(argv):
       print(f"  {name} vs adam: {c['mean_diff'] * 100:+.2f} pt [{c['mean_diff_ci95'][0] * 100:+.2f}, "
             f"{c['mean_diff_ci95'][1] * 100:+.2f}]; P(A>B) {c['p']:.2f} "
             f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}]", flush=True)
+  for name in acc:   # every compressor arm against Top-k at the same ratio and mode, paired
+    tk = "topk" + name[name.index(" "):] if " " in name else None
+    if tk in acc and tk != name:
+      comparisons[f"{name} vs {tk}"] = c = _compare(acc[name], acc[tk])
+      print(f"  {name} vs {tk}: {c['mean_diff'] * 100:+.2f} pt [{c['mean_diff_ci95'][0] * 100:+.2f}, "
+            f"{c['mean_diff_ci95'][1] * 100:+.2f}]; P(A>B) {c['p']:.2f}", flush=True)
+  _write(out, ds, seeds, acc, sent, comparisons)
+
+
+def _write(out, ds, seeds, acc, sent, comparisons):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
+      "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons}, indent=1))
-  print(f"wrote {path}")
+  print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

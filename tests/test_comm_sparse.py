@@ -75,7 +75,7 @@ def test_error_feedback_conserves_gradient_mass_exactly(make):
 
 def test_overflow_keeps_mass_in_residual():
   # exponential 1-stage overshoots on heavy tails; max_fraction=0: no ceiling, the payload overflows
-  tx = sp.sidco(0.001, stages=1, capacity_factor=1.0, max_fraction=0)
+  tx = sp.sidco(0.001, stages=1, capacity_factor=1.0, max_fraction=0, exact=False)
   g = {"w": _heavy(50_000, 3)}
   out, st = tx.update(g, tx.init(g))
   assert int(st.overflow_steps) == 1
@@ -85,7 +85,7 @@ def test_overflow_keeps_mass_in_residual():
 
 def test_adaptive_stages_move_toward_target():
   # (max_fraction=0: no ceiling, which would hide the first steps' overshoot that the stages correct)
-  tx = sp.sidco(0.001, distribution="exponential", adapt_every=2, max_fraction=0)
+  tx = sp.sidco(0.001, distribution="exponential", adapt_every=2, max_fraction=0, exact=False)
   g = {"w": _heavy(100_000, 4)}
   st = tx.init(g)
   upd = jax.jit(tx.update)
@@ -142,7 +142,7 @@ def test_chain_and_collective_equals_mean_of_local_payloads(devices, per_tensor)
   local = jnp.stack([local_tx.update({"w": g}, local_tx.init({"w": g}))[0]["w"] for g in grads])
   np.testing.assert_allclose(outs[0], local.mean(0), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(outs, jnp.broadcast_to(outs[0], outs.shape))   # every device agrees
-  assert float(nbytes[0]) == 2 * 80 * 4 + 4  # capacity 2*k = 80 int32 indices + 80 float32 values
+  assert float(nbytes[0]) == 40 * 8 + 4  # exact=True: k = 40 int32 indices + 40 float32 values
   if per_tensor:
     return
   # and it composes with optax
@@ -443,10 +443,8 @@ def test_inject_hyperparams_density_schedule():
       np.testing.assert_array_equal(out["w"] + st.inner_state.residual["w"], g["w"] + before)   # exact EF
       dens.append(float(st.inner_state.density))
     assert upd._cache_size() == 1                        # one compilation for the whole schedule
-    if make is sp.topk:   # exact counts: round(n * ratio(t))
-      np.testing.assert_allclose(dens, [round(n * float(sched(i))) / n for i in range(10)], rtol=1e-6)
-    else:                 # the threshold follows the schedule within the capacity (2 * 0.1 * n)
-      assert dens[0] > 0.05 and max(dens[7:]) < 0.05, dens
+    # exact counts, round(n * ratio(t)), for Top-k and for SIDCo's default (exact=True)
+    np.testing.assert_allclose(dens, [round(n * float(sched(i))) / n for i in range(10)], rtol=1e-6)
   with pytest.raises(ValueError, match="max_ratio"):
     optax.inject_hyperparams(sp.sidco)(ratio=sched).init({"w": jnp.zeros((n,))})
   tx = optax.inject_hyperparams(sp.sidco)(ratio=sched, max_ratio=0.1)   # max_ratio not static
@@ -484,7 +482,7 @@ def test_min_fraction_floor_keeps_sidco_sending_on_gaussian_gradients():
   g = {"w": jax.random.normal(jax.random.PRNGKey(0), (40_000,))}
   k = 40
   for frac, lo, hi in ((0.0, 0, 0), (0.5, k // 2 - 1, 2 * k)):
-    tx = sp.sidco(0.001, stages=1, min_fraction=frac)
+    tx = sp.sidco(0.001, stages=1, min_fraction=frac, exact=False)
     out, st = jax.jit(tx.update)(g, tx.init(g))
     sent = int(np.count_nonzero(np.asarray(out["w"])))
     assert lo <= sent <= hi, (frac, sent)
@@ -522,7 +520,8 @@ def test_per_segment_thresholds_select_what_each_leaf_fit_selects():
   # every leaf its own segment (large enough): the sent set of each leaf is |acc| > its own SIDCo fit
   g = {"a": _heavy(6000, 1) * 10, "b": _heavy(9000, 2).reshape(90, 100), "c": _heavy(7000, 3) * 0.01}
   for dist, stages in (("gpareto", 1), ("exponential", 3)):
-    tx = sp.sidco(0.01, distribution=dist, stages=stages, per_tensor=True, min_fraction=0, max_fraction=0)
+    tx = sp.sidco(0.01, distribution=dist, stages=stages, per_tensor=True, min_fraction=0, max_fraction=0,
+                  exact=False)
     out, st = jax.jit(tx.update)(g, tx.init(g))
     assert int(st.overflow_steps) == 0
     for k in g:
@@ -535,7 +534,7 @@ def test_per_segment_thresholds_select_what_each_leaf_fit_selects():
 
 def test_ceiling_replaces_overflow_by_the_largest_entries():
   g = {"w": _heavy(50_000, 3)}
-  tx = sp.sidco(0.001, stages=1, capacity_factor=1.0)           # the fit overshoots (see the test above)
+  tx = sp.sidco(0.001, stages=1, capacity_factor=1.0, exact=False)   # the fit overshoots (test above)
   out, st = jax.jit(tx.update)(g, tx.init(g))
   sent = np.asarray(out["w"]) != 0
   assert int(st.overflow_steps) == 0 and 0 < sent.sum() <= 50
@@ -564,7 +563,7 @@ def test_per_tensor_density_stays_in_band_on_the_digits_cnn():
   model = CNN()
   params = model.init(jax.random.PRNGKey(0), ds.x_train[:1])["params"]
   r = 0.01
-  tx = optax.chain(sp.sidco(r, per_tensor=True), optax.sgd(0.05))
+  tx = optax.chain(sp.sidco(r, per_tensor=True, exact=False), optax.sgd(0.05))
   st = tx.init(params)
 
   @jax.jit
@@ -582,3 +581,84 @@ def test_per_tensor_density_stays_in_band_on_the_digits_cnn():
     dens.append(float(st[0].density) / r)
   assert int(st[0].overflow_steps) == 0, dens
   assert 0.25 <= min(dens) and max(dens) <= 1.05, dens           # ceiling: the target on overshooting steps
+
+
+# ---- issue 18 item 1: SIDCo sends exactly the target count (the correction stage, exact=True) ----------
+
+
+def _topk_mask(a, k):
+  """numpy reference: the k largest entries of a 1-D |x| (no ties in these tests)."""
+  m = np.zeros(a.shape, bool)
+  m[np.argsort(-a, kind="stable")[:k]] = True
+  return m
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_exact_sidco_sends_the_topk_set_of_every_segment(per_tensor):
+  # leaves of very different scales: a flat fit would miss the target every step; the sent set must be
+  # the numpy top-k of |gradient + residual| (of the whole tree, or of every leaf), in k payload slots
+  shapes = {"a": (60, 100), "b": (9000,), "c": (4000,)}
+  scale = {"a": 1.0, "b": 30.0, "c": 0.01}
+  params = {n: jnp.zeros(sh) for n, sh in shapes.items()}
+  r = 0.01
+  tx = sp.sidco(r, distribution="gpareto", per_tensor=per_tensor)
+  st = tx.init(params)
+  upd = jax.jit(tx.update)
+  names = sorted(shapes)
+  for i in range(3):
+    g = {n: _heavy(int(np.prod(sh)), 10 * i + j).reshape(sh) * scale[n] for j, (n, sh) in enumerate(shapes.items())}
+    acc = {n: np.asarray(g[n] + st.residual[n]) for n in names}
+    out, st = upd(g, st)
+    for n in names:
+      np.testing.assert_array_equal(np.asarray(out[n] + st.residual[n]), acc[n])   # exact error feedback
+    if per_tensor:
+      want = {n: _topk_mask(np.abs(acc[n]).ravel(), round(r * acc[n].size)) for n in names}
+      k = sum(round(r * acc[n].size) for n in names)
+    else:
+      flat = np.concatenate([np.abs(acc[n]).ravel() for n in names])
+      k = round(r * flat.size)
+      m, off, want = _topk_mask(flat, k), 0, {}
+      for n in names:
+        want[n], off = m[off:off + acc[n].size], off + acc[n].size
+    for n in names:
+      np.testing.assert_array_equal(np.asarray(out[n]).ravel() != 0, want[n], err_msg=f"{n} step {i}")
+    assert float(st.density) == pytest.approx(k / sum(a.size for a in acc.values()))
+    assert float(st.bytes_sent) == 8 * k + 4                 # k slots, as Top-k (not capacity_factor * k)
+  assert int(st.overflow_steps) == 0
+  base = sp.sidco(r, distribution="gpareto", per_tensor=per_tensor, exact=False)
+  _, st0 = jax.jit(base.update)(g, base.init(params))
+  assert float(st0.bytes_sent) > 1.9 * float(st.bytes_sent)   # the estimator alone sends 2k slots
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sp.sidco(0.001, stages=1),                                    # the fit selects nothing
+    lambda: sp.sidco(0.001, stages=1, capacity_factor=1.0),               # the fit overflows
+])
+def test_exact_sidco_falls_back_to_exact_counts_when_the_fit_misses(make):
+  # Gaussian (the exponential fit lies above every entry) and heavy-tailed (it overflows k slots): the
+  # bisection fallback still sends exactly the k largest
+  tx = make()
+  upd = jax.jit(tx.update)
+  for x in (jax.random.normal(jax.random.PRNGKey(0), (40_000,)), _heavy(40_000, 3)):
+    g = {"w": x}
+    out, st = upd(g, tx.init(g))
+    sent = np.asarray(out["w"]) != 0
+    np.testing.assert_array_equal(sent, _topk_mask(np.abs(np.asarray(x)), 40))
+    np.testing.assert_array_equal(out["w"] + st.residual["w"], x)
+    assert int(st.overflow_steps) == 0
+
+
+@pytest.mark.parametrize("cf", [4.0, pytest.param(1.0, marks=pytest.mark.slow)])
+def test_exact_sidco_ties_at_the_cut_stay_in_the_residual(cf):
+  # 30 equal magnitudes at the cut, k = 10: only what is strictly above the cut is sent (never a smaller
+  # entry in place of a larger one), whether the fit overflows (cf 1: bisection) or not (cf 4: the sort)
+  x = jnp.zeros((1000,)).at[jnp.arange(0, 600, 20)].set(1.0).at[990].set(-5.0).at[7].set(2.0)
+  tx = sp.sidco(0.01, stages=1, capacity_factor=cf)
+  out, st = jax.jit(tx.update)({"w": x}, tx.init({"w": x}))
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(out["w"])), [7, 990])
+  np.testing.assert_array_equal(out["w"] + st.residual["w"], x)
+  assert int(st.overflow_steps) == 0
+  with pytest.raises(ValueError, match="overshoot"):
+    sp.sidco(0.01, overshoot=3.0)                              # above capacity_factor (2)
+  with pytest.raises(ValueError, match="overshoot"):
+    sp.sidco(0.01, overshoot=0.5)
