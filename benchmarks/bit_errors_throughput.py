@@ -38,9 +38,10 @@ from mlsys_jax.robust import bit_errors as be  # noqa: E402
 # (method, hash, words per program, warps, io, steps before the first early-stop test) of the kernel sweep.
 SWEEP = [("levels", "philox", 256, 4, "bytes", 0),      # the previous default
          ("levels", "philox", 64, 1, "words", 3),       # best levels config of the first H200 sweep
-         ("binomial", "philox", 32, 1, "words", 0), ("binomial", "philox", 64, 1, "words", 0),
-         ("binomial", "philox", 64, 2, "words", 0), ("binomial", "philox", 128, 4, "words", 0),
-         ("binomial", "philox", 256, 4, "words", 0), ("binomial", "philox", 256, 8, "words", 0)]
+         ("binomial", "philox", 32, 1, "words", 3), ("binomial", "philox", 64, 1, "words", 0),
+         ("binomial", "philox", 64, 1, "words", 3), ("binomial", "philox", 64, 2, "words", 3),
+         ("binomial", "philox", 128, 4, "words", 3), ("binomial", "philox", 256, 4, "words", 3),
+         ("binomial", "philox", 256, 8, "words", 3)]
 FULL_SWEEP = SWEEP + [
     ("levels", "philox", 256, 4, "words", 0), ("levels", "philox", 32, 1, "words", 0),
     ("levels", "philox", 64, 2, "words", 2), ("levels", "philox", 256, 4, "words", 3),

@@ -216,7 +216,8 @@ def binomial_thresholds(t, n_lanes: int) -> jax.Array:
   return jnp.concatenate([s, jnp.zeros((32 - n_lanes,), _U32)])
 
 
-def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits: int, asm: bool = False):
+def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits: int, asm: bool = False,
+                   pre: int = 0):
   """Faulty lanes of each word of ``word_idx``: the first C distinct lanes of a random sequence.
 
   One Philox-4x32-10 call on the counter ``(word, 0, 0, 0)`` gives the count's uniform ``u`` (its first
@@ -226,7 +227,8 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   or a lane already chosen is skipped, so the chosen lanes are the first C distinct ones of a uniform
   random order of the word's lanes: a uniform C-subset, hence independent Bernoulli(q) lanes when C is
   binomial, and for a fixed key the lanes at a lower rate are the first ones of those at a higher rate.
-  ``always`` (bool) selects every lane. ``thr(c)`` returns threshold c (a uint32 scalar).
+  ``always`` (bool) selects every lane. ``thr(c)`` returns threshold c (a uint32 scalar). The first
+  ``pre`` thresholds and draws run unconditionally (no early-stop test); the result does not depend on it.
   """
   db = max(1, (n_lanes - 1).bit_length())
   per_word = 32 // db
@@ -243,14 +245,24 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     hit = u < thr(j)
     return j + 1, cnt + hit.astype(_U32), jnp.max(hit.astype(jnp.int32)) > 0
 
-  _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(0), zero, jnp.bool_(True)))
+  cnt = zero
+  for j in range(min(pre, n_lanes)):          # hits are nested (s_c decreases): counting is order-free
+    cnt = cnt + (u < thr(j)).astype(_U32)
+  _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(min(pre, n_lanes)), cnt, jnp.bool_(True)))
   cnt = jnp.where(always, _U32(0), cnt)          # p = 1: every lane, no draws
 
   def need(k):
     return jnp.max((k < cnt).astype(jnp.int32)) > 0
 
-  def consume(pool, nd: int, chosen, k):
-    """Draws 0 .. nd-1 of the words ``pool`` while some word still needs lanes."""
+  def take(v, ch, kk):
+    """One draw ``v`` (db bits): its lane joins the chosen ones if valid, new and still needed."""
+    lane = v if bits == width else _U32(width) * (v // _U32(bits)) + v % _U32(bits)
+    bit = _U32(1) << jnp.minimum(lane, _U32(31))
+    new = (v < _U32(n_lanes)) & (kk < cnt) & ((ch & bit) == _U32(0))
+    return ch | jnp.where(new, bit, _U32(0)), kk + new.astype(_U32)
+
+  def consume(pool, nd: int, chosen, k, start: int = 0):
+    """Draws start .. nd-1 of the words ``pool`` while some word still needs lanes."""
     def cond(c):
       j, _, kk = c
       return (j < nd) & need(kk)
@@ -262,16 +274,18 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       r = pool[0]
       for idx in range(1, len(pool)):
         r = jnp.where(wsel == _U32(idx), pool[idx], r)
-      v = (r >> (_U32(db) * (ju % _U32(per_word)))) & _U32((1 << db) - 1)
-      lane = v if bits == width else _U32(width) * (v // _U32(bits)) + v % _U32(bits)
-      bit = _U32(1) << jnp.minimum(lane, _U32(31))
-      new = (v < _U32(n_lanes)) & (kk < cnt) & ((ch & bit) == _U32(0))
-      return j + 1, ch | jnp.where(new, bit, _U32(0)), kk + new.astype(_U32)
+      ch, kk = take((r >> (_U32(db) * (ju % _U32(per_word)))) & _U32((1 << db) - 1), ch, kk)
+      return j + 1, ch, kk
 
-    _, chosen, k = jax.lax.while_loop(cond, body, (jnp.int32(0), chosen, k))
+    _, chosen, k = jax.lax.while_loop(cond, body, (jnp.int32(start), chosen, k))
     return chosen, k
 
-  chosen, k = consume(out[1:], 3 * per_word, zero, zero)
+  chosen, k = zero, zero
+  first = out[1:]
+  npre = min(pre, 3 * per_word)
+  for j in range(npre):
+    chosen, k = take((first[j // per_word] >> _U32(db * (j % per_word))) & _U32((1 << db) - 1), chosen, k)
+  chosen, k = consume(first, 3 * per_word, chosen, k, npre)
 
   def rcond(c):
     m, _, kk = c
@@ -309,7 +323,7 @@ def _faults(params, off: int, word_idx, method: str, lanes: int, hash: str, widt
   if method == "levels":
     return below_words(k0, k1, t, always, word_idx, lanes, hash, asm, pre)
   return binomial_words(k0, k1, always, lambda c: params[off + 4 + c], word_idx, bits * (32 // width),
-                        width, bits, asm)
+                        width, bits, asm, pre)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
