@@ -1,0 +1,200 @@
+"""Statistics and exactness of the counter-based bit-error stream (mlsys_jax/robust/_pallas_bits.py).
+
+Every statistical check here is also run on a deliberately wrong sampler (a rate 15% too high, flips
+copied to a neighbour, a skewed lane choice) and must reject it: the tests can fail.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax.robust import _pallas_bits as pb
+from mlsys_jax.robust import bit_errors as be
+
+N = 1 << 21          # uint8 codes of the rate tests (16.8M bits)
+Z = 4.5              # two-sided bound in standard errors (false alarm about 7e-6 per check)
+RATES = (1e-4, 1e-3, 1e-2, 0.1)
+
+
+def _flips(p, method, n=N, bits=8, key=2, dtype=jnp.uint8):
+  codes = jnp.zeros((n,), dtype)
+  f = jax.jit(lambda k, p: be._inject(k, codes, p, bits, impl="xla", method=method))
+  return np.asarray(f(jax.random.PRNGKey(key), p))
+
+
+@functools.lru_cache(maxsize=None)
+def _flips_rates(method):
+  """Flips of N zero codes at each rate of RATES: one jitted call vmapped over p."""
+  codes = jnp.zeros((N,), jnp.uint8)
+  f = jax.jit(jax.vmap(lambda p: be._inject(jax.random.PRNGKey(2), codes, p, 8, impl="xla", method=method)))
+  return np.asarray(f(jnp.asarray(RATES, jnp.float32)))
+
+
+def _rate_ok(count: int, n_bits: int, p: float) -> bool:
+  """The binomial count of flips is within Z standard errors of n_bits * p."""
+  return abs(count - n_bits * p) <= Z * math.sqrt(n_bits * p * (1 - p))
+
+
+def _chi2_crit(df: int, z: float = 3.72) -> float:
+  """Upper 1e-4 quantile of chi-square(df), Wilson-Hilferty."""
+  return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _word_counts_ok(words_popcount: np.ndarray, n_lanes: int, p: float) -> bool:
+  """Chi-square of the number of faulty lanes per word against Binomial(n_lanes, p) (bins with an
+  expected count >= 20, the rest pooled into the last bin)."""
+  n = words_popcount.size
+  pmf = np.array([math.comb(n_lanes, c) * p ** c * (1 - p) ** (n_lanes - c) for c in range(n_lanes + 1)])
+  obs = np.bincount(words_popcount, minlength=n_lanes + 1).astype(float)
+  k = int(np.sum(n * pmf >= 20))
+  exp_b = np.append(n * pmf[:k], n * pmf[k:].sum())
+  obs_b = np.append(obs[:k], obs[k:].sum())
+  keep = exp_b > 0
+  stat = float(np.sum((obs_b[keep] - exp_b[keep]) ** 2 / exp_b[keep]))
+  return stat < _chi2_crit(int(keep.sum()) - 1)
+
+
+def _word_popcount(flips_u8: np.ndarray) -> np.ndarray:
+  w = flips_u8.view(np.uint32)
+  return np.unpackbits(w.view(np.uint8).reshape(-1, 4), axis=1).sum(1)
+
+
+@pytest.mark.parametrize("method", [pytest.param("levels", marks=pytest.mark.slow), "binomial"])
+def test_rate_and_per_word_count_binomial(method):
+  """At p in RATES: the flip count is within Z SE of its binomial mean (a rate 15% higher, 30% at 1e-4 where
+  N * 8 * p is only 1678, is rejected), and the number of flips per 32-bit word follows Binomial(32, p)
+  by a chi-square test (which rejects the 15% higher rate)."""
+  for p, d in zip(RATES, _flips_rates(method)):
+    bits = np.unpackbits(d)
+    assert _rate_ok(int(bits.sum()), bits.size, p), (bits.mean(), p)
+    assert not _rate_ok(int(bits.sum()), bits.size, (1.3 if p < 1e-3 else 1.15) * p)
+    pc = _word_popcount(d)
+    assert _word_counts_ok(pc, 32, p), p
+    if p >= 1e-3:
+      assert not _word_counts_ok(pc, 32, 1.15 * p)
+
+
+@pytest.mark.parametrize("method", ["binomial", pytest.param("levels", marks=pytest.mark.slow)])
+def test_lanes_uniform_and_pairs_independent(method):
+  """Every lane of a word flips at rate p; pairs of bits of one code and of neighbouring codes (also across
+  a word boundary) flip together at rate p^2."""
+  p, n = 0.05, 1 << 19
+  planes = np.unpackbits(_flips(p, method, n=n)[:, None], axis=1, bitorder="little")   # (n, 8)
+  lanes = planes.reshape(-1, 32)                                                        # (words, 32)
+  se = math.sqrt(p * (1 - p) / lanes.shape[0])
+  assert np.all(np.abs(lanes.mean(0) - p) < Z * se), lanes.mean(0)
+
+  def pairs_ok(a, b):
+    both = (a & b).mean()
+    return abs(both - p * p) < Z * math.sqrt(p * p * (1 - p * p) / a.size)
+
+  for a, b in ((planes[:, :-1], planes[:, 1:]),           # neighbouring planes of one code
+               (planes[:, :1], planes[:, 7:]),            # LSB and MSB
+               (planes[:-1], planes[1:]),                 # same plane, neighbouring codes
+               (planes[3:-1:4], planes[4::4]),            # last code of a word and first of the next
+               (planes[:-1, :4], planes[1:, 4:])):        # other planes of neighbouring codes
+    assert pairs_ok(a, b)
+  copied = planes.copy()
+  copied[1::2] |= (planes[:-1:2] & (np.arange(copied[1::2].shape[0]) % 4 == 0)[:, None])
+  assert not pairs_ok(copied[:-1], copied[1:])             # a coupled sampler is rejected
+
+
+def test_lane_choice_with_rejection_is_uniform():
+  """Words whose lane count is not a power of two (5-bit uint8: 20 lanes, 12-bit uint16: 24 lanes) draw
+  lanes by rejection: every active lane is equally likely; inactive bits never flip."""
+  p = 0.1
+  for dtype, bits, n in ((jnp.uint8, 5, 1 << 18), (jnp.uint16, 12, 1 << 17)):
+    d = _flips(p, "binomial", n=n, bits=bits, dtype=dtype).astype(np.uint32)
+    assert d.max() < 2 ** bits
+    planes = (d[:, None] >> np.arange(bits)) & 1
+    se = math.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(planes.mean(0) - p) < Z * se), planes.mean(0)
+    skew = planes.copy()
+    skew[: n // 20, 0] = 1                              # extra flips on plane 0 of 5% of the codes
+    assert not np.all(np.abs(skew.mean(0) - p) < Z * se)
+
+
+def test_binomial_thresholds_match_float64_survival():
+  thresholds = jax.jit(pb.binomial_thresholds, static_argnums=1)
+  for n_lanes in (32, 20, 24, 2):
+    for p in (1e-6, 1e-4, 1e-2, 0.1, 0.5, 0.9):
+      t = int(p * 2 ** 32)
+      q = t / 2 ** 32
+      s = np.asarray(thresholds(jnp.uint32(t), n_lanes)).astype(np.float64) / 2 ** 32
+      pmf = np.array([math.comb(n_lanes, c) * q ** c * (1 - q) ** (n_lanes - c) for c in range(n_lanes + 1)])
+      surv = pmf[::-1].cumsum()[::-1][1:]     # P(C > c), c = 0 .. n_lanes - 1
+      np.testing.assert_allclose(s[:n_lanes], surv, rtol=2e-5, atol=2 ** -31)
+      assert np.all(np.diff(s[:n_lanes]) <= 0) and np.all(s[n_lanes:] == 0)
+
+
+@pytest.mark.parametrize("bits,dtype", [(8, jnp.uint8), pytest.param(5, jnp.uint8, marks=pytest.mark.slow),
+                                        pytest.param(12, jnp.uint16, marks=pytest.mark.slow)])
+def test_subset_property_binomial(bits, dtype):
+  codes = jax.random.randint(jax.random.PRNGKey(0), (30000,), 0, 2 ** bits).astype(dtype)
+  key = jax.random.PRNGKey(7)
+  f = jax.jit(lambda p: be._inject(key, codes, p, bits, impl="xla", method="binomial"))
+  masks = [np.asarray(f(p) ^ codes) for p in (1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.6, 1.0)]
+  assert masks[1].any()
+  for lo, hi in zip(masks, masks[1:]):
+    assert np.all((lo & ~hi) == 0)
+  assert np.all(masks[-1] == 2 ** bits - 1)
+
+
+@pytest.mark.parametrize("method", ["binomial", pytest.param("levels", marks=pytest.mark.slow)])
+def test_kernel_equals_xla_under_jit_and_vmap(method):
+  """Pallas interpret mode (the kernel's code) gives the XLA path's bits, also vmapped over keys and with
+  the rate traced; io (word or byte loads), tiles and pre never change them."""
+  codes = jax.random.randint(jax.random.PRNGKey(1), (3, 173), 0, 256).astype(jnp.uint8)
+  keys = jax.random.split(jax.random.PRNGKey(4), 3)
+
+  def run(impl, **kw):
+    return jax.jit(jax.vmap(lambda k, c, p: be._inject(k, c, p, 8, impl=impl, method=method, **kw),
+                            in_axes=(0, 0, None)))(keys, codes, 0.07)
+
+  xla = np.asarray(run("xla"))
+  np.testing.assert_array_equal(np.asarray(run("interpret", io="bytes", words=32, pre=1)), xla)
+  each = [np.asarray(be._inject(k, c, 0.07, 8, impl="xla", method=method)) for k, c in zip(keys, codes)]
+  np.testing.assert_array_equal(np.stack(each), xla)
+  assert len({bytes(x) for x in xla}) == 3
+
+
+def test_stuck_at_binomial_faults_and_values():
+  """Faulty bits come from the binomial stream (nested across p), their values from an independent
+  per-bit stream with rate p_one."""
+  n, p = 1 << 17, 0.1
+  zeros = jnp.zeros((n,), jnp.uint8)
+  ones = jnp.full((n,), 255, jnp.uint8)
+  key = jax.random.PRNGKey(3)
+  inj = jax.jit(lambda c: be._inject(key, c, p, 8, p_one=0.25, impl="xla", method="binomial"))
+  to1 = np.unpackbits(np.asarray(inj(zeros)))
+  to0 = 1 - np.unpackbits(np.asarray(inj(ones)))
+  assert _rate_ok(int(to1.sum()), to1.size, p * 0.25)
+  assert _rate_ok(int(to0.sum()), to0.size, p * 0.75)
+  assert not np.any(to1 & to0)                 # one faulty bit reads one value
+
+
+@pytest.mark.slow
+def test_stuck_at_binomial_kernel_equals_xla():
+  key, zeros = jax.random.PRNGKey(3), jnp.zeros((999,), jnp.uint8)
+  inj = jax.jit(lambda c: be._inject(key, c, 0.1, 8, p_one=0.25, impl="xla", method="binomial"))
+  k = jax.jit(lambda c: be._inject(key, c, 0.1, 8, p_one=0.25, impl="interpret", words=64,
+                                   method="binomial"))
+  np.testing.assert_array_equal(np.asarray(k(zeros)), np.asarray(inj(zeros)))
+
+
+def test_stream_is_pinned():
+  """A known answer of the default stream: a change of the pattern for a given key must be deliberate
+  (and documented in docs/randbet.md)."""
+  zeros = jnp.zeros((16,), jnp.uint8)
+  out = be.inject_bit_errors(jax.random.PRNGKey(0), zeros, 0.25, 8)
+  assert np.asarray(out).tolist() == PINNED_LEVELS     # the stream of every release since the kernel came
+  out = be._inject(jax.random.PRNGKey(0), zeros, 0.25, 8, impl="xla", method="binomial")
+  assert np.asarray(out).tolist() == PINNED_BINOMIAL
+
+
+PINNED_LEVELS = [16, 96, 64, 0, 8, 101, 115, 16, 8, 159, 6, 214, 7, 164, 6, 1]
+PINNED_BINOMIAL = [184, 128, 4, 3, 4, 17, 202, 2, 218, 64, 97, 33, 5, 69, 20, 17]
