@@ -181,6 +181,7 @@ def test_step_updates_the_state_in_place():
   text = jax.jit(loop, donate_argnums=0).lower(rb.init(frames[0])[0], frames[1:]).compile().as_text()
   assert text.count(f"f32[{H},{W},4]") > 0
   assert f"f32[{H},{W},4]{{2,1,0}} copy(" not in text
+  assert f"f32[1,{H},{W},4]{{3,2,1,0}} copy(" not in text
 
 
 def test_nan_frame_under_jit_propagates_and_recovers(model):

@@ -314,11 +314,12 @@ def _act(layer: ConvLayer, z: jax.Array) -> jax.Array:
 
 
 def _dense_pre(layer: ConvLayer, x: jax.Array) -> jax.Array:
-  """Conv + bias of one frame, exactly as ``flax.linen.Conv`` computes it (same padding, same op)."""
+  """Conv + bias of one frame, exactly as ``flax.linen.Conv`` computes it (same padding, same op);
+  ``x``: ``(H, W, c_in)`` or ``(1, H, W, c_in)``, the result has the same rank."""
   ph, pw = _pads(layer)
-  z = lax.conv_general_dilated(x[None], layer.kernel, (1, 1), ((ph, ph), (pw, pw)),
-                               dimension_numbers=_DN, precision=layer.precision)
-  return z[0] + layer.bias
+  z = lax.conv_general_dilated(x if x.ndim == 4 else x[None], layer.kernel, (1, 1),
+                               ((ph, ph), (pw, pw)), dimension_numbers=_DN, precision=layer.precision)
+  return (z if x.ndim == 4 else z[0]) + layer.bias
 
 
 def dense_conv(layer: ConvLayer, x: jax.Array) -> jax.Array:
@@ -411,8 +412,12 @@ def _dense_outputs(layer: ConvLayer, x: jax.Array, in_amax: jax.Array, tile: int
   ``bounds``: the plain dense conv, ``ub = +inf`` (unknown) and ``amax`` the analytic bound
   ``(|b| + sum_c max|x_c| |W|[c, o]) (1 + 2 (n + c_in + 2) u)`` rounded up (``|y| <= |zhat|``, which
   exceeds ``|b| + sum |w||x|`` by at most ``gamma_{n+1}`` relatively; the bound's own evaluation errs by
-  at most ``gamma_{c_in + 1}``): no pass over the output."""
-  ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[:2], tile)
+  at most ``gamma_{c_in + 1}``): no pass over the output. ``x`` may be ``(1, H, W, c_in)``; ``y``
+  then has the batch dimension too."""
+  if x.ndim == 4 and bounds:
+    y, ub, amax = _dense_outputs(layer, x[0], in_amax, tile, unit_roundoff, bounds)
+    return y[None], ub, amax
+  ho, wo, nh, nw, _, _ = _geometry(layer, x.shape[-3:-1], tile)
   if not bounds:
     kh, kw, cin, cout = layer.kernel.shape
     a = jnp.max(in_amax, axis=(0, 1))
@@ -793,7 +798,9 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
 
   def dense_network(x, in_amax):
     """Every layer's plain dense conv (no switch, no bound, no read of a previous output)."""
-    new, counts = [], []
+    # batch-1 outputs (1, H, W, C) throughout: the state holds exactly what the next conv reads (with
+    # (H, W, C) states XLA computes bias + ReLU twice, into the state and into the next conv's input)
+    new, counts, x = [], [], x[None]
     for l, (nh, nw), cap in zip(layers, grids, caps):
       y, ub, amax = _dense_outputs(l, x, in_amax, tile, unit_roundoff, dense_bounds and bool(cap))
       full = lambda v: jnp.full(ub.shape, v, x.dtype)
@@ -825,8 +832,10 @@ def range_bound_model(module: Any, variables: Any, frame_shape: Sequence[int], *
     count0 = jnp.sum(_rf_changed(flags, *grids[0]))
     go_dense = (count0 > (caps[0][-1] if caps[0] else 0)) & net_dense
     zero = jnp.zeros((), jnp.int32)
-    carry = (state.layers, tuple((zero, zero, zero, zero) for _ in layers))
+    batch = lambda sts, f: tuple(st._replace(y=f(st.y)) for st in sts)  # bitcasts, no copies
+    carry = (batch(state.layers, lambda y: y[None]), tuple((zero, zero, zero, zero) for _ in layers))
     carry = _when(go_dense, lambda c: dense_network(x, in_amax), carry)
+    carry = (batch(carry[0], lambda y: y[0]), carry[1])
     new, counts = _when(~go_dense, lambda c: skip_network(c[0], x, state.x, flags, in_amax), carry)
     stats = tuple(_layer_stats(st.y, tile, nh, nw, *c) for st, (nh, nw), c in zip(new, grids, counts))
     return (ModelState(x=x, layers=new, dense_frames=state.dense_frames + go_dense.astype(jnp.int32)),
