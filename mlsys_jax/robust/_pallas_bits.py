@@ -28,6 +28,27 @@ is ``jax.random.bits(key, (2,))`` (any key type). The stream differs from
 ``jax.random.bits(key, codes.shape + (bits,))`` (what this module replaced): same distribution,
 different patterns for the same key.
 
+Cost. Every level costs one 32-bit hash output per word whether or not its lanes are still undecided,
+and a tile runs until its last lane is decided, so a word costs about 3-4 Philox calls (12-16 levels);
+on the H200 the kernel is bound by this arithmetic (at p = 0 the same kernel runs at the XOR-copy's
+speed). Kernel knobs that never change the bits: ``words``/``num_warps`` (tile), ``io`` ('words': the
+codes are loaded and stored as 32-bit words through a free bitcast outside the kernel, when their number
+is a multiple of the codes per word; 'bytes' otherwise), ``pre`` (steps run before the first early-stop
+test, straight-line code the compiler can interleave).
+
+``method='binomial'`` (opt-in, ``METHOD``; not yet run on a GPU, so not the default) is a second
+stream that needs about one Philox call per word: the first output ``u`` gives the number C of faulty
+lanes of the word, ``C = #{c : u < s_c}`` with ``s_c = floor(P(C > c) * 2^32)`` for
+``C ~ Binomial(lanes, t / 2^32)`` (float32 log-space pmf summed from the top, relative error about
+1e-6: the lane rate is t / 2^32 to that precision, not exactly); the other three outputs give lane
+draws of ceil(log2 lanes) bits, and the faulty lanes are the first C distinct valid draws (a uniform
+C-subset, so the lanes are independent Bernoulli; more draws from the counters ``(word, m, 0, 0)``,
+m >= 1, when needed). The draw order does not depend on p and C grows with p, so the subset property
+holds (for rates whose float32 thresholds are ordered, i.e. that differ by more than about 1e-6
+relative). The thresholds are computed once by XLA and shared by the kernel and the XLA path (identical
+bits on one backend; another backend's float32 ``log``/``exp`` may move a threshold by an ulp, changing
+a word with probability below 1e-7). Stuck-at values always use the per-lane ('levels') stream.
+
 On GPU the kernel is compared once per process with the XLA path on a small input (``default_impl``);
 any compile error or mismatch falls back to the XLA path with a warning.
 """

@@ -115,7 +115,7 @@ def inject_bit_errors(key: jax.Array, codes: jax.Array, p: float | jax.Array, bi
   uniform 32-bit draw ``U`` and flips iff ``U < floor(p * 2^32)``, so for a fixed ``key`` the flips at a
   lower ``p`` are a subset of those at a higher ``p``, and 1->0 and 0->1 flips are equally likely.
 
-  The draws are never stored: a counter-based hash (Threefry-2x32-20) of the key, the code's position
+  The draws are never stored: a counter-based hash (Philox-4x32-10) of the key, the code's position
   and the bit is evaluated where it is needed, comparing only as many leading binary digits of ``U`` as
   it takes to decide (``mlsys_jax/robust/_pallas_bits.py``). On GPU this runs as one Pallas (Triton)
   kernel that reads the codes once and writes them once; elsewhere the same hash runs in XLA, and the
