@@ -186,7 +186,7 @@ def test_errors():
 def test_self_test_and_default_config():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert wo.kernel_self_test("fma")
+    assert wo.kernel_self_test(pg.default_config(1, 512, 80, 8)["variant"])
   cfg = pg.default_config(1, 8192, 8192, 64)
   assert (8192 // pg.BLOCK_K) % (cfg["split_k"] * cfg["blocks_per_step"]) == 0 and 64 % cfg["split_k"] == 0
   cfg = pg.default_config(16, 384, 20, 3)           # 3 blocks: nothing but 1 divides them

@@ -50,9 +50,12 @@ VARIANTS = ("fma", "fma_shift", "dot", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
-# The launch parameters used when none are given; from the H200 sweep (benchmarks/w4a16_gemv.py).
-_DEFAULT = dict(variant="fma", block_n=64, blocks_per_step=1, split_k=8, num_warps=4, num_stages=3,
-                prefetch=True)
+# The launch parameters used when none are given: the fastest configuration measured on an H200
+# (2026-12-02 11:23 UTC, benchmarks/w4a16_gemv.py, 18 configurations at 8192x8192, batch 1): 'dot',
+# block_n 64, 2 blocks per step, split_k 2, 44.2 us (next: fma with split_k 4, 45.8 us; one program per
+# SM, split_k 1, 60-155 us). Register prefetch and split_k 8-16 are in the sweep but not yet measured.
+_DEFAULT = dict(variant="dot", block_n=64, blocks_per_step=2, split_k=2, num_warps=4, num_stages=3,
+                prefetch=False)
 
 
 def on_gpu() -> bool:
@@ -67,10 +70,9 @@ def _pow2(x: int) -> int:
 def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
   """Launch parameters for ``(batch, K) @ (K, N)`` with ``groups`` scale groups along K: the tuned
   defaults, with ``split_k`` and ``blocks_per_step`` halved until they divide K's 128-blocks (and
-  ``split_k`` the groups), ``block_n`` shrunk for narrow N, the tensor-core variant above batch 4."""
+  ``split_k`` the groups), ``block_n`` shrunk for narrow N."""
+  del batch          # one configuration measured best at batch 1 and is used up to 16
   cfg = dict(_DEFAULT)
-  if batch > 4:
-    cfg["variant"] = "dot"
   nb = k // BLOCK_K
   while cfg["split_k"] > 1 and (nb % cfg["split_k"] or groups % cfg["split_k"]):
     cfg["split_k"] //= 2

@@ -202,22 +202,25 @@ def _xla_matmul(x: jax.Array, packed: Int4Weights, out_dtype) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_self_test(variant: str = "fma") -> bool:
+def kernel_self_test(variant: str = "dot") -> bool:
   """Once per process and variant: run the Pallas GEMV with its default launch parameters on a small
-  problem (two column blocks, group size 64, batch 2, N not a multiple of the block) and compare it
-  with the XLA path (relative error < 1e-5). On failure warn (``RuntimeWarning``) and return False, and
-  :func:`w4a16_matmul` keeps the XLA path.
+  problem (K=512 so that the default K split and step both apply, two column blocks, group size 64, N
+  not a multiple of the block) at batch 1 and batch 3 (the two code paths of the tensor-core variant)
+  and compare it with the XLA path (relative error < 1e-5). On failure warn (``RuntimeWarning``) and
+  return False, and :func:`w4a16_matmul` keeps the XLA path.
 
   Example:
-    >>> kernel_self_test("fma")          # in the interpreter here; compiled through Triton on a GPU
+    >>> kernel_self_test("dot")          # in the interpreter here; compiled through Triton on a GPU
     True
   """
   def check():
     kw, kx = jax.random.split(jax.random.PRNGKey(4))
-    p = pack_int4(jax.random.normal(kw, (256, 80), jnp.float32), 64)
-    x = jax.random.normal(kx, (2, 256), jnp.float32).astype(jnp.bfloat16)
+    p = pack_int4(jax.random.normal(kw, (512, 80), jnp.float32), 64)
+    x = jax.random.normal(kx, (3, 512), jnp.float32).astype(jnp.bfloat16)
     ref = _xla_matmul(x, p, jnp.dtype(jnp.float32))
-    out = _pallas_gemv.int4_gemv(x, p.words, p.scales, variant=variant)
+    out = jnp.concatenate([_pallas_gemv.int4_gemv(x[:1], p.words, p.scales, variant=variant),
+                           _pallas_gemv.int4_gemv(x, p.words, p.scales, variant=variant)])
+    ref = jnp.concatenate([ref[:1], ref])
     return jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)
 
   try:
