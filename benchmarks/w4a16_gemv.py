@@ -38,7 +38,7 @@ from mlsys_jax.quant import weight_only as wo  # noqa: E402
 # variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. H200 run 1 (2026-12-02, 11:23)
 # showed the kernel latency-bound at one program per SM (fma 64:1:1 104 us -> split_k 4 46 us): the
 # sweep now goes to 8-16 programs per SM and prefetches each step's loads a step ahead.
-SWEEP = ("fma:64:1:8:4:3:1,fma:64:2:8:4:3:1,fma:32:1:8:4:3:1,fma:64:4:16:4:3:0,fma:64:1:4:4:3:1,"
+SWEEP = ("dot:64:2:2:4:3:0,fma:64:1:8:4:3:1,fma:64:2:8:4:3:1,fma:32:1:8:4:3:1,fma:64:4:16:4:3:0,fma:64:1:4:4:3:1,"
          "fma:64:1:8:4:3:0,fma_shift:64:1:8:4:3:1,dot:64:1:8:4:3:1,dot:64:2:4:4:3:1,fma:32:2:1:4:3:1")
 OTHER = "fma:64:1:8:4:3:1,dot:64:1:8:4:3:1,dot:128:1:4:8:3:1"
 
