@@ -3,15 +3,16 @@
 At small batch a matmul is bound by reading its weights: packed int4 is 0.5 byte per weight plus one
 scale per group (bf16: 2 bytes per ``group_size`` weights) against 2 bytes for bf16, so the ceiling is
 about 4x. Baselines in the same run: ``x @ W`` in bf16 with float32 accumulation (XLA; cuBLAS/Triton
-GEMV), and XLA on the packed weights (dequantize to bf16 then dot; dequantize to float32 then dot, the
-library's reference path, with ``--xla_f32``). The read floor is the packed bytes over the measured device bandwidth.
+GEMV), and XLA on the packed weights (dequantize to bf16 then dot; with ``--xla_f32`` also dequantize to
+float32 then dot, the library's reference path). Floors: the packed bytes over the measured device copy
+bandwidth (read + write, ``common.copy_bandwidth``) and read bandwidth (``common.read_bandwidth``).
 
 Method: every method runs ``--reps`` (32) times inside ONE jitted function, each launch on a different
 activation AND a different weight (32 copies, far more than the L2, and no two dots share an operand
-that XLA's dot merger could batch), so weights come from HBM; the sum of every output element is returned (nothing can be sliced away). All
-kernel configurations of a case are compiled first (in parallel threads), checked against the XLA path,
-then each is timed with ``mlsys_jax.stats.time_interleaved`` against the bf16 baseline in the same
-process.
+that XLA's dot merger could batch), so weights come from HBM; the sum of every output element is
+returned (nothing can be sliced away). All kernel configurations of a case are compiled first (in
+parallel threads), checked against the XLA path (the first launch's output is returned too), then each
+is timed with ``mlsys_jax.stats.time_interleaved`` against the bf16 baseline in the same process.
 
   python benchmarks/w4a16_gemv.py --out benchmarks/results        # GPU
   python benchmarks/w4a16_gemv.py --small                         # CPU smoke test (interpret mode)
@@ -38,8 +39,9 @@ from mlsys_jax.quant import weight_only as wo  # noqa: E402
 # variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. H200 run 1 (2026-12-02, 11:23)
 # showed the kernel latency-bound at one program per SM (fma 64:1:1 104 us -> split_k 4 46 us): the
 # sweep now goes to 8-16 programs per SM and prefetches each step's loads a step ahead.
-SWEEP = ("dot:64:2:2:4:3:0,fma:64:1:8:4:3:1,fma:64:2:8:4:3:1,fma:32:1:8:4:3:1,fma:64:4:16:4:3:0,fma:64:1:4:4:3:1,"
-         "fma:64:1:8:4:3:0,fma_shift:64:1:8:4:3:1,dot:64:1:8:4:3:1,dot:64:2:4:4:3:1,fma:32:2:1:4:3:1")
+SWEEP = ("dot:64:2:2:4:3:0,fma:64:1:8:4:3:1,fma:64:2:8:4:3:1,fma:32:1:8:4:3:1,fma:64:4:16:4:3:0,"
+         "fma:64:1:4:4:3:1,fma:64:1:8:4:3:0,fma_shift:64:1:8:4:3:1,dot:64:1:8:4:3:1,dot:64:2:4:4:3:1,"
+         "fma:32:2:1:4:3:1")
 OTHER = "fma:64:1:8:4:3:1,dot:64:1:8:4:3:1,dot:128:1:4:8:3:1"
 
 
@@ -149,10 +151,12 @@ def main():
         fargs["xla_packed_f32"] = (xs, packed)
       compiled = _compile_all(fns, fargs)
       t_compiled = time.time()
-      row = {"k": k, "n": n, "batch": b, "group_size": gs, "reps": reps, "copies": copies, "packed_bytes": packed[0].nbytes(), "bf16_bytes": 2 * k * n,
+      row = {"k": k, "n": n, "batch": b, "group_size": gs, "reps": reps, "copies": copies,
+             "packed_bytes": packed[0].nbytes(), "bf16_bytes": 2 * k * n,
              "read_floor_seconds": packed[0].nbytes() / bw_read,
              "copy_floor_seconds": packed[0].nbytes() / bw_copy,
-             "bf16_read_floor_seconds": 2 * k * n / bw_read, "configs": []}
+             "bf16_read_floor_seconds": 2 * k * n / bw_read,
+             "bf16_copy_floor_seconds": 2 * k * n / bw_copy, "configs": []}
       fb = compiled["bf16"]
       if isinstance(fb, Exception):
         raise fb
@@ -185,7 +189,8 @@ def main():
         row.update(best_config=best["config"], pallas_seconds=best["seconds"],
                    bf16_seconds=best["bf16_seconds"], speedup_vs_bf16=best["speedup_vs_bf16"],
                    p_faster_than_bf16=best["p_faster_than_bf16"],
-                   fraction_of_read_floor=row["read_floor_seconds"] / best["seconds"])
+                   fraction_of_read_floor=row["read_floor_seconds"] / best["seconds"],
+                   fraction_of_copy_floor=row["copy_floor_seconds"] / best["seconds"])
         for base in ("xla_packed_bf16", "xla_packed_f32"):
           if "seconds" in row.get(base, {}):
             row[f"speedup_vs_{base}"] = row[base]["seconds"] / best["seconds"]
@@ -201,7 +206,8 @@ def main():
   common.write_json(args.out, args.name, payload)
   common.print_table([{kk: vv for kk, vv in r.items() if not isinstance(vv, (list, dict))} for r in rows],
                      ["k", "n", "batch", "best_config", "pallas_seconds", "bf16_seconds", "speedup_vs_bf16",
-                      "speedup_vs_xla_packed_bf16", "read_floor_seconds", "fraction_of_read_floor"])
+                      "speedup_vs_xla_packed_bf16", "copy_floor_seconds", "fraction_of_copy_floor",
+                      "fraction_of_read_floor"])
 
 
 if __name__ == "__main__":
