@@ -52,8 +52,9 @@ _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offse
 
 # The launch parameters used when none are given: the fastest configuration measured on an H200
 # (2026-12-02 11:23 UTC, benchmarks/w4a16_gemv.py, 18 configurations at 8192x8192, batch 1): 'dot',
-# block_n 64, 2 blocks per step, split_k 2, 44.2 us (next: fma with split_k 4, 45.8 us; one program per
-# SM, split_k 1, 60-155 us). Register prefetch and split_k 8-16 are in the sweep but not yet measured.
+# block_n 64, 2 blocks per step, split_k 2, 44.2 us (next: fma with split_k 4, 45.8 us; split_k 1,
+# 64-256 programs on 132 SMs: 55-155 us). Register prefetch and split_k 8-16 are in the sweep but not yet
+# measured; neither is batch 1 of 'dot' without padding x to 16 rows (that run padded in the wrapper).
 _DEFAULT = dict(variant="dot", block_n=64, blocks_per_step=2, split_k=2, num_warps=4, num_stages=3,
                 prefetch=False)
 
