@@ -250,6 +250,8 @@ def main():
       ts = round_robin(fns, srounds)
       row = {"batch": b, "agreement_with_per_table": agree, "times": {n: summary(t) for n, t in ts.items()}}
       serve.append(row)
+      out["serve"] = serve
+      common.write_json(args.out, name, out)  # partial results survive a timeout
       med = {n: round(v["median_s"] * 1e6, 1) for n, v in row["times"].items()}
       print(f"serve batch {b}: {med} us\n  agreement: {agree}  ({time.perf_counter() - t_start:.0f} s)")
       if b != serve_batches[0]:
@@ -286,6 +288,7 @@ def main():
               "server": lambda: server_loop(sv.table, packed), "empty": lambda: empty_loop(di)}
       lts = round_robin(lfns, max(5, rounds // 3), warmup=2)
       row["model_loop_s"] = {n: float(np.median(t)) / loop for n, t in lts.items()}
+      common.write_json(args.out, name, out)
       print(f"  device loop per call: {({n: round(v * 1e6, 1) for n, v in row['model_loop_s'].items()})} us")
     out["serve"] = serve
     common.write_json(args.out, name, out)
