@@ -446,27 +446,30 @@ ENABLED = True   # False sends inject_bit_errors / inject_stuck_at to the XLA pa
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_self_test() -> bool:
-  """Once per process: compile the kernel on a small input and compare it with the XLA path bit for bit
-  (flips and stuck-at, uint8 and uint16). On failure warn and use the XLA path (same bits, slower)."""
+def _kernel_self_test(method: str | None = None) -> bool:
+  """Once per process and method: compile the kernel on small inputs and compare it with the XLA path bit
+  for bit (flips and stuck-at, uint8 and uint16, word and byte io). On failure warn and use the XLA path
+  (same bits, slower)."""
   import warnings
+  method = method or METHOD
   def same():
     kw = jnp.asarray([0x12345678, 0x9ABCDEF0], _U32)
     fp = _params(kw, jnp.uint32(int(0.05 * 2 ** 32)), False)
     op = _params(kw[::-1], jnp.uint32(2 ** 31), False)
     out = []
-    for dtype, bits in ((jnp.uint8, 8), (jnp.uint16, 11)):
-      codes = (jnp.arange(5001, dtype=_U32) * _U32(2654435761) % _U32(2 ** bits)).astype(dtype)
+    for dtype, bits, n in ((jnp.uint8, 8, 5000), (jnp.uint8, 8, 5001), (jnp.uint16, 11, 5000),
+                           (jnp.uint16, 11, 5001)):     # even lengths load words, odd ones bytes
+      codes = (jnp.arange(n, dtype=_U32) * _U32(2654435761) % _U32(2 ** bits)).astype(dtype)
       for one in (None, op):
-        out.append(jnp.all(inject(codes, bits, fp, one, impl="pallas") ==
-                           inject(codes, bits, fp, one, impl="xla")))
+        out.append(jnp.all(inject(codes, bits, fp, one, impl="pallas", method=method) ==
+                           inject(codes, bits, fp, one, impl="xla", method=method)))
     return jnp.stack(out)
 
   try:
     ok = run_outside_traces(jax.jit(same))
     if not ok.all():
-      raise RuntimeError(f"kernel and XLA path differ (cases uint8, uint8 stuck-at, uint16, uint16 "
-                         f"stuck-at: {ok.tolist()})")
+      raise RuntimeError(f"kernel and XLA path differ ({method}; cases (uint8, uint16) x (words, bytes) "
+                         f"x (flips, stuck-at): {ok.tolist()})")
     return True
   except Exception as e:  # pragma: no cover - GPU only
     warnings.warn(f"mlsys_jax.robust: the Pallas bit-error kernel failed its self-test ({e!r:.300}); "
@@ -474,9 +477,9 @@ def _kernel_self_test() -> bool:
     return False
 
 
-def default_impl() -> str:
-  """``'pallas'`` on a GPU backend with Pallas Triton whose kernel passed its self-test, ``'xla'``
-  elsewhere."""
+def default_impl(method: str | None = None) -> str:
+  """``'pallas'`` on a GPU backend with Pallas Triton whose kernel (for ``method``, default ``METHOD``)
+  passed its self-test, ``'xla'`` elsewhere."""
   gpu = ENABLED and jax.default_backend() == "gpu" and available()
-  return "pallas" if gpu and _kernel_self_test() else "xla"
+  return "pallas" if gpu and _kernel_self_test(method or METHOD) else "xla"
 

@@ -99,7 +99,7 @@ def _inject(key: jax.Array, codes: jax.Array, p, bits: int, p_one=None, impl: st
             **kernel_args) -> jax.Array:
   """Flips (``p_one`` None) or stuck-at faults through the counter-based hash of ``_pallas_bits``;
   ``impl``: None (Pallas kernel on GPU, XLA elsewhere), ``'xla'``, ``'pallas'`` or ``'interpret'``."""
-  impl = impl or _pallas_bits.default_impl()
+  impl = impl or _pallas_bits.default_impl(kernel_args.get("method"))
   if p_one is None:
     return _pallas_bits.inject(codes, bits, _flip_params(_pallas_bits.key_words(key), p), impl=impl,
                                **kernel_args)
