@@ -3,7 +3,8 @@
 Fixed-point codes (symmetric/asymmetric, per-tensor/per-channel, signed/unsigned, nearest/stochastic
 rounding), VS-Quant per-vector scaled quantization with two-level scales (Dai et al., MLSys 2021),
 straight-through fake quantization, range calibration, and quantized ``dot_general``/convolution for
-flax layers with an emulation path and an int8/int32 integer path.
+flax layers with an emulation path and an int8/int32 integer path; weight-only int4 (W4A16) with
+per-group scales and a Pallas GEMV for small batches (``pack_int4``, ``w4a16_matmul``).
 
 Subpackages and modules imported on their own:
 
@@ -20,9 +21,11 @@ from mlsys_jax.quant.layers import (QuantConfig, QuantConv, QuantDotGeneral, Qua
                                     calibration_to_amax, quantized_conv_general_dilated,
                                     quantized_dot_general)
 from mlsys_jax.quant.vsquant import VSQuantizedTensor, vs_dequantize, vs_fake_quant, vs_quantize
+from mlsys_jax.quant.weight_only import Int4Weights, dequantize_int4, pack_int4, w4a16_matmul
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "Int4Weights",
     "QuantConfig",
     "QuantConv",
     "QuantDotGeneral",
@@ -34,7 +37,9 @@ __all__ = [
     "code_dtype",
     "compute_scale",
     "dequantize",
+    "dequantize_int4",
     "fake_quant",
+    "pack_int4",
     "qrange",
     "quantize",
     "quantized_conv_general_dilated",
@@ -44,4 +49,5 @@ __all__ = [
     "vs_dequantize",
     "vs_fake_quant",
     "vs_quantize",
+    "w4a16_matmul",
 ]
