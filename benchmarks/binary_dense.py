@@ -370,11 +370,14 @@ def main():
   if args.small:
     args.repeats, args.inner = 3, 1
     args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2"
-  # Copy rate (bytes read + written / s); the floor is the packed bytes at this rate. (Run 3 used
-  # common.read_bandwidth, 1.36 TB/s on the H200: below what the kernels themselves read.)
-  read_bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
-  print(f"device copy bandwidth {read_bw / 1e12:.2f} TB/s", flush=True)
-  payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": read_bw, "rows": [],
+  # The floor is the packed bytes at the device read rate (common.read_bandwidth, fixed 2026-12-02: sweep
+  # 1 used the old method's 1.36 TB/s, a third of the true rate). The copy rate is recorded too.
+  nbytes, rep = 1 << (24 if args.small else 30), 5 if args.small else 20
+  read_bw = common.read_bandwidth(nbytes, repeats=rep)
+  copy_bw = common.copy_bandwidth(nbytes, repeats=rep)
+  print(f"device read bandwidth {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+  payload = {"env": common.environment(), "read_bandwidth_bytes_per_s": read_bw,
+             "copy_bandwidth_bytes_per_s": copy_bw, "rows": [],
              "small": bool(args.small), "interpret": interpret, "args": vars(args)}
   rng = np.random.default_rng(0)
   weights = {}
