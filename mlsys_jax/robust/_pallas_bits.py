@@ -37,13 +37,14 @@ is a multiple of the codes per word; 'bytes' otherwise), ``pre`` (steps run befo
 test, straight-line code the compiler can interleave).
 
 ``method='binomial'`` (opt-in, ``METHOD``; not yet run on a GPU, so not the default) is a second
-stream that needs about one Philox call per word: the first output ``u`` gives the number C of faulty
+stream that needs about one Philox-2x32-10 call per word (half the products of a Philox-4x32 call):
+its first output ``u`` gives the number C of faulty
 lanes of the word, ``C = #{c : u < s_c}`` with ``s_c = floor(P(C > c) * 2^32)`` for
 ``C ~ Binomial(lanes, t / 2^32)`` (float32 log-space pmf summed from the top, relative error about
-1e-6: the lane rate is t / 2^32 to that precision, not exactly); the other three outputs give lane
+1e-6: the lane rate is t / 2^32 to that precision, not exactly); the second output gives lane
 draws of ceil(log2 lanes) bits, and the faulty lanes are the first C distinct valid draws (a uniform
-C-subset, so the lanes are independent Bernoulli; more draws from the counters ``(word, m, 0, 0)``,
-m >= 1, when needed). The draw order does not depend on p and C grows with p, so the subset property
+C-subset, so the lanes are independent Bernoulli; more draws from Philox-4x32-10 on the counters
+``(word, m, 0, 0)``, m >= 1, when needed). The draw order does not depend on p and C grows with p, so the subset property
 holds (for rates whose float32 thresholds are ordered, i.e. that differ by more than about 1e-6
 relative). The thresholds are computed once by XLA and shared by the kernel and the XLA path (identical
 bits on one backend; another backend's float32 ``log``/``exp`` may move a threshold by an ulp, changing
@@ -149,6 +150,21 @@ def philox4x32(k0, k1, c0, c1, c2, c3, rounds: int = 10, asm: bool = False):
   return c0, c1, c2, c3
 
 
+_PHILOX2_M = 0xD256D193
+
+
+def philox2x32(k, c0, c1, rounds: int = 10, asm: bool = False):
+  """Philox-2x32 block function (Salmon et al. 2011) on uint32 arrays: two output words (one
+  32x32-bit product per round, half of Philox-4x32's)."""
+  mulhilo = _mulhilo_asm if asm else _mulhilo_split
+  for r in range(rounds):
+    if r:
+      k = k + _U32(_PHILOX_W[0])
+    hi, lo = mulhilo(c0, _PHILOX2_M)
+    c0, c1 = hi ^ k ^ c1, lo
+  return c0, c1
+
+
 def lane_mask(bits: int, width: int) -> int:
   """32-bit word with the lanes of the low ``bits`` planes of each ``width``-bit code slot set."""
   one = (1 << bits) - 1
@@ -241,10 +257,10 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
                    pre: int = 0):
   """Faulty lanes of each word of ``word_idx``: the first C distinct lanes of a random sequence.
 
-  One Philox-4x32-10 call on the counter ``(word, 0, 0, 0)`` gives the count's uniform ``u`` (its first
+  One Philox-2x32-10 call, key k0, counter ``(word, k1)``, gives the count's uniform ``u`` (its first
   word: ``C = #{c : u < s_c}`` with the thresholds ``thr(c)`` of :func:`binomial_thresholds`) and
-  ``32 // db`` lane draws of ``db = ceil(log2 n_lanes)`` bits from each of its other three words; more
-  draws come from the calls ``(word, m, 0, 0)``, m = 1, 2, ... (four words each). A draw ``v >= n_lanes``
+  ``32 // db`` lane draws of ``db = ceil(log2 n_lanes)`` bits from its second word; more draws, when a
+  word needs them, come from Philox-4x32-10 calls ``(word, m, 0, 0)``, m = 1, 2, ... (four words each). A draw ``v >= n_lanes``
   or a lane already chosen is skipped, so the chosen lanes are the first C distinct ones of a uniform
   random order of the word's lanes: a uniform C-subset, hence independent Bernoulli(q) lanes when C is
   binomial, and for a fixed key the lanes at a lower rate are the first ones of those at a higher rate.
@@ -254,8 +270,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   db = max(1, (n_lanes - 1).bit_length())
   per_word = 32 // db
   zero = jnp.zeros(word_idx.shape, _U32)
-  out = philox4x32(k0, k1, word_idx, zero, zero, zero, asm=asm)
-  u = out[0]
+  u, d = philox2x32(k0, word_idx, jnp.full(word_idx.shape, k1, _U32), asm=asm)
 
   def ccond(c):
     j, _, more = c
@@ -302,11 +317,10 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     return chosen, k
 
   chosen, k = zero, zero
-  first = out[1:]
-  npre = min(pre, 3 * per_word)
+  npre = min(pre, per_word)
   for j in range(npre):
-    chosen, k = take((first[j // per_word] >> _U32(db * (j % per_word))) & _U32((1 << db) - 1), chosen, k)
-  chosen, k = consume(first, 3 * per_word, chosen, k, npre)
+    chosen, k = take((d >> _U32(db * j)) & _U32((1 << db) - 1), chosen, k)
+  chosen, k = consume((d,), per_word, chosen, k, npre)
 
   def rcond(c):
     m, _, kk = c
