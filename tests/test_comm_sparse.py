@@ -139,7 +139,8 @@ def test_chain_and_collective_equals_mean_of_local_payloads(devices, per_tensor)
 
   f = shard_map(step, mesh=mesh, in_specs=(P("d"),), out_specs=(P("d"), P("d")), check_vma=False)
   outs, nbytes = jax.jit(f)(grads)
-  local = jnp.stack([local_tx.update({"w": g}, local_tx.init({"w": g}))[0]["w"] for g in grads])
+  local_upd = jax.jit(local_tx.update)
+  local = jnp.stack([local_upd({"w": g}, local_tx.init({"w": g}))[0]["w"] for g in grads])
   np.testing.assert_allclose(outs[0], local.mean(0), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(outs, jnp.broadcast_to(outs[0], outs.shape))   # every device agrees
   assert float(nbytes[0]) == 40 * 8 + 4  # exact=True: k = 40 int32 indices + 40 float32 values
@@ -604,6 +605,8 @@ def test_exact_sidco_sends_the_topk_set_of_every_segment(per_tensor):
   tx = sp.sidco(r, distribution="gpareto", per_tensor=per_tensor)
   st = tx.init(params)
   upd = jax.jit(tx.update)
+  ref = sp.topk(r)
+  ref_upd, st_ref = jax.jit(ref.update), ref.init(params)
   names = sorted(shapes)
   for i in range(3):
     g = {n: _heavy(int(np.prod(sh)), 10 * i + j).reshape(sh) * scale[n] for j, (n, sh) in enumerate(shapes.items())}
@@ -622,6 +625,10 @@ def test_exact_sidco_sends_the_topk_set_of_every_segment(per_tensor):
         want[n], off = m[off:off + acc[n].size], off + acc[n].size
     for n in names:
       np.testing.assert_array_equal(np.asarray(out[n]).ravel() != 0, want[n], err_msg=f"{n} step {i}")
+    if not per_tensor:   # the same update, bitwise, as the topk transform
+      out_ref, st_ref = ref_upd(g, st_ref)
+      for n in names:
+        np.testing.assert_array_equal(out[n], out_ref[n])
     assert float(st.density) == pytest.approx(k / sum(a.size for a in acc.values()))
     assert float(st.bytes_sent) == 8 * k + 4                 # k slots, as Top-k (not capacity_factor * k)
   assert int(st.overflow_steps) == 0
@@ -648,15 +655,24 @@ def test_exact_sidco_falls_back_to_exact_counts_when_the_fit_misses(make):
     assert int(st.overflow_steps) == 0
 
 
-@pytest.mark.parametrize("cf", [4.0, pytest.param(1.0, marks=pytest.mark.slow)])
-def test_exact_sidco_ties_at_the_cut_stay_in_the_residual(cf):
-  # 30 equal magnitudes at the cut, k = 10: only what is strictly above the cut is sent (never a smaller
-  # entry in place of a larger one), whether the fit overflows (cf 1: bisection) or not (cf 4: the sort)
+@pytest.mark.parametrize("cf", [4.0, pytest.param(2.0, marks=pytest.mark.slow)])
+def test_exact_sidco_breaks_ties_at_the_cut_as_top_k(cf):
+  # 30 equal magnitudes at the cut, k = 10. cf 4: the fit lands in the band; the 2 larger entries and the 8
+  # tied ones of lowest index are sent, as lax.top_k orders them (the same update and residual as the topk
+  # transform). cf 2: the fit overflows, the fallback selects all 32 entries >= the cut, more than the
+  # 20 local slots: the first 20 in index order are kept (990 is not among them), flagged as overflow
   x = jnp.zeros((1000,)).at[jnp.arange(0, 600, 20)].set(1.0).at[990].set(-5.0).at[7].set(2.0)
-  tx = sp.sidco(0.01, stages=1, capacity_factor=cf)
+  tx, ref = sp.sidco(0.01, stages=1, capacity_factor=cf, overshoot=1.0), sp.topk(0.01)
   out, st = jax.jit(tx.update)({"w": x}, tx.init({"w": x}))
-  np.testing.assert_array_equal(np.flatnonzero(np.asarray(out["w"])), [7, 990])
   np.testing.assert_array_equal(out["w"] + st.residual["w"], x)
+  if cf == 2.0:
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(out["w"])), [0, 7] + list(range(20, 180, 20)))
+    assert int(st.overflow_steps) == 1
+    return
+  out_ref, st_ref = jax.jit(ref.update)({"w": x}, ref.init({"w": x}))
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(out["w"])), [0, 7, 20, 40, 60, 80, 100, 120, 140, 990])
+  np.testing.assert_array_equal(out["w"], out_ref["w"])
+  np.testing.assert_array_equal(st.residual["w"], st_ref.residual["w"])
   assert int(st.overflow_steps) == 0
   with pytest.raises(ValueError, match="overshoot"):
     sp.sidco(0.01, overshoot=3.0)                              # above capacity_factor (2)
