@@ -272,6 +272,9 @@ def test_server_matches_model_for_every_weight_mode():
       np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-6)
     else:  # same program on the same values: bit for bit
       np.testing.assert_array_equal(logits, ref)
+  # a large batch travels as two arrays (no host packing): same result
+  np.testing.assert_array_equal(mr.Server(model, variables, sv.stage, num_dense=3, weights="pytree",
+                                          pack_max_batch=0)(dense, idx)[0], logits)
   # the device function alone: packed in, (logit bits, count) out
   out = sv.call(jnp.asarray(sv.pack(dense, idx)))
   assert out.dtype == jnp.int32 and out.shape == (7,)
