@@ -18,8 +18,9 @@ on the result. Variants, timed round-robin in the same process (median of ``--se
 - ``combined_pytree``: the combined plan through the same user code (buffers per width: 16 and 32);
 - ``server_identity``: :class:`microrec.Server` with the per-table plan (one buffer, weights compiled in,
   one int32 array in and one out): the serving design without combination;
-- ``server``: :class:`microrec.Server` with the combined plan (``server_packed``, ``server_pytree``: its
-  weights as one flat buffer / as a pytree argument instead of compiled in).
+- ``server``: :class:`microrec.Server` with the combined plan (``server_auto``: ``impl="auto"``, the
+  one-kernel Pallas stage on a GPU; ``server_packed``, ``server_pytree``: its weights as one flat buffer /
+  as a pytree argument instead of compiled in). Batches above 64 travel as two arrays.
 
 ``model_loop_s``: device time per whole-model call, ``--loop`` calls in one jitted ``fori_loop`` (indices
 shift every iteration), and ``empty_loop_s`` the loop alone (index shift + a sum).
@@ -222,7 +223,7 @@ def main():
     apply = jax.jit(model.apply)
     servers = {"server_identity": mr.Server(model, variables, ident_chunks, num_dense=nd),
                "server": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd),
-               "server_xla": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd, impl="xla"),
+               "server_auto": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd, impl="auto"),
                "server_packed": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd,
                                           weights="packed"),
                "server_pytree": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd,
