@@ -67,11 +67,13 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
   return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=min(cfg.block_k, ws & -ws), splits=splits)
 
 
-# H200 sweep 1 (2026-12-02, benchmarks/results/binary_dense_h200_sweep1.json; 14 configurations at
-# 8192/16384 x batch 1/8, wall time per launch): 'rows', 64 x 128 words, 8 warps, 3 stages has the best
-# geometric mean (best at batch 8 of both sizes, within the noise of the best at batch 1).
-# Keys: the largest batch an entry is tuned for.
-_TUNED = {1: DenseConfig("rows", 64, 128, 1, 8, 3), 8: DenseConfig("rows", 64, 128, 1, 8, 3)}
+# H200, 2026-12-02. Sweep 1 (binary_dense_h200_sweep1.json): 14 configurations at 8192/16384 x batch
+# 1/8, wall time per launch, which at 8192 is the launch floor; the final run
+# (binary_dense_h200_final.json) timed the 7 front runners by device time (profiler): batch 1 ->
+# 'acc', 8 x 256 words, 2 warps (4.0 us at 8192, 10.3 us at 16384; 'rows' 64 x 128 took 5.1 / 10.4);
+# batch 8 -> 'rows', 64 x 128 words, 8 warps, 3 stages (8.8 / 25.0 us; every other >= 30 us at 16384).
+# Keys: the largest batch an entry is for (batches 2-4 use the batch-8 entry; not timed).
+_TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 8: DenseConfig("rows", 64, 128, 1, 8, 3)}
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
