@@ -15,9 +15,12 @@ weights are 16x fewer bytes than bf16. Every method runs ``--reps`` times inside
 All functions of one shape (every kernel configuration, the floor, the baselines) are compiled first,
 then timed round-robin (``--repeats`` rounds, each call ``--inner`` times back to back, order rotated
 per round); medians per launch are reported with the read floor (packed weight bytes at the measured
-read bandwidth). ``best_config`` is the exact configuration with the lowest geometric mean over shapes.
+read bandwidth). With ``--profile`` one ``jax.profiler`` trace per shape also gives each loop's DEVICE
+time per launch (the kernels' own durations, without the host-side launch cost that dominates the wall
+time of short kernels). ``best_config`` is the exact configuration with the lowest geometric mean over
+shapes (wall time); ``device_best_config`` per row by device time.
 
-  python benchmarks/binary_dense.py --out benchmarks/results     # GPU
+  python benchmarks/binary_dense.py --profile --out benchmarks/results     # GPU
   python benchmarks/binary_dense.py --small                      # CPU smoke test (interpret mode)
   python benchmarks/binary_dense.py --conv_only                  # binary convs (CPU: LCE's setting)
 """
@@ -42,7 +45,8 @@ from mlsys_jax.quant.binary import packed as pk  # noqa: E402
 from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, default_config, packed_dot_call,  # noqa: E402
                                                  pallas_packed_dense)
 
-# Sweep 1 (binary_dense_h200_sweep1.json) tried 14; these are its front runners.
+# Sweep 1 (binary_dense_h200_sweep1.json) tried 14 ('sweep1'); these are its front runners, timed by
+# the final run (binary_dense_h200_final.json).
 DEFAULT_CONFIGS = ("default,acc:32:128:1:4:2,csa:16:256:1:4:1,acc:8:256:1:2:1,rows:32:256:1:8:4,acc:32:64:1:8:3,"
                    "rows:128:64:1:8:3")
 SWEEP1_CONFIGS = ("acc:32:64:1:4:2,acc:16:128:1:4:2,acc:32:128:1:4:2,acc:8:256:1:2:1,acc:32:64:2:4:2,"
