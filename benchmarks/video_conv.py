@@ -193,8 +193,8 @@ def main():
     fracs, cal = video.calibrate_active_fraction(
         net, variables, (h, w, 3), tile=args.tile, unit_roundoff=u, repeats=args.calibration_repeats,
         fractions=tuple(float(f) for f in args.calibration_fractions.split(",")), return_timings=True)
-    cal = [{"dense_s": c["dense_s"], "sparse_s": {str(k): v for k, v in c["sparse_s"].items()}}
-           for c in cal]
+    conv = lambda c: {"dense_s": c["dense_s"], "sparse_s": {str(k): v for k, v in c["sparse_s"].items()}}
+    cal = [{**conv(c), **({"network": conv(c["network"])} if "network" in c else {})} for c in cal]
   else:
     fracs = tuple(float(f) for f in args.max_active_fraction.split(","))
     fracs, cal = (fracs * len(chans) if len(fracs) == 1 else fracs), None

@@ -280,6 +280,51 @@ def test_fallback_thresholds_per_layer():
     video.range_bound_model(NET, VARS, (H, W, 3), tile=TILE, max_active_fraction=(0.5,))
 
 
+def _fake_timer(network_wins: bool, layer_wins: bool):
+  """A deterministic stand-in for stats.time_interleaved that still calls both sides once."""
+  from mlsys_jax import stats
+
+  def fake(fn_a, fn_b, **kw):
+    a, _ = fn_a(), fn_b()
+    wins = network_wins if a.shape[-1] == 3 else layer_wins  # whole steps return the frame
+    ta, tb = (0.5, 1.0) if wins else (2.0, 1.0)
+    return stats.Timing(np.array([ta]), np.array([tb]), ta, tb, tb / ta, float(ta < tb))
+  return fake
+
+
+def test_network_switch_is_calibrated_on_whole_steps(monkeypatch):
+  from mlsys_jax import stats
+  layers = video.layers_from_flax(NET, VARS)
+  for wins, want in ((True, 0.5), (False, 0.0)):
+    monkeypatch.setattr(stats, "time_interleaved", _fake_timer(wins, False))
+    best, rec = video._calibrate_network(layers, (H, W, 3), TILE, (5, 5), (0.0, 0.0), (0.5,), 1, 1.0,
+                                         np.random.default_rng(0), 2.0 ** -24, ())
+    assert best == want and set(rec["sparse_s"]) == {0.5}
+
+
+@pytest.mark.slow  # compiles every layer step and a whole step
+def test_calibration_sets_the_network_switch_from_whole_steps(monkeypatch):
+  # a first layer that loses on its own (cheap: few input channels) must still get a sparse threshold
+  # when whole steps win
+  from mlsys_jax import stats
+  monkeypatch.setattr(stats, "time_interleaved", _fake_timer(True, False))
+  fr, cal = video.calibrate_active_fraction(NET, VARS, (H, W, 3), tile=TILE, fractions=(0.5,),
+                                            repeats=1, return_timings=True)
+  assert fr == (0.5, 0.0) and set(cal[0]["network"]["sparse_s"]) == {0.5}
+  # the first layer lost on its own: per layer only, it would have disabled the sparse path
+  assert cal[0]["sparse_s"][0.5] > cal[0]["dense_s"]
+
+
+def test_calibration_block_changes_exactly_its_tiles():
+  rng = np.random.default_rng(0)
+  layer = video.ConvLayer(jnp.zeros((3, 3, 3, 1), jnp.float32), jnp.zeros((1,), jnp.float32))
+  x0 = rng.uniform(-1, 1, (H, W, 3)).astype(np.float32)
+  for n, want in ((1, 1), (3, 3), (6, 6), (7, 6), (25, 25)):
+    x1 = video._changed_block(x0, n, TILE, (5, 5), max(video._strips(layer)), rng)
+    flags = video._grid_flags(jnp.asarray(np.any(x1 != x0, axis=-1)), TILE, 5, 5, video._strips(layer))
+    assert int(jnp.sum(video._rf_changed(flags, 5, 5))) == want  # never more than n (the capacity)
+
+
 @pytest.mark.slow  # compiles and times one layer step per layer and fraction
 def test_calibration_returns_a_measured_fraction_per_layer():
   fr = video.calibrate_active_fraction(NET, VARS, (H, W, 3), tile=TILE, fractions=(0.25, 0.5), repeats=1)

@@ -848,7 +848,9 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
                               tile: int = 8,
                               fractions: Sequence[float] = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2),
                               repeats: int = 5, slack: float = 1.0, seed: int = 0,
-                              unit_roundoff: float = 2.0 ** -24, return_timings: bool = False):
+                              unit_roundoff: float = 2.0 ** -24, return_timings: bool = False,
+                              network: bool = True,
+                              buckets: Sequence[float] = (1 / 32, 1 / 8)):
   """Per-layer dense-fallback threshold from measured costs on this machine.
 
   For every layer and candidate fraction ``f`` (ascending, stopping at the first that loses), times
@@ -859,9 +861,19 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
   step (no interpolation; ``0.0`` when even the smallest fraction loses). Pass the result as
   ``max_active_fraction``: a frame then takes the sparse path only where it measured cheaper.
 
+  The first layer's threshold is the network-level switch (a dense first layer makes the whole network
+  dense), so with ``network`` (default, more than one layer) it is measured end to end instead: the
+  whole :func:`range_bound_model` step (the later layers at their measured thresholds, ``buckets``
+  as given) against the dense network, on two random frames that differ in one block of whole first-
+  layer tiles covering the fraction ``f`` (a moving object; the change stays a halo away from the
+  block's border, so exactly those tiles' receptive fields change); each timed call steps through
+  both frames (and back). A cheap first layer that loses on its own (e.g. 3 input channels on a GPU)
+  then still takes the sparse path when the whole network wins.
+
   Returns:
     a tuple of per-layer fractions; with ``return_timings``, also a list (per layer) of dicts with
-    ``dense_s`` and ``sparse_s`` (fraction -> median seconds).
+    ``dense_s`` and ``sparse_s`` (fraction -> median seconds); the first one also holds
+    ``network`` (the same for whole steps) when measured.
   """
   from mlsys_jax import stats as _stats
   check_int("repeats", repeats, 1)
@@ -908,7 +920,66 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
     rec["dense_s"] = float(np.median(rec["dense_s"])) if rec["dense_s"] else None
     out.append(float(min(best, 1.0)))
     timings.append(rec)
+  if network and len(layers) > 1:
+    out[0], timings[0]["network"] = _calibrate_network(
+        layers, frame_shape, tile, grids[0], out, fractions, repeats, slack, rng, unit_roundoff,
+        buckets)
   return (tuple(out), timings) if return_timings else tuple(out)
+
+
+def _changed_block(x0: np.ndarray, n: int, tile: int, grid: tuple[int, int], margin: int,
+                   rng: np.random.Generator) -> np.ndarray:
+  """``x0`` with new random values in one block of at most ``n`` whole tiles (as square as the grid
+  allows; ``floor(sqrt(n)) x floor(n / floor(sqrt(n)))``, at least ``n / 2`` tiles),
+  ``margin`` pixels inside the block's border (so no neighbouring tile's receptive field changes)."""
+  nh, nw = grid
+  a = min(nh, max(1, int(math.isqrt(n))))  # a x b <= n tiles (never more than the capacity)
+  b = min(nw, n // a)
+  a = min(nh, n // b)
+  i, j = int(rng.integers(0, nh - a + 1)), int(rng.integers(0, nw - b + 1))
+  r0, r1 = i * tile + margin, min((i + a) * tile, x0.shape[0]) - margin
+  c0, c1 = j * tile + margin, min((j + b) * tile, x0.shape[1]) - margin
+  x1 = x0.copy()
+  if r1 > r0 and c1 > c0:
+    x1[r0:r1, c0:c1] = rng.uniform(-1, 1, (r1 - r0, c1 - c0) + x0.shape[2:]).astype(x0.dtype)
+  return x1
+
+
+def _calibrate_network(layers, frame_shape, tile, grid, fracs, fractions, repeats, slack, rng,
+                       unit_roundoff, buckets):
+  """The first layer's threshold from whole steps (see :func:`calibrate_active_fraction`)."""
+  from mlsys_jax import stats as _stats
+  nh, nw = grid
+  margin = max(_strips(layers[0]))  # the widest border strip a neighbouring tile reads
+  x0 = rng.uniform(-1, 1, frame_shape).astype(np.float32)
+  dm = dense_model(layers)
+  dense2 = jax.jit(lambda y, a, b: (dm(a), dm(b)), donate_argnums=0)
+  best, rec = 0.0, {"dense_s": [], "sparse_s": {}}
+  for frac in sorted(fractions):
+    n = int(math.floor(frac * nh * nw))
+    if n < 1:
+      continue
+    x1 = jnp.asarray(_changed_block(x0, n, tile, grid, margin, rng))
+    rb = range_bound_model(list(layers), None, frame_shape, tile=tile, unit_roundoff=unit_roundoff,
+                           max_active_fraction=(frac,) + tuple(fracs[1:]), buckets=buckets)
+    step2 = jax.jit(lambda st, a, b: rb.step(rb.step(st, a)[0], b)[0], donate_argnums=0)
+    sbox, dbox, xa, xb = [rb.init(x0)[0]], [(dm(x0), dm(x0))], x1, jnp.asarray(x0)
+
+    def sparse_call():
+      sbox[0] = step2(sbox[0], xa, xb)
+      return sbox[0].x
+
+    def dense_call():
+      dbox[0] = dense2(dbox[0], xa, xb)
+      return dbox[0]
+    t = _stats.time_interleaved(sparse_call, dense_call, repeats=repeats, warmup=1)
+    rec["dense_s"].append(t.median_b)
+    rec["sparse_s"][frac] = t.median_a
+    if t.median_a > slack * t.median_b:
+      break
+    best = frac
+  rec["dense_s"] = float(np.median(rec["dense_s"])) if rec["dense_s"] else None
+  return float(best), rec
 
 
 def dense_model(layers: Sequence[ConvLayer]) -> Callable:
