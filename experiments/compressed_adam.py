@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mlsys_jax import data, models, stats  # noqa: E402
+from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 from mlsys_jax.comm.lowrank import total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import dense_warmup  # noqa: E402
@@ -42,7 +42,8 @@ _WORKERS = flags.DEFINE_integer("workers", 8, "Simulated data-parallel workers."
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch per worker.")
 _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compressors: sidco (its default: "
                                   "exact target count), sidco_fitonly (exact=False: the paper's estimator "
-                                  "alone, as before issue 18's fix), topk, dgc.")
+                                  "alone, as before issue 18's fix), topk, dgc, randomk (density --ratios); "
+                                  "powersgd2, powersgd4, accordion (rank 1 <-> 4; chain mode only).")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
@@ -70,7 +71,14 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
        "sidco_fitonly": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d",
                                          precondition=pre, exact=False),
        "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre),
-       "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre)}[compressor]()
+       "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre),
+       "randomk": lambda: sp.randomk(ratio, axis_name="d", precondition=pre, seed=0),
+       # low-rank compressors: the density flag does not apply (rank 2 / 4 and ACCORDION's 1 <-> 4 switch)
+       "powersgd2": lambda: comm.powersgd(2, axis_name="d"),
+       "powersgd4": lambda: comm.powersgd(4, axis_name="d"),
+       "accordion": lambda: comm.accordion("powersgd", 4, 1, interval=100, axis_name="d")}[compressor]()
+  if pre is not None and compressor in ("powersgd2", "powersgd4", "accordion"):
+    raise ValueError(f"mode 'precondition' is for the sparsifiers; {compressor} runs in 'chain' mode only.")
   if warmup:
     c = dense_warmup(c, warmup, axis_name="d")
   return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
