@@ -875,7 +875,6 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
     ``dense_s`` and ``sparse_s`` (fraction -> median seconds); the first one also holds
     ``network`` (the same for whole steps) when measured.
   """
-  from mlsys_jax import stats as _stats
   check_int("repeats", repeats, 1)
   check_range("slack", slack, 0.0, None, low_inclusive=False)
   layers = _layer_list(module, variables)
@@ -906,18 +905,8 @@ def calibrate_active_fraction(module: Any, variables: Any, frame_shape: Sequence
       return call
 
     dense_fn = timed((), nh * nw)
-    best, rec = 0.0, {"dense_s": [], "sparse_s": {}}
-    for frac in sorted(fractions):
-      n = int(math.floor(frac * nh * nw))
-      if n < 1:
-        continue
-      t = _stats.time_interleaved(timed((n,), n), dense_fn, repeats=repeats, warmup=1)
-      rec["dense_s"].append(t.median_b)
-      rec["sparse_s"][frac] = t.median_a
-      if t.median_a > slack * t.median_b:
-        break
-      best = frac
-    rec["dense_s"] = float(np.median(rec["dense_s"])) if rec["dense_s"] else None
+    best, rec = _sweep_fractions(fractions, nh * nw, lambda frac, n: (timed((n,), n), dense_fn),
+                                 repeats, slack)
     out.append(float(min(best, 1.0)))
     timings.append(rec)
   if network and len(layers) > 1:
@@ -948,17 +937,13 @@ def _changed_block(x0: np.ndarray, n: int, tile: int, grid: tuple[int, int], mar
 def _calibrate_network(layers, frame_shape, tile, grid, fracs, fractions, repeats, slack, rng,
                        unit_roundoff, buckets):
   """The first layer's threshold from whole steps (see :func:`calibrate_active_fraction`)."""
-  from mlsys_jax import stats as _stats
   nh, nw = grid
   margin = max(_strips(layers[0]))  # the widest border strip a neighbouring tile reads
   x0 = rng.uniform(-1, 1, frame_shape).astype(np.float32)
   dm = dense_model(layers)
   dense2 = jax.jit(lambda y, a, b: (dm(a), dm(b)), donate_argnums=0)
-  best, rec = 0.0, {"dense_s": [], "sparse_s": {}}
-  for frac in sorted(fractions):
-    n = int(math.floor(frac * nh * nw))
-    if n < 1:
-      continue
+
+  def pair(frac, n):
     x1 = jnp.asarray(_changed_block(x0, n, tile, grid, margin, rng))
     rb = range_bound_model(list(layers), None, frame_shape, tile=tile, unit_roundoff=unit_roundoff,
                            max_active_fraction=(frac,) + tuple(fracs[1:]), buckets=buckets)
@@ -972,14 +957,32 @@ def _calibrate_network(layers, frame_shape, tile, grid, fracs, fractions, repeat
     def dense_call():
       dbox[0] = dense2(dbox[0], xa, xb)
       return dbox[0]
-    t = _stats.time_interleaved(sparse_call, dense_call, repeats=repeats, warmup=1)
+    return sparse_call, dense_call
+
+  best, rec = _sweep_fractions(fractions, nh * nw, pair, repeats, slack)
+  return float(best), rec
+
+
+def _sweep_fractions(fractions, n_tiles: int, pair: Callable, repeats: int, slack: float):
+  """The calibration sweep shared by the per-layer and whole-network thresholds: for each fraction in
+  ascending order (``n = floor(frac * n_tiles) >= 1`` tiles), ``pair(frac, n)`` gives ``(sparse_call,
+  dense_call)``, timed interleaved; the largest fraction before the first one whose sparse median exceeds
+  ``slack`` times the dense median. Returns ``(best, {"dense_s": median dense seconds, "sparse_s":
+  {fraction: median sparse seconds}})``."""
+  from mlsys_jax import stats as _stats
+  best, rec = 0.0, {"dense_s": [], "sparse_s": {}}
+  for frac in sorted(fractions):
+    n = int(math.floor(frac * n_tiles))
+    if n < 1:
+      continue
+    t = _stats.time_interleaved(*pair(frac, n), repeats=repeats, warmup=1)
     rec["dense_s"].append(t.median_b)
     rec["sparse_s"][frac] = t.median_a
     if t.median_a > slack * t.median_b:
       break
     best = frac
   rec["dense_s"] = float(np.median(rec["dense_s"])) if rec["dense_s"] else None
-  return float(best), rec
+  return best, rec
 
 
 def dense_model(layers: Sequence[ConvLayer]) -> Callable:
