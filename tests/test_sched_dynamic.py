@@ -411,3 +411,107 @@ def test_choose_buckets_from_a_distribution_equals_samples():
   assert dyn.bucket_for(a.buckets[0], a.buckets) == a.buckets[0]
   with pytest.raises(ValueError, match="weights must match"):
     dyn.choose_buckets(uniq, num_buckets=2, weights=[1.0])
+
+
+# ---------------------------------------------------------------- streaming (chunked) entry point
+def _params_fn(p, x, length):
+  """x (b, n, d); a parameter pytree with float32, int32 and Python-scalar leaves."""
+  m = dyn.length_mask(length, x.shape[1], x.dtype)[None, :, None]
+  h = jnp.tanh(x @ p["w"] + p["b"]) * m * p["scale"] + p["shift"].astype(x.dtype)
+  return {"tokens": h * m, "pooled": (h * m).sum(1) / length}
+
+
+def _params_reference(p, x):
+  h = np.tanh(x.astype(np.float64) @ p["w"].astype(np.float64) + p["b"]) * p["scale"] + float(p["shift"])
+  return {"tokens": h, "pooled": h.mean(1)}
+
+
+def _params(rng, d=3, e=4):
+  return {"w": rng.normal(size=(d, e)).astype(np.float32), "b": rng.normal(size=(e,)).astype(np.float32),
+          "scale": 0.5, "shift": np.int32(2)}
+
+
+@pytest.mark.parametrize("pack_static", [True, False])
+def test_map_matches_reference_per_call_and_keeps_request_order(pack_static):
+  rng = np.random.default_rng(1)
+  p = _params(rng)
+  f = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(4, 8, 16))
+  lengths = [3, 9, 1, 16, 5, 4, 12, 2, 7]
+  xs = [rng.normal(size=(2, n, 3)).astype(np.float32) for n in lengths]
+  xs[4] = rng.normal(size=(3, 5, 3)).astype(np.float32)  # another batch size: its own group/program
+  outs = f.map([(p, x) for x in xs], chunk_size=4, pack_static=pack_static)
+  assert len(outs) == len(xs)
+  for x, out in zip(xs, outs):
+    ref = _params_reference(p, x)
+    assert isinstance(out["pooled"], np.ndarray) and out["tokens"].shape == x.shape[:2] + (4,)
+    for k in ref:
+      np.testing.assert_allclose(out[k], ref[k], rtol=2e-5, atol=2e-5, err_msg=k)
+  # exactly the per-call computation (same padded program body): identical to float32 rounding
+  g = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(4, 8, 16))
+  for x, out in zip(xs, outs):
+    per_call = g(p, x)
+    for k in out:
+      np.testing.assert_allclose(out[k], per_call[k], rtol=1e-6, atol=1e-6)
+  # one program per (bucket, dynamic signature), compiled once whatever the number of chunks
+  assert f.compile_count == 4 and f.calls == len(xs)
+  assert f.stats()["padding_overhead"] == pytest.approx(
+      sum(dyn.bucket_for(n, (4, 8, 16)) for n in lengths) / sum(lengths) - 1)
+  f.map([(p, x) for x in xs[::-1]], chunk_size=4, pack_static=pack_static)
+  assert f.compile_count == 4
+
+
+def test_stream_is_lazy_repacks_new_parameters_and_compile_all_warms_it():
+  rng = np.random.default_rng(2)
+  p1, p2 = _params(rng), _params(rng)
+  f = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(8,))
+  f.compile_all(p1, jax.ShapeDtypeStruct((2, 1, 3), jnp.float32), chunk_size=2)
+  assert f.compile_count == 1
+  xs = [rng.normal(size=(2, n, 3)).astype(np.float32) for n in (2, 8, 5, 1, 6)]
+  seen = []
+
+  def requests(p):
+    for x in xs:
+      seen.append(x.shape[1])
+      yield (p, x)
+
+  it = f.stream(requests(p1), chunk_size=2)
+  first = next(it)  # chunk 1 is collected after chunk 2 was dispatched: 4 requests consumed, not 5
+  assert len(seen) == 4
+  np.testing.assert_allclose(first["pooled"], _params_reference(p1, xs[0])["pooled"], rtol=2e-5,
+                             atol=2e-5)
+  assert len(list(it)) == 4 and f.compile_count == 1
+  out2 = f.map(requests(p2), chunk_size=2)  # new parameter objects: packed again, same program
+  np.testing.assert_allclose(out2[3]["pooled"], _params_reference(p2, xs[3])["pooled"], rtol=2e-5,
+                             atol=2e-5)
+  assert f.compile_count == 1
+
+
+def test_map_bad_input_errors():
+  rng = np.random.default_rng(3)
+  p = _params(rng)
+  x = lambda n: np.ones((2, n, 3), np.float32)
+  f = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(4, 8))
+  with pytest.raises(TypeError, match="tuple of the positional arguments"):
+    f.map([x(3)])
+  with pytest.raises(TypeError, match="request 1 is a"):
+    f.map([(p, x(3)), x(3)])
+  with pytest.raises(ValueError, match="argument 0 of request 2 is not the same object"):
+    f.map([(p, x(3)), (p, x(4)), (dict(p), x(5))])
+  with pytest.raises(ValueError, match="request 1 has 1 arguments"):
+    f.map([(p, x(3)), (x(3),)])
+  calls = f.calls
+  with pytest.raises(ValueError, match="length 9 exceeds the largest bucket 8"):
+    f.map([(p, x(3)), (p, x(9))])
+  assert f.calls == calls  # the chunk is validated before any of it runs
+  with pytest.raises(ValueError, match="request 0: .*share one length"):
+    dyn.bucketed_jit(lambda a, b, length: a + b, dims={0: 0, 1: 0}, buckets=(8,)).map(
+        [(np.ones(3), np.ones(4))])
+  with pytest.raises(ValueError, match="chunk_size"):
+    f.map([(p, x(3))], chunk_size=0)
+  with pytest.raises(ValueError, match="check_padding"):
+    dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(8,), check_padding=True).map([(p, x(3))])
+  g = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(4, 8), overflow="compile")
+  out = g.map([(p, x(3)), (p, x(11))], chunk_size=8)
+  assert out[1]["tokens"].shape == (2, 11, 4) and g.overflow_compiles == 1 and g.buckets == (4, 8, 16)
+  padded = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(8,), unpad="none").map([(p, x(3))])
+  assert padded[0]["tokens"].shape == (2, 8, 4)
