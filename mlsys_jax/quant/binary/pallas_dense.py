@@ -72,8 +72,12 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # (binary_dense_h200_final.json) timed the 7 front runners by device time (profiler): batch 1 ->
 # 'acc', 8 x 256 words, 2 warps (4.0 us at 8192, 10.3 us at 16384; 'rows' 64 x 128 took 5.1 / 10.4);
 # batch 8 -> 'rows', 64 x 128 words, 8 warps, 3 stages (8.8 / 25.0 us; every other >= 30 us at 16384).
-# Keys: the largest batch an entry is for (batches 2-4 use the batch-8 entry; not timed).
-_TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 8: DenseConfig("rows", 64, 128, 1, 8, 3)}
+# Batches 2 and 4 (binary_dense_h200_b24.json, 14:12 UTC, device time): batch 2 -> 'acc' 8 x 256 (4.6 us
+# at 8192, 11.7 at 16384; 'rows' 64 x 128 took 6.9 / 11.9); batch 4 -> 'rows' 64 x 128 (6.5 / 14.8 us;
+# 'acc' 8 x 256 took 5.7 / 21.0, i.e. faster at 8192 but 1.4x slower at 16384).
+# Keys: the largest batch an entry is for (batch 3 uses the batch-4 entry, 5-7 the batch-8 one).
+_TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 2: DenseConfig("acc", 8, 256, 1, 2, 1),
+          4: DenseConfig("rows", 64, 128, 1, 8, 3), 8: DenseConfig("rows", 64, 128, 1, 8, 3)}
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
