@@ -168,6 +168,9 @@ class _StaticLayout:
     return res
 
 
+_LEAF_TREEDEF = jax.tree_util.tree_structure(0)
+
+
 def _packable(leaf) -> bool:
   if isinstance(leaf, jax.ShapeDtypeStruct):
     return not getattr(leaf, "weak_type", False)
@@ -336,6 +339,11 @@ class BucketedFunction:
     """Hashable (treedef, shapes, dtypes) of argument ``i``; for the non-dynamic arguments (e.g. the
     parameters) it is cached while the caller passes the very same (immutable) arrays again."""
     axis = self.dims.get(i)
+    if axis is not None and isinstance(x, (np.ndarray, jax.Array)) and x.ndim:
+      # fast path for the usual dynamic argument, one array (same signature as the general path below)
+      shape = x.shape
+      a = axis % len(shape)
+      return (_LEAF_TREEDEF, ((shape[:a] + (None,) + shape[a + 1:], x.dtype),))
     if axis is None:
       last = self._static_sig.get(i)
       # the very same container object as last call (e.g. the parameters): its leaves may have been
@@ -544,7 +552,7 @@ class BucketedFunction:
       self._indices_on_device.append(jax.device_put(np.int32(len(self._indices_on_device))))
     return self._indices_on_device[j]
 
-  def _dispatch_chunk(self, chunk, first, start: int, capacity: int, pack: bool):
+  def _dispatch_chunk(self, chunk, first, start: int, capacity: int, static):
     """Validate a chunk, group it by (bucket, dynamic signature), copy each group's padded inputs to
     the device in one transfer, dispatch one call per request and start the copies of the outputs."""
     dyn_pos = tuple(sorted(self.dims))
@@ -573,7 +581,7 @@ class BucketedFunction:
         b = self.bucket_of(n)  # raises for overflow='error'
       gkey = (b,) + tuple(self._signature(i, req[i]) for i in dyn_pos)
       groups.setdefault(gkey, [over, []])[1].append((r, n, req))
-    layout, packs, loose = self._packed_static(first, pack)
+    layout, packs, loose = static
     launched = []
     for gkey, (over, items) in groups.items():
       b = gkey[0]
@@ -584,17 +592,17 @@ class BucketedFunction:
       stacked = []
       for i in dyn_pos:
         leaves0, tree = jax.tree_util.tree_flatten(items[0][2][i])
+        per_request = ([[req[i]] for _, _, req in items] if tree == _LEAF_TREEDEF
+                       else [jax.tree_util.tree_leaves(req[i]) for _, _, req in items])
         bufs = []
         for k, leaf in enumerate(leaves0):
-          leaf = np.asarray(leaf)
           axis = _leaf_axis(leaf, self.dims[i], f"argument {i}")
-          shape = list(leaf.shape)
+          shape = list(np.shape(leaf))
           shape[axis] = b
           buf = np.zeros([capacity] + shape, leaf.dtype)
-          for j, (_, n, req) in enumerate(items):
-            src = leaf if j == 0 else np.asarray(jax.tree_util.tree_leaves(req[i])[k])
-            sl = (j,) + (slice(None),) * axis + (slice(0, n),)
-            buf[sl] = src
+          pre = (slice(None),) * axis
+          for j, (_, n, _) in enumerate(items):
+            buf[(j,) + pre + (slice(0, n),)] = np.asarray(per_request[j][k])
           bufs.append(buf)
         stacked.append(jax.tree_util.tree_unflatten(tree, bufs))
       for j, (_, n, _) in enumerate(items):
@@ -646,7 +654,7 @@ class BucketedFunction:
                        "check_padding_invariance (or per-call f(...) with check_padding=True) first and "
                        "stream with check_padding=False.")
     it = iter(requests)
-    pending, first, start = None, None, 0
+    pending, first, start, static = None, None, 0, None
     while True:
       chunk = list(itertools.islice(it, chunk_size))
       if not chunk:
@@ -656,7 +664,8 @@ class BucketedFunction:
         if not isinstance(first, (tuple, list)):
           raise TypeError(f"request 0 is a {type(first).__name__}; each request must be a tuple of "
                           "the positional arguments of one call, e.g. (params, ids).")
-      dispatched = self._dispatch_chunk(chunk, first, start, chunk_size, pack_static)
+        static = self._packed_static(first, pack_static)
+      dispatched = self._dispatch_chunk(chunk, first, start, chunk_size, static)
       start += len(chunk)
       if pending is not None:
         yield from self._collect(pending)
