@@ -31,7 +31,7 @@ import optax  # noqa: E402
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 from mlsys_jax.comm.lowrank import total_bytes  # noqa: E402
-from mlsys_jax.comm.warmup import dense_warmup  # noqa: E402
+from mlsys_jax.comm.warmup import dense_warmup, density_warmup, dgc_density_schedule  # noqa: E402
 
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["mnist1d", "digits"], "Data set.")
 _RATIOS = flags.DEFINE_list("ratios", ["0.01"], "Target densities.")
@@ -49,6 +49,10 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
+_DWARMUP = flags.DEFINE_list("density_warmup", ["0"], "Density warm-up steps (comm.density_warmup, DGC's "
+                              "0.25 -> 0.0625 -> ... schedule down to the target) to compare; 0 = none.")
+_DW_START = flags.DEFINE_float("dwarmup_start", 0.25, "First density of --density_warmup (then / 4 per stage "
+                               "while above the target; DGC: 0.25).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
@@ -60,12 +64,24 @@ def _setup():
   return ds, model
 
 
-def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0
+def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0, dwarmup: int = 0
             ) -> optax.GradientTransformation:
   """The optimizer of one arm: dense Adam (compressor None), ``chain(c, adam)`` or the preconditioned
-  compressor followed by SGD; ``warmup > 0`` wraps the compressor in ``comm.dense_warmup``."""
+  compressor followed by SGD; ``warmup > 0`` wraps the compressor in ``comm.dense_warmup``, ``dwarmup > 0``
+  in ``comm.density_warmup`` (DGC's density schedule over the first ``dwarmup`` steps)."""
   if compressor is None:
     return optax.adam(lr)
+  if dwarmup:
+    c = density_warmup(lambda r: _compressor(compressor, mode, r), ratio, steps=dwarmup,
+                       ratios=dgc_density_schedule(ratio, start=_DW_START.value))
+  else:
+    c = _compressor(compressor, mode, ratio)
+  if warmup:
+    c = dense_warmup(c, warmup, axis_name="d")
+  return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
+
+
+def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTransformation:
   pre = optax.scale_by_adam() if mode == "precondition" else None
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre),
        "sidco_fitonly": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d",
@@ -79,22 +95,20 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
        "accordion": lambda: comm.accordion("powersgd", 4, 1, interval=100, axis_name="d")}[compressor]()
   if pre is not None and compressor in ("powersgd2", "powersgd4", "accordion"):
     raise ValueError(f"mode 'precondition' is for the sparsifiers; {compressor} runs in 'chain' mode only.")
-  if warmup:
-    c = dense_warmup(c, warmup, axis_name="d")
-  return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
+  return c
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, compressor, mode, ratio, warmup):
+def _step(model, compressor, mode, ratio, warmup, dwarmup=0):
   """One compiled data-parallel step per arm, shared by all seeds."""
-  tx = make_tx(compressor, mode, ratio, _LR.value, warmup)
+  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup)
   return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
                                                       average_grads=compressor is None)
 
 
-def train(ds, model, compressor, mode, ratio, seed, warmup=0):
+def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0):
   """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed."""
-  tx, step = _step(model, compressor, mode, ratio, warmup)
+  tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup)
   w, b = _WORKERS.value, _BATCH.value
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   state = models.replicate(tx.init(params), w)
@@ -126,16 +140,18 @@ def main(argv):
   ds, model = _setup()
   seeds = list(range(_SEEDS.value))
   t0 = time.perf_counter()
-  arms = [("adam", None, "dense", 1.0, 0)]
+  arms = [("adam", None, "dense", 1.0, 0, 0)]
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:
         for w in [int(v) for v in _WARMUP.value]:
-          arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else ""), c, m, r, w))
+          for dw in [int(v) for v in _DWARMUP.value]:
+            arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else ""),
+                         c, m, r, w, dw))
   acc, sent = {}, {}
   for s in seeds:   # seed-major, the JSON rewritten after every seed (a stopped run keeps its seeds)
-    for name, c, m, r, w in arms:
-      a, b = train(ds, model, c, m, r, s, w)
+    for name, c, m, r, w, dw in arms:
+      a, b = train(ds, model, c, m, r, s, w, dw)
       acc.setdefault(name, []).append(a)
       sent.setdefault(name, []).append(b)
       print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
@@ -165,6 +181,7 @@ def _write(out, ds, seeds, acc, sent, comparisons):
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
+      "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": _DW_START.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons}, indent=1))

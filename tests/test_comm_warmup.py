@@ -1,5 +1,7 @@
 """comm.dense_warmup: dense steps first (exact mean over workers), then the wrapped compressor from its
-initial state; bytes, non-finite steps and replicas under shard_map and pmap (issue 18)."""
+initial state; bytes, non-finite steps and replicas under shard_map and pmap (issue 18).
+comm.density_warmup: DGC's decreasing densities, each stage equal to its compressor run on the carried
+state; bytes per stage; vmap / shard_map / pmap equal to a float64 numpy Top-k reference."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mlsys_jax._compat import shard_map
-from mlsys_jax.comm import dense_warmup, powersgd, sidco, topk
+from mlsys_jax.comm import dense_warmup, density_warmup, dgc, dgc_density_schedule, powersgd, sidco, topk
 
 from _trees import grads as _grads, params as _params  # tests/_trees.py
 
@@ -125,3 +127,118 @@ def test_bad_input():
   with pytest.raises(NameError, match="not bound"):
     dense_warmup(topk(0.1, axis_name="d"), 2, axis_name="d").update(_grads(0), dense_warmup(
         topk(0.1, axis_name="d"), 2, axis_name="d").init(_params()))
+
+
+# ---- density_warmup ----
+
+def test_dgc_schedule_is_the_papers():
+  assert dgc_density_schedule(0.001) == [0.25, 0.0625, 0.015625, 0.00390625]   # Lin et al. Sec. 3.3
+  assert dgc_density_schedule(0.01, start=0.1, factor=2.0) == [0.1, 0.05, 0.025, 0.0125]
+  assert dgc_density_schedule(0.3) == []
+
+
+@pytest.mark.parametrize("make", [lambda r: topk(r),
+                                  pytest.param(lambda r: sidco(r), marks=pytest.mark.slow),
+                                  pytest.param(lambda r: dgc(r, seed=1), marks=pytest.mark.slow)])
+def test_one_device_each_stage_is_its_compressor_on_the_carried_state(make):
+  """Stages (ratios 0.3, 0.1 for 3 + 2 steps, then 0.02): every output and state equals the stage's own
+  compressor applied to the carried state, and the bytes are that stage's payload."""
+  tx = density_warmup(make, 0.02, steps=5, ratios=[0.3, 0.1])
+  st = tx.init(_params())
+  ref_st = make(0.3).init(_params())
+  stage_of = [0, 0, 0, 1, 1, 2, 2]
+  comps = {j: make(r) for j, r in enumerate([0.3, 0.1, 0.02])}
+  update = jax.jit(tx.update)
+  total, seen = 0.0, []
+  for s, j in enumerate(stage_of):
+    g = _grads(s)
+    out, st = update(g, st)
+    ref, ref_st = jax.jit(comps[j].update)(g, ref_st)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), out, ref)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), st.inner_state, ref_st)
+    assert int(st.stage) == j
+    assert float(st.bytes_sent) == float(ref_st.bytes_sent)
+    total += float(ref_st.bytes_sent)
+    seen.append(float(st.bytes_sent))
+  assert float(st.total_bytes) == total
+  assert seen[0] > seen[3] > seen[5] > 0            # fewer bytes as the density falls
+
+
+def test_zero_steps_is_the_final_compressor():
+  tx, inner = density_warmup(topk, 0.05, steps=0), topk(0.05)
+  st, ref_st = tx.init(_params()), inner.init(_params())
+  for s in range(2):
+    out, st = tx.update(_grads(s), st)
+    ref, ref_st = inner.update(_grads(s), ref_st)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), out, ref)
+  assert float(st.total_bytes) == float(ref_st.total_bytes)
+
+
+def _np_topk_ef(g_ws, ratios):
+  """float64 numpy reference: per worker Top-k of (gradient + residual) over the raveled tree at each
+  step's density, averaged over the workers; returns the outputs (steps, n)."""
+  leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(g_ws)]
+  steps, w = leaves[0].shape[:2]
+  flat = np.concatenate([x.reshape(steps, w, -1) for x in leaves], axis=2)
+  n = flat.shape[2]
+  res, outs = np.zeros((w, n)), []
+  for s, r in enumerate(ratios):
+    k = max(1, int(round(r * n)))
+    acc = flat[s] + res
+    sent = np.zeros_like(acc)
+    for i in range(w):
+      top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
+      sent[i, top] = acc[i, top]
+    res = acc - sent
+    outs.append(sent.mean(0))
+  return np.stack(outs)
+
+
+def test_vmap_shard_map_pmap_equal_the_numpy_reference(devices):
+  """8 workers, densities 0.3 (2 steps) -> 0.1 (2 steps) -> 0.02: the same aggregated outputs under vmap
+  (the simulated workers of the experiments: every stage computed, one selected), shard_map and pmap, equal
+  to the float64 numpy reference; byte counts identical on every worker."""
+  steps, ratios = 6, [0.3, 0.3, 0.1, 0.1, 0.02, 0.02]
+  g_w = jax.tree_util.tree_map(
+      lambda *x: jnp.stack(x).reshape(steps, _W, *x[0].shape),
+      *[_grads(100 * s + w) for s in range(steps) for w in range(_W)])   # (steps, workers, ...)
+
+  def run(g):        # one worker's (steps, ...) gradients
+    tx = density_warmup(lambda r: topk(r, axis_name="d"), 0.02, steps=4, ratios=[0.3, 0.1])
+    st, outs = tx.init(_params()), []
+    for s in range(steps):
+      o, st = tx.update(jax.tree_util.tree_map(lambda x: x[s], g), st)
+      outs.append(o)
+    return outs, st
+
+  per_worker = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), g_w)    # (workers, steps, ...)
+  by_vmap = jax.jit(jax.vmap(run, axis_name="d"))(per_worker)
+  mesh = Mesh(np.array(devices), ("d",))
+  sm = lambda g: jax.tree_util.tree_map(lambda x: x[None], run(jax.tree_util.tree_map(lambda x: x[0], g)))
+  by_sm = jax.jit(shard_map(sm, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(per_worker)
+  by_pmap = jax.pmap(run, axis_name="d", devices=devices)(per_worker)
+  ref = _np_topk_ef(g_w, ratios)
+  for outs, st in (by_vmap, by_sm, by_pmap):
+    got = np.stack([np.concatenate([np.asarray(x)[0].reshape(-1) for x in jax.tree_util.tree_leaves(o)])
+                    for o in outs])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for o in outs:   # every replica holds the same mean
+      jax.tree_util.tree_map(lambda x: np.testing.assert_array_equal(np.asarray(x) - np.asarray(x)[0], 0.0), o)
+    np.testing.assert_array_equal(np.asarray(st.total_bytes) - np.asarray(st.total_bytes)[0], 0.0)
+    np.testing.assert_array_equal(np.asarray(st.stage), 2)
+
+
+def test_density_warmup_bad_input():
+  with pytest.raises(TypeError, match="function ratio"):
+    density_warmup(topk(0.1), 0.01, steps=4)
+  with pytest.raises(ValueError, match="final_ratio"):
+    density_warmup(topk, 1.5, steps=4)
+  with pytest.raises(ValueError, match="fewer than"):
+    density_warmup(topk, 0.001, steps=2)                  # 4 DGC densities, 2 steps
+  with pytest.raises(ValueError, match=r"ratios\[1\]"):
+    density_warmup(topk, 0.01, steps=4, ratios=[0.5, 0.0])
+  with pytest.raises(TypeError, match="state layout"):
+    density_warmup(lambda r: topk(r, momentum=0.9 if r > 0.05 else None), 0.01, steps=2,
+                   ratios=[0.1]).init(_params())
+  with pytest.raises(TypeError, match="bytes_sent"):
+    density_warmup(lambda r: optax.identity(), 0.01, steps=2, ratios=[0.1]).init(_params())

@@ -17,24 +17,30 @@ Measured (``experiments/compressed_adam.py --warmup``, digits, 8 workers, densit
 a dense start narrows the gap to dense Adam (150 steps, one seed: ``chain(topk, adam)`` 88.9% -> 92.9% with
 15 dense steps, Adam 98.7%; ``experiments/results/exploratory/``). It costs ``steps`` dense all-reduces.
 
+:func:`density_warmup` is DGC's own schedule (Sec. 3.3: "we exponentially increased the sparsity from 75%,
+93.75%, 98.4375%, 99.6%, to 99.9%" over the warm-up epochs): the density falls 0.25 -> 0.0625 -> 0.0156 ->
+0.0039 over ``steps`` steps, then stays at the target. Each stage is the same compressor built at a fixed
+(static) density, so each stage's payload has its own capacity and the bytes are counted stage by stage;
+the error-feedback residual carries over from one stage to the next.
+
 Non-finite gradients during the warm-up: one ``pmax`` of a flag makes every device agree; the step sends
 nothing, returns zeros and counts ``nonfinite_steps`` (after the warm-up the compressor counts its own).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlsys_jax._checks import check_floating, check_int
+from mlsys_jax._checks import check_floating, check_int, check_range
 from mlsys_jax.comm.lowrank import _state_field
 from mlsys_jax.comm.sparse import _check_axis, _global_finite
 
-__all__ = ["WarmupState", "dense_warmup"]
+__all__ = ["DensityWarmupState", "WarmupState", "dense_warmup", "density_warmup", "dgc_density_schedule"]
 
 
 class WarmupState(NamedTuple):
@@ -121,5 +127,153 @@ def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
     out, inner, sent, bad = jax.lax.cond(state.step < steps, dense, compressed, None)
     return out, WarmupState(state.step + 1, inner, sent, state.total_bytes + sent,
                             state.nonfinite_steps + bad.astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dgc_density_schedule(final_ratio: float, start: float = 0.25, factor: float = 4.0) -> list[float]:
+  """DGC's warm-up densities above ``final_ratio``: ``start, start / factor, ...`` while > ``final_ratio``.
+
+  Lin et al., ICLR 2018, Sec. 3.3: 25%, 6.25%, 1.5625%, 0.390625% before the final 0.1%.
+
+  >>> dgc_density_schedule(0.001)
+  [0.25, 0.0625, 0.015625, 0.00390625]
+  >>> dgc_density_schedule(0.01)
+  [0.25, 0.0625, 0.015625]
+  """
+  check_range("final_ratio", final_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_range("start", start, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_range("factor", factor, 1.0, None, low_inclusive=False)
+  out, r = [], float(start)
+  while r > final_ratio * (1 + 1e-9):
+    out.append(r)
+    r /= factor
+  return out
+
+
+class DensityWarmupState(NamedTuple):
+  """State of :func:`density_warmup`.
+
+  Attributes:
+    step: steps taken (int32).
+    inner_state: the compressors' shared state (every stage's compressor has the same state layout; the
+      residual carries over between stages).
+    stage: index of the stage the last step ran in (0 .. len(ratios); len(ratios) = the final density).
+    bytes_sent: bytes this device passed to the collectives in the last step (that stage's payload).
+    total_bytes: cumulative ``bytes_sent`` over all stages.
+  """
+  step: jax.Array
+  inner_state: Any
+  stage: jax.Array
+  bytes_sent: jax.Array
+  total_bytes: jax.Array
+
+
+def _layout(tree):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return treedef, [(tuple(np.shape(l)), jnp.result_type(l)) for l in leaves]
+
+
+def density_warmup(make_compressor: Callable[[float], optax.GradientTransformation], final_ratio: float, *,
+                   steps: int, ratios: Sequence[float] | None = None) -> optax.GradientTransformation:
+  """Compress at decreasing densities for the first ``steps`` steps, then at ``final_ratio`` (DGC's warm-up).
+
+  Lin, Han, Mao, Wang and Dally, "Deep Gradient Compression", ICLR 2018, Sec. 3.3: the density is
+  decreased exponentially (25% -> 6.25% -> 1.56% -> 0.39% -> 0.1%) over the first epochs, so that the
+  error-feedback residual is not left to accumulate the fast-changing early gradients.
+
+  The warm-up densities ``ratios`` each run for an equal share of ``steps`` (the first stages take the
+  remainder), then ``final_ratio`` for every later step. Each stage is ``make_compressor(ratio)`` at a
+  static density: its payload has that density's capacity, and ``bytes_sent`` / ``total_bytes`` count
+  what each stage really passed to the collectives (a schedule through ``optax.inject_hyperparams``
+  would instead send the largest density's capacity on every step). All stages share one state (the
+  residual, momentum velocity, counters carry over), so ``make_compressor`` must build the same kind of
+  transform at every density (checked at ``init``).
+
+  Args:
+    make_compressor: ``ratio -> GradientTransformation``, e.g. ``lambda r: topk(r, axis_name='d')``.
+    final_ratio: the density after the warm-up, in (0, 1).
+    steps: warm-up steps (>= 0; 0 is ``make_compressor(final_ratio)`` itself, with this wrapper's state).
+    ratios: the warm-up densities, each in (0, 1); default DGC's
+      ``dgc_density_schedule(final_ratio)`` (0.25, 0.0625, ... down to the last one above the target).
+      ``steps`` must be at least their number.
+
+  Returns:
+    An ``optax.GradientTransformation``; chain it like the compressor, e.g.
+    ``optax.chain(density_warmup(lambda r: sidco(r, axis_name='d'), 0.001, steps=100), optax.adam(1e-3))``.
+    Under ``vmap`` (simulated workers) with a per-worker step counter every stage is computed and one is
+    selected (``lax.switch`` on a batched index); under ``shard_map``/``pmap`` only the current stage runs.
+
+  Example:
+    >>> from mlsys_jax.comm import topk
+    >>> tx = density_warmup(topk, 0.25, steps=1, ratios=[0.5])
+    >>> g = {'w': jnp.array([1.0, -3.0, 0.5, 2.0])}
+    >>> s = tx.init(g)
+    >>> out, s = tx.update(g, s)          # stage 0: density 0.5
+    >>> out['w'].tolist(), float(s.bytes_sent)
+    ([0.0, -3.0, 0.0, 2.0], 20.0)
+    >>> out, s = tx.update(g, s)          # then 0.25 (1 slot), with the residual of stage 0
+    >>> out['w'].tolist(), float(s.bytes_sent), s.inner_state.residual['w'].tolist()
+    ([0.0, -3.0, 0.0, 0.0], 12.0, [2.0, 0.0, 1.0, 2.0])
+  """
+  if not callable(make_compressor) or isinstance(make_compressor, optax.GradientTransformation):
+    raise TypeError("make_compressor must be a function ratio -> GradientTransformation, e.g. "
+                    "lambda r: topk(r, axis_name='d'); got " + type(make_compressor).__name__ + ".")
+  check_range("final_ratio", final_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_int("steps", steps, 0)
+  if ratios is None:
+    ratios = dgc_density_schedule(final_ratio) if steps else []
+  ratios = [float(r) for r in ratios]
+  for i, r in enumerate(ratios):
+    check_range(f"ratios[{i}]", r, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  if steps and not ratios:
+    raise ValueError("density_warmup: steps > 0 needs at least one warm-up density in ratios (e.g. "
+                     "dgc_density_schedule(final_ratio)); pass steps=0 for no warm-up.")
+  if steps < len(ratios):
+    raise ValueError(f"density_warmup: steps={steps} is fewer than the {len(ratios)} warm-up densities "
+                     f"{ratios}; give each stage at least one step (raise steps or shorten ratios).")
+  if not steps:
+    ratios = []
+  stages = [make_compressor(r) for r in ratios] + [make_compressor(float(final_ratio))]
+  for r, c in zip(ratios + [final_ratio], stages):
+    if not isinstance(c, optax.GradientTransformation):
+      raise TypeError(f"make_compressor({r}) returned {type(c).__name__}, not an optax.GradientTransformation.")
+  # stage j covers steps [ends[j-1], ends[j]); equal shares, the remainder to the first stages
+  base, extra = divmod(steps, max(len(ratios), 1))
+  ends = np.cumsum([base + (1 if j < extra else 0) for j in range(len(ratios))]).astype(np.int32).tolist()
+
+  def init_fn(params):
+    check_floating("density_warmup.init", params)
+    inits = [c.init(params) for c in stages]
+    ref = _layout(inits[-1])
+    for r, st in zip(ratios, inits[:-1]):
+      if _layout(st) != ref:
+        raise TypeError(f"density_warmup: make_compressor({r}) has a different state layout than "
+                        f"make_compressor({final_ratio}); build the same transform (same options) at "
+                        f"every density.")
+    if _state_field(inits[-1], "bytes_sent") is None:
+      raise TypeError("density_warmup: the compressor's state has no bytes_sent field; use a compressor "
+                      "of mlsys_jax.comm (sidco, topk, dgc, randomk).")
+    f = jnp.zeros((), jnp.float32)
+    return DensityWarmupState(jnp.zeros((), jnp.int32), inits[0], jnp.zeros((), jnp.int32), f, f)
+
+  def update_fn(updates, state, params=None):
+    check_floating("density_warmup.update", updates)
+    stage = jnp.zeros((), jnp.int32)
+    for e in ends:
+      stage = stage + (state.step >= e).astype(jnp.int32)
+
+    def branch(c):
+      def run(inner):
+        out, new = c.update(updates, inner, params)
+        return jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, updates), new
+      return run
+
+    if len(stages) == 1:
+      out, inner = branch(stages[0])(state.inner_state)
+    else:
+      out, inner = jax.lax.switch(stage, [branch(c) for c in stages], state.inner_state)
+    sent = jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32)
+    return out, DensityWarmupState(state.step + 1, inner, stage, sent, state.total_bytes + sent)
 
   return optax.GradientTransformation(init_fn, update_fn)
