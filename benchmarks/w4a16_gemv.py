@@ -9,10 +9,14 @@ bandwidth (read + write, ``common.copy_bandwidth``) and read bandwidth (``common
 
 Method: every method runs ``--reps`` (32) times inside ONE jitted function, each launch on a different
 activation AND a different weight (32 copies, far more than the L2, and no two dots share an operand
-that XLA's dot merger could batch), so weights come from HBM; the sum of every output element is
-returned (nothing can be sliced away). All kernel configurations of a case are compiled first (in
-parallel threads), checked against the XLA path (the first launch's output is returned too), then each
-is timed with ``mlsys_jax.stats.time_interleaved`` against the bf16 baseline in the same process.
+that XLA's dot merger could batch), so weights come from HBM; activations and weights enter as separate
+arguments (no slicing inside the timed function); the sum of every output element is returned (nothing
+can be sliced away). Packed weights are random words (every nibble 0..15 is a valid code) with random
+positive scales, bf16 weights random normal: generated on the device in a few ms. All kernel
+configurations of a case are compiled first (in parallel threads), checked against the XLA path (the
+first launch's output is returned too), then each is timed with ``mlsys_jax.stats.time_interleaved``
+(``--inner`` calls per measurement) against the bf16 baseline in the same process. ``--budget_s``: a
+case is skipped (and listed in the JSON) when the time left is under the previous case's time.
 
   python benchmarks/w4a16_gemv.py --out benchmarks/results        # GPU
   python benchmarks/w4a16_gemv.py --small                         # CPU smoke test (interpret mode)
@@ -36,13 +40,15 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
-# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. H200 run 1 (2026-12-02, 11:23)
-# showed the kernel latency-bound at one program per SM (fma 64:1:1 104 us -> split_k 4 46 us): the
-# sweep now goes to 8-16 programs per SM and prefetches each step's loads a step ahead.
-SWEEP = ("dot:64:2:2:4:3:0,fma:64:1:8:4:3:1,fma:64:2:8:4:3:1,fma:32:1:8:4:3:1,fma:64:4:16:4:3:0,"
-         "fma:64:1:4:4:3:1,fma:64:1:8:4:3:0,fma_shift:64:1:8:4:3:1,dot:64:1:8:4:3:1,dot:64:2:4:4:3:1,"
-         "fma:32:2:1:4:3:1")
-OTHER = "fma:64:1:8:4:3:1,dot:64:1:8:4:3:1,dot:128:1:4:8:3:1"
+# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. Batch 1: the 'fma' kernel
+# after the 2026-12-02 afternoon rewrite (4.4 SASS instructions per weight on sm_90, 48-64 registers
+# without register prefetch, 96-233 with it) around the morning's best (fma:64:2:8, 34.6 us), with
+# 512-4096 programs; batch > 1: the tensor-core 'dot' kernel and 'fma' (its products grow with the batch).
+SWEEP = ("fma:64:1:8:4:3:0,fma:64:2:8:4:3:0,fma:64:2:4:4:3:0,fma:64:1:16:4:3:0,fma:64:2:16:4:3:0,"
+         "fma:64:4:8:4:3:0,fma:32:2:8:2:3:0,fma:32:1:16:2:3:0,fma:128:2:8:8:3:0,fma:128:1:16:8:3:0,"
+         "fma:128:2:4:8:3:0,fma:256:1:8:8:3:0,fma:64:1:8:2:3:0,fma:64:2:8:4:3:1,dot:64:2:4:4:3:1")
+SWEEP_B1 = "fma:64:2:8:4:3:0,fma:64:1:16:4:3:0,fma:128:2:8:8:3:0,fma:64:2:16:4:3:0,fma:32:2:8:2:3:0"
+OTHER = "fma:64:2:8:4:3:0,fma:64:1:16:4:3:0,dot:64:1:8:4:3:1,dot:128:1:4:8:3:1,dot:64:2:8:4:3:0"
 
 
 def _extra(ap):
@@ -52,9 +58,13 @@ def _extra(ap):
   ap.add_argument("--reps", type=int, default=32, help="launches per timed call")
   ap.add_argument("--xla_f32", action="store_true", help="also time the float32 XLA reference path")
   ap.add_argument("--repeats", type=int, default=10, help="timed pairs per comparison")
+  ap.add_argument("--inner", type=int, default=2, help="calls per timed measurement")
+  ap.add_argument("--budget_s", type=float, default=1e9, help="skip cases that would not fit in this")
   ap.add_argument("--configs", default=SWEEP,
-                  help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch, first case")
-  ap.add_argument("--other_configs", default=OTHER, help="the same for every other case")
+                  help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch, batch 1 "
+                       "of the first shape")
+  ap.add_argument("--configs_b1", default=SWEEP_B1, help="the same for batch 1 of the other shapes")
+  ap.add_argument("--other_configs", default=OTHER, help="the same for batch > 1")
   ap.add_argument("--fma_max_batch", type=int, default=4, help="skip 'fma' configs above this batch")
   ap.add_argument("--name", default="w4a16_gemv", help="JSON file name")
 
@@ -71,8 +81,8 @@ def _parse(spec: str):
 
 
 def _looped(op, copies, reps):
-  """``op(x_r, w_{r mod copies})`` for ``reps`` different activations, summed over every output
-  element, in one jitted function."""
+  """``op(x_r, w_{r mod copies})`` for ``reps`` different activations (a tuple of arrays), summed over
+  every output element, in one jitted function."""
   def f(xs, ws):
     outs = [op(xs[r], ws[r % copies]) for r in range(reps)]
     return sum(jnp.sum(o.astype(jnp.float32)) for o in outs), outs[0]   # outs[0]: the exactness check
@@ -95,42 +105,55 @@ def main():
   on_gpu = jax.devices()[0].platform == "gpu"
   interpret = not on_gpu
   if args.small:
-    shapes, batches, reps0, repeats = [(256, 96)], [1, 4], 2, 3
+    shapes, batches, reps0, repeats = [(256, 96), (512, 64)], [1, 4], 2, 3
     sweep = [("fma", 32, 1, 1, 4, 3, 1), ("fma", 32, 2, 2, 4, 3, 0), ("dot", 32, 1, 2, 4, 3, 1)]
+    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0)]
     other = [("fma", 32, 1, 1, 4, 3, 1), ("dot", 32, 1, 1, 4, 3, 1)]
     gs = 64
   else:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     reps0, repeats = args.reps, args.repeats
-    sweep, other = _parse(args.configs), _parse(args.other_configs)
+    sweep, sweep_b1, other = _parse(args.configs), _parse(args.configs_b1), _parse(args.other_configs)
     gs = args.group_size
   t_start = time.time()
   bw_copy = common.copy_bandwidth(1 << (22 if args.small else 30), repeats=3 if args.small else 20)
   bw_read = common.read_bandwidth(1 << (22 if args.small else 30), repeats=3 if args.small else 20)
   print(f"copy bandwidth {bw_copy / 1e12:.3f} TB/s (read + write), read bandwidth {bw_read / 1e12:.3f} "
         f"TB/s", flush=True)
-  rows = []
+  rows, skipped = [], []
   first = True
+  last_case = 0.0
   for k, n in shapes:
+    if time.time() - t_start + last_case > args.budget_s:
+      skipped += [{"k": k, "n": n, "batch": b} for b in batches]
+      print(f"skipping {k}x{n}: {time.time() - t_start:.0f} s spent of --budget_s {args.budget_s}", flush=True)
+      continue
     # A distinct weight for EVERY launch, for every method: with fewer copies than launches XLA merges
     # the dots that share a weight into one (its dot merger), so the bf16 baseline read each weight once
     # per several launches (run 1: a "bf16 GEMV" of 8192x28672 in 18 us = 26 TB/s).
     reps = copies = copies_b = reps0
-    packed, wb = [], []
-    for i in range(copies):
-      w = jax.random.normal(jax.random.PRNGKey(i), (k, n), jnp.float32) * 0.02
-      packed.append(wo.pack_int4(w, gs))
-      wb.append(w.astype(jnp.bfloat16))
-      del w
+    t_gen = time.time()
+    gen_words = jax.jit(lambda key: jax.random.bits(key, (k // 8, n), jnp.uint32))
+    gen_scales = jax.jit(lambda key: (0.001 + 0.01 * jax.random.uniform(key, (k // gs, n))).astype(jnp.bfloat16))
+    gen_bf16 = jax.jit(lambda key: (0.02 * jax.random.normal(key, (k, n), jnp.float32)).astype(jnp.bfloat16))
+    packed = tuple(wo.Int4Weights(gen_words(jax.random.PRNGKey(i)), gen_scales(jax.random.PRNGKey(10_000 + i)))
+                   for i in range(copies))
+    wb = tuple(gen_bf16(jax.random.PRNGKey(20_000 + i)) for i in range(copies_b))
     jax.block_until_ready((packed, wb))
+    print(f"{k}x{n}: {copies} packed and {copies_b} bf16 weights in {time.time() - t_gen:.1f} s", flush=True)
     for b in batches:
       t_case = time.time()
-      xs = jax.random.normal(jax.random.PRNGKey(1000 + b), (reps, b, k), jnp.float32).astype(jnp.bfloat16)
+      if t_case - t_start + last_case > args.budget_s:
+        skipped.append({"k": k, "n": n, "batch": b})
+        print(f"skipping {k}x{n} batch {b}: {t_case - t_start:.0f} s spent", flush=True)
+        continue
+      xs = tuple(jax.random.normal(jax.random.PRNGKey(1000 * b + r), (b, k), jnp.float32).astype(jnp.bfloat16)
+                 for r in range(reps))
       ref = np.asarray(wo.w4a16_matmul(xs[0], packed[0], impl="xla"))
-      cfgs = sweep if first else other
+      cfgs = other if b > 1 else sweep if first else sweep_b1
       cfgs = [c for c in cfgs if not (c[0].startswith("fma") and b > args.fma_max_batch)]
-      first = False
+      first = first and b > 1
       fns, fargs, single = {}, {}, {}   # single: the kernel configurations (checked for exactness)
       for c in cfgs:
         v, bn, bps, sk, nw, ns, pf = c
@@ -173,7 +196,7 @@ def main():
               got = np.asarray(fc(*fargs[name])[1])
               entry["rel_error_vs_xla"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
             t = stats.time_interleaved(lambda: fc(*fargs[name]), lambda: fb(*fargs["bf16"]),
-                                       repeats=repeats, warmup=2)
+                                       repeats=repeats, warmup=2, inner=1 if args.small else args.inner)
             entry.update(seconds=t.median_a / reps, bf16_seconds=t.median_b / reps,
                          speedup_vs_bf16=t.ratio, p_faster_than_bf16=t.p_a_faster)
           except Exception as e:
@@ -195,13 +218,16 @@ def main():
           if "seconds" in row.get(base, {}):
             row[f"speedup_vs_{base}"] = row[base]["seconds"] / best["seconds"]
       row["compile_seconds"] = t_compiled - t_case
-      row["case_seconds"] = time.time() - t_case
+      row["case_seconds"] = last_case = time.time() - t_case
+      print(f"case {k}x{n} batch {b}: {row['case_seconds']:.1f} s (compile {row['compile_seconds']:.1f} s)",
+            flush=True)
       rows.append(row)
       common.write_json(args.out, args.name, {"env": common.environment(), "rows": rows, "partial": True,
+                                              "skipped": skipped,
                                               "copy_bandwidth_bytes_per_s": bw_copy,
                                               "read_bandwidth_bytes_per_s": bw_read})
   payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": bw_copy,
-             "read_bandwidth_bytes_per_s": bw_read, "rows": rows, "small": bool(args.small),
+             "read_bandwidth_bytes_per_s": bw_read, "rows": rows, "skipped": skipped, "small": bool(args.small),
              "interpret": interpret, "total_seconds": time.time() - t_start}
   common.write_json(args.out, args.name, payload)
   common.print_table([{kk: vv for kk, vv in r.items() if not isinstance(vv, (list, dict))} for r in rows],
