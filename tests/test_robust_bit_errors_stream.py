@@ -157,7 +157,7 @@ def test_subset_property_binomial(bits, dtype):
 @pytest.mark.parametrize("method", ["binomial", pytest.param("levels", marks=pytest.mark.slow)])
 def test_kernel_equals_xla_under_jit_and_vmap(method):
   """Pallas interpret mode (the kernel's code) gives the XLA path's bits, also vmapped over keys and with
-  the rate traced; io (word or byte loads), tiles and pre never change them."""
+  the rate traced; io (word or byte loads), tiles, sub-blocks and pre never change them."""
   codes = jax.random.randint(jax.random.PRNGKey(1), (3, 173), 0, 256).astype(jnp.uint8)
   keys = jax.random.split(jax.random.PRNGKey(4), 3)
 
@@ -166,7 +166,9 @@ def test_kernel_equals_xla_under_jit_and_vmap(method):
                             in_axes=(0, 0, None)))(keys, codes, 0.07)
 
   xla = np.asarray(run("xla"))
-  np.testing.assert_array_equal(np.asarray(run("interpret", io="bytes", words=32, pre=1)), xla)
+  # byte io, a 64-word tile in two 32-word sub-blocks (one loop step each; the second one ragged)
+  np.testing.assert_array_equal(np.asarray(run("interpret", io="bytes", words=64, sub=32, unroll=False,
+                                               pre=1)), xla)
   each = [np.asarray(be._inject(k, c, 0.07, 8, impl="xla", method=method)) for k, c in zip(keys, codes)]
   np.testing.assert_array_equal(np.stack(each), xla)
   assert len({bytes(x) for x in xla}) == 3
@@ -201,9 +203,34 @@ def test_stream_is_pinned():
   (and documented in docs/randbet.md)."""
   zeros = jnp.zeros((16,), jnp.uint8)
   out = be.inject_bit_errors(jax.random.PRNGKey(0), zeros, 0.25, 8)
-  assert np.asarray(out).tolist() == PINNED_LEVELS     # the stream of every release since the kernel came
-  out = be._inject(jax.random.PRNGKey(0), zeros, 0.25, 8, impl="xla", method="binomial")
-  assert np.asarray(out).tolist() == PINNED_BINOMIAL
+  assert np.asarray(out).tolist() == PINNED_BINOMIAL   # the default stream since 2026-12-02
+  out = be._inject(jax.random.PRNGKey(0), zeros, 0.25, 8, impl="xla", method="levels")
+  assert np.asarray(out).tolist() == PINNED_LEVELS     # the default stream until 2026-12-02
+
+
+@pytest.mark.slow   # the default suite covers sub-blocks in test_kernel_equals_xla_under_jit_and_vmap and
+@pytest.mark.parametrize("method", ["binomial", "levels"])   # test_kernel_matches_xla_bit_for_bit
+def test_kernel_sub_blocks_equal_xla(method):
+  """Large tiles split into sub-blocks (all loads first, or one sub-block per loop step; early stopping
+  decided per sub-block) give the XLA path's bits, with a ragged end (an empty last sub-block):
+  stuck-at (both streams) with word io and all loads first; flips with byte io and a loop."""
+  key = jax.random.PRNGKey(8)
+  for n, unroll, p_one in ((332, True, 0.3), (331, False, None)):   # 83 words: 2 programs, 2 sub-blocks
+    codes = jax.random.randint(jax.random.PRNGKey(n), (n,), 0, 256).astype(jnp.uint8)
+    run = lambda impl, **kw: np.asarray(jax.jit(lambda c: be._inject(
+        key, c, 0.05, 8, p_one=p_one, impl=impl, method=method, **kw))(codes))
+    np.testing.assert_array_equal(run("interpret", words=64, sub=32, unroll=unroll), run("xla"))
+
+
+def test_tiling_checks():
+  codes = jnp.zeros((64,), jnp.uint8)
+  fp = be._flip_params(pb.key_words(jax.random.PRNGKey(0)), 0.1)
+  for kw, msg in ((dict(words=96), "power of two"), (dict(words=64, sub=128), "must not exceed"),
+                  (dict(words=64, sub=0), "power of two")):
+    with pytest.raises(ValueError, match=msg):
+      pb.inject(codes, 8, fp, impl="interpret", **kw)
+  assert pb.default_impl() == "xla"   # no GPU here: the public functions use the XLA path
+  assert pb.METHOD == "binomial" and be.inject_bit_errors(jax.random.PRNGKey(0), codes, 0.0, 8).sum() == 0
 
 
 PINNED_LEVELS = [16, 96, 64, 0, 8, 101, 115, 16, 8, 159, 6, 214, 7, 164, 6, 1]

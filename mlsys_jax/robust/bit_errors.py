@@ -111,13 +111,16 @@ def _inject(key: jax.Array, codes: jax.Array, p, bits: int, p_one=None, impl: st
 def inject_bit_errors(key: jax.Array, codes: jax.Array, p: float | jax.Array, bits: int) -> jax.Array:
   """Flip every one of the low ``bits`` bits of every code independently with probability ``p``.
 
-  Stutz et al. (MLSys 2021), Sec. 3: random bit errors model low-voltage SRAM. Every bit owns one
-  uniform 32-bit draw ``U`` and flips iff ``U < floor(p * 2^32)``, so for a fixed ``key`` the flips at a
-  lower ``p`` are a subset of those at a higher ``p``, and 1->0 and 0->1 flips are equally likely.
+  Stutz et al. (MLSys 2021), Sec. 3: random bit errors model low-voltage SRAM. Bits flip independently
+  at rate ``floor(p * 2^32) / 2^32``; for a fixed ``key`` the flips at a lower ``p`` are a subset of those
+  at a higher ``p``, and 1->0 and 0->1 flips are equally likely.
 
-  The draws are never stored: a counter-based hash (Philox-4x32-10) of the key, the code's position
-  and the bit is evaluated where it is needed, comparing only as many leading binary digits of ``U`` as
-  it takes to decide (``mlsys_jax/robust/_pallas_bits.py``). On GPU this runs as one Pallas (Triton)
+  The draws are never stored: a counter-based hash (Philox, Salmon et al. 2011) of the key and the
+  position is evaluated where it is needed (``mlsys_jax/robust/_pallas_bits.py``). The default stream
+  (``_pallas_bits.METHOD = 'binomial'``) draws, per 32-bit word of codes, the number of faulty bits from
+  its binomial distribution and then which bits (a uniform subset), so the bits are independent with
+  rate p (to float32 precision of the binomial CDF, about 1e-6 relative); ``'levels'`` (the stream
+  until 2026-12-02) compares one 32-bit draw per bit exactly. On GPU this runs as one Pallas (Triton)
   kernel that reads the codes once and writes them once; elsewhere the same hash runs in XLA, and the
   two give identical flips for the same key. The pattern is a function of the key, the flat index of
   the code, the bit and the code dtype; it differs from ``jax.random.bits(key, ...)``.
