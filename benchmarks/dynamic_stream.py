@@ -9,6 +9,12 @@ jax.export symbolic shapes; plus a batched Tree-LSTM against per-tree execution.
       --methods=pad_to_max,dp_e2e,per_shape_jit,dp_warm --out=$OUT
   # everything (all nine stream methods; likely over 10 minutes on an H200: split it with --methods)
   python benchmarks/dynamic_stream.py --out=$OUT
+  # H200 in <= 120 s: the warm comparison served through BucketedFunction.map (chunked ingestion and
+  # fetch, device-resident per-call inputs, packed parameters) for both pad-to-max and the DP buckets,
+  # then the per-call pipelined loop; correctness against unpadded exact-length runs on the host CPU
+  python benchmarks/dynamic_stream.py --parts=stream --methods=pad_to_max,dp_warm --max_buckets=4 \
+      --calibration_points=2 --e2e_mode=chunked --warm_modes=chunked,pipelined --reference_requests=6 \
+      --time_limit_s=105 --compilation_cache_dir=/tmp/nimble_jcc --out=$OUT
   # CPU smoke test
   python benchmarks/dynamic_stream.py --small --out=/tmp/dyn
 
@@ -19,7 +25,8 @@ and call times) to run past the limit and lists it under ``skipped``.
 Requests are token ids (batch, n) drawn with a log-normal length distribution clipped to
 [min_len, max_len] (a fit to sentence/paragraph token counts: median ~ 48, sigma 0.9); the served
 function embeds them, runs a masked transformer encoder and returns the masked mean embedding
-(batch, d). Every method returns host numpy results (what a server sends back). Per-shape methods
+(batch, d). Every method returns host numpy results (what a server sends back), except the warm
+"pipelined" mode (device arrays, not fetched). Per-shape methods
 (jit, symbolic export) compile once per distinct length; they run until --budget_s and the rest of
 the stream is extrapolated from their measured compile and call times (reported as such).
 """
@@ -144,21 +151,29 @@ def run_stream(call, reqs, *, budget_s=None, key=None):
                 "new_program_seconds_mean": mean_new, "repeat_call_seconds_mean": mean_rep}
 
 
-def calibrate(served, params, batch, sizes, repeats=7):
+def calibrate(served, params, batch, sizes, repeats=7, chunk_size=None, per_chunk=16):
   """Compile and call time at a few bucket sizes (an offline calibration for the DP's cost model):
   an affine fit ``t(b) = t0 + t1 b`` with ``t1 >= 0`` (the fastest of ``repeats`` calls per size, so a
-  loaded machine adds less noise); if the fit has no slope, time proportional to the padded work."""
+  loaded machine adds less noise); if the fit has no slope, time proportional to the padded work.
+  With ``chunk_size`` the time per request of ``map`` over ``per_chunk`` requests (the streaming
+  programs, compiled here as they will be served)."""
   rows = []
   for s in sizes:
     f = dyn.bucketed_jit(served, dims={1: 1}, buckets=(s,))
     ids = np.ones((batch, s), np.int32)
-    c = f.compile_all(params, ids)
-    f(params, ids)
+    if chunk_size is None:
+      c = f.compile_all(params, ids)
+      call = lambda: f(params, ids)
+    else:
+      c = f.compile_all(params, ids, chunk_size=chunk_size)
+      req = [(params, ids)] * per_chunk
+      call = lambda: f.map(req, chunk_size=chunk_size)
+    call()
     ts = []
     for _ in range(repeats):
       t = time.perf_counter()
-      f(params, ids)
-      ts.append(time.perf_counter() - t)
+      call()
+      ts.append((time.perf_counter() - t) / (1 if chunk_size is None else per_chunk))
     rows.append({"size": int(s), "compile_s": c, "call_s": float(np.min(ts))})
   x = np.array([r["size"] for r in rows], np.float64)
   y = np.array([r["call_s"] for r in rows])
@@ -171,10 +186,30 @@ def calibrate(served, params, batch, sizes, repeats=7):
       np.mean([r["compile_s"] for r in rows]))
 
 
-def _max_diff(outs, ref, upto):
-  d = [float(np.max(np.abs(a - b))) for a, b in zip(outs[:upto], ref[:upto])]
-  scale = max(float(np.max(np.abs(b))) for b in ref[:upto])
-  return max(d), scale
+def _max_diff(outs, ref: dict):
+  """Max |out - ref| over the requests ``ref`` has (``{request index: unpadded output}``) and the scale
+  of the reference outputs."""
+  d = [float(np.max(np.abs(np.asarray(outs[i]) - b))) for i, b in ref.items() if i < len(outs)]
+  scale = max(float(np.max(np.abs(b))) for b in ref.values())
+  return (max(d) if d else float("nan")), scale
+
+
+def cpu_reference(served, params, reqs, count: int) -> dict:
+  """Unpadded outputs computed on the host CPU (``jax.jit`` at each request's exact length, float32)
+  for ``count`` requests: the first request of each distinct length in stream order, plus the longest
+  request. A correctness reference that costs no accelerator compilation per length."""
+  cpu = jax.devices("cpu")[0]
+  p = jax.device_put(params, cpu)
+  f = jax.jit(served)
+  seen, idx = set(), []
+  for i, x in enumerate(reqs):
+    if x.shape[1] not in seen and len(idx) < max(count - 1, 1):
+      seen.add(x.shape[1])
+      idx.append(i)
+  idx.append(int(np.argmax([x.shape[1] for x in reqs])))
+  return {i: np.asarray(f(p, jax.device_put(reqs[i], cpu), jax.device_put(np.int32(reqs[i].shape[1]),
+                                                                           cpu)))
+          for i in sorted(set(idx))}
 
 
 def cost_curve(*, num_layers, d_model, num_heads, batch, requests, min_len, max_len, vocab=1000, seed=0,
@@ -250,11 +285,17 @@ def dispatch_cost(*, num_layers, d_model, num_heads, batch, max_len, vocab=1000,
       "AOT Compiled, numpy inputs": lambda: comp(params, padded, np.int32(length)),
       "bucketed_jit (pads on host)": lambda: f(params, ids),
   }
+  # the streaming entry point serves all `calls` requests in one map() (chunks of 256): per request
+  fm = dyn.bucketed_jit(served, dims={1: 1}, buckets=(b,))
+  batch_ways = {"bucketed_jit.map (chunked, fetched to host)":
+                lambda: fm.map([(params, ids)] * calls, chunk_size=256)}
   for w in ways.values():
     jax.block_until_ready(w())
+  for w in batch_ways.values():
+    w()
   res: dict = {"length": length, "bucket": b, "calls": calls,
-               "num_parameter_leaves": len(jax.tree_util.tree_leaves(params)), "ways": {k: {"host_s": [], "total_s": []}
-                                                                      for k in ways}}
+               "num_parameter_leaves": len(jax.tree_util.tree_leaves(params)),
+               "ways": {k: {"host_s": [], "total_s": []} for k in list(ways) + list(batch_ways)}}
   for r in range(rounds):
     for k, w in (ways.items() if r % 2 == 0 else reversed(ways.items())):
       t = time.perf_counter()
@@ -264,9 +305,16 @@ def dispatch_cost(*, num_layers, d_model, num_heads, batch, max_len, vocab=1000,
       t2 = time.perf_counter()
       res["ways"][k]["host_s"].append((t1 - t) / calls)
       res["ways"][k]["total_s"].append((t2 - t) / calls)
+    for k, w in batch_ways.items():  # host time = total minus the time map() waited for the device
+      w0 = fm.stream_wait_seconds
+      t = time.perf_counter()
+      w()
+      t2 = time.perf_counter()
+      res["ways"][k]["host_s"].append((t2 - t - (fm.stream_wait_seconds - w0)) / calls)
+      res["ways"][k]["total_s"].append((t2 - t) / calls)
   for k, v in res["ways"].items():
     v["host_s_median"], v["total_s_median"] = float(np.median(v["host_s"])), float(np.median(v["total_s"]))
-    log(f"dispatch: {k:<44} host {v['host_s_median'] * 1e6:7.1f} us per call, throughput "
+    log(f"dispatch: {k:<46} host {v['host_s_median'] * 1e6:7.1f} us per call, throughput "
         f"{v['total_s_median'] * 1e6:7.1f} us per call")
   if on_update is not None:
     on_update(res)
@@ -288,7 +336,8 @@ _WARM = ("pad_to_max", "pow2", "dp_warm", "dp_warm_k_pow2", "dp_e2e")  # compare
 
 def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len, max_len, vocab=1000,
                      budget_s=120.0, max_buckets=8, seed=0, warm_repeats=3,
-                     warm_modes=("serial", "pipelined"), methods=METHODS, calibration_points=3,
+                     warm_modes=("serial", "pipelined", "chunked"), methods=METHODS,
+                     calibration_points=3, chunk_size=256, reference_requests=0, e2e_mode="per_call",
                      clock: Clock | None = None,
                      on_update=None, log=print) -> dict:
   """The request-stream benchmark. ``methods`` picks (a subset of :data:`METHODS`, always run in that
@@ -306,6 +355,11 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
     raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}.")
   if calibration_points < 2:
     raise ValueError(f"calibration_points must be >= 2 (an affine fit), got {calibration_points}.")
+  if e2e_mode not in ("per_call", "chunked"):
+    raise ValueError(f"e2e_mode must be 'per_call' or 'chunked', got {e2e_mode!r}.")
+  bad_modes = set(warm_modes) - {"serial", "pipelined", "chunked"}
+  if bad_modes:
+    raise ValueError(f"unknown warm modes {sorted(bad_modes)}; choose from serial, pipelined, chunked.")
   served, params = make_model(num_layers, d_model, num_heads, vocab, max_len, seed)
   lengths = sample_lengths(seed, requests, min_len, max_len)
   history = sample_lengths(seed + 1000, requests, min_len, max_len)  # the DP plans from past traffic
@@ -314,7 +368,8 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
                         requests=requests, min_len=min_len, max_len=max_len, vocab=vocab,
                         budget_s=budget_s, max_buckets=max_buckets, seed=seed, methods=list(methods),
                         warm_repeats=warm_repeats, warm_modes=list(warm_modes),
-                        calibration_points=calibration_points,
+                        calibration_points=calibration_points, chunk_size=chunk_size,
+                        reference_requests=reference_requests, e2e_mode=e2e_mode,
                         time_limit_s=clock.limit_s),
          "distinct_lengths": int(np.unique(lengths).size),
          "length_quantiles": {q: float(np.quantile(lengths, q / 100)) for q in (10, 50, 90, 99)},
@@ -333,7 +388,8 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
   # sizes spaced evenly in log between min_len and max_len (2 points: an exact affine fit, one compile less)
   cal_sizes = sorted({int(round(min_len * (max_len / min_len) ** (i / max(calibration_points - 1, 1))))
                       for i in range(calibration_points)})
-  cal_rows, coef, run_cost, compile_s = calibrate(served, params, batch, cal_sizes)
+  cal_rows, coef, run_cost, compile_s = calibrate(
+      served, params, batch, cal_sizes, chunk_size=chunk_size if e2e_mode == "chunked" else None)
   res["calibration"] = {"rows": cal_rows, "run_cost": coef, "compile_s_mean": compile_s,
                         "seconds": time.perf_counter() - t}
   log(f"calibration: {cal_rows}")
@@ -353,7 +409,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
 
   bucketed = {"pad_to_max": (max_len,), "pow2": pow2, "dp_e2e": plan_e2e.buckets,
               "dp_warm": plan_warm.buckets, "dp_warm_k_pow2": plan_warm_pow2k.buckets}
-  fns, ref = {}, None
+  fns, ref, ref_kind, chunked_outs = {}, None, None, {}
   call_s = lambda b: run_cost(b) + 1e-4  # predicted seconds of one warm call (+ host overhead)
 
   def predict_bucketed(bs):
@@ -362,10 +418,12 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
   def correctness():
     if ref is None:
       return
-    upto = len(ref)
-    res["max_abs_diff_vs_unpadded"] = {n: _max_diff(o, ref, upto)[0] for n, (_, o) in fns.items()}
-    res["output_scale"] = _max_diff(ref, ref, upto)[1]
-    res["requests_compared"] = upto
+    outs = dict(fns, **chunked_outs)
+    res["max_abs_diff_vs_unpadded"] = {n: _max_diff(o, ref)[0] for n, (_, o) in outs.items()}
+    res["output_scale"] = _max_diff([ref[i] if i in ref else None for i in range(max(ref) + 1)],
+                                    ref)[1]
+    res["requests_compared"] = len(ref)
+    res["reference"] = ref_kind
 
   def run_bucketed(name):
     bs = bucketed[name]
@@ -373,8 +431,16 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
     if pred > clock.left():
       return _skip(res, clock, name, pred, log)
     f = dyn.bucketed_jit(served, dims={1: 1}, buckets=bs)
-    outs, r = run_stream(lambda ids: f(params, ids), reqs, key=lambda ids: f.bucket_of(ids.shape[1]),
-                         budget_s=max(clock.left(), 1.0) if clock.limit_s is not None else None)
+    if e2e_mode == "chunked":  # the whole stream through map(), compilation included
+      t = time.perf_counter()
+      outs = f.map([(params, x) for x in reqs], chunk_size=chunk_size)
+      total = time.perf_counter() - t
+      r = {"seconds": total, "measured_seconds": total, "requests_measured": len(reqs),
+           "extrapolated": False, "mode": "chunked", "chunk_size": chunk_size,
+           "repeat_call_seconds_mean": max(total - f.compile_seconds, 0.0) / len(reqs)}
+    else:
+      outs, r = run_stream(lambda ids: f(params, ids), reqs, key=lambda ids: f.bucket_of(ids.shape[1]),
+                           budget_s=max(clock.left(), 1.0) if clock.limit_s is not None else None)
     st = f.stats()
     r.update(compiles=f.compile_count, compile_seconds=f.compile_seconds, buckets=list(bs),
              compile_seconds_by_bucket={str(b): v for b, v in st["compile_seconds_by_bucket"].items()},
@@ -395,7 +461,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
       per = jax.jit(served)
       outs, r = run_stream(lambda ids: np.asarray(per(params, ids, np.int32(ids.shape[1]))), reqs,
                            budget_s=budget)
-      ref = outs
+      ref, ref_kind = dict(enumerate(outs)), "per_shape_jit on the device (requests it ran)"
     else:
       sym = dyn.export_symbolic(served, params, reqs[0], dims={1: 1})
       outs, r = run_stream(lambda ids: sym(params, ids), reqs, budget_s=budget)
@@ -449,6 +515,31 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         f.unpad = "host"
     return run
 
+  def chunked(f):  # the library's streaming entry point: BucketedFunction.map (host numpy results)
+    return lambda: f.map([(params, x) for x in reqs], chunk_size=chunk_size)
+
+  def warm_up_chunked(names) -> bool:
+    """First pass of every method through map(): compiles its streaming programs (reported apart)."""
+    for k in names:
+      f = fns[k][0]
+      m = res["methods"][k]
+      if m.get("mode") == "chunked":  # the end-to-end run was this first pass
+        chunked_outs[k + "/chunked"] = fns[k]
+        res["warm"][k]["chunked_warm_up"] = {"seconds": m["seconds"], "compile_seconds": m["compile_seconds"],
+                                             "chunk_size": chunk_size}
+        continue
+      c0, t = f.compile_seconds, time.perf_counter()
+      outs = chunked(f)()
+      first = time.perf_counter() - t
+      chunked_outs[k + "/chunked"] = (None, outs)
+      res["warm"][k]["chunked_warm_up"] = {"seconds": first, "compile_seconds": f.compile_seconds - c0,
+                                           "chunk_size": chunk_size}
+      log(f"chunked warm-up {k}: {first:.2f} s first pass ({f.compile_seconds - c0:.2f} s compiling)")
+      update()
+      if clock.left() <= 0:
+        return False
+    return True
+
   def run_warm():
     # methods whose stream was cut by the time limit did not compile all their buckets: left out
     names = [k for k in _WARM if k in fns and not res["methods"][k]["extrapolated"]]
@@ -457,27 +548,70 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
       return
     warm = res.setdefault("warm", {k: {} for k in names})
     for mode in warm_modes:
-      wrap = serial if mode == "serial" else pipelined
+      wrap = {"serial": serial, "pipelined": pipelined, "chunked": chunked}[mode]
+      if mode == "chunked" and not warm_up_chunked(names):
+        _skip(res, clock, "warm chunked", 0.0, log)
+        continue
       if mode == "pipelined" and any(any(fns[k][0].out_axes) for k in names):
         continue
-      one_round = sum(res["methods"][k]["repeat_call_seconds_mean"] for k in names) * len(reqs)
+      if mode != "chunked" and e2e_mode == "chunked":  # the per-call programs are not compiled yet
+        # one compilation per bucket, priced like the cheapest calibration compilation
+        per_program = min(r["compile_s"] for r in res["calibration"]["rows"])
+        need = per_program * sum(len(fns[k][0].buckets) for k in names)
+        if need > clock.left():
+          _skip(res, clock, f"warm {mode} (per-call compilation)", need, log)
+          continue
+        for k in names:
+          if "per_call_compile_seconds" not in warm[k]:
+            warm[k]["per_call_compile_seconds"] = fns[k][0].compile_all(params, reqs[0])
+            one = time.perf_counter()
+            fns[k][0](params, reqs[0])
+            res["methods"][k]["repeat_call_seconds_mean"] = 3 * (time.perf_counter() - one)  # estimate
+      one_round = (sum(res["methods"][k]["repeat_call_seconds_mean"] for k in names) * len(reqs)
+                   if mode != "chunked" else
+                   sum(warm[k]["chunked_warm_up"]["seconds"] - warm[k]["chunked_warm_up"]["compile_seconds"]
+                       for k in names))
       rounds = int(min(warm_repeats, clock.left() // max(one_round, 1e-9)))
       if rounds < min(3, warm_repeats):
         _skip(res, clock, f"warm {mode}", warm_repeats * one_round, log)
         continue
-      times = {k: [] for k in names}
+      times, waits = {k: [] for k in names}, {k: [] for k in names}
       for r in range(rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
+          w0 = fns[k][0].stream_wait_seconds
           t = time.perf_counter()
           wrap(fns[k][0])()
           times[k].append(time.perf_counter() - t)
+          waits[k].append(fns[k][0].stream_wait_seconds - w0)
       base = float(np.median(times["pad_to_max"]))
       for k in names:
         med = float(np.median(times[k]))
         warm[k][mode] = {"seconds": med, "seconds_all": times[k], "pad_to_max_seconds": base,
                          "speedup_vs_pad_to_max": base / med, "requests_per_s": len(reqs) / med}
-        log(f"warm {mode} {k}: {med:.3f} s per stream ({base / med:.2f}x pad-to-max)")
+        extra = ""
+        if mode == "chunked":  # host time per request = (stream time - time waiting for the device) / n
+          wait = float(np.median(waits[k]))
+          warm[k][mode].update(wait_seconds=wait, wait_seconds_all=waits[k],
+                               host_seconds_per_request=(med - wait) / len(reqs))
+          extra = f"; waited {wait:.3f} s, host {(med - wait) / len(reqs) * 1e6:.0f} us per request"
+        log(f"warm {mode} {k}: {med:.3f} s per stream ({base / med:.2f}x pad-to-max){extra}")
       update()
+      if mode == "chunked":
+        reference()  # the correctness check before the optional per-call modes
+
+  def reference():
+    nonlocal ref, ref_kind
+    if ref is None and reference_requests > 0 and fns:
+      if clock.left() > 5.0 + 0.5 * reference_requests:
+        t = time.perf_counter()
+        ref = cpu_reference(served, params, reqs, reference_requests)
+        ref_kind = "unpadded, exact length, jax.jit on the host CPU"
+        res["reference_seconds"] = time.perf_counter() - t
+        log(f"cpu reference: {len(ref)} requests in {res['reference_seconds']:.1f} s")
+        correctness()
+        update()
+      else:
+        _skip(res, clock, "cpu reference", 5.0 + 0.5 * reference_requests, log)
 
   def summary():
     e2e = {k: v["seconds"] for k, v in res["methods"].items()}
@@ -501,10 +635,13 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         run_symbolic_pow2()
       summary()
     if i == warm_after:
+      if "chunked" not in warm_modes:
+        reference()
       run_warm()
+      reference()
       summary()
   if ref is not None:
-    log(f"max |padded - unpadded| over {res['requests_compared']} requests: "
+    log(f"max |padded - unpadded| over {res['requests_compared']} requests ({ref_kind}): "
         f"{res['max_abs_diff_vs_unpadded']} (scale {res['output_scale']:.2f})")
   return res
 
@@ -697,6 +834,17 @@ def main():
                     help=f"comma list of stream methods (run in this order whatever the list says): "
                     f"{','.join(METHODS)}")
     ap.add_argument("--warm_repeats", type=int, default=3, help="rounds of the warm comparison")
+    ap.add_argument("--warm_modes", default="serial,pipelined,chunked",
+                    help="comma list, run in this order: serial (one request at a time), pipelined "
+                    "(per-call dispatch, one wait at the end), chunked (BucketedFunction.map: chunked "
+                    "ingestion and fetch, device-resident per-call inputs, packed parameters)")
+    ap.add_argument("--chunk_size", type=int, default=256, help="requests per chunk of the chunked mode")
+    ap.add_argument("--e2e_mode", default="per_call", choices=("per_call", "chunked"),
+                    help="how the bucketed methods serve the end-to-end stream (and the calibration "
+                    "times calls): per-call f(params, ids), or BucketedFunction.map in chunks")
+    ap.add_argument("--reference_requests", type=int, default=24,
+                    help="when per_shape_jit does not run: requests checked against an unpadded "
+                    "exact-length computation on the host CPU (0: none)")
     ap.add_argument("--calibration_points", type=int, default=3,
                     help="sizes compiled and timed for the DP's cost model (>= 2; each is one compilation)")
     ap.add_argument("--parts", default="stream,tree",
@@ -708,6 +856,9 @@ def main():
     ap.add_argument("--matmul_precision", default="highest",
                     help="jax_default_matmul_precision ('highest': true float32, so padded and unpadded "
                     "results can be compared to float32 rounding; 'default': XLA's, TF32 on GPUs)")
+    ap.add_argument("--compilation_cache_dir", default=None,
+                    help="persistent compilation cache (every program cached): a program compiled twice in "
+                    "one run (e.g. calibration and pad-to-max at the same size) is read back, not rebuilt")
     ap.add_argument("--tree_batch", type=int, default=64)
     ap.add_argument("--tree_budget_s", type=float, default=60.0,
                     help="seconds of per-tree jit compilation (trees compiled until then; the warm time "
@@ -718,9 +869,14 @@ def main():
   if args.small:
     args.requests, args.d_model, args.num_layers, args.batch = 120, 32, 2, 2
     args.max_len, args.budget_s, args.tree_batch, args.tree_budget_s = 128, 15.0, 16, 10.0
+  if args.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   if args.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
   payload = {"environment": common.environment(), "matmul_precision": args.matmul_precision,
+             "compilation_cache_dir": args.compilation_cache_dir,
              "time_limit_s": args.time_limit_s, "complete": False}
   name = "dynamic_stream" + ("_small" if args.small else "")
 
@@ -746,7 +902,9 @@ def main():
           num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads, batch=args.batch,
           requests=args.requests, min_len=args.min_len, max_len=args.max_len, budget_s=args.budget_s,
           max_buckets=args.max_buckets, seed=args.seed, warm_repeats=args.warm_repeats,
-          calibration_points=args.calibration_points,
+          calibration_points=args.calibration_points, chunk_size=args.chunk_size,
+          warm_modes=tuple(m for m in args.warm_modes.split(",") if m),
+          reference_requests=args.reference_requests, e2e_mode=args.e2e_mode,
           methods=tuple(m for m in args.methods.split(",") if m), clock=clock, on_update=save("stream"))
     elif part == "dispatch":
       dispatch_cost(num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads,
