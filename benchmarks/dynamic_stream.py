@@ -609,11 +609,17 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         reference()  # the correctness check before the optional per-call modes
 
   def reference():
-    nonlocal ref, ref_kind
+    nonlocal ref, ref_kind, reference_requests
     if ref is None and reference_requests > 0 and fns:
       if clock.left() > 5.0 + 0.5 * reference_requests:
         t = time.perf_counter()
-        ref = cpu_reference(served, params, reqs, reference_requests)
+        try:
+          ref = cpu_reference(served, params, reqs, reference_requests)
+        except RuntimeError as e:  # e.g. JAX_PLATFORMS without cpu
+          res["reference_error"] = f"{type(e).__name__}: {e}"
+          log(f"cpu reference not run: {res['reference_error']}")
+          reference_requests = 0
+          return
         ref_kind = "unpadded, exact length, jax.jit on the host CPU"
         res["reference_seconds"] = time.perf_counter() - t
         log(f"cpu reference: {len(ref)} requests in {res['reference_seconds']:.1f} s")
