@@ -183,10 +183,26 @@ def test_errors():
     wo.w4a16_matmul(jnp.ones((1, 256)), wo.pack_int4(w, None), impl="pallas", split_k=2)
 
 
+def test_kernel_every_nibble_vs_float64():
+  # Random words hold every nibble 0..15 (code -8 too, which pack_int4 never writes) in all eight planes:
+  # the CUDA-core kernel unpacks planes 0-4 from w and 5-7 from w >> 12, each with its own power of two.
+  words = jax.random.bits(jax.random.PRNGKey(11), (32, 16), jnp.uint32)
+  scales = (0.5 + jax.random.uniform(jax.random.PRNGKey(12), (4, 16))).astype(jnp.bfloat16)
+  p = wo.Int4Weights(words, scales)
+  x = jax.random.normal(jax.random.PRNGKey(13), (1, 256)).astype(jnp.bfloat16)
+  codes, s = _packed_np(p)
+  assert codes.min() == -8 and codes.max() == 7
+  ref, mag = _np_matmul(np.asarray(x.astype(jnp.float32)), codes, s, 64)
+  y = wo.w4a16_matmul(x, p, impl="pallas", variant="fma", block_n=16, blocks_per_step=2, split_k=1)
+  np.testing.assert_array_less(np.abs(np.asarray(y) - ref), 256 * 2 ** -24 * mag + 1e-30)
+
+
 def test_self_test_and_default_config():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert wo.kernel_self_test(pg.default_config(1, 512, 80, 8)["variant"])
+    assert wo.kernel_self_test()
+  assert pg.default_config(1, 8192, 8192, 64)["variant"] == "fma"      # CUDA cores at batch 1-2,
+  assert pg.default_config(16, 8192, 8192, 64)["variant"] == "dot"     # tensor cores above
   cfg = pg.default_config(1, 8192, 8192, 64)
   assert (8192 // pg.BLOCK_K) % (cfg["split_k"] * cfg["blocks_per_step"]) == 0 and 64 % cfg["split_k"] == 0
   cfg = pg.default_config(16, 384, 20, 3)           # 3 blocks: nothing but 1 divides them

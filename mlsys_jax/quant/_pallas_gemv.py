@@ -50,13 +50,18 @@ VARIANTS = ("fma", "fma_shift", "dot", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
-# The launch parameters used when none are given: the fastest configuration measured on an H200
-# (2026-12-02 11:23 UTC, benchmarks/w4a16_gemv.py, 18 configurations at 8192x8192, batch 1): 'dot',
-# block_n 64, 2 blocks per step, split_k 2, 44.2 us (next: fma with split_k 4, 45.8 us; split_k 1,
-# 64-256 programs on 132 SMs: 55-155 us). Register prefetch and split_k 8-16 are in the sweep but not yet
-# measured; neither is batch 1 of 'dot' without padding x to 16 rows (that run padded in the wrapper).
-_DEFAULT = dict(variant="dot", block_n=64, blocks_per_step=2, split_k=2, num_warps=4, num_stages=3,
-                prefetch=False)
+# The launch parameters used when none are given, by batch. Batch <= 2: the CUDA-core kernel without
+# register prefetch (48 registers, 4.1 SASS instructions per weight on sm_90 after the 2026-12-02
+# afternoon rewrite) around the fastest configuration of the H200 run of 2026-12-02 morning
+# (fma:64:2:8 with prefetch, 34.6 us at 8192x8192 vs a 50 us bf16 GEMV, before the rewrite); batch
+# 3-16: the tensor-core kernel that run measured fastest at batch 4 and 16 (dot:128:1:4:8:3 with
+# prefetch: 45.6 / 50.8 us at 8192x8192, 102 / 117 us at 8192x28672). To be replaced by the sweep of
+# benchmarks/w4a16_gemv.py on the rewritten kernel.
+_DEFAULT_SMALL = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=8, num_warps=4,
+                      num_stages=3, prefetch=False)
+_DEFAULT_LARGE = dict(variant="dot", block_n=128, blocks_per_step=1, split_k=4, num_warps=8,
+                      num_stages=3, prefetch=True)
+SMALL_BATCH = 2                # batches up to this use _DEFAULT_SMALL
 
 
 def on_gpu() -> bool:
@@ -72,8 +77,7 @@ def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
   """Launch parameters for ``(batch, K) @ (K, N)`` with ``groups`` scale groups along K: the tuned
   defaults, with ``split_k`` and ``blocks_per_step`` halved until they divide K's 128-blocks (and
   ``split_k`` the groups), ``block_n`` shrunk for narrow N."""
-  del batch          # one configuration measured best at batch 1 and is used up to 16
-  cfg = dict(_DEFAULT)
+  cfg = dict(_DEFAULT_SMALL if batch <= SMALL_BATCH else _DEFAULT_LARGE)
   nb = k // BLOCK_K
   while cfg["split_k"] > 1 and (nb % cfg["split_k"] or groups % cfg["split_k"]):
     cfg["split_k"] //= 2
@@ -84,23 +88,27 @@ def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
 
 
 def _unpack_plane(words, hi, i: int, shift: bool, fold: bool = False, magic=_MAGIC_I):
-  """Nibble plane ``i`` of int32 words as float32 values ``c * 16^j`` and ``j`` (exact).
+  """Nibble plane ``i`` of uint32 words as float32 values ``c * 16^j`` and ``j`` (exact).
 
   ``shift``: ``((w >> 4i) & 15) | 2^23 bits`` minus ``2^23 + 8`` gives ``c`` (``j = 0``). Otherwise (no
-  per-plane shift): the nibble is masked in place, ``(w & (15 << 4j)) | 2^23 bits`` is exactly
-  ``2^23 + u 16^j`` for ``j = i mod 4`` (the nibble stays inside the 23 mantissa bits), minus
-  ``2^23 + 8 * 16^j`` gives ``c 16^j``; planes 4-7 come from ``hi = w >> 16`` (one shift per word). The
-  caller multiplies the activations by ``16^-j`` (a power of two: exact), so products are unchanged.
-  ``fold``: the ``16^-j`` goes into the subtraction instead, ``f 16^-j - (2^(23-4j) + 8)`` (one fused
-  multiply-add, exact: both terms are ``f`` and ``2^23 + 8 16^j`` scaled by a power of two), giving ``c``
-  itself (``j = 0``) and sparing the activations' rescaling.
+  per-plane shift): the nibble is masked in place, ``(src & (15 << 4j)) | 2^23 bits`` is exactly
+  ``2^23 + u 16^j`` (the nibble stays inside the 23 mantissa bits: ``j <= 4``), minus
+  ``2^23 + 8 * 16^j`` gives ``c 16^j``. Without ``fold`` ``src`` is ``w`` for planes 0-3 (``j = i``) and
+  ``hi = w >> 16`` for planes 4-7 (``j = i - 4``), and the caller multiplies the activations by ``16^-j``
+  (a power of two: exact), so products are unchanged. With ``fold`` ``src`` is ``w`` for planes 0-4
+  (``j = i``) and ``hi = w >> 12`` for planes 5-7 (``j = i - 3``, bits 8-19), and the ``16^-j`` goes into
+  the subtraction, ``f 16^-j - (2^(23-4j) + 8)`` (one fused multiply-add, exact: both terms are
+  scaled by a power of two), giving ``c`` itself (``j = 0`` returned): no rescaled activations.
+  ``magic`` is the ``2^23`` bit pattern (the kernel reads it from memory; see :func:`_gemv_kernel`).
   """
   if shift:
     u = words if i == 0 else jax.lax.shift_right_logical(words, jnp.uint32(4 * i))
     bits = jnp.bitwise_or(jnp.bitwise_and(u, jnp.uint32(15)), magic)
     return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F), 0
-  j = i % 4
-  src = words if i < 4 else hi
+  if fold:
+    src, j = (words, i) if i <= 4 else (hi, i - 3)
+  else:
+    src, j = (words, i) if i < 4 else (hi, i - 4)
   bits = jnp.bitwise_or(jnp.bitwise_and(src, jnp.uint32(15 << (4 * j))), magic)
   f = jax.lax.bitcast_convert_type(bits, jnp.float32)
   if fold:
@@ -141,7 +149,8 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int,
 
   def compute(acc, loaded):
     words, srows, xs = loaded
-    his = [None if shift else jax.lax.shift_right_logical(w, jnp.uint32(16)) for w in words]
+    his = [None if shift else jax.lax.shift_right_logical(w, jnp.uint32(16 if dot else 12))
+           for w in words]
     for q in range(groups_per_step):
       part = None
       for p in range(q * per_group, (q + 1) * per_group):

@@ -202,15 +202,16 @@ def _xla_matmul(x: jax.Array, packed: Int4Weights, out_dtype) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_self_test(variant: str = "dot") -> bool:
-  """Once per process and variant: run the Pallas GEMV with its default launch parameters on a small
+def kernel_self_test(variant: str | None = None) -> bool:
+  """Once per process (and variant): run the Pallas GEMV with its default launch parameters on a small
   problem (K=512 so that the default K split and step both apply, two column blocks, group size 64, N
-  not a multiple of the block) at batch 1 and batch 3 (the two code paths of the tensor-core variant)
-  and compare it with the XLA path (relative error < 1e-5). On failure warn (``RuntimeWarning``) and
-  return False, and :func:`w4a16_matmul` keeps the XLA path.
+  not a multiple of the block) at batch 1 and batch 3 (the small-batch and the large-batch defaults,
+  see :func:`mlsys_jax.quant._pallas_gemv.default_config`; ``variant`` forces one kernel variant for
+  both) and compare it with the XLA path (relative error < 1e-5). On failure warn (``RuntimeWarning``)
+  and return False, and :func:`w4a16_matmul` keeps the XLA path.
 
   Example:
-    >>> kernel_self_test("dot")          # in the interpreter here; compiled through Triton on a GPU
+    >>> kernel_self_test()               # in the interpreter here; compiled through Triton on a GPU
     True
   """
   def check():
@@ -276,9 +277,7 @@ def w4a16_matmul(x: jax.Array, packed: Int4Weights, *, out_dtype=jnp.float32, im
   x2 = x.reshape(-1, packed.k)
   m = x2.shape[0]
   if impl == "auto":
-    use = (_pallas_gemv.on_gpu() and 0 < m <= MAX_KERNEL_BATCH
-           and kernel_self_test(_pallas_gemv.default_config(m, packed.k, packed.n,
-                                                            packed.scales.shape[0])["variant"]))
+    use = _pallas_gemv.on_gpu() and 0 < m <= MAX_KERNEL_BATCH and kernel_self_test()
     impl = "pallas" if use else "xla"
   if impl == "pallas":
     if m == 0:
