@@ -7,8 +7,8 @@ GEMV), and XLA on the packed weights (dequantize to bf16 then dot; with ``--xla_
 float32 then dot, the library's reference path). Floors: the packed bytes over the measured device copy
 bandwidth (read + write, ``common.copy_bandwidth``) and read bandwidth (``common.read_bandwidth``).
 
-Method: every method runs ``--reps`` (32) times inside ONE jitted function, each launch on a different
-activation AND a different weight (32 copies, far more than the L2, and no two dots share an operand
+Method: every method runs ``--reps`` (16) times inside ONE jitted function, each launch on a different
+activation AND a different weight (16 copies, far more than the L2, and no two dots share an operand
 that XLA's dot merger could batch), so weights come from HBM; activations and weights enter as separate
 arguments (no slicing inside the timed function); the sum of every output element is returned (nothing
 can be sliced away). Packed weights are random words (every nibble 0..15 is a valid code) with random
@@ -41,24 +41,25 @@ from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
 # variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. Batch 1: the 'fma' kernel
-# after the 2026-12-02 afternoon rewrite (4.4 SASS instructions per weight on sm_90, 48-64 registers
-# without register prefetch, 96-233 with it) around the morning's best (fma:64:2:8, 34.6 us), with
-# 512-4096 programs; batch > 1: the tensor-core 'dot' kernel and 'fma' (its products grow with the batch).
-SWEEP = ("fma:64:1:8:4:3:0,fma:64:2:8:4:3:0,fma:64:2:4:4:3:0,fma:64:1:16:4:3:0,fma:64:2:16:4:3:0,"
-         "fma:64:4:8:4:3:0,fma:32:2:8:2:3:0,fma:32:1:16:2:3:0,fma:128:2:8:8:3:0,fma:128:1:16:8:3:0,"
-         "fma:128:2:4:8:3:0,fma:256:1:8:8:3:0,fma:64:1:8:2:3:0,fma:64:2:8:4:3:1,dot:64:2:4:4:3:1")
-SWEEP_B1 = "fma:64:2:8:4:3:0,fma:64:1:16:4:3:0,fma:128:2:8:8:3:0,fma:64:2:16:4:3:0,fma:32:2:8:2:3:0"
-OTHER = "fma:64:2:8:4:3:0,fma:64:1:16:4:3:0,dot:64:1:8:4:3:1,dot:128:1:4:8:3:1,dot:64:2:8:4:3:0"
+# after the 2026-12-02 afternoon rewrite (4.0-4.2 SASS instructions per weight on sm_90 and 48-64
+# registers without register prefetch; 4.0-4.7 and 96-128 with it) around the morning's best
+# (fma:64:2:8 with prefetch, 34.6 us), 512-2048 programs; batch > 1: the tensor-core 'dot' kernel
+# (6.2 instructions per weight, batch-independent up to 16) and 'fma' at batch 4 (9 per weight).
+SWEEP = ("fma:64:2:8:4:3:0,fma:64:1:8:4:3:0,fma:64:2:4:4:3:0,fma:64:1:16:4:3:0,fma:64:2:16:4:3:0,"
+         "fma:64:4:16:4:3:0,fma:32:2:8:2:3:0,fma:128:2:8:8:3:0,fma:128:1:16:8:3:0,fma:256:1:8:8:3:0,"
+         "fma:64:2:8:4:3:1,fma:64:2:16:4:3:1")
+SWEEP_B1 = "fma:64:2:8:4:3:0,fma:64:1:16:4:3:0,fma:128:2:8:8:3:0,fma:64:2:16:4:3:1,fma:64:2:4:4:3:0"
+OTHER = "fma:64:2:8:4:3:0,dot:128:1:4:8:3:1,dot:64:1:8:4:3:1,dot:64:2:8:4:3:0,dot:128:2:8:8:3:0"
 
 
 def _extra(ap):
   ap.add_argument("--shapes", default="8192x8192,8192x28672", help="KxN weight shapes")
   ap.add_argument("--batches", default="1,4,16")
   ap.add_argument("--group_size", type=int, default=128)
-  ap.add_argument("--reps", type=int, default=32, help="launches per timed call")
+  ap.add_argument("--reps", type=int, default=16, help="launches per timed call")
   ap.add_argument("--xla_f32", action="store_true", help="also time the float32 XLA reference path")
   ap.add_argument("--repeats", type=int, default=10, help="timed pairs per comparison")
-  ap.add_argument("--inner", type=int, default=2, help="calls per timed measurement")
+  ap.add_argument("--inner", type=int, default=4, help="calls per timed measurement")
   ap.add_argument("--budget_s", type=float, default=1e9, help="skip cases that would not fit in this")
   ap.add_argument("--configs", default=SWEEP,
                   help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch, batch 1 "
@@ -96,7 +97,7 @@ def _compile_all(fns: dict, args: dict) -> dict:
       return fns[name].lower(*args[name]).compile()
     except Exception as e:  # recorded per configuration
       return e
-  with concurrent.futures.ThreadPoolExecutor(8) as ex:
+  with concurrent.futures.ThreadPoolExecutor(16) as ex:
     return dict(zip(fns, ex.map(one, list(fns))))
 
 
