@@ -241,6 +241,7 @@ class BucketedFunction:
     self.true_elements = 0  # sum of true lengths over calls
     self.padded_elements = 0  # sum of bucket sizes over calls
     self.padding_checks = 0
+    self.stream_wait_seconds = 0.0  # stream()/map(): host time spent waiting for fetched outputs
 
   # ---- the function that is compiled: true length first, then the padded arguments ----
   def _padded_fn(self, length, *args):
@@ -625,7 +626,9 @@ class BucketedFunction:
     results: list = [None] * count
     mode = "none" if self.unpad == "none" else "host"
     for items, prog, outs in launched:
+      t0 = time.perf_counter()
       host = [np.asarray(o) for o in outs]
+      self.stream_wait_seconds += time.perf_counter() - t0
       for j, (r, n, _) in enumerate(items):
         leaves = [_slice_leaf(h[j], ax, n, mode) for h, ax in zip(host, self.out_axes)]
         results[r] = jax.tree_util.tree_unflatten(prog.out_tree, leaves)
@@ -685,7 +688,8 @@ class BucketedFunction:
 
   def stats(self) -> dict:
     """Counters: calls, compiles (overflow ones too), compile seconds (in total and per bucket size, in
-    compilation order), padding overhead."""
+    compilation order), padding overhead, seconds :meth:`stream` waited for the device (near 0: the
+    host is the bottleneck)."""
     by_bucket: dict[int, float] = {}
     for prog in self._programs.values():
       by_bucket[prog.bucket] = by_bucket.get(prog.bucket, 0.0) + prog.compile_seconds
@@ -693,6 +697,7 @@ class BucketedFunction:
             "overflow_compiles": self.overflow_compiles, "compile_seconds": self.compile_seconds,
             "compile_seconds_by_bucket": by_bucket,
             "buckets": list(self.buckets), "padding_checks": self.padding_checks,
+            "stream_wait_seconds": self.stream_wait_seconds,
             "padding_overhead": (self.padded_elements / self.true_elements - 1.0)
             if self.true_elements else 0.0}
 
