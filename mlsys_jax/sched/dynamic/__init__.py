@@ -1,7 +1,9 @@
 """mlsys_jax.sched.dynamic: Nimble (Shen et al., MLSys 2021) ideas for dynamic shapes in JAX.
 
 Public API:
-  bucketed_jit(fn, dims, buckets, ...) -> BucketedFunction   pad to buckets, one program per bucket
+  bucketed_jit(fn, dims, buckets, ...) -> BucketedFunction   pad to buckets, one program per bucket;
+    .map(requests, chunk_size) / .stream(...)    serve a request stream: one transfer per bucket and
+                                                 chunk each way, device-resident per-call inputs
   length_mask, check_padding_invariance, PaddingInvarianceError
   pow2_buckets, bucket_for, choose_buckets -> BucketPlan, expected_cost, length_distribution
   export_symbolic(fn, *example_args, dims) -> SymbolicFunction   jax.export with a symbolic length
