@@ -63,6 +63,8 @@ PLAIN = [(256, 4), (2048, 4), (4096, 8)]          # Pallas XOR-copy: (words per 
 SWEEP = [("binomial", 256, None, False, 4, 3),    # the default before this sweep
          ("binomial", 2048, 256, True, 4, 3), ("binomial", 2048, 512, True, 4, 3),
          ("binomial", 1024, 256, True, 4, 3), ("binomial", 2048, 256, False, 4, 3),
+         ("binomial", 2048, 256, True, 4, 6), ("binomial", 1024, None, False, 8, 6),   # all 6 draws of
+         # the first Philox call straight-line: fewer loop trips and block reductions, more arithmetic
          ("binomial", 4096, 512, True, 8, 3), ("binomial", 1024, None, False, 8, 3),
          ("binomial", 512, None, False, 4, 3), ("binomial", 1024, 512, True, 4, 3),
          ("binomial", 4096, 256, False, 4, 3), ("binomial", 2048, 512, False, 8, 3),
