@@ -53,6 +53,8 @@ _DWARMUP = flags.DEFINE_list("density_warmup", ["0"], "Density warm-up steps (co
                               "0.25 -> 0.0625 -> ... schedule down to the target) to compare; 0 = none.")
 _DW_START = flags.DEFINE_float("dwarmup_start", 0.25, "First density of --density_warmup (then / 4 per stage "
                                "while above the target; DGC: 0.25).")
+_PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
+                                 "target per leaf, at least one entry per leaf).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
@@ -83,12 +85,14 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
 
 def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTransformation:
   pre = optax.scale_by_adam() if mode == "precondition" else None
-  c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre),
+  pt = _PER_TENSOR.value
+  c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
+                                 per_tensor=pt),
        "sidco_fitonly": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d",
-                                         precondition=pre, exact=False),
-       "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre),
-       "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre),
-       "randomk": lambda: sp.randomk(ratio, axis_name="d", precondition=pre, seed=0),
+                                         precondition=pre, exact=False, per_tensor=pt),
+       "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre, per_tensor=pt),
+       "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre, per_tensor=pt),
+       "randomk": lambda: sp.randomk(ratio, axis_name="d", precondition=pre, seed=0, per_tensor=pt),
        # low-rank compressors: the density flag does not apply (rank 2 / 4 and ACCORDION's 1 <-> 4 switch)
        "powersgd2": lambda: comm.powersgd(2, axis_name="d"),
        "powersgd4": lambda: comm.powersgd(4, axis_name="d"),
@@ -182,6 +186,7 @@ def _write(out, ds, seeds, acc, sent, comparisons):
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
       "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": _DW_START.value,
+      "per_tensor": _PER_TENSOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons}, indent=1))
