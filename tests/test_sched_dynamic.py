@@ -483,6 +483,16 @@ def test_stream_is_lazy_repacks_new_parameters_and_compile_all_warms_it():
   out2 = f.map(requests(p2), chunk_size=2)  # new parameter objects: packed again, same program
   np.testing.assert_allclose(out2[3]["pooled"], _params_reference(p2, xs[3])["pooled"], rtol=2e-5,
                              atol=2e-5)
+  p2["w"] *= -1.0  # a numpy leaf changed in place: the next map() must see the new values
+  out3 = f.map(requests(p2), chunk_size=2)
+  np.testing.assert_allclose(out3[3]["pooled"], _params_reference(p2, xs[3])["pooled"], rtol=2e-5,
+                             atol=2e-5)
+  pj = dict(p2, w=jnp.asarray(p2["w"]), b=jnp.asarray(p2["b"]))  # same layout, jax array leaves
+  out4 = f.map(requests(pj), chunk_size=2)
+  packs = f._pack_cache[2]
+  f.map(requests(pj), chunk_size=2)  # jax arrays: the packed copy is reused
+  assert f._pack_cache[2] is packs
+  np.testing.assert_allclose(out4[3]["pooled"], out3[3]["pooled"], rtol=1e-6)
   assert f.compile_count == 1
 
 

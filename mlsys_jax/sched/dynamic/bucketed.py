@@ -526,12 +526,14 @@ class BucketedFunction:
   def _packed_static(self, args, pack: bool):
     """``(layout, packs, loose)``: the non-dynamic arguments, array leaves packed into one flat device
     buffer per dtype (one program argument instead of one per parameter leaf: 111 vs 158 us of host
-    time per call on an H200 host, benchmarks/dynamic_stream.py --parts=dispatch). Cached while the
-    very same leaves are passed again (packing copies them)."""
+    time per call on an H200 host, benchmarks/dynamic_stream.py --parts=dispatch). Packing copies the
+    leaves; the copy is reused while the very same leaves are passed again, only if they are all
+    immutable jax arrays (a numpy array may have been changed in place)."""
     layout, leaves = _static_layout(args, self.dims, pack)
     c = self._pack_cache
     if (c is not None and c[1] == layout and len(c[0]) == len(leaves)
-        and all(a is b for a, b in zip(c[0], leaves))):
+        and all(a is b for a, b in zip(c[0], leaves))
+        and all(isinstance(a, jax.Array) for a, slot in zip(leaves, layout.slots) if slot[0] == "pack")):
       return c[1], c[2], c[3]
     groups: list[list] = [[] for _ in layout.pack_dtypes]
     loose = []
@@ -647,7 +649,9 @@ class BucketedFunction:
     buffer per output, fetched with one device-to-host copy per bucket and chunk, after the next chunk
     has been dispatched (the host never waits for the device in between). With ``pack_static`` the
     array leaves of the non-dynamic arguments are passed as one flat buffer per dtype (fewer program
-    arguments: less host time per call). These programs (one per bucket and ``chunk_size``) are
+    arguments: less host time per call); the non-dynamic arguments are read once per call of
+    ``stream``/``map`` (packed jax arrays are reused across calls while the same immutable arrays are
+    passed; numpy arrays are read again each time). These programs (one per bucket and ``chunk_size``) are
     compiled on first use or by ``compile_all(..., chunk_size=...)``; the computation per request is
     the per-call one (the same padded ``fn`` at the same bucket), so results match ``f(*request)``.
     """
