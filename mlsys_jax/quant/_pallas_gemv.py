@@ -18,10 +18,14 @@ Unpacking uses the exponent trick: ``bitcast_f32(((w >> 4i) & 15) | 0x4B000000) 
 and-or, one subtraction) without an int -> float conversion instruction.
 
 Variants ``'fma_shift'``/``'dot_shift'`` unpack exactly so; ``'fma'``/``'dot'`` skip the per-plane shift
-(see :func:`_unpack_plane`: the nibble is masked in place, giving ``c * 16^j``, and the activations are
-scaled by ``16^-j``, a power of two, so every product is the same number). Inner products:
+(see :func:`_unpack_plane`: the nibble is masked in place, ``2^23 + u 16^j``). ``'dot'`` subtracts
+``2^23 + 8 16^j`` (giving ``c 16^j``, exact in bf16) and scales the activations by ``16^-j``, a power of
+two, so every product is the same number; ``'fma'`` takes planes 5-7 from ``w >> 12`` and unpacks with one
+exact fused multiply-add, ``f 16^-j - (2^(23-4j) + 8) = c``. Inner products:
   - ``'fma*'``: for each batch row, ``acc (16, block_n) += c * x[b, plane][:, None]`` on the CUDA cores
-    (float32 products and sums), reduced over the 16 rows once at the end.
+    (float32 products and sums), reduced over the 16 rows once at the end. Per weight at batch 1: one
+    and-or, one unpacking FMA, one product FMA (4.0-4.2 SASS instructions in the sm_90 loop with the
+    loads and the activations).
   - ``'dot*'``: ``x[:, plane] (16, 16) @ c (16, block_n)`` on the tensor cores (codes are exact in bf16;
     the batch is padded to 16 rows, batch 1 by repeating the row in registers), float32 accumulation;
     only the real rows are stored.
