@@ -59,13 +59,15 @@ MEMORY = [("levels", 256, None, False, 4, 0), ("levels", 2048, 256, True, 4, 0),
 PLAIN = [(256, 4), (2048, 4), (4096, 8)]          # Pallas XOR-copy: (words per program, warps)
 # Registers per thread from pip Triton 3.9 + ptxas for sm_90 (jaxlib bundles its own Triton; a guide only):
 # binomial 256/4: 38; 2048 sub 256 loads-first /4: 64; 2048 sub 256 loop /4: 39; 1024 whole /4: 123;
-# 4096 whole /8: 246; no spills in any config.
+# 4096 whole /8: 246; 256 whole /1: 123; 512 sub 128 loads-first /1: 83; no spills in any config.
 SWEEP = [("binomial", 256, None, False, 4, 3),    # the default before this sweep
          ("binomial", 2048, 256, True, 4, 3), ("binomial", 2048, 512, True, 4, 3),
          ("binomial", 1024, 256, True, 4, 3), ("binomial", 2048, 256, False, 4, 3),
          ("binomial", 2048, 256, True, 4, 6), ("binomial", 1024, None, False, 8, 6),   # all 6 draws of
          # the first Philox call straight-line: fewer loop trips and block reductions, more arithmetic
          ("binomial", 4096, 512, True, 8, 3), ("binomial", 1024, None, False, 8, 3),
+         ("binomial", 256, None, False, 1, 3), ("binomial", 512, 128, True, 1, 3),   # one warp: early-stop
+         ("binomial", 1024, 256, False, 1, 3),             # tests are warp reductions, no block barrier
          ("binomial", 512, None, False, 4, 3), ("binomial", 1024, 512, True, 4, 3),
          ("binomial", 4096, 256, False, 4, 3), ("binomial", 2048, 512, False, 8, 3),
          ("binomial", 8192, 1024, False, 8, 3), ("binomial", 4096, 1024, True, 8, 3),
