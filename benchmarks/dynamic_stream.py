@@ -510,6 +510,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
     return lambda: [f(params, x) for x in reqs]
 
   dispatch_s: dict = {}  # per function: seconds of the last pipelined pass spent dispatching
+  pipelined_outs: dict = {}  # per function: the device results of its last pipelined pass
 
   def pipelined(f):
     def run():
@@ -518,6 +519,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         t = time.perf_counter()
         outs = [f(params, x) for x in reqs]
         dispatch_s[id(f)] = time.perf_counter() - t  # then the wait for the device
+        pipelined_outs[id(f)] = outs
         return jax.block_until_ready(outs)
       finally:
         f.unpad = "host"
@@ -607,6 +609,15 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
                                host_seconds_per_request=(med - wait) / len(reqs))
           extra = f"; waited {wait:.3f} s, host {(med - wait) / len(reqs) * 1e6:.0f} us per request"
         log(f"warm {mode} {k}: {med:.3f} s per stream ({base / med:.2f}x pad-to-max){extra}")
+      if mode == "pipelined":  # every request: streamed (map) vs per-call results, same programs' body
+        for k in names:
+          f = fns[k][0]
+          if k + "/chunked" in chunked_outs and id(f) in pipelined_outs:
+            a, b = chunked_outs[k + "/chunked"][1], pipelined_outs.pop(id(f))
+            warm[k]["max_abs_diff_chunked_vs_per_call"] = float(max(
+                np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(a, b)))
+            log(f"{k}: max |map - per-call| over {len(a)} requests "
+                f"{warm[k]['max_abs_diff_chunked_vs_per_call']:.3g}")
       update()
       if mode == "chunked":
         reference()  # the correctness check before the optional per-call modes
