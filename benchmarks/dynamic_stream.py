@@ -898,14 +898,20 @@ def main():
   if args.small:
     args.requests, args.d_model, args.num_layers, args.batch = 120, 32, 2, 2
     args.max_len, args.budget_s, args.tree_batch, args.tree_budget_s = 128, 15.0, 16, 10.0
+  cache_errors = []
   if args.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for k, v in (("jax_compilation_cache_dir", args.compilation_cache_dir),
+                 ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                 ("jax_persistent_cache_min_entry_size_bytes", 0)):
+      try:
+        jax.config.update(k, v)
+      except Exception as e:  # an option renamed in another jax version: run without it, say so
+        cache_errors.append(f"{k}: {type(e).__name__}: {e}")
+        print(f"compilation cache option not set: {cache_errors[-1]}")
   if args.matmul_precision != "default":
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
   payload = {"environment": common.environment(), "matmul_precision": args.matmul_precision,
-             "compilation_cache_dir": args.compilation_cache_dir,
+             "compilation_cache_dir": args.compilation_cache_dir, "compilation_cache_errors": cache_errors,
              "time_limit_s": args.time_limit_s, "complete": False}
   name = "dynamic_stream" + ("_small" if args.small else "")
 
