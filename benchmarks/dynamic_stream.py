@@ -13,8 +13,8 @@ jax.export symbolic shapes; plus a batched Tree-LSTM against per-tree execution.
   # fetch, device-resident per-call inputs, packed parameters) for both pad-to-max and the DP buckets,
   # then the per-call pipelined loop; correctness against unpadded exact-length runs on the host CPU
   python benchmarks/dynamic_stream.py --parts=stream --methods=pad_to_max,dp_warm --max_buckets=4 \
-      --calibration_points=2 --e2e_mode=chunked --warm_modes=chunked,pipelined --reference_requests=6 \
-      --time_limit_s=105 --compilation_cache_dir=/tmp/nimble_jcc --out=$OUT
+      --calibration_points=2 --e2e_mode=chunked --warm_modes=chunked,pipelined --warm_repeats=5 \
+      --reference_requests=4 --time_limit_s=104 --compilation_cache_dir=/tmp/nimble_jcc --out=$OUT
   # CPU smoke test
   python benchmarks/dynamic_stream.py --small --out=/tmp/dyn
 
