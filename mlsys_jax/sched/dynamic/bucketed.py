@@ -146,7 +146,7 @@ class _StaticLayout:
   positions: tuple  # positional indices of the non-dynamic arguments
   treedefs: tuple  # their tree structures
   slots: tuple
-  pack_dtypes: tuple  # dtype name per flat buffer
+  pack_dtypes: tuple  # numpy dtype per flat buffer
   pack_sizes: tuple
 
   def unpack(self, packs, loose) -> list:
@@ -188,7 +188,7 @@ def _static_layout(args, dims, pack: bool) -> tuple[_StaticLayout, list]:
   slots, dtypes, sizes, n_loose = [], [], [], 0
   for leaf in leaves:
     if pack and _packable(leaf):
-      dt = np.dtype(leaf.dtype).name
+      dt = np.dtype(leaf.dtype)
       if dt not in dtypes:
         dtypes.append(dt)
         sizes.append(0)
@@ -493,7 +493,7 @@ class BucketedFunction:
                                                                      *structs))
     dyn_pos = tuple(sorted(self.dims))
     static_leaves = [l for i in layout.positions for l in jax.tree_util.tree_leaves(structs[i])]
-    pack_structs = tuple(jax.ShapeDtypeStruct((n,), np.dtype(d))
+    pack_structs = tuple(jax.ShapeDtypeStruct((n,), d)
                          for d, n in zip(layout.pack_dtypes, layout.pack_sizes))
     loose_structs = tuple(l for l, slot in zip(static_leaves, layout.slots) if slot[0] == "loose")
     stack = lambda x: jax.ShapeDtypeStruct((capacity,) + tuple(x.shape), x.dtype)
