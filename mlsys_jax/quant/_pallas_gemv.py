@@ -18,17 +18,17 @@ Unpacking uses the exponent trick: ``bitcast_f32(((w >> 4i) & 15) | 0x4B000000) 
 and-or, one subtraction) without an int -> float conversion instruction.
 
 Variants ``'fma_shift'``/``'dot_shift'`` unpack exactly so; ``'fma'``/``'dot'`` skip the per-plane shift
-(see :func:`_unpack_plane`: the nibble is masked in place, ``2^23 + u 16^j``). ``'dot'`` subtracts
-``2^23 + 8 16^j`` (giving ``c 16^j``, exact in bf16) and scales the activations by ``16^-j``, a power of
-two, so every product is the same number; ``'fma'`` takes planes 5-7 from ``w >> 12`` and unpacks with one
-exact fused multiply-add, ``f 16^-j - (2^(23-4j) + 8) = c``. Inner products:
+(see :func:`_unpack_plane`): the nibble is masked in place, ``f = 2^23 + u 16^j`` (planes 0-4 in ``w``,
+planes 5-7 in ``w >> 12``, one shift per word), and one exact fused multiply-add,
+``f 16^-j - (2^(23-4j) + 8) = c``, unpacks it. Inner products:
   - ``'fma*'``: for each batch row, ``acc (16, block_n) += c * x[b, plane][:, None]`` on the CUDA cores
     (float32 products and sums), reduced over the 16 rows once at the end. Per weight at batch 1: one
     and-or, one unpacking FMA, one product FMA (4.0-4.2 SASS instructions in the sm_90 loop with the
     loads and the activations).
   - ``'dot*'``: ``x[:, plane] (16, 16) @ c (16, block_n)`` on the tensor cores (codes are exact in bf16;
     the batch is padded to 16 rows, batch 1 by repeating the row in registers), float32 accumulation;
-    only the real rows are stored.
+    only the real rows are stored (5.8-6.2 SASS instructions per weight: the unpacked operand goes
+    through shared memory).
 Per group the partial sums are multiplied by the group's scale row and added to the output accumulator.
 
 Grid: ``(N / block_n, split_k)``; with ``split_k > 1`` each program covers ``K / split_k`` and the partial
@@ -91,33 +91,26 @@ def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
   return cfg
 
 
-def _unpack_plane(words, hi, i: int, shift: bool, fold: bool = False, magic=_MAGIC_I):
-  """Nibble plane ``i`` of uint32 words as float32 values ``c * 16^j`` and ``j`` (exact).
+def _unpack_plane(words, hi, i: int, shift: bool, magic):
+  """Nibble plane ``i`` of uint32 words as float32 codes ``c`` (exact).
 
-  ``shift``: ``((w >> 4i) & 15) | 2^23 bits`` minus ``2^23 + 8`` gives ``c`` (``j = 0``). Otherwise (no
-  per-plane shift): the nibble is masked in place, ``(src & (15 << 4j)) | 2^23 bits`` is exactly
-  ``2^23 + u 16^j`` (the nibble stays inside the 23 mantissa bits: ``j <= 4``), minus
-  ``2^23 + 8 * 16^j`` gives ``c 16^j``. Without ``fold`` ``src`` is ``w`` for planes 0-3 (``j = i``) and
-  ``hi = w >> 16`` for planes 4-7 (``j = i - 4``), and the caller multiplies the activations by ``16^-j``
-  (a power of two: exact), so products are unchanged. With ``fold`` ``src`` is ``w`` for planes 0-4
-  (``j = i``) and ``hi = w >> 12`` for planes 5-7 (``j = i - 3``, bits 8-19), and the ``16^-j`` goes into
-  the subtraction, ``f 16^-j - (2^(23-4j) + 8)`` (one fused multiply-add, exact: both terms are
-  scaled by a power of two), giving ``c`` itself (``j = 0`` returned): no rescaled activations.
-  ``magic`` is the ``2^23`` bit pattern (the kernel reads it from memory; see :func:`_gemv_kernel`).
+  ``shift``: ``((w >> 4i) & 15) | 2^23 bits`` minus ``2^23 + 8`` gives ``c``. Otherwise (no per-plane
+  shift): the nibble is masked in place, ``f = bitcast((src & (15 << 4j)) | 2^23 bits) = 2^23 + u 16^j``
+  exactly (the nibble stays inside the 23 mantissa bits: ``j <= 4``), with ``src = w`` for planes 0-4
+  (``j = i``) and ``src = hi = w >> 12`` for planes 5-7 (``j = i - 3``, bits 8-19); then one fused
+  multiply-add ``f 16^-j - (2^(23-4j) + 8) = c`` (exact: both terms are ``f`` and ``2^23 + 8 16^j``
+  scaled by a power of two). ``magic`` is the ``2^23`` bit pattern (read from memory by the kernel).
   """
   if shift:
     u = words if i == 0 else jax.lax.shift_right_logical(words, jnp.uint32(4 * i))
     bits = jnp.bitwise_or(jnp.bitwise_and(u, jnp.uint32(15)), magic)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F), 0
-  if fold:
-    src, j = (words, i) if i <= 4 else (hi, i - 3)
-  else:
-    src, j = (words, i) if i < 4 else (hi, i - 4)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(_MAGIC_F)
+  src, j = (words, i) if i <= 4 else (hi, i - 3)
   bits = jnp.bitwise_or(jnp.bitwise_and(src, jnp.uint32(15 << (4 * j))), magic)
   f = jax.lax.bitcast_convert_type(bits, jnp.float32)
-  if fold:
-    return f * jnp.float32(16.0 ** -j) - jnp.float32(2.0 ** (23 - 4 * j) + 8), 0
-  return f - jnp.float32(2.0 ** 23 + 8 * 16 ** j), j
+  if j == 0:
+    return f - jnp.float32(_MAGIC_F)
+  return f * jnp.float32(16.0 ** -j) - jnp.float32(2.0 ** (23 - 4 * j) + 8)
 
 
 def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int, blocks_per_step: int,
@@ -153,15 +146,14 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int,
 
   def compute(acc, loaded):
     words, srows, xs = loaded
-    his = [None if shift else jax.lax.shift_right_logical(w, jnp.uint32(16 if dot else 12))
-           for w in words]
+    his = [None if shift else jax.lax.shift_right_logical(w, jnp.uint32(12)) for w in words]
     for q in range(groups_per_step):
       part = None
       for p in range(q * per_group, (q + 1) * per_group):
         u, i = divmod(p, 8)
-        c, j = _unpack_plane(words[u], his[u], i, shift, not dot, magic)   # (16, bn) f32, c * 16^j
+        c = _unpack_plane(words[u], his[u], i, shift, magic)             # (16, bn) f32 codes
         if dot:
-          xp = xs[p] if not j else xs[p] * jnp.asarray(16.0 ** -j, xs[p].dtype)   # (Bx, 16), exact
+          xp = xs[p]                                                     # (Bx, 16)
           if xp.shape[0] < PLANE:      # batch 1: the row repeated to the smallest tensor-core tile
             xp = jnp.broadcast_to(xp, (PLANE, PLANE))
           pr = jax.lax.dot(xp, c.astype(xp.dtype), precision=precision,
@@ -171,8 +163,6 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int,
           pr = []
           for b in range(batch):
             xb = xs[p][b].astype(jnp.float32)
-            if j:
-              xb = xb * jnp.float32(16.0 ** -j)                        # a power of two: exact
             pr.append(c * xb[:, None])
           part = pr if part is None else [a + v for a, v in zip(part, pr)]
       srow = srows[q].astype(jnp.float32)                              # (1, bn)
