@@ -31,7 +31,8 @@ import optax  # noqa: E402
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 from mlsys_jax.comm.lowrank import total_bytes  # noqa: E402
-from mlsys_jax.comm.warmup import dense_warmup, density_warmup, dgc_density_schedule  # noqa: E402
+from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
+                                   stage_boundaries)
 
 _DATASET = flags.DEFINE_enum("dataset", "digits", ["mnist1d", "digits"], "Data set.")
 _RATIOS = flags.DEFINE_list("ratios", ["0.01"], "Target densities.")
@@ -66,8 +67,8 @@ def _setup():
   return ds, model
 
 
-def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0, dwarmup: int = 0
-            ) -> optax.GradientTransformation:
+def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0, dwarmup: int = 0,
+            stage: int | None = None) -> optax.GradientTransformation:
   """The optimizer of one arm: dense Adam (compressor None), ``chain(c, adam)`` or the preconditioned
   compressor followed by SGD; ``warmup > 0`` wraps the compressor in ``comm.dense_warmup``, ``dwarmup > 0``
   in ``comm.density_warmup`` (DGC's density schedule over the first ``dwarmup`` steps)."""
@@ -75,7 +76,7 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     return optax.adam(lr)
   if dwarmup:
     c = density_warmup(lambda r: _compressor(compressor, mode, r), ratio, steps=dwarmup,
-                       ratios=dgc_density_schedule(ratio, start=_DW_START.value))
+                       ratios=dgc_density_schedule(ratio, start=_DW_START.value), fixed_stage=stage)
   else:
     c = _compressor(compressor, mode, ratio)
   if warmup:
@@ -103,21 +104,32 @@ def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTrans
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, compressor, mode, ratio, warmup, dwarmup=0):
-  """One compiled data-parallel step per arm, shared by all seeds."""
-  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup)
+def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None):
+  """One compiled data-parallel step per arm (per density stage with --density_warmup), shared by all seeds."""
+  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup, stage)
   return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
                                                       average_grads=compressor is None)
 
 
 def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0):
-  """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed."""
+  """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed.
+
+  With ``dwarmup`` the density stages run as separately compiled steps (``density_warmup(...,
+  fixed_stage=j)``, switched at ``stage_boundaries``) on one carried state: under the simulated workers'
+  ``vmap`` the un-fixed transform's ``lax.switch`` would compute every stage on every step (same result,
+  tested in tests/test_comm_warmup.py, at ~4x the time)."""
   tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup)
+  ends = []
+  if dwarmup:
+    ends = stage_boundaries(dwarmup, len(dgc_density_schedule(ratio, start=_DW_START.value)))
+    stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j)[1] for j in range(len(ends) + 1)]
   w, b = _WORKERS.value, _BATCH.value
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   state = models.replicate(tx.init(params), w)
   rng = np.random.default_rng(seed)
-  for _ in range(_STEPS.value):
+  for t in range(_STEPS.value):
+    if dwarmup:
+      step = stage_steps[sum(t >= e for e in ends)]
     idx = rng.choice(len(ds.x_train), w * b, replace=False)
     params, state = step(params, state, ds.x_train[idx].reshape(w, b, *ds.x_train.shape[1:]),
                          ds.y_train[idx].reshape(w, b))

@@ -40,7 +40,8 @@ from mlsys_jax._checks import check_floating, check_int, check_range
 from mlsys_jax.comm.lowrank import _state_field
 from mlsys_jax.comm.sparse import _check_axis, _global_finite
 
-__all__ = ["DensityWarmupState", "WarmupState", "dense_warmup", "density_warmup", "dgc_density_schedule"]
+__all__ = ["DensityWarmupState", "WarmupState", "dense_warmup", "density_warmup", "dgc_density_schedule",
+           "stage_boundaries"]
 
 
 class WarmupState(NamedTuple):
@@ -151,6 +152,21 @@ def dgc_density_schedule(final_ratio: float, start: float = 0.25, factor: float 
   return out
 
 
+def stage_boundaries(steps: int, n_ratios: int) -> list[int]:
+  """The step at which each warm-up stage of :func:`density_warmup` ends (equal shares of ``steps``, the
+  remainder to the first stages); the final density runs from the last one on.
+
+  >>> stage_boundaries(150, 4)
+  [38, 76, 113, 150]
+  """
+  check_int("steps", steps, 0)
+  check_int("n_ratios", n_ratios, 0)
+  if not n_ratios:
+    return []
+  base, extra = divmod(steps, n_ratios)
+  return np.cumsum([base + (1 if j < extra else 0) for j in range(n_ratios)]).astype(int).tolist()
+
+
 class DensityWarmupState(NamedTuple):
   """State of :func:`density_warmup`.
 
@@ -175,7 +191,8 @@ def _layout(tree):
 
 
 def density_warmup(make_compressor: Callable[[float], optax.GradientTransformation], final_ratio: float, *,
-                   steps: int, ratios: Sequence[float] | None = None) -> optax.GradientTransformation:
+                   steps: int, ratios: Sequence[float] | None = None,
+                   fixed_stage: int | None = None) -> optax.GradientTransformation:
   """Compress at decreasing densities for the first ``steps`` steps, then at ``final_ratio`` (DGC's warm-up).
 
   Lin, Han, Mao, Wang and Dally, "Deep Gradient Compression", ICLR 2018, Sec. 3.3: the density is
@@ -197,6 +214,12 @@ def density_warmup(make_compressor: Callable[[float], optax.GradientTransformati
     ratios: the warm-up densities, each in (0, 1); default DGC's
       ``dgc_density_schedule(final_ratio)`` (0.25, 0.0625, ... down to the last one above the target).
       ``steps`` must be at least their number.
+    fixed_stage: None (default): the stage follows the step counter. An int j runs stage j on every call
+      (``len(ratios)`` = the final density), for callers that dispatch the stages outside ``jit``: under
+      ``vmap`` with a per-worker step counter ``lax.switch`` computes every stage and selects one, which
+      costs the sum of the stages; compile one step per ``fixed_stage`` and switch between them at
+      ``stage_boundaries(...)``. The state is the same for every ``fixed_stage``, so one state passes
+      through all of them.
 
   Returns:
     An ``optax.GradientTransformation``; chain it like the compressor, e.g.
@@ -234,13 +257,16 @@ def density_warmup(make_compressor: Callable[[float], optax.GradientTransformati
                      f"{ratios}; give each stage at least one step (raise steps or shorten ratios).")
   if not steps:
     ratios = []
+  if fixed_stage is not None:
+    check_int("fixed_stage", fixed_stage, 0)
+    if fixed_stage > len(ratios):
+      raise ValueError(f"density_warmup: fixed_stage={fixed_stage} but there are only {len(ratios) + 1} "
+                       f"stages (0 .. {len(ratios)}, the last one is final_ratio).")
   stages = [make_compressor(r) for r in ratios] + [make_compressor(float(final_ratio))]
   for r, c in zip(ratios + [final_ratio], stages):
     if not isinstance(c, optax.GradientTransformation):
       raise TypeError(f"make_compressor({r}) returned {type(c).__name__}, not an optax.GradientTransformation.")
-  # stage j covers steps [ends[j-1], ends[j]); equal shares, the remainder to the first stages
-  base, extra = divmod(steps, max(len(ratios), 1))
-  ends = np.cumsum([base + (1 if j < extra else 0) for j in range(len(ratios))]).astype(np.int32).tolist()
+  ends = stage_boundaries(steps, len(ratios))   # stage j covers steps [ends[j-1], ends[j])
 
   def init_fn(params):
     check_floating("density_warmup.init", params)
@@ -269,7 +295,10 @@ def density_warmup(make_compressor: Callable[[float], optax.GradientTransformati
         return jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, updates), new
       return run
 
-    if len(stages) == 1:
+    if fixed_stage is not None:
+      stage = jnp.asarray(fixed_stage, jnp.int32)
+      out, inner = branch(stages[fixed_stage])(state.inner_state)
+    elif len(stages) == 1:
       out, inner = branch(stages[0])(state.inner_state)
     else:
       out, inner = jax.lax.switch(stage, [branch(c) for c in stages], state.inner_state)
