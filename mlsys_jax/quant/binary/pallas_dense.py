@@ -75,9 +75,12 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # Batches 2 and 4 (binary_dense_h200_b24.json, 14:12 UTC, device time): batch 2 -> 'acc' 8 x 256 (4.6 us
 # at 8192, 11.7 at 16384; 'rows' 64 x 128 took 6.9 / 11.9); batch 4 -> 'rows' 64 x 128 (6.5 / 14.8 us;
 # 'acc' 8 x 256 took 5.7 / 21.0, i.e. faster at 8192 but 1.4x slower at 16384).
+# Batch 8 with split-K (binary_dense_h200_b8_splitk.json, 14:28 UTC, 11 configurations, device time):
+# 'rows' 32 x 128 words, 2 K splits, 8 warps, 3 stages: 7.8 us at 8192, 22.4 at 16384 (the unsplit 64 x 128
+# took 8.8 / 25.0): twice the programs, so more warps per SM to hide the popcount latency.
 # Keys: the largest batch an entry is for (batch 3 uses the batch-4 entry, 5-7 the batch-8 one).
 _TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 2: DenseConfig("acc", 8, 256, 1, 2, 1),
-          4: DenseConfig("rows", 64, 128, 1, 8, 3), 8: DenseConfig("rows", 64, 128, 1, 8, 3)}
+          4: DenseConfig("rows", 64, 128, 1, 8, 3), 8: DenseConfig("rows", 32, 128, 2, 8, 3)}
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
