@@ -20,7 +20,11 @@ on the result. Variants, timed round-robin in the same process (median of ``--se
   one int32 array in and one out): the serving design without combination;
 - ``server``: :class:`microrec.Server` with the combined plan (``server_auto``: ``impl="auto"``, the
   one-kernel Pallas stage on a GPU; ``server_packed``, ``server_pytree``: its weights as one flat buffer /
-  as a pytree argument instead of compiled in). Batches above 64 travel as two arrays.
+  as a pytree argument instead of compiled in; ``server_device_out``: its result as a device array copied
+  with ``np.asarray``, instead of written to pinned host memory by the program, the GPU default). Batches
+  above 64 travel as two arrays;
+- ``per_table_pinned_out`` (user mode): the per-table user code with ``out_shardings`` in pinned host
+  memory, to show how much of the server's gain that alone gives.
 
 ``model_loop_s``: device time per whole-model call, ``--loop`` calls in one jitted ``fori_loop`` (indices
 shift every iteration), and ``empty_loop_s`` the loop alone (index shift + a sum).
@@ -227,7 +231,11 @@ def main():
                "server_packed": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd,
                                           weights="packed"),
                "server_pytree": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd,
-                                          weights="pytree")}
+                                          weights="pytree"),
+               "server_device_out": mr.Server(model, variables, stages["combined_chunks"], num_dense=nd,
+                                              output_memory="device")}
+    pinned = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    apply_pinned = jax.jit(model.apply, out_shardings=pinned)
     user_stages = {"per_table": stages["per_table"], "concat": stages["fused"], "combined_pytree": stages["combined"]}
     out["server_impl"] = {n: {"impl": sv.impl, "fallback": sv.fallback} for n, sv in servers.items()}
     print("server lookup impl:", out["server_impl"])
@@ -240,6 +248,8 @@ def main():
       for n, st in user_stages.items():
         fns[f"user/{n}"] = (lambda st=st: np.asarray(apply(variables, st, dense, idx)[0]))
         fns[f"device/{n}"] = (lambda st=st: apply(variables, st, dd, di))
+      # the same user code with its result written to pinned host memory (what the server does by default)
+      fns["user/per_table_pinned_out"] = lambda: np.asarray(apply_pinned(variables, stages["per_table"], dense, idx)[0])
       agree = {}
       for n, sv in servers.items():
         packed = jnp.asarray(sv.pack(dense, idx))

@@ -281,6 +281,33 @@ def test_server_matches_model_for_every_weight_mode():
   np.testing.assert_array_equal(sv.unpack(out)[0], logits)
 
 
+def test_server_pinned_host_output_is_the_same_result():
+  """``output_memory='pinned_host'`` (the GPU default under 'auto') writes the result into host memory inside
+  the program: same logits and count, both packed and split (large-batch) paths; 'auto' on CPU keeps the
+  device result; a bad value is refused."""
+  specs, tables, model, variables, base, dense, idx = _serving_setup()
+  plan = mr.optimal_plan(specs, 1.0)
+  dev = mr.Server(model, variables, tables, plan, num_dense=3, weights="pytree", output_memory="device")
+  want = dev(dense, idx)
+  for pack_max_batch in (64, 0):
+    try:
+      pin = mr.Server(model, variables, dev.stage, num_dense=3, weights="pytree", output_memory="pinned_host",
+                      pack_max_batch=pack_max_batch)
+    except ValueError as e:  # a jax/backend without pinned host memory must say so, naming the option
+      assert "output_memory" in str(e)
+      pytest.skip(f"no pinned_host memory on this backend: {e}")
+    assert pin.output_memory == "pinned_host"
+    out = pin.call(jnp.asarray(pin.pack(dense, idx)))
+    assert out.sharding.memory_kind == "pinned_host"
+    logits, bad = pin(dense, idx)
+    np.testing.assert_array_equal(logits, want[0])
+    assert bad == want[1] == 0
+  auto = mr.Server(model, variables, dev.stage, num_dense=3, weights="pytree")
+  assert auto.output_memory == ("pinned_host" if jax.default_backend() == "gpu" else "device")
+  with pytest.raises(ValueError, match="output_memory"):
+    mr.Server(model, variables, dev.stage, num_dense=3, output_memory="host")
+
+
 def test_server_bad_input():
   specs, tables, model, variables, base, dense, idx = _serving_setup()
   plan = mr.Plan(((0, 1), (2, 4), (3,), (5,)))
