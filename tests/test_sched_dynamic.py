@@ -496,6 +496,28 @@ def test_stream_is_lazy_repacks_new_parameters_and_compile_all_warms_it():
   assert f.compile_count == 1
 
 
+def test_map_steps_per_call_equals_one_request_per_call_and_counts_discarded_rows():
+  rng = np.random.default_rng(4)
+  p = _params(rng)
+  lengths = [3, 9, 1, 16, 5, 4, 12, 2, 7, 8, 15]
+  xs = [rng.normal(size=(2, n, 3)).astype(np.float32) for n in lengths]
+  one = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(4, 8, 16)).map(
+      [(p, x) for x in xs], chunk_size=5)
+  f = dyn.bucketed_jit(_params_fn, dims={1: 1}, buckets=(4, 8, 16))
+  outs = f.map([(p, x) for x in xs], chunk_size=5, steps_per_call=3)
+  for a, b, x in zip(outs, one, xs):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a["pooled"], _params_reference(p, x)["pooled"], rtol=2e-5, atol=2e-5)
+  # chunks of 5 requests, group sizes per bucket: {4: 2, 16: 2, 8: 1}, {4: 2, 16: 1, 8: 2}, {16: 1};
+  # each group's calls run 3 rows: a group of k computes -k % 3 discarded rows
+  groups = [2, 2, 1, 2, 1, 2, 1]
+  assert f.stats()["stream_dummy_requests"] == sum(-k % 3 for k in groups)
+  assert f.calls == len(xs) and f.compile_count == 3
+  with pytest.raises(ValueError, match="steps_per_call"):
+    f.map([(p, xs[0])], steps_per_call=0)
+
+
 def test_map_bad_input_errors():
   rng = np.random.default_rng(3)
   p = _params(rng)
@@ -509,6 +531,8 @@ def test_map_bad_input_errors():
     f.map([(p, x(3)), (p, x(4)), (dict(p), x(5))])
   with pytest.raises(ValueError, match="request 1 has 1 arguments"):
     f.map([(p, x(3)), (x(3),)])
+  with pytest.raises(ValueError, match="dims names argument 1 but the call has 1"):
+    f.map([(x(3),)])
   calls = f.calls
   with pytest.raises(ValueError, match="length 9 exceeds the largest bucket 8"):
     f.map([(p, x(3)), (p, x(9))])

@@ -242,6 +242,7 @@ class BucketedFunction:
     self.padded_elements = 0  # sum of bucket sizes over calls
     self.padding_checks = 0
     self.stream_wait_seconds = 0.0  # stream()/map(): host time spent waiting for fetched outputs
+    self.stream_dummy_requests = 0  # stream()/map() with steps_per_call > 1: discarded rows computed
 
   # ---- the function that is compiled: true length first, then the padded arguments ----
   def _padded_fn(self, length, *args):
@@ -460,29 +461,34 @@ class BucketedFunction:
                        "random values")
     return jax.tree_util.tree_unflatten(tree, sliced)
 
-  def compile_all(self, *example_args, chunk_size: int | None = None, pack_static: bool = True) -> float:
+  def compile_all(self, *example_args, chunk_size: int | None = None, pack_static: bool = True,
+                  steps_per_call: int = 1) -> float:
     """Compile every bucket ahead of time (``jit(...).lower(...).compile()``) for arguments shaped like
     ``example_args`` (arrays or ``jax.ShapeDtypeStruct``, any length); returns the seconds spent.
     With ``chunk_size`` it compiles the programs :meth:`stream`/:meth:`map` run for that chunk size
-    (and ``pack_static``) instead of the per-call ones."""
+    (and ``pack_static``, ``steps_per_call``) instead of the per-call ones."""
     t = self.compile_seconds
     if chunk_size is not None:
       check_int("chunk_size", chunk_size, 1)
+      check_int("steps_per_call", steps_per_call, 1)
       layout, _ = _static_layout(example_args, self.dims, pack_static)
+      capacity = -(-chunk_size // steps_per_call) * steps_per_call
     for b in self.buckets:
       if chunk_size is None:
         self._program(example_args, b)
       else:
-        self._stream_program(example_args, b, chunk_size, layout)
+        self._stream_program(example_args, b, capacity, layout, steps=steps_per_call)
     return self.compile_seconds - t
 
   # ---- streaming: many requests per host<->device transfer, device-resident per-call inputs ----
   def _stream_program(self, args, size: int, capacity: int, layout: _StaticLayout, *,
-                      overflow: bool = False) -> _Program:
-    """The program one streamed request runs: ``(index, lengths, packs, loose, stacked, outs) -> outs``
+                      overflow: bool = False, steps: int = 1) -> _Program:
+    """The program streamed requests run: ``(index, lengths, packs, loose, stacked, outs) -> outs``
     reads request ``index`` of a chunk's stacked (bucket-padded) inputs, runs ``fn`` on it and writes
-    its outputs into row ``index`` of the (donated) chunk output buffers."""
-    key = ("stream", capacity, layout) + self._key(args, size)
+    its outputs into row ``index`` of the (donated) chunk output buffers; with ``steps > 1`` it does so
+    for requests ``index .. index + steps - 1`` in a ``lax.fori_loop`` (one dispatch for ``steps``
+    requests, each computed exactly as alone)."""
+    key = ("stream", capacity, steps, layout) + self._key(args, size)
     prog = self._programs.get(key)
     if prog is not None:
       return prog
@@ -500,14 +506,20 @@ class BucketedFunction:
     stacked_structs = tuple(jax.tree_util.tree_map(stack, structs[i]) for i in dyn_pos)
     outs_structs = tuple(stack(o) for o in out_leaves)
 
-    def streamed(index, lengths, packs, loose, stacked, outs):
-      full = layout.args(layout.unpack(packs, loose))
+    def one(static, index, lengths, stacked, outs):
+      full = dict(static)
       for i, x in zip(dyn_pos, stacked):
         full[i] = jax.tree_util.tree_map(
             lambda s: jax.lax.dynamic_index_in_dim(s, index, 0, keepdims=False), x)
       y = jax.tree_util.tree_leaves(self._padded_fn(lengths[index], *(full[i] for i in range(len(args)))))
       return tuple(jax.lax.dynamic_update_index_in_dim(o, v.astype(o.dtype), index, 0)
                    for o, v in zip(outs, y))
+
+    def streamed(index, lengths, packs, loose, stacked, outs):
+      static = layout.args(layout.unpack(packs, loose))
+      if steps == 1:
+        return one(static, index, lengths, stacked, outs)
+      return jax.lax.fori_loop(0, steps, lambda r, o: one(static, index + r, lengths, stacked, o), outs)
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -555,29 +567,36 @@ class BucketedFunction:
       self._indices_on_device.append(jax.device_put(np.int32(len(self._indices_on_device))))
     return self._indices_on_device[j]
 
-  def _dispatch_chunk(self, chunk, first, start: int, capacity: int, static):
+  def _dispatch_chunk(self, chunk, first, start: int, capacity: int, static, steps: int = 1):
     """Validate a chunk, group it by (bucket, dynamic signature), copy each group's padded inputs to
-    the device in one transfer, dispatch one call per request and start the copies of the outputs."""
+    the device in one transfer, dispatch one call per ``steps`` requests and start the copies of the
+    outputs."""
     dyn_pos = tuple(sorted(self.dims))
+    static_pos = tuple(i for i in range(len(first)) if i not in self.dims)
+    # the usual case, one dynamic argument that is one array: its length without a pytree walk
+    one_axis = self.dims[dyn_pos[0]] if len(dyn_pos) == 1 else None
     groups: dict[Any, list] = {}
     for r, req in enumerate(chunk):
-      where = f"request {start + r}"
-      if not isinstance(req, (tuple, list)):
-        raise TypeError(f"{where} is a {type(req).__name__}; each request must be a tuple of the "
-                        "positional arguments of one call, e.g. (params, ids).")
+      if type(req) is not tuple and not isinstance(req, (tuple, list)):
+        raise TypeError(f"request {start + r} is a {type(req).__name__}; each request must be a tuple "
+                        "of the positional arguments of one call, e.g. (params, ids).")
       if len(req) != len(first):
-        raise ValueError(f"{where} has {len(req)} arguments, the first request {len(first)}; every "
-                         "request passes the same arguments.")
-      for i in range(len(first)):
-        if i not in self.dims and req[i] is not first[i]:
+        raise ValueError(f"request {start + r} has {len(req)} arguments, the first request "
+                         f"{len(first)}; every request passes the same arguments.")
+      for i in static_pos:
+        if req[i] is not first[i]:
           raise ValueError(
-              f"argument {i} of {where} is not the same object as in the first request: stream()/map() "
-              "pass the non-dynamic arguments (e.g. the parameters) once; split the stream where they "
-              "change, or call the function per request.")
-      try:
-        n = self._length(req)
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+              f"argument {i} of request {start + r} is not the same object as in the first request: "
+              "stream()/map() pass the non-dynamic arguments (e.g. the parameters) once; split the "
+              "stream where they change, or call the function per request.")
+      x = req[dyn_pos[0]] if dyn_pos[0] < len(req) else None
+      if one_axis is not None and type(x) is np.ndarray and -x.ndim <= one_axis < x.ndim:
+        n = x.shape[one_axis]
+      else:
+        try:
+          n = self._length(req)
+        except ValueError as e:
+          raise ValueError(f"request {start + r}: {e}") from None
       b = bucket_for(n, self.buckets)
       over = b is None
       if over:
@@ -588,7 +607,7 @@ class BucketedFunction:
     launched = []
     for gkey, (over, items) in groups.items():
       b = gkey[0]
-      prog = self._stream_program(items[0][2], b, capacity, layout, overflow=over)
+      prog = self._stream_program(items[0][2], b, capacity, layout, overflow=over, steps=steps)
       if over:
         self.buckets = tuple(sorted(set(self.buckets) | {b}))
       lengths = np.zeros((capacity,), np.int32)
@@ -610,10 +629,14 @@ class BucketedFunction:
         stacked.append(jax.tree_util.tree_unflatten(tree, bufs))
       for j, (_, n, _) in enumerate(items):
         lengths[j] = n
+      k = len(items)
+      dummies = -k % steps  # rows computed (on zeros, length 1) and discarded: the last call's rest
+      lengths[k:k + dummies] = 1
+      self.stream_dummy_requests += dummies
       dev_lengths, dev_stacked = jax.device_put((lengths, tuple(stacked)))
       outs = tuple(jnp.zeros((capacity,) + tuple(o.shape), o.dtype) for o in prog.out_leaves)
       call = prog.compiled
-      for j in range(len(items)):
+      for j in range(0, k, steps):
         outs = call(self._index(j), dev_lengths, packs, loose, dev_stacked, outs)
       for o in outs:
         o.copy_to_host_async()
@@ -636,7 +659,8 @@ class BucketedFunction:
         results[r] = jax.tree_util.tree_unflatten(prog.out_tree, leaves)
     return results
 
-  def stream(self, requests: Iterable, *, chunk_size: int = 256, pack_static: bool = True) -> Iterator:
+  def stream(self, requests: Iterable, *, chunk_size: int = 256, pack_static: bool = True,
+             steps_per_call: int = 1) -> Iterator:
     """Serve a stream of requests, yielding each result (host numpy, sliced like ``unpad='host'``;
     padded if ``unpad='none'``) in request order.
 
@@ -654,8 +678,14 @@ class BucketedFunction:
     passed; numpy arrays are read again each time). These programs (one per bucket and ``chunk_size``) are
     compiled on first use or by ``compile_all(..., chunk_size=...)``; the computation per request is
     the per-call one (the same padded ``fn`` at the same bucket), so results match ``f(*request)``.
+    With ``steps_per_call > 1`` one call runs that many requests of a bucket one after the other (a
+    ``lax.fori_loop`` in the program: fewer dispatches when the host is the bottleneck); a group
+    whose size is not a multiple of it computes up to ``steps_per_call - 1`` discarded rows (zero
+    inputs, length 1), counted in ``stats()["stream_dummy_requests"]``.
     """
     check_int("chunk_size", chunk_size, 1)
+    check_int("steps_per_call", steps_per_call, 1)
+    capacity = -(-chunk_size // steps_per_call) * steps_per_call
     if self.check_padding:
       raise ValueError("stream()/map() do not run the check_padding check; check the function with "
                        "check_padding_invariance (or per-call f(...) with check_padding=True) first and "
@@ -672,7 +702,7 @@ class BucketedFunction:
           raise TypeError(f"request 0 is a {type(first).__name__}; each request must be a tuple of "
                           "the positional arguments of one call, e.g. (params, ids).")
         static = self._packed_static(first, pack_static)
-      dispatched = self._dispatch_chunk(chunk, first, start, chunk_size, static)
+      dispatched = self._dispatch_chunk(chunk, first, start, capacity, static, steps_per_call)
       start += len(chunk)
       if pending is not None:
         yield from self._collect(pending)
@@ -680,7 +710,8 @@ class BucketedFunction:
     if pending is not None:
       yield from self._collect(pending)
 
-  def map(self, requests: Iterable, *, chunk_size: int = 256, pack_static: bool = True) -> list:
+  def map(self, requests: Iterable, *, chunk_size: int = 256, pack_static: bool = True,
+          steps_per_call: int = 1) -> list:
     """``list(self.stream(requests, ...))``: every result, in request order; see :meth:`stream`.
 
     >>> f = bucketed_jit(lambda w, x, length: (x * w).sum(-1), dims={1: 0}, buckets=(4, 8))
@@ -688,7 +719,8 @@ class BucketedFunction:
     >>> [y.tolist() for y in f.map([(w, np.ones(n, np.float32)) for n in (3, 6, 2)], chunk_size=2)]
     [6.0, 12.0, 4.0]
     """
-    return list(self.stream(requests, chunk_size=chunk_size, pack_static=pack_static))
+    return list(self.stream(requests, chunk_size=chunk_size, pack_static=pack_static,
+                            steps_per_call=steps_per_call))
 
   def stats(self) -> dict:
     """Counters: calls, compiles (overflow ones too), compile seconds (in total and per bucket size, in
@@ -702,6 +734,7 @@ class BucketedFunction:
             "compile_seconds_by_bucket": by_bucket,
             "buckets": list(self.buckets), "padding_checks": self.padding_checks,
             "stream_wait_seconds": self.stream_wait_seconds,
+            "stream_dummy_requests": self.stream_dummy_requests,
             "padding_overhead": (self.padded_elements / self.true_elements - 1.0)
             if self.true_elements else 0.0}
 
