@@ -151,7 +151,7 @@ def run_stream(call, reqs, *, budget_s=None, key=None):
                 "new_program_seconds_mean": mean_new, "repeat_call_seconds_mean": mean_rep}
 
 
-def calibrate(served, params, batch, sizes, repeats=7, chunk_size=None, per_chunk=16):
+def calibrate(served, params, batch, sizes, repeats=7, chunk_size=None, per_chunk=16, steps_per_call=1):
   """Compile and call time at a few bucket sizes (an offline calibration for the DP's cost model):
   an affine fit ``t(b) = t0 + t1 b`` with ``t1 >= 0`` (the fastest of ``repeats`` calls per size, so a
   loaded machine adds less noise); if the fit has no slope, time proportional to the padded work.
@@ -165,9 +165,9 @@ def calibrate(served, params, batch, sizes, repeats=7, chunk_size=None, per_chun
       c = f.compile_all(params, ids)
       call = lambda: f(params, ids)
     else:
-      c = f.compile_all(params, ids, chunk_size=chunk_size)
+      c = f.compile_all(params, ids, chunk_size=chunk_size, steps_per_call=steps_per_call)
       req = [(params, ids)] * per_chunk
-      call = lambda: f.map(req, chunk_size=chunk_size)
+      call = lambda: f.map(req, chunk_size=chunk_size, steps_per_call=steps_per_call)
     call()
     ts = []
     for _ in range(repeats):
@@ -327,6 +327,19 @@ def _timed_once(f) -> float:
   return time.perf_counter() - t
 
 
+def _chunk_steps(mode: str, default: int) -> int | None:
+  """Requests per call of a chunked warm mode: 'chunked' -> ``default``, 'chunked4' -> 4; else None."""
+  if not mode.startswith("chunked"):
+    return None
+  rest = mode[len("chunked"):]
+  return default if not rest else int(rest)
+
+
+def _is_mode(mode: str) -> bool:
+  return mode in ("serial", "pipelined", "chunked") or (
+      mode.startswith("chunked") and mode[len("chunked"):].isdigit() and int(mode[len("chunked"):]) >= 1)
+
+
 # the order methods run in: what the issue's targets need first (pad-to-max and the DP's end-to-end plan
 # against per-shape jit; a many-bucket plan for the warm comparison), then the other variants
 METHODS = ("pad_to_max", "dp_e2e", "per_shape_jit", "dp_warm", "pow2", "dp_warm_k_pow2", "dp_warm_aot",
@@ -338,6 +351,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
                      budget_s=120.0, max_buckets=8, seed=0, warm_repeats=3,
                      warm_modes=("serial", "pipelined", "chunked"), methods=METHODS,
                      calibration_points=3, chunk_size=256, reference_requests=0, e2e_mode="per_call",
+                     steps_per_call=1,
                      clock: Clock | None = None,
                      on_update=None, log=print) -> dict:
   """The request-stream benchmark. ``methods`` picks (a subset of :data:`METHODS`, always run in that
@@ -357,9 +371,10 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
     raise ValueError(f"calibration_points must be >= 2 (an affine fit), got {calibration_points}.")
   if e2e_mode not in ("per_call", "chunked"):
     raise ValueError(f"e2e_mode must be 'per_call' or 'chunked', got {e2e_mode!r}.")
-  bad_modes = set(warm_modes) - {"serial", "pipelined", "chunked"}
+  bad_modes = [m for m in warm_modes if not _is_mode(m)]
   if bad_modes:
-    raise ValueError(f"unknown warm modes {sorted(bad_modes)}; choose from serial, pipelined, chunked.")
+    raise ValueError(f"unknown warm modes {bad_modes}; choose from serial, pipelined, chunked, "
+                     "chunked<N> (N requests per call).")
   served, params = make_model(num_layers, d_model, num_heads, vocab, max_len, seed)
   lengths = sample_lengths(seed, requests, min_len, max_len)
   history = sample_lengths(seed + 1000, requests, min_len, max_len)  # the DP plans from past traffic
@@ -370,6 +385,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
                         warm_repeats=warm_repeats, warm_modes=list(warm_modes),
                         calibration_points=calibration_points, chunk_size=chunk_size,
                         reference_requests=reference_requests, e2e_mode=e2e_mode,
+                        steps_per_call=steps_per_call,
                         time_limit_s=clock.limit_s),
          "distinct_lengths": int(np.unique(lengths).size),
          "length_quantiles": {q: float(np.quantile(lengths, q / 100)) for q in (10, 50, 90, 99)},
@@ -389,7 +405,8 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
   cal_sizes = sorted({int(round(min_len * (max_len / min_len) ** (i / max(calibration_points - 1, 1))))
                       for i in range(calibration_points)})
   cal_rows, coef, run_cost, compile_s = calibrate(
-      served, params, batch, cal_sizes, chunk_size=chunk_size if e2e_mode == "chunked" else None)
+      served, params, batch, cal_sizes, chunk_size=chunk_size if e2e_mode == "chunked" else None,
+      steps_per_call=steps_per_call)
   res["calibration"] = {"rows": cal_rows, "run_cost": coef, "compile_s_mean": compile_s,
                         "seconds": time.perf_counter() - t}
   log(f"calibration: {cal_rows}")
@@ -436,10 +453,11 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
     f = dyn.bucketed_jit(served, dims={1: 1}, buckets=bs)
     if e2e_mode == "chunked":  # the whole stream through map(), compilation included
       t = time.perf_counter()
-      outs = f.map([(params, x) for x in reqs], chunk_size=chunk_size)
+      outs = f.map([(params, x) for x in reqs], chunk_size=chunk_size, steps_per_call=steps_per_call)
       total = time.perf_counter() - t
       r = {"seconds": total, "measured_seconds": total, "requests_measured": len(reqs),
            "extrapolated": False, "mode": "chunked", "chunk_size": chunk_size,
+           "steps_per_call": steps_per_call, "dummy_requests": f.stream_dummy_requests,
            "repeat_call_seconds_mean": max(total - f.compile_seconds, 0.0) / len(reqs)}
     else:
       outs, r = run_stream(lambda ids: f(params, ids), reqs, key=lambda ids: f.bucket_of(ids.shape[1]),
@@ -525,26 +543,27 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         f.unpad = "host"
     return run
 
-  def chunked(f):  # the library's streaming entry point: BucketedFunction.map (host numpy results)
-    return lambda: f.map([(params, x) for x in reqs], chunk_size=chunk_size)
+  def chunked(steps):  # the library's streaming entry point: BucketedFunction.map (host numpy results)
+    return lambda f: lambda: f.map([(params, x) for x in reqs], chunk_size=chunk_size,
+                                   steps_per_call=steps)
 
-  def warm_up_chunked(names) -> bool:
+  def warm_up_chunked(names, mode, steps) -> bool:
     """First pass of every method through map(): compiles its streaming programs (reported apart)."""
     for k in names:
       f = fns[k][0]
       m = res["methods"][k]
-      if m.get("mode") == "chunked":  # the end-to-end run was this first pass
-        chunked_outs[k + "/chunked"] = fns[k]
-        res["warm"][k]["chunked_warm_up"] = {"seconds": m["seconds"], "compile_seconds": m["compile_seconds"],
-                                             "chunk_size": chunk_size}
+      if m.get("mode") == "chunked" and m.get("steps_per_call") == steps:  # the e2e run was this pass
+        chunked_outs[f"{k}/{mode}"] = fns[k]
+        res["warm"][k][f"{mode}_warm_up"] = {"seconds": m["seconds"], "compile_seconds": m["compile_seconds"],
+                                             "chunk_size": chunk_size, "steps_per_call": steps}
         continue
       c0, t = f.compile_seconds, time.perf_counter()
-      outs = chunked(f)()
+      outs = chunked(steps)(f)()
       first = time.perf_counter() - t
-      chunked_outs[k + "/chunked"] = (None, outs)
-      res["warm"][k]["chunked_warm_up"] = {"seconds": first, "compile_seconds": f.compile_seconds - c0,
-                                           "chunk_size": chunk_size}
-      log(f"chunked warm-up {k}: {first:.2f} s first pass ({f.compile_seconds - c0:.2f} s compiling)")
+      chunked_outs[f"{k}/{mode}"] = (None, outs)
+      res["warm"][k][f"{mode}_warm_up"] = {"seconds": first, "compile_seconds": f.compile_seconds - c0,
+                                           "chunk_size": chunk_size, "steps_per_call": steps}
+      log(f"{mode} warm-up {k}: {first:.2f} s first pass ({f.compile_seconds - c0:.2f} s compiling)")
       update()
       if clock.left() <= 0:
         return False
@@ -558,13 +577,22 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
       return
     warm = res.setdefault("warm", {k: {} for k in names})
     for mode in warm_modes:
-      wrap = {"serial": serial, "pipelined": pipelined, "chunked": chunked}[mode]
-      if mode == "chunked" and not warm_up_chunked(names):
-        _skip(res, clock, "warm chunked", 0.0, log)
-        continue
+      steps = _chunk_steps(mode, steps_per_call)
+      wrap = {"serial": serial, "pipelined": pipelined}.get(mode) or chunked(steps)
+      if steps is not None:
+        # a chunked mode other than the e2e one compiles its programs in its warm-up pass: priced
+        # like the e2e compilation of the same method, skipped if that does not fit
+        need = sum(res["methods"][k]["compile_seconds"] for k in names
+                   if res["methods"][k].get("steps_per_call") != steps)
+        if need > clock.left():
+          _skip(res, clock, f"warm {mode} (compilation)", need, log)
+          continue
+        if not warm_up_chunked(names, mode, steps):
+          _skip(res, clock, f"warm {mode}", 0.0, log)
+          continue
       if mode == "pipelined" and any(any(fns[k][0].out_axes) for k in names):
         continue
-      if mode != "chunked" and e2e_mode == "chunked":  # the per-call programs are not compiled yet
+      if steps is None and e2e_mode == "chunked":  # the per-call programs are not compiled yet
         # one compilation per bucket, priced like the cheapest calibration compilation
         per_program = min(r["compile_s"] for r in res["calibration"]["rows"])
         need = per_program * sum(len(fns[k][0].buckets) for k in names)
@@ -581,8 +609,8 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
               ts.append(time.perf_counter() - one)
             res["methods"][k]["repeat_call_seconds_mean"] = min(ts)
       one_round = (sum(res["methods"][k]["repeat_call_seconds_mean"] for k in names) * len(reqs)
-                   if mode != "chunked" else
-                   sum(warm[k]["chunked_warm_up"]["seconds"] - warm[k]["chunked_warm_up"]["compile_seconds"]
+                   if steps is None else
+                   sum(warm[k][f"{mode}_warm_up"]["seconds"] - warm[k][f"{mode}_warm_up"]["compile_seconds"]
                        for k in names))
       rounds = int(min(warm_repeats, clock.left() // max(one_round, 1e-9)))
       if rounds < min(3, warm_repeats):
@@ -595,7 +623,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
           t = time.perf_counter()
           wrap(fns[k][0])()
           times[k].append(time.perf_counter() - t)
-          waits[k].append(fns[k][0].stream_wait_seconds - w0 if mode == "chunked" else
+          waits[k].append(fns[k][0].stream_wait_seconds - w0 if steps is not None else
                           times[k][-1] - dispatch_s.get(id(fns[k][0]), times[k][-1]))
       base = float(np.median(times["pad_to_max"]))
       for k in names:
@@ -603,7 +631,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         warm[k][mode] = {"seconds": med, "seconds_all": times[k], "pad_to_max_seconds": base,
                          "speedup_vs_pad_to_max": base / med, "requests_per_s": len(reqs) / med}
         extra = ""
-        if mode in ("chunked", "pipelined"):  # host time per request = (stream - waiting for device) / n
+        if mode != "serial":  # host time per request = (stream - waiting for device) / n
           wait = float(np.median(waits[k]))
           warm[k][mode].update(wait_seconds=wait, wait_seconds_all=waits[k],
                                host_seconds_per_request=(med - wait) / len(reqs))
@@ -612,15 +640,16 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
       if mode == "pipelined":  # every request: streamed (map) vs per-call results, same programs' body
         for k in names:
           f = fns[k][0]
-          if k + "/chunked" in chunked_outs and id(f) in pipelined_outs:
-            a, b = chunked_outs[k + "/chunked"][1], pipelined_outs.pop(id(f))
+          got = [v for n, v in chunked_outs.items() if n.startswith(k + "/")]
+          if got and id(f) in pipelined_outs:
+            a, b = got[0][1], pipelined_outs.pop(id(f))
             warm[k]["max_abs_diff_chunked_vs_per_call"] = float(max(
                 np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(a, b)))
             log(f"{k}: max |map - per-call| over {len(a)} requests "
                 f"{warm[k]['max_abs_diff_chunked_vs_per_call']:.3g}")
       update()
-      if mode == "chunked":
-        reference()  # the correctness check before the optional per-call modes
+      if steps is not None:
+        reference()  # the correctness check before the optional other modes
 
   def reference():
     nonlocal ref, ref_kind, reference_requests
@@ -650,8 +679,8 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
       res["speedup_e2e_vs_pad_to_max"] = {k: e2e["pad_to_max"] / v for k, v in e2e.items()}
     warm = res.get("warm", {})
     best = {k: min((m["seconds"], mode) for mode, m in v.items()
-                   if mode in ("serial", "pipelined", "chunked"))
-            for k, v in warm.items() if any(mode in v for mode in ("serial", "pipelined", "chunked"))}
+                   if _is_mode(mode))
+            for k, v in warm.items() if any(_is_mode(mode) for mode in v)}
     if "pad_to_max" in best:  # each method in its fastest warm mode vs pad-to-max in its fastest
       res["warm_best"] = {k: {"seconds": t, "mode": mode, "speedup_vs_best_pad_to_max":
                               best["pad_to_max"][0] / t} for k, (t, mode) in best.items()}
@@ -671,7 +700,7 @@ def stream_benchmark(*, num_layers, d_model, num_heads, batch, requests, min_len
         run_symbolic_pow2()
       summary()
     if i == warm_after:
-      if "chunked" not in warm_modes:
+      if not any(_chunk_steps(m, steps_per_call) for m in warm_modes):
         reference()
       run_warm()
       reference()
@@ -875,6 +904,9 @@ def main():
                     "(per-call dispatch, one wait at the end), chunked (BucketedFunction.map: chunked "
                     "ingestion and fetch, device-resident per-call inputs, packed parameters)")
     ap.add_argument("--chunk_size", type=int, default=256, help="requests per chunk of the chunked mode")
+    ap.add_argument("--steps_per_call", type=int, default=1,
+                    help="requests per call in the chunked modes (map(steps_per_call=...)); the warm "
+                    "mode 'chunked<N>' (e.g. chunked1) runs with N instead")
     ap.add_argument("--e2e_mode", default="per_call", choices=("per_call", "chunked"),
                     help="how the bucketed methods serve the end-to-end stream (and the calibration "
                     "times calls): per-call f(params, ids), or BucketedFunction.map in chunks")
@@ -947,6 +979,7 @@ def main():
           calibration_points=args.calibration_points, chunk_size=args.chunk_size,
           warm_modes=tuple(m for m in args.warm_modes.split(",") if m),
           reference_requests=args.reference_requests, e2e_mode=args.e2e_mode,
+          steps_per_call=args.steps_per_call,
           methods=tuple(m for m in args.methods.split(",") if m), clock=clock, on_update=save("stream"))
     elif part == "dispatch":
       dispatch_cost(num_layers=args.num_layers, d_model=args.d_model, num_heads=args.num_heads,
