@@ -303,42 +303,45 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     new = (v < _U32(n_lanes)) & (kk < cnt) & ((ch & bit) == _U32(0))
     return ch | jnp.where(new, bit, _U32(0)), kk + new.astype(_U32)
 
-  def consume(pool, nd: int, chosen, k, start: int = 0):
-    """Draws start .. nd-1 of the words ``pool`` while some word still needs lanes."""
+  def consume(pool, nd: int, chosen, k, start: int = 0, needed=None):
+    """Draws start .. nd-1 of the words ``pool`` while some word still needs lanes; also returns whether
+    some word still does (the early-stop test of the last step, so no step repeats it). ``needed``: that
+    flag when the caller knows it already."""
     def cond(c):
-      j, _, kk = c
-      return (j < nd) & need(kk)
+      j, _, _, go = c
+      return go & (j < nd)
 
     def body(c):
-      j, ch, kk = c
+      j, ch, kk, _ = c
       ju = j.astype(_U32)
       wsel = ju // _U32(per_word)
       r = pool[0]
       for idx in range(1, len(pool)):
         r = jnp.where(wsel == _U32(idx), pool[idx], r)
       ch, kk = take((r >> (_U32(db) * (ju % _U32(per_word)))) & _U32((1 << db) - 1), ch, kk)
-      return j + 1, ch, kk
+      return j + 1, ch, kk, need(kk)
 
-    _, chosen, k = jax.lax.while_loop(cond, body, (jnp.int32(start), chosen, k))
-    return chosen, k
+    go = need(k) if needed is None else needed
+    _, chosen, k, still = jax.lax.while_loop(cond, body, (jnp.int32(start), chosen, k, go))
+    return chosen, k, still
 
   chosen, k = zero, zero
   npre = min(pre, per_word)
   for j in range(npre):
     chosen, k = take((d >> _U32(db * j)) & _U32((1 << db) - 1), chosen, k)
-  chosen, k = consume((d,), per_word, chosen, k, npre)
+  chosen, k, still = consume((d,), per_word, chosen, k, npre)
 
   def rcond(c):
-    m, _, kk = c
-    return need(kk) & (m < (1 << 20))
+    m, _, _, go = c
+    return go & (m < (1 << 20))
 
   def rbody(c):
-    m, ch, kk = c
+    m, ch, kk, go = c
     more = philox4x32(k0, k1, word_idx, jnp.full(word_idx.shape, m, _U32), zero, zero, asm=asm)
-    ch, kk = consume(more, 4 * per_word, ch, kk)
-    return m + _U32(1), ch, kk
+    ch, kk, go = consume(more, 4 * per_word, ch, kk, needed=go)
+    return m + _U32(1), ch, kk, go
 
-  _, chosen, _ = jax.lax.while_loop(rcond, rbody, (_U32(1), chosen, k))
+  _, chosen, _, _ = jax.lax.while_loop(rcond, rbody, (_U32(1), chosen, k, still))
   return jnp.where(always, jnp.full(word_idx.shape, lane_mask(bits, width), _U32), chosen)
 
 
