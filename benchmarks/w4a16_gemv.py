@@ -40,16 +40,21 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
-# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. Batch 1: the 'fma' kernel
-# after the 2026-12-02 afternoon rewrite (4.0-4.2 SASS instructions per weight on sm_90 and 48-64
-# registers without register prefetch; 4.0-4.7 and 96-128 with it) around the morning's best
-# (fma:64:2:8 with prefetch, 34.6 us), 512-2048 programs; batch > 1: the tensor-core 'dot' kernel
-# (6.2 instructions per weight, batch-independent up to 16) and 'fma' at batch 4 (9 per weight).
-SWEEP = ("fma:64:2:8:4:3:0,fma:64:1:8:4:3:0,fma:64:2:4:4:3:0,fma:64:1:16:4:3:0,fma:64:2:16:4:3:0,"
-         "fma:64:4:16:4:3:0,fma:32:2:8:2:3:0,fma:128:2:8:8:3:0,fma:128:1:16:8:3:0,fma:256:1:8:8:3:0,"
-         "fma:64:2:8:4:3:1,fma:64:2:16:4:3:1")
-SWEEP_B1 = "fma:64:2:8:4:3:0,fma:64:1:16:4:3:0,fma:128:2:8:8:3:0,fma:64:2:16:4:3:1,fma:64:2:4:4:3:0"
-OTHER = "fma:64:2:8:4:3:0,dot:128:1:4:8:3:1,dot:64:1:8:4:3:1,dot:64:2:8:4:3:0,dot:128:2:8:8:3:0"
+# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. H200 sweep of 2026-12-02
+# 14:26 UTC: at 8192x8192 batch 1 twelve 'fma' configurations took 25.2-31.4 us (best fma:64:2:16, no
+# prefetch), at 8192x28672 fma:64:2:8 64.5 us; batch 4/16: dot:128:1:4:8:3 with prefetch best. This sweep:
+# around those, split_k to 64 (up to 8192 programs), 1-8 blocks per step, block_n 32-128, 2-8 warps,
+# prefetch, and two cross-checks: 'fma_shift' (5.6 instead of 4.1 SASS instructions per weight: is the
+# kernel bound by instruction issue?) and 'dot' at batch 1.
+SWEEP = ("fma:64:2:16:4:3:0,fma:64:1:16:4:3:0,fma:64:4:16:4:3:0,fma:64:1:32:4:3:0,fma:64:2:32:4:3:0,"
+         "fma:64:1:64:4:3:0,fma:64:4:8:4:3:0,fma:64:8:8:4:3:0,fma:32:2:16:2:3:0,fma:32:2:16:4:3:0,"
+         "fma:32:1:32:2:3:0,fma:128:2:16:8:3:0,fma:128:2:8:4:3:0,fma:128:1:32:8:3:0,fma:64:2:16:2:3:0,"
+         "fma:64:2:16:8:3:0,fma:64:2:16:4:3:1,fma:64:1:16:4:3:1,fma:64:2:8:4:3:1,fma:64:1:32:4:3:1,"
+         "fma:128:2:16:8:3:1,fma_shift:64:2:16:4:3:0,dot:64:2:16:4:3:0,dot:128:1:16:8:3:1")
+SWEEP_B1 = ("fma:64:2:8:4:3:0,fma:64:2:16:4:3:0,fma:64:1:16:4:3:0,fma:64:4:8:4:3:0,fma:128:2:8:8:3:0,"
+            "fma:64:2:8:4:3:1,fma:32:2:8:2:3:0,fma_shift:64:2:8:4:3:0")
+OTHER = ("fma:64:2:16:4:3:0,dot:128:1:4:8:3:1,dot:128:1:8:8:3:1,dot:128:2:4:8:3:1,dot:64:1:16:4:3:1,"
+         "dot:128:1:2:8:3:1,dot:256:1:4:8:3:1")
 
 
 def _extra(ap):
@@ -64,9 +69,12 @@ def _extra(ap):
   ap.add_argument("--configs", default=SWEEP,
                   help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch, batch 1 "
                        "of the first shape")
-  ap.add_argument("--configs_b1", default=SWEEP_B1, help="the same for batch 1 of the other shapes")
-  ap.add_argument("--other_configs", default=OTHER, help="the same for batch > 1")
+  ap.add_argument("--configs_b1", default=SWEEP_B1, help="the same for batch <= 2 of the other cases")
+  ap.add_argument("--other_configs", default=OTHER, help="the same for batch > 2")
   ap.add_argument("--fma_max_batch", type=int, default=4, help="skip 'fma' configs above this batch")
+  ap.add_argument("--no_consumer_top", type=int, default=3,
+                  help="batch <= 2: re-time this many best configurations with the outputs returned as they "
+                       "are (no reduction kernel after each launch); 0: skip")
   ap.add_argument("--name", default="w4a16_gemv", help="JSON file name")
 
 
@@ -81,11 +89,16 @@ def _parse(spec: str):
   return out
 
 
-def _looped(op, copies, reps):
-  """``op(x_r, w_{r mod copies})`` for ``reps`` different activations (a tuple of arrays), summed over
-  every output element, in one jitted function."""
+def _looped(op, copies, reps, consume: bool = True):
+  """``op(x_r, w_{r mod copies})`` for ``reps`` different activations (a tuple of arrays), in one jitted
+  function: summed over every output element (``consume``: each launch is followed by a small reduction
+  kernel, as a matmul in a model is followed by its consumer), or all outputs returned as they are (no
+  kernel but the op's own: the bf16 GEMV is then one kernel per launch, the Pallas GEMV with split_k > 1
+  two, the kernel and XLA's sum of its partial outputs)."""
   def f(xs, ws):
     outs = [op(xs[r], ws[r % copies]) for r in range(reps)]
+    if not consume:
+      return tuple(outs), outs[0]
     return sum(jnp.sum(o.astype(jnp.float32)) for o in outs), outs[0]   # outs[0]: the exactness check
   return jax.jit(f)
 
@@ -107,7 +120,7 @@ def main():
   interpret = not on_gpu
   if args.small:
     shapes, batches, reps0, repeats = [(256, 96), (512, 64)], [1, 4], 2, 3
-    sweep = [("fma", 32, 1, 1, 4, 3, 1), ("fma", 32, 2, 2, 4, 3, 0), ("dot", 32, 1, 2, 4, 3, 1)]
+    sweep = [("fma", 32, 1, 1, 4, 3, 1), ("fma", 32, 2, 1, 4, 3, 0), ("dot", 32, 1, 2, 4, 3, 1)]
     sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0)]
     other = [("fma", 32, 1, 1, 4, 3, 1), ("dot", 32, 1, 1, 4, 3, 1)]
     gs = 64
@@ -158,9 +171,9 @@ def main():
       xs = tuple(jax.random.normal(jax.random.PRNGKey(1000 * b + r), (b, k), jnp.float32).astype(jnp.bfloat16)
                  for r in range(reps))
       ref = np.asarray(wo.w4a16_matmul(xs[0], packed[0], impl="xla"))
-      cfgs = other if b > 1 else sweep if first else sweep_b1
+      cfgs = other if b > 2 else sweep if first else sweep_b1
       cfgs = [c for c in cfgs if not (c[0].startswith("fma") and b > args.fma_max_batch)]
-      first = first and b > 1
+      first = first and b > 2
       fns, fargs, single = {}, {}, {}   # single: the kernel configurations (checked for exactness)
       for c in cfgs:
         v, bn, bps, sk, nw, ns, pf = c
@@ -224,6 +237,31 @@ def main():
         for base in ("xla_packed_bf16", "xla_packed_f32"):
           if "seconds" in row.get(base, {}):
             row[f"speedup_vs_{base}"] = row[base]["seconds"] / best["seconds"]
+        if args.no_consumer_top and b <= 2:
+          # The best configurations again with every output returned (no reduction after each launch),
+          # against the bf16 GEMV returned the same way: the GEMVs alone, without their consumer.
+          top = sorted(ok, key=lambda e: e["seconds"])[:args.no_consumer_top]
+          nfns = {"bf16": _looped(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), copies_b,
+                                  reps, consume=False)}
+          nargs = {"bf16": fargs["bf16"]}
+          for e in top:
+            v, bn, bps, sk, nw, ns, pf = _parse(e["config"])[0]
+            kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
+                      prefetch=bool(pf), interpret=interpret)
+            nfns[e["config"]] = _looped(lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw), copies,
+                                        reps, consume=False)
+            nargs[e["config"]] = fargs[e["config"]]
+          ncomp = _compile_all(nfns, nargs)
+          row["no_consumer"] = []
+          for name in nfns:
+            if name == "bf16" or isinstance(ncomp[name], Exception) or isinstance(ncomp["bf16"], Exception):
+              continue
+            t = stats.time_interleaved(lambda: ncomp[name](*nargs[name]), lambda: ncomp["bf16"](*nargs["bf16"]),
+                                       repeats=repeats, warmup=2, inner=1 if args.small else args.inner)
+            ent = {"config": name, "seconds": t.median_a / reps, "bf16_seconds": t.median_b / reps,
+                   "speedup_vs_bf16": t.ratio, "p_faster_than_bf16": t.p_a_faster}
+            row["no_consumer"].append(ent)
+            print(b, k, n, "no consumer", ent, flush=True)
       row["compile_seconds"] = t_compiled - t_case
       row["case_seconds"] = last_case = time.time() - t_case
       print(f"case {k}x{n} batch {b}: {row['case_seconds']:.1f} s (compile {row['compile_seconds']:.1f} s)",

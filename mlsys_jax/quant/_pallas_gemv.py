@@ -54,18 +54,19 @@ VARIANTS = ("fma", "fma_shift", "dot", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
-# The launch parameters used when none are given, by batch. Batch <= 2: the CUDA-core kernel without
-# register prefetch (48 registers, 4.1 SASS instructions per weight on sm_90 after the 2026-12-02
-# afternoon rewrite) around the fastest configuration of the H200 run of 2026-12-02 morning
-# (fma:64:2:8 with prefetch, 34.6 us at 8192x8192 vs a 50 us bf16 GEMV, before the rewrite); batch
-# 3-16: the tensor-core kernel that run measured fastest at batch 4 and 16 (dot:128:1:4:8:3 with
-# prefetch: 45.6 / 50.8 us at 8192x8192, 102 / 117 us at 8192x28672). To be replaced by the sweep of
-# benchmarks/w4a16_gemv.py on the rewritten kernel.
-_DEFAULT_SMALL = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=8, num_warps=4,
+# The launch parameters used when none are given, by batch, from the H200 sweep of 2026-12-02 14:26 UTC
+# (jax 0.11.2, benchmarks/w4a16_gemv.py; docs/weight_only.md has the table). Batch <= 2: the CUDA-core
+# kernel without register prefetch, block_n 64, 2 blocks per step, and split_k chosen per shape so that
+# the grid has about TARGET_PROGRAMS programs (8192x8192: split_k 16, 25.2 us, the best of 12; 8192x28672:
+# split_k 8, 64.5 us, the best of 5; the 12 configurations at 8192x8192 spanned 25.2-31.4 us). Batch
+# 3-16: the tensor-core kernel, dot:128:1:4:8:3 with prefetch, the best of 4-5 at batch 4 and 16 on both
+# shapes.
+_DEFAULT_SMALL = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=16, num_warps=4,
                       num_stages=3, prefetch=False)
 _DEFAULT_LARGE = dict(variant="dot", block_n=128, blocks_per_step=1, split_k=4, num_warps=8,
                       num_stages=3, prefetch=True)
 SMALL_BATCH = 2                # batches up to this use _DEFAULT_SMALL
+TARGET_PROGRAMS = 2048         # batch <= 2: split_k = the power of two reaching this, at most 16
 
 
 def on_gpu() -> bool:
@@ -79,15 +80,24 @@ def _pow2(x: int) -> int:
 
 def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
   """Launch parameters for ``(batch, K) @ (K, N)`` with ``groups`` scale groups along K: the tuned
-  defaults, with ``split_k`` and ``blocks_per_step`` halved until they divide K's 128-blocks (and
-  ``split_k`` the groups), ``block_n`` shrunk for narrow N."""
-  cfg = dict(_DEFAULT_SMALL if batch <= SMALL_BATCH else _DEFAULT_LARGE)
+  defaults (``split_k`` per shape at batch <= 2, see ``TARGET_PROGRAMS``), ``block_n`` shrunk for narrow
+  N, ``split_k`` and ``blocks_per_step`` halved until they divide K's 128-blocks (and ``split_k`` the
+  groups).
+
+  Example:
+    >>> [default_config(1, 8192, n)["split_k"] for n in (8192, 28672)]
+    [16, 8]
+  """
+  small = batch <= SMALL_BATCH
+  cfg = dict(_DEFAULT_SMALL if small else _DEFAULT_LARGE)
+  cfg["block_n"] = min(cfg["block_n"], max(16, _pow2(n)))
+  if small:
+    cfg["split_k"] = min(cfg["split_k"], _pow2(-(-TARGET_PROGRAMS // -(-n // cfg["block_n"]))))
   nb = k // BLOCK_K
   while cfg["split_k"] > 1 and (nb % cfg["split_k"] or groups % cfg["split_k"]):
     cfg["split_k"] //= 2
   while cfg["blocks_per_step"] > 1 and (nb // cfg["split_k"]) % cfg["blocks_per_step"]:
     cfg["blocks_per_step"] //= 2
-  cfg["block_n"] = min(cfg["block_n"], max(16, _pow2(n)))
   return cfg
 
 
