@@ -54,16 +54,16 @@ VARIANTS = ("fma", "fma_shift", "dot", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
-# The launch parameters used when none are given, by batch, from the H200 sweep of 2026-12-02 14:26 UTC
-# (jax 0.11.2, benchmarks/w4a16_gemv.py; docs/weight_only.md has the table). Batch <= 2: the CUDA-core
-# kernel without register prefetch, block_n 64, 2 blocks per step, and split_k chosen per shape so that
-# the grid has about TARGET_PROGRAMS programs (8192x8192: split_k 16, 25.2 us, the best of 12; 8192x28672:
-# split_k 8, 64.5 us, the best of 5; the 12 configurations at 8192x8192 spanned 25.2-31.4 us). Batch
-# 3-16: the tensor-core kernel, dot:128:1:4:8:3 with prefetch, the best of 4-5 at batch 4 and 16 on both
-# shapes.
+# The launch parameters used when none are given, by batch, from the H200 sweeps of 2026-12-02 14:26 and
+# 15:04 UTC (jax 0.11.2, benchmarks/w4a16_gemv.py; docs/weight_only.md has the tables). Batch <= 2: the
+# CUDA-core kernel without register prefetch, block_n 64, 2 blocks per step, and split_k chosen per shape
+# so that the grid has about TARGET_PROGRAMS programs (8192x8192: split_k 16, 24.4 us, the best of 24 at
+# batch 1 and of 8 at batch 2; 8192x28672: split_k 8, 65.2 us, within 1% of the best at batch 1 and 2).
+# Batch 3-16: the tensor-core kernel, dot:256:1:4:8:3 with prefetch (best at batch 4 and 16 of
+# 8192x8192 and batch 16 of 8192x28672; 3% behind dot:128 at batch 4 of 8192x28672).
 _DEFAULT_SMALL = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=16, num_warps=4,
                       num_stages=3, prefetch=False)
-_DEFAULT_LARGE = dict(variant="dot", block_n=128, blocks_per_step=1, split_k=4, num_warps=8,
+_DEFAULT_LARGE = dict(variant="dot", block_n=256, blocks_per_step=1, split_k=4, num_warps=8,
                       num_stages=3, prefetch=True)
 SMALL_BATCH = 2                # batches up to this use _DEFAULT_SMALL
 TARGET_PROGRAMS = 2048         # batch <= 2: split_k = the power of two reaching this, at most 16
