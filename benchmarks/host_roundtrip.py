@@ -16,7 +16,9 @@ calls each, medians per call), so that one run says which path is cheapest on th
 - ``pinned_out``: the jitted call writes its result to ``pinned_host`` memory (``out_shardings`` with
   ``memory_kind="pinned_host"``), then ``np.asarray`` (skipped where the backend has no such memory kind);
 - ``pinned_in_pinned_out``: input put in ``pinned_host`` memory too (the program moves it to the device);
-- ``d2h_only`` / ``h2d_only``: ``np.asarray`` of a fresh device array / ``device_put`` of a numpy array.
+- ``d2h_only`` / ``h2d_only``: ``np.asarray`` of a fresh ``device_put`` array (so it includes that upload) /
+  ``device_put`` of a numpy array (recorded before 15:25 UTC 2026-12-02 as ``np.asarray(x_dev + 0)``: an eager
+  add's dispatch included).
 
 Usage (GPU): ``PYTHONPATH=. python benchmarks/host_roundtrip.py --out $OUT``; CPU smoke: ``--small``.
 """
@@ -50,7 +52,7 @@ def _variants(n: int) -> dict:
       "device_put_then_call": lambda: jax.block_until_ready(f(jax.device_put(x_np, dev))),
       "numpy_in_numpy_out": lambda: np.asarray(f(x_np)),
       "device_get": lambda: jax.device_get(f(x_np)),
-      "d2h_only": lambda: np.asarray(x_dev + 0),
+      "d2h_only": lambda: np.asarray(jax.device_put(x_np, dev)),
       "h2d_only": lambda: jax.block_until_ready(jax.device_put(x_np, dev)),
   }
 

@@ -75,9 +75,10 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # Batches 2 and 4 (binary_dense_h200_b24.json, 14:12 UTC, device time): batch 2 -> 'acc' 8 x 256 (4.6 us
 # at 8192, 11.7 at 16384; 'rows' 64 x 128 took 6.9 / 11.9); batch 4 -> 'rows' 64 x 128 (6.5 / 14.8 us;
 # 'acc' 8 x 256 took 5.7 / 21.0, i.e. faster at 8192 but 1.4x slower at 16384).
-# Batch 8 with split-K (binary_dense_h200_b8_splitk.json, 14:28 UTC, 11 configurations, device time):
+# Batch 8 with split-K (binary_dense_h200_b8_splitk.json, 14:28 UTC, 11 configurations at 16384, 6 at 8192 where the others do not
+# divide W = 256; device time):
 # 'rows' 32 x 128 words, 2 K splits, 8 warps, 3 stages: 7.8 us at 8192, 22.4 at 16384 (the unsplit 64 x 128
-# took 8.8 / 25.0): twice the programs, so more warps per SM to hide the popcount latency.
+# took 8.8 / 25.0): 4x the programs (half the rows each, 2 K splits), so more warps per SM to hide the popcount latency.
 # Keys: the largest batch an entry is for (batch 3 uses the batch-4 entry, 5-7 the batch-8 one).
 _TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 2: DenseConfig("acc", 8, 256, 1, 2, 1),
           4: DenseConfig("rows", 64, 128, 1, 8, 3), 8: DenseConfig("rows", 32, 128, 2, 8, 3)}
@@ -98,8 +99,9 @@ def kernel_applies(b: int, n: int, wn: int) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def kernel_self_test() -> bool:
-  """Once per process: compile the kernel with its default launch parameters on a ragged problem
-  (B = 3, padded inside; K not a multiple of 32) and compare it with XLA's packed path. On failure (a
+  """Once per process: compile the kernel with the default launch parameters of every tuned batch group
+  (B = 1, 3 and 8: ``acc``, unsplit ``rows`` and split-K ``rows``; K not a multiple of 32) and compare each
+  with XLA's packed path. On failure (a
   compile error or a mismatch) warn and return False: ``packed_dense`` then keeps the XLA path.
 
   >>> kernel_self_test()          # in the interpreter here; compiled through Triton on a GPU
@@ -113,11 +115,14 @@ def kernel_self_test() -> bool:
 
   def check():
     rng = np.random.default_rng(5)
-    a = jnp.asarray(rng.integers(0, 2**32, size=(3, 32), dtype=np.uint64).astype(np.uint32))
     w = jnp.asarray(rng.integers(0, 2**32, size=(96, 32), dtype=np.uint64).astype(np.uint32))
     k = 32 * 32 - 7
-    ref = k - 2 * jnp.sum(jax.lax.population_count(a[:, None, :] ^ w[None]).astype(jnp.int32), -1)
-    return jnp.array_equal(pallas_packed_dense(a, w, k, interpret=not _on_gpu()), ref)
+    ok = jnp.bool_(True)
+    for b in (1, 3, 8):
+      a = jnp.asarray(rng.integers(0, 2**32, size=(b, 32), dtype=np.uint64).astype(np.uint32))
+      ref = k - 2 * jnp.sum(jax.lax.population_count(a[:, None, :] ^ w[None]).astype(jnp.int32), -1)
+      ok = ok & jnp.array_equal(pallas_packed_dense(a, w, k, interpret=not _on_gpu()), ref)
+    return ok
 
   try:
     if not bool(run_outside_traces(jax.jit(check))):
