@@ -132,49 +132,24 @@ def _looped_old(op, reps: int):
   return jax.jit(f)
 
 
-def _clusters(events: list, gap_ns: float) -> list:
-  """Split ``(start_ns, end_ns, ...)`` events, sorted by start, where the device was idle > gap_ns."""
-  clusters, cur, last_end = [], [], 0
-  for ev in sorted(events):
-    if cur and ev[0] - last_end > gap_ns:
-      clusters.append(cur)
-      cur = []
-    last_end = ev[1] if not cur else max(last_end, ev[1])
-    cur.append(ev)
-  if cur:
-    clusters.append(cur)
-  return clusters
-
-
 def _device_profile(fns: dict, calls: int, reps: int, gap_s: float = 0.02) -> dict:
   """Device time per launch of each loop from ONE ``jax.profiler`` trace: every function runs ``calls``
   times back to back, then the host sleeps ``gap_s``; GPU kernel events are split into clusters at
   gaps longer than half of ``gap_s`` (one cluster per function, in order). Per launch: ``busy`` = sum of
   kernel durations / (calls * reps) (the kernels' own time), ``span`` = first start to last end /
   (calls * reps) (the device timeline including launch gaps)."""
-  import glob
-  import tempfile
   names = list(fns)
-  d = tempfile.mkdtemp()
+
+  def run():
+    for nm in names:
+      out = None
+      for _ in range(calls):
+        out = fns[nm]()
+      jax.block_until_ready(out)
+      time.sleep(gap_s)
+
   try:
-    with jax.profiler.trace(d):
-      for nm in names:
-        out = None
-        for _ in range(calls):
-          out = fns[nm]()
-        jax.block_until_ready(out)
-        time.sleep(gap_s)
-    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-    prof = jax.profiler.ProfileData.from_file(files[0])
-    events = []
-    for plane in prof.planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        if "stream" not in line.name.lower():
-          continue
-        events += [(ev.start_ns, ev.end_ns, ev.duration_ns, ev.name) for ev in line.events]
-    clusters = _clusters(events, gap_s * 1e9 / 2)
+    clusters = common.idle_clusters(common.device_stream_events(run), gap_s * 1e9 / 2)
     if len(clusters) != len(names):
       return {"error": f"{len(clusters)} kernel clusters for {len(names)} functions"}
     out = {}

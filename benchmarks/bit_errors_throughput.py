@@ -29,10 +29,8 @@ on-device exactness checks (self-tests, flip rates, stuck-at, uint16 odd length)
 
 from __future__ import annotations
 
-import glob
 import pathlib
 import sys
-import tempfile
 import time
 import traceback
 
@@ -42,7 +40,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import copy_bandwidth, environment, parse_args, print_table, write_json  # noqa: E402
+from benchmarks.common import (copy_bandwidth, device_stream_events, environment, idle_clusters,  # noqa: E402
+                               parse_args, print_table, write_json)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax._compat import triton_compiler_params  # noqa: E402
 from mlsys_jax.robust import _pallas_bits as pb  # noqa: E402
@@ -163,31 +162,15 @@ def _device_times(fns: dict, calls: int, per_call: int, gap_s: float = 0.005) ->
   over calls, / ``per_call``), ``busy_s`` (sum of kernel durations / (calls * per_call)), kernels per
   operation and the most frequent kernel names. Diagnostics: never fatal."""
   names = list(fns)
-  d = tempfile.mkdtemp()
+
+  def run():
+    for nm in names:
+      for _ in range(calls):
+        jax.block_until_ready(fns[nm]())
+        time.sleep(gap_s)
+
   try:
-    with jax.profiler.trace(d):
-      for nm in names:
-        for _ in range(calls):
-          jax.block_until_ready(fns[nm]())
-          time.sleep(gap_s)
-    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-    prof = jax.profiler.ProfileData.from_file(files[0])
-    events = []
-    for plane in prof.planes:
-      if plane.name.startswith("/device:GPU"):
-        for line in plane.lines:
-          if "stream" in line.name.lower():
-            events += [(ev.start_ns, ev.end_ns, ev.duration_ns, ev.name) for ev in line.events]
-    events.sort()
-    clusters, cur, last = [], [], 0
-    for ev in events:
-      if cur and ev[0] - last > gap_s * 1e9 / 2:
-        clusters.append(cur)
-        cur = []
-      last = ev[1] if not cur else max(last, ev[1])
-      cur.append(ev)
-    if cur:
-      clusters.append(cur)
+    clusters = idle_clusters(device_stream_events(run), gap_s * 1e9 / 2)
     if len(clusters) != len(names) * calls:
       return {"error": f"{len(clusters)} kernel clusters for {len(names)} functions x {calls} calls"}
     res = {}

@@ -71,6 +71,40 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
   return 4 * n / float(np.median(ts))
 
 
+def device_stream_events(run) -> list[tuple]:
+  """Run ``run()`` under one ``jax.profiler`` trace and return the GPU kernel events of every stream line,
+  sorted by start: ``(start_ns, end_ns, duration_ns, name)``. Raises ``FileNotFoundError`` when the
+  profiler wrote no trace. (Shared by the benchmarks that report device time per launch.)"""
+  import glob
+  import tempfile
+  d = tempfile.mkdtemp()
+  with jax.profiler.trace(d):
+    run()
+  files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no xplane file under {d}")
+  prof = jax.profiler.ProfileData.from_file(files[0])
+  events = [(ev.start_ns, ev.end_ns, ev.duration_ns, ev.name)
+            for plane in prof.planes if plane.name.startswith("/device:GPU")
+            for line in plane.lines if "stream" in line.name.lower()
+            for ev in line.events]
+  return sorted(events)
+
+
+def idle_clusters(events: list, gap_ns: float) -> list[list]:
+  """Split ``(start_ns, end_ns, ...)`` events, sorted by start, where the device was idle > ``gap_ns``."""
+  clusters, cur, last_end = [], [], 0
+  for ev in events:
+    if cur and ev[0] - last_end > gap_ns:
+      clusters.append(cur)
+      cur = []
+    last_end = ev[1] if not cur else max(last_end, ev[1])
+    cur.append(ev)
+  if cur:
+    clusters.append(cur)
+  return clusters
+
+
 def write_json(out: str | None, name: str, payload: dict) -> None:
   out = out or os.environ.get("OUT") or "results/benchmarks"
   path = pathlib.Path(out)

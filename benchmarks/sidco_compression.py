@@ -34,7 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import copy_bandwidth, environment, parse_args, print_table, write_json  # noqa: E402
+from benchmarks.common import (copy_bandwidth, device_stream_events, environment, parse_args,  # noqa: E402
+                               print_table, write_json)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.comm import _pallas_pack as pp  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
@@ -184,8 +185,6 @@ def kernel_profile(n, ratio, calls: int = 10):
   ``calls`` back-to-back calls: ``{variant: {"kernels": [(name, us per call, launches per call)],
   "busy_us": sum of kernel times per call, "span_us": first kernel start to last kernel end per call}}``.
   """
-  import glob
-  import tempfile
   g = _gradient(n)
   k = max(1, int(n * ratio))
   cap = 2 * k
@@ -199,28 +198,23 @@ def kernel_profile(n, ratio, calls: int = 10):
   for name, fn in variants.items():
     jax.block_until_ready(fn(g))
     jax.block_until_ready(fn(g))
-    d = tempfile.mkdtemp()
-    with jax.profiler.trace(d):
+
+    def run(fn=fn):
+      r = None
       for _ in range(calls):
         r = fn(g)
       jax.block_until_ready(r)
-    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-    if not files:
+
+    try:
+      events = device_stream_events(run)
+    except FileNotFoundError:
       out[name] = {"error": "no xplane file"}
       continue
-    prof = jax.profiler.ProfileData.from_file(files[0])
-    per, starts, ends = {}, [], []
-    for plane in prof.planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        if "stream" not in line.name.lower():
-          continue
-        for ev in line.events:
-          tot, cnt = per.get(ev.name, (0.0, 0))
-          per[ev.name] = (tot + ev.duration_ns, cnt + 1)
-          starts.append(ev.start_ns)
-          ends.append(ev.end_ns)
+    per = {}
+    for ev in events:
+      tot, cnt = per.get(ev[3], (0.0, 0))
+      per[ev[3]] = (tot + ev[2], cnt + 1)
+    starts, ends = [ev[0] for ev in events], [ev[1] for ev in events]
     kernels = sorted(((kn[:60], round(tot / calls / 1e3, 2), round(cnt / calls, 2))
                       for kn, (tot, cnt) in per.items()), key=lambda r: -r[1])
     out[name] = {"kernels": kernels, "busy_us": round(sum(r[1] for r in kernels), 2),
