@@ -1172,8 +1172,7 @@ def ensemble_predict_sharded(ens: Ensemble, x: jnp.ndarray, mesh: Mesh | None = 
   """
   s = ens.valid.shape[0]
   if mesh is None:
-    d = max(k for k in range(1, min(s, jax.device_count()) + 1) if s % k == 0)
-    mesh = Mesh(np.array(jax.devices()[:d]), (axis_name,))
+    mesh = _default_mesh(s, axis_name)
   if mesh.axis_names != (axis_name,) or s % mesh.size:
     raise ValueError(f"mesh must be 1-D with axis {axis_name!r} and a size dividing the {s} subnets, got "
                      f"axes {mesh.axis_names} of size {mesh.size}.")
@@ -1181,10 +1180,111 @@ def ensemble_predict_sharded(ens: Ensemble, x: jnp.ndarray, mesh: Mesh | None = 
                                                  jnp.asarray(x))
 
 
+def _local_logits(model, variables, x):
+  """Padded logits ``(k, n, M + 1)`` of the ``k`` stacked subnets of one device, each applied on its own
+  (an unrolled loop: ``vmap`` over conv weights becomes a grouped convolution, slow on XLA CPU)."""
+  k = jax.tree_util.tree_leaves(variables)[0].shape[0]
+  return jnp.stack([model.apply(jax.tree_util.tree_map(lambda a: a[i], variables), x, train=False)
+                    for i in range(k)])
+
+
+def _default_mesh(num_subnets: int, axis_name: str) -> Mesh:
+  d = max(k for k in range(1, min(num_subnets, jax.device_count()) + 1) if num_subnets % k == 0)
+  return Mesh(np.array(jax.devices()[:d]), (axis_name,))
+
+
+def make_sharded_predictor(subnets: Sequence[Subnet], num_classes: int,
+                           temperatures: Sequence[float] | None = None, *, mesh: Mesh | None = None,
+                           axis_name: str = "g", own_width: bool | None = None) -> Callable:
+  """A jitted ``x -> (n, K)`` class distribution with the subnets split over the devices of ``mesh``
+  under ``shard_map``, their weights placed on the devices ONCE (here, not at every call).
+
+  The paper's execution (Wang et al., MLSys 2021, Sec. 3.4): every device runs its group's subnet on
+  the same input at the same time. Each device computes the padded logits ``(S / D, n, M + 1)`` of
+  its subnets; ONE ``all_gather`` (a few numbers per example) gives every device all ``S`` subnets'
+  logits, and the combination of :func:`combine` (temperatures, log space) runs locally. The input is
+  replicated to the devices by the jitted function's input sharding (a numpy array goes straight from
+  the host to every device).
+
+  Args:
+    subnets: from :func:`make_subnet` (their groups partition the classes).
+    num_classes: ``K``.
+    temperatures: per-subnet temperatures (default 1).
+    mesh: a 1-D mesh whose size divides the number of subnets; default: the first ``d`` devices, ``d``
+      the largest divisor of ``S`` not above ``jax.device_count()``.
+    axis_name: the mesh axis name.
+    own_width: one subnet per device, each at its OWN widths (``lax.switch`` on the device index; every
+      device holds every subnet's weights, which are small), instead of all zero-padded to the widest
+      width of each layer and sharded. Needs ``mesh.size == S``. Default: when the widths differ and
+      ``mesh.size == S``.
+
+  Returns:
+    ``predict(x)``, a ``functools.partial`` of the jitted ``fn(variables, x)`` with the placed variables
+    (``predict.func``, ``predict.args[0]``; e.g. for ``.lower(...).compile(options)``).
+
+  Example (8 CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; here one device):
+
+  >>> import jax, numpy as np
+  >>> from mlsys_jax import models
+  >>> from mlsys_jax.infer import sensai
+  >>> model = models.CNN(num_classes=4, channels=(4,), hidden=8)
+  >>> x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32)
+  >>> variables = model.init(jax.random.PRNGKey(0), x[:1])
+  >>> keep = sensai.prune_masks(sensai.channel_stats(model, variables, x), keep_fraction=0.5)
+  >>> subs = [sensai.make_subnet(model, variables, g, keep) for g in ((0, 1), (2, 3))]
+  >>> predict = sensai.make_sharded_predictor(subs, 4)
+  >>> bool(np.allclose(predict(x[:2]), sensai.ensemble_predict(sensai.stack_subnets(subs, 4), x[:2]),
+  ...                  atol=1e-6))
+  True
+  """
+  ens = stack_subnets(subnets, num_classes, temperatures)   # validates; valid / assign / temperatures
+  s = len(subnets)
+  mesh = _default_mesh(s, axis_name) if mesh is None else mesh
+  if mesh.axis_names != (axis_name,) or s % mesh.size:
+    raise ValueError(f"mesh must be 1-D with axis {axis_name!r} and a size dividing the {s} subnets, got "
+                     f"axes {mesh.axis_names} of size {mesh.size}.")
+  shapes = {tuple(np.shape(a) for a in jax.tree_util.tree_leaves(sub.variables)) for sub in subnets}
+  if own_width is None:
+    own_width = len(shapes) > 1 and mesh.size == s
+  if own_width and mesh.size != s:
+    raise ValueError(f"own_width=True runs one subnet per device: the mesh has {mesh.size} devices for "
+                     f"{s} subnets; pass a mesh of {s} devices or own_width=False.")
+  width = ens.valid.shape[1]
+  repl = jax.sharding.NamedSharding(mesh, P())
+  if own_width:
+    mods = [sub.model for sub in subnets]
+
+    def branch(j, variables, x):
+      z = mods[j].apply(variables[j], x, train=False)
+      return jnp.pad(z, ((0, 0), (0, width - z.shape[1])))
+
+    def local_logits(variables, x):   # only this device's branch runs
+      i = jax.lax.axis_index(axis_name)
+      return jax.lax.switch(i, [functools.partial(branch, j) for j in range(s)], variables, x)[None]
+
+    placed = jax.device_put([_plain(sub.variables) for sub in subnets], repl)
+    var_spec, var_sharding = P(), repl
+  else:
+    def local_logits(variables, x):
+      return _local_logits(ens.model, variables, x)
+
+    var_spec = P(axis_name)
+    var_sharding = jax.sharding.NamedSharding(mesh, var_spec)
+    placed = jax.device_put(ens.variables, var_sharding)
+  valid, assign, temps = np.asarray(ens.valid), np.asarray(ens.assign), np.asarray(ens.temperatures)
+
+  def local(variables, x):
+    logits = jax.lax.all_gather(local_logits(variables, x), axis_name, tiled=True)   # (S, n, M + 1)
+    return _combine_padded(logits, valid, assign, temps)
+
+  f = shard_map(local, mesh=mesh, in_specs=(var_spec, P()), out_specs=P(), check_vma=False)
+  return functools.partial(jax.jit(f, in_shardings=(var_sharding, repl), out_shardings=repl), placed)
+
+
 @functools.lru_cache(maxsize=32)
 def _sharded_fn(model, mesh, axis_name):
   def local(variables, valid, assign, temps, x):
-    logits = jax.vmap(lambda v: model.apply(v, x, train=False))(variables)
+    logits = _local_logits(model, variables, x)
     return _normalise_log_scores(_class_log_scores(logits, valid, assign, temps), axis_name)
 
   spec = P(axis_name)
