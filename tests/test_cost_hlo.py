@@ -357,3 +357,25 @@ def test_whitespace_insensitive_matches_one_line_form():
   for u, v in zip(a, b):
     np.testing.assert_array_equal(u, v)
   _same_structure_as_xla(spread, cost.parse_hlo(spread))
+
+
+def test_names_shared_across_computations_renamed_as_xla_does():
+  mod = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_shared_names.hlo")))
+  names = {c: [i.name for i in comp.instructions] for c, comp in mod.computations.items()}
+  # XLA's NameUniquer: a taken name gets the next free numeric suffix of its root, module-wide.
+  assert names == {"sq": ["x", "y", "y.1"], "ng": ["x.1", "y.2"], "entry": ["x.2", "a", "b", "y.3"]}
+  ins = mod.entry.by_name()
+  assert ins["y.3"].operands == ["a", "b"] and ins["a"].operands == ["x.2"]
+  assert mod.computations["ng"].root.operands == ["x.1"]
+  uq = hlo_lib._NameUniquer()
+  assert [uq(n) for n in ("p", "p", "p.0", "p.7", "p", "__q", "a.b.2")] == [
+      "p", "p.1", "p.2", "p.7", "p.3", "a_q", "a.b.2"]
+
+
+def test_attribute_values_with_spaces():
+  mod = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_attr_values.hlo")))
+  ins = mod.entry.by_name()
+  assert ins["bound"].attrs["literal"] == "s32[] 16"
+  assert ins["ag"].attrs["replica_groups"] == "[1,4]<=[4]"
+  assert ins["ar"].attrs["replica_groups"] == "mesh['x'=2,'y'=2] {'y'}"
+  assert ins["ar"].attrs["to_apply"] == "%sum"

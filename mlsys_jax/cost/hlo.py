@@ -245,6 +245,7 @@ _OPCODE_AT = re.compile(r"[a-z][\w\-]*(?=\s*\()")
 _DTYPE_AT = re.compile(r"[a-z][a-z0-9]*(?=\s*\[)")
 _LAYOUT_AT = re.compile(r"\s*\{[^{}=%\"]*\}")
 _KEY_AT = re.compile(r"[A-Za-z_][\w.\-]*")
+_SHAPE_VALUE = re.compile(r"[a-z][a-z0-9]*\[[^\]]*\](\{[^{}]*\})?")
 _SECTION_LINE = re.compile(r"\n\s*\d+[ \t][^\n]*")
 
 
@@ -356,7 +357,18 @@ class _Reader:
       ch = self.s[self.i]
       if ch in _OPEN or ch == '"':
         self.balanced()
-      elif ch.isspace() or ch == "," or ch in _CLOSE:
+      elif ch.isspace():
+        # A value may go on after spaces with a bracket (``mesh['x'=2] {'x'}`` replica groups);
+        # nothing else starts with one where an attribute ends.
+        j = self.i
+        while j < self.n and self.s[j].isspace():
+          j += 1
+        if j < self.n and self.i > start and (
+            self.s[j] in "{[" or (self.s[j] not in ",}" and _SHAPE_VALUE.fullmatch(self.s, start, self.i))):
+          self.i = j  # ... or a literal goes on after its shape (``literal=s32[] 1``)
+          continue
+        break
+      elif ch == "," or ch in _CLOSE:
         break
       else:
         self.i += 1
@@ -632,8 +644,78 @@ def parse_hlo(text: str) -> HloModule:
         if c not in comps:
           raise HloParseError(f"{ins.name!r} calls unknown computation {c!r}", ins.lineno,
                               r.lines[ins.lineno - 1])
+  comps, entry = _uniquify_names(comps, entry)
   _infer_missing_shapes(comps, r)
   return HloModule(name, comps, entry)
+
+
+class _NameUniquer:
+  """XLA's ``NameUniquer`` (separator '.'): a name ``root.N`` registers id N under ``root``; a taken
+  id is replaced by the next free one, so a second ``p`` becomes ``p.1`` -- as XLA renames, module-wide,
+  instructions that share a name across computations when it builds the module it parsed."""
+
+  def __init__(self):
+    self.used: dict[str, set[int]] = {}
+    self.next: dict[str, int] = {}
+
+  def __call__(self, name: str) -> str:
+    root = name
+    if root.startswith("__") and not root.startswith("__xla_"):
+      root = "a" + root[1:]
+    suffix, has_suffix = 0, False
+    k = root.rfind(".")
+    if 0 < k < len(root) - 1 and root[k + 1:].isdigit():
+      suffix, has_suffix, root = int(root[k + 1:]), True, root[:k]
+    used = self.used.setdefault(root, set())
+    if suffix in used:
+      nxt = self.next.get(root, 0)
+      while nxt in used:
+        nxt += 1
+      suffix = nxt
+      self.next[root] = nxt + 1
+    used.add(suffix)
+    if suffix == 0:
+      return f"{root}.0" if has_suffix else root
+    return f"{root}.{suffix}"
+
+
+_CALL_KEYS = ("calls", "body", "condition", "branch_computations", "called_computations",
+              "true_computation", "false_computation", "to_apply")
+
+
+def _uniquify_names(comps: dict[str, Computation], entry: str) -> tuple[dict[str, Computation], str]:
+  """Rename computations and instructions as XLA does when it adds parsed computations to a module
+  (text order; separate uniquers for computations and for instructions; names unique module-wide).
+  Texts printed by XLA are already unique, so this is the identity on them."""
+  cu, iu = _NameUniquer(), _NameUniquer()
+  cmap = {c: cu(c) for c in comps}
+  for comp in comps.values():
+    rename = {}
+    for ins in comp.instructions:
+      new = iu(ins.name)
+      if new != ins.name:
+        rename[ins.name] = new
+        ins.name = new
+    if rename:
+      for ins in comp.instructions:
+        ins.operands = [rename.get(o, o) for o in ins.operands]
+        cp = ins.attrs.get("control-predecessors")
+        if cp:
+          ins.attrs["control-predecessors"] = re.sub(
+              r"%?[\w.\-]+", lambda m: rename.get(m.group(0).lstrip("%"), m.group(0)), cp)
+  if all(k == v for k, v in cmap.items()):
+    return comps, entry
+  out: dict[str, Computation] = {}
+  for old, comp in comps.items():
+    comp.name = cmap[old]
+    for ins in comp.instructions:
+      for key in _CALL_KEYS:
+        if key in ins.attrs:
+          ins.attrs[key] = re.sub(r"%?[\w.\-]+", lambda m: (
+              ("%" if m.group(0).startswith("%") else "") + cmap.get(m.group(0).lstrip("%"), m.group(0).lstrip("%"))),
+              ins.attrs[key])
+    out[comp.name] = comp
+  return out, cmap[entry]
 
 
 def _infer_missing_shapes(comps: dict[str, Computation], r: _Reader) -> None:
