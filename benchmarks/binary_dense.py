@@ -28,6 +28,7 @@ shapes (wall time); ``device_best_config`` per row by device time.
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import sys
 import time
@@ -66,6 +67,8 @@ def _extra(ap):
   ap.add_argument("--deadline_s", type=float, default=1e9,
                   help="stop starting new shapes after this many seconds (results so far are written)")
   ap.add_argument("--no_baselines", action="store_true", help="time only the Pallas configurations")
+  ap.add_argument("--baselines", default="xla_packed,bf16,int8,int8_weight_only",
+                  help="which same-run baselines to time (comma-separated subset of the default)")
   ap.add_argument("--old_loop", action="store_true",
                   help="also time the previous loop shape (sliced arguments, one reduction per launch) "
                        "with the empty kernel and the default config, at the first shape")
@@ -75,6 +78,11 @@ def _extra(ap):
                   help="only the binary-conv section (e.g. on CPU, LCE's setting: float32 baseline)")
   ap.add_argument("--with_conv", action="store_true", help="also run the binary-conv section")
   ap.add_argument("--conv_repeats", type=int, default=10)
+  ap.add_argument("--tag", default="", help="suffix of the JSON name (binary_dense_<tag>.json), e.g. one per "
+                  "XLA_FLAGS setting measured in its own process")
+  ap.add_argument("--no_bandwidth", action="store_true",
+                  help="skip the read/copy bandwidth probes (read_floor_seconds is then NaN; the floor at the "
+                       "bf16 kernel's read rate is still reported)")
 
 
 def _parse_configs(text: str, b: int, n: int, wn: int) -> list[DenseConfig]:
@@ -261,6 +269,10 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
     errors["int32_view_" + _name(cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
   f_empty = _looped(lambda x, w: _empty_call(x, w), reps)
   fns["empty_kernel"] = lambda: f_empty(xs_e, packed_w)
+  # The same call with the same 2 * reps arguments and no per-launch kernel (one word of each pair,
+  # fused into the final sum): the per-CALL cost (dispatch, argument handling, synchronization) / reps.
+  f_args = _looped(lambda x, w: jnp.bitwise_xor(x[:, :1], w[:1, :1]), reps)
+  fns["args_only"] = lambda: f_args(xs_p, packed_w)
   if old_loop:
     cfg = default_config(b, n, wn)
     xs_stack = jnp.stack(xs_p)
@@ -278,10 +290,10 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
     f_int8 = _looped(lambda x, w: jax.lax.dot(x, w, preferred_element_type=jnp.int32), reps)
     f_w8 = _looped(lambda x, w: jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32),
                    reps)
-    fns["xla_packed"] = lambda: f_xla(xs_p, packed_w)
-    fns["bf16"] = lambda: f_bf16(xb, wb)
-    fns["int8"] = lambda: f_int8(xi, wi)
-    fns["int8_weight_only"] = lambda: f_w8(xb, wi)
+    base = {"xla_packed": lambda: f_xla(xs_p, packed_w), "bf16": lambda: f_bf16(xb, wb),
+            "int8": lambda: f_int8(xi, wi), "int8_weight_only": lambda: f_w8(xb, wi)}
+    for nm in args.baselines.split(","):
+      fns[nm] = base[nm]
   for nm, fn in fns.items():  # compile what is left
     jax.block_until_ready(fn())
   t_compile = time.perf_counter() - t_compile
@@ -301,7 +313,8 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
          "compile_and_check_seconds": t_compile, "seconds_per_launch": per, "exact": exact,
          "config_errors": errors, "packed_weight_bytes": n * wn * 4, "bf16_weight_bytes": n * k * 2,
          "int8_weight_bytes": n * k, "read_floor_seconds": n * wn * 4 / read_bw,
-         "empty_kernel_seconds": per["empty_kernel"], "entry_ops": hlo, "device": dev}
+         "empty_kernel_seconds": per["empty_kernel"], "args_only_seconds": per["args_only"],
+         "entry_ops": hlo, "device": dev}
   ok = [nm for nm in per if nm.startswith("pallas:") and exact.get(nm)]
   if ok:
     best = min(ok, key=per.get)
@@ -314,8 +327,8 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
         row[f"speedup_vs_{base}"] = per[base] / per[best]
         row[f"p_pallas_faster_than_{base}"] = stats.prob_outperform(times[best], times[base],
                                                                     lower_is_better=True)
-    if "int8" in per:
-      strongest = min(per["int8"], per["int8_weight_only"])
+    if "int8" in per or "int8_weight_only" in per:
+      strongest = min(per.get("int8", math.inf), per.get("int8_weight_only", math.inf))
       row["speedup_vs_strongest_int8"] = strongest / per[best]
   if ok and dev and "error" not in dev:
     busy = {nm: v["busy"] for nm, v in dev.items()}
@@ -348,16 +361,21 @@ def main():
   reps = 2 if args.small else args.reps
   if args.small:
     args.repeats, args.inner = 3, 1
-    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2"
+    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2,hs:32:8:1:4:2"
   # The floor is the packed bytes at the device read rate (common.read_bandwidth, fixed 2026-12-02: sweep
   # 1 used the old method's 1.36 TB/s, a third of the true rate). The copy rate is recorded too.
   nbytes, rep = 1 << (24 if args.small else 30), 5 if args.small else 20
-  read_bw = common.read_bandwidth(nbytes, repeats=rep)
-  copy_bw = common.copy_bandwidth(nbytes, repeats=rep)
+  if args.no_bandwidth:
+    read_bw = copy_bw = float("nan")
+  else:
+    read_bw = common.read_bandwidth(nbytes, repeats=rep)
+    copy_bw = common.copy_bandwidth(nbytes, repeats=rep)
   print(f"device read bandwidth {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s", flush=True)
   payload = {"env": common.environment(), "read_bandwidth_bytes_per_s": read_bw,
              "copy_bandwidth_bytes_per_s": copy_bw, "rows": [],
-             "small": bool(args.small), "interpret": interpret, "args": vars(args)}
+             "small": bool(args.small), "interpret": interpret, "args": vars(args),
+             "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  name = "binary_dense" + (f"_{args.tag}" if args.tag else "")
   rng = np.random.default_rng(0)
   weights = {}
   for n in sizes:   # all sizes at once (~33 GB at 8192 + 16384): shapes then run in priority order
@@ -386,7 +404,7 @@ def main():
             f"{nm} {v['busy'] * 1e6:.2f}" for nm, v in sorted(row["device"].items(),
                                                                key=lambda t: t[1]["busy"])), flush=True)
       payload["elapsed_seconds"] = time.perf_counter() - t0
-      common.write_json(args.out, "binary_dense", payload)     # survives a time-out
+      common.write_json(args.out, name, payload)     # survives a time-out
   del weights
   payload["best_config"] = _overall_best(payload["rows"])
   payload["best_config_by_batch"] = {b: _overall_best([r for r in payload["rows"] if r["batch"] == b])
@@ -395,7 +413,7 @@ def main():
   if args.with_conv:
     payload["conv"] = _conv_section(args, interpret)
   payload["elapsed_seconds"] = time.perf_counter() - t0
-  common.write_json(args.out, "binary_dense", payload)
+  common.write_json(args.out, name, payload)
   common.print_table(payload["rows"], ["n", "batch", "pallas_seconds", "empty_kernel_seconds",
                                        "bf16_seconds", "int8_seconds", "int8_weight_only_seconds",
                                        "xla_packed_seconds", "read_floor_seconds", "speedup_vs_bf16",

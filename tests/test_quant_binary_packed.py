@@ -128,7 +128,7 @@ def test_convert_quicknet_matches_flax(shortcut):
   assert words * 32 == 9 * 32 * 32 * 4   # exactly 1/32 of float32
 
 
-@pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1), ("csa", 1),
+@pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1), ("csa", 1), ("hs", 1),
                                             pytest.param("bcast", 2, marks=pytest.mark.slow),
                                             pytest.param("rows", 4, marks=pytest.mark.slow)])
 def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
@@ -140,7 +140,7 @@ def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
   tail[-1] = (1 << (500 - 15 * 32)) - 1                      # LCE layout: bits past K are 0
   a, w = a & tail, w & tail
   # Several programs along N and along the words, several loop steps each.
-  block_k = 8 if variant == "csa" else 4             # csa: 8 slices of one word
+  block_k = 8 if variant in ("csa", "hs") else 4     # csa/hs: 8 slices of one word (hs: 2 steps carried)
   got = pallas_packed_dense(a, w, 500, variant, block_n=16, block_k=block_k, splits=splits,
                             interpret=True)
   np.testing.assert_array_equal(got, pk._popcount_dot(a, w, 500))
@@ -163,6 +163,8 @@ def test_pallas_kernel_bad_configs_raise():
     pallas_packed_dense(a, w, 250, "tiles", interpret=True)
   with pytest.raises(ValueError, match="block_k must be >= 8"):
     pallas_packed_dense(a, w, 250, "csa", block_k=4, interpret=True)
+  with pytest.raises(ValueError, match="block_k must be >= 8"):
+    pallas_packed_dense(a, w, 250, "hs", block_k=4, interpret=True)
   with pytest.raises(TypeError, match="uint32"):
     pallas_packed_dense(a.astype(jnp.int32), w, 250, interpret=True)
   with pytest.raises(ValueError):

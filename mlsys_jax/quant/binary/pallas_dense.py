@@ -19,7 +19,11 @@ Variants of the inner loop (``variant``):
 - ``'csa'``: as ``'acc'``, but each step splits its ``block_k`` words into 8 slices and adds 7 of them
   with a carry-save adder tree (Harley-Seal): ``popcount`` of the ones, twos and fours words plus the
   8th slice, 4 popcounts per 8 words instead of 8 (popcount issues at a quarter of the rate of the
-  logic operations on NVIDIA GPUs; at batch 8 the plain count is the bottleneck, not the weight read).
+  logic operations on NVIDIA GPUs; at batch 8 the plain count is the bottleneck, not the weight read);
+- ``'hs'``: Harley-Seal proper: the ones, twos and fours bit vectors are carried across the loop steps
+  (7 carry-save adders per 8 words, each one LOP3 pair) and only the eights are counted each step, so
+  a program with ``num_k`` steps issues ``num_k + 3`` popcounts per accumulator element instead of
+  ``8 num_k`` (``'csa'``: ``4 num_k``).
 
 Triton's ``population_count`` lowering takes int32, so the XOR of the uint32 words is bitcast to int32
 inside the kernel (the bit pattern, hence the count, is unchanged).
@@ -38,7 +42,7 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "bcast", "csa")
+VARIANTS = ("acc", "rows", "bcast", "csa", "hs")
 
 
 class DenseConfig(NamedTuple):
@@ -194,6 +198,36 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
       o_ref[b, :] = acc if k is None else k - 2 * acc
     return
 
+  if variant == "hs":
+    sub = block_k // 8
+    pc = lambda v: jax.lax.population_count(_as_int32(v))
+
+    def body(i, states):
+      ws = [w_ref[:, pl.ds(i * block_k + j * sub, sub)] for j in range(8)]   # (block_n, sub) each
+      out = []
+      for b in range(batch):
+        ones, twos, fours, eights = states[b]
+        x = [jnp.bitwise_xor(ws[j], a_ref[b, pl.ds(i * block_k + j * sub, sub)][None, :])
+             for j in range(8)]
+        ones, t_a = _csa(ones, x[0], x[1])        # ones + x0 + x1 = ones' + 2 t_a
+        ones, t_b = _csa(ones, x[2], x[3])
+        twos, f_a = _csa(twos, t_a, t_b)          # in units of 2: twos + t_a + t_b = twos' + 2 f_a
+        ones, t_a = _csa(ones, x[4], x[5])
+        ones, t_b = _csa(ones, x[6], x[7])
+        twos, f_b = _csa(twos, t_a, t_b)
+        fours, e = _csa(fours, f_a, f_b)          # in units of 4
+        out.append((ones, twos, fours, eights + pc(e)))
+      return tuple(out)
+
+    z = jnp.zeros((block_n, sub), jnp.uint32)
+    states = jax.lax.fori_loop(0, num_k, body,
+                               tuple((z, z, z, jnp.zeros((block_n, sub), jnp.int32)) for _ in range(batch)))
+    for b in range(batch):
+      ones, twos, fours, eights = states[b]
+      acc = jnp.sum(pc(ones) + 2 * pc(twos) + 4 * pc(fours) + 8 * eights, axis=1)
+      o_ref[b, :] = acc if k is None else k - 2 * acc
+    return
+
   wide = variant == "acc"
 
   def body(i, accs):
@@ -219,8 +253,8 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
     if v & (v - 1):
       raise ValueError(f"{name} must be a power of two, got {v}.")
   check_int("num_stages", cfg.num_stages, 1)
-  if cfg.variant == "csa" and cfg.block_k < 8:
-    raise ValueError(f"variant 'csa' splits each step into 8 slices: block_k must be >= 8, got "
+  if cfg.variant in ("csa", "hs") and cfg.block_k < 8:
+    raise ValueError(f"variant '{cfg.variant}' splits each step into 8 slices: block_k must be >= 8, got "
                      f"{cfg.block_k}.")
   if n % cfg.block_n or wn % cfg.splits or (wn // cfg.splits) % cfg.block_k:
     raise ValueError(f"N={n} must be a multiple of block_n={cfg.block_n} and W={wn} of "
@@ -242,7 +276,7 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'bcast'`` or ``'csa'`` (module docstring).
+    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'`` or ``'hs'`` (module docstring).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
