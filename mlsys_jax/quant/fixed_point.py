@@ -36,7 +36,7 @@ import numpy as np
 from flax import struct
 
 from mlsys_jax._checks import check_choice, check_finite, check_int
-from mlsys_jax.quant import _pallas_quant
+from mlsys_jax.quant import _pallas_quant, _pallas_quantize
 
 __all__ = [
     "QuantizedTensor",
@@ -178,7 +178,8 @@ def _round(v: jax.Array, rounding: str, key) -> jax.Array:
 
 def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = None,
              unsigned: bool = False, rounding: str = "nearest", key: jax.Array | None = None,
-             bounds: jax.Array | tuple[jax.Array, jax.Array] | None = None) -> QuantizedTensor:
+             bounds: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+             impl: str | None = None) -> QuantizedTensor:
   """Quantize ``x`` to ``bits``-bit fixed-point codes.
 
   Args:
@@ -193,6 +194,12 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
     key: PRNG key for stochastic rounding.
     bounds: calibrated range instead of the data's own: ``amax`` (symmetric) or ``(lo, hi)``, each
       broadcastable to the reduced shape; values outside saturate.
+    impl: None (automatic: on a GPU the one-pass Pallas kernel of
+      :mod:`mlsys_jax.quant._pallas_quantize` when the scale groups are rows, i.e. ``axis`` is the
+      trailing axes, rounding is nearest and the range comes from the data, after a once-per-process
+      self-test against XLA; the XLA path otherwise), ``'xla'``, ``'pallas'`` (the kernel; GPU) or
+      ``'interpret'`` (the kernel in Pallas' interpreter, any backend). The kernel's results are
+      identical to the XLA path's, bit for bit.
 
   Returns:
     A :class:`QuantizedTensor`.
@@ -213,11 +220,19 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
   check_finite("x", x)
   x = jnp.asarray(x)
   axes = _norm_axes(axis, x.ndim)
-  if bounds is None and rounding == "nearest":
-    impl = _pallas_quant.default_impl()
-    groups = _onepass_groups(x, axes) if impl else None
-    if groups is not None:
-      return _quantize_onepass(x, bits, symmetric, unsigned, axes, groups, impl)
+  if impl is not None:
+    check_choice("impl", impl, ("xla", "pallas", "interpret"))
+  if impl != "xla":
+    rows_ok = bounds is None and rounding == "nearest" and _row_groups(x, axes)
+    if impl is not None and not rows_ok:
+      raise ValueError(f"impl={impl!r}: the one-pass kernel takes rounding='nearest', no bounds, a float "
+                       f"dtype and axis = the trailing axes with at most {_pallas_quantize.MAX_ROW} "
+                       f"elements per row; got axis={axes} for shape {x.shape}, dtype {x.dtype}, "
+                       f"rounding={rounding!r}, bounds {'given' if bounds is not None else 'None'}. "
+                       "Use impl=None or 'xla'.")
+    kimpl = impl or (_pallas_quantize.default_impl() if rows_ok else None)
+    if kimpl:
+      return _quantize_rows(x, bits, symmetric, unsigned, axes, kimpl)
   xf = x.astype(jnp.float32)
   if bounds is None:
     lo = jnp.min(xf, axis=axes, keepdims=True)
@@ -240,6 +255,28 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
     q, zp = q - shift, zp - shift
   codes = q.astype(code_dtype(bits, unsigned))
   return QuantizedTensor(codes, scale, zp.astype(jnp.float32), bits, symmetric, unsigned, axes)
+
+
+def _row_groups(x: jax.Array, axes: tuple[int, ...]) -> bool:
+  """Whether the scale groups are rows that the kernel of :mod:`mlsys_jax.quant._pallas_quantize` takes:
+  the reduced axes are the trailing ones (all of them: one row), the row fits one program, float input
+  with fewer than 2^31 elements."""
+  nd = x.ndim
+  return (0 < len(axes) and axes == tuple(range(nd - len(axes), nd)) and 0 < x.size < 2 ** 31
+          and x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+          and _pallas_quantize.row_ok(int(np.prod([x.shape[a] for a in axes]))))
+
+
+def _quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, axes: tuple[int, ...],
+                   impl: str, **tile) -> QuantizedTensor:
+  """:func:`quantize` (nearest rounding, data range, row groups) through the one-pass row kernel."""
+  shape = x.shape
+  red = int(np.prod([shape[a] for a in axes]))
+  kept = [1 if a in axes else d for a, d in enumerate(shape)]
+  codes, scale, zp = _pallas_quantize.quantize_rows(x.reshape(-1, red), bits, symmetric, unsigned,
+                                                    code_dtype(bits, unsigned), impl=impl, **tile)
+  return QuantizedTensor(codes.reshape(shape), scale.reshape(kept), zp.reshape(kept), bits, symmetric,
+                         unsigned, axes)
 
 
 def _onepass_groups(x: jax.Array, axes: tuple[int, ...]) -> str | None:

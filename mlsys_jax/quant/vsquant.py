@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mlsys_jax._checks import check_finite, check_int
-from mlsys_jax.quant import _pallas_quant
+from mlsys_jax._checks import check_choice, check_finite, check_int
+from mlsys_jax.quant import _pallas_quant, _pallas_quantize
 from mlsys_jax.quant.fixed_point import _check_bits, _check_float, code_dtype, qrange, straight_through
 
 __all__ = [
@@ -97,7 +97,8 @@ def _merge(xs: jax.Array, axis: int, k: int) -> jax.Array:
 
 def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
                 scale_bits: int | None = 8, coarse_axes: tuple[int, ...] | None = None,
-                coarse_amax: jax.Array | None = None, pad: bool = True) -> VSQuantizedTensor:
+                coarse_amax: jax.Array | None = None, pad: bool = True,
+                impl: str | None = None) -> VSQuantizedTensor:
   """Per-vector symmetric quantization of ``x`` along its reduction axis (VS-Quant, Sec. 3).
 
   Args:
@@ -114,6 +115,13 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
     coarse_amax: calibrated amax that fixes the coarse scale (e.g. of an activation), broadcastable
       to the coarse shape; vectors with a larger range saturate.
     pad: zero-pad K to a multiple of V (True) or raise (False).
+    impl: None (automatic: on a GPU the one-pass Pallas kernel of :mod:`mlsys_jax.quant._pallas_quantize`
+      when the vectors run along the last axis, V is 16/32/64/128 and the coarse scale is per row
+      (``coarse_axes=()``) or absent (``scale_bits=None``), after a once-per-process self-test against
+      XLA; the XLA path otherwise), ``'xla'``, ``'pallas'`` (the kernel; GPU) or ``'interpret'`` (the
+      kernel in Pallas' interpreter). The kernel's results are identical to the XLA path's, bit for bit.
+      (A per-tensor coarse scale, the default for ``axis=-1``, needs the whole tensor's range before the
+      first integer vector scale, so it cannot come from one read; it stays on the XLA path.)
 
   Returns:
     A :class:`VSQuantizedTensor`.
@@ -136,9 +144,20 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"axis {axis} out of range for rank {x.ndim}.")
   axis %= x.ndim
-  impl = _pallas_quant.default_impl()
-  if impl and _onepass_ok(x, axis, vector_size, coarse_axes, coarse_amax):
-    return _vs_quantize_onepass(x, bits, vector_size, scale_bits, impl)
+  if impl is not None:
+    check_choice("impl", impl, ("xla", "pallas", "interpret"))
+  if impl != "xla":
+    rows_ok = _rows_ok(x, axis, vector_size, scale_bits, coarse_axes, coarse_amax, pad)
+    if impl is not None and not rows_ok:
+      raise ValueError(f"impl={impl!r}: the one-pass kernel takes vectors along the last axis (got axis "
+                       f"{axis} of rank {x.ndim}), vector_size in {_pallas_quantize.VECTOR_SIZES} (got "
+                       f"{vector_size}), a per-row coarse scale (coarse_axes=(), got {coarse_axes}) or "
+                       f"scale_bits=None, no coarse_amax, a float dtype and rows of at most "
+                       f"{_pallas_quantize.MAX_ROW} elements (got {x.shape[-1] if x.ndim else 0}). "
+                       "Use impl=None or 'xla'.")
+    kimpl = impl or (_pallas_quantize.default_impl() if rows_ok else None)
+    if kimpl:
+      return _vs_quantize_rows(x, bits, vector_size, scale_bits, kimpl)
   xs, k = _split(x.astype(jnp.float32), axis, vector_size, pad)
   _, qmax = qrange(bits, True, False)
   amax_v = jnp.max(jnp.abs(xs), axis=axis + 1, keepdims=True)     # one per vector
@@ -166,6 +185,34 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   if scale_bits is not None:
     vec = vec.astype(code_dtype(scale_bits, True))
   return VSQuantizedTensor(codes, vec, coarse, bits, scale_bits, vector_size, axis)
+
+
+def _rows_ok(x: jax.Array, axis: int, vector_size: int, scale_bits, coarse_axes, coarse_amax,
+             pad: bool) -> bool:
+  """Whether the one-pass row kernel takes this call (see ``impl`` in :func:`vs_quantize`)."""
+  per_row = scale_bits is None or (coarse_axes is None and x.ndim == 1) or (
+      coarse_axes is not None and all(a == axis for a in coarse_axes))
+  return (x.ndim >= 1 and axis == x.ndim - 1 and coarse_amax is None and per_row
+          and vector_size in _pallas_quantize.VECTOR_SIZES and 0 < x.size < 2 ** 31
+          and x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+          and _pallas_quantize.row_ok(x.shape[-1]) and (pad or x.shape[-1] % vector_size == 0))
+
+
+def _vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int | None, impl: str,
+                      **tile) -> VSQuantizedTensor:
+  """:func:`vs_quantize` along the last axis with a per-row (or no) coarse scale, through the one-pass
+  row kernel of :mod:`mlsys_jax.quant._pallas_quantize`; identical results."""
+  lead, k = x.shape[:-1], x.shape[-1]
+  sdt = code_dtype(scale_bits, True) if scale_bits is not None else jnp.float32
+  codes, vec, coarse = _pallas_quantize.vs_quantize_rows(x.reshape(-1, k), bits, vector_size, scale_bits,
+                                                         code_dtype(bits, False), sdt, impl=impl, **tile)
+  g = vec.shape[-1]
+  if coarse is None:
+    coarse = jnp.ones((1,) * (x.ndim + 1), jnp.float32)
+  else:
+    coarse = coarse.reshape(lead + (1, 1))
+  return VSQuantizedTensor(codes.reshape(x.shape), vec.reshape(lead + (g, 1)), coarse, bits, scale_bits,
+                           vector_size, x.ndim - 1)
 
 
 def _onepass_ok(x: jax.Array, axis: int, vector_size: int, coarse_axes, coarse_amax) -> bool:
