@@ -36,7 +36,17 @@ as ``--unroll`` independent lookups in one jitted call (no loop overhead; the ke
 ``floor_read_s``: the issue's random-row gather floor, rows x ceil(row bytes / 32) x 32 B over the
 measured copy bandwidth (read+write bytes per second); ``floor_rw_s`` adds writing the output once.
 
+``stage_sweep`` (one batch, ``--sweep_batch`` 4096): the stage in DEVICE time from a profiler trace. Each
+variant (the XLA paths ``per_table``, ``fused``, ``combined_chunks``, and the Pallas launches of
+``--configs``, ``kernel:block:num_warps``) is one jitted call of ``--chain`` lookups on as many index arrays,
+chained by optimization barriers (each lookup its own launches, in order); all are compiled and checked bit
+for bit against per-table lookups first, then each runs ``--calls`` times alone under ONE trace. Per lookup:
+``busy_s`` (its kernels' durations summed: the stage's device time), ``span_s`` (first kernel start to last
+end, launch gaps included), ``main_kernel_s`` (the longest kernel alone: for Pallas the one-kernel stage
+without the count sum), each over the read and the read+write floor; ``wall_per_lookup_s`` for reference.
+
   PYTHONPATH=. python benchmarks/microrec_lookup.py --out $OUT          # GPU (H200)
+  PYTHONPATH=. python benchmarks/microrec_lookup.py --parts=stage_sweep --tag=sweep --out $OUT
   python benchmarks/microrec_lookup.py --small                           # CPU smoke test (tiny tables)
 """
 
@@ -70,6 +80,18 @@ def _flags(ap):
   ap.add_argument("--serve_rounds", type=int, default=200, help="timed rounds (serve and dispatch parts)")
   ap.add_argument("--profile_calls", type=int, default=20, help="calls per profiled variant (profile part)")
   ap.add_argument("--zipf", type=float, default=0.0, help="Zipf exponent of the access pattern (0: uniform)")
+  ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                  help="stage_sweep part: Pallas launches kernel:block:num_warps, comma separated")
+  ap.add_argument("--sweep_batch", type=int, default=4096, help="stage_sweep part: lookup batch")
+  ap.add_argument("--chain", type=int, default=8, help="stage_sweep part: lookups per timed call (own indices each)")
+  ap.add_argument("--calls", type=int, default=10, help="stage_sweep part: profiled calls per variant")
+  ap.add_argument("--compile_budget_s", type=float, default=1e9,
+                  help="stage_sweep part: compile no further --configs after this many seconds of the run (the "
+                       "ones compiled are still timed)")
+
+
+DEFAULT_CONFIGS = ("tile:1:2,tile:2:4,tile:4:4,tile:1:1,rows:32:2,tile:1:4,tile:4:8,tile:8:8,tile:2:2,tile:8:4,"
+                   "tile:16:8,tile_ef:2:4,rows_loads_first:8:2")
 
 
 def sector_bytes(width: int, itemsize: int = 4) -> int:
@@ -169,6 +191,131 @@ def profile_calls(fn, calls: int, top: int = 12) -> dict:
   return out
 
 
+def chained(look):
+  """jit(stage, [idx_0, ..]) -> [look(stage, idx_k)]: one lookup per index array, in order, each its own
+  launch(es): index array k+1 passes an optimization barrier together with result k, so XLA can neither
+  merge the lookups (horizontal fusion) nor reorder them."""
+  def run(st, idxs):
+    outs = []
+    for i in idxs:
+      if outs:
+        i, _ = jax.lax.optimization_barrier((i, outs[-1]))
+      outs.append(look(st, i))
+    return outs
+  return jax.jit(run)
+
+
+def device_times(fns: dict, calls: int, per_call: int, gap_s: float = 0.004) -> dict:
+  """Device seconds per lookup from ONE profiler trace (``common.device_stream_events``): each function
+  runs ``calls`` times alone (block, sleep ``gap_s``); the GPU kernels split into one cluster per call at
+  idle gaps > ``gap_s / 2`` (``common.idle_clusters``). Per lookup (a call makes ``per_call``): ``span_s``
+  (first kernel start to last kernel end, median over calls), ``busy_s`` (kernel durations summed),
+  ``kernels`` (launches), and the kernel with the most time (``main_kernel``, its median duration
+  ``main_kernel_s``: for the Pallas stage the one-kernel stage itself, without the tiny count-sum kernel).
+  Returns ``{"error": ...}`` instead when the trace does not split into the expected clusters."""
+  import collections
+  names = list(fns)
+
+  def run():
+    for nm in names:
+      for _ in range(calls):
+        jax.block_until_ready(fns[nm]())
+        time.sleep(gap_s)
+
+  clusters = common.idle_clusters(common.device_stream_events(run), gap_s * 1e9 / 2)
+  if len(clusters) != len(names) * calls:
+    return {"error": f"{len(clusters)} kernel clusters for {len(names)} variants x {calls} calls"}
+  res = {}
+  for k, nm in enumerate(names):
+    cl = clusters[k * calls:(k + 1) * calls]
+    by_name = collections.defaultdict(list)
+    for c in cl:
+      for ev in c:
+        by_name[ev[3]].append(ev[2])
+    main = max(by_name, key=lambda n: sum(by_name[n]))
+    res[nm] = {"span_s": float(np.median([max(ev[1] for ev in c) - c[0][0] for c in cl])) * 1e-9 / per_call,
+               "busy_s": sum(ev[2] for c in cl for ev in c) * 1e-9 / (calls * per_call),
+               "kernels": sum(len(c) for c in cl) / (calls * per_call),
+               "main_kernel": main[:120], "main_kernel_s": float(np.median(by_name[main])) * 1e-9,
+               "main_kernel_per_lookup": len(by_name[main]) / (calls * per_call),
+               "kernel_names": sorted(n[:80] for n in by_name)[:8]}
+  return res
+
+
+def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
+  """The stage at one batch (``--sweep_batch``), device time from a profiler trace: the Pallas launches
+  of ``--configs`` against the XLA paths (per-table ``take``, one fused gather over all tables, the plan's
+  one chunk-row gather) and the random-row gather floor. Compiles everything first, checks each output
+  bit for bit against per-table lookups, then profiles; JSON after each step."""
+  b, k = args.sweep_batch, args.chain
+  nt = len(specs)
+  ident = mr.Plan.identity(nt)
+  stages = {"per_table": mr.build_stage(tables, ident), "fused": mr.build_stage(tables, ident, fuse=True),
+            "combined_chunks": mr.build_stage(tables, plan, fuse="chunks")}
+  print(f"sweep: stages built ({time.perf_counter() - t_start:.0f} s)")
+  bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
+  gw = [sum(specs[i].dim for i in g) for g in plan.groups]
+  read = b * sum(sector_bytes(w) for w in gw)
+  write = b * sum(s.dim for s in specs) * 4
+  sw = {"batch": b, "chain": k, "calls": args.calls, "copy_bandwidth_Bps": bw, "read_bytes": read,
+        "write_bytes": write, "floor_read_s": read / bw, "floor_rw_s": (read + write) / bw,
+        "floor_read_per_table_s": b * sum(sector_bytes(s.dim) for s in specs) / bw}
+  out["stage_sweep"] = sw
+  idxs = [jnp.asarray(mr.synthetic_batch(1000 + j, specs, b, zipf=args.zipf or None)[1]) for j in range(k)]
+  variants = {n: (st, {}) for n, st in stages.items()}
+  for cfg in args.configs.split(","):
+    kern, blk, nw = cfg.split(":")
+    variants[f"pallas_{kern}_b{blk}_w{nw}"] = (stages["combined_chunks"],
+                                               {"impl": "pallas", "kernel": kern, "block": int(blk),
+                                                "num_warps": int(nw)})
+  ref = [np.asarray(e) for e, _ in chained(mr.lookup)(stages["per_table"], idxs[:2])]
+  fns, rows = {}, {}
+  for n, (st, kw) in variants.items():
+    t0 = time.perf_counter()
+    if kw and t0 - t_start > args.compile_budget_s:
+      rows[n] = {"variant": n, "error": "skipped: --compile_budget_s spent"}
+      continue
+    try:
+      f = chained(lambda s, i, kw=kw: mr.lookup(s, i, **kw))
+      res = f(st, idxs)  # compile and run once
+      same = all(np.array_equal(np.asarray(res[j][0]), ref[j]) for j in range(2)) and \
+          all(int(r[1]) == 0 for r in res)
+      rows[n] = {"variant": n, **{kk: v for kk, v in kw.items() if kk != "impl"}, "bit_identical": bool(same),
+                 "compile_s": time.perf_counter() - t0}
+      if same:
+        fns[n] = (lambda f=f, st=st: f(st, idxs))
+    except Exception as e:  # noqa: BLE001 - a launch that does not compile is a result, not a crash
+      rows[n] = {"variant": n, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    sw["variants"] = list(rows.values())
+    common.write_json(args.out, name, out)
+    print(f"  {n}: {rows[n]}")
+  print(f"sweep: compiled and checked ({time.perf_counter() - t_start:.0f} s)")
+  wall = round_robin(fns, 3 if args.small else 20, warmup=1)  # wall per chained call (dispatch included)
+  for n, t in wall.items():
+    rows[n]["wall_per_lookup_s"] = float(np.median(t)) / k
+  common.write_json(args.out, name, out)
+  try:
+    dt = device_times(fns, args.calls, k)
+  except Exception as e:  # noqa: BLE001 - no profiler trace (e.g. CPU): report, keep the rest
+    dt = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+  sw["device_error"] = dt.get("error", "") if isinstance(dt.get("error"), str) else ""
+  for n, r in rows.items():
+    if n in dt:
+      r.update(dt[n])
+      for m in ("span_s", "busy_s", "main_kernel_s"):
+        r[f"{m[:-2]}_vs_floor_read"] = r[m] / sw["floor_read_s"]
+        r[f"{m[:-2]}_vs_floor_rw"] = r[m] / sw["floor_rw_s"]
+  for n, r in rows.items():
+    if "busy_s" in r and "busy_s" in rows.get("fused", {}):
+      r["busy_vs_fused"] = r["busy_s"] / rows["fused"]["busy_s"]
+  sw["variants"] = sorted(rows.values(), key=lambda r: r.get("busy_s", float("inf")))
+  common.write_json(args.out, name, out)
+  common.print_table(sw["variants"], ["variant", "bit_identical", "kernels", "span_s", "busy_s", "main_kernel_s",
+                                      "busy_vs_floor_read", "busy_vs_floor_rw", "busy_vs_fused", "wall_per_lookup_s"])
+  print(f"floor read {sw['floor_read_s'] * 1e6:.2f} us, read+write {sw['floor_rw_s'] * 1e6:.2f} us "
+        f"(copy bandwidth {bw / 1e12:.2f} TB/s); {sw['device_error']}")
+
+
 def shifted(idx, i, rows):
   return (idx + i) % rows
 
@@ -183,6 +330,7 @@ def main():
   if args.small:
     specs = tuple(mr.TableSpec(min(s.rows, 5000), s.dim) for s in specs)
     batches, serve_batches, loop, rounds, srounds = [1, 1024], [1, 64], 10, 5, 20
+    args.sweep_batch, args.chain, args.calls = min(args.sweep_batch, 64), 2, 2
   out = {"env": common.environment(), "args": vars(args)}
   name = "microrec_lookup" + ("_small" if args.small else "") + (f"_{args.tag}" if args.tag else "")
   t_start = time.perf_counter()
@@ -199,6 +347,12 @@ def main():
   out["plan"] = {"groups": [list(g) for g in plan.groups], **rep._asdict()}
   print(f"{args.spec}: {nt} tables -> {rep.lookups} lookups, storage +{100 * rep.overhead:.2f}%")
   tables = mr.init_tables(0, specs)
+  if "stage_sweep" in parts:
+    part_stage_sweep(args, specs, plan, tables, out, name, t_start)
+    if parts == {"stage_sweep"}:
+      out["wall_s"] = time.perf_counter() - t_start
+      common.write_json(args.out, name, out)
+      return
   ident = mr.Plan.identity(nt)
   stages = {"per_table": mr.build_stage(tables, ident), "fused": mr.build_stage(tables, ident, fuse=True),
             "combined": mr.build_stage(tables, plan, fuse=True),
@@ -330,10 +484,8 @@ def main():
       paths["pallas"] = (stages["combined_chunks"], {"impl": "pallas"})
     if out["bit_identical"].get("pallas_identity") is True:
       paths["pallas_identity"] = (ident_chunks, {"impl": "pallas"})
-    configs = [(8, 1), (32, 2)] if args.small else [(8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2),
-                                                    (64, 4), (128, 4)]
     gw = {n: [sum(specs[i].dim for i in g) for g in st.layout.groups] for n, (st, _) in paths.items()}
-    stage_rows, sweep = [], []
+    stage_rows = []
 
     def stage_fns(st, kw, di, name, with_loop=True):
       @jax.jit
@@ -357,20 +509,9 @@ def main():
       fns = {}
       for n, (st, kw) in paths.items():
         fns.update(stage_fns(st, kw, di, n))
-      if b == max(batches) and pallas_ok:  # Pallas launch parameters, same round robin
-        for blk, nw in configs:
-          if True:
-            fns.update(stage_fns(stages["combined_chunks"], {"impl": "pallas", "block": blk, "num_warps": nw}, di,
-                                 f"pallas_b{blk}_w{nw}", with_loop=False))
       ts = round_robin(fns, rounds, warmup=2)
       read = b * sum(sector_bytes(w) for w in gw["combined_chunks"])
       write = b * sum(s.dim for s in specs) * 4
-      for n in fns:
-        if n.startswith("unrolled/pallas_b"):
-          blk, nw = n.split("_b")[1].split("_w")
-          t = float(np.median(ts[n])) / args.unroll
-          sweep.append({"batch": b, "block": int(blk), "num_warps": int(nw), "stage_unrolled_s": t,
-                        "unrolled_vs_floor_read": t / (read / bw)})
       for n, (st, _) in paths.items():
         read = b * sum(sector_bytes(w) for w in gw[n])
         r = {"batch": b, "path": n, "lookups": st.lookups, "gathers": st.gathers,
@@ -385,9 +526,6 @@ def main():
     common.print_table(stage_rows, ["batch", "path", "lookups", "stage_loop_s", "stage_unrolled_s", "floor_read_s",
                                     "unrolled_vs_floor_read", "unrolled_vs_floor_rw"])
     out["stage"] = stage_rows
-    out["pallas_sweep"] = sorted(sweep, key=lambda r: r["stage_unrolled_s"])
-    print("Pallas sweep (best first):", [(r["block"], r["num_warps"], round(r["stage_unrolled_s"] * 1e6, 2))
-                                         for r in out["pallas_sweep"][:5]], "us")
     common.write_json(args.out, name, out)
   out["wall_s"] = time.perf_counter() - t_start
   common.write_json(args.out, name, out)

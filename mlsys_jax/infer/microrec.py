@@ -61,8 +61,8 @@ from mlsys_jax._checks import check_choice, check_int, check_range, is_concrete
 __all__ = [
     "TableSpec", "ALIBABA_47", "ALIBABA_98", "CRITEO_26", "Plan", "PlanReport", "plan_report",
     "combine_tables", "combined_index", "authors_plan", "greedy_plan", "optimal_plan", "frontier",
-    "EmbeddingStage", "build_stage", "lookup", "pallas_supported", "init_tables", "balanced_placement", "ShardedStage",
-    "shard_stage", "sharded_lookup",
+    "EmbeddingStage", "build_stage", "lookup", "pallas_supported", "PALLAS_KERNELS", "PALLAS_DEFAULTS", "init_tables",
+    "balanced_placement", "ShardedStage", "shard_stage", "sharded_lookup",
     "DLRM", "Server", "synthetic_batch", "INDEX_LIMIT",
 ]
 
@@ -504,16 +504,65 @@ def pallas_supported(stage: EmbeddingStage) -> bool:
           and int(np.prod(stage.buffers[0].shape)) < 2**31)
 
 
+PALLAS_KERNELS = ("tile", "tile_ef", "rows", "rows_loads_first")
+
+
+def _tile_columns(lay: _Layout) -> tuple[np.ndarray, int, int, int]:
+  """Static per-column tables of the ``"tile"`` kernel. Output chunk column ``q`` (``sum(dims) / c`` of
+  them, padded to ``L``, a power of two >= the table count) reads chunk row
+  ``base[q] + sum_m clip(idx[:, member[m][q]], 0, rows[m][q] - 1) * mult[m][q]`` of the buffer: ``member``
+  are the raw tables of the column's group (mixed radix, ``mult`` = radix stride x the group's chunk
+  width; unused slots of a smaller group have ``mult`` 0), ``base`` the group's offset plus the column's
+  chunk within the combined row. Row 0 holds the raw tables' row counts (the out-of-range count).
+  Returns ``(meta int32 (1 + 3 G + 1, L), L, G, Q)``."""
+  c, rows, dims = lay.chunk, lay.rows, lay.dims
+  nt = len(rows)
+  ncol = sum(dims) // c
+  width = 1 << max(0, (max(ncol, nt) - 1).bit_length())
+  gmax = max(len(g) for g in lay.groups)
+  meta = np.zeros((2 + 3 * gmax, width), np.int64)
+  meta[0, :nt] = rows
+  meta[2:2 + 3 * gmax:3] = 1  # rows of unused/padding slots: clip to [0, 0]
+  col = np.concatenate([[0], np.cumsum(dims)]) // c
+  for g, (_, off) in zip(lay.groups, lay.where):
+    gw = sum(dims[i] for i in g) // c
+    strides = [math.prod(rows[i] for i in g[m + 1:]) for m in range(len(g))]
+    j = 0
+    for i in g:
+      for k in range(dims[i] // c):
+        q = col[i] + k
+        for m in range(gmax):
+          if m < len(g):
+            meta[1 + 3 * m:4 + 3 * m, q] = (g[m], rows[g[m]], strides[m] * gw)
+          else:
+            meta[1 + 3 * m:4 + 3 * m, q] = (g[0], 1, 0)
+        meta[-1, q] = off + j + k
+      j += dims[i] // c
+  if meta.max() > INDEX_LIMIT:
+    raise ValueError("stage too large for int32 chunk rows; use impl='xla'.")
+  return meta.astype(np.int32), width, gmax, ncol
+
+
 def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps: int,
-                   interpret: bool | None) -> tuple[jax.Array, jax.Array]:
-  """The whole stage as ONE Pallas kernel (Triton on GPU, interpreter elsewhere): each program takes
-  ``block`` samples, clamps and counts their raw indices, forms each group's mixed-radix row and copies its
-  chunk rows straight into the output's original table order (no separate index, reorder or clamp ops).
-  The per-program counts are summed by XLA."""
+                   interpret: bool | None, kernel: str = "tile") -> tuple[jax.Array, jax.Array]:
+  """The whole stage as ONE Pallas kernel (Triton on GPU, interpreter elsewhere); the per-program
+  out-of-range counts are summed by XLA. Kernels (``kernel``):
+
+  - ``"tile"``: each program takes ``block`` samples as ONE ``(block * L, c)`` tile of output chunk
+    columns (``L`` = the column count padded to a power of two, :func:`_tile_columns`): it loads the raw
+    indices of every column's group members, clamps them, forms the chunk rows, issues ONE gather load of
+    the whole tile (all rows in flight at once) and ONE contiguous store of the samples' output rows.
+  - ``"tile_ef"``: the same with the table loads marked evict-first (rows are never reused).
+  - ``"rows"``: a loop over groups, one ``(block, c)`` load and store per chunk of each group (the first
+    version: each store waits for its load before the next load issues).
+  - ``"rows_loads_first"``: the same loads, all issued before the first store.
+  """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
   from mlsys_jax._compat import triton_compiler_params
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
   lay = stage.layout
   b, nt = idx.shape
   c, rows, dims = lay.chunk, lay.rows, lay.dims
@@ -521,18 +570,20 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
   nb = min(block, 1 << max(0, (b - 1).bit_length()))
   grid = -(-b // nb)
 
-  def kernel(idx_ref, buf_ref, out_ref, bad_ref):
+  def rows_kernel(idx_ref, buf_ref, out_ref, bad_ref):
     pid = pl.program_id(0)
+    zero = jnp.zeros((), jnp.int32)
     r = pid * nb + jnp.arange(nb, dtype=jnp.int32)
     valid = r < b
     cnt = jnp.int32(0)
     cl = []
     for t in range(nt):
-      v = plgpu.load(idx_ref.at[r * nt + t], mask=valid, other=jnp.zeros((), jnp.int32))
+      v = plgpu.load(idx_ref.at[r * nt + t], mask=valid, other=zero)
       cnt += jnp.sum((((v < 0) | (v >= rows[t])) & valid).astype(jnp.int32))
       cl.append(jnp.clip(v, 0, rows[t] - 1))
     vmask = jnp.broadcast_to(valid[:, None], (nb, c))
     lane = jnp.arange(c, dtype=jnp.int32)[None, :]
+    pending = []
     for g, (_, off) in zip(lay.groups, lay.where):
       row = cl[g[0]]
       for i in g[1:]:
@@ -542,22 +593,62 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
       for i in g:
         for k in range(dims[i] // c):
           x = plgpu.load(buf_ref.at[(row + (j + k))[:, None] * c + lane])
-          plgpu.store(out_ref.at[(r * col[-1] + (col[i] + k))[:, None] * c + lane], x, mask=vmask)
+          pending.append((x, (r * col[-1] + (col[i] + k))[:, None] * c + lane))
+          if kernel == "rows":
+            plgpu.store(out_ref.at[pending[-1][1]], x, mask=vmask)
         j += dims[i] // c
+    if kernel == "rows_loads_first":
+      for x, where in pending:
+        plgpu.store(out_ref.at[where], x, mask=vmask)
     bad_ref[pl.ds(pid, 1)] = jnp.full((1,), cnt, jnp.int32)
 
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+  meta, width, gmax, ncol = _tile_columns(lay)
+  shift = width.bit_length() - 1
+  # "tile_ef": the table rows (never reused) evicted first (a cache modifier such as .cg does not lower in
+  # jax 0.10's Pallas-Triton: its check and its table disagree on the leading dot)
+  hints = dict(eviction_policy="evict_first") if kernel == "tile_ef" and not interpret else {}
+
+  def tile_kernel(meta_ref, idx_ref, buf_ref, out_ref, bad_ref):
+    pid = pl.program_id(0)
+    zero = jnp.zeros((), jnp.int32)
+    i = jnp.arange(nb * width, dtype=jnp.int32)
+    q = i & (width - 1)  # output chunk column
+    s = pid * nb + (i >> shift)  # sample
+    ok = (s < b) & (q < ncol)
+    raw = plgpu.load(idx_ref.at[s * nt + q], mask=(s < b) & (q < nt), other=zero)
+    lim = plgpu.load(meta_ref.at[q])
+    cnt = jnp.sum((((raw < 0) | (raw >= lim)) & (s < b) & (q < nt)).astype(jnp.int32))
+    src = plgpu.load(meta_ref.at[(1 + 3 * gmax) * width + q])
+    for m in range(gmax):
+      mem = plgpu.load(meta_ref.at[(1 + 3 * m) * width + q])
+      rm = plgpu.load(meta_ref.at[(2 + 3 * m) * width + q])
+      mult = plgpu.load(meta_ref.at[(3 + 3 * m) * width + q])
+      v = plgpu.load(idx_ref.at[s * nt + mem], mask=ok, other=zero)
+      src = src + jnp.clip(v, 0, rm - 1) * mult
+    lane = jnp.arange(c, dtype=jnp.int32)[None, :]
+    tmask = jnp.broadcast_to(ok[:, None], (nb * width, c))
+    x = plgpu.load(buf_ref.at[src[:, None] * c + lane], mask=tmask, other=jnp.zeros((), buf_ref.dtype), **hints)
+    plgpu.store(out_ref.at[(s * ncol + q)[:, None] * c + lane], x, mask=tmask)
+    bad_ref[pl.ds(pid, 1)] = jnp.full((1,), cnt, jnp.int32)
+
   buf = stage.buffers[0]
+  args = (idx.astype(jnp.int32).reshape(-1), buf.reshape(-1))
+  tiled = kernel.startswith("tile")
+  if tiled:
+    args = (jnp.asarray(meta.reshape(-1)),) + args
   out, bad = pl.pallas_call(
-      kernel, grid=(grid,),
+      tile_kernel if tiled else rows_kernel, grid=(grid,), name=f"microrec_stage_{kernel}",
       out_shape=(jax.ShapeDtypeStruct((b * col[-1] * c,), buf.dtype), jax.ShapeDtypeStruct((grid,), jnp.int32)),
       interpret=interpret, compiler_params=None if interpret else triton_compiler_params(num_warps, 1),
-  )(idx.astype(jnp.int32).reshape(-1), buf.reshape(-1))
+  )(*args)
   return out.reshape(b, -1), jnp.sum(bad)
 
 
-def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: int = 32, num_warps: int = 2,
+PALLAS_DEFAULTS = {"kernel": "tile", "block": 4, "num_warps": 4}  # launch of the Pallas stage (:func:`lookup`)
+
+
+def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: int | None = None,
+           num_warps: int | None = None, kernel: str | None = None,
            interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """Embeddings of ``idx`` ((batch, tables) int, or (batch, tables, bag) multi-hot summed over the bag
   when no table is combined), concatenated in the ORIGINAL table order: (batch, sum(dims)).
@@ -566,8 +657,9 @@ def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: i
   ones (inside ``jit``) are clamped into their table and counted in ``num_out_of_range`` (int32).
 
   ``impl="xla"``: XLA gathers (any layout); ``"pallas"``: the whole stage as one Pallas kernel (one-hot,
-  a stage with :func:`pallas_supported`; ``block`` samples per program, ``num_warps``; Triton on GPU,
-  Pallas's interpreter elsewhere or with ``interpret=True``), same output bit for bit.
+  a stage with :func:`pallas_supported`; ``kernel`` one of :data:`PALLAS_KERNELS`, ``block`` samples per
+  program (a power of two), ``num_warps``; ``None`` takes :data:`PALLAS_DEFAULTS`; Triton on GPU, Pallas's
+  interpreter elsewhere or with ``interpret=True``), same output bit for bit.
   """
   check_choice("impl", impl, ("xla", "pallas"))
   lay = stage.layout
@@ -580,9 +672,15 @@ def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: i
       raise ValueError("impl='pallas' needs one-hot (batch, tables) indices and a stage built with "
                        "fuse='chunks' whose chunk width is a power of two dividing every table width "
                        "(pallas_supported(stage)); use impl='xla'.")
+    kernel = PALLAS_DEFAULTS["kernel"] if kernel is None else kernel
+    block = PALLAS_DEFAULTS["block"] if block is None else block
+    num_warps = PALLAS_DEFAULTS["num_warps"] if num_warps is None else num_warps
+    check_choice("kernel", kernel, PALLAS_KERNELS)
     check_int("block", block, 1)
+    if block & (block - 1):
+      raise ValueError(f"block must be a power of two (Triton tile sizes), got {block}.")
     check_int("num_warps", num_warps, 1)
-    return _pallas_lookup(stage, idx, block, num_warps, interpret)
+    return _pallas_lookup(stage, idx, block, num_warps, interpret, kernel)
   rows = jnp.asarray(lay.rows, idx.dtype).reshape((1, -1) + (1,) * (idx.ndim - 2))
   bad = jnp.sum((idx < 0) | (idx >= rows)).astype(jnp.int32)
   idx = jnp.clip(idx, 0, rows - 1).astype(jnp.int32)
