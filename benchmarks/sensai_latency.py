@@ -1,136 +1,258 @@
-"""Batch-1 latency of sensAI class-group subnets (Wang et al., MLSys 2021) against the original network:
-each subnet alone, all subnets as one vmapped program, and (where several devices exist) one group of
-subnets per device under shard_map.
+"""Batch-1 latency of sensAI class-group subnets (Wang et al., MLSys 2021) against the original network, on
+XLA CPU with simulated host devices (one class group per device), in ONE process:
 
-Subnets come from the library's pipeline (APoZ on random inputs, ``keep_fraction`` of the channels per
-layer, ``m + 1``-way heads) on randomly initialised weights: latency does not depend on the values.
-Two timings per entry, each interleaved with the original (``mlsys_jax.stats.time_interleaved``):
-``call`` is one jitted call per inference as a server would make it (dispatch included); ``loop`` is
-the time per inference of ``--loop`` dependent inferences inside one jitted ``fori_loop`` (device
-compute without dispatch).
+1. train the original briefly (synthetic CIFAR-like data, or CIFAR-10 from ``--data_dir``), group the
+   classes (equal-size k-means on penultimate features), APoZ per group, prune to ``--keep`` of the
+   channels per layer, build the ``m + 1``-way subnets (no retraining: latency does not depend on the
+   weights' values; the widths come from the real pipeline);
+2. compile every entry under every XLA CPU option set of ``--options`` (per executable, through
+   ``jit(...).lower(...).compile(options)``): the original, each subnet alone, the one-device branch
+   ensemble (``make_branch_predictor``) and the ``shard_map`` ensemble (``make_sharded_predictor``: one
+   group per device, weights placed once, one ``all_gather``);
+3. time everything round-robin (every round calls every entry once, in a rotating order): ``call`` is
+   one call per inference as a user makes it, a fresh numpy image each time (host-to-device transfer,
+   dispatch, compute, result ready), ``--inner`` calls in a row per entry and round, the first of them
+   (caches cold after the other entries) reported apart; ``loop`` is the time per inference of ``--loop`` dependent
+   inferences inside one jitted ``fori_loop`` (compute and, for the ensemble, its collectives).
 
-  PYTHONPATH=. python benchmarks/sensai_latency.py --out $OUT                       # GPU
+Speed-ups are reported against the same option set's original and against the BEST original over all
+option sets (the strongest one-device baseline). Raw medians (seconds) go to the JSON.
+
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      PYTHONPATH=. python benchmarks/sensai_latency.py --out $OUT --tag cpu8        # multi-core CPU host
-  python benchmarks/sensai_latency.py --small                                       # CPU smoke test
+      PYTHONPATH=. python benchmarks/sensai_latency.py --out $OUT --tag cpu8   # multi-core CPU host
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+      PYTHONPATH=. python benchmarks/sensai_latency.py --small                 # smoke test
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+import optax  # noqa: E402
 
-from mlsys_jax import models, stats  # noqa: E402
+from mlsys_jax import data, models  # noqa: E402
 from mlsys_jax.infer import sensai  # noqa: E402
 
+_YNN_ALL = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+# XLA CPU option sets (DebugOptions fields), applied per executable to every entry alike.
+OPTION_SETS = {
+    "default": {},
+    "default_st": {"xla_cpu_multi_thread_eigen": False},
+    "ynn_conv": {"xla_cpu_experimental_ynn_fusion_type": _YNN_ALL},
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "eigen_st": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False},
+}
 
-def loop_fn(apply_fn, variables, n: int):
-  """``n`` dependent batch-1 inferences in ONE jitted loop: each input is nudged by the previous output
-  (so nothing is hoisted); returns a function of the first input."""
-  @jax.jit
-  def run(x):
+CONFIGS = {   # name: (model, input shape, keep fraction)
+    "cnn-small": (models.CNN(num_classes=10, channels=(16, 32), hidden=64), (16, 16, 3)),
+    "cnn-cifar": (models.CNN(num_classes=10, channels=(64, 128, 256), hidden=512), (32, 32, 3)),
+    "cnn-cifar-wide": (models.CNN(num_classes=10, channels=(128, 256, 512), hidden=1024), (32, 32, 3)),
+    "resnet20-w64": (models.ResNet20(num_classes=10, width=64), (32, 32, 3)),
+}
+
+
+def loop_fn(apply_fn, n: int):
+  """``n`` dependent batch-1 inferences in ONE jitted loop, ``(variables, x) -> x``: each input is nudged
+  by the previous output, so nothing is hoisted."""
+  def run(variables, x):
     def body(_, x):
       return x + 1e-6 * jnp.tanh(jnp.sum(apply_fn(variables, x)))
     return jax.lax.fori_loop(0, n, body, x)
-  return run
+  return jax.jit(run)
 
 
-def batch1_latency(entries: dict, x1, *, repeats: int = 100, loop: int = 200) -> dict:
-  """Latency (seconds) of every entry ``name -> (apply_fn(variables, x), variables)`` at batch 1, each
-  timed interleaved with the FIRST entry (the baseline), per call and per inference inside a loop."""
-  names = list(entries)
-  f0, v0 = entries[names[0]]
-  j0 = jax.jit(f0)
-  l0 = loop_fn(f0, v0, loop)
+def round_robin(fns: dict, rounds: int, inner: int = 1, warmup: int = 2) -> dict:
+  """Timing (seconds) of zero-argument callables, round-robin: every round runs every entry (the order
+  rotating by one each round) for ``inner`` consecutive calls, each blocked on and timed alone. With
+  ``inner > 1`` the first call of a block (caches cold after the other entries) is kept apart as
+  ``cold_median_s``; the statistics come from the other ``inner - 1`` calls (a server calling the same
+  network again and again)."""
+  names = list(fns)
+  warm = {k: [] for k in names}
+  cold = {k: [] for k in names}
+  for r in range(warmup + rounds):
+    for i in range(len(names)):
+      k = names[(i + r) % len(names)]
+      for j in range(inner):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fns[k]())
+        dt = time.perf_counter() - t0
+        if r >= warmup:
+          (cold if j == 0 and inner > 1 else warm)[k].append(dt)
   out = {}
-  for name in names[1:]:
-    f, v = entries[name]
-    j = jax.jit(f)
-    lf = loop_fn(f, v, loop)
-    tc = stats.time_interleaved(lambda: j0(v0, x1), lambda: j(v, x1), repeats=repeats, warmup=5)
-    tl = stats.time_interleaved(lambda: l0(x1), lambda: lf(x1), repeats=max(15, repeats // 5), warmup=2)
-    out[name] = {"call_baseline_s": tc.median_a, "call_s": tc.median_b, "call_speedup": tc.ratio ** -1,
-                 "call_p_faster": 1.0 - tc.p_a_faster,
-                 "loop_baseline_s": tl.median_a / loop, "loop_s": tl.median_b / loop,
-                 "loop_speedup": tl.median_a / tl.median_b}
+  for k, t in warm.items():
+    out[k] = {"median_s": float(np.median(t)), "p25_s": float(np.percentile(t, 25)),
+              "p75_s": float(np.percentile(t, 75)), "min_s": float(np.min(t)), "n": len(t)}
+    if cold[k]:
+      out[k]["cold_median_s"] = float(np.median(cold[k]))
   return out
 
 
-def _config(name: str):
-  if name == "cnn-digits":
-    return models.CNN(num_classes=10, channels=(64, 128), hidden=256), (8, 8, 1), 5, 0.4
-  if name == "cnn-cifar":
-    return models.CNN(num_classes=10, channels=(64, 128, 256), hidden=512), (32, 32, 3), 5, 0.4
-  if name == "resnet20-cifar":
-    return models.ResNet20(num_classes=10), (32, 32, 3), 5, 0.25
-  raise ValueError(name)
+def build(name: str, keep: float, groups: int, data_dir: str | None, epochs: int, seed: int = 0) -> dict:
+  """Train briefly, group, APoZ, prune: the real pipeline, returning the model and its subnets."""
+  model, shape = CONFIGS[name]
+  t0 = time.perf_counter()
+  if data_dir and shape == (32, 32, 3):
+    ds = data.load_dataset("cifar10", seed=seed, data_dir=data_dir)
+    n = 4096
+    ds = ds._replace(x_train=ds.x_train[:n], y_train=ds.y_train[:n], x_test=ds.x_test[:512],
+                     y_test=ds.y_test[:512])
+  else:
+    ds = data.synthetic_classification(seed=seed, num_samples=1280, shape=shape, num_classes=10, noise=1.0)
+  variables, hist = models.train_classifier(model, ds, optax.adam(1e-3), epochs=epochs, batch_size=64,
+                                            seed=seed)
+  t_train = time.perf_counter() - t0
+  feats = sensai.penultimate_features(model, variables, ds.x_train)
+  cls = sensai.group_classes(feats, ds.y_train, groups)
+  subs = []
+  for g in cls:
+    st = sensai.channel_stats(model, variables, ds.x_train[np.isin(ds.y_train, g)])
+    subs.append(sensai.make_subnet(model, variables, g, sensai.prune_masks(st, keep_fraction=keep)))
+  return {"model": model, "variables": variables, "shape": shape, "subnets": subs, "groups": cls,
+          "data": ds.name, "train_s": t_train, "prune_s": time.perf_counter() - t0 - t_train,
+          "original_test_accuracy": float(hist["test_accuracy"][-1])}
 
 
-def run_config(name: str, repeats: int, loop: int) -> dict:
-  model, shape, ngroups, keep = _config(name)
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(64, *shape)).astype(np.float32)
-  variables = model.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))
-  masks = sensai.prune_masks(sensai.channel_stats(model, variables, x), keep_fraction=keep)
-  groups = sensai.group_classes_contiguous(10, ngroups)
-  subs = [sensai.make_subnet(model, variables, g, masks) for g in groups]
-  ens = sensai.stack_subnets(subs, 10)
-  x1 = jnp.asarray(x[:1])
+def run_config(name: str, args, options: list[str], t_start: float) -> dict:
+  b = build(name, args.keep, args.groups, args.data_dir, args.epochs)
+  model, variables, shape, subs = b["model"], b["variables"], b["shape"], b["subnets"]
+  s = len(subs)
+  dev0 = jax.devices()[0]
+  put0 = lambda t: jax.device_put(t, dev0)
   apply = lambda m: (lambda v, xx: m.apply(v, xx, train=False))
-  entries = {"original": (apply(model), variables), "subnet_0": (apply(subs[0].model), subs[0].variables),
-             "vmapped_ensemble": (lambda v, xx: sensai._ensemble_predict(
-                 ens.model, v, ens.valid, ens.assign, ens.temperatures, xx), ens.variables)}
-  branches = sensai.make_branch_predictor(subs, 10)   # a partial of a jitted fn(variables, x)
-  entries["branch_ensemble"] = (branches.func, branches.args[0])
-  if jax.device_count() >= 2:
-    divisors = [k for k in range(2, min(len(subs), jax.device_count()) + 1) if len(subs) % k == 0]
-    if divisors:
-      d = max(divisors)
-      mesh = Mesh(np.array(jax.devices()[:d]), ("g",))
-      f = sensai._sharded_fn(ens.model, mesh, "g")
-      entries[f"shard_map_ensemble_{d}dev"] = (
-          lambda v, xx: f(v, ens.valid, ens.assign, ens.temperatures, xx), ens.variables)
-  lat = batch1_latency(entries, x1, repeats=repeats, loop=loop)
-  flops0 = sensai.count_flops(model, variables, shape)
-  return {"config": name, "input_shape": list(shape), "groups": ngroups, "keep_fraction": keep,
-          "original_flops": flops0, "subnet_flops": sensai.count_flops(subs[0].model, subs[0].variables, shape),
-          "original_params": sensai.count_params(variables), "subnet_params": sensai.count_params(subs[0].variables),
-          "latency": lat}
+  one_device = {"original": (apply(model), put0(variables))}
+  for i, sub in enumerate(subs):
+    one_device[f"subnet_{i}"] = (apply(sub.model), put0(sub.variables))
+  branch = sensai.make_branch_predictor(subs, 10)
+  one_device["branch_ensemble"] = (branch.func, put0(branch.args[0]))
+  entries = {k: (jax.jit(f), v, loop_fn(f, args.loop)) for k, (f, v) in one_device.items()}
+  if jax.device_count() >= s:
+    sharded = sensai.make_sharded_predictor(subs, 10)   # one group per device, weights placed once
+    ns = sharded.args[0]
+    entries[f"shard_map_ensemble_{s}dev"] = (sharded.func, ns, loop_fn(sharded.func, args.loop))
+  rng = np.random.default_rng(1)
+  images = [rng.normal(size=(1, *shape)).astype(np.float32) for _ in range(16)]
+  x_dev = {}
+  calls, loops, compile_s = {}, {}, {}
+  for opt in options:
+    o = OPTION_SETS[opt]
+    for k, (jf, v, lf) in entries.items():
+      t0 = time.perf_counter()
+      try:
+        c = jf.lower(v, images[0]).compile(o)
+        xs = c.input_shardings[0][1]
+        x_dev[k] = jax.device_put(images[0], xs)
+        cl = lf.lower(v, x_dev[k]).compile(o)
+      except Exception as e:   # an option set this XLA does not know: record it, skip the entry
+        print(f"{name} {opt} {k}: compile failed: {str(e)[:200]}")
+        continue
+      compile_s[f"{opt}/{k}"] = time.perf_counter() - t0
+      ctr = iter(range(1 << 30))
+      calls[f"{opt}/{k}"] = (lambda c=c, v=v, ctr=ctr: c(v, images[next(ctr) % len(images)]))
+      loops[f"{opt}/{k}"] = (lambda cl=cl, v=v, x=x_dev[k]: cl(v, x))
+  # exactness of what is timed: the sharded ensemble against the one-device branch program
+  ref = np.asarray(branch(images[0]))
+  check = {k: float(np.max(np.abs(np.asarray(f()) - ref))) for k, f in calls.items() if "ensemble" in k}
+  print(f"{name}: trained {b['train_s']:.1f}s, pruned {b['prune_s']:.1f}s, compiled {sum(compile_s.values()):.1f}s "
+        f"({len(calls)} entries); elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
+  call_t = round_robin(calls, args.repeats, inner=args.inner)
+  loop_t = round_robin(loops, args.loop_repeats, warmup=1)
+  for t in loop_t.values():
+    for q in ("median_s", "p25_s", "p75_s", "min_s", "cold_median_s"):
+      if q not in t:
+        continue
+      t[q] /= args.loop
+  widths = [[int(np.shape(a)[-1]) for a in jax.tree_util.tree_leaves(sub.variables["params"])
+             if np.ndim(a) == 1] for sub in subs]
+  return {"config": name, "input_shape": list(shape), "data": b["data"], "groups": [list(g) for g in b["groups"]],
+          "keep_fraction": args.keep, "train_s": b["train_s"], "prune_s": b["prune_s"],
+          "original_test_accuracy": b["original_test_accuracy"],
+          "original_flops": sensai.count_flops(model, variables, shape),
+          "subnet_flops": [sensai.count_flops(sub.model, sub.variables, shape) for sub in subs],
+          "original_params": sensai.count_params(variables),
+          "subnet_params": [sensai.count_params(sub.variables) for sub in subs],
+          "subnet_bias_widths": widths, "options": {k: OPTION_SETS[k] for k in options},
+          "compile_s": compile_s, "ensemble_max_abs_diff_vs_branch": check,
+          "call": call_t, "loop": loop_t, "loop_length": args.loop, "summary": summarise(call_t, loop_t)}
+
+
+def summarise(call_t: dict, loop_t: dict) -> dict:
+  """Speed-ups (original time / entry time) against the same option set's original and the best one."""
+  out = {}
+  for mode, t in (("call", call_t), ("loop", loop_t)):
+    origs = {k.split("/")[0]: v["median_s"] for k, v in t.items() if k.endswith("/original")}
+    if not origs:
+      continue
+    best_opt = min(origs, key=origs.get)
+    entries = sorted({k.split("/")[1] for k in t})
+    per = {}
+    for e in entries:
+      times = {k.split("/")[0]: v["median_s"] for k, v in t.items() if k.split("/")[1] == e}
+      bo = min(times, key=times.get)
+      per[e] = {"best_option": bo, "best_s": times[bo], "speedup_vs_best_original": origs[best_opt] / times[bo],
+                "speedup_same_option": {o: origs[o] / times[o] for o in times if o in origs}}
+    out[mode] = {"best_original_option": best_opt, "best_original_s": origs[best_opt], "entries": per}
+  return out
 
 
 def main():
   from benchmarks.common import environment, parse_args, print_table, write_json
 
   def extra(ap):
-    ap.add_argument("--configs", default="cnn-digits,cnn-cifar,resnet20-cifar")
-    ap.add_argument("--repeats", type=int, default=100)
-    ap.add_argument("--loop", type=int, default=200)
+    ap.add_argument("--configs", default="cnn-cifar,cnn-cifar-wide")
+    ap.add_argument("--options", default="default,default_st,ynn_conv,eigen,eigen_st")
+    ap.add_argument("--keep", type=float, default=0.4, help="keep_fraction of every pruned layer")
+    ap.add_argument("--groups", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=12, help="round-robin rounds of the per-call timing")
+    ap.add_argument("--inner", type=int, default=6, help="consecutive calls of one entry per round (the "
+                    "first, cache-cold, is reported apart)")
+    ap.add_argument("--loop", type=int, default=20, help="inferences per jitted loop")
+    ap.add_argument("--loop_repeats", type=int, default=8)
+    ap.add_argument("--data_dir", default=None, help="CIFAR-10 binary batches (default: synthetic data)")
+    ap.add_argument("--budget_s", type=float, default=1e9, help="start no new config after this many s")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (e.g. cpu8)")
   args = parse_args(__doc__, extra)
+  t_start = time.perf_counter()
   env = environment()
-  configs = ["cnn-digits"] if args.small else args.configs.split(",")
-  repeats, loop = (20, 20) if args.small else (args.repeats, args.loop)
+  env.update({"xla_flags": os.environ.get("XLA_FLAGS", ""), "os_cpu_count": os.cpu_count(),
+              "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None})
+  try:
+    env["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if "model name" in l)
+  except (OSError, StopIteration):
+    pass
+  if args.small:
+    args.configs, args.repeats, args.inner, args.loop, args.loop_repeats = "cnn-small", 4, 3, 5, 3
+    args.options = "default,eigen_st"
+  options = args.options.split(",")
+  name = "sensai_latency" + (f"_{args.tag}" if args.tag else "")
   results, rows = [], []
-  for c in configs:
-    r = run_config(c, repeats, loop)
+  for c in args.configs.split(","):
+    if time.perf_counter() - t_start > args.budget_s:
+      print(f"budget spent: {c} skipped")
+      continue
+    r = run_config(c, args, options, t_start)
     results.append(r)
-    for k, v in r["latency"].items():
-      rows.append({"config": c, "entry": k, "flops frac": round(r["subnet_flops"] / r["original_flops"], 3)
-                   if k == "subnet_0" else "", "call us": round(v["call_s"] * 1e6, 1),
-                   "orig call us": round(v["call_baseline_s"] * 1e6, 1), "call x": round(v["call_speedup"], 2),
-                   "loop us": round(v["loop_s"] * 1e6, 2), "orig loop us": round(v["loop_baseline_s"] * 1e6, 2),
-                   "loop x": round(v["loop_speedup"], 2)})
+    write_json(args.out, name, {"env": env, "args": vars(args), "results": results})
+    for mode in r["summary"]:
+      sm = r["summary"][mode]
+      for e, v in sm["entries"].items():
+        rows.append({"config": c, "mode": mode, "entry": e, "best option": v["best_option"],
+                     "us": v["best_s"] * 1e6, "best orig us": sm["best_original_s"] * 1e6,
+                     "x vs best orig": v["speedup_vs_best_original"],
+                     **{f"x {o}": v["speedup_same_option"].get(o, "") for o in options}})
   print(env)
-  print_table(rows, ["config", "entry", "flops frac", "call us", "orig call us", "call x", "loop us",
-                     "orig loop us", "loop x"])
-  write_json(args.out, "sensai_latency" + (f"_{args.tag}" if args.tag else ""), {"env": env, "results": results})
+  print_table(rows, ["config", "mode", "entry", "best option", "us", "best orig us", "x vs best orig",
+                     *[f"x {o}" for o in options]])
+  print(f"total {time.perf_counter() - t_start:.0f}s")
 
 
 if __name__ == "__main__":
