@@ -40,7 +40,8 @@ measured copy bandwidth (read+write bytes per second); ``floor_rw_s`` adds writi
 variant (the XLA paths ``per_table``, ``fused``, ``combined_chunks``, and the Pallas launches of
 ``--configs``, ``kernel:block:num_warps``) is one jitted call of ``--chain`` lookups on as many index arrays,
 chained by optimization barriers (each lookup its own launches, in order); all are compiled and checked bit
-for bit against per-table lookups first, then each runs ``--calls`` times alone under ONE trace. Per lookup:
+for bit against per-table lookups first (embeddings, and the count of out-of-range indices: the last index
+array holds 5), then each runs ``--calls`` times alone under ONE trace. Per lookup:
 ``busy_s`` (its kernels' durations summed: the stage's device time), ``span_s`` (first kernel start to last
 end, launch gaps included), ``main_kernel_s`` (the longest kernel alone: for Pallas the one-kernel stage
 without the count sum), each over the read and the read+write floor; ``wall_per_lookup_s`` for reference.
@@ -90,8 +91,8 @@ def _flags(ap):
                        "ones compiled are still timed)")
 
 
-DEFAULT_CONFIGS = ("tile:1:2,tile:2:4,tile:4:4,tile:1:1,rows:32:2,tile:1:4,tile:4:8,tile:8:8,tile:2:2,tile:8:4,"
-                   "tile:16:8,tile_ef:2:4,rows_loads_first:8:2")
+DEFAULT_CONFIGS = ("tile:1:2,tile:2:4,tile:4:4,tile:1:1,rows:32:2,tile_atomic:2:4,tile:1:4,tile:4:8,tile:8:8,"
+                   "tile:2:2,tile:8:4,tile:16:8,tile_ef:2:4,rows_loads_first:8:2")
 
 
 def sector_bytes(width: int, itemsize: int = 4) -> int:
@@ -261,14 +262,19 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
         "write_bytes": write, "floor_read_s": read / bw, "floor_rw_s": (read + write) / bw,
         "floor_read_per_table_s": b * sum(sector_bytes(s.dim) for s in specs) / bw}
   out["stage_sweep"] = sw
-  idxs = [jnp.asarray(mr.synthetic_batch(1000 + j, specs, b, zipf=args.zipf or None)[1]) for j in range(k)]
+  idxs = [mr.synthetic_batch(1000 + j, specs, b, zipf=args.zipf or None)[1] for j in range(k)]
+  rng = np.random.default_rng(7)  # the last array: a few out-of-range indices (clamped and counted)
+  for t in rng.integers(0, nt, 5):
+    idxs[-1][rng.integers(0, b), t] = specs[t].rows + 3 if t % 2 else -2
+  idxs = [jnp.asarray(i) for i in idxs]
   variants = {n: (st, {}) for n, st in stages.items()}
   for cfg in args.configs.split(","):
     kern, blk, nw = cfg.split(":")
     variants[f"pallas_{kern}_b{blk}_w{nw}"] = (stages["combined_chunks"],
                                                {"impl": "pallas", "kernel": kern, "block": int(blk),
                                                 "num_warps": int(nw)})
-  ref = [np.asarray(e) for e, _ in chained(mr.lookup)(stages["per_table"], idxs[:2])]
+  ref = [(np.asarray(e), int(c)) for e, c in chained(mr.lookup)(stages["per_table"], idxs)]
+  sw["out_of_range_in_last_array"] = ref[-1][1]
   fns, rows = {}, {}
   for n, (st, kw) in variants.items():
     t0 = time.perf_counter()
@@ -278,8 +284,7 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
     try:
       f = chained(lambda s, i, kw=kw: mr.lookup(s, i, **kw))
       res = f(st, idxs)  # compile and run once
-      same = all(np.array_equal(np.asarray(res[j][0]), ref[j]) for j in range(2)) and \
-          all(int(r[1]) == 0 for r in res)
+      same = all(np.array_equal(np.asarray(e), r[0]) and int(c) == r[1] for (e, c), r in zip(res, ref))
       rows[n] = {"variant": n, **{kk: v for kk, v in kw.items() if kk != "impl"}, "bit_identical": bool(same),
                  "compile_s": time.perf_counter() - t0}
       if same:

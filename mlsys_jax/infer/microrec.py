@@ -504,7 +504,7 @@ def pallas_supported(stage: EmbeddingStage) -> bool:
           and int(np.prod(stage.buffers[0].shape)) < 2**31)
 
 
-PALLAS_KERNELS = ("tile", "tile_ef", "rows", "rows_loads_first")
+PALLAS_KERNELS = ("tile", "tile_ef", "tile_atomic", "rows", "rows_loads_first")
 
 
 def _tile_columns(lay: _Layout) -> tuple[np.ndarray, int, int, int]:
@@ -553,6 +553,8 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
     indices of every column's group members, clamps them, forms the chunk rows, issues ONE gather load of
     the whole tile (all rows in flight at once) and ONE contiguous store of the samples' output rows.
   - ``"tile_ef"``: the same with the table loads marked evict-first (rows are never reused).
+  - ``"tile_atomic"``: the same with the out-of-range count added atomically (only by programs that saw
+    one) into a zeroed counter aliased to the output, instead of per-program counts summed by XLA.
   - ``"rows"``: a loop over groups, one ``(block, c)`` load and store per chunk of each group (the first
     version: each store waits for its load before the next load issues).
   - ``"rows_loads_first"``: the same loads, all issued before the first store.
@@ -608,7 +610,10 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
   # jax 0.10's Pallas-Triton: its check and its table disagree on the leading dot)
   hints = dict(eviction_policy="evict_first") if kernel == "tile_ef" and not interpret else {}
 
-  def tile_kernel(meta_ref, idx_ref, buf_ref, out_ref, bad_ref):
+  atomic = kernel == "tile_atomic"
+
+  def tile_kernel(meta_ref, idx_ref, buf_ref, *refs):
+    out_ref, bad_ref = refs[-2:]  # (with "tile_atomic" the zero count input, aliased to bad_ref, comes first)
     pid = pl.program_id(0)
     zero = jnp.zeros((), jnp.int32)
     i = jnp.arange(nb * width, dtype=jnp.int32)
@@ -629,19 +634,30 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
     tmask = jnp.broadcast_to(ok[:, None], (nb * width, c))
     x = plgpu.load(buf_ref.at[src[:, None] * c + lane], mask=tmask, other=jnp.zeros((), buf_ref.dtype), **hints)
     plgpu.store(out_ref.at[(s * ncol + q)[:, None] * c + lane], x, mask=tmask)
-    bad_ref[pl.ds(pid, 1)] = jnp.full((1,), cnt, jnp.int32)
+    if atomic and interpret:  # the interpreter runs programs one after the other (and has no atomics)
+      bad_ref[pl.ds(0, 1)] = bad_ref[pl.ds(0, 1)] + cnt
+    elif atomic:  # only programs that saw a bad index touch the one counter
+      plgpu.atomic_add(bad_ref, 0, cnt, mask=cnt > 0)
+    else:
+      bad_ref[pl.ds(pid, 1)] = jnp.full((1,), cnt, jnp.int32)
 
   buf = stage.buffers[0]
   args = (idx.astype(jnp.int32).reshape(-1), buf.reshape(-1))
   tiled = kernel.startswith("tile")
   if tiled:
     args = (jnp.asarray(meta.reshape(-1)),) + args
+  aliases = {}
+  if atomic:
+    args = args + (jnp.zeros((1,), jnp.int32),)
+    aliases = {len(args) - 1: 1}
   out, bad = pl.pallas_call(
       tile_kernel if tiled else rows_kernel, grid=(grid,), name=f"microrec_stage_{kernel}",
-      out_shape=(jax.ShapeDtypeStruct((b * col[-1] * c,), buf.dtype), jax.ShapeDtypeStruct((grid,), jnp.int32)),
+      out_shape=(jax.ShapeDtypeStruct((b * col[-1] * c,), buf.dtype),
+                 jax.ShapeDtypeStruct((1 if atomic else grid,), jnp.int32)),
+      input_output_aliases=aliases,
       interpret=interpret, compiler_params=None if interpret else triton_compiler_params(num_warps, 1),
   )(*args)
-  return out.reshape(b, -1), jnp.sum(bad)
+  return out.reshape(b, -1), (bad[0] if atomic else jnp.sum(bad))
 
 
 PALLAS_DEFAULTS = {"kernel": "tile", "block": 4, "num_warps": 4}  # launch of the Pallas stage (:func:`lookup`)
