@@ -270,9 +270,9 @@ def _same_structure_as_xla(text, mod):
   want = hlo_lib.xla_structure(text)  # raises ValueError if XLA rejects the text
   if want is None:
     return
+  assert sorted(mod.computations) == sorted(want)
   for cname, comp in mod.computations.items():
-    assert cname in want, (cname, sorted(want))
-    assert sorted(i.name for i in comp.instructions) == sorted(want[cname]), cname
+    assert [i.name for i in comp.instructions] == want[cname], cname
 
 
 def test_corpus_is_there():
@@ -334,11 +334,21 @@ def test_grammar_features_parsed_into_values():
   g = cost.program_graph(tpu)
   assert g.attrs[2, A["memory_space"]] == 1 and g.attrs[1, A["tile_minor"]] == 128
   assert g.attrs[1, A["tile_second_minor"]] == 8
-  # Async collectives and fusion-update have their own ids.
-  for f, ops in [("hand_async_collectives.hlo", {"reduce-scatter-start", "reduce-scatter-done"}),
-                 ("hand_fusion_update.hlo", {"fusion-update"})]:
-    g = cost.program_graph(cost.parse_hlo(_read(os.path.join(CORPUS, f))))
-    assert ops <= {graph_lib.OPCODES[o] for o in g.opcode}
+  # XLA's async syntax sugar (<op>-start/-update/-done without an async pair of its own) becomes
+  # async-start/-update/-done around a computation wrapping <op>, as XLA's parser builds it; the
+  # wrapped op is a node of the program graph (inlined under its async-start).
+  for f, op in [("hand_async_collectives.hlo", "reduce-scatter"), ("hand_fusion_update.hlo", "fusion")]:
+    mod = cost.parse_hlo(_read(os.path.join(CORPUS, f)))
+    wrapped = mod.computations["async_wrapped"]
+    assert [i.opcode for i in wrapped.instructions] == ["parameter", op]
+    starts = [i for i in mod.entry.instructions if i.opcode == "async-start"]
+    assert len(starts) == 1 and starts[0].attrs["calls"] == "async_wrapped"
+    assert wrapped.root.shape == starts[0].shape.elements[1]
+    g = cost.program_graph(mod)
+    names = {graph_lib.OPCODES[o] for o in g.opcode}
+    assert {"async-start", "async-done", op} <= names, names
+  rs = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_async_collectives.hlo"))).computations["async_wrapped"]
+  assert rs.root.attrs["to_apply"] == "%add" and rs.root.attrs["dimensions"] == "{0}"
 
 
 def test_unknown_opcode_maps_to_unknown_id():
@@ -379,3 +389,26 @@ def test_attribute_values_with_spaces():
   assert ins["ag"].attrs["replica_groups"] == "[1,4]<=[4]"
   assert ins["ar"].attrs["replica_groups"] == "mesh['x'=2,'y'=2] {'y'}"
   assert ins["ar"].attrs["to_apply"] == "%sum"
+
+
+def test_nested_instructions_and_async_sugar():
+  mod = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_nested.hlo")))
+  ins = mod.entry.by_name()
+  assert [i.name for i in mod.entry.instructions][:4] == [
+      "parameter.anon", "parameter.anon.1", "exponential.anon", "s"]
+  assert ins["s"].operands == ["parameter.anon", "exponential.anon"]
+  assert ins["exponential.anon"].operands == ["parameter.anon.1"]
+  assert ins["parameter.anon.2"].literal == "2" and ins["n"].operands == ["parameter.anon.2"]
+  # Shapes left out inside the nesting are inferred (multiply of f32[6], tuple, get-tuple-element).
+  assert ins["multiply.anon"].shape.dims == (6,) and mod.entry.root.shape.dims == (6,)
+  assert ins["tuple.anon"].operands == ["s", "multiply.anon"]
+  # custom-call-start with two operands: two async_param parameters, attributes moved to the op.
+  mod = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_async_sugar.hlo")))
+  w = mod.computations["async_wrapped"]
+  assert [p.shape.dims for p in w.instructions[:2]] == [(16,), (16,)]
+  assert w.root.attrs == {"custom_call_target": '"my_target"'} and w.root.operands == ["async_param", "async_param.1"]
+  start = mod.entry.by_name()["cs"]
+  assert start.attrs == {"async_execution_thread": '"side"', "calls": "async_wrapped"}
+  assert [i.opcode for i in mod.entry.instructions][2:5] == ["async-start", "async-update", "async-done"]
+  with pytest.raises(cost.HloParseError, match="nested operand"):
+    cost.parse_hlo("ENTRY e {\n  ROOT r = f32[2] add(f32[2] parameter(0), f32[2,x] parameter(1))\n}")

@@ -398,7 +398,14 @@ class _Reader:
       attrs[key] = v
 
 
-def _parse_instruction_at(r: _Reader) -> Instruction:
+_NESTED_AT = re.compile(r"(?:\(.*\)|[a-z][a-z0-9]*\s*\[[^\]]*\](?:\s*\{[^{}]*\})?|token|opaque)?\s*"
+                        r"[a-z][\w\-]*\s*\(.*\)", re.S)
+
+
+def _parse_instruction_at(r: _Reader, anon: dict[str, int]) -> list[Instruction]:
+  """One ``[ROOT] name = [shape] opcode(operands), attrs``; returns the instructions it defines: those
+  nested as operands (XLA's older form ``add(f32[] parameter(0), ...)``, named ``<opcode>.anon``),
+  then the instruction itself."""
   start = r.i
   lineno = r.lineno()
   is_root = r.keyword("ROOT")
@@ -409,6 +416,11 @@ def _parse_instruction_at(r: _Reader) -> Instruction:
     raise r.error("expected an instruction 'name = shape opcode(operands), attrs'", start)
   r.i += 1
   r.ws()
+  return _parse_rhs(r, name.lstrip("%"), is_root, lineno, start, anon, True)
+
+
+def _parse_rhs(r: _Reader, name: str | None, is_root: bool, lineno: int, start: int,
+               anon: dict[str, int], with_attrs: bool) -> list[Instruction]:
   at = r.i
   shape_s = r.shape()
   shape = None
@@ -424,9 +436,10 @@ def _parse_instruction_at(r: _Reader) -> Instruction:
     raise r.error("expected 'opcode(' after the shape", at)
   r.ws()
   ops_s = r.balanced()[1:-1]
-  attrs = r.attributes()
+  attrs = r.attributes() if with_attrs else {}
   literal = None
   operands: list[str] = []
+  out: list[Instruction] = []
   if opcode in ("parameter", "constant"):
     literal = " ".join(ops_s.split())
   else:
@@ -436,11 +449,27 @@ def _parse_instruction_at(r: _Reader) -> Instruction:
       raise r.error(f"operands: {e}", start) from None
     for p in parts:
       tok = p.split()[-1] if p.split() else ""
-      if not re.fullmatch(r"%?[\w.\-]+", tok):
+      if re.fullmatch(r"%?[\w.\-]+", tok):
+        operands.append(tok.lstrip("%"))
+      elif _NESTED_AT.fullmatch(p):  # an instruction nested as an operand (no name, no attributes)
+        sub = _Reader(p, p)
+        try:
+          nested = _parse_rhs(sub, None, False, lineno, 0, anon, False)
+          sub.ws()
+          if sub.i != sub.n:
+            raise sub.error(f"unexpected {p[sub.i:sub.i + 20]!r} after the nested instruction")
+        except HloParseError as e:
+          raise r.error(f"nested operand {p[:60]!r} of {opcode}: {e}", start) from None
+        out.extend(nested)
+        operands.append(nested[-1].name)
+      else:
         raise r.error(f"bad operand {p!r} of {opcode}", start)
-      operands.append(tok.lstrip("%"))
-  ins = Instruction(name.lstrip("%"), opcode, shape, operands, attrs, is_root, lineno, literal)
-  return ins
+  if name is None:
+    k = anon.get(opcode, 0)
+    anon[opcode] = k + 1
+    name = f"{opcode}.anon" + (f".{k}" if k else "")
+  out.append(Instruction(name, opcode, shape, operands, attrs, is_root, lineno, literal))
+  return out
 
 
 def _skip_section(r: _Reader) -> None:
@@ -602,6 +631,7 @@ def parse_hlo(text: str) -> HloModule:
       if cname in comps:
         raise r.error(f"computation {cname!r} defined twice", at)
       cur = Computation(cname, [], is_entry, r.lineno(at))
+      anon: dict[str, int] = {}
       while True:
         r.ws()
         if r.i >= r.n:
@@ -610,7 +640,7 @@ def parse_hlo(text: str) -> HloModule:
         if r.peek() == "}":
           r.i += 1
           break
-        cur.instructions.append(_parse_instruction_at(r))
+        cur.instructions.extend(_parse_instruction_at(r, anon))
       if not cur.instructions:
         raise r.error(f"computation {cname!r} has no instructions", at)
       r.attributes()  # e.g. ", execution_thread=..." after the closing brace
@@ -627,6 +657,7 @@ def parse_hlo(text: str) -> HloModule:
     entry = list(comps)[-1]  # entry is printed last when not marked
   if name is None:
     name = f"module_{entry}"
+  comps = _desugar_async(comps)
   # Resolve names, infer left-out shapes (operands first, in dependency order).
   for comp in comps.values():
     names = comp.by_name()
@@ -647,6 +678,62 @@ def parse_hlo(text: str) -> HloModule:
   comps, entry = _uniquify_names(comps, entry)
   _infer_missing_shapes(comps, r)
   return HloModule(name, comps, entry)
+
+
+# Opcodes XLA has as asynchronous pairs of their own; any other ``<op>-start/-update/-done`` is XLA's
+# syntax sugar for ``async-start/-update/-done`` around a computation that wraps ``<op>``.
+_NATIVE_ASYNC = {"all-reduce-start", "all-reduce-done", "all-gather-start", "all-gather-done",
+                 "collective-permute-start", "collective-permute-done", "copy-start", "copy-done",
+                 "send-done", "recv-done", "async-start", "async-update", "async-done"}
+_ASYNC_KEEP = {"async_execution_thread", "backend_config", "frontend_attributes", "metadata",
+               "control-predecessors", "sharding", "origin", "statistics"}
+
+
+def _desugar_async(comps: dict[str, Computation]) -> dict[str, Computation]:
+  """Rewrite ``x = shape custom-call-start(ops), attrs`` (and ``-update``/``-done``) as XLA's parser
+  does: ``async-start`` calling a new computation ``async_wrapped`` (parameters ``async_param``, then
+  the ``<op>`` with the attributes), which is placed before the computation that uses it."""
+  from mlsys_jax.cost.graph import OPCODE_ID  # pylint: disable=import-outside-toplevel
+
+  def base(op: str) -> tuple[str, str] | None:
+    for suffix in ("-start", "-update", "-done"):
+      if op.endswith(suffix) and op not in _NATIVE_ASYNC and op[:-len(suffix)] in OPCODE_ID:
+        return op[:-len(suffix)], suffix[1:]
+    return None
+
+  if not any(base(i.opcode) for c in comps.values() for i in c.instructions):
+    return comps
+  out: dict[str, Computation] = {}
+  k = 0
+  for cname, comp in comps.items():
+    for ins in comp.instructions:
+      b = base(ins.opcode)
+      if b is None:
+        continue
+      op, kind = b
+      ins.opcode = f"async-{kind}"
+      if kind != "start":
+        continue
+      wname = "async_wrapped" + (f".{k}" if k else "")
+      k += 1
+      shapes = (ins.shape.elements[0].elements if ins.shape is not None and ins.shape.is_tuple
+                and ins.shape.elements and ins.shape.elements[0].is_tuple else ())
+      by_name = comp.by_name()
+      params = []
+      for n, o in enumerate(ins.operands):
+        shape = shapes[n] if n < len(shapes) else by_name[o].shape
+        params.append(Instruction("async_param" + (f".{n}" if n else ""), "parameter", shape, [], {},
+                                  False, ins.lineno, str(n)))
+      res = (ins.shape.elements[1] if ins.shape is not None and ins.shape.is_tuple
+             and len(ins.shape.elements) > 1 else None)
+      wrapped = Instruction(op, op, res, [p.name for p in params],
+                            {a: v for a, v in ins.attrs.items() if a not in _ASYNC_KEEP}, True,
+                            ins.lineno)
+      out[wname] = Computation(wname, params + [wrapped], False, ins.lineno)
+      ins.attrs = {a: v for a, v in ins.attrs.items() if a in _ASYNC_KEEP}
+      ins.attrs["calls"] = wname
+    out[cname] = comp
+  return out
 
 
 class _NameUniquer:
