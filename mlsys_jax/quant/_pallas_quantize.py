@@ -27,7 +27,14 @@ benchmark's full-size checks):
   depends on the backend's vectorization (on CPU a 200-element row gave a finite zero point, a 4-element
   row NaN). The kernel returns NaN there. Either way the scale is NaN, so the group dequantizes to NaN.
 
-Off GPU the kernels run in Pallas' interpreter (``impl='interpret'``; for tests).
+Off GPU the kernels run in Pallas' interpreter (``impl='interpret'``; for tests):
+
+  >>> import jax.numpy as jnp
+  >>> from mlsys_jax.quant import quantize
+  >>> x = jnp.array([[0.5, -2.0, 1.0], [3.0, 0.0, -1.5]])
+  >>> qt = quantize(x, 8, axis=1, impl="interpret")        # one scale per row, from one read of each row
+  >>> qt.codes.tolist(), bool(jnp.all(qt.codes == quantize(x, 8, axis=1, impl="xla").codes))
+  ([[32, -127, 64], [127, 0, -64]], True)
 """
 
 from __future__ import annotations
@@ -231,9 +238,10 @@ _IN_SELF_TEST = False
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_self_test() -> bool:
+def kernel_self_test(impl: str = "pallas") -> bool:
   """Once per process (GPU): compile the kernels on small ragged inputs (float32 and bfloat16, one row
-  with a NaN) and compare them with the XLA path bit for bit. On failure warn and use the XLA path."""
+  with a NaN) and compare them with the XLA path bit for bit. On failure warn and use the XLA path.
+  (``impl='interpret'`` runs the same test in the interpreter, for the CPU tests.)"""
   global _IN_SELF_TEST
   import warnings
   from mlsys_jax.quant import fixed_point, vsquant
@@ -246,11 +254,11 @@ def kernel_self_test() -> bool:
     out = []
     for data in (x, x.astype(jnp.bfloat16)):
       for sym, uns in ((True, False), (False, True)):
-        a = fixed_point.quantize(data, 8, symmetric=sym, unsigned=uns, axis=1, impl="pallas")
+        a = fixed_point.quantize(data, 8, symmetric=sym, unsigned=uns, axis=1, impl=impl)
         b = fixed_point.quantize(data, 8, symmetric=sym, unsigned=uns, axis=1, impl="xla")
         out += [_same(a, b, skip_nan_zp=not sym)]
       for v, sb in ((16, 8), (64, None)):
-        a = vsquant.vs_quantize(data, 4, axis=1, vector_size=v, scale_bits=sb, coarse_axes=(), impl="pallas")
+        a = vsquant.vs_quantize(data, 4, axis=1, vector_size=v, scale_bits=sb, coarse_axes=(), impl=impl)
         b = vsquant.vs_quantize(data, 4, axis=1, vector_size=v, scale_bits=sb, coarse_axes=(), impl="xla")
         out += [_same(a, b)]
     return jnp.stack(out)
