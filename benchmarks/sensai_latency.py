@@ -133,34 +133,39 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
     one_device[f"subnet_{i}"] = (apply(sub.model), put0(sub.variables))
   branch = sensai.make_branch_predictor(subs, 10)
   one_device["branch_ensemble"] = (branch.func, put0(branch.args[0]))
-  entries = {k: (jax.jit(f), v, loop_fn(f, args.loop)) for k, (f, v) in one_device.items()}
+  entries = {k: (jax.jit(f), v, loop_fn(f, args.loop), None) for k, (f, v) in one_device.items()}
   if jax.device_count() >= s:
     sharded = sensai.make_sharded_predictor(subs, 10)   # one group per device, weights placed once
-    ns = sharded.args[0]
-    entries[f"shard_map_ensemble_{s}dev"] = (sharded.func, ns, loop_fn(sharded.func, args.loop))
+    entries[f"shard_map_ensemble_{s}dev"] = (sharded.fn, sharded.variables, loop_fn(sharded.fn, args.loop), None)
+    host = sensai.make_sharded_predictor(subs, 10, combine_on_host=True)   # no collective; numpy combine
+    entries[f"shard_map_hostcombine_{s}dev"] = (
+        host.fn, host.variables, None,
+        lambda z: sensai._combine_padded_np(np.asarray(z), host.valid, host.assign, host.temperatures))
   rng = np.random.default_rng(1)
   images = [rng.normal(size=(1, *shape)).astype(np.float32) for _ in range(16)]
   x_dev = {}
   calls, loops, compile_s = {}, {}, {}
   for opt in options:
     o = OPTION_SETS[opt]
-    for k, (jf, v, lf) in entries.items():
+    for k, (jf, v, lf, post) in entries.items():
       t0 = time.perf_counter()
       try:
         c = jf.lower(v, images[0]).compile(o)
         xs = c.input_shardings[0][1]
         x_dev[k] = jax.device_put(images[0], xs)
-        cl = lf.lower(v, x_dev[k]).compile(o)
+        cl = None if lf is None else lf.lower(v, x_dev[k]).compile(o)
       except Exception as e:   # an option set this XLA does not know: record it, skip the entry
         print(f"{name} {opt} {k}: compile failed: {str(e)[:200]}")
         continue
       compile_s[f"{opt}/{k}"] = time.perf_counter() - t0
       ctr = iter(range(1 << 30))
-      calls[f"{opt}/{k}"] = (lambda c=c, v=v, ctr=ctr: c(v, images[next(ctr) % len(images)]))
-      loops[f"{opt}/{k}"] = (lambda cl=cl, v=v, x=x_dev[k]: cl(v, x))
+      post = post or (lambda z: z)
+      calls[f"{opt}/{k}"] = (lambda c=c, v=v, ctr=ctr, post=post: post(c(v, images[next(ctr) % len(images)])))
+      if cl is not None:
+        loops[f"{opt}/{k}"] = (lambda cl=cl, v=v, x=x_dev[k]: cl(v, x))
   # exactness of what is timed: the sharded ensemble against the one-device branch program
   ref = np.asarray(branch(images[0]))
-  check = {k: float(np.max(np.abs(np.asarray(f()) - ref))) for k, f in calls.items() if "ensemble" in k}
+  check = {k: float(np.max(np.abs(np.asarray(f()) - ref))) for k, f in calls.items() if "ensemble" in k or "shard_map" in k}
   print(f"{name}: trained {b['train_s']:.1f}s, pruned {b['prune_s']:.1f}s, compiled {sum(compile_s.values()):.1f}s "
         f"({len(calls)} entries); elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
   call_t = round_robin(calls, args.repeats, inner=args.inner)

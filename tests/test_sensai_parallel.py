@@ -41,12 +41,16 @@ def test_sharded_predictor_own_width_and_padded_match_float64(devices):
   ref = _combine64(subs, x, 8, temps)
   mesh5 = Mesh(np.array(devices[:5]), ("g",))
   own = sensai.make_sharded_predictor(subs, 8, temps)      # default: 5 devices, own widths
-  assert own.func is not None and len(own.args[0]) == 5   # every device holds all 5 subnets' weights
+  assert len(own.variables) == 5                           # every device holds all 5 subnets' weights
   np.testing.assert_allclose(own(x), ref, rtol=2e-5, atol=1e-6)
+  host = sensai.make_sharded_predictor(subs, 8, temps, combine_on_host=True)   # no collective at all
+  out = host(x)
+  assert isinstance(out, np.ndarray) and out.dtype == np.float32
+  np.testing.assert_allclose(out, ref, rtol=2e-5, atol=1e-6)
   padded = sensai.make_sharded_predictor(subs, 8, temps, mesh=mesh5, own_width=False)
   np.testing.assert_allclose(padded(x), ref, rtol=2e-5, atol=1e-6)
   # the weights were placed once, sharded over the 5 devices (one subnet each)
-  kernel = jax.tree_util.tree_leaves(padded.args[0])[0]
+  kernel = jax.tree_util.tree_leaves(padded.variables)[0]
   assert len(kernel.sharding.device_set) == 5 and kernel.addressable_shards[0].data.shape[0] == 1
   np.testing.assert_allclose(jax.jit(lambda a: own(a))(jnp.asarray(x[:1])), ref[:1], rtol=2e-5, atol=1e-6)
   with pytest.raises(ValueError, match="one subnet per device"):

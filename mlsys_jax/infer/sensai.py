@@ -1193,9 +1193,50 @@ def _default_mesh(num_subnets: int, axis_name: str) -> Mesh:
   return Mesh(np.array(jax.devices()[:d]), (axis_name,))
 
 
+def _combine_padded_np(logits: np.ndarray, valid: np.ndarray, assign: np.ndarray,
+                       temperatures: np.ndarray) -> np.ndarray:
+  """numpy (float64) twin of :func:`_combine_padded` for the host: (S, n, M+1) padded logits -> (n, K)
+  class distribution, in log space; NaN logits give NaN rows."""
+  z = np.where(valid[:, None, :], np.asarray(logits, np.float64) / temperatures[:, None, None], -np.inf)
+  mz = np.max(z, axis=-1, keepdims=True)
+  lp = (z - mz - np.log(np.sum(np.exp(z - mz), axis=-1, keepdims=True)))[:, :, 1:]   # (S, n, M)
+  s, n, m = lp.shape
+  owners = assign.reshape(s * m, -1)
+  lq = np.moveaxis(lp, 1, 0).reshape(n, s * m)[:, np.argmax(owners, axis=0)]        # (n, K)
+  mx = np.max(lq, axis=-1, keepdims=True)
+  e = np.exp(lq - np.where(np.isfinite(mx), mx, 0.0))
+  return (e / np.sum(e, axis=-1, keepdims=True)).astype(np.float32)
+
+
+class ShardedPredictor(NamedTuple):
+  """Class-parallel predictor from :func:`make_sharded_predictor`; call it as ``predictor(x)``.
+
+  Attributes:
+    fn: the jitted ``fn(variables, x)`` (replace it by ``fn.lower(variables, x).compile(options)`` for
+      other XLA options): the ``(n, K)`` distribution, or with ``combine_on_host`` the padded logits
+      ``(S, n, M + 1)``, sharded over the devices.
+    variables: the subnets' weights, placed on the devices.
+    combine_on_host: whether ``__call__`` combines the logits on the host (numpy, float64).
+    valid, assign, temperatures: numpy arrays of the combination (see :class:`Ensemble`).
+  """
+  fn: Callable
+  variables: Any
+  combine_on_host: bool
+  valid: np.ndarray
+  assign: np.ndarray
+  temperatures: np.ndarray
+
+  def __call__(self, x):
+    out = self.fn(self.variables, x)
+    if self.combine_on_host:
+      return _combine_padded_np(np.asarray(out), self.valid, self.assign, self.temperatures)
+    return out
+
+
 def make_sharded_predictor(subnets: Sequence[Subnet], num_classes: int,
                            temperatures: Sequence[float] | None = None, *, mesh: Mesh | None = None,
-                           axis_name: str = "g", own_width: bool | None = None) -> Callable:
+                           axis_name: str = "g", own_width: bool | None = None,
+                           combine_on_host: bool = False) -> ShardedPredictor:
   """A jitted ``x -> (n, K)`` class distribution with the subnets split over the devices of ``mesh``
   under ``shard_map``, their weights placed on the devices ONCE (here, not at every call).
 
@@ -1204,7 +1245,8 @@ def make_sharded_predictor(subnets: Sequence[Subnet], num_classes: int,
   its subnets; ONE ``all_gather`` (a few numbers per example) gives every device all ``S`` subnets'
   logits, and the combination of :func:`combine` (temperatures, log space) runs locally. The input is
   replicated to the devices by the jitted function's input sharding (a numpy array goes straight from
-  the host to every device).
+  the host to every device). With ``combine_on_host`` the devices run without any collective: each
+  returns its logits and the host combines them (numpy, float64), for callers who want numpy anyway.
 
   Args:
     subnets: from :func:`make_subnet` (their groups partition the classes).
@@ -1217,10 +1259,10 @@ def make_sharded_predictor(subnets: Sequence[Subnet], num_classes: int,
       device holds every subnet's weights, which are small), instead of all zero-padded to the widest
       width of each layer and sharded. Needs ``mesh.size == S``. Default: when the widths differ and
       ``mesh.size == S``.
+    combine_on_host: see above; the call then returns a numpy array.
 
   Returns:
-    ``predict(x)``, a ``functools.partial`` of the jitted ``fn(variables, x)`` with the placed variables
-    (``predict.func``, ``predict.args[0]``; e.g. for ``.lower(...).compile(options)``).
+    A :class:`ShardedPredictor`; ``predictor(x)`` gives the ``(n, K)`` distribution.
 
   Example (8 CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; here one device):
 
@@ -1271,14 +1313,21 @@ def make_sharded_predictor(subnets: Sequence[Subnet], num_classes: int,
     var_spec = P(axis_name)
     var_sharding = jax.sharding.NamedSharding(mesh, var_spec)
     placed = jax.device_put(ens.variables, var_sharding)
-  valid, assign, temps = np.asarray(ens.valid), np.asarray(ens.assign), np.asarray(ens.temperatures)
+  valid, assign = np.asarray(ens.valid), np.asarray(ens.assign)
+  temps = np.asarray(ens.temperatures, np.float64)
 
   def local(variables, x):
     logits = jax.lax.all_gather(local_logits(variables, x), axis_name, tiled=True)   # (S, n, M + 1)
-    return _combine_padded(logits, valid, assign, temps)
+    return _combine_padded(logits, valid, assign, temps.astype(np.float32))
 
-  f = shard_map(local, mesh=mesh, in_specs=(var_spec, P()), out_specs=P(), check_vma=False)
-  return functools.partial(jax.jit(f, in_shardings=(var_sharding, repl), out_shardings=repl), placed)
+  if combine_on_host:
+    out_sharding = jax.sharding.NamedSharding(mesh, P(axis_name))
+    f = shard_map(local_logits, mesh=mesh, in_specs=(var_spec, P()), out_specs=P(axis_name), check_vma=False)
+  else:
+    out_sharding = repl
+    f = shard_map(local, mesh=mesh, in_specs=(var_spec, P()), out_specs=P(), check_vma=False)
+  fn = jax.jit(f, in_shardings=(var_sharding, repl), out_shardings=out_sharding)
+  return ShardedPredictor(fn, placed, combine_on_host, valid, assign, temps)
 
 
 @functools.lru_cache(maxsize=32)
