@@ -122,6 +122,7 @@ def build(name: str, keep: float, groups: int, data_dir: str | None, epochs: int
 
 
 def run_config(name: str, args, options: list[str], t_start: float) -> dict:
+  t_config = time.perf_counter()
   b = build(name, args.keep, args.groups, args.data_dir, args.epochs)
   model, variables, shape, subs = b["model"], b["variables"], b["shape"], b["subnets"]
   s = len(subs)
@@ -145,7 +146,10 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
   images = [rng.normal(size=(1, *shape)).astype(np.float32) for _ in range(16)]
   x_dev = {}
   calls, loops, compile_s = {}, {}, {}
-  for opt in options:
+  for n_opt, opt in enumerate(options):
+    if n_opt and time.perf_counter() - t_config > args.compile_budget_s:
+      print(f"{name}: compile_budget_s spent, option sets {options[n_opt:]} left out", flush=True)
+      break
     o = OPTION_SETS[opt]
     for k, (jf, v, lf, post) in entries.items():
       t0 = time.perf_counter()
@@ -224,6 +228,8 @@ def main():
     ap.add_argument("--loop_repeats", type=int, default=8)
     ap.add_argument("--data_dir", default=None, help="CIFAR-10 binary batches (default: synthetic data)")
     ap.add_argument("--budget_s", type=float, default=1e9, help="start no new config after this many s")
+    ap.add_argument("--compile_budget_s", type=float, default=1e9,
+                    help="per config: compile no further option set (beyond the first) after this many s")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (e.g. cpu8)")
   args = parse_args(__doc__, extra)
   t_start = time.perf_counter()
