@@ -377,6 +377,9 @@ def test_names_shared_across_computations_renamed_as_xla_does():
   ins = mod.entry.by_name()
   assert ins["y.3"].operands == ["a", "b"] and ins["a"].operands == ["x.2"]
   assert mod.computations["ng"].root.operands == ["x.1"]
+  deps = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_control_deps.hlo")))
+  assert deps.entry.root.name == "c.1" and deps.entry.root.attrs["control-predecessors"] == "{%a.1, %b.1}"
+  assert deps.computations["body"].root.attrs["control-predecessors"] == "{%b}"
   uq = hlo_lib._NameUniquer()
   assert [uq(n) for n in ("p", "p", "p.0", "p.7", "p", "__q", "a.b.2")] == [
       "p", "p.1", "p.2", "p.7", "p.3", "a_q", "a.b.2"]

@@ -586,6 +586,8 @@ def parse_hlo(text: str) -> HloModule:
   """
   if not isinstance(text, str):
     raise TypeError(f"parse_hlo expects HLO text (str), got {type(text).__name__}.")
+  if "\r" in text:  # DOS and old Mac line ends, as XLA's lexer reads them
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
   r = _Reader(_strip_comments(text), text)
   name: str | None = None
   comps: dict[str, Computation] = {}
@@ -643,6 +645,10 @@ def parse_hlo(text: str) -> HloModule:
         cur.instructions.extend(_parse_instruction_at(r, anon))
       if not cur.instructions:
         raise r.error(f"computation {cname!r} has no instructions", at)
+      roots = [i for i in cur.instructions if i.is_root]
+      if len(roots) > 1:
+        raise HloParseError(f"computation {cname!r} has more than one ROOT instruction",
+                            roots[1].lineno, r.lines[roots[1].lineno - 1])
       r.attributes()  # e.g. ", execution_thread=..." after the closing brace
       comps[cname] = cur
       if is_entry:
@@ -671,6 +677,10 @@ def parse_hlo(text: str) -> HloModule:
         if op not in names:
           raise HloParseError(f"operand {op!r} of {ins.name!r} is not defined in computation "
                               f"{comp.name!r}", ins.lineno, r.lines[ins.lineno - 1])
+      for op in re.findall(r"%?([\w.\-]+)", ins.attrs.get("control-predecessors", "")):
+        if op not in names:
+          raise HloParseError(f"control predecessor {op!r} of {ins.name!r} is not defined in "
+                              f"computation {comp.name!r}", ins.lineno, r.lines[ins.lineno - 1])
       for c in ins.called() + ([ins.attrs["to_apply"].lstrip("%")] if "to_apply" in ins.attrs else []):
         if c not in comps:
           raise HloParseError(f"{ins.name!r} calls unknown computation {c!r}", ins.lineno,
@@ -789,7 +799,7 @@ def _uniquify_names(comps: dict[str, Computation], entry: str) -> tuple[dict[str
         cp = ins.attrs.get("control-predecessors")
         if cp:
           ins.attrs["control-predecessors"] = re.sub(
-              r"%?[\w.\-]+", lambda m: rename.get(m.group(0).lstrip("%"), m.group(0)), cp)
+              r"(%?)([\w.\-]+)", lambda m: m.group(1) + rename.get(m.group(2), m.group(2)), cp)
   if all(k == v for k, v in cmap.items()):
     return comps, entry
   out: dict[str, Computation] = {}
