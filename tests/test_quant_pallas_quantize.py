@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax.quant import _pallas_quantize as pq
-from mlsys_jax.quant import dequantize, quantize, vs_dequantize, vs_quantize
+from mlsys_jax.quant import dequantize, fake_quant, quantize, vs_dequantize, vs_fake_quant, vs_quantize
 from mlsys_jax.quant import fixed_point as fp
 from mlsys_jax.quant import vsquant as vs
 
@@ -197,3 +197,18 @@ def test_self_test_passes_and_catches_a_wrong_kernel(monkeypatch):
       assert not pq.kernel_self_test("interpret")
   finally:
     pq.kernel_self_test.cache_clear()
+
+
+def test_gradients_through_the_kernel_match_the_xla_path(monkeypatch):
+  """Under ``grad`` (``fake_quant``'s straight-through estimator, and the scale's own derivative) the kernel
+  path gives the XLA path's gradients: primal from the kernel, tangents from the XLA path."""
+  x = _data((4, 40))
+  fq = lambda a: fake_quant(a, 8, axis=1).sum() + quantize(a, 8, axis=1).scale.sum()
+  vfq = lambda a: vs_fake_quant(a, 4, axis=1, vector_size=16, coarse_axes=()).sum()
+  ref = [jax.grad(fq)(x), jax.grad(vfq)(x)]
+  monkeypatch.setattr(pq, "default_impl", lambda: "interpret")     # the automatic path takes the kernel
+  assert "pallas_call" in str(jax.make_jaxpr(lambda a: quantize(a, 8, axis=1).codes)(x))
+  got = [jax.grad(fq)(x), jax.grad(vfq)(x)]
+  for a, b in zip(got, ref):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(jnp.abs(ref[0]).sum()) > 0

@@ -234,6 +234,21 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
   return codes.reshape(r_, c_), vec.reshape(r_, g_), (coarse if scale_bits is not None else None)
 
 
+def differentiable_like(kernel_fn, xla_fn):
+  """``kernel_fn`` (a kernel call on one array) with the derivatives of ``xla_fn`` (the XLA path computing
+  the same values): the primal comes from the kernel, tangents from ``jax.jvp`` of the XLA path (integer
+  codes get float0 tangents there). Pallas kernels with pointer loads have no JVP rule of their own, and
+  ``fake_quant`` differentiates through ``quantize`` (its straight-through gradient discards the result)."""
+  f = jax.custom_jvp(kernel_fn)
+
+  @f.defjvp
+  def _jvp(primals, tangents):
+    out = kernel_fn(*primals)
+    return out, jax.jvp(xla_fn, primals, tangents)[1]
+
+  return f
+
+
 _IN_SELF_TEST = False
 
 

@@ -273,10 +273,15 @@ def _quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, axe
   shape = x.shape
   red = int(np.prod([shape[a] for a in axes]))
   kept = [1 if a in axes else d for a, d in enumerate(shape)]
-  codes, scale, zp = _pallas_quantize.quantize_rows(x.reshape(-1, red), bits, symmetric, unsigned,
-                                                    code_dtype(bits, unsigned), impl=impl, **tile)
-  return QuantizedTensor(codes.reshape(shape), scale.reshape(kept), zp.reshape(kept), bits, symmetric,
-                         unsigned, axes)
+
+  def kernel(x):
+    codes, scale, zp = _pallas_quantize.quantize_rows(x.reshape(-1, red), bits, symmetric, unsigned,
+                                                      code_dtype(bits, unsigned), impl=impl, **tile)
+    return QuantizedTensor(codes.reshape(shape), scale.reshape(kept), zp.reshape(kept), bits, symmetric,
+                           unsigned, axes)
+
+  xla = lambda x: quantize(x, bits, symmetric=symmetric, axis=axes, unsigned=unsigned, impl="xla")
+  return _pallas_quantize.differentiable_like(kernel, xla)(x)
 
 
 def _onepass_groups(x: jax.Array, axes: tuple[int, ...]) -> str | None:

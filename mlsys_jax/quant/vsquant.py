@@ -204,15 +204,21 @@ def _vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int
   row kernel of :mod:`mlsys_jax.quant._pallas_quantize`; identical results."""
   lead, k = x.shape[:-1], x.shape[-1]
   sdt = code_dtype(scale_bits, True) if scale_bits is not None else jnp.float32
-  codes, vec, coarse = _pallas_quantize.vs_quantize_rows(x.reshape(-1, k), bits, vector_size, scale_bits,
-                                                         code_dtype(bits, False), sdt, impl=impl, **tile)
-  g = vec.shape[-1]
-  if coarse is None:
-    coarse = jnp.ones((1,) * (x.ndim + 1), jnp.float32)
-  else:
-    coarse = coarse.reshape(lead + (1, 1))
-  return VSQuantizedTensor(codes.reshape(x.shape), vec.reshape(lead + (g, 1)), coarse, bits, scale_bits,
-                           vector_size, x.ndim - 1)
+
+  def kernel(x):
+    codes, vec, coarse = _pallas_quantize.vs_quantize_rows(x.reshape(-1, k), bits, vector_size, scale_bits,
+                                                           code_dtype(bits, False), sdt, impl=impl, **tile)
+    g = vec.shape[-1]
+    if coarse is None:
+      coarse = jnp.ones((1,) * (x.ndim + 1), jnp.float32)
+    else:
+      coarse = coarse.reshape(lead + (1, 1))
+    return VSQuantizedTensor(codes.reshape(x.shape), vec.reshape(lead + (g, 1)), coarse, bits, scale_bits,
+                             vector_size, x.ndim - 1)
+
+  xla = lambda x: vs_quantize(x, bits, axis=x.ndim - 1, vector_size=vector_size, scale_bits=scale_bits,
+                              coarse_axes=(), impl="xla")
+  return _pallas_quantize.differentiable_like(kernel, xla)(x)
 
 
 def _onepass_ok(x: jax.Array, axis: int, vector_size: int, coarse_axes, coarse_amax) -> bool:
