@@ -145,23 +145,23 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
 
   def kernel(x_ref, c_ref, s_ref, z_ref):
     rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked)
-    bad = ~jnp.isfinite(v) if m is None else m & ~jnp.isfinite(v)
-    nbad = jnp.sum(jnp.where(bad, 1, 0), axis=1)
-    nnan = jnp.sum(jnp.where(v != v, 1, 0), axis=1)               # padding is 0, never NaN
-    lo = jnp.min(v if m is None else jnp.where(m, v, _INF), axis=1)
-    hi = jnp.max(v if m is None else jnp.where(m, v, -_INF), axis=1)
-    lo = jnp.minimum(lo, np.float32(0.0))
-    hi = jnp.maximum(hi, np.float32(0.0))
+    # Padding loads as 0, which changes neither range: the XLA path widens [lo, hi] to contain 0.
     if symmetric:
-      amax = jnp.maximum(-lo, hi)
+      # One reduction: max(-min(lo, 0), max(hi, 0)) = max |x| for a finite row; a non-finite element
+      # counts as +inf, which marks the row (NaN scale) whatever the reduction does with NaN.
+      amax = jnp.max(jnp.where(jnp.isfinite(v), jnp.abs(v), _INF), axis=1)
+      isbad = amax == _INF
       scale = jnp.where(amax > 0, amax * _recip((qmax - qmin) // 2), np.float32(1.0))
       zp = jnp.full_like(scale, np.float32(half if unsigned else 0))
     else:
+      lo = jnp.minimum(jnp.min(v, axis=1), np.float32(0.0))
+      hi = jnp.maximum(jnp.max(v, axis=1), np.float32(0.0))
+      hasnan = jnp.sum(jnp.where(v != v, 1, 0), axis=1) > 0
+      isbad = hasnan | (lo == -_INF) | (hi == _INF)
       scale = jnp.where(hi > lo, (hi - lo) * _recip(qmax - qmin), np.float32(1.0))
       zp = jnp.clip(_rne(np.float32(qmin) - _div(lo, scale, div)), qmin, qmax)
-    isbad = nbad > 0
-    if not symmetric:   # the zero point comes from the range before the NaN rule, as in the XLA path
-      zp = jnp.where(nnan > 0, np.float32(np.nan), zp)
+      # the zero point comes from the range before the NaN rule, as in the XLA path (+-inf included)
+      zp = jnp.where(hasnan, np.float32(np.nan), zp)
     scale = jnp.where(isbad, np.float32(np.nan), scale)
     q = jnp.clip(_rne(_div(v, scale[:, None], div)) + zp[:, None], qmin, qmax)
     if shift:
@@ -202,18 +202,18 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
   def kernel(x_ref, c_ref, vec_ref, co_ref):
     rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked)
     v3 = v.reshape(br, gp, v_)
-    amax_v = jnp.max(jnp.abs(v3), axis=2)                           # (br, gp); padding is zeros
-    bad_v = jnp.sum(jnp.where(jnp.isfinite(v3), 0, 1), axis=2) > 0
+    # One reduction per vector: a non-finite element counts as +inf, which marks the vector.
+    amax_v = jnp.max(jnp.where(jnp.isfinite(v3), jnp.abs(v3), _INF), axis=2)   # (br, gp); padding: 0
+    bad_v = amax_v == _INF
     s_v = jnp.where(bad_v, np.float32(np.nan), amax_v * _recip(qmax))
     rok = None if not masked else rows < r_
     if scale_bits is None:
       vec = jnp.where(s_v == 0, np.float32(1.0), s_v)
       scale = vec
     else:
-      nbad = jnp.sum(jnp.where(bad_v, 1, 0), axis=1)
-      top = jnp.max(jnp.where(bad_v, np.float32(0.0), s_v), axis=1)   # padded vectors: s_v = 0
+      top = jnp.max(jnp.where(bad_v, _INF, s_v), axis=1)     # padded vectors: s_v = 0; a bad one: +inf
       coarse = jnp.where(top > 0, top * _recip(smax), np.float32(1.0))
-      coarse = jnp.where(nbad > 0, np.float32(np.nan), coarse)
+      coarse = jnp.where(top == _INF, np.float32(np.nan), coarse)
       rr = _rne(_div(s_v, coarse[:, None], div))
       vec = jnp.clip(jnp.where(jnp.isnan(rr), np.float32(1.0), rr), 1, smax)   # nan_to_num(nan=1) + clip
       scale = vec * coarse[:, None]
