@@ -1,22 +1,33 @@
-"""Time of a jitted ``tx.update`` of the sparsifiers on a ResNet-50-shaped gradient tree (161 leaves,
-25.56M float32 parameters, ``powersgd_step.resnet50_shapes``), as a user runs it: one device, the update
-called from Python every step (dispatch included), ratio 0.001, each case interleaved with the ``topk``
-transform in the same run (``stats.time_interleaved``), against two floors measured in the same run:
+"""Device time of the sparsifiers' update on a ResNet-50-shaped gradient tree (161 leaves, 25.56M float32,
+``powersgd_step.resnet50_shapes``), ratio 0.001, measured the way a training step uses it (issue 18).
 
-- ``rw_floor_seconds``: one read plus one write of the gradients' bytes at the device's copy bandwidth
-  (``benchmarks.common.copy_bandwidth``, 1 GiB flat array): ``8 n / bandwidth``;
-- ``tree_copy_seconds``: a jitted copy of the gradient tree (``x * 1.0000001`` per leaf), i.e. the same
-  bytes with the tree's dispatch and per-leaf kernels.
+Primary measure (``device_s``): ONE jitted call runs ``--steps`` updates in a ``lax.fori_loop`` with the
+transform's state carried and the gradients changing every step (the tree times ``1 + 1e-3 i``, fused into
+the update's first read); one ``jax.profiler`` trace of ``--calls`` such calls, the GPU kernels split into
+one cluster per call at idle gaps: first kernel start to last kernel end, / steps (launch gaps included,
+host time excluded). ``busy_s``: the sum of kernel durations / steps; ``kernels``: kernels per update;
+``top_kernels``: the kernels with the largest total time per update (name, seconds, count).
 
-Cases: the default ``sidco(0.001)`` (exponential, adaptive stages), ``sidco(0.001, per_tensor=True)``
-(per-segment thresholds), the same two with ``distribution='gpareto', stages=1`` (the kernel benchmark's
-estimator), and, with ``--topk_per_tensor``, ``topk(0.001, per_tensor=True)`` (a Python loop of
-``lax.top_k`` over the leaves). Raw seconds in the JSON (``seconds``: median per call).
+Rows (all in the same run):
 
-  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT       # H200: about 2 minutes
-  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT --packing xla   # the XLA packing path
-  PYTHONPATH=. python benchmarks/sidco_tree.py --small          # CPU smoke test (widths / 8)
-  PYTHONPATH=. python benchmarks/sidco_tree.py --div 2          # CPU, a mid size (widths / 2)
+- ``sidco(0.001)`` and ``sidco(0.001, per_tensor=True)`` (the defaults: ``exact=True``), the transform the
+  package exports, and, when :mod:`mlsys_jax.comm._sidco_tree` exists, its tree-native version
+  (``fast``) -- the same selection, checked equal here on the first update;
+- ``topk(0.001)``: the package's Top-k transform (``lax.top_k`` of the raveled tree, error feedback);
+- ``lax.top_k`` and ``lax.approx_max_k`` (recall 0.95) of one flat 25.56M vector: the selection alone, the
+  strongest Top-k a user could write (no tree, no error feedback);
+- floors: ``flat copy`` (``x * s`` over one flat 25.56M vector: one read + one write of the gradients'
+  bytes in one kernel), ``tree copy`` (the same per leaf: 161 outputs) and ``tree error-feedback pass``
+  (per leaf ``(g, r) -> (g + r, g - r)``: two reads and two writes, what any error-feedback update
+  must at least move).
+
+Secondary (``wall_s``): the jitted ``tx.update`` called from Python once per step, dispatch included (the
+measure of the earlier tables: it is dominated by the host's handling of 161 argument and ~320 result
+buffers), interleaved with ``topk(0.001)`` (``stats.time_interleaved``); and the loop's wall time / steps.
+``rw_floor_s``: 8 bytes per parameter at ``common.copy_bandwidth`` (dispatched 1 GiB copies).
+
+  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT                # H200: ~90 s
+  PYTHONPATH=. python benchmarks/sidco_tree.py --small --out /tmp/st     # CPU smoke test (widths / 8)
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import pathlib
 import sys
 import time
+import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -31,92 +43,205 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (copy_bandwidth, environment, parse_args, print_table, read_bandwidth,  # noqa: E402
-                               write_json)
+from benchmarks.common import (copy_bandwidth, device_stream_events, environment, idle_clusters,  # noqa: E402
+                               parse_args, print_table, write_json)
 from benchmarks.powersgd_step import resnet50_shapes  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
+
+try:  # the tree-native SIDCo (issue 18); absent in older trees
+  from mlsys_jax.comm import _sidco_tree as fast  # noqa: E402
+except ImportError:  # pragma: no cover
+  fast = None
 
 RATIO = 0.001
 
 
 def _flags(ap):
   ap.add_argument("--div", type=int, default=None, help="divide the channel widths (default 1; 8 with --small)")
-  ap.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 30; 5 with --small)")
-  ap.add_argument("--topk_per_tensor", action="store_true", help="also time topk(per_tensor=True) (slow)")
-  ap.add_argument("--packing", default="auto", choices=sp.PACKINGS,
-                  help="packing of the sidco transform's flat buffer (auto: Pallas kernels on GPU)")
+  ap.add_argument("--steps", type=int, default=None, help="updates per jitted loop (default 20; 3 with --small)")
+  ap.add_argument("--calls", type=int, default=3, help="profiled loop calls per row")
+  ap.add_argument("--repeats", type=int, default=None, help="wall-time rounds (default 15; 3 with --small)")
+  ap.add_argument("--budget_s", type=float, default=75.0, help="stop adding rows after this many seconds")
+  ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all)")
+
+
+def _loop(update, steps: int):
+  """jit((grads, state, out0) -> (state, out)): ``steps`` updates, state carried, grads scaled per step."""
+  def run(g, st, out0):
+    def body(i, c):
+      st, _ = c
+      s = 1.0 + 1e-3 * i.astype(jnp.float32)
+      o, st = update(jax.tree_util.tree_map(lambda x: x * s, g), st)
+      return st, o
+    return jax.lax.fori_loop(0, steps, body, (st, out0))
+  return jax.jit(run)
+
+
+def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
+  """Device time per step from one profiler trace of ``calls`` calls of ``fn`` (each alone)."""
+  if jax.default_backend() != "gpu":
+    return {}
+
+  def run():
+    for _ in range(calls):
+      jax.block_until_ready(fn())
+      time.sleep(gap_s)
+
+  try:
+    clusters = idle_clusters(device_stream_events(run), gap_s * 1e9 / 2)
+    if len(clusters) != calls:
+      return {"device_error": f"{len(clusters)} kernel clusters for {calls} calls"}
+    kinds: dict = {}
+    for c in clusters:
+      for ev in c:
+        k = ev[3][:70]
+        d, n = kinds.get(k, (0, 0))
+        kinds[k] = (d + ev[2], n + 1)
+    top = sorted(kinds.items(), key=lambda t: -t[1][0])[:20]
+    norm = 1e-9 / (calls * per_call)
+    return {"device_s": float(np.median([max(ev[1] for ev in c) - c[0][0] for c in clusters])) * 1e-9 / per_call,
+            "busy_s": sum(ev[2] for c in clusters for ev in c) * norm,
+            "kernels": sum(len(c) for c in clusters) / (calls * per_call),
+            "top_kernels": [(k, d * norm, n / (calls * per_call)) for k, (d, n) in top]}
+  except Exception as e:  # diagnostics: never fatal
+    return {"device_error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def _wall(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
 
 
 def main():
   args = parse_args(__doc__, _flags)
+  t_start = time.perf_counter()
   env = environment()
-  sp._TRANSFORM_PACKING = args.packing
   div = args.div or (8 if args.small else 1)
+  steps = args.steps or (3 if args.small else 20)
+  reps = args.repeats or (3 if args.small else 15)
   shapes = resnet50_shapes(div)
-  n_params = int(sum(np.prod(s) for s in shapes))
+  n = int(sum(np.prod(s) for s in shapes))
   key = jax.random.PRNGKey(0)
-  # heavy-tailed (Laplace) leaves of one scale: the fitted thresholds land near the target, so these
-  # cases time the usual step (no floor, no ceiling). The last case spreads the leaves' scales over
-  # two decades: the flat exponential fit then overshoots the payload on the first step, and the
-  # ceiling (bisection + second packing) runs on every timed call (state not advanced): its cost.
+  # heavy-tailed (Laplace) leaves of one scale: the fits land near the target (the usual step)
   grads = {f"{i:03d}": jax.random.laplace(jax.random.fold_in(key, i), s, jnp.float32) * 1e-3
            for i, s in enumerate(shapes)}
-  mixed = {k: v * float(10.0 ** (-1 + 2 * ((i * 37) % 11) / 10)) for i, (k, v) in enumerate(grads.items())}
-  cases = {
-      "sidco(0.001) default (exponential, adaptive stages)": (sp.sidco(RATIO), grads),
-      "sidco(0.001, per_tensor=True)": (sp.sidco(RATIO, per_tensor=True), grads),
-      "sidco(0.001, gpareto, stages=1)": (sp.sidco(RATIO, distribution="gpareto", stages=1), grads),
-      "sidco(0.001, gpareto, stages=1, per_tensor=True)": (
-          sp.sidco(RATIO, distribution="gpareto", stages=1, per_tensor=True), grads),
-      "sidco(0.001) on mixed-scale leaves (ceiling on every call)": (sp.sidco(RATIO), mixed),
-  }
-  if args.topk_per_tensor:
-    cases["topk(0.001, per_tensor=True)"] = (sp.topk(RATIO, per_tensor=True), grads)
-  reps = args.repeats or (5 if args.small else 30)
+  flat = jnp.concatenate([g.reshape(-1) for g in jax.tree_util.tree_leaves(grads)])
+  k = max(1, round(RATIO * n))
   on_cpu = jax.default_backend() == "cpu"
-  bw_bytes = (1 << 26) if on_cpu else (1 << 30)
-  copy_bw = copy_bandwidth(bw_bytes, repeats=5 if on_cpu else 20)
-  read_bw = read_bandwidth(bw_bytes, repeats=5 if on_cpu else 20)
-  rw_floor = 8 * n_params / copy_bw
-  base_tx = sp.topk(RATIO)
-  base_fn = jax.jit(base_tx.update)
-  base_st = base_tx.init(grads)
-  copy = jax.jit(lambda g: jax.tree_util.tree_map(lambda x: x * 1.0000001, g))
-  meta = {"env": env, "packing": args.packing, "n_params": n_params, "n_tensors": len(shapes), "ratio": RATIO, "repeats": reps,
-          "div": div, "copy_bandwidth": copy_bw, "read_bandwidth": read_bw, "rw_floor_seconds": rw_floor,
-          "read_floor_seconds": 4 * n_params / read_bw}
-  jax.block_until_ready(base_fn(grads, base_st))
-  t = stats.time_interleaved(lambda: copy(grads), lambda: base_fn(grads, base_st), repeats=reps, warmup=2)
-  meta["tree_copy_seconds"] = float(t.median_a)
-  meta["topk_seconds"] = float(t.median_b)
-  print(f"{len(shapes)} tensors, {n_params:,} parameters; read+write floor {rw_floor * 1e3:.3f} ms, "
-        f"tree copy {t.median_a * 1e3:.3f} ms, topk(0.001) {t.median_b * 1e3:.3f} ms", flush=True)
-  rows = []
-  t0 = time.perf_counter()
-  for name, (tx, g_case) in cases.items():
-    fn = jax.jit(tx.update)
-    st = tx.init(g_case)
-    tc = time.perf_counter()
-    out, st1 = jax.block_until_ready(fn(g_case, st))
-    compile_s = time.perf_counter() - tc
-    # exact error feedback on this tree (a wrong fast path is not a result)
-    exact = all(bool(jnp.array_equal(o + r, g)) for o, r, g in zip(
-        jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(st1.residual), jax.tree_util.tree_leaves(g_case)))
-    t = stats.time_interleaved(lambda: fn(g_case, st), lambda: base_fn(grads, base_st), repeats=reps, warmup=2)
-    rows.append({"method": name, "seconds": float(t.median_a), "topk_seconds": float(t.median_b),
-                 "speedup_over_topk": float(t.median_b / t.median_a),
-                 "over_rw_floor": float(t.median_a / rw_floor),
-                 "over_tree_copy": float(t.median_a / meta["tree_copy_seconds"]),
-                 "p_faster_than_topk": float(t.p_a_faster),
-                 "density": float(st1.density), "bytes_sent": float(st1.bytes_sent),
-                 "overflow": int(st1.overflow_steps), "exact_error_feedback": exact,
-                 "compile_seconds": float(compile_s)})
-    print(rows[-1], flush=True)
+  copy_bw = copy_bandwidth((1 << 26) if on_cpu else (1 << 30), repeats=5 if on_cpu else 20)
+  meta = {"env": env, "n_params": n, "n_tensors": len(shapes), "ratio": RATIO, "k": k, "steps": steps,
+          "calls": args.calls, "repeats": reps, "div": div, "copy_bandwidth": copy_bw,
+          "rw_floor_s": 8 * n / copy_bw, "pallas": sp._pallas_mode("auto")[0],
+          "fast_module": fast is not None}
+  print(f"{len(shapes)} tensors, {n:,} parameters, k={k}; read+write floor at copy bandwidth "
+        f"{meta['rw_floor_s'] * 1e3:.4f} ms", flush=True)
+
+  topk_tx = sp.topk(RATIO)
+  ident = lambda g, st: (jax.tree_util.tree_map(lambda x: x * 1.0000001, g), st)
+
+  def ef_pass(g, st):   # st: a residual tree
+    return jax.tree_util.tree_map(jnp.add, g, st), jax.tree_util.tree_map(jnp.subtract, g, st)
+
+  # rows in priority order (a row past --budget_s is skipped): name -> (update, kind, FLATTEN of the fast module)
+  rows_spec = {
+      "flat copy": (lambda x, st: (x * 1.0000001, st), "flat", None),
+      "tree copy": (ident, None, None),
+      "tree error-feedback pass": (ef_pass, "residual", None),
+      "topk(0.001)": (topk_tx.update, topk_tx, None),
+      "lax.top_k (flat vector)": (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None),
+      "lax.approx_max_k (flat vector)": (
+          lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None),
+      "sidco(0.001)": (None, sp.sidco(RATIO), None),
+  }
+  if fast is not None:
+    rows_spec["fast sidco(0.001)"] = (None, fast.sidco(RATIO), "dus")
+  rows_spec["sidco(0.001, per_tensor=True)"] = (None, sp.sidco(RATIO, per_tensor=True), None)
+  if fast is not None:
+    rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "dus")
+  if fast is not None:
+    rows_spec["fast[concat] sidco(0.001)"] = (None, fast.sidco(RATIO), "concat")
+  only = [s for s in args.only.split(",") if s]
+  rows, ref_first = [], {}
+  topk_step = jax.jit(topk_tx.update)
+  topk_st = topk_tx.init(grads)
+  for name, (update, kind, flatten) in rows_spec.items():
+    if only and not any(name.startswith(o) for o in only):
+      continue
+    if time.perf_counter() - t_start > args.budget_s:
+      print(f"budget reached: skipping {name}", flush=True)
+      continue
+    row = {"method": name}
+    if flatten is not None:
+      fast.FLATTEN = row["flatten"] = flatten
+    if update is None:
+      update = kind.update
+    try:
+      tc = time.perf_counter()
+      if kind == "flat":
+        g, st = flat, jnp.zeros((), jnp.float32)
+      elif kind == "residual":
+        g, st = grads, jax.tree_util.tree_map(jnp.zeros_like, grads)
+      elif kind is None:
+        g, st = grads, jnp.zeros((), jnp.float32)
+      else:
+        g, st = grads, kind.init(grads)
+      out0 = jax.eval_shape(update, g, st)[0]
+      out0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out0)
+      loop = _loop(update, steps)
+      res = jax.block_until_ready(loop(g, st, out0))
+      row["compile_s"] = time.perf_counter() - tc
+      if kind not in ("flat", "residual", None):
+        st_end = res[0]
+        row["density"] = float(st_end.density)
+        row["overflow_steps"] = int(st_end.overflow_steps)
+        row["bytes_sent"] = float(st_end.bytes_sent)
+        # one update from zero state: exact error feedback, and the same selection as the package's
+        step = jax.jit(kind.update)
+        out1, st1 = jax.block_until_ready(step(grads, st))
+        row["exact_error_feedback"] = all(bool(jnp.array_equal(o + r, x)) for o, r, x in zip(
+            jax.tree_util.tree_leaves(out1), jax.tree_util.tree_leaves(st1.residual), jax.tree_util.tree_leaves(grads)))
+        base = name.replace("fast[concat] ", "").replace("fast ", "")
+        if name.startswith("fast") and base in ref_first:
+          row["same_as_package"] = all(bool(jnp.array_equal(a, b)) for a, b in zip(
+              jax.tree_util.tree_leaves((out1, st1.residual)), jax.tree_util.tree_leaves(ref_first[base])))
+        elif not name.startswith("fast"):
+          ref_first[name] = (out1, st1.residual)
+        row.update({f"single_{k_}": v for k_, v in _device(lambda: step(grads, st), args.calls, 1).items()
+                    if k_ in ("device_s", "busy_s", "kernels")})
+        tw = stats.time_interleaved(lambda: step(grads, st), lambda: topk_step(grads, topk_st),
+                                    repeats=reps, warmup=2)
+        row["wall_s"] = float(tw.median_a)
+        row["wall_topk_s"] = float(tw.median_b)
+      row.update(_device(lambda: loop(g, st, out0), args.calls, steps))
+      row["loop_wall_s"] = _wall(lambda: loop(g, st, out0), max(3, reps // 3)) / steps
+    except Exception as e:  # record and go on
+      row["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
+    rows.append(row)
+    print({k_: v for k_, v in row.items() if k_ != "top_kernels"}, flush=True)
+    for t in row.get("top_kernels", [])[:6]:
+      print("    ", t, flush=True)
     write_json(args.out, "sidco_tree", {**meta, "rows": rows, "partial": True})
-  print(f"\n{env}\n{len(shapes)} tensors, {n_params:,} parameters; total {time.perf_counter() - t0:.0f}s")
-  print_table(rows, ["method", "seconds", "topk_seconds", "speedup_over_topk", "over_rw_floor", "over_tree_copy",
-                     "density"])
+  by = {r["method"]: r for r in rows}
+  key_ = "device_s" if "device_s" in by.get("topk(0.001)", {}) else "loop_wall_s"
+  floor = by.get("flat copy", {}).get(key_)
+  tk = by.get("topk(0.001)", {}).get(key_)
+  for r in rows:
+    if key_ in r:
+      if tk:
+        r["speedup_over_topk"] = tk / r[key_]
+      if floor:
+        r["over_flat_copy"] = r[key_] / floor
+      r["over_rw_floor"] = r[key_] / meta["rw_floor_s"]
+  meta["measure"] = key_
+  meta["total_s"] = time.perf_counter() - t_start
+  print_table(rows, ["method", key_, "busy_s", "kernels", "speedup_over_topk", "over_flat_copy", "over_rw_floor",
+                     "loop_wall_s", "wall_s"])
   write_json(args.out, "sidco_tree", {**meta, "rows": rows})
 
 
