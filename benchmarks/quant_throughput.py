@@ -199,6 +199,18 @@ def main():
   t1 = time.time()
   checks["public path"] = pq.default_impl() or "XLA"   # the once-per-process self-test (GPU)
   checks["self_test_s"] = time.time() - t1
+  try:   # vmap (an extra grid axis) and grad (custom_jvp) through the kernel, on the device
+    y = jax.random.normal(jax.random.PRNGKey(3), (3, 37, 200), jnp.float32)
+    vq = lambda impl: jax.jit(jax.vmap(lambda a: quant.quantize(a, 8, axis=-1, impl=impl)))(y)
+    vv = lambda impl: jax.jit(jax.vmap(lambda a: quant.vs_quantize(a, 4, axis=-1, vector_size=64,
+                                                                   coarse_axes=(), impl=impl)))(y)
+    checks["vmap quantize: mismatches vs XLA"] = _mismatch(vq(kimpl), vq("xla"))
+    checks["vmap vs_quantize: mismatches vs XLA"] = _mismatch(vv(kimpl), vv("xla"))
+    g = lambda impl: jax.jit(jax.grad(lambda a: (quant.dequantize(quant.quantize(a, 8, axis=-1, impl=impl))
+                                                 * a).sum()))(y[0])
+    checks["grad through quantize: mismatches vs XLA"] = _mismatch(g(kimpl), g("xla"))
+  except Exception as e:
+    errors["vmap/grad checks"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
 
   times = _device_times(compiled, args.calls)
   copy_s = times["copy f32"]["device_s"]
