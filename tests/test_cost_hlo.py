@@ -415,3 +415,29 @@ def test_nested_instructions_and_async_sugar():
   assert [i.opcode for i in mod.entry.instructions][2:5] == ["async-start", "async-update", "async-done"]
   with pytest.raises(cost.HloParseError, match="nested operand"):
     cost.parse_hlo("ENTRY e {\n  ROOT r = f32[2] add(f32[2] parameter(0), f32[2,x] parameter(1))\n}")
+
+
+def test_inline_computations_single_instruction_and_line_ends():
+  mod = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_inline_computation.hlo")))
+  assert list(mod.computations) == ["_", "_.1", "main"] and mod.entry_name == "main"
+  ins = mod.entry.by_name()
+  assert ins["f"].attrs["calls"] == "_" and hlo_lib.reducer_opcode(mod, ins["r"]) == "add"
+  assert [c.name for c in hlo_lib.iter_called(mod, mod.entry)] == ["_"]
+  # One instruction alone is a module: a parameter per operand, in the entry computation "_".
+  one = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_single_instruction.hlo")))
+  assert one.name == one.entry_name == "_"
+  assert [(i.name, i.opcode, i.literal) for i in one.entry.instructions] == [
+      ("lhs", "parameter", "0"), ("rhs", "parameter", "1"), ("d", "dot", None)]
+  assert sum(k["flops"] for k in cost.kernel_costs(one)) == 2 * 4 * 16 * 8
+  anon = cost.parse_hlo("f32[3] add(f32[3], f32[3])").entry
+  assert [i.name for i in anon.instructions] == ["_0", "_1", "_"] and anon.root.operands == ["_0", "_1"]
+  with pytest.raises(cost.HloParseError, match="needs its shape"):
+    cost.parse_hlo("%m = f32[3] multiply(%a, %b)")
+  # DOS (CRLF) and old Mac (CR) line ends read as newlines; '//' comments end at them.
+  text = _read(os.path.join(CORPUS, "hand_comments.hlo"))
+  want = cost.program_graph(cost.parse_hlo(text))
+  for eol in ("\r\n", "\r"):
+    other = text.replace("\n", eol)
+    _same_structure_as_xla(other, cost.parse_hlo(other))
+    for u, v in zip(cost.program_graph(cost.parse_hlo(other)), want):
+      np.testing.assert_array_equal(u, v)

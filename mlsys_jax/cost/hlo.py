@@ -275,9 +275,13 @@ class _Reader:
   """Cursor over comment-free HLO text (whitespace, newlines included, is insignificant, as in XLA's
   own parser), with 1-based line numbers for errors."""
 
-  def __init__(self, text: str, raw: str):
+  def __init__(self, text: str, raw: str, parent: "_Reader | None" = None):
     self.s, self.i, self.n = text, 0, len(text)
     self.lines = raw.splitlines()
+    # Computations written inline as attribute values, in the order XLA adds them (shared with
+    # the reader of an enclosing text).
+    self.inline: list[Computation] = parent.inline if parent is not None else []
+    self.n_inline = 0
 
   def lineno(self, at: int | None = None) -> int:
     return self.s.count("\n", 0, self.i if at is None else at) + 1
@@ -392,6 +396,9 @@ class _Reader:
         raise self.error(f"attribute without '=': {self.s[at:at + 40].split(chr(10))[0]!r}", at)
       self.i += 1
       self.ws()
+      if key in _COMP_ATTRS and _INLINE_BODY.match(self.s, self.i):
+        attrs[key] = _parse_inline(self)
+        continue
       v = self.value()
       if not v:
         raise self.error(f"attribute {key!r} has no value", at)
@@ -470,6 +477,110 @@ def _parse_rhs(r: _Reader, name: str | None, is_root: bool, lineno: int, start: 
     name = f"{opcode}.anon" + (f".{k}" if k else "")
   out.append(Instruction(name, opcode, shape, operands, attrs, is_root, lineno, literal))
   return out
+
+
+def _parse_body(r: _Reader, cname: str, is_entry: bool, at: int) -> Computation:
+  """Instructions of a computation after its ``{``, up to and with the closing ``}``."""
+  cur = Computation(cname, [], is_entry, r.lineno(at))
+  anon: dict[str, int] = {}
+  while True:
+    r.ws()
+    if r.i >= r.n:
+      raise r.error(f"computation {cname!r} is not closed with '}}' at end of text",
+                    len(r.s.rstrip()))
+    if r.peek() == "}":
+      r.i += 1
+      break
+    cur.instructions.extend(_parse_instruction_at(r, anon))
+  if not cur.instructions:
+    raise r.error(f"computation {cname!r} has no instructions", at)
+  roots = [i for i in cur.instructions if i.is_root]
+  if len(roots) > 1:
+    raise HloParseError(f"computation {cname!r} has more than one ROOT instruction",
+                        roots[1].lineno, r.lines[roots[1].lineno - 1])
+  return cur
+
+
+# Attributes whose value is a computation, which XLA also reads written inline: ``calls={ ... }``.
+_COMP_ATTRS = {"calls", "to_apply", "condition", "body", "true_computation", "false_computation",
+               "select", "scatter"}
+_INLINE_BODY = re.compile(r"\{\s*(?:ROOT\s+)?%?[\w.\-]+\s*=")
+
+
+def _parse_inline(r: _Reader) -> str:
+  """A computation written as an attribute value (cursor at its ``{``): parsed, queued in
+  ``r.inline`` (XLA adds it to the module before the computation that uses it), named ``_``."""
+  at = r.i
+  r.i += 1
+  comp = _parse_body(r, "_", False, at)
+  comp.name = "_" + (f".{r.n_inline}" if r.n_inline else "")  # named when complete, as XLA does
+  r.n_inline += 1
+  r.inline.append(comp)
+  return comp.name
+
+
+def _parse_single_instruction(r: _Reader) -> tuple[dict[str, Computation], str]:
+  """A text that is one instruction (XLA's ``ParseAndReturnUnverifiedModule`` accepts it): the entry
+  computation ``_`` gets a parameter per operand (named by the operand, else ``_<k>``) and the
+  instruction (named ``_`` if it has no name); inline computations follow it."""
+  start = r.i
+  lineno = r.lineno()
+  is_root = r.keyword("ROOT")
+  r.ws()
+  save = r.i
+  name = r.match(_NAME_AT)
+  r.ws()
+  if name is None or r.peek() != "=":
+    r.i, name = save, "_"
+  else:
+    r.i += 1
+    r.ws()
+  r.n_inline = 1  # the entry is "_"; inline computations are "_.1", "_.2", ...
+  at = r.i
+  shape_s = r.shape()
+  if shape_s is None:
+    raise r.error("expected an HLO module, a computation or one instruction "
+                  "'[name =] shape opcode(shape operand, ...)'", start)
+  try:
+    shape = parse_shape(shape_s)
+  except ValueError as e:
+    raise r.error(str(e), at) from None
+  r.ws()
+  opcode = r.match(_OPCODE_AT)
+  if opcode is None:
+    raise r.error("expected 'opcode(' after the shape", r.i)
+  r.ws()
+  ops_s = r.balanced()[1:-1]
+  attrs = r.attributes()
+  r.ws()
+  if r.i != r.n:
+    raise r.error("unexpected text after the instruction", r.i)
+  params: dict[str, Instruction] = {}
+  operands: list[str] = []
+  literal = None
+  if opcode in ("parameter", "constant"):
+    literal = " ".join(ops_s.split())
+  else:
+    for k, p in enumerate(split_top_level(ops_s) if ops_s.strip() else []):
+      sub = _Reader(p, p)
+      s_ = sub.shape()
+      if s_ is None:
+        raise r.error(f"operand {p!r} of a single instruction needs its shape (XLA: 'Operand had "
+                      "no shape in HLO text')", start)
+      sub.ws()
+      oname = (sub.match(_NAME_AT) or "").lstrip("%") or f"_{k}"
+      if oname not in params:
+        try:
+          params[oname] = Instruction(oname, "parameter", parse_shape(s_), [], {}, False, lineno,
+                                      str(len(params)))
+        except ValueError as e:
+          raise r.error(str(e), start) from None
+      operands.append(oname)
+  ins = Instruction(name.lstrip("%"), opcode, shape, operands, attrs, is_root, lineno, literal)
+  comps = {"_": Computation("_", list(params.values()) + [ins], True, lineno)}
+  for c in r.inline:
+    comps[c.name] = c
+  return comps, "_"
 
 
 def _skip_section(r: _Reader) -> None:
@@ -600,6 +711,18 @@ def parse_hlo(text: str) -> HloModule:
     if not name:
       raise r.error("HloModule without a name", at)
     r.attributes()
+  elif not r.s.startswith("ENTRY", r.i):
+    save = r.i
+    r.keyword("ROOT")
+    r.ws()
+    first = r.match(_NAME_AT)
+    r.ws()
+    single = r.s.startswith("ROOT", save) or (r.peek() != "" and r.peek() in "=[") or (
+        first is None and r.peek() == "(")
+    r.i = save
+    if single:  # one instruction, not a module: XLA builds a module around it
+      comps, entry = _parse_single_instruction(r)
+      return _finish_module("_", comps, entry, r)
   while True:
     r.ws()
     if r.i >= r.n:
@@ -632,24 +755,11 @@ def parse_hlo(text: str) -> HloModule:
       r.i += 1
       if cname in comps:
         raise r.error(f"computation {cname!r} defined twice", at)
-      cur = Computation(cname, [], is_entry, r.lineno(at))
-      anon: dict[str, int] = {}
-      while True:
-        r.ws()
-        if r.i >= r.n:
-          raise r.error(f"computation {cname!r} is not closed with '}}' at end of text",
-                        len(r.s.rstrip()))
-        if r.peek() == "}":
-          r.i += 1
-          break
-        cur.instructions.extend(_parse_instruction_at(r, anon))
-      if not cur.instructions:
-        raise r.error(f"computation {cname!r} has no instructions", at)
-      roots = [i for i in cur.instructions if i.is_root]
-      if len(roots) > 1:
-        raise HloParseError(f"computation {cname!r} has more than one ROOT instruction",
-                            roots[1].lineno, r.lines[roots[1].lineno - 1])
+      cur = _parse_body(r, cname, is_entry, at)
       r.attributes()  # e.g. ", execution_thread=..." after the closing brace
+      for c in r.inline:  # computations written inline as attribute values come first
+        comps[c.name] = c
+      r.inline = []
       comps[cname] = cur
       if is_entry:
         if entry is not None:
@@ -663,6 +773,10 @@ def parse_hlo(text: str) -> HloModule:
     entry = list(comps)[-1]  # entry is printed last when not marked
   if name is None:
     name = f"module_{entry}"
+  return _finish_module(name, comps, entry, r)
+
+
+def _finish_module(name: str, comps: dict[str, Computation], entry: str, r: _Reader) -> HloModule:
   comps = _desugar_async(comps)
   # Resolve names, infer left-out shapes (operands first, in dependency order).
   for comp in comps.values():
