@@ -136,7 +136,8 @@ def main():
 
   full = args.variants == "full" and not args.small
   tiles = ([{}, {"num_warps": 4}, {"block_elems": 16384}, {"num_warps": 16}, {"block_elems": 16384, "num_warps": 4},
-            {"block_elems": 16384, "num_warps": 16}, {"block_elems": 32768, "num_warps": 16}] if full else [{}])
+            {"block_elems": 16384, "num_warps": 16}, {"block_elems": 32768, "num_warps": 16},
+            {"evict": "evict_first"}] if full else [{}])
   ops = []   # (name, dtype, bytes, xla fn, {variant: kernel fn}, public fn)
   for dt in ("f32", "bf16"):
     isz = 4 if dt == "f32" else 2

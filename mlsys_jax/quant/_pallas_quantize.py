@@ -115,19 +115,23 @@ def _call(kernel, out_shape, grid, impl: str, num_warps: int | None, num_stages:
                         compiler_params=cp)(*args)
 
 
-def _load_rows(x_ref, i, br: int, cp: int, r: int, c: int, dtype, masked: bool):
+EVICT = None            # eviction policy of the input loads (e.g. 'evict_first': streamed once)
+
+
+def _load_rows(x_ref, i, br: int, cp: int, r: int, c: int, dtype, masked: bool, evict: str | None):
   rows = i * br + jnp.arange(br, dtype=jnp.int32)
   cidx = jnp.arange(cp, dtype=jnp.int32)
   offs = rows[:, None] * c + cidx[None, :]
+  kw = {"eviction_policy": evict} if evict else {}
   if not masked:
-    return rows, offs, None, plgpu.load(x_ref.at[offs]).astype(_F32)
+    return rows, offs, None, plgpu.load(x_ref.at[offs], **kw).astype(_F32)
   m = (rows < r)[:, None] & (cidx < c)[None, :]
-  return rows, offs, m, plgpu.load(x_ref.at[offs], mask=m, other=jnp.zeros((), dtype)).astype(_F32)
+  return rows, offs, m, plgpu.load(x_ref.at[offs], mask=m, other=jnp.zeros((), dtype), **kw).astype(_F32)
 
 
 def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code_dtype, *,
                   impl: str = "pallas", block_elems: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, div: str = "xla"):
+                  num_stages: int | None = None, div: str = "xla", evict: str | None = None):
   """``quantize(x, bits, axis=1, ...)`` of a 2-D ``x`` (R, C) with nearest rounding and the data range:
   ``(codes (R, C), scale (R, 1), zero_point (R, 1))``, identical to the XLA path."""
   r_, c_ = x.shape
@@ -144,7 +148,8 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
   masked = cp != c_ or r_ % br != 0
 
   def kernel(x_ref, c_ref, s_ref, z_ref):
-    rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked)
+    rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked,
+                                  evict or EVICT)
     # Padding loads as 0, which changes neither range: the XLA path widens [lo, hi] to contain 0.
     if symmetric:
       # One reduction: max(-min(lo, 0), max(hi, 0)) = max |x| for a finite row; a non-finite element
@@ -180,7 +185,8 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
 
 def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int | None, code_dtype,
                      scale_dtype, *, impl: str = "pallas", block_elems: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None, div: str = "xla"):
+                     num_warps: int | None = None, num_stages: int | None = None, div: str = "xla",
+                     evict: str | None = None):
   """``vs_quantize(x, bits, axis=1, vector_size=V, scale_bits=M, coarse_axes=())`` of a 2-D ``x`` (R, C):
   vectors of V consecutive elements along each row (C zero-padded to whole vectors, as the XLA path
   does) and, for two-level scales, one coarse scale per row. Returns ``(codes (R, C), vector_scale
@@ -200,7 +206,8 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
   masked = cp != c_ or r_ % br != 0
 
   def kernel(x_ref, c_ref, vec_ref, co_ref):
-    rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked)
+    rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked,
+                                  evict or EVICT)
     v3 = v.reshape(br, gp, v_)
     # One reduction per vector: a non-finite element counts as +inf, which marks the vector.
     amax_v = jnp.max(jnp.where(jnp.isfinite(v3), jnp.abs(v3), _INF), axis=2)   # (br, gp); padding: 0
