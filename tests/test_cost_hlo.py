@@ -423,6 +423,9 @@ def test_inline_computations_single_instruction_and_line_ends():
   ins = mod.entry.by_name()
   assert ins["f"].attrs["calls"] == "_" and hlo_lib.reducer_opcode(mod, ins["r"]) == "add"
   assert [c.name for c in hlo_lib.iter_called(mod, mod.entry)] == ["_"]
+  br = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_inline_branches.hlo")))
+  assert br.entry.root.attrs["branch_computations"] == "{_, _.1}" and br.entry.root.shape.dims == (4,)
+  assert br.entry.root.called() == ["_", "_.1"]
   # One instruction alone is a module: a parameter per operand, in the entry computation "_".
   one = cost.parse_hlo(_read(os.path.join(CORPUS, "hand_single_instruction.hlo")))
   assert one.name == one.entry_name == "_"

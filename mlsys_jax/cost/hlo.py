@@ -399,6 +399,23 @@ class _Reader:
       if key in _COMP_ATTRS and _INLINE_BODY.match(self.s, self.i):
         attrs[key] = _parse_inline(self)
         continue
+      if key in _COMP_LIST_ATTRS and _INLINE_LIST.match(self.s, self.i):  # {{...}, {...}}
+        self.i += 1
+        names = []
+        while True:
+          self.ws()
+          if self.peek() == "{":
+            names.append(_parse_inline(self))
+            self.ws()
+          if self.peek() == ",":
+            self.i += 1
+            continue
+          if self.peek() != "}":
+            raise self.error(f"expected ',' or '}}' in the computations of {key!r}", self.i)
+          self.i += 1
+          break
+        attrs[key] = "{" + ", ".join(names) + "}"
+        continue
       v = self.value()
       if not v:
         raise self.error(f"attribute {key!r} has no value", at)
@@ -504,6 +521,8 @@ def _parse_body(r: _Reader, cname: str, is_entry: bool, at: int) -> Computation:
 # Attributes whose value is a computation, which XLA also reads written inline: ``calls={ ... }``.
 _COMP_ATTRS = {"calls", "to_apply", "condition", "body", "true_computation", "false_computation",
                "select", "scatter"}
+_COMP_LIST_ATTRS = {"branch_computations", "called_computations"}
+_INLINE_LIST = re.compile(r"\{\s*\{\s*(?:ROOT\s+)?%?[\w.\-]+\s*=")
 _INLINE_BODY = re.compile(r"\{\s*(?:ROOT\s+)?%?[\w.\-]+\s*=")
 
 
@@ -663,7 +682,7 @@ def _infer_shape(module_comps: dict, ins: Instruction, ops: list[Shape]) -> Shap
       return Shape(arr[0].dtype, tuple(dims))
   if op == "broadcast" and arr and not int_list(ins.attrs.get("dimensions")):
     return arr[0]
-  if op in ("call", "fusion", "while", "async-start", "fusion-start", "call-start") or op.endswith("-start"):
+  if op in ("call", "fusion", "while", "conditional", "async-start", "fusion-start", "call-start") or op.endswith("-start"):
     called = ins.called()
     if called and called[0] in module_comps:
       root = module_comps[called[0]].root
