@@ -1,0 +1,123 @@
+"""The tree-native SIDCo update (mlsys_jax/comm/_sidco_tree.py) against the package's ``sparse.sidco``: the same
+outputs and state bitwise (it only moves the tree's bytes differently), exact error feedback, the Top-k set
+of every segment against numpy, non-finite steps, and the collective under shard_map and pmap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mlsys_jax.comm import _sidco_tree as ft
+from mlsys_jax.comm import sparse as sp
+
+try:
+  from jax import shard_map
+except ImportError:  # older jax
+  from jax.experimental.shard_map import shard_map
+
+
+def _tree(seed, scale=(1.0, 30.0, 0.01)):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  return {"conv": jax.random.laplace(ks[0], (3, 3, 8, 16)) * scale[0],
+          "dense": jax.random.laplace(ks[1], (60, 50)) * scale[1],
+          "bias": jax.random.laplace(ks[2], (16,)) * scale[2],
+          "z": jax.random.laplace(ks[3], (700,)) * scale[0]}
+
+
+def _same(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("kw,flatten", [
+    (dict(), "dus"),
+    pytest.param(dict(per_tensor=True), "dus", marks=pytest.mark.slow),
+    pytest.param(dict(per_tensor=True, momentum=0.9), "concat", marks=pytest.mark.slow),
+    pytest.param(dict(distribution="gpareto", stages=1, exact=False), "dus", marks=pytest.mark.slow),
+])
+def test_same_update_and_state_as_the_package_bitwise(kw, flatten, monkeypatch):
+  monkeypatch.setattr(ft, "FLATTEN", flatten)
+  ref, tx = sp.sidco(0.01, **kw), ft.sidco(0.01, **kw)
+  g0 = _tree(0)
+  s_ref, s = ref.init(g0), tx.init(g0)
+  u_ref, u = jax.jit(ref.update), jax.jit(tx.update)
+  for i in range(2):
+    g = _tree(i + 1)
+    prev = s.residual if "momentum" not in kw else None
+    o_ref, s_ref = u_ref(g, s_ref)
+    o, s = u(g, s)
+    _same((o, s), (o_ref, s_ref))
+    if prev is not None:   # exact error feedback: sent + residual == gradient + previous residual
+      for n in g:
+        np.testing.assert_array_equal(np.asarray(o[n] + s.residual[n]), np.asarray(g[n] + prev[n]))
+  assert int(s.overflow_steps) == 0 and int(s.step) == 2
+
+
+@pytest.mark.parametrize("per_tensor", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_sends_the_numpy_topk_of_every_segment(per_tensor):
+  r = 0.01
+  tx = ft.sidco(r, per_tensor=per_tensor, min_group_count=0)   # every leaf its own segment
+  g = _tree(5)
+  out, st = jax.jit(tx.update)(g, tx.init(g))
+  names = sorted(g)
+  mags = {n: np.abs(np.asarray(g[n])).ravel() for n in names}
+  if per_tensor:
+    want = {n: np.argsort(-mags[n], kind="stable")[:max(1, round(r * mags[n].size))] for n in names}
+  else:
+    flat = np.concatenate([mags[n] for n in names])
+    top = np.argsort(-flat, kind="stable")[:round(r * flat.size)]
+    want, off = {}, 0
+    for n in names:
+      want[n] = top[(top >= off) & (top < off + mags[n].size)] - off
+      off += mags[n].size
+  for n in names:
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(out[n]).ravel()), np.sort(want[n]), err_msg=n)
+    np.testing.assert_array_equal(np.asarray(out[n] + st.residual[n]), np.asarray(g[n]))
+
+
+@pytest.mark.slow
+def test_nonfinite_step_sends_nothing_and_keeps_the_residual():
+  tx, ref = ft.sidco(0.01), sp.sidco(0.01)
+  g = _tree(1)
+  u = jax.jit(tx.update)
+  _, s = u(g, tx.init(g))
+  bad = dict(g, dense=g["dense"].at[3, 4].set(jnp.nan))
+  o, s2 = u(bad, s)
+  for n in g:
+    np.testing.assert_array_equal(np.asarray(o[n]), 0.0)
+    np.testing.assert_array_equal(np.asarray(s2.residual[n]), np.asarray(s.residual[n]))
+  assert int(s2.nonfinite_steps) == 1 and float(s2.bytes_sent) == 0.0
+  _, sr = jax.jit(ref.update)(g, ref.init(g))
+  _same(jax.jit(ref.update)(bad, sr), (o, s2))
+
+
+@pytest.mark.parametrize("mapper", [pytest.param("shard_map", marks=pytest.mark.slow), "pmap"])
+def test_collective_equals_the_package(devices, mapper):
+  kw = dict(per_tensor=True, axis_name="d")
+  tx, ref = ft.sidco(0.01, **kw), sp.sidco(0.01, **kw)
+  grads = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_tree(10 + i) for i in range(8)])
+
+  def step(t):
+    def f(g):
+      out, st = t.update(g, t.init(g))
+      return out, st.residual, st.bytes_sent
+    return f
+
+  if mapper == "pmap":
+    run = lambda t: jax.pmap(step(t), axis_name="d", devices=devices)(grads)
+  else:
+    mesh = Mesh(np.array(devices), ("d",))
+
+    def run(t):
+      f = step(t)
+      g1 = lambda g: jax.tree_util.tree_map(lambda x: x[None], f(jax.tree_util.tree_map(lambda x: x[0], g)))
+      return jax.jit(shard_map(g1, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(grads)
+
+  got, want = run(tx), run(ref)
+  _same(got, want)
+  out = got[0]
+  for n in out:   # every device holds the same averaged update
+    np.testing.assert_array_equal(np.asarray(out[n]), np.broadcast_to(np.asarray(out[n][0]), out[n].shape))
