@@ -413,6 +413,9 @@ def test_nested_instructions_and_async_sugar():
   start = mod.entry.by_name()["cs"]
   assert start.attrs == {"async_execution_thread": '"side"', "calls": "async_wrapped"}
   assert [i.opcode for i in mod.entry.instructions][2:5] == ["async-start", "async-update", "async-done"]
+  # The wrapped computation runs once: inlined under async-start only (6 entry + 3 wrapped nodes).
+  assert [i.called() for i in mod.entry.instructions[2:5]] == [["async_wrapped"], [], []]
+  assert int(cost.program_graph(mod).n_node[0]) == 6 + 3
   with pytest.raises(cost.HloParseError, match="nested operand"):
     cost.parse_hlo("ENTRY e {\n  ROOT r = f32[2] add(f32[2] parameter(0), f32[2,x] parameter(1))\n}")
 

@@ -147,6 +147,8 @@ class Instruction:
     """Names of the computations this instruction calls (fusion/call/while/conditional/custom-call),
     excluding scalar reducers (``to_apply``)."""
     out: list[str] = []
+    if self.opcode in ("async-update", "async-done"):
+      return out  # the computation runs once, under its async-start
     for key in ("calls", "body", "condition", "branch_computations", "called_computations"):
       if key in self.attrs:
         out.extend(n.lstrip("%") for n in re.findall(r"%?[\w.\-]+", self.attrs[key].strip("{}")))
