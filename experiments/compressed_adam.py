@@ -30,7 +30,8 @@ import optax  # noqa: E402
 
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
-from mlsys_jax.comm.lowrank import total_bytes  # noqa: E402
+from mlsys_jax.comm.adaptive_ef import spread_releases  # noqa: E402
+from mlsys_jax.comm.lowrank import _state_field, total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
                                    stage_boundaries)
 
@@ -38,6 +39,7 @@ _DATASET = flags.DEFINE_enum("dataset", "digits", ["mnist1d", "digits"], "Data s
 _RATIOS = flags.DEFINE_list("ratios", ["0.01"], "Target densities.")
 _STEPS = flags.DEFINE_integer("steps", 150, "Training steps (every arm).")
 _SEEDS = flags.DEFINE_integer("seeds", 5, "Paired seeds.")
+_FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "First seed (seeds first_seed .. first_seed + seeds - 1).")
 _LR = flags.DEFINE_float("lr", 1e-3, "Adam learning rate (also of sgd after a preconditioned compressor).")
 _WORKERS = flags.DEFINE_integer("workers", 8, "Simulated data-parallel workers.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch per worker.")
@@ -46,7 +48,10 @@ _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compr
                                   "alone, as before issue 18's fix), topk, dgc, randomk (density --ratios); "
                                   "powersgd2, powersgd4, accordion (rank 1 <-> 4; chain mode only).")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
-                           "chain(c(precondition=scale_by_adam()), sgd).")
+                           "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
+                           "chain(c(precondition=scale_by_adam()), adam); rms: chain(c(precondition="
+                           "scale_by_rms()), adam) (each worker selects and sends its gradient over the RMS "
+                           "of its own gradients).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
@@ -54,6 +59,10 @@ _DWARMUP = flags.DEFINE_list("density_warmup", ["0"], "Density warm-up steps (co
                               "0.25 -> 0.0625 -> ... schedule down to the target) to compare; 0 = none.")
 _DW_START = flags.DEFINE_float("dwarmup_start", 0.25, "First density of --density_warmup (then / 4 per stage "
                                "while above the target; DGC: 0.25).")
+_SPREAD = flags.DEFINE_list("spread", ["none"], "comm.spread_releases around the compressor: none, linear, "
+                             "leaky (each release delivered as a rate over the interval it stands for).")
+_SPREAD_MAX = flags.DEFINE_integer("spread_max", 0, "max_interval of spread_releases (0 = no limit).")
+_SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_releases (0 = none).")
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
                                  "target per leaf, at least one entry per leaf).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
@@ -68,10 +77,11 @@ def _setup():
 
 
 def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0, dwarmup: int = 0,
-            stage: int | None = None) -> optax.GradientTransformation:
+            stage: int | None = None, spread: str = "none") -> optax.GradientTransformation:
   """The optimizer of one arm: dense Adam (compressor None), ``chain(c, adam)`` or the preconditioned
   compressor followed by SGD; ``warmup > 0`` wraps the compressor in ``comm.dense_warmup``, ``dwarmup > 0``
-  in ``comm.density_warmup`` (DGC's density schedule over the first ``dwarmup`` steps)."""
+  in ``comm.density_warmup`` (DGC's density schedule over the first ``dwarmup`` steps); ``spread`` other than
+  'none' wraps the result in ``comm.adaptive_ef.spread_releases(mode=spread)``."""
   if compressor is None:
     return optax.adam(lr)
   if dwarmup:
@@ -81,11 +91,17 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     c = _compressor(compressor, mode, ratio)
   if warmup:
     c = dense_warmup(c, warmup, axis_name="d")
+  if spread != "none":
+    mode_, _, mx = spread.partition("@")   # 'leaky', 'leaky@50' (max_interval 50), 'leaky@50f1' (floor 1)
+    mx, _, fl = mx.partition("f")
+    c = spread_releases(c, mode=mode_, max_interval=int(mx) if mx else (_SPREAD_MAX.value or None),
+                        floor=float(fl) if fl else _SPREAD_FLOOR.value)
   return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
 
 
 def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTransformation:
-  pre = optax.scale_by_adam() if mode == "precondition" else None
+  pre = (optax.scale_by_adam() if mode.startswith("precondition") else
+         optax.scale_by_rms() if mode == "rms" else None)
   pt = _PER_TENSOR.value
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
                                  per_tensor=pt),
@@ -104,25 +120,26 @@ def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTrans
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None):
+def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None, spread="none"):
   """One compiled data-parallel step per arm (per density stage with --density_warmup), shared by all seeds."""
-  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup, stage)
+  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup, stage, spread)
   return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
                                                       average_grads=compressor is None)
 
 
-def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0):
+def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread="none"):
   """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed.
 
   With ``dwarmup`` the density stages run as separately compiled steps (``density_warmup(...,
   fixed_stage=j)``, switched at ``stage_boundaries``) on one carried state: under the simulated workers'
   ``vmap`` the un-fixed transform's ``lax.switch`` would compute every stage on every step (same result,
   tested in tests/test_comm_warmup.py, at ~4x the time)."""
-  tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup)
+  tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup, spread=spread)
   ends = []
   if dwarmup:
     ends = stage_boundaries(dwarmup, len(dgc_density_schedule(ratio, start=_DW_START.value)))
-    stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j)[1] for j in range(len(ends) + 1)]
+    stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j, spread)[1]
+                   for j in range(len(ends) + 1)]
   w, b = _WORKERS.value, _BATCH.value
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   state = models.replicate(tx.init(params), w)
@@ -138,6 +155,11 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0):
     sent = 4.0 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * _STEPS.value
   else:
     sent = total_bytes(state)   # worker 0's count (the wrapper's total when warmed up)
+  last = _state_field(state, "last")   # spread_releases: the fraction of parameters ever released
+  if last is not None:
+    ever = [np.asarray(x)[0] >= 0 for x in jax.tree_util.tree_leaves(last)]
+    print(f"    released at least once: {sum(e.sum() for e in ever) / sum(e.size for e in ever):.3f} of the "
+          f"parameters; per leaf {[round(float(e.mean()), 3) for e in ever]}", flush=True)
   return acc, sent
 
 
@@ -154,25 +176,26 @@ def main(argv):
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   ds, model = _setup()
-  seeds = list(range(_SEEDS.value))
+  seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   t0 = time.perf_counter()
-  arms = [("adam", None, "dense", 1.0, 0, 0)]
+  arms = [("adam", None, "dense", 1.0, 0, 0, "none")]
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:
         for w in [int(v) for v in _WARMUP.value]:
           for dw in [int(v) for v in _DWARMUP.value]:
-            arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else ""),
-                         c, m, r, w, dw))
+            for sp_ in _SPREAD.value:
+              arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else "")
+                           + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_))
   acc, sent = {}, {}
-  for s in seeds:   # seed-major, the JSON rewritten after every seed (a stopped run keeps its seeds)
-    for name, c, m, r, w, dw in arms:
-      a, b = train(ds, model, c, m, r, s, w, dw)
+  for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
+    for name, c, m, r, w, dw, sp_ in arms:
+      a, b = train(ds, model, c, m, r, s, w, dw, sp_)
       acc.setdefault(name, []).append(a)
       sent.setdefault(name, []).append(b)
       print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
             f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    _write(out, ds, seeds[:s + 1], acc, sent, {})
+    _write(out, ds, seeds[:i + 1], acc, sent, {})
   for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
           f"{np.mean(sent[name]) / 1e6:.3f}", flush=True)
@@ -198,7 +221,8 @@ def _write(out, ds, seeds, acc, sent, comparisons):
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
       "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": _DW_START.value,
-      "per_tensor": _PER_TENSOR.value,
+      "per_tensor": _PER_TENSOR.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
+      "spread_floor": _SPREAD_FLOOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons}, indent=1))

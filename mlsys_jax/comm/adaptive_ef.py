@@ -1,0 +1,177 @@
+"""Spread error-feedback releases over time before an adaptive optimizer (issue 18, density 0.1%).
+
+A sparsifier with error feedback (``sidco``, ``topk``, ``dgc``, ...) sends a coordinate about once per
+``1 / density`` steps, and then sends everything it held back since the last time: one value ``B`` after
+``T`` silent steps. SGD after it does not care when the value arrives (it is linear), but Adam does: one
+burst moves a coordinate by at most ``~31.8 * sqrt(1 - b2^t) * lr`` whatever ``B`` is (docs/comm.md,
+"Density 0.1% before Adam"), where dense Adam moves a coordinate with a consistent gradient ``~lr`` per
+step, ``~T * lr`` over the ``T`` steps the burst stands for.
+
+:func:`spread_releases` wraps the compressor and turns each released aggregate back into a rate: when a
+coordinate's aggregated value ``B`` arrives ``T`` steps after its previous release, it delivers ``B / T``
+on each of the next ``T`` steps (``mode='linear'``, the sum delivered is exactly ``B``), or ``pending / T``
+of what is still pending on every step (``mode='leaky'``, an exponential spread). Adam after it then sees
+a per-step estimate of the gradient (the mean gradient over the interval the release stands for) instead
+of one spike and zeros. Everything is computed from the *aggregated* sparse output of the compressor,
+identical on every replica: the wrapper sends nothing, and replicas stay identical.
+
+    B_t   = compressor(g_t)                  (aggregated over the workers, sparse)
+    on release (B_t[i] != 0):  T[i] = min(t - last[i], max_interval),  last[i] = t,
+                               pending[i] += B_t[i],  rate[i] = pending[i] / T[i],  left[i] = T[i]
+    out_t[i] = rate[i] if left[i] > 1,  pending[i] if left[i] == 1,  0 if left[i] == 0
+    pending[i] -= out_t[i],  left[i] -= 1
+
+Related: DGC (Lin et al., ICLR 2018) accumulates locally and releases at once; 1-bit Adam (Tang et al.,
+ICML 2021) and 0/1 Adam (Lu et al., ICLR 2023) keep Adam's variance fixed or local. This wrapper keeps
+``optax.chain(<compressor>, optax.adam(lr))`` as users write it and changes only *when* the released
+gradient mass reaches Adam, never how much in total.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlsys_jax._checks import check_choice, check_floating, check_int
+from mlsys_jax.comm.lowrank import _state_field
+
+__all__ = ["SpreadState", "spread_releases"]
+
+
+class SpreadState(NamedTuple):
+  """State of :func:`spread_releases`.
+
+  Attributes:
+    step: steps taken (int32).
+    inner_state: the wrapped compressor's state.
+    last: per parameter, the step of its previous release (int32; -1 before the first).
+    pending: per parameter, released gradient mass not yet delivered to the optimizer.
+    rate: per parameter, the mass delivered per step (``pending / T`` at the last release).
+    left: per parameter, steps of delivery left (int32; 0 = nothing pending in ``'linear'`` mode).
+    releases: releases seen so far, summed over the parameters (float32, for diagnostics).
+    bytes_sent: bytes this device passed to the collectives in the last step (the compressor's: the
+      wrapper itself sends nothing).
+    total_bytes: cumulative ``bytes_sent``.
+  """
+  step: jax.Array
+  inner_state: Any
+  last: Any
+  pending: Any
+  rate: Any
+  left: Any
+  releases: jax.Array
+  bytes_sent: jax.Array
+  total_bytes: jax.Array
+
+
+def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "linear",
+                    max_interval: int | None = None, floor: float = 0.0) -> optax.GradientTransformation:
+  """Deliver each error-feedback release as a rate over the interval it stands for.
+
+  Args:
+    compressor: a sparsifying compression transform of :mod:`mlsys_jax.comm` (``sidco``, ``topk``,
+      ``dgc``, ``randomk``, or one of them inside ``density_warmup``/``dense_warmup``), built with the
+      ``axis_name`` of the workers. Its output must be the same on every replica (the aggregated update),
+      as it is for every transform here. A coordinate counts as released on a step when the compressor's
+      output there is non-zero.
+    mode: ``'linear'`` (default): a release ``B`` after ``T`` steps delivers ``B / T`` on each of the next
+      ``T`` steps (exactly ``B`` in total; a release during a delivery adds to what is pending and restarts
+      the delivery over the new interval). ``'leaky'``: each step delivers ``pending / T`` (an exponential
+      spread with time constant ``T``).
+    max_interval: the longest interval a release is spread over (steps, >= 1); None: no limit (the first
+      release of a coordinate spreads over all steps since the start).
+    floor: >= 0; adds ``floor * rms * (-1)^t`` to every output, ``rms`` the root mean square of the leaf's
+      delivered rate on this step: a zero-mean alternation that gives Adam's second moment a per-leaf
+      floor (``v ~ o^2 + (floor * rms)^2``), so that Adam moves a coordinate by ``~o / sqrt(o^2 + A^2)``
+      instead of the sign of its stale estimate ``o`` (a smoothed stream has lost the gradient noise
+      that dense Adam's ``v`` sees). 0 (default): no alternation.
+
+  Returns:
+    An ``optax.GradientTransformation``; chain it where the compressor goes, e.g.
+    ``optax.chain(spread_releases(topk(0.001, axis_name='d')), optax.adam(1e-3))``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from mlsys_jax.comm import topk
+    >>> tx = spread_releases(topk(0.25))
+    >>> s = tx.init({'w': jnp.zeros(4)})
+    >>> outs = []
+    >>> for g in ([1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]):
+    ...   out, s = tx.update({'w': jnp.array(g)}, s)
+    ...   outs.append(float(out['w'][0]))
+    >>> outs            # releases at steps 0 (T=1), 1 (T=1), 2 (T=1); no release at step 3
+    [1.0, 1.0, 4.0, 0.0]
+  """
+  if not isinstance(compressor, optax.GradientTransformation):
+    raise TypeError(f"compressor must be an optax.GradientTransformation (e.g. topk(0.001, axis_name='d')), "
+                    f"got {type(compressor).__name__}.")
+  check_choice("mode", mode, ("linear", "leaky", "hold"))
+  if max_interval is not None:
+    check_int("max_interval", max_interval, 1)
+  cap = None if max_interval is None else int(max_interval)
+  if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
+    raise ValueError(f"floor must be a number >= 0 (0 = no alternation), got {floor!r}.")
+  floor = float(floor)
+
+  def init_fn(params):
+    check_floating("spread_releases.init", params)
+    inner = compressor.init(params)
+    if _state_field(inner, "bytes_sent") is None:
+      raise TypeError("spread_releases: the compressor's state has no bytes_sent field; wrap a compressor "
+                      "of mlsys_jax.comm (sidco, topk, dgc, randomk, or density_warmup/dense_warmup of one).")
+    ints = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+    last = jax.tree_util.tree_map(lambda p: jnp.full(jnp.shape(p), -1, jnp.int32), params)
+    f = jnp.zeros((), jnp.float32)
+    return SpreadState(jnp.zeros((), jnp.int32), inner, last, zeros, zeros, ints, f, f, f)
+
+  def update_fn(updates, state, params=None):
+    check_floating("spread_releases.update", updates)
+    b, inner = compressor.update(updates, state.inner_state, params)
+    t = state.step
+
+    def leaf(bv, last, pending, rate, left):
+      bv = bv.astype(pending.dtype)
+      rel = bv != 0
+      interval = t - last
+      if cap is not None:
+        interval = jnp.minimum(interval, cap)
+      interval = jnp.maximum(interval, 1)
+      pending = pending + bv
+      last = jnp.where(rel, t, last)
+      if mode == "linear":
+        rate = jnp.where(rel, pending / interval.astype(pending.dtype), rate)
+        left = jnp.where(rel, interval, left)
+        out = jnp.where(left > 1, rate, jnp.where(left == 1, pending, 0))
+        left = jnp.maximum(left - 1, 0)
+      elif mode == "leaky":
+        rate = jnp.where(rel, 1.0 / interval.astype(pending.dtype), rate)
+        left = jnp.where(rel, interval, left)
+        out = pending * rate
+      else:   # hold: the release's per-step rate until the next release (or max_interval steps)
+        rate = jnp.where(rel, bv / interval.astype(pending.dtype), rate)
+        left = jnp.where(rel, cap if cap is not None else jnp.iinfo(jnp.int32).max, left)
+        out = jnp.where(left > 0, rate, 0)
+        left = jnp.maximum(left - 1, 0)
+      pending = pending - out
+      if floor:
+        amp = floor * jnp.sqrt(jnp.mean(jnp.square(out)))
+        out = out + jnp.where(t % 2 == 0, amp, -amp).astype(out.dtype)
+        pending = pending   # the alternation is not part of the released mass
+      return out, last, pending, rate, left, jnp.sum(rel).astype(jnp.float32)
+
+    treedef = jax.tree_util.tree_structure(updates)
+    parts = [leaf(*xs) for xs in zip(treedef.flatten_up_to(b), treedef.flatten_up_to(state.last),
+                                     treedef.flatten_up_to(state.pending), treedef.flatten_up_to(state.rate),
+                                     treedef.flatten_up_to(state.left))]
+    unf = lambda j: jax.tree_util.tree_unflatten(treedef, [p[j] for p in parts])
+    out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), unf(0), updates)
+    sent = jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32)
+    rel = sum((p[5] for p in parts), jnp.zeros((), jnp.float32))
+    return out, SpreadState(t + 1, inner, unf(1), unf(2), unf(3), unf(4), state.releases + rel, sent,
+                            state.total_bytes + sent)
+
+  return optax.GradientTransformation(init_fn, update_fn)

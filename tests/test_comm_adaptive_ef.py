@@ -1,0 +1,230 @@
+"""comm.adaptive_ef.spread_releases: each error-feedback release delivered as a rate over the interval it
+stands for (issue 18, density 0.1% before Adam). Checked against a float64 numpy reference of the spread
+applied to a float64 numpy Top-k with error feedback (8 workers under shard_map and pmap), conservation of
+the released mass, identical replicas, bytes = the compressor's, jit/vmap, chained with Adam and
+density_warmup, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mlsys_jax._compat import shard_map
+from mlsys_jax.comm import density_warmup, topk
+from mlsys_jax.comm.adaptive_ef import SpreadState, spread_releases
+
+from _trees import grads as _grads, params as _params  # tests/_trees.py
+
+_W = 8
+_STEPS = 9
+_RATIO = 0.02
+
+
+def _np_topk_ef(flat_g, ratio):
+  """float64 numpy Top-k with error feedback: flat_g (workers, steps, n) -> mean sent (steps, n)."""
+  w, steps, n = flat_g.shape
+  k = max(1, int(round(ratio * n)))
+  res, outs = np.zeros((w, n)), []
+  for s in range(steps):
+    acc = flat_g[:, s] + res
+    sent = np.zeros_like(acc)
+    for i in range(w):
+      top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
+      sent[i, top] = acc[i, top]
+    res = acc - sent
+    outs.append(sent.mean(0))
+  return np.stack(outs)
+
+
+def _np_spread(b, mode, max_interval=None, floor=0.0, sizes=None):
+  """float64 numpy reference of the spread, coordinate by coordinate: b (steps, n) released aggregates ->
+  outputs (steps, n) and the pending mass after the last step."""
+  steps, n = b.shape
+  last, pending, rate, left = np.full(n, -1), np.zeros(n), np.zeros(n), np.zeros(n, int)
+  outs = np.zeros((steps, n))
+  for t in range(steps):
+    for i in range(n):
+      if b[t, i] != 0:
+        T = t - last[i]
+        if max_interval is not None:
+          T = min(T, max_interval)
+        pending[i] += b[t, i]
+        last[i], left[i] = t, T
+        if mode == "linear":
+          rate[i] = pending[i] / T
+        elif mode == "leaky":
+          rate[i] = 1.0 / T
+        else:
+          rate[i], left[i] = b[t, i] / T, (max_interval if max_interval is not None else 10 ** 9)
+      if mode == "linear":
+        o = rate[i] if left[i] > 1 else (pending[i] if left[i] == 1 else 0.0)
+        left[i] = max(left[i] - 1, 0)
+      elif mode == "leaky":
+        o = pending[i] * rate[i]
+      else:
+        o = rate[i] if left[i] > 0 else 0.0
+        left[i] = max(left[i] - 1, 0)
+      pending[i] -= o
+      outs[t, i] = o
+    if floor:
+      start = 0
+      for size in sizes:
+        seg = outs[t, start:start + size]
+        seg += (1 if t % 2 == 0 else -1) * floor * np.sqrt(np.mean(np.square(seg)))
+        start += size
+  return outs, pending
+
+
+def _worker_grads():
+  """(workers, steps, ...) gradients, each worker and step its own draw."""
+  per = [[_grads(100 * s + w) for s in range(_STEPS)] for w in range(_W)]
+  return jax.tree_util.tree_map(lambda *x: jnp.stack(x).reshape(_W, _STEPS, *x[0].shape),
+                                *[g for row in per for g in row])
+
+
+def _flat(tree, lead):
+  return np.concatenate([np.asarray(x, np.float64).reshape(*lead, -1) for x in jax.tree_util.tree_leaves(tree)],
+                        axis=-1)
+
+
+_VARIANTS = {"linear": dict(mode="linear"), "leaky_cap2_floor": dict(mode="leaky", max_interval=2, floor=0.5),
+             "hold_cap3": dict(mode="hold", max_interval=3)}
+
+
+def _run(g, axis, names=tuple(_VARIANTS) + ("bare",)):
+  """All steps (one lax.scan) of the variants ``names`` ('bare': Top-k alone) on one worker's gradients."""
+  res = {}
+  for name in names:
+    tx = topk(_RATIO, axis_name=axis)
+    if name != "bare":
+      tx = spread_releases(tx, **_VARIANTS[name])
+    res[name] = jax.lax.scan(lambda st, gs, tx=tx: tx.update(gs, st)[::-1], tx.init(_params()), g)[::-1]
+  return res
+
+
+@pytest.fixture(scope="module")
+def runs(devices):
+  g_w = _worker_grads()
+  mesh = Mesh(np.array(devices), ("d",))
+
+  def sm(gw):
+    return jax.tree_util.tree_map(lambda x: x[None], _run(jax.tree_util.tree_map(lambda x: x[0], gw), "d"))
+
+  by_sm = jax.jit(shard_map(sm, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(g_w)
+  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3")), axis_name="d",
+                     devices=devices)(g_w)
+  return g_w, by_sm, by_pmap
+
+
+def test_shard_map_equals_float64_reference_and_replicas_agree(runs):
+  g_w, by_sm, _ = runs
+  flat_g = _flat(g_w, (_W, _STEPS))
+  b = _np_topk_ef(flat_g, _RATIO)
+  sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(_params())]
+  bare = _flat(by_sm["bare"][0], (_W, _STEPS))
+  np.testing.assert_allclose(bare[0], b, rtol=1e-5, atol=1e-6)     # the compressor itself
+  for name, kw in _VARIANTS.items():
+    outs, st = by_sm[name]
+    ref, pending = _np_spread(b, sizes=sizes, **kw)
+    got = _flat(outs, (_W, _STEPS))
+    for w in range(_W):                       # every replica the same, and equal to the reference
+      np.testing.assert_array_equal(got[w], got[0])
+      np.testing.assert_allclose(got[w], ref, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(_flat(st.pending, (_W,))[0], pending, rtol=1e-5, atol=1e-6, err_msg=name)
+    # the wrapper sends nothing itself: its bytes are the compressor's
+    np.testing.assert_array_equal(st.total_bytes, by_sm["bare"][1].total_bytes)
+    assert float(st.total_bytes[0]) > 0
+    # releases counted: the non-zero entries of the compressor's output
+    assert float(st.releases[0]) == float(np.count_nonzero(b))
+
+
+def test_linear_conserves_the_released_mass(runs):
+  """'linear' (no floor): delivered + pending == released, coordinate by coordinate; the spread really
+  spreads (some release is delivered over more than one step)."""
+  _, by_sm, _ = runs
+  for name in ("linear",):
+    outs, st = by_sm[name]
+    delivered = _flat(outs, (_W, _STEPS))[0].sum(0)
+    released = _flat(by_sm["bare"][0], (_W, _STEPS))[0].sum(0)
+    np.testing.assert_allclose(delivered + _flat(st.pending, (_W,))[0], released, rtol=1e-5, atol=1e-5)
+  outs = _flat(by_sm["linear"][0], (_W, _STEPS))[0]
+  bare = _flat(by_sm["bare"][0], (_W, _STEPS))[0]
+  assert np.count_nonzero(outs) > 2 * np.count_nonzero(bare)
+
+
+def test_pmap_equals_shard_map(runs):
+  _, by_sm, by_pmap = runs
+  for name in by_pmap:
+    for a, b in zip(jax.tree_util.tree_leaves(by_sm[name]), jax.tree_util.tree_leaves(by_pmap[name])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_one_device_jit_and_vmap():
+  """One device (axis_name None): jit equals eager, and vmap over 3 independent runs equals each run."""
+  tx = spread_releases(topk(0.05), mode="leaky", max_interval=4)
+  gs = [_grads(s) for s in range(4)]
+
+  def run(g_seq, update):
+    st = tx.init(_params())
+    for g in g_seq:
+      o, st = update(g, st)
+    return o, st
+
+  o_e, st_e = run(gs, tx.update)
+  o_j, st_j = run(gs, jax.jit(tx.update))
+  for a, b in zip(jax.tree_util.tree_leaves((o_e, st_e)), jax.tree_util.tree_leaves((o_j, st_j))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  batched = [jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_grads(10 * r + s) for r in range(3)])
+             for s in range(4)]
+  st = jax.vmap(tx.init)(jax.tree_util.tree_map(lambda x: jnp.stack([x] * 3), _params()))
+  vupd = jax.jit(jax.vmap(tx.update))
+  for g in batched:
+    o_v, st = vupd(g, st)
+  for r in range(3):
+    o_r, _ = run([_grads(10 * r + s) for s in range(4)], jax.jit(tx.update))
+    for a, b in zip(jax.tree_util.tree_leaves(o_r), jax.tree_util.tree_leaves(o_v)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b)[r], rtol=1e-6, atol=1e-7)
+
+
+def test_chains_with_adam_and_density_warmup():
+  """Placed where the compressor goes: chain(spread(density_warmup(topk)), adam) runs, its bytes are the
+  warm-up's stage by stage, and every output is finite."""
+  inner = density_warmup(topk, 0.02, steps=2, ratios=[0.5])
+  tx = optax.chain(spread_releases(inner, max_interval=8), optax.adam(1e-3))
+  ref = density_warmup(topk, 0.02, steps=2, ratios=[0.5])
+  st, ref_st = tx.init(_params()), ref.init(_params())
+  for s in range(4):
+    o, st = jax.jit(tx.update)(_grads(s), st)
+    _, ref_st = jax.jit(ref.update)(_grads(s), ref_st)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(o))
+  assert isinstance(st[0], SpreadState)
+  assert float(st[0].total_bytes) == float(ref_st.total_bytes) > 0
+
+
+def test_nonfinite_gradient_propagates_or_is_counted():
+  """A NaN gradient: the compressor skips the step (counts it); the wrapper releases nothing new and
+  keeps delivering what was pending, never a NaN."""
+  tx = spread_releases(topk(0.05))
+  st = tx.init(_params())
+  _, st = tx.update(_grads(0), st)
+  bad = {**_grads(1), "dense": _grads(1)["dense"].at[0, 0].set(jnp.nan)}
+  o, st = tx.update(bad, st)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(o))
+  assert int(st.inner_state.nonfinite_steps) == 1
+
+
+def test_bad_input():
+  with pytest.raises(TypeError, match="GradientTransformation"):
+    spread_releases(lambda g: g)
+  with pytest.raises(ValueError, match="mode"):
+    spread_releases(topk(0.1), mode="burst")
+  with pytest.raises(ValueError, match="max_interval"):
+    spread_releases(topk(0.1), max_interval=0)
+  with pytest.raises(ValueError, match="floor"):
+    spread_releases(topk(0.1), floor=-1.0)
+  with pytest.raises(TypeError, match="bytes_sent"):
+    spread_releases(optax.identity()).init(_params())
+  with pytest.raises(TypeError, match="floating"):
+    spread_releases(topk(0.1)).init({"w": jnp.zeros(3, jnp.int32)})
