@@ -166,6 +166,7 @@ def main():
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "dus")
   if fast is not None:
     rows_spec["fast[concat] sidco(0.001)"] = (None, fast.sidco(RATIO), "concat")
+    rows_spec["fast[concat] sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
   only = [s for s in args.only.split(",") if s]
   rows, ref_first = [], {}
   topk_step = jax.jit(topk_tx.update)

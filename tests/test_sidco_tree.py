@@ -121,3 +121,17 @@ def test_collective_equals_the_package(devices, mapper):
   out = got[0]
   for n in out:   # every device holds the same averaged update
     np.testing.assert_array_equal(np.asarray(out[n]), np.broadcast_to(np.asarray(out[n][0]), out[n].shape))
+
+
+@pytest.mark.parametrize("cf", [4.0, 2.0])
+def test_ties_at_the_cut_and_the_fallback_equal_the_package(cf):
+  # 30 equal magnitudes at the cut, k = 10: cf 4 the fit lands in the band (the correction stage cuts the
+  # ties by index, as lax.top_k); cf 2 the fit overflows and the bisection fallback runs
+  x = jnp.zeros((1000,)).at[jnp.arange(0, 600, 20)].set(1.0).at[990].set(-5.0).at[7].set(2.0)
+  g = {"w": x, "v": jax.random.normal(jax.random.PRNGKey(1), (3000,))}   # Gaussian: the fit misses
+  for per_tensor in (False, True):
+    kw = dict(stages=1, capacity_factor=cf, overshoot=1.0, per_tensor=per_tensor)
+    tx, ref = ft.sidco(0.01, **kw), sp.sidco(0.01, **kw)
+    got = jax.jit(tx.update)(g, tx.init(g))
+    _same(got, jax.jit(ref.update)(g, ref.init(g)))
+    np.testing.assert_array_equal(np.asarray(got[0]["w"] + got[1].residual["w"]), np.asarray(x))

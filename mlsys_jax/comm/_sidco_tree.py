@@ -32,6 +32,91 @@ from mlsys_jax._checks import check_floating
 from mlsys_jax.comm import sparse as _sp
 
 FLATTEN = "dus"        # "dus" (one in-place update per leaf) or "concat" (the package's concatenation)
+TRIM = "radix"         # "radix" (the correction stage by key-value sorts) or "package" (sparse._seg_trim)
+
+
+def _slot_segments(payload, lay):
+  """Segment of every payload slot (``num_segments`` past ``count``) and the valid slots per segment, from the
+  payload's ascending indices (segments are index ranges): searches over the segment starts, no sort."""
+  cap = payload.indices.shape[0]
+  valid = jnp.arange(cap) < payload.count
+  if lay.num_segments == 1:
+    return jnp.where(valid, 0, 1).astype(jnp.int32), payload.count.reshape(1).astype(jnp.int32)
+  starts = jnp.asarray(lay.seg_start, jnp.int32)
+  seg = (jnp.searchsorted(starts, payload.indices, side="right", method="compare_all") - 1).astype(jnp.int32)
+  seg = jnp.where(valid, seg, lay.num_segments)
+  key = jnp.where(valid, payload.indices, jnp.iinfo(jnp.int32).max)     # ascending
+  first = jnp.searchsorted(key, starts, side="left", method="scan").astype(jnp.int32)
+  counts = jnp.diff(jnp.concatenate([first, payload.count.reshape(1).astype(jnp.int32)]))
+  return seg, counts
+
+
+def _trim_radix(payload, t, lay, k, capacity: int):
+  """:func:`mlsys_jax.comm.sparse._seg_trim` (the same result bitwise) with the order (segment, magnitude
+  descending, slot) from stable key-value sorts on int32 keys (radix sorts on GPU) instead of one
+  three-key comparison sort, segment counts from searches instead of a sort and a scatter, and the repack
+  by a prefix sum and a unique-index scatter."""
+  seg, counts = _slot_segments(payload, lay)
+  cap = payload.indices.shape[0]
+  a = jnp.abs(payload.values).astype(jnp.float32)
+  slot = jnp.arange(cap, dtype=jnp.int32)
+  # |v| >= 0, so its float32 bits order as the magnitudes do; descending = ascending in -bits (a NaN
+  # orders first here and last in the package: only on non-finite steps, whose payload is not sent)
+  neg = -jax.lax.bitcast_convert_type(a, jnp.int32)
+  _, perm = jax.lax.sort((neg, slot), num_keys=1, is_stable=True)
+  if lay.num_segments > 1:
+    _, perm = jax.lax.sort((seg[perm], perm), num_keys=1, is_stable=True)
+  first = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts)[:-1].astype(jnp.int32)])
+  kth = perm[jnp.clip(first + k - 1, 0, cap - 1)]          # slot of the k-th largest of the segment
+  trim = counts > k
+  t = jnp.where(trim, a[kth], t)
+  tie_last = jnp.where(trim, payload.indices[kth], -1)
+  t_slot = jnp.concatenate([t, jnp.full((1,), jnp.inf, jnp.float32)])[seg]
+  tie_slot = jnp.concatenate([tie_last, jnp.full((1,), -1, jnp.int32)])[seg]
+  keep = (a > t_slot) | ((a == t_slot) & (payload.indices <= tie_slot))
+  dst = jnp.cumsum(keep, dtype=jnp.int32) - 1
+  n_keep = jnp.sum(keep, dtype=jnp.int32)
+  dst = jnp.where(keep & (dst < capacity), dst, capacity)
+  idx = jnp.zeros((capacity,), jnp.int32).at[dst].set(payload.indices, mode="drop", unique_indices=True)
+  vals = jnp.zeros((capacity,), payload.values.dtype).at[dst].set(payload.values, mode="drop",
+                                                                   unique_indices=True)
+  return (_sp.SparsePayload(idx, vals, jnp.minimum(n_keep, capacity).astype(jnp.int32), payload.overflow),
+          t, tie_last)
+
+
+def _segments_exact(flat, lay, ratio, capacity, distribution, stages, first_ratio, k, send_capacity, packing):
+  """:func:`mlsys_jax.comm.sparse._sidco_segments` with ``exact=(k, send_capacity)`` (same result), its
+  correction stage by :func:`_trim_radix`."""
+  use_pallas, interpret = _sp._pallas_mode(packing)
+  nt = lay.num_tiles
+  if use_pallas and _sp._PALLAS_STATS == "pallas":
+    s1t, s2t, bmax = _sp._pallas_pack.tile_stats(flat, interpret=interpret, tile_blocks=_sp._THR_BLOCKS)
+  else:
+    bsum, bsq, bmax = _sp._block_stats(jnp.abs(flat))
+    s1t, s2t = bsum.reshape(nt, _sp._THR_BLOCKS).sum(1), bsq.reshape(nt, _sp._THR_BLOCKS).sum(1)
+  finite = jnp.isfinite(jnp.sum(s1t))
+  a_tiles = jnp.abs(flat).astype(jnp.float32).reshape(nt, _sp._TILE)
+  t = _sp._seg_threshold(a_tiles, lay, lay.seg_reduce(s1t, "sum"), lay.seg_reduce(s2t, "sum"), ratio,
+                         distribution, stages, first_ratio, True)
+  t = jnp.maximum(t, 0.0)
+
+  def pack(t):
+    if use_pallas:
+      return _sp._pack_pallas(flat, lay.per_tile(t), capacity, bmax, interpret)
+    return _sp._pack_xla(flat, lay.per_tile(t), capacity, bmax)
+
+  payload, n_above = pack(t)
+  _, counts = _slot_segments(payload, lay)
+
+  def bisect(_):
+    t2 = _sp._seg_exact(a_tiles, bmax, lay, k)
+    p2, _ = pack(t2)
+    return p2, t2
+
+  missed = (payload.overflow | jnp.any(counts < k)) & finite
+  payload, t = jax.lax.cond(missed, bisect, lambda _: (payload, t), None)
+  payload, t, tie_last = _trim_radix(payload, t, lay, k, send_capacity)
+  return payload, n_above, t, finite, tie_last
 
 
 def _flatten(lay, leaves, dtype, how: str):
@@ -74,6 +159,20 @@ def _closure(fn) -> dict:
 
 def _tree_sparsifier(init_fn, c) -> optax.GradientTransformation:
   select, ratio, max_ratio = c["segmented"], c["ratio"], c["max_ratio"]
+  sel_cells = _closure(select)
+  if sel_cells.get("exact") and TRIM == "radix":
+    pkg_select = select
+    overshoot, distribution, first_ratio = sel_cells["overshoot"], sel_cells["distribution"], sel_cells["first_ratio"]
+    n_stages = sel_cells["stages"]
+
+    def select(flat, lay, k, k_max, cap, _stages, r):   # the package's exact path, its trim by sorts on keys
+      if _sp._is_static(r):
+        r_fit = min(r * overshoot, 0.999)
+      else:
+        r_fit = jnp.minimum(jnp.asarray(r, jnp.float32) * overshoot, 0.999)
+      return _segments_exact(flat, lay, r_fit, cap, distribution, n_stages, first_ratio,
+                             jnp.asarray(k, jnp.int32), int(np.sum(k_max)), _sp._TRANSFORM_PACKING)
+    select.min_group_count = pkg_select.min_group_count
   capacity_factor, per_tensor, axis_name = c["capacity_factor"], c["per_tensor"], c["axis_name"]
   momentum, precondition, adapt = c["momentum"], c["precondition"], c["adapt"]
 
