@@ -162,29 +162,20 @@ def test_pmap_equals_shard_map(runs):
 
 
 def test_one_device_jit_and_vmap():
-  """One device (axis_name None): jit equals eager, and vmap over 3 independent runs equals each run."""
+  """One device (axis_name None): vmap over 2 independent runs equals each run under jit."""
   tx = spread_releases(topk(0.05), mode="leaky", max_interval=4)
-  gs = [_grads(s) for s in range(4)]
-
-  def run(g_seq, update):
-    st = tx.init(_params())
-    for g in g_seq:
-      o, st = update(g, st)
-    return o, st
-
-  o_e, st_e = run(gs, tx.update)
-  o_j, st_j = run(gs, jax.jit(tx.update))
-  for a, b in zip(jax.tree_util.tree_leaves((o_e, st_e)), jax.tree_util.tree_leaves((o_j, st_j))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-  batched = [jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_grads(10 * r + s) for r in range(3)])
-             for s in range(4)]
-  st = jax.vmap(tx.init)(jax.tree_util.tree_map(lambda x: jnp.stack([x] * 3), _params()))
+  update = jax.jit(tx.update)
+  batched = [jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_grads(10 * r + s) for r in range(2)])
+             for s in range(2)]
+  st = jax.vmap(tx.init)(jax.tree_util.tree_map(lambda x: jnp.stack([x] * 2), _params()))
   vupd = jax.jit(jax.vmap(tx.update))
   for g in batched:
     o_v, st = vupd(g, st)
-  for r in range(3):
-    o_r, _ = run([_grads(10 * r + s) for s in range(4)], jax.jit(tx.update))
-    for a, b in zip(jax.tree_util.tree_leaves(o_r), jax.tree_util.tree_leaves(o_v)):
+  for r in range(2):
+    st_r = tx.init(_params())
+    for s in range(2):
+      o_r, st_r = update(_grads(10 * r + s), st_r)
+    for a, b in zip(jax.tree_util.tree_leaves((o_r, st_r)), jax.tree_util.tree_leaves((o_v, st))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b)[r], rtol=1e-6, atol=1e-7)
 
 
