@@ -101,21 +101,50 @@ def _div(a, b, mode: str):
                                       pack=1, result_shape_dtypes=[sd])[0]
 
 
-def _geometry(r: int, c: int, block_elems: int | None, v: int = 1) -> tuple[int, int, int]:
+def _geometry(r: int, c: int, block_elems: int | None, v: int, loop: int | None):
+  """(padded row length, rows per step, steps per program, programs, whether loads need a mask)."""
   cp = max(_pow2(c), v)
-  br = max(1, (block_elems or BLOCK_ELEMS) // cp)
+  br = max(1, block_elems // cp)
   br = min(br, _pow2(r))
-  return cp, br, -(-r // br)
+  steps = -(-r // br)
+  loop = max(1, min(loop or 1, steps))
+  grid = -(-steps // loop)
+  return cp, br, loop, grid, cp != c or r % br != 0 or steps % loop != 0
 
 
-def _call(kernel, out_shape, grid, impl: str, num_warps: int | None, num_stages: int | None, *args):
+def _run_steps(step, loop: int):
+  """``step(j)`` for the ``loop`` row blocks of this program (a loop Triton can software-pipeline with
+  ``num_stages`` > 1), or once."""
+  if loop == 1:
+    step(0)
+  else:
+    jax.lax.fori_loop(0, loop, lambda j, c: (step(j), c)[1], 0)
+
+
+def _call(kernel, out_shape, grid, impl: str, num_warps: int, num_stages: int, *args):
   interpret = impl == "interpret"
-  cp = None if interpret else triton_compiler_params(num_warps or NUM_WARPS, num_stages or NUM_STAGES)
+  cp = None if interpret else triton_compiler_params(num_warps, num_stages)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=(grid,), interpret=interpret,
                         compiler_params=cp)(*args)
 
 
 EVICT = None            # eviction policy of the input loads (e.g. 'evict_first': streamed once)
+
+# Launch configuration per (kind, input itemsize): block_elems, num_warps, loop, num_stages. From the H200
+# sweep of 2026-12-02 (benchmarks/results/quant_throughput_h200.json), rows of 8192 elements.
+_TUNED = {
+    ("q", 4): (16384, 8, 1, 1),
+    ("q", 2): (8192, 4, 1, 1),
+    ("vs16", 4): (8192, 4, 1, 1),
+    ("vs16", 2): (8192, 8, 1, 1),
+    ("vs", 4): (16384, 8, 1, 1),
+    ("vs", 2): (8192, 4, 1, 1),
+}
+
+
+def _config(kind: str, itemsize: int, block_elems, num_warps, loop, num_stages):
+  tb, tw, tl, ts = _TUNED.get((kind, itemsize), (BLOCK_ELEMS, NUM_WARPS, 1, NUM_STAGES))
+  return block_elems or tb, num_warps or tw, loop or tl, num_stages or ts
 
 
 def _load_rows(x_ref, i, br: int, cp: int, r: int, c: int, dtype, masked: bool, evict: str | None):
@@ -131,7 +160,8 @@ def _load_rows(x_ref, i, br: int, cp: int, r: int, c: int, dtype, masked: bool, 
 
 def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code_dtype, *,
                   impl: str = "pallas", block_elems: int | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, div: str = "xla", evict: str | None = None):
+                  num_stages: int | None = None, loop: int | None = None, div: str = "xla",
+                  evict: str | None = None):
   """``quantize(x, bits, axis=1, ...)`` of a 2-D ``x`` (R, C) with nearest rounding and the data range:
   ``(codes (R, C), scale (R, 1), zero_point (R, 1))``, identical to the XLA path."""
   r_, c_ = x.shape
@@ -144,12 +174,16 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
   else:
     qmin, qmax = 0, 2 * half - 1
   shift = half if (not symmetric and not unsigned) else 0
-  cp, br, grid = _geometry(r_, c_, block_elems)
-  masked = cp != c_ or r_ % br != 0
+  block_elems, num_warps, loop, num_stages = _config("q", x.dtype.itemsize, block_elems, num_warps, loop,
+                                                     num_stages)
+  cp, br, loop, grid, masked = _geometry(r_, c_, block_elems, 1, loop)
 
   def kernel(x_ref, c_ref, s_ref, z_ref):
-    rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked,
-                                  evict or EVICT)
+    pid = pl.program_id(0)            # outside the loop body (the interpreter needs it there)
+    _run_steps(lambda j: step(pid * loop + j, x_ref, c_ref, s_ref, z_ref), loop)
+
+  def step(i, x_ref, c_ref, s_ref, z_ref):
+    rows, offs, m, v = _load_rows(x_ref, i, br, cp, r_, c_, x.dtype, masked, evict or EVICT)
     # Padding loads as 0, which changes neither range: the XLA path widens [lo, hi] to contain 0.
     if symmetric:
       # One reduction: max(-min(lo, 0), max(hi, 0)) = max |x| for a finite row; a non-finite element
@@ -164,7 +198,9 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
       hasnan = jnp.sum(jnp.where(v != v, 1, 0), axis=1) > 0
       isbad = hasnan | (lo == -_INF) | (hi == _INF)
       scale = jnp.where(hi > lo, (hi - lo) * _recip(qmax - qmin), np.float32(1.0))
-      zp = jnp.clip(_rne(np.float32(qmin) - _div(lo, scale, div)), qmin, qmax)
+      t = _rne(np.float32(qmin) - _div(lo, scale, div))
+      # XLA's clip propagates NaN (a -inf row: -inf / inf); Triton's min/max need not, so say it.
+      zp = jnp.where(t != t, np.float32(np.nan), jnp.clip(t, qmin, qmax))
       # the zero point comes from the range before the NaN rule, as in the XLA path (+-inf included)
       zp = jnp.where(hasnan, np.float32(np.nan), zp)
     scale = jnp.where(isbad, np.float32(np.nan), scale)
@@ -185,8 +221,8 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
 
 def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int | None, code_dtype,
                      scale_dtype, *, impl: str = "pallas", block_elems: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None, div: str = "xla",
-                     evict: str | None = None):
+                     num_warps: int | None = None, num_stages: int | None = None, loop: int | None = None,
+                     div: str = "xla", evict: str | None = None):
   """``vs_quantize(x, bits, axis=1, vector_size=V, scale_bits=M, coarse_axes=())`` of a 2-D ``x`` (R, C):
   vectors of V consecutive elements along each row (C zero-padded to whole vectors, as the XLA path
   does) and, for two-level scales, one coarse scale per row. Returns ``(codes (R, C), vector_scale
@@ -201,13 +237,17 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
   g_ = -(-c_ // v_)
   qmax = 2 ** (bits - 1) - 1
   smax = (2 ** scale_bits - 1) if scale_bits is not None else None
-  cp, br, grid = _geometry(r_, c_, block_elems, v_)
+  block_elems, num_warps, loop, num_stages = _config("vs16" if v_ == 16 else "vs", x.dtype.itemsize,
+                                                     block_elems, num_warps, loop, num_stages)
+  cp, br, loop, grid, masked = _geometry(r_, c_, block_elems, v_, loop)
   gp = cp // v_
-  masked = cp != c_ or r_ % br != 0
 
   def kernel(x_ref, c_ref, vec_ref, co_ref):
-    rows, offs, m, v = _load_rows(x_ref, pl.program_id(0), br, cp, r_, c_, x.dtype, masked,
-                                  evict or EVICT)
+    pid = pl.program_id(0)
+    _run_steps(lambda j: step(pid * loop + j, x_ref, c_ref, vec_ref, co_ref), loop)
+
+  def step(i, x_ref, c_ref, vec_ref, co_ref):
+    rows, offs, m, v = _load_rows(x_ref, i, br, cp, r_, c_, x.dtype, masked, evict or EVICT)
     v3 = v.reshape(br, gp, v_)
     # One reduction per vector: a non-finite element counts as +inf, which marks the vector.
     amax_v = jnp.max(jnp.where(jnp.isfinite(v3), jnp.abs(v3), _INF), axis=2)   # (br, gp); padding: 0
@@ -226,7 +266,9 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
       scale = vec * coarse[:, None]
       plgpu.store(co_ref.at[rows], coarse, mask=rok)
     q = jnp.clip(_rne(_div(v3, scale[:, :, None], div)), -qmax, qmax)
-    q = jnp.where(jnp.isnan(q), np.float32(0.0), q).reshape(br, cp)  # XLA converts NaN codes to 0
+    # A NaN scale gives NaN codes in XLA (its clip propagates NaN), converted to 0; Triton's clip need
+    # not propagate NaN, so the rule is written out.
+    q = jnp.where((scale != scale)[:, :, None], np.float32(0.0), q).reshape(br, cp)
     plgpu.store(c_ref.at[offs], q.astype(code_dtype), mask=m)
     g = jnp.arange(gp, dtype=jnp.int32)
     goffs = rows[:, None] * g_ + g[None, :]
@@ -269,12 +311,16 @@ def kernel_self_test(impl: str = "pallas") -> bool:
   from mlsys_jax.quant import fixed_point, vsquant
   _IN_SELF_TEST = True
 
-  def same():
-    x = jnp.sin(jnp.arange(37 * 200, dtype=_F32) * 0.37).reshape(37, 200) * jnp.exp(
-        jnp.cos(jnp.arange(37, dtype=_F32)) * 3)[:, None]
-    x = x.at[5, 7].set(jnp.nan)
+  x = np.sin(np.arange(37 * 200, dtype=np.float32) * np.float32(0.37)).reshape(37, 200) * np.exp(
+      np.cos(np.arange(37, dtype=np.float32)) * np.float32(3))[:, None]
+  x[5, 7], x[6, 0], x[7, 9] = np.nan, np.inf, -np.inf
+  # Both inputs are arguments of the jitted test: a bfloat16 cast inside it may be skipped by XLA
+  # (excess precision), which would hand the XLA path float32 values the kernel never sees.
+  args = (jnp.asarray(x), jnp.asarray(x).astype(jnp.bfloat16))
+
+  def same(*inputs):
     out = []
-    for data in (x, x.astype(jnp.bfloat16)):
+    for data in inputs:
       for sym, uns in ((True, False), (False, True)):
         a = fixed_point.quantize(data, 8, symmetric=sym, unsigned=uns, axis=1, impl=impl)
         b = fixed_point.quantize(data, 8, symmetric=sym, unsigned=uns, axis=1, impl="xla")
@@ -286,7 +332,7 @@ def kernel_self_test(impl: str = "pallas") -> bool:
     return jnp.stack(out)
 
   try:
-    ok = run_outside_traces(jax.jit(same))
+    ok = run_outside_traces(lambda: jax.jit(same)(*args))
     if not ok.all():
       raise RuntimeError(f"kernels and XLA path differ: {ok.tolist()}")
     return True
