@@ -447,3 +447,16 @@ def test_inline_computations_single_instruction_and_line_ends():
     _same_structure_as_xla(other, cost.parse_hlo(other))
     for u, v in zip(cost.program_graph(cost.parse_hlo(other)), want):
       np.testing.assert_array_equal(u, v)
+
+
+def test_buffer_shapes_and_deep_nesting():
+  # A buffer shape b(array) is costed as the array it holds.
+  assert cost.parse_shape("b(f32[8,16]{1,0})") == cost.parse_shape("f32[8,16]{1,0}")
+  mod = cost.parse_hlo("ENTRY e {\n  p = b(f32[8,16]{1,0}) parameter(0)\n  ROOT t = (b(f32[8,16]{1,0}), s32[]) "
+                       "tuple(p, s32[] constant(1))\n}")
+  assert mod.entry.root.shape.elements[0].dims == (8, 16) and mod.entry.root.operands == ["p", "constant.anon"]
+  # Nested operands in a one-instruction text; nesting too deep is a clear error, not a RecursionError.
+  deep = "f32[] " + "add(f32[] constant(0), f32[] " * 30 + "constant(0)" + ")" * 30
+  assert len(cost.parse_hlo(deep).entry.instructions) == 61
+  with pytest.raises(cost.HloParseError, match="nested too deeply"):
+    cost.parse_hlo("f32[] " + "negate(f32[] " * 20000 + "constant(0)" + ")" * 20000)

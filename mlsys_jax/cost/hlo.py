@@ -76,6 +76,7 @@ class Shape(NamedTuple):
 
 
 _ARRAY_SHAPE = re.compile(r"^([a-z][a-z0-9]*)\s*\[([^\]]*)\]\s*(\{[^{}]*\})?$")
+_BUFFER_SHAPE = re.compile(r"b\s*\((.*)\)", re.S)
 _TILE = re.compile(r"T((?:\([^()]*\))+)")
 _MEMSPACE = re.compile(r"S\((\d+)\)")
 
@@ -100,8 +101,12 @@ def _parse_layout(layout_s: str, text: str) -> tuple[tuple[int, ...], tuple[tupl
 
 def parse_shape(text: str) -> Shape:
   """Parse an HLO shape such as ``f32[8,16]{1,0}``, ``bf16[<=4, 2]``, ``(f32[], s32[2]{0})`` or a
-  TPU shape ``f32[8,128]{1,0:T(8,128)S(1)}`` (tiling and memory space kept in the :class:`Shape`)."""
+  TPU shape ``f32[8,128]{1,0:T(8,128)S(1)}`` (tiling and memory space kept in the :class:`Shape`);
+  a buffer shape ``b(f32[8]{0})`` gives the shape of the array it holds."""
   s = text.strip()
+  m = _BUFFER_SHAPE.fullmatch(s)
+  if m:  # a buffer ``b(f32[8]{0})``: costed as the array it holds
+    return parse_shape(m.group(1))
   if s.startswith("("):
     if not s.endswith(")"):
       raise ValueError(f"unbalanced tuple shape {text!r}")
@@ -247,6 +252,7 @@ _OPCODE_AT = re.compile(r"[a-z][\w\-]*(?=\s*\()")
 _DTYPE_AT = re.compile(r"[a-z][a-z0-9]*(?=\s*\[)")
 _LAYOUT_AT = re.compile(r"\s*\{[^{}=%\"]*\}")
 _KEY_AT = re.compile(r"[A-Za-z_][\w.\-]*")
+_BUFFER_AT = re.compile(r"b(?=\s*\(\s*[a-z][a-z0-9]*\s*\[)")
 _SHAPE_VALUE = re.compile(r"[a-z][a-z0-9]*\[[^\]]*\](\{[^{}]*\})?")
 _SECTION_LINE = re.compile(r"\n\s*\d+[ \t][^\n]*")
 
@@ -344,6 +350,9 @@ class _Reader:
     start = self.i
     if self.peek() == "(":
       return self.balanced()
+    if self.match(_BUFFER_AT):  # b(array shape)
+      self.balanced()
+      return self.s[start:self.i]
     d = self.match(_DTYPE_AT)
     if d is None:
       m = re.match(r"(token|opaque)\b(?=\s+[a-z][\w\-]*\s*\()", self.s[self.i:self.i + 80])
@@ -582,7 +591,18 @@ def _parse_single_instruction(r: _Reader) -> tuple[dict[str, Computation], str]:
   if opcode in ("parameter", "constant"):
     literal = " ".join(ops_s.split())
   else:
+    nested_ins: list[Instruction] = []
+    anon: dict[str, int] = {}
     for k, p in enumerate(split_top_level(ops_s) if ops_s.strip() else []):
+      if _NESTED_AT.fullmatch(p) and not re.fullmatch(r".*\s%?[\w.\-]+", p.strip(), re.S):
+        sub = _Reader(p, p)
+        try:
+          nested = _parse_rhs(sub, None, False, lineno, 0, anon, False)
+        except HloParseError as e:
+          raise r.error(f"nested operand {p[:60]!r}: {e}", start) from None
+        nested_ins.extend(nested)
+        operands.append(nested[-1].name)
+        continue
       sub = _Reader(p, p)
       s_ = sub.shape()
       if s_ is None:
@@ -598,7 +618,7 @@ def _parse_single_instruction(r: _Reader) -> tuple[dict[str, Computation], str]:
           raise r.error(str(e), start) from None
       operands.append(oname)
   ins = Instruction(name.lstrip("%"), opcode, shape, operands, attrs, is_root, lineno, literal)
-  comps = {"_": Computation("_", list(params.values()) + [ins], True, lineno)}
+  comps = {"_": Computation("_", list(params.values()) + nested_ins + [ins], True, lineno)}
   for c in r.inline:
     comps[c.name] = c
   return comps, "_"
@@ -718,6 +738,14 @@ def parse_hlo(text: str) -> HloModule:
   """
   if not isinstance(text, str):
     raise TypeError(f"parse_hlo expects HLO text (str), got {type(text).__name__}.")
+  try:
+    return _parse_hlo(text)
+  except RecursionError:
+    raise HloParseError("instructions or computations nested too deeply to parse (XLA also rejects "
+                        "nesting past its maximum recursion depth)") from None
+
+
+def _parse_hlo(text: str) -> HloModule:
   if "\r" in text:  # DOS and old Mac line ends, as XLA's lexer reads them
     text = text.replace("\r\n", "\n").replace("\r", "\n")
   r = _Reader(_strip_comments(text), text)
