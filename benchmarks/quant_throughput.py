@@ -138,8 +138,9 @@ def main():
   full = args.variants == "full" and not args.small
   # Launch configurations besides the tuned default (_pallas_quantize._TUNED): the 2026-12-02 17:17 sweep
   # chose the defaults; this list probes the row loop (several row blocks per program, software-pipelined
-  # with num_stages) and the configurations around the bfloat16 default.
-  tiles = {"f32": [{}, {"loop": 4, "num_stages": 3}, {"loop": 4, "num_stages": 2, "num_warps": 4}],
+  # with num_stages), the configurations around the bfloat16 default, and the floor-based rounding of
+  # run 1 (rnd=floor) against the one-instruction cvt.rni.
+  tiles = {"f32": [{}, {"rnd": "floor"}, {"loop": 4, "num_stages": 3}, {"loop": 4, "num_stages": 2, "num_warps": 4}],
            "bf16": [{}, {"num_warps": 2}, {"block_elems": 16384, "num_warps": 4}, {"loop": 4, "num_stages": 3},
                     {"loop": 4, "num_stages": 3, "num_warps": 4}, {"loop": 8, "num_stages": 2, "num_warps": 4}]}
   if not full:

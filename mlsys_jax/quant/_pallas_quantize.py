@@ -19,7 +19,7 @@ benchmark's full-size checks):
 - every other quotient stays a division in both: XLA's GPU backend emits ``div.full.f32`` for float32
   ``fdiv`` (LLVM ``-nvptx-prec-divf32=1``) and so does Triton for ``/``; in the interpreter (CPU) both are
   correctly rounded;
-- round half to even is ``floor`` based (exact for every float32);
+- round half to even is exact in both (PTX ``cvt.rni.f32.f32`` in the kernel);
 - a scale group (row, or row of vectors for two-level scales) holding NaN or +-inf gets a NaN scale and
   codes 0, exactly as the XLA path (``x / NaN`` is NaN and XLA converts NaN to integer 0). The one
   exception to bit-identity: the zero point of an *asymmetric* group holding a NaN. The XLA path computes
@@ -74,6 +74,25 @@ def _pow2(v: int) -> int:
 def row_ok(c: int) -> bool:
   """Whether a row of ``c`` elements (padded to a power of two) fits one program."""
   return 0 < c and _pow2(c) <= MAX_ROW
+
+
+def _round(v, rnd: str):
+  """Round half to even, exactly (+-inf and NaN pass through). ``'asm'``: PTX ``cvt.rni.f32.f32``, one
+  instruction (Pallas-Triton has no lowering of ``round``); ``'floor'``: from ``floor`` (about ten
+  instructions); ``'jnp'``: ``jnp.round`` (the interpreter)."""
+  if rnd == "jnp":
+    return jnp.round(v)
+  if rnd == "floor":
+    return _rne(v)
+  sd = jax.ShapeDtypeStruct(v.shape, _F32)
+  return plgpu.elementwise_inline_asm("cvt.rni.f32.f32 $0, $1;", args=[v], constraints="=f,f", pack=1,
+                                      result_shape_dtypes=[sd])[0]
+
+
+def _abs_or_inf(v):
+  """``|v|`` where finite, +inf for +-inf and NaN (``NaN < inf`` is false): one compare and select."""
+  a = jnp.abs(v)
+  return jnp.where(a < _INF, a, _INF)
 
 
 def _rne(v):
@@ -161,7 +180,7 @@ def _load_rows(x_ref, i, br: int, cp: int, r: int, c: int, dtype, masked: bool, 
 def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code_dtype, *,
                   impl: str = "pallas", block_elems: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, loop: int | None = None, div: str = "xla",
-                  evict: str | None = None):
+                  evict: str | None = None, rnd: str | None = None):
   """``quantize(x, bits, axis=1, ...)`` of a 2-D ``x`` (R, C) with nearest rounding and the data range:
   ``(codes (R, C), scale (R, 1), zero_point (R, 1))``, identical to the XLA path."""
   r_, c_ = x.shape
@@ -177,6 +196,7 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
   block_elems, num_warps, loop, num_stages = _config("q", x.dtype.itemsize, block_elems, num_warps, loop,
                                                      num_stages)
   cp, br, loop, grid, masked = _geometry(r_, c_, block_elems, 1, loop)
+  rnd = "jnp" if impl == "interpret" else (rnd or "asm")
 
   def kernel(x_ref, c_ref, s_ref, z_ref):
     pid = pl.program_id(0)            # outside the loop body (the interpreter needs it there)
@@ -188,7 +208,7 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
     if symmetric:
       # One reduction: max(-min(lo, 0), max(hi, 0)) = max |x| for a finite row; a non-finite element
       # counts as +inf, which marks the row (NaN scale) whatever the reduction does with NaN.
-      amax = jnp.max(jnp.where(jnp.isfinite(v), jnp.abs(v), _INF), axis=1)
+      amax = jnp.max(_abs_or_inf(v), axis=1)
       isbad = amax == _INF
       scale = jnp.where(amax > 0, amax * _recip((qmax - qmin) // 2), np.float32(1.0))
       zp = jnp.full_like(scale, np.float32(half if unsigned else 0))
@@ -198,13 +218,16 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
       hasnan = jnp.sum(jnp.where(v != v, 1, 0), axis=1) > 0
       isbad = hasnan | (lo == -_INF) | (hi == _INF)
       scale = jnp.where(hi > lo, (hi - lo) * _recip(qmax - qmin), np.float32(1.0))
-      t = _rne(np.float32(qmin) - _div(lo, scale, div))
+      t = _round(np.float32(qmin) - _div(lo, scale, div), rnd)
       # XLA's clip propagates NaN (a -inf row: -inf / inf); Triton's min/max need not, so say it.
       zp = jnp.where(t != t, np.float32(np.nan), jnp.clip(t, qmin, qmax))
       # the zero point comes from the range before the NaN rule, as in the XLA path (+-inf included)
       zp = jnp.where(hasnan, np.float32(np.nan), zp)
     scale = jnp.where(isbad, np.float32(np.nan), scale)
-    q = jnp.clip(_rne(_div(v, scale[:, None], div)) + zp[:, None], qmin, qmax)
+    q = _round(_div(v, scale[:, None], div), rnd)
+    if not (symmetric and not unsigned):     # symmetric signed codes: zp = 0 (x + 0 changes no code)
+      q = q + zp[:, None]
+    q = jnp.clip(q, qmin, qmax)
     if shift:
       q = q - np.float32(shift)
     q = jnp.where(isbad[:, None], np.float32(0.0), q)     # XLA converts the NaN codes to 0
@@ -222,7 +245,7 @@ def quantize_rows(x: jax.Array, bits: int, symmetric: bool, unsigned: bool, code
 def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int | None, code_dtype,
                      scale_dtype, *, impl: str = "pallas", block_elems: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None, loop: int | None = None,
-                     div: str = "xla", evict: str | None = None):
+                     div: str = "xla", evict: str | None = None, rnd: str | None = None):
   """``vs_quantize(x, bits, axis=1, vector_size=V, scale_bits=M, coarse_axes=())`` of a 2-D ``x`` (R, C):
   vectors of V consecutive elements along each row (C zero-padded to whole vectors, as the XLA path
   does) and, for two-level scales, one coarse scale per row. Returns ``(codes (R, C), vector_scale
@@ -240,6 +263,7 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
   block_elems, num_warps, loop, num_stages = _config("vs16" if v_ == 16 else "vs", x.dtype.itemsize,
                                                      block_elems, num_warps, loop, num_stages)
   cp, br, loop, grid, masked = _geometry(r_, c_, block_elems, v_, loop)
+  rnd = "jnp" if impl == "interpret" else (rnd or "asm")
   gp = cp // v_
 
   def kernel(x_ref, c_ref, vec_ref, co_ref):
@@ -250,7 +274,7 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
     rows, offs, m, v = _load_rows(x_ref, i, br, cp, r_, c_, x.dtype, masked, evict or EVICT)
     v3 = v.reshape(br, gp, v_)
     # One reduction per vector: a non-finite element counts as +inf, which marks the vector.
-    amax_v = jnp.max(jnp.where(jnp.isfinite(v3), jnp.abs(v3), _INF), axis=2)   # (br, gp); padding: 0
+    amax_v = jnp.max(_abs_or_inf(v3), axis=2)                      # (br, gp); padding: 0
     bad_v = amax_v == _INF
     s_v = jnp.where(bad_v, np.float32(np.nan), amax_v * _recip(qmax))
     rok = None if not masked else rows < r_
@@ -261,11 +285,11 @@ def vs_quantize_rows(x: jax.Array, bits: int, vector_size: int, scale_bits: int 
       top = jnp.max(jnp.where(bad_v, _INF, s_v), axis=1)     # padded vectors: s_v = 0; a bad one: +inf
       coarse = jnp.where(top > 0, top * _recip(smax), np.float32(1.0))
       coarse = jnp.where(top == _INF, np.float32(np.nan), coarse)
-      rr = _rne(_div(s_v, coarse[:, None], div))
+      rr = _round(_div(s_v, coarse[:, None], div), rnd)
       vec = jnp.clip(jnp.where(jnp.isnan(rr), np.float32(1.0), rr), 1, smax)   # nan_to_num(nan=1) + clip
       scale = vec * coarse[:, None]
       plgpu.store(co_ref.at[rows], coarse, mask=rok)
-    q = jnp.clip(_rne(_div(v3, scale[:, :, None], div)), -qmax, qmax)
+    q = jnp.clip(_round(_div(v3, scale[:, :, None], div), rnd), -qmax, qmax)
     # A NaN scale gives NaN codes in XLA (its clip propagates NaN), converted to 0; Triton's clip need
     # not propagate NaN, so the rule is written out.
     q = jnp.where((scale != scale)[:, :, None], np.float32(0.0), q).reshape(br, cp)
