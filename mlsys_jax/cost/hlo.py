@@ -714,6 +714,10 @@ def _infer_shape(module_comps: dict, ins: Instruction, ops: list[Shape]) -> Shap
   return None
 
 
+_MAX_NESTING = 500
+_PAREN = re.compile(r"[()]")
+
+
 def parse_hlo(text: str) -> HloModule:
   """Parse HLO text into an :class:`HloModule`, accepting what XLA's own HLO parser accepts.
 
@@ -738,6 +742,15 @@ def parse_hlo(text: str) -> HloModule:
   """
   if not isinstance(text, str):
     raise TypeError(f"parse_hlo expects HLO text (str), got {type(text).__name__}.")
+  if text.count("(") > _MAX_NESTING:  # cheap guard before the recursive descent
+    depth = 0
+    for m in _PAREN.finditer(text):
+      depth += 1 if m.group(0) == "(" else -1
+      if depth > _MAX_NESTING:
+        lineno = text.count("\n", 0, m.start()) + 1
+        raise HloParseError(f"brackets nested more than {_MAX_NESTING} deep: instructions or computations "
+                            "nested too deeply to parse (XLA also rejects nesting past its maximum "
+                            "recursion depth)", lineno, text.splitlines()[lineno - 1][:200])
   try:
     return _parse_hlo(text)
   except RecursionError:
