@@ -96,7 +96,37 @@ def round_robin(fns: dict, rounds: int, inner: int = 1, warmup: int = 2) -> dict
   return out
 
 
-def build(name: str, keep: float, groups: int, data_dir: str | None, epochs: int, seed: int = 0) -> dict:
+def profile_ops(fn, calls: int = 30) -> dict:
+  """Per-operation profile of ``fn()`` (a compiled XLA CPU executable compiled with
+  ``xla_cpu_enable_xprof_traceme``) over ``calls`` calls: mean microseconds per call of every event name
+  and how many events ran on each kind of thread (the client thread that launched the program, or the
+  intra-op pool ``XLAEigen``)."""
+  import collections
+  import glob
+  import tempfile
+  for _ in range(3):
+    jax.block_until_ready(fn())
+  d = tempfile.mkdtemp()
+  with jax.profiler.trace(d):
+    for _ in range(calls):
+      jax.block_until_ready(fn())
+  files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+  if not files:
+    return {}
+  ops, threads = collections.defaultdict(float), collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(files[0]).planes:
+    for line in plane.lines:
+      kind = line.name.split("/")[0]
+      for ev in line.events:
+        if ev.name.startswith("$"):   # Python frames
+          continue
+        ops[f"{kind}:{ev.name[:60]}"] += ev.duration_ns / 1e3 / calls
+        threads[kind] += 1
+  top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:30])
+  return {"us_per_call": top, "events_per_thread_kind": {k: v / calls for k, v in threads.items()}}
+
+
+def build(name: str, keeps: list[float], groups: int, data_dir: str | None, epochs: int, seed: int = 0) -> dict:
   """Train briefly, group, APoZ, prune: the real pipeline, returning the model and its subnets."""
   model, shape = CONFIGS[name]
   t0 = time.perf_counter()
@@ -112,10 +142,9 @@ def build(name: str, keep: float, groups: int, data_dir: str | None, epochs: int
   t_train = time.perf_counter() - t0
   feats = sensai.penultimate_features(model, variables, ds.x_train)
   cls = sensai.group_classes(feats, ds.y_train, groups)
-  subs = []
-  for g in cls:
-    st = sensai.channel_stats(model, variables, ds.x_train[np.isin(ds.y_train, g)])
-    subs.append(sensai.make_subnet(model, variables, g, sensai.prune_masks(st, keep_fraction=keep)))
+  stats = [sensai.channel_stats(model, variables, ds.x_train[np.isin(ds.y_train, g)]) for g in cls]
+  subs = {keep: [sensai.make_subnet(model, variables, g, sensai.prune_masks(st, keep_fraction=keep))
+                 for g, st in zip(cls, stats)] for keep in keeps}
   return {"model": model, "variables": variables, "shape": shape, "subnets": subs, "groups": cls,
           "data": ds.name, "train_s": t_train, "prune_s": time.perf_counter() - t0 - t_train,
           "original_test_accuracy": float(hist["test_accuracy"][-1])}
@@ -123,25 +152,33 @@ def build(name: str, keep: float, groups: int, data_dir: str | None, epochs: int
 
 def run_config(name: str, args, options: list[str], t_start: float) -> dict:
   t_config = time.perf_counter()
-  b = build(name, args.keep, args.groups, args.data_dir, args.epochs)
-  model, variables, shape, subs = b["model"], b["variables"], b["shape"], b["subnets"]
-  s = len(subs)
+  keeps = [float(k) for k in str(args.keep).split(",")]
+  b = build(name, keeps, args.groups, args.data_dir, args.epochs)
+  model, variables, shape, subs_by_keep = b["model"], b["variables"], b["shape"], b["subnets"]
   dev0 = jax.devices()[0]
   put0 = lambda t: jax.device_put(t, dev0)
   apply = lambda m: (lambda v, xx: m.apply(v, xx, train=False))
   one_device = {"original": (apply(model), put0(variables))}
-  for i, sub in enumerate(subs):
-    one_device[f"subnet_{i}"] = (apply(sub.model), put0(sub.variables))
-  branch = sensai.make_branch_predictor(subs, 10)
-  one_device["branch_ensemble"] = (branch.func, put0(branch.args[0]))
+  sharded_entries = {}
+  for keep, subs in subs_by_keep.items():
+    tag = "" if len(keeps) == 1 else f"@{keep:g}"
+    s = len(subs)
+    for i, sub in enumerate(subs):
+      one_device[f"subnet_{i}{tag}"] = (apply(sub.model), put0(sub.variables))
+    branch = sensai.make_branch_predictor(subs, 10)
+    one_device[f"branch_ensemble{tag}"] = (branch.func, put0(branch.args[0]))
+    if jax.device_count() >= s:
+      sharded = sensai.make_sharded_predictor(subs, 10)   # one group per device, weights placed once
+      sharded_entries[f"shard_map_ensemble_{s}dev{tag}"] = (sharded.fn, sharded.variables,
+                                                            loop_fn(sharded.fn, args.loop), None)
+      if not args.no_hostcombine:
+        host = sensai.make_sharded_predictor(subs, 10, combine_on_host=True)   # no collective; numpy combine
+        sharded_entries[f"shard_map_hostcombine_{s}dev{tag}"] = (
+            host.fn, host.variables, None,
+            lambda z, host=host: sensai._combine_padded_np(np.asarray(z), host.valid, host.assign,
+                                                           host.temperatures))
   entries = {k: (jax.jit(f), v, loop_fn(f, args.loop), None) for k, (f, v) in one_device.items()}
-  if jax.device_count() >= s:
-    sharded = sensai.make_sharded_predictor(subs, 10)   # one group per device, weights placed once
-    entries[f"shard_map_ensemble_{s}dev"] = (sharded.fn, sharded.variables, loop_fn(sharded.fn, args.loop), None)
-    host = sensai.make_sharded_predictor(subs, 10, combine_on_host=True)   # no collective; numpy combine
-    entries[f"shard_map_hostcombine_{s}dev"] = (
-        host.fn, host.variables, None,
-        lambda z: sensai._combine_padded_np(np.asarray(z), host.valid, host.assign, host.temperatures))
+  entries.update(sharded_entries)
   rng = np.random.default_rng(1)
   images = [rng.normal(size=(1, *shape)).astype(np.float32) for _ in range(16)]
   x_dev = {}
@@ -168,10 +205,24 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
       if cl is not None:
         loops[f"{opt}/{k}"] = (lambda cl=cl, v=v, x=x_dev[k]: cl(v, x))
   # exactness of what is timed: the sharded ensemble against the one-device branch program
-  ref = np.asarray(branch(images[0]))
-  check = {k: float(np.max(np.abs(np.asarray(f()) - ref))) for k, f in calls.items() if "ensemble" in k or "shard_map" in k}
+  check = {}
+  for keep, subs in subs_by_keep.items():
+    ref = np.asarray(sensai.make_branch_predictor(subs, 10)(images[0]))
+    tag = "" if len(keeps) == 1 else f"@{keep:g}"
+    check.update({k: float(np.max(np.abs(np.asarray(f()) - ref))) for k, f in calls.items()
+                  if ("ensemble" in k or "shard_map" in k) and k.endswith(tag)})
   print(f"{name}: trained {b['train_s']:.1f}s, pruned {b['prune_s']:.1f}s, compiled {sum(compile_s.values()):.1f}s "
         f"({len(calls)} entries); elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
+  profile = {}
+  if args.profile:
+    o = dict(OPTION_SETS[options[0]], xla_cpu_enable_xprof_traceme=True)
+    for k in ("original", "subnet_0" if len(keeps) == 1 else f"subnet_0@{keeps[-1]:g}"):
+      jf, v, _, _ = entries[k]
+      try:
+        c = jf.lower(v, images[0]).compile(o)
+        profile[k] = profile_ops(lambda c=c, v=v: c(v, images[0]))
+      except Exception as e:
+        profile[k] = {"error": str(e)[:200]}
   call_t = round_robin(calls, args.repeats, inner=args.inner)
   loop_t = round_robin(loops, args.loop_repeats, warmup=1)
   for t in loop_t.values():
@@ -179,17 +230,19 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
       if q not in t:
         continue
       t[q] /= args.loop
-  widths = [[int(np.shape(a)[-1]) for a in jax.tree_util.tree_leaves(sub.variables["params"])
-             if np.ndim(a) == 1] for sub in subs]
+  widths = {str(keep): [[int(np.shape(a)[-1]) for a in jax.tree_util.tree_leaves(sub.variables["params"])
+                         if np.ndim(a) == 1] for sub in subs] for keep, subs in subs_by_keep.items()}
   return {"config": name, "input_shape": list(shape), "data": b["data"], "groups": [list(g) for g in b["groups"]],
-          "keep_fraction": args.keep, "train_s": b["train_s"], "prune_s": b["prune_s"],
+          "keep_fraction": keeps, "train_s": b["train_s"], "prune_s": b["prune_s"],
           "original_test_accuracy": b["original_test_accuracy"],
           "original_flops": sensai.count_flops(model, variables, shape),
-          "subnet_flops": [sensai.count_flops(sub.model, sub.variables, shape) for sub in subs],
+          "subnet_flops": {str(keep): [sensai.count_flops(sub.model, sub.variables, shape) for sub in subs]
+                           for keep, subs in subs_by_keep.items()},
           "original_params": sensai.count_params(variables),
-          "subnet_params": [sensai.count_params(sub.variables) for sub in subs],
+          "subnet_params": {str(keep): [sensai.count_params(sub.variables) for sub in subs]
+                            for keep, subs in subs_by_keep.items()},
           "subnet_bias_widths": widths, "options": {k: OPTION_SETS[k] for k in options},
-          "compile_s": compile_s, "ensemble_max_abs_diff_vs_branch": check,
+          "compile_s": compile_s, "ensemble_max_abs_diff_vs_branch": check, "profile": profile,
           "call": call_t, "loop": loop_t, "loop_length": args.loop, "summary": summarise(call_t, loop_t)}
 
 
@@ -218,7 +271,13 @@ def main():
   def extra(ap):
     ap.add_argument("--configs", default="cnn-cifar,cnn-cifar-wide")
     ap.add_argument("--options", default="default,default_st,ynn_conv,eigen,eigen_st")
-    ap.add_argument("--keep", type=float, default=0.4, help="keep_fraction of every pruned layer")
+    ap.add_argument("--keep", default="0.4", help="keep_fraction of every pruned layer (comma-separated: "
+                    "several sets of subnets, each against the same original)")
+    ap.add_argument("--no_hostcombine", action="store_true", help="leave out the host-combination entry")
+    ap.add_argument("--sync_dispatch", action="store_true",
+                    help="jax_cpu_enable_async_dispatch=False: each one-device call runs in the calling thread")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-operation profile (xprof) of the original and subnet_0 under the first option set")
     ap.add_argument("--groups", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=12, help="round-robin rounds of the per-call timing")
@@ -232,9 +291,11 @@ def main():
                     help="per config: compile no further option set (beyond the first) after this many s")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (e.g. cpu8)")
   args = parse_args(__doc__, extra)
+  if args.sync_dispatch:   # before the backend starts
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   t_start = time.perf_counter()
   env = environment()
-  env.update({"xla_flags": os.environ.get("XLA_FLAGS", ""), "os_cpu_count": os.cpu_count(),
+  env.update({"xla_flags": os.environ.get("XLA_FLAGS", ""), "async_dispatch": not args.sync_dispatch, "os_cpu_count": os.cpu_count(),
               "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None})
   try:
     env["cpu_model"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if "model name" in l)
