@@ -38,7 +38,8 @@ measured copy bandwidth (read+write bytes per second); ``floor_rw_s`` adds writi
 
 ``stage_sweep`` (one batch, ``--sweep_batch`` 4096): the stage in DEVICE time from a profiler trace. Each
 variant (the XLA paths ``per_table``, ``fused``, ``combined_chunks``, and the Pallas launches of
-``--configs``, ``kernel:block:num_warps``) is one jitted call of ``--chain`` lookups on as many index arrays,
+``--configs``, ``kernel:block:num_warps``; ``identity/...``: on the per-table plan, no combination) is one
+jitted call of ``--chain`` lookups on as many index arrays,
 chained by optimization barriers (each lookup its own launches, in order); all are compiled and checked bit
 for bit against per-table lookups first (embeddings, and the count of out-of-range indices: the last index
 array holds 5), then each runs ``--calls`` times alone under ONE trace. Per lookup:
@@ -86,13 +87,16 @@ def _flags(ap):
   ap.add_argument("--sweep_batch", type=int, default=4096, help="stage_sweep part: lookup batch")
   ap.add_argument("--chain", type=int, default=8, help="stage_sweep part: lookups per timed call (own indices each)")
   ap.add_argument("--calls", type=int, default=10, help="stage_sweep part: profiled calls per variant")
+  ap.add_argument("--traces", type=int, default=1,
+                  help="stage_sweep part: profiler traces (each variant's figures: median over traces)")
   ap.add_argument("--compile_budget_s", type=float, default=1e9,
                   help="stage_sweep part: compile no further --configs after this many seconds of the run (the "
                        "ones compiled are still timed)")
 
 
-DEFAULT_CONFIGS = ("tile:1:2,tile:2:4,tile:4:4,tile:1:1,rows:32:2,tile_atomic:2:4,tile:1:4,tile:4:8,tile:8:8,"
-                   "tile:2:2,tile:8:4,tile:16:8,tile_ef:2:4,rows_loads_first:8:2")
+DEFAULT_CONFIGS = ("rows_loads_first:8:2,tile:1:2,rows_loads_first:4:1,rows_loads_first:8:1,rows_loads_first:16:2,"
+                   "rows_loads_first:16:4,rows_loads_first:32:4,tile_grouped:1:2,tile_grouped:2:4,tile:1:4,tile:4:2,"
+                   "tile_atomic:1:2,identity/tile:1:2,identity/rows_loads_first:8:2,rows:32:2")
 
 
 def sector_bytes(width: int, itemsize: int = 4) -> int:
@@ -283,10 +287,13 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
   idxs = [jnp.asarray(i) for i in idxs]
   variants = {n: (st, {}) for n, st in stages.items()}
   for cfg in args.configs.split(","):
-    kern, blk, nw = cfg.split(":")
-    variants[f"pallas_{kern}_b{blk}_w{nw}"] = (stages["combined_chunks"],
-                                               {"impl": "pallas", "kernel": kern, "block": int(blk),
-                                                "num_warps": int(nw)})
+    ident = cfg.startswith("identity/")  # the Pallas stage on the per-table plan (no combination)
+    kern, blk, nw = cfg.removeprefix("identity/").split(":")
+    if ident and "identity_chunks" not in stages:
+      stages["identity_chunks"] = mr.build_stage(tables, mr.Plan.identity(nt), fuse="chunks")
+    variants[f"pallas{'_identity' if ident else ''}_{kern}_b{blk}_w{nw}"] = (
+        stages["identity_chunks" if ident else "combined_chunks"],
+        {"impl": "pallas", "kernel": kern, "block": int(blk), "num_warps": int(nw)})
   ref = [(np.asarray(e), int(c)) for e, c in chained(mr.lookup)(stages["per_table"], idxs)]
   sw["out_of_range_in_last_array"] = ref[-1][1]
   fns, rows = {}, {}
@@ -313,11 +320,21 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
   for n, t in wall.items():
     rows[n]["wall_per_lookup_s"] = float(np.median(t)) / k
   common.write_json(args.out, name, out)
-  try:
-    dt = device_times(fns, args.calls, k)
-  except Exception as e:  # noqa: BLE001 - no profiler trace (e.g. CPU): report, keep the rest
-    dt = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-  sw["device_error"] = dt.get("error", "") if isinstance(dt.get("error"), str) else ""
+  dts = []
+  for _ in range(args.traces):
+    try:
+      dts.append(device_times(fns, args.calls, k))
+    except Exception as e:  # noqa: BLE001 - no profiler trace (e.g. CPU): report, keep the rest
+      dts.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+  sw["device_error"] = "; ".join(d["error"] for d in dts if isinstance(d.get("error"), str))
+  dt = {}
+  for n in fns:  # median over traces of each figure; the per-trace values kept
+    got = [d[n] for d in dts if "busy_s" in d.get(n, {})]
+    if got:
+      dt[n] = dict(got[0])
+      for m in ("span_s", "busy_s", "main_kernel_s"):
+        dt[n][m] = float(np.median([g[m] for g in got]))
+        dt[n][f"{m}_traces"] = [g[m] for g in got]
   for n, r in rows.items():
     if n in dt:
       r.update(dt[n])

@@ -31,7 +31,8 @@ def test_every_kernel_bit_identical_and_counts_out_of_range():
   assert mr.pallas_supported(st) and st.layout.chunk == 4
   _, idx = mr.synthetic_batch(1, specs, 11)
   idx[3, 4], idx[7, 0], idx[10, 6], idx[5, 5] = 2, -3, 99, 300
-  configs = [("tile", 1), ("tile", 16), ("tile_ef", 2), ("tile_atomic", 2), ("rows", 4), ("rows_loads_first", 4)]
+  configs = [("tile", 1), ("tile", 16), ("tile_grouped", 2), ("tile_ef", 2), ("tile_atomic", 2), ("rows", 4),
+             ("rows_loads_first", 4)]
   assert {k for k, _ in configs} == set(mr.PALLAS_KERNELS)
 
   @jax.jit
@@ -82,10 +83,17 @@ def test_tile_columns_match_combined_index():
     for i in g:
       for k in range(lay.dims[i] // lay.chunk):
         q = col[i] + k
-        got = meta[-1, q] + sum(np.clip(idx[:, meta[1 + 3 * m, q]], 0, meta[2 + 3 * m, q] - 1) * meta[3 + 3 * m, q]
+        got = meta[-2, q] + sum(np.clip(idx[:, meta[1 + 3 * m, q]], 0, meta[2 + 3 * m, q] - 1) * meta[3 + 3 * m, q]
                                 for m in range(gmax))
         np.testing.assert_array_equal(got, grow * gw + off + j + k)
       j += lay.dims[i] // lay.chunk
+  # grouped: the same columns, tile rows permuted (out row says which output column each holds)
+  gm, *_ = mr._tile_columns(lay, grouped=True)
+  order = gm[-1]
+  assert sorted(order) == list(range(width)) and (gm[0] == meta[0]).all()
+  np.testing.assert_array_equal(gm[1:-1], meta[1:-1][:, order])
+  first = [col[g[0]] for g in lay.groups]  # group-major: each group's first chunk column, in plan order
+  assert [int(q) for q in order if q in first] == first
 
 
 def _criteo_shape_stage():
@@ -101,7 +109,8 @@ def _criteo_shape_stage():
   return mr.EmbeddingStage([jax.ShapeDtypeStruct((off, c), jnp.float32)], lay)
 
 
-@pytest.mark.parametrize("kernel,block,num_warps", [("tile", 1, 4), ("tile", 8, 8), ("tile_ef", 2, 4), ("tile_atomic", 1, 2), ("rows", 32, 2),
+@pytest.mark.parametrize("kernel,block,num_warps", [("tile", 1, 4), ("tile", 8, 8), ("tile_grouped", 2, 4),
+                                                    ("tile_atomic", 1, 2), ("rows", 32, 2),
                                                     ("rows_loads_first", 8, 2)])
 def test_lowers_to_triton_ir(kernel, block, num_warps):
   """The GPU (Triton) lowering of the Criteo-sized stage runs here without a GPU: catches Pallas-Triton

@@ -504,25 +504,28 @@ def pallas_supported(stage: EmbeddingStage) -> bool:
           and int(np.prod(stage.buffers[0].shape)) < 2**31)
 
 
-PALLAS_KERNELS = ("tile", "tile_ef", "tile_atomic", "rows", "rows_loads_first")
+PALLAS_KERNELS = ("tile", "tile_grouped", "tile_ef", "tile_atomic", "rows", "rows_loads_first")
 
 
-def _tile_columns(lay: _Layout) -> tuple[np.ndarray, int, int, int]:
-  """Static per-column tables of the ``"tile"`` kernel. Output chunk column ``q`` (``sum(dims) / c`` of
-  them, padded to ``L``, a power of two >= the table count) reads chunk row
-  ``base[q] + sum_m clip(idx[:, member[m][q]], 0, rows[m][q] - 1) * mult[m][q]`` of the buffer: ``member``
-  are the raw tables of the column's group (mixed radix, ``mult`` = radix stride x the group's chunk
-  width; unused slots of a smaller group have ``mult`` 0), ``base`` the group's offset plus the column's
-  chunk within the combined row. Row 0 holds the raw tables' row counts (the out-of-range count).
-  Returns ``(meta int32 (1 + 3 G + 1, L), L, G, Q)``."""
+def _tile_columns(lay: _Layout, grouped: bool = False) -> tuple[np.ndarray, int, int, int]:
+  """Static per-column tables of the ``"tile"`` kernels. Tile row ``p`` (``Q = sum(dims) / c`` of them,
+  padded to ``L``, a power of two >= the table count) holds output chunk column ``q = out[p]`` (``p``
+  itself, or with ``grouped`` the columns in group-major order: the chunks of one combined row adjacent,
+  as in memory) and reads chunk row ``base[p] + sum_m clip(idx[:, member[m][p]], 0, rows[m][p] - 1) *
+  mult[m][p]`` of the buffer: ``member`` are the raw tables of the column's group (mixed radix, ``mult`` =
+  radix stride x the group's chunk width; unused slots of a smaller group have ``mult`` 0), ``base`` the
+  group's offset plus the column's chunk within the combined row. Row 0 holds the raw tables' row
+  counts (for the out-of-range count, by table). Returns ``(meta int32 (3 + 3 G, L), L, G, Q)``: rows
+  0, then ``(member, rows, mult)`` of each slot, ``base``, ``out``."""
   c, rows, dims = lay.chunk, lay.rows, lay.dims
   nt = len(rows)
   ncol = sum(dims) // c
   width = 1 << max(0, (max(ncol, nt) - 1).bit_length())
   gmax = max(len(g) for g in lay.groups)
-  meta = np.zeros((2 + 3 * gmax, width), np.int64)
+  meta = np.zeros((3 + 3 * gmax, width), np.int64)
   meta[0, :nt] = rows
   meta[2:2 + 3 * gmax:3] = 1  # rows of unused/padding slots: clip to [0, 0]
+  meta[-1] = np.arange(width)
   col = np.concatenate([[0], np.cumsum(dims)]) // c
   for g, (_, off) in zip(lay.groups, lay.where):
     gw = sum(dims[i] for i in g) // c
@@ -536,8 +539,12 @@ def _tile_columns(lay: _Layout) -> tuple[np.ndarray, int, int, int]:
             meta[1 + 3 * m:4 + 3 * m, q] = (g[m], rows[g[m]], strides[m] * gw)
           else:
             meta[1 + 3 * m:4 + 3 * m, q] = (g[0], 1, 0)
-        meta[-1, q] = off + j + k
+        meta[-2, q] = off + j + k
       j += dims[i] // c
+  if grouped:  # tile row p <- output column order[p]
+    order = [col[i] + k for g in lay.groups for i in g for k in range(dims[i] // c)]
+    order += list(range(ncol, width))
+    meta[1:] = meta[1:, order]
   if meta.max() > INDEX_LIMIT:
     raise ValueError("stage too large for int32 chunk rows; use impl='xla'.")
   return meta.astype(np.int32), width, gmax, ncol
@@ -552,6 +559,8 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
     columns (``L`` = the column count padded to a power of two, :func:`_tile_columns`): it loads the raw
     indices of every column's group members, clamps them, forms the chunk rows, issues ONE gather load of
     the whole tile (all rows in flight at once) and ONE contiguous store of the samples' output rows.
+  - ``"tile_grouped"``: the same with the tile rows in group-major order (the chunks of a combined row in
+    adjacent rows, so one warp instruction can cover the whole row), stored to their output columns.
   - ``"tile_ef"``: the same with the table loads marked evict-first (rows are never reused).
   - ``"tile_atomic"``: the same with the out-of-range count added atomically (only by programs that saw
     one) into a zeroed counter aliased to the output, instead of per-program counts summed by XLA.
@@ -604,7 +613,8 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
         plgpu.store(out_ref.at[where], x, mask=vmask)
     bad_ref[pl.ds(pid, 1)] = jnp.full((1,), cnt, jnp.int32)
 
-  meta, width, gmax, ncol = _tile_columns(lay)
+  grouped = kernel == "tile_grouped"
+  meta, width, gmax, ncol = _tile_columns(lay, grouped)
   shift = width.bit_length() - 1
   # "tile_ef": the table rows (never reused) evicted first (a cache modifier such as .cg does not lower in
   # jax 0.10's Pallas-Triton: its check and its table disagree on the leading dot)
@@ -624,6 +634,7 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
     lim = plgpu.load(meta_ref.at[q])
     cnt = jnp.sum((((raw < 0) | (raw >= lim)) & (s < b) & (q < nt)).astype(jnp.int32))
     src = plgpu.load(meta_ref.at[(1 + 3 * gmax) * width + q])
+    oc = plgpu.load(meta_ref.at[(2 + 3 * gmax) * width + q]) if grouped else q  # output chunk column
     for m in range(gmax):
       mem = plgpu.load(meta_ref.at[(1 + 3 * m) * width + q])
       rm = plgpu.load(meta_ref.at[(2 + 3 * m) * width + q])
@@ -633,7 +644,7 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
     lane = jnp.arange(c, dtype=jnp.int32)[None, :]
     tmask = jnp.broadcast_to(ok[:, None], (nb * width, c))
     x = plgpu.load(buf_ref.at[src[:, None] * c + lane], mask=tmask, other=jnp.zeros((), buf_ref.dtype), **hints)
-    plgpu.store(out_ref.at[(s * ncol + q)[:, None] * c + lane], x, mask=tmask)
+    plgpu.store(out_ref.at[(s * ncol + oc)[:, None] * c + lane], x, mask=tmask)
     if atomic and interpret:  # the interpreter runs programs one after the other (and has no atomics)
       bad_ref[pl.ds(0, 1)] = bad_ref[pl.ds(0, 1)] + cnt
     elif atomic:  # only programs that saw a bad index touch the one counter
@@ -660,7 +671,9 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
   return out.reshape(b, -1), (bad[0] if atomic else jnp.sum(bad))
 
 
-PALLAS_DEFAULTS = {"kernel": "tile", "block": 4, "num_warps": 4}  # launch of the Pallas stage (:func:`lookup`)
+# Launch of the Pallas stage (:func:`lookup`): the fastest in device time at batch 4096 on an H200 (26 Criteo
+# tables, d=16; benchmarks/microrec_lookup.py --parts=stage_sweep; docs/microrec.md).
+PALLAS_DEFAULTS = {"kernel": "rows_loads_first", "block": 8, "num_warps": 2}
 
 
 def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: int | None = None,
