@@ -78,6 +78,13 @@ def _extra(ap):
                   help="only the binary-conv section (e.g. on CPU, LCE's setting: float32 baseline)")
   ap.add_argument("--with_conv", action="store_true", help="also run the binary-conv section")
   ap.add_argument("--conv_repeats", type=int, default=10)
+  ap.add_argument("--batch_configs", default="",
+                  help="per-batch overrides of --configs: 'B=cfg,cfg;B=cfg' (e.g. a sweep at batch 8 and only "
+                       "the default elsewhere)")
+  ap.add_argument("--steady_inner", type=int, default=0,
+                  help="also time every function with this many back-to-back calls per timing (5 rounds): the "
+                       "steady-state wall per launch, where the host dispatch of one call overlaps the "
+                       "previous call's kernels (0: off)")
   ap.add_argument("--tag", default="", help="suffix of the JSON name (binary_dense_<tag>.json), e.g. one per "
                   "XLA_FLAGS setting measured in its own process")
   ap.add_argument("--no_bandwidth", action="store_true",
@@ -242,7 +249,8 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
   ref = pk._popcount_dot(xs_p[0], packed_w[0], k)
   fns, exact, errors = {}, {}, {}
   t_compile = time.perf_counter()
-  for cfg in _parse_configs(args.configs, b, n, wn):
+  overrides = dict(kv.split("=", 1) for kv in args.batch_configs.split(";") if kv)
+  for cfg in _parse_configs(overrides.get(str(b), args.configs), b, n, wn):
     op = lambda x, w, cfg=cfg: pallas_packed_dense(x, w, k, *cfg, interpret=interpret)
     try:
       f = _looped(op, reps)
@@ -308,12 +316,17 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
       hlo["bf16"] = _entry_ops(f_bf16, xb, wb)
   times = _round_robin(fns, args.repeats, args.inner)
   per = {nm: float(np.median(t)) / reps for nm, t in times.items()}
+  steady = {}
+  if args.steady_inner:
+    st = _round_robin(fns, 5, args.steady_inner, warmup=1)
+    steady = {nm: float(np.median(t)) / reps for nm, t in st.items()}
   dev = _device_profile(fns, 3, reps) if args.profile else {}
   row = {"n": n, "k": k, "batch": b, "reps": reps, "inner": args.inner, "repeats": args.repeats,
          "compile_and_check_seconds": t_compile, "seconds_per_launch": per, "exact": exact,
          "config_errors": errors, "packed_weight_bytes": n * wn * 4, "bf16_weight_bytes": n * k * 2,
          "int8_weight_bytes": n * k, "read_floor_seconds": n * wn * 4 / read_bw,
          "empty_kernel_seconds": per["empty_kernel"], "args_only_seconds": per["args_only"],
+         "seconds_per_launch_steady": steady, "steady_inner": args.steady_inner,
          "entry_ops": hlo, "device": dev}
   ok = [nm for nm in per if nm.startswith("pallas:") and exact.get(nm)]
   if ok:
@@ -361,7 +374,7 @@ def main():
   reps = 2 if args.small else args.reps
   if args.small:
     args.repeats, args.inner = 3, 1
-    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2,hs:32:8:1:4:2"
+    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2,hs:32:8:1:4:2,hs2:32:4:1:4:2"
   # The floor is the packed bytes at the device read rate (common.read_bandwidth, fixed 2026-12-02: sweep
   # 1 used the old method's 1.36 TB/s, a third of the true rate). The copy rate is recorded too.
   nbytes, rep = 1 << (24 if args.small else 30), 5 if args.small else 20

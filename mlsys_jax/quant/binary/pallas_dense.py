@@ -23,7 +23,11 @@ Variants of the inner loop (``variant``):
 - ``'hs'``: Harley-Seal proper: the ones, twos and fours bit vectors are carried across the loop steps
   (7 carry-save adders per 8 words, each one LOP3 pair) and only the eights are counted each step, so
   a program with ``num_k`` steps issues ``num_k + 3`` popcounts per accumulator element instead of
-  ``8 num_k`` (``'csa'``: ``4 num_k``).
+  ``8 num_k`` (``'csa'``: ``4 num_k``);
+- ``'hs2'``: the cheapest carried form: each step's two half-tiles go through ONE carry-save adder with
+  the carried ``ones`` vector, and only the carry is counted (reduced to ``(block_n,)`` each step, as in
+  ``'rows'``): 1 popcount per 2 words for about 2.5 logic operations per word, which balances the
+  quarter-rate popcount pipe against the full-rate logic pipe better than the deeper trees.
 
 Triton's ``population_count`` lowering takes int32, so the XOR of the uint32 words is bitcast to int32
 inside the kernel (the bit pattern, hence the count, is unchanged).
@@ -42,7 +46,7 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "bcast", "csa", "hs")
+VARIANTS = ("acc", "rows", "bcast", "csa", "hs", "hs2")
 
 
 class DenseConfig(NamedTuple):
@@ -228,6 +232,30 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
       o_ref[b, :] = acc if k is None else k - 2 * acc
     return
 
+  if variant == "hs2":
+    sub = block_k // 2
+    pc = lambda v: jax.lax.population_count(_as_int32(v))
+
+    def body(i, states):
+      w0 = w_ref[:, pl.ds(i * block_k, sub)]
+      w1 = w_ref[:, pl.ds(i * block_k + sub, sub)]
+      out = []
+      for b in range(batch):
+        ones, acc = states[b]
+        x0 = jnp.bitwise_xor(w0, a_ref[b, pl.ds(i * block_k, sub)][None, :])
+        x1 = jnp.bitwise_xor(w1, a_ref[b, pl.ds(i * block_k + sub, sub)][None, :])
+        ones, c = _csa(ones, x0, x1)              # ones + x0 + x1 = ones' + 2 c
+        out.append((ones, acc + jnp.sum(pc(c), axis=1)))
+      return tuple(out)
+
+    states = jax.lax.fori_loop(0, num_k, body, tuple(
+        (jnp.zeros((block_n, sub), jnp.uint32), jnp.zeros((block_n,), jnp.int32)) for _ in range(batch)))
+    for b in range(batch):
+      ones, acc = states[b]
+      acc = jnp.sum(pc(ones), axis=1) + 2 * acc
+      o_ref[b, :] = acc if k is None else k - 2 * acc
+    return
+
   wide = variant == "acc"
 
   def body(i, accs):
@@ -253,6 +281,8 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
     if v & (v - 1):
       raise ValueError(f"{name} must be a power of two, got {v}.")
   check_int("num_stages", cfg.num_stages, 1)
+  if cfg.variant == "hs2" and cfg.block_k < 2:
+    raise ValueError(f"variant 'hs2' splits each step into 2 slices: block_k must be >= 2, got {cfg.block_k}.")
   if cfg.variant in ("csa", "hs") and cfg.block_k < 8:
     raise ValueError(f"variant '{cfg.variant}' splits each step into 8 slices: block_k must be >= 8, got "
                      f"{cfg.block_k}.")
@@ -276,7 +306,7 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'`` or ``'hs'`` (module docstring).
+    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'hs'`` or ``'hs2'`` (module docstring).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
