@@ -104,7 +104,7 @@ def parse_shape(text: str) -> Shape:
   TPU shape ``f32[8,128]{1,0:T(8,128)S(1)}`` (tiling and memory space kept in the :class:`Shape`);
   a buffer shape ``b(f32[8]{0})`` gives the shape of the array it holds."""
   s = text.strip()
-  m = _BUFFER_SHAPE.fullmatch(s)
+  m = _BUFFER_SHAPE.fullmatch(s) if s[:1] == "b" else None
   if m:  # a buffer ``b(f32[8]{0})``: costed as the array it holds
     return parse_shape(m.group(1))
   if s.startswith("("):
@@ -350,7 +350,7 @@ class _Reader:
     start = self.i
     if self.peek() == "(":
       return self.balanced()
-    if self.match(_BUFFER_AT):  # b(array shape)
+    if self.peek() == "b" and self.match(_BUFFER_AT):  # b(array shape)
       self.balanced()
       return self.s[start:self.i]
     d = self.match(_DTYPE_AT)
