@@ -33,7 +33,7 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("kw,flatten", [
-    (dict(), "dus"),
+    pytest.param(dict(), "dus", marks=pytest.mark.slow),
     pytest.param(dict(per_tensor=True), "dus", marks=pytest.mark.slow),
     pytest.param(dict(per_tensor=True, momentum=0.9), "concat", marks=pytest.mark.slow),
     pytest.param(dict(distribution="gpareto", stages=1, exact=False), "dus", marks=pytest.mark.slow),
@@ -56,7 +56,8 @@ def test_same_update_and_state_as_the_package_bitwise(kw, flatten, monkeypatch):
   assert int(s.overflow_steps) == 0 and int(s.step) == 2
 
 
-@pytest.mark.parametrize("per_tensor", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.slow
 def test_sends_the_numpy_topk_of_every_segment(per_tensor):
   r = 0.01
   tx = ft.sidco(r, per_tensor=per_tensor, min_group_count=0)   # every leaf its own segment
@@ -94,7 +95,8 @@ def test_nonfinite_step_sends_nothing_and_keeps_the_residual():
   _same(jax.jit(ref.update)(bad, sr), (o, s2))
 
 
-@pytest.mark.parametrize("mapper", [pytest.param("shard_map", marks=pytest.mark.slow), "pmap"])
+@pytest.mark.parametrize("mapper", ["shard_map", "pmap"])
+@pytest.mark.slow
 def test_collective_equals_the_package(devices, mapper):
   kw = dict(per_tensor=True, axis_name="d")
   tx, ref = ft.sidco(0.01, **kw), sp.sidco(0.01, **kw)
@@ -123,15 +125,38 @@ def test_collective_equals_the_package(devices, mapper):
     np.testing.assert_array_equal(np.asarray(out[n]), np.broadcast_to(np.asarray(out[n][0]), out[n].shape))
 
 
-@pytest.mark.parametrize("cf", [4.0, 2.0])
-def test_ties_at_the_cut_and_the_fallback_equal_the_package(cf):
+@pytest.mark.parametrize("cf,per_tensor", [(4.0, True), pytest.param(4.0, False, marks=pytest.mark.slow),
+                                           pytest.param(2.0, True, marks=pytest.mark.slow),
+                                           pytest.param(2.0, False, marks=pytest.mark.slow)])
+def test_ties_at_the_cut_and_the_fallback_equal_the_package(cf, per_tensor):
   # 30 equal magnitudes at the cut, k = 10: cf 4 the fit lands in the band (the correction stage cuts the
   # ties by index, as lax.top_k); cf 2 the fit overflows and the bisection fallback runs
   x = jnp.zeros((1000,)).at[jnp.arange(0, 600, 20)].set(1.0).at[990].set(-5.0).at[7].set(2.0)
   g = {"w": x, "v": jax.random.normal(jax.random.PRNGKey(1), (3000,))}   # Gaussian: the fit misses
+  kw = dict(stages=1, capacity_factor=cf, overshoot=1.0, per_tensor=per_tensor)
+  tx, ref = ft.sidco(0.01, **kw), sp.sidco(0.01, **kw)
+  got = jax.jit(tx.update)(g, tx.init(g))
+  _same(got, jax.jit(ref.update)(g, ref.init(g)))
+  np.testing.assert_array_equal(np.asarray(got[0]["w"] + got[1].residual["w"]), np.asarray(x))
+
+
+def test_multisection_finds_the_bisection_thresholds_bitwise():
+  # per segment the largest float bit pattern with #(|x| > t) >= k: scales over six decades, ties (rounded
+  # values), a segment with fewer non-zero entries than k (then 0), k = 1
+  rng = np.random.default_rng(0)
+  sizes = [5000, 300, 12000, 7]
   for per_tensor in (False, True):
-    kw = dict(stages=1, capacity_factor=cf, overshoot=1.0, per_tensor=per_tensor)
-    tx, ref = ft.sidco(0.01, **kw), sp.sidco(0.01, **kw)
-    got = jax.jit(tx.update)(g, tx.init(g))
-    _same(got, jax.jit(ref.update)(g, ref.init(g)))
-    np.testing.assert_array_equal(np.asarray(got[0]["w"] + got[1].residual["w"]), np.asarray(x))
+    lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, 0.0))
+    for trial in range(3):
+      leaves = [jnp.asarray(rng.laplace(size=n).astype(np.float32) * 10.0 ** rng.uniform(-3, 3)) for n in sizes]
+      if trial == 2:
+        leaves[1] = jnp.zeros(300).at[5].set(1.0)
+        leaves[0] = jnp.round(leaves[0])
+      flat = lay.flatten(leaves, jnp.float32)
+      a_tiles = jnp.abs(flat).reshape(lay.num_tiles, sp._TILE)
+      bmax = sp._block_stats(jnp.abs(flat))[2]
+      k = jnp.asarray(rng.integers(1, 60, lay.num_segments), jnp.int32).at[0].set(1 if trial == 1 else 40)
+      want = np.asarray(sp._seg_exact(a_tiles, bmax, lay, k)).view(np.int32)
+      got = np.asarray(ft._seg_exact_multi(a_tiles, bmax, lay, k)).view(np.int32)
+      np.testing.assert_array_equal(got, want)
+  assert ft._search_passes(32) == 7 and ft._search_passes(1) == 31

@@ -31,8 +31,41 @@ import optax
 from mlsys_jax._checks import check_floating
 from mlsys_jax.comm import sparse as _sp
 
-FLATTEN = "dus"        # "dus" (one in-place update per leaf) or "concat" (the package's concatenation)
+FLATTEN = "concat"     # "concat" (the package's concatenation) or "dus" (one in-place update per leaf)
 TRIM = "radix"         # "radix" (the correction stage by key-value sorts) or "package" (sparse._seg_trim)
+SECTIONS = 32          # candidate thresholds per pass of the exact-count search (1: the package's bisection)
+
+
+def _search_passes(sections: int) -> int:
+  """Passes of :func:`_seg_exact_multi` that narrow a range of 2^31 float bit patterns to one."""
+  w, p = 1 << 31, 0
+  while w > 1:
+    w, p = -(-w // (sections + 1)), p + 1
+  return p
+
+
+def _seg_exact_multi(a_tiles, bmax, lay, k, sections: int = SECTIONS):
+  """:func:`mlsys_jax.comm.sparse._seg_exact` (the same thresholds bitwise: per segment the largest float
+  bit pattern ``t`` in ``[0, max)`` whose count ``#(|x| > t)`` reaches ``k``, 0 if none) by a multisection:
+  each pass counts, per segment, the entries above ``sections`` candidate thresholds spread evenly over the
+  remaining bit range (one read of the buffer, ``sections`` comparisons per entry), so 7 passes (32
+  sections) replace the bisection's 31."""
+  nt = lay.num_tiles
+  top = jax.lax.bitcast_convert_type(
+      lay.seg_reduce(jnp.max(bmax.reshape(nt, _sp._THR_BLOCKS), axis=1), "max"), jnp.int32)
+  lo, hi = jnp.zeros_like(top), top
+  j = jnp.arange(1, sections + 1, dtype=jnp.int32)[None, :]
+  m1 = sections + 1
+  for _ in range(_search_passes(sections)):
+    w = hi - lo
+    c = lo[:, None] + (w // m1)[:, None] * j + ((w % m1)[:, None] * j) // m1      # (segments, sections)
+    cf = jax.lax.bitcast_convert_type(c, jnp.float32)
+    ct = cf[jnp.asarray(lay.tile_seg)] if lay.num_segments > 1 else jnp.broadcast_to(cf, (nt, sections))
+    cnt = lay.seg_reduce(jnp.sum(a_tiles[:, :, None] > ct[:, None, :], axis=1, dtype=jnp.int32), "sum")
+    ok = cnt >= k[:, None]
+    lo = jnp.maximum(lo, jnp.max(jnp.where(ok, c, lo[:, None]), axis=1))
+    hi = jnp.minimum(hi, jnp.min(jnp.where(ok, hi[:, None], c), axis=1))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def _slot_segments(payload, lay):
@@ -109,7 +142,7 @@ def _segments_exact(flat, lay, ratio, capacity, distribution, stages, first_rati
   _, counts = _slot_segments(payload, lay)
 
   def bisect(_):
-    t2 = _sp._seg_exact(a_tiles, bmax, lay, k)
+    t2 = _sp._seg_exact(a_tiles, bmax, lay, k) if SECTIONS <= 1 else _seg_exact_multi(a_tiles, bmax, lay, k)
     p2, _ = pack(t2)
     return p2, t2
 
