@@ -32,7 +32,7 @@ def test_every_kernel_bit_identical_and_counts_out_of_range():
   _, idx = mr.synthetic_batch(1, specs, 11)
   idx[3, 4], idx[7, 0], idx[10, 6], idx[5, 5] = 2, -3, 99, 300
   configs = [("tile", 1), ("tile", 16), ("tile_grouped", 2), ("tile_ef", 2), ("tile_atomic", 2), ("rows", 4),
-             ("rows_loads_first", 4)]
+             ("rows_loads_first", 4), ("rows_wide", 4)]
   assert {k for k, _ in configs} == set(mr.PALLAS_KERNELS)
 
   @jax.jit
@@ -111,7 +111,7 @@ def _criteo_shape_stage():
 
 @pytest.mark.parametrize("kernel,block,num_warps", [("tile", 1, 4), ("tile", 8, 8), ("tile_grouped", 2, 4),
                                                     ("tile_atomic", 1, 2), ("rows", 32, 2),
-                                                    ("rows_loads_first", 8, 2)])
+                                                    ("rows_loads_first", 8, 2), ("rows_wide", 8, 2)])
 def test_lowers_to_triton_ir(kernel, block, num_warps):
   """The GPU (Triton) lowering of the Criteo-sized stage runs here without a GPU: catches Pallas-Triton
   lowering errors before a device run."""

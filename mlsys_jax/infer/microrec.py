@@ -504,7 +504,7 @@ def pallas_supported(stage: EmbeddingStage) -> bool:
           and int(np.prod(stage.buffers[0].shape)) < 2**31)
 
 
-PALLAS_KERNELS = ("tile", "tile_grouped", "tile_ef", "tile_atomic", "rows", "rows_loads_first")
+PALLAS_KERNELS = ("tile", "tile_grouped", "tile_ef", "tile_atomic", "rows", "rows_loads_first", "rows_wide")
 
 
 def _tile_columns(lay: _Layout, grouped: bool = False) -> tuple[np.ndarray, int, int, int]:
@@ -567,6 +567,8 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
   - ``"rows"``: a loop over groups, one ``(block, c)`` load and store per chunk of each group (the first
     version: each store waits for its load before the next load issues).
   - ``"rows_loads_first"``: the same loads, all issued before the first store.
+  - ``"rows_wide"``: the same with ONE ``(block, width)`` load per group (a whole combined row, lanes
+    padded to a power of two), its lanes stored to their tables' output columns.
   """
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
@@ -600,17 +602,29 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
       for i in g[1:]:
         row = row * rows[i] + cl[i]
       row = row * (sum(dims[i] for i in g) // c) + off
+      if kernel == "rows_wide":  # the whole combined row in one load, lanes padded to a power of two
+        width_g = sum(dims[i] for i in g)
+        ln = jnp.arange(1 << (width_g - 1).bit_length(), dtype=jnp.int32)
+        dst = ln + col[g[0]] * c  # output element of each lane: member m's lanes go to its own columns
+        start = 0
+        for i in g:
+          dst = jnp.where(ln >= start, ln - start + col[i] * c, dst)
+          start += dims[i]
+        m = valid[:, None] & (ln < width_g)[None, :]
+        x = plgpu.load(buf_ref.at[(row * c)[:, None] + ln[None, :]], mask=m, other=jnp.zeros((), buf_ref.dtype))
+        pending.append((x, (r * (col[-1] * c))[:, None] + dst[None, :], m))
+        continue
       j = 0
       for i in g:
         for k in range(dims[i] // c):
           x = plgpu.load(buf_ref.at[(row + (j + k))[:, None] * c + lane])
-          pending.append((x, (r * col[-1] + (col[i] + k))[:, None] * c + lane))
+          pending.append((x, (r * col[-1] + (col[i] + k))[:, None] * c + lane, vmask))
           if kernel == "rows":
             plgpu.store(out_ref.at[pending[-1][1]], x, mask=vmask)
         j += dims[i] // c
-    if kernel == "rows_loads_first":
-      for x, where in pending:
-        plgpu.store(out_ref.at[where], x, mask=vmask)
+    if kernel != "rows":  # every load issued before the first store
+      for x, where, m in pending:
+        plgpu.store(out_ref.at[where], x, mask=m)
     bad_ref[pl.ds(pid, 1)] = jnp.full((1,), cnt, jnp.int32)
 
   grouped = kernel == "tile_grouped"
