@@ -64,6 +64,8 @@ def _flags(ap):
   ap.add_argument("--repeats", type=int, default=None, help="wall-time rounds (default 15; 3 with --small)")
   ap.add_argument("--budget_s", type=float, default=75.0, help="stop adding rows after this many seconds")
   ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all)")
+  ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
+  ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
 
 
@@ -173,7 +175,7 @@ def main():
       lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None)
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
   only = [s for s in args.only.split(",") if s]
-  rows, ref_first = [], {}
+  rows, ref_first, ref_loop = [], {}, {}
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -202,7 +204,13 @@ def main():
       loop = _loop(update, steps, args.pool)
       res = jax.block_until_ready(loop(g, st, out0))
       row["compile_s"] = time.perf_counter() - tc
-      if kind not in ("flat", "residual", None):
+      if name.startswith("fast") and name.split("] ")[-1].replace("fast ", "") in ref_loop:
+        # the whole loop (every step's selection, the carried residual, the last update) equals the package's
+        row["loop_same_as_package"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
+            jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split("] ")[-1].replace("fast ", "")])))
+      elif name.startswith("sidco"):
+        ref_loop[name] = res
+      if kind not in ("flat", "residual", None) and not args.no_wall:
         st_end = res[0]
         row["density"] = float(st_end.density)
         row["overflow_steps"] = int(st_end.overflow_steps)
@@ -232,7 +240,7 @@ def main():
     print({k_: v for k_, v in row.items() if k_ != "top_kernels"}, flush=True)
     for t in row.get("top_kernels", [])[:6]:
       print("    ", t, flush=True)
-    write_json(args.out, "sidco_tree", {**meta, "rows": rows, "partial": True})
+    write_json(args.out, args.name, {**meta, "rows": rows, "partial": True})
   by = {r["method"]: r for r in rows}
   key_ = "device_s" if "device_s" in by.get("topk(0.001)", {}) else "loop_wall_s"
   floor = by.get("flat copy", {}).get(key_)
@@ -248,7 +256,7 @@ def main():
   meta["total_s"] = time.perf_counter() - t_start
   print_table(rows, ["method", key_, "busy_s", "kernels", "speedup_over_topk", "over_flat_copy", "over_rw_floor",
                      "loop_wall_s", "wall_s"])
-  write_json(args.out, "sidco_tree", {**meta, "rows": rows})
+  write_json(args.out, args.name, {**meta, "rows": rows})
 
 
 if __name__ == "__main__":
