@@ -152,9 +152,24 @@ def _segments_exact(flat, lay, ratio, capacity, distribution, stages, first_rati
   return payload, n_above, t, finite, tie_last
 
 
+CHUNK = 40             # pieces per concatenation with FLATTEN = "chunks"
+
+
 def _flatten(lay, leaves, dtype, how: str):
   if how == "concat" or len(leaves) == 1:
     return lay.flatten(leaves, dtype)
+  if how == "chunks":   # concatenations of <= CHUNK pieces (each can fuse its leaves' g + r), then one of those
+    pieces = []
+    for g, group in enumerate(lay.groups):
+      n_g = 0
+      for i in group:
+        pieces.append(leaves[i].reshape(-1).astype(dtype))
+        n_g += lay.sizes[i]
+      pad = int(lay.seg_tile_ok[g].sum()) * _sp._TILE - n_g
+      if pad:
+        pieces.append(jnp.zeros((pad,), dtype))
+    parts = [jnp.concatenate(pieces[i:i + CHUNK]) for i in range(0, len(pieces), CHUNK)]
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
   flat = jnp.zeros((lay.n_pad,), dtype)
   for i, leaf in enumerate(leaves):
     flat = jax.lax.dynamic_update_slice(flat, leaf.reshape(-1).astype(dtype), (lay.offsets[i],))
