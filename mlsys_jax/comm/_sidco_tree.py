@@ -79,7 +79,7 @@ def _slot_segments(payload, lay):
   seg = (jnp.searchsorted(starts, payload.indices, side="right", method="compare_all") - 1).astype(jnp.int32)
   seg = jnp.where(valid, seg, lay.num_segments)
   key = jnp.where(valid, payload.indices, jnp.iinfo(jnp.int32).max)     # ascending
-  first = jnp.searchsorted(key, starts, side="left", method="scan").astype(jnp.int32)
+  first = jnp.searchsorted(key, starts, side="left", method="compare_all").astype(jnp.int32)
   counts = jnp.diff(jnp.concatenate([first, payload.count.reshape(1).astype(jnp.int32)]))
   return seg, counts
 
