@@ -167,11 +167,10 @@ def main():
   }
   if fast is not None:
     rows_spec["fast sidco(0.001)"] = (None, fast.sidco(RATIO), "concat")
+    rows_spec["fast[chunks] sidco(0.001)"] = (None, fast.sidco(RATIO), "chunks")
   rows_spec["sidco(0.001, per_tensor=True)"] = (None, sp.sidco(RATIO, per_tensor=True), None)
   if fast is not None:
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
-  if fast is not None:
-    rows_spec["fast[chunks] sidco(0.001)"] = (None, fast.sidco(RATIO), "chunks")
   rows_spec["lax.top_k (flat vector)"] = (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None)
   rows_spec["lax.approx_max_k (flat vector)"] = (
       lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None)
