@@ -5,15 +5,21 @@ Abdelmoniem, Elzanaty, Alouini and Canini, "An Efficient Statistical-based Gradi
 Distributed Training Systems", MLSys 2021 (Sec. 3-4: the threshold from a fitted sparsity-inducing
 distribution, multi-stage fitting). The selection is :func:`mlsys_jax.comm.sparse.sidco`'s (the same
 statistics, fits, packing, correction stage and fallbacks, from :func:`~mlsys_jax.comm.sparse._sidco_segments`),
-so the payload, the outputs and the state are bitwise those of ``sparse.sidco``; what differs is how the
-tree's bytes move:
+so the payload, the outputs and the state are bitwise those of ``sparse.sidco``; what differs is the work
+done on a GPU for the default ``exact=True``:
 
-- the working buffer is written by one in-place update per leaf (``FLATTEN = 'dus'``: ``g + r`` goes
-  straight from the leaves into its slice; XLA keeps each update in place) instead of one concatenation of
-  161 leaves plus padding pieces (``'concat'``, the package's);
-- the outputs of each leaf (residual, sent entries, momentum mask) are computed from the leaf's own
-  ``gradient + residual`` (one read of the gradient and the residual, which the non-finite guard needs
-  anyway) instead of from a slice of the working buffer plus a second read of the old residual.
+- the correction stage to exactly ``k`` per segment (:func:`_trim_radix`) orders the payload's slots by
+  stable key-value sorts on int32 keys (the magnitudes' float bits; radix sorts on a GPU) instead of one
+  three-key comparison sort, and finds the segments' slot ranges by comparisons with the segment starts
+  instead of a sort and a scatter;
+- the exact-count fallback (a step where the fit selected fewer than ``k`` or more than the payload holds)
+  finds the thresholds by a 32-way multisection over the float bits (:func:`_seg_exact_multi`: 7 passes over
+  the buffer) instead of a 31-pass bisection; the thresholds are the same bit for bit;
+- each leaf's outputs (residual, sent entries, momentum mask) come from the leaf's own ``gradient +
+  residual`` (the non-finite guard reads the old residual anyway) rather than a slice of the working buffer;
+- ``FLATTEN`` picks how the working buffer is written: ``'concat'`` (the package's one concatenation),
+  ``'chunks'`` (concatenations of at most ``CHUNK`` leaves, each able to fuse its leaves' ``g + r``, then
+  one of those) or ``'dus'`` (one in-place update per leaf).
 
 Private: the lead integrates it into ``sparse.sidco`` (same signature; tests/test_sidco_tree.py checks the
 two bitwise, flat and per tensor, with momentum, under shard_map/pmap).
