@@ -150,7 +150,8 @@ def _call(kernel, out_shape, grid, impl: str, num_warps: int, num_stages: int, *
 EVICT = None            # eviction policy of the input loads (e.g. 'evict_first': streamed once)
 
 # Launch configuration per (kind, input itemsize): block_elems, num_warps, loop, num_stages. From the H200
-# sweep of 2026-12-02 (benchmarks/results/quant_throughput_h200.json), rows of 8192 elements.
+# sweeps of 2026-12-02 (benchmarks/results/quant_throughput_rows_h200_run{1,2}.json), rows of 8192
+# elements; the row loop with software pipelining (loop > 1) was slower in every case.
 _TUNED = {
     ("q", 4): (16384, 8, 1, 1),
     ("q", 2): (8192, 4, 1, 1),
@@ -338,9 +339,10 @@ def kernel_self_test(impl: str = "pallas") -> bool:
   x = np.sin(np.arange(37 * 200, dtype=np.float32) * np.float32(0.37)).reshape(37, 200) * np.exp(
       np.cos(np.arange(37, dtype=np.float32)) * np.float32(3))[:, None]
   x[5, 7], x[6, 0], x[7, 9] = np.nan, np.inf, -np.inf
-  # Both inputs are arguments of the jitted test: a bfloat16 cast inside it may be skipped by XLA
-  # (excess precision), which would hand the XLA path float32 values the kernel never sees.
-  args = (jnp.asarray(x), jnp.asarray(x).astype(jnp.bfloat16))
+  # Both inputs are (concrete, numpy) arguments of the jitted test: a bfloat16 cast inside it may be
+  # skipped by XLA (excess precision), which would hand the XLA path float32 values the kernel never
+  # sees; and a jnp cast here would be a tracer when the self-test is first reached inside jit.
+  args = (x, x.astype(jnp.bfloat16))
 
   def same(*inputs):
     out = []
