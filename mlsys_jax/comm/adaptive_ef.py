@@ -21,6 +21,12 @@ identical on every replica: the wrapper sends nothing, and replicas stay identic
     out_t[i] = rate[i] if left[i] > 1,  pending[i] if left[i] == 1,  0 if left[i] == 0
     pending[i] -= out_t[i],  left[i] -= 1
 
+Measured (``experiments/compressed_adam.py --spread``, mnist1d, 8 workers, Top-k at 0.1%, 600 steps, seeds
+0 / 1; docs/comm.md): the plain chain goes from 72.1 / 76.0% to 82.4 / 83.3% with ``mode='leaky',
+max_interval=50`` (Adam 89.9 / 90.2%), but the spread does not add to DGC's density warm-up nor to the
+Adam-aware selection (``precondition=optax.scale_by_rms()``), which is the recommended recipe at 0.1%; so
+this wrapper is the tool for a chain *without* a warm-up, and the record of what the diagnosis predicts.
+
 Related: DGC (Lin et al., ICLR 2018) accumulates locally and releases at once; 1-bit Adam (Tang et al.,
 ICML 2021) and 0/1 Adam (Lu et al., ICLR 2023) keep Adam's variance fixed or local. This wrapper keeps
 ``optax.chain(<compressor>, optax.adam(lr))`` as users write it and changes only *when* the released
