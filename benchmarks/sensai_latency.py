@@ -69,6 +69,27 @@ def loop_fn(apply_fn, n: int):
   return jax.jit(run)
 
 
+def batch1_latency(entries: dict, x1, *, repeats: int = 100, loop: int = 200) -> dict:
+  """Latency (seconds) of every entry ``name -> (apply_fn(variables, x), variables)`` at batch 1, each
+  timed interleaved with the FIRST entry (the baseline), per call and per inference inside a loop
+  (used by ``experiments/sensai_eval.py``)."""
+  from mlsys_jax import stats
+  names = list(entries)
+  f0, v0 = entries[names[0]]
+  j0, l0 = jax.jit(f0), loop_fn(f0, loop)
+  out = {}
+  for name in names[1:]:
+    f, v = entries[name]
+    j, lf = jax.jit(f), loop_fn(f, loop)
+    tc = stats.time_interleaved(lambda: j0(v0, x1), lambda: j(v, x1), repeats=repeats, warmup=5)
+    tl = stats.time_interleaved(lambda: l0(v0, x1), lambda: lf(v, x1), repeats=max(15, repeats // 5), warmup=2)
+    out[name] = {"call_baseline_s": tc.median_a, "call_s": tc.median_b, "call_speedup": tc.ratio ** -1,
+                 "call_p_faster": 1.0 - tc.p_a_faster,
+                 "loop_baseline_s": tl.median_a / loop, "loop_s": tl.median_b / loop,
+                 "loop_speedup": tl.median_a / tl.median_b}
+  return out
+
+
 def round_robin(fns: dict, rounds: int, inner: int = 1, warmup: int = 2) -> dict:
   """Timing (seconds) of zero-argument callables, round-robin: every round runs every entry (the order
   rotating by one each round) for ``inner`` consecutive calls, each blocked on and timed alone. With
