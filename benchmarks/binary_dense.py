@@ -43,8 +43,8 @@ from jax.experimental import pallas as pl  # noqa: E402
 from benchmarks import common  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant.binary import packed as pk  # noqa: E402
-from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, default_config, packed_dot_call,  # noqa: E402
-                                                 pallas_packed_dense)
+from mlsys_jax.quant.binary.pallas_dense import (DenseConfig, _check_config, default_config,  # noqa: E402
+                                                 packed_dot_call, pallas_packed_dense)
 
 # Sweep 1 (binary_dense_h200_sweep1.json) tried 14 ('sweep1'); these are its front runners, timed by
 # the final run (binary_dense_h200_final.json).
@@ -100,8 +100,11 @@ def _parse_configs(text: str, b: int, n: int, wn: int) -> list[DenseConfig]:
     else:
       v, bn, bk, s, nw, ns = c.split(":")
       cfg = DenseConfig(v, int(bn), int(bk), int(s), int(nw), int(ns))
-    if n % cfg.block_n == 0 and wn % cfg.splits == 0 and (wn // cfg.splits) % cfg.block_k == 0 \
-        and cfg not in out:
+    try:
+      _check_config(n, wn, cfg)
+    except ValueError:      # does not fit this shape
+      continue
+    if cfg not in out:
       out.append(cfg)
   return out
 

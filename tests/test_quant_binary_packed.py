@@ -129,7 +129,7 @@ def test_convert_quicknet_matches_flax(shortcut):
 
 
 @pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1), ("csa", 1), ("hs", 1),
-                                            ("hs2", 1),
+                                            ("hs2", 1), ("ntile", 2),
                                             pytest.param("bcast", 2, marks=pytest.mark.slow),
                                             pytest.param("rows", 4, marks=pytest.mark.slow)])
 def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
@@ -142,7 +142,7 @@ def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
   a, w = a & tail, w & tail
   # Several programs along N and along the words, several loop steps each.
   block_k = 8 if variant in ("csa", "hs") else 4     # csa/hs: 8 slices of one word (hs: 2 steps carried)
-  # hs2: 2 slices of 2 words, 4 steps with the ones vector carried
+  # hs2: 2 slices of 2 words, 4 steps with the ones vector carried; ntile: 4 output rows per step, 4 steps
   got = pallas_packed_dense(a, w, 500, variant, block_n=16, block_k=block_k, splits=splits,
                             interpret=True)
   np.testing.assert_array_equal(got, pk._popcount_dot(a, w, 500))

@@ -28,6 +28,11 @@ Variants of the inner loop (``variant``):
   the carried ``ones`` vector, and only the carry is counted (reduced to ``(block_n,)`` each step, as in
   ``'rows'``): 1 popcount per 2 words for about 2.5 logic operations per word, which balances the
   quarter-rate popcount pipe against the full-rate logic pipe better than the deeper trees.
+- ``'ntile'``: each program loops over its ``block_n`` outputs ``block_k`` rows at a time, each step
+  reading whole weight rows (``W / splits`` words) with the activations hoisted into registers, so that
+  with ``num_stages >= 2`` Triton prefetches the next rows while the current ones are counted (the other
+  variants loop over words and, at the default tiles, run a single step per program: no overlap of the
+  weight read with the popcounts inside a program).
 
 Triton's ``population_count`` lowering takes int32, so the XOR of the uint32 words is bitcast to int32
 inside the kernel (the bit pattern, hence the count, is unchanged).
@@ -46,7 +51,7 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "bcast", "csa", "hs", "hs2")
+VARIANTS = ("acc", "rows", "bcast", "csa", "hs", "hs2", "ntile")
 
 
 class DenseConfig(NamedTuple):
@@ -87,9 +92,13 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # divide W = 256; device time):
 # 'rows' 32 x 128 words, 2 K splits, 8 warps, 3 stages: 7.8 us at 8192, 22.4 at 16384 (the unsplit 64 x 128
 # took 8.8 / 25.0): 4x the programs (half the rows each, 2 K splits), so more warps per SM to hide the popcount latency.
+# H200 17:15 and 17:42 UTC (binary_dense_h200_b8_hs_sweep.json, binary_dense_h200_final2.json, device time):
+# at batch 8 no carry-save form beats 'rows' 32 x 128 / 2 splits (7.7 us at 8192: 'hs' 8.6, 'csa' 8.8, 'hs2'
+# 9.3; 16384: 22.6 us vs 'hs2' 25.8); at batch 4 that same configuration takes 5.2 us at 8192 and 14.2 at
+# 16384 against 6.5 / 15.0 for 'rows' 64 x 128 (unsplit), so batches 3-4 use it too.
 # Keys: the largest batch an entry is for (batch 3 uses the batch-4 entry, 5-7 the batch-8 one).
 _TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 2: DenseConfig("acc", 8, 256, 1, 2, 1),
-          4: DenseConfig("rows", 64, 128, 1, 8, 3), 8: DenseConfig("rows", 32, 128, 2, 8, 3)}
+          4: DenseConfig("rows", 32, 128, 2, 8, 3), 8: DenseConfig("rows", 32, 128, 2, 8, 3)}
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
@@ -108,7 +117,7 @@ def kernel_applies(b: int, n: int, wn: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def kernel_self_test() -> bool:
   """Once per process: compile the kernel with the default launch parameters of every tuned batch group
-  (B = 1, 3 and 8: ``acc``, unsplit ``rows`` and split-K ``rows``; K not a multiple of 32) and compare each
+  (B = 1, 3 and 8: ``acc`` and split-K ``rows``; K not a multiple of 32) and compare each
   with XLA's packed path. On failure (a
   compile error or a mismatch) warn and return False: ``packed_dense`` then keeps the XLA path.
 
@@ -168,6 +177,20 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
   Writes ``k - 2 acc`` (``k`` given: the whole reduction is in this program) or ``acc`` (split K)."""
   block_n = w_ref.shape[0]
   words = lambda i: pl.ds(i * block_k, block_k)
+
+  if variant == "ntile":                    # block_k = output rows per loop step; all words at once
+    sub_n = block_k
+    a_rows = [a_ref[b, :] for b in range(batch)]                     # hoisted: (W/splits,) each
+
+    def body(r, carry):
+      w = w_ref[pl.ds(r * sub_n, sub_n), :]                          # (sub_n, W/splits)
+      for b in range(batch):
+        acc = jnp.sum(_popc(w, a_rows[b][None, :]), axis=1)
+        o_ref[b, pl.ds(r * sub_n, sub_n)] = acc if k is None else k - 2 * acc
+      return carry
+
+    jax.lax.fori_loop(0, block_n // sub_n, body, 0)
+    return
 
   if variant == "bcast":
     def body(i, acc):
@@ -286,6 +309,12 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
   if cfg.variant in ("csa", "hs") and cfg.block_k < 8:
     raise ValueError(f"variant '{cfg.variant}' splits each step into 8 slices: block_k must be >= 8, got "
                      f"{cfg.block_k}.")
+  if cfg.variant == "ntile":
+    if n % cfg.block_n or wn % cfg.splits or cfg.block_n % cfg.block_k:
+      raise ValueError(f"variant 'ntile' loops over block_k={cfg.block_k} output rows at a time: N={n} must be "
+                       f"a multiple of block_n={cfg.block_n}, block_n of block_k and W={wn} of "
+                       f"splits={cfg.splits}.")
+    return
   if n % cfg.block_n or wn % cfg.splits or (wn // cfg.splits) % cfg.block_k:
     raise ValueError(f"N={n} must be a multiple of block_n={cfg.block_n} and W={wn} of "
                      f"splits * block_k={cfg.splits} * {cfg.block_k}; pick smaller blocks "
@@ -306,7 +335,8 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'hs'`` or ``'hs2'`` (module docstring).
+    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'hs'``, ``'hs2'`` or ``'ntile'`` (module
+      docstring; for ``'ntile'`` ``block_k`` is the number of OUTPUT rows per loop step).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
