@@ -457,6 +457,12 @@ def test_buffer_shapes_and_deep_nesting():
   assert mod.entry.root.shape.elements[0].dims == (8, 16) and mod.entry.root.operands == ["p", "constant.anon"]
   # Nested operands in a one-instruction text; nesting too deep is a clear error, not a RecursionError.
   deep = "f32[] " + "add(f32[] constant(0), f32[] " * 30 + "constant(0)" + ")" * 30
-  assert len(cost.parse_hlo(deep).entry.instructions) == 61
+  one = cost.parse_hlo(deep)
+  # XLA looks each operand's name up first (a nested operand's opcode), making parameters of them.
+  assert [i.name for i in one.entry.instructions[:4]] == ["constant", "constant.anon", "add", "constant.anon.1"]
+  assert len(one.entry.instructions) == 2 + 61 and one.entry.root.name == "_"
+  _same_structure_as_xla(deep, one)
+  with pytest.raises(cost.HloParseError, match="parameter number"):
+    cost.parse_hlo("par0 = f32[3,5] parameter(-1)")
   with pytest.raises(cost.HloParseError, match="nested too deeply"):
     cost.parse_hlo("f32[] " + "negate(f32[] " * 600 + "constant(0)" + ")" * 600)

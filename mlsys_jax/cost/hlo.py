@@ -433,6 +433,7 @@ class _Reader:
       attrs[key] = v
 
 
+_OPERAND_NAME = re.compile(r"%?[\w.\-]+")
 _NESTED_AT = re.compile(r"(?:\(.*\)|[a-z][a-z0-9]*\s*\[[^\]]*\](?:\s*\{[^{}]*\})?|token|opaque)?\s*"
                         r"[a-z][\w\-]*\s*\(.*\)", re.S)
 
@@ -455,7 +456,10 @@ def _parse_instruction_at(r: _Reader, anon: dict[str, int]) -> list[Instruction]
 
 
 def _parse_rhs(r: _Reader, name: str | None, is_root: bool, lineno: int, start: int,
-               anon: dict[str, int], with_attrs: bool) -> list[Instruction]:
+               anon: dict[str, int], with_attrs: bool,
+               hook: Callable[[str, str | None, list], None] | None = None) -> list[Instruction]:
+  """``[shape] opcode(operands)[, attrs]``; ``hook(name, shape, out)`` (one-instruction texts) sees
+  each operand's name -- a nested operand's opcode -- before it is read, as XLA's parser does."""
   at = r.i
   shape_s = r.shape()
   shape = None
@@ -477,19 +481,41 @@ def _parse_rhs(r: _Reader, name: str | None, is_root: bool, lineno: int, start: 
   out: list[Instruction] = []
   if opcode in ("parameter", "constant"):
     literal = " ".join(ops_s.split())
+    if opcode == "parameter" and not literal.isdigit():
+      raise r.error(f"parameter number must be an integer >= 0, got {literal!r}", start)
   else:
     try:
       parts = split_top_level(ops_s) if ops_s.strip() else []
     except ValueError as e:
       raise r.error(f"operands: {e}", start) from None
-    for p in parts:
+    for k, p in enumerate(parts):
       tok = p.split()[-1] if p.split() else ""
-      if re.fullmatch(r"%?[\w.\-]+", tok):
+      is_name = _OPERAND_NAME.fullmatch(tok) is not None
+      if is_name and hook is None:
         operands.append(tok.lstrip("%"))
-      elif _NESTED_AT.fullmatch(p):  # an instruction nested as an operand (no name, no attributes)
+        continue
+      nested_p = not is_name and _NESTED_AT.fullmatch(p) is not None
+      if hook is not None and not nested_p:  # one-instruction text: 'shape [name]' operands
+        sub = _Reader(p, p)
+        s_ = sub.shape()
+        if s_ is None:
+          raise r.error(f"operand {p!r} of a single instruction needs its shape (XLA: 'Operand had "
+                        "no shape in HLO text')", start)
+        sub.ws()
+        oname = (sub.match(_NAME_AT) or "").lstrip("%") or f"_{k}"
+        hook(oname, s_, out)
+        operands.append(oname)
+      elif nested_p:  # an instruction nested as an operand (no name, no attributes)
         sub = _Reader(p, p)
         try:
-          nested = _parse_rhs(sub, None, False, lineno, 0, anon, False)
+          if hook is not None:  # XLA looks the opcode up as an operand name first
+            s_ = sub.shape()
+            sub.ws()
+            op_tok = sub.match(_OPCODE_AT)
+            if s_ is not None and op_tok:
+              hook(op_tok, s_, out)
+            sub.i = 0
+          nested = _parse_rhs(sub, None, False, lineno, 0, anon, False, hook)
           sub.ws()
           if sub.i != sub.n:
             raise sub.error(f"unexpected {p[sub.i:sub.i + 20]!r} after the nested instruction")
@@ -551,8 +577,10 @@ def _parse_inline(r: _Reader) -> str:
 
 def _parse_single_instruction(r: _Reader) -> tuple[dict[str, Computation], str]:
   """A text that is one instruction (XLA's ``ParseAndReturnUnverifiedModule`` accepts it): the entry
-  computation ``_`` gets a parameter per operand (named by the operand, else ``_<k>``) and the
-  instruction (named ``_`` if it has no name); inline computations follow it."""
+  computation ``_`` gets a parameter per operand name (a plain operand's name, else ``_<k>``, and a
+  nested operand's opcode, as XLA looks it up), created where XLA creates it, then the instructions
+  nested as operands and the instruction itself (named ``_`` if it has no name); inline computations
+  follow it."""
   start = r.i
   lineno = r.lineno()
   is_root = r.keyword("ROOT")
@@ -566,59 +594,36 @@ def _parse_single_instruction(r: _Reader) -> tuple[dict[str, Computation], str]:
     r.i += 1
     r.ws()
   r.n_inline = 1  # the entry is "_"; inline computations are "_.1", "_.2", ...
-  at = r.i
-  shape_s = r.shape()
-  if shape_s is None:
+  if r.shape() is None:
     raise r.error("expected an HLO module, a computation or one instruction "
                   "'[name =] shape opcode(shape operand, ...)'", start)
-  try:
-    shape = parse_shape(shape_s)
-  except ValueError as e:
-    raise r.error(str(e), at) from None
-  r.ws()
-  opcode = r.match(_OPCODE_AT)
-  if opcode is None:
-    raise r.error("expected 'opcode(' after the shape", r.i)
-  r.ws()
-  ops_s = r.balanced()[1:-1]
-  attrs = r.attributes()
+  r.i = save if name == "_" else r.i
+  if name != "_":
+    r.i = start
+    r.keyword("ROOT")
+    r.ws()
+    r.match(_NAME_AT)
+    r.ws()
+    r.i += 1
+    r.ws()
+  params: dict[str, Instruction] = {}
+
+  def hook(oname: str, shape_s: str | None, out: list) -> None:
+    if oname in params:
+      return
+    try:
+      shape = parse_shape(shape_s) if shape_s is not None else None
+    except ValueError as e:
+      raise r.error(str(e), start) from None
+    params[oname] = Instruction(oname, "parameter", shape, [], {}, False, lineno, str(len(params)))
+    out.append(params[oname])
+
+  instrs = _parse_rhs(r, name.lstrip("%"), is_root, lineno, start, {}, True, hook)
   r.ws()
   if r.i != r.n:
-    raise r.error("unexpected text after the instruction", r.i)
-  params: dict[str, Instruction] = {}
-  operands: list[str] = []
-  literal = None
-  if opcode in ("parameter", "constant"):
-    literal = " ".join(ops_s.split())
-  else:
-    nested_ins: list[Instruction] = []
-    anon: dict[str, int] = {}
-    for k, p in enumerate(split_top_level(ops_s) if ops_s.strip() else []):
-      if _NESTED_AT.fullmatch(p) and not re.fullmatch(r".*\s%?[\w.\-]+", p.strip(), re.S):
-        sub = _Reader(p, p)
-        try:
-          nested = _parse_rhs(sub, None, False, lineno, 0, anon, False)
-        except HloParseError as e:
-          raise r.error(f"nested operand {p[:60]!r}: {e}", start) from None
-        nested_ins.extend(nested)
-        operands.append(nested[-1].name)
-        continue
-      sub = _Reader(p, p)
-      s_ = sub.shape()
-      if s_ is None:
-        raise r.error(f"operand {p!r} of a single instruction needs its shape (XLA: 'Operand had "
-                      "no shape in HLO text')", start)
-      sub.ws()
-      oname = (sub.match(_NAME_AT) or "").lstrip("%") or f"_{k}"
-      if oname not in params:
-        try:
-          params[oname] = Instruction(oname, "parameter", parse_shape(s_), [], {}, False, lineno,
-                                      str(len(params)))
-        except ValueError as e:
-          raise r.error(str(e), start) from None
-      operands.append(oname)
-  ins = Instruction(name.lstrip("%"), opcode, shape, operands, attrs, is_root, lineno, literal)
-  comps = {"_": Computation("_", list(params.values()) + nested_ins + [ins], True, lineno)}
+    raise r.error("unexpected text after the instruction (one instruction alone, or a module with "
+                  "computations)", r.i)
+  comps = {"_": Computation("_", instrs, True, lineno)}
   for c in r.inline:
     comps[c.name] = c
   return comps, "_"
