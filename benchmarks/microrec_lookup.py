@@ -94,10 +94,9 @@ def _flags(ap):
                        "ones compiled are still timed)")
 
 
-DEFAULT_CONFIGS = ("rows_loads_first:8:2,tile:1:2,rows_wide:8:2,tile_grouped:1:2,rows_wide:8:1,rows_wide:16:2,"
-                   "rows_loads_first:8:1,rows_loads_first:16:2,rows_loads_first:4:1,rows_loads_first:32:4,"
-                   "tile_grouped:2:4,rows_wide:4:1,tile:4:2,identity/tile:1:2,identity/rows_loads_first:8:2,"
-                   "tile_atomic:1:2,rows_loads_first:16:4,tile:1:4,rows:32:2")
+DEFAULT_CONFIGS = ("identity/tile:1:2,tile:1:2,identity/rows_loads_first:8:2,rows_loads_first:8:2,"
+                   "identity/rows_wide:8:2,rows_wide:8:2,identity/tile_atomic:1:2,identity/tile:2:2,"
+                   "identity/rows_wide:4:1,rows_wide:4:1,identity/tile:1:4,rows:32:2")
 
 
 def sector_bytes(width: int, itemsize: int = 4) -> int:

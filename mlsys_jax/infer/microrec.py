@@ -686,8 +686,9 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
 
 
 # Launch of the Pallas stage (:func:`lookup`): the fastest in device time at batch 4096 on an H200 (26 Criteo
-# tables, d=16; benchmarks/microrec_lookup.py --parts=stage_sweep; docs/microrec.md).
-PALLAS_DEFAULTS = {"kernel": "rows_loads_first", "block": 8, "num_warps": 2}
+# tables, d=16, per-table plan: 6.5 us per stage; benchmarks/microrec_lookup.py --parts=stage_sweep;
+# docs/microrec.md).
+PALLAS_DEFAULTS = {"kernel": "tile", "block": 1, "num_warps": 2}
 
 
 def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: int | None = None,
