@@ -26,7 +26,8 @@ code ``GuanhuaWang/sensAI``):
    have zero weights, zero bias and zero batch-norm affine parameters); several devices run one group
    of subnets each under ``shard_map`` and add their class columns with one ``pmax`` + ``psum``
    (:func:`ensemble_predict_sharded`); for serving, :func:`make_sharded_predictor` places the weights
-   once, runs each device's subnets at their own width and combines after ONE ``all_gather``.
+   once, runs each device's group (at its own width with ``own_width``) and combines after ONE
+   ``all_gather``.
 
 Supported models (the surgery follows their structure exactly, and refuses anything else, naming the
 layer): :class:`mlsys_jax.models.CNN` (every conv and the hidden dense layer are pruned; the flatten
