@@ -6,6 +6,11 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   python experiments/compressed_adam.py                                   # digits, density 0.01, 5 seeds
   python experiments/compressed_adam.py --ratios=0.01,0.001 --seeds=5 --steps=150
   python experiments/compressed_adam.py --dataset=mnist1d --steps=300
+  # density 0.1%: DGC's density warm-up, selection on each worker's gradient over its own RMS (Adam-aware)
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rms \
+    --density_warmup=150
+  # comm.adaptive_ef.spread_releases variants on the plain chain
+  python experiments/compressed_adam.py --ratios=0.001 --modes=chain --spread=none,leaky@100,linear@50
 
 Each seed draws the initialisation and the batch order once and shares them between all arms (paired
 trials); comparisons use ``mlsys_jax.stats.compare`` (P(A>B) with its bootstrap interval) and a paired
@@ -51,7 +56,7 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
                            "chain(c(precondition=scale_by_adam()), adam); rms: chain(c(precondition="
                            "scale_by_rms()), adam) (each worker selects and sends its gradient over the RMS "
-                           "of its own gradients).")
+                           "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
@@ -59,8 +64,9 @@ _DWARMUP = flags.DEFINE_list("density_warmup", ["0"], "Density warm-up steps (co
                               "0.25 -> 0.0625 -> ... schedule down to the target) to compare; 0 = none.")
 _DW_START = flags.DEFINE_float("dwarmup_start", 0.25, "First density of --density_warmup (then / 4 per stage "
                                "while above the target; DGC: 0.25).")
-_SPREAD = flags.DEFINE_list("spread", ["none"], "comm.spread_releases around the compressor: none, linear, "
-                             "leaky (each release delivered as a rate over the interval it stands for).")
+_SPREAD = flags.DEFINE_list("spread", ["none"], "comm.adaptive_ef.spread_releases around the compressor: none, "
+                             "leaky, linear, hold (each release delivered as a rate over the interval it "
+                             "stands for); 'leaky@100' sets max_interval 100, 'leaky@100f1' also floor 1.")
 _SPREAD_MAX = flags.DEFINE_integer("spread_max", 0, "max_interval of spread_releases (0 = no limit).")
 _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_releases (0 = none).")
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
@@ -101,7 +107,7 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
 
 def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTransformation:
   pre = (optax.scale_by_adam() if mode.startswith("precondition") else
-         optax.scale_by_rms() if mode == "rms" else None)
+         optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms") else None)
   pt = _PER_TENSOR.value
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
                                  per_tensor=pt),
