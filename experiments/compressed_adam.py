@@ -35,7 +35,7 @@ import optax  # noqa: E402
 
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
-from mlsys_jax.comm.adaptive_ef import spread_releases  # noqa: E402
+from mlsys_jax.comm.adaptive_ef import scale_by_leaf_rms, spread_releases  # noqa: E402
 from mlsys_jax.comm.lowrank import _state_field, total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
                                    stage_boundaries)
@@ -107,7 +107,8 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
 
 def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTransformation:
   pre = (optax.scale_by_adam() if mode.startswith("precondition") else
-         optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms") else None)
+         optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms") else
+         scale_by_leaf_rms() if mode == "leafrms" else None)
   pt = _PER_TENSOR.value
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
                                  per_tensor=pt),

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import density_warmup, topk
-from mlsys_jax.comm.adaptive_ef import SpreadState, spread_releases
+from mlsys_jax.comm.adaptive_ef import SpreadState, scale_by_leaf_rms, spread_releases
 
 from _trees import grads as _grads, params as _params  # tests/_trees.py
 
@@ -219,3 +219,28 @@ def test_bad_input():
     spread_releases(optax.identity()).init(_params())
   with pytest.raises(TypeError, match="floating"):
     spread_releases(topk(0.1)).init({"w": jnp.zeros(3, jnp.int32)})
+
+
+def test_scale_by_leaf_rms_matches_numpy():
+  """Each leaf over the root of its bias-corrected EMA of the mean square (float64 numpy), under jit; inside
+  a sparsifier's precondition= it changes what is selected, not the bytes."""
+  tx = scale_by_leaf_rms(decay=0.8, eps=1e-8)
+  st = tx.init(_params())
+  update = jax.jit(tx.update)
+  nu = {k: 0.0 for k in _params()}
+  for s in range(3):
+    g = _grads(s, scale=1.0 + s)
+    out, st = update(g, st)
+    for k, x in g.items():
+      x = np.asarray(x, np.float64)
+      nu[k] = 0.8 * nu[k] + 0.2 * np.mean(x ** 2)
+      np.testing.assert_allclose(np.asarray(out[k]), x / np.sqrt(nu[k] / (1 - 0.8 ** (s + 1)) + 1e-8),
+                                 rtol=1e-5)
+  plain, pre = topk(0.05), topk(0.05, precondition=scale_by_leaf_rms())
+  _, s_plain = plain.update(_grads(0), plain.init(_params()))
+  _, s_pre = pre.update(_grads(0), pre.init(_params()))
+  assert float(s_pre.bytes_sent) == float(s_plain.bytes_sent) > 0
+  with pytest.raises(ValueError, match="decay"):
+    scale_by_leaf_rms(decay=1.0)
+  with pytest.raises(ValueError, match="eps"):
+    scale_by_leaf_rms(eps=0.0)

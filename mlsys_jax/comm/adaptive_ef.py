@@ -44,7 +44,7 @@ import optax
 from mlsys_jax._checks import check_choice, check_floating, check_int
 from mlsys_jax.comm.lowrank import _state_field
 
-__all__ = ["SpreadState", "spread_releases"]
+__all__ = ["LeafRMSState", "SpreadState", "scale_by_leaf_rms", "spread_releases"]
 
 
 class SpreadState(NamedTuple):
@@ -186,5 +186,52 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
     rel = sum((p[5] for p in parts), jnp.zeros((), jnp.float32))
     return out, SpreadState(t + 1, inner, unf(1), unf(2), unf(3), unf(4), state.releases + rel, sent,
                             state.total_bytes + sent)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class LeafRMSState(NamedTuple):
+  """State of :func:`scale_by_leaf_rms`: steps taken and the EMA of each leaf's mean squared entry."""
+  count: jax.Array
+  nu: Any
+
+
+def scale_by_leaf_rms(decay: float = 0.9, eps: float = 1e-8) -> optax.GradientTransformation:
+  """Divide each leaf by the root of an EMA of its mean squared entry (one scale per tensor, local).
+
+  A per-tensor counterpart of ``optax.scale_by_rms`` for the sparsifiers' ``precondition=`` option: the
+  selection then compares entries relative to their own tensor's scale (every layer on one footing)
+  without rescaling coordinates within a tensor. The EMA is bias-corrected (``nu / (1 - decay^t)``).
+
+  Args:
+    decay: EMA decay in [0, 1).
+    eps: added inside the square root (> 0).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> g = {'a': jnp.array([3.0, 4.0]), 'b': jnp.array([0.1])}
+    >>> tx = scale_by_leaf_rms()
+    >>> out, _ = tx.update(g, tx.init(g))
+    >>> [round(float(x), 4) for x in out['a']], round(float(out['b'][0]), 4)
+    ([0.8485, 1.1314], 1.0)
+  """
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+    raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    raise ValueError(f"eps must be a number > 0, got {eps!r}.")
+
+  def init_fn(params):
+    check_floating("scale_by_leaf_rms.init", params)
+    return LeafRMSState(jnp.zeros((), jnp.int32), jax.tree_util.tree_map(lambda _: jnp.zeros((), jnp.float32),
+                                                                         params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count + 1
+    nu = jax.tree_util.tree_map(lambda n, g: decay * n + (1 - decay) * jnp.mean(jnp.square(g.astype(jnp.float32))),
+                                state.nu, updates)
+    corr = 1.0 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+    out = jax.tree_util.tree_map(lambda g, n: (g / jnp.sqrt(n / corr + eps)).astype(g.dtype), updates, nu)
+    return out, LeafRMSState(count, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
