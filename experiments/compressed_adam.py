@@ -56,7 +56,9 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
                            "chain(c(precondition=scale_by_adam()), adam); rms: chain(c(precondition="
                            "scale_by_rms()), adam) (each worker selects and sends its gradient over the RMS "
-                           "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)).")
+                           "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)); rmslate: rms in the final "
+                           "density stage only; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per "
+                           "tensor).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
@@ -91,7 +93,7 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
   if compressor is None:
     return optax.adam(lr)
   if dwarmup:
-    c = density_warmup(lambda r: _compressor(compressor, mode, r), ratio, steps=dwarmup,
+    c = density_warmup(lambda r: _compressor(compressor, mode, r, final=r == ratio), ratio, steps=dwarmup,
                        ratios=dgc_density_schedule(ratio, start=_DW_START.value), fixed_stage=stage)
   else:
     c = _compressor(compressor, mode, ratio)
@@ -105,9 +107,17 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
   return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
 
 
-def _compressor(compressor: str, mode: str, ratio: float) -> optax.GradientTransformation:
+def _rms_state_only(decay: float = 0.9) -> optax.GradientTransformation:
+  """``scale_by_rms``'s state, updated, with the gradient passed through unscaled: the warm-up stages of
+  mode 'rmslate' (same state layout as the final stage, whose RMS is then warm)."""
+  rms = optax.scale_by_rms(decay=decay)
+  return optax.GradientTransformation(rms.init, lambda u, s, p=None: (u, rms.update(u, s, p)[1]))
+
+
+def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) -> optax.GradientTransformation:
   pre = (optax.scale_by_adam() if mode.startswith("precondition") else
-         optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms") else
+         optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms@") or mode == "rms" else
+         (optax.scale_by_rms() if final else _rms_state_only()) if mode == "rmslate" else
          scale_by_leaf_rms() if mode == "leafrms" else None)
   pt = _PER_TENSOR.value
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
