@@ -27,6 +27,10 @@ max_interval=50`` (Adam 89.9 / 90.2%), but the spread does not add to DGC's dens
 Adam-aware selection (``precondition=optax.scale_by_rms()``), which is the recommended recipe at 0.1%; so
 this wrapper is the tool for a chain *without* a warm-up, and the record of what the diagnosis predicts.
 
+:func:`scale_by_leaf_rms` is a per-tensor RMS scaling for the sparsifiers' ``precondition=`` option, the
+per-tensor counterpart of ``optax.scale_by_rms`` (which, per coordinate, is the recommended 0.1% recipe;
+one scale per tensor measured no better than the plain chain; docs/comm.md).
+
 Related: DGC (Lin et al., ICLR 2018) accumulates locally and releases at once; 1-bit Adam (Tang et al.,
 ICML 2021) and 0/1 Adam (Lu et al., ICLR 2023) keep Adam's variance fixed or local. This wrapper keeps
 ``optax.chain(<compressor>, optax.adam(lr))`` as users write it and changes only *when* the released
