@@ -23,3 +23,4 @@ from mlsys_jax.comm.sparse import *  # noqa: F401,F403
 from mlsys_jax.comm.lowrank import *  # noqa: F401,F403
 from mlsys_jax.comm.accordion import *  # noqa: F401,F403
 from mlsys_jax.comm.warmup import *  # noqa: F401,F403
+from mlsys_jax.comm.adaptive_ef import *  # noqa: F401,F403
