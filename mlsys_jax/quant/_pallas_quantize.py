@@ -51,6 +51,7 @@ try:
 except Exception:  # pragma: no cover - jax without Pallas/Triton support
   pl = plgpu = None
 
+from mlsys_jax._checks import check_choice
 from mlsys_jax._compat import run_outside_traces, triton_compiler_params
 
 BLOCK_ELEMS = 8192      # elements (rows * padded row length) per program
@@ -381,6 +382,19 @@ def _same(a, b, skip_nan_zp: bool = False) -> jax.Array:
       ok = ok | jnp.isnan(la[1]) | jnp.isnan(lb[1])
     eq.append(jnp.all(ok))
   return jnp.all(jnp.stack(eq))
+
+
+def choose_impl(impl: str | None, rows_ok: bool, needs) -> str | None:
+  """The path a public quantize function takes: ``impl`` as given (``'pallas'``/``'interpret'``), None for
+  ``'xla'``, and for ``impl=None`` the kernel where the layout fits (``rows_ok``) and :func:`default_impl`
+  allows it. An explicit kernel request on a layout it cannot take raises, naming what it ``needs``."""
+  if impl is not None:
+    check_choice("impl", impl, ("xla", "pallas", "interpret"))
+  if impl == "xla":
+    return None
+  if impl is not None and not rows_ok:
+    raise ValueError(f"impl={impl!r}: the one-pass kernel takes {needs()}. Use impl=None or 'xla'.")
+  return impl or (default_impl() if rows_ok else None)
 
 
 def default_impl() -> str | None:

@@ -220,19 +220,13 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
   check_finite("x", x)
   x = jnp.asarray(x)
   axes = _norm_axes(axis, x.ndim)
-  if impl is not None:
-    check_choice("impl", impl, ("xla", "pallas", "interpret"))
-  if impl != "xla":
-    rows_ok = bounds is None and rounding == "nearest" and _row_groups(x, axes)
-    if impl is not None and not rows_ok:
-      raise ValueError(f"impl={impl!r}: the one-pass kernel takes rounding='nearest', no bounds, a float "
-                       f"dtype and axis = the trailing axes with at most {_pallas_quantize.MAX_ROW} "
-                       f"elements per row; got axis={axes} for shape {x.shape}, dtype {x.dtype}, "
-                       f"rounding={rounding!r}, bounds {'given' if bounds is not None else 'None'}. "
-                       "Use impl=None or 'xla'.")
-    kimpl = impl or (_pallas_quantize.default_impl() if rows_ok else None)
-    if kimpl:
-      return _quantize_rows(x, bits, symmetric, unsigned, axes, kimpl)
+  rows_ok = impl != "xla" and bounds is None and rounding == "nearest" and _row_groups(x, axes)
+  kimpl = _pallas_quantize.choose_impl(
+      impl, rows_ok, lambda: f"rounding='nearest', no bounds, a float dtype and axis = the trailing axes with at "
+      f"most {_pallas_quantize.MAX_ROW} elements per row; got axis={axes} for shape {x.shape}, dtype {x.dtype}, "
+      f"rounding={rounding!r}, bounds {'given' if bounds is not None else 'None'}")
+  if kimpl:
+    return _quantize_rows(x, bits, symmetric, unsigned, axes, kimpl)
   xf = x.astype(jnp.float32)
   if bounds is None:
     lo = jnp.min(xf, axis=axes, keepdims=True)

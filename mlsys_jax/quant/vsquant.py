@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mlsys_jax._checks import check_choice, check_finite, check_int
+from mlsys_jax._checks import check_finite, check_int
 from mlsys_jax.quant import _pallas_quant, _pallas_quantize
 from mlsys_jax.quant.fixed_point import _check_bits, _check_float, code_dtype, qrange, straight_through
 
@@ -144,20 +144,14 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"axis {axis} out of range for rank {x.ndim}.")
   axis %= x.ndim
-  if impl is not None:
-    check_choice("impl", impl, ("xla", "pallas", "interpret"))
-  if impl != "xla":
-    rows_ok = _rows_ok(x, axis, vector_size, scale_bits, coarse_axes, coarse_amax, pad)
-    if impl is not None and not rows_ok:
-      raise ValueError(f"impl={impl!r}: the one-pass kernel takes vectors along the last axis (got axis "
-                       f"{axis} of rank {x.ndim}), vector_size in {_pallas_quantize.VECTOR_SIZES} (got "
-                       f"{vector_size}), a per-row coarse scale (coarse_axes=(), got {coarse_axes}) or "
-                       f"scale_bits=None, no coarse_amax, a float dtype and rows of at most "
-                       f"{_pallas_quantize.MAX_ROW} elements (got {x.shape[-1] if x.ndim else 0}). "
-                       "Use impl=None or 'xla'.")
-    kimpl = impl or (_pallas_quantize.default_impl() if rows_ok else None)
-    if kimpl:
-      return _vs_quantize_rows(x, bits, vector_size, scale_bits, kimpl)
+  rows_ok = impl != "xla" and _rows_ok(x, axis, vector_size, scale_bits, coarse_axes, coarse_amax, pad)
+  kimpl = _pallas_quantize.choose_impl(
+      impl, rows_ok, lambda: f"vectors along the last axis (got axis {axis} of rank {x.ndim}), vector_size in "
+      f"{_pallas_quantize.VECTOR_SIZES} (got {vector_size}), a per-row coarse scale (coarse_axes=(), got "
+      f"{coarse_axes}) or scale_bits=None, no coarse_amax, a float dtype and rows of at most "
+      f"{_pallas_quantize.MAX_ROW} elements (got {x.shape[-1] if x.ndim else 0})")
+  if kimpl:
+    return _vs_quantize_rows(x, bits, vector_size, scale_bits, kimpl)
   xs, k = _split(x.astype(jnp.float32), axis, vector_size, pad)
   _, qmax = qrange(bits, True, False)
   amax_v = jnp.max(jnp.abs(xs), axis=axis + 1, keepdims=True)     # one per vector
