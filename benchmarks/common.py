@@ -105,6 +105,39 @@ def idle_clusters(events: list, gap_ns: float) -> list[list]:
   return clusters
 
 
+def call_device_times(fns: dict, calls: int, per_call: int = 1, gap_s: float = 0.004) -> dict:
+  """Device time per operation from ONE profiler trace: each function of ``fns`` runs ``calls`` times alone
+  (block, then sleep ``gap_s``); the GPU kernel events split into one cluster per call at idle gaps >
+  ``gap_s / 2`` (:func:`idle_clusters`). Per function, per operation (a call makes ``per_call``):
+  ``span_s`` (first kernel start to last kernel end, median over calls), ``busy_s`` (kernel durations
+  summed), ``kernels`` (launches) and ``kernel_s`` (each kernel name's durations in seconds, every call).
+  Raises ``RuntimeError`` when the trace does not split into one cluster per call."""
+  import time
+  import numpy as np
+  names = list(fns)
+
+  def run():
+    for nm in names:
+      for _ in range(calls):
+        jax.block_until_ready(fns[nm]())
+        time.sleep(gap_s)
+
+  clusters = idle_clusters(device_stream_events(run), gap_s * 1e9 / 2)
+  if len(clusters) != len(names) * calls:
+    raise RuntimeError(f"{len(clusters)} kernel clusters for {len(names)} functions x {calls} calls")
+  res = {}
+  for i, nm in enumerate(names):
+    cl = clusters[i * calls:(i + 1) * calls]
+    by_name: dict = {}
+    for c in cl:
+      for ev in c:
+        by_name.setdefault(ev[3], []).append(ev[2] * 1e-9)
+    res[nm] = {"span_s": float(np.median([max(ev[1] for ev in c) - c[0][0] for c in cl])) * 1e-9 / per_call,
+               "busy_s": sum(ev[2] for c in cl for ev in c) * 1e-9 / (calls * per_call),
+               "kernels": sum(len(c) for c in cl) / (calls * per_call), "kernel_s": by_name}
+  return res
+
+
 def write_json(out: str | None, name: str, payload: dict) -> None:
   out = out or os.environ.get("OUT") or "results/benchmarks"
   path = pathlib.Path(out)

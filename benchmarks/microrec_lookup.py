@@ -94,9 +94,10 @@ def _flags(ap):
                        "ones compiled are still timed)")
 
 
-DEFAULT_CONFIGS = ("identity/tile:1:2,tile:1:2,identity/rows_loads_first:8:2,rows_loads_first:8:2,"
-                   "identity/rows_wide:8:2,rows_wide:8:2,identity/tile_atomic:1:2,identity/tile:2:2,"
-                   "identity/rows_wide:4:1,rows_wide:4:1,identity/tile:1:4,rows:32:2")
+DEFAULT_CONFIGS = ("identity/tile:1:2,identity/tile_direct:1:2,identity/tile:1:2:partial,"
+                   "identity/tile_direct:1:2:partial,identity/tile_direct:1:1:partial,identity/tile:1:1:partial,"
+                   "identity/tile_direct:2:2:partial,identity/tile_atomic:1:2,identity/rows_wide:4:1:partial,"
+                   "identity/tile_direct:1:4:partial,tile:1:2,tile:1:2:partial,tile_atomic:1:2,rows:32:2")
 
 
 def sector_bytes(width: int, itemsize: int = 4) -> int:
@@ -196,68 +197,93 @@ def profile_calls(fn, calls: int, top: int = 12) -> dict:
   return out
 
 
-def chained(look):
+def chained(look, partial: bool = False):
   """jit(stage, [idx_0, ..]) -> [look(stage, idx_k)]: one lookup per index array, in order, each its own
   launch(es): index array k+1 passes an optimization barrier together with result k, so XLA can neither
-  merge the lookups (horizontal fusion) nor reorder them."""
+  merge the lookups (horizontal fusion) nor reorder them. ``partial``: the lookups return per-program
+  out-of-range counts (``count="partial"``) and ONE reduction after the chain sums each lookup's (the
+  consumer's sum: its cost is shared by the chain's lookups, as a model's consumer would fuse it)."""
   def run(st, idxs):
     outs = []
     for i in idxs:
       if outs:
         i, _ = jax.lax.optimization_barrier((i, outs[-1]))
       outs.append(look(st, i))
+    if partial:
+      totals = jnp.sum(jnp.stack([c for _, c in outs]), axis=1)
+      outs = [(e, totals[j]) for j, (e, _) in enumerate(outs)]
     return outs
   return jax.jit(run)
 
 
 def device_times(fns: dict, calls: int, per_call: int, gap_s: float = 0.004) -> dict:
-  """Device seconds per lookup from ONE profiler trace (``common.device_stream_events``): each function
-  runs ``calls`` times alone (block, sleep ``gap_s``); the GPU kernels split into one cluster per call at
-  idle gaps > ``gap_s / 2`` (``common.idle_clusters``). Per lookup (a call makes ``per_call``): ``span_s``
-  (first kernel start to last kernel end, median over calls), ``busy_s`` (kernel durations summed),
-  ``kernels`` (launches), and the kernel with the most time (``main_kernel``, its median duration
-  ``main_kernel_s``: for the Pallas stage the one-kernel stage itself, without the tiny count-sum kernel).
+  """Device seconds per lookup from ONE profiler trace (``common.call_device_times``: each function runs
+  ``calls`` times alone, the kernels clustered per call). Per lookup (a call makes ``per_call``): ``span_s``,
+  ``busy_s`` (kernel durations summed), ``kernels`` (launches), and the kernel with the most time
+  (``main_kernel``, its median duration ``main_kernel_s``: for the Pallas stage the one-kernel stage itself).
   When the trace does not split into one cluster per call, each variant gets its own trace instead; a
   variant that still does not gets ``device_error``; ``{"error": ...}`` when the trace has no GPU kernels."""
-  import collections
-  names = list(fns)
-
-  def run():
-    for nm in names:
-      for _ in range(calls):
-        jax.block_until_ready(fns[nm]())
-        time.sleep(gap_s)
-
-  clusters = common.idle_clusters(common.device_stream_events(run), gap_s * 1e9 / 2)
-  per_name = None
-  if not clusters:
-    return {"error": "no GPU kernel events in the trace"}
-  if len(clusters) != len(names) * calls:  # fall back to one trace per variant
-    per_name = {}
-    for nm in names:
-      def one(nm=nm):
-        for _ in range(calls):
-          jax.block_until_ready(fns[nm]())
-          time.sleep(gap_s)
-      per_name[nm] = common.idle_clusters(common.device_stream_events(one), gap_s * 1e9 / 2)
+  try:
+    got, one = common.call_device_times(fns, calls, per_call, gap_s), True
+  except RuntimeError:  # fall back to one trace per variant
+    got, one = {}, False
+    for nm in fns:
+      try:
+        got.update(common.call_device_times({nm: fns[nm]}, calls, per_call, gap_s))
+      except RuntimeError as e:
+        got[nm] = {"device_error": str(e)}
+  if all("device_error" in r for r in got.values()) and got:
+    return {"error": "no per-call kernel clusters in the trace"}
   res = {}
-  for k, nm in enumerate(names):
-    cl = clusters[k * calls:(k + 1) * calls] if per_name is None else per_name[nm]
-    if len(cl) != calls:
-      res[nm] = {"device_error": f"{len(cl)} kernel clusters for {calls} calls"}
+  for nm, r in got.items():
+    if "device_error" in r:
+      res[nm] = r
       continue
-    by_name = collections.defaultdict(list)
-    for c in cl:
-      for ev in c:
-        by_name[ev[3]].append(ev[2])
+    by_name = r.pop("kernel_s")
     main = max(by_name, key=lambda n: sum(by_name[n]))
-    res[nm] = {"span_s": float(np.median([max(ev[1] for ev in c) - c[0][0] for c in cl])) * 1e-9 / per_call,
-               "busy_s": sum(ev[2] for c in cl for ev in c) * 1e-9 / (calls * per_call),
-               "kernels": sum(len(c) for c in cl) / (calls * per_call),
-               "main_kernel": main[:120], "main_kernel_s": float(np.median(by_name[main])) * 1e-9,
+    res[nm] = {**r, "main_kernel": main[:120], "main_kernel_s": float(np.median(by_name[main])),
                "main_kernel_per_lookup": len(by_name[main]) / (calls * per_call),
-               "kernel_names": sorted(n[:80] for n in by_name)[:8], "clusters": len(cl),
-               "one_trace": per_name is None}
+               "kernel_names": sorted(n[:80] for n in by_name)[:8], "one_trace": one}
+  return res
+
+
+H200_SPEC_BANDWIDTH = 4.8e12  # bytes/s, NVIDIA H200 (SXM) HBM3e data-sheet figure
+
+
+def bandwidth_probes(small: bool, gap_s: float = 0.004) -> dict:
+  """The device bandwidth measured several ways in this process (bytes/s; every figure counts the bytes
+  the probe moves): ``copy_wall``: ``common.copy_bandwidth`` (1 GiB ``x * c``, read + write, wall time),
+  the best of 3 repetitions; ``copy_device``: the same copy's kernel alone in DEVICE time (profiler, the
+  stage's own clock), 256 MiB and 1 GiB, the best of both (median over 10 calls each); ``read_device``: a
+  float32 sum over 1 GiB in device time (reads only); ``read_wall``: ``common.read_bandwidth``. ``best``
+  is the largest measured figure: the most demanding floor. ``spec`` is the H200 data-sheet figure
+  (not measured)."""
+  big = 1 << (24 if small else 30)
+  res = {"copy_wall_each": [common.copy_bandwidth(big, repeats=5 if small else 10) for _ in range(3)]}
+  res["copy_wall"] = max(res["copy_wall_each"])
+  res["read_wall"] = common.read_bandwidth(big, repeats=3 if small else 5)
+  fns, nbytes = {}, {}
+  for nb in ((1 << 22,) if small else (1 << 28, 1 << 30)):
+    x = jax.random.normal(jax.random.PRNGKey(nb), (nb // 4,), jnp.float32)
+    f, g = jax.jit(lambda a: a * 1.0000001), jax.jit(lambda a: jnp.sum(a))
+    fns[f"copy_{nb}"], nbytes[f"copy_{nb}"] = (lambda f=f, x=x: f(x)), 2 * nb
+    fns[f"read_{nb}"], nbytes[f"read_{nb}"] = (lambda g=g, x=x: g(x)), nb
+    for fn in (fns[f"copy_{nb}"], fns[f"read_{nb}"]):
+      jax.block_until_ready(fn())
+  try:
+    dt = common.call_device_times(fns, 10, 1, gap_s)
+    for nm, r in dt.items():  # one kernel per call: its median duration
+      durs = [d for ds in r["kernel_s"].values() for d in ds]
+      res[f"{nm}_device_s"] = float(np.median(durs))
+      res[f"{nm}_device_Bps"] = nbytes[nm] / float(np.median(durs))
+    res["copy_device"] = max(v for k, v in res.items() if k.startswith("copy_") and k.endswith("_device_Bps"))
+    res["read_device"] = max(v for k, v in res.items() if k.startswith("read_") and k.endswith("_device_Bps"))
+  except Exception as e:  # noqa: BLE001 - no profiler trace (e.g. CPU): wall figures only
+    res["device_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  res["best"] = max(res[k] for k in ("copy_wall", "read_wall", "copy_device", "read_device") if k in res)
+  res["best_method"] = max((k for k in ("copy_wall", "read_wall", "copy_device", "read_device") if k in res),
+                           key=lambda k: res[k])
+  res["spec"] = H200_SPEC_BANDWIDTH
   return res
 
 
@@ -272,13 +298,21 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
   stages = {"per_table": mr.build_stage(tables, ident), "fused": mr.build_stage(tables, ident, fuse=True),
             "combined_chunks": mr.build_stage(tables, plan, fuse="chunks")}
   print(f"sweep: stages built ({time.perf_counter() - t_start:.0f} s)")
-  bw = common.copy_bandwidth(1 << (24 if args.small else 30), repeats=5 if args.small else 20)
+  probes = bandwidth_probes(args.small)
+  bw = probes["best"]  # the most demanding floor: the largest bandwidth measured in this process
   gw = [sum(specs[i].dim for i in g) for g in plan.groups]
   read = b * sum(sector_bytes(w) for w in gw)
   write = b * sum(s.dim for s in specs) * 4
-  sw = {"batch": b, "chain": k, "calls": args.calls, "copy_bandwidth_Bps": bw, "read_bytes": read,
-        "write_bytes": write, "floor_read_s": read / bw, "floor_rw_s": (read + write) / bw,
+  sw = {"batch": b, "chain": k, "calls": args.calls, "bandwidth_Bps": probes, "floor_bandwidth_Bps": bw,
+        "floor_method": "4096 rows x 32-byte sectors of every looked-up row (ceil(row bytes / 32) x 32 B per "
+                        "row) over the bandwidth; floor_read_s uses the largest bandwidth measured in this run",
+        "copy_bandwidth_Bps": probes["copy_wall"], "read_bytes": read, "write_bytes": write,
+        "floor_read_s": read / bw, "floor_rw_s": (read + write) / bw,
+        "floor_read_s_by_method": {m: read / probes[m] for m in ("copy_wall", "read_wall", "copy_device",
+                                                                 "read_device", "spec") if m in probes},
         "floor_read_per_table_s": b * sum(sector_bytes(s.dim) for s in specs) / bw}
+  print(f"bandwidth probes (TB/s): " + ", ".join(f"{m} {v / 1e12:.3f}" for m, v in probes.items()
+                                                 if isinstance(v, float) and v > 1e9))
   out["stage_sweep"] = sw
   idxs = [mr.synthetic_batch(1000 + j, specs, b, zipf=args.zipf or None)[1] for j in range(k)]
   rng = np.random.default_rng(7)  # the last array: a few out-of-range indices (clamped and counted)
@@ -288,12 +322,12 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
   variants = {n: (st, {}) for n, st in stages.items()}
   for cfg in args.configs.split(","):
     ident = cfg.startswith("identity/")  # the Pallas stage on the per-table plan (no combination)
-    kern, blk, nw = cfg.removeprefix("identity/").split(":")
+    kern, blk, nw, *cnt = cfg.removeprefix("identity/").split(":")  # ":partial": count summed by the consumer
     if ident and "identity_chunks" not in stages:
       stages["identity_chunks"] = mr.build_stage(tables, mr.Plan.identity(nt), fuse="chunks")
-    variants[f"pallas{'_identity' if ident else ''}_{kern}_b{blk}_w{nw}"] = (
+    variants[f"pallas{'_identity' if ident else ''}_{kern}_b{blk}_w{nw}{''.join('_' + c for c in cnt)}"] = (
         stages["identity_chunks" if ident else "combined_chunks"],
-        {"impl": "pallas", "kernel": kern, "block": int(blk), "num_warps": int(nw)})
+        {"impl": "pallas", "kernel": kern, "block": int(blk), "num_warps": int(nw), **({"count": cnt[0]} if cnt else {})})
   ref = [(np.asarray(e), int(c)) for e, c in chained(mr.lookup)(stages["per_table"], idxs)]
   sw["out_of_range_in_last_array"] = ref[-1][1]
   fns, rows = {}, {}
@@ -303,7 +337,7 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
       rows[n] = {"variant": n, "error": "skipped: --compile_budget_s spent"}
       continue
     try:
-      f = chained(lambda s, i, kw=kw: mr.lookup(s, i, **kw))
+      f = chained(lambda s, i, kw=kw: mr.lookup(s, i, **kw), partial=kw.get("count") == "partial")
       res = f(st, idxs)  # compile and run once
       same = all(np.array_equal(np.asarray(e), r[0]) and int(c) == r[1] for (e, c), r in zip(res, ref))
       rows[n] = {"variant": n, **{kk: v for kk, v in kw.items() if kk != "impl"}, "bit_identical": bool(same),
@@ -315,6 +349,12 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
     sw["variants"] = list(rows.values())
     common.write_json(args.out, name, out)
     print(f"  {n}: {rows[n]}")
+  # reference: a contiguous copy of the floor's read bytes (read once, written once), chained the same way
+  srcs = [jax.random.normal(jax.random.PRNGKey(j), (read // 4,), jnp.float32) for j in range(k)]
+  cp = chained(lambda _, x: (x * 1.0000001, jnp.int32(0)))
+  jax.block_until_ready(cp(None, srcs))
+  fns["contiguous_copy_of_read_bytes"] = lambda: cp(None, srcs)
+  rows["contiguous_copy_of_read_bytes"] = {"variant": "contiguous_copy_of_read_bytes", "bit_identical": None}
   print(f"sweep: compiled and checked ({time.perf_counter() - t_start:.0f} s)")
   wall = round_robin(fns, 3 if args.small else 20, warmup=1)  # wall per chained call (dispatch included)
   for n, t in wall.items():
@@ -341,6 +381,8 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
       for m in ("span_s", "busy_s", "main_kernel_s") if "busy_s" in r else ():
         r[f"{m[:-2]}_vs_floor_read"] = r[m] / sw["floor_read_s"]
         r[f"{m[:-2]}_vs_floor_rw"] = r[m] / sw["floor_rw_s"]
+      for meth, fl in sw["floor_read_s_by_method"].items():  # every way of measuring the bandwidth
+        r[f"busy_vs_floor_read_{meth}"] = r["busy_s"] / fl
   for n, r in rows.items():
     if "busy_s" in r and "busy_s" in rows.get("fused", {}):
       r["busy_vs_fused"] = r["busy_s"] / rows["fused"]["busy_s"]
@@ -349,7 +391,9 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
   common.print_table(sw["variants"], ["variant", "bit_identical", "kernels", "span_s", "busy_s", "main_kernel_s",
                                       "busy_vs_floor_read", "busy_vs_floor_rw", "busy_vs_fused", "wall_per_lookup_s"])
   print(f"floor read {sw['floor_read_s'] * 1e6:.2f} us, read+write {sw['floor_rw_s'] * 1e6:.2f} us "
-        f"(copy bandwidth {bw / 1e12:.2f} TB/s); {sw['device_error']}")
+        f"(bandwidth {bw / 1e12:.2f} TB/s, {probes['best_method']}; by method: "
+        + ", ".join(f"{m} {v * 1e6:.2f} us" for m, v in sw["floor_read_s_by_method"].items())
+        + f"); {sw['device_error']}")
 
 
 def shifted(idx, i, rows):

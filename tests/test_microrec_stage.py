@@ -31,7 +31,7 @@ def test_every_kernel_bit_identical_and_counts_out_of_range():
   assert mr.pallas_supported(st) and st.layout.chunk == 4
   _, idx = mr.synthetic_batch(1, specs, 11)
   idx[3, 4], idx[7, 0], idx[10, 6], idx[5, 5] = 2, -3, 99, 300
-  configs = [("tile", 1), ("tile", 16), ("tile_grouped", 2), ("tile_ef", 2), ("tile_atomic", 2), ("rows", 4),
+  configs = [("tile", 1), ("tile", 16), ("tile_direct", 2), ("tile_grouped", 2), ("tile_ef", 2), ("tile_atomic", 2), ("rows", 4),
              ("rows_loads_first", 4), ("rows_wide", 4)]
   assert {k for k, _ in configs} == set(mr.PALLAS_KERNELS)
 
@@ -49,6 +49,37 @@ def test_every_kernel_bit_identical_and_counts_out_of_range():
   for (k, b), (out, bad) in zip(configs, outs):
     np.testing.assert_array_equal(np.asarray(out), want, err_msg=f"kernel={k} block={b}")
     assert int(bad) == 4, (k, b)
+
+
+def test_direct_kernel_and_partial_counts_on_the_per_table_plan():
+  """The per-table plan (every column its own table: ``tile_direct`` takes the raw index as the row) and
+  ``count="partial"`` (per-program counts, summed by the caller): same embeddings bit for bit as the XLA
+  gathers and the numpy reference, partial counts summing to the total; a ragged last program (batch 7,
+  block 2); the XLA path's partial count is its total as a (1,) vector."""
+  specs = [mr.TableSpec(r, 4) for r in (3, 5, 7, 40, 2, 300)]
+  tables = mr.init_tables(4, specs)
+  st = mr.build_stage(tables, mr.Plan.identity(len(specs)), fuse="chunks")
+  meta, width, gmax, ncol = mr._tile_columns(st.layout)
+  assert gmax == 1 and ncol == len(specs) and (meta[1, :ncol] == np.arange(ncol)).all()  # the direct case
+  _, idx = mr.synthetic_batch(3, specs, 7)
+  idx[0, 5], idx[4, 1], idx[6, 3] = 300, -1, 41
+
+  @jax.jit
+  def run(s, i):
+    return ([mr.lookup(s, i, impl="pallas", kernel=k, block=2, count=c)
+             for k in ("tile", "tile_direct", "tile_atomic") for c in ("total", "partial")]
+            + [mr.lookup(s, i, count="partial")])
+
+  cl = np.clip(idx, 0, np.array([s.rows for s in specs]) - 1)
+  want = np.concatenate([np.asarray(t)[cl[:, j]] for j, t in enumerate(tables)], axis=1)
+  outs = run(st, idx)
+  for j, (out, bad) in enumerate(outs):
+    np.testing.assert_array_equal(np.asarray(out), want, err_msg=str(j))
+    assert int(np.sum(bad)) == 3, j
+  assert outs[0][1].shape == () and outs[1][1].shape == (4,) and outs[5][1].shape == (1,)
+  assert outs[-1][1].shape == (1,)
+  with pytest.raises(ValueError, match="count"):
+    mr.lookup(st, idx, count="sum")
 
 
 def test_defaults_and_bad_launch_arguments():
@@ -96,10 +127,11 @@ def test_tile_columns_match_combined_index():
   assert [int(q) for q in order if q in first] == first
 
 
-def _criteo_shape_stage():
-  """The benchmark's stage (26 Criteo tables, d=16, optimal plan at +5%) as shapes only (no 2 GB buffer)."""
+def _criteo_shape_stage(identity: bool = False):
+  """The benchmark's stage (26 Criteo tables, d=16, optimal plan at +5%, or the per-table plan) as shapes
+  only (no 2 GB buffer)."""
   specs = mr.CRITEO_26
-  plan = mr.optimal_plan(specs, 0.05)
+  plan = mr.Plan.identity(len(specs)) if identity else mr.optimal_plan(specs, 0.05)
   c, where, off = 16, [], 0
   for g in plan.groups:
     where.append((0, off))
@@ -109,14 +141,15 @@ def _criteo_shape_stage():
   return mr.EmbeddingStage([jax.ShapeDtypeStruct((off, c), jnp.float32)], lay)
 
 
-@pytest.mark.parametrize("kernel,block,num_warps", [("tile", 1, 4), ("tile", 8, 8), ("tile_grouped", 2, 4),
+@pytest.mark.parametrize("kernel,block,num_warps", [("tile", 1, 4), ("tile", 8, 8), ("tile_direct", 1, 2),
+                                                    ("tile_grouped", 2, 4),
                                                     ("tile_atomic", 1, 2), ("rows", 32, 2),
                                                     ("rows_loads_first", 8, 2), ("rows_wide", 8, 2)])
 def test_lowers_to_triton_ir(kernel, block, num_warps):
   """The GPU (Triton) lowering of the Criteo-sized stage runs here without a GPU: catches Pallas-Triton
   lowering errors before a device run."""
-  st = _criteo_shape_stage()
+  st = _criteo_shape_stage(identity=kernel == "tile_direct")
   f = jax.jit(lambda s, i: mr.lookup(s, i, impl="pallas", kernel=kernel, block=block, num_warps=num_warps,
-                                     interpret=False))
+                                     interpret=False, count="partial" if kernel == "tile_direct" else "total"))
   lowered = f.trace(st, jax.ShapeDtypeStruct((4096, 26), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "triton" in lowered.as_text().lower()

@@ -504,7 +504,8 @@ def pallas_supported(stage: EmbeddingStage) -> bool:
           and int(np.prod(stage.buffers[0].shape)) < 2**31)
 
 
-PALLAS_KERNELS = ("tile", "tile_grouped", "tile_ef", "tile_atomic", "rows", "rows_loads_first", "rows_wide")
+PALLAS_KERNELS = ("tile", "tile_direct", "tile_grouped", "tile_ef", "tile_atomic", "rows", "rows_loads_first",
+                  "rows_wide")
 
 
 def _tile_columns(lay: _Layout, grouped: bool = False) -> tuple[np.ndarray, int, int, int]:
@@ -551,14 +552,18 @@ def _tile_columns(lay: _Layout, grouped: bool = False) -> tuple[np.ndarray, int,
 
 
 def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps: int,
-                   interpret: bool | None, kernel: str = "tile") -> tuple[jax.Array, jax.Array]:
+                   interpret: bool | None, kernel: str = "tile", count: str = "total") -> tuple[jax.Array, jax.Array]:
   """The whole stage as ONE Pallas kernel (Triton on GPU, interpreter elsewhere); the per-program
-  out-of-range counts are summed by XLA. Kernels (``kernel``):
+  out-of-range counts are summed by XLA (``count="total"``) or returned as they are (``"partial"``: an
+  int32 vector, one entry per program, for a consumer that fuses the sum). Kernels (``kernel``):
 
   - ``"tile"``: each program takes ``block`` samples as ONE ``(block * L, c)`` tile of output chunk
     columns (``L`` = the column count padded to a power of two, :func:`_tile_columns`): it loads the raw
     indices of every column's group members, clamps them, forms the chunk rows, issues ONE gather load of
     the whole tile (all rows in flight at once) and ONE contiguous store of the samples' output rows.
+  - ``"tile_direct"``: the same, but where every chunk column is its own table's only member (the per-table
+    plan, every width one chunk) the clamped raw index is the row: no second, dependent index load per column
+    (other plans: as ``"tile"``).
   - ``"tile_grouped"``: the same with the tile rows in group-major order (the chunks of a combined row in
     adjacent rows, so one warp instruction can cover the whole row), stored to their output columns.
   - ``"tile_ef"``: the same with the table loads marked evict-first (rows are never reused).
@@ -629,6 +634,9 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
 
   grouped = kernel == "tile_grouped"
   meta, width, gmax, ncol = _tile_columns(lay, grouped)
+  # "tile_direct" on a plan whose column q is table q alone: the raw index (already loaded) is the row
+  direct = (kernel == "tile_direct" and gmax == 1 and ncol == nt
+            and bool((meta[1, :nt] == np.arange(nt)).all()) and bool((meta[2, :nt] == meta[0, :nt]).all()))
   shift = width.bit_length() - 1
   # "tile_ef": the table rows (never reused) evicted first (a cache modifier such as .cg does not lower in
   # jax 0.10's Pallas-Triton: its check and its table disagree on the leading dot)
@@ -649,7 +657,9 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
     cnt = jnp.sum((((raw < 0) | (raw >= lim)) & (s < b) & (q < nt)).astype(jnp.int32))
     src = plgpu.load(meta_ref.at[(1 + 3 * gmax) * width + q])
     oc = plgpu.load(meta_ref.at[(2 + 3 * gmax) * width + q]) if grouped else q  # output chunk column
-    for m in range(gmax):
+    if direct:  # member of column q is table q: its clamped raw index, times the chunk width (mult)
+      src = src + jnp.clip(raw, 0, lim - 1) * plgpu.load(meta_ref.at[3 * width + q])
+    for m in range(0 if direct else gmax):
       mem = plgpu.load(meta_ref.at[(1 + 3 * m) * width + q])
       rm = plgpu.load(meta_ref.at[(2 + 3 * m) * width + q])
       mult = plgpu.load(meta_ref.at[(3 + 3 * m) * width + q])
@@ -682,6 +692,8 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
       input_output_aliases=aliases,
       interpret=interpret, compiler_params=None if interpret else triton_compiler_params(num_warps, 1),
   )(*args)
+  if count == "partial":
+    return out.reshape(b, -1), bad
   return out.reshape(b, -1), (bad[0] if atomic else jnp.sum(bad))
 
 
@@ -693,7 +705,7 @@ PALLAS_DEFAULTS = {"kernel": "tile", "block": 1, "num_warps": 2}
 
 def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: int | None = None,
            num_warps: int | None = None, kernel: str | None = None,
-           interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+           interpret: bool | None = None, count: str = "total") -> tuple[jax.Array, jax.Array]:
   """Embeddings of ``idx`` ((batch, tables) int, or (batch, tables, bag) multi-hot summed over the bag
   when no table is combined), concatenated in the ORIGINAL table order: (batch, sum(dims)).
 
@@ -704,8 +716,13 @@ def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: i
   a stage with :func:`pallas_supported`; ``kernel`` one of :data:`PALLAS_KERNELS`, ``block`` samples per
   program (a power of two), ``num_warps``; ``None`` takes :data:`PALLAS_DEFAULTS`; Triton on GPU, Pallas's
   interpreter elsewhere or with ``interpret=True``), same output bit for bit.
+
+  ``count="total"``: ``num_out_of_range`` is an int32 scalar; ``"partial"``: an int32 vector whose sum is
+  that count (the Pallas stage's per-program counts, shape ``(programs,)``; XLA: shape ``(1,)``), for a
+  consumer that fuses the sum into its own work instead of a separate reduction after the stage.
   """
   check_choice("impl", impl, ("xla", "pallas"))
+  check_choice("count", count, ("total", "partial"))
   lay = stage.layout
   if is_concrete(idx) and not isinstance(idx, jax.Array):
     idx = np.asarray(idx)  # check before any int64 -> int32 conversion could wrap a value into range
@@ -724,7 +741,13 @@ def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: i
     if block & (block - 1):
       raise ValueError(f"block must be a power of two (Triton tile sizes), got {block}.")
     check_int("num_warps", num_warps, 1)
-    return _pallas_lookup(stage, idx, block, num_warps, interpret, kernel)
+    return _pallas_lookup(stage, idx, block, num_warps, interpret, kernel, count)
+  emb, bad = _xla_lookup(stage, idx)
+  return emb, (bad[None] if count == "partial" else bad)
+
+
+def _xla_lookup(stage: EmbeddingStage, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+  lay = stage.layout
   rows = jnp.asarray(lay.rows, idx.dtype).reshape((1, -1) + (1,) * (idx.ndim - 2))
   bad = jnp.sum((idx < 0) | (idx >= rows)).astype(jnp.int32)
   idx = jnp.clip(idx, 0, rows - 1).astype(jnp.int32)
