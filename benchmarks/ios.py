@@ -2,6 +2,8 @@
 
   check      ios_schedule(check='measure') over nets, dtypes and batch sizes: IOS vs the best XLA program
              and which one runs (benchmarks/ios_check.py)
+  batch      batch-size specialization: best XLA vs IOS-Merge vs IOS-Both per batch, and the cross table
+             (schedule found at b1 run at b2) (ios_batch.py)
   baselines  plain jit vs per-jit XLA configurations of the unscheduled nets (ios_xla_baselines.py)
   isolated   IOS and XLA programs, each timed in a fresh process (ios_isolated.py)
   chain      the longest dependency chain alone: a bound on any schedule (ios_chain_bound.py)
@@ -20,7 +22,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-MODES = {"check": "ios_check", "baselines": "ios_xla_baselines", "isolated": "ios_isolated",
+MODES = {"check": "ios_check", "batch": "ios_batch", "baselines": "ios_xla_baselines", "isolated": "ios_isolated",
          "chain": "ios_chain_bound", "latency": "ios_latency", "probe": "ios_probe",
          "compile": "ios_compile_probe"}
 

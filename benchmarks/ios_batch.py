@@ -1,0 +1,236 @@
+"""IOS batch-size specialization (Ding et al., MLSys 2021, Sec. 7): for each (net, dtype, batch) the
+best XLA program of the unscheduled net (weights closed over; plain jit and the command-buffer
+configurations of ``sched.CHECK_CONFIGS``) vs IOS-Merge vs IOS-Both schedules searched at that batch,
+plus the cross table: every distinct schedule found at batch b1 emitted and run at batch b2.
+
+Everything of one (net, dtype, batch) is compiled before any of it runs, then timed in interleaved
+rounds (median per program): ratios are same-run. Schedules of one net are searched once per batch and
+strategy; a schedule found at several batches is compiled once per target batch (cross entries equal
+to the diagonal cost nothing). ``--cost analytical`` (default) searches with the roofline model (the
+DP alone, ~1 s a search), ``--cost profiler`` with the on-device stage profiler (20-100 s a cold search
+per net; ``--cache`` keeps its measurements).
+
+The JSON also holds, for every emitted program, the search's predicted latency (sum of stage costs)
+and the measured one: the data of the whole-program correction model (``--fit``; issue 20.2).
+
+  PYTHONPATH=. python3 benchmarks/ios.py batch --nets squeezenet,inception_v3 --dtypes float32 --out $OUT
+  PYTHONPATH=. python3 benchmarks/ios.py batch --small                                       # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import environment, print_table  # noqa: E402
+from mlsys_jax import sched  # noqa: E402
+from mlsys_jax.models import ios_benchmark_nets, ios_init_params  # noqa: E402
+from mlsys_jax.sched.api import _check_cover, _rel_err  # noqa: E402
+from mlsys_jax.sched.cost import time_calls  # noqa: E402
+from mlsys_jax.sched.graph import build_graph, relayout_conv_kernels  # noqa: E402
+
+
+def _args():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--nets", default="squeezenet,inception_v3")
+  ap.add_argument("--dtypes", default="float32")
+  ap.add_argument("--batches", default="1,2,4,8,16,32")
+  ap.add_argument("--strategies", default="merge,both")
+  ap.add_argument("--configs", default=",".join(sched.CHECK_CONFIGS), help="XLA configurations (XLA_CONFIGS)")
+  ap.add_argument("--cost", default="analytical", choices=("analytical", "profiler"))
+  ap.add_argument("--cache", default=None, help="stage-profile cache (with --cost profiler)")
+  ap.add_argument("--cross", type=int, default=1, help="1: run every schedule at every batch size")
+  ap.add_argument("--cross_from", default="", help="with --cross: only schedules found at these batches "
+                  "(comma-separated; default all) are run at the other batch sizes")
+  ap.add_argument("--number", type=int, default=10)
+  ap.add_argument("--repeat", type=int, default=7)
+  ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining cases after this")
+  ap.add_argument("--fit", action="store_true", help="only fit the correction model on --inputs JSONs")
+  ap.add_argument("--inputs", default="", help="comma-separated ios_batch JSONs for --fit")
+  ap.add_argument("--name", default="ios_batch")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test")
+  return ap.parse_args()
+
+
+def stage_sig(sc) -> str:
+  return json.dumps([[st.kind, [list(g) for g in st.groups]] for st in sc.stages])
+
+
+def retarget(sc, fn, x, profiler):
+  """``sc``'s stages on the graph of ``fn`` at ``x`` (another batch size): same units, other shapes."""
+  g = relayout_conv_kernels(build_graph(fn, x, part_size=50), sc.info.get("kernel_layout", "auto"))
+  if len(g.units) != len(sc.graph.units):
+    raise ValueError("unit graphs differ between batch sizes")
+  _check_cover(g, sc.stages)
+  lat = [profiler(g, st) for st in sc.stages]
+  info = {k: v for k, v in sc.info.items() if k != "check"}
+  return sched.Schedule(g, list(sc.stages), lat, sc.emission, 0.0, info, _fn=fn)
+
+
+def fit_correction(points):
+  """Least squares ``measured = a * predicted + c`` per (net, dtype) with leave-one-out errors.
+
+  ``points``: dicts with net, dtype, batch, predicted_s, measured_s. Returns rows of fit results."""
+  out = []
+  keys = sorted({(p["net"], p["dtype"]) for p in points})
+  for net, dt in keys:
+    ps = [p for p in points if p["net"] == net and p["dtype"] == dt]
+    if len(ps) < 3:
+      continue
+    xp = np.array([p["predicted_s"] for p in ps]); ym = np.array([p["measured_s"] for p in ps])
+    A = np.stack([xp, np.ones_like(xp)], 1)
+    coef = np.linalg.lstsq(A, ym, rcond=None)[0]
+    loo = []
+    for i in range(len(ps)):
+      m = np.arange(len(ps)) != i
+      ci = np.linalg.lstsq(A[m], ym[m], rcond=None)[0]
+      loo.append(abs(float(A[i] @ ci) - ym[i]) / ym[i])
+    raw = np.abs(xp - ym) / ym
+    out.append({"net": net, "dtype": dt, "n": len(ps), "a": float(coef[0]), "c_s": float(coef[1]),
+                "raw_rel_err_median": float(np.median(raw)), "raw_rel_err_max": float(raw.max()),
+                "loo_rel_err_median": float(np.median(loo)), "loo_rel_err_max": float(max(loo))})
+  return out
+
+
+def main():
+  args = _args()
+  if args.fit:
+    pts = []
+    for f in args.inputs.split(","):
+      pts += json.load(open(f)).get("points", [])
+    res = fit_correction(pts)
+    print_table(res, list(res[0]) if res else [])
+    if args.out:
+      os.makedirs(args.out, exist_ok=True)
+      json.dump({"fits": res, "inputs": args.inputs}, open(os.path.join(args.out, args.name + "_fit.json"), "w"),
+                indent=1)
+    return
+  out_dir = args.out or os.environ.get("OUT") or "results/benchmarks"
+  os.makedirs(out_dir, exist_ok=True)
+  if args.small:
+    args.number, args.repeat = 2, 2
+  on_gpu = jax.default_backend() == "gpu"
+  configs = [c for c in args.configs.split(",") if c in sched.XLA_CONFIGS and (on_gpu or not sched.XLA_CONFIGS[c])]
+  batches = [int(b) for b in args.batches.split(",")]
+  strategies = args.strategies.split(",")
+  cross_from = {int(b) for b in args.cross_from.split(",") if b}
+  t_start = time.perf_counter()
+  log = lambda m: print(f"[{time.perf_counter() - t_start:6.1f}s] {m}", flush=True)
+  payload = {"env": environment(), "argv": sys.argv[1:], "cost": args.cost, "rows": [], "points": [],
+             "skipped": []}
+
+  def flush():
+    payload["wall_s"] = round(time.perf_counter() - t_start, 1)
+    payload["fits"] = fit_correction(payload["points"])
+    with open(os.path.join(out_dir, args.name + ".json"), "w") as fh:
+      json.dump(payload, fh, indent=1)
+
+  for net in args.nets.split(","):
+    for dt in args.dtypes.split(","):
+      dtype = jnp.dtype(dt)
+      model, shape = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)[net]
+      params = ios_init_params(model, shape, seed=0)   # nonzero biases, like trained weights
+      f = lambda v, p=params, m=model: m.apply(p, v)
+      xs = {b: jax.random.normal(jax.random.PRNGKey(1), (b,) + tuple(shape[1:]), dtype) for b in batches}
+      if args.cost == "profiler" and on_gpu:
+        prof = sched.StageProfiler(cache_path=args.cache)
+      else:
+        prof = sched.AnalyticalCost()
+      found = {}   # (b, strategy) -> Schedule
+      for b in batches:
+        for strat in strategies:
+          if time.perf_counter() - t_start > args.time_budget_s:
+            payload["skipped"].append(f"search {net} {dt} b{b} {strat}")
+            continue
+          sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off")
+          found[(b, strat)] = sc
+          log(f"{net} {dt} b{b} {strat}: search {sc.search_s:.1f} s, {sc.counts()}, "
+              f"pred {sc.predicted_latency * 1e3:.3f} ms")
+      sigs = {k: stage_sig(sc) for k, sc in found.items()}
+      distinct = {}   # signature -> list of (b, strategy) that found it
+      for k, sg in sigs.items():
+        distinct.setdefault(sg, []).append(k)
+      log(f"{net} {dt}: {len(found)} searches, {len(distinct)} distinct schedules")
+      for b in batches:
+        if time.perf_counter() - t_start > args.time_budget_s:
+          payload["skipped"].append(f"time {net} {dt} b{b}")
+          log(f"skip {net} {dt} b{b}: time budget")
+          continue
+        x = xs[b]
+        progs, t0 = {}, time.perf_counter()
+        for c in configs:
+          opts = sched.XLA_CONFIGS[c]
+          progs["xla:" + c] = (jax.jit(f, compiler_options=opts or None).lower(x).compile(), (x,))
+        sched_of = {}   # program name -> (schedule at this batch, found-at keys)
+        for sg, ks in distinct.items():
+          own = [k for k in ks if k[0] == b]
+          if not own and not (args.cross and (not cross_from or any(k[0] in cross_from for k in ks))):
+            continue
+          src = found[own[0] if own else ks[0]]
+          sc = src if own else retarget(src, f, x, prof if isinstance(prof, sched.AnalyticalCost)
+                                        else sched.AnalyticalCost())
+          name = "ios:" + "+".join(f"b{kb}{ks_[0]}" for kb, ks_ in ks)
+          jf, consts = sc._build()
+          progs[name] = (jf.lower(consts, x).compile(), (consts, x))
+          sched_of[name] = (sc, ks)
+        compile_s = time.perf_counter() - t0
+        ref = progs["xla:" + configs[0]][0](x)
+        errs = {k: _rel_err(p(*a), ref) for k, (p, a) in progs.items()}
+        names = list(progs)
+        for k in names:
+          time_calls(*progs[k], 2, 1)
+        ts = {k: [] for k in names}
+        for i in range(args.repeat):
+          for k in names[i % len(names):] + names[:i % len(names)]:
+            ts[k] += time_calls(*progs[k], args.number, 1)
+        med = {k: float(np.median(v)) for k, v in ts.items()}
+        iqr = {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for k, v in ts.items()}
+        xla = {k[4:]: v for k, v in med.items() if k.startswith("xla:")}
+        best = min(xla, key=xla.get)
+        row = {"net": net, "dtype": dt, "batch": b, "best_xla": best, "best_xla_s": xla[best],
+               "xla_s": xla, "compile_s": compile_s, "iqr_s": iqr, "rel_err_vs_" + configs[0]: errs}
+        for strat in strategies:
+          if (b, strat) not in found:
+            continue
+          name = next(n for n, (_, ks) in sched_of.items() if (b, strat) in ks)
+          row[f"ios_{strat}_s"] = med[name]
+          row[f"ios_{strat}_vs_best_xla"] = xla[best] / med[name]
+          row[f"ios_{strat}_pred_s"] = found[(b, strat)].predicted_latency
+          row[f"ios_{strat}_search_s"] = found[(b, strat)].search_s
+          row[f"ios_{strat}_counts"] = found[(b, strat)].counts()
+        ios_keys = [k for k in row if k.startswith("ios_") and k.endswith("_s") and k.count("_") == 2]
+        if ios_keys:
+          row["checked_vs_best_xla"] = xla[best] / min([xla[best]] + [row[k] for k in ios_keys])
+        # cross: the schedule found at (b1, strategy) run at this batch
+        row["cross_s"] = {f"b{kb}_{ks_}": med[n] for n, (_, ks) in sched_of.items() for kb, ks_ in ks}
+        for n, (sc, ks) in sched_of.items():
+          if args.cost != "analytical" and not any(kb == b for kb, _ in ks):
+            continue   # a retargeted schedule's stages were costed by the roofline, not the profiler
+          payload["points"].append({"net": net, "dtype": dt, "batch": b, "program": n,
+                                    "predicted_s": sc.predicted_latency, "measured_s": med[n],
+                                    "cost": args.cost})
+        payload["rows"].append(row)
+        log(f"{net} {dt} b{b}: best XLA {best} {xla[best] * 1e3:.3f} ms; " +
+            ", ".join(f"{s} {row.get(f'ios_{s}_s', float('nan')) * 1e3:.3f} ms" for s in strategies) +
+            f"; {len(progs)} programs, compile {compile_s:.1f} s")
+        flush()
+        del progs
+  flush()
+  cols = ["net", "dtype", "batch", "best_xla", "best_xla_s"] + \
+      [f"ios_{s}_vs_best_xla" for s in strategies] + ["checked_vs_best_xla"]
+  print_table(payload["rows"], cols)
+
+
+if __name__ == "__main__":
+  main()
