@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (copy_bandwidth, device_stream_events, environment, idle_clusters,  # noqa: E402
+from benchmarks.common import (call_device_times, copy_bandwidth, environment,  # noqa: E402
                                parse_args, print_table, write_json)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax._compat import triton_compiler_params  # noqa: E402
@@ -156,33 +156,16 @@ def _round_robin(fns: dict, repeats: int, per_call: int, inner: int = 1) -> dict
 
 
 def _device_times(fns: dict, calls: int, per_call: int, gap_s: float = 0.005) -> dict:
-  """Device seconds per operation from ONE profiler trace: each function runs ``calls`` times, each call
-  alone (block, then sleep ``gap_s``); GPU kernel events are split into one cluster per call at gaps longer
-  than ``gap_s / 2``. Per operation: ``span_s`` (first kernel start to last kernel end of a call, median
-  over calls, / ``per_call``), ``busy_s`` (sum of kernel durations / (calls * per_call)), kernels per
-  operation and the most frequent kernel names. Diagnostics: never fatal."""
-  names = list(fns)
-
-  def run():
-    for nm in names:
-      for _ in range(calls):
-        jax.block_until_ready(fns[nm]())
-        time.sleep(gap_s)
-
+  """Device seconds per operation from ONE profiler trace (``common.call_device_times``: each call alone,
+  kernels clustered per call): ``span_s``, ``busy_s``, kernels per operation and the most frequent kernel
+  names. Diagnostics: never fatal."""
   try:
-    clusters = idle_clusters(device_stream_events(run), gap_s * 1e9 / 2)
-    if len(clusters) != len(names) * calls:
-      return {"error": f"{len(clusters)} kernel clusters for {len(names)} functions x {calls} calls"}
     res = {}
-    for i, nm in enumerate(names):
-      cl = clusters[i * calls:(i + 1) * calls]
+    for nm, r in call_device_times(fns, calls, per_call, gap_s).items():
       kinds = {}
-      for c in cl:
-        for ev in c:
-          kinds[ev[3][:60]] = kinds.get(ev[3][:60], 0) + 1
-      res[nm] = {"span_s": float(np.median([max(ev[1] for ev in c) - c[0][0] for c in cl])) * 1e-9 / per_call,
-                 "busy_s": sum(ev[2] for c in cl for ev in c) * 1e-9 / (calls * per_call),
-                 "kernels_per_op": sum(len(c) for c in cl) / (calls * per_call),
+      for k, d in r["kernel_s"].items():
+        kinds[k[:60]] = kinds.get(k[:60], 0) + len(d)
+      res[nm] = {"span_s": r["span_s"], "busy_s": r["busy_s"], "kernels_per_op": r["kernels"],
                  "top_kernels": sorted(kinds.items(), key=lambda t: -t[1])[:3]}
     return res
   except Exception as e:  # diagnostics only

@@ -97,7 +97,8 @@ def _flags(ap):
 DEFAULT_CONFIGS = ("identity/tile:1:2,identity/tile_direct:1:2,identity/tile:1:2:partial,"
                    "identity/tile_direct:1:2:partial,identity/tile_direct:1:1:partial,identity/tile:1:1:partial,"
                    "identity/tile_direct:2:2:partial,identity/tile_atomic:1:2,identity/rows_wide:4:1:partial,"
-                   "identity/tile_direct:1:4:partial,tile:1:2,tile:1:2:partial,tile_atomic:1:2,rows:32:2")
+                   "identity/tile_direct:1:4:partial,identity/tile_ef:1:2:partial,tile:1:2,tile:1:2:partial,"
+                   "tile_atomic:1:2")
 
 
 def sector_bytes(width: int, itemsize: int = 4) -> int:
