@@ -78,28 +78,37 @@ def retarget(sc, fn, x, profiler):
   return sched.Schedule(g, list(sc.stages), lat, sc.emission, 0.0, info, _fn=fn)
 
 
-def fit_correction(points):
-  """Least squares ``measured = a * predicted + c`` per (net, dtype) with leave-one-out errors.
+FEATURES = {"sum": ("predicted_s",), "critical_path": ("predicted_cp_s",),
+            "sum+critical_path": ("predicted_s", "predicted_cp_s")}
 
-  ``points``: dicts with net, dtype, batch, predicted_s, measured_s. Returns rows of fit results."""
+
+def fit_correction(points):
+  """Least squares ``measured = a . features + c`` per (net, dtype) and feature set (the schedule's sum
+  of stage costs, its stage-DAG critical path, or both), with leave-one-out relative errors; also the
+  raw relative error of each prediction. ``points``: dicts with net, dtype, predicted_s, predicted_cp_s,
+  measured_s."""
   out = []
   keys = sorted({(p["net"], p["dtype"]) for p in points})
   for net, dt in keys:
-    ps = [p for p in points if p["net"] == net and p["dtype"] == dt]
-    if len(ps) < 3:
-      continue
-    xp = np.array([p["predicted_s"] for p in ps]); ym = np.array([p["measured_s"] for p in ps])
-    A = np.stack([xp, np.ones_like(xp)], 1)
-    coef = np.linalg.lstsq(A, ym, rcond=None)[0]
-    loo = []
-    for i in range(len(ps)):
-      m = np.arange(len(ps)) != i
-      ci = np.linalg.lstsq(A[m], ym[m], rcond=None)[0]
-      loo.append(abs(float(A[i] @ ci) - ym[i]) / ym[i])
-    raw = np.abs(xp - ym) / ym
-    out.append({"net": net, "dtype": dt, "n": len(ps), "a": float(coef[0]), "c_s": float(coef[1]),
-                "raw_rel_err_median": float(np.median(raw)), "raw_rel_err_max": float(raw.max()),
-                "loo_rel_err_median": float(np.median(loo)), "loo_rel_err_max": float(max(loo))})
+    ps = [p for p in points if p["net"] == net and p["dtype"] == dt and "predicted_cp_s" in p]
+    ym = np.array([p["measured_s"] for p in ps])
+    for fname, feats in FEATURES.items():
+      if len(ps) < len(feats) + 3:
+        continue
+      A = np.array([[p[k] for k in feats] + [1.0] for p in ps])
+      coef = np.linalg.lstsq(A, ym, rcond=None)[0]
+      loo = []
+      for i in range(len(ps)):
+        m = np.arange(len(ps)) != i
+        ci = np.linalg.lstsq(A[m], ym[m], rcond=None)[0]
+        loo.append(abs(float(A[i] @ ci) - ym[i]) / ym[i])
+      row = {"net": net, "dtype": dt, "features": fname, "n": len(ps),
+             "coef": [float(c) for c in coef], "loo_rel_err_median": float(np.median(loo)),
+             "loo_rel_err_max": float(max(loo))}
+      if len(feats) == 1:
+        raw = np.abs(A[:, 0] - ym) / ym
+        row.update(raw_rel_err_median=float(np.median(raw)), raw_rel_err_max=float(raw.max()))
+      out.append(row)
   return out
 
 
@@ -204,6 +213,7 @@ def main():
           if (b, strat) not in found:
             continue
           name = next(n for n, (_, ks) in sched_of.items() if (b, strat) in ks)
+          row[f"ios_{strat}_cp_s"] = found[(b, strat)].predicted_critical_path
           row[f"ios_{strat}_s"] = med[name]
           row[f"ios_{strat}_vs_best_xla"] = xla[best] / med[name]
           row[f"ios_{strat}_pred_s"] = found[(b, strat)].predicted_latency
@@ -218,8 +228,9 @@ def main():
           if args.cost != "analytical" and not any(kb == b for kb, _ in ks):
             continue   # a retargeted schedule's stages were costed by the roofline, not the profiler
           payload["points"].append({"net": net, "dtype": dt, "batch": b, "program": n,
-                                    "predicted_s": sc.predicted_latency, "measured_s": med[n],
-                                    "cost": args.cost})
+                                    "predicted_s": sc.predicted_latency,
+                                    "predicted_cp_s": sc.predicted_critical_path, "measured_s": med[n],
+                                    "stages": len(sc.stages), "cost": args.cost})
         payload["rows"].append(row)
         log(f"{net} {dt} b{b}: best XLA {best} {xla[best] * 1e3:.3f} ms; " +
             ", ".join(f"{s} {row.get(f'ios_{s}_s', float('nan')) * 1e3:.3f} ms" for s in strategies) +

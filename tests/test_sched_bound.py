@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from mlsys_jax import sched
 from mlsys_jax.models import ios_benchmark_nets, ios_init_params
 from mlsys_jax.sched import emit
+from mlsys_jax.sched import build_graph
 from mlsys_jax.sched.bound import longest_paths, path_program
 
 
@@ -159,3 +160,41 @@ def test_path_program_refuses_a_last_unit_without_outputs():
       path_program(g, [sink])
   finally:
     g.units[sink].outputs = saved
+
+
+def test_stage_critical_path_between_longest_unit_path_and_sum():
+  from mlsys_jax.sched.bound import stage_critical_path
+  rng = np.random.default_rng(3)
+  for seed in range(4):   # one unit per stage: the stage DAG is the unit DAG
+    fn, x = _random_dag_fn(seed, sinks=1 + seed % 2)
+    g = build_graph(fn, x)
+    lat = [float(t) for t in rng.uniform(0.5, 2.0, len(g.units))]
+    assert stage_critical_path(g, sched.sequential_schedule(g), lat) == pytest.approx(
+        longest_paths(g, lat)[0][0])
+  f = lambda x: jnp.tanh(x @ jnp.ones((4, 4))) @ jnp.ones((4, 2)) + x @ jnp.ones((4, 2))
+  g = build_graph(f, jnp.ones((1, 4)))      # units: 0 -> 1 -> 3 and 2 -> 3
+  lat = [float(t) for t in rng.uniform(0.5, 2.0, len(g.units))]
+  assert stage_critical_path(g, [sched.Stage("parallel", ((0, 1, 2, 3),))], [7.0]) == 7.0
+  # units 0 and 2 in one stage: the path waits for the slower of them, and never exceeds the sum
+  st2 = [sched.Stage("parallel", ((0,), (2,))), sched.Stage("parallel", ((1,),)),
+         sched.Stage("parallel", ((3,),))]
+  t2 = [max(lat[0], lat[2]), lat[1], lat[3]]
+  cp = stage_critical_path(g, st2, t2)
+  assert cp == pytest.approx(max(lat[0], lat[2]) + lat[1] + lat[3])
+  assert longest_paths(g, lat)[0][0] <= cp + 1e-12 <= sum(t2) + 2e-12
+
+
+def test_stage_critical_path_bad_input():
+  from mlsys_jax.sched.bound import stage_critical_path
+  g = build_graph(lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4)), jnp.ones((1, 4)))
+  seq = sched.sequential_schedule(g)
+  with pytest.raises(ValueError, match="one per stage"):
+    stage_critical_path(g, seq, [1.0])
+  with pytest.raises(ValueError, match="finite"):
+    stage_critical_path(g, seq, [1.0, float("nan"), 1.0])
+  with pytest.raises(ValueError, match="no stage"):
+    stage_critical_path(g, seq[:2], [1.0, 1.0])
+  with pytest.raises(ValueError, match="dependency order"):
+    stage_critical_path(g, seq[::-1], [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="once"):
+    stage_critical_path(g, seq + seq[:1], [1.0] * 4)

@@ -168,7 +168,15 @@ class Schedule:
   # ------------------------------------------------------------------ reporting
   @property
   def predicted_latency(self) -> float:
+    """Sum of the stage latencies (IOS's objective: stages one after another)."""
     return float(sum(self.stage_latency))
+
+  @property
+  def predicted_critical_path(self) -> float:
+    """Longest path of the stage DAG under the stage latencies (independent stages fully overlapped, as
+    CONCURRENT CUDA graphs may run them); see ``bound.stage_critical_path``."""
+    from mlsys_jax.sched.bound import stage_critical_path
+    return stage_critical_path(self.graph, self.stages, self.stage_latency)
 
   def counts(self) -> dict:
     merges = [s for s in self.stages if s.kind == "merge"]

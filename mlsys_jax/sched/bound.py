@@ -117,6 +117,48 @@ def longest_paths(g: Graph, unit_latency: Sequence[float], k: int = 1) -> list:
   return paths
 
 
+def stage_critical_path(g: Graph, stages: Sequence, stage_latency: Sequence[float]) -> float:
+  """Latency of a schedule if every stage started as soon as the stages it reads from had finished:
+  the longest path of the *stage* DAG (stage ``i`` depends on stage ``j`` when a unit of ``i`` reads a
+  unit of ``j``), weighted by the stage latencies.
+
+  A CUDA graph built with CONCURRENT scheduling (the default emission) takes its edges from data
+  dependencies, so independent stages overlap and a schedule's sum of stage latencies (IOS's own
+  objective, Ding et al., MLSys 2021, Sec. 4) over-predicts the whole program; this is the other end,
+  the latency with unlimited overlap. Measured programs lie between the two (``benchmarks/ios_batch.py``
+  fits a correction on both).
+
+  Example:
+    >>> from mlsys_jax.sched import build_graph, sequential_schedule
+    >>> f = lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4))   # units: dot, dot, add
+    >>> g = build_graph(f, jnp.ones((1, 4)))
+    >>> stage_critical_path(g, sequential_schedule(g), [1.0, 2.0, 0.5])        # the dots overlap
+    2.5
+  """
+  lat = [float(t) for t in stage_latency]
+  if len(lat) != len(stages):
+    raise ValueError(f"stage_latency has {len(lat)} entries for {len(stages)} stages; give one per stage")
+  bad = [i for i, t in enumerate(lat) if not math.isfinite(t) or t < 0]
+  if bad:
+    raise ValueError(f"stage_latency must be finite and >= 0; stages {bad[:8]} have {[lat[i] for i in bad[:8]]}")
+  where = {}
+  for i, st in enumerate(stages):
+    for u in st.units:
+      if u in where:
+        raise ValueError(f"unit {u} is in stages {where[u]} and {i}; a schedule runs every unit once")
+      where[u] = i
+  missing = [u for u in range(len(g.units)) if u not in where]
+  if missing:
+    raise ValueError(f"units {missing[:8]} are in no stage; the stages must cover the graph")
+  end = [0.0] * len(stages)
+  for i, st in enumerate(stages):
+    deps = {where[p] for u in st.units for p in g.units[u].preds if where[p] != i}
+    if any(j > i for j in deps):
+      raise ValueError(f"stage {i} reads a later stage; stages must be in dependency order")
+    end[i] = max((end[j] for j in deps), default=0.0) + lat[i]
+  return max(end, default=0.0)
+
+
 def path_program(g: Graph, units: Sequence[int]) -> tuple[Callable, list]:
   """A function that runs only ``units`` (flat primitives, in the given order).
 
