@@ -171,12 +171,18 @@ def main():
   rows_spec["sidco(0.001, per_tensor=True)"] = (None, sp.sidco(RATIO, per_tensor=True), None)
   if fast is not None:
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
+  # the exact-count search's variants (sparse._SEARCH_WAYS / _COUNT_IMPL; bisect = the 31-pass bisection):
+  # same results, checked over the whole loop against the row without brackets
+  for name in ("sidco(0.001, per_tensor=True) [bisect]", "sidco(0.001) [bisect]", "sidco(0.001) [16 xla]",
+               "sidco(0.001) [64 pallas]", "sidco(0.001) [256 pallas]", "sidco(0.001) [8 pallas]"):
+    rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name), None)
   rows_spec["lax.top_k (flat vector)"] = (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None)
   rows_spec["lax.approx_max_k (flat vector)"] = (
       lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None)
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
   only = [s for s in args.only.split(",") if s]
   rows, ref_first, ref_loop = [], {}, {}
+  search0, count0 = sp._SEARCH_WAYS, sp._COUNT_IMPL
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -186,6 +192,10 @@ def main():
       print(f"budget reached: skipping {name}", flush=True)
       continue
     row = {"method": name}
+    variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
+    sp._SEARCH_WAYS, sp._COUNT_IMPL = {"": (search0, count0), "bisect": (2, "xla")}.get(
+        variant, (int(variant.split()[0]), variant.split()[-1]) if variant else (search0, count0))
+    row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:
@@ -209,6 +219,9 @@ def main():
         # the whole loop (every step's selection, the carried residual, the last update) equals the package's
         row["loop_same_as_package"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
             jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split("] ")[-1].replace("fast ", "")])))
+      elif name.startswith("sidco") and " [" in name and name.split(" [")[0] in ref_loop:
+        row["loop_same_as_default"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
+            jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split(" [")[0]])))
       elif name.startswith("sidco"):
         ref_loop[name] = res
       if kind not in ("flat", "residual", None) and not args.no_wall:

@@ -305,3 +305,44 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
       (ng,), interpret, num_warps, input_output_aliases={5: 0, 6: 1})(
           t, n_rows, cand, x, group_counts, jnp.zeros((capacity,), i32), jnp.zeros((capacity,), x.dtype))
   return idx, vals, jnp.sum(group_counts), n_cand
+
+
+COUNT_CHUNK = 1024   # entries per inner step of tile_counts_above (chunk x W compares in registers)
+COUNT_WARPS = 4
+
+
+def tile_counts_above(x: jax.Array, thresholds: jax.Array, *, interpret: bool | None = None,
+                      chunk: int | None = None, num_warps: int | None = None) -> jax.Array:
+  """Per tile of ``THR_BLOCKS * BLOCK`` (4096) entries of a 1-D ``x`` whose length is a multiple of 4096:
+  the number of entries with ``|x| > t`` for each of the tile's ``W`` thresholds ``thresholds[tile]``
+  (``(tiles, W)`` float32, W a power of two): ``(tiles, W)`` int32. One read of each tile (the W-way
+  threshold searches of :func:`mlsys_jax.comm.sparse._search_bits`: W thresholds per pass)."""
+  tile = THR_BLOCKS * BLOCK
+  n = x.shape[0]
+  if n % tile:
+    raise ValueError(f"tile_counts_above needs a length that is a multiple of {tile}, got {n}.")
+  tiles = n // tile
+  t = jnp.asarray(thresholds, jnp.float32)
+  w = t.shape[1]
+  if t.shape != (tiles, w) or w & (w - 1):
+    raise ValueError(f"thresholds must have shape ({tiles}, W) with W a power of two, got {t.shape}.")
+  c = min(tile, chunk or max(128, COUNT_CHUNK * 16 // max(w, 16)))
+  steps = tile // c
+  i32 = jnp.int32
+
+  def kernel(x_ref, t_ref, out_ref):
+    i = pl.program_id(0)
+    jw = jnp.arange(w, dtype=i32)
+    thr = plgpu.load(t_ref.at[i * w + jw])
+
+    def body(s, acc):
+      offs = i * tile + s * c + jnp.arange(c, dtype=i32)
+      a = jnp.abs(plgpu.load(x_ref.at[offs]).astype(jnp.float32))
+      return acc + jnp.sum((a[:, None] > thr[None, :]).astype(i32), axis=0)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((w,), i32))
+    plgpu.store(out_ref.at[i * w + jw], acc)
+
+  out = _call(kernel, jax.ShapeDtypeStruct((tiles * w,), i32), (tiles,), interpret,
+              num_warps or COUNT_WARPS)(x, t.reshape(-1))
+  return out.reshape(tiles, w)

@@ -822,7 +822,7 @@ def _seg_floor(t, bmax, lay: _Layout, j):
 
   The usual case costs one pass over the n / 64 block maxima (count the blocks above ``t`` per segment);
   only when some segment has fewer than ``j`` such blocks is the ``j``-th largest found, exactly, by a
-  bisection on the float bits (31 such passes, under ``lax.cond``)."""
+  search on the float bits (:func:`_search_bits`, under ``lax.cond``)."""
   bm = bmax.reshape(lay.num_tiles, _THR_BLOCKS)
 
   def count_above(tv):
@@ -832,7 +832,7 @@ def _seg_floor(t, bmax, lay: _Layout, j):
 
   def lowered(t):
     top = jax.lax.bitcast_convert_type(lay.seg_reduce(jnp.max(bm, axis=1), "max"), jnp.int32)
-    floor = _bisect_bits(lambda tv: count_above(tv) >= j, top, keep_low=True)
+    floor = _search_bits(lambda tm: _seg_counts(bm, tm, lay, None) >= j[:, None], top, keep_low=True)
     valid = count_above(floor) >= j        # else fewer than j blocks are non-zero: no floor
     return jnp.where(need & valid, jnp.minimum(t, floor), t)
 
@@ -857,30 +857,91 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
   return f32(lo if keep_low else hi)
 
 
-def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi):
+# Ways of the threshold searches (_seg_exact, _seg_ceiling, _seg_floor): 2 is the plain bisection (31 passes
+# over the buffer); W > 2 (a power of two) tests W thresholds per pass, ceil(31 / log2 W) passes. The same
+# result bitwise (the boundary of a monotone predicate over the float bits). Module-level for the benchmark.
+_SEARCH_WAYS = 16
+# How a W-way pass counts the entries above W thresholds per tile: "xla" (a fused broadcast-compare-sum),
+# "pallas" (one Triton kernel: each tile read once; GPU only, "xla" elsewhere) or "auto" (pallas on GPU).
+_COUNT_IMPL = "auto"
+
+
+def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
+  """The boundary of a monotone predicate over the bits of non-negative float32 thresholds ``[0, top]``,
+  per segment: ``ok_multi(t (segments, W)) -> bool (segments, W)``. ``keep_low``: the largest bits ``b`` in
+  ``[0, top)`` with ``ok`` true (0 when there is none; ``ok(top)`` false is assumed), else the smallest
+  ``b`` in ``[0, top]`` with ``ok`` true (``ok(top)`` true is assumed), returned as float32.
+
+  ``ways == 2`` is :func:`_bisect_bits` (31 one-threshold passes); otherwise each pass tests ``W = ways``
+  thresholds spread evenly over the open interval (lo, hi] and keeps the piece holding the boundary:
+  ``ceil(31 / log2 W)`` passes, the same answer (the boundary is unique)."""
+  ways = _SEARCH_WAYS if ways is None else ways
+  if ways == 2:
+    return _bisect_bits(lambda t: ok_multi(t[:, None])[:, 0], top_bits, keep_low)
+  bits = int(ways).bit_length() - 1
+  if ways < 2 or (1 << bits) != ways:
+    raise ValueError(f"_SEARCH_WAYS must be a power of two >= 2, got {ways}.")
+  f32 = lambda b: jax.lax.bitcast_convert_type(b, jnp.float32)
+  top = top_bits.astype(jnp.int32)
+  # invariant: keep_low: lo <= answer < hi; else lo < answer <= hi (lo starts below 0)
+  lo0 = jnp.zeros_like(top) if keep_low else jnp.full_like(top, -1)
+  j = jnp.arange(1, ways + 1, dtype=jnp.int32)[None, :]
+
+  def body(_, st):
+    lo, hi = st
+    w = hi - lo                                         # < 2^31: top is a finite float's bits
+    q, r = w // ways, w % ways
+    mid = lo[:, None] + q[:, None] * j + (r[:, None] * j) // ways      # lo + floor(w j / W); j = W: hi
+    mid = jnp.clip(mid, lo[:, None] + 1, hi[:, None])
+    ok = ok_multi(f32(mid))
+    big = jnp.iinfo(jnp.int32).max
+    if keep_low:
+      lo = jnp.maximum(lo, jnp.max(jnp.where(ok, mid, -1), axis=1))
+      hi = jnp.minimum(hi, jnp.min(jnp.where(ok, big, mid), axis=1))
+    else:
+      hi = jnp.minimum(hi, jnp.min(jnp.where(ok, mid, big), axis=1))
+      lo = jnp.maximum(lo, jnp.max(jnp.where(ok, -1, mid), axis=1))
+    return lo, hi
+
+  passes = -(-31 // bits)
+  lo, hi = jax.lax.fori_loop(0, passes, body, (lo0, top))
+  return f32(lo if keep_low else hi)
+
+
+def _seg_counts(x_tiles, t_multi, lay: _Layout, flat):
+  """Per segment and threshold: the number of entries of ``x_tiles`` (``(tiles, L)`` non-negative float32)
+  above each of the segment's thresholds ``t_multi`` (segments, W): ``(segments, W)`` int32. ``flat``: the
+  buffer ``x_tiles`` is ``|flat|`` of, for the Pallas count kernel (one read per tile); None for other
+  arrays (block maxima)."""
+  thr = lay.per_tile(t_multi) if lay.num_segments > 1 else jnp.broadcast_to(t_multi, (lay.num_tiles,) + t_multi.shape[1:])
+  impl = _COUNT_IMPL
+  if impl == "auto":
+    impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_pack.available()) else "xla"
+  if impl == "pallas" and flat is not None and x_tiles.shape[1] == _TILE:
+    c = _pallas_pack.tile_counts_above(flat, thr, interpret=jax.default_backend() != "gpu")
+  else:
+    c = jnp.sum(x_tiles[:, :, None] > thr[:, None, :], axis=1, dtype=jnp.int32)
+  return lay.seg_reduce(c, "sum")
+
+
+def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi, flat=None):
   """Raise each segment's threshold ``t`` to the smallest one that selects at most ``hi`` (segments,)
-  entries (exact counts: a bisection on the float bits, 31 passes over the flat buffer)."""
+  entries (exact counts: a search on the float bits, :func:`_search_bits`)."""
   top = jax.lax.bitcast_convert_type(
       lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
-
-  def few_enough(tv):
-    return lay.seg_reduce(jnp.sum(a_tiles > lay.per_tile(tv)[:, None], axis=1, dtype=jnp.int32), "sum") <= hi
-
-  return jnp.maximum(t, _bisect_bits(few_enough, top, keep_low=False))
+  few_enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat) <= hi[:, None]
+  return jnp.maximum(t, _search_bits(few_enough, top, keep_low=False))
 
 
-def _seg_exact(a_tiles, bmax, lay: _Layout, k):
+def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
   """Per segment the largest threshold that still selects at least ``k`` (segments,) entries, i.e. just below
-  the ``k``-th largest magnitude (all non-zero entries of a segment holding fewer): bisection on the float
-  bits, 31 passes over the flat buffer; only on steps where the fit missed the band (see
-  :func:`_seg_trim`, which then cuts magnitudes tied at the ``k``-th back to exactly ``k``)."""
+  the ``k``-th largest magnitude (all non-zero entries of a segment holding fewer): a search on the float
+  bits (:func:`_search_bits`); only on steps where the fit missed the band (see :func:`_seg_trim`, which
+  then cuts magnitudes tied at the ``k``-th back to exactly ``k``)."""
   top = jax.lax.bitcast_convert_type(
       lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
-
-  def enough(tv):
-    return lay.seg_reduce(jnp.sum(a_tiles > lay.per_tile(tv)[:, None], axis=1, dtype=jnp.int32), "sum") >= k
-
-  return _bisect_bits(enough, top, keep_low=True)
+  enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat) >= k[:, None]
+  return _search_bits(enough, top, keep_low=True)
 
 
 def _payload_segments(payload: SparsePayload, lay: _Layout):
@@ -972,7 +1033,7 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
     _, counts = _payload_segments(payload, lay)
 
     def bisect(_):
-      t2 = _seg_exact(a_tiles, bmax, lay, k)
+      t2 = _seg_exact(a_tiles, bmax, lay, k, flat)
       p2, _ = pack(t2)
       return p2, t2
 
@@ -984,7 +1045,7 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
     # the fit selected more than the shared payload holds: raise the threshold of every segment above
     # its ceiling and pack again (only on such steps; the payload then holds everything selected)
     def again(_):
-      t2 = _seg_ceiling(t, a_tiles, bmax, lay, max_count)
+      t2 = _seg_ceiling(t, a_tiles, bmax, lay, max_count, flat)
       p2, _ = pack(t2)
       return p2, t2
 
