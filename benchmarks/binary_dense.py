@@ -85,6 +85,9 @@ def _extra(ap):
                   help="also time every function with this many back-to-back calls per timing (5 rounds): the "
                        "steady-state wall per launch, where the host dispatch of one call overlaps the "
                        "previous call's kernels (0: off)")
+  ap.add_argument("--probes", action="store_true",
+                  help="also time two diagnostic kernels on the default batch-8 tile (rows 32 x 128, 2 splits): "
+                       "the weight read alone ('probe_load') and the counting alone ('probe_compute')")
   ap.add_argument("--tag", default="", help="suffix of the JSON name (binary_dense_<tag>.json), e.g. one per "
                   "XLA_FLAGS setting measured in its own process")
   ap.add_argument("--no_bandwidth", action="store_true",
@@ -126,6 +129,46 @@ def _empty_call(a, w, block_n: int = 32):
       in_specs=[pl.BlockSpec((bp, wn), lambda j: (0, 0)), pl.BlockSpec((block_n, wn), lambda j: (j, 0))],
       out_specs=pl.BlockSpec((bp, block_n), lambda j: (0, j)),
       interpret=jax.devices()[0].platform != "gpu")(a, w)
+
+
+def _probe_kernel(a_ref, w_ref, o_ref, *, kind: str, batch: int):
+  """Diagnostics for the default 'rows' tile (wrong answers on purpose, never an exactness claim).
+  'load': read the weight tile, one XOR-sum per row (the read and launch without the popcounts);
+  'compute': the full XOR + popcount + row sums of every batch row against weights made in registers
+  from the activations and the row index (the counting without the weight read)."""
+  bn, ws = w_ref.shape
+  if kind == "load":
+    s = jnp.sum(jax.lax.bitcast_convert_type(w_ref[...], jnp.int32), axis=1)
+    for b in range(batch):
+      o_ref[b, :] = s + b
+    return
+  rows = jax.lax.broadcasted_iota(jnp.int32, (bn, ws), 0) + pl.program_id(0) * bn
+  w = jax.lax.bitcast_convert_type(a_ref[batch - 1, :], jnp.int32)[None, :] ^ (rows * -1640531527)
+  for b in range(batch):
+    x = w ^ jax.lax.bitcast_convert_type(a_ref[b, :], jnp.int32)[None, :]
+    o_ref[b, :] = jnp.sum(jax.lax.population_count(x), axis=1)
+
+
+def _probe_call(a, w, kind: str, cfg: DenseConfig):
+  """:func:`_probe_kernel` on the grid, tiles and launch parameters of ``cfg`` (a 'rows' config with
+  block_k = W / splits)."""
+  bp, wn = a.shape
+  n = w.shape[0]
+  ws = wn // cfg.splits
+  params = {}
+  if jax.devices()[0].platform == "gpu":
+    from mlsys_jax._compat import triton_compiler_params
+    cp = triton_compiler_params(cfg.num_warps, cfg.num_stages)
+    if cp is not None:
+      params["compiler_params"] = cp
+  import functools
+  out = pl.pallas_call(
+      functools.partial(_probe_kernel, kind=kind, batch=bp),
+      out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, n), jnp.int32), grid=(n // cfg.block_n, cfg.splits),
+      in_specs=[pl.BlockSpec((bp, ws), lambda j, s: (0, s)), pl.BlockSpec((cfg.block_n, ws), lambda j, s: (j, s))],
+      out_specs=pl.BlockSpec((None, bp, cfg.block_n), lambda j, s: (s, 0, j)),
+      interpret=jax.devices()[0].platform != "gpu", **params)(a, w)
+  return jnp.sum(out, axis=0)
 
 
 def _looped(op, reps: int):
@@ -278,6 +321,11 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
     pass
   except Exception as e:
     errors["int32_view_" + _name(cfg)] = f"{type(e).__name__}: {str(e)[:300]}"
+  if args.probes:
+    pcfg = DenseConfig("rows", 32, wn // 2, 2, 8, 3)
+    for kind in ("load", "compute"):
+      f_p = _looped(lambda x, w, kind=kind: _probe_call(x, w, kind, pcfg), reps)
+      fns["probe_" + kind] = lambda f_p=f_p: f_p(xs_e, packed_w)
   f_empty = _looped(lambda x, w: _empty_call(x, w), reps)
   fns["empty_kernel"] = lambda: f_empty(xs_e, packed_w)
   # The same call with the same 2 * reps arguments and no per-launch kernel (one word of each pair,
@@ -377,7 +425,7 @@ def main():
   reps = 2 if args.small else args.reps
   if args.small:
     args.repeats, args.inner = 3, 1
-    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2,hs:32:8:1:4:2,hs2:32:4:1:4:2"
+    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2,csa4:32:4:1:4:2,sub:32:8:2:4:1"
   # The floor is the packed bytes at the device read rate (common.read_bandwidth, fixed 2026-12-02: sweep
   # 1 used the old method's 1.36 TB/s, a third of the true rate). The copy rate is recorded too.
   nbytes, rep = 1 << (24 if args.small else 30), 5 if args.small else 20

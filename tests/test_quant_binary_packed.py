@@ -128,8 +128,8 @@ def test_convert_quicknet_matches_flax(shortcut):
   assert words * 32 == 9 * 32 * 32 * 4   # exactly 1/32 of float32
 
 
-@pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1), ("csa", 1), ("hs", 1),
-                                            ("hs2", 1), ("ntile", 2),
+@pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1), ("csa", 1), ("csa4", 2),
+                                            ("sub", 2),
                                             pytest.param("bcast", 2, marks=pytest.mark.slow),
                                             pytest.param("rows", 4, marks=pytest.mark.slow)])
 def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
@@ -141,8 +141,7 @@ def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
   tail[-1] = (1 << (500 - 15 * 32)) - 1                      # LCE layout: bits past K are 0
   a, w = a & tail, w & tail
   # Several programs along N and along the words, several loop steps each.
-  block_k = 8 if variant in ("csa", "hs") else 4     # csa/hs: 8 slices of one word (hs: 2 steps carried)
-  # hs2: 2 slices of 2 words, 4 steps with the ones vector carried; ntile: 4 output rows per step, 4 steps
+  block_k = 8 if variant == "csa" else 4     # csa: 8 slices of one word; csa4: 4 slices; sub: 4 rows per sub-tile
   got = pallas_packed_dense(a, w, 500, variant, block_n=16, block_k=block_k, splits=splits,
                             interpret=True)
   np.testing.assert_array_equal(got, pk._popcount_dot(a, w, 500))
@@ -151,9 +150,9 @@ def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
   np.testing.assert_array_equal(got, np.asarray(ua, np.float64) @ np.asarray(uw, np.float64).T)
 
 
-@pytest.mark.parametrize("variant,block_k", [("hs", 8), ("hs2", 2)])
-def test_pallas_carried_adders_saturate_exactly(variant, block_k):
-  """Every bit differs (and then none does): the carried ones/twos/fours vectors carry in every bit."""
+@pytest.mark.parametrize("variant,block_k", [("csa", 16), ("csa4", 8)])
+def test_pallas_carry_save_trees_saturate_exactly(variant, block_k):
+  """Every bit differs (and then none does): every adder of the tree carries in every bit."""
   from mlsys_jax.quant.binary.pallas_dense import pallas_packed_dense
   a = jnp.zeros((2, 32), jnp.uint32)
   w = jnp.full((16, 32), 2**32 - 1, jnp.uint32)
@@ -177,10 +176,10 @@ def test_pallas_kernel_bad_configs_raise():
     pallas_packed_dense(a, w, 250, "tiles", interpret=True)
   with pytest.raises(ValueError, match="block_k must be >= 8"):
     pallas_packed_dense(a, w, 250, "csa", block_k=4, interpret=True)
-  with pytest.raises(ValueError, match="block_k must be >= 8"):
-    pallas_packed_dense(a, w, 250, "hs", block_k=4, interpret=True)
-  with pytest.raises(ValueError, match="block_k must be >= 2"):
-    pallas_packed_dense(a, w, 250, "hs2", block_k=1, interpret=True)
+  with pytest.raises(ValueError, match="block_k must be >= 4"):
+    pallas_packed_dense(a, w, 250, "csa4", block_k=2, interpret=True)
+  with pytest.raises(ValueError, match="sub-tile"):
+    pallas_packed_dense(a, w, 250, "sub", block_n=32, block_k=1, interpret=True)
   with pytest.raises(TypeError, match="uint32"):
     pallas_packed_dense(a.astype(jnp.int32), w, 250, interpret=True)
   with pytest.raises(ValueError):

@@ -16,23 +16,19 @@ Variants of the inner loop (``variant``):
   only once at the end (no cross-thread reduction inside the loop);
 - ``'rows'``: the same, but each step reduces its popcounts to ``(block_n,)`` immediately;
 - ``'bcast'``: one ``(B, block_n, block_k)`` broadcast XOR per step;
-- ``'csa'``: as ``'acc'``, but each step splits its ``block_k`` words into 8 slices and adds 7 of them
-  with a carry-save adder tree (Harley-Seal): ``popcount`` of the ones, twos and fours words plus the
-  8th slice, 4 popcounts per 8 words instead of 8 (popcount issues at a quarter of the rate of the
-  logic operations on NVIDIA GPUs; at batch 8 the plain count is the bottleneck, not the weight read);
-- ``'hs'``: Harley-Seal proper: the ones, twos and fours bit vectors are carried across the loop steps
-  (7 carry-save adders per 8 words, each one LOP3 pair) and only the eights are counted each step, so
-  a program with ``num_k`` steps issues ``num_k + 3`` popcounts per accumulator element instead of
-  ``8 num_k`` (``'csa'``: ``4 num_k``);
-- ``'hs2'``: the cheapest carried form: each step's two half-tiles go through ONE carry-save adder with
-  the carried ``ones`` vector, and only the carry is counted (reduced to ``(block_n,)`` each step, as in
-  ``'rows'``): 1 popcount per 2 words for about 2.5 logic operations per word, which balances the
-  quarter-rate popcount pipe against the full-rate logic pipe better than the deeper trees.
-- ``'ntile'``: each program loops over its ``block_n`` outputs ``block_k`` rows at a time, each step
-  reading whole weight rows (``W / splits`` words) with the activations hoisted into registers, so that
-  with ``num_stages >= 2`` Triton prefetches the next rows while the current ones are counted (the other
-  variants loop over words and, at the default tiles, run a single step per program: no overlap of the
-  weight read with the popcounts inside a program).
+- ``'csa'``: as ``'acc'``, but each step splits its ``block_k`` words into 8 slices and adds them with
+  a carry-save adder tree (:func:`_csa_count`): 4 popcounts per 8 words instead of 8, for 2 logic
+  operations (one LOP3 each on NVIDIA) per adder (popcount issues at a quarter of the rate of the
+  logic operations on NVIDIA GPUs);
+- ``'csa4'``: the same with 4 slices: one full adder and a plain count, 3 popcounts per 4 words;
+- ``'sub'``: each program counts its ``block_n`` outputs ``block_k`` rows at a time (unrolled, at most
+  16 sub-tiles), each sub-tile whole weight rows (``W / splits`` words) against activations loaded once:
+  every load is issued up front and the sub-tiles are counted in order, so a warp can start on its first
+  rows while later ones are still arriving.
+
+Measured and removed (H200, 2026-12-02, docs/binary.md): ``'hs'`` and ``'hs2'`` (Harley-Seal with the
+adders carried across loop steps) and ``'ntile'`` (a ``fori_loop`` over row tiles with Triton's
+``num_stages`` prefetch); none beat ``'rows'`` at any shape.
 
 Triton's ``population_count`` lowering takes int32, so the XOR of the uint32 words is bitcast to int32
 inside the kernel (the bit pattern, hence the count, is unchanged).
@@ -51,7 +47,8 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "bcast", "csa", "hs", "hs2", "ntile")
+VARIANTS = ("acc", "rows", "bcast", "csa", "csa4", "sub")
+_SLICES = {"csa": 8, "csa4": 4}         # slices per step of the carry-save variants
 
 
 class DenseConfig(NamedTuple):
@@ -170,6 +167,30 @@ def _csa(x, y, z):
   return jnp.bitwise_xor(t, z), jnp.bitwise_or(jnp.bitwise_and(x, y), jnp.bitwise_and(t, z))
 
 
+def _csa_count(xs):
+  """``sum(popcount(x) for x in xs)`` (int32, elementwise) with fewer popcounts: bit vectors of equal
+  weight are compressed three at a time by :func:`_csa` (a Wallace tree: the sum keeps the weight, the
+  carry doubles it) until at most two of each weight are left; those are counted and scaled. 8 inputs:
+  4 popcounts (ones twice, twos, fours); 4 inputs: 3; 3 inputs: 2.
+
+  >>> xs = [jnp.uint32(v) for v in (0xFFFFFFFF, 7, 1 << 31, 12345)]
+  >>> int(_csa_count(xs)) == sum(int(jax.lax.population_count(x)) for x in xs)
+  True
+  """
+  by_weight, out = {1: list(xs)}, 0
+  weight = 1
+  while weight in by_weight:
+    vs = by_weight.pop(weight)
+    while len(vs) >= 3:
+      s, c = _csa(vs.pop(0), vs.pop(0), vs.pop(0))
+      vs.append(s)
+      by_weight.setdefault(2 * weight, []).append(c)
+    for v in vs:
+      out = out + weight * jax.lax.population_count(_as_int32(v))
+    weight *= 2
+  return out
+
+
 def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, num_k: int,
             batch: int):
   """Popcounts of one ``(block_n, num_k * block_k)`` weight slab against ``batch`` activation rows.
@@ -178,18 +199,14 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
   block_n = w_ref.shape[0]
   words = lambda i: pl.ds(i * block_k, block_k)
 
-  if variant == "ntile":                    # block_k = output rows per loop step; all words at once
+  if variant == "sub":                      # block_k = output rows per sub-tile; all words at once
     sub_n = block_k
     a_rows = [a_ref[b, :] for b in range(batch)]                     # hoisted: (W/splits,) each
-
-    def body(r, carry):
+    for r in range(block_n // sub_n):         # unrolled: every load issued up front, counted in order
       w = w_ref[pl.ds(r * sub_n, sub_n), :]                          # (sub_n, W/splits)
       for b in range(batch):
         acc = jnp.sum(_popc(w, a_rows[b][None, :]), axis=1)
         o_ref[b, pl.ds(r * sub_n, sub_n)] = acc if k is None else k - 2 * acc
-      return carry
-
-    jax.lax.fori_loop(0, block_n // sub_n, body, 0)
     return
 
   if variant == "bcast":
@@ -201,81 +218,21 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
     o_ref[...] = acc if k is None else k - 2 * acc
     return
 
-  if variant == "csa":
-    sub = block_k // 8
+  if variant in _SLICES:                    # carry-save tree over the step's slices
+    nsl = _SLICES[variant]
+    sub = block_k // nsl
+    sl = lambda i, j: pl.ds(i * block_k + j * sub, sub)
 
     def body(i, accs):
-      ws = [w_ref[:, pl.ds(i * block_k + j * sub, sub)] for j in range(8)]   # (block_n, sub) each
-      out = []
-      for b in range(batch):
-        x = [jnp.bitwise_xor(ws[j], a_ref[b, pl.ds(i * block_k + j * sub, sub)][None, :])
-             for j in range(8)]
-        s1, c1 = _csa(x[0], x[1], x[2])
-        s2, c2 = _csa(x[3], x[4], x[5])
-        ones, c3 = _csa(s1, s2, x[6])
-        twos, fours = _csa(c1, c2, c3)
-        pc = lambda v: jax.lax.population_count(_as_int32(v))
-        out.append(accs[b] + pc(ones) + pc(x[7]) + 2 * pc(twos) + 4 * pc(fours))
-      return tuple(out)
+      ws = [w_ref[:, sl(i, j)] for j in range(nsl)]                  # (block_n, sub) each
+      return tuple(accs[b] + _csa_count([jnp.bitwise_xor(ws[j], a_ref[b, sl(i, j)][None, :])
+                                         for j in range(nsl)])
+                   for b in range(batch))
 
     accs = jax.lax.fori_loop(0, num_k, body,
                              tuple(jnp.zeros((block_n, sub), jnp.int32) for _ in range(batch)))
     for b in range(batch):
       acc = jnp.sum(accs[b], axis=1)
-      o_ref[b, :] = acc if k is None else k - 2 * acc
-    return
-
-  if variant == "hs":
-    sub = block_k // 8
-    pc = lambda v: jax.lax.population_count(_as_int32(v))
-
-    def body(i, states):
-      ws = [w_ref[:, pl.ds(i * block_k + j * sub, sub)] for j in range(8)]   # (block_n, sub) each
-      out = []
-      for b in range(batch):
-        ones, twos, fours, eights = states[b]
-        x = [jnp.bitwise_xor(ws[j], a_ref[b, pl.ds(i * block_k + j * sub, sub)][None, :])
-             for j in range(8)]
-        ones, t_a = _csa(ones, x[0], x[1])        # ones + x0 + x1 = ones' + 2 t_a
-        ones, t_b = _csa(ones, x[2], x[3])
-        twos, f_a = _csa(twos, t_a, t_b)          # in units of 2: twos + t_a + t_b = twos' + 2 f_a
-        ones, t_a = _csa(ones, x[4], x[5])
-        ones, t_b = _csa(ones, x[6], x[7])
-        twos, f_b = _csa(twos, t_a, t_b)
-        fours, e = _csa(fours, f_a, f_b)          # in units of 4
-        out.append((ones, twos, fours, eights + pc(e)))
-      return tuple(out)
-
-    z = jnp.zeros((block_n, sub), jnp.uint32)
-    states = jax.lax.fori_loop(0, num_k, body,
-                               tuple((z, z, z, jnp.zeros((block_n, sub), jnp.int32)) for _ in range(batch)))
-    for b in range(batch):
-      ones, twos, fours, eights = states[b]
-      acc = jnp.sum(pc(ones) + 2 * pc(twos) + 4 * pc(fours) + 8 * eights, axis=1)
-      o_ref[b, :] = acc if k is None else k - 2 * acc
-    return
-
-  if variant == "hs2":
-    sub = block_k // 2
-    pc = lambda v: jax.lax.population_count(_as_int32(v))
-
-    def body(i, states):
-      w0 = w_ref[:, pl.ds(i * block_k, sub)]
-      w1 = w_ref[:, pl.ds(i * block_k + sub, sub)]
-      out = []
-      for b in range(batch):
-        ones, acc = states[b]
-        x0 = jnp.bitwise_xor(w0, a_ref[b, pl.ds(i * block_k, sub)][None, :])
-        x1 = jnp.bitwise_xor(w1, a_ref[b, pl.ds(i * block_k + sub, sub)][None, :])
-        ones, c = _csa(ones, x0, x1)              # ones + x0 + x1 = ones' + 2 c
-        out.append((ones, acc + jnp.sum(pc(c), axis=1)))
-      return tuple(out)
-
-    states = jax.lax.fori_loop(0, num_k, body, tuple(
-        (jnp.zeros((block_n, sub), jnp.uint32), jnp.zeros((block_n,), jnp.int32)) for _ in range(batch)))
-    for b in range(batch):
-      ones, acc = states[b]
-      acc = jnp.sum(pc(ones), axis=1) + 2 * acc
       o_ref[b, :] = acc if k is None else k - 2 * acc
     return
 
@@ -304,16 +261,14 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
     if v & (v - 1):
       raise ValueError(f"{name} must be a power of two, got {v}.")
   check_int("num_stages", cfg.num_stages, 1)
-  if cfg.variant == "hs2" and cfg.block_k < 2:
-    raise ValueError(f"variant 'hs2' splits each step into 2 slices: block_k must be >= 2, got {cfg.block_k}.")
-  if cfg.variant in ("csa", "hs") and cfg.block_k < 8:
-    raise ValueError(f"variant '{cfg.variant}' splits each step into 8 slices: block_k must be >= 8, got "
-                     f"{cfg.block_k}.")
-  if cfg.variant == "ntile":
-    if n % cfg.block_n or wn % cfg.splits or cfg.block_n % cfg.block_k:
-      raise ValueError(f"variant 'ntile' loops over block_k={cfg.block_k} output rows at a time: N={n} must be "
-                       f"a multiple of block_n={cfg.block_n}, block_n of block_k and W={wn} of "
-                       f"splits={cfg.splits}.")
+  if cfg.variant in _SLICES and cfg.block_k < _SLICES[cfg.variant]:
+    raise ValueError(f"variant '{cfg.variant}' splits each step into {_SLICES[cfg.variant]} slices: block_k "
+                     f"must be >= {_SLICES[cfg.variant]}, got {cfg.block_k}.")
+  if cfg.variant == "sub":
+    if n % cfg.block_n or wn % cfg.splits or cfg.block_n % cfg.block_k or cfg.block_n // cfg.block_k > 16:
+      raise ValueError(f"variant 'sub' counts block_k={cfg.block_k} output rows at a time (at most 16 "
+                       f"sub-tiles per program): N={n} must be a multiple of block_n={cfg.block_n}, block_n "
+                       f"of block_k (and block_n <= 16 block_k), W={wn} of splits={cfg.splits}.")
     return
   if n % cfg.block_n or wn % cfg.splits or (wn // cfg.splits) % cfg.block_k:
     raise ValueError(f"N={n} must be a multiple of block_n={cfg.block_n} and W={wn} of "
@@ -335,8 +290,8 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'hs'``, ``'hs2'`` or ``'ntile'`` (module
-      docstring; for ``'ntile'`` ``block_k`` is the number of OUTPUT rows per loop step).
+    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'csa4'`` or ``'sub'`` (module docstring;
+      for ``'sub'`` ``block_k`` is the number of OUTPUT rows per sub-tile).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
