@@ -305,8 +305,9 @@ def part_stage_sweep(args, specs, plan, tables, out, name, t_start):
   read = b * sum(sector_bytes(w) for w in gw)
   write = b * sum(s.dim for s in specs) * 4
   sw = {"batch": b, "chain": k, "calls": args.calls, "bandwidth_Bps": probes, "floor_bandwidth_Bps": bw,
-        "floor_method": "4096 rows x 32-byte sectors of every looked-up row (ceil(row bytes / 32) x 32 B per "
-                        "row) over the bandwidth; floor_read_s uses the largest bandwidth measured in this run",
+        "floor_method": f"{b} samples x the 32-byte sectors of every row they look up (ceil(row bytes / 32) "
+                        "x 32 B per row) over the bandwidth; floor_read_s uses the largest bandwidth measured in "
+                        "this run (bandwidth_Bps['best'])",
         "copy_bandwidth_Bps": probes["copy_wall"], "read_bytes": read, "write_bytes": write,
         "floor_read_s": read / bw, "floor_rw_s": (read + write) / bw,
         "floor_read_s_by_method": {m: read / probes[m] for m in ("copy_wall", "read_wall", "copy_device",
