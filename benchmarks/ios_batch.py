@@ -55,6 +55,8 @@ def _args():
   ap.add_argument("--number", type=int, default=10)
   ap.add_argument("--repeat", type=int, default=7)
   ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining cases after this")
+  ap.add_argument("--choices_from", default="", help="ios_batch JSON of an earlier run: report how the "
+                  "program it chose per (net, dtype, batch) compares with this run's best XLA program")
   ap.add_argument("--fit", action="store_true", help="only fit the correction model on --inputs JSONs")
   ap.add_argument("--inputs", default="", help="comma-separated ios_batch JSONs for --fit")
   ap.add_argument("--name", default="ios_batch")
@@ -79,7 +81,8 @@ def retarget(sc, fn, x, profiler):
 
 
 FEATURES = {"sum": ("predicted_s",), "critical_path": ("predicted_cp_s",),
-            "sum+critical_path": ("predicted_s", "predicted_cp_s")}
+            "sum+critical_path": ("predicted_s", "predicted_cp_s"),
+            "sum+stages": ("predicted_s", "stages")}   # per-stage a * t + c: a correction the DP can use
 
 
 def fit_correction(points):
@@ -144,6 +147,11 @@ def main():
     payload["fits"] = fit_correction(payload["points"])
     with open(os.path.join(out_dir, args.name + ".json"), "w") as fh:
       json.dump(payload, fh, indent=1)
+
+  earlier = {}
+  if args.choices_from:
+    for r in json.load(open(args.choices_from))["rows"]:
+      earlier[(r["net"], r["dtype"], r["batch"])] = r
 
   for net in args.nets.split(","):
     for dt in args.dtypes.split(","):
@@ -222,6 +230,15 @@ def main():
         ios_keys = [k for k in row if k.startswith("ios_") and k.endswith("_s") and k.count("_") == 2]
         if ios_keys:
           row["checked_vs_best_xla"] = xla[best] / min([xla[best]] + [row[k] for k in ios_keys])
+        prev = earlier.get((net, dt, b))
+        if prev is not None:   # the earlier run's choice, timed in this run (no selection on these timings)
+          cands = {"xla:" + prev["best_xla"]: prev["best_xla_s"]}
+          cands.update({f"ios:{s}": prev[f"ios_{s}_s"] for s in strategies if f"ios_{s}_s" in prev})
+          pick = min(cands, key=cands.get)
+          now = xla.get(pick[4:]) if pick.startswith("xla:") else row.get(f"ios_{pick[4:]}_s")
+          if now is not None:
+            row["earlier_choice"] = pick
+            row["earlier_choice_vs_best_xla"] = xla[best] / now
         # cross: the schedule found at (b1, strategy) run at this batch
         row["cross_s"] = {f"b{kb}_{ks_}": med[n] for n, (_, ks) in sched_of.items() for kb, ks_ in ks}
         for n, (sc, ks) in sched_of.items():
