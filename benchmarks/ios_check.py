@@ -34,6 +34,7 @@ def _args():
   ap.add_argument("--strategy", default="merge", choices=("merge", "both", "parallel"))
   ap.add_argument("--cache", default=None, help="stage-profile cache file (JSON), kept between runs")
   ap.add_argument("--time_budget_s", type=float, default=480.0, help="stop starting new cases after this")
+  ap.add_argument("--name", default="ios_check", help="JSON file name (without .json)")
   ap.add_argument("--out", default=None)
   ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test")
   return ap.parse_args()
@@ -68,11 +69,13 @@ def main():
                "ios_vs_best_xla": c["xla_s"] / c["ios_s"], "choice": c["choice"],
                "program_vs_best_xla": c["xla_s"] / min(c["ios_s"], c["xla_s"]),
                "search_s": s.search_s, "search_and_check_s": total_s, "rel_err_vs_jit": err,
-               "counts": s.counts()}
+               "counts": s.counts(), "predicted_s": s.predicted_latency,
+               "predicted_cp_s": s.predicted_critical_path,
+               "profiler": {k: s.info.get(f"profiler_{k}") for k in ("hits", "misses", "compile_s")}}
         rows.append(row)
         print(f"{net} {dtype_name} b={b}: IOS {c['ios_s'] * 1e3:.3f} ms, best XLA {c['xla_s'] * 1e3:.3f} ms "
               f"({c['xla_config']}), runs {c['choice']}; search {s.search_s:.1f} s", flush=True)
-        write_json(args.out, "ios_check", {"env": env, "argv": sys.argv, "rows": rows})
+        write_json(args.out, args.name, {"env": env, "argv": sys.argv, "rows": rows})
   print_table(rows, ["net", "dtype", "batch", "ios_s", "best_xla_s", "best_xla_config", "ios_vs_best_xla",
                      "choice", "search_s", "rel_err_vs_jit"])
 
