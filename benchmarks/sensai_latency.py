@@ -49,6 +49,10 @@ OPTION_SETS = {
     "ynn_conv": {"xla_cpu_experimental_ynn_fusion_type": _YNN_ALL},
     "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
     "eigen_st": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False},
+    # XLA's own loops (pools, bias + ReLU fusions) at 512-bit vectors (default 256) where the CPU has AVX-512
+    "eigen_v512": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512},
+    "eigen_st_v512": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False,
+                      "xla_cpu_prefer_vector_width": 512},
 }
 
 CONFIGS = {   # name: (model, input shape, keep fraction)
@@ -147,7 +151,13 @@ def profile_ops(fn, calls: int = 30) -> dict:
   return {"us_per_call": top, "events_per_thread_kind": {k: v / calls for k, v in threads.items()}}
 
 
-def build(name: str, keeps: list[float], groups: int, data_dir: str | None, epochs: int, seed: int = 0) -> dict:
+def parse_keep(spec: str) -> dict:
+  """``"0.3"`` -> keep_fraction 0.3; ``"0.3m8"`` -> also every width rounded up to a multiple of 8."""
+  f, _, m = str(spec).partition("m")
+  return {"keep_fraction": float(f), "multiple_of": int(m) if m else None}
+
+
+def build(name: str, keeps: list[str], groups: int, data_dir: str | None, epochs: int, seed: int = 0) -> dict:
   """Train briefly, group, APoZ, prune: the real pipeline, returning the model and its subnets."""
   model, shape = CONFIGS[name]
   t0 = time.perf_counter()
@@ -164,7 +174,7 @@ def build(name: str, keeps: list[float], groups: int, data_dir: str | None, epoc
   feats = sensai.penultimate_features(model, variables, ds.x_train)
   cls = sensai.group_classes(feats, ds.y_train, groups)
   stats = [sensai.channel_stats(model, variables, ds.x_train[np.isin(ds.y_train, g)]) for g in cls]
-  subs = {keep: [sensai.make_subnet(model, variables, g, sensai.prune_masks(st, keep_fraction=keep))
+  subs = {keep: [sensai.make_subnet(model, variables, g, sensai.prune_masks(st, **parse_keep(keep)))
                  for g, st in zip(cls, stats)] for keep in keeps}
   return {"model": model, "variables": variables, "shape": shape, "subnets": subs, "groups": cls,
           "data": ds.name, "train_s": t_train, "prune_s": time.perf_counter() - t0 - t_train,
@@ -173,7 +183,7 @@ def build(name: str, keeps: list[float], groups: int, data_dir: str | None, epoc
 
 def run_config(name: str, args, options: list[str], t_start: float) -> dict:
   t_config = time.perf_counter()
-  keeps = [float(k) for k in str(args.keep).split(",")]
+  keeps = str(args.keep).split(",")
   b = build(name, keeps, args.groups, args.data_dir, args.epochs)
   model, variables, shape, subs_by_keep = b["model"], b["variables"], b["shape"], b["subnets"]
   dev0 = jax.devices()[0]
@@ -182,12 +192,13 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
   one_device = {"original": (apply(model), put0(variables))}
   sharded_entries = {}
   for keep, subs in subs_by_keep.items():
-    tag = "" if len(keeps) == 1 else f"@{keep:g}"
+    tag = "" if len(keeps) == 1 else f"@{keep}"
     s = len(subs)
-    for i, sub in enumerate(subs):
+    for i, sub in enumerate(subs[:args.max_subnets]):
       one_device[f"subnet_{i}{tag}"] = (apply(sub.model), put0(sub.variables))
-    branch = sensai.make_branch_predictor(subs, 10)
-    one_device[f"branch_ensemble{tag}"] = (branch.func, put0(branch.args[0]))
+    if not args.no_branch:
+      branch = sensai.make_branch_predictor(subs, 10)
+      one_device[f"branch_ensemble{tag}"] = (branch.func, put0(branch.args[0]))
     if jax.device_count() >= s:
       sharded = sensai.make_sharded_predictor(subs, 10)   # one group per device, weights placed once
       sharded_entries[f"shard_map_ensemble_{s}dev{tag}"] = (sharded.fn, sharded.variables,
@@ -223,6 +234,10 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
       ctr = iter(range(1 << 30))
       post = post or (lambda z: z)
       calls[f"{opt}/{k}"] = (lambda c=c, v=v, ctr=ctr, post=post: post(c(v, images[next(ctr) % len(images)])))
+      if args.put:   # as ShardedPredictor.__call__: ONE explicit device_put of the numpy image, then the call
+        ctr2 = iter(range(1 << 30))
+        calls[f"{opt}/{k}+put"] = (lambda c=c, v=v, ctr=ctr2, post=post, xs=xs:
+                                   post(c(v, jax.device_put(images[next(ctr) % len(images)], xs))))
       if cl is not None:
         loops[f"{opt}/{k}"] = (lambda cl=cl, v=v, x=x_dev[k]: cl(v, x))
       if args.placed and (k == "original" or k.startswith("shard_map_ensemble")):
@@ -232,15 +247,15 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
   check = {}
   for keep, subs in subs_by_keep.items():
     ref = np.asarray(sensai.make_branch_predictor(subs, 10)(images[0]))
-    tag = "" if len(keeps) == 1 else f"@{keep:g}"
+    tag = "" if len(keeps) == 1 else f"@{keep}"
     check.update({k: float(np.max(np.abs(np.asarray(f()) - ref))) for k, f in calls.items()
-                  if ("ensemble" in k or "shard_map" in k) and k.endswith(tag)})
+                  if ("ensemble" in k or "shard_map" in k) and k.split("+")[0].endswith(tag)})
   print(f"{name}: trained {b['train_s']:.1f}s, pruned {b['prune_s']:.1f}s, compiled {sum(compile_s.values()):.1f}s "
         f"({len(calls)} entries); elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
   profile = {}
   if args.profile:
     o = dict(OPTION_SETS[options[0]], xla_cpu_enable_xprof_traceme=True)
-    for k in ("original", "subnet_0" if len(keeps) == 1 else f"subnet_0@{keeps[-1]:g}"):
+    for k in ("original", "subnet_0" if len(keeps) == 1 else f"subnet_0@{keeps[-1]}"):
       jf, v, _, _ = entries[k]
       try:
         c = jf.lower(v, images[0]).compile(o)
@@ -272,11 +287,16 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
 
 def summarise(call_t: dict, loop_t: dict) -> dict:
   """Speed-ups (original time / entry time) against the same option set's original and the best one
-  (``...+placed`` entries against the original called on a placed image)."""
+  (``...+placed`` entries against the original called on a placed image; every other call entry against
+  the faster of the original called on the numpy image and ``original+put``)."""
   out = {}
   for mode, t in (("call", call_t), ("loop", loop_t)):
     origs, origs_placed = ({k.split("/")[0]: v["median_s"] for k, v in t.items() if k.endswith(suffix)}
                            for suffix in ("/original", "/original+placed"))
+    for k, v in t.items():
+      if k.endswith("/original+put"):
+        o = k.split("/")[0]
+        origs[o] = min(origs.get(o, np.inf), v["median_s"])
     if not origs:
       continue
     best_opt = min(origs, key=origs.get)
@@ -300,10 +320,16 @@ def main():
     ap.add_argument("--configs", default="cnn-cifar,cnn-cifar-wide")
     ap.add_argument("--options", default="default,default_st,ynn_conv,eigen,eigen_st")
     ap.add_argument("--keep", default="0.4", help="keep_fraction of every pruned layer (comma-separated: "
-                    "several sets of subnets, each against the same original)")
+                    "several sets of subnets, each against the same original); '0.3m8': widths rounded up "
+                    "to multiples of 8")
     ap.add_argument("--no_hostcombine", action="store_true", help="leave out the host-combination entry")
     ap.add_argument("--placed", action="store_true", help="also time calls of the original and the sharded "
                     "ensemble on an image already placed on the device(s)")
+    ap.add_argument("--max_subnets", type=int, default=None, help="time only the first N subnets of each "
+                    "keep alone (all subnets of one keep fraction have the same widths)")
+    ap.add_argument("--no_branch", action="store_true", help="leave out the one-device branch ensemble")
+    ap.add_argument("--put", action="store_true", help="also time every call with an explicit "
+                    "jax.device_put of the numpy image to the entry's input sharding before the call")
     ap.add_argument("--sync_dispatch", action="store_true",
                     help="jax_cpu_enable_async_dispatch=False: each one-device call runs in the calling thread")
     ap.add_argument("--profile", action="store_true",

@@ -51,10 +51,13 @@ _APOZ = flags.DEFINE_float("apoz_threshold", 0.73, "Prune iff APoZ > this ...")
 _MEAN = flags.DEFINE_float("mean_threshold", 0.01, "... and mean |a| < this (the paper's rule).")
 _KEEP = flags.DEFINE_float("keep_fraction", 0.4, "If > 0: keep this fraction of channels per layer (lowest "
                            "APoZ first) instead of the thresholds (a FLOP budget; beyond the paper).")
+_MULTIPLE = flags.DEFINE_integer("multiple_of", 0, "If > 0: round every layer's kept channels to a multiple of "
+                                 "this (8 / 16: the float32 lanes of AVX2 / AVX-512; prune_masks(multiple_of=...)).")
 _RETRAIN = flags.DEFINE_enum("retrain", "separate", ["separate", "stacked"], "Retrain each subnet in its own "
                              "loop (retrain_subnet) or all at once as one vmapped program (retrain_subnets).")
 _HOLDOUT = flags.DEFINE_float("holdout", 0.15, "Fraction of the training set held out for temperatures.")
 _LATENCY_REPEATS = flags.DEFINE_integer("latency_repeats", 200, "Interleaved timing rounds (seed 0 only).")
+_SUFFIX = flags.DEFINE_string("suffix", "", "Suffix of the JSON name (e.g. _keep03_m8).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "experiments/results", "Output directory.")
 
 
@@ -100,7 +103,8 @@ def run_seed(seed: int, timing: bool) -> dict:
     xg = train.x_train[np.isin(train.y_train, g)]
     st = sensai.channel_stats(model, variables, xg)
     masks = sensai.prune_masks(st, apoz_threshold=_APOZ.value, mean_threshold=_MEAN.value,
-                               keep_fraction=_KEEP.value if _KEEP.value > 0 else None)
+                               keep_fraction=_KEEP.value if _KEEP.value > 0 else None,
+                               multiple_of=_MULTIPLE.value or None)
     paper_masks = sensai.prune_masks(st, apoz_threshold=_APOZ.value, mean_threshold=_MEAN.value)
     subnets.append(sensai.make_subnet(model, variables, g, masks))
     per_group.append({"classes": list(g), "widths": {k: int(m.sum()) for k, m in masks.items()},
@@ -213,7 +217,7 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   payload = {"flags": {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])},
              "jax": jax.__version__, "device": jax.devices()[0].platform, "summary": summary, "runs": runs}
-  path = out / f"sensai_{_DATASET.value}{'' if _ARCH.value == 'cnn' else '_' + _ARCH.value}.json"
+  path = out / f"sensai_{_DATASET.value}{'' if _ARCH.value == 'cnn' else '_' + _ARCH.value}{_SUFFIX.value}.json"
   path.write_text(json.dumps(payload, indent=1))
   print(f"wrote {path}")
 
