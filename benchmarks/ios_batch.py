@@ -59,6 +59,7 @@ def _args():
                   "program it chose per (net, dtype, batch) compares with this run's best XLA program")
   ap.add_argument("--fit", action="store_true", help="only fit the correction model on --inputs JSONs")
   ap.add_argument("--inputs", default="", help="comma-separated ios_batch JSONs for --fit")
+  ap.add_argument("--table", action="store_true", help="only print markdown tables of --inputs JSONs")
   ap.add_argument("--name", default="ios_batch")
   ap.add_argument("--out", default=None)
   ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test")
@@ -115,8 +116,47 @@ def fit_correction(points):
   return out
 
 
+def markdown_tables(rows) -> str:
+  """The batch table (best XLA vs IOS-Merge vs IOS-Both, ms and ratios) and the cross tables (schedule
+  found at b1 run at b2, as a ratio to the schedule found at b2) of ``rows`` from one or more runs."""
+  ms = lambda v: "–" if v is None else f"{v * 1e3:.3f}"
+  rt = lambda v: "–" if v is None else f"{v:.3f}x"
+  lines = ["| net | dtype | batch | best XLA (config) ms | IOS-Merge ms | IOS-Both ms | Merge vs XLA | "
+           "Both vs XLA | program run | earlier choice vs XLA |", "|" + "---|" * 10]
+  for r in rows:
+    choice = min([("xla", r["best_xla_s"])] + [(s, r[f"ios_{s}_s"]) for s in ("merge", "both")
+                                              if f"ios_{s}_s" in r], key=lambda kv: kv[1])[0]
+    lines.append(f"| {r['net']} | {r['dtype']} | {r['batch']} | {ms(r['best_xla_s'])} ({r['best_xla']}) | "
+                 f"{ms(r.get('ios_merge_s'))} | {ms(r.get('ios_both_s'))} | "
+                 f"{rt(r.get('ios_merge_vs_best_xla'))} | {rt(r.get('ios_both_vs_best_xla'))} | {choice} | "
+                 f"{rt(r.get('earlier_choice_vs_best_xla'))} |")
+  for (net, dt) in sorted({(r["net"], r["dtype"]) for r in rows}):
+    rs = sorted([r for r in rows if r["net"] == net and r["dtype"] == dt], key=lambda r: r["batch"])
+    srcs = sorted({k for r in rs for k in r.get("cross_s", {})}, key=lambda k: (k.split("_")[1],
+                                                                                int(k.split("_")[0][1:])))
+    if not any(len(r.get("cross_s", {})) > 2 for r in rs):
+      continue
+    lines += ["", f"Cross table, {net} {dt}: latency of the schedule found at (b1, strategy) run at b2, "
+              "relative to the schedule found at b2 (< 1: slower)", "",
+              "| found at \\ run at | " + " | ".join(f"b{r['batch']}" for r in rs) + " |",
+              "|" + "---|" * (len(rs) + 1)]
+    for k in srcs:
+      strat = k.split("_")[1]
+      cells = []
+      for r in rs:
+        own = r.get(f"ios_{strat}_s")
+        v = r.get("cross_s", {}).get(k)
+        cells.append("–" if v is None or own is None else f"{own / v:.3f}")
+      lines.append(f"| {k} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main():
   args = _args()
+  if args.table:
+    rows = [r for f in args.inputs.split(",") for r in json.load(open(f))["rows"]]
+    print(markdown_tables(rows))
+    return
   if args.fit:
     pts = []
     for f in args.inputs.split(","):
