@@ -129,7 +129,7 @@ def test_convert_quicknet_matches_flax(shortcut):
 
 
 @pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1), ("csa", 1), ("csa4", 2),
-                                            ("sub", 2),
+                                            ("sub", 2), ("pipe", 2),
                                             pytest.param("bcast", 2, marks=pytest.mark.slow),
                                             pytest.param("rows", 4, marks=pytest.mark.slow)])
 def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
@@ -141,7 +141,10 @@ def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):
   tail[-1] = (1 << (500 - 15 * 32)) - 1                      # LCE layout: bits past K are 0
   a, w = a & tail, w & tail
   # Several programs along N and along the words, several loop steps each.
-  block_k = 8 if variant == "csa" else 4     # csa: 8 slices of one word; csa4: 4 slices; sub: 4 rows per sub-tile
+  block_k = 8 if variant == "csa" else 4     # csa: 8 slices of one word; csa4: 4 slices; sub/pipe: 4 rows per sub-tile
+  if variant == "pipe":                      # the Triton-pipelined loop form too
+    np.testing.assert_array_equal(pallas_packed_dense(a, w, 500, variant, block_n=16, block_k=4, splits=splits,
+                                                      num_stages=2, interpret=True), pk._popcount_dot(a, w, 500))
   got = pallas_packed_dense(a, w, 500, variant, block_n=16, block_k=block_k, splits=splits,
                             interpret=True)
   np.testing.assert_array_equal(got, pk._popcount_dot(a, w, 500))

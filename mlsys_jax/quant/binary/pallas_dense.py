@@ -24,11 +24,16 @@ Variants of the inner loop (``variant``):
 - ``'sub'``: each program counts its ``block_n`` outputs ``block_k`` rows at a time (unrolled, at most
   16 sub-tiles), each sub-tile whole weight rows (``W / splits`` words) against activations loaded once:
   every load is issued up front and the sub-tiles are counted in order, so a warp can start on its first
-  rows while later ones are still arriving.
+  rows while later ones are still arriving;
+- ``'pipe'``: the same sub-tiles in a ``fori_loop``, so that the loads are paced instead of all issued at
+  once: with ``num_stages >= 2`` Triton's pipeliner prefetches ``num_stages - 1`` sub-tiles ahead (through
+  shared memory); with ``num_stages = 1`` the loop carries the next sub-tile in registers (load ``r + 1``,
+  count ``r``). With every load up front, each warp's rows arrive spread over the whole read (the lines
+  of all programs interleave in the memory system), so counting starts only near its end.
 
 Measured and removed (H200, 2026-12-02, docs/binary.md): ``'hs'`` and ``'hs2'`` (Harley-Seal with the
-adders carried across loop steps) and ``'ntile'`` (a ``fori_loop`` over row tiles with Triton's
-``num_stages`` prefetch); none beat ``'rows'`` at any shape.
+adders carried across loop steps); neither beat ``'rows'`` at any shape. ``'ntile'`` (20:17 UTC run:
+8.3 us at best at 8192 batch 8, 256 programs) is ``'pipe'`` with ``num_stages >= 2``.
 
 Triton's ``population_count`` lowering takes int32, so the XOR of the uint32 words is bitcast to int32
 inside the kernel (the bit pattern, hence the count, is unchanged).
@@ -47,7 +52,7 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "bcast", "csa", "csa4", "sub")
+VARIANTS = ("acc", "rows", "bcast", "csa", "csa4", "sub", "pipe")
 _SLICES = {"csa": 8, "csa4": 4}         # slices per step of the carry-save variants
 
 
@@ -192,7 +197,7 @@ def _csa_count(xs):
 
 
 def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, num_k: int,
-            batch: int):
+            batch: int, num_stages: int = 1):
   """Popcounts of one ``(block_n, num_k * block_k)`` weight slab against ``batch`` activation rows.
 
   Writes ``k - 2 acc`` (``k`` given: the whole reduction is in this program) or ``acc`` (split K)."""
@@ -207,6 +212,29 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
       for b in range(batch):
         acc = jnp.sum(_popc(w, a_rows[b][None, :]), axis=1)
         o_ref[b, pl.ds(r * sub_n, sub_n)] = acc if k is None else k - 2 * acc
+    return
+
+  if variant == "pipe":                     # as 'sub', but a loop over the sub-tiles: loads paced
+    sub_n, steps = block_k, block_n // block_k
+    a_rows = [a_ref[b, :] for b in range(batch)]
+    tile = lambda r: w_ref[pl.ds(r * sub_n, sub_n), :]
+
+    def count(r, w):
+      for b in range(batch):
+        acc = jnp.sum(_popc(w, a_rows[b][None, :]), axis=1)
+        o_ref[b, pl.ds(r * sub_n, sub_n)] = acc if k is None else k - 2 * acc
+
+    if num_stages > 1:                      # Triton's pipeliner prefetches num_stages - 1 tiles ahead
+      jax.lax.fori_loop(0, steps, lambda r, c: (count(r, tile(r)), c)[1], 0)
+    else:                                   # one tile ahead in registers: load r + 1, count r
+      def body(r, w):
+        w_next = tile(jnp.minimum(r + 1, steps - 1))
+        count(jnp.minimum(r, steps - 1), w)
+        return w_next
+      # A trip count the compiler cannot fold (the program id is read at run time; pid >> 30 is 0 for
+      # any grid that fits in memory, and an extra step would only recount the last sub-tile), so that
+      # the loop is not unrolled with every load hoisted to the top again.
+      jax.lax.fori_loop(0, steps + jax.lax.shift_right_logical(pl.program_id(0), 30), body, tile(0))
     return
 
   if variant == "bcast":
@@ -264,6 +292,12 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
   if cfg.variant in _SLICES and cfg.block_k < _SLICES[cfg.variant]:
     raise ValueError(f"variant '{cfg.variant}' splits each step into {_SLICES[cfg.variant]} slices: block_k "
                      f"must be >= {_SLICES[cfg.variant]}, got {cfg.block_k}.")
+  if cfg.variant == "pipe":
+    if n % cfg.block_n or wn % cfg.splits or cfg.block_n % cfg.block_k:
+      raise ValueError(f"variant 'pipe' loops over block_k={cfg.block_k} output rows at a time: N={n} must be "
+                       f"a multiple of block_n={cfg.block_n}, block_n of block_k and W={wn} of "
+                       f"splits={cfg.splits}.")
+    return
   if cfg.variant == "sub":
     if n % cfg.block_n or wn % cfg.splits or cfg.block_n % cfg.block_k or cfg.block_n // cfg.block_k > 16:
       raise ValueError(f"variant 'sub' counts block_k={cfg.block_k} output rows at a time (at most 16 "
@@ -290,8 +324,8 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'csa4'`` or ``'sub'`` (module docstring;
-      for ``'sub'`` ``block_k`` is the number of OUTPUT rows per sub-tile).
+    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'csa4'``, ``'sub'`` or ``'pipe'`` (module
+      docstring; for ``'sub'`` and ``'pipe'`` ``block_k`` is the number of OUTPUT rows per sub-tile).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
@@ -327,7 +361,7 @@ def packed_dot_call(a: jax.Array, w: jax.Array, k: int, cfg: DenseConfig, interp
   n = w.shape[0]
   ws = wn // cfg.splits                     # words per split
   kernel = functools.partial(_kernel, variant=cfg.variant, k=k if cfg.splits == 1 else None,
-                             block_k=cfg.block_k, num_k=ws // cfg.block_k, batch=bp)
+                             block_k=cfg.block_k, num_k=ws // cfg.block_k, batch=bp, num_stages=cfg.num_stages)
   params = {}
   if not interpret:
     from mlsys_jax._compat import triton_compiler_params
