@@ -63,6 +63,15 @@ CONFIGS = {   # name: (model, input shape, keep fraction)
 }
 
 
+def aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
+  """A copy of ``a`` whose data starts at a multiple of ``alignment`` bytes."""
+  buf = np.empty(a.nbytes + alignment, np.uint8)
+  off = (-buf.ctypes.data) % alignment
+  out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+  out[...] = a
+  return out
+
+
 def loop_fn(apply_fn, n: int):
   """``n`` dependent batch-1 inferences in ONE jitted loop, ``(variables, x) -> x``: each input is nudged
   by the previous output, so nothing is hoisted."""
@@ -213,6 +222,7 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
   entries.update(sharded_entries)
   rng = np.random.default_rng(1)
   images = [rng.normal(size=(1, *shape)).astype(np.float32) for _ in range(16)]
+  images_aligned = [aligned(im) for im in images]
   x_dev = {}
   calls, loops, compile_s = {}, {}, {}
   for n_opt, opt in enumerate(options):
@@ -234,6 +244,10 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
       ctr = iter(range(1 << 30))
       post = post or (lambda z: z)
       calls[f"{opt}/{k}"] = (lambda c=c, v=v, ctr=ctr, post=post: post(c(v, images[next(ctr) % len(images)])))
+      if args.aligned and (k == "original" or k.startswith("shard_map_ensemble")):
+        ctr3 = iter(range(1 << 30))   # the same numpy images, 64-byte aligned (XLA CPU may alias them)
+        calls[f"{opt}/{k}+aligned"] = (lambda c=c, v=v, ctr=ctr3, post=post:
+                                       post(c(v, images_aligned[next(ctr) % len(images)])))
       if args.put:   # as ShardedPredictor.__call__: ONE explicit device_put of the numpy image, then the call
         ctr2 = iter(range(1 << 30))
         calls[f"{opt}/{k}+put"] = (lambda c=c, v=v, ctr=ctr2, post=post, xs=xs:
@@ -288,13 +302,13 @@ def run_config(name: str, args, options: list[str], t_start: float) -> dict:
 def summarise(call_t: dict, loop_t: dict) -> dict:
   """Speed-ups (original time / entry time) against the same option set's original and the best one
   (``...+placed`` entries against the original called on a placed image; every other call entry against
-  the faster of the original called on the numpy image and ``original+put``)."""
+  the fastest of the original called on the numpy image, ``original+put`` and ``original+aligned``)."""
   out = {}
   for mode, t in (("call", call_t), ("loop", loop_t)):
     origs, origs_placed = ({k.split("/")[0]: v["median_s"] for k, v in t.items() if k.endswith(suffix)}
                            for suffix in ("/original", "/original+placed"))
     for k, v in t.items():
-      if k.endswith("/original+put"):
+      if k.endswith("/original+put") or k.endswith("/original+aligned"):
         o = k.split("/")[0]
         origs[o] = min(origs.get(o, np.inf), v["median_s"])
     if not origs:
@@ -328,6 +342,8 @@ def main():
     ap.add_argument("--max_subnets", type=int, default=None, help="time only the first N subnets of each "
                     "keep alone (all subnets of one keep fraction have the same widths)")
     ap.add_argument("--no_branch", action="store_true", help="leave out the one-device branch ensemble")
+    ap.add_argument("--aligned", action="store_true", help="also time calls of the original and the "
+                    "sharded ensemble on 64-byte aligned numpy images")
     ap.add_argument("--put", action="store_true", help="also time every call with an explicit "
                     "jax.device_put of the numpy image to the entry's input sharding before the call")
     ap.add_argument("--sync_dispatch", action="store_true",
