@@ -64,8 +64,8 @@ _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponenti
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
 _DWARMUP = flags.DEFINE_list("density_warmup", ["0"], "Density warm-up steps (comm.density_warmup, DGC's "
                               "0.25 -> 0.0625 -> ... schedule down to the target) to compare; 0 = none.")
-_DW_START = flags.DEFINE_float("dwarmup_start", 0.25, "First density of --density_warmup (then / 4 per stage "
-                               "while above the target; DGC: 0.25).")
+_DW_START = flags.DEFINE_list("dwarmup_start", ["0.25"], "First densities of --density_warmup to compare (then "
+                              "/ 4 per stage while above the target; DGC: 0.25).")
 _SPREAD = flags.DEFINE_list("spread", ["none"], "comm.adaptive_ef.spread_releases around the compressor: none, "
                              "leaky, linear, hold (each release delivered as a rate over the interval it "
                              "stands for); 'leaky@100' sets max_interval 100, 'leaky@100f1' also floor 1.")
@@ -73,6 +73,7 @@ _SPREAD_MAX = flags.DEFINE_integer("spread_max", 0, "max_interval of spread_rele
 _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_releases (0 = none).")
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
                                  "target per leaf, at least one entry per leaf).")
+_DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of dgc (0 = dgc's default, 0.01).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
@@ -85,7 +86,8 @@ def _setup():
 
 
 def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0, dwarmup: int = 0,
-            stage: int | None = None, spread: str = "none") -> optax.GradientTransformation:
+            stage: int | None = None, spread: str = "none", dw_start: float = 0.25
+            ) -> optax.GradientTransformation:
   """The optimizer of one arm: dense Adam (compressor None), ``chain(c, adam)`` or the preconditioned
   compressor followed by SGD; ``warmup > 0`` wraps the compressor in ``comm.dense_warmup``, ``dwarmup > 0``
   in ``comm.density_warmup`` (DGC's density schedule over the first ``dwarmup`` steps); ``spread`` other than
@@ -94,7 +96,7 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     return optax.adam(lr)
   if dwarmup:
     c = density_warmup(lambda r: _compressor(compressor, mode, r, final=r == ratio), ratio, steps=dwarmup,
-                       ratios=dgc_density_schedule(ratio, start=_DW_START.value), fixed_stage=stage)
+                       ratios=dgc_density_schedule(ratio, start=dw_start), fixed_stage=stage)
   else:
     c = _compressor(compressor, mode, ratio)
   if warmup:
@@ -120,12 +122,15 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) ->
          (optax.scale_by_rms() if final else _rms_state_only()) if mode == "rmslate" else
          scale_by_leaf_rms() if mode == "leafrms" else None)
   pt = _PER_TENSOR.value
+  compressor, _, sf = compressor.partition("@")   # 'dgc@0.1': dgc with sample_fraction 0.1
+  sf = float(sf) if sf else (_DGC_SAMPLE.value or None)
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
                                  per_tensor=pt),
        "sidco_fitonly": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d",
                                          precondition=pre, exact=False, per_tensor=pt),
        "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre, per_tensor=pt),
-       "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre, per_tensor=pt),
+       "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre, per_tensor=pt,
+                             sample_fraction=sf),
        "randomk": lambda: sp.randomk(ratio, axis_name="d", precondition=pre, seed=0, per_tensor=pt),
        # low-rank compressors: the density flag does not apply (rank 2 / 4 and ACCORDION's 1 <-> 4 switch)
        "powersgd2": lambda: comm.powersgd(2, axis_name="d"),
@@ -137,25 +142,25 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) ->
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None, spread="none"):
+def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None, spread="none", dw_start=0.25):
   """One compiled data-parallel step per arm (per density stage with --density_warmup), shared by all seeds."""
-  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup, stage, spread)
+  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup, stage, spread, dw_start)
   return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
                                                       average_grads=compressor is None)
 
 
-def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread="none"):
+def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread="none", dw_start=0.25):
   """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed.
 
   With ``dwarmup`` the density stages run as separately compiled steps (``density_warmup(...,
   fixed_stage=j)``, switched at ``stage_boundaries``) on one carried state: under the simulated workers'
   ``vmap`` the un-fixed transform's ``lax.switch`` would compute every stage on every step (same result,
   tested in tests/test_comm_warmup.py, at ~4x the time)."""
-  tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup, spread=spread)
+  tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup, spread=spread, dw_start=dw_start)
   ends = []
   if dwarmup:
-    ends = stage_boundaries(dwarmup, len(dgc_density_schedule(ratio, start=_DW_START.value)))
-    stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j, spread)[1]
+    ends = stage_boundaries(dwarmup, len(dgc_density_schedule(ratio, start=dw_start)))
+    stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j, spread, dw_start)[1]
                    for j in range(len(ends) + 1)]
   w, b = _WORKERS.value, _BATCH.value
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
@@ -195,19 +200,21 @@ def main(argv):
   ds, model = _setup()
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   t0 = time.perf_counter()
-  arms = [("adam", None, "dense", 1.0, 0, 0, "none")]
+  arms = [("adam", None, "dense", 1.0, 0, 0, "none", 0.25)]
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:
         for w in [int(v) for v in _WARMUP.value]:
           for dw in [int(v) for v in _DWARMUP.value]:
-            for sp_ in _SPREAD.value:
-              arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else "")
-                           + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_))
+            for st in ([float(v) for v in _DW_START.value] if dw else [0.25]):
+              for sp_ in _SPREAD.value:
+                arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else "")
+                             + (f" start{st:g}" if st != 0.25 else "")
+                             + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st))
   acc, sent = {}, {}
   for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
-    for name, c, m, r, w, dw, sp_ in arms:
-      a, b = train(ds, model, c, m, r, s, w, dw, sp_)
+    for name, c, m, r, w, dw, sp_, st in arms:
+      a, b = train(ds, model, c, m, r, s, w, dw, sp_, st)
       acc.setdefault(name, []).append(a)
       sent.setdefault(name, []).append(b)
       print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
@@ -237,8 +244,8 @@ def _write(out, ds, seeds, acc, sent, comparisons):
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
-      "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": _DW_START.value,
-      "per_tensor": _PER_TENSOR.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
+      "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": [float(v) for v in _DW_START.value],
+      "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
       "spread_floor": _SPREAD_FLOOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
