@@ -188,6 +188,8 @@ def test_schedule_matches_original(block, strategy):
   if strategy == "merge":
     assert c["concurrent_stages"] == 0
   assert "stages" in s.summary()
+  # whole-program predictions: the stage-DAG critical path lies between the longest stage and the sum
+  assert max(s.stage_latency) <= s.predicted_critical_path <= s.predicted_latency + 1e-12
 
 
 def test_merged_conv_padding_and_slices():
