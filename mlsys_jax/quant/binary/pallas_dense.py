@@ -29,7 +29,8 @@ Variants of the inner loop (``variant``):
   once: with ``num_stages >= 2`` Triton's pipeliner prefetches ``num_stages - 1`` sub-tiles ahead (through
   shared memory); with ``num_stages = 1`` the loop carries the next sub-tile in registers (load ``r + 1``,
   count ``r``). With every load up front, each warp's rows arrive spread over the whole read (the lines
-  of all programs interleave in the memory system), so counting starts only near its end.
+  of all programs interleave in the memory system), so counting starts only near its end;
+- ``'pipe4'``: ``'pipe'`` with each sub-tile's words in 4 slices counted as in ``'csa4'``.
 
 Measured and removed (H200, 2026-12-02, docs/binary.md): ``'hs'`` and ``'hs2'`` (Harley-Seal with the
 adders carried across loop steps); neither beat ``'rows'`` at any shape. ``'ntile'`` (20:17 UTC run:
@@ -52,7 +53,7 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "bcast", "csa", "csa4", "sub", "pipe")
+VARIANTS = ("acc", "rows", "bcast", "csa", "csa4", "sub", "pipe", "pipe4")
 _SLICES = {"csa": 8, "csa4": 4}         # slices per step of the carry-save variants
 
 
@@ -214,14 +215,17 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
         o_ref[b, pl.ds(r * sub_n, sub_n)] = acc if k is None else k - 2 * acc
     return
 
-  if variant == "pipe":                     # as 'sub', but a loop over the sub-tiles: loads paced
+  if variant in ("pipe", "pipe4"):          # as 'sub', but a loop over the sub-tiles: loads paced
     sub_n, steps = block_k, block_n // block_k
-    a_rows = [a_ref[b, :] for b in range(batch)]
-    tile = lambda r: w_ref[pl.ds(r * sub_n, sub_n), :]
+    nsl = 4 if variant == "pipe4" else 1    # pipe4: words in 4 slices, counted by a carry-save tree
+    ws = w_ref.shape[1] // nsl
+    a_sl = [[a_ref[b, pl.ds(j * ws, ws)] for j in range(nsl)] for b in range(batch)]
+    tile = lambda r: tuple(w_ref[pl.ds(r * sub_n, sub_n), pl.ds(j * ws, ws)] for j in range(nsl))
 
     def count(r, w):
       for b in range(batch):
-        acc = jnp.sum(_popc(w, a_rows[b][None, :]), axis=1)
+        xs = [jnp.bitwise_xor(w[j], a_sl[b][j][None, :]) for j in range(nsl)]
+        acc = jnp.sum(_csa_count(xs), axis=1)
         o_ref[b, pl.ds(r * sub_n, sub_n)] = acc if k is None else k - 2 * acc
 
     if num_stages > 1:                      # Triton's pipeliner prefetches num_stages - 1 tiles ahead
@@ -292,11 +296,12 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
   if cfg.variant in _SLICES and cfg.block_k < _SLICES[cfg.variant]:
     raise ValueError(f"variant '{cfg.variant}' splits each step into {_SLICES[cfg.variant]} slices: block_k "
                      f"must be >= {_SLICES[cfg.variant]}, got {cfg.block_k}.")
-  if cfg.variant == "pipe":
-    if n % cfg.block_n or wn % cfg.splits or cfg.block_n % cfg.block_k:
-      raise ValueError(f"variant 'pipe' loops over block_k={cfg.block_k} output rows at a time: N={n} must be "
-                       f"a multiple of block_n={cfg.block_n}, block_n of block_k and W={wn} of "
-                       f"splits={cfg.splits}.")
+  if cfg.variant in ("pipe", "pipe4"):
+    parts = cfg.splits * (4 if cfg.variant == "pipe4" else 1)
+    if n % cfg.block_n or wn % parts or cfg.block_n % cfg.block_k:
+      raise ValueError(f"variant '{cfg.variant}' loops over block_k={cfg.block_k} output rows at a time: "
+                       f"N={n} must be a multiple of block_n={cfg.block_n}, block_n of block_k and W={wn} of "
+                       f"splits={cfg.splits} (x 4 slices for 'pipe4').")
     return
   if cfg.variant == "sub":
     if n % cfg.block_n or wn % cfg.splits or cfg.block_n % cfg.block_k or cfg.block_n // cfg.block_k > 16:
@@ -324,8 +329,9 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'csa4'``, ``'sub'`` or ``'pipe'`` (module
-      docstring; for ``'sub'`` and ``'pipe'`` ``block_k`` is the number of OUTPUT rows per sub-tile).
+    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'csa4'``, ``'sub'``, ``'pipe'`` or
+      ``'pipe4'`` (module docstring; for ``'sub'`` and ``'pipe*'`` ``block_k`` is the number of OUTPUT rows
+      per sub-tile).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
