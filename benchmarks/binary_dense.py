@@ -87,7 +87,7 @@ def _extra(ap):
                        "previous call's kernels (0: off)")
   ap.add_argument("--probes", action="store_true",
                   help="also time two diagnostic kernels on the default batch-8 tile (rows 32 x 128, 2 splits): "
-                       "the weight read alone ('probe_load') and the counting alone ('probe_compute')")
+                       "the weight read alone ('probe_load') and the counting alone, weights from L2 ('probe_compute')")
   ap.add_argument("--tag", default="", help="suffix of the JSON name (binary_dense_<tag>.json), e.g. one per "
                   "XLA_FLAGS setting measured in its own process")
   ap.add_argument("--no_bandwidth", action="store_true",
@@ -131,27 +131,21 @@ def _empty_call(a, w, block_n: int = 32):
       interpret=jax.devices()[0].platform != "gpu")(a, w)
 
 
-def _probe_kernel(a_ref, w_ref, o_ref, *, kind: str, batch: int):
-  """Diagnostics for the default 'rows' tile (wrong answers on purpose, never an exactness claim).
-  'load': read the weight tile, one XOR-sum per row (the read and launch without the popcounts);
-  'compute': the full XOR + popcount + row sums of every batch row against weights made in registers
-  from the activations and the row index (the counting without the weight read)."""
-  bn, ws = w_ref.shape
-  if kind == "load":
-    s = jnp.sum(jax.lax.bitcast_convert_type(w_ref[...], jnp.int32), axis=1)
-    for b in range(batch):
-      o_ref[b, :] = s + b
-    return
-  rows = jax.lax.broadcasted_iota(jnp.int32, (bn, ws), 0) + pl.program_id(0) * bn
-  w = jax.lax.bitcast_convert_type(a_ref[batch - 1, :], jnp.int32)[None, :] ^ (rows * -1640531527)
+def _probe_load_kernel(a_ref, w_ref, o_ref, *, batch: int):
+  """Diagnostic (a wrong answer on purpose): read the weight tile, one sum per row, no popcounts."""
+  s = jnp.sum(jax.lax.bitcast_convert_type(w_ref[...], jnp.int32), axis=1)
   for b in range(batch):
-    x = w ^ jax.lax.bitcast_convert_type(a_ref[b, :], jnp.int32)[None, :]
-    o_ref[b, :] = jnp.sum(jax.lax.population_count(x), axis=1)
+    o_ref[b, :] = s + b
 
 
 def _probe_call(a, w, kind: str, cfg: DenseConfig):
-  """:func:`_probe_kernel` on the grid, tiles and launch parameters of ``cfg`` (a 'rows' config with
-  block_k = W / splits)."""
+  """Diagnostics on the grid, tiles and launch parameters of the 'rows' config ``cfg`` (block_k = W /
+  splits): 'load' reads every weight tile and sums it (the read, launch and store without the
+  popcounts); 'compute' runs the real kernel but every program reads the weight tile of program 0
+  (from L2 after the first), i.e. the counting without the DRAM read."""
+  import functools
+
+  from mlsys_jax.quant.binary.pallas_dense import _kernel
   bp, wn = a.shape
   n = w.shape[0]
   ws = wn // cfg.splits
@@ -161,11 +155,15 @@ def _probe_call(a, w, kind: str, cfg: DenseConfig):
     cp = triton_compiler_params(cfg.num_warps, cfg.num_stages)
     if cp is not None:
       params["compiler_params"] = cp
-  import functools
+  if kind == "load":
+    kernel = functools.partial(_probe_load_kernel, batch=bp)
+    w_map = lambda j, s: (j, s)
+  else:
+    kernel = functools.partial(_kernel, variant="rows", k=None, block_k=ws, num_k=1, batch=bp)
+    w_map = lambda j, s: (0, s)
   out = pl.pallas_call(
-      functools.partial(_probe_kernel, kind=kind, batch=bp),
-      out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, n), jnp.int32), grid=(n // cfg.block_n, cfg.splits),
-      in_specs=[pl.BlockSpec((bp, ws), lambda j, s: (0, s)), pl.BlockSpec((cfg.block_n, ws), lambda j, s: (j, s))],
+      kernel, out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, n), jnp.int32), grid=(n // cfg.block_n, cfg.splits),
+      in_specs=[pl.BlockSpec((bp, ws), lambda j, s: (0, s)), pl.BlockSpec((cfg.block_n, ws), w_map)],
       out_specs=pl.BlockSpec((None, bp, cfg.block_n), lambda j, s: (s, 0, j)),
       interpret=jax.devices()[0].platform != "gpu", **params)(a, w)
   return jnp.sum(out, axis=0)
