@@ -40,21 +40,19 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
-# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch. H200 sweep of 2026-12-02
-# 14:26 UTC: at 8192x8192 batch 1 twelve 'fma' configurations took 25.2-31.4 us (best fma:64:2:16, no
-# prefetch), at 8192x28672 fma:64:2:8 64.5 us; batch 4/16: dot:128:1:4:8:3 with prefetch best. This sweep:
-# around those, split_k to 64 (up to 8192 programs), 1-8 blocks per step, block_n 32-128, 2-8 warps,
-# prefetch, and two cross-checks: 'fma_shift' (5.6 instead of 4.1 SASS instructions per weight: is the
-# kernel bound by instruction issue?) and 'dot' at batch 1.
-SWEEP = ("fma:64:2:16:4:3:0,fma:64:1:16:4:3:0,fma:64:4:16:4:3:0,fma:64:1:32:4:3:0,fma:64:2:32:4:3:0,"
-         "fma:64:1:64:4:3:0,fma:64:4:8:4:3:0,fma:64:8:8:4:3:0,fma:32:2:16:2:3:0,fma:32:2:16:4:3:0,"
-         "fma:32:1:32:2:3:0,fma:128:2:16:8:3:0,fma:128:2:8:4:3:0,fma:128:1:32:8:3:0,fma:64:2:16:2:3:0,"
-         "fma:64:2:16:8:3:0,fma:64:2:16:4:3:1,fma:64:1:16:4:3:1,fma:64:2:8:4:3:1,fma:64:1:32:4:3:1,"
-         "fma:128:2:16:8:3:1,fma_shift:64:2:16:4:3:0,dot:64:2:16:4:3:0,dot:128:1:16:8:3:1")
-SWEEP_B1 = ("fma:64:2:8:4:3:0,fma:64:2:16:4:3:0,fma:64:1:16:4:3:0,fma:64:4:8:4:3:0,fma:128:2:8:8:3:0,"
-            "fma:64:2:8:4:3:1,fma:32:2:8:2:3:0,fma_shift:64:2:8:4:3:0")
-OTHER = ("fma:64:2:16:4:3:0,dot:128:1:4:8:3:1,dot:128:1:8:8:3:1,dot:128:2:4:8:3:1,dot:64:1:16:4:3:1,"
-         "dot:128:1:2:8:3:1,dot:256:1:4:8:3:1")
+# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic]. H200 sweeps of
+# 2026-12-02 14:26 and 15:04 UTC: best 'fma:64:2:16' (8192x8192 batch 1, 24.4 us), 'fma:64:2:8'
+# (8192x28672), 'dot:256:1:4:8:3' with prefetch at batch 4-16. This sweep: the same with the split-K sum
+# as atomic adds in the kernel (one launch), and the 'fmad' variant (one AND + one FMA per weight) over
+# split_k 8-64, 1-4 blocks per step, block_n 32-128, 2-8 warps, prefetch.
+SWEEP = ("fma:64:2:16:4:3:0:0,fma:64:2:16:4:3:0:1,fma:64:2:32:4:3:0:1,fma:64:1:32:4:3:0:1,"
+         "fmad:64:2:16:4:3:0:0,fmad:64:2:16:4:3:0:1,fmad:64:1:16:4:3:0:1,fmad:64:4:16:4:3:0:1,"
+         "fmad:64:2:8:4:3:0:1,fmad:64:2:32:4:3:0:1,fmad:64:1:32:4:3:0:1,fmad:64:1:64:4:3:0:1,"
+         "fmad:32:2:16:2:3:0:1,fmad:32:1:32:2:3:0:1,fmad:128:2:16:8:3:0:1,fmad:128:1:16:4:3:0:1,"
+         "fmad:64:2:16:4:3:1:1,fmad:64:2:16:2:3:0:1,fmad:64:2:16:8:3:0:1,fmad:64:4:8:4:3:0:1")
+SWEEP_B1 = ("fma:64:2:8:4:3:0:0,fma:64:2:8:4:3:0:1,fmad:64:2:8:4:3:0:1,fmad:64:2:4:4:3:0:1,"
+            "fmad:64:2:16:4:3:0:1,fmad:64:1:8:4:3:0:1,fmad:128:2:8:8:3:0:1,fmad:64:4:8:4:3:0:0")
+OTHER = ("dot:256:1:4:8:3:1:0,dot:256:1:4:8:3:1:1,dot:128:1:8:8:3:1:1,dot:256:1:8:8:3:1:1")
 
 
 def _extra(ap):
@@ -76,6 +74,8 @@ def _extra(ap):
                   help="batch <= 2: re-time this many best configurations with the outputs returned as they "
                        "are (no reduction kernel after each launch); 0: skip")
   ap.add_argument("--name", default="w4a16_gemv", help="JSON file name")
+  ap.add_argument("--device_rounds", type=int, default=3,
+                  help="rounds of the profiler pass (device time per launch of every method); 0: skip")
 
 
 def _parse(spec: str):
@@ -85,6 +85,8 @@ def _parse(spec: str):
       v, *ints = c.split(":")
       if len(ints) == 5:
         ints.append("1")
+      if len(ints) == 6:
+        ints.append("0")
       out.append((v, *map(int, ints)))
   return out
 
@@ -101,6 +103,38 @@ def _looped(op, copies, reps, consume: bool = True):
       return tuple(outs), outs[0]
     return sum(jnp.sum(o.astype(jnp.float32)) for o in outs), outs[0]   # outs[0]: the exactness check
   return jax.jit(f)
+
+
+def _device_times(fns: dict, args: dict, reps: int, rounds: int, gap_s: float = 0.003) -> dict:
+  """Device time per launch of every ``fns[name](*args[name])`` (compiled, warm) from ONE profiler trace:
+  ``rounds`` rounds, each calling every function once (same order, a host sync and ``gap_s`` idle between
+  calls), the kernels of each call found as one cluster of the device timeline. Per launch: ``span``
+  (first kernel start to last kernel end of the call, gaps between its kernels included) and ``busy``
+  (sum of kernel durations), both over ``reps``, median over the rounds; name -> dict, or {"error": ...}."""
+  names = list(fns)
+
+  def run():
+    for _ in range(rounds):
+      for nm in names:
+        jax.block_until_ready(fns[nm](*args[nm]))
+        time.sleep(gap_s)
+
+  try:
+    clusters = common.idle_clusters(common.device_stream_events(run), gap_s * 1e9 / 2)
+    if len(clusters) != rounds * len(names):
+      return {"error": f"{len(clusters)} kernel clusters for {rounds * len(names)} calls"}
+    out = {nm: {"span": [], "busy": []} for nm in names}
+    for i, cl in enumerate(clusters):
+      nm = names[i % len(names)]
+      out[nm]["span"].append((max(ev[1] for ev in cl) - cl[0][0]) * 1e-9 / reps)
+      out[nm]["busy"].append(sum(ev[2] for ev in cl) * 1e-9 / reps)
+      out[nm]["kernels_per_call"] = len(cl)
+    for nm in names:
+      out[nm]["span_median"] = float(np.median(out[nm]["span"]))
+      out[nm]["busy_median"] = float(np.median(out[nm]["busy"]))
+    return out
+  except Exception as e:  # diagnostics: never fatal
+    return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def _compile_all(fns: dict, args: dict) -> dict:
@@ -120,9 +154,9 @@ def main():
   interpret = not on_gpu
   if args.small:
     shapes, batches, reps0, repeats = [(256, 96), (512, 64)], [1, 4], 2, 3
-    sweep = [("fma", 32, 1, 1, 4, 3, 1), ("fma", 32, 2, 1, 4, 3, 0), ("dot", 32, 1, 2, 4, 3, 1)]
-    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0)]
-    other = [("fma", 32, 1, 1, 4, 3, 1), ("dot", 32, 1, 1, 4, 3, 1)]
+    sweep = [("fma", 32, 1, 1, 4, 3, 1, 0), ("fmad", 32, 1, 2, 4, 3, 0, 1), ("dot", 32, 1, 2, 4, 3, 1, 0)]
+    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0, 0), ("fma", 32, 1, 2, 4, 3, 0, 1)]
+    other = [("fma", 32, 1, 1, 4, 3, 1, 0), ("dot", 32, 1, 2, 4, 3, 1, 1)]
     gs = 64
   else:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -176,9 +210,9 @@ def main():
       first = first and b > 2
       fns, fargs, single = {}, {}, {}   # single: the kernel configurations (checked for exactness)
       for c in cfgs:
-        v, bn, bps, sk, nw, ns, pf = c
+        v, bn, bps, sk, nw, ns, pf, at = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                  prefetch=bool(pf), interpret=interpret)
+                  prefetch=bool(pf), atomic=bool(at), interpret=interpret)
         name = ":".join(map(str, c))
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
@@ -226,9 +260,33 @@ def main():
         else:
           row[name] = entry
         print(b, k, n, entry, flush=True)
+      if args.device_rounds:
+        # Device time from the profiler (one trace, every function of the case in each round): the
+        # kernels alone, without the host's dispatch and synchronization in the wall-clock numbers above.
+        good = {nm: compiled[nm] for nm in fns if not isinstance(compiled[nm], Exception)}
+        dev = _device_times(good, fargs, reps, args.device_rounds)
+        row["device"] = dev
+        if "error" not in dev:
+          bd = dev["bf16"]["span_median"]
+          for e in row["configs"] + [row[nm] for nm in ("xla_packed_bf16", "xla_packed_f32") if nm in row]:
+            if e["config"] in dev and "span_median" in dev[e["config"]]:
+              e.update(device_seconds=dev[e["config"]]["span_median"],
+                       device_busy_seconds=dev[e["config"]]["busy_median"], device_bf16_seconds=bd,
+                       device_speedup_vs_bf16=bd / dev[e["config"]]["span_median"])
+          row["device_bf16_seconds"] = bd
+          print(b, k, n, "device", {nm: (round(d["span_median"] * 1e6, 2), round(d["busy_median"] * 1e6, 2))
+                                    for nm, d in dev.items()}, flush=True)
+        else:
+          print("device times:", dev["error"], flush=True)
       ok = [e for e in row["configs"] if "seconds" in e and e.get("rel_error_vs_xla", 1) < 1e-5]
       if ok:
         best = min(ok, key=lambda e: e["seconds"])
+        dok = [e for e in ok if "device_seconds" in e]
+        if dok:
+          dbest = min(dok, key=lambda e: e["device_seconds"])
+          row.update(device_best_config=dbest["config"], device_pallas_seconds=dbest["device_seconds"],
+                     device_speedup_vs_bf16=dbest["device_speedup_vs_bf16"],
+                     device_fraction_of_read_floor=row["read_floor_seconds"] / dbest["device_seconds"])
         row.update(best_config=best["config"], pallas_seconds=best["seconds"],
                    bf16_seconds=best["bf16_seconds"], speedup_vs_bf16=best["speedup_vs_bf16"],
                    p_faster_than_bf16=best["p_faster_than_bf16"],
@@ -245,9 +303,9 @@ def main():
                                   reps, consume=False)}
           nargs = {"bf16": fargs["bf16"]}
           for e in top:
-            v, bn, bps, sk, nw, ns, pf = _parse(e["config"])[0]
+            v, bn, bps, sk, nw, ns, pf, at = _parse(e["config"])[0]
             kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                      prefetch=bool(pf), interpret=interpret)
+                      prefetch=bool(pf), atomic=bool(at), interpret=interpret)
             nfns[e["config"]] = _looped(lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw), copies,
                                         reps, consume=False)
             nargs[e["config"]] = fargs[e["config"]]
@@ -277,6 +335,7 @@ def main():
   common.write_json(args.out, args.name, payload)
   common.print_table([{kk: vv for kk, vv in r.items() if not isinstance(vv, (list, dict))} for r in rows],
                      ["k", "n", "batch", "best_config", "pallas_seconds", "bf16_seconds", "speedup_vs_bf16",
+                      "device_best_config", "device_pallas_seconds", "device_bf16_seconds", "device_speedup_vs_bf16",
                       "speedup_vs_xla_packed_bf16", "copy_floor_seconds", "fraction_of_copy_floor",
                       "fraction_of_read_floor"])
 

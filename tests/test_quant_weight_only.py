@@ -102,6 +102,7 @@ def test_xla_matmul_vs_float64(dtype):
 # groups smaller than, equal to and larger than a loop step, per-column scales, split K, batch padding.
 # The interpreter compiles each configuration anew (seconds each): two cases by default, the rest slow.
 KERNEL_CASES = [("fma", 2, 16, 32, 1, 2, True), ("dot", 5, 32, 32, 2, 1, False),
+                pytest.param("fmad", 2, 64, 16, 1, 2, False, marks=pytest.mark.slow),
                 pytest.param("fma", 3, 16, 32, 2, 1, False, marks=pytest.mark.slow),
                 pytest.param("fma_shift", 1, 128, 16, 1, 1, True, marks=pytest.mark.slow),
                 pytest.param("fma", 2, 64, 16, 1, 2, False, marks=pytest.mark.slow),
@@ -121,6 +122,40 @@ def test_kernel_interpret_vs_float64(variant, b, gs, bn, bps, sk, pf):
   np.testing.assert_array_less(np.abs(np.asarray(y) - ref), 256 * 2 ** -24 * mag + 1e-30)
   xla = wo.w4a16_matmul(x, p, impl="xla")
   assert float(jnp.linalg.norm(y - xla) / jnp.linalg.norm(xla)) < 1e-6
+
+
+@pytest.mark.parametrize("variant,b", [("fmad", 3), pytest.param("fma", 1, marks=pytest.mark.slow),
+                                       pytest.param("dot", 2, marks=pytest.mark.slow)])
+def test_kernel_atomic_split_k(variant, b):
+  # split_k partial outputs added by atomics into one zero-initialized float32 output (one launch).
+  w = jax.random.normal(jax.random.PRNGKey(14), (512, 24))
+  p = wo.pack_int4(w, 64)
+  x = jax.random.normal(jax.random.PRNGKey(15), (b, 512)).astype(jnp.bfloat16)
+  y = wo.w4a16_matmul(x, p, impl="pallas", variant=variant, block_n=16, split_k=4, atomic=True,
+                      out_dtype=jnp.bfloat16)
+  assert y.shape == (b, 24) and y.dtype == jnp.bfloat16
+  ref = wo.w4a16_matmul(x, p, impl="xla")
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref.astype(jnp.bfloat16), np.float32),
+                             rtol=2 ** -7, atol=1e-6)
+
+
+def test_fmad_denormal_identity_and_scaled_activations():
+  # The 'fmad' unpacking on the GPU: a nibble masked in place at bit pos (< 24) read as a float32 is the
+  # denormal (or smallest-exponent) value u 2^(pos - 149) exactly (numpy keeps denormals; XLA on the CPU
+  # flushes them, so the interpreter forms the same products without them).
+  words = np.arange(16, dtype=np.uint32) * 0x11111111
+  for pos in range(0, 24, 4):
+    f = (words & np.uint32(15 << pos)).view(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(f, np.arange(16) * 2.0 ** (pos - 149))
+  # The kernel's power-of-two scaling of the activations is exact from tiny to huge magnitudes.
+  w = jax.random.normal(jax.random.PRNGKey(16), (256, 16))
+  p = wo.pack_int4(w, 128)
+  codes, s = _packed_np(p)
+  for mag in (1e-20, 1.0, 3e30):
+    x = (mag * jax.random.normal(jax.random.PRNGKey(17), (1, 256))).astype(jnp.bfloat16)
+    y = wo.w4a16_matmul(x, p, impl="pallas", variant="fmad", block_n=16)
+    ref, bound = _np_matmul(np.asarray(x.astype(jnp.float32), np.float64), codes, s, 128)
+    np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 256 * 2 ** -24 * bound + 1e-300)
 
 
 def test_kernel_jit_vmap_float32_and_nan():

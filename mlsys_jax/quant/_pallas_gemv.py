@@ -42,6 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from mlsys_jax._checks import check_choice, check_int
 from mlsys_jax._compat import triton_compiler_params
@@ -50,7 +51,7 @@ __all__ = ["BLOCK_K", "VARIANTS", "default_config", "int4_gemv", "on_gpu"]
 
 BLOCK_K = 128                  # K elements per packing block: 16 uint32 rows x 8 nibbles
 PLANE = 16                     # K elements per nibble plane
-VARIANTS = ("fma", "fma_shift", "dot", "dot_shift")
+VARIANTS = ("fma", "fmad", "fma_shift", "dot", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
@@ -123,8 +124,10 @@ def _unpack_plane(words, hi, i: int, shift: bool, magic):
   return f * jnp.float32(16.0 ** -j) - jnp.float32(2.0 ** (23 - 4 * j) + 8)
 
 
-def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int, blocks_per_step: int,
-                 steps: int, group_size: int, precision, prefetch: bool):
+def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, blocks_per_step: int,
+                 steps: int, group_size: int, precision, prefetch: bool, atomic: bool,
+                 denormals: bool = True):
+  o_ref = refs[-1]                 # with atomic=True refs = (zeros, out): the same buffer (aliased)
   bn = w_ref.shape[1]
   step_k = BLOCK_K * blocks_per_step
   planes = step_k // PLANE
@@ -132,10 +135,29 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int,
   groups_per_step = planes // per_group
   dot = variant.startswith("dot")
   shift = variant.endswith("_shift")
+  dn = variant == "fmad"
   # The 2^23 bit pattern is read from memory (m_ref holds it), not written as a literal: the bit mask
   # is then the and-or's one immediate and the pattern stays in one register, where a literal made the
   # compiler re-materialize a constant before about every second and-or (SASS of sm_90).
   magic = m_ref[0]
+  if dn:
+    # 'fmad': the masked nibble IS the float, u 2^(pos - 149) (a denormal, or for bit 23 the smallest
+    # normal exponent, exact either way); each activation is scaled by 2^(126 - e - pos) with |x| < 2^e
+    # over this program's activations, so every product is u x 2^(-23 - e) exactly and the sums run in
+    # that scaled domain; 2^(e + 23) undoes it at the end. Per weight: one AND and one FMA.
+    amax = jnp.max(jnp.abs(x_ref[...].astype(jnp.float32)))
+    e = jnp.clip(jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(amax, jnp.int32), 23) - 126,
+                 -1, 128) if denormals else jnp.int32(-23)
+    pow2 = lambda ex: jax.lax.bitcast_convert_type(jax.lax.shift_left(ex + 127, 23), jnp.float32)
+    # Where denormals are flushed (XLA on the CPU, i.e. the interpreter) the same products are formed
+    # unscaled (e = -23) as (u 2^pos, an exact int -> float conversion) times x 2^-pos: no denormal.
+    xscale = {pos: pow2(126 - e - pos) if denormals else pow2(-23 - e - pos) for pos in range(0, 24, 4)}
+    lg = max(0, (min(group_size // PLANE, blocks_per_step * 8) - 1).bit_length())   # planes per sum < 2^lg
+    # The code offset 8: x summed over a group's planes (< 2^(e + lg)), scaled, times 8 2^(lg - 149).
+    cscale = pow2(126 - e - lg) if denormals else pow2(-23 - e - lg)
+    f8 = (jax.lax.bitcast_convert_type(e * 0 + (8 << lg), jnp.float32) if denormals else   # (traced)
+          jnp.float32(8 << lg))
+    back = (pow2((e + 23) // 2), pow2(e + 23 - (e + 23) // 2))
 
   def mult(x, m):
     return x if isinstance(x, int) else pl.multiple_of(x, m)
@@ -154,7 +176,30 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int,
                 [x_ref[b, pl.ds(kk, PLANE)] for b in range(batch)])
     return words, srows, xs
 
+  def compute_dn(acc, loaded):
+    words, srows, xs = loaded
+    his = [jax.lax.shift_right_logical(w, jnp.uint32(8)) for w in words]    # nibbles 6, 7 -> bits 16-23
+    for q in range(groups_per_step):
+      ps = range(q * per_group, (q + 1) * per_group)
+      xv = {(p, b): xs[p][b].astype(jnp.float32) for p in ps for b in range(batch)}
+      part = []
+      for b in range(batch):        # start from minus the offset: 8 x 2^(-23 - e) summed over the planes
+        xr = functools.reduce(lambda a, v: a + v, [xv[p, b] for p in ps])
+        part.append(jnp.broadcast_to(-((xr * cscale) * f8)[:, None], (PLANE, bn)))
+      for p in ps:
+        u, i = divmod(p, 8)
+        src, pos = (words[u], 4 * i) if i <= 5 else (his[u], 4 * i - 8)
+        bits = jnp.bitwise_and(src, jnp.uint32(15 << pos))
+        f = (jax.lax.bitcast_convert_type(bits, jnp.float32) if denormals else
+             bits.astype(jnp.int32).astype(jnp.float32))
+        part = [pt + f * (xv[p, b] * xscale[pos])[:, None] for b, pt in enumerate(part)]
+      srow = srows[q].astype(jnp.float32)
+      acc = [a + pt * srow for a, pt in zip(acc, part)]
+    return acc
+
   def compute(acc, loaded):
+    if dn:
+      return compute_dn(acc, loaded)
     words, srows, xs = loaded
     his = [None if shift else jax.lax.shift_right_logical(w, jnp.uint32(12)) for w in words]
     for q in range(groups_per_step):
@@ -193,7 +238,17 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int,
     acc, _ = jax.lax.fori_loop(0, steps, body, (init, load(0)))
   else:
     acc = jax.lax.fori_loop(0, steps, lambda it, acc: compute(acc, load(it)), init)
-  if dot and batch == mrows:
+  if atomic:                       # split K in one launch: add the partial rows into the float32 output
+    if dot and batch == mrows:
+      plgpu.atomic_add(o_ref, (pl.ds(0, batch), pl.ds(0, bn)), acc)
+    else:
+      rows = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 0) if dot else None
+      for b in range(batch):
+        v = jnp.sum(jnp.where(rows == b, acc, 0.0) if dot else acc[b], axis=0)
+        if dn:
+          v = (v * back[0]) * back[1]
+        plgpu.atomic_add(o_ref, (pl.ds(b, 1), pl.ds(0, bn)), v[None, :])
+  elif dot and batch == mrows:
     o_ref[...] = acc.astype(o_ref.dtype)
   elif dot:                        # store only the real rows (no 16-row partial outputs for batch 1)
     rows = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 0)
@@ -201,14 +256,18 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, o_ref, *, variant: str, batch: int,
       o_ref[b, :] = jnp.sum(jnp.where(rows == b, acc, 0.0), axis=0).astype(o_ref.dtype)
   else:
     for b in range(batch):
-      o_ref[b, :] = jnp.sum(acc[b], axis=0).astype(o_ref.dtype)
+      v = jnp.sum(acc[b], axis=0)
+      if dn:
+        v = (v * back[0]) * back[1]
+      o_ref[b, :] = v.astype(o_ref.dtype)
 
 
 def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jnp.float32,
               variant: str | None = None, block_n: int | None = None,
               blocks_per_step: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None,
-              prefetch: bool | None = None, interpret: bool | None = None) -> jax.Array:
+              prefetch: bool | None = None, atomic: bool | None = None,
+              interpret: bool | None = None) -> jax.Array:
   """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
 
   Args:
@@ -224,6 +283,9 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     num_warps, num_stages: Triton launch / pipelining parameters.
     prefetch: load step ``s + 1``'s words, scales and activations before computing step ``s``
       (software pipelining through registers; Triton's own pipeliner only serves ``dot`` operands).
+    atomic: with ``split_k > 1``, add the partial outputs into a zero-initialized float32 output with
+      atomic adds in the kernel itself (one launch; the float32 sum in a run-dependent order) instead of
+      writing ``(split_k, B, N)`` partials that XLA sums in a second launch.
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -259,12 +321,13 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   if interpret is None:
     interpret = not on_gpu()
   pf = cfg["prefetch"] if prefetch is None else bool(prefetch)
-  return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf,
+  at = cfg.get("atomic", False) if atomic is None else bool(atomic)
+  return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf, at and sk > 1,
                  bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(3, 12)))
-def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, interpret):
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 13)))
+def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, interpret):
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
@@ -281,22 +344,36 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, inter
   precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
   kernel = functools.partial(_gemv_kernel, variant=variant, batch=bp, blocks_per_step=bps,
                              steps=kc // (BLOCK_K * bps), group_size=group_size, precision=precision,
-                             prefetch=pf)
+                             prefetch=pf, atomic=atomic, denormals=not interpret)
   odt = out_dtype if sk == 1 else jnp.float32
+  in_specs = [pl.BlockSpec((bx, kc), lambda j, q: (0, q)),
+              pl.BlockSpec((kc // 8, bn), lambda j, q: (q, j)),
+              pl.BlockSpec((gc, bn), lambda j, q: (q, j)),
+              pl.BlockSpec((PLANE,), lambda j, q: (0,))]
+  args = [xp, w, s, jnp.full((PLANE,), _MAGIC_I, jnp.uint32)]
+  if atomic:   # every K split adds into the same (bp, bn) block of one zero-initialized output
+    in_specs.append(pl.BlockSpec((bp, bn), lambda j, q: (0, j)))
+    args.append(jnp.zeros((bp, np_), jnp.float32))
+    out_shape = jax.ShapeDtypeStruct((bp, np_), jnp.float32)
+    out_spec = pl.BlockSpec((bp, bn), lambda j, q: (0, j))
+  else:
+    out_shape = jax.ShapeDtypeStruct((sk, bp, np_), odt)
+    out_spec = pl.BlockSpec((None, bp, bn), lambda j, q: (q, 0, j))
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((sk, bp, np_), odt),
+      out_shape=out_shape,
       grid=(np_ // bn, sk),
-      in_specs=[pl.BlockSpec((bx, kc), lambda j, q: (0, q)),
-                pl.BlockSpec((kc // 8, bn), lambda j, q: (q, j)),
-                pl.BlockSpec((gc, bn), lambda j, q: (q, j)),
-                pl.BlockSpec((PLANE,), lambda j, q: (0,))],
-      out_specs=pl.BlockSpec((None, bp, bn), lambda j, q: (q, 0, j)),
+      in_specs=in_specs,
+      out_specs=out_spec,
+      input_output_aliases={4: 0} if atomic else {},
       compiler_params=None if interpret else triton_compiler_params(nw, ns),
       interpret=interpret,
       name=f"w4a16_gemv_{variant}",
-  )(xp, w, s, jnp.full((PLANE,), _MAGIC_I, jnp.uint32))
-  out = out[0] if sk == 1 else jnp.sum(out, axis=0).astype(out_dtype)
+  )(*args)
+  if atomic:
+    out = out.astype(out_dtype)
+  else:
+    out = out[0] if sk == 1 else jnp.sum(out, axis=0).astype(out_dtype)
   if bp != b or np_ != n:
     out = out[:b, :n]
   return out
