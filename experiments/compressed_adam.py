@@ -102,10 +102,12 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
   if warmup:
     c = dense_warmup(c, warmup, axis_name="d")
   if spread != "none":
-    mode_, _, mx = spread.partition("@")   # 'leaky', 'leaky@50' (max_interval 50), 'leaky@50f1' (floor 1)
+    # 'leaky', 'leaky@50' (max_interval 50), 'leaky@50f1' (floor 1), 'linear@100n0.35' (noise 0.35)
+    mode_, _, mx = spread.partition("@")
+    mx, _, ns = mx.partition("n")
     mx, _, fl = mx.partition("f")
     c = spread_releases(c, mode=mode_, max_interval=int(mx) if mx else (_SPREAD_MAX.value or None),
-                        floor=float(fl) if fl else _SPREAD_FLOOR.value)
+                        floor=float(fl) if fl else _SPREAD_FLOOR.value, noise=float(ns) if ns else 0.0)
   return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
 
 
@@ -122,15 +124,17 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) ->
          (optax.scale_by_rms() if final else _rms_state_only()) if mode == "rmslate" else
          scale_by_leaf_rms() if mode == "leafrms" else None)
   pt = _PER_TENSOR.value
-  compressor, _, sf = compressor.partition("@")   # 'dgc@0.1': dgc with sample_fraction 0.1
+  compressor, _, opt = compressor.partition("@")   # 'dgc@0.1': sample_fraction 0.1; 'dgc@0.1c1': capacity 1
+  sf, _, cf = opt.partition("c")
   sf = float(sf) if sf else (_DGC_SAMPLE.value or None)
+  cf = float(cf) if cf else None
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
                                  per_tensor=pt),
        "sidco_fitonly": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d",
                                          precondition=pre, exact=False, per_tensor=pt),
        "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre, per_tensor=pt),
        "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre, per_tensor=pt,
-                             sample_fraction=sf),
+                             sample_fraction=sf, capacity_factor=cf),
        "randomk": lambda: sp.randomk(ratio, axis_name="d", precondition=pre, seed=0, per_tensor=pt),
        # low-rank compressors: the density flag does not apply (rank 2 / 4 and ACCORDION's 1 <-> 4 switch)
        "powersgd2": lambda: comm.powersgd(2, axis_name="d"),

@@ -78,7 +78,8 @@ class SpreadState(NamedTuple):
 
 
 def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "leaky",
-                    max_interval: int | None = 100, floor: float = 0.0) -> optax.GradientTransformation:
+                    max_interval: int | None = 100, floor: float = 0.0,
+                    noise: float = 0.0) -> optax.GradientTransformation:
   """Deliver each error-feedback release as a rate over the interval it stands for.
 
   Args:
@@ -101,6 +102,13 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       floor (``v ~ o^2 + (floor * rms)^2``), so that Adam moves a coordinate by ``~o / sqrt(o^2 + A^2)``
       instead of the sign of its stale estimate ``o`` (a smoothed stream has lost the gradient noise
       that dense Adam's ``v`` sees). 0 (default): no alternation.
+    noise: >= 0; ``mode='linear'`` or ``'hold'`` only: adds ``noise * (-1)^t`` to each coordinate *while
+      one of its releases is being delivered* (a per-coordinate floor on Adam's second moment, in the units
+      of the released values, not part of the released mass). A delivered rate ``r`` then moves Adam by
+      about ``r / sqrt(r^2 + noise^2)`` per step instead of ``sign(r)``: with the compressor's
+      ``precondition=optax.scale_by_rms()`` the values are in units of each worker's gradient RMS, ``r``
+      estimates the coordinate's mean over RMS, and ``noise = 1 / sqrt(workers)`` is the noise of the
+      workers' mean gradient that dense Adam's ``v`` would see. 0 (default): none.
 
   Returns:
     An ``optax.GradientTransformation``; chain it where the compressor goes, e.g.
@@ -132,6 +140,12 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
   if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
     raise ValueError(f"floor must be a number >= 0 (0 = no alternation), got {floor!r}.")
   floor = float(floor)
+  if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+    raise ValueError(f"noise must be a number >= 0 (0 = none), got {noise!r}.")
+  noise = float(noise)
+  if noise and mode == "leaky":
+    raise ValueError("noise needs mode='linear' or 'hold' (a delivery with an end); mode='leaky' never "
+                     "finishes delivering.")
 
   def init_fn(params):
     check_floating("spread_releases.init", params)
@@ -163,6 +177,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         rate = jnp.where(rel, pending / interval.astype(pending.dtype), rate)
         left = jnp.where(rel, interval, left)
         out = jnp.where(left > 1, rate, jnp.where(left == 1, pending, 0))
+        live = left > 0
         left = jnp.maximum(left - 1, 0)
       elif mode == "leaky":
         rate = jnp.where(rel, 1.0 / interval.astype(pending.dtype), rate)
@@ -172,8 +187,11 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         rate = jnp.where(rel, bv / interval.astype(pending.dtype), rate)
         left = jnp.where(rel, cap if cap is not None else jnp.iinfo(jnp.int32).max, left)
         out = jnp.where(left > 0, rate, 0)
+        live = left > 0
         left = jnp.maximum(left - 1, 0)
       pending = pending - out
+      if noise:   # the coordinates whose delivery ran on this step
+        out = out + jnp.where(live, jnp.where(t % 2 == 0, noise, -noise), 0).astype(out.dtype)
       if floor:
         amp = floor * jnp.sqrt(jnp.mean(jnp.square(out)))
         out = out + jnp.where(t % 2 == 0, amp, -amp).astype(out.dtype)
