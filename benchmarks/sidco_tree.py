@@ -193,8 +193,10 @@ def main():
       continue
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
-    sp._SEARCH_WAYS, sp._COUNT_IMPL = {"": (search0, count0), "bisect": (2, "xla")}.get(
-        variant, (int(variant.split()[0]), variant.split()[-1]) if variant else (search0, count0))
+    if variant in ("", "bisect"):
+      sp._SEARCH_WAYS, sp._COUNT_IMPL = (search0, count0) if not variant else (2, "xla")
+    else:
+      sp._SEARCH_WAYS, sp._COUNT_IMPL = int(variant.split()[0]), variant.split()[-1]
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten

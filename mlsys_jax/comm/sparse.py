@@ -1213,6 +1213,27 @@ def _first_k(payload: SparsePayload, k) -> SparsePayload:
                        jnp.minimum(payload.count, k).astype(jnp.int32), payload.overflow)
 
 
+def _flat_sum(flatten, addend_leaves, residual_leaves, dtype):
+  """``flatten(addend + residual)`` of two trees' leaves, bitwise: when every leaf has the one ``dtype``
+  the sum of the two flattened buffers (two concatenations and one add: a few kernels, not one add per
+  leaf before the concatenation), else the leafwise sums flattened (each sum in its leaf's dtype)."""
+  if all(jnp.result_type(x) == dtype for x in list(addend_leaves) + list(residual_leaves)):
+    return flatten(addend_leaves, dtype) + flatten(residual_leaves, dtype)
+  return flatten([a + r for a, r in zip(addend_leaves, residual_leaves)], dtype)
+
+
+def _ravel_sum(addend, residual):
+  """``ravel_pytree(addend + residual)`` (the flat vector and its ``unravel``), the sum taken on the
+  raveled buffers when every leaf has one dtype (bitwise the same vector)."""
+  _, unravel = ravel_pytree(residual)
+  leaves = jax.tree_util.tree_leaves(residual)
+  dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+  uniform = all(jnp.result_type(x) == dtype for x in leaves + jax.tree_util.tree_leaves(addend))
+  if uniform:
+    return ravel_pytree(addend)[0] + ravel_pytree(residual)[0], unravel
+  return ravel_pytree(jax.tree_util.tree_map(jnp.add, addend, residual))[0], unravel
+
+
 def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                 axis_name: str | None, seed: int, initial_stages, max_ratio: float | None = None,
                 adapt: tuple[int, int, float] | None = None, momentum: float = 0.0,
@@ -1253,12 +1274,13 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                            precondition.init(params) if precondition is not None else ())
 
   def _loop_step(acc, finite, sub, state):
-    """One payload per leaf (per_tensor) or one for the raveled tree, selected by ``select``."""
+    """One payload per leaf (per_tensor) or one for the raveled tree, selected by ``select``. ``acc`` is
+    the error-compensated tree, or (per_tensor=False) ``(flat, unravel)`` from :func:`_ravel_sum`."""
     if per_tensor:
       groups, treedef = jax.tree_util.tree_flatten(acc)
       vecs = [g.reshape(-1) for g in groups]
     else:
-      flat, unravel = ravel_pytree(acc)
+      flat, unravel = acc
       vecs = [flat]
     outs, residuals, hits, nsel, n_above, nbytes, overflow = [], [], [], 0, 0, 0, False
     for i, vec in enumerate(vecs):
@@ -1292,17 +1314,19 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         hit_tree = jax.tree_util.tree_map(lambda h: h > 0, unravel(hits[0].astype(flat.dtype)))
     return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total
 
-  def _segmented_step(acc, state):
+  def _segmented_step(addend, residual, state):
     """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
     segments), one collective; the residual, the output and the momentum mask of every leaf are
     elementwise in the leaf (selected = above its segment's threshold and at or before the last packed
-    index, which is exactly what the packing took: the first ``capacity`` selected entries in order)."""
-    leaves, treedef = jax.tree_util.tree_flatten(acc)
+    index, which is exactly what the packing took: the first ``capacity`` selected entries in order).
+    The buffer is ``addend + residual`` (:func:`_flat_sum`: two concatenations and one add, not a
+    kernel per leaf)."""
+    leaves, treedef = jax.tree_util.tree_flatten(residual)   # (shapes and dtypes of the sum's leaves)
     sizes = [int(np.prod(l.shape)) for l in leaves]
     r_cap = ratio if max_ratio is None else max_ratio
     lay = _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
     dtype = jnp.result_type(*leaves)
-    flat = lay.flatten(leaves, dtype)
+    flat = _flat_sum(lay.flatten, jax.tree_util.tree_leaves(addend), leaves, dtype)
     counts = [_counts(int(n), ratio, max_ratio, capacity_factor) for n in lay.seg_n]
     cap = int(sum(c[2] for c in counts))
     if isinstance(counts[0][0], int):
@@ -1350,16 +1374,24 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       updates, pre_state = precondition.update(updates, state.precondition, params)
     if momentum > 0:
       vel = jax.tree_util.tree_map(lambda g, u: momentum * u + g.astype(u.dtype), updates, state.velocity)
-      acc = jax.tree_util.tree_map(jnp.add, vel, state.residual)
+      addend = vel
     else:
-      acc = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype) + r, updates, state.residual)
-    # gradient + residual, not only the gradient: the sum can overflow (float16) when neither does
+      addend = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype), updates, state.residual)
+    # the error-compensated gradient acc = addend + residual (gradient + residual, not only the gradient:
+    # the sum can overflow (float16) when neither does)
     key, sub = jax.random.split(state.key)
     if segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
-      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total) = _segmented_step(acc, state)
-    else:
+      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total) = _segmented_step(
+          addend, state.residual, state)
+    elif per_tensor:
+      acc = jax.tree_util.tree_map(jnp.add, addend, state.residual)
       finite = _global_finite(jax.tree_util.tree_leaves(acc), axis_name)
       out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(acc, finite, sub, state)
+    else:   # one raveled vector: its finiteness is one reduction over it (the same flag as per leaf)
+      flat, unravel = _ravel_sum(addend, state.residual)
+      finite = _global_finite([flat], axis_name)
+      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
+          (flat, unravel), finite, sub, state)
     velocity = state.velocity
     if momentum > 0:
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),

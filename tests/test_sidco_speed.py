@@ -1,0 +1,134 @@
+"""The speed paths of mlsys_jax.comm.sparse (issue 18 item 4) against their slow references: the W-way
+threshold search (same bits as the 31-pass bisection and as the closed form: the float just below the
+k-th largest magnitude), the Pallas per-tile multi-threshold count (interpret mode) against numpy, and the
+flat error-compensated sum (two concatenations and one add) against the leafwise sums, bitwise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax.comm import _pallas_pack as pp
+from mlsys_jax.comm import sparse as sp
+
+
+def _segments_data(seed):
+  rng = np.random.default_rng(seed)
+  a = (np.abs(rng.standard_normal((3, 700))) * 10.0 ** rng.integers(-5, 3, (3, 1))).astype(np.float32)
+  a[1, :690] = 0.0             # fewer non-zeros than k: the answer is 0
+  a[2, 40:60] = a[2, 7]        # ties at (maybe) the cut
+  return a
+
+
+def _prev_kth(a, k):
+  """Closed form of the exact search: the float just below the k-th largest (0 when that is 0)."""
+  kth = np.sort(a, axis=1)[:, ::-1][np.arange(a.shape[0]), k - 1]
+  return np.maximum(kth.view(np.int32) - 1, 0).view(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_search_ways_equal_bisection_and_closed_form(seed):
+  a = _segments_data(seed)
+  k = np.array([37, 30, 15])
+  aj, kj = jnp.asarray(a), jnp.asarray(k)
+  top = jax.lax.bitcast_convert_type(jnp.asarray(a.max(1)), jnp.int32)
+  counts = lambda tm: jnp.sum(aj[:, :, None] > tm[:, None, :], axis=1)
+  ref_low = np.asarray(sp._search_bits(lambda tm: counts(tm) >= kj[:, None], top, True, ways=2))
+  ref_high = np.asarray(sp._search_bits(lambda tm: counts(tm) <= kj[:, None], top, False, ways=2))
+  np.testing.assert_array_equal(ref_low.view(np.int32), _prev_kth(a, k).view(np.int32))
+  # the ceiling: the smallest threshold keeping at most k (the (k+1)-th largest, unless tied above)
+  assert np.all(np.sum(a > ref_high[:, None], axis=1) <= k)
+  below = np.maximum(ref_high.view(np.int32) - 1, 0).view(np.float32)
+  assert np.all((np.sum(a > below[:, None], axis=1) > k) | (ref_high == 0))
+  for ways in (4, 16, 64, 256):
+    low = jax.jit(lambda: sp._search_bits(lambda tm: counts(tm) >= kj[:, None], top, True, ways=ways))()
+    high = sp._search_bits(lambda tm: counts(tm) <= kj[:, None], top, False, ways=ways)
+    np.testing.assert_array_equal(np.asarray(low).view(np.int32), ref_low.view(np.int32))
+    np.testing.assert_array_equal(np.asarray(high).view(np.int32), ref_high.view(np.int32))
+
+
+def test_search_ways_must_be_power_of_two():
+  with pytest.raises(ValueError, match="power of two"):
+    sp._search_bits(lambda tm: tm > 0, jnp.zeros((1,), jnp.int32), True, ways=12)
+
+
+def test_tile_counts_above_matches_numpy():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal(3 * 4096).astype(np.float32)
+  thr = np.abs(rng.standard_normal((3, 16))).astype(np.float32)
+  thr[1, 3] = np.abs(x[4096 + 5])                      # a threshold equal to an entry: strict >
+  c = pp.tile_counts_above(jnp.asarray(x), jnp.asarray(thr), interpret=True)
+  ref = np.sum(np.abs(x).reshape(3, 4096, 1) > thr[:, None, :], axis=1)
+  np.testing.assert_array_equal(np.asarray(c), ref)
+  with pytest.raises(ValueError, match="multiple of 4096"):
+    pp.tile_counts_above(jnp.zeros(100), jnp.zeros((1, 16)), interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    pp.tile_counts_above(jnp.zeros(4096), jnp.zeros((1, 12)), interpret=True)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_seg_exact_is_closed_form_per_segment(per_tensor, monkeypatch):
+  """The exact-count fallback's thresholds on a flat buffer: just below each segment's k-th largest,
+  for the bisection, the XLA W-way count and the Pallas count (interpret)."""
+  rng = np.random.default_rng(3)
+  sizes = [5000, 300, 9000]
+  leaves = [jnp.asarray(rng.laplace(size=n).astype(np.float32)) for n in sizes]
+  lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, 1.0))
+  flat = lay.flatten(leaves, jnp.float32)
+  a_tiles = jnp.abs(flat).reshape(lay.num_tiles, sp._TILE)
+  bmax = sp._block_stats(jnp.abs(flat))[2]
+  k = np.array([max(1, round(0.01 * n)) for n in lay.seg_n])
+  out = {}
+  for ways, impl in ((2, "xla"), (16, "xla"), (8, "pallas")):
+    monkeypatch.setattr(sp, "_SEARCH_WAYS", ways)
+    monkeypatch.setattr(sp, "_COUNT_IMPL", impl)
+    # ("pallas" off GPU: the Triton kernel in the Pallas interpreter)
+    out[(ways, impl)] = np.asarray(sp._seg_exact(a_tiles, bmax, lay, jnp.asarray(k, jnp.int32), flat))
+    monkeypatch.undo()
+  segs = [np.concatenate([np.abs(np.asarray(leaves[i])) for i in g]) for g in lay.groups]
+  ref = np.array([_prev_kth(s[None], np.array([kk]))[0] for s, kk in zip(segs, k)])
+  for key, t in out.items():
+    np.testing.assert_array_equal(t.view(np.int32), ref.view(np.int32), err_msg=str(key))
+
+
+def test_flat_sum_equals_leafwise_sum():
+  rng = np.random.default_rng(4)
+  a = {"x": jnp.asarray(rng.standard_normal((30, 7)), jnp.float32), "y": jnp.asarray(rng.standard_normal(5), jnp.float32)}
+  r = {"x": jnp.asarray(rng.standard_normal((30, 7)), jnp.float32), "y": jnp.full((5,), jnp.inf, jnp.float32)}
+  flat, unravel = sp._ravel_sum(a, r)
+  ref = jnp.concatenate([(a["x"] + r["x"]).reshape(-1), a["y"] + r["y"]])
+  np.testing.assert_array_equal(np.asarray(flat), np.asarray(ref))
+  assert unravel(flat)["x"].shape == (30, 7)
+  # mixed dtypes: each sum in its leaf's dtype (float16 overflow kept), then promoted
+  a16 = {"x": a["x"], "y": jnp.full((5,), 60000.0, jnp.float16)}
+  r16 = {"x": r["x"], "y": jnp.full((5,), 60000.0, jnp.float16)}
+  flat16, _ = sp._ravel_sum(a16, r16)
+  assert np.all(np.isinf(np.asarray(flat16)[-5:]))
+  lay = sp._Layout([210, 5], [[0, 1]])
+  got = sp._flat_sum(lay.flatten, jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(r), jnp.float32)
+  want = lay.flatten([x + y for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(r))], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("kw", [dict(per_tensor=True), pytest.param(dict(), marks=pytest.mark.slow),
+                                pytest.param(dict(exact=False, max_fraction=1.0), marks=pytest.mark.slow)])
+def test_transform_same_with_any_search(kw, monkeypatch):
+  """Whole updates (the fallback searches run under lax.cond on the steps where the fit misses: Gaussian
+  gradients under the exponential fit) are bitwise the same with the bisection and the 16-way search."""
+  rng = np.random.default_rng(5)
+  grads = [{"w": jnp.asarray(rng.standard_normal((40, 50)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(50) * 0.1, jnp.float32)} for _ in range(3)]
+  res = []
+  for ways in (2, 16):
+    monkeypatch.setattr(sp, "_SEARCH_WAYS", ways)
+    monkeypatch.setattr(sp, "_COUNT_IMPL", "xla")
+    tx = sp.sidco(0.01, **kw)
+    st = tx.init(grads[0])
+    up = jax.jit(tx.update)
+    outs = []
+    for g in grads:
+      o, st = up(g, st)
+      outs.append((o, st.residual))
+    res.append(outs)
+  for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
