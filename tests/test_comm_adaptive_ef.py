@@ -38,7 +38,7 @@ def _np_topk_ef(flat_g, ratio):
   return np.stack(outs)
 
 
-def _np_spread(b, mode, max_interval=None, floor=0.0, sizes=None):
+def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None):
   """float64 numpy reference of the spread, coordinate by coordinate: b (steps, n) released aggregates ->
   outputs (steps, n) and the pending mass after the last step."""
   steps, n = b.shape
@@ -58,6 +58,7 @@ def _np_spread(b, mode, max_interval=None, floor=0.0, sizes=None):
           rate[i] = 1.0 / T
         else:
           rate[i], left[i] = b[t, i] / T, (max_interval if max_interval is not None else 10 ** 9)
+      live = left[i] > 0
       if mode == "linear":
         o = rate[i] if left[i] > 1 else (pending[i] if left[i] == 1 else 0.0)
         left[i] = max(left[i] - 1, 0)
@@ -67,7 +68,7 @@ def _np_spread(b, mode, max_interval=None, floor=0.0, sizes=None):
         o = rate[i] if left[i] > 0 else 0.0
         left[i] = max(left[i] - 1, 0)
       pending[i] -= o
-      outs[t, i] = o
+      outs[t, i] = o + (((1 if t % 2 == 0 else -1) * noise) if live and noise else 0.0)
     if floor:
       start = 0
       for size in sizes:
@@ -90,7 +91,8 @@ def _flat(tree, lead):
 
 
 _VARIANTS = {"linear": dict(mode="linear"), "leaky_cap2_floor": dict(mode="leaky", max_interval=2, floor=0.5),
-             "hold_cap3": dict(mode="hold", max_interval=3)}
+             "hold_cap3": dict(mode="hold", max_interval=3),
+             "linear_cap4_noise": dict(mode="linear", max_interval=4, noise=0.25)}
 
 
 def _run(g, axis, names=tuple(_VARIANTS) + ("bare",)):
@@ -113,7 +115,7 @@ def runs(devices):
     return jax.tree_util.tree_map(lambda x: x[None], _run(jax.tree_util.tree_map(lambda x: x[0], gw), "d"))
 
   by_sm = jax.jit(shard_map(sm, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(g_w)
-  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3")), axis_name="d",
+  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise")), axis_name="d",
                      devices=devices)(g_w)
   return g_w, by_sm, by_pmap
 
@@ -152,6 +154,24 @@ def test_linear_conserves_the_released_mass(runs):
   outs = _flat(by_sm["linear"][0], (_W, _STEPS))[0]
   bare = _flat(by_sm["bare"][0], (_W, _STEPS))[0]
   assert np.count_nonzero(outs) > 2 * np.count_nonzero(bare)
+
+
+def test_noise_is_a_zero_mass_alternation_on_live_deliveries(runs):
+  """noise=0.25 ('linear', cap 4): the output minus the spread without noise is +-0.25 (sign of the step
+  parity) exactly where a delivery runs and 0 elsewhere, so the released mass is still conserved up to
+  the alternation; the pending mass is the noiseless spread's."""
+  g_w, by_sm, _ = runs
+  b = _np_topk_ef(_flat(g_w, (_W, _STEPS)), _RATIO)
+  plain, pending = _np_spread(b, "linear", max_interval=4)
+  got = _flat(by_sm["linear_cap4_noise"][0], (_W, _STEPS))[0]
+  extra = got - plain
+  sign = np.where(np.arange(_STEPS) % 2 == 0, 1.0, -1.0)[:, None]
+  live = np.abs(extra) > 0.125
+  np.testing.assert_allclose(extra[live], (0.25 * sign * np.ones_like(extra))[live], rtol=1e-5)
+  np.testing.assert_allclose(extra[~live], 0.0, atol=1e-5)
+  assert live.sum() > np.count_nonzero(b)   # deliveries last longer than the release step
+  np.testing.assert_allclose(_flat(by_sm["linear_cap4_noise"][1].pending, (_W,))[0], pending, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_pmap_equals_shard_map(runs):
@@ -215,6 +235,10 @@ def test_bad_input():
     spread_releases(topk(0.1), max_interval=0)
   with pytest.raises(ValueError, match="floor"):
     spread_releases(topk(0.1), floor=-1.0)
+  with pytest.raises(ValueError, match="noise"):
+    spread_releases(topk(0.1), mode="linear", noise=-0.5)
+  with pytest.raises(ValueError, match="noise needs"):
+    spread_releases(topk(0.1), mode="leaky", noise=0.5)
   with pytest.raises(TypeError, match="bytes_sent"):
     spread_releases(optax.identity()).init(_params())
   with pytest.raises(TypeError, match="floating"):
