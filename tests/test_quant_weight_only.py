@@ -103,6 +103,7 @@ def test_xla_matmul_vs_float64(dtype):
 # The interpreter compiles each configuration anew (seconds each): two cases by default, the rest slow.
 KERNEL_CASES = [("fma", 2, 16, 32, 1, 2, True), ("dot", 5, 32, 32, 2, 1, False),
                 pytest.param("fmad", 2, 64, 16, 1, 2, False, marks=pytest.mark.slow),
+                pytest.param("dotb", 3, 64, 16, 1, 2, True, marks=pytest.mark.slow),
                 pytest.param("fma", 3, 16, 32, 2, 1, False, marks=pytest.mark.slow),
                 pytest.param("fma_shift", 1, 128, 16, 1, 1, True, marks=pytest.mark.slow),
                 pytest.param("fma", 2, 64, 16, 1, 2, False, marks=pytest.mark.slow),

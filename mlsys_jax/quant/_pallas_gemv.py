@@ -29,10 +29,20 @@ planes 5-7 in ``w >> 12``, one shift per word), and one exact fused multiply-add
     the batch is padded to 16 rows, batch 1 by repeating the row in registers), float32 accumulation;
     only the real rows are stored (5.8-6.2 SASS instructions per weight: the unpacked operand goes
     through shared memory).
+  - ``'fmad'``: the CUDA-core kernel without any unpacking arithmetic: the nibble masked in place at bit
+    ``pos`` (< 24) IS a float32, ``u 2^(pos - 149)`` (denormal; exact), so per weight one AND and one
+    FMA with the activation pre-scaled by ``2^(126 - e - pos)`` (``|x| < 2^e`` over the program); the
+    offset 8 enters as minus 8 times the activations' sum per group, and ``2^(e + 23)`` undoes the
+    scaling at the end. Needs denormals kept (the GPU default; XLA on the CPU flushes them, so the
+    interpreter forms the same products from ``u 2^pos`` by an int -> float conversion).
+  - ``'dotb'``: ``'dot'`` with the codes made in bf16 by 16-bit operations (``(u | 0x4300) - 136``, exact),
+    which lets Triton load the words straight into the tensor-core operand layout (no shared-memory
+    round trip per plane for the weights).
 Per group the partial sums are multiplied by the group's scale row and added to the output accumulator.
 
 Grid: ``(N / block_n, split_k)``; with ``split_k > 1`` each program covers ``K / split_k`` and the partial
-outputs are summed by XLA afterwards. Off the GPU the kernel runs in Pallas's interpreter.
+outputs are summed by XLA afterwards, or (``atomic=True``) added by the kernel itself with float32
+atomic adds into a zero-initialized output (one launch; summation order then varies between runs). Off the GPU the kernel runs in Pallas's interpreter.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ __all__ = ["BLOCK_K", "VARIANTS", "default_config", "int4_gemv", "on_gpu"]
 
 BLOCK_K = 128                  # K elements per packing block: 16 uint32 rows x 8 nibbles
 PLANE = 16                     # K elements per nibble plane
-VARIANTS = ("fma", "fmad", "fma_shift", "dot", "dot_shift")
+VARIANTS = ("fma", "fmad", "fma_shift", "dot", "dotb", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
@@ -206,7 +216,13 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
       part = None
       for p in range(q * per_group, (q + 1) * per_group):
         u, i = divmod(p, 8)
-        c = _unpack_plane(words[u], his[u], i, shift, magic)             # (16, bn) f32 codes
+        if variant == "dotb":        # bf16 codes from 16-bit operations (exact): 128 + u, minus 136
+          u16 = jnp.bitwise_and(jax.lax.shift_right_logical(words[u], jnp.uint32(4 * i)) if i else words[u],
+                                jnp.uint32(15)).astype(jnp.uint16)
+          c = jax.lax.bitcast_convert_type(jnp.bitwise_or(u16, jnp.uint16(0x4300)), jnp.bfloat16)
+          c = c - jnp.bfloat16(136)
+        else:
+          c = _unpack_plane(words[u], his[u], i, shift, magic)             # (16, bn) f32 codes
         if dot:
           xp = xs[p]                                                     # (Bx, 16)
           if xp.shape[0] < PLANE:      # batch 1: the row repeated to the smallest tensor-core tile
