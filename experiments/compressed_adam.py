@@ -57,7 +57,7 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "chain(c(precondition=scale_by_adam()), adam); rms: chain(c(precondition="
                            "scale_by_rms()), adam) (each worker selects and sends its gradient over the RMS "
                            "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)); rmslate: rms in the final "
-                           "density stage only; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per "
+                           "density stage only; rmsearly: rms in the warm-up stages only; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per "
                            "tensor).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
@@ -122,6 +122,7 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) ->
   pre = (optax.scale_by_adam() if mode.startswith("precondition") else
          optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms@") or mode == "rms" else
          (optax.scale_by_rms() if final else _rms_state_only()) if mode == "rmslate" else
+         (_rms_state_only() if final else optax.scale_by_rms()) if mode == "rmsearly" else
          scale_by_leaf_rms() if mode == "leafrms" else None)
   pt = _PER_TENSOR.value
   compressor, _, opt = compressor.partition("@")   # 'dgc@0.1': sample_fraction 0.1; 'dgc@0.1c1': capacity 1
