@@ -132,3 +132,23 @@ def test_transform_same_with_any_search(kw, monkeypatch):
     res.append(outs)
   for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("segments", [1, 4])
+def test_trim_sort_equals_three_key_sort(segments, monkeypatch):
+  """The correction stage's order (segment, magnitude descending, slot) from stable one-key sorts equals
+  the 3-key lexicographic sort, ties and zeros included."""
+  rng = np.random.default_rng(6)
+  cap = 2000
+  seg = jnp.asarray(rng.integers(0, segments + 1, cap), jnp.int32)
+  a = np.abs(rng.standard_normal(cap)).astype(np.float32)
+  a[:300] = a[400]
+  a[500:600] = 0.0
+  a = jnp.asarray(a)
+  slot = jnp.arange(cap, dtype=jnp.int32)
+  monkeypatch.setattr(sp, "_TRIM_SORT", "lexsort")
+  ref = sp._sort_seg_desc(seg, a, slot, segments)
+  monkeypatch.setattr(sp, "_TRIM_SORT", "radix")
+  got = jax.jit(sp._sort_seg_desc, static_argnums=3)(seg, a, slot, segments)
+  for x, y in zip(got, ref):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

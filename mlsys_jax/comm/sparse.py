@@ -951,12 +951,34 @@ def _payload_segments(payload: SparsePayload, lay: _Layout):
   valid = jnp.arange(cap) < payload.count
   if lay.num_segments == 1:
     seg = jnp.zeros((cap,), jnp.int32)
-  else:
-    starts = jnp.asarray(lay.seg_start, jnp.int32)
-    seg = (jnp.searchsorted(starts, payload.indices, side="right", method="sort") - 1).astype(jnp.int32)
+  else:   # every 4096-entry tile lies in one segment: a gather from the static tile -> segment table
+    tile = jnp.clip(payload.indices // _TILE, 0, lay.num_tiles - 1)
+    seg = jnp.asarray(lay.tile_seg, jnp.int32)[tile]
   seg = jnp.where(valid, seg, lay.num_segments)
   counts = jnp.zeros((lay.num_segments + 1,), jnp.int32).at[seg].add(1)[:-1]
   return seg, counts
+
+
+# How _seg_trim orders the payload's slots by (segment, magnitude descending, slot): "radix" (stable
+# one-key sorts of 32-bit keys with the slot as payload: radix sorts on GPU) or "lexsort" (one 3-key sort).
+_TRIM_SORT = "radix"
+
+
+def _sort_seg_desc(seg, a, slot, num_segments: int):
+  """``(seg, slot)`` sorted by segment, then magnitude ``a`` (non-negative float32) descending, then slot:
+  the order of ``lax.sort((seg, -a, slot), num_keys=3)`` (for a's without NaN; a NaN step is never sent),
+  from stable sorts of one 32-bit key each (the magnitude key is the bitwise complement of a's bits)."""
+  if _TRIM_SORT == "lexsort":
+    seg_s, _, slot_s = jax.lax.sort((seg, -a, slot), num_keys=3)
+    return seg_s, slot_s
+  desc = jnp.uint32(0x7FFFFFFF) - jax.lax.bitcast_convert_type(a, jnp.uint32)   # a >= 0: bits < 2^31
+  if num_segments == 1:   # seg is 0 or 1 (past count): one key (seg, desc) in 32 bits
+    key = (seg.astype(jnp.uint32) << 31) | (desc & jnp.uint32(0x7FFFFFFF))
+    key_s, slot_s = jax.lax.sort((key, slot), num_keys=1, is_stable=True)
+    return (key_s >> 31).astype(jnp.int32), slot_s
+  _, slot_1 = jax.lax.sort((desc, slot), num_keys=1, is_stable=True)
+  seg_s, slot_s = jax.lax.sort((seg[slot_1], slot_1), num_keys=1, is_stable=True)
+  return seg_s, slot_s
 
 
 def _seg_trim(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
@@ -972,7 +994,7 @@ def _seg_trim(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
   cap = payload.indices.shape[0]
   a = jnp.abs(payload.values).astype(jnp.float32)
   slot = jnp.arange(cap, dtype=jnp.int32)          # slots are in index order: ties go to the lower index
-  seg_s, _, slot_s = jax.lax.sort((seg, -a, slot), num_keys=3)
+  seg_s, slot_s = _sort_seg_desc(seg, a, slot, lay.num_segments)
   first = jnp.searchsorted(seg_s, jnp.arange(lay.num_segments, dtype=jnp.int32), side="left",
                            method="sort").astype(jnp.int32)
   kth = slot_s[jnp.clip(first + k - 1, 0, cap - 1)]          # slot of the k-th largest of the segment
