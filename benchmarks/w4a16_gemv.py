@@ -45,14 +45,14 @@ from mlsys_jax.quant import weight_only as wo  # noqa: E402
 # (8192x28672), 'dot:256:1:4:8:3' with prefetch at batch 4-16. This sweep: the same with the split-K sum
 # as atomic adds in the kernel (one launch), and the 'fmad' variant (one AND + one FMA per weight) over
 # split_k 8-64, 1-4 blocks per step, block_n 32-128, 2-8 warps, prefetch.
-SWEEP = ("fma:64:2:16:4:3:0:0,fma:64:2:16:4:3:0:1,fma:64:2:32:4:3:0:1,fma:64:1:32:4:3:0:1,"
-         "fmad:64:2:16:4:3:0:0,fmad:64:2:16:4:3:0:1,fmad:64:1:16:4:3:0:1,fmad:64:4:16:4:3:0:1,"
-         "fmad:64:2:8:4:3:0:1,fmad:64:2:32:4:3:0:1,fmad:64:1:32:4:3:0:1,fmad:64:1:64:4:3:0:1,"
-         "fmad:32:2:16:2:3:0:1,fmad:32:1:32:2:3:0:1,fmad:128:2:16:8:3:0:1,fmad:128:1:16:4:3:0:1,"
-         "fmad:64:2:16:4:3:1:1,fmad:64:2:16:2:3:0:1,fmad:64:2:16:8:3:0:1,fmad:64:4:8:4:3:0:1,"
+SWEEP = ("fma:64:2:16:4:3:0:0,fma:64:2:16:4:3:0:1,fmad:64:2:16:4:3:0:0,fmad:64:2:16:4:3:0:1,"
+         "fmad:64:1:32:4:3:0:1,fmad:64:2:8:4:3:0:1,fmad:32:2:16:2:3:0:1,fmad:64:2:16:4:3:1:1,"
+         "fmad2:128:2:16:4:3:0:1,fmad2:128:1:16:4:3:0:1,fmad2:128:2:8:4:3:0:1,fmad2:64:2:16:2:3:0:1,"
+         "fmad2:128:2:16:8:3:0:1,fmad2:128:1:32:4:3:0:1,fmad4:128:2:16:4:3:0:1,fmad4:256:1:16:4:3:0:1,"
+         "fmad4:256:2:8:4:3:0:1,fmad4:128:1:32:2:3:0:1,fmad4:256:1:16:8:3:0:1,fmad2:128:2:16:4:3:1:1,"
          "dotb:64:2:16:4:3:0:1,dotb:128:1:16:8:3:1:1")
-SWEEP_B1 = ("fma:64:2:8:4:3:0:0,fma:64:2:8:4:3:0:1,fmad:64:2:8:4:3:0:1,fmad:64:2:4:4:3:0:1,"
-            "fmad:64:2:16:4:3:0:1,fmad:64:1:8:4:3:0:1,fmad:128:2:8:8:3:0:1,fmad:64:4:8:4:3:0:0")
+SWEEP_B1 = ("fma:64:2:8:4:3:0:0,fma:64:2:8:4:3:0:1,fmad:64:2:8:4:3:0:1,fmad2:128:2:8:4:3:0:1,"
+            "fmad2:128:2:4:4:3:0:1,fmad4:256:1:8:4:3:0:1,fmad4:128:2:8:4:3:0:1,fmad2:128:1:8:4:3:0:1")
 OTHER = ("dot:256:1:4:8:3:1:0,dot:256:1:4:8:3:1:1,dot:128:1:8:8:3:1:1,dot:256:1:8:8:3:1:1,"
          "dotb:256:1:4:8:3:1:1,dotb:128:1:8:8:3:1:1")
 
@@ -131,6 +131,10 @@ def _device_times(fns: dict, args: dict, reps: int, rounds: int, gap_s: float = 
       out[nm]["span"].append((max(ev[1] for ev in cl) - cl[0][0]) * 1e-9 / reps)
       out[nm]["busy"].append(sum(ev[2] for ev in cl) * 1e-9 / reps)
       out[nm]["kernels_per_call"] = len(cl)
+      kinds = {}
+      for ev in cl:
+        kinds[ev[3][:60]] = kinds.get(ev[3][:60], 0.0) + ev[2] * 1e-9 / reps
+      out[nm]["busy_by_kernel"] = sorted(kinds.items(), key=lambda t: -t[1])[:4]
     for nm in names:
       out[nm]["span_median"] = float(np.median(out[nm]["span"]))
       out[nm]["busy_median"] = float(np.median(out[nm]["busy"]))
@@ -211,6 +215,7 @@ def main():
       cfgs = [c for c in cfgs if not (c[0].startswith("fma") and b > args.fma_max_batch)]
       first = first and b > 2
       fns, fargs, single = {}, {}, {}   # single: the kernel configurations (checked for exactness)
+      ops = {}                          # name -> (op, copies): the device-time pass's no-consumer versions
       for c in cfgs:
         v, bn, bps, sk, nw, ns, pf, at = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
@@ -218,17 +223,24 @@ def main():
         name = ":".join(map(str, c))
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
+        ops[name] = (op, copies)
         single[name] = True
-      fns["bf16"] = _looped(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), copies_b, reps)
-      fargs["bf16"] = (xs, wb)
-      fns["xla_packed_bf16"] = _looped(
+      ops["bf16"] = (lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), copies_b)
+      ops["xla_packed_bf16"] = (
           lambda x, p: jnp.dot(x, wo.dequantize_int4(p, jnp.bfloat16), preferred_element_type=jnp.float32),
-          copies, reps)
-      fargs["xla_packed_bf16"] = (xs, packed)
+          copies)
+      fargs["bf16"], fargs["xla_packed_bf16"] = (xs, wb), (xs, packed)
       if args.xla_f32:
-        fns["xla_packed_f32"] = _looped(lambda x, p: wo.w4a16_matmul(x, p, impl="xla"), copies, reps)
+        ops["xla_packed_f32"] = (lambda x, p: wo.w4a16_matmul(x, p, impl="xla"), copies)
         fargs["xla_packed_f32"] = (xs, packed)
-      compiled = _compile_all(fns, fargs)
+      for nm in ("bf16", "xla_packed_bf16", "xla_packed_f32"):
+        if nm in ops:
+          fns[nm] = _looped(ops[nm][0], ops[nm][1], reps)
+      # The device-time pass times every method with its outputs returned as they are (no consumer
+      # kernel after each launch): its kernels alone, compiled here with the others.
+      nc = {f"nc:{nm}": _looped(op, c, reps, consume=False) for nm, (op, c) in ops.items()} \
+          if args.device_rounds else {}
+      compiled = _compile_all({**fns, **nc}, {**fargs, **{f"nc:{nm}": fargs[nm] for nm in ops}})
       t_compiled = time.time()
       row = {"k": k, "n": n, "batch": b, "group_size": gs, "reps": reps, "copies": copies,
              "packed_bytes": packed[0].nbytes(), "bf16_bytes": 2 * k * n,
@@ -263,9 +275,11 @@ def main():
           row[name] = entry
         print(b, k, n, entry, flush=True)
       if args.device_rounds:
-        # Device time from the profiler (one trace, every function of the case in each round): the
-        # kernels alone, without the host's dispatch and synchronization in the wall-clock numbers above.
-        good = {nm: compiled[nm] for nm in fns if not isinstance(compiled[nm], Exception)}
+        # Device time from the profiler (one trace, every function of the case in each round, outputs
+        # returned as they are): the op's kernels alone (for split K without atomics also XLA's sum of the
+        # partials; with atomics the zero fill), without the host's dispatch and synchronization and
+        # without the consumer kernel of the wall-clock numbers above.
+        good = {nm: compiled[f"nc:{nm}"] for nm in ops if not isinstance(compiled[f"nc:{nm}"], Exception)}
         dev = _device_times(good, fargs, reps, args.device_rounds)
         row["device"] = dev
         if "error" not in dev:

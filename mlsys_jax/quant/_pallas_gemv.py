@@ -61,7 +61,7 @@ __all__ = ["BLOCK_K", "VARIANTS", "default_config", "int4_gemv", "on_gpu"]
 
 BLOCK_K = 128                  # K elements per packing block: 16 uint32 rows x 8 nibbles
 PLANE = 16                     # K elements per nibble plane
-VARIANTS = ("fma", "fmad", "fma_shift", "dot", "dotb", "dot_shift")
+VARIANTS = ("fma", "fmad", "fmad2", "fmad4", "fma_shift", "dot", "dotb", "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
@@ -145,7 +145,11 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   groups_per_step = planes // per_group
   dot = variant.startswith("dot")
   shift = variant.endswith("_shift")
-  dn = variant == "fmad"
+  dn = variant.startswith("fmad")
+  # 'fmad2'/'fmad4': the block_n columns as 2/4 sub-tiles loaded separately; equal shapes get equal
+  # register layouts, so each activation a thread loads, converts and scales serves 2/4 times the weights.
+  nsub = int(variant[4:]) if dn and len(variant) > 4 else 1
+  sub = bn // nsub
   # The 2^23 bit pattern is read from memory (m_ref holds it), not written as a literal: the bit mask
   # is then the and-or's one immediate and the pattern stays in one register, where a literal made the
   # compiler re-materialize a constant before about every second and-or (SASS of sm_90).
@@ -175,10 +179,16 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   def load(it):
     """Everything step ``it`` reads: its weight words, its scale rows and its activation planes."""
     k0 = mult(it * step_k, step_k)
-    words = [w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
-             for u in range(blocks_per_step)]
-    srows = [s_ref[pl.ds(jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size)), 1), :]
-             for q in range(groups_per_step)]
+    if nsub > 1:
+      words = [[w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), pl.ds(c * sub, sub)]
+                for c in range(nsub)] for u in range(blocks_per_step)]
+      srows = [[s_ref[pl.ds(jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size)), 1),
+                      pl.ds(c * sub, sub)] for c in range(nsub)] for q in range(groups_per_step)]
+    else:
+      words = [w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
+               for u in range(blocks_per_step)]
+      srows = [s_ref[pl.ds(jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size)), 1), :]
+               for q in range(groups_per_step)]
     xs = []
     for p in range(planes):
       kk = mult(k0 + p * PLANE, PLANE)
@@ -187,24 +197,32 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     return words, srows, xs
 
   def compute_dn(acc, loaded):
+    """acc: ``batch * nsub`` tiles ``(16, sub)``, index ``b * nsub + c``."""
     words, srows, xs = loaded
-    his = [jax.lax.shift_right_logical(w, jnp.uint32(8)) for w in words]    # nibbles 6, 7 -> bits 16-23
+    if nsub == 1:
+      words, srows = [[w] for w in words], [[r] for r in srows]
+    his = [[jax.lax.shift_right_logical(w, jnp.uint32(8)) for w in wu] for wu in words]   # nibbles 6, 7
     for q in range(groups_per_step):
       ps = range(q * per_group, (q + 1) * per_group)
       xv = {(p, b): xs[p][b].astype(jnp.float32) for p in ps for b in range(batch)}
+      xsc = {(p, b): xv[p, b] * xscale[4 * (p % 8) if p % 8 <= 5 else 4 * (p % 8) - 8]
+             for p in ps for b in range(batch)}
       part = []
       for b in range(batch):        # start from minus the offset: 8 x 2^(-23 - e) summed over the planes
         xr = functools.reduce(lambda a, v: a + v, [xv[p, b] for p in ps])
-        part.append(jnp.broadcast_to(-((xr * cscale) * f8)[:, None], (PLANE, bn)))
+        corr = -((xr * cscale) * f8)[:, None]
+        part += [jnp.broadcast_to(corr, (PLANE, sub))] * nsub
       for p in ps:
         u, i = divmod(p, 8)
-        src, pos = (words[u], 4 * i) if i <= 5 else (his[u], 4 * i - 8)
-        bits = jnp.bitwise_and(src, jnp.uint32(15 << pos))
-        f = (jax.lax.bitcast_convert_type(bits, jnp.float32) if denormals else
-             bits.astype(jnp.int32).astype(jnp.float32))
-        part = [pt + f * (xv[p, b] * xscale[pos])[:, None] for b, pt in enumerate(part)]
-      srow = srows[q].astype(jnp.float32)
-      acc = [a + pt * srow for a, pt in zip(acc, part)]
+        pos = 4 * i if i <= 5 else 4 * i - 8
+        for c in range(nsub):
+          bits = jnp.bitwise_and(words[u][c] if i <= 5 else his[u][c], jnp.uint32(15 << pos))
+          f = (jax.lax.bitcast_convert_type(bits, jnp.float32) if denormals else
+               bits.astype(jnp.int32).astype(jnp.float32))
+          for b in range(batch):
+            part[b * nsub + c] = part[b * nsub + c] + f * xsc[p, b][:, None]
+      srow = [r.astype(jnp.float32) for r in srows[q]]
+      acc = [a + pt * srow[t % nsub] for t, (a, pt) in enumerate(zip(acc, part))]
     return acc
 
   def compute(acc, loaded):
@@ -242,6 +260,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
 
   mrows = max(PLANE, x_ref.shape[0])
   init = (jnp.zeros((mrows, bn), jnp.float32) if dot else
+          [jnp.zeros((PLANE, sub), jnp.float32) for _ in range(batch * nsub)] if dn else
           [jnp.zeros((PLANE, bn), jnp.float32) for _ in range(batch)])
   if prefetch:
     # Software pipelining in registers: issue the loads of step it + 1 before computing step it, so
@@ -254,15 +273,21 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     acc, _ = jax.lax.fori_loop(0, steps, body, (init, load(0)))
   else:
     acc = jax.lax.fori_loop(0, steps, lambda it, acc: compute(acc, load(it)), init)
-  if atomic:                       # split K in one launch: add the partial rows into the float32 output
+  if dn:
+    for t, a in enumerate(acc):
+      b, c = divmod(t, nsub)
+      v = (jnp.sum(a, axis=0) * back[0]) * back[1]
+      if atomic:
+        plgpu.atomic_add(o_ref, (pl.ds(b, 1), pl.ds(c * sub, sub)), v[None, :])
+      else:
+        o_ref[b, pl.ds(c * sub, sub)] = v.astype(o_ref.dtype)
+  elif atomic:                     # split K in one launch: add the partial rows into the float32 output
     if dot and batch == mrows:
       plgpu.atomic_add(o_ref, (pl.ds(0, batch), pl.ds(0, bn)), acc)
     else:
       rows = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 0) if dot else None
       for b in range(batch):
         v = jnp.sum(jnp.where(rows == b, acc, 0.0) if dot else acc[b], axis=0)
-        if dn:
-          v = (v * back[0]) * back[1]
         plgpu.atomic_add(o_ref, (pl.ds(b, 1), pl.ds(0, bn)), v[None, :])
   elif dot and batch == mrows:
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -272,10 +297,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
       o_ref[b, :] = jnp.sum(jnp.where(rows == b, acc, 0.0), axis=0).astype(o_ref.dtype)
   else:
     for b in range(batch):
-      v = jnp.sum(acc[b], axis=0)
-      if dn:
-        v = (v * back[0]) * back[1]
-      o_ref[b, :] = v.astype(o_ref.dtype)
+      o_ref[b, :] = jnp.sum(acc[b], axis=0).astype(o_ref.dtype)
 
 
 def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jnp.float32,
@@ -328,6 +350,9 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     if v & (v - 1):
       raise ValueError(f"{name} must be a power of two, got {v}.")
   check_int("block_n", bn, 16, 1024)
+  if variant in ("fmad2", "fmad4") and bn < 16 * int(variant[4:]):
+    raise ValueError(f"variant {variant!r} cuts block_n into {variant[4:]} sub-tiles of at least 16 columns; "
+                     f"got block_n={bn}. Pass block_n >= {16 * int(variant[4:])}.")
   if nb % (sk * bps):
     raise ValueError(f"K={k} has {nb} blocks of {BLOCK_K}; split_k * blocks_per_step = {sk * bps} must "
                      f"divide it. Pass smaller values.")
