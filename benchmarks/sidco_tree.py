@@ -173,7 +173,7 @@ def main():
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
   # the exact-count search's variants (sparse._SEARCH_WAYS / _COUNT_IMPL; bisect = the 31-pass bisection):
   # same results, checked over the whole loop against the row without brackets
-  for name in ("sidco(0.001, per_tensor=True) [bisect]", "sidco(0.001) [bisect]", "sidco(0.001) [16 xla]",
+  for name in ("sidco(0.001, per_tensor=True) [bisect]", "sidco(0.001) [bisect]", "sidco(0.001) [32 pallas]",
                "sidco(0.001) [64 pallas]", "sidco(0.001) [256 pallas]", "sidco(0.001) [8 pallas]"):
     rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name), None)
   rows_spec["lax.top_k (flat vector)"] = (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None)
@@ -194,7 +194,7 @@ def main():
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
     if variant in ("", "bisect"):
-      sp._SEARCH_WAYS, sp._COUNT_IMPL = (search0, count0) if not variant else (2, "xla")
+      sp._SEARCH_WAYS, sp._COUNT_IMPL = (search0, count0) if not variant else (2, "bisect")
     else:
       sp._SEARCH_WAYS, sp._COUNT_IMPL = int(variant.split()[0]), variant.split()[-1]
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL

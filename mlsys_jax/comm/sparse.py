@@ -832,7 +832,8 @@ def _seg_floor(t, bmax, lay: _Layout, j):
 
   def lowered(t):
     top = jax.lax.bitcast_convert_type(lay.seg_reduce(jnp.max(bm, axis=1), "max"), jnp.int32)
-    floor = _search_bits(lambda tm: _seg_counts(bm, tm, lay, None) >= j[:, None], top, keep_low=True)
+    floor = _search_bits(lambda tm: _seg_counts(bm, tm, lay, None) >= j[:, None], top, keep_low=True,
+                         ways=_SEARCH_WAYS if _count_impl() == "xla" else 2)
     valid = count_above(floor) >= j        # else fewer than j blocks are non-zero: no floor
     return jnp.where(need & valid, jnp.minimum(t, floor), t)
 
@@ -857,13 +858,23 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
   return f32(lo if keep_low else hi)
 
 
-# Ways of the threshold searches (_seg_exact, _seg_ceiling, _seg_floor): 2 is the plain bisection (31 passes
-# over the buffer); W > 2 (a power of two) tests W thresholds per pass, ceil(31 / log2 W) passes. The same
-# result bitwise (the boundary of a monotone predicate over the float bits). Module-level for the benchmark.
+# Ways of the threshold searches over the buffer (_seg_exact, _seg_ceiling): 2 is the plain bisection (31
+# passes); W > 2 (a power of two) tests W thresholds per pass, ceil(31 / log2 W) passes. The same result
+# bitwise (the boundary of a monotone predicate over the float bits). Module-level for the benchmark.
 _SEARCH_WAYS = 16
-# How a W-way pass counts the entries above W thresholds per tile: "xla" (a fused broadcast-compare-sum),
-# "pallas" (one Triton kernel: each tile read once; GPU only, "xla" elsewhere) or "auto" (pallas on GPU).
+# How a W-way pass counts the entries above W thresholds per tile: "pallas" (one Triton kernel, each tile
+# read once; the Pallas interpreter off GPU), "xla" (a fused broadcast-compare-sum: 1.6 ms per pass at 25M
+# and 32 thresholds on an H200, far slower than 31 bisection passes), "bisect" (W = 2, one threshold per
+# pass) or "auto": "pallas" on GPU, else "bisect".
 _COUNT_IMPL = "auto"
+
+
+def _count_impl() -> str:
+  impl = _COUNT_IMPL
+  if impl == "auto":
+    impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_pack.available()) else "bisect"
+  check_choice("_COUNT_IMPL", impl, ("pallas", "xla", "bisect"))
+  return impl
 
 
 def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
@@ -875,7 +886,8 @@ def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
   ``ways == 2`` is :func:`_bisect_bits` (31 one-threshold passes); otherwise each pass tests ``W = ways``
   thresholds spread evenly over the open interval (lo, hi] and keeps the piece holding the boundary:
   ``ceil(31 / log2 W)`` passes, the same answer (the boundary is unique)."""
-  ways = _SEARCH_WAYS if ways is None else ways
+  if ways is None:
+    ways = 2 if _count_impl() == "bisect" else _SEARCH_WAYS
   if ways == 2:
     return _bisect_bits(lambda t: ok_multi(t[:, None])[:, 0], top_bits, keep_low)
   bits = int(ways).bit_length() - 1
@@ -914,10 +926,7 @@ def _seg_counts(x_tiles, t_multi, lay: _Layout, flat):
   buffer ``x_tiles`` is ``|flat|`` of, for the Pallas count kernel (one read per tile); None for other
   arrays (block maxima)."""
   thr = lay.per_tile(t_multi) if lay.num_segments > 1 else jnp.broadcast_to(t_multi, (lay.num_tiles,) + t_multi.shape[1:])
-  impl = _COUNT_IMPL
-  if impl == "auto":
-    impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_pack.available()) else "xla"
-  if impl == "pallas" and flat is not None and x_tiles.shape[1] == _TILE:
+  if _count_impl() == "pallas" and flat is not None and x_tiles.shape[1] == _TILE and t_multi.shape[1] > 1:
     c = _pallas_pack.tile_counts_above(flat, thr, interpret=jax.default_backend() != "gpu")
   else:
     c = jnp.sum(x_tiles[:, :, None] > thr[:, None, :], axis=1, dtype=jnp.int32)
