@@ -125,16 +125,18 @@ def test_kernel_interpret_vs_float64(variant, b, gs, bn, bps, sk, pf):
   assert float(jnp.linalg.norm(y - xla) / jnp.linalg.norm(xla)) < 1e-6
 
 
-@pytest.mark.parametrize("variant,b", [("fmad", 3), pytest.param("fma", 1, marks=pytest.mark.slow),
+@pytest.mark.parametrize("variant,b", [("fmad2", 3), pytest.param("fma", 1, marks=pytest.mark.slow),
+                                       pytest.param("fmad4", 2, marks=pytest.mark.slow),
                                        pytest.param("dot", 2, marks=pytest.mark.slow)])
 def test_kernel_atomic_split_k(variant, b):
-  # split_k partial outputs added by atomics into one zero-initialized float32 output (one launch).
-  w = jax.random.normal(jax.random.PRNGKey(14), (512, 24))
+  # split_k partial outputs added by atomics into one zero-initialized float32 output (one launch);
+  # 'fmad2'/'fmad4' cut each 64-column block into sub-tiles of 32/16 (N = 72: one ragged block).
+  w = jax.random.normal(jax.random.PRNGKey(14), (512, 72))
   p = wo.pack_int4(w, 64)
   x = jax.random.normal(jax.random.PRNGKey(15), (b, 512)).astype(jnp.bfloat16)
-  y = wo.w4a16_matmul(x, p, impl="pallas", variant=variant, block_n=16, split_k=4, atomic=True,
+  y = wo.w4a16_matmul(x, p, impl="pallas", variant=variant, block_n=64, split_k=4, atomic=True,
                       out_dtype=jnp.bfloat16)
-  assert y.shape == (b, 24) and y.dtype == jnp.bfloat16
+  assert y.shape == (b, 72) and y.dtype == jnp.bfloat16
   ref = wo.w4a16_matmul(x, p, impl="xla")
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref.astype(jnp.bfloat16), np.float32),
                              rtol=2 ** -7, atol=1e-6)
@@ -217,6 +219,8 @@ def test_errors():
     wo.w4a16_matmul(jnp.ones((1, 256)), p, impl="pallas", block_n=48)
   with pytest.raises(ValueError, match="split_k"):
     wo.w4a16_matmul(jnp.ones((1, 256)), wo.pack_int4(w, None), impl="pallas", split_k=2)
+  with pytest.raises(ValueError, match="block_n >= 64"):
+    wo.w4a16_matmul(jnp.ones((1, 256)), p, impl="pallas", variant="fmad4", block_n=32)
 
 
 def test_kernel_every_nibble_vs_float64():
