@@ -11,8 +11,9 @@ host time excluded). ``busy_s``: the sum of kernel durations / steps; ``kernels`
 Rows (all in the same run):
 
 - ``sidco(0.001)`` and ``sidco(0.001, per_tensor=True)`` (the defaults: ``exact=True``), the transform the
-  package exports, and, when :mod:`mlsys_jax.comm._sidco_tree` exists, its tree-native version
-  (``fast``) -- the same selection, checked equal here on the first update;
+  package exports, and ``--variants`` of them (module switches of :mod:`mlsys_jax.comm.sparse`: the
+  exact-count search's ways and count kernel, the per-leaf outputs in one kernel or per leaf), each checked
+  bitwise equal over the whole loop to the row without brackets (``loop_same_as_default``);
 - ``topk(0.001)``: the package's Top-k transform (``lax.top_k`` of the raveled tree, error feedback);
 - ``lax.top_k`` and ``lax.approx_max_k`` (recall 0.95) of one flat 25.56M vector: the selection alone, the
   strongest Top-k a user could write (no tree, no error feedback);
@@ -49,10 +50,7 @@ from benchmarks.powersgd_step import resnet50_shapes  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
-try:  # the tree-native SIDCo (issue 18); absent in older trees
-  from mlsys_jax.comm import _sidco_tree as fast  # noqa: E402
-except ImportError:  # pragma: no cover
-  fast = None
+fast = None   # (the tree-native SIDCo of session 5, mlsys_jax/comm/_sidco_tree.py, was 5x slower: removed)
 
 RATIO = 0.001
 
@@ -67,6 +65,10 @@ def _flags(ap):
   ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
   ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
+  ap.add_argument("--variants", default="bisect,out,-32 pallas,-64 pallas",
+                  help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only); "
+                       "tokens: a number = search ways, pallas/xla/bisect = the search's count, out/noout = "
+                       "the outputs in one kernel or per leaf")
 
 
 def _loop(update, steps: int, pool: int):
@@ -173,8 +175,10 @@ def main():
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
   # the exact-count search's variants (sparse._SEARCH_WAYS / _COUNT_IMPL; bisect = the 31-pass bisection):
   # same results, checked over the whole loop against the row without brackets
-  for name in ("sidco(0.001, per_tensor=True) [bisect]", "sidco(0.001) [bisect]", "sidco(0.001) [32 pallas]",
-               "sidco(0.001) [64 pallas]", "sidco(0.001) [256 pallas]", "sidco(0.001) [8 pallas]"):
+  variants = [v for v in args.variants.split(",") if v]
+  for name in [f"sidco(0.001{pt}) [{v}]" for v in variants for pt in ("", ", per_tensor=True")
+               if not (pt and v.startswith("-"))]:
+    name = name.replace("[-", "[")
     rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name), None)
   rows_spec["lax.top_k (flat vector)"] = (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None)
   rows_spec["lax.approx_max_k (flat vector)"] = (
@@ -182,7 +186,7 @@ def main():
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
   only = [s for s in args.only.split(",") if s]
   rows, ref_first, ref_loop = [], {}, {}
-  search0, count0 = sp._SEARCH_WAYS, sp._COUNT_IMPL
+  search0, count0, output0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, getattr(sp, "_OUTPUT_IMPL", "xla")
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -193,10 +197,16 @@ def main():
       continue
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
-    if variant in ("", "bisect"):
-      sp._SEARCH_WAYS, sp._COUNT_IMPL = (search0, count0) if not variant else (2, "bisect")
-    else:
-      sp._SEARCH_WAYS, sp._COUNT_IMPL = int(variant.split()[0]), variant.split()[-1]
+    # variant tokens: a number (search ways), pallas/xla/bisect (count), out/noout (outputs in one kernel)
+    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL = search0, count0, output0
+    for tok in variant.split():
+      if tok.isdigit():
+        sp._SEARCH_WAYS = int(tok)
+      elif tok in ("pallas", "xla", "bisect"):
+        sp._COUNT_IMPL = tok
+      elif tok in ("out", "noout"):
+        sp._OUTPUT_IMPL = "pallas" if tok == "out" else "xla"
+    row["output_impl"] = sp._OUTPUT_IMPL
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten

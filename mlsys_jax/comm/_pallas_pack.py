@@ -346,3 +346,70 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, *, interpret: bool | 
   out = _call(kernel, jax.ShapeDtypeStruct((tiles * w,), i32), (tiles,), interpret,
               num_warps or COUNT_WARPS)(x, t.reshape(-1))
   return out.reshape(tiles, w)
+
+
+def write_leaves(flat: jax.Array, t_tile: jax.Array, tie_tile: jax.Array, last: jax.Array, finite: jax.Array,
+                 old_leaves, offsets, src: jax.Array | None = None, *, interpret: bool | None = None,
+                 num_warps: int | None = None):
+  """The transforms' per-leaf outputs from their flat buffer in ONE launch (instead of one XLA kernel per
+  leaf): ``(outs, residuals)``, lists of 1-D arrays shaped like ``old_leaves``.
+
+  ``flat`` (a multiple of 4096 entries) holds the leaves at static ``offsets``; entry ``p`` (value ``v``)
+  was sent iff ``|v| > t`` or (``|v| == t`` and ``p <= tie``) for its tile's ``t_tile``/``tie_tile``, and
+  ``p <= last``. When ``finite``: output ``v`` (or ``src[p]`` when given: the collective's mean) where sent,
+  else 0; residual 0 where sent, else ``v``. Otherwise: output 0, residual ``old``. Each program writes
+  one 4096-entry tile into every leaf it overlaps (static ranges: one ``pl.when`` per leaf)."""
+  tile = THR_BLOCKS * BLOCK
+  n = flat.shape[0]
+  if n % tile:
+    raise ValueError(f"write_leaves needs a flat buffer of whole {tile}-entry tiles, got {n}.")
+  tiles = n // tile
+  sizes = [int(l.shape[0]) for l in old_leaves]
+  offsets = [int(o) for o in offsets]
+  if len(offsets) != len(sizes) or any(o < 0 or o + s > n for o, s in zip(offsets, sizes)):
+    raise ValueError("write_leaves: every leaf's [offset, offset + size) must lie in the flat buffer.")
+  num = len(sizes)
+  i32 = jnp.int32
+  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
+  has_src = src is not None
+
+  def kernel(*refs):
+    flat_ref, t_ref, tie_ref, scal_ref = refs[:4]
+    k = 4
+    src_ref = refs[k] if has_src else None
+    k += int(has_src)
+    old_refs = refs[k:k + num]
+    out_refs = refs[k + num:k + 2 * num]
+    res_refs = refs[k + 2 * num:k + 3 * num]
+    i = pl.program_id(0)
+    p = i * tile + jnp.arange(tile, dtype=i32)
+    v = plgpu.load(flat_ref.at[p])
+    a = jnp.abs(v.astype(jnp.float32))
+    t = t_ref[i]
+    sel = ((a > t) | ((a == t) & (p <= tie_ref[i]))) & (p <= scal_ref[0])
+    fin = scal_ref[1] != 0
+    zero = jnp.zeros((), v.dtype)
+    sent = plgpu.load(src_ref.at[p]).astype(v.dtype) if has_src else jnp.where(sel, v, zero)
+    o = jnp.where(fin, sent, zero)
+    r_new = jnp.where(sel, zero, v)
+    for l in range(num):
+      off, size = offsets[l], sizes[l]
+      if size == 0:
+        continue
+      lo_t, hi_t = off // tile, (off + size - 1) // tile
+
+      @pl.when((i >= lo_t) & (i <= hi_t))
+      def _(l=l, off=off, size=size):
+        q = p - off
+        m = (q >= 0) & (q < size)
+        q = jnp.where(m, q, size)        # masked lanes: out of bounds (never duplicates of a real lane)
+        old = plgpu.load(old_refs[l].at[q], mask=m, other=zero)
+        plgpu.store(out_refs[l].at[q], o.astype(out_refs[l].dtype), mask=m)
+        plgpu.store(res_refs[l].at[q], jnp.where(fin, r_new, old).astype(res_refs[l].dtype), mask=m)
+
+  shapes = tuple(jax.ShapeDtypeStruct((s,), l.dtype) for s, l in zip(sizes, old_leaves))
+  args = [flat, jnp.asarray(t_tile, jnp.float32).reshape(tiles), jnp.asarray(tie_tile, i32).reshape(tiles), scal]
+  if has_src:
+    args.append(src.reshape(n))
+  res = _call(kernel, shapes + shapes, (tiles,), interpret, num_warps or NUM_WARPS)(*args, *old_leaves)
+  return list(res[:num]), list(res[num:])

@@ -270,10 +270,27 @@ PACKINGS = ("auto", "xla", "pallas")
 _PALLAS_STATS = "pallas"
 
 
-def _pallas_mode(packing: str) -> tuple[bool, bool]:
-  """``(use_pallas, interpret)`` for a ``packing`` argument (checked)."""
+def _varying(x) -> bool:
+  """Whether ``x`` varies over a manual mesh axis (inside ``jax.shard_map`` with ``check_vma=True``), where
+  a ``pallas_call`` would need the output's varying axes declared (``manual_axis_type`` / ``vma``, named
+  differently across jax versions): the transforms then take the XLA path."""
+  try:
+    aval = jax.typeof(x)
+  except Exception:  # pragma: no cover - jax without typeof
+    return False
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return bool(vma)
+
+
+def _pallas_mode(packing: str, x=None) -> tuple[bool, bool]:
+  """``(use_pallas, interpret)`` for a ``packing`` argument (checked) and the array ``x`` it will read: an
+  ``x`` varying over a ``shard_map`` axis takes the XLA path (see :func:`_varying`)."""
   check_choice("packing", packing, PACKINGS)
   on_gpu = jax.default_backend() == "gpu"
+  if x is not None and _varying(x):
+    return False, False
   if packing == "auto":
     return on_gpu and _pallas_pack.available(), False
   if packing == "pallas" and not _pallas_pack.available():
@@ -351,6 +368,9 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
     runs in Pallas interpret mode (slow; for tests).
   - ``'auto'`` (default): ``'pallas'`` on GPU, ``'xla'`` elsewhere.
 
+  Inside ``jax.shard_map`` (an ``x`` that varies over a manual axis) the XLA path is taken whatever
+  ``packing`` says: ``pallas_call`` would need its outputs' varying axes declared.
+
   Both give the same payload; deterministic.
 
   Args:
@@ -370,7 +390,7 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
   """
   check_rank("x", x, 1)
   check_int("capacity", capacity, 1)
-  use_pallas, interpret = _pallas_mode(packing)
+  use_pallas, interpret = _pallas_mode(packing, x)
   if block_max is None:
     block_max = _block_stats(jnp.abs(x))[2]
   threshold = jnp.asarray(threshold, jnp.float32)
@@ -634,7 +654,7 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
   else:
     check_int("max_min_count", max_min_count, 0)
   _check_ratio("ratio", ratio)
-  use_pallas, interpret = _pallas_mode(packing)
+  use_pallas, interpret = _pallas_mode(packing, x)
   a = jnp.abs(x).astype(jnp.float32)
   if use_pallas and _PALLAS_STATS == "pallas":
     s1, s2, bmax = _pallas_pack.block_stats(x, interpret=interpret)
@@ -869,12 +889,20 @@ _SEARCH_WAYS = 16
 _COUNT_IMPL = "auto"
 
 
-def _count_impl() -> str:
+def _count_impl(x=None) -> str:
   impl = _COUNT_IMPL
   if impl == "auto":
     impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_pack.available()) else "bisect"
+  if impl == "pallas" and x is not None and _varying(x):   # (inside shard_map: see _varying)
+    impl = "bisect"
   check_choice("_COUNT_IMPL", impl, ("pallas", "xla", "bisect"))
   return impl
+
+
+def _search_ways(flat=None) -> int:
+  """Ways of a search over the buffer ``flat``: 2 (bisection) unless its passes can count W thresholds at
+  once (``_COUNT_IMPL``)."""
+  return 2 if _count_impl(flat) == "bisect" else _SEARCH_WAYS
 
 
 def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
@@ -887,7 +915,7 @@ def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
   thresholds spread evenly over the open interval (lo, hi] and keeps the piece holding the boundary:
   ``ceil(31 / log2 W)`` passes, the same answer (the boundary is unique)."""
   if ways is None:
-    ways = 2 if _count_impl() == "bisect" else _SEARCH_WAYS
+    ways = _search_ways()
   if ways == 2:
     return _bisect_bits(lambda t: ok_multi(t[:, None])[:, 0], top_bits, keep_low)
   bits = int(ways).bit_length() - 1
@@ -926,7 +954,7 @@ def _seg_counts(x_tiles, t_multi, lay: _Layout, flat):
   buffer ``x_tiles`` is ``|flat|`` of, for the Pallas count kernel (one read per tile); None for other
   arrays (block maxima)."""
   thr = lay.per_tile(t_multi) if lay.num_segments > 1 else jnp.broadcast_to(t_multi, (lay.num_tiles,) + t_multi.shape[1:])
-  if _count_impl() == "pallas" and flat is not None and x_tiles.shape[1] == _TILE and t_multi.shape[1] > 1:
+  if _count_impl(flat) == "pallas" and flat is not None and x_tiles.shape[1] == _TILE and t_multi.shape[1] > 1:
     c = _pallas_pack.tile_counts_above(flat, thr, interpret=jax.default_backend() != "gpu")
   else:
     c = jnp.sum(x_tiles[:, :, None] > thr[:, None, :], axis=1, dtype=jnp.int32)
@@ -939,7 +967,7 @@ def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi, flat=None):
   top = jax.lax.bitcast_convert_type(
       lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
   few_enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat) <= hi[:, None]
-  return jnp.maximum(t, _search_bits(few_enough, top, keep_low=False))
+  return jnp.maximum(t, _search_bits(few_enough, top, keep_low=False, ways=_search_ways(flat)))
 
 
 def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
@@ -950,7 +978,7 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
   top = jax.lax.bitcast_convert_type(
       lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
   enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat) >= k[:, None]
-  return _search_bits(enough, top, keep_low=True)
+  return _search_bits(enough, top, keep_low=True, ways=_search_ways(flat))
 
 
 def _payload_segments(payload: SparsePayload, lay: _Layout):
@@ -1020,6 +1048,11 @@ def _seg_trim(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
 
 # Packing of the transforms' flat buffer: "auto" (Pallas on GPU), "xla" or "pallas" (tests set it).
 _TRANSFORM_PACKING = "auto"
+# The segmented transforms' per-leaf outputs: "xla" (one elementwise kernel per leaf), "pallas" (one launch
+# for all leaves, _pallas_pack.write_leaves; the interpreter off GPU) or "auto" (pallas on GPU). Trees of more
+# than _OUTPUT_MAX_LEAVES leaves, momentum, or mixed dtypes use "xla".
+_OUTPUT_IMPL = "xla"
+_OUTPUT_MAX_LEAVES = 400
 
 
 def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, first_ratio, min_count,
@@ -1036,7 +1069,7 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   ``lax.cond``), and :func:`_seg_trim` then keeps the ``k`` largest of each segment (Top-k's set, ties to
   the lower index) in a payload of ``send_capacity`` slots; the fifth value returned is then the
   per-segment ``tie_last`` of :func:`_seg_trim` (else None)."""
-  use_pallas, interpret = _pallas_mode(packing)
+  use_pallas, interpret = _pallas_mode(packing, flat)
   nt = lay.num_tiles
   if use_pallas and _PALLAS_STATS == "pallas":
     s1t, s2t, bmax = _pallas_pack.tile_stats(flat, interpret=interpret, tile_blocks=_THR_BLOCKS)
@@ -1345,7 +1378,17 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         hit_tree = jax.tree_util.tree_map(lambda h: h > 0, unravel(hits[0].astype(flat.dtype)))
     return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total
 
-  def _segmented_step(addend, residual, state):
+  def _write_leaves_in_one_kernel(leaves, out_dtypes, dtype, lay) -> bool:
+    """Whether the per-leaf outputs come from :func:`_pallas_pack.write_leaves` (``_OUTPUT_IMPL``): no
+    momentum mask to return, and one dtype for the buffer, the residual and the gradients."""
+    impl = _OUTPUT_IMPL
+    if impl == "auto":
+      impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_pack.available()) else "xla"
+    return (impl == "pallas" and momentum == 0 and 0 < len(leaves) <= _OUTPUT_MAX_LEAVES and not _varying(leaves[0])
+            and lay.n_pad % _TILE == 0
+            and all(jnp.result_type(l) == dtype for l in leaves) and all(d == dtype for d in out_dtypes))
+
+  def _segmented_step(addend, residual, state, out_dtypes=()):
     """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
     segments), one collective; the residual, the output and the momentum mask of every leaf are
     elementwise in the leaf (selected = above its segment's threshold and at or before the last packed
@@ -1375,6 +1418,17 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     dense = None
     if axis_name is not None:
       dense = allgather_mean(payload, lay.n_pad, axis_name, dtype)
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    if _write_leaves_in_one_kernel(leaves, out_dtypes, dtype, lay):
+      # ONE launch writes every leaf's final output and residual (the non-finite case included)
+      tie_tile = lay.per_tile(tie_last) if tie_last is not None else jnp.full((lay.num_tiles,), -1, jnp.int32)
+      o1, r1 = _pallas_pack.write_leaves(
+          flat, lay.per_tile(t), tie_tile, last, finite, [l.reshape(-1) for l in leaves], lay.offsets, dense,
+          interpret=jax.default_backend() != "gpu")
+      outs = [o.reshape(l.shape) for o, l in zip(o1, leaves)]
+      residuals = [r.reshape(l.shape) for r, l in zip(r1, leaves)]
+      return finite, (unflat(outs), unflat(residuals), None, count, above, payload_bytes(payload),
+                      payload.overflow, lay.n_real), True
     outs, residuals, hits = [], [], []
     for i, leaf in enumerate(leaves):
       off, n = lay.offsets[i], sizes[i]
@@ -1391,9 +1445,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       else:
         outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
       hits.append(sel.reshape(leaf.shape))
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     return finite, (unflat(outs), unflat(residuals), unflat(hits) if momentum > 0 else None, count, above,
-                    payload_bytes(payload), payload.overflow, lay.n_real)
+                    payload_bytes(payload), payload.overflow, lay.n_real), False
 
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
@@ -1412,13 +1465,15 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     # the sum can overflow (float16) when neither does)
     key, sub = jax.random.split(state.key)
     if segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
-      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total) = _segmented_step(
-          addend, state.residual, state)
+      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total), final = _segmented_step(
+          addend, state.residual, state, [jnp.result_type(g) for g in jax.tree_util.tree_leaves(grads)])
     elif per_tensor:
+      final = False
       acc = jax.tree_util.tree_map(jnp.add, addend, state.residual)
       finite = _global_finite(jax.tree_util.tree_leaves(acc), axis_name)
       out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(acc, finite, sub, state)
     else:   # one raveled vector: its finiteness is one reduction over it (the same flag as per leaf)
+      final = False
       flat, unravel = _ravel_sum(addend, state.residual)
       finite = _global_finite([flat], axis_name)
       out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
@@ -1427,8 +1482,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     if momentum > 0:
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
-    new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
-    out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
+    if not final:   # (else the outputs are final already: one kernel wrote them)
+      new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
+      out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
     if precondition is not None:
       pre_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), pre_state,
                                          state.precondition)
