@@ -9,6 +9,22 @@ the DP (IOS search with every stage costed), greedy decoding (no stage costed) a
 
   python experiments/value_eval.py                        # small nets, ~minutes on a loaded CPU
   python experiments/value_eval.py --nets=squeezenet --random_nets=4 --steps=200   # quick look
+
+``--part=options`` (issue 24 item 2b): per-program XLA option choice on the committed H100 cost dataset
+(``mlsys_jax/cost/data``: 487 programs, 1,471 distinct compilations under the option variants of
+``experiments/cost_collect.py``). The value model of :mod:`mlsys_jax.cost.value` (``fit_option_model``)
+predicts each candidate compilation's log runtime relative to the default compilation from its
+optimized HLO; the predicted-best option is compared with the exhaustively measured best, on programs
+held out by program (5 random folds, several seeds) and by network family (leave one of 12 families
+out). Baselines in the same run: always ``default``; the single option best on the training programs;
+the single option best on the test programs (an oracle for any one global option); per family, the
+option best on the training programs of that family (program split only); a gradient-boosted-trees
+regressor (scikit-learn) on the same features. Runtimes: the collection's medians, and the same with
+compilations that are one program (``canonical_hlo``) pooled, since their measured medians disagree by
+more than 5% in most cases (reported as the noise floor).
+
+  python experiments/value_eval.py --part=options                        # ~10 min on the shared CPU
+  python experiments/value_eval.py --part=options --option_seeds=1 --option_steps=100 --option_ensemble=1
 """
 
 from __future__ import annotations
@@ -42,6 +58,16 @@ _S = flags.DEFINE_integer("s", 4, "Max groups per stage (IOS s).")
 _PART = flags.DEFINE_integer("part_size", 20, "Units per DP part.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _OUT = flags.DEFINE_string("out_dir", "results/value_eval", "Output directory.")
+_WHAT = flags.DEFINE_enum("part", "ios", ["ios", "options"], "ios: IOS schedules; options: XLA option choice.")
+_ODATA = flags.DEFINE_string("option_data", str(pathlib.Path(__file__).resolve().parents[1] / "mlsys_jax" / "cost"
+                                                / "data" / "h100_collect_a.npz"), "Cost dataset (options part).")
+_OSEEDS = flags.DEFINE_integer("option_seeds", 3, "Program-split repetitions (fold seeds).")
+_OSTEPS = flags.DEFINE_integer("option_steps", 400, "Adam steps per ensemble member.")
+_OENS = flags.DEFINE_integer("option_ensemble", 4, "Ensemble members.")
+_OPESS = flags.DEFINE_float("option_pessimism", 2.0, "Prediction = mean + pessimism * std of the members.")
+_OMARGIN = flags.DEFINE_float("option_margin", 0.0, "Leave the default only if predicted faster by this (log).")
+_OK = flags.DEFINE_integer("option_k", 2, "Hybrid: candidates timed per program.")
+_OGBDT = flags.DEFINE_bool("option_gbdt", True, "Also fit scikit-learn gradient-boosted trees (if installed).")
 
 
 def _net_graph(name: str):
@@ -54,7 +80,139 @@ def _seq_cost(g, cost):
   return V.schedule_cost(g, [sched.Stage("parallel", ((u,),)) for u in range(len(g.units))], cost)
 
 
+def _option_splits(od, seeds):
+  from mlsys_jax.cost import value as V  # noqa: F811
+  out = [("program", f"seed{k}", V.group_folds(od.group, 5, k)) for k in range(seeds)]
+  fams = np.unique(od.family)
+  out.append(("family", "lofo", [od.family == f for f in fams]))
+  return out
+
+
+def _global_best(od, rows_mask, runtime):
+  """The option whose fixed choice is within 5% of the best for the most programs of ``rows_mask``."""
+  best, key = 0, None
+  grp = od.group[rows_mask]
+  for k in range(len(od.options)):
+    if not np.any(od.option[rows_mask] == k):
+      continue
+    ch = V.fixed_choice(k, od.option[rows_mask], grp)
+    m = V.choice_metrics(ch, runtime[rows_mask], grp)
+    score = (m["within_tol"], -m["mean_regret"])
+    if key is None or score > key:
+      best, key = k, score
+  return best
+
+
+def part_options():
+  from mlsys_jax.cost import dataset as cds
+  t0 = time.perf_counter()
+  ds = cds.load_dataset(_ODATA.value)
+  od = V.option_data(ds)
+  print(f"option data: {len(od.y)} candidates of {len(np.unique(od.group))} programs, "
+        f"{od.x.shape[1]} features ({time.perf_counter() - t0:.0f} s)", flush=True)
+  dm = od.option == 0
+  # Noise floor: compilations that are the same program (pooled), their medians compared.
+  ratios = []
+  for gid in np.unique(od.group):
+    rows = np.flatnonzero(od.group == gid)
+    same = rows[np.isclose(od.runtime_pooled[rows], od.runtime_pooled[rows][:, None]).sum(0) > 1]
+    if same.size >= 2 and not np.allclose(od.runtime_s[same], od.runtime_s[same][0]):
+      ratios.append(od.runtime_s[same].max() / od.runtime_s[same].min())
+  ratios = np.asarray(ratios)
+  noise = {"same_program_pairs": int(ratios.size),
+           "frac_differ_over_5pct": float(np.mean(ratios > 1.05)) if ratios.size else None,
+           "median_max_over_min": float(np.median(ratios)) if ratios.size else None}
+  print("noise floor:", noise, flush=True)
+  cfg = V.OptionConfig(steps=_OSTEPS.value, ensemble=_OENS.value, seed=_SEED.value,
+                       pessimism=_OPESS.value, margin=_OMARGIN.value)
+  runtimes = {"measured": od.runtime_s, "pooled": od.runtime_pooled}
+  results = {}
+  for split, tag, folds in _option_splits(od, _OSEEDS.value):
+    members = np.zeros((cfg.ensemble, len(od.y)))
+    flag = np.zeros(len(od.y), bool)
+    gb = np.full(len(od.y), np.nan)
+    glob_choice = {}
+    fam_choice = {}
+    t = time.perf_counter()
+    for te in folds:
+      tr = ~te
+      m = V.fit_option_model(od.x[tr], od.y[tr], od.group[tr], cfg)
+      members[:, te] = V.predict_members(m, od.x[te])
+      flag[te] = V.option_ood(m, od.x[te])
+      if _OGBDT.value:
+        try:
+          from sklearn.ensemble import HistGradientBoostingRegressor
+          reg = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, random_state=_SEED.value)
+          gb[te] = reg.fit(od.x[tr], od.y[tr]).predict(od.x[te])
+        except ImportError:
+          pass
+      for name, rt in runtimes.items():
+        k = _global_best(od, tr, rt)
+        idx = np.flatnonzero(te)
+        glob_choice.setdefault(name, {}).update(
+            {g: int(idx[r]) for g, r in V.fixed_choice(k, od.option[te], od.group[te]).items()})
+        if split == "program":
+          for f in np.unique(od.family[te]):
+            trf = tr & (od.family == f)
+            tef = te & (od.family == f)
+            kf = _global_best(od, trf, rt) if trf.any() else 0
+            fam_choice.setdefault(name, {}).update(
+                {g: int(np.flatnonzero(tef)[r]) for g, r in V.fixed_choice(kf, od.option[tef], od.group[tef]).items()})
+    fit_s = time.perf_counter() - t
+    pred = members.mean(0) + _OPESS.value * members.std(0)
+    res = {"fit_s": fit_s, "folds": len(folds), "programs_flagged_ood": int(len(np.unique(od.group[flag])))}
+    for name, rt in runtimes.items():
+      r = {}
+      r["value_model"] = V.choice_metrics(V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value),
+                                          rt, od.group)
+      r["value_model_mean_only"] = V.choice_metrics(V.choose(members.mean(0), od.group), rt, od.group)
+      r["value_model_ood_to_default"] = V.choice_metrics(
+          V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value, flagged=flag), rt, od.group)
+      h, timed = V.hybrid_choice(pred, rt, od.group, _OK.value)
+      r[f"hybrid_top{_OK.value}"] = {**V.choice_metrics(h, rt, od.group), "timed": timed,
+                                      "timed_exhaustive": int(len(od.y))}
+      if np.all(np.isfinite(gb)):
+        r["gbdt"] = V.choice_metrics(V.choose(gb, od.group, default_mask=dm, margin=_OMARGIN.value), rt, od.group)
+      r["always_default"] = V.choice_metrics(V.fixed_choice(0, od.option, od.group), rt, od.group)
+      r["global_option_from_training"] = V.choice_metrics(glob_choice[name], rt, od.group)
+      best_k = _global_best(od, np.ones(len(od.y), bool), rt)
+      r["global_option_oracle"] = {**V.choice_metrics(V.fixed_choice(best_k, od.option, od.group), rt, od.group),
+                                   "option": od.options[best_k]}
+      if fam_choice:
+        r["per_family_option_from_training"] = V.choice_metrics(fam_choice[name], rt, od.group)
+      per_fam = {}
+      ch = V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value)
+      d0 = V.fixed_choice(0, od.option, od.group)
+      for f in np.unique(od.family):
+        gsel = {g: v for g, v in ch.items() if od.family[v] == f}
+        per_fam[str(f)] = {"value_model": V.choice_metrics(gsel, rt, od.group),
+                           "always_default": V.choice_metrics({g: d0[g] for g in gsel}, rt, od.group)}
+      r["per_family"] = per_fam
+      res[name] = r
+      print(f"[{split} {tag}] {name}: value model within 5% {r['value_model']['within_tol']:.3f} "
+            f"(regret {r['value_model']['mean_regret']:.3f}) | default {r['always_default']['within_tol']:.3f} "
+            f"({r['always_default']['mean_regret']:.3f}) | global (train) "
+            f"{r['global_option_from_training']['within_tol']:.3f} | oracle global "
+            f"{r['global_option_oracle']['within_tol']:.3f} ({r['global_option_oracle']['option']})"
+            + (f" | gbdt {r['gbdt']['within_tol']:.3f}" if "gbdt" in r else "")
+            + f" | hybrid top{_OK.value} {r[f'hybrid_top{_OK.value}']['within_tol']:.3f} "
+            f"({timed}/{len(od.y)} timed)  [{fit_s:.0f} s]", flush=True)
+    results[f"{split}/{tag}"] = res
+  out = {"dataset": {"path": os.path.relpath(_ODATA.value), "programs": int(len(np.unique(od.group))),
+                     "candidates": int(len(od.y)), "options": list(od.options), "device": ds.meta.get("device")},
+         "config": {**cfg._asdict(), "pessimism": _OPESS.value, "margin": _OMARGIN.value, "k": _OK.value,
+                    "seeds": _OSEEDS.value},
+         "noise_floor": noise, "results": results, "total_s": time.perf_counter() - t0}
+  os.makedirs(_OUT.value, exist_ok=True)
+  path = os.path.join(_OUT.value, "value_options.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"wrote {path}")
+
+
 def main(_):
+  if _WHAT.value == "options":
+    return part_options()
   cost = sched.AnalyticalCost()
   r, s = _R.value, _S.value
   t0 = time.perf_counter()

@@ -51,6 +51,12 @@ from mlsys_jax._checks import check_int, check_range
 from mlsys_jax.sched import emit
 from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.graph import Graph
+# Per-program XLA option choice (issue 24 item 2b) lives in a private module; its API is this one's.
+from mlsys_jax.cost._value_options import (COMPILE_DECISIONS, OptionConfig, OptionData, OptionModel,  # noqa: F401
+                                           canonical_hlo, choice_metrics, choose, choose_options,
+                                           compile_decision_features, fit_option_model, fixed_choice, group_folds,
+                                           hybrid_choice, option_data, option_ood, predict_gain,
+                                           predict_members)
 
 # ------------------------------------------------------------------------------------------------
 # Decision process.
@@ -713,4 +719,8 @@ def random_conv_net(seed: int, blocks: int = 1, hw: int = 9, cin: int = 8,
 __all__ = ["State", "ValueLSTM", "ValueModel", "ValueSchedule", "apply_action", "beam_schedule",
            "collect_states", "dp_schedule", "fit_value_model", "graph_info", "greedy_schedule",
            "hybrid_schedule", "initial_state", "out_of_distribution", "random_conv_net", "schedule_cost", "to_stages",
-           "train_value_model", "valid_actions"]
+           "train_value_model", "valid_actions",
+           # XLA option choice
+           "COMPILE_DECISIONS", "OptionConfig", "OptionData", "OptionModel", "canonical_hlo", "choice_metrics",
+           "choose", "choose_options", "compile_decision_features", "fit_option_model", "fixed_choice", "group_folds",
+           "hybrid_choice", "option_data", "option_ood", "predict_gain", "predict_members"]
