@@ -85,3 +85,25 @@ def test_load_dataset_by_name(tmp_path):
     data.load_dataset("cifar10")
   with pytest.raises(ValueError, match="unknown dataset"):
     data.load_dataset("imagenet")
+
+
+def test_mnist1d_cache_folder_round_trips_without_the_package(tmp_path, monkeypatch):
+  import builtins
+  monkeypatch.setenv("MLSYS_JAX_MNIST1D_CACHE", str(tmp_path))
+  ds = data.load_mnist1d(seed=2, num_samples=60)
+  files = list(tmp_path.glob("mnist1d_s2_n60_*.npz"))
+  assert len(files) == 1
+  real_import = builtins.__import__
+
+  def no_mnist1d(name, *args, **kwargs):
+    if name.startswith("mnist1d"):
+      raise ImportError("simulated: package absent")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_mnist1d)
+  again = data.load_mnist1d(seed=2, num_samples=60)
+  for a, b in zip(ds[:4], again[:4]):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+  with pytest.raises(ImportError, match="MLSYS_JAX_MNIST1D_CACHE"):
+    data.load_mnist1d(seed=3, num_samples=60)

@@ -92,6 +92,11 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000, test_fraction: float = 
   40), so nothing is downloaded. The package seeds numpy's global generator; this function restores the
   global state afterwards so it has no side effect on the caller.
 
+  Machines without the package (or without its plotting and download dependencies, e.g. an offline GPU
+  host) can read a pre-generated copy: set the environment variable ``MLSYS_JAX_MNIST1D_CACHE`` to a
+  folder; a call finds ``mnist1d_s{seed}_n{num_samples}_t{test_fraction}.npz`` there, or generates it with
+  the package and writes it there for the next machine.
+
   Args:
     seed: generator seed (sequences and split both depend on it).
     num_samples: number of sequences in total (the paper's set has 5000).
@@ -107,10 +112,19 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000, test_fraction: float = 
   """
   check_int("seed", seed, 0)
   check_int("num_samples", num_samples, 20)
+  check_range("test_fraction", test_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  cache_dir = os.environ.get("MLSYS_JAX_MNIST1D_CACHE")
+  cache = (pathlib.Path(cache_dir) / f"mnist1d_s{seed}_n{num_samples}_t{test_fraction:g}.npz"
+           if cache_dir else None)
+  if cache is not None and cache.exists():
+    with np.load(cache) as f:
+      return Dataset(f["x_train"], f["y_train"], f["x_test"], f["y_test"], num_classes=10, name="mnist1d")
   try:
     from mnist1d.data import get_dataset_args, make_dataset
   except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("load_mnist1d needs the mnist1d package: pip install 'mlsys-jax[experiments]'") from e
+    where = f" (no cached copy at {cache})" if cache is not None else ""
+    raise ImportError("load_mnist1d needs the mnist1d package: pip install 'mlsys-jax[experiments]', or "
+                      f"set MLSYS_JAX_MNIST1D_CACHE to a folder with a pre-generated copy{where}") from e
   args = get_dataset_args()
   args.num_samples = num_samples
   args.seed = seed
@@ -121,8 +135,14 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000, test_fraction: float = 
   finally:
     np.random.set_state(state)
   cast = lambda a: np.asarray(a, np.float32)[..., None]
-  return Dataset(cast(data["x"]), np.asarray(data["y"], np.int32), cast(data["x_test"]),
-                 np.asarray(data["y_test"], np.int32), num_classes=10, name="mnist1d")
+  ds = Dataset(cast(data["x"]), np.asarray(data["y"], np.int32), cast(data["x_test"]),
+               np.asarray(data["y_test"], np.int32), num_classes=10, name="mnist1d")
+  if cache is not None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+    os.replace(tmp, cache)
+  return ds
 
 
 def read_cifar10_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
