@@ -74,12 +74,19 @@ _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_release
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
                                  "target per leaf, at least one entry per leaf).")
 _DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of dgc (0 = dgc's default, 0.01).")
+_MNIST1D_NPZ = flags.DEFINE_string("mnist1d_npz", "", "Load mnist1d from this .npz (arrays of "
+                                    "data.load_mnist1d(seed=0), e.g. experiments/results/"
+                                    "compressed_adam_mnist1d_seed0.npz) when it exists: hosts without mnist1d.")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
 
 def _setup():
-  ds = data.load_mnist1d(seed=0) if _DATASET.value == "mnist1d" else data.load_digits(seed=0)
+  if _DATASET.value == "mnist1d" and _MNIST1D_NPZ.value and pathlib.Path(_MNIST1D_NPZ.value).exists():
+    z = np.load(_MNIST1D_NPZ.value)   # the same arrays as data.load_mnist1d(seed=0), for hosts without mnist1d
+    ds = data.Dataset(z["x_train"], z["y_train"], z["x_test"], z["y_test"], int(z["num_classes"]), "mnist1d")
+  else:
+    ds = data.load_mnist1d(seed=0) if _DATASET.value == "mnist1d" else data.load_digits(seed=0)
   model = (models.CNN(dims=1, kernel_size=5, channels=(32, 64)) if ds.name == "mnist1d"
            else models.CNN(channels=(32, 64)))
   return ds, model
