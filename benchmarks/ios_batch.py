@@ -47,6 +47,7 @@ def _args():
   ap.add_argument("--batches", default="1,2,4,8,16,32")
   ap.add_argument("--strategies", default="merge,both")
   ap.add_argument("--configs", default=",".join(sched.CHECK_CONFIGS), help="XLA configurations (XLA_CONFIGS)")
+  ap.add_argument("--compile_threads", type=int, default=1, help="compile a batch's programs in threads")
   ap.add_argument("--cost", default="analytical", choices=("analytical", "profiler"))
   ap.add_argument("--cache", default=None, help="stage-profile cache (with --cost profiler)")
   ap.add_argument("--cross", type=int, default=1, help="1: run every schedule at every batch size")
@@ -114,6 +115,17 @@ def fit_correction(points):
         row.update(raw_rel_err_median=float(np.median(raw)), raw_rel_err_max=float(raw.max()))
       out.append(row)
   return out
+
+
+def compile_all(lowered: dict, threads: int) -> dict:
+  """``{name: (lowered, args)}`` -> ``{name: (compiled, args)}``, in ``threads`` threads (XLA compiles
+  release the GIL; nothing runs on the device until every compile has finished)."""
+  if threads <= 1:
+    return {k: (low.compile(), a) for k, (low, a) in lowered.items()}
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(threads) as ex:
+    futs = {k: ex.submit(low.compile) for k, (low, _) in lowered.items()}
+    return {k: (futs[k].result(), lowered[k][1]) for k in lowered}
 
 
 def markdown_tables(rows) -> str:
@@ -228,7 +240,7 @@ def main():
         progs, t0 = {}, time.perf_counter()
         for c in configs:
           opts = sched.XLA_CONFIGS[c]
-          progs["xla:" + c] = (jax.jit(f, compiler_options=opts or None).lower(x).compile(), (x,))
+          progs["xla:" + c] = (jax.jit(f, compiler_options=opts or None).lower(x), (x,))
         sched_of = {}   # program name -> (schedule at this batch, found-at keys)
         for sg, ks in distinct.items():
           own = [k for k in ks if k[0] == b]
@@ -239,8 +251,9 @@ def main():
                                         else sched.AnalyticalCost())
           name = "ios:" + "+".join(f"b{kb}{ks_[0]}" for kb, ks_ in ks)
           jf, consts = sc._build()
-          progs[name] = (jf.lower(consts, x).compile(), (consts, x))
+          progs[name] = (jf.lower(consts, x), (consts, x))
           sched_of[name] = (sc, ks)
+        progs = compile_all(progs, args.compile_threads)   # every program compiled before any runs
         compile_s = time.perf_counter() - t0
         ref = progs["xla:" + configs[0]][0](x)
         errs = {k: _rel_err(p(*a), ref) for k, (p, a) in progs.items()}
