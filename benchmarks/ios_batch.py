@@ -149,7 +149,7 @@ def markdown_tables(rows) -> str:
     if not any(len(r.get("cross_s", {})) > 2 for r in rs):
       continue
     lines += ["", f"Cross table, {net} {dt}: latency of the schedule found at (b1, strategy) run at b2, "
-              "relative to the schedule found at b2 (< 1: slower)", "",
+              "relative to the schedule found at b2 (< 1: slower; =: the same schedule)", "",
               "| found at \\ run at | " + " | ".join(f"b{r['batch']}" for r in rs) + " |",
               "|" + "---|" * (len(rs) + 1)]
     for k in srcs:
@@ -158,7 +158,7 @@ def markdown_tables(rows) -> str:
       for r in rs:
         own = r.get(f"ios_{strat}_s")
         v = r.get("cross_s", {}).get(k)
-        cells.append("–" if v is None or own is None else f"{own / v:.3f}")
+        cells.append("–" if v is None or own is None else "=" if v == own else f"{own / v:.3f}")
       lines.append(f"| {k} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
