@@ -263,19 +263,20 @@ def fit_option_model(x: np.ndarray, y: np.ndarray, group: np.ndarray,
     rank = jnp.mean(jax.nn.softplus(pred[pi] - pred[pj])) if pairs.shape[0] else 0.0
     return reg + cfg.rank_weight * rank
 
-  @jax.jit
-  def step(p, st):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    upd, st = tx.update(grads, st, p)
-    return optax.apply_updates(p, upd), st, loss
+  def train_one(key):  # one member: init + all steps in one scan; members vmapped (one compile)
+    p = model.init(key, xs_j[:1])
 
-  params = []
-  for e in range(cfg.ensemble):
-    p = model.init(jax.random.PRNGKey(cfg.seed * 1000 + e), xs_j[:1])
-    st = tx.init(p)
-    for _ in range(cfg.steps):
-      p, st, _ = step(p, st)
-    params.append(p)
+    def step(carry, _):
+      p, st = carry
+      loss, grads = jax.value_and_grad(loss_fn)(p)
+      upd, st = tx.update(grads, st, p)
+      return (optax.apply_updates(p, upd), st), loss
+    (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), None, length=cfg.steps)
+    return p
+
+  keys = jnp.stack([jax.random.PRNGKey(cfg.seed * 1000 + e) for e in range(cfg.ensemble)])
+  stacked = jax.jit(jax.vmap(train_one))(keys)
+  params = [jax.tree_util.tree_map(lambda a, e=e: np.asarray(a[e]), stacked) for e in range(cfg.ensemble)]
   return OptionModel(params, mu, sd, x.min(0), x.max(0), cfg)
 
 
