@@ -58,6 +58,8 @@ def _args():
   ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining cases after this")
   ap.add_argument("--choices_from", default="", help="ios_batch JSON of an earlier run: report how the "
                   "program it chose per (net, dtype, batch) compares with this run's best XLA program")
+  ap.add_argument("--confirm_only", action="store_true", help="with --choices_from: search and time only "
+                  "the IOS program the earlier run chose (plus the XLA configurations), no cross table")
   ap.add_argument("--fit", action="store_true", help="only fit the correction model on --inputs JSONs")
   ap.add_argument("--inputs", default="", help="comma-separated ios_batch JSONs for --fit")
   ap.add_argument("--table", action="store_true", help="only print markdown tables of --inputs JSONs")
@@ -115,6 +117,16 @@ def fit_correction(points):
         row.update(raw_rel_err_median=float(np.median(raw)), raw_rel_err_max=float(raw.max()))
       out.append(row)
   return out
+
+
+def earlier_pick(prev: dict) -> str:
+  """The program an earlier run's row chose: 'xla:<config>' or 'ios:<strategy>' (fastest median);
+  '' for no row."""
+  if not prev:
+    return ""
+  cands = {"xla:" + prev["best_xla"]: prev["best_xla_s"]}
+  cands.update({f"ios:{s}": prev[f"ios_{s}_s"] for s in ("merge", "both", "parallel") if f"ios_{s}_s" in prev})
+  return min(cands, key=cands.get)
 
 
 def compile_all(lowered: dict, threads: int) -> dict:
@@ -202,8 +214,9 @@ def main():
 
   earlier = {}
   if args.choices_from:
-    for r in json.load(open(args.choices_from))["rows"]:
-      earlier[(r["net"], r["dtype"], r["batch"])] = r
+    for fname in args.choices_from.split(","):   # later files override earlier ones
+      for r in json.load(open(fname))["rows"]:
+        earlier[(r["net"], r["dtype"], r["batch"])] = r
 
   for net in args.nets.split(","):
     for dt in args.dtypes.split(","):
@@ -222,6 +235,8 @@ def main():
           if time.perf_counter() - t_start > args.time_budget_s:
             payload["skipped"].append(f"search {net} {dt} b{b} {strat}")
             continue
+          if args.confirm_only and earlier_pick(earlier.get((net, dt, b), {})) != "ios:" + strat:
+            continue   # only the program the earlier run chose (and the XLA configurations) is timed
           sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off")
           found[(b, strat)] = sc
           log(f"{net} {dt} b{b} {strat}: search {sc.search_s:.1f} s, {sc.counts()}, "
@@ -285,9 +300,7 @@ def main():
           row["checked_vs_best_xla"] = xla[best] / min([xla[best]] + [row[k] for k in ios_keys])
         prev = earlier.get((net, dt, b))
         if prev is not None:   # the earlier run's choice, timed in this run (no selection on these timings)
-          cands = {"xla:" + prev["best_xla"]: prev["best_xla_s"]}
-          cands.update({f"ios:{s}": prev[f"ios_{s}_s"] for s in strategies if f"ios_{s}_s" in prev})
-          pick = min(cands, key=cands.get)
+          pick = earlier_pick(prev)
           now = xla.get(pick[4:]) if pick.startswith("xla:") else row.get(f"ios_{pick[4:]}_s")
           if now is not None:
             row["earlier_choice"] = pick
