@@ -88,6 +88,9 @@ def _extra(ap):
   ap.add_argument("--probes", action="store_true",
                   help="also time two diagnostic kernels on the default batch-8 tile (rows 32 x 128, 2 splits): "
                        "the weight read alone ('probe_load') and the counting alone, weights from L2 ('probe_compute')")
+  ap.add_argument("--l2_configs", default="",
+                  help="configurations (as --configs) also timed with every program reading program 0's weight "
+                       "tile, i.e. their counting without the DRAM read ('l2:<config>')")
   ap.add_argument("--tag", default="", help="suffix of the JSON name (binary_dense_<tag>.json), e.g. one per "
                   "XLA_FLAGS setting measured in its own process")
   ap.add_argument("--no_bandwidth", action="store_true",
@@ -139,10 +142,10 @@ def _probe_load_kernel(a_ref, w_ref, o_ref, *, batch: int):
 
 
 def _probe_call(a, w, kind: str, cfg: DenseConfig):
-  """Diagnostics on the grid, tiles and launch parameters of the 'rows' config ``cfg`` (block_k = W /
-  splits): 'load' reads every weight tile and sums it (the read, launch and store without the
-  popcounts); 'compute' runs the real kernel but every program reads the weight tile of program 0
-  (from L2 after the first), i.e. the counting without the DRAM read."""
+  """Diagnostics on the grid, tiles and launch parameters of ``cfg``: 'load' reads every weight tile
+  and sums it (the read, launch and store without the popcounts); 'compute' runs the configuration's
+  own kernel but every program reads the weight tile of program 0 (from L2 after the first), i.e. the
+  counting without the DRAM read (split-K form: partial sums, summed by XLA)."""
   import functools
 
   from mlsys_jax.quant.binary.pallas_dense import _kernel
@@ -159,7 +162,8 @@ def _probe_call(a, w, kind: str, cfg: DenseConfig):
     kernel = functools.partial(_probe_load_kernel, batch=bp)
     w_map = lambda j, s: (j, s)
   else:
-    kernel = functools.partial(_kernel, variant="rows", k=None, block_k=ws, num_k=1, batch=bp)
+    kernel = functools.partial(_kernel, variant=cfg.variant, k=None, block_k=cfg.block_k,
+                               num_k=ws // cfg.block_k, batch=bp, num_stages=cfg.num_stages)
     w_map = lambda j, s: (0, s)
   out = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, n), jnp.int32), grid=(n // cfg.block_n, cfg.splits),
@@ -324,6 +328,9 @@ def _shape_row(args, n: int, b: int, reps: int, packed_w, dense_w, interpret: bo
     for kind in ("load", "compute"):
       f_p = _looped(lambda x, w, kind=kind: _probe_call(x, w, kind, pcfg), reps)
       fns["probe_" + kind] = lambda f_p=f_p: f_p(xs_e, packed_w)
+  for cfg in (_parse_configs(args.l2_configs, b, n, wn) if args.l2_configs else []):
+    f_l = _looped(lambda x, w, cfg=cfg: _probe_call(x, w, "compute", cfg), reps)
+    fns["l2:" + _name(cfg)[len("pallas:"):]] = lambda f_l=f_l: f_l(xs_e, packed_w)
   f_empty = _looped(lambda x, w: _empty_call(x, w), reps)
   fns["empty_kernel"] = lambda: f_empty(xs_e, packed_w)
   # The same call with the same 2 * reps arguments and no per-launch kernel (one word of each pair,

@@ -15,6 +15,8 @@ Variants of the inner loop (``variant``):
 - ``'acc'``: one ``(block_n, block_k)`` int32 accumulator per batch element, summed along the words
   only once at the end (no cross-thread reduction inside the loop);
 - ``'rows'``: the same, but each step reduces its popcounts to ``(block_n,)`` immediately;
+- ``'rows2'``: as ``'rows'``, but the popcounts of two batch rows are added as ``lo + (hi << 16)``
+  before the row sum (every sum fits in 15 bits), so one cross-thread reduction serves two rows;
 - ``'bcast'``: one ``(B, block_n, block_k)`` broadcast XOR per step;
 - ``'csa'``: as ``'acc'``, but each step splits its ``block_k`` words into 8 slices and adds them with
   a carry-save adder tree (:func:`_csa_count`): 4 popcounts per 8 words instead of 8, for 2 logic
@@ -53,7 +55,7 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "bcast", "csa", "csa4", "sub", "pipe", "pipe4")
+VARIANTS = ("acc", "rows", "rows2", "bcast", "csa", "csa4", "sub", "pipe", "pipe4")
 _SLICES = {"csa": 8, "csa4": 4}         # slices per step of the carry-save variants
 
 
@@ -269,13 +271,21 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
     return
 
   wide = variant == "acc"
+  pair = 2 if variant == "rows2" else 1     # rows2: two batch rows per reduction, in 16-bit halves
 
   def body(i, accs):
     w = w_ref[:, words(i)]                                          # (block_n, block_k) uint32
     out = []
-    for b in range(batch):
+    for b in range(0, batch, pair):
       pc = _popc(w, a_ref[b, words(i)][None, :])
-      out.append(accs[b] + (pc if wide else jnp.sum(pc, axis=1)))
+      if pair == 1 or batch == 1:
+        out.append(accs[b] + (pc if wide else jnp.sum(pc, axis=1)))
+        continue
+      # Each row sum is <= 32 block_k < 2^15, so both fit in one int32: one reduction (one warp
+      # shuffle/REDUX chain) for two batch rows; the unpacking is exact.
+      hi = jnp.left_shift(_popc(w, a_ref[b + 1, words(i)][None, :]), 16)
+      both = jnp.sum(pc + hi, axis=1)
+      out += [accs[b] + jnp.bitwise_and(both, 0xFFFF), accs[b + 1] + jnp.right_shift(both, 16)]
     return tuple(out)
 
   shape = (block_n, block_k) if wide else (block_n,)
@@ -293,6 +303,9 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
     if v & (v - 1):
       raise ValueError(f"{name} must be a power of two, got {v}.")
   check_int("num_stages", cfg.num_stages, 1)
+  if cfg.variant == "rows2" and cfg.block_k > 512:
+    raise ValueError(f"variant 'rows2' adds two row sums in 16-bit halves: block_k must be <= 512, got "
+                     f"{cfg.block_k}.")
   if cfg.variant in _SLICES and cfg.block_k < _SLICES[cfg.variant]:
     raise ValueError(f"variant '{cfg.variant}' splits each step into {_SLICES[cfg.variant]} slices: block_k "
                      f"must be >= {_SLICES[cfg.variant]}, got {cfg.block_k}.")
@@ -329,8 +342,8 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'bcast'``, ``'csa'``, ``'csa4'``, ``'sub'``, ``'pipe'`` or
-      ``'pipe4'`` (module docstring; for ``'sub'`` and ``'pipe*'`` ``block_k`` is the number of OUTPUT rows
+    variant: ``'acc'``, ``'rows'``, ``'rows2'``, ``'bcast'``, ``'csa'``, ``'csa4'``, ``'sub'``, ``'pipe'``
+      or ``'pipe4'`` (module docstring; for ``'sub'`` and ``'pipe*'`` ``block_k`` is the number of OUTPUT rows
       per sub-tile).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
