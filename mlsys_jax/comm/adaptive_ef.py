@@ -26,6 +26,10 @@ Measured (``experiments/compressed_adam.py --spread``, mnist1d, 8 workers, Top-k
 max_interval=50`` (Adam 89.9 / 90.2%), but the spread does not add to DGC's density warm-up nor to the
 Adam-aware selection (``precondition=optax.scale_by_rms()``), which is the recommended recipe at 0.1%; so
 this wrapper is the tool for a chain *without* a warm-up, and the record of what the diagnosis predicts.
+``noise=`` (a per-coordinate alternation while a release is delivered, so that Adam moves a delivered rate
+``r`` by ``~r / sqrt(r^2 + noise^2)`` rather than ``sign(r)``) did not rescue the spread with the Adam-aware
+selection either: ``'linear'``, ``max_interval=100``, ``noise=0.35`` after ``topk(0.001,
+precondition=optax.scale_by_rms())``: 65.5% vs 84.8% without the wrapper (mnist1d, seed 0, no warm-up).
 
 :func:`scale_by_leaf_rms` is a per-tensor RMS scaling for the sparsifiers' ``precondition=`` option, the
 per-tensor counterpart of ``optax.scale_by_rms`` (which, per coordinate, is the recommended 0.1% recipe;
