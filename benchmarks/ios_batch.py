@@ -73,9 +73,16 @@ def stage_sig(sc) -> str:
   return json.dumps([[st.kind, [list(g) for g in st.groups]] for st in sc.stages])
 
 
+_GRAPHS: dict = {}
+
+
 def retarget(sc, fn, x, profiler):
   """``sc``'s stages on the graph of ``fn`` at ``x`` (another batch size): same units, other shapes."""
-  g = relayout_conv_kernels(build_graph(fn, x, part_size=50), sc.info.get("kernel_layout", "auto"))
+  key = (id(fn), x.shape, str(x.dtype), sc.info.get("kernel_layout", "auto"))
+  if key not in _GRAPHS:
+    _GRAPHS.clear()   # one batch size at a time
+    _GRAPHS[key] = relayout_conv_kernels(build_graph(fn, x, part_size=50), key[-1])
+  g = _GRAPHS[key]
   if len(g.units) != len(sc.graph.units):
     raise ValueError("unit graphs differ between batch sizes")
   _check_cover(g, sc.stages)
