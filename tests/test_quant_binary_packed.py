@@ -129,7 +129,7 @@ def test_convert_quicknet_matches_flax(shortcut):
 
 
 @pytest.mark.parametrize("variant,splits", [("acc", 1), ("acc", 2), ("rows", 1), ("csa", 1), ("csa4", 2),
-                                            ("sub", 2), ("pipe", 2), ("pipe4", 1), ("rows2", 2),
+                                            ("sub", 2), ("pipe", 2), ("pipe4", 1), ("rows2", 2), ("csa4r2", 1),
                                             pytest.param("bcast", 2, marks=pytest.mark.slow),
                                             pytest.param("rows", 4, marks=pytest.mark.slow)])
 def test_pallas_kernel_interpret_matches_xla_packed_path(variant, splits):

@@ -23,6 +23,7 @@ Variants of the inner loop (``variant``):
   operations (one LOP3 each on NVIDIA) per adder (popcount issues at a quarter of the rate of the
   logic operations on NVIDIA GPUs);
 - ``'csa4'``: the same with 4 slices: one full adder and a plain count, 3 popcounts per 4 words;
+  ``'csa4r2'``: with the final row sums paired as in ``'rows2'``;
 - ``'sub'``: each program counts its ``block_n`` outputs ``block_k`` rows at a time (unrolled, at most
   16 sub-tiles), each sub-tile whole weight rows (``W / splits`` words) against activations loaded once:
   every load is issued up front and the sub-tiles are counted in order, so a warp can start on its first
@@ -55,8 +56,8 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "rows2", "bcast", "csa", "csa4", "sub", "pipe", "pipe4")
-_SLICES = {"csa": 8, "csa4": 4}         # slices per step of the carry-save variants
+VARIANTS = ("acc", "rows", "rows2", "bcast", "csa", "csa4", "csa4r2", "sub", "pipe", "pipe4")
+_SLICES = {"csa": 8, "csa4": 4, "csa4r2": 4}         # slices per step of the carry-save variants
 
 
 class DenseConfig(NamedTuple):
@@ -199,6 +200,19 @@ def _csa_count(xs):
   return out
 
 
+def _row_sums(xs, paired: bool):
+  """``[jnp.sum(x, axis=1) for x in xs]``; ``paired``: two tensors per reduction as ``lo + (hi << 16)``
+  (every row sum must be < 2^15: the callers' checks bound the words per program), half the
+  cross-thread reductions for one shift-add per element."""
+  if not paired or len(xs) == 1:
+    return [jnp.sum(x, axis=1) for x in xs]
+  out = []
+  for lo, hi in zip(xs[0::2], xs[1::2]):
+    both = jnp.sum(lo + jnp.left_shift(hi, 16), axis=1)
+    out += [jnp.bitwise_and(both, 0xFFFF), jnp.right_shift(both, 16)]
+  return out + [jnp.sum(x, axis=1) for x in xs[len(out):]]
+
+
 def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, num_k: int,
             batch: int, num_stages: int = 1):
   """Popcounts of one ``(block_n, num_k * block_k)`` weight slab against ``batch`` activation rows.
@@ -265,28 +279,20 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
 
     accs = jax.lax.fori_loop(0, num_k, body,
                              tuple(jnp.zeros((block_n, sub), jnp.int32) for _ in range(batch)))
-    for b in range(batch):
-      acc = jnp.sum(accs[b], axis=1)
+    for b, acc in enumerate(_row_sums(accs, paired=variant.endswith("r2"))):
       o_ref[b, :] = acc if k is None else k - 2 * acc
     return
 
   wide = variant == "acc"
-  pair = 2 if variant == "rows2" else 1     # rows2: two batch rows per reduction, in 16-bit halves
 
   def body(i, accs):
     w = w_ref[:, words(i)]                                          # (block_n, block_k) uint32
-    out = []
-    for b in range(0, batch, pair):
-      pc = _popc(w, a_ref[b, words(i)][None, :])
-      if pair == 1 or batch == 1:
-        out.append(accs[b] + (pc if wide else jnp.sum(pc, axis=1)))
-        continue
-      # Each row sum is <= 32 block_k < 2^15, so both fit in one int32: one reduction (one warp
-      # shuffle/REDUX chain) for two batch rows; the unpacking is exact.
-      hi = jnp.left_shift(_popc(w, a_ref[b + 1, words(i)][None, :]), 16)
-      both = jnp.sum(pc + hi, axis=1)
-      out += [accs[b] + jnp.bitwise_and(both, 0xFFFF), accs[b + 1] + jnp.right_shift(both, 16)]
-    return tuple(out)
+    pcs = [_popc(w, a_ref[b, words(i)][None, :]) for b in range(batch)]
+    if wide:
+      return tuple(acc + pc for acc, pc in zip(accs, pcs))
+    # rows2: each row sum is <= 32 block_k < 2^15, so two fit in one int32 (one warp shuffle/REDUX
+    # chain for two batch rows; the unpacking is exact).
+    return tuple(acc + s for acc, s in zip(accs, _row_sums(pcs, paired=variant == "rows2")))
 
   shape = (block_n, block_k) if wide else (block_n,)
   accs = jax.lax.fori_loop(0, num_k, body, tuple(jnp.zeros(shape, jnp.int32) for _ in range(batch)))
@@ -306,6 +312,9 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
   if cfg.variant == "rows2" and cfg.block_k > 512:
     raise ValueError(f"variant 'rows2' adds two row sums in 16-bit halves: block_k must be <= 512, got "
                      f"{cfg.block_k}.")
+  if cfg.variant == "csa4r2" and wn // cfg.splits > 512:
+    raise ValueError(f"variant 'csa4r2' adds two row sums in 16-bit halves: W / splits must be <= 512, got "
+                     f"{wn // cfg.splits}.")
   if cfg.variant in _SLICES and cfg.block_k < _SLICES[cfg.variant]:
     raise ValueError(f"variant '{cfg.variant}' splits each step into {_SLICES[cfg.variant]} slices: block_k "
                      f"must be >= {_SLICES[cfg.variant]}, got {cfg.block_k}.")
@@ -342,9 +351,9 @@ def pallas_packed_dense(a_words: jax.Array, w_words: jax.Array, k: int, variant:
     w_words: uint32 ``(N, W)``, e.g. ``pack_dense(kernel).words``; ``N % block_n == 0`` and
       ``W % (splits * block_k) == 0``.
     k: the true reduction length (``<= 32 W``).
-    variant: ``'acc'``, ``'rows'``, ``'rows2'``, ``'bcast'``, ``'csa'``, ``'csa4'``, ``'sub'``, ``'pipe'``
-      or ``'pipe4'`` (module docstring; for ``'sub'`` and ``'pipe*'`` ``block_k`` is the number of OUTPUT rows
-      per sub-tile).
+    variant: ``'acc'``, ``'rows'``, ``'rows2'``, ``'bcast'``, ``'csa'``, ``'csa4'``, ``'csa4r2'``,
+      ``'sub'``, ``'pipe'`` or ``'pipe4'`` (module docstring; for ``'sub'`` and ``'pipe*'`` ``block_k``
+      is the number of OUTPUT rows per sub-tile).
     block_n, block_k: tile of output channels and of words per loop step (powers of two).
     splits: split the words into this many parts (more programs; XLA sums the parts).
     num_warps, num_stages: Triton launch parameters.
