@@ -35,7 +35,7 @@ import optax  # noqa: E402
 
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
-from mlsys_jax.comm.adaptive_ef import scale_by_leaf_rms, spread_releases  # noqa: E402
+from mlsys_jax.comm.adaptive_ef import decay_residual, scale_by_leaf_rms, spread_releases  # noqa: E402
 from mlsys_jax.comm.lowrank import _state_field, total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
                                    stage_boundaries)
@@ -77,6 +77,8 @@ _DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of
 _MNIST1D_NPZ = flags.DEFINE_string("mnist1d_npz", "", "Load mnist1d from this .npz (arrays of "
                                     "data.load_mnist1d(seed=0), e.g. experiments/results/"
                                     "compressed_adam_mnist1d_seed0.npz) when it exists: hosts without mnist1d.")
+_RES_DECAY = flags.DEFINE_float("residual_decay", 1.0, "comm.adaptive_ef.decay_residual around the compressor "
+                                "(1 = plain error feedback).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
@@ -106,6 +108,8 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
                        ratios=dgc_density_schedule(ratio, start=dw_start), fixed_stage=stage)
   else:
     c = _compressor(compressor, mode, ratio)
+  if _RES_DECAY.value != 1.0:
+    c = decay_residual(c, _RES_DECAY.value)
   if warmup:
     c = dense_warmup(c, warmup, axis_name="d")
   if spread != "none":
@@ -257,7 +261,7 @@ def _write(out, ds, seeds, acc, sent, comparisons):
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
       "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": [float(v) for v in _DW_START.value],
-      "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
+      "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value, "residual_decay": _RES_DECAY.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
       "spread_floor": _SPREAD_FLOOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],

@@ -52,7 +52,7 @@ import optax
 from mlsys_jax._checks import check_choice, check_floating, check_int
 from mlsys_jax.comm.lowrank import _state_field
 
-__all__ = ["LeafRMSState", "SpreadState", "scale_by_leaf_rms", "spread_releases"]
+__all__ = ["LeafRMSState", "SpreadState", "decay_residual", "scale_by_leaf_rms", "spread_releases"]
 
 
 class SpreadState(NamedTuple):
@@ -259,5 +259,61 @@ def scale_by_leaf_rms(decay: float = 0.9, eps: float = 1e-8) -> optax.GradientTr
     corr = 1.0 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
     out = jax.tree_util.tree_map(lambda g, n: (g / jnp.sqrt(n / corr + eps)).astype(g.dtype), updates, nu)
     return out, LeafRMSState(count, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _scale_residual(state: Any, decay: float):
+  """``state`` with the first ``residual`` field found (itself, or in ``inner_state``) times ``decay``."""
+  if hasattr(state, "_fields") and "residual" in state._fields:
+    return state._replace(residual=jax.tree_util.tree_map(lambda r: (r * decay).astype(r.dtype),
+                                                          state.residual))
+  if hasattr(state, "_fields") and "inner_state" in state._fields:
+    return state._replace(inner_state=_scale_residual(state.inner_state, decay))
+  raise TypeError("decay_residual: the compressor's state has no residual (error feedback) field; wrap a "
+                  "sparsifier of mlsys_jax.comm (sidco, topk, dgc, randomk) or density_warmup/dense_warmup "
+                  "of one.")
+
+
+def decay_residual(compressor: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
+  """Error feedback that forgets: the compressor's residual is multiplied by ``decay`` before every step.
+
+  ``residual_t = decay * residual_{t-1} + g_t - sent_t``: a coordinate whose gradient is pure noise holds
+  at most ``~sigma / sqrt(1 - decay^2)`` in its residual, one with a consistent mean ``mu`` up to
+  ``mu / (1 - decay)``; so the selection prefers consistent coordinates over stale noise (with plain error
+  feedback both grow without bound, noise as ``sqrt(t)``). The forgotten mass is not sent: ``sent +
+  residual == g + decay * previous residual`` (tested). ``decay=1`` is the compressor itself.
+
+  Args:
+    compressor: a sparsifier of :mod:`mlsys_jax.comm` (``sidco``, ``topk``, ``dgc``, ``randomk``), or
+      ``density_warmup``/``dense_warmup`` of one.
+    decay: in (0, 1].
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from mlsys_jax.comm import topk
+    >>> tx = decay_residual(topk(0.5), 0.5)
+    >>> s = tx.init({'w': jnp.zeros(2)})
+    >>> out, s = tx.update({'w': jnp.array([2.0, 1.0])}, s)
+    >>> out['w'].tolist(), s.residual['w'].tolist()
+    ([2.0, 0.0], [0.0, 1.0])
+    >>> out, s = tx.update({'w': jnp.array([0.0, 1.0])}, s)     # 0.5 * 1.0 + 1.0 is sent
+    >>> out['w'].tolist()
+    [0.0, 1.5]
+  """
+  if not isinstance(compressor, optax.GradientTransformation):
+    raise TypeError(f"compressor must be an optax.GradientTransformation (e.g. topk(0.001, axis_name='d')), "
+                    f"got {type(compressor).__name__}.")
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+    raise ValueError(f"decay must be a number in (0, 1] (1 = plain error feedback), got {decay!r}.")
+  decay = float(decay)
+
+  def init_fn(params):
+    state = compressor.init(params)
+    _scale_residual(state, 1.0)   # fails early when there is no residual
+    return state
+
+  def update_fn(updates, state, params=None):
+    return compressor.update(updates, _scale_residual(state, decay) if decay != 1.0 else state, params)
 
   return optax.GradientTransformation(init_fn, update_fn)
