@@ -65,6 +65,7 @@ def _flags(ap):
   ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
   ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
+  ap.add_argument("--topk_variants", default="out", help="comma-separated variant rows of topk (tokens as --variants)")
   ap.add_argument("--variants", default="bisect,out,-32 pallas,-64 pallas",
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only); "
                        "tokens: a number = search ways, pallas/xla/bisect = the search's count, out/noout = "
@@ -175,6 +176,8 @@ def main():
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
   # the exact-count search's variants (sparse._SEARCH_WAYS / _COUNT_IMPL; bisect = the 31-pass bisection):
   # same results, checked over the whole loop against the row without brackets
+  for v in [v for v in args.topk_variants.split(",") if v]:   # the Top-k baseline with the same switches
+    rows_spec[f"topk(0.001) [{v}]"] = (None, sp.topk(RATIO), None)
   variants = [v for v in args.variants.split(",") if v]
   for name in [f"sidco(0.001{pt}) [{v}]" for v in variants for pt in ("", ", per_tensor=True")
                if not (pt and v.startswith("-"))]:
@@ -231,10 +234,10 @@ def main():
         # the whole loop (every step's selection, the carried residual, the last update) equals the package's
         row["loop_same_as_package"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
             jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split("] ")[-1].replace("fast ", "")])))
-      elif name.startswith("sidco") and " [" in name and name.split(" [")[0] in ref_loop:
+      elif " [" in name and name.split(" [")[0] in ref_loop:
         row["loop_same_as_default"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
             jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split(" [")[0]])))
-      elif name.startswith("sidco"):
+      elif name.startswith(("sidco", "topk")):
         ref_loop[name] = res
       if kind not in ("flat", "residual", None) and not args.no_wall:
         st_end = res[0]

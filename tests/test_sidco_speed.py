@@ -220,3 +220,32 @@ def test_outputs_in_one_kernel_equal_per_leaf(monkeypatch):
   for r in res[1:]:
     for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(r)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_write_leaves_from_and_topk_outputs_in_one_kernel(monkeypatch):
+  """The one-launch outputs from given flat buffers (a length that is not a whole tile), and the topk
+  transform with them equal to its per-leaf outputs bitwise (a non-finite step included)."""
+  rng = np.random.default_rng(9)
+  sizes, offs, n = [5000, 7, 100], [0, 5000, 5007], 5107
+  out_f, res_f = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+  old = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+  for fin in (True, False):
+    outs, ress = pp.write_leaves_from(jnp.asarray(out_f), jnp.asarray(res_f), fin, [jnp.asarray(o) for o in old],
+                                      offs, interpret=True)
+    for l, (o, size) in enumerate(zip(offs, sizes)):
+      np.testing.assert_array_equal(np.asarray(outs[l]), out_f[o:o + size] if fin else 0 * out_f[o:o + size])
+      np.testing.assert_array_equal(np.asarray(ress[l]), res_f[o:o + size] if fin else old[l])
+  grads = [{"w": jnp.asarray(rng.standard_normal((20, 30)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(30), jnp.float32)} for _ in range(3)]
+  grads[1]["b"] = grads[1]["b"].at[3].set(jnp.nan)
+  res = []
+  for impl in ("xla", "pallas"):
+    monkeypatch.setattr(sp, "_OUTPUT_IMPL", impl)
+    tx = sp.topk(0.05)
+    st, up, outs = tx.init(grads[0]), jax.jit(tx.update), []
+    for g in grads:
+      o, st = up(g, st)
+      outs.append((o, st))
+    res.append(outs)
+  for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

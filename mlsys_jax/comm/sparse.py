@@ -1337,7 +1337,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                            f, z, f, f, f, z, z, zeros if momentum > 0 else (),
                            precondition.init(params) if precondition is not None else ())
 
-  def _loop_step(acc, finite, sub, state):
+  def _loop_step(acc, finite, sub, state, out_dtypes=()):
     """One payload per leaf (per_tensor) or one for the raveled tree, selected by ``select``. ``acc`` is
     the error-compensated tree, or (per_tensor=False) ``(flat, unravel)`` from :func:`_ravel_sum`."""
     if per_tensor:
@@ -1373,20 +1373,30 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       if momentum > 0:
         hit_tree = jax.tree_util.tree_unflatten(treedef, [h.reshape(g.shape) for h, g in zip(hits, groups)])
     else:
+      old, treedef = jax.tree_util.tree_flatten(state.residual)
+      if _one_kernel_outputs(old, out_dtypes, flat.dtype):   # ONE launch writes every leaf's final outputs
+        offsets = np.concatenate([[0], np.cumsum([l.size for l in old])[:-1]]).astype(np.int64)
+        o1, r1 = _pallas_pack.write_leaves_from(outs[0], residuals[0], finite, [l.reshape(-1) for l in old],
+                                                offsets, interpret=jax.default_backend() != "gpu")
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, [x.reshape(l.shape) for x, l in zip(xs, old)])
+        return unflat(o1), unflat(r1), None, nsel, n_above, nbytes, overflow, total, True
       new_res, out = unravel(residuals[0]), unravel(outs[0])
       if momentum > 0:
         hit_tree = jax.tree_util.tree_map(lambda h: h > 0, unravel(hits[0].astype(flat.dtype)))
-    return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total
+    return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total, False
 
-  def _write_leaves_in_one_kernel(leaves, out_dtypes, dtype, lay) -> bool:
-    """Whether the per-leaf outputs come from :func:`_pallas_pack.write_leaves` (``_OUTPUT_IMPL``): no
-    momentum mask to return, and one dtype for the buffer, the residual and the gradients."""
+  def _one_kernel_outputs(leaves, out_dtypes, dtype) -> bool:
+    """Whether the per-leaf outputs come from one Pallas launch (``_OUTPUT_IMPL``): no momentum mask to
+    return, not inside shard_map, and one dtype for the buffer, the residual and the gradients."""
     impl = _OUTPUT_IMPL
     if impl == "auto":
       impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_pack.available()) else "xla"
-    return (impl == "pallas" and momentum == 0 and 0 < len(leaves) <= _OUTPUT_MAX_LEAVES and not _varying(leaves[0])
-            and lay.n_pad % _TILE == 0
+    return (impl == "pallas" and momentum == 0 and 0 < len(leaves) <= _OUTPUT_MAX_LEAVES
+            and not _varying(leaves[0]) and len(out_dtypes) == len(leaves)
             and all(jnp.result_type(l) == dtype for l in leaves) and all(d == dtype for d in out_dtypes))
+
+  def _write_leaves_in_one_kernel(leaves, out_dtypes, dtype, lay) -> bool:
+    return lay.n_pad % _TILE == 0 and _one_kernel_outputs(leaves, out_dtypes, dtype)
 
   def _segmented_step(addend, residual, state, out_dtypes=()):
     """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
@@ -1471,13 +1481,12 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       final = False
       acc = jax.tree_util.tree_map(jnp.add, addend, state.residual)
       finite = _global_finite(jax.tree_util.tree_leaves(acc), axis_name)
-      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(acc, finite, sub, state)
+      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total, _ = _loop_step(acc, finite, sub, state)
     else:   # one raveled vector: its finiteness is one reduction over it (the same flag as per leaf)
-      final = False
       flat, unravel = _ravel_sum(addend, state.residual)
       finite = _global_finite([flat], axis_name)
-      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
-          (flat, unravel), finite, sub, state)
+      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total, final = _loop_step(
+          (flat, unravel), finite, sub, state, [jnp.result_type(g) for g in jax.tree_util.tree_leaves(grads)])
     velocity = state.velocity
     if momentum > 0:
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
