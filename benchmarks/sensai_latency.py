@@ -53,6 +53,11 @@ OPTION_SETS = {
     "eigen_v512": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512},
     "eigen_st_v512": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_multi_thread_eigen": False,
                       "xla_cpu_prefer_vector_width": 512},
+    # XNNPACK (built for batch-1 NHWC inference) per convolution / dot; oneDNN custom calls (Intel CPUs)
+    "xnn_ind": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_xnn_fusion_type": _YNN_ALL,
+                "xla_cpu_prefer_vector_width": 512},
+    "onednn": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_onednn_custom_call": True,
+               "xla_cpu_prefer_vector_width": 512},
 }
 
 CONFIGS = {   # name: (model, input shape, keep fraction)
