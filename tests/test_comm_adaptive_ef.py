@@ -13,7 +13,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import density_warmup, topk
-from mlsys_jax.comm.adaptive_ef import SpreadState, scale_by_leaf_rms, spread_releases
+from mlsys_jax.comm.adaptive_ef import SpreadState, decay_residual, scale_by_leaf_rms, spread_releases
 
 from _trees import grads as _grads, params as _params  # tests/_trees.py
 
@@ -22,20 +22,21 @@ _STEPS = 9
 _RATIO = 0.02
 
 
-def _np_topk_ef(flat_g, ratio):
-  """float64 numpy Top-k with error feedback: flat_g (workers, steps, n) -> mean sent (steps, n)."""
+def _np_topk_ef(flat_g, ratio, decay=1.0, with_residual=False):
+  """float64 numpy Top-k with error feedback (the residual times ``decay`` before each step): flat_g
+  (workers, steps, n) -> mean sent (steps, n) (and the final residuals (workers, n))."""
   w, steps, n = flat_g.shape
   k = max(1, int(round(ratio * n)))
   res, outs = np.zeros((w, n)), []
   for s in range(steps):
-    acc = flat_g[:, s] + res
+    acc = flat_g[:, s] + decay * res
     sent = np.zeros_like(acc)
     for i in range(w):
       top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
       sent[i, top] = acc[i, top]
     res = acc - sent
     outs.append(sent.mean(0))
-  return np.stack(outs)
+  return (np.stack(outs), res) if with_residual else np.stack(outs)
 
 
 def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None):
@@ -95,12 +96,15 @@ _VARIANTS = {"linear": dict(mode="linear"), "leaky_cap2_floor": dict(mode="leaky
              "linear_cap4_noise": dict(mode="linear", max_interval=4, noise=0.25)}
 
 
-def _run(g, axis, names=tuple(_VARIANTS) + ("bare",)):
-  """All steps (one lax.scan) of the variants ``names`` ('bare': Top-k alone) on one worker's gradients."""
+def _run(g, axis, names=tuple(_VARIANTS) + ("bare", "decay")):
+  """All steps (one lax.scan) of the variants ``names`` ('bare': Top-k alone; 'decay': decay_residual(topk,
+  0.7)) on one worker's gradients."""
   res = {}
   for name in names:
     tx = topk(_RATIO, axis_name=axis)
-    if name != "bare":
+    if name == "decay":
+      tx = decay_residual(tx, 0.7)
+    elif name != "bare":
       tx = spread_releases(tx, **_VARIANTS[name])
     res[name] = jax.lax.scan(lambda st, gs, tx=tx: tx.update(gs, st)[::-1], tx.init(_params()), g)[::-1]
   return res
@@ -115,7 +119,7 @@ def runs(devices):
     return jax.tree_util.tree_map(lambda x: x[None], _run(jax.tree_util.tree_map(lambda x: x[0], gw), "d"))
 
   by_sm = jax.jit(shard_map(sm, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(g_w)
-  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise")), axis_name="d",
+  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise", "decay")), axis_name="d",
                      devices=devices)(g_w)
   return g_w, by_sm, by_pmap
 
@@ -172,6 +176,47 @@ def test_noise_is_a_zero_mass_alternation_on_live_deliveries(runs):
   assert live.sum() > np.count_nonzero(b)   # deliveries last longer than the release step
   np.testing.assert_allclose(_flat(by_sm["linear_cap4_noise"][1].pending, (_W,))[0], pending, rtol=1e-5,
                              atol=1e-6)
+
+
+def test_decay_residual_equals_float64_reference(runs):
+  """decay_residual(topk, 0.7) under shard_map: every replica's output equals a float64 numpy Top-k whose
+  residual is multiplied by 0.7 before each step, and each worker's residual is its reference's
+  (sent + residual == g + 0.7 * previous residual); the bytes are Top-k's."""
+  g_w, by_sm, _ = runs
+  ref, res = _np_topk_ef(_flat(g_w, (_W, _STEPS)), _RATIO, decay=0.7, with_residual=True)
+  outs, st = by_sm["decay"]
+  got = _flat(outs, (_W, _STEPS))
+  for w in range(_W):
+    np.testing.assert_allclose(got[w], ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_flat(st.residual, (_W,)), res, rtol=1e-5, atol=1e-6)
+  plain = _np_topk_ef(_flat(g_w, (_W, _STEPS)), _RATIO)
+  assert not np.allclose(ref, plain)          # the decay changes what is sent
+  np.testing.assert_array_equal(st.total_bytes, by_sm["bare"][1].total_bytes)
+
+
+def test_decay_residual_inside_density_warmup_and_bad_input():
+  """Wrapping density_warmup scales the shared residual (one step's residual times 0.5 is what the next
+  step adds); decay 1 is the compressor itself; bad input raises."""
+  inner = density_warmup(topk, 0.25, steps=1, ratios=[0.5])
+  tx = decay_residual(inner, 0.5)
+  g = {"w": jnp.array([1.0, -3.0, 0.5, 2.0])}
+  _, s = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(s.inner_state.residual["w"], [1.0, 0.0, 0.5, 0.0])
+  out, s = tx.update({"w": jnp.zeros(4)}, s)        # stage 1 (1 slot): sends the largest of 0.5 * residual
+  np.testing.assert_allclose(out["w"], [0.5, 0.0, 0.0, 0.0])
+  np.testing.assert_allclose(s.inner_state.residual["w"], [0.0, 0.0, 0.25, 0.0])
+  same, ref = decay_residual(topk(0.5), 1.0), topk(0.5)
+  o1, _ = same.update(g, same.init(g))
+  o2, _ = ref.update(g, ref.init(g))
+  np.testing.assert_array_equal(o1["w"], o2["w"])
+  with pytest.raises(ValueError, match="decay"):
+    decay_residual(topk(0.1), 0.0)
+  with pytest.raises(ValueError, match="decay"):
+    decay_residual(topk(0.1), 1.5)
+  with pytest.raises(TypeError, match="GradientTransformation"):
+    decay_residual(lambda g: g, 0.9)
+  with pytest.raises(TypeError, match="residual"):
+    decay_residual(optax.identity(), 0.9).init(g)
 
 
 def test_pmap_equals_shard_map(runs):
