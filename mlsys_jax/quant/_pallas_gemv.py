@@ -154,7 +154,10 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   # is then the and-or's one immediate and the pattern stays in one register, where a literal made the
   # compiler re-materialize a constant before about every second and-or (SASS of sm_90).
   magic = m_ref[0]
-  if dn:
+  dnp = {}
+
+  def dn_setup():
+    """The 'fmad' scaling constants, from this program's activations (after step 0's loads are issued)."""
     # 'fmad': the masked nibble IS the float, u 2^(pos - 149) (a denormal, or for bit 23 the smallest
     # normal exponent, exact either way); each activation is scaled by 2^(126 - e - pos) with |x| < 2^e
     # over this program's activations, so every product is u x 2^(-23 - e) exactly and the sums run in
@@ -172,6 +175,8 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     f8 = (jax.lax.bitcast_convert_type(e * 0 + (8 << lg), jnp.float32) if denormals else   # (traced)
           jnp.float32(8 << lg))
     back = (pow2((e + 23) // 2), pow2(e + 23 - (e + 23) // 2))
+    dnp.update(xscale=xscale, cscale=cscale, f8=f8, back=back)
+
 
   def mult(x, m):
     return x if isinstance(x, int) else pl.multiple_of(x, m)
@@ -205,12 +210,12 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     for q in range(groups_per_step):
       ps = range(q * per_group, (q + 1) * per_group)
       xv = {(p, b): xs[p][b].astype(jnp.float32) for p in ps for b in range(batch)}
-      xsc = {(p, b): xv[p, b] * xscale[4 * (p % 8) if p % 8 <= 5 else 4 * (p % 8) - 8]
+      xsc = {(p, b): xv[p, b] * dnp["xscale"][4 * (p % 8) if p % 8 <= 5 else 4 * (p % 8) - 8]
              for p in ps for b in range(batch)}
       part = []
       for b in range(batch):        # start from minus the offset: 8 x 2^(-23 - e) summed over the planes
         xr = functools.reduce(lambda a, v: a + v, [xv[p, b] for p in ps])
-        corr = -((xr * cscale) * f8)[:, None]
+        corr = -((xr * dnp["cscale"]) * dnp["f8"])[:, None]
         part += [jnp.broadcast_to(corr, (PLANE, sub))] * nsub
       for p in ps:
         u, i = divmod(p, 8)
@@ -270,13 +275,23 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
       acc, cur = carry
       nxt = load(jax.lax.min(it + 1, jnp.int32(steps - 1)))
       return compute(acc, cur), nxt
-    acc, _ = jax.lax.fori_loop(0, steps, body, (init, load(0)))
+    cur = load(0)
+    if dn:
+      dn_setup()
+    acc, _ = jax.lax.fori_loop(0, steps, body, (init, cur))
+  elif dn:
+    # Step 0 peeled: its loads are issued before the activations' range is reduced over the program
+    # (a barrier), so the first weights are in flight during that prologue.
+    cur = load(0)
+    dn_setup()
+    acc = compute(init, cur)
+    acc = jax.lax.fori_loop(1, steps, lambda it, acc: compute(acc, load(it)), acc)
   else:
     acc = jax.lax.fori_loop(0, steps, lambda it, acc: compute(acc, load(it)), init)
   if dn:
     for t, a in enumerate(acc):
       b, c = divmod(t, nsub)
-      v = (jnp.sum(a, axis=0) * back[0]) * back[1]
+      v = (jnp.sum(a, axis=0) * dnp["back"][0]) * dnp["back"][1]
       if atomic:
         plgpu.atomic_add(o_ref, (pl.ds(b, 1), pl.ds(c * sub, sub)), v[None, :])
       else:
