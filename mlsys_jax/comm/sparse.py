@@ -944,7 +944,7 @@ def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
     return lo, hi
 
   passes = -(-31 // bits)
-  lo, hi = jax.lax.fori_loop(0, passes, body, (lo0, top))
+  lo, hi = jax.lax.fori_loop(0, passes, body, (lo0, top), unroll=True)   # (no while loop: no host round trips)
   return f32(lo if keep_low else hi)
 
 
