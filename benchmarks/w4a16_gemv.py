@@ -78,6 +78,8 @@ def _extra(ap):
                   help="batch <= 2: re-time this many best configurations with the outputs returned as they "
                        "are (no reduction kernel after each launch); 0: skip")
   ap.add_argument("--name", default="w4a16_gemv", help="JSON file name")
+  ap.add_argument("--public", action="store_true",
+                  help="also time the public path with its default launch parameters (config 'public')")
   ap.add_argument("--device_rounds", type=int, default=3,
                   help="rounds of the profiler pass (device time per launch of every method); 0: skip")
 
@@ -87,6 +89,9 @@ def _parse(spec: str):
   for c in spec.split(","):
     if c:
       v, *ints = c.split(":")
+      if v == "public":               # the public path with its defaults: w4a16_matmul(x, packed)
+        out.append((v,))
+        continue
       if len(ints) == 5:
         ints.append("1")
       if len(ints) == 6:
@@ -215,14 +220,22 @@ def main():
       ref = np.asarray(wo.w4a16_matmul(xs[0], packed[0], impl="xla"))
       cfgs = other if b > 2 else sweep if first else sweep_b1
       cfgs = [c for c in cfgs if not (c[0].startswith("fma") and b > args.fma_max_batch)]
+      if args.public:
+        cfgs = [("public",)] + cfgs
       first = first and b > 2
       fns, fargs, single = {}, {}, {}   # single: the kernel configurations (checked for exactness)
       ops = {}                          # name -> (op, copies): the device-time pass's no-consumer versions
       for c in cfgs:
+        name = ":".join(map(str, c))
+        if c[0] == "public":
+          op = lambda x, p: wo.w4a16_matmul(x, p, impl="pallas", interpret=interpret)
+          fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
+          ops[name] = (op, copies)
+          single[name] = True
+          continue
         v, bn, bps, sk, nw, ns, pf, at = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
                   prefetch=bool(pf), atomic=bool(at), interpret=interpret)
-        name = ":".join(map(str, c))
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
         ops[name] = (op, copies)
@@ -321,11 +334,7 @@ def main():
                                   reps, consume=False)}
           nargs = {"bf16": fargs["bf16"]}
           for e in top:
-            v, bn, bps, sk, nw, ns, pf, at = _parse(e["config"])[0]
-            kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                      prefetch=bool(pf), atomic=bool(at), interpret=interpret)
-            nfns[e["config"]] = _looped(lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw), copies,
-                                        reps, consume=False)
+            nfns[e["config"]] = _looped(ops[e["config"]][0], copies, reps, consume=False)
             nargs[e["config"]] = fargs[e["config"]]
           ncomp = _compile_all(nfns, nargs)
           row["no_consumer"] = []
