@@ -67,9 +67,10 @@ def _flags(ap):
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
   ap.add_argument("--topk_variants", default="out", help="comma-separated variant rows of topk (tokens as --variants)")
   ap.add_argument("--variants", default="bisect,out,-32 pallas,-64 pallas",
-                  help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only); "
+                  help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
+                       "per tensor only); "
                        "tokens: a number = search ways, pallas/xla/bisect = the search's count, out/noout = "
-                       "the outputs in one kernel or per leaf")
+                       "the outputs in one kernel or per leaf, gather/concat = sparse._FLATTEN")
 
 
 def _loop(update, steps: int, pool: int):
@@ -180,8 +181,8 @@ def main():
     rows_spec[f"topk(0.001) [{v}]"] = (None, sp.topk(RATIO), None)
   variants = [v for v in args.variants.split(",") if v]
   for name in [f"sidco(0.001{pt}) [{v}]" for v in variants for pt in ("", ", per_tensor=True")
-               if not (pt and v.startswith("-"))]:
-    name = name.replace("[-", "[")
+               if not (pt and v.startswith("-")) and not (not pt and v.startswith("+"))]:
+    name = name.replace("[-", "[").replace("[+", "[")
     rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name), None)
   rows_spec["lax.top_k (flat vector)"] = (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None)
   rows_spec["lax.approx_max_k (flat vector)"] = (
@@ -189,7 +190,7 @@ def main():
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
   only = [s for s in args.only.split(",") if s]
   rows, ref_first, ref_loop = [], {}, {}
-  search0, count0, output0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, getattr(sp, "_OUTPUT_IMPL", "xla")
+  search0, count0, output0, flatten0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -201,7 +202,7 @@ def main():
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
     # variant tokens: a number (search ways), pallas/xla/bisect (count), out/noout (outputs in one kernel)
-    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL = search0, count0, output0
+    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN = search0, count0, output0, flatten0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -209,7 +210,9 @@ def main():
         sp._COUNT_IMPL = tok
       elif tok in ("out", "noout"):
         sp._OUTPUT_IMPL = "pallas" if tok == "out" else "xla"
-    row["output_impl"] = sp._OUTPUT_IMPL
+      elif tok in ("gather", "concat"):
+        sp._FLATTEN = tok
+    row["output_impl"], row["flatten"] = sp._OUTPUT_IMPL, sp._FLATTEN
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten

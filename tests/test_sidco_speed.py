@@ -249,3 +249,19 @@ def test_write_leaves_from_and_topk_outputs_in_one_kernel(monkeypatch):
     res.append(outs)
   for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("per_tensor,min_count", [(True, 1.0), (True, 16.0), (False, 1.0)])
+def test_flatten_gather_equals_concatenation(per_tensor, min_count, monkeypatch):
+  """The padded flat buffer from one concatenation of the leaves and a gather equals the concatenation with
+  zero pieces between the segments (leaves ending on, before and after tile boundaries)."""
+  rng = np.random.default_rng(10)
+  sizes = [5000, 7, 3000, 1, 9000, 30, 4096, 4097]
+  leaves = [jnp.asarray(rng.standard_normal(n), jnp.float32) for n in sizes]
+  lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, min_count))
+  monkeypatch.setattr(sp, "_FLATTEN", "concat")
+  ref = lay.flatten(leaves, jnp.float32)
+  monkeypatch.setattr(sp, "_FLATTEN", "gather")
+  got = jax.jit(lambda *ls: lay.flatten(list(ls), jnp.float32))(*leaves)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  assert per_tensor == (lay.num_segments > 1)

@@ -681,6 +681,8 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
 # Segmented selection: all leaves of a gradient tree in one flat buffer, one threshold per segment.
 
 _TILE = _BLOCK * _THR_BLOCKS   # 4096 entries: segments are padded to whole tiles
+_FLATTEN = "gather"   # several segments: "gather" (concatenate the leaves, gather into the padded layout) or
+                      # "concat" (one concatenation with zero pieces); the same buffer
 
 
 class _Layout:
@@ -723,9 +725,25 @@ class _Layout:
     j = np.arange(tmax)[None, :]
     self.seg_tile_ok = j < np.asarray(seg_ntiles)[:, None]
     self.seg_tile_idx = np.where(self.seg_tile_ok, np.asarray(seg_tile0)[:, None] + j, 0).astype(np.int32)
+    # per tile: padded position -> position among the leaves alone (p + shift), valid below the limit
+    seg_src0 = np.concatenate([[0], np.cumsum(self.seg_n)[:-1]])
+    self.tile_shift = (seg_src0 - self.seg_start)[self.tile_seg].astype(np.int32)
+    self.tile_limit = (self.seg_start + self.seg_n)[self.tile_seg].astype(np.int32)
 
   def flatten(self, leaves, dtype) -> jax.Array:
-    """The flat buffer (``n_pad``,) of ``leaves`` (in leaf order, zero padding after each segment)."""
+    """The flat buffer (``n_pad``,) of ``leaves`` (in leaf order, zero padding after each segment).
+
+    Several segments: one concatenation of the leaves alone, then one gather into the padded layout
+    (``padded[p] = leaves[p + shift(tile)]`` or 0 past the segment's end; static per-tile tables). A single
+    concatenation with the zero pieces between the segments was ~3x slower on an H200 (a loop fusion
+    choosing among ~260 operands per entry: 0.12-0.13 ms at 25M entries against 0.04 ms)."""
+    if self.num_segments > 1 and _FLATTEN == "gather":
+      order = [i for g in self.groups for i in g]
+      u = jnp.concatenate([leaves[i].reshape(-1).astype(dtype) for i in order])
+      p = jnp.arange(self.n_pad, dtype=jnp.int32).reshape(self.num_tiles, _TILE)
+      valid = p < jnp.asarray(self.tile_limit)[:, None]
+      src = jnp.where(valid, p + jnp.asarray(self.tile_shift)[:, None], 0)
+      return jnp.where(valid, u.at[src].get(mode="promise_in_bounds"), jnp.zeros((), dtype)).reshape(-1)
     pieces = []
     for g, group in enumerate(self.groups):
       n_g = 0
