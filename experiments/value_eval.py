@@ -58,7 +58,9 @@ _S = flags.DEFINE_integer("s", 4, "Max groups per stage (IOS s).")
 _PART = flags.DEFINE_integer("part_size", 20, "Units per DP part.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _OUT = flags.DEFINE_string("out_dir", "results/value_eval", "Output directory.")
-_WHAT = flags.DEFINE_enum("part", "ios", ["ios", "options"], "ios: IOS schedules; options: XLA option choice.")
+_WHAT = flags.DEFINE_enum("part", "ios", ["ios", "options", "program_mape"],
+                          "ios: IOS schedules; options: XLA option choice; program_mape: whole-program latency "
+                          "MAPE of a learned model vs the analytical roofline on the cost dataset.")
 _ODATA = flags.DEFINE_string("option_data", str(pathlib.Path(__file__).resolve().parents[1] / "mlsys_jax" / "cost"
                                                 / "data" / "h100_collect_a.npz"), "Cost dataset (options part).")
 _OSEEDS = flags.DEFINE_integer("option_seeds", 3, "Program-split repetitions (fold seeds).")
@@ -177,6 +179,14 @@ def part_options():
       if np.all(np.isfinite(gb)):
         r["gbdt"] = V.choice_metrics(V.choose(gb, od.group, default_mask=dm, margin=_OMARGIN.value), rt, od.group)
       r["always_default"] = V.choice_metrics(V.fixed_choice(0, od.option, od.group), rt, od.group)
+      # paired per program against the default: clearly faster (> 5%) / clearly slower
+      d0 = V.fixed_choice(0, od.option, od.group)
+      for key, ch_ in [("value_model", V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value))] + (
+          [("gbdt", V.choose(gb, od.group, default_mask=dm, margin=_OMARGIN.value))] if np.all(np.isfinite(gb)) else []):
+        ratio = np.array([rt[ch_[g]] / rt[d0[g]] for g in d0])
+        r[key]["vs_default"] = {"faster_by_5pct": int(np.sum(ratio < 1 / 1.05)),
+                                "slower_by_5pct": int(np.sum(ratio > 1.05)),
+                                "geomean_speedup": float(np.exp(-np.mean(np.log(ratio))))}
       r["global_option_from_training"] = V.choice_metrics(glob_choice[name], rt, od.group)
       best_k = _global_best(od, np.ones(len(od.y), bool), rt)
       r["global_option_oracle"] = {**V.choice_metrics(V.fixed_choice(best_k, od.option, od.group), rt, od.group),
@@ -213,9 +223,65 @@ def part_options():
   print(f"wrote {path}")
 
 
+def part_program_mape():
+  """Issue 24 target (b) on the data that exists: whole-program latency of the cost dataset's programs
+  (every compilation, rows the collection flagged noisy left out), predicted by gradient-boosted trees
+  on the value model's candidate features (program features + compile decisions + roofline) vs the
+  analytical roofline on XLA's flops/bytes with two rates and an overhead fitted on the training rows
+  (MAPE objective), held out by program (5 folds) and by family (leave one out)."""
+  from sklearn.ensemble import HistGradientBoostingRegressor
+  from threadpoolctl import threadpool_limits
+  from mlsys_jax.cost import dataset as cds
+  from mlsys_jax.cost import features, graph, hlo, metrics
+  t0 = time.perf_counter()
+  ds = cds.load_dataset(_ODATA.value)
+  pf = np.stack([features.program_features(graph.program_graph(hlo.parse_hlo(ds.hlo[i])),
+                                           {"flops": ds.flops[i], "bytes accessed": ds.bytes_accessed[i],
+                                            "transcendentals": ds.transcendentals[i]}) for i in range(len(ds))])
+  dec = np.stack([V.compile_decision_features(t) for t in ds.hlo])
+  fl, by = np.maximum(ds.flops, 0.0), np.maximum(ds.bytes_accessed, 0.0)
+  roof = np.log(np.maximum(fl / 4e14, by / 3e12) + 5e-6)
+  x = np.concatenate([pf, dec, roof[:, None]], 1)
+  y = np.log(ds.runtime_s)
+  keep = ~np.asarray(ds.noisy, bool)
+  out = {"rows": int(len(y)), "rows_kept": int(keep.sum())}
+  splits = [("program", V.group_folds(ds.group, 5, _SEED.value)),
+            ("family", [ds.family == f for f in np.unique(ds.family)])]
+  for name, folds in splits:
+    pl, pa = np.zeros(len(y)), np.zeros(len(y))
+    for te in folds:
+      tr = ~te & keep
+      with threadpool_limits(1):
+        reg = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, loss="absolute_error",
+                                            random_state=_SEED.value)
+        pl[te] = reg.fit(x[tr], y[tr]).predict(x[te])
+      rl = metrics.fit_roofline(fl[tr], by[tr], ds.runtime_s[tr], objective="mape", fit_overhead=True)
+      pa[te] = rl.predict(fl[te], by[te])
+    ml = metrics.mape(np.exp(pl[keep]), ds.runtime_s[keep])
+    ma = metrics.mape(pa[keep], ds.runtime_s[keep])
+    fam = {}
+    if name == "family":
+      for f in np.unique(ds.family):
+        m = keep & (ds.family == f)
+        fam[str(f)] = {"learned": metrics.mape(np.exp(pl[m]), ds.runtime_s[m]),
+                       "analytical": metrics.mape(pa[m], ds.runtime_s[m])}
+    out[name] = {"mape_learned": ml, "mape_analytical": ma, "analytical_over_learned": ma / ml,
+                 "per_family": fam}
+    print(f"[{name}] whole-program MAPE: learned {ml:.3f}, analytical (fitted roofline) {ma:.3f} "
+          f"-> {ma / ml:.2f}x", flush=True)
+  out["total_s"] = time.perf_counter() - t0
+  os.makedirs(_OUT.value, exist_ok=True)
+  path = os.path.join(_OUT.value, "value_program_mape.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"wrote {path}")
+
+
 def main(_):
   if _WHAT.value == "options":
     return part_options()
+  if _WHAT.value == "program_mape":
+    return part_program_mape()
   cost = sched.AnalyticalCost()
   r, s = _R.value, _S.value
   t0 = time.perf_counter()

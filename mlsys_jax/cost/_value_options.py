@@ -343,8 +343,9 @@ def choose_options(model: OptionModel, x: np.ndarray, group: np.ndarray, default
 
 
 def choice_metrics(chosen: dict, runtime: np.ndarray, group: np.ndarray, tol: float = 0.05) -> dict:
-  """Fraction of programs whose chosen runtime is within ``tol`` of the best measured one, mean and
-  max regret (chosen / best - 1), over the programs in ``chosen``."""
+  """Fraction of programs whose chosen runtime is within ``tol`` of the best measured one (with a 95%
+  percentile-bootstrap interval over programs), mean, median and max regret (chosen / best - 1), over
+  the programs in ``chosen``."""
   runtime = np.asarray(runtime, np.float64)
   group = np.asarray(group)
   reg = []
@@ -352,7 +353,10 @@ def choice_metrics(chosen: dict, runtime: np.ndarray, group: np.ndarray, tol: fl
     best = runtime[group == gid].min()
     reg.append(runtime[row] / best - 1.0)
   reg = np.asarray(reg)
+  from mlsys_jax.cost.metrics import bootstrap_mean_ci
+  lo, hi = bootstrap_mean_ci((reg <= tol + 1e-12).astype(np.float64))
   return {"programs": int(reg.size), "within_tol": float(np.mean(reg <= tol + 1e-12)) if reg.size else float("nan"),
+          "within_tol_ci95": [lo, hi],
           "mean_regret": float(reg.mean()) if reg.size else float("nan"),
           "median_regret": float(np.median(reg)) if reg.size else float("nan"),
           "max_regret": float(reg.max()) if reg.size else float("nan")}
