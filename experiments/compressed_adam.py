@@ -33,6 +33,7 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -60,7 +61,7 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "chain(c(precondition=scale_by_adam()), adam); rms: chain(c(precondition="
                            "scale_by_rms()), adam) (each worker selects and sends its gradient over the RMS "
                            "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)); rmslate: rms in the final "
-                           "density stage only; rmsearly: rms in the warm-up stages only; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per "
+                           "density stage only; rmspow@P: g / rms^P; rmsearly: rms in the warm-up stages only; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per "
                            "tensor).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
@@ -132,8 +133,19 @@ def _rms_state_only(decay: float = 0.9) -> optax.GradientTransformation:
   return optax.GradientTransformation(rms.init, lambda u, s, p=None: (u, rms.update(u, s, p)[1]))
 
 
+def _scale_by_rms_power(power: float, decay: float = 0.9, eps: float = 1e-8) -> optax.GradientTransformation:
+  """``g / rms^power`` (rms: the root of an EMA of g^2, as ``optax.scale_by_rms``): power 1 is
+  ``scale_by_rms``, 0 the raw gradient (mode 'rmspow@P')."""
+  rms = optax.scale_by_rms(decay=decay, eps=0.0)
+
+  def update(u, s, p=None):
+    _, s = rms.update(u, s, p)
+    return jax.tree_util.tree_map(lambda g, n: g / (jnp.power(n, power / 2) + eps), u, s.nu), s
+  return optax.GradientTransformation(rms.init, update)
+
+
 def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) -> optax.GradientTransformation:
-  pre = (optax.scale_by_adam() if mode.startswith("precondition") else
+  pre = (_scale_by_rms_power(float(mode[7:])) if mode.startswith("rmspow@") elseoptax.scale_by_adam() if mode.startswith("precondition") else
          optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms@") or mode == "rms" else
          (optax.scale_by_rms() if final else _rms_state_only()) if mode == "rmslate" else
          (_rms_state_only() if final else optax.scale_by_rms()) if mode == "rmsearly" else
