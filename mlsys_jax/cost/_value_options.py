@@ -198,6 +198,10 @@ def option_data(ds, program_features_fn=None) -> OptionData:
 
 
 class OptionConfig(NamedTuple):
+  """Hyper-parameters of :func:`fit_option_model` and of the choice: MLP width/depth, Adam(W) steps and
+  learning rate (cosine decay), weight decay, weight of the pairwise ranking loss, Huber delta (log
+  units), ensemble members, ``pessimism`` (score = mean + pessimism x std of the members), ``margin``
+  (log gain a non-default option must show), ``ood_margin`` (fraction of the training range) and seed."""
   hidden: int = 64
   layers: int = 2
   steps: int = 600
@@ -224,6 +228,8 @@ class _MLP(nn.Module):
 
 
 class OptionModel(NamedTuple):
+  """A fitted ensemble: per-member flax params, the input standardisation (``mu``, ``sd``), the training
+  range of every feature (``lo``, ``hi``; for :func:`option_ood`) and the :class:`OptionConfig`."""
   params: list
   mu: np.ndarray
   sd: np.ndarray
