@@ -26,8 +26,8 @@ def _prev_kth(a, k):
   return np.maximum(kth.view(np.int32) - 1, 0).view(np.float32)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_search_ways_equal_bisection_and_closed_form(seed):
+@pytest.mark.parametrize("seed,ways", [(0, (4, 16)), pytest.param(1, (4, 16, 64, 256), marks=pytest.mark.slow)])
+def test_search_ways_equal_bisection_and_closed_form(seed, ways):
   a = _segments_data(seed)
   k = np.array([37, 30, 15])
   aj, kj = jnp.asarray(a), jnp.asarray(k)
@@ -40,9 +40,9 @@ def test_search_ways_equal_bisection_and_closed_form(seed):
   assert np.all(np.sum(a > ref_high[:, None], axis=1) <= k)
   below = np.maximum(ref_high.view(np.int32) - 1, 0).view(np.float32)
   assert np.all((np.sum(a > below[:, None], axis=1) > k) | (ref_high == 0))
-  for ways in (4, 16, 64, 256):
-    low = jax.jit(lambda: sp._search_bits(lambda tm: counts(tm) >= kj[:, None], top, True, ways=ways))()
-    high = sp._search_bits(lambda tm: counts(tm) <= kj[:, None], top, False, ways=ways)
+  for w in ways:
+    low = jax.jit(lambda: sp._search_bits(lambda tm: counts(tm) >= kj[:, None], top, True, ways=w))()
+    high = sp._search_bits(lambda tm: counts(tm) <= kj[:, None], top, False, ways=w)
     np.testing.assert_array_equal(np.asarray(low).view(np.int32), ref_low.view(np.int32))
     np.testing.assert_array_equal(np.asarray(high).view(np.int32), ref_high.view(np.int32))
 
@@ -66,8 +66,11 @@ def test_tile_counts_above_matches_numpy():
     pp.tile_counts_above(jnp.zeros(4096), jnp.zeros((1, 12)), interpret=True)
 
 
-@pytest.mark.parametrize("per_tensor", [False, True])
-def test_seg_exact_is_closed_form_per_segment(per_tensor, monkeypatch):
+@pytest.mark.parametrize("per_tensor,impls", [
+    (True, ((2, "bisect"), (16, "xla"))),
+    pytest.param(True, ((8, "pallas"),), marks=pytest.mark.slow),
+    pytest.param(False, ((2, "bisect"), (16, "xla"), (8, "pallas")), marks=pytest.mark.slow)])
+def test_seg_exact_is_closed_form_per_segment(per_tensor, impls, monkeypatch):
   """The exact-count fallback's thresholds on a flat buffer: just below each segment's k-th largest,
   for the bisection, the XLA W-way count and the Pallas count (interpret)."""
   rng = np.random.default_rng(3)
@@ -79,7 +82,7 @@ def test_seg_exact_is_closed_form_per_segment(per_tensor, monkeypatch):
   bmax = sp._block_stats(jnp.abs(flat))[2]
   k = np.array([max(1, round(0.01 * n)) for n in lay.seg_n])
   out = {}
-  for ways, impl in ((2, "xla"), (16, "xla"), (8, "pallas")):
+  for ways, impl in impls:
     monkeypatch.setattr(sp, "_SEARCH_WAYS", ways)
     monkeypatch.setattr(sp, "_COUNT_IMPL", impl)
     # ("pallas" off GPU: the Triton kernel in the Pallas interpreter)
@@ -110,7 +113,8 @@ def test_flat_sum_equals_leafwise_sum():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("kw", [dict(per_tensor=True), pytest.param(dict(), marks=pytest.mark.slow),
+@pytest.mark.parametrize("kw", [pytest.param(dict(per_tensor=True), marks=pytest.mark.slow),
+                                pytest.param(dict(), marks=pytest.mark.slow),
                                 pytest.param(dict(exact=False, max_fraction=1.0), marks=pytest.mark.slow)])
 def test_transform_same_with_any_search(kw, monkeypatch):
   """Whole updates (the fallback searches run under lax.cond on the steps where the fit misses: Gaussian
@@ -180,6 +184,7 @@ def test_write_leaves_matches_numpy():
       np.testing.assert_array_equal(np.asarray(ress[l]), np.where(fin, np.where(sl, 0, v), old[l]))
 
 
+@pytest.mark.slow
 def test_outputs_in_one_kernel_equal_per_leaf(monkeypatch):
   """sidco with the one-launch outputs (interpreter) equals the per-leaf XLA outputs bitwise over steps,
   a non-finite step included; flat and per tensor, and under shard_map (the collective's mean as source)."""
@@ -251,7 +256,8 @@ def test_write_leaves_from_and_topk_outputs_in_one_kernel(monkeypatch):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("per_tensor,min_count", [(True, 1.0), (True, 16.0), (False, 1.0)])
+@pytest.mark.parametrize("per_tensor,min_count", [(True, 1.0), pytest.param(True, 16.0, marks=pytest.mark.slow),
+                                                   pytest.param(False, 1.0, marks=pytest.mark.slow)])
 def test_flatten_gather_equals_concatenation(per_tensor, min_count, monkeypatch):
   """The padded flat buffer from one concatenation of the leaves and a gather equals the concatenation with
   zero pieces between the segments (leaves ending on, before and after tile boundaries)."""
