@@ -40,22 +40,23 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
-# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic]. H200 sweeps of
+# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic[:peel]]. H200 sweeps of
 # 2026-12-02 14:26 and 15:04 UTC: best 'fma:64:2:16' (8192x8192 batch 1, 24.4 us), 'fma:64:2:8'
 # (8192x28672), 'dot:256:1:4:8:3' with prefetch at batch 4-16. This sweep: the same with the split-K sum
 # as atomic adds in the kernel (one launch), and the 'fmad' variant (one AND + one FMA per weight) over
 # split_k 8-64, 1-4 blocks per step, block_n 32-128, 2-8 warps, prefetch. 21:00 UTC run (device time
 # per launch, 8192x8192 batch 1): fmad:64:2:8 with atomics 17.6 us (fma:64:2:16, the old default, 19.5
 # us; bf16 34.9 us). This sweep: 'fmad4'/'fmad2' (2.8-3.1 SASS instructions per weight, 'fmad' 3.7)
-# around one wave of programs (registers from the offline sm_90a compile).
+# around one or two waves of programs (registers from the offline sm_90a compile: fmad4:256:1:16:8 64,
+# fmad4:128:1:16:4 56, fmad4:64:1:16:2 64 registers), with and without step 0 peeled (9th field).
 SWEEP = ("fma:64:2:16:4:3:0:0,fmad:64:2:8:4:3:0:1,"
-         "fmad4:256:1:16:8:3:0:1,fmad4:256:1:32:8:3:0:1,fmad4:256:2:8:8:3:0:1,fmad4:256:1:16:4:3:0:1,"
-         "fmad4:256:1:8:8:3:0:1,fmad4:128:1:16:4:3:0:1,fmad4:128:2:16:4:3:0:1,fmad4:128:1:32:4:3:0:1,"
-         "fmad4:128:2:8:4:3:0:1,fmad4:128:1:32:2:3:0:1,fmad4:128:2:16:2:3:0:1,fmad4:64:2:8:2:3:0:1,"
-         "fmad4:64:1:16:2:3:0:1,fmad4:64:2:16:2:3:0:1,fmad2:128:2:8:4:3:0:1,fmad2:128:1:16:4:3:0:1,"
-         "fmad2:256:1:16:8:3:0:1,fmad2:64:2:16:2:3:0:1,fmad4:256:1:16:8:3:0:0,fmad4:256:1:16:8:3:1:1")
-SWEEP_B1 = ("fma:64:2:8:4:3:0:0,fmad:64:2:8:4:3:0:1,fmad4:256:1:8:8:3:0:1,fmad4:256:1:4:8:3:0:1,"
-            "fmad4:256:1:16:8:3:0:1,fmad4:128:2:8:4:3:0:1,fmad4:128:1:8:4:3:0:1,fmad2:128:2:8:4:3:0:1")
+         "fmad4:256:1:16:8:3:0:1,fmad4:128:1:16:4:3:0:1,fmad4:64:1:16:2:3:0:1,fmad4:256:1:32:8:3:0:1,"
+         "fmad4:128:1:32:4:3:0:1,fmad4:64:1:32:2:3:0:1,fmad4:256:2:8:8:3:0:1,fmad4:256:1:16:4:3:0:1,"
+         "fmad4:128:2:8:4:3:0:1,fmad4:64:2:8:2:3:0:1,fmad4:256:1:8:8:3:0:1,fmad4:128:1:8:4:3:0:1,"
+         "fmad2:128:1:16:4:3:0:1,fmad2:64:1:16:2:3:0:1,fmad2:128:1:32:4:3:0:1,fmad4:256:1:16:8:3:0:0,"
+         "fmad4:256:1:16:8:3:1:1,fmad4:256:1:16:8:3:0:1:1,fmad4:128:1:16:4:3:0:1:1,fmad4:128:1:16:4:3:0:0")
+SWEEP_B1 = ("fma:64:2:8:4:3:0:0,fmad:64:2:8:4:3:0:1,fmad4:256:1:4:8:3:0:1,fmad4:256:1:8:8:3:0:1,"
+            "fmad4:128:1:4:4:3:0:1,fmad4:64:1:4:2:3:0:1,fmad4:128:1:8:4:3:0:1,fmad4:256:1:16:8:3:0:1")
 OTHER = "dot:256:1:4:8:3:1:0,dot:256:1:8:8:3:1:1,dot:256:1:4:8:3:1:1"
 
 
@@ -95,6 +96,8 @@ def _parse(spec: str):
       if len(ints) == 5:
         ints.append("1")
       if len(ints) == 6:
+        ints.append("0")
+      if len(ints) == 7:
         ints.append("0")
       out.append((v, *map(int, ints)))
   return out
@@ -167,9 +170,10 @@ def main():
   interpret = not on_gpu
   if args.small:
     shapes, batches, reps0, repeats = [(256, 96), (512, 64)], [1, 4], 2, 3
-    sweep = [("fma", 32, 1, 1, 4, 3, 1, 0), ("fmad", 32, 1, 2, 4, 3, 0, 1), ("dot", 32, 1, 2, 4, 3, 1, 0)]
-    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0, 0), ("fma", 32, 1, 2, 4, 3, 0, 1)]
-    other = [("fma", 32, 1, 1, 4, 3, 1, 0), ("dot", 32, 1, 2, 4, 3, 1, 1)]
+    sweep = [("fma", 32, 1, 1, 4, 3, 1, 0, 0), ("fmad", 32, 1, 2, 4, 3, 0, 1, 1),
+             ("dot", 32, 1, 2, 4, 3, 1, 0, 0)]
+    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0, 0, 0), ("fmad2", 32, 1, 2, 4, 3, 0, 1, 0)]
+    other = [("fma", 32, 1, 1, 4, 3, 1, 0, 0), ("dot", 32, 1, 2, 4, 3, 1, 1, 0)]
     gs = 64
   else:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -233,9 +237,9 @@ def main():
           ops[name] = (op, copies)
           single[name] = True
           continue
-        v, bn, bps, sk, nw, ns, pf, at = c
+        v, bn, bps, sk, nw, ns, pf, at, pe = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                  prefetch=bool(pf), atomic=bool(at), interpret=interpret)
+                  prefetch=bool(pf), atomic=bool(at), peel=bool(pe), interpret=interpret)
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
         ops[name] = (op, copies)

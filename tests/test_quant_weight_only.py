@@ -154,9 +154,10 @@ def test_fmad_denormal_identity_and_scaled_activations():
   w = jax.random.normal(jax.random.PRNGKey(16), (256, 16))
   p = wo.pack_int4(w, 128)
   codes, s = _packed_np(p)
-  for mag in (1e-20, 1.0, 3e30):
+  for mag, peel in ((1e-20, False), (1.0, True), (3e30, True)):     # peel: step 0 off the loop (2 steps)
     x = (mag * jax.random.normal(jax.random.PRNGKey(17), (1, 256))).astype(jnp.bfloat16)
-    y = wo.w4a16_matmul(x, p, impl="pallas", variant="fmad", block_n=16)
+    y = wo.w4a16_matmul(x, p, impl="pallas", variant="fmad", block_n=16, blocks_per_step=1, split_k=1,
+                        peel=peel)
     ref, bound = _np_matmul(np.asarray(x.astype(jnp.float32), np.float64), codes, s, 128)
     np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), 256 * 2 ** -24 * bound + 1e-300)
 

@@ -136,7 +136,7 @@ def _unpack_plane(words, hi, i: int, shift: bool, magic):
 
 def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, blocks_per_step: int,
                  steps: int, group_size: int, precision, prefetch: bool, atomic: bool,
-                 denormals: bool = True):
+                 denormals: bool = True, peel: bool = False):
   o_ref = refs[-1]                 # with atomic=True refs = (zeros, out): the same buffer (aliased)
   bn = w_ref.shape[1]
   step_k = BLOCK_K * blocks_per_step
@@ -279,7 +279,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     if dn:
       dn_setup()
     acc, _ = jax.lax.fori_loop(0, steps, body, (init, cur))
-  elif dn:
+  elif dn and peel:
     # Step 0 peeled: its loads are issued before the activations' range is reduced over the program
     # (a barrier), so the first weights are in flight during that prologue.
     cur = load(0)
@@ -287,6 +287,8 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     acc = compute(init, cur)
     acc = jax.lax.fori_loop(1, steps, lambda it, acc: compute(acc, load(it)), acc)
   else:
+    if dn:
+      dn_setup()
     acc = jax.lax.fori_loop(0, steps, lambda it, acc: compute(acc, load(it)), init)
   if dn:
     for t, a in enumerate(acc):
@@ -319,7 +321,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
               variant: str | None = None, block_n: int | None = None,
               blocks_per_step: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None,
-              prefetch: bool | None = None, atomic: bool | None = None,
+              prefetch: bool | None = None, atomic: bool | None = None, peel: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
 
@@ -339,6 +341,8 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     atomic: with ``split_k > 1``, add the partial outputs into a zero-initialized float32 output with
       atomic adds in the kernel itself (one launch; the float32 sum in a run-dependent order) instead of
       writing ``(split_k, B, N)`` partials that XLA sums in a second launch.
+    peel: ('fmad*' without prefetch) issue step 0's loads before the activation-range prologue (its
+      barrier) by peeling step 0 off the loop; costs registers in multi-step programs.
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -378,12 +382,13 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     interpret = not on_gpu()
   pf = cfg["prefetch"] if prefetch is None else bool(prefetch)
   at = cfg.get("atomic", False) if atomic is None else bool(atomic)
-  return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf, at and sk > 1,
+  pe = cfg.get("peel", False) if peel is None else bool(peel)
+  return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf, at and sk > 1, pe,
                  bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(3, 13)))
-def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, interpret):
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 14)))
+def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, peel, interpret):
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
@@ -400,7 +405,7 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomi
   precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
   kernel = functools.partial(_gemv_kernel, variant=variant, batch=bp, blocks_per_step=bps,
                              steps=kc // (BLOCK_K * bps), group_size=group_size, precision=precision,
-                             prefetch=pf, atomic=atomic, denormals=not interpret)
+                             prefetch=pf, atomic=atomic, denormals=not interpret, peel=peel)
   odt = out_dtype if sk == 1 else jnp.float32
   in_specs = [pl.BlockSpec((bx, kc), lambda j, q: (0, q)),
               pl.BlockSpec((kc // 8, bn), lambda j, q: (q, j)),
