@@ -145,7 +145,8 @@ def _scale_by_rms_power(power: float, decay: float = 0.9, eps: float = 1e-8) -> 
 
 
 def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) -> optax.GradientTransformation:
-  pre = (_scale_by_rms_power(float(mode[7:])) if mode.startswith("rmspow@") elseoptax.scale_by_adam() if mode.startswith("precondition") else
+  pre = (_scale_by_rms_power(float(mode[7:])) if mode.startswith("rmspow@") else
+         optax.scale_by_adam() if mode.startswith("precondition") else
          optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms@") or mode == "rms" else
          (optax.scale_by_rms() if final else _rms_state_only()) if mode == "rmslate" else
          (_rms_state_only() if final else optax.scale_by_rms()) if mode == "rmsearly" else
