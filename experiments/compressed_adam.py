@@ -60,9 +60,9 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
                            "chain(c(precondition=scale_by_adam()), adam); rms: chain(c(precondition="
                            "scale_by_rms()), adam) (each worker selects and sends its gradient over the RMS "
-                           "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)); rmslate: rms in the final "
-                           "density stage only; rmspow@P: g / rms^P; rmsearly: rms in the warm-up stages only; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per "
-                           "tensor).")
+                           "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)); rmslate: rms in the "
+                           "final density stage only; rmsearly: rms in the warm-up stages only; rmspow@P: "
+                           "g / rms^P; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per tensor).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
@@ -277,7 +277,8 @@ def _write(out, ds, seeds, acc, sent, comparisons):
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
       "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": [float(v) for v in _DW_START.value],
-      "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value, "residual_decay": _RES_DECAY.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
+      "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value,
+      "residual_decay": _RES_DECAY.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
       "spread_floor": _SPREAD_FLOOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],

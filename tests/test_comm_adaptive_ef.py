@@ -119,8 +119,8 @@ def runs(devices):
     return jax.tree_util.tree_map(lambda x: x[None], _run(jax.tree_util.tree_map(lambda x: x[0], gw), "d"))
 
   by_sm = jax.jit(shard_map(sm, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(g_w)
-  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise", "decay")), axis_name="d",
-                     devices=devices)(g_w)
+  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise", "decay")),
+                     axis_name="d", devices=devices)(g_w)
   return g_w, by_sm, by_pmap
 
 
