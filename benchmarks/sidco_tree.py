@@ -70,7 +70,8 @@ def _flags(ap):
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
                        "per tensor only); "
                        "tokens: a number = search ways, pallas/xla/bisect = the search's count, out/noout = "
-                       "the outputs in one kernel or per leaf, gather/concat = sparse._FLATTEN")
+                       "the outputs in one kernel or per leaf, gather/concat = sparse._FLATTEN, skip/noskip = "
+                       "sparse._COUNT_SKIP")
 
 
 def _loop(update, steps: int, pool: int):
@@ -190,7 +191,8 @@ def main():
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
   only = [s for s in args.only.split(",") if s]
   rows, ref_first, ref_loop = [], {}, {}
-  search0, count0, output0, flatten0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN
+  search0, count0, output0, flatten0, skip0 = (sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN,
+                                               sp._COUNT_SKIP)
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -202,7 +204,8 @@ def main():
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
     # variant tokens: a number (search ways), pallas/xla/bisect (count), out/noout (outputs in one kernel)
-    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN = search0, count0, output0, flatten0
+    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = (
+        search0, count0, output0, flatten0, skip0)
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -212,7 +215,9 @@ def main():
         sp._OUTPUT_IMPL = "pallas" if tok == "out" else "xla"
       elif tok in ("gather", "concat"):
         sp._FLATTEN = tok
-    row["output_impl"], row["flatten"] = sp._OUTPUT_IMPL, sp._FLATTEN
+      elif tok in ("skip", "noskip"):
+        sp._COUNT_SKIP = tok == "skip"
+    row["output_impl"], row["flatten"], row["count_skip"] = sp._OUTPUT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten

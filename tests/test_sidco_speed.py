@@ -60,6 +60,13 @@ def test_tile_counts_above_matches_numpy():
   c = pp.tile_counts_above(jnp.asarray(x), jnp.asarray(thr), interpret=True)
   ref = np.sum(np.abs(x).reshape(3, 4096, 1) > thr[:, None, :], axis=1)
   np.testing.assert_array_equal(np.asarray(c), ref)
+  # skipping the blocks whose maximum is not above the tile's smallest threshold: the same counts
+  thr2 = np.sort(np.abs(rng.standard_normal((3, 8))).astype(np.float32) + 2.6, axis=1)
+  thr2[0, 0] = np.abs(x[100])                           # a block maximum equal to the smallest threshold
+  bmax = np.abs(x).reshape(-1, 64).max(1)
+  c2 = pp.tile_counts_above(jnp.asarray(x), jnp.asarray(thr2), jnp.asarray(bmax), interpret=True)
+  np.testing.assert_array_equal(np.asarray(c2), np.sum(np.abs(x).reshape(3, 4096, 1) > thr2[:, None, :], axis=1))
+  assert np.mean(bmax > thr2.min(1).repeat(64)) < 0.9   # (some blocks were skipped)
   with pytest.raises(ValueError, match="multiple of 4096"):
     pp.tile_counts_above(jnp.zeros(100), jnp.zeros((1, 16)), interpret=True)
   with pytest.raises(ValueError, match="power of two"):

@@ -311,8 +311,9 @@ COUNT_ELEMS = 4096   # chunk x W compares per inner step of tile_counts_above (i
 COUNT_WARPS = 4
 
 
-def tile_counts_above(x: jax.Array, thresholds: jax.Array, *, interpret: bool | None = None,
-                      chunk: int | None = None, num_warps: int | None = None) -> jax.Array:
+def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array | None = None, *,
+                      interpret: bool | None = None, chunk: int | None = None,
+                      num_warps: int | None = None) -> jax.Array:
   """Per tile of ``THR_BLOCKS * BLOCK`` (4096) entries of a 1-D ``x`` whose length is a multiple of 4096:
   the number of entries with ``|x| > t`` for each of the tile's ``W`` thresholds ``thresholds[tile]``
   (``(tiles, W)`` float32, W a power of two): ``(tiles, W)`` int32. One read of each tile (the W-way
@@ -320,7 +321,11 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, *, interpret: bool | 
 
   The comparisons accumulate elementwise into a ``(chunk, W)`` int32 array over the tile's chunks and are
   summed across the chunk once at the end (a reduction across threads per chunk made the first version
-  compute-bound: 55 us per pass at 25M entries and W = 16 on an H200, against ~30 us to read them)."""
+  compute-bound: 55 us per pass at 25M entries and W = 16 on an H200, against ~30 us to read them).
+
+  ``block_max`` (the maxima of ``|x|`` per 64 entries): entries of blocks whose maximum is not above the
+  tile's smallest threshold are not loaded (they cannot count), so a search's later passes, whose
+  thresholds have closed in on the answer, read only the blocks near or above it."""
   tile = THR_BLOCKS * BLOCK
   n = x.shape[0]
   if n % tile:
@@ -334,21 +339,36 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, *, interpret: bool | 
   steps = tile // c
   i32 = jnp.int32
 
-  def kernel(x_ref, t_ref, out_ref):
+  skip = block_max is not None
+  if skip and block_max.shape != (n // BLOCK,):
+    raise ValueError(f"block_max must have shape ({n // BLOCK},), got {block_max.shape}.")
+
+  def kernel(*refs):
+    if skip:
+      x_ref, t_ref, bm_ref, out_ref = refs
+    else:
+      x_ref, t_ref, out_ref = refs
     i = pl.program_id(0)
     jw = jnp.arange(w, dtype=i32)
     thr = plgpu.load(t_ref.at[i * w + jw])
+    t_min = jnp.min(thr)
 
     def body(s, acc):
       offs = i * tile + s * c + jnp.arange(c, dtype=i32)
-      a = jnp.abs(plgpu.load(x_ref.at[offs]).astype(jnp.float32))
+      if skip:   # blocks whose maximum is not above every threshold are not read (zeros never count)
+        need = plgpu.load(bm_ref.at[offs // BLOCK]) > t_min
+        v = plgpu.load(x_ref.at[offs], mask=need, other=jnp.zeros((), x_ref.dtype))
+      else:
+        v = plgpu.load(x_ref.at[offs])
+      a = jnp.abs(v.astype(jnp.float32))
       return acc + (a[:, None] > thr[None, :]).astype(i32)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((c, w), i32))
     plgpu.store(out_ref.at[i * w + jw], jnp.sum(acc, axis=0))
 
+  args = (x, t.reshape(-1)) + ((block_max.astype(jnp.float32),) if skip else ())
   out = _call(kernel, jax.ShapeDtypeStruct((tiles * w,), i32), (tiles,), interpret,
-              num_warps or COUNT_WARPS)(x, t.reshape(-1))
+              num_warps or COUNT_WARPS)(*args)
   return out.reshape(tiles, w)
 
 

@@ -908,6 +908,8 @@ _SEARCH_WAYS = 16
 # and 32 thresholds on an H200, far slower than 31 bisection passes), "bisect" (W = 2, one threshold per
 # pass) or "auto": "pallas" on GPU, else "bisect".
 _COUNT_IMPL = "auto"
+# The Pallas count skips the 64-entry blocks whose maximum is below every threshold of the pass.
+_COUNT_SKIP = True
 
 
 def _count_impl(x=None) -> str:
@@ -969,14 +971,15 @@ def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
   return f32(lo if keep_low else hi)
 
 
-def _seg_counts(x_tiles, t_multi, lay: _Layout, flat):
+def _seg_counts(x_tiles, t_multi, lay: _Layout, flat, bmax=None):
   """Per segment and threshold: the number of entries of ``x_tiles`` (``(tiles, L)`` non-negative float32)
   above each of the segment's thresholds ``t_multi`` (segments, W): ``(segments, W)`` int32. ``flat``: the
   buffer ``x_tiles`` is ``|flat|`` of, for the Pallas count kernel (one read per tile); None for other
   arrays (block maxima)."""
   thr = lay.per_tile(t_multi) if lay.num_segments > 1 else jnp.broadcast_to(t_multi, (lay.num_tiles,) + t_multi.shape[1:])
   if _count_impl(flat) == "pallas" and flat is not None and x_tiles.shape[1] == _TILE and t_multi.shape[1] > 1:
-    c = _pallas_pack.tile_counts_above(flat, thr, interpret=jax.default_backend() != "gpu")
+    c = _pallas_pack.tile_counts_above(flat, thr, bmax if _COUNT_SKIP else None,
+                                       interpret=jax.default_backend() != "gpu")
   else:
     c = jnp.sum(x_tiles[:, :, None] > thr[:, None, :], axis=1, dtype=jnp.int32)
   return lay.seg_reduce(c, "sum")
@@ -987,7 +990,7 @@ def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi, flat=None):
   entries (exact counts: a search on the float bits, :func:`_search_bits`)."""
   top = jax.lax.bitcast_convert_type(
       lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
-  few_enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat) <= hi[:, None]
+  few_enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat, bmax) <= hi[:, None]
   return jnp.maximum(t, _search_bits(few_enough, top, keep_low=False, ways=_search_ways(flat)))
 
 
@@ -998,7 +1001,7 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
   then cuts magnitudes tied at the ``k``-th back to exactly ``k``)."""
   top = jax.lax.bitcast_convert_type(
       lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
-  enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat) >= k[:, None]
+  enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat, bmax) >= k[:, None]
   return _search_bits(enough, top, keep_low=True, ways=_search_ways(flat))
 
 
