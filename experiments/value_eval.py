@@ -69,6 +69,9 @@ _OENS = flags.DEFINE_integer("option_ensemble", 4, "Ensemble members.")
 _OPESS = flags.DEFINE_float("option_pessimism", 2.0, "Prediction = mean + pessimism * std of the members.")
 _OMARGIN = flags.DEFINE_float("option_margin", 0.0, "Leave the default only if predicted faster by this (log).")
 _OK = flags.DEFINE_integer("option_k", 2, "Hybrid: candidates timed per program.")
+_OTARGET = flags.DEFINE_enum("option_target", "measured", ["measured", "pooled"],
+                             "Training target of the options part: the measured medians, or the pooled ones "
+                             "(compilations that are one program share their geometric mean).")
 _OGBDT = flags.DEFINE_bool("option_gbdt", True, "Also fit scikit-learn gradient-boosted trees (if installed).")
 
 
@@ -113,6 +116,10 @@ def part_options():
   print(f"option data: {len(od.y)} candidates of {len(np.unique(od.group))} programs, "
         f"{od.x.shape[1]} features ({time.perf_counter() - t0:.0f} s)", flush=True)
   dm = od.option == 0
+  if _OTARGET.value == "pooled":  # labels without the same-program timing disagreement
+    lp = np.log(od.runtime_pooled)
+    d_of = {int(g): lp[(od.group == g) & dm][0] for g in np.unique(od.group)}
+    od = od._replace(y=lp - np.array([d_of[int(g)] for g in od.group]))
   # Noise floor: compilations that are the same program (pooled), their medians compared.
   ratios = []
   for gid in np.unique(od.group):
@@ -213,11 +220,11 @@ def part_options():
     results[f"{split}/{tag}"] = res
   out = {"dataset": {"path": os.path.relpath(_ODATA.value), "programs": int(len(np.unique(od.group))),
                      "candidates": int(len(od.y)), "options": list(od.options), "device": ds.meta.get("device")},
-         "config": {**cfg._asdict(), "pessimism": _OPESS.value, "margin": _OMARGIN.value, "k": _OK.value,
-                    "seeds": _OSEEDS.value},
+         "config": {**cfg._asdict(), "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value},
          "noise_floor": noise, "results": results, "total_s": time.perf_counter() - t0}
   os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, "value_options.json")
+  path = os.path.join(_OUT.value, "value_options.json" if _OTARGET.value == "measured"
+                      else f"value_options_{_OTARGET.value}_target.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
   print(f"wrote {path}")
