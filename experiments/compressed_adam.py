@@ -39,7 +39,8 @@ import optax  # noqa: E402
 
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
-from mlsys_jax.comm.adaptive_ef import decay_residual, scale_by_leaf_rms, spread_releases  # noqa: E402
+from mlsys_jax.comm.adaptive_ef import (decay_residual, scale_by_frozen_rms, scale_by_leaf_rms,  # noqa: E402
+                                        spread_releases)
 from mlsys_jax.comm.lowrank import _state_field, total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
                                    stage_boundaries)
@@ -62,7 +63,8 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "scale_by_rms()), adam) (each worker selects and sends its gradient over the RMS "
                            "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)); rmslate: rms in the "
                            "final density stage only; rmsearly: rms in the warm-up stages only; rmspow@P: "
-                           "g / rms^P; leafrms: comm.adaptive_ef.scale_by_leaf_rms() (one scale per tensor).")
+                           "g / rms^P; rmsfreeze@N: comm.adaptive_ef.scale_by_frozen_rms(N); leafrms: "
+                           "comm.adaptive_ef.scale_by_leaf_rms() (one scale per tensor).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
@@ -146,6 +148,7 @@ def _scale_by_rms_power(power: float, decay: float = 0.9, eps: float = 1e-8) -> 
 
 def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) -> optax.GradientTransformation:
   pre = (_scale_by_rms_power(float(mode[7:])) if mode.startswith("rmspow@") else
+         scale_by_frozen_rms(int(mode[10:])) if mode.startswith("rmsfreeze@") else
          optax.scale_by_adam() if mode.startswith("precondition") else
          optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms@") or mode == "rms" else
          (optax.scale_by_rms() if final else _rms_state_only()) if mode == "rmslate" else

@@ -52,7 +52,8 @@ import optax
 from mlsys_jax._checks import check_choice, check_floating, check_int
 from mlsys_jax.comm.lowrank import _state_field
 
-__all__ = ["LeafRMSState", "SpreadState", "decay_residual", "scale_by_leaf_rms", "spread_releases"]
+__all__ = ["FrozenRMSState", "LeafRMSState", "SpreadState", "decay_residual", "scale_by_frozen_rms",
+           "scale_by_leaf_rms", "spread_releases"]
 
 
 class SpreadState(NamedTuple):
@@ -320,5 +321,58 @@ def decay_residual(compressor: optax.GradientTransformation, decay: float) -> op
 
   def update_fn(updates, state, params=None):
     return compressor.update(updates, _scale_residual(state, decay) if decay != 1.0 else state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class FrozenRMSState(NamedTuple):
+  """State of :func:`scale_by_frozen_rms`: steps taken and the EMA of the squared gradient."""
+  count: jax.Array
+  nu: Any
+
+
+def scale_by_frozen_rms(freeze_after: int, decay: float = 0.9, eps: float = 1e-8
+                        ) -> optax.GradientTransformation:
+  """``optax.scale_by_rms`` whose second moment stops updating after ``freeze_after`` steps.
+
+  For the sparsifiers' ``precondition=`` option (each worker selects on its own gradient over its own
+  RMS): the first ``freeze_after`` steps are exactly ``optax.scale_by_rms(decay, eps)`` (``g /
+  sqrt(nu + eps)``, ``nu`` the EMA of ``g^2`` from 0); afterwards ``nu`` is kept, so each coordinate is
+  divided by a constant: the selection stays per-coordinate normalised while what is sent keeps the raw
+  gradient's course over time (a gradient that shrinks sends smaller values). 1-bit Adam (Tang et al.,
+  ICML 2021) freezes Adam's variance after a warm-up for the same reason.
+
+  Args:
+    freeze_after: steps after which ``nu`` is frozen (>= 1).
+    decay: EMA decay in [0, 1).
+    eps: added inside the square root (> 0).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = scale_by_frozen_rms(1, decay=0.5)
+    >>> s = tx.init({'w': jnp.zeros(1)})
+    >>> out, s = tx.update({'w': jnp.array([2.0])}, s)   # nu = 0.5 * 4 = 2, then frozen
+    >>> out, s = tx.update({'w': jnp.array([4.0])}, s)
+    >>> round(float(out['w'][0]), 4), float(s.nu['w'][0])
+    (2.8284, 2.0)
+  """
+  check_int("freeze_after", freeze_after, 1)
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+    raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    raise ValueError(f"eps must be a number > 0, got {eps!r}.")
+
+  def init_fn(params):
+    check_floating("scale_by_frozen_rms.init", params)
+    return FrozenRMSState(jnp.zeros((), jnp.int32),
+                          jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    live = state.count < freeze_after
+    nu = jax.tree_util.tree_map(
+        lambda n, g: jnp.where(live, decay * n + (1 - decay) * jnp.square(g.astype(n.dtype)), n), state.nu, updates)
+    out = jax.tree_util.tree_map(lambda g, n: (g * jax.lax.rsqrt(n + eps)).astype(g.dtype), updates, nu)
+    return out, FrozenRMSState(state.count + 1, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
