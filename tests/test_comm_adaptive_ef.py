@@ -313,3 +313,67 @@ def test_scale_by_leaf_rms_matches_numpy():
     scale_by_leaf_rms(decay=1.0)
   with pytest.raises(ValueError, match="eps"):
     scale_by_leaf_rms(eps=0.0)
+
+
+def _np_frozen_rms(g, freeze_after, decay=0.9, eps=1e-8):
+  """float64 numpy reference: g (steps, n) -> g / sqrt(nu + eps), nu's EMA frozen after freeze_after steps."""
+  nu, out = np.zeros(g.shape[1]), []
+  for t in range(g.shape[0]):
+    if t < freeze_after:
+      nu = decay * nu + (1 - decay) * g[t] ** 2
+    out.append(g[t] / np.sqrt(nu + eps))
+  return np.stack(out)
+
+
+def test_scale_by_frozen_rms_matches_numpy_and_optax_before_the_freeze():
+  """Equal to optax.scale_by_rms for the first freeze_after steps and to a float64 numpy reference on all
+  steps (nu constant afterwards), under jit and vmap."""
+  from mlsys_jax.comm.adaptive_ef import scale_by_frozen_rms
+  tx, ref = scale_by_frozen_rms(2, decay=0.8), optax.scale_by_rms(decay=0.8)
+  gs = [_grads(s, scale=1.0 + s) for s in range(4)]
+  st, st_ref = tx.init(_params()), ref.init(_params())
+  update = jax.jit(tx.update)
+  outs = []
+  for s, g in enumerate(gs):
+    o, st = update(g, st)
+    o_ref, st_ref = ref.update(g, st_ref)
+    if s < 2:
+      for a, b in zip(jax.tree_util.tree_leaves(o), jax.tree_util.tree_leaves(o_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    outs.append(_flat(o, ()))
+  want = _np_frozen_rms(np.stack([_flat(g, ()) for g in gs]), 2, decay=0.8)
+  np.testing.assert_allclose(np.stack(outs), want, rtol=1e-5, atol=1e-6)
+  batched = jax.tree_util.tree_map(lambda *x: jnp.stack(x), gs[0], gs[1])
+  o_v, _ = jax.vmap(tx.update)(batched, jax.vmap(tx.init)(batched))
+  np.testing.assert_allclose(_flat(o_v, (2,)), np.stack(
+      [_np_frozen_rms(_flat(g, ())[None], 2, decay=0.8)[0] for g in gs[:2]]), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="freeze_after"):
+    scale_by_frozen_rms(0)
+  with pytest.raises(ValueError, match="decay"):
+    scale_by_frozen_rms(5, decay=1.0)
+
+
+def test_frozen_rms_inside_topk_under_shard_map(devices):
+  """topk(precondition=scale_by_frozen_rms(2, eps=1)) over 8 workers (shard_map): each worker normalises its own
+  gradient with its own frozen RMS before error feedback; the aggregate equals the float64 numpy Top-k with
+  error feedback on the per-worker normalised gradients, and pmap gives the same."""
+  from mlsys_jax.comm.adaptive_ef import scale_by_frozen_rms
+  g_w = _worker_grads()
+  flat = _flat(g_w, (_W, _STEPS))
+  # eps=1: with a tiny eps every entry of the first step is +-sqrt(1 / (1 - decay)), all tied for Top-k
+  norm = np.stack([_np_frozen_rms(flat[w], 2, eps=1.0) for w in range(_W)])
+  want = _np_topk_ef(norm, _RATIO)
+
+  def run(g):
+    tx = topk(_RATIO, axis_name="d", precondition=scale_by_frozen_rms(2, eps=1.0))
+    return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[1]
+
+  mesh = Mesh(np.array(devices), ("d",))
+  sm = jax.jit(shard_map(lambda gw: jax.tree_util.tree_map(lambda x: x[None], run(
+      jax.tree_util.tree_map(lambda x: x[0], gw))), mesh=mesh, in_specs=(P("d"),), out_specs=P("d"),
+      check_vma=False))(g_w)
+  got = _flat(sm, (_W, _STEPS))
+  for w in range(_W):
+    np.testing.assert_allclose(got[w], want, rtol=1e-4, atol=1e-5)
+  pm = _flat(jax.pmap(run, axis_name="d", devices=devices)(g_w), (_W, _STEPS))
+  np.testing.assert_allclose(pm, got, rtol=1e-6, atol=1e-7)
