@@ -12,7 +12,9 @@ code ``GuanhuaWang/sensAI``):
 3. **Prune** (:func:`prune_masks`, :func:`prune`): drop channel ``c`` iff ``APoZ_c > 0.73`` and
    ``avg_c < 0.01`` (the paper's thresholds, APoZ as a fraction here), physically, as surgery on the
    flax variables: the producing layer's output axis (conv/dense kernel, bias, batch norm) and the next
-   layer's input axis. At least one channel per layer is kept (with a warning).
+   layer's input axis. At least one channel per layer is kept (with a warning). Beyond the paper,
+   ``keep_fraction`` keeps a fixed share of each layer (lowest APoZ first) and ``multiple_of`` rounds
+   the widths up to the CPU's vector width (8 / 16 float32 lanes).
 4. **Retrain** each pruned subnet one-vs-rest with ``m + 1`` outputs, output 0 meaning "other"
    (:func:`make_subnet`, :func:`group_dataset`, :func:`retrain_subnet`); positives are oversampled.
 5. **Combine** (:func:`combine`): softmax each subnet, drop its "other" column, put the columns back in
@@ -27,7 +29,7 @@ code ``GuanhuaWang/sensAI``):
    of subnets each under ``shard_map`` and add their class columns with one ``pmax`` + ``psum``
    (:func:`ensemble_predict_sharded`); for serving, :func:`make_sharded_predictor` places the weights
    once, runs each device's group (at its own width with ``own_width``) and combines after ONE
-   ``all_gather``.
+   ``all_gather``; it hands numpy inputs to XLA 64-byte aligned (:func:`host_aligned`).
 
 Supported models (the surgery follows their structure exactly, and refuses anything else, naming the
 layer): :class:`mlsys_jax.models.CNN` (every conv and the hidden dense layer are pruned; the flatten
