@@ -307,7 +307,7 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
   return idx, vals, jnp.sum(group_counts), n_cand
 
 
-COUNT_ELEMS = 4096   # chunk x W compares per inner step of tile_counts_above (int32 accumulators in registers)
+COUNT_CHUNK = 1024   # entries per inner step of tile_counts_above (chunk x W compares, summed per step)
 COUNT_WARPS = 4
 
 
@@ -319,9 +319,10 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
   (``(tiles, W)`` float32, W a power of two): ``(tiles, W)`` int32. One read of each tile (the W-way
   threshold searches of :func:`mlsys_jax.comm.sparse._search_bits`: W thresholds per pass).
 
-  The comparisons accumulate elementwise into a ``(chunk, W)`` int32 array over the tile's chunks and are
-  summed across the chunk once at the end (a reduction across threads per chunk made the first version
-  compute-bound: 55 us per pass at 25M entries and W = 16 on an H200, against ~30 us to read them).
+  Each inner step compares a chunk of entries with the W thresholds and sums over the chunk. On an H200 at
+  25M entries: 32 us per pass at W = 8, 55 us at W = 16, 192 us at W = 64 (reading 100 MB takes ~30 us). A
+  version accumulating ``(chunk, W)`` counts in registers and summing once per tile (with the block skip
+  below) was slower, 102 us per pass at W = 16 (batch s6c2).
 
   ``block_max`` (the maxima of ``|x|`` per 64 entries): entries of blocks whose maximum is not above the
   tile's smallest threshold are not loaded (they cannot count), so a search's later passes, whose
@@ -335,7 +336,7 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
   w = t.shape[1]
   if t.shape != (tiles, w) or w & (w - 1):
     raise ValueError(f"thresholds must have shape ({tiles}, W) with W a power of two, got {t.shape}.")
-  c = min(tile, chunk or max(16, COUNT_ELEMS // w))
+  c = min(tile, chunk or max(128, COUNT_CHUNK * 16 // max(w, 16)))
   steps = tile // c
   i32 = jnp.int32
 
@@ -361,10 +362,10 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
       else:
         v = plgpu.load(x_ref.at[offs])
       a = jnp.abs(v.astype(jnp.float32))
-      return acc + (a[:, None] > thr[None, :]).astype(i32)
+      return acc + jnp.sum((a[:, None] > thr[None, :]).astype(i32), axis=0)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((c, w), i32))
-    plgpu.store(out_ref.at[i * w + jw], jnp.sum(acc, axis=0))
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((w,), i32))
+    plgpu.store(out_ref.at[i * w + jw], acc)
 
   args = (x, t.reshape(-1)) + ((block_max.astype(jnp.float32),) if skip else ())
   out = _call(kernel, jax.ShapeDtypeStruct((tiles * w,), i32), (tiles,), interpret,

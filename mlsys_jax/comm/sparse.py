@@ -902,14 +902,15 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
 # Ways of the threshold searches over the buffer (_seg_exact, _seg_ceiling): 2 is the plain bisection (31
 # passes); W > 2 (a power of two) tests W thresholds per pass, ceil(31 / log2 W) passes. The same result
 # bitwise (the boundary of a monotone predicate over the float bits). Module-level for the benchmark.
-_SEARCH_WAYS = 16
+_SEARCH_WAYS = 8
 # How a W-way pass counts the entries above W thresholds per tile: "pallas" (one Triton kernel, each tile
 # read once; the Pallas interpreter off GPU), "xla" (a fused broadcast-compare-sum: 1.6 ms per pass at 25M
 # and 32 thresholds on an H200, far slower than 31 bisection passes), "bisect" (W = 2, one threshold per
 # pass) or "auto": "pallas" on GPU, else "bisect".
 _COUNT_IMPL = "auto"
-# The Pallas count skips the 64-entry blocks whose maximum is below every threshold of the pass.
-_COUNT_SKIP = True
+# The Pallas count skips the 64-entry blocks whose maximum is below every threshold of the pass (off by
+# default: not yet timed on its own).
+_COUNT_SKIP = False
 
 
 def _count_impl(x=None) -> str:
@@ -1074,7 +1075,9 @@ def _seg_trim(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
 _TRANSFORM_PACKING = "auto"
 # The segmented transforms' per-leaf outputs: "xla" (one elementwise kernel per leaf), "pallas" (one launch
 # for all leaves, _pallas_pack.write_leaves; the interpreter off GPU) or "auto" (pallas on GPU). Trees of more
-# than _OUTPUT_MAX_LEAVES leaves, momentum, or mixed dtypes use "xla".
+# than _OUTPUT_MAX_LEAVES leaves, momentum, or mixed dtypes use "xla". Measured SLOWER on an H200 (batch
+# s6c2, 161 leaves: the one launch took 0.58 ms, plus ~150 copies of its outputs; sidco 2.41 ms per update
+# against 1.74 ms, topk 2.50 against 1.69), so "xla" is the default.
 _OUTPUT_IMPL = "xla"
 _OUTPUT_MAX_LEAVES = 400
 
@@ -1665,7 +1668,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       off; at most ``capacity_factor``): when the fitted thresholds select more than the payload holds,
       every segment's threshold is raised (if needed) to keep at most ``max_fraction * k`` of its
       entries (exact counts, found by bisection) and the payload is packed again, so nothing overflows
-      and what is sent are the largest entries. Costs ~31 passes over the gradient, on such steps only.
+      and what is sent are the largest entries. Costs a search over the float bits on such steps only (11
+      passes over the gradient, 8 thresholds each, with the Pallas count on GPU; 31 bisection passes elsewhere).
     min_group_count: with ``per_tensor=True``, a leaf whose target count ``ratio * size`` is below this
       (default 16) does not get its own threshold: runs of consecutive small leaves are pooled into one
       segment, and a pool still below it joins the next leaf's segment. A threshold fitted on a
@@ -1679,7 +1683,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       adaptation). A correction stage keeps the ``k`` largest of what the fit selected (one sort of the
       ``capacity_factor * k`` payload slots, not of the gradient); on a step where the fit selected
       fewer than ``k`` or more than the local capacity, the thresholds come from a bisection instead
-      (~31 passes, on such steps only: 1% of the steps with ``'gpareto'`` on the digits CNN at 1%).
+      (11 8-way passes on GPU, 31 bisection passes elsewhere, on such steps only: 1% of the steps with
+      ``'gpareto'`` on the digits CNN at 1%).
       ``min_fraction``/``max_fraction`` apply only with ``exact=False`` (the paper's estimator alone).
       Why it is the default: with ``exact=False`` the count the fit selects moves around the target
       from step to step (digits CNN, 8 workers, 1%: ``'gpareto'`` 0.45-1.4x in the first 10 steps,
