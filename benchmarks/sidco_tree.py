@@ -65,8 +65,8 @@ def _flags(ap):
   ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
   ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
-  ap.add_argument("--topk_variants", default="out", help="comma-separated variant rows of topk (tokens as --variants)")
-  ap.add_argument("--variants", default="bisect,out,-32 pallas,-64 pallas",
+  ap.add_argument("--topk_variants", default="", help="comma-separated variant rows of topk (tokens as --variants)")
+  ap.add_argument("--variants", default="bisect,-16 pallas",
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
                        "per tensor only); "
                        "tokens: a number = search ways, pallas/xla/bisect = the search's count, out/noout = "
