@@ -242,7 +242,8 @@ def test_self_test_and_default_config():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert wo.kernel_self_test()
-  assert pg.default_config(1, 8192, 8192, 64)["variant"] == "fma"      # CUDA cores at batch 1-2,
+  assert pg.default_config(1, 8192, 8192, 64)["variant"] == "fmad"     # CUDA cores at batch 1-2,
+  assert pg.default_config(2, 8192, 8192, 64)["variant"] == "fma"
   assert pg.default_config(16, 8192, 8192, 64)["variant"] == "dot"     # tensor cores above
   cfg = pg.default_config(1, 8192, 8192, 64)
   assert (8192 // pg.BLOCK_K) % (cfg["split_k"] * cfg["blocks_per_step"]) == 0 and 64 % cfg["split_k"] == 0

@@ -65,19 +65,24 @@ VARIANTS = ("fma", "fmad", "fmad2", "fmad4", "fma_shift", "dot", "dotb", "dot_sh
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
-# The launch parameters used when none are given, by batch, from the H200 sweeps of 2026-12-02 14:26 and
-# 15:04 UTC (jax 0.11.2, benchmarks/w4a16_gemv.py; docs/weight_only.md has the tables). Batch <= 2: the
-# CUDA-core kernel without register prefetch, block_n 64, 2 blocks per step, and split_k chosen per shape
-# so that the grid has about TARGET_PROGRAMS programs (8192x8192: split_k 16, 24.4 us, the best of 24 at
-# batch 1 and of 8 at batch 2; 8192x28672: split_k 8, 65.2 us, within 1% of the best at batch 1 and 2).
-# Batch 3-16: the tensor-core kernel, dot:256:1:4:8:3 with prefetch (best at batch 4 and 16 of
-# 8192x8192 and batch 16 of 8192x28672; 3% behind dot:128 at batch 4 of 8192x28672).
+# The launch parameters used when none are given, by batch, from the H200 sweeps of 2026-12-02
+# (jax 0.11.2, benchmarks/w4a16_gemv.py, device time per launch from the profiler; docs/weight_only.md).
+# Batch 1: 'fmad' (one AND + one FMA per weight), block_n 64, 2 blocks per step, split K by atomic adds,
+# split_k the power of two reaching about TARGET_PROGRAMS programs, at least 8 and at most 16 (8 at
+# 8192x8192 and 8192x28672): 17.6 and 17.7 us at 8192x8192 in the runs of 21:00 and 21:45 UTC against
+# 19.5 us for the previous default ('fma:64:2:16'), 51.1 and 51.3 us at 8192x28672 (58.6 and 58.0).
+# Batch 2: 'fma' with split_k for about 2048 programs (the best or within 1% at batch 2 in both runs:
+# a second FMA per weight outweighs 'fmad's saving). Batch 3-16: the tensor-core kernel,
+# dot:256:1:4:8:3 with prefetch (best at batch 4 and 16 of 8192x8192, within 5% at 8192x28672).
+_DEFAULT_B1 = dict(variant="fmad", block_n=64, blocks_per_step=2, split_k=16, num_warps=4,
+                   num_stages=3, prefetch=False, atomic=True)
 _DEFAULT_SMALL = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=16, num_warps=4,
                       num_stages=3, prefetch=False)
 _DEFAULT_LARGE = dict(variant="dot", block_n=256, blocks_per_step=1, split_k=4, num_warps=8,
                       num_stages=3, prefetch=True)
-SMALL_BATCH = 2                # batches up to this use _DEFAULT_SMALL
-TARGET_PROGRAMS = 2048         # batch <= 2: split_k = the power of two reaching this, at most 16
+SMALL_BATCH = 2                # batches up to this use the CUDA-core kernels
+TARGET_PROGRAMS = {1: 1024, 2: 2048}   # batch <= 2: split_k = the power of two reaching this, at most 16
+MIN_SPLIT_B1 = 8
 
 
 def on_gpu() -> bool:
@@ -96,14 +101,17 @@ def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
   groups).
 
   Example:
-    >>> [default_config(1, 8192, n)["split_k"] for n in (8192, 28672)]
-    [16, 8]
+    >>> [(c["variant"], c["split_k"]) for c in (default_config(1, 8192, n) for n in (8192, 28672))]
+    [('fmad', 8), ('fmad', 8)]
+    >>> default_config(2, 8192, 8192)["variant"], default_config(16, 8192, 8192)["variant"]
+    ('fma', 'dot')
   """
   small = batch <= SMALL_BATCH
-  cfg = dict(_DEFAULT_SMALL if small else _DEFAULT_LARGE)
+  cfg = dict(_DEFAULT_B1 if batch == 1 else _DEFAULT_SMALL if small else _DEFAULT_LARGE)
   cfg["block_n"] = min(cfg["block_n"], max(16, _pow2(n)))
   if small:
-    cfg["split_k"] = min(cfg["split_k"], _pow2(-(-TARGET_PROGRAMS // -(-n // cfg["block_n"]))))
+    split = _pow2(-(-TARGET_PROGRAMS[batch] // -(-n // cfg["block_n"])))
+    cfg["split_k"] = min(cfg["split_k"], max(split, MIN_SPLIT_B1 if batch == 1 else 1))
   nb = k // BLOCK_K
   while cfg["split_k"] > 1 and (nb % cfg["split_k"] or groups % cfg["split_k"]):
     cfg["split_k"] //= 2

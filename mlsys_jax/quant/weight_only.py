@@ -205,7 +205,7 @@ def _xla_matmul(x: jax.Array, packed: Int4Weights, out_dtype) -> jax.Array:
 def kernel_self_test(variant: str | None = None) -> bool:
   """Once per process (and variant): run the Pallas GEMV with its default launch parameters on a small
   problem (K=512 so that the default K split and step both apply, two column blocks, group size 64, N
-  not a multiple of the block) at batch 1 and batch 3 (the small-batch and the large-batch defaults,
+  not a multiple of the block) at batch 1, 2 and 3 (the three kernels the defaults pick,
   see :func:`mlsys_jax.quant._pallas_gemv.default_config`; ``variant`` forces one kernel variant for
   both) and compare it with the XLA path (relative error < 1e-5). On failure warn (``RuntimeWarning``)
   and return False, and :func:`w4a16_matmul` keeps the XLA path.
@@ -220,8 +220,9 @@ def kernel_self_test(variant: str | None = None) -> bool:
     x = jax.random.normal(kx, (3, 512), jnp.float32).astype(jnp.bfloat16)
     ref = _xla_matmul(x, p, jnp.dtype(jnp.float32))
     out = jnp.concatenate([_pallas_gemv.int4_gemv(x[:1], p.words, p.scales, variant=variant),
+                           _pallas_gemv.int4_gemv(x[:2], p.words, p.scales, variant=variant),
                            _pallas_gemv.int4_gemv(x, p.words, p.scales, variant=variant)])
-    ref = jnp.concatenate([ref[:1], ref])
+    ref = jnp.concatenate([ref[:1], ref[:2], ref])
     return jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)
 
   try:
