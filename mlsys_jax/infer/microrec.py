@@ -698,7 +698,7 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
 
 
 # Launch of the Pallas stage (:func:`lookup`): the fastest in device time at batch 4096 on an H200 (26 Criteo
-# tables, d=16, per-table plan: 6.13-6.19 us per stage, count included, in two runs, against 6.50-6.51 us for
+# tables, d=16, per-table plan: 6.13-6.24 us per stage, count included, in three runs, against 6.50-6.51 us for
 # "tile" whose count is summed by a separate XLA reduction; benchmarks/microrec_lookup.py --parts=stage_sweep;
 # docs/microrec.md).
 PALLAS_DEFAULTS = {"kernel": "tile_atomic", "block": 1, "num_warps": 2}
