@@ -47,7 +47,6 @@ def _args():
   ap.add_argument("--batches", default="1,2,4,8,16,32")
   ap.add_argument("--strategies", default="merge,both")
   ap.add_argument("--configs", default=",".join(sched.CHECK_CONFIGS), help="XLA configurations (XLA_CONFIGS)")
-  ap.add_argument("--compile_threads", type=int, default=1, help="compile a batch's programs in threads")
   ap.add_argument("--cost", default="analytical", choices=("analytical", "profiler"))
   ap.add_argument("--cache", default=None, help="stage-profile cache (with --cost profiler)")
   ap.add_argument("--cross", type=int, default=1, help="1: run every schedule at every batch size")
@@ -136,15 +135,11 @@ def earlier_pick(prev: dict) -> str:
   return min(cands, key=cands.get)
 
 
-def compile_all(lowered: dict, threads: int) -> dict:
-  """``{name: (lowered, args)}`` -> ``{name: (compiled, args)}``, in ``threads`` threads (XLA compiles
-  release the GIL; nothing runs on the device until every compile has finished)."""
-  if threads <= 1:
-    return {k: (low.compile(), a) for k, (low, a) in lowered.items()}
-  from concurrent.futures import ThreadPoolExecutor
-  with ThreadPoolExecutor(threads) as ex:
-    futs = {k: ex.submit(low.compile) for k, (low, _) in lowered.items()}
-    return {k: (futs[k].result(), lowered[k][1]) for k in lowered}
+def compile_all(lowered: dict) -> dict:
+  """``{name: (lowered, args)}`` -> ``{name: (compiled, args)}``, one compile at a time and all before any
+  program runs. (Compiling in 4 threads on the H200 (run s6c2) never finished a first batch in 60 s: XLA's
+  conv autotuning in parallel threads timed out its delay kernel again and again.)"""
+  return {k: (low.compile(), a) for k, (low, a) in lowered.items()}
 
 
 def markdown_tables(rows) -> str:
@@ -258,6 +253,8 @@ def main():
           payload["skipped"].append(f"time {net} {dt} b{b}")
           log(f"skip {net} {dt} b{b}: time budget")
           continue
+        if args.confirm_only and (net, dt, b) not in earlier:
+          continue   # nothing to confirm at this batch size
         x = xs[b]
         progs, t0 = {}, time.perf_counter()
         for c in configs:
@@ -275,7 +272,7 @@ def main():
           jf, consts = sc._build()
           progs[name] = (jf.lower(consts, x), (consts, x))
           sched_of[name] = (sc, ks)
-        progs = compile_all(progs, args.compile_threads)   # every program compiled before any runs
+        progs = compile_all(progs)   # every program compiled before any runs
         compile_s = time.perf_counter() - t0
         ref = progs["xla:" + configs[0]][0](x)
         errs = {k: _rel_err(p(*a), ref) for k, (p, a) in progs.items()}
