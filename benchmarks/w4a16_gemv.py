@@ -18,7 +18,14 @@ first launch's output is returned too), then each is timed with ``mlsys_jax.stat
 (``--inner`` calls per measurement) against the bf16 baseline in the same process. ``--budget_s``: a
 case is skipped (and listed in the JSON) when the time left is under the previous case's time.
 
-  python benchmarks/w4a16_gemv.py --out benchmarks/results --budget_s 92   # GPU (about 100 s)
+Device time: after the pairs, one ``jax.profiler`` trace runs every method of the case ``--device_rounds``
+times with its outputs returned as they are (no consumer kernel); per launch, the span from the first
+kernel's start to the last kernel's end of a call over ``--reps`` (gaps, the atomic path's zero fill and
+the written-out split K's XLA sum included), median over the rounds: ``device_seconds`` and
+``device_speedup_vs_bf16`` per configuration, ``row["device"]`` with the kernels by name.
+
+  python benchmarks/w4a16_gemv.py --out $OUT --batches 1,2,16 --budget_s 85 --no_consumer_top 0 \
+      --device_rounds 5 --public                                     # GPU (about 60 s)
   python benchmarks/w4a16_gemv.py --small                         # CPU smoke test (interpret mode)
 """
 
