@@ -102,9 +102,12 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # at batch 8 no carry-save form beats 'rows' 32 x 128 / 2 splits (7.7 us at 8192: 'hs' 8.6, 'csa' 8.8, 'hs2'
 # 9.3; 16384: 22.6 us vs 'hs2' 25.8); at batch 4 that same configuration takes 5.2 us at 8192 and 14.2 at
 # 16384 against 6.5 / 15.0 for 'rows' 64 x 128 (unsplit), so batches 3-4 use it too.
+# H200 21:35 and 22:10 UTC (binary_dense_h200_b8_16384_rows2.json, binary_dense_h200_rows2_c1/_c2.json): batch
+# 8 -> 'rows2' (same tile, two batch rows per cross-thread reduction): 16384 24.1 / 24.0 us against 26.3 / 26.0
+# for 'rows' in the same runs; 8192 7.89 / 7.87 against 7.88 / 7.87 (a tie, two processes).
 # Keys: the largest batch an entry is for (batch 3 uses the batch-4 entry, 5-7 the batch-8 one).
 _TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 2: DenseConfig("acc", 8, 256, 1, 2, 1),
-          4: DenseConfig("rows", 32, 128, 2, 8, 3), 8: DenseConfig("rows", 32, 128, 2, 8, 3)}
+          4: DenseConfig("rows", 32, 128, 2, 8, 3), 8: DenseConfig("rows2", 32, 128, 2, 8, 3)}
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
@@ -123,7 +126,7 @@ def kernel_applies(b: int, n: int, wn: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def kernel_self_test() -> bool:
   """Once per process: compile the kernel with the default launch parameters of every tuned batch group
-  (B = 1, 3 and 8: ``acc`` and split-K ``rows``; K not a multiple of 32) and compare each
+  (B = 1, 3 and 8: ``acc``, split-K ``rows`` and ``rows2``; K not a multiple of 32) and compare each
   with XLA's packed path. On failure (a
   compile error or a mismatch) warn and return False: ``packed_dense`` then keeps the XLA path.
 
