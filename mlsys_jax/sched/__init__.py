@@ -18,11 +18,12 @@ Public API of IOS:
   ios_dp, Stage                          the dynamic program over ending sets
   compiler_options, stream_call, stream_call_available, merge_key   emission helpers
   longest_paths, path_program            critical-path floor of any schedule (time a chain alone)
+  stage_critical_path                     predicted latency of a schedule with independent stages overlapped
   XLA_CONFIGS, CHECK_CONFIGS, CONV_FUSION_OPTIONS   per-jit XLA options; the never-slower check's set
 """
 
 from mlsys_jax.sched.api import Schedule, ios_schedule, sequential_schedule
-from mlsys_jax.sched.bound import longest_paths, path_program
+from mlsys_jax.sched.bound import longest_paths, path_program, stage_critical_path
 from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler
 from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.emit import (CUDA_GRAPH_OPTIONS, compiler_options, merge_key, stream_call,
@@ -33,4 +34,4 @@ from mlsys_jax.sched.xla import CHECK_CONFIGS, CONV_FUSION_OPTIONS, XLA_CONFIGS
 __all__ = ["ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
            "Stage", "ios_dp", "CUDA_GRAPH_OPTIONS", "compiler_options", "merge_key", "stream_call",
            "stream_call_available", "Graph", "Unit", "build_graph", "relayout_conv_kernels",
-           "longest_paths", "path_program", "XLA_CONFIGS", "CHECK_CONFIGS", "CONV_FUSION_OPTIONS"]
+           "longest_paths", "path_program", "stage_critical_path", "XLA_CONFIGS", "CHECK_CONFIGS", "CONV_FUSION_OPTIONS"]
