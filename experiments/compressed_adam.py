@@ -10,7 +10,7 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # after a gentle warm-up (1% -> 0.25% over 300 steps); DGC with a 10x sample too
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rms \
     --density_warmup=300 --dwarmup_start=0.01 --compressors=sidco,topk,dgc,dgc@0.1
-  # hosts without the mnist1d package: --mnist1d_npz=experiments/results/compressed_adam_mnist1d_seed0.npz
+  # hosts without the mnist1d package: MLSYS_JAX_MNIST1D_CACHE=<folder with a pre-generated copy> (data.load_mnist1d)
   # comm.adaptive_ef.decay_residual (error feedback that forgets): --residual_decay=0.99
   # comm.adaptive_ef.spread_releases variants on the plain chain
   python experiments/compressed_adam.py --ratios=0.001 --modes=chain --spread=none,leaky@100,linear@50
@@ -80,9 +80,6 @@ _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_release
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
                                  "target per leaf, at least one entry per leaf).")
 _DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of dgc (0 = dgc's default, 0.01).")
-_MNIST1D_NPZ = flags.DEFINE_string("mnist1d_npz", "", "Load mnist1d from this .npz (arrays of "
-                                    "data.load_mnist1d(seed=0), e.g. experiments/results/"
-                                    "compressed_adam_mnist1d_seed0.npz) when it exists: hosts without mnist1d.")
 _RES_DECAY = flags.DEFINE_float("residual_decay", 1.0, "comm.adaptive_ef.decay_residual around the compressor "
                                 "(1 = plain error feedback).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
@@ -90,11 +87,7 @@ _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .j
 
 
 def _setup():
-  if _DATASET.value == "mnist1d" and _MNIST1D_NPZ.value and pathlib.Path(_MNIST1D_NPZ.value).exists():
-    z = np.load(_MNIST1D_NPZ.value)   # the same arrays as data.load_mnist1d(seed=0), for hosts without mnist1d
-    ds = data.Dataset(z["x_train"], z["y_train"], z["x_test"], z["y_test"], int(z["num_classes"]), "mnist1d")
-  else:
-    ds = data.load_mnist1d(seed=0) if _DATASET.value == "mnist1d" else data.load_digits(seed=0)
+  ds = data.load_mnist1d(seed=0) if _DATASET.value == "mnist1d" else data.load_digits(seed=0)
   model = (models.CNN(dims=1, kernel_size=5, channels=(32, 64)) if ds.name == "mnist1d"
            else models.CNN(channels=(32, 64)))
   return ds, model
