@@ -12,7 +12,7 @@ Rows (all in the same run):
 
 - ``sidco(0.001)`` and ``sidco(0.001, per_tensor=True)`` (the defaults: ``exact=True``), the transform the
   package exports, and ``--variants`` of them (module switches of :mod:`mlsys_jax.comm.sparse`: the
-  exact-count search's ways and count kernel, the per-leaf outputs in one kernel or per leaf), each checked
+  exact-count search's ways and count kernel, the flatten and the count's block skip), each checked
   bitwise equal over the whole loop to the row without brackets (``loop_same_as_default``);
 - ``topk(0.001)``: the package's Top-k transform (``lax.top_k`` of the raveled tree, error feedback);
 - ``lax.top_k`` and ``lax.approx_max_k`` (recall 0.95) of one flat 25.56M vector: the selection alone, the
@@ -69,9 +69,8 @@ def _flags(ap):
   ap.add_argument("--variants", default="bisect,-16 pallas",
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
                        "per tensor only); "
-                       "tokens: a number = search ways, pallas/xla/bisect = the search's count, out/noout = "
-                       "the outputs in one kernel or per leaf, gather/concat = sparse._FLATTEN, skip/noskip = "
-                       "sparse._COUNT_SKIP")
+                       "tokens: a number = search ways, pallas/xla/bisect = the search's count, "
+                       "gather/concat = sparse._FLATTEN, skip/noskip = sparse._COUNT_SKIP")
 
 
 def _loop(update, steps: int, pool: int):
@@ -191,8 +190,7 @@ def main():
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
   only = [s for s in args.only.split(",") if s]
   rows, ref_first, ref_loop = [], {}, {}
-  search0, count0, output0, flatten0, skip0 = (sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN,
-                                               sp._COUNT_SKIP)
+  search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -203,21 +201,18 @@ def main():
       continue
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
-    # variant tokens: a number (search ways), pallas/xla/bisect (count), out/noout (outputs in one kernel)
-    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._OUTPUT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = (
-        search0, count0, output0, flatten0, skip0)
+    # variant tokens: a number (search ways), pallas/xla/bisect (count), gather/concat, skip/noskip
+    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
       elif tok in ("pallas", "xla", "bisect"):
         sp._COUNT_IMPL = tok
-      elif tok in ("out", "noout"):
-        sp._OUTPUT_IMPL = "pallas" if tok == "out" else "xla"
       elif tok in ("gather", "concat"):
         sp._FLATTEN = tok
       elif tok in ("skip", "noskip"):
         sp._COUNT_SKIP = tok == "skip"
-    row["output_impl"], row["flatten"], row["count_skip"] = sp._OUTPUT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
+    row["flatten"], row["count_skip"] = sp._FLATTEN, sp._COUNT_SKIP
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten

@@ -165,66 +165,23 @@ def test_trim_sort_equals_three_key_sort(segments, monkeypatch):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_write_leaves_matches_numpy():
-  """The one-launch per-leaf outputs (Pallas interpreter): leaves starting and ending inside tiles, a tie
-  at the cut, the last packed index, the collective's source, and the non-finite case (old residual)."""
-  rng = np.random.default_rng(7)
-  sizes, offs, n = [5000, 7, 3000, 1], [0, 5000, 8192, 11192], 4 * 4096
-  flat = rng.standard_normal(n).astype(np.float32)
-  flat[20], flat[30] = 1.0, -1.0
-  t_tile = np.array([1.0, 1.5, 0.5, 2.0], np.float32)
-  tie = np.array([25, -1, -1, -1], np.int32)
-  old = [rng.standard_normal(s).astype(np.float32) for s in sizes]
-  src = rng.standard_normal(n).astype(np.float32)
-  p = np.arange(n)
-  a, tt, tl = np.abs(flat), np.repeat(t_tile, 4096), np.repeat(tie, 4096)
-  sel = ((a > tt) | ((a == tt) & (p <= tl))) & (p <= 9000)
-  assert sel[20] and not sel[30]
-  for fin, s in ((True, None), (True, src), (False, None)):
-    outs, ress = pp.write_leaves(jnp.asarray(flat), jnp.asarray(t_tile), jnp.asarray(tie), 9000, fin,
-                                 [jnp.asarray(o) for o in old], offs, None if s is None else jnp.asarray(s),
-                                 interpret=True)
-    for l, (o, size) in enumerate(zip(offs, sizes)):
-      v, sl = flat[o:o + size], sel[o:o + size]
-      sent = s[o:o + size] if s is not None else np.where(sl, v, 0)
-      np.testing.assert_array_equal(np.asarray(outs[l]), np.where(fin, sent, 0))
-      np.testing.assert_array_equal(np.asarray(ress[l]), np.where(fin, np.where(sl, 0, v), old[l]))
-
-
-@pytest.mark.slow
-def test_outputs_in_one_kernel_equal_per_leaf(monkeypatch):
-  """sidco with the one-launch outputs (interpreter) equals the per-leaf XLA outputs bitwise over steps,
-  a non-finite step included; flat and per tensor, and under shard_map (the collective's mean as source)."""
+def test_collective_packings_agree(monkeypatch):
+  """sidco under pmap (the Pallas packing) and under shard_map (whose varying arrays pallas_call cannot take
+  without declared axes: the XLA path even when Pallas is asked for) gives bitwise the XLA packing's result."""
   from jax.sharding import Mesh, PartitionSpec as P
   from mlsys_jax._compat import shard_map
   rng = np.random.default_rng(8)
   shapes = {"a": (30, 40), "b": (40,), "c": (900,)}
-  grads = [{k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()} for _ in range(3)]
-  grads[1]["b"] = grads[1]["b"].at[0].set(jnp.inf)
-  for kw in (dict(), dict(per_tensor=True)):
-    res = []
-    for impl in ("xla", "pallas"):
-      monkeypatch.setattr(sp, "_OUTPUT_IMPL", impl)
-      tx = sp.sidco(0.02, **kw)
-      st, up, outs = tx.init(grads[0]), jax.jit(tx.update), []
-      for g in grads:
-        o, st = up(g, st)
-        outs.append((o, st))
-      res.append(outs)
-    for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # the collective: pmap runs the one-launch outputs with the all-gathered mean as source; shard_map (whose
-  # varying arrays pallas_call cannot take without declared axes) falls back to XLA even when asked for Pallas
+  st0 = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
   g2 = {k: jnp.asarray(rng.standard_normal((2,) + s), jnp.float32) for k, s in shapes.items()}
   sq = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
   ex = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
   mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
   res = []
-  for impl, packing in (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas")):
-    monkeypatch.setattr(sp, "_OUTPUT_IMPL", impl)
+  for packing in ("xla", "pallas"):
     monkeypatch.setattr(sp, "_TRANSFORM_PACKING", packing)
     tx = sp.sidco(0.02, axis_name="d")
-    st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(grads[0]))
+    st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(st0))
     pm = jax.pmap(tx.update, axis_name="d")(g2, st)
     sm = jax.jit(shard_map(lambda g, s: ex(tx.update(sq(g), sq(s))), mesh=mesh, in_specs=(P("d"), P("d")),
                            out_specs=P("d")))(g2, st)
@@ -232,35 +189,6 @@ def test_outputs_in_one_kernel_equal_per_leaf(monkeypatch):
   for r in res[1:]:
     for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(r)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_write_leaves_from_and_topk_outputs_in_one_kernel(monkeypatch):
-  """The one-launch outputs from given flat buffers (a length that is not a whole tile), and the topk
-  transform with them equal to its per-leaf outputs bitwise (a non-finite step included)."""
-  rng = np.random.default_rng(9)
-  sizes, offs, n = [5000, 7, 100], [0, 5000, 5007], 5107
-  out_f, res_f = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
-  old = [rng.standard_normal(s).astype(np.float32) for s in sizes]
-  for fin in (True, False):
-    outs, ress = pp.write_leaves_from(jnp.asarray(out_f), jnp.asarray(res_f), fin, [jnp.asarray(o) for o in old],
-                                      offs, interpret=True)
-    for l, (o, size) in enumerate(zip(offs, sizes)):
-      np.testing.assert_array_equal(np.asarray(outs[l]), out_f[o:o + size] if fin else 0 * out_f[o:o + size])
-      np.testing.assert_array_equal(np.asarray(ress[l]), res_f[o:o + size] if fin else old[l])
-  grads = [{"w": jnp.asarray(rng.standard_normal((20, 30)), jnp.float32),
-            "b": jnp.asarray(rng.standard_normal(30), jnp.float32)} for _ in range(3)]
-  grads[1]["b"] = grads[1]["b"].at[3].set(jnp.nan)
-  res = []
-  for impl in ("xla", "pallas"):
-    monkeypatch.setattr(sp, "_OUTPUT_IMPL", impl)
-    tx = sp.topk(0.05)
-    st, up, outs = tx.init(grads[0]), jax.jit(tx.update), []
-    for g in grads:
-      o, st = up(g, st)
-      outs.append((o, st))
-    res.append(outs)
-  for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("per_tensor,min_count", [(True, 1.0), pytest.param(True, 16.0, marks=pytest.mark.slow),

@@ -1073,13 +1073,6 @@ def _seg_trim(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
 
 # Packing of the transforms' flat buffer: "auto" (Pallas on GPU), "xla" or "pallas" (tests set it).
 _TRANSFORM_PACKING = "auto"
-# The segmented transforms' per-leaf outputs: "xla" (one elementwise kernel per leaf), "pallas" (one launch
-# for all leaves, _pallas_pack.write_leaves; the interpreter off GPU) or "auto" (pallas on GPU). Trees of more
-# than _OUTPUT_MAX_LEAVES leaves, momentum, or mixed dtypes use "xla". Measured SLOWER on an H200 (batch
-# s6c2, 161 leaves: the one launch took 0.58 ms, plus ~150 copies of its outputs; sidco 2.41 ms per update
-# against 1.74 ms, topk 2.50 against 1.69), so "xla" is the default.
-_OUTPUT_IMPL = "xla"
-_OUTPUT_MAX_LEAVES = 400
 
 
 def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, first_ratio, min_count,
@@ -1364,7 +1357,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                            f, z, f, f, f, z, z, zeros if momentum > 0 else (),
                            precondition.init(params) if precondition is not None else ())
 
-  def _loop_step(acc, finite, sub, state, out_dtypes=()):
+  def _loop_step(acc, finite, sub, state):
     """One payload per leaf (per_tensor) or one for the raveled tree, selected by ``select``. ``acc`` is
     the error-compensated tree, or (per_tensor=False) ``(flat, unravel)`` from :func:`_ravel_sum`."""
     if per_tensor:
@@ -1400,32 +1393,12 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       if momentum > 0:
         hit_tree = jax.tree_util.tree_unflatten(treedef, [h.reshape(g.shape) for h, g in zip(hits, groups)])
     else:
-      old, treedef = jax.tree_util.tree_flatten(state.residual)
-      if _one_kernel_outputs(old, out_dtypes, flat.dtype):   # ONE launch writes every leaf's final outputs
-        offsets = np.concatenate([[0], np.cumsum([l.size for l in old])[:-1]]).astype(np.int64)
-        o1, r1 = _pallas_pack.write_leaves_from(outs[0], residuals[0], finite, [l.reshape(-1) for l in old],
-                                                offsets, interpret=jax.default_backend() != "gpu")
-        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, [x.reshape(l.shape) for x, l in zip(xs, old)])
-        return unflat(o1), unflat(r1), None, nsel, n_above, nbytes, overflow, total, True
       new_res, out = unravel(residuals[0]), unravel(outs[0])
       if momentum > 0:
         hit_tree = jax.tree_util.tree_map(lambda h: h > 0, unravel(hits[0].astype(flat.dtype)))
-    return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total, False
+    return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total
 
-  def _one_kernel_outputs(leaves, out_dtypes, dtype) -> bool:
-    """Whether the per-leaf outputs come from one Pallas launch (``_OUTPUT_IMPL``): no momentum mask to
-    return, not inside shard_map, and one dtype for the buffer, the residual and the gradients."""
-    impl = _OUTPUT_IMPL
-    if impl == "auto":
-      impl = "pallas" if (jax.default_backend() == "gpu" and _pallas_pack.available()) else "xla"
-    return (impl == "pallas" and momentum == 0 and 0 < len(leaves) <= _OUTPUT_MAX_LEAVES
-            and not _varying(leaves[0]) and len(out_dtypes) == len(leaves)
-            and all(jnp.result_type(l) == dtype for l in leaves) and all(d == dtype for d in out_dtypes))
-
-  def _write_leaves_in_one_kernel(leaves, out_dtypes, dtype, lay) -> bool:
-    return lay.n_pad % _TILE == 0 and _one_kernel_outputs(leaves, out_dtypes, dtype)
-
-  def _segmented_step(addend, residual, state, out_dtypes=()):
+  def _segmented_step(addend, residual, state):
     """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
     segments), one collective; the residual, the output and the momentum mask of every leaf are
     elementwise in the leaf (selected = above its segment's threshold and at or before the last packed
@@ -1456,16 +1429,6 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     if axis_name is not None:
       dense = allgather_mean(payload, lay.n_pad, axis_name, dtype)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    if _write_leaves_in_one_kernel(leaves, out_dtypes, dtype, lay):
-      # ONE launch writes every leaf's final output and residual (the non-finite case included)
-      tie_tile = lay.per_tile(tie_last) if tie_last is not None else jnp.full((lay.num_tiles,), -1, jnp.int32)
-      o1, r1 = _pallas_pack.write_leaves(
-          flat, lay.per_tile(t), tie_tile, last, finite, [l.reshape(-1) for l in leaves], lay.offsets, dense,
-          interpret=jax.default_backend() != "gpu")
-      outs = [o.reshape(l.shape) for o, l in zip(o1, leaves)]
-      residuals = [r.reshape(l.shape) for r, l in zip(r1, leaves)]
-      return finite, (unflat(outs), unflat(residuals), None, count, above, payload_bytes(payload),
-                      payload.overflow, lay.n_real), True
     outs, residuals, hits = [], [], []
     for i, leaf in enumerate(leaves):
       off, n = lay.offsets[i], sizes[i]
@@ -1483,7 +1446,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
       hits.append(sel.reshape(leaf.shape))
     return finite, (unflat(outs), unflat(residuals), unflat(hits) if momentum > 0 else None, count, above,
-                    payload_bytes(payload), payload.overflow, lay.n_real), False
+                    payload_bytes(payload), payload.overflow, lay.n_real)
 
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
@@ -1502,25 +1465,23 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     # the sum can overflow (float16) when neither does)
     key, sub = jax.random.split(state.key)
     if segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
-      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total), final = _segmented_step(
-          addend, state.residual, state, [jnp.result_type(g) for g in jax.tree_util.tree_leaves(grads)])
+      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total) = _segmented_step(
+          addend, state.residual, state)
     elif per_tensor:
-      final = False
       acc = jax.tree_util.tree_map(jnp.add, addend, state.residual)
       finite = _global_finite(jax.tree_util.tree_leaves(acc), axis_name)
-      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total, _ = _loop_step(acc, finite, sub, state)
+      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(acc, finite, sub, state)
     else:   # one raveled vector: its finiteness is one reduction over it (the same flag as per leaf)
       flat, unravel = _ravel_sum(addend, state.residual)
       finite = _global_finite([flat], axis_name)
-      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total, final = _loop_step(
-          (flat, unravel), finite, sub, state, [jnp.result_type(g) for g in jax.tree_util.tree_leaves(grads)])
+      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
+          (flat, unravel), finite, sub, state)
     velocity = state.velocity
     if momentum > 0:
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
-    if not final:   # (else the outputs are final already: one kernel wrote them)
-      new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
-      out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
+    new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
+    out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
     if precondition is not None:
       pre_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), pre_state,
                                          state.precondition)
