@@ -5,7 +5,9 @@ same kind of data for XLA as JAX uses it: programs from :mod:`mlsys_jax.cost.pro
 each compiled under the option variants of :func:`option_variants` (fusion, autotuning, GEMM backend),
 optimized HLO + XLA cost analysis captured, duplicates (same optimized HLO) dropped, and each variant
 timed robustly: warm-up, an inner loop long enough to hide dispatch, variants of one program timed
-interleaved round by round, median over rounds, outlier rounds beyond 5 MADs dropped, and a program
+interleaved round by round in a new order every round (``dataset.timing_orders``: each variant at each
+position equally often; the H100 collection ``h100_collect_a`` used one fixed order, which biased
+identical compilations by up to ~9%), median over rounds, outlier rounds beyond 5 MADs dropped, and a program
 flagged ``noisy`` when its interquartile range exceeds 20% of the median or its time is within 2x the
 measured dispatch floor.
 
@@ -121,29 +123,31 @@ def compile_group(gid: int, spec: programs.ProgramSpec, variants, platform_name:
   return rec
 
 
-def time_group(rec: dict, rounds: int, target_s: float, floor_s: float, deadline: float) -> list[dict]:
-  """Time the variants of one program interleaved; return dataset rows."""
+def time_group(rec: dict, rounds: int, target_s: float, floor_s: float, deadline: float,
+               rng: np.random.Generator) -> list[dict]:
+  """Time the variants of one program interleaved, in a new order every round
+  (:func:`mlsys_jax.cost.dataset.timing_orders`); return dataset rows."""
   spec = rec["spec"]
   args = programs.make_args(spec, rec["group"])
   jax.block_until_ready(args)
   vs = rec["variants"]
-  inner, first = [], []
-  for v in vs:
-    fn = v["compiled"]
+  inner, first = [0] * len(vs), [0.0] * len(vs)
+  for j in rng.permutation(len(vs)):
+    fn = vs[j]["compiled"]
     jax.block_until_ready(fn(*args))  # warm-up (loads the executable)
     t1 = _time_batch(fn, args, 1)
     t1 = min(t1, _time_batch(fn, args, 1))
-    first.append(t1)
-    inner.append(int(np.clip(np.ceil(target_s / max(t1, 1e-7)), 1, 1000)))
+    first[j] = t1
+    inner[j] = int(np.clip(np.ceil(target_s / max(t1, 1e-7)), 1, 1000))
   times = [[] for _ in vs]
   slowest = max(first)
   if slowest > 0.02:  # long programs: fewer rounds (their timing noise is relatively small)
     rounds = max(5, rounds // 2)
-  for _ in range(rounds):
+  for order in ds.timing_orders(len(vs), rounds, rng):
     if _now() > deadline:
       break
-    for j, v in enumerate(vs):
-      times[j].append(_time_batch(v["compiled"], args, inner[j]))
+    for j in order:
+      times[j].append(_time_batch(vs[j]["compiled"], args, inner[j]))
   rows = []
   for j, v in enumerate(vs):
     t = np.asarray(times[j])
@@ -183,7 +187,8 @@ def main(argv):
   meta = {"device": getattr(dev, "device_kind", plat), "platform": plat, "jax": jax.__version__,
           "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
           "variants": [[n, o] for n, o in variants], "families": FLAGS.families, "seed": FLAGS.seed,
-          "small": FLAGS.small, "rounds": FLAGS.rounds, "target_ms": FLAGS.target_ms, **peaks}
+          "small": FLAGS.small, "rounds": FLAGS.rounds, "target_ms": FLAGS.target_ms,
+          "timing_order": "rotated_random_per_round", **peaks}
 
   # Phase 1: compile in a thread pool until the compile deadline.
   compile_deadline = t_start + FLAGS.compile_frac * budget
@@ -234,7 +239,7 @@ def main(argv):
     rec = compiled[i]
     try:
       rows.extend(time_group(rec, FLAGS.rounds, FLAGS.target_ms / 1e3, peaks["dispatch_floor_s"],
-                             deadline - 5))
+                             deadline - 5, np.random.default_rng([FLAGS.seed, 2, int(rec["group"])])))
       n_timed += 1
     except Exception as e:  # noqa: BLE001 - e.g. out of memory for one program
       print(f"  group {rec['group']} ({rec['spec'].family}) failed to run: {repr(e)[:200]}", flush=True)
