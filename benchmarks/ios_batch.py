@@ -54,6 +54,12 @@ def _args():
                   "(comma-separated; default all) are run at the other batch sizes")
   ap.add_argument("--number", type=int, default=10)
   ap.add_argument("--repeat", type=int, default=7)
+  ap.add_argument("--cases", default="", help="explicit cases NET:DTYPE:BATCH, comma-separated, run in this "
+                  "order (instead of --nets x --dtypes x --batches); consecutive cases of one net and dtype "
+                  "share their searches and cross table")
+  ap.add_argument("--ios_options", default="", help="XLA_CONFIGS name whose options are added to the IOS "
+                  "programs' (e.g. convfusion for RandWire/NasNet-A, whose depthwise convs otherwise cost "
+                  "~0.25 s each on the first call)")
   ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining cases after this")
   ap.add_argument("--choices_from", default="", help="ios_batch JSON of an earlier run: report how the "
                   "program it chose per (net, dtype, batch) compares with this run's best XLA program")
@@ -220,11 +226,26 @@ def main():
       for r in json.load(open(fname))["rows"]:
         earlier[(r["net"], r["dtype"], r["batch"])] = r
 
-  for net in args.nets.split(","):
-    for dt in args.dtypes.split(","):
+  if args.cases:
+    cases = [(c.split(":")[0], c.split(":")[1], int(c.split(":")[2])) for c in args.cases.split(",")]
+  else:
+    cases = [(n, d, b) for n in args.nets.split(",") for d in args.dtypes.split(",") for b in batches]
+  groups = []   # runs of consecutive cases of one (net, dtype)
+  for n, d, b in cases:
+    if groups and groups[-1][:2] == (n, d):
+      groups[-1][2].append(b)
+    else:
+      groups.append((n, d, [b]))
+  ios_opts = dict(sched.XLA_CONFIGS[args.ios_options]) if args.ios_options else None
+  nets_cache: dict = {}
+  for net, dt, batches in groups:
+    if True:
       dtype = jnp.dtype(dt)
-      model, shape = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)[net]
-      params = ios_init_params(model, shape, seed=0)   # nonzero biases, like trained weights
+      if (net, dt) not in nets_cache:
+        model, shape = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)[net]
+        params = ios_init_params(model, shape, seed=0)   # nonzero biases, like trained weights
+        nets_cache[(net, dt)] = (model, shape, params)
+      model, shape, params = nets_cache[(net, dt)]
       f = lambda v, p=params, m=model: m.apply(p, v)
       xs = {b: jax.random.normal(jax.random.PRNGKey(1), (b,) + tuple(shape[1:]), dtype) for b in batches}
       if args.cost == "profiler" and on_gpu:
@@ -239,7 +260,8 @@ def main():
             continue
           if args.confirm_only and earlier_pick(earlier.get((net, dt, b), {})) != "ios:" + strat:
             continue   # only the program the earlier run chose (and the XLA configurations) is timed
-          sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off")
+          sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off",
+                                  compiler_options=ios_opts)
           found[(b, strat)] = sc
           log(f"{net} {dt} b{b} {strat}: search {sc.search_s:.1f} s, {sc.counts()}, "
               f"pred {sc.predicted_latency * 1e3:.3f} ms")
