@@ -47,7 +47,7 @@ from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemv as pg  # noqa: E402
 from mlsys_jax.quant import weight_only as wo  # noqa: E402
 
-# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic[:peel]]. H200 sweeps of
+# variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic[:peel[:loop_stages]]]. H200 sweeps of
 # 2026-12-02 14:26 and 15:04 UTC: best 'fma:64:2:16' (8192x8192 batch 1, 24.4 us), 'fma:64:2:8'
 # (8192x28672), 'dot:256:1:4:8:3' with prefetch at batch 4-16. This sweep: the same with the split-K sum
 # as atomic adds in the kernel (one launch), and the 'fmad' variant (one AND + one FMA per weight) over
@@ -77,7 +77,8 @@ def _extra(ap):
   ap.add_argument("--inner", type=int, default=4, help="calls per timed measurement")
   ap.add_argument("--budget_s", type=float, default=1e9, help="skip cases that would not fit in this")
   ap.add_argument("--configs", default=SWEEP,
-                  help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch, batch 1 "
+                  help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic[:peel[:"
+                       "loop_stages]]], batch 1 "
                        "of the first shape")
   ap.add_argument("--configs_b1", default=SWEEP_B1, help="the same for batch <= 2 of the other cases")
   ap.add_argument("--other_configs", default=OTHER, help="the same for batch > 2")
@@ -105,6 +106,10 @@ def _parse(spec: str):
       if len(ints) == 6:
         ints.append("0")
       if len(ints) == 7:
+        ints.append("0")
+      if len(ints) == 8:
+        ints.append("0")
+      if len(ints) == 9:
         ints.append("0")
       out.append((v, *map(int, ints)))
   return out
@@ -177,10 +182,10 @@ def main():
   interpret = not on_gpu
   if args.small:
     shapes, batches, reps0, repeats = [(256, 96), (512, 64)], [1, 4], 2, 3
-    sweep = [("fma", 32, 1, 1, 4, 3, 1, 0, 0), ("fmad", 32, 1, 2, 4, 3, 0, 1, 1),
-             ("dot", 32, 1, 2, 4, 3, 1, 0, 0)]
-    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0, 0, 0), ("fmad2", 32, 1, 2, 4, 3, 0, 1, 0)]
-    other = [("fma", 32, 1, 1, 4, 3, 1, 0, 0), ("dot", 32, 1, 2, 4, 3, 1, 1, 0)]
+    sweep = [("fma", 32, 1, 1, 4, 3, 1, 0, 0, 0), ("fmad", 32, 1, 2, 4, 3, 0, 1, 1, 0),
+             ("dot", 32, 1, 2, 4, 3, 1, 0, 0, 0), ("fmad2", 32, 1, 1, 2, 3, 0, 1, 0, 3)]
+    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0, 0, 0, 0), ("fmad2", 32, 1, 2, 4, 3, 0, 1, 0, 3)]
+    other = [("fma", 32, 1, 1, 4, 3, 1, 0, 0, 0), ("dot", 32, 1, 2, 4, 3, 1, 1, 0, 0)]
     gs = 64
   else:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -244,9 +249,9 @@ def main():
           ops[name] = (op, copies)
           single[name] = True
           continue
-        v, bn, bps, sk, nw, ns, pf, at, pe = c
+        v, bn, bps, sk, nw, ns, pf, at, pe, ls = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                  prefetch=bool(pf), atomic=bool(at), peel=bool(pe), interpret=interpret)
+                  prefetch=bool(pf), atomic=bool(at), peel=bool(pe), loop_stages=ls, interpret=interpret)
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
         ops[name] = (op, copies)
@@ -368,6 +373,7 @@ def main():
                                               "copy_bandwidth_bytes_per_s": bw_copy,
                                               "read_bandwidth_bytes_per_s": bw_read})
   payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": bw_copy,
+             "loop_stages_hook": dict(pg.LOOP_STAGES_HOOK),
              "read_bandwidth_bytes_per_s": bw_read, "rows": rows, "skipped": skipped, "small": bool(args.small),
              "interpret": interpret, "total_seconds": time.time() - t_start}
   common.write_json(args.out, args.name, payload)

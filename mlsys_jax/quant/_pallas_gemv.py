@@ -48,6 +48,7 @@ atomic adds into a zero-initialized output (one launch; summation order then var
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,69 @@ MIN_SPLIT_B1 = 8
 def on_gpu() -> bool:
   """Whether the default JAX backend is a GPU (where the kernel compiles through Triton)."""
   return jax.default_backend() == "gpu"
+
+
+# Triton's software pipeliner (cp.async into shared memory, ``num_stages`` buffers) only stages loads
+# that feed a ``dot``, unless the loop itself carries a ``tt.num_stages`` attribute (Triton's
+# ``tl.range(..., num_stages=n)``; AssignLatencies: "pipelineWithoutDot"). Pallas emits no such
+# attribute, so the GEMV's weight loads were issued one step at a time. ``loop_stages=n`` names the
+# kernel ``..._ls<n>`` and this hook, wrapped around Pallas's Triton lowering, puts
+# ``tt.num_stages = n`` on every ``scf.for`` of such a module (nothing else is touched). If this jax
+# has no such lowering function the kernel compiles unpipelined (same results); ``LOOP_STAGES_HOOK``
+# says whether the hook is installed and how many modules it changed.
+LOOP_STAGES_HOOK = {"installed": False, "applied": 0, "error": None}
+_LS_NAME = re.compile(r"_ls(\d+)$")
+
+
+def _set_loop_stages(module) -> int:
+  """Put ``tt.num_stages`` on every ``scf.for`` of a Triton module named ``..._ls<n>``; loops changed."""
+  from jax._src.lib.mlir import ir
+  op = module.operation
+  m = _LS_NAME.search(ir.StringAttr(op.attributes["sym_name"]).value)
+  if m is None:
+    return 0
+  with module.context, ir.Location.unknown():
+    attr = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), int(m.group(1)))
+    count = 0
+
+    def walk(o):
+      nonlocal count
+      for region in o.regions:
+        for block in region.blocks:
+          for child in block.operations:
+            if child.operation.name == "scf.for":
+              child.operation.attributes["tt.num_stages"] = attr
+              count += 1
+            walk(child.operation)
+    walk(op)
+  return count
+
+
+def _install_loop_stages_hook() -> bool:
+  if LOOP_STAGES_HOOK["installed"]:
+    return True
+  try:
+    from jax._src.pallas.triton import lowering as tl
+    orig = tl.lower_jaxpr_to_triton_module
+    if getattr(orig, "_mlsys_loop_stages", False):
+      LOOP_STAGES_HOOK["installed"] = True
+      return True
+
+    @functools.wraps(orig)
+    def lower(*args, **kwargs):
+      result = orig(*args, **kwargs)
+      try:
+        if _set_loop_stages(result.module):
+          LOOP_STAGES_HOOK["applied"] += 1
+      except Exception as e:  # never break a lowering for a performance attribute
+        LOOP_STAGES_HOOK["error"] = f"{type(e).__name__}: {e}"
+      return result
+    lower._mlsys_loop_stages = True
+    tl.lower_jaxpr_to_triton_module = lower
+    LOOP_STAGES_HOOK["installed"] = True
+  except Exception as e:  # pragma: no cover - a jax without this lowering function
+    LOOP_STAGES_HOOK["error"] = f"{type(e).__name__}: {e}"
+  return LOOP_STAGES_HOOK["installed"]
 
 
 def _pow2(x: int) -> int:
@@ -330,7 +394,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
               blocks_per_step: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None,
               prefetch: bool | None = None, atomic: bool | None = None, peel: bool | None = None,
-              interpret: bool | None = None) -> jax.Array:
+              loop_stages: int | None = None, interpret: bool | None = None) -> jax.Array:
   """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
 
   Args:
@@ -351,6 +415,9 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
       writing ``(split_k, B, N)`` partials that XLA sums in a second launch.
     peel: ('fmad*' without prefetch) issue step 0's loads before the activation-range prologue (its
       barrier) by peeling step 0 off the loop; costs registers in multi-step programs.
+    loop_stages: 0 (off) or n >= 2: let Triton software-pipeline the K loop's loads through shared
+      memory (``cp.async``, n buffers) by putting ``tt.num_stages = n`` on the loop (see
+      ``LOOP_STAGES_HOOK``); ignored by the interpreter (same results either way).
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -391,12 +458,18 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   pf = cfg["prefetch"] if prefetch is None else bool(prefetch)
   at = cfg.get("atomic", False) if atomic is None else bool(atomic)
   pe = cfg.get("peel", False) if peel is None else bool(peel)
+  ls = cfg.get("loop_stages", 0) if loop_stages is None else loop_stages
+  check_int("loop_stages", ls, 0, 8)
+  if ls == 1:
+    raise ValueError("loop_stages=1 is no pipelining; pass 0 (off) or 2..8 buffers.")
+  if ls and not interpret:
+    _install_loop_stages_hook()
   return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf, at and sk > 1, pe,
-                 bool(interpret))
+                 ls, bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(3, 14)))
-def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, peel, interpret):
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 15)))
+def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, peel, ls, interpret):
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
@@ -437,7 +510,7 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomi
       input_output_aliases={4: 0} if atomic else {},
       compiler_params=None if interpret else triton_compiler_params(nw, ns),
       interpret=interpret,
-      name=f"w4a16_gemv_{variant}",
+      name=f"w4a16_gemv_{variant}" + (f"_ls{ls}" if ls else ""),
   )(*args)
   if atomic:
     out = out.astype(out_dtype)
