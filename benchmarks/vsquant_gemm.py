@@ -14,6 +14,7 @@ the baselines, for V = 64 and then V = 16/32/128.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import pathlib
 import sys
@@ -28,7 +29,10 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import environment, parse_args, print_table, write_json  # noqa: E402
 from mlsys_jax import quant, stats  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from mlsys_jax._compat import triton_compiler_params  # noqa: E402
 from mlsys_jax.quant import _pallas_gemm as pg  # noqa: E402
+from mlsys_jax.quant import _triton_hooks  # noqa: E402
 from mlsys_jax.quant import layers  # noqa: E402
 from mlsys_jax.quant.layers import _vs_dot_xla  # noqa: E402
 from mlsys_jax.quant.vsquant import _split  # noqa: E402
@@ -69,6 +73,127 @@ _KEYS = ("block_m", "block_n", "vectors_per_step", "num_warps", "num_stages", "c
 def _extra(ap):
   ap.add_argument("--budget_s", type=float, default=100.0,
                   help="stop starting new sweep entries after this many seconds")
+  ap.add_argument("--fp8_probe", action="store_true",
+                  help="only the FP8 probe: does a Pallas-Triton FP8 product reach Hopper's wgmma (with "
+                       "maxNumImpreciseAcc set) against XLA's FP8 dot and bf16, at 8192^3")
+
+
+def _fp8_plain_kernel(a_ref, b_ref, o_ref, *, steps: int, bk: int, b_nk: bool):
+  """A plain FP8 matmul tile (no scales): ``o = sum_s a[:, s] @ b[s, :]`` in float32 (``b_nk``: b is
+  stored ``(N, K)``, K-major, the operand layout of Hopper's 8-bit ``wgmma``)."""
+  def body(s, acc):
+    k0 = pl.multiple_of(s * bk, bk)
+    if b_nk:
+      return acc + jax.lax.dot_general(a_ref[:, pl.ds(k0, bk)], b_ref[:, pl.ds(k0, bk)],
+                                       (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc + jax.lax.dot(a_ref[:, pl.ds(k0, bk)], b_ref[pl.ds(k0, bk), :],
+                             preferred_element_type=jnp.float32)
+  o_ref[...] = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+def fp8_plain_matmul(a, b, *, bm: int, bn: int, bk: int, num_warps: int, num_stages: int,
+                     imprecise_acc: int, b_nk: bool = False, interpret: bool = False):
+  """``a (M, K) @ b (K, N)`` for FP8 E4M3 operands (dimensions multiples of the tiles), Pallas-Triton;
+  ``imprecise_acc``: Triton's ``maxNumImpreciseAcc`` (0: Pallas's default, no ``wgmma``)."""
+  m, k = a.shape
+  n = b.shape[0] if b_nk else b.shape[1]
+  if imprecise_acc and not interpret:
+    _triton_hooks.install()
+  return pl.pallas_call(
+      functools.partial(_fp8_plain_kernel, steps=k // bk, bk=bk, b_nk=b_nk),
+      out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
+      grid=(m // bm, n // bn),
+      in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                pl.BlockSpec((bn, k), lambda i, j: (j, 0)) if b_nk else
+                pl.BlockSpec((k, bn), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      compiler_params=None if interpret else triton_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name=_triton_hooks.kernel_name("fp8_plain_gemm", 0, imprecise_acc),
+  )(a, b)
+
+
+def fp8_probe(args, result) -> None:
+  """The FP8 probe (``--fp8_probe``): every method compiled first (threads), checked against a float32
+  product of the dequantized codes, then timed interleaved with the bf16 matmul of the same run."""
+  import concurrent.futures
+  gpu = pg.on_gpu()
+  m = k = n = 256 if args.small else 8192
+  reps, inner = (3, 1) if args.small else (8, 3)
+  flops = 2 * m * k * n
+  a = jax.random.normal(jax.random.PRNGKey(1), (m, k), jnp.float32)
+  w = jax.random.normal(jax.random.PRNGKey(2), (k, n), jnp.float32)
+  a16, w16 = a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  (fa, fsa), (fw, fsw) = pg.fp8_vector_quantize(a, 1, 128), pg.fp8_vector_quantize(w, 0, 128)
+  ta, tw = jnp.max(jnp.abs(a)) / 448, jnp.max(jnp.abs(w)) / 448
+  a8, w8 = (a / ta).astype(jnp.float8_e4m3fn), (w / tw).astype(jnp.float8_e4m3fn)
+  w8t = jnp.asarray(w8.T)
+  ref_block = jax.jit(lambda: jnp.dot(
+      fa.astype(jnp.float32) * jnp.repeat(fsa, 128, axis=1)[:, :k],
+      fw.astype(jnp.float32) * jnp.repeat(fsw, 128, axis=0)[:k], precision=jax.lax.Precision.HIGHEST))()
+  ref_plain = jax.jit(lambda: jnp.dot(a8.astype(jnp.float32), w8.astype(jnp.float32),
+                                      precision=jax.lax.Precision.HIGHEST))()
+  interp = not gpu
+  small = args.small
+  methods = {   # name -> (jitted fn, args, reference or None)
+      "bf16 jnp.dot (f32 accumulation)": (jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32)),
+                                          (a16, w16), None),
+      "XLA FP8 E4M3 dot, per-tensor scale": (jax.jit(lambda p, q, s: jnp.dot(p, q, preferred_element_type=jnp.float32) * s),
+                                             (a8, w8, ta * tw), None),
+      "XLA FP8 E4M3 dot, raw codes": (jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32)),
+                                      (a8, w8), ref_plain),
+  }
+  tiles = [(32, 32, 32, 4, 3)] if small else [(128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 256, 64, 8, 4),
+                                               (128, 128, 128, 4, 4)]
+  for bm, bn, bk, nw, ns in tiles:
+    for ia, nk in ((0, False), (1 << 30, False), (1 << 30, True)):
+      methods[f"Pallas FP8 plain dot {bm}x{bn}x{bk} w{nw} s{ns} imprecise_acc={ia}{' B (N,K)' if nk else ''}"] = (
+          jax.jit(functools.partial(fp8_plain_matmul, bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns,
+                                    imprecise_acc=ia, b_nk=nk, interpret=interp)), (a8, w8t if nk else w8),
+          ref_plain)
+  blocks = [dict(block_m=32, block_n=32, num_warps=4)] if small else [
+      dict(block_m=128, block_n=128, num_warps=8), dict(block_m=64, block_n=128, num_warps=4),
+      dict(block_m=128, block_n=256, num_warps=8), dict(block_m=128, block_n=128, num_warps=8, num_stages=4)]
+  for launch in blocks:
+    for ia in (0, 128):
+      tag = " ".join(f"{kk}={vv}" for kk, vv in launch.items())
+      methods[f"Pallas FP8 per-block (1x128 / 128x1 scales) {tag} imprecise_acc={ia}"] = (
+          jax.jit(functools.partial(pg.vs_fp8_matmul, vector_size=128, w_layout="nk", prefetch=1,
+                                    imprecise_acc=ia, interpret=interp, **launch)),
+          (fa, fsa, fw, fsw), ref_block)
+
+  def compile_one(name):
+    fn, xs, _ = methods[name]
+    try:
+      return fn.lower(*xs).compile()
+    except Exception as e:
+      return e
+  with concurrent.futures.ThreadPoolExecutor(8) as ex:
+    compiled = dict(zip(methods, ex.map(compile_one, list(methods))))
+  base = compiled["bf16 jnp.dot (f32 accumulation)"]
+  result["fp8_probe"] = rows = []
+  result["hook"] = dict(_triton_hooks.HOOK)
+  for name, (fn, xs, ref) in methods.items():
+    row = {"op": name}
+    c = compiled[name]
+    if isinstance(c, Exception):
+      row["error"] = f"{type(c).__name__}: {str(c).splitlines()[0][:300]}"
+    else:
+      try:
+        out = jax.block_until_ready(c(*xs))
+        if ref is not None:
+          row["rel_err"] = _rel(out, ref)
+        t = stats.time_interleaved(lambda: c(*xs), lambda: base(a16, w16), repeats=reps, warmup=2, inner=inner)
+        row.update(s=t.median_a, bf16_s=t.median_b, speedup_vs_bf16=t.ratio, TOPs=flops / t.median_a / 1e12,
+                   p_faster_than_bf16=t.p_a_faster)
+      except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    print(row, flush=True)
+    rows.append(row)
+    write_json(args.out, "vsquant_fp8_probe", result)
+  result["hook"] = dict(_triton_hooks.HOOK)
+  print_table(rows, ["op", "s", "bf16_s", "speedup_vs_bf16", "TOPs", "rel_err", "error"])
+  write_json(args.out, "vsquant_fp8_probe", result)
 
 
 def _rel(out, ref) -> float:
@@ -113,6 +238,9 @@ def main():
   a = jax.random.normal(jax.random.PRNGKey(1), (m, k), jnp.float32)
   w = jax.random.normal(jax.random.PRNGKey(2), (k, n), jnp.float32)
   result = {"env": env, "shape": [m, k, n], "checks": [], "sweep": [], "table": [], "per_v": []}
+  if args.fp8_probe:
+    fp8_probe(args, result)
+    return
 
   # 1. Exact int32 partial sums against XLA (every V, ragged shapes padded by the wrapper).
   pm, pk, pn = (48, 200, 40) if args.small else (520, 1000, 260)

@@ -245,3 +245,42 @@ def test_self_test_passes_and_catches_a_wrong_kernel(monkeypatch):
       assert not pg.kernel_self_test(32)
   finally:
     pg.kernel_self_test.cache_clear()
+
+
+@pytest.mark.parametrize("ia", [0, 128])
+def test_fp8_imprecise_acc_sets_the_dot_attribute(ia, monkeypatch):
+  """``imprecise_acc`` puts ``maxNumImpreciseAcc`` on the FP8 kernel's tensor-core product (without it
+  Triton keeps ``mma.sync`` on Hopper; with it, ``wgmma``: checked offline with Triton 3.9 for sm_90a)."""
+  from jax._src.pallas.triton import lowering as tl
+
+  from mlsys_jax.quant import _triton_hooks
+  _triton_hooks.install()
+  seen, hooked = [], tl.lower_jaxpr_to_triton_module
+
+  def capture(*a, **k):
+    r = hooked(*a, **k)
+    seen.append(r.module.operation.get_asm(enable_debug_info=False))
+    return r
+  monkeypatch.setattr(tl, "lower_jaxpr_to_triton_module", capture)
+  m = k = n = 256
+  f = jax.jit(functools.partial(pg.vs_fp8_matmul, vector_size=128, interpret=False, imprecise_acc=ia))
+  f.trace(jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m, 2), jnp.float32),
+          jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((2, n), jnp.float32)
+          ).lower(lowering_platforms=("cuda",))
+  [text] = seen
+  dots = [line for line in text.splitlines() if "tt.dot" in line]
+  assert dots and all((f"maxNumImpreciseAcc = {ia} : i32" in d) == bool(ia) for d in dots)
+
+
+def test_fp8_imprecise_acc_interpreter_and_errors():
+  """Same numbers in the interpreter (the attribute only exists in Triton); refused for integer codes."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(16, 256)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(256, 32)), jnp.float32)
+  (ca, sa), (cw, sw) = pg.fp8_vector_quantize(x, 1, 128), pg.fp8_vector_quantize(w, 0, 128)
+  np.testing.assert_array_equal(np.asarray(pg.vs_fp8_matmul(ca, sa, cw, sw, imprecise_acc=128)),
+                                np.asarray(pg.vs_fp8_matmul(ca, sa, cw, sw)))
+  a8 = jnp.ones((16, 64), jnp.int8)
+  with pytest.raises(ValueError, match="FP8 products only"):
+    pg.vs_int8_matmul(a8, jnp.ones((16, 1)), jnp.ones((64, 16), jnp.int8), jnp.ones((1, 16)), vector_size=64,
+                      imprecise_acc=128)

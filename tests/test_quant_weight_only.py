@@ -256,3 +256,50 @@ def test_self_test_and_default_config():
   want = 256 * 7 * float(p.scales[0, 0])                          # every code 7, s = bf16(1 / 7)
   np.testing.assert_allclose(np.asarray(wo.w4a16_matmul(jnp.ones((1, 256)), p, impl="pallas")), want,
                              rtol=1e-6)
+
+
+def _triton_module(fn, *shapes, monkeypatch):
+  """The Triton IR text of the one Pallas kernel in ``fn``, lowered for CUDA here (no GPU needed), after
+  this package's attribute hook ran."""
+  from jax._src.pallas.triton import lowering as tl
+
+  from mlsys_jax.quant import _triton_hooks
+  _triton_hooks.install()
+  seen, hooked = [], tl.lower_jaxpr_to_triton_module
+
+  def capture(*a, **k):
+    r = hooked(*a, **k)
+    seen.append(r.module.operation.get_asm(enable_debug_info=False))
+    return r
+  monkeypatch.setattr(tl, "lower_jaxpr_to_triton_module", capture)
+  jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
+  assert len(seen) == 1
+  return seen[0]
+
+
+@pytest.mark.parametrize("ls", [0, 3])
+def test_loop_stages_sets_the_loop_attribute(ls, monkeypatch):
+  """``loop_stages=n`` puts ``tt.num_stages = n`` on the kernel's K loop (what lets Triton pipeline the
+  weight loads through cp.async; checked offline with Triton 3.9 for sm_90a), and nothing without it."""
+  k, n = 1024, 256
+  text = _triton_module(
+      lambda x, w, s: pg.int4_gemv(x, w, s, variant="fmad2", block_n=64, blocks_per_step=1, split_k=2,
+                                   atomic=True, loop_stages=ls, interpret=False),
+      jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((k // 8, n), jnp.uint32),
+      jax.ShapeDtypeStruct((k // 128, n), jnp.bfloat16), monkeypatch=monkeypatch)
+  assert text.count("scf.for") == 1
+  assert text.count(f"tt.num_stages = {ls} : i32") == (1 if ls else 0)
+  assert "tt.num_stages" in text if ls else "tt.num_stages" not in text
+
+
+def test_loop_stages_same_result_and_errors():
+  """In the interpreter the attribute does not exist: the same numbers; bad values are refused."""
+  p = wo.pack_int4(jax.random.normal(jax.random.PRNGKey(0), (512, 64)), 128)
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 512)).astype(jnp.bfloat16)
+  kw = dict(variant="fmad2", block_n=32, blocks_per_step=1, split_k=2, atomic=True)
+  a = pg.int4_gemv(x, p.words, p.scales, loop_stages=3, **kw)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(pg.int4_gemv(x, p.words, p.scales, **kw)))
+  with pytest.raises(ValueError, match="loop_stages=1"):
+    pg.int4_gemv(x, p.words, p.scales, loop_stages=1, **kw)
+  with pytest.raises(ValueError, match="loop_stages"):
+    pg.int4_gemv(x, p.words, p.scales, loop_stages=9, **kw)

@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 
 from mlsys_jax._compat import run_outside_traces, triton_compiler_params
 from mlsys_jax._checks import check_choice, check_int
+from mlsys_jax.quant import _triton_hooks
 
 __all__ = ["SUPPORTED_VECTOR_SIZES", "default_config", "fp8_vector_quantize", "kernel_self_test", "on_gpu",
            "pack_int4_vectors", "vs_fp8_matmul", "vs_int8_matmul", "vs_int8_partial_sums",
@@ -409,7 +410,7 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
              integer_scales: bool = False, convert: str | None = None,
              min_dot_k: int | None = None, w_layout: str | None = None,
              prefetch: int | None = None, overlap: bool | None = None,
-             interpret: bool | None = None) -> jax.Array:
+             imprecise_acc: int | None = None, interpret: bool | None = None) -> jax.Array:
   """The kernels' shared wrapper: checks, padding, launch. Public entry points: :func:`vs_int8_matmul`,
   :func:`vs_w4a8_matmul`, :func:`vs_fp8_matmul` (``kind`` 'int8', 'w4a8', 'fp8').
 
@@ -438,6 +439,12 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
     overlap: issue the tensor-core product of the next K step before scaling and accumulating the
       current one (the int32 partial sum is carried across the loop), so the float epilogue can run
       while the product is in flight; needs ``vectors_per_step=1``.
+    imprecise_acc: FP8 only: Triton's ``maxNumImpreciseAcc`` for each tensor-core product (one K block
+      of ``max(V, min_dot_k)``), set through :mod:`mlsys_jax.quant._triton_hooks`: 0 keeps Triton's
+      default for Pallas (a float32 accumulator inside the MMA, which rules out Hopper's ``wgmma``:
+      ``mma.sync``); ``>= 32`` allows ``wgmma`` with its FP8 accumulator, promoted to float32 every
+      ``imprecise_acc`` elements (each block's product is then scaled and summed in float32, as in
+      DeepGEMM).
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -481,6 +488,13 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
   prefetch = cfg["prefetch"] if prefetch is None else prefetch
   check_int("prefetch", prefetch, 0, 2)
   overlap = cfg["overlap"] if overlap is None else bool(overlap)
+  if imprecise_acc and kind != "fp8":
+    raise ValueError(f"imprecise_acc applies to FP8 products only (kind='fp8'), got kind={kind!r}; leave it "
+                     f"None.")
+  imprecise_acc = cfg.get("imprecise_acc", 0) if imprecise_acc is None or kind != "fp8" else imprecise_acc
+  check_int("imprecise_acc", imprecise_acc, 0, 1 << 30)
+  if imprecise_acc and not interpret:
+    _triton_hooks.install()
   if overlap and vectors_per_step != 1:
     raise ValueError(f"overlap=True needs vectors_per_step=1, got {vectors_per_step}.")
   unit = math.lcm(vectors_per_step, kdot // v)
@@ -527,7 +541,8 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
       out_specs=pl.BlockSpec((bm, bn), lambda p: (row(p), col(p))),
       compiler_params=None if interpret else triton_compiler_params(num_warps, num_stages),
       interpret=interpret,
-      name=f"vs_{kind}_gemm_v{v}_{w_layout}",
+      name=_triton_hooks.kernel_name(f"vs_{kind}_gemm_v{v}_{w_layout}", 0,
+                                     imprecise_acc if kind == "fp8" else 0),
   )(a, w, sa, sw, ca, cw)
   return out[:m, :n]
 

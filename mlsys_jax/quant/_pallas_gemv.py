@@ -48,7 +48,6 @@ atomic adds into a zero-initialized output (one launch; summation order then var
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +56,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mlsys_jax._checks import check_choice, check_int
 from mlsys_jax._compat import triton_compiler_params
+from mlsys_jax.quant import _triton_hooks
 
 __all__ = ["BLOCK_K", "VARIANTS", "default_config", "int4_gemv", "on_gpu"]
 
@@ -91,67 +91,9 @@ def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
-# Triton's software pipeliner (cp.async into shared memory, ``num_stages`` buffers) only stages loads
-# that feed a ``dot``, unless the loop itself carries a ``tt.num_stages`` attribute (Triton's
-# ``tl.range(..., num_stages=n)``; AssignLatencies: "pipelineWithoutDot"). Pallas emits no such
-# attribute, so the GEMV's weight loads were issued one step at a time. ``loop_stages=n`` names the
-# kernel ``..._ls<n>`` and this hook, wrapped around Pallas's Triton lowering, puts
-# ``tt.num_stages = n`` on every ``scf.for`` of such a module (nothing else is touched). If this jax
-# has no such lowering function the kernel compiles unpipelined (same results); ``LOOP_STAGES_HOOK``
-# says whether the hook is installed and how many modules it changed.
-LOOP_STAGES_HOOK = {"installed": False, "applied": 0, "error": None}
-_LS_NAME = re.compile(r"_ls(\d+)$")
-
-
-def _set_loop_stages(module) -> int:
-  """Put ``tt.num_stages`` on every ``scf.for`` of a Triton module named ``..._ls<n>``; loops changed."""
-  from jax._src.lib.mlir import ir
-  op = module.operation
-  m = _LS_NAME.search(ir.StringAttr(op.attributes["sym_name"]).value)
-  if m is None:
-    return 0
-  with module.context, ir.Location.unknown():
-    attr = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), int(m.group(1)))
-    count = 0
-
-    def walk(o):
-      nonlocal count
-      for region in o.regions:
-        for block in region.blocks:
-          for child in block.operations:
-            if child.operation.name == "scf.for":
-              child.operation.attributes["tt.num_stages"] = attr
-              count += 1
-            walk(child.operation)
-    walk(op)
-  return count
-
-
-def _install_loop_stages_hook() -> bool:
-  if LOOP_STAGES_HOOK["installed"]:
-    return True
-  try:
-    from jax._src.pallas.triton import lowering as tl
-    orig = tl.lower_jaxpr_to_triton_module
-    if getattr(orig, "_mlsys_loop_stages", False):
-      LOOP_STAGES_HOOK["installed"] = True
-      return True
-
-    @functools.wraps(orig)
-    def lower(*args, **kwargs):
-      result = orig(*args, **kwargs)
-      try:
-        if _set_loop_stages(result.module):
-          LOOP_STAGES_HOOK["applied"] += 1
-      except Exception as e:  # never break a lowering for a performance attribute
-        LOOP_STAGES_HOOK["error"] = f"{type(e).__name__}: {e}"
-      return result
-    lower._mlsys_loop_stages = True
-    tl.lower_jaxpr_to_triton_module = lower
-    LOOP_STAGES_HOOK["installed"] = True
-  except Exception as e:  # pragma: no cover - a jax without this lowering function
-    LOOP_STAGES_HOOK["error"] = f"{type(e).__name__}: {e}"
-  return LOOP_STAGES_HOOK["installed"]
+# ``loop_stages=n``: Triton's pipeliner stages only loads that feed a ``dot`` unless the loop carries
+# ``tt.num_stages`` (Pallas emits none); the kernel is named ``..._ls<n>`` and ``_triton_hooks`` sets it.
+LOOP_STAGES_HOOK = _triton_hooks.HOOK
 
 
 def _pow2(x: int) -> int:
@@ -417,7 +359,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
       barrier) by peeling step 0 off the loop; costs registers in multi-step programs.
     loop_stages: 0 (off) or n >= 2: let Triton software-pipeline the K loop's loads through shared
       memory (``cp.async``, n buffers) by putting ``tt.num_stages = n`` on the loop (see
-      ``LOOP_STAGES_HOOK``); ignored by the interpreter (same results either way).
+      :mod:`mlsys_jax.quant._triton_hooks`); ignored by the interpreter (same results either way).
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -463,7 +405,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   if ls == 1:
     raise ValueError("loop_stages=1 is no pipelining; pass 0 (off) or 2..8 buffers.")
   if ls and not interpret:
-    _install_loop_stages_hook()
+    _triton_hooks.install()
   return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf, at and sk > 1, pe,
                  ls, bool(interpret))
 
@@ -510,7 +452,7 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomi
       input_output_aliases={4: 0} if atomic else {},
       compiler_params=None if interpret else triton_compiler_params(nw, ns),
       interpret=interpret,
-      name=f"w4a16_gemv_{variant}" + (f"_ls{ls}" if ls else ""),
+      name=_triton_hooks.kernel_name(f"w4a16_gemv_{variant}", ls),
   )(*args)
   if atomic:
     out = out.astype(out_dtype)
