@@ -109,8 +109,6 @@ def _parse(spec: str):
         ints.append("0")
       if len(ints) == 8:
         ints.append("0")
-      if len(ints) == 9:
-        ints.append("0")
       out.append((v, *map(int, ints)))
   return out
 
