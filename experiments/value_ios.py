@@ -54,8 +54,18 @@ from mlsys_jax.cost import value_ios as VI  # noqa: E402
 from mlsys_jax.cost.metrics import kendall_tau, mape  # noqa: E402
 from mlsys_jax.models import ios_benchmark_nets, ios_init_params  # noqa: E402
 
-_PART = flags.DEFINE_enum("part", "accuracy", ["accuracy", "search", "both", "analytical"],
+_PART = flags.DEFINE_enum("part", "accuracy", ["accuracy", "search", "both", "analytical", "train"],
                           "Which experiment.")
+_PRED_DIR = flags.DEFINE_string(
+    "predictor_dir", None, "train: where to save the per-held-out-net stage predictors; search: load them "
+    "from here (predictor_<net>.npz, fitted on the OTHER nets' H100 stages) instead of timing random nets.")
+_BASE = flags.DEFINE_enum("base", "analytical", ["analytical", "none"],
+                          "train: the model predicts a correction of sched.AnalyticalCost (analytical) or the "
+                          "latency itself (none).")
+_MERGE_KERNELS = flags.DEFINE_enum("merge_kernels", "any", ["any", "same"],
+                                   "search (saved predictors): sched.ios_schedule's merge_kernels.")
+_REMEASURE = flags.DEFINE_bool("remeasure", True, "search: re-time every stage of every schedule with a "
+                               "fresh profiler (costly on a GPU).")
 _AR = flags.DEFINE_integer("analytical_r", 2, "IOS r of the analytical part.")
 _AS = flags.DEFINE_integer("analytical_s", 4, "IOS s of the analytical part.")
 _APART = flags.DEFINE_integer("analytical_part_size", 20, "Units per DP part (analytical part).")
@@ -221,6 +231,57 @@ def part_accuracy():
           "held_out": rows, "total_s": time.perf_counter() - t0}
 
 
+def part_train(pred_dir):
+  """Fit one stage predictor per held-out net (``--search_nets``) on the OTHER nets' measured H100 stages
+  (both dtypes; ``_measured_h100``), save it to ``pred_dir/predictor_<net>.npz``, and check on CPU what
+  the predicted IOS search chooses on the held-out net (full size, float32): its schedule vs the DP on
+  ``sched.AnalyticalCost`` and vs the H100 profiled schedule saved in ``benchmarks/results``."""
+  cost = sched.AnalyticalCost()
+  t0 = time.perf_counter()
+  os.makedirs(pred_dir, exist_ok=True)
+  data = {}
+  for name in _NETS.value:
+    for dt_name, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
+      g, fn, x = _graph(name, dt)
+      meas = _measured_h100(g)
+      if meas:
+        data[(name, dt_name)] = (g, meas, fn, x)
+  print(f"H100 stages: { {f'{k[0]}/{k[1]}': len(v[1]) for k, v in data.items()} } "
+        f"({time.perf_counter() - t0:.0f} s)", flush=True)
+  rows = {}
+  for held in _SEARCH_NETS.value:
+    ex = [(g, st, t) for (n, _), (g, meas, _, _) in data.items() if n != held for st, t in meas.items()]
+    t = time.perf_counter()
+    p, stats = VI.fit_stage_model(ex, hidden=_HIDDEN.value, steps=_STEPS.value, seed=_SEED.value,
+                                  base=cost if _BASE.value == "analytical" else None)
+    train_s = time.perf_counter() - t
+    path = os.path.join(pred_dir, f"predictor_{held}.npz")
+    VI.save_predictor(path, p, base=None if _BASE.value == "none" else "analytical")
+    g, meas, fn, x = data.get((held, "float32"), (None, {}, None, None))
+    if g is None:
+      g, fn, x = _graph(held, None)
+    kw = dict(r=_R.value, s=_S.value, strategy=_STRATEGY.value, emission="plain", check="off")
+    pr = sched.ios_schedule(fn, x, profiler=cost, predictor=VI.load_predictor(path), **kw)
+    an = sched.ios_schedule(fn, x, profiler=cost, **kw)
+    row = {"train_examples": stats["examples"], "train_s": train_s, "final_loss": stats["losses"][-1],
+           "file": path, "predicted": pr.counts(), "analytical": an.counts(),
+           "same_as_analytical": pr.stages == an.stages,
+           "ood_units": pr.info.get("predictor", {}).get("n_ood")}
+    # stages of the held-out net measured on the H100 (its saved schedules): how the predictor ranks them
+    if meas:
+      sts = list(meas)
+      lp = p.log_predict(g, sts)
+      row["h100_stages"] = {"n": len(sts), "mape": mape(np.exp(lp), [meas[s_] for s_ in sts]),
+                            "kendall_tau": kendall_tau(np.exp(lp), [meas[s_] for s_ in sts]),
+                            "analytical_kendall_tau": kendall_tau([cost(g, s_) for s_ in sts],
+                                                                  [meas[s_] for s_ in sts])}
+    rows[held] = row
+    print(f"{held}: {stats['examples']} training stages, {train_s:.0f} s; predicted {pr.counts()}; analytical "
+          f"DP {an.counts()}; {row.get('h100_stages')}", flush=True)
+  return {"base": _BASE.value, "hidden": _HIDDEN.value, "steps": _STEPS.value, "held_out": rows,
+          "total_s": time.perf_counter() - t0}
+
+
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -245,6 +306,8 @@ def part_search(out_dir):
   t0 = time.perf_counter()
   small = _SMALL.value if _SMALL.value is not None else not _on_gpu()
   nets = {n: _graph(n, None, small=small) for n in _SEARCH_NETS.value}
+  if _PRED_DIR.value:
+    return _search_saved_predictors(nets, small, t0)
   # 1. the profiled search of every net, cold cache: its wall time, and its measured stages (training data)
   prof_runs, measured = {}, {}
   for n, (g, fn, x) in nets.items():
@@ -340,6 +403,89 @@ def part_search(out_dir):
                      f"{_NUMBER.value} calls", "held_out": rows, "total_s": time.perf_counter() - t0}
 
 
+def _search_saved_predictors(nets, small, t0):
+  """The GPU protocol with predictors fitted beforehand on other nets' H100 stages (``--part=train``):
+  per net, the searches that need no profiling run first, each with a fresh cold profiler for its
+  out-of-distribution parts -- predicted (value model), the DP on ``sched.AnalyticalCost`` (the untrained
+  baseline) -- then the profiled search (cold), then the hybrids (whose search may reuse compilations:
+  their cost is reported as stages profiled); then every emitted program, the sequential
+  schedule and jax.jit are timed interleaved."""
+  from mlsys_jax.sched.cost import time_calls
+  r, s, strategy = _R.value, _S.value, _STRATEGY.value
+  kw = dict(r=r, s=s, strategy=strategy, emission=_emission(), check="off", merge_kernels=_MERGE_KERNELS.value)
+  rows = {}
+  for held, (g, fn, x) in nets.items():
+    path = os.path.join(_PRED_DIR.value, f"predictor_{held}.npz")
+    t = time.perf_counter()
+    pred = VI.load_predictor(path)
+    load_s = time.perf_counter() - t
+    scheds, profs = {}, {}
+    profs["predicted"] = _cpu_profiler()
+    scheds["predicted"] = sched.ios_schedule(fn, x, profiler=profs["predicted"], predictor=pred, **kw)
+    print(f"{held}: predicted search {scheds['predicted'].search_s:.1f} s ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    scheds["analytical"] = sched.ios_schedule(fn, x, profiler=sched.AnalyticalCost(), **kw)
+    profs["profiled"] = _cpu_profiler()
+    scheds["profiled"] = sched.ios_schedule(fn, x, profiler=profs["profiled"], **kw)
+    print(f"{held}: profiled search {scheds['profiled'].search_s:.1f} s, {profs['profiled'].misses} stages "
+          f"timed ({time.perf_counter() - t0:.0f} s)", flush=True)
+    # the hybrids run after the profiled search: their search time is not a cold one (stages compiled
+    # in this process already); what they cost is counted as stages profiled
+    for k in (int(v) for v in _TOPK.value):
+      profs[f"hybrid_k{k}"] = _cpu_profiler()
+      scheds[f"hybrid_k{k}"] = sched.ios_schedule(fn, x, profiler=profs[f"hybrid_k{k}"], predictor=pred,
+                                                  top_k=k, **kw)
+      print(f"{held}: hybrid k={k} search {scheds[f'hybrid_k{k}'].search_s:.1f} s "
+            f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    seq = sched.Schedule(g, sched.sequential_schedule(g), [0.0] * len(g.units), _emission(), 0.0,
+                         dict(scheds["profiled"].info), _fn=fn)
+    progs = {k: v.as_function() for k, v in scheds.items()}
+    progs["sequential"] = seq.as_function()
+    progs["xla_jit"] = jax.jit(fn)
+    for f in progs.values():
+      jax.block_until_ready(f(x))
+    ts = {k: [] for k in progs}
+    order_rng = np.random.default_rng(_SEED.value)
+    for _ in range(_REPEAT.value):
+      for k in order_rng.permutation(list(progs)):
+        ts[k] += time_calls(progs[k], (x,), _NUMBER.value, 1)
+    med = {k: float(np.median(v)) for k, v in ts.items()}
+    base = scheds["profiled"]
+    table = VI.stage_costs_from_cache(profs["profiled"].cache, base.graph)
+    row = {"units": len(g.units), "predictor": path, "load_s": load_s, "latency_s": med,
+           "latency_spread_s": {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
+                                for k, v in ts.items()}, "n_timings": {k: len(v) for k, v in ts.items()}}
+    for k, sc in scheds.items():
+      ssum = (sum(table[st] for st in sc.stages) if all(st in table for st in sc.stages) else None)
+      row[k] = {"search_s": sc.search_s, "profiled_stages": sc.info.get("profiled_stages"),
+                "counts": sc.counts(), "latency_over_profiled": med[k] / med["profiled"],
+                "profiled_stage_sum_over_profiled": (ssum / sum(table[st] for st in base.stages)
+                                                     if ssum else None),
+                "search_speedup_vs_profiled": base.search_s / sc.search_s,
+                "same_schedule_as_profiled": sc.stages == base.stages,
+                "predictor": ({kk: vv for kk, vv in sc.info["predictor"].items() if kk != "ood"}
+                              if isinstance(sc.info.get("predictor"), dict) else None)}
+    # the analytical DP asks its cost model, not the device: nothing profiled
+    row["analytical"]["profiled_stages"] = 0
+    row["analytical"]["analytical_cost_calls"] = scheds["analytical"].info.get("profiled_stages")
+    row["sequential_over_profiled"] = med["sequential"] / med["profiled"]
+    row["xla_jit_over_profiled"] = med["xla_jit"] / med["profiled"]
+    rows[held] = row
+    print(f"{held}: " + "  ".join(f"{k} {med[k] * 1e6:.1f} us ({row[k]['latency_over_profiled']:.3f}x, search "
+                                  f"{scheds[k].search_s:.1f} s, {row[k]['profiled_stages']} profiled, "
+                                  f"{row[k]['counts']['merge_stages']} merges)" for k in scheds) +
+          f"  sequential {med['sequential'] * 1e6:.1f} us, jit {med['xla_jit'] * 1e6:.1f} us", flush=True)
+  return {"device": str(jax.devices()[0].device_kind), "strategy": strategy, "r": r, "s": s,
+          "merge_kernels": _MERGE_KERNELS.value,
+          "protocol": "predictors fitted on CPU on the other nets' H100 stage latencies (--part=train), "
+                      "loaded; searches in the order predicted, analytical, profiled, hybrids, each with a "
+                      "fresh StageProfiler (cold for predicted and profiled; the hybrids' compilations may "
+                      "be warm: compare their stages profiled, not their seconds); latency: wall time per call, median of interleaved rounds "
+                      "(random order per round) in the same process",
+          "small_nets": small, "emission": _emission(), "number": _NUMBER.value, "repeat": _REPEAT.value,
+          "held_out": rows, "total_s": time.perf_counter() - t0}
+
+
 class _Counting:
   """A stage cost that records the distinct stages it is asked for (the profiler's work)."""
 
@@ -414,6 +560,10 @@ def main(_):
     out["accuracy"] = part_accuracy()
     with open(os.path.join(_OUT.value, "value_ios_accuracy.json"), "w") as f:
       json.dump({**out}, f, indent=1)
+  if _PART.value == "train":
+    out["train"] = part_train(_PRED_DIR.value or os.path.join(_OUT.value, "predictors"))
+    with open(os.path.join(_OUT.value, "value_ios_train.json"), "w") as f:
+      json.dump(out, f, indent=1)
   if _PART.value == "analytical":
     out["analytical"] = part_analytical()
     with open(os.path.join(_OUT.value, "value_ios_analytical.json"), "w") as f:

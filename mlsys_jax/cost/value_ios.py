@@ -230,6 +230,83 @@ def fit_stage_model(examples: Sequence[tuple], *, hidden: int = 64, steps: int =
                                          "losses": losses}
 
 
+_SAVE_FORMAT = "mlsys_jax.cost.value_ios.StagePredictor/1"
+
+
+def save_predictor(path: str, p: StagePredictor, base: str | None = None) -> None:
+  """Write a fitted :class:`StagePredictor` to ``path`` (an ``.npz``: parameters as arrays, vocabulary,
+  training feature range and module sizes as JSON), so a model fitted on one machine (CPU) can be used
+  for the search on another (GPU). ``base``: ``None`` or ``"analytical"`` (``sched.AnalyticalCost()``
+  with default arguments), the stage cost the model corrects; it must match ``p.base``.
+
+  Example:
+    >>> import tempfile, os
+    >>> from mlsys_jax import sched
+    >>> from mlsys_jax.cost import value
+    >>> g = sched.build_graph(*value.random_conv_net(0))
+    >>> ex = stage_examples([g], sched.AnalyticalCost(), r=2, s=2, max_per_graph=20)
+    >>> p, _ = fit_stage_model(ex, hidden=8, steps=2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "p.npz")
+    >>> save_predictor(path, p)
+    >>> q = load_predictor(path)
+    >>> st = ex[0][1]
+    >>> bool(np.isclose(q(g, st), p(g, st), rtol=1e-5))
+    True
+  """
+  import json
+  import jax
+  if (base is None) != (p.base is None):
+    raise ValueError(f"save_predictor: base={base!r} but the predictor's base is {p.base!r}; pass "
+                     "base='analytical' for a model fitted with base=sched.AnalyticalCost().")
+  if base not in (None, "analytical"):
+    raise ValueError(f"save_predictor: base must be None or 'analytical', got {base!r}")
+  m = p.model
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(m.params)
+  arrays = {f"p{i}": np.asarray(v) for i, (_, v) in enumerate(leaves)}
+  names = [jax.tree_util.keystr(k) for k, _ in leaves]
+  meta = {"format": _SAVE_FORMAT, "names": names, "vocab": m.vocab, "hidden": m.module.hidden,
+          "embed": m.module.embed, "vocab_size": m.module.vocab, "r": m.r, "s": m.s,
+          "margin": p.margin, "batch": p.batch, "base": base}
+  with open(path, "wb") as fh:
+    np.savez_compressed(fh, meta=np.asarray(json.dumps(meta)), feat_lo=np.asarray(m.feat_lo),
+                        feat_hi=np.asarray(m.feat_hi), **arrays)
+
+
+def load_predictor(path: str) -> StagePredictor:
+  """Read a predictor written by :func:`save_predictor` (parameters are matched by name to a freshly
+  initialised ``value.ValueLSTM`` of the saved sizes, so a changed module fails loudly)."""
+  import json
+  import jax
+  import jax.numpy as jnp
+  with np.load(path, allow_pickle=False) as z:
+    meta = json.loads(str(z["meta"]))
+    if meta.get("format") != _SAVE_FORMAT:
+      raise ValueError(f"{path!r} is not a saved StagePredictor (format {meta.get('format')!r}).")
+    arrays = {k: z[k] for k in z.files}
+  module = V.ValueLSTM(vocab=int(meta["vocab_size"]), hidden=int(meta["hidden"]), embed=int(meta["embed"]))
+  t = 8
+  ref = module.init(jax.random.PRNGKey(0), jnp.zeros((1, t), jnp.int32),
+                    jnp.zeros((1, t, V.NUM_FEATURES), jnp.float32), jnp.ones((1,), jnp.int32))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(ref)
+  names = [jax.tree_util.keystr(k) for k, _ in leaves]
+  if names != meta["names"]:
+    raise ValueError(f"{path!r}: saved parameters {meta['names']} do not match this ValueLSTM's {names}.")
+  vals = []
+  for i, (_, v) in enumerate(leaves):
+    a = arrays[f"p{i}"]
+    if a.shape != np.shape(v):
+      raise ValueError(f"{path!r}: parameter {names[i]} has shape {a.shape}, expected {np.shape(v)}.")
+    vals.append(jnp.asarray(a))
+  params = jax.tree_util.tree_unflatten(treedef, vals)
+  model = V.ValueModel(module, params, {str(k): int(v) for k, v in meta["vocab"].items()},
+                       arrays["feat_lo"], arrays["feat_hi"], int(meta["r"]), int(meta["s"]))
+  base = None
+  if meta["base"] == "analytical":
+    from mlsys_jax.sched import AnalyticalCost
+    base = AnalyticalCost()
+  return StagePredictor(model, float(meta["margin"]), int(meta["batch"]), base=base)
+
+
 def stage_costs_from_cache(cache: dict, g: Graph) -> dict:
   """Measured stage latencies of graph ``g`` in a ``sched.StageProfiler`` cache (the dict its JSON file
   holds): ``{Stage: seconds}`` for every alias entry of ``g``'s fingerprint (any device, options, K;
@@ -259,5 +336,5 @@ def stage_costs_from_cache(cache: dict, g: Graph) -> dict:
   return out
 
 
-__all__ = ["StagePredictor", "candidate_stages", "fit_stage_model", "stage_costs_from_cache",
-           "stage_examples", "stage_features"]
+__all__ = ["StagePredictor", "candidate_stages", "fit_stage_model", "load_predictor", "save_predictor",
+           "stage_costs_from_cache", "stage_examples", "stage_features"]
