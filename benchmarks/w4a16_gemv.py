@@ -249,7 +249,7 @@ def main():
           continue
         v, bn, bps, sk, nw, ns, pf, at, pe, ls = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                  prefetch=bool(pf), atomic=bool(at), peel=bool(pe), loop_stages=ls, interpret=interpret)
+                  prefetch=pf, atomic=bool(at), peel=bool(pe), loop_stages=ls, interpret=interpret)
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
         ops[name] = (op, copies)

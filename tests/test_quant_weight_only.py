@@ -293,12 +293,19 @@ def test_loop_stages_sets_the_loop_attribute(ls, monkeypatch):
 
 
 def test_loop_stages_same_result_and_errors():
-  """In the interpreter the attribute does not exist: the same numbers; bad values are refused."""
+  """In the interpreter the attribute does not exist: the same numbers, also with the activations
+  loaded one step ahead (prefetch=2, the same sums in the same order), within the float64 bound of
+  the packed product; bad values are refused."""
   p = wo.pack_int4(jax.random.normal(jax.random.PRNGKey(0), (512, 64)), 128)
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 512)).astype(jnp.bfloat16)
   kw = dict(variant="fmad2", block_n=32, blocks_per_step=1, split_k=2, atomic=True)
-  a = pg.int4_gemv(x, p.words, p.scales, loop_stages=3, **kw)
+  a = pg.int4_gemv(x, p.words, p.scales, loop_stages=3, prefetch=2, **kw)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(pg.int4_gemv(x, p.words, p.scales, **kw)))
+  codes, s = _packed_np(p)
+  ref, mag = _np_matmul(np.asarray(x.astype(jnp.float32)), codes, s, 128)
+  np.testing.assert_array_less(np.abs(np.asarray(a) - ref), 512 * 2 ** -24 * mag + 1e-30)
+  with pytest.raises(ValueError, match="prefetch"):
+    pg.int4_gemv(x, p.words, p.scales, prefetch=3, **kw)
   with pytest.raises(ValueError, match="loop_stages=1"):
     pg.int4_gemv(x, p.words, p.scales, loop_stages=1, **kw)
   with pytest.raises(ValueError, match="loop_stages"):

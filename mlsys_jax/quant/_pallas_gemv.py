@@ -195,8 +195,19 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   def mult(x, m):
     return x if isinstance(x, int) else pl.multiple_of(x, m)
 
-  def load(it):
-    """Everything step ``it`` reads: its weight words, its scale rows and its activation planes."""
+  def load_x(it):
+    """The activation planes of step ``it``."""
+    k0 = mult(it * step_k, step_k)
+    xs = []
+    for p in range(planes):
+      kk = mult(k0 + p * PLANE, PLANE)
+      xs.append(x_ref[:, pl.ds(kk, PLANE)] if dot else
+                [x_ref[b, pl.ds(kk, PLANE)] for b in range(batch)])
+    return xs
+
+  def load(it, with_x=True):
+    """Everything step ``it`` reads: its weight words, its scale rows and (``with_x``) its activation
+    planes."""
     k0 = mult(it * step_k, step_k)
     if nsub > 1:
       words = [[w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), pl.ds(c * sub, sub)]
@@ -208,12 +219,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
                for u in range(blocks_per_step)]
       srows = [s_ref[pl.ds(jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size)), 1), :]
                for q in range(groups_per_step)]
-    xs = []
-    for p in range(planes):
-      kk = mult(k0 + p * PLANE, PLANE)
-      xs.append(x_ref[:, pl.ds(kk, PLANE)] if dot else
-                [x_ref[b, pl.ds(kk, PLANE)] for b in range(batch)])
-    return words, srows, xs
+    return words, srows, (load_x(it) if with_x else None)
 
   def compute_dn(acc, loaded):
     """acc: ``batch * nsub`` tiles ``(16, sub)``, index ``b * nsub + c``."""
@@ -281,7 +287,20 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   init = (jnp.zeros((mrows, bn), jnp.float32) if dot else
           [jnp.zeros((PLANE, sub), jnp.float32) for _ in range(batch * nsub)] if dn else
           [jnp.zeros((PLANE, bn), jnp.float32) for _ in range(batch)])
-  if prefetch:
+  if prefetch == 2:
+    # Only the activations one step ahead in registers (the weights and scales are left to Triton's
+    # pipeliner with loop_stages): a 16-element bf16 slice in a row-sliced layout is one element per
+    # thread, too narrow (< 32 bits) for cp.async, so without this every step waits for its L2 loads.
+    def body(it, carry):
+      acc, xs = carry
+      nx = load_x(jax.lax.min(it + 1, jnp.int32(steps - 1)))
+      words, srows, _ = load(it, with_x=False)
+      return compute(acc, (words, srows, xs)), nx
+    xs0 = load_x(0)
+    if dn:
+      dn_setup()
+    acc, _ = jax.lax.fori_loop(0, steps, body, (init, xs0))
+  elif prefetch:
     # Software pipelining in registers: issue the loads of step it + 1 before computing step it, so
     # the memory latency hides behind the unpacking and the products (the last step reloads itself:
     # peeling it off instead doubled the registers, 96 -> 226 at fma:64:2, in the sm_90 SASS).
@@ -335,7 +354,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
               variant: str | None = None, block_n: int | None = None,
               blocks_per_step: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None,
-              prefetch: bool | None = None, atomic: bool | None = None, peel: bool | None = None,
+              prefetch: int | bool | None = None, atomic: bool | None = None, peel: bool | None = None,
               loop_stages: int | None = None, interpret: bool | None = None) -> jax.Array:
   """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
 
@@ -350,8 +369,10 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     blocks_per_step: 128-element K blocks per loop step (power of two).
     split_k: programs along K (a power of two dividing the K blocks); partial outputs summed by XLA.
     num_warps, num_stages: Triton launch / pipelining parameters.
-    prefetch: load step ``s + 1``'s words, scales and activations before computing step ``s``
-      (software pipelining through registers; Triton's own pipeliner only serves ``dot`` operands).
+    prefetch: 0/False: none; 1/True: load step ``s + 1``'s words, scales and activations before
+      computing step ``s`` (software pipelining through registers; Triton's own pipeliner only serves
+      ``dot`` operands unless ``loop_stages`` is set); 2: only the activations one step ahead (with
+      ``loop_stages`` for the weights).
     atomic: with ``split_k > 1``, add the partial outputs into a zero-initialized float32 output with
       atomic adds in the kernel itself (one launch; the float32 sum in a run-dependent order) instead of
       writing ``(split_k, B, N)`` partials that XLA sums in a second launch.
@@ -397,7 +418,8 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
                      f"scales (one group) need split_k=1.")
   if interpret is None:
     interpret = not on_gpu()
-  pf = cfg["prefetch"] if prefetch is None else bool(prefetch)
+  pf = int(cfg["prefetch"] if prefetch is None else prefetch)
+  check_int("prefetch", pf, 0, 2)
   at = cfg.get("atomic", False) if atomic is None else bool(atomic)
   pe = cfg.get("peel", False) if peel is None else bool(peel)
   ls = cfg.get("loop_stages", 0) if loop_stages is None else loop_stages
