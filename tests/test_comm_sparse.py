@@ -52,7 +52,8 @@ def test_exponential_single_stage_closed_form():
 @pytest.mark.parametrize("make", [
     lambda: sp.sidco(0.01), lambda: sp.sidco(0.01, distribution="gpareto", stages=2, per_tensor=True),
     lambda: sp.sidco(0.01, distribution="gamma", stages=2), lambda: sp.topk(0.01),
-    lambda: sp.dgc(0.01, sample_fraction=0.1), lambda: sp.randomk(0.01)])
+    lambda: sp.dgc(0.01, sample_fraction=0.1), lambda: sp.dgc(0.01, sample_fraction=0.1, exact=True),
+    lambda: sp.randomk(0.01)])
 def test_error_feedback_conserves_gradient_mass_exactly(make):
   tx = make()
   params = {"a": jnp.zeros((300, 20)), "b": jnp.zeros((500,))}
@@ -678,3 +679,30 @@ def test_exact_sidco_breaks_ties_at_the_cut_as_top_k(cf):
     sp.sidco(0.01, overshoot=3.0)                              # above capacity_factor (2)
   with pytest.raises(ValueError, match="overshoot"):
     sp.sidco(0.01, overshoot=0.5)
+
+
+def test_dgc_exact_keeps_the_k_largest_of_its_selection():
+  """dgc(exact=True) sends what dgc sends when that is at most k entries, else the k largest of it (ties to
+  the lower index), in k slots; the rest stays in the residual."""
+  rng = np.random.default_rng(11)
+  k = 200
+  tx_old, tx_new = sp.dgc(0.01, sample_fraction=0.01), sp.dgc(0.01, sample_fraction=0.01, exact=True)
+  up_old, up_new = jax.jit(tx_old.update), jax.jit(tx_new.update)
+  trimmed = kept = 0
+  for _ in range(6):
+    x = np.round(rng.laplace(size=20_000) * 4) / 4 + 0.01         # many ties, no zeros
+    g = {"w": jnp.asarray(x, jnp.float32)}
+    old, _ = up_old(g, tx_old.init(g))
+    new, st = up_new(g, tx_new.init(g))
+    sel = np.nonzero(np.asarray(old["w"]))[0]
+    if sel.size > k:
+      trimmed += 1
+      order = np.lexsort((sel, -np.abs(x[sel]).astype(np.float32)))    # magnitude descending, then index
+      want = np.sort(sel[order[:k]])
+    else:
+      kept += 1
+      want = sel
+    np.testing.assert_array_equal(np.nonzero(np.asarray(new["w"]))[0], want)
+    np.testing.assert_array_equal(np.asarray(new["w"] + st.residual["w"]), np.asarray(g["w"]))
+    assert float(st.bytes_sent) == k * 8 + 4
+  assert trimmed and kept, (trimmed, kept)

@@ -206,3 +206,114 @@ def test_flatten_gather_equals_concatenation(per_tensor, min_count, monkeypatch)
   got = jax.jit(lambda *ls: lay.flatten(list(ls), jnp.float32))(*leaves)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
   assert per_tensor == (lay.num_segments > 1)
+
+
+def _kth_case(per_tensor, ratio, seed=7):
+  rng = np.random.default_rng(seed)
+  sizes = [5000, 300, 9000, 70]
+  leaves = [rng.laplace(size=n).astype(np.float32) for n in sizes]
+  leaves[1][:290] = 0.0                     # fewer non-zeros than k in that leaf
+  leaves[2][100:400] = leaves[2][7]         # ties, maybe at the cut
+  leaves = [jnp.asarray(x) for x in leaves]
+  lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, ratio, 1.0))
+  flat = lay.flatten(leaves, jnp.float32)
+  segs = [np.concatenate([np.abs(np.asarray(leaves[i])) for i in g]) for g in lay.groups]
+  return lay, flat, segs
+
+
+@pytest.mark.parametrize("per_tensor,ratio", [(True, 0.05), (False, 0.01),
+                                              pytest.param(True, 0.3, marks=pytest.mark.slow),
+                                              pytest.param(False, 0.3, marks=pytest.mark.slow)])
+def test_kth_blocks_is_closed_form_per_segment(per_tensor, ratio):
+  """The block select's thresholds (three small sorts, no pass over the buffer) are the float just below
+  each segment's k-th largest magnitude (0 when that is 0), as the bit search's: static k, a smaller traced
+  k under the static bound, and k above the number of 64-entry blocks (ratio 0.3)."""
+  lay, flat, segs = _kth_case(per_tensor, ratio)
+  bmax = sp._block_stats(jnp.abs(flat))[2]
+  k_max = np.array([max(1, round(ratio * n)) for n in lay.seg_n])
+  fn = jax.jit(lambda f, b, kk: sp._seg_kth_blocks(f, b, lay, kk, k_max))
+  for k in (k_max, np.maximum(1, k_max // 3)):
+    got = np.asarray(fn(flat, bmax, jnp.asarray(k, jnp.int32)))
+    ref = np.array([_prev_kth(s[None], np.array([kk]))[0] for s, kk in zip(segs, k)])
+    np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
+  if per_tensor and ratio == 0.05:   # the bit search agrees on the same buffer
+    a_tiles = jnp.abs(flat).reshape(lay.num_tiles, sp._TILE)
+    bits = np.asarray(sp._seg_exact(a_tiles, bmax, lay, jnp.asarray(k_max, jnp.int32), flat))
+    np.testing.assert_array_equal(bits.view(np.int32), np.asarray(fn(flat, bmax, jnp.asarray(k_max, jnp.int32))).view(np.int32))
+
+
+@pytest.mark.parametrize("kw,modes", [
+    (dict(per_tensor=True), (("bits", True), ("blocks", True))),
+    pytest.param(dict(per_tensor=True), (("bits", True), ("blocks", False)), marks=pytest.mark.slow),
+    pytest.param(dict(), (("bits", True), ("blocks", True), ("blocks", False)), marks=pytest.mark.slow),
+    pytest.param(dict(distribution="gpareto", momentum=0.9), (("bits", True), ("blocks", True), ("blocks", False)),
+                 marks=pytest.mark.slow)])
+def test_transform_same_with_block_select_and_without_fit(kw, modes, monkeypatch):
+  """Whole updates (Gaussian gradients: the exponential fit misses and the fallback runs) are bitwise the
+  same with the bit search, the block select, and the block select alone on every step (no fit)."""
+  rng = np.random.default_rng(5)
+  grads = [{"w": jnp.asarray(rng.standard_normal((40, 50)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(50) * 0.1, jnp.float32),
+            "c": jnp.asarray(rng.laplace(size=3000), jnp.float32)} for _ in range(3)]
+  res = []
+  for search, fit in modes:
+    monkeypatch.setattr(sp, "_EXACT_SEARCH", search)
+    monkeypatch.setattr(sp, "_EXACT_FIT", fit)
+    tx = sp.sidco(0.01, **kw)
+    st = tx.init(grads[0])
+    up = jax.jit(tx.update)
+    outs = []
+    for g in grads:
+      o, st = up(g, st)
+      outs.append((o, st.residual, st.density, st.velocity))
+    res.append(outs)
+  for other in res[1:]:
+    for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(other)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sum_flatten_chunks_equal_two_concatenations(monkeypatch):
+  """The error-compensated buffer by chunked concatenations of the leafwise sums, or chunks written in
+  place, equals flatten(addend) + flatten(residual) bitwise (padding between segments included), and the
+  raveled one equals the leafwise sums raveled (mixed dtypes: each sum in its leaf's dtype)."""
+  rng = np.random.default_rng(8)
+  sizes = [700, 5, 9000, 33, 64, 4097]
+  a = [jnp.asarray(rng.standard_normal(n), jnp.float32) for n in sizes]
+  r = [jnp.asarray(rng.standard_normal(n), jnp.float32) for n in sizes]
+  monkeypatch.setattr(sp, "_GROUP_LEAVES", 2)
+  for per_tensor in (False, True):
+    lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, 1.0))
+    want = np.asarray(sp._flat_sum(lay.flatten, a, r, jnp.float32))
+    for how in ("groups", "dus"):
+      np.testing.assert_array_equal(np.asarray(lay.flatten_sum(a, r, jnp.float32, how)), want)
+  tree_a = {"x": a[0], "y": jnp.full((5,), 60000.0, jnp.float16)}
+  tree_r = {"x": r[0], "y": jnp.full((5,), 60000.0, jnp.float16)}
+  want, _ = sp._ravel_sum(tree_a, tree_r)
+  for how in ("groups", "dus"):
+    monkeypatch.setattr(sp, "_SUM_FLATTEN", how)
+    got, unravel = sp._ravel_sum(tree_a, tree_r)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.all(np.isinf(np.asarray(got)[-5:])) and unravel(got)["x"].shape == (700,)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [lambda: sp.sidco(0.01, per_tensor=True), lambda: sp.topk(0.01)])
+def test_transform_same_with_sum_flatten(make, monkeypatch):
+  """Whole updates with the buffer written by chunks equal those with two concatenations, bitwise."""
+  rng = np.random.default_rng(9)
+  grads = [{"w": jnp.asarray(rng.standard_normal((40, 50)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(50), jnp.float32),
+            "c": jnp.asarray(rng.laplace(size=3000), jnp.float32)} for _ in range(2)]
+  monkeypatch.setattr(sp, "_GROUP_LEAVES", 2)
+  res = []
+  for how in ("two", "dus"):
+    monkeypatch.setattr(sp, "_SUM_FLATTEN", how)
+    tx = make()
+    st = tx.init(grads[0])
+    up = jax.jit(tx.update)
+    res.append([up(g, st)[0] for g in grads] + [st])
+    for g in grads:
+      _, st = up(g, st)
+    res[-1].append(st)
+  for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

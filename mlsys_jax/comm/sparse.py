@@ -685,6 +685,30 @@ _TILE = _BLOCK * _THR_BLOCKS   # 4096 entries: segments are padded to whole tile
 # "concat" (one concatenation with zero pieces: 4x faster on CPU, where gathers are slow) or "auto" (gather
 # on GPU). The same buffer.
 _FLATTEN = "auto"
+# The error-compensated buffer ``addend + residual`` of the transforms: "two" (flatten both trees, one add:
+# three kernels, but the leaves' producers cannot fuse into a concatenation of ~160 operands, so each
+# leaf's producer is a kernel of its own), "groups" (concatenations of the leafwise sums
+# ``a_i + r_i`` over chunks of ``_GROUP_LEAVES`` leaves, into which the producers can fuse, then one
+# concatenation of the chunks) or "dus" (the chunks written into one buffer by dynamic-update-slices, in
+# place). The same buffer bitwise.
+_SUM_FLATTEN = "two"
+_GROUP_LEAVES = 24
+
+
+def _chunked(pieces, how: str, dtype) -> jax.Array:
+  """One 1-D buffer from ``pieces`` (1-D, in order) by chunks of ``_GROUP_LEAVES``: ``how`` "groups" (a
+  concatenation of the chunks' concatenations) or "dus" (each chunk written into a zero buffer)."""
+  check_choice("_SUM_FLATTEN", how, ("groups", "dus"))
+  chunks = [pieces[i:i + _GROUP_LEAVES] for i in range(0, len(pieces), _GROUP_LEAVES)]
+  chunks = [c[0] if len(c) == 1 else jnp.concatenate(c) for c in chunks]
+  if how == "groups" or len(chunks) == 1:
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
+  buf = jnp.zeros((sum(c.shape[0] for c in chunks),), dtype)
+  off = 0
+  for c in chunks:
+    buf = jax.lax.dynamic_update_slice(buf, c, (off,))
+    off += c.shape[0]
+  return buf
 
 
 class _Layout:
@@ -757,6 +781,19 @@ class _Layout:
       if pad:
         pieces.append(jnp.zeros((pad,), dtype))
     return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+  def flatten_sum(self, addend_leaves, residual_leaves, dtype, how: str) -> jax.Array:
+    """``flatten([a + r for a, r in leaves], dtype)`` (each sum in its leaf's dtype) by :func:`_chunked`."""
+    pieces = []
+    for g, group in enumerate(self.groups):
+      n_g = 0
+      for i in group:
+        pieces.append((addend_leaves[i] + residual_leaves[i]).reshape(-1).astype(dtype))
+        n_g += self.sizes[i]
+      pad = int(self.seg_tile_ok[g].sum()) * _TILE - n_g
+      if pad:
+        pieces.append(jnp.zeros((pad,), dtype))
+    return _chunked(pieces, how, dtype)
 
   def seg_reduce(self, v, op: str):
     """Per-segment ``op`` (``'sum'``, ``'min'``, ``'max'``) of per-tile values ``v`` (``num_tiles``, ...)."""
@@ -1006,6 +1043,81 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
   return _search_bits(enough, top, keep_low=True, ways=_search_ways(flat))
 
 
+# How the exact-count fallback finds each segment's k-th largest magnitude: "blocks" (:func:`_seg_kth_blocks`:
+# three small sorts, of the 64-entry block maxima, of 8-entry sub-block maxima of the candidate blocks and
+# of the candidate entries; no pass over the buffer beyond one gather of the candidate blocks) or "bits"
+# (:func:`_seg_exact`: a W-way search over the float bits, ceil(31 / log2 W) counting passes over the
+# whole buffer). The same thresholds bit for bit. Module-level for the benchmark.
+_EXACT_SEARCH = "bits"
+# With exact counts, whether the SIDCo fit runs first (True: the fit, and the fallback only on the steps
+# where it missed its band) or the fallback's select alone decides every step (False: the same payload,
+# since the correction stage sends the k largest either way; benchmark switch).
+_EXACT_FIT = True
+_SUB = 8   # entries per sub-block in _seg_kth_blocks's second level
+
+
+def _seg_first_k_slots(vals, seg_sizes, k, k_cap):
+  """Per segment, the slots of its ``k_cap`` largest values (ties to the lower slot), concatenated.
+
+  ``vals`` (m,) non-negative float32 laid out as consecutive runs of static lengths ``seg_sizes`` (one
+  run per segment); ``k_cap`` (static, per segment) at most the run's length. Returns ``(slots (sum
+  k_cap,), ok (sum k_cap,))``: ``ok`` is false for the positions at or past the segment's (maybe traced)
+  ``k``. One stable sort (one segment) or two (several): :func:`_sort_seg_desc`, whose sorted runs start
+  at the static offsets of the segments."""
+  num = len(seg_sizes)
+  m = vals.shape[0]
+  slot = jnp.arange(m, dtype=jnp.int32)
+  if num == 1:
+    seg = jnp.zeros((m,), jnp.int32)
+  else:
+    seg = jnp.asarray(np.repeat(np.arange(num, dtype=np.int32), seg_sizes))
+  _, slot_s = _sort_seg_desc(seg, vals, slot, num)
+  starts = np.concatenate([[0], np.cumsum(seg_sizes)[:-1]])
+  take = np.concatenate([s0 + np.arange(c) for s0, c in zip(starts, k_cap)]).astype(np.int32)
+  rank = np.concatenate([np.arange(c) for c in k_cap]).astype(np.int32)
+  owner = np.repeat(np.arange(num, dtype=np.int32), k_cap)
+  ok = jnp.asarray(rank) < jnp.asarray(k, jnp.int32)[owner]
+  return slot_s[take], ok
+
+
+def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max):
+  """Per segment the largest threshold that still selects at least ``k`` (segments,) entries of
+  ``|flat|``: the float just below the segment's ``k``-th largest magnitude (0 when that is 0), the same
+  bits as :func:`_seg_exact`'s search, found without a counting pass over the buffer.
+
+  Every one of a segment's ``k`` largest entries lies in a 64-entry block whose maximum is among the
+  segment's ``k`` largest block maxima (ties to the lower block: a block holding a top-``k`` entry has a
+  maximum at least the ``k``-th largest magnitude, and at most ``k`` blocks do, or the tied ones of lower
+  index hold enough of the tied entries), so the ``k``-th largest magnitude of those blocks is the
+  segment's. Three levels of that argument: a sort of the n / 64 block maxima picks ``k`` blocks per
+  segment; a sort of their 8-entry sub-block maxima picks ``k`` sub-blocks; a sort of those ``8 k``
+  entries gives the ``k``-th. ``k_max`` (static, per segment) bounds a traced ``k``; the positions past
+  ``k`` hold zeros, which cannot change a ``k``-th largest of non-negative values."""
+  nb = bmax.shape[0]
+  a = jnp.abs(flat).astype(jnp.float32).reshape(nb, _BLOCK)
+  k_max = np.asarray(k_max, np.int64)
+  nblk = lay.seg_tile_ok.sum(axis=1).astype(np.int64) * _THR_BLOCKS
+  # level 1: k blocks per segment (a segment's blocks are one run of the buffer; padding blocks hold 0)
+  c1 = np.minimum(k_max, nblk)
+  blk, ok1 = _seg_first_k_slots(bmax.astype(jnp.float32), nblk, k, c1)
+  rows = jnp.where(ok1[:, None], a[blk], 0.0)                               # (sum c1, 64)
+  # level 2: k sub-blocks of 8 per segment among those blocks
+  sub = rows.reshape(-1, _SUB)
+  c2 = np.minimum(k_max, c1 * (_BLOCK // _SUB))
+  sb, ok2 = _seg_first_k_slots(jnp.max(sub, axis=1), c1 * (_BLOCK // _SUB), k, c2)
+  ent = jnp.where(ok2[:, None], sub[sb], 0.0).reshape(-1)                   # (sum c2 * 8,)
+  # level 3: the k-th largest entry per segment
+  c3 = c2 * _SUB
+  seg3 = np.repeat(np.arange(len(c3), dtype=np.int32), c3)
+  _, slot_s = _sort_seg_desc(jnp.asarray(seg3) if len(c3) > 1 else jnp.zeros((ent.shape[0],), jnp.int32),
+                             ent, jnp.arange(ent.shape[0], dtype=jnp.int32), len(c3))
+  start3 = np.concatenate([[0], np.cumsum(c3)[:-1]]).astype(np.int32)
+  pos = jnp.asarray(start3) + jnp.clip(jnp.asarray(k, jnp.int32), 1, jnp.asarray(c3, jnp.int32)) - 1
+  kth = ent[slot_s[pos]]
+  bits = jax.lax.bitcast_convert_type(kth, jnp.int32)
+  return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
+
+
 def _payload_segments(payload: SparsePayload, lay: _Layout):
   """Segment of every payload slot (``num_segments`` for the slots past ``count``) and the number of
   valid slots per segment."""
@@ -1082,11 +1194,11 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   Returns ``(payload, n_above, thresholds (segments,), finite)``: ``finite`` says that every entry of
   ``flat`` is finite (from the statistics pass); when it is False the payload must not be sent.
 
-  ``exact = (k (segments,), send_capacity)``: the correction stage to the exact target count. ``ratio`` is
+  ``exact = (k (segments,), send_capacity, k_max (static, segments,))``: the correction stage to the exact target count. ``ratio`` is
   then the fit's aim (above the target, so that the fit usually selects between ``k`` and the local
   ``capacity``); a step where some segment selected fewer than its ``k``, or the payload overflowed, gets
-  thresholds just below each segment's ``k``-th largest by bisection (:func:`_seg_exact`, under
-  ``lax.cond``), and :func:`_seg_trim` then keeps the ``k`` largest of each segment (Top-k's set, ties to
+  thresholds just below each segment's ``k``-th largest (:func:`_seg_kth_blocks` or :func:`_seg_exact`,
+  ``_EXACT_SEARCH``, under ``lax.cond``), and :func:`_seg_trim` then keeps the ``k`` largest of each segment (Top-k's set, ties to
   the lower index) in a payload of ``send_capacity`` slots; the fifth value returned is then the
   per-segment ``tie_last`` of :func:`_seg_trim` (else None)."""
   use_pallas, interpret = _pallas_mode(packing, flat)
@@ -1100,29 +1212,41 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   # overflow it above 3.4e38 in float32, and such a step is then skipped and counted, never silent)
   finite = jnp.isfinite(jnp.sum(s1t))
   a_tiles = jnp.abs(flat).astype(jnp.float32).reshape(nt, _TILE)
-  t = _seg_threshold(a_tiles, lay, lay.seg_reduce(s1t, "sum"), lay.seg_reduce(s2t, "sum"), ratio,
-                     distribution, stages, first_ratio, exact is not None)
-  if min_count is not None:
-    t = _seg_floor(t, bmax, lay, min_count)
-  t = jnp.maximum(t, 0.0)                    # (padding zeros are never selected)
 
   def pack(t):
     if use_pallas:
       return _pack_pallas(flat, lay.per_tile(t), capacity, bmax, interpret)
     return _pack_xla(flat, lay.per_tile(t), capacity, bmax)
 
-  payload, n_above = pack(t)
+  def exact_thresholds():
+    k, _, k_max = exact
+    if _EXACT_SEARCH == "blocks":
+      return _seg_kth_blocks(flat, bmax, lay, k, k_max)
+    check_choice("_EXACT_SEARCH", _EXACT_SEARCH, ("blocks", "bits"))
+    return _seg_exact(a_tiles, bmax, lay, k, flat)
+
+  if exact is not None and not _EXACT_FIT:   # no fit: every step takes the fallback's thresholds
+    t = exact_thresholds()
+    payload, n_above = pack(t)
+  else:
+    t = _seg_threshold(a_tiles, lay, lay.seg_reduce(s1t, "sum"), lay.seg_reduce(s2t, "sum"), ratio,
+                       distribution, stages, first_ratio, exact is not None)
+    if min_count is not None:
+      t = _seg_floor(t, bmax, lay, min_count)
+    t = jnp.maximum(t, 0.0)                    # (padding zeros are never selected)
+    payload, n_above = pack(t)
   if exact is not None:
-    k, send_capacity = exact
-    _, counts = _payload_segments(payload, lay)
+    k, send_capacity, _ = exact
+    if _EXACT_FIT:
+      _, counts = _payload_segments(payload, lay)
 
-    def bisect(_):
-      t2 = _seg_exact(a_tiles, bmax, lay, k, flat)
-      p2, _ = pack(t2)
-      return p2, t2
+      def bisect(_):
+        t2 = exact_thresholds()
+        p2, _ = pack(t2)
+        return p2, t2
 
-    missed = (payload.overflow | jnp.any(counts < k)) & finite
-    payload, t = jax.lax.cond(missed, bisect, lambda _: (payload, t), None)
+      missed = (payload.overflow | jnp.any(counts < k)) & finite
+      payload, t = jax.lax.cond(missed, bisect, lambda _: (payload, t), None)
     payload, t, tie_last = _seg_trim(payload, t, lay, k, send_capacity)
     return payload, n_above, t, finite, tie_last
   if max_count is not None:
@@ -1312,6 +1436,9 @@ def _ravel_sum(addend, residual):
   _, unravel = ravel_pytree(residual)
   leaves = jax.tree_util.tree_leaves(residual)
   dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+  if _SUM_FLATTEN != "two" and leaves:
+    return _chunked([(a + r).reshape(-1).astype(dtype) for a, r in zip(jax.tree_util.tree_leaves(addend), leaves)],
+                    _SUM_FLATTEN, dtype), unravel
   uniform = all(jnp.result_type(x) == dtype for x in leaves + jax.tree_util.tree_leaves(addend))
   if uniform:
     return ravel_pytree(addend)[0] + ravel_pytree(residual)[0], unravel
@@ -1410,7 +1537,10 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     r_cap = ratio if max_ratio is None else max_ratio
     lay = _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
     dtype = jnp.result_type(*leaves)
-    flat = _flat_sum(lay.flatten, jax.tree_util.tree_leaves(addend), leaves, dtype)
+    if _SUM_FLATTEN == "two":
+      flat = _flat_sum(lay.flatten, jax.tree_util.tree_leaves(addend), leaves, dtype)
+    else:
+      flat = lay.flatten_sum(jax.tree_util.tree_leaves(addend), leaves, dtype, _SUM_FLATTEN)
     counts = [_counts(int(n), ratio, max_ratio, capacity_factor) for n in lay.seg_n]
     cap = int(sum(c[2] for c in counts))
     if isinstance(counts[0][0], int):
@@ -1548,13 +1678,23 @@ def randomk(ratio: float, *, seed: int | None = None, axis_name: str | None = No
 
 def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: float | None = None,
         seed: int | None = None, axis_name: str | None = None, per_tensor: bool = False,
-        max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None
-        ) -> optax.GradientTransformation:
+        max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None,
+        exact: bool | None = None) -> optax.GradientTransformation:
   """DGC's sampled-threshold sparsification with error feedback (Lin et al., ICLR 2018).
 
   The threshold is the top-k magnitude of a random sample (``sample_fraction``, default 0.01); if more
   than the capacity (``capacity_factor`` times k, default 2) exceed it, a second top-k over the
-  exceedances keeps exactly k, as DGC's second round does.
+  exceedances keeps exactly k, as DGC's second round does. Otherwise everything above the sampled
+  threshold is sent: between 0 and ``capacity_factor * k`` entries.
+
+  ``exact=True`` (default False) trims every step to at most ``k``: when the sampled threshold selected
+  more than ``k``, the ``k`` largest of them are kept (ties to the lower index, as ``lax.top_k``; one sort
+  of the payload's ``capacity_factor * k`` slots, not of the gradient), so DGC never sends more than
+  Top-k does (a step where the sample's threshold selects fewer sends those), in a payload of ``k``
+  slots (Top-k's bytes). The rest stays in the residual.
+
+  Example:
+    >>> tx = optax.chain(dgc(0.01, exact=True), optax.sgd(0.1))
   """
   ratio, max_ratio = _resolve_ratio(ratio, max_ratio)
   sample_fraction = _static("sample_fraction", sample_fraction, 0.01)
@@ -1563,6 +1703,7 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   check_range("capacity_factor", capacity_factor, 1.0)
   check_range("sample_fraction", sample_fraction, 0.0, 1.0, low_inclusive=False)
   check_int("seed", seed)
+  exact = bool(_static("exact", exact, False))
 
   def select(vec, k, k_max, cap, key, stages, r):
     a = jnp.abs(vec)
@@ -1577,6 +1718,10 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
       return _first_k(SparsePayload(idx, v, jnp.asarray(k_max, jnp.int32), jnp.asarray(False)), k)
 
     payload = jax.lax.cond(payload.overflow, second_round, lambda _: payload, None)
+    if exact:   # at most k: the k largest of what the threshold selected, in a payload of k_max slots
+      lay = _Layout([vec.shape[0]], [[0]])
+      payload = _seg_trim(payload, jnp.zeros((1,), jnp.float32), lay, jnp.reshape(jnp.asarray(k, jnp.int32), (1,)),
+                          k_max)[0]
     return payload, above
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
@@ -1722,7 +1867,7 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
     if exact:   # the fit aims above the target; the correction stage keeps exactly k per segment
       r_fit = min(r * overshoot, 0.999) if _is_static(r) else jnp.minimum(jnp.asarray(r, jnp.float32) * overshoot, 0.999)
       return _sidco_segments(flat, lay, r_fit, cap, distribution, n_stages, first_ratio, None, None,
-                             packing=_TRANSFORM_PACKING, exact=(jnp.asarray(k, jnp.int32), int(np.sum(k_max))))
+                             packing=_TRANSFORM_PACKING, exact=(jnp.asarray(k, jnp.int32), int(np.sum(k_max)), k_max))
     j = None
     if min_fraction > 0:   # the floor of each segment (sidco_compress's min_count, per segment)
       floor_max = np.maximum(1, np.round(min_fraction * k_max)).astype(np.int64)
