@@ -144,15 +144,14 @@ def fp8_probe(args, result) -> None:
                                       (a8, w8), ref_plain),
   }
   tiles = [(32, 32, 32, 4, 3)] if small else [(128, 128, 128, 8, 3), (128, 256, 64, 8, 4)]
-  for bm, bn, bk, nw, ns in tiles:
+  blocks = [dict(block_m=32, block_n=32, num_warps=4)] if small else [
+      dict(block_m=128, block_n=128, num_warps=8), dict(block_m=64, block_n=128, num_warps=4)]
+  for (bm, bn, bk, nw, ns), launch in zip(tiles, blocks):   # interleaved: a timeout keeps both kinds
     for ia, nk in ((0, False), (1 << 30, False), (1 << 30, True)):
       methods[f"Pallas FP8 plain dot {bm}x{bn}x{bk} w{nw} s{ns} imprecise_acc={ia}{' B (N,K)' if nk else ''}"] = (
           jax.jit(functools.partial(fp8_plain_matmul, bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=ns,
                                     imprecise_acc=ia, b_nk=nk, interpret=interp)), (a8, w8t if nk else w8),
           ref_plain)
-  blocks = [dict(block_m=32, block_n=32, num_warps=4)] if small else [
-      dict(block_m=128, block_n=128, num_warps=8), dict(block_m=64, block_n=128, num_warps=4)]
-  for launch in blocks:
     for ia in (0, 128):
       tag = " ".join(f"{kk}={vv}" for kk, vv in launch.items())
       methods[f"Pallas FP8 per-block (1x128 / 128x1 scales) {tag} imprecise_acc={ia}"] = (
