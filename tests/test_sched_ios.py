@@ -689,3 +689,41 @@ def test_fake_quantized_kernels_are_folded_and_merge():
     assert s.graph.eqns[u.anchor].inputs[1] in s.graph.consts
   for got, want in zip(s(x), f(x)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_w8_network_gets_the_float_schedule_and_no_per_call_weight_work():
+  """Issue 20.4 on a whole IOS network: SqueezeNet with every conv kernel fake-quantized to 8 bits
+  per output channel (scales broadcast by broadcast_in_dim inside the traced function) gets the same
+  stages as the float network, and the emitted program does no weight work per call (no rounding or
+  clipping left in it: the quantized kernels are constants)."""
+  from mlsys_jax import quant
+  from mlsys_jax.models import ios_benchmark_nets, ios_init_params
+  model, shape = ios_benchmark_nets(small=True)["squeezenet"]
+  params = ios_init_params(model, shape, seed=0)
+  w8 = lambda p: jax.tree_util.tree_map(lambda w: quant.fake_quant(w, 8, axis=-1) if w.ndim == 4 else w, p)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  f_float = lambda v: model.apply(params, v)
+  f_w8 = lambda v: model.apply(w8(params), v)
+  def prims_of(closed):                           # primitive names, nested jaxprs included
+    names = set()
+    def walk(jaxpr):
+      for e in jaxpr.eqns:
+        names.add(e.primitive.name)
+        for v in e.params.values():
+          for j in (v if isinstance(v, (list, tuple)) else [v]):
+            if hasattr(j, "jaxpr") and hasattr(j, "consts"):
+              walk(j.jaxpr)
+            elif hasattr(j, "eqns"):
+              walk(j)
+    walk(closed.jaxpr)
+    return names
+  assert "round" in prims_of(jax.make_jaxpr(f_w8)(x))   # quantized inside the traced function
+  s_float = sched.ios_schedule(f_float, x, strategy="merge")
+  s_w8 = sched.ios_schedule(f_w8, x, strategy="merge")
+  assert s_float.counts()["merge_stages"] >= 4
+  assert [(st.kind, st.groups) for st in s_w8.stages] == [(st.kind, st.groups) for st in s_float.stages]
+  f, consts = s_w8._build()
+  prims = prims_of(jax.make_jaxpr(f)(consts, x))
+  assert not prims & {"round", "clamp", "floor"}, prims
+  np.testing.assert_allclose(s_w8(x), jax.jit(f_w8)(x), rtol=2e-5, atol=2e-5)
+  assert float(jnp.max(jnp.abs(s_w8(x) - s_float(x)))) > 0    # the quantized weights were used

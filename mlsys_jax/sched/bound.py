@@ -15,7 +15,7 @@ and the speedup any such schedule can reach over a program ``B`` of the same ope
 other operators) for given unit latencies; ``path_program`` builds a function that runs only the units
 of one path, with every value produced off the path passed in, so the chain can be compiled and timed
 on the device with the same compiler options and constants as the scheduled program
-(``benchmarks/ios_chain_bound.py``). Compiled alone, XLA may fuse a few operators differently or autotune
+(``benchmarks/ios.py chain``). Compiled alone, XLA may fuse a few operators differently or autotune
 a different kernel for some of them, so the measured chain bounds the schedules made of the kernels it
 ran; the unit latencies only choose *which* chains to time.
 
@@ -125,7 +125,7 @@ def stage_critical_path(g: Graph, stages: Sequence, stage_latency: Sequence[floa
   A CUDA graph built with CONCURRENT scheduling (the default emission) takes its edges from data
   dependencies, so independent stages overlap and a schedule's sum of stage latencies (IOS's own
   objective, Ding et al., MLSys 2021, Sec. 4) over-predicts the whole program; this is the other end,
-  the latency with unlimited overlap. Measured programs lie between the two (``benchmarks/ios_batch.py``
+  the latency with unlimited overlap. Measured programs lie between the two (``benchmarks/ios.py batch``
   fits a correction on both).
 
   Example:

@@ -171,7 +171,7 @@ class StageProfiler:
 
   The profiler compiles and runs hundreds of small programs in the calling process. To compare the
   scheduled program with other programs, save the schedule (``Schedule.to_json``) and compile and time the
-  programs in fresh processes (``benchmarks/ios_isolated.py``): on an H100, a compilation made later in a
+  programs in fresh processes (``benchmarks/ios.py isolated``): on an H100, a compilation made later in a
   process that had run such searches once failed autotuning outright.
 
   Example:

@@ -2,7 +2,7 @@
 that executes stages; here XLA plays the runtime).
 
 Four emission modes:
-  * ``'cuda_graph'`` (default, what works best on H100, see benchmarks/ios_probe.py): the flat primitives
+  * ``'cuda_graph'`` (default, what works best on H100, see benchmarks/results/ios_net_probe_h100.json): the flat primitives
     are emitted in schedule order, merge stages as one convolution with concatenated, zero-padded
     kernels plus channel slices; the function is compiled with command buffers that include
     convolutions (``xla_gpu_enable_command_buffer`` += CONVOLUTION, ``xla_gpu_graph_min_graph_size=1``)
@@ -16,7 +16,7 @@ Four emission modes:
     for the unscheduled float32 Inception-V3 on H100);
   * ``'plain'``: schedule order and merges only, default XLA options.
 
-What the emission does for an H100 at batch 1 (benchmarks/ios_isolated.py): XLA builds the CONCURRENT
+What the emission does for an H100 at batch 1 (benchmarks/ios.py isolated): XLA builds the CONCURRENT
 CUDA graph's DAG from buffer conflicts, and its buffer assignment can reuse memory freed by one branch
 for the next, so independent branches wait on each other (write-after-read edges);
 ``make_program(..., keep_alive=True)`` keeps every intermediate live to the end, which leaves only true

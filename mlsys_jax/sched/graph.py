@@ -230,6 +230,10 @@ def avals_of(v, avals):
   return avals.get(v)
 
 
+_FOLD_EMBED_BYTES = 8 << 20
+_FOLD_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 class _Builder:
 
   def __init__(self):
@@ -238,6 +242,7 @@ class _Builder:
     self.lazy: dict[int, int] = {}
     self.lazy_source: dict[int, int] = {}  # lazy value id -> size of the largest constant it derives from
     self.avals: dict[int, Any] = {}
+    self.to_fold: list[int] = []  # weight-sized constant expressions, evaluated together by ``fold``
     self.next_id = 0
 
   def new(self, aval) -> int:
@@ -301,15 +306,53 @@ class _Builder:
       return self.add_const(a.val)
     return a
 
-  def _concrete(self, a):
-    """The value of a constant or lazy constant expression ``a`` (evaluated now)."""
-    if isinstance(a, Lit):
-      return a.val
-    if a in self.consts:
-      return self.consts[a]
-    e = self.eqns[self.lazy[a]]
-    with jax.ensure_compile_time_eval():
-      return e.prim.bind(*[self._concrete(i) for i in e.inputs], **e.params)
+  def fold(self) -> None:
+    """Evaluate every weight-sized constant expression (``to_fold``) in ONE jitted call and make each a
+    constant. (Evaluating them one primitive at a time, eagerly, compiled one small XLA program per
+    distinct operation: 45 s for a small W8 SqueezeNet on a loaded 2-core CPU, against 2-3 s here.)"""
+    if not self.to_fold:
+      return
+    needed: dict[int, None] = {}   # real constants the expressions read
+
+    def collect(a, seen):
+      if isinstance(a, Lit) or a in seen:
+        return
+      seen.add(a)
+      if a in self.consts:
+        needed[a] = None
+        return
+      for i in self.eqns[self.lazy[a]].inputs:
+        collect(i, seen)
+
+    seen: set = set()
+    for o in self.to_fold:
+      collect(o, seen)
+    ids = list(needed)
+
+    def run(vals):
+      env = dict(zip(ids, vals))
+
+      def val(a):
+        if isinstance(a, Lit):
+          return a.val
+        if a not in env:
+          e = self.eqns[self.lazy[a]]
+          env[a] = e.prim.bind(*[val(i) for i in e.inputs], **e.params)
+        return env[a]
+
+      return [val(o) for o in self.to_fold]
+
+    vals = [self.consts[i] for i in ids]
+    if sum(int(np.prod(self.avals[i].shape)) * self.avals[i].dtype.itemsize for i in ids) <= _FOLD_EMBED_BYTES:
+      # small weights: embedded, XLA folds the whole program at compile time (~2 s for a W8 SqueezeNet
+      # on a busy CPU, against 11 s as a program of arguments: no code generation)
+      outs = jax.jit(lambda: run(vals), compiler_options=_FOLD_OPTIONS)()
+    else:   # large weights: arguments (XLA's constant folding of big arrays runs on its slow evaluator)
+      outs = jax.jit(run)(vals)
+    for o, v in zip(self.to_fold, outs):
+      self.consts[o] = v
+      del self.lazy[o]
+    self.to_fold = []
 
   def emit(self, prim, params, ins, out_avals, effectful):
     const_like = all(isinstance(a, Lit) or a in self.consts or a in self.lazy for a in ins)
@@ -321,10 +364,14 @@ class _Builder:
                    + [self.lazy_source[a] for a in ins if not isinstance(a, Lit) and a in self.lazy] + [0])
       if source and out_size <= source:
         # no larger than the weight it comes from (e.g. a fake-quantized kernel: w / broadcast(scale)):
-        # evaluate it once, here, so the kernel is a constant (foldable, mergeable, no per-call work)
-        with jax.ensure_compile_time_eval():
-          out = prim.bind(*[self._concrete(a) for a in ins], **params)
-        return [self.add_const(out)]
+        # evaluated once, at the end of the trace (``fold``), so the kernel is a constant (foldable,
+        # mergeable, no per-call work)
+        o = self.new(out_aval)
+        self.eqns.append(FlatEqn(prim, params, tuple(ins), (o,)))
+        self.lazy[o] = len(self.eqns) - 1
+        self.lazy_source[o] = source
+        self.to_fold.append(o)
+        return [o]
       # expands a constant (a bias broadcast to an activation shape, iota): re-emitted by consumers
       o = self.new(out_aval)
       self.eqns.append(FlatEqn(prim, params, tuple(ins), (o,)))
@@ -450,6 +497,7 @@ def build_graph(fn: Callable, *example_args, part_size: int = 50, allow_opaque: 
   b = _Builder()
   in_ids = [b.new(v.aval) for v in closed.jaxpr.invars]
   outs = b.inline(closed.jaxpr, closed.consts, in_ids)
+  b.fold()
   eqns = b.eqns
   # ---- units
   producer_eqn: dict[int, int] = {}
@@ -473,8 +521,8 @@ def build_graph(fn: Callable, *example_args, part_size: int = 50, allow_opaque: 
 
   unit_lazy_seen: dict[int, set] = {}
   for i, e in enumerate(eqns):
-    if e.outputs and e.outputs[0] in b.lazy:
-      continue
+    if e.outputs and (e.outputs[0] in b.lazy or e.outputs[0] in b.consts):
+      continue   # a constant expression: re-emitted by its consumers, or folded into a constant
     name = e.prim.name
     opaque = _is_opaque(e.prim, e.params)
     if opaque and not allow_opaque:
@@ -576,7 +624,7 @@ def relayout_conv_kernels(g: Graph, layout: str = "auto") -> Graph:
   channels-last (NHWC: cuDNN's KRSC filter layout) and as (O, I, spatial...) when it is channels-first
   (NCHW: KCRS). A traced HWIO kernel that is a jit argument or a constant in another order makes XLA
   transpose it on every call: one extra kernel per convolution (94 for Inception-V3), measured on the
-  H100 as ~190 us of the ~1 ms batch-1 critical path (benchmarks/ios_probe.py --net). ``'keep'``
+  H100 as ~190 us of the ~1 ms batch-1 critical path (benchmarks/results/ios_net_probe_h100.json). ``'keep'``
   returns ``g`` unchanged.
 
   Example:

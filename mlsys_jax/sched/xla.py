@@ -1,7 +1,7 @@
 """Per-jit XLA configurations that matter for small-batch CNN latency on GPUs, and the choice between an
 IOS schedule and the unscheduled function under the best of them.
 
-On one H100 at batch 1 (``benchmarks/ios_xla_baselines.py``) command buffers that include cuDNN
+On one H100 at batch 1 (``benchmarks/results/ios_xla_baselines.json``) command buffers that include cuDNN
 convolutions cut latency 1.9-3.2x against plain ``jax.jit``; a schedule is only worth running when it
 beats *that* program, so :func:`ios_schedule` ends its search by timing the emitted schedule against the
 unscheduled function under these configurations (``check=``) and keeps the faster program.
@@ -28,7 +28,7 @@ _LHS = {"xla_gpu_enable_latency_hiding_scheduler": True}  # default: False
 # built on the first execution. On an H100 a depthwise conv's runtime-compiled plan costs ~0.25 s per
 # conv instance on the first call of every executable (RandWire ~28 s, NasNet-A ~110 s); with conv fusion
 # the first call of a 64-conv program took 0.7 s and the program ran faster
-# (``benchmarks/ios_compile_probe.py``).
+# (``benchmarks/results/ios_compile_probe_h100.json``).
 CONV_FUSION_OPTIONS: dict[str, Any] = {"xla_gpu_experimental_enable_conv_fusion": True}
 
 #: name -> per-jit ``compiler_options``. "jit" is the plain default; ``xla_gpu_autotune_level`` is at its
