@@ -1194,7 +1194,8 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   Returns ``(payload, n_above, thresholds (segments,), finite)``: ``finite`` says that every entry of
   ``flat`` is finite (from the statistics pass); when it is False the payload must not be sent.
 
-  ``exact = (k (segments,), send_capacity, k_max (static, segments,))``: the correction stage to the exact target count. ``ratio`` is
+  ``exact = (k (segments,), send_capacity, k_max (static, segments,))`` (``k_max`` None, or a pair
+  without it: the bit search): the correction stage to the exact target count. ``ratio`` is
   then the fit's aim (above the target, so that the fit usually selects between ``k`` and the local
   ``capacity``); a step where some segment selected fewer than its ``k``, or the payload overflowed, gets
   thresholds just below each segment's ``k``-th largest (:func:`_seg_kth_blocks` or :func:`_seg_exact`,
@@ -1218,9 +1219,12 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
       return _pack_pallas(flat, lay.per_tile(t), capacity, bmax, interpret)
     return _pack_xla(flat, lay.per_tile(t), capacity, bmax)
 
+  if exact is not None and len(exact) == 2:   # (k, send_capacity): no static bound on k, the bit search
+    exact = (exact[0], exact[1], None)
+
   def exact_thresholds():
     k, _, k_max = exact
-    if _EXACT_SEARCH == "blocks":
+    if _EXACT_SEARCH == "blocks" and k_max is not None:
       return _seg_kth_blocks(flat, bmax, lay, k, k_max)
     check_choice("_EXACT_SEARCH", _EXACT_SEARCH, ("blocks", "bits"))
     return _seg_exact(a_tiles, bmax, lay, k, flat)
@@ -1867,7 +1871,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
     if exact:   # the fit aims above the target; the correction stage keeps exactly k per segment
       r_fit = min(r * overshoot, 0.999) if _is_static(r) else jnp.minimum(jnp.asarray(r, jnp.float32) * overshoot, 0.999)
       return _sidco_segments(flat, lay, r_fit, cap, distribution, n_stages, first_ratio, None, None,
-                             packing=_TRANSFORM_PACKING, exact=(jnp.asarray(k, jnp.int32), int(np.sum(k_max)), k_max))
+                             packing=_TRANSFORM_PACKING,
+                             exact=(jnp.asarray(k, jnp.int32), int(np.sum(k_max)), k_max))
     j = None
     if min_fraction > 0:   # the floor of each segment (sidco_compress's min_count, per segment)
       floor_max = np.maximum(1, np.round(min_fraction * k_max)).astype(np.int64)
