@@ -64,6 +64,9 @@ def _flags(ap):
   ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all)")
   ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
   ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
+  ap.add_argument("--change", default="scale", choices=("scale", "shift"),
+                  help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (bitwise-comparable "
+                       "variants whose buffers fuse the producer differently)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
   ap.add_argument("--topk_variants", default="", help="comma-separated variant rows of topk (tokens as --variants)")
   ap.add_argument("--variants", default="bisect,-16 pallas",
@@ -75,14 +78,20 @@ def _flags(ap):
                        "sparse._SUM_FLATTEN (the error-compensated buffer), g<N> = sparse._GROUP_LEAVES")
 
 
-def _loop(update, steps: int, pool: int):
+def _loop(update, steps: int, pool: int, change: str = "scale"):
   """jit((pool of gradients, state, out0) -> (state, out)): ``steps`` updates, the state carried; step ``i``
-  takes gradient ``i % pool`` of the pool (leading axis of every leaf) times ``1 + 1e-3 i``."""
+  takes gradient ``i % pool`` of the pool (leading axis of every leaf) times ``1 + 1e-3 i`` (``change``
+  "scale"), or plus ``1e-6 i`` ("shift": an add, which no fusion contracts with the update's own add into
+  an FMA, so variants that fuse the producer differently stay bitwise comparable)."""
   def run(gp, st, out0):
     def body(i, c):
       st, _ = c
-      s = 1.0 + 1e-3 * i.astype(jnp.float32)
-      g = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i % pool, keepdims=False) * s, gp)
+      if change == "scale":
+        s = 1.0 + 1e-3 * i.astype(jnp.float32)
+        g = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i % pool, keepdims=False) * s, gp)
+      else:
+        s = 1e-6 * i.astype(jnp.float32)
+        g = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i % pool, keepdims=False) + s, gp)
       o, st = update(g, st)
       return st, o
     return jax.lax.fori_loop(0, steps, body, (st, out0))
@@ -151,7 +160,7 @@ def main():
   k = max(1, round(RATIO * n))
   on_cpu = jax.default_backend() == "cpu"
   copy_bw = copy_bandwidth((1 << 26) if on_cpu else (1 << 30), repeats=5 if on_cpu else 20)
-  meta = {"env": env, "pool": args.pool, "n_params": n, "n_tensors": len(shapes), "ratio": RATIO, "k": k, "steps": steps,
+  meta = {"env": env, "pool": args.pool, "change": args.change, "n_params": n, "n_tensors": len(shapes), "ratio": RATIO, "k": k, "steps": steps,
           "calls": args.calls, "repeats": reps, "div": div, "copy_bandwidth": copy_bw,
           "rw_floor_s": 8 * n / copy_bw, "pallas": sp._pallas_mode("auto")[0],
           "fast_module": fast is not None}
@@ -246,7 +255,7 @@ def main():
         g, st = pool, kind.init(grads)
       out0 = jax.eval_shape(update, jax.tree_util.tree_map(lambda x: x[0], g), st)[0]
       out0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out0)
-      loop = _loop(update, steps, args.pool)
+      loop = _loop(update, steps, args.pool, args.change)
       res = jax.block_until_ready(loop(g, st, out0))
       row["compile_s"] = time.perf_counter() - tc
       if name.startswith("fast") and name.split("] ")[-1].replace("fast ", "") in ref_loop:
