@@ -231,7 +231,7 @@ def avals_of(v, avals):
 
 
 _FOLD_EMBED_BYTES = 8 << 20
-_FOLD_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_FOLD_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}  # CPU
 
 
 class _Builder:
@@ -346,7 +346,8 @@ class _Builder:
     if sum(int(np.prod(self.avals[i].shape)) * self.avals[i].dtype.itemsize for i in ids) <= _FOLD_EMBED_BYTES:
       # small weights: embedded, XLA folds the whole program at compile time (~2 s for a W8 SqueezeNet
       # on a busy CPU, against 11 s as a program of arguments: no code generation)
-      outs = jax.jit(lambda: run(vals), compiler_options=_FOLD_OPTIONS)()
+      opts = _FOLD_OPTIONS if jax.default_backend() == "cpu" else None
+      outs = jax.jit(lambda: run(vals), compiler_options=opts)()
     else:   # large weights: arguments (XLA's constant folding of big arrays runs on its slow evaluator)
       outs = jax.jit(run)(vals)
     for o, v in zip(self.to_fold, outs):
