@@ -189,6 +189,7 @@ def search_main() -> None:
   ap.add_argument("--strategy", default="merge", choices=("merge", "both", "parallel"))
   ap.add_argument("--warm", type=int, default=2, help="warm searches after the cold one")
   ap.add_argument("--cache", default=None, help="profile cache file (default: a new temporary file)")
+  ap.add_argument("--compile_threads", type=int, default=8, help="StageProfiler compile threads")
   ap.add_argument("--name", default=None)
   ap.add_argument("--out", default=None)
   ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test (analytical model)")
@@ -205,9 +206,10 @@ def search_main() -> None:
     os.remove(cache)
   runs, sc = [], None
   for i in range(1 + args.warm):
-    prof = sched.StageProfiler(cache_path=cache) if on_gpu else sched.AnalyticalCost()
+    prof = (sched.StageProfiler(cache_path=cache, compile_threads=args.compile_threads) if on_gpu
+            else sched.AnalyticalCost())
     t0 = time.perf_counter()
-    sc = sched.ios_schedule(f, x, strategy=args.strategy, profiler=prof, check="off")
+    sc = sched.ios_schedule(f, x, strategy=args.strategy, profiler=prof, check="off", verbose=i == 0)
     wall = time.perf_counter() - t0
     runs.append({"kind": "cold" if i == 0 else "warm", "search_s": sc.search_s, "wall_s": wall,
                  "profiler": type(prof).__name__, "hits": getattr(prof, "hits", None),
@@ -215,13 +217,14 @@ def search_main() -> None:
                  "profiled_stages": sc.info.get("profiled_stages"), "counts": sc.counts(),
                  "predicted_s": sc.predicted_latency})
     print(f"{runs[-1]['kind']} search: {sc.search_s:.2f} s ({runs[-1]['misses']} stages measured)", flush=True)
-  err = _rel_err(sc(x), jax.jit(f)(x))
-  payload = {"env": environment(), "argv": sys.argv[1:], "net": args.net, "dtype": args.dtype,
-             "batch": args.batch, "strategy": args.strategy, "runs": runs,
-             "cold_search_s": runs[0]["search_s"],
-             "warm_search_s": min(r["search_s"] for r in runs[1:]) if runs[1:] else None,
-             "rel_err_vs_jit": err, "tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"),
-             "wall_s": time.perf_counter() - t_start}
+    payload = {"env": environment(), "argv": sys.argv[1:], "net": args.net, "dtype": args.dtype,
+               "batch": args.batch, "strategy": args.strategy, "runs": runs,
+               "cold_search_s": runs[0]["search_s"],
+               "warm_search_s": min(r["search_s"] for r in runs[1:]) if runs[1:] else None,
+               "tf32_override": os.environ.get("NVIDIA_TF32_OVERRIDE"), "wall_s": time.perf_counter() - t_start}
+    write_json(args.out, args.name or f"ios_search_{args.net}_{args.dtype}", payload)   # after every search
+  payload["rel_err_vs_jit"] = err = _rel_err(sc(x), jax.jit(f)(x))
+  payload["wall_s"] = time.perf_counter() - t_start
   print(f"rel. L2 error vs plain jit {err:.3g} (NVIDIA_TF32_OVERRIDE={payload['tf32_override']})", flush=True)
   write_json(args.out, args.name or f"ios_search_{args.net}_{args.dtype}", payload)
 

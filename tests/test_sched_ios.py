@@ -727,3 +727,13 @@ def test_w8_network_gets_the_float_schedule_and_no_per_call_weight_work():
   assert not prims & {"round", "clamp", "floor"}, prims
   np.testing.assert_allclose(s_w8(x), jax.jit(f_w8)(x), rtol=2e-5, atol=2e-5)
   assert float(jnp.max(jnp.abs(s_w8(x) - s_float(x)))) > 0    # the quantized weights were used
+
+
+def test_verbose_search_without_check(capsys):
+  """verbose=True with check='off' prints the parts and no check line (it used to raise StopIteration)."""
+  w = jnp.ones((1, 1, 4, 8))
+  f = lambda x: jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  s = sched.ios_schedule(f, jnp.ones((1, 4, 4, 4)), check="off", verbose=True)
+  out = capsys.readouterr().out
+  assert "part 1/1" in out and "check" not in out and "check" not in s.info

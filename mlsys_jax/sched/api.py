@@ -614,5 +614,7 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
   _never_slower(sched, dyn, _auto_method() if check == "auto" else check,
                 profiler if isinstance(profiler, AnalyticalCost) else AnalyticalCost())
   if verbose:
-    print("ios: " + next(l for l in sched.summary(0).splitlines() if l.startswith("check")), flush=True)
+    for line in sched.summary(0).splitlines():
+      if line.startswith("check"):   # none with check='off'
+        print("ios: " + line, flush=True)
   return sched
