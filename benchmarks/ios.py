@@ -486,6 +486,7 @@ def batch_main():
     args.number, args.repeat = 2, 2
   on_gpu = jax.default_backend() == "gpu"
   configs = [c for c in args.configs.split(",") if c in sched.XLA_CONFIGS and (on_gpu or not sched.XLA_CONFIGS[c])]
+  configs = configs or ["jit"]   # off GPU the command-buffer configurations do not apply
   batches = [int(b) for b in args.batches.split(",")]
   strategies = args.strategies.split(",")
   cross_from = {int(b) for b in args.cross_from.split(",") if b}
