@@ -10,6 +10,10 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # after a gentle warm-up (1% -> 0.25% over 300 steps); DGC with a 10x sample too
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rms \
     --density_warmup=300 --dwarmup_start=0.01 --compressors=sidco,topk,dgc,dgc@0.1
+  # the current 0.1% recipe: raw selection in the 1% stage, the RMS selection from the 0.25% stage on
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@1 \
+    --density_warmup=300 --dwarmup_start=0.01 --compressors=sidco,topk,dgc,dgc@0.1
+  # --eval_every=50: the test accuracy every 50 steps too (the JSON's 'curve')
   # hosts without the mnist1d package: MLSYS_JAX_MNIST1D_CACHE=<folder with a pre-generated copy> (data.load_mnist1d)
   # comm.adaptive_ef.decay_residual (error feedback that forgets): --residual_decay=0.99
   # comm.adaptive_ef.spread_releases variants on the plain chain
@@ -39,8 +43,8 @@ import optax  # noqa: E402
 
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
-from mlsys_jax.comm.adaptive_ef import (decay_residual, scale_by_frozen_rms, scale_by_leaf_rms,  # noqa: E402
-                                        spread_releases)
+from mlsys_jax.comm.adaptive_ef import (decay_residual, rms_selection, scale_by_frozen_rms,  # noqa: E402
+                                        scale_by_leaf_rms, spread_releases)
 from mlsys_jax.comm.lowrank import _state_field, total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
                                    stage_boundaries)
@@ -64,7 +68,11 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "of its own gradients; rms@0.999: scale_by_rms(decay=0.999)); rmslate: rms in the "
                            "final density stage only; rmsearly: rms in the warm-up stages only; rmspow@P: "
                            "g / rms^P; rmsfreeze@N: comm.adaptive_ef.scale_by_frozen_rms(N); leafrms: "
-                           "comm.adaptive_ef.scale_by_leaf_rms() (one scale per tensor).")
+                           "comm.adaptive_ef.scale_by_leaf_rms() (one scale per tensor); rmsfrom@J: "
+                           "precondition=comm.adaptive_ef.rms_selection(stage >= J) inside --density_warmup "
+                           "(raw selection in the stages before J, rms from J on; issue 18's 0.1% recipe: "
+                           "rmsfrom@1); rmsfromc@J / rmsfromz@J: the same with the residual divided by the RMS "
+                           "/ dropped at the switch (screens).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
@@ -82,6 +90,9 @@ _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/t
 _DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of dgc (0 = dgc's default, 0.01).")
 _RES_DECAY = flags.DEFINE_float("residual_decay", 1.0, "comm.adaptive_ef.decay_residual around the compressor "
                                 "(1 = plain error feedback).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Also record the test accuracy every N steps (0 = only at "
+                                   "the end): the JSON's 'curve' (arm -> per seed, [step, accuracy] pairs).")
+_DW_FACTOR = flags.DEFINE_float("dwarmup_factor", 4.0, "Density ratio between --density_warmup stages (DGC: 4).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
 
@@ -103,8 +114,10 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
   if compressor is None:
     return optax.adam(lr)
   if dwarmup:
-    c = density_warmup(lambda r: _compressor(compressor, mode, r, final=r == ratio), ratio, steps=dwarmup,
-                       ratios=dgc_density_schedule(ratio, start=dw_start), fixed_stage=stage)
+    sched = dgc_density_schedule(ratio, start=dw_start, factor=_DW_FACTOR.value)
+    c = density_warmup(lambda r: _compressor(compressor, mode, r, final=r == ratio,
+                                             stage=sched.index(r) if r in sched else len(sched)),
+                       ratio, steps=dwarmup, ratios=sched, fixed_stage=stage)
   else:
     c = _compressor(compressor, mode, ratio)
   if _RES_DECAY.value != 1.0:
@@ -139,8 +152,10 @@ def _scale_by_rms_power(power: float, decay: float = 0.9, eps: float = 1e-8) -> 
   return optax.GradientTransformation(rms.init, update)
 
 
-def _compressor(compressor: str, mode: str, ratio: float, final: bool = True) -> optax.GradientTransformation:
-  pre = (_scale_by_rms_power(float(mode[7:])) if mode.startswith("rmspow@") else
+def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, stage: int = 0
+                ) -> optax.GradientTransformation:
+  pre = (rms_selection(stage >= int(mode.partition("@")[2])) if mode.startswith("rmsfrom") else
+         _scale_by_rms_power(float(mode[7:])) if mode.startswith("rmspow@") else
          scale_by_frozen_rms(int(mode[10:])) if mode.startswith("rmsfreeze@") else
          optax.scale_by_adam() if mode.startswith("precondition") else
          optax.scale_by_rms(decay=float(mode[4:] or 0.9)) if mode.startswith("rms@") or mode == "rms" else
@@ -187,19 +202,25 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
   tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup, spread=spread, dw_start=dw_start)
   ends = []
   if dwarmup:
-    ends = stage_boundaries(dwarmup, len(dgc_density_schedule(ratio, start=dw_start)))
+    ends = stage_boundaries(dwarmup, len(dgc_density_schedule(ratio, start=dw_start, factor=_DW_FACTOR.value)))
     stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j, spread, dw_start)[1]
                    for j in range(len(ends) + 1)]
   w, b = _WORKERS.value, _BATCH.value
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
   state = models.replicate(tx.init(params), w)
   rng = np.random.default_rng(seed)
+  curve = []
   for t in range(_STEPS.value):
     if dwarmup:
-      step = stage_steps[sum(t >= e for e in ends)]
+      j = sum(t >= e for e in ends)
+      step = stage_steps[j]
+      if mode[:9] in ("rmsfromc@", "rmsfromz@") and t > 0 and j == int(mode[9:]) and t == ends[j - 1]:
+        state = _residual_over_rms(state, zero=mode[7] == "z")   # raw residual -> rms units (or dropped)
     idx = rng.choice(len(ds.x_train), w * b, replace=False)
     params, state = step(params, state, ds.x_train[idx].reshape(w, b, *ds.x_train.shape[1:]),
                          ds.y_train[idx].reshape(w, b))
+    if _EVAL_EVERY.value and (t + 1) % _EVAL_EVERY.value == 0 and t + 1 < _STEPS.value:
+      curve.append([t + 1, float(models.evaluate(model, {"params": params}, ds.x_test, ds.y_test))])
   acc = models.evaluate(model, {"params": params}, ds.x_test, ds.y_test)
   if compressor is None:
     sent = 4.0 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * _STEPS.value
@@ -210,7 +231,18 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
     ever = [np.asarray(x)[0] >= 0 for x in jax.tree_util.tree_leaves(last)]
     print(f"    released at least once: {sum(e.sum() for e in ever) / sum(e.size for e in ever):.3f} of the "
           f"parameters; per leaf {[round(float(e.mean()), 3) for e in ever]}", flush=True)
-  return acc, sent
+  return acc, sent, curve + [[_STEPS.value, float(acc)]]
+
+
+def _residual_over_rms(state, eps: float = 1e-8, zero: bool = False):
+  """Mode 'rmsfromc@J': at the switch to the rms selection, divide the error-feedback residual (held in
+  raw gradient units) by the worker's RMS, the units it is accumulated in from then on; 'rmsfromz@J':
+  drop it (screens)."""
+  dw, rest = state[0], state[1:]
+  inner = dw.inner_state
+  nu = inner.precondition.nu
+  res = jax.tree_util.tree_map(lambda r, n: 0 * r if zero else r / (jnp.sqrt(n) + eps), inner.residual, nu)
+  return (dw._replace(inner_state=inner._replace(residual=res)),) + tuple(rest)
 
 
 def _compare(a, b):
@@ -239,15 +271,17 @@ def main(argv):
                 arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else "")
                              + (f" start{st:g}" if st != 0.25 else "")
                              + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st))
-  acc, sent = {}, {}
+  acc, sent, curves = {}, {}, {}
   for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
     for name, c, m, r, w, dw, sp_, st in arms:
-      a, b = train(ds, model, c, m, r, s, w, dw, sp_, st)
+      a, b, cv = train(ds, model, c, m, r, s, w, dw, sp_, st)
+      if _EVAL_EVERY.value:
+        curves.setdefault(name, []).append(cv)
       acc.setdefault(name, []).append(a)
       sent.setdefault(name, []).append(b)
       print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
             f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    _write(out, ds, seeds[:i + 1], acc, sent, {})
+    _write(out, ds, seeds[:i + 1], acc, sent, {}, curves)
   for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
           f"{np.mean(sent[name]) / 1e6:.3f}", flush=True)
@@ -264,10 +298,10 @@ def main(argv):
       comparisons[f"{name} vs {tk}"] = c = _compare(acc[name], acc[tk])
       print(f"  {name} vs {tk}: {c['mean_diff'] * 100:+.2f} pt [{c['mean_diff_ci95'][0] * 100:+.2f}, "
             f"{c['mean_diff_ci95'][1] * 100:+.2f}]; P(A>B) {c['p']:.2f}", flush=True)
-  _write(out, ds, seeds, acc, sent, comparisons)
+  _write(out, ds, seeds, acc, sent, comparisons, curves)
 
 
-def _write(out, ds, seeds, acc, sent, comparisons):
+def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
@@ -278,7 +312,8 @@ def _write(out, ds, seeds, acc, sent, comparisons):
       "spread_floor": _SPREAD_FLOOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
-      "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons}, indent=1))
+      "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons,
+      **({"curve": curves} if curves else {})}, indent=1))
   print(f"wrote {path}", flush=True)
 
 

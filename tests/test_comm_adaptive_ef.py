@@ -377,3 +377,66 @@ def test_frozen_rms_inside_topk_under_shard_map(devices):
     np.testing.assert_allclose(got[w], want, rtol=1e-4, atol=1e-5)
   pm = _flat(jax.pmap(run, axis_name="d", devices=devices)(g_w), (_W, _STEPS))
   np.testing.assert_allclose(pm, got, rtol=1e-6, atol=1e-7)
+
+
+def test_rms_selection_is_scale_by_rms_or_tracks_it():
+  """active=True is optax.scale_by_rms (same outputs and state); active=False (under jit) returns the gradient
+  unchanged with the same state; bad input."""
+  from mlsys_jax.comm.adaptive_ef import rms_selection
+  on, off, ref = rms_selection(True, decay=0.8), rms_selection(False, decay=0.8), optax.scale_by_rms(decay=0.8)
+  s_on, s_off, s_ref = on.init(_params()), off.init(_params()), ref.init(_params())
+  off_update = jax.jit(off.update)
+  for s in range(3):
+    g = _grads(s, scale=1.0 + s)
+    o_on, s_on = on.update(g, s_on)
+    o_off, s_off = off_update(g, s_off)
+    o_ref, s_ref = ref.update(g, s_ref)
+    for a, b, c, x in zip(*(jax.tree_util.tree_leaves(t) for t in (o_on, o_ref, o_off, g))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      np.testing.assert_array_equal(np.asarray(c), np.asarray(x))
+  for a, b, c in zip(*(jax.tree_util.tree_leaves(t) for t in (s_on, s_off, s_ref))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6)
+  with pytest.raises(TypeError, match="active"):
+    rms_selection(0.01)
+  with pytest.raises(ValueError, match="decay"):
+    rms_selection(decay=1.0)
+  with pytest.raises(ValueError, match="eps"):
+    rms_selection(eps=0.0)
+
+
+def test_rms_selection_stages_of_density_warmup_under_shard_map(devices):
+  """Issue 18's 0.1% recipe shape: density_warmup(lambda r: topk(r, precondition=rms_selection(r < r0))):
+  the first stage selects on the raw gradient, the later ones on each worker's gradient over its own RMS
+  (tracked from step 0), one residual carried through; equal to a float64 numpy reference (8 workers,
+  shard_map), replicas identical."""
+  from mlsys_jax.comm.adaptive_ef import rms_selection
+  ratios, final, steps = [0.1, 0.04], 0.02, 4       # stages: steps 0-1 at 10% (raw), 2-3 at 4%, then 2%
+  g_w = _worker_grads()
+  flat = _flat(g_w, (_W, _STEPS))
+  n = flat.shape[-1]
+  per_step = [0.1, 0.1, 0.04, 0.04] + [final] * (_STEPS - 4)
+  res, nu, want = np.zeros((_W, n)), np.zeros((_W, n)), []
+  for t in range(_STEPS):
+    nu = 0.9 * nu + 0.1 * flat[:, t] ** 2
+    x = flat[:, t] if t < 2 else flat[:, t] / np.sqrt(nu + 1e-8)
+    acc, sent = x + res, np.zeros((_W, n))
+    k = max(1, int(round(per_step[t] * n)))
+    for w in range(_W):
+      top = np.argsort(-np.abs(acc[w]), kind="stable")[:k]
+      sent[w, top] = acc[w, top]
+    res = acc - sent
+    want.append(sent.mean(0))
+
+  def run(g):
+    tx = density_warmup(lambda r: topk(r, axis_name="d", precondition=rms_selection(r < ratios[0])), final,
+                        steps=steps, ratios=ratios)
+    return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[1]
+
+  mesh = Mesh(np.array(devices), ("d",))
+  sm = jax.jit(shard_map(lambda gw: jax.tree_util.tree_map(lambda x: x[None], run(
+      jax.tree_util.tree_map(lambda x: x[0], gw))), mesh=mesh, in_specs=(P("d"),), out_specs=P("d"),
+      check_vma=False))(g_w)
+  got = _flat(sm, (_W, _STEPS))
+  for w in range(_W):
+    np.testing.assert_allclose(got[w], np.stack(want), rtol=1e-4, atol=1e-5)

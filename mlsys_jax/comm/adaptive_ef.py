@@ -47,13 +47,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int
 from mlsys_jax.comm.lowrank import _state_field
 
-__all__ = ["FrozenRMSState", "LeafRMSState", "SpreadState", "decay_residual", "scale_by_frozen_rms",
-           "scale_by_leaf_rms", "spread_releases"]
+__all__ = ["FrozenRMSState", "LeafRMSState", "SpreadState", "decay_residual", "rms_selection",
+           "scale_by_frozen_rms", "scale_by_leaf_rms", "spread_releases"]
 
 
 class SpreadState(NamedTuple):
@@ -381,3 +382,52 @@ def scale_by_frozen_rms(freeze_after: int, decay: float = 0.9, eps: float = 1e-8
     return out, FrozenRMSState(state.count + 1, nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def rms_selection(active: bool = True, *, decay: float = 0.9, eps: float = 1e-8) -> optax.GradientTransformation:
+  """``optax.scale_by_rms(decay, eps)`` when ``active``, else the same state kept up to date with the gradient
+  passed through unscaled: the sparsifiers' ``precondition=`` for some stages of ``density_warmup`` only.
+
+  Issue 18's recipe at density 0.1% before Adam (docs/comm.md, "Issue 18's accuracy target: status"):
+  the first warm-up stage (1%) selects on the raw gradient, the later stages (0.25%, then 0.1%) on each
+  worker's gradient over the RMS of its own recent gradients (Adam-aware selection). Every stage of
+  ``density_warmup`` must have one state layout; this keeps ``scale_by_rms``'s state in the plain stage
+  too, so the RMS is warm at the switch. (The residual of the plain stage, in raw-gradient units, carries
+  over unchanged; converting it to the RMS units at the switch measured worse.)
+
+  Args:
+    active: True: exactly ``optax.scale_by_rms(decay=decay, eps=eps)``; False: its state updated, the
+      gradient returned unchanged.
+    decay: EMA decay of the squared gradient, in [0, 1) (``scale_by_rms``'s default 0.9).
+    eps: ``scale_by_rms``'s eps (> 0).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from mlsys_jax.comm import density_warmup, topk
+    >>> c = density_warmup(lambda r: topk(r, precondition=rms_selection(r < 0.5)), 0.25, steps=1,
+    ...                    ratios=[0.5])
+    >>> g = {'w': jnp.array([4.0, -3.0, 0.5, 0.25])}
+    >>> s = c.init(g)
+    >>> out, s = c.update(g, s)           # 50%, raw gradient: the two largest
+    >>> out['w'].tolist()
+    [4.0, -3.0, 0.0, 0.0]
+    >>> out, s = c.update(g, s)           # 25%: g / sqrt(0.19 g^2) = +-2.294, plus the raw residual
+    >>> [round(x, 3) for x in out['w'].tolist()]
+    [0.0, 0.0, 2.794, 0.0]
+  """
+  if not isinstance(active, (bool, np.bool_)):
+    raise TypeError(f"active must be a bool (e.g. r < 0.01 inside density_warmup's make_compressor), got "
+                    f"{type(active).__name__}.")
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+    raise ValueError(f"decay must be a number in [0, 1), got {decay!r}.")
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    raise ValueError(f"eps must be a number > 0, got {eps!r}.")
+  rms = optax.scale_by_rms(decay=decay, eps=eps)
+  if active:
+    return rms
+
+  def update_fn(updates, state, params=None):
+    return updates, rms.update(updates, state, params)[1]
+
+  return optax.GradientTransformation(rms.init, update_fn)
