@@ -75,7 +75,8 @@ def _flags(ap):
                        "tokens: a number = search ways, pallas/xla/bisect = the search's count, "
                        "gather/concat = sparse._FLATTEN, skip/noskip = sparse._COUNT_SKIP, blocks/bits = "
                        "sparse._EXACT_SEARCH (the exact-count fallback), fit/nofit = sparse._EXACT_FIT, two/groups/dus = "
-                       "sparse._SUM_FLATTEN (the error-compensated buffer), g<N> = sparse._GROUP_LEAVES")
+                       "sparse._SUM_FLATTEN (the error-compensated buffer), g<N> = sparse._GROUP_LEAVES, trimskip/notrimskip = "
+                       "sparse._TRIM_SKIP")
 
 
 def _loop(update, steps: int, pool: int, change: str = "scale"):
@@ -202,7 +203,7 @@ def main():
   only = [s for s in args.only.split(",") if s]
   rows, ref_first, ref_loop = [], {}, {}
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
-  exact0, fit0, sum0, group0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES
+  exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -215,7 +216,7 @@ def main():
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
     # variant tokens: a number (search ways), pallas/xla/bisect (count), gather/concat, skip/noskip
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
-    sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES = exact0, fit0, sum0, group0
+    sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -229,6 +230,8 @@ def main():
         sp._SUM_FLATTEN = tok
       elif tok.startswith("g") and tok[1:].isdigit():
         sp._GROUP_LEAVES = int(tok[1:])
+      elif tok in ("trimskip", "notrimskip"):
+        sp._TRIM_SKIP = tok == "trimskip"
       elif tok in ("blocks", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
@@ -238,7 +241,7 @@ def main():
     row["flatten"], row["count_skip"] = sp._FLATTEN, sp._COUNT_SKIP
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     row["exact_search"], row["exact_fit"] = sp._EXACT_SEARCH, sp._EXACT_FIT
-    row["sum_flatten"], row["group_leaves"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES
+    row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

@@ -236,29 +236,62 @@ def test_kth_blocks_is_closed_form_per_segment(per_tensor, ratio):
     got = np.asarray(fn(flat, bmax, jnp.asarray(k, jnp.int32)))
     ref = np.array([_prev_kth(s[None], np.array([kk]))[0] for s, kk in zip(segs, k)])
     np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
-  if per_tensor and ratio == 0.05:   # the bit search agrees on the same buffer
-    a_tiles = jnp.abs(flat).reshape(lay.num_tiles, sp._TILE)
-    bits = np.asarray(sp._seg_exact(a_tiles, bmax, lay, jnp.asarray(k_max, jnp.int32), flat))
-    np.testing.assert_array_equal(bits.view(np.int32), np.asarray(fn(flat, bmax, jnp.asarray(k_max, jnp.int32))).view(np.int32))
+
+
+def test_block_select_alone_sends_numpy_topk(monkeypatch):
+  """The fastest exact configuration (no fit, block select, trim skipped when nothing is tied) against a
+  numpy float32 reference over 3 steps: the update is the k largest of gradient + residual (ties to the
+  lower index of the raveled tree), the residual the rest."""
+  rng = np.random.default_rng(12)
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "blocks")
+  monkeypatch.setattr(sp, "_EXACT_FIT", False)
+  monkeypatch.setattr(sp, "_TRIM_SKIP", True)
+  tx = sp.sidco(0.01)
+  shapes = {"a": (40, 50), "b": (50,), "t": (3000,)}
+  g0 = {n: jnp.zeros(s, jnp.float32) for n, s in shapes.items()}
+  st = tx.init(g0)
+  up = jax.jit(tx.update)
+  res = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+  k = round(0.01 * sum(int(np.prod(s)) for s in shapes.values()))
+  for step in range(3):
+    g = {"a": rng.standard_normal((40, 50)).astype(np.float32), "b": rng.standard_normal(50).astype(np.float32),
+         "t": np.round(rng.laplace(size=3000) * (3 if step else 1000)).astype(np.float32)}   # ties, then none
+    out, st = up({n: jnp.asarray(v) for n, v in g.items()}, st)
+    acc = {n: g[n] + res[n] for n in sorted(g)}
+    flat = np.concatenate([acc[n].reshape(-1) for n in sorted(acc)])
+    keep = np.zeros(flat.size, bool)
+    keep[np.lexsort((np.arange(flat.size), -np.abs(flat)))[:k]] = True
+    off = 0
+    for n in sorted(acc):
+      m = keep[off:off + acc[n].size].reshape(acc[n].shape)
+      off += acc[n].size
+      np.testing.assert_array_equal(np.asarray(out[n]), np.where(m, acc[n], 0), err_msg=f"{n} step {step}")
+      res[n] = np.where(m, 0, acc[n])
+      np.testing.assert_array_equal(np.asarray(st.residual[n]), res[n])
 
 
 @pytest.mark.parametrize("kw,modes", [
-    (dict(per_tensor=True), (("bits", True), ("blocks", True))),
-    pytest.param(dict(per_tensor=True), (("bits", True), ("blocks", False)), marks=pytest.mark.slow),
-    pytest.param(dict(), (("bits", True), ("blocks", True), ("blocks", False)), marks=pytest.mark.slow),
-    pytest.param(dict(distribution="gpareto", momentum=0.9), (("bits", True), ("blocks", True), ("blocks", False)),
-                 marks=pytest.mark.slow)])
+    pytest.param(dict(per_tensor=True), (("bits", True, False), ("blocks", False, True)), marks=pytest.mark.slow),
+    pytest.param(dict(per_tensor=True), (("bits", True, False), ("blocks", True, False), ("blocks", True, True)),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(), (("bits", True, False), ("blocks", True, False), ("blocks", False, False),
+                          ("blocks", False, True)), marks=pytest.mark.slow),
+    pytest.param(dict(distribution="gpareto", momentum=0.9), (("bits", True, False), ("blocks", True, True),
+                                                              ("blocks", False, True)), marks=pytest.mark.slow)])
 def test_transform_same_with_block_select_and_without_fit(kw, modes, monkeypatch):
-  """Whole updates (Gaussian gradients: the exponential fit misses and the fallback runs) are bitwise the
-  same with the bit search, the block select, and the block select alone on every step (no fit)."""
+  """Whole updates (Gaussian gradients: the exponential fit misses and the fallback runs; a leaf of
+  rounded values: ties at the cut, so the correction stage trims) are bitwise the same with the bit search,
+  the block select, the block select alone on every step (no fit), with and without the trim's skip."""
   rng = np.random.default_rng(5)
   grads = [{"w": jnp.asarray(rng.standard_normal((40, 50)), jnp.float32),
             "b": jnp.asarray(rng.standard_normal(50) * 0.1, jnp.float32),
-            "c": jnp.asarray(rng.laplace(size=3000), jnp.float32)} for _ in range(3)]
+            "c": jnp.asarray(rng.laplace(size=3000), jnp.float32),
+            "t": jnp.asarray(np.round(rng.laplace(size=2000) * 3), jnp.float32)} for _ in range(3)]
   res = []
-  for search, fit in modes:
+  for search, fit, skip in modes:
     monkeypatch.setattr(sp, "_EXACT_SEARCH", search)
     monkeypatch.setattr(sp, "_EXACT_FIT", fit)
+    monkeypatch.setattr(sp, "_TRIM_SKIP", skip)
     tx = sp.sidco(0.01, **kw)
     st = tx.init(grads[0])
     up = jax.jit(tx.update)

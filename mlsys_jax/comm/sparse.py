@@ -1054,6 +1054,9 @@ _EXACT_SEARCH = "bits"
 # since the correction stage sends the k largest either way; benchmark switch).
 _EXACT_FIT = True
 _SUB = 8   # entries per sub-block in _seg_kth_blocks's second level
+# Skip the correction stage's sort (under lax.cond) on steps where no segment selected more than its k: the
+# payload's first slots are then the answer (the same payload). Benchmark switch.
+_TRIM_SKIP = False
 
 
 def _seg_first_k_slots(vals, seg_sizes, k, k_cap):
@@ -1251,7 +1254,19 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
 
       missed = (payload.overflow | jnp.any(counts < k)) & finite
       payload, t = jax.lax.cond(missed, bisect, lambda _: (payload, t), None)
-    payload, t, tie_last = _seg_trim(payload, t, lay, k, send_capacity)
+    if _TRIM_SKIP:   # no segment above its k (e.g. the block select's thresholds without ties): no sort
+      _, counts = _payload_segments(payload, lay)
+
+      def first_slots(_):
+        valid = jnp.arange(send_capacity) < payload.count
+        p = SparsePayload(jnp.where(valid, payload.indices[:send_capacity], 0),
+                          jnp.where(valid, payload.values[:send_capacity], 0), payload.count, payload.overflow)
+        return p, t, jnp.full((lay.num_segments,), -1, jnp.int32)
+
+      payload, t, tie_last = jax.lax.cond(jnp.any(counts > k), lambda _: _seg_trim(payload, t, lay, k, send_capacity),
+                                          first_slots, None)
+    else:
+      payload, t, tie_last = _seg_trim(payload, t, lay, k, send_capacity)
     return payload, n_above, t, finite, tie_last
   if max_count is not None:
     # the fit selected more than the shared payload holds: raise the threshold of every segment above
