@@ -737,3 +737,44 @@ def test_verbose_search_without_check(capsys):
   s = sched.ios_schedule(f, jnp.ones((1, 4, 4, 4)), check="off", verbose=True)
   out = capsys.readouterr().out
   assert "part 1/1" in out and "check" not in out and "check" not in s.info
+
+
+class _HashCost:
+  """A deterministic stand-in for a measuring profiler: the analytical cost times a per-stage factor in
+  [0.5, 1.5) from a hash of the stage, recording every stage it is asked for (also via ``prefetch``)."""
+
+  def __init__(self):
+    self.asked, self.model = set(), sched.AnalyticalCost()
+
+  def __call__(self, g, st):
+    import hashlib
+    self.asked.add(st)
+    h = int(hashlib.sha1(repr((st.kind, st.groups)).encode()).hexdigest()[:8], 16) / 16 ** 8
+    return self.model(g, st) * (0.5 + h)
+
+  def prefetch(self, g, stages):
+    self.asked.update(stages)
+    return len(stages)
+
+
+def test_merge_search_does_not_profile_fixed_units():
+  """IOS-Merge: units without a merge partner in their part run alone in every schedule, so they are not
+  profiled (costed analytically) and the schedule equals the one found when profiling them as well."""
+  from mlsys_jax.models import ios_benchmark_nets, ios_init_params
+  model, shape = ios_benchmark_nets(small=True)["squeezenet"]
+  params = ios_init_params(model, shape, seed=0)
+  f = lambda v: model.apply(params, v)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  lean, full = _HashCost(), _HashCost()
+  s = sched.ios_schedule(f, x, strategy="merge", profiler=lean, check="off")
+  s_full = sched.ios_schedule(f, x, strategy="merge", profiler=full, check="off", profile_fixed=True)
+  fixed = sched.api.fixed_units(s.graph, lambda u: sched.emit.merge_key(s.graph, u))
+  assert 0 < len(fixed) < len(s.graph.units) and s.info["fixed_stages"] == len(fixed)
+  singles = lambda asked: {st.groups[0][0] for st in asked if st.kind == "parallel" and len(st.units) == 1}
+  assert not singles(lean.asked) & fixed and singles(full.asked) >= fixed
+  assert len(lean.asked) < len(full.asked)
+  assert [(st.kind, st.groups) for st in s.stages] == [(st.kind, st.groups) for st in s_full.stages]
+  by_stage = dict(zip(s.stages, s.stage_latency))
+  for st in s.stages:                       # fixed stages carry the analytical cost
+    if st.kind == "parallel" and st.groups[0][0] in fixed:
+      assert by_stage[st] == sched.AnalyticalCost()(s.graph, st)
