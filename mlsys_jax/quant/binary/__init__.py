@@ -3,11 +3,14 @@
 Bannink et al., "Larq Compute Engine: Design, Benchmark, and Deploy State-of-the-Art Binarized Neural
 Networks", MLSys 2021: Larq's quantizers with their exact pseudo-gradients, a weight clip, binary
 ``dot_general``/convolution injected into flax layers, the Bop optimizer as an optax transform routed
-with ``optax.multi_transform``, QuickNet, and a bit-packed XOR-popcount inference path.
+with ``optax.multi_transform``, QuickNet, a bit-packed XOR-popcount inference path, and a deployable byte
+format for a trained QuickNet (packed binary kernels, int8 transitions, a 4-bit VS-Quant head).
 """
 
 from mlsys_jax.quant.binary.bop import (BopState, binary_param_labels, bop, case_optimizer,
                                         flip_ratio)
+from mlsys_jax.quant.binary.export import (compress_quicknet, deserialize, load_quicknet, serialize,
+                                           serialized_nbytes)
 from mlsys_jax.quant.binary.layers import binary_conv_general_dilated, binary_dot_general
 from mlsys_jax.quant.binary.packed import (PackedConv2D, PackedDense, convert_quicknet, fold_batchnorm,
                                            pack_bits, pack_conv2d, pack_dense, packed_conv2d,
@@ -34,12 +37,15 @@ __all__ = [
     "binary_param_labels",
     "bop",
     "case_optimizer",
+    "compress_quicknet",
     "convert_quicknet",
+    "deserialize",
     "dorefa",
     "flip_ratio",
     "fold_batchnorm",
     "larq_param_count",
     "larq_sign",
+    "load_quicknet",
     "magnitude_aware_sign",
     "pack_bits",
     "pack_conv2d",
@@ -48,6 +54,8 @@ __all__ = [
     "packed_dense",
     "packed_nbytes",
     "pallas_packed_dense",
+    "serialize",
+    "serialized_nbytes",
     "ste_heaviside",
     "ste_sign",
     "ste_tern",
