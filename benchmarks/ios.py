@@ -520,113 +520,112 @@ def batch_main():
   ios_opts = dict(sched.XLA_CONFIGS[args.ios_options]) if args.ios_options else None
   nets_cache: dict = {}
   for net, dt, batches in groups:
-    if True:
-      dtype = jnp.dtype(dt)
-      if (net, dt) not in nets_cache:
-        model, shape = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)[net]
-        params = ios_init_params(model, shape, seed=0)   # nonzero biases, like trained weights
-        nets_cache[(net, dt)] = (model, shape, params)
-      model, shape, params = nets_cache[(net, dt)]
-      f = lambda v, p=params, m=model: m.apply(p, v)
-      xs = {b: jax.random.normal(jax.random.PRNGKey(1), (b,) + tuple(shape[1:]), dtype) for b in batches}
-      if args.cost == "profiler" and on_gpu:
-        prof = sched.StageProfiler(cache_path=args.cache)
-      else:
-        prof = sched.AnalyticalCost()
-      found = {}   # (b, strategy) -> Schedule
-      for b in batches:
-        for strat in strategies:
-          if time.perf_counter() - t_start > args.time_budget_s:
-            payload["skipped"].append(f"search {net} {dt} b{b} {strat}")
-            continue
-          if args.confirm_only and earlier_pick(earlier.get((net, dt, b), {})) != "ios:" + strat:
-            continue   # only the program the earlier run chose (and the XLA configurations) is timed
-          sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off",
-                                  compiler_options=ios_opts)
-          found[(b, strat)] = sc
-          log(f"{net} {dt} b{b} {strat}: search {sc.search_s:.1f} s, {sc.counts()}, "
-              f"pred {sc.predicted_latency * 1e3:.3f} ms")
-      sigs = {k: stage_sig(sc) for k, sc in found.items()}
-      distinct = {}   # signature -> list of (b, strategy) that found it
-      for k, sg in sigs.items():
-        distinct.setdefault(sg, []).append(k)
-      log(f"{net} {dt}: {len(found)} searches, {len(distinct)} distinct schedules")
-      for b in batches:
+    dtype = jnp.dtype(dt)
+    if (net, dt) not in nets_cache:
+      model, shape = ios_benchmark_nets(small=args.small, dtype=None if dtype == jnp.float32 else dtype)[net]
+      params = ios_init_params(model, shape, seed=0)   # nonzero biases, like trained weights
+      nets_cache[(net, dt)] = (model, shape, params)
+    model, shape, params = nets_cache[(net, dt)]
+    f = lambda v, p=params, m=model: m.apply(p, v)
+    xs = {b: jax.random.normal(jax.random.PRNGKey(1), (b,) + tuple(shape[1:]), dtype) for b in batches}
+    if args.cost == "profiler" and on_gpu:
+      prof = sched.StageProfiler(cache_path=args.cache)
+    else:
+      prof = sched.AnalyticalCost()
+    found = {}   # (b, strategy) -> Schedule
+    for b in batches:
+      for strat in strategies:
         if time.perf_counter() - t_start > args.time_budget_s:
-          payload["skipped"].append(f"time {net} {dt} b{b}")
-          log(f"skip {net} {dt} b{b}: time budget")
+          payload["skipped"].append(f"search {net} {dt} b{b} {strat}")
           continue
-        if args.confirm_only and (net, dt, b) not in earlier:
-          continue   # nothing to confirm at this batch size
-        x = xs[b]
-        progs, t0 = {}, time.perf_counter()
-        for c in configs:
-          opts = sched.XLA_CONFIGS[c]
-          progs["xla:" + c] = (jax.jit(f, compiler_options=opts or None).lower(x), (x,))
-        sched_of = {}   # program name -> (schedule at this batch, found-at keys)
-        for sg, ks in distinct.items():
-          own = [k for k in ks if k[0] == b]
-          if not own and not (args.cross and (not cross_from or any(k[0] in cross_from for k in ks))):
-            continue
-          src = found[own[0] if own else ks[0]]
-          sc = src if own else batch_retarget(src, f, x, prof if isinstance(prof, sched.AnalyticalCost)
-                                        else sched.AnalyticalCost())
-          name = "ios:" + "+".join(f"b{kb}{ks_[0]}" for kb, ks_ in ks)
-          jf, consts = sc._build()
-          progs[name] = (jf.lower(consts, x), (consts, x))
-          sched_of[name] = (sc, ks)
-        progs = compile_all(progs)   # every program compiled before any runs
-        compile_s = time.perf_counter() - t0
-        ref = progs["xla:" + configs[0]][0](x)
-        errs = {k: _rel_err(p(*a), ref) for k, (p, a) in progs.items()}
-        names = list(progs)
-        for k in names:
-          time_calls(*progs[k], 2, 1)
-        ts = {k: [] for k in names}
-        for i in range(args.repeat):
-          for k in names[i % len(names):] + names[:i % len(names)]:
-            ts[k] += time_calls(*progs[k], args.number, 1)
-        med = {k: float(np.median(v)) for k, v in ts.items()}
-        iqr = {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for k, v in ts.items()}
-        xla = {k[4:]: v for k, v in med.items() if k.startswith("xla:")}
-        best = min(xla, key=xla.get)
-        row = {"net": net, "dtype": dt, "batch": b, "best_xla": best, "best_xla_s": xla[best],
-               "xla_s": xla, "compile_s": compile_s, "iqr_s": iqr, "rel_err_vs_" + configs[0]: errs}
-        for strat in strategies:
-          if (b, strat) not in found:
-            continue
-          name = next(n for n, (_, ks) in sched_of.items() if (b, strat) in ks)
-          row[f"ios_{strat}_cp_s"] = found[(b, strat)].predicted_critical_path
-          row[f"ios_{strat}_s"] = med[name]
-          row[f"ios_{strat}_vs_best_xla"] = xla[best] / med[name]
-          row[f"ios_{strat}_pred_s"] = found[(b, strat)].predicted_latency
-          row[f"ios_{strat}_search_s"] = found[(b, strat)].search_s
-          row[f"ios_{strat}_counts"] = found[(b, strat)].counts()
-        ios_keys = [k for k in row if k.startswith("ios_") and k.endswith("_s") and k.count("_") == 2]
-        if ios_keys:
-          row["checked_vs_best_xla"] = xla[best] / min([xla[best]] + [row[k] for k in ios_keys])
-        prev = earlier.get((net, dt, b))
-        if prev is not None:   # the earlier run's choice, timed in this run (no selection on these timings)
-          pick = earlier_pick(prev)
-          now = xla.get(pick[4:]) if pick.startswith("xla:") else row.get(f"ios_{pick[4:]}_s")
-          if now is not None:
-            row["earlier_choice"] = pick
-            row["earlier_choice_vs_best_xla"] = xla[best] / now
-        # cross: the schedule found at (b1, strategy) run at this batch
-        row["cross_s"] = {f"b{kb}_{ks_}": med[n] for n, (_, ks) in sched_of.items() for kb, ks_ in ks}
-        for n, (sc, ks) in sched_of.items():
-          if args.cost != "analytical" and not any(kb == b for kb, _ in ks):
-            continue   # a retargeted schedule's stages were costed by the roofline, not the profiler
-          payload["points"].append({"net": net, "dtype": dt, "batch": b, "program": n,
-                                    "predicted_s": sc.predicted_latency,
-                                    "predicted_cp_s": sc.predicted_critical_path, "measured_s": med[n],
-                                    "stages": len(sc.stages), "cost": args.cost})
-        payload["rows"].append(row)
-        log(f"{net} {dt} b{b}: best XLA {best} {xla[best] * 1e3:.3f} ms; " +
-            ", ".join(f"{s} {row.get(f'ios_{s}_s', float('nan')) * 1e3:.3f} ms" for s in strategies) +
-            f"; {len(progs)} programs, compile {compile_s:.1f} s")
-        flush()
-        del progs
+        if args.confirm_only and earlier_pick(earlier.get((net, dt, b), {})) != "ios:" + strat:
+          continue   # only the program the earlier run chose (and the XLA configurations) is timed
+        sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off",
+                                compiler_options=ios_opts)
+        found[(b, strat)] = sc
+        log(f"{net} {dt} b{b} {strat}: search {sc.search_s:.1f} s, {sc.counts()}, "
+            f"pred {sc.predicted_latency * 1e3:.3f} ms")
+    sigs = {k: stage_sig(sc) for k, sc in found.items()}
+    distinct = {}   # signature -> list of (b, strategy) that found it
+    for k, sg in sigs.items():
+      distinct.setdefault(sg, []).append(k)
+    log(f"{net} {dt}: {len(found)} searches, {len(distinct)} distinct schedules")
+    for b in batches:
+      if time.perf_counter() - t_start > args.time_budget_s:
+        payload["skipped"].append(f"time {net} {dt} b{b}")
+        log(f"skip {net} {dt} b{b}: time budget")
+        continue
+      if args.confirm_only and (net, dt, b) not in earlier:
+        continue   # nothing to confirm at this batch size
+      x = xs[b]
+      progs, t0 = {}, time.perf_counter()
+      for c in configs:
+        opts = sched.XLA_CONFIGS[c]
+        progs["xla:" + c] = (jax.jit(f, compiler_options=opts or None).lower(x), (x,))
+      sched_of = {}   # program name -> (schedule at this batch, found-at keys)
+      for sg, ks in distinct.items():
+        own = [k for k in ks if k[0] == b]
+        if not own and not (args.cross and (not cross_from or any(k[0] in cross_from for k in ks))):
+          continue
+        src = found[own[0] if own else ks[0]]
+        sc = src if own else batch_retarget(src, f, x, prof if isinstance(prof, sched.AnalyticalCost)
+                                      else sched.AnalyticalCost())
+        name = "ios:" + "+".join(f"b{kb}{ks_[0]}" for kb, ks_ in ks)
+        jf, consts = sc._build()
+        progs[name] = (jf.lower(consts, x), (consts, x))
+        sched_of[name] = (sc, ks)
+      progs = compile_all(progs)   # every program compiled before any runs
+      compile_s = time.perf_counter() - t0
+      ref = progs["xla:" + configs[0]][0](x)
+      errs = {k: _rel_err(p(*a), ref) for k, (p, a) in progs.items()}
+      names = list(progs)
+      for k in names:
+        time_calls(*progs[k], 2, 1)
+      ts = {k: [] for k in names}
+      for i in range(args.repeat):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+          ts[k] += time_calls(*progs[k], args.number, 1)
+      med = {k: float(np.median(v)) for k, v in ts.items()}
+      iqr = {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))] for k, v in ts.items()}
+      xla = {k[4:]: v for k, v in med.items() if k.startswith("xla:")}
+      best = min(xla, key=xla.get)
+      row = {"net": net, "dtype": dt, "batch": b, "best_xla": best, "best_xla_s": xla[best],
+             "xla_s": xla, "compile_s": compile_s, "iqr_s": iqr, "rel_err_vs_" + configs[0]: errs}
+      for strat in strategies:
+        if (b, strat) not in found:
+          continue
+        name = next(n for n, (_, ks) in sched_of.items() if (b, strat) in ks)
+        row[f"ios_{strat}_cp_s"] = found[(b, strat)].predicted_critical_path
+        row[f"ios_{strat}_s"] = med[name]
+        row[f"ios_{strat}_vs_best_xla"] = xla[best] / med[name]
+        row[f"ios_{strat}_pred_s"] = found[(b, strat)].predicted_latency
+        row[f"ios_{strat}_search_s"] = found[(b, strat)].search_s
+        row[f"ios_{strat}_counts"] = found[(b, strat)].counts()
+      ios_keys = [k for k in row if k.startswith("ios_") and k.endswith("_s") and k.count("_") == 2]
+      if ios_keys:
+        row["checked_vs_best_xla"] = xla[best] / min([xla[best]] + [row[k] for k in ios_keys])
+      prev = earlier.get((net, dt, b))
+      if prev is not None:   # the earlier run's choice, timed in this run (no selection on these timings)
+        pick = earlier_pick(prev)
+        now = xla.get(pick[4:]) if pick.startswith("xla:") else row.get(f"ios_{pick[4:]}_s")
+        if now is not None:
+          row["earlier_choice"] = pick
+          row["earlier_choice_vs_best_xla"] = xla[best] / now
+      # cross: the schedule found at (b1, strategy) run at this batch
+      row["cross_s"] = {f"b{kb}_{ks_}": med[n] for n, (_, ks) in sched_of.items() for kb, ks_ in ks}
+      for n, (sc, ks) in sched_of.items():
+        if args.cost != "analytical" and not any(kb == b for kb, _ in ks):
+          continue   # a retargeted schedule's stages were costed by the roofline, not the profiler
+        payload["points"].append({"net": net, "dtype": dt, "batch": b, "program": n,
+                                  "predicted_s": sc.predicted_latency,
+                                  "predicted_cp_s": sc.predicted_critical_path, "measured_s": med[n],
+                                  "stages": len(sc.stages), "cost": args.cost})
+      payload["rows"].append(row)
+      log(f"{net} {dt} b{b}: best XLA {best} {xla[best] * 1e3:.3f} ms; " +
+          ", ".join(f"{s} {row.get(f'ios_{s}_s', float('nan')) * 1e3:.3f} ms" for s in strategies) +
+          f"; {len(progs)} programs, compile {compile_s:.1f} s")
+      flush()
+      del progs
   flush()
   cols = ["net", "dtype", "batch", "best_xla", "best_xla_s"] + \
       [f"ios_{s}_vs_best_xla" for s in strategies] + ["checked_vs_best_xla"]
