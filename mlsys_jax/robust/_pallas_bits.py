@@ -80,6 +80,8 @@ NUM_WARPS = 1      # warps per program (one warp: the early-stop tests are warp 
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
 PRE = 3            # steps the kernel runs before its first early-stop test
+DRAW = "take"      # how 'binomial' evaluates its draws: 'take' or 'popc' (the same bits)
+DRAWS = ("take", "popc", "popcx")
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
 HASHES = ("philox", "philox7", "threefry")
@@ -260,7 +262,7 @@ def binomial_thresholds(t, n_lanes: int) -> jax.Array:
 
 
 def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits: int, asm: bool = False,
-                   pre: int = 0):
+                   pre: int = 0, draw: str | None = None):
   """Faulty lanes of each word of ``word_idx``: the first C distinct lanes of a random sequence.
 
   One Philox-2x32-10 call, key k0, counter ``(word, k1)``, gives the count's uniform ``u`` (its first
@@ -272,11 +274,23 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   binomial, and for a fixed key the lanes at a lower rate are the first ones of those at a higher rate.
   ``always`` (bool) selects every lane. ``thr(c)`` returns threshold c (a uint32 scalar). The first
   ``pre`` thresholds and draws run unconditionally (no early-stop test); the result does not depend on it.
+
+  ``draw`` (default ``DRAW``; never changes the bits) is how the kernel evaluates this: ``'take'`` counts
+  the chosen lanes draw by draw and tests the count and the draws for early stopping separately;
+  ``'popc'`` keeps the union ``m`` of the lanes drawn so far and takes ``chosen = m`` while
+  ``popcount(m) <= C`` (a draw adds at most one lane, so this is the set at the first draw where C
+  distinct lanes are reached, and draws past it change nothing), and decides with ONE early-stop test
+  after the unconditional steps whether any word needs a further threshold or draw.
   """
+  draw = draw or DRAW
+  if draw not in DRAWS:
+    raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}.")
   db = max(1, (n_lanes - 1).bit_length())
   per_word = 32 // db
   zero = jnp.zeros(word_idx.shape, _U32)
   u, d = philox2x32(k0, word_idx, jnp.full(word_idx.shape, k1, _U32), asm=asm)
+  npc = min(pre, n_lanes)                      # thresholds tested unconditionally
+  npre = min(pre, per_word)                    # draws taken unconditionally
 
   def ccond(c):
     j, _, more = c
@@ -287,23 +301,113 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     hit = u < thr(j)
     return j + 1, cnt + hit.astype(_U32), jnp.max(hit.astype(jnp.int32)) > 0
 
+  def any_(x):
+    return jnp.max(x.astype(jnp.int32)) > 0
+
+  def lane_of(v):
+    return v if bits == width else _U32(width) * (v // _U32(bits)) + v % _U32(bits)
+
+  def draw_bits(r, j: int | jax.Array):
+    return (r >> (_U32(db) * j)) & _U32((1 << db) - 1)
+
+  def extension(m, go, consume):
+    """Draws from Philox-4x32-10 calls m = 1, 2, ... while ``go`` (some word still needs lanes)."""
+    def rcond(c):
+      return c[-1] & (c[0] < (1 << 20))
+
+    def rbody(c):
+      mm, *st, g = c
+      more = philox4x32(k0, k1, word_idx, jnp.full(word_idx.shape, mm, _U32), zero, zero, asm=asm)
+      *st, g = consume(more, 4 * per_word, *st, needed=g)
+      return (mm + _U32(1), *st, g)
+    return jax.lax.while_loop(rcond, rbody, (_U32(1), *m, go))[1:-1]
+
+  def pool_word(pool, ju):
+    wsel = ju // _U32(per_word)
+    r = pool[0]
+    for idx in range(1, len(pool)):
+      r = jnp.where(wsel == _U32(idx), pool[idx], r)
+    return r
+
   cnt = zero
-  for j in range(min(pre, n_lanes)):          # hits are nested (s_c decreases): counting is order-free
+  for j in range(npc):                          # hits are nested (s_c decreases): counting is order-free
     cnt = cnt + (u < thr(j)).astype(_U32)
-  _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(min(pre, n_lanes)), cnt, jnp.bool_(True)))
+
+  if draw in ("popc", "popcx"):
+    pow2 = (1 << db) == n_lanes                 # every draw names a valid lane
+
+    def lane_bit(v):
+      if pow2:
+        return _U32(1) << lane_of(v)
+      return jnp.where(v < _U32(n_lanes), _U32(1) << jnp.minimum(lane_of(v), _U32(31)), _U32(0))
+
+    def unions(cn):
+      """The unconditional draws' unions m_1 .. m_npre (they do not depend on C) and the chosen set
+      among them for the count ``cn``: the last union with at most cn lanes."""
+      m, ch = zero, zero
+      for j in range(npre):
+        m = m | lane_bit(draw_bits(d, j))
+        ok = (cn > _U32(0)) if (j == 0 and pow2) else (jax.lax.population_count(m) <= cn)
+        ch = jnp.where(ok, m, ch)
+      return m, ch
+
+    def consume(pool, nd: int, mm, ch, cn, needed, start: int = 0):
+      """Draws start .. nd-1 of the words ``pool`` while ``needed`` (some word has fewer lanes in its
+      union than its count cn); returns whether some word still has."""
+      def cond(c):
+        j, _, _, g = c
+        return g & (j < nd)
+
+      def body(c):
+        j, mm, ch, _ = c
+        ju = j.astype(_U32)
+        mm = mm | lane_bit(draw_bits(pool_word(pool, ju), ju % _U32(per_word)))
+        pc = jax.lax.population_count(mm)
+        return j + 1, mm, jnp.where(pc <= cn, mm, ch), any_(pc < cn)
+      _, mm, ch, g = jax.lax.while_loop(cond, body, (jnp.int32(start), mm, ch, needed))
+      return mm, ch, g
+
+    def finish(cnt, go):
+      """The rest for the tiles with a short word: the remaining thresholds, then the remaining draws
+      (extra thresholds and draws change nothing)."""
+      _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(npc), cnt, go))
+      cnt = jnp.where(always, _U32(0), cnt)     # p = 1: every lane, no draws
+      m, chosen = unions(cnt)
+      if npre < per_word:
+        m, chosen, still = consume((d,), per_word, m, chosen, cnt, go, npre)
+      else:
+        still = go & any_(jax.lax.population_count(m) < cnt)
+      return extension((m, chosen), still, lambda pool, nd, mm, ch, needed: consume(
+          pool, nd, mm, ch, cnt, needed))[1]
+
+    # ONE early-stop test: a word is short if its count may exceed the thresholds tested (u < s_npc) or
+    # the lanes of its union so far; with no short word, cnt is C and the chosen set is among m_1..m_npre.
+    m, chosen = unions(cnt)
+    short = (jax.lax.population_count(m) < cnt) if npre else (cnt > _U32(0))
+    if npc < n_lanes:
+      short = short | (u < thr(npc))
+    go = any_(short) & ~always
+    if draw == "popcx":                         # flat: the loops follow (each runs 0 times when not go)
+      chosen = jnp.where(go, finish(cnt, go), chosen)
+    else:                                       # the slow path inside a loop that runs once if go
+      chosen = jax.lax.while_loop(lambda c: c[0], lambda c: (~c[0], finish(cnt, c[0])),   # ~go: False
+                                  (go, chosen))[1]
+    return jnp.where(always, jnp.full(word_idx.shape, lane_mask(bits, width), _U32), chosen)
+
+  # draw == "take": the count first (its own early-stop tests), then the draws one by one
+  _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(npc), cnt, jnp.bool_(True)))
   cnt = jnp.where(always, _U32(0), cnt)          # p = 1: every lane, no draws
 
   def need(k):
-    return jnp.max((k < cnt).astype(jnp.int32)) > 0
+    return any_(k < cnt)
 
   def take(v, ch, kk):
     """One draw ``v`` (db bits): its lane joins the chosen ones if valid, new and still needed."""
-    lane = v if bits == width else _U32(width) * (v // _U32(bits)) + v % _U32(bits)
-    bit = _U32(1) << jnp.minimum(lane, _U32(31))
+    bit = _U32(1) << jnp.minimum(lane_of(v), _U32(31))
     new = (v < _U32(n_lanes)) & (kk < cnt) & ((ch & bit) == _U32(0))
     return ch | jnp.where(new, bit, _U32(0)), kk + new.astype(_U32)
 
-  def consume(pool, nd: int, chosen, k, start: int = 0, needed=None):
+  def consume_take(pool, nd: int, chosen, k, start: int = 0, needed=None):
     """Draws start .. nd-1 of the words ``pool`` while some word still needs lanes; also returns whether
     some word still does (the early-stop test of the last step, so no step repeats it). ``needed``: that
     flag when the caller knows it already."""
@@ -314,11 +418,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     def body(c):
       j, ch, kk, _ = c
       ju = j.astype(_U32)
-      wsel = ju // _U32(per_word)
-      r = pool[0]
-      for idx in range(1, len(pool)):
-        r = jnp.where(wsel == _U32(idx), pool[idx], r)
-      ch, kk = take((r >> (_U32(db) * (ju % _U32(per_word)))) & _U32((1 << db) - 1), ch, kk)
+      ch, kk = take(draw_bits(pool_word(pool, ju), ju % _U32(per_word)), ch, kk)
       return j + 1, ch, kk, need(kk)
 
     go = need(k) if needed is None else needed
@@ -326,22 +426,10 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     return chosen, k, still
 
   chosen, k = zero, zero
-  npre = min(pre, per_word)
   for j in range(npre):
-    chosen, k = take((d >> _U32(db * j)) & _U32((1 << db) - 1), chosen, k)
-  chosen, k, still = consume((d,), per_word, chosen, k, npre)
-
-  def rcond(c):
-    m, _, _, go = c
-    return go & (m < (1 << 20))
-
-  def rbody(c):
-    m, ch, kk, go = c
-    more = philox4x32(k0, k1, word_idx, jnp.full(word_idx.shape, m, _U32), zero, zero, asm=asm)
-    ch, kk, go = consume(more, 4 * per_word, ch, kk, needed=go)
-    return m + _U32(1), ch, kk, go
-
-  _, chosen, _, _ = jax.lax.while_loop(rcond, rbody, (_U32(1), chosen, k, still))
+    chosen, k = take(draw_bits(d, j), chosen, k)
+  chosen, k, still = consume_take((d,), per_word, chosen, k, npre)
+  chosen = extension((chosen, k), still, consume_take)[0]
   return jnp.where(always, jnp.full(word_idx.shape, lane_mask(bits, width), _U32), chosen)
 
 
@@ -361,18 +449,19 @@ def _params(kw, t, always):
 
 
 def _faults(params, off: int, word_idx, method: str, lanes: int, hash: str, width: int, bits: int,
-            asm: bool = False, pre: int = 0):
+            asm: bool = False, pre: int = 0, draw: str | None = None):
   """Faulty lanes of the words ``word_idx`` from ``params[off:]`` (a ref or an array)."""
   k0, k1, t, always = params[off], params[off + 1], params[off + 2], params[off + 3] != _U32(0)
   if method == "levels":
     return below_words(k0, k1, t, always, word_idx, lanes, hash, asm, pre)
   return binomial_words(k0, k1, always, lambda c: params[off + 4 + c], word_idx, bits * (32 // width),
-                        width, bits, asm, pre)
+                        width, bits, asm, pre, draw)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
-def _faults_xla(params, off: int, nw: int, method: str, lanes: int, hash: str, width: int, bits: int):
-  return _faults(params, off, jnp.arange(nw, dtype=_U32), method, lanes, hash, width, bits)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7, 8))
+def _faults_xla(params, off: int, nw: int, method: str, lanes: int, hash: str, width: int, bits: int,
+                draw: str):
+  return _faults(params, off, jnp.arange(nw, dtype=_U32), method, lanes, hash, width, bits, draw=draw)
 
 
 def _tiling(words: int | None, sub: int | None) -> tuple[int, int]:
@@ -390,7 +479,7 @@ def _tiling(words: int | None, sub: int | None) -> tuple[int, int]:
 def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: str = "xla",
            words: int | None = None, num_warps: int | None = None, hash: str | None = None,
            io: str | None = None, pre: int | None = None, method: str | None = None,
-           sub: int | None = None, unroll: bool | None = None) -> jax.Array:
+           sub: int | None = None, unroll: bool | None = None, draw: str | None = None) -> jax.Array:
   """Faults on the flat codes: flips (``one_params`` None) or stuck-at values.
 
   ``flip_params``/``one_params``: uint32[4] ``(k0, k1, t, always)`` of the faulty-bit draw and of the
@@ -404,11 +493,15 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   bitcast outside; used when the number of codes is a multiple of the codes per word, else ``'bytes'``) or
   ``'bytes'`` (loads of the codes' own dtype). ``hash`` changes the pattern; ``impl``, ``words``, ``sub``,
   ``unroll``, ``num_warps`` and ``io`` never do; nor does ``pre`` (kernel steps before the first
-  early-stop test). ``method``: ``'binomial'`` (default ``METHOD``; Philox only) or ``'levels'``:
+  early-stop test), nor ``draw`` (default ``DRAW``: how 'binomial' evaluates its draws, see
+  :func:`binomial_words`). ``method``: ``'binomial'`` (default ``METHOD``; Philox only) or ``'levels'``:
   different patterns.
   """
   hash = check_hash(hash or HASH)
   method = method or METHOD
+  draw = draw or DRAW
+  if draw not in DRAWS:
+    raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}.")
   if method not in ("binomial", "levels"):
     raise ValueError(f"method must be 'binomial' or 'levels', got {method!r}.")
   io = io or IO
@@ -439,8 +532,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
     return (c & ~f) | (f & o) if stuck else c ^ f
 
   if impl == "xla":
-    f = _faults_xla(allp, 0, nw, method, lanes, hash, width, bits)
-    o = _faults_xla(allp, off, nw, one_method, lanes, hash, width, bits) if stuck else None
+    f = _faults_xla(allp, 0, nw, method, lanes, hash, width, bits, draw)
+    o = _faults_xla(allp, off, nw, one_method, lanes, hash, width, bits, draw) if stuck else None
     c = jnp.pad(flat, (0, nw * cpw - n)).reshape(nw, cpw)
     out = combine(c, _unpack(f, cpw, width, dtype), _unpack(o, cpw, width, dtype) if stuck else None)
     return out.reshape(-1)[:n].reshape(shape)
@@ -452,8 +545,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   pre = PRE if pre is None else pre
 
   def faults(p_ref, wu):
-    f = _faults(p_ref, 0, wu, method, lanes, hash, width, bits, asm, pre)
-    o = _faults(p_ref, off, wu, one_method, lanes, hash, width, bits, asm, pre) if stuck else None
+    f = _faults(p_ref, 0, wu, method, lanes, hash, width, bits, asm, pre, draw)
+    o = _faults(p_ref, off, wu, one_method, lanes, hash, width, bits, asm, pre, draw) if stuck else None
     return f, o
 
   def word_io(c_ref, o_ref):
