@@ -253,6 +253,15 @@ def main():
       for dr in ("popc",) if args.s7 or args.small else ():   # the public path with another draw evaluation
         cands.append((f"inject_bit_errors (public path, draw={dr})", (
             "u8", lambda c, k, dr=dr: be._inject(k, c, p, 8, draw=dr), "public")))
+      if args.s7 or args.small:   # diagnostic, different bits: Philox-2x32 at 5 rounds (its cost, halved)
+        def half(c, k, inner=kernel_step("binomial", 256, None, False, 1, 3, "popc")):
+          old, pb._ROUNDS2 = pb._ROUNDS2, 5
+          try:
+            return inner(c, k)
+          finally:
+            pb._ROUNDS2 = old
+        cands.append(("diagnostic (other bits): binomial words=256 warps=1 pre=3 draw=popc, Philox-2x32-5",
+                      ("u8", half, None)))
       if not args.no_stuck:
         cands.append(("inject_stuck_at (public)", ("u8", lambda c, k: be.inject_stuck_at(k, c, p, 8), None)))
   rows.update(cands)

@@ -159,6 +159,7 @@ def philox4x32(k0, k1, c0, c1, c2, c3, rounds: int = 10, asm: bool = False):
 
 
 _PHILOX2_M = 0xD256D193
+_ROUNDS2 = 10   # rounds of the binomial stream's Philox-2x32 (10; other values only to measure its cost)
 
 
 def philox2x32(k, c0, c1, rounds: int = 10, asm: bool = False):
@@ -288,7 +289,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   db = max(1, (n_lanes - 1).bit_length())
   per_word = 32 // db
   zero = jnp.zeros(word_idx.shape, _U32)
-  u, d = philox2x32(k0, word_idx, jnp.full(word_idx.shape, k1, _U32), asm=asm)
+  u, d = philox2x32(k0, word_idx, jnp.full(word_idx.shape, k1, _U32), rounds=_ROUNDS2, asm=asm)
   npc = min(pre, n_lanes)                      # thresholds tested unconditionally
   npre = min(pre, per_word)                    # draws taken unconditionally
 
