@@ -165,7 +165,7 @@ def test_pallas_carry_save_trees_saturate_exactly(variant, block_k):
                                                     interpret=True), 1024)
 
 
-@pytest.mark.parametrize("variant,b,splits", [("csab", 3, 2), ("csab4", 8, 2), ("csab1", 5, 1),
+@pytest.mark.parametrize("variant,b,splits", [("csab", 3, 2), ("csab4", 8, 2), ("csab1", 5, 1), ("csabq", 8, 2),
                                               pytest.param("csab", 8, 1, marks=pytest.mark.slow),
                                               pytest.param("csab4", 1, 1, marks=pytest.mark.slow)])
 def test_pallas_batch_loop_carry_save_matches_float_pm1(variant, b, splits):

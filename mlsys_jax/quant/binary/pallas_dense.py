@@ -37,7 +37,7 @@ Variants of the inner loop (``variant``):
 - ``'csab'`` / ``'csab4'``: the program's whole ``(block_n, W / splits)`` weight slab is loaded once, as 8
   (4) slices of contiguous words (same shape, so the same register layout: the carry-save adders combine
   words held by the same thread), then a loop over the batch rows (two per step, their row sums paired as
-  in ``'rows2'``; ``'csab1'``: one per step) counts each row with the carry-save tree. The loop keeps
+  in ``'rows2'``; ``'csab1'``: one per step, ``'csabq'``: four) counts each row with the carry-save tree. The loop keeps
   only one step's activations live (unrolled, every activation load is hoisted and the registers spill,
   which is what made ``'csa'`` with many rows per thread slow); ``block_k`` must be ``W / splits``.
 
@@ -63,9 +63,9 @@ from mlsys_jax._checks import check_choice, check_int
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
 VARIANTS = ("acc", "rows", "rows2", "bcast", "csa", "csa4", "csa4r2", "sub", "pipe", "pipe4", "csab", "csab4",
-            "csab1")
+            "csab1", "csabq")
 _SLICES = {"csa": 8, "csa4": 4, "csa4r2": 4}         # slices per step of the carry-save variants
-_BSLICES = {"csab": 8, "csab4": 4, "csab1": 8}      # slices of the batch-loop carry-save variants
+_BSLICES = {"csab": 8, "csab4": 4, "csab1": 8, "csabq": 8}      # slices of the batch-loop carry-save variants
 
 
 class DenseConfig(NamedTuple):
@@ -89,6 +89,14 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
   """
   keys = sorted(_TUNED)
   cfg = _TUNED[next((t for t in keys if t >= b), keys[-1])]
+  if cfg.variant in _BSLICES:   # a whole split per program: at most block_k words, split further if needed
+    splits = cfg.splits
+    while splits <= wn and (wn % splits or wn // splits > cfg.block_k):
+      splits *= 2
+    ws = wn // max(splits, 1)
+    if splits <= wn and ws % _BSLICES[cfg.variant] == 0 and ws & (ws - 1) == 0:
+      return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=wn // splits, splits=splits)
+    cfg = _FALLBACK
   splits = cfg.splits if wn % cfg.splits == 0 else 1
   ws = wn // splits
   return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=min(cfg.block_k, ws & -ws), splits=splits)
@@ -116,6 +124,8 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # Keys: the largest batch an entry is for (batch 3 uses the batch-4 entry, 5-7 the batch-8 one).
 _TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 2: DenseConfig("acc", 8, 256, 1, 2, 1),
           4: DenseConfig("rows", 32, 128, 2, 8, 3), 8: DenseConfig("rows2", 32, 128, 2, 8, 3)}
+
+_FALLBACK = DenseConfig("rows2", 32, 128, 2, 8, 3)   # shapes a tuned batch-loop entry cannot take
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
@@ -272,7 +282,7 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
     nsl = _BSLICES[variant]
     sub = block_k // nsl
     ws = [w_ref[:, pl.ds(j * sub, sub)] for j in range(nsl)]       # (block_n, sub) each, loaded once
-    per = 1 if variant == "csab1" or batch == 1 else 2              # batch rows per loop step
+    per = min(batch, {"csab1": 1, "csabq": 4}.get(variant, 2))      # batch rows per loop step
     late = jax.lax.shift_right_logical(pl.program_id(0), 30)        # 0 at run time, unknown to the compiler
 
     def count(b):
@@ -281,7 +291,7 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
 
     def body(i, c):
       i = jnp.minimum(i, batch // per - 1)
-      sums = _row_sums([count(per * i + r) for r in range(per)], paired=per == 2)
+      sums = _row_sums([count(per * i + r) for r in range(per)], paired=per >= 2)
       for b, acc in zip(range(per), sums):
         o_ref[per * i + b, :] = acc if k is None else k - 2 * acc
       return c
