@@ -102,6 +102,9 @@ S7_SWEEP = [("binomial", 256, None, False, 1, 3, "take"),     # the default (27.
             ("binomial", 512, None, False, 1, 3, "popc"),
             ("binomial", 512, None, False, 2, 3, "popc"),
             ("binomial", 512, 256, False, 1, 3, "popc")]
+# Confirmation set (short run): the previous default and the candidates.
+S7C_SWEEP = [("binomial", 256, None, False, 1, 3, "take"), ("binomial", 256, None, False, 1, 3, "popc"),
+             ("binomial", 512, 128, True, 1, 3, "popc")]
 SMALL_MEMORY = [("levels", 64, None, False, 2, 0), ("levels", 128, 32, True, 2, 0)]
 SMALL_PLAIN = [(128, 2)]
 SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2, 1),
@@ -116,6 +119,7 @@ def _extra(ap):
   ap.add_argument("--wide", action="store_true", help="the large-tile sweep (WIDE_*) instead of the default set")
   ap.add_argument("--s7", action="store_true", help="the draw-evaluation sweep (S7_*) instead of the default set")
   ap.add_argument("--no_stuck", action="store_true", help="skip the inject_stuck_at row")
+  ap.add_argument("--s7c", action="store_true", help="the short confirmation set (S7C_SWEEP, no diagnostic)")
   ap.add_argument("--compile_budget_s", type=float, default=55.0,
                   help="stop compiling further rows after this many seconds from the start")
   ap.add_argument("--no_profile", action="store_true", help="skip the profiler trace (device time)")
@@ -236,7 +240,8 @@ def main():
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
   mem, plain, sweep = ((SMALL_MEMORY, SMALL_PLAIN, SMALL_SWEEP) if args.small else
                        (WIDE_MEMORY, WIDE_PLAIN, WIDE_SWEEP) if args.wide else
-                       (S7_MEMORY, S7_PLAIN, S7_SWEEP) if args.s7 else (MEMORY, PLAIN, SWEEP))
+                       (S7_MEMORY, S7_PLAIN, S7_SWEEP) if args.s7 else
+                       ([], [], S7C_SWEEP) if args.s7c else (MEMORY, PLAIN, SWEEP))
   cands = []
   for i in range(max(len(mem), len(plain), len(sweep))):   # interleave the groups: priority by position
     if i < len(sweep):
@@ -250,7 +255,8 @@ def main():
     if i == 1:
       cands.append(("inject_bit_errors (public)", ("u8", lambda c, k: be.inject_bit_errors(k, c, p, 8),
                                                    "public")))
-      for dr in ("popc",) if args.s7 or args.small else ():   # the public path with another draw evaluation
+      for dr in [d for d in ("take", "popc") if d != pb.DRAW] if args.s7 or args.s7c or args.small else ():
+        # the public path with the other draw evaluation
         cands.append((f"inject_bit_errors (public path, draw={dr})", (
             "u8", lambda c, k, dr=dr: be._inject(k, c, p, 8, draw=dr), "public")))
       if args.s7 or args.small:   # diagnostic, different bits: Philox-2x32 at 5 rounds (its cost, halved)
@@ -364,7 +370,8 @@ def main():
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
     try:
-      extra = [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW] if args.s7 else []
+      extra = [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or dr == "popc")] if (
+          args.s7 or args.s7c) else []
       for mth, dr in [("binomial", None), ("levels", None)] + extra:   # dr: the kernel's draw evaluation
         tag = mth if dr is None else f"{mth} draw={dr}"
         if dr is None:
