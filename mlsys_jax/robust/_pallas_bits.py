@@ -35,7 +35,9 @@ on the H200 the 'levels' kernel is bound by this arithmetic. Kernel knobs that n
 loads first or one sub-block per loop step), ``num_warps``, ``io`` ('words': the codes are loaded and
 stored as 32-bit words through a bitcast outside the kernel, when their number is a multiple of the codes
 per word; 'bytes' otherwise), ``pre`` (steps run before the first early-stop test, straight-line code the
-compiler can interleave). Early stopping is decided per sub-block.
+compiler can interleave), ``draw`` (how 'binomial' evaluates its lane draws: ``'take'`` one by one with
+separate early-stop tests, or ``'popc'`` through the unions of the draws with one early-stop test in the
+common case; see :func:`binomial_words`). Early stopping is decided per sub-block.
 
 ``method='binomial'`` (the default, ``METHOD``, since the 2026-12-02 H200 sweeps: on 25M uint8 codes at
 p = 1%, 27.3 us of device time per call with the default tile against 79.5 us for 'levels' at its best
