@@ -50,6 +50,16 @@ from mlsys_jax.sched.graph import build_graph, relayout_conv_kernels  # noqa: E4
 
 # ============================================================================ shared helpers
 
+def _mode_parser(doc: str, name: str | None) -> argparse.ArgumentParser:
+  """A mode's parser with the flags every mode has: ``--name`` (JSON file name without .json), ``--out``
+  (directory) and ``--small`` (small nets, CPU smoke test)."""
+  ap = argparse.ArgumentParser(description=doc)
+  ap.add_argument("--name", default=name, help="JSON file name (without .json)")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test")
+  return ap
+
+
 def relerr(a, b) -> float:
   """Relative L2 error of ``a`` against ``b`` (float64)."""
   a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
@@ -182,7 +192,7 @@ def search_main() -> None:
   profile cache (cold) and from the cache file the cold search wrote (warm: a new ``StageProfiler``
   loading it, in the same process), and the relative L2 error of the schedule's outputs against plain
   ``jax.jit`` (run with NVIDIA_TF32_OVERRIDE=0 for the float32-rounding check)."""
-  ap = argparse.ArgumentParser(description=search_main.__doc__)
+  ap = _mode_parser(search_main.__doc__, name=None)
   ap.add_argument("--net", default="inception_v3")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--batch", type=int, default=1)
@@ -190,9 +200,6 @@ def search_main() -> None:
   ap.add_argument("--warm", type=int, default=2, help="warm searches after the cold one")
   ap.add_argument("--cache", default=None, help="profile cache file (default: a new temporary file)")
   ap.add_argument("--compile_threads", type=int, default=8, help="StageProfiler compile threads")
-  ap.add_argument("--name", default=None)
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test (analytical model)")
   args = ap.parse_args()
   t_start = time.perf_counter()
   dtype = jnp.dtype(args.dtype)
@@ -245,16 +252,13 @@ the search time and the output error against plain jit.
 
 
 def check_args():
-  ap = argparse.ArgumentParser(description=CHECK_DOC)
+  ap = _mode_parser(CHECK_DOC, name="ios_check")
   ap.add_argument("--nets", default="squeezenet,inception_v3")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--strategy", default="merge", choices=("merge", "both", "parallel"))
   ap.add_argument("--cache", default=None, help="stage-profile cache file (JSON), kept between runs")
   ap.add_argument("--time_budget_s", type=float, default=480.0, help="stop starting new cases after this")
-  ap.add_argument("--name", default="ios_check", help="JSON file name (without .json)")
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test")
   return ap.parse_args()
 
 
@@ -321,7 +325,7 @@ and the measured one: the data of the whole-program correction model (``--fit``;
 
 
 def batch_args():
-  ap = argparse.ArgumentParser(description=BATCH_DOC)
+  ap = _mode_parser(BATCH_DOC, name="ios_batch")
   ap.add_argument("--nets", default="squeezenet,inception_v3")
   ap.add_argument("--dtypes", default="float32")
   ap.add_argument("--batches", default="1,2,4,8,16,32")
@@ -348,9 +352,6 @@ def batch_args():
   ap.add_argument("--fit", action="store_true", help="only fit the correction model on --inputs JSONs")
   ap.add_argument("--inputs", default="", help="comma-separated ios_batch JSONs for --fit")
   ap.add_argument("--table", action="store_true", help="only print markdown tables of --inputs JSONs")
-  ap.add_argument("--name", default="ios_batch")
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true", help="small nets, CPU smoke test")
   return ap.parse_args()
 
 
@@ -822,7 +823,7 @@ def iso_ratios(res: dict, programs: list) -> dict:
 
 
 def isolated_main():
-  ap = argparse.ArgumentParser(description=ISOLATED_DOC)
+  ap = _mode_parser(ISOLATED_DOC, name="ios_isolated")
   ap.add_argument("--net", default=None, help="inception_v3 (default), squeezenet, randwire, nasnet")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--dtype", default="float32", help="(child) the dtype of this child")
@@ -851,9 +852,6 @@ def isolated_main():
   ap.add_argument("--work", default="", help=argparse.SUPPRESS)
   ap.add_argument("--tag", default="iso", help=argparse.SUPPRESS)
   ap.add_argument("--child_timeout_s", type=float, default=400)
-  ap.add_argument("--small", action="store_true")
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--name", default="ios_isolated")
   args = ap.parse_args()
   if args.child == "search":
     return iso_child_search(args)
@@ -1142,7 +1140,7 @@ def bound_ratios(res: dict, xla: list, chains: list) -> dict:
 
 
 def chain_main():
-  ap = argparse.ArgumentParser(description=CHAIN_DOC)
+  ap = _mode_parser(CHAIN_DOC, name="ios_chain_bound")
   ap.add_argument("--net", default=None, help="inception_v3 (default), squeezenet, randwire, nasnet")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -1172,9 +1170,6 @@ def chain_main():
   ap.add_argument("--child", default="", help=argparse.SUPPRESS)
   ap.add_argument("--work", default="", help=argparse.SUPPRESS)
   ap.add_argument("--child_timeout_s", type=float, default=400)
-  ap.add_argument("--small", action="store_true")
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--name", default="ios_chain_bound")
   args = ap.parse_args()
   if args.net is None:
     args.net = "squeezenet" if args.small else "inception_v3"
@@ -1256,7 +1251,7 @@ calls, fusions, copies and transposes. On a machine without a GPU the trace entr
 
 
 def trace_main():
-  ap = argparse.ArgumentParser(description=TRACE_DOC)
+  ap = _mode_parser(TRACE_DOC, name=None)
   ap.add_argument("--net", default="inception_v3")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--batch", type=int, default=1)
@@ -1266,9 +1261,6 @@ def trace_main():
   ap.add_argument("--kernel_lists", default="", help="programs whose kernels are all listed")
   ap.add_argument("--number", type=int, default=30)
   ap.add_argument("--repeat", type=int, default=7)
-  ap.add_argument("--name", default=None)
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--small", action="store_true")
   args = ap.parse_args()
   if args.small:
     args.number, args.repeat = 2, 2

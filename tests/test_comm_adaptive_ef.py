@@ -110,15 +110,19 @@ def _run(g, axis, names=tuple(_VARIANTS) + ("bare", "decay")):
   return res
 
 
+def _per_worker(run, g_w, devices):
+  """``run`` on each worker's slice of ``g_w`` (leading axis: workers) under ``shard_map`` over axis "d";
+  the outputs stacked on a leading worker axis."""
+  mesh = Mesh(np.array(devices), ("d",))
+  return jax.jit(shard_map(lambda gw: jax.tree_util.tree_map(lambda x: x[None], run(
+      jax.tree_util.tree_map(lambda x: x[0], gw))), mesh=mesh, in_specs=(P("d"),), out_specs=P("d"),
+      check_vma=False))(g_w)
+
+
 @pytest.fixture(scope="module")
 def runs(devices):
   g_w = _worker_grads()
-  mesh = Mesh(np.array(devices), ("d",))
-
-  def sm(gw):
-    return jax.tree_util.tree_map(lambda x: x[None], _run(jax.tree_util.tree_map(lambda x: x[0], gw), "d"))
-
-  by_sm = jax.jit(shard_map(sm, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(g_w)
+  by_sm = _per_worker(lambda g: _run(g, "d"), g_w, devices)
   by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise", "decay")),
                      axis_name="d", devices=devices)(g_w)
   return g_w, by_sm, by_pmap
@@ -368,10 +372,7 @@ def test_frozen_rms_inside_topk_under_shard_map(devices):
     tx = topk(_RATIO, axis_name="d", precondition=scale_by_frozen_rms(2, eps=1.0))
     return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[1]
 
-  mesh = Mesh(np.array(devices), ("d",))
-  sm = jax.jit(shard_map(lambda gw: jax.tree_util.tree_map(lambda x: x[None], run(
-      jax.tree_util.tree_map(lambda x: x[0], gw))), mesh=mesh, in_specs=(P("d"),), out_specs=P("d"),
-      check_vma=False))(g_w)
+  sm = _per_worker(run, g_w, devices)
   got = _flat(sm, (_W, _STEPS))
   for w in range(_W):
     np.testing.assert_allclose(got[w], want, rtol=1e-4, atol=1e-5)
@@ -433,10 +434,7 @@ def test_rms_selection_stages_of_density_warmup_under_shard_map(devices):
                         steps=steps, ratios=ratios)
     return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[1]
 
-  mesh = Mesh(np.array(devices), ("d",))
-  sm = jax.jit(shard_map(lambda gw: jax.tree_util.tree_map(lambda x: x[None], run(
-      jax.tree_util.tree_map(lambda x: x[0], gw))), mesh=mesh, in_specs=(P("d"),), out_specs=P("d"),
-      check_vma=False))(g_w)
+  sm = _per_worker(run, g_w, devices)
   got = _flat(sm, (_W, _STEPS))
   for w in range(_W):
     np.testing.assert_allclose(got[w], np.stack(want), rtol=1e-4, atol=1e-5)

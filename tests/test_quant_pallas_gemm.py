@@ -18,6 +18,8 @@ from mlsys_jax import quant
 from mlsys_jax.quant import _pallas_gemm as pg
 from mlsys_jax.quant import layers
 
+from _triton import triton_ir  # tests/_triton.py
+
 
 def _codes(rng, shape):
   return jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
@@ -251,23 +253,11 @@ def test_self_test_passes_and_catches_a_wrong_kernel(monkeypatch):
 def test_fp8_imprecise_acc_sets_the_dot_attribute(ia, monkeypatch):
   """``imprecise_acc`` puts ``maxNumImpreciseAcc`` on the FP8 kernel's tensor-core product (without it
   Triton keeps ``mma.sync`` on Hopper; with it, ``wgmma``: checked offline with Triton 3.9 for sm_90a)."""
-  from jax._src.pallas.triton import lowering as tl
-
-  from mlsys_jax.quant import _triton_hooks
-  _triton_hooks.install()
-  seen, hooked = [], tl.lower_jaxpr_to_triton_module
-
-  def capture(*a, **k):
-    r = hooked(*a, **k)
-    seen.append(r.module.operation.get_asm(enable_debug_info=False))
-    return r
-  monkeypatch.setattr(tl, "lower_jaxpr_to_triton_module", capture)
   m = k = n = 256
-  f = jax.jit(functools.partial(pg.vs_fp8_matmul, vector_size=128, interpret=False, imprecise_acc=ia))
-  f.trace(jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m, 2), jnp.float32),
-          jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((2, n), jnp.float32)
-          ).lower(lowering_platforms=("cuda",))
-  [text] = seen
+  text = triton_ir(functools.partial(pg.vs_fp8_matmul, vector_size=128, interpret=False, imprecise_acc=ia),
+                   jax.ShapeDtypeStruct((m, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((m, 2), jnp.float32),
+                   jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((2, n), jnp.float32),
+                   monkeypatch=monkeypatch)
   dots = [line for line in text.splitlines() if "tt.dot" in line]
   assert dots and all((f"maxNumImpreciseAcc = {ia} : i32" in d) == bool(ia) for d in dots)
 

@@ -17,6 +17,8 @@ import pytest
 from mlsys_jax.quant import _pallas_gemv as pg
 from mlsys_jax.quant import weight_only as wo
 
+from _triton import triton_ir  # tests/_triton.py
+
 
 def _np_quantize(w, gs, scale_dtype):
   """float64 numpy reference of pack_int4's codes (K, N) and scales (G, N). The scale is amax / 7 to
@@ -258,31 +260,12 @@ def test_self_test_and_default_config():
                              rtol=1e-6)
 
 
-def _triton_module(fn, *shapes, monkeypatch):
-  """The Triton IR text of the one Pallas kernel in ``fn``, lowered for CUDA here (no GPU needed), after
-  this package's attribute hook ran."""
-  from jax._src.pallas.triton import lowering as tl
-
-  from mlsys_jax.quant import _triton_hooks
-  _triton_hooks.install()
-  seen, hooked = [], tl.lower_jaxpr_to_triton_module
-
-  def capture(*a, **k):
-    r = hooked(*a, **k)
-    seen.append(r.module.operation.get_asm(enable_debug_info=False))
-    return r
-  monkeypatch.setattr(tl, "lower_jaxpr_to_triton_module", capture)
-  jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",))
-  assert len(seen) == 1
-  return seen[0]
-
-
 @pytest.mark.parametrize("ls", [0, 3])
 def test_loop_stages_sets_the_loop_attribute(ls, monkeypatch):
   """``loop_stages=n`` puts ``tt.num_stages = n`` on the kernel's K loop (what lets Triton pipeline the
   weight loads through cp.async; checked offline with Triton 3.9 for sm_90a), and nothing without it."""
   k, n = 1024, 256
-  text = _triton_module(
+  text = triton_ir(
       lambda x, w, s: pg.int4_gemv(x, w, s, variant="fmad2", block_n=64, blocks_per_step=1, split_k=2,
                                    atomic=True, loop_stages=ls, interpret=False),
       jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((k // 8, n), jnp.uint32),

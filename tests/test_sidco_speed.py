@@ -120,6 +120,17 @@ def test_flat_sum_equals_leafwise_sum():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def _jitted_steps(tx, grads, fields):
+  """Each step's output and the named state fields of ``tx`` run over ``grads`` with a jitted update."""
+  st = tx.init(grads[0])
+  up = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    o, st = up(g, st)
+    outs.append((o,) + tuple(getattr(st, f) for f in fields))
+  return outs
+
+
 @pytest.mark.parametrize("kw", [pytest.param(dict(per_tensor=True), marks=pytest.mark.slow),
                                 pytest.param(dict(), marks=pytest.mark.slow),
                                 pytest.param(dict(exact=False, max_fraction=1.0), marks=pytest.mark.slow)])
@@ -133,14 +144,7 @@ def test_transform_same_with_any_search(kw, monkeypatch):
   for ways in (2, 16):
     monkeypatch.setattr(sp, "_SEARCH_WAYS", ways)
     monkeypatch.setattr(sp, "_COUNT_IMPL", "xla")
-    tx = sp.sidco(0.01, **kw)
-    st = tx.init(grads[0])
-    up = jax.jit(tx.update)
-    outs = []
-    for g in grads:
-      o, st = up(g, st)
-      outs.append((o, st.residual))
-    res.append(outs)
+    res.append(_jitted_steps(sp.sidco(0.01, **kw), grads, ("residual",)))
   for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -292,14 +296,7 @@ def test_transform_same_with_block_select_and_without_fit(kw, modes, monkeypatch
     monkeypatch.setattr(sp, "_EXACT_SEARCH", search)
     monkeypatch.setattr(sp, "_EXACT_FIT", fit)
     monkeypatch.setattr(sp, "_TRIM_SKIP", skip)
-    tx = sp.sidco(0.01, **kw)
-    st = tx.init(grads[0])
-    up = jax.jit(tx.update)
-    outs = []
-    for g in grads:
-      o, st = up(g, st)
-      outs.append((o, st.residual, st.density, st.velocity))
-    res.append(outs)
+    res.append(_jitted_steps(sp.sidco(0.01, **kw), grads, ("residual", "density", "velocity")))
   for other in res[1:]:
     for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(other)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
