@@ -430,8 +430,7 @@ def main():
   reps = 2 if args.small else args.reps
   if args.small:
     args.repeats, args.inner = 3, 1
-    args.configs = ("default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2,csa4:32:4:1:4:2,sub:32:8:2:4:1,"
-                    "csab:32:8:1:4:1,csab4:32:4:2:4:1")
+    args.configs = "default,acc:32:4:2:4:2,rows:64:8:1:4:3,bcast:16:8:1:4:3,csa:32:8:1:4:2,csa4:32:4:1:4:2,sub:32:8:2:4:1"
   # The floor is the packed bytes at the device read rate (common.read_bandwidth, fixed 2026-12-02: sweep
   # 1 used the old method's 1.36 TB/s, a third of the true rate). The copy rate is recorded too.
   nbytes, rep = 1 << (24 if args.small else 30), 5 if args.small else 20

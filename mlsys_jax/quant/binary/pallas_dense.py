@@ -33,17 +33,14 @@ Variants of the inner loop (``variant``):
   shared memory); with ``num_stages = 1`` the loop carries the next sub-tile in registers (load ``r + 1``,
   count ``r``). With every load up front, each warp's rows arrive spread over the whole read (the lines
   of all programs interleave in the memory system), so counting starts only near its end;
-- ``'pipe4'``: ``'pipe'`` with each sub-tile's words in 4 slices counted as in ``'csa4'``;
-- ``'csab'`` / ``'csab4'``: the program's whole ``(block_n, W / splits)`` weight slab is loaded once, as 8
-  (4) slices of contiguous words (same shape, so the same register layout: the carry-save adders combine
-  words held by the same thread), then a loop over the batch rows (two per step, their row sums paired as
-  in ``'rows2'``; ``'csab1'``: one per step, ``'csabq'``: four) counts each row with the carry-save tree. The loop keeps
-  only one step's activations live (unrolled, every activation load is hoisted and the registers spill,
-  which is what made ``'csa'`` with many rows per thread slow); ``block_k`` must be ``W / splits``.
+- ``'pipe4'``: ``'pipe'`` with each sub-tile's words in 4 slices counted as in ``'csa4'``.
 
 Measured and removed (H200, 2026-12-02, docs/binary.md): ``'hs'`` and ``'hs2'`` (Harley-Seal with the
 adders carried across loop steps); neither beat ``'rows'`` at any shape. ``'ntile'`` (20:17 UTC run:
-8.3 us at best at 8192 batch 8, 256 programs) is ``'pipe'`` with ``num_stages >= 2``.
+8.3 us at best at 8192 batch 8, 256 programs) is ``'pipe'`` with ``num_stages >= 2``. The batch-loop
+carry-save variants ``'csab'``/``'csab4'``/``'csab1'``/``'csabq'`` (weight slab loaded once, a loop over
+batch rows; fewer POPC in SASS) lost on the device (binary_dense_h200_s7a.json, 8192 batch 8: best
+``'csab4'`` 8.78 us against 7.96 us for the default ``'rows2'``).
 
 Triton's ``population_count`` lowering takes int32, so the XOR of the uint32 words is bitcast to int32
 inside the kernel (the bit pattern, hence the count, is unchanged).
@@ -62,10 +59,8 @@ from mlsys_jax._checks import check_choice, check_int
 
 __all__ = ["DenseConfig", "default_config", "kernel_applies", "kernel_self_test", "pallas_packed_dense"]
 
-VARIANTS = ("acc", "rows", "rows2", "bcast", "csa", "csa4", "csa4r2", "sub", "pipe", "pipe4", "csab", "csab4",
-            "csab1", "csabq")
+VARIANTS = ("acc", "rows", "rows2", "bcast", "csa", "csa4", "csa4r2", "sub", "pipe", "pipe4")
 _SLICES = {"csa": 8, "csa4": 4, "csa4r2": 4}         # slices per step of the carry-save variants
-_BSLICES = {"csab": 8, "csab4": 4, "csab1": 8, "csabq": 8}      # slices of the batch-loop carry-save variants
 
 
 class DenseConfig(NamedTuple):
@@ -89,14 +84,6 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
   """
   keys = sorted(_TUNED)
   cfg = _TUNED[next((t for t in keys if t >= b), keys[-1])]
-  if cfg.variant in _BSLICES:   # a whole split per program: at most block_k words, split further if needed
-    splits = cfg.splits
-    while splits <= wn and (wn % splits or wn // splits > cfg.block_k):
-      splits *= 2
-    ws = wn // max(splits, 1)
-    if splits <= wn and ws % _BSLICES[cfg.variant] == 0 and ws & (ws - 1) == 0:
-      return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=wn // splits, splits=splits)
-    cfg = _FALLBACK
   splits = cfg.splits if wn % cfg.splits == 0 else 1
   ws = wn // splits
   return cfg._replace(block_n=min(cfg.block_n, n & -n), block_k=min(cfg.block_k, ws & -ws), splits=splits)
@@ -124,8 +111,6 @@ def default_config(b: int, n: int, wn: int) -> DenseConfig:
 # Keys: the largest batch an entry is for (batch 3 uses the batch-4 entry, 5-7 the batch-8 one).
 _TUNED = {1: DenseConfig("acc", 8, 256, 1, 2, 1), 2: DenseConfig("acc", 8, 256, 1, 2, 1),
           4: DenseConfig("rows", 32, 128, 2, 8, 3), 8: DenseConfig("rows2", 32, 128, 2, 8, 3)}
-
-_FALLBACK = DenseConfig("rows2", 32, 128, 2, 8, 3)   # shapes a tuned batch-loop entry cannot take
 
 MAX_BATCH = 8      # one accumulator per activation row: larger batches go to XLA's path
 MIN_BLOCK = 16     # N and W must be multiples of 16 for the kernel path
@@ -278,30 +263,6 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
       jax.lax.fori_loop(0, steps + jax.lax.shift_right_logical(pl.program_id(0), 30), body, tile(0))
     return
 
-  if variant in _BSLICES:                   # weights once, a loop over batch rows, carry-save count
-    nsl = _BSLICES[variant]
-    sub = block_k // nsl
-    ws = [w_ref[:, pl.ds(j * sub, sub)] for j in range(nsl)]       # (block_n, sub) each, loaded once
-    per = min(batch, {"csab1": 1, "csabq": 4}.get(variant, 2))      # batch rows per loop step
-    late = jax.lax.shift_right_logical(pl.program_id(0), 30)        # 0 at run time, unknown to the compiler
-
-    def count(b):
-      xs = [jnp.bitwise_xor(ws[j], a_ref[pl.ds(b, 1), pl.ds(j * sub, sub)]) for j in range(nsl)]
-      return _csa_count(xs)                                          # (block_n, sub) int32
-
-    def body(i, c):
-      i = jnp.minimum(i, batch // per - 1)
-      sums = _row_sums([count(per * i + r) for r in range(per)], paired=per >= 2)
-      for b, acc in zip(range(per), sums):
-        o_ref[per * i + b, :] = acc if k is None else k - 2 * acc
-      return c
-
-    # A trip count the compiler cannot fold (as in 'pipe'): the loop stays a loop, so only one step's
-    # activations and counts are live at a time next to the weight tile (unrolled, every activation
-    # load is hoisted and the registers spill).
-    jax.lax.fori_loop(0, batch // per + late, body, 0)
-    return
-
   if variant == "bcast":
     def body(i, acc):
       x = jnp.bitwise_xor(a_ref[:, words(i)][:, None, :], w_ref[:, words(i)][None, :, :])
@@ -363,13 +324,6 @@ def _check_config(n: int, wn: int, cfg: DenseConfig) -> None:
   if cfg.variant in _SLICES and cfg.block_k < _SLICES[cfg.variant]:
     raise ValueError(f"variant '{cfg.variant}' splits each step into {_SLICES[cfg.variant]} slices: block_k "
                      f"must be >= {_SLICES[cfg.variant]}, got {cfg.block_k}.")
-  if cfg.variant in _BSLICES:
-    if n % cfg.block_n or wn % cfg.splits or wn // cfg.splits != cfg.block_k or cfg.block_k % _BSLICES[cfg.variant] \
-        or cfg.block_k > 512:
-      raise ValueError(f"variant '{cfg.variant}' counts a whole split per program: block_k={cfg.block_k} must be "
-                       f"W / splits = {wn} / {cfg.splits}, a multiple of {_BSLICES[cfg.variant]} and <= 512, and "
-                       f"N={n} a multiple of block_n={cfg.block_n}.")
-    return
   if cfg.variant in ("pipe", "pipe4"):
     parts = cfg.splits * (4 if cfg.variant == "pipe4" else 1)
     if n % cfg.block_n or wn % parts or cfg.block_n % cfg.block_k:
