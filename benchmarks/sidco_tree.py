@@ -14,6 +14,10 @@ Rows (all in the same run):
   package exports, and ``--variants`` of them (module switches of :mod:`mlsys_jax.comm.sparse`: the
   exact-count search's ways and count kernel, the flatten and the count's block skip), each checked
   bitwise equal over the whole loop to the row without brackets (``loop_same_as_default``);
+- with ``--chain``, the step a user runs: ``optax.adam(1e-3)`` alone and ``optax.chain(<compressor>, adam)``;
+  a compressor's cost inside a training step is its chain row minus the adam row (the decompressed per-leaf
+  outputs feed Adam's per-leaf update, where XLA fuses them, so the per-leaf output pass that a standalone
+  ``tx.update`` must materialize is mostly not an extra cost there);
 - ``topk(0.001)``: the package's Top-k transform (``lax.top_k`` of the raveled tree, error feedback);
 - ``lax.top_k`` and ``lax.approx_max_k`` (recall 0.95) of one flat 25.56M vector: the selection alone, the
   strongest Top-k a user could write (no tree, no error feedback);
@@ -43,6 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from benchmarks.common import (copy_bandwidth, device_stream_events, environment, idle_clusters,  # noqa: E402
                                parse_args, print_table, write_json)
@@ -68,6 +73,12 @@ def _flags(ap):
                   help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (bitwise-comparable "
                        "variants whose buffers fuse the producer differently)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
+  ap.add_argument("--chain", action="store_true",
+                  help="add the step a user runs: optax.adam(1e-3) alone, chain(topk, adam), chain(sidco, adam) (flat "
+                       "and per tensor): a compressor's cost in a training step is its row minus adam's (the per-leaf "
+                       "output pass fuses into Adam's per-leaf update there)")
+  ap.add_argument("--chain_variants", default="", help="comma-separated variant rows of chain(sidco, adam) (tokens "
+                  "as --variants)")
   ap.add_argument("--topk_variants", default="", help="comma-separated variant rows of topk (tokens as --variants)")
   ap.add_argument("--variants", default="bisect,-16 pallas",
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
@@ -185,6 +196,15 @@ def main():
     rows_spec["fast sidco(0.001)"] = (None, fast.sidco(RATIO), "concat")
     rows_spec["fast[chunks] sidco(0.001)"] = (None, fast.sidco(RATIO), "chunks")
   rows_spec["sidco(0.001, per_tensor=True)"] = (None, sp.sidco(RATIO, per_tensor=True), None)
+  if args.chain:   # what a training step pays: Adam's per-leaf pass is there anyway
+    rows_spec["adam(1e-3)"] = (None, optax.adam(1e-3), None)
+    rows_spec["chain(topk(0.001), adam)"] = (None, optax.chain(sp.topk(RATIO), optax.adam(1e-3)), None)
+    rows_spec["chain(sidco(0.001), adam)"] = (None, optax.chain(sp.sidco(RATIO), optax.adam(1e-3)), None)
+    rows_spec["chain(sidco(0.001, per_tensor=True), adam)"] = (
+        None, optax.chain(sp.sidco(RATIO, per_tensor=True), optax.adam(1e-3)), None)
+    for v in [v for v in args.chain_variants.split(",") if v]:
+      rows_spec[f"chain(sidco(0.001), adam) [{v}]"] = (None, optax.chain(sp.sidco(RATIO), optax.adam(1e-3)), None)
+      rows_spec[f"chain(topk(0.001), adam) [{v}]"] = (None, optax.chain(sp.topk(RATIO), optax.adam(1e-3)), None)
   if fast is not None:
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
   # the exact-count search's variants (sparse._SEARCH_WAYS / _COUNT_IMPL; bisect = the 31-pass bisection):
@@ -268,9 +288,9 @@ def main():
       elif " [" in name and name.split(" [")[0] in ref_loop:
         row["loop_same_as_default"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
             jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split(" [")[0]])))
-      elif name.startswith(("sidco", "topk")):
+      elif name.startswith(("sidco", "topk", "chain")):
         ref_loop[name] = res
-      if kind not in ("flat", "residual", None) and not args.no_wall:
+      if kind not in ("flat", "residual", None) and not args.no_wall and hasattr(res[0], "density"):
         st_end = res[0]
         row["density"] = float(st_end.density)
         row["overflow_steps"] = int(st_end.overflow_steps)
