@@ -122,6 +122,23 @@ def _measured_h100(g) -> dict:
   return {st: float(np.median(v)) for st, v in vals.items()}
 
 
+def _h100_graphs(t0: float, log: bool = False) -> dict:
+  """The ``--nets`` in float32 and bfloat16 with their measured H100 stages (:func:`_measured_h100`):
+  ``{(net, dtype name): (graph, {Stage: seconds}, fn, x)}``, only graphs with at least one measured
+  stage. ``log``: one line per graph (units, fingerprint, stages matched; seconds since ``t0``)."""
+  data = {}
+  for name in _NETS.value:
+    for dt_name, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
+      g, fn, x = _graph(name, dt)
+      meas = _measured_h100(g)
+      if meas:
+        data[(name, dt_name)] = (g, meas, fn, x)
+      if log:
+        print(f"{name} {dt_name}: {len(g.units)} units, fingerprint {g.fingerprint()}, {len(meas)} measured "
+              f"H100 stages ({time.perf_counter() - t0:.0f} s)", flush=True)
+  return data
+
+
 def _in_graph_seq_ms() -> dict:
   """Measured in-graph latency (ms) of the sequential IOS program (one unit per stage, keep_alive),
   from the fresh-process H100 runs: {(net, dtype): ms}."""
@@ -149,15 +166,7 @@ def _metrics(pred, true, group):
 def part_accuracy():
   cost = sched.AnalyticalCost()
   t0 = time.perf_counter()
-  data = {}
-  for name in _NETS.value:
-    for dt_name, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
-      g, _, _ = _graph(name, dt)
-      meas = _measured_h100(g)
-      if meas:
-        data[(name, dt_name)] = (g, meas)
-      print(f"{name} {dt_name}: {len(g.units)} units, fingerprint {g.fingerprint()}, {len(meas)} measured "
-            f"H100 stages ({time.perf_counter() - t0:.0f} s)", flush=True)
+  data = {k: (g, meas) for k, (g, meas, _, _) in _h100_graphs(t0, log=True).items()}
   seq_ms = _in_graph_seq_ms()
   rows = {}
   for held in _NETS.value:
@@ -239,13 +248,7 @@ def part_train(pred_dir):
   cost = sched.AnalyticalCost()
   t0 = time.perf_counter()
   os.makedirs(pred_dir, exist_ok=True)
-  data = {}
-  for name in _NETS.value:
-    for dt_name, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
-      g, fn, x = _graph(name, dt)
-      meas = _measured_h100(g)
-      if meas:
-        data[(name, dt_name)] = (g, meas, fn, x)
+  data = _h100_graphs(t0)
   print(f"H100 stages: { {f'{k[0]}/{k[1]}': len(v[1]) for k, v in data.items()} } "
         f"({time.perf_counter() - t0:.0f} s)", flush=True)
   rows = {}
