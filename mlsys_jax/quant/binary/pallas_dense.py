@@ -29,10 +29,13 @@ Variants of the inner loop (``variant``):
   every load is issued up front and the sub-tiles are counted in order, so a warp can start on its first
   rows while later ones are still arriving;
 - ``'pipe'``: the same sub-tiles in a ``fori_loop``, so that the loads are paced instead of all issued at
-  once: with ``num_stages >= 2`` Triton's pipeliner prefetches ``num_stages - 1`` sub-tiles ahead (through
-  shared memory); with ``num_stages = 1`` the loop carries the next sub-tile in registers (load ``r + 1``,
-  count ``r``). With every load up front, each warp's rows arrive spread over the whole read (the lines
-  of all programs interleave in the memory system), so counting starts only near its end;
+  once: with ``num_stages >= 2`` the trip count is static, left to Triton's pipeliner (meant to prefetch
+  ``num_stages - 1`` sub-tiles ahead through shared memory; in a local sm_90 compile these 2-4 step loops
+  were fully unrolled with every load hoisted and no ``cp.async``, docs/binary.md); with
+  ``num_stages = 1`` the loop carries the next sub-tile in registers (load ``r + 1``, count ``r``) and its
+  trip count cannot be folded, so it stays a loop. (Why pace: with every load up front, each warp's rows
+  arrive spread over the whole read, the lines of all programs interleaving in the memory system, so
+  counting starts only near its end);
 - ``'pipe4'``: ``'pipe'`` with each sub-tile's words in 4 slices counted as in ``'csa4'``.
 
 Measured and removed (H200, 2026-12-02, docs/binary.md): ``'hs'`` and ``'hs2'`` (Harley-Seal with the
@@ -250,7 +253,7 @@ def _kernel(a_ref, w_ref, o_ref, *, variant: str, k: int | None, block_k: int, n
         acc = jnp.sum(_csa_count(xs), axis=1)
         o_ref[b, pl.ds(r * sub_n, sub_n)] = acc if k is None else k - 2 * acc
 
-    if num_stages > 1:                      # Triton's pipeliner prefetches num_stages - 1 tiles ahead
+    if num_stages > 1:                      # static trip count: left to Triton's pipeliner (see module doc)
       jax.lax.fori_loop(0, steps, lambda r, c: (count(r, tile(r)), c)[1], 0)
     else:                                   # one tile ahead in registers: load r + 1, count r
       def body(r, w):
