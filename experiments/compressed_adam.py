@@ -7,7 +7,8 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   python experiments/compressed_adam.py --ratios=0.01,0.001 --seeds=5 --steps=150
   python experiments/compressed_adam.py --dataset=mnist1d --steps=300
   # density 0.1% (issue 18's recipe): selection on each worker's gradient over its own RMS (Adam-aware),
-  # after a gentle warm-up (1% -> 0.25% over 300 steps); DGC with a 10x sample too
+  # after a gentle warm-up (1% -> 0.25% over 300 steps); DGC with a 10x sample too (dgc@F: sample_fraction F;
+  # plain dgc: its default sample, >= 64 entries above the threshold; dgc@0.01: the default before session 8)
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rms \
     --density_warmup=300 --dwarmup_start=0.01 --compressors=sidco,topk,dgc,dgc@0.1
   # the current 0.1% recipe: raw selection in the 1% stage, the RMS selection from the 0.25% stage on
@@ -87,7 +88,8 @@ _SPREAD_MAX = flags.DEFINE_integer("spread_max", 0, "max_interval of spread_rele
 _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_releases (0 = none).")
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
                                  "target per leaf, at least one entry per leaf).")
-_DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of dgc (0 = dgc's default, 0.01).")
+_DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of dgc (0 = dgc's default: 1% of "
+                                 "the entries, enlarged to hold >= 64 above the threshold; 0.01 = the old default).")
 _RES_DECAY = flags.DEFINE_float("residual_decay", 1.0, "comm.adaptive_ef.decay_residual around the compressor "
                                 "(1 = plain error feedback).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Also record the test accuracy every N steps (0 = only at "
@@ -308,6 +310,7 @@ def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
       "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": [float(v) for v in _DW_START.value],
       "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value,
+      "dgc_default_sample": {"base_fraction": sp.DGC_BASE_SAMPLE_FRACTION, "min_count": sp.DGC_MIN_SAMPLE_COUNT},
       "residual_decay": _RES_DECAY.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
       "spread_floor": _SPREAD_FLOOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,

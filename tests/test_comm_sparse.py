@@ -269,6 +269,81 @@ def test_dgc_threshold_max_stages_and_payload_bytes():
   assert sp.payload_bytes(p) == 80 * 4 + 80 * 4 + 4   # int32 indices + float32 values + the count
 
 
+@pytest.mark.parametrize("n,ratio,fraction,size", [
+    (93_800, 0.001, None, 64_000),       # mnist1d's MLP at 0.1%: 64 / ratio (1% would hold k = 1)
+    (53_000, 0.001, None, 53_000),       # digits' MLP at 0.1%: 64 / ratio > n, the whole vector
+    (93_800, 0.01, None, 6_400),         # 1%: 64 / 0.01 = 6400 > 938 (1% of n)
+    (1_000_000, 0.01, None, 10_000),     # 1% of n already holds k = 100: the paper's 1% sample
+    (25_000_000, 0.001, None, 250_000),  # ResNet-50 scale at 0.1%: 1% of n (k = 250)
+    (10, 0.5, None, 10),
+    (93_800, 0.001, 0.01, 938),          # an explicit fraction: the old rule, round(n * fraction)
+    (93_800, 0.001, 0.1, 9_380),
+    (10, 0.5, 0.01, 1),
+    (10, 0.5, 1.0, 10)])
+def test_dgc_sample_size_rule(n, ratio, fraction, size):
+  assert sp.dgc_sample_size(n, ratio, fraction) == size
+
+
+def test_dgc_sample_size_holds_min_count_above_threshold():
+  for n in (1_000, 53_000, 93_800, 10**6, 10**8):
+    for ratio in (0.1, 0.01, 0.001, 1e-4):
+      s = sp.dgc_sample_size(n, ratio)
+      assert s == n or ratio * s >= sp.DGC_MIN_SAMPLE_COUNT, (n, ratio, s)
+      assert s >= min(n, 0.01 * n) and s <= max(0.01 * n + 1, sp.DGC_MIN_SAMPLE_COUNT / ratio + 1), (n, ratio, s)
+
+
+def test_dgc_threshold_default_density_is_stable_at_0_1_percent():
+  """At ratio 0.001 on 200k entries the old default (1% sample: 2000 entries, k = 2) sends 0.1x-3x the
+  target; the default sample (64k entries, k = 64) holds the count within ~1/sqrt(64) of it: Beta(k,
+  s-k+1) for any magnitude distribution, relative sd 0.125, 5-95% 0.81-1.21."""
+  n, ratio = 200_000, 0.001
+  keys = jax.random.split(jax.random.PRNGKey(0), 64)
+  for x in (_heavy(n, seed=2), jax.random.normal(jax.random.PRNGKey(5), (n,))):
+    a = jnp.abs(x)
+
+    def achieved(fraction):
+      f = jax.jit(jax.vmap(lambda key, v: jnp.mean(v >= sp.dgc_threshold(key, v, ratio, fraction)) / ratio,
+                           in_axes=(0, None)))
+      return np.asarray(f(keys, a))
+
+    new, old = achieved(None), achieved(0.01)
+    assert abs(new.mean() - 1.0) < 0.05 and 0.08 < new.std() < 0.18, (new.mean(), new.std())
+    assert new.min() > 0.55 and new.max() < 1.6, (new.min(), new.max())
+    assert old.std() > 0.4 and (old.min() < 0.55 or old.max() > 1.6), (old.std(), old.min(), old.max())
+
+
+def test_dgc_threshold_whole_vector_and_explicit_fraction():
+  a = jnp.abs(_heavy(20_000, seed=4))
+  key = jax.random.PRNGKey(3)
+  ref = np.sort(np.asarray(a))
+  # the default rule asks for 64k > 20k entries at 0.1%: the exact 20th largest, no sampling
+  t = float(sp.dgc_threshold(key, a, 0.001))
+  assert t == ref[-20] and int(np.sum(np.asarray(a) >= t)) == 20
+  # an explicit fraction keeps the old rule: round(n * f) draws with replacement, k = round(s * ratio)
+  idx = np.asarray(jax.random.randint(key, (2000,), 0, 20_000))
+  assert float(sp.dgc_threshold(key, a, 0.005, 0.1)) == np.sort(np.asarray(a)[idx])[-10]
+  # a traced ratio below max_ratio: the sample is sized for max_ratio, the k-th of its top max_ratio * s
+  t = jax.jit(lambda r: sp.dgc_threshold(key, a, r, max_ratio=0.001))(jnp.float32(0.0005))
+  assert float(t) == ref[-10]
+
+
+def test_dgc_sample_bad_input():
+  with pytest.raises(ValueError, match="n"):
+    sp.dgc_sample_size(0, 0.01)
+  with pytest.raises(TypeError, match="n"):
+    sp.dgc_sample_size(1000.0, 0.01)
+  for bad in (0.0, 1.0, -0.1):
+    with pytest.raises(ValueError, match="ratio"):
+      sp.dgc_sample_size(1000, bad)
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match="sample_fraction"):
+      sp.dgc_sample_size(1000, 0.01, bad)
+    with pytest.raises(ValueError, match="sample_fraction"):
+      sp.dgc(0.01, sample_fraction=bad)
+  with pytest.raises(ValueError, match="max_ratio"):
+    jax.jit(lambda r: sp.dgc_threshold(jax.random.PRNGKey(0), jnp.ones(100), r))(jnp.float32(0.01))
+
+
 @pytest.mark.parametrize("n,cap,thr", [(64 * 64 * 2 + 65, 3000, 0.0), (4097, 5, 1.0)])
 def test_pallas_pack_zero_threshold_zeros_and_tile_edges(n, cap, thr):
   # exact zeros are not selected at t = 0; sizes straddle the 4096-entry tiles (ragged last tile/block)
