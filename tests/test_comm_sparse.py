@@ -593,6 +593,27 @@ def test_segments_pool_small_leaves_and_layout_reduces_per_segment():
                                 [max(jnp.abs(leaves[0]).max(), jnp.abs(leaves[1]).max()), jnp.abs(leaves[2]).max()])
 
 
+def test_sidco_segments_exact_is_a_triple():
+  """_sidco_segments(exact=(k, send_capacity, k_max)) keeps each segment's k largest (k_max None: the bit
+  search); the old pair form (k, send_capacity) is an error."""
+  lay = sp._Layout([5000, 10, 9000], [[0, 1], [2]])
+  leaves = [_heavy(5000, 1), _heavy(10, 2), _heavy(9000, 3)]
+  flat = lay.flatten(leaves, jnp.float32)
+  k = jnp.asarray([50, 90], jnp.int32)
+  payload = jax.jit(lambda f, kk: sp._sidco_segments(f, lay, 0.015, 280, "exponential", 2, 0.25, None, None,
+                                                     packing="xla", exact=(kk, 140, None))[0])(flat, k)
+  c = int(payload.count)
+  assert c == 140
+  got = np.sort(np.asarray(payload.indices)[:c])
+  a = np.abs(np.asarray(flat))
+  seg0 = np.arange(0, 5010)
+  seg1 = np.arange(8192, 8192 + 9000)
+  ref = np.sort(np.concatenate([seg0[np.argsort(-a[seg0])[:50]], seg1[np.argsort(-a[seg1])[:90]]]))
+  np.testing.assert_array_equal(got, ref)
+  with pytest.raises(ValueError, match="k_max"):
+    sp._sidco_segments(flat, lay, 0.015, 280, "exponential", 2, 0.25, None, None, packing="xla", exact=(k, 140))
+
+
 def test_per_segment_thresholds_select_what_each_leaf_fit_selects():
   # every leaf its own segment (large enough): the sent set of each leaf is |acc| > its own SIDCo fit
   g = {"a": _heavy(6000, 1) * 10, "b": _heavy(9000, 2).reshape(90, 100), "c": _heavy(7000, 3) * 0.01}

@@ -66,7 +66,7 @@ def make_step(tx):
     flat = lay.flatten(leaves_l, jnp.float32)
     kk = jnp.asarray([round(R * n) for n in lay.seg_n], jnp.int32)
     capx = int(2 * round(R * lay.n_real))
-    outs = sp._sidco_segments(flat, lay, R * 1.5, capx, DIST, 2, 0.25, None, None, packing="xla", exact=(kk, int(sum(round(R * n) for n in lay.seg_n))))
+    outs = sp._sidco_segments(flat, lay, R * 1.5, capx, DIST, 2, 0.25, None, None, packing="xla", exact=(kk, int(sum(round(R * n) for n in lay.seg_n)), None))
     fitc = outs[1] / kk.sum()
     aux = dict(fitc=fitc, loss=loss, cnt=cnt / k, ov_k=ov_k, ov_same=ov_same, per_leaf=per_leaf / k, per_leaf_topk=per_leaf_topk / k,
                resn=resn, gn=gn, stages=sst(state[0]).stages, rsum=sst(state[0]).ratio_sum, kth=kth,

@@ -1197,14 +1197,17 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   Returns ``(payload, n_above, thresholds (segments,), finite)``: ``finite`` says that every entry of
   ``flat`` is finite (from the statistics pass); when it is False the payload must not be sent.
 
-  ``exact = (k (segments,), send_capacity, k_max (static, segments,))`` (``k_max`` None, or a pair
-  without it: the bit search): the correction stage to the exact target count. ``ratio`` is
+  ``exact = (k (segments,), send_capacity, k_max (static, segments,))`` (``k_max`` None: the bit
+  search): the correction stage to the exact target count. ``ratio`` is
   then the fit's aim (above the target, so that the fit usually selects between ``k`` and the local
   ``capacity``); a step where some segment selected fewer than its ``k``, or the payload overflowed, gets
   thresholds just below each segment's ``k``-th largest (:func:`_seg_kth_blocks` or :func:`_seg_exact`,
   ``_EXACT_SEARCH``, under ``lax.cond``), and :func:`_seg_trim` then keeps the ``k`` largest of each segment (Top-k's set, ties to
   the lower index) in a payload of ``send_capacity`` slots; the fifth value returned is then the
   per-segment ``tie_last`` of :func:`_seg_trim` (else None)."""
+  if exact is not None and (not isinstance(exact, tuple) or len(exact) != 3):
+    raise ValueError(f"exact must be None or (k, send_capacity, k_max) (k_max None for the bit search), got "
+                     f"{type(exact).__name__} of length {len(exact) if isinstance(exact, tuple) else '-'}.")
   use_pallas, interpret = _pallas_mode(packing, flat)
   nt = lay.num_tiles
   if use_pallas and _PALLAS_STATS == "pallas":
@@ -1222,8 +1225,6 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
       return _pack_pallas(flat, lay.per_tile(t), capacity, bmax, interpret)
     return _pack_xla(flat, lay.per_tile(t), capacity, bmax)
 
-  if exact is not None and len(exact) == 2:   # (k, send_capacity): no static bound on k, the bit search
-    exact = (exact[0], exact[1], None)
 
   def exact_thresholds():
     k, _, k_max = exact
