@@ -72,6 +72,27 @@ def test_sizes_are_exact_and_quantized_weights_decode():
   assert np.all(np.isfinite(np.asarray(infer(jnp.ones((2, 8, 8, 1))))))
 
 
+def test_blocks_pack_like_convert_quicknet_with_the_block_batchnorm_epsilon():
+  """compress_quicknet and convert_quicknet share one block packer: same words and fused transform, and the
+  fold uses the block BatchNorm's epsilon (1e-5), not the stem's Keras 1e-3."""
+  m, v = _small()
+  arr = export.compress_quicknet(m, v, (8, 8, 1))["arrays"]
+  _, layers = qb.convert_quicknet(m, v, (8, 8, 1))
+  assert [("/".join(p)) for p in layers] == ["QuickNetBlock_0", "QuickNetBlock_1"]
+  for path, layer in layers.items():
+    name = "/".join(path)
+    np.testing.assert_array_equal(arr[name + "/words"], layer.words)
+    np.testing.assert_array_equal(arr[name + "/mul"], layer.transform.mul)
+    np.testing.assert_array_equal(arr[name + "/add"], layer.transform.bias)
+    bn, st = v["params"][name]["BatchNorm"], v["batch_stats"][name]["BatchNorm"]
+    mul = np.asarray(bn["scale"], np.float64) / np.sqrt(np.asarray(st["var"], np.float64) + 1e-5)
+    np.testing.assert_allclose(arr[name + "/mul"], mul, rtol=1e-6)
+    np.testing.assert_allclose(arr[name + "/add"], np.asarray(bn["bias"]) - np.asarray(st["mean"]) * mul,
+                               rtol=1e-6, atol=1e-7)
+    k = np.asarray(v["params"][name]["BinaryConv"]["kernel"])
+    np.testing.assert_array_equal(layer.words, qb.pack_conv2d(np.where(k < 0, -1.0, 1.0), (8, 8)).words)
+
+
 def test_zoo_quicknet_is_under_one_25th_of_float32():
   """The Larq Zoo QuickNet (ImageNet shapes): exact serialized bytes of the default setting."""
   m = qb.QuickNet()

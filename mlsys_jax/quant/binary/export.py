@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import struct as _struct
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlsys_jax._checks import check_choice, check_int
-from mlsys_jax.quant.binary.packed import (PackedConv2D, _Transform, fold_batchnorm, pack_bits, pack_conv2d,
-                                           packed_conv2d)
+from mlsys_jax.quant.binary import quicknet as qn
+from mlsys_jax.quant.binary.packed import (PackedConv2D, _pack_quicknet_block, _packed_block_call,
+                                           _quicknet_modules, _sub, _Transform, fold_batchnorm)
 from mlsys_jax.quant.binary.quicknet import QuickNet, QuickNetBlock
 from mlsys_jax.quant.vsquant import VSQuantizedTensor, vs_dequantize, vs_quantize
 
@@ -54,27 +55,6 @@ __all__ = ["compress_quicknet", "deserialize", "load_quicknet", "serialize", "se
 MAGIC = b"MLSJQN01"
 _HYPER = ("section_blocks", "section_filters", "num_classes", "clip", "shortcut", "stem_strides",
           "stem_momentum")
-
-
-def _record(model: QuickNet, variables: dict, input_shape) -> dict:
-  """Shapes and settings each module sees: {path: (kind, module)} in call order."""
-  seen = {}
-
-  def rec(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name == "__call__" and (isinstance(mod, (QuickNetBlock, nn.BatchNorm, nn.Conv, nn.Dense))):
-      seen.setdefault(mod.path, (mod, args[0].shape))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(rec):
-    jax.eval_shape(lambda x: model.apply(variables, x), jnp.zeros((1, *input_shape), jnp.float32))
-  return seen
-
-
-def _sub(tree, path):
-  for name in path:
-    tree = tree[name]
-  return tree
 
 
 def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -122,17 +102,13 @@ def compress_quicknet(model: QuickNet, variables: dict, input_shape: tuple[int, 
   params, stats = variables["params"], variables.get("batch_stats", {})
   arrays: dict[str, np.ndarray] = {}
   layers = []                   # (kind, path, extra) in call order
-  for path, (mod, shape) in _record(model, variables, input_shape).items():
+  modules = _quicknet_modules(model, variables, input_shape)
+  for path, (mod, shape) in modules.items():
     name = "/".join(path)
     if len(path) > 1 and path[0].startswith("QuickNetBlock"):
       continue                  # inside a binary block: packed with it
     if isinstance(mod, QuickNetBlock):
-      p, s = _sub(params, path), _sub(stats, path)
-      w = np.where(np.asarray(p["BinaryConv"]["kernel"]) < 0, -1.0, 1.0)
-      bn = p["BatchNorm"]
-      mul, add = fold_batchnorm(bn.get("scale"), bn.get("bias"), s["BatchNorm"]["mean"], s["BatchNorm"]["var"],
-                                1e-5)
-      layer = pack_conv2d(w, shape[1:3], 1, "SAME", 1.0, mul, add, clamp=(0, None))
+      layer, mul, add = _pack_quicknet_block(params, stats, modules, path)
       arrays[name + "/words"] = np.asarray(layer.words)
       arrays[name + "/mul"], arrays[name + "/add"] = mul, add
       layers.append(("block", name, int(shape[-1])))
@@ -226,7 +202,6 @@ def load_quicknet(blob: bytes) -> tuple[Callable, QuickNet]:
   transition convolutions and the head run in float32 on their dequantized weights, BatchNorms as
   ``x mul + add``.
   """
-  from mlsys_jax.quant.binary import quicknet as qn
   c = deserialize(blob)
   meta, arr = c["meta"], c["arrays"]
   hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["hyper"].items()}
@@ -263,9 +238,7 @@ def load_quicknet(blob: bytes) -> tuple[Callable, QuickNet]:
   def intercept(next_fun, args, kwargs, context):
     mod = context.module
     if context.method_name == "__call__" and isinstance(mod, QuickNetBlock):
-      x = args[0]
-      y = packed_conv2d(pack_bits(jnp.where(x < 0, -1.0, 1.0), pad=True), blocks[mod.path])
-      return x + y if mod.shortcut else y
+      return _packed_block_call(mod, args[0], blocks[mod.path])
     if context.method_name == "__call__" and isinstance(mod, nn.BatchNorm):
       mul, add = bns[mod.path]
       return args[0] * mul + add

@@ -33,6 +33,7 @@ from flax import struct
 
 from mlsys_jax._checks import check_choice, check_int, check_rank, is_concrete
 from mlsys_jax.quant.binary import pallas_dense as pd
+from mlsys_jax.quant.binary.quicknet import QuickNetBlock
 
 __all__ = [
     "PackedConv2D",
@@ -237,7 +238,8 @@ def pack_dense(kernel: jax.Array, mul=None, bias=None, clamp=(None, None),
 
 
 def packed_dense(a_words: jax.Array, layer: PackedDense, kernel: str = "auto") -> jax.Array:
-  """``(..., W)`` packed activations -> int32 dots, float outputs, or packed sign bits ``(..., N)``.
+  """``(..., W)`` packed activations -> ``(..., N)`` int32 dots or float outputs, or, for a layer packed
+  with ``threshold=True``, the outputs' sign bits packed as uint32 words ``(..., ceil(N / 32))``.
 
   ``kernel``: ``'auto'`` runs the Pallas kernel (:mod:`~mlsys_jax.quant.binary.pallas_dense`) on a GPU
   when it applies (at most 8 activation rows, N and W multiples of 16) and passed its once-per-process
@@ -371,6 +373,51 @@ def packed_nbytes(tree: Any) -> int:
 # Converter for QuickNet.
 
 
+def _quicknet_modules(model, variables: dict, input_shape) -> dict:
+  """``{path: (module, input shape)}`` of every :class:`QuickNetBlock`, ``BatchNorm``, ``Conv`` and ``Dense``
+  that ``model.apply`` calls on one ``(1, *input_shape)`` image (under ``eval_shape``), in call order."""
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name == "__call__" and isinstance(mod, (QuickNetBlock, nn.BatchNorm, nn.Conv, nn.Dense)):
+      seen.setdefault(mod.path, (mod, args[0].shape))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: model.apply(variables, x), jnp.zeros((1, *input_shape), jnp.float32))
+  return seen
+
+
+def _sub(tree, path):
+  """``tree[path[0]][path[1]]...``: a module's entry in a flax variable collection."""
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _pack_quicknet_block(params, stats, modules: dict, path) -> tuple[PackedConv2D, np.ndarray, np.ndarray]:
+  """Binarize, fold and pack the :class:`QuickNetBlock` at ``path`` (from :func:`_quicknet_modules`).
+
+  The kernel is binarized with ``sign`` (``0 -> +1``), the block's ``ReLU -> BatchNorm`` becomes the fused
+  transform ``clip(dot, 0, .) mul + add`` with the BatchNorm's own ``epsilon``. Returns the packed layer
+  (``pad_value=+1``, 'SAME', stride 1: the block's convolution) and the float32 ``(mul, add)``.
+  """
+  p, s = _sub(params, path), _sub(stats, path)
+  w = np.where(np.asarray(p["BinaryConv"]["kernel"]) < 0, -1.0, 1.0)
+  bn, bn_mod = p["BatchNorm"], modules[(*path, "BatchNorm")][0]
+  mul, add = fold_batchnorm(bn.get("scale"), bn.get("bias"), s["BatchNorm"]["mean"], s["BatchNorm"]["var"],
+                            bn_mod.epsilon)
+  shape = modules[path][1]
+  return pack_conv2d(w, shape[1:3], 1, "SAME", 1.0, mul, add, clamp=(0, None)), mul, add
+
+
+def _packed_block_call(block, x: jax.Array, layer: PackedConv2D) -> jax.Array:
+  """A :class:`QuickNetBlock`'s output computed packed: ``[x +] packed_conv2d(pack(sign(x)), layer)``."""
+  y = packed_conv2d(pack_bits(jnp.where(x < 0, -1.0, 1.0), pad=True), layer)
+  return x + y if block.shortcut else y
+
+
 def convert_quicknet(model, variables: dict, input_shape: tuple[int, int, int]) -> tuple[Callable, dict]:
   """Trained :class:`QuickNet` variables -> ``(infer(x) -> logits, packed_layers)``.
 
@@ -389,39 +436,17 @@ def convert_quicknet(model, variables: dict, input_shape: tuple[int, int, int]) 
   Returns:
     The jitted inference function and ``{module_path: PackedConv2D}``.
   """
-  from mlsys_jax.quant.binary.quicknet import QuickNetBlock  # local: avoid an import cycle
-
   if len(input_shape) != 3:
     raise ValueError(f"input_shape must be (H, W, C), got {input_shape}.")
   if not model.binary:
     raise ValueError("convert_quicknet needs a binary model (binary=True).")
-  shapes = {}
-
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, QuickNetBlock) and context.method_name == "__call__":
-      shapes[context.module.path] = args[0].shape
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.apply(variables, x), jnp.zeros((1, *input_shape), jnp.float32))
-
-  layers = {}
-  for path, shape in shapes.items():
-    p, s = variables["params"], variables["batch_stats"]
-    for name in path:
-      p, s = p[name], s[name]
-    w = np.where(np.asarray(p["BinaryConv"]["kernel"]) < 0, -1.0, 1.0)
-    bn = p["BatchNorm"]
-    mul, add = fold_batchnorm(bn.get("scale"), bn.get("bias"), s["BatchNorm"]["mean"],
-                              s["BatchNorm"]["var"], 1e-5)
-    layers[path] = pack_conv2d(w, shape[1:3], 1, "SAME", 1.0, mul, add, clamp=(0, None))
+  modules = _quicknet_modules(model, variables, input_shape)
+  layers = {path: _pack_quicknet_block(variables["params"], variables["batch_stats"], modules, path)[0]
+            for path, (mod, _) in modules.items() if isinstance(mod, QuickNetBlock)}
 
   def intercept(next_fun, args, kwargs, context):
     if isinstance(context.module, QuickNetBlock) and context.method_name == "__call__":
-      x = args[0]
-      layer = layers[context.module.path]
-      y = packed_conv2d(pack_bits(jnp.where(x < 0, -1.0, 1.0), pad=True), layer)
-      return x + y if context.module.shortcut else y
+      return _packed_block_call(context.module, args[0], layers[context.module.path])
     return next_fun(*args, **kwargs)
 
   @jax.jit
