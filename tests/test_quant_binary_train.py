@@ -116,6 +116,21 @@ def test_bop_matches_closed_form_with_schedules():
   np.testing.assert_array_equal(optax.apply_updates(-jnp.ones(3), u), [1.0, 1.0, 1.0])
 
 
+def test_bop_zero_threshold_zero_gradient_flips_minus_one_to_plus_one():
+  # Larq's sign(0) = +1: with tau = 0 and m = 0, w m == tau for every weight, so each weight becomes
+  # sign(-0 w) = +1: the -1 flips, the +1 stays (documented in bop's docstring).
+  w = jnp.array([1.0, -1.0])
+  tx = qb.bop(threshold=0.0, gamma=0.5)
+  u, s = jax.jit(tx.update)(jnp.zeros(2), tx.init(w), w)
+  np.testing.assert_array_equal(optax.apply_updates(w, u), [1.0, 1.0])
+  assert float(s.flip_ratio) == 0.5 and int(s.num_flips) == 1
+  # a positive threshold (Larq's default 1e-8) keeps both weights
+  tx = qb.bop(threshold=1e-8, gamma=0.5)
+  u, s = tx.update(jnp.zeros(2), tx.init(w), w)
+  np.testing.assert_array_equal(optax.apply_updates(w, u), [1.0, -1.0])
+  assert float(s.flip_ratio) == 0.0
+
+
 def test_case_optimizer_routes_bop_and_adam_with_weight_clip():
   params = {"BinaryConv_0": {"kernel": jnp.array([0.5, -0.5, 1.0])},
             "Dense_0": {"kernel": jnp.array([0.1, 0.2]), "bias": jnp.array([0.3])}}

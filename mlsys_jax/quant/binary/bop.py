@@ -44,6 +44,11 @@ def _value(v: ScalarOrSchedule, count):
 def bop(threshold: ScalarOrSchedule = 1e-8, gamma: ScalarOrSchedule = 1e-4) -> optax.GradientTransformation:
   """Bop (Helwegen et al., 2019, Alg. 1; Larq ``Bop``): flip a binary weight when ``w m > tau``.
 
+  Edge case (as in Larq's code): where ``w m == tau`` exactly, ``sign(w m - tau) = 0`` and the new weight is
+  ``sign(-0 w) = sign(0) = +1`` whatever ``w`` was. In particular with ``threshold=0`` and a zero gradient
+  (``m = 0``) every -1 weight flips to +1 on the first step, and +1 weights stay: ``[1, -1] -> [1, 1]``,
+  flip ratio 0.5. Larq's default ``threshold=1e-8`` avoids this.
+
   Args:
     threshold: tau >= 0, or an optax schedule (Larq's default 1e-8).
     gamma: adaptivity rate in (0, 1], or an optax schedule (Larq's default 1e-4).
@@ -108,14 +113,15 @@ def binary_param_labels(params: Any, is_binary: Callable[[tuple[str, ...], Any],
 
   Larq tags binary variables by their quantizer's precision; here a predicate on the parameter path
   decides. The default predicate: the leaf is named ``kernel`` and a module on its path has ``binary``
-  in its name (as in :class:`mlsys_jax.quant.binary.QuickNet`'s ``BinaryConv_*``).
+  in its name (case-insensitive), as the ``BinaryConv`` inside each ``QuickNetBlock_<i>`` of
+  :class:`mlsys_jax.quant.binary.QuickNet`.
 
   Args:
     params: the parameter pytree (flax dict or nnx State).
     is_binary: ``f(path_names, leaf) -> bool`` with ``path_names`` a tuple of strings.
 
-  >>> binary_param_labels({'BinaryConv_0': {'kernel': 0.0}, 'Dense_0': {'kernel': 0.0, 'bias': 0.0}})
-  {'BinaryConv_0': {'kernel': 'binary'}, 'Dense_0': {'bias': 'default', 'kernel': 'default'}}
+  >>> binary_param_labels({'QuickNetBlock_0': {'BinaryConv': {'kernel': 0.0}}, 'Head': {'kernel': 0.0}})
+  {'Head': {'kernel': 'default'}, 'QuickNetBlock_0': {'BinaryConv': {'kernel': 'binary'}}}
   """
   pred = is_binary or _default_is_binary
   return jax.tree_util.tree_map_with_path(
