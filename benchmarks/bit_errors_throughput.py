@@ -86,29 +86,10 @@ SWEEP = [("binomial", 256, None, False, 1, 3),    # the default (best wall time 
          ("binomial", 128, None, False, 1, 3), ("binomial", 1024, None, False, 8, 3),
          ("levels", 64, None, False, 1, 3),      # the 'levels' default until 2026-12-02
          ("levels", 512, None, False, 4, 3)]     # 'levels' with the new default tile
-# Session 7 (issue 21 item 3, 50% of the strict floor): the 'popc' and 'popcx' evaluations of the same
-# binomial stream (one early-stop test in the common case) against 'take' (the evaluation of the 15:01 run),
-# at the default tile and its neighbours. 7th field: draw.
-S7_MEMORY = []
-S7_PLAIN = [(512, 4)]
-S7_SWEEP = [("binomial", 256, None, False, 1, 3, "take"),     # the default (27.3 us at 15:01)
-            ("binomial", 256, None, False, 1, 3, "popc"),
-            ("binomial", 256, None, False, 1, 3, "popcx"),
-            ("binomial", 512, 128, True, 1, 3, "popc"),
-            ("binomial", 512, 128, True, 1, 3, "take"),      # the best device span at 15:01 (26.7 us)
-            ("binomial", 256, None, False, 1, 2, "popc"),
-            ("binomial", 256, None, False, 1, 4, "popc"),
-            ("binomial", 128, None, False, 1, 3, "popc"),
-            ("binomial", 512, None, False, 1, 3, "popc"),
-            ("binomial", 512, None, False, 2, 3, "popc"),
-            ("binomial", 512, 256, False, 1, 3, "popc")]
-# Confirmation set (short run): the previous default and the candidates.
-S7C_SWEEP = [("binomial", 256, None, False, 1, 3, "take"), ("binomial", 256, None, False, 1, 3, "popc"),
-             ("binomial", 512, 128, True, 1, 3, "popc")]
 SMALL_MEMORY = [("levels", 64, None, False, 2, 0), ("levels", 128, 32, True, 2, 0)]
 SMALL_PLAIN = [(128, 2)]
 SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2, 1),
-               ("binomial", 128, 64, False, 2, 3, "popc"), ("binomial", 64, None, False, 2, 2, "popcx"),
+               ("binomial", 64, None, False, 2, 2),
                ("levels", 64, None, False, 2, 3)]
 
 
@@ -117,19 +98,18 @@ def _extra(ap):
   ap.add_argument("--repeats", type=int, default=30, help="round-robin timing rounds")
   ap.add_argument("--inner", type=int, default=3, help="calls back to back per wall-time measurement")
   ap.add_argument("--wide", action="store_true", help="the large-tile sweep (WIDE_*) instead of the default set")
-  ap.add_argument("--s7", action="store_true", help="the draw-evaluation sweep (S7_*) instead of the default set")
   ap.add_argument("--no_stuck", action="store_true", help="skip the inject_stuck_at row")
-  ap.add_argument("--s7c", action="store_true", help="the short confirmation set (S7C_SWEEP, no diagnostic)")
+  ap.add_argument("--philox5", action="store_true",
+                  help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
   ap.add_argument("--compile_budget_s", type=float, default=55.0,
                   help="stop compiling further rows after this many seconds from the start")
   ap.add_argument("--no_profile", action="store_true", help="skip the profiler trace (device time)")
   ap.add_argument("--no_checks", action="store_true", help="skip the on-device exactness checks")
 
 
-def _name(mth, w, sb, unroll, nwarp, pre, draw=None, p0=False):
+def _name(mth, w, sb, unroll, nwarp, pre, p0=False):
   tile = f"words={w}" + ("" if sb in (None, w) else f" sub={sb} {'loads-first' if unroll else 'loop'}")
-  return (f"kernel {'p=0 (memory path) ' if p0 else ''}{mth} {tile} warps={nwarp} pre={pre}"
-          + ("" if draw is None else f" draw={draw}"))
+  return f"kernel {'p=0 (memory path) ' if p0 else ''}{mth} {tile} warps={nwarp} pre={pre}"
 
 
 def _pallas_xor(c, k, words: int, nwarp: int, interpret: bool):
@@ -220,11 +200,11 @@ def main():
   t, always = be._threshold(p)
   t0_, a0_ = be._threshold(0.0)
 
-  def kernel_step(method, w, sb, unroll, nwarp, pre, draw=None, thr=(t, always), impl=kimpl):
+  def kernel_step(method, w, sb, unroll, nwarp, pre, thr=(t, always), impl=kimpl):
     def step(c, k):
       fp = jnp.stack([k[0], k[1], thr[0], thr[1].astype(jnp.uint32)])
       return pb.inject(c, 8, fp, impl=impl, words=w, sub=sb, unroll=unroll, num_warps=nwarp, pre=pre,
-                       method=method, draw=draw)
+                       method=method)
     return step
 
   def u32_view_xor(c, k):
@@ -239,15 +219,13 @@ def main():
           "XLA float32 x*c (float32 arrays, same bytes)": (
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
   mem, plain, sweep = ((SMALL_MEMORY, SMALL_PLAIN, SMALL_SWEEP) if args.small else
-                       (WIDE_MEMORY, WIDE_PLAIN, WIDE_SWEEP) if args.wide else
-                       (S7_MEMORY, S7_PLAIN, S7_SWEEP) if args.s7 else
-                       ([], [], S7C_SWEEP) if args.s7c else (MEMORY, PLAIN, SWEEP))
+                       (WIDE_MEMORY, WIDE_PLAIN, WIDE_SWEEP) if args.wide else (MEMORY, PLAIN, SWEEP))
   cands = []
   for i in range(max(len(mem), len(plain), len(sweep))):   # interleave the groups: priority by position
     if i < len(sweep):
       cands.append((_name(*sweep[i]), ("u8", kernel_step(*sweep[i]), sweep[i][0])))
     if i < len(mem):
-      cands.append((_name(*mem[i], p0=True), ("u8", kernel_step(*mem[i], None, thr=(t0_, a0_)), "p0")))
+      cands.append((_name(*mem[i], p0=True), ("u8", kernel_step(*mem[i], thr=(t0_, a0_)), "p0")))
     if i < len(plain):
       w, nwarp = plain[i]
       cands.append((f"Pallas XOR-copy (no fault code) words={w} warps={nwarp}", ("u8", lambda c, k, w=w,
@@ -255,18 +233,14 @@ def main():
     if i == 1:
       cands.append(("inject_bit_errors (public)", ("u8", lambda c, k: be.inject_bit_errors(k, c, p, 8),
                                                    "public")))
-      for dr in [d for d in ("take", "popc") if d != pb.DRAW] if args.s7 or args.s7c or args.small else ():
-        # the public path with the other draw evaluation
-        cands.append((f"inject_bit_errors (public path, draw={dr})", (
-            "u8", lambda c, k, dr=dr: be._inject(k, c, p, 8, draw=dr), "public")))
-      if args.s7 or args.small:   # diagnostic, different bits: Philox-2x32 at 5 rounds (its cost, halved)
-        def half(c, k, inner=kernel_step("binomial", 256, None, False, 1, 3, "popc")):
+      if args.philox5 or args.small:   # diagnostic, different bits: Philox-2x32 at 5 rounds (its cost, halved)
+        def half(c, k, inner=kernel_step("binomial", 256, None, False, 1, 3)):
           old, pb._ROUNDS2 = pb._ROUNDS2, 5
           try:
             return inner(c, k)
           finally:
             pb._ROUNDS2 = old
-        cands.append(("diagnostic (other bits): binomial words=256 warps=1 pre=3 draw=popc, Philox-2x32-5",
+        cands.append(("diagnostic (other bits): binomial words=256 warps=1 pre=3, Philox-2x32-5",
                       ("u8", half, None)))
       if not args.no_stuck:
         cands.append(("inject_stuck_at (public)", ("u8", lambda c, k: be.inject_stuck_at(k, c, p, 8), None)))
@@ -340,7 +314,7 @@ def main():
                     f"of {args.inner} calls back to back / arrays, median over {repeats} round-robin "
                     "rounds; device_span_s: first kernel start to last kernel end of a call / arrays "
                     "(profiler, each call alone, median of 3); device_s: kernel durations / arrays",
-          "kernel_defaults": {"method": pb.METHOD, "draw": pb.DRAW, "hash": pb.HASH, "words": pb.WORDS, "sub": pb.SUB,
+          "kernel_defaults": {"method": pb.METHOD, "hash": pb.HASH, "words": pb.WORDS, "sub": pb.SUB,
                               "unroll": pb.UNROLL, "num_warps": pb.NUM_WARPS, "io": pb.IO, "pre": pb.PRE},
           "rows": out_rows, "errors": errors, "skipped": skipped, "best_zero_mismatch": best,
           "profile_error": dev.get("error") if isinstance(dev.get("error"), str) else None}
@@ -370,24 +344,20 @@ def main():
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
     try:
-      extra = [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or dr == "popc")] if (
-          args.s7 or args.s7c) else []
-      for mth, dr in [("binomial", None), ("levels", None)] + extra:   # dr: the kernel's draw evaluation
-        tag = mth if dr is None else f"{mth} draw={dr}"
-        if dr is None:
-          checks[f"kernel self-test passed ({mth})"] = pb.default_impl(mth) == "pallas"
-        for pp in (0.01, 0.3, 0.9) if dr else (0.01, 0.3):
-          a = be._inject(key, codes, pp, 8, impl=kimpl, method=mth, draw=dr)
+      for mth in ("binomial", "levels"):
+        checks[f"kernel self-test passed ({mth})"] = pb.default_impl(mth) == "pallas"
+        for pp in (0.01, 0.3):
+          a = be._inject(key, codes, pp, 8, impl=kimpl, method=mth)
           b = be._inject(key, codes, pp, 8, impl="xla", method=mth)
-          checks[f"mismatched codes kernel vs xla {tag} p={pp}"] = int(jnp.sum(a != b))
-          checks[f"flip rate {tag} p={pp}"] = float(
+          checks[f"mismatched codes kernel vs xla {mth} p={pp}"] = int(jnp.sum(a != b))
+          checks[f"flip rate {mth} p={pp}"] = float(
               jnp.sum(jax.lax.population_count(a ^ codes).astype(jnp.int32)) / (8 * n))
-        a = be._inject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl, method=mth, draw=dr)
+        a = be._inject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl, method=mth)
         b = be._inject(key, codes, 0.05, 8, p_one=0.5, impl="xla", method=mth)
-        checks[f"mismatched codes stuck-at kernel vs xla {tag}"] = int(jnp.sum(a != b))
+        checks[f"mismatched codes stuck-at kernel vs xla {mth}"] = int(jnp.sum(a != b))
         a16 = (codes.astype(jnp.uint16) * 7)[: n // 2 - 1] >> 4     # odd length: the byte-load path
-        checks[f"mismatched uint16 12-bit odd length kernel vs xla {tag}"] = int(jnp.sum(
-            be._inject(key, a16, 0.02, 12, impl=kimpl, method=mth, draw=dr)
+        checks[f"mismatched uint16 12-bit odd length kernel vs xla {mth}"] = int(jnp.sum(
+            be._inject(key, a16, 0.02, 12, impl=kimpl, method=mth)
             != be._inject(key, a16, 0.02, 12, impl="xla", method=mth)))
     except Exception as e:
       checks["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
