@@ -15,9 +15,11 @@ Rows (all in the same run):
   exact-count search's ways and count kernel, the flatten and the count's block skip), each checked
   bitwise equal over the whole loop to the row without brackets (``loop_same_as_default``);
 - with ``--chain``, the step a user runs: ``optax.adam(1e-3)`` alone and ``optax.chain(<compressor>, adam)``;
-  a compressor's cost inside a training step is its chain row minus the adam row (the decompressed per-leaf
-  outputs feed Adam's per-leaf update, where XLA fuses them, so the per-leaf output pass that a standalone
-  ``tx.update`` must materialize is mostly not an extra cost there);
+  a compressor's cost inside a training step is its chain row minus the adam row (``compressor_s``, and
+  ``compressor_speedup_over_topk`` against ``chain(topk, adam)``'s; the decompressed per-leaf outputs feed
+  Adam's per-leaf update, where XLA fuses them, so the per-leaf output pass that a standalone ``tx.update``
+  must materialize is mostly not an extra cost there). The single-step wall rows (without ``--no_wall``)
+  are not run for these (their state is a tuple, not the sparsifier's);
 - ``topk(0.001)``: the package's Top-k transform (``lax.top_k`` of the raveled tree, error feedback);
 - ``lax.top_k`` and ``lax.approx_max_k`` (recall 0.95) of one flat 25.56M vector: the selection alone, the
   strongest Top-k a user could write (no tree, no error feedback);
@@ -33,6 +35,7 @@ buffers), interleaved with ``topk(0.001)`` (``stats.time_interleaved``); and the
 
   PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT                # H200: ~90 s
   PYTHONPATH=. python benchmarks/sidco_tree.py --small --out /tmp/st     # CPU smoke test (widths / 8)
+  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT --no_wall --change shift --only "flat copy,adam,chain" --chain
 """
 
 from __future__ import annotations
@@ -77,8 +80,8 @@ def _flags(ap):
                   help="add the step a user runs: optax.adam(1e-3) alone, chain(topk, adam), chain(sidco, adam) (flat "
                        "and per tensor): a compressor's cost in a training step is its row minus adam's (the per-leaf "
                        "output pass fuses into Adam's per-leaf update there)")
-  ap.add_argument("--chain_variants", default="", help="comma-separated variant rows of chain(sidco, adam) (tokens "
-                  "as --variants)")
+  ap.add_argument("--chain_variants", default="", help="comma-separated variant rows of chain(sidco, adam) and of "
+                  "chain(topk, adam), each checked bitwise against its default chain row (tokens as --variants)")
   ap.add_argument("--topk_variants", default="", help="comma-separated variant rows of topk (tokens as --variants)")
   ap.add_argument("--variants", default="bisect,-16 pallas",
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
@@ -150,6 +153,36 @@ def _wall(fn, repeats: int) -> float:
   return float(np.median(ts))
 
 
+ADAM_ROW, CHAIN_TOPK_ROW = "adam(1e-3)", "chain(topk(0.001), adam)"
+
+
+def _summarize(rows: list, rw_floor_s: float) -> str:
+  """Adds the ratios to ``rows`` (in place) and returns the measure they use: ``device_s`` when any row has
+  it (GPU), else ``loop_wall_s``. Per row: ``speedup_over_topk`` (the ``topk(0.001)`` row / this row),
+  ``over_flat_copy``, ``over_rw_floor``; for ``--chain`` rows (name ``chain(...)``) also ``compressor_s``
+  (the row minus ``adam(1e-3)`` alone: the compressor's cost inside the training step) and
+  ``compressor_speedup_over_topk`` (``chain(topk(0.001), adam)``'s compressor_s / this row's)."""
+  key_ = "device_s" if any("device_s" in r for r in rows) else "loop_wall_s"
+  by = {r["method"]: r for r in rows}
+  floor = by.get("flat copy", {}).get(key_)
+  tk = by.get("topk(0.001)", {}).get(key_)
+  adam = by.get(ADAM_ROW, {}).get(key_)
+  for r in rows:
+    if key_ in r:
+      if tk:
+        r["speedup_over_topk"] = tk / r[key_]
+      if floor:
+        r["over_flat_copy"] = r[key_] / floor
+      r["over_rw_floor"] = r[key_] / rw_floor_s
+      if adam and r["method"].startswith("chain("):
+        r["compressor_s"] = r[key_] - adam
+  tk_share = by.get(CHAIN_TOPK_ROW, {}).get("compressor_s")
+  for r in rows:
+    if tk_share and r.get("compressor_s", 0) > 0:
+      r["compressor_speedup_over_topk"] = tk_share / r["compressor_s"]
+  return key_
+
+
 def main():
   args = parse_args(__doc__, _flags)
   t_start = time.perf_counter()
@@ -197,8 +230,8 @@ def main():
     rows_spec["fast[chunks] sidco(0.001)"] = (None, fast.sidco(RATIO), "chunks")
   rows_spec["sidco(0.001, per_tensor=True)"] = (None, sp.sidco(RATIO, per_tensor=True), None)
   if args.chain:   # what a training step pays: Adam's per-leaf pass is there anyway
-    rows_spec["adam(1e-3)"] = (None, optax.adam(1e-3), None)
-    rows_spec["chain(topk(0.001), adam)"] = (None, optax.chain(sp.topk(RATIO), optax.adam(1e-3)), None)
+    rows_spec[ADAM_ROW] = (None, optax.adam(1e-3), None)
+    rows_spec[CHAIN_TOPK_ROW] = (None, optax.chain(sp.topk(RATIO), optax.adam(1e-3)), None)
     rows_spec["chain(sidco(0.001), adam)"] = (None, optax.chain(sp.sidco(RATIO), optax.adam(1e-3)), None)
     rows_spec["chain(sidco(0.001, per_tensor=True), adam)"] = (
         None, optax.chain(sp.sidco(RATIO, per_tensor=True), optax.adam(1e-3)), None)
@@ -321,21 +354,10 @@ def main():
     for t in row.get("top_kernels", [])[:6]:
       print("    ", t, flush=True)
     write_json(args.out, args.name, {**meta, "rows": rows, "partial": True})
-  by = {r["method"]: r for r in rows}
-  key_ = "device_s" if "device_s" in by.get("topk(0.001)", {}) else "loop_wall_s"
-  floor = by.get("flat copy", {}).get(key_)
-  tk = by.get("topk(0.001)", {}).get(key_)
-  for r in rows:
-    if key_ in r:
-      if tk:
-        r["speedup_over_topk"] = tk / r[key_]
-      if floor:
-        r["over_flat_copy"] = r[key_] / floor
-      r["over_rw_floor"] = r[key_] / meta["rw_floor_s"]
-  meta["measure"] = key_
+  key_ = meta["measure"] = _summarize(rows, meta["rw_floor_s"])
   meta["total_s"] = time.perf_counter() - t_start
   print_table(rows, ["method", key_, "busy_s", "kernels", "speedup_over_topk", "over_flat_copy", "over_rw_floor",
-                     "loop_wall_s", "wall_s"])
+                     "compressor_s", "compressor_speedup_over_topk", "loop_wall_s", "wall_s"])
   write_json(args.out, args.name, {**meta, "rows": rows})
 
 

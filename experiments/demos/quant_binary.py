@@ -32,13 +32,13 @@ class _BinaryMLP(nn.Module):
 def run(seed: int):
   rows = []
   m = qb.QuickNet()
-  c = qb.larq_param_count(m, jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  c = qb.larq_param_count(m, shapes)
   rows.append((TECHNIQUE, "QuickNet parameters (Larq summary convention) vs Larq Zoo's 13,234,088",
                f"{c['larq_total']:,}"))
   # The packed file's size depends only on the shapes: fill them with random values (a trained model gives the same
   # byte count; docs/binary.md has digits accuracy of the compressed model).
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   variables = jax.tree_util.tree_map(lambda s: (0.5 + np.abs(rng.standard_normal(s.shape))).astype(s.dtype), shapes)
   blob = qb.serialize(qb.compress_quicknet(m, variables, (32, 32, 3)))
   rows.append((TECHNIQUE, "QuickNet file: packed binary kernels, int8 transitions, 4-bit VS-Quant head / float32",
