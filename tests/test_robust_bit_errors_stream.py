@@ -177,8 +177,8 @@ def test_kernel_equals_xla_under_jit_and_vmap(method):
 @pytest.mark.parametrize("dtype,bits", [(jnp.uint8, 8), pytest.param(jnp.uint8, 3, marks=pytest.mark.slow),
                                         pytest.param(jnp.uint16, 12, marks=pytest.mark.slow)])
 def test_binomial_kernel_equals_xla_across_rates_and_pre(dtype, bits):
-  """The binomial stream in the kernel's code (interpret mode) gives the XLA path's faults from p = 0 to 1
-  with several numbers of unconditional steps (pre); n_lanes = 32, 24 (invalid draws skipped) and 12
+  """The binomial stream in the kernel's code (interpret mode) gives the XLA path's faults at p = 0, 0.02,
+  0.8 and 1 with several numbers of unconditional steps (pre); n_lanes = 32, 24 (invalid draws skipped) and 12
   lanes; p = 0 faults nothing."""
   n = 6001
   codes = (jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(2654435761) % jnp.uint32(2 ** bits)).astype(dtype)
@@ -187,7 +187,7 @@ def test_binomial_kernel_equals_xla_across_rates_and_pre(dtype, bits):
     fp = be._flip_params(kw, p)
     ref = np.asarray(pb.inject(codes, bits, fp, impl="xla"))
     assert (ref != np.asarray(codes)).any() == (p > 0)
-    for pre in ((1, 6) if p == 0.02 else (3,) if p == 0.8 else ()):   # 0.8: draws past the first word
+    for pre in ((1, 6) if p == 0.02 else (3,) if p in (0.0, 0.8, 1.0) else ()):   # 0.8, 1: draws past the first word
       np.testing.assert_array_equal(np.asarray(pb.inject(codes, bits, fp, impl="interpret", pre=pre,
                                                          words=64)), ref)
 
