@@ -8,13 +8,14 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   python experiments/compressed_adam.py --dataset=mnist1d --steps=300
   # density 0.1% (issue 18's recipe): selection on each worker's gradient over its own RMS (Adam-aware),
   # after a gentle warm-up (1% -> 0.25% over 300 steps); DGC with a 10x sample too (dgc@F: sample_fraction F;
-  # plain dgc: its default sample, >= 64 entries above the threshold; dgc@0.01: the default before session 8)
+  # plain dgc: its default sample, >= 16 entries above the threshold; dgc@0.01: the default before session 8)
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rms \
     --density_warmup=300 --dwarmup_start=0.01 --compressors=sidco,topk,dgc,dgc@0.1
   # the current 0.1% recipe: raw selection in the 1% stage, the RMS selection from the 0.25% stage on
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@1 \
     --density_warmup=300 --dwarmup_start=0.01 --compressors=sidco,topk,dgc,dgc@0.1
   # --eval_every=50: the test accuracy every 50 steps too (the JSON's 'curve')
+  # --merge=a.json,b.json --out_name=c: one JSON of two runs (same seeds, equal Adam) with all comparisons
   # hosts without the mnist1d package: MLSYS_JAX_MNIST1D_CACHE=<folder with a pre-generated copy> (data.load_mnist1d)
   # comm.adaptive_ef.decay_residual (error feedback that forgets): --residual_decay=0.99
   # comm.adaptive_ef.spread_releases variants on the plain chain
@@ -89,9 +90,14 @@ _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_release
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
                                  "target per leaf, at least one entry per leaf).")
 _DGC_SAMPLE = flags.DEFINE_float("dgc_sample_fraction", 0.0, "sample_fraction of dgc (0 = dgc's default: 1% of "
-                                 "the entries, enlarged to hold >= 64 above the threshold; 0.01 = the old default).")
+                                 "the entries, enlarged to hold >= 16 above the threshold; 0.01 = the old default).")
+_DGC_MIN = flags.DEFINE_integer("dgc_min_count", 0, "Screen: sparse.DGC_MIN_SAMPLE_COUNT for dgc's default sample "
+                                "(the minimum sampled count above the threshold; 0 = the library's, 16).")
 _RES_DECAY = flags.DEFINE_float("residual_decay", 1.0, "comm.adaptive_ef.decay_residual around the compressor "
                                 "(1 = plain error feedback).")
+_MERGE = flags.DEFINE_list("merge", [], "Merge the result JSONs of runs with the same settings and seeds (their "
+                            "Adam arms must agree seed by seed) into --out_dir/--out_name with every paired "
+                            "comparison; nothing is trained.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Also record the test accuracy every N steps (0 = only at "
                                    "the end): the JSON's 'curve' (arm -> per seed, [step, accuracy] pairs).")
 _DW_FACTOR = flags.DEFINE_float("dwarmup_factor", 4.0, "Density ratio between --density_warmup stages (DGC: 4).")
@@ -255,8 +261,59 @@ def _compare(a, b):
   return {**c._asdict(), "mean_diff": float(diff.mean()), "mean_diff_ci95": [float(lo), float(hi)]}
 
 
+def _comparisons(acc):
+  """Paired comparisons of the arms: every arm against Adam, every compressor arm against Top-k at the same
+  ratio and mode, and every 'dgc@F' / 'dgc[minM]' arm against the plain 'dgc' arm (its default sample)."""
+  comparisons = {}
+
+  def add(name, ref):
+    comparisons[f"{name} vs {ref}"] = c = _compare(acc[name], acc[ref])
+    print(f"  {name} vs {ref}: {c['mean_diff'] * 100:+.2f} pt [{c['mean_diff_ci95'][0] * 100:+.2f}, "
+          f"{c['mean_diff_ci95'][1] * 100:+.2f}]; P(A>B) {c['p']:.2f} [{c['ci_low']:.2f}, {c['ci_high']:.2f}]",
+          flush=True)
+
+  for name in acc:
+    if name != "adam":
+      add(name, "adam")
+  for name in acc:
+    rest = name[name.index(" "):] if " " in name else None
+    for ref in ("topk" + rest, "dgc" + rest) if rest else ():
+      if ref in acc and ref != name and (ref.startswith("topk") or name.startswith(("dgc@", "dgc["))):
+        add(name, ref)
+  return comparisons
+
+
+def merge(paths, out_path):
+  """One JSON from several runs' JSONs (same seeds, Adam equal seed by seed, so every arm is paired)."""
+  runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+  base = runs[0]
+  acc, sent = {}, {}
+  for p, r in zip(paths, runs):
+    if r["seeds"] != base["seeds"] or r["accuracy"]["adam"] != base["accuracy"]["adam"]:
+      raise ValueError(f"{p}: seeds {r['seeds']} / Adam {r['accuracy']['adam']} differ from {paths[0]}'s "
+                       f"({base['seeds']} / {base['accuracy']['adam']}); its arms are not paired with the others.")
+    # a run whose dgc default sample differs from the library's now: its 'dgc ...' arms become 'dgc[minM] ...'
+    m = r.get("dgc_default_sample", {}).get("min_count")
+    tag = f"dgc[min{m}]" if m is not None and m != sp.DGC_MIN_SAMPLE_COUNT else "dgc"
+    for name in r["accuracy"]:
+      new = tag + name[3:] if name.startswith("dgc ") else name
+      if new in acc and name != "adam":
+        raise ValueError(f"{p}: arm {new!r} is in two of the merged runs.")
+      acc[new], sent[new] = r["accuracy"][name], r["bytes_per_worker"][name]
+  merged = {**base, "compressors": [c for r in runs for c in r["compressors"]], "accuracy": acc,
+            "bytes_per_worker": sent, "comparisons": _comparisons(acc), "merged_from": list(paths),
+            "dgc_default_sample": {"base_fraction": sp.DGC_BASE_SAMPLE_FRACTION, "min_count": sp.DGC_MIN_SAMPLE_COUNT}}
+  pathlib.Path(out_path).write_text(json.dumps(merged, indent=1))
+  print(f"wrote {out_path}", flush=True)
+
+
 def main(argv):
   del argv
+  if _DGC_MIN.value:
+    sp.DGC_MIN_SAMPLE_COUNT = _DGC_MIN.value
+  if _MERGE.value:
+    merge(_MERGE.value, pathlib.Path(_OUT.value) / f"{_NAME.value}.json")
+    return
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   ds, model = _setup()
@@ -287,19 +344,7 @@ def main(argv):
   for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
           f"{np.mean(sent[name]) / 1e6:.3f}", flush=True)
-  comparisons = {}
-  for name in acc:
-    if name != "adam":
-      comparisons[f"{name} vs adam"] = c = _compare(acc[name], acc["adam"])
-      print(f"  {name} vs adam: {c['mean_diff'] * 100:+.2f} pt [{c['mean_diff_ci95'][0] * 100:+.2f}, "
-            f"{c['mean_diff_ci95'][1] * 100:+.2f}]; P(A>B) {c['p']:.2f} "
-            f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}]", flush=True)
-  for name in acc:   # every compressor arm against Top-k at the same ratio and mode, paired
-    tk = "topk" + name[name.index(" "):] if " " in name else None
-    if tk in acc and tk != name:
-      comparisons[f"{name} vs {tk}"] = c = _compare(acc[name], acc[tk])
-      print(f"  {name} vs {tk}: {c['mean_diff'] * 100:+.2f} pt [{c['mean_diff_ci95'][0] * 100:+.2f}, "
-            f"{c['mean_diff_ci95'][1] * 100:+.2f}]; P(A>B) {c['p']:.2f}", flush=True)
+  comparisons = _comparisons(acc)
   _write(out, ds, seeds, acc, sent, comparisons, curves)
 
 

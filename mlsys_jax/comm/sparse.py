@@ -1282,7 +1282,7 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
 
 
 # DGC's default sample: at least this many sampled entries above the threshold (see dgc_sample_size).
-DGC_MIN_SAMPLE_COUNT = 64
+DGC_MIN_SAMPLE_COUNT = 16
 # ... and at least this fraction of the entries (the paper's upper sample size, Lin et al. Sec. 3.1).
 DGC_BASE_SAMPLE_FRACTION = 0.01
 
@@ -1292,18 +1292,21 @@ def dgc_sample_size(n: int, ratio: float, sample_fraction: float | None = None) 
 
   With ``sample_fraction`` given: ``round(n * sample_fraction)``, clipped to ``[1, n]`` (the old rule).
 
-  Default (``sample_fraction=None``): ``s = min(n, max(ceil(0.01 n), ceil(64 / ratio)))``, i.e. the
+  Default (``sample_fraction=None``): ``s = min(n, max(ceil(0.01 n), ceil(16 / ratio)))``, i.e. the
   paper's 1% sample (Lin et al., ICLR 2018, Sec. 3.1 samples 0.1%-1% of the gradients), enlarged until
-  it holds ``k = ratio * s >= 64`` entries above the threshold, capped at the whole vector. Why: the
+  it holds ``k = ratio * s >= 16`` entries above the threshold, capped at the whole vector. Why: the
   threshold is the sample's ``k``-th largest magnitude, and the fraction of the vector above it is
   ``Beta(k, s - k + 1)``-distributed for any distribution of the magnitudes (order statistics of a
   uniform sample), mean ``k / (s + 1)`` (the target) and relative standard deviation ~``1 / sqrt(k)``.
-  A fixed 1% sample breaks down at low density on small vectors: at ``n = 93.8k`` (mnist1d's MLP) and
+  A fixed 1% sample breaks down at low density on small vectors: at ``n = 93.8k`` (mnist1d's CNN) and
   density 0.1% it holds ``k = 1`` (the sample's maximum), so the count sent is exponentially
-  distributed around the target (5-95% of steps: 0.05x-3x). ``k >= 64`` gives a 1/8 relative spread
-  (5-95%: 0.81x-1.21x), far inside DGC's ``2k`` payload; the paper's own setting (0.1% of a 25M-entry
-  gradient at 99.9% sparsity) has ``k = 25``. The cost is one ``top_k`` over ``s`` entries (at most
-  ``64 / ratio``, or ``0.01 n`` when that is larger).
+  distributed around the target (5-95% of steps: 0.05x-3.0x). ``k >= 16`` gives a 1/4 relative spread
+  (5-95%: 0.63x-1.44x; above DGC's ``2k`` payload on ~0.07% of steps, where its second round keeps k);
+  the paper's own setting (0.1% of a 25M-entry gradient at 99.9% sparsity) has ``k = 25``. Why not
+  more: the cost is one ``top_k`` over ``s`` entries, and ``k >= 64`` (1/8 spread) made the sample 68%
+  of mnist1d's gradient (on CPU as slow as the exact Top-k) and trained no better (docs/comm.md:
+  600 steps, 0.1% recipe, 5 seeds: mnist1d -1.26 / digits -1.60 pt vs Adam with 64, -0.74 / -0.76 with
+  16, -2.16 / -1.60 with the old fixed 1%).
 
   Args:
     n: number of entries (>= 1).
@@ -1328,13 +1331,13 @@ def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fractio
   """DGC's sampled threshold (Lin et al., ICLR 2018, Sec. 3.1): the k-th largest magnitude of a random
   sample of the entries, k = ratio * sample size.
 
-  The sample size is :func:`dgc_sample_size` (default: 1% of the entries, enlarged to hold k >= 64;
+  The sample size is :func:`dgc_sample_size` (default: 1% of the entries, enlarged to hold k >= 16;
   or ``sample_fraction`` of them), drawn with replacement. When the default rule asks for the whole
   vector, the vector itself is used (the exact k-th largest, as Top-k's threshold).
 
   ``ratio`` may be traced when ``max_ratio`` (a number >= ratio) is given: the sample's top
   ``max_ratio * sample size`` are computed and the k-th of them is taken; the default sample is then
-  sized for ``max_ratio`` (the only static bound), so a traced ratio far below it holds fewer than 64
+  sized for ``max_ratio`` (the only static bound), so a traced ratio far below it holds fewer than 16
   above the threshold (pass ``sample_fraction`` for such schedules).
   """
   check_rank("abs_x", abs_x, 1)
@@ -1761,12 +1764,13 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   between 0 and ``capacity_factor * k`` entries.
 
   Sample size (:func:`dgc_sample_size`): by default (``sample_fraction=None``) 1% of the entries (the
-  paper's 0.1%-1%), enlarged so that the sample holds ``k = ratio * size >= 64`` entries above the
+  paper's 0.1%-1%), enlarged so that the sample holds ``k = ratio * size >= 16`` entries above the
   threshold, capped at the whole vector (then the threshold is the exact k-th largest). The count sent
-  then varies by ~``1 / sqrt(k)`` <= 1/8 around k on every step. A fixed 1% (the default before
+  then varies by ~``1 / sqrt(k)`` <= 1/4 around k on every step. A fixed 1% (the default before
   session 8) holds k = 1 at density 0.1% on a 94k-entry model: the count sent was exponentially
-  distributed around k, and training 2 pt worse (docs/comm.md). An explicit ``sample_fraction`` in
-  (0, 1] keeps the fixed-fraction rule (``round(n * sample_fraction)`` entries).
+  distributed around k, and training 1.4 pt worse on mnist1d (docs/comm.md, "DGC's default sample").
+  An explicit ``sample_fraction`` in (0, 1] keeps the fixed-fraction rule (``round(n * sample_fraction)``
+  entries).
 
   ``exact=True`` (default False) trims every step to at most ``k``: when the sampled threshold selected
   more than ``k``, the ``k`` largest of them are kept (ties to the lower index, as ``lax.top_k``; one sort
