@@ -86,6 +86,7 @@ __all__ = [
     "compact_above",
     "decompress",
     "dgc",
+    "dgc_sample_size",
     "dgc_threshold",
     "max_stages",
     "payload_bytes",
