@@ -396,9 +396,9 @@ def rms_selection(active: bool = True, *, decay: float = 0.9, eps: float = 1e-8)
   over unchanged; converting it to the RMS units at the switch measured worse.)
 
   Measured (``experiments/compressed_adam.py --modes=rmsfrom@1``, 8 workers, 600 steps, Top-k = SIDCo at
-  0.1% after 150 steps at 1% and 150 at 0.25%, vs ``optax.adam(1e-3)``): mnist1d -0.44 pt on seeds 0-4
-  (-0.97 pooled over 15 seeds), where ``optax.scale_by_rms()`` in every stage gave -2.50 (paired gain
-  +1.67 [+0.95, +2.36] pt over 10 seeds); digits -0.45 pt over 15 seeds. The RMS selection is slow at 1%
+  0.1% after 150 steps at 1% and 150 at 0.25%, vs ``optax.adam(1e-3)``; 2026-12-03 code, 15 seeds): mnist1d
+  -1.07 [-1.67, -0.47] pt, digits -0.91 [-1.54, -0.40]; in session 7's runs ``optax.scale_by_rms()`` in every
+  stage was 1.67 [+0.95, +2.36] pt worse on mnist1d (10 seeds). The RMS selection is slow at 1%
   and is what makes the chain move at 0.25% and below (docs/comm.md).
 
   Args:
