@@ -230,14 +230,14 @@ def main():
     rows_spec["fast[chunks] sidco(0.001)"] = (None, fast.sidco(RATIO), "chunks")
   rows_spec["sidco(0.001, per_tensor=True)"] = (None, sp.sidco(RATIO, per_tensor=True), None)
   if args.chain:   # what a training step pays: Adam's per-leaf pass is there anyway
+    with_adam = lambda tx: (None, optax.chain(tx, optax.adam(1e-3)), None)
     rows_spec[ADAM_ROW] = (None, optax.adam(1e-3), None)
-    rows_spec[CHAIN_TOPK_ROW] = (None, optax.chain(sp.topk(RATIO), optax.adam(1e-3)), None)
-    rows_spec["chain(sidco(0.001), adam)"] = (None, optax.chain(sp.sidco(RATIO), optax.adam(1e-3)), None)
-    rows_spec["chain(sidco(0.001, per_tensor=True), adam)"] = (
-        None, optax.chain(sp.sidco(RATIO, per_tensor=True), optax.adam(1e-3)), None)
+    rows_spec[CHAIN_TOPK_ROW] = with_adam(sp.topk(RATIO))
+    rows_spec["chain(sidco(0.001), adam)"] = with_adam(sp.sidco(RATIO))
+    rows_spec["chain(sidco(0.001, per_tensor=True), adam)"] = with_adam(sp.sidco(RATIO, per_tensor=True))
     for v in [v for v in args.chain_variants.split(",") if v]:
-      rows_spec[f"chain(sidco(0.001), adam) [{v}]"] = (None, optax.chain(sp.sidco(RATIO), optax.adam(1e-3)), None)
-      rows_spec[f"chain(topk(0.001), adam) [{v}]"] = (None, optax.chain(sp.topk(RATIO), optax.adam(1e-3)), None)
+      rows_spec[f"chain(sidco(0.001), adam) [{v}]"] = with_adam(sp.sidco(RATIO))
+      rows_spec[f"{CHAIN_TOPK_ROW} [{v}]"] = with_adam(sp.topk(RATIO))
   if fast is not None:
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
   # the exact-count search's variants (sparse._SEARCH_WAYS / _COUNT_IMPL; bisect = the 31-pass bisection):

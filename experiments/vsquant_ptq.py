@@ -121,7 +121,7 @@ def integer_check(make_model, qvars: dict, config: quant.QuantConfig, x: np.ndar
   Returns:
     A JSON-ready dict: ``accuracy_emulation``, ``accuracy_integer``, ``identical_prediction_fraction``,
     ``max_abs_logit_diff``, ``max_rel_logit_diff`` (over ``max |logit|`` of emulation), the number
-    of examples whose logits differ by more than ``1e-5 max |logit|``, each module's output
+    of examples whose logits differ by more than ``1e-5 max |logit|``, each module's
     output difference relative to its ``max |output|`` (``layer_max_rel_diff``:
     per layer the paths agree to float32 rounding; a last-bit difference can flip a rounding decision
     where the next layer quantizes, and that flip, not the product, makes the larger logit gaps), the
@@ -153,7 +153,8 @@ def integer_check(make_model, qvars: dict, config: quant.QuantConfig, x: np.ndar
     logits_e, layers_e = _predict_with_layers(emu_model, qvars, x, batch_size)
     logits_i, layers_i = _predict_with_layers(int_model, qvars, x, batch_size)
   pred_e, pred_i = np.argmax(logits_e, -1), np.argmax(logits_i, -1)
-  diff = float(np.max(np.abs(logits_e.astype(np.float64) - logits_i)))
+  row_diff = np.max(np.abs(logits_e.astype(np.float64) - logits_i), -1)   # per example
+  diff = float(np.max(row_diff))
   scale = float(np.max(np.abs(logits_e)))
   tiny = np.finfo(np.float32).tiny
   layer_diff = {k: max(float(np.max(np.abs(le[k].astype(np.float64) - li[k]))) for le, li in
@@ -171,8 +172,7 @@ def integer_check(make_model, qvars: dict, config: quant.QuantConfig, x: np.ndar
       "max_abs_logit_diff": diff,
       "max_abs_logit": scale,
       "max_rel_logit_diff": diff / max(scale, tiny),
-      "examples_with_rel_logit_diff_above_1e-5": int(np.sum(
-          np.max(np.abs(logits_e.astype(np.float64) - logits_i), -1) > 1e-5 * scale)),
+      "examples_with_rel_logit_diff_above_1e-5": int(np.sum(row_diff > 1e-5 * scale)),
       "layer_max_rel_diff": layer_diff,
       "backend": jax.default_backend(),
       "device": str(jax.devices()[0].device_kind),

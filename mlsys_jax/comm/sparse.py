@@ -74,7 +74,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from mlsys_jax._checks import check_choice, check_floating, check_int, check_range, check_rank
+from mlsys_jax._checks import check_choice, check_floating, check_int, check_range, check_rank, is_concrete
 from mlsys_jax.comm import _pallas_pack
 
 __all__ = [
@@ -1226,7 +1226,6 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
       return _pack_pallas(flat, lay.per_tile(t), capacity, bmax, interpret)
     return _pack_xla(flat, lay.per_tile(t), capacity, bmax)
 
-
   def exact_thresholds():
     k, _, k_max = exact
     if _EXACT_SEARCH == "blocks" and k_max is not None:
@@ -1344,7 +1343,7 @@ def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fractio
   check_rank("abs_x", abs_x, 1)
   n = abs_x.shape[0]
   if max_ratio is None:
-    if isinstance(ratio, jax.core.Tracer):
+    if not is_concrete(ratio):
       raise ValueError("dgc_threshold: ratio is traced, so the sample's top-k size cannot follow it; pass a "
                        "static max_ratio (>= ratio).")
     ratio = float(ratio)
