@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.comm import accordion, powersgd, topk  # noqa: E402
 
@@ -189,7 +190,9 @@ def main(argv):
              "workers": workers, "batch_per_worker": b, "lr": _LR.value, "decay_epochs": decay,
              "interval_epochs": _INTERVAL.value, "eta": _ETA.value, "seeds": _SEEDS.value,
              "dense_bytes_per_worker": 4.0 * n_params * steps, "layers": names, "results": results,
-             "wall_s": time.perf_counter() - t0}
+             "wall_s": time.perf_counter() - t0,
+             "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                                             script=__file__)}
   pathlib.Path(str(out) + ".json").write_text(json.dumps(payload, indent=1, default=float))
   if level_records:
     _plot(str(out) + ".png", level_records, names, steps_per_epoch, decay, _INTERVAL.value)

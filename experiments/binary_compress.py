@@ -32,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.quant import binary as qb  # noqa: E402
 from mlsys_jax.quant.binary import export  # noqa: E402
@@ -124,7 +125,10 @@ def main(argv):
                             "optimizer": "Bop (gamma 1e-2 cosine x0.01, tau 1e-6) + Adam 3e-3 (case_optimizer)",
                             "settings": SETTINGS},
                  "digits_accuracy": summary, "digits_bytes": digits_bytes, "digits_float32_bytes": f32_digits,
-                 "seconds": time.time() - t0, "jax": jax.__version__})
+                 "seconds": time.time() - t0, "jax": jax.__version__,
+                 "provenance": provenance.record(   # every seed's split: x_train, y_train, x_test, y_test each
+                     data_arrays=[a for s in range(_SEEDS.value) for a in data.load_digits(seed=s)[:4]],
+                     script=__file__)})
   (out / "binary_compress.json").write_text(json.dumps(result, indent=1))
   print(json.dumps(summary, indent=1))
   print(f"wrote {out / 'binary_compress.json'}")

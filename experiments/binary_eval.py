@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.quant import binary as qb  # noqa: E402
 
@@ -113,7 +114,10 @@ def main(argv):
                        if k in ("seeds", "epochs", "batch_size", "lr", "lr_binary", "bop_gamma",
                                 "bop_threshold", "arms", "blocks", "filters")},
             "accuracy": summary, "packed_check_seed0": packed_check, "seconds": time.time() - t0,
-            "jax": jax.__version__}
+            "jax": jax.__version__,
+            "provenance": provenance.record(   # every seed's split: x_train, y_train, x_test, y_test each
+                data_arrays=[a for s in range(_SEEDS.value) for a in data.load_digits(seed=s)[:4]],
+                script=__file__)}
   (out / "binary_eval.json").write_text(json.dumps(result, indent=1))
   print(f"wrote {out / 'binary_eval.json'}; packed converter check: {packed_check}")
 

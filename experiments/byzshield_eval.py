@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.robust import byzshield as bz  # noqa: E402
 
@@ -123,6 +124,8 @@ def main(argv):
       print(f"q={q}: ByzShield vs DETOX: {c}")
     result.update({"accuracy": acc, "comparisons": comps, "aggregator": _AGG.value, "vote_rtol": _VOTE_RTOL.value, "steps": _STEPS.value,
                    "seeds": _SEEDS.value, "attack": "alie (z=1), omniscient worst-case workers"})
+  result["provenance"] = provenance.record(
+      data_arrays=None if _SKIP.value else (ds.x_train, ds.y_train, ds.x_test, ds.y_test), script=__file__)
   (out / "results.json").write_text(json.dumps(result, indent=1))
   print(f"wrote {out / 'results.json'}")
 

@@ -29,11 +29,8 @@ bootstrap interval of the accuracy difference. Bytes are what one worker passes 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
 import json
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -46,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 from mlsys_jax.comm.adaptive_ef import (decay_residual, rms_selection, scale_by_frozen_rms,  # noqa: E402
@@ -292,10 +290,7 @@ def merge(paths, out_path):
   base = runs[0]
   acc, sent = {}, {}
   for p, r in zip(paths, runs):
-    d0, d1 = (x.get("provenance", {}).get("data_sha256") for x in (base, r))
-    if d0 and d1 and d0 != d1:
-      raise ValueError(f"{p}: trained on different data than {paths[0]} (data_sha256 {d1[:12]} vs {d0[:12]}); "
-                       "merge only runs of one data set build.")
+    provenance.check_same_data(base, r, names=(paths[0], p))   # ValueError: trained on other data
     if r["seeds"] != base["seeds"] or r["accuracy"]["adam"] != base["accuracy"]["adam"]:
       raise ValueError(f"{p}: seeds {r['seeds']} / Adam {r['accuracy']['adam']} differ from {paths[0]}'s "
                        f"({base['seeds']} / {base['accuracy']['adam']}); its arms are not paired with the others.")
@@ -355,33 +350,6 @@ def main(argv):
   _write(out, ds, seeds, acc, sent, comparisons, curves)
 
 
-def _provenance(ds) -> dict:
-  """What a rerun must match to reproduce the JSON: the data's SHA-256 (the ``mnist1d`` package generates its
-  data, and two installs have given different arrays), the git revision of the checkout (and whether the
-  library or experiments had uncommitted changes) and the versions of the packages that compute the result."""
-  h = hashlib.sha256()
-  for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
-    h.update(np.ascontiguousarray(a).tobytes())
-  root = pathlib.Path(__file__).resolve().parents[1]
-
-  def git(*args):
-    try:
-      r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-      return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-      return None
-
-  status = git("status", "--porcelain", "--", "mlsys_jax", "experiments/compressed_adam.py")
-  versions = {}
-  for pkg in ("jax", "jaxlib", "optax", "flax", "numpy", "scipy", "mnist1d"):
-    try:
-      versions[pkg] = importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-      versions[pkg] = None
-  return {"data_sha256": h.hexdigest(), "git_rev": git("rev-parse", "HEAD"),
-          "git_dirty": None if status is None else bool(status), "versions": versions}
-
-
 def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
@@ -395,7 +363,8 @@ def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons,
-      "provenance": _provenance(ds),
+      "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                                      script=__file__),
       **({"curve": curves} if curves else {})}, indent=1))
   print(f"wrote {path}", flush=True)
 

@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax.cost import dataset as ds  # noqa: E402
 from mlsys_jax.cost import hlo as hlo_lib  # noqa: E402
 from mlsys_jax.cost import programs  # noqa: E402
@@ -188,7 +189,8 @@ def main(argv):
           "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
           "variants": [[n, o] for n, o in variants], "families": FLAGS.families, "seed": FLAGS.seed,
           "small": FLAGS.small, "rounds": FLAGS.rounds, "target_ms": FLAGS.target_ms,
-          "timing_order": "rotated_random_per_round", **peaks}
+          "timing_order": "rotated_random_per_round", **peaks,
+          "provenance": provenance.record(script=__file__)}   # the dataset's meta: no input data
 
   # Phase 1: compile in a thread pool until the compile deadline.
   compile_deadline = t_start + FLAGS.compile_frac * budget

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.cost import dataset as ds  # noqa: E402
 from mlsys_jax.cost import features, graph, hlo, metrics, train  # noqa: E402
@@ -231,7 +232,10 @@ def main(argv):
          "flags": {k: FLAGS[k].value for k in ("epochs", "hidden", "layers", "rank_weight", "max_rows",
                                                 "noise_iqr", "floor_mult", "seed", "folds",
                                                 "drop_model_duplicates")},
-         "rows": int(done.sum()), "model_duplicate_rows": n_model_duplicates, "seconds": time.time() - t0}
+         "rows": int(done.sum()), "model_duplicate_rows": n_model_duplicates, "seconds": time.time() - t0,
+         "provenance": provenance.record(   # every --data file as loaded: HLO texts, then the other columns
+             data_arrays=[x for p in FLAGS.data for d in [ds.load_dataset(p)] for x in (*d.hlo, *d[1:-1])],
+             script=__file__)}
   os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(out, f, indent=1)

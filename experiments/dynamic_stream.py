@@ -18,6 +18,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from benchmarks import common  # noqa: E402
 from benchmarks.dynamic_stream import stream_benchmark, tree_benchmark  # noqa: E402
 
@@ -66,7 +67,8 @@ def _plot(res, path):
 def main(_):
   out = pathlib.Path(_OUT_DIR.value)
   out.mkdir(parents=True, exist_ok=True)
-  res = {"environment": common.environment(), "complete": False}
+  res = {"environment": common.environment(), "complete": False,
+         "provenance": provenance.record(script=__file__, code=("mlsys_jax", "benchmarks"))}   # synthetic
 
   def save(part):  # the JSON is rewritten after every step: an interrupted run keeps what it measured
     def write(r):

@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.sched import placement as P  # noqa: E402
 
@@ -143,7 +144,11 @@ def main(argv):
                                               "horizon", "max_life", "window", "dagger_iters", "epochs",
                                               "ppo_iters")}
   results = {"config": cfg, "objective_definition": "mean over time steps and resources (CPU, memory) of "
-             "max_m util / mean_m util across machines (1 when idle); lower is better", "workloads": {}}
+             "max_m util / mean_m util across machines (1 when idle); lower is better", "workloads": {},
+             "provenance": provenance.record(   # per workload: the training traces, then the test traces
+                 data_arrays=[a for w in _WORKLOADS.value for seeds in (np.arange(_TRAIN.value) + 100_000,
+                                                                         np.arange(_SEEDS.value))
+                              for a in jax.tree_util.tree_leaves(_batch(w, seeds))], script=__file__)}
   t0 = time.time()
   for w in _WORKLOADS.value:
     results["workloads"][w] = run_workload(w, out)

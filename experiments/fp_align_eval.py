@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.quant import fp_align  # noqa: E402
 
@@ -219,6 +220,8 @@ def main(argv):
     res["summary"] = _summary(res, ws)
     results["models"][mname] = res
   results["seconds"] = time.perf_counter() - t_start
+  results["provenance"] = provenance.record(   # each model's data set in --models order (one split, all seeds)
+      data_arrays=[a for m in _MODELS.value for a in _setup(m, 0)[0][:4]], script=__file__)
   path = out_dir / f"{_NAME.value}.json"
   path.write_text(json.dumps(results, indent=1, default=float))
   print(f"wrote {path}")

@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, quant, stats  # noqa: E402
 from mlsys_jax.robust import gradsigns as gs  # noqa: E402
 
@@ -218,6 +219,8 @@ def main(argv):
       "attacks": {k: {"ber": summary(d["ber"]), "acc": summary(d["acc"])} for k, d in attacks.items()},
       "fine_tuning_diagnostic": {k: {m: summary(v) for m, v in d.items()} for k, d in ft_diag.items()},
       "capacity": cap, "largest_bits_with_ber0": largest, "seconds": time.perf_counter() - t0,
+      "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                                      script=__file__),
   }
   if r["paper_acc"]:
     res["paper_bce_lam1"] = {"acc": summary(r["paper_acc"]), "ber": summary(r["paper_ber"]),

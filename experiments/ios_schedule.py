@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import sched  # noqa: E402
 from mlsys_jax.models import ios_benchmark_nets, ios_init_params  # noqa: E402
 
@@ -101,6 +102,7 @@ def main(_):
             f"(sequential {out['sequential_pred_us']:8.1f}); search {dt:6.2f} s; rel diff {rel:.1e}",
             flush=True)
     results["nets"][name] = out
+  results["provenance"] = provenance.record(script=__file__)   # no data set: random inputs, schedules
   path = pathlib.Path(_OUT.value)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(results, indent=1))

@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.infer import microrec as mr  # noqa: E402
 
@@ -121,6 +122,7 @@ def main(_):
       "out_dir", "max_rows", "batches", "seeds", "budget", "zipf", "loop"}}
   res["device"] = str(jax.devices()[0])
   res["seconds"] = time.time() - t0
+  res["provenance"] = provenance.record(script=__file__)   # no data set: closed-form plans, timings
   path = pathlib.Path(_OUT.value)
   path.mkdir(parents=True, exist_ok=True)
   (path / "microrec_eval.json").write_text(json.dumps(res, indent=1))

@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models  # noqa: E402
 from mlsys_jax.robust import bit_errors as be  # noqa: E402
 
@@ -106,7 +107,11 @@ def main(argv):
             flush=True)
   (out / "results.json").write_text(json.dumps({"dataset": ds.name, "patterns": _PATTERNS.value,
                                                 "p_train": _PTRAIN.value, "epochs": _EPOCHS.value,
-                                                "results": results}, indent=1))
+                                                "results": results,
+                                                "provenance": provenance.record(
+                                                    data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                                                    script=__file__)},
+                                               indent=1))
   hdr = "bits  method" + " " * 21 + "Err%   " + "  ".join(f"RErr@{100 * p:g}%".ljust(14) for p in rates)
   print("\n" + hdr)
   for r in results:

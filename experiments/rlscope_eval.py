@@ -36,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import profile  # noqa: E402
 
 _OUT = flags.DEFINE_string("out_dir", "results/rlscope", "Output folder.")
@@ -107,6 +108,7 @@ def main(_):
   res: dict = {"flags": {f: getattr(flags.FLAGS, f) for f in ("steps", "repeats", "folds", "calib_n", "calib_repeats", "attr_runs",
                                                                   "workloads", "gpu_util")},
                "jax": jax.__version__, "platform": jax.devices()[0].platform,
+               "provenance": provenance.record(script=__file__),   # no data set: simulated environments
                "calibration": {"delta_ns": cal.delta_ns, "raw_delta_ns": cal.raw_delta_ns,
                                "seconds": cal.wall_s, "counts": cal.counts, "clock": cal.clock},
                "workloads": {}}

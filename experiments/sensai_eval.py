@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.infer import sensai  # noqa: E402
 from benchmarks.sensai_latency import batch1_latency  # noqa: E402
@@ -216,7 +217,11 @@ def main(argv):
   out = pathlib.Path(_OUT_DIR.value)
   out.mkdir(parents=True, exist_ok=True)
   payload = {"flags": {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(sys.argv[0])},
-             "jax": jax.__version__, "device": jax.devices()[0].platform, "summary": summary, "runs": runs}
+             "jax": jax.__version__, "device": jax.devices()[0].platform, "summary": summary, "runs": runs,
+             "provenance": provenance.record(   # every seed's split: x_train, y_train, x_test, y_test each
+                 data_arrays=[a for s in range(_SEEDS.value) for a in data.load_dataset(
+                     _DATASET.value, seed=s, data_dir=_DATA_DIR.value or None)[:4]],
+                 script=__file__, code=("mlsys_jax", "benchmarks"))}
   path = out / f"sensai_{_DATASET.value}{'' if _ARCH.value == 'cnn' else '_' + _ARCH.value}{_SUFFIX.value}.json"
   path.write_text(json.dumps(payload, indent=1))
   print(f"wrote {path}")

@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
@@ -212,7 +213,9 @@ def main(argv):
       "lr": _LR.value if _OPT.value == "momentum" else 1e-3, "density_quality": quality,
       "train": {"accuracy": acc, "bytes_per_device": sent, "steps": _STEPS.value, "workers": 8,
                 "seeds": seeds},
-      "comparisons": comparisons}, indent=1))
+      "comparisons": comparisons,
+      "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                                      script=__file__)}, indent=1))
   print(f"wrote {path}")
 
 

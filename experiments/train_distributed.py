@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, robust  # noqa: E402
 from mlsys_jax.comm import accordion, powersgd, sidco  # noqa: E402
 from mlsys_jax.comm import distributed as dist  # noqa: E402
@@ -113,7 +114,9 @@ def run(cfg: dict, log=print) -> dict:
     return models.cross_entropy(model.apply({"params": p}, x), y)
 
   out = {"process_index": pid, "process_count": jax.process_count(), "devices": n_dev,
-         "local_devices": jax.local_device_count(), "jax": jax.__version__, "config": cfg, "methods": {}}
+         "local_devices": jax.local_device_count(), "jax": jax.__version__, "config": cfg, "methods": {},
+         "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                                         script=__file__)}
   for method in cfg["methods"]:
     if method not in METHODS:
       raise ValueError(f"unknown method {method!r}; choose from {METHODS}.")

@@ -46,6 +46,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import sched  # noqa: E402
 from mlsys_jax.cost import value as V  # noqa: E402
 from mlsys_jax.models import ios_benchmark_nets, ios_init_params  # noqa: E402
@@ -230,7 +231,9 @@ def part_options():
   out = {"dataset": {"path": os.path.relpath(_ODATA.value), "programs": int(len(np.unique(od.group))),
                      "candidates": int(len(od.y)), "options": list(od.options), "device": ds.meta.get("device")},
          "config": {**cfg._asdict(), "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value},
-         "noise_floor": noise, "results": results, "total_s": time.perf_counter() - t0}
+         "noise_floor": noise, "results": results, "total_s": time.perf_counter() - t0,
+         # the cost dataset: the HLO texts, then the columns (meta left out)
+         "provenance": provenance.record(data_arrays=[*ds.hlo, *ds[1:-1]], script=__file__)}
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, "value_options.json" if _OTARGET.value == "measured"
                       else f"value_options_{_OTARGET.value}_target.json")
@@ -319,7 +322,9 @@ def part_options_nested():
                      "measured runtimes; the held-out family's choice made once with the chosen values",
          "config": {**cfg._asdict(), "grid": grid, "inner_folds": _OINNER.value}, "fits": fit_count,
          "chosen": chosen_hp, "inner_scores": inner_scores, "results": res,
-         "total_s": time.perf_counter() - t0}
+         "total_s": time.perf_counter() - t0,
+         # the cost dataset: the HLO texts, then the columns (meta left out)
+         "provenance": provenance.record(data_arrays=[*ds.hlo, *ds[1:-1]], script=__file__)}
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, "value_options_nested.json")
   with open(path, "w") as fh:
@@ -374,6 +379,8 @@ def part_program_mape():
     print(f"[{name}] whole-program MAPE: learned {ml:.3f}, analytical (fitted roofline) {ma:.3f} "
           f"-> {ma / ml:.2f}x", flush=True)
   out["total_s"] = time.perf_counter() - t0
+  # the cost dataset: the HLO texts, then the columns (meta left out)
+  out["provenance"] = provenance.record(data_arrays=[*ds.hlo, *ds[1:-1]], script=__file__)
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, "value_program_mape.json")
   with open(path, "w") as f:
@@ -436,7 +443,8 @@ def main(_):
          "cost_model": "AnalyticalCost (H100-like roofline), CPU", "nets": rows,
          "geomean_greedy_over_dp": float(np.exp(np.mean([np.log(v["greedy_over_dp"]) for v in rows.values()]))),
          "geomean_hybrid_over_dp": float(np.exp(np.mean([np.log(v["hybrid_over_dp"]) for v in rows.values()]))),
-         "total_s": time.perf_counter() - t0}
+         "total_s": time.perf_counter() - t0,
+         "provenance": provenance.record(script=__file__)}   # no data set: generated nets, analytical costs
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, "value_eval.json")
   with open(path, "w") as f:

@@ -49,6 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import sched  # noqa: E402
 from mlsys_jax.cost import value_ios as VI  # noqa: E402
 from mlsys_jax.cost.metrics import kendall_tau, mape  # noqa: E402
@@ -90,6 +91,19 @@ _OUT = flags.DEFINE_string("out_dir", "experiments/results/value_ios", "Output d
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RES = ROOT / "benchmarks" / "results"
+
+
+def _input_files() -> list[pathlib.Path]:
+  """The data files the chosen ``--part`` reads (their bytes make the provenance digest): the H100
+  measurements in ``benchmarks/results`` (accuracy, train, both) and the saved predictors (search with
+  ``--predictor_dir``)."""
+  files = []
+  if _PART.value in ("accuracy", "train", "both"):
+    for pat in ("ios_cache_h100*.json", "ios_sched_h100/*.json", "ios_schedule_*.json", "ios_isolated_*.json"):
+      files += sorted(p for p in RES.glob(pat) if "flaxinit" not in p.name)
+  if _PART.value in ("search", "both") and _PRED_DIR.value:
+    files += sorted(pathlib.Path(_PRED_DIR.value).glob("predictor_*.npz"))
+  return files
 
 
 def _graph(name, dtype, small=False):
@@ -558,7 +572,10 @@ def main(_):
   os.makedirs(_OUT.value, exist_ok=True)
   out = {"config": {"nets": _NETS.value, "steps": _STEPS.value, "hidden": _HIDDEN.value, "seed": _SEED.value,
                     "top_k": _TOPK.value, "strategy": _STRATEGY.value, "r": _R.value, "s": _S.value},
-         "jax": jax.__version__}
+         "jax": jax.__version__,
+         "provenance": provenance.record(data_arrays=[p.read_bytes() for p in _input_files()],
+                                         extra={"data_files": [os.path.relpath(p, ROOT) for p in _input_files()]},
+                                         script=__file__)}
   if _PART.value in ("accuracy", "both"):
     out["accuracy"] = part_accuracy()
     with open(os.path.join(_OUT.value, "value_ios_accuracy.json"), "w") as f:

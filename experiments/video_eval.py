@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.infer import video  # noqa: E402
 
@@ -108,7 +109,10 @@ def main(_):
   cfg = {"size": size, "frames": _FRAMES.value, "seeds": _SEEDS.value, "tile": tile,
          "channels": [int(c) for c in _CHANNELS.value], "max_active_fraction": _FRACTION.value,
          "backend": jax.default_backend(), "jax": jax.__version__}
-  (out / "video_eval.json").write_text(json.dumps({"config": cfg, "rows": rows}, indent=1))
+  prov = provenance.record(   # the synthetic streams, in the loop's order (activity, then seed)
+      data_arrays=[video.synthetic_video(s, _FRAMES.value, size, size, 3, act)
+                   for act in _ACTIVITY.value for s in range(_SEEDS.value)], script=__file__)
+  (out / "video_eval.json").write_text(json.dumps({"config": cfg, "rows": rows, "provenance": prov}, indent=1))
   print(f"wrote {out / 'video_eval.json'}")
 
 

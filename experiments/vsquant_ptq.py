@@ -34,6 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import data, models, quant, stats  # noqa: E402
 from mlsys_jax.quant import _pallas_gemm  # noqa: E402
 from mlsys_jax.quant import layers as quant_layers  # noqa: E402
@@ -289,7 +290,9 @@ def main(argv):
             "calibration": _CALIB.value, "vector_size": v,
             "accuracy_mean": {k: float(np.mean(a)) for k, a in acc.items()},
             "accuracy_std": {k: float(np.std(a)) for k, a in acc.items()},
-            "accuracy": acc, "weight_sqnr_4bit_db": sqnr_mean, "comparisons": comparisons}
+            "accuracy": acc, "weight_sqnr_4bit_db": sqnr_mean, "comparisons": comparisons,
+            "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                                            script=__file__)}
   if _INTEGER_CHECK.value:
     result["integer_check"] = _summarize_integer_check(int_checks)
   (out_dir / "results.json").write_text(json.dumps(result, indent=1))
