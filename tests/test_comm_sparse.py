@@ -593,15 +593,18 @@ def test_segments_pool_small_leaves_and_layout_reduces_per_segment():
                                 [max(jnp.abs(leaves[0]).max(), jnp.abs(leaves[1]).max()), jnp.abs(leaves[2]).max()])
 
 
-def test_sidco_segments_exact_is_a_triple():
-  """_sidco_segments(exact=(k, send_capacity, k_max)) keeps each segment's k largest (k_max None: the bit
-  search); the old pair form (k, send_capacity) is an error."""
+@pytest.mark.parametrize("search", ["blocks", "bits"])
+def test_sidco_segments_exact_is_a_triple(search, monkeypatch):
+  """_sidco_segments(exact=(k, send_capacity, k_max)) keeps each segment's k largest, with the block select
+  (the default) and with the bit search; the old pair form (k, send_capacity) and k_max None are errors."""
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", search)
   lay = sp._Layout([5000, 10, 9000], [[0, 1], [2]])
   leaves = [_heavy(5000, 1), _heavy(10, 2), _heavy(9000, 3)]
   flat = lay.flatten(leaves, jnp.float32)
   k = jnp.asarray([50, 90], jnp.int32)
+  k_max = np.array([50, 90])
   payload = jax.jit(lambda f, kk: sp._sidco_segments(f, lay, 0.015, 280, "exponential", 2, 0.25, None, None,
-                                                     packing="xla", exact=(kk, 140, None))[0])(flat, k)
+                                                     packing="xla", exact=(kk, 140, k_max))[0])(flat, k)
   c = int(payload.count)
   assert c == 140
   got = np.sort(np.asarray(payload.indices)[:c])
@@ -612,6 +615,9 @@ def test_sidco_segments_exact_is_a_triple():
   np.testing.assert_array_equal(got, ref)
   with pytest.raises(ValueError, match="k_max"):
     sp._sidco_segments(flat, lay, 0.015, 280, "exponential", 2, 0.25, None, None, packing="xla", exact=(k, 140))
+  with pytest.raises(ValueError, match="k_max None"):
+    sp._sidco_segments(flat, lay, 0.015, 280, "exponential", 2, 0.25, None, None, packing="xla",
+                       exact=(k, 140, None))
 
 
 def test_per_segment_thresholds_select_what_each_leaf_fit_selects():
@@ -775,6 +781,83 @@ def test_exact_sidco_breaks_ties_at_the_cut_as_top_k(cf):
     sp.sidco(0.01, overshoot=3.0)                              # above capacity_factor (2)
   with pytest.raises(ValueError, match="overshoot"):
     sp.sidco(0.01, overshoot=0.5)
+
+
+def _primitives(jaxpr, out=None):
+  """Names of every primitive in a jaxpr, nested jaxprs (cond branches, loops) included."""
+  out = [] if out is None else out
+  for eqn in jaxpr.eqns:
+    out.append(eqn.primitive.name)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _primitives(inner, out)
+  return out
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_exact_sidco_runs_no_fit(per_tensor, monkeypatch):
+  """exact=True (the default) finds every segment's k-th largest by the block select alone: SIDCo's fit
+  (_seg_threshold) is never traced, and the only conditional is the trim's (ties at the cut). The spy is
+  shown to fire: the fit-first path of before (_EXACT_FIT) and exact=False do trace the fit."""
+  calls = []
+  for name in ("_seg_threshold", "_seg_kth_blocks", "_seg_exact"):
+    fn = getattr(sp, name)
+    monkeypatch.setattr(sp, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
+  g = {"w": _heavy(6000, 1).reshape(60, 100), "b": _heavy(40, 2), "c": _heavy(5000, 3)}
+
+  def traced(tx):
+    calls.clear()
+    prims = _primitives(jax.make_jaxpr(tx.update)(g, tx.init(g)).jaxpr)
+    return sorted(set(calls)), prims.count("cond")
+
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
+  assert traced(sp.sidco(0.01, distribution="gamma", stages=3, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor, exact=False))[0] == ["_seg_threshold"]
+  monkeypatch.setattr(sp, "_EXACT_FIT", True)
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "bits")
+  got, conds = traced(sp.sidco(0.01, per_tensor=per_tensor))
+  assert got == ["_seg_exact", "_seg_threshold"] and conds == 2     # the fit, then the search under a cond
+
+
+@pytest.mark.parametrize("per_tensor", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_exact_sidco_same_as_the_fit_first_path(per_tensor, monkeypatch):
+  """The default exact path (block select, no fit, trim skipped without ties, in-place buffer) sends what the
+  path before session 9 sent (the fit first, the bit search where it missed, the trim's sort on every step,
+  two concatenations), bitwise over 3 steps: updates, residuals, densities, bytes, overflow counts. The
+  gradients: Gaussian (the exponential fit misses), heavy-tailed, and rounded values (ties at the cut)."""
+  rng = np.random.default_rng(21)
+  grads = [{"w": jnp.asarray(rng.standard_normal((40, 50)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(50) * 0.1, jnp.float32),
+            "c": jnp.asarray(rng.laplace(size=3000), jnp.float32),
+            "t": jnp.asarray(np.round(rng.laplace(size=2000) * 3), jnp.float32)} for _ in range(3)]
+
+  def run():
+    tx = sp.sidco(0.01, per_tensor=per_tensor)
+    st, up, outs = tx.init(grads[0]), jax.jit(tx.update), []
+    for g in grads:
+      out, st = up(g, st)
+      outs.append((out, st.residual, st.density, st.bytes_sent, st.overflow_steps))
+    return outs
+
+  new = run()
+  for name, value in (("_EXACT_SEARCH", "bits"), ("_EXACT_FIT", True), ("_TRIM_SKIP", False),
+                      ("_SUM_FLATTEN", "two")):
+    monkeypatch.setattr(sp, name, value)
+  old = run()
+  for x, y in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # the case holds ties at the cut (more than k entries >= the k-th largest of the segment) on some step,
+  # so the trim's sort ran on the default path too
+  names, res, tied = sorted(grads[0]), {n: 0.0 for n in grads[0]}, 0
+  for g, (_, r, *_) in zip(grads, new):
+    a = {n: np.abs(np.asarray(g[n] + res[n])).ravel() for n in names}
+    seg = a["t"] if per_tensor else np.concatenate([a[n] for n in names])   # "t" is its own segment
+    k = round(0.01 * seg.size)
+    tied += int((seg >= np.sort(seg)[-k]).sum() > k)
+    res = {n: np.asarray(r[n]) for n in names}
+  assert tied, "no ties at the cut: the case does not exercise the trim"
 
 
 def test_dgc_exact_keeps_the_k_largest_of_its_selection():
