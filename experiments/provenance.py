@@ -84,7 +84,10 @@ def git_state(repo_dir: str | os.PathLike = ROOT, paths: Sequence[str] | None = 
 
   Returns:
     ``{"git_rev": <40-hex HEAD or None>, "git_dirty": <bool or None>}``; None where git is missing,
-    ``repo_dir`` is not in a repository, or git fails or takes over 10 s.
+    ``repo_dir`` is not in a repository, or git fails or takes over 10 s. Where git cannot answer (a
+    copy of the tree without ``.git``, e.g. on a remote GPU machine) the environment variables
+    ``MLSYS_JAX_GIT_REV`` and ``MLSYS_JAX_GIT_DIRTY`` (``0``/``1``), set by whoever made the copy, are
+    used instead.
 
   Example:
     >>> sorted(git_state("/"))
@@ -102,6 +105,10 @@ def git_state(repo_dir: str | os.PathLike = ROOT, paths: Sequence[str] | None = 
 
   rev = git("rev-parse", "HEAD")
   status = git("status", "--porcelain", *(("--", *map(str, paths)) if paths else ())) if rev else None
+  if rev is None and os.environ.get("MLSYS_JAX_GIT_REV"):   # a copy without .git: the copier's record
+    dirty = os.environ.get("MLSYS_JAX_GIT_DIRTY")
+    return {"git_rev": os.environ["MLSYS_JAX_GIT_REV"],
+            "git_dirty": None if dirty not in ("0", "1") else dirty == "1"}
   return {"git_rev": rev, "git_dirty": None if status is None else bool(status)}
 
 

@@ -102,13 +102,24 @@ def _git(repo, *args):
 
 def test_git_state_outside_a_repository(tmp_path, monkeypatch):
   monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+  monkeypatch.delenv("MLSYS_JAX_GIT_REV", raising=False)
   assert provenance.git_state(tmp_path) == {"git_rev": None, "git_dirty": None}
   assert provenance.git_state(tmp_path / "missing") == {"git_rev": None, "git_dirty": None}
 
 
 def test_git_state_without_git(monkeypatch):
   monkeypatch.setenv("PATH", "")
+  monkeypatch.delenv("MLSYS_JAX_GIT_REV", raising=False)
   assert provenance.git_state(ROOT) == {"git_rev": None, "git_dirty": None}
+
+
+def test_git_state_falls_back_to_the_copiers_record(tmp_path, monkeypatch):
+  monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+  monkeypatch.setenv("MLSYS_JAX_GIT_REV", "ab" * 20)
+  monkeypatch.setenv("MLSYS_JAX_GIT_DIRTY", "1")
+  assert provenance.git_state(tmp_path) == {"git_rev": "ab" * 20, "git_dirty": True}
+  monkeypatch.setenv("MLSYS_JAX_GIT_DIRTY", "maybe")   # unreadable flag: unknown, not False
+  assert provenance.git_state(tmp_path) == {"git_rev": "ab" * 20, "git_dirty": None}
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
