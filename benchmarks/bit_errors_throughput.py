@@ -24,6 +24,7 @@ on-device exactness checks (self-tests, flip rates, stuck-at, uint16 odd length)
 
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT            # GPU, ~60-80 s
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --wide     # the large-tile sweep
+  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --draws    # 'popc'/'popcx' vs default
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out /tmp/b --small  # CPU smoke run (interpret)
 """
 
@@ -86,10 +87,40 @@ SWEEP = [("binomial", 256, None, False, 1, 3),    # the default (best wall time 
          ("binomial", 128, None, False, 1, 3), ("binomial", 1024, None, False, 8, 3),
          ("levels", 64, None, False, 1, 3),      # the 'levels' default until 2026-12-02
          ("levels", 512, None, False, 4, 3)]     # 'levels' with the new default tile
+# Session 7 (issue 21 item 3, 50% of the strict floor): the 'popc' and 'popcx' evaluations of the same
+# binomial stream (one early-stop test in the common case) against 'take' (the evaluation of the 15:01 run),
+# at the default tile and its neighbours. 7th field: draw.
+S7_MEMORY = []
+S7_PLAIN = [(512, 4)]
+S7_SWEEP = [("binomial", 256, None, False, 1, 3, "take"),     # the default (27.3 us at 15:01)
+            ("binomial", 256, None, False, 1, 3, "popc"),
+            ("binomial", 256, None, False, 1, 3, "popcx"),
+            ("binomial", 512, 128, True, 1, 3, "popc"),
+            ("binomial", 512, 128, True, 1, 3, "take"),      # the best device span at 15:01 (26.7 us)
+            ("binomial", 256, None, False, 1, 2, "popc"),
+            ("binomial", 256, None, False, 1, 4, "popc"),
+            ("binomial", 128, None, False, 1, 3, "popc"),
+            ("binomial", 512, None, False, 1, 3, "popc"),
+            ("binomial", 512, None, False, 2, 3, "popc"),
+            ("binomial", 512, 256, False, 1, 3, "popc")]
+# Session 9 (--draws, one short run): 'popc'/'popcx' again, now with the popcount on int32 (__nv_popc; the
+# uint32 one lowered to math.ctpop, which Triton rejected, so none of the S7 rows compiled on 2026-12-03),
+# against the default kernel ('take', 27.1 us = 45.2% of the strict floor on 2026-12-03) at the default tile
+# and two neighbours: 512 sub 128 loads-first (the best 'take' device span, 26.9 us) and 128 words.
+DRAWS_PLAIN = [(512, 4)]
+DRAWS_SWEEP = [("binomial", 256, None, False, 1, 3, "take"),     # the default kernel
+               ("binomial", 256, None, False, 1, 3, "popc"),
+               ("binomial", 256, None, False, 1, 3, "popcx"),
+               ("binomial", 512, 128, True, 1, 3, "popc"),
+               ("binomial", 512, 128, True, 1, 3, "popcx"),
+               ("binomial", 512, 128, True, 1, 3, "take"),
+               ("binomial", 128, None, False, 1, 3, "popc"),
+               ("binomial", 128, None, False, 1, 3, "popcx")]
+DEFAULT_ROW = ("binomial", 256, None, False, 1, 3, "take")   # the row the --draws summary compares with
 SMALL_MEMORY = [("levels", 64, None, False, 2, 0), ("levels", 128, 32, True, 2, 0)]
 SMALL_PLAIN = [(128, 2)]
 SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2, 1),
-               ("binomial", 64, None, False, 2, 2),
+               ("binomial", 128, 64, False, 2, 3, "popc"), ("binomial", 64, None, False, 2, 2, "popcx"),
                ("levels", 64, None, False, 2, 3)]
 
 
@@ -98,7 +129,14 @@ def _extra(ap):
   ap.add_argument("--repeats", type=int, default=30, help="round-robin timing rounds")
   ap.add_argument("--inner", type=int, default=3, help="calls back to back per wall-time measurement")
   ap.add_argument("--wide", action="store_true", help="the large-tile sweep (WIDE_*) instead of the default set")
+  ap.add_argument("--s7", action="store_true",
+                  help="the long draw-evaluation sweep (S7_*) instead of the default set")
   ap.add_argument("--no_stuck", action="store_true", help="skip the inject_stuck_at row")
+  ap.add_argument("--draws", action="store_true",
+                  help="short run (~60 s on the H200): the default kernel, the public function and its path "
+                       "with draw='popc'/'popcx', 'popc'/'popcx' at the default tile and two neighbours "
+                       "(DRAWS_SWEEP), the XOR-copies and floors, on-device checks of every draw; "
+                       "no stuck-at row")
   ap.add_argument("--philox5", action="store_true",
                   help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
   ap.add_argument("--compile_budget_s", type=float, default=55.0,
@@ -107,9 +145,10 @@ def _extra(ap):
   ap.add_argument("--no_checks", action="store_true", help="skip the on-device exactness checks")
 
 
-def _name(mth, w, sb, unroll, nwarp, pre, p0=False):
+def _name(mth, w, sb, unroll, nwarp, pre, draw=None, p0=False):
   tile = f"words={w}" + ("" if sb in (None, w) else f" sub={sb} {'loads-first' if unroll else 'loop'}")
-  return f"kernel {'p=0 (memory path) ' if p0 else ''}{mth} {tile} warps={nwarp} pre={pre}"
+  return (f"kernel {'p=0 (memory path) ' if p0 else ''}{mth} {tile} warps={nwarp} pre={pre}"
+          + ("" if draw is None else f" draw={draw}"))
 
 
 def _pallas_xor(c, k, words: int, nwarp: int, interpret: bool):
@@ -176,6 +215,34 @@ def _device_times(fns: dict, calls: int, per_call: int, gap_s: float = 0.005) ->
     return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
+def _draw_summary(out_rows: list, default_op: str) -> dict:
+  """The draw-evaluation rows (kernel rows naming a draw, the public function and its path with another
+  draw) against ``default_op`` in the same run: device span where profiled (else wall) per array, its
+  ratio to the default row's, the fractions of both floors and the mismatches; and the fastest
+  zero-mismatch kernel row of each draw."""
+  by_op = {r["op"]: r for r in out_rows}
+  ref = by_op.get(default_op)
+  if ref is None:
+    return {"error": f"no default row {default_op!r} (failed or skipped)"}
+  measure = "device_span_s" if "device_span_s" in ref else "s"
+  rows, best = {}, {}
+  for r in out_rows:
+    draw_row = r["op"].startswith("kernel ") and " draw=" in r["op"]
+    if not (draw_row or r["op"].startswith("inject_bit_errors")):
+      continue
+    tm = r.get(measure)
+    if tm is None:
+      continue
+    rows[r["op"]] = {"t": tm, "vs_default": tm / ref[measure], "mismatched": r["mismatched_codes_vs_xla"],
+                     "span_fraction_of_copy_floor": r.get("span_fraction_of_copy_floor"),
+                     "span_fraction_of_floor": r.get("span_fraction_of_floor")}
+    if draw_row and r["mismatched_codes_vs_xla"] == 0:
+      dr = r["op"].rsplit("draw=", 1)[1]
+      if dr not in best or tm < best[dr]["t"]:
+        best[dr] = {"op": r["op"], **rows[r["op"]]}
+  return {"measure": measure, "default_op": default_op, "rows": rows, "best_per_draw": best}
+
+
 MERGED = "XLA uint32 XOR-copy, all arrays merged into one launch by XLA (the strict copy floor)"
 
 
@@ -200,11 +267,11 @@ def main():
   t, always = be._threshold(p)
   t0_, a0_ = be._threshold(0.0)
 
-  def kernel_step(method, w, sb, unroll, nwarp, pre, thr=(t, always), impl=kimpl):
+  def kernel_step(method, w, sb, unroll, nwarp, pre, draw=None, thr=(t, always), impl=kimpl):
     def step(c, k):
       fp = jnp.stack([k[0], k[1], thr[0], thr[1].astype(jnp.uint32)])
       return pb.inject(c, 8, fp, impl=impl, words=w, sub=sb, unroll=unroll, num_warps=nwarp, pre=pre,
-                       method=method)
+                       method=method, draw=draw)
     return step
 
   def u32_view_xor(c, k):
@@ -218,14 +285,16 @@ def main():
           "XLA uint32 XOR-copy (uint32 arrays, same bytes)": ("u32", lambda c, k: c ^ k[0], None),
           "XLA float32 x*c (float32 arrays, same bytes)": (
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
-  mem, plain, sweep = ((SMALL_MEMORY, SMALL_PLAIN, SMALL_SWEEP) if args.small else
-                       (WIDE_MEMORY, WIDE_PLAIN, WIDE_SWEEP) if args.wide else (MEMORY, PLAIN, SWEEP))
+  mem, plain, sweep = (([], DRAWS_PLAIN, DRAWS_SWEEP) if args.draws else   # with --small: its CPU smoke
+                       (SMALL_MEMORY, SMALL_PLAIN, SMALL_SWEEP) if args.small else
+                       (WIDE_MEMORY, WIDE_PLAIN, WIDE_SWEEP) if args.wide else
+                       (S7_MEMORY, S7_PLAIN, S7_SWEEP) if args.s7 else (MEMORY, PLAIN, SWEEP))
   cands = []
   for i in range(max(len(mem), len(plain), len(sweep))):   # interleave the groups: priority by position
     if i < len(sweep):
       cands.append((_name(*sweep[i]), ("u8", kernel_step(*sweep[i]), sweep[i][0])))
     if i < len(mem):
-      cands.append((_name(*mem[i], p0=True), ("u8", kernel_step(*mem[i], thr=(t0_, a0_)), "p0")))
+      cands.append((_name(*mem[i], p0=True), ("u8", kernel_step(*mem[i], None, thr=(t0_, a0_)), "p0")))
     if i < len(plain):
       w, nwarp = plain[i]
       cands.append((f"Pallas XOR-copy (no fault code) words={w} warps={nwarp}", ("u8", lambda c, k, w=w,
@@ -233,6 +302,10 @@ def main():
     if i == 1:
       cands.append(("inject_bit_errors (public)", ("u8", lambda c, k: be.inject_bit_errors(k, c, p, 8),
                                                    "public")))
+      for dr in [d for d in pb.DRAWS if d != pb.DRAW] if args.s7 or args.draws or args.small else ():
+        # the public path with the other draw evaluation
+        cands.append((f"inject_bit_errors (public path, draw={dr})", (
+            "u8", lambda c, k, dr=dr: be._inject(k, c, p, 8, draw=dr), "public")))
       if args.philox5 or args.small:   # diagnostic, different bits: Philox-2x32 at 5 rounds (its cost, halved)
         def half(c, k, inner=kernel_step("binomial", 256, None, False, 1, 3)):
           old, pb._ROUNDS2 = pb._ROUNDS2, 5
@@ -242,7 +315,7 @@ def main():
             pb._ROUNDS2 = old
         cands.append(("diagnostic (other bits): binomial words=256 warps=1 pre=3, Philox-2x32-5",
                       ("u8", half, None)))
-      if not args.no_stuck:
+      if not (args.no_stuck or args.draws):
         cands.append(("inject_stuck_at (public)", ("u8", lambda c, k: be.inject_stuck_at(k, c, p, 8), None)))
   rows.update(cands)
 
@@ -314,10 +387,13 @@ def main():
                     f"of {args.inner} calls back to back / arrays, median over {repeats} round-robin "
                     "rounds; device_span_s: first kernel start to last kernel end of a call / arrays "
                     "(profiler, each call alone, median of 3); device_s: kernel durations / arrays",
-          "kernel_defaults": {"method": pb.METHOD, "hash": pb.HASH, "words": pb.WORDS, "sub": pb.SUB,
+          "kernel_defaults": {"method": pb.METHOD, "draw": pb.DRAW, "hash": pb.HASH, "words": pb.WORDS,
+                              "sub": pb.SUB,
                               "unroll": pb.UNROLL, "num_warps": pb.NUM_WARPS, "io": pb.IO, "pre": pb.PRE},
           "rows": out_rows, "errors": errors, "skipped": skipped, "best_zero_mismatch": best,
           "profile_error": dev.get("error") if isinstance(dev.get("error"), str) else None}
+  if args.draws or args.s7:
+    base["draw_summary"] = _draw_summary(out_rows, _name(*DEFAULT_ROW))
   print(f"{env}\ncopy bandwidth {bw / 1e12:.3f} TB/s, {n / 1e6:.2f}M uint8 codes, p = 1%, floor "
         f"{floor * 1e6:.2f} us; {batch} arrays per jitted call, median of {repeats} round-robin rounds")
   nan = float("nan")
@@ -330,6 +406,15 @@ def main():
                "mism"])
   print(f"copy floor (device span of the merged uint32 XOR-copy): {copy_floor}")
   print("best (0 mismatches):", best, "profile error:", base["profile_error"], flush=True)
+  if "draw_summary" in base:
+    ds = base["draw_summary"]
+    print(f"draw evaluations vs {ds.get('default_op')} ({ds.get('measure')}):")
+    for op, d in ds.get("rows", {}).items():
+      print(f"  {op}: {d['t'] * 1e6:.2f} us, x{d['vs_default']:.3f}, "
+            f"{100 * (d['span_fraction_of_copy_floor'] or float('nan')):.1f}% of the strict floor, "
+            f"mismatched {d['mismatched']}")
+    print("  best per draw:",
+          {k: (v["op"], round(v["t"] * 1e6, 2)) for k, v in ds.get("best_per_draw", {}).items()}, flush=True)
   write_json(args.out, "bit_errors_throughput", base)   # rewritten below with the checks
 
   # The public function as dispatched calls, interleaved with the XOR-copy.
@@ -343,24 +428,28 @@ def main():
 
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
-    try:
-      for mth in ("binomial", "levels"):
-        checks[f"kernel self-test passed ({mth})"] = pb.default_impl(mth) == "pallas"
-        for pp in (0.01, 0.3):
-          a = be._inject(key, codes, pp, 8, impl=kimpl, method=mth)
+    extra = [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or args.draws or dr == "popc")
+             ] if (args.s7 or args.draws) else []
+    for mth, dr in [("binomial", None), ("levels", None)] + extra:   # dr: the kernel's draw evaluation
+      tag = mth if dr is None else f"{mth} draw={dr}"
+      try:   # per group: a draw evaluation that fails to compile keeps the other checks
+        if dr is None:
+          checks[f"kernel self-test passed ({mth})"] = pb.default_impl(mth) == "pallas"
+        for pp in (0.01, 0.3, 0.9) if dr else (0.01, 0.3):
+          a = be._inject(key, codes, pp, 8, impl=kimpl, method=mth, draw=dr)
           b = be._inject(key, codes, pp, 8, impl="xla", method=mth)
-          checks[f"mismatched codes kernel vs xla {mth} p={pp}"] = int(jnp.sum(a != b))
-          checks[f"flip rate {mth} p={pp}"] = float(
+          checks[f"mismatched codes kernel vs xla {tag} p={pp}"] = int(jnp.sum(a != b))
+          checks[f"flip rate {tag} p={pp}"] = float(
               jnp.sum(jax.lax.population_count(a ^ codes).astype(jnp.int32)) / (8 * n))
-        a = be._inject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl, method=mth)
+        a = be._inject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl, method=mth, draw=dr)
         b = be._inject(key, codes, 0.05, 8, p_one=0.5, impl="xla", method=mth)
-        checks[f"mismatched codes stuck-at kernel vs xla {mth}"] = int(jnp.sum(a != b))
+        checks[f"mismatched codes stuck-at kernel vs xla {tag}"] = int(jnp.sum(a != b))
         a16 = (codes.astype(jnp.uint16) * 7)[: n // 2 - 1] >> 4     # odd length: the byte-load path
-        checks[f"mismatched uint16 12-bit odd length kernel vs xla {mth}"] = int(jnp.sum(
-            be._inject(key, a16, 0.02, 12, impl=kimpl, method=mth)
+        checks[f"mismatched uint16 12-bit odd length kernel vs xla {tag}"] = int(jnp.sum(
+            be._inject(key, a16, 0.02, 12, impl=kimpl, method=mth, draw=dr)
             != be._inject(key, a16, 0.02, 12, impl="xla", method=mth)))
-    except Exception as e:
-      checks["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
+      except Exception as e:
+        checks[f"error {tag}"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
   print(checks)
   total = time.perf_counter() - t_start
   print(f"total {total:.1f} s")

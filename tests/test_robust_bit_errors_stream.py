@@ -169,6 +169,8 @@ def test_kernel_equals_xla_under_jit_and_vmap(method):
   # byte io, a 64-word tile in two 32-word sub-blocks (one loop step each; the second one ragged)
   np.testing.assert_array_equal(np.asarray(run("interpret", io="bytes", words=64, sub=32, unroll=False,
                                                pre=1)), xla)
+  if method == "binomial":   # another evaluation of the draws (one early-stop test; all of them: below)
+    np.testing.assert_array_equal(np.asarray(run("interpret", words=64, pre=3, draw="popc")), xla)
   each = [np.asarray(be._inject(k, c, 0.07, 8, impl="xla", method=method)) for k, c in zip(keys, codes)]
   np.testing.assert_array_equal(np.stack(each), xla)
   assert len({bytes(x) for x in xla}) == 3
@@ -177,19 +179,70 @@ def test_kernel_equals_xla_under_jit_and_vmap(method):
 @pytest.mark.parametrize("dtype,bits", [(jnp.uint8, 8), pytest.param(jnp.uint8, 3, marks=pytest.mark.slow),
                                         pytest.param(jnp.uint16, 12, marks=pytest.mark.slow)])
 def test_binomial_kernel_equals_xla_across_rates_and_pre(dtype, bits):
-  """The binomial stream in the kernel's code (interpret mode) gives the XLA path's faults at p = 0, 0.02,
-  0.8 and 1 with several numbers of unconditional steps (pre); n_lanes = 32, 24 (invalid draws skipped) and 12
-  lanes; p = 0 faults nothing."""
+  """The binomial stream gives the same faults from p = 0 to 1 with every evaluation of the draws ('take';
+  'popc'/'popcx': unions of the draws, one early-stop test) in the XLA path and in the kernel's code
+  (interpret mode), with several numbers of unconditional steps (pre). n_lanes = 32, 24 (invalid draws
+  skipped) and 12 lanes; p = 0 faults nothing."""
   n = 6001
   codes = (jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(2654435761) % jnp.uint32(2 ** bits)).astype(dtype)
   kw = pb.key_words(jax.random.PRNGKey(11))
-  for p in (0.0, 1e-3, 0.02, 0.3, 0.8, 1.0):
+  rates = (0.0, 1e-3, 0.02, 0.3, 0.8, 1.0)   # 0.8, 1: draws past the first word of draws
+  refs = []
+  for p in rates:
     fp = be._flip_params(kw, p)
-    ref = np.asarray(pb.inject(codes, bits, fp, impl="xla"))
+    ref = np.asarray(pb.inject(codes, bits, fp, impl="xla", draw="take"))
     assert (ref != np.asarray(codes)).any() == (p > 0)
-    for pre in ((1, 6) if p == 0.02 else (3,) if p in (0.0, 0.8, 1.0) else ()):   # 0.8, 1: draws past the first word
-      np.testing.assert_array_equal(np.asarray(pb.inject(codes, bits, fp, impl="interpret", pre=pre,
-                                                         words=64)), ref)
+    for draw in ("popc", "popcx"):
+      np.testing.assert_array_equal(np.asarray(pb.inject(codes, bits, fp, impl="xla", draw=draw)), ref)
+    refs.append(ref)
+  # interpret mode: one compilation per (pre, draw), every rate through it (pre 6: every draw of the first
+  # word unconditional with 32 lanes; pre 1: one)
+  configs = [(3, "take"), (1, "popc"), (6, "popc"), (3, "popcx")]
+  if bits != 8:
+    configs += [(6, "take"), (2, "popcx")]
+  for pre, draw in configs:
+    f = jax.jit(lambda c, fp, pre=pre, draw=draw: pb.inject(c, bits, fp, impl="interpret", pre=pre, words=64,
+                                                            draw=draw))
+    for p, ref in zip(rates, refs):
+      np.testing.assert_array_equal(np.asarray(f(codes, be._flip_params(kw, p))), ref,
+                                    err_msg=f"p={p} pre={pre} draw={draw}")
+  with pytest.raises(ValueError, match="draw must be"):
+    pb.inject(codes, bits, fp, impl="xla", draw="bogus")
+
+
+def test_popcount_is_the_uint32_popcount_through_int32():
+  """``_popcount`` (taken on the int32 view so that Triton gets ``__nv_popc``) counts the bits of uint32
+  words, including those with the top bit set."""
+  x = np.array([0, 1, 0x80000000, 0xFFFFFFFF, 0x7FFFFFFF, 0xDEADBEEF, 0x00010001], np.uint32)
+  pc = pb._popcount(jnp.asarray(x))
+  assert pc.dtype == jnp.uint32
+  np.testing.assert_array_equal(np.asarray(pc), [bin(int(v)).count("1") for v in x])
+
+
+def _triton_ops(f, *args):
+  """Operation and callee names in the Triton module(s) of ``f`` lowered for CUDA (no GPU needed: the
+  Pallas call is lowered to Triton IR in Python; the names sit in the serialized module's string table)."""
+  try:
+    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as e:   # pragma: no cover - a jaxlib without the Triton bindings / CUDA lowering
+    pytest.skip(f"cannot lower the Pallas call for CUDA here: {e!r:.200}")
+
+
+@pytest.mark.parametrize("draw", ["take", "popc", "popcx"])
+def test_binomial_kernel_lowers_without_uint32_ctpop(draw):
+  """The compiled kernel must not contain ``math.ctpop`` (what Pallas makes of a uint32 population_count;
+  Triton rejects it, which kept the session-7 'popc' kernels from compiling on the H200): every popcount
+  goes to libdevice's ``__nv_popc`` (int32). Checked on the lowered Triton module, flips and stuck-at,
+  uint8 and 12-bit uint16 codes (32 and 24 lanes)."""
+  kw = pb.key_words(jax.random.PRNGKey(0))
+  for dtype, bits in ((jnp.uint8, 8), (jnp.uint16, 12)):
+    c = jnp.zeros((4096,), dtype)
+    fp, op = be._flip_params(kw, 0.01), be._flip_params(kw[::-1], 0.5)
+    txt = _triton_ops(jax.jit(lambda c, fp, op: pb.inject(c, bits, fp, impl="pallas", draw=draw) ^
+                              pb.inject(c, bits, fp, op, impl="pallas", draw=draw)), c, fp, op)
+    assert "elementwise_inline_asm" in txt   # the Triton module is there (the mul.hi.u32 of Philox)
+    assert "ctpop" not in txt and "ctlz" not in txt and "cttz" not in txt
+    assert ("__nv_popc" in txt) == (draw != "take")
 
 
 def test_stuck_at_binomial_faults_and_values():

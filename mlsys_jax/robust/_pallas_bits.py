@@ -35,7 +35,9 @@ on the H200 the 'levels' kernel is bound by this arithmetic. Kernel knobs that n
 loads first or one sub-block per loop step), ``num_warps``, ``io`` ('words': the codes are loaded and
 stored as 32-bit words through a bitcast outside the kernel, when their number is a multiple of the codes
 per word; 'bytes' otherwise), ``pre`` (steps run before the first early-stop test, straight-line code the
-compiler can interleave). Early stopping is decided per sub-block.
+compiler can interleave), ``draw`` (how 'binomial' evaluates its lane draws: ``'take'`` one by one with
+separate early-stop tests, or ``'popc'``/``'popcx'`` through the unions of the draws with one early-stop
+test in the common case; see :func:`binomial_words`). Early stopping is decided per sub-block.
 
 ``method='binomial'`` (the default, ``METHOD``, since the 2026-12-02 H200 sweeps: on 25M uint8 codes at
 p = 1%, 27.3 us of device time per call with the default tile against 79.5 us for 'levels' at its best
@@ -80,6 +82,9 @@ NUM_WARPS = 1      # warps per program (one warp: the early-stop tests are warp 
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
 PRE = 3            # steps the kernel runs before its first early-stop test
+DRAW = "take"      # how 'binomial' evaluates its draws: 'take', 'popc' or 'popcx' (the same bits; the
+                   # popc ones untimed on the GPU since their int32 fix, 2026-12-03)
+DRAWS = ("take", "popc", "popcx")
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
 HASHES = ("philox", "philox7", "threefry")
@@ -90,6 +95,14 @@ _U32 = jnp.uint32
 def available() -> bool:
   """Whether the Pallas Triton primitives exist in this jax."""
   return plgpu is not None and hasattr(plgpu, "load") and hasattr(plgpu, "store")
+
+
+def _popcount(x):
+  """Set bits of each uint32 of ``x``, as uint32, counted on the int32 view: Pallas lowers an int32
+  ``population_count`` to ``__nv_popc`` but a uint32 one to ``math.ctpop``, which Triton rejects (the
+  session-7 'popc' kernels did not compile on the H200). The same bits on every backend."""
+  pc = jax.lax.population_count(jax.lax.bitcast_convert_type(x, jnp.int32))
+  return jax.lax.bitcast_convert_type(pc, _U32)   # 0 .. 32
 
 
 def _rotl(x, r: int):
@@ -261,7 +274,7 @@ def binomial_thresholds(t, n_lanes: int) -> jax.Array:
 
 
 def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits: int, asm: bool = False,
-                   pre: int = 0):
+                   pre: int = 0, draw: str | None = None):
   """Faulty lanes of each word of ``word_idx``: the first C distinct lanes of a random sequence.
 
   One Philox-2x32-10 call, key k0, counter ``(word, k1)``, gives the count's uniform ``u`` (its first
@@ -273,9 +286,20 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   binomial, and for a fixed key the lanes at a lower rate are the first ones of those at a higher rate.
   ``always`` (bool) selects every lane. ``thr(c)`` returns threshold c (a uint32 scalar). The first
   ``pre`` thresholds and draws run unconditionally (no early-stop test); the result does not depend on it.
-  Evaluation: the count first, with its own early-stop tests, then the draws one by one, each adding its
-  lane if valid, new and still needed, with an early-stop test after each draw past the first ``pre``.
+
+  ``draw`` (default ``DRAW``; never changes the bits) is how the kernel evaluates this: ``'take'`` counts
+  the count first (its own early-stop tests), then takes the draws one by one, each adding its lane if
+  valid, new and still needed, with an early-stop test after each draw past the first ``pre``;
+  ``'popc'`` keeps the union ``m`` of the lanes drawn so far and takes ``chosen = m`` while
+  ``popcount(m) <= C`` (a draw adds at most one lane, so this is the set at the first draw where C
+  distinct lanes are reached, and draws past it change nothing), and decides with ONE early-stop test
+  after the unconditional steps whether any word needs a further threshold or draw; the rest runs inside
+  a loop that runs once if so. ``'popcx'`` is 'popc' with that rest flat (its loops run zero times when no
+  word needs more). The popcounts are taken on int32 (:func:`_popcount`), which Triton compiles.
   """
+  draw = draw or DRAW
+  if draw not in DRAWS:
+    raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}.")
   db = max(1, (n_lanes - 1).bit_length())
   per_word = 32 // db
   zero = jnp.zeros(word_idx.shape, _U32)
@@ -324,7 +348,68 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   for j in range(npc):                          # hits are nested (s_c decreases): counting is order-free
     cnt = cnt + (u < thr(j)).astype(_U32)
 
-  # the count first (its own early-stop tests), then the draws one by one
+  if draw in ("popc", "popcx"):
+    pow2 = (1 << db) == n_lanes                 # every draw names a valid lane
+
+    def lane_bit(v):
+      if pow2:
+        return _U32(1) << lane_of(v)
+      return jnp.where(v < _U32(n_lanes), _U32(1) << jnp.minimum(lane_of(v), _U32(31)), _U32(0))
+
+    def unions(cn):
+      """The unconditional draws' unions m_1 .. m_npre (they do not depend on C) and the chosen set
+      among them for the count ``cn``: the last union with at most cn lanes."""
+      m, ch = zero, zero
+      for j in range(npre):
+        m = m | lane_bit(draw_bits(d, j))
+        ok = (cn > _U32(0)) if (j == 0 and pow2) else (_popcount(m) <= cn)
+        ch = jnp.where(ok, m, ch)
+      return m, ch
+
+    def consume(pool, nd: int, mm, ch, cn, needed, start: int = 0):
+      """Draws start .. nd-1 of the words ``pool`` while ``needed`` (some word has fewer lanes in its
+      union than its count cn); returns whether some word still has."""
+      def cond(c):
+        j, _, _, g = c
+        return g & (j < nd)
+
+      def body(c):
+        j, mm, ch, _ = c
+        ju = j.astype(_U32)
+        mm = mm | lane_bit(draw_bits(pool_word(pool, ju), ju % _U32(per_word)))
+        pc = _popcount(mm)
+        return j + 1, mm, jnp.where(pc <= cn, mm, ch), any_(pc < cn)
+      _, mm, ch, g = jax.lax.while_loop(cond, body, (jnp.int32(start), mm, ch, needed))
+      return mm, ch, g
+
+    def finish(cnt, go):
+      """The rest for the tiles with a short word: the remaining thresholds, then the remaining draws
+      (extra thresholds and draws change nothing)."""
+      _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(npc), cnt, go))
+      cnt = jnp.where(always, _U32(0), cnt)     # p = 1: every lane, no draws
+      m, chosen = unions(cnt)
+      if npre < per_word:
+        m, chosen, still = consume((d,), per_word, m, chosen, cnt, go, npre)
+      else:
+        still = go & any_(_popcount(m) < cnt)
+      return extension((m, chosen), still, lambda pool, nd, mm, ch, needed: consume(
+          pool, nd, mm, ch, cnt, needed))[1]
+
+    # ONE early-stop test: a word is short if its count may exceed the thresholds tested (u < s_npc) or
+    # the lanes of its union so far; with no short word, cnt is C and the chosen set is among m_1..m_npre.
+    m, chosen = unions(cnt)
+    short = (_popcount(m) < cnt) if npre else (cnt > _U32(0))
+    if npc < n_lanes:
+      short = short | (u < thr(npc))
+    go = any_(short) & ~always
+    if draw == "popcx":                         # flat: the loops follow (each runs 0 times when not go)
+      chosen = jnp.where(go, finish(cnt, go), chosen)
+    else:                                       # the slow path inside a loop that runs once if go
+      chosen = jax.lax.while_loop(lambda c: c[0], lambda c: (~c[0], finish(cnt, c[0])),   # ~go: False
+                                  (go, chosen))[1]
+    return jnp.where(always, jnp.full(word_idx.shape, lane_mask(bits, width), _U32), chosen)
+
+  # draw == "take": the count first (its own early-stop tests), then the draws one by one
   _, cnt, _ = jax.lax.while_loop(ccond, cbody, (jnp.int32(npc), cnt, jnp.bool_(True)))
   cnt = jnp.where(always, _U32(0), cnt)          # p = 1: every lane, no draws
 
@@ -379,18 +464,19 @@ def _params(kw, t, always):
 
 
 def _faults(params, off: int, word_idx, method: str, lanes: int, hash: str, width: int, bits: int,
-            asm: bool = False, pre: int = 0):
+            asm: bool = False, pre: int = 0, draw: str | None = None):
   """Faulty lanes of the words ``word_idx`` from ``params[off:]`` (a ref or an array)."""
   k0, k1, t, always = params[off], params[off + 1], params[off + 2], params[off + 3] != _U32(0)
   if method == "levels":
     return below_words(k0, k1, t, always, word_idx, lanes, hash, asm, pre)
   return binomial_words(k0, k1, always, lambda c: params[off + 4 + c], word_idx, bits * (32 // width),
-                        width, bits, asm, pre)
+                        width, bits, asm, pre, draw)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
-def _faults_xla(params, off: int, nw: int, method: str, lanes: int, hash: str, width: int, bits: int):
-  return _faults(params, off, jnp.arange(nw, dtype=_U32), method, lanes, hash, width, bits)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7, 8))
+def _faults_xla(params, off: int, nw: int, method: str, lanes: int, hash: str, width: int, bits: int,
+                draw: str):
+  return _faults(params, off, jnp.arange(nw, dtype=_U32), method, lanes, hash, width, bits, draw=draw)
 
 
 def _tiling(words: int | None, sub: int | None) -> tuple[int, int]:
@@ -408,7 +494,7 @@ def _tiling(words: int | None, sub: int | None) -> tuple[int, int]:
 def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: str = "xla",
            words: int | None = None, num_warps: int | None = None, hash: str | None = None,
            io: str | None = None, pre: int | None = None, method: str | None = None,
-           sub: int | None = None, unroll: bool | None = None) -> jax.Array:
+           sub: int | None = None, unroll: bool | None = None, draw: str | None = None) -> jax.Array:
   """Faults on the flat codes: flips (``one_params`` None) or stuck-at values.
 
   ``flip_params``/``one_params``: uint32[4] ``(k0, k1, t, always)`` of the faulty-bit draw and of the
@@ -422,11 +508,15 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   bitcast outside; used when the number of codes is a multiple of the codes per word, else ``'bytes'``) or
   ``'bytes'`` (loads of the codes' own dtype). ``hash`` changes the pattern; ``impl``, ``words``, ``sub``,
   ``unroll``, ``num_warps`` and ``io`` never do; nor does ``pre`` (kernel steps before the first
-  early-stop test). ``method``: ``'binomial'`` (default ``METHOD``; Philox only) or ``'levels'``:
+  early-stop test), nor ``draw`` (default ``DRAW``: how 'binomial' evaluates its draws, see
+  :func:`binomial_words`). ``method``: ``'binomial'`` (default ``METHOD``; Philox only) or ``'levels'``:
   different patterns.
   """
   hash = check_hash(hash or HASH)
   method = method or METHOD
+  draw = draw or DRAW
+  if draw not in DRAWS:
+    raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}.")
   if method not in ("binomial", "levels"):
     raise ValueError(f"method must be 'binomial' or 'levels', got {method!r}.")
   io = io or IO
@@ -457,8 +547,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
     return (c & ~f) | (f & o) if stuck else c ^ f
 
   if impl == "xla":
-    f = _faults_xla(allp, 0, nw, method, lanes, hash, width, bits)
-    o = _faults_xla(allp, off, nw, one_method, lanes, hash, width, bits) if stuck else None
+    f = _faults_xla(allp, 0, nw, method, lanes, hash, width, bits, draw)
+    o = _faults_xla(allp, off, nw, one_method, lanes, hash, width, bits, draw) if stuck else None
     c = jnp.pad(flat, (0, nw * cpw - n)).reshape(nw, cpw)
     out = combine(c, _unpack(f, cpw, width, dtype), _unpack(o, cpw, width, dtype) if stuck else None)
     return out.reshape(-1)[:n].reshape(shape)
@@ -470,8 +560,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   pre = PRE if pre is None else pre
 
   def faults(p_ref, wu):
-    f = _faults(p_ref, 0, wu, method, lanes, hash, width, bits, asm, pre)
-    o = _faults(p_ref, off, wu, one_method, lanes, hash, width, bits, asm, pre) if stuck else None
+    f = _faults(p_ref, 0, wu, method, lanes, hash, width, bits, asm, pre, draw)
+    o = _faults(p_ref, off, wu, one_method, lanes, hash, width, bits, asm, pre, draw) if stuck else None
     return f, o
 
   def word_io(c_ref, o_ref):
