@@ -2,18 +2,21 @@
 ``powersgd_step.resnet50_shapes``), ratio 0.001, measured the way a training step uses it (issue 18).
 
 Primary measure (``device_s``): ONE jitted call runs ``--steps`` updates in a ``lax.fori_loop`` with the
-transform's state carried and the gradients changing every step (the tree times ``1 + 1e-3 i``, fused into
-the update's first read); one ``jax.profiler`` trace of ``--calls`` such calls, the GPU kernels split into
+transform's state carried and the gradients changing every step (the pool's tree plus ``1e-6 i``, or times
+``1 + 1e-3 i`` with ``--change scale``, fused into the update's first read); one ``jax.profiler`` trace of ``--calls`` such calls, the GPU kernels split into
 one cluster per call at idle gaps: first kernel start to last kernel end, / steps (launch gaps included,
 host time excluded). ``busy_s``: the sum of kernel durations / steps; ``kernels``: kernels per update;
 ``top_kernels``: the kernels with the largest total time per update (name, seconds, count).
 
 Rows (all in the same run):
 
-- ``sidco(0.001)`` and ``sidco(0.001, per_tensor=True)`` (the defaults: ``exact=True``), the transform the
-  package exports, and ``--variants`` of them (module switches of :mod:`mlsys_jax.comm.sparse`: the
-  exact-count search's ways and count kernel, the flatten and the count's block skip), each checked
-  bitwise equal over the whole loop to the row without brackets (``loop_same_as_default``);
+- ``sidco(0.001)`` and ``sidco(0.001, per_tensor=True)`` (the defaults: ``exact=True``, which since session 9
+  finds every segment's k-th largest by the block select with no SIDCo fit, skips the trim's sort without
+  ties and writes the error-compensated buffer in place, ``dus``), the transform the package exports, and
+  ``--variants`` of them (module switches of :mod:`mlsys_jax.comm.sparse`), each checked bitwise equal over
+  the whole loop to the row without brackets (``loop_same_as_default``). The default variants are the path
+  before session 9, ``[bits fit notrimskip two]`` (the fit first, the 8-way bit search on the steps where it
+  missed, the trim's sort on every step, two concatenations), flat and per tensor: the same-run comparison;
 - with ``--chain``, the step a user runs: ``optax.adam(1e-3)`` alone and ``optax.chain(<compressor>, adam)``;
   a compressor's cost inside a training step is its chain row minus the adam row (``compressor_s``, and
   ``compressor_speedup_over_topk`` against ``chain(topk, adam)``'s; the decompressed per-leaf outputs feed
@@ -36,6 +39,9 @@ buffers), interleaved with ``topk(0.001)`` (``stats.time_interleaved``); and the
   PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT                # H200: ~90 s
   PYTHONPATH=. python benchmarks/sidco_tree.py --small --out /tmp/st     # CPU smoke test (widths / 8)
   PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT --no_wall --change shift --only "flat copy,adam,chain" --chain
+  # session 9's defaults against the old path, same run (H200, ~90 s; --change shift, the default: see --change)
+  PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT --no_wall --change shift --budget_s 90 \
+    --only "flat copy,tree copy,topk,sidco" --name sidco_tree_s9_h200
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from mlsys_jax.comm import sparse as sp  # noqa: E402
 fast = None   # (the tree-native SIDCo of session 5, mlsys_jax/comm/_sidco_tree.py, was 5x slower: removed)
 
 RATIO = 0.001
+OLD_PATH = "bits fit notrimskip two"   # sidco(exact=True) before session 9 (variant tokens)
 
 
 def _flags(ap):
@@ -72,9 +79,10 @@ def _flags(ap):
   ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all)")
   ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
   ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
-  ap.add_argument("--change", default="scale", choices=("scale", "shift"),
-                  help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (bitwise-comparable "
-                       "variants whose buffers fuse the producer differently)")
+  ap.add_argument("--change", default="shift", choices=("scale", "shift"),
+                  help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (default since session 9: "
+                       "sidco's default buffer 'dus' and the old path's 'two' then stay bitwise comparable; with "
+                       "'scale' the multiply fuses into dus's add as an FMA and rounds differently)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
   ap.add_argument("--chain", action="store_true",
                   help="add the step a user runs: optax.adam(1e-3) alone, chain(topk, adam), chain(sidco, adam) (flat "
@@ -83,14 +91,14 @@ def _flags(ap):
   ap.add_argument("--chain_variants", default="", help="comma-separated variant rows of chain(sidco, adam) and of "
                   "chain(topk, adam), each checked bitwise against its default chain row (tokens as --variants)")
   ap.add_argument("--topk_variants", default="", help="comma-separated variant rows of topk (tokens as --variants)")
-  ap.add_argument("--variants", default="bisect,-16 pallas",
+  ap.add_argument("--variants", default=OLD_PATH,
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
-                       "per tensor only); "
-                       "tokens: a number = search ways, pallas/xla/bisect = the search's count, "
-                       "gather/concat = sparse._FLATTEN, skip/noskip = sparse._COUNT_SKIP, blocks/bits = "
-                       "sparse._EXACT_SEARCH (the exact-count fallback), fit/nofit = sparse._EXACT_FIT, two/groups/dus = "
-                       "sparse._SUM_FLATTEN (the error-compensated buffer), g<N> = sparse._GROUP_LEAVES, trimskip/notrimskip = "
-                       "sparse._TRIM_SKIP")
+                       "per tensor only; default: the path before session 9, flat and per tensor); "
+                       "tokens: blocks/bits = sparse._EXACT_SEARCH (how the k-th largest is found), fit/nofit = "
+                       "sparse._EXACT_FIT (SIDCo's fit first), trimskip/notrimskip = sparse._TRIM_SKIP, two/groups/dus = "
+                       "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
+                       "g<N> = sparse._GROUP_LEAVES; with bits only: a number = search ways, pallas/xla/bisect = the "
+                       "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
 def _loop(update, steps: int, pool: int, change: str = "scale"):
@@ -240,7 +248,7 @@ def main():
       rows_spec[f"{CHAIN_TOPK_ROW} [{v}]"] = with_adam(sp.topk(RATIO))
   if fast is not None:
     rows_spec["fast sidco(0.001, per_tensor=True)"] = (None, fast.sidco(RATIO, per_tensor=True), "concat")
-  # the exact-count search's variants (sparse._SEARCH_WAYS / _COUNT_IMPL; bisect = the 31-pass bisection):
+  # variants of the module switches (the old exact path, the bit search's ways and count, the buffers):
   # same results, checked over the whole loop against the row without brackets
   for v in [v for v in args.topk_variants.split(",") if v]:   # the Top-k baseline with the same switches
     rows_spec[f"topk(0.001) [{v}]"] = (None, sp.topk(RATIO), None)
@@ -257,6 +265,7 @@ def main():
   rows, ref_first, ref_loop = [], {}, {}
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
+  ravel0 = sp._RAVEL_SUM_FLATTEN
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -267,9 +276,10 @@ def main():
       continue
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
-    # variant tokens: a number (search ways), pallas/xla/bisect (count), gather/concat, skip/noskip
+    # variant tokens: see --variants
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
+    sp._RAVEL_SUM_FLATTEN = ravel0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -279,8 +289,8 @@ def main():
         sp._FLATTEN = tok
       elif tok in ("skip", "noskip"):
         sp._COUNT_SKIP = tok == "skip"
-      elif tok in ("two", "groups", "dus"):
-        sp._SUM_FLATTEN = tok
+      elif tok in ("two", "groups", "dus"):   # (sidco's buffer and topk's raveled one)
+        sp._SUM_FLATTEN = sp._RAVEL_SUM_FLATTEN = tok
       elif tok.startswith("g") and tok[1:].isdigit():
         sp._GROUP_LEAVES = int(tok[1:])
       elif tok in ("trimskip", "notrimskip"):
@@ -295,6 +305,7 @@ def main():
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     row["exact_search"], row["exact_fit"] = sp._EXACT_SEARCH, sp._EXACT_FIT
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
+    row["ravel_sum_flatten"] = sp._RAVEL_SUM_FLATTEN
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:
@@ -319,8 +330,10 @@ def main():
         row["loop_same_as_package"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
             jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split("] ")[-1].replace("fast ", "")])))
       elif " [" in name and name.split(" [")[0] in ref_loop:
-        row["loop_same_as_default"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
-            jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split(" [")[0]])))
+        same = [bool(jnp.array_equal(x, y)) for x, y in zip(
+            jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(ref_loop[name.split(" [")[0]]))]
+        row["loop_same_as_default"] = all(same)
+        row["loop_arrays_differing"] = [len(same) - sum(same), len(same)]   # (outputs and state arrays)
       elif name.startswith(("sidco", "topk", "chain")):
         ref_loop[name] = res
       if kind not in ("flat", "residual", None) and not args.no_wall and hasattr(res[0], "density"):

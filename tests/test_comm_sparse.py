@@ -860,6 +860,40 @@ def test_exact_sidco_same_as_the_fit_first_path(per_tensor, monkeypatch):
   assert tied, "no ties at the cut: the case does not exercise the trim"
 
 
+@pytest.mark.slow
+def test_exact_sidco_trains_bitwise_like_topk_in_the_experiment_step(monkeypatch):
+  """The experiments' data-parallel step (digits CNN, 8 workers, chain(c(0.01), adam), gradient and update in
+  one jit): sidco's default (block select, 'dus' buffer), the fit-first path of before and topk give the
+  same parameters bitwise on every step. (The 'dus' buffer fuses the gradient's producer into its add; a
+  producer ending in a multiply could round differently from topk's buffer: docs/comm.md.)"""
+  from mlsys_jax import models
+  from mlsys_jax.data import load_digits
+  ds = load_digits(0)
+  model = models.CNN(channels=(32, 64))
+  w, b = 8, 32
+
+  def run(make):
+    tx = optax.chain(make(), optax.adam(1e-3))
+    step = models.make_simulated_data_parallel_step(model, tx, axis_name="d")
+    params = model.init(jax.random.PRNGKey(0), ds.x_train[:2])["params"]
+    st, rng, hist = models.replicate(tx.init(params), w), np.random.default_rng(0), []
+    for _ in range(6):
+      i = rng.choice(len(ds.x_train), w * b, replace=False)
+      params, st = step(params, st, ds.x_train[i].reshape(w, b, *ds.x_train.shape[1:]), ds.y_train[i].reshape(w, b))
+      hist.append(params)
+    return hist
+
+  ref = run(lambda: sp.topk(0.01, axis_name="d"))
+  new = run(lambda: sp.sidco(0.01, axis_name="d"))
+  for name, value in (("_EXACT_SEARCH", "bits"), ("_EXACT_FIT", True), ("_TRIM_SKIP", False),
+                      ("_SUM_FLATTEN", "two")):
+    monkeypatch.setattr(sp, name, value)
+  old = run(lambda: sp.sidco(0.01, axis_name="d"))
+  for other in (new, old):
+    for x, y in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(other)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_dgc_exact_keeps_the_k_largest_of_its_selection():
   """dgc(exact=True) sends what dgc sends when that is at most k entries, else the k largest of it (ties to
   the lower index), in k slots; the rest stays in the residual."""

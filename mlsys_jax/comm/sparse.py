@@ -1061,7 +1061,8 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
 # select, no SIDCo fit, the trim's sort skipped without ties, the "dus" buffer: 1.224 ms (0.972 with command
 # buffers) against 1.409 ms (1.412) for the fit + bit search of before and 1.675 ms (1.688) for topk; the
 # same payloads bitwise over the whole loop. The switches below keep the old path reachable for the
-# benchmark's same-run comparison (``bits fit notrimskip two``); every combination sends the same payload.
+# benchmark's same-run comparison (``bits fit notrimskip two``); every combination sends the same payload
+# for the same buffer.
 #
 # How each segment's k-th largest magnitude is found: "blocks" (:func:`_seg_kth_blocks`: three small sorts,
 # of the 64-entry block maxima, of 8-entry sub-block maxima of the candidate blocks and of the candidate
@@ -1940,7 +1941,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   161 leaves, 25.56M float32, ratio 0.001, device time per update in a 20-update loop; session 8,
   ``benchmarks/results/sidco_tree_s8a_h200.json``): ``exact=True`` without the fit 1.224 ms, with the
   fit first and the bit search of before 1.409 ms, ``topk`` 1.675 ms; with XLA command buffers
-  (``sidco_tree_cmdbuf_s8c_h200.json``) 0.972 / 1.412 / 1.688 ms. The payloads are bitwise the same.
+  (``sidco_tree_cmdbuf_s8c_h200.json``) 0.972 / 1.412 / 1.688 ms; the payloads bitwise the same over that
+  loop.
 
   Example:
     >>> tx = optax.chain(sidco(0.001), optax.adam(1e-3))          # Top-k's set, no fit
