@@ -82,8 +82,8 @@ NUM_WARPS = 1      # warps per program (one warp: the early-stop tests are warp 
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
 PRE = 3            # steps the kernel runs before its first early-stop test
-DRAW = "take"      # how 'binomial' evaluates its draws: 'take', 'popc' or 'popcx' (the same bits; the
-                   # popc ones untimed on the GPU since their int32 fix, 2026-12-03)
+DRAW = "popc"      # how 'binomial' evaluates its draws: 'take', 'popc' or 'popcx' (the same bits). H200,
+                   # 2026-12-03, two runs: default tile 'popc' 26.11/26.21 us vs 'take' 27.23/27.25 us
 DRAWS = ("take", "popc", "popcx")
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
