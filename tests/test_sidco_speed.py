@@ -320,7 +320,7 @@ def test_sum_flatten_chunks_equal_two_concatenations(monkeypatch):
   tree_r = {"x": r[0], "y": jnp.full((5,), 60000.0, jnp.float16)}
   want, _ = sp._ravel_sum(tree_a, tree_r)
   for how in ("groups", "dus"):
-    monkeypatch.setattr(sp, "_SUM_FLATTEN", how)
+    monkeypatch.setattr(sp, "_RAVEL_SUM_FLATTEN", how)   # _ravel_sum (topk, dgc, randomk) reads this one
     got, unravel = sp._ravel_sum(tree_a, tree_r)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert np.all(np.isinf(np.asarray(got)[-5:])) and unravel(got)["x"].shape == (700,)
@@ -337,7 +337,8 @@ def test_transform_same_with_sum_flatten(make, monkeypatch):
   monkeypatch.setattr(sp, "_GROUP_LEAVES", 2)
   res = []
   for how in ("two", "dus"):
-    monkeypatch.setattr(sp, "_SUM_FLATTEN", how)
+    monkeypatch.setattr(sp, "_SUM_FLATTEN", how)        # sidco's buffer
+    monkeypatch.setattr(sp, "_RAVEL_SUM_FLATTEN", how)  # topk's buffer
     tx = make()
     st = tx.init(grads[0])
     up = jax.jit(tx.update)
