@@ -1633,8 +1633,11 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     segments), one collective; the residual, the output and the momentum mask of every leaf are
     elementwise in the leaf (selected = above its segment's threshold and at or before the last packed
     index, which is exactly what the packing took: the first ``capacity`` selected entries in order).
-    The buffer is ``addend + residual`` (:func:`_flat_sum`: two concatenations and one add, not a
-    kernel per leaf)."""
+    The buffer is ``addend + residual``: ``_SUM_FLATTEN = "dus"`` (the default) writes the leafwise sums
+    into one buffer by chunks of ``_GROUP_LEAVES`` leaves (:meth:`_Layout.flatten_sum`), ``"two"`` is
+    :func:`_flat_sum` (two concatenations and one add); the same buffer bitwise for materialized inputs.
+    The residual, the output and the mask are read from that buffer, so they agree with the payload
+    whatever its rounding."""
     leaves, treedef = jax.tree_util.tree_flatten(residual)   # (shapes and dtypes of the sum's leaves)
     sizes = [int(np.prod(l.shape)) for l in leaves]
     r_cap = ratio if max_ratio is None else max_ratio
@@ -1901,8 +1904,17 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       a sort of those ``8 k`` entries the ``k``-th), the segment is packed above the float
       just below it (one packing, as the estimator's), and a segment that selected more than ``k``
       (magnitudes tied at the cut) is cut back to its ``k`` largest by one sort of the payload's slots,
-      only on such steps. ``distribution``, ``stages``, ``first_ratio``, ``min_fraction``,
-      ``max_fraction`` and ``overshoot`` then change nothing that is sent. Why no fit: the payload is
+      only on such steps. ``distribution``, ``stages``, ``first_ratio``, ``adapt_every``,
+      ``tolerance``, ``min_fraction``, ``max_fraction`` and ``overshoot`` then change nothing that is
+      sent. The set is the top-k of sidco's own error-compensated buffer ``gradient + residual``, written
+      leaf by leaf in place (``_SUM_FLATTEN = "dus"``): for gradients that are materialized before the
+      update (a jitted ``update`` on its own, or a step whose gradient does not end in a multiply) it is
+      bitwise ``topk``'s update and residual (tested, and seen over whole training steps in
+      ``experiments/``); when the gradient's producer ends in a multiply inside the same jit, XLA may
+      contract it with the residual's add into an FMA, so a value can differ from ``topk``'s in the last
+      bit and, where the ``k``-th and ``(k+1)``-th magnitudes are that close, one entry of the set can
+      differ. Nothing is lost either way (what is not sent stays in the residual, from the same buffer);
+      docs/comm.md, "Rounding caveat of dus". Why no fit: the payload is
       Top-k's set whatever threshold a fit finds, so fitting first (the default until session 9: aim at
       ``overshoot * k``, then the search on the steps where the fit missed) only costs time; see
       "Speed" below. ``exact=False`` is SIDCo's estimator (Sec. 3-4): the fitted thresholds decide the
