@@ -688,7 +688,8 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
 _TILE = _BLOCK * _THR_BLOCKS   # 4096 entries: segments are padded to whole tiles
 # The padded flat buffer of several segments: "gather" (concatenate the leaves, gather into the padded layout),
 # "concat" (one concatenation with zero pieces: 4x faster on CPU, where gathers are slow) or "auto" (gather
-# on GPU). The same buffer.
+# on GPU). The same buffer. Read by _Layout.flatten only, i.e. by sidco's buffer with _SUM_FLATTEN = "two" (the
+# default "dus" pads the segments with zero pieces in _chunked), not by the default path since session 9.
 _FLATTEN = "auto"
 # The error-compensated buffer ``addend + residual`` of the transforms: "two" (flatten both trees, one add:
 # three kernels, but the leaves' producers cannot fuse into a concatenation of ~160 operands, so each
