@@ -1860,6 +1860,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
     ratio: target density delta in (0, 1) (e.g. 0.001). May be a schedule through
       ``optax.inject_hyperparams`` (then pass a static ``max_ratio``).
     distribution: ``'exponential'``, ``'gpareto'`` or ``'gamma'`` (see :func:`sidco_threshold`).
+      ``distribution``, ``stages``, ``first_ratio``, ``adapt_every``, ``tolerance``, ``min_fraction`` and
+      ``max_fraction`` configure SIDCo's fit: they are read only with ``exact=False`` (see ``exact``).
     stages: a fixed number of fitting stages, or ``'adaptive'`` (start at 1, adapt every
       ``adapt_every`` steps by the mean achieved/target density ratio against ``1 +- tolerance``).
     first_ratio: density kept by the first stage of a multi-stage fit (default 0.25).
