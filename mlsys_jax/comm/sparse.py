@@ -1953,11 +1953,12 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   one packing with per-segment thresholds, one collective, and one elementwise pass per leaf for its
   residual and output (an entry was sent iff it is above its segment's threshold and not after the last
   packed index). No Python loop of kernels over leaves; deterministic. On an H200 (ResNet-50's
-  161 leaves, 25.56M float32, ratio 0.001, device time per update in a 20-update loop; session 8,
-  ``benchmarks/results/sidco_tree_s8a_h200.json``): ``exact=True`` without the fit 1.224 ms, with the
-  fit first and the bit search of before 1.409 ms, ``topk`` 1.675 ms; with XLA command buffers
-  (``sidco_tree_cmdbuf_s8c_h200.json``) 0.972 / 1.412 / 1.688 ms; the payloads bitwise the same over that
-  loop.
+  161 leaves, 25.56M float32, ratio 0.001, device time per update in a 20-update loop; session 9, two
+  runs, ``benchmarks/results/sidco_tree_s9_h200.json`` and ``sidco_tree_s9b_h200.json``): the defaults
+  1.014 / 1.016 ms (per tensor 1.118 / 1.290), the fit-first path of before 1.441 / 1.435 ms, ``topk``
+  1.662 / 1.660 ms (1.64x / 1.63x); the payloads bitwise those of the old path over the loop. In
+  ``optax.chain(..., optax.adam(1e-3))`` the compressor's share is 0.865 ms against ``topk``'s 1.370
+  (``sidco_chain_s9_h200.json``).
 
   Example:
     >>> tx = optax.chain(sidco(0.001), optax.adam(1e-3))          # Top-k's set, no fit
