@@ -631,6 +631,26 @@ def test_never_slower_check_measured_picks_the_faster_program():
   assert saved["info"]["check"]["choice"] == s.program and saved["device"] == "cpu"
 
 
+def test_never_slower_check_adds_conv_fusion_for_grouped_convs():
+  """A depthwise conv puts the cuDNN conv-fusion configurations into the check (they were the best XLA
+  program of RandWire / NasNet-A on the H100); a function without grouped convs keeps CHECK_CONFIGS."""
+  wd = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 1, 4)) * 0.3
+  wp = jax.random.normal(jax.random.PRNGKey(4), (1, 1, 4, 8)) * 0.3
+  conv = lambda x, w, g: lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=g,
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  f = lambda x: conv(jax.nn.relu(conv(x, wd, 4)), wp, 1) + conv(x, wp, 1)
+  x = jax.random.normal(jax.random.PRNGKey(5), (1, 8, 8, 4))
+  assert sched.check_configs(jax.make_jaxpr(f)(x).eqns) == sched.CHECK_CONFIGS + sched.GROUPED_CONV_CHECK_CONFIGS
+  assert sched.check_configs(jax.make_jaxpr(jax.jit(f))(x).eqns)[-2:] == sched.GROUPED_CONV_CHECK_CONFIGS  # nested
+  f2, x2 = _two_conv_fn()
+  assert sched.check_configs(jax.make_jaxpr(f2)(x2).eqns) == sched.CHECK_CONFIGS
+  s = sched.ios_schedule(f, x, check="measure")
+  c = s.info["check"]
+  assert set(c["xla_all_s"]) == set(sched.CHECK_CONFIGS + sched.GROUPED_CONV_CHECK_CONFIGS)
+  assert c["xla_s"] == min(c["xla_all_s"].values())
+  np.testing.assert_allclose(s(x), f(x), rtol=1e-5, atol=1e-5)
+
+
 def test_never_slower_fallback_runs_the_xla_program_and_is_revalidated():
   f, x = _two_conv_fn()
   d = json.loads(sched.ios_schedule(f, x, check="analytical").to_json())

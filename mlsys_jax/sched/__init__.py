@@ -20,6 +20,7 @@ Public API of IOS:
   longest_paths, path_program            critical-path floor of any schedule (time a chain alone)
   stage_critical_path                     predicted latency of a schedule with independent stages overlapped
   XLA_CONFIGS, CHECK_CONFIGS, CONV_FUSION_OPTIONS   per-jit XLA options; the never-slower check's set
+  check_configs                                   the check's set for a function (adds conv fusion for grouped convs)
 """
 
 from mlsys_jax.sched.api import Schedule, ios_schedule, sequential_schedule
@@ -29,9 +30,10 @@ from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.emit import (CUDA_GRAPH_OPTIONS, compiler_options, merge_key, stream_call,
                                   stream_call_available)
 from mlsys_jax.sched.graph import Graph, Unit, build_graph, relayout_conv_kernels
-from mlsys_jax.sched.xla import CHECK_CONFIGS, CONV_FUSION_OPTIONS, XLA_CONFIGS
+from mlsys_jax.sched.xla import CHECK_CONFIGS, CONV_FUSION_OPTIONS, GROUPED_CONV_CHECK_CONFIGS, XLA_CONFIGS, check_configs
 
 __all__ = ["ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
            "Stage", "ios_dp", "CUDA_GRAPH_OPTIONS", "compiler_options", "merge_key", "stream_call",
            "stream_call_available", "Graph", "Unit", "build_graph", "relayout_conv_kernels",
-           "longest_paths", "path_program", "stage_critical_path", "XLA_CONFIGS", "CHECK_CONFIGS", "CONV_FUSION_OPTIONS"]
+           "longest_paths", "path_program", "stage_critical_path", "XLA_CONFIGS", "CHECK_CONFIGS", "CONV_FUSION_OPTIONS",
+           "GROUPED_CONV_CHECK_CONFIGS", "check_configs"]

@@ -34,7 +34,7 @@ from mlsys_jax.sched import emit
 from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler, time_calls
 from mlsys_jax.sched.dp import Stage, ios_dp
 from mlsys_jax.sched.graph import Graph, build_graph, relayout_conv_kernels, summarize_graph
-from mlsys_jax.sched.xla import CHECK_CONFIGS, XLA_CONFIGS
+from mlsys_jax.sched.xla import CHECK_CONFIGS, XLA_CONFIGS, check_configs
 
 SCHEMA = "mlsys_jax.sched.ios/1"
 
@@ -340,11 +340,12 @@ def _auto_method() -> str:
 
 
 def _never_slower(sched: "Schedule", dyn: tuple, method: str, model, *,
-                  configs: Sequence[str] = CHECK_CONFIGS, number: int = 20, repeat: int = 7) -> None:
+                  configs: Sequence[str] | None = None, number: int = 20, repeat: int = 7) -> None:
   """Decide which program ``sched`` runs: its emission or the unscheduled function, whichever is faster.
 
-  'measure': compile the emitted schedule and the unscheduled function under each of ``configs`` (all
-  compiled before any runs), then time them in interleaved rounds of ``number`` calls (median of
+  'measure': compile the emitted schedule and the unscheduled function under each of ``configs``
+  (default :func:`~mlsys_jax.sched.xla.check_configs` of the graph: ``CHECK_CONFIGS``, plus the cuDNN
+  conv-fusion configurations when the function has grouped convolutions; all compiled before any runs), then time them in interleaved rounds of ``number`` calls (median of
   ``repeat`` rounds); the schedule runs only if its median is not above the fastest XLA program's.
   'analytical': no timing; the schedule's predicted latency is compared with the sequential schedule's
   under ``model`` (the analytical roofline), which is all a machine without a GPU can say.
@@ -361,6 +362,7 @@ def _never_slower(sched: "Schedule", dyn: tuple, method: str, model, *,
                            "sequential_s": float(seq), "choice": "ios", "device": _device_kind(),
                            "emission": sched.emission}
     return
+  configs = tuple(check_configs(sched.graph.eqns) if configs is None else configs)
   unknown = [c for c in configs if c not in XLA_CONFIGS]
   if unknown:
     raise ValueError(f"unknown XLA configurations {unknown}; choose from {sorted(XLA_CONFIGS)}")
@@ -490,7 +492,8 @@ def ios_schedule(fn: Callable, *example_args, r: int = 3, s: int = 8, profiler: 
       they are saved with the schedule. Values must be bool, int, float or str.
     check: the never-slower check at the end of the search. 'measure' compiles the emitted schedule and
       the unscheduled function under plain jit and the best command-buffer configurations
-      (``sched.CHECK_CONFIGS``), times them interleaved after all compiles, and makes the returned
+      (``sched.CHECK_CONFIGS``; with grouped/depthwise convolutions also their cuDNN conv-fusion variants,
+      ``sched.check_configs``), times them interleaved after all compiles, and makes the returned
       ``Schedule`` run whichever is faster (``Schedule.program`` says which; ``summary()`` and
       ``to_json`` record both times and the choice). 'analytical' compares predicted latencies only (the
       schedule vs the sequential schedule under the analytical model) and says so. 'auto' (default):

@@ -48,5 +48,45 @@ XLA_CONFIGS: dict[str, dict[str, Any]] = {
 #: The configurations ``ios_schedule(check='measure')`` times the unscheduled function under by default:
 #: plain jit and the two that were fastest for the IOS networks on the H100.
 CHECK_CONFIGS: tuple[str, ...] = ("jit", "cmdbuf_conv_concurrent", "cmdbuf_conv_concurrent_lhs")
+#: Added to :data:`CHECK_CONFIGS` for functions with grouped (e.g. depthwise) convolutions: with cuDNN conv
+#: fusion they were the fastest XLA program of RandWire and NasNet-A on the H100
+#: (``benchmarks/results/ios_isolated_randwire_f32.json``), and without them the check would compare a
+#: schedule against a slower XLA program than the user can get.
+GROUPED_CONV_CHECK_CONFIGS: tuple[str, ...] = ("cmdbuf_conv_concurrent_convfusion",
+                                               "cmdbuf_conv_concurrent_lhs_convfusion")
 
-__all__ = ["XLA_CONFIGS", "CHECK_CONFIGS", "CONV_FUSION_OPTIONS"]
+
+def check_configs(eqns) -> tuple[str, ...]:
+  """The XLA configurations the never-slower check times a function under, from its equations.
+
+  :data:`CHECK_CONFIGS`, plus :data:`GROUPED_CONV_CHECK_CONFIGS` when any equation (nested jaxprs
+  included) is a convolution with ``feature_group_count`` or ``batch_group_count`` above 1.
+
+  Args:
+    eqns: the function's jaxpr equations (``jax.make_jaxpr(f)(*args).eqns``) or a ``Graph``'s flat ones.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> dw = lambda x: jax.lax.conv_general_dilated(x, jnp.ones((3, 3, 1, 4)), (1, 1), "SAME",
+    ...     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+    >>> check_configs(jax.make_jaxpr(dw)(jnp.ones((1, 8, 8, 4))).eqns)[-1]
+    'cmdbuf_conv_concurrent_lhs_convfusion'
+    >>> check_configs(jax.make_jaxpr(jnp.tanh)(jnp.ones(3)).eqns) == CHECK_CONFIGS
+    True
+  """
+  def grouped(es) -> bool:
+    for e in es:
+      prim = getattr(e, "primitive", None) or getattr(e, "prim", None)   # jaxpr eqn or the Graph's FlatEqn
+      if prim is not None and prim.name == "conv_general_dilated" and (
+          e.params.get("feature_group_count", 1) > 1 or e.params.get("batch_group_count", 1) > 1):
+        return True
+      for v in e.params.values():   # pjit / custom_jvp / scan bodies
+        inner = getattr(v, "jaxpr", v)
+        if hasattr(inner, "eqns") and grouped(inner.eqns):
+          return True
+    return False
+
+  return CHECK_CONFIGS + (GROUPED_CONV_CHECK_CONFIGS if grouped(eqns) else ())
+
+
+__all__ = ["XLA_CONFIGS", "CHECK_CONFIGS", "GROUPED_CONV_CHECK_CONFIGS", "CONV_FUSION_OPTIONS", "check_configs"]
