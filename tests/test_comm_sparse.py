@@ -760,10 +760,12 @@ def test_exact_sidco_falls_back_to_exact_counts_when_the_fit_misses(make):
 
 @pytest.mark.parametrize("cf", [4.0, pytest.param(2.0, marks=pytest.mark.slow)])
 def test_exact_sidco_breaks_ties_at_the_cut_as_top_k(cf):
-  # 30 equal magnitudes at the cut, k = 10. cf 4: the fit lands in the band; the 2 larger entries and the 8
-  # tied ones of lowest index are sent, as lax.top_k orders them (the same update and residual as the topk
-  # transform). cf 2: the fit overflows, the fallback selects all 32 entries >= the cut, more than the
-  # 20 local slots: the first 20 in index order are kept (990 is not among them), flagged as overflow
+  # 30 equal magnitudes at the cut, k = 10: the threshold just below the 10th largest (1.0) selects all 32
+  # entries >= the cut. cf 4 (40 local slots): the trim keeps the 2 larger entries and the 8 tied ones of
+  # lowest index, as lax.top_k orders them (the same update and residual as the topk transform). cf 2: 32 is
+  # more than the 20 local slots: the first 20 in index order are packed (990 is not among them), flagged as
+  # overflow, and the trim keeps the 10 largest of those. (stages and overshoot configure the fit-first path
+  # of before session 9, _EXACT_FIT; the default path does not read them.)
   x = jnp.zeros((1000,)).at[jnp.arange(0, 600, 20)].set(1.0).at[990].set(-5.0).at[7].set(2.0)
   tx, ref = sp.sidco(0.01, stages=1, capacity_factor=cf, overshoot=1.0), sp.topk(0.01)
   out, st = jax.jit(tx.update)({"w": x}, tx.init({"w": x}))
