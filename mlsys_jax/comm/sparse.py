@@ -1911,9 +1911,9 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       ``tolerance``, ``min_fraction``, ``max_fraction`` and ``overshoot`` then change nothing that is
       sent. The set is the top-k of sidco's own error-compensated buffer ``gradient + residual``, written
       leaf by leaf in place (``_SUM_FLATTEN = "dus"``): for gradients that are materialized before the
-      update (a jitted ``update`` on its own, or a step whose gradient does not end in a multiply) it is
-      bitwise ``topk``'s update and residual (tested, and seen over whole training steps in
-      ``experiments/``); when the gradient's producer ends in a multiply inside the same jit, XLA may
+      update (a jitted ``update`` on its own) it is, with ``per_tensor=False``, bitwise ``topk``'s update
+      and residual (tested; also seen over whole training steps of ``models.make_simulated_data_parallel_step``
+      on CPU); when the gradient's producer ends in a multiply inside the same jit, XLA may
       contract it with the residual's add into an FMA, so a value can differ from ``topk``'s in the last
       bit and, where the ``k``-th and ``(k+1)``-th magnitudes are that close, one entry of the set can
       differ. Nothing is lost either way (what is not sent stays in the residual, from the same buffer);
