@@ -531,6 +531,22 @@ def test_inject_hyperparams_density_schedule():
     sp.topk(0.2, max_ratio=0.1)
 
 
+def test_schedule_may_reach_max_ratio_in_float32():
+  """A schedule whose float32 peak rounds above the Python max_ratio (float32(0.05) = 0.0500000007) is accepted
+  (it used to raise 'exceeds max_ratio' at init); a ratio above max_ratio in float32 still raises."""
+  n = 1000
+  for make in (sp.sidco, sp.topk):
+    tx = optax.inject_hyperparams(make, static_args=("max_ratio",))(
+        ratio=optax.linear_schedule(0.05, 0.002, 6), max_ratio=0.05)
+    assert float(optax.linear_schedule(0.05, 0.002, 6)(0)) > 0.05         # the case: above in float64
+    g = {"w": _heavy(n, 3)}
+    out, st = tx.update(g, tx.init(g))                                     # not jitted: the ratio is concrete
+    assert int(np.count_nonzero(np.asarray(out["w"]))) == 50               # k = round(0.05 n)
+    with pytest.raises(ValueError, match="exceeds max_ratio"):
+      optax.inject_hyperparams(make, static_args=("max_ratio",))(
+          ratio=optax.constant_schedule(0.0501), max_ratio=0.05).init(g)
+
+
 def test_precondition_compresses_the_local_adam_direction_exactly():
   pre = optax.scale_by_adam()
   tx = sp.topk(0.05, precondition=pre)

@@ -1460,7 +1460,8 @@ def _resolve_ratio(ratio, max_ratio):
                      "capacity cannot follow it: pass a static max_ratio (the largest density the schedule "
                      "reaches), e.g. optax.inject_hyperparams(sidco, static_args=('max_ratio',))"
                      "(ratio=schedule, max_ratio=0.05).")
-  if not isinstance(ratio, jax.core.Tracer) and float(ratio) > max_ratio:
+  # compared in float32: a schedule's float32 value of max_ratio itself (float32(0.05) = 0.0500000007) is allowed
+  if not isinstance(ratio, jax.core.Tracer) and np.float32(ratio) > np.float32(max_ratio):
     raise ValueError(f"ratio {float(ratio)} exceeds max_ratio {max_ratio}; raise max_ratio.")
   return ratio, max_ratio
 
