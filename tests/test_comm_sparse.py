@@ -879,6 +879,8 @@ def test_exact_sidco_same_as_the_fit_first_path(per_tensor, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="bitwise equality depends on XLA's fusion choices; "
+                    "checked on the CPU backend, where the experiments' numbers come from")
 def test_exact_sidco_trains_bitwise_like_topk_in_the_experiment_step(monkeypatch):
   """The experiments' data-parallel step (digits CNN, 8 workers, chain(c(0.01), adam), gradient and update in
   one jit): sidco's default (block select, 'dus' buffer), the fit-first path of before and topk give the
