@@ -31,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("jax", "jaxlib", "optax", "flax", "numpy", "scipy", "mnist1d")
 """Packages whose versions :func:`record` stores by default (those that compute the results and the data)."""
 
-_FIELDS = ("data_sha256", "git_rev", "git_dirty", "versions")
+_FIELDS = ("data_sha256", "git_rev", "git_dirty", "git_rev_at_start", "versions")
 
 
 def data_digest(*arrays: Any) -> str:
@@ -153,7 +153,9 @@ def record(data_arrays: Sequence[Any] | None = None, extra: Mapping[str, Any] | 
     repo_dir: the checkout.
 
   Returns:
-    ``{"data_sha256", "git_rev", "git_dirty", "versions", **extra}``.
+    ``{"data_sha256", "git_rev", "git_dirty", "versions", **extra}``, plus ``"git_rev_at_start"`` (the
+    checkout's revision when this module was imported) when HEAD has moved since: the result then comes
+    from the code of ``git_rev_at_start``, with whatever was uncommitted at the time.
 
   Raises:
     ValueError: ``extra`` reuses a standard field name; bad arrays (see :func:`data_digest`).
@@ -175,8 +177,17 @@ def record(data_arrays: Sequence[Any] | None = None, extra: Mapping[str, Any] | 
     except ValueError:
       paths.append(str(s))
   digest = data_digest(*data_arrays) if data_arrays is not None and len(data_arrays) else None
-  return {"data_sha256": digest, **git_state(repo_dir, paths), "versions": package_versions(packages),
-          **extra}
+  state = git_state(repo_dir, paths)
+  moved = {}
+  if (pathlib.Path(repo_dir).resolve() == ROOT and _AT_IMPORT["git_rev"] is not None
+      and state["git_rev"] != _AT_IMPORT["git_rev"]):
+    # HEAD moved while the run was going (commits landing in a shared checkout): the code that ran is the
+    # revision of when this module was imported (scripts import it at the top), not the one of now.
+    moved = {"git_rev_at_start": _AT_IMPORT["git_rev"]}
+  return {"data_sha256": digest, **state, **moved, "versions": package_versions(packages), **extra}
+
+
+_AT_IMPORT = git_state(ROOT)   # the revision the run starts from (a script imports this module at its top)
 
 
 def _digest_of(x: Mapping[str, Any] | None) -> str | None:

@@ -155,7 +155,8 @@ def test_package_versions():
     provenance.package_versions("numpy")
 
 
-def test_record_fields():
+def test_record_fields(monkeypatch):
+  monkeypatch.setattr(provenance, "_AT_IMPORT", provenance.git_state(provenance.ROOT))   # HEAD has not moved
   a = _arrays()
   r = provenance.record(data_arrays=a, extra={"data": "four arrays"})
   assert list(r) == ["data_sha256", "git_rev", "git_dirty", "versions", "data"]
@@ -166,6 +167,19 @@ def test_record_fields():
   assert provenance.record(data_arrays=())["data_sha256"] is None
   with pytest.raises(ValueError, match="overwrite"):
     provenance.record(extra={"git_rev": "x"})
+
+
+def test_record_names_the_revision_the_run_started_from(monkeypatch):
+  now = provenance.git_state(provenance.ROOT)["git_rev"]
+  if now is None:
+    pytest.skip("needs the checkout's git")
+  monkeypatch.setattr(provenance, "_AT_IMPORT", {"git_rev": "0" * 40, "git_dirty": False})   # HEAD moved since
+  r = provenance.record()
+  assert r["git_rev"] == now and r["git_rev_at_start"] == "0" * 40
+  monkeypatch.setattr(provenance, "_AT_IMPORT", {"git_rev": now, "git_dirty": False})
+  assert "git_rev_at_start" not in provenance.record()
+  with pytest.raises(ValueError, match="overwrite"):
+    provenance.record(extra={"git_rev_at_start": "x"})
 
 
 def test_check_same_data():
