@@ -1936,9 +1936,9 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   ~1/p steps before it; Adam's per-coordinate normalization divides by the RMS of that spiky signal, so
   a coordinate with a consistent gradient moves about sqrt(p) as far as under dense Adam (0.1x at
   p = 0.01): the chain trains like Adam with a far smaller step size at first. Trained long enough it
-  comes close: at 600 steps (8 workers, 1%, seeds 0-4, session 8) the chain is 0.53 pt below Adam on
-  digits and 1.04 pt on mnist1d (the Top-k chain, whose entries ``exact=True`` sends;
-  ``experiments/results/compressed_adam_{digits,mnist1d}_600_0.01_s8_topk_chain.json``). At 0.1% use the
+  gets closer: at 600 steps (8 workers, 1%, 15 seeds) the chain is 0.56 pt below Adam on digits and
+  1.69 pt on mnist1d (the Top-k chain, whose entries ``exact=True`` sends;
+  ``experiments/results/compressed_adam_0.01_chain_topk_s9_pooled15.json``). At 0.1% use the
   warm-up recipe of docs/comm.md (``density_warmup`` with ``rms_selection``; 15 seeds: digits -0.91,
   mnist1d -1.07 pt). At short horizons compressing after the moment update is better:
   ``optax.chain(sidco(delta, precondition=optax.scale_by_adam()), optax.sgd(lr))`` (unstable on mnist1d;
