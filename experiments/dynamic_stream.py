@@ -68,7 +68,7 @@ def main(_):
   out = pathlib.Path(_OUT_DIR.value)
   out.mkdir(parents=True, exist_ok=True)
   res = {"environment": common.environment(), "complete": False,
-         "provenance": provenance.record(script=__file__, code=("mlsys_jax", "benchmarks"))}   # synthetic
+         "provenance": provenance.record(script=__file__, code=("mlsys_jax", "benchmarks/*.py"))}   # synthetic
 
   def save(part):  # the JSON is rewritten after every step: an interrupted run keeps what it measured
     def write(r):

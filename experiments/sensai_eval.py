@@ -221,7 +221,7 @@ def main(argv):
              "provenance": provenance.record(   # every seed's split: x_train, y_train, x_test, y_test each
                  data_arrays=[a for s in range(_SEEDS.value) for a in data.load_dataset(
                      _DATASET.value, seed=s, data_dir=_DATA_DIR.value or None)[:4]],
-                 script=__file__, code=("mlsys_jax", "benchmarks"))}
+                 script=__file__, code=("mlsys_jax", "benchmarks/*.py"))}
   path = out / f"sensai_{_DATASET.value}{'' if _ARCH.value == 'cnn' else '_' + _ARCH.value}{_SUFFIX.value}.json"
   path.write_text(json.dumps(payload, indent=1))
   print(f"wrote {path}")
