@@ -1290,7 +1290,10 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
         valid = jnp.arange(send_capacity) < payload.count
         p = SparsePayload(jnp.where(valid, payload.indices[:send_capacity], 0),
                           jnp.where(valid, payload.values[:send_capacity], 0), payload.count, payload.overflow)
-        return p, t, jnp.full((lay.num_segments,), -1, jnp.int32)
+        # -1 per segment (no tie cut), derived from the payload so that under shard_map it is varying over
+        # the mapped axes exactly as _seg_trim's output is (lax.cond needs equal types in both branches)
+        none_cut = jnp.full((lay.num_segments,), -1, jnp.int32) + (payload.count * 0).astype(jnp.int32)
+        return p, t, none_cut
 
       payload, t, tie_last = jax.lax.cond(jnp.any(counts > k), lambda _: _seg_trim(payload, t, lay, k, send_capacity),
                                           first_slots, None)
