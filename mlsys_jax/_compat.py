@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 
 try:  # jax >= 0.6 exposes shard_map at the top level.
@@ -37,3 +39,16 @@ def run_outside_traces(fn):
   import numpy as np
   with concurrent.futures.ThreadPoolExecutor(1) as ex:
     return ex.submit(lambda: jax.tree_util.tree_map(np.asarray, fn())).result()
+
+
+def sub_jaxprs(value: Any):
+  """The jaxprs inside one equation parameter (a ``Jaxpr``, a ``ClosedJaxpr``, or tuples/lists of them,
+  e.g. ``cond``'s branches), as ``Jaxpr``s; nothing for other values. For walks over nested jit, cond,
+  scan, shard_map and custom_jvp bodies."""
+  if hasattr(value, "eqns"):
+    yield value
+  elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+    yield value.jaxpr
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from sub_jaxprs(v)

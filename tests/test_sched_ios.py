@@ -642,6 +642,8 @@ def test_never_slower_check_adds_conv_fusion_for_grouped_convs():
   x = jax.random.normal(jax.random.PRNGKey(5), (1, 8, 8, 4))
   assert sched.check_configs(jax.make_jaxpr(f)(x).eqns) == sched.CHECK_CONFIGS + sched.GROUPED_CONV_CHECK_CONFIGS
   assert sched.check_configs(jax.make_jaxpr(jax.jit(f))(x).eqns)[-2:] == sched.GROUPED_CONV_CHECK_CONFIGS  # nested
+  in_cond = lambda x: lax.cond(x.sum() > 0, f, lambda v: v.sum(-1, keepdims=True) + jnp.zeros((8,)), x)
+  assert sched.check_configs(jax.make_jaxpr(in_cond)(x).eqns)[-2:] == sched.GROUPED_CONV_CHECK_CONFIGS  # branches
   f2, x2 = _two_conv_fn()
   assert sched.check_configs(jax.make_jaxpr(f2)(x2).eqns) == sched.CHECK_CONFIGS
   s = sched.ios_schedule(f, x, check="measure")

@@ -469,16 +469,6 @@ def check_same_across_processes(tree: Any, name: str = "params", *, values: bool
 _NOT_COMMUNICATION = ("pvary", "pcast", "pbroadcast", "axis_index", "axis_size")
 
 
-def _sub_jaxprs(value: Any):
-  if hasattr(value, "eqns"):
-    yield value
-  elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
-    yield value.jaxpr
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
 def _axes_of(jaxpr, found: dict) -> None:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
@@ -491,7 +481,7 @@ def _axes_of(jaxpr, found: dict) -> None:
             if isinstance(a, str):
               found.setdefault(a, set()).add(name)
     for v in eqn.params.values():
-      for sub in _sub_jaxprs(v):
+      for sub in _compat.sub_jaxprs(v):
         _axes_of(sub, found)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mlsys_jax._compat import sub_jaxprs
 from mlsys_jax.sched.emit import CB_TYPES
 
 # The default of jaxlib 0.10.2 is FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,
@@ -80,10 +81,8 @@ def check_configs(eqns) -> tuple[str, ...]:
       if prim is not None and prim.name == "conv_general_dilated" and (
           e.params.get("feature_group_count", 1) > 1 or e.params.get("batch_group_count", 1) > 1):
         return True
-      for v in e.params.values():   # pjit / custom_jvp / scan bodies
-        inner = getattr(v, "jaxpr", v)
-        if hasattr(inner, "eqns") and grouped(inner.eqns):
-          return True
+      if any(grouped(sub.eqns) for v in e.params.values() for sub in sub_jaxprs(v)):   # jit/cond/scan bodies
+        return True
     return False
 
   return CHECK_CONFIGS + (GROUPED_CONV_CHECK_CONFIGS if grouped(eqns) else ())
