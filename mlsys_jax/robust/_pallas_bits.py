@@ -344,6 +344,19 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       r = jnp.where(wsel == _U32(idx), pool[idx], r)
     return r
 
+  def draw_loop(pool, nd: int, start: int, state, go, step):
+    """Draws start .. nd-1 of the words ``pool`` while ``go``: ``step(draw, *state) -> (*state, go)``
+    (go: some word still needs lanes, the early-stop test of the last step, so no step repeats it).
+    Returns ``(*state, go)``."""
+    def cond(c):
+      return c[-1] & (c[0] < nd)
+
+    def body(c):
+      j, *st, _ = c
+      ju = j.astype(_U32)
+      return (j + 1, *step(draw_bits(pool_word(pool, ju), ju % _U32(per_word)), *st))
+    return jax.lax.while_loop(cond, body, (jnp.int32(start), *state, go))[1:]
+
   cnt = zero
   for j in range(npc):                          # hits are nested (s_c decreases): counting is order-free
     cnt = cnt + (u < thr(j)).astype(_U32)
@@ -369,18 +382,12 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     def consume(pool, nd: int, mm, ch, cn, needed, start: int = 0):
       """Draws start .. nd-1 of the words ``pool`` while ``needed`` (some word has fewer lanes in its
       union than its count cn); returns whether some word still has."""
-      def cond(c):
-        j, _, _, g = c
-        return g & (j < nd)
-
-      def body(c):
-        j, mm, ch, _ = c
-        ju = j.astype(_U32)
-        mm = mm | lane_bit(draw_bits(pool_word(pool, ju), ju % _U32(per_word)))
+      def step(v, mm, ch):
+        mm = mm | lane_bit(v)
         pc = _popcount(mm)
-        return j + 1, mm, jnp.where(pc <= cn, mm, ch), any_(pc < cn)
-      _, mm, ch, g = jax.lax.while_loop(cond, body, (jnp.int32(start), mm, ch, needed))
-      return mm, ch, g
+        return mm, jnp.where(pc <= cn, mm, ch), any_(pc < cn)
+
+      return draw_loop(pool, nd, start, (mm, ch), needed, step)
 
     def finish(cnt, go):
       """The rest for the tiles with a short word: the remaining thresholds, then the remaining draws
@@ -426,19 +433,11 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
     """Draws start .. nd-1 of the words ``pool`` while some word still needs lanes; also returns whether
     some word still does (the early-stop test of the last step, so no step repeats it). ``needed``: that
     flag when the caller knows it already."""
-    def cond(c):
-      j, _, _, go = c
-      return go & (j < nd)
+    def step(v, ch, kk):
+      ch, kk = take(v, ch, kk)
+      return ch, kk, need(kk)
 
-    def body(c):
-      j, ch, kk, _ = c
-      ju = j.astype(_U32)
-      ch, kk = take(draw_bits(pool_word(pool, ju), ju % _U32(per_word)), ch, kk)
-      return j + 1, ch, kk, need(kk)
-
-    go = need(k) if needed is None else needed
-    _, chosen, k, still = jax.lax.while_loop(cond, body, (jnp.int32(start), chosen, k, go))
-    return chosen, k, still
+    return draw_loop(pool, nd, start, (chosen, k), need(k) if needed is None else needed, step)
 
   chosen, k = zero, zero
   for j in range(npre):
