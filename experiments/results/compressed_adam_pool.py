@@ -1,0 +1,56 @@
+"""Pool disjoint seed sets of `experiments/compressed_adam.py` runs (same flags) into one paired comparison per
+data set. Run from the repository root: `python3 experiments/results/compressed_adam_pool.py [s8|s9]`.
+
+  s8: the 0.1% Top-k recipe (rmsfrom@1, density warm-up 300 steps from 1%), seeds 0-4, 5-9, 10-14 (session 8)
+  s9: the plain 1% chain `chain(topk(0.01), adam)` (SIDCo's default set), seeds 0-4 and 5-14 (session 9)
+
+Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
+sets must not overlap."""
+import json
+import sys
+
+sys.path.insert(0, "experiments")
+from compressed_adam import _compare  # noqa: E402
+from provenance import check_same_data  # noqa: E402
+
+R = "experiments/results/"
+POOLS = {
+    "s8": ("topk 0.001 rmsfrom@1 dwarmup300 start0.01",
+           ["compressed_adam_{D}_600_0.001_rmsfrom1_dw300_dgc_sample_ref.json",
+            "compressed_adam_{D}_600_0.001_rmsfrom1_dw300_s8_seeds5-9.json",
+            "compressed_adam_{D}_600_0.001_rmsfrom1_dw300_s8_seeds10-14.json"],
+           "compressed_adam_0.001_rmsfrom1_dw300_topk_s8_pooled15.json"),
+    "s9": ("topk 0.01 chain",
+           ["compressed_adam_{D}_600_0.01_s9_topk_chain_seeds0-4.json",
+            "compressed_adam_{D}_600_0.01_s9_topk_chain_seeds5-14.json"],
+           "compressed_adam_0.01_chain_topk_s9_pooled15.json"),
+}
+
+
+def pool(name: str) -> dict:
+  key, patterns, out_name = POOLS[name]
+  out = {}
+  for D in ("mnist1d", "digits"):
+    files = [p.format(D=D) for p in patterns]
+    runs = [json.load(open(R + f)) for f in files]
+    for i in range(1, len(runs)):
+      check_same_data(runs[0], runs[i], (files[0], files[i]))
+    seeds = sum([r["seeds"] for r in runs], [])
+    assert len(set(seeds)) == len(seeds), f"{name} {D}: seed sets overlap"
+    A = sum([r["accuracy"]["adam"] for r in runs], [])
+    T = sum([r["accuracy"][key] for r in runs], [])
+    c = _compare(T, A)
+    sets = [_compare(r["accuracy"][key], r["accuracy"]["adam"])["mean_diff"] for r in runs]
+    out[D] = {"files": files, "seeds": seeds, "adam": A, "topk": T, "pooled_vs_adam": c, "per_set_mean_diff": sets,
+              "mb_per_worker": {a: sum([r["bytes_per_worker"][a] for r in runs], []) for a in ("adam", key)}}
+    if runs[0].get("provenance") is not None:
+      out[D]["provenance"] = runs[0]["provenance"]
+    print(name, D, seeds, "pooled %+.2f [%+.2f, %+.2f]" % (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0],
+          100 * c["mean_diff_ci95"][1]), "sets", ["%+.2f" % (100 * s) for s in sets], "P", c["p"])
+  json.dump(out, open(R + out_name, "w"), indent=1)
+  return out
+
+
+if __name__ == "__main__":
+  for n in sys.argv[1:] or list(POOLS):
+    pool(n)
