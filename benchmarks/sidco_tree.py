@@ -67,7 +67,7 @@ from mlsys_jax.comm import sparse as sp  # noqa: E402
 fast = None   # (the tree-native SIDCo of session 5, mlsys_jax/comm/_sidco_tree.py, was 5x slower: removed)
 
 RATIO = 0.001
-OLD_PATH = "bits fit notrimskip two"   # sidco(exact=True) before session 9 (variant tokens)
+OLD_PATH = "bits fit sorttrim notrimskip two"   # sidco(exact=True) before session 9 (variant tokens)
 
 
 def _flags(ap):
@@ -95,7 +95,9 @@ def _flags(ap):
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
                        "per tensor only; default: the path before session 9, flat and per tensor); "
                        "tokens: blocks/bits = sparse._EXACT_SEARCH (how the k-th largest is found), fit/nofit = "
-                       "sparse._EXACT_FIT (SIDCo's fit first), trimskip/notrimskip = sparse._TRIM_SKIP, two/groups/dus = "
+                       "sparse._EXACT_FIT (SIDCo's fit first), trimskip/notrimskip = sparse._TRIM_SKIP, quota/sorttrim = "
+                       "sparse._TRIM (the tie cut by prefix counts, or the sort trim under a cond), zfill/zfused = sparse._DUS_BASE "
+                       "(dus's zero buffer a fill of its own, or fused into the first chunk's write), two/groups/dus = "
                        "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
                        "g<N> = sparse._GROUP_LEAVES; with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -265,7 +267,7 @@ def main():
   rows, ref_first, ref_loop = [], {}, {}
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
-  ravel0 = sp._RAVEL_SUM_FLATTEN
+  ravel0, trim0, base0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -279,7 +281,7 @@ def main():
     # variant tokens: see --variants
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
-    sp._RAVEL_SUM_FLATTEN = ravel0
+    sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE = ravel0, trim0, base0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -295,6 +297,10 @@ def main():
         sp._GROUP_LEAVES = int(tok[1:])
       elif tok in ("trimskip", "notrimskip"):
         sp._TRIM_SKIP = tok == "trimskip"
+      elif tok in ("zfill", "zfused"):
+        sp._DUS_BASE = "fill" if tok == "zfill" else "fused"
+      elif tok in ("quota", "sorttrim"):
+        sp._TRIM = "quota" if tok == "quota" else "sort"
       elif tok in ("blocks", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
@@ -305,7 +311,7 @@ def main():
     row["search_ways"], row["count_impl"] = sp._SEARCH_WAYS, sp._COUNT_IMPL
     row["exact_search"], row["exact_fit"] = sp._EXACT_SEARCH, sp._EXACT_FIT
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
-    row["ravel_sum_flatten"] = sp._RAVEL_SUM_FLATTEN
+    row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

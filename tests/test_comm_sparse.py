@@ -833,6 +833,9 @@ def test_exact_sidco_runs_no_fit(per_tensor, monkeypatch):
   assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
   assert traced(sp.sidco(0.01, distribution="gamma", stages=3, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
   assert traced(sp.sidco(0.01, per_tensor=per_tensor, exact=False))[0] == ["_seg_threshold"]
+  monkeypatch.setattr(sp, "_TRIM", "quota")   # the tie cut by prefix counts: no conditional at all
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 0)
+  monkeypatch.setattr(sp, "_TRIM", "sort")
   monkeypatch.setattr(sp, "_EXACT_FIT", True)
   monkeypatch.setattr(sp, "_EXACT_SEARCH", "bits")
   got, conds = traced(sp.sidco(0.01, per_tensor=per_tensor))

@@ -242,14 +242,19 @@ def test_kth_blocks_is_closed_form_per_segment(per_tensor, ratio):
     np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
 
 
-def test_block_select_alone_sends_numpy_topk(monkeypatch):
-  """The fastest exact configuration (no fit, block select, trim skipped when nothing is tied) against a
-  numpy float32 reference over 3 steps: the update is the k largest of gradient + residual (ties to the
-  lower index of the raveled tree), the residual the rest."""
+@pytest.mark.parametrize("trim,base", [("sort", "fused"), ("quota", "fill")])
+def test_block_select_alone_sends_numpy_topk(trim, base, monkeypatch):
+  """The fastest exact configurations (no fit, block select; the tie cut by the sort trim, skipped when
+  nothing is tied, or by the quota; the buffer's zeros fused or a fill of their own) against a numpy
+  float32 reference over 3 steps: the update is the k largest of gradient + residual (ties to the lower
+  index of the raveled tree), the residual the rest."""
   rng = np.random.default_rng(12)
   monkeypatch.setattr(sp, "_EXACT_SEARCH", "blocks")
   monkeypatch.setattr(sp, "_EXACT_FIT", False)
   monkeypatch.setattr(sp, "_TRIM_SKIP", True)
+  monkeypatch.setattr(sp, "_TRIM", trim)
+  monkeypatch.setattr(sp, "_DUS_BASE", base)
+  monkeypatch.setattr(sp, "_GROUP_LEAVES", 1)   # (three chunks: the buffer is written by dus)
   tx = sp.sidco(0.01)
   shapes = {"a": (40, 50), "b": (50,), "t": (3000,)}
   g0 = {n: jnp.zeros(s, jnp.float32) for n, s in shapes.items()}
@@ -314,8 +319,11 @@ def test_sum_flatten_chunks_equal_two_concatenations(monkeypatch):
   for per_tensor in (False, True):
     lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, 1.0))
     want = np.asarray(sp._flat_sum(lay.flatten, a, r, jnp.float32))
-    for how in ("groups", "dus"):
-      np.testing.assert_array_equal(np.asarray(lay.flatten_sum(a, r, jnp.float32, how)), want)
+    for how, base in (("groups", "fused"), ("dus", "fused"), ("dus", "fill")):
+      monkeypatch.setattr(sp, "_DUS_BASE", base)   # (dus's zero buffer: fused into the first write, or a fill)
+      got = jax.jit(lambda a, r: lay.flatten_sum(a, r, jnp.float32, how))(a, r)
+      np.testing.assert_array_equal(np.asarray(got), want)
+    monkeypatch.setattr(sp, "_DUS_BASE", "fused")
   tree_a = {"x": a[0], "y": jnp.full((5,), 60000.0, jnp.float16)}
   tree_r = {"x": r[0], "y": jnp.full((5,), 60000.0, jnp.float16)}
   want, _ = sp._ravel_sum(tree_a, tree_r)
@@ -348,3 +356,124 @@ def test_transform_same_with_sum_flatten(make, monkeypatch):
     res[-1].append(st)
   for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _quota_case(per_tensor, ratio, seed):
+  """A tree's flat buffer with ties at every segment's cut (rounded values), a leaf with fewer non-zeros
+  than its k, and the block select's thresholds."""
+  rng = np.random.default_rng(seed)
+  sizes = [5000, 300, 9000, 70, 4096]
+  leaves = [np.round(rng.laplace(size=n) * 2).astype(np.float32) for n in sizes]
+  leaves[1][:295] = 0.0                     # fewer non-zeros than k in that leaf
+  leaves = [jnp.asarray(x) for x in leaves]
+  lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, ratio, 1.0))
+  flat = lay.flatten(leaves, jnp.float32)
+  bmax = sp._block_stats(jnp.abs(flat))[2]
+  k_max = np.array([max(1, round(ratio * n)) for n in lay.seg_n])
+  return lay, flat, bmax, k_max
+
+
+def _topk_sets(flat, lay, k):
+  """numpy Top-k of every segment (magnitude descending, ties to the lower index), zeros never sent."""
+  a = np.abs(np.asarray(flat))
+  out = []
+  for s in range(lay.num_segments):
+    pos = np.arange(lay.seg_start[s], lay.seg_start[s] + lay.seg_n[s])
+    order = np.lexsort((pos, -a[pos]))[:k[s]]
+    out.append(pos[order][a[pos[order]] > 0])
+  return np.sort(np.concatenate(out))
+
+
+@pytest.mark.parametrize("per_tensor,ratio,cap_factor", [(True, 0.05, 2.0), (False, 0.01, 2.0), (True, 0.05, 0.6),
+                                                         pytest.param(False, 0.3, 2.0, marks=pytest.mark.slow)])
+def test_seg_quota_equals_sort_trim_and_numpy_topk(per_tensor, ratio, cap_factor):
+  """The tie quota by prefix counts (no sort, no cond) gives bitwise the sort trim's payload and the same
+  sent set entry by entry (through (threshold, tie_last)); without overflow that is numpy's Top-k of every
+  segment. cap_factor 0.6: the packing overflows (a prefix of the selection), where both keep the k largest
+  of what was packed. Static k and a smaller traced k."""
+  lay, flat, bmax, k_max = _quota_case(per_tensor, ratio, 3)
+  cap = max(1, int(cap_factor * k_max.sum()))
+  send = int(k_max.sum())
+
+  def both(f, b, kk):
+    t = sp._seg_kth_blocks(f, b, lay, kk, k_max)
+    p, _ = sp._pack_xla(f, lay.per_tile(t), cap, b)
+    return sp._seg_quota(p, t, lay, kk, send), sp._seg_trim(p, t, lay, kk, send), p
+
+  fn = jax.jit(both)
+  pos = np.arange(lay.n_pad)
+  a = np.abs(np.asarray(flat))
+  seg_of = lay.tile_seg[pos // 4096]
+  cut = 0
+  for k in (k_max, np.maximum(1, k_max // 3)):
+    (pq, vq, lq), (ps, ts, ls), p0 = fn(flat, bmax, jnp.asarray(k, jnp.int32))
+    for x, y in zip(pq, ps):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    sent = np.asarray(pq.indices)[:int(pq.count)]
+    for thr, tl in ((vq, lq), (ts, ls)):   # the transform's rule names the sent entries
+      thr, tl = np.asarray(thr)[seg_of], np.asarray(tl)[seg_of]
+      last = sent[-1] if sent.size else -1
+      sel = ((a > thr) | ((a == thr) & (pos <= tl))) & (pos <= last)
+      np.testing.assert_array_equal(np.nonzero(sel)[0], sent)
+    if not bool(p0.overflow):
+      np.testing.assert_array_equal(sent, _topk_sets(flat, lay, k))
+    else:
+      assert cap_factor < 1
+    cut += int(np.sum(np.asarray(ls) >= 0))
+  assert cut, "no segment was cut: the case does not exercise the quota"
+
+
+@pytest.mark.parametrize("per_tensor", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_transform_same_with_quota_and_sort_trim(per_tensor, monkeypatch):
+  """Whole jitted updates (3 steps, ties at the cut on some) are bitwise the same with the quota (and dus's
+  zeros as a fill of their own) and the sort trim (with and without its skip); the quota path traces no
+  lax.cond."""
+  rng = np.random.default_rng(4)
+  grads = [{"w": jnp.asarray(rng.standard_normal((40, 50)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal(50) * 0.1, jnp.float32),
+            "t": jnp.asarray(np.round(rng.laplace(size=2000) * 3), jnp.float32)} for _ in range(3)]
+  res = []
+  monkeypatch.setattr(sp, "_GROUP_LEAVES", 1)   # (three chunks: the buffer is written by dus)
+  for trim, skip, base in (("quota", True, "fill"), ("sort", True, "fused"), ("sort", False, "fused")):
+    monkeypatch.setattr(sp, "_TRIM", trim)
+    monkeypatch.setattr(sp, "_TRIM_SKIP", skip)
+    monkeypatch.setattr(sp, "_DUS_BASE", base)
+    tx = sp.sidco(0.01, per_tensor=per_tensor)
+    if trim == "quota":
+      assert "cond" not in str(jax.make_jaxpr(tx.update)(grads[0], tx.init(grads[0])))
+    res.append(_jitted_steps(tx, grads, ("residual", "density", "bytes_sent")))
+  for other in res[1:]:
+    for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(other)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="_TRIM"):
+    monkeypatch.setattr(sp, "_TRIM", "heap")
+    tx = sp.sidco(0.01, per_tensor=per_tensor)
+    tx.update(grads[0], tx.init(grads[0]))
+
+
+@pytest.mark.parametrize("per_tensor", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_quota_under_pmap_and_shard_map(per_tensor, monkeypatch):
+  """The quota tie cut (no lax.cond) under pmap and under shard_map (varying payloads) gives bitwise the sort
+  trim's updates and states; rounded gradients put ties at the cut."""
+  from jax.sharding import Mesh, PartitionSpec as P
+  from mlsys_jax._compat import shard_map
+  rng = np.random.default_rng(8)
+  shapes = {"a": (30, 40), "b": (40,), "c": (900,)}
+  st0 = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+  g2 = {k: jnp.asarray(np.round(rng.standard_normal((2,) + s) * 2), jnp.float32) for k, s in shapes.items()}
+  sq = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
+  ex = lambda t: jax.tree_util.tree_map(lambda x: x[None], t)
+  mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+  res = []
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "xla")
+  for trim in ("sort", "quota"):
+    monkeypatch.setattr(sp, "_TRIM", trim)
+    tx = sp.sidco(0.02, axis_name="d", per_tensor=per_tensor)
+    st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(st0))
+    pm = jax.pmap(tx.update, axis_name="d")(g2, st)
+    sm = jax.jit(shard_map(lambda g, s: ex(tx.update(sq(g), sq(s))), mesh=mesh, in_specs=(P("d"), P("d")),
+                           out_specs=P("d")))(g2, st)
+    res.append((pm, sm))
+  for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert float(np.asarray(res[1][0][1].density).max()) > 0

@@ -705,6 +705,11 @@ _FLATTEN = "auto"
 _SUM_FLATTEN = "dus"
 _RAVEL_SUM_FLATTEN = "two"
 _GROUP_LEAVES = 24
+# The zero buffer that "dus" writes its chunks into: "fused" (XLA fuses it with the first chunk's write into
+# one pad fusion over the whole buffer: 0.121 ms per update on an H200 at 25.6M entries, session 9, for a first
+# chunk of 155k entries) or "fill" (a separate fill behind ``lax.optimization_barrier``, so the first chunk is
+# written in place like the others). The same buffer bitwise.
+_DUS_BASE = "fused"
 
 
 def _chunked(pieces, how: str, dtype) -> jax.Array:
@@ -715,7 +720,10 @@ def _chunked(pieces, how: str, dtype) -> jax.Array:
   chunks = [c[0] if len(c) == 1 else jnp.concatenate(c) for c in chunks]
   if how == "groups" or len(chunks) == 1:
     return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
+  check_choice("_DUS_BASE", _DUS_BASE, ("fused", "fill"))
   buf = jnp.zeros((sum(c.shape[0] for c in chunks),), dtype)
+  if _DUS_BASE == "fill":   # (the zeros stay a kernel of their own: no pad fusion over the whole buffer)
+    buf = jax.lax.optimization_barrier(buf)
   off = 0
   for c in chunks:
     buf = jax.lax.dynamic_update_slice(buf, c, (off,))
@@ -1080,8 +1088,14 @@ _EXACT_FIT = False
 _SUB = 8   # entries per sub-block in _seg_kth_blocks's second level
 # Skip the correction stage's sort (under lax.cond) on steps where no segment selected more than its k: the
 # payload's first slots are then the answer (the same payload). With the search's thresholds only ties at
-# the cut select more than k.
+# the cut select more than k. Read only with _TRIM = "sort".
 _TRIM_SKIP = True
+# How the exact path cuts a segment that selected more than its k (magnitudes tied at the k-th largest) back
+# to Top-k's set: "quota" (:func:`_seg_quota`: the entries above the k-th largest plus the first
+# ``k - #above`` tied ones in index order, counted by prefix sums over the payload's slots; no sort, no
+# ``lax.cond``) or "sort" (:func:`_seg_trim`: one sort of the payload's slots, under ``lax.cond`` with
+# ``_TRIM_SKIP``; the path of sessions 8-9). The same payload bitwise.
+_TRIM = "sort"
 
 
 def _seg_first_k_slots(vals, seg_sizes, k, k_cap):
@@ -1211,6 +1225,65 @@ def _seg_trim(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
   return SparsePayload(idx, p.values, p.count, payload.overflow), t, tie_last
 
 
+def _seg_quota(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
+  """SIDCo's correction stage to the exact target count without a sort: Top-k's set of every segment.
+
+  ``t`` (segments,) is the float just below each segment's ``k``-th largest magnitude ``v`` (as
+  :func:`_seg_kth_blocks` and :func:`_seg_exact` return it; 0 when ``v`` is 0), and ``payload`` holds, in
+  index order, the entries with ``|x| > t`` (the first of them when it overflowed). Top-k (``lax.top_k``:
+  magnitude descending, ties to the lower index) keeps every entry with ``|x| > v`` and the first
+  ``k - #{|x| > v}`` entries with ``|x| == v`` in index order. A segment's slots are one run of the payload
+  (its entries are one run of the flat buffer), so both counts are differences of two prefix sums over the
+  slots at the segment's first slot (a search of the segment starts among the indices); the kept slots
+  are scattered to ``capacity`` slots in order. No sort, no ``lax.cond``, deterministic. A segment that
+  selected at most ``k`` keeps everything (its quota covers all its ties, whatever ``v`` is), so ``v``
+  need not be the ``k``-th largest there (e.g. the next float above 0 when ``t`` is 0). After an
+  overflow a segment's slots are a prefix (in index order) of its selection, and the rule keeps the
+  ``k`` largest of those, as :func:`_seg_trim` does.
+
+  Returns ``(payload, v, tie_last)`` with :func:`_seg_trim`'s meaning: the new payload holds exactly the
+  entries of the old one with ``|x| > v[s]``, or ``|x| == v[s]`` and index ``<= tie_last[s]`` (``-1`` when
+  the segment kept no tied entry)."""
+  cap = payload.indices.shape[0]
+  num = lay.num_segments
+  slot = jnp.arange(cap, dtype=jnp.int32)
+  valid = slot < payload.count
+  v = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(t.astype(jnp.float32), jnp.int32) + 1,
+                                   jnp.float32)
+  a = jnp.abs(payload.values).astype(jnp.float32)
+  if num == 1:
+    seg = jnp.zeros((cap,), jnp.int32)
+    first = jnp.asarray([0, cap], jnp.int32)
+  else:   # the first slot of every segment (and the end): the payload's indices are increasing
+    idx_v = jnp.where(valid, payload.indices, lay.n_pad)
+    bounds = jnp.asarray(np.append(lay.seg_start, lay.n_pad).astype(np.int32))
+    first = jnp.searchsorted(idx_v, bounds, side="left", method=_SEARCH_METHOD).astype(jnp.int32)
+    seg = jnp.asarray(lay.tile_seg, jnp.int32)[jnp.clip(payload.indices // _TILE, 0, lay.num_tiles - 1)]
+  v_slot = v[seg]
+  above = valid & (a > v_slot)
+  tie = valid & (a == v_slot)
+  zero = jnp.zeros((1,), jnp.int32)
+  c_above = jnp.concatenate([zero, jnp.cumsum(above, dtype=jnp.int32)])   # (cap + 1,): exclusive prefix sums
+  c_tie = jnp.concatenate([zero, jnp.cumsum(tie, dtype=jnp.int32)])
+  n_above = c_above[first[1:]] - c_above[first[:-1]]
+  tie0 = c_tie[first[:-1]]
+  n_tie = c_tie[first[1:]] - tie0
+  quota = jnp.maximum(jnp.asarray(k, jnp.int32) - n_above, 0)
+  keep = above | (tie & ((c_tie[:-1] - tie0[seg]) < quota[seg]))
+  # the last kept tied entry of every segment: the slot where the tie count reaches tie0 + kept ties
+  kept_ties = jnp.minimum(quota, n_tie)
+  last_slot = jnp.searchsorted(c_tie[1:], tie0 + kept_ties, side="left", method=_SEARCH_METHOD)
+  tie_last = jnp.where(kept_ties > 0, payload.indices[jnp.clip(last_slot, 0, cap - 1)], -1).astype(jnp.int32)
+  incl = jnp.cumsum(keep, dtype=jnp.int32)
+  dst = jnp.where(keep, incl - 1, capacity)
+  idx = jnp.zeros((capacity,), jnp.int32).at[dst].set(payload.indices.astype(jnp.int32), mode="drop",
+                                                      unique_indices=True)
+  vals = jnp.zeros((capacity,), payload.values.dtype).at[dst].set(payload.values, mode="drop",
+                                                                  unique_indices=True)
+  count = jnp.minimum(incl[-1], capacity).astype(jnp.int32)
+  return SparsePayload(idx, vals, count, payload.overflow), v, tie_last
+
+
 # Packing of the transforms' flat buffer: "auto" (Pallas on GPU), "xla" or "pallas" (tests set it).
 _TRANSFORM_PACKING = "auto"
 
@@ -1283,7 +1356,10 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
 
       missed = (payload.overflow | jnp.any(counts < k)) & finite
       payload, t = jax.lax.cond(missed, bisect, lambda _: (payload, t), None)
-    if _TRIM_SKIP:   # no segment above its k (e.g. the block select's thresholds without ties): no sort
+    check_choice("_TRIM", _TRIM, ("quota", "sort"))
+    if _TRIM == "quota":   # ties at the cut cut back by prefix counts over the payload: no sort, no cond
+      payload, t, tie_last = _seg_quota(payload, t, lay, k, send_capacity)
+    elif _TRIM_SKIP:   # no segment above its k (e.g. the block select's thresholds without ties): no sort
       _, counts = _payload_segments(payload, lay)
 
       def first_slots(_):
