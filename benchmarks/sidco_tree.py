@@ -97,7 +97,8 @@ def _flags(ap):
                        "tokens: blocks/bits = sparse._EXACT_SEARCH (how the k-th largest is found), fit/nofit = "
                        "sparse._EXACT_FIT (SIDCo's fit first), trimskip/notrimskip = sparse._TRIM_SKIP, quota/sorttrim = "
                        "sparse._TRIM (the tie cut by prefix counts, or the sort trim under a cond), zfill/zfused = sparse._DUS_BASE "
-                       "(dus's zero buffer a fill of its own, or fused into the first chunk's write), two/groups/dus = "
+                       "(dus's zero buffer a fill of its own, or fused into the first chunk's write), narrowseg/wideseg = "
+                       "sparse._SEG_KEY (the per-segment sorts' second key uint8/uint16, or int32), two/groups/dus = "
                        "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
                        "g<N> = sparse._GROUP_LEAVES; with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -267,7 +268,7 @@ def main():
   rows, ref_first, ref_loop = [], {}, {}
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
-  ravel0, trim0, base0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
+  ravel0, trim0, base0, segkey0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -281,7 +282,7 @@ def main():
     # variant tokens: see --variants
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
-    sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE = ravel0, trim0, base0
+    sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY = ravel0, trim0, base0, segkey0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -297,6 +298,8 @@ def main():
         sp._GROUP_LEAVES = int(tok[1:])
       elif tok in ("trimskip", "notrimskip"):
         sp._TRIM_SKIP = tok == "trimskip"
+      elif tok in ("narrowseg", "wideseg"):
+        sp._SEG_KEY = "narrow" if tok == "narrowseg" else "int32"
       elif tok in ("zfill", "zfused"):
         sp._DUS_BASE = "fill" if tok == "zfill" else "fused"
       elif tok in ("quota", "sorttrim"):
@@ -312,6 +315,7 @@ def main():
     row["exact_search"], row["exact_fit"] = sp._EXACT_SEARCH, sp._EXACT_FIT
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
+    row["seg_key"] = sp._SEG_KEY
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

@@ -149,7 +149,7 @@ def test_transform_same_with_any_search(kw, monkeypatch):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("segments", [1, 4])
+@pytest.mark.parametrize("segments", [1, 4, 300])
 def test_trim_sort_equals_three_key_sort(segments, monkeypatch):
   """The correction stage's order (segment, magnitude descending, slot) from stable one-key sorts equals
   the 3-key lexicographic sort, ties and zeros included."""
@@ -164,9 +164,11 @@ def test_trim_sort_equals_three_key_sort(segments, monkeypatch):
   monkeypatch.setattr(sp, "_TRIM_SORT", "lexsort")
   ref = sp._sort_seg_desc(seg, a, slot, segments)
   monkeypatch.setattr(sp, "_TRIM_SORT", "radix")
-  got = jax.jit(sp._sort_seg_desc, static_argnums=3)(seg, a, slot, segments)
-  for x, y in zip(got, ref):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for key in ("int32", "narrow"):   # the second sort's key: int32, or uint8 (uint16 from 255 segments)
+    monkeypatch.setattr(sp, "_SEG_KEY", key)
+    got = jax.jit(sp._sort_seg_desc, static_argnums=3)(seg, a, slot, segments)
+    for x, y in zip(got, ref):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_collective_packings_agree(monkeypatch):
@@ -426,18 +428,20 @@ def test_seg_quota_equals_sort_trim_and_numpy_topk(per_tensor, ratio, cap_factor
 @pytest.mark.parametrize("per_tensor", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_transform_same_with_quota_and_sort_trim(per_tensor, monkeypatch):
   """Whole jitted updates (3 steps, ties at the cut on some) are bitwise the same with the quota (and dus's
-  zeros as a fill of their own) and the sort trim (with and without its skip); the quota path traces no
-  lax.cond."""
+  zeros as a fill of their own, narrow segment keys) and the sort trim (with and without its skip, int32
+  and narrow segment keys); the quota path traces no lax.cond."""
   rng = np.random.default_rng(4)
   grads = [{"w": jnp.asarray(rng.standard_normal((40, 50)), jnp.float32),
             "b": jnp.asarray(rng.standard_normal(50) * 0.1, jnp.float32),
             "t": jnp.asarray(np.round(rng.laplace(size=2000) * 3), jnp.float32)} for _ in range(3)]
   res = []
   monkeypatch.setattr(sp, "_GROUP_LEAVES", 1)   # (three chunks: the buffer is written by dus)
-  for trim, skip, base in (("quota", True, "fill"), ("sort", True, "fused"), ("sort", False, "fused")):
+  for trim, skip, base, key in (("quota", True, "fill", "narrow"), ("sort", True, "fused", "int32"),
+                                ("sort", False, "fused", "narrow")):
     monkeypatch.setattr(sp, "_TRIM", trim)
     monkeypatch.setattr(sp, "_TRIM_SKIP", skip)
     monkeypatch.setattr(sp, "_DUS_BASE", base)
+    monkeypatch.setattr(sp, "_SEG_KEY", key)
     tx = sp.sidco(0.01, per_tensor=per_tensor)
     if trim == "quota":
       assert "cond" not in str(jax.make_jaxpr(tx.update)(grads[0], tx.init(grads[0])))

@@ -1178,6 +1178,11 @@ def _payload_segments(payload: SparsePayload, lay: _Layout):
 # How _seg_trim orders the payload's slots by (segment, magnitude descending, slot): "radix" (stable
 # one-key sorts of 32-bit keys with the slot as payload: radix sorts on GPU) or "lexsort" (one 3-key sort).
 _TRIM_SORT = "radix"
+# The key of the second stable sort of :func:`_sort_seg_desc` (several segments; the block select's three
+# levels with ``per_tensor=True``, and the sort trim): "int32" or "narrow" (uint8 below 255 segments, else
+# uint16 below 65535: a radix sort of 1 or 2 byte-digit passes instead of 4, if XLA's sort rewriter takes the
+# narrow key to cub). The same order.
+_SEG_KEY = "int32"
 
 
 def _sort_seg_desc(seg, a, slot, num_segments: int):
@@ -1193,8 +1198,12 @@ def _sort_seg_desc(seg, a, slot, num_segments: int):
     key_s, slot_s = jax.lax.sort((key, slot), num_keys=1, is_stable=True)
     return (key_s >> 31).astype(jnp.int32), slot_s
   _, slot_1 = jax.lax.sort((desc, slot), num_keys=1, is_stable=True)
-  seg_s, slot_s = jax.lax.sort((seg[slot_1], slot_1), num_keys=1, is_stable=True)
-  return seg_s, slot_s
+  check_choice("_SEG_KEY", _SEG_KEY, ("int32", "narrow"))
+  key = seg[slot_1]
+  if _SEG_KEY == "narrow" and num_segments < 65535:   # (values 0..num_segments: past-count slots included)
+    key = key.astype(jnp.uint8 if num_segments < 255 else jnp.uint16)
+  seg_s, slot_s = jax.lax.sort((key, slot_1), num_keys=1, is_stable=True)
+  return seg_s.astype(jnp.int32), slot_s
 
 
 def _seg_trim(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
