@@ -25,6 +25,7 @@ on-device exactness checks (self-tests, flip rates, stuck-at, uint16 odd length)
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT            # GPU, ~60-80 s
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --wide     # the large-tile sweep
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --draws    # 'popc'/'popcx' vs default
+  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --s10      # 'lean' vs the default
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out /tmp/b --small  # CPU smoke run (interpret)
 """
 
@@ -116,12 +117,25 @@ DRAWS_SWEEP = [("binomial", 256, None, False, 1, 3, "take"),     # the default k
                ("binomial", 512, 128, True, 1, 3, "take"),
                ("binomial", 128, None, False, 1, 3, "popc"),
                ("binomial", 128, None, False, 1, 3, "popcx")]
+# Session 10 (--s10, one short run; issue 21 item 3, >= 50% of the strict floor): the 'lean' evaluation of the
+# same binomial stream (same bits): no popcounts in the common path (comparisons of u with s_0..s_3 and of the
+# three draws' lanes), lane bits by one funnel shift, the extension's first Philox rounds no longer hoisted
+# into the common path. SASS from pip Triton 3.9 + ptxas (sm_90, 256 words, 1 warp; a guide only):
+# common path 639 -> 547 instructions per program (8 words per thread), 118 -> 98 registers.
+S10_PLAIN = [(512, 4)]
+S10_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),     # the default kernel (26.1/26.2 us on 12-03)
+             ("binomial", 256, None, False, 1, 3, "lean"),
+             ("binomial", 512, 128, True, 1, 3, "lean"),
+             ("binomial", 128, None, False, 1, 3, "lean"),
+             ("binomial", 512, None, False, 2, 3, "lean"),
+             ("binomial", 512, None, False, 1, 3, "lean"),
+             ("binomial", 256, None, False, 2, 3, "lean")]
 DEFAULT_ROW = ("binomial", 256, None, False, 1, 3, "popc")   # the row the --draws summary compares with (pb.DRAW)
 SMALL_MEMORY = [("levels", 64, None, False, 2, 0), ("levels", 128, 32, True, 2, 0)]
 SMALL_PLAIN = [(128, 2)]
 SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2, 1),
                ("binomial", 128, 64, False, 2, 3, "popc"), ("binomial", 64, None, False, 2, 2, "popcx"),
-               ("levels", 64, None, False, 2, 3)]
+               ("binomial", 64, None, False, 2, 3, "lean"), ("levels", 64, None, False, 2, 3)]
 
 
 def _extra(ap):
@@ -137,6 +151,10 @@ def _extra(ap):
                        "with the other draw evaluations ('take'/'popcx' while 'popc' is the default), 'popc'/'popcx' at the default tile and two neighbours "
                        "(DRAWS_SWEEP), the XOR-copies and floors, on-device checks of every draw; "
                        "no stuck-at row")
+  ap.add_argument("--s10", action="store_true",
+                  help="short run (~60 s on the H200): the strict floor, the default kernel, the 'lean' draw "
+                       "evaluation (same bits) at the default tile and neighbours (S10_SWEEP), the public "
+                       "function and its path with draw='lean', on-device checks of 'lean'; no stuck-at row")
   ap.add_argument("--philox5", action="store_true",
                   help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
   ap.add_argument("--compile_budget_s", type=float, default=55.0,
@@ -285,7 +303,8 @@ def main():
           "XLA uint32 XOR-copy (uint32 arrays, same bytes)": ("u32", lambda c, k: c ^ k[0], None),
           "XLA float32 x*c (float32 arrays, same bytes)": (
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
-  mem, plain, sweep = (([], DRAWS_PLAIN, DRAWS_SWEEP) if args.draws else   # with --small: its CPU smoke
+  mem, plain, sweep = (([], S10_PLAIN, S10_SWEEP) if args.s10 and not args.small else
+                       ([], DRAWS_PLAIN, DRAWS_SWEEP) if args.draws else   # with --small: its CPU smoke
                        (SMALL_MEMORY, SMALL_PLAIN, SMALL_SWEEP) if args.small else
                        (WIDE_MEMORY, WIDE_PLAIN, WIDE_SWEEP) if args.wide else
                        (S7_MEMORY, S7_PLAIN, S7_SWEEP) if args.s7 else (MEMORY, PLAIN, SWEEP))
@@ -302,7 +321,8 @@ def main():
     if i == 1:
       cands.append(("inject_bit_errors (public)", ("u8", lambda c, k: be.inject_bit_errors(k, c, p, 8),
                                                    "public")))
-      for dr in [d for d in pb.DRAWS if d != pb.DRAW] if args.s7 or args.draws or args.small else ():
+      other = ["lean"] if args.s10 else [d for d in pb.DRAWS if d != pb.DRAW]
+      for dr in other if args.s7 or args.draws or args.s10 or args.small else ():
         # the public path with the other draw evaluation
         cands.append((f"inject_bit_errors (public path, draw={dr})", (
             "u8", lambda c, k, dr=dr: be._inject(k, c, p, 8, draw=dr), "public")))
@@ -315,7 +335,7 @@ def main():
             pb._ROUNDS2 = old
         cands.append(("diagnostic (other bits): binomial words=256 warps=1 pre=3, Philox-2x32-5",
                       ("u8", half, None)))
-      if not (args.no_stuck or args.draws):
+      if not (args.no_stuck or args.draws or args.s10):
         cands.append(("inject_stuck_at (public)", ("u8", lambda c, k: be.inject_stuck_at(k, c, p, 8), None)))
   rows.update(cands)
 
@@ -392,7 +412,7 @@ def main():
                               "unroll": pb.UNROLL, "num_warps": pb.NUM_WARPS, "io": pb.IO, "pre": pb.PRE},
           "rows": out_rows, "errors": errors, "skipped": skipped, "best_zero_mismatch": best,
           "profile_error": dev.get("error") if isinstance(dev.get("error"), str) else None}
-  if args.draws or args.s7:
+  if args.draws or args.s7 or args.s10:
     base["draw_summary"] = _draw_summary(out_rows, _name(*DEFAULT_ROW))
   print(f"{env}\ncopy bandwidth {bw / 1e12:.3f} TB/s, {n / 1e6:.2f}M uint8 codes, p = 1%, floor "
         f"{floor * 1e6:.2f} us; {batch} arrays per jitted call, median of {repeats} round-robin rounds")
@@ -428,8 +448,9 @@ def main():
 
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
-    extra = [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or args.draws or dr == "popc")
-             ] if (args.s7 or args.draws) else []
+    extra = ([("binomial", "lean")] if args.s10 else
+             [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or args.draws or dr == "popc")
+              ] if (args.s7 or args.draws) else [])
     for mth, dr in [("binomial", None), ("levels", None)] + extra:   # dr: the kernel's draw evaluation
       tag = mth if dr is None else f"{mth} draw={dr}"
       try:   # per group: a draw evaluation that fails to compile keeps the other checks
