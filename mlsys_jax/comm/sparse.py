@@ -1271,25 +1271,30 @@ def _seg_quota(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
   v_slot = v[seg]
   above = valid & (a > v_slot)
   tie = valid & (a == v_slot)
-  zero = jnp.zeros((1,), jnp.int32)
-  c_above = jnp.concatenate([zero, jnp.cumsum(above, dtype=jnp.int32)])   # (cap + 1,): exclusive prefix sums
-  c_tie = jnp.concatenate([zero, jnp.cumsum(tie, dtype=jnp.int32)])
+  # one prefix sum of both flags, (cap + 1, 2) exclusive: above and tied entries before each slot
+  c = jnp.concatenate([jnp.zeros((1, 2), jnp.int32),
+                       jnp.cumsum(jnp.stack([above, tie], axis=1).astype(jnp.int32), axis=0)])
+  c_above, c_tie = c[:, 0], c[:, 1]
   n_above = c_above[first[1:]] - c_above[first[:-1]]
   tie0 = c_tie[first[:-1]]
   n_tie = c_tie[first[1:]] - tie0
   quota = jnp.maximum(jnp.asarray(k, jnp.int32) - n_above, 0)
-  keep = above | (tie & ((c_tie[:-1] - tie0[seg]) < quota[seg]))
-  # the last kept tied entry of every segment: the slot where the tie count reaches tie0 + kept ties
   kept_ties = jnp.minimum(quota, n_tie)
+  tie_rank = c_tie[1:] - tie0[seg]                     # tied entries of the slot's segment up to it, inclusive
+  keep = above | (tie & (tie_rank <= quota[seg]))
+  # the last kept tied entry of every segment: the slot where the tie count reaches tie0 + kept ties
   last_slot = jnp.searchsorted(c_tie[1:], tie0 + kept_ties, side="left", method=_SEARCH_METHOD)
   tie_last = jnp.where(kept_ties > 0, payload.indices[jnp.clip(last_slot, 0, cap - 1)], -1).astype(jnp.int32)
-  incl = jnp.cumsum(keep, dtype=jnp.int32)
+  # the kept slots up to each one (inclusive), without a third prefix sum: the above ones, the kept ties of
+  # the earlier segments and those of its own segment up to it
+  ties_before = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(kept_ties)[:-1]])
+  incl = c_above[1:] + ties_before[seg] + jnp.minimum(tie_rank, quota[seg])
   dst = jnp.where(keep, incl - 1, capacity)
   idx = jnp.zeros((capacity,), jnp.int32).at[dst].set(payload.indices.astype(jnp.int32), mode="drop",
                                                       unique_indices=True)
   vals = jnp.zeros((capacity,), payload.values.dtype).at[dst].set(payload.values, mode="drop",
                                                                   unique_indices=True)
-  count = jnp.minimum(incl[-1], capacity).astype(jnp.int32)
+  count = jnp.minimum(jnp.sum(n_above) + jnp.sum(kept_ties), capacity).astype(jnp.int32)
   return SparsePayload(idx, vals, count, payload.overflow), v, tie_last
 
 
