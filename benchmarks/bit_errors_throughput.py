@@ -121,7 +121,7 @@ DRAWS_SWEEP = [("binomial", 256, None, False, 1, 3, "take"),     # the default k
 # same binomial stream (same bits): no popcounts in the common path (comparisons of u with s_0..s_3 and of the
 # three draws' lanes), lane bits by one funnel shift, the extension's first Philox rounds no longer hoisted
 # into the common path. SASS from pip Triton 3.9 + ptxas (sm_90, 256 words, 1 warp; a guide only):
-# common path 639 -> 547 instructions per program (8 words per thread), 118 -> 98 registers.
+# common path 622 -> 529 instructions per program (8 words per thread), 118 -> 98 registers.
 S10_PLAIN = [(512, 4)]
 S10_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),     # the default kernel (26.1/26.2 us on 12-03)
              ("binomial", 256, None, False, 1, 3, "lean"),
