@@ -1,0 +1,162 @@
+"""Per-block scaled FP8 / int8 GEMM: the Mosaic GPU kernel (`mlsys_jax/quant/_mgpu_gemm.py`) against the same
+run's bf16 matmul, XLA's FP8 per-tensor and int8 per-channel dots, and the Triton kernels of `_pallas_gemm`.
+
+Every method is compiled first (threads), checked (FP8: against the float64-accurate product of the dequantized
+codes; int8: against the Triton kernel, whose int32 partial sums are exact, and on 256 rows against XLA's int32
+per-vector partial sums), then timed interleaved with the bf16 dot (`stats.time_interleaved`, wall time per call
+of a jitted function, 8192^3 so dispatch is < 1%).
+
+    PYTHONPATH=. python3 benchmarks/vsquant_mgpu.py --out $OUT [--configs 64:128:4,64:128:6] [--small]
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, parse_args, print_table, write_json
+from mlsys_jax import stats
+from mlsys_jax.quant import _mgpu_gemm as mg
+from mlsys_jax.quant import _pallas_gemm as pg
+
+
+def _extra(ap):
+  ap.add_argument("--configs", default="64:128:4,64:128:6",
+                  help="Mosaic configs tile_m:tile_n:stages[:grid_group], comma-separated")
+  ap.add_argument("--kinds", default="fp8:128,int8:64,int8:128", help="kind:V pairs for the Mosaic kernel")
+  ap.add_argument("--triton", type=int, default=1, help="1: also time the Triton per-vector kernels")
+  ap.add_argument("--reps", type=int, default=8)
+  ap.add_argument("--name", default="vsquant_mgpu")
+  ap.add_argument("--budget_s", type=float, default=1e9, help="stop timing new rows after this")
+
+
+def _rel(out, ref) -> float:
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _cfg(s: str) -> mg.MgpuConfig:
+  p = [int(x) for x in s.split(":")]
+  return mg.MgpuConfig(*p)
+
+
+def main():
+  args = parse_args(__doc__, _extra)
+  t0 = time.perf_counter()
+  env = environment()
+  print(env, flush=True)
+  gpu = mg.available()
+  m = k = n = 256 if args.small else 8192
+  flops = 2 * m * k * n
+  reps, inner = (2, 1) if args.small else (args.reps, 3)
+  a = jax.random.normal(jax.random.PRNGKey(1), (m, k), jnp.float32)
+  w = jax.random.normal(jax.random.PRNGKey(2), (k, n), jnp.float32)
+  a16, w16 = a.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  # FP8 per-block codes (1 x 128 activation, 128 x 1 weight scales)
+  (fa, fsa), (fw, fsw) = pg.fp8_vector_quantize(a, 1, 128), pg.fp8_vector_quantize(w, 0, 128)
+  fw_nk = jnp.asarray(fw.T)
+  ref_fp8 = jax.jit(lambda: jnp.dot(fa.astype(jnp.float32) * jnp.repeat(fsa, 128, axis=1)[:, :k],
+                                    fw.astype(jnp.float32) * jnp.repeat(fsw, 128, axis=0)[:k],
+                                    precision=jax.lax.Precision.HIGHEST))()
+  ta, tw = jnp.max(jnp.abs(a)) / 448, jnp.max(jnp.abs(w)) / 448
+  a8, w8 = (a / ta).astype(jnp.float8_e4m3fn), (w / tw).astype(jnp.float8_e4m3fn)
+  # int8 codes with per-vector scales (random positive scales; the kernel does not care how they were found)
+  ia = jax.random.randint(jax.random.PRNGKey(3), (m, k), -127, 128, jnp.int32).astype(jnp.int8)
+  iw = jax.random.randint(jax.random.PRNGKey(4), (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+  iw_nk = jnp.asarray(iw.T)
+  scales = {}
+  for v in (64, 128):
+    g = k // v
+    scales[v] = (jax.random.uniform(jax.random.PRNGKey(5 + v), (m, g), minval=0.5, maxval=2.0),
+                 jax.random.uniform(jax.random.PRNGKey(6 + v), (g, n), minval=0.5, maxval=2.0))
+  ca, cw = jax.random.uniform(jax.random.PRNGKey(9), (m, 1)), jax.random.uniform(jax.random.PRNGKey(10), (1, n))
+
+  mm = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32))
+  methods = {   # name -> (fn, args, check)   check: ("ref", array) | ("int8", v) | None
+      "bf16 jnp.dot (f32 accumulation)": (mm, (a16, w16), None),
+      "XLA FP8 E4M3 dot, per-tensor scale": (jax.jit(lambda p, q, s: jnp.dot(
+          p, q, preferred_element_type=jnp.float32) * s), (a8, w8, ta * tw), None),
+      "XLA int8 dot, per-channel rescale": (jax.jit(lambda p, q, s, t: jax.lax.dot(
+          p, q, preferred_element_type=jnp.int32).astype(jnp.float32) * s * t), (ia, iw, ca, cw), None),
+  }
+  if args.triton:
+    interp = not gpu
+    methods["Triton FP8 per-block (session-8 best: 128x128 w8, imprecise_acc=128)"] = (
+        jax.jit(functools.partial(pg.vs_fp8_matmul, vector_size=128, w_layout="nk", prefetch=1,
+                                  imprecise_acc=128, block_m=128, block_n=128, num_warps=8, interpret=interp)),
+        (fa, fsa, fw, fsw), ("ref", ref_fp8))
+    methods["Triton int8 per-vector V=64 (defaults)"] = (
+        jax.jit(functools.partial(pg.vs_int8_matmul, vector_size=64, interpret=interp)),
+        (ia, scales[64][0], iw, scales[64][1]), None)
+  for kv in args.kinds.split(","):
+    kind, v = kv.split(":")
+    v = int(v)
+    for cs in args.configs.split(","):
+      cfg = _cfg(cs)
+      name = f"Mosaic {kind} V={v} tile {2 * cfg.tile_m}x{cfg.tile_n} stages {cfg.stages} group {cfg.grid_group}"
+      fn = jax.jit(functools.partial(mg.scaled_matmul, vector_size=v, w_layout="nk", config=cfg))
+      if kind == "fp8":
+        methods[name] = (fn, (fa, fsa, fw_nk, fsw), ("ref", ref_fp8))
+      else:
+        methods[name] = (fn, (ia, scales[v][0], iw_nk, scales[v][1]), ("int8", v))
+
+  def compile_one(name):
+    fn, xs, _ = methods[name]
+    try:
+      return fn.lower(*xs).compile()
+    except Exception as e:  # recorded, not fatal
+      return e
+  with concurrent.futures.ThreadPoolExecutor(8) as ex:
+    compiled = dict(zip(methods, ex.map(compile_one, list(methods))))
+  print(f"compiled {len(methods)} in {time.perf_counter() - t0:.1f}s", flush=True)
+
+  # int8 references: exact int32 per-vector partial sums on the first 256 rows, scaled in float64
+  int8_ref = {}
+  for v in (64, 128):
+    rows = min(256, m)
+    p = jax.lax.dot_general(ia[:rows].reshape(rows, k // v, v), iw.reshape(k // v, v, n),
+                            (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.int32)   # (g, rows, n)
+    p = np.asarray(p, np.float64)
+    sa, sw = np.asarray(scales[v][0][:rows], np.float64), np.asarray(scales[v][1], np.float64)
+    int8_ref[v] = np.einsum("gmn,mg,gn->mn", p, sa, sw)
+
+  base = compiled["bf16 jnp.dot (f32 accumulation)"]
+  result = {"env": env, "shape": [m, k, n], "rows": [], "command": "benchmarks/vsquant_mgpu.py"}
+  rows = result["rows"]
+  for name, (fn, xs, check) in methods.items():
+    row = {"op": name}
+    c = compiled[name]
+    if isinstance(c, Exception):
+      row["error"] = f"{type(c).__name__}: {str(c)[:600]}"
+    elif time.perf_counter() - t0 > args.budget_s:
+      row["error"] = "skipped: budget"
+    else:
+      try:
+        out = jax.block_until_ready(c(*xs))
+        if check is not None and check[0] == "ref":
+          row["rel_err"] = _rel(out, check[1])
+        elif check is not None:
+          got = np.asarray(out[:int8_ref[check[1]].shape[0]], np.float64)
+          row["rel_err"] = _rel(got, int8_ref[check[1]])
+          row["max_rel_elem"] = float(np.max(np.abs(got - int8_ref[check[1]]) /
+                                             (np.abs(int8_ref[check[1]]) + 1e-3 * np.abs(int8_ref[check[1]]).max())))
+        t = stats.time_interleaved(lambda: c(*xs), lambda: base(a16, w16), repeats=reps, warmup=2, inner=inner)
+        row.update(ms=t.median_a * 1e3, bf16_ms=t.median_b * 1e3, speedup_vs_bf16=t.ratio,
+                   TOPs=flops / t.median_a / 1e12, p_faster_than_bf16=t.p_a_faster)
+      except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+    print(row, flush=True)
+    rows.append(row)
+    write_json(args.out, args.name, result)
+  print_table(rows, ["op", "ms", "bf16_ms", "speedup_vs_bf16", "TOPs", "rel_err", "error"])
+  result["wall_s"] = time.perf_counter() - t0
+  write_json(args.out, args.name, result)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,238 @@
+"""Per-block scaled FP8 / int8 GEMM for Hopper as a Pallas Mosaic GPU kernel (wgmma, TMA, warp specialization).
+
+The datapath is VS-Quant's (Dai et al., "VS-Quant: Per-vector Scaled Quantization for Accurate Low-Precision
+Neural Network Inference", MLSys 2021, Sec. 3, Fig. 3): a length-K dot product is cut into K/V vectors, each
+vector pair gives a partial sum on the tensor cores, the partial sum is multiplied by the product of the two
+vector scales and accumulated in float32:
+
+    out[m, n] = sum_g  sa[m, g] * sw[g, n] * P_g[m, n],     P_g = A[:, g*V:(g+1)*V] @ W[g*V:(g+1)*V, :]
+
+``P_g`` is exact int32 for int8 codes and the tensor core's float32 sum for FP8 (E4M3) codes. This is also the
+fine-grained-scaled FP8 GEMM deployed on Hopper (DeepSeek's DeepGEMM: 1 x 128 activation and 128 x 128 weight
+scale blocks, partial sums promoted to float32 once per 128-element K block).
+
+How the kernel reaches the tensor cores (what the Triton kernel of :mod:`._pallas_gemm` cannot express):
+
+- one CTA computes a ``2 * tile_m x tile_n`` output tile with two *compute warpgroups* (``tile_m`` rows each)
+  and one *memory warpgroup* that streams the K blocks of A (``2 * tile_m x V``), W (``tile_n x V``, K-major as
+  Hopper's 8-bit ``wgmma`` requires) and the two scale vectors into a ring of ``stages`` shared-memory slots
+  with TMA (``plgpu.emit_pipeline_warp_specialized``);
+- per K block each compute warpgroup issues ``wgmma`` into a fresh register accumulator, waits for it, and
+  folds it into its float32 accumulator with ``acc += P * sa[:, None] * sw[None, :]``. While one warpgroup
+  runs this epilogue on the CUDA cores the other's ``wgmma`` keeps the tensor cores busy (the two warpgroups
+  are scheduled independently), which is how the per-block promotion is hidden;
+- the float32 tile leaves through shared memory with a TMA store.
+
+Shapes must be multiples of the tile (``M % (2 * tile_m)``, ``N % tile_n``, ``K % V``): the public wrapper
+(:func:`scaled_matmul`) pads. Only NVIDIA Hopper (sm_90a) runs it; :func:`available` says whether this
+process can (a GPU of compute capability 9.x and a jax with Pallas Mosaic GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["MgpuConfig", "available", "scaled_matmul", "scaled_matmul_padded", "KINDS"]
+
+KINDS = ("fp8", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+  """Launch parameters of :func:`scaled_matmul_padded`.
+
+  Attributes:
+    tile_m: rows per compute warpgroup (a multiple of 64); the CTA covers ``2 * tile_m`` rows.
+    tile_n: output columns per CTA (a multiple of 8, at most 256).
+    stages: shared-memory slots of the TMA ring (K blocks in flight).
+    grid_group: row tiles visited together (tile order for L2 reuse of the weight tiles).
+  """
+  tile_m: int = 64
+  tile_n: int = 128
+  stages: int = 4
+  grid_group: int = 8
+
+
+def available() -> bool:
+  """Whether this process can run the kernel: a Hopper GPU (compute capability 9.x) as the default backend
+  and ``jax.experimental.pallas.mosaic_gpu`` importable."""
+  try:
+    import jax.experimental.pallas.mosaic_gpu  # noqa: F401
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+  except Exception:  # noqa: BLE001 - any import/backend problem means "not here"
+    return False
+
+
+def _interpret_params():
+  """Pallas's Mosaic GPU interpreter parameters (a private module in jax 0.10; the interpreter runs the kernel on
+  the CPU, simulating shared memory, barriers and TMA)."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
+
+
+def _code_dtype(kind: str):
+  return jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
+
+
+def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, sw: jax.Array, *,
+                         vector_size: int, config: MgpuConfig = MgpuConfig(),
+                         interpret: bool = False) -> jax.Array:
+  """The kernel on tile-aligned operands: ``a_codes (M, K)``, ``sa_t (K/V, M)`` float32 (the activation vector
+  scales, transposed so one K block's scales are contiguous), ``w_nk (N, K)`` (weights K-major), ``sw (K/V, N)``
+  float32; returns float32 ``(M, N)``. Use :func:`scaled_matmul` for the checked, padded entry point.
+  ``interpret=True`` runs Pallas's Mosaic GPU interpreter (CPU; slow, for tests on small shapes)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  m, k = a_codes.shape
+  n = w_nk.shape[0]
+  v = vector_size
+  tm, tn, stages = config.tile_m, config.tile_n, config.stages
+  cta_m = 2 * tm
+  kind = "fp8" if a_codes.dtype == jnp.float8_e4m3fn else "int8"
+  acc_dtype = jnp.float32 if kind == "fp8" else jnp.int32
+  elem_bits = 8
+  swizzle = plgpu.find_swizzle(v * elem_bits)
+  transforms = (plgpu.TilingTransform((8, swizzle * 8 // elem_bits)), plgpu.SwizzleTransform(swizzle))
+  out_swizzle = plgpu.find_swizzle(tn * 32)
+  out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
+  m_tiles, n_tiles, k_steps = m // cta_m, n // tn, k // v
+  stages = min(stages, k_steps)   # a ring longer than the K loop never fills (the pipeline would wait forever)
+  group = max(1, min(config.grid_group, m_tiles))
+
+  def kernel(a_gmem, sa_gmem, w_gmem, sw_gmem, out_gmem, out_smem):
+    wg = lax.axis_index("wg")
+    lin = lax.axis_index("tiles")
+    # grouped tile order: `group` row tiles share each weight column tile while it is in L2
+    per_group = group * n_tiles
+    g_idx = lin // per_group
+    first_m = g_idx * group
+    rows_here = jnp.minimum(m_tiles - first_m, group)
+    mi = first_m + (lin % per_group) % rows_here
+    ni = (lin % per_group) // rows_here
+    m_sl = pl.ds(mi * cta_m, cta_m)
+    n_sl = pl.ds(ni * tn, tn)
+    wg_rows = pl.ds(wg * tm, tm)
+
+    def compute_context(eval_pipeline):
+      acc0 = jnp.full((tm, tn), 0, dtype=jnp.float32)
+      if not interpret:   # (the interpreter has no layouts)
+        acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
+      acc = eval_pipeline(acc0)
+      out_smem.at[wg][...] = acc
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    def body(_, a_smem, sa_smem, w_smem, sw_smem, acc):
+      def mma(p_ref):
+        plgpu.wgmma(p_ref, a_smem.at[wg_rows], plgpu.transpose_ref(w_smem, (1, 0)))
+        return p_ref[...]
+
+      if interpret:   # the interpreter cannot feed a transposed ref to wgmma: the same product by jnp.dot
+        part = jnp.dot(a_smem[wg_rows], w_smem[...].T, preferred_element_type=acc_dtype)
+      else:
+        part = pl.run_scoped(mma, plgpu.ACC((tm, tn), acc_dtype))
+      if interpret:   # the interpreter has no rule for plgpu.load; plain reads give the same values
+        sa, sw = sa_smem[0, wg_rows], sw_smem[0]
+      else:
+        sa = plgpu.load(sa_smem.at[0, wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        sw = plgpu.load(sw_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
+      part = part.astype(jnp.float32) * lax.broadcast_in_dim(sa, (tm, tn), [0])
+      return acc + part * lax.broadcast_in_dim(sw, (tm, tn), [1])
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(k_steps,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((cta_m, v), lambda s: (0, s), transforms=transforms),
+            plgpu.BlockSpec((1, cta_m), lambda s: (s, 0)),
+            plgpu.BlockSpec((tn, v), lambda s: (0, s), transforms=transforms),
+            plgpu.BlockSpec((1, tn), lambda s: (s, 0)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=stages,
+        compute_context=compute_context,
+    )
+    pipeline(a_gmem.at[m_sl], sa_gmem.at[:, m_sl], w_gmem.at[n_sl], sw_gmem.at[:, n_sl])
+
+  f = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
+      scratch_types=[plgpu.SMEM((2, tm, tn), jnp.float32, transforms=out_transforms)],
+      grid=(m_tiles * n_tiles,),
+      grid_names=("tiles",),
+      num_threads=3,
+      thread_name="wg",
+      **({"interpret": _interpret_params()} if interpret else {}),
+  )
+  return f(a_codes, sa_t, w_nk, sw)
+
+
+def _round_up(x: int, to: int) -> int:
+  return -(-x // to) * to
+
+
+def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array, *,
+                  vector_size: int, w_layout: str = "kn", config: MgpuConfig | None = None,
+                  interpret: bool = False) -> jax.Array:
+  """Per-vector (per-block) scaled GEMM ``(M, K) x (K, N) -> float32 (M, N)`` on Hopper's tensor cores.
+
+  ``out[m, n] = sum_g a_scale[m, g] * w_scale[g, n] * P_g[m, n]`` (VS-Quant Sec. 3; DeepGEMM's per-block FP8
+  promotion), ``P_g`` the tensor-core product of K block ``g`` (V elements).
+
+  Args:
+    a_codes: ``(M, K)`` int8 or float8_e4m3fn codes.
+    a_scale: ``(M, ceil(K / V))`` float scales of the activation vectors.
+    w_codes: weight codes of the same dtype, ``(K, N)`` (``w_layout='kn'``) or ``(N, K)`` (``'nk'``, K-major:
+      what the kernel reads; pass weights stored that way to skip a transpose per call).
+    w_scale: ``(ceil(K / V), N)`` float scales of the weight vectors.
+    vector_size: V; 128 for FP8 (one promotion per 128 elements), 64 or 128 for int8.
+    w_layout: ``'kn'`` or ``'nk'``.
+    config: launch parameters (:class:`MgpuConfig`).
+    interpret: run Pallas's Mosaic GPU interpreter on the CPU (tests; small shapes only).
+
+  Returns:
+    float32 ``(M, N)``.
+
+  Raises:
+    ValueError: wrong dtypes, shapes or vector size (the message names the argument).
+  """
+  if (config or MgpuConfig()).tile_m % 64 or not 8 <= (config or MgpuConfig()).tile_n <= 256:
+    raise ValueError(f"config needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got {config}")
+  if a_codes.ndim != 2 or w_codes.ndim != 2:
+    raise ValueError(f"a_codes and w_codes must be 2-D, got {a_codes.shape} and {w_codes.shape}")
+  if a_codes.dtype not in (jnp.int8, jnp.float8_e4m3fn) or w_codes.dtype != a_codes.dtype:
+    raise ValueError("a_codes and w_codes must both be int8 or both float8_e4m3fn, got "
+                     f"{a_codes.dtype} and {w_codes.dtype}")
+  if w_layout not in ("kn", "nk"):
+    raise ValueError(f"w_layout must be 'kn' or 'nk', got {w_layout!r}")
+  v = int(vector_size)
+  allowed = (128,) if a_codes.dtype == jnp.float8_e4m3fn else (64, 128)
+  if v not in allowed:
+    raise ValueError(f"vector_size must be one of {allowed} for {a_codes.dtype} codes, got {vector_size}")
+  w_nk = w_codes if w_layout == "nk" else w_codes.T
+  m, k = a_codes.shape
+  n, k2 = w_nk.shape
+  if k2 != k:
+    raise ValueError(f"contracting sizes differ: a_codes has K={k}, w_codes has K={k2}")
+  g = -(-k // v)
+  if a_scale.shape != (m, g) or w_scale.shape != (g, n):
+    raise ValueError(f"scales must be a_scale (M, K/V) = {(m, g)} and w_scale (K/V, N) = {(g, n)}, got "
+                     f"{a_scale.shape} and {w_scale.shape}")
+  cfg = config or MgpuConfig()
+  mp, np_, kp = _round_up(m, 2 * cfg.tile_m), _round_up(n, cfg.tile_n), g * v
+  a_p = jnp.pad(a_codes, ((0, mp - m), (0, kp - k)))
+  w_p = jnp.pad(w_nk, ((0, np_ - n), (0, kp - k)))
+  sa_t = jnp.pad(a_scale.astype(jnp.float32).T, ((0, 0), (0, mp - m)))
+  sw_p = jnp.pad(w_scale.astype(jnp.float32), ((0, 0), (0, np_ - n)))
+  out = scaled_matmul_padded(a_p, sa_t, w_p, sw_p, vector_size=v, config=cfg, interpret=interpret)
+  return out[:m, :n]

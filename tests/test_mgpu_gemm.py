@@ -1,0 +1,82 @@
+"""The Mosaic GPU per-block scaled GEMM (mlsys_jax/quant/_mgpu_gemm.py) on the CPU: Pallas's Mosaic GPU
+interpreter against a float64 reference (pipeline, scales, tile order, padding), lowering for CUDA (the
+kernel's Mosaic GPU program is built here without a GPU), and bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax.quant import _mgpu_gemm as mg
+
+
+def _operands(kind, m, n, k, v, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  if kind == "fp8":
+    a = jax.random.normal(ks[0], (m, k)).astype(jnp.float8_e4m3fn)
+    w = jax.random.normal(ks[1], (k, n)).astype(jnp.float8_e4m3fn)
+  else:
+    a = jax.random.randint(ks[0], (m, k), -127, 128).astype(jnp.int8)
+    w = jax.random.randint(ks[1], (k, n), -127, 128).astype(jnp.int8)
+  g = -(-k // v)
+  sa = jax.random.uniform(ks[2], (m, g), minval=0.5, maxval=2.0)
+  sw = jax.random.uniform(ks[3], (g, n), minval=0.5, maxval=2.0)
+  return a, sa, w, sw
+
+
+def _reference(a, sa, w, sw, v):
+  """float64: sum over K blocks of (A_g * sa_g) @ (W_g * sw_g); zero-padded K blocks add nothing."""
+  af = np.asarray(a.astype(jnp.float32), np.float64)
+  wf = np.asarray(w.astype(jnp.float32), np.float64)
+  k = af.shape[1]
+  out = 0.0
+  for g in range(-(-k // v)):
+    sl = slice(g * v, min((g + 1) * v, k))
+    out = out + (af[:, sl] * np.asarray(sa, np.float64)[:, g:g + 1]) @ (
+        wf[sl] * np.asarray(sw, np.float64)[g:g + 1])
+  return out
+
+
+@pytest.mark.parametrize("kind,v,shape", [("fp8", 128, (100, 72, 200)), ("int8", 64, (200, 136, 128))])
+def test_interpreter_matches_float64(kind, v, shape):
+  m, n, k = shape   # ragged M / N / K (padded by the wrapper), several row and column tiles
+  a, sa, w, sw = _operands(kind, m, n, k, v)
+  out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True,
+                         config=mg.MgpuConfig(tile_m=64, tile_n=128, stages=2, grid_group=2))
+  ref = _reference(a, sa, w, sw, v)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  # int8: exact int32 partial sums, float32 scaling (two roundings per block); fp8: float32 sums
+  assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
+
+
+@pytest.mark.parametrize("kind,v", [("fp8", 128), ("int8", 64), ("int8", 128)])
+def test_lowers_for_cuda(kind, v):
+  """The Mosaic GPU program is built for CUDA on this CPU (layouts, wgmma operand types, TMA transforms)."""
+  dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
+  m = n = k = 512
+  specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
+           jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
+  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v))
+  text = f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_bad_input():
+  a, sa, w, sw = _operands("int8", 64, 64, 128, 64)
+  with pytest.raises(ValueError, match="vector_size"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=32)
+  with pytest.raises(ValueError, match="both be int8"):
+    mg.scaled_matmul(a.astype(jnp.float32), sa, w, sw, vector_size=64)
+  with pytest.raises(ValueError, match="scales must be"):
+    mg.scaled_matmul(a, sa[:, :1], w, sw, vector_size=64)
+  with pytest.raises(ValueError, match="contracting sizes"):
+    mg.scaled_matmul(a, sa, w[:64], sw, vector_size=64)
+  with pytest.raises(ValueError, match="w_layout"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=64, w_layout="mk")
+  with pytest.raises(ValueError, match="tile_m"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(tile_m=32))
+  fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)
+  with pytest.raises(ValueError, match="vector_size"):
+    mg.scaled_matmul(fa, fsa, fw, fsw, vector_size=64)
