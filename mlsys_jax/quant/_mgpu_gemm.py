@@ -51,11 +51,15 @@ class MgpuConfig:
     tile_n: output columns per CTA (a multiple of 8, at most 256).
     stages: shared-memory slots of the TMA ring (K blocks in flight).
     grid_group: row tiles visited together (tile order for L2 reuse of the weight tiles).
+    convert: int8 only: the int32 -> float32 conversion of a block's partial sum: ``'cast'`` (``cvt``, a
+      quarter-rate instruction on Hopper) or ``'magic'`` (``bitcast(p + 0x4B400000) - 1.5 * 2^23``: an integer
+      add and a float add, exact for ``|p| < 2^22``, which every int8 block of V <= 128 satisfies).
   """
   tile_m: int = 64
   tile_n: int = 128
   stages: int = 4
   grid_group: int = 8
+  convert: str = "cast"
 
 
 def available() -> bool:
@@ -144,7 +148,11 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
       else:
         sa = plgpu.load(sa_smem.at[0, wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
         sw = plgpu.load(sw_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
-      part = part.astype(jnp.float32) * lax.broadcast_in_dim(sa, (tm, tn), [0])
+      if acc_dtype == jnp.int32 and config.convert == "magic":
+        part = lax.bitcast_convert_type(part + jnp.int32(0x4B400000), jnp.float32) - jnp.float32(12582912.0)
+      else:
+        part = part.astype(jnp.float32)
+      part = part * lax.broadcast_in_dim(sa, (tm, tn), [0])
       return acc + part * lax.broadcast_in_dim(sw, (tm, tn), [1])
 
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -206,6 +214,8 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   Raises:
     ValueError: wrong dtypes, shapes or vector size (the message names the argument).
   """
+  if (config or MgpuConfig()).convert not in ("cast", "magic"):
+    raise ValueError(f"config.convert must be 'cast' or 'magic', got {config.convert!r}")
   if (config or MgpuConfig()).tile_m % 64 or not 8 <= (config or MgpuConfig()).tile_n <= 256:
     raise ValueError(f"config needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got {config}")
   if a_codes.ndim != 2 or w_codes.ndim != 2:
