@@ -462,7 +462,10 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       short = (_popcount(m) < cnt) if npre else (cnt > _U32(0))
       if npc < n_lanes:
         short = short | (u < thr(npc))
-    go = any_(short) & ~always
+    # 'lean', compiled: the early-stop test as a sum over the tile (LLVM turns a max of 0/1 flags into
+    # more ALU operations); elsewhere the max (a sum over a whole XLA array could overflow int32)
+    lean_sum = draw == "lean" and asm
+    go = (jnp.sum(short.astype(jnp.int32)) > 0 if lean_sum else any_(short)) & ~always
     if draw == "popcx":                         # flat: the loops follow (each runs 0 times when not go)
       chosen = jnp.where(go, finish(cnt, go), chosen)
     else:                                       # the slow path inside a loop that runs once if go
