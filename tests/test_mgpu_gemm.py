@@ -39,28 +39,32 @@ def _reference(a, sa, w, sw, v):
   return out
 
 
-@pytest.mark.parametrize("kind,v,shape,convert", [("fp8", 128, (100, 72, 200), "cast"),
-                                                  ("int8", 64, (200, 136, 128), "magic")])
-def test_interpreter_matches_float64(kind, v, shape, convert):
+@pytest.mark.parametrize("kind,v,shape,convert,bps", [("fp8", 128, (100, 72, 200), "cast", 1),
+                                                      ("int8", 64, (200, 136, 128), "magic", 1),
+                                                      ("int8", 64, (100, 64, 200), "cast", 2)])
+def test_interpreter_matches_float64(kind, v, shape, convert, bps):
   m, n, k = shape   # ragged M / N / K (padded by the wrapper), several row and column tiles
   a, sa, w, sw = _operands(kind, m, n, k, v)
   out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True,
-                         config=mg.MgpuConfig(tile_m=64, tile_n=128, stages=2, grid_group=2, convert=convert))
+                         config=mg.MgpuConfig(tile_m=64, tile_n=128, stages=2, grid_group=2, convert=convert,
+                                                         blocks_per_step=bps))
   ref = _reference(a, sa, w, sw, v)
   assert out.shape == (m, n) and out.dtype == jnp.float32
   # int8: exact int32 partial sums, float32 scaling (two roundings per block); fp8: float32 sums
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
 
 
-@pytest.mark.parametrize("kind,v,convert", [("fp8", 128, "cast"), ("int8", 64, "cast"), ("int8", 64, "magic"),
-                                            ("int8", 128, "cast")])
-def test_lowers_for_cuda(kind, v, convert):
+@pytest.mark.parametrize("kind,v,convert,bps", [("fp8", 128, "cast", 1), ("int8", 64, "cast", 1),
+                                                ("int8", 64, "magic", 1), ("int8", 128, "cast", 1),
+                                                ("fp8", 128, "cast", 2), ("int8", 64, "magic", 2)])
+def test_lowers_for_cuda(kind, v, convert, bps):
   """The Mosaic GPU program is built for CUDA on this CPU (layouts, wgmma operand types, TMA transforms)."""
   dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
   m = n = k = 512
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
            jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
-  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=mg.MgpuConfig(convert=convert)))
+  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=mg.MgpuConfig(convert=convert,
+                                                                                 blocks_per_step=bps)))
   text = f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -79,6 +83,8 @@ def test_bad_input():
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, w_layout="mk")
   with pytest.raises(ValueError, match="tile_m"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(tile_m=32))
+  with pytest.raises(ValueError, match="blocks_per_step"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(blocks_per_step=3))
   with pytest.raises(ValueError, match="convert"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(convert="round"))
   fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)

@@ -54,12 +54,16 @@ class MgpuConfig:
     convert: int8 only: the int32 -> float32 conversion of a block's partial sum: ``'cast'`` (``cvt``, a
       quarter-rate instruction on Hopper) or ``'magic'`` (``bitcast(p + 0x4B400000) - 1.5 * 2^23``: an integer
       add and a float add, exact for ``|p| < 2^22``, which every int8 block of V <= 128 satisfies).
+    blocks_per_step: K blocks per pipeline step (1 or 2). With 2 a warpgroup issues both blocks' ``wgmma``
+      into two accumulators, waits only for the first (``wait_n=1``) and scales it while the second is still
+      on the tensor cores, so half the epilogues also overlap inside one warpgroup.
   """
   tile_m: int = 64
   tile_n: int = 128
   stages: int = 4
   grid_group: int = 8
   convert: str = "cast"
+  blocks_per_step: int = 1
 
 
 def available() -> bool:
@@ -102,11 +106,12 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   kind = "fp8" if a_codes.dtype == jnp.float8_e4m3fn else "int8"
   acc_dtype = jnp.float32 if kind == "fp8" else jnp.int32
   elem_bits = 8
-  swizzle = plgpu.find_swizzle(v * elem_bits)
+  swizzle = plgpu.find_swizzle(v * elem_bits)   # one K block per swizzle row group: blocks slice on tiles
   transforms = (plgpu.TilingTransform((8, swizzle * 8 // elem_bits)), plgpu.SwizzleTransform(swizzle))
   out_swizzle = plgpu.find_swizzle(tn * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
-  m_tiles, n_tiles, k_steps = m // cta_m, n // tn, k // v
+  bps = config.blocks_per_step
+  m_tiles, n_tiles, k_steps = m // cta_m, n // tn, k // (v * bps)
   stages = min(stages, k_steps)   # a ring longer than the K loop never fills (the pipeline would wait forever)
   group = max(1, min(config.grid_group, m_tiles))
 
@@ -134,20 +139,13 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
       plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    def body(_, a_smem, sa_smem, w_smem, sw_smem, acc):
-      def mma(p_ref):
-        plgpu.wgmma(p_ref, a_smem.at[wg_rows], plgpu.transpose_ref(w_smem, (1, 0)))
-        return p_ref[...]
-
-      if interpret:   # the interpreter cannot feed a transposed ref to wgmma: the same product by jnp.dot
-        part = jnp.dot(a_smem[wg_rows], w_smem[...].T, preferred_element_type=acc_dtype)
-      else:
-        part = pl.run_scoped(mma, plgpu.ACC((tm, tn), acc_dtype))
+    def fold(acc, part, sa_ref, sw_ref):
+      """acc + part * sa[:, None] * sw[None, :] (part: one block's tensor-core sum)."""
       if interpret:   # the interpreter has no rule for plgpu.load; plain reads give the same values
-        sa, sw = sa_smem[0, wg_rows], sw_smem[0]
+        sa, sw = sa_ref[wg_rows], sw_ref[...]
       else:
-        sa = plgpu.load(sa_smem.at[0, wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
-        sw = plgpu.load(sw_smem.at[0], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        sa = plgpu.load(sa_ref.at[wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        sw = plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
       if acc_dtype == jnp.int32 and config.convert == "magic":
         part = lax.bitcast_convert_type(part + jnp.int32(0x4B400000), jnp.float32) - jnp.float32(12582912.0)
       else:
@@ -155,15 +153,41 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
       part = part * lax.broadcast_in_dim(sa, (tm, tn), [0])
       return acc + part * lax.broadcast_in_dim(sw, (tm, tn), [1])
 
+    def block_operands(a_smem, w_smem, j):
+      if bps == 1:
+        return a_smem.at[wg_rows], plgpu.transpose_ref(w_smem, (1, 0))
+      return (a_smem.at[wg_rows, pl.ds(j * v, v)],
+              plgpu.transpose_ref(w_smem.at[:, pl.ds(j * v, v)], (1, 0)))
+
+    def body(_, a_smem, sa_smem, w_smem, sw_smem, acc):
+      if interpret:   # the interpreter cannot feed a transposed ref to wgmma: the same products by jnp.dot
+        for j in range(bps):
+          part = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
+                         preferred_element_type=acc_dtype)
+          acc = fold(acc, part, sa_smem.at[j], sw_smem.at[j])
+        return acc
+      if bps == 1:
+        def mma(p_ref):
+          plgpu.wgmma(p_ref, *block_operands(a_smem, w_smem, 0))
+          return p_ref[...]
+        return fold(acc, pl.run_scoped(mma, plgpu.ACC((tm, tn), acc_dtype)), sa_smem.at[0], sw_smem.at[0])
+
+      def mma2(p0, p1):
+        plgpu.wgmma(p0, *block_operands(a_smem, w_smem, 0))
+        plgpu.wgmma(p1, *block_operands(a_smem, w_smem, 1))
+        acc1 = fold(acc, plgpu.wgmma_accumulator_load(p0, wait_n=1), sa_smem.at[0], sw_smem.at[0])
+        return fold(acc1, p1[...], sa_smem.at[1], sw_smem.at[1])
+      return pl.run_scoped(mma2, plgpu.ACC((tm, tn), acc_dtype), plgpu.ACC((tm, tn), acc_dtype))
+
     pipeline = plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(k_steps,),
         memory_registers=40,
         in_specs=[
-            plgpu.BlockSpec((cta_m, v), lambda s: (0, s), transforms=transforms),
-            plgpu.BlockSpec((1, cta_m), lambda s: (s, 0)),
-            plgpu.BlockSpec((tn, v), lambda s: (0, s), transforms=transforms),
-            plgpu.BlockSpec((1, tn), lambda s: (s, 0)),
+            plgpu.BlockSpec((cta_m, v * bps), lambda s: (0, s), transforms=transforms),
+            plgpu.BlockSpec((bps, cta_m), lambda s: (s, 0)),
+            plgpu.BlockSpec((tn, v * bps), lambda s: (0, s), transforms=transforms),
+            plgpu.BlockSpec((bps, tn), lambda s: (s, 0)),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -214,6 +238,8 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   Raises:
     ValueError: wrong dtypes, shapes or vector size (the message names the argument).
   """
+  if (config or MgpuConfig()).blocks_per_step not in (1, 2):
+    raise ValueError(f"config.blocks_per_step must be 1 or 2, got {config.blocks_per_step}")
   if (config or MgpuConfig()).convert not in ("cast", "magic"):
     raise ValueError(f"config.convert must be 'cast' or 'magic', got {config.convert!r}")
   if (config or MgpuConfig()).tile_m % 64 or not 8 <= (config or MgpuConfig()).tile_n <= 256:
@@ -239,10 +265,12 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
     raise ValueError(f"scales must be a_scale (M, K/V) = {(m, g)} and w_scale (K/V, N) = {(g, n)}, got "
                      f"{a_scale.shape} and {w_scale.shape}")
   cfg = config or MgpuConfig()
+  g = _round_up(g, cfg.blocks_per_step)   # whole pipeline steps: zero blocks with zero scales add nothing
   mp, np_, kp = _round_up(m, 2 * cfg.tile_m), _round_up(n, cfg.tile_n), g * v
   a_p = jnp.pad(a_codes, ((0, mp - m), (0, kp - k)))
   w_p = jnp.pad(w_nk, ((0, np_ - n), (0, kp - k)))
-  sa_t = jnp.pad(a_scale.astype(jnp.float32).T, ((0, 0), (0, mp - m)))
-  sw_p = jnp.pad(w_scale.astype(jnp.float32), ((0, 0), (0, np_ - n)))
+  g0 = a_scale.shape[1]
+  sa_t = jnp.pad(a_scale.astype(jnp.float32).T, ((0, g - g0), (0, mp - m)))
+  sw_p = jnp.pad(w_scale.astype(jnp.float32), ((0, g - g0), (0, np_ - n)))
   out = scaled_matmul_padded(a_p, sa_t, w_p, sw_p, vector_size=v, config=cfg, interpret=interpret)
   return out[:m, :n]
