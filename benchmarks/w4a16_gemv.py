@@ -65,6 +65,25 @@ SWEEP = ("fma:64:2:16:4:3:0:0,fmad:64:2:8:4:3:0:1,"
 SWEEP_B1 = ("fma:64:2:8:4:3:0:0,fmad:64:2:8:4:3:0:1,fmad4:256:1:4:8:3:0:1,fmad4:256:1:8:8:3:0:1,"
             "fmad4:128:1:4:4:3:0:1,fmad4:64:1:4:2:3:0:1,fmad4:128:1:8:4:3:0:1,fmad4:256:1:16:8:3:0:1")
 OTHER = "dot:256:1:4:8:3:1:0,dot:256:1:8:8:3:1:1,dot:256:1:4:8:3:1:1"
+# Session 10 (11th field: relaxed atomic adds, REDG instead of MEMBAR + ATOMG + CCTL.IVALL). The offline
+# sm_90a SASS of the looped kernels shows ptxas issuing part of each step's weight loads after the FMAs
+# have started (fmad2:64:1:16:2: 2 of 4 LDG.128 mid-step) and the register prefetch's loads at the END of
+# the loop body, so a step waits for memory about twice. "One-step" programs (split_k * blocks_per_step
+# = K's blocks, step 0 peeled ahead of the activation prologue) issue every weight load up front (all
+# LDG before the first barrier); the rows span their registers (ptxas -v): fmad2:64:2:32:2 96,
+# fmad2:64:4:16:2 168, fmad4:128:2:32:4 96, fmad4:128:4:16:4 168, fmad:64:2:32:4 71, fmad2:32:4:16:1
+# 157, fmad2:32:2:32:1 75, fmad2:128:2:32:4 96. The default and the best looped configuration with and
+# without relaxed adds isolate that change. --s10 selects these lists (8192x8192, then 8192x28672).
+SWEEP_S10 = ("fmad:64:2:8:4:3:0:1:0:0:0,fmad2:64:1:16:2:3:0:1:0:0:0,fmad:64:2:8:4:3:0:1:0:0:1,"
+             "fmad2:64:1:16:2:3:0:1:0:0:1,fmad2:64:2:32:2:3:0:1:1:0:0,fmad2:64:2:32:2:3:0:1:1:0:1,"
+             "fmad2:64:4:16:2:3:0:1:1:0:1,fmad4:128:2:32:4:3:0:1:1:0:1,fmad4:128:4:16:4:3:0:1:1:0:1,"
+             "fmad:64:2:32:4:3:0:1:1:0:1,fmad4:64:2:32:2:3:0:1:1:0:1,fmad4:64:4:16:2:3:0:1:1:0:1,"
+             "fmad2:32:4:16:1:3:0:1:1:0:1,fmad2:32:2:32:1:3:0:1:1:0:1,fmad2:128:2:32:4:3:0:1:1:0:1,"
+             "fmad2:128:4:16:4:3:0:1:1:0:1")
+SWEEP_S10_B1 = ("fmad:64:2:8:4:3:0:1:0:0:0,fmad2:64:1:8:2:3:0:1:0:0:0,fmad:64:2:8:4:3:0:1:0:0:1,"
+                "fmad2:64:1:8:2:3:0:1:0:0:1,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:64:4:16:2:3:0:1:1:0:1,"
+                "fmad4:128:2:32:4:3:0:1:1:0:1,fmad4:128:4:16:4:3:0:1:1:0:1,fmad:64:2:32:4:3:0:1:1:0:1,"
+                "fmad2:32:4:16:1:3:0:1:1:0:1,fmad2:128:4:16:4:3:0:1:1:0:1")
 
 
 def _extra(ap):
@@ -78,7 +97,7 @@ def _extra(ap):
   ap.add_argument("--budget_s", type=float, default=1e9, help="skip cases that would not fit in this")
   ap.add_argument("--configs", default=SWEEP,
                   help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic[:peel[:"
-                       "loop_stages]]], batch 1 "
+                       "loop_stages[:relaxed]]]], batch 1 "
                        "of the first shape")
   ap.add_argument("--configs_b1", default=SWEEP_B1, help="the same for batch <= 2 of the other cases")
   ap.add_argument("--other_configs", default=OTHER, help="the same for batch > 2")
@@ -89,6 +108,7 @@ def _extra(ap):
   ap.add_argument("--name", default="w4a16_gemv", help="JSON file name")
   ap.add_argument("--public", action="store_true",
                   help="also time the public path with its default launch parameters (config 'public')")
+  ap.add_argument("--s10", action="store_true", help="--configs SWEEP_S10 --configs_b1 SWEEP_S10_B1")
   ap.add_argument("--device_rounds", type=int, default=3,
                   help="rounds of the profiler pass (device time per launch of every method); 0: skip")
 
@@ -108,6 +128,8 @@ def _parse(spec: str):
       if len(ints) == 7:
         ints.append("0")
       if len(ints) == 8:
+        ints.append("0")
+      if len(ints) == 9:
         ints.append("0")
       out.append((v, *map(int, ints)))
   return out
@@ -180,15 +202,18 @@ def main():
   interpret = not on_gpu
   if args.small:
     shapes, batches, reps0, repeats = [(256, 96), (512, 64)], [1, 4], 2, 3
-    sweep = [("fma", 32, 1, 1, 4, 3, 1, 0, 0, 0), ("fmad", 32, 1, 2, 4, 3, 0, 1, 1, 0),
-             ("dot", 32, 1, 2, 4, 3, 1, 0, 0, 0), ("fmad2", 32, 1, 1, 2, 3, 0, 1, 0, 3)]
-    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0, 0, 0, 0), ("fmad2", 32, 1, 2, 4, 3, 0, 1, 0, 3)]
-    other = [("fma", 32, 1, 1, 4, 3, 1, 0, 0, 0), ("dot", 32, 1, 2, 4, 3, 1, 1, 0, 0)]
+    sweep = [("fma", 32, 1, 1, 4, 3, 1, 0, 0, 0, 0), ("fmad", 32, 1, 2, 4, 3, 0, 1, 1, 0, 0),
+             ("dot", 32, 1, 2, 4, 3, 1, 0, 0, 0, 0), ("fmad2", 32, 1, 1, 2, 3, 0, 1, 0, 3, 0),
+             ("fmad2", 32, 1, 2, 1, 3, 0, 1, 1, 0, 1)]
+    sweep_b1 = [("fma", 32, 1, 2, 4, 3, 0, 0, 0, 0, 0), ("fmad2", 32, 1, 2, 4, 3, 0, 1, 0, 3, 0)]
+    other = [("fma", 32, 1, 1, 4, 3, 1, 0, 0, 0, 0), ("dot", 32, 1, 2, 4, 3, 1, 1, 0, 0, 0)]
     gs = 64
   else:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     reps0, repeats = args.reps, args.repeats
+    if args.s10:
+      args.configs, args.configs_b1 = SWEEP_S10, SWEEP_S10_B1
     sweep, sweep_b1, other = _parse(args.configs), _parse(args.configs_b1), _parse(args.other_configs)
     gs = args.group_size
   t_start = time.time()
@@ -247,9 +272,10 @@ def main():
           ops[name] = (op, copies)
           single[name] = True
           continue
-        v, bn, bps, sk, nw, ns, pf, at, pe, ls = c
+        v, bn, bps, sk, nw, ns, pf, at, pe, ls, rx = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
-                  prefetch=pf, atomic=bool(at), peel=bool(pe), loop_stages=ls, interpret=interpret)
+                  prefetch=pf, atomic=bool(at), peel=bool(pe), loop_stages=ls, relaxed=bool(rx),
+                  interpret=interpret)
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
         ops[name] = (op, copies)
@@ -371,7 +397,7 @@ def main():
                                               "copy_bandwidth_bytes_per_s": bw_copy,
                                               "read_bandwidth_bytes_per_s": bw_read})
   payload = {"env": common.environment(), "copy_bandwidth_bytes_per_s": bw_copy,
-             "loop_stages_hook": dict(pg.LOOP_STAGES_HOOK),
+             "loop_stages_hook": dict(pg.LOOP_STAGES_HOOK),    # also counts the relaxed atomics
              "read_bandwidth_bytes_per_s": bw_read, "rows": rows, "skipped": skipped, "small": bool(args.small),
              "interpret": interpret, "total_seconds": time.time() - t_start}
   common.write_json(args.out, args.name, payload)

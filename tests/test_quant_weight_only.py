@@ -293,3 +293,39 @@ def test_loop_stages_same_result_and_errors():
     pg.int4_gemv(x, p.words, p.scales, loop_stages=1, **kw)
   with pytest.raises(ValueError, match="loop_stages"):
     pg.int4_gemv(x, p.words, p.scales, loop_stages=9, **kw)
+
+
+@pytest.mark.parametrize("rx", [False, True])
+def test_relaxed_atomics_set_the_semantic(rx, monkeypatch):
+  """``relaxed=True`` turns the split-K atomic adds from Pallas's acquire-release into relaxed ones
+  (``REDG`` instead of ``MEMBAR`` + ``ATOMG`` + ``CCTL.IVALL`` in the sm_90a SASS, checked offline with
+  Triton 3.9); without it, or without atomics, nothing changes."""
+  k, n = 1024, 256
+  shapes = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((k // 8, n), jnp.uint32),
+            jax.ShapeDtypeStruct((k // 128, n), jnp.bfloat16))
+  text = triton_ir(
+      lambda x, w, s: pg.int4_gemv(x, w, s, variant="fmad2", block_n=64, blocks_per_step=2, split_k=4,
+                                   atomic=True, peel=True, relaxed=rx, interpret=False),
+      *shapes, monkeypatch=monkeypatch)
+  adds = [ln for ln in text.splitlines() if "tt.atomic_rmw" in ln]
+  assert len(adds) == 2                                        # one per 32-column sub-tile
+  assert all(("relaxed" in ln) == rx and ("acq_rel" in ln) == (not rx) for ln in adds)
+  # No atomics without atomic=True: relaxed has nothing to change (and no tag on the kernel name).
+  text = triton_ir(
+      lambda x, w, s: pg.int4_gemv(x, w, s, variant="fmad2", block_n=64, blocks_per_step=2, split_k=4,
+                                   atomic=False, relaxed=rx, interpret=False),
+      *shapes, monkeypatch=monkeypatch)
+  assert "tt.atomic_rmw" not in text and "_rx" not in text
+
+
+def test_one_step_programs_relaxed_vs_float64():
+  """Programs covering their whole K range in one step (``split_k * blocks_per_step`` = K's blocks), step
+  0 peeled ahead of the activation-range prologue, relaxed atomic adds (the interpreter has no memory
+  ordering: the flag only renames the kernel), within the float64 bound of the packed product; ragged N."""
+  p = wo.pack_int4(jax.random.normal(jax.random.PRNGKey(20), (256, 40)), 64)
+  x = jax.random.normal(jax.random.PRNGKey(21), (1, 256)).astype(jnp.bfloat16)
+  a = pg.int4_gemv(x, p.words, p.scales, variant="fmad2", block_n=64, blocks_per_step=1, split_k=2, num_warps=1,
+                   atomic=True, peel=True, relaxed=True)
+  codes, s = _packed_np(p)
+  ref, mag = _np_matmul(np.asarray(x.astype(jnp.float32)), codes, s, 64)
+  np.testing.assert_array_less(np.abs(np.asarray(a) - ref), 256 * 2 ** -24 * mag + 1e-30)

@@ -355,7 +355,8 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
               blocks_per_step: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None,
               prefetch: int | bool | None = None, atomic: bool | None = None, peel: bool | None = None,
-              loop_stages: int | None = None, interpret: bool | None = None) -> jax.Array:
+              loop_stages: int | None = None, relaxed: bool | None = None,
+              interpret: bool | None = None) -> jax.Array:
   """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
 
   Args:
@@ -381,6 +382,10 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     loop_stages: 0 (off) or n >= 2: let Triton software-pipeline the K loop's loads through shared
       memory (``cp.async``, n buffers) by putting ``tt.num_stages = n`` on the loop (see
       :mod:`mlsys_jax.quant._triton_hooks`); ignored by the interpreter (same results either way).
+    relaxed: (with ``atomic``) make the split-K atomic adds relaxed instead of Pallas's acquire-release
+      (through :mod:`mlsys_jax.quant._triton_hooks`): a fire-and-forget ``REDG`` per add instead of
+      ``MEMBAR.ALL.GPU`` + ``ATOMG`` + ``CCTL.IVALL`` (an L1 flush) in the sm_90 SASS. The output is read
+      only after the kernel, so the sum is the same; the interpreter ignores it.
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -426,14 +431,15 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   check_int("loop_stages", ls, 0, 8)
   if ls == 1:
     raise ValueError("loop_stages=1 is no pipelining; pass 0 (off) or 2..8 buffers.")
-  if ls and not interpret:
+  rx = bool(cfg.get("relaxed", False) if relaxed is None else relaxed) and at and sk > 1
+  if (ls or rx) and not interpret:
     _triton_hooks.install()
   return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf, at and sk > 1, pe,
-                 ls, bool(interpret))
+                 ls, rx, bool(interpret))
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(3, 15)))
-def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, peel, ls, interpret):
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 16)))
+def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, peel, ls, rx, interpret):
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
@@ -474,7 +480,7 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomi
       input_output_aliases={4: 0} if atomic else {},
       compiler_params=None if interpret else triton_compiler_params(nw, ns),
       interpret=interpret,
-      name=_triton_hooks.kernel_name(f"w4a16_gemv_{variant}", ls),
+      name=_triton_hooks.kernel_name(f"w4a16_gemv_{variant}", ls, relaxed=rx),
   )(*args)
   if atomic:
     out = out.astype(out_dtype)

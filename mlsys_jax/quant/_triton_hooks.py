@@ -1,4 +1,5 @@
-"""Two Triton attributes that Pallas does not emit, set on the kernels of this package that ask for them.
+"""Triton attributes that Pallas does not emit (or emits stricter), set on the kernels of this package
+that ask for them.
 
 Pallas (Triton backend) lowers a kernel to a Triton IR module and hands it to Triton's compiler. Two
 attributes that Triton's own Python front end sets are missing there:
@@ -15,9 +16,14 @@ attributes that Triton's own Python front end sets are missing there:
   product in its own (reduced-precision) accumulator; smaller values make Triton promote to a float32
   sum every that many elements. The per-block FP8 GEMM multiplies one 128-element K block per
   ``tt.dot`` and adds the scaled result in float32 (DeepGEMM's promotion per 128), so 128 suffices.
+- ``sem`` of ``tt.atomic_rmw``: Pallas's ``atomic_add`` always asks for acquire-release ordering, which
+  on sm_90 compiles to ``MEMBAR.ALL.GPU`` before and ``CCTL.IVALL`` (invalidate the SM's whole L1,
+  the other resident programs' cached lines included) after each ``ATOMG``. An add whose result is not
+  read and whose output is read only after the kernel ends needs no ordering: relaxed, it compiles to a
+  fire-and-forget ``REDG`` (offline sm_90a compile of the W4A16 GEMV's split-K adds).
 
-A kernel asks by its name: ``pallas_call(name=...)`` ending in ``_ls<n>`` (loops) and/or ``_ia<n>``
-(dots), in that order (``..._ls3``, ``..._ia128``, ``..._ls3_ia128``). :func:`install` wraps Pallas's
+A kernel asks by its name: ``pallas_call(name=...)`` ending in ``_ls<n>`` (loops), ``_ia<n>`` (dots)
+and/or ``_rx`` (relaxed atomics), in that order (``..._ls3``, ``..._ia128``, ``..._ls3_ia128``, ``..._rx``). :func:`install` wraps Pallas's
 ``lower_jaxpr_to_triton_module`` once per process; modules with other names pass through untouched. If
 this jax has no such function, kernels compile without the attributes (same results, slower) and
 ``HOOK["error"]`` says why. The interpreter (CPU) never lowers to Triton, so it is unaffected.
@@ -30,29 +36,32 @@ import re
 
 __all__ = ["HOOK", "install", "kernel_name", "set_attributes"]
 
-HOOK = {"installed": False, "loops": 0, "dots": 0, "error": None}
-_TAGS = re.compile(r"(?:_ls(\d+))?(?:_ia(\d+))?$")
+HOOK = {"installed": False, "loops": 0, "dots": 0, "atomics": 0, "error": None}
+_TAGS = re.compile(r"(?:_ls(\d+))?(?:_ia(\d+))?(_rx)?$")
+_RELAXED = 1                   # triton::MemSemantic::RELAXED (ACQUIRE_RELEASE is 4)
 
 
-def kernel_name(base: str, loop_stages: int = 0, imprecise_acc: int = 0) -> str:
-  """``base`` with the tags that ask for the attributes (none when both are 0).
+def kernel_name(base: str, loop_stages: int = 0, imprecise_acc: int = 0, relaxed: bool = False) -> str:
+  """``base`` with the tags that ask for the attributes (none when all are off).
 
   Example:
-    >>> kernel_name("gemv", 3), kernel_name("gemm", 0, 128), kernel_name("k")
-    ('gemv_ls3', 'gemm_ia128', 'k')
+    >>> kernel_name("gemv", 3), kernel_name("gemm", 0, 128), kernel_name("k"), kernel_name("g", relaxed=True)
+    ('gemv_ls3', 'gemm_ia128', 'k', 'g_rx')
   """
-  return base + (f"_ls{loop_stages}" if loop_stages else "") + (f"_ia{imprecise_acc}" if imprecise_acc else "")
+  return (base + (f"_ls{loop_stages}" if loop_stages else "") + (f"_ia{imprecise_acc}" if imprecise_acc else "")
+          + ("_rx" if relaxed else ""))
 
 
-def set_attributes(module) -> tuple[int, int]:
-  """Set the attributes a Triton module's name asks for; returns (loops, dots) changed."""
+def set_attributes(module) -> tuple[int, int, int]:
+  """Set the attributes a Triton module's name asks for; returns (loops, dots, atomics) changed."""
   from jax._src.lib.mlir import ir
   op = module.operation
   m = _TAGS.search(ir.StringAttr(op.attributes["sym_name"]).value)
-  stages, acc = (int(g) if g else 0 for g in m.groups())
-  if not stages and not acc:
-    return 0, 0
-  counts = [0, 0]
+  stages, acc = (int(g) if g else 0 for g in m.groups()[:2])
+  relaxed = m.group(3) is not None
+  if not stages and not acc and not relaxed:
+    return 0, 0, 0
+  counts = [0, 0, 0]
   with module.context, ir.Location.unknown():
     i32 = ir.IntegerType.get_signless(32)
 
@@ -67,9 +76,12 @@ def set_attributes(module) -> tuple[int, int]:
             elif acc and name == "tt.dot":
               child.operation.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(i32, acc)
               counts[1] += 1
+            elif relaxed and name == "tt.atomic_rmw":
+              child.operation.attributes["sem"] = ir.IntegerAttr.get(i32, _RELAXED)
+              counts[2] += 1
             walk(child.operation)
     walk(op)
-  return counts[0], counts[1]
+  return counts[0], counts[1], counts[2]
 
 
 def install() -> bool:
@@ -84,9 +96,10 @@ def install() -> bool:
       def lower(*args, **kwargs):
         result = orig(*args, **kwargs)
         try:
-          loops, dots = set_attributes(result.module)
+          loops, dots, atomics = set_attributes(result.module)
           HOOK["loops"] += loops
           HOOK["dots"] += dots
+          HOOK["atomics"] += atomics
         except Exception as e:  # never break a lowering for a performance attribute
           HOOK["error"] = f"{type(e).__name__}: {e}"
         return result
