@@ -72,18 +72,20 @@ OTHER = "dot:256:1:4:8:3:1:0,dot:256:1:8:8:3:1:1,dot:256:1:4:8:3:1:1"
 # = K's blocks, step 0 peeled ahead of the activation prologue) issue every weight load up front (all
 # LDG before the first barrier); the rows span their registers (ptxas -v): fmad2:64:2:32:2 96,
 # fmad2:64:4:16:2 168, fmad4:128:2:32:4 96, fmad4:128:4:16:4 168, fmad:64:2:32:4 71, fmad2:32:4:16:1
-# 157, fmad2:32:2:32:1 75, fmad2:128:2:32:4 96. The default and the best looped configuration with and
-# without relaxed adds isolate that change. --s10 selects these lists (8192x8192, then 8192x28672).
+# 157, fmad2:32:2:32:1 75, fmad2:128:2:32:4 96, fmad2:64:1:64:2 64, fmad2:128:1:64:4 56, fmad4:256:2:32:8 93
+# (the one-warp ones reuse registers for later weight loads). The default and the best looped
+# configuration with and without relaxed adds isolate that change. --s10 selects these lists (8192x8192, then 8192x28672).
 SWEEP_S10 = ("fmad:64:2:8:4:3:0:1:0:0:0,fmad2:64:1:16:2:3:0:1:0:0:0,fmad:64:2:8:4:3:0:1:0:0:1,"
              "fmad2:64:1:16:2:3:0:1:0:0:1,fmad2:64:2:32:2:3:0:1:1:0:0,fmad2:64:2:32:2:3:0:1:1:0:1,"
              "fmad2:64:4:16:2:3:0:1:1:0:1,fmad4:128:2:32:4:3:0:1:1:0:1,fmad4:128:4:16:4:3:0:1:1:0:1,"
              "fmad:64:2:32:4:3:0:1:1:0:1,fmad4:64:2:32:2:3:0:1:1:0:1,fmad4:64:4:16:2:3:0:1:1:0:1,"
              "fmad2:32:4:16:1:3:0:1:1:0:1,fmad2:32:2:32:1:3:0:1:1:0:1,fmad2:128:2:32:4:3:0:1:1:0:1,"
-             "fmad2:128:4:16:4:3:0:1:1:0:1")
+             "fmad2:128:4:16:4:3:0:1:1:0:1,fmad2:64:1:64:2:3:0:1:1:0:1,fmad2:128:1:64:4:3:0:1:1:0:1,"
+             "fmad4:256:2:32:8:3:0:1:1:0:1")
 SWEEP_S10_B1 = ("fmad:64:2:8:4:3:0:1:0:0:0,fmad2:64:1:8:2:3:0:1:0:0:0,fmad:64:2:8:4:3:0:1:0:0:1,"
                 "fmad2:64:1:8:2:3:0:1:0:0:1,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:64:4:16:2:3:0:1:1:0:1,"
                 "fmad4:128:2:32:4:3:0:1:1:0:1,fmad4:128:4:16:4:3:0:1:1:0:1,fmad:64:2:32:4:3:0:1:1:0:1,"
-                "fmad2:32:4:16:1:3:0:1:1:0:1,fmad2:128:4:16:4:3:0:1:1:0:1")
+                "fmad2:32:4:16:1:3:0:1:1:0:1,fmad2:128:4:16:4:3:0:1:1:0:1,fmad2:64:1:64:2:3:0:1:1:0:1")
 
 
 def _extra(ap):
