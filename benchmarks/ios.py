@@ -349,6 +349,16 @@ def batch_args():
                   "program it chose per (net, dtype, batch) compares with this run's best XLA program")
   ap.add_argument("--confirm_only", action="store_true", help="with --choices_from: search and time only "
                   "the IOS program the earlier run chose (plus the XLA configurations), no cross table")
+  ap.add_argument("--schedules", default="", help="directory of saved schedules sched_<net>_<dtype>_b<batch>_"
+                  "<strategy>.json (Schedule.to_json, e.g. written by --save_schedules on a CPU: the "
+                  "analytical search does not depend on the device): loaded with Schedule.from_json, which "
+                  "checks the graph fingerprint and that the stages are a valid schedule, instead of a search; "
+                  "a missing or mismatched file falls back to the search (or is skipped with --no_search)")
+  ap.add_argument("--no_search", action="store_true", help="with --schedules: a case and strategy without a "
+                  "saved schedule that fits is skipped, not searched (e.g. NasNet-A's IOS-Both, whose "
+                  "analytical search takes many minutes at part_size 50)")
+  ap.add_argument("--save_schedules", default="", help="directory to write every schedule used to")
+  ap.add_argument("--search_only", action="store_true", help="search (and --save_schedules) only, time nothing")
   ap.add_argument("--fit", action="store_true", help="only fit the correction model on --inputs JSONs")
   ap.add_argument("--inputs", default="", help="comma-separated ios_batch JSONs for --fit")
   ap.add_argument("--table", action="store_true", help="only print markdown tables of --inputs JSONs")
@@ -410,6 +420,35 @@ def fit_correction(points):
         row.update(raw_rel_err_median=float(np.median(raw)), raw_rel_err_max=float(raw.max()))
       out.append(row)
   return out
+
+
+def saved_schedule_name(net: str, dtype: str, batch: int, strategy: str) -> str:
+  return f"sched_{net}_{dtype}_b{batch}_{strategy}.json"
+
+
+def load_schedule(args, net, dtype, batch, strategy, fn, x, ios_opts, log):
+  """The saved schedule of ``--schedules`` for this case (``Schedule.from_json``: the graph fingerprint
+  must match and the stages must be a valid schedule of it; no never-slower check, the batch run times
+  the programs itself), its IOS compiler options set to this run's ``--ios_options``; None when there is
+  no such file or it does not fit this graph (the caller then searches; with --no_search it skips the
+  case)."""
+  if not args.schedules:
+    return None
+  path = os.path.join(args.schedules, saved_schedule_name(net, dtype, batch, strategy))
+  if not os.path.exists(path):
+    log(f"{net} {dtype} b{batch} {strategy}: no saved schedule {path}")
+    return None
+  try:
+    sc = sched.Schedule.from_json(open(path).read(), fn, x, check="off")
+  except ValueError as e:
+    log(f"{net} {dtype} b{batch} {strategy}: saved schedule {path} rejected ({e})")
+    return None
+  if sc.info.get("strategy") != strategy:
+    log(f"{net} {dtype} b{batch} {strategy}: {path} holds a {sc.info.get('strategy')!r} schedule")
+    return None
+  sc.info["compiler_options"] = dict(ios_opts or {})
+  sc.info["loaded_from"] = os.path.basename(path)
+  return sc
 
 
 def earlier_pick(prev: dict) -> str:
@@ -541,16 +580,32 @@ def batch_main():
           continue
         if args.confirm_only and earlier_pick(earlier.get((net, dt, b), {})) != "ios:" + strat:
           continue   # only the program the earlier run chose (and the XLA configurations) is timed
-        sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off",
-                                compiler_options=ios_opts)
+        sc = load_schedule(args, net, dt, b, strat, f, xs[b], ios_opts, log)
+        if sc is None and args.schedules and args.no_search:
+          payload["skipped"].append(f"search {net} {dt} b{b} {strat} (no saved schedule, --no_search)")
+          continue
+        if sc is None:
+          sc = sched.ios_schedule(f, xs[b], strategy=strat, profiler=prof, check="off",
+                                  compiler_options=ios_opts)
         found[(b, strat)] = sc
-        log(f"{net} {dt} b{b} {strat}: search {sc.search_s:.1f} s, {sc.counts()}, "
-            f"pred {sc.predicted_latency * 1e3:.3f} ms")
+        if args.save_schedules:
+          os.makedirs(args.save_schedules, exist_ok=True)
+          with open(os.path.join(args.save_schedules, saved_schedule_name(net, dt, b, strat)), "w") as fh:
+            fh.write(sc.to_json())
+        log(f"{net} {dt} b{b} {strat}: {'loaded' if sc.info.get('loaded_from') else 'search'} "
+            f"{sc.search_s:.1f} s, {sc.counts()}, pred {sc.predicted_latency * 1e3:.3f} ms")
     sigs = {k: stage_sig(sc) for k, sc in found.items()}
     distinct = {}   # signature -> list of (b, strategy) that found it
     for k, sg in sigs.items():
       distinct.setdefault(sg, []).append(k)
     log(f"{net} {dt}: {len(found)} searches, {len(distinct)} distinct schedules")
+    if args.search_only:
+      for (b, strat), sc in found.items():
+        payload["rows"].append({"net": net, "dtype": dt, "batch": b, "strategy": strat,
+                                "search_s": sc.search_s, "counts": sc.counts(),
+                                "pred_s": sc.predicted_latency, "fingerprint": sc.graph.fingerprint()})
+      flush()
+      continue
     for b in batches:
       if time.perf_counter() - t_start > args.time_budget_s:
         payload["skipped"].append(f"time {net} {dt} b{b}")
@@ -558,6 +613,9 @@ def batch_main():
         continue
       if args.confirm_only and (net, dt, b) not in earlier:
         continue   # nothing to confirm at this batch size
+      if args.no_search and not any(kb == b for kb, _ in found):
+        payload["skipped"].append(f"time {net} {dt} b{b} (no IOS schedule)")
+        continue   # nothing of IOS to time against the XLA programs
       x = xs[b]
       progs, t0 = {}, time.perf_counter()
       for c in configs:
@@ -601,6 +659,8 @@ def batch_main():
         row[f"ios_{strat}_vs_best_xla"] = xla[best] / med[name]
         row[f"ios_{strat}_pred_s"] = found[(b, strat)].predicted_latency
         row[f"ios_{strat}_search_s"] = found[(b, strat)].search_s
+        if found[(b, strat)].info.get("loaded_from"):
+          row[f"ios_{strat}_loaded_from"] = found[(b, strat)].info["loaded_from"]
         row[f"ios_{strat}_counts"] = found[(b, strat)].counts()
       ios_keys = [k for k in row if k.startswith("ios_") and k.endswith("_s") and k.count("_") == 2]
       if ios_keys:

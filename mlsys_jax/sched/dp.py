@@ -28,6 +28,8 @@ import functools
 import sys
 from typing import Callable, Hashable, Optional, Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -70,6 +72,38 @@ def _bits(mask: int):
     low = mask & -mask
     yield low.bit_length() - 1
     mask ^= low
+
+
+def _ideal_values(n: int, succ_m: list, pred_m: list, unit_cost: list) -> list:
+  """Optimal cost of every down-set of a part whose candidate stages are single units alone, level by level.
+
+  For IOS-Merge on a part without two units of one merge key, the DP's candidates of state S are its
+  sinks ``i`` (one unit per stage) and ``cost[S] = min_i cost[S - i] + c_i``. Here every down-set (as a
+  uint64 bitmask, ``n <= 63``) is enumerated by size from the empty set and its cost computed with numpy in
+  the same float64 sums as the recursive DP (``cost[S - i] + c_i``), so the minima are the same bit for
+  bit. Returns ``[(sorted masks, costs)]`` per size 0..n.
+  """
+  one = np.uint64(1)
+  bits = [one << np.uint64(i) for i in range(n)]
+  preds = [np.uint64(m) for m in pred_m]
+  succs = [np.uint64(m) for m in succ_m]
+  levels = [(np.zeros(1, np.uint64), np.zeros(1))]
+  for _ in range(n):
+    prev, prev_cost = levels[-1]
+    grown = []
+    for i in range(n):   # add a unit whose predecessors are all in the set
+      ok = ((prev & bits[i]) == 0) & ((prev & preds[i]) == preds[i])
+      if ok.any():
+        grown.append(prev[ok] | bits[i])
+    cur = np.unique(np.concatenate(grown))
+    best = np.full(cur.shape, np.inf)
+    for i in range(n):   # remove a sink: the rest is a down-set one unit smaller
+      ok = ((cur & bits[i]) != 0) & ((cur & succs[i]) == 0)
+      if ok.any():
+        tot = prev_cost[np.searchsorted(prev, cur[ok] ^ bits[i])] + unit_cost[i]
+        best[ok] = np.minimum(best[ok], tot)
+    levels.append((cur, best))
+  return levels
 
 
 def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float], *, r: int = 3,
@@ -171,57 +205,103 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
       cost_memo[k] = float("inf") if c != c else c  # NaN: an invalid stage
     return cost_memo[k]
 
+  # Per state S the candidates are enumerated in the same order as IOS's ``ending_iterator`` (and this
+  # module's first version, kept in tests/test_sched_dp_fast.py as the reference): the DP keeps the first
+  # of equally cheap candidates, so the order decides ties and with it the schedule. Enumeration works on
+  # bitmasks: the last ``r`` units of a chain present in S are its top ``r`` bits (chains ascend in the
+  # topological order), chains with no candidate root are dropped before the search over root choices
+  # (they only add a 'skip' level, which leaves the order of the choices unchanged), and merges are
+  # enumerated only over units whose merge key another unit of the part shares (a key held by one unit
+  # yields no merge of >= 2 units).
+  chain_masks = []
+  for ch in chains:
+    cm = 0
+    for i in ch:
+      cm |= 1 << i
+    chain_masks.append(cm)
+  chain_masks_rev = chain_masks[::-1]
+  key_count: dict = {}
+  for k in keys:
+    if k is not None:
+      key_count[k] = key_count.get(k, 0) + 1
+  mergeable = 0
+  for i, k in enumerate(keys):
+    if k is not None and key_count[k] > 1:
+      mergeable |= 1 << i
+  merge_only = strategy == "merge"
+  max_groups = 1 if merge_only else s
+
+  def merge_endings(S: int, res: list) -> None:
+    # sinks of S (ascending) that share a merge key with another unit of the part, grouped by key
+    by_key: dict = {}
+    m_ = S & mergeable
+    while m_:
+      low = m_ & -m_
+      m_ ^= low
+      i = low.bit_length() - 1
+      if not succ_m[i] & S:
+        by_key.setdefault(keys[i], []).append(i)
+    for members in by_key.values():
+      members = members[:max_merge]
+      m = len(members)
+      for sub in range(1, 1 << m):
+        if sub & (sub - 1) == 0:
+          continue   # fewer than 2 units
+        gm = 0
+        for t in range(m):
+          if sub >> t & 1:
+            gm |= 1 << members[t]
+        res.append(("merge", (gm,)))
+
   def endings(S: int):
-    # parallel candidates
-    roots_per_chain = []
-    for ch in chains:
-      present = [i for i in ch if S >> i & 1]
-      cands = []
-      for i in present[-r:]:
-        gm = tc[i] & S
-        if bin(gm).count("1") <= r:
-          cands.append(gm)
-      roots_per_chain.append(cands)
-    max_groups = 1 if strategy == "merge" else s
     out = []
-
-    def rec(ci, used, groups):
-      if ci == len(roots_per_chain):
-        if groups:
-          out.append(tuple(sorted(groups)))
-        return
-      rec(ci + 1, used, groups)
-      if len(groups) >= max_groups:
-        return
-      for gm in roots_per_chain[ci]:
-        if gm & used:
+    if merge_only:
+      # one unit per parallel stage: the sink of S on each chain (its last unit present, if that has no
+      # successor in S), last chain first (the order of the skip-first search over chains)
+      for cm in chain_masks_rev:
+        p = cm & S
+        if p:
+          i = p.bit_length() - 1
+          if not succ_m[i] & S:
+            out.append((1 << i,))
+    else:
+      lists = []
+      for cm in chain_masks:
+        p = cm & S
+        if not p:
           continue
-        if strategy == "merge" and bin(gm).count("1") > 1:
-          continue
-        rec(ci + 1, used | gm, groups + [gm])
+        top = []
+        while p and len(top) < r:
+          i = p.bit_length() - 1
+          top.append(i)
+          p ^= 1 << i
+        cands = []
+        for i in reversed(top):   # ascending, as the chain lists them
+          gm = tc[i] & S
+          if gm.bit_count() <= r:
+            cands.append(gm)
+        if cands:
+          lists.append(cands)
+      nl = len(lists)
 
-    rec(0, 0, [])
-    res = []
-    for groups in set(out):
-      # opaque/unmergeable units are handled by stage_cost (inf for invalid stages)
-      res.append(("parallel", groups))
-    if strategy in ("both", "merge"):
-      sinks = [i for i in _bits(S) if not (succ_m[i] & S)]
-      by_key: dict = {}
-      for i in sinks:
-        if keys[i] is not None:
-          by_key.setdefault(keys[i], []).append(i)
-      for members in by_key.values():
-        members = members[:max_merge]
-        m = len(members)
-        for sub in range(1, 1 << m):
-          if bin(sub).count("1") < 2:
-            continue
-          gm = 0
-          for t in range(m):
-            if sub >> t & 1:
-              gm |= 1 << members[t]
-          res.append(("merge", (gm,)))
+      def rec(ci, used, groups):
+        if ci == nl:
+          if groups:
+            out.append(tuple(sorted(groups)))
+          return
+        rec(ci + 1, used, groups)
+        if len(groups) >= max_groups:
+          return
+        for gm in lists[ci]:
+          if not gm & used:
+            rec(ci + 1, used | gm, groups + (gm,))
+
+      rec(0, 0, ())
+    # opaque/unmergeable units are handled by stage_cost (inf for invalid stages); set() as in IOS (and
+    # the reference): its iteration order is part of the tie-breaking
+    res = [("parallel", groups) for groups in set(out)]
+    if mergeable and strategy in ("both", "merge"):
+      merge_endings(S, res)
     return res
 
   def ending_mask(groups: tuple) -> int:
@@ -258,14 +338,15 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
     return [ends[i] for i in order], top_k
 
   memo: dict = {0: (0.0, None)}
+  inf = float("inf")
 
   def solve(S: int) -> float:
     if S in memo:
       return memo[S][0]
-    best, arg = float("inf"), None
+    best, arg = inf, None
     cands, keep = ordered(S)
     for i, (kind, groups) in enumerate(cands):
-      if i >= keep and best < float("inf"):
+      if i >= keep and best < inf:
         break  # hybrid: only the top_k predicted candidates (more only while none is finite)
       em = ending_mask(groups)
       c = cost_of(groups, kind)
@@ -277,10 +358,63 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
     memo[S] = (best, arg)
     return best
 
+  def solve_all(S: int) -> float:
+    # ``solve`` without the hybrid's candidate ranking (every candidate costed), inlined: the same
+    # candidates in the same order, the same sums and comparisons, so the same optimum and ties
+    hit = memo.get(S)
+    if hit is not None:
+      return hit[0]
+    best, arg = inf, None
+    for cand in endings(S):
+      c = cost_memo.get(cand)   # keys are (kind, group masks): the candidate itself
+      if c is None:
+        c = cost_of(cand[1], cand[0])
+      if c >= best:
+        continue
+      groups = cand[1]
+      em = groups[0]
+      for gm in groups[1:]:
+        em |= gm
+      rest = S & ~em
+      h = memo.get(rest)
+      tot = (solve_all(rest) if h is None else h[0]) + c
+      if tot < best:
+        best, arg = tot, (cand[0], groups, em)
+    memo[S] = (best, arg)
+    return best
+
   full = (1 << n) - 1
-  # depth <= n states, a few frames each (twice that with the predicted DP nested); restored on exit
-  with _recursion_limit((8 if hybrid else 4) * n + 200):
-    total = solve(full)
+  # IOS-Merge on a part with nothing to merge (every candidate one unit alone, e.g. all of NasNet-A and
+  # RandWire: 2.45M states in NasNet-A's parts): the optimum of every state by numpy, level by level, then
+  # the choice at each state of the optimal path as ``solve_all`` makes it (the first candidate, in its
+  # order, whose total equals the optimum; with costs >= 0 the pruning ``c >= best`` skips no strictly
+  # better one). Same stages and total as the recursive DP (tests/test_sched_dp_fast.py).
+  unit_cost = None
+  if merge_only and not hybrid and not mergeable and n <= 63:
+    unit_cost = [cost_of((1 << i,), "parallel") for i in range(n)]
+    if min(unit_cost) < 0:
+      unit_cost = None
+  if unit_cost is not None:
+    levels = _ideal_values(n, succ_m, pred_m, unit_cost)
+
+    def value(S: int) -> float:
+      masks, costs = levels[S.bit_count()]
+      return float(costs[np.searchsorted(masks, np.uint64(S))])
+
+    total = value(full)
+    S = full
+    while S and total != inf:
+      v = value(S)
+      for kind, groups in endings(S):
+        em = groups[0]
+        if value(S & ~em) + cost_memo[(kind, groups)] == v:
+          memo[S] = (v, (kind, groups, em))
+          break
+      S &= ~memo[S][1][2]
+  else:
+    # depth <= n states, a few frames each (twice that with the predicted DP nested); restored on exit
+    with _recursion_limit((8 if hybrid else 4) * n + 200):
+      total = (solve if hybrid else solve_all)(full)
   if total == float("inf"):
     raise ValueError(f"ios_dp: every schedule of this part ({n} units) has infinite cost: the stage "
                      "cost model returned inf (or NaN) for all candidate stages of some state, e.g. "
