@@ -121,21 +121,25 @@ DRAWS_SWEEP = [("binomial", 256, None, False, 1, 3, "take"),     # the default k
 # same binomial stream (same bits): no popcounts in the common path (comparisons of u with s_0..s_3 and of the
 # three draws' lanes), lane bits by one funnel shift, the extension's first Philox rounds no longer hoisted
 # into the common path. SASS from pip Triton 3.9 + ptxas (sm_90, 256 words, 1 warp; a guide only):
-# common path 622 -> 529 instructions per program (8 words per thread), 118 -> 98 registers.
+# common path 622 -> 519 instructions per program (8 words per thread), 118 -> 98 registers; ALU-pipe
+# instructions (LOP3/ISETP/SEL/SHF/...) 339 -> 306. 'leanf' moves 16 of them to the FMA pipe (290 ALU).
 S10_PLAIN = [(512, 4)]
 S10_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),     # the default kernel (26.1/26.2 us on 12-03)
              ("binomial", 256, None, False, 1, 3, "lean"),
+             ("binomial", 256, None, False, 1, 3, "leanf"),   # + shifts as mul.hi, sets as sums (FMA pipe)
              ("binomial", 512, 128, True, 1, 3, "lean"),
              ("binomial", 128, None, False, 1, 3, "lean"),
              ("binomial", 512, None, False, 2, 3, "lean"),
              ("binomial", 512, None, False, 1, 3, "lean"),
-             ("binomial", 256, None, False, 2, 3, "lean")]
+             ("binomial", 256, None, False, 2, 3, "lean"),
+             ("binomial", 512, 128, True, 1, 3, "leanf")]
 DEFAULT_ROW = ("binomial", 256, None, False, 1, 3, "popc")   # the row the --draws summary compares with (pb.DRAW)
 SMALL_MEMORY = [("levels", 64, None, False, 2, 0), ("levels", 128, 32, True, 2, 0)]
 SMALL_PLAIN = [(128, 2)]
 SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2, 1),
                ("binomial", 128, 64, False, 2, 3, "popc"), ("binomial", 64, None, False, 2, 2, "popcx"),
-               ("binomial", 64, None, False, 2, 3, "lean"), ("levels", 64, None, False, 2, 3)]
+               ("binomial", 64, None, False, 2, 3, "lean"), ("binomial", 64, None, False, 2, 3, "leanf"),
+               ("levels", 64, None, False, 2, 3)]
 
 
 def _extra(ap):
@@ -152,9 +156,9 @@ def _extra(ap):
                        "(DRAWS_SWEEP), the XOR-copies and floors, on-device checks of every draw; "
                        "no stuck-at row")
   ap.add_argument("--s10", action="store_true",
-                  help="short run (~60 s on the H200): the strict floor, the default kernel, the 'lean' draw "
-                       "evaluation (same bits) at the default tile and neighbours (S10_SWEEP), the public "
-                       "function and its path with draw='lean', on-device checks of 'lean'; no stuck-at row")
+                  help="short run (~60 s on the H200): the strict floor, the default kernel, the 'lean'/'leanf' "
+                       "draw evaluations (same bits) at the default tile and neighbours (S10_SWEEP), the "
+                       "public function and its path with them, on-device checks of both; no stuck-at row")
   ap.add_argument("--philox5", action="store_true",
                   help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
   ap.add_argument("--compile_budget_s", type=float, default=55.0,
@@ -321,7 +325,7 @@ def main():
     if i == 1:
       cands.append(("inject_bit_errors (public)", ("u8", lambda c, k: be.inject_bit_errors(k, c, p, 8),
                                                    "public")))
-      other = ["lean"] if args.s10 else [d for d in pb.DRAWS if d != pb.DRAW]
+      other = ["lean", "leanf"] if args.s10 else [d for d in pb.DRAWS if d != pb.DRAW]
       for dr in other if args.s7 or args.draws or args.s10 or args.small else ():
         # the public path with the other draw evaluation
         cands.append((f"inject_bit_errors (public path, draw={dr})", (
@@ -448,7 +452,7 @@ def main():
 
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
-    extra = ([("binomial", "lean")] if args.s10 else
+    extra = ([("binomial", "lean"), ("binomial", "leanf")] if args.s10 else
              [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or args.draws or dr == "popc")
               ] if (args.s7 or args.draws) else [])
     for mth, dr in [("binomial", None), ("levels", None)] + extra:   # dr: the kernel's draw evaluation

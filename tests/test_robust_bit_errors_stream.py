@@ -193,12 +193,12 @@ def test_binomial_kernel_equals_xla_across_rates_and_pre(dtype, bits):
     fp = be._flip_params(kw, p)
     ref = np.asarray(pb.inject(codes, bits, fp, impl="xla", draw="take"))
     assert (ref != np.asarray(codes)).any() == (p > 0)
-    for draw in ("popc", "popcx", "lean"):
+    for draw in ("popc", "popcx", "lean", "leanf"):
       np.testing.assert_array_equal(np.asarray(pb.inject(codes, bits, fp, impl="xla", draw=draw)), ref)
     refs.append(ref)
   # interpret mode: one compilation per (pre, draw), every rate through it (pre 6: every draw of the first
   # word unconditional with 32 lanes; pre 1: one)
-  configs = [(3, "take"), (1, "popc"), (6, "popc"), (3, "popcx"), (3, "lean")]
+  configs = [(3, "take"), (1, "popc"), (6, "popc"), (3, "popcx"), (3, "lean"), (3, "leanf")]
   if bits != 8:
     configs += [(6, "take"), (2, "popcx")]
   for pre, draw in configs:
@@ -223,21 +223,24 @@ def test_popcount_is_the_uint32_popcount_through_int32():
 @pytest.mark.parametrize("dtype,bits", [(jnp.uint8, 4), pytest.param(jnp.uint16, 16, marks=pytest.mark.slow),
                                         pytest.param(jnp.uint8, 1, marks=pytest.mark.slow)])
 def test_lean_draws_equal_take_on_power_of_two_lanes(dtype, bits):
-  """'lean' (comparisons of u with s_0..s_3 and of the first three draws' lanes, no popcount, in the common
-  path) gives the 'take' faults on words of 16, 32 and 8 lanes (lane = width * slot + plane when the
-  codes have fewer bits than their dtype), XLA and kernel code (interpret), including the words that need
-  more than three draws (p = 0.3, 0.9) and p = 1."""
+  """'lean' and 'leanf' (comparisons of u with s_0..s_3 and of the first three draws' lanes, no popcount,
+  in the common path; 'leanf' with the chosen sets as sums) give the 'take' faults on words of 16, 32 and
+  8 lanes (lane = width * slot + plane when the codes have fewer bits than their dtype), XLA and kernel
+  code (interpret), including the words that need more than three draws (p = 0.3, 0.9) and p = 1."""
   n = 3001
   codes = (jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(2654435761) % jnp.uint32(2 ** bits)).astype(dtype)
   kw = pb.key_words(jax.random.PRNGKey(5))
   f = jax.jit(lambda c, fp: pb.inject(c, bits, fp, impl="interpret", words=32, draw="lean"))
+  g = jax.jit(lambda c, fp: pb.inject(c, bits, fp, impl="interpret", words=32, draw="leanf"))
   for p in (0.0, 0.01, 0.05, 0.3, 0.9, 1.0):
     fp = be._flip_params(kw, p)
     ref = np.asarray(pb.inject(codes, bits, fp, impl="xla", draw="take"))
     assert (ref != np.asarray(codes)).any() == (p > 0)
-    np.testing.assert_array_equal(np.asarray(pb.inject(codes, bits, fp, impl="xla", draw="lean")), ref,
-                                  err_msg=f"xla p={p}")
-    np.testing.assert_array_equal(np.asarray(f(codes, fp)), ref, err_msg=f"interpret p={p}")
+    for dr in ("lean", "leanf"):
+      np.testing.assert_array_equal(np.asarray(pb.inject(codes, bits, fp, impl="xla", draw=dr)), ref,
+                                    err_msg=f"xla {dr} p={p}")
+    np.testing.assert_array_equal(np.asarray(f(codes, fp)), ref, err_msg=f"interpret lean p={p}")
+    np.testing.assert_array_equal(np.asarray(g(codes, fp)), ref, err_msg=f"interpret leanf p={p}")
 
 
 def _triton_ops(f, *args):
@@ -249,7 +252,7 @@ def _triton_ops(f, *args):
     pytest.skip(f"cannot lower the Pallas call for CUDA here: {e!r:.200}")
 
 
-@pytest.mark.parametrize("draw", ["take", "popc", "popcx", "lean"])
+@pytest.mark.parametrize("draw", ["take", "popc", "popcx", "lean", "leanf"])
 def test_binomial_kernel_lowers_without_uint32_ctpop(draw):
   """The compiled kernel must not contain ``math.ctpop`` (what Pallas makes of a uint32 population_count;
   Triton rejects it, which kept the session-7 'popc' kernels from compiling on the H200): every popcount
@@ -264,7 +267,7 @@ def test_binomial_kernel_lowers_without_uint32_ctpop(draw):
     assert "elementwise_inline_asm" in txt   # the Triton module is there (the mul.hi.u32 of Philox)
     assert "ctpop" not in txt and "ctlz" not in txt and "cttz" not in txt
     assert ("__nv_popc" in txt) == (draw != "take")   # 'lean': in its rare path only
-    assert ("shf.l.wrap.b32" in txt) == (draw == "lean" and bits == 8)   # lean's lane bits (32 lanes)
+    assert ("shf.l.wrap.b32" in txt) == (draw in ("lean", "leanf") and bits == 8)   # lane bits, 32 lanes
 
 
 def test_stuck_at_binomial_faults_and_values():

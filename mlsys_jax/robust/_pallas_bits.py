@@ -37,7 +37,7 @@ stored as 32-bit words through a bitcast outside the kernel, when their number i
 per word; 'bytes' otherwise), ``pre`` (steps run before the first early-stop test, straight-line code the
 compiler can interleave), ``draw`` (how 'binomial' evaluates its lane draws: ``'take'`` one by one with
 separate early-stop tests, ``'popc'``/``'popcx'`` through the unions of the draws with one early-stop
-test in the common case, or ``'lean'``: the common case by comparisons alone; see
+test in the common case, or ``'lean'``/``'leanf'``: the common case by comparisons alone; see
 :func:`binomial_words`). Early stopping is decided per sub-block.
 
 ``method='binomial'`` (the default, ``METHOD``, since the 2026-12-02 H200 sweeps: on 25M uint8 codes at
@@ -85,7 +85,8 @@ IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' ow
 PRE = 3            # steps the kernel runs before its first early-stop test
 DRAW = "popc"      # how 'binomial' evaluates its draws: 'take', 'popc' or 'popcx' (the same bits). H200,
                    # 2026-12-03, two runs: default tile 'popc' 26.11/26.21 us vs 'take' 27.23/27.25 us
-DRAWS = ("take", "popc", "popcx", "lean")   # 'lean' (session 10): comparisons in the common case, same bits
+DRAWS = ("take", "popc", "popcx", "lean", "leanf")   # 'lean'/'leanf' (session 10): comparisons, same bits
+_LEAN = ("lean", "leanf")
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
 HASHES = ("philox", "philox7", "threefry")
@@ -317,8 +318,12 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   ``shf.l.wrap``, no masking), and one early-stop test; every other word sends its tile through the
   'popc' rest (thresholds from s_0, unions, further draws), whose Philox-4x32 counter is made
   loop-variant so that the compiler does not hoist the first rounds into the common path. ``pre`` is not
-  used. SASS of the default tile (pip Triton 3.9 + ptxas, sm_90): 529 instead of 622 instructions per
-  program (8 words per thread) in the common path ('popc', pre = 3), 98 instead of 118 registers.
+  used; the compiled kernel takes its early-stop test as a sum. ``'leanf'`` is 'lean' with integer work
+  moved from the ALU pipe to the FMA pipe: the draws' shifts as ``mul.hi`` by powers of two (compiled
+  kernel) and the chosen set as a sum of distinct lane bits. SASS of the default tile (pip Triton 3.9 +
+  ptxas, sm_90), common path per program (8 words per thread): 'popc' (pre = 3) 622 instructions, 339
+  of them on the ALU pipe (LOP3, ISETP, SEL, SHF, ...), 118 registers; 'lean' 519 / 306 / 98;
+  'leanf' 517 / 290 / 98.
   """
   draw = draw or DRAW
   if draw not in DRAWS:
@@ -330,9 +335,9 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   npc = min(pre, n_lanes)                      # thresholds tested unconditionally
   npre = min(pre, per_word)                    # draws taken unconditionally
   pow2 = (1 << db) == n_lanes                  # every draw names a valid lane
-  if draw == "lean" and not pow2:              # 'lean' decides by comparing lanes: power-of-two lanes only
+  if draw in _LEAN and not pow2:              # 'lean' decides by comparing lanes: power-of-two lanes only
     draw = "popc"
-  if draw == "lean":                           # its own fixed common path (below); pre is not used
+  if draw in _LEAN:                           # its own fixed common path (below); pre is not used
     npc, npre = 0, 3
 
   def ccond(c):
@@ -362,7 +367,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       mm, *st, g = c
       # 'lean': the word counter made loop-variant with a zero the compiler cannot fold (mm < 2^20), so
       # that the first rounds (which do not depend on m) are not hoisted into the common path
-      wi = word_idx | (mm >> _U32(24)) if draw == "lean" else word_idx
+      wi = word_idx | (mm >> _U32(24)) if draw in _LEAN else word_idx
       more = philox4x32(k0, k1, wi, jnp.full(word_idx.shape, mm, _U32), zero, zero, asm=asm)
       *st, g = consume(more, 4 * per_word, *st, needed=g)
       return (mm + _U32(1), *st, g)
@@ -392,7 +397,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
   for j in range(npc):                          # hits are nested (s_c decreases): counting is order-free
     cnt = cnt + (u < thr(j)).astype(_U32)
 
-  if draw in ("popc", "popcx", "lean"):
+  if draw in ("popc", "popcx") + _LEAN:
 
     def lane_bit(v):
       if pow2:
@@ -424,18 +429,26 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       by comparisons of the count's u with s_0..s_3 and of the draws' lanes (no popcount), and the short
       words (the others). The same sets as 'popc' with pre = 3: C = 1: draw 0; C = 2: draws 0, 1 if
       distinct, else 0 and 2; C = 3: all three if distinct."""
+      fma = draw == "leanf"                   # integer work moved from the ALU pipe to the FMA pipe
       if asm and bits == width and db == 5:   # 1 << (v mod 32) in one funnel shift (PTX shf.l.wrap)
+        def shifted(j):                        # d >> 5j; 'leanf': the high half of d * 2^(32 - 5j)
+          return d if j == 0 else _mulhilo_asm(d, 1 << (32 - db * j))[0] if fma else d >> _U32(db * j)
+
         def bit_of(j):
-          return _shl1_wrap_asm(d if j == 0 else d >> _U32(db * j))
+          return _shl1_wrap_asm(shifted(j))
       else:
         def bit_of(j):
           return _U32(1) << lane_of(draw_bits(d, j))
       b0, b1, b2 = bit_of(0), bit_of(1), bit_of(2)
       a0, a1, a2, a3 = (u < thr(j) for j in range(4))   # C > 0, 1, 2, 3 (s_c = 0 past n_lanes)
-      m2 = b0 | b1
-      m3 = m2 | b2
       e01, e02, e12 = b0 == b1, b0 == b2, b1 == b2
-      chosen = jnp.where(a2, m3, jnp.where(a1, jnp.where(e01, m3, m2), jnp.where(a0, b0, zero)))
+      if fma:   # sums of distinct lane bits (the sets of the short words are not used)
+        chosen = (jnp.where(a0, b0, zero) + jnp.where(a1, jnp.where(e01, b2, b1), zero)
+                  + jnp.where(a2, b2, zero))
+      else:
+        m2 = b0 | b1
+        m3 = m2 | b2
+        chosen = jnp.where(a2, m3, jnp.where(a1, jnp.where(e01, m3, m2), jnp.where(a0, b0, zero)))
       short = a3 | (a2 & (e01 | e02 | e12)) | (a1 & e01 & e02)
       return chosen, short
 
@@ -452,7 +465,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       return extension((m, chosen), still, lambda pool, nd, mm, ch, needed: consume(
           pool, nd, mm, ch, cnt, needed))[1]
 
-    if draw == "lean":
+    if draw in _LEAN:
       chosen, short = lean_common()
     else:
       # ONE early-stop test: a word is short if its count may exceed the thresholds tested (u < s_npc)
@@ -464,7 +477,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
         short = short | (u < thr(npc))
     # 'lean', compiled: the early-stop test as a sum over the tile (LLVM turns a max of 0/1 flags into
     # more ALU operations); elsewhere the max (a sum over a whole XLA array could overflow int32)
-    lean_sum = draw == "lean" and asm
+    lean_sum = draw in _LEAN and asm
     go = (jnp.sum(short.astype(jnp.int32)) > 0 if lean_sum else any_(short)) & ~always
     if draw == "popcx":                         # flat: the loops follow (each runs 0 times when not go)
       chosen = jnp.where(go, finish(cnt, go), chosen)
