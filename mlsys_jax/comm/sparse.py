@@ -1315,8 +1315,10 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   with ``_EXACT_SEARCH = "bits"``); no SIDCo fit (``ratio``, ``distribution``, ``stages``, ``first_ratio``
   and ``min_count`` are not read), the payload is packed once, and :func:`_seg_trim` cuts a segment that
   selected more than its ``k`` (magnitudes tied at the cut) back to its ``k`` largest, under ``lax.cond``
-  (``_TRIM_SKIP``). The fifth value returned is then the per-segment ``tie_last`` of :func:`_seg_trim`
-  (else None). With ``_EXACT_FIT = True`` (the path before session 9, kept for the benchmark) the fit
+  (``_TRIM_SKIP``), or with ``_TRIM = "quota"`` :func:`_seg_quota` does (prefix counts over the payload's
+  slots, no sort, no conditional; the same payload). The fifth value returned is then the per-segment
+  ``tie_last`` of :func:`_seg_trim` (or of :func:`_seg_quota`, whose thresholds are then the ``k``-th
+  largest magnitudes themselves; else None). With ``_EXACT_FIT = True`` (the path before session 9, kept for the benchmark) the fit
   runs first with ``ratio`` as its aim (above the target, so that it usually selects between ``k`` and the
   local ``capacity``) and the search only on the steps where it missed; the same payload."""
   if exact is not None and (not isinstance(exact, tuple) or len(exact) != 3 or exact[2] is None):
