@@ -100,7 +100,7 @@ def _flags(ap):
                        "(dus's zero buffer a fill of its own, or fused into the first chunk's write), narrowseg/wideseg = "
                        "sparse._SEG_KEY (the per-segment sorts' second key uint8/uint16, or int32), two/groups/dus = "
                        "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
-                       "g<N> = sparse._GROUP_LEAVES; with bits only: a number = search ways, pallas/xla/bisect = the "
+                       "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
@@ -268,7 +268,7 @@ def main():
   rows, ref_first, ref_loop = [], {}, {}
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
-  ravel0, trim0, base0, segkey0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY
+  ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -282,7 +282,7 @@ def main():
     # variant tokens: see --variants
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
-    sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY = ravel0, trim0, base0, segkey0
+    sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -294,6 +294,8 @@ def main():
         sp._COUNT_SKIP = tok == "skip"
       elif tok in ("two", "groups", "dus"):   # (sidco's buffer and topk's raveled one)
         sp._SUM_FLATTEN = sp._RAVEL_SUM_FLATTEN = tok
+      elif tok.startswith("s") and tok[1:].isdigit():
+        sp._GROUP_SIZE = int(tok[1:])
       elif tok.startswith("g") and tok[1:].isdigit():
         sp._GROUP_LEAVES = int(tok[1:])
       elif tok in ("trimskip", "notrimskip"):
@@ -315,7 +317,7 @@ def main():
     row["exact_search"], row["exact_fit"] = sp._EXACT_SEARCH, sp._EXACT_FIT
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
-    row["seg_key"] = sp._SEG_KEY
+    row["seg_key"], row["group_size"] = sp._SEG_KEY, sp._GROUP_SIZE
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

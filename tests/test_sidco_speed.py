@@ -321,11 +321,14 @@ def test_sum_flatten_chunks_equal_two_concatenations(monkeypatch):
   for per_tensor in (False, True):
     lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, 1.0))
     want = np.asarray(sp._flat_sum(lay.flatten, a, r, jnp.float32))
-    for how, base in (("groups", "fused"), ("dus", "fused"), ("dus", "fill")):
+    for how, base, gsize in (("groups", "fused", 0), ("dus", "fused", 0), ("dus", "fill", 0), ("dus", "fill", 4000),
+                             ("groups", "fused", 600)):
       monkeypatch.setattr(sp, "_DUS_BASE", base)   # (dus's zero buffer: fused into the first write, or a fill)
+      monkeypatch.setattr(sp, "_GROUP_SIZE", gsize)   # (leaves of >= gsize entries: chunks of their own)
       got = jax.jit(lambda a, r: lay.flatten_sum(a, r, jnp.float32, how))(a, r)
       np.testing.assert_array_equal(np.asarray(got), want)
     monkeypatch.setattr(sp, "_DUS_BASE", "fused")
+    monkeypatch.setattr(sp, "_GROUP_SIZE", 0)
   tree_a = {"x": a[0], "y": jnp.full((5,), 60000.0, jnp.float16)}
   tree_r = {"x": r[0], "y": jnp.full((5,), 60000.0, jnp.float16)}
   want, _ = sp._ravel_sum(tree_a, tree_r)

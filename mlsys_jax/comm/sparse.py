@@ -710,13 +710,30 @@ _GROUP_LEAVES = 24
 # chunk of 155k entries) or "fill" (a separate fill behind ``lax.optimization_barrier``, so the first chunk is
 # written in place like the others). The same buffer bitwise.
 _DUS_BASE = "fused"
+# Chunks by size as well (0: off): a piece of at least this many entries is a chunk of its own (one in-place
+# write of that leaf alone, no concatenation), the smaller ones are grouped by ``_GROUP_LEAVES`` between them.
+_GROUP_SIZE = 0
 
 
 def _chunked(pieces, how: str, dtype) -> jax.Array:
   """One 1-D buffer from ``pieces`` (1-D, in order) by chunks of ``_GROUP_LEAVES``: ``how`` "groups" (a
   concatenation of the chunks' concatenations) or "dus" (each chunk written into a zero buffer)."""
   check_choice("_SUM_FLATTEN / _RAVEL_SUM_FLATTEN", how, ("groups", "dus"))
-  chunks = [pieces[i:i + _GROUP_LEAVES] for i in range(0, len(pieces), _GROUP_LEAVES)]
+  if not _GROUP_SIZE:
+    chunks = [pieces[i:i + _GROUP_LEAVES] for i in range(0, len(pieces), _GROUP_LEAVES)]
+  else:   # a large piece alone; runs of small ones by _GROUP_LEAVES
+    chunks, run = [], []
+    for p in pieces:
+      if p.shape[0] >= _GROUP_SIZE:
+        chunks += [run] if run else []
+        chunks.append([p])
+        run = []
+      else:
+        run.append(p)
+        if len(run) == _GROUP_LEAVES:
+          chunks.append(run)
+          run = []
+    chunks += [run] if run else []
   chunks = [c[0] if len(c) == 1 else jnp.concatenate(c) for c in chunks]
   if how == "groups" or len(chunks) == 1:
     return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
