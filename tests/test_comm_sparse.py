@@ -830,6 +830,7 @@ def test_exact_sidco_runs_no_fit(per_tensor, monkeypatch):
     prims = _primitives(jax.make_jaxpr(tx.update)(g, tx.init(g)).jaxpr)
     return sorted(set(calls)), prims.count("cond")
 
+  monkeypatch.setattr(sp, "_TRIM", "sort")    # the sort trim's conditional (the quota has none: below)
   assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
   assert traced(sp.sidco(0.01, distribution="gamma", stages=3, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
   assert traced(sp.sidco(0.01, per_tensor=per_tensor, exact=False))[0] == ["_seg_threshold"]
@@ -863,8 +864,8 @@ def test_exact_sidco_same_as_the_fit_first_path(per_tensor, monkeypatch):
     return outs
 
   new = run()
-  for name, value in (("_EXACT_SEARCH", "bits"), ("_EXACT_FIT", True), ("_TRIM_SKIP", False),
-                      ("_SUM_FLATTEN", "two")):
+  for name, value in (("_EXACT_SEARCH", "bits"), ("_EXACT_FIT", True), ("_TRIM", "sort"), ("_TRIM_SKIP", False),
+                      ("_SUM_FLATTEN", "two"), ("_DUS_BASE", "fused"), ("_SEG_KEY", "int32")):
     monkeypatch.setattr(sp, name, value)
   old = run()
   for x, y in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)):
@@ -908,8 +909,8 @@ def test_exact_sidco_trains_bitwise_like_topk_in_the_experiment_step(monkeypatch
 
   ref = run(lambda: sp.topk(0.01, axis_name="d"))
   new = run(lambda: sp.sidco(0.01, axis_name="d"))
-  for name, value in (("_EXACT_SEARCH", "bits"), ("_EXACT_FIT", True), ("_TRIM_SKIP", False),
-                      ("_SUM_FLATTEN", "two")):
+  for name, value in (("_EXACT_SEARCH", "bits"), ("_EXACT_FIT", True), ("_TRIM", "sort"), ("_TRIM_SKIP", False),
+                      ("_SUM_FLATTEN", "two"), ("_DUS_BASE", "fused"), ("_SEG_KEY", "int32")):
     monkeypatch.setattr(sp, name, value)
   old = run(lambda: sp.sidco(0.01, axis_name="d"))
   for other in (new, old):
