@@ -72,10 +72,28 @@ class AnalyticalCost:
       raise ValueError("AnalyticalCost: peak_flops, bandwidth > 0 and launch_s, sat_flops >= 0")
     self.peak, self.bw, self.launch, self.sat = peak_flops, bandwidth, launch_s, sat_flops
     self.merge_launch = launch_s if merge_launch_s is None else merge_launch_s
+    self._units: dict = {}  # id(graph) -> (weakref to the graph, model parameters, {unit: (time, flops, bytes)})
+
+  def _unit_terms(self, g: Graph) -> dict:
+    """This graph's memo of ``unit -> (unit_time, flops, bytes)``, emptied when the graph at this
+    address or the model's parameters changed (the IOS-Both DP costs ~500k stages of RandWire)."""
+    params = (self.peak, self.bw, self.launch, self.sat)
+    ent = self._units.get(id(g))
+    if ent is None or ent[0]() is not g or ent[1] != params:
+      ent = (weakref.ref(g), params, {})
+      self._units[id(g)] = ent
+    return ent[2]
+
+  def _unit(self, g: Graph, u: int) -> tuple:
+    memo = self._unit_terms(g)
+    t = memo.get(u)
+    if t is None:
+      f, b = g.unit_flops_bytes(u)
+      t = memo[u] = (self.launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw), f, b)
+    return t
 
   def unit_time(self, g: Graph, u: int) -> float:
-    f, b = g.unit_flops_bytes(u)
-    return self.launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw)
+    return self._unit(g, u)[0]
 
   def __call__(self, g: Graph, st: Stage) -> float:
     if not _valid(g, st):
@@ -93,9 +111,11 @@ class AnalyticalCost:
       b -= (len(units) - 1) * g.avals[e0.inputs[0]].size * g.avals[e0.inputs[0]].dtype.itemsize
       return self.merge_launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw) + \
           self.launch * 0.25 * (len(units) - 1)
-    groups = [sum(self.unit_time(g, u) for u in grp) for grp in st.groups]
-    tot_f = sum(g.unit_flops_bytes(u)[0] for u in st.units)
-    tot_b = sum(g.unit_flops_bytes(u)[1] for u in st.units)
+    memo = self._unit_terms(g)
+    terms = [[memo.get(u) or self._unit(g, u) for u in grp] for grp in st.groups]
+    groups = [sum(t[0] for t in grp) for grp in terms]   # the same sums, in the same order, as per unit
+    tot_f = sum(t[1] for grp in terms for t in grp)
+    tot_b = sum(t[2] for grp in terms for t in grp)
     return self.launch * (len(st.groups) - 1) + max(max(groups), tot_f / self.peak, tot_b / self.bw)
 
 

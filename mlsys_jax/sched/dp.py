@@ -194,8 +194,13 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
   keys = [merge_key(u) if merge_key is not None else None for u in nodes]
   cost_memo: dict = {}
 
+  group_memo: dict = {}
+
   def group_order(gmask: int) -> tuple:
-    return tuple(nodes[i] for i in _bits(gmask))  # ascending = topological
+    g_ = group_memo.get(gmask)
+    if g_ is None:
+      g_ = group_memo[gmask] = tuple(nodes[i] for i in _bits(gmask))  # ascending = topological
+    return g_
 
   def cost_of(stage_masks: tuple, kind: str) -> float:
     k = (kind, stage_masks)
@@ -282,21 +287,17 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
             cands.append(gm)
         if cands:
           lists.append(cands)
-      nl = len(lists)
-
-      def rec(ci, used, groups):
-        if ci == nl:
-          if groups:
-            out.append(tuple(sorted(groups)))
-          return
-        rec(ci + 1, used, groups)
-        if len(groups) >= max_groups:
-          return
-        for gm in lists[ci]:
-          if not gm & used:
-            rec(ci + 1, used | gm, groups + (gm,))
-
-      rec(0, 0, ())
+      # every choice of at most one root per chain (disjoint groups, at most max_groups of them) in the
+      # order of a depth-first search over the chains that tries 'no root' before each root: built from
+      # the last chain back, the selections of chains k.. are those of k+1.. (no root at k), then for each
+      # root of k, those of k+1.. it is disjoint from and can join
+      sel = [(0, ())]
+      for cands in reversed(lists):
+        nxt = list(sel)
+        for gm in cands:
+          nxt.extend([(gm | u_, (gm,) + g_) for u_, g_ in sel if not gm & u_ and len(g_) < max_groups])
+        sel = nxt
+      out = [tuple(sorted(g_)) for _, g_ in sel[1:]]   # sel[0]: no root at all
     # opaque/unmergeable units are handled by stage_cost (inf for invalid stages); set() as in IOS (and
     # the reference): its iteration order is part of the tie-breaking
     res = [("parallel", groups) for groups in set(out)]
