@@ -133,12 +133,26 @@ S10_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),     # the default ker
              ("binomial", 512, None, False, 1, 3, "lean"),
              ("binomial", 256, None, False, 2, 3, "lean"),
              ("binomial", 512, 128, True, 1, 3, "leanf")]
+# Session 10 second run (--s10b): the s10a result (2026-12-03 14:3x, H200: 'lean' at the default tile 26.37 us vs
+# 'popc' 26.07 us: 15% fewer instructions gave nothing, so the kernel is not issue-bound; best 'lean'/'leanf' at 512
+# words in 128-word sub-blocks loads-first, 25.55 / 25.51 us = 47.9% / 48.0%) repeated for those rows, with
+# 'popc' at that tile (tile vs draw) and loops that prefetch the next sub-block's codes (latency).
+S10B_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),     # the default kernel
+              ("binomial", 512, 128, True, 1, 3, "lean"),
+              ("binomial", 512, 128, True, 1, 3, "leanf"),
+              ("binomial", 512, 128, True, 1, 3, "popc"),
+              ("binomial", 256, None, False, 1, 3, "lean"),
+              ("binomial", 1024, 256, "prefetch", 1, 3, "lean"),
+              ("binomial", 512, 128, "prefetch", 1, 3, "lean"),
+              ("binomial", 1024, 256, True, 1, 3, "lean"),
+              ("binomial", 2048, 256, "prefetch", 1, 3, "lean")]
 DEFAULT_ROW = ("binomial", 256, None, False, 1, 3, "popc")   # the row the --draws summary compares with (pb.DRAW)
 SMALL_MEMORY = [("levels", 64, None, False, 2, 0), ("levels", 128, 32, True, 2, 0)]
 SMALL_PLAIN = [(128, 2)]
 SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2, 1),
                ("binomial", 128, 64, False, 2, 3, "popc"), ("binomial", 64, None, False, 2, 2, "popcx"),
                ("binomial", 64, None, False, 2, 3, "lean"), ("binomial", 64, None, False, 2, 3, "leanf"),
+               ("binomial", 128, 32, "prefetch", 2, 3, "lean"),
                ("levels", 64, None, False, 2, 3)]
 
 
@@ -159,6 +173,8 @@ def _extra(ap):
                   help="short run (~60 s on the H200): the strict floor, the default kernel, the 'lean'/'leanf' "
                        "draw evaluations (same bits) at the default tile and neighbours (S10_SWEEP), the "
                        "public function and its path with them, on-device checks of both; no stuck-at row")
+  ap.add_argument("--s10b", action="store_true",
+                  help="--s10 with the S10B_SWEEP rows (confirmation of the best s10 rows, prefetching loops)")
   ap.add_argument("--philox5", action="store_true",
                   help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
   ap.add_argument("--compile_budget_s", type=float, default=55.0,
@@ -168,7 +184,8 @@ def _extra(ap):
 
 
 def _name(mth, w, sb, unroll, nwarp, pre, draw=None, p0=False):
-  tile = f"words={w}" + ("" if sb in (None, w) else f" sub={sb} {'loads-first' if unroll else 'loop'}")
+  mode = "prefetch" if unroll == "prefetch" else "loads-first" if unroll else "loop"
+  tile = f"words={w}" + ("" if sb in (None, w) else f" sub={sb} {mode}")
   return (f"kernel {'p=0 (memory path) ' if p0 else ''}{mth} {tile} warps={nwarp} pre={pre}"
           + ("" if draw is None else f" draw={draw}"))
 
@@ -307,7 +324,9 @@ def main():
           "XLA uint32 XOR-copy (uint32 arrays, same bytes)": ("u32", lambda c, k: c ^ k[0], None),
           "XLA float32 x*c (float32 arrays, same bytes)": (
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
-  mem, plain, sweep = (([], S10_PLAIN, S10_SWEEP) if args.s10 and not args.small else
+  args.s10 = args.s10 or args.s10b
+  mem, plain, sweep = (([], S10_PLAIN, S10B_SWEEP) if args.s10b and not args.small else
+                       ([], S10_PLAIN, S10_SWEEP) if args.s10 and not args.small else
                        ([], DRAWS_PLAIN, DRAWS_SWEEP) if args.draws else   # with --small: its CPU smoke
                        (SMALL_MEMORY, SMALL_PLAIN, SMALL_SWEEP) if args.small else
                        (WIDE_MEMORY, WIDE_PLAIN, WIDE_SWEEP) if args.wide else

@@ -318,6 +318,19 @@ def test_kernel_sub_blocks_equal_xla(method):
     np.testing.assert_array_equal(run("interpret", words=64, sub=32, unroll=unroll), run("xla"))
 
 
+def test_prefetching_sub_block_loop_equals_xla():
+  """unroll='prefetch' (a loop over sub-blocks that loads the next sub-block's codes before its own
+  arithmetic; the last step reloads its own) gives the XLA path's bits: word io with a ragged end (an
+  empty last sub-block), byte io (odd length), 'lean' and 'popc' draws, flips and stuck-at."""
+  key = jax.random.PRNGKey(9)
+  for n, draw, p_one in ((332, "lean", None), (331, "popc", 0.3)):   # 83 words: 2 programs of 4 sub-blocks
+    codes = jax.random.randint(jax.random.PRNGKey(n), (n,), 0, 256).astype(jnp.uint8)
+    run = lambda impl, **kw: np.asarray(jax.jit(lambda c: be._inject(
+        key, c, 0.05, 8, p_one=p_one, impl=impl, **kw))(codes))
+    np.testing.assert_array_equal(run("interpret", words=64, sub=16, unroll="prefetch", draw=draw),
+                                  run("xla"), err_msg=f"n={n} {draw}")
+
+
 def test_tiling_checks():
   codes = jnp.zeros((64,), jnp.uint8)
   fp = be._flip_params(pb.key_words(jax.random.PRNGKey(0)), 0.1)

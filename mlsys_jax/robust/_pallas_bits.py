@@ -32,7 +32,8 @@ Cost. Every level costs one 32-bit hash output per word whether or not its lanes
 and a tile runs until its last lane is decided, so a word costs about 3-4 Philox calls (12-16 levels);
 on the H200 the 'levels' kernel is bound by this arithmetic. Kernel knobs that never change the bits:
 ``words`` (32-bit words per program), ``sub``/``unroll`` (a program's tile split into sub-blocks, all
-loads first or one sub-block per loop step), ``num_warps``, ``io`` ('words': the codes are loaded and
+loads first, one sub-block per loop step, or such a loop that loads the next sub-block first:
+``'prefetch'``), ``num_warps``, ``io`` ('words': the codes are loaded and
 stored as 32-bit words through a bitcast outside the kernel, when their number is a multiple of the codes
 per word; 'bytes' otherwise), ``pre`` (steps run before the first early-stop test, straight-line code the
 compiler can interleave), ``draw`` (how 'binomial' evaluates its lane draws: ``'take'`` one by one with
@@ -572,7 +573,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   ``hash``: one of ``HASHES`` (default ``HASH``); ``words``: 32-bit words per program (the tile, a power of
   two; default ``WORDS``); ``sub``: words per sub-block (default ``SUB``, None = the whole tile): a program
   processes its tile ``words // sub`` sub-blocks at a time, with every load of the tile issued first
-  (``unroll=True``, straight-line code) or one sub-block per loop step (``unroll=False``); ``num_warps``:
+  (``unroll=True``, straight-line code) or one sub-block per loop step (``unroll=False``; ``'prefetch'``:
+  a loop step issues the next sub-block's load before its own arithmetic); ``num_warps``:
   warps per program; ``io``: ``'words'`` (the kernel loads and stores the codes as 32-bit words, a free
   bitcast outside; used when the number of codes is a multiple of the codes per word, else ``'bytes'``) or
   ``'bytes'`` (loads of the codes' own dtype). ``hash`` changes the pattern; ``impl``, ``words``, ``sub``,
@@ -594,7 +596,7 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   if impl not in ("xla", "pallas", "interpret"):
     raise ValueError(f"impl must be 'xla', 'pallas' or 'interpret', got {impl!r}.")
   w, sb = _tiling(words, sub)
-  unroll = UNROLL if unroll is None else bool(unroll)
+  unroll = UNROLL if unroll is None else unroll if unroll == "prefetch" else bool(unroll)
   shape, dtype = codes.shape, codes.dtype
   width = jnp.iinfo(dtype).bits
   cpw = 32 // width
@@ -666,11 +668,17 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
       f, o = faults(p_ref, widx.astype(_U32))
       store(widx, c, f, o)
 
-    if nsub == 1 or unroll:   # every load of the tile in flight before the first sub-block's arithmetic
+    if nsub == 1 or unroll is True:   # every load of the tile in flight before the first sub-block's math
       idx = [block(j) for j in range(nsub)]
       cs = [load(i) for i in idx]
       for i, c in zip(idx, cs):
         finish(i, c)
+    elif unroll == "prefetch":   # loop; the next sub-block's load issued before this one's arithmetic
+      def step(j, c):
+        nxt = load(block(jnp.minimum(j + 1, nsub - 1)))   # the last step reloads its own block (cached)
+        finish(block(j), c)
+        return nxt
+      jax.lax.fori_loop(0, nsub, step, load(block(0)))
     else:
       def step(j, carry):
         widx = block(j)
