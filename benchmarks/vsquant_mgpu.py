@@ -27,7 +27,7 @@ from mlsys_jax.quant import _pallas_gemm as pg
 
 def _extra(ap):
   ap.add_argument("--configs", default="64:128:4,64:128:6",
-                  help="Mosaic configs tile_m:tile_n:stages[:grid_group][:cast|magic][:x2 (two K blocks per step)]")
+                  help="Mosaic configs tile_m:tile_n:stages[:grid_group][:cast|magic][:x2 (two K blocks per step)][:w3 (3 compute warpgroups)]")
   ap.add_argument("--kinds", default="fp8:128,int8:64,int8:128", help="kind:V pairs for the Mosaic kernel")
   ap.add_argument("--triton", type=int, default=1, help="1: also time the Triton per-vector kernels")
   ap.add_argument("--reps", type=int, default=8)
@@ -42,11 +42,14 @@ def _rel(out, ref) -> float:
 
 def _cfg(s: str) -> mg.MgpuConfig:
   p = s.split(":")
+  wgs = 3 if p[-1] == "w3" else 2
+  if p[-1] == "w3":
+    p.pop()
   bps = 2 if p[-1] == "x2" else 1
   if p[-1] == "x2":
     p.pop()
   conv = p.pop() if p[-1] in ("cast", "magic") else "cast"
-  return mg.MgpuConfig(*[int(x) for x in p], convert=conv, blocks_per_step=bps)
+  return mg.MgpuConfig(*[int(x) for x in p], convert=conv, blocks_per_step=bps, compute_wgs=wgs)
 
 
 def main():
@@ -97,6 +100,12 @@ def main():
     methods["Triton int8 per-vector V=64 (defaults)"] = (
         jax.jit(functools.partial(pg.vs_int8_matmul, vector_size=64, interpret=interp)),
         (ia, scales[64][0], iw, scales[64][1]), None)
+  # the public functions as users call them (backend=None: Mosaic on Hopper after its self-test)
+  methods["public vs_fp8_matmul (backend auto), weights (K, N)"] = (
+      jax.jit(functools.partial(pg.vs_fp8_matmul, vector_size=128)), (fa, fsa, fw, fsw), ("ref", ref_fp8))
+  methods["public vs_int8_matmul V=64 (backend auto), weights (K, N)"] = (
+      jax.jit(functools.partial(pg.vs_int8_matmul, vector_size=64)), (ia, scales[64][0], iw, scales[64][1]),
+      ("int8", 64))
   for kv in args.kinds.split(","):
     kind, v = kv.split(":")
     v = int(v)
@@ -104,7 +113,7 @@ def main():
       cfg = _cfg(cs)
       if kind == "fp8" and cfg.convert != "cast":
         continue
-      name = (f"Mosaic {kind} V={v} tile {2 * cfg.tile_m}x{cfg.tile_n} stages {cfg.stages} group {cfg.grid_group}"
+      name = (f"Mosaic {kind} V={v} tile {cfg.compute_wgs * cfg.tile_m}x{cfg.tile_n} stages {cfg.stages} group {cfg.grid_group}"
               + (f" {cfg.convert}" if kind == "int8" else "") + (" 2 blocks/step" if cfg.blocks_per_step == 2 else ""))
       fn = jax.jit(functools.partial(mg.scaled_matmul, vector_size=v, w_layout="nk", config=cfg))
       if kind == "fp8":
@@ -133,7 +142,10 @@ def main():
     int8_ref[v] = np.einsum("gmn,mg,gn->mn", p, sa, sw)
 
   base = compiled["bf16 jnp.dot (f32 accumulation)"]
-  result = {"env": env, "shape": [m, k, n], "rows": [], "command": "benchmarks/vsquant_mgpu.py"}
+  result = {"env": env, "shape": [m, k, n], "rows": [], "command": "benchmarks/vsquant_mgpu.py",
+            "mosaic_self_test": {f"{kd}:{v}": mg.kernel_self_test(kd, v) for kd in mg.KINDS
+                                 for v in mg.VECTOR_SIZES[kd]}}
+  print(result["mosaic_self_test"], flush=True)
   rows = result["rows"]
   for name, (fn, xs, check) in methods.items():
     row = {"op": name}

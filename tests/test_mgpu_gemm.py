@@ -41,13 +41,14 @@ def _reference(a, sa, w, sw, v):
 
 @pytest.mark.parametrize("kind,v,shape,convert,bps", [("fp8", 128, (100, 72, 200), "cast", 1),
                                                       ("int8", 64, (200, 136, 128), "magic", 1),
-                                                      ("int8", 64, (100, 64, 200), "cast", 2)])
+                                                      ("int8", 64, (100, 64, 200), "cast", 2),
+                                                      ("fp8", 128, (200, 64, 128), "cast", -3)])
 def test_interpreter_matches_float64(kind, v, shape, convert, bps):
   m, n, k = shape   # ragged M / N / K (padded by the wrapper), several row and column tiles
   a, sa, w, sw = _operands(kind, m, n, k, v)
-  out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True,
-                         config=mg.MgpuConfig(tile_m=64, tile_n=128, stages=2, grid_group=2, convert=convert,
-                                                         blocks_per_step=bps))
+  cfg = mg.MgpuConfig(tile_m=64, tile_n=128, stages=2, grid_group=2, convert=convert,
+                      blocks_per_step=max(bps, 1), compute_wgs=3 if bps == -3 else 2)   # bps -3: 3 warpgroups
+  out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True, config=cfg)
   ref = _reference(a, sa, w, sw, v)
   assert out.shape == (m, n) and out.dtype == jnp.float32
   # int8: exact int32 partial sums, float32 scaling (two roundings per block); fp8: float32 sums
@@ -56,15 +57,20 @@ def test_interpreter_matches_float64(kind, v, shape, convert, bps):
 
 @pytest.mark.parametrize("kind,v,convert,bps", [("fp8", 128, "cast", 1), ("int8", 64, "cast", 1),
                                                 ("int8", 64, "magic", 1), ("int8", 128, "cast", 1),
-                                                ("fp8", 128, "cast", 2), ("int8", 64, "magic", 2)])
+                                                ("fp8", 128, "cast", 2), ("int8", 64, "magic", 2),
+                                                ("fp8", 128, "cast", -3)])
 def test_lowers_for_cuda(kind, v, convert, bps):
+  """(bps -3: one block per step, three compute warpgroups)"""
   """The Mosaic GPU program is built for CUDA on this CPU (layouts, wgmma operand types, TMA transforms)."""
   dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
   m = n = k = 512
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
            jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
-  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=mg.MgpuConfig(convert=convert,
-                                                                                 blocks_per_step=bps)))
+  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=max(bps, 1), compute_wgs=3 if bps == -3 else 2,
+                      stages=3 if bps == -3 else 4)
+  m = 3 * 64 * 2 if bps == -3 else m
+  specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32)) + specs[2:]
+  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
   text = f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -83,6 +89,8 @@ def test_bad_input():
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, w_layout="mk")
   with pytest.raises(ValueError, match="tile_m"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(tile_m=32))
+  with pytest.raises(ValueError, match="compute_wgs"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(compute_wgs=4))
   with pytest.raises(ValueError, match="blocks_per_step"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(blocks_per_step=3))
   with pytest.raises(ValueError, match="convert"):
@@ -90,3 +98,36 @@ def test_bad_input():
   fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)
   with pytest.raises(ValueError, match="vector_size"):
     mg.scaled_matmul(fa, fsa, fw, fsw, vector_size=64)
+
+
+def test_public_dispatch(monkeypatch):
+  """backend=None picks the Mosaic kernel where it is available and self-tested, and applies the coarse scales
+  as the Triton kernel does (here both in their interpreters); backend errors name the fix."""
+  from mlsys_jax.quant import _pallas_gemm as pg
+  a, sa, w, sw = _operands("int8", 130, 72, 200, 64, seed=3)
+  ca = jax.random.uniform(jax.random.PRNGKey(8), (130,), minval=0.5, maxval=2.0)
+  cw = jax.random.uniform(jax.random.PRNGKey(9), (72,), minval=0.5, maxval=2.0)
+  triton = pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, a_coarse=ca, w_coarse=cw, backend="triton")
+  calls = []
+  orig = mg.scaled_matmul
+
+  def interpreted(*args, **kw):
+    calls.append(kw["vector_size"])
+    return orig(*args, **kw, interpret=True, config=mg.MgpuConfig(stages=2))
+  monkeypatch.setattr(mg, "available", lambda: True)
+  monkeypatch.setattr(mg, "kernel_self_test", lambda kind, v: True)
+  monkeypatch.setattr(mg, "scaled_matmul", interpreted)
+  mosaic = pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, a_coarse=ca, w_coarse=cw)
+  assert calls == [64]
+  ref = _reference(a, sa, w, sw, 64) * np.asarray(ca)[:, None] * np.asarray(cw)[None, :]
+  for out in (triton, mosaic):
+    assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
+  pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, block_m=32)   # a Triton knob keeps Triton
+  assert calls == [64]
+  with pytest.raises(ValueError, match="backend='mosaic' runs"):
+    pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, backend="mosaic", num_warps=4)
+  with pytest.raises(ValueError, match="backend"):
+    pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, backend="cuda")
+  monkeypatch.setattr(mg, "available", lambda: False)
+  with pytest.raises(ValueError, match="Hopper"):
+    pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, backend="mosaic")

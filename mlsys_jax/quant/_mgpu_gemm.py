@@ -13,17 +13,17 @@ scale blocks, partial sums promoted to float32 once per 128-element K block).
 
 How the kernel reaches the tensor cores (what the Triton kernel of :mod:`._pallas_gemm` cannot express):
 
-- one CTA computes a ``2 * tile_m x tile_n`` output tile with two *compute warpgroups* (``tile_m`` rows each)
-  and one *memory warpgroup* that streams the K blocks of A (``2 * tile_m x V``), W (``tile_n x V``, K-major as
+- one CTA computes a ``W * tile_m x tile_n`` output tile with ``W`` (2 or 3) *compute warpgroups* (``tile_m``
+  rows each) and one *memory warpgroup* that streams the K blocks of A (``W * tile_m x V``), W (``tile_n x V``, K-major as
   Hopper's 8-bit ``wgmma`` requires) and the two scale vectors into a ring of ``stages`` shared-memory slots
   with TMA (``plgpu.emit_pipeline_warp_specialized``);
 - per K block each compute warpgroup issues ``wgmma`` into a fresh register accumulator, waits for it, and
   folds it into its float32 accumulator with ``acc += P * sa[:, None] * sw[None, :]``. While one warpgroup
-  runs this epilogue on the CUDA cores the other's ``wgmma`` keeps the tensor cores busy (the two warpgroups
-  are scheduled independently), which is how the per-block promotion is hidden;
+  runs this epilogue on the CUDA cores another's ``wgmma`` keeps the tensor cores busy (the warpgroups are
+  scheduled independently), which is how the per-block promotion is hidden;
 - the float32 tile leaves through shared memory with a TMA store.
 
-Shapes must be multiples of the tile (``M % (2 * tile_m)``, ``N % tile_n``, ``K % V``): the public wrapper
+Shapes must be multiples of the tile (``M % (W * tile_m)``, ``N % tile_n``, ``K % V``): the public wrapper
 (:func:`scaled_matmul`) pads. Only NVIDIA Hopper (sm_90a) runs it; :func:`available` says whether this
 process can (a GPU of compute capability 9.x and a jax with Pallas Mosaic GPU).
 """
@@ -37,9 +37,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["MgpuConfig", "available", "scaled_matmul", "scaled_matmul_padded", "KINDS"]
+__all__ = ["MgpuConfig", "available", "kernel_self_test", "scaled_matmul", "scaled_matmul_padded", "KINDS",
+           "VECTOR_SIZES"]
 
 KINDS = ("fp8", "int8")
+VECTOR_SIZES = {"fp8": (128,), "int8": (64, 128)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,7 @@ class MgpuConfig:
   """Launch parameters of :func:`scaled_matmul_padded`.
 
   Attributes:
-    tile_m: rows per compute warpgroup (a multiple of 64); the CTA covers ``2 * tile_m`` rows.
+    tile_m: rows per compute warpgroup (a multiple of 64); the CTA covers ``compute_wgs * tile_m`` rows.
     tile_n: output columns per CTA (a multiple of 8, at most 256).
     stages: shared-memory slots of the TMA ring (K blocks in flight).
     grid_group: row tiles visited together (tile order for L2 reuse of the weight tiles).
@@ -57,6 +59,8 @@ class MgpuConfig:
     blocks_per_step: K blocks per pipeline step (1 or 2). With 2 a warpgroup issues both blocks' ``wgmma``
       into two accumulators, waits only for the first (``wait_n=1``) and scales it while the second is still
       on the tensor cores, so half the epilogues also overlap inside one warpgroup.
+    compute_wgs: compute warpgroups per CTA (2 or 3; with 3 a third warpgroup's products can run while two
+      scale theirs, at ~150 registers per thread).
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -64,6 +68,7 @@ class MgpuConfig:
   grid_group: int = 8
   convert: str = "cast"
   blocks_per_step: int = 1
+  compute_wgs: int = 2
 
 
 def available() -> bool:
@@ -102,7 +107,8 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   n = w_nk.shape[0]
   v = vector_size
   tm, tn, stages = config.tile_m, config.tile_n, config.stages
-  cta_m = 2 * tm
+  wgs = config.compute_wgs
+  cta_m = wgs * tm
   kind = "fp8" if a_codes.dtype == jnp.float8_e4m3fn else "int8"
   acc_dtype = jnp.float32 if kind == "fp8" else jnp.int32
   elem_bits = 8
@@ -190,7 +196,7 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
             plgpu.BlockSpec((bps, tn), lambda s: (s, 0)),
         ],
         wg_axis="wg",
-        num_compute_wgs=2,
+        num_compute_wgs=wgs,
         max_concurrent_steps=stages,
         compute_context=compute_context,
     )
@@ -199,10 +205,10 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   f = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
-      scratch_types=[plgpu.SMEM((2, tm, tn), jnp.float32, transforms=out_transforms)],
+      scratch_types=[plgpu.SMEM((wgs, tm, tn), jnp.float32, transforms=out_transforms)],
       grid=(m_tiles * n_tiles,),
       grid_names=("tiles",),
-      num_threads=3,
+      num_threads=wgs + 1,
       thread_name="wg",
       **({"interpret": _interpret_params()} if interpret else {}),
   )
@@ -238,6 +244,8 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   Raises:
     ValueError: wrong dtypes, shapes or vector size (the message names the argument).
   """
+  if (config or MgpuConfig()).compute_wgs not in (2, 3):
+    raise ValueError(f"config.compute_wgs must be 2 or 3, got {config.compute_wgs}")
   if (config or MgpuConfig()).blocks_per_step not in (1, 2):
     raise ValueError(f"config.blocks_per_step must be 1 or 2, got {config.blocks_per_step}")
   if (config or MgpuConfig()).convert not in ("cast", "magic"):
@@ -266,7 +274,7 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
                      f"{a_scale.shape} and {w_scale.shape}")
   cfg = config or MgpuConfig()
   g = _round_up(g, cfg.blocks_per_step)   # whole pipeline steps: zero blocks with zero scales add nothing
-  mp, np_, kp = _round_up(m, 2 * cfg.tile_m), _round_up(n, cfg.tile_n), g * v
+  mp, np_, kp = _round_up(m, cfg.compute_wgs * cfg.tile_m), _round_up(n, cfg.tile_n), g * v
   a_p = jnp.pad(a_codes, ((0, mp - m), (0, kp - k)))
   w_p = jnp.pad(w_nk, ((0, np_ - n), (0, kp - k)))
   g0 = a_scale.shape[1]
@@ -274,3 +282,53 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   sw_p = jnp.pad(w_scale.astype(jnp.float32), ((0, g - g0), (0, np_ - n)))
   out = scaled_matmul_padded(a_p, sa_t, w_p, sw_p, vector_size=v, config=cfg, interpret=interpret)
   return out[:m, :n]
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_self_test(kind: str, vector_size: int) -> bool:
+  """Once per process, kind and V: whether the kernel runs here and agrees with XLA on a ragged problem (several
+  tiles; M, N and K not multiples of the tiles). int8: XLA's exact int32 per-vector partial sums scaled in
+  float32, relative error < 1e-6; FP8: XLA's float32 product of the codes per block, < 2e-3 (Hopper's FP8
+  ``wgmma`` sums each block in a reduced-precision accumulator; 1.3e-4 at 8192^3). False off Hopper, or with a
+  warning on any compile error or mismatch; callers then keep the Triton kernel.
+
+  Example:
+    >>> kernel_self_test("fp8", 128)      # False off a Hopper GPU
+    False
+  """
+  import warnings
+  if kind not in KINDS or vector_size not in VECTOR_SIZES.get(kind, ()) or not available():
+    return False
+  try:
+    v = vector_size
+    m, n, k = 300, 200, 3 * v + 40
+    ks = jax.random.split(jax.random.PRNGKey(7), 4)
+    if kind == "fp8":
+      a = jax.random.normal(ks[0], (m, k)).astype(jnp.float8_e4m3fn)
+      w = jax.random.normal(ks[1], (k, n)).astype(jnp.float8_e4m3fn)
+    else:
+      a = jax.random.randint(ks[0], (m, k), -127, 128).astype(jnp.int8)
+      w = jax.random.randint(ks[1], (k, n), -127, 128).astype(jnp.int8)
+    g = -(-k // v)
+    sa = jax.random.uniform(ks[2], (m, g), minval=0.5, maxval=2.0)
+    sw = jax.random.uniform(ks[3], (g, n), minval=0.5, maxval=2.0)
+    out = jax.jit(functools.partial(scaled_matmul, vector_size=v))(a, sa, w, sw)
+    pad = g * v - k
+    a3 = jnp.pad(a, ((0, 0), (0, pad))).reshape(m, g, v)
+    w3 = jnp.pad(w, ((0, pad), (0, 0))).reshape(g, v, n)
+    if kind == "fp8":
+      a3, w3 = a3.astype(jnp.float32), w3.astype(jnp.float32)
+    p = jax.lax.dot_general(a3, w3, (((2,), (1,)), ((1,), (0,))),
+                            preferred_element_type=jnp.int32 if kind == "int8" else jnp.float32,
+                            precision=jax.lax.Precision.HIGHEST)          # (g, m, n)
+    ref = jnp.einsum("gmn,mg,gn->mn", p.astype(jnp.float32), sa, sw, precision=jax.lax.Precision.HIGHEST)
+    err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    ok = err < (1e-6 if kind == "int8" else 2e-3)
+    if not ok:
+      warnings.warn(f"Mosaic GPU {kind} GEMM (V={v}) disagrees with XLA (relative error {err:.2e}); using the "
+                    f"Triton kernel.")
+    return ok
+  except Exception as e:  # noqa: BLE001 - any compile/runtime problem: fall back, say why
+    warnings.warn(f"Mosaic GPU {kind} GEMM (V={vector_size}) unavailable ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]}); using the Triton kernel.")
+    return False
