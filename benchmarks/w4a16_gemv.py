@@ -86,6 +86,16 @@ SWEEP_S10_B1 = ("fmad:64:2:8:4:3:0:1:0:0:0,fmad2:64:1:8:2:3:0:1:0:0:0,fmad:64:2:
                 "fmad2:64:1:8:2:3:0:1:0:0:1,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:64:4:16:2:3:0:1:1:0:1,"
                 "fmad4:128:2:32:4:3:0:1:1:0:1,fmad4:128:4:16:4:3:0:1:1:0:1,fmad:64:2:32:4:3:0:1:1:0:1,"
                 "fmad2:32:4:16:1:3:0:1:1:0:1,fmad2:128:4:16:4:3:0:1:1:0:1,fmad2:64:1:64:2:3:0:1:1:0:1")
+# Run s10a (H200, 2026-12-03 14:35 UTC, w4a16_gemv_h200_s10a.json): one-step fmad2:64:2:32:2 with relaxed
+# adds 14.94 us at 8192x8192 (2.30x bf16; the same with acquire-release adds 17.54, the default 17.67, the
+# previous best 16.73 / 15.74 relaxed) and 42.80 us at 8192x28672 (2.57x). --s10b: that configuration
+# again with its neighbours (no peel: 77 registers and loads spread over the FMAs; 4 warps, 64 registers;
+# block_n 32, 4 KiB per program; two steps) and the previous bests, for a second run.
+SWEEP_S10B = ("fmad2:64:1:16:2:3:0:1:0:0:0,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:64:1:16:2:3:0:1:0:0:1,"
+              "fmad2:64:2:32:2:3:0:1:0:0:1,fmad2:64:2:32:4:3:0:1:1:0:1,fmad2:32:2:32:2:3:0:1:1:0:1,"
+              "fmad2:64:1:32:2:3:0:1:1:0:1,fmad2:128:2:32:4:3:0:1:1:0:1")
+SWEEP_S10B_B1 = ("fmad2:64:1:8:2:3:0:1:0:0:0,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:64:1:8:2:3:0:1:0:0:1,"
+                 "fmad2:64:2:32:2:3:0:1:0:0:1,fmad2:64:2:32:4:3:0:1:1:0:1,fmad2:32:2:32:2:3:0:1:1:0:1")
 
 
 def _extra(ap):
@@ -111,6 +121,7 @@ def _extra(ap):
   ap.add_argument("--public", action="store_true",
                   help="also time the public path with its default launch parameters (config 'public')")
   ap.add_argument("--s10", action="store_true", help="--configs SWEEP_S10 --configs_b1 SWEEP_S10_B1")
+  ap.add_argument("--s10b", action="store_true", help="--configs SWEEP_S10B --configs_b1 SWEEP_S10B_B1")
   ap.add_argument("--device_rounds", type=int, default=3,
                   help="rounds of the profiler pass (device time per launch of every method); 0: skip")
 
@@ -216,6 +227,8 @@ def main():
     reps0, repeats = args.reps, args.repeats
     if args.s10:
       args.configs, args.configs_b1 = SWEEP_S10, SWEEP_S10_B1
+    if args.s10b:
+      args.configs, args.configs_b1 = SWEEP_S10B, SWEEP_S10B_B1
     sweep, sweep_b1, other = _parse(args.configs), _parse(args.configs_b1), _parse(args.other_configs)
     gs = args.group_size
   t_start = time.time()
