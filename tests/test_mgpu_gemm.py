@@ -58,16 +58,17 @@ def test_interpreter_matches_float64(kind, v, shape, convert, bps):
 @pytest.mark.parametrize("kind,v,convert,bps", [("fp8", 128, "cast", 1), ("int8", 64, "cast", 1),
                                                 ("int8", 64, "magic", 1), ("int8", 128, "cast", 1),
                                                 ("fp8", 128, "cast", 2), ("int8", 64, "magic", 2),
-                                                ("fp8", 128, "cast", -3)])
+                                                ("fp8", 128, "cast", -3), ("int8", 64, "cast", -2)])
 def test_lowers_for_cuda(kind, v, convert, bps):
-  """(bps -3: one block per step, three compute warpgroups)"""
+  """(bps -3: one block per step, three compute warpgroups; -2: clusters of two CTAs sharing W by TMA
+  multicast, which the interpreter cannot run: its numbers are checked on the GPU by the benchmark)"""
   """The Mosaic GPU program is built for CUDA on this CPU (layouts, wgmma operand types, TMA transforms)."""
   dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
   m = n = k = 512
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
            jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
   cfg = mg.MgpuConfig(convert=convert, blocks_per_step=max(bps, 1), compute_wgs=3 if bps == -3 else 2,
-                      stages=3 if bps == -3 else 4)
+                      stages=3 if bps == -3 else 4, cluster_m=2 if bps == -2 else 1)
   m = 3 * 64 * 2 if bps == -3 else m
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32)) + specs[2:]
   f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
@@ -89,6 +90,8 @@ def test_bad_input():
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, w_layout="mk")
   with pytest.raises(ValueError, match="tile_m"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(tile_m=32))
+  with pytest.raises(ValueError, match="cluster_m"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(cluster_m=4))
   with pytest.raises(ValueError, match="compute_wgs"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(compute_wgs=4))
   with pytest.raises(ValueError, match="blocks_per_step"):

@@ -61,6 +61,8 @@ class MgpuConfig:
       on the tensor cores, so half the epilogues also overlap inside one warpgroup.
     compute_wgs: compute warpgroups per CTA (2 or 3; with 3 a third warpgroup's products can run while two
       scale theirs, at ~150 registers per thread).
+    cluster_m: 1, or 2: CTAs in clusters of two along M that share every weight block through a TMA multicast
+      (one L2 read of each W tile per pair instead of two).
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -69,6 +71,7 @@ class MgpuConfig:
   convert: str = "cast"
   blocks_per_step: int = 1
   compute_wgs: int = 2
+  cluster_m: int = 1
 
 
 def available() -> bool:
@@ -117,9 +120,11 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   out_swizzle = plgpu.find_swizzle(tn * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
   bps = config.blocks_per_step
+  cm = config.cluster_m
   m_tiles, n_tiles, k_steps = m // cta_m, n // tn, k // (v * bps)
   stages = min(stages, k_steps)   # a ring longer than the K loop never fills (the pipeline would wait forever)
-  group = max(1, min(config.grid_group, m_tiles))
+  m_units = m_tiles // cm         # row tiles, or pairs of row tiles (one cluster) with cluster_m=2
+  group = max(1, min(config.grid_group, m_units))
 
   def kernel(a_gmem, sa_gmem, w_gmem, sw_gmem, out_gmem, out_smem):
     wg = lax.axis_index("wg")
@@ -128,9 +133,11 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
     per_group = group * n_tiles
     g_idx = lin // per_group
     first_m = g_idx * group
-    rows_here = jnp.minimum(m_tiles - first_m, group)
+    rows_here = jnp.minimum(m_units - first_m, group)
     mi = first_m + (lin % per_group) % rows_here
     ni = (lin % per_group) // rows_here
+    if cm > 1:
+      mi = mi * cm + lax.axis_index("cluster")
     m_sl = pl.ds(mi * cta_m, cta_m)
     n_sl = pl.ds(ni * tn, tn)
     wg_rows = pl.ds(wg * tm, tm)
@@ -192,7 +199,8 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
         in_specs=[
             plgpu.BlockSpec((cta_m, v * bps), lambda s: (0, s), transforms=transforms),
             plgpu.BlockSpec((bps, cta_m), lambda s: (s, 0)),
-            plgpu.BlockSpec((tn, v * bps), lambda s: (0, s), transforms=transforms),
+            plgpu.BlockSpec((tn, v * bps), lambda s: (0, s), transforms=transforms,
+                            collective_axes=("cluster",) if cm > 1 else ()),
             plgpu.BlockSpec((bps, tn), lambda s: (s, 0)),
         ],
         wg_axis="wg",
@@ -206,8 +214,9 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
       scratch_types=[plgpu.SMEM((wgs, tm, tn), jnp.float32, transforms=out_transforms)],
-      grid=(m_tiles * n_tiles,),
+      grid=(m_units * n_tiles,),
       grid_names=("tiles",),
+      **({"cluster": (cm,), "cluster_names": ("cluster",)} if cm > 1 else {}),
       num_threads=wgs + 1,
       thread_name="wg",
       **({"interpret": _interpret_params()} if interpret else {}),
@@ -244,6 +253,8 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   Raises:
     ValueError: wrong dtypes, shapes or vector size (the message names the argument).
   """
+  if (config or MgpuConfig()).cluster_m not in (1, 2):
+    raise ValueError(f"config.cluster_m must be 1 or 2, got {config.cluster_m}")
   if (config or MgpuConfig()).compute_wgs not in (2, 3):
     raise ValueError(f"config.compute_wgs must be 2 or 3, got {config.compute_wgs}")
   if (config or MgpuConfig()).blocks_per_step not in (1, 2):
@@ -274,7 +285,7 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
                      f"{a_scale.shape} and {w_scale.shape}")
   cfg = config or MgpuConfig()
   g = _round_up(g, cfg.blocks_per_step)   # whole pipeline steps: zero blocks with zero scales add nothing
-  mp, np_, kp = _round_up(m, cfg.compute_wgs * cfg.tile_m), _round_up(n, cfg.tile_n), g * v
+  mp, np_, kp = _round_up(m, cfg.compute_wgs * cfg.tile_m * cfg.cluster_m), _round_up(n, cfg.tile_n), g * v
   a_p = jnp.pad(a_codes, ((0, mp - m), (0, kp - k)))
   w_p = jnp.pad(w_nk, ((0, np_ - n), (0, kp - k)))
   g0 = a_scale.shape[1]
