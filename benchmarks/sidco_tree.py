@@ -100,7 +100,8 @@ def _flags(ap):
                        "(dus's zero buffer a fill of its own, or fused into the first chunk's write), narrowseg/wideseg = "
                        "sparse._SEG_KEY (the per-segment sorts' second key uint8/uint16, or int32), two/groups/dus = "
                        "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
-                       "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own); with bits only: a number = search ways, pallas/xla/bisect = the "
+                       "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
+                       "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
@@ -269,6 +270,7 @@ def main():
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
   ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
+  kthkeys0 = sp._KTH_KEYS_ONLY
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -283,6 +285,7 @@ def main():
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
+    sp._KTH_KEYS_ONLY = kthkeys0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -300,6 +303,8 @@ def main():
         sp._GROUP_LEAVES = int(tok[1:])
       elif tok in ("trimskip", "notrimskip"):
         sp._TRIM_SKIP = tok == "trimskip"
+      elif tok in ("kthkeys", "kthpairs"):
+        sp._KTH_KEYS_ONLY = tok == "kthkeys"
       elif tok in ("narrowseg", "wideseg"):
         sp._SEG_KEY = "narrow" if tok == "narrowseg" else "int32"
       elif tok in ("zfill", "zfused"):
@@ -317,7 +322,7 @@ def main():
     row["exact_search"], row["exact_fit"] = sp._EXACT_SEARCH, sp._EXACT_FIT
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
-    row["seg_key"], row["group_size"] = sp._SEG_KEY, sp._GROUP_SIZE
+    row["seg_key"], row["group_size"], row["kth_keys_only"] = sp._SEG_KEY, sp._GROUP_SIZE, sp._KTH_KEYS_ONLY
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

@@ -237,11 +237,17 @@ def test_kth_blocks_is_closed_form_per_segment(per_tensor, ratio):
   lay, flat, segs = _kth_case(per_tensor, ratio)
   bmax = sp._block_stats(jnp.abs(flat))[2]
   k_max = np.array([max(1, round(ratio * n)) for n in lay.seg_n])
-  fn = jax.jit(lambda f, b, kk: sp._seg_kth_blocks(f, b, lay, kk, k_max))
-  for k in (k_max, np.maximum(1, k_max // 3)):
-    got = np.asarray(fn(flat, bmax, jnp.asarray(k, jnp.int32)))
-    ref = np.array([_prev_kth(s[None], np.array([kk]))[0] for s, kk in zip(segs, k)])
-    np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
+  for keys_only in (False, True):   # (the third level's sort of the keys alone: one segment only)
+    sp_keys = sp._KTH_KEYS_ONLY
+    sp._KTH_KEYS_ONLY = keys_only
+    try:
+      fn = jax.jit(lambda f, b, kk: sp._seg_kth_blocks(f, b, lay, kk, k_max))
+      for k in (k_max, np.maximum(1, k_max // 3)):
+        got = np.asarray(fn(flat, bmax, jnp.asarray(k, jnp.int32)))
+        ref = np.array([_prev_kth(s[None], np.array([kk]))[0] for s, kk in zip(segs, k)])
+        np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
+    finally:
+      sp._KTH_KEYS_ONLY = sp_keys
 
 
 @pytest.mark.parametrize("trim,base", [("sort", "fused"), ("quota", "fill")])

@@ -1103,6 +1103,9 @@ _EXACT_SEARCH = "blocks"
 # unless command buffers are on).
 _EXACT_FIT = False
 _SUB = 8   # entries per sub-block in _seg_kth_blocks's second level
+# _seg_kth_blocks's third level with one segment: a sort of the keys alone (only the k-th value is read, not
+# its slot: no payload to move) instead of the (key, slot) sort. The same threshold.
+_KTH_KEYS_ONLY = False
 # Skip the correction stage's sort (under lax.cond) on steps where no segment selected more than its k: the
 # payload's first slots are then the answer (the same payload). With the search's thresholds only ties at
 # the cut select more than k. Read only with _TRIM = "sort".
@@ -1167,6 +1170,12 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max):
   ent = jnp.where(ok2[:, None], sub[sb], 0.0).reshape(-1)                   # (sum c2 * 8,)
   # level 3: the k-th largest entry per segment
   c3 = c2 * _SUB
+  if _KTH_KEYS_ONLY and len(c3) == 1:   # only the k-th value: sort the magnitudes' bits descending, no slots
+    desc = jnp.uint32(0x7FFFFFFF) - jax.lax.bitcast_convert_type(ent, jnp.uint32)
+    d_s = jax.lax.sort(desc)
+    kd = d_s[jnp.clip(jnp.asarray(k, jnp.int32), 1, int(c3[0])) - 1]
+    bits = jax.lax.bitcast_convert_type(jnp.uint32(0x7FFFFFFF) - kd, jnp.int32)
+    return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
   seg3 = np.repeat(np.arange(len(c3), dtype=np.int32), c3)
   _, slot_s = _sort_seg_desc(jnp.asarray(seg3) if len(c3) > 1 else jnp.zeros((ent.shape[0],), jnp.int32),
                              ent, jnp.arange(ent.shape[0], dtype=jnp.int32), len(c3))
