@@ -349,6 +349,17 @@ def main():
         # the public path with the other draw evaluation
         cands.append((f"inject_bit_errors (public path, draw={dr})", (
             "u8", lambda c, k, dr=dr: be._inject(k, c, p, 8, draw=dr), "public")))
+      if args.s10b or args.small:   # diagnostics, same bits: 'lean' at the default tile without one of its parts
+        for part in pb.LEAN_PARTS:
+          def ablate(c, k, part=part, inner=kernel_step("binomial", 256, None, False, 1, 3, "lean")):
+            old = pb.LEAN_PARTS[part]
+            pb.LEAN_PARTS[part] = False
+            try:
+              return inner(c, k)
+            finally:
+              pb.LEAN_PARTS[part] = old
+          cands.append((f"{_name('binomial', 256, None, False, 1, 3, 'lean')} without {part}",
+                        ("u8", ablate, "binomial")))
       if args.philox5 or args.small:   # diagnostic, different bits: Philox-2x32 at 5 rounds (its cost, halved)
         def half(c, k, inner=kernel_step("binomial", 256, None, False, 1, 3)):
           old, pb._ROUNDS2 = pb._ROUNDS2, 5

@@ -88,6 +88,9 @@ DRAW = "popc"      # how 'binomial' evaluates its draws: 'take', 'popc' or 'popc
                    # 2026-12-03, two runs: default tile 'popc' 26.11/26.21 us vs 'take' 27.23/27.25 us
 DRAWS = ("take", "popc", "popcx", "lean", "leanf")   # 'lean'/'leanf' (session 10): comparisons, same bits
 _LEAN = ("lean", "leanf")
+# The parts of 'lean' (measurement switches, read at trace time; none changes the bits): lane bits by the
+# funnel shift, the early-stop test as a sum, the rare path's Philox counter kept loop-variant.
+LEAN_PARTS = {"wrap": True, "sum": True, "nohoist": True}
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
 HASHES = ("philox", "philox7", "threefry")
@@ -368,7 +371,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       mm, *st, g = c
       # 'lean': the word counter made loop-variant with a zero the compiler cannot fold (mm < 2^20), so
       # that the first rounds (which do not depend on m) are not hoisted into the common path
-      wi = word_idx | (mm >> _U32(24)) if draw in _LEAN else word_idx
+      wi = word_idx | (mm >> _U32(24)) if draw in _LEAN and LEAN_PARTS["nohoist"] else word_idx
       more = philox4x32(k0, k1, wi, jnp.full(word_idx.shape, mm, _U32), zero, zero, asm=asm)
       *st, g = consume(more, 4 * per_word, *st, needed=g)
       return (mm + _U32(1), *st, g)
@@ -431,7 +434,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       words (the others). The same sets as 'popc' with pre = 3: C = 1: draw 0; C = 2: draws 0, 1 if
       distinct, else 0 and 2; C = 3: all three if distinct."""
       fma = draw == "leanf"                   # integer work moved from the ALU pipe to the FMA pipe
-      if asm and bits == width and db == 5:   # 1 << (v mod 32) in one funnel shift (PTX shf.l.wrap)
+      if asm and bits == width and db == 5 and LEAN_PARTS["wrap"]:   # 1 << (v mod 32): one shf.l.wrap
         def shifted(j):                        # d >> 5j; 'leanf': the high half of d * 2^(32 - 5j)
           return d if j == 0 else _mulhilo_asm(d, 1 << (32 - db * j))[0] if fma else d >> _U32(db * j)
 
@@ -478,7 +481,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
         short = short | (u < thr(npc))
     # 'lean', compiled: the early-stop test as a sum over the tile (LLVM turns a max of 0/1 flags into
     # more ALU operations); elsewhere the max (a sum over a whole XLA array could overflow int32)
-    lean_sum = draw in _LEAN and asm
+    lean_sum = draw in _LEAN and asm and LEAN_PARTS["sum"]
     go = (jnp.sum(short.astype(jnp.int32)) > 0 if lean_sum else any_(short)) & ~always
     if draw == "popcx":                         # flat: the loops follow (each runs 0 times when not go)
       chosen = jnp.where(go, finish(cnt, go), chosen)
