@@ -134,3 +134,31 @@ def test_public_dispatch(monkeypatch):
   monkeypatch.setattr(mg, "available", lambda: False)
   with pytest.raises(ValueError, match="Hopper"):
     pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, backend="mosaic")
+
+
+def test_self_test_runs_outside_traces(monkeypatch):
+  """The once-per-process self-test may first be reached while a user's function is being traced (a jitted
+  layer): it must still compile and compare on concrete arrays (session 10's first GPU run cached False
+  because it ran inside the trace), and it must reject a kernel that computes something else."""
+  orig = mg.scaled_matmul
+  monkeypatch.setattr(mg, "available", lambda: True)
+  monkeypatch.setattr(mg, "scaled_matmul",
+                      lambda *a, **kw: orig(*a, **kw, interpret=True, config=mg.MgpuConfig(stages=2)))
+  seen = []
+
+  @jax.jit
+  def traced(x):
+    seen.append(mg.kernel_self_test.__wrapped__("int8", 64))
+    return x + 1
+  traced(jnp.ones(2))
+  assert seen == [True]
+  monkeypatch.setattr(mg, "scaled_matmul", lambda *a, **kw: orig(*a, **kw, interpret=True,
+                                                                  config=mg.MgpuConfig(stages=2)) * 1.001)
+  with pytest.warns(UserWarning, match="disagrees"):
+    assert not mg.kernel_self_test.__wrapped__("int8", 64)
+  assert not mg.kernel_self_test.__wrapped__("int8", 32)     # V the kernel does not run
+
+
+def test_default_config():
+  assert mg.default_config("int8", 64).blocks_per_step == 2
+  assert mg.default_config("fp8", 128) == mg.MgpuConfig()
