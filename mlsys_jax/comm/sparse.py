@@ -21,8 +21,8 @@ Exact counts (``sidco(exact=True)``, the transform's default) send Top-k's set o
 segment in ``k`` slots, and no estimator runs: each segment's ``k``-th largest magnitude is found by a
 block select (sorts of the 64-entry block maxima from the statistics pass, of 8-entry sub-block maxima
 and of the candidate entries; no counting pass over the gradient), the segment is packed above the
-float just below it, and only magnitudes tied at the cut are trimmed back to ``k`` (a sort of the
-payload's slots). Running the fit first cannot change that payload and cost time (docs/comm.md,
+float just below it, and only magnitudes tied at the cut are trimmed back to ``k`` (prefix counts over
+the payload's slots: no sort, no conditional). Running the fit first cannot change that payload and cost time (docs/comm.md,
 "sidco(exact=True) finds Top-k's set without the fit"). SIDCo's estimator is ``exact=False``: the
 closed-form thresholds above decide the count, with the floor and ceiling below:
 
@@ -708,8 +708,9 @@ _GROUP_LEAVES = 24
 # The zero buffer that "dus" writes its chunks into: "fused" (XLA fuses it with the first chunk's write into
 # one pad fusion over the whole buffer: 0.121 ms per update on an H200 at 25.6M entries, session 9, for a first
 # chunk of 155k entries) or "fill" (a separate fill behind ``lax.optimization_barrier``, so the first chunk is
-# written in place like the others). The same buffer bitwise.
-_DUS_BASE = "fused"
+# written in place like the others; 0.031 ms). The same buffer bitwise. With "quota": 0.794 / 0.789 ms per
+# update against 0.877 (sidco_tree_s10a_h200.json, s10b).
+_DUS_BASE = "fill"
 # Chunks by size as well (0: off): a piece of at least this many entries is a chunk of its own (one in-place
 # write of that leaf alone, no concatenation), the smaller ones are grouped by ``_GROUP_LEAVES`` between them.
 _GROUP_SIZE = 0
@@ -1114,8 +1115,10 @@ _TRIM_SKIP = True
 # to Top-k's set: "quota" (:func:`_seg_quota`: the entries above the k-th largest plus the first
 # ``k - #above`` tied ones in index order, counted by prefix sums over the payload's slots; no sort, no
 # ``lax.cond``) or "sort" (:func:`_seg_trim`: one sort of the payload's slots, under ``lax.cond`` with
-# ``_TRIM_SKIP``; the path of sessions 8-9). The same payload bitwise.
-_TRIM = "sort"
+# ``_TRIM_SKIP``; the path of sessions 8-9). The same payload bitwise. H200, ResNet-50 tree, ratio 0.001:
+# 0.877 ms per update against 1.016 / 1.010 with "sort" (two runs, benchmarks/results/sidco_tree_s10a_h200.json,
+# s10b: the conditional's idle gap, 0.23 ms, mostly gone).
+_TRIM = "quota"
 
 
 def _seg_first_k_slots(vals, seg_sizes, k, k_cap):
@@ -1207,8 +1210,9 @@ _TRIM_SORT = "radix"
 # The key of the second stable sort of :func:`_sort_seg_desc` (several segments; the block select's three
 # levels with ``per_tensor=True``, and the sort trim): "int32" or "narrow" (uint8 below 255 segments, else
 # uint16 below 65535: a radix sort of 1 or 2 byte-digit passes instead of 4, if XLA's sort rewriter takes the
-# narrow key to cub). The same order.
-_SEG_KEY = "int32"
+# narrow key to cub: it does, per tensor 36 sort kernels 0.243 ms -> 27, 0.174 ms). The same order.
+# per_tensor=True with quota and fill: 0.828 / 0.820 ms against 0.931 / 0.917 (sidco_tree_s10a/b_h200.json).
+_SEG_KEY = "narrow"
 
 
 def _sort_seg_desc(seg, a, slot, num_segments: int):
@@ -2028,8 +2032,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       maxima picks ``k`` blocks per segment, a sort of their 8-entry sub-block maxima ``k`` sub-blocks,
       a sort of those ``8 k`` entries the ``k``-th), the segment is packed above the float
       just below it (one packing, as the estimator's), and a segment that selected more than ``k``
-      (magnitudes tied at the cut) is cut back to its ``k`` largest by one sort of the payload's slots,
-      only on such steps. ``distribution``, ``stages``, ``first_ratio``, ``adapt_every``,
+      (magnitudes tied at the cut) is cut back to its ``k`` largest, in index order among the tied ones, by
+      prefix counts over the payload's slots (no sort, no conditional). ``distribution``, ``stages``, ``first_ratio``, ``adapt_every``,
       ``tolerance``, ``min_fraction``, ``max_fraction`` and ``overshoot`` then change nothing that is
       sent. The set is the top-k of sidco's own error-compensated buffer ``gradient + residual``, written
       leaf by leaf in place (``_SUM_FLATTEN = "dus"``): for gradients that are materialized before the
@@ -2074,13 +2078,14 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   ``exact``: the block select's three small sorts; without: the fit, from reshapes and one small gather),
   one packing with per-segment thresholds, one collective, and one elementwise pass per leaf for its
   residual and output (an entry was sent iff it is above its segment's threshold and not after the last
-  packed index). No Python loop of kernels over leaves; deterministic. On an H200 (ResNet-50's
-  161 leaves, 25.56M float32, ratio 0.001, device time per update in a 20-update loop; session 9, two
-  runs, ``benchmarks/results/sidco_tree_s9_h200.json`` and ``sidco_tree_s9b_h200.json``): the defaults
-  1.014 / 1.016 ms (per tensor 1.118 / 1.290), the fit-first path of before 1.441 / 1.435 ms, ``topk``
-  1.662 / 1.660 ms (1.64x / 1.63x); the payloads bitwise those of the old path over the loop. In
-  ``optax.chain(..., optax.adam(1e-3))`` the compressor's share is 0.865 ms against ``topk``'s 1.370
-  (``sidco_chain_s9_h200.json``).
+  packed index). No Python loop of kernels over leaves (with ``exact``, no conditional); deterministic. On an H200
+  (ResNet-50's 161 leaves, 25.56M float32, ratio 0.001, device time per update in a 20-update loop;
+  session 10, two runs, ``benchmarks/results/sidco_tree_s10a_h200.json`` and ``sidco_tree_s10b_h200.json``):
+  the defaults (tie cut by prefix counts, the buffer's zeros a fill of their own, narrow segment keys)
+  0.794 / 0.789 ms, per tensor 0.828 / 0.820, against session 9's defaults 1.016 / 1.010 (per tensor
+  1.091 / 1.115) and ``topk`` 1.686 / 1.683 ms (2.12x / 2.13x; per tensor 2.04x / 2.05x); every loop
+  bitwise that of session 9's defaults. In ``optax.chain(..., optax.adam(1e-3))`` session 9's defaults
+  cost 0.865 ms for the compressor against ``topk``'s 1.370 (``sidco_chain_s9_h200.json``; not re-run).
 
   Example:
     >>> tx = optax.chain(sidco(0.001), optax.adam(1e-3))          # Top-k's set, no fit
