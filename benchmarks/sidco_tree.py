@@ -11,8 +11,9 @@ host time excluded). ``busy_s``: the sum of kernel durations / steps; ``kernels`
 Rows (all in the same run):
 
 - ``sidco(0.001)`` and ``sidco(0.001, per_tensor=True)`` (the defaults: ``exact=True``, which since session 9
-  finds every segment's k-th largest by the block select with no SIDCo fit, skips the trim's sort without
-  ties and writes the error-compensated buffer in place, ``dus``), the transform the package exports, and
+  finds every segment's k-th largest by the block select with no SIDCo fit, cuts ties at the cut by prefix
+  counts (since session 10; no sort, no conditional) and writes the error-compensated buffer in place, ``dus``,
+  into a zero fill of its own), the transform the package exports, and
   ``--variants`` of them (module switches of :mod:`mlsys_jax.comm.sparse`), each checked bitwise equal over
   the whole loop to the row without brackets (``loop_same_as_default``). The default variants are the path
   before session 9, ``[bits fit notrimskip two]`` (the fit first, the 8-way bit search on the steps where it
