@@ -244,11 +244,17 @@ def test_self_test_and_default_config():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert wo.kernel_self_test()
-  assert pg.default_config(1, 8192, 8192, 64)["variant"] == "fmad"     # CUDA cores at batch 1-2,
+  assert pg.default_config(1, 8192, 8192, 64)["variant"] == "fmad2"    # CUDA cores at batch 1-2,
   assert pg.default_config(2, 8192, 8192, 64)["variant"] == "fma"
   assert pg.default_config(16, 8192, 8192, 64)["variant"] == "dot"     # tensor cores above
   cfg = pg.default_config(1, 8192, 8192, 64)
   assert (8192 // pg.BLOCK_K) % (cfg["split_k"] * cfg["blocks_per_step"]) == 0 and 64 % cfg["split_k"] == 0
+  # Batch 1: one step per program (split_k * blocks_per_step = K's blocks), step 0 peeled, relaxed adds;
+  # a K too long for one step loops without the peel; narrow N falls back to 'fmad'.
+  assert cfg["split_k"] * cfg["blocks_per_step"] == 64 and cfg["peel"] and cfg["relaxed"] and cfg["atomic"]
+  cfg = pg.default_config(1, 28672, 8192, 224)
+  assert cfg["split_k"] == 32 and cfg["blocks_per_step"] == 1 and not cfg["peel"]
+  assert pg.default_config(1, 1024, 16, 8)["variant"] == "fmad"
   cfg = pg.default_config(16, 384, 20, 3)           # 3 blocks: nothing but 1 divides them
   assert cfg["blocks_per_step"] == 1 and cfg["split_k"] == 1 and cfg["block_n"] <= 32
   assert cfg["variant"].startswith("dot")

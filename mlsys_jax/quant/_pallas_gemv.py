@@ -66,24 +66,28 @@ VARIANTS = ("fma", "fmad", "fmad2", "fmad4", "fma_shift", "dot", "dotb", "dot_sh
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
-# The launch parameters used when none are given, by batch, from the H200 sweeps of 2026-12-02
-# (jax 0.11.2, benchmarks/w4a16_gemv.py, device time per launch from the profiler; docs/weight_only.md).
-# Batch 1: 'fmad' (one AND + one FMA per weight), block_n 64, 2 blocks per step, split K by atomic adds,
-# split_k the power of two reaching about TARGET_PROGRAMS programs, at least 8 and at most 16 (8 at
-# 8192x8192 and 8192x28672): 17.6 and 17.7 us at 8192x8192 in the runs of 21:00 and 21:45 UTC against
-# 19.5 us for the previous default ('fma:64:2:16'), 51.1 and 51.3 us at 8192x28672 (58.6 and 58.0).
-# Batch 2: 'fma' with split_k for about 2048 programs (the best or within 1% at batch 2 in both runs:
-# a second FMA per weight outweighs 'fmad's saving). Batch 3-16: the tensor-core kernel,
-# dot:256:1:4:8:3 with prefetch (best at batch 4 and 16 of 8192x8192, within 5% at 8192x28672).
-_DEFAULT_B1 = dict(variant="fmad", block_n=64, blocks_per_step=2, split_k=16, num_warps=4,
-                   num_stages=3, prefetch=False, atomic=True)
+# The launch parameters used when none are given, by batch, from the H200 sweeps (jax 0.11.2,
+# benchmarks/w4a16_gemv.py, device time per launch from the profiler; docs/weight_only.md).
+# Batch 1 (runs s10a and s10b of 2026-12-03): 'fmad2' in ONE-STEP programs: each program covers
+# blocks_per_step = 2 K blocks (8 KiB of words at block_n 64), split_k = K's blocks / 2 (at most
+# MAX_SPLIT_B1), step 0's loads issued ahead of the activation prologue (peel; all weight loads before
+# the first barrier in the sm_90a SASS, where a looped program has ptxas issue part of them between the
+# FMAs), the split-K sum by relaxed atomic adds (REDG, no L1 flush): 14.9 us at 8192x8192 against 17.7
+# us for the previous default ('fmad:64:2:8', acquire-release adds), 42.8 us at 8192x28672 (51.2).
+# Where K's blocks do not allow one step (more than MAX_SPLIT_B1 * 2 blocks, or splits limited by the
+# scale groups) the program loops, without the peel (it costs registers in a loop).
+# Batch 2: 'fma' with split_k for about 2048 programs (the best or within 1% at batch 2 in both runs
+# of 2026-12-02: a second FMA per weight outweighs 'fmad's saving). Batch 3-16: the tensor-core
+# kernel, dot:256:1:4:8:3 with prefetch (best at batch 4 and 16 of 8192x8192, within 5% at 8192x28672).
+_DEFAULT_B1 = dict(variant="fmad2", block_n=64, blocks_per_step=2, split_k=32, num_warps=2,
+                   num_stages=3, prefetch=False, atomic=True, peel=True, relaxed=True)
 _DEFAULT_SMALL = dict(variant="fma", block_n=64, blocks_per_step=2, split_k=16, num_warps=4,
                       num_stages=3, prefetch=False)
 _DEFAULT_LARGE = dict(variant="dot", block_n=256, blocks_per_step=1, split_k=4, num_warps=8,
                       num_stages=3, prefetch=True)
 SMALL_BATCH = 2                # batches up to this use the CUDA-core kernels
-TARGET_PROGRAMS = {1: 1024, 2: 2048}   # batch <= 2: split_k = the power of two reaching this, at most 16
-MIN_SPLIT_B1 = 8
+TARGET_PROGRAMS = {2: 2048}    # batch 2: split_k = the power of two reaching this, at most 16
+MAX_SPLIT_B1 = 32
 
 
 def on_gpu() -> bool:
@@ -102,27 +106,35 @@ def _pow2(x: int) -> int:
 
 def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
   """Launch parameters for ``(batch, K) @ (K, N)`` with ``groups`` scale groups along K: the tuned
-  defaults (``split_k`` per shape at batch <= 2, see ``TARGET_PROGRAMS``), ``block_n`` shrunk for narrow
-  N, ``split_k`` and ``blocks_per_step`` halved until they divide K's 128-blocks (and ``split_k`` the
-  groups).
+  defaults (batch 1: one-step programs, ``split_k`` = K's blocks over ``blocks_per_step``; batch 2:
+  ``split_k`` per shape, see ``TARGET_PROGRAMS``), ``block_n`` shrunk for narrow N (batch 1 falls back
+  to ``'fmad'`` below 32 columns), ``split_k`` and ``blocks_per_step`` halved until they divide K's
+  128-blocks (and ``split_k`` the groups).
 
   Example:
-    >>> [(c["variant"], c["split_k"]) for c in (default_config(1, 8192, n) for n in (8192, 28672))]
-    [('fmad', 8), ('fmad', 8)]
+    >>> [(c["variant"], c["split_k"], c["blocks_per_step"]) for c in (default_config(1, 8192, n)
+    ...                                                           for n in (8192, 28672))]
+    [('fmad2', 32, 2), ('fmad2', 32, 2)]
     >>> default_config(2, 8192, 8192)["variant"], default_config(16, 8192, 8192)["variant"]
     ('fma', 'dot')
   """
   small = batch <= SMALL_BATCH
   cfg = dict(_DEFAULT_B1 if batch == 1 else _DEFAULT_SMALL if small else _DEFAULT_LARGE)
   cfg["block_n"] = min(cfg["block_n"], max(16, _pow2(n)))
-  if small:
-    split = _pow2(-(-TARGET_PROGRAMS[batch] // -(-n // cfg["block_n"])))
-    cfg["split_k"] = min(cfg["split_k"], max(split, MIN_SPLIT_B1 if batch == 1 else 1))
   nb = k // BLOCK_K
+  if batch == 1:
+    if cfg["block_n"] < 32:
+      cfg["variant"] = "fmad"                     # 'fmad2' needs two sub-tiles of >= 16 columns
+    cfg["split_k"] = min(MAX_SPLIT_B1, _pow2(max(1, nb // cfg["blocks_per_step"])))
+  elif small:
+    split = _pow2(-(-TARGET_PROGRAMS[batch] // -(-n // cfg["block_n"])))
+    cfg["split_k"] = min(cfg["split_k"], max(split, 1))
   while cfg["split_k"] > 1 and (nb % cfg["split_k"] or groups % cfg["split_k"]):
     cfg["split_k"] //= 2
   while cfg["blocks_per_step"] > 1 and (nb // cfg["split_k"]) % cfg["blocks_per_step"]:
     cfg["blocks_per_step"] //= 2
+  if batch == 1:
+    cfg["peel"] = nb == cfg["split_k"] * cfg["blocks_per_step"]     # one step per program
   return cfg
 
 
@@ -400,9 +412,11 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   n = words.shape[1]
   group_size = k // scales.shape[0]
   cfg = default_config(b, k, n, scales.shape[0])
+  bn = block_n or cfg["block_n"]
+  if variant is None and cfg["variant"] in ("fmad2", "fmad4") and bn < 16 * int(cfg["variant"][4:]):
+    variant = "fmad"                 # the default's sub-tiles do not fit a narrow block_n given by hand
   variant = variant or cfg["variant"]
   check_choice("variant", variant, VARIANTS)
-  bn = block_n or cfg["block_n"]
   bps = blocks_per_step or cfg["blocks_per_step"]
   sk = split_k or cfg["split_k"]
   nw, ns = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
@@ -426,7 +440,8 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   pf = int(cfg["prefetch"] if prefetch is None else prefetch)
   check_int("prefetch", pf, 0, 2)
   at = cfg.get("atomic", False) if atomic is None else bool(atomic)
-  pe = cfg.get("peel", False) if peel is None else bool(peel)
+  # The default peel applies to one-step programs only (in a loop it costs registers).
+  pe = (cfg.get("peel", False) and nb == sk * bps) if peel is None else bool(peel)
   ls = cfg.get("loop_stages", 0) if loop_stages is None else loop_stages
   check_int("loop_stages", ls, 0, 8)
   if ls == 1:
