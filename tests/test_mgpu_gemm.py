@@ -41,8 +41,10 @@ def _reference(a, sa, w, sw, v):
 
 @pytest.mark.parametrize("kind,v,shape,convert,bps", [("fp8", 128, (100, 72, 200), "cast", 1),
                                                       ("int8", 64, (200, 136, 128), "magic", 1),
-                                                      ("int8", 64, (100, 64, 200), "cast", 2),
-                                                      ("fp8", 128, (200, 64, 128), "cast", -3)])
+                                                      pytest.param("int8", 64, (100, 64, 200), "cast", 2,
+                                                                   marks=pytest.mark.slow),
+                                                      pytest.param("fp8", 128, (200, 64, 128), "cast", -3,
+                                                                   marks=pytest.mark.slow)])
 def test_interpreter_matches_float64(kind, v, shape, convert, bps):
   m, n, k = shape   # ragged M / N / K (padded by the wrapper), several row and column tiles
   a, sa, w, sw = _operands(kind, m, n, k, v)
