@@ -75,6 +75,15 @@ class MgpuConfig:
   compute_wgs: int = 2
   cluster_m: int = 1
 
+  def __post_init__(self):
+    for name, allowed in (("cluster_m", (1, 2)), ("compute_wgs", (2, 3)), ("blocks_per_step", (1, 2)),
+                          ("convert", ("cast", "magic"))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"MgpuConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.tile_m % 64 or not 8 <= self.tile_n <= 256:
+      raise ValueError(f"MgpuConfig needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got tile_m="
+                       f"{self.tile_m}, tile_n={self.tile_n}")
+
 
 def default_config(kind: str, vector_size: int) -> MgpuConfig:
   """The launch parameters :func:`scaled_matmul` uses when none are given, from two H200 runs at 8192^3
@@ -103,10 +112,6 @@ def _interpret_params():
   the CPU, simulating shared memory, barriers and TMA)."""
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
   return InterpretGPUParams()
-
-
-def _code_dtype(kind: str):
-  return jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
 
 
 def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, sw: jax.Array, *,
@@ -266,16 +271,6 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   Raises:
     ValueError: wrong dtypes, shapes or vector size (the message names the argument).
   """
-  if (config or MgpuConfig()).cluster_m not in (1, 2):
-    raise ValueError(f"config.cluster_m must be 1 or 2, got {config.cluster_m}")
-  if (config or MgpuConfig()).compute_wgs not in (2, 3):
-    raise ValueError(f"config.compute_wgs must be 2 or 3, got {config.compute_wgs}")
-  if (config or MgpuConfig()).blocks_per_step not in (1, 2):
-    raise ValueError(f"config.blocks_per_step must be 1 or 2, got {config.blocks_per_step}")
-  if (config or MgpuConfig()).convert not in ("cast", "magic"):
-    raise ValueError(f"config.convert must be 'cast' or 'magic', got {config.convert!r}")
-  if (config or MgpuConfig()).tile_m % 64 or not 8 <= (config or MgpuConfig()).tile_n <= 256:
-    raise ValueError(f"config needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got {config}")
   if a_codes.ndim != 2 or w_codes.ndim != 2:
     raise ValueError(f"a_codes and w_codes must be 2-D, got {a_codes.shape} and {w_codes.shape}")
   if a_codes.dtype not in (jnp.int8, jnp.float8_e4m3fn) or w_codes.dtype != a_codes.dtype:
@@ -284,7 +279,7 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   if w_layout not in ("kn", "nk"):
     raise ValueError(f"w_layout must be 'kn' or 'nk', got {w_layout!r}")
   v = int(vector_size)
-  allowed = (128,) if a_codes.dtype == jnp.float8_e4m3fn else (64, 128)
+  allowed = VECTOR_SIZES["fp8" if a_codes.dtype == jnp.float8_e4m3fn else "int8"]
   if v not in allowed:
     raise ValueError(f"vector_size must be one of {allowed} for {a_codes.dtype} codes, got {vector_size}")
   w_nk = w_codes if w_layout == "nk" else w_codes.T

@@ -471,9 +471,9 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
                                            min_dot_k=min_dot_k, w_layout=w_layout, prefetch=prefetch,
                                            overlap=overlap, imprecise_acc=imprecise_acc,
                                            interpret=interpret).items() if val is not None}
-  mosaic_kinds = {"int8": "int8", "fp8": "fp8"}
+  mosaic_runs = vector_size in _mgpu_gemm.VECTOR_SIZES.get(kind, ())
   if backend == "mosaic":
-    if kind not in mosaic_kinds or vector_size not in _mgpu_gemm.VECTOR_SIZES[kind] or knobs:
+    if not mosaic_runs or knobs:
       raise ValueError(f"backend='mosaic' runs int8 (V = 64, 128) and fp8 (V = 128) without Triton launch knobs; "
                        f"got kind={kind!r}, vector_size={vector_size}, knobs={sorted(knobs)}. Use "
                        f"backend='triton' for these.")
@@ -481,8 +481,7 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
       raise ValueError("backend='mosaic' needs a Hopper GPU (compute capability 9.x); use backend='triton' or "
                        "leave backend=None to pick automatically.")
   use_mosaic = backend == "mosaic" or (
-      backend == "auto" and not knobs and kind in mosaic_kinds
-      and vector_size in _mgpu_gemm.VECTOR_SIZES[kind] and _mgpu_gemm.kernel_self_test(kind, vector_size))
+      backend == "auto" and not knobs and mosaic_runs and _mgpu_gemm.kernel_self_test(kind, vector_size))
   if use_mosaic:
     out = _mgpu_gemm.scaled_matmul(a_codes, jnp.asarray(a_scale, jnp.float32), w_codes,
                                    jnp.asarray(w_scale, jnp.float32), vector_size=vector_size)
