@@ -27,7 +27,8 @@ from mlsys_jax.quant import _pallas_gemm as pg
 
 def _extra(ap):
   ap.add_argument("--configs", default="64:128:4,64:128:6",
-                  help="Mosaic configs tile_m:tile_n:stages[:grid_group][:cast|magic][:x2 (two K blocks per step)][:w3 (3 compute warpgroups)][:c2 (clusters of 2 along M)]")
+                  help="Mosaic configs tile_m:tile_n:stages[:grid_group][:cast|magic|bias][:x2 (two K blocks per step)]"
+                       "[:w3 (3 compute warpgroups)][:c2 (clusters of 2 along M)][:ov (fold one block late)]")
   ap.add_argument("--kinds", default="fp8:128,int8:64,int8:128", help="kind:V pairs for the Mosaic kernel")
   ap.add_argument("--triton", type=int, default=1, help="1: also time the Triton per-vector kernels")
   ap.add_argument("--reps", type=int, default=8)
@@ -41,19 +42,15 @@ def _rel(out, ref) -> float:
 
 
 def _cfg(s: str) -> mg.MgpuConfig:
+  """tile_m:tile_n:stages[:grid_group] then any of: cast|magic|bias, x2, w3, c2, ov (see --configs)."""
   p = s.split(":")
-  cm = 2 if p[-1] == "c2" else 1
-  if p[-1] == "c2":
-    p.pop()
-  wgs = 3 if p[-1] == "w3" else 2
-  if p[-1] == "w3":
-    p.pop()
-  bps = 2 if p[-1] == "x2" else 1
-  if p[-1] == "x2":
-    p.pop()
-  conv = p.pop() if p[-1] in ("cast", "magic") else "cast"
-  return mg.MgpuConfig(*[int(x) for x in p], convert=conv, blocks_per_step=bps, compute_wgs=wgs,
-                        cluster_m=cm)
+  flags = set()
+  while p and not p[-1].isdigit():
+    flags.add(p.pop())
+  conv = [f for f in flags if f in ("cast", "magic", "bias")]
+  return mg.MgpuConfig(*[int(x) for x in p], convert=conv[0] if conv else "cast",
+                        blocks_per_step=2 if "x2" in flags else 1, compute_wgs=3 if "w3" in flags else 2,
+                        cluster_m=2 if "c2" in flags else 1, overlap="ov" in flags)
 
 
 def main():
@@ -119,7 +116,8 @@ def main():
         continue
       name = (f"Mosaic {kind} V={v} tile {cfg.compute_wgs * cfg.tile_m}x{cfg.tile_n} stages {cfg.stages} group {cfg.grid_group}"
               + (f" {cfg.convert}" if kind == "int8" else "") + (" 2 blocks/step" if cfg.blocks_per_step == 2 else "")
-              + (" cluster 2 (W multicast)" if cfg.cluster_m == 2 else ""))
+              + (" cluster 2 (W multicast)" if cfg.cluster_m == 2 else "")
+              + (" overlap (fold one block late)" if cfg.overlap else ""))
       fn = jax.jit(functools.partial(mg.scaled_matmul, vector_size=v, w_layout="nk", config=cfg))
       if kind == "fp8":
         methods[name] = (fn, (fa, fsa, fw_nk, fsw), ("ref", ref_fp8))

@@ -78,6 +78,41 @@ def test_lowers_for_cuda(kind, v, convert, bps):
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("kind,v,shape,convert,bps,bitwise", [
+    ("int8", 64, (72, 40, 128), "bias", 1, False),
+    pytest.param("int8", 64, (72, 40, 256), "bias", 2, False, marks=pytest.mark.slow),
+    pytest.param("fp8", 128, (100, 72, 384), "cast", 1, False, marks=pytest.mark.slow),
+    pytest.param("int8", 64, (100, 72, 200), "bias", 1, True, marks=pytest.mark.slow)])
+def test_overlap_interpreter_matches_float64(kind, v, shape, convert, bps, bitwise):
+  """overlap=True folds every block one pipeline step late (carried partial sum and scales, the last block
+  after the loop); convert='bias' presets the block accumulator to 0x4B400000. Same numbers as the float64
+  reference, and for int8 bitwise the default 'cast' kernel's (the bias identity is exact)."""
+  m, n, k = shape
+  a, sa, w, sw = _operands(kind, m, n, k, v, seed=1)
+  cfg = mg.MgpuConfig(stages=2, grid_group=2, convert=convert, blocks_per_step=bps, overlap=True)
+  out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True, config=cfg)
+  ref = _reference(a, sa, w, sw, v)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
+  if bitwise:   # float32 folds in the same order as the cast kernel: identical bits
+    cast = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True,
+                            config=mg.MgpuConfig(stages=2, grid_group=2, blocks_per_step=bps))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(cast))
+
+
+@pytest.mark.parametrize("kind,v,convert,bps,cm", [("fp8", 128, "cast", 1, 1), ("int8", 64, "bias", 2, 1),
+                                                   ("int8", 128, "bias", 1, 2)])
+def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm):
+  """The overlapped pipeline (run_state accumulators, carried scales) is built for CUDA on this CPU."""
+  dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
+  m = n = k = 512
+  specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
+           jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
+  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=4 // bps, cluster_m=cm, overlap=True)
+  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
+  assert "mosaic_gpu" in f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_bad_input():
   a, sa, w, sw = _operands("int8", 64, 64, 128, 64)
   with pytest.raises(ValueError, match="vector_size"):
@@ -100,6 +135,10 @@ def test_bad_input():
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(blocks_per_step=3))
   with pytest.raises(ValueError, match="convert"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(convert="round"))
+  with pytest.raises(ValueError, match="needs overlap=True"):
+    mg.MgpuConfig(convert="bias")
+  with pytest.raises(ValueError, match="overlap"):
+    mg.MgpuConfig(overlap=1.5)
   fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)
   with pytest.raises(ValueError, match="vector_size"):
     mg.scaled_matmul(fa, fsa, fw, fsw, vector_size=64)

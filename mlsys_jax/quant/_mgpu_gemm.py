@@ -57,7 +57,11 @@ class MgpuConfig:
     grid_group: row tiles visited together (tile order for L2 reuse of the weight tiles).
     convert: int8 only: the int32 -> float32 conversion of a block's partial sum: ``'cast'`` (``cvt``, a
       quarter-rate instruction on Hopper) or ``'magic'`` (``bitcast(p + 0x4B400000) - 1.5 * 2^23``: an integer
-      add and a float add, exact for ``|p| < 2^22``, which every int8 block of V <= 128 satisfies).
+      add and a float add, exact for ``|p| < 2^22``, which every int8 block of V <= 128 satisfies) or
+      ``'bias'`` (the same identity with the integer add done by the tensor core: the block's ``wgmma``
+      accumulates into registers preset to ``0x4B400000``, so it returns ``p + 0x4B400000`` and the epilogue is
+      ``(bitcast(.) - 1.5 * 2^23) * sa * sw + acc``: three float32 instructions, bitwise the ``'cast'`` result;
+      needs ``overlap=True``).
     blocks_per_step: K blocks per pipeline step (1 or 2). With 2 a warpgroup issues both blocks' ``wgmma``
       into two accumulators, waits only for the first (``wait_n=1``) and scales it while the second is still
       on the tensor cores, so half the epilogues also overlap inside one warpgroup.
@@ -65,6 +69,10 @@ class MgpuConfig:
       scale theirs, at ~150 registers per thread).
     cluster_m: 1, or 2: CTAs in clusters of two along M that share every weight block through a TMA multicast
       (one L2 read of each W tile per pair instead of two).
+    overlap: fold each K block one step late: a warpgroup issues block ``g``'s ``wgmma``, then folds block
+      ``g - 1``'s partial sum (carried in registers with its scales) while block ``g`` is on the tensor cores,
+      and only then waits. Every epilogue overlaps the warpgroup's own next ``wgmma`` (one more ``tile_m x
+      tile_n`` register tile per thread); the last block is folded after the K loop.
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -74,12 +82,15 @@ class MgpuConfig:
   blocks_per_step: int = 1
   compute_wgs: int = 2
   cluster_m: int = 1
+  overlap: bool = False
 
   def __post_init__(self):
     for name, allowed in (("cluster_m", (1, 2)), ("compute_wgs", (2, 3)), ("blocks_per_step", (1, 2)),
-                          ("convert", ("cast", "magic"))):
+                          ("convert", ("cast", "magic", "bias")), ("overlap", (False, True))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"MgpuConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.convert == "bias" and not self.overlap:
+      raise ValueError("MgpuConfig.convert='bias' needs overlap=True (the preset accumulator is a run_state ref)")
     if self.tile_m % 64 or not 8 <= self.tile_n <= 256:
       raise ValueError(f"MgpuConfig needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got tile_m="
                        f"{self.tile_m}, tile_n={self.tile_n}")
@@ -160,29 +171,52 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
     n_sl = pl.ds(ni * tn, tn)
     wg_rows = pl.ds(wg * tm, tm)
 
+    overlap = config.overlap
+    bias = acc_dtype == jnp.int32 and config.convert == "bias"
+
+    def wgmma_layout(x):
+      return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)   # (the interpreter has no layouts)
+
     def compute_context(eval_pipeline):
-      acc0 = jnp.full((tm, tn), 0, dtype=jnp.float32)
-      if not interpret:   # (the interpreter has no layouts)
-        acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
-      acc = eval_pipeline(acc0)
+      acc0 = wgmma_layout(jnp.full((tm, tn), 0, dtype=jnp.float32))
+      if overlap:   # carry: (acc, previous block's partial sum, its row scales, its column scales)
+        z_sa, z_sw = jnp.zeros((tm,), jnp.float32), jnp.zeros((tn,), jnp.float32)
+        if not interpret:
+          z_sa = plgpu.layout_cast(z_sa, plgpu.Layout.WGMMA.reduce(1))
+          z_sw = plgpu.layout_cast(z_sw, plgpu.Layout.WGMMA.reduce(0))
+        acc, part, psa, psw = eval_pipeline((acc0, part_init(), z_sa, z_sw))
+        acc = fold_values(acc, part, psa, psw)   # the last K block
+      else:
+        acc = eval_pipeline(acc0)
       out_smem.at[wg][...] = acc
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    def fold(acc, part, sa_ref, sw_ref):
-      """acc + part * sa[:, None] * sw[None, :] (part: one block's tensor-core sum)."""
+    def part_init():
+      """What a block's wgmma accumulates into: zero, or (convert='bias') 0x4B400000 = bits of 1.5 * 2^23
+      (the part, |p| < 2^22, then lands in the float's mantissa: bitcast(p + 0x4B400000) = 1.5 * 2^23 + p)."""
+      return wgmma_layout(jnp.full((tm, tn), 0x4B400000 if bias else 0, dtype=acc_dtype))
+
+    def load_scales(sa_ref, sw_ref):
       if interpret:   # the interpreter has no rule for plgpu.load; plain reads give the same values
-        sa, sw = sa_ref[wg_rows], sw_ref[...]
-      else:
-        sa = plgpu.load(sa_ref.at[wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
-        sw = plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
-      if acc_dtype == jnp.int32 and config.convert == "magic":
+        return sa_ref[wg_rows], sw_ref[...]
+      return (plgpu.load(sa_ref.at[wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1)),
+              plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0)))
+
+    def fold_values(acc, part, sa, sw):
+      """acc + part * sa[:, None] * sw[None, :] (part: one block's tensor-core sum)."""
+      if bias:   # exact: 1.5 * 2^23 + p and p are float32 integers for |p| < 2^22
+        part = lax.bitcast_convert_type(part, jnp.float32) - jnp.float32(12582912.0)
+      elif acc_dtype == jnp.int32 and config.convert == "magic":
         part = lax.bitcast_convert_type(part + jnp.int32(0x4B400000), jnp.float32) - jnp.float32(12582912.0)
       else:
         part = part.astype(jnp.float32)
       part = part * lax.broadcast_in_dim(sa, (tm, tn), [0])
       return acc + part * lax.broadcast_in_dim(sw, (tm, tn), [1])
+
+    def fold(acc, part, sa_ref, sw_ref):
+      return fold_values(acc, part, *load_scales(sa_ref, sw_ref))
 
     def block_operands(a_smem, w_smem, j):
       if bps == 1:
@@ -190,7 +224,37 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
       return (a_smem.at[wg_rows, pl.ds(j * v, v)],
               plgpu.transpose_ref(w_smem.at[:, pl.ds(j * v, v)], (1, 0)))
 
+    def body_overlap(a_smem, sa_smem, w_smem, sw_smem, carry):
+      """Issue this step's wgmma, fold the previous block while it runs, then wait; the step's last block's
+      partial sum and scales become the carry (folded by the next step, or after the loop)."""
+      acc, part, psa, psw = carry
+      if interpret:   # the same order of folds, products by jnp.dot
+        parts = []
+        for j in range(bps):
+          pj = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
+                       preferred_element_type=acc_dtype)
+          parts.append(pj + part_init() if bias else pj)
+        acc = fold_values(acc, part, psa, psw)
+        if bps == 2:
+          acc = fold(acc, parts[0], sa_smem.at[0], sw_smem.at[0])
+        return (acc, parts[-1], *load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1]))
+
+      def step(refs):
+        p_refs, (acc_ref, part_ref, sa_ref, sw_ref) = refs[:bps], refs[bps:]
+        for j in range(bps):
+          plgpu.wgmma(p_refs[j], *block_operands(a_smem, w_smem, j))
+        acc_ref[...] = fold_values(acc_ref[...], part_ref[...], sa_ref[...], sw_ref[...])
+        if bps == 2:
+          acc_ref[...] = fold(acc_ref[...], plgpu.wgmma_accumulator_load(p_refs[0], wait_n=1),
+                              sa_smem.at[0], sw_smem.at[0])
+        sa_ref[...], sw_ref[...] = load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1])
+      outs = pl.run_state(step)((*[plgpu.ACC.init(part_init()) for _ in range(bps)], acc, part, psa, psw))
+      # run_state waits for the wgmma group before it returns the accumulators
+      return outs[bps], outs[bps - 1], outs[bps + 2], outs[bps + 3]
+
     def body(_, a_smem, sa_smem, w_smem, sw_smem, acc):
+      if overlap:
+        return body_overlap(a_smem, sa_smem, w_smem, sw_smem, acc)
       if interpret:   # the interpreter cannot feed a transposed ref to wgmma: the same products by jnp.dot
         for j in range(bps):
           part = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
