@@ -456,11 +456,22 @@ def _search_saved_predictors(nets, small, t0):
             f"({time.perf_counter() - t0:.0f} s)", flush=True)
     seq = sched.Schedule(g, sched.sequential_schedule(g), [0.0] * len(g.units), _emission(), 0.0,
                          dict(scheds["profiled"].info), _fn=fn)
-    progs = {k: v.as_function() for k, v in scheds.items()}
-    progs["sequential"] = seq.as_function()
+    # searches that return the same stages emit the same program: compile it once (NasNet-A under
+    # IOS-Merge: every search returns the same 365 single-unit stages, tens of seconds per compile);
+    # every name is still timed on its own in the interleaved rounds
+    share = VI.shared_programs({**scheds, "sequential": seq})
+    progs, compile_s = {}, {}
+    for k, sc in {**scheds, "sequential": seq}.items():
+      progs[k] = progs[share[k]] if share[k] != k else sc.as_function()
     progs["xla_jit"] = jax.jit(fn)
-    for f in progs.values():
-      jax.block_until_ready(f(x))
+    for k, f in progs.items():
+      if share.get(k, k) == k:
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        compile_s[k] = time.perf_counter() - t
+    print(f"{held}: {len(compile_s)} distinct programs compiled in {sum(compile_s.values()):.1f} s "
+          f"({', '.join(f'{k} {v:.1f} s' for k, v in compile_s.items())}); shared: "
+          f"{ {k: v for k, v in share.items() if k != v} } ({time.perf_counter() - t0:.0f} s)", flush=True)
     ts = {k: [] for k in progs}
     order_rng = np.random.default_rng(_SEED.value)
     for _ in range(_REPEAT.value):
@@ -470,6 +481,7 @@ def _search_saved_predictors(nets, small, t0):
     base = scheds["profiled"]
     table = VI.stage_costs_from_cache(profs["profiled"].cache, base.graph)
     row = {"units": len(g.units), "predictor": path, "load_s": load_s, "latency_s": med,
+           "program_of": share, "first_call_s": compile_s,
            "latency_spread_s": {k: [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
                                 for k, v in ts.items()}, "n_timings": {k: len(v) for k, v in ts.items()}}
     for k, sc in scheds.items():

@@ -52,3 +52,26 @@ def test_not_a_predictor_file(tmp_path):
   np.savez(path, meta=np.asarray('{"format": "other"}'))
   with pytest.raises(ValueError, match="not a saved StagePredictor"):
     VI.load_predictor(path)
+
+
+def test_shared_programs_groups_equal_schedules_only():
+  g = sched.build_graph(*V.random_conv_net(1))
+  seq = sched.sequential_schedule(g)
+  assert len(seq) >= 3
+  swapped = list(reversed(seq))   # another order (validity does not matter here)
+  mk = lambda stages, emission="plain", **info: sched.Schedule(g, list(stages), [0.0] * len(stages),
+                                                               emission, 0.0, {"s": 8, **info})
+  g2 = sched.build_graph(*V.random_conv_net(1))   # built again: same structure
+  other = sched.Schedule(g2, list(seq), [1.0] * len(seq), "plain", 5.0, {"s": 8})
+  named = {"a": mk(seq), "b": mk(swapped), "c": mk(seq), "d": mk(seq, "cuda_graph"),
+           "e": mk(seq, s=4), "f": other, "g": mk(swapped)}
+  assert VI.shared_programs(named) == {"a": "a", "b": "b", "c": "a", "d": "d", "e": "e", "f": "a", "g": "b"}
+  # a different graph never shares
+  g3 = sched.build_graph(*V.random_conv_net(2))
+  s3 = sched.Schedule(g3, list(sched.sequential_schedule(g3)), [], "plain", 0.0, {"s": 8})
+  assert VI.shared_programs({"a": mk(seq), "z": s3}) == {"a": "a", "z": "z"}
+  assert VI.shared_programs({}) == {}
+  with pytest.raises(TypeError, match="dict"):
+    VI.shared_programs([mk(seq)])
+  with pytest.raises(TypeError, match="not a sched.Schedule"):
+    VI.shared_programs({"a": mk(seq), "x": seq})

@@ -336,5 +336,41 @@ def stage_costs_from_cache(cache: dict, g: Graph) -> dict:
   return out
 
 
+_PROGRAM_INFO = ("fuse_epilogue", "keep_alive", "s", "compiler_options", "embed_consts")
+
+
+def shared_programs(schedules: dict) -> dict:
+  """Which schedules of ONE function emit the same program: ``{name: name of the first schedule (in the
+  dict's order) with the same program}`` (a schedule maps to itself when it is the first of its kind).
+
+  Two schedules share a program when their graphs have the same fingerprint and they have the same
+  stages in the same order, emission, program choice (``Schedule.program``) and the ``info`` settings
+  the emitted program reads (fused epilogues, keep-alive, ``s``, compiler options, embedded weights).
+  An experiment that times several searches' results compiles each distinct program once (on NasNet-A
+  under IOS-Merge every search returns the same 365 single-unit stages, and one emitted program takes
+  tens of seconds to compile on a GPU). The schedules must come from one function with the same
+  weights: the fingerprint describes the graph's structure, not the weights' values.
+
+  Example:
+    >>> from mlsys_jax import sched
+    >>> f, x = lambda x: jnp.tanh(x) * 2.0 + 1.0, jnp.ones((4, 4))
+    >>> a = sched.ios_schedule(f, x, strategy="merge", emission="plain", check="off")
+    >>> b = sched.ios_schedule(f, x, strategy="merge", emission="plain", check="off")
+    >>> shared_programs({"a": a, "b": b})
+    {'a': 'a', 'b': 'a'}
+  """
+  if not isinstance(schedules, dict):
+    raise TypeError(f"schedules must be a dict of name -> sched.Schedule, got {type(schedules).__name__}")
+  first: dict = {}
+  out = {}
+  for name, sc in schedules.items():
+    if not all(hasattr(sc, a) for a in ("graph", "stages", "emission", "info", "program")):
+      raise TypeError(f"schedules[{name!r}] is not a sched.Schedule (got {type(sc).__name__})")
+    info = tuple((k, repr(sc.info.get(k))) for k in _PROGRAM_INFO)
+    key = (sc.graph.fingerprint(), sc.emission, sc.program, tuple(sc.stages), info)
+    out[name] = first.setdefault(key, name)
+  return out
+
+
 __all__ = ["StagePredictor", "candidate_stages", "fit_stage_model", "load_predictor", "save_predictor",
-           "stage_costs_from_cache", "stage_examples", "stage_features"]
+           "shared_programs", "stage_costs_from_cache", "stage_examples", "stage_features"]
