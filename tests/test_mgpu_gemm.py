@@ -78,18 +78,22 @@ def test_lowers_for_cuda(kind, v, convert, bps):
   assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("kind,v,shape,convert,bps,bitwise", [
-    ("int8", 64, (72, 40, 128), "bias", 1, False),
-    pytest.param("int8", 64, (72, 40, 256), "bias", 2, False, marks=pytest.mark.slow),
-    pytest.param("fp8", 128, (100, 72, 384), "cast", 1, False, marks=pytest.mark.slow),
-    pytest.param("int8", 64, (100, 72, 200), "bias", 1, True, marks=pytest.mark.slow)])
-def test_overlap_interpreter_matches_float64(kind, v, shape, convert, bps, bitwise):
+@pytest.mark.parametrize("kind,v,shape,convert,bps,persistent,bitwise", [
+    ("int8", 64, (72, 136, 128), "bias", 1, True, False),
+    pytest.param("int8", 64, (72, 40, 256), "bias", 2, False, False, marks=pytest.mark.slow),
+    pytest.param("fp8", 128, (100, 72, 384), "cast", 1, False, False, marks=pytest.mark.slow),
+    pytest.param("fp8", 128, (200, 136, 256), "cast", 1, True, False, marks=pytest.mark.slow),
+    pytest.param("int8", 64, (100, 72, 200), "bias", 1, False, True, marks=pytest.mark.slow)])
+def test_overlap_interpreter_matches_float64(monkeypatch, kind, v, shape, convert, bps, persistent, bitwise):
   """overlap=True folds every block one pipeline step late (carried partial sum and scales, the last block
-  after the loop); convert='bias' presets the block accumulator to 0x4B400000. Same numbers as the float64
-  reference, and for int8 bitwise the default 'cast' kernel's (the bias identity is exact)."""
+  after the loop); convert='bias' presets the block accumulator to 0x4B400000; persistent=True loops each CTA
+  over several output tiles (here 1 or 3 CTAs for 2 or 4 tiles). Same numbers as the float64 reference, and
+  for int8 bitwise the default 'cast' kernel's (the bias identity is exact)."""
+  monkeypatch.setattr(mg, "_num_sms", lambda: 1 if shape[0] <= 128 else 3)
   m, n, k = shape
   a, sa, w, sw = _operands(kind, m, n, k, v, seed=1)
-  cfg = mg.MgpuConfig(stages=2, grid_group=2, convert=convert, blocks_per_step=bps, overlap=True)
+  cfg = mg.MgpuConfig(stages=2, grid_group=2, convert=convert, blocks_per_step=bps, overlap=True,
+                      persistent=persistent)
   out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True, config=cfg)
   ref = _reference(a, sa, w, sw, v)
   assert out.shape == (m, n) and out.dtype == jnp.float32
@@ -100,15 +104,18 @@ def test_overlap_interpreter_matches_float64(kind, v, shape, convert, bps, bitwi
     np.testing.assert_array_equal(np.asarray(out), np.asarray(cast))
 
 
-@pytest.mark.parametrize("kind,v,convert,bps,cm", [("fp8", 128, "cast", 1, 1), ("int8", 64, "bias", 2, 1),
-                                                   ("int8", 128, "bias", 1, 2)])
-def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm):
-  """The overlapped pipeline (run_state accumulators, carried scales) is built for CUDA on this CPU."""
+@pytest.mark.parametrize("kind,v,convert,bps,cm,persistent", [("fp8", 128, "cast", 1, 1, False),
+                                                              ("int8", 64, "bias", 2, 1, True),
+                                                              ("int8", 128, "bias", 1, 2, False)])
+def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm, persistent):
+  """The overlapped pipeline (run_state accumulators, carried scales) and the persistent tile loop are built
+  for CUDA on this CPU."""
   dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
   m = n = k = 512
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
            jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
-  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=4 // bps, cluster_m=cm, overlap=True)
+  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=4 // bps, cluster_m=cm, overlap=True,
+                      persistent=persistent)
   f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
   assert "mosaic_gpu" in f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -139,6 +146,8 @@ def test_bad_input():
     mg.MgpuConfig(convert="bias")
   with pytest.raises(ValueError, match="overlap"):
     mg.MgpuConfig(overlap=1.5)
+  with pytest.raises(ValueError, match="persistent=True needs cluster_m=1"):
+    mg.MgpuConfig(persistent=True, cluster_m=2)
   fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)
   with pytest.raises(ValueError, match="vector_size"):
     mg.scaled_matmul(fa, fsa, fw, fsw, vector_size=64)

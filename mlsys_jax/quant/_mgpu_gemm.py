@@ -73,6 +73,9 @@ class MgpuConfig:
       ``g - 1``'s partial sum (carried in registers with its scales) while block ``g`` is on the tensor cores,
       and only then waits. Every epilogue overlaps the warpgroup's own next ``wgmma`` (one more ``tile_m x
       tile_n`` register tile per thread); the last block is folded after the K loop.
+    persistent: one CTA per SM loops over the output tiles (grouped order, ``plgpu.nd_loop``) with one set of
+      pipeline buffers, so the memory warpgroup loads tile ``t + 1``'s first blocks and the TMA store of tile
+      ``t`` drains while the compute warpgroups run tile ``t + 1`` (no CTA launch and pipeline fill per tile).
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -83,14 +86,18 @@ class MgpuConfig:
   compute_wgs: int = 2
   cluster_m: int = 1
   overlap: bool = False
+  persistent: bool = False
 
   def __post_init__(self):
     for name, allowed in (("cluster_m", (1, 2)), ("compute_wgs", (2, 3)), ("blocks_per_step", (1, 2)),
-                          ("convert", ("cast", "magic", "bias")), ("overlap", (False, True))):
+                          ("convert", ("cast", "magic", "bias")), ("overlap", (False, True)),
+                          ("persistent", (False, True))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"MgpuConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.convert == "bias" and not self.overlap:
       raise ValueError("MgpuConfig.convert='bias' needs overlap=True (the preset accumulator is a run_state ref)")
+    if self.persistent and self.cluster_m != 1:
+      raise ValueError("MgpuConfig.persistent=True needs cluster_m=1")
     if self.tile_m % 64 or not 8 <= self.tile_n <= 256:
       raise ValueError(f"MgpuConfig needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got tile_m="
                        f"{self.tile_m}, tile_n={self.tile_n}")
@@ -116,6 +123,15 @@ def available() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
   except Exception:  # noqa: BLE001 - any import/backend problem means "not here"
     return False
+
+
+def _num_sms() -> int:
+  """Streaming multiprocessors of the default device (one persistent CTA each); 132 (H100 / H200 SXM) where the
+  backend does not say (CPU lowering, the interpreter)."""
+  try:
+    return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+  except Exception:  # noqa: BLE001
+    return 132
 
 
 def _interpret_params():
@@ -155,126 +171,157 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   m_units = m_tiles // cm         # row tiles, or pairs of row tiles (one cluster) with cluster_m=2
   group = max(1, min(config.grid_group, m_units))
 
+  persistent = config.persistent
+  n_ctas = m_units * n_tiles
+  if persistent:
+    if cm > 1:
+      raise ValueError("MgpuConfig.persistent=True needs cluster_m=1")
+    n_ctas = min(n_ctas, _num_sms())
+
   def kernel(a_gmem, sa_gmem, w_gmem, sw_gmem, out_gmem, out_smem):
     wg = lax.axis_index("wg")
-    lin = lax.axis_index("tiles")
-    # grouped tile order: `group` row tiles share each weight column tile while it is in L2
-    per_group = group * n_tiles
-    g_idx = lin // per_group
-    first_m = g_idx * group
-    rows_here = jnp.minimum(m_units - first_m, group)
-    mi = first_m + (lin % per_group) % rows_here
-    ni = (lin % per_group) // rows_here
-    if cm > 1:
-      mi = mi * cm + lax.axis_index("cluster")
-    m_sl = pl.ds(mi * cta_m, cta_m)
-    n_sl = pl.ds(ni * tn, tn)
-    wg_rows = pl.ds(wg * tm, tm)
 
-    overlap = config.overlap
-    bias = acc_dtype == jnp.int32 and config.convert == "bias"
+    def run_tile(lin, allocations):
+      """One CTA output tile (linear index ``lin`` in the grouped order) through the K pipeline."""
+      # grouped tile order: `group` row tiles share each weight column tile while it is in L2
+      per_group = group * n_tiles
+      g_idx = lin // per_group
+      first_m = g_idx * group
+      rows_here = jnp.minimum(m_units - first_m, group)
+      mi = first_m + (lin % per_group) % rows_here
+      ni = (lin % per_group) // rows_here
+      if cm > 1:
+        mi = mi * cm + lax.axis_index("cluster")
+      m_sl = pl.ds(mi * cta_m, cta_m)
+      n_sl = pl.ds(ni * tn, tn)
+      wg_rows = pl.ds(wg * tm, tm)
 
-    def wgmma_layout(x):
-      return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)   # (the interpreter has no layouts)
+      overlap = config.overlap
+      bias = acc_dtype == jnp.int32 and config.convert == "bias"
 
-    def compute_context(eval_pipeline):
-      acc0 = wgmma_layout(jnp.full((tm, tn), 0, dtype=jnp.float32))
-      if overlap:   # carry: (acc, previous block's partial sum, its row scales, its column scales)
-        z_sa, z_sw = jnp.zeros((tm,), jnp.float32), jnp.zeros((tn,), jnp.float32)
-        if not interpret:
-          z_sa = plgpu.layout_cast(z_sa, plgpu.Layout.WGMMA.reduce(1))
-          z_sw = plgpu.layout_cast(z_sw, plgpu.Layout.WGMMA.reduce(0))
-        acc, part, psa, psw = eval_pipeline((acc0, part_init(), z_sa, z_sw))
-        acc = fold_values(acc, part, psa, psw)   # the last K block
-      else:
-        acc = eval_pipeline(acc0)
-      out_smem.at[wg][...] = acc
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      def wgmma_layout(x):
+        return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)   # (the interpreter has no layouts)
 
-    def part_init():
-      """What a block's wgmma accumulates into: zero, or (convert='bias') 0x4B400000 = bits of 1.5 * 2^23
-      (the part, |p| < 2^22, then lands in the float's mantissa: bitcast(p + 0x4B400000) = 1.5 * 2^23 + p)."""
-      return wgmma_layout(jnp.full((tm, tn), 0x4B400000 if bias else 0, dtype=acc_dtype))
+      def compute_context(eval_pipeline):
+        acc0 = wgmma_layout(jnp.full((tm, tn), 0, dtype=jnp.float32))
+        if overlap:   # carry: (acc, previous block's partial sum, its row scales, its column scales)
+          z_sa, z_sw = jnp.zeros((tm,), jnp.float32), jnp.zeros((tn,), jnp.float32)
+          if not interpret:
+            z_sa = plgpu.layout_cast(z_sa, plgpu.Layout.WGMMA.reduce(1))
+            z_sw = plgpu.layout_cast(z_sw, plgpu.Layout.WGMMA.reduce(0))
+          acc, part, psa, psw = eval_pipeline((acc0, part_init(), z_sa, z_sw))
+          acc = fold_values(acc, part, psa, psw)   # the last K block
+        else:
+          acc = eval_pipeline(acc0)
+        if persistent:   # the previous tile's store has had this whole tile's K loop to leave out_smem
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem.at[wg][...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows])
+        if not persistent:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    def load_scales(sa_ref, sw_ref):
-      if interpret:   # the interpreter has no rule for plgpu.load; plain reads give the same values
-        return sa_ref[wg_rows], sw_ref[...]
-      return (plgpu.load(sa_ref.at[wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1)),
-              plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0)))
+      def part_init():
+        """What a block's wgmma accumulates into: zero, or (convert='bias') 0x4B400000 = bits of 1.5 * 2^23
+        (the part, |p| < 2^22, then lands in the float's mantissa: bitcast(p + 0x4B400000) = 1.5 * 2^23 + p)."""
+        return wgmma_layout(jnp.full((tm, tn), 0x4B400000 if bias else 0, dtype=acc_dtype))
 
-    def fold_values(acc, part, sa, sw):
-      """acc + part * sa[:, None] * sw[None, :] (part: one block's tensor-core sum)."""
-      if bias:   # exact: 1.5 * 2^23 + p and p are float32 integers for |p| < 2^22
-        part = lax.bitcast_convert_type(part, jnp.float32) - jnp.float32(12582912.0)
-      elif acc_dtype == jnp.int32 and config.convert == "magic":
-        part = lax.bitcast_convert_type(part + jnp.int32(0x4B400000), jnp.float32) - jnp.float32(12582912.0)
-      else:
-        part = part.astype(jnp.float32)
-      part = part * lax.broadcast_in_dim(sa, (tm, tn), [0])
-      return acc + part * lax.broadcast_in_dim(sw, (tm, tn), [1])
+      def load_scales(sa_ref, sw_ref):
+        if interpret:   # the interpreter has no rule for plgpu.load; plain reads give the same values
+          return sa_ref[wg_rows], sw_ref[...]
+        return (plgpu.load(sa_ref.at[wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1)),
+                plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0)))
 
-    def fold(acc, part, sa_ref, sw_ref):
-      return fold_values(acc, part, *load_scales(sa_ref, sw_ref))
+      def fold_values(acc, part, sa, sw):
+        """acc + part * sa[:, None] * sw[None, :] (part: one block's tensor-core sum)."""
+        if bias:   # exact: 1.5 * 2^23 + p and p are float32 integers for |p| < 2^22
+          part = lax.bitcast_convert_type(part, jnp.float32) - jnp.float32(12582912.0)
+        elif acc_dtype == jnp.int32 and config.convert == "magic":
+          part = lax.bitcast_convert_type(part + jnp.int32(0x4B400000), jnp.float32) - jnp.float32(12582912.0)
+        else:
+          part = part.astype(jnp.float32)
+        part = part * lax.broadcast_in_dim(sa, (tm, tn), [0])
+        return acc + part * lax.broadcast_in_dim(sw, (tm, tn), [1])
 
-    def block_operands(a_smem, w_smem, j):
-      if bps == 1:
-        return a_smem.at[wg_rows], plgpu.transpose_ref(w_smem, (1, 0))
-      return (a_smem.at[wg_rows, pl.ds(j * v, v)],
-              plgpu.transpose_ref(w_smem.at[:, pl.ds(j * v, v)], (1, 0)))
+      def fold(acc, part, sa_ref, sw_ref):
+        return fold_values(acc, part, *load_scales(sa_ref, sw_ref))
 
-    def body_overlap(a_smem, sa_smem, w_smem, sw_smem, carry):
-      """Issue this step's wgmma, fold the previous block while it runs, then wait; the step's last block's
-      partial sum and scales become the carry (folded by the next step, or after the loop)."""
-      acc, part, psa, psw = carry
-      if interpret:   # the same order of folds, products by jnp.dot
-        parts = []
-        for j in range(bps):
-          pj = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
-                       preferred_element_type=acc_dtype)
-          parts.append(pj + part_init() if bias else pj)
-        acc = fold_values(acc, part, psa, psw)
-        if bps == 2:
-          acc = fold(acc, parts[0], sa_smem.at[0], sw_smem.at[0])
-        return (acc, parts[-1], *load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1]))
+      def block_operands(a_smem, w_smem, j):
+        if bps == 1:
+          return a_smem.at[wg_rows], plgpu.transpose_ref(w_smem, (1, 0))
+        return (a_smem.at[wg_rows, pl.ds(j * v, v)],
+                plgpu.transpose_ref(w_smem.at[:, pl.ds(j * v, v)], (1, 0)))
 
-      def step(refs):
-        p_refs, (acc_ref, part_ref, sa_ref, sw_ref) = refs[:bps], refs[bps:]
-        for j in range(bps):
-          plgpu.wgmma(p_refs[j], *block_operands(a_smem, w_smem, j))
-        acc_ref[...] = fold_values(acc_ref[...], part_ref[...], sa_ref[...], sw_ref[...])
-        if bps == 2:
-          acc_ref[...] = fold(acc_ref[...], plgpu.wgmma_accumulator_load(p_refs[0], wait_n=1),
-                              sa_smem.at[0], sw_smem.at[0])
-        sa_ref[...], sw_ref[...] = load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1])
-      outs = pl.run_state(step)((*[plgpu.ACC.init(part_init()) for _ in range(bps)], acc, part, psa, psw))
-      # run_state waits for the wgmma group before it returns the accumulators
-      return outs[bps], outs[bps - 1], outs[bps + 2], outs[bps + 3]
-
-    def body(_, a_smem, sa_smem, w_smem, sw_smem, acc):
-      if overlap:
-        return body_overlap(a_smem, sa_smem, w_smem, sw_smem, acc)
-      if interpret:   # the interpreter cannot feed a transposed ref to wgmma: the same products by jnp.dot
-        for j in range(bps):
-          part = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
+      def body_overlap(a_smem, sa_smem, w_smem, sw_smem, carry):
+        """Issue this step's wgmma, fold the previous block while it runs, then wait; the step's last block's
+        partial sum and scales become the carry (folded by the next step, or after the loop)."""
+        acc, part, psa, psw = carry
+        if interpret:   # the same order of folds, products by jnp.dot
+          parts = []
+          for j in range(bps):
+            pj = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
                          preferred_element_type=acc_dtype)
-          acc = fold(acc, part, sa_smem.at[j], sw_smem.at[j])
-        return acc
-      if bps == 1:
-        def mma(p_ref):
-          plgpu.wgmma(p_ref, *block_operands(a_smem, w_smem, 0))
-          return p_ref[...]
-        return fold(acc, pl.run_scoped(mma, plgpu.ACC((tm, tn), acc_dtype)), sa_smem.at[0], sw_smem.at[0])
+            parts.append(pj + part_init() if bias else pj)
+          acc = fold_values(acc, part, psa, psw)
+          if bps == 2:
+            acc = fold(acc, parts[0], sa_smem.at[0], sw_smem.at[0])
+          return (acc, parts[-1], *load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1]))
 
-      def mma2(p0, p1):
-        plgpu.wgmma(p0, *block_operands(a_smem, w_smem, 0))
-        plgpu.wgmma(p1, *block_operands(a_smem, w_smem, 1))
-        acc1 = fold(acc, plgpu.wgmma_accumulator_load(p0, wait_n=1), sa_smem.at[0], sw_smem.at[0])
-        return fold(acc1, p1[...], sa_smem.at[1], sw_smem.at[1])
-      return pl.run_scoped(mma2, plgpu.ACC((tm, tn), acc_dtype), plgpu.ACC((tm, tn), acc_dtype))
+        def step(refs):
+          p_refs, (acc_ref, part_ref, sa_ref, sw_ref) = refs[:bps], refs[bps:]
+          for j in range(bps):
+            plgpu.wgmma(p_refs[j], *block_operands(a_smem, w_smem, j))
+          acc_ref[...] = fold_values(acc_ref[...], part_ref[...], sa_ref[...], sw_ref[...])
+          if bps == 2:
+            acc_ref[...] = fold(acc_ref[...], plgpu.wgmma_accumulator_load(p_refs[0], wait_n=1),
+                                sa_smem.at[0], sw_smem.at[0])
+          sa_ref[...], sw_ref[...] = load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1])
+        outs = pl.run_state(step)((*[plgpu.ACC.init(part_init()) for _ in range(bps)], acc, part, psa, psw))
+        # run_state waits for the wgmma group before it returns the accumulators
+        return outs[bps], outs[bps - 1], outs[bps + 2], outs[bps + 3]
 
-    pipeline = plgpu.emit_pipeline_warp_specialized(
+      def body(_, a_smem, sa_smem, w_smem, sw_smem, acc):
+        if overlap:
+          return body_overlap(a_smem, sa_smem, w_smem, sw_smem, acc)
+        if interpret:   # the interpreter cannot feed a transposed ref to wgmma: the same products by jnp.dot
+          for j in range(bps):
+            part = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
+                           preferred_element_type=acc_dtype)
+            acc = fold(acc, part, sa_smem.at[j], sw_smem.at[j])
+          return acc
+        if bps == 1:
+          def mma(p_ref):
+            plgpu.wgmma(p_ref, *block_operands(a_smem, w_smem, 0))
+            return p_ref[...]
+          return fold(acc, pl.run_scoped(mma, plgpu.ACC((tm, tn), acc_dtype)), sa_smem.at[0], sw_smem.at[0])
+
+        def mma2(p0, p1):
+          plgpu.wgmma(p0, *block_operands(a_smem, w_smem, 0))
+          plgpu.wgmma(p1, *block_operands(a_smem, w_smem, 1))
+          acc1 = fold(acc, plgpu.wgmma_accumulator_load(p0, wait_n=1), sa_smem.at[0], sw_smem.at[0])
+          return fold(acc1, p1[...], sa_smem.at[1], sw_smem.at[1])
+        return pl.run_scoped(mma2, plgpu.ACC((tm, tn), acc_dtype), plgpu.ACC((tm, tn), acc_dtype))
+
+      pipeline = make_pipeline(body, compute_context)
+      pipeline(a_gmem.at[m_sl], sa_gmem.at[:, m_sl], w_gmem.at[n_sl], sw_gmem.at[:, n_sl], **(
+          {"allocations": allocations} if allocations is not None else {}))
+
+    if not persistent:
+      run_tile(lax.axis_index("tiles"), None)
+      return
+    ignore = lambda *_, **__: None   # the allocations do not depend on the body
+    allocs = make_pipeline(ignore, ignore).get_allocations(a_gmem.at[pl.ds(0, cta_m)], sa_gmem.at[:, pl.ds(0, cta_m)],
+                                                           w_gmem.at[pl.ds(0, tn)], sw_gmem.at[:, pl.ds(0, tn)])
+
+    @functools.partial(pl.run_scoped, allocations=allocs, collective_axes="wg")
+    def _scope(allocations):
+      @plgpu.nd_loop((m_units * n_tiles,), collective_axes="tiles")
+      def _tiles(info):
+        run_tile(info.index[0], allocations)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's store
+
+  def make_pipeline(body, compute_context):
+    return plgpu.emit_pipeline_warp_specialized(
         body,
         grid=(k_steps,),
         memory_registers=40,
@@ -290,13 +337,12 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
         max_concurrent_steps=stages,
         compute_context=compute_context,
     )
-    pipeline(a_gmem.at[m_sl], sa_gmem.at[:, m_sl], w_gmem.at[n_sl], sw_gmem.at[:, n_sl])
 
   f = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
       scratch_types=[plgpu.SMEM((wgs, tm, tn), jnp.float32, transforms=out_transforms)],
-      grid=(m_units * n_tiles,),
+      grid=(n_ctas,),
       grid_names=("tiles",),
       **({"cluster": (cm,), "cluster_names": ("cluster",)} if cm > 1 else {}),
       num_threads=wgs + 1,
