@@ -20,7 +20,10 @@ How the kernel reaches the tensor cores (what the Triton kernel of :mod:`._palla
 - per K block each compute warpgroup issues ``wgmma`` into a fresh register accumulator, waits for it, and
   folds it into its float32 accumulator with ``acc += P * sa[:, None] * sw[None, :]``. While one warpgroup
   runs this epilogue on the CUDA cores another's ``wgmma`` keeps the tensor cores busy (the warpgroups are
-  scheduled independently), which is how the per-block promotion is hidden;
+  scheduled independently), which is how the per-block promotion is hidden. With ``overlap=True`` a warpgroup
+  instead issues block ``g``'s ``wgmma`` first and folds block ``g - 1`` (carried in registers) while it runs,
+  so its own epilogue is hidden too; ``convert='bias'`` lets the int8 ``wgmma`` add the magic-number bias
+  (no ``cvt``); ``persistent=True`` keeps one CTA per SM looping over output tiles;
 - the float32 tile leaves through shared memory with a TMA store.
 
 Shapes must be multiples of the tile (``M % (W * tile_m)``, ``N % tile_n``, ``K % V``): the public wrapper
@@ -72,7 +75,8 @@ class MgpuConfig:
     overlap: fold each K block one step late: a warpgroup issues block ``g``'s ``wgmma``, then folds block
       ``g - 1``'s partial sum (carried in registers with its scales) while block ``g`` is on the tensor cores,
       and only then waits. Every epilogue overlaps the warpgroup's own next ``wgmma`` (one more ``tile_m x
-      tile_n`` register tile per thread); the last block is folded after the K loop.
+      tile_n`` register tile per thread: three 64 x 128 tiles, 192 registers, with one block per step; four
+      with ``blocks_per_step=2``, more than a compute thread has); the last block is folded after the K loop.
     persistent: one CTA per SM loops over the output tiles (grouped order, ``plgpu.nd_loop``) with one set of
       pipeline buffers, so the memory warpgroup loads tile ``t + 1``'s first blocks and the TMA store of tile
       ``t`` drains while the compute warpgroups run tile ``t + 1`` (no CTA launch and pipeline fill per tile).
