@@ -43,6 +43,8 @@ def _reference(a, sa, w, sw, v):
                                                       ("int8", 64, (200, 136, 128), "magic", 1),
                                                       pytest.param("int8", 64, (100, 64, 200), "cast", 2,
                                                                    marks=pytest.mark.slow),
+                                                      pytest.param("int8", 64, (100, 64, 200), "bias", 2,
+                                                                   marks=pytest.mark.slow),
                                                       pytest.param("fp8", 128, (200, 64, 128), "cast", -3,
                                                                    marks=pytest.mark.slow)])
 def test_interpreter_matches_float64(kind, v, shape, convert, bps):
@@ -60,7 +62,8 @@ def test_interpreter_matches_float64(kind, v, shape, convert, bps):
 @pytest.mark.parametrize("kind,v,convert,bps", [("fp8", 128, "cast", 1), ("int8", 64, "cast", 1),
                                                 ("int8", 64, "magic", 1), ("int8", 128, "cast", 1),
                                                 ("fp8", 128, "cast", 2), ("int8", 64, "magic", 2),
-                                                ("fp8", 128, "cast", -3), ("int8", 64, "cast", -2)])
+                                                ("fp8", 128, "cast", -3), ("int8", 64, "cast", -2),
+                                                ("int8", 64, "bias", 2), ("int8", 128, "bias", 1)])
 def test_lowers_for_cuda(kind, v, convert, bps):
   """(bps -3: one block per step, three compute warpgroups; -2: clusters of two CTAs sharing W by TMA
   multicast, which the interpreter cannot run: its numbers are checked on the GPU by the benchmark)"""
@@ -142,8 +145,6 @@ def test_bad_input():
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(blocks_per_step=3))
   with pytest.raises(ValueError, match="convert"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(convert="round"))
-  with pytest.raises(ValueError, match="needs overlap=True"):
-    mg.MgpuConfig(convert="bias")
   with pytest.raises(ValueError, match="overlap"):
     mg.MgpuConfig(overlap=1.5)
   with pytest.raises(ValueError, match="persistent=True needs cluster_m=1"):

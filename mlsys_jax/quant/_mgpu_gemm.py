@@ -63,8 +63,7 @@ class MgpuConfig:
       add and a float add, exact for ``|p| < 2^22``, which every int8 block of V <= 128 satisfies) or
       ``'bias'`` (the same identity with the integer add done by the tensor core: the block's ``wgmma``
       accumulates into registers preset to ``0x4B400000``, so it returns ``p + 0x4B400000`` and the epilogue is
-      ``(bitcast(.) - 1.5 * 2^23) * sa * sw + acc``: three float32 instructions, bitwise the ``'cast'`` result;
-      needs ``overlap=True``).
+      ``(bitcast(.) - 1.5 * 2^23) * sa * sw + acc``: three float32 instructions, bitwise the ``'cast'`` result).
     blocks_per_step: K blocks per pipeline step (1 or 2). With 2 a warpgroup issues both blocks' ``wgmma``
       into two accumulators, waits only for the first (``wait_n=1``) and scales it while the second is still
       on the tensor cores, so half the epilogues also overlap inside one warpgroup.
@@ -98,8 +97,6 @@ class MgpuConfig:
                           ("persistent", (False, True))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"MgpuConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-    if self.convert == "bias" and not self.overlap:
-      raise ValueError("MgpuConfig.convert='bias' needs overlap=True (the preset accumulator is a run_state ref)")
     if self.persistent and self.cluster_m != 1:
       raise ValueError("MgpuConfig.persistent=True needs cluster_m=1")
     if self.tile_m % 64 or not 8 <= self.tile_n <= 256:
@@ -291,8 +288,18 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
           for j in range(bps):
             part = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
                            preferred_element_type=acc_dtype)
-            acc = fold(acc, part, sa_smem.at[j], sw_smem.at[j])
+            acc = fold(acc, part + part_init() if bias else part, sa_smem.at[j], sw_smem.at[j])
           return acc
+        if bias:   # preset accumulators: a run_state, which waits for its wgmma group when it returns
+          def step(refs):
+            for j in range(bps):
+              plgpu.wgmma(refs[j], *block_operands(a_smem, w_smem, j))
+            if bps == 2:
+              refs[2][...] = fold(refs[2][...], plgpu.wgmma_accumulator_load(refs[0], wait_n=1),
+                                  sa_smem.at[0], sw_smem.at[0])
+          outs = pl.run_state(step)((*[plgpu.ACC.init(part_init()) for _ in range(bps)],
+                                     *((acc,) if bps == 2 else ())))
+          return fold(outs[2] if bps == 2 else acc, outs[bps - 1], sa_smem.at[bps - 1], sw_smem.at[bps - 1])
         if bps == 1:
           def mma(p_ref):
             plgpu.wgmma(p_ref, *block_operands(a_smem, w_smem, 0))
