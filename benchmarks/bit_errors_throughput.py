@@ -26,6 +26,7 @@ on-device exactness checks (self-tests, flip rates, stuck-at, uint16 odd length)
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --wide     # the large-tile sweep
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --draws    # 'popc'/'popcx' vs default
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --s10      # 'lean' vs the default
+  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --s11      # s10's best tile, no asm
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out /tmp/b --small  # CPU smoke run (interpret)
 """
 
@@ -146,6 +147,55 @@ S10B_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),     # the default ke
               ("binomial", 512, 128, "prefetch", 1, 3, "lean"),
               ("binomial", 1024, 256, True, 1, 3, "lean"),
               ("binomial", 2048, 256, "prefetch", 1, 3, "lean")]
+# Session 11 (--s11; issue 21 item 3, >= 50% of the strict floor): s10b's best tile (512 words in 128-word
+# sub-blocks loads-first, 1 warp; 'lean'/'leanf' 25.55/25.46 and 25.51/25.35 us in s10a/s10b) without the
+# shf.l.wrap inline asm (s10b ablation at the default tile: -0.9%), 'popc' with the rare path's counter made
+# loop-variant as in 'lean' (s10b: hoisting costs 'lean' 5.2%), two neighbouring tiles without the asm, and
+# the codes streamed with the evict_first policy. 8th field: switches set while the row is traced (none
+# changes the bits): 'wrap'/'sum'/'nohoist' -> pb.LEAN_PARTS, 'popc_nohoist' -> pb.POPC_PARTS['nohoist'],
+# 'evict' -> pb.EVICT.
+S11_TILE = (512, 128, True, 1, 3)
+S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the default kernel
+             ("binomial", *S11_TILE, "lean"),                            # s10's best (two runs)
+             ("binomial", *S11_TILE, "lean", {"wrap": False}),
+             ("binomial", *S11_TILE, "leanf", {"wrap": False}),
+             ("binomial", *S11_TILE, "leanf"),
+             ("binomial", *S11_TILE, "popc", {"popc_nohoist": True}),
+             ("binomial", 256, None, False, 1, 3, "popc", {"popc_nohoist": True}),
+             ("binomial", 512, 64, True, 1, 3, "lean", {"wrap": False}),
+             ("binomial", 1024, 128, True, 1, 3, "lean", {"wrap": False}),
+             ("binomial", 256, 128, True, 1, 3, "lean", {"wrap": False}),
+             ("binomial", *S11_TILE, "lean", {"wrap": False, "evict": True})]
+# The public function's path at that tile (dispatch arguments of bit_errors._inject) with these switches.
+S11_PUBLIC = [("lean", {}), ("lean", {"wrap": False}), ("leanf", {"wrap": False})]
+
+
+def _switched(sw: dict | None, fn):
+  """``fn`` with the measurement switches ``sw`` of ``_pallas_bits`` set while it runs (is traced)."""
+  if not sw:
+    return fn
+
+  def run(*a, **k):
+    old = (dict(pb.LEAN_PARTS), dict(pb.POPC_PARTS), pb.EVICT)
+    for part in ("wrap", "sum", "nohoist"):
+      if part in sw:
+        pb.LEAN_PARTS[part] = sw[part]
+    if "popc_nohoist" in sw:
+      pb.POPC_PARTS["nohoist"] = sw["popc_nohoist"]
+    pb.EVICT = sw.get("evict", pb.EVICT)
+    try:
+      return fn(*a, **k)
+    finally:
+      pb.LEAN_PARTS.update(old[0])
+      pb.POPC_PARTS.update(old[1])
+      pb.EVICT = old[2]
+  return run
+
+
+def _sw_name(sw: dict | None) -> str:
+  return "" if not sw else " [" + " ".join(f"{k}={v}" for k, v in sorted(sw.items())) + "]"
+
+
 DEFAULT_ROW = ("binomial", 256, None, False, 1, 3, "popc")   # the row the --draws summary compares with (pb.DRAW)
 SMALL_MEMORY = [("levels", 64, None, False, 2, 0), ("levels", 128, 32, True, 2, 0)]
 SMALL_PLAIN = [(128, 2)]
@@ -153,6 +203,8 @@ SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2
                ("binomial", 128, 64, False, 2, 3, "popc"), ("binomial", 64, None, False, 2, 2, "popcx"),
                ("binomial", 64, None, False, 2, 3, "lean"), ("binomial", 64, None, False, 2, 3, "leanf"),
                ("binomial", 128, 32, "prefetch", 2, 3, "lean"),
+               ("binomial", 64, None, False, 2, 3, "lean", {"wrap": False}),
+               ("binomial", 64, None, False, 2, 3, "popc", {"popc_nohoist": True, "evict": True}),
                ("levels", 64, None, False, 2, 3)]
 
 
@@ -175,6 +227,10 @@ def _extra(ap):
                        "public function and its path with them, on-device checks of both; no stuck-at row")
   ap.add_argument("--s10b", action="store_true",
                   help="--s10 with the S10B_SWEEP rows (confirmation of the best s10 rows, prefetching loops)")
+  ap.add_argument("--s11", action="store_true",
+                  help="short run: the S11_SWEEP rows (s10's best tile without the funnel-shift asm, 'popc' "
+                       "without the hoisting, neighbours, evict_first) and the public path at that tile")
+  ap.add_argument("--name", default="bit_errors_throughput", help="JSON file name")
   ap.add_argument("--philox5", action="store_true",
                   help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
   ap.add_argument("--compile_budget_s", type=float, default=55.0,
@@ -183,11 +239,11 @@ def _extra(ap):
   ap.add_argument("--no_checks", action="store_true", help="skip the on-device exactness checks")
 
 
-def _name(mth, w, sb, unroll, nwarp, pre, draw=None, p0=False):
+def _name(mth, w, sb, unroll, nwarp, pre, draw=None, sw=None, p0=False):
   mode = "prefetch" if unroll == "prefetch" else "loads-first" if unroll else "loop"
   tile = f"words={w}" + ("" if sb in (None, w) else f" sub={sb} {mode}")
   return (f"kernel {'p=0 (memory path) ' if p0 else ''}{mth} {tile} warps={nwarp} pre={pre}"
-          + ("" if draw is None else f" draw={draw}"))
+          + ("" if draw is None else f" draw={draw}") + _sw_name(sw))
 
 
 def _pallas_xor(c, k, words: int, nwarp: int, interpret: bool):
@@ -306,12 +362,12 @@ def main():
   t, always = be._threshold(p)
   t0_, a0_ = be._threshold(0.0)
 
-  def kernel_step(method, w, sb, unroll, nwarp, pre, draw=None, thr=(t, always), impl=kimpl):
+  def kernel_step(method, w, sb, unroll, nwarp, pre, draw=None, sw=None, thr=(t, always), impl=kimpl):
     def step(c, k):
       fp = jnp.stack([k[0], k[1], thr[0], thr[1].astype(jnp.uint32)])
       return pb.inject(c, 8, fp, impl=impl, words=w, sub=sb, unroll=unroll, num_warps=nwarp, pre=pre,
                        method=method, draw=draw)
-    return step
+    return _switched(sw, step)
 
   def u32_view_xor(c, k):
     return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(c.reshape(-1, 4), jnp.uint32) ^ k[0],
@@ -324,8 +380,9 @@ def main():
           "XLA uint32 XOR-copy (uint32 arrays, same bytes)": ("u32", lambda c, k: c ^ k[0], None),
           "XLA float32 x*c (float32 arrays, same bytes)": (
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
-  args.s10 = args.s10 or args.s10b
-  mem, plain, sweep = (([], S10_PLAIN, S10B_SWEEP) if args.s10b and not args.small else
+  args.s10 = args.s10 or args.s10b or args.s11
+  mem, plain, sweep = (([], S10_PLAIN, S11_SWEEP) if args.s11 and not args.small else
+                       ([], S10_PLAIN, S10B_SWEEP) if args.s10b and not args.small else
                        ([], S10_PLAIN, S10_SWEEP) if args.s10 and not args.small else
                        ([], DRAWS_PLAIN, DRAWS_SWEEP) if args.draws else   # with --small: its CPU smoke
                        (SMALL_MEMORY, SMALL_PLAIN, SMALL_SWEEP) if args.small else
@@ -344,7 +401,12 @@ def main():
     if i == 1:
       cands.append(("inject_bit_errors (public)", ("u8", lambda c, k: be.inject_bit_errors(k, c, p, 8),
                                                    "public")))
-      other = ["lean", "leanf"] if args.s10 else [d for d in pb.DRAWS if d != pb.DRAW]
+      for dr, sw in S11_PUBLIC if args.s11 or args.small else ():   # the public path at the s11 tile
+        w11, s11, u11 = S11_TILE[:3]
+        cands.append((f"inject_bit_errors (public path, draw={dr} words={w11} sub={s11} loads-first)"
+                      + _sw_name(sw), ("u8", _switched(sw, lambda c, k, dr=dr: be._inject(
+                          k, c, p, 8, draw=dr, words=w11, sub=s11, unroll=u11)), "public")))
+      other = ([] if args.s11 else ["lean", "leanf"]) if args.s10 else [d for d in pb.DRAWS if d != pb.DRAW]
       for dr in other if args.s7 or args.draws or args.s10 or args.small else ():
         # the public path with the other draw evaluation
         cands.append((f"inject_bit_errors (public path, draw={dr})", (
@@ -469,7 +531,7 @@ def main():
             f"mismatched {d['mismatched']}")
     print("  best per draw:",
           {k: (v["op"], round(v["t"] * 1e6, 2)) for k, v in ds.get("best_per_draw", {}).items()}, flush=True)
-  write_json(args.out, "bit_errors_throughput", base)   # rewritten below with the checks
+  write_json(args.out, args.name, base)   # rewritten below with the checks
 
   # The public function as dispatched calls, interleaved with the XOR-copy.
   copy1 = jax.jit(lambda c: c ^ jnp.uint8(1))
@@ -478,7 +540,7 @@ def main():
                               warmup=2, inner=20)
   dispatched = {"s": td.median_a, "xor_copy_s": td.median_b, "fraction_of_floor": floor / td.median_a}
   print("public, dispatched (time_interleaved, inner=20):", dispatched, flush=True)
-  write_json(args.out, "bit_errors_throughput", {**base, "public_dispatched": dispatched})
+  write_json(args.out, args.name, {**base, "public_dispatched": dispatched})
 
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
@@ -508,7 +570,7 @@ def main():
   print(checks)
   total = time.perf_counter() - t_start
   print(f"total {total:.1f} s")
-  write_json(args.out, "bit_errors_throughput", {**base, "public_dispatched": dispatched, "checks": checks,
+  write_json(args.out, args.name, {**base, "public_dispatched": dispatched, "checks": checks,
                                                  "total_s": total})
 
 

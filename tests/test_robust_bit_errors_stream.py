@@ -331,6 +331,49 @@ def test_prefetching_sub_block_loop_equals_xla():
                                   run("xla"), err_msg=f"n={n} {draw}")
 
 
+@pytest.mark.slow   # an interpreter run with the rare path (about 15 s on 2 shared cores)
+def test_popc_nohoist_keeps_the_bits(monkeypatch):
+  """'popc' with the rare path's Philox counter made loop-variant (``POPC_PARTS['nohoist']``, session 11)
+  at a sub-blocked loads-first tile gives the XLA path's faults at p = 0.3 (words that need more than six
+  draws, so the rare path runs)."""
+  key = jax.random.PRNGKey(11)
+  codes = jax.random.randint(jax.random.PRNGKey(3), (332,), 0, 256).astype(jnp.uint8)   # 83 words
+  monkeypatch.setitem(pb.POPC_PARTS, "nohoist", True)
+  run = lambda impl, **kw: np.asarray(jax.jit(lambda c: be._inject(key, c, 0.3, 8, impl=impl, **kw))(codes))
+  np.testing.assert_array_equal(run("interpret", words=64, sub=16, unroll=True, draw="popc"), run("xla"))
+
+
+def test_session11_switches_in_the_lowered_kernel(monkeypatch):
+  """The session-11 switches in the kernel lowered for CUDA (no GPU needed): ``EVICT`` puts the
+  evict_first policy on the codes' load and store (and nothing else changes it), 'lean' without
+  ``LEAN_PARTS['wrap']`` has no funnel shift (the lane bit by a plain shift), 'popc' with
+  ``POPC_PARTS['nohoist']`` ORs the shifted loop counter into its rare path's word counter."""
+  from _triton import triton_ir   # tests/_triton.py
+  shapes = (jax.ShapeDtypeStruct((4096,), jnp.uint8), jax.ShapeDtypeStruct((4,), jnp.uint32))
+
+  def ir(draw):
+    return triton_ir(lambda c, fp: pb.inject(c, 8, fp, impl="pallas", draw=draw), *shapes,
+                     monkeypatch=monkeypatch)
+
+  def io_lines(txt):
+    return ([ln for ln in txt.splitlines() if "tt.load" in ln and "tensor<" in ln],
+            [ln for ln in txt.splitlines() if "tt.store" in ln])
+
+  base = ir("lean")
+  monkeypatch.setattr(pb, "EVICT", True)
+  monkeypatch.setitem(pb.LEAN_PARTS, "wrap", False)
+  txt = ir("lean")
+  loads, stores = io_lines(txt)
+  assert len(stores) == 1 and "evict_first" in stores[0] and "evict_first" in loads[0]
+  assert "evict_first" not in base and "shf.l.wrap" in base
+  assert "shf.l.wrap" not in txt and "mul.hi.u32" in txt
+  monkeypatch.setattr(pb, "EVICT", False)
+  plain = ir("popc")
+  monkeypatch.setitem(pb.POPC_PARTS, "nohoist", True)
+  nohoist = ir("popc")
+  assert nohoist.count("arith.ori") > plain.count("arith.ori")
+
+
 def test_tiling_checks():
   codes = jnp.zeros((64,), jnp.uint8)
   fp = be._flip_params(pb.key_words(jax.random.PRNGKey(0)), 0.1)

@@ -91,6 +91,11 @@ _LEAN = ("lean", "leanf")
 # The parts of 'lean' (measurement switches, read at trace time; none changes the bits): lane bits by the
 # funnel shift, the early-stop test as a sum, the rare path's Philox counter kept loop-variant.
 LEAN_PARTS = {"wrap": True, "sum": True, "nohoist": True}
+# Session 11 measurement switches (read at trace time; none changes the bits): 'popc'/'popcx' with the rare
+# path's Philox counter loop-variant as in 'lean' (the s10b ablation: hoisting it costs 'lean' 5.2%), and
+# the codes' loads and stores of the word-io kernel with the 'evict_first' L2 policy (streamed once).
+POPC_PARTS = {"nohoist": False}
+EVICT = False
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
 HASHES = ("philox", "philox7", "threefry")
@@ -371,7 +376,8 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       mm, *st, g = c
       # 'lean': the word counter made loop-variant with a zero the compiler cannot fold (mm < 2^20), so
       # that the first rounds (which do not depend on m) are not hoisted into the common path
-      wi = word_idx | (mm >> _U32(24)) if draw in _LEAN and LEAN_PARTS["nohoist"] else word_idx
+      nohoist = LEAN_PARTS["nohoist"] if draw in _LEAN else draw in ("popc", "popcx") and POPC_PARTS["nohoist"]
+      wi = word_idx | (mm >> _U32(24)) if nohoist else word_idx
       more = philox4x32(k0, k1, wi, jnp.full(word_idx.shape, mm, _U32), zero, zero, asm=asm)
       *st, g = consume(more, 4 * per_word, *st, needed=g)
       return (mm + _U32(1), *st, g)
@@ -638,12 +644,14 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
     o = _faults(p_ref, off, wu, one_method, lanes, hash, width, bits, asm, pre, draw) if stuck else None
     return f, o
 
+  ev = dict(eviction_policy="evict_first") if EVICT and not interpret else {}
+
   def word_io(c_ref, o_ref):
     def load(widx):
-      return plgpu.load(c_ref.at[widx], mask=widx < nw, other=jnp.zeros((), _U32))
+      return plgpu.load(c_ref.at[widx], mask=widx < nw, other=jnp.zeros((), _U32), **ev)
 
     def store(widx, c, f, o):
-      plgpu.store(o_ref.at[widx], combine(c, f, o), mask=widx < nw)
+      plgpu.store(o_ref.at[widx], combine(c, f, o), mask=widx < nw, **ev)
     return load, store
 
   def byte_io(c_ref, o_ref):
