@@ -97,6 +97,14 @@ SWEEP_S10B = ("fmad2:64:1:16:2:3:0:1:0:0:0,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:64:
 SWEEP_S10B_B1 = ("fmad2:64:1:8:2:3:0:1:0:0:0,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:64:1:8:2:3:0:1:0:0:1,"
                  "fmad2:64:2:32:2:3:0:1:0:0:1,fmad2:64:2:32:4:3:0:1:1:0:1,fmad2:32:2:32:2:3:0:1:1:0:1")
 
+# Session 11 (--s11; 12th field: evict, the weight loads with the L2 evict_first policy): the default
+# (one-step fmad2:64:2:32:2, relaxed adds; 14.94 / 14.84 us in s10a / s10b) against 'fmadr2' (the
+# activation scaling per plane row from the step's own planes: no block-wide amax reduction, so no barrier
+# in the prologue), each with and without evict_first, and the default with its split K written out
+# (atomic off: the kernel's own time without the 32 adds per output, plus XLA's sum).
+SWEEP_S11 = ("fmad2:64:2:32:2:3:0:1:1:0:1:0,fmadr2:64:2:32:2:3:0:1:1:0:1:0,fmad2:64:2:32:2:3:0:1:1:0:1:1,"
+             "fmadr2:64:2:32:2:3:0:1:1:0:1:1,fmad2:64:2:32:2:3:0:0:1:0:0:0,fmadr4:128:2:32:4:3:0:1:1:0:1:0")
+
 
 def _extra(ap):
   ap.add_argument("--shapes", default="8192x8192,8192x28672", help="KxN weight shapes")
@@ -109,7 +117,7 @@ def _extra(ap):
   ap.add_argument("--budget_s", type=float, default=1e9, help="skip cases that would not fit in this")
   ap.add_argument("--configs", default=SWEEP,
                   help="variant:block_n:blocks_per_step:split_k:num_warps:num_stages:prefetch[:atomic[:peel[:"
-                       "loop_stages[:relaxed]]]], batch 1 "
+                       "loop_stages[:relaxed[:evict]]]]], batch 1 "
                        "of the first shape")
   ap.add_argument("--configs_b1", default=SWEEP_B1, help="the same for batch <= 2 of the other cases")
   ap.add_argument("--other_configs", default=OTHER, help="the same for batch > 2")
@@ -122,6 +130,7 @@ def _extra(ap):
                   help="also time the public path with its default launch parameters (config 'public')")
   ap.add_argument("--s10", action="store_true", help="--configs SWEEP_S10 --configs_b1 SWEEP_S10_B1")
   ap.add_argument("--s10b", action="store_true", help="--configs SWEEP_S10B --configs_b1 SWEEP_S10B_B1")
+  ap.add_argument("--s11", action="store_true", help="--configs SWEEP_S11 --configs_b1 SWEEP_S11")
   ap.add_argument("--device_rounds", type=int, default=3,
                   help="rounds of the profiler pass (device time per launch of every method); 0: skip")
 
@@ -143,6 +152,8 @@ def _parse(spec: str):
       if len(ints) == 8:
         ints.append("0")
       if len(ints) == 9:
+        ints.append("0")
+      if len(ints) == 10:
         ints.append("0")
       out.append((v, *map(int, ints)))
   return out
@@ -229,6 +240,8 @@ def main():
       args.configs, args.configs_b1 = SWEEP_S10, SWEEP_S10_B1
     if args.s10b:
       args.configs, args.configs_b1 = SWEEP_S10B, SWEEP_S10B_B1
+    if args.s11:
+      args.configs = args.configs_b1 = SWEEP_S11
     sweep, sweep_b1, other = _parse(args.configs), _parse(args.configs_b1), _parse(args.other_configs)
     gs = args.group_size
   t_start = time.time()
@@ -287,10 +300,10 @@ def main():
           ops[name] = (op, copies)
           single[name] = True
           continue
-        v, bn, bps, sk, nw, ns, pf, at, pe, ls, rx = c
+        v, bn, bps, sk, nw, ns, pf, at, pe, ls, rx, *ev = c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
                   prefetch=pf, atomic=bool(at), peel=bool(pe), loop_stages=ls, relaxed=bool(rx),
-                  interpret=interpret)
+                  evict=bool(ev and ev[0]), interpret=interpret)
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
         fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
         ops[name] = (op, copies)

@@ -324,6 +324,44 @@ def test_relaxed_atomics_set_the_semantic(rx, monkeypatch):
   assert "tt.atomic_rmw" not in text and "_rx" not in text
 
 
+def test_evict_first_weight_loads(monkeypatch):
+  """``evict=True`` loads every weight block with the L2 evict_first policy (the 4 sub-tile loads of a
+  2-block step of 'fmad2', and nothing else: no activations, no scales) and gives the same numbers as without it
+  (interpreter, where the policy is dropped)."""
+  k, n = 256, 64
+  shapes = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((k // 8, n), jnp.uint32),
+            jax.ShapeDtypeStruct((k // 128, n), jnp.bfloat16))
+  kw = dict(variant="fmad2", block_n=64, blocks_per_step=2, split_k=1, num_warps=2)
+  for ev in (False, True):
+    text = triton_ir(lambda x, w, s: pg.int4_gemv(x, w, s, evict=ev, interpret=False, **kw), *shapes,
+                     monkeypatch=monkeypatch)
+    weights = [ln for ln in text.splitlines() if "tt.load" in ln and "x!tt.ptr<i32>>" in ln]
+    assert len(weights) >= 4 and all(("evict_first" in ln) == ev for ln in weights)
+    assert text.count("evict_first") == (len(weights) if ev else 0)
+  p = wo.pack_int4(jax.random.normal(jax.random.PRNGKey(22), (k, n)), 128)
+  x = jax.random.normal(jax.random.PRNGKey(23), (1, k)).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(pg.int4_gemv(x, p.words, p.scales, evict=True, **kw)),
+                                np.asarray(pg.int4_gemv(x, p.words, p.scales, **kw)))
+
+
+def test_fmadr_row_scaling_vs_float64():
+  """'fmadr2' (the activation scaling per plane row from the one step's planes, no block-wide reduction)
+  within the float64 bound of the packed product, batch 2 with plane rows whose magnitudes span 2^-20 ..
+  2^25 (each row its own exponent; the interpreter forms the kernel's scaled products with them), ragged
+  N, atomic split K; multi-step programs are refused."""
+  k, n = 512, 40
+  p = wo.pack_int4(jax.random.normal(jax.random.PRNGKey(24), (k, n)), 128)
+  x = (jax.random.normal(jax.random.PRNGKey(25), (2, k)) * jnp.exp2(jnp.arange(k) % 16 * 3.0 - 20)
+       * jnp.asarray([[1.0], [2.0 ** -30]])).astype(jnp.bfloat16)
+  kw = dict(block_n=64, split_k=2, num_warps=2, atomic=True, relaxed=True)
+  a = pg.int4_gemv(x, p.words, p.scales, variant="fmadr2", blocks_per_step=2, **kw)
+  codes, s = _packed_np(p)
+  ref, mag = _np_matmul(np.asarray(x.astype(jnp.float32)), codes, s, 128)
+  np.testing.assert_array_less(np.abs(np.asarray(a) - ref), 512 * 2 ** -24 * mag + 1e-30)
+  with pytest.raises(ValueError, match="split_k \\* blocks_per_step must equal"):
+    pg.int4_gemv(x, p.words, p.scales, variant="fmadr2", blocks_per_step=1, **kw)
+
+
 def test_one_step_programs_relaxed_vs_float64():
   """Programs covering their whole K range in one step (``split_k * blocks_per_step`` = K's blocks), step
   0 peeled ahead of the activation-range prologue, relaxed atomic adds (the interpreter has no memory

@@ -35,6 +35,11 @@ planes 5-7 in ``w >> 12``, one shift per word), and one exact fused multiply-add
     offset 8 enters as minus 8 times the activations' sum per group, and ``2^(e + 23)`` undoes the
     scaling at the end. Needs denormals kept (the GPU default; XLA on the CPU flushes them, so the
     interpreter forms the same products from ``u 2^pos`` by an int -> float conversion).
+  - ``'fmadr'`` (``'fmadr2'``, ``'fmadr4'``): ``'fmad'`` with the exponent ``e`` per plane row ``j``
+    (the elementwise maximum of the program's activation planes, ``|x[16 p + j]| < 2^e_j`` over planes
+    ``p``) instead of one over the program (a block-wide reduction: a barrier in the prologue); the
+    accumulators of row ``j`` are scaled back by ``2^(e_j + 23)`` (exact) before the sum over the rows.
+    One step per program (the scaling must hold over all of a row's planes).
   - ``'dotb'``: ``'dot'`` with the codes made in bf16 by 16-bit operations (``(u | 0x4300) - 136``, exact),
     which lets Triton load the words straight into the tensor-core operand layout (no shared-memory
     round trip per plane for the weights).
@@ -62,7 +67,8 @@ __all__ = ["BLOCK_K", "VARIANTS", "default_config", "int4_gemv", "on_gpu"]
 
 BLOCK_K = 128                  # K elements per packing block: 16 uint32 rows x 8 nibbles
 PLANE = 16                     # K elements per nibble plane
-VARIANTS = ("fma", "fmad", "fmad2", "fmad4", "fma_shift", "dot", "dotb", "dot_shift")
+VARIANTS = ("fma", "fmad", "fmad2", "fmad4", "fmadr", "fmadr2", "fmadr4", "fma_shift", "dot", "dotb",
+            "dot_shift")
 _MAGIC_I = 0x4B000000          # bit pattern of 2^23
 _MAGIC_F = 8388616.0           # 2^23 + 8: removes the exponent and the +8 offset of the codes
 
@@ -138,6 +144,13 @@ def default_config(batch: int, k: int, n: int, groups: int = 1 << 30) -> dict:
   return cfg
 
 
+def _dn_parts(variant: str) -> tuple[bool, int]:
+  """('fmad*' variants) whether the activation scaling is per row (``'fmadr*'``) and the column sub-tiles."""
+  rows = variant.startswith("fmadr")
+  tail = variant[5:] if rows else variant[4:]
+  return rows, int(tail) if tail else 1
+
+
 def _unpack_plane(words, hi, i: int, shift: bool, magic):
   """Nibble plane ``i`` of uint32 words as float32 codes ``c`` (exact).
 
@@ -162,7 +175,7 @@ def _unpack_plane(words, hi, i: int, shift: bool, magic):
 
 def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, blocks_per_step: int,
                  steps: int, group_size: int, precision, prefetch: bool, atomic: bool,
-                 denormals: bool = True, peel: bool = False):
+                 denormals: bool = True, peel: bool = False, evict: bool = False, interpret: bool = False):
   o_ref = refs[-1]                 # with atomic=True refs = (zeros, out): the same buffer (aliased)
   bn = w_ref.shape[1]
   step_k = BLOCK_K * blocks_per_step
@@ -174,7 +187,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   dn = variant.startswith("fmad")
   # 'fmad2'/'fmad4': the block_n columns as 2/4 sub-tiles loaded separately; equal shapes get equal
   # register layouts, so each activation a thread loads, converts and scales serves 2/4 times the weights.
-  nsub = int(variant[4:]) if dn and len(variant) > 4 else 1
+  rowscale, nsub = _dn_parts(variant) if dn else (False, 1)
   sub = bn // nsub
   # The 2^23 bit pattern is read from memory (m_ref holds it), not written as a literal: the bit mask
   # is then the and-or's one immediate and the pattern stays in one register, where a literal made the
@@ -182,30 +195,54 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   magic = m_ref[0]
   dnp = {}
 
-  def dn_setup():
-    """The 'fmad' scaling constants, from this program's activations (after step 0's loads are issued)."""
+  def dn_setup(xs=None):
+    """The 'fmad' scaling constants, from this program's activations (after step 0's loads are issued).
+    'fmadr*' (``xs``: the one step's activation planes): per batch row b and plane row j, from the planes'
+    elementwise maximum (no reduction across threads, so no barrier); arrays of shape (16,) per b."""
+    if rowscale:
+      ex = []
+      for b in range(batch):
+        amax = functools.reduce(jnp.maximum, [jnp.abs(xp[b].astype(jnp.float32)) for xp in xs])   # (16,)
+        ex.append(amax)
+      return dn_scales(ex)
+    return dn_scales([jnp.max(jnp.abs(x_ref[...].astype(jnp.float32)))])
+
+  def dn_scales(amaxes):
+    """The constants from the activations' ranges ``amaxes`` (one per batch row, arrays (16,); or one
+    scalar for the whole program)."""
     # 'fmad': the masked nibble IS the float, u 2^(pos - 149) (a denormal, or for bit 23 the smallest
     # normal exponent, exact either way); each activation is scaled by 2^(126 - e - pos) with |x| < 2^e
     # over this program's activations, so every product is u x 2^(-23 - e) exactly and the sums run in
     # that scaled domain; 2^(e + 23) undoes it at the end. Per weight: one AND and one FMA.
-    amax = jnp.max(jnp.abs(x_ref[...].astype(jnp.float32)))
-    e = jnp.clip(jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(amax, jnp.int32), 23) - 126,
-                 -1, 128) if denormals else jnp.int32(-23)
     pow2 = lambda ex: jax.lax.bitcast_convert_type(jax.lax.shift_left(ex + 127, 23), jnp.float32)
-    # Where denormals are flushed (XLA on the CPU, i.e. the interpreter) the same products are formed
-    # unscaled (e = -23) as (u 2^pos, an exact int -> float conversion) times x 2^-pos: no denormal.
-    xscale = {pos: pow2(126 - e - pos) if denormals else pow2(-23 - e - pos) for pos in range(0, 24, 4)}
     lg = max(0, (min(group_size // PLANE, blocks_per_step * 8) - 1).bit_length())   # planes per sum < 2^lg
-    # The code offset 8: x summed over a group's planes (< 2^(e + lg)), scaled, times 8 2^(lg - 149).
-    cscale = pow2(126 - e - lg) if denormals else pow2(-23 - e - lg)
-    f8 = (jax.lax.bitcast_convert_type(e * 0 + (8 << lg), jnp.float32) if denormals else   # (traced)
-          jnp.float32(8 << lg))
-    back = (pow2((e + 23) // 2), pow2(e + 23 - (e + 23) // 2))
+    xscale, cscale, back, f8 = [], [], [], []
+    for amax in amaxes:
+      e = jnp.clip(jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(amax, jnp.int32), 23) - 126,
+                   -1, 128) if denormals or rowscale else jnp.zeros(jnp.shape(amax), jnp.int32) - 23
+      # Where denormals are flushed (XLA on the CPU, i.e. the interpreter) the same products are formed
+      # unscaled (e = -23) as (u 2^pos, an exact int -> float conversion) times x 2^-pos: no denormal
+      # ('fmadr*': u 2^pos times x 2^(-23 - e - pos) with the rows' e, the kernel's scaled domain).
+      xscale.append({pos: pow2(126 - e - pos) if denormals else pow2(-23 - e - pos) for pos in range(0, 24, 4)})
+      # The code offset 8: x summed over a group's planes (< 2^(e + lg)), scaled, times 8 2^(lg - 149).
+      cscale.append(pow2(126 - e - lg) if denormals else pow2(-23 - e - lg))
+      f8.append(jax.lax.bitcast_convert_type(e * 0 + (8 << lg), jnp.float32) if denormals else   # (traced)
+                jnp.float32(8 << lg))
+      back.append((pow2((e + 23) // 2), pow2(e + 23 - (e + 23) // 2)))
+    if not rowscale:   # one set of scalars for every batch row
+      xscale, cscale, back, f8 = xscale * batch, cscale * batch, back * batch, f8 * batch
     dnp.update(xscale=xscale, cscale=cscale, f8=f8, back=back)
 
 
   def mult(x, m):
     return x if isinstance(x, int) else pl.multiple_of(x, m)
+
+  def wload(ref, *idx):
+    """A weight block: ``evict`` streams it with the L2 evict-first policy (read once; the interpreter
+    loads it plainly)."""
+    if not evict:
+      return ref[idx]
+    return plgpu.load(ref.at[idx], **({} if interpret else dict(eviction_policy="evict_first")))
 
   def load_x(it):
     """The activation planes of step ``it``."""
@@ -222,12 +259,12 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     planes."""
     k0 = mult(it * step_k, step_k)
     if nsub > 1:
-      words = [[w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), pl.ds(c * sub, sub)]
+      words = [[wload(w_ref, pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), pl.ds(c * sub, sub))
                 for c in range(nsub)] for u in range(blocks_per_step)]
       srows = [[s_ref[pl.ds(jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size)), 1),
                       pl.ds(c * sub, sub)] for c in range(nsub)] for q in range(groups_per_step)]
     else:
-      words = [w_ref[pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), :]
+      words = [wload(w_ref, pl.ds(mult((it * blocks_per_step + u) * PLANE, PLANE), PLANE), slice(None))
                for u in range(blocks_per_step)]
       srows = [s_ref[pl.ds(jax.lax.div(k0 + q * per_group * PLANE, jnp.int32(group_size)), 1), :]
                for q in range(groups_per_step)]
@@ -242,12 +279,12 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     for q in range(groups_per_step):
       ps = range(q * per_group, (q + 1) * per_group)
       xv = {(p, b): xs[p][b].astype(jnp.float32) for p in ps for b in range(batch)}
-      xsc = {(p, b): xv[p, b] * dnp["xscale"][4 * (p % 8) if p % 8 <= 5 else 4 * (p % 8) - 8]
+      xsc = {(p, b): xv[p, b] * dnp["xscale"][b][4 * (p % 8) if p % 8 <= 5 else 4 * (p % 8) - 8]
              for p in ps for b in range(batch)}
       part = []
       for b in range(batch):        # start from minus the offset: 8 x 2^(-23 - e) summed over the planes
         xr = functools.reduce(lambda a, v: a + v, [xv[p, b] for p in ps])
-        corr = -((xr * dnp["cscale"]) * dnp["f8"])[:, None]
+        corr = -((xr * dnp["cscale"][b]) * dnp["f8"][b])[:, None]
         part += [jnp.broadcast_to(corr, (PLANE, sub))] * nsub
       for p in ps:
         u, i = divmod(p, 8)
@@ -324,6 +361,11 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
     if dn:
       dn_setup()
     acc, _ = jax.lax.fori_loop(0, steps, body, (init, cur))
+  elif rowscale:
+    # 'fmadr*': one step (checked by int4_gemv); the scaling from that step's activation planes.
+    cur = load(0)
+    dn_setup(cur[2])
+    acc = compute(init, cur)
   elif dn and peel:
     # Step 0 peeled: its loads are issued before the activations' range is reduced over the program
     # (a barrier), so the first weights are in flight during that prologue.
@@ -338,7 +380,11 @@ def _gemv_kernel(x_ref, w_ref, s_ref, m_ref, *refs, variant: str, batch: int, bl
   if dn:
     for t, a in enumerate(acc):
       b, c = divmod(t, nsub)
-      v = (jnp.sum(a, axis=0) * dnp["back"][0]) * dnp["back"][1]
+      bk = dnp["back"][b]
+      if rowscale:   # each plane row back to the common scale (exact), then the sum over the rows
+        v = jnp.sum((a * bk[0][:, None]) * bk[1][:, None], axis=0)
+      else:
+        v = (jnp.sum(a, axis=0) * bk[0]) * bk[1]
       if atomic:
         plgpu.atomic_add(o_ref, (pl.ds(b, 1), pl.ds(c * sub, sub)), v[None, :])
       else:
@@ -367,7 +413,7 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
               blocks_per_step: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None,
               prefetch: int | bool | None = None, atomic: bool | None = None, peel: bool | None = None,
-              loop_stages: int | None = None, relaxed: bool | None = None,
+              loop_stages: int | None = None, relaxed: bool | None = None, evict: bool | None = None,
               interpret: bool | None = None) -> jax.Array:
   """``x (B, K) @ dequantize(words, scales)`` by the Pallas kernel, float32 arithmetic.
 
@@ -377,7 +423,10 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     scales: ``(K / group_size, N)`` float scales (bfloat16 or float32), ``group_size`` a power of two
       >= 16 or K itself (one scale per column).
     out_dtype: output dtype (the float32 result is cast once when stored).
-    variant: ``'fma'`` or ``'dot'``; None (and each launch parameter left None): :func:`default_config`.
+    variant: one of ``VARIANTS`` (module docstring); None (and each launch parameter left None):
+      :func:`default_config`. ``'fmadr'``/``'fmadr2'``/``'fmadr4'``: ``'fmad*'`` with the activation
+      scaling per plane row from the one step's planes (no block-wide reduction, so no barrier in the
+      prologue; one step per program: ``split_k * blocks_per_step`` = K's blocks).
     block_n: output columns per program (power of two >= 16); N is zero-padded to a multiple.
     blocks_per_step: 128-element K blocks per loop step (power of two).
     split_k: programs along K (a power of two dividing the K blocks); partial outputs summed by XLA.
@@ -398,6 +447,8 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
       (through :mod:`mlsys_jax.quant._triton_hooks`): a fire-and-forget ``REDG`` per add instead of
       ``MEMBAR.ALL.GPU`` + ``ATOMG`` + ``CCTL.IVALL`` (an L1 flush) in the sm_90 SASS. The output is read
       only after the kernel, so the sum is the same; the interpreter ignores it.
+    evict: load the weight words with the L2 ``evict_first`` policy (they are read once; the same
+      results; the interpreter ignores the policy). Default: the configuration's (off).
     interpret: run in Pallas's interpreter; default: on every backend but the GPU.
 
   Returns:
@@ -413,8 +464,9 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   group_size = k // scales.shape[0]
   cfg = default_config(b, k, n, scales.shape[0])
   bn = block_n or cfg["block_n"]
-  if variant is None and cfg["variant"] in ("fmad2", "fmad4") and bn < 16 * int(cfg["variant"][4:]):
-    variant = "fmad"                 # the default's sub-tiles do not fit a narrow block_n given by hand
+  if variant is None and cfg["variant"].startswith("fmad") and bn < 16 * _dn_parts(cfg["variant"])[1]:
+    variant = "fmadr" if _dn_parts(cfg["variant"])[0] else "fmad"   # the default's sub-tiles do not fit a
+                                                                     # narrow block_n given by hand
   variant = variant or cfg["variant"]
   check_choice("variant", variant, VARIANTS)
   bps = blocks_per_step or cfg["blocks_per_step"]
@@ -426,12 +478,17 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
     if v & (v - 1):
       raise ValueError(f"{name} must be a power of two, got {v}.")
   check_int("block_n", bn, 16, 1024)
-  if variant in ("fmad2", "fmad4") and bn < 16 * int(variant[4:]):
-    raise ValueError(f"variant {variant!r} cuts block_n into {variant[4:]} sub-tiles of at least 16 columns; "
-                     f"got block_n={bn}. Pass block_n >= {16 * int(variant[4:])}.")
+  rowscale, nsub = _dn_parts(variant) if variant.startswith("fmad") else (False, 1)
+  if nsub > 1 and bn < 16 * nsub:
+    raise ValueError(f"variant {variant!r} cuts block_n into {nsub} sub-tiles of at least 16 columns; "
+                     f"got block_n={bn}. Pass block_n >= {16 * nsub}.")
   if nb % (sk * bps):
     raise ValueError(f"K={k} has {nb} blocks of {BLOCK_K}; split_k * blocks_per_step = {sk * bps} must "
                      f"divide it. Pass smaller values.")
+  if rowscale and nb != sk * bps:
+    raise ValueError(f"variant {variant!r} scales the activations per row from the program's one step: "
+                     f"split_k * blocks_per_step must equal K's {nb} blocks of {BLOCK_K}, got "
+                     f"{sk} * {bps}.")
   if scales.shape[0] % sk:
     raise ValueError(f"split_k={sk} must divide the number of scale groups ({scales.shape[0]}); per-column "
                      f"scales (one group) need split_k=1.")
@@ -447,14 +504,16 @@ def int4_gemv(x: jax.Array, words: jax.Array, scales: jax.Array, *, out_dtype=jn
   if ls == 1:
     raise ValueError("loop_stages=1 is no pipelining; pass 0 (off) or 2..8 buffers.")
   rx = bool(cfg.get("relaxed", False) if relaxed is None else relaxed) and at and sk > 1
+  ev = bool(cfg.get("evict", False) if evict is None else evict)
   if (ls or rx) and not interpret:
     _triton_hooks.install()
   return _launch(x, words, scales, jnp.dtype(out_dtype), variant, bn, bps, sk, nw, ns, pf, at and sk > 1, pe,
-                 ls, rx, bool(interpret))
+                 ls, rx, bool(interpret), ev)
 
 
-@functools.partial(jax.jit, static_argnums=tuple(range(3, 16)))
-def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, peel, ls, rx, interpret):
+@functools.partial(jax.jit, static_argnums=tuple(range(3, 17)))
+def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomic, peel, ls, rx, interpret,
+            evict=False):
   b, k = x.shape
   n = words.shape[1]
   group_size = k // scales.shape[0]
@@ -471,7 +530,8 @@ def _launch(x, words, scales, out_dtype, variant, bn, bps, sk, nw, ns, pf, atomi
   precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
   kernel = functools.partial(_gemv_kernel, variant=variant, batch=bp, blocks_per_step=bps,
                              steps=kc // (BLOCK_K * bps), group_size=group_size, precision=precision,
-                             prefetch=pf, atomic=atomic, denormals=not interpret, peel=peel)
+                             prefetch=pf, atomic=atomic, denormals=not interpret, peel=peel, evict=evict,
+                             interpret=interpret)
   odt = out_dtype if sk == 1 else jnp.float32
   in_specs = [pl.BlockSpec((bx, kc), lambda j, q: (0, q)),
               pl.BlockSpec((kc // 8, bn), lambda j, q: (q, j)),
