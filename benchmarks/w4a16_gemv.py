@@ -101,9 +101,12 @@ SWEEP_S10B_B1 = ("fmad2:64:1:8:2:3:0:1:0:0:0,fmad2:64:2:32:2:3:0:1:1:0:1,fmad2:6
 # (one-step fmad2:64:2:32:2, relaxed adds; 14.94 / 14.84 us in s10a / s10b) against 'fmadr2' (the
 # activation scaling per plane row from the step's own planes: no block-wide amax reduction, so no barrier
 # in the prologue), each with and without evict_first, and the default with its split K written out
-# (atomic off: the kernel's own time without the 32 adds per output, plus XLA's sum).
+# (atomic off: the kernel's own time without the 32 adds per output, plus XLA's sum; s10a: relaxed adds
+# alone were worth 2.6 us at this configuration), and 4-warp programs of 4 blocks (16 KiB, the same 32 words
+# per thread as the default, half the adds: 16 per output).
 SWEEP_S11 = ("fmad2:64:2:32:2:3:0:1:1:0:1:0,fmadr2:64:2:32:2:3:0:1:1:0:1:0,fmad2:64:2:32:2:3:0:1:1:0:1:1,"
-             "fmadr2:64:2:32:2:3:0:1:1:0:1:1,fmad2:64:2:32:2:3:0:0:1:0:0:0,fmadr4:128:2:32:4:3:0:1:1:0:1:0")
+             "fmadr2:64:2:32:2:3:0:1:1:0:1:1,fmad2:64:2:32:2:3:0:0:1:0:0:0,fmad2:64:4:16:4:3:0:1:1:0:1:0,"
+             "fmadr2:64:4:16:4:3:0:1:1:0:1:0,fmadr4:128:2:32:4:3:0:1:1:0:1:0")
 
 
 def _extra(ap):
