@@ -12,6 +12,7 @@ of a jitted function, 8192^3 so dispatch is < 1%).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import time
 
@@ -109,6 +110,7 @@ def main():
   methods["public vs_int8_matmul V=64 (backend auto), weights (K, N)"] = (
       jax.jit(functools.partial(pg.vs_int8_matmul, vector_size=64)), (ia, scales[64][0], iw, scales[64][1]),
       ("int8", 64))
+  configs = {}   # Mosaic rows: their MgpuConfig
   for kv in args.kinds.split(","):
     kind, v = kv.split(":")
     v = int(v)
@@ -126,6 +128,7 @@ def main():
         methods[name] = (fn, (fa, fsa, fw_nk, fsw), ("ref", ref_fp8))
       else:
         methods[name] = (fn, (ia, scales[v][0], iw_nk, scales[v][1]), ("int8", v))
+      configs[name] = dataclasses.asdict(cfg)
 
   def compile_one(name):
     fn, xs, _ = methods[name]
@@ -154,7 +157,7 @@ def main():
   print(result["mosaic_self_test"], flush=True)
   rows = result["rows"]
   for name, (fn, xs, check) in methods.items():
-    row = {"op": name}
+    row = {"op": name, **({"config": configs[name]} if name in configs else {})}
     c = compiled[name]
     if isinstance(c, Exception):
       row["error"] = f"{type(c).__name__}: {str(c)[:600]}"
