@@ -166,7 +166,7 @@ S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the d
              ("binomial", 1024, 128, True, 1, 3, "lean", {"wrap": False}),
              ("binomial", 256, 128, True, 1, 3, "lean", {"wrap": False}),
              # smaller sub-blocks: fewer words per rare-path pass (a 128-word sub-block holds a word with
-             # C >= 4 or a collision among its first three draws about 7% of the time at p = 1%)
+             # C >= 4 or a collision among its first three draws 8% of the time at p = 1%; 32 words: 2%)
              ("binomial", 512, 32, True, 1, 3, "lean", {"wrap": False}),
              ("binomial", 256, 64, True, 1, 3, "lean", {"wrap": False}),
              ("binomial", *S11_TILE, "lean", {"wrap": False, "evict": True})]
