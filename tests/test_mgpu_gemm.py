@@ -90,13 +90,13 @@ def test_lowers_for_cuda(kind, v, convert, bps):
 def test_overlap_interpreter_matches_float64(monkeypatch, kind, v, shape, convert, bps, persistent, bitwise):
   """overlap=True folds every block one pipeline step late (carried partial sum and scales, the last block
   after the loop); convert='bias' presets the block accumulator to 0x4B400000; persistent=True loops each CTA
-  over several output tiles (here 1 or 3 CTAs for 2 or 4 tiles). Same numbers as the float64 reference, and
+  over several output tiles (here 1 or 3 CTAs for 2 or 4 tiles; the int8 one stores in two column chunks). Same numbers as the float64 reference, and
   for int8 bitwise the default 'cast' kernel's (the bias identity is exact)."""
   monkeypatch.setattr(mg, "_num_sms", lambda: 1 if shape[0] <= 128 else 3)
   m, n, k = shape
   a, sa, w, sw = _operands(kind, m, n, k, v, seed=1)
   cfg = mg.MgpuConfig(stages=2, grid_group=2, convert=convert, blocks_per_step=bps, overlap=True,
-                      persistent=persistent)
+                      persistent=persistent, epi_chunks=2 if persistent and kind == "int8" else 1)
   out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True, config=cfg)
   ref = _reference(a, sa, w, sw, v)
   assert out.shape == (m, n) and out.dtype == jnp.float32
@@ -109,7 +109,8 @@ def test_overlap_interpreter_matches_float64(monkeypatch, kind, v, shape, conver
 
 @pytest.mark.parametrize("kind,v,convert,bps,cm,persistent", [("fp8", 128, "cast", 1, 1, False),
                                                               ("int8", 64, "bias", 2, 1, True),
-                                                              ("int8", 128, "bias", 1, 2, False)])
+                                                              ("int8", 128, "bias", 1, 2, False),
+                                                              ("fp8", 128, "cast", 1, 1, "epi2")])
 def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm, persistent):
   """The overlapped pipeline (run_state accumulators, carried scales) and the persistent tile loop are built
   for CUDA on this CPU."""
@@ -117,8 +118,9 @@ def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm, persistent):
   m = n = k = 512
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
            jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
-  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=4 // bps, cluster_m=cm, overlap=True,
-                      persistent=persistent)
+  epi2 = persistent == "epi2"   # output in two column chunks: 32 KiB staging, room for a fifth FP8 stage
+  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=5 if epi2 else 4 // bps, cluster_m=cm,
+                      overlap=True, persistent=persistent is True, epi_chunks=2 if epi2 else 1)
   f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
   assert "mosaic_gpu" in f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -147,6 +149,10 @@ def test_bad_input():
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(convert="round"))
   with pytest.raises(ValueError, match="overlap"):
     mg.MgpuConfig(overlap=1.5)
+  with pytest.raises(ValueError, match="epi_chunks"):
+    mg.MgpuConfig(epi_chunks=3)
+  with pytest.raises(ValueError, match="epi_chunks=2 needs tile_n"):
+    mg.MgpuConfig(epi_chunks=2, tile_n=64)
   with pytest.raises(ValueError, match="persistent=True needs cluster_m=1"):
     mg.MgpuConfig(persistent=True, cluster_m=2)
   fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)

@@ -79,6 +79,9 @@ class MgpuConfig:
     persistent: one CTA per SM loops over the output tiles (grouped order, ``plgpu.nd_loop``) with one set of
       pipeline buffers, so the memory warpgroup loads tile ``t + 1``'s first blocks and the TMA store of tile
       ``t`` drains while the compute warpgroups run tile ``t + 1`` (no CTA launch and pipeline fill per tile).
+    epi_chunks: 1, or 2: the float32 output tile leaves through a shared-memory buffer of ``tile_n / 2``
+      columns per warpgroup, twice (half the staging memory: 32 KiB instead of 64 KiB at 128 x 128, room for
+      a deeper TMA ring).
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -90,15 +93,18 @@ class MgpuConfig:
   cluster_m: int = 1
   overlap: bool = False
   persistent: bool = False
+  epi_chunks: int = 1
 
   def __post_init__(self):
     for name, allowed in (("cluster_m", (1, 2)), ("compute_wgs", (2, 3)), ("blocks_per_step", (1, 2)),
                           ("convert", ("cast", "magic", "bias")), ("overlap", (False, True)),
-                          ("persistent", (False, True))):
+                          ("persistent", (False, True)), ("epi_chunks", (1, 2))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"MgpuConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.persistent and self.cluster_m != 1:
       raise ValueError("MgpuConfig.persistent=True needs cluster_m=1")
+    if self.tile_n % (64 * self.epi_chunks) and self.epi_chunks > 1:
+      raise ValueError(f"MgpuConfig.epi_chunks=2 needs tile_n a multiple of 128, got {self.tile_n}")
     if self.tile_m % 64 or not 8 <= self.tile_n <= 256:
       raise ValueError(f"MgpuConfig needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got tile_m="
                        f"{self.tile_m}, tile_n={self.tile_n}")
@@ -163,7 +169,8 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   elem_bits = 8
   swizzle = plgpu.find_swizzle(v * elem_bits)   # one K block per swizzle row group: blocks slice on tiles
   transforms = (plgpu.TilingTransform((8, swizzle * 8 // elem_bits)), plgpu.SwizzleTransform(swizzle))
-  out_swizzle = plgpu.find_swizzle(tn * 32)
+  epi_n = tn // config.epi_chunks   # output columns staged in shared memory at a time
+  out_swizzle = plgpu.find_swizzle(epi_n * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
   bps = config.blocks_per_step
   cm = config.cluster_m
@@ -214,11 +221,12 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
           acc = fold_values(acc, part, psa, psw)   # the last K block
         else:
           acc = eval_pipeline(acc0)
-        if persistent:   # the previous tile's store has had this whole tile's K loop to leave out_smem
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        out_smem.at[wg][...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows])
+        for c in range(config.epi_chunks):   # column chunks through one staging buffer per warpgroup
+          if persistent or c:   # (persistent: the previous tile's store had this tile's K loop to drain)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          out_smem.at[wg][...] = acc if config.epi_chunks == 1 else acc[:, c * epi_n:(c + 1) * epi_n]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows, pl.ds(c * epi_n, epi_n)])
         if not persistent:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -352,7 +360,7 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   f = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
-      scratch_types=[plgpu.SMEM((wgs, tm, tn), jnp.float32, transforms=out_transforms)],
+      scratch_types=[plgpu.SMEM((wgs, tm, epi_n), jnp.float32, transforms=out_transforms)],
       grid=(n_ctas,),
       grid_names=("tiles",),
       **({"cluster": (cm,), "cluster_names": ("cluster",)} if cm > 1 else {}),
