@@ -158,7 +158,9 @@ S11_TILE = (512, 128, True, 1, 3)
 S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the default kernel
              ("binomial", *S11_TILE, "lean"),                            # s10's best (two runs)
              ("binomial", *S11_TILE, "lean", {"wrap": False}),
+             ("binomial", *S11_TILE, "lean4", {"wrap": False}),   # + the fourth draw in the common path
              ("binomial", *S11_TILE, "leanf", {"wrap": False}),
+             ("binomial", *S11_TILE, "lean4"),
              ("binomial", *S11_TILE, "leanf"),
              ("binomial", *S11_TILE, "popc", {"popc_nohoist": True}),
              ("binomial", 256, None, False, 1, 3, "popc", {"popc_nohoist": True}),
@@ -171,7 +173,7 @@ S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the d
              ("binomial", 256, 64, True, 1, 3, "lean", {"wrap": False}),
              ("binomial", *S11_TILE, "lean", {"wrap": False, "evict": True})]
 # The public function's path at that tile (dispatch arguments of bit_errors._inject) with these switches.
-S11_PUBLIC = [("lean", {}), ("lean", {"wrap": False}), ("leanf", {"wrap": False})]
+S11_PUBLIC = [("lean", {}), ("lean", {"wrap": False}), ("lean4", {"wrap": False})]
 
 
 def _switched(sw: dict | None, fn):
