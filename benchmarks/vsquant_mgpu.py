@@ -36,6 +36,10 @@ def _extra(ap):
   ap.add_argument("--reps", type=int, default=8)
   ap.add_argument("--name", default="vsquant_mgpu")
   ap.add_argument("--budget_s", type=float, default=1e9, help="stop timing new rows after this")
+  ap.add_argument("--ptxas", type=int, default=0,
+                  help="1: no timing; compile each Mosaic config at 1024^3 with MOSAIC_GPU_DUMP_PTXAS/SASS, write "
+                       "each compiler output to <name>_<kind><V>_<config>.txt and a JSON of ptxas lines (registers, "
+                       "spills, warnings) and SASS opcode counts")
 
 
 def _rel(out, ref) -> float:
@@ -56,8 +60,76 @@ def _cfg(s: str) -> mg.MgpuConfig:
                         persistent="ps" in flags, epi_chunks=2 if "e2" in flags else 1)
 
 
+_OPS = ("HGMMA", "WARPGROUP", "I2F", "I2FP", "FFMA", "FMUL", "FADD", "IADD3", "IMAD", "MOV", "LDS", "STS", "LDL",
+        "STL", "BAR", "SYNCS", "SHFL", "F2F", "PRMT", "BRA")
+
+
+def _ptxas_report(args):
+  """Compiler diagnostics of each Mosaic config (no timing): the ptxas summary (registers, spill bytes, any
+  warning such as wgmma serialization) and how many of each SASS opcode the kernel holds (whole kernel,
+  static count), from Mosaic GPU's MOSAIC_GPU_DUMP_PTXAS / MOSAIC_GPU_DUMP_SASS output."""
+  import collections
+  import os
+  import re
+  import sys
+  import tempfile
+  os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+  os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
+  m = n = k = 256 if args.small else 1024
+  out_dir = args.out or os.environ.get("OUT", ".")
+  result = {"env": environment(), "shape": [m, k, n], "rows": [], "command": "benchmarks/vsquant_mgpu.py --ptxas 1"}
+  op_re = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)")
+  for kv in args.kinds.split(","):
+    kind, v = kv.split(":")
+    v = int(v)
+    dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
+    a = jnp.ones((m, k), dt)
+    w = jnp.ones((n, k), dt)
+    sa, sw = jnp.ones((k // v, m), jnp.float32), jnp.ones((k // v, n), jnp.float32)
+    for cs in args.configs.split(","):
+      cfg = _cfg(cs)
+      if kind == "fp8" and cfg.convert != "cast":
+        continue
+      row = {"kind": kind, "V": v, "config": cs, **dataclasses.asdict(cfg)}
+      fn = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
+      with tempfile.TemporaryFile() as tmp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+          jax.block_until_ready(fn(a, sa, w, sw))
+        except Exception as e:  # recorded, not fatal
+          row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        finally:
+          sys.stdout.flush()
+          sys.stderr.flush()
+          os.dup2(saved[0], 1)
+          os.dup2(saved[1], 2)
+          os.close(saved[0])
+          os.close(saved[1])
+        tmp.seek(0)
+        text = tmp.read().decode(errors="replace")
+      fname = f"{args.name}_{kind}{v}_{cs.replace(':', '-')}.txt"
+      with open(os.path.join(out_dir, fname), "w") as f:
+        f.write(text[:600_000])
+      row["ptxas"] = [l.strip() for l in text.splitlines()
+                      if re.search(r"ptxas|registers|[Ss]pill|warning|serializ", l)][:20]
+      counts = collections.Counter(mt.group(1) for mt in op_re.finditer(text))
+      row["sass_ops"] = {o: counts.get(o, 0) for o in _OPS}
+      row["sass_total"] = sum(counts.values())
+      row["sass_top"] = dict(counts.most_common(30))
+      row["file"] = fname
+      print({kk: row[kk] for kk in ("kind", "V", "config", "ptxas", "sass_ops", "sass_total")}, flush=True)
+      result["rows"].append(row)
+      write_json(args.out, args.name, result)
+
+
 def main():
   args = parse_args(__doc__, _extra)
+  if args.ptxas:
+    return _ptxas_report(args)
   t0 = time.perf_counter()
   env = environment()
   print(env, flush=True)
