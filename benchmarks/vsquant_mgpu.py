@@ -69,6 +69,7 @@ def _ptxas_report(args):
   warning such as wgmma serialization) and how many of each SASS opcode the kernel holds (whole kernel,
   static count), from Mosaic GPU's MOSAIC_GPU_DUMP_PTXAS / MOSAIC_GPU_DUMP_SASS output."""
   import collections
+  import ctypes
   import os
   import re
   import sys
@@ -105,6 +106,10 @@ def _ptxas_report(args):
         finally:
           sys.stdout.flush()
           sys.stderr.flush()
+          try:   # C stdio buffers of the compiler's dump (else they land in the log after the restore)
+            ctypes.CDLL(None).fflush(None)
+          except Exception:  # noqa: BLE001
+            pass
           os.dup2(saved[0], 1)
           os.dup2(saved[1], 2)
           os.close(saved[0])
