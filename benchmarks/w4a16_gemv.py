@@ -108,6 +108,15 @@ SWEEP_S11 = ("fmad2:64:2:32:2:3:0:1:1:0:1:0,fmadr2:64:2:32:2:3:0:1:1:0:1:0,fmad2
              "fmadr2:64:2:32:2:3:0:1:1:0:1:1,fmad2:64:2:32:2:3:0:0:1:0:0:0,fmad2:64:4:16:4:3:0:1:1:0:1:0,"
              "fmadr2:64:4:16:4:3:0:1:1:0:1:0,fmadr4:128:2:32:4:3:0:1:1:0:1:0")
 
+# Session 11 second run (--s11b). Run s11a (H200, 2026-12-03 17:2x UTC, w4a16_gemv_h200_s11a.json): default
+# 14.82 us (bf16 34.84), evict_first 14.77, 'fmadr2' 16.82 (slower: the per-row scaling costs more than the
+# barrier it removes), 4-warp 16 KiB programs 15.79, and with the split K written out the GEMV kernel alone
+# takes 14.78 us (+1.52 us XLA sum): the relaxed adds cost nothing. Now the default and evict again, and two
+# diagnostics of where the 14.8 us go: 'memonly' (the same grid and weight loads, one add per word) and
+# 'l2:' (the default on ONE weight for all 16 launches, read from L2 after the first: the arithmetic side).
+SWEEP_S11B = ("fmad2:64:2:32:2:3:0:1:1:0:1:0,fmad2:64:2:32:2:3:0:1:1:0:1:1,memonly:64:32:2,"
+              "l2:fmad2:64:2:32:2:3:0:1:1:0:1:0")
+
 
 def _extra(ap):
   ap.add_argument("--shapes", default="8192x8192,8192x28672", help="KxN weight shapes")
@@ -134,8 +143,33 @@ def _extra(ap):
   ap.add_argument("--s10", action="store_true", help="--configs SWEEP_S10 --configs_b1 SWEEP_S10_B1")
   ap.add_argument("--s10b", action="store_true", help="--configs SWEEP_S10B --configs_b1 SWEEP_S10B_B1")
   ap.add_argument("--s11", action="store_true", help="--configs SWEEP_S11 --configs_b1 SWEEP_S11")
+  ap.add_argument("--s11b", action="store_true", help="--configs SWEEP_S11B --configs_b1 SWEEP_S11B")
   ap.add_argument("--device_rounds", type=int, default=3,
                   help="rounds of the profiler pass (device time per launch of every method); 0: skip")
+
+
+def _mem_only(words, bn: int, sk: int, nw: int, interpret: bool):
+  """Diagnostic, not a GEMV: the batch-1 kernel's grid ``(N / bn, sk)`` and weight blocks (``K / 8 / sk``
+  rows of ``bn`` words), each program loading its block as 'fmad2' does (16-row blocks, two column
+  halves) and writing the int32 sum of its words per column: the weight reads alone, next to no
+  arithmetic (about one add per word against about 24 instructions per word in the GEMV)."""
+  from jax.experimental import pallas as pl
+  from mlsys_jax._compat import triton_compiler_params
+  rows, n, half = words.shape[0] // sk, words.shape[1], bn // 2
+
+  def kernel(w_ref, o_ref):
+    accs = [None, None]
+    for u in range(rows // 16):
+      for c in range(2):
+        t = w_ref[pl.ds(u * 16, 16), pl.ds(c * half, half)].astype(jnp.int32)
+        accs[c] = t if accs[c] is None else accs[c] + t
+    for c in range(2):
+      o_ref[0, pl.ds(c * half, half)] = jnp.sum(accs[c], axis=0)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((sk, 1, n), jnp.int32), grid=(n // bn, sk),
+      in_specs=[pl.BlockSpec((rows, bn), lambda j, q: (q, j))],
+      out_specs=pl.BlockSpec((None, 1, bn), lambda j, q: (q, 0, j)),
+      compiler_params=None if interpret else triton_compiler_params(nw, 3), interpret=interpret)(words)
 
 
 def _parse(spec: str):
@@ -145,6 +179,12 @@ def _parse(spec: str):
       v, *ints = c.split(":")
       if v == "public":               # the public path with its defaults: w4a16_matmul(x, packed)
         out.append((v,))
+        continue
+      if v == "memonly":              # diagnostic: memonly:block_n:split_k:num_warps (see _mem_only)
+        out.append((v, *map(int, ints)))
+        continue
+      if v == "l2":                   # diagnostic: l2:<config>, the config on ONE weight (L2-resident)
+        out.append(("l2", *_parse(":".join(ints))[0]))
         continue
       if len(ints) == 5:
         ints.append("1")
@@ -245,6 +285,8 @@ def main():
       args.configs, args.configs_b1 = SWEEP_S10B, SWEEP_S10B_B1
     if args.s11:
       args.configs = args.configs_b1 = SWEEP_S11
+    if args.s11b:
+      args.configs = args.configs_b1 = SWEEP_S11B
     sweep, sweep_b1, other = _parse(args.configs), _parse(args.configs_b1), _parse(args.other_configs)
     gs = args.group_size
   t_start = time.time()
@@ -303,14 +345,22 @@ def main():
           ops[name] = (op, copies)
           single[name] = True
           continue
-        v, bn, bps, sk, nw, ns, pf, at, pe, ls, rx, *ev = c
+        if c[0] == "memonly":        # diagnostic rows: not checked (not a GEMV), kept out of "configs"
+          _, bn, sk, nw = c
+          op = lambda x, p, bn=bn, sk=sk, nw=nw: _mem_only(p.words, bn, sk, nw, interpret)
+          fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
+          ops[name] = (op, copies)
+          continue
+        l2 = c[0] == "l2"             # the same weight for every launch: read from L2 after the first
+        v, bn, bps, sk, nw, ns, pf, at, pe, ls, rx, *ev = c[1:] if l2 else c
         kw = dict(variant=v, block_n=bn, blocks_per_step=bps, split_k=sk, num_warps=nw, num_stages=ns,
                   prefetch=pf, atomic=bool(at), peel=bool(pe), loop_stages=ls, relaxed=bool(rx),
                   evict=bool(ev and ev[0]), interpret=interpret)
         op = lambda x, p, kw=kw: pg.int4_gemv(x, p.words, p.scales, **kw)
-        fns[name], fargs[name] = _looped(op, copies, reps), (xs, packed)
-        ops[name] = (op, copies)
-        single[name] = True
+        fns[name], fargs[name] = _looped(op, 1 if l2 else copies, reps), (xs, packed)
+        ops[name] = (op, 1 if l2 else copies)
+        if not l2:
+          single[name] = True
       ops["bf16"] = (lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), copies_b)
       ops["xla_packed_bf16"] = (
           lambda x, p: jnp.dot(x, wo.dequantize_int4(p, jnp.bfloat16), preferred_element_type=jnp.float32),
