@@ -152,7 +152,7 @@ S10B_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),     # the default ke
 # shf.l.wrap inline asm (s10b ablation at the default tile: -0.9%), 'popc' with the rare path's counter made
 # loop-variant as in 'lean' (s10b: hoisting costs 'lean' 5.2%), two neighbouring tiles without the asm, and
 # the codes streamed with the evict_first policy. 8th field: switches set while the row is traced (none
-# changes the bits): 'wrap'/'sum'/'nohoist' -> pb.LEAN_PARTS, 'popc_nohoist' -> pb.POPC_PARTS['nohoist'],
+# changes the bits): 'wrap'/'sum'/'nohoist' -> pb.LEAN_PARTS, 'popc_nohoist'/'popc_sum' -> pb.POPC_PARTS,
 # 'evict' -> pb.EVICT.
 S11_TILE = (512, 128, True, 1, 3)
 S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the default kernel
@@ -174,6 +174,27 @@ S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the d
              ("binomial", *S11_TILE, "lean", {"wrap": False, "evict": True})]
 # The public function's path at that tile (dispatch arguments of bit_errors._inject) with these switches.
 S11_PUBLIC = [("lean", {}), ("lean", {"wrap": False}), ("lean4", {"wrap": False})]
+# Session 11 second run (--s11b). Run s11a (H200, 2026-12-03 17:2x UTC, bit_errors_throughput_h200_s11a.json;
+# strict floor 12.27 us): 'popc' with the rare path's counter loop-variant 24.59 us at 512 sub 128 loads-first
+# (49.9%) and 24.89 us at the default tile (49.3%; the default 26.07 us), 'lean' without the asm 24.86 us at
+# 256 sub 128 loads-first (49.3%) but 25.56 at 512 sub 128 (= with the asm, 25.54); 64/32-word sub-blocks and
+# 1024 words slower (27.0-33.0 us); evict_first no change. Again, for a second run, with 'popc' at 256 sub 128
+# loads-first, its pre 2/4 at the best tile, and 'lean4' (not in s11a's snapshot).
+S11B_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),                         # the default kernel
+              ("binomial", *S11_TILE, "popc", {"popc_nohoist": True}),
+              ("binomial", 256, None, False, 1, 3, "popc", {"popc_nohoist": True}),
+              ("binomial", 256, 128, True, 1, 3, "popc", {"popc_nohoist": True}),
+              ("binomial", 256, 128, True, 1, 3, "lean", {"wrap": False}),
+              ("binomial", 256, 128, True, 1, 3, "lean4", {"wrap": False}),
+              ("binomial", *S11_TILE, "lean4", {"wrap": False}),
+              ("binomial", 512, 128, True, 1, 2, "popc", {"popc_nohoist": True}),
+              ("binomial", 512, 128, True, 1, 4, "popc", {"popc_nohoist": True}),
+              ("binomial", *S11_TILE, "popc", {"popc_nohoist": True, "popc_sum": True}),
+              ("binomial", *S11_TILE, "lean")]                                      # s10a/s10b/s11a's row
+# The public path with 'popc' without hoisting: (words, sub, unroll) of bit_errors._inject.
+S11B_PUBLIC = [("popc", {"popc_nohoist": True}, (None, None, None)),
+               ("popc", {"popc_nohoist": True}, S11_TILE[:3]),
+               ("popc", {"popc_nohoist": True}, (256, 128, True))]
 
 
 def _switched(sw: dict | None, fn):
@@ -186,8 +207,9 @@ def _switched(sw: dict | None, fn):
     for part in ("wrap", "sum", "nohoist"):
       if part in sw:
         pb.LEAN_PARTS[part] = sw[part]
-    if "popc_nohoist" in sw:
-      pb.POPC_PARTS["nohoist"] = sw["popc_nohoist"]
+    for part in ("nohoist", "sum"):
+      if f"popc_{part}" in sw:
+        pb.POPC_PARTS[part] = sw[f"popc_{part}"]
     pb.EVICT = sw.get("evict", pb.EVICT)
     try:
       return fn(*a, **k)
@@ -236,6 +258,9 @@ def _extra(ap):
   ap.add_argument("--s11", action="store_true",
                   help="short run: the S11_SWEEP rows (s10's best tile without the funnel-shift asm, 'popc' "
                        "without the hoisting, neighbours, evict_first) and the public path at that tile")
+  ap.add_argument("--s11b", action="store_true",
+                  help="--s11 with the S11B_SWEEP rows (second run: 'popc' without the hoisting, 'lean4') and the "
+                       "public path with 'popc' without the hoisting at three tiles")
   ap.add_argument("--name", default="bit_errors_throughput", help="JSON file name")
   ap.add_argument("--philox5", action="store_true",
                   help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
@@ -386,8 +411,10 @@ def main():
           "XLA uint32 XOR-copy (uint32 arrays, same bytes)": ("u32", lambda c, k: c ^ k[0], None),
           "XLA float32 x*c (float32 arrays, same bytes)": (
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
+  args.s11 = args.s11 or args.s11b
   args.s10 = args.s10 or args.s10b or args.s11
-  mem, plain, sweep = (([], S10_PLAIN, S11_SWEEP) if args.s11 and not args.small else
+  mem, plain, sweep = (([], S10_PLAIN, S11B_SWEEP) if args.s11b and not args.small else
+                       ([], S10_PLAIN, S11_SWEEP) if args.s11 and not args.small else
                        ([], S10_PLAIN, S10B_SWEEP) if args.s10b and not args.small else
                        ([], S10_PLAIN, S10_SWEEP) if args.s10 and not args.small else
                        ([], DRAWS_PLAIN, DRAWS_SWEEP) if args.draws else   # with --small: its CPU smoke
@@ -407,11 +434,13 @@ def main():
     if i == 1:
       cands.append(("inject_bit_errors (public)", ("u8", lambda c, k: be.inject_bit_errors(k, c, p, 8),
                                                    "public")))
-      for dr, sw in S11_PUBLIC if args.s11 or args.small else ():   # the public path at the s11 tile
-        w11, s11, u11 = S11_TILE[:3]
-        cands.append((f"inject_bit_errors (public path, draw={dr} words={w11} sub={s11} loads-first)"
-                      + _sw_name(sw), ("u8", _switched(sw, lambda c, k, dr=dr: be._inject(
-                          k, c, p, 8, draw=dr, words=w11, sub=s11, unroll=u11)), "public")))
+      pub = ([(dr, sw, S11_TILE[:3]) for dr, sw in S11_PUBLIC] if args.s11 and not args.s11b else
+             S11B_PUBLIC if args.s11b else [])
+      for dr, sw, (w11, s11, u11) in pub:   # the public path at a given tile (None: the default)
+        tile = "" if w11 is None else f" words={w11} sub={s11} loads-first"
+        cands.append((f"inject_bit_errors (public path, draw={dr}{tile})" + _sw_name(sw), (
+            "u8", _switched(sw, lambda c, k, dr=dr, w11=w11, s11=s11, u11=u11: be._inject(
+                k, c, p, 8, draw=dr, words=w11, sub=s11, unroll=u11)), "public")))
       other = ([] if args.s11 else ["lean", "leanf"]) if args.s10 else [d for d in pb.DRAWS if d != pb.DRAW]
       for dr in other if args.s7 or args.draws or args.s10 or args.small else ():
         # the public path with the other draw evaluation
@@ -550,26 +579,29 @@ def main():
 
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
-    extra = ([("binomial", "lean"), ("binomial", "leanf")] if args.s10 else
+    extra = ([("binomial", "lean"), ("binomial", "lean4"), ("binomial", "popc", {"popc_nohoist": True})]
+             if args.s11b else
+             [("binomial", "lean"), ("binomial", "leanf")] if args.s10 else
              [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or args.draws or dr == "popc")
               ] if (args.s7 or args.draws) else [])
-    for mth, dr in [("binomial", None), ("levels", None)] + extra:   # dr: the kernel's draw evaluation
-      tag = mth if dr is None else f"{mth} draw={dr}"
+    for mth, dr, *sw in [("binomial", None), ("levels", None)] + extra:   # dr: the kernel's draw evaluation
+      tag = (mth if dr is None else f"{mth} draw={dr}") + _sw_name(sw[0] if sw else None)
+      kinject = _switched(sw[0] if sw else None, be._inject)   # the kernel path under the row's switches
       try:   # per group: a draw evaluation that fails to compile keeps the other checks
         if dr is None:
           checks[f"kernel self-test passed ({mth})"] = pb.default_impl(mth) == "pallas"
         for pp in (0.01, 0.3, 0.9) if dr else (0.01, 0.3):
-          a = be._inject(key, codes, pp, 8, impl=kimpl, method=mth, draw=dr)
+          a = kinject(key, codes, pp, 8, impl=kimpl, method=mth, draw=dr)
           b = be._inject(key, codes, pp, 8, impl="xla", method=mth)
           checks[f"mismatched codes kernel vs xla {tag} p={pp}"] = int(jnp.sum(a != b))
           checks[f"flip rate {tag} p={pp}"] = float(
               jnp.sum(jax.lax.population_count(a ^ codes).astype(jnp.int32)) / (8 * n))
-        a = be._inject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl, method=mth, draw=dr)
+        a = kinject(key, codes, 0.05, 8, p_one=0.5, impl=kimpl, method=mth, draw=dr)
         b = be._inject(key, codes, 0.05, 8, p_one=0.5, impl="xla", method=mth)
         checks[f"mismatched codes stuck-at kernel vs xla {tag}"] = int(jnp.sum(a != b))
         a16 = (codes.astype(jnp.uint16) * 7)[: n // 2 - 1] >> 4     # odd length: the byte-load path
         checks[f"mismatched uint16 12-bit odd length kernel vs xla {tag}"] = int(jnp.sum(
-            be._inject(key, a16, 0.02, 12, impl=kimpl, method=mth, draw=dr)
+            kinject(key, a16, 0.02, 12, impl=kimpl, method=mth, draw=dr)
             != be._inject(key, a16, 0.02, 12, impl="xla", method=mth)))
       except Exception as e:
         checks[f"error {tag}"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]

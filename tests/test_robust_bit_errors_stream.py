@@ -351,7 +351,8 @@ def test_session11_switches_in_the_lowered_kernel(monkeypatch):
   """The session-11 switches in the kernel lowered for CUDA (no GPU needed): ``EVICT`` puts the
   evict_first policy on the codes' load and store (and nothing else changes it), 'lean' without
   ``LEAN_PARTS['wrap']`` has no funnel shift (the lane bit by a plain shift), 'popc' with
-  ``POPC_PARTS['nohoist']`` ORs the shifted loop counter into its rare path's word counter."""
+  ``POPC_PARTS['nohoist']`` ORs the shifted loop counter into its rare path's word counter, and
+  ``POPC_PARTS['sum']`` takes its early-stop test as a sum."""
   from _triton import triton_ir   # tests/_triton.py
   shapes = (jax.ShapeDtypeStruct((4096,), jnp.uint8), jax.ShapeDtypeStruct((4,), jnp.uint32))
 
@@ -376,6 +377,8 @@ def test_session11_switches_in_the_lowered_kernel(monkeypatch):
   monkeypatch.setitem(pb.POPC_PARTS, "nohoist", True)
   nohoist = ir("popc")
   assert nohoist.count("arith.ori") > plain.count("arith.ori")
+  monkeypatch.setitem(pb.POPC_PARTS, "sum", True)     # the early-stop test as a sum: one max reduction less
+  assert ir("popc").count("arith.maxsi") < nohoist.count("arith.maxsi")
 
 
 def test_tiling_checks():

@@ -92,9 +92,10 @@ _LEAN = ("lean", "leanf", "lean4")                             # (session 11): c
 # funnel shift, the early-stop test as a sum, the rare path's Philox counter kept loop-variant.
 LEAN_PARTS = {"wrap": True, "sum": True, "nohoist": True}
 # Session 11 measurement switches (read at trace time; none changes the bits): 'popc'/'popcx' with the rare
-# path's Philox counter loop-variant as in 'lean' (the s10b ablation: hoisting it costs 'lean' 5.2%), and
+# path's Philox counter loop-variant as in 'lean' (the s10b ablation: hoisting it costs 'lean' 5.2%; s11a:
+# 'popc' 26.07 -> 24.89 us at the default tile) or the early-stop test as a sum, and
 # the codes' loads and stores of the word-io kernel with the 'evict_first' L2 policy (streamed once).
-POPC_PARTS = {"nohoist": False}
+POPC_PARTS = {"nohoist": False, "sum": False}   # 'sum': the early-stop test as a sum, as in 'lean'
 EVICT = False
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
@@ -501,7 +502,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
         short = short | (u < thr(npc))
     # 'lean', compiled: the early-stop test as a sum over the tile (LLVM turns a max of 0/1 flags into
     # more ALU operations); elsewhere the max (a sum over a whole XLA array could overflow int32)
-    lean_sum = draw in _LEAN and asm and LEAN_PARTS["sum"]
+    lean_sum = asm and (LEAN_PARTS["sum"] if draw in _LEAN else POPC_PARTS["sum"])
     go = (jnp.sum(short.astype(jnp.int32)) > 0 if lean_sum else any_(short)) & ~always
     if draw == "popcx":                         # flat: the loops follow (each runs 0 times when not go)
       chosen = jnp.where(go, finish(cnt, go), chosen)
