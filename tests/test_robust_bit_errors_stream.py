@@ -364,6 +364,8 @@ def test_session11_switches_in_the_lowered_kernel(monkeypatch):
     return ([ln for ln in txt.splitlines() if "tt.load" in ln and "tensor<" in ln],
             [ln for ln in txt.splitlines() if "tt.store" in ln])
 
+  monkeypatch.setattr(pb, "EVICT", False)
+  monkeypatch.setitem(pb.LEAN_PARTS, "wrap", True)
   base = ir("lean")
   monkeypatch.setattr(pb, "EVICT", True)
   monkeypatch.setitem(pb.LEAN_PARTS, "wrap", False)
@@ -373,6 +375,8 @@ def test_session11_switches_in_the_lowered_kernel(monkeypatch):
   assert "evict_first" not in base and "shf.l.wrap" in base
   assert "shf.l.wrap" not in txt and "mul.hi.u32" in txt
   monkeypatch.setattr(pb, "EVICT", False)
+  monkeypatch.setitem(pb.POPC_PARTS, "nohoist", False)
+  monkeypatch.setitem(pb.POPC_PARTS, "sum", False)
   plain = ir("popc")
   monkeypatch.setitem(pb.POPC_PARTS, "nohoist", True)
   nohoist = ir("popc")
