@@ -30,7 +30,7 @@ def _extra(ap):
   ap.add_argument("--configs", default="64:128:4,64:128:6",
                   help="Mosaic configs tile_m:tile_n:stages[:grid_group][:cast|magic|bias][:x2 (two K blocks per step)]"
                        "[:w3 (3 compute warpgroups)][:c2 (clusters of 2 along M)][:ov (fold one block late)]"
-                       "[:ps (persistent: one CTA per SM loops over tiles)][:e2 (output in two column chunks)]")
+                       "[:ps (persistent: one CTA per SM loops over tiles)][:e2|e4 (output in 2 or 4 column chunks)]")
   ap.add_argument("--kinds", default="fp8:128,int8:64,int8:128", help="kind:V pairs for the Mosaic kernel")
   ap.add_argument("--triton", type=int, default=1, help="1: also time the Triton per-vector kernels")
   ap.add_argument("--reps", type=int, default=8)
@@ -48,7 +48,7 @@ def _rel(out, ref) -> float:
 
 
 def _cfg(s: str) -> mg.MgpuConfig:
-  """tile_m:tile_n:stages[:grid_group] then any of: cast|magic|bias, x2, w3, c2, ov, ps, e2 (see --configs)."""
+  """tile_m:tile_n:stages[:grid_group] then any of: cast|magic|bias, x2, w3, c2, ov, ps, e2, e4 (see --configs)."""
   p = s.split(":")
   flags = set()
   while p and not p[-1].isdigit():
@@ -57,7 +57,8 @@ def _cfg(s: str) -> mg.MgpuConfig:
   return mg.MgpuConfig(*[int(x) for x in p], convert=conv[0] if conv else "cast",
                         blocks_per_step=2 if "x2" in flags else 1, compute_wgs=3 if "w3" in flags else 2,
                         cluster_m=2 if "c2" in flags else 1, overlap="ov" in flags,
-                        persistent="ps" in flags, epi_chunks=2 if "e2" in flags else 1)
+                        persistent="ps" in flags,
+                        epi_chunks=4 if "e4" in flags else 2 if "e2" in flags else 1)
 
 
 _OPS = ("HGMMA", "WARPGROUP", "I2F", "I2FP", "FFMA", "FMUL", "FADD", "IADD3", "IMAD", "MOV", "LDS", "STS", "LDL",
@@ -200,7 +201,7 @@ def main():
               + (" cluster 2 (W multicast)" if cfg.cluster_m == 2 else "")
               + (" overlap (fold one block late)" if cfg.overlap else "")
               + (" persistent" if cfg.persistent else "")
-              + (" output in 2 chunks" if cfg.epi_chunks == 2 else ""))
+              + (f" output in {cfg.epi_chunks} chunks" if cfg.epi_chunks > 1 else ""))
       fn = jax.jit(functools.partial(mg.scaled_matmul, vector_size=v, w_layout="nk", config=cfg))
       if kind == "fp8":
         methods[name] = (fn, (fa, fsa, fw_nk, fsw), ("ref", ref_fp8))

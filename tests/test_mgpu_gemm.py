@@ -110,7 +110,8 @@ def test_overlap_interpreter_matches_float64(monkeypatch, kind, v, shape, conver
 @pytest.mark.parametrize("kind,v,convert,bps,cm,persistent", [("fp8", 128, "cast", 1, 1, False),
                                                               ("int8", 64, "bias", 2, 1, True),
                                                               ("int8", 128, "bias", 1, 2, False),
-                                                              ("fp8", 128, "cast", 1, 1, "epi2")])
+                                                              ("fp8", 128, "cast", 1, 1, "epi2"),
+                                                              ("fp8", 128, "cast", 2, 1, "epi4")])
 def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm, persistent):
   """The overlapped pipeline (run_state accumulators, carried scales) and the persistent tile loop are built
   for CUDA on this CPU."""
@@ -118,9 +119,11 @@ def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm, persistent):
   m = n = k = 512
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
            jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
-  epi2 = persistent == "epi2"   # output in two column chunks: 32 KiB staging, room for a fifth FP8 stage
-  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=5 if epi2 else 4 // bps, cluster_m=cm,
-                      overlap=True, persistent=persistent is True, epi_chunks=2 if epi2 else 1)
+  # output in 2 / 4 column chunks: 32 / 16 KiB staging, room for a fifth FP8 stage / a third two-block one
+  epi = {"epi2": 2, "epi4": 4}.get(persistent, 1)
+  stages = {1: 4 // bps, 2: 5, 4: 3}[epi]
+  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=stages, cluster_m=cm, overlap=epi != 4,
+                      persistent=persistent is True, epi_chunks=epi)
   f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
   assert "mosaic_gpu" in f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -151,8 +154,8 @@ def test_bad_input():
     mg.MgpuConfig(overlap=1.5)
   with pytest.raises(ValueError, match="epi_chunks"):
     mg.MgpuConfig(epi_chunks=3)
-  with pytest.raises(ValueError, match="epi_chunks=2 needs tile_n"):
-    mg.MgpuConfig(epi_chunks=2, tile_n=64)
+  with pytest.raises(ValueError, match="epi_chunks=4 needs tile_n"):
+    mg.MgpuConfig(epi_chunks=4, tile_n=64)
   with pytest.raises(ValueError, match="persistent=True needs cluster_m=1"):
     mg.MgpuConfig(persistent=True, cluster_m=2)
   fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)

@@ -79,9 +79,9 @@ class MgpuConfig:
     persistent: one CTA per SM loops over the output tiles (grouped order, ``plgpu.nd_loop``) with one set of
       pipeline buffers, so the memory warpgroup loads tile ``t + 1``'s first blocks and the TMA store of tile
       ``t`` drains while the compute warpgroups run tile ``t + 1`` (no CTA launch and pipeline fill per tile).
-    epi_chunks: 1, or 2: the float32 output tile leaves through a shared-memory buffer of ``tile_n / 2``
-      columns per warpgroup, twice (half the staging memory: 32 KiB instead of 64 KiB at 128 x 128, room for
-      a deeper TMA ring).
+    epi_chunks: 1, 2 or 4: the float32 output tile leaves through a shared-memory buffer of
+      ``tile_n / epi_chunks`` columns per warpgroup, chunk by chunk (32 or 16 KiB instead of 64 KiB at
+      128 x 128: room for a deeper TMA ring, e.g. a fifth FP8 stage, or a third with two blocks per step).
   """
   tile_m: int = 64
   tile_n: int = 128
@@ -98,13 +98,14 @@ class MgpuConfig:
   def __post_init__(self):
     for name, allowed in (("cluster_m", (1, 2)), ("compute_wgs", (2, 3)), ("blocks_per_step", (1, 2)),
                           ("convert", ("cast", "magic", "bias")), ("overlap", (False, True)),
-                          ("persistent", (False, True)), ("epi_chunks", (1, 2))):
+                          ("persistent", (False, True)), ("epi_chunks", (1, 2, 4))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"MgpuConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.persistent and self.cluster_m != 1:
       raise ValueError("MgpuConfig.persistent=True needs cluster_m=1")
-    if self.tile_n % (64 * self.epi_chunks) and self.epi_chunks > 1:
-      raise ValueError(f"MgpuConfig.epi_chunks=2 needs tile_n a multiple of 128, got {self.tile_n}")
+    if self.epi_chunks > 1 and self.tile_n % (32 * self.epi_chunks):
+      raise ValueError(f"MgpuConfig.epi_chunks={self.epi_chunks} needs tile_n a multiple of "
+                       f"{32 * self.epi_chunks}, got {self.tile_n}")
     if self.tile_m % 64 or not 8 <= self.tile_n <= 256:
       raise ValueError(f"MgpuConfig needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got tile_m="
                        f"{self.tile_m}, tile_n={self.tile_n}")
