@@ -20,6 +20,11 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # comm.adaptive_ef.decay_residual (error feedback that forgets): --residual_decay=0.99
   # comm.adaptive_ef.spread_releases variants on the plain chain
   python experiments/compressed_adam.py --ratios=0.001 --modes=chain --spread=none,leaky@100,linear@50
+  # issue 18's 1% option (session 11): each release spread over min(interval, 16) steps before Adam
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --seeds=15 --compressors=sidco \
+    --modes=chain --spread=leaky@16 --ratios=0.01
+  # screens: --adam_from=<earlier JSON> reuses its Adam accuracies (same data digest, steps, seeds);
+  # --modes=decay@0.95: the plain chain with comm.adaptive_ef.decay_residual(c, 0.95) (per arm)
 
 Each seed draws the initialisation and the batch order once and shares them between all arms (paired
 trials); comparisons use ``mlsys_jax.stats.compare`` (P(A>B) with its bootstrap interval) and a paired
@@ -75,7 +80,8 @@ _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, 
                            "precondition=comm.adaptive_ef.rms_selection(stage >= J) inside --density_warmup "
                            "(raw selection in the stages before J, rms from J on; issue 18's 0.1% recipe: "
                            "rmsfrom@1); rmsfromc@J / rmsfromz@J: the same with the residual divided by the RMS "
-                           "/ dropped at the switch (screens).")
+                           "/ dropped at the switch (screens); decay@D: the plain chain with "
+                           "comm.adaptive_ef.decay_residual(c, D) (per arm; --residual_decay sets all arms).")
 _SIDCO_DIST = flags.DEFINE_enum("sidco_distribution", "exponential", ["exponential", "gpareto", "gamma"],
                                 "SIDCo's fitted distribution (sidco's own default, 'exponential').")
 _WARMUP = flags.DEFINE_list("warmup", ["0"], "Dense warm-up steps (comm.dense_warmup) to compare; 0 = none.")
@@ -96,6 +102,9 @@ _DGC_MIN = flags.DEFINE_integer("dgc_min_count", 0, "Screen: sparse.DGC_MIN_SAMP
                                 "(the minimum sampled count above the threshold; 0 = the library's, 16).")
 _RES_DECAY = flags.DEFINE_float("residual_decay", 1.0, "comm.adaptive_ef.decay_residual around the compressor "
                                 "(1 = plain error feedback).")
+_ADAM_FROM = flags.DEFINE_string("adam_from", "", "Screens: take the Adam arm's accuracies from this JSON (a "
+                                  "run of the same data, steps and seeds: Adam is deterministic on this CPU; "
+                                  "the data digest is checked) instead of training it again.")
 _MERGE = flags.DEFINE_list("merge", [], "Merge the result JSONs of runs with the same settings and seeds (their "
                             "Adam arms must agree seed by seed) into --out_dir/--out_name with every paired "
                             "comparison; nothing is trained.")
@@ -129,7 +138,9 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
                        ratio, steps=dwarmup, ratios=sched, fixed_stage=stage)
   else:
     c = _compressor(compressor, mode, ratio)
-  if _RES_DECAY.value != 1.0:
+  if mode.startswith("decay@"):   # per arm: comm.adaptive_ef.decay_residual(c, D) on the plain chain
+    c = decay_residual(c, float(mode[6:]))
+  elif _RES_DECAY.value != 1.0:
     c = decay_residual(c, _RES_DECAY.value)
   if warmup:
     c = dense_warmup(c, warmup, axis_name="d")
@@ -321,7 +332,7 @@ def main(argv):
   ds, model = _setup()
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   t0 = time.perf_counter()
-  arms = [("adam", None, "dense", 1.0, 0, 0, "none", 0.25)]
+  arms = [] if _ADAM_FROM.value else [("adam", None, "dense", 1.0, 0, 0, "none", 0.25)]
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:
@@ -333,6 +344,8 @@ def main(argv):
                              + (f" start{st:g}" if st != 0.25 else "")
                              + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st))
   acc, sent, curves = {}, {}, {}
+  if _ADAM_FROM.value:
+    acc["adam"], sent["adam"] = _adam_from(_ADAM_FROM.value, ds, seeds)
   for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
     for name, c, m, r, w, dw, sp_, st in arms:
       a, b, cv = train(ds, model, c, m, r, s, w, dw, sp_, st)
@@ -350,6 +363,26 @@ def main(argv):
   _write(out, ds, seeds, acc, sent, comparisons, curves)
 
 
+def _adam_from(path, ds, seeds):
+  """Adam's accuracies (and bytes) for ``seeds`` from an earlier run's JSON (plain or pooled by
+  compressed_adam_pool.py), after checking it trained on the same data and steps."""
+  ref = json.loads(pathlib.Path(path).read_text())
+  ref = ref.get(ds.name, ref)   # a pooled JSON holds one entry per data set
+  digest = provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
+                             script=__file__).get("data_sha256")
+  if ref.get("provenance", {}).get("data_sha256") not in (None, digest):
+    raise ValueError(f"--adam_from={path}: trained on other data (digest differs).")
+  if ref.get("steps", _STEPS.value) != _STEPS.value:
+    raise ValueError(f"--adam_from={path}: {ref['steps']} steps, this run {_STEPS.value}.")
+  adam = ref["accuracy"]["adam"] if "accuracy" in ref else ref["adam"]
+  sent = (ref.get("bytes_per_worker") or ref.get("mb_per_worker"))["adam"]
+  by_seed = dict(zip(ref["seeds"], zip(adam, sent)))
+  missing = [s for s in seeds if s not in by_seed]
+  if missing:
+    raise ValueError(f"--adam_from={path}: no Adam accuracy for seeds {missing}.")
+  return [by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds]
+
+
 def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
@@ -358,7 +391,7 @@ def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
       "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": [float(v) for v in _DW_START.value],
       "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value,
       "dgc_default_sample": {"base_fraction": sp.DGC_BASE_SAMPLE_FRACTION, "min_count": sp.DGC_MIN_SAMPLE_COUNT},
-      "residual_decay": _RES_DECAY.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
+      "residual_decay": _RES_DECAY.value, "adam_from": _ADAM_FROM.value, "spread": _SPREAD.value, "spread_max": _SPREAD_MAX.value,
       "spread_floor": _SPREAD_FLOOR.value,
       "compressors": _COMPRESSORS.value, "modes": _MODES.value,
       "seeds": seeds, "ratios": [float(v) for v in _RATIOS.value],

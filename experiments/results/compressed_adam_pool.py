@@ -3,6 +3,9 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
 
   s8: the 0.1% Top-k recipe (rmsfrom@1, density warm-up 300 steps from 1%), seeds 0-4, 5-9, 10-14 (session 8)
   s9: the plain 1% chain `chain(topk(0.01), adam)` (SIDCo's default set), seeds 0-4 and 5-14 (session 9)
+  s11: `chain(spread_releases(sidco(0.01), mode='leaky', max_interval=16 | 32), adam)` (session 11; digits
+       max_interval=16 only), each
+       arm against Adam and, paired, against the plain chain of s9 (same seeds, same data)
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -51,6 +54,49 @@ def pool(name: str) -> dict:
   return out
 
 
+S11 = {"mnist1d": ["compressed_adam_mnist1d_600_0.01_s11_spread_seeds0-4.json",
+                   "compressed_adam_mnist1d_600_0.01_s11_spread_seeds5-14.json"],
+       "digits": ["compressed_adam_digits_600_0.01_s11_spread_seeds0-14.json"]}
+S11_ARMS = ("sidco 0.01 chain spread-leaky@16", "sidco 0.01 chain spread-leaky@32")
+
+
+def pool_s11() -> dict:
+  """Session 11: the spread arms pooled over their seed sets, vs Adam and vs the plain chain (s9's pool)."""
+  plain = json.load(open(R + POOLS["s9"][2]))
+  out = {}
+  for D, files in S11.items():
+    runs = [json.load(open(R + f)) for f in files]
+    for f, r in zip(files, runs):
+      check_same_data(runs[0], r, (files[0], f))
+      if plain[D].get("provenance", {}).get("data_sha256") not in (None, r["provenance"]["data_sha256"]):
+        raise ValueError(f"{f}: other data than {POOLS['s9'][2]}")
+    seeds = sum([r["seeds"] for r in runs], [])
+    assert len(set(seeds)) == len(seeds), f"s11 {D}: seed sets overlap"
+    by_seed = {s: (a, t) for s, a, t in zip(plain[D]["seeds"], plain[D]["adam"], plain[D]["topk"])}
+    A = sum([r["accuracy"]["adam"] for r in runs], [])
+    assert A == [by_seed[s][0] for s in seeds], f"s11 {D}: Adam differs from {POOLS['s9'][2]}"
+    P = [by_seed[s][1] for s in seeds]
+    out[D] = {"files": files, "seeds": seeds, "adam": A, "plain_chain": P,
+              "plain_vs_adam": _compare(P, A), "arms": {}}
+    for key in [k for k in S11_ARMS if all(k in r["accuracy"] for r in runs)]:   # digits: @16 only
+      X = sum([r["accuracy"][key] for r in runs], [])
+      c, cp = _compare(X, A), _compare(X, P)
+      sets = [_compare(r["accuracy"][key], r["accuracy"]["adam"])["mean_diff"] for r in runs]
+      out[D]["arms"][key] = {"accuracy": X, "vs_adam": c, "vs_plain_chain": cp, "per_set_mean_diff": sets,
+                             "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], [])}
+      print("s11", D, key, len(seeds), "seeds: vs Adam %+.2f [%+.2f, %+.2f]" % (
+          100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]),
+          "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]),
+          "vs plain %+.2f [%+.2f, %+.2f]" % (100 * cp["mean_diff"], 100 * cp["mean_diff_ci95"][0],
+                                            100 * cp["mean_diff_ci95"][1]), "sets", ["%+.2f" % (100 * s) for s in sets])
+    out[D]["provenance"] = runs[0]["provenance"]
+  json.dump(out, open(R + "compressed_adam_0.01_spread_s11_pooled15.json", "w"), indent=1)
+  return out
+
+
 if __name__ == "__main__":
+  if sys.argv[1:] == ["s11"]:
+    pool_s11()
+    sys.exit()
   for n in sys.argv[1:] or list(POOLS):
     pool(n)
