@@ -25,6 +25,8 @@ import optax  # noqa: E402
 
 from mlsys_jax import data, models  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
+from mlsys_jax.comm.adaptive_ef import spread_releases  # noqa: E402
+from mlsys_jax.comm.lowrank import _state_field  # noqa: E402
 
 _DATASET = flags.DEFINE_enum("dataset", "mnist1d", ["mnist1d", "digits"], "Data set.")
 _SEED = flags.DEFINE_integer("seed", 3, "Seed.")
@@ -32,10 +34,12 @@ _STEPS = flags.DEFINE_integer("steps", 600, "Steps.")
 _RATIO = flags.DEFINE_float("ratio", 0.01, "Density.")
 _EVERY = flags.DEFINE_integer("every", 25, "Record every N steps.")
 _OUT = flags.DEFINE_string("out", "/tmp/diag.json", "Output JSON.")
-_ARMS = flags.DEFINE_list("arms", ["adam", "topk"], "Arms: adam, topk (the plain chain), oraclev (diagnostic: "
-                          "Adam's first moment from topk's releases, its second moment from the DENSE averaged "
-                          "gradient, which no compressor has: the normalizer error feedback would need), freshmask (diagnostic: the dense averaged gradient of the "
-                          "step on topk's released coordinates only).")
+_ARMS = flags.DEFINE_list(
+    "arms", ["adam", "topk"],
+    "Arms: adam, topk (the plain chain), oraclev (diagnostic: Adam's first moment from topk's releases, its "
+    "second moment from the DENSE averaged gradient, which no compressor has), freshmask (diagnostic: the dense "
+    "averaged gradient of the step on topk's released coordinates only), spread16 (chain(spread_releases(topk, "
+    "mode='leaky', max_interval=16), adam); its 'released' statistics count deliveries).")
 
 W, B, LR = 8, 32, 1e-3
 
@@ -83,7 +87,9 @@ def main(argv):
   every = {"adam": (optax.adam(LR), True),
            "topk": (optax.chain(sp.topk(_RATIO.value, axis_name="d"), optax.adam(LR)), False),
            "oraclev": (_oracle_v(sp.topk(_RATIO.value, axis_name="d"), LR), False),
-           "freshmask": (optax.chain(_fresh_mask(sp.topk(_RATIO.value, axis_name="d")), optax.adam(LR)), False)}
+           "freshmask": (optax.chain(_fresh_mask(sp.topk(_RATIO.value, axis_name="d")), optax.adam(LR)), False),
+           "spread16": (optax.chain(spread_releases(sp.topk(_RATIO.value, axis_name="d"), mode="leaky",
+                                                    max_interval=16), optax.adam(LR)), False)}
   arms = {a: every[a] for a in _ARMS.value}
   loss_fn = jax.jit(lambda p, x, y: models.cross_entropy(model.apply({"params": p}, x), y))
   rec = {}
@@ -124,7 +130,8 @@ def main(argv):
                "disp_per_leaf_in_lr": [d / LR for d in disp],
                "sqrt_vhat_median": float(np.median(vhat))}
         if not avg:
-          res = np.concatenate([np.asarray(x)[0].ravel() for x in jax.tree_util.tree_leaves(state[0].residual)])
+          res = np.concatenate([np.asarray(x)[0].ravel()
+                                for x in jax.tree_util.tree_leaves(_state_field(state[0], "residual"))])
           ww = np.concatenate(waits_window) if waits_window else np.zeros(0)
           waits_hist.append(ww)
           waits_window = []
