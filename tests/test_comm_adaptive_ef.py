@@ -438,3 +438,27 @@ def test_rms_selection_stages_of_density_warmup_under_shard_map(devices):
   got = _flat(sm, (_W, _STEPS))
   for w in range(_W):
     np.testing.assert_allclose(got[w], np.stack(want), rtol=1e-4, atol=1e-5)
+
+
+def test_documented_one_percent_option_with_sidco_under_pmap(devices):
+  """docs/comm.md's 1% option, ``spread_releases(sidco(r, axis_name='d'), mode='leaky', max_interval=16)``:
+  under pmap (8 workers) every replica's output equals the float64 reference (the leaky spread of numpy
+  Top-k with error feedback: sidco's default sends Top-k's set), and the bytes are sidco's own. (The
+  wrapper under shard_map = pmap is checked on Top-k above; one compile here keeps the file fast.)"""
+  from mlsys_jax.comm import sidco
+  g_w = _worker_grads()
+
+  def run(g):
+    tx = spread_releases(sidco(_RATIO, axis_name="d"), mode="leaky", max_interval=16)
+    return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[::-1]
+
+  by_pmap = jax.pmap(run, axis_name="d", devices=devices)(g_w)
+  b = _np_topk_ef(_flat(g_w, (_W, _STEPS)), _RATIO)
+  ref, pending = _np_spread(b, "leaky", max_interval=16)
+  outs, st = by_pmap
+  got = _flat(outs, (_W, _STEPS))
+  for w in range(_W):
+    np.testing.assert_array_equal(got[w], got[0])
+    np.testing.assert_allclose(got[w], ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_flat(st.pending, (_W,))[0], pending, rtol=1e-5, atol=1e-6)
+  assert float(st.total_bytes[0]) == float(st.inner_state.total_bytes[0]) > 0
