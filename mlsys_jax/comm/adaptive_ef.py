@@ -29,7 +29,8 @@ this wrapper is the tool for a chain *without* a warm-up, and the record of what
 At density 1% (session 11; mnist1d, where the plain chain lags Adam by ~300 steps of training loss at 600
 steps and passes it at 1,200) a short cap is the one that helps: ``spread_releases(sidco(0.01,
 axis_name=...), mode='leaky', max_interval=16)`` before ``optax.adam`` (15 paired seeds; docs/comm.md,
-"Issue 18 at 1% on mnist1d"); the default ``max_interval=100`` stays the 0.1% screens' choice.
+"Issue 18 at 1% on mnist1d"; it buys speed: at 1,200 steps the plain chain ends higher); the default
+``max_interval=100`` stays the 0.1% screens' choice.
 ``noise=`` (a per-coordinate alternation while a release is delivered, so that Adam moves a delivered rate
 ``r`` by ``~r / sqrt(r^2 + noise^2)`` rather than ``sign(r)``) did not rescue the spread with the Adam-aware
 selection either: ``'linear'``, ``max_interval=100``, ``noise=0.35`` after ``topk(0.001,
