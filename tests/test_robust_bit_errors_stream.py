@@ -357,8 +357,8 @@ def test_session11_switches_in_the_lowered_kernel(monkeypatch):
   shapes = (jax.ShapeDtypeStruct((4096,), jnp.uint8), jax.ShapeDtypeStruct((4,), jnp.uint32))
 
   def ir(draw):
-    return triton_ir(lambda c, fp: pb.inject(c, 8, fp, impl="pallas", draw=draw), *shapes,
-                     monkeypatch=monkeypatch)
+    return triton_ir(lambda c, fp: pb.inject(c, 8, fp, impl="pallas", draw=draw, words=256), *shapes,
+                     monkeypatch=monkeypatch)   # one block: one load and one store
 
   def io_lines(txt):
     return ([ln for ln in txt.splitlines() if "tt.load" in ln and "tensor<" in ln],

@@ -579,7 +579,8 @@ def _faults_xla(params, off: int, nw: int, method: str, lanes: int, hash: str, w
 def _tiling(words: int | None, sub: int | None) -> tuple[int, int]:
   """(words per program, words per sub-block): powers of two, the sub-block dividing the tile."""
   w = WORDS if words is None else words
-  s = (SUB or w) if sub is None else sub
+  # sub None: the default sub-block with the default tile, the whole tile with a tile given by hand
+  s = ((SUB or w) if words is None else w) if sub is None else sub
   for name, v in (("words", w), ("sub", s)):
     if not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
       raise ValueError(f"{name} must be a power of two (a Triton block size), got {v!r}.")
