@@ -599,8 +599,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   stuck value draw (a faulty bit reads 1 where the second draw is below its threshold).
   ``impl``: ``'xla'``, ``'pallas'`` (compiled Triton) or ``'interpret'`` (the kernel in Pallas' interpreter).
   ``hash``: one of ``HASHES`` (default ``HASH``); ``words``: 32-bit words per program (the tile, a power of
-  two; default ``WORDS``); ``sub``: words per sub-block (default ``SUB``, None = the whole tile): a program
-  processes its tile ``words // sub`` sub-blocks at a time, with every load of the tile issued first
+  two; default ``WORDS``); ``sub``: words per sub-block (default ``SUB`` with the default tile, the whole
+  tile with ``words`` given): a program processes its tile ``words // sub`` sub-blocks at a time, with every load of the tile issued first
   (``unroll=True``, straight-line code) or one sub-block per loop step (``unroll=False``; ``'prefetch'``:
   a loop step issues the next sub-block's load before its own arithmetic); ``num_warps``:
   warps per program; ``io``: ``'words'`` (the kernel loads and stores the codes as 32-bit words, a free
