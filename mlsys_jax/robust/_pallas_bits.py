@@ -600,8 +600,8 @@ def inject(codes: jax.Array, bits: int, flip_params, one_params=None, *, impl: s
   ``impl``: ``'xla'``, ``'pallas'`` (compiled Triton) or ``'interpret'`` (the kernel in Pallas' interpreter).
   ``hash``: one of ``HASHES`` (default ``HASH``); ``words``: 32-bit words per program (the tile, a power of
   two; default ``WORDS``); ``sub``: words per sub-block (default ``SUB`` with the default tile, the whole
-  tile with ``words`` given): a program processes its tile ``words // sub`` sub-blocks at a time, with every load of the tile issued first
-  (``unroll=True``, straight-line code) or one sub-block per loop step (``unroll=False``; ``'prefetch'``:
+  tile with ``words`` given): a program processes its tile ``words // sub`` sub-blocks at a time, with every
+  load of the tile issued first (``unroll=True``, straight-line code) or one sub-block per loop step (``unroll=False``; ``'prefetch'``:
   a loop step issues the next sub-block's load before its own arithmetic); ``num_warps``:
   warps per program; ``io``: ``'words'`` (the kernel loads and stores the codes as 32-bit words, a free
   bitcast outside; used when the number of codes is a multiple of the codes per word, else ``'bytes'``) or
