@@ -77,11 +77,12 @@ except Exception:  # pragma: no cover - jax without Pallas/Triton support
 
 from mlsys_jax._compat import run_outside_traces, triton_compiler_params
 
-WORDS = 512        # 32-lane words per program (the program's tile: 2048 uint8 codes)
+WORDS = 256        # 32-lane words per program (the program's tile: 1024 uint8 codes)
 SUB = 128          # words per sub-block processed at a time inside a program (None: the whole tile)
 UNROLL = True      # sub-blocks: all loads of the tile first, straight-line (True), or a loop (False)
-                   # (512 sub 128 loads-first since s11a/s11b, H200, 'popc' without the hoisting: 24.59/24.73
-                   # us vs 24.89/25.08 at 256 words; until then 256 words, one block, 26.07/26.24 us)
+                   # (256 sub 128 loads-first since s11b/s11c, H200, 'popc' without the hoisting: 23.78/23.65
+                   # us vs 24.73/24.49 at 512 sub 128 in the same runs; s11a 512 sub 128 24.59 us; until then
+                   # 256 words, one block, 26.07/26.24 us)
 NUM_WARPS = 1      # warps per program (one warp: the early-stop tests are warp reductions, no barrier)
 HASH = "philox"    # counter hash of the level words: 'philox' (Philox-4x32-10) or 'threefry'
 IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' own dtype ('bytes')
@@ -97,8 +98,9 @@ LEAN_PARTS = {"wrap": True, "sum": True, "nohoist": True}
 # path's Philox counter loop-variant as in 'lean' (the s10b ablation: hoisting it costs 'lean' 5.2%; s11a:
 # 'popc' 26.07 -> 24.89 us at the default tile) or the early-stop test as a sum, and
 # the codes' loads and stores of the word-io kernel with the 'evict_first' L2 policy (streamed once).
-POPC_PARTS = {"nohoist": True, "sum": False}    # 'sum': the early-stop test as a sum, as in 'lean'
-# ('nohoist' on by default since two agreeing H200 runs, s11a/s11b: 24.89/25.08 us vs 26.07/26.24 at 256 words)
+POPC_PARTS = {"nohoist": True, "sum": True}    # 'sum': the early-stop test as a sum, as in 'lean'
+# ('nohoist' on by default since two agreeing H200 runs, s11a/s11b: 24.89/25.08 us vs 26.07/26.24 at 256 words;
+# 'sum' since s11b/s11c: 512 sub 128 24.46/24.38 us vs 24.73/24.49 without, 256 sub 128 23.35 vs 23.65 us (s11c))
 EVICT = False
 METHOD = "binomial"  # "binomial" (count, then lanes; fastest on the H200, 2026-12-02) or "levels" (one
                      # bit-sliced draw per lane: the stream of the first releases)
