@@ -221,4 +221,4 @@ def test_self_test_runs_outside_traces(monkeypatch):
 
 def test_default_config():
   assert mg.default_config("int8", 64).blocks_per_step == 2
-  assert mg.default_config("fp8", 128) == mg.MgpuConfig()
+  assert mg.default_config("fp8", 128) == mg.MgpuConfig(stages=2, blocks_per_step=2)
