@@ -121,7 +121,7 @@ def default_config(kind: str, vector_size: int) -> MgpuConfig:
   (``vsquant_mgpu_h200_s11a.json`` / ``_s11c.json``: 1.248 / 1.286 ms vs 1.410 / 1.396 ms with one block per step,
   4 stages); the overlapped and preset-bias schedules were slower. Two blocks per step on a persistent grid ran
   1.188 ms in one run (s11c), not yet confirmed."""
-  del vector_size   # (one choice per kind so far)
+  del kind, vector_size   # one configuration for both kinds and every vector size since session 11
   return MgpuConfig(stages=2, blocks_per_step=2)
 
 
