@@ -32,6 +32,11 @@ Rows (all in the same run):
   (per leaf ``(g, r) -> (g + r, g - r)``: two reads and two writes, what any error-feedback update
   must at least move).
 
+With ``--single``, every row also gets the device time of ONE jitted update outside the loop
+(``single_device_s``, ``single_busy_s``, ``single_kernels``, ``single_top_kernels``): the update as the entry
+computation, where XLA's horizontal loop fusion (which runs on the entry computation only) may merge the
+small per-leaf kernels that a loop body keeps apart. ``--top N`` keeps N kernels in ``top_kernels``.
+
 Secondary (``wall_s``): the jitted ``tx.update`` called from Python once per step, dispatch included (the
 measure of the earlier tables: it is dominated by the host's handling of 161 argument and ~320 result
 buffers), interleaved with ``topk(0.001)`` (``stats.time_interleaved``); and the loop's wall time / steps.
@@ -80,6 +85,11 @@ def _flags(ap):
   ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all)")
   ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
   ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
+  ap.add_argument("--single", action="store_true",
+                  help="also the device time of ONE jitted update outside the loop (``single_device_s``, ``single_busy_s``, "
+                       "``single_kernels``, ``single_top_kernels``), for every row, also with --no_wall: XLA's horizontal "
+                       "loop fusion (small per-leaf kernels into one) runs on the entry computation only, not in a loop body")
+  ap.add_argument("--top", type=int, default=20, help="kernels kept in top_kernels (by total time per update)")
   ap.add_argument("--change", default="shift", choices=("scale", "shift"),
                   help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (default since session 9: "
                        "sidco's default buffer 'dus' and the old path's 'two' then stay bitwise comparable; with "
@@ -126,6 +136,9 @@ def _loop(update, steps: int, pool: int, change: str = "scale"):
   return jax.jit(run)
 
 
+TOP = 20   # kernels kept in top_kernels (--top)
+
+
 def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
   """Device time per step from one profiler trace of ``calls`` calls of ``fn`` (each alone)."""
   if jax.default_backend() != "gpu":
@@ -146,7 +159,7 @@ def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
         k = ev[3][:70]
         d, n = kinds.get(k, (0, 0))
         kinds[k] = (d + ev[2], n + 1)
-    top = sorted(kinds.items(), key=lambda t: -t[1][0])[:20]
+    top = sorted(kinds.items(), key=lambda t: -t[1][0])[:TOP]
     norm = 1e-9 / (calls * per_call)
     return {"device_s": float(np.median([max(ev[1] for ev in c) - c[0][0] for c in clusters])) * 1e-9 / per_call,
             "busy_s": sum(ev[2] for c in clusters for ev in c) * norm,
@@ -174,7 +187,8 @@ def _summarize(rows: list, rw_floor_s: float) -> str:
   it (GPU), else ``loop_wall_s``. Per row: ``speedup_over_topk`` (the ``topk(0.001)`` row / this row),
   ``over_flat_copy``, ``over_rw_floor``; for ``--chain`` rows (name ``chain(...)``) also ``compressor_s``
   (the row minus ``adam(1e-3)`` alone: the compressor's cost inside the training step) and
-  ``compressor_speedup_over_topk`` (``chain(topk(0.001), adam)``'s compressor_s / this row's)."""
+  ``compressor_speedup_over_topk`` (``chain(topk(0.001), adam)``'s compressor_s / this row's); with
+  ``--single`` rows also ``single_speedup_over_topk`` (on ``single_device_s``)."""
   key_ = "device_s" if any("device_s" in r for r in rows) else "loop_wall_s"
   by = {r["method"]: r for r in rows}
   floor = by.get("flat copy", {}).get(key_)
@@ -189,6 +203,10 @@ def _summarize(rows: list, rw_floor_s: float) -> str:
       r["over_rw_floor"] = r[key_] / rw_floor_s
       if adam and r["method"].startswith("chain("):
         r["compressor_s"] = r[key_] - adam
+  tk1 = by.get("topk(0.001)", {}).get("single_device_s")
+  for r in rows:   # (--single: one jitted update as the entry computation)
+    if tk1 and r.get("single_device_s"):
+      r["single_speedup_over_topk"] = tk1 / r["single_device_s"]
   tk_share = by.get(CHAIN_TOPK_ROW, {}).get("compressor_s")
   for r in rows:
     if tk_share and r.get("compressor_s", 0) > 0:
@@ -198,6 +216,8 @@ def _summarize(rows: list, rw_floor_s: float) -> str:
 
 def main():
   args = parse_args(__doc__, _flags)
+  global TOP
+  TOP = args.top
   t_start = time.perf_counter()
   env = environment()
   div = args.div or (8 if args.small else 1)
@@ -377,6 +397,11 @@ def main():
         row["wall_s"] = float(tw.median_a)
         row["wall_topk_s"] = float(tw.median_b)
       row.update(_device(lambda: loop(g, st, out0), args.calls, steps))
+      if args.single:   # one jitted update as the entry computation (its small leaves' kernels may fuse horizontally)
+        g1 = jax.tree_util.tree_map(lambda x: x[0], g)
+        one = jax.jit(update)
+        jax.block_until_ready(one(g1, st))
+        row.update({f"single_{k_}": v for k_, v in _device(lambda: one(g1, st), args.calls, 1).items()})
       row["loop_wall_s"] = _wall(lambda: loop(g, st, out0), max(3, reps // 3)) / steps
     except Exception as e:  # record and go on
       row["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
@@ -388,7 +413,8 @@ def main():
   key_ = meta["measure"] = _summarize(rows, meta["rw_floor_s"])
   meta["total_s"] = time.perf_counter() - t_start
   print_table(rows, ["method", key_, "busy_s", "kernels", "speedup_over_topk", "over_flat_copy", "over_rw_floor",
-                     "compressor_s", "compressor_speedup_over_topk", "loop_wall_s", "wall_s"])
+                     "compressor_s", "compressor_speedup_over_topk", "single_device_s", "single_kernels",
+                     "single_speedup_over_topk", "loop_wall_s", "wall_s"])
   write_json(args.out, args.name, {**meta, "rows": rows})
 
 
