@@ -1,0 +1,203 @@
+"""One Inception block as a few Pallas kernels vs XLA's best program for it (issue 20, stretch item).
+
+At batch 1 Inception-V3 under XLA's best program is the latency of ~60 dependent 5-7 us cuDNN kernels, and
+any IOS schedule of those kernels is bounded by the longest chain (~1.27x f32 / ~1.43x bf16). This script
+tests whether fewer, faster kernels beat it on one block: ``mlsys_jax.sched._pallas_block`` emits the
+block as one Pallas (Triton) kernel per level of its convolution DAG (Inception-A, ``Mixed_5b`` at
+35x35x192: three kernels; Inception-C, ``Mixed_6b`` at 17x17x768: five), each writing straight into the
+concatenated output's channel slices.
+
+Programs, per (block, dtype), all compiled before anything runs:
+  xla:<config>    the block as the network writes it (weights closed over) under every per-jit XLA
+                  configuration of ``sched.XLA_CONFIGS`` (plain jit, command buffers incl. convolutions,
+                  CONCURRENT, latency-hiding scheduler, cuDNN conv fusion)
+  ios             ``sched.ios_schedule(..., strategy='merge', check='off')`` of the same function
+  pallas:<tile>   the Pallas levels per tile configuration (``BMxBNxBK[/flat]``), under plain jit and the
+                  command-buffer configuration
+
+Measured: (1) device time per call from profiler traces (``benchmarks.common.call_device_times``: span
+from the first kernel's start to the last kernel's end, median over calls; kernels per call; summed kernel
+time), two rounds in opposite orders; (2) wall time per call, back-to-back calls, programs interleaved
+(``benchmarks/ios.py``'s ``interleaved_times``). Ratios are against the best XLA program of the same run
+(``best_xla_span`` over the device spans, ``best_xla_wall`` over wall times). Relative L2 errors are
+against the float32 block at HIGHEST precision.
+
+  PYTHONPATH=. python3 benchmarks/ios_block.py --out $OUT --name ios_block_h200          # GPU
+  PYTHONPATH=. python3 benchmarks/ios_block.py --small                                   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.common import call_device_times, environment, print_table, write_json  # noqa: E402
+from mlsys_jax import sched  # noqa: E402
+from mlsys_jax.sched import _pallas_block as pb  # noqa: E402
+
+BLOCKS = {
+    # name: (init, xla function, ops, (h, w, cin) full size, (h, w, cin, width) small)
+    "a": (pb.init_inception_a, pb.inception_a_xla, pb.inception_a_ops, (35, 35, 192), (6, 5, 16, 0.25)),
+    "c": (pb.init_inception_c, pb.inception_c_xla, pb.inception_c_ops, (17, 17, 768), (5, 4, 32, 0.125)),
+}
+PALLAS_OPTS = ("jit", "cmdbuf_conv_concurrent")
+
+
+def parse_tile(s: str) -> pb.BlockConfig:
+  """``BMxBNxBK`` with optional ``/flat``, ``/wN`` (warps) and ``/sN`` (stages), e.g. ``32x32x32/w4/s2``."""
+  parts = s.split("/")
+  bm, bn, bk = (int(v) for v in parts[0].split("x"))
+  kw = {}
+  for p in parts[1:]:
+    if p == "flat":
+      kw["k_mode"] = "flat"
+    elif p.startswith("w"):
+      kw["num_warps"] = int(p[1:])
+    elif p.startswith("s"):
+      kw["num_stages"] = int(p[1:])
+    else:
+      raise ValueError(f"unknown tile option {p!r} in {s!r}")
+  return pb.BlockConfig(bm=bm, bn=bn, bk=bk, **kw)
+
+
+def relerr(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--name", default="ios_block")
+  ap.add_argument("--small", action="store_true", help="tiny block, Pallas interpreter (CPU smoke test)")
+  ap.add_argument("--blocks", default="a")
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--xla_configs", default=",".join(sched.XLA_CONFIGS))
+  ap.add_argument("--tiles", default="32x32x32,16x32x32,32x32x64/flat")
+  ap.add_argument("--tiles_c", default=None, help="tiles for block c (default: --tiles)")
+  ap.add_argument("--pallas_opts", default=",".join(PALLAS_OPTS), help="XLA configurations of the Pallas programs")
+  ap.add_argument("--ios", type=int, default=1, help="1: also the IOS-Merge schedule (analytical search)")
+  ap.add_argument("--ios_cost", default="analytical", choices=("analytical", "profiler"),
+                  help="IOS search cost model (profiler: on-device stage timing, GPU only)")
+  ap.add_argument("--calls", type=int, default=30, help="traced calls per program and round")
+  ap.add_argument("--number", type=int, default=20)
+  ap.add_argument("--repeat", type=int, default=7)
+  ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining cases after this")
+  args = ap.parse_args()
+  if args.small:   # the Pallas interpreter takes ~0.1 s a call
+    args.number, args.repeat = 1, 2
+  from benchmarks.ios import interleaved_times   # noqa: E402  (shared timing helper)
+  t_start = time.perf_counter()
+  on_gpu = jax.default_backend() == "gpu"
+  env = environment()
+  print(env, flush=True)
+  payload = {"env": env, "argv": sys.argv[1:], "cases": []}
+  rows_all = []
+  for blk_name in args.blocks.split(","):
+    init, xla_fn, ops_fn, full, small = BLOCKS[blk_name]
+    for dt_name in args.dtypes.split(","):
+      if time.perf_counter() - t_start > args.time_budget_s:
+        print(f"time budget reached: skipping {blk_name} {dt_name}", flush=True)
+        continue
+      dtype = jnp.dtype(dt_name)
+      if args.small:
+        h, w, cin, width = small
+        params32 = init(0, cin=cin, width=width)
+      else:
+        h, w, cin = full
+        params32 = init(0, cin=cin)
+      params = {k: (a.astype(dtype), b.astype(dtype)) for k, (a, b) in params32.items()}
+      x32 = jax.random.normal(jax.random.PRNGKey(1), (1, h, w, cin), jnp.float32)
+      x = x32.astype(dtype)
+      with jax.default_matmul_precision("highest"):
+        ref = jax.jit(lambda v: xla_fn(params32, v))(x.astype(jnp.float32))
+      flops = pb.block_flops(params32, h, w)
+      f = lambda v, p=params: xla_fn(p, v)
+      progs, info, t0 = {}, {}, time.perf_counter()
+      for cfg in args.xla_configs.split(","):
+        opts = sched.XLA_CONFIGS[cfg]
+        progs[f"xla:{cfg}"] = jax.jit(f, compiler_options=opts or None).lower(x).compile()
+      if args.ios:
+        prof = (sched.StageProfiler() if on_gpu and args.ios_cost == "profiler" else sched.AnalyticalCost())
+        ts = time.perf_counter()
+        sc = sched.ios_schedule(f, x, strategy="merge", profiler=prof, check="off")
+        jf, consts = sc._build()
+        cprog = jf.lower(consts, x).compile()
+        progs["ios"] = lambda v, c=cprog, k=consts: c(k, v)
+        info["ios"] = {"search_s": time.perf_counter() - ts, "counts": sc.counts()}
+      ops, concat = ops_fn(params)
+      tiles = args.tiles_c if blk_name == "c" and args.tiles_c else args.tiles
+      for tile in tiles.split(","):
+        cfg = parse_tile(tile)
+        blk = pb.build_block(ops, concat, cfg, dtype=dtype)
+        for o in args.pallas_opts.split(","):
+          opts = sched.XLA_CONFIGS[o]
+          g = jax.jit(lambda v, b=blk: pb.apply_block(b, v), compiler_options=opts or None)
+          progs[f"pallas:{tile}:{o}"] = g.lower(x).compile()
+        info[f"pallas:{tile}"] = {"levels": len(blk.levels), "programs_per_level": [
+            sum(-(-h * w // cfg.bm) * (t.n_pad // cfg.bn) for t in lv.tasks) for lv in blk.levels],
+            "steps_per_task": [[(t.kh * t.kw * t.cin + t.bk - 1) // t.bk for t in lv.tasks]
+                               for lv in blk.levels]}
+      compile_s = time.perf_counter() - t0
+      print(f"block {blk_name} {dt_name}: {len(progs)} programs compiled in {compile_s:.1f} s", flush=True)
+      errs = {k: relerr(p(x), ref) for k, p in progs.items()}
+      fns = {k: (p, (x,)) for k, p in progs.items()}
+      wall = interleaved_times(fns, args.number, args.repeat)
+      dev = {}
+      if on_gpu:
+        names = list(progs)
+        for order in (names, names[::-1]):
+          try:
+            r = call_device_times({k: (lambda p=progs[k]: p(x)) for k in order}, args.calls)
+          except (RuntimeError, FileNotFoundError) as e:   # keep the wall times of this case
+            print(f"device trace failed: {e!r}", flush=True)
+            payload.setdefault("trace_errors", []).append(repr(e))
+            continue
+          for k in order:
+            dev.setdefault(k, []).append(r[k])
+      rows = []
+      for k in progs:
+        row = {"block": blk_name, "dtype": dt_name, "program": k, "wall_s": float(np.median(wall[k])),
+               "wall_all_s": wall[k], "rel_err": errs[k]}
+        if dev.get(k):
+          spans = [d["span_s"] for d in dev[k]]
+          row.update({"span_s": float(min(spans)), "span_rounds_s": spans, "kernels": dev[k][0]["kernels"],
+                      "busy_s": float(np.median([d["busy_s"] for d in dev[k]])),
+                      "kernel_s": {n: float(np.median(v)) for n, v in dev[k][0]["kernel_s"].items()}})
+          row["tflops"] = flops / row["span_s"] / 1e12
+        rows.append(row)
+      xla_rows = [r for r in rows if r["program"].startswith("xla:")]
+      best_wall = min(xla_rows, key=lambda r: r["wall_s"])
+      best_span = min(xla_rows, key=lambda r: r.get("span_s", r["wall_s"]))
+      for r in rows:
+        r["vs_best_xla_wall"] = best_wall["wall_s"] / r["wall_s"]
+        if "span_s" in r:
+          r["vs_best_xla_span"] = best_span["span_s"] / r["span_s"]
+      case = {"block": blk_name, "dtype": dt_name, "shape": [1, h, w, cin], "flops": flops,
+              "compile_s": compile_s, "best_xla_wall": best_wall["program"],
+              "best_xla_span": best_span["program"], "info": info, "rows": rows}
+      payload["cases"].append(case)
+      rows_all += rows
+      payload["wall_s"] = time.perf_counter() - t_start
+      write_json(args.out, args.name, payload)
+  cols = ["block", "dtype", "program", "wall_s", "vs_best_xla_wall", "rel_err"]
+  if on_gpu:
+    cols[4:4] = ["span_s", "vs_best_xla_span", "kernels", "busy_s", "tflops"]
+  for r in rows_all:
+    for c in ("wall_s", "span_s", "busy_s"):
+      if c in r:
+        r[c.replace("_s", "_us")] = r[c] * 1e6
+  print_table(rows_all, [c.replace("_s", "_us") if c in ("wall_s", "span_s", "busy_s") else c for c in cols])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,507 @@
+"""A small DAG of stride-1 convolutions (an Inception block) as a few Pallas (Triton backend) kernels.
+
+Issue 20's stretch item: at batch 1, Inception-V3 under XLA's best program is the latency of ~60 dependent
+cuDNN kernels of 5-7 us each, and any schedule of *those* kernels (IOS, Ding et al., "IOS: Inter-Operator
+Scheduler for CNN Acceleration", MLSys 2021) is bounded by the longest chain. Only fewer, faster kernels
+can beat it. This module emits one block (Szegedy et al., "Rethinking the Inception Architecture", CVPR
+2016, Fig. 5: the merged 1x1 convolutions, the spatial branches, the concatenation) as one Pallas kernel
+per *level* of its convolution DAG:
+
+  level 1   every convolution that reads the block input (the 1x1 convs of all branches, IOS's merge),
+  level d   every convolution whose source was computed at level d-1,
+
+each level one launch whose grid is the union of its convolutions' output tiles (``pl.when`` on the
+program id selects the convolution). A convolution is an implicit GEMM: for an output tile of ``bm``
+pixels x ``bn`` channels, the reduction dimension ``K = kh * kw * cin`` is walked ``bk`` at a time; the
+activation tile is gathered straight from the NHWC source (zero padding by masks, no im2col buffer), the
+weight tile read from a ``(K, cout)`` matrix, and ``jnp.dot`` accumulates in float32 on tensor cores
+(TF32 for float32 operands, as XLA's convolutions by default). Bias, a scale and ReLU are fused into
+the store, which writes straight into the channel slice of the concatenated block output (a buffer every
+level aliases, so there is no concatenation kernel) or of a per-level intermediate buffer.
+
+The average-pool branch (3x3, stride 1, padding 1, ``count_include_pad``, then a 1x1 conv) is linear up to
+its bias, so ``avgpool(x) @ W = avgpool(x @ W)``: its 1x1 conv runs in level 1 with the other 1x1 convs
+(no bias, no ReLU) and the pool becomes a 3x3 convolution with identity taps, scale 1/9, then bias and
+ReLU, in level 2.
+
+Off the GPU the kernels run in Pallas's interpreter (``interpret=True``), which is how the CPU tests check
+them against ``lax.conv_general_dilated``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["BlockConfig", "ConvOp", "PallasBlock", "apply_block", "block_flops", "build_block",
+           "inception_a_ops", "inception_a_xla", "init_inception_a", "inception_c_ops", "inception_c_xla",
+           "init_inception_c"]
+
+
+class BlockConfig(NamedTuple):
+  """Launch parameters of every level kernel.
+
+  Attributes:
+    bm: output pixels per program (power of two >= 16).
+    bn: output channels per program (power of two >= 16).
+    bk: reduction elements per step (power of two >= 16).
+    num_warps, num_stages: Triton launch parameters.
+    k_mode: ``'tap'`` walks K one tap at a time in chunks of ``bk`` input channels (scalar tap per step,
+      contiguous loads; a conv with ``cin % bk != 0`` falls back to ``'flat'``), ``'flat'`` walks the
+      flattened ``kh * kw * cin`` (per-element tap arithmetic, no wasted lanes when ``cin`` is small).
+  """
+  bm: int = 32
+  bn: int = 32
+  bk: int = 32
+  num_warps: int = 4
+  num_stages: int = 3
+  k_mode: str = "tap"
+
+
+class ConvOp(NamedTuple):
+  """One stride-1 convolution of the block: ``act(scale * conv(src, w) + b)``.
+
+  Attributes:
+    name: unique name; other ops and ``concat`` refer to it.
+    src: ``'x'`` (the block input) or the name of another op.
+    w: kernel ``(kh, kw, cin, cout)`` (HWIO).
+    b: bias ``(cout,)`` or None.
+    padding: ``(ph, pw)`` zero padding (output size equals input size: ``kh = 2 ph + 1``).
+    relu: apply ReLU after the bias.
+    scale: multiplies the accumulator before the bias (1/9 for an average pool as identity taps).
+  """
+  name: str
+  src: str
+  w: Any
+  b: Any
+  padding: tuple[int, int]
+  relu: bool = True
+  scale: float = 1.0
+
+
+class _Task(NamedTuple):
+  src: int
+  src_c: int
+  src_off: int
+  cin: int
+  dst: int
+  dst_c: int
+  dst_off: int
+  cout: int
+  kh: int
+  kw: int
+  ph: int
+  pw: int
+  relu: bool
+  scale: float
+  bk: int
+  flat: bool
+  n_pad: int
+
+
+class _Level(NamedTuple):
+  tasks: tuple[_Task, ...]
+  weights: tuple[Any, ...]        # flat (K_pad * n_pad,) per task
+  biases: tuple[Any, ...]         # (n_pad,) per task
+  n_sources: int                  # x, mids of earlier levels, then out (levels > 1)
+  mid_channels: int               # channels of this level's intermediate buffer (0: none)
+
+
+class PallasBlock(NamedTuple):
+  """A block emitted by :func:`build_block`: levels of packed weights and tasks (apply with
+  :func:`apply_block`)."""
+  levels: tuple[_Level, ...]
+  cin: int
+  cout: int
+  config: BlockConfig
+  dtype: Any
+
+
+def _pow2(v: int) -> bool:
+  return v >= 16 and v & (v - 1) == 0
+
+
+def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[BlockConfig] = None,
+                dtype: Any = None) -> PallasBlock:
+  """Plan a DAG of stride-1 convolutions as level kernels and pack the weights (once, outside ``jit``).
+
+  Args:
+    ops: the convolutions (:class:`ConvOp`), each reading ``'x'`` or an earlier op.
+    concat: op names whose outputs, concatenated along channels in this order, are the block output.
+    config: :class:`BlockConfig` (default ``BlockConfig()``).
+    dtype: dtype of the activations and weights in the kernels (default: the first op's weight dtype).
+
+  Returns:
+    A :class:`PallasBlock`.
+
+  Raises:
+    ValueError: unknown or duplicate names, a source computed nowhere, a kernel whose padding does not
+      keep the spatial size, a concatenated op that another op reads, mismatched channels, bad config.
+  """
+  cfg = BlockConfig() if config is None else config
+  for f in ("bm", "bn", "bk"):
+    if not _pow2(getattr(cfg, f)):
+      raise ValueError(f"BlockConfig.{f} must be a power of two >= 16, got {getattr(cfg, f)}")
+  if cfg.k_mode not in ("tap", "flat"):
+    raise ValueError(f"BlockConfig.k_mode must be 'tap' or 'flat', got {cfg.k_mode!r}")
+  if not ops:
+    raise ValueError("build_block needs at least one ConvOp")
+  by_name = {}
+  for op in ops:
+    if op.name in by_name or op.name == "x":
+      raise ValueError(f"duplicate or reserved op name {op.name!r}")
+    w = np.asarray(op.w)
+    if w.ndim != 4:
+      raise ValueError(f"op {op.name!r}: kernel must be (kh, kw, cin, cout), got shape {w.shape}")
+    kh, kw = w.shape[:2]
+    ph, pw = op.padding
+    if kh != 2 * ph + 1 or kw != 2 * pw + 1:
+      raise ValueError(f"op {op.name!r}: a {kh}x{kw} kernel needs padding ({(kh - 1) // 2}, {(kw - 1) // 2}) "
+                       f"to keep the spatial size (stride 1 only), got {op.padding}")
+    by_name[op.name] = op
+  cin = None
+  depth = {}
+
+  def get_depth(name, seen=()):
+    if name == "x":
+      return 0
+    if name not in by_name:
+      raise ValueError(f"source {name!r} is neither 'x' nor an op name")
+    if name in seen:
+      raise ValueError(f"cycle through op {name!r}")
+    if name not in depth:
+      depth[name] = 1 + get_depth(by_name[name].src, seen + (name,))
+    return depth[name]
+
+  chans = {}
+  for op in ops:
+    get_depth(op.name)
+    chans[op.name] = np.shape(op.w)[3]
+  for op in ops:
+    need = np.shape(op.w)[2]
+    have = chans.get(op.src) if op.src != "x" else None
+    if op.src == "x":
+      if cin is not None and cin != need:
+        raise ValueError(f"op {op.name!r} reads x with {need} channels, another op with {cin}")
+      cin = need
+    elif have != need:
+      raise ValueError(f"op {op.name!r} expects {need} input channels, {op.src!r} has {have}")
+  if cin is None:
+    raise ValueError("no op reads the block input 'x'")
+  unknown = [c for c in concat if c not in by_name]
+  if unknown or len(set(concat)) != len(concat) or not concat:
+    raise ValueError(f"concat must list distinct op names, got {list(concat)} (unknown: {unknown})")
+  readers = {op.src for op in ops}
+  bad = [c for c in concat if c in readers]
+  if bad:
+    raise ValueError(f"ops {bad} are both concatenated and read by other ops; not supported")
+  dtype = jnp.dtype(dtype if dtype is not None else np.asarray(ops[0].w).dtype)
+  out_off, off = {}, 0
+  for c in concat:
+    out_off[c] = off
+    off += chans[c]
+  cout = off
+  n_levels = max(depth.values())
+  # intermediate buffer of each level: the non-concatenated ops of that level, in order
+  mid_off, mid_ch = {}, [0] * (n_levels + 1)
+  for op in ops:
+    if op.name not in out_off:
+      d = depth[op.name]
+      mid_off[op.name] = mid_ch[d]
+      mid_ch[d] += chans[op.name]
+  levels = []
+  for d in range(1, n_levels + 1):
+    # sources: 0 = x, 1..d-1 = mids of levels 1..d-1 (placeholders where empty), d = out (levels > 1)
+    tasks, weights, biases = [], [], []
+    for op in ops:
+      if depth[op.name] != d:
+        continue
+      w = np.asarray(op.w, np.float32)
+      kh, kw, ci, co = w.shape
+      if op.src == "x":
+        src, src_c, src_off = 0, cin, 0
+      else:
+        sd = depth[op.src]
+        src, src_c, src_off = sd, mid_ch[sd], mid_off[op.src]
+      if op.name in out_off:
+        dst, dst_c, dst_off = 0, cout, out_off[op.name]
+      else:
+        dst, dst_c, dst_off = 1, mid_ch[d], mid_off[op.name]
+      bk, flat = cfg.bk, cfg.k_mode == "flat" or ci % cfg.bk != 0
+      k = kh * kw * ci
+      k_pad = -(-k // bk) * bk
+      n_pad = -(-co // cfg.bn) * cfg.bn
+      wm = np.zeros((k_pad, n_pad), np.float32)
+      wm[:k, :co] = w.reshape(k, co)          # row index = (i * kw + j) * cin + c
+      bv = np.zeros((n_pad,), np.float32)
+      if op.b is not None:
+        b = np.asarray(op.b, np.float32)
+        if b.shape != (co,):
+          raise ValueError(f"op {op.name!r}: bias must have shape ({co},), got {b.shape}")
+        bv[:co] = b
+      tasks.append(_Task(src, src_c, src_off, ci, dst, dst_c, dst_off, co, kh, kw, op.padding[0],
+                         op.padding[1], bool(op.relu), float(op.scale), bk, flat, n_pad))
+      weights.append(jnp.asarray(wm.reshape(-1), dtype))
+      biases.append(jnp.asarray(bv))
+    levels.append(_Level(tuple(tasks), tuple(weights), tuple(biases), d + (1 if d > 1 else 0),
+                         mid_ch[d]))
+  return PallasBlock(tuple(levels), cin, cout, cfg, dtype)
+
+
+def _conv_tile(q, t: _Task, src, w_ref, b_ref, dst, n_img: int, h: int, wd: int, cfg: BlockConfig,
+               interpret: bool):
+  """One ``bm x bn`` output tile of task ``t`` (local program id ``q``) of an implicit-GEMM convolution."""
+  from jax.experimental.pallas import triton as plgpu
+  bm, bn, bk = cfg.bm, cfg.bn, t.bk
+  m_total = n_img * h * wd
+  tn = t.n_pad // bn
+  pm, pn = jax.lax.div(q, tn), jax.lax.rem(q, tn)
+  m = pm * bm + jnp.arange(bm, dtype=jnp.int32)
+  mvalid = m < m_total
+  r = jax.lax.rem(m, h * wd)           # all indices are >= 0: truncating division
+  hh0, ww0 = jax.lax.div(r, wd), jax.lax.rem(r, wd)
+  cols = pn * bn + jnp.arange(bn, dtype=jnp.int32)
+  kk = jnp.arange(bk, dtype=jnp.int32)
+  k_total = t.kh * t.kw * t.cin
+  zero = jnp.zeros((), src.dtype)
+  if t.flat:
+    steps = -(-k_total // bk)
+
+    def body(s, acc):
+      k = s * bk + kk
+      tap = jax.lax.div(k, t.cin)
+      c = k - tap * t.cin
+      di = jax.lax.div(tap, t.kw)
+      dh = di - t.ph
+      dw = tap - di * t.kw - t.pw
+      hh = hh0[:, None] + dh[None, :]
+      ww = ww0[:, None] + dw[None, :]
+      ok = (mvalid[:, None] & (k < k_total)[None, :] & (hh >= 0) & (hh < h) & (ww >= 0) & (ww < wd))
+      idx = (m[:, None] + dh[None, :] * wd + dw[None, :]) * t.src_c + t.src_off + c[None, :]
+      if interpret:
+        idx = jnp.where(ok, idx, 0)
+      a = plgpu.load(src.at[idx], mask=ok, other=zero)
+      b = plgpu.load(w_ref.at[(s * bk + kk)[:, None] * t.n_pad + cols[None, :]])
+      return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+  else:
+    nkc = t.cin // bk
+    steps = t.kh * t.kw * nkc
+
+    def body(s, acc):
+      tap = jax.lax.div(s, nkc)
+      c0 = (s - tap * nkc) * bk
+      di = jax.lax.div(tap, t.kw)
+      dh = di - t.ph
+      dw = tap - di * t.kw - t.pw
+      hh = hh0 + dh
+      ww = ww0 + dw
+      okr = mvalid & (hh >= 0) & (hh < h) & (ww >= 0) & (ww < wd)
+      row = (m + dh * wd + dw) * t.src_c + t.src_off + c0
+      if interpret:
+        row = jnp.where(okr, row, 0)
+      ok = jnp.broadcast_to(okr[:, None], (bm, bk))
+      a = plgpu.load(src.at[row[:, None] + kk[None, :]], mask=ok, other=zero)
+      b = plgpu.load(w_ref.at[(s * bk + kk)[:, None] * t.n_pad + cols[None, :]])
+      return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+  if t.scale != 1.0:
+    acc = acc * t.scale
+  acc = acc + plgpu.load(b_ref.at[cols])[None, :]
+  if t.relu:
+    acc = jnp.maximum(acc, 0.0)
+  ok = mvalid[:, None] & (cols < t.cout)[None, :]
+  oidx = m[:, None] * t.dst_c + t.dst_off + cols[None, :]
+  if interpret:   # the interpreter scatters every lane: send masked lanes out of bounds (dropped)
+    oidx = jnp.where(ok, oidx, m_total * t.dst_c)
+  plgpu.store(dst.at[oidx], acc.astype(dst.dtype), mask=ok)
+
+
+def _run_level(lv: _Level, sources: list, n_img: int, h: int, wd: int, cfg: BlockConfig, dtype,
+               cout: int, interpret: bool):
+  from jax.experimental import pallas as pl
+  from mlsys_jax._compat import triton_compiler_params
+  m_total = n_img * h * wd
+  tm = -(-m_total // cfg.bm)
+  starts, total = [], 0
+  for t in lv.tasks:
+    starts.append(total)
+    total += tm * (t.n_pad // cfg.bn)
+  nt, ns = len(lv.tasks), len(sources)
+  first = ns == 1
+
+  def kernel(*refs):
+    srcs = refs[:ns]
+    w_refs, b_refs = refs[ns:ns + nt], refs[ns + nt:ns + 2 * nt]
+    outs = refs[ns + 2 * nt:]
+    pid = pl.program_id(0)
+    for t, st, w_ref, b_ref in zip(lv.tasks, starts, w_refs, b_refs):
+      ntiles = tm * (t.n_pad // cfg.bn)
+
+      @pl.when((pid >= st) & (pid < st + ntiles))
+      def _(t=t, st=st, w_ref=w_ref, b_ref=b_ref):
+        _conv_tile(pid - st, t, srcs[t.src], w_ref, b_ref, outs[t.dst], n_img, h, wd, cfg, interpret)
+
+  out_shape = [jax.ShapeDtypeStruct((m_total * cout,), dtype)]
+  if lv.mid_channels:
+    out_shape.append(jax.ShapeDtypeStruct((m_total * lv.mid_channels,), dtype))
+  aliases = {} if first else {ns - 1: 0}
+  res = pl.pallas_call(
+      kernel, grid=(total,), out_shape=tuple(out_shape), input_output_aliases=aliases,
+      interpret=interpret, name="pallas_block_level",
+      compiler_params=None if interpret else triton_compiler_params(cfg.num_warps, cfg.num_stages),
+  )(*sources, *lv.weights, *lv.biases)
+  return res[0], (res[1] if lv.mid_channels else None)
+
+
+def apply_block(block: PallasBlock, x, interpret: Optional[bool] = None):
+  """Run a :class:`PallasBlock` on NHWC ``x``: one ``pallas_call`` per level.
+
+  Args:
+    block: from :func:`build_block`.
+    x: ``(n, h, w, cin)`` activations (cast to the block's dtype).
+    interpret: Pallas interpreter (default: when the backend is not a GPU).
+
+  Returns:
+    ``(n, h, w, cout)`` in the block's dtype: the concatenated outputs.
+
+  Example:
+    >>> ops = [ConvOp("a", "x", np.ones((1, 1, 16, 16), np.float32), None, (0, 0))]
+    >>> blk = build_block(ops, ["a"], BlockConfig(bm=16, bn=16, bk=16))
+    >>> float(apply_block(blk, jnp.ones((1, 4, 4, 16)))[0, 0, 0, 0])
+    16.0
+  """
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  if x.ndim != 4 or x.shape[-1] != block.cin:
+    raise ValueError(f"apply_block expects NHWC input with {block.cin} channels, got shape {x.shape}")
+  n_img, h, wd, _ = x.shape
+  flat = x.astype(block.dtype).reshape(-1)
+  out, mids = None, []
+  for d, lv in enumerate(block.levels, start=1):
+    srcs = [flat] + [m if m is not None else flat for m in mids]
+    if d > 1:
+      srcs.append(out)
+    out, mid = _run_level(lv, srcs, n_img, h, wd, block.config, block.dtype, block.cout, interpret)
+    mids.append(mid)
+  return out.reshape(n_img, h, wd, block.cout)
+
+
+# ============================================================================ Inception blocks
+
+def _conv_ref(x, w, b, padding, relu=True):
+  y = jax.lax.conv_general_dilated(x, jnp.asarray(w, x.dtype), (1, 1), [(padding[0],) * 2, (padding[1],) * 2],
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = y + jnp.asarray(b, y.dtype)
+  return jnp.maximum(y, 0) if relu else y
+
+
+def _avg_pool3(x):
+  s = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
+                            ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return s / jnp.asarray(9, x.dtype)       # count_include_pad, as the IOS runtime (cuDNN)
+
+
+def _init(seed: int, shapes: dict, dtype) -> dict:
+  """He-scaled normal kernels and N(0, 0.1) biases from a numpy generator (host-side, no compiles)."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for name, (kh, kw, ci, co) in shapes.items():
+    w = rng.standard_normal((kh, kw, ci, co), np.float32) * np.float32(math.sqrt(2.0 / (kh * kw * ci)))
+    b = 0.1 * rng.standard_normal((co,), np.float32)
+    params[name] = (jnp.asarray(w, dtype), jnp.asarray(b, dtype))
+  return params
+
+
+def init_inception_a(seed: int = 0, cin: int = 192, pool_features: int = 32, width: float = 1.0,
+                     dtype: Any = jnp.float32) -> dict:
+  """Random (He-scaled) weights and nonzero biases of an Inception-A block (``Mixed_5b`` with the
+  defaults: 35x35x192 -> 256 channels), channel counts times ``width`` as in ``ios_nets.InceptionV3``.
+  ``seed`` seeds a numpy generator.
+
+  Returns:
+    ``{name: (w HWIO, b)}`` for b1, b5_1, b5_2, b3_1, b3_2, b3_3, bp.
+  """
+  c = lambda v: max(1, int(round(v * width)))
+  shapes = {"b1": (1, 1, cin, c(64)), "b5_1": (1, 1, cin, c(48)), "b5_2": (5, 5, c(48), c(64)),
+            "b3_1": (1, 1, cin, c(64)), "b3_2": (3, 3, c(64), c(96)), "b3_3": (3, 3, c(96), c(96)),
+            "bp": (1, 1, cin, c(pool_features))}
+  return _init(seed, shapes, dtype)
+
+
+def inception_a_xla(params: dict, x):
+  """The Inception-A block as ``ios_nets.InceptionV3`` writes it (conv + bias + ReLU per branch; 3x3
+  average pool, count_include_pad, then a 1x1 conv; concatenation b1, b5, b3, pool), in lax."""
+  p = params
+  b1 = _conv_ref(x, *p["b1"], (0, 0))
+  b5 = _conv_ref(_conv_ref(x, *p["b5_1"], (0, 0)), *p["b5_2"], (2, 2))
+  b3 = _conv_ref(_conv_ref(_conv_ref(x, *p["b3_1"], (0, 0)), *p["b3_2"], (1, 1)), *p["b3_3"], (1, 1))
+  bp = _conv_ref(_avg_pool3(x), *p["bp"], (0, 0))
+  return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+def _pool_ops(name, w, b):
+  """Average pool then 1x1 conv as 1x1 conv (level 1, no bias) then a 3x3 identity-tap conv, scale 1/9."""
+  co = np.shape(w)[3]
+  eye = np.broadcast_to(np.eye(co, dtype=np.float32), (3, 3, co, co))
+  return [ConvOp(name + "_1x1", "x", w, None, (0, 0), relu=False),
+          ConvOp(name, name + "_1x1", eye, b, (1, 1), relu=True, scale=1.0 / 9.0)]
+
+
+def inception_a_ops(params: dict) -> tuple[list[ConvOp], list[str]]:
+  """The Inception-A block as :class:`ConvOp` s and its concatenation order (3 levels: the four 1x1
+  convs; the 5x5, the first 3x3 and the pool; the second 3x3)."""
+  p = params
+  ops = [ConvOp("b1", "x", *p["b1"], (0, 0)), ConvOp("b5_1", "x", *p["b5_1"], (0, 0)),
+         ConvOp("b3_1", "x", *p["b3_1"], (0, 0)), *_pool_ops("bp", *p["bp"]),
+         ConvOp("b5", "b5_1", *p["b5_2"], (2, 2)), ConvOp("b3_2", "b3_1", *p["b3_2"], (1, 1)),
+         ConvOp("b3", "b3_2", *p["b3_3"], (1, 1))]
+  # put the pool's 3x3 after the spatial convs of its level (heavy tiles first in the grid)
+  ops = [o for o in ops if o.name != "bp"] + [o for o in ops if o.name == "bp"]
+  return ops, ["b1", "b5", "b3", "bp"]
+
+
+def init_inception_c(seed: int = 0, cin: int = 768, c7: int = 128, width: float = 1.0, dtype: Any = jnp.float32) -> dict:
+  """Random weights of an Inception-C block (``Mixed_6b`` with the defaults: 17x17x768 -> 768 channels,
+  1x7/7x1 convolutions), channel counts times ``width`` as in ``ios_nets.InceptionV3``."""
+  c = lambda v: max(1, int(round(v * width)))
+  shapes = {"b1": (1, 1, cin, c(192)), "b7_1": (1, 1, cin, c(c7)), "b7_2": (1, 7, c(c7), c(c7)),
+            "b7_3": (7, 1, c(c7), c(192)), "bd_1": (1, 1, cin, c(c7)), "bd_2": (7, 1, c(c7), c(c7)),
+            "bd_3": (1, 7, c(c7), c(c7)), "bd_4": (7, 1, c(c7), c(c7)), "bd_5": (1, 7, c(c7), c(192)),
+            "bp": (1, 1, cin, c(192))}
+  return _init(seed, shapes, dtype)
+
+
+def inception_c_xla(params: dict, x):
+  """The Inception-C block as ``ios_nets.InceptionV3`` writes it, in lax."""
+  p = params
+  b1 = _conv_ref(x, *p["b1"], (0, 0))
+  b7 = _conv_ref(_conv_ref(_conv_ref(x, *p["b7_1"], (0, 0)), *p["b7_2"], (0, 3)), *p["b7_3"], (3, 0))
+  bd = _conv_ref(x, *p["bd_1"], (0, 0))
+  for name, pad in (("bd_2", (3, 0)), ("bd_3", (0, 3)), ("bd_4", (3, 0)), ("bd_5", (0, 3))):
+    bd = _conv_ref(bd, *p[name], pad)
+  bp = _conv_ref(_avg_pool3(x), *p["bp"], (0, 0))
+  return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+def inception_c_ops(params: dict) -> tuple[list[ConvOp], list[str]]:
+  """The Inception-C block as :class:`ConvOp` s (5 levels: the 1x1s; 1x7, 7x1 and the pool; 7x1, 1x7;
+  7x1; 1x7) and its concatenation order."""
+  p = params
+  ops = [ConvOp("b1", "x", *p["b1"], (0, 0)), ConvOp("b7_1", "x", *p["b7_1"], (0, 0)),
+         ConvOp("bd_1", "x", *p["bd_1"], (0, 0)), *_pool_ops("bp", *p["bp"]),
+         ConvOp("b7_2", "b7_1", *p["b7_2"], (0, 3)), ConvOp("bd_2", "bd_1", *p["bd_2"], (3, 0)),
+         ConvOp("b7", "b7_2", *p["b7_3"], (3, 0)), ConvOp("bd_3", "bd_2", *p["bd_3"], (0, 3)),
+         ConvOp("bd_4", "bd_3", *p["bd_4"], (3, 0)), ConvOp("bd", "bd_4", *p["bd_5"], (0, 3))]
+  ops = [o for o in ops if o.name != "bp"] + [o for o in ops if o.name == "bp"]
+  return ops, ["b1", "b7", "bd", "bp"]
+
+
+def block_flops(params: dict, h: int, w: int, n: int = 1) -> float:
+  """Multiply-add FLOPs (2 per MAC) of the block's convolutions as the network writes them (the average
+  pool's adds not counted)."""
+  return float(sum(2 * n * h * w * np.prod(np.shape(wt)) for wt, _ in params.values()))
