@@ -12,8 +12,8 @@ Programs, per (block, dtype), all compiled before anything runs:
                   configuration of ``sched.XLA_CONFIGS`` (plain jit, command buffers incl. convolutions,
                   CONCURRENT, latency-hiding scheduler, cuDNN conv fusion)
   ios             ``sched.ios_schedule(..., strategy='merge', check='off')`` of the same function
-  pallas:<tile>   the Pallas levels per tile configuration (``BMxBNxBK[/flat]``), under plain jit and the
-                  command-buffer configuration
+  pallas:<tile>:<config>   the Pallas levels per tile configuration (``parse_tile``), under the
+                  command-buffer configuration (or plain jit: ``--pallas_opts``, ``tile@jit``)
 
 Measured: (1) device time per call from profiler traces (``benchmarks.common.call_device_times``: span
 from the first kernel's start to the last kernel's end, median over calls; kernels per call; summed kernel
@@ -48,17 +48,21 @@ BLOCKS = {
     "a": (pb.init_inception_a, pb.inception_a_xla, pb.inception_a_ops, (35, 35, 192), (6, 5, 16, 0.25)),
     "c": (pb.init_inception_c, pb.inception_c_xla, pb.inception_c_ops, (17, 17, 768), (5, 4, 32, 0.125)),
 }
-PALLAS_OPTS = ("jit", "cmdbuf_conv_concurrent")
 
 
 def parse_tile(s: str) -> pb.BlockConfig:
-  """``BMxBNxBK`` with optional ``/flat``, ``/wN`` (warps) and ``/sN`` (stages), e.g. ``32x32x32/w4/s2``."""
+  """``BMxBNxBK`` with optional ``/flat``, ``/wN`` (warps), ``/sN`` (stages), ``/kN`` (split-K: chunks of at
+  most N steps below level 1) and ``/nl`` (no split in the last level), e.g. ``32x32x64/flat/k4/nl``."""
   parts = s.split("/")
   bm, bn, bk = (int(v) for v in parts[0].split("x"))
   kw = {}
   for p in parts[1:]:
     if p == "flat":
       kw["k_mode"] = "flat"
+    elif p.startswith("k"):
+      kw["split_steps"] = int(p[1:])
+    elif p == "nl":
+      kw["split_last"] = False
     elif p.startswith("w"):
       kw["num_warps"] = int(p[1:])
     elif p.startswith("s"):
@@ -82,9 +86,10 @@ def main():
   ap.add_argument("--blocks", default="a")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--xla_configs", default=",".join(sched.XLA_CONFIGS))
-  ap.add_argument("--tiles", default="32x32x32,16x32x32,32x32x64/flat")
+  ap.add_argument("--tiles", default="32x32x64/flat,32x32x64/flat/k4,32x32x64/flat/k4@jit")
   ap.add_argument("--tiles_c", default=None, help="tiles for block c (default: --tiles)")
-  ap.add_argument("--pallas_opts", default=",".join(PALLAS_OPTS), help="XLA configurations of the Pallas programs")
+  ap.add_argument("--pallas_opts", default="cmdbuf_conv_concurrent", help="XLA configurations of the Pallas "
+                  "programs (comma-separated; a tile 'T@config' is compiled under that configuration only)")
   ap.add_argument("--ios", type=int, default=1, help="1: also the IOS-Merge schedule (analytical search)")
   ap.add_argument("--ios_cost", default="analytical", choices=("analytical", "profiler"),
                   help="IOS search cost model (profiler: on-device stage timing, GPU only)")
@@ -136,17 +141,22 @@ def main():
         info["ios"] = {"search_s": time.perf_counter() - ts, "counts": sc.counts()}
       ops, concat = ops_fn(params)
       tiles = args.tiles_c if blk_name == "c" and args.tiles_c else args.tiles
-      for tile in tiles.split(","):
+      for tile_opt in tiles.split(","):
+        tile, _, only = tile_opt.partition("@")
         cfg = parse_tile(tile)
         blk = pb.build_block(ops, concat, cfg, dtype=dtype)
-        for o in args.pallas_opts.split(","):
+        for o in ([only] if only else args.pallas_opts.split(",")):
           opts = sched.XLA_CONFIGS[o]
           g = jax.jit(lambda v, b=blk: pb.apply_block(b, v), compiler_options=opts or None)
-          progs[f"pallas:{tile}:{o}"] = g.lower(x).compile()
-        info[f"pallas:{tile}"] = {"levels": len(blk.levels), "programs_per_level": [
-            sum(-(-h * w // cfg.bm) * (t.n_pad // cfg.bn) for t in lv.tasks) for lv in blk.levels],
-            "steps_per_task": [[(t.kh * t.kw * t.cin + t.bk - 1) // t.bk for t in lv.tasks]
-                               for lv in blk.levels]}
+          try:
+            progs[f"pallas:{tile}:{o}"] = g.lower(x).compile()
+          except Exception as e:   # one variant failing to compile must not lose the run
+            print(f"pallas:{tile}:{o} failed to compile: {e!r:.500}", flush=True)
+            info[f"pallas:{tile}:{o}:error"] = repr(e)[:2000]
+        info[f"pallas:{tile}"] = {"levels": len(blk.levels), "tasks": [
+            [(t.kind, t.s_hi - t.s_lo, t.n_pad // cfg.bn * -(-h * w // cfg.bm)) for t in lv.tasks]
+            for lv in blk.levels], "programs_per_level": [
+            sum(-(-h * w // cfg.bm) * (t.n_pad // cfg.bn) for t in lv.tasks) for lv in blk.levels]}
       compile_s = time.perf_counter() - t0
       print(f"block {blk_name} {dt_name}: {len(progs)} programs compiled in {compile_s:.1f} s", flush=True)
       errs = {k: relerr(p(x), ref) for k, p in progs.items()}

@@ -32,19 +32,30 @@ def test_inception_a_matches_lax_conv():
   assert _rel(y, pb.inception_a_xla({**p, "b3_3": (p["b3_3"][0] * 1.01, p["b3_3"][1])}, x)) > 1e-4
 
 
-def test_asymmetric_kernels_flat_mode_and_batch():
-  # 1x3 then 3x1 (the Inception-C pattern), two images, 'flat' K walk with bk 32 over cin 16 (3 taps a step)
+def test_split_k_asymmetric_kernels_and_batch():
+  # 1x1 -> 1x3 -> 3x1 (the Inception-C pattern) next to a concatenated 1x1, two images, 'flat' K walk with
+  # bk 32 over cin 16 (several taps a step) and split-K in chunks of 1 step: the 1x3 adds its partial sums
+  # atomically into a float32 accumulator that level 1 zeroed, the 3x1 applies its bias/ReLU on load and is
+  # split too, so a fourth level runs its epilogue ('final') into the output
   rng = np.random.default_rng(0)
+  w0 = rng.standard_normal((1, 1, 16, 16)).astype(np.float32)
   w1 = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
   w2 = rng.standard_normal((3, 1, 16, 16)).astype(np.float32)
-  b = rng.standard_normal(16).astype(np.float32)
-  ops = [pb.ConvOp("a", "x", w1, b, (0, 1), relu=False), pb.ConvOp("c", "a", w2, b, (1, 0))]
-  blk = pb.build_block(ops, ["c"], pb.BlockConfig(bm=16, bn=16, bk=32, k_mode="flat"))
+  b0, b1, b2 = (rng.standard_normal(16).astype(np.float32) for _ in range(3))
+  ops = [pb.ConvOp("p", "x", w0, b0, (0, 0)), pb.ConvOp("a", "p", w1, b1, (0, 1), relu=True, scale=0.5),
+         pb.ConvOp("c", "a", w2, b2, (1, 0)), pb.ConvOp("q", "x", w0, None, (0, 0), relu=False)]
+  blk = pb.build_block(ops, ["q", "c"], pb.BlockConfig(bm=16, bn=16, bk=32, k_mode="flat", split_steps=1))
+  kinds = [sorted({(t.kind, t.atomic, t.src_acc) for t in lv.tasks}) for lv in blk.levels]
+  assert kinds == [[("conv", False, False), ("zero", False, False)],
+                   [("conv", True, False), ("zero", False, False)],
+                   [("conv", True, True)], [("final", False, False)]]
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 16), np.float32))
   y = pb.apply_block(blk, x, interpret=True)
   conv = lambda v, w, pad: jax.lax.conv_general_dilated(v, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO",
                                                                                                "NHWC"))
-  ref = jnp.maximum(conv(conv(x, w1, [(0, 0), (1, 1)]) + b, w2, [(1, 1), (0, 0)]) + b, 0)
+  t = jnp.maximum(conv(x, w0, [(0, 0), (0, 0)]) + b0, 0)
+  t = jnp.maximum(0.5 * conv(t, w1, [(0, 0), (1, 1)]) + b1, 0)
+  ref = jnp.concatenate([conv(x, w0, [(0, 0), (0, 0)]), jnp.maximum(conv(t, w2, [(1, 1), (0, 0)]) + b2, 0)], -1)
   assert _rel(y, ref) < 1e-5
 
 
@@ -96,5 +107,11 @@ def test_lowers_to_triton_for_cuda():
       irs = seen[n0:]
       assert [ir.count("tt.dot") for ir in irs] == [4, 3, 1]
       assert all(want in ir for ir in irs)
+      # split-K: float32 atomic adds in level 2 (the 5x5 and the first 3x3) and 3, a fourth level
+      blk = pb.build_block(ops, cat, pb.BlockConfig(bm=32, bn=32, bk=32, split_steps=4), dtype=dt)
+      n0 = len(seen)
+      jax.jit(lambda v: pb.apply_block(blk, v, interpret=False)).trace(
+          jax.ShapeDtypeStruct((1, 7, 7, 32), dt)).lower(lowering_platforms=("cuda",))
+      assert len(seen) - n0 == 4 and all("tt.atomic_rmw fadd" in ir for ir in seen[n0 + 1:n0 + 3])
   finally:
     tl.lower_jaxpr_to_triton_module = hooked

@@ -53,6 +53,10 @@ class BlockConfig(NamedTuple):
     k_mode: ``'tap'`` walks K one tap at a time in chunks of ``bk`` input channels (scalar tap per step,
       contiguous loads; a conv with ``cin % bk != 0`` falls back to ``'flat'``), ``'flat'`` walks the
       flattened ``kh * kw * cin`` (per-element tap arithmetic, no wasted lanes when ``cin`` is small).
+    split_steps: 0, or split every conv below level 1 whose K walk is longer than this many steps into
+      chunks of at most this many (split-K: more programs, each a shorter dependent chain of loads and
+      dots; partial sums added atomically into float32; see :func:`build_block`).
+    split_last: also split the last level's convs (their epilogue then needs one more launch).
   """
   bm: int = 32
   bn: int = 32
@@ -60,6 +64,8 @@ class BlockConfig(NamedTuple):
   num_warps: int = 4
   num_stages: int = 3
   k_mode: str = "tap"
+  split_steps: int = 0
+  split_last: bool = True
 
 
 class ConvOp(NamedTuple):
@@ -84,31 +90,41 @@ class ConvOp(NamedTuple):
 
 
 class _Task(NamedTuple):
-  src: int
-  src_c: int
-  src_off: int
+  kind: str                 # 'conv'; 'zero' (fill a float32 accumulator); 'final' (dst = act(scale * acc + b))
+  src: int                  # input index of the source buffer
+  src_c: int                # channels of the source buffer
+  src_off: int              # first channel of this task's input in it
   cin: int
-  dst: int
+  dst: int                  # output index of the destination buffer
   dst_c: int
   dst_off: int
   cout: int
-  kh: int
-  kw: int
-  ph: int
-  pw: int
-  relu: bool
-  scale: float
-  bk: int
-  flat: bool
-  n_pad: int
+  n_pad: int                # cout padded to whole bn tiles
+  kh: int = 1
+  kw: int = 1
+  ph: int = 0
+  pw: int = 0
+  relu: bool = False
+  scale: float = 1.0
+  bk: int = 16
+  flat: bool = False
+  s_lo: int = 0             # the K steps [s_lo, s_hi) this task walks (a chunk of a split conv)
+  s_hi: int = 0
+  atomic: bool = False      # add the partial sums into a float32 accumulator; epilogue in the next level
+  src_acc: bool = False     # the source is an accumulator: act(src_scale * v + src_bias) on load
+  src_relu: bool = False
+  src_scale: float = 1.0
+  w: int = -1               # level-local indices of the task's constants: weights, bias, source bias
+  b: int = -1
+  sb: int = -1
 
 
 class _Level(NamedTuple):
   tasks: tuple[_Task, ...]
-  weights: tuple[Any, ...]        # flat (K_pad * n_pad,) per task
-  biases: tuple[Any, ...]         # (n_pad,) per task
-  n_sources: int                  # x, mids of earlier levels, then out (levels > 1)
-  mid_channels: int               # channels of this level's intermediate buffer (0: none)
+  consts: tuple[Any, ...]          # weights (K_pad * n_pad,), biases (n_pad,), source biases (cin,)
+  inputs: tuple[str, ...]          # buffer names read (x, out, mid<d>, acc<d>)
+  outputs: tuple[str, ...]         # buffer names written
+  aliases: tuple[tuple[int, int], ...]   # (input index, output index): the same buffer
 
 
 class PallasBlock(NamedTuple):
@@ -119,6 +135,7 @@ class PallasBlock(NamedTuple):
   cout: int
   config: BlockConfig
   dtype: Any
+  channels: tuple[tuple[str, int], ...]    # every buffer's channels (accumulators are float32)
 
 
 def _pow2(v: int) -> bool:
@@ -128,6 +145,13 @@ def _pow2(v: int) -> bool:
 def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[BlockConfig] = None,
                 dtype: Any = None) -> PallasBlock:
   """Plan a DAG of stride-1 convolutions as level kernels and pack the weights (once, outside ``jit``).
+
+  Level ``d`` runs every op at depth ``d`` (ops reading ``x`` are depth 1). With ``config.split_steps``
+  > 0, an op at depth >= 2 whose K walk has more steps than that is split into chunks of at most
+  ``split_steps`` steps, each its own programs, which add their partial sums atomically into a float32
+  accumulator that level ``d - 1`` zeroed; its bias/scale/ReLU are applied by its readers in level
+  ``d + 1`` as they load it, and a concatenated op's by a 'final' task there (one extra level when the
+  last level is split).
 
   Args:
     ops: the convolutions (:class:`ConvOp`), each reading ``'x'`` or an earlier op.
@@ -148,6 +172,8 @@ def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[B
       raise ValueError(f"BlockConfig.{f} must be a power of two >= 16, got {getattr(cfg, f)}")
   if cfg.k_mode not in ("tap", "flat"):
     raise ValueError(f"BlockConfig.k_mode must be 'tap' or 'flat', got {cfg.k_mode!r}")
+  if cfg.split_steps < 0:
+    raise ValueError(f"BlockConfig.split_steps must be >= 0 (0: no split), got {cfg.split_steps}")
   if not ops:
     raise ValueError("build_block needs at least one ConvOp")
   by_name = {}
@@ -200,77 +226,182 @@ def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[B
   if bad:
     raise ValueError(f"ops {bad} are both concatenated and read by other ops; not supported")
   dtype = jnp.dtype(dtype if dtype is not None else np.asarray(ops[0].w).dtype)
-  out_off, off = {}, 0
+
+  # K walk of every op, and which ops are split
+  walk = {}
+  for op in ops:
+    kh, kw, ci, _ = np.shape(op.w)
+    flat = cfg.k_mode == "flat" or ci % cfg.bk != 0
+    steps = -(-(kh * kw * ci) // cfg.bk) if flat else kh * kw * (ci // cfg.bk)
+    chunks = 1
+    last = depth[op.name] == max(depth.values())
+    if cfg.split_steps and depth[op.name] >= 2 and steps > cfg.split_steps and (cfg.split_last or not last):
+      chunks = -(-steps // cfg.split_steps)
+    walk[op.name] = (flat, steps, chunks)
+  split = {n for n, (_, _, c) in walk.items() if c > 1}
+  # buffers: 'out' (concatenation), 'mid<d>' (unsplit intermediates of level d), 'acc<d>' (float32
+  # accumulators of the split ops of level d); (buffer, channel offset) of every op's result
+  n_levels = max(depth.values()) + (1 if any(depth[n] == max(depth.values()) for n in split) else 0)
+  where, ch = {}, {"out": 0}
+  for c in concat:
+    if c not in split:
+      where[c] = ("out", ch["out"])
+    ch["out"] += chans[c]
+  cout = ch["out"]
+  out_off = {}
+  off = 0
   for c in concat:
     out_off[c] = off
     off += chans[c]
-  cout = off
-  n_levels = max(depth.values())
-  # intermediate buffer of each level: the non-concatenated ops of that level, in order
-  mid_off, mid_ch = {}, [0] * (n_levels + 1)
   for op in ops:
-    if op.name not in out_off:
-      d = depth[op.name]
-      mid_off[op.name] = mid_ch[d]
-      mid_ch[d] += chans[op.name]
-  levels = []
+    d = depth[op.name]
+    if op.name in split:
+      buf = f"acc{d}"
+    elif op.name in out_off:
+      continue
+    else:
+      buf = f"mid{d}"
+    where[op.name] = (buf, ch.get(buf, 0))
+    ch[buf] = ch.get(buf, 0) + chans[op.name]
+  ch["x"] = cin
+  levels, existing = [], ["x"]
   for d in range(1, n_levels + 1):
-    # sources: 0 = x, 1..d-1 = mids of levels 1..d-1 (placeholders where empty), d = out (levels > 1)
-    tasks, weights, biases = [], [], []
+    inputs = list(existing)
+    outputs = ["out"] + [b for b in (f"mid{d}",) if b in ch]
+    if f"acc{d}" in ch:
+      outputs.append(f"acc{d}")
+    if f"acc{d + 1}" in ch:
+      outputs.append(f"acc{d + 1}")
+    aliases = tuple((inputs.index(b), outputs.index(b)) for b in outputs if b in inputs)
+    tasks, consts = [], []
+
+    def add_const(a):
+      consts.append(a)
+      return len(consts) - 1
+
+    def pad_bias(v, n_pad, co):
+      bv = np.zeros((n_pad,), np.float32)
+      if v is not None:
+        v = np.asarray(v, np.float32)
+        if v.shape != (co,):
+          raise ValueError(f"bias must have shape ({co},), got {v.shape}")
+        bv[:co] = v
+      return jnp.asarray(bv)
+
     for op in ops:
       if depth[op.name] != d:
         continue
       w = np.asarray(op.w, np.float32)
       kh, kw, ci, co = w.shape
-      if op.src == "x":
-        src, src_c, src_off = 0, cin, 0
-      else:
-        sd = depth[op.src]
-        src, src_c, src_off = sd, mid_ch[sd], mid_off[op.src]
-      if op.name in out_off:
-        dst, dst_c, dst_off = 0, cout, out_off[op.name]
-      else:
-        dst, dst_c, dst_off = 1, mid_ch[d], mid_off[op.name]
-      bk, flat = cfg.bk, cfg.k_mode == "flat" or ci % cfg.bk != 0
+      flat, steps, chunks = walk[op.name]
+      sbuf, soff = ("x", 0) if op.src == "x" else where[op.src]
+      dbuf, doff = where[op.name] if op.name in where else ("out", out_off[op.name])
       k = kh * kw * ci
-      k_pad = -(-k // bk) * bk
+      k_pad = -(-k // cfg.bk) * cfg.bk
       n_pad = -(-co // cfg.bn) * cfg.bn
       wm = np.zeros((k_pad, n_pad), np.float32)
       wm[:k, :co] = w.reshape(k, co)          # row index = (i * kw + j) * cin + c
-      bv = np.zeros((n_pad,), np.float32)
-      if op.b is not None:
-        b = np.asarray(op.b, np.float32)
-        if b.shape != (co,):
-          raise ValueError(f"op {op.name!r}: bias must have shape ({co},), got {b.shape}")
-        bv[:co] = b
-      tasks.append(_Task(src, src_c, src_off, ci, dst, dst_c, dst_off, co, kh, kw, op.padding[0],
-                         op.padding[1], bool(op.relu), float(op.scale), bk, flat, n_pad))
-      weights.append(jnp.asarray(wm.reshape(-1), dtype))
-      biases.append(jnp.asarray(bv))
-    levels.append(_Level(tuple(tasks), tuple(weights), tuple(biases), d + (1 if d > 1 else 0),
-                         mid_ch[d]))
-  return PallasBlock(tuple(levels), cin, cout, cfg, dtype)
+      wi = add_const(jnp.asarray(wm.reshape(-1), dtype))
+      try:
+        bi = add_const(pad_bias(op.b, n_pad, co))
+      except ValueError as e:
+        raise ValueError(f"op {op.name!r}: {e}") from None
+      src_acc = op.src in split
+      sb, s_relu, s_scale = -1, False, 1.0
+      if src_acc:
+        p = by_name[op.src]
+        sb = add_const(pad_bias(p.b, ci, ci))
+        s_relu, s_scale = bool(p.relu), float(p.scale)
+      per = -(-steps // chunks)
+      for j in range(chunks):
+        tasks.append(_Task(
+            "conv", inputs.index(sbuf), ch[sbuf], soff, ci, outputs.index(dbuf), ch[dbuf], doff, co, n_pad,
+            kh, kw, op.padding[0], op.padding[1], bool(op.relu), float(op.scale), cfg.bk, flat,
+            j * per, min(steps, (j + 1) * per), chunks > 1, src_acc, s_relu, s_scale, wi, bi, sb))
+    for c in concat:   # split concatenated ops of the previous level: their epilogue, into the output
+      if c in split and depth[c] == d - 1:
+        p = by_name[c]
+        co = chans[c]
+        n_pad = -(-co // cfg.bn) * cfg.bn
+        buf, aoff = where[c]
+        tasks.append(_Task("final", inputs.index(buf), ch[buf], aoff, co, 0, cout, out_off[c], co, n_pad,
+                           relu=bool(p.relu), scale=float(p.scale), b=add_const(pad_bias(p.b, n_pad, co))))
+    if f"acc{d + 1}" in ch:
+      ca = ch[f"acc{d + 1}"]
+      tasks.append(_Task("zero", 0, 0, 0, 0, outputs.index(f"acc{d + 1}"), ca, 0, ca,
+                         -(-ca // cfg.bn) * cfg.bn))
+    levels.append(_Level(tuple(tasks), tuple(consts), tuple(inputs), tuple(outputs), aliases))
+    existing += [b for b in outputs if b not in existing]
+  return PallasBlock(tuple(levels), cin, cout, cfg, dtype, tuple(sorted(ch.items())))
 
 
-def _conv_tile(q, t: _Task, src, w_ref, b_ref, dst, n_img: int, h: int, wd: int, cfg: BlockConfig,
-               interpret: bool):
-  """One ``bm x bn`` output tile of task ``t`` (local program id ``q``) of an implicit-GEMM convolution."""
-  from jax.experimental.pallas import triton as plgpu
-  bm, bn, bk = cfg.bm, cfg.bn, t.bk
-  m_total = n_img * h * wd
+def _tile_index(q, t: _Task, n_img: int, h: int, wd: int, cfg: BlockConfig):
+  bm, bn = cfg.bm, cfg.bn
   tn = t.n_pad // bn
   pm, pn = jax.lax.div(q, tn), jax.lax.rem(q, tn)
   m = pm * bm + jnp.arange(bm, dtype=jnp.int32)
+  cols = pn * bn + jnp.arange(bn, dtype=jnp.int32)
+  ok = (m < n_img * h * wd)[:, None] & (cols < t.cout)[None, :]
+  return m, cols, ok
+
+
+def _store(dst, t: _Task, m, cols, ok, val, m_total: int, interpret: bool):
+  from jax.experimental.pallas import triton as plgpu
+  oidx = m[:, None] * t.dst_c + t.dst_off + cols[None, :]
+  if interpret:   # the interpreter scatters every lane: send masked lanes out of bounds (dropped)
+    oidx = jnp.where(ok, oidx, m_total * t.dst_c)
+  if t.atomic:
+    if interpret:     # the interpreter's atomic takes no mask
+      plgpu.atomic_add(dst, (oidx,), jnp.where(ok, val, 0.0))
+    else:
+      plgpu.atomic_add(dst, (oidx,), val, mask=ok)
+  else:
+    plgpu.store(dst.at[oidx], val.astype(dst.dtype), mask=ok)
+
+
+def _elementwise_tile(q, t: _Task, srcs, consts, dst, n_img, h, wd, cfg, interpret):
+  """'zero' and 'final' tasks: one ``bm x bn`` tile."""
+  from jax.experimental.pallas import triton as plgpu
+  m_total = n_img * h * wd
+  m, cols, ok = _tile_index(q, t, n_img, h, wd, cfg)
+  if t.kind == "zero":
+    _store(dst, t, m, cols, ok, jnp.zeros((cfg.bm, cfg.bn), jnp.float32), m_total, interpret)
+    return
+  idx = m[:, None] * t.src_c + t.src_off + cols[None, :]
+  if interpret:
+    idx = jnp.where(ok, idx, 0)
+  v = plgpu.load(srcs[t.src].at[idx], mask=ok, other=jnp.zeros((), jnp.float32))
+  v = v * t.scale + plgpu.load(consts[t.b].at[cols])[None, :]
+  if t.relu:
+    v = jnp.maximum(v, 0.0)
+  _store(dst, t, m, cols, ok, v, m_total, interpret)
+
+
+def _conv_tile(q, t: _Task, srcs, consts, dst, n_img: int, h: int, wd: int, cfg: BlockConfig,
+               interpret: bool, dot_dtype):
+  """One ``bm x bn`` output tile of conv task ``t`` (local program id ``q``) as an implicit GEMM."""
+  from jax.experimental.pallas import triton as plgpu
+  src, w_ref = srcs[t.src], consts[t.w]
+  bm, bn, bk = cfg.bm, cfg.bn, t.bk
+  m_total = n_img * h * wd
+  m, cols, ok_out = _tile_index(q, t, n_img, h, wd, cfg)
   mvalid = m < m_total
   r = jax.lax.rem(m, h * wd)           # all indices are >= 0: truncating division
   hh0, ww0 = jax.lax.div(r, wd), jax.lax.rem(r, wd)
-  cols = pn * bn + jnp.arange(bn, dtype=jnp.int32)
   kk = jnp.arange(bk, dtype=jnp.int32)
   k_total = t.kh * t.kw * t.cin
   zero = jnp.zeros((), src.dtype)
-  if t.flat:
-    steps = -(-k_total // bk)
 
+  def prologue(a, ok, c):
+    """The source's epilogue when it is a split op's float32 accumulator (zero padding stays zero)."""
+    if not t.src_acc:
+      return a
+    a = a * t.src_scale + plgpu.load(consts[t.sb].at[c])
+    if t.src_relu:
+      a = jnp.maximum(a, 0.0)
+    return jnp.where(ok, a, 0.0).astype(dot_dtype)
+
+  if t.flat:
     def body(s, acc):
       k = s * bk + kk
       tap = jax.lax.div(k, t.cin)
@@ -284,12 +415,11 @@ def _conv_tile(q, t: _Task, src, w_ref, b_ref, dst, n_img: int, h: int, wd: int,
       idx = (m[:, None] + dh[None, :] * wd + dw[None, :]) * t.src_c + t.src_off + c[None, :]
       if interpret:
         idx = jnp.where(ok, idx, 0)
-      a = plgpu.load(src.at[idx], mask=ok, other=zero)
+      a = prologue(plgpu.load(src.at[idx], mask=ok, other=zero), ok, c[None, :])
       b = plgpu.load(w_ref.at[(s * bk + kk)[:, None] * t.n_pad + cols[None, :]])
       return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
   else:
     nkc = t.cin // bk
-    steps = t.kh * t.kw * nkc
 
     def body(s, acc):
       tap = jax.lax.div(s, nkc)
@@ -304,25 +434,23 @@ def _conv_tile(q, t: _Task, src, w_ref, b_ref, dst, n_img: int, h: int, wd: int,
       if interpret:
         row = jnp.where(okr, row, 0)
       ok = jnp.broadcast_to(okr[:, None], (bm, bk))
-      a = plgpu.load(src.at[row[:, None] + kk[None, :]], mask=ok, other=zero)
+      a = prologue(plgpu.load(src.at[row[:, None] + kk[None, :]], mask=ok, other=zero), ok,
+                   (c0 + kk)[None, :])
       b = plgpu.load(w_ref.at[(s * bk + kk)[:, None] * t.n_pad + cols[None, :]])
       return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
 
-  acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
-  if t.scale != 1.0:
-    acc = acc * t.scale
-  acc = acc + plgpu.load(b_ref.at[cols])[None, :]
-  if t.relu:
-    acc = jnp.maximum(acc, 0.0)
-  ok = mvalid[:, None] & (cols < t.cout)[None, :]
-  oidx = m[:, None] * t.dst_c + t.dst_off + cols[None, :]
-  if interpret:   # the interpreter scatters every lane: send masked lanes out of bounds (dropped)
-    oidx = jnp.where(ok, oidx, m_total * t.dst_c)
-  plgpu.store(dst.at[oidx], acc.astype(dst.dtype), mask=ok)
+  acc = jax.lax.fori_loop(t.s_lo, t.s_hi, body, jnp.zeros((bm, bn), jnp.float32))
+  if not t.atomic:
+    if t.scale != 1.0:
+      acc = acc * t.scale
+    acc = acc + plgpu.load(consts[t.b].at[cols])[None, :]
+    if t.relu:
+      acc = jnp.maximum(acc, 0.0)
+  _store(dst, t, m, cols, ok_out, acc, m_total, interpret)
 
 
-def _run_level(lv: _Level, sources: list, n_img: int, h: int, wd: int, cfg: BlockConfig, dtype,
-               cout: int, interpret: bool):
+def _run_level(lv: _Level, bufs: dict, n_img: int, h: int, wd: int, cfg: BlockConfig, dtype,
+               channels: dict, interpret: bool):
   from jax.experimental import pallas as pl
   from mlsys_jax._compat import triton_compiler_params
   m_total = n_img * h * wd
@@ -331,31 +459,29 @@ def _run_level(lv: _Level, sources: list, n_img: int, h: int, wd: int, cfg: Bloc
   for t in lv.tasks:
     starts.append(total)
     total += tm * (t.n_pad // cfg.bn)
-  nt, ns = len(lv.tasks), len(sources)
-  first = ns == 1
+  ni, nc = len(lv.inputs), len(lv.consts)
 
   def kernel(*refs):
-    srcs = refs[:ns]
-    w_refs, b_refs = refs[ns:ns + nt], refs[ns + nt:ns + 2 * nt]
-    outs = refs[ns + 2 * nt:]
+    srcs, consts, outs = refs[:ni], refs[ni:ni + nc], refs[ni + nc:]
     pid = pl.program_id(0)
-    for t, st, w_ref, b_ref in zip(lv.tasks, starts, w_refs, b_refs):
+    for t, st in zip(lv.tasks, starts):
       ntiles = tm * (t.n_pad // cfg.bn)
 
       @pl.when((pid >= st) & (pid < st + ntiles))
-      def _(t=t, st=st, w_ref=w_ref, b_ref=b_ref):
-        _conv_tile(pid - st, t, srcs[t.src], w_ref, b_ref, outs[t.dst], n_img, h, wd, cfg, interpret)
+      def _(t=t, st=st):
+        if t.kind == "conv":
+          _conv_tile(pid - st, t, srcs, consts, outs[t.dst], n_img, h, wd, cfg, interpret, dtype)
+        else:
+          _elementwise_tile(pid - st, t, srcs, consts, outs[t.dst], n_img, h, wd, cfg, interpret)
 
-  out_shape = [jax.ShapeDtypeStruct((m_total * cout,), dtype)]
-  if lv.mid_channels:
-    out_shape.append(jax.ShapeDtypeStruct((m_total * lv.mid_channels,), dtype))
-  aliases = {} if first else {ns - 1: 0}
+  out_shape = tuple(jax.ShapeDtypeStruct((m_total * channels[b],), jnp.float32 if b.startswith("acc")
+                                         else dtype) for b in lv.outputs)
   res = pl.pallas_call(
-      kernel, grid=(total,), out_shape=tuple(out_shape), input_output_aliases=aliases,
+      kernel, grid=(total,), out_shape=out_shape, input_output_aliases=dict(lv.aliases),
       interpret=interpret, name="pallas_block_level",
       compiler_params=None if interpret else triton_compiler_params(cfg.num_warps, cfg.num_stages),
-  )(*sources, *lv.weights, *lv.biases)
-  return res[0], (res[1] if lv.mid_channels else None)
+  )(*(bufs[b] for b in lv.inputs), *lv.consts)
+  return dict(zip(lv.outputs, res))
 
 
 def apply_block(block: PallasBlock, x, interpret: Optional[bool] = None):
@@ -380,14 +506,11 @@ def apply_block(block: PallasBlock, x, interpret: Optional[bool] = None):
   if x.ndim != 4 or x.shape[-1] != block.cin:
     raise ValueError(f"apply_block expects NHWC input with {block.cin} channels, got shape {x.shape}")
   n_img, h, wd, _ = x.shape
-  flat = x.astype(block.dtype).reshape(-1)
-  out, mids = None, []
-  for d, lv in enumerate(block.levels, start=1):
-    srcs = [flat] + [m if m is not None else flat for m in mids]
-    if d > 1:
-      srcs.append(out)
-    out, mid = _run_level(lv, srcs, n_img, h, wd, block.config, block.dtype, block.cout, interpret)
-    mids.append(mid)
+  bufs = {"x": x.astype(block.dtype).reshape(-1)}
+  channels = dict(block.channels)
+  for lv in block.levels:
+    bufs.update(_run_level(lv, bufs, n_img, h, wd, block.config, block.dtype, channels, interpret))
+  out = bufs["out"]
   return out.reshape(n_img, h, wd, block.cout)
 
 
