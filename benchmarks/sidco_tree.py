@@ -112,7 +112,8 @@ def _flags(ap):
                        "sparse._SEG_KEY (the per-segment sorts' second key uint8/uint16, or int32), two/groups/dus = "
                        "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
                        "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
-                       "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment); with bits only: a number = search ways, pallas/xla/bisect = the "
+                       "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment), pwrite/xwrite = sparse._OUT_WRITE "
+                       "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
@@ -291,7 +292,7 @@ def main():
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
   ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
-  kthkeys0 = sp._KTH_KEYS_ONLY
+  kthkeys0, write0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -306,7 +307,7 @@ def main():
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
-    sp._KTH_KEYS_ONLY = kthkeys0
+    sp._KTH_KEYS_ONLY, sp._OUT_WRITE = kthkeys0, write0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -332,6 +333,8 @@ def main():
         sp._DUS_BASE = "fill" if tok == "zfill" else "fused"
       elif tok in ("quota", "sorttrim"):
         sp._TRIM = "quota" if tok == "quota" else "sort"
+      elif tok in ("pwrite", "xwrite"):
+        sp._OUT_WRITE = "pallas" if tok == "pwrite" else "xla"
       elif tok in ("blocks", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
@@ -344,6 +347,7 @@ def main():
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
     row["seg_key"], row["group_size"], row["kth_keys_only"] = sp._SEG_KEY, sp._GROUP_SIZE, sp._KTH_KEYS_ONLY
+    row["out_write"] = sp._OUT_WRITE
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

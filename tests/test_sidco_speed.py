@@ -490,3 +490,86 @@ def test_quota_under_pmap_and_shard_map(per_tensor, monkeypatch):
   for x, y in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert float(np.asarray(res[1][0][1].density).max()) > 0
+
+
+def test_write_leaves_matches_elementwise():
+  """The Pallas leaf writer (interpret mode) writes bitwise the elementwise residual and output of every leaf
+  (ties at the cut up to the last kept index, nothing after the last packed one), and on a non-finite step
+  keeps the old residual and outputs zeros; a bad layout is refused."""
+  rng = np.random.default_rng(3)
+  sizes, offsets = [5, 300, 4200], [0, 5, 4096]
+  f = rng.standard_normal(8448).astype(np.float32)
+  f[4100:4110] = 2.0                       # tied at leaf 2's threshold
+  f[80:90] = -1.5                          # tied at leaf 1's
+  f[7] = -0.0
+  t = np.asarray([0.5, 1.5, 2.0], np.float32)
+  tie = np.asarray([3, 85, 4105], np.int32)
+  last = 8000
+  old = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+  run = jax.jit(lambda fin: pp.write_leaves(jnp.asarray(f), sizes, offsets, jnp.asarray(t), jnp.asarray(tie), last,
+                                            fin, [jnp.asarray(o) for o in old], interpret=True, group=2))
+  for fin in (True, False):
+    outs, ress = run(jnp.asarray(fin))
+    for i, (n, o) in enumerate(zip(sizes, offsets)):
+      v, pos = f[o:o + n], o + np.arange(n)
+      a = np.abs(v)
+      sel = ((a > t[i]) | ((a == t[i]) & (pos <= tie[i]))) & (pos <= last)
+      want_out = np.where(sel, v, np.float32(0)) if fin else np.zeros(n, np.float32)
+      want_res = np.where(sel, np.float32(0), v) if fin else old[i]
+      np.testing.assert_array_equal(np.asarray(outs[i]).view(np.int32), want_out.view(np.int32))
+      np.testing.assert_array_equal(np.asarray(ress[i]).view(np.int32), want_res.view(np.int32))
+      if fin and i == 2:   # the tie cut and the last index both bite here
+        assert 0 < sel.sum() < (a >= t[i]).sum()
+  with pytest.raises(ValueError, match="same length"):
+    pp.write_leaves(jnp.asarray(f), sizes, offsets[:2], jnp.asarray(t), jnp.asarray(tie), last, True)
+  with pytest.raises(ValueError, match="inside flat"):
+    pp.write_leaves(jnp.asarray(f), [9000], [0], jnp.asarray(t[:1]), jnp.asarray(tie[:1]), last, True)
+
+
+def _writer_steps(per_tensor, axis=False):
+  """Two sidco updates (a NaN step, then rounded gradients with ties at the cut), jitted or under pmap (2
+  devices): outputs and states."""
+  rng = np.random.default_rng(11)
+  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,)}
+  st0 = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+  gs = [{k: jnp.asarray(np.round(rng.standard_normal((2,) + s) * 2), jnp.float32) for k, s in shapes.items()}
+        for _ in range(2)]
+  gs[0]["b"] = gs[0]["b"].at[0, 3].set(jnp.nan)
+  tx = sp.sidco(0.02, per_tensor=per_tensor, axis_name="d" if axis else None)
+  if axis:
+    st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(st0))
+    step = jax.pmap(tx.update, axis_name="d")
+  else:
+    gs = [jax.tree_util.tree_map(lambda x: x[0], g) for g in gs]
+    st, step = tx.init(st0), jax.jit(tx.update)
+  res = []
+  for g in gs:
+    o, st = step(g, st)
+    res.append((o, st))
+  return res
+
+
+@pytest.mark.parametrize("per_tensor,axis", [(True, False), pytest.param(False, False, marks=pytest.mark.slow),
+                                             pytest.param(True, True, marks=pytest.mark.slow)])
+def test_pallas_leaf_writer_same_transform(per_tensor, axis, monkeypatch):
+  """sidco with the Pallas leaf writer (interpret mode) gives bitwise the elementwise path's updates and
+  states over a NaN step (nothing sent, residual kept) and a step with ties at the cut; under pmap (the
+  writer then writes the residuals only) the replicas' updates stay identical."""
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "xla")
+  res = {}
+  for mode in ("pallas", "xla"):
+    monkeypatch.setattr(sp, "_OUT_WRITE", mode)
+    res[mode] = _writer_steps(per_tensor, axis)
+  for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
+    np.testing.assert_array_equal(np.asarray(x).view(np.int32) if np.asarray(x).dtype == np.float32 else x,
+                                  np.asarray(y).view(np.int32) if np.asarray(y).dtype == np.float32 else y)
+  (o0, s0), (o1, s1) = res["pallas"]
+  assert int(np.asarray(s0.nonfinite_steps).max()) == 1 and float(np.asarray(s1.density).max()) > 0
+  if axis:   # (the residuals are each worker's own; the averaged update is every replica's)
+    for leaf in jax.tree_util.tree_leaves(o1):
+      np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[1])
+  # (the writer really ran: a pallas_call in the traced update)
+  monkeypatch.setattr(sp, "_OUT_WRITE", "pallas")
+  tx = sp.sidco(0.02, per_tensor=per_tensor)
+  g = {"a": jnp.ones((3, 4))}
+  assert "pallas_call" in str(jax.make_jaxpr(tx.update)(g, tx.init(g)))

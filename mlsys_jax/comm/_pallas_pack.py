@@ -25,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 try:  # Pallas and its Triton-specific load/store with masks
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
@@ -373,3 +374,109 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
   return out.reshape(tiles, w)
 
 
+
+
+WRITE_TILE = 4096   # entries per program of write_leaves
+WRITE_WARPS = 4
+WRITE_GROUP = 48    # leaves per write_leaves kernel (its arguments: ~3 pointers per leaf)
+
+
+def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: jax.Array, last: jax.Array,
+                 finite: jax.Array, old=None, *, write_out: bool = True, interpret: bool | None = None,
+                 tile: int | None = None, group: int | None = None, num_warps: int | None = None):
+  """The error-feedback outputs of every leaf of a flat buffer, in a few kernels instead of one per leaf.
+
+  Leaf ``i`` is ``v = flat[offsets[i]:offsets[i] + sizes[i]]`` (static offsets and sizes); an entry at flat
+  position ``p`` was sent iff ``(|v| > t_leaf[i] or (|v| == t_leaf[i] and p <= tie_leaf[i])) and p <= last``.
+  Returns ``(outs, residuals)`` (lists of 1-D arrays of ``flat``'s dtype; ``outs`` is None without
+  ``write_out``): ``out_i = where(sent, v, 0)`` and ``res_i = where(sent, 0, v)`` when ``finite`` is true;
+  else ``out_i = 0`` and ``res_i = old[i]`` (the residual kept: ``old`` is read only then). Bitwise what the
+  elementwise XLA expressions give. One program writes one tile of ``tile`` entries of one leaf (a static
+  program -> (leaf, start) table, a chain of ``pl.when`` picks the leaf's output refs); ``group`` leaves per
+  kernel keep the kernel's argument list short. In a loop body XLA writes each leaf in a kernel of its own
+  (siblings reading disjoint slices of one buffer are never fused, and horizontal fusion runs only on the
+  entry computation): 161 kernels of ~1.8 us for a ResNet-50 tree."""
+  tile = tile or WRITE_TILE
+  group = group or WRITE_GROUP
+  num_warps = num_warps or WRITE_WARPS
+  sizes = [int(s) for s in sizes]
+  offsets = [int(o) for o in offsets]
+  if len(sizes) != len(offsets):
+    raise ValueError(f"sizes and offsets must have the same length, got {len(sizes)} and {len(offsets)}.")
+  if any(o < 0 or o + s > flat.shape[0] for s, o in zip(sizes, offsets)):
+    raise ValueError(f"every leaf must lie inside flat (length {flat.shape[0]}).")
+  if old is None:
+    old = [None] * len(sizes)
+  i32, dt = jnp.int32, flat.dtype
+  t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
+  tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
+  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
+  outs, ress = [], []
+  for g0 in range(0, len(sizes), group):
+    ids = list(range(g0, min(len(sizes), g0 + group)))
+    nl = len(ids)
+    prog_leaf = np.concatenate([np.full(-(-sizes[i] // tile) if sizes[i] else 0, j, np.int32)
+                                for j, i in enumerate(ids)])
+    prog_start = np.concatenate([np.arange(0, sizes[i], tile, dtype=np.int32) for i in ids])
+    if prog_leaf.size == 0:
+      outs += [jnp.zeros((0,), dt)] * nl
+      ress += [jnp.zeros((0,), dt)] * nl
+      continue
+    leaf_off = np.asarray([offsets[i] for i in ids], np.int32)
+    leaf_n = np.asarray([sizes[i] for i in ids], np.int32)
+    has_old = [old[i] is not None for i in ids]
+    olds = [old[i].reshape(-1).astype(dt) for i in ids if old[i] is not None]
+
+    def kernel(pl_ref, ps_ref, off_ref, n_ref, t_ref, tie_ref, sc_ref, flat_ref, *refs, ids=ids, nl=nl,
+               has_old=has_old):
+      n_old = sum(has_old)
+      old_refs, out_refs = refs[:n_old], refs[n_old:]
+      p = pl.program_id(0)
+      j = pl_ref[p]
+      r = pl.multiple_of(ps_ref[p], tile) + jnp.arange(tile, dtype=i32)   # (aligned: vector stores)
+      m = r < n_ref[j]
+      pos = off_ref[j] + r
+      v = plgpu.load(flat_ref.at[pos], mask=m, other=jnp.zeros((), dt))
+      a = jnp.abs(v.astype(jnp.float32))
+      t = t_ref[j]
+      sel = ((a > t) | ((a == t) & (pos <= tie_ref[j]))) & (pos <= sc_ref[0])
+      zero = jnp.zeros((), dt)
+      fin = sc_ref[1] != 0
+      res = jnp.where(sel, zero, v)
+      out = jnp.where(sel, v, zero)
+      k_old = 0
+      for jj in range(nl):
+        o_res = out_refs[2 * jj + 1] if write_out else out_refs[jj]
+        o_out = out_refs[2 * jj] if write_out else None
+        o_old = old_refs[k_old] if has_old[jj] else None
+        k_old += int(has_old[jj])
+
+        @pl.when(j == jj)
+        def _(o_res=o_res, o_out=o_out, o_old=o_old):
+          @pl.when(fin)
+          def _():
+            plgpu.store(o_res.at[r], res, mask=m)
+            if o_out is not None:
+              plgpu.store(o_out.at[r], out, mask=m)
+
+          @pl.when(jnp.logical_not(fin))
+          def _():
+            keep = plgpu.load(o_old.at[r], mask=m, other=zero) if o_old is not None else jnp.zeros_like(v)
+            plgpu.store(o_res.at[r], keep, mask=m)
+            if o_out is not None:
+              plgpu.store(o_out.at[r], jnp.zeros_like(v), mask=m)
+
+    shapes = []
+    for i in ids:
+      if write_out:
+        shapes.append(jax.ShapeDtypeStruct((sizes[i],), dt))
+      shapes.append(jax.ShapeDtypeStruct((sizes[i],), dt))
+    res_all = _call(kernel, tuple(shapes), (int(prog_leaf.size),), interpret, num_warps)(
+        jnp.asarray(prog_leaf), jnp.asarray(prog_start), jnp.asarray(leaf_off), jnp.asarray(leaf_n),
+        t_leaf[np.asarray(ids)], tie_leaf[np.asarray(ids)], scal, flat, *olds)
+    if write_out:
+      outs += list(res_all[0::2])
+      ress += list(res_all[1::2])
+    else:
+      ress += list(res_all)
+  return (outs if write_out else None), ress

@@ -1330,6 +1330,22 @@ def _seg_quota(payload: SparsePayload, t, lay: _Layout, k, capacity: int):
 
 # Packing of the transforms' flat buffer: "auto" (Pallas on GPU), "xla" or "pallas" (tests set it).
 _TRANSFORM_PACKING = "auto"
+# How the segmented transforms (sidco) write every leaf's residual and output from the flat buffer: "xla"
+# (one elementwise fusion per leaf; the finiteness select in ``update_fn`` reads the old residual) or
+# "pallas" (:func:`_pallas_pack.write_leaves`: a few kernels for all leaves, the old residual read only on a
+# non-finite step); "auto": Pallas where the packing would use it (GPU, outside shard_map), when every leaf
+# has the buffer's dtype and there is no momentum (whose mask tree stays elementwise). The same bits. The
+# default stays "xla" until two H200 runs agree (benchmarks/sidco_tree.py variant token pwrite).
+_OUT_WRITE = "xla"
+
+
+def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
+  """``(use the Pallas leaf writer, interpret)`` for :data:`_OUT_WRITE`."""
+  check_choice("_OUT_WRITE", _OUT_WRITE, ("auto", "pallas", "xla"))
+  if (_OUT_WRITE == "xla" or momentum > 0 or not _pallas_pack.available()
+      or any(jnp.result_type(l) != flat.dtype or l.size == 0 for l in leaves)):
+    return False, False
+  return _pallas_mode("auto" if _OUT_WRITE == "auto" else "pallas", flat)
 
 
 def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, first_ratio, min_count,
@@ -1766,6 +1782,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     The residual, the output and the mask are read from that buffer, so they agree with the payload
     whatever its rounding."""
     leaves, treedef = jax.tree_util.tree_flatten(residual)   # (shapes and dtypes of the sum's leaves)
+    residual_leaves = leaves
     sizes = [int(np.prod(l.shape)) for l in leaves]
     r_cap = ratio if max_ratio is None else max_ratio
     lay = _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
@@ -1792,6 +1809,21 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     if axis_name is not None:
       dense = allgather_mean(payload, lay.n_pad, axis_name, dtype)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    use_w, interp = _write_mode(flat, leaves, momentum)
+    if use_w:   # every leaf's residual (and output) in a few kernels; finiteness applied there
+      seg_of = np.asarray(lay.seg_of_leaf, np.int32)
+      tie = jnp.full((len(leaves),), -1, jnp.int32) if tie_last is None else tie_last[seg_of]
+      outs_w, res_w = _pallas_pack.write_leaves(
+          flat, sizes, lay.offsets, t[seg_of], tie, last, finite, residual_leaves, write_out=dense is None,
+          interpret=interp)
+      residuals = [r.reshape(l.shape) for r, l in zip(res_w, leaves)]
+      if dense is None:
+        outs = [o.reshape(l.shape) for o, l in zip(outs_w, leaves)]
+      else:
+        outs = [jax.lax.slice(dense, (off,), (off + n,)).reshape(l.shape)
+                for off, n, l in zip(lay.offsets, sizes, leaves)]
+      return finite, (unflat(outs), unflat(residuals), None, count, above, payload_bytes(payload),
+                      payload.overflow, lay.n_real), (True, dense is None)
     outs, residuals, hits = [], [], []
     for i, leaf in enumerate(leaves):
       off, n = lay.offsets[i], sizes[i]
@@ -1809,7 +1841,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
       hits.append(sel.reshape(leaf.shape))
     return finite, (unflat(outs), unflat(residuals), unflat(hits) if momentum > 0 else None, count, above,
-                    payload_bytes(payload), payload.overflow, lay.n_real)
+                    payload_bytes(payload), payload.overflow, lay.n_real), (False, False)
 
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
@@ -1827,8 +1859,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     # the error-compensated gradient acc = addend + residual (gradient + residual, not only the gradient:
     # the sum can overflow (float16) when neither does)
     key, sub = jax.random.split(state.key)
+    final = (False, False)   # (residual, output) already hold the non-finite step's values
     if segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
-      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total) = _segmented_step(
+      finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total), final = _segmented_step(
           addend, state.residual, state)
     elif per_tensor:
       acc = jax.tree_util.tree_map(jnp.add, addend, state.residual)
@@ -1843,8 +1876,12 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     if momentum > 0:
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
-    new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
-    out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
+    if not final[0]:
+      new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
+    if not final[1]:
+      out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
+    else:   # (written in the residual's dtype, the gradients' when they differ)
+      out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, grads)
     if precondition is not None:
       pre_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), pre_state,
                                          state.precondition)
