@@ -450,7 +450,7 @@ def _conv_tile(q, t: _Task, srcs, consts, dst, n_img: int, h: int, wd: int, cfg:
 
 
 def _run_level(lv: _Level, bufs: dict, n_img: int, h: int, wd: int, cfg: BlockConfig, dtype,
-               channels: dict, interpret: bool):
+               channels: dict, interpret: bool, name: str = "pallas_block_level"):
   from jax.experimental import pallas as pl
   from mlsys_jax._compat import triton_compiler_params
   m_total = n_img * h * wd
@@ -478,7 +478,7 @@ def _run_level(lv: _Level, bufs: dict, n_img: int, h: int, wd: int, cfg: BlockCo
                                          else dtype) for b in lv.outputs)
   res = pl.pallas_call(
       kernel, grid=(total,), out_shape=out_shape, input_output_aliases=dict(lv.aliases),
-      interpret=interpret, name="pallas_block_level",
+      interpret=interpret, name=name,
       compiler_params=None if interpret else triton_compiler_params(cfg.num_warps, cfg.num_stages),
   )(*(bufs[b] for b in lv.inputs), *lv.consts)
   return dict(zip(lv.outputs, res))
@@ -508,8 +508,9 @@ def apply_block(block: PallasBlock, x, interpret: Optional[bool] = None):
   n_img, h, wd, _ = x.shape
   bufs = {"x": x.astype(block.dtype).reshape(-1)}
   channels = dict(block.channels)
-  for lv in block.levels:
-    bufs.update(_run_level(lv, bufs, n_img, h, wd, block.config, block.dtype, channels, interpret))
+  for d, lv in enumerate(block.levels, start=1):   # kernels named by level (device traces tell them apart)
+    bufs.update(_run_level(lv, bufs, n_img, h, wd, block.config, block.dtype, channels, interpret,
+                           name=f"pallas_block_level{d}"))
   out = bufs["out"]
   return out.reshape(n_img, h, wd, block.cout)
 
