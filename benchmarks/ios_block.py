@@ -50,9 +50,12 @@ BLOCKS = {
 }
 
 
-def parse_tile(s: str) -> pb.BlockConfig:
+def parse_tile(s: str):
   """``BMxBNxBK`` with optional ``/flat``, ``/wN`` (warps), ``/sN`` (stages), ``/kN`` (split-K: chunks of at
-  most N steps below level 1) and ``/nl`` (no split in the last level), e.g. ``32x32x64/flat/k4/nl``."""
+  most N steps below level 1) and ``/nl`` (no split in the last level), e.g. ``32x32x64/flat/k4/nl``; several
+  joined by ``+`` are per-level configurations (the last one repeats), e.g. ``64x64x64+32x32x64/flat/k4``."""
+  if "+" in s:
+    return tuple(parse_tile(p) for p in s.split("+"))
   parts = s.split("/")
   bm, bn, bk = (int(v) for v in parts[0].split("x"))
   kw = {}
@@ -154,9 +157,9 @@ def main():
             print(f"pallas:{tile}:{o} failed to compile: {e!r:.500}", flush=True)
             info[f"pallas:{tile}:{o}:error"] = repr(e)[:2000]
         info[f"pallas:{tile}"] = {"levels": len(blk.levels), "tasks": [
-            [(t.kind, t.s_hi - t.s_lo, t.n_pad // cfg.bn * -(-h * w // cfg.bm)) for t in lv.tasks]
+            [(t.kind, t.s_hi - t.s_lo, t.n_pad // lv.config.bn * -(-h * w // lv.config.bm)) for t in lv.tasks]
             for lv in blk.levels], "programs_per_level": [
-            sum(-(-h * w // cfg.bm) * (t.n_pad // cfg.bn) for t in lv.tasks) for lv in blk.levels]}
+            sum(-(-h * w // lv.config.bm) * (t.n_pad // lv.config.bn) for t in lv.tasks) for lv in blk.levels]}
       compile_s = time.perf_counter() - t0
       print(f"block {blk_name} {dt_name}: {len(progs)} programs compiled in {compile_s:.1f} s", flush=True)
       errs = {k: relerr(p(x), ref) for k, p in progs.items()}

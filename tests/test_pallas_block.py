@@ -33,8 +33,8 @@ def test_inception_a_matches_lax_conv():
 
 
 def test_split_k_asymmetric_kernels_and_batch():
-  # 1x1 -> 1x3 -> 3x1 (the Inception-C pattern) next to a concatenated 1x1, two images, 'flat' K walk with
-  # bk 32 over cin 16 (several taps a step) and split-K in chunks of 1 step: the 1x3 adds its partial sums
+  # 1x1 -> 1x3 -> 3x1 (the Inception-C pattern) next to a concatenated 1x1, two images, below level 1 a
+  # 'flat' K walk with bk 32 over cin 16 (several taps a step) and split-K in chunks of 1 step: the 1x3 adds its partial sums
   # atomically into a float32 accumulator that level 1 zeroed, the 3x1 applies its bias/ReLU on load and is
   # split too, so a fourth level runs its epilogue ('final') into the output
   rng = np.random.default_rng(0)
@@ -44,7 +44,9 @@ def test_split_k_asymmetric_kernels_and_batch():
   b0, b1, b2 = (rng.standard_normal(16).astype(np.float32) for _ in range(3))
   ops = [pb.ConvOp("p", "x", w0, b0, (0, 0)), pb.ConvOp("a", "p", w1, b1, (0, 1), relu=True, scale=0.5),
          pb.ConvOp("c", "a", w2, b2, (1, 0)), pb.ConvOp("q", "x", w0, None, (0, 0), relu=False)]
-  blk = pb.build_block(ops, ["q", "c"], pb.BlockConfig(bm=16, bn=16, bk=32, k_mode="flat", split_steps=1))
+  cfgs = (pb.BlockConfig(bm=16, bn=16, bk=16), pb.BlockConfig(bm=16, bn=16, bk=32, k_mode="flat", split_steps=1))
+  blk = pb.build_block(ops, ["q", "c"], cfgs)          # per-level configurations: the second one repeats
+  assert [lv.config for lv in blk.levels] == [cfgs[0]] + [cfgs[1]] * 3
   kinds = [sorted({(t.kind, t.atomic, t.src_acc) for t in lv.tasks}) for lv in blk.levels]
   assert kinds == [[("conv", False, False), ("zero", False, False)],
                    [("conv", True, False), ("zero", False, False)],

@@ -120,6 +120,7 @@ class _Task(NamedTuple):
 
 
 class _Level(NamedTuple):
+  config: BlockConfig
   tasks: tuple[_Task, ...]
   consts: tuple[Any, ...]          # weights (K_pad * n_pad,), biases (n_pad,), source biases (cin,)
   inputs: tuple[str, ...]          # buffer names read (x, out, mid<d>, acc<d>)
@@ -133,7 +134,7 @@ class PallasBlock(NamedTuple):
   levels: tuple[_Level, ...]
   cin: int
   cout: int
-  config: BlockConfig
+  config: tuple[BlockConfig, ...]          # per level (the last one repeats)
   dtype: Any
   channels: tuple[tuple[str, int], ...]    # every buffer's channels (accumulators are float32)
 
@@ -142,8 +143,8 @@ def _pow2(v: int) -> bool:
   return v >= 16 and v & (v - 1) == 0
 
 
-def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[BlockConfig] = None,
-                dtype: Any = None) -> PallasBlock:
+def build_block(ops: Sequence[ConvOp], concat: Sequence[str],
+                config: Optional[BlockConfig | Sequence[BlockConfig]] = None, dtype: Any = None) -> PallasBlock:
   """Plan a DAG of stride-1 convolutions as level kernels and pack the weights (once, outside ``jit``).
 
   Level ``d`` runs every op at depth ``d`` (ops reading ``x`` are depth 1). With ``config.split_steps``
@@ -156,7 +157,8 @@ def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[B
   Args:
     ops: the convolutions (:class:`ConvOp`), each reading ``'x'`` or an earlier op.
     concat: op names whose outputs, concatenated along channels in this order, are the block output.
-    config: :class:`BlockConfig` (default ``BlockConfig()``).
+    config: :class:`BlockConfig` (default ``BlockConfig()``), or one per level (the last one is used for
+      the remaining levels).
     dtype: dtype of the activations and weights in the kernels (default: the first op's weight dtype).
 
   Returns:
@@ -166,14 +168,18 @@ def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[B
     ValueError: unknown or duplicate names, a source computed nowhere, a kernel whose padding does not
       keep the spatial size, a concatenated op that another op reads, mismatched channels, bad config.
   """
-  cfg = BlockConfig() if config is None else config
-  for f in ("bm", "bn", "bk"):
-    if not _pow2(getattr(cfg, f)):
-      raise ValueError(f"BlockConfig.{f} must be a power of two >= 16, got {getattr(cfg, f)}")
-  if cfg.k_mode not in ("tap", "flat"):
-    raise ValueError(f"BlockConfig.k_mode must be 'tap' or 'flat', got {cfg.k_mode!r}")
-  if cfg.split_steps < 0:
-    raise ValueError(f"BlockConfig.split_steps must be >= 0 (0: no split), got {cfg.split_steps}")
+  cfgs = (BlockConfig(),) if config is None else (config,) if isinstance(config, BlockConfig) else tuple(config)
+  if not cfgs or not all(isinstance(c, BlockConfig) for c in cfgs):
+    raise ValueError(f"config must be a BlockConfig or a non-empty sequence of them, got {config!r}")
+  for cfg in cfgs:
+    for f in ("bm", "bn", "bk"):
+      if not _pow2(getattr(cfg, f)):
+        raise ValueError(f"BlockConfig.{f} must be a power of two >= 16, got {getattr(cfg, f)}")
+    if cfg.k_mode not in ("tap", "flat"):
+      raise ValueError(f"BlockConfig.k_mode must be 'tap' or 'flat', got {cfg.k_mode!r}")
+    if cfg.split_steps < 0:
+      raise ValueError(f"BlockConfig.split_steps must be >= 0 (0: no split), got {cfg.split_steps}")
+  cfg_of = lambda d: cfgs[min(d, len(cfgs)) - 1]
   if not ops:
     raise ValueError("build_block needs at least one ConvOp")
   by_name = {}
@@ -231,6 +237,7 @@ def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[B
   walk = {}
   for op in ops:
     kh, kw, ci, _ = np.shape(op.w)
+    cfg = cfg_of(depth[op.name])
     flat = cfg.k_mode == "flat" or ci % cfg.bk != 0
     steps = -(-(kh * kw * ci) // cfg.bk) if flat else kh * kw * (ci // cfg.bk)
     chunks = 1
@@ -266,6 +273,7 @@ def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[B
   ch["x"] = cin
   levels, existing = [], ["x"]
   for d in range(1, n_levels + 1):
+    cfg = cfg_of(d)
     inputs = list(existing)
     outputs = ["out"] + [b for b in (f"mid{d}",) if b in ch]
     if f"acc{d}" in ch:
@@ -330,9 +338,9 @@ def build_block(ops: Sequence[ConvOp], concat: Sequence[str], config: Optional[B
       ca = ch[f"acc{d + 1}"]
       tasks.append(_Task("zero", 0, 0, 0, 0, outputs.index(f"acc{d + 1}"), ca, 0, ca,
                          -(-ca // cfg.bn) * cfg.bn))
-    levels.append(_Level(tuple(tasks), tuple(consts), tuple(inputs), tuple(outputs), aliases))
+    levels.append(_Level(cfg, tuple(tasks), tuple(consts), tuple(inputs), tuple(outputs), aliases))
     existing += [b for b in outputs if b not in existing]
-  return PallasBlock(tuple(levels), cin, cout, cfg, dtype, tuple(sorted(ch.items())))
+  return PallasBlock(tuple(levels), cin, cout, cfgs, dtype, tuple(sorted(ch.items())))
 
 
 def _tile_index(q, t: _Task, n_img: int, h: int, wd: int, cfg: BlockConfig):
@@ -449,10 +457,11 @@ def _conv_tile(q, t: _Task, srcs, consts, dst, n_img: int, h: int, wd: int, cfg:
   _store(dst, t, m, cols, ok_out, acc, m_total, interpret)
 
 
-def _run_level(lv: _Level, bufs: dict, n_img: int, h: int, wd: int, cfg: BlockConfig, dtype,
-               channels: dict, interpret: bool, name: str = "pallas_block_level"):
+def _run_level(lv: _Level, bufs: dict, n_img: int, h: int, wd: int, dtype, channels: dict, interpret: bool,
+               name: str = "pallas_block_level"):
   from jax.experimental import pallas as pl
   from mlsys_jax._compat import triton_compiler_params
+  cfg = lv.config
   m_total = n_img * h * wd
   tm = -(-m_total // cfg.bm)
   starts, total = [], 0
@@ -509,7 +518,7 @@ def apply_block(block: PallasBlock, x, interpret: Optional[bool] = None):
   bufs = {"x": x.astype(block.dtype).reshape(-1)}
   channels = dict(block.channels)
   for d, lv in enumerate(block.levels, start=1):   # kernels named by level (device traces tell them apart)
-    bufs.update(_run_level(lv, bufs, n_img, h, wd, block.config, block.dtype, channels, interpret,
+    bufs.update(_run_level(lv, bufs, n_img, h, wd, block.dtype, channels, interpret,
                            name=f"pallas_block_level{d}"))
   out = bufs["out"]
   return out.reshape(n_img, h, wd, block.cout)
