@@ -17,6 +17,11 @@ partial results every ``--save_every`` seconds.
 
   python3 experiments/cost_collect.py --small --max_seconds 60          # CPU smoke test
   python3 experiments/cost_collect.py --max_seconds 480 --out $OUT      # GPU collection
+  python3 experiments/cost_collect.py --families=all --seed 2 --exclude=mlsys_jax/cost/data/h100_collect_a.npz \
+      --max_seconds 250 --out $OUT --name h200_collect_s12b                        # more programs, no repeats
+
+Programs are deduplicated before compiling (family + config) and after (the graph of the default
+compilation, :func:`mlsys_jax.cost.dataset.graph_fingerprint`), within the run and against ``--exclude``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax.cost import dataset as ds  # noqa: E402
 from mlsys_jax.cost import hlo as hlo_lib  # noqa: E402
 from mlsys_jax.cost import programs  # noqa: E402
+from mlsys_jax.cost._value_options import canonical_hlo  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "output directory (default $OUT, else experiments/data)")
@@ -54,7 +60,12 @@ flags.DEFINE_integer("seed", 0, "program sampling seed")
 flags.DEFINE_integer("rounds", 10, "timing rounds per variant (interleaved across variants)")
 flags.DEFINE_float("target_ms", 3.0, "minimum wall time of one timed batch (inner loop)")
 flags.DEFINE_float("save_every", 60.0, "seconds between partial saves")
-flags.DEFINE_list("families", list(programs.FAMILIES), "program families to draw from")
+flags.DEFINE_list("families", list(programs.FAMILIES),
+                  "program families to draw from ('all': the 12 original + the session-12 extra families); a "
+                  "family listed twice is drawn twice as often")
+flags.DEFINE_list("exclude", [], "datasets (npz) whose programs are not collected again: a draw with the "
+                  "family + config of one of their programs is skipped before compiling, and a program whose "
+                  "default compilation has the graph (dataset.graph_fingerprint) of one of theirs is dropped")
 flags.DEFINE_list("skip_variants", [], "option variants to leave out (e.g. after a backend crash)")
 
 
@@ -196,26 +207,57 @@ def main(argv):
   compile_deadline = t_start + FLAGS.compile_frac * budget
   threads = FLAGS.threads or (os.cpu_count() or 2)
   rng = np.random.default_rng(FLAGS.seed)
-  fams = list(FLAGS.families)
+  fams = list(programs.ALL_FAMILIES) if list(FLAGS.families) == ["all"] else list(FLAGS.families)
+  meta["families"] = fams
+  # Dedupe: configs and graphs of the excluded datasets and of this run (graph, not raw text: names and
+  # autotuning attributes differ between compiles of one program).
+  seen_cfg, seen_fp = set(), set()
+  for p in FLAGS.exclude:
+    d = ds.load_dataset(p)
+    seen_cfg.update(f"{f}:{c}" for f, c in zip(d.family, d.config))
+    seen_fp.update(ds.graph_fingerprint(d.hlo[i]) for i in np.flatnonzero(d.variant == "default"))
+  print(f"excluding {len(seen_cfg)} configs, {len(seen_fp)} graphs of {len(FLAGS.exclude)} datasets "
+        f"({_now() - t_start:.0f} s)", flush=True)
+  n_skip_cfg = n_skip_graph = n_no_default = 0
+  exhausted = False
   compiled: list[dict] = []
   n_err = {}
   gid = 0
   last_print = _now()
   with cf.ThreadPoolExecutor(threads) as pool:
     pending = set()
-    while _now() < compile_deadline and gid < FLAGS.max_groups:
-      while len(pending) < 2 * threads and gid < FLAGS.max_groups:
+    while _now() < compile_deadline and gid < FLAGS.max_groups and not (exhausted and not pending):
+      while len(pending) < 2 * threads and gid < FLAGS.max_groups and not exhausted:
         fam = fams[gid % len(fams)]
         spec = programs.sample_program(fam, rng, "cpu" if FLAGS.small else "gpu")
-        pending.add(pool.submit(compile_group, gid, spec, variants, plat))
         gid += 1
+        key = f"{spec.family}:{json.dumps(spec.config, sort_keys=True)}"
+        if key in seen_cfg:  # drawn before (here or in an excluded dataset): no compile
+          n_skip_cfg += 1
+          exhausted = n_skip_cfg > 100 * (len(compiled) + 100)  # the configuration spaces are used up
+          continue
+        seen_cfg.add(key)
+        pending.add(pool.submit(compile_group, gid - 1, spec, variants, plat))
       done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
       for f in done:  # results are gathered here, in the main thread only
         rec = f.result()
         for v, _ in rec["errors"]:
           n_err[v] = n_err.get(v, 0) + 1
-        if rec["variants"]:
-          compiled.append(rec)
+        if not rec["variants"]:
+          continue
+        dflt = [v for v in rec["variants"] if v["variant"] == "default"]
+        if not dflt:  # option choice needs the default compilation of every program
+          n_no_default += 1
+          continue
+        try:
+          fp = ds.graph_fingerprint(dflt[0]["hlo"])
+        except Exception:  # noqa: BLE001 - text the parser rejects: dedupe on the canonical text instead
+          fp = "text:" + hashlib.sha1(canonical_hlo(dflt[0]["hlo"]).encode()).hexdigest()
+        if fp in seen_fp:
+          n_skip_graph += 1
+          continue
+        seen_fp.add(fp)
+        compiled.append(rec)
       if _now() - last_print > 30:
         last_print = _now()
         print(f"[{_now() - t_start:6.1f}s] compiled {len(compiled)} programs "
@@ -224,7 +266,8 @@ def main(argv):
       f.cancel()
   n_var = sum(len(r["variants"]) for r in compiled)
   print(f"[{_now() - t_start:6.1f}s] compiled {len(compiled)} programs, {n_var} distinct variants; "
-        f"compile errors by variant: {n_err}", flush=True)
+        f"compile errors by variant: {n_err}; skipped {n_skip_cfg} repeated configs, {n_skip_graph} repeated "
+        f"graphs, {n_no_default} without a default compilation", flush=True)
   if n_err:
     ex = next((r["errors"][0] for r in compiled if r["errors"]), None)
     print("  example error:", ex, flush=True)
@@ -255,6 +298,9 @@ def main(argv):
   meta["programs_compiled"] = len(order)
   meta["programs_timed"] = n_timed
   meta["compile_errors"] = n_err
+  meta["skipped"] = {"repeated_config": n_skip_cfg, "repeated_graph": n_skip_graph, "no_default": n_no_default}
+  meta["exclude"] = [os.path.basename(p) for p in FLAGS.exclude]
+  meta["name"] = FLAGS.name
   meta["seconds"] = _now() - t_start
   ds.save_dataset(path, rows, meta)
   noisy = sum(r["noisy"] for r in rows)

@@ -66,8 +66,18 @@ _OUT = flags.DEFINE_string("out_dir", "results/value_eval", "Output directory.")
 _WHAT = flags.DEFINE_enum("part", "ios", ["ios", "options", "options_nested", "program_mape"],
                           "ios: IOS schedules; options: XLA option choice; program_mape: whole-program latency "
                           "MAPE of a learned model vs the analytical roofline on the cost dataset.")
-_ODATA = flags.DEFINE_string("option_data", str(pathlib.Path(__file__).resolve().parents[1] / "mlsys_jax" / "cost"
-                                                / "data" / "h100_collect_a.npz"), "Cost dataset (options part).")
+_ODATA = flags.DEFINE_list("option_data", [str(pathlib.Path(__file__).resolve().parents[1] / "mlsys_jax" / "cost"
+                                              / "data" / "h100_collect_a.npz")],
+                           "Cost dataset(s) (options/program_mape parts); several are merged "
+                           "(cost.dataset.merge_datasets: device kind kept per program, graph duplicates "
+                           "on one device dropped).")
+_ODEDUPE = flags.DEFINE_bool("option_dedupe", False, "Drop programs whose default compilation repeats an "
+                             "earlier program's graph on the same device (always on with several datasets).")
+_ODEVICES = flags.DEFINE_list("option_devices", [], "Keep only programs timed on a device whose kind "
+                              "contains one of these strings (e.g. H200).")
+_OSPLIT = flags.DEFINE_enum("option_split", "both", ["both", "program", "family"],
+                            "options part: held-out programs (random folds), held-out families, or both.")
+_OTAG = flags.DEFINE_string("option_tag", "", "Suffix of the output JSON names (e.g. _s12).")
 _OSEEDS = flags.DEFINE_integer("option_seeds", 3, "Program-split repetitions (fold seeds).")
 _OSTEPS = flags.DEFINE_integer("option_steps", 400, "Adam steps per ensemble member.")
 _OENS = flags.DEFINE_integer("option_ensemble", 4, "Ensemble members.")
@@ -85,6 +95,62 @@ _OMGRID = flags.DEFINE_list("option_margin_grid", ["0", "0.02", "0.05"],
 _OGBDT = flags.DEFINE_bool("option_gbdt", True, "Also fit scikit-learn gradient-boosted trees (if installed).")
 
 
+def _load_cost_data():
+  """The options/program_mape dataset: one file as stored, or several merged (device kept), with graph
+  dedupe and the device filter; returns (dataset, description for the JSON)."""
+  from mlsys_jax.cost import dataset as cds
+  paths = list(_ODATA.value)
+  dss = [cds.load_dataset(p) for p in paths]
+  desc = {"paths": [os.path.relpath(p) for p in paths]}
+  if len(dss) > 1 or _ODEDUPE.value or _ODEVICES.value:
+    ds, info = cds.merge_datasets(dss, [os.path.basename(p) for p in paths], dedupe=len(dss) > 1 or _ODEDUPE.value)
+    r = info.duplicate_default_ratios
+    desc.update({"merged": True, "sources": info.sources, "duplicates_dropped": info.duplicates_dropped,
+                 "duplicate_default_ratio_median": float(np.median(r)) if r.size else None,
+                 "duplicate_default_ratio_frac_over_5pct": float(np.mean(r > 1.05)) if r.size else None,
+                 "programs_after_dedupe": info.programs, "unique_programs_all_devices": info.unique_programs})
+    if _ODEVICES.value:
+      dev = cds.row_devices(ds)
+      keep = np.array([any(s_ in d for s_ in _ODEVICES.value) for d in dev])
+      if not keep.any():
+        raise ValueError(f"--option_devices={_ODEVICES.value} matches none of {sorted(set(dev))}.")
+      ds = ds.select(keep)
+      desc["devices_kept"] = sorted(set(map(str, cds.row_devices(ds))))
+  else:
+    ds = dss[0]
+    desc["merged"] = False
+  desc["devices"] = sorted(set(map(str, cds.row_devices(ds))))
+  print(f"cost data: {len(ds)} rows, {len(np.unique(ds.group))} programs, devices {desc['devices']}"
+        + (f", {desc.get('duplicates_dropped')} graph duplicates dropped" if desc.get("merged") else ""), flush=True)
+  return ds, desc
+
+
+def _device_breakdown(chosen: dict, rt, od, devs) -> dict:
+  """Within-5% metrics of a choice and of always-default per device (several devices only)."""
+  if len(set(devs.tolist())) < 2:
+    return {}
+  d0 = V.fixed_choice(0, od.option, od.group)
+  out = {}
+  for dv in sorted(set(devs.tolist())):
+    sel = {g: r for g, r in chosen.items() if devs[r] == dv}
+    out[dv] = {"value_model": V.choice_metrics(sel, rt, od.group),
+               "always_default": V.choice_metrics({g: d0[g] for g in sel}, rt, od.group)}
+  return out
+
+
+def _family_sets(chosen: dict, rt, od) -> dict:
+  """Within-5% metrics over the 12 original families and over the session-12 extra ones (if any)."""
+  from mlsys_jax.cost import programs
+  out = {}
+  d0 = V.fixed_choice(0, od.option, od.group)
+  for name, fams in (("original12", programs.FAMILIES), ("extra", programs.EXTRA_FAMILIES)):
+    sel = {g: r for g, r in chosen.items() if str(od.family[r]) in fams}
+    if sel and len(sel) < len(chosen):
+      out[name] = {"value_model": V.choice_metrics(sel, rt, od.group),
+                   "always_default": V.choice_metrics({g: d0[g] for g in sel}, rt, od.group)}
+  return out
+
+
 def _net_graph(name: str):
   model, shape = ios_benchmark_nets(small=True)[name]
   params = ios_init_params(model, shape)
@@ -95,11 +161,14 @@ def _seq_cost(g, cost):
   return V.schedule_cost(g, [sched.Stage("parallel", ((u,),)) for u in range(len(g.units))], cost)
 
 
-def _option_splits(od, seeds):
+def _option_splits(od, seeds, prog_keys=None):
   from mlsys_jax.cost import value as V  # noqa: F811
-  out = [("program", f"seed{k}", V.group_folds(od.group, 5, k)) for k in range(seeds)]
+  keys = od.group if prog_keys is None else prog_keys  # one program on several devices: one fold
+  out = [("program", f"seed{k}", V.group_folds(keys, 5, k)) for k in range(seeds)] \
+      if _OSPLIT.value in ("both", "program") else []
   fams = np.unique(od.family)
-  out.append(("family", "lofo", [od.family == f for f in fams]))
+  if _OSPLIT.value in ("both", "family"):
+    out.append(("family", "lofo", [od.family == f for f in fams]))
   return out
 
 
@@ -121,7 +190,8 @@ def _global_best(od, rows_mask, runtime):
 def part_options():
   from mlsys_jax.cost import dataset as cds
   t0 = time.perf_counter()
-  ds = cds.load_dataset(_ODATA.value)
+  ds, desc = _load_cost_data()
+  devs = cds.row_devices(ds)
   od = V.option_data(ds)
   print(f"option data: {len(od.y)} candidates of {len(np.unique(od.group))} programs, "
         f"{od.x.shape[1]} features ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -146,7 +216,7 @@ def part_options():
                        pessimism=_OPESS.value, margin=_OMARGIN.value)
   runtimes = {"measured": od.runtime_s, "pooled": od.runtime_pooled}
   results = {}
-  for split, tag, folds in _option_splits(od, _OSEEDS.value):
+  for split, tag, folds in _option_splits(od, _OSEEDS.value, cds.program_keys(ds)):
     members = np.zeros((cfg.ensemble, len(od.y)))
     flag = np.zeros(len(od.y), bool)
     gb = np.full(len(od.y), np.nan)
@@ -218,6 +288,8 @@ def part_options():
         per_fam[str(f)] = {"value_model": V.choice_metrics(gsel, rt, od.group),
                            "always_default": V.choice_metrics({g: d0[g] for g in gsel}, rt, od.group)}
       r["per_family"] = per_fam
+      r["per_device"] = _device_breakdown(ch, rt, od, devs)
+      r["family_sets"] = _family_sets(ch, rt, od)
       res[name] = r
       print(f"[{split} {tag}] {name}: value model within 5% {r['value_model']['within_tol']:.3f} "
             f"(regret {r['value_model']['mean_regret']:.3f}) | default {r['always_default']['within_tol']:.3f} "
@@ -228,15 +300,17 @@ def part_options():
             + f" | hybrid top{_OK.value} {r[f'hybrid_top{_OK.value}']['within_tol']:.3f} "
             f"({timed}/{len(od.y)} timed)  [{fit_s:.0f} s]", flush=True)
     results[f"{split}/{tag}"] = res
-  out = {"dataset": {"path": os.path.relpath(_ODATA.value), "programs": int(len(np.unique(od.group))),
+  out = {"dataset": {**desc, "programs": int(len(np.unique(od.group))),
                      "candidates": int(len(od.y)), "options": list(od.options), "device": ds.meta.get("device")},
-         "config": {**cfg._asdict(), "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value},
+         "config": {**cfg._asdict(), "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value,
+                    "split": _OSPLIT.value,
+                    "program_folds": "by program key (one program on several devices in one fold)"},
          "noise_floor": noise, "results": results, "total_s": time.perf_counter() - t0,
          # the cost dataset: the HLO texts, then the columns (meta left out)
          "provenance": provenance.record(data_arrays=[*ds.hlo, *ds[1:-1]], script=__file__)}
   os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, "value_options.json" if _OTARGET.value == "measured"
-                      else f"value_options_{_OTARGET.value}_target.json")
+  path = os.path.join(_OUT.value, (f"value_options{_OTAG.value}.json" if _OTARGET.value == "measured"
+                                   else f"value_options_{_OTARGET.value}_target{_OTAG.value}.json"))
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
   print(f"wrote {path}")
@@ -255,7 +329,8 @@ def part_options_nested():
   which this protocol cannot undo."""
   from mlsys_jax.cost import dataset as cds
   t0 = time.perf_counter()
-  ds = cds.load_dataset(_ODATA.value)
+  ds, desc = _load_cost_data()
+  devs = cds.row_devices(ds)
   od = V.option_data(ds)
   dm = od.option == 0
   print(f"option data: {len(od.y)} candidates of {len(np.unique(od.group))} programs "
@@ -310,15 +385,17 @@ def part_options_nested():
     res[name]["value_model_nested"]["vs_default"] = {
         "faster_by_5pct": int(np.sum(ratio < 1 / 1.05)), "slower_by_5pct": int(np.sum(ratio > 1.05)),
         "geomean_speedup": float(np.exp(-np.mean(np.log(ratio))))}
+    res[name]["per_device"] = _device_breakdown(choice, r_, od, devs)
+    res[name]["family_sets"] = _family_sets(choice, r_, od)
     v = res[name]["value_model_nested"]
     print(f"held-out families, nested ({name}): within 5% {v['within_tol']:.3f} "
           f"[{v['within_tol_ci95'][0]:.3f}, {v['within_tol_ci95'][1]:.3f}], mean regret {v['mean_regret']:.3f} | "
           f"always default {res[name]['always_default']['within_tol']:.3f} | fixed p=2 "
           f"{res[name]['value_model_fixed_p2_m0']['within_tol']:.3f}", flush=True)
-  out = {"dataset": {"path": os.path.relpath(_ODATA.value), "programs": int(len(np.unique(od.group))),
+  out = {"dataset": {**desc, "programs": int(len(np.unique(od.group))),
                      "candidates": int(len(od.y)), "device": ds.meta.get("device")},
-         "protocol": "leave one family out (outer, 12); pessimism and margin chosen by grouped-family "
-                     f"cross-validation ({_OINNER.value} folds) inside the 11 training families, on the "
+         "protocol": f"leave one family out (outer, {len(fams)}); pessimism and margin chosen by grouped-family "
+                     f"cross-validation ({_OINNER.value} folds) inside the {len(fams) - 1} training families, on the "
                      "measured runtimes; the held-out family's choice made once with the chosen values",
          "config": {**cfg._asdict(), "grid": grid, "inner_folds": _OINNER.value}, "fits": fit_count,
          "chosen": chosen_hp, "inner_scores": inner_scores, "results": res,
@@ -326,7 +403,7 @@ def part_options_nested():
          # the cost dataset: the HLO texts, then the columns (meta left out)
          "provenance": provenance.record(data_arrays=[*ds.hlo, *ds[1:-1]], script=__file__)}
   os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, "value_options_nested.json")
+  path = os.path.join(_OUT.value, f"value_options_nested{_OTAG.value}.json")
   with open(path, "w") as fh:
     json.dump(out, fh, indent=1)
   print(f"wrote {path}")
@@ -343,18 +420,24 @@ def part_program_mape():
   from mlsys_jax.cost import dataset as cds
   from mlsys_jax.cost import features, graph, hlo, metrics
   t0 = time.perf_counter()
-  ds = cds.load_dataset(_ODATA.value)
+  ds, desc = _load_cost_data()
+  devs = cds.row_devices(ds)
+  udev = sorted(set(devs.tolist()))
   pf = np.stack([features.program_features(graph.program_graph(hlo.parse_hlo(ds.hlo[i])),
                                            {"flops": ds.flops[i], "bytes accessed": ds.bytes_accessed[i],
                                             "transcendentals": ds.transcendentals[i]}) for i in range(len(ds))])
   dec = np.stack([V.compile_decision_features(t) for t in ds.hlo])
   fl, by = np.maximum(ds.flops, 0.0), np.maximum(ds.bytes_accessed, 0.0)
   roof = np.log(np.maximum(fl / 4e14, by / 3e12) + 5e-6)
-  x = np.concatenate([pf, dec, roof[:, None]], 1)
+  dev_hot = (devs[:, None] == np.asarray(udev)[None, :]).astype(np.float64) if len(udev) > 1 \
+      else np.zeros((len(ds), 0))
+  x = np.concatenate([pf, dec, roof[:, None], dev_hot], 1)
   y = np.log(ds.runtime_s)
   keep = ~np.asarray(ds.noisy, bool)
-  out = {"rows": int(len(y)), "rows_kept": int(keep.sum())}
-  splits = [("program", V.group_folds(ds.group, 5, _SEED.value)),
+  out = {"dataset": desc, "rows": int(len(y)), "rows_kept": int(keep.sum()),
+         "analytical": "roofline max(flops/F, bytes/B) + overhead, F, B, overhead fitted per device on the "
+                       "training rows (MAPE objective)"}
+  splits = [("program", V.group_folds(cds.program_keys(ds), 5, _SEED.value)),
             ("family", [ds.family == f for f in np.unique(ds.family)])]
   for name, folds in splits:
     pl, pa = np.zeros(len(y)), np.zeros(len(y))
@@ -364,25 +447,51 @@ def part_program_mape():
         reg = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, loss="absolute_error",
                                             random_state=_SEED.value)
         pl[te] = reg.fit(x[tr], y[tr]).predict(x[te])
-      rl = metrics.fit_roofline(fl[tr], by[tr], ds.runtime_s[tr], objective="mape", fit_overhead=True)
-      pa[te] = rl.predict(fl[te], by[te])
+      for dv in udev:  # one roofline per device: its own rates
+        trd, ted = tr & (devs == dv), te & (devs == dv)
+        if not ted.any():
+          continue
+        src = trd if trd.sum() >= 3 else tr
+        rl = metrics.fit_roofline(fl[src], by[src], ds.runtime_s[src], objective="mape", fit_overhead=True)
+        pa[ted] = rl.predict(fl[ted], by[ted])
     ml = metrics.mape(np.exp(pl[keep]), ds.runtime_s[keep])
     ma = metrics.mape(pa[keep], ds.runtime_s[keep])
     fam = {}
     if name == "family":
       for f in np.unique(ds.family):
         m = keep & (ds.family == f)
-        fam[str(f)] = {"learned": metrics.mape(np.exp(pl[m]), ds.runtime_s[m]),
-                       "analytical": metrics.mape(pa[m], ds.runtime_s[m])}
+        if m.any():
+          fam[str(f)] = {"learned": metrics.mape(np.exp(pl[m]), ds.runtime_s[m]),
+                         "analytical": metrics.mape(pa[m], ds.runtime_s[m]), "rows": int(m.sum())}
+    per_dev = {}
+    if len(udev) > 1:
+      for dv in udev:
+        m = keep & (devs == dv)
+        per_dev[dv] = {"learned": metrics.mape(np.exp(pl[m]), ds.runtime_s[m]),
+                       "analytical": metrics.mape(pa[m], ds.runtime_s[m]), "rows": int(m.sum())}
+    # 95% bootstrap interval of the ratio over programs (rows of one program resampled together)
+    rng = np.random.default_rng(_SEED.value)
+    ape_l = np.abs(np.exp(pl) / ds.runtime_s - 1.0)
+    ape_a = np.abs(pa / ds.runtime_s - 1.0)
+    pk = cds.program_keys(ds)
+    progs = np.unique(pk[keep])
+    rows_of = {p_: np.flatnonzero(keep & (pk == p_)) for p_ in progs}
+    ratios = []
+    for _ in range(1000):
+      idx = np.concatenate([rows_of[p_] for p_ in rng.choice(progs, progs.size)])
+      ratios.append(ape_a[idx].mean() / ape_l[idx].mean())
     out[name] = {"mape_learned": ml, "mape_analytical": ma, "analytical_over_learned": ma / ml,
-                 "per_family": fam}
+                 "analytical_over_learned_ci95": [float(np.percentile(ratios, 2.5)),
+                                                  float(np.percentile(ratios, 97.5))],
+                 "per_family": fam, "per_device": per_dev}
     print(f"[{name}] whole-program MAPE: learned {ml:.3f}, analytical (fitted roofline) {ma:.3f} "
-          f"-> {ma / ml:.2f}x", flush=True)
+          f"-> {ma / ml:.2f}x [{out[name]['analytical_over_learned_ci95'][0]:.2f}, "
+          f"{out[name]['analytical_over_learned_ci95'][1]:.2f}]", flush=True)
   out["total_s"] = time.perf_counter() - t0
   # the cost dataset: the HLO texts, then the columns (meta left out)
   out["provenance"] = provenance.record(data_arrays=[*ds.hlo, *ds[1:-1]], script=__file__)
   os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, "value_program_mape.json")
+  path = os.path.join(_OUT.value, f"value_program_mape{_OTAG.value}.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
   print(f"wrote {path}")

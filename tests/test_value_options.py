@@ -183,3 +183,29 @@ def test_option_choice_on_the_committed_h100_dataset_beats_default():
   got = V.choice_metrics(ch, od.runtime_pooled[te], od.group[te])
   base = V.choice_metrics(V.fixed_choice(0, od.option[te], od.group[te]), od.runtime_pooled[te], od.group[te])
   assert got["within_tol"] > base["within_tol"] and got["mean_regret"] < base["mean_regret"]
+
+
+def test_option_data_of_a_merged_dataset_keys_rows_by_device():
+  """Two collections on two devices: rows keep their device (one-hot features) and each device's
+  roofline uses its own measured peaks; one device alone gives the single-device features."""
+  a = _tiny_dataset()
+  a = cds.CostDataset(**{**a._asdict(), "config": np.array([f'{{"p": {g}}}' for g in a.group])})
+  b = a
+  # (CostDataset defines __len__ as its row count, so NamedTuple._replace cannot be used)
+  a = cds.CostDataset(**{**a._asdict(), "meta": {**a.meta, "device": "GPU-A", "copy_bytes_per_s": 1e9,
+                                                 "dispatch_floor_s": 0.0}})
+  b = cds.CostDataset(**{**b._asdict(), "runtime_s": b.runtime_s * 0.5,
+                         "meta": {**b.meta, "device": "GPU-B", "copy_bytes_per_s": 1e10, "dispatch_floor_s": 0.0}})
+  m, info = cds.merge_datasets([a, b], ["a", "b"])
+  assert info.duplicates_dropped == 0 and info.unique_programs == 2   # the same 2 programs on 2 devices
+  od = V.option_data(m)
+  names = list(od.feature_names)
+  assert names[-2:] == ["device_GPU-A", "device_GPU-B"]
+  np.testing.assert_array_equal(od.x[:, -2], [1, 1, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(od.x[:, -1], 1 - od.x[:, -2])
+  r = names.index("log_roofline_s")
+  np.testing.assert_allclose(od.x[:4, r] - od.x[4:, r], np.log(10.0), rtol=1e-5)  # 10x the bandwidth
+  np.testing.assert_allclose(od.y[:4], od.y[4:])                  # ratios to each device's own default
+  single = V.option_data(a)
+  assert single.x.shape[1] == od.x.shape[1] - 2
+  np.testing.assert_allclose(single.x, od.x[:4, :-2], rtol=1e-6)

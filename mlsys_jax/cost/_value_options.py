@@ -142,7 +142,9 @@ def _roofline_s(flops, nbytes, meta: dict) -> np.ndarray:
 def option_data(ds, program_features_fn=None) -> OptionData:
   """Candidate features and targets from a :class:`~mlsys_jax.cost.CostDataset` (rows grouped by
   ``group``; every group needs its ``default`` row). ``program_features_fn(i) -> vector`` overrides
-  the per-row program features (default: parse row ``i``'s HLO, :func:`program_features`)."""
+  the per-row program features (default: parse row ``i``'s HLO, :func:`program_features`). A dataset
+  merged from several devices (:func:`mlsys_jax.cost.dataset.merge_datasets`) gets each row's roofline
+  from its device's peaks and a one-hot of the device as the last features (``device_<kind>``)."""
   from mlsys_jax.cost import features, graph, hlo  # local: keeps this module light to import
 
   n = len(ds)
@@ -158,7 +160,17 @@ def option_data(ds, program_features_fn=None) -> OptionData:
                                             "transcendentals": ds.transcendentals[i]})
   pf = np.stack([np.asarray(program_features_fn(i), np.float32) for i in range(n)])
   dec = np.stack([compile_decision_features(t) for t in ds.hlo])
-  roof = np.log(_roofline_s(ds.flops, ds.bytes_accessed, ds.meta))
+  # Several devices (a merged dataset, mlsys_jax.cost.dataset.merge_datasets): each row's roofline from
+  # its device's measured peaks, and the device as a one-hot feature (rows of different GPUs are never
+  # mixed silently). One device: the features of before.
+  from mlsys_jax.cost.dataset import row_devices
+  devs = row_devices(ds)
+  udev = sorted(set(devs.tolist()))
+  dmeta = ds.meta.get("device_meta") or {}
+  roof = np.empty(n)
+  for dv in udev:
+    sel = devs == dv
+    roof[sel] = np.log(_roofline_s(ds.flops[sel], ds.bytes_accessed[sel], dmeta.get(dv, ds.meta)))
   rows_of: dict[int, list[int]] = {}
   for i, gid in enumerate(ds.group):
     rows_of.setdefault(int(gid), []).append(i)
@@ -185,11 +197,14 @@ def option_data(ds, program_features_fn=None) -> OptionData:
   # the default compilation: all of them.
   nb = min(_BASE_PROGRAM_FEATURES, pf.shape[1])
   full = np.concatenate([pf, dec], 1)
+  dev_hot = (np.asarray(devs)[:, None] == np.asarray(udev)[None, :]).astype(np.float32) if len(udev) > 1 \
+      else np.zeros((n, 0), np.float32)
   x = np.concatenate([pf[:, :nb], dec, full - full[default_row], onehot,
-                      np.stack([roof, roof - roof[default_row]], 1).astype(np.float32)], 1)
+                      np.stack([roof, roof - roof[default_row]], 1).astype(np.float32), dev_hot], 1)
   names = tuple([f"program_{j}" for j in range(nb)] + list(COMPILE_DECISIONS)
                 + [f"d_program_{j}" for j in range(pf.shape[1])] + [f"d_{k}" for k in COMPILE_DECISIONS]
-                + [f"option_{o}" for o in options] + ["log_roofline_s", "d_log_roofline_s"])
+                + [f"option_{o}" for o in options] + ["log_roofline_s", "d_log_roofline_s"]
+                + ([f"device_{d}" for d in udev] if len(udev) > 1 else []))
   y = np.log(rt) - np.log(rt[default_row])
   return OptionData(x=x.astype(np.float32), y=y, group=np.asarray(ds.group, np.int64),
                     option=np.asarray([opt_id[str(v)] for v in ds.variant]), family=np.asarray(ds.family),

@@ -17,8 +17,10 @@ TpuGraphs (Phothilimthana et al., 2023, google-research-datasets/tpu_graphs) sto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -127,6 +129,206 @@ def load_dataset(path: str) -> CostDataset:
         n_inner=get("n_inner"), n_rounds=get("n_rounds"), noisy=get("noisy"), flops=get("flops"),
         bytes_accessed=get("bytes_accessed"), transcendentals=get("transcendentals"),
         compile_s=get("compile_s"), meta=json.loads(str(z["meta"])))
+
+
+# ------------------------------------------------------------------------------------------------
+# Graph identity and merging collections (several devices).
+
+# Attributes that do not change the program's graph: debug info, and the autotuner's per-device choices
+# (tile sizes, algorithms) that a recompile of the same graph may change.
+_NON_GRAPH_ATTRS = frozenset({"metadata", "backend_config", "frontend_attributes", "statistics", "origin",
+                              "original_value", "result_accuracy"})
+_TOKEN = re.compile(r"%?[A-Za-z_][\w.\-]*")
+
+
+def graph_fingerprint(text: str) -> str:
+  r"""SHA-1 of an HLO module's *graph*, independent of every name XLA chose and of debug/autotuning
+  attributes: two texts give one fingerprint when their computations, in order, have the same
+  instructions (opcode, shape with layout, literal/parameter number, operands by position, attributes
+  other than ``metadata``, ``backend_config``, ``frontend_attributes``, ``statistics``, origins, with the
+  computations and instructions they name replaced by their positions). Instructions are renamed
+  consistently (``%add.3`` vs ``%add.7``) and ``HloModule`` names ignored. Raises
+  :class:`~mlsys_jax.cost.hlo.HloParseError` on text the parser rejects.
+
+  >>> a = "HloModule m\nENTRY e { x = f32[4]{0} parameter(0)\n ROOT y = f32[4]{0} negate(x) }"
+  >>> b = "HloModule n\nENTRY main { p.1 = f32[4]{0} parameter(0)\n ROOT neg.9 = f32[4]{0} negate(p.1) }"
+  >>> graph_fingerprint(a) == graph_fingerprint(b), graph_fingerprint(a) == graph_fingerprint(a.replace("negate", "abs"))
+  (True, False)
+  """
+  from mlsys_jax.cost import hlo  # local: the dataset module stays light to import
+
+  if not isinstance(text, str):
+    raise TypeError(f"graph_fingerprint: text must be a str of HLO, got {type(text).__name__}.")
+  mod = hlo.parse_hlo(text)
+  comp_ix = {name: k for k, name in enumerate(mod.computations)}
+  h = hashlib.sha1()
+  for cname, comp in mod.computations.items():
+    ins_ix = {ins.name: k for k, ins in enumerate(comp.instructions)}
+
+    def sub(v: str) -> str:
+      def one(m: re.Match) -> str:
+        t = m.group(0).lstrip("%")
+        if t in ins_ix:
+          return f"#{ins_ix[t]}"
+        if t in comp_ix:
+          return f"@{comp_ix[t]}"
+        return m.group(0)
+      return _TOKEN.sub(one, v)
+
+    h.update(f"C{'E' if comp.is_entry or cname == mod.entry_name else ''}|".encode())
+    for ins in comp.instructions:
+      ops = ",".join(f"#{ins_ix[o]}" if o in ins_ix else sub(o) for o in ins.operands)
+      attrs = ";".join(f"{k}={sub(v)}" for k, v in sorted(ins.attrs.items()) if k not in _NON_GRAPH_ATTRS)
+      h.update(f"{ins.opcode}|{ins.shape!r}|{ins.literal}|{int(ins.is_root)}|{ops}|{attrs}\n".encode())
+  return h.hexdigest()
+
+
+def row_devices(ds: CostDataset) -> np.ndarray:
+  """The device kind of every row: from a merged dataset's ``meta["group_device"]`` (see
+  :func:`merge_datasets`), else ``meta["device"]`` for all rows (``"unknown"`` when absent)."""
+  gd = ds.meta.get("group_device")
+  if gd is None:
+    return np.full(len(ds), str(ds.meta.get("device", "unknown")), dtype=object).astype(str)
+  return np.asarray([gd[str(int(g))] for g in ds.group], dtype=str)
+
+
+def program_keys(ds: CostDataset) -> np.ndarray:
+  """Per row, an int identifying the *program* independent of the device it was timed on (for
+  held-out-program folds that keep one program's timings on several devices in the same fold):
+  ``meta["group_program"]`` of a merged dataset, else the group id."""
+  gp = ds.meta.get("group_program")
+  if gp is None:
+    return np.asarray(ds.group, np.int64)
+  return np.asarray([gp[str(int(g))] for g in ds.group], np.int64)
+
+
+class MergeInfo(NamedTuple):
+  """What :func:`merge_datasets` did: per source, its device, programs and rows read and kept; the
+  programs dropped as graph duplicates (of an earlier program on the same device); for those, the
+  ratio max/min of the two timings of their default compilations (a direct measure of timing noise
+  between two collections or two draws of one program); and the number of distinct programs (graphs)
+  over all devices."""
+  sources: list
+  duplicates_dropped: int
+  duplicate_default_ratios: np.ndarray
+  programs: int
+  unique_programs: int
+
+
+def _union_find(n: int):
+  parent = list(range(n))
+
+  def find(i):
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  def union(a, b):
+    ra, rb = find(a), find(b)
+    if ra != rb:
+      parent[max(ra, rb)] = min(ra, rb)
+  return find, union
+
+
+def merge_datasets(datasets: Sequence[CostDataset], names: Sequence[str] | None = None,
+                   dedupe: bool = True) -> tuple[CostDataset, MergeInfo]:
+  """Concatenate collections, keeping the device kind of every program as a key, and drop
+  repeated programs by graph.
+
+  Group ids are renumbered (source by source, in order) so no two sources share one. A program
+  (group) is identified by the :func:`graph_fingerprint` of its ``default`` compilation; with
+  ``dedupe``, a program whose fingerprint was already seen *on the same device* (``meta["device"]``
+  of its source) is dropped with all its rows (its default's runtime ratio to the kept one is
+  recorded). The same graph on another device is kept -- another measurement, not a copy -- and
+  shares its ``program_keys`` id (programs are also joined when family and config are equal).
+
+  The result's ``meta``: ``device`` (the one device, or ``"mixed"``), ``devices``, ``group_device``
+  and ``group_program`` (str(group) -> device / program id; read them with :func:`row_devices`,
+  :func:`program_keys`), ``device_meta`` (per device: the first source's measured peaks and
+  dispatch floor), ``variants`` (the union, in first-seen order, ``default`` first) and ``sources``.
+  """
+  if isinstance(datasets, CostDataset) or not len(datasets):
+    raise ValueError("merge_datasets needs a non-empty sequence of CostDataset.")
+  names = list(names) if names is not None else [f"source{k}" for k in range(len(datasets))]
+  if len(names) != len(datasets):
+    raise ValueError(f"merge_datasets: {len(names)} names for {len(datasets)} datasets.")
+  peak_keys = ("matmul_bfloat16_flops_per_s", "matmul_float32_flops_per_s", "copy_bytes_per_s",
+               "dispatch_floor_s")
+  rows_hlo, cols, group_device, group_prog_key, seen = [], {}, {}, {}, {}
+  variants, device_meta, sources, ratios = [], {}, [], []
+  dropped, next_gid = 0, 0
+  fields = [f for f in CostDataset._fields if f not in ("hlo", "meta", "group")]
+  keys_fp, keys_cfg, gids, alias_cfg = [], [], [], []
+  for d, name in zip(datasets, names):
+    if not isinstance(d, CostDataset):
+      raise TypeError(f"merge_datasets: {name} is a {type(d).__name__}, not a CostDataset.")
+    if "group_device" in d.meta:
+      raise ValueError(f"merge_datasets: {name} is already a merged dataset; merge the collections.")
+    dev = str(d.meta.get("device", "unknown"))
+    device_meta.setdefault(dev, {k: d.meta[k] for k in peak_keys if k in d.meta})
+    for v in d.meta.get("variants", []) or [[str(x), {}] for x in dict.fromkeys(map(str, d.variant))]:
+      if v[0] not in [w[0] for w in variants]:
+        variants.append(list(v))
+    src = {"name": name, "device": dev, "date": d.meta.get("date"), "jax": d.meta.get("jax"),
+           "seed": d.meta.get("seed"), "programs": int(len(np.unique(d.group))), "rows": len(d),
+           "programs_kept": 0, "rows_kept": 0}
+    for g in np.unique(d.group):
+      rows = np.flatnonzero(d.group == g)
+      dflt = [i for i in rows if str(d.variant[i]) == "default"]
+      if len(dflt) != 1:
+        raise ValueError(f"merge_datasets: {name} group {int(g)} has {len(dflt)} 'default' rows.")
+      fp = graph_fingerprint(d.hlo[dflt[0]])
+      cfg_key = f"{d.family[dflt[0]]}:{d.config[dflt[0]]}"
+      if dedupe and (dev, fp) in seen:
+        dropped += 1
+        kept_rt, kept_k = seen[(dev, fp)]
+        rt = float(d.runtime_s[dflt[0]])
+        ratios.append(max(rt, kept_rt) / min(rt, kept_rt))
+        alias_cfg.append((kept_k, cfg_key))  # its config still names the kept program
+        continue
+      seen.setdefault((dev, fp), (float(d.runtime_s[dflt[0]]), len(gids)))
+      gid = next_gid
+      next_gid += 1
+      group_device[str(gid)] = dev
+      keys_fp.append(fp)
+      keys_cfg.append(cfg_key)
+      gids.append(gid)
+      for i in rows:
+        rows_hlo.append(d.hlo[i])
+        cols.setdefault("group", []).append(gid)
+        for f in fields:
+          cols.setdefault(f, []).append(getattr(d, f)[i])
+      src["programs_kept"] += 1
+      src["rows_kept"] += len(rows)
+    sources.append(src)
+  # program identity across devices: same default graph, or same family + config
+  find, union = _union_find(len(gids))
+  for keys in (list(enumerate(keys_fp)), list(enumerate(keys_cfg)) + alias_cfg):
+    first = {}
+    for k, key in keys:
+      if key in first:
+        union(first[key], k)
+      else:
+        first[key] = k
+  roots = [find(k) for k in range(len(gids))]
+  prog_id = {r: j for j, r in enumerate(dict.fromkeys(roots))}
+  group_prog_key = {str(g): prog_id[r] for g, r in zip(gids, roots)}
+  variants.sort(key=lambda v: v[0] != "default")
+  devs = sorted(set(group_device.values()))
+  meta = {"device": devs[0] if len(devs) == 1 else "mixed", "devices": devs, "group_device": group_device,
+          "group_program": group_prog_key, "device_meta": device_meta, "variants": variants,
+          "sources": sources}
+  if len(devs) == 1:
+    meta.update(device_meta[devs[0]])
+  arr = {"group": np.asarray(cols.get("group", []), np.int64)}
+  for f in fields:
+    ref = getattr(datasets[0], f)
+    arr[f] = np.asarray(cols.get(f, []), dtype=ref.dtype if ref.dtype.kind not in "US" else str)
+  out = CostDataset(hlo=rows_hlo, meta=meta, **arr)
+  info = MergeInfo(sources=sources, duplicates_dropped=dropped, duplicate_default_ratios=np.asarray(ratios),
+                   programs=len(gids), unique_programs=len(prog_id))
+  return out, info
 
 
 # ------------------------------------------------------------------------------------------------

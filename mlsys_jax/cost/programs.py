@@ -25,6 +25,11 @@ import numpy as np
 
 FAMILIES: tuple[str, ...] = ("mlp", "conv", "attention", "norm", "elementwise", "reduction",
                              "softmax_xent", "embedding", "transpose", "resblock", "rnn", "batched_matmul")
+# Families added in session 12 (issue 24 item 3): training steps (backward passes), whole blocks, and
+# kinds of operator the first twelve lack (depthwise/grouped convolutions, pooling, sort/top-k, scatter).
+EXTRA_FAMILIES: tuple[str, ...] = ("transformer_block", "mlp_train", "conv_grad", "depthwise_conv", "pooling",
+                                   "gated_mlp", "topk_sort", "segment_sum")
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + EXTRA_FAMILIES
 
 
 class ProgramSpec(NamedTuple):
@@ -311,14 +316,188 @@ def _batched_matmul(rng, big):
   return cfg, fn, [_sds((bt, m, k), dt), _sds((bt, k, n), dt), _sds((n,), dt)]
 
 
+def _layernorm(x, eps=1e-5):
+  xf = x.astype(jnp.float32)
+  mu = xf.mean(-1, keepdims=True)
+  return ((xf - mu) * jax.lax.rsqrt(((xf - mu) ** 2).mean(-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _transformer_block(rng, big):
+  """Pre-LN transformer block: LN, QKV projection, softmax attention, output projection, residual, LN,
+  MLP (GELU, ratio 2-4), residual."""
+  b = int(_pick(rng, [1, 2, 4, 8] if big else [1, 2]))
+  s = int(_pick(rng, [128, 256, 512, 1024] if big else [8, 16]))
+  d = int(_pick(rng, [256, 512, 768, 1024] if big else [16, 32]))
+  h = int(_pick(rng, [4, 8, 16] if big else [2, 4]))
+  ratio = int(_pick(rng, [2, 4]))
+  causal = bool(rng.integers(2))
+  dt = _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(batch=b, seq=s, d_model=d, heads=h, mlp_ratio=ratio, causal=causal, dtype=dt)
+  hd = d // h
+
+  def fn(x, wqkv, wo, w1, w2):
+    y = _layernorm(x)
+    q, k, v = jnp.split((y @ wqkv).reshape(b, s, 3, h, hd), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    lg = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd).astype(np.float32)
+    if causal:
+      lg = jnp.where(jnp.tril(jnp.ones((s, s), bool)), lg, -1e9)
+    p = jax.nn.softmax(lg, axis=-1).astype(x.dtype)
+    x = x + jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, s, d) @ wo
+    return x + jax.nn.gelu(_layernorm(x) @ w1) @ w2
+  return cfg, fn, [_sds((b, s, d), dt), _sds((d, 3 * d), dt), _sds((d, d), dt), _sds((d, ratio * d), dt),
+                   _sds((ratio * d, d), dt)]
+
+
+def _mlp_train(rng, big):
+  """One SGD step of an MLP regression loss: forward, backward (transposed GEMMs), update."""
+  b = int(_pick(rng, [256, 1024, 4096, 8192] if big else [8, 16]))
+  depth = int(rng.integers(1, 4))
+  widths = [int(_pick(rng, [256, 512, 1024, 2048] if big else [16, 32])) for _ in range(depth + 1)]
+  act, dt = _pick(rng, list(_ACTS)), _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(batch=b, widths=widths, act=act, dtype=dt)
+
+  def loss(ws, x, t):
+    for w in ws[:-1]:
+      x = _ACTS[act](x @ w)
+    return jnp.mean(((x @ ws[-1]).astype(jnp.float32) - t) ** 2)
+
+  def fn(x, t, *ws):
+    g = jax.grad(loss)(list(ws), x, t)
+    return [w - (0.01 * gw).astype(w.dtype) for w, gw in zip(ws, g)]
+  args = [_sds((b, widths[0]), dt), _sds((b, widths[-1]), "float32")]
+  args += [_sds((widths[i], widths[i + 1]), dt) for i in range(depth)]
+  return cfg, fn, args
+
+
+def _conv_grad(rng, big):
+  """Gradients of a convolution + ReLU loss w.r.t. input and weights (the backward convolutions)."""
+  b = int(_pick(rng, [8, 16, 32] if big else [2]))
+  hw = int(_pick(rng, [14, 28, 56] if big else [8]))
+  cin, cout = (int(_pick(rng, [32, 64, 128])) for _ in range(2)) if big else (4, 8)
+  k, stride = int(_pick(rng, [1, 3])), int(_pick(rng, [1, 2]))
+  dt = _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(batch=b, hw=hw, cin=cin, cout=cout, k=k, stride=stride, dtype=dt)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dn)
+    return jnp.sum(jax.nn.relu(y).astype(jnp.float32) ** 2)
+
+  def fn(x, w):
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+  return cfg, fn, [_sds((b, hw, hw, cin), dt), _sds((k, k, cin, cout), dt)]
+
+
+def _depthwise_conv(rng, big):
+  """MobileNet-style separable block: depthwise (grouped) k x k convolution, ReLU6, pointwise 1 x 1."""
+  b = int(_pick(rng, [8, 32, 64] if big else [2]))
+  hw = int(_pick(rng, [14, 28, 56, 112] if big else [8]))
+  c = int(_pick(rng, [32, 64, 128, 256] if big else [4, 8]))
+  cout = int(_pick(rng, [64, 128, 256] if big else [8]))
+  k, stride = int(_pick(rng, [3, 5])), int(_pick(rng, [1, 2]))
+  while big and b > 1 and b * hw * hw * max(c, cout) > (1 << 26):
+    b //= 2
+  dt = _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(batch=b, hw=hw, channels=c, cout=cout, k=k, stride=stride, dtype=dt)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def fn(x, wd, wp):
+    y = jax.lax.conv_general_dilated(x, wd, (stride, stride), "SAME", dimension_numbers=dn,
+                                     feature_group_count=c)
+    y = jnp.clip(y, 0, 6)
+    return jax.lax.conv_general_dilated(y, wp, (1, 1), "SAME", dimension_numbers=dn)
+  return cfg, fn, [_sds((b, hw, hw, c), dt), _sds((k, k, 1, c), dt), _sds((1, 1, c, cout), dt)]
+
+
+def _pooling(rng, big):
+  """Max or average pooling (``reduce_window``), optionally followed by a global mean."""
+  b = int(_pick(rng, [8, 32, 64] if big else [2]))
+  hw = int(_pick(rng, [28, 56, 112] if big else [8]))
+  c = int(_pick(rng, [32, 64, 128, 256] if big else [4]))
+  k, stride = int(_pick(rng, [2, 3])), int(_pick(rng, [1, 2]))
+  kind = _pick(rng, ["max", "avg"])
+  glob = bool(rng.integers(2))
+  while big and b > 1 and b * hw * hw * c > (1 << 26):
+    b //= 2
+  dt = _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(batch=b, hw=hw, channels=c, k=k, stride=stride, kind=kind, global_mean=glob, dtype=dt)
+
+  def fn(x):
+    win, st = (1, k, k, 1), (1, stride, stride, 1)
+    if kind == "max":
+      y = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, win, st, "SAME")
+    else:
+      y = (jax.lax.reduce_window(x.astype(jnp.float32), 0.0, jax.lax.add, win, st, "SAME") / (k * k))
+    return y.mean((1, 2)) if glob else y
+  return cfg, fn, [_sds((b, hw, hw, c), dt)]
+
+
+def _gated_mlp(rng, big):
+  """SwiGLU / GeGLU feed-forward: ``(act(x W_g) * (x W_u)) W_d``."""
+  t = int(_pick(rng, [512, 2048, 8192] if big else [8, 16]))
+  d = int(_pick(rng, [256, 512, 1024, 2048] if big else [16]))
+  f = int(_pick(rng, [1024, 2048, 4096] if big else [32]))
+  act = _pick(rng, ["silu", "gelu"])
+  dt = _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(tokens=t, d_model=d, d_ff=f, act=act, dtype=dt)
+
+  def fn(x, wg, wu, wd):
+    return (_ACTS[act](x @ wg) * (x @ wu)) @ wd
+  return cfg, fn, [_sds((t, d), dt), _sds((d, f), dt), _sds((d, f), dt), _sds((f, d), dt)]
+
+
+def _topk_sort(rng, big):
+  """Sort, top-k or cumulative sum along the last axis."""
+  rows = int(_pick(rng, [256, 1024, 4096, 16384] if big else [4, 8]))
+  cols = int(_pick(rng, [128, 1024, 8192, 32000] if big else [16, 32]))
+  while big and rows * cols > (1 << 26):
+    rows //= 2
+  kind = _pick(rng, ["sort", "topk", "cumsum", "argsort"])
+  k = int(_pick(rng, [1, 8, 64]))
+  dt = _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(rows=rows, cols=cols, kind=kind, k=k, dtype=dt)
+
+  def fn(x):
+    if kind == "sort":
+      return jnp.sort(x, axis=-1)
+    if kind == "topk":
+      return jax.lax.top_k(x, min(k, cols))
+    if kind == "cumsum":
+      return jnp.cumsum(x.astype(jnp.float32), axis=-1)
+    return jnp.argsort(x, axis=-1)
+  return cfg, fn, [_sds((rows, cols), dt)]
+
+
+def _segment_sum(rng, big):
+  """Scatter-add of rows into segments (``jax.ops.segment_sum``), as in graph networks and sparse
+  embedding gradients, optionally after a gather."""
+  n = int(_pick(rng, [1 << 14, 1 << 16, 1 << 18] if big else [32, 64]))
+  d = int(_pick(rng, [16, 64, 128, 256] if big else [4, 8]))
+  while big and n * d > (1 << 25):
+    n //= 2
+  seg = int(_pick(rng, [256, 4096, 65536] if big else [4, 16]))
+  gather = bool(rng.integers(2))
+  dt = _pick(rng, ["float32", "bfloat16"])
+  cfg = dict(rows=n, dim=d, segments=seg, gather=gather, dtype=dt)
+
+  def fn(x, ids):
+    v = jnp.take(x, ids[::-1] % n, axis=0) if gather else x
+    return jax.ops.segment_sum(v, ids, num_segments=seg)
+  return cfg, fn, [_sds((n, d), dt), _sds((n,), "int32")], (None, seg)
+
+
 _MAKERS = {"mlp": _mlp, "conv": _conv, "attention": _attention, "norm": _norm,
            "elementwise": _elementwise, "reduction": _reduction, "softmax_xent": _softmax_xent,
            "embedding": _embedding, "transpose": _transpose, "resblock": _resblock, "rnn": _rnn,
-           "batched_matmul": _batched_matmul}
+           "batched_matmul": _batched_matmul, "transformer_block": _transformer_block,
+           "mlp_train": _mlp_train, "conv_grad": _conv_grad, "depthwise_conv": _depthwise_conv,
+           "pooling": _pooling, "gated_mlp": _gated_mlp, "topk_sort": _topk_sort,
+           "segment_sum": _segment_sum}
 
 
 def sample_program(family: str, rng: np.random.Generator, scale: str = "gpu") -> ProgramSpec:
-  """Draw one program of ``family`` (see :data:`FAMILIES`); ``scale='cpu'`` gives tiny shapes."""
+  """Draw one program of ``family`` (see :data:`ALL_FAMILIES`); ``scale='cpu'`` gives tiny shapes."""
   if family not in _MAKERS:
     raise ValueError(f"family must be one of {sorted(_MAKERS)}, got {family!r}.")
   if scale not in ("cpu", "gpu"):
