@@ -6,7 +6,7 @@ codes; int8: against the Triton kernel, whose int32 partial sums are exact, and 
 per-vector partial sums), then timed interleaved with the bf16 dot (`stats.time_interleaved`, wall time per call
 of a jitted function, 8192^3 so dispatch is < 1%).
 
-    PYTHONPATH=. python3 benchmarks/vsquant_mgpu.py --out $OUT [--configs 64:128:4,64:128:6] [--small]
+    PYTHONPATH=. python3 benchmarks/vsquant_mgpu.py --out $OUT [--configs 64:128:2:8:x2:ps,64:128:2:8:x2:ps:wb] [--small]
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from mlsys_jax.quant import _pallas_gemm as pg
 
 
 def _extra(ap):
-  ap.add_argument("--configs", default="64:128:4,64:128:6",
-                  help="Mosaic configs tile_m:tile_n:stages[:grid_group][:cast|magic|bias][:x2 (two K blocks per step)]"
-                       "[:w3 (3 compute warpgroups)][:c2 (clusters of 2 along M)][:ov (fold one block late)]"
-                       "[:ps (persistent: one CTA per SM loops over tiles)][:e2|e4 (output in 2 or 4 column chunks)]")
+  ap.add_argument("--configs", default="64:128:2:8:x2,64:128:2:8:x2:ps",
+                  help="Mosaic configs tile_m:tile_n:stages[:grid_group] then flags: x2 (two K blocks per step), "
+                       "w3 (3 compute warpgroups), c2 (clusters of 2 along M, W by TMA multicast), ps (persistent: "
+                       "one CTA per SM loops over tiles), wb (FP8 only: DeepGEMM's 128 x 128 weight scale blocks, "
+                       "w_block=128), noscale (diagnostic: no per-block promotion, the codes' plain product); "
+                       "'cast' is accepted and ignored (session 10/11 commands)")
   ap.add_argument("--kinds", default="fp8:128,int8:64,int8:128", help="kind:V pairs for the Mosaic kernel")
   ap.add_argument("--triton", type=int, default=1, help="1: also time the Triton per-vector kernels")
   ap.add_argument("--reps", type=int, default=8)
@@ -47,18 +49,41 @@ def _rel(out, ref) -> float:
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def _cfg(s: str) -> mg.MgpuConfig:
-  """tile_m:tile_n:stages[:grid_group] then any of: cast|magic|bias, x2, w3, c2, ov, ps, e2, e4 (see --configs)."""
+_FLAGS = ("x2", "w3", "c2", "ps", "wb", "noscale", "cast")
+
+
+def _cfg(s: str) -> tuple[mg.MgpuConfig, set]:
+  """tile_m:tile_n:stages[:grid_group] then any of _FLAGS (see --configs): the config and the set of flags."""
   p = s.split(":")
   flags = set()
   while p and not p[-1].isdigit():
     flags.add(p.pop())
-  conv = [f for f in flags if f in ("cast", "magic", "bias")]
-  return mg.MgpuConfig(*[int(x) for x in p], convert=conv[0] if conv else "cast",
-                        blocks_per_step=2 if "x2" in flags else 1, compute_wgs=3 if "w3" in flags else 2,
-                        cluster_m=2 if "c2" in flags else 1, overlap="ov" in flags,
-                        persistent="ps" in flags,
-                        epi_chunks=4 if "e4" in flags else 2 if "e2" in flags else 1)
+  if flags - set(_FLAGS):
+    raise ValueError(f"unknown config flags {sorted(flags - set(_FLAGS))} in {s!r}; known: {_FLAGS}")
+  return mg.MgpuConfig(*[int(x) for x in p], blocks_per_step=2 if "x2" in flags else 1,
+                       compute_wgs=3 if "w3" in flags else 2, cluster_m=2 if "c2" in flags else 1,
+                       persistent="ps" in flags), flags
+
+
+def _block_quantize_fp8(w, block: int = 128):
+  """E4M3 codes of a (K, N) weight with one float32 scale (amax / 448) per block x block tile: DeepGEMM's
+  weight format. Returns (codes (K, N), scales (K / block, N / block))."""
+  k, n = w.shape
+  wb = w.reshape(k // block, block, n // block, block)
+  amax = jnp.max(jnp.abs(wb), axis=(1, 3))
+  s = jnp.where(amax > 0, amax / 448.0, 1.0)
+  codes = (wb / s[:, None, :, None]).astype(jnp.float8_e4m3fn).reshape(k, n)
+  return codes, s
+
+
+def _fn_for(kind, v, cfg, flags):
+  """The jitted Mosaic call of one row: scaled_matmul with (N, K) weights, or for 'noscale' the padded kernel
+  without promotion (8192^3 needs no padding)."""
+  if "noscale" in flags:
+    return jax.jit(lambda a, sa, w_nk, sw: mg.scaled_matmul_padded(a, sa.T, w_nk, sw, vector_size=v, config=cfg,
+                                                                   promote=False))
+  return jax.jit(functools.partial(mg.scaled_matmul, vector_size=v, w_layout="nk", config=cfg,
+                                   w_block=128 if "wb" in flags else None))
 
 
 _OPS = ("HGMMA", "WARPGROUP", "I2F", "I2FP", "FFMA", "FMUL", "FADD", "IADD3", "IMAD", "MOV", "LDS", "STS", "LDL",
@@ -89,11 +114,12 @@ def _ptxas_report(args):
     w = jnp.ones((n, k), dt)
     sa, sw = jnp.ones((k // v, m), jnp.float32), jnp.ones((k // v, n), jnp.float32)
     for cs in args.configs.split(","):
-      cfg = _cfg(cs)
-      if kind == "fp8" and cfg.convert != "cast":
+      cfg, flags = _cfg(cs)
+      if kind != "fp8" and "wb" in flags:
         continue
       row = {"kind": kind, "V": v, "config": cs, **dataclasses.asdict(cfg)}
-      fn = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
+      fn = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg,
+                                     w_tile_scales="wb" in flags, promote="noscale" not in flags))
       with tempfile.TemporaryFile() as tmp:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -152,12 +178,22 @@ def main():
   ref_fp8 = jax.jit(lambda: jnp.dot(fa.astype(jnp.float32) * jnp.repeat(fsa, 128, axis=1)[:, :k],
                                     fw.astype(jnp.float32) * jnp.repeat(fsw, 128, axis=0)[:k],
                                     precision=jax.lax.Precision.HIGHEST))()
+  # DeepGEMM's weight format (128 x 128 scale blocks) for the 'wb' rows, and its reference
+  bw, bsw = _block_quantize_fp8(w)
+  bw_nk = jnp.asarray(bw.T)
+  ref_fp8_wb = jax.jit(lambda: jnp.dot(fa.astype(jnp.float32) * jnp.repeat(fsa, 128, axis=1)[:, :k],
+                                       bw.astype(jnp.float32) * jnp.repeat(jnp.repeat(bsw, 128, 0), 128, 1),
+                                       precision=jax.lax.Precision.HIGHEST))()
+  rows_chk = min(256, m)   # the 'noscale' diagnostic: the plain product of the codes on the first rows
+  ref_fp8_plain = np.asarray(jnp.dot(fa[:rows_chk].astype(jnp.float32), fw.astype(jnp.float32),
+                                     precision=jax.lax.Precision.HIGHEST), np.float64)
   ta, tw = jnp.max(jnp.abs(a)) / 448, jnp.max(jnp.abs(w)) / 448
   a8, w8 = (a / ta).astype(jnp.float8_e4m3fn), (w / tw).astype(jnp.float8_e4m3fn)
   # int8 codes with per-vector scales (random positive scales; the kernel does not care how they were found)
   ia = jax.random.randint(jax.random.PRNGKey(3), (m, k), -127, 128, jnp.int32).astype(jnp.int8)
   iw = jax.random.randint(jax.random.PRNGKey(4), (k, n), -127, 128, jnp.int32).astype(jnp.int8)
   iw_nk = jnp.asarray(iw.T)
+  ref_int8_plain = np.asarray(jax.lax.dot(ia[:rows_chk], iw, preferred_element_type=jnp.int32), np.float64)
   scales = {}
   for v in (64, 128):
     g = k // v
@@ -193,21 +229,26 @@ def main():
     kind, v = kv.split(":")
     v = int(v)
     for cs in args.configs.split(","):
-      cfg = _cfg(cs)
-      if kind == "fp8" and cfg.convert != "cast":
+      cfg, flags = _cfg(cs)
+      if kind != "fp8" and "wb" in flags:
         continue
-      name = (f"Mosaic {kind} V={v} tile {cfg.compute_wgs * cfg.tile_m}x{cfg.tile_n} stages {cfg.stages} group {cfg.grid_group}"
-              + (f" {cfg.convert}" if kind == "int8" else "") + (" 2 blocks/step" if cfg.blocks_per_step == 2 else "")
+      name = (f"Mosaic {kind} V={v} tile {cfg.compute_wgs * cfg.tile_m}x{cfg.tile_n} stages {cfg.stages} "
+              f"group {cfg.grid_group}" + (" 2 blocks/step" if cfg.blocks_per_step == 2 else "")
               + (" cluster 2 (W multicast)" if cfg.cluster_m == 2 else "")
-              + (" overlap (fold one block late)" if cfg.overlap else "")
               + (" persistent" if cfg.persistent else "")
-              + (f" output in {cfg.epi_chunks} chunks" if cfg.epi_chunks > 1 else ""))
-      fn = jax.jit(functools.partial(mg.scaled_matmul, vector_size=v, w_layout="nk", config=cfg))
-      if kind == "fp8":
+              + (" 128x128 weight scale blocks (DeepGEMM format)" if "wb" in flags else "")
+              + (" NO SCALES (diagnostic: no per-block promotion)" if "noscale" in flags else ""))
+      fn = _fn_for(kind, v, cfg, flags)
+      if "noscale" in flags:
+        xs = (fa, fsa, fw_nk, fsw) if kind == "fp8" else (ia, scales[v][0], iw_nk, scales[v][1])
+        methods[name] = (fn, xs, ("rows", ref_fp8_plain if kind == "fp8" else ref_int8_plain))
+      elif "wb" in flags:
+        methods[name] = (fn, (fa, fsa, bw_nk, bsw), ("ref", ref_fp8_wb))
+      elif kind == "fp8":
         methods[name] = (fn, (fa, fsa, fw_nk, fsw), ("ref", ref_fp8))
       else:
         methods[name] = (fn, (ia, scales[v][0], iw_nk, scales[v][1]), ("int8", v))
-      configs[name] = dataclasses.asdict(cfg)
+      configs[name] = {**dataclasses.asdict(cfg), "flags": sorted(flags), "config_string": cs}
 
   def compile_one(name):
     fn, xs, _ = methods[name]
@@ -247,6 +288,8 @@ def main():
         out = jax.block_until_ready(c(*xs))
         if check is not None and check[0] == "ref":
           row["rel_err"] = _rel(out, check[1])
+        elif check is not None and check[0] == "rows":
+          row["rel_err"] = _rel(out[:check[1].shape[0]], check[1])
         elif check is not None:
           got = np.asarray(out[:int8_ref[check[1]].shape[0]], np.float64)
           row["rel_err"] = _rel(got, int8_ref[check[1]])

@@ -39,92 +39,70 @@ def _reference(a, sa, w, sw, v):
   return out
 
 
-@pytest.mark.parametrize("kind,v,shape,convert,bps", [("fp8", 128, (100, 72, 200), "cast", 1),
-                                                      ("int8", 64, (200, 136, 128), "magic", 1),
-                                                      pytest.param("int8", 64, (100, 64, 200), "cast", 2,
-                                                                   marks=pytest.mark.slow),
-                                                      pytest.param("int8", 64, (100, 64, 200), "bias", 2,
-                                                                   marks=pytest.mark.slow),
-                                                      pytest.param("fp8", 128, (200, 64, 128), "cast", -3,
-                                                                   marks=pytest.mark.slow)])
-def test_interpreter_matches_float64(kind, v, shape, convert, bps):
-  m, n, k = shape   # ragged M / N / K (padded by the wrapper), several row and column tiles
+# (kind, V, (M, N, K), blocks per step, persistent CTAs or 0, extra): ragged M / N / K (padded by the wrapper),
+# several row and column tiles; persistent: that many CTAs loop over the tiles. extra: "w3" three compute
+# warpgroups, "wb" one weight scale per 128-column block (w_block=128).
+# (one block per step is also checked against float64 by test_public_dispatch, int8 V=64)
+_INTERP_CASES = [("fp8", 128, (100, 136, 200), 2, 1, ""),       # the default configuration: one CTA, two tiles
+                 ("fp8", 128, (72, 200, 200), 2, 0, "wb"),
+                 pytest.param("int8", 64, (70, 40, 152), 1, 0, "", marks=pytest.mark.slow),
+                 pytest.param("int8", 64, (200, 136, 256), 2, 3, "", marks=pytest.mark.slow),
+                 pytest.param("int8", 128, (100, 64, 200), 2, 0, "", marks=pytest.mark.slow),
+                 pytest.param("fp8", 128, (200, 64, 128), 1, 0, "w3", marks=pytest.mark.slow),
+                 pytest.param("int8", 64, (72, 260, 128), 1, 1, "wb", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kind,v,shape,bps,persistent,extra", _INTERP_CASES)
+def test_interpreter_matches_float64(monkeypatch, kind, v, shape, bps, persistent, extra):
+  monkeypatch.setattr(mg, "_num_sms", lambda: max(persistent, 1))
+  m, n, k = shape
   a, sa, w, sw = _operands(kind, m, n, k, v)
-  cfg = mg.MgpuConfig(tile_m=64, tile_n=128, stages=2, grid_group=2, convert=convert,
-                      blocks_per_step=max(bps, 1), compute_wgs=3 if bps == -3 else 2)   # bps -3: 3 warpgroups
-  out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True, config=cfg)
-  ref = _reference(a, sa, w, sw, v)
+  cfg = mg.MgpuConfig(tile_m=64, tile_n=128, stages=2, grid_group=2, blocks_per_step=bps,
+                      compute_wgs=3 if extra == "w3" else 2, persistent=persistent > 0)
+  w_block = None
+  if extra == "wb":   # weight scales per V x 128 block; the reference sees them repeated over the columns
+    w_block, sw = 128, sw[:, ::128]
+  out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True, config=cfg, w_block=w_block)
+  ref = _reference(a, sa, w, sw if w_block is None else np.repeat(np.asarray(sw), 128, axis=1)[:, :n], v)
   assert out.shape == (m, n) and out.dtype == jnp.float32
   # int8: exact int32 partial sums, float32 scaling (two roundings per block); fp8: float32 sums
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
 
 
-@pytest.mark.parametrize("kind,v,convert,bps", [("fp8", 128, "cast", 1), ("int8", 64, "cast", 1),
-                                                ("int8", 64, "magic", 1), ("int8", 128, "cast", 1),
-                                                ("fp8", 128, "cast", 2), ("int8", 64, "magic", 2),
-                                                ("fp8", 128, "cast", -3), ("int8", 64, "cast", -2),
-                                                ("int8", 64, "bias", 2), ("int8", 128, "bias", 1)])
-def test_lowers_for_cuda(kind, v, convert, bps):
-  """(bps -3: one block per step, three compute warpgroups; -2: clusters of two CTAs sharing W by TMA
-  multicast, which the interpreter cannot run: its numbers are checked on the GPU by the benchmark)"""
-  """The Mosaic GPU program is built for CUDA on this CPU (layouts, wgmma operand types, TMA transforms)."""
+@pytest.mark.slow
+def test_unscaled_diagnostic_interpreter():
+  """promote=False (the benchmark's ceiling: one accumulator through all K blocks, no scales) is the plain
+  product of the codes."""
+  a, sa, w, _ = _operands("int8", 128, 128, 256, 64, seed=2)
+  out = mg.scaled_matmul_padded(a, sa.T, w.T, jnp.ones((4, 128)), vector_size=64, promote=False, interpret=True,
+                                config=mg.MgpuConfig(stages=2, blocks_per_step=2))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(a, np.float64) @ np.asarray(w, np.float64))
+
+
+# (kind, V, config overrides, scaled_matmul_padded keywords): every configuration the benchmark runs
+_LOWER_CASES = [("fp8", 128, {}, {}),
+                ("int8", 64, {}, {}),
+                ("int8", 128, {}, {}),
+                ("fp8", 128, dict(stages=2, blocks_per_step=2), {}),
+                ("int8", 64, dict(stages=2, blocks_per_step=2, persistent=True), {}),
+                ("fp8", 128, dict(stages=2, blocks_per_step=2, persistent=True), dict(w_tile_scales=True)),
+                ("fp8", 128, dict(stages=2, blocks_per_step=2, persistent=True), dict(promote=False)),
+                ("int8", 64, dict(stages=2, blocks_per_step=2, persistent=True), dict(promote=False)),
+                ("fp8", 128, dict(stages=2, blocks_per_step=2, persistent=True, cluster_m=2), {}),
+                ("int8", 64, dict(cluster_m=2), {}),
+                ("fp8", 128, dict(stages=3, compute_wgs=3), {})]
+
+
+@pytest.mark.parametrize("kind,v,overrides,kw", _LOWER_CASES)
+def test_lowers_for_cuda(kind, v, overrides, kw):
+  """The Mosaic GPU program is built for CUDA on this CPU (layouts, wgmma operand types, TMA transforms,
+  cluster multicast, which the interpreter cannot run: its numbers are checked on the GPU by the benchmark)."""
   dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
-  m = n = k = 512
+  cfg = mg.MgpuConfig(**overrides)
+  m, n, k = max(512, 2 * cfg.compute_wgs * cfg.tile_m * cfg.cluster_m), 512, 512
   specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
            jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
-  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=max(bps, 1), compute_wgs=3 if bps == -3 else 2,
-                      stages=3 if bps == -3 else 4, cluster_m=2 if bps == -2 else 1)
-  m = 3 * 64 * 2 if bps == -3 else m
-  specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32)) + specs[2:]
-  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
-  text = f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
-
-
-@pytest.mark.parametrize("kind,v,shape,convert,bps,persistent,bitwise", [
-    ("int8", 64, (72, 136, 128), "bias", 1, True, False),
-    pytest.param("int8", 64, (72, 40, 256), "bias", 2, False, False, marks=pytest.mark.slow),
-    pytest.param("fp8", 128, (100, 72, 384), "cast", 1, False, False, marks=pytest.mark.slow),
-    pytest.param("fp8", 128, (200, 136, 256), "cast", 1, True, False, marks=pytest.mark.slow),
-    pytest.param("int8", 64, (100, 72, 200), "bias", 1, False, True, marks=pytest.mark.slow)])
-def test_overlap_interpreter_matches_float64(monkeypatch, kind, v, shape, convert, bps, persistent, bitwise):
-  """overlap=True folds every block one pipeline step late (carried partial sum and scales, the last block
-  after the loop); convert='bias' presets the block accumulator to 0x4B400000; persistent=True loops each CTA
-  over several output tiles (here 1 or 3 CTAs for 2 or 4 tiles; the int8 one stores in two column chunks). Same numbers as the float64 reference, and
-  for int8 bitwise the default 'cast' kernel's (the bias identity is exact)."""
-  monkeypatch.setattr(mg, "_num_sms", lambda: 1 if shape[0] <= 128 else 3)
-  m, n, k = shape
-  a, sa, w, sw = _operands(kind, m, n, k, v, seed=1)
-  cfg = mg.MgpuConfig(stages=2, grid_group=2, convert=convert, blocks_per_step=bps, overlap=True,
-                      persistent=persistent, epi_chunks=2 if persistent and kind == "int8" else 1)
-  out = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True, config=cfg)
-  ref = _reference(a, sa, w, sw, v)
-  assert out.shape == (m, n) and out.dtype == jnp.float32
-  assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
-  if bitwise:   # float32 folds in the same order as the cast kernel: identical bits
-    cast = mg.scaled_matmul(a, sa, w, sw, vector_size=v, interpret=True,
-                            config=mg.MgpuConfig(stages=2, grid_group=2, blocks_per_step=bps))
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(cast))
-
-
-@pytest.mark.parametrize("kind,v,convert,bps,cm,persistent", [("fp8", 128, "cast", 1, 1, False),
-                                                              ("int8", 64, "bias", 2, 1, True),
-                                                              ("int8", 128, "bias", 1, 2, False),
-                                                              ("fp8", 128, "cast", 1, 1, "epi2"),
-                                                              ("fp8", 128, "cast", 2, 1, "epi4")])
-def test_overlap_lowers_for_cuda(kind, v, convert, bps, cm, persistent):
-  """The overlapped pipeline (run_state accumulators, carried scales) and the persistent tile loop are built
-  for CUDA on this CPU."""
-  dt = jnp.float8_e4m3fn if kind == "fp8" else jnp.int8
-  m = n = k = 512
-  specs = (jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((k // v, m), jnp.float32),
-           jax.ShapeDtypeStruct((n, k), dt), jax.ShapeDtypeStruct((k // v, n), jnp.float32))
-  # output in 2 / 4 column chunks: 32 / 16 KiB staging, room for a fifth FP8 stage / a third two-block one
-  epi = {"epi2": 2, "epi4": 4}.get(persistent, 1)
-  stages = {1: 4 // bps, 2: 5, 4: 3}[epi]
-  cfg = mg.MgpuConfig(convert=convert, blocks_per_step=bps, stages=stages, cluster_m=cm, overlap=epi != 4,
-                      persistent=persistent is True, epi_chunks=epi)
-  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg))
+  f = jax.jit(functools.partial(mg.scaled_matmul_padded, vector_size=v, config=cfg, **kw))
   assert "mosaic_gpu" in f.trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -148,16 +126,14 @@ def test_bad_input():
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(compute_wgs=4))
   with pytest.raises(ValueError, match="blocks_per_step"):
     mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(blocks_per_step=3))
-  with pytest.raises(ValueError, match="convert"):
-    mg.scaled_matmul(a, sa, w, sw, vector_size=64, config=mg.MgpuConfig(convert="round"))
-  with pytest.raises(ValueError, match="overlap"):
-    mg.MgpuConfig(overlap=1.5)
-  with pytest.raises(ValueError, match="epi_chunks"):
-    mg.MgpuConfig(epi_chunks=3)
-  with pytest.raises(ValueError, match="epi_chunks=4 needs tile_n"):
-    mg.MgpuConfig(epi_chunks=4, tile_n=64)
-  with pytest.raises(ValueError, match="persistent=True needs cluster_m=1"):
-    mg.MgpuConfig(persistent=True, cluster_m=2)
+  with pytest.raises(ValueError, match="persistent"):
+    mg.MgpuConfig(persistent=1.5)
+  with pytest.raises(ValueError, match="stages"):
+    mg.MgpuConfig(stages=0)
+  with pytest.raises(ValueError, match="w_block must be"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=64, w_block=64)
+  with pytest.raises(ValueError, match=r"ceil\(N/w_block\)"):
+    mg.scaled_matmul(a, sa, w, sw, vector_size=64, w_block=128)
   fa, fsa, fw, fsw = _operands("fp8", 64, 64, 128, 128)
   with pytest.raises(ValueError, match="vector_size"):
     mg.scaled_matmul(fa, fsa, fw, fsw, vector_size=64)
@@ -167,8 +143,8 @@ def test_public_dispatch(monkeypatch):
   """backend=None picks the Mosaic kernel where it is available and self-tested, and applies the coarse scales
   as the Triton kernel does (here both in their interpreters); backend errors name the fix."""
   from mlsys_jax.quant import _pallas_gemm as pg
-  a, sa, w, sw = _operands("int8", 130, 72, 200, 64, seed=3)
-  ca = jax.random.uniform(jax.random.PRNGKey(8), (130,), minval=0.5, maxval=2.0)
+  a, sa, w, sw = _operands("int8", 100, 72, 200, 64, seed=3)
+  ca = jax.random.uniform(jax.random.PRNGKey(8), (100,), minval=0.5, maxval=2.0)
   cw = jax.random.uniform(jax.random.PRNGKey(9), (72,), minval=0.5, maxval=2.0)
   triton = pg.vs_int8_matmul(a, sa, w, sw, vector_size=64, a_coarse=ca, w_coarse=cw, backend="triton")
   calls = []
@@ -199,26 +175,47 @@ def test_public_dispatch(monkeypatch):
 def test_self_test_runs_outside_traces(monkeypatch):
   """The once-per-process self-test may first be reached while a user's function is being traced (a jitted
   layer): it must still compile and compare on concrete arrays (session 10's first GPU run cached False
-  because it ran inside the trace), and it must reject a kernel that computes something else."""
+  because it ran inside the trace), cache its answer, and reject a kernel that computes something else. The
+  kernel (default configuration) runs in the interpreter on a smaller ragged problem than on the GPU (M, N, K =
+  70, 40, 64 + 24: padded in all three)."""
   orig = mg.scaled_matmul
+  calls = []
+
+  def interpreted(*a, **kw):
+    calls.append(kw["vector_size"])
+    return orig(*a, **kw, interpret=True)
   monkeypatch.setattr(mg, "available", lambda: True)
-  monkeypatch.setattr(mg, "scaled_matmul",
-                      lambda *a, **kw: orig(*a, **kw, interpret=True, config=mg.MgpuConfig(stages=2)))
+  monkeypatch.setattr(mg, "_SELF_TEST_SHAPE", {"m": 70, "n": 40, "blocks": 1, "extra": 24})
+  monkeypatch.setattr(mg, "scaled_matmul", interpreted)
   seen = []
 
   @jax.jit
   def traced(x):
-    seen.append(mg.kernel_self_test.__wrapped__("int8", 64))
+    seen.append(mg.kernel_self_test("int8", 64))
     return x + 1
-  traced(jnp.ones(2))
-  assert seen == [True]
-  monkeypatch.setattr(mg, "scaled_matmul", lambda *a, **kw: orig(*a, **kw, interpret=True,
-                                                                  config=mg.MgpuConfig(stages=2)) * 1.001)
-  with pytest.warns(UserWarning, match="disagrees"):
-    assert not mg.kernel_self_test.__wrapped__("int8", 64)
+  mg.kernel_self_test.cache_clear()
+  try:
+    traced(jnp.ones(2))
+    assert seen == [True] and calls == [64]
+    assert mg.kernel_self_test("int8", 64) and calls == [64]    # cached: the kernel does not run again
+  finally:
+    mg.kernel_self_test.cache_clear()   # (the True above holds only under this test's patches)
+
+  def xla(a, sa, w, sw, *, vector_size, scale=1.0, **kw):   # the per-vector product by XLA, times `scale`
+    g = sa.shape[1]
+    a3 = jnp.pad(a, ((0, 0), (0, g * vector_size - a.shape[1]))).reshape(a.shape[0], g, vector_size)
+    w3 = jnp.pad(w, ((0, g * vector_size - w.shape[0]), (0, 0))).reshape(g, vector_size, w.shape[1])
+    return scale * jnp.einsum("mgv,gvn,mg,gn->mn", a3.astype(jnp.float32), w3.astype(jnp.float32), sa, sw,
+                              precision=jax.lax.Precision.HIGHEST)
+  for kind, v, scale in (("int8", 64, 1.001), ("fp8", 128, 1.01)):   # (tolerances 1e-6 and 2e-3)
+    monkeypatch.setattr(mg, "scaled_matmul", functools.partial(xla, scale=scale))
+    with pytest.warns(UserWarning, match="disagrees"):
+      assert not mg.kernel_self_test.__wrapped__(kind, v)
+  monkeypatch.setattr(mg, "scaled_matmul", xla)
+  assert mg.kernel_self_test.__wrapped__("fp8", 128)              # (the check itself passes a right answer)
   assert not mg.kernel_self_test.__wrapped__("int8", 32)     # V the kernel does not run
 
 
 def test_default_config():
   assert mg.default_config("int8", 64).blocks_per_step == 2
-  assert mg.default_config("fp8", 128) == mg.MgpuConfig(stages=2, blocks_per_step=2)
+  assert mg.default_config("fp8", 128) == mg.MgpuConfig(stages=2, blocks_per_step=2, persistent=True)

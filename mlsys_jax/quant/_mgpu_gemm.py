@@ -20,10 +20,9 @@ How the kernel reaches the tensor cores (what the Triton kernel of :mod:`._palla
 - per K block each compute warpgroup issues ``wgmma`` into a fresh register accumulator, waits for it, and
   folds it into its float32 accumulator with ``acc += P * sa[:, None] * sw[None, :]``. While one warpgroup
   runs this epilogue on the CUDA cores another's ``wgmma`` keeps the tensor cores busy (the warpgroups are
-  scheduled independently), which is how the per-block promotion is hidden. With ``overlap=True`` a warpgroup
-  instead issues block ``g``'s ``wgmma`` first and folds block ``g - 1`` (carried in registers) while it runs,
-  so its own epilogue is hidden too; ``convert='bias'`` lets the int8 ``wgmma`` add the magic-number bias
-  (no ``cvt``); ``persistent=True`` keeps one CTA per SM looping over output tiles;
+  scheduled independently), which is how the per-block promotion is hidden; with two K blocks per pipeline step
+  a warpgroup also folds the first block while its second is on the tensor cores. ``persistent=True`` keeps
+  one CTA per SM looping over output tiles;
 - the float32 tile leaves through shared memory with a TMA store.
 
 Shapes must be multiples of the tile (``M % (W * tile_m)``, ``N % tile_n``, ``K % V``): the public wrapper
@@ -56,14 +55,8 @@ class MgpuConfig:
   Attributes:
     tile_m: rows per compute warpgroup (a multiple of 64); the CTA covers ``compute_wgs * tile_m`` rows.
     tile_n: output columns per CTA (a multiple of 8, at most 256).
-    stages: shared-memory slots of the TMA ring (K blocks in flight).
+    stages: shared-memory slots of the TMA ring (pipeline steps in flight).
     grid_group: row tiles visited together (tile order for L2 reuse of the weight tiles).
-    convert: int8 only: the int32 -> float32 conversion of a block's partial sum: ``'cast'`` (``cvt``, a
-      quarter-rate instruction on Hopper) or ``'magic'`` (``bitcast(p + 0x4B400000) - 1.5 * 2^23``: an integer
-      add and a float add, exact for ``|p| < 2^22``, which every int8 block of V <= 128 satisfies) or
-      ``'bias'`` (the same identity with the integer add done by the tensor core: the block's ``wgmma``
-      accumulates into registers preset to ``0x4B400000``, so it returns ``p + 0x4B400000`` and the epilogue is
-      ``(bitcast(.) - 1.5 * 2^23) * sa * sw + acc``: three float32 instructions, bitwise the ``'cast'`` result).
     blocks_per_step: K blocks per pipeline step (1 or 2). With 2 a warpgroup issues both blocks' ``wgmma``
       into two accumulators, waits only for the first (``wait_n=1``) and scales it while the second is still
       on the tensor cores, so half the epilogues also overlap inside one warpgroup.
@@ -71,58 +64,44 @@ class MgpuConfig:
       scale theirs, at ~150 registers per thread).
     cluster_m: 1, or 2: CTAs in clusters of two along M that share every weight block through a TMA multicast
       (one L2 read of each W tile per pair instead of two).
-    overlap: fold each K block one step late: a warpgroup issues block ``g``'s ``wgmma``, then folds block
-      ``g - 1``'s partial sum (carried in registers with its scales) while block ``g`` is on the tensor cores,
-      and only then waits. Every epilogue overlaps the warpgroup's own next ``wgmma`` (one more ``tile_m x
-      tile_n`` register tile per thread: three 64 x 128 tiles, 192 registers, with one block per step; four
-      with ``blocks_per_step=2``, more than a compute thread has); the last block is folded after the K loop.
-    persistent: one CTA per SM loops over the output tiles (grouped order, ``plgpu.nd_loop``) with one set of
-      pipeline buffers, so the memory warpgroup loads tile ``t + 1``'s first blocks and the TMA store of tile
-      ``t`` drains while the compute warpgroups run tile ``t + 1`` (no CTA launch and pipeline fill per tile).
-    epi_chunks: 1, 2 or 4: the float32 output tile leaves through a shared-memory buffer of
-      ``tile_n / epi_chunks`` columns per warpgroup, chunk by chunk (32 or 16 KiB instead of 64 KiB at
-      128 x 128: room for a deeper TMA ring, e.g. a fifth FP8 stage, or a third with two blocks per step).
+    persistent: one CTA (one cluster with ``cluster_m=2``) per SM loops over the output tiles (grouped order,
+      ``plgpu.nd_loop``) with one set of pipeline buffers, so the memory warpgroup loads tile ``t + 1``'s first
+      blocks and the TMA store of tile ``t`` drains while the compute warpgroups run tile ``t + 1`` (no CTA
+      launch and pipeline fill per tile).
   """
   tile_m: int = 64
   tile_n: int = 128
   stages: int = 4
   grid_group: int = 8
-  convert: str = "cast"
   blocks_per_step: int = 1
   compute_wgs: int = 2
   cluster_m: int = 1
-  overlap: bool = False
   persistent: bool = False
-  epi_chunks: int = 1
 
   def __post_init__(self):
     for name, allowed in (("cluster_m", (1, 2)), ("compute_wgs", (2, 3)), ("blocks_per_step", (1, 2)),
-                          ("convert", ("cast", "magic", "bias")), ("overlap", (False, True)),
-                          ("persistent", (False, True)), ("epi_chunks", (1, 2, 4))):
+                          ("persistent", (False, True))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"MgpuConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-    if self.persistent and self.cluster_m != 1:
-      raise ValueError("MgpuConfig.persistent=True needs cluster_m=1")
-    if self.epi_chunks > 1 and self.tile_n % (32 * self.epi_chunks):
-      raise ValueError(f"MgpuConfig.epi_chunks={self.epi_chunks} needs tile_n a multiple of "
-                       f"{32 * self.epi_chunks}, got {self.tile_n}")
-    if self.tile_m % 64 or not 8 <= self.tile_n <= 256:
-      raise ValueError(f"MgpuConfig needs tile_m a multiple of 64 and 8 <= tile_n <= 256, got tile_m="
-                       f"{self.tile_m}, tile_n={self.tile_n}")
+    if self.tile_m % 64 or not 8 <= self.tile_n <= 256 or self.tile_n % 8:
+      raise ValueError(f"MgpuConfig needs tile_m a multiple of 64 and tile_n a multiple of 8 in [8, 256], got "
+                       f"tile_m={self.tile_m}, tile_n={self.tile_n}")
+    if self.stages < 1 or self.grid_group < 1:
+      raise ValueError(f"MgpuConfig needs stages >= 1 and grid_group >= 1, got stages={self.stages}, "
+                       f"grid_group={self.grid_group}")
 
 
 def default_config(kind: str, vector_size: int) -> MgpuConfig:
-  """The launch parameters :func:`scaled_matmul` uses when none are given, from two H200 runs at 8192^3
-  (2026-12-03, ``benchmarks/results/vsquant_mgpu_h200_s10a.json`` / ``_s10b.json``): 128 x 128 CTA tiles
-  (two warpgroups of 64 rows); FP8: one K block per step, 4 stages (1.318 / 1.324 ms; two blocks per step
-  1.361 / 1.287 ms); int8: two K blocks per step, 2 stages (V=64 2.234 / 2.151 ms vs 2.404 / 2.348 ms with one;
-  V=128 1.469 / 1.404 vs 1.462 / 1.570 ms). Larger tiles, three warpgroups and clusters were slower.
-  FP8 also runs two K blocks per step, 2 stages, since session 11's two H200 runs
-  (``vsquant_mgpu_h200_s11a.json`` / ``_s11c.json``: 1.248 / 1.286 ms vs 1.410 / 1.396 ms with one block per step,
-  4 stages); the overlapped and preset-bias schedules were slower. Two blocks per step on a persistent grid ran
-  1.188 ms in one run (s11c), not yet confirmed."""
-  del kind, vector_size   # one configuration for both kinds and every vector size since session 11
-  return MgpuConfig(stages=2, blocks_per_step=2)
+  """The launch parameters :func:`scaled_matmul` uses when none are given (one configuration for both kinds and
+  every vector size), from H200 runs at 8192^3 (``benchmarks/results/vsquant_mgpu_h200_s*.json``; docs/quant.md
+  has the tables): 128 x 128 CTA tiles (two warpgroups of 64 rows), two K blocks per pipeline step, 2 stages,
+  persistent CTAs (one per SM). Persistent against the same kernel launched per tile, two runs: FP8 1.188 / 1.265
+  ms vs 1.286 / 1.330 ms, int8 V=64 2.085 / 2.106 vs 2.254 / 2.185 ms (``_s11c`` / ``_s12a``; int8 V=128 1.391 vs
+  1.447 ms in ``_s12a``). Two blocks per step against one (4 stages): FP8 1.248 / 1.286 vs 1.410 / 1.396 ms
+  (``_s11a`` / ``_s11c``). Larger tiles, three warpgroups, clusters, a one-block-late fold and other int32 ->
+  float32 conversions were slower."""
+  del kind, vector_size
+  return MgpuConfig(stages=2, blocks_per_step=2, persistent=True)
 
 
 def available() -> bool:
@@ -153,11 +132,17 @@ def _interpret_params():
 
 
 def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, sw: jax.Array, *,
-                         vector_size: int, config: MgpuConfig = MgpuConfig(),
-                         interpret: bool = False) -> jax.Array:
+                         vector_size: int, config: MgpuConfig = MgpuConfig(), w_tile_scales: bool = False,
+                         promote: bool = True, interpret: bool = False) -> jax.Array:
   """The kernel on tile-aligned operands: ``a_codes (M, K)``, ``sa_t (K/V, M)`` float32 (the activation vector
   scales, transposed so one K block's scales are contiguous), ``w_nk (N, K)`` (weights K-major), ``sw (K/V, N)``
   float32; returns float32 ``(M, N)``. Use :func:`scaled_matmul` for the checked, padded entry point.
+
+  ``w_tile_scales=True``: every ``tile_n`` columns of ``sw`` repeat one value per K block (weight scales per
+  ``V x tile_n`` block, DeepGEMM's 128 x 128 blocks); the kernel reads the tile's first column and a block's fold
+  is one fused multiply-add per element, ``acc + P * (sa * sw)``, instead of ``acc + (P * sa) * sw``.
+  ``promote=False`` is a diagnostic, not a GEMM of this module: the tensor cores accumulate all K blocks with no
+  scale (the product of the codes), the ceiling of this pipeline without the per-block epilogue.
   ``interpret=True`` runs Pallas's Mosaic GPU interpreter (CPU; slow, for tests on small shapes)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -165,30 +150,21 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   m, k = a_codes.shape
   n = w_nk.shape[0]
   v = vector_size
-  tm, tn, stages = config.tile_m, config.tile_n, config.stages
-  wgs = config.compute_wgs
+  tm, tn = config.tile_m, config.tile_n
+  wgs, bps, cm, persistent = config.compute_wgs, config.blocks_per_step, config.cluster_m, config.persistent
   cta_m = wgs * tm
-  kind = "fp8" if a_codes.dtype == jnp.float8_e4m3fn else "int8"
-  acc_dtype = jnp.float32 if kind == "fp8" else jnp.int32
-  elem_bits = 8
-  swizzle = plgpu.find_swizzle(v * elem_bits)   # one K block per swizzle row group: blocks slice on tiles
-  transforms = (plgpu.TilingTransform((8, swizzle * 8 // elem_bits)), plgpu.SwizzleTransform(swizzle))
-  epi_n = tn // config.epi_chunks   # output columns staged in shared memory at a time
-  out_swizzle = plgpu.find_swizzle(epi_n * 32)
+  acc_dtype = jnp.float32 if a_codes.dtype == jnp.float8_e4m3fn else jnp.int32
+  swizzle = plgpu.find_swizzle(v * 8)   # one K block per swizzle row group: blocks slice on tiles
+  transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+  out_swizzle = plgpu.find_swizzle(tn * 32)
   out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
-  bps = config.blocks_per_step
-  cm = config.cluster_m
   m_tiles, n_tiles, k_steps = m // cta_m, n // tn, k // (v * bps)
-  stages = min(stages, k_steps)   # a ring longer than the K loop never fills (the pipeline would wait forever)
-  m_units = m_tiles // cm         # row tiles, or pairs of row tiles (one cluster) with cluster_m=2
+  stages = min(config.stages, k_steps)   # a ring longer than the K loop never fills (it would wait forever)
+  m_units = m_tiles // cm                # row tiles, or pairs of row tiles (one cluster) with cluster_m=2
   group = max(1, min(config.grid_group, m_units))
-
-  persistent = config.persistent
-  n_ctas = m_units * n_tiles
+  n_ctas = m_units * n_tiles             # CTAs (clusters with cluster_m=2) of the grid
   if persistent:
-    if cm > 1:
-      raise ValueError("MgpuConfig.persistent=True needs cluster_m=1")
-    n_ctas = min(n_ctas, _num_sms())
+    n_ctas = min(n_ctas, max(1, _num_sms() // cm))
 
   def kernel(a_gmem, sa_gmem, w_gmem, sw_gmem, out_gmem, out_smem):
     wg = lax.axis_index("wg")
@@ -197,67 +173,47 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
       """One CTA output tile (linear index ``lin`` in the grouped order) through the K pipeline."""
       # grouped tile order: `group` row tiles share each weight column tile while it is in L2
       per_group = group * n_tiles
-      g_idx = lin // per_group
-      first_m = g_idx * group
+      first_m = (lin // per_group) * group
       rows_here = jnp.minimum(m_units - first_m, group)
       mi = first_m + (lin % per_group) % rows_here
       ni = (lin % per_group) // rows_here
       if cm > 1:
         mi = mi * cm + lax.axis_index("cluster")
-      m_sl = pl.ds(mi * cta_m, cta_m)
-      n_sl = pl.ds(ni * tn, tn)
-      wg_rows = pl.ds(wg * tm, tm)
+      m_sl, n_sl, wg_rows = pl.ds(mi * cta_m, cta_m), pl.ds(ni * tn, tn), pl.ds(wg * tm, tm)
 
-      overlap = config.overlap
-      bias = acc_dtype == jnp.int32 and config.convert == "bias"
-
-      def wgmma_layout(x):
-        return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)   # (the interpreter has no layouts)
-
-      def compute_context(eval_pipeline):
-        acc0 = wgmma_layout(jnp.full((tm, tn), 0, dtype=jnp.float32))
-        if overlap:   # carry: (acc, previous block's partial sum, its row scales, its column scales)
-          z_sa, z_sw = jnp.zeros((tm,), jnp.float32), jnp.zeros((tn,), jnp.float32)
-          if not interpret:
-            z_sa = plgpu.layout_cast(z_sa, plgpu.Layout.WGMMA.reduce(1))
-            z_sw = plgpu.layout_cast(z_sw, plgpu.Layout.WGMMA.reduce(0))
-          acc, part, psa, psw = eval_pipeline((acc0, part_init(), z_sa, z_sw))
-          acc = fold_values(acc, part, psa, psw)   # the last K block
-        else:
-          acc = eval_pipeline(acc0)
-        for c in range(config.epi_chunks):   # column chunks through one staging buffer per warpgroup
-          if persistent or c:   # (persistent: the previous tile's store had this tile's K loop to drain)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem.at[wg][...] = acc if config.epi_chunks == 1 else acc[:, c * epi_n:(c + 1) * epi_n]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows, pl.ds(c * epi_n, epi_n)])
+      def store(acc):
+        if persistent:   # the previous tile's store had this tile's K loop to drain
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem.at[wg][...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[m_sl, n_sl].at[wg_rows])
         if not persistent:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-      def part_init():
-        """What a block's wgmma accumulates into: zero, or (convert='bias') 0x4B400000 = bits of 1.5 * 2^23
-        (the part, |p| < 2^22, then lands in the float's mantissa: bitcast(p + 0x4B400000) = 1.5 * 2^23 + p)."""
-        return wgmma_layout(jnp.full((tm, tn), 0x4B400000 if bias else 0, dtype=acc_dtype))
+      def compute_context(eval_pipeline):
+        if promote or interpret:   # the carry is the float32 accumulator (registers)
+          acc0 = jnp.zeros((tm, tn), jnp.float32)
+          store(eval_pipeline(acc0 if interpret else plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)))
+          return
 
-      def load_scales(sa_ref, sw_ref):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), acc_dtype))
+        def _unscaled(acc_ref):   # diagnostic: one accumulator through every K block
+          eval_pipeline(acc_ref)
+          store(acc_ref[...].astype(jnp.float32))
+
+      def fold(acc, part, j, sa_smem, sw_smem):
+        """acc + P * sa[:, None] * sw[None, :] for K block j of the step (P: its tensor-core sum)."""
+        sa_ref, sw_ref = sa_smem.at[j], sw_smem.at[j]
         if interpret:   # the interpreter has no rule for plgpu.load; plain reads give the same values
-          return sa_ref[wg_rows], sw_ref[...]
-        return (plgpu.load(sa_ref.at[wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0)))
-
-      def fold_values(acc, part, sa, sw):
-        """acc + part * sa[:, None] * sw[None, :] (part: one block's tensor-core sum)."""
-        if bias:   # exact: 1.5 * 2^23 + p and p are float32 integers for |p| < 2^22
-          part = lax.bitcast_convert_type(part, jnp.float32) - jnp.float32(12582912.0)
-        elif acc_dtype == jnp.int32 and config.convert == "magic":
-          part = lax.bitcast_convert_type(part + jnp.int32(0x4B400000), jnp.float32) - jnp.float32(12582912.0)
+          sa = sa_ref[wg_rows]
         else:
-          part = part.astype(jnp.float32)
+          sa = plgpu.load(sa_ref.at[wg_rows], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        part = part.astype(jnp.float32)
+        if w_tile_scales:   # one scale for the tile's columns: one multiply-add per element
+          return acc + part * lax.broadcast_in_dim(sa * sw_ref[0], (tm, tn), [0])
+        sw = sw_ref[...] if interpret else plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
         part = part * lax.broadcast_in_dim(sa, (tm, tn), [0])
         return acc + part * lax.broadcast_in_dim(sw, (tm, tn), [1])
-
-      def fold(acc, part, sa_ref, sw_ref):
-        return fold_values(acc, part, *load_scales(sa_ref, sw_ref))
 
       def block_operands(a_smem, w_smem, j):
         if bps == 1:
@@ -265,64 +221,29 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
         return (a_smem.at[wg_rows, pl.ds(j * v, v)],
                 plgpu.transpose_ref(w_smem.at[:, pl.ds(j * v, v)], (1, 0)))
 
-      def body_overlap(a_smem, sa_smem, w_smem, sw_smem, carry):
-        """Issue this step's wgmma, fold the previous block while it runs, then wait; the step's last block's
-        partial sum and scales become the carry (folded by the next step, or after the loop)."""
-        acc, part, psa, psw = carry
-        if interpret:   # the same order of folds, products by jnp.dot
-          parts = []
-          for j in range(bps):
-            pj = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
-                         preferred_element_type=acc_dtype)
-            parts.append(pj + part_init() if bias else pj)
-          acc = fold_values(acc, part, psa, psw)
-          if bps == 2:
-            acc = fold(acc, parts[0], sa_smem.at[0], sw_smem.at[0])
-          return (acc, parts[-1], *load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1]))
-
-        def step(refs):
-          p_refs, (acc_ref, part_ref, sa_ref, sw_ref) = refs[:bps], refs[bps:]
-          for j in range(bps):
-            plgpu.wgmma(p_refs[j], *block_operands(a_smem, w_smem, j))
-          acc_ref[...] = fold_values(acc_ref[...], part_ref[...], sa_ref[...], sw_ref[...])
-          if bps == 2:
-            acc_ref[...] = fold(acc_ref[...], plgpu.wgmma_accumulator_load(p_refs[0], wait_n=1),
-                                sa_smem.at[0], sw_smem.at[0])
-          sa_ref[...], sw_ref[...] = load_scales(sa_smem.at[bps - 1], sw_smem.at[bps - 1])
-        outs = pl.run_state(step)((*[plgpu.ACC.init(part_init()) for _ in range(bps)], acc, part, psa, psw))
-        # run_state waits for the wgmma group before it returns the accumulators
-        return outs[bps], outs[bps - 1], outs[bps + 2], outs[bps + 3]
-
       def body(_, a_smem, sa_smem, w_smem, sw_smem, acc):
-        if overlap:
-          return body_overlap(a_smem, sa_smem, w_smem, sw_smem, acc)
         if interpret:   # the interpreter cannot feed a transposed ref to wgmma: the same products by jnp.dot
           for j in range(bps):
             part = jnp.dot(a_smem[wg_rows, pl.ds(j * v, v)], w_smem[:, pl.ds(j * v, v)].T,
                            preferred_element_type=acc_dtype)
-            acc = fold(acc, part + part_init() if bias else part, sa_smem.at[j], sw_smem.at[j])
+            acc = fold(acc, part, j, sa_smem, sw_smem) if promote else acc + part.astype(jnp.float32)
           return acc
-        if bias:   # preset accumulators: a run_state, which waits for its wgmma group when it returns
-          def step(refs):
-            for j in range(bps):
-              plgpu.wgmma(refs[j], *block_operands(a_smem, w_smem, j))
-            if bps == 2:
-              refs[2][...] = fold(refs[2][...], plgpu.wgmma_accumulator_load(refs[0], wait_n=1),
-                                  sa_smem.at[0], sw_smem.at[0])
-          outs = pl.run_state(step)((*[plgpu.ACC.init(part_init()) for _ in range(bps)],
-                                     *((acc,) if bps == 2 else ())))
-          return fold(outs[2] if bps == 2 else acc, outs[bps - 1], sa_smem.at[bps - 1], sw_smem.at[bps - 1])
+        if not promote:   # (acc: the ACC reference)
+          for j in range(bps):
+            plgpu.wgmma(acc, *block_operands(a_smem, w_smem, j))
+          plgpu.wgmma_wait(0)
+          return acc
         if bps == 1:
           def mma(p_ref):
             plgpu.wgmma(p_ref, *block_operands(a_smem, w_smem, 0))
             return p_ref[...]
-          return fold(acc, pl.run_scoped(mma, plgpu.ACC((tm, tn), acc_dtype)), sa_smem.at[0], sw_smem.at[0])
+          return fold(acc, pl.run_scoped(mma, plgpu.ACC((tm, tn), acc_dtype)), 0, sa_smem, sw_smem)
 
         def mma2(p0, p1):
           plgpu.wgmma(p0, *block_operands(a_smem, w_smem, 0))
           plgpu.wgmma(p1, *block_operands(a_smem, w_smem, 1))
-          acc1 = fold(acc, plgpu.wgmma_accumulator_load(p0, wait_n=1), sa_smem.at[0], sw_smem.at[0])
-          return fold(acc1, p1[...], sa_smem.at[1], sw_smem.at[1])
+          acc1 = fold(acc, plgpu.wgmma_accumulator_load(p0, wait_n=1), 0, sa_smem, sw_smem)
+          return fold(acc1, p1[...], 1, sa_smem, sw_smem)
         return pl.run_scoped(mma2, plgpu.ACC((tm, tn), acc_dtype), plgpu.ACC((tm, tn), acc_dtype))
 
       pipeline = make_pipeline(body, compute_context)
@@ -338,7 +259,7 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
 
     @functools.partial(pl.run_scoped, allocations=allocs, collective_axes="wg")
     def _scope(allocations):
-      @plgpu.nd_loop((m_units * n_tiles,), collective_axes="tiles")
+      @plgpu.nd_loop((m_units * n_tiles,), collective_axes="tiles")   # the CTAs of a cluster: the same tiles
       def _tiles(info):
         run_tile(info.index[0], allocations)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's store
@@ -364,7 +285,7 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   f = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m, n), jnp.float32),
-      scratch_types=[plgpu.SMEM((wgs, tm, epi_n), jnp.float32, transforms=out_transforms)],
+      scratch_types=[plgpu.SMEM((wgs, tm, tn), jnp.float32, transforms=out_transforms)],
       grid=(n_ctas,),
       grid_names=("tiles",),
       **({"cluster": (cm,), "cluster_names": ("cluster",)} if cm > 1 else {}),
@@ -380,8 +301,8 @@ def _round_up(x: int, to: int) -> int:
 
 
 def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array, *,
-                  vector_size: int, w_layout: str = "kn", config: MgpuConfig | None = None,
-                  interpret: bool = False) -> jax.Array:
+                  vector_size: int, w_layout: str = "kn", w_block: int | None = None,
+                  config: MgpuConfig | None = None, interpret: bool = False) -> jax.Array:
   """Per-vector (per-block) scaled GEMM ``(M, K) x (K, N) -> float32 (M, N)`` on Hopper's tensor cores.
 
   ``out[m, n] = sum_g a_scale[m, g] * w_scale[g, n] * P_g[m, n]`` (VS-Quant Sec. 3; DeepGEMM's per-block FP8
@@ -392,9 +313,14 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
     a_scale: ``(M, ceil(K / V))`` float scales of the activation vectors.
     w_codes: weight codes of the same dtype, ``(K, N)`` (``w_layout='kn'``) or ``(N, K)`` (``'nk'``, K-major:
       what the kernel reads; pass weights stored that way to skip a transpose per call).
-    w_scale: ``(ceil(K / V), N)`` float scales of the weight vectors.
+    w_scale: ``(ceil(K / V), N)`` float scales of the weight vectors, or with ``w_block`` ``(ceil(K / V),
+      ceil(N / w_block))``: one scale per ``V x w_block`` weight block.
     vector_size: V; 128 for FP8 (one promotion per 128 elements), 64 or 128 for int8.
     w_layout: ``'kn'`` or ``'nk'``.
+    w_block: None (per-vector weight scales), or the columns of one weight scale block, a multiple of the
+      config's ``tile_n`` (128 by default): DeepGEMM's FP8 format is ``vector_size=128, w_block=128`` (1 x 128
+      activation and 128 x 128 weight scale blocks). Each output tile then has one weight scale per K block and a
+      block's fold costs one fused multiply-add per element instead of two multiplies and an add.
     config: launch parameters (:class:`MgpuConfig`); None: :func:`default_config`.
     interpret: run Pallas's Mosaic GPU interpreter on the CPU (tests; small shapes only).
 
@@ -421,10 +347,17 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   if k2 != k:
     raise ValueError(f"contracting sizes differ: a_codes has K={k}, w_codes has K={k2}")
   g = -(-k // v)
-  if a_scale.shape != (m, g) or w_scale.shape != (g, n):
-    raise ValueError(f"scales must be a_scale (M, K/V) = {(m, g)} and w_scale (K/V, N) = {(g, n)}, got "
-                     f"{a_scale.shape} and {w_scale.shape}")
   cfg = config or default_config("fp8" if a_codes.dtype == jnp.float8_e4m3fn else "int8", v)
+  if w_block is not None and (not isinstance(w_block, int) or w_block < 1 or w_block % cfg.tile_n):
+    raise ValueError(f"w_block must be None or a positive multiple of the tile's {cfg.tile_n} columns "
+                     f"(config.tile_n), got {w_block!r}")
+  w_cols = n if w_block is None else -(-n // w_block)
+  if a_scale.shape != (m, g) or w_scale.shape != (g, w_cols):
+    raise ValueError(f"scales must be a_scale (M, K/V) = {(m, g)} and w_scale "
+                     f"{'(K/V, N)' if w_block is None else '(K/V, ceil(N/w_block))'} = {(g, w_cols)}, got "
+                     f"{a_scale.shape} and {w_scale.shape}")
+  if w_block is not None:   # per column again (the kernel reads each tile's first column)
+    w_scale = jnp.repeat(w_scale, w_block, axis=1, total_repeat_length=w_cols * w_block)[:, :n]
   g = _round_up(g, cfg.blocks_per_step)   # whole pipeline steps: zero blocks with zero scales add nothing
   mp, np_, kp = _round_up(m, cfg.compute_wgs * cfg.tile_m * cfg.cluster_m), _round_up(n, cfg.tile_n), g * v
   a_p = jnp.pad(a_codes, ((0, mp - m), (0, kp - k)))
@@ -432,8 +365,13 @@ def scaled_matmul(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_
   g0 = a_scale.shape[1]
   sa_t = jnp.pad(a_scale.astype(jnp.float32).T, ((0, g - g0), (0, mp - m)))
   sw_p = jnp.pad(w_scale.astype(jnp.float32), ((0, g - g0), (0, np_ - n)))
-  out = scaled_matmul_padded(a_p, sa_t, w_p, sw_p, vector_size=v, config=cfg, interpret=interpret)
+  out = scaled_matmul_padded(a_p, sa_t, w_p, sw_p, vector_size=v, config=cfg, w_tile_scales=w_block is not None,
+                             interpret=interpret)
   return out[:m, :n]
+
+
+# the self-test's problem: M, N and K = blocks * V + extra (ragged in all three, several tiles on a GPU)
+_SELF_TEST_SHAPE = {"m": 300, "n": 200, "blocks": 3, "extra": 40}
 
 
 @functools.lru_cache(maxsize=None)
@@ -455,7 +393,8 @@ def kernel_self_test(kind: str, vector_size: int) -> bool:
     v = vector_size
 
     def check():
-      m, n, k = 300, 200, 3 * v + 40
+      shape = _SELF_TEST_SHAPE
+      m, n, k = shape["m"], shape["n"], shape["blocks"] * v + shape["extra"]
       ks = jax.random.split(jax.random.PRNGKey(7), 4)
       if kind == "fp8":
         a = jax.random.normal(ks[0], (m, k)).astype(jnp.float8_e4m3fn)
