@@ -67,6 +67,12 @@ flags.DEFINE_list("exclude", [], "datasets (npz) whose programs are not collecte
                   "family + config of one of their programs is skipped before compiling, and a program whose "
                   "default compilation has the graph (dataset.graph_fingerprint) of one of theirs is dropped")
 flags.DEFINE_list("skip_variants", [], "option variants to leave out (e.g. after a backend crash)")
+flags.DEFINE_integer("profile_calls", 0, "> 0: also run every variant this many times under the profiler "
+                     "(one jax.profiler trace per --profile_chunk programs) and record its device time "
+                     "(first kernel start to last kernel end, median over calls), summed kernel time, "
+                     "kernel count and per-kernel median times; 0: off")
+flags.DEFINE_integer("profile_chunk", 16, "programs per profiler trace")
+flags.DEFINE_float("profile_gap_ms", 3.0, "host sleep between profiled calls (the idle gap that splits calls)")
 
 
 def _now():
@@ -135,12 +141,51 @@ def compile_group(gid: int, spec: programs.ProgramSpec, variants, platform_name:
   return rec
 
 
+def _device_events(trace_dir: str) -> list[tuple]:
+  """GPU kernel events ``(start_ns, end_ns, duration_ns, name)`` of every stream line of the trace in
+  ``trace_dir``, sorted by start (as ``benchmarks/common.device_stream_events``)."""
+  import glob
+  files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+  if not files:
+    raise FileNotFoundError(f"no xplane file under {trace_dir}")
+  prof = jax.profiler.ProfileData.from_file(files[0])
+  return sorted((ev.start_ns, ev.end_ns, ev.duration_ns, ev.name)
+                for plane in prof.planes if plane.name.startswith("/device:GPU")
+                for line in plane.lines if "stream" in line.name.lower()
+                for ev in line.events)
+
+
+def profile_chunk(items: list, calls: int, gap_s: float) -> list:
+  """Device times from ONE profiler trace: each ``(fn, args)`` of ``items`` runs ``calls`` times alone
+  (block, sleep ``gap_s``); the kernel events are split into calls at idle gaps > ``gap_s / 2``
+  (``ds.split_calls``). Returns per item ``{"device_span_s", "device_busy_s", "device_kernels",
+  "kernel_times"}`` (see ``ds.call_times``). Raises when the trace does not split into one cluster per
+  call (the caller then records no device times for the chunk)."""
+  import shutil
+  import tempfile
+  d = tempfile.mkdtemp()
+  try:
+    with jax.profiler.trace(d):
+      for fn, args in items:
+        for _ in range(calls):
+          jax.block_until_ready(fn(*args))
+          time.sleep(gap_s)
+    events = _device_events(d)
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+  clusters = ds.split_calls(events, gap_s * 1e9 / 2)
+  if len(clusters) != len(items) * calls:
+    raise RuntimeError(f"{len(clusters)} kernel clusters for {len(items)} programs x {calls} calls")
+  return [ds.call_times(clusters[k * calls:(k + 1) * calls]) for k in range(len(items))]
+
+
 def time_group(rec: dict, rounds: int, target_s: float, floor_s: float, deadline: float,
-               rng: np.random.Generator) -> list[dict]:
+               rng: np.random.Generator, args=None) -> list[dict]:
   """Time the variants of one program interleaved, in a new order every round
   (:func:`mlsys_jax.cost.dataset.timing_orders`); return dataset rows."""
   spec = rec["spec"]
-  args = programs.make_args(spec, rec["group"])
+  if args is None:
+    args = programs.make_args(spec, rec["group"])
   jax.block_until_ready(args)
   vs = rec["variants"]
   inner, first = [0] * len(vs), [0.0] * len(vs)
@@ -278,22 +323,60 @@ def main(argv):
   last_save = _now()
   deadline = t_start + budget
   n_timed = 0
+  chunk: list = []   # (rows of one program, its variants, its args) awaiting the profiler
+  n_prof = {"programs": 0, "failed_chunks": 0, "skipped_programs": 0}
+
+  def run_profiler():
+    items = [(v["compiled"], a) for _, vs, a in chunk for v in vs]
+    est = sum(FLAGS.profile_calls * (r["runtime_s"] + FLAGS.profile_gap_ms / 1e3) for rr, _, _ in chunk for r in rr)
+    if _now() + 2.0 + 1.5 * est > deadline - 5:
+      n_prof["skipped_programs"] += len(chunk)
+      return
+    try:
+      res = profile_chunk(items, FLAGS.profile_calls, FLAGS.profile_gap_ms / 1e3)
+    except Exception as e:  # noqa: BLE001 - no device trace: the chunk keeps no device times
+      n_prof["failed_chunks"] += 1
+      print(f"  profiler chunk failed: {repr(e)[:200]}", flush=True)
+      return
+    k = 0
+    for rr, vs, _ in chunk:
+      by_variant = {r["variant"]: r for r in rr}
+      for v in vs:
+        if v["variant"] in by_variant:
+          by_variant[v["variant"]].update(res[k])
+        k += 1
+      n_prof["programs"] += 1
+
   for k, i in enumerate(order):
     if _now() > deadline - 5:
       break
     rec = compiled[i]
     try:
-      rows.extend(time_group(rec, FLAGS.rounds, FLAGS.target_ms / 1e3, peaks["dispatch_floor_s"],
-                             deadline - 5, np.random.default_rng([FLAGS.seed, 2, int(rec["group"])])))
+      args = programs.make_args(rec["spec"], rec["group"])
+      new_rows = time_group(rec, FLAGS.rounds, FLAGS.target_ms / 1e3, peaks["dispatch_floor_s"],
+                            deadline - 5, np.random.default_rng([FLAGS.seed, 2, int(rec["group"])]), args)
+      rows.extend(new_rows)
       n_timed += 1
+      if FLAGS.profile_calls > 0 and new_rows:
+        timed = {r["variant"] for r in new_rows}
+        chunk.append((new_rows, [v for v in rec["variants"] if v["variant"] in timed], args))
     except Exception as e:  # noqa: BLE001 - e.g. out of memory for one program
       print(f"  group {rec['group']} ({rec['spec'].family}) failed to run: {repr(e)[:200]}", flush=True)
-    compiled[i] = None  # free executables
+    args = None
+    compiled[i] = None  # free executables (those awaiting the profiler are held by the chunk)
+    if chunk and len(chunk) >= FLAGS.profile_chunk:
+      run_profiler()
+      chunk = []
     if _now() - last_save > FLAGS.save_every:
       ds.save_dataset(path, rows, {**meta, "partial": True})
       last_save = _now()
       print(f"[{_now() - t_start:6.1f}s] timed {n_timed}/{len(order)} programs, {len(rows)} rows "
-            f"(saved)", flush=True)
+            f"(saved; device times of {n_prof['programs']})", flush=True)
+  if chunk:
+    run_profiler()
+    chunk = []
+  meta["profile"] = {"calls": FLAGS.profile_calls, "chunk": FLAGS.profile_chunk, "gap_ms": FLAGS.profile_gap_ms,
+                     **n_prof}
   meta["partial"] = False
   meta["programs_compiled"] = len(order)
   meta["programs_timed"] = n_timed
@@ -308,7 +391,14 @@ def main(argv):
   for r in rows:
     fam_counts[r["family"]] = fam_counts.get(r["family"], 0) + 1
   print(f"[{_now() - t_start:6.1f}s] wrote {path}: {len(rows)} rows from {n_timed} programs, "
-        f"{noisy} noisy; {os.path.getsize(path) / 1e6:.2f} MB", flush=True)
+        f"{noisy} noisy; {os.path.getsize(path) / 1e6:.2f} MB; profiler: {meta['profile']}", flush=True)
+  span = np.asarray([r.get("device_span_s", np.nan) for r in rows])
+  if np.isfinite(span).any():
+    wall = np.asarray([r["runtime_s"] for r in rows])
+    ok = np.isfinite(span)
+    print(f"device time / timed wall time: median {np.median(span[ok] / wall[ok]):.3f} "
+          f"({ok.sum()} rows); rows with device time < 50% of wall: {np.mean(span[ok] < 0.5 * wall[ok]):.2f}",
+          flush=True)
   print("rows per family:", fam_counts, flush=True)
   if rows:
     rt = np.asarray([r["runtime_s"] for r in rows])

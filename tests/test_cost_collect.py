@@ -170,3 +170,31 @@ def test_extra_families_compile_run_and_are_deterministic():
     assert all(np.all(np.isfinite(np.asarray(o, np.float32))) for o in jax.tree_util.tree_leaves(out)), fam
     big = programs.sample_program(fam, np.random.default_rng(k), "gpu")   # GPU shapes: bounded size
     assert sum(int(np.prod(a.shape)) for a in big.args) <= 3 * (1 << 26), (fam, big.config)
+
+
+def test_profiler_columns_split_calls_and_roundtrip(tmp_path):
+  """Device times of profiled calls (cost_collect --profile_calls): calls split at idle gaps, medians
+  per call, per-kernel times; stored as optional columns that old files lack."""
+  ev = [(0, 10, 10, "a"), (15, 30, 15, "b"), (5000, 5012, 12, "a"), (5013, 5030, 17, "b"),
+        (9000, 9040, 40, "a"), (9041, 9060, 19, "b"), (9061, 9070, 9, "a")]
+  cl = cds.split_calls(ev, 1000)
+  assert [len(c) for c in cl] == [2, 2, 3]
+  t = cds.call_times(cl)
+  np.testing.assert_allclose(t["device_span_s"], 30e-9)            # spans 30, 30, 70 ns
+  np.testing.assert_allclose(t["device_busy_s"], 29e-9)            # busy 25, 29, 68 ns
+  assert t["device_kernels"] == 2.0
+  np.testing.assert_allclose(t["kernel_times"]["a"], 12e-9)        # 10, 12, 40 + 9 per call
+  np.testing.assert_allclose(t["kernel_times"]["b"], 17e-9)
+  with pytest.raises(ValueError):
+    cds.call_times([])
+  rows = [{"hlo": _MOD, "group": 0, "family": "f", "variant": "default", "runtime_s": 2e-5, **t},
+          {"hlo": _MOD, "group": 0, "family": "f", "variant": "no_fusion", "runtime_s": 3e-5}]
+  p = str(tmp_path / "d.npz")
+  cds.save_dataset(p, rows, {"device": "x"})
+  d = cds.load_dataset(p)
+  assert len(d) == 2 and d.hlo[0] == _MOD
+  got = cds.load_device_times(p)
+  np.testing.assert_allclose(got["device_span_s"], [30e-9, np.nan])
+  assert got["kernel_times"][0] == pytest.approx(t["kernel_times"]) and got["kernel_times"][1] == {}
+  cds.save_dataset(p, rows[1:], {"device": "x"})
+  assert cds.load_device_times(p) is None

@@ -105,8 +105,76 @@ def save_dataset(path: str, rows: Sequence[dict], meta: dict) -> None:
       n_rounds=col("n_rounds", np.int32), noisy=col("noisy", bool, False),
       flops=col("flops", np.float64), bytes_accessed=col("bytes_accessed", np.float64),
       transcendentals=col("transcendentals", np.float64), compile_s=col("compile_s", np.float64),
-      meta=np.asarray(json.dumps(meta)))
+      meta=np.asarray(json.dumps(meta)), **_device_columns(rows))
   os.replace(tmp, path)
+
+
+DEVICE_TIME_KEYS = ("device_span_s", "device_busy_s", "device_kernels")
+
+
+def _device_columns(rows: Sequence[dict]) -> dict:
+  """Optional profiler columns (only when some row has them; NaN / "{}" for rows without)."""
+  if not any("device_span_s" in r for r in rows):
+    return {}
+  out = {k: np.asarray([r.get(k, np.nan) for r in rows], np.float64) for k in DEVICE_TIME_KEYS}
+  out["kernel_times"] = np.asarray([json.dumps(r.get("kernel_times", {}), sort_keys=True) for r in rows], str)
+  return out
+
+
+def load_device_times(path: str) -> dict | None:
+  """The profiler columns of a dataset written with ``cost_collect.py --profile_calls``: per row
+  ``device_span_s`` (first kernel start to last kernel end, median over calls), ``device_busy_s``
+  (summed kernel durations), ``device_kernels`` (launches per call) and ``kernel_times`` (list of
+  dicts, kernel name -> median seconds per call); NaN / {} for rows the profiler missed. None when
+  the file has no profiler columns."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no cost dataset at {path!r}.")
+  with np.load(path, allow_pickle=False) as z:
+    if "device_span_s" not in z.files:
+      return None
+    out = {k: z[k] for k in DEVICE_TIME_KEYS}
+    out["kernel_times"] = [json.loads(str(t)) for t in z["kernel_times"]]
+  return out
+
+
+def split_calls(events: Sequence[tuple], gap_ns: float) -> list[list]:
+  """Split device events ``(start_ns, end_ns, ...)``, sorted by start, into clusters wherever the
+  device was idle for more than ``gap_ns`` (one cluster per profiled call when calls are separated by
+  a longer host sleep than any gap inside a call).
+
+  >>> [len(c) for c in split_calls([(0, 5), (6, 9), (100, 120), (121, 130), (300, 301)], 50)]
+  [2, 2, 1]
+  """
+  clusters, cur, last_end = [], [], 0
+  for ev in events:
+    if cur and ev[0] - last_end > gap_ns:
+      clusters.append(cur)
+      cur = []
+    last_end = ev[1] if not cur else max(last_end, ev[1])
+    cur.append(ev)
+  if cur:
+    clusters.append(cur)
+  return clusters
+
+
+def call_times(clusters: Sequence[Sequence[tuple]]) -> dict:
+  """Device time of one program from the clusters of its profiled calls (events ``(start_ns, end_ns,
+  duration_ns, name)``): ``device_span_s`` (median over calls of last end - first start),
+  ``device_busy_s`` (median of the summed durations), ``device_kernels`` (median launches per call),
+  ``kernel_times`` (per kernel name, the median over calls of its summed duration in the call).
+
+  >>> t = call_times([[(0, 10, 10, "a"), (12, 20, 8, "b")], [(100, 112, 12, "a"), (113, 120, 7, "b")]])
+  >>> [round(v * 1e9, 6) for v in (t["device_span_s"], t["device_busy_s"], t["kernel_times"]["a"])], t["device_kernels"]
+  ([20.0, 18.5, 11.0], 2.0)
+  """
+  if not clusters or any(not c for c in clusters):
+    raise ValueError("call_times needs one non-empty cluster of events per call.")
+  span = [max(e[1] for e in c) - min(e[0] for e in c) for c in clusters]
+  busy = [sum(e[2] for e in c) for c in clusters]
+  names = sorted({e[3] for c in clusters for e in c})
+  per = {n: float(np.median([sum(e[2] for e in c if e[3] == n) for c in clusters])) * 1e-9 for n in names}
+  return {"device_span_s": float(np.median(span)) * 1e-9, "device_busy_s": float(np.median(busy)) * 1e-9,
+          "device_kernels": float(np.median([len(c) for c in clusters])), "kernel_times": per}
 
 
 def load_dataset(path: str) -> CostDataset:
