@@ -45,6 +45,8 @@ def _child_env(devices: int) -> dict:
   env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
                       "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  if "--xla_cpu_use_fusion_emitters=false" in os.environ.get("XLA_FLAGS", ""):   # conftest.py's choice
+    env["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   return env

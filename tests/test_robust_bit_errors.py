@@ -221,7 +221,7 @@ def test_bitsliced_comparison_is_the_32_bit_draw(hash):
 def test_kernel_matches_xla_bit_for_bit(dtype, bits, n):
   codes = jax.random.randint(jax.random.PRNGKey(n), (n,), 0, 2 ** bits).astype(dtype).reshape(-1, 1)
   key = jax.random.PRNGKey(5)
-  kw = dict(words=128, sub=32, unroll=True)   # 2 programs of 4 sub-blocks, loads first; the last one ragged
+  kw = dict(words=64, sub=32, unroll=True)    # 3 programs of 2 sub-blocks, loads first; the last one ragged
   both = lambda impl, kw: jax.jit(lambda p, q: (be._inject(key, codes, p, bits, impl=impl, **kw),
                                                 be._inject(key, codes, p, bits, p_one=q, impl=impl, **kw)))
   xla, kernel = both("xla", {}), both("interpret", kw)

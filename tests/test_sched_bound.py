@@ -89,7 +89,8 @@ def test_critical_path_bounds_every_schedule_of_the_analytical_model():
   assert len(path) < len(g.units)
 
 
-@pytest.mark.parametrize("net", ["inception_v3", "randwire"])
+@pytest.mark.parametrize("net", [pytest.param("inception_v3", marks=pytest.mark.slow),   # ~30 s eager units
+                                 "randwire"])
 def test_path_program_reproduces_the_full_function(net):
   model, shape = ios_benchmark_nets(small=True)[net]
   params = ios_init_params(model, shape, seed=0)

@@ -8,7 +8,7 @@ text (CPU and GPU dialects: ``fusion`` with ``kind=kLoop/kInput/kOutput/kCustom`
 ``custom_call_target`` and JSON ``backend_config``, async pairs, ``while``/``conditional``/``call``).
 
 Example:
-  >>> cap = capture(lambda x: jnp.tanh(x @ x), jnp.ones((4, 4)))
+  >>> cap = capture(lambda x: jnp.tanh(x @ x) + 1.0, jnp.ones((4, 4)))
   >>> mod = parse_hlo(cap.hlo_text)
   >>> mod.entry.root.opcode
   'fusion'
