@@ -158,9 +158,7 @@ S11_TILE = (512, 128, True, 1, 3)
 S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the default kernel
              ("binomial", *S11_TILE, "lean"),                            # s10's best (two runs)
              ("binomial", *S11_TILE, "lean", {"wrap": False}),
-             ("binomial", *S11_TILE, "lean4", {"wrap": False}),   # + the fourth draw in the common path
              ("binomial", *S11_TILE, "leanf", {"wrap": False}),
-             ("binomial", *S11_TILE, "lean4"),
              ("binomial", *S11_TILE, "leanf"),
              ("binomial", *S11_TILE, "popc", {"popc_nohoist": True}),
              ("binomial", 256, None, False, 1, 3, "popc", {"popc_nohoist": True}),
@@ -173,20 +171,19 @@ S11_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),               # the d
              ("binomial", 256, 64, True, 1, 3, "lean", {"wrap": False}),
              ("binomial", *S11_TILE, "lean", {"wrap": False, "evict": True})]
 # The public function's path at that tile (dispatch arguments of bit_errors._inject) with these switches.
-S11_PUBLIC = [("lean", {}), ("lean", {"wrap": False}), ("lean4", {"wrap": False})]
+S11_PUBLIC = [("lean", {}), ("lean", {"wrap": False})]
 # Session 11 second run (--s11b). Run s11a (H200, 2026-12-03 17:2x UTC, bit_errors_throughput_h200_s11a.json;
 # strict floor 12.27 us): 'popc' with the rare path's counter loop-variant 24.59 us at 512 sub 128 loads-first
 # (49.9%) and 24.89 us at the default tile (49.3%; the default 26.07 us), 'lean' without the asm 24.86 us at
 # 256 sub 128 loads-first (49.3%) but 25.56 at 512 sub 128 (= with the asm, 25.54); 64/32-word sub-blocks and
 # 1024 words slower (27.0-33.0 us); evict_first no change. Again, for a second run, with 'popc' at 256 sub 128
-# loads-first, its pre 2/4 at the best tile, and 'lean4' (not in s11a's snapshot).
+# loads-first, its pre 2/4 at the best tile, and 'lean4' (not in s11a's snapshot; 28.6-29.3 us, slower,
+# removed in session 12: its rows are gone from the sweeps below).
 S11B_SWEEP = [("binomial", 256, None, False, 1, 3, "popc"),                         # the default kernel
               ("binomial", *S11_TILE, "popc", {"popc_nohoist": True}),
               ("binomial", 256, None, False, 1, 3, "popc", {"popc_nohoist": True}),
               ("binomial", 256, 128, True, 1, 3, "popc", {"popc_nohoist": True}),
               ("binomial", 256, 128, True, 1, 3, "lean", {"wrap": False}),
-              ("binomial", 256, 128, True, 1, 3, "lean4", {"wrap": False}),
-              ("binomial", *S11_TILE, "lean4", {"wrap": False}),
               ("binomial", 512, 128, True, 1, 2, "popc", {"popc_nohoist": True}),
               ("binomial", 512, 128, True, 1, 4, "popc", {"popc_nohoist": True}),
               ("binomial", *S11_TILE, "popc", {"popc_nohoist": True, "popc_sum": True}),
@@ -269,7 +266,7 @@ def _extra(ap):
                   help="short run: the S11_SWEEP rows (s10's best tile without the funnel-shift asm, 'popc' "
                        "without the hoisting, neighbours, evict_first) and the public path at that tile")
   ap.add_argument("--s11b", action="store_true",
-                  help="--s11 with the S11B_SWEEP rows (second run: 'popc' without the hoisting, 'lean4') and the "
+                  help="--s11 with the S11B_SWEEP rows (second run: 'popc' without the hoisting) and the "
                        "public path with 'popc' without the hoisting at three tiles")
   ap.add_argument("--s11c", action="store_true", help="--s11 with the S11C_SWEEP rows (confirmation run)")
   ap.add_argument("--name", default="bit_errors_throughput", help="JSON file name")
@@ -592,7 +589,7 @@ def main():
   checks = {"public path": pb.default_impl(), "default method": pb.METHOD}
   if not args.no_checks:   # on-device exactness with the default tile
     extra = ([] if args.s11c else
-             [("binomial", "lean"), ("binomial", "lean4"), ("binomial", "popc", {"popc_nohoist": True})]
+             [("binomial", "lean"), ("binomial", "popc", {"popc_nohoist": True})]
              if args.s11b else
              [("binomial", "lean"), ("binomial", "leanf")] if args.s10 else
              [("binomial", dr) for dr in pb.DRAWS if dr != pb.DRAW and (args.s7 or args.draws or dr == "popc")

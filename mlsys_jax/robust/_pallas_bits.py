@@ -89,8 +89,8 @@ IO = "words"       # kernel reads/writes 32-bit words ('words') or the codes' ow
 PRE = 3            # steps the kernel runs before its first early-stop test
 DRAW = "popc"      # how 'binomial' evaluates its draws: 'take', 'popc' or 'popcx' (the same bits). H200,
                    # 2026-12-03, two runs: default tile 'popc' 26.11/26.21 us vs 'take' 27.23/27.25 us
-DRAWS = ("take", "popc", "popcx", "lean", "leanf", "lean4")   # 'lean'/'leanf' (session 10), 'lean4'
-_LEAN = ("lean", "leanf", "lean4")                             # (session 11): comparisons, same bits
+DRAWS = ("take", "popc", "popcx", "lean", "leanf")   # 'lean'/'leanf' (session 10): comparisons, same bits
+_LEAN = ("lean", "leanf")                             # ('lean4', session 11, was slower and is removed)
 # The parts of 'lean' (measurement switches, read at trace time; none changes the bits): lane bits by the
 # funnel shift, the early-stop test as a sum, the rare path's Philox counter kept loop-variant.
 LEAN_PARTS = {"wrap": True, "sum": True, "nohoist": True}
@@ -444,9 +444,7 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       """'lean': the chosen set of the words with C <= 3 whose first three draws hold C distinct lanes,
       by comparisons of the count's u with s_0..s_3 and of the draws' lanes (no popcount), and the short
       words (the others). The same sets as 'popc' with pre = 3: C = 1: draw 0; C = 2: draws 0, 1 if
-      distinct, else 0 and 2; C = 3: all three if distinct. 'lean4' also decides, with the fourth draw,
-      C = 3 when the first three hold two lanes (then the fourth, if new) and C = 4 when the first four
-      are distinct: at p = 1% and 32 lanes a word is short with probability 1.3e-4 instead of 6.6e-4."""
+      distinct, else 0 and 2; C = 3: all three if distinct."""
       fma = draw == "leanf"                   # integer work moved from the ALU pipe to the FMA pipe
       if asm and bits == width and db == 5 and LEAN_PARTS["wrap"]:   # 1 << (v mod 32): one shf.l.wrap
         def shifted(j):                        # d >> 5j; 'leanf': the high half of d * 2^(32 - 5j)
@@ -460,18 +458,6 @@ def binomial_words(k0, k1, always, thr, word_idx, n_lanes: int, width: int, bits
       b0, b1, b2 = bit_of(0), bit_of(1), bit_of(2)
       a0, a1, a2, a3 = (u < thr(j) for j in range(4))   # C > 0, 1, 2, 3 (s_c = 0 past n_lanes)
       e01, e02, e12 = b0 == b1, b0 == b2, b1 == b2
-      if draw == "lean4":   # the fourth draw too: C = 3 with one collision among the first three, C = 4
-        m3 = b0 | b1 | b2
-        b3 = bit_of(3)
-        new3 = (m3 & b3) == zero                      # draw 3 names a lane not drawn before
-        coll = e01 | e02 | e12                        # the first three hold 2 lanes (one collision) or 1
-        all_eq = e01 & e02
-        m4 = m3 | b3
-        chosen = jnp.where(a2 & ~a3 & ~coll, m3, jnp.where(
-            a2, m4, jnp.where(a1, jnp.where(e01, b0 | b2, b0 | b1), jnp.where(a0, b0, zero))))
-        a4 = u < thr(4)
-        short = (a4 | (a3 & (coll | ~new3)) | (a2 & coll & (all_eq | ~new3)) | (a1 & all_eq))
-        return chosen, short
       if fma:   # sums of distinct lane bits (the sets of the short words are not used)
         chosen = (jnp.where(a0, b0, zero) + jnp.where(a1, jnp.where(e01, b2, b1), zero)
                   + jnp.where(a2, b2, zero))
