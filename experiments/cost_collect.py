@@ -111,9 +111,16 @@ def measure_peaks(small: bool) -> dict:
   return out
 
 
-def compile_group(gid: int, spec: programs.ProgramSpec, variants, platform_name: str) -> dict:
-  """Compile one program under every option variant; keep distinct optimized HLO."""
-  rec = {"group": gid, "spec": spec, "variants": [], "errors": []}
+def compile_group(gid: int, spec: programs.ProgramSpec, variants, platform_name: str,
+                  start_by: float = float("inf")) -> dict:
+  """Compile one program under every option variant; keep distinct optimized HLO. A program whose
+  thread becomes free only after ``start_by`` (perf_counter) is not compiled (``rec["late"]``): it
+  would run past the compile phase and delay the timing phase."""
+  rec = {"group": gid, "spec": spec, "variants": [], "errors": [], "late": False, "wall_s": 0.0}
+  t_start = _now()
+  if t_start > start_by:
+    rec["late"] = True
+    return rec
   seen = set()
   try:
     lowered = jax.jit(spec.fn).lower(*spec.args)
@@ -138,6 +145,7 @@ def compile_group(gid: int, spec: programs.ProgramSpec, variants, platform_name:
                             "compile_s": dt, "flops": cost.get("flops", 0.0),
                             "bytes_accessed": cost.get("bytes accessed", 0.0),
                             "transcendentals": cost.get("transcendentals", 0.0)})
+  rec["wall_s"] = _now() - t_start
   return rec
 
 
@@ -263,7 +271,8 @@ def main(argv):
     seen_fp.update(ds.graph_fingerprint(d.hlo[i]) for i in np.flatnonzero(d.variant == "default"))
   print(f"excluding {len(seen_cfg)} configs, {len(seen_fp)} graphs of {len(FLAGS.exclude)} datasets "
         f"({_now() - t_start:.0f} s)", flush=True)
-  n_skip_cfg = n_skip_graph = n_no_default = 0
+  n_skip_cfg = n_skip_graph = n_no_default = n_late = 0
+  fam_wall: dict = {}  # family -> compile wall times of its programs (one thread each)
   exhausted = False
   compiled: list[dict] = []
   n_err = {}
@@ -282,10 +291,18 @@ def main(argv):
           exhausted = n_skip_cfg > 100 * (len(compiled) + 100)  # the configuration spaces are used up
           continue
         seen_cfg.add(key)
-        pending.add(pool.submit(compile_group, gid - 1, spec, variants, plat))
+        # a program starts only if it should finish by the compile deadline: its family's longest
+        # compile so far (of any family before one of its own; no limit before any), x 1.2
+        walls = fam_wall.get(spec.family) or [max((w for v in fam_wall.values() for w in v), default=0.0)]
+        pending.add(pool.submit(compile_group, gid - 1, spec, variants, plat,
+                                compile_deadline - 1.2 * max(walls)))
       done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
       for f in done:  # results are gathered here, in the main thread only
         rec = f.result()
+        if rec["late"]:
+          n_late += 1
+          continue
+        fam_wall.setdefault(rec["spec"].family, []).append(rec["wall_s"])
         for v, _ in rec["errors"]:
           n_err[v] = n_err.get(v, 0) + 1
         if not rec["variants"]:
@@ -312,7 +329,9 @@ def main(argv):
   n_var = sum(len(r["variants"]) for r in compiled)
   print(f"[{_now() - t_start:6.1f}s] compiled {len(compiled)} programs, {n_var} distinct variants; "
         f"compile errors by variant: {n_err}; skipped {n_skip_cfg} repeated configs, {n_skip_graph} repeated "
-        f"graphs, {n_no_default} without a default compilation", flush=True)
+        f"graphs, {n_no_default} without a default compilation, {n_late} not started (too late)", flush=True)
+  print("compile wall per program (median s): " + ", ".join(f"{k} {np.median(v):.1f}" for k, v in sorted(fam_wall.items())),
+        flush=True)
   if n_err:
     ex = next((r["errors"][0] for r in compiled if r["errors"]), None)
     print("  example error:", ex, flush=True)
@@ -381,7 +400,9 @@ def main(argv):
   meta["programs_compiled"] = len(order)
   meta["programs_timed"] = n_timed
   meta["compile_errors"] = n_err
-  meta["skipped"] = {"repeated_config": n_skip_cfg, "repeated_graph": n_skip_graph, "no_default": n_no_default}
+  meta["skipped"] = {"repeated_config": n_skip_cfg, "repeated_graph": n_skip_graph, "no_default": n_no_default,
+                     "late": n_late}
+  meta["compile_wall_s"] = {k: float(np.median(v)) for k, v in fam_wall.items()}
   meta["exclude"] = [os.path.basename(p) for p in FLAGS.exclude]
   meta["name"] = FLAGS.name
   meta["seconds"] = _now() - t_start
