@@ -35,7 +35,8 @@ Rows (all in the same run):
 With ``--single``, every row also gets the device time of ONE jitted update outside the loop
 (``single_device_s``, ``single_busy_s``, ``single_kernels``, ``single_top_kernels``): the update as the entry
 computation, where XLA's horizontal loop fusion (which runs on the entry computation only) may merge the
-small per-leaf kernels that a loop body keeps apart. ``--top N`` keeps N kernels in ``top_kernels``.
+small per-leaf kernels that a loop body keeps apart; ``--donate``: that call with the state donated. ``--top N``
+keeps N kernels in ``top_kernels``.
 
 Secondary (``wall_s``): the jitted ``tx.update`` called from Python once per step, dispatch included (the
 measure of the earlier tables: it is dominated by the host's handling of 161 argument and ~320 result
@@ -90,6 +91,9 @@ def _flags(ap):
                        "``single_kernels``, ``single_top_kernels``), for every row, also with --no_wall: XLA's horizontal "
                        "loop fusion (small per-leaf kernels into one) runs on the entry computation only, not in a loop body")
   ap.add_argument("--top", type=int, default=20, help="kernels kept in top_kernels (by total time per update)")
+  ap.add_argument("--donate", action="store_true",
+                  help="--single with the state donated (jax.jit(update, donate_argnums=1), each call on a fresh copy "
+                       "made before the trace), as a training step that donates its optimizer state runs it")
   ap.add_argument("--change", default="shift", choices=("scale", "shift"),
                   help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (default since session 9: "
                        "sidco's default buffer 'dus' and the old path's 'two' then stay bitwise comparable; with "
@@ -113,7 +117,8 @@ def _flags(ap):
                        "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
                        "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
                        "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment), pwrite/xwrite = sparse._OUT_WRITE "
-                       "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf); with bits only: a number = search ways, pallas/xla/bisect = the "
+                       "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), pwritei = the writer "
+                       "in place (residuals aliased to the old ones); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
@@ -333,8 +338,8 @@ def main():
         sp._DUS_BASE = "fill" if tok == "zfill" else "fused"
       elif tok in ("quota", "sorttrim"):
         sp._TRIM = "quota" if tok == "quota" else "sort"
-      elif tok in ("pwrite", "xwrite"):
-        sp._OUT_WRITE = "pallas" if tok == "pwrite" else "xla"
+      elif tok in ("pwrite", "pwritei", "xwrite"):
+        sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "xwrite": "xla"}[tok]
       elif tok in ("blocks", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
@@ -403,9 +408,12 @@ def main():
       row.update(_device(lambda: loop(g, st, out0), args.calls, steps))
       if args.single:   # one jitted update as the entry computation (its small leaves' kernels may fuse horizontally)
         g1 = jax.tree_util.tree_map(lambda x: x[0], g)
-        one = jax.jit(update)
-        jax.block_until_ready(one(g1, st))
-        row.update({f"single_{k_}": v for k_, v in _device(lambda: one(g1, st), args.calls, 1).items()})
+        one = jax.jit(update, donate_argnums=1 if args.donate else ())
+        sts = [jax.tree_util.tree_map(jnp.copy, st) for _ in range(args.calls + 1)] if args.donate else None
+        jax.block_until_ready(one(g1, sts.pop() if args.donate else st))
+        row.update({f"single_{k_}": v for k_, v in _device(lambda: one(g1, sts.pop() if args.donate else st),
+                                                            args.calls, 1).items()})
+        row["single_donated"] = bool(args.donate)
       row["loop_wall_s"] = _wall(lambda: loop(g, st, out0), max(3, reps // 3)) / steps
     except Exception as e:  # record and go on
       row["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]

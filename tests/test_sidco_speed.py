@@ -508,8 +508,13 @@ def test_write_leaves_matches_elementwise():
   old = [rng.standard_normal(s).astype(np.float32) for s in sizes]
   run = jax.jit(lambda fin: pp.write_leaves(jnp.asarray(f), sizes, offsets, jnp.asarray(t), jnp.asarray(tie), last,
                                             fin, [jnp.asarray(o) for o in old], interpret=True, group=2))
+  inplace = jax.jit(lambda fin, old: pp.write_leaves(jnp.asarray(f), sizes, offsets, jnp.asarray(t), jnp.asarray(tie),
+                                                    last, fin, old, in_place=True, interpret=True, group=2))
   for fin in (True, False):
     outs, ress = run(jnp.asarray(fin))
+    for x, y in zip(inplace(jnp.asarray(fin), [jnp.asarray(o) for o in old]), (outs, ress)):   # (aliased residuals)
+      for a, b in zip(x, y):
+        np.testing.assert_array_equal(np.asarray(a).view(np.int32), np.asarray(b).view(np.int32))
     for i, (n, o) in enumerate(zip(sizes, offsets)):
       v, pos = f[o:o + n], o + np.arange(n)
       a = np.abs(v)
@@ -522,6 +527,8 @@ def test_write_leaves_matches_elementwise():
         assert 0 < sel.sum() < (a >= t[i]).sum()
   with pytest.raises(ValueError, match="same length"):
     pp.write_leaves(jnp.asarray(f), sizes, offsets[:2], jnp.asarray(t), jnp.asarray(tie), last, True)
+  with pytest.raises(ValueError, match="in_place"):
+    pp.write_leaves(jnp.asarray(f), sizes, offsets, jnp.asarray(t), jnp.asarray(tie), last, True, in_place=True)
   with pytest.raises(ValueError, match="inside flat"):
     pp.write_leaves(jnp.asarray(f), [9000], [0], jnp.asarray(t[:1]), jnp.asarray(tie[:1]), last, True)
 
@@ -552,17 +559,18 @@ def _writer_steps(per_tensor, axis=False):
 @pytest.mark.parametrize("per_tensor,axis", [(True, False), pytest.param(False, False, marks=pytest.mark.slow),
                                              pytest.param(True, True, marks=pytest.mark.slow)])
 def test_pallas_leaf_writer_same_transform(per_tensor, axis, monkeypatch):
-  """sidco with the Pallas leaf writer (interpret mode) gives bitwise the elementwise path's updates and
-  states over a NaN step (nothing sent, residual kept) and a step with ties at the cut; under pmap (the
-  writer then writes the residuals only) the replicas' updates stay identical."""
+  """sidco with the Pallas leaf writer (interpret mode; fresh or in-place residuals) gives bitwise the
+  elementwise path's updates and states over a NaN step (nothing sent, residual kept) and a step with ties at
+  the cut; under pmap (the writer then writes the residuals only) the replicas' updates stay identical."""
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "xla")
   res = {}
-  for mode in ("pallas", "xla"):
+  for mode in ("pallas", "pallas_inplace", "xla"):
     monkeypatch.setattr(sp, "_OUT_WRITE", mode)
     res[mode] = _writer_steps(per_tensor, axis)
-  for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
-    np.testing.assert_array_equal(np.asarray(x).view(np.int32) if np.asarray(x).dtype == np.float32 else x,
-                                  np.asarray(y).view(np.int32) if np.asarray(y).dtype == np.float32 else y)
+  bits = lambda x: np.asarray(x).view(np.int32) if np.asarray(x).dtype == np.float32 else np.asarray(x)
+  for mode in ("pallas", "pallas_inplace"):
+    for x, y in zip(jax.tree_util.tree_leaves(res[mode]), jax.tree_util.tree_leaves(res["xla"])):
+      np.testing.assert_array_equal(bits(x), bits(y))
   (o0, s0), (o1, s1) = res["pallas"]
   assert int(np.asarray(s0.nonfinite_steps).max()) == 1 and float(np.asarray(s1.density).max()) > 0
   if axis:   # (the residuals are each worker's own; the averaged update is every replica's)

@@ -382,8 +382,9 @@ WRITE_GROUP = 48    # leaves per write_leaves kernel (its arguments: ~3 pointers
 
 
 def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: jax.Array, last: jax.Array,
-                 finite: jax.Array, old=None, *, write_out: bool = True, interpret: bool | None = None,
-                 tile: int | None = None, group: int | None = None, num_warps: int | None = None):
+                 finite: jax.Array, old=None, *, write_out: bool = True, in_place: bool = False,
+                 interpret: bool | None = None, tile: int | None = None, group: int | None = None,
+                 num_warps: int | None = None):
   """The error-feedback outputs of every leaf of a flat buffer, in a few kernels instead of one per leaf.
 
   Leaf ``i`` is ``v = flat[offsets[i]:offsets[i] + sizes[i]]`` (static offsets and sizes); an entry at flat
@@ -395,7 +396,13 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
   program -> (leaf, start) table, a chain of ``pl.when`` picks the leaf's output refs); ``group`` leaves per
   kernel keep the kernel's argument list short. In a loop body XLA writes each leaf in a kernel of its own
   (siblings reading disjoint slices of one buffer are never fused, and horizontal fusion runs only on the
-  entry computation): 161 kernels of ~1.8 us for a ResNet-50 tree."""
+  entry computation): 161 kernels of ~1.8 us for a ResNet-50 tree.
+
+  ``in_place``: each residual output is aliased to its ``old`` leaf (``input_output_aliases``; every ``old``
+  leaf must be given): a non-finite step then writes no residual at all, and in a loop body whose state
+  carries the residual XLA need not copy a fresh output into the loop's buffer (it does, one copy per leaf,
+  when the old residual is an operand of a kernel with fresh outputs). Outside a loop the caller should
+  donate the state, or XLA copies every old leaf first."""
   tile = tile or WRITE_TILE
   group = group or WRITE_GROUP
   num_warps = num_warps or WRITE_WARPS
@@ -407,6 +414,8 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
     raise ValueError(f"every leaf must lie inside flat (length {flat.shape[0]}).")
   if old is None:
     old = [None] * len(sizes)
+  if in_place and any(o is None for o in old):
+    raise ValueError("in_place=True needs the old residual of every leaf (old).")
   i32, dt = jnp.int32, flat.dtype
   t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
   tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
@@ -461,8 +470,9 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
 
           @pl.when(jnp.logical_not(fin))
           def _():
-            keep = plgpu.load(o_old.at[r], mask=m, other=zero) if o_old is not None else jnp.zeros_like(v)
-            plgpu.store(o_res.at[r], keep, mask=m)
+            if not in_place:   # (in place: the aliased residual already holds the old values)
+              keep = plgpu.load(o_old.at[r], mask=m, other=zero) if o_old is not None else jnp.zeros_like(v)
+              plgpu.store(o_res.at[r], keep, mask=m)
             if o_out is not None:
               plgpu.store(o_out.at[r], jnp.zeros_like(v), mask=m)
 
@@ -471,7 +481,11 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
       if write_out:
         shapes.append(jax.ShapeDtypeStruct((sizes[i],), dt))
       shapes.append(jax.ShapeDtypeStruct((sizes[i],), dt))
-    res_all = _call(kernel, tuple(shapes), (int(prog_leaf.size),), interpret, num_warps)(
+    aliases = {}
+    if in_place:   # old_j (input 8 + j) -> res_j (output 2j + 1, or j without outputs)
+      aliases = {8 + jj: (2 * jj + 1 if write_out else jj) for jj in range(nl)}
+    res_all = _call(kernel, tuple(shapes), (int(prog_leaf.size),), interpret, num_warps,
+                    input_output_aliases=aliases)(
         jnp.asarray(prog_leaf), jnp.asarray(prog_start), jnp.asarray(leaf_off), jnp.asarray(leaf_n),
         t_leaf[np.asarray(ids)], tie_leaf[np.asarray(ids)], scal, flat, *olds)
     if write_out:

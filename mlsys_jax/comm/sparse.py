@@ -1335,13 +1335,15 @@ _TRANSFORM_PACKING = "auto"
 # "pallas" (:func:`_pallas_pack.write_leaves`: a few kernels for all leaves, the old residual read only on a
 # non-finite step); "auto": Pallas where the packing would use it (GPU, outside shard_map), when every leaf
 # has the buffer's dtype and there is no momentum (whose mask tree stays elementwise). The same bits. The
-# default stays "xla" until two H200 runs agree (benchmarks/sidco_tree.py variant token pwrite).
+# default stays "xla" until two H200 runs agree (benchmarks/sidco_tree.py variant token pwrite). "pallas_inplace"
+# (token pwritei): the writer's residuals aliased to the old residual leaves (no copy into a loop's carried
+# state; outside a loop the state should be donated, else XLA copies every old leaf first).
 _OUT_WRITE = "xla"
 
 
 def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
   """``(use the Pallas leaf writer, interpret)`` for :data:`_OUT_WRITE`."""
-  check_choice("_OUT_WRITE", _OUT_WRITE, ("auto", "pallas", "xla"))
+  check_choice("_OUT_WRITE", _OUT_WRITE, ("auto", "pallas", "pallas_inplace", "xla"))
   if (_OUT_WRITE == "xla" or momentum > 0 or not _pallas_pack.available()
       or any(jnp.result_type(l) != flat.dtype or l.size == 0 for l in leaves)):
     return False, False
@@ -1815,7 +1817,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       tie = jnp.full((len(leaves),), -1, jnp.int32) if tie_last is None else tie_last[seg_of]
       outs_w, res_w = _pallas_pack.write_leaves(
           flat, sizes, lay.offsets, t[seg_of], tie, last, finite, residual_leaves, write_out=dense is None,
-          interpret=interp)
+          in_place=_OUT_WRITE == "pallas_inplace", interpret=interp)
       residuals = [r.reshape(l.shape) for r, l in zip(res_w, leaves)]
       if dense is None:
         outs = [o.reshape(l.shape) for o, l in zip(outs_w, leaves)]
