@@ -69,6 +69,24 @@ def test_interpreter_matches_float64(monkeypatch, kind, v, shape, bps, persisten
   assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
 
 
+def test_fp8_block_quantize():
+  """One scale per 128 x 128 tile (partial tiles at the edges); codes * scale within E4M3's rounding (2^-4
+  relative) of the weight; the largest magnitude of each tile maps to 448."""
+  w = jax.random.normal(jax.random.PRNGKey(4), (200, 300)) * jnp.linspace(0.1, 10.0, 300)
+  codes, s = mg.fp8_block_quantize(w)
+  assert codes.shape == (200, 300) and codes.dtype == jnp.float8_e4m3fn and s.shape == (2, 3)
+  wn, sn = np.asarray(w, np.float64), np.asarray(s, np.float64)
+  for i in range(2):
+    for j in range(3):
+      tile = wn[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)]
+      np.testing.assert_allclose(sn[i, j], np.abs(tile).max() / 448, rtol=1e-6)
+  deq = np.asarray(codes.astype(jnp.float32), np.float64) * np.repeat(np.repeat(sn, 128, 0), 128, 1)[:200, :300]
+  np.testing.assert_allclose(deq, wn, rtol=2.0 ** -4, atol=sn.max() * 2.0 ** -9)
+  assert float(mg.fp8_block_quantize(jnp.zeros((4, 4)))[1][0, 0]) == 1.0
+  with pytest.raises(ValueError, match="2-D"):
+    mg.fp8_block_quantize(jnp.ones(4))
+
+
 @pytest.mark.slow
 def test_unscaled_diagnostic_interpreter():
   """promote=False (the benchmark's ceiling: one accumulator through all K blocks, no scales) is the plain

@@ -41,8 +41,8 @@ from jax import lax
 
 from mlsys_jax._compat import run_outside_traces
 
-__all__ = ["MgpuConfig", "available", "default_config", "kernel_self_test", "scaled_matmul", "scaled_matmul_padded", "KINDS",
-           "VECTOR_SIZES"]
+__all__ = ["MgpuConfig", "available", "default_config", "fp8_block_quantize", "kernel_self_test", "scaled_matmul",
+           "scaled_matmul_padded", "KINDS", "VECTOR_SIZES"]
 
 KINDS = ("fp8", "int8")
 VECTOR_SIZES = {"fp8": (128,), "int8": (64, 128)}
@@ -294,6 +294,32 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
       **({"interpret": _interpret_params()} if interpret else {}),
   )
   return f(a_codes, sa_t, w_nk, sw)
+
+
+def fp8_block_quantize(w: jax.Array, block: int = 128) -> tuple[jax.Array, jax.Array]:
+  """E4M3 codes of a ``(K, N)`` weight with one float32 scale per ``block x block`` tile (``amax / 448``; 1 for
+  an all-zero tile): DeepGEMM's weight format, the input of ``scaled_matmul(..., vector_size=128,
+  w_block=128)``. K and N need not be multiples of ``block`` (the last tiles are partial).
+
+  Returns:
+    ``(codes (K, N) float8_e4m3fn, scales (ceil(K / block), ceil(N / block)) float32)``.
+
+  Example:
+    >>> codes, s = fp8_block_quantize(jnp.full((256, 200), 2.0))
+    >>> str(codes.dtype), s.shape, float(codes[0, 0].astype(jnp.float32) * s[0, 0])
+    ('float8_e4m3fn', (2, 2), 2.0)
+  """
+  w = jnp.asarray(w, jnp.float32)
+  if w.ndim != 2 or not isinstance(block, int) or block < 1:
+    raise ValueError(f"fp8_block_quantize needs a 2-D weight and a positive int block, got shape {w.shape}, "
+                     f"block={block!r}")
+  k, n = w.shape
+  gk, gn = -(-k // block), -(-n // block)
+  wp = jnp.pad(w, ((0, gk * block - k), (0, gn * block - n))).reshape(gk, block, gn, block)
+  amax = jnp.max(jnp.abs(wp), axis=(1, 3))
+  s = jnp.where(amax > 0, amax / 448.0, 1.0)
+  codes = (wp / s[:, None, :, None]).astype(jnp.float8_e4m3fn).reshape(gk * block, gn * block)[:k, :n]
+  return codes, s
 
 
 def _round_up(x: int, to: int) -> int:
