@@ -89,7 +89,7 @@ def test_fp8_block_quantize():
 
 @pytest.mark.slow
 def test_unscaled_diagnostic_interpreter():
-  """promote=False (the benchmark's ceiling: one accumulator through all K blocks, no scales) is the plain
+  """promote=False (the benchmark's diagnostic: one accumulator through all K blocks, no scales) is the plain
   product of the codes."""
   a, sa, w, _ = _operands("int8", 128, 128, 256, 64, seed=2)
   out = mg.scaled_matmul_padded(a, sa.T, w.T, jnp.ones((4, 128)), vector_size=64, promote=False, interpret=True,

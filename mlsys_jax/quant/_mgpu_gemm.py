@@ -142,7 +142,8 @@ def scaled_matmul_padded(a_codes: jax.Array, sa_t: jax.Array, w_nk: jax.Array, s
   ``V x tile_n`` block, DeepGEMM's 128 x 128 blocks); the kernel reads the tile's first column and a block's fold
   is one fused multiply-add per element, ``acc + P * (sa * sw)``, instead of ``acc + (P * sa) * sw``.
   ``promote=False`` is a diagnostic, not a GEMM of this module: the tensor cores accumulate all K blocks with no
-  scale (the product of the codes), the ceiling of this pipeline without the per-block epilogue.
+  scale (the product of the codes): the same pipeline without the per-block epilogue, but no ceiling of it (the
+  one accumulator chains every ``wgmma`` on the previous one; H200: slower than ``w_tile_scales=True``).
   ``interpret=True`` runs Pallas's Mosaic GPU interpreter (CPU; slow, for tests on small shapes)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
