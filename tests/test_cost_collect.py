@@ -198,3 +198,20 @@ def test_profiler_columns_split_calls_and_roundtrip(tmp_path):
   assert got["kernel_times"][0] == pytest.approx(t["kernel_times"]) and got["kernel_times"][1] == {}
   cds.save_dataset(p, rows[1:], {"device": "x"})
   assert cds.load_device_times(p) is None
+
+
+def test_cost_dataset_replace_keeps_rows_and_names_unknown_fields():
+  n = 3
+  arr = lambda: np.arange(n, dtype=np.float64)
+  ds = cds.CostDataset(hlo=["a", "b", "c"], group=np.arange(n), family=np.array(["f"] * n),
+                       variant=np.array(["default"] * n), config=np.array(["{}"] * n), runtime_s=arr(),
+                       runtime_iqr_s=arr(), runtime_min_s=arr(), n_inner=np.ones(n), n_rounds=np.ones(n),
+                       noisy=np.zeros(n, bool), flops=arr(), bytes_accessed=arr(), transcendentals=arr(),
+                       compile_s=arr(), meta={"device": "x"})
+  assert len(ds) == n                                     # rows, not fields
+  r = ds._replace(runtime_s=arr() * 2, meta={"device": "y"})
+  np.testing.assert_array_equal(r.runtime_s, [0.0, 2.0, 4.0])
+  assert r.meta == {"device": "y"} and r.hlo == ds.hlo and len(r) == n
+  np.testing.assert_array_equal(ds.runtime_s, arr())     # the original is unchanged
+  with pytest.raises(ValueError, match="no fields"):
+    ds._replace(runtime=arr())

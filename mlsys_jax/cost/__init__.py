@@ -5,7 +5,8 @@ text (:func:`parse_hlo`) -> graphs (:func:`program_graph`, :func:`kernel_graphs`
 :class:`HloGraph` container) -> features (:func:`node_features`, :func:`program_features`) -> models
 (:class:`GraphSAGECostModel`, :class:`MLPCostModel`, the :class:`Roofline` baseline) -> metrics
 (:func:`mape`, :func:`kendall_tau`, :func:`topk_slowdown`). Datasets: :func:`load_dataset` (ours,
-collected by experiments/cost_collect.py) and :func:`load_tpugraphs_npz` (TpuGraphs). :func:`parse_hlo`
+collected by experiments/cost_collect.py; :func:`merge_datasets` joins collections of several devices and drops
+graph duplicates by :func:`graph_fingerprint`) and :func:`load_tpugraphs_npz` (TpuGraphs). :func:`parse_hlo`
 reads the grammar XLA's own parser reads (checked against it, :func:`xla_structure`). Value Learning
 (Steiner et al., MLSys 2021) for IOS schedules: ``from mlsys_jax.cost import value``; its stage-cost
 predictor for ``sched.ios_schedule(..., predictor=...)``: ``from mlsys_jax.cost import value_ios``.
@@ -18,8 +19,8 @@ Example:
   True
 """
 
-from mlsys_jax.cost.dataset import (CostDataset, TpuGraphsExample, load_dataset, load_tpugraphs_npz,
-                                    save_dataset)
+from mlsys_jax.cost.dataset import (CostDataset, TpuGraphsExample, graph_fingerprint, load_dataset,
+                                    load_tpugraphs_npz, merge_datasets, save_dataset)
 from mlsys_jax.cost.features import (NUM_NODE_FEATURES, NUM_PROGRAM_FEATURES, node_features,
                                      program_features)
 from mlsys_jax.cost.graph import (ATTR_NAMES, OPCODES, HloGraph, batch_graphs, capture_kernels,
@@ -39,8 +40,9 @@ __all__ = [
     "HloGraph", "HloModule", "HloParseError", "MLPConfig", "MLPCostModel", "NUM_NODE_FEATURES",
     "NUM_PROGRAM_FEATURES", "OPCODES", "ProgramSpec", "Roofline", "TpuGraphsExample", "batch_graphs",
     "bootstrap_mean_ci", "capture", "capture_kernels", "cost_dict", "fit_gnn", "fit_mlp", "fit_roofline",
+    "graph_fingerprint",
     "group_metrics", "kendall_tau", "kernel_costs", "kernel_graphs", "load_dataset", "load_tpugraphs_npz",
-    "log_mse_loss", "make_args", "make_batch", "mape", "mape_scale", "node_features", "option_variants",
+    "log_mse_loss", "make_args", "make_batch", "mape", "mape_scale", "merge_datasets", "node_features", "option_variants",
     "ordered_pair_accuracy", "pad_graph", "pairwise_rank_loss", "parse_hlo", "parse_shape",
     "predict_gnn", "predict_mlp", "program_features", "program_graph", "sample_program", "save_dataset",
     "segment_logsumexp", "strip_metadata", "topk_slowdown", "unbatch_graph", "xla_hlo_parser",

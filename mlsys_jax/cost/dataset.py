@@ -58,6 +58,19 @@ class CostDataset(NamedTuple):
     return CostDataset(hlo=[self.hlo[i] for i in idx], meta=self.meta, **fields)
 
 
+def _cost_dataset_replace(self: CostDataset, **fields) -> CostDataset:
+  """The dataset with ``fields`` replaced. NamedTuple's own ``_replace`` checks ``len(self)``, which for a
+  :class:`CostDataset` is the row count, not the number of fields (a NamedTuple may not define
+  ``_replace`` in its body, hence the assignment below)."""
+  unknown = set(fields) - set(self._fields)
+  if unknown:
+    raise ValueError(f"CostDataset has no fields {sorted(unknown)}; fields are {self._fields}.")
+  return CostDataset(**{**self._asdict(), **fields})
+
+
+CostDataset._replace = _cost_dataset_replace
+
+
 def timing_orders(n: int, rounds: int, rng: np.random.Generator) -> np.ndarray:
   """Order in which ``n`` variants of one program are timed in each of ``rounds`` rounds.
 
