@@ -451,8 +451,9 @@ def _vs_gemm(a_codes: jax.Array, a_scale: jax.Array, w_codes: jax.Array, w_scale
       TMA ring, two compute warpgroups; int8 with V = 64 / 128 and FP8 with V = 128; the launch knobs above do
       not apply to it) or None / ``'auto'``: Mosaic on a Hopper GPU where it passed its once-per-process
       self-test (:func:`._mgpu_gemm.kernel_self_test`) and no Triton knob or ``interpret`` was given, else
-      Triton. H200, 8192^3, same run (``benchmarks/vsquant_mgpu.py``): FP8 per-block 1.32 ms (Mosaic) vs
-      2.19 ms (Triton), int8 V=64 2.23 vs 3.40 ms.
+      Triton. H200, 8192^3 (``benchmarks/vsquant_mgpu.py``): the Mosaic kernel (persistent CTAs, the default
+      since session 12) FP8 per-block 1.19-1.27 ms, int8 V=64 2.06-2.11 ms; the Triton kernel (session 10)
+      2.08-2.19 ms and 3.40 ms.
 
   Returns:
     float32 ``(M, N)``.
