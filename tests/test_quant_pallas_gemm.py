@@ -213,6 +213,36 @@ def test_fp8_per_block_matches_dequantized_product():
     pg.vs_fp8_matmul(x, sa, cw, sw)
 
 
+def test_fp8_weight_blocks_equal_the_dequantized_block_product(monkeypatch):
+  """``w_block=128`` (DeepGEMM's 128 x 128 weight scale blocks from ``fp8_block_quantize``) is the sum with
+  ``w_scale[g, n // 128]``: against float64 on the CPU path, and handed to the Mosaic kernel compact (not
+  repeated per column) where that kernel runs; shapes and kinds are checked."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (16, 200))
+  w = jax.random.normal(jax.random.PRNGKey(5), (200, 144)) * jnp.linspace(0.1, 3.0, 144)
+  (ca, sa), (cw, sw) = pg.fp8_vector_quantize(x, 1, 128), pg.fp8_block_quantize(w, 128)
+  assert sw.shape == (2, 2) and cw.dtype == jnp.float8_e4m3fn
+  y = pg.vs_fp8_matmul(ca, sa, cw, sw, w_block=128)
+  deq_a = np.asarray(ca, np.float64) * np.repeat(np.asarray(sa, np.float64), 128, axis=1)[:, :200]
+  blocks = np.repeat(np.repeat(np.asarray(sw, np.float64), 128, axis=0), 128, axis=1)[:200, :144]
+  ref = deq_a @ (np.asarray(cw, np.float64) * blocks)
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  assert np.linalg.norm(ref - exact) < 0.05 * np.linalg.norm(exact)
+  seen = {}
+  def fake_mosaic(a, sa_, wc, ws, *, vector_size, w_block=None):
+    seen.update(shape=ws.shape, w_block=w_block)
+    return jnp.zeros((a.shape[0], wc.shape[1]), jnp.float32)
+  monkeypatch.setattr(pg._mgpu_gemm, "available", lambda: True)
+  monkeypatch.setattr(pg._mgpu_gemm, "scaled_matmul", fake_mosaic)
+  pg.vs_fp8_matmul(ca, sa, cw, sw, w_block=128, backend="mosaic")
+  assert seen == {"shape": (2, 2), "w_block": 128}
+  with pytest.raises(ValueError, match=r"\(G, ceil\(N / w_block\)\) = \(G, 2\)"):
+    pg.vs_fp8_matmul(ca, sa, cw, jnp.ones((2, 144)), w_block=128)
+  with pytest.raises(ValueError, match="FP8 format"):
+    pg._vs_gemm(jnp.ones((16, 128), jnp.int8), jnp.ones((16, 2)), jnp.ones((128, 16), jnp.int8),
+                jnp.ones((2, 1)), vector_size=64, kind="int8", w_block=128)
+
+
 @pytest.mark.parametrize("kind,v,opts", [
     ("int8", 64, dict(w_layout="nk", prefetch=1, overlap=True)),
     ("int8", 16, dict(w_layout="kn", prefetch=0, vectors_per_step=2, convert="cast")),
