@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mlsys_jax import stats
+from mlsys_jax.cost.dataset import split_calls
 
 
 def parse_args(description: str | None = None, extra=None) -> argparse.Namespace:
@@ -92,17 +93,9 @@ def device_stream_events(run) -> list[tuple]:
 
 
 def idle_clusters(events: list, gap_ns: float) -> list[list]:
-  """Split ``(start_ns, end_ns, ...)`` events, sorted by start, where the device was idle > ``gap_ns``."""
-  clusters, cur, last_end = [], [], 0
-  for ev in events:
-    if cur and ev[0] - last_end > gap_ns:
-      clusters.append(cur)
-      cur = []
-    last_end = ev[1] if not cur else max(last_end, ev[1])
-    cur.append(ev)
-  if cur:
-    clusters.append(cur)
-  return clusters
+  """Split ``(start_ns, end_ns, ...)`` events, sorted by start, where the device was idle > ``gap_ns``
+  (:func:`mlsys_jax.cost.dataset.split_calls`, which the cost collector uses too)."""
+  return split_calls(events, gap_ns)
 
 
 def call_device_times(fns: dict, calls: int, per_call: int = 1, gap_s: float = 0.004) -> dict:

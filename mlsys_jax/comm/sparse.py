@@ -1784,7 +1784,6 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     The residual, the output and the mask are read from that buffer, so they agree with the payload
     whatever its rounding."""
     leaves, treedef = jax.tree_util.tree_flatten(residual)   # (shapes and dtypes of the sum's leaves)
-    residual_leaves = leaves
     sizes = [int(np.prod(l.shape)) for l in leaves]
     r_cap = ratio if max_ratio is None else max_ratio
     lay = _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
@@ -1816,7 +1815,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       seg_of = np.asarray(lay.seg_of_leaf, np.int32)
       tie = jnp.full((len(leaves),), -1, jnp.int32) if tie_last is None else tie_last[seg_of]
       outs_w, res_w = _pallas_pack.write_leaves(
-          flat, sizes, lay.offsets, t[seg_of], tie, last, finite, residual_leaves, write_out=dense is None,
+          flat, sizes, lay.offsets, t[seg_of], tie, last, finite, leaves, write_out=dense is None,
           in_place=_OUT_WRITE == "pallas_inplace", interpret=interp)
       residuals = [r.reshape(l.shape) for r, l in zip(res_w, leaves)]
       if dense is None:
