@@ -179,7 +179,7 @@ def test_calibration_recovers_injected_overhead():
       with profile.operation("step"):
         profile.spin_ns(250_000)
 
-  cal = profile.calibrate(work, repeats=3, levels=("off", "scopes"), warmup=0)
+  cal = profile.calibrate(work, repeats=5, levels=("off", "scopes"), warmup=0)
   assert cal.counts["scopes"]["scope"] == 40
   assert cal.delta_ns["scope"] == pytest.approx(inject_ns, rel=0.15)
   # correction with the calibrated delta brings the instrumented total back to the uninstrumented one
@@ -213,6 +213,20 @@ def test_insitu_calibration_recovers_injected_overhead_on_heldout_pairs():
   # the min statistic on the same pairs
   hm = profile.crossvalidate(ins.runs, None, fit=("scope",), folds=2, stat="min")
   assert abs(hm["cpu_bias"]) < 0.1 and hm["stat"] == "min"
+
+
+def test_spin_ns_costs_cpu_time_on_the_chosen_clock():
+  # the default spins on the thread's CPU clock: the cost is exact in CPU time however busy the machine is
+  t0 = time.thread_time_ns()
+  profile.spin_ns(3_000_000)
+  assert 3_000_000 <= time.thread_time_ns() - t0 < 6_000_000
+  t0 = time.perf_counter_ns()
+  profile.spin_ns(2_000_000, clock="wall")
+  assert time.perf_counter_ns() - t0 >= 2_000_000
+  with pytest.raises(ValueError, match="clock"):
+    profile.spin_ns(10, clock="cpu")
+  with pytest.raises(ValueError, match="ns"):
+    profile.spin_ns(-1)
 
 
 def _synthetic_runs(deltas, counts, off=0.01):

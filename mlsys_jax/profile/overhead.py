@@ -253,10 +253,19 @@ def validate(workload: Callable[[], Any], cal: Calibration | dict, *, level: str
                     ratio("cpu_corr", "cpu_off") - 1.0, ratio("cpu_inst", "cpu_off"), runs)
 
 
-def spin_ns(ns: int) -> None:
-  """Busy-wait ``ns`` nanoseconds (a known, CPU-bound cost for synthetic workloads and tests)."""
-  end = time.perf_counter_ns() + int(ns)
-  while time.perf_counter_ns() < end:
+def spin_ns(ns: int, clock: str = "thread") -> None:
+  """Busy-wait ``ns`` nanoseconds: a known, CPU-bound cost for synthetic workloads and tests.
+
+  ``clock='thread'`` (default) spins until the calling thread has *used* ``ns`` of CPU time, so the cost
+  is exact in process CPU time (what :func:`calibrate` measures by default) even when the thread is
+  descheduled on a busy machine, where a wall-clock spin of ``ns`` buys less CPU. ``clock='wall'`` spins
+  ``ns`` of wall time (what an idle machine would give either way).
+  """
+  check_choice("clock", clock, ("thread", "wall"))
+  check_int("ns", int(ns), 0)
+  now = time.thread_time_ns if clock == "thread" else time.perf_counter_ns
+  end = now() + int(ns)
+  while now() < end:
     pass
 
 
