@@ -65,17 +65,6 @@ def _cfg(s: str) -> tuple[mg.MgpuConfig, set]:
                        persistent="ps" in flags), flags
 
 
-def _block_quantize_fp8(w, block: int = 128):
-  """E4M3 codes of a (K, N) weight with one float32 scale (amax / 448) per block x block tile: DeepGEMM's
-  weight format. Returns (codes (K, N), scales (K / block, N / block))."""
-  k, n = w.shape
-  wb = w.reshape(k // block, block, n // block, block)
-  amax = jnp.max(jnp.abs(wb), axis=(1, 3))
-  s = jnp.where(amax > 0, amax / 448.0, 1.0)
-  codes = (wb / s[:, None, :, None]).astype(jnp.float8_e4m3fn).reshape(k, n)
-  return codes, s
-
-
 def _fn_for(kind, v, cfg, flags):
   """The jitted Mosaic call of one row: scaled_matmul with (N, K) weights, or for 'noscale' the padded kernel
   without promotion (8192^3 needs no padding)."""
@@ -179,7 +168,7 @@ def main():
                                     fw.astype(jnp.float32) * jnp.repeat(fsw, 128, axis=0)[:k],
                                     precision=jax.lax.Precision.HIGHEST))()
   # DeepGEMM's weight format (128 x 128 scale blocks) for the 'wb' rows, and its reference
-  bw, bsw = _block_quantize_fp8(w)
+  bw, bsw = pg.fp8_block_quantize(w, 128)
   bw_nk = jnp.asarray(bw.T)
   ref_fp8_wb = jax.jit(lambda: jnp.dot(fa.astype(jnp.float32) * jnp.repeat(fsa, 128, axis=1)[:, :k],
                                        bw.astype(jnp.float32) * jnp.repeat(jnp.repeat(bsw, 128, 0), 128, 1),
@@ -221,6 +210,9 @@ def main():
   # the public functions as users call them (backend=None: Mosaic on Hopper after its self-test)
   methods["public vs_fp8_matmul (backend auto), weights (K, N)"] = (
       jax.jit(functools.partial(pg.vs_fp8_matmul, vector_size=128)), (fa, fsa, fw, fsw), ("ref", ref_fp8))
+  methods["public vs_fp8_matmul w_block=128 (backend auto), DeepGEMM weights (K, N)"] = (
+      jax.jit(functools.partial(pg.vs_fp8_matmul, vector_size=128, w_block=128)), (fa, fsa, bw, bsw),
+      ("ref", ref_fp8_wb))
   methods["public vs_int8_matmul V=64 (backend auto), weights (K, N)"] = (
       jax.jit(functools.partial(pg.vs_int8_matmul, vector_size=64)), (ia, scales[64][0], iw, scales[64][1]),
       ("int8", 64))
