@@ -23,10 +23,10 @@ Then the public function as dispatched calls (``stats.time_interleaved`` with th
 on-device exactness checks (self-tests, flip rates, stuck-at, uint16 odd length).
 
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT            # GPU, ~60-80 s
-  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --wide     # the large-tile sweep
-  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --draws    # 'popc'/'popcx' vs default
-  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --s10      # 'lean' vs the default
-  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --s11      # s10's best tile, no asm
+  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --sweep wide   # the large-tile sweep
+  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --sweep draws  # other draws vs default
+  PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out $OUT --sweep s11    # s10's best tile, no asm
+  (--sweep NAME: one row set per name, SWEEPS below; earlier sessions' runs are reproducible by their name)
   PYTHONPATH=. python benchmarks/bit_errors_throughput.py --out /tmp/b --small  # CPU smoke run (interpret)
 """
 
@@ -243,32 +243,40 @@ SMALL_SWEEP = [("binomial", 128, 32, True, 2, 3), ("binomial", 128, 64, False, 2
                ("levels", 64, None, False, 2, 3)]
 
 
+# --sweep NAME: the row set of one run (each earlier session's sweep kept reproducible under its name; the JSONs in
+# the JSONs record it as "sweep"; those before session 13 were run with the old --<name> flags)
+SWEEPS = {
+    "default": "the default kernel, the SWEEP tiles, the public function, floors and on-device checks (~60-80 s)",
+    "wide": "the large-tile sweep (WIDE_*) of 2026-12-02",
+    "s7": "the long draw-evaluation sweep (S7_*)",
+    "draws": "the other draw evaluations ('take'/'popcx' while 'popc' is the default) at the default tile and two "
+             "neighbours (DRAWS_SWEEP), the public path with each; no stuck-at row (~60 s)",
+    "s10": "the 'lean'/'leanf' draw evaluations (same bits) at the default tile and neighbours (S10_SWEEP), the public "
+           "path with them; no stuck-at row (~60 s)",
+    "s10b": "s10 with the S10B_SWEEP rows (confirmation of the best s10 rows, prefetching loops)",
+    "s11": "the S11_SWEEP rows (s10's best tile without the funnel-shift asm, 'popc' without the hoisting, "
+           "neighbours, evict_first) and the public path at that tile",
+    "s11b": "s11 with the S11B_SWEEP rows ('popc' without the hoisting) and the public path at three tiles",
+    "s11c": "s11 with the S11C_SWEEP rows (the confirmation run)",
+}
+
+
+def _sweep_switches(args) -> None:
+  """The internal switches of ``--sweep`` (one name; s10b implies s10, s11* imply s11 and s10)."""
+  sw = args.sweep
+  for name in ("wide", "s7", "draws", "s10", "s10b", "s11", "s11b", "s11c"):
+    setattr(args, name, sw == name)
+  args.s11 = sw in ("s11", "s11b", "s11c")
+  args.s10 = sw in ("s10", "s10b") or args.s11
+
+
 def _extra(ap):
   ap.add_argument("--batch", type=int, default=10, help="distinct code arrays per timed call")
   ap.add_argument("--repeats", type=int, default=30, help="round-robin timing rounds")
   ap.add_argument("--inner", type=int, default=3, help="calls back to back per wall-time measurement")
-  ap.add_argument("--wide", action="store_true", help="the large-tile sweep (WIDE_*) instead of the default set")
-  ap.add_argument("--s7", action="store_true",
-                  help="the long draw-evaluation sweep (S7_*) instead of the default set")
+  ap.add_argument("--sweep", default="default", choices=sorted(SWEEPS),
+                  help="which row set to time: " + "; ".join(f"{k}: {v}" for k, v in SWEEPS.items()))
   ap.add_argument("--no_stuck", action="store_true", help="skip the inject_stuck_at row")
-  ap.add_argument("--draws", action="store_true",
-                  help="short run (~60 s on the H200): the default kernel, the public function and its path "
-                       "with the other draw evaluations ('take'/'popcx' while 'popc' is the default), 'popc'/'popcx' at the default tile and two neighbours "
-                       "(DRAWS_SWEEP), the XOR-copies and floors, on-device checks of every draw; "
-                       "no stuck-at row")
-  ap.add_argument("--s10", action="store_true",
-                  help="short run (~60 s on the H200): the strict floor, the default kernel, the 'lean'/'leanf' "
-                       "draw evaluations (same bits) at the default tile and neighbours (S10_SWEEP), the "
-                       "public function and its path with them, on-device checks of both; no stuck-at row")
-  ap.add_argument("--s10b", action="store_true",
-                  help="--s10 with the S10B_SWEEP rows (confirmation of the best s10 rows, prefetching loops)")
-  ap.add_argument("--s11", action="store_true",
-                  help="short run: the S11_SWEEP rows (s10's best tile without the funnel-shift asm, 'popc' "
-                       "without the hoisting, neighbours, evict_first) and the public path at that tile")
-  ap.add_argument("--s11b", action="store_true",
-                  help="--s11 with the S11B_SWEEP rows (second run: 'popc' without the hoisting) and the "
-                       "public path with 'popc' without the hoisting at three tiles")
-  ap.add_argument("--s11c", action="store_true", help="--s11 with the S11C_SWEEP rows (confirmation run)")
   ap.add_argument("--name", default="bit_errors_throughput", help="JSON file name")
   ap.add_argument("--philox5", action="store_true",
                   help="add a diagnostic row with other bits: the default kernel with Philox-2x32 at 5 rounds")
@@ -382,6 +390,7 @@ MERGED = "XLA uint32 XOR-copy, all arrays merged into one launch by XLA (the str
 
 def main():
   args = parse_args(__doc__, _extra)
+  _sweep_switches(args)
   t_start = time.perf_counter()
   env = environment()
   n = 40_000 if args.small else 25_000_000
@@ -419,8 +428,6 @@ def main():
           "XLA uint32 XOR-copy (uint32 arrays, same bytes)": ("u32", lambda c, k: c ^ k[0], None),
           "XLA float32 x*c (float32 arrays, same bytes)": (
               "f32", lambda c, k: c * (1.0 + k[0].astype(jnp.float32) * 1e-12), None)}
-  args.s11 = args.s11 or args.s11b or args.s11c
-  args.s10 = args.s10 or args.s10b or args.s11
   mem, plain, sweep = (([], S10_PLAIN, S11C_SWEEP) if args.s11c and not args.small else
                        ([], S10_PLAIN, S11B_SWEEP) if args.s11b and not args.small else
                        ([], S10_PLAIN, S11_SWEEP) if args.s11 and not args.small else
@@ -539,7 +546,7 @@ def main():
                      "wall_s": r["s"], "span_fraction_of_floor": r.get("span_fraction_of_floor"),
                      "span_fraction_of_copy_floor": r.get("span_fraction_of_copy_floor")}
   base = {"env": env, "n": n, "p": p, "copy_bandwidth_Bps": bw, "floor_s": floor, "copy_floor_s": copy_floor,
-          "batch": batch, "repeats": repeats, "inner": args.inner,
+          "batch": batch, "repeats": repeats, "inner": args.inner, "sweep": args.sweep,
           "method": "floor_s = 2 bytes per uint8 code (read + write) / common.copy_bandwidth (1 GiB float32 "
                     "x*c, dispatched calls); copy_floor_s = device span per array of the XLA uint32 XOR-copy "
                     "of the same bytes merged into one launch (same run); each row: one jitted call over "
