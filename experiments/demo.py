@@ -1,6 +1,6 @@
 """The main job of mlsys-jax: a demo of every technique on small embedded data, printed as one table.
 
-  python experiments/demo.py            # every technique, CPU, about a minute or two
+  python experiments/demo.py            # every technique, CPU: several minutes on 2 cores
   python experiments/demo.py --only=quant,comm --json_out=/tmp/demo.json
 
 Each technique contributes rows from a module in ``experiments/demos/`` (see its ``__init__``).
