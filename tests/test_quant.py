@@ -240,6 +240,10 @@ def test_bad_inputs():
     quant.QuantSpec(4, "channel", scale_bits=4)
   with pytest.raises(ValueError, match="granularity"):
     quant.QuantSpec(4, "row")
+  with pytest.raises(ValueError, match="percentile"):
+    quant.QuantSpec(8, calibration="percentile", percentile=150.0)
+  with pytest.raises(ValueError, match="percentile"):
+    quant.QuantSpec(8, calibration="percentile", percentile=0.0)
   with pytest.raises(ValueError, match="integer=True"):
     quant.quantized_dot_general(quant.QuantConfig(quant.QuantSpec(4), None, integer=True))(x, x, DN)
   with pytest.raises(TypeError, match="QuantizedTensor"):

@@ -266,6 +266,8 @@ def test_bad_input_errors():
     P.synthetic_trace(jax.random.PRNGKey(0), workload="smooth")
   with pytest.raises(ValueError, match="brute force"):
     H.offline_optimum(_trace(0), P.make_cluster(3), spec=SPEC)
+  with pytest.raises(TypeError, match="policy must be a function.*simulate_numpy"):   # a name, not a function
+    P.simulate(_trace(0), P.make_cluster(2), "least_loaded", spec=SPEC)
 
 
 # ------------------------------------------------------------------ review fixes (capacity, validation)

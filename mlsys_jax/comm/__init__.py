@@ -24,3 +24,11 @@ from mlsys_jax.comm.lowrank import *  # noqa: F401,F403
 from mlsys_jax.comm.accordion import *  # noqa: F401,F403
 from mlsys_jax.comm.warmup import *  # noqa: F401,F403
 from mlsys_jax.comm.adaptive_ef import *  # noqa: F401,F403
+
+import sys as _sys
+
+from mlsys_jax.comm import adaptive_ef as _adaptive_ef, lowrank as _lowrank, sparse as _sparse, warmup as _warmup
+
+# what is public: the submodules' own lists (``accordion`` here is the function; its module is in sys.modules)
+__all__ = [*_sparse.__all__, *_lowrank.__all__, *_sys.modules["mlsys_jax.comm.accordion"].__all__,
+           *_warmup.__all__, *_adaptive_ef.__all__]

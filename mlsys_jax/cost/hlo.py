@@ -185,6 +185,8 @@ class Computation:
 
 @dataclasses.dataclass
 class HloModule:
+  """A parsed HLO module (:func:`parse_hlo`): its ``name``, its ``computations`` by name in the text's order
+  (callees before callers, as XLA prints them) and the name of the ENTRY computation (``entry``)."""
   name: str
   computations: dict[str, Computation]
   entry_name: str

@@ -171,6 +171,9 @@ def predict_gnn(params: dict, graphs: Sequence[HloGraph], cfg: GNNConfig = GNNCo
 
 
 class MLPConfig(NamedTuple):
+  """Hyper-parameters of :func:`fit_mlp` (the aggregate-feature MLP baseline of the cost model): width and
+  depth, Adam learning rate, full-batch epochs, the weight of the pairwise ranking loss against the log-MSE
+  loss, and the seed."""
   hidden: int = 128
   num_layers: int = 2
   lr: float = 2e-3

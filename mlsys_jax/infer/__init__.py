@@ -9,3 +9,5 @@ Each system lives in its own module and is imported from it:
 - ``mlsys_jax.infer.video``: exact CNN inference on video (Wakatsuki et al., MLSys 2021): skip only the
   outputs that ReLU provably zeroes or that cannot have changed, tile by tile.
 """
+
+__all__: list[str] = []   # nothing at package level: import mlsys_jax.infer.sensai / .microrec / .video

@@ -571,6 +571,8 @@ def temporal_passes(bits: int, lane_bits: int, bits_b: int | None = None) -> int
 
 
 class TemporalProduct(NamedTuple):
+  """Result of :func:`temporal_product` / :func:`temporal_dot`: the exact integer product (int32) and how
+  many lane-by-lane multiplications a ``lane_bits``-wide multiplier needs for it (the temporal cost)."""
   product: jax.Array   # int32, bit-exact x * y
   passes: int          # number of lane-by-lane multiplications
 

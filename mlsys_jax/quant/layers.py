@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlsys_jax._checks import check_choice, check_int
+from mlsys_jax._checks import check_choice, check_int, check_range
 from mlsys_jax.quant import _pallas_gemm
 from mlsys_jax.quant.calibration import CALIBRATION_METHODS, calibrate_amax
 from mlsys_jax.quant.fixed_point import (_check_bits, fake_quant, quantize)
@@ -100,6 +100,7 @@ class QuantSpec:
       if self.granularity != "vector":
         raise ValueError("scale_bits (two-level scaling) applies to granularity='vector' only.")
     check_choice("calibration", self.calibration, CALIBRATION_METHODS)
+    check_range("percentile", self.percentile, 0.0, 100.0, low_inclusive=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,3 +8,7 @@
 from mlsys_jax.robust.bit_errors import *  # noqa: F401,F403
 from mlsys_jax.robust.byzshield import *  # noqa: F401,F403
 from mlsys_jax.robust.gradsigns import *  # noqa: F401,F403
+
+from mlsys_jax.robust import bit_errors as _bit_errors, byzshield as _byzshield, gradsigns as _gradsigns
+
+__all__ = [*_bit_errors.__all__, *_byzshield.__all__, *_gradsigns.__all__]

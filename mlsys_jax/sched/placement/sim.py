@@ -393,6 +393,11 @@ def simulate(trace: Trace, cluster: Cluster, policy: Policy, *, spec: Spec, key:
   _check_cluster(cluster)
   if not isinstance(spec, Spec):
     raise TypeError(f"spec must be a Spec(horizon=..., window=..., n_types=...), got {type(spec).__name__}.")
+  if not callable(policy):
+    hint = (f" (for the numpy reference by name use simulate_numpy(..., {policy!r}, ...))"
+            if isinstance(policy, str) else "")
+    raise TypeError(f"policy must be a function policy(params, obs, key) -> scores, such as "
+                    f"placement.least_loaded, got {type(policy).__name__} {policy!r}{hint}.")
   if np.ndim(trace.arrival) == 1 and not any(isinstance(x, jax.core.Tracer) for x in trace):
     validate_trace(trace, cluster, spec.horizon)
   if np.ndim(trace.arrival) != 1:
