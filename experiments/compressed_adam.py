@@ -23,6 +23,10 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # issue 18's 1% option (session 11): each release spread over min(interval, 16) steps before Adam
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --seeds=15 --compressors=sidco \
     --modes=chain --spread=leaky@16 --ratios=0.01
+  # 0.1% recipe with the releases of its raw 1% stage (the first 150 steps) spread over min(interval, 16)
+  # steps (session 13: spread_releases(..., until=150); 'leaky@16u150')
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@1 \
+    --density_warmup=300 --dwarmup_start=0.01 --compressors=topk --spread=leaky@16u150
   # screens: --adam_from=<earlier JSON> reuses its Adam accuracies (same data digest, steps, seeds);
   # --modes=decay@0.95: the plain chain with comm.adaptive_ef.decay_residual(c, 0.95) (per arm)
 
@@ -51,8 +55,8 @@ import optax  # noqa: E402
 import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
-from mlsys_jax.comm.adaptive_ef import (decay_residual, rms_selection, scale_by_frozen_rms,  # noqa: E402
-                                        scale_by_leaf_rms, spread_releases)
+from mlsys_jax.comm.adaptive_ef import (decay_residual, gradient_units, rms_selection,  # noqa: E402
+                                        scale_by_frozen_rms, scale_by_leaf_rms, spread_releases)
 from mlsys_jax.comm.lowrank import _state_field, total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
                                    stage_boundaries)
@@ -91,7 +95,11 @@ _DW_START = flags.DEFINE_list("dwarmup_start", ["0.25"], "First densities of --d
                               "/ 4 per stage while above the target; DGC: 0.25).")
 _SPREAD = flags.DEFINE_list("spread", ["none"], "comm.adaptive_ef.spread_releases around the compressor: none, "
                              "leaky, linear, hold (each release delivered as a rate over the interval it "
-                             "stands for); 'leaky@100' sets max_interval 100, 'leaky@100f1' also floor 1.")
+                             "stands for); 'leaky@100' sets max_interval 100, 'leaky@100f1' also floor 1, "
+                             "'leaky@16u150' until=150 (only the releases of steps < 150 spread).")
+_UNITS = flags.DEFINE_list("gradient_units", ["off"], "comm.adaptive_ef.gradient_units around the compressor "
+                            "(modes rmsfrom@J with --density_warmup: the releases of the RMS stages delivered "
+                            "in gradient units, one factor per leaf): off, on, or both (two arms).")
 _SPREAD_MAX = flags.DEFINE_integer("spread_max", 0, "max_interval of spread_releases (0 = no limit).")
 _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_releases (0 = none).")
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
@@ -123,7 +131,7 @@ def _setup():
 
 
 def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: int = 0, dwarmup: int = 0,
-            stage: int | None = None, spread: str = "none", dw_start: float = 0.25
+            stage: int | None = None, spread: str = "none", dw_start: float = 0.25, units: bool = False
             ) -> optax.GradientTransformation:
   """The optimizer of one arm: dense Adam (compressor None), ``chain(c, adam)`` or the preconditioned
   compressor followed by SGD; ``warmup > 0`` wraps the compressor in ``comm.dense_warmup``, ``dwarmup > 0``
@@ -138,6 +146,12 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
                        ratio, steps=dwarmup, ratios=sched, fixed_stage=stage)
   else:
     c = _compressor(compressor, mode, ratio)
+  if units:   # the RMS stages' releases in gradient units (comm.adaptive_ef.gradient_units)
+    if not (mode.startswith("rmsfrom@") and dwarmup):
+      raise ValueError("--gradient_units needs --modes=rmsfrom@J and --density_warmup.")
+    j = int(mode.partition("@")[2])
+    ends = stage_boundaries(dwarmup, len(sched))
+    c = gradient_units(c, ends[j - 1] if j > 0 else 0, axis_name="d")
   if mode.startswith("decay@"):   # per arm: comm.adaptive_ef.decay_residual(c, D) on the plain chain
     c = decay_residual(c, float(mode[6:]))
   elif _RES_DECAY.value != 1.0:
@@ -145,12 +159,15 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
   if warmup:
     c = dense_warmup(c, warmup, axis_name="d")
   if spread != "none":
-    # 'leaky', 'leaky@50' (max_interval 50), 'leaky@50f1' (floor 1), 'linear@100n0.35' (noise 0.35)
+    # 'leaky', 'leaky@50' (max_interval 50), 'leaky@50f1' (floor 1), 'linear@100n0.35' (noise 0.35),
+    # 'leaky@16u150' (until=150: only the releases of the first 150 steps spread)
     mode_, _, mx = spread.partition("@")
+    mx, _, un = mx.partition("u")
     mx, _, ns = mx.partition("n")
     mx, _, fl = mx.partition("f")
     c = spread_releases(c, mode=mode_, max_interval=int(mx) if mx else (_SPREAD_MAX.value or None),
-                        floor=float(fl) if fl else _SPREAD_FLOOR.value, noise=float(ns) if ns else 0.0)
+                        floor=float(fl) if fl else _SPREAD_FLOOR.value, noise=float(ns) if ns else 0.0,
+                        until=int(un) if un else None)
   return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
 
 
@@ -205,25 +222,27 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, st
 
 
 @functools.lru_cache(maxsize=None)
-def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None, spread="none", dw_start=0.25):
+def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None, spread="none", dw_start=0.25,
+          units=False):
   """One compiled data-parallel step per arm (per density stage with --density_warmup), shared by all seeds."""
-  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup, stage, spread, dw_start)
+  tx = make_tx(compressor, mode, ratio, _LR.value, warmup, dwarmup, stage, spread, dw_start, units)
   return tx, models.make_simulated_data_parallel_step(model, tx, axis_name="d",
                                                       average_grads=compressor is None)
 
 
-def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread="none", dw_start=0.25):
+def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread="none", dw_start=0.25,
+          units=False):
   """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed.
 
   With ``dwarmup`` the density stages run as separately compiled steps (``density_warmup(...,
   fixed_stage=j)``, switched at ``stage_boundaries``) on one carried state: under the simulated workers'
   ``vmap`` the un-fixed transform's ``lax.switch`` would compute every stage on every step (same result,
   tested in tests/test_comm_warmup.py, at ~4x the time)."""
-  tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup, spread=spread, dw_start=dw_start)
+  tx, step = _step(model, compressor, mode, ratio, warmup, dwarmup, spread=spread, dw_start=dw_start, units=units)
   ends = []
   if dwarmup:
     ends = stage_boundaries(dwarmup, len(dgc_density_schedule(ratio, start=dw_start, factor=_DW_FACTOR.value)))
-    stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j, spread, dw_start)[1]
+    stage_steps = [_step(model, compressor, mode, ratio, warmup, dwarmup, j, spread, dw_start, units)[1]
                    for j in range(len(ends) + 1)]
   w, b = _WORKERS.value, _BATCH.value
   params = model.init(jax.random.PRNGKey(seed), ds.x_train[:2])["params"]
@@ -332,7 +351,8 @@ def main(argv):
   ds, model = _setup()
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   t0 = time.perf_counter()
-  arms = [] if _ADAM_FROM.value else [("adam", None, "dense", 1.0, 0, 0, "none", 0.25)]
+  arms = [] if _ADAM_FROM.value else [("adam", None, "dense", 1.0, 0, 0, "none", 0.25, False)]
+  units_arms = {"off": [False], "on": [True], "both": [False, True]}[_UNITS.value[0]]
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:
@@ -340,15 +360,16 @@ def main(argv):
           for dw in [int(v) for v in _DWARMUP.value]:
             for st in ([float(v) for v in _DW_START.value] if dw else [0.25]):
               for sp_ in _SPREAD.value:
-                arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else "")
-                             + (f" start{st:g}" if st != 0.25 else "")
-                             + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st))
+                for un in units_arms:
+                  arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else "")
+                               + (f" start{st:g}" if st != 0.25 else "") + (" units" if un else "")
+                               + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st, un))
   acc, sent, curves = {}, {}, {}
   if _ADAM_FROM.value:
     acc["adam"], sent["adam"] = _adam_from(_ADAM_FROM.value, ds, seeds)
   for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
-    for name, c, m, r, w, dw, sp_, st in arms:
-      a, b, cv = train(ds, model, c, m, r, s, w, dw, sp_, st)
+    for name, c, m, r, w, dw, sp_, st, un in arms:
+      a, b, cv = train(ds, model, c, m, r, s, w, dw, sp_, st, un)
       if _EVAL_EVERY.value:
         curves.setdefault(name, []).append(cv)
       acc.setdefault(name, []).append(a)

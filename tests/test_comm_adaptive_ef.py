@@ -39,7 +39,7 @@ def _np_topk_ef(flat_g, ratio, decay=1.0, with_residual=False):
   return (np.stack(outs), res) if with_residual else np.stack(outs)
 
 
-def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None):
+def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None, until=None):
   """float64 numpy reference of the spread, coordinate by coordinate: b (steps, n) released aggregates ->
   outputs (steps, n) and the pending mass after the last step."""
   steps, n = b.shape
@@ -51,6 +51,9 @@ def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None):
         T = t - last[i]
         if max_interval is not None:
           T = min(T, max_interval)
+        spreading = until is None or t < until
+        if not spreading:
+          T = 1
         pending[i] += b[t, i]
         last[i], left[i] = t, T
         if mode == "linear":
@@ -58,7 +61,8 @@ def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None):
         elif mode == "leaky":
           rate[i] = 1.0 / T
         else:
-          rate[i], left[i] = b[t, i] / T, (max_interval if max_interval is not None else 10 ** 9)
+          rate[i] = b[t, i] / T
+          left[i] = (max_interval if max_interval is not None else 10 ** 9) if spreading else 1
       live = left[i] > 0
       if mode == "linear":
         o = rate[i] if left[i] > 1 else (pending[i] if left[i] == 1 else 0.0)
@@ -93,7 +97,8 @@ def _flat(tree, lead):
 
 _VARIANTS = {"linear": dict(mode="linear"), "leaky_cap2_floor": dict(mode="leaky", max_interval=2, floor=0.5),
              "hold_cap3": dict(mode="hold", max_interval=3),
-             "linear_cap4_noise": dict(mode="linear", max_interval=4, noise=0.25)}
+             "linear_cap4_noise": dict(mode="linear", max_interval=4, noise=0.25),
+             "leaky_cap3_until4": dict(mode="leaky", max_interval=3, until=4)}
 
 
 def _run(g, axis, names=tuple(_VARIANTS) + ("bare", "decay")):
@@ -123,7 +128,8 @@ def _per_worker(run, g_w, devices):
 def runs(devices):
   g_w = _worker_grads()
   by_sm = _per_worker(lambda g: _run(g, "d"), g_w, devices)
-  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise", "decay")),
+  by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise",
+                                             "leaky_cap3_until4", "decay")),
                      axis_name="d", devices=devices)(g_w)
   return g_w, by_sm, by_pmap
 
@@ -162,6 +168,26 @@ def test_linear_conserves_the_released_mass(runs):
   outs = _flat(by_sm["linear"][0], (_W, _STEPS))[0]
   bare = _flat(by_sm["bare"][0], (_W, _STEPS))[0]
   assert np.count_nonzero(outs) > 2 * np.count_nonzero(bare)
+
+
+def test_until_spreads_the_early_releases_only(runs):
+  """until=4 ('leaky', cap 3): steps 0-3 equal the spread without ``until``; from step 4 on a coordinate
+  released there is delivered at once with all its pending mass (its pending drops to 0), one not released
+  keeps draining; nothing is lost (delivered + pending == released)."""
+  g_w, by_sm, _ = runs
+  b = _np_topk_ef(_flat(g_w, (_W, _STEPS)), _RATIO)
+  got = _flat(by_sm["leaky_cap3_until4"][0], (_W, _STEPS))[0]
+  pend = _flat(by_sm["leaky_cap3_until4"][1].pending, (_W,))[0]
+  always, _ = _np_spread(b, "leaky", max_interval=3)
+  np.testing.assert_allclose(got[:4], always[:4], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got[4:], always[4:], atol=1e-6)     # the switch changes what is delivered
+  late = b[4:] != 0
+  assert late.any()
+  # a late release delivers the coordinate's whole remaining mass: the released total up to that step
+  # minus what was delivered before it
+  for t, i in zip(*np.nonzero(late)):
+    np.testing.assert_allclose(got[4 + t, i], b[:5 + t, i].sum() - got[:4 + t, i].sum(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.sum(0) + pend, b.sum(0), rtol=1e-5, atol=1e-6)
 
 
 def test_noise_is_a_zero_mass_alternation_on_live_deliveries(runs):
@@ -284,6 +310,8 @@ def test_bad_input():
     spread_releases(topk(0.1), max_interval=0)
   with pytest.raises(ValueError, match="floor"):
     spread_releases(topk(0.1), floor=-1.0)
+  with pytest.raises(ValueError, match="until"):
+    spread_releases(topk(0.1), until=0)
   with pytest.raises(ValueError, match="noise"):
     spread_releases(topk(0.1), mode="linear", noise=-0.5)
   with pytest.raises(ValueError, match="noise needs"):
@@ -406,6 +434,25 @@ def test_rms_selection_is_scale_by_rms_or_tracks_it():
     rms_selection(eps=0.0)
 
 
+def _np_rms_warmup_topk(flat, raw_steps=2):
+  """float64 numpy reference of density_warmup(lambda r: topk(r, precondition=rms_selection(r < 0.1)),
+  0.02, steps=4, ratios=[0.1, 0.04]): flat (workers, steps, n) -> the workers' mean sent (steps, n)."""
+  w_, steps, n = flat.shape
+  per_step = [0.1, 0.1, 0.04, 0.04] + [0.02] * (steps - 4)
+  res, nu, want = np.zeros((w_, n)), np.zeros((w_, n)), []
+  for t in range(steps):
+    nu = 0.9 * nu + 0.1 * flat[:, t] ** 2
+    x = flat[:, t] if t < raw_steps else flat[:, t] / np.sqrt(nu + 1e-8)
+    acc, sent = x + res, np.zeros((w_, n))
+    k = max(1, int(round(per_step[t] * n)))
+    for w in range(w_):
+      top = np.argsort(-np.abs(acc[w]), kind="stable")[:k]
+      sent[w, top] = acc[w, top]
+    res = acc - sent
+    want.append(sent.mean(0))
+  return np.stack(want)
+
+
 def test_rms_selection_stages_of_density_warmup_under_shard_map(devices):
   """Issue 18's 0.1% recipe shape: density_warmup(lambda r: topk(r, precondition=rms_selection(r < r0))):
   the first stage selects on the raw gradient, the later ones on each worker's gradient over its own RMS
@@ -414,20 +461,7 @@ def test_rms_selection_stages_of_density_warmup_under_shard_map(devices):
   from mlsys_jax.comm.adaptive_ef import rms_selection
   ratios, final, steps = [0.1, 0.04], 0.02, 4       # stages: steps 0-1 at 10% (raw), 2-3 at 4%, then 2%
   g_w = _worker_grads()
-  flat = _flat(g_w, (_W, _STEPS))
-  n = flat.shape[-1]
-  per_step = [0.1, 0.1, 0.04, 0.04] + [final] * (_STEPS - 4)
-  res, nu, want = np.zeros((_W, n)), np.zeros((_W, n)), []
-  for t in range(_STEPS):
-    nu = 0.9 * nu + 0.1 * flat[:, t] ** 2
-    x = flat[:, t] if t < 2 else flat[:, t] / np.sqrt(nu + 1e-8)
-    acc, sent = x + res, np.zeros((_W, n))
-    k = max(1, int(round(per_step[t] * n)))
-    for w in range(_W):
-      top = np.argsort(-np.abs(acc[w]), kind="stable")[:k]
-      sent[w, top] = acc[w, top]
-    res = acc - sent
-    want.append(sent.mean(0))
+  want = _np_rms_warmup_topk(_flat(g_w, (_W, _STEPS)))
 
   def run(g):
     tx = density_warmup(lambda r: topk(r, axis_name="d", precondition=rms_selection(r < ratios[0])), final,
@@ -437,7 +471,7 @@ def test_rms_selection_stages_of_density_warmup_under_shard_map(devices):
   sm = _per_worker(run, g_w, devices)
   got = _flat(sm, (_W, _STEPS))
   for w in range(_W):
-    np.testing.assert_allclose(got[w], np.stack(want), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[w], want, rtol=1e-4, atol=1e-5)
 
 
 def test_documented_one_percent_option_with_sidco_under_pmap(devices):
@@ -462,3 +496,85 @@ def test_documented_one_percent_option_with_sidco_under_pmap(devices):
     np.testing.assert_allclose(got[w], ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(_flat(st.pending, (_W,))[0], pending, rtol=1e-5, atol=1e-6)
   assert float(st.total_bytes[0]) == float(st.inner_state.total_bytes[0]) > 0
+
+
+def test_tenth_percent_recipe_spread_until_under_pmap(devices):
+  """The 0.1% warm-up recipe's shape (raw selection in the first stage, the Adam-aware RMS selection after
+  it) inside ``spread_releases(..., mode='leaky', max_interval=16, until=<end of the raw stage>)`` (session
+  13's screen, docs/comm.md), with Top-k: under pmap (8 workers) every replica equals the float64 reference
+  (the leaky spread, with ``until``, of the numpy warm-up recipe); the bytes are the compressor's."""
+  from mlsys_jax.comm.adaptive_ef import rms_selection
+  g_w = _worker_grads()
+
+  def run(g):
+    c = density_warmup(lambda r: topk(r, axis_name="d", precondition=rms_selection(r < 0.1)), 0.02, steps=4,
+                       ratios=[0.1, 0.04])
+    tx = spread_releases(c, mode="leaky", max_interval=16, until=2)
+    return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[::-1]
+
+  outs, st = jax.pmap(run, axis_name="d", devices=devices)(g_w)
+  b = _np_rms_warmup_topk(_flat(g_w, (_W, _STEPS)))
+  ref, pending = _np_spread(b, "leaky", max_interval=16, until=2)
+  assert not np.allclose(ref, _np_spread(b, "leaky", max_interval=16)[0], atol=1e-5)   # until matters here
+  got = _flat(outs, (_W, _STEPS))
+  for w in range(_W):
+    np.testing.assert_array_equal(got[w], got[0])
+    np.testing.assert_allclose(got[w], ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(_flat(st.pending, (_W,))[0], pending, rtol=1e-4, atol=1e-5)
+  assert float(st.total_bytes[0]) == float(st.inner_state.total_bytes[0]) > 0
+
+
+def test_gradient_units_equals_float64_reference_under_shard_map_and_pmap(devices):
+  """gradient_units(density_warmup(topk(r, precondition=rms_selection(r < 0.1))), start=2): steps 0-1 (raw
+  selection) unchanged, from step 2 on each leaf of the aggregate times the workers' mean of
+  sqrt(mean over the leaf of each worker's nu) (float64 numpy reference, 8 workers); replicas identical,
+  pmap = shard_map; the scale's pmean is counted (4 bytes per leaf and step from ``start``)."""
+  from mlsys_jax.comm.adaptive_ef import GradientUnitsState, gradient_units, rms_selection
+  g_w = _worker_grads()
+  flat = _flat(g_w, (_W, _STEPS))
+  want = _np_rms_warmup_topk(flat)
+  sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(_params())]
+  nu = np.zeros_like(flat[:, 0])
+  for t in range(_STEPS):
+    nu = 0.9 * nu + 0.1 * flat[:, t] ** 2
+    if t >= 2:
+      start = 0
+      for size in sizes:
+        want[t, start:start + size] *= np.sqrt(nu[:, start:start + size].mean(1)).mean()
+        start += size
+
+  def run(g):
+    c = density_warmup(lambda r: topk(r, axis_name="d", precondition=rms_selection(r < 0.1)), 0.02, steps=4,
+                       ratios=[0.1, 0.04])
+    tx = gradient_units(c, 2, axis_name="d")
+    return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[::-1]
+
+  outs, st = _per_worker(run, g_w, devices)
+  got = _flat(outs, (_W, _STEPS))
+  for w in range(_W):
+    np.testing.assert_array_equal(got[w], got[0])
+    np.testing.assert_allclose(got[w], want, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(got[0], _np_rms_warmup_topk(flat), atol=1e-3)   # the scale matters here
+  assert isinstance(st, GradientUnitsState)
+  np.testing.assert_allclose(float(st.total_bytes[0]),
+                             float(st.inner_state.total_bytes[0]) + 4 * len(sizes) * (_STEPS - 2))
+  pm_outs, pm_st = jax.pmap(run, axis_name="d", devices=devices)(g_w)
+  np.testing.assert_allclose(_flat(pm_outs, (_W, _STEPS)), got, rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree_util.tree_leaves(pm_st.scale), jax.tree_util.tree_leaves(st.scale)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_gradient_units_bad_input():
+  from mlsys_jax.comm.adaptive_ef import gradient_units
+  with pytest.raises(TypeError, match="GradientTransformation"):
+    gradient_units(lambda g: g, 0)
+  with pytest.raises(ValueError, match="start"):
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), -1)
+  with pytest.raises(TypeError, match="start"):
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 1.5)
+  with pytest.raises(TypeError, match="axis_name"):
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 0, axis_name=1)
+  with pytest.raises(TypeError, match="nu"):
+    gradient_units(topk(0.1), 0).init(_params())
+  with pytest.raises(TypeError, match="bytes_sent"):
+    gradient_units(optax.scale_by_rms(), 0).init(_params())
