@@ -1,0 +1,530 @@
+"""Per-kernel roofline: whole-program latency as a sum of per-kernel rooflines (issue 24, target (b)).
+
+A whole-program roofline ``max(F / R_f, B / R_b) + c`` on XLA's program totals (``metrics.fit_roofline``)
+extrapolates in FLOPs and bytes, but one max over the whole program cannot tell a compute-bound GEMM
+followed by twenty memory-bound elementwise kernels from one kernel of the same totals, and it has no
+per-launch cost. Here the optimized HLO is cut into the kernels it launches (:func:`program_kernels`),
+each with its own FLOPs and bytes, a class (what the kernel mostly does: GEMM, convolution, reduction,
+transpose, elementwise, slicing, loop control, other) and a multiplicity (kernels in a ``while`` body run
+``known_trip_count`` times), and the program's latency is predicted as
+
+    T = O_d + sum_k m_k * ( max(f_k / F_{c(k),d}, b_k / B_{c(k),d}) + o_{c(k),d} )
+
+(Williams et al., "Roofline", CACM 2009, Eq. 1, applied per kernel; the per-class rates are the
+achieved fraction of peak of that kind of kernel, the per-class ``o`` its launch and tail cost, ``O_d``
+the program's dispatch cost on device ``d``). The parameters (three per class and device, one per
+device) are fitted on training programs in log space (:func:`fit_kernel_roofline`): a handful of
+numbers, so the model extrapolates to larger programs the way a roofline does, kernel by kernel.
+
+Example:
+  >>> from mlsys_jax.cost import hlo
+  >>> text = '''HloModule m
+  ... ENTRY e { a = f32[64,64]{1,0} parameter(0)
+  ...   ROOT d = f32[64,64]{1,0} dot(a, a), lhs_contracting_dims={1}, rhs_contracting_dims={0} }'''
+  >>> kt = program_kernels(hlo.parse_hlo(text))
+  >>> KERNEL_CLASSES[int(kt.klass[0])], float(kt.flops[0]), float(kt.bytes[0])
+  ('gemm', 524288.0, 49152.0)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from mlsys_jax.cost.graph import TRIVIAL, _node_costs
+from mlsys_jax.cost.hlo import Computation, HloModule, Instruction, Shape, parse_hlo
+
+KERNEL_CLASSES: tuple[str, ...] = ("gemm", "gemm_f32", "conv", "conv_f32", "conv_untuned", "reduce",
+                                   "transpose", "elementwise", "slice", "loop", "other")
+"""Kernel classes, in order of precedence: a fusion holding a dot is a GEMM even if it also reduces.
+GEMMs and convolutions are split by operand width (``_f32``: 4-byte or wider inputs, run as TF32/FP32;
+else 16-bit or narrower, tensor-core rates), and cuDNN convolutions that carry no autotuned algorithm
+(``conv_untuned``: XLA compiled without autotuning, cuDNN's heuristic choice, up to 50x slower) are a
+class of their own."""
+CLASS_ID = {c: i for i, c in enumerate(KERNEL_CLASSES)}
+
+# Instructions that launch nothing (besides graph.TRIVIAL): the async pair's second half, control.
+_NO_KERNEL = TRIVIAL | {"async-update", "async-done", "copy-done", "send-done", "recv-done",
+                        "all-reduce-done", "all-gather-done", "collective-permute-done"}
+_SLICING = {"slice", "dynamic-slice", "gather"}
+_GEMM_TARGETS = ("cublas", "gemm", "matmul")
+_CONV_TARGETS = ("cudnn$conv", "conv")
+
+
+class KernelTable(NamedTuple):
+  """The kernels one program launches (arrays of length K).
+
+  Attributes:
+    flops: float64[K] FLOPs of one launch (dots 2*M*N*K, convolutions 2*out*window*Cin/groups,
+      elementwise one per output element, reductions one per input element).
+    bytes: float64[K] bytes one launch must move at least: operands read (a fused parameter only read
+      through slices counts the slices) plus the output written (an in-place dynamic-update-slice counts
+      the update).
+    klass: int32[K] index into :data:`KERNEL_CLASSES`.
+    count: float64[K] launches per program run (product of the enclosing loops' trip counts).
+    unknown_trips: number of ``while`` loops without ``known_trip_count`` (counted as one trip).
+  """
+  flops: np.ndarray
+  bytes: np.ndarray
+  klass: np.ndarray
+  count: np.ndarray
+  unknown_trips: int = 0
+
+
+def _trip_count(ins: Instruction) -> int | None:
+  m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs.get("backend_config", ""))
+  return int(m.group(1)) if m else None
+
+
+def _first(shape: Shape) -> Shape:
+  """A custom call's result (its output tuple's first element: the rest is workspace)."""
+  return shape.elements[0] if shape.is_tuple and shape.elements else shape
+
+
+_TUNED_CONV = re.compile(r'"cudnn_conv_backend_config":\{[^{}]*"algorithm":\{')
+
+
+def _wide(dtype: str) -> bool:
+  return dtype in ("f32", "f64", "s32", "u32", "s64", "u64", "c64", "c128")
+
+
+def _custom_class(ins: Instruction, operand_dtype: str = "f32") -> int:
+  t = ins.attrs.get("custom_call_target", "").strip().strip('"').lower()
+  if any(s in t for s in _CONV_TARGETS):
+    if not _TUNED_CONV.search(ins.attrs.get("backend_config", "")):
+      return CLASS_ID["conv_untuned"]
+    return CLASS_ID["conv_f32" if _wide(operand_dtype) else "conv"]
+  if any(s in t for s in _GEMM_TARGETS):
+    return CLASS_ID["gemm_f32" if _wide(operand_dtype) else "gemm"]
+  return CLASS_ID["other"]
+
+
+def _body_class(module: HloModule, comp: Computation) -> int:
+  """Class of a fused computation from the opcodes it holds (nested fusions included)."""
+  ops: set[str] = set()
+  heavy: list[int] = []  # classes of the dots / convolutions / library calls inside
+  stack, seen = [comp], {comp.name}
+  while stack:
+    c = stack.pop()
+    names = c.by_name()
+    for ins in c.instructions:
+      ops.add(ins.opcode)
+      dt = names[ins.operands[0]].shape.dtype if ins.operands and ins.operands[0] in names else "f32"
+      if ins.opcode in ("custom-call", "dot", "ragged-dot", "convolution"):
+        heavy.append(_single_class(ins, dt))
+      for n in ins.called():
+        if n in module.computations and n not in seen:
+          seen.add(n)
+          stack.append(module.computations[n])
+  for cls in ("conv_untuned", "gemm", "gemm_f32", "conv", "conv_f32"):
+    if CLASS_ID[cls] in heavy:
+      return CLASS_ID[cls]
+  if ops & {"reduce", "reduce-window", "select-and-scatter"}:
+    return CLASS_ID["reduce"]
+  if ops & {"sort", "scatter", "custom-call", "fft", "rng", "rng-bit-generator", "topk"}:
+    return CLASS_ID["other"]
+  if ops & {"dynamic-update-slice", "dynamic-slice", "gather"} and not (ops & _ELEMENTWISE_OPS):
+    return CLASS_ID["slice"]
+  if ops & {"transpose", "copy"}:
+    return CLASS_ID["transpose"]
+  return CLASS_ID["elementwise"]
+
+
+_ELEMENTWISE_OPS = {"add", "subtract", "multiply", "divide", "exponential", "tanh", "logistic", "log",
+                    "maximum", "minimum", "negate", "sqrt", "rsqrt", "power", "select", "compare", "abs"}
+
+
+def _single_class(ins: Instruction, operand_dtype: str = "f32") -> int:
+  op = ins.opcode
+  if op == "custom-call":
+    return _custom_class(ins, operand_dtype)
+  if op in ("dot", "ragged-dot"):
+    return CLASS_ID["gemm_f32" if _wide(operand_dtype) else "gemm"]
+  if op == "convolution":
+    return CLASS_ID["conv_f32" if _wide(operand_dtype) else "conv"]
+  if op in ("reduce", "reduce-window", "select-and-scatter"):
+    return CLASS_ID["reduce"]
+  if op in ("transpose", "copy", "copy-start"):
+    return CLASS_ID["transpose"]
+  if op in ("dynamic-slice", "dynamic-update-slice", "slice", "gather", "concatenate", "pad"):
+    return CLASS_ID["slice"]
+  if op in ("sort", "scatter", "fft", "rng", "rng-bit-generator", "topk", "cholesky", "triangular-solve"):
+    return CLASS_ID["other"]
+  return CLASS_ID["elementwise"]
+
+
+def _comp_flops(module: HloModule, comp: Computation) -> float:
+  """FLOPs of one run of a fused computation (nested fusions included), as ``graph.kernel_costs``."""
+  total, stack, seen = 0.0, [comp], {comp.name}
+  while stack:
+    c = stack.pop()
+    names = c.by_name()
+    for ins in c.instructions:
+      total += _node_costs(ins, [names[o].shape for o in ins.operands if o in names])[0]
+      for n in ins.called():
+        if n in module.computations and n not in seen and ins.opcode != "while":
+          seen.add(n)
+          stack.append(module.computations[n])
+  return total
+
+
+def _fusion_bytes(module: HloModule, ins: Instruction, comp: Computation, names: dict) -> float:
+  """Bytes a fusion must move: each operand once, or only the slices read of it; its output, or only
+  the update of an in-place dynamic-update-slice (whose buffer operand is then not read)."""
+  fnames = comp.by_name()
+  users: dict[str, list[Instruction]] = {}
+  for f in comp.instructions:
+    for o in f.operands:
+      users.setdefault(o, []).append(f)
+  in_place: set[str] = set()
+  out = 0.0
+  root = comp.root
+  roots = [fnames[o] for o in root.operands if o in fnames] if root.opcode == "tuple" else [root]
+  for r in roots:
+    if r.opcode == "dynamic-update-slice" and len(r.operands) >= 2 and r.operands[1] in fnames:
+      buf = fnames.get(r.operands[0])
+      if buf is not None and buf.opcode == "parameter":
+        in_place.add(buf.name)
+      out += fnames[r.operands[1]].shape.num_bytes
+    else:
+      out += r.shape.num_bytes
+  read = 0.0
+  for p in comp.instructions:
+    if p.opcode != "parameter" or p.name in in_place:
+      continue
+    us = users.get(p.name, [])
+    if us and all(u.opcode in _SLICING and u.operands and u.operands[0] == p.name for u in us):
+      read += sum(u.shape.num_bytes for u in us)
+    else:
+      try:
+        num = int(p.literal or 0)
+      except ValueError:
+        num = 0
+      src = names.get(ins.operands[num]) if num < len(ins.operands) else None
+      read += (src.shape.num_bytes if src is not None else p.shape.num_bytes)
+  return read + out
+
+
+def _kernel(module: HloModule, ins: Instruction, names: dict) -> tuple[float, float, int]:
+  """(flops, bytes, class) of one kernel-launching instruction."""
+  op = ins.opcode
+  if op in ("fusion", "fusion-start") and ins.called():
+    comp = module.computations[ins.called()[0]]
+    return _comp_flops(module, comp), _fusion_bytes(module, ins, comp, names), _body_class(module, comp)
+  operand_shapes = [names[o].shape for o in ins.operands if o in names]
+  flops = _node_costs(ins, operand_shapes)[0]
+  out = _first(ins.shape).num_bytes if op == "custom-call" else ins.shape.num_bytes
+  if op in ("dynamic-slice", "slice", "gather"):
+    read = out
+  elif op == "dynamic-update-slice" and len(operand_shapes) >= 2:
+    read, out = operand_shapes[1].num_bytes, operand_shapes[1].num_bytes
+  else:
+    read = sum(s.num_bytes for s in operand_shapes)
+  return flops, read + out, _single_class(ins, operand_shapes[0].dtype if operand_shapes else "f32")
+
+
+def program_kernels(module: HloModule | str) -> KernelTable:
+  """The kernels a program launches, with per-launch FLOPs and bytes, class and launch count.
+
+  Walks the entry computation: every instruction that is not bookkeeping (parameters, tuples,
+  bitcasts, the second half of async pairs, ...) launches one kernel; ``call`` and async wrappers are
+  walked into; a ``while`` loop's body runs ``known_trip_count`` times (XLA's annotation; 1 and counted
+  in ``unknown_trips`` when absent) and its condition ``trips + 1`` times, as class ``loop``; a
+  ``conditional`` counts its costliest branch.
+
+  Args:
+    module: a parsed :class:`~mlsys_jax.cost.hlo.HloModule` or HLO text.
+  Returns:
+    A :class:`KernelTable` (possibly empty: a program that only forwards its parameters).
+  """
+  if isinstance(module, str):
+    module = parse_hlo(module)
+  if not isinstance(module, HloModule):
+    raise TypeError(f"program_kernels needs an HloModule or HLO text, got {type(module).__name__}.")
+  rows: list[tuple[float, float, int, float]] = []
+  unknown = [0]
+
+  def walk(comp: Computation, mult: float, force_class: int | None, depth: int) -> None:
+    if depth > 16:
+      raise ValueError(f"computation nesting deeper than 16 at {comp.name!r} (a recursive call graph?).")
+    names = comp.by_name()
+    for ins in comp.instructions:
+      op = ins.opcode
+      if op in _NO_KERNEL:
+        continue
+      called = [c for c in ins.called() if c in module.computations]
+      if op == "while":
+        n = _trip_count(ins)
+        if n is None:
+          unknown[0] += 1
+          n = 1
+        body = ins.attrs.get("body", "").strip().lstrip("%")
+        cond = ins.attrs.get("condition", "").strip().lstrip("%")
+        if body in module.computations:
+          walk(module.computations[body], mult * n, force_class, depth + 1)
+        if cond in module.computations:
+          walk(module.computations[cond], mult * (n + 1), CLASS_ID["loop"], depth + 1)
+        continue
+      if op in ("call", "async-start") and called:
+        for c in called:
+          walk(module.computations[c], mult, force_class, depth + 1)
+        continue
+      if op == "conditional" and called:
+        best: list = []
+        for c in called:
+          sub_rows: list = []
+          rows_before = len(rows)
+          walk(module.computations[c], mult, force_class, depth + 1)
+          sub_rows = rows[rows_before:]
+          del rows[rows_before:]
+          if sum(r[1] * r[3] for r in sub_rows) >= sum(r[1] * r[3] for r in best):
+            best = sub_rows
+        rows.extend(best)
+        continue
+      f, b, k = _kernel(module, ins, names)
+      rows.append((f, b, force_class if force_class is not None else k, mult))
+
+  walk(module.entry, 1.0, None, 0)
+  if not rows:
+    z = np.zeros(0)
+    return KernelTable(z, z.copy(), np.zeros(0, np.int32), z.copy(), unknown[0])
+  f, b, k, m = zip(*rows)
+  return KernelTable(np.asarray(f, np.float64), np.asarray(b, np.float64), np.asarray(k, np.int32),
+                     np.asarray(m, np.float64), unknown[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The model: per-class, per-device rates and overheads.
+
+class KernelRoofline(NamedTuple):
+  """Fitted per-kernel roofline (log-space parameters; ``D`` devices x ``C`` = len(KERNEL_CLASSES)).
+
+  Attributes:
+    devices: the device names, in the order of the first axis.
+    log_flops_rate: float64[D, C] log FLOP/s each kernel class achieves.
+    log_bytes_rate: float64[D, C] log byte/s.
+    log_overhead: float64[D, C] log seconds added per launch.
+    log_program_overhead: float64[D] log seconds added per program run (dispatch).
+    sharpness: ``p`` of the soft maximum ``(a^p + b^p)^(1/p)`` of the compute and memory times (large:
+      the roofline's max; 1: their sum, no overlap).
+    train_kernels: float64[D, C] kernels of each class and device in the training programs (0: the
+      class's parameters are the median of the device's fitted classes; see :func:`kernel_roofline_ood`).
+  """
+  devices: tuple
+  log_flops_rate: np.ndarray
+  log_bytes_rate: np.ndarray
+  log_overhead: np.ndarray
+  log_program_overhead: np.ndarray
+  sharpness: float
+  train_kernels: np.ndarray | None = None
+
+
+def _soft_max(a, b, p, xp=np):
+  """``(a^p + b^p)^(1/p)`` for a, b >= 0, computed without overflow (0 where both are 0)."""
+  m = xp.maximum(a, b)
+  safe = xp.where(m > 0, m, 1.0)
+  return xp.where(m > 0, safe * ((a / safe) ** p + (b / safe) ** p) ** (1.0 / p), 0.0)
+
+
+def _check_tables(tables: Sequence[KernelTable], devices: Sequence[str]) -> np.ndarray:
+  if len(tables) == 0:
+    raise ValueError("need at least one program (KernelTable).")
+  if len(devices) != len(tables):
+    raise ValueError(f"need one device per program: {len(tables)} tables, {len(devices)} devices.")
+  for i, t in enumerate(tables):
+    if not isinstance(t, KernelTable):
+      raise TypeError(f"tables[{i}] is a {type(t).__name__}, not a KernelTable (use program_kernels).")
+    n = t.flops.shape
+    if not (t.bytes.shape == t.klass.shape == t.count.shape == n) or len(n) != 1:
+      raise ValueError(f"tables[{i}]: flops, bytes, klass, count need one 1-D shape.")
+    if np.any(t.flops < 0) or np.any(t.bytes < 0) or np.any(t.count < 0) or not (
+        np.all(np.isfinite(t.flops)) and np.all(np.isfinite(t.bytes)) and np.all(np.isfinite(t.count))):
+      raise ValueError(f"tables[{i}]: flops, bytes and count must be finite and >= 0.")
+    if t.klass.size and (t.klass.min() < 0 or t.klass.max() >= len(KERNEL_CLASSES)):
+      raise ValueError(f"tables[{i}]: klass must index KERNEL_CLASSES (0..{len(KERNEL_CLASSES) - 1}).")
+  return np.asarray(devices, dtype=object)
+
+
+def _flatten(tables: Sequence[KernelTable]):
+  rows = np.concatenate([np.full(t.flops.size, i, np.int32) for i, t in enumerate(tables)])
+  cat = lambda f: np.concatenate([getattr(t, f) for t in tables]) if rows.size else np.zeros(0)
+  return cat("flops"), cat("bytes"), cat("klass").astype(np.int32), cat("count"), rows
+
+
+def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable],
+                            devices: Sequence[str]) -> np.ndarray:
+  """Predicted runtime (seconds) of each program: ``O_d + sum_k m_k (softmax_p(f_k/F, b_k/B) + o)``.
+
+  Args:
+    model: a fitted :class:`KernelRoofline`.
+    tables: one :class:`KernelTable` per program (:func:`program_kernels`).
+    devices: the device of each program (one of ``model.devices``).
+  """
+  dev = _check_tables(tables, devices)
+  known = {d: i for i, d in enumerate(model.devices)}
+  bad = sorted({str(d) for d in dev if d not in known})
+  if bad:
+    raise ValueError(f"devices {bad} were not in the training data (model devices: {list(model.devices)}).")
+  di = np.asarray([known[d] for d in dev], np.int64)
+  f, b, k, m, rows = _flatten(tables)
+  kd = di[rows]
+  a = f / np.exp(model.log_flops_rate[kd, k])
+  c = b / np.exp(model.log_bytes_rate[kd, k])
+  t = m * (_soft_max(a, c, model.sharpness) + np.exp(model.log_overhead[kd, k]))
+  out = np.exp(model.log_program_overhead[di])
+  np.add.at(out, rows, t)
+  return out
+
+
+class KernelRooflineConfig(NamedTuple):
+  """Fitting settings of :func:`fit_kernel_roofline`.
+
+  Attributes:
+    sharpness: ``p`` of the soft maximum (kept fixed, not fitted).
+    ridge: weight of the L2 penalty that pulls each class's log parameters toward the device's shared
+      value and each device's toward the shared one (a class with no training kernels gets the shared
+      roofline).
+    objective: 'log' (squared log error) or 'mape' (mean absolute percentage error).
+    calibrate: after fitting, scale every predicted time by the one factor that minimises the training
+      programs' MAPE (``metrics.mape_scale``; a log-error fit predicts the median, MAPE is minimised
+      lower); the scale is folded into the rates and overheads.
+    steps, learning_rate: Adam on the log parameters (full batch).
+    init_flops_rate, init_bytes_rate, init_overhead_s, init_program_overhead_s: starting point (and the
+      value the penalty pulls unseen classes toward, through the shared terms).
+  """
+  sharpness: float = 16.0
+  ridge: float = 0.001
+  objective: str = "log"
+  calibrate: bool = True
+  steps: int = 1500
+  learning_rate: float = 0.05
+  init_flops_rate: float = 2e14
+  init_bytes_rate: float = 2e12
+  init_overhead_s: float = 3e-6
+  init_program_overhead_s: float = 3e-5
+
+
+def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float], devices: Sequence[str],
+                        config: KernelRooflineConfig = KernelRooflineConfig()) -> KernelRoofline:
+  """Fit the per-kernel roofline's log parameters to measured program runtimes.
+
+  Each log parameter is ``shared + device[d] + class[c] + interaction[d, c]`` (per-program overhead:
+  ``shared + device[d]``); class and interaction terms carry the ridge penalty, so classes and devices
+  with few kernels stay near the shared roofline. Full-batch Adam (optax) on the squared log error or
+  the MAPE of the predicted program runtimes.
+
+  Args:
+    tables: one :class:`KernelTable` per training program.
+    runtime_s: measured runtime of each program (seconds, > 0).
+    devices: the device of each program (any hashable names; one parameter set per distinct name).
+    config: :class:`KernelRooflineConfig`.
+  Returns:
+    A :class:`KernelRoofline`.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  dev = _check_tables(tables, devices)
+  y = np.asarray(runtime_s, np.float64)
+  if y.shape != (len(tables),) or not np.all(np.isfinite(y) & (y > 0)):
+    raise ValueError(f"runtime_s must be {len(tables)} positive finite runtimes, got shape {y.shape}.")
+  if config.objective not in ("log", "mape"):
+    raise ValueError(f"objective must be 'log' or 'mape', got {config.objective!r}.")
+  if not (config.sharpness >= 1.0) or config.ridge < 0 or config.steps < 1 or not config.learning_rate > 0:
+    raise ValueError(f"need sharpness >= 1, ridge >= 0, steps >= 1, learning_rate > 0; got {config}.")
+  names = tuple(sorted(set(dev.tolist()), key=str))
+  di = np.asarray([names.index(d) for d in dev], np.int32)
+  D, C = len(names), len(KERNEL_CLASSES)
+  f, b, k, m, rows = _flatten(tables)
+  # scale to O(1) numbers for float32: time in units of 1 us
+  unit = 1e-6
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  fj, bj, mj, kj, rj = f32(f * unit), f32(b * unit), f32(m), jnp.asarray(k), jnp.asarray(rows)
+  kdj = jnp.asarray(di[rows]) if rows.size else jnp.zeros(0, jnp.int32)
+  dij, ly = jnp.asarray(di), f32(np.log(y / unit))
+  lu = np.log(unit)  # a time in us is f*unit / R_u with R_u = R * unit^2: log R_u = log R + 2 log unit
+  base = jnp.asarray([np.log(config.init_flops_rate) + 2 * lu, np.log(config.init_bytes_rate) + 2 * lu,
+                      np.log(config.init_overhead_s / unit), np.log(config.init_program_overhead_s / unit)],
+                     jnp.float32)
+  params = {"dev": jnp.zeros((4, D)), "cls": jnp.zeros((3, C)), "inter": jnp.zeros((3, D, C))}
+  P, n = config.sharpness, len(tables)
+
+  def logs(p):
+    per = base[:3, None, None] + p["dev"][:3, :, None] + p["cls"][:, None, :] + p["inter"]  # [3, D, C]
+    prog = base[3] + p["dev"][3]
+    return per, prog
+
+  def loss(p):
+    per, prog = logs(p)
+    a = fj / jnp.exp(per[0][kdj, kj])
+    c = bj / jnp.exp(per[1][kdj, kj])
+    t = mj * (_soft_max(a, c, P, jnp) + jnp.exp(per[2][kdj, kj]))
+    pred = jnp.exp(prog)[dij] + jax.ops.segment_sum(t, rj, num_segments=n)
+    lp = jnp.log(pred)
+    err = jnp.mean((lp - ly) ** 2) if config.objective == "log" else jnp.mean(jnp.abs(jnp.exp(lp - ly) - 1.0))
+    return err + config.ridge * (jnp.mean(p["cls"] ** 2) + jnp.mean(p["inter"] ** 2)) * 3
+
+  opt = optax.adam(config.learning_rate)
+
+  @jax.jit
+  def run(p):
+    def step(carry, _):
+      p, s = carry
+      l, g = jax.value_and_grad(loss)(p)
+      u, s = opt.update(g, s, p)
+      return (optax.apply_updates(p, u), s), l
+    (p, _), ls = jax.lax.scan(step, (p, opt.init(p)), None, length=config.steps)
+    return p, ls
+
+  params, _ = run(params)
+  per, prog = logs(params)
+  per, prog = np.asarray(per, np.float64), np.asarray(prog, np.float64)
+  if not np.all(np.isfinite(per)) or not np.all(np.isfinite(prog)):
+    raise FloatingPointError("fit_kernel_roofline diverged (non-finite parameters); lower learning_rate.")
+  seen = np.zeros((D, C))
+  np.add.at(seen, (di[rows], k), 1.0)
+  for d in range(D):  # classes without training kernels on a device: the median of its fitted classes
+    fitted = seen[d] > 0
+    if fitted.any() and not fitted.all():
+      per[:, d, ~fitted] = np.median(per[:, d, fitted], axis=1, keepdims=True)
+  model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen)
+  if config.calibrate:
+    from mlsys_jax.cost.metrics import mape_scale
+    model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev), y))
+  return model
+
+
+def scale_kernel_roofline(model: KernelRoofline, factor: float) -> KernelRoofline:
+  """The model whose every predicted time is ``factor`` times ``model``'s (rates / factor, overheads
+  * factor; the soft maximum is homogeneous of degree one)."""
+  if not (np.isfinite(factor) and factor > 0):
+    raise ValueError(f"factor must be positive and finite, got {factor}.")
+  lf = float(np.log(factor))
+  return model._replace(log_flops_rate=model.log_flops_rate - lf, log_bytes_rate=model.log_bytes_rate - lf,
+                        log_overhead=model.log_overhead + lf,
+                        log_program_overhead=model.log_program_overhead + lf)
+
+
+def kernel_roofline_ood(model: KernelRoofline, tables: Sequence[KernelTable], devices: Sequence[str]
+                        ) -> list[list[str]]:
+  """Per program, the kernel classes it launches that ``model`` saw no training kernel of on that
+  device (their time comes from the median of the fitted classes: an extrapolation, not a fit), plus
+  ``'unknown_trip_count'`` when a ``while`` loop had no ``known_trip_count``. Empty list: in
+  distribution. A device the model was not fitted on raises, as in :func:`predict_kernel_roofline`."""
+  dev = _check_tables(tables, devices)
+  if model.train_kernels is None:
+    raise ValueError("model has no train_kernels (not made by fit_kernel_roofline).")
+  known = {d: i for i, d in enumerate(model.devices)}
+  bad = sorted({str(d) for d in dev if d not in known})
+  if bad:
+    raise ValueError(f"devices {bad} were not in the training data (model devices: {list(model.devices)}).")
+  out = []
+  for t, d in zip(tables, dev):
+    cls = np.unique(t.klass)
+    flags = [KERNEL_CLASSES[c] for c in cls if model.train_kernels[known[d], c] == 0]
+    out.append(flags + (["unknown_trip_count"] if t.unknown_trips else []))
+  return out
