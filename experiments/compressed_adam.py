@@ -27,6 +27,10 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # steps (session 13: spread_releases(..., until=150); 'leaky@16u150')
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@1 \
     --density_warmup=300 --dwarmup_start=0.01 --compressors=topk --spread=leaky@16u150
+  # the same with DGC's warm-up from 25% (raw down to 1.56%, the RMS selection from 0.39%) and the RMS stages'
+  # releases delivered in gradient units (comm.adaptive_ef.gradient_units; session 13's chosen arm)
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@3 \
+    --density_warmup=300 --dwarmup_start=0.25 --compressors=topk --gradient_units=on
   # screens: --adam_from=<earlier JSON> reuses its Adam accuracies (same data digest, steps, seeds);
   # --modes=decay@0.95: the plain chain with comm.adaptive_ef.decay_residual(c, 0.95) (per arm)
 
