@@ -201,3 +201,27 @@ def test_fit_bad_input():
     KR.fit_kernel_roofline([], [], [])
   with pytest.raises(ValueError, match="positive and finite"):
     KR.scale_kernel_roofline(_model(["a"], rng), 0.0)
+
+
+COND = """HloModule c
+%small (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %n = f32[8]{0} negate(%a)
+}
+%big (b: f32[8]) -> f32[8] {
+  %b = f32[8]{0} parameter(0)
+  %e = f32[8]{0} exponential(%b)
+  ROOT %m = f32[8]{0} multiply(%e, %e)
+}
+ENTRY %e (p: pred[], x: f32[8]) -> f32[8] {
+  %p = pred[] parameter(0)
+  %x = f32[8]{0} parameter(1)
+  ROOT %c = f32[8]{0} conditional(%p, %x, %x), true_computation=%small, false_computation=%big
+}
+"""
+
+
+def test_program_kernels_conditional_counts_costliest_branch():
+  kt = KR.program_kernels(COND)
+  assert [KR.KERNEL_CLASSES[c] for c in kt.klass] == ["elementwise", "elementwise"]  # %big: 2 kernels
+  np.testing.assert_array_equal(kt.bytes, [64.0, 64.0])

@@ -4,8 +4,9 @@ A whole-program roofline ``max(F / R_f, B / R_b) + c`` on XLA's program totals (
 extrapolates in FLOPs and bytes, but one max over the whole program cannot tell a compute-bound GEMM
 followed by twenty memory-bound elementwise kernels from one kernel of the same totals, and it has no
 per-launch cost. Here the optimized HLO is cut into the kernels it launches (:func:`program_kernels`),
-each with its own FLOPs and bytes, a class (what the kernel mostly does: GEMM, convolution, reduction,
-transpose, elementwise, slicing, loop control, other) and a multiplicity (kernels in a ``while`` body run
+each with its own FLOPs and bytes, a class (what the kernel mostly does: GEMM or convolution -- by operand
+width, and untuned cuDNN convolutions apart -- reduction, transpose, elementwise, slicing, loop control,
+other; :data:`KERNEL_CLASSES`) and a multiplicity (kernels in a ``while`` body run
 ``known_trip_count`` times), and the program's latency is predicted as
 
     T = O_d + sum_k m_k * ( max(f_k / F_{c(k),d}, b_k / B_{c(k),d}) + o_{c(k),d} )
@@ -23,7 +24,7 @@ Example:
   ...   ROOT d = f32[64,64]{1,0} dot(a, a), lhs_contracting_dims={1}, rhs_contracting_dims={0} }'''
   >>> kt = program_kernels(hlo.parse_hlo(text))
   >>> KERNEL_CLASSES[int(kt.klass[0])], float(kt.flops[0]), float(kt.bytes[0])
-  ('gemm', 524288.0, 49152.0)
+  ('gemm_f32', 524288.0, 49152.0)
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ def _kernel(module: HloModule, ins: Instruction, names: dict) -> tuple[float, fl
     read = out
   elif op == "dynamic-update-slice" and len(operand_shapes) >= 2:
     read, out = operand_shapes[1].num_bytes, operand_shapes[1].num_bytes
-  else:
-    read = sum(s.num_bytes for s in operand_shapes)
+  else:  # each distinct operand read once
+    read = sum(names[o].shape.num_bytes for o in dict.fromkeys(ins.operands) if o in names)
   return flops, read + out, _single_class(ins, operand_shapes[0].dtype if operand_shapes else "f32")
 
 
@@ -275,7 +276,6 @@ def program_kernels(module: HloModule | str) -> KernelTable:
       if op == "conditional" and called:
         best: list = []
         for c in called:
-          sub_rows: list = []
           rows_before = len(rows)
           walk(module.computations[c], mult, force_class, depth + 1)
           sub_rows = rows[rows_before:]
