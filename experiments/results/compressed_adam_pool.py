@@ -10,6 +10,8 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        300 steps, raw selection down to 1.56%, the RMS selection from 0.39% on, delivered in gradient units
        (`comm.adaptive_ef.gradient_units`); mnist1d seeds 0-4 (screen) + 5-14 (confirmation), digits 0-14;
        against Adam and, paired, against the session-8 recipe (s8's pool)
+  s13u: the session-8 recipe with only `gradient_units` added (its mnist1d screen arm, seeds 0-4, run on
+       digits 0-14 and then on mnist1d 5-14; not the screen's choice), same comparisons
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -98,46 +100,58 @@ def pool_s11() -> dict:
   return out
 
 
-S13 = {"mnist1d": ["compressed_adam_mnist1d_600_0.001_s13_dw25_units_screen.json",
-                   "compressed_adam_mnist1d_600_0.001_s13_dw25_units_seeds5-14.json"],
-       "digits": ["compressed_adam_digits_600_0.001_s13_dw25_units_seeds0-14.json"]}
-S13_ARM = "topk 0.001 rmsfrom@3 dwarmup300 units"
+S13 = {  # name: (arm, files per data set, output)
+    "s13": ("topk 0.001 rmsfrom@3 dwarmup300 units",
+            {"mnist1d": ["compressed_adam_mnist1d_600_0.001_s13_dw25_units_screen.json",
+                         "compressed_adam_mnist1d_600_0.001_s13_dw25_units_seeds5-14.json"],
+             "digits": ["compressed_adam_digits_600_0.001_s13_dw25_units_seeds0-14.json"]},
+            "compressed_adam_0.001_dw25_units_s13_pooled15.json"),
+    "s13u": ("topk 0.001 rmsfrom@1 dwarmup300 start0.01 units",
+             {"mnist1d": ["compressed_adam_mnist1d_600_0.001_s13_units_screen.json",
+                          "compressed_adam_mnist1d_600_0.001_s13_units_seeds5-14.json"],
+              "digits": ["compressed_adam_digits_600_0.001_s13_units_seeds0-14.json"]},
+            "compressed_adam_0.001_rmsfrom1_units_s13_pooled15.json"),
+}
 
 
-def pool_s13() -> dict:
-  """Session 13: the chosen 0.1% arm pooled over its seed sets, vs Adam and vs the s8 recipe (same seeds)."""
+def pool_s13(name: str = "s13") -> dict:
+  """Session 13: an arm pooled over its seed sets, vs Adam and vs the s8 recipe (same seeds, paired).
+
+  s13: DGC's warm-up from 25% + gradient_units (chosen on the mnist1d screen, seeds 0-4); s13u: the s8
+  recipe + gradient_units (the recipe with only the units fix)."""
+  arm, sets_, out_name = S13[name]
   recipe = json.load(open(R + POOLS["s8"][2]))
   out = {}
-  for D, files in S13.items():
+  for D, files in sets_.items():
     runs = [json.load(open(R + f)) for f in files]
     for f, r in zip(files, runs):
       check_same_data(runs[0], r, (files[0], f))
     seeds = sum([r["seeds"] for r in runs], [])
-    assert len(set(seeds)) == len(seeds), f"s13 {D}: seed sets overlap"
+    assert len(set(seeds)) == len(seeds), f"{name} {D}: seed sets overlap"
     by_seed = {s: (a, t) for s, a, t in zip(recipe[D]["seeds"], recipe[D]["adam"], recipe[D]["topk"])}
     A = sum([r["accuracy"]["adam"] for r in runs], [])
-    assert A == [by_seed[s][0] for s in seeds], f"s13 {D}: Adam differs from {POOLS['s8'][2]}"
+    assert A == [by_seed[s][0] for s in seeds], f"{name} {D}: Adam differs from {POOLS['s8'][2]}"
     P = [by_seed[s][1] for s in seeds]
-    X = sum([r["accuracy"][S13_ARM] for r in runs], [])
+    X = sum([r["accuracy"][arm] for r in runs], [])
     c, cp = _compare(X, A), _compare(X, P)
-    sets = [_compare(r["accuracy"][S13_ARM], r["accuracy"]["adam"])["mean_diff"] for r in runs]
-    out[D] = {"files": files, "arm": S13_ARM, "seeds": seeds, "adam": A, "recipe_s8": P, "accuracy": X,
+    sets = [_compare(r["accuracy"][arm], r["accuracy"]["adam"])["mean_diff"] for r in runs]
+    out[D] = {"files": files, "arm": arm, "seeds": seeds, "adam": A, "recipe_s8": P, "accuracy": X,
               "vs_adam": c, "vs_recipe_s8": cp, "recipe_s8_vs_adam": _compare(P, A), "per_set_mean_diff": sets,
-              "mb_per_worker": sum([r["bytes_per_worker"][S13_ARM] for r in runs], []),
+              "mb_per_worker": sum([r["bytes_per_worker"][arm] for r in runs], []),
               "provenance": runs[0]["provenance"]}
-    print("s13", D, len(seeds), "seeds: vs Adam %+.2f [%+.2f, %+.2f]" % (
+    print(name, D, len(seeds), "seeds: vs Adam %+.2f [%+.2f, %+.2f]" % (
         100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]),
         "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]),
         "vs recipe %+.2f [%+.2f, %+.2f] P %.2f" % (100 * cp["mean_diff"], 100 * cp["mean_diff_ci95"][0],
                                                  100 * cp["mean_diff_ci95"][1], cp["p"]),
         "sets", ["%+.2f" % (100 * s) for s in sets])
-  json.dump(out, open(R + "compressed_adam_0.001_dw25_units_s13_pooled15.json", "w"), indent=1)
+  json.dump(out, open(R + out_name, "w"), indent=1)
   return out
 
 
 if __name__ == "__main__":
-  if sys.argv[1:] == ["s13"]:
-    pool_s13()
+  if sys.argv[1:2] in (["s13"], ["s13u"]):
+    pool_s13(sys.argv[1])
     sys.exit()
   if sys.argv[1:] == ["s11"]:
     pool_s11()

@@ -43,8 +43,9 @@ Adam); spreading every stage's releases of that recipe (``max_interval=16``) gav
 :func:`gradient_units` keeps what reaches Adam in the gradient's units (one factor per leaf) when a
 compressor's selection switches from the raw gradient to the gradient over each worker's RMS (the 0.1%
 recipe's switch); it removes the accuracy drop after that switch (mnist1d, paired on seeds 0-4: +5 to +15
-pt at steps 250-350) but not the final gap at 600 steps (session 13; docs/comm.md, "Issue 18 at 0.1% on
-mnist1d").
+pt at steps 250-350) but not the final gap at 600 steps on mnist1d (-0.79 pt on the recipe, 15 seeds),
+while on digits it brings the recipe within 0.2 pt of Adam (+0.73; session 13; docs/comm.md, "Issue 18
+at 0.1% on mnist1d").
 
 :func:`scale_by_leaf_rms` is a per-tensor RMS scaling for the sparsifiers' ``precondition=`` option, the
 per-tensor counterpart of ``optax.scale_by_rms`` (which, per coordinate, is the recommended 0.1% recipe;
@@ -515,7 +516,10 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
   drop after the switch is gone (paired on seeds 0-4: +5 to +15 pt at steps 250-350) but the final
   accuracy is not higher (+0.30 [-0.84, +1.52] pt with DGC's warm-up from 25%, -0.58 with a warm-up from
   4%, -0.32 on the session-8 recipe); DGC's warm-up with it, chosen on seeds 0-4 (-0.60 pt vs Adam), gave
-  -1.59 on seeds 5-14 (15 seeds -1.26 [-2.09, -0.58]; digits -0.15 [-0.28, -0.00], 15 seeds).
+  -1.59 on seeds 5-14 (15 seeds -1.26 [-2.09, -0.58]; digits -0.15 [-0.28, -0.00], 15 seeds). On the
+  session-8 recipe itself (``start=150``, 15 seeds, same bytes): digits -0.18 [-0.30, -0.06] pt vs Adam,
+  +0.73 [+0.25, +1.32] over the recipe (its two failing seeds train), but mnist1d -0.79 [-1.55, -0.02]
+  under the recipe: data-set dependent, an option, not part of the recipe.
 
   Args:
     compressor: a sparsifier of :mod:`mlsys_jax.comm` built with ``precondition=`` an RMS scaling whose
