@@ -103,7 +103,8 @@ _SPREAD = flags.DEFINE_list("spread", ["none"], "comm.adaptive_ef.spread_release
                              "'leaky@16u150' until=150 (only the releases of steps < 150 spread).")
 _UNITS = flags.DEFINE_list("gradient_units", ["off"], "comm.adaptive_ef.gradient_units around the compressor "
                             "(modes rmsfrom@J with --density_warmup: the releases of the RMS stages delivered "
-                            "in gradient units, one factor per leaf): off, on, or both (two arms).")
+                            "in gradient units, one factor per leaf): off, on, both (two arms), or freeze (the factor "
+                            "of the switch step kept: gradient_units(freeze=True)).")
 _SPREAD_MAX = flags.DEFINE_integer("spread_max", 0, "max_interval of spread_releases (0 = no limit).")
 _SPREAD_FLOOR = flags.DEFINE_float("spread_floor", 0.0, "floor of spread_releases (0 = none).")
 _PER_TENSOR = flags.DEFINE_bool("per_tensor", False, "per_tensor=True in sidco/topk/dgc/randomk (a density "
@@ -155,7 +156,7 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
       raise ValueError("--gradient_units needs --modes=rmsfrom@J and --density_warmup.")
     j = int(mode.partition("@")[2])
     ends = stage_boundaries(dwarmup, len(sched))
-    c = gradient_units(c, ends[j - 1] if j > 0 else 0, axis_name="d")
+    c = gradient_units(c, ends[j - 1] if j > 0 else 0, axis_name="d", freeze=units == "freeze")
   if mode.startswith("decay@"):   # per arm: comm.adaptive_ef.decay_residual(c, D) on the plain chain
     c = decay_residual(c, float(mode[6:]))
   elif _RES_DECAY.value != 1.0:
@@ -356,7 +357,7 @@ def main(argv):
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   t0 = time.perf_counter()
   arms = [] if _ADAM_FROM.value else [("adam", None, "dense", 1.0, 0, 0, "none", 0.25, False)]
-  units_arms = {"off": [False], "on": [True], "both": [False, True]}[_UNITS.value[0]]
+  units_arms = {"off": [False], "on": [True], "both": [False, True], "freeze": ["freeze"]}[_UNITS.value[0]]
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:
@@ -366,7 +367,8 @@ def main(argv):
               for sp_ in _SPREAD.value:
                 for un in units_arms:
                   arms.append((f"{c} {r:g} {m}" + (f" warmup{w}" if w else "") + (f" dwarmup{dw}" if dw else "")
-                               + (f" start{st:g}" if st != 0.25 else "") + (" units" if un else "")
+                               + (f" start{st:g}" if st != 0.25 else "")
+                               + {False: "", True: " units", "freeze": " unitsfrozen"}[un]
                                + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st, un))
   acc, sent, curves = {}, {}, {}
   if _ADAM_FROM.value:

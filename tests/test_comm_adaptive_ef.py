@@ -564,6 +564,43 @@ def test_gradient_units_equals_float64_reference_under_shard_map_and_pmap(device
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
+def test_gradient_units_freeze_keeps_the_factor_of_the_switch(devices):
+  """freeze=True: from step 2 on every step uses the factor of step 2 (float64 reference, 8 workers under
+  shard_map); replicas identical; differs from the unfrozen factor."""
+  from mlsys_jax.comm.adaptive_ef import gradient_units, rms_selection
+  g_w = _worker_grads()
+  flat = _flat(g_w, (_W, _STEPS))
+  base = _np_rms_warmup_topk(flat)
+  want = base.copy()
+  sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(_params())]
+  nu, frozen = np.zeros_like(flat[:, 0]), None
+  for t in range(_STEPS):
+    nu = 0.9 * nu + 0.1 * flat[:, t] ** 2
+    if t == 2:
+      frozen, start = [], 0
+      for size in sizes:
+        frozen.append(np.sqrt(nu[:, start:start + size].mean(1)).mean())
+        start += size
+    if t >= 2:
+      start = 0
+      for size, f in zip(sizes, frozen):
+        want[t, start:start + size] *= f
+        start += size
+
+  def run(g):
+    c = density_warmup(lambda r: topk(r, axis_name="d", precondition=rms_selection(r < 0.1)), 0.02, steps=4,
+                       ratios=[0.1, 0.04])
+    tx = gradient_units(c, 2, axis_name="d", freeze=True)
+    return jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)[1]
+
+  got = _flat(_per_worker(run, g_w, devices), (_W, _STEPS))
+  for w in range(_W):
+    np.testing.assert_array_equal(got[w], got[0])
+    np.testing.assert_allclose(got[w], want, rtol=1e-4, atol=1e-6)
+  with pytest.raises(TypeError, match="freeze"):
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 0, freeze=1)
+
+
 def test_gradient_units_bad_input():
   from mlsys_jax.comm.adaptive_ef import gradient_units
   with pytest.raises(TypeError, match="GradientTransformation"):

@@ -489,7 +489,7 @@ class GradientUnitsState(NamedTuple):
 
 
 def gradient_units(compressor: optax.GradientTransformation, start: int, *,
-                   axis_name: str | None = None) -> optax.GradientTransformation:
+                   axis_name: str | None = None, freeze: bool = False) -> optax.GradientTransformation:
   """Deliver an RMS-selected compressor's releases in the gradient's units, one factor per leaf.
 
   Issue 18's 0.1% recipe (docs/comm.md) selects on the raw gradient in its first warm-up stage and on each
@@ -528,6 +528,10 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
     start: the first step (this wrapper's count from 0) whose releases are in RMS units; the recipe's:
       the end of its raw-selection stage (``stage_boundaries(steps, len(ratios))[0]``). 0: every step.
     axis_name: the workers' axis (the compressor's); None: one device (no collective).
+    freeze: False (default): ``s_l(t)`` of every step. True: ``s_l(start)`` on every step from ``start``
+      on, a constant unit conversion at the switch (Adam then sees the RMS-selected stream with its own
+      course over time, only rescaled once). Measured worse than False on the session-8 recipe (mnist1d,
+      seeds 0-4: -0.90 [-2.28, -0.04] pt).
 
   Returns:
     An ``optax.GradientTransformation``; chain it where the compressor goes.
@@ -549,6 +553,8 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
   start = int(start)
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"axis_name must be a str or None, got {type(axis_name).__name__}.")
+  if not isinstance(freeze, (bool, np.bool_)):
+    raise TypeError(f"freeze must be a bool, got {type(freeze).__name__}.")
 
   def _nu(inner):
     pre = _state_field(inner, "precondition")
@@ -579,7 +585,11 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
     if axis_name is not None:
       rms = jax.lax.pmean(rms, axis_name)
     on = t >= start
-    scale = jax.tree_util.tree_map(lambda r: jnp.where(on, r, 1.0), rms)
+    if freeze:   # the factor of step `start`, kept
+      scale = jax.tree_util.tree_map(lambda r, old: jnp.where(t < start, 1.0, jnp.where(t == start, r, old)),
+                                     rms, state.scale)
+    else:
+      scale = jax.tree_util.tree_map(lambda r: jnp.where(on, r, 1.0), rms)
     out = jax.tree_util.tree_map(lambda o, c: (o * c).astype(o.dtype), b, scale)
     n_leaves = len(jax.tree_util.tree_leaves(rms))
     extra = jnp.where(on, 4.0 * n_leaves, 0.0) if axis_name is not None else jnp.zeros((), jnp.float32)
