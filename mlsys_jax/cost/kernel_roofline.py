@@ -21,7 +21,8 @@ Example:
   >>> from mlsys_jax.cost import hlo
   >>> text = '''HloModule m
   ... ENTRY e { a = f32[64,64]{1,0} parameter(0)
-  ...   ROOT d = f32[64,64]{1,0} dot(a, a), lhs_contracting_dims={1}, rhs_contracting_dims={0} }'''
+  ...   b = f32[64,64]{1,0} parameter(1)
+  ...   ROOT d = f32[64,64]{1,0} dot(a, b), lhs_contracting_dims={1}, rhs_contracting_dims={0} }'''
   >>> kt = program_kernels(hlo.parse_hlo(text))
   >>> KERNEL_CLASSES[int(kt.klass[0])], float(kt.flops[0]), float(kt.bytes[0])
   ('gemm_f32', 524288.0, 49152.0)
