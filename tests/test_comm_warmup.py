@@ -242,6 +242,8 @@ def test_density_warmup_bad_input():
     density_warmup(topk, 0.001, steps=2)                  # 4 DGC densities, 2 steps
   with pytest.raises(ValueError, match=r"ratios\[1\]"):
     density_warmup(topk, 0.01, steps=4, ratios=[0.5, 0.0])
+  with pytest.raises(ValueError, match=r"ratios\[0\]=0.0001 is sparser than final_ratio"):
+    density_warmup(topk, 0.001, steps=300, ratios=[0.0001, 0.01])
   with pytest.raises(TypeError, match="state layout"):
     density_warmup(lambda r: topk(r, momentum=0.9 if r > 0.05 else None), 0.01, steps=2,
                    ratios=[0.1]).init(_params())

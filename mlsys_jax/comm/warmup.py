@@ -249,6 +249,9 @@ def density_warmup(make_compressor: Callable[[float], optax.GradientTransformati
   ratios = [float(r) for r in ratios]
   for i, r in enumerate(ratios):
     check_range(f"ratios[{i}]", r, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+    if r < final_ratio:
+      raise ValueError(f"density_warmup: ratios[{i}]={r} is sparser than final_ratio={final_ratio}; a warm-up "
+                       f"runs at densities >= the final one (e.g. ratios={dgc_density_schedule(final_ratio)}).")
   if steps and not ratios:
     raise ValueError("density_warmup: steps > 0 needs at least one warm-up density in ratios (e.g. "
                      "dgc_density_schedule(final_ratio)); pass steps=0 for no warm-up.")

@@ -7,7 +7,9 @@ text (:func:`parse_hlo`) -> graphs (:func:`program_graph`, :func:`kernel_graphs`
 (:func:`mape`, :func:`kendall_tau`, :func:`topk_slowdown`). Datasets: :func:`load_dataset` (ours,
 collected by experiments/cost_collect.py; :func:`merge_datasets` joins collections of several devices and drops
 graph duplicates by :func:`graph_fingerprint`) and :func:`load_tpugraphs_npz` (TpuGraphs). :func:`parse_hlo`
-reads the grammar XLA's own parser reads (checked against it, :func:`xla_structure`). Value Learning
+reads the grammar XLA's own parser reads (checked against it, :func:`xla_structure`). Whole-program latency
+as a sum of per-kernel rooflines with per-class rates fitted on timed programs: :func:`program_kernels`,
+:func:`fit_kernel_roofline`, :func:`predict_kernel_roofline`. Value Learning
 (Steiner et al., MLSys 2021) for IOS schedules: ``from mlsys_jax.cost import value``; its stage-cost
 predictor for ``sched.ios_schedule(..., predictor=...)``: ``from mlsys_jax.cost import value_ios``.
 
@@ -25,6 +27,9 @@ from mlsys_jax.cost.features import (NUM_NODE_FEATURES, NUM_PROGRAM_FEATURES, no
                                      program_features)
 from mlsys_jax.cost.graph import (ATTR_NAMES, OPCODES, HloGraph, batch_graphs, capture_kernels,
                                   kernel_costs, kernel_graphs, pad_graph, program_graph, unbatch_graph)
+from mlsys_jax.cost.kernel_roofline import (KERNEL_CLASSES, KernelRoofline, KernelRooflineConfig, KernelTable,
+                                            fit_kernel_roofline, kernel_roofline_ood, predict_kernel_roofline,
+                                            program_kernels, scale_kernel_roofline)
 from mlsys_jax.cost.hlo import (Capture, HloModule, HloParseError, capture, cost_dict,
                                 parse_hlo, parse_shape, strip_metadata, xla_hlo_parser, xla_structure)
 from mlsys_jax.cost.metrics import (Roofline, bootstrap_mean_ci, fit_roofline, group_metrics,
@@ -47,4 +52,7 @@ __all__ = [
     "predict_gnn", "predict_mlp", "program_features", "program_graph", "sample_program", "save_dataset",
     "segment_logsumexp", "strip_metadata", "topk_slowdown", "unbatch_graph", "xla_hlo_parser",
     "xla_structure",
+    # whole-program latency as a sum of per-kernel rooflines (kernel_roofline)
+    "KERNEL_CLASSES", "KernelRoofline", "KernelRooflineConfig", "KernelTable", "fit_kernel_roofline",
+    "kernel_roofline_ood", "predict_kernel_roofline", "program_kernels", "scale_kernel_roofline",
 ]
