@@ -557,7 +557,7 @@ def test_gradient_units_equals_float64_reference_under_shard_map_and_pmap(device
   assert not np.allclose(got[0], _np_rms_warmup_topk(flat), atol=1e-3)   # the scale matters here
   assert isinstance(st, GradientUnitsState)
   np.testing.assert_allclose(float(st.total_bytes[0]),
-                             float(st.inner_state.total_bytes[0]) + 4 * len(sizes) * (_STEPS - 2))
+                             float(st.inner_state.total_bytes[0]) + 4 * len(sizes) * _STEPS)
   pm_outs, pm_st = jax.pmap(run, axis_name="d", devices=devices)(g_w)
   np.testing.assert_allclose(_flat(pm_outs, (_W, _STEPS)), got, rtol=1e-6, atol=1e-7)
   for a, b in zip(jax.tree_util.tree_leaves(pm_st.scale), jax.tree_util.tree_leaves(st.scale)):

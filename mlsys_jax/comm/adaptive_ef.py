@@ -478,7 +478,8 @@ class GradientUnitsState(NamedTuple):
     inner_state: the wrapped compressor's state.
     scale: per leaf, the factor applied on the last step (float32 scalar; 1 before ``start``).
     bytes_sent: bytes this device passed to the collectives in the last step (the compressor's plus one
-      float32 per leaf for the scale's mean over the workers, from ``start`` on).
+      float32 per leaf for the scale's mean over the workers, on every step: the mean also runs before
+      ``start``).
     total_bytes: cumulative ``bytes_sent``.
   """
   step: jax.Array
@@ -592,7 +593,8 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
       scale = jax.tree_util.tree_map(lambda r: jnp.where(on, r, 1.0), rms)
     out = jax.tree_util.tree_map(lambda o, c: (o * c).astype(o.dtype), b, scale)
     n_leaves = len(jax.tree_util.tree_leaves(rms))
-    extra = jnp.where(on, 4.0 * n_leaves, 0.0) if axis_name is not None else jnp.zeros((), jnp.float32)
+    # the mean over the workers runs on every step (before ``start`` too): its bytes count on every step
+    extra = jnp.full((), 4.0 * n_leaves if axis_name is not None else 0.0, jnp.float32)
     sent = jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32) + extra
     return out, GradientUnitsState(t + 1, inner, scale, sent, state.total_bytes + sent)
 
