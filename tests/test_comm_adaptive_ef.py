@@ -528,7 +528,7 @@ def test_gradient_units_equals_float64_reference_under_shard_map_and_pmap(device
   """gradient_units(density_warmup(topk(r, precondition=rms_selection(r < 0.1))), start=2): steps 0-1 (raw
   selection) unchanged, from step 2 on each leaf of the aggregate times the workers' mean of
   sqrt(mean over the leaf of each worker's nu) (float64 numpy reference, 8 workers); replicas identical,
-  pmap = shard_map; the scale's pmean is counted (4 bytes per leaf and step from ``start``)."""
+  pmap = shard_map; the scale's pmean is counted (4 bytes per leaf on every step: it runs before ``start`` too)."""
   from mlsys_jax.comm.adaptive_ef import GradientUnitsState, gradient_units, rms_selection
   g_w = _worker_grads()
   flat = _flat(g_w, (_W, _STEPS))
@@ -598,20 +598,24 @@ def test_gradient_units_freeze_keeps_the_factor_of_the_switch(devices):
     np.testing.assert_array_equal(got[w], got[0])
     np.testing.assert_allclose(got[w], want, rtol=1e-4, atol=1e-6)
   with pytest.raises(TypeError, match="freeze"):
-    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 0, freeze=1)
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 0, axis_name=None, freeze=1)
 
 
 def test_gradient_units_bad_input():
   from mlsys_jax.comm.adaptive_ef import gradient_units
   with pytest.raises(TypeError, match="GradientTransformation"):
-    gradient_units(lambda g: g, 0)
+    gradient_units(lambda g: g, 0, axis_name=None)
   with pytest.raises(ValueError, match="start"):
-    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), -1)
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), -1, axis_name=None)
   with pytest.raises(TypeError, match="start"):
-    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 1.5)
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 1.5, axis_name=None)
   with pytest.raises(TypeError, match="axis_name"):
     gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 0, axis_name=1)
+  with pytest.raises(TypeError, match="axis_name"):     # required: a replica without the mean would drift
+    gradient_units(topk(0.1, precondition=optax.scale_by_rms()), 0)
+  with pytest.raises(ValueError, match="until= needs mode"):
+    spread_releases(topk(0.1), mode="hold", until=3)
   with pytest.raises(TypeError, match="nu"):
-    gradient_units(topk(0.1), 0).init(_params())
+    gradient_units(topk(0.1), 0, axis_name=None).init(_params())
   with pytest.raises(TypeError, match="bytes_sent"):
-    gradient_units(optax.scale_by_rms(), 0).init(_params())
+    gradient_units(optax.scale_by_rms(), 0, axis_name=None).init(_params())

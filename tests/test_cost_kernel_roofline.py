@@ -225,3 +225,51 @@ def test_program_kernels_conditional_counts_costliest_branch():
   kt = KR.program_kernels(COND)
   assert [KR.KERNEL_CLASSES[c] for c in kt.klass] == ["elementwise", "elementwise"]  # %big: 2 kernels
   np.testing.assert_array_equal(kt.bytes, [64.0, 64.0])
+
+
+# review fixes (session 13): a kernel with no flops and no bytes, a GEMM branch, collectives, integer classes
+def test_fit_survives_an_empty_kernel():
+  rng = np.random.default_rng(3)
+  truth = _model(["a"], rng)._replace(sharpness=16.0)
+  tables = [_table(rng, [C["gemm"], C["elementwise"]], int(rng.integers(1, 6))) for _ in range(30)]
+  y = KR.predict_kernel_roofline(truth, tables, ["a"] * 30)
+  t0 = tables[0]   # an f32[0] op: flops 0, bytes 0 (its launch overhead only)
+  tables[0] = KR.KernelTable(np.append(t0.flops, 0.0), np.append(t0.bytes, 0.0),
+                             np.append(t0.klass, C["elementwise"]).astype(np.int32), np.append(t0.count, 1.0))
+  m = KR.fit_kernel_roofline(tables, y, ["a"] * 30, KR.KernelRooflineConfig(steps=50))
+  assert np.all(np.isfinite(m.log_flops_rate)) and np.all(np.isfinite(KR.predict_kernel_roofline(m, tables, ["a"] * 30)))
+
+
+_GEMM_BRANCH = """HloModule m
+gemm_branch { p = (f32[2048,2048]{1,0}) parameter(0)
+  a = f32[2048,2048]{1,0} get-tuple-element(p), index=0
+  ROOT d = f32[2048,2048]{1,0} dot(a, a), lhs_contracting_dims={1}, rhs_contracting_dims={0} }
+copy_branch { q = (f32[2048,2048]{1,0}) parameter(0)
+  b = f32[2048,2048]{1,0} get-tuple-element(q), index=0
+  e = f32[2048,2048]{1,0} exponential(b)
+  f = f32[2048,2048]{1,0} exponential(e)
+  ROOT g = f32[2048,2048]{1,0} exponential(f) }
+ENTRY e { i = s32[] parameter(0)
+  x = f32[2048,2048]{1,0} parameter(1)
+  t = (f32[2048,2048]{1,0}) tuple(x)
+  ROOT c = f32[2048,2048]{1,0} conditional(i, t, t), branch_computations={gemm_branch, copy_branch} }"""
+
+
+def test_conditional_branch_chosen_by_time_not_bytes_and_collectives_are_not_elementwise():
+  # the GEMM branch (17 GFLOP, 50 MB: 86 us at the default rates) outlasts three exponentials (100 MB: 59 us);
+  # by bytes alone the exponentials would win
+  kt = KR.program_kernels(_GEMM_BRANCH)
+  assert [KR.KERNEL_CLASSES[c] for c in kt.klass] == ["gemm_f32"]
+  ar = """HloModule m
+sum { a = f32[] parameter(0)
+  b = f32[] parameter(1)
+  ROOT s = f32[] add(a, b) }
+ENTRY e { x = f32[1024]{0} parameter(0)
+  ROOT r = f32[1024]{0} all-reduce(x), to_apply=sum }"""
+  assert [KR.KERNEL_CLASSES[c] for c in KR.program_kernels(ar).klass] == ["other"]
+
+
+def test_tables_need_integer_classes():
+  t = KR.KernelTable(np.ones(1), np.ones(1), np.asarray([2.7]), np.ones(1))
+  with pytest.raises(TypeError, match="integer indices"):
+    KR.predict_kernel_roofline(_model(["a"], np.random.default_rng(0)), [t], ["a"])

@@ -175,6 +175,9 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
   if until is not None:
     check_int("until", until, 1)
     until = int(until)
+    if mode == "hold":
+      raise ValueError("until= needs mode='linear' or 'leaky' (where a release delivered at once also takes "
+                       "what is still pending); mode='hold' keeps paying out earlier holds.")
   if noise and mode == "leaky":
     raise ValueError("noise needs mode='linear' or 'hold' (a delivery with an end); mode='leaky' never "
                      "finishes delivering.")
@@ -490,7 +493,7 @@ class GradientUnitsState(NamedTuple):
 
 
 def gradient_units(compressor: optax.GradientTransformation, start: int, *,
-                   axis_name: str | None = None, freeze: bool = False) -> optax.GradientTransformation:
+                   axis_name: str | None, freeze: bool = False) -> optax.GradientTransformation:
   """Deliver an RMS-selected compressor's releases in the gradient's units, one factor per leaf.
 
   Issue 18's 0.1% recipe (docs/comm.md) selects on the raw gradient in its first warm-up stage and on each
@@ -528,7 +531,8 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
       sparsifiers (every stage must have that state, as ``density_warmup`` requires one layout).
     start: the first step (this wrapper's count from 0) whose releases are in RMS units; the recipe's:
       the end of its raw-selection stage (``stage_boundaries(steps, len(ratios))[0]``). 0: every step.
-    axis_name: the workers' axis (the compressor's); None: one device (no collective).
+    axis_name: the workers' axis, the compressor's (required: a replica that skipped the mean would scale
+      the shared update by its own factor and drift from the others); None only for one device.
     freeze: False (default): ``s_l(t)`` of every step. True: ``s_l(start)`` on every step from ``start``
       on, a constant unit conversion at the switch (Adam then sees the RMS-selected stream with its own
       course over time, only rescaled once). Measured worse than False on the session-8 recipe (mnist1d,
@@ -541,7 +545,7 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
     >>> import jax.numpy as jnp
     >>> import optax
     >>> from mlsys_jax.comm import topk
-    >>> tx = gradient_units(topk(0.5, precondition=optax.scale_by_rms(decay=0.0, eps=0.0)), 0)
+    >>> tx = gradient_units(topk(0.5, precondition=optax.scale_by_rms(decay=0.0, eps=0.0)), 0, axis_name=None)
     >>> s = tx.init({'w': jnp.zeros(2)})
     >>> out, s = tx.update({'w': jnp.array([4.0, -2.0])}, s)   # g / |g| = [1, -1]: the first sent, x rms
     >>> [round(x, 4) for x in out['w'].tolist()], round(float(s.scale['w']), 4)

@@ -52,6 +52,8 @@ CLASS_ID = {c: i for i, c in enumerate(KERNEL_CLASSES)}
 _NO_KERNEL = TRIVIAL | {"async-update", "async-done", "copy-done", "send-done", "recv-done",
                         "all-reduce-done", "all-gather-done", "collective-permute-done"}
 _SLICING = {"slice", "dynamic-slice", "gather"}
+_COMM_IO = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+            "collective-broadcast", "ragged-all-to-all", "send", "recv", "infeed", "outfeed"}
 _GEMM_TARGETS = ("cublas", "gemm", "matmul")
 _CONV_TARGETS = ("cudnn$conv", "conv")
 
@@ -155,6 +157,8 @@ def _single_class(ins: Instruction, operand_dtype: str = "f32") -> int:
     return CLASS_ID["slice"]
   if op in ("sort", "scatter", "fft", "rng", "rng-bit-generator", "topk", "cholesky", "triangular-solve"):
     return CLASS_ID["other"]
+  if op in _COMM_IO or (op.endswith("-start") and op[:-len("-start")] in _COMM_IO):
+    return CLASS_ID["other"]      # network / host transfers: not an HBM elementwise rate
   return CLASS_ID["elementwise"]
 
 
@@ -274,16 +278,22 @@ def program_kernels(module: HloModule | str) -> KernelTable:
         for c in called:
           walk(module.computations[c], mult, force_class, depth + 1)
         continue
-      if op == "conditional" and called:
+      if op == "conditional" and called:   # the costliest branch by the default roofline's time estimate
+        cfg = KernelRooflineConfig()
+        est = lambda rs: sum(r[3] * (max(r[0] / cfg.init_flops_rate, r[1] / cfg.init_bytes_rate)
+                                     + cfg.init_overhead_s) for r in rs)
         best: list = []
+        best_unknown = 0
         for c in called:
-          rows_before = len(rows)
+          rows_before, unknown_before = len(rows), unknown[0]
           walk(module.computations[c], mult, force_class, depth + 1)
           sub_rows = rows[rows_before:]
           del rows[rows_before:]
-          if sum(r[1] * r[3] for r in sub_rows) >= sum(r[1] * r[3] for r in best):
-            best = sub_rows
+          sub_unknown, unknown[0] = unknown[0] - unknown_before, unknown_before
+          if not best or est(sub_rows) >= est(best):
+            best, best_unknown = sub_rows, sub_unknown
         rows.extend(best)
+        unknown[0] += best_unknown
         continue
       f, b, k = _kernel(module, ins, names)
       rows.append((f, b, force_class if force_class is not None else k, mult))
@@ -326,8 +336,11 @@ class KernelRoofline(NamedTuple):
 def _soft_max(a, b, p, xp=np):
   """``(a^p + b^p)^(1/p)`` for a, b >= 0, computed without overflow (0 where both are 0)."""
   m = xp.maximum(a, b)
-  safe = xp.where(m > 0, m, 1.0)
-  return xp.where(m > 0, safe * ((a / safe) ** p + (b / safe) ** p) ** (1.0 / p), 0.0)
+  pos = m > 0
+  safe = xp.where(pos, m, 1.0)
+  # the untaken branch must stay differentiable too: 0 ** (1 / p) has an infinite derivative
+  inner = xp.where(pos, (a / safe) ** p + (b / safe) ** p, 1.0)
+  return xp.where(pos, safe * inner ** (1.0 / p), 0.0)
 
 
 def _check_tables(tables: Sequence[KernelTable], devices: Sequence[str]) -> np.ndarray:
@@ -344,6 +357,9 @@ def _check_tables(tables: Sequence[KernelTable], devices: Sequence[str]) -> np.n
     if np.any(t.flops < 0) or np.any(t.bytes < 0) or np.any(t.count < 0) or not (
         np.all(np.isfinite(t.flops)) and np.all(np.isfinite(t.bytes)) and np.all(np.isfinite(t.count))):
       raise ValueError(f"tables[{i}]: flops, bytes and count must be finite and >= 0.")
+    if not np.issubdtype(np.asarray(t.klass).dtype, np.integer):
+      raise TypeError(f"tables[{i}]: klass must be integer indices into KERNEL_CLASSES, got dtype "
+                      f"{np.asarray(t.klass).dtype}.")
     if t.klass.size and (t.klass.min() < 0 or t.klass.max() >= len(KERNEL_CLASSES)):
       raise ValueError(f"tables[{i}]: klass must index KERNEL_CLASSES (0..{len(KERNEL_CLASSES) - 1}).")
   return np.asarray(devices, dtype=object)
@@ -386,8 +402,8 @@ class KernelRooflineConfig(NamedTuple):
   Attributes:
     sharpness: ``p`` of the soft maximum (kept fixed, not fitted).
     ridge: weight of the L2 penalty that pulls each class's log parameters toward the device's shared
-      value and each device's toward the shared one (a class with no training kernels gets the shared
-      roofline).
+      value and each device's toward the shared one (a class with no training kernels gets the median of
+      the device's fitted classes; :func:`kernel_roofline_ood` flags the programs that use one).
     objective: 'log' (squared log error) or 'mape' (mean absolute percentage error).
     calibrate: after fitting, scale every predicted time by the one factor that minimises the training
       programs' MAPE (``metrics.mape_scale``; a log-error fit predicts the median, MAPE is minimised

@@ -262,7 +262,7 @@ def spin_ns(ns: int, clock: str = "thread") -> None:
   ``ns`` of wall time (what an idle machine would give either way).
   """
   check_choice("clock", clock, ("thread", "wall"))
-  check_int("ns", int(ns), 0)
+  check_int("ns", ns, 0)
   now = time.thread_time_ns if clock == "thread" else time.perf_counter_ns
   end = now() + int(ns)
   while now() < end:
