@@ -30,13 +30,19 @@ def _np_topk_ef(flat_g, ratio, decay=1.0, with_residual=False):
   res, outs = np.zeros((w, n)), []
   for s in range(steps):
     acc = flat_g[:, s] + decay * res
-    sent = np.zeros_like(acc)
-    for i in range(w):
-      top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
-      sent[i, top] = acc[i, top]
+    sent = _np_topk_rows(acc, k)
     res = acc - sent
     outs.append(sent.mean(0))
   return (np.stack(outs), res) if with_residual else np.stack(outs)
+
+
+def _np_topk_rows(acc, k):
+  """Each worker's (row's) k largest magnitudes of ``acc`` kept, ties in index order; the rest zero."""
+  sent = np.zeros_like(acc)
+  for i in range(acc.shape[0]):
+    top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
+    sent[i, top] = acc[i, top]
+  return sent
 
 
 def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None, until=None):
@@ -443,11 +449,8 @@ def _np_rms_warmup_topk(flat, raw_steps=2):
   for t in range(steps):
     nu = 0.9 * nu + 0.1 * flat[:, t] ** 2
     x = flat[:, t] if t < raw_steps else flat[:, t] / np.sqrt(nu + 1e-8)
-    acc, sent = x + res, np.zeros((w_, n))
-    k = max(1, int(round(per_step[t] * n)))
-    for w in range(w_):
-      top = np.argsort(-np.abs(acc[w]), kind="stable")[:k]
-      sent[w, top] = acc[w, top]
+    acc = x + res
+    sent = _np_topk_rows(acc, max(1, int(round(per_step[t] * n))))
     res = acc - sent
     want.append(sent.mean(0))
   return np.stack(want)

@@ -67,7 +67,7 @@ import numpy as np
 import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int
-from mlsys_jax.comm.lowrank import _state_field
+from mlsys_jax.comm.lowrank import _init_counted, _state_field
 
 __all__ = ["FrozenRMSState", "GradientUnitsState", "LeafRMSState", "SpreadState", "decay_residual",
            "gradient_units", "rms_selection", "scale_by_frozen_rms", "scale_by_leaf_rms", "spread_releases"]
@@ -184,10 +184,8 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
 
   def init_fn(params):
     check_floating("spread_releases.init", params)
-    inner = compressor.init(params)
-    if _state_field(inner, "bytes_sent") is None:
-      raise TypeError("spread_releases: the compressor's state has no bytes_sent field; wrap a compressor "
-                      "of mlsys_jax.comm (sidco, topk, dgc, randomk, or density_warmup/dense_warmup of one).")
+    inner = _init_counted("spread_releases", compressor, params, "wrap a compressor of mlsys_jax.comm (sidco, "
+                          "topk, dgc, randomk, or density_warmup/dense_warmup of one)")
     ints = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params)
     zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
     last = jax.tree_util.tree_map(lambda p: jnp.full(jnp.shape(p), -1, jnp.int32), params)
@@ -206,9 +204,8 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       if cap is not None:
         interval = jnp.minimum(interval, cap)
       interval = jnp.maximum(interval, 1)
-      spreading = True if until is None else t < until
       if until is not None:   # from step `until` on: a release (and what is pending) delivered at once
-        interval = jnp.where(spreading, interval, 1)
+        interval = jnp.where(t < until, interval, 1)
       pending = pending + bv
       last = jnp.where(rel, t, last)
       if mode == "linear":
@@ -223,8 +220,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         out = pending * rate
       else:   # hold: the release's per-step rate until the next release (or max_interval steps)
         rate = jnp.where(rel, bv / interval.astype(pending.dtype), rate)
-        left = jnp.where(rel, jnp.where(spreading, cap if cap is not None else jnp.iinfo(jnp.int32).max, 1),
-                         left)
+        left = jnp.where(rel, cap if cap is not None else jnp.iinfo(jnp.int32).max, left)
         out = jnp.where(left > 0, rate, 0)
         live = left > 0
         left = jnp.maximum(left - 1, 0)
@@ -571,10 +567,8 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
 
   def init_fn(params):
     check_floating("gradient_units.init", params)
-    inner = compressor.init(params)
-    if _state_field(inner, "bytes_sent") is None:
-      raise TypeError("gradient_units: the compressor's state has no bytes_sent field; wrap a sparsifier of "
-                      "mlsys_jax.comm (or density_warmup of one).")
+    inner = _init_counted("gradient_units", compressor, params,
+                          "wrap a sparsifier of mlsys_jax.comm (or density_warmup of one)")
     nu = _nu(inner)
     if jax.tree_util.tree_structure(nu) != jax.tree_util.tree_structure(params):
       raise TypeError("gradient_units: the precondition's nu does not have the parameters' tree structure.")

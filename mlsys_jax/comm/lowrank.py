@@ -199,6 +199,15 @@ def _state_field(state: Any, name: str):
   return None
 
 
+def _init_counted(who: str, compressor, params, use: str):
+  """``compressor.init(params)`` for a wrapper ``who``, refusing a state without the ``bytes_sent`` counter
+  that the wrappers report (``use``: which compressors to wrap instead)."""
+  inner = compressor.init(params)
+  if _state_field(inner, "bytes_sent") is None:
+    raise TypeError(f"{who}: the compressor's state has no bytes_sent field; {use}.")
+  return inner
+
+
 def total_bytes(state: Any) -> float:
   """Cumulative bytes one device sent, from a :class:`PowerSGDState`, an ACCORDION state, a
   ``SparsifierState``, or an optax chain state that contains one of them (first found)."""

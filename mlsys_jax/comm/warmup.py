@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from mlsys_jax._checks import check_floating, check_int, check_range
-from mlsys_jax.comm.lowrank import _state_field
+from mlsys_jax.comm.lowrank import _init_counted, _state_field
 from mlsys_jax.comm.sparse import _check_axis, _global_finite
 
 __all__ = ["DensityWarmupState", "WarmupState", "dense_warmup", "density_warmup", "dgc_density_schedule",
@@ -96,10 +96,8 @@ def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
 
   def init_fn(params):
     check_floating("dense_warmup.init", params)
-    inner = compressor.init(params)
-    if _state_field(inner, "bytes_sent") is None:
-      raise TypeError("dense_warmup: the compressor's state has no bytes_sent field; wrap a compressor of "
-                      "mlsys_jax.comm (sidco, topk, dgc, randomk, powersgd, accordion).")
+    inner = _init_counted("dense_warmup", compressor, params, "wrap a compressor of mlsys_jax.comm (sidco, "
+                          "topk, dgc, randomk, powersgd, accordion)")
     f = jnp.zeros((), jnp.float32)
     return WarmupState(jnp.zeros((), jnp.int32), inner, f, f, jnp.zeros((), jnp.int32))
 

@@ -232,6 +232,13 @@ def _kernel(module: HloModule, ins: Instruction, names: dict) -> tuple[float, fl
   return flops, read + out, _single_class(ins, operand_shapes[0].dtype if operand_shapes else "f32")
 
 
+def _default_time(rows) -> float:
+  """Time of (flops, bytes, class, count) rows at the fit's starting roofline (branch choice only)."""
+  cfg = KernelRooflineConfig()
+  return sum(m * (max(f / cfg.init_flops_rate, b / cfg.init_bytes_rate) + cfg.init_overhead_s)
+             for f, b, _, m in rows)
+
+
 def program_kernels(module: HloModule | str) -> KernelTable:
   """The kernels a program launches, with per-launch FLOPs and bytes, class and launch count.
 
@@ -279,9 +286,6 @@ def program_kernels(module: HloModule | str) -> KernelTable:
           walk(module.computations[c], mult, force_class, depth + 1)
         continue
       if op == "conditional" and called:   # the costliest branch by the default roofline's time estimate
-        cfg = KernelRooflineConfig()
-        est = lambda rs: sum(r[3] * (max(r[0] / cfg.init_flops_rate, r[1] / cfg.init_bytes_rate)
-                                     + cfg.init_overhead_s) for r in rs)
         best: list = []
         best_unknown = 0
         for c in called:
@@ -290,7 +294,7 @@ def program_kernels(module: HloModule | str) -> KernelTable:
           sub_rows = rows[rows_before:]
           del rows[rows_before:]
           sub_unknown, unknown[0] = unknown[0] - unknown_before, unknown_before
-          if not best or est(sub_rows) >= est(best):
+          if not best or _default_time(sub_rows) >= _default_time(best):
             best, best_unknown = sub_rows, sub_unknown
         rows.extend(best)
         unknown[0] += best_unknown
