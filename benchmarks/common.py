@@ -98,6 +98,25 @@ def idle_clusters(events: list, gap_ns: float) -> list[list]:
   return split_calls(events, gap_ns)
 
 
+def largest_gaps(cluster: list, n: int = 8) -> tuple[float, list]:
+  """The device's idle time inside one call's kernel events ``(start_ns, end_ns, duration_ns, name)``
+  (sorted by start): the summed idle seconds between the first start and the last end, and the ``n``
+  longest idle gaps as ``(seconds, kernel before, kernel after)``, longest first. Idle gaps are where the
+  device waited for the host (launch overhead, a host sync such as a conditional's predicate).
+
+  >>> largest_gaps([(0, 10, 10, "a"), (30, 40, 10, "b"), (41, 50, 9, "c")], 2)
+  (2.1e-08, [(2e-08, 'a', 'b'), (1e-09, 'b', 'c')])
+  """
+  gaps, end, prev = [], None, None
+  for ev in cluster:
+    if end is not None and ev[0] > end:
+      gaps.append(((ev[0] - end) * 1e-9, prev, ev[3]))
+    if end is None or ev[1] >= end:
+      end, prev = ev[1], ev[3]
+  gaps.sort(key=lambda g: -g[0])
+  return sum(g[0] for g in gaps), gaps[:n]
+
+
 def call_device_times(fns: dict, calls: int, per_call: int = 1, gap_s: float = 0.004) -> dict:
   """Device time per operation from ONE profiler trace: each function of ``fns`` runs ``calls`` times alone
   (block, then sleep ``gap_s``); the GPU kernel events split into one cluster per call at idle gaps >

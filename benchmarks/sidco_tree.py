@@ -65,7 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import (copy_bandwidth, device_stream_events, environment, idle_clusters,  # noqa: E402
+from benchmarks.common import (copy_bandwidth, device_stream_events, environment, idle_clusters, largest_gaps,  # noqa: E402
                                parse_args, print_table, write_json)
 from benchmarks.powersgd_step import resnet50_shapes  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
@@ -94,6 +94,10 @@ def _flags(ap):
   ap.add_argument("--donate", action="store_true",
                   help="--single with the state donated (jax.jit(update, donate_argnums=1), each call on a fresh copy "
                        "made before the trace), as a training step that donates its optimizer state runs it")
+  ap.add_argument("--single_configs", default="",
+                  help="with --single: also time the single update under these per-jit XLA configurations "
+                       "(names of sched.XLA_CONFIGS, or 'cmdbuf_while': command buffers with WHILE added), rows "
+                       "'single@<name>' (device_s, busy_s, kernels, idle_s, the longest idle gaps)")
   ap.add_argument("--change", default="shift", choices=("scale", "shift"),
                   help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (default since session 9: "
                        "sidco's default buffer 'dus' and the old path's 'two' then stay bitwise comparable; with "
@@ -145,6 +149,19 @@ def _loop(update, steps: int, pool: int, change: str = "scale"):
 TOP = 20   # kernels kept in top_kernels (--top)
 
 
+def _single_options(name: str) -> dict:
+  """Per-jit ``compiler_options`` of a ``--single_configs`` name: one of ``sched.XLA_CONFIGS``, or
+  ``cmdbuf_while`` (``cmdbuf_conv`` with WHILE in the command-buffer types)."""
+  from mlsys_jax.sched import XLA_CONFIGS
+  from mlsys_jax.sched.emit import CB_TYPES
+  if name == "cmdbuf_while":
+    return {**XLA_CONFIGS["cmdbuf_conv"], "xla_gpu_enable_command_buffer": CB_TYPES + ",WHILE"}
+  if name not in XLA_CONFIGS:
+    raise ValueError(f"--single_configs: unknown configuration {name!r}; use one of {sorted(XLA_CONFIGS)} or "
+                     "'cmdbuf_while'")
+  return dict(XLA_CONFIGS[name])
+
+
 def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
   """Device time per step from one profiler trace of ``calls`` calls of ``fn`` (each alone)."""
   if jax.default_backend() != "gpu":
@@ -167,7 +184,10 @@ def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
         kinds[k] = (d + ev[2], n + 1)
     top = sorted(kinds.items(), key=lambda t: -t[1][0])[:TOP]
     norm = 1e-9 / (calls * per_call)
-    return {"device_s": float(np.median([max(ev[1] for ev in c) - c[0][0] for c in clusters])) * 1e-9 / per_call,
+    spans = [max(ev[1] for ev in c) - c[0][0] for c in clusters]
+    idle, gaps = largest_gaps(clusters[int(np.argsort(spans)[len(spans) // 2])], 8)   # the median call's
+    return {"device_s": float(np.median(spans)) * 1e-9 / per_call,
+            "idle_s": idle / per_call, "gaps": [(g, a[:60], b[:60]) for g, a, b in gaps],
             "busy_s": sum(ev[2] for c in clusters for ev in c) * norm,
             "kernels": sum(len(c) for c in clusters) / (calls * per_call),
             "top_kernels": [(k, d * norm, n / (calls * per_call)) for k, (d, n) in top]}
@@ -222,6 +242,8 @@ def _summarize(rows: list, rw_floor_s: float) -> str:
 
 def main():
   args = parse_args(__doc__, _flags)
+  for cfg in filter(None, args.single_configs.split(",")):
+    _single_options(cfg)   # a typo fails here, not after the first rows
   global TOP
   TOP = args.top
   t_start = time.perf_counter()
@@ -414,6 +436,13 @@ def main():
         row.update({f"single_{k_}": v for k_, v in _device(lambda: one(g1, sts.pop() if args.donate else st),
                                                             args.calls, 1).items()})
         row["single_donated"] = bool(args.donate)
+        for cfg in filter(None, args.single_configs.split(",")):   # the same update under per-jit XLA options
+          one_c = jax.jit(update, donate_argnums=1 if args.donate else (), compiler_options=_single_options(cfg))
+          sts_c = [jax.tree_util.tree_map(jnp.copy, st) for _ in range(args.calls + 1)] if args.donate else None
+          jax.block_until_ready(one_c(g1, sts_c.pop() if args.donate else st))
+          d = _device(lambda: one_c(g1, sts_c.pop() if args.donate else st), args.calls, 1)
+          row[f"single@{cfg}"] = {k_: d[k_] for k_ in ("device_s", "busy_s", "kernels", "idle_s", "gaps", "device_error")
+                                  if k_ in d}
       row["loop_wall_s"] = _wall(lambda: loop(g, st, out0), max(3, reps // 3)) / steps
     except Exception as e:  # record and go on
       row["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
@@ -426,7 +455,7 @@ def main():
   meta["total_s"] = time.perf_counter() - t_start
   print_table(rows, ["method", key_, "busy_s", "kernels", "speedup_over_topk", "over_flat_copy", "over_rw_floor",
                      "compressor_s", "compressor_speedup_over_topk", "single_device_s", "single_kernels",
-                     "single_speedup_over_topk", "loop_wall_s", "wall_s"])
+                     "single_speedup_over_topk", "single_idle_s", "loop_wall_s", "wall_s"])
   write_json(args.out, args.name, {**meta, "rows": rows})
 
 
