@@ -57,3 +57,21 @@ def test_cpu_rows_use_loop_wall_time():
   assert by["chain(sidco(0.001), adam)"]["compressor_speedup_over_topk"] == 2.0
   assert by["chain(sidco(0.001), adam)"]["speedup_over_topk"] == 2.0
   assert by["topk(0.001)"]["over_rw_floor"] == 16.0
+
+
+def test_largest_gaps_sums_idle_time_under_overlapping_kernels():
+  from benchmarks.common import largest_gaps
+  # (start, end, duration, name); "b" runs inside "a" (another stream): no idle time until a ends at 50
+  ev = [(0, 50, 50, "a"), (10, 20, 10, "b"), (70, 80, 10, "c"), (81, 90, 9, "d"), (190, 200, 10, "e")]
+  idle, gaps = largest_gaps(ev, 2)
+  assert idle == pytest.approx((20 + 1 + 100) * 1e-9)
+  assert gaps == [(pytest.approx(100e-9), "d", "e"), (pytest.approx(20e-9), "a", "c")]
+  assert largest_gaps([], 3) == (0, [])
+
+
+def test_single_configs_names_resolve_or_fail_clearly():
+  from mlsys_jax.sched import XLA_CONFIGS
+  assert st._single_options("no_cmdbuf") == XLA_CONFIGS["no_cmdbuf"]
+  assert st._single_options("cmdbuf_while")["xla_gpu_enable_command_buffer"].endswith(",WHILE")
+  with pytest.raises(ValueError, match="unknown configuration 'cmdbuf'"):
+    st._single_options("cmdbuf")
