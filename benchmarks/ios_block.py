@@ -22,8 +22,19 @@ time), two rounds in opposite orders; (2) wall time per call, back-to-back calls
 (``best_xla_span`` over the device spans, ``best_xla_wall`` over wall times). Relative L2 errors are
 against the float32 block at HIGHEST precision.
 
+With ``--network inception_v3`` the same programs and measurements for the whole network at batch 1 (per
+dtype): ``xla:<config>`` (``model.apply`` under every ``sched.XLA_CONFIGS`` entry), ``ios`` (IOS-Merge) and
+``pallas:<config>``: ``mlsys_jax.sched._pallas_net.pallas_inception_v3``, every stride-1 Inception block
+(Mixed_5b-d, 6b-e, 7b-c) as Pallas level kernels with per-block tiles (``--net_tiles``; default the H200
+per-block bests), the stem, the reductions and the head in XLA, under ``--net_pallas_opts`` (default the
+command-buffer configuration and plain jit); ``--net_variants`` adds Pallas networks with other tiles or with
+blocks left in XLA. Rows add ``pallas_kernels`` / ``pallas_busy_s`` (the level kernels' launches and summed
+time per call).
+
   PYTHONPATH=. python3 benchmarks/ios_block.py --out $OUT --name ios_block_h200          # GPU
   PYTHONPATH=. python3 benchmarks/ios_block.py --small                                   # CPU smoke test
+  PYTHONPATH=. python3 benchmarks/ios_block.py --network inception_v3 --out $OUT --name ios_net_h200
+  PYTHONPATH=. python3 benchmarks/ios_block.py --network inception_v3 --small             # CPU smoke test
 """
 
 from __future__ import annotations
@@ -81,6 +92,184 @@ def relerr(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def measure(progs: dict, x, ref, flops: float, args, on_gpu: bool, payload: dict, labels: dict):
+  """Relative error vs ``ref``, wall time (interleaved) and, on a GPU, the device span of every compiled
+  program ``progs[name](x)``; rows with ratios against the best ``xla:*`` program of the same run.
+
+  Returns:
+    ``(rows, best_wall_row, best_span_row)``.
+  """
+  from benchmarks.ios import interleaved_times   # noqa: E402  (shared timing helper)
+  errs = {k: relerr(p(x), ref) for k, p in progs.items()}
+  fns = {k: (p, (x,)) for k, p in progs.items()}
+  wall = interleaved_times(fns, args.number, args.repeat)
+  dev = {}
+  if on_gpu:
+    names = list(progs)
+    for order in (names, names[::-1]):
+      try:
+        r = call_device_times({k: (lambda p=progs[k]: p(x)) for k in order}, args.calls)
+      except (RuntimeError, FileNotFoundError) as e:   # keep the wall times of this case
+        print(f"device trace failed: {e!r}", flush=True)
+        payload.setdefault("trace_errors", []).append(repr(e))
+        continue
+      for k in order:
+        dev.setdefault(k, []).append(r[k])
+  rows = []
+  for k in progs:
+    row = {**labels, "program": k, "wall_s": float(np.median(wall[k])), "wall_all_s": wall[k], "rel_err": errs[k]}
+    if dev.get(k):
+      spans = [d["span_s"] for d in dev[k]]
+      row.update({"span_s": float(min(spans)), "span_rounds_s": spans, "kernels": dev[k][0]["kernels"],
+                  "busy_s": float(np.median([d["busy_s"] for d in dev[k]])),
+                  "kernel_s": {n: float(np.median(v)) for n, v in dev[k][0]["kernel_s"].items()}})
+      # Pallas level kernels: their summed time per call (median per kernel name, times its launches per call)
+      pk = {n: v for n, v in dev[k][0]["kernel_s"].items() if n.startswith("pallas_block")}
+      if pk:
+        row["pallas_busy_s"] = float(sum(np.sum(v) for v in pk.values()) / args.calls)
+        row["pallas_kernels"] = sum(len(v) for v in pk.values()) / args.calls
+      row["tflops"] = flops / row["span_s"] / 1e12
+    rows.append(row)
+  xla_rows = [r for r in rows if r["program"].startswith("xla:")]
+  best_wall = min(xla_rows, key=lambda r: r["wall_s"])
+  best_span = min(xla_rows, key=lambda r: r.get("span_s", r["wall_s"]))
+  for r in rows:
+    r["vs_best_xla_wall"] = best_wall["wall_s"] / r["wall_s"]
+    if "span_s" in r:
+      r["vs_best_xla_span"] = best_span["span_s"] / r["span_s"]
+  return rows, best_wall, best_span
+
+
+def parse_net_tiles(spec: str) -> dict:
+  """``'Mixed_6b=32x32x64/flat/k4,e=32x32x32,Mixed_7c=xla'`` -> ``{block name: BlockConfig(s) or 'xla'}`` (a/c/e:
+  every Inception-A/C/E block; ``xla``: leave the block in XLA)."""
+  from mlsys_jax.sched import _pallas_net as pn
+  kinds = {"a": [n for n in pn.PALLAS_BLOCKS if n.startswith("Mixed_5")],
+           "c": [n for n in pn.PALLAS_BLOCKS if n.startswith("Mixed_6")],
+           "e": [n for n in pn.PALLAS_BLOCKS if n.startswith("Mixed_7")]}
+  out = {}
+  for item in filter(None, spec.split(",")):
+    name, eq, tile = item.partition("=")
+    if not eq:
+      raise ValueError(f"--net_tiles item {item!r} is not NAME=TILE")
+    for n in kinds.get(name, [name]):
+      out[n] = "xla" if tile == "xla" else parse_tile(tile)
+  return out
+
+
+def _tile_str(c) -> str:
+  if not isinstance(c, pb.BlockConfig):
+    return "+".join(_tile_str(v) for v in c)
+  s = f"{c.bm}x{c.bn}x{c.bk}" + ("/flat" if c.k_mode == "flat" else "")
+  s += f"/k{c.split_steps}" if c.split_steps else ""
+  s += "/nl" if c.split_steps and not c.split_last else ""
+  s += f"/w{c.num_warps}" if c.num_warps != 4 else ""
+  return s + (f"/s{c.num_stages}" if c.num_stages != 3 else "")
+
+
+def net_flops(model, variables, x) -> float:
+  """Multiply-add FLOPs (2 per MAC) of every ``nn.Conv`` of ``model`` (dense convs), from the captured output
+  shapes (``jax.eval_shape``: nothing is computed)."""
+  import flax.linen as nn
+  _, st = jax.eval_shape(lambda v: model.apply(variables, v, capture_intermediates=lambda m, _: isinstance(m, nn.Conv),
+                                               mutable=["intermediates"]), x)
+  outs = st["intermediates"]
+  return float(sum(2 * np.prod(p["kernel"].shape) * np.prod(outs[name]["__call__"][0].shape[:3])
+                   for name, p in variables["params"].items()))
+
+
+def network_main(args):
+  """``--network inception_v3``: the whole network at batch 1 per dtype, every program compiled before any runs:
+  ``xla:<config>`` (``model.apply`` with the weights closed over, every ``sched.XLA_CONFIGS`` entry), ``ios``
+  (IOS-Merge, analytical search, check off) and ``pallas:<config>`` (``_pallas_net.pallas_inception_v3``: the
+  A/C/E blocks as Pallas level kernels, the rest XLA). Measured as in block mode (:func:`measure`)."""
+  from mlsys_jax.models import ios_benchmark_nets, ios_init_params
+  from mlsys_jax.sched import _pallas_net as pn
+  t_start = time.perf_counter()
+  on_gpu = jax.default_backend() == "gpu"
+  env = environment()
+  print(env, flush=True)
+  payload = {"env": env, "argv": sys.argv[1:], "network": args.network, "cases": []}
+  overrides = parse_net_tiles(args.net_tiles)
+  model32, shape = ios_benchmark_nets(small=args.small)[args.network]
+  params32 = ios_init_params(model32, shape, seed=0)      # nonzero biases, like trained (BN-folded) weights
+  x32 = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(lambda v: model32.apply(params32, v))(x32)
+  flops = net_flops(model32, params32, x32)
+  rows_all, last_case_s = [], 0.0
+  for dt_name in args.dtypes.split(","):
+    elapsed = time.perf_counter() - t_start
+    if elapsed + last_case_s > args.time_budget_s:
+      print(f"time budget: {elapsed:.0f} s + {last_case_s:.0f} s (previous dtype) > {args.time_budget_s:.0f} s; "
+            f"skipping {dt_name}", flush=True)
+      payload.setdefault("skipped", []).append(dt_name)
+      continue
+    t_case = time.perf_counter()
+    dtype = jnp.dtype(dt_name)
+    if dtype == jnp.float32:
+      model, params = model32, params32
+    else:
+      model = ios_benchmark_nets(small=args.small, dtype=dtype)[args.network][0]
+      params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params32)
+    x = x32.astype(dtype)
+    f = lambda v, m=model, p=params: m.apply(p, v)
+    progs, info, t0 = {}, {}, time.perf_counter()
+    for cfg in args.xla_configs.split(","):
+      opts = sched.XLA_CONFIGS[cfg]
+      tc = time.perf_counter()
+      progs[f"xla:{cfg}"] = jax.jit(f, compiler_options=opts or None).lower(x).compile()
+      info[f"xla:{cfg}"] = {"compile_s": time.perf_counter() - tc}
+    if args.ios:
+      prof = sched.StageProfiler() if on_gpu and args.ios_cost == "profiler" else sched.AnalyticalCost()
+      ts = time.perf_counter()
+      sc = sched.ios_schedule(f, x, strategy="merge", profiler=prof, check="off")
+      jf, consts = sc._build()
+      cprog = jf.lower(consts, x).compile()
+      progs["ios"] = lambda v, c=cprog, k=consts: c(k, v)
+      info["ios"] = {"search_compile_s": time.perf_counter() - ts, "counts": sc.counts()}
+    variants = [("", {}, args.net_pallas_opts.split(","))]
+    for item in filter(None, args.net_variants.split(";")):
+      label, _, spec = item.partition("=")
+      variants.append((label, parse_net_tiles(spec), args.net_pallas_opts.split(",")[:1]))
+    for label, extra, opts_list in variants:
+      spec = {**pn.default_configs(dtype), **overrides, **extra}
+      emit = [n for n, c in spec.items() if c != "xla"]
+      net = pn.pallas_inception_v3(model, params, configs={n: spec[n] for n in emit}, blocks=emit, dtype=dtype)
+      tag = f"pallas[{label}]" if label else "pallas"
+      info[tag] = {"levels": net.levels(), "kernels": sum(net.levels().values()),
+                   "tiles": {n: _tile_str(c) for n, c in net.configs.items()},
+                   "xla_blocks": [n for n in pn.BLOCKS if n not in net.blocks]}
+      for o in opts_list:
+        tc = time.perf_counter()
+        try:
+          progs[f"{tag}:{o}"] = jax.jit(net, compiler_options=sched.XLA_CONFIGS[o] or None).lower(x).compile()
+        except Exception as e:   # one variant failing to compile must not lose the run
+          print(f"{tag}:{o} failed to compile: {e!r:.500}", flush=True)
+          info[f"{tag}:{o}:error"] = repr(e)[:2000]
+        info[f"{tag}:{o}"] = {"compile_s": time.perf_counter() - tc}
+    compile_s = time.perf_counter() - t0
+    print(f"{args.network} {dt_name}: {len(progs)} programs compiled in {compile_s:.1f} s", flush=True)
+    rows, best_wall, best_span = measure(progs, x, ref, flops, args, on_gpu, payload,
+                                         {"network": args.network, "dtype": dt_name})
+    payload["cases"].append({"network": args.network, "dtype": dt_name, "shape": list(shape), "flops": flops,
+                             "compile_s": compile_s, "best_xla_wall": best_wall["program"],
+                             "best_xla_span": best_span["program"], "info": info, "rows": rows})
+    rows_all += rows
+    last_case_s = time.perf_counter() - t_case
+    payload["wall_s"] = time.perf_counter() - t_start
+    write_json(args.out, args.name, payload)
+  cols = ["dtype", "program", "wall_s", "vs_best_xla_wall", "rel_err"]
+  if on_gpu:
+    cols[3:3] = ["span_s", "vs_best_xla_span", "kernels", "pallas_kernels", "busy_s", "pallas_busy_s"]
+  for r in rows_all:
+    for c in ("wall_s", "span_s", "busy_s", "pallas_busy_s"):
+      if c in r:
+        r[c[:-2] + "_us"] = r[c] * 1e6
+  print_table(rows_all, [c[:-2] + "_us" if c in ("wall_s", "span_s", "busy_s", "pallas_busy_s") else c
+                         for c in cols])
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default=None)
@@ -99,11 +288,23 @@ def main():
   ap.add_argument("--calls", type=int, default=30, help="traced calls per program and round")
   ap.add_argument("--number", type=int, default=20)
   ap.add_argument("--repeat", type=int, default=7)
-  ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining cases after this")
+  ap.add_argument("--time_budget_s", type=float, default=1e9, help="skip remaining cases after this (--network: "
+                  "skip a dtype when the time so far plus the previous dtype's would pass it)")
+  ap.add_argument("--network", default=None, choices=("inception_v3",), help="the whole network instead of one "
+                  "block: XLA configs, IOS-Merge and the Pallas-emitted network (sched._pallas_net)")
+  ap.add_argument("--net_tiles", default="", help="--network: per-block tile overrides 'NAME=TILE,...' (NAME a "
+                  "block such as Mixed_6b, or a/c/e for every block of that kind; default: "
+                  "_pallas_net.default_configs of the dtype)")
+  ap.add_argument("--net_pallas_opts", default="cmdbuf_conv_concurrent,jit",
+                  help="--network: XLA configurations of the Pallas-emitted network")
+  ap.add_argument("--net_variants", default="", help="--network: more Pallas networks 'LABEL=SPEC;...' (SPEC as "
+                  "--net_tiles, on top of it; NAME=xla leaves a block in XLA), each compiled under the first "
+                  "--net_pallas_opts configuration only, e.g. 'e_xla=e=xla;e_k4=e=32x32x64/flat/k4'")
   args = ap.parse_args()
   if args.small:   # the Pallas interpreter takes ~0.1 s a call
     args.number, args.repeat = 1, 2
-  from benchmarks.ios import interleaved_times   # noqa: E402  (shared timing helper)
+  if args.network:
+    return network_main(args)
   t_start = time.perf_counter()
   on_gpu = jax.default_backend() == "gpu"
   env = environment()
@@ -162,39 +363,8 @@ def main():
             sum(-(-h * w // lv.config.bm) * (t.n_pad // lv.config.bn) for t in lv.tasks) for lv in blk.levels]}
       compile_s = time.perf_counter() - t0
       print(f"block {blk_name} {dt_name}: {len(progs)} programs compiled in {compile_s:.1f} s", flush=True)
-      errs = {k: relerr(p(x), ref) for k, p in progs.items()}
-      fns = {k: (p, (x,)) for k, p in progs.items()}
-      wall = interleaved_times(fns, args.number, args.repeat)
-      dev = {}
-      if on_gpu:
-        names = list(progs)
-        for order in (names, names[::-1]):
-          try:
-            r = call_device_times({k: (lambda p=progs[k]: p(x)) for k in order}, args.calls)
-          except (RuntimeError, FileNotFoundError) as e:   # keep the wall times of this case
-            print(f"device trace failed: {e!r}", flush=True)
-            payload.setdefault("trace_errors", []).append(repr(e))
-            continue
-          for k in order:
-            dev.setdefault(k, []).append(r[k])
-      rows = []
-      for k in progs:
-        row = {"block": blk_name, "dtype": dt_name, "program": k, "wall_s": float(np.median(wall[k])),
-               "wall_all_s": wall[k], "rel_err": errs[k]}
-        if dev.get(k):
-          spans = [d["span_s"] for d in dev[k]]
-          row.update({"span_s": float(min(spans)), "span_rounds_s": spans, "kernels": dev[k][0]["kernels"],
-                      "busy_s": float(np.median([d["busy_s"] for d in dev[k]])),
-                      "kernel_s": {n: float(np.median(v)) for n, v in dev[k][0]["kernel_s"].items()}})
-          row["tflops"] = flops / row["span_s"] / 1e12
-        rows.append(row)
-      xla_rows = [r for r in rows if r["program"].startswith("xla:")]
-      best_wall = min(xla_rows, key=lambda r: r["wall_s"])
-      best_span = min(xla_rows, key=lambda r: r.get("span_s", r["wall_s"]))
-      for r in rows:
-        r["vs_best_xla_wall"] = best_wall["wall_s"] / r["wall_s"]
-        if "span_s" in r:
-          r["vs_best_xla_span"] = best_span["span_s"] / r["span_s"]
+      rows, best_wall, best_span = measure(progs, x, ref, flops, args, on_gpu, payload,
+                                           {"block": blk_name, "dtype": dt_name})
       case = {"block": blk_name, "dtype": dt_name, "shape": [1, h, w, cin], "flops": flops,
               "compile_s": compile_s, "best_xla_wall": best_wall["program"],
               "best_xla_span": best_span["program"], "info": info, "rows": rows}
