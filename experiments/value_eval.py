@@ -420,6 +420,15 @@ _KR_STEPS = flags.DEFINE_integer("kr_steps", 1500, "program_mape: kernel rooflin
 _KR_CORR = flags.DEFINE_bool("kr_correction", False, "program_mape: also a bounded learned correction of the "
                              "kernel roofline (trees on log(runtime / prediction), clipped to +-b; b chosen by "
                              "an inner 4-fold cross-validation grouped like the outer split).")
+_KR_LABELS = flags.DEFINE_bool("kr_labels", False, "program_mape: also the kernel roofline fitted with per-kernel "
+                               "profiler times as labels (datasets with profiler columns; "
+                               "kernel_roofline.match_kernel_times) plus a per-launch gap "
+                               "(model 'kernel_roofline_labels').")
+_KR_GAP = flags.DEFINE_bool("kr_gap_per_class", True, "program_mape: --kr_labels model's launch gap per kernel "
+                             "class and device (else one per device).")
+_KR_FLOOR = flags.DEFINE_bool("kr_host_floor", False, "program_mape: kernel roofline models (with and without "
+                               "labels) with a per-device host floor: wall = softmax_8(device-side time, H_d).")
+_KR_KW = flags.DEFINE_float("kr_kernel_weight", 1.0, "program_mape: weight of the per-kernel loss (--kr_labels).")
 _KR_BOUNDS = [0.0, float(np.log(1.25)), float(np.log(1.5)), float(np.log(2.0)), float("inf")]
 
 
@@ -432,6 +441,48 @@ def _ratio_ci(ape_base, ape_model, rows_of, progs, seed):
     idx = np.concatenate([rows_of[p_] for p_ in rng.choice(progs, progs.size)])
     out.append(ape_base[idx].mean() / ape_model[idx].mean())
   return [float(np.percentile(out, 2.5)), float(np.percentile(out, 97.5))]
+
+
+def _kernel_labels(ds, kts):
+  """Per-kernel labels of the rows of ``ds`` whose source file has profiler columns (matched by HLO text
+  and runtime): (labels per row or None, device_busy_s and device_span_s per row (NaN without), stats)."""
+  from mlsys_jax.cost import dataset as cds
+  from mlsys_jax.cost import kernel_roofline as KR
+  by_key = {}
+  for p in _ODATA.value:
+    dt = cds.load_device_times(p)
+    if dt is None:
+      continue
+    src = cds.load_dataset(p)
+    for i in range(len(src)):
+      by_key[(src.hlo[i], float(src.runtime_s[i]))] = (dt["kernel_times"][i], float(dt["device_busy_s"][i]),
+                                                       float(dt["device_span_s"][i]))
+  if not by_key:
+    raise ValueError("--kr_labels: none of --option_data has profiler columns (cost_collect.py --profile_calls).")
+  labels, busy, span = [None] * len(ds), np.full(len(ds), np.nan), np.full(len(ds), np.nan)
+  st = {"rows_with_profile": 0, "groups": 0, "matched_s": 0.0, "pooled_s": 0.0, "unassigned_s": 0.0,
+        "kernels": 0, "kernels_labelled": 0}
+  for i in range(len(ds)):
+    hit = by_key.get((ds.hlo[i], float(ds.runtime_s[i])))
+    if hit is None:
+      continue
+    busy[i], span[i] = hit[1], hit[2]
+    lab = KR.match_kernel_times(kts[i], hit[0])
+    st["rows_with_profile"] += 1
+    st["matched_s"] += lab.matched_s
+    st["pooled_s"] += lab.library_s
+    st["unassigned_s"] += lab.unassigned_s
+    st["kernels"] += int(kts[i].flops.size)
+    st["kernels_labelled"] += int(np.unique(lab.rows).size)
+    if lab.time_s.size:
+      labels[i] = lab
+      st["groups"] += int(lab.time_s.size)
+  tot = st["matched_s"] + st["pooled_s"] + st["unassigned_s"]
+  st["frac_time_matched_by_name"] = st["matched_s"] / tot if tot else None
+  st["frac_time_pooled"] = st["pooled_s"] / tot if tot else None
+  st["frac_time_unassigned"] = st["unassigned_s"] / tot if tot else None
+  print(f"kernel labels: {st}", flush=True)
+  return labels, busy, span, st
 
 
 def part_program_mape():
@@ -471,6 +522,7 @@ def part_program_mape():
   kfl = np.asarray([float((k.flops * k.count).sum()) for k in kts])
   kby = np.asarray([float((k.bytes * k.count).sum()) for k in kts])
   print(f"features and kernel tables ({time.perf_counter() - t0:.0f} s)", flush=True)
+  klabels, busy, span, lab_stats = _kernel_labels(ds, kts) if _KR_LABELS.value else (None, None, None, None)
   fl, by = np.maximum(ds.flops, 0.0), np.maximum(ds.bytes_accessed, 0.0)
   roof = np.log(np.maximum(fl / 4e14, by / 3e12) + 5e-6)
   dev_hot = (devs[:, None] == np.asarray(udev)[None, :]).astype(np.float64) if len(udev) > 1 \
@@ -479,7 +531,8 @@ def part_program_mape():
   y = np.log(ds.runtime_s)
   rt = ds.runtime_s
   keep = ~np.asarray(ds.noisy, bool)
-  kcfg = KR.KernelRooflineConfig(sharpness=_KR_SHARP.value, ridge=_KR_RIDGE.value, steps=_KR_STEPS.value)
+  kcfg = KR.KernelRooflineConfig(sharpness=_KR_SHARP.value, ridge=_KR_RIDGE.value, steps=_KR_STEPS.value,
+                                 host_floor=_KR_FLOOR.value)
   out = {"dataset": desc, "rows": int(len(y)), "rows_kept": int(keep.sum()),
          "xla_flops_missing_rows": int(np.sum(ds.flops <= 0)),
          "analytical": "roofline max(flops/F, bytes/B) + overhead on XLA's cost_analysis flops/bytes, F, B, "
@@ -497,6 +550,12 @@ def part_program_mape():
   splits = [("program", V.group_folds(cds.program_keys(ds), 5, _SEED.value), cds.program_keys(ds)),
             ("family", [ds.family == f for f in np.unique(ds.family)], ds.family)]
   splits = [s_ for s_ in splits if _OSPLIT.value in ("both", s_[0])]
+  if _KR_LABELS.value:
+    out["kernel_roofline_labels"] = {
+        "what": "the kernel roofline fitted with per-kernel device times of the training rows that have profiler "
+                "columns as extra labels (squared log error of each labelled group, weight kr_kernel_weight) and "
+                "a per-device launch gap: T = O_d + sum_k m_k (softmax + o_c + g_d); same folds, same config",
+        "kernel_weight": _KR_KW.value, "gap_per_class": _KR_GAP.value, "labels": lab_stats}
   if _KR_CORR.value:
     out["kernel_roofline_corrected"] = {
         "what": "kernel roofline x exp(clip(g(x), -b, b)); g: gradient-boosted trees (200 iterations, lr 0.05, "
@@ -510,6 +569,10 @@ def part_program_mape():
                                            "analytical_kernel_totals", "kernel_roofline")}
     if _KR_CORR.value:
       pred["kernel_roofline_corrected"] = np.zeros(len(y))
+    if _KR_LABELS.value:
+      pred["kernel_roofline_labels"] = np.zeros(len(y))
+      busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
+      fitted_terms = []
     bounds_chosen = []
     ood = np.zeros(len(y), bool)
     tk = time.perf_counter()
@@ -540,6 +603,23 @@ def part_program_mape():
         km = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], kcfg)
       pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts[i] for i in ite], devs[ite])
       ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts[i] for i in ite], devs[ite])]
+      if _KR_LABELS.value:
+        labs = [klabels[i] for i in itr]
+        kml = km
+        if any(lb is not None for lb in labs):
+          with threadpool_limits(1):
+            kml = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr],
+                                         kcfg._replace(kernel_weight=_KR_KW.value, gap_per_class=_KR_GAP.value), kernel_labels=labs)
+        pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts[i] for i in ite], devs[ite])
+        for key_, mdl in (("kernel_roofline", km), ("kernel_roofline_labels", kml)):
+          busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [kts[i] for i in ite], devs[ite], what="busy")
+        fitted_terms.append({dv: {"program_overhead_us": float(np.exp(kml.log_program_overhead[j]) * 1e6),
+                                  **({} if kml.log_host_floor is None else {
+                                      "host_floor_us": float(np.exp(kml.log_host_floor[j]) * 1e6)}),
+                                  **({} if kml.log_launch_gap is None else {
+                                      f"launch_gap_us_{c}": float(np.exp(kml.log_launch_gap[j, ci]) * 1e6)
+                                      for ci, c in enumerate(KR.KERNEL_CLASSES) if kml.train_kernels[j, ci] > 0})}
+                             for j, dv in enumerate(kml.devices)})
       if _KR_CORR.value:
         p_all = KR.predict_kernel_roofline(km, kts, devs)  # in-sample on the training rows
         x2 = np.concatenate([x, np.log(p_all)[:, None]], 1)
@@ -569,7 +649,8 @@ def part_program_mape():
     res = {f"mape_{k}": v for k, v in mp.items()}
     for k, key in (("learned", "learned"), ("learned_residual", "learned_residual"),
                    ("kernel_roofline", "kernel_roofline"), ("analytical_kernel_totals", "kernel_totals"),
-                   ("kernel_roofline_corrected", "kernel_roofline_corrected")):
+                   ("kernel_roofline_corrected", "kernel_roofline_corrected"),
+                   ("kernel_roofline_labels", "kernel_roofline_labels")):
       if k not in pred:
         continue
       res[f"analytical_over_{key}"] = ma / mp[k]
@@ -577,6 +658,19 @@ def part_program_mape():
     res["kernel_totals_over_kernel_roofline"] = mp["analytical_kernel_totals"] / mp["kernel_roofline"]
     res["kernel_totals_over_kernel_roofline_ci95"] = _ratio_ci(ape["analytical_kernel_totals"],
                                                                ape["kernel_roofline"], rows_of, progs, _SEED.value)
+    if _KR_LABELS.value:
+      res["kernel_roofline_over_kernel_roofline_labels"] = mp["kernel_roofline"] / mp["kernel_roofline_labels"]
+      res["kernel_roofline_over_kernel_roofline_labels_ci95"] = _ratio_ci(
+          ape["kernel_roofline"], ape["kernel_roofline_labels"], rows_of, progs, _SEED.value)
+      prof = keep & np.isfinite(busy)
+      res["profiled_rows"] = {  # held-out rows with profiler columns (the s14a collection)
+          "rows": int(prof.sum()), **{f"mape_{k}": float(a[prof].mean()) for k, a in ape.items()},
+          **{f"busy_mape_{k}": float(np.abs(b_ / busy - 1.0)[prof].mean()) for k, b_ in busy_pred.items()},
+          "measured_busy_over_wall_median": float(np.median(busy[prof] / rt[prof])),
+          "measured_span_over_wall_median": float(np.median(span[prof] / rt[prof]))}
+      res["kernel_roofline_labels_fitted_terms_median"] = {  # over folds
+          dv: {k: float(np.median([ft[dv][k] for ft in fitted_terms if k in ft.get(dv, {})]))
+               for k in sorted({k for ft in fitted_terms for k in ft.get(dv, {})})} for dv in udev}
     res["kernel_roofline_ood_rows"] = int(np.sum(ood & keep))
     res["mape_kernel_roofline_in_distribution"] = float(ape["kernel_roofline"][keep & ~ood].mean()) \
         if np.any(keep & ~ood) else None
@@ -615,6 +709,9 @@ def part_program_mape():
           f"{mp['analytical_kernel_totals']:.3f}, analytical (XLA totals) {ma:.3f} -> kernel roofline "
           f"{res['analytical_over_kernel_roofline']:.2f}x "
           f"{res['analytical_over_kernel_roofline_ci95']}, trees {res['analytical_over_learned']:.2f}x "
+          + (f"| with kernel labels {mp['kernel_roofline_labels']:.3f} -> "
+             f"{res['analytical_over_kernel_roofline_labels']:.2f}x {res['analytical_over_kernel_roofline_labels_ci95']} "
+             if _KR_LABELS.value else "") +
           f"[{time.perf_counter() - t0:.0f} s]", flush=True)
   out["total_s"] = time.perf_counter() - t0
   # the cost dataset: the HLO texts, then the columns (meta left out)

@@ -70,12 +70,18 @@ class KernelTable(NamedTuple):
     klass: int32[K] index into :data:`KERNEL_CLASSES`.
     count: float64[K] launches per program run (product of the enclosing loops' trip counts).
     unknown_trips: number of ``while`` loops without ``known_trip_count`` (counted as one trip).
+    names: the HLO instruction name of each kernel (None when the table was built by hand); the
+      profiler names a kernel after it (:func:`profile_name`), see :func:`match_kernel_times`.
+    library: bool[K], True for library calls (``custom-call``: cuBLAS, cuDNN, ...), whose profiler
+      kernels carry the library's own names (None: unknown).
   """
   flops: np.ndarray
   bytes: np.ndarray
   klass: np.ndarray
   count: np.ndarray
   unknown_trips: int = 0
+  names: tuple | None = None
+  library: np.ndarray | None = None
 
 
 def _trip_count(ins: Instruction) -> int | None:
@@ -235,8 +241,8 @@ def _kernel(module: HloModule, ins: Instruction, names: dict) -> tuple[float, fl
 def _default_time(rows) -> float:
   """Time of (flops, bytes, class, count) rows at the fit's starting roofline (branch choice only)."""
   cfg = KernelRooflineConfig()
-  return sum(m * (max(f / cfg.init_flops_rate, b / cfg.init_bytes_rate) + cfg.init_overhead_s)
-             for f, b, _, m in rows)
+  return sum(r[3] * (max(r[0] / cfg.init_flops_rate, r[1] / cfg.init_bytes_rate) + cfg.init_overhead_s)
+             for r in rows)
 
 
 def program_kernels(module: HloModule | str) -> KernelTable:
@@ -257,7 +263,7 @@ def program_kernels(module: HloModule | str) -> KernelTable:
     module = parse_hlo(module)
   if not isinstance(module, HloModule):
     raise TypeError(f"program_kernels needs an HloModule or HLO text, got {type(module).__name__}.")
-  rows: list[tuple[float, float, int, float]] = []
+  rows: list[tuple[float, float, int, float, str, bool]] = []
   unknown = [0]
 
   def walk(comp: Computation, mult: float, force_class: int | None, depth: int) -> None:
@@ -300,15 +306,110 @@ def program_kernels(module: HloModule | str) -> KernelTable:
         unknown[0] += best_unknown
         continue
       f, b, k = _kernel(module, ins, names)
-      rows.append((f, b, force_class if force_class is not None else k, mult))
+      rows.append((f, b, force_class if force_class is not None else k, mult, ins.name.lstrip("%"),
+                   op == "custom-call"))
 
   walk(module.entry, 1.0, None, 0)
   if not rows:
     z = np.zeros(0)
-    return KernelTable(z, z.copy(), np.zeros(0, np.int32), z.copy(), unknown[0])
-  f, b, k, m = zip(*rows)
+    return KernelTable(z, z.copy(), np.zeros(0, np.int32), z.copy(), unknown[0], (), np.zeros(0, bool))
+  f, b, k, m, nm, lib = zip(*rows)
   return KernelTable(np.asarray(f, np.float64), np.asarray(b, np.float64), np.asarray(k, np.int32),
-                     np.asarray(m, np.float64), unknown[0])
+                     np.asarray(m, np.float64), unknown[0], tuple(nm), np.asarray(lib, bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-kernel labels from the profiler.
+
+def profile_name(hlo_name: str) -> str:
+  """The name the GPU profiler gives the kernel of HLO instruction ``hlo_name``: XLA names a kernel
+  after its fusion (or ``wrapped_<opcode>`` fusion) with every character outside ``[A-Za-z0-9_]``
+  replaced by ``_`` (``gemm_fusion_dot.3`` -> ``gemm_fusion_dot_3``).
+
+  >>> profile_name("%gemm_fusion_dot.3"), profile_name("loop_add_fusion")
+  ('gemm_fusion_dot_3', 'loop_add_fusion')
+  """
+  if not isinstance(hlo_name, str) or not hlo_name.strip("%"):
+    raise ValueError(f"profile_name needs a non-empty HLO instruction name, got {hlo_name!r}.")
+  return re.sub(r"[^A-Za-z0-9_]", "_", hlo_name.lstrip("%"))
+
+
+class KernelLabels(NamedTuple):
+  """Measured device time of groups of one program's kernels (rows of its :class:`KernelTable`).
+
+  Attributes:
+    rows: int32[R] kernel-table rows that carry a label.
+    group: int32[R] label group of each of those rows (0..G-1); a group's measured time is the time
+      of all launches of all its rows in one program run.
+    time_s: float64[G] measured seconds per program run of each group (> 0).
+    matched_s: profiler seconds assigned to a kernel by name.
+    library_s: profiler seconds pooled onto the program's unmatched kernels (names that are no HLO
+      kernel: cuBLAS/cuDNN/CUTLASS kernels, their split-K reductions and workspace memsets, sort passes).
+    unassigned_s: profiler seconds left without a kernel (no name match and every kernel matched).
+  """
+  rows: np.ndarray
+  group: np.ndarray
+  time_s: np.ndarray
+  matched_s: float
+  library_s: float
+  unassigned_s: float
+
+
+def match_kernel_times(table: KernelTable, kernel_times: dict) -> KernelLabels:
+  """Assign the profiler's per-kernel times of one program run to the rows of its kernel table.
+
+  Rule: a profiler kernel whose name is :func:`profile_name` of a kernel's HLO name labels that kernel
+  alone (XLA's own fusions and ``wrapped_*`` kernels). Every other profiler kernel -- library kernels
+  named by cuBLAS/cuDNN/CUTLASS (GEMM, split-K reduce, epilogue, workspace memset), which cannot be told
+  apart from each other, and the several kernels of a sort fusion, named after the sort inside -- is
+  pooled into one group labelling all the program's kernels that no profiler name matched (its
+  library calls, ``table.library``, and such fusions); with no such kernel its time stays unassigned.
+
+  Args:
+    table: a :class:`KernelTable` from :func:`program_kernels` (with ``names`` and ``library``).
+    kernel_times: profiler kernel name -> seconds per program run (``dataset.load_device_times``).
+  Returns:
+    :class:`KernelLabels` (possibly with no groups).
+  """
+  if not isinstance(table, KernelTable):
+    raise TypeError(f"match_kernel_times needs a KernelTable, got {type(table).__name__}.")
+  if table.names is None or table.library is None or len(table.names) != table.flops.size \
+      or np.shape(table.library) != table.flops.shape:
+    raise ValueError("match_kernel_times needs a KernelTable with names and library flags for every kernel "
+                     "(from program_kernels).")
+  if not isinstance(kernel_times, dict):
+    raise TypeError(f"kernel_times must be a dict (kernel name -> seconds), got {type(kernel_times).__name__}.")
+  for k, v in kernel_times.items():
+    if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
+        or not np.isfinite(v) or v < 0:
+      raise ValueError(f"kernel_times[{k!r}] = {v!r}: need a finite time >= 0 seconds under a str name.")
+  by_name: dict[str, list[int]] = {}
+  for i, n in enumerate(table.names):
+    by_name.setdefault(profile_name(n), []).append(i)
+  rows, group, times = [], [], []
+  matched_rows: set[int] = set()
+  matched = pooled = 0.0
+  for name in sorted(kernel_times):
+    v = float(kernel_times[name])
+    ix = by_name.get(name)
+    if ix is None:
+      pooled += v
+      continue
+    matched += v
+    matched_rows.update(ix)
+    if v > 0:
+      rows += ix
+      group += [len(times)] * len(ix)
+      times.append(v)
+  lib = [i for i in range(table.flops.size) if i not in matched_rows]
+  unassigned = pooled
+  if lib and pooled > 0:
+    rows += lib
+    group += [len(times)] * len(lib)
+    times.append(pooled)
+    unassigned = 0.0
+  return KernelLabels(np.asarray(rows, np.int32), np.asarray(group, np.int32), np.asarray(times, np.float64),
+                      matched, pooled - unassigned, unassigned)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,6 +428,15 @@ class KernelRoofline(NamedTuple):
       the roofline's max; 1: their sum, no overlap).
     train_kernels: float64[D, C] kernels of each class and device in the training programs (0: the
       class's parameters are the median of the device's fitted classes; see :func:`kernel_roofline_ood`).
+    log_launch_gap: float64[D, C] log seconds added per launch of a class beyond the kernel's device time
+      (the idle gap before it: host-side launch, library setup), or None (0). Fitted only with per-kernel labels (:func:`fit_kernel_roofline` ``kernel_labels``): then
+      ``softmax + o`` is a kernel's measured device time and the gap and ``O_d`` carry the rest of the
+      wall time.
+    log_host_floor: float64[D] log seconds of the host's per-call floor, or None: the wall time of a
+      program timed in back-to-back calls is ``softmax_q(T_device, H_d)`` (sharpness ``floor_sharpness``):
+      while the device runs, the host dispatches the next call, so a program shorter than the host's
+      dispatch time costs about ``H_d`` however small its kernels (fitted with
+      ``KernelRooflineConfig.host_floor``).
   """
   devices: tuple
   log_flops_rate: np.ndarray
@@ -335,6 +445,9 @@ class KernelRoofline(NamedTuple):
   log_program_overhead: np.ndarray
   sharpness: float
   train_kernels: np.ndarray | None = None
+  log_launch_gap: np.ndarray | None = None
+  log_host_floor: np.ndarray | None = None
+  floor_sharpness: float = 8.0
 
 
 def _soft_max(a, b, p, xp=np):
@@ -376,14 +489,19 @@ def _flatten(tables: Sequence[KernelTable]):
 
 
 def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable],
-                            devices: Sequence[str]) -> np.ndarray:
-  """Predicted runtime (seconds) of each program: ``O_d + sum_k m_k (softmax_p(f_k/F, b_k/B) + o)``.
+                            devices: Sequence[str], what: str = "wall") -> np.ndarray:
+  """Predicted runtime (seconds) of each program: ``O_d + sum_k m_k (softmax_p(f_k/F, b_k/B) + o + g_d)``.
 
   Args:
     model: a fitted :class:`KernelRoofline`.
     tables: one :class:`KernelTable` per program (:func:`program_kernels`).
     devices: the device of each program (one of ``model.devices``).
+    what: 'wall' (the program's runtime) or 'busy' (the summed device time of its kernels,
+      ``sum_k m_k (softmax + o)``: what the profiler's ``device_busy_s`` measures; meaningful for a model
+      fitted with per-kernel labels).
   """
+  if what not in ("wall", "busy"):
+    raise ValueError(f"what must be 'wall' or 'busy', got {what!r}.")
   dev = _check_tables(tables, devices)
   known = {d: i for i, d in enumerate(model.devices)}
   bad = sorted({str(d) for d in dev if d not in known})
@@ -395,8 +513,15 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
   a = f / np.exp(model.log_flops_rate[kd, k])
   c = b / np.exp(model.log_bytes_rate[kd, k])
   t = m * (_soft_max(a, c, model.sharpness) + np.exp(model.log_overhead[kd, k]))
-  out = np.exp(model.log_program_overhead[di])
+  if what == "busy":
+    out = np.zeros(len(tables))
+  else:
+    out = np.exp(model.log_program_overhead[di])
+    if model.log_launch_gap is not None:
+      t = t + m * np.exp(model.log_launch_gap[kd, k])
   np.add.at(out, rows, t)
+  if what == "wall" and model.log_host_floor is not None:
+    out = _soft_max(out, np.exp(model.log_host_floor[di]), model.floor_sharpness)
   return out
 
 
@@ -415,6 +540,13 @@ class KernelRooflineConfig(NamedTuple):
     steps, learning_rate: Adam on the log parameters (full batch).
     init_flops_rate, init_bytes_rate, init_overhead_s, init_program_overhead_s: starting point (and the
       value the penalty pulls unseen classes toward, through the shared terms).
+    kernel_weight: weight of the per-kernel loss (squared log error of each labelled group's summed
+      device time) against the per-program loss, when ``kernel_labels`` are given.
+    init_launch_gap_s: starting per-launch gap (with ``kernel_labels`` only).
+    gap_per_class: with ``kernel_labels``, a launch gap per class and device (True) or one per device.
+    host_floor: also fit a per-device host floor ``H_d``: wall = ``softmax_q(T, H_d)``, q = ``floor_sharpness``
+      (see :class:`KernelRoofline`).
+    init_host_floor_s, floor_sharpness: its starting value and the (fixed) sharpness.
   """
   sharpness: float = 16.0
   ridge: float = 0.001
@@ -426,22 +558,65 @@ class KernelRooflineConfig(NamedTuple):
   init_bytes_rate: float = 2e12
   init_overhead_s: float = 3e-6
   init_program_overhead_s: float = 3e-5
+  kernel_weight: float = 1.0
+  init_launch_gap_s: float = 2e-6
+  gap_per_class: bool = True
+  host_floor: bool = False
+  init_host_floor_s: float = 5e-5
+  floor_sharpness: float = 8.0
+
+
+def _label_arrays(tables, kernel_labels, n_prog):
+  """Flatten per-program :class:`KernelLabels` into (global kernel rows, global groups, times)."""
+  if kernel_labels is None:
+    return None
+  if len(kernel_labels) != n_prog:
+    raise ValueError(f"need one kernel_labels entry (KernelLabels or None) per program: {n_prog} programs, "
+                     f"{len(kernel_labels)} entries.")
+  off = np.cumsum([0] + [t.flops.size for t in tables])
+  rows, groups, times = [], [], []
+  g0 = 0
+  for i, lab in enumerate(kernel_labels):
+    if lab is None:
+      continue
+    if not isinstance(lab, KernelLabels):
+      raise TypeError(f"kernel_labels[{i}] is a {type(lab).__name__}, not KernelLabels (match_kernel_times).")
+    r, g, t = np.asarray(lab.rows), np.asarray(lab.group), np.asarray(lab.time_s, np.float64)
+    if r.shape != g.shape or (r.size and (r.min() < 0 or r.max() >= tables[i].flops.size)) or \
+        (g.size and (g.min() < 0 or g.max() >= t.size)) or not np.all(np.isfinite(t) & (t > 0)):
+      raise ValueError(f"kernel_labels[{i}]: rows must index its table, groups its times, times be > 0.")
+    rows.append(r + off[i])
+    groups.append(g + g0)
+    times.append(t)
+    g0 += t.size
+  if g0 == 0:
+    raise ValueError("kernel_labels hold no labelled kernel; pass kernel_labels=None to fit on runtimes only.")
+  return np.concatenate(rows).astype(np.int32), np.concatenate(groups).astype(np.int32), np.concatenate(times)
 
 
 def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float], devices: Sequence[str],
-                        config: KernelRooflineConfig = KernelRooflineConfig()) -> KernelRoofline:
-  """Fit the per-kernel roofline's log parameters to measured program runtimes.
+                        config: KernelRooflineConfig = KernelRooflineConfig(),
+                        kernel_labels: Sequence[KernelLabels | None] | None = None) -> KernelRoofline:
+  """Fit the per-kernel roofline's log parameters to measured program runtimes (and kernel times).
 
   Each log parameter is ``shared + device[d] + class[c] + interaction[d, c]`` (per-program overhead:
   ``shared + device[d]``); class and interaction terms carry the ridge penalty, so classes and devices
   with few kernels stay near the shared roofline. Full-batch Adam (optax) on the squared log error or
   the MAPE of the predicted program runtimes.
 
+  With ``kernel_labels`` (profiler times, :func:`match_kernel_times`), each kernel's
+  ``m_k (softmax + o_c)`` is its predicted device time, fitted to the labelled groups' measured times
+  (squared log error, weight ``config.kernel_weight``), and a per-class, per-device launch gap
+  ``g_{c,d}`` (parameterised and penalised like the others) joins the program's time:
+  ``T = O_d + sum_k m_k (softmax + o_c + g_{c,d})``: the class rates and kernel overheads then come from
+  kernel physics, the gaps and the dispatch term from the wall times.
+
   Args:
     tables: one :class:`KernelTable` per training program.
     runtime_s: measured runtime of each program (seconds, > 0).
     devices: the device of each program (any hashable names; one parameter set per distinct name).
     config: :class:`KernelRooflineConfig`.
+    kernel_labels: None, or per program a :class:`KernelLabels` or None (no profile).
   Returns:
     A :class:`KernelRoofline`.
   """
@@ -455,12 +630,15 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     raise ValueError(f"runtime_s must be {len(tables)} positive finite runtimes, got shape {y.shape}.")
   if config.objective not in ("log", "mape"):
     raise ValueError(f"objective must be 'log' or 'mape', got {config.objective!r}.")
-  if not (config.sharpness >= 1.0) or config.ridge < 0 or config.steps < 1 or not config.learning_rate > 0:
+  if not (config.sharpness >= 1.0) or config.ridge < 0 or config.steps < 1 or not config.learning_rate > 0 \
+      or not (config.kernel_weight >= 0) or not (config.init_launch_gap_s > 0) \
+      or not (config.init_host_floor_s > 0) or not (config.floor_sharpness >= 1.0):
     raise ValueError(f"need sharpness >= 1, ridge >= 0, steps >= 1, learning_rate > 0; got {config}.")
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
   f, b, k, m, rows = _flatten(tables)
+  labs = _label_arrays(tables, kernel_labels, len(tables))
   # scale to O(1) numbers for float32: time in units of 1 us
   unit = 1e-6
   f32 = lambda v: jnp.asarray(v, jnp.float32)
@@ -472,6 +650,14 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
                       np.log(config.init_overhead_s / unit), np.log(config.init_program_overhead_s / unit)],
                      jnp.float32)
   params = {"dev": jnp.zeros((4, D)), "cls": jnp.zeros((3, C)), "inter": jnp.zeros((3, D, C))}
+  if labs is not None:
+    params["gap"] = jnp.full((D,), np.log(config.init_launch_gap_s / unit), jnp.float32)
+    if config.gap_per_class:
+      params["gap_cls"], params["gap_inter"] = jnp.zeros((C,)), jnp.zeros((D, C))
+    lrj, lgj, lty = jnp.asarray(labs[0]), jnp.asarray(labs[1]), f32(np.log(labs[2] / unit))
+    n_groups = int(labs[2].size)
+  if config.host_floor:
+    params["floor"] = jnp.full((D,), np.log(config.init_host_floor_s / unit), jnp.float32)
   P, n = config.sharpness, len(tables)
 
   def logs(p):
@@ -484,10 +670,21 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     a = fj / jnp.exp(per[0][kdj, kj])
     c = bj / jnp.exp(per[1][kdj, kj])
     t = mj * (_soft_max(a, c, P, jnp) + jnp.exp(per[2][kdj, kj]))
+    kerr = 0.0
+    if labs is not None:
+      grp = jax.ops.segment_sum(t[lrj], lgj, num_segments=n_groups)
+      kerr = config.kernel_weight * jnp.mean((jnp.log(grp) - lty) ** 2)
+      gap = p["gap"][:, None] + (p["gap_cls"][None, :] + p["gap_inter"] if config.gap_per_class else 0.0)
+      t = t + mj * jnp.exp(gap[kdj, kj])
     pred = jnp.exp(prog)[dij] + jax.ops.segment_sum(t, rj, num_segments=n)
+    if config.host_floor:
+      pred = _soft_max(pred, jnp.exp(p["floor"])[dij], config.floor_sharpness, jnp)
     lp = jnp.log(pred)
     err = jnp.mean((lp - ly) ** 2) if config.objective == "log" else jnp.mean(jnp.abs(jnp.exp(lp - ly) - 1.0))
-    return err + config.ridge * (jnp.mean(p["cls"] ** 2) + jnp.mean(p["inter"] ** 2)) * 3
+    pen = (jnp.mean(p["cls"] ** 2) + jnp.mean(p["inter"] ** 2)) * 3
+    if labs is not None and config.gap_per_class:
+      pen = pen + jnp.mean(p["gap_cls"] ** 2) + jnp.mean(p["gap_inter"] ** 2)
+    return err + kerr + config.ridge * pen
 
   opt = optax.adam(config.learning_rate)
 
@@ -506,13 +703,28 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   per, prog = np.asarray(per, np.float64), np.asarray(prog, np.float64)
   if not np.all(np.isfinite(per)) or not np.all(np.isfinite(prog)):
     raise FloatingPointError("fit_kernel_roofline diverged (non-finite parameters); lower learning_rate.")
+  gap = None
+  if labs is not None:
+    g = params["gap"][:, None] + (params["gap_cls"][None, :] + params["gap_inter"] if config.gap_per_class
+                                  else jnp.zeros((D, C)))
+    gap = np.asarray(g, np.float64) + lu
+    if not np.all(np.isfinite(gap)):
+      raise FloatingPointError("fit_kernel_roofline diverged (non-finite launch gap); lower learning_rate.")
   seen = np.zeros((D, C))
   np.add.at(seen, (di[rows], k), 1.0)
   for d in range(D):  # classes without training kernels on a device: the median of its fitted classes
     fitted = seen[d] > 0
     if fitted.any() and not fitted.all():
       per[:, d, ~fitted] = np.median(per[:, d, fitted], axis=1, keepdims=True)
-  model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen)
+      if gap is not None:
+        gap[d, ~fitted] = np.median(gap[d, fitted])
+  floor = None
+  if config.host_floor:
+    floor = np.asarray(params["floor"], np.float64) + lu
+    if not np.all(np.isfinite(floor)):
+      raise FloatingPointError("fit_kernel_roofline diverged (non-finite host floor); lower learning_rate.")
+  model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen, gap,
+                         floor, float(config.floor_sharpness))
   if config.calibrate:
     from mlsys_jax.cost.metrics import mape_scale
     model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev), y))
@@ -527,7 +739,9 @@ def scale_kernel_roofline(model: KernelRoofline, factor: float) -> KernelRooflin
   lf = float(np.log(factor))
   return model._replace(log_flops_rate=model.log_flops_rate - lf, log_bytes_rate=model.log_bytes_rate - lf,
                         log_overhead=model.log_overhead + lf,
-                        log_program_overhead=model.log_program_overhead + lf)
+                        log_program_overhead=model.log_program_overhead + lf,
+                        log_launch_gap=None if model.log_launch_gap is None else model.log_launch_gap + lf,
+                        log_host_floor=None if model.log_host_floor is None else model.log_host_floor + lf)
 
 
 def kernel_roofline_ood(model: KernelRoofline, tables: Sequence[KernelTable], devices: Sequence[str]
