@@ -24,23 +24,35 @@ def small_net():
   return m, v, x, jax.jit(lambda u: m.apply(v, u))(x)
 
 
-def test_all_blocks_pallas_match_flax(small_net):
-  m, v, x, ref = small_net
+def _check_equal(m, v, x, ref, blocks):
   t16 = pb.BlockConfig(bm=16, bn=16, bk=16)
-  cfgs = {n: t16 for n in pn.PALLAS_BLOCKS}
-  # per-level configurations in one E block (split-K is tested in test_pallas_block.py: here it would double
-  # the interpreter's compile time)
-  cfgs["Mixed_7b"] = (t16, t16._replace(bk=32, k_mode="flat"))
-  net = pn.pallas_inception_v3(m, v, configs=cfgs)
-  assert net.levels() == {**{n: 3 for n in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_7b", "Mixed_7c")},
-                          **{n: 5 for n in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e")}}
+  cfgs = {n: t16 for n in blocks}
+  if "Mixed_7c" in cfgs:   # per-level configurations in one E block
+    cfgs["Mixed_7c"] = (t16, t16._replace(bk=32, k_mode="flat"))
+  # (split-K is tested in test_pallas_block.py: here it would double the interpreter's compile time)
+  net = pn.pallas_inception_v3(m, v, configs=cfgs, blocks=blocks)
+  assert net.levels() == {n: 5 if n.startswith("Mixed_6") else 3 for n in blocks}
   y = jax.jit(net)(x)
   assert y.shape == ref.shape == (1, 256)
   assert _rel(y, ref) < 1e-5
+  return y
+
+
+def test_one_block_of_each_kind_pallas_matches_flax(small_net):
+  # the last block of each kind (the largest conv offsets of its group); every block: the slow test below
+  m, v, x, ref = small_net
+  y = _check_equal(m, v, x, ref, ["Mixed_5d", "Mixed_6e", "Mixed_7c"])
   # the comparison sees a wrong weight in the last Pallas block: the same check against a perturbed network
   p = dict(v["params"])
   p["Conv_90"] = {**p["Conv_90"], "kernel": p["Conv_90"]["kernel"] * 1.01}     # Mixed_7c's bda (1x3)
   assert _rel(y, jax.jit(m.apply)({"params": p}, x)) > 1e-4
+
+
+@pytest.mark.slow
+def test_all_blocks_pallas_match_flax(small_net):
+  # all nine blocks as Pallas (~3x the interpreter's compile time of the test above)
+  m, v, x, ref = small_net
+  _check_equal(m, v, x, ref, list(pn.PALLAS_BLOCKS))
 
 
 def test_no_pallas_blocks_is_the_flax_network(small_net):
@@ -82,3 +94,24 @@ def test_bad_inputs(small_net):
                                dtype=jnp.bfloat16)     # the float32 network computes float32 at Mixed_5b
   with pytest.raises(ValueError, match="built for bfloat16"):
     jax.eval_shape(net, jax.ShapeDtypeStruct((1, 75, 75, 3), jnp.float32))
+
+
+def test_lowers_to_triton_for_cuda(small_net):
+  # the GPU path (interpret=False) through Pallas's Triton lowering, here without a GPU: one Triton kernel per
+  # level of every emitted block, with the default (H200) tiles, and the XLA parts' convs stay convolutions
+  from jax._src.pallas.triton import lowering as tl
+  m, v, x, _ = small_net
+  seen, hooked = [], tl.lower_jaxpr_to_triton_module
+
+  def capture(*a, **k):
+    seen.append(1)
+    return hooked(*a, **k)
+
+  net = pn.pallas_inception_v3(m, v, interpret=False)
+  try:
+    tl.lower_jaxpr_to_triton_module = capture
+    text = jax.jit(net).trace(jax.ShapeDtypeStruct(x.shape, x.dtype)).lower(lowering_platforms=("cuda",)).as_text()
+  finally:
+    tl.lower_jaxpr_to_triton_module = hooked
+  assert len(seen) == sum(net.levels().values()) == 5 * 3 + 4 * 5    # A and E: 3 levels, C: 5
+  assert text.count("stablehlo.convolution") == 5 + 4 + 6             # stem, Mixed_6a, Mixed_7a
