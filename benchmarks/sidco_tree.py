@@ -92,8 +92,10 @@ def _flags(ap):
                        "loop fusion (small per-leaf kernels into one) runs on the entry computation only, not in a loop body")
   ap.add_argument("--top", type=int, default=20, help="kernels kept in top_kernels (by total time per update)")
   ap.add_argument("--donate", action="store_true",
-                  help="--single with the state donated (jax.jit(update, donate_argnums=1), each call on a fresh copy "
-                       "made before the trace), as a training step that donates its optimizer state runs it")
+                  help="--single with the state donated (jax.jit(update, donate_argnums=1)), each call taking the state "
+                       "the previous call returned, as a training loop that donates its optimizer state runs it (until "
+                       "session 14: each call on a fresh copy, whose new buffer addresses re-record XLA's command buffers "
+                       "on every call: benchmarks/results/sidco_tree_s14b_h200.json)")
   ap.add_argument("--single_configs", default="",
                   help="with --single: also time the single update under these per-jit XLA configurations "
                        "(names of sched.XLA_CONFIGS, or 'cmdbuf_while': command buffers with WHILE added), rows "
@@ -147,6 +149,32 @@ def _loop(update, steps: int, pool: int, change: str = "scale"):
 
 
 TOP = 20   # kernels kept in top_kernels (--top)
+
+
+def _single_call(one, g, st, donate: bool):
+  """A no-argument call of the jitted single update ``one(g, state)``. Donated: the state each call returns
+  is the next call's (a training loop that donates its optimizer state: the outputs alias the donated inputs,
+  so buffer addresses stay put across calls and XLA's command buffers are not re-recorded); otherwise the
+  same state every call."""
+  if not donate:
+    return lambda: one(g, st)
+  cur = [jax.tree_util.tree_map(jnp.copy, st)]
+
+  def call():
+    out, cur[0] = one(g, cur[0])
+    return out
+  return call
+
+
+def _chain_wall(call, n: int) -> float:
+  """Wall seconds per call of ``n`` back-to-back calls, blocking once at the end (the Python loop of a
+  training script: dispatch of call i+1 overlaps device work of call i)."""
+  jax.block_until_ready(call())
+  t0 = time.perf_counter()
+  for _ in range(n - 1):
+    call()
+  jax.block_until_ready(call())
+  return (time.perf_counter() - t0) / n
 
 
 def _single_options(name: str) -> dict:
@@ -214,7 +242,8 @@ def _summarize(rows: list, rw_floor_s: float) -> str:
   ``over_flat_copy``, ``over_rw_floor``; for ``--chain`` rows (name ``chain(...)``) also ``compressor_s``
   (the row minus ``adam(1e-3)`` alone: the compressor's cost inside the training step) and
   ``compressor_speedup_over_topk`` (``chain(topk(0.001), adam)``'s compressor_s / this row's); with
-  ``--single`` rows also ``single_speedup_over_topk`` (on ``single_device_s``)."""
+  ``--single`` rows also ``single_speedup_over_topk`` (on ``single_device_s``) and
+  ``single_chain_speedup_over_topk`` (on ``single_chain_wall_s``, back-to-back calls from Python)."""
   key_ = "device_s" if any("device_s" in r for r in rows) else "loop_wall_s"
   by = {r["method"]: r for r in rows}
   floor = by.get("flat copy", {}).get(key_)
@@ -229,10 +258,11 @@ def _summarize(rows: list, rw_floor_s: float) -> str:
       r["over_rw_floor"] = r[key_] / rw_floor_s
       if adam and r["method"].startswith("chain("):
         r["compressor_s"] = r[key_] - adam
-  tk1 = by.get("topk(0.001)", {}).get("single_device_s")
-  for r in rows:   # (--single: one jitted update as the entry computation)
-    if tk1 and r.get("single_device_s"):
-      r["single_speedup_over_topk"] = tk1 / r["single_device_s"]
+  for m in ("device_s", "chain_wall_s"):   # (--single: one jitted update as the entry computation)
+    tk1 = by.get("topk(0.001)", {}).get(f"single_{m}")
+    for r in rows:
+      if tk1 and r.get(f"single_{m}"):
+        r["single_speedup_over_topk" if m == "device_s" else "single_chain_speedup_over_topk"] = tk1 / r[f"single_{m}"]
   tk_share = by.get(CHAIN_TOPK_ROW, {}).get("compressor_s")
   for r in rows:
     if tk_share and r.get("compressor_s", 0) > 0:
@@ -430,19 +460,19 @@ def main():
       row.update(_device(lambda: loop(g, st, out0), args.calls, steps))
       if args.single:   # one jitted update as the entry computation (its small leaves' kernels may fuse horizontally)
         g1 = jax.tree_util.tree_map(lambda x: x[0], g)
-        one = jax.jit(update, donate_argnums=1 if args.donate else ())
-        sts = [jax.tree_util.tree_map(jnp.copy, st) for _ in range(args.calls + 1)] if args.donate else None
-        jax.block_until_ready(one(g1, sts.pop() if args.donate else st))
-        row.update({f"single_{k_}": v for k_, v in _device(lambda: one(g1, sts.pop() if args.donate else st),
-                                                            args.calls, 1).items()})
+        for cfg in [None] + list(filter(None, args.single_configs.split(","))):   # per-jit XLA options
+          one = jax.jit(update, donate_argnums=1 if args.donate else (),
+                        compiler_options=_single_options(cfg) if cfg else None)
+          call = _single_call(one, g1, st, args.donate)
+          jax.block_until_ready(call())
+          d = _device(call, args.calls, 1)
+          d["chain_wall_s"] = _chain_wall(call, 20)
+          if cfg is None:
+            row.update({f"single_{k_}": v for k_, v in d.items()})
+          else:
+            row[f"single@{cfg}"] = {k_: d[k_] for k_ in ("device_s", "busy_s", "kernels", "idle_s", "gaps",
+                                                         "chain_wall_s", "device_error") if k_ in d}
         row["single_donated"] = bool(args.donate)
-        for cfg in filter(None, args.single_configs.split(",")):   # the same update under per-jit XLA options
-          one_c = jax.jit(update, donate_argnums=1 if args.donate else (), compiler_options=_single_options(cfg))
-          sts_c = [jax.tree_util.tree_map(jnp.copy, st) for _ in range(args.calls + 1)] if args.donate else None
-          jax.block_until_ready(one_c(g1, sts_c.pop() if args.donate else st))
-          d = _device(lambda: one_c(g1, sts_c.pop() if args.donate else st), args.calls, 1)
-          row[f"single@{cfg}"] = {k_: d[k_] for k_ in ("device_s", "busy_s", "kernels", "idle_s", "gaps", "device_error")
-                                  if k_ in d}
       row["loop_wall_s"] = _wall(lambda: loop(g, st, out0), max(3, reps // 3)) / steps
     except Exception as e:  # record and go on
       row["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
@@ -455,7 +485,8 @@ def main():
   meta["total_s"] = time.perf_counter() - t_start
   print_table(rows, ["method", key_, "busy_s", "kernels", "speedup_over_topk", "over_flat_copy", "over_rw_floor",
                      "compressor_s", "compressor_speedup_over_topk", "single_device_s", "single_kernels",
-                     "single_speedup_over_topk", "single_idle_s", "loop_wall_s", "wall_s"])
+                     "single_speedup_over_topk", "single_idle_s", "single_chain_wall_s",
+                     "single_chain_speedup_over_topk", "loop_wall_s", "wall_s"])
   write_json(args.out, args.name, {**meta, "rows": rows})
 
 
