@@ -581,3 +581,19 @@ def test_pallas_leaf_writer_same_transform(per_tensor, axis, monkeypatch):
   tx = sp.sidco(0.02, per_tensor=per_tensor)
   g = {"a": jnp.ones((3, 4))}
   assert "pallas_call" in str(jax.make_jaxpr(tx.update)(g, tx.init(g)))
+
+
+def test_default_leaf_writer_is_gpu_only_and_checked(monkeypatch):
+  """The default ``_OUT_WRITE = "auto_inplace"`` picks the Pallas writer only where the packing's "auto" would
+  (GPU, outside shard_map): off the GPU the traced update has no pallas_call (no interpreter on a CPU host);
+  an unknown mode names the choices."""
+  assert sp._OUT_WRITE == "auto_inplace"
+  tx = sp.sidco(0.02)
+  g = {"a": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+  jaxpr = str(jax.make_jaxpr(tx.update)(g, tx.init(g)))
+  if jax.default_backend() != "gpu":
+    assert "pallas_call" not in jaxpr
+    assert sp._write_mode(jnp.zeros(8), [jnp.zeros(8)], 0.0) == (False, False)
+  monkeypatch.setattr(sp, "_OUT_WRITE", "inplace")
+  with pytest.raises(ValueError, match="auto_inplace"):
+    sp._write_mode(jnp.zeros(8), [jnp.zeros(8)], 0.0)

@@ -1334,20 +1334,23 @@ _TRANSFORM_PACKING = "auto"
 # (one elementwise fusion per leaf; the finiteness select in ``update_fn`` reads the old residual) or
 # "pallas" (:func:`_pallas_pack.write_leaves`: a few kernels for all leaves, the old residual read only on a
 # non-finite step); "auto": Pallas where the packing would use it (GPU, outside shard_map), when every leaf
-# has the buffer's dtype and there is no momentum (whose mask tree stays elementwise). The same bits. The
-# default stays "xla" until two H200 runs agree (benchmarks/sidco_tree.py variant token pwrite). "pallas_inplace"
-# (token pwritei): the writer's residuals aliased to the old residual leaves (no copy into a loop's carried
-# state; outside a loop the state should be donated, else XLA copies every old leaf first).
-_OUT_WRITE = "xla"
+# has the buffer's dtype and there is no momentum (whose mask tree stays elementwise). The same bits.
+# "pallas_inplace" / "auto_inplace" (token pwritei): the writer's residuals aliased to the old residual leaves
+# (no copy into a loop's carried state; outside a loop a donated state is written in place, an undonated one is
+# copied first by XLA). Default since session 14 "auto_inplace": three H200 runs, bitwise the "xla" path, in a
+# loop 0.663 / 0.682 / 0.672 ms per update against 0.776 / 0.753 / 0.740 (2.45-2.54x topk against 2.18-2.25x),
+# as one donated jitted update 1.25-1.59 ms against 2.40-3.65 ms (benchmarks/results/sidco_tree_s14{a,b,c}_h200.json).
+_OUT_WRITE = "auto_inplace"
+_OUT_WRITES = ("auto", "auto_inplace", "pallas", "pallas_inplace", "xla")
 
 
 def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
   """``(use the Pallas leaf writer, interpret)`` for :data:`_OUT_WRITE`."""
-  check_choice("_OUT_WRITE", _OUT_WRITE, ("auto", "pallas", "pallas_inplace", "xla"))
+  check_choice("_OUT_WRITE", _OUT_WRITE, _OUT_WRITES)
   if (_OUT_WRITE == "xla" or momentum > 0 or not _pallas_pack.available()
       or any(jnp.result_type(l) != flat.dtype or l.size == 0 for l in leaves)):
     return False, False
-  return _pallas_mode("auto" if _OUT_WRITE == "auto" else "pallas", flat)
+  return _pallas_mode("auto" if _OUT_WRITE.startswith("auto") else "pallas", flat)
 
 
 def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, first_ratio, min_count,
@@ -1816,7 +1819,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       tie = jnp.full((len(leaves),), -1, jnp.int32) if tie_last is None else tie_last[seg_of]
       outs_w, res_w = _pallas_pack.write_leaves(
           flat, sizes, lay.offsets, t[seg_of], tie, last, finite, leaves, write_out=dense is None,
-          in_place=_OUT_WRITE == "pallas_inplace", interpret=interp)
+          in_place=_OUT_WRITE.endswith("_inplace"), interpret=interp)
       residuals = [r.reshape(l.shape) for r, l in zip(res_w, leaves)]
       if dense is None:
         outs = [o.reshape(l.shape) for o, l in zip(outs_w, leaves)]
