@@ -1424,7 +1424,9 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
       missed = (payload.overflow | jnp.any(counts < k)) & finite
       payload, t = jax.lax.cond(missed, bisect, lambda _: (payload, t), None)
     check_choice("_TRIM", _TRIM, ("quota", "sort"))
-    if _TRIM == "quota":   # ties at the cut cut back by prefix counts over the payload: no sort, no cond
+    if _TRIM == "quota" and not _EXACT_FIT:   # ties at the cut cut back by prefix counts: no sort, no cond
+      # (the quota needs t just below each segment's k-th largest; the fit-first path's t is only that on the
+      # steps where the fit missed, so that path always cuts by the sort trim)
       payload, t, tie_last = _seg_quota(payload, t, lay, k, send_capacity)
     elif _TRIM_SKIP:   # no segment above its k (e.g. the block select's thresholds without ties): no sort
       _, counts = _payload_segments(payload, lay)
