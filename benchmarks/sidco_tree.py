@@ -124,7 +124,8 @@ def _flags(ap):
                        "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
                        "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment), pwrite/xwrite = sparse._OUT_WRITE "
                        "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), pwritei = the writer "
-                       "in place (residuals aliased to the old ones); with bits only: a number = search ways, pallas/xla/bisect = the "
+                       "in place (residuals aliased to the old ones), pwriter = the writer for the residuals only (in place; outputs "
+                       "per-leaf XLA fusions); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
@@ -390,8 +391,8 @@ def main():
         sp._DUS_BASE = "fill" if tok == "zfill" else "fused"
       elif tok in ("quota", "sorttrim"):
         sp._TRIM = "quota" if tok == "quota" else "sort"
-      elif tok in ("pwrite", "pwritei", "xwrite"):
-        sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "xwrite": "xla"}[tok]
+      elif tok in ("pwrite", "pwritei", "pwriter", "xwrite"):
+        sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "pwriter": "pallas_res", "xwrite": "xla"}[tok]
       elif tok in ("blocks", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):

@@ -559,16 +559,17 @@ def _writer_steps(per_tensor, axis=False):
 @pytest.mark.parametrize("per_tensor,axis", [(True, False), pytest.param(False, False, marks=pytest.mark.slow),
                                              pytest.param(True, True, marks=pytest.mark.slow)])
 def test_pallas_leaf_writer_same_transform(per_tensor, axis, monkeypatch):
-  """sidco with the Pallas leaf writer (interpret mode; fresh or in-place residuals) gives bitwise the
+  """sidco with the Pallas leaf writer (interpret mode; fresh or in-place residuals, or in-place residuals
+  with the outputs left to XLA) gives bitwise the
   elementwise path's updates and states over a NaN step (nothing sent, residual kept) and a step with ties at
   the cut; under pmap (the writer then writes the residuals only) the replicas' updates stay identical."""
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "xla")
   res = {}
-  for mode in ("pallas", "pallas_inplace", "xla"):
+  for mode in ("pallas", "pallas_inplace", "pallas_res", "xla"):
     monkeypatch.setattr(sp, "_OUT_WRITE", mode)
     res[mode] = _writer_steps(per_tensor, axis)
   bits = lambda x: np.asarray(x).view(np.int32) if np.asarray(x).dtype == np.float32 else np.asarray(x)
-  for mode in ("pallas", "pallas_inplace"):
+  for mode in ("pallas", "pallas_inplace", "pallas_res"):
     for x, y in zip(jax.tree_util.tree_leaves(res[mode]), jax.tree_util.tree_leaves(res["xla"])):
       np.testing.assert_array_equal(bits(x), bits(y))
   (o0, s0), (o1, s1) = res["pallas"]
@@ -583,11 +584,12 @@ def test_pallas_leaf_writer_same_transform(per_tensor, axis, monkeypatch):
   assert "pallas_call" in str(jax.make_jaxpr(tx.update)(g, tx.init(g)))
 
 
-def test_default_leaf_writer_is_gpu_only_and_checked(monkeypatch):
-  """The default ``_OUT_WRITE = "auto_inplace"`` picks the Pallas writer only where the packing's "auto" would
-  (GPU, outside shard_map): off the GPU the traced update has no pallas_call (no interpreter on a CPU host);
-  an unknown mode names the choices."""
-  assert sp._OUT_WRITE == "auto_inplace"
+@pytest.mark.parametrize("mode", ["auto_inplace", "auto_res"])
+def test_auto_leaf_writers_are_gpu_only_and_checked(mode, monkeypatch):
+  """The "auto" leaf writers (in place, or residuals only) pick the Pallas writer only where the packing's
+  "auto" would (GPU, outside shard_map): off the GPU the traced update has no pallas_call (no interpreter on
+  a CPU host); an unknown mode names the choices."""
+  monkeypatch.setattr(sp, "_OUT_WRITE", mode)
   tx = sp.sidco(0.02)
   g = {"a": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
   jaxpr = str(jax.make_jaxpr(tx.update)(g, tx.init(g)))
@@ -595,5 +597,5 @@ def test_default_leaf_writer_is_gpu_only_and_checked(monkeypatch):
     assert "pallas_call" not in jaxpr
     assert sp._write_mode(jnp.zeros(8), [jnp.zeros(8)], 0.0) == (False, False)
   monkeypatch.setattr(sp, "_OUT_WRITE", "inplace")
-  with pytest.raises(ValueError, match="auto_inplace"):
+  with pytest.raises(ValueError, match="auto_res"):
     sp._write_mode(jnp.zeros(8), [jnp.zeros(8)], 0.0)

@@ -1337,11 +1337,15 @@ _TRANSFORM_PACKING = "auto"
 # has the buffer's dtype and there is no momentum (whose mask tree stays elementwise). The same bits.
 # "pallas_inplace" / "auto_inplace" (token pwritei): the writer's residuals aliased to the old residual leaves
 # (no copy into a loop's carried state; outside a loop a donated state is written in place, an undonated one is
-# copied first by XLA). Default since session 14 "auto_inplace": three H200 runs, bitwise the "xla" path, in a
-# loop 0.663 / 0.682 / 0.672 ms per update against 0.776 / 0.753 / 0.740 (2.45-2.54x topk against 2.18-2.25x),
-# as one donated jitted update 1.25-1.59 ms against 2.40-3.65 ms (benchmarks/results/sidco_tree_s14{a,b,c}_h200.json).
-_OUT_WRITE = "auto_inplace"
-_OUT_WRITES = ("auto", "auto_inplace", "pallas", "pallas_inplace", "xla")
+# copied first by XLA). "pallas_res" / "auto_res" (token pwriter): the writer writes the residuals in place and
+# the outputs stay per-leaf XLA fusions (which a consumer such as Adam's update can absorb). All bitwise equal.
+# The default stays "xla", measured on the step users run (benchmarks/results/sidco_chain_s14f_h200.json, H200):
+# chain(sidco(0.001), adam) kernel time per step 1.012 ms with "auto_inplace" against 0.882 with "xla" and 0.880
+# with the residual-only writer (the Pallas writer's outputs are materialized, XLA's per-leaf outputs fuse into
+# Adam's update); the standalone update favours "auto_inplace" (loop 0.663-0.718 ms against 0.740-0.896, four
+# runs, sidco_tree_s14{a,b,c,d}_h200.json).
+_OUT_WRITE = "xla"
+_OUT_WRITES = ("auto", "auto_inplace", "auto_res", "pallas", "pallas_inplace", "pallas_res", "xla")
 
 
 def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
@@ -1815,23 +1819,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     if axis_name is not None:
       dense = allgather_mean(payload, lay.n_pad, axis_name, dtype)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
-    use_w, interp = _write_mode(flat, leaves, momentum)
-    if use_w:   # every leaf's residual (and output) in a few kernels; finiteness applied there
-      seg_of = np.asarray(lay.seg_of_leaf, np.int32)
-      tie = jnp.full((len(leaves),), -1, jnp.int32) if tie_last is None else tie_last[seg_of]
-      outs_w, res_w = _pallas_pack.write_leaves(
-          flat, sizes, lay.offsets, t[seg_of], tie, last, finite, leaves, write_out=dense is None,
-          in_place=_OUT_WRITE.endswith("_inplace"), interpret=interp)
-      residuals = [r.reshape(l.shape) for r, l in zip(res_w, leaves)]
-      if dense is None:
-        outs = [o.reshape(l.shape) for o, l in zip(outs_w, leaves)]
-      else:
-        outs = [jax.lax.slice(dense, (off,), (off + n,)).reshape(l.shape)
-                for off, n, l in zip(lay.offsets, sizes, leaves)]
-      return finite, (unflat(outs), unflat(residuals), None, count, above, payload_bytes(payload),
-                      payload.overflow, lay.n_real), (True, dense is None)
-    outs, residuals, hits = [], [], []
-    for i, leaf in enumerate(leaves):
+    def leaf_sel(i):   # leaf i's slice of the buffer and which of its entries are sent
       off, n = lay.offsets[i], sizes[i]
       v = jax.lax.slice(flat, (off,), (off + n,))
       pos = off + jnp.arange(n, dtype=jnp.int32)
@@ -1839,7 +1827,31 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       above_t = av > ts
       if tie_last is not None:   # exact counts: magnitudes tied at the cut up to the segment's last kept one
         above_t = above_t | ((av == ts) & (pos <= tie_last[lay.seg_of_leaf[i]]))
-      sel = above_t & (pos <= last)
+      return v, above_t & (pos <= last)
+
+    use_w, interp = _write_mode(flat, leaves, momentum)
+    if use_w:   # every leaf's residual (and output) in a few kernels; finiteness applied there
+      seg_of = np.asarray(lay.seg_of_leaf, np.int32)
+      tie = jnp.full((len(leaves),), -1, jnp.int32) if tie_last is None else tie_last[seg_of]
+      write_out = dense is None and not _OUT_WRITE.endswith("_res")
+      outs_w, res_w = _pallas_pack.write_leaves(
+          flat, sizes, lay.offsets, t[seg_of], tie, last, finite, leaves, write_out=write_out,
+          in_place=_OUT_WRITE.endswith(("_inplace", "_res")), interpret=interp)
+      residuals = [r.reshape(l.shape) for r, l in zip(res_w, leaves)]
+      if write_out:
+        outs = [o.reshape(l.shape) for o, l in zip(outs_w, leaves)]
+      elif dense is None:   # (outputs as per-leaf XLA fusions, which a consumer such as Adam can absorb)
+        outs = [jnp.where(sel, v, 0).astype(l.dtype).reshape(l.shape)
+                for (v, sel), l in ((leaf_sel(i), l) for i, l in enumerate(leaves))]
+      else:
+        outs = [jax.lax.slice(dense, (off,), (off + n,)).reshape(l.shape)
+                for off, n, l in zip(lay.offsets, sizes, leaves)]
+      return finite, (unflat(outs), unflat(residuals), None, count, above, payload_bytes(payload),
+                      payload.overflow, lay.n_real), (True, write_out)
+    outs, residuals, hits = [], [], []
+    for i, leaf in enumerate(leaves):
+      off, n = lay.offsets[i], sizes[i]
+      v, sel = leaf_sel(i)
       residuals.append(jnp.where(sel, 0, v).astype(leaf.dtype).reshape(leaf.shape))
       if dense is None:
         outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
