@@ -477,6 +477,9 @@ def _kernel_labels(ds, kts):
     if lab.time_s.size:
       labels[i] = lab
       st["groups"] += int(lab.time_s.size)
+  prof = np.isfinite(busy) & ~np.asarray(ds.noisy, bool)
+  if prof.any():
+    st["device_time_oracle"] = KR.device_time_oracle(ds.runtime_s[prof], busy[prof], span[prof])
   tot = st["matched_s"] + st["pooled_s"] + st["unassigned_s"]
   st["frac_time_matched_by_name"] = st["matched_s"] / tot if tot else None
   st["frac_time_pooled"] = st["pooled_s"] / tot if tot else None
@@ -671,6 +674,16 @@ def part_program_mape():
       res["kernel_roofline_labels_fitted_terms_median"] = {  # over folds
           dv: {k: float(np.median([ft[dv][k] for ft in fitted_terms if k in ft.get(dv, {})]))
                for k in sorted({k for ft in fitted_terms for k in ft.get(dv, {})})} for dv in udev}
+    if np.any(keep & ~ood):  # every model on the rows the kernel roofline does not flag (e.g. all but rnn)
+      ind = keep & ~ood
+      ind_progs = np.unique(pk[ind])
+      ind_rows = {p_: np.flatnonzero(ind & (pk == p_)) for p_ in ind_progs}
+      res["in_distribution_rows"] = {
+          "rows": int(ind.sum()), **{f"mape_{k}": float(a[ind].mean()) for k, a in ape.items()},
+          **{f"analytical_over_{k}": float(ape["analytical"][ind].mean() / a[ind].mean())
+             for k, a in ape.items() if k != "analytical"},
+          **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], ind_rows, ind_progs, _SEED.value)
+             for k in ("kernel_roofline", "kernel_roofline_labels") if k in ape}}
     res["kernel_roofline_ood_rows"] = int(np.sum(ood & keep))
     res["mape_kernel_roofline_in_distribution"] = float(ape["kernel_roofline"][keep & ~ood].mean()) \
         if np.any(keep & ~ood) else None

@@ -199,3 +199,27 @@ def test_host_floor_prediction_and_fit():
       2 * np.mean(np.abs(KR.predict_kernel_roofline(m, progs, dv) / wall - 1))
   with pytest.raises(ValueError, match="need sharpness"):
     KR.fit_kernel_roofline(progs, wall, dv, cfg._replace(floor_sharpness=0.5))
+
+
+def test_device_time_oracle_recovers_constructed_relations():
+  rng = np.random.default_rng(0)
+  busy = 10 ** rng.uniform(-5.5, -3.5, 200)
+  span = busy * 1.2
+  wall = busy + 30e-6                       # wall = busy + a constant dispatch
+  o = KR.device_time_oracle(wall, busy, span)
+  assert o["rows"] == 200
+  assert o["wall_from_busy_plus_c"]["mape"] < 1e-9 and o["wall_from_busy_plus_c"]["c_us"] == pytest.approx(30.0)
+  assert o["wall_from_span_plus_c"]["mape"] > 0.01   # span is not busy: no constant fits exactly
+  np.testing.assert_allclose(o["wall_minus_span_us_quartiles"], np.percentile((wall - span) * 1e6, [25, 50, 75]),
+                             rtol=1e-12)
+  # back-to-back calls: wall = softmax_8(busy + 20 us, 100 us); the overlap form fits, the sum cannot
+  wall2 = ((busy + 20e-6) ** 8 + 100e-6 ** 8) ** (1 / 8)
+  ov = KR.device_time_oracle(wall2, busy, span)
+  fit = ov["wall_from_softmax_busy_plus_c0_floor_h"]
+  assert fit["mape"] < 1e-6 and fit["q"] == 8.0
+  assert fit["c0_us"] == pytest.approx(20.0) and fit["h_us"] == pytest.approx(100.0)
+  assert ov["wall_from_busy_plus_c"]["mape"] > 0.05
+  with pytest.raises(ValueError, match="one non-zero length"):
+    KR.device_time_oracle(wall, busy[:3], span)
+  with pytest.raises(ValueError, match="positive and finite"):
+    KR.device_time_oracle(np.append(wall[:3], np.nan), busy[:4], span[:4])

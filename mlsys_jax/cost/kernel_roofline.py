@@ -763,3 +763,40 @@ def kernel_roofline_ood(model: KernelRoofline, tables: Sequence[KernelTable], de
     flags = [KERNEL_CLASSES[c] for c in cls if model.train_kernels[known[d], c] == 0]
     out.append(flags + (["unknown_trip_count"] if t.unknown_trips else []))
   return out
+
+
+def device_time_oracle(wall, busy, span) -> dict:
+  """How well the *measured* device time explains the wall time (in-sample, a grid over 1-3 constants):
+  wall ~ span + c; wall ~ busy + c; wall ~ softmax_q(busy + c0, H) (back-to-back calls: the host's dispatch
+  of the next call overlaps the device's run). A lower bound on the MAPE of any model that predicts
+  device time and adds such a term.
+
+  Args:
+    wall, busy, span: seconds per row (timed wall time; ``device_busy_s``, ``device_span_s`` of
+      ``dataset.load_device_times``), positive and finite, one shape.
+  Returns:
+    dict with, per form, the MAPE and the constants (us), and the quartiles of wall - span (us).
+  """
+  wall, busy, span = (np.asarray(v, np.float64) for v in (wall, busy, span))
+  if wall.ndim != 1 or wall.size == 0 or busy.shape != wall.shape or span.shape != wall.shape:
+    raise ValueError(f"wall, busy, span must be 1-D of one non-zero length, got {wall.shape}, {busy.shape}, "
+                     f"{span.shape}.")
+  if not all(np.all(np.isfinite(v) & (v > 0)) for v in (wall, busy, span)):
+    raise ValueError("wall, busy and span must be positive and finite (drop rows the profiler missed).")
+  cs = np.linspace(0.0, 150e-6, 151)
+  mape = lambda pr: float(np.mean(np.abs(pr / wall - 1.0)))
+  out = {"rows": int(wall.size)}
+  for nm, x in (("span", span), ("busy", busy)):
+    e = [mape(x + c) for c in cs]
+    out[f"wall_from_{nm}_plus_c"] = {"mape": min(e), "c_us": float(cs[int(np.argmin(e))] * 1e6)}
+  best = None
+  for q in (2.0, 4.0, 8.0):
+    for c0 in cs[::5]:
+      for h in cs[::2]:
+        v = mape(((busy + c0) ** q + h ** q) ** (1.0 / q))
+        if best is None or v < best[0]:
+          best = (v, q, c0, h)
+  out["wall_from_softmax_busy_plus_c0_floor_h"] = {"mape": best[0], "q": best[1], "c0_us": float(best[2] * 1e6),
+                                                   "h_us": float(best[3] * 1e6)}
+  out["wall_minus_span_us_quartiles"] = [float(v) for v in np.percentile((wall - span) * 1e6, [25, 50, 75])]
+  return out
