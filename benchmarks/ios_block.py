@@ -61,6 +61,26 @@ BLOCKS = {
 }
 
 
+def xla_and_ios_programs(f, x, args, on_gpu: bool) -> tuple[dict, dict]:
+  """``f`` compiled under every configuration of ``--xla_configs`` (``xla:<name>``) and, with ``--ios``, IOS-Merge's
+  schedule of it (``ios``; analytical costs unless ``--ios_cost profiler`` on a GPU): the compiled programs and
+  per program ``compile_s`` (IOS: ``search_compile_s``, search and compile, and its stage ``counts``)."""
+  progs, info = {}, {}
+  for cfg in args.xla_configs.split(","):
+    tc = time.perf_counter()
+    progs[f"xla:{cfg}"] = jax.jit(f, compiler_options=sched.XLA_CONFIGS[cfg] or None).lower(x).compile()
+    info[f"xla:{cfg}"] = {"compile_s": time.perf_counter() - tc}
+  if args.ios:
+    prof = sched.StageProfiler() if on_gpu and args.ios_cost == "profiler" else sched.AnalyticalCost()
+    ts = time.perf_counter()
+    sc = sched.ios_schedule(f, x, strategy="merge", profiler=prof, check="off")
+    jf, consts = sc._build()
+    cprog = jf.lower(consts, x).compile()
+    progs["ios"] = lambda v, c=cprog, k=consts: c(k, v)
+    info["ios"] = {"search_compile_s": time.perf_counter() - ts, "counts": sc.counts()}
+  return progs, info
+
+
 def parse_tile(s: str):
   """``BMxBNxBK`` with optional ``/flat``, ``/wN`` (warps), ``/sN`` (stages), ``/kN`` (split-K: chunks of at
   most N steps below level 1) and ``/nl`` (no split in the last level), e.g. ``32x32x64/flat/k4/nl``; several
@@ -214,20 +234,8 @@ def network_main(args):
       params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params32)
     x = x32.astype(dtype)
     f = lambda v, m=model, p=params: m.apply(p, v)
-    progs, info, t0 = {}, {}, time.perf_counter()
-    for cfg in args.xla_configs.split(","):
-      opts = sched.XLA_CONFIGS[cfg]
-      tc = time.perf_counter()
-      progs[f"xla:{cfg}"] = jax.jit(f, compiler_options=opts or None).lower(x).compile()
-      info[f"xla:{cfg}"] = {"compile_s": time.perf_counter() - tc}
-    if args.ios:
-      prof = sched.StageProfiler() if on_gpu and args.ios_cost == "profiler" else sched.AnalyticalCost()
-      ts = time.perf_counter()
-      sc = sched.ios_schedule(f, x, strategy="merge", profiler=prof, check="off")
-      jf, consts = sc._build()
-      cprog = jf.lower(consts, x).compile()
-      progs["ios"] = lambda v, c=cprog, k=consts: c(k, v)
-      info["ios"] = {"search_compile_s": time.perf_counter() - ts, "counts": sc.counts()}
+    t0 = time.perf_counter()
+    progs, info = xla_and_ios_programs(f, x, args, on_gpu)
     variants = [("", {}, args.net_pallas_opts.split(","))]
     for item in filter(None, args.net_variants.split(";")):
       label, _, spec = item.partition("=")
@@ -331,18 +339,8 @@ def main():
         ref = jax.jit(lambda v: xla_fn(params32, v))(x.astype(jnp.float32))
       flops = pb.block_flops(params32, h, w)
       f = lambda v, p=params: xla_fn(p, v)
-      progs, info, t0 = {}, {}, time.perf_counter()
-      for cfg in args.xla_configs.split(","):
-        opts = sched.XLA_CONFIGS[cfg]
-        progs[f"xla:{cfg}"] = jax.jit(f, compiler_options=opts or None).lower(x).compile()
-      if args.ios:
-        prof = (sched.StageProfiler() if on_gpu and args.ios_cost == "profiler" else sched.AnalyticalCost())
-        ts = time.perf_counter()
-        sc = sched.ios_schedule(f, x, strategy="merge", profiler=prof, check="off")
-        jf, consts = sc._build()
-        cprog = jf.lower(consts, x).compile()
-        progs["ios"] = lambda v, c=cprog, k=consts: c(k, v)
-        info["ios"] = {"search_s": time.perf_counter() - ts, "counts": sc.counts()}
+      t0 = time.perf_counter()
+      progs, info = xla_and_ios_programs(f, x, args, on_gpu)
       ops, concat = ops_fn(params)
       tiles = args.tiles_c if blk_name == "c" and args.tiles_c else args.tiles
       for tile_opt in tiles.split(","):
