@@ -557,7 +557,8 @@ def part_program_mape():
     out["kernel_roofline_labels"] = {
         "what": "the kernel roofline fitted with per-kernel device times of the training rows that have profiler "
                 "columns as extra labels (squared log error of each labelled group, weight kr_kernel_weight) and "
-                "a per-device launch gap: T = O_d + sum_k m_k (softmax + o_c + g_d); same folds, same config",
+                "a launch gap per class and device (kr_gap_per_class; else per device): T = O_d + sum_k m_k "
+                "(softmax + o_c + g_{c,d}), with --kr_host_floor wall = softmax_8(T, H_d); same folds, same config",
         "kernel_weight": _KR_KW.value, "gap_per_class": _KR_GAP.value, "labels": lab_stats}
   if _KR_CORR.value:
     out["kernel_roofline_corrected"] = {
