@@ -27,9 +27,10 @@ from mlsys_jax.cost.features import (NUM_NODE_FEATURES, NUM_PROGRAM_FEATURES, no
                                      program_features)
 from mlsys_jax.cost.graph import (ATTR_NAMES, OPCODES, HloGraph, batch_graphs, capture_kernels,
                                   kernel_costs, kernel_graphs, pad_graph, program_graph, unbatch_graph)
-from mlsys_jax.cost.kernel_roofline import (KERNEL_CLASSES, KernelRoofline, KernelRooflineConfig, KernelTable,
-                                            fit_kernel_roofline, kernel_roofline_ood, predict_kernel_roofline,
-                                            program_kernels, scale_kernel_roofline)
+from mlsys_jax.cost.kernel_roofline import (KERNEL_CLASSES, KernelLabels, KernelRoofline, KernelRooflineConfig,
+                                            KernelTable, device_time_oracle, fit_kernel_roofline, kernel_roofline_ood,
+                                            match_kernel_times, predict_kernel_roofline, profile_name, program_kernels,
+                                            scale_kernel_roofline)
 from mlsys_jax.cost.hlo import (Capture, HloModule, HloParseError, capture, cost_dict,
                                 parse_hlo, parse_shape, strip_metadata, xla_hlo_parser, xla_structure)
 from mlsys_jax.cost.metrics import (Roofline, bootstrap_mean_ci, fit_roofline, group_metrics,
@@ -53,6 +54,7 @@ __all__ = [
     "segment_logsumexp", "strip_metadata", "topk_slowdown", "unbatch_graph", "xla_hlo_parser",
     "xla_structure",
     # whole-program latency as a sum of per-kernel rooflines (kernel_roofline)
-    "KERNEL_CLASSES", "KernelRoofline", "KernelRooflineConfig", "KernelTable", "fit_kernel_roofline",
-    "kernel_roofline_ood", "predict_kernel_roofline", "program_kernels", "scale_kernel_roofline",
+    "KERNEL_CLASSES", "KernelLabels", "KernelRoofline", "KernelRooflineConfig", "KernelTable", "device_time_oracle",
+    "fit_kernel_roofline", "kernel_roofline_ood", "match_kernel_times", "predict_kernel_roofline", "profile_name",
+    "program_kernels", "scale_kernel_roofline",
 ]
