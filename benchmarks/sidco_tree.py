@@ -94,8 +94,8 @@ def _flags(ap):
   ap.add_argument("--donate", action="store_true",
                   help="--single with the state donated (jax.jit(update, donate_argnums=1)), each call taking the state "
                        "the previous call returned, as a training loop that donates its optimizer state runs it (until "
-                       "session 14: each call on a fresh copy, whose new buffer addresses re-record XLA's command buffers "
-                       "on every call: benchmarks/results/sidco_tree_s14b_h200.json)")
+                       "session 14b each call took a fresh copy; s14b and s14c show the same idle gap after a cub sort "
+                       "either way)")
   ap.add_argument("--single_configs", default="",
                   help="with --single: also time the single update under these per-jit XLA configurations "
                        "(names of sched.XLA_CONFIGS, or 'cmdbuf_while': command buffers with WHILE added), rows "
@@ -154,9 +154,8 @@ TOP = 20   # kernels kept in top_kernels (--top)
 
 def _single_call(one, g, st, donate: bool):
   """A no-argument call of the jitted single update ``one(g, state)``. Donated: the state each call returns
-  is the next call's (a training loop that donates its optimizer state: the outputs alias the donated inputs,
-  so buffer addresses stay put across calls and XLA's command buffers are not re-recorded); otherwise the
-  same state every call."""
+  is the next call's (a training loop that donates its optimizer state; the outputs alias the donated
+  inputs); otherwise the same state every call."""
   if not donate:
     return lambda: one(g, st)
   cur = [jax.tree_util.tree_map(jnp.copy, st)]

@@ -1819,6 +1819,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     if axis_name is not None:
       dense = allgather_mean(payload, lay.n_pad, axis_name, dtype)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+
     def leaf_sel(i):   # leaf i's slice of the buffer and which of its entries are sent
       off, n = lay.offsets[i], sizes[i]
       v = jax.lax.slice(flat, (off,), (off + n,))
@@ -1841,8 +1842,10 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       if write_out:
         outs = [o.reshape(l.shape) for o, l in zip(outs_w, leaves)]
       elif dense is None:   # (outputs as per-leaf XLA fusions, which a consumer such as Adam can absorb)
-        outs = [jnp.where(sel, v, 0).astype(l.dtype).reshape(l.shape)
-                for (v, sel), l in ((leaf_sel(i), l) for i, l in enumerate(leaves))]
+        outs = []
+        for i, leaf in enumerate(leaves):
+          v, sel = leaf_sel(i)
+          outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
       else:
         outs = [jax.lax.slice(dense, (off,), (off + n,)).reshape(l.shape)
                 for off, n, l in zip(lay.offsets, sizes, leaves)]
