@@ -65,6 +65,13 @@ def test_match_kernel_times_rules():
   lab3 = KR.match_kernel_times(kt, {"wrapped_transpose": 0.0})
   assert lab3.time_s.size == 0 and lab3.matched_s == 0.0
   assert KR.match_kernel_times(kt, {}).time_s.size == 0
+  # a kernel that never launches (count 0, e.g. a zero-trip loop body) is labelled by nothing: its name match
+  # is unassigned time, and the pool goes to the launching kernels only (a fittable label in every case)
+  kt0 = kt._replace(count=np.asarray([0.0, 1.0, 1.0]))
+  lab4 = KR.match_kernel_times(kt0, {"loop_add_fusion_2": 2e-6, "Memset": 1e-6})
+  assert sorted(kt0.names[r] for r in lab4.rows) == ["cublas-lt-matmul.1", "wrapped_transpose"]
+  np.testing.assert_allclose([lab4.matched_s, lab4.library_s, lab4.unassigned_s], [0.0, 1e-6, 2e-6], rtol=1e-12)
+  KR.fit_kernel_roofline([kt0], [1e-4], ["d"], KR.KernelRooflineConfig(steps=2), kernel_labels=[lab4])
 
 
 def test_match_kernel_times_bad_input():
@@ -167,6 +174,17 @@ def test_fit_kernel_labels_bad_input():
   with pytest.raises(ValueError, match="rows must index its table"):
     KR.fit_kernel_roofline(train, wall, dv, cfg, kernel_labels=[lab._replace(time_s=np.asarray([0.0])), None, None])
   with pytest.raises(ValueError, match="need sharpness"):
+    KR.fit_kernel_roofline(train, wall, dv, cfg._replace(kernel_weight=-1.0), kernel_labels=[lab, None, None])
+  # labels whose group cannot be predicted (no row; rows that never launch) were fitted as log(0): refused
+  no_row = KR.KernelLabels(np.asarray([0], np.int32), np.asarray([0], np.int32), np.asarray([1e-5, 2e-5]), 0, 0, 0)
+  with pytest.raises(ValueError, match=r"groups \[1\] have no row that launches"):
+    KR.fit_kernel_roofline(train, wall, dv, cfg, kernel_labels=[no_row, None, None])
+  never = [train[0]._replace(count=np.asarray([0.0, 1.0]))] + train[1:]
+  with pytest.raises(ValueError, match=r"groups \[0\] have no row that launches"):
+    KR.fit_kernel_roofline(never, wall, dv, cfg, kernel_labels=[lab, None, None])
+  with pytest.raises(TypeError, match="integer indices"):   # 0.7 was silently truncated to row 0
+    KR.fit_kernel_roofline(train, wall, dv, cfg, kernel_labels=[lab._replace(rows=np.asarray([0.7])), None, None])
+  with pytest.raises(ValueError, match="kernel_weight >= 0"):
     KR.fit_kernel_roofline(train, wall, dv, cfg._replace(kernel_weight=-1.0), kernel_labels=[lab, None, None])
   m = KR.fit_kernel_roofline(train, wall, dv, cfg, kernel_labels=[lab, None, None])
   with pytest.raises(ValueError, match="'wall' or 'busy'"):

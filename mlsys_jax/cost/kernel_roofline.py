@@ -345,7 +345,8 @@ class KernelLabels(NamedTuple):
     matched_s: profiler seconds assigned to a kernel by name.
     library_s: profiler seconds pooled onto the program's unmatched kernels (names that are no HLO
       kernel: cuBLAS/cuDNN/CUTLASS kernels, their split-K reductions and workspace memsets, sort passes).
-    unassigned_s: profiler seconds left without a kernel (no name match and every kernel matched).
+    unassigned_s: profiler seconds left without a kernel (no name match and every kernel matched, or a
+      name match to a kernel whose table count is 0).
   """
   rows: np.ndarray
   group: np.ndarray
@@ -364,6 +365,8 @@ def match_kernel_times(table: KernelTable, kernel_times: dict) -> KernelLabels:
   apart from each other, and the several kernels of a sort fusion, named after the sort inside -- is
   pooled into one group labelling all the program's kernels that no profiler name matched (its
   library calls, ``table.library``, and such fusions); with no such kernel its time stays unassigned.
+  Kernels whose ``table.count`` is 0 (a loop with ``known_trip_count`` 0) launch nothing and get no
+  label (a name match to one is unassigned time), so every group can be fitted.
 
   Args:
     table: a :class:`KernelTable` from :func:`program_kernels` (with ``names`` and ``library``).
@@ -388,20 +391,23 @@ def match_kernel_times(table: KernelTable, kernel_times: dict) -> KernelLabels:
     by_name.setdefault(profile_name(n), []).append(i)
   rows, group, times = [], [], []
   matched_rows: set[int] = set()
-  matched = pooled = 0.0
+  matched = pooled = lost = 0.0
   for name in sorted(kernel_times):
     v = float(kernel_times[name])
     ix = by_name.get(name)
     if ix is None:
       pooled += v
       continue
-    matched += v
     matched_rows.update(ix)
+    if not any(table.count[i] > 0 for i in ix):   # a kernel the table says never launches (count 0)
+      lost += v
+      continue
+    matched += v
     if v > 0:
       rows += ix
       group += [len(times)] * len(ix)
       times.append(v)
-  lib = [i for i in range(table.flops.size) if i not in matched_rows]
+  lib = [i for i in range(table.flops.size) if i not in matched_rows and table.count[i] > 0]
   unassigned = pooled
   if lib and pooled > 0:
     rows += lib
@@ -409,7 +415,7 @@ def match_kernel_times(table: KernelTable, kernel_times: dict) -> KernelLabels:
     times.append(pooled)
     unassigned = 0.0
   return KernelLabels(np.asarray(rows, np.int32), np.asarray(group, np.int32), np.asarray(times, np.float64),
-                      matched, pooled - unassigned, unassigned)
+                      matched, pooled - unassigned, unassigned + lost)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,7 +496,9 @@ def _flatten(tables: Sequence[KernelTable]):
 
 def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable],
                             devices: Sequence[str], what: str = "wall") -> np.ndarray:
-  """Predicted runtime (seconds) of each program: ``O_d + sum_k m_k (softmax_p(f_k/F, b_k/B) + o + g_d)``.
+  """Predicted runtime (seconds) of each program: ``T = O_d + sum_k m_k (softmax_p(f_k/F, b_k/B) + o + g)``
+  (``o``, ``g``: the kernel class's overhead and launch gap on device ``d``; ``g`` = 0 without
+  ``model.log_launch_gap``), and ``softmax_q(T, H_d)`` with a host floor (``model.log_host_floor``).
 
   Args:
     model: a fitted :class:`KernelRoofline`.
@@ -499,6 +507,8 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     what: 'wall' (the program's runtime) or 'busy' (the summed device time of its kernels,
       ``sum_k m_k (softmax + o)``: what the profiler's ``device_busy_s`` measures; meaningful for a model
       fitted with per-kernel labels).
+  Returns:
+    float64[len(tables)] seconds.
   """
   if what not in ("wall", "busy"):
     raise ValueError(f"what must be 'wall' or 'busy', got {what!r}.")
@@ -582,9 +592,19 @@ def _label_arrays(tables, kernel_labels, n_prog):
     if not isinstance(lab, KernelLabels):
       raise TypeError(f"kernel_labels[{i}] is a {type(lab).__name__}, not KernelLabels (match_kernel_times).")
     r, g, t = np.asarray(lab.rows), np.asarray(lab.group), np.asarray(lab.time_s, np.float64)
-    if r.shape != g.shape or (r.size and (r.min() < 0 or r.max() >= tables[i].flops.size)) or \
+    if not (np.issubdtype(r.dtype, np.integer) and np.issubdtype(g.dtype, np.integer)):
+      raise TypeError(f"kernel_labels[{i}]: rows and group must be integer indices, got dtypes {r.dtype}, "
+                      f"{g.dtype} (match_kernel_times builds them).")
+    if r.ndim != 1 or r.shape != g.shape or t.ndim != 1 or \
+        (r.size and (r.min() < 0 or r.max() >= tables[i].flops.size)) or \
         (g.size and (g.min() < 0 or g.max() >= t.size)) or not np.all(np.isfinite(t) & (t > 0)):
       raise ValueError(f"kernel_labels[{i}]: rows must index its table, groups its times, times be > 0.")
+    # each group's predicted time sum_k m_k (...) must be able to be > 0: a group without a row, or whose
+    # rows never launch (count 0), would put log(0) into the loss (ignored or NaN)
+    launches = np.bincount(g, weights=tables[i].count[r], minlength=t.size)
+    if np.any(launches <= 0):
+      raise ValueError(f"kernel_labels[{i}]: groups {np.flatnonzero(launches <= 0).tolist()} have no row that "
+                       "launches (no row, or only rows with count 0): drop them from the labels.")
     rows.append(r + off[i])
     groups.append(g + g0)
     times.append(t)
@@ -633,7 +653,8 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   if not (config.sharpness >= 1.0) or config.ridge < 0 or config.steps < 1 or not config.learning_rate > 0 \
       or not (config.kernel_weight >= 0) or not (config.init_launch_gap_s > 0) \
       or not (config.init_host_floor_s > 0) or not (config.floor_sharpness >= 1.0):
-    raise ValueError(f"need sharpness >= 1, ridge >= 0, steps >= 1, learning_rate > 0; got {config}.")
+    raise ValueError(f"need sharpness >= 1, ridge >= 0, steps >= 1, learning_rate > 0, kernel_weight >= 0, "
+                     f"init_launch_gap_s > 0, init_host_floor_s > 0, floor_sharpness >= 1; got {config}.")
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
@@ -783,8 +804,9 @@ def device_time_oracle(wall, busy, span) -> dict:
                      f"{span.shape}.")
   if not all(np.all(np.isfinite(v) & (v > 0)) for v in (wall, busy, span)):
     raise ValueError("wall, busy and span must be positive and finite (drop rows the profiler missed).")
+  from mlsys_jax.cost.metrics import mape as _mape
   cs = np.linspace(0.0, 150e-6, 151)
-  mape = lambda pr: float(np.mean(np.abs(pr / wall - 1.0)))
+  mape = lambda pr: _mape(pr, wall)
   out = {"rows": int(wall.size)}
   for nm, x in (("span", span), ("busy", busy)):
     e = [mape(x + c) for c in cs]
@@ -793,7 +815,7 @@ def device_time_oracle(wall, busy, span) -> dict:
   for q in (2.0, 4.0, 8.0):
     for c0 in cs[::5]:
       for h in cs[::2]:
-        v = mape(((busy + c0) ** q + h ** q) ** (1.0 / q))
+        v = mape(_soft_max(busy + c0, np.full_like(busy, h), q))
         if best is None or v < best[0]:
           best = (v, q, c0, h)
   out["wall_from_softmax_busy_plus_c0_floor_h"] = {"mape": best[0], "q": best[1], "c0_us": float(best[2] * 1e6),
