@@ -443,22 +443,24 @@ def _ratio_ci(ape_base, ape_model, rows_of, progs, seed):
   return [float(np.percentile(out, 2.5)), float(np.percentile(out, 97.5))]
 
 
-def _kernel_labels(ds, kts):
-  """Per-kernel labels of the rows of ``ds`` whose source file has profiler columns (matched by HLO text
-  and runtime): (labels per row or None, device_busy_s and device_span_s per row (NaN without), stats)."""
+def _kernel_labels(ds, kts, paths):
+  """Per-kernel labels of the rows of ``ds`` (kernel tables ``kts``) whose source file in ``paths`` has
+  profiler columns (matched by HLO text and runtime; rows the profiler missed count as without):
+  (labels per row or None, device_busy_s and device_span_s per row (NaN without), stats)."""
   from mlsys_jax.cost import dataset as cds
   from mlsys_jax.cost import kernel_roofline as KR
   by_key = {}
-  for p in _ODATA.value:
+  for p in paths:
     dt = cds.load_device_times(p)
     if dt is None:
       continue
     src = cds.load_dataset(p)
     for i in range(len(src)):
-      by_key[(src.hlo[i], float(src.runtime_s[i]))] = (dt["kernel_times"][i], float(dt["device_busy_s"][i]),
-                                                       float(dt["device_span_s"][i]))
+      if dt["kernel_times"][i] and np.isfinite(dt["device_busy_s"][i]):   # NaN / {}: the profiler missed it
+        by_key[(src.hlo[i], float(src.runtime_s[i]))] = (dt["kernel_times"][i], float(dt["device_busy_s"][i]),
+                                                         float(dt["device_span_s"][i]))
   if not by_key:
-    raise ValueError("--kr_labels: none of --option_data has profiler columns (cost_collect.py --profile_calls).")
+    raise ValueError("--kr_labels: no row of --option_data has profiler columns (cost_collect.py --profile_calls).")
   labels, busy, span = [None] * len(ds), np.full(len(ds), np.nan), np.full(len(ds), np.nan)
   st = {"rows_with_profile": 0, "groups": 0, "matched_s": 0.0, "pooled_s": 0.0, "unassigned_s": 0.0,
         "kernels": 0, "kernels_labelled": 0}
@@ -525,7 +527,8 @@ def part_program_mape():
   kfl = np.asarray([float((k.flops * k.count).sum()) for k in kts])
   kby = np.asarray([float((k.bytes * k.count).sum()) for k in kts])
   print(f"features and kernel tables ({time.perf_counter() - t0:.0f} s)", flush=True)
-  klabels, busy, span, lab_stats = _kernel_labels(ds, kts) if _KR_LABELS.value else (None, None, None, None)
+  klabels, busy, span, lab_stats = _kernel_labels(ds, kts, _ODATA.value) if _KR_LABELS.value \
+      else (None, None, None, None)
   fl, by = np.maximum(ds.flops, 0.0), np.maximum(ds.bytes_accessed, 0.0)
   roof = np.log(np.maximum(fl / 4e14, by / 3e12) + 5e-6)
   dev_hot = (devs[:, None] == np.asarray(udev)[None, :]).astype(np.float64) if len(udev) > 1 \
@@ -576,7 +579,7 @@ def part_program_mape():
     if _KR_LABELS.value:
       pred["kernel_roofline_labels"] = np.zeros(len(y))
       busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
-      fitted_terms = []
+      fitted_terms, folds_unlabelled = [], 0
     bounds_chosen = []
     ood = np.zeros(len(y), bool)
     tk = time.perf_counter()
@@ -609,11 +612,14 @@ def part_program_mape():
       ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts[i] for i in ite], devs[ite])]
       if _KR_LABELS.value:
         labs = [klabels[i] for i in itr]
-        kml = km
+        kml = km   # no profiled training row in this fold: the plain kernel roofline (counted below)
         if any(lb is not None for lb in labs):
           with threadpool_limits(1):
             kml = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr],
-                                         kcfg._replace(kernel_weight=_KR_KW.value, gap_per_class=_KR_GAP.value), kernel_labels=labs)
+                                         kcfg._replace(kernel_weight=_KR_KW.value, gap_per_class=_KR_GAP.value),
+                                         kernel_labels=labs)
+        else:
+          folds_unlabelled += 1
         pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts[i] for i in ite], devs[ite])
         for key_, mdl in (("kernel_roofline", km), ("kernel_roofline_labels", kml)):
           busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [kts[i] for i in ite], devs[ite], what="busy")
@@ -672,6 +678,7 @@ def part_program_mape():
           **{f"busy_mape_{k}": float(np.abs(b_ / busy - 1.0)[prof].mean()) for k, b_ in busy_pred.items()},
           "measured_busy_over_wall_median": float(np.median(busy[prof] / rt[prof])),
           "measured_span_over_wall_median": float(np.median(span[prof] / rt[prof]))}
+      res["kernel_roofline_labels_folds_without_labels"] = folds_unlabelled
       res["kernel_roofline_labels_fitted_terms_median"] = {  # over folds
           dv: {k: float(np.median([ft[dv][k] for ft in fitted_terms if k in ft.get(dv, {})]))
                for k in sorted({k for ft in fitted_terms for k in ft.get(dv, {})})} for dv in udev}
