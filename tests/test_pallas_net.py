@@ -88,6 +88,10 @@ def test_bad_inputs(small_net):
   bad["Conv_32"] = {**bad["Conv_32"], "kernel": bad["Conv_32"]["kernel"][:, :1]}   # Mixed_6b's 1x7 as 1x1
   with pytest.raises(ValueError, match="Conv_32 should be a 1x7"):
     pn.pallas_inception_v3(m, {"params": bad})
+  with pytest.raises(ValueError, match="Conv_32 must hold 'kernel' and 'bias'"):     # was a KeyError
+    pn.pallas_inception_v3(m, {"params": {**bad, "Conv_32": {"kernel": v["params"]["Conv_32"]["kernel"]}}})
+  with pytest.raises(ValueError, match=r"the string 'Mixed_5b' \(use \['Mixed_5b'\]\)"):   # was "unknown block 'M'"
+    pn.pallas_inception_v3(m, v, blocks="Mixed_5b")
   with pytest.raises(ValueError, match="Conv_0 .. Conv_93"):
     pn.pallas_inception_v3(m, {"params": {k: bad[k] for k in list(bad)[:10]}})
   net = pn.pallas_inception_v3(m, v, blocks=["Mixed_5b"], configs={"Mixed_5b": pb.BlockConfig(16, 16, 16)},

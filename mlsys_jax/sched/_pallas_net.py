@@ -251,10 +251,16 @@ def pallas_inception_v3(model: Any, variables: Mapping, configs: Optional[Mappin
                      f"convs), got params {str(got)[:200]}")
   for name, kind, i, n in _LAYOUT:
     for j, ks in enumerate(_KERNELS[kind]):
-      shp = tuple(jnp.shape(params[f"Conv_{i + j}"]["kernel"]))
+      conv = params[f"Conv_{i + j}"]
+      if not isinstance(conv, Mapping) or not {"kernel", "bias"} <= set(conv):
+        raise ValueError(f"{name}: Conv_{i + j} must hold 'kernel' and 'bias' (an nn.Conv with use_bias=True), "
+                         f"got {sorted(conv) if isinstance(conv, Mapping) else type(conv).__name__}")
+      shp = tuple(jnp.shape(conv["kernel"]))
       if len(shp) != 4 or shp[:2] != ks:
         raise ValueError(f"{name}: Conv_{i + j} should be a {ks[0]}x{ks[1]} kernel (kh, kw, cin, cout), "
                          f"got shape {shp}")
+  if isinstance(blocks, str):
+    raise ValueError(f"blocks must be a sequence of block names, got the string {blocks!r} (use [{blocks!r}])")
   blocks = list(PALLAS_BLOCKS if blocks is None else blocks)
   _check_names(blocks, "blocks")
   if len(set(blocks)) != len(blocks):
