@@ -731,7 +731,8 @@ def part_program_mape():
           f"{res['analytical_over_kernel_roofline']:.2f}x "
           f"{res['analytical_over_kernel_roofline_ci95']}, trees {res['analytical_over_learned']:.2f}x "
           + (f"| with kernel labels {mp['kernel_roofline_labels']:.3f} -> "
-             f"{res['analytical_over_kernel_roofline_labels']:.2f}x {res['analytical_over_kernel_roofline_labels_ci95']} "
+             f"{res['analytical_over_kernel_roofline_labels']:.2f}x "
+             f"{res['analytical_over_kernel_roofline_labels_ci95']} "
              if _KR_LABELS.value else "") +
           f"[{time.perf_counter() - t0:.0f} s]", flush=True)
   out["total_s"] = time.perf_counter() - t0

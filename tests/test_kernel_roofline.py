@@ -100,10 +100,11 @@ def _truth():
   lf, lb, lo = np.log(np.full((D, Cn), 1e14)), np.log(np.full((D, Cn), 1e12)), np.log(np.full((D, Cn), 2e-6))
   for c, (f, b, o) in _TRUE.items():
     lf[0, C[c]], lb[0, C[c]], lo[0, C[c]] = np.log(f), np.log(b), np.log(o)
-  return KR.KernelRoofline(("d",), lf, lb, lo, np.log([_DISPATCH]), 16.0, np.ones((D, Cn)), np.log(np.full((D, Cn), _GAP)))
+  return KR.KernelRoofline(("d",), lf, lb, lo, np.log([_DISPATCH]), 16.0, np.ones((D, Cn)),
+                           np.log(np.full((D, Cn), _GAP)))
 
 
-def _program(kinds, scale, rng, i):
+def _program(kinds, scale, i):
   """Kernels: GEMMs (compute-bound) and elementwise kernels (memory-bound) of size ``scale``."""
   f, b, k = [], [], []
   for c in kinds:
@@ -126,8 +127,8 @@ def test_fit_with_kernel_labels_recovers_per_kernel_times():
   kernels only: the labelled fit predicts them within a few %, the unlabelled one cannot."""
   rng = np.random.default_rng(0)
   truth = _truth()
-  train = [_program(["gemm", "elementwise"] * (1 + i % 3), 10 ** rng.uniform(0, 2.5), rng, i) for i in range(40)]
-  test = [_program(["elementwise"] * 6, 10 ** rng.uniform(0, 2.5), rng, 100 + i) for i in range(10)]
+  train = [_program(["gemm", "elementwise"] * (1 + i % 3), 10 ** rng.uniform(0, 2.5), i) for i in range(40)]
+  test = [_program(["elementwise"] * 6, 10 ** rng.uniform(0, 2.5), 100 + i) for i in range(10)]
   dv = ["d"] * len(train)
   wall = KR.predict_kernel_roofline(truth, train, dv)
   labels = []
@@ -152,13 +153,13 @@ def test_fit_with_kernel_labels_recovers_per_kernel_times():
   t0 = test[0]
   np.testing.assert_allclose(
       KR.predict_kernel_roofline(m_lab, [t0], ["d"])[0],
-      busy[0] + t0.count.sum() * np.exp(m_lab.log_launch_gap[0, C["elementwise"]]) + np.exp(m_lab.log_program_overhead[0]),
+      busy[0] + t0.count.sum() * np.exp(m_lab.log_launch_gap[0, C["elementwise"]])
+      + np.exp(m_lab.log_program_overhead[0]),
       rtol=1e-12)
 
 
 def test_fit_kernel_labels_bad_input():
-  rng = np.random.default_rng(1)
-  train = [_program(["gemm", "elementwise"], 1.0, rng, i) for i in range(3)]
+  train = [_program(["gemm", "elementwise"], 1.0, i) for i in range(3)]
   wall, dv = np.full(3, 1e-4), ["d"] * 3
   cfg = KR.KernelRooflineConfig(steps=2)
   lab = KR.match_kernel_times(train[0], {KR.profile_name(train[0].names[0]): 1e-5})
@@ -200,7 +201,7 @@ def test_host_floor_prediction_and_fit():
   the fit recovers H_d from wall times of programs on both sides of it."""
   rng = np.random.default_rng(2)
   truth = _truth()._replace(log_launch_gap=None, log_host_floor=np.log([8e-5]), floor_sharpness=8.0)
-  progs = [_program(["gemm", "elementwise"][: 1 + i % 2], 10 ** rng.uniform(0, 3.5), rng, i) for i in range(40)]
+  progs = [_program(["gemm", "elementwise"][: 1 + i % 2], 10 ** rng.uniform(0, 3.5), i) for i in range(40)]
   dv = ["d"] * 40
   wall = KR.predict_kernel_roofline(truth, progs, dv)
   dev_side = KR.predict_kernel_roofline(truth._replace(log_host_floor=None), progs, dv)

@@ -435,9 +435,9 @@ class KernelRoofline(NamedTuple):
     train_kernels: float64[D, C] kernels of each class and device in the training programs (0: the
       class's parameters are the median of the device's fitted classes; see :func:`kernel_roofline_ood`).
     log_launch_gap: float64[D, C] log seconds added per launch of a class beyond the kernel's device time
-      (the idle gap before it: host-side launch, library setup), or None (0). Fitted only with per-kernel labels (:func:`fit_kernel_roofline` ``kernel_labels``): then
-      ``softmax + o`` is a kernel's measured device time and the gap and ``O_d`` carry the rest of the
-      wall time.
+      (the idle gap before it: host-side launch, library setup), or None (0). Fitted only with per-kernel
+      labels (:func:`fit_kernel_roofline` ``kernel_labels``): then ``softmax + o`` is a kernel's measured
+      device time and the gap and ``O_d`` carry the rest of the wall time.
     log_host_floor: float64[D] log seconds of the host's per-call floor, or None: the wall time of a
       program timed in back-to-back calls is ``softmax_q(T_device, H_d)`` (sharpness ``floor_sharpness``):
       while the device runs, the host dispatches the next call, so a program shorter than the host's
@@ -790,7 +790,8 @@ def device_time_oracle(wall, busy, span) -> dict:
   """How well the *measured* device time explains the wall time (in-sample, a grid over 1-3 constants):
   wall ~ span + c; wall ~ busy + c; wall ~ softmax_q(busy + c0, H) (back-to-back calls: the host's dispatch
   of the next call overlaps the device's run). A lower bound on the MAPE of any model that predicts
-  device time and adds such a term.
+  device time and adds such a term, up to the grid: c in 0-150 us by 1 us; c0 by 5 us, H by 2 us over the
+  same range, q in {2, 4, 8} (a constant reported at 150 us sits on the grid's edge: the bound is loose).
 
   Args:
     wall, busy, span: seconds per row (timed wall time; ``device_busy_s``, ``device_span_s`` of
