@@ -76,20 +76,27 @@ class _Ops:
   def __init__(self, dtype: Any, param_dtype: Any, conv_general_dilated: ConvGeneral):
     self.dtype, self.param_dtype, self.conv_fn = dtype, param_dtype, conv_general_dilated
 
-  def conv(self, x, features: int, kernel=1, stride=1, padding=0, groups: int = 1,
-           act: str = "relu"):
-    """IOS ``conv2d``: convolution with bias (folded batch norm) and activation; explicit padding."""
+  def conv_layer(self, features: int, kernel=1, stride=1, padding=0, groups: int = 1) -> nn.Conv:
+    """The ``nn.Conv`` of :meth:`conv` (bias, explicit padding), not yet applied."""
     kh, kw = _pair(kernel)
     ph, pw = _pair(padding)
     kwargs = {} if self.conv_fn is None else {"conv_general_dilated": self.conv_fn}
-    y = nn.Conv(int(features), (kh, kw), strides=_pair(stride), padding=((ph, ph), (pw, pw)),
-                feature_group_count=groups, use_bias=True, dtype=self.dtype,
-                param_dtype=self.param_dtype, **kwargs)(x)
+    return nn.Conv(int(features), (kh, kw), strides=_pair(stride), padding=((ph, ph), (pw, pw)),
+                   feature_group_count=groups, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                   **kwargs)
+
+  @staticmethod
+  def activation(y, act: str):
     if act == "relu":
       return nn.relu(y)
     if act == "identity":
       return y
     raise ValueError(f"unknown activation {act!r}; use 'relu' or 'identity'.")
+
+  def conv(self, x, features: int, kernel=1, stride=1, padding=0, groups: int = 1,
+           act: str = "relu"):
+    """IOS ``conv2d``: convolution with bias (folded batch norm) and activation; explicit padding."""
+    return self.activation(self.conv_layer(features, kernel, stride, padding, groups)(x), act)
 
   def sep_conv(self, x, features: int, kernel, stride, padding, relu: bool = True):
     """IOS ``relu_sep_conv``: ReLU, depthwise conv (groups = channels), pointwise 1x1 conv."""
@@ -174,57 +181,86 @@ class InceptionV3(nn.Module):
     _check_input("InceptionV3", x, 75)
     o = _Ops(self.dtype, self.param_dtype, self.conv_general_dilated)
     c = lambda n: _ch(n, self.width)
-    # front
-    x = o.conv(x, c(32), 3, 2)
-    x = o.conv(x, c(32), 3)
-    x = o.conv(x, c(64), 3, padding=1)
-    x = o.max_pool(x, 3, 2)
-    x = o.conv(x, c(80), 1)
-    x = o.conv(x, c(192), 3)
-    x = o.max_pool(x, 3, 2)
-    for pool_features in (32, 64, 64):  # inception A
-      b1 = o.conv(x, c(64), 1)
-      b5 = o.conv(o.conv(x, c(48), 1), c(64), 5, padding=2)
-      b3 = o.conv(x, c(64), 1)
-      b3 = o.conv(o.conv(b3, c(96), 3, padding=1), c(96), 3, padding=1)
-      bp = o.conv(o.avg_pool(x), c(pool_features), 1)
-      x = o.identity(b1, b5, b3, bp)
-    # inception B
-    b3 = o.conv(x, c(384), 3, 2)
-    bd = o.conv(o.conv(o.conv(x, c(64), 1), c(96), 3, padding=1), c(96), 3, 2)
-    bp = o.max_pool(x, 3, 2)
-    x = o.identity(b3, bd, bp)
-    for c7 in (128, 160, 160, 192):  # inception C
-      b1 = o.conv(x, c(192), 1)
-      b7 = o.conv(x, c(c7), 1)
-      b7 = o.conv(b7, c(c7), (1, 7), padding=(0, 3))
-      b7 = o.conv(b7, c(192), (7, 1), padding=(3, 0))
-      bd = o.conv(x, c(c7), 1)
-      bd = o.conv(bd, c(c7), (7, 1), padding=(3, 0))
-      bd = o.conv(bd, c(c7), (1, 7), padding=(0, 3))
-      bd = o.conv(bd, c(c7), (7, 1), padding=(3, 0))
-      bd = o.conv(bd, c(192), (1, 7), padding=(0, 3))
-      bp = o.conv(o.avg_pool(x), c(192), 1)
-      x = o.identity(b1, b7, bd, bp)
-    # inception D
-    b3 = o.conv(o.conv(x, c(192), 1), c(320), 3, 2)
-    b7 = o.conv(x, c(192), 1)
-    b7 = o.conv(b7, c(192), (1, 7), padding=(0, 3))
-    b7 = o.conv(b7, c(192), (7, 1), padding=(3, 0))
-    b7 = o.conv(b7, c(192), 3, 2)
-    bp = o.max_pool(x, 3, 2)
-    x = o.identity(b3, b7, bp)
-    for _ in range(2):  # inception E
-      b1 = o.conv(x, c(320), 1)
-      b3 = o.conv(x, c(384), 1)
-      b3a = o.conv(b3, c(384), (1, 3), padding=(0, 1))
-      b3b = o.conv(b3, c(384), (3, 1), padding=(1, 0))
-      bd = o.conv(o.conv(x, c(448), 1), c(384), 3, padding=1)
-      bda = o.conv(bd, c(384), (1, 3), padding=(0, 1))
-      bdb = o.conv(bd, c(384), (3, 1), padding=(1, 0))
-      bp = o.conv(o.avg_pool(x), c(192), 1)
-      x = o.identity(b1, b3a, b3b, bda, bdb, bp)
-    return o.global_avg(x)
+    for _, _, block, kw in INCEPTION_V3_BLOCKS:
+      x = block(o, c, x, **kw)
+    return x
+
+
+# Inception-V3's blocks, shared by InceptionV3 and the Pallas emission of mlsys_jax.sched._pallas_net: each
+# takes the ops ``o`` (convs are created, or read, in call order), the channel map ``c`` and the input.
+def _inception_stem(o, c, x):
+  x = o.conv(x, c(32), 3, 2)
+  x = o.conv(x, c(32), 3)
+  x = o.conv(x, c(64), 3, padding=1)
+  x = o.max_pool(x, 3, 2)
+  x = o.conv(x, c(80), 1)
+  x = o.conv(x, c(192), 3)
+  return o.max_pool(x, 3, 2)
+
+
+def _inception_a(o, c, x, pool_features: int):
+  b1 = o.conv(x, c(64), 1)
+  b5 = o.conv(o.conv(x, c(48), 1), c(64), 5, padding=2)
+  b3 = o.conv(x, c(64), 1)
+  b3 = o.conv(o.conv(b3, c(96), 3, padding=1), c(96), 3, padding=1)
+  bp = o.conv(o.avg_pool(x), c(pool_features), 1)
+  return o.identity(b1, b5, b3, bp)
+
+
+def _inception_b(o, c, x):
+  b3 = o.conv(x, c(384), 3, 2)
+  bd = o.conv(o.conv(o.conv(x, c(64), 1), c(96), 3, padding=1), c(96), 3, 2)
+  bp = o.max_pool(x, 3, 2)
+  return o.identity(b3, bd, bp)
+
+
+def _inception_c(o, c, x, c7: int):
+  b1 = o.conv(x, c(192), 1)
+  b7 = o.conv(x, c(c7), 1)
+  b7 = o.conv(b7, c(c7), (1, 7), padding=(0, 3))
+  b7 = o.conv(b7, c(192), (7, 1), padding=(3, 0))
+  bd = o.conv(x, c(c7), 1)
+  bd = o.conv(bd, c(c7), (7, 1), padding=(3, 0))
+  bd = o.conv(bd, c(c7), (1, 7), padding=(0, 3))
+  bd = o.conv(bd, c(c7), (7, 1), padding=(3, 0))
+  bd = o.conv(bd, c(192), (1, 7), padding=(0, 3))
+  bp = o.conv(o.avg_pool(x), c(192), 1)
+  return o.identity(b1, b7, bd, bp)
+
+
+def _inception_d(o, c, x):
+  b3 = o.conv(o.conv(x, c(192), 1), c(320), 3, 2)
+  b7 = o.conv(x, c(192), 1)
+  b7 = o.conv(b7, c(192), (1, 7), padding=(0, 3))
+  b7 = o.conv(b7, c(192), (7, 1), padding=(3, 0))
+  b7 = o.conv(b7, c(192), 3, 2)
+  bp = o.max_pool(x, 3, 2)
+  return o.identity(b3, b7, bp)
+
+
+def _inception_e(o, c, x):
+  b1 = o.conv(x, c(320), 1)
+  b3 = o.conv(x, c(384), 1)
+  b3a = o.conv(b3, c(384), (1, 3), padding=(0, 1))
+  b3b = o.conv(b3, c(384), (3, 1), padding=(1, 0))
+  bd = o.conv(o.conv(x, c(448), 1), c(384), 3, padding=1)
+  bda = o.conv(bd, c(384), (1, 3), padding=(0, 1))
+  bdb = o.conv(bd, c(384), (3, 1), padding=(1, 0))
+  bp = o.conv(o.avg_pool(x), c(192), 1)
+  return o.identity(b1, b3a, b3b, bda, bdb, bp)
+
+
+#: Inception-V3's 13 blocks in order: (name, kind, block function, its keyword arguments); kinds stem, a-e
+#: (Szegedy et al. 2016: A Fig. 5, C Fig. 6, E Fig. 7, B/D the grid reductions) and head (global average pool).
+INCEPTION_V3_BLOCKS = (
+    ("stem", "stem", _inception_stem, {}),
+    *((f"Mixed_5{s}", "a", _inception_a, {"pool_features": pf}) for s, pf in zip("bcd", (32, 64, 64))),
+    ("Mixed_6a", "b", _inception_b, {}),
+    *((f"Mixed_6{s}", "c", _inception_c, {"c7": c7}) for s, c7 in zip("bcde", (128, 160, 160, 192))),
+    ("Mixed_7a", "d", _inception_d, {}),
+    *((f"Mixed_7{s}", "e", _inception_e, {}) for s in "bc"),
+    ("head", "head", lambda o, c, x: o.global_avg(x), {}),
+)
 
 
 class SqueezeNet(nn.Module):

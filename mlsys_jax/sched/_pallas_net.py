@@ -32,10 +32,8 @@ level kernels do not express (``docs/ios.md`` lists what it would take).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mlsys_jax.models import ios_nets
@@ -43,12 +41,27 @@ from mlsys_jax.sched import _pallas_block as pb
 
 __all__ = ["BLOCKS", "PALLAS_BLOCKS", "PallasNet", "default_configs", "inception_e_ops", "pallas_inception_v3"]
 
-# (name, kind, first conv index, convs); the network's blocks in order (``InceptionV3.__call__``)
-_LAYOUT = (("stem", "stem", 0, 5), ("Mixed_5b", "a", 5, 7), ("Mixed_5c", "a", 12, 7), ("Mixed_5d", "a", 19, 7),
-           ("Mixed_6a", "b", 26, 4), ("Mixed_6b", "c", 30, 10), ("Mixed_6c", "c", 40, 10),
-           ("Mixed_6d", "c", 50, 10), ("Mixed_6e", "c", 60, 10), ("Mixed_7a", "d", 70, 6),
-           ("Mixed_7b", "e", 76, 9), ("Mixed_7c", "e", 85, 9), ("head", "head", 94, 0))
-_N_CONVS = 94
+# per kind: the kernel sizes of its convs, in creation order (checked against the variables)
+_KERNELS = {
+    "stem": ((3, 3), (3, 3), (3, 3), (1, 1), (3, 3)),
+    "a": ((1, 1), (1, 1), (5, 5), (1, 1), (3, 3), (3, 3), (1, 1)),
+    "b": ((3, 3), (1, 1), (3, 3), (3, 3)),
+    "c": ((1, 1), (1, 1), (1, 7), (7, 1), (1, 1), (7, 1), (1, 7), (7, 1), (1, 7), (1, 1)),
+    "d": ((1, 1), (3, 3), (1, 1), (1, 7), (7, 1), (3, 3)),
+    "e": ((1, 1), (1, 1), (1, 3), (3, 1), (1, 1), (3, 3), (1, 3), (3, 1), (1, 1)),
+    "head": (),
+}
+# (name, kind, first conv index, convs): ios_nets.INCEPTION_V3_BLOCKS in order, convs numbered as flax creates them
+def _layout() -> tuple:
+  out, first = [], 0
+  for name, kind, *_ in ios_nets.INCEPTION_V3_BLOCKS:
+    out.append((name, kind, first, len(_KERNELS[kind])))
+    first += len(_KERNELS[kind])
+  return tuple(out)
+
+
+_LAYOUT = _layout()
+_N_CONVS = sum(n for *_, n in _LAYOUT)
 #: Every block of the network, in order.
 BLOCKS: tuple[str, ...] = tuple(n for n, *_ in _LAYOUT)
 #: The blocks :func:`pallas_inception_v3` can emit as Pallas level kernels (stride-1 conv DAG + concat).
@@ -59,20 +72,11 @@ _WHY_XLA = {
     "d": "stride-2 convolutions and a max-pool pass-through branch",
     "head": "a global average pool (a reduction, no convolution)",
 }
-# per kind: the conv's parameter names (the keys _pallas_block's *_ops read) and kernel sizes, in creation order
+# per kind: the conv's parameter names (the keys _pallas_block's *_ops read), in creation order
 _KEYS = {
     "a": ("b1", "b5_1", "b5_2", "b3_1", "b3_2", "b3_3", "bp"),
     "c": ("b1", "b7_1", "b7_2", "b7_3", "bd_1", "bd_2", "bd_3", "bd_4", "bd_5", "bp"),
     "e": ("b1", "b3_1", "b3a", "b3b", "bd_1", "bd_2", "bda", "bdb", "bp"),
-}
-_KERNELS = {
-    "stem": ((3, 3), (3, 3), (3, 3), (1, 1), (3, 3)),
-    "a": ((1, 1), (1, 1), (5, 5), (1, 1), (3, 3), (3, 3), (1, 1)),
-    "b": ((3, 3), (1, 1), (3, 3), (3, 3)),
-    "c": ((1, 1), (1, 1), (1, 7), (7, 1), (1, 1), (7, 1), (1, 7), (7, 1), (1, 7), (1, 1)),
-    "d": ((1, 1), (3, 3), (1, 1), (1, 7), (7, 1), (3, 3)),
-    "e": ((1, 1), (1, 1), (1, 3), (3, 1), (1, 1), (3, 3), (1, 3), (3, 1), (1, 1)),
-    "head": (),
 }
 
 _FLAT = pb.BlockConfig(bm=32, bn=32, bk=64, k_mode="flat")
@@ -116,43 +120,26 @@ def inception_e_ops(params: Mapping[str, Any]) -> tuple[list[pb.ConvOp], list[st
 _OPS = {"a": pb.inception_a_ops, "c": pb.inception_c_ops, "e": inception_e_ops}
 
 
-def _conv(model, p, x, stride=1, padding=0):
-  """One conv of the network exactly as ``ios_nets._Ops.conv`` runs it (flax ``nn.Conv`` + ReLU)."""
-  kh, kw, _, co = p["kernel"].shape
-  (sh, sw), (ph, pw) = ios_nets._pair(stride), ios_nets._pair(padding)
-  y = nn.Conv(int(co), (kh, kw), strides=(sh, sw), padding=((ph, ph), (pw, pw)), use_bias=True,
-              dtype=model.dtype, param_dtype=model.param_dtype).apply({"params": p}, x)
-  return nn.relu(y)
+class _ParamOps(ios_nets._Ops):
+  """``ios_nets._Ops`` whose convs read the given parameters in call order instead of creating flax children:
+  a block of :data:`ios_nets.INCEPTION_V3_BLOCKS` then runs exactly as ``InceptionV3`` runs it."""
+
+  def __init__(self, model, convs):
+    super().__init__(model.dtype, model.param_dtype, None)
+    self._convs = iter(convs)
+
+  def conv(self, x, features, kernel=1, stride=1, padding=0, groups=1, act="relu"):
+    layer = self.conv_layer(features, kernel, stride, padding, groups)
+    return self.activation(layer.apply({"params": next(self._convs)}, x), act)
 
 
-def _xla_block(kind, model, convs, i, x):
-  """Block ``kind`` with first conv ``i`` as ``InceptionV3.__call__`` writes it (lax convs, pools, concat)."""
-  o = ios_nets._Ops
-  c = lambda j, v, s=1, pad=0: _conv(model, convs[i + j], v, s, pad)
-  if kind == "stem":
-    x = c(2, c(1, c(0, x, 2)), 1, 1)
-    x = o.max_pool(x, 3, 2)
-    return o.max_pool(c(4, c(3, x)), 3, 2)
-  if kind == "a":
-    b5 = c(2, c(1, x), 1, 2)
-    b3 = c(5, c(4, c(3, x), 1, 1), 1, 1)
-    return o.identity(c(0, x), b5, b3, c(6, o.avg_pool(x)))
-  if kind == "b":
-    return o.identity(c(0, x, 2), c(3, c(2, c(1, x), 1, 1), 2), o.max_pool(x, 3, 2))
-  if kind == "c":
-    b7 = c(3, c(2, c(1, x), 1, (0, 3)), 1, (3, 0))
-    bd = c(4, x)
-    for j, pad in ((5, (3, 0)), (6, (0, 3)), (7, (3, 0)), (8, (0, 3))):
-      bd = c(j, bd, 1, pad)
-    return o.identity(c(0, x), b7, bd, c(9, o.avg_pool(x)))
-  if kind == "d":
-    b7 = c(5, c(4, c(3, c(2, x), 1, (0, 3)), 1, (3, 0)), 2)
-    return o.identity(c(1, c(0, x), 2), b7, o.max_pool(x, 3, 2))
-  if kind == "e":
-    b3, bd = c(1, x), c(5, c(4, x), 1, 1)
-    return o.identity(c(0, x), c(2, b3, 1, (0, 1)), c(3, b3, 1, (1, 0)), c(6, bd, 1, (0, 1)),
-                      c(7, bd, 1, (1, 0)), c(8, o.avg_pool(x)))
-  return o.global_avg(x)   # head
+_BLOCK_FNS = {name: (fn, kw) for name, _, fn, kw in ios_nets.INCEPTION_V3_BLOCKS}
+
+
+def _xla_block(name, model, convs, i, x):
+  """Block ``name`` (first conv ``i``) as ``InceptionV3`` runs it (flax convs, pools, concatenation)."""
+  fn, kw = _BLOCK_FNS[name]
+  return fn(_ParamOps(model, convs[i:]), lambda n: ios_nets._ch(n, model.width), x, **kw)
 
 
 class PallasNet:
@@ -177,7 +164,7 @@ class PallasNet:
     for name, kind, i, _ in _LAYOUT:
       blk = self.blocks.get(name)
       if blk is None:
-        x = _xla_block(kind, self.model, convs, i, x)
+        x = _xla_block(name, self.model, convs, i, x)
         continue
       if x.dtype != blk.dtype:
         raise ValueError(f"{name} was built for {blk.dtype} activations, the network computes {x.dtype} "
