@@ -72,10 +72,12 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
   return 4 * n / float(np.median(ts))
 
 
-def device_stream_events(run) -> list[tuple]:
+def device_stream_events(run, host: bool = False):
   """Run ``run()`` under one ``jax.profiler`` trace and return the GPU kernel events of every stream line,
   sorted by start: ``(start_ns, end_ns, duration_ns, name)``. Raises ``FileNotFoundError`` when the
-  profiler wrote no trace. (Shared by the benchmarks that report device time per launch.)"""
+  profiler wrote no trace. (Shared by the benchmarks that report device time per launch.) ``host``: also
+  return the host planes' events (XLA's thunk and CUDA API TraceMe events), sorted by start, as
+  ``(start_ns, end_ns, duration_ns, name, thread)``: a pair ``(device, host)``."""
   import glob
   import tempfile
   d = tempfile.mkdtemp()
@@ -89,7 +91,47 @@ def device_stream_events(run) -> list[tuple]:
             for plane in prof.planes if plane.name.startswith("/device:GPU")
             for line in plane.lines if "stream" in line.name.lower()
             for ev in line.events]
-  return sorted(events)
+  if not host:
+    return sorted(events)
+  hosts = [(ev.start_ns, ev.end_ns, ev.duration_ns, ev.name, line.name)
+           for plane in prof.planes if not plane.name.startswith("/device:")
+           for line in plane.lines for ev in line.events]
+  return sorted(events), sorted(hosts)
+
+
+def host_overlap(hosts: list, start_ns: float, end_ns: float, n: int = 12) -> list:
+  """The host events ``(start_ns, end_ns, duration_ns, name, thread)`` that overlap ``[start_ns, end_ns]``,
+  pooled by name: ``(name, overlapped seconds, count)`` for the ``n`` largest overlaps. What the host was
+  doing while the device sat idle (e.g. a command buffer's update, a launch, a synchronisation).
+
+  >>> [(k, round(t * 1e9), c) for k, t, c in host_overlap(
+  ...     [(0, 10, 10, "a", "t"), (5, 30, 25, "b", "t"), (40, 50, 10, "a", "t")], 8, 20)]
+  [('b', 12, 1), ('a', 2, 1)]
+  """
+  pooled: dict = {}
+  for ev in hosts:
+    ov = min(ev[1], end_ns) - max(ev[0], start_ns)
+    if ov > 0:
+      d, c = pooled.get(ev[3], (0, 0))
+      pooled[ev[3]] = (d + ov, c + 1)
+  top = sorted(pooled.items(), key=lambda t: -t[1][0])[:n]
+  return [(k[:90], d * 1e-9, c) for k, (d, c) in top]
+
+
+def largest_gap_interval(cluster: list) -> tuple:
+  """``(start_ns, end_ns)`` of the longest idle gap inside one call's sorted kernel events (``(0, 0)`` when
+  there is none).
+
+  >>> largest_gap_interval([(0, 10, 10, "a"), (30, 40, 10, "b"), (41, 50, 9, "c")])
+  (10, 30)
+  """
+  best, end = (0, 0), None
+  for ev in cluster:
+    if end is not None and ev[0] - end > best[1] - best[0]:
+      best = (end, ev[0])
+    if end is None or ev[1] >= end:
+      end = ev[1]
+  return best
 
 
 def idle_clusters(events: list, gap_ns: float) -> list[list]:

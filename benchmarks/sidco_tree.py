@@ -65,8 +65,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import (copy_bandwidth, device_stream_events, environment, idle_clusters, largest_gaps,  # noqa: E402
-                               parse_args, print_table, write_json)
+from benchmarks.common import (copy_bandwidth, device_stream_events, environment, host_overlap,  # noqa: E402
+                               idle_clusters, largest_gap_interval, largest_gaps, parse_args, print_table,
+                               write_json)
 from benchmarks.powersgd_step import resnet50_shapes  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
@@ -98,8 +99,16 @@ def _flags(ap):
                        "either way)")
   ap.add_argument("--single_configs", default="",
                   help="with --single: also time the single update under these per-jit XLA configurations "
-                       "(names of sched.XLA_CONFIGS, or 'cmdbuf_while': command buffers with WHILE added), rows "
+                       "(names of sched.XLA_CONFIGS, 'cmdbuf_while': command buffers with WHILE added, 'nocub': XLA's own sort "
+                       "kernels instead of cub's radix sort), rows "
                        "'single@<name>' (device_s, busy_s, kernels, idle_s, the longest idle gaps)")
+  ap.add_argument("--host_gap", action="store_true",
+                  help="with --single: record the host threads' events (XLA thunks, CUDA API calls) during the single "
+                       "call's longest device-idle gap (single_gap_host) and over the whole call (single_host_top)")
+  ap.add_argument("--train_step", action="store_true",
+                  help="for every optax row: the optimizer half of a training step, step(params, state, grads) -> "
+                       "(apply_updates(params, updates), state), jitted with params and state donated and chained call to "
+                       "call (train_device_s, train_idle_s, train_kernels, train_chain_wall_s, ...)")
   ap.add_argument("--change", default="shift", choices=("scale", "shift"),
                   help="how step i changes its pool gradient: times 1 + 1e-3 i, or plus 1e-6 i (default since session 9: "
                        "sidco's default buffer 'dus' and the old path's 'two' then stay bitwise comparable; with "
@@ -115,7 +124,7 @@ def _flags(ap):
   ap.add_argument("--variants", default=OLD_PATH,
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
                        "per tensor only; default: the path before session 9, flat and per tensor); "
-                       "tokens: blocks/bits = sparse._EXACT_SEARCH (how the k-th largest is found), fit/nofit = "
+                       "tokens: blocks/counts/bits = sparse._EXACT_SEARCH (how the k-th largest is found), fit/nofit = "
                        "sparse._EXACT_FIT (SIDCo's fit first), trimskip/notrimskip = sparse._TRIM_SKIP, quota/sorttrim = "
                        "sparse._TRIM (the tie cut by prefix counts, or the sort trim under a cond), zfill/zfused = sparse._DUS_BASE "
                        "(dus's zero buffer a fill of its own, or fused into the first chunk's write), narrowseg/wideseg = "
@@ -178,20 +187,51 @@ def _chain_wall(call, n: int) -> float:
 
 
 def _single_options(name: str) -> dict:
-  """Per-jit ``compiler_options`` of a ``--single_configs`` name: one of ``sched.XLA_CONFIGS``, or
-  ``cmdbuf_while`` (``cmdbuf_conv`` with WHILE in the command-buffer types)."""
+  """Per-jit ``compiler_options`` of a ``--single_configs`` name: one of ``sched.XLA_CONFIGS``,
+  ``cmdbuf_while`` (``cmdbuf_conv`` with WHILE in the command-buffer types) or ``nocub`` (sorts by XLA's own
+  kernels, not cub's radix sort custom call, which splits the command buffer)."""
   from mlsys_jax.sched import XLA_CONFIGS
   from mlsys_jax.sched.emit import CB_TYPES
   if name == "cmdbuf_while":
     return {**XLA_CONFIGS["cmdbuf_conv"], "xla_gpu_enable_command_buffer": CB_TYPES + ",WHILE"}
+  if name == "nocub":   # XLA's own sort kernels (fusions, inside the command buffer) instead of cub's radix sort
+    return {"xla_gpu_enable_cub_radix_sort": False}
   if name not in XLA_CONFIGS:
-    raise ValueError(f"--single_configs: unknown configuration {name!r}; use one of {sorted(XLA_CONFIGS)} or "
-                     "'cmdbuf_while'")
+    raise ValueError(f"--single_configs: unknown configuration {name!r}; use one of {sorted(XLA_CONFIGS)}, "
+                     "'cmdbuf_while' or 'nocub'")
   return dict(XLA_CONFIGS[name])
 
 
-def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
-  """Device time per step from one profiler trace of ``calls`` calls of ``fn`` (each alone)."""
+def _train_step(tx, grads, args) -> dict:
+  """The optimizer half of a training step as a user's training loop runs it: ``step(params, opt_state,
+  grads) -> (optax.apply_updates(params, updates), new_opt_state)``, jitted with params and optimizer state
+  donated, each call taking the previous call's outputs (so every donated buffer aliases its own output, as
+  in a ``TrainState`` loop; donating the state of a bare ``jax.jit(tx.update)`` instead lets JAX alias the
+  residual buffers to the *updates* outputs of the same shapes, and XLA then copies every residual leaf
+  first). Returns ``train_*``: device span, busy and idle time, kernels, the host's longest-gap and whole-call
+  events (``--host_gap``) and the wall seconds per call of 20 back-to-back calls (``train_chain_wall_s``)."""
+  params = jax.tree_util.tree_map(lambda x: x * 0.5 + 1.0, grads)   # nonzero parameters of the same shapes
+
+  def step(p, st, gr):
+    upd, st = tx.update(gr, st, p)
+    return optax.apply_updates(p, upd), st
+
+  fn = jax.jit(step, donate_argnums=(0, 1))
+  cur = [jax.tree_util.tree_map(jnp.copy, params), jax.tree_util.tree_map(jnp.copy, tx.init(params))]   # distinct buffers
+
+  def call():
+    cur[0], cur[1] = fn(cur[0], cur[1], grads)
+    return cur[0]
+  jax.block_until_ready(call())
+  d = _device(call, args.calls, 1, host=args.host_gap)
+  d["chain_wall_s"] = _chain_wall(call, 20)
+  return {f"train_{k_}": v for k_, v in d.items()}
+
+
+def _device(fn, calls: int, per_call: int, gap_s: float = 0.02, host: bool = False) -> dict:
+  """Device time per step from one profiler trace of ``calls`` calls of ``fn`` (each alone). ``host``: also
+  ``gap_host``, what the host threads were doing during the median call's longest idle gap
+  (``common.host_overlap``), and ``host_top``, the host events of that whole call pooled by name."""
   if jax.default_backend() != "gpu":
     return {}
 
@@ -201,7 +241,9 @@ def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
       time.sleep(gap_s)
 
   try:
-    clusters = idle_clusters(device_stream_events(run), gap_s * 1e9 / 2)
+    evs = device_stream_events(run, host=host)
+    evs, hosts = evs if host else (evs, None)
+    clusters = idle_clusters(evs, gap_s * 1e9 / 2)
     if len(clusters) != calls:
       return {"device_error": f"{len(clusters)} kernel clusters for {calls} calls"}
     kinds: dict = {}
@@ -213,8 +255,14 @@ def _device(fn, calls: int, per_call: int, gap_s: float = 0.02) -> dict:
     top = sorted(kinds.items(), key=lambda t: -t[1][0])[:TOP]
     norm = 1e-9 / (calls * per_call)
     spans = [max(ev[1] for ev in c) - c[0][0] for c in clusters]
-    idle, gaps = largest_gaps(clusters[int(np.argsort(spans)[len(spans) // 2])], 8)   # the median call's
-    return {"device_s": float(np.median(spans)) * 1e-9 / per_call,
+    med = clusters[int(np.argsort(spans)[len(spans) // 2])]
+    idle, gaps = largest_gaps(med, 8)   # the median call's
+    extra = {}
+    if host:
+      g0, g1 = largest_gap_interval(med)
+      extra["gap_host"] = host_overlap(hosts, g0, g1, 16)
+      extra["host_top"] = host_overlap(hosts, med[0][0] - 3e6, max(ev[1] for ev in med), 24)
+    return {**extra, "device_s": float(np.median(spans)) * 1e-9 / per_call,
             "idle_s": idle / per_call, "gaps": [(g, a[:60], b[:60]) for g, a, b in gaps],
             "busy_s": sum(ev[2] for c in clusters for ev in c) * norm,
             "kernels": sum(len(c) for c in clusters) / (calls * per_call),
@@ -392,7 +440,7 @@ def main():
         sp._TRIM = "quota" if tok == "quota" else "sort"
       elif tok in ("pwrite", "pwritei", "pwriter", "xwrite"):
         sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "pwriter": "pallas_res", "xwrite": "xla"}[tok]
-      elif tok in ("blocks", "bits"):
+      elif tok in ("blocks", "counts", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
         sp._EXACT_FIT = tok == "fit"
@@ -465,14 +513,17 @@ def main():
                         compiler_options=_single_options(cfg) if cfg else None)
           call = _single_call(one, g1, st, args.donate)
           jax.block_until_ready(call())
-          d = _device(call, args.calls, 1)
+          d = _device(call, args.calls, 1, host=args.host_gap)
           d["chain_wall_s"] = _chain_wall(call, 20)
           if cfg is None:
             row.update({f"single_{k_}": v for k_, v in d.items()})
           else:
             row[f"single@{cfg}"] = {k_: d[k_] for k_ in ("device_s", "busy_s", "kernels", "idle_s", "gaps",
-                                                         "chain_wall_s", "device_error") if k_ in d}
+                                                         "chain_wall_s", "device_error", "gap_host", "host_top")
+                                    if k_ in d}
         row["single_donated"] = bool(args.donate)
+      if args.train_step and kind not in ("flat", "residual", None):
+        row.update(_train_step(kind, jax.tree_util.tree_map(lambda x: x[0], g), args))
       row["loop_wall_s"] = _wall(lambda: loop(g, st, out0), max(3, reps // 3)) / steps
     except Exception as e:  # record and go on
       row["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
@@ -486,7 +537,8 @@ def main():
   print_table(rows, ["method", key_, "busy_s", "kernels", "speedup_over_topk", "over_flat_copy", "over_rw_floor",
                      "compressor_s", "compressor_speedup_over_topk", "single_device_s", "single_kernels",
                      "single_speedup_over_topk", "single_idle_s", "single_chain_wall_s",
-                     "single_chain_speedup_over_topk", "loop_wall_s", "wall_s"])
+                     "single_chain_speedup_over_topk", "train_device_s", "train_kernels", "train_idle_s",
+                     "train_chain_wall_s", "loop_wall_s", "wall_s"])
   write_json(args.out, args.name, {**meta, "rows": rows})
 
 
