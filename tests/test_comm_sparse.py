@@ -610,10 +610,10 @@ def test_segments_pool_small_leaves_and_layout_reduces_per_segment():
                                 [max(jnp.abs(leaves[0]).max(), jnp.abs(leaves[1]).max()), jnp.abs(leaves[2]).max()])
 
 
-@pytest.mark.parametrize("search", ["blocks", "bits"])
+@pytest.mark.parametrize("search", ["blocks", "counts", "bits"])
 def test_sidco_segments_exact_is_a_triple(search, monkeypatch):
   """_sidco_segments(exact=(k, send_capacity, k_max)) keeps each segment's k largest, with the block select
-  (the default) and with the bit search; the old pair form (k, send_capacity) and k_max None are errors."""
+  (the default), the count search over the blocks and the bit search; the old pair form (k, send_capacity) and k_max None are errors."""
   monkeypatch.setattr(sp, "_EXACT_SEARCH", search)
   lay = sp._Layout([5000, 10, 9000], [[0, 1], [2]])
   leaves = [_heavy(5000, 1), _heavy(10, 2), _heavy(9000, 3)]
@@ -817,11 +817,13 @@ def _primitives(jaxpr, out=None):
 
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_exact_sidco_runs_no_fit(per_tensor, monkeypatch):
-  """exact=True (the default) finds every segment's k-th largest by the block select alone: SIDCo's fit
-  (_seg_threshold) is never traced, and the only conditional is the trim's (ties at the cut). The spy is
-  shown to fire: the fit-first path of before (_EXACT_FIT) and exact=False do trace the fit."""
+  """exact=True (the default) finds every segment's k-th largest by the block select alone (or, as options,
+  the count search over the blocks, "counts", and "auto"): SIDCo's fit (_seg_threshold) is never traced, and
+  the only conditional is the trim's (ties at the cut). The spy is shown to fire: the fit-first path of before
+  (_EXACT_FIT) and exact=False do trace the fit."""
   calls = []
-  for name in ("_seg_threshold", "_seg_kth_blocks", "_seg_exact"):
+  search = ["_seg_kth_blocks"]
+  for name in ("_seg_threshold", "_seg_kth_blocks", "_seg_kth_counts", "_seg_exact"):
     fn = getattr(sp, name)
     monkeypatch.setattr(sp, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
   g = {"w": _heavy(6000, 1).reshape(60, 100), "b": _heavy(40, 2), "c": _heavy(5000, 3)}
@@ -832,11 +834,17 @@ def test_exact_sidco_runs_no_fit(per_tensor, monkeypatch):
     return sorted(set(calls)), prims.count("cond")
 
   monkeypatch.setattr(sp, "_TRIM", "sort")    # the sort trim's conditional (the quota has none: below)
-  assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
-  assert traced(sp.sidco(0.01, distribution="gamma", stages=3, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 1)
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (search, 1)
+  assert traced(sp.sidco(0.01, distribution="gamma", stages=3, per_tensor=per_tensor)) == (search, 1)
   assert traced(sp.sidco(0.01, per_tensor=per_tensor, exact=False))[0] == ["_seg_threshold"]
   monkeypatch.setattr(sp, "_TRIM", "quota")   # the tie cut by prefix counts: no conditional at all
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (search, 0)
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "blocks")
   assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_blocks"], 0)
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "counts")
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_counts"], 0)
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "auto")
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (["_seg_kth_blocks" if per_tensor else "_seg_kth_counts"], 0)
   monkeypatch.setattr(sp, "_TRIM", "sort")
   monkeypatch.setattr(sp, "_EXACT_FIT", True)
   monkeypatch.setattr(sp, "_EXACT_SEARCH", "bits")

@@ -250,6 +250,48 @@ def test_kth_blocks_is_closed_form_per_segment(per_tensor, ratio):
       sp._KTH_KEYS_ONLY = sp_keys
 
 
+@pytest.mark.parametrize("per_tensor,ratio", [(True, 0.05), (False, 0.01),
+                                              pytest.param(True, 0.3, marks=pytest.mark.slow),
+                                              pytest.param(False, 0.3, marks=pytest.mark.slow)])
+def test_kth_counts_equals_block_select(per_tensor, ratio):
+  """The count search over the block maxima and then over the k candidate blocks (no sort) gives the block
+  select's thresholds bit for bit (the float just below each segment's k-th largest magnitude): static k,
+  a smaller traced k, and k above the number of 64-entry blocks (ratio 0.3)."""
+  lay, flat, segs = _kth_case(per_tensor, ratio)
+  bmax = sp._block_stats(jnp.abs(flat))[2]
+  k_max = np.array([max(1, round(ratio * n)) for n in lay.seg_n])
+  fn = jax.jit(lambda f, b, kk: sp._seg_kth_counts(f, b, lay, kk, k_max))
+  for k in (k_max, np.maximum(1, k_max // 3)):
+    got = np.asarray(fn(flat, bmax, jnp.asarray(k, jnp.int32)))
+    ref = np.array([_prev_kth(s[None], np.array([kk]))[0] for s, kk in zip(segs, k)])
+    np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
+
+
+def test_kth_counts_ties_zeros_and_few_blocks():
+  """Ties at the k-th largest block maximum spread over many blocks (a block above them at a high index
+  must stay a candidate), a segment with fewer non-zero blocks than k, and an all-zero segment: the count
+  search equals numpy's k-th largest (just below it; 0 when that is 0)."""
+  n0, n1, n2 = 64 * 300, 64 * 40, 5000
+  x0 = np.zeros(n0, np.float32)
+  x0[::64] = 2.0                          # 300 blocks tied at 2.0
+  x0[-1] = 5.0                            # the last block holds the largest entry
+  x0[64 * 7 + 3] = 3.0
+  x1 = np.zeros(n1, np.float32)
+  x1[[5, 70, 200]] = [1.0, -4.0, 0.5]     # 3 non-zero blocks, k = 10
+  x2 = np.zeros(n2, np.float32)
+  lay = sp._Layout([n0, n1, n2], [[0], [1], [2]])
+  flat = lay.flatten([jnp.asarray(x) for x in (x0, x1, x2)], jnp.float32)
+  bmax = sp._block_stats(jnp.abs(flat))[2]
+  k = np.array([20, 10, 4])
+  got = np.asarray(jax.jit(lambda f, b: sp._seg_kth_counts(f, b, lay, jnp.asarray(k, jnp.int32), k))(flat, bmax))
+  for s, (x, kk) in enumerate(zip((x0, x1, x2), k)):
+    v = np.sort(np.abs(x))[::-1][kk - 1]
+    want = np.float32(0) if v == 0 else np.nextafter(np.float32(v), np.float32(0))
+    assert got[s] == want, (s, got[s], want)
+  ref = np.asarray(jax.jit(lambda f, b: sp._seg_kth_blocks(f, b, lay, jnp.asarray(k, jnp.int32), k))(flat, bmax))
+  np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
+
+
 @pytest.mark.parametrize("trim,base", [("sort", "fused"), ("quota", "fill")])
 def test_block_select_alone_sends_numpy_topk(trim, base, monkeypatch):
   """The fastest exact configurations (no fit, block select; the tie cut by the sort trim, skipped when
@@ -292,7 +334,8 @@ def test_block_select_alone_sends_numpy_topk(trim, base, monkeypatch):
     pytest.param(dict(per_tensor=True), (("bits", True, False), ("blocks", True, False), ("blocks", True, True)),
                  marks=pytest.mark.slow),
     pytest.param(dict(), (("bits", True, False), ("blocks", True, False), ("blocks", False, False),
-                          ("blocks", False, True)), marks=pytest.mark.slow),
+                          ("blocks", False, True), ("counts", False, True)), marks=pytest.mark.slow),
+    (dict(per_tensor=True), (("blocks", False, True), ("counts", False, True))),
     pytest.param(dict(distribution="gpareto", momentum=0.9), (("bits", True, False), ("blocks", True, True),
                                                               ("blocks", False, True)), marks=pytest.mark.slow)])
 def test_transform_same_with_block_select_and_without_fit(kw, modes, monkeypatch):

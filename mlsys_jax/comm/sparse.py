@@ -1093,9 +1093,18 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
 #
 # How each segment's k-th largest magnitude is found: "blocks" (:func:`_seg_kth_blocks`: three small sorts,
 # of the 64-entry block maxima, of 8-entry sub-block maxima of the candidate blocks and of the candidate
-# entries; no pass over the buffer beyond one gather of the candidate blocks) or "bits" (:func:`_seg_exact`:
-# a W-way search over the float bits, ceil(31 / log2 W) counting passes over the whole buffer). The same
-# thresholds bit for bit.
+# entries; no pass over the buffer beyond one gather of the candidate blocks), "counts" (:func:`_seg_kth_counts`:
+# the same two-level argument with W-way count searches over the block maxima and over the k candidate
+# blocks instead of sorts: no cub radix sort, so a jitted update stays one command buffer) or "bits"
+# (:func:`_seg_exact`: a W-way search over the float bits, ceil(31 / log2 W) counting passes over the whole
+# buffer), or "auto" ("counts" for one segment, "blocks" for several). The same thresholds bit for bit.
+# Session 15 (H200, ResNet-50 tree, ratio 0.001; benchmarks/results/sidco_counts_s15d_h200.json, _s15e): one
+# isolated jitted training step spans 0.77 / 0.81 ms of device time with "counts" against 2.36 / 2.03 ms with
+# "blocks" (1.4-1.7 ms of it idle while the host updates the command buffer after cub's sorts). But neither
+# steady state gains: inside a device loop "counts" is 6% slower (busy 0.733 against 0.692 ms), and called back
+# to back from Python (host-bound) it costs more host time per call (5.1 against 3.1 ms: one larger command
+# buffer to update and launch). So the default stays "blocks"; "counts" is for updates timed or run one at a
+# time. Per tensor "counts" also costs 37% more busy time (0.98 against 0.72 ms).
 _EXACT_SEARCH = "blocks"
 # Whether SIDCo's fit runs first with exact counts (True, the path before session 9: the fit aims at
 # ``overshoot * k``, and the search runs under ``lax.cond`` only on the steps where the fit missed the band
@@ -1187,6 +1196,72 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max):
   kth = ent[slot_s[pos]]
   bits = jax.lax.bitcast_convert_type(kth, jnp.int32)
   return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
+
+
+def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
+  """:func:`_seg_kth_blocks`'s thresholds (the float just below each segment's ``k``-th largest magnitude,
+  0 when that is 0) by counting searches instead of sorts: no radix sort, so on GPU a jitted update stays
+  one command buffer (cub's sort runs outside XLA's command buffers and splits them; the host then updates
+  the second one while the device waits: 1.4-2.4 ms of idle device time in a jitted update of the ResNet-50
+  tree, benchmarks/results/sidco_gap_s15a_h200.json, sidco_train_s15c_h200.json).
+
+  Level 1: a W-way search over the float bits (:func:`_search_bits`) on the n / 64 block maxima finds
+  ``t1``, just below the segment's ``k``-th largest block maximum ``T1``. Every entry above the segment's
+  ``k``-th largest magnitude ``v_k >= T1`` lies in a block whose maximum is ``>= T1``. The blocks above
+  ``T1`` (fewer than ``k``) and the lowest-index blocks equal to ``T1``, up to ``k`` blocks in all, are
+  packed in block order (:func:`compact`: no sort, no scatter). Level 2: the same search over those blocks'
+  entries. For every threshold ``t`` the count of candidates above ``t`` reaches ``k`` exactly when the
+  buffer's does (for ``t >= T1`` both count the same entries; below, ``k`` candidate blocks each hold one
+  entry ``>= T1 > t``), so the boundary, the answer, is the same bits as :func:`_seg_exact`'s. Per-segment
+  sums are per-tile sums and :meth:`_Layout.seg_reduce`, or prefix-sum differences over the packed blocks
+  (which run segment by segment): deterministic, no scatter."""
+  nb = bmax.shape[0]
+  num = lay.num_segments
+  ways = _SEARCH_WAYS
+  nt = lay.num_tiles
+  a = jnp.abs(flat).astype(jnp.float32).reshape(nb, _BLOCK)
+  bm = bmax.astype(jnp.float32)
+  bm_rows = bm.reshape(nt, _THR_BLOCKS)
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (num,))
+  k_max = np.asarray(k_max, np.int64)
+  nblk = lay.seg_tile_ok.sum(axis=1).astype(np.int64) * _THR_BLOCKS                # blocks per segment
+  seg_b = jnp.asarray(np.repeat(lay.tile_seg, _THR_BLOCKS))                         # (nb,) static
+  per_block = (lambda v: jnp.broadcast_to(v[0], (nb,))) if num == 1 else (lambda v: v[seg_b])
+  tile_sum = lambda m: lay.seg_reduce(jnp.sum(m.reshape(nt, _THR_BLOCKS), axis=1, dtype=jnp.int32), "sum")
+  top = jax.lax.bitcast_convert_type(lay.seg_reduce(jnp.max(bm_rows, axis=1), "max"), jnp.int32)
+
+  def count1(tm):   # (segments, W): block maxima above each threshold
+    thr = lay.per_tile(tm) if num > 1 else jnp.broadcast_to(tm, (nt,) + tm.shape[1:])
+    return lay.seg_reduce(jnp.sum(bm_rows[:, :, None] > thr[:, None, :], axis=1, dtype=jnp.int32), "sum")
+
+  t1 = _search_bits(lambda tm: count1(tm) >= k[:, None], top, keep_low=True, ways=ways)
+  # T1 (the smallest denormal when t1 = 0 has fewer than k blocks above it: then no block ties it)
+  big1 = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(t1, jnp.int32) + 1, jnp.float32)
+  gt = bm > per_block(big1)
+  eq = bm == per_block(big1)
+  n_gt = tile_sum(gt)
+  c_eq = jnp.cumsum(eq.astype(jnp.int32))
+  seg_b0 = np.concatenate([[0], np.cumsum(nblk)[:-1]]).astype(np.int32)           # a segment's first block
+  before = jnp.concatenate([jnp.zeros((1,), jnp.int32), c_eq])[jnp.asarray(seg_b0)]
+  sel = gt | (eq & (c_eq - per_block(before) <= per_block(k - n_gt)))
+  m1 = int(np.minimum(k_max, nblk).sum())                                           # >= blocks selected
+  packed = compact(bm, sel, m1)
+  blk = packed.indices
+  rows = jnp.where((jnp.arange(m1) < packed.count)[:, None], a[blk], 0.0)         # (m1, 64)
+  if num == 1:
+    count2 = lambda tm: jnp.sum(jnp.sum(rows[:, :, None] > tm[0][None, None, :], axis=1, dtype=jnp.int32),
+                                axis=0)[None]
+  else:
+    n_sel = tile_sum(sel)
+    ends = jnp.cumsum(n_sel)
+    row_seg = jnp.asarray(lay.tile_seg)[blk // _THR_BLOCKS]
+
+    def count2(tm):
+      c = jnp.sum(rows[:, :, None] > tm[row_seg][:, None, :], axis=1, dtype=jnp.int32)   # (m1, W)
+      cs = jnp.concatenate([jnp.zeros((1, c.shape[1]), jnp.int32), jnp.cumsum(c, axis=0)])
+      return cs[ends] - cs[ends - n_sel]
+  # level 2: the k-th largest entry of each segment's candidate blocks
+  return _search_bits(lambda tm: count2(tm) >= k[:, None], top, keep_low=True, ways=ways)
 
 
 def _payload_segments(payload: SparsePayload, lay: _Layout):
@@ -1400,9 +1475,14 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
 
   def exact_thresholds():
     k, _, k_max = exact
-    check_choice("_EXACT_SEARCH", _EXACT_SEARCH, ("blocks", "bits"))
-    if _EXACT_SEARCH == "blocks":
+    check_choice("_EXACT_SEARCH", _EXACT_SEARCH, ("auto", "blocks", "counts", "bits"))
+    search = _EXACT_SEARCH
+    if search == "auto":
+      search = "counts" if lay.num_segments == 1 else "blocks"
+    if search == "blocks":
       return _seg_kth_blocks(flat, bmax, lay, k, k_max)
+    if search == "counts":
+      return _seg_kth_counts(flat, bmax, lay, k, k_max)
     return _seg_exact(a_tiles, bmax, lay, k, flat)
 
   if exact is not None and not _EXACT_FIT:   # the default: the k-th largest of every segment, no fit
