@@ -292,6 +292,56 @@ def test_kth_counts_ties_zeros_and_few_blocks():
   np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32))
 
 
+def _random_segments_case(seed):
+  """A random layout (1-4 segments of 1-3 leaves, sizes from 1 to 9000) whose leaves are zeros, Laplace
+  noise, a few values with many ties, a few non-zeros, one tied value per 64-entry block with a larger one
+  at a random place, or a wide dynamic range; a random static ``k_max`` per segment (above the number of
+  blocks for some) and a random traced ``k <= k_max``."""
+  rng = np.random.default_rng(seed)
+  sizes, groups = [], []
+  for _ in range(int(rng.integers(1, 5))):
+    groups.append(list(range(len(sizes), len(sizes) + int(rng.integers(1, 4)))))
+    sizes += [int(rng.choice([1, 3, 64, 100, 700, 4096, 5000, 9000])) for _ in groups[-1]]
+  leaves = []
+  for n in sizes:
+    kind = int(rng.integers(0, 6))
+    x = np.zeros(n, np.float32)
+    if kind == 1:
+      x = rng.laplace(size=n).astype(np.float32)
+    elif kind == 2:
+      x = rng.choice(np.float32([0, 1, 2, -2, 3]), size=n).astype(np.float32)
+    elif kind == 3:
+      m = int(rng.integers(1, 5))
+      x[rng.integers(0, n, m)] = rng.standard_normal(m)
+    elif kind == 4:
+      x[::64] = 2.0
+      x[rng.integers(0, n)] = -5.0
+    elif kind == 5:
+      x = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)).astype(np.float32)
+    leaves.append(x)
+  lay = sp._Layout(sizes, groups)
+  segs = [np.concatenate([np.abs(leaves[i]) for i in g]) for g in groups]
+  k_max = np.array([int(rng.integers(1, len(s) + 1)) if rng.random() < 0.4
+                    else max(1, round(len(s) * float(rng.choice([0.001, 0.01, 0.1, 0.5])))) for s in segs])
+  k = np.array([int(rng.integers(1, km + 1)) for km in k_max])
+  return lay, lay.flatten([jnp.asarray(x) for x in leaves], jnp.float32), segs, k_max, k
+
+
+@pytest.mark.parametrize("seeds", [range(0, 3), pytest.param(range(3, 40), marks=pytest.mark.slow)])
+def test_kth_counts_random_layouts_against_numpy(seeds):
+  """Property: for random layouts, contents (zeros, ties across blocks, few non-zero blocks, a wide range)
+  and k (static ``k_max``, a smaller traced ``k``, ``k`` above the number of blocks), the count search's
+  thresholds are numpy's: the float just below each segment's k-th largest magnitude, 0 when that is 0."""
+  for seed in seeds:
+    lay, flat, segs, k_max, k = _random_segments_case(seed)
+    bmax = sp._block_stats(jnp.abs(flat))[2]
+    fn = jax.jit(lambda f, b, kk: sp._seg_kth_counts(f, b, lay, kk, k_max))
+    for kk in (k_max, k):
+      got = np.asarray(fn(flat, bmax, jnp.asarray(kk, jnp.int32)))
+      ref = np.array([_prev_kth(s[None], np.array([c]))[0] for s, c in zip(segs, kk)])
+      np.testing.assert_array_equal(got.view(np.int32), ref.view(np.int32), err_msg=f"seed {seed}, k {kk}")
+
+
 @pytest.mark.parametrize("trim,base", [("sort", "fused"), ("quota", "fill")])
 def test_block_select_alone_sends_numpy_topk(trim, base, monkeypatch):
   """The fastest exact configurations (no fit, block select; the tie cut by the sort trim, skipped when

@@ -1211,10 +1211,15 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   ``T1`` (fewer than ``k``) and the lowest-index blocks equal to ``T1``, up to ``k`` blocks in all, are
   packed in block order (:func:`compact`: no sort, no scatter). Level 2: the same search over those blocks'
   entries. For every threshold ``t`` the count of candidates above ``t`` reaches ``k`` exactly when the
-  buffer's does (for ``t >= T1`` both count the same entries; below, ``k`` candidate blocks each hold one
-  entry ``>= T1 > t``), so the boundary, the answer, is the same bits as :func:`_seg_exact`'s. Per-segment
-  sums are per-tile sums and :meth:`_Layout.seg_reduce`, or prefix-sum differences over the packed blocks
-  (which run segment by segment): deterministic, no scatter."""
+  buffer's does (for ``t >= T1`` both count the same entries, since an entry above ``t`` lies in a block
+  whose maximum is above ``T1``; below, ``k`` candidate blocks each hold one entry ``>= T1 > t``; a segment
+  with fewer than ``k`` non-zero blocks has every non-zero block as a candidate, so both count the same
+  entries for every ``t >= 0``), so the boundary, the answer, is the same bits as :func:`_seg_exact`'s.
+  ``k`` (maybe traced) must lie in ``[1, k_max]``: at most ``min(k_max, blocks)`` blocks per segment are
+  packed. Per-segment sums are per-tile sums and :meth:`_Layout.seg_reduce`, or prefix-sum differences
+  over the packed blocks (which run segment by segment; the slots past the packed count come last and are
+  zero): deterministic, no scatter. Counts stay far below 2^31 (at most 64 entries per packed block).
+  NaN entries are never counted (as in :func:`_seg_exact`; a non-finite buffer's payload is not sent)."""
   nb = bmax.shape[0]
   num = lay.num_segments
   ways = _SEARCH_WAYS
