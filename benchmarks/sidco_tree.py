@@ -231,7 +231,8 @@ def _train_step(tx, grads, args) -> dict:
 def _device(fn, calls: int, per_call: int, gap_s: float = 0.02, host: bool = False) -> dict:
   """Device time per step from one profiler trace of ``calls`` calls of ``fn`` (each alone). ``host``: also
   ``gap_host``, what the host threads were doing during the median call's longest idle gap
-  (``common.host_overlap``), and ``host_top``, the host events of that whole call pooled by name."""
+  (``common.host_overlap``), and ``host_top``, the host events from 3 ms before that call's first kernel (its
+  dispatch, and the tail of the sleep before it) to its last kernel's end, pooled by name."""
   if jax.default_backend() != "gpu":
     return {}
 
