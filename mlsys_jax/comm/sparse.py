@@ -1101,10 +1101,11 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
 # Session 15 (H200, ResNet-50 tree, ratio 0.001; benchmarks/results/sidco_counts_s15d_h200.json, _s15e): one
 # isolated jitted training step spans 0.77 / 0.81 ms of device time with "counts" against 2.36 / 2.03 ms with
 # "blocks" (1.4-1.7 ms of it idle while the host updates the command buffer after cub's sorts). But neither
-# steady state gains: inside a device loop "counts" is 6% slower (busy 0.733 against 0.692 ms), and called back
-# to back from Python (host-bound) it costs more host time per call (5.1 against 3.1 ms: one larger command
-# buffer to update and launch). So the default stays "blocks"; "counts" is for updates timed or run one at a
-# time. Per tensor "counts" also costs 37% more busy time (0.98 against 0.72 ms).
+# steady state gains: inside a device loop "counts" is 6% slower (s15e: busy 0.733 against 0.692 ms), and
+# called back to back from Python (host-bound) it costs more host time per call (s15d: 5.06 against 3.09 ms;
+# s15e: 9.97 against 4.22 ms: one larger command buffer to update and launch). So the default stays "blocks";
+# "counts" is for updates timed or run one at a time. Per tensor "counts" also costs 37% more busy time (s15e:
+# 0.98 against 0.72 ms).
 _EXACT_SEARCH = "blocks"
 # Whether SIDCo's fit runs first with exact counts (True, the path before session 9: the fit aims at
 # ``overshoot * k``, and the search runs under ``lax.cond`` only on the steps where the fit missed the band
