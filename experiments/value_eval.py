@@ -429,7 +429,52 @@ _KR_GAP = flags.DEFINE_bool("kr_gap_per_class", True, "program_mape: --kr_labels
 _KR_FLOOR = flags.DEFINE_bool("kr_host_floor", False, "program_mape: kernel roofline models (with and without "
                                "labels) with a per-device host floor: wall = softmax_8(device-side time, H_d).")
 _KR_KW = flags.DEFINE_float("kr_kernel_weight", 1.0, "program_mape: weight of the per-kernel loss (--kr_labels).")
+_KR_HL = flags.DEFINE_bool("kr_host_launch", False, "program_mape: kernel roofline with a host cost per launch "
+                           "and class on the host side of the floor's overlap (KernelRooflineConfig.host_launch; "
+                           "needs --kr_host_floor).")
+_KR_BR = flags.DEFINE_string("kr_bytes_ridge", "none", "program_mape: penalty of the byte rates' class terms "
+                             "(KernelRooflineConfig.bytes_ridge; 'none': kr_ridge).")
+_KR_BR_GRID = flags.DEFINE_list("kr_bytes_ridge_grid", [], "program_mape: if given, bytes_ridge is chosen per outer "
+                                "fold from these values ('none' allowed) by an inner cross-validation inside the "
+                                "training rows, grouped like the outer split (--kr_inner_folds), lowest inner MAPE.")
+_KR_LHL = flags.DEFINE_bool("kr_labels_host_launch", False, "program_mape: the --kr_labels model with "
+                            "KernelRooflineConfig.host_launch (default off: --kr_host_launch is the plain model's).")
+_KR_GLIB = flags.DEFINE_bool("kr_gap_library_only", False, "program_mape: the --kr_labels model's launch gap on "
+                             "library calls only (KernelRooflineConfig.gap_library_only).")
+_KR_WS = flags.DEFINE_bool("kr_wall_scale", False, "program_mape: the --kr_labels model with a per-device ratio of "
+                           "wall time to profiled kernel time (KernelRooflineConfig.wall_scale).")
+_KR_INNER = flags.DEFINE_integer("kr_inner_folds", 4, "program_mape: inner folds of --kr_bytes_ridge_grid.")
+_KR_REF = flags.DEFINE_bool("kr_reference", False, "program_mape: also the session-14 configuration (host floor "
+                            "only, one ridge) as 'kernel_roofline_floor_only', same folds.")
 _KR_BOUNDS = [0.0, float(np.log(1.25)), float(np.log(1.5)), float(np.log(2.0)), float("inf")]
+
+
+def _bytes_ridge(v: str):
+  """'none' -> None, else a float >= 0 (flag values of --kr_bytes_ridge / --kr_bytes_ridge_grid)."""
+  if str(v).strip().lower() == "none":
+    return None
+  try:
+    r = float(v)
+  except ValueError:
+    raise ValueError(f"bytes ridge must be 'none' or a number >= 0, got {v!r}.") from None
+  if not r >= 0:
+    raise ValueError(f"bytes ridge must be 'none' or a number >= 0, got {v!r}.")
+  return r
+
+
+def _choose_by_inner_cv(fit, predict, rows, runtime, inner_keys, configs, n_folds, seed):
+  """The config of ``configs`` with the lowest MAPE over an inner cross-validation of the (training) rows
+  ``rows``: ``n_folds`` folds of their distinct ``inner_keys`` (programs, or families: grouped like the outer
+  split), each predicted by ``fit(other rows, config)`` through ``predict(model, rows)``. Returns (index of
+  the chosen config, inner MAPE per config, pooled over the inner validation rows)."""
+  rows, keys = np.asarray(rows), np.asarray(inner_keys)[rows]
+  err = [[] for _ in configs]
+  for va in V.group_folds(keys, min(n_folds, len(np.unique(keys))), seed):
+    it, iv = rows[~va], rows[va]
+    for j, cfg in enumerate(configs):
+      err[j].append(np.abs(predict(fit(it, cfg), iv) / runtime[iv] - 1.0))
+  scores = [float(np.concatenate(e).mean()) for e in err]
+  return int(np.argmin(scores)), scores
 
 
 def _ratio_ci(ape_base, ape_model, rows_of, progs, seed):
@@ -441,6 +486,24 @@ def _ratio_ci(ape_base, ape_model, rows_of, progs, seed):
     idx = np.concatenate([rows_of[p_] for p_ in rng.choice(progs, progs.size)])
     out.append(ape_base[idx].mean() / ape_model[idx].mean())
   return [float(np.percentile(out, 2.5)), float(np.percentile(out, 97.5))]
+
+
+def _kendall(pred: dict, rt, keep, prog_keys) -> dict:
+  """Kendall's tau between each model's predictions and the measured runtimes on the kept rows: over all
+  rows, and the mean over programs with >= 3 kept rows of the tau among one program's compilations (the
+  ranking an option choice needs; ties in a program's predictions, e.g. compilations with one HLO, count
+  as tau-b)."""
+  from scipy.stats import kendalltau
+  out = {}
+  progs = [np.flatnonzero(keep & (prog_keys == p_)) for p_ in np.unique(prog_keys[keep])]
+  progs = [r for r in progs if r.size >= 3]
+  for k, p_ in pred.items():
+    within = [kendalltau(p_[r], rt[r]).statistic for r in progs]
+    within = [w for w in within if np.isfinite(w)]
+    out[k] = {"all_rows": float(kendalltau(p_[keep], rt[keep]).statistic),
+              "within_program_mean": float(np.mean(within)) if within else None,
+              "programs": len(within)}
+  return out
 
 
 def _kernel_labels(ds, kts, paths):
@@ -538,7 +601,11 @@ def part_program_mape():
   rt = ds.runtime_s
   keep = ~np.asarray(ds.noisy, bool)
   kcfg = KR.KernelRooflineConfig(sharpness=_KR_SHARP.value, ridge=_KR_RIDGE.value, steps=_KR_STEPS.value,
-                                 host_floor=_KR_FLOOR.value)
+                                 host_floor=_KR_FLOOR.value, host_launch=_KR_HL.value,
+                                 bytes_ridge=_bytes_ridge(_KR_BR.value))
+  br_grid = [_bytes_ridge(v) for v in _KR_BR_GRID.value]
+  ref_cfg = KR.KernelRooflineConfig(sharpness=_KR_SHARP.value, ridge=_KR_RIDGE.value, steps=_KR_STEPS.value,
+                                    host_floor=_KR_FLOOR.value)
   out = {"dataset": desc, "rows": int(len(y)), "rows_kept": int(keep.sum()),
          "xla_flops_missing_rows": int(np.sum(ds.flops <= 0)),
          "analytical": "roofline max(flops/F, bytes/B) + overhead on XLA's cost_analysis flops/bytes, F, B, "
@@ -552,7 +619,20 @@ def part_program_mape():
                                  "ridge 0.03/0.01/0.003/0.001/0 at sharpness 16; MAPE 0.2266 -> 0.1618 "
                                  "(calibrated). Not clean of the family split: the class split (GEMM/conv by width, "
                                  "untuned convolutions) and the median fallback for unseen classes came after "
-                                 "family-split runs of earlier versions (docs/value.md section 5)")}}
+                                 "family-split runs of earlier versions (docs/value.md section 5)"),
+                             **({"host_launch_and_bytes_ridge": (
+                                 "session 15: the per-launch host cost (host_launch) and a separate penalty of the "
+                                 "byte rates' class terms (bytes_ridge) were added after held-out-family runs of "
+                                 "this session (docs/value.md); bytes_ridge's value is chosen per outer fold by the "
+                                 "inner cross-validation of kr_bytes_ridge_grid on training rows only"),
+                                 "bytes_ridge_grid": [b for b in br_grid], "inner_folds": _KR_INNER.value}
+                                if (_KR_HL.value or br_grid or kcfg.bytes_ridge is not None) else {})},
+         "while_loops": ("program_kernels counts no launch of a while loop's condition when XLA annotated "
+                         "known_trip_count (XLA's GPU WhileThunk runs the body trip_count times without the "
+                         "condition); before session 15 it counted trips + 1")}
+  if _KR_REF.value:
+    out["kernel_roofline_floor_only"] = {"config": ref_cfg._asdict(), "what": "the session-14 configuration (host "
+                                         "floor, one ridge) on this session's kernel tables, same folds"}
   splits = [("program", V.group_folds(cds.program_keys(ds), 5, _SEED.value), cds.program_keys(ds)),
             ("family", [ds.family == f for f in np.unique(ds.family)], ds.family)]
   splits = [s_ for s_ in splits if _OSPLIT.value in ("both", s_[0])]
@@ -562,7 +642,10 @@ def part_program_mape():
                 "columns as extra labels (squared log error of each labelled group, weight kr_kernel_weight) and "
                 "a launch gap per class and device (kr_gap_per_class; else per device): T = O_d + sum_k m_k "
                 "(softmax + o_c + g_{c,d}), with --kr_host_floor wall = softmax_8(T, H_d); same folds, same config",
-        "kernel_weight": _KR_KW.value, "gap_per_class": _KR_GAP.value, "labels": lab_stats}
+        "kernel_weight": _KR_KW.value, "gap_per_class": _KR_GAP.value, "gap_library_only": _KR_GLIB.value,
+        "wall_scale": _KR_WS.value, "host_launch": _KR_LHL.value,
+        "bytes_ridge": "as kernel_roofline (its own inner choice when kr_bytes_ridge_grid is given)",
+        "labels": lab_stats}
   if _KR_CORR.value:
     out["kernel_roofline_corrected"] = {
         "what": "kernel roofline x exp(clip(g(x), -b, b)); g: gradient-boosted trees (200 iterations, lr 0.05, "
@@ -576,6 +659,9 @@ def part_program_mape():
                                            "analytical_kernel_totals", "kernel_roofline")}
     if _KR_CORR.value:
       pred["kernel_roofline_corrected"] = np.zeros(len(y))
+    if _KR_REF.value:
+      pred["kernel_roofline_floor_only"] = np.zeros(len(y))
+    br_chosen, br_inner, lbr_chosen, lbr_inner = [], [], [], []
     if _KR_LABELS.value:
       pred["kernel_roofline_labels"] = np.zeros(len(y))
       busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
@@ -606,24 +692,50 @@ def part_program_mape():
                                             random_state=_SEED.value)
         pred["learned_residual"][te] = base[te] * np.exp(reg.fit(x[tr], y[tr] - np.log(base[tr])).predict(x[te]))
       itr, ite = np.flatnonzero(tr), np.flatnonzero(te)
+      kcfg_fold = kcfg
+      fit_plain = lambda idx, cfg: KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx], cfg)
+      predict_rows = lambda mdl, idx: KR.predict_kernel_roofline(mdl, [kts[i] for i in idx], devs[idx])
       with threadpool_limits(1):
-        km = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], kcfg)
+        if br_grid:  # bytes_ridge chosen inside the training rows only, inner folds grouped like the outer split
+          j, sc = _choose_by_inner_cv(fit_plain, predict_rows, itr, rt, inner_key,
+                                      [kcfg._replace(bytes_ridge=b) for b in br_grid], _KR_INNER.value, _SEED.value)
+          kcfg_fold = kcfg._replace(bytes_ridge=br_grid[j])
+          br_chosen.append(br_grid[j])
+          br_inner.append(sc)
+        km = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], kcfg_fold)
+        if _KR_REF.value:
+          kmr = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], ref_cfg)
+          pred["kernel_roofline_floor_only"][ite] = KR.predict_kernel_roofline(kmr, [kts[i] for i in ite], devs[ite])
       pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts[i] for i in ite], devs[ite])
       ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts[i] for i in ite], devs[ite])]
       if _KR_LABELS.value:
         labs = [klabels[i] for i in itr]
         kml = km   # no profiled training row in this fold: the plain kernel roofline (counted below)
         if any(lb is not None for lb in labs):
+          lcfg = kcfg._replace(kernel_weight=_KR_KW.value, gap_per_class=_KR_GAP.value, host_launch=_KR_LHL.value,
+                               gap_library_only=_KR_GLIB.value, wall_scale=_KR_WS.value)
+
+          def fit_labels(idx, cfg):
+            lab_ = [klabels[i] for i in idx]
+            return KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx], cfg,
+                                          kernel_labels=lab_ if any(lb is not None for lb in lab_) else None)
           with threadpool_limits(1):
-            kml = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr],
-                                         kcfg._replace(kernel_weight=_KR_KW.value, gap_per_class=_KR_GAP.value),
-                                         kernel_labels=labs)
+            if br_grid:   # the labelled model's own inner choice (same inner folds)
+              j, sc = _choose_by_inner_cv(fit_labels, predict_rows, itr, rt, inner_key,
+                                          [lcfg._replace(bytes_ridge=b) for b in br_grid], _KR_INNER.value,
+                                          _SEED.value)
+              lcfg = lcfg._replace(bytes_ridge=br_grid[j])
+              lbr_chosen.append(br_grid[j])
+              lbr_inner.append(sc)
+            kml = fit_labels(itr, lcfg)
         else:
           folds_unlabelled += 1
         pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts[i] for i in ite], devs[ite])
         for key_, mdl in (("kernel_roofline", km), ("kernel_roofline_labels", kml)):
           busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [kts[i] for i in ite], devs[ite], what="busy")
         fitted_terms.append({dv: {"program_overhead_us": float(np.exp(kml.log_program_overhead[j]) * 1e6),
+                                  **({} if kml.log_wall_scale is None else {
+                                      "wall_scale": float(np.exp(kml.log_wall_scale[j]))}),
                                   **({} if kml.log_host_floor is None else {
                                       "host_floor_us": float(np.exp(kml.log_host_floor[j]) * 1e6)}),
                                   **({} if kml.log_launch_gap is None else {
@@ -660,6 +772,7 @@ def part_program_mape():
     for k, key in (("learned", "learned"), ("learned_residual", "learned_residual"),
                    ("kernel_roofline", "kernel_roofline"), ("analytical_kernel_totals", "kernel_totals"),
                    ("kernel_roofline_corrected", "kernel_roofline_corrected"),
+                   ("kernel_roofline_floor_only", "kernel_roofline_floor_only"),
                    ("kernel_roofline_labels", "kernel_roofline_labels")):
       if k not in pred:
         continue
@@ -702,6 +815,17 @@ def part_program_mape():
           res["mape_analytical_in_distribution"] / res["mape_kernel_roofline_in_distribution"]
     if _KR_CORR.value:
       res["kernel_roofline_corrected_bounds_chosen"] = [b if np.isfinite(b) else None for b in bounds_chosen]
+    if br_grid:
+      res["kernel_roofline_bytes_ridge_chosen"] = br_chosen
+      res["kernel_roofline_bytes_ridge_inner_mape"] = br_inner   # per outer fold, per grid value
+      if _KR_LABELS.value:
+        res["kernel_roofline_labels_bytes_ridge_chosen"] = lbr_chosen
+        res["kernel_roofline_labels_bytes_ridge_inner_mape"] = lbr_inner
+    if _KR_REF.value:
+      res["kernel_roofline_floor_only_over_kernel_roofline"] = mp["kernel_roofline_floor_only"] / mp["kernel_roofline"]
+      res["kernel_roofline_floor_only_over_kernel_roofline_ci95"] = _ratio_ci(
+          ape["kernel_roofline_floor_only"], ape["kernel_roofline"], rows_of, progs, _SEED.value)
+    res["kendall_tau"] = _kendall(pred, rt, keep, pk)
     res["fit_s"] = kr_s
     fam = {}
     if name == "family":
@@ -709,6 +833,8 @@ def part_program_mape():
         m = keep & (ds.family == f)
         if m.any():
           fam[str(f)] = {**{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()),
+                         "median_log_pred_over_measured": {k: float(np.median(np.log(p_[m] / rt[m])))
+                                                           for k, p_ in pred.items()},
                          "kernel_roofline_median_pred_over_measured": float(np.median(
                              pred["kernel_roofline"][m] / rt[m])),
                          "kernel_roofline_ood_rows": int(np.sum(ood & m))}
