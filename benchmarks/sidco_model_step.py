@@ -1,0 +1,229 @@
+"""Compression inside a whole training step: ResNet-50 forward + backward + ``optax.chain(<compressor>, adam)``.
+
+Issue 18 asks for SIDCo "fast as users run it". ``benchmarks/sidco_tree.py`` times the optimizer alone; there
+the host dispatch of a 161-leaf tree bounds every optimizer called back to back (2-14 ms per call), and the
+block select's cub sorts split the jitted update's command buffer (1.4-1.7 ms of idle device time in one
+isolated step, session 15). Neither says what a user training a real model pays. This script times the step a
+user runs: one jitted ``train_step(params, opt_state, x, y)`` (params and optimizer state donated, fed back step
+to step) of a ResNet-50 (He et al., 2016; bottleneck blocks, 25.56M parameters in 161 leaves, the same shapes as
+``benchmarks.powersgd_step.resnet50_shapes``; a per-channel affine stands in for batch norm so that every
+parameter is in the optimizer's tree and the step has no running statistics), on synthetic images.
+
+Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (the default exact search, the
+block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``), each
+``optax.chain(<compressor>(ratio), optax.adam(1e-3))``. Per row:
+- ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
+  host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
+- ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
+  trace of ``--profile_steps`` steps run back to back (GPU only);
+- ``overhead_s``: ``step_s`` minus the ``adam`` row's, the compressor's cost in the step; ``vs_topk``: topk's
+  overhead over this row's.
+Rows run interleaved round by round (every row compiled first), so drift hits all rows alike.
+
+Usage:
+  PYTHONPATH=. python benchmarks/sidco_model_step.py --out $OUT --batch 64 --dtype bfloat16
+  PYTHONPATH=. python benchmarks/sidco_model_step.py --small --out /tmp/sm    # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks.common import (device_stream_events, environment, idle_clusters, parse_args, print_table,  # noqa: E402
+                               write_json)
+from mlsys_jax.comm import sparse as sp  # noqa: E402
+
+ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt")
+
+
+class _Affine(nn.Module):
+  """Per-channel scale and bias (batch norm's parameters without its statistics)."""
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class _ConvAffine(nn.Module):
+  features: int
+  kernel: int
+  stride: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding="SAME",
+                use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    return _Affine()(x)
+
+
+class ResNet50(nn.Module):
+  """ResNet-50 with bottleneck blocks (3, 4, 6, 3); ``div`` divides the widths (smoke tests)."""
+  num_classes: int = 1000
+  div: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = lambda v: max(1, v // self.div)
+    x = nn.relu(_ConvAffine(c(64), 7, 2, self.dtype)(x.astype(self.dtype)))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    for stage, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+      for b in range(blocks):
+        stride = 2 if (b == 0 and stage > 0) else 1
+        y = nn.relu(_ConvAffine(c(width), 1, 1, self.dtype)(x))
+        y = nn.relu(_ConvAffine(c(width), 3, stride, self.dtype)(y))
+        y = _ConvAffine(c(4 * width), 1, 1, self.dtype)(y)
+        if b == 0:
+          x = _ConvAffine(c(4 * width), 1, stride, self.dtype)(x)
+        x = nn.relu(x + y)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)(x).astype(jnp.float32)
+
+
+def _flags(ap):
+  ap.add_argument("--batch", type=int, default=None, help="images per step (default 64; 2 with --small)")
+  ap.add_argument("--image", type=int, default=None, help="image side (default 224; 32 with --small)")
+  ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
+  ap.add_argument("--ratio", type=float, default=0.001, help="compressor density")
+  ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
+  ap.add_argument("--steps", type=int, default=None, help="steps per timed round (default 20; 3 with --small)")
+  ap.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 7; 2 with --small)")
+  ap.add_argument("--profile_steps", type=int, default=10, help="steps in each row's profiler trace (GPU)")
+  ap.add_argument("--name", default="sidco_model_step", help="JSON file name (without .json)")
+
+
+def _tx(row: str, ratio: float) -> optax.GradientTransformation:
+  adam = optax.adam(1e-3)
+  if row == "adam":
+    return adam
+  comp = {"topk": lambda: sp.topk(ratio), "sidco": lambda: sp.sidco(ratio),
+          "sidco_counts": lambda: sp.sidco(ratio), "sidco_pt": lambda: sp.sidco(ratio, per_tensor=True)}
+  if row not in comp:
+    raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
+  return optax.chain(comp[row](), adam)
+
+
+def _make_step(model, tx, search: str):
+  """The jitted step (params, opt_state, x, y) -> (params, opt_state, loss); ``search``: the
+  ``sparse._EXACT_SEARCH`` in force while it traces (it is read at trace time)."""
+
+  def step(params, opt_state, x, y):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, x)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+  prev = sp._EXACT_SEARCH
+
+  def compile_with(*args):
+    sp._EXACT_SEARCH = search
+    try:
+      return jitted.lower(*args).compile()
+    finally:
+      sp._EXACT_SEARCH = prev
+  return compile_with
+
+
+def main():
+  args = parse_args(__doc__, _flags)
+  small = args.small
+  batch = args.batch or (2 if small else 64)
+  image = args.image or (32 if small else 224)
+  steps = args.steps or (3 if small else 20)
+  repeats = args.repeats or (2 if small else 7)
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  rows = [r for r in args.rows.split(",") if r]
+  for r in rows:
+    _tx(r, args.ratio)   # a typo fails before any compile
+  model = ResNet50(num_classes=1000, div=8 if small else 1, dtype=dtype)
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (batch, image, image, 3), jnp.float32)
+  y = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, 1000)
+  params0 = model.init(jax.random.fold_in(key, 2), x[:1])["params"]
+  leaves = jax.tree_util.tree_leaves(params0)
+  n_params = int(sum(v.size for v in leaves))
+  meta = {"env": environment(), "batch": batch, "image": image, "dtype": args.dtype, "ratio": args.ratio,
+          "steps": steps, "repeats": repeats, "n_params": n_params, "n_leaves": len(leaves)}
+  print(f"ResNet-50 (div {8 if small else 1}): {len(leaves)} leaves, {n_params:,} parameters; batch {batch}, "
+        f"{image}x{image}, {args.dtype}", flush=True)
+
+  # compile every row first, each with its own copy of the state (donated step to step)
+  prog, state = {}, {}
+  for r in rows:
+    tx = _tx(r, args.ratio)
+    p = jax.tree_util.tree_map(jnp.copy, params0)
+    s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
+    t0 = time.perf_counter()
+    prog[r] = _make_step(model, tx, "counts" if r == "sidco_counts" else sp._EXACT_SEARCH)(p, s, x, y)
+    state[r] = [p, s]
+    print(f"compiled {r} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+  def run(r, n):
+    p, s = state[r]
+    loss = None
+    for _ in range(n):
+      p, s, loss = prog[r](p, s, x, y)
+    state[r] = [p, s]
+    return loss
+
+  for r in rows:
+    jax.block_until_ready(run(r, 2))   # warm-up
+  walls = {r: [] for r in rows}
+  for _ in range(repeats):   # interleaved rounds
+    for r in rows:
+      t0 = time.perf_counter()
+      jax.block_until_ready(run(r, steps))
+      walls[r].append((time.perf_counter() - t0) / steps)
+  out = []
+  for r in rows:
+    row = {"row": r, "step_s": float(np.median(walls[r])), "step_s_all": walls[r],
+           "loss_finite": bool(np.isfinite(float(run(r, 1))))}
+    if jax.default_backend() == "gpu":
+      try:
+        evs = device_stream_events(lambda: jax.block_until_ready(run(r, args.profile_steps)))
+        cl = idle_clusters(evs, 5e6)   # one cluster: the steps ran back to back
+        ev = [e for c in cl for e in c]
+        span = max(e[1] for e in ev) - min(e[0] for e in ev)
+        busy = sum(e[2] for e in ev)
+        row.update(device_s=span * 1e-9 / args.profile_steps, busy_s=busy * 1e-9 / args.profile_steps,
+                   kernels=len(ev) / args.profile_steps, clusters=len(cl))
+        row["idle_s"] = row["device_s"] - row["busy_s"]
+      except Exception as e:  # diagnostics: never fatal
+        row["device_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    out.append(row)
+  base = next((o for o in out if o["row"] == "adam"), None)
+  if base is not None:
+    for o in out:
+      o["overhead_s"] = o["step_s"] - base["step_s"]
+      if "busy_s" in o and "busy_s" in base:
+        o["busy_overhead_s"] = o["busy_s"] - base["busy_s"]
+    tk = next((o for o in out if o["row"] == "topk"), None)
+    for o in out:
+      if tk is not None and o["row"] not in ("adam", "topk") and o["overhead_s"] > 0:
+        o["vs_topk"] = tk["overhead_s"] / o["overhead_s"]
+      if tk is not None and o["row"] not in ("adam", "topk") and o.get("busy_overhead_s", 0) > 0:
+        o["busy_vs_topk"] = tk["busy_overhead_s"] / o["busy_overhead_s"]
+  print_table(out, ["row", "step_s", "overhead_s", "vs_topk", "device_s", "busy_s", "idle_s", "kernels",
+                    "busy_overhead_s", "busy_vs_topk"])
+  write_json(args.out, args.name, {**meta, "rows": out})
+
+
+if __name__ == "__main__":
+  main()
