@@ -274,3 +274,75 @@ def test_tables_need_integer_classes():
   t = KR.KernelTable(np.ones(1), np.ones(1), np.asarray([2.7]), np.ones(1))
   with pytest.raises(TypeError, match="integer indices"):
     KR.predict_kernel_roofline(_model(["a"], np.random.default_rng(0)), [t], ["a"])
+
+
+# review fixes (session 15): nested loops, the multiplier passed down, and seen classes / OOD of loops that
+# launch no condition kernel
+def _nested(outer_trips, inner_trips):
+  cfg = lambda n: "" if n is None else f', backend_config={{"known_trip_count":{{"n":"{n}"}}}}'
+  return f"""HloModule n
+%ib (a: (s32[], f32[8])) -> (s32[], f32[8]) {{
+  %a = (s32[], f32[8]{{0}}) parameter(0)
+  %ai = s32[] get-tuple-element(%a), index=0
+  %av = f32[8]{{0}} get-tuple-element(%a), index=1
+  %e = f32[8]{{0}} exponential(%av)
+  ROOT %r = (s32[], f32[8]{{0}}) tuple(%ai, %e)
+}}
+%ic (b: (s32[], f32[8])) -> pred[] {{
+  %b = (s32[], f32[8]{{0}}) parameter(0)
+  %bi = s32[] get-tuple-element(%b), index=0
+  %k = s32[] constant(4)
+  ROOT %lt = pred[] compare(%bi, %k), direction=LT
+}}
+%ob (c: (s32[], f32[8])) -> (s32[], f32[8]) {{
+  %c = (s32[], f32[8]{{0}}) parameter(0)
+  %w = (s32[], f32[8]{{0}}) while(%c), condition=%ic, body=%ib{cfg(inner_trips)}
+  %ci = s32[] get-tuple-element(%w), index=0
+  %cv = f32[8]{{0}} get-tuple-element(%w), index=1
+  %n = f32[8]{{0}} negate(%cv)
+  ROOT %s = (s32[], f32[8]{{0}}) tuple(%ci, %n)
+}}
+%oc (d: (s32[], f32[8])) -> pred[] {{
+  %d = (s32[], f32[8]{{0}}) parameter(0)
+  %di = s32[] get-tuple-element(%d), index=0
+  %m = s32[] constant(3)
+  ROOT %lt2 = pred[] compare(%di, %m), direction=LT
+}}
+ENTRY %e (x: f32[8]) -> (s32[], f32[8]) {{
+  %x = f32[8]{{0}} parameter(0)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[8]{{0}}) tuple(%z, %x)
+  ROOT %o = (s32[], f32[8]{{0}}) while(%t), condition=%oc, body=%ob{cfg(outer_trips)}
+}}
+"""
+
+
+def test_program_kernels_nested_loops_pass_the_multiplier_down():
+  # rows in walk order: inner body (exponential), inner condition (compare), outer body (negate), outer condition
+  counts = lambda kt: dict(zip(kt.names, kt.count))
+  kt = KR.program_kernels(_nested(3, 4))       # both known: bodies 3 x 4 and 3 runs, no condition launched
+  assert counts(kt) == {"e": 12.0, "lt": 0.0, "n": 3.0, "lt2": 0.0} and kt.unknown_trips == 0
+  kt = KR.program_kernels(_nested(3, None))    # inner unknown: 1 assumed trip per outer trip, its condition 2x3
+  assert counts(kt) == {"e": 3.0, "lt": 6.0, "n": 3.0, "lt2": 0.0} and kt.unknown_trips == 1
+  kt = KR.program_kernels(_nested(None, 4))    # outer unknown: its condition twice, the inner body 1 x 4
+  assert counts(kt) == {"e": 4.0, "lt": 0.0, "n": 1.0, "lt2": 2.0} and kt.unknown_trips == 1
+  kt = KR.program_kernels(_nested(0, None))    # an outer loop of 0 trips: nothing inside runs, no guess made
+  assert counts(kt) == {"e": 0.0, "lt": 0.0, "n": 0.0, "lt2": 0.0} and kt.unknown_trips == 0
+  assert KR.CLASS_ID["loop"] == kt.klass[list(kt.names).index("lt")]
+
+
+def test_seen_classes_and_ood_count_only_kernels_that_launch():
+  """Training programs whose only ``loop`` rows are conditions of known-trip loops (count 0) leave ``loop``
+  unseen; a program with such rows is not flagged for them, one whose loop condition runs (unknown trip
+  count) is flagged ``loop`` and ``unknown_trip_count``."""
+  known, unknown = KR.program_kernels(GEMM_LOOP), KR.program_kernels(
+      GEMM_LOOP.replace(', backend_config={"known_trip_count":{"n":"16"}}', ""))
+  rng = np.random.default_rng(5)
+  scaled = [known._replace(flops=known.flops * s, bytes=known.bytes * s) for s in 10 ** rng.uniform(0, 3, 8)]
+  y = 1e-5 + np.asarray([float((t.flops * t.count).sum()) for t in scaled]) / 1e13
+  m = KR.fit_kernel_roofline(scaled, y, ["a"] * 8, KR.KernelRooflineConfig(steps=20))
+  assert m.train_kernels[0, C["loop"]] == 0 and m.train_kernels[0, C["gemm_f32"]] == 8
+  # the unseen class takes the median of the fitted ones
+  fitted = m.train_kernels[0] > 0
+  np.testing.assert_allclose(m.log_overhead[0, C["loop"]], np.median(m.log_overhead[0, fitted]))
+  assert KR.kernel_roofline_ood(m, [known, unknown], ["a", "a"]) == [[], ["loop", "unknown_trip_count"]]

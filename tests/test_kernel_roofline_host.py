@@ -154,6 +154,71 @@ def test_fit_recovers_wall_scale_and_library_gap():
   assert m.gap_library_only and np.exp(m.log_wall_scale[0]) == pytest.approx(1.12, rel=0.03)
   assert np.exp(m.log_launch_gap[0, C["gemm"]]) == pytest.approx(5e-6, rel=0.2)
   assert np.mean(np.abs(KR.predict_kernel_roofline(m, progs, dv) / wall - 1)) < 0.02
-  # without labels there is nothing to tell the scale from the rates: not fitted
-  m0 = KR.fit_kernel_roofline(progs, wall, dv, cfg._replace(steps=50))
-  assert m0.log_wall_scale is None and not m0.gap_library_only
+  # without labels there is nothing to tell the scale from the rates: an error, not a silent plain fit
+  with pytest.raises(ValueError, match="pass kernel_labels"):
+    KR.fit_kernel_roofline(progs, wall, dv, cfg._replace(steps=50))
+
+
+# review fixes (session 15): the default configuration fits as before the session's options; bad config
+def _golden_case():
+  """16 programs on two devices, half with one labelled group; fitted 120 steps (float32 Adam)."""
+  rng = np.random.default_rng(7)
+  tabs = []
+  for i in range(16):
+    n = int(rng.integers(1, 5))
+    k = rng.choice([C["gemm"], C["elementwise"], C["reduce"]], n).astype(np.int32)
+    tabs.append(KR.KernelTable(10 ** rng.uniform(6, 10, n), 10 ** rng.uniform(4, 8, n), k, rng.choice([1.0, 3.0], n),
+                               0, tuple(f"k{i}.{j}" for j in range(n)), rng.random(n) < 0.3))
+  dv = ["a" if i % 3 else "b" for i in range(16)]
+  y = 10 ** rng.uniform(-5, -3, 16)
+  labs = [KR.KernelLabels(np.arange(t.flops.size, dtype=np.int32), np.zeros(t.flops.size, np.int32),
+                          np.array([0.5 * y[i]]), 0.0, 0.0, 0.0) if i % 2 == 0 else None for i, t in enumerate(tabs)]
+  return tabs, dv, y, labs
+
+
+# predictions of the code before session 15 (commit e88256e^) on _golden_case: default config, + host_floor,
+# + labels, + both; the new options off must give the same fits (a 3x ridge moves them by 0.2-0.7%)
+_GOLDEN_PRE_S15 = np.array([
+    [1.0853557907e-04, 5.2184319838e-06, 2.2905251791e-05, 3.5038440859e-05, 2.2785474652e-05, 3.5359519148e-05, 2.3919583828e-05, 4.6463232870e-06, 1.9955625308e-04, 1.4707710917e-04, 3.6398099071e-05, 1.1132899945e-04, 1.1553002882e-04, 2.0957628681e-05, 5.5537409920e-06, 7.6376573458e-06],
+    [1.6165953552e-04, 1.6139463369e-05, 3.5384782942e-05, 5.2478156491e-05, 1.6139430700e-05, 5.1608072385e-05, 3.5651997386e-05, 1.6139555514e-05, 3.0134791547e-04, 2.1790334560e-04, 5.7566405047e-05, 4.1322760396e-05, 1.7072857435e-04, 2.5392696613e-05, 1.6140115257e-05, 1.0975672676e-05],
+    [1.2765780846e-04, 4.8733893883e-06, 1.3296300947e-05, 4.5086008666e-05, 3.8847423570e-05, 4.3079230190e-05, 3.0417708348e-05, 1.0186359841e-05, 1.4955693999e-04, 1.6696266827e-04, 2.6583028604e-05, 1.9315577446e-04, 1.3191360224e-04, 3.2863534048e-05, 6.1064364301e-06, 9.5158572370e-06],
+    [1.3449356133e-04, 6.1299277881e-06, 1.3296300947e-05, 4.7731362773e-05, 4.0301468623e-05, 4.6882811475e-05, 3.2146357886e-05, 1.0035012631e-05, 1.5849916619e-04, 1.7564516857e-04, 2.7740517838e-05, 2.0386919587e-04, 1.3873028060e-04, 3.4973896922e-05, 6.1378066869e-06, 1.0053157641e-05]])
+
+
+def test_default_config_fits_as_before_session_15():
+  tabs, dv, y, labs = _golden_case()
+  cfg = KR.KernelRooflineConfig(steps=120)
+  got = [KR.predict_kernel_roofline(KR.fit_kernel_roofline(tabs, y, dv, c, kernel_labels=lb), tabs, dv)
+         for c, lb in ((cfg, None), (cfg._replace(host_floor=True), None), (cfg, labs),
+                       (cfg._replace(host_floor=True), labs))]
+  np.testing.assert_allclose(np.stack(got), _GOLDEN_PRE_S15, rtol=2e-4)
+
+
+def test_config_bad_input_says_the_fix():
+  tabs, dv, y, labs = _golden_case()
+  cfg = KR.KernelRooflineConfig(steps=5)
+  fit = lambda c, lb=None: KR.fit_kernel_roofline(tabs, y, dv, c, kernel_labels=lb)
+  for nm in ("host_launch", "host_launch_per_class", "wall_scale", "gap_library_only", "host_floor"):
+    with pytest.raises(TypeError, match=f"{nm} must be a bool"):
+      fit(cfg._replace(**{nm: "yes"}))
+  with pytest.raises(TypeError, match="bytes_ridge must be a number or None"):
+    fit(cfg._replace(bytes_ridge="0.03"))
+  with pytest.raises(TypeError, match="bytes_ridge must be a number"):
+    fit(cfg._replace(bytes_ridge=True))
+  for nm in ("bytes_ridge", "ridge", "init_host_launch_s"):
+    with pytest.raises(ValueError, match=f"{nm} must be finite"):
+      fit(cfg._replace(**{nm: float("inf")}))
+  with pytest.raises(ValueError, match="init_host_launch_s > 0"):
+    fit(cfg._replace(host_floor=True, host_launch=True, init_host_launch_s=-1e-6))
+  # options that act on labelled kernel times: an error that names the fix, not a silent plain fit
+  for nm in ("wall_scale", "gap_library_only"):
+    with pytest.raises(ValueError, match="pass kernel_labels"):
+      fit(cfg._replace(**{nm: True}))
+  # the library gap needs every table's library flags
+  no_flags = [t._replace(library=None) if i == 3 else t for i, t in enumerate(tabs)]
+  with pytest.raises(ValueError, match=r"tables\[3\]: gap_library_only needs KernelTable.library"):
+    KR.fit_kernel_roofline(no_flags, y, dv, cfg._replace(gap_library_only=True), kernel_labels=labs)
+  m = fit(cfg._replace(gap_library_only=True), labs)
+  assert m.gap_library_only
+  with pytest.raises(ValueError, match="gap_library_only needs KernelTable.library"):
+    KR.predict_kernel_roofline(m, no_flags, dv)

@@ -283,7 +283,7 @@ def program_kernels(module: HloModule | str) -> KernelTable:
         # condition is never launched (no predicate copied back to the host); its rows stay, with count 0
         cond_runs = 0 if n is not None else 2
         if n is None:
-          unknown[0] += 1
+          unknown[0] += 1 if mult > 0 else 0   # a loop that never runs (inside a count-0 body) is no guess
           n = 1
         body = ins.attrs.get("body", "").strip().lstrip("%")
         cond = ins.attrs.get("condition", "").strip().lstrip("%")
@@ -506,8 +506,15 @@ def _check_tables(tables: Sequence[KernelTable], devices: Sequence[str]) -> np.n
 
 
 def _library_flags(tables: Sequence[KernelTable]) -> np.ndarray:
-  """float64 1/0 per kernel of all tables (library call or not; a table without flags counts as none)."""
-  parts = [np.zeros(t.flops.size) if t.library is None else np.asarray(t.library, np.float64) for t in tables]
+  """float64 1/0 per kernel of all tables (library call or not), for ``gap_library_only``: every table
+  needs its ``library`` flags, one per kernel (a missing flag would silently drop the gap)."""
+  parts = []
+  for i, t in enumerate(tables):
+    if t.library is None or np.shape(t.library) != t.flops.shape:
+      raise ValueError(f"tables[{i}]: gap_library_only needs KernelTable.library, one flag per kernel (got "
+                       f"{None if t.library is None else np.shape(t.library)} for {t.flops.size} kernels); build "
+                       "the tables with program_kernels, or fit without gap_library_only.")
+    parts.append(np.asarray(t.library, np.float64))
   return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -599,9 +606,9 @@ class KernelRooflineConfig(NamedTuple):
       large value ties every class's memory-bound rate to the device's one bandwidth, so a class seen
       only in small, latency-bound training kernels does not carry a low rate into large kernels.
     wall_scale: with ``kernel_labels``, also fit ``s_d`` per device: the wall time counts each kernel's
-      labelled device time ``s_d`` times (see :class:`KernelRoofline`; without labels the rates absorb
-      it, so it is not fitted).
-    gap_library_only: with ``kernel_labels``, the launch gap ``g`` is added to library calls only
+      labelled device time ``s_d`` times (see :class:`KernelRoofline`; without labels the rates would
+      absorb it: :func:`fit_kernel_roofline` raises then).
+    gap_library_only: with ``kernel_labels`` (raises without), the launch gap ``g`` is added to library calls only
       (``KernelTable.library``: cuBLAS / cuDNN custom calls, whose host-side set-up leaves the device idle);
       XLA's own kernels are queued back to back (on the profiled H200 programs, wall - busy time grows by
       ~0.1-0.3 us per launch, but ~4-5 us per library call).
@@ -709,6 +716,19 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     raise ValueError(f"runtime_s must be {len(tables)} positive finite runtimes, got shape {y.shape}.")
   if config.objective not in ("log", "mape"):
     raise ValueError(f"objective must be 'log' or 'mape', got {config.objective!r}.")
+  for nm in ("calibrate", "gap_per_class", "host_floor", "host_launch", "host_launch_per_class", "wall_scale",
+             "gap_library_only"):
+    if not isinstance(getattr(config, nm), (bool, np.bool_)):
+      raise TypeError(f"KernelRooflineConfig.{nm} must be a bool (True/False), got {getattr(config, nm)!r}.")
+  for nm in ("ridge", "init_host_launch_s", "bytes_ridge"):
+    v = getattr(config, nm)
+    if v is None and nm == "bytes_ridge":
+      continue
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+      raise TypeError(f"KernelRooflineConfig.{nm} must be a number{' or None' if nm == 'bytes_ridge' else ''}, "
+                      f"got {v!r}.")
+    if not np.isfinite(v):
+      raise ValueError(f"KernelRooflineConfig.{nm} must be finite, got {v!r}.")
   if not (config.sharpness >= 1.0) or config.ridge < 0 or config.steps < 1 or not config.learning_rate > 0 \
       or not (config.kernel_weight >= 0) or not (config.init_launch_gap_s > 0) \
       or not (config.init_host_floor_s > 0) or not (config.floor_sharpness >= 1.0) \
@@ -719,6 +739,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   if config.host_launch and not config.host_floor:
     raise ValueError("host_launch adds per-launch costs to the host floor's side of the overlap: set "
                      "host_floor=True too.")
+  if kernel_labels is None and (config.wall_scale or config.gap_library_only):
+    raise ValueError("wall_scale and gap_library_only act on the launch gap and the labelled kernel times: pass "
+                     "kernel_labels (match_kernel_times), or set them False to fit on runtimes only.")
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
@@ -728,7 +751,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   unit = 1e-6
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   fj, bj, mj, kj, rj = f32(f * unit), f32(b * unit), f32(m), jnp.asarray(k), jnp.asarray(rows)
-  libj = f32(_library_flags(tables))
+  libj = f32(_library_flags(tables)) if config.gap_library_only else None
   kdj = jnp.asarray(di[rows]) if rows.size else jnp.zeros(0, jnp.int32)
   dij, ly = jnp.asarray(di), f32(np.log(y / unit))
   lu = np.log(unit)  # a time in us is f*unit / R_u with R_u = R * unit^2: log R_u = log R + 2 log unit
@@ -744,7 +767,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     n_groups = int(labs[2].size)
   if config.host_floor:
     params["floor"] = jnp.full((D,), np.log(config.init_host_floor_s / unit), jnp.float32)
-  wall_scale = config.wall_scale and labs is not None
+  wall_scale = config.wall_scale
   if wall_scale:
     params["wscale"] = jnp.zeros((D,), jnp.float32)
   if config.host_launch:
@@ -847,7 +870,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     raise FloatingPointError("fit_kernel_roofline diverged (non-finite wall scale); lower learning_rate.")
   model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen, gap,
                          floor, float(config.floor_sharpness), hl, ws,
-                         bool(config.gap_library_only and labs is not None))
+                         bool(config.gap_library_only))
   if config.calibrate:
     from mlsys_jax.cost.metrics import mape_scale
     model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev), y))
