@@ -462,6 +462,18 @@ def _bytes_ridge(v: str):
   return r
 
 
+def _check_kr_flags(host_floor: bool, host_launch: bool, labels: bool, labels_host_launch: bool,
+                    gap_library_only: bool, wall_scale: bool) -> None:
+  """Flag combinations of --part=program_mape that would fail (or be ignored) only after minutes of
+  feature extraction: raise at once, saying which flag to add."""
+  if (host_launch or labels_host_launch) and not host_floor:
+    raise ValueError("--kr_host_launch / --kr_labels_host_launch put per-launch costs on the host floor's side: "
+                     "add --kr_host_floor.")
+  if (labels_host_launch or gap_library_only or wall_scale) and not labels:
+    raise ValueError("--kr_labels_host_launch, --kr_gap_library_only and --kr_wall_scale configure the labelled "
+                     "model: add --kr_labels (with profiled --option_data).")
+
+
 def _choose_by_inner_cv(fit, predict, rows, runtime, inner_keys, configs, n_folds, seed):
   """The config of ``configs`` with the lowest MAPE over an inner cross-validation of the (training) rows
   ``rows``: ``n_folds`` folds of their distinct ``inner_keys`` (programs, or families: grouped like the outer
@@ -577,6 +589,8 @@ def part_program_mape():
   from mlsys_jax.cost import dataset as cds
   from mlsys_jax.cost import features, graph, hlo, metrics
   from mlsys_jax.cost import kernel_roofline as KR
+  _check_kr_flags(_KR_FLOOR.value, _KR_HL.value, _KR_LABELS.value, _KR_LHL.value, _KR_GLIB.value, _KR_WS.value)
+  br_grid = [_bytes_ridge(v) for v in _KR_BR_GRID.value]
   t0 = time.perf_counter()
   ds, desc = _load_cost_data()
   devs = cds.row_devices(ds)
@@ -603,7 +617,6 @@ def part_program_mape():
   kcfg = KR.KernelRooflineConfig(sharpness=_KR_SHARP.value, ridge=_KR_RIDGE.value, steps=_KR_STEPS.value,
                                  host_floor=_KR_FLOOR.value, host_launch=_KR_HL.value,
                                  bytes_ridge=_bytes_ridge(_KR_BR.value))
-  br_grid = [_bytes_ridge(v) for v in _KR_BR_GRID.value]
   ref_cfg = KR.KernelRooflineConfig(sharpness=_KR_SHARP.value, ridge=_KR_RIDGE.value, steps=_KR_STEPS.value,
                                     host_floor=_KR_FLOOR.value)
   out = {"dataset": desc, "rows": int(len(y)), "rows_kept": int(keep.sum()),
@@ -717,8 +730,10 @@ def part_program_mape():
 
           def fit_labels(idx, cfg):
             lab_ = [klabels[i] for i in idx]
-            return KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx], cfg,
-                                          kernel_labels=lab_ if any(lb is not None for lb in lab_) else None)
+            if not any(lb is not None for lb in lab_):   # an inner fold without profiled rows: the plain model
+              return KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx],
+                                            cfg._replace(wall_scale=False, gap_library_only=False))
+            return KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx], cfg, kernel_labels=lab_)
           with threadpool_limits(1):
             if br_grid:   # the labelled model's own inner choice (same inner folds)
               j, sc = _choose_by_inner_cv(fit_labels, predict_rows, itr, rt, inner_key,

@@ -53,6 +53,15 @@ for bad in ("-1", "x"):
     out["br_bad_" + bad] = "accepted"
   except ValueError as e:
     out["br_bad_" + bad] = str(e)
+ok = dict(host_floor=True, host_launch=True, labels=True, labels_host_launch=True, gap_library_only=True,
+          wall_scale=True)
+VE._check_kr_flags(**ok)
+for off, on in (("host_floor", "host_launch"), ("labels", "wall_scale")):
+  try:
+    VE._check_kr_flags(**{**ok, off: False, "labels_host_launch": False})
+    out["flags_" + off] = "accepted"
+  except ValueError as e:
+    out["flags_" + off] = str(e)
 print(json.dumps(out))
 """
 
@@ -71,3 +80,6 @@ def test_inner_cv_kendall_and_flag_parser():
   assert tau["exact"]["programs"] == 12
   assert out["br"] == [None, 0.03]
   assert "'none' or a number >= 0" in out["br_bad_-1"] and "'none' or a number >= 0" in out["br_bad_x"]
+  # flag combinations that would fail after minutes of feature extraction are refused at once
+  assert "add --kr_host_floor" in out["flags_host_floor"]
+  assert "add --kr_labels" in out["flags_labels"]
