@@ -947,7 +947,7 @@ def _seg_floor(t, bmax, lay: _Layout, j):
   need = count_above(t) < j
 
   def lowered(t):
-    top = jax.lax.bitcast_convert_type(lay.seg_reduce(jnp.max(bm, axis=1), "max"), jnp.int32)
+    top = _seg_top_bits(bmax, lay)
     floor = _search_bits(lambda tm: _seg_counts(bm, tm, lay, None) >= j[:, None], top, keep_low=True,
                          ways=_SEARCH_WAYS if _count_impl() == "xla" else 2)
     valid = count_above(floor) >= j        # else fewer than j blocks are non-zero: no floor
@@ -1061,11 +1061,16 @@ def _seg_counts(x_tiles, t_multi, lay: _Layout, flat, bmax=None):
   return lay.seg_reduce(c, "sum")
 
 
+def _seg_top_bits(bmax, lay: _Layout):
+  """Each segment's largest block maximum as int32 float bits (segments,): the top of the bit searches."""
+  bm = bmax.astype(jnp.float32).reshape(lay.num_tiles, _THR_BLOCKS)
+  return jax.lax.bitcast_convert_type(lay.seg_reduce(jnp.max(bm, axis=1), "max"), jnp.int32)
+
+
 def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi, flat=None):
   """Raise each segment's threshold ``t`` to the smallest one that selects at most ``hi`` (segments,)
   entries (exact counts: a search on the float bits, :func:`_search_bits`)."""
-  top = jax.lax.bitcast_convert_type(
-      lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
+  top = _seg_top_bits(bmax, lay)
   few_enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat, bmax) <= hi[:, None]
   return jnp.maximum(t, _search_bits(few_enough, top, keep_low=False, ways=_search_ways(flat)))
 
@@ -1076,8 +1081,7 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
   bits (:func:`_search_bits`), the same bits as :func:`_seg_kth_blocks` with ``ceil(31 / log2 W)`` counting
   passes over the buffer (``_EXACT_SEARCH = "bits"``, the search before session 9; :func:`_seg_trim` then
   cuts magnitudes tied at the ``k``-th back to exactly ``k``)."""
-  top = jax.lax.bitcast_convert_type(
-      lay.seg_reduce(jnp.max(bmax.reshape(lay.num_tiles, _THR_BLOCKS), axis=1), "max"), jnp.int32)
+  top = _seg_top_bits(bmax, lay)
   enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat, bmax) >= k[:, None]
   return _search_bits(enough, top, keep_low=True, ways=_search_ways(flat))
 
@@ -1234,13 +1238,10 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   seg_b = jnp.asarray(np.repeat(lay.tile_seg, _THR_BLOCKS))                         # (nb,) static
   per_block = (lambda v: jnp.broadcast_to(v[0], (nb,))) if num == 1 else (lambda v: v[seg_b])
   tile_sum = lambda m: lay.seg_reduce(jnp.sum(m.reshape(nt, _THR_BLOCKS), axis=1, dtype=jnp.int32), "sum")
-  top = jax.lax.bitcast_convert_type(lay.seg_reduce(jnp.max(bm_rows, axis=1), "max"), jnp.int32)
-
-  def count1(tm):   # (segments, W): block maxima above each threshold
-    thr = lay.per_tile(tm) if num > 1 else jnp.broadcast_to(tm, (nt,) + tm.shape[1:])
-    return lay.seg_reduce(jnp.sum(bm_rows[:, :, None] > thr[:, None, :], axis=1, dtype=jnp.int32), "sum")
-
-  t1 = _search_bits(lambda tm: count1(tm) >= k[:, None], top, keep_low=True, ways=ways)
+  top = _seg_top_bits(bmax, lay)
+  # level 1 (block maxima above each threshold: _seg_counts's fused compare-and-sum over the (tiles, 64) maxima)
+  t1 = _search_bits(lambda tm: _seg_counts(bm_rows, tm, lay, None) >= k[:, None], top, keep_low=True,
+                    ways=ways)
   # T1 (the smallest denormal when t1 = 0 has fewer than k blocks above it: then no block ties it)
   big1 = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(t1, jnp.int32) + 1, jnp.float32)
   gt = bm > per_block(big1)
