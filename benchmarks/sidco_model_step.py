@@ -10,14 +10,17 @@ to step) of a ResNet-50 (He et al., 2016; bottleneck blocks, 25.56M parameters i
 parameter is in the optimizer's tree and the step has no running statistics), on synthetic images.
 
 Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (the default exact search, the
-block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``), each
-``optax.chain(<compressor>(ratio), optax.adam(1e-3))``. Per row:
+block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``),
+``sidco_pt_counts`` (both), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``. Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
 - ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
   trace of ``--profile_steps`` steps run back to back (GPU only);
-- ``overhead_s``: ``step_s`` minus the ``adam`` row's, the compressor's cost in the step; ``vs_topk``: topk's
-  overhead over this row's.
+- ``overhead_s``: the median over rounds of this row's step time minus the ``adam`` row's in the same round
+  (rounds are interleaved, so the pair ran seconds apart), with its interquartile range ``overhead_s_iqr``:
+  the compressor's cost in the step; ``vs_topk``: topk's overhead over this row's.
+Every row's compile shares one XLA autotune cache (``--autotune_cache``), so the model's convolutions and
+GEMMs run the same algorithms in every row and differences in ``busy_s`` are the optimizer's.
 Rows run interleaved round by round (every row compiled first), so drift hits all rows alike.
 
 Usage:
@@ -27,8 +30,10 @@ Usage:
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -43,7 +48,7 @@ from benchmarks.common import (device_stream_events, environment, idle_clusters,
                                write_json)
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
-ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt")
+ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts")
 
 
 class _Affine(nn.Module):
@@ -104,6 +109,14 @@ def _flags(ap):
   ap.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 7; 2 with --small)")
   ap.add_argument("--profile_steps", type=int, default=10, help="steps in each row's profiler trace (GPU)")
   ap.add_argument("--name", default="sidco_model_step", help="JSON file name (without .json)")
+  ap.add_argument("--autotune_cache", default="auto",
+                  help="directory for XLA's per-fusion autotune cache, shared by every row's compile so that "
+                       "all rows run the same convolution and GEMM algorithms (else each compile autotunes on "
+                       "its own and the model's kernels differ row to row); 'auto': a fresh temporary "
+                       "directory; 'none': off")
+  ap.add_argument("--xla_config", default="jit",
+                  help="per-jit XLA options of every row, a name of mlsys_jax.sched.XLA_CONFIGS (e.g. 'cmdbuf_conv': "
+                       "command buffers that include the cuDNN convolutions, which cut the host's launch work)")
 
 
 def _tx(row: str, ratio: float) -> optax.GradientTransformation:
@@ -111,13 +124,14 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
   if row == "adam":
     return adam
   comp = {"topk": lambda: sp.topk(ratio), "sidco": lambda: sp.sidco(ratio),
-          "sidco_counts": lambda: sp.sidco(ratio), "sidco_pt": lambda: sp.sidco(ratio, per_tensor=True)}
+          "sidco_counts": lambda: sp.sidco(ratio), "sidco_pt": lambda: sp.sidco(ratio, per_tensor=True),
+          "sidco_pt_counts": lambda: sp.sidco(ratio, per_tensor=True)}
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), adam)
 
 
-def _make_step(model, tx, search: str):
+def _make_step(model, tx, search: str, options: dict | None = None):
   """The jitted step (params, opt_state, x, y) -> (params, opt_state, loss); ``search``: the
   ``sparse._EXACT_SEARCH`` in force while it traces (it is read at trace time)."""
 
@@ -135,14 +149,48 @@ def _make_step(model, tx, search: str):
   def compile_with(*args):
     sp._EXACT_SEARCH = search
     try:
-      return jitted.lower(*args).compile()
+      return jitted.lower(*args).compile(dict(options or {}))
     finally:
       sp._EXACT_SEARCH = prev
   return compile_with
 
 
+def _use_autotune_cache(spec: str) -> str | None:
+  """Point XLA's per-fusion autotune cache at one directory (before the backend starts): the first compile
+  autotunes each convolution / GEMM, every later compile of the same instruction reads its choice."""
+  if spec == "none":
+    return None
+  d = tempfile.mkdtemp(prefix="autotune_") if spec == "auto" else spec
+  os.makedirs(d, exist_ok=True)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_gpu_per_fusion_autotune_cache_dir={d}").strip()
+  return d
+
+
+def _kernel_class(name: str) -> str:
+  """A coarse class of a GPU kernel from its name (cuDNN / cuBLAS / cub / XLA's generated fusions)."""
+  n = name.lower()
+  for cls, keys in (("conv", ("cudnn", "conv", "xmma", "implicit", "wgrad", "dgrad")), ("sort", ("radix", "sort", "cub")),
+                    ("gemm", ("gemm", "cutlass", "nvjet", "cublas")), ("reduce", ("reduce", "reduction")),
+                    ("scatter", ("scatter",)), ("fusion", ("fusion", "loop_", "input_")), ("copy", ("copy", "memcpy", "memset"))):
+    if any(k in n for k in keys):
+      return cls
+  return "other"
+
+
+def _kernel_breakdown(events, steps: int, top: int = 25):
+  """Per step: kernel seconds by class, and the ``top`` kernel names by total time as ``(name, s, count)``."""
+  by_class, by_name = {}, {}
+  for e in events:
+    by_class[_kernel_class(e[3])] = by_class.get(_kernel_class(e[3]), 0.0) + e[2] * 1e-9 / steps
+    t, c = by_name.get(e[3], (0.0, 0))
+    by_name[e[3]] = (t + e[2] * 1e-9 / steps, c + 1)
+  names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+  return by_class, [(k[:120], t, c / steps) for k, (t, c) in names]
+
+
 def main():
   args = parse_args(__doc__, _flags)
+  cache = _use_autotune_cache(args.autotune_cache)
   small = args.small
   batch = args.batch or (2 if small else 64)
   image = args.image or (32 if small else 224)
@@ -152,6 +200,10 @@ def main():
   rows = [r for r in args.rows.split(",") if r]
   for r in rows:
     _tx(r, args.ratio)   # a typo fails before any compile
+  from mlsys_jax.sched import XLA_CONFIGS
+  if args.xla_config not in XLA_CONFIGS:
+    raise SystemExit(f"--xla_config: unknown {args.xla_config!r}; use one of {sorted(XLA_CONFIGS)}")
+  options = XLA_CONFIGS[args.xla_config] if jax.default_backend() == "gpu" else {}
   model = ResNet50(num_classes=1000, div=8 if small else 1, dtype=dtype)
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (batch, image, image, 3), jnp.float32)
@@ -159,7 +211,8 @@ def main():
   params0 = model.init(jax.random.fold_in(key, 2), x[:1])["params"]
   leaves = jax.tree_util.tree_leaves(params0)
   n_params = int(sum(v.size for v in leaves))
-  meta = {"env": environment(), "batch": batch, "image": image, "dtype": args.dtype, "ratio": args.ratio,
+  meta = {"env": environment(), "autotune_cache": cache, "xla_config": args.xla_config,
+          "compiler_options": {k: str(v) for k, v in options.items()}, "batch": batch, "image": image, "dtype": args.dtype, "ratio": args.ratio,
           "steps": steps, "repeats": repeats, "n_params": n_params, "n_leaves": len(leaves)}
   print(f"ResNet-50 (div {8 if small else 1}): {len(leaves)} leaves, {n_params:,} parameters; batch {batch}, "
         f"{image}x{image}, {args.dtype}", flush=True)
@@ -171,7 +224,7 @@ def main():
     p = jax.tree_util.tree_map(jnp.copy, params0)
     s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
     t0 = time.perf_counter()
-    prog[r] = _make_step(model, tx, "counts" if r == "sidco_counts" else sp._EXACT_SEARCH)(p, s, x, y)
+    prog[r] = _make_step(model, tx, "counts" if r.endswith("_counts") else sp._EXACT_SEARCH, options)(p, s, x, y)
     state[r] = [p, s]
     print(f"compiled {r} in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -205,13 +258,18 @@ def main():
         row.update(device_s=span * 1e-9 / args.profile_steps, busy_s=busy * 1e-9 / args.profile_steps,
                    kernels=len(ev) / args.profile_steps, clusters=len(cl))
         row["idle_s"] = row["device_s"] - row["busy_s"]
+        row["kernel_classes_s"], row["top_kernels"] = _kernel_breakdown(ev, args.profile_steps)
       except Exception as e:  # diagnostics: never fatal
         row["device_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     out.append(row)
   base = next((o for o in out if o["row"] == "adam"), None)
   if base is not None:
     for o in out:
-      o["overhead_s"] = o["step_s"] - base["step_s"]
+      # paired by round (the rounds are interleaved: round i of every row ran back to back), robust to drift
+      diffs = np.asarray(walls[o["row"]]) - np.asarray(walls["adam"])
+      o["overhead_s"] = float(np.median(diffs))
+      o["overhead_s_iqr"] = [float(np.percentile(diffs, 25)), float(np.percentile(diffs, 75))]
+      o["overhead_s_of_medians"] = o["step_s"] - base["step_s"]
       if "busy_s" in o and "busy_s" in base:
         o["busy_overhead_s"] = o["busy_s"] - base["busy_s"]
     tk = next((o for o in out if o["row"] == "topk"), None)
@@ -220,7 +278,7 @@ def main():
         o["vs_topk"] = tk["overhead_s"] / o["overhead_s"]
       if tk is not None and o["row"] not in ("adam", "topk") and o.get("busy_overhead_s", 0) > 0:
         o["busy_vs_topk"] = tk["busy_overhead_s"] / o["busy_overhead_s"]
-  print_table(out, ["row", "step_s", "overhead_s", "vs_topk", "device_s", "busy_s", "idle_s", "kernels",
+  print_table(out, ["row", "step_s", "overhead_s", "overhead_s_iqr", "vs_topk", "device_s", "busy_s", "idle_s", "kernels",
                     "busy_overhead_s", "busy_vs_topk"])
   write_json(args.out, args.name, {**meta, "rows": out})
 
