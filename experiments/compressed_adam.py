@@ -31,6 +31,9 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # releases delivered in gradient units (comm.adaptive_ef.gradient_units; session 13's chosen arm)
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@3 \
     --density_warmup=300 --dwarmup_start=0.25 --compressors=topk --gradient_units=on
+  # staleness-aware selection (session 16): Top-k on |acc| * (1 + age / TAU), values and error feedback as Top-k's
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.01 --modes=chain \
+    --compressors=stale@8,stale@16,stale@32 --adam_from=experiments/results/compressed_adam_0.01_chain_topk_s9_pooled15.json
   # screens: --adam_from=<earlier JSON> reuses its Adam accuracies (same data digest, steps, seeds);
   # --modes=decay@0.95: the plain chain with comm.adaptive_ef.decay_residual(c, 0.95) (per arm)
 
@@ -60,7 +63,8 @@ import provenance  # noqa: E402  (experiments/provenance.py)
 from mlsys_jax import comm, data, models, stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 from mlsys_jax.comm.adaptive_ef import (decay_residual, gradient_units, rms_selection,  # noqa: E402
-                                        scale_by_frozen_rms, scale_by_leaf_rms, spread_releases)
+                                        scale_by_frozen_rms, scale_by_leaf_rms, spread_releases,
+                                        staleness_topk)
 from mlsys_jax.comm.lowrank import _state_field, total_bytes  # noqa: E402
 from mlsys_jax.comm.warmup import (dense_warmup, density_warmup, dgc_density_schedule,  # noqa: E402
                                    stage_boundaries)
@@ -76,6 +80,8 @@ _BATCH = flags.DEFINE_integer("batch", 32, "Batch per worker.")
 _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compressors: sidco (its default: "
                                   "exact target count), sidco_fitonly (exact=False: the paper's estimator "
                                   "alone, as before issue 18's fix), topk, dgc, randomk (density --ratios); "
+                                  "stale@TAU: comm.adaptive_ef.staleness_topk(ratio, tau=TAU) (Top-k on "
+                                  "|acc| * (1 + age / TAU), chain/raw selection only); "
                                   "powersgd2, powersgd4, accordion (rank 1 <-> 4; chain mode only).")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
@@ -209,6 +215,12 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, st
   sf, _, cf = opt.partition("c")
   sf = float(sf) if sf else (_DGC_SAMPLE.value or None)
   cf = float(cf) if cf else None
+  if compressor == "stale":   # 'stale@16': staleness-aware Top-k, tau 16 (comm.adaptive_ef.staleness_topk)
+    if pre is not None or pt:
+      raise ValueError("stale@TAU runs with the raw selection only (modes chain/decay@D, no --per_tensor).")
+    if not opt:
+      raise ValueError("stale needs its tau: stale@16 (or stale@inf for plain Top-k).")
+    return staleness_topk(ratio, tau=float(opt), axis_name="d")
   c = {"sidco": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d", precondition=pre,
                                  per_tensor=pt),
        "sidco_fitonly": lambda: sp.sidco(ratio, distribution=_SIDCO_DIST.value, axis_name="d",

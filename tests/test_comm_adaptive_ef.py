@@ -622,3 +622,193 @@ def test_gradient_units_bad_input():
     gradient_units(topk(0.1), 0, axis_name=None).init(_params())
   with pytest.raises(TypeError, match="bytes_sent"):
     gradient_units(optax.scale_by_rms(), 0, axis_name=None).init(_params())
+
+
+# ----------------------------------------------------------------------------------------------------
+# staleness_topk: Top-k with error feedback on |acc| * (1 + age / tau).
+
+
+def _np_stale_topk(flat_g, ratio, tau):
+  """float64 numpy reference of staleness_topk on one worker: flat_g (steps, n) -> sent (steps, n), the
+  final residual and ages. Scores |acc| * (1 + age / tau); the k largest, ties in index order."""
+  steps, n = flat_g.shape
+  k = max(1, int(round(ratio * n)))
+  res, age, outs = np.zeros(n), np.zeros(n, np.int64), []
+  for s in range(steps):
+    acc = flat_g[s] + res
+    score = np.abs(acc) * (1.0 + age / tau)
+    top = np.argsort(-score, kind="stable")[:k]
+    sent = np.zeros(n)
+    sent[top] = acc[top]
+    res = acc - sent
+    age = age + 1
+    age[top] = 0
+    outs.append(sent)
+  return np.stack(outs), res, age
+
+
+def _stale_scan(tx, g):
+  """All steps of ``tx`` (one lax.scan) on one worker's gradients ``g`` (leading axis: steps)."""
+  st, outs = jax.lax.scan(lambda st, gs: tx.update(gs, st)[::-1], tx.init(_params()), g)
+  return outs, st
+
+
+def test_staleness_topk_matches_float64_reference_on_one_device():
+  """One device, 9 steps, tau 2 (ages matter): outputs, residual and ages equal the numpy reference; the
+  selection differs from plain Top-k (the test would not pass with the ages ignored); bytes are Top-k's."""
+  from mlsys_jax.comm.adaptive_ef import staleness_topk
+  g = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_grads(7 + s) for s in range(_STEPS)])
+  flat = _flat(g, (_STEPS,))
+  outs, st = jax.jit(lambda g: _stale_scan(staleness_topk(0.05, tau=2.0), g))(g)
+  want, want_res, want_age = _np_stale_topk(flat, 0.05, 2.0)
+  np.testing.assert_allclose(_flat(outs, (_STEPS,)), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(_flat(st.residual, ()), want_res, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(_flat(st.age, ()), want_age)
+  plain = _np_topk_ef(flat[None], 0.05)
+  assert not np.allclose(want, plain)   # the ages changed the selection
+  ref_outs, ref_st = jax.jit(lambda g: _stale_scan(topk(0.05), g))(g)
+  assert float(st.total_bytes) == float(ref_st.total_bytes) > 0
+  assert float(st.density) == pytest.approx(float(ref_st.density))
+  # error feedback keeps every bit of mass: sum of what was sent + residual = sum of the gradients
+  np.testing.assert_allclose(want.sum(0) + want_res, flat.sum(0), rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(_flat(outs, (_STEPS,)).sum(0) + _flat(st.residual, ()), flat.sum(0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_staleness_topk_age_reset_and_bounded_wait():
+  """A constant gradient [8, 4, 2, 1], one entry per step, 40 steps: the age resets on each send (0 for the
+  sent entry, +1 for the rest); the sends follow the numpy reference; with tau 1 the smallest entry's
+  longest wait is 7 steps where plain Top-k (tau = inf) makes it wait 15."""
+  from mlsys_jax.comm.adaptive_ef import staleness_scores, staleness_topk
+  g = {"w": jnp.array([8.0, 4.0, 2.0, 1.0])}
+  waits = {}
+  for tau in (1.0, float("inf")):
+    tx = staleness_topk(0.25, tau=tau)
+    st = tx.init(g)
+    update = jax.jit(tx.update)
+    sends = []
+    for _ in range(40):
+      before = np.asarray(st.age["w"])
+      out, st = update(g, st)
+      hit = np.flatnonzero(np.asarray(out["w"]))
+      assert len(hit) == 1
+      np.testing.assert_array_equal(np.asarray(st.age["w"]), np.where(np.arange(4) == hit[0], 0, before + 1))
+      sends.append(int(hit[0]))
+    want, _, _ = _np_stale_topk(np.tile(np.asarray(g["w"], np.float64), (40, 1)), 0.25, tau)
+    assert sends == [int(np.flatnonzero(row)[0]) for row in want]
+    last, longest = {}, {}
+    for t, i in enumerate(sends):
+      longest[i] = max(longest.get(i, 0), t - last.get(i, -1))
+      last[i] = t
+    waits[tau] = longest
+  assert waits[1.0][3] == 7 and waits[float("inf")][3] == 15
+  assert max(waits[1.0].values()) < max(waits[float("inf")].values())
+  np.testing.assert_allclose(staleness_scores(jnp.array([-2.0, 1.0]), jnp.array([3, 0]), 2.0), [5.0, 1.0])
+  np.testing.assert_array_equal(staleness_scores(jnp.array([-2.0, 1.0]), jnp.array([3, 0]), float("inf")),
+                                [2.0, 1.0])
+
+
+def test_staleness_topk_infinite_tau_is_topk_bitwise(devices):
+  """tau = inf (and a tau so large that 1 + age / tau rounds to 1): bitwise topk's outputs, residuals and
+  bytes, on one device under jit and for 8 workers under shard_map."""
+  from mlsys_jax.comm.adaptive_ef import staleness_topk
+  g = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_grads(3 + s) for s in range(_STEPS)])
+  ref = jax.jit(lambda g: _stale_scan(topk(_RATIO), g))(g)
+  for tau in (float("inf"), 1e30):
+    got = jax.jit(lambda g, tau=tau: _stale_scan(staleness_topk(_RATIO, tau=tau), g))(g)
+    for a, b in zip(jax.tree_util.tree_leaves((ref[0], ref[1].residual, ref[1].total_bytes)),
+                    jax.tree_util.tree_leaves((got[0], got[1].residual, got[1].total_bytes))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  g_w = _worker_grads()
+  ref_w = _per_worker(lambda g: _stale_scan(topk(_RATIO, axis_name="d"), g)[0], g_w, devices)
+  got_w = _per_worker(lambda g: _stale_scan(staleness_topk(_RATIO, tau=float("inf"), axis_name="d"), g)[0],
+                      g_w, devices)
+  for a, b in zip(jax.tree_util.tree_leaves(ref_w), jax.tree_util.tree_leaves(got_w)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_staleness_topk_collectives_equal_the_single_device_simulation(devices):
+  """8 workers: under shard_map, pmap and a named vmap, every replica's output is the mean of the 8
+  single-device runs' sent values (each worker's own selection, residual and ages), replicas bitwise equal,
+  and each worker's residual and ages equal its single-device run's."""
+  from mlsys_jax.comm.adaptive_ef import staleness_topk
+  g_w = _worker_grads()
+  run = lambda g: _stale_scan(staleness_topk(_RATIO, tau=3.0, axis_name="d"), g)
+  single = [jax.jit(lambda g: _stale_scan(staleness_topk(_RATIO, tau=3.0), g))(
+      jax.tree_util.tree_map(lambda x, w=w: x[w], g_w)) for w in range(_W)]
+  want = np.mean([_flat(o, (_STEPS,)) for o, _ in single], axis=0)
+  sm = _per_worker(run, g_w, devices)
+  pm = jax.pmap(run, axis_name="d", devices=devices)(g_w)
+  vm = jax.jit(jax.vmap(run, axis_name="d"))(g_w)
+  for outs, st in (sm, pm, vm):
+    got = _flat(outs, (_W, _STEPS))
+    for w in range(_W):
+      np.testing.assert_array_equal(got[w], got[0])
+      np.testing.assert_allclose(got[w], want, rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(_flat(st.residual, (_W,))[w], _flat(single[w][1].residual, ()), rtol=1e-6,
+                                 atol=1e-6)
+      np.testing.assert_array_equal(_flat(st.age, (_W,))[w], _flat(single[w][1].age, ()))
+    np.testing.assert_array_equal(np.asarray(st.total_bytes), float(single[0][1].total_bytes))
+  np.testing.assert_allclose(_flat(pm[0], (_W, _STEPS)), _flat(sm[0], (_W, _STEPS)), rtol=1e-6, atol=1e-7)
+
+
+def test_staleness_topk_nonfinite_is_skipped_on_every_replica(devices):
+  """A NaN on one worker at step 1: every replica skips that step (output 0, residual and ages unchanged,
+  nonfinite_steps 1), and the next steps are finite; on one device the same, counted."""
+  from mlsys_jax.comm.adaptive_ef import staleness_topk
+  g_w = jax.tree_util.tree_map(lambda x: x[:, :3], _worker_grads())
+  g_w = {**g_w, "bias": g_w["bias"].at[5, 1, 0].set(jnp.nan)}
+
+  def run(g):
+    tx = staleness_topk(_RATIO, tau=2.0, axis_name="d")
+    st0 = tx.init(_params())
+    o0, st1 = tx.update(jax.tree_util.tree_map(lambda x: x[0], g), st0)
+    o1, st2 = tx.update(jax.tree_util.tree_map(lambda x: x[1], g), st1)
+    o2, st3 = tx.update(jax.tree_util.tree_map(lambda x: x[2], g), st2)
+    return o1, o2, st1, st2, st3
+
+  o1, o2, st1, st2, st3 = _per_worker(run, g_w, devices)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(o1))
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(o2))
+  np.testing.assert_array_equal(np.asarray(st3.nonfinite_steps), np.ones(_W))
+  for a, b in zip(jax.tree_util.tree_leaves((st1.residual, st1.age)), jax.tree_util.tree_leaves((st2.residual,
+                                                                                                st2.age))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tx = staleness_topk(0.05, tau=2.0)
+  st = tx.init(_params())
+  bad = {**_grads(1), "dense": _grads(1)["dense"].at[0, 0].set(jnp.inf)}
+  o, st = jax.jit(tx.update)(bad, st)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(o))
+  assert int(st.nonfinite_steps) == 1 and float(st.total_bytes) == 0.0
+
+
+def test_staleness_topk_chains_and_wraps():
+  """chain(spread_releases(staleness_topk), adam) under jit: finite outputs, bytes = the compressor's."""
+  from mlsys_jax.comm.adaptive_ef import StalenessTopkState, staleness_topk
+  tx = optax.chain(spread_releases(staleness_topk(0.05, tau=8.0), mode="leaky", max_interval=16), optax.adam(1e-3))
+  st = tx.init(_params())
+  for s in range(3):
+    o, st = jax.jit(tx.update)(_grads(s), st, _params())
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(o))
+  assert isinstance(st[0].inner_state, StalenessTopkState)
+  assert float(st[0].total_bytes) == float(st[0].inner_state.total_bytes) > 0
+
+
+def test_staleness_topk_bad_input():
+  from mlsys_jax.comm.adaptive_ef import staleness_topk
+  for r in (0.0, 1.0, -0.1, 1.5, True, "0.1", float("nan")):
+    with pytest.raises(ValueError, match="ratio"):
+      staleness_topk(r)
+  for t in (0.0, -1.0, float("nan"), True, "8", None):
+    with pytest.raises(ValueError, match="tau"):
+      staleness_topk(0.1, tau=t)
+  with pytest.raises(TypeError, match="axis_name"):
+    staleness_topk(0.1, axis_name=0)
+  with pytest.raises(TypeError, match="floating"):
+    staleness_topk(0.1).init({"w": jnp.zeros(3, jnp.int32)})
+  tx = staleness_topk(0.1)
+  st = tx.init(_params())
+  with pytest.raises(ValueError, match="shape"):
+    tx.update({**_grads(0), "bias": jnp.zeros(11)}, st)
+  with pytest.raises(NameError, match="not bound"):
+    staleness_topk(0.1, axis_name="d").update(_grads(0), st)
