@@ -127,6 +127,9 @@ _ADAM_FROM = flags.DEFINE_string("adam_from", "", "Screens: take the Adam arm's 
 _MERGE = flags.DEFINE_list("merge", [], "Merge the result JSONs of runs with the same settings and seeds (their "
                             "Adam arms must agree seed by seed) into --out_dir/--out_name with every paired "
                             "comparison; nothing is trained.")
+_COMPARE = flags.DEFINE_list("compare", [], "Extra paired comparisons 'A~B' of two arm names (as in the JSON, e.g. "
+                              "'stale@8 0.01 chain~topk 0.01 chain'), added to the JSON's comparisons (with --merge "
+                              "too: arms of other runs on the same seeds).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Also record the test accuracy every N steps (0 = only at "
                                    "the end): the JSON's 'curve' (arm -> per seed, [step, accuracy] pairs).")
 _DW_FACTOR = flags.DEFINE_float("dwarmup_factor", 4.0, "Density ratio between --density_warmup stages (DGC: 4).")
@@ -328,6 +331,11 @@ def _comparisons(acc):
     for ref in ("topk" + rest, "dgc" + rest) if rest else ():
       if ref in acc and ref != name and (ref.startswith("topk") or name.startswith(("dgc@", "dgc["))):
         add(name, ref)
+  for pair in _COMPARE.value:   # --compare='A~B'
+    name, _, ref = pair.partition("~")
+    if name not in acc or ref not in acc:
+      raise ValueError(f"--compare={pair!r}: arms {sorted(acc)} hold no {name!r} or {ref!r}.")
+    add(name, ref)
   return comparisons
 
 
