@@ -132,6 +132,9 @@ _COMPARE = flags.DEFINE_list("compare", [], "Extra paired comparisons 'A~B' of t
                               "too: arms of other runs on the same seeds).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Also record the test accuracy every N steps (0 = only at "
                                    "the end): the JSON's 'curve' (arm -> per seed, [step, accuracy] pairs).")
+_RELEASE_STATS = flags.DEFINE_bool("release_stats", False, "For stale@TAU arms (comm.adaptive_ef.staleness_topk): "
+                                    "per leaf, how often the workers' payloads together release each parameter "
+                                    "(from the ages in the state): the JSON's 'release_stats' (arm -> seed -> leaf).")
 _DW_FACTOR = flags.DEFINE_float("dwarmup_factor", 4.0, "Density ratio between --density_warmup stages (DGC: 4).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
@@ -269,6 +272,7 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
   state = models.replicate(tx.init(params), w)
   rng = np.random.default_rng(seed)
   curve = []
+  track = _ReleaseTracker(params) if _RELEASE_STATS.value and _state_field(state, "age") is not None else None
   for t in range(_STEPS.value):
     if dwarmup:
       j = sum(t >= e for e in ends)
@@ -278,6 +282,8 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
     idx = rng.choice(len(ds.x_train), w * b, replace=False)
     params, state = step(params, state, ds.x_train[idx].reshape(w, b, *ds.x_train.shape[1:]),
                          ds.y_train[idx].reshape(w, b))
+    if track is not None:
+      track.update(t, _state_field(state, "age"))
     if _EVAL_EVERY.value and (t + 1) % _EVAL_EVERY.value == 0 and t + 1 < _STEPS.value:
       curve.append([t + 1, float(models.evaluate(model, {"params": params}, ds.x_test, ds.y_test))])
   acc = models.evaluate(model, {"params": params}, ds.x_test, ds.y_test)
@@ -290,7 +296,39 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
     ever = [np.asarray(x)[0] >= 0 for x in jax.tree_util.tree_leaves(last)]
     print(f"    released at least once: {sum(e.sum() for e in ever) / sum(e.size for e in ever):.3f} of the "
           f"parameters; per leaf {[round(float(e.mean()), 3) for e in ever]}", flush=True)
+  _LAST_RELEASES.clear()
+  if track is not None:
+    _LAST_RELEASES.update(track.summary(_STEPS.value))
   return acc, sent, curve + [[_STEPS.value, float(acc)]]
+
+
+_LAST_RELEASES: dict = {}   # the release statistics of the last train() call (--release_stats)
+
+
+class _ReleaseTracker:
+  """--release_stats: per parameter, the steps at which any worker sent it (a worker's age is 0 right after
+  it sent the entry), the waits between releases and how many were never released."""
+
+  def __init__(self, params):
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    self.names = [jax.tree_util.keystr(p) for p, _ in leaves]
+    self.last = [np.full(np.size(x), -1, np.int64) for _, x in leaves]
+    self.count = [np.zeros(np.size(x), np.int64) for _, x in leaves]
+    self.waits = [np.zeros(0, np.int64) for _ in leaves]
+
+  def update(self, t, age):
+    for j, a in enumerate(jax.tree_util.tree_leaves(age)):
+      rel = np.any(np.asarray(a).reshape(a.shape[0], -1) == 0, axis=0)   # (workers, n) -> any worker sent
+      self.waits[j] = np.concatenate([self.waits[j], t - self.last[j][rel]])
+      self.last[j][rel] = t
+      self.count[j] += rel
+
+  def summary(self, steps):
+    return {n: {"size": int(c.size), "never_released": float(np.mean(c == 0)),
+                "steps_per_release": float(steps * c.size / max(1, c.sum())),
+                "wait_median": float(np.median(w)) if w.size else None,
+                "wait_p90": float(np.quantile(w, 0.9)) if w.size else None}
+            for n, c, w in zip(self.names, self.count, self.waits)}
 
 
 def _residual_over_rms(state, eps: float = 1e-8, zero: bool = False):
@@ -390,7 +428,7 @@ def main(argv):
                                + (f" start{st:g}" if st != 0.25 else "")
                                + {False: "", True: " units", "freeze": " unitsfrozen"}[un]
                                + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st, un))
-  acc, sent, curves = {}, {}, {}
+  acc, sent, curves, releases = {}, {}, {}, {}
   if _ADAM_FROM.value:
     acc["adam"], sent["adam"] = _adam_from(_ADAM_FROM.value, ds, seeds)
   for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
@@ -399,15 +437,21 @@ def main(argv):
       if _EVAL_EVERY.value:
         curves.setdefault(name, []).append(cv)
       acc.setdefault(name, []).append(a)
+      if _LAST_RELEASES:
+        releases.setdefault(name, {})[str(s)] = dict(_LAST_RELEASES)
       sent.setdefault(name, []).append(b)
       print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
             f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    _write(out, ds, seeds[:i + 1], acc, sent, {}, curves)
+      if _LAST_RELEASES:
+        print("    releases (steps per release, never, wait median / p90): " + "; ".join(
+            f"{k} {v['steps_per_release']:.1f}, {v['never_released']:.3f}, {v['wait_median']} / {v['wait_p90']}"
+            for k, v in _LAST_RELEASES.items()), flush=True)
+    _write(out, ds, seeds[:i + 1], acc, sent, {}, curves, releases)
   for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
           f"{np.mean(sent[name]) / 1e6:.3f}", flush=True)
   comparisons = _comparisons(acc)
-  _write(out, ds, seeds, acc, sent, comparisons, curves)
+  _write(out, ds, seeds, acc, sent, comparisons, curves, releases)
 
 
 def _adam_from(path, ds, seeds):
@@ -430,7 +474,7 @@ def _adam_from(path, ds, seeds):
   return [by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds]
 
 
-def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
+def _write(out, ds, seeds, acc, sent, comparisons, curves=None, releases=None):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
@@ -446,7 +490,7 @@ def _write(out, ds, seeds, acc, sent, comparisons, curves=None):
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons,
       "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
                                       script=__file__),
-      **({"curve": curves} if curves else {})}, indent=1))
+      **({"curve": curves} if curves else {}), **({"release_stats": releases} if releases else {})}, indent=1))
   print(f"wrote {path}", flush=True)
 
 
