@@ -167,11 +167,16 @@ def _use_autotune_cache(spec: str) -> str | None:
 
 
 def _kernel_class(name: str) -> str:
-  """A coarse class of a GPU kernel from its name (cuDNN / cuBLAS / cub / XLA's generated fusions)."""
+  """A coarse class of a GPU kernel from its name: XLA's generated kernels first (``loop_*`` / ``input_*`` fusions,
+  as reduce / scatter / fusion, so that e.g. ``loop_convert_fusion`` is not taken for a convolution), then library
+  kernels (cuDNN convolutions, cub sorts, cuBLAS / cuBLASLt GEMMs, copies)."""
   n = name.lower()
-  for cls, keys in (("conv", ("cudnn", "conv", "xmma", "implicit", "wgrad", "dgrad")), ("sort", ("radix", "sort", "cub")),
-                    ("gemm", ("gemm", "cutlass", "nvjet", "cublas")), ("reduce", ("reduce", "reduction")),
-                    ("scatter", ("scatter",)), ("fusion", ("fusion", "loop_", "input_")), ("copy", ("copy", "memcpy", "memset"))):
+  if n.startswith(("loop_", "input_", "wrapped_")) or "fusion" in n:
+    if "reduce" in n or "reduction" in n:
+      return "reduce"
+    return "scatter" if "scatter" in n else "fusion"
+  for cls, keys in (("conv", ("cudnn", "xmma", "implicit", "wgrad", "dgrad", "conv")), ("sort", ("radix", "sort", "cub")),
+                    ("gemm", ("gemm", "cutlass", "nvjet", "cublas")), ("copy", ("copy", "memcpy", "memset"))):
     if any(k in n for k in keys):
       return cls
   return "other"
@@ -186,6 +191,29 @@ def _kernel_breakdown(events, steps: int, top: int = 25):
     by_name[e[3]] = (t + e[2] * 1e-9 / steps, c + 1)
   names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
   return by_class, [(k[:120], t, c / steps) for k, (t, c) in names]
+
+
+def _summarize(out: list) -> None:
+  """Add each row's cost over the ``adam`` row, in place: ``overhead_s`` (median over rounds of the row's step time
+  minus Adam's in the same round, from ``step_s_all``; rounds are interleaved, so a pair ran seconds apart and drift
+  cancels), its interquartile range ``overhead_s_iqr``, ``busy_overhead_s`` (profiled kernel time), and
+  ``vs_topk`` / ``busy_vs_topk`` (``topk``'s cost over this row's, where this row's is positive)."""
+  base = next((o for o in out if o["row"] == "adam"), None)
+  if base is None:
+    return
+  for o in out:
+    diffs = np.asarray(o["step_s_all"]) - np.asarray(base["step_s_all"])
+    o["overhead_s"] = float(np.median(diffs))
+    o["overhead_s_iqr"] = [float(np.percentile(diffs, 25)), float(np.percentile(diffs, 75))]
+    o["overhead_s_of_medians"] = o["step_s"] - base["step_s"]
+    if "busy_s" in o and "busy_s" in base:
+      o["busy_overhead_s"] = o["busy_s"] - base["busy_s"]
+  tk = next((o for o in out if o["row"] == "topk"), None)
+  for o in out:
+    if tk is not None and o["row"] not in ("adam", "topk") and o["overhead_s"] > 0:
+      o["vs_topk"] = tk["overhead_s"] / o["overhead_s"]
+    if tk is not None and o["row"] not in ("adam", "topk") and o.get("busy_overhead_s", 0) > 0:
+      o["busy_vs_topk"] = tk["busy_overhead_s"] / o["busy_overhead_s"]
 
 
 def main():
@@ -262,22 +290,7 @@ def main():
       except Exception as e:  # diagnostics: never fatal
         row["device_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     out.append(row)
-  base = next((o for o in out if o["row"] == "adam"), None)
-  if base is not None:
-    for o in out:
-      # paired by round (the rounds are interleaved: round i of every row ran back to back), robust to drift
-      diffs = np.asarray(walls[o["row"]]) - np.asarray(walls["adam"])
-      o["overhead_s"] = float(np.median(diffs))
-      o["overhead_s_iqr"] = [float(np.percentile(diffs, 25)), float(np.percentile(diffs, 75))]
-      o["overhead_s_of_medians"] = o["step_s"] - base["step_s"]
-      if "busy_s" in o and "busy_s" in base:
-        o["busy_overhead_s"] = o["busy_s"] - base["busy_s"]
-    tk = next((o for o in out if o["row"] == "topk"), None)
-    for o in out:
-      if tk is not None and o["row"] not in ("adam", "topk") and o["overhead_s"] > 0:
-        o["vs_topk"] = tk["overhead_s"] / o["overhead_s"]
-      if tk is not None and o["row"] not in ("adam", "topk") and o.get("busy_overhead_s", 0) > 0:
-        o["busy_vs_topk"] = tk["busy_overhead_s"] / o["busy_overhead_s"]
+  _summarize(out)
   print_table(out, ["row", "step_s", "overhead_s", "overhead_s_iqr", "vs_topk", "device_s", "busy_s", "idle_s", "kernels",
                     "busy_overhead_s", "busy_vs_topk"])
   write_json(args.out, args.name, {**meta, "rows": out})
