@@ -446,6 +446,12 @@ _KR_WS = flags.DEFINE_bool("kr_wall_scale", False, "program_mape: the --kr_label
 _KR_INNER = flags.DEFINE_integer("kr_inner_folds", 4, "program_mape: inner folds of --kr_bytes_ridge_grid.")
 _KR_REF = flags.DEFINE_bool("kr_reference", False, "program_mape: also the session-14 configuration (host floor "
                             "only, one ridge) as 'kernel_roofline_floor_only', same folds.")
+_KR_KOPT_GRID = flags.DEFINE_list("kr_kernel_options_grid", [], "program_mape: kernel-table options "
+                                  "(cost.kernel_roofline.program_kernels: 'sort' = sort_model, 'scatter' = "
+                                  "scatter_contention, 'sort+scatter' both, 'none'), chosen per outer fold and per "
+                                  "kernel-roofline model by the inner cross-validation inside the training rows "
+                                  "(--kr_inner_folds, grouped like the outer split; jointly with "
+                                  "--kr_bytes_ridge_grid); one value: used in every fold; empty: 'none'.")
 _KR_BOUNDS = [0.0, float(np.log(1.25)), float(np.log(1.5)), float(np.log(2.0)), float("inf")]
 
 
@@ -460,6 +466,18 @@ def _bytes_ridge(v: str):
   if not r >= 0:
     raise ValueError(f"bytes ridge must be 'none' or a number >= 0, got {v!r}.")
   return r
+
+
+_KOPTS = {"none": (False, False), "sort": (True, False), "scatter": (False, True), "sort+scatter": (True, True),
+          "scatter+sort": (True, True)}
+
+
+def _kernel_option(v: str) -> str:
+  """A --kr_kernel_options_grid value, normalised ('scatter+sort' -> 'sort+scatter')."""
+  k = str(v).strip().lower()
+  if k not in _KOPTS:
+    raise ValueError(f"kernel option set must be one of none, sort, scatter, sort+scatter; got {v!r}.")
+  return "sort+scatter" if k == "scatter+sort" else k
 
 
 def _check_kr_flags(host_floor: bool, host_launch: bool, labels: bool, labels_host_launch: bool,
@@ -591,6 +609,7 @@ def part_program_mape():
   from mlsys_jax.cost import kernel_roofline as KR
   _check_kr_flags(_KR_FLOOR.value, _KR_HL.value, _KR_LABELS.value, _KR_LHL.value, _KR_GLIB.value, _KR_WS.value)
   br_grid = [_bytes_ridge(v) for v in _KR_BR_GRID.value]
+  kopt_grid = list(dict.fromkeys(_kernel_option(v) for v in _KR_KOPT_GRID.value)) or ["none"]
   t0 = time.perf_counter()
   ds, desc = _load_cost_data()
   devs = cds.row_devices(ds)
@@ -600,7 +619,9 @@ def part_program_mape():
                                            {"flops": ds.flops[i], "bytes accessed": ds.bytes_accessed[i],
                                             "transcendentals": ds.transcendentals[i]}) for i in range(len(ds))])
   dec = np.stack([V.compile_decision_features(t) for t in ds.hlo])
-  kts = [KR.program_kernels(m) for m in mods]
+  kts_by = {o: [KR.program_kernels(m, sort_model=_KOPTS[o][0], scatter_contention=_KOPTS[o][1]) for m in mods]
+            for o in dict.fromkeys(["none", *kopt_grid])}
+  kts = kts_by["none"]   # the analytical kernel totals, the labels' rows (the same rows under every option)
   kfl = np.asarray([float((k.flops * k.count).sum()) for k in kts])
   kby = np.asarray([float((k.bytes * k.count).sum()) for k in kts])
   print(f"features and kernel tables ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -643,6 +664,15 @@ def part_program_mape():
          "while_loops": ("program_kernels counts no launch of a while loop's condition when XLA annotated "
                          "known_trip_count (XLA's GPU WhileThunk runs the body trip_count times without the "
                          "condition); before session 15 it counted trips + 1")}
+  out["kernel_options"] = {
+      "grid": kopt_grid,
+      "what": ("kernel-table options of program_kernels for both kernel-roofline models (not the session-14 "
+               "reference, which keeps the default tables): 'sort' = sort_model (XLA's bitonic sorts: bytes of "
+               "every stage; cub radix sorts: ceil(key bits / 8) passes, each a launch), 'scatter' = "
+               "scatter_contention (scatter classes by element width, FLOPs = updates per distinct target * "
+               "SCATTER_CHAIN_FLOPS); several values: chosen per outer fold by the inner cross-validation "
+               "(kr_inner_folds folds of the training rows, grouped like the outer split), jointly with "
+               "bytes_ridge")}
   if _KR_REF.value:
     out["kernel_roofline_floor_only"] = {"config": ref_cfg._asdict(), "what": "the session-14 configuration (host "
                                          "floor, one ridge) on this session's kernel tables, same folds"}
@@ -674,7 +704,7 @@ def part_program_mape():
       pred["kernel_roofline_corrected"] = np.zeros(len(y))
     if _KR_REF.value:
       pred["kernel_roofline_floor_only"] = np.zeros(len(y))
-    br_chosen, br_inner, lbr_chosen, lbr_inner = [], [], [], []
+    br_chosen, br_inner, lbr_chosen, lbr_inner, kopt_chosen, lkopt_chosen = [], [], [], [], [], []
     if _KR_LABELS.value:
       pred["kernel_roofline_labels"] = np.zeros(len(y))
       busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
@@ -705,49 +735,59 @@ def part_program_mape():
                                             random_state=_SEED.value)
         pred["learned_residual"][te] = base[te] * np.exp(reg.fit(x[tr], y[tr] - np.log(base[tr])).predict(x[te]))
       itr, ite = np.flatnonzero(tr), np.flatnonzero(te)
-      kcfg_fold = kcfg
-      fit_plain = lambda idx, cfg: KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx], cfg)
-      predict_rows = lambda mdl, idx: KR.predict_kernel_roofline(mdl, [kts[i] for i in idx], devs[idx])
+      kcfg_fold, kopt = kcfg, kopt_grid[0]
+      # a config is (kernel-table option set, KernelRooflineConfig); a fitted model carries its option set
+      fit_plain = lambda idx, oc: (oc[0], KR.fit_kernel_roofline([kts_by[oc[0]][i] for i in idx], rt[idx],
+                                                                 devs[idx], oc[1]))
+      predict_rows = lambda om, idx: KR.predict_kernel_roofline(om[1], [kts_by[om[0]][i] for i in idx], devs[idx])
+      grid_of = lambda c: [(o, c._replace(bytes_ridge=b)) for o in kopt_grid for b in (br_grid or [c.bytes_ridge])]
       with threadpool_limits(1):
-        if br_grid:  # bytes_ridge chosen inside the training rows only, inner folds grouped like the outer split
-          j, sc = _choose_by_inner_cv(fit_plain, predict_rows, itr, rt, inner_key,
-                                      [kcfg._replace(bytes_ridge=b) for b in br_grid], _KR_INNER.value, _SEED.value)
-          kcfg_fold = kcfg._replace(bytes_ridge=br_grid[j])
-          br_chosen.append(br_grid[j])
+        if br_grid or len(kopt_grid) > 1:  # chosen inside the training rows only, inner folds grouped like the outer split
+          cands = grid_of(kcfg)
+          j, sc = _choose_by_inner_cv(fit_plain, predict_rows, itr, rt, inner_key, cands, _KR_INNER.value, _SEED.value)
+          kopt, kcfg_fold = cands[j]
+          br_chosen.append(kcfg_fold.bytes_ridge)
+          kopt_chosen.append(kopt)
           br_inner.append(sc)
-        km = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], kcfg_fold)
+        kts_f = kts_by[kopt]
+        km = KR.fit_kernel_roofline([kts_f[i] for i in itr], rt[itr], devs[itr], kcfg_fold)
         if _KR_REF.value:
           kmr = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], ref_cfg)
           pred["kernel_roofline_floor_only"][ite] = KR.predict_kernel_roofline(kmr, [kts[i] for i in ite], devs[ite])
-      pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts[i] for i in ite], devs[ite])
-      ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts[i] for i in ite], devs[ite])]
+      pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts_f[i] for i in ite], devs[ite])
+      ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts_f[i] for i in ite], devs[ite])]
       if _KR_LABELS.value:
         labs = [klabels[i] for i in itr]
-        kml = km   # no profiled training row in this fold: the plain kernel roofline (counted below)
+        kml, kopt_l = km, kopt   # no profiled training row in this fold: the plain kernel roofline (counted below)
         if any(lb is not None for lb in labs):
           lcfg = kcfg._replace(kernel_weight=_KR_KW.value, gap_per_class=_KR_GAP.value, host_launch=_KR_LHL.value,
                                gap_library_only=_KR_GLIB.value, wall_scale=_KR_WS.value)
 
-          def fit_labels(idx, cfg):
+          def fit_labels(idx, oc):
+            o, cfg = oc
             lab_ = [klabels[i] for i in idx]
+            tb = [kts_by[o][i] for i in idx]
             if not any(lb is not None for lb in lab_):   # an inner fold without profiled rows: the plain model
-              return KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx],
-                                            cfg._replace(wall_scale=False, gap_library_only=False))
-            return KR.fit_kernel_roofline([kts[i] for i in idx], rt[idx], devs[idx], cfg, kernel_labels=lab_)
+              return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx],
+                                               cfg._replace(wall_scale=False, gap_library_only=False))
+            return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx], cfg, kernel_labels=lab_)
+          kopt_l = kopt_grid[0]
           with threadpool_limits(1):
-            if br_grid:   # the labelled model's own inner choice (same inner folds)
-              j, sc = _choose_by_inner_cv(fit_labels, predict_rows, itr, rt, inner_key,
-                                          [lcfg._replace(bytes_ridge=b) for b in br_grid], _KR_INNER.value,
+            if br_grid or len(kopt_grid) > 1:   # the labelled model's own inner choice (same inner folds)
+              cands = grid_of(lcfg)
+              j, sc = _choose_by_inner_cv(fit_labels, predict_rows, itr, rt, inner_key, cands, _KR_INNER.value,
                                           _SEED.value)
-              lcfg = lcfg._replace(bytes_ridge=br_grid[j])
-              lbr_chosen.append(br_grid[j])
+              kopt_l, lcfg = cands[j]
+              lbr_chosen.append(lcfg.bytes_ridge)
+              lkopt_chosen.append(kopt_l)
               lbr_inner.append(sc)
-            kml = fit_labels(itr, lcfg)
+            kml = fit_labels(itr, (kopt_l, lcfg))[1]
         else:
           folds_unlabelled += 1
-        pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts[i] for i in ite], devs[ite])
-        for key_, mdl in (("kernel_roofline", km), ("kernel_roofline_labels", kml)):
-          busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [kts[i] for i in ite], devs[ite], what="busy")
+        kts_l = kts_by[kopt_l]
+        pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts_l[i] for i in ite], devs[ite])
+        for key_, mdl, tb_ in (("kernel_roofline", km, kts_f), ("kernel_roofline_labels", kml, kts_l)):
+          busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [tb_[i] for i in ite], devs[ite], what="busy")
         fitted_terms.append({dv: {"program_overhead_us": float(np.exp(kml.log_program_overhead[j]) * 1e6),
                                   **({} if kml.log_wall_scale is None else {
                                       "wall_scale": float(np.exp(kml.log_wall_scale[j]))}),
@@ -758,7 +798,7 @@ def part_program_mape():
                                       for ci, c in enumerate(KR.KERNEL_CLASSES) if kml.train_kernels[j, ci] > 0})}
                              for j, dv in enumerate(kml.devices)})
       if _KR_CORR.value:
-        p_all = KR.predict_kernel_roofline(km, kts, devs)  # in-sample on the training rows
+        p_all = KR.predict_kernel_roofline(km, kts_f, devs)  # in-sample on the training rows
         x2 = np.concatenate([x, np.log(p_all)[:, None]], 1)
         resid = np.log(rt / p_all)
 
@@ -830,7 +870,13 @@ def part_program_mape():
           res["mape_analytical_in_distribution"] / res["mape_kernel_roofline_in_distribution"]
     if _KR_CORR.value:
       res["kernel_roofline_corrected_bounds_chosen"] = [b if np.isfinite(b) else None for b in bounds_chosen]
-    if br_grid:
+    if len(kopt_grid) > 1:
+      res["kernel_roofline_kernel_options_chosen"] = kopt_chosen
+      if _KR_LABELS.value:
+        res["kernel_roofline_labels_kernel_options_chosen"] = lkopt_chosen
+    if br_grid or len(kopt_grid) > 1:
+      res["inner_grid"] = [[o, b] for o in kopt_grid for b in (br_grid or [kcfg.bytes_ridge])]
+    if br_grid or len(kopt_grid) > 1:
       res["kernel_roofline_bytes_ridge_chosen"] = br_chosen
       res["kernel_roofline_bytes_ridge_inner_mape"] = br_inner   # per outer fold, per grid value
       if _KR_LABELS.value:

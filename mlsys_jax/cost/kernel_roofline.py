@@ -39,13 +39,22 @@ import numpy as np
 from mlsys_jax.cost.graph import TRIVIAL, _node_costs
 from mlsys_jax.cost.hlo import Computation, HloModule, Instruction, Shape, parse_hlo
 
-KERNEL_CLASSES: tuple[str, ...] = ("gemm", "gemm_f32", "conv", "conv_f32", "conv_untuned", "reduce",
-                                   "transpose", "elementwise", "slice", "loop", "other")
+BASE_KERNEL_CLASSES: tuple[str, ...] = ("gemm", "gemm_f32", "conv", "conv_f32", "conv_untuned", "reduce",
+                                        "transpose", "elementwise", "slice", "loop", "other")
+"""The classes :func:`program_kernels` assigns by default."""
+OPTION_KERNEL_CLASSES: tuple[str, ...] = ("sort", "radix_sort", "scatter", "scatter_narrow")
+"""Classes assigned only with :func:`program_kernels`'s options: ``sort`` (XLA's own bitonic sort kernels)
+and ``radix_sort`` (cub's radix sort custom calls) with ``sort_model``; ``scatter`` (32/64-bit element
+atomics) and ``scatter_narrow`` (16-bit and narrower elements, whose atomic adds are emulated) with
+``scatter_contention``. Without the options these kernels are ``other``, and a fit on such tables is the
+same as with the base classes alone (:func:`fit_kernel_roofline` averages its penalty over the base
+classes plus the option classes present in the training tables)."""
+KERNEL_CLASSES: tuple[str, ...] = BASE_KERNEL_CLASSES + OPTION_KERNEL_CLASSES
 """Kernel classes, in order of precedence: a fusion holding a dot is a GEMM even if it also reduces.
 GEMMs and convolutions are split by operand width (``_f32``: 4-byte or wider inputs, run as TF32/FP32;
 else 16-bit or narrower, tensor-core rates), and cuDNN convolutions that carry no autotuned algorithm
 (``conv_untuned``: XLA compiled without autotuning, cuDNN's heuristic choice, up to 50x slower) are a
-class of their own."""
+class of their own; the last four (:data:`OPTION_KERNEL_CLASSES`) appear only with options."""
 CLASS_ID = {c: i for i, c in enumerate(KERNEL_CLASSES)}
 
 # Instructions that launch nothing (besides graph.TRIVIAL): the async pair's second half, control.
@@ -238,6 +247,135 @@ def _kernel(module: HloModule, ins: Instruction, names: dict) -> tuple[float, fl
   return flops, read + out, _single_class(ins, operand_shapes[0].dtype if operand_shapes else "f32")
 
 
+SCATTER_CHAIN_FLOPS = 1e9
+"""FLOP-equivalents counted per step of a scatter's longest chain of atomic updates to one address
+(``scatter_contention``): a chain step costs ~5 us for 16-bit scatters on the H200 data, which at the
+starting FLOP rate (2e14/s) is ~1e9 FLOPs; this keeps the fitted rate of the scatter classes near the
+others' so the ridge does not pull it far."""
+
+
+_SCATTER_IDS = (CLASS_ID["scatter"], CLASS_ID["scatter_narrow"])
+
+
+def _find_op(module: HloModule, comp: Computation, opcode: str):
+  """The first instruction ``opcode`` in a fused computation (nested fusions included) and the name
+  table of its computation, or (None, None)."""
+  stack, seen = [comp], {comp.name}
+  while stack:
+    c = stack.pop()
+    for ins in c.instructions:
+      if ins.opcode == opcode:
+        return ins, c.by_name()
+      for n in ins.called():
+        if n in module.computations and n not in seen:
+          seen.add(n)
+          stack.append(module.computations[n])
+  return None, None
+
+
+def _elem_bytes(shape: Shape) -> float:
+  from mlsys_jax.cost.hlo import DTYPE_BYTES
+  return float(DTYPE_BYTES.get(shape.dtype, 4))
+
+
+def bitonic_sort_bytes(n_elements: float, sort_dim: int, bytes_per_element: float) -> float:
+  """Bytes moved by a bitonic sort network (XLA's GPU sort kernels): every one of the
+  ``L (L + 1) / 2`` compare-exchange stages, ``L = ceil(log2 sort_dim)``, reads and writes each element
+  once (in shared memory for the stages inside a tile, in HBM for the others) -- Batcher, "Sorting
+  networks and their applications", AFIPS 1968, stages of the bitonic merge network. On the H200 data
+  the XLA sort kernels take n * stages * bytes / (8.6-9.4 TB/s) for n from 2e5 to 6.7e7.
+
+  >>> bitonic_sort_bytes(1024, 1024, 8.0)   # L = 10: 55 stages
+  450560.0
+  """
+  if not (n_elements >= 0 and sort_dim >= 1 and bytes_per_element >= 0):
+    raise ValueError(f"need n_elements >= 0, sort_dim >= 1, bytes_per_element >= 0; got {n_elements}, "
+                     f"{sort_dim}, {bytes_per_element}.")
+  levels = int(np.ceil(np.log2(sort_dim))) if sort_dim > 1 else 0
+  return float(n_elements) * bytes_per_element * max(levels * (levels + 1) // 2, 1)
+
+
+def radix_sort_passes(key_bits: float, digit_bits: int = 8) -> int:
+  """Digit passes of an LSD radix sort (cub's onesweep: Adinets and Merrill, "Onesweep: a faster least
+  significant digit radix sort for GPUs", arXiv 2206.01784, Sec. 3; 8-bit digits): ``ceil(key_bits /
+  digit_bits)``, each reading and writing every key and value once.
+
+  >>> radix_sort_passes(32), radix_sort_passes(16), radix_sort_passes(1)
+  (4, 2, 1)
+  """
+  if not (key_bits > 0 and isinstance(digit_bits, (int, np.integer)) and digit_bits >= 1):
+    raise ValueError(f"need key_bits > 0 and an integer digit_bits >= 1, got {key_bits!r}, {digit_bits!r}.")
+  return int(np.ceil(key_bits / digit_bits))
+
+
+def scatter_chain(n_updates: float, n_targets: float) -> float:
+  """Updates per distinct target of a scatter with atomic combining: ``max(1, N / T)`` for ``N`` update
+  indices spread over ``T`` target positions (the expected longest chain of atomic read-modify-writes to
+  one address when the indices are spread evenly; atomics to one address serialise).
+
+  >>> scatter_chain(262144, 256), scatter_chain(16384, 65536)
+  (1024.0, 1.0)
+  """
+  if not (n_updates >= 0 and n_targets >= 1):
+    raise ValueError(f"need n_updates >= 0 and n_targets >= 1, got {n_updates!r}, {n_targets!r}.")
+  return float(max(1.0, n_updates / n_targets))
+
+
+def _scatter_is_atomic(module: HloModule, ins: Instruction) -> bool:
+  """False for scatters without read-modify-write: ``unique_indices=true``, or a combiner that returns
+  the update (an overwrite)."""
+  if ins.attrs.get("unique_indices", "").strip().lower() == "true":
+    return False
+  comb = ins.attrs.get("to_apply", "").strip().lstrip("%")
+  if comb in module.computations:
+    root = module.computations[comb].root
+    if root is not None and root.opcode == "parameter":
+      return False
+  return True
+
+
+def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model: bool,
+                    scatter_contention: bool):
+  """(flops, bytes per launch, class, launches per run) of a sort or scatter kernel under the options,
+  or None (not such a kernel, or the option is off)."""
+  op = ins.opcode
+  fused = module.computations[ins.called()[0]] if op in ("fusion", "fusion-start") and ins.called() \
+      and ins.called()[0] in module.computations else None
+  if sort_model and op == "custom-call" and "cub_sort" in ins.attrs.get("custom_call_target", "").lower():
+    outs = list(ins.shape.elements) if ins.shape.is_tuple else [ins.shape]
+    arrays = outs[:-1] if len(outs) > 1 else outs        # the last element is cub's scratch buffer
+    keys = arrays[0]
+    n = float(keys.num_elements)
+    passes = radix_sort_passes(8.0 * _elem_bytes(keys))
+    per_pass = 2.0 * n * sum(_elem_bytes(a) for a in arrays)
+    return 0.0, per_pass, CLASS_ID["radix_sort"], float(passes)
+  if sort_model:
+    srt, snames = (ins, names) if op == "sort" else (_find_op(module, fused, "sort") if fused else (None, None))
+    if srt is not None:
+      shapes = [snames[o].shape for o in srt.operands if o in snames]
+      if shapes:
+        dims = [int(v) for v in re.findall(r"\d+", srt.attrs.get("dimensions", ""))]
+        d = dims[0] if dims and dims[0] < len(shapes[0].dims) else len(shapes[0].dims) - 1
+        size = shapes[0].dims[d] if shapes[0].dims else 1
+        b = bitonic_sort_bytes(shapes[0].num_elements, max(int(size), 1), sum(_elem_bytes(s) for s in shapes))
+        f = _kernel(module, ins, names)[0]
+        return f, b, CLASS_ID["sort"], 1.0
+  if scatter_contention:
+    sct, snames = (ins, names) if op == "scatter" else (_find_op(module, fused, "scatter") if fused else (None, None))
+    if sct is not None and len(sct.operands) >= 3 and all(o in snames for o in sct.operands[:3]):
+      nops = (len(sct.operands) - 1) // 2                 # variadic: operands..., indices, updates...
+      target, idx = snames[sct.operands[0]].shape, snames[sct.operands[nops]].shape
+      ivd = int(sct.attrs.get("index_vector_dim", str(len(idx.dims))).strip() or len(idx.dims))
+      n_upd = float(np.prod([v for i, v in enumerate(idx.dims) if i != ivd])) if idx.dims else 1.0
+      sdims = [int(v) for v in re.findall(r"\d+", sct.attrs.get("scatter_dims_to_operand_dims", ""))]
+      n_tgt = float(np.prod([target.dims[i] for i in sdims if i < len(target.dims)])) if sdims else 1.0
+      chain = scatter_chain(n_upd, max(n_tgt, 1.0)) if _scatter_is_atomic(module, sct) else 1.0
+      _, b, _ = _kernel(module, ins, names)
+      klass = CLASS_ID["scatter" if _elem_bytes(target) >= 4 else "scatter_narrow"]
+      return chain * SCATTER_CHAIN_FLOPS, b, klass, 1.0
+  return None
+
+
 def _default_time(rows) -> float:
   """Time of (flops, bytes, class, count) rows at the fit's starting roofline (branch choice only)."""
   cfg = KernelRooflineConfig()
@@ -245,7 +383,8 @@ def _default_time(rows) -> float:
              for r in rows)
 
 
-def program_kernels(module: HloModule | str) -> KernelTable:
+def program_kernels(module: HloModule | str, sort_model: bool = False,
+                    scatter_contention: bool = False) -> KernelTable:
   """The kernels a program launches, with per-launch FLOPs and bytes, class and launch count.
 
   Walks the entry computation: every instruction that is not bookkeeping (parameters, tuples,
@@ -256,8 +395,26 @@ def program_kernels(module: HloModule | str) -> KernelTable:
   ``trip_count`` times without evaluating the condition: the condition's rows have count 0); a
   ``conditional`` counts its costliest branch.
 
+  Options (off by default: the tables are then as before them):
+
+  - ``sort_model``: a sort gets a class of its own and the bytes of its algorithm. XLA's own sort
+    kernels (a ``sort`` instruction, or a fusion holding one): class ``sort``, bytes
+    :func:`bitonic_sort_bytes` (every element of every operand read and written once per stage of the
+    bitonic network along the sort dimension). cub's radix sort custom calls (target ``*cub_sort*``):
+    class ``radix_sort``, :func:`radix_sort_passes` launches of ``ceil(key bits / 8)`` per program run
+    (count times the passes: each pass pays the class's per-launch cost), each moving
+    ``2 n (key bytes + value bytes)``.
+  - ``scatter_contention``: a scatter (or a fusion holding one) gets class ``scatter`` (32/64-bit
+    elements) or ``scatter_narrow`` (16-bit and narrower: emulated atomics, ~100x slower per conflicting
+    update on the H200 data), and its FLOPs become the contention feature ``scatter_chain(N, T) *
+    SCATTER_CHAIN_FLOPS`` (updates per distinct target, from the index and operand shapes; 1 for
+    scatters that overwrite or have ``unique_indices``), so the roofline's time is ``max(chain / rate,
+    bytes / bandwidth)``: throughput-bound at low contention, chain-bound at high.
+
   Args:
     module: a parsed :class:`~mlsys_jax.cost.hlo.HloModule` or HLO text.
+    sort_model: bool, the sort option above.
+    scatter_contention: bool, the scatter option above.
   Returns:
     A :class:`KernelTable` (possibly empty: a program that only forwards its parameters).
   """
@@ -265,6 +422,9 @@ def program_kernels(module: HloModule | str) -> KernelTable:
     module = parse_hlo(module)
   if not isinstance(module, HloModule):
     raise TypeError(f"program_kernels needs an HloModule or HLO text, got {type(module).__name__}.")
+  for nm, v in (("sort_model", sort_model), ("scatter_contention", scatter_contention)):
+    if not isinstance(v, (bool, np.bool_)):
+      raise TypeError(f"program_kernels: {nm} must be a bool (True/False), got {v!r}.")
   rows: list[tuple[float, float, int, float, str, bool]] = []
   unknown = [0]
 
@@ -310,8 +470,14 @@ def program_kernels(module: HloModule | str) -> KernelTable:
         rows.extend(best)
         unknown[0] += best_unknown
         continue
-      f, b, k = _kernel(module, ins, names)
-      rows.append((f, b, force_class if force_class is not None else k, mult, ins.name.lstrip("%"),
+      special = _special_kernel(module, ins, names, sort_model, scatter_contention) \
+          if (sort_model or scatter_contention) else None
+      if special is None:
+        f, b, k = _kernel(module, ins, names)
+        launches = 1.0
+      else:
+        f, b, k, launches = special
+      rows.append((f, b, force_class if force_class is not None else k, mult * launches, ins.name.lstrip("%"),
                    op == "custom-call"))
 
   walk(module.entry, 1.0, None, 0)
@@ -531,6 +697,10 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
   ``model.log_launch_gap``; the kernel terms times ``s_d`` with ``model.log_wall_scale``), and
   ``softmax_q(T, H_d)`` with a host floor (``model.log_host_floor``), or
   ``softmax_q(T, H_d + sum_k m_k h_{c,d})`` with per-launch host costs too (``model.log_host_launch``).
+  A kernel of a scatter class the model saw no training kernel of on its device (``train_kernels`` 0)
+  gets no FLOP term: its FLOPs are ``program_kernels``' contention feature, whose cost is not identified
+  (the class's other parameters are the median of the fitted classes, and :func:`kernel_roofline_ood`
+  flags it).
 
   Args:
     model: a fitted :class:`KernelRoofline`.
@@ -553,6 +723,10 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
   f, b, k, m, rows = _flatten(tables)
   kd = di[rows]
   a = f / np.exp(model.log_flops_rate[kd, k])
+  if model.train_kernels is not None:
+    # a scatter class without training kernels on the device: its FLOPs are the contention feature
+    # (program_kernels' scatter_contention), whose cost no training kernel identified -- bandwidth only
+    a = np.where(np.isin(k, _SCATTER_IDS) & (model.train_kernels[kd, k] == 0), 0.0, a)
   c = b / np.exp(model.log_bytes_rate[kd, k])
   t = m * (_soft_max(a, c, model.sharpness) + np.exp(model.log_overhead[kd, k]))
   if what == "busy":
@@ -775,6 +949,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     if config.host_launch_per_class:
       params["hl_cls"], params["hl_inter"] = jnp.zeros((C,)), jnp.zeros((D, C))
   P, n = config.sharpness, len(tables)
+  n_pen = float(len(BASE_KERNEL_CLASSES) + np.sum(np.isin(np.arange(len(BASE_KERNEL_CLASSES), C), k)))
 
   row_w = jnp.asarray([config.ridge, config.ridge if config.bytes_ridge is None else config.bytes_ridge,
                        config.ridge], jnp.float32)
@@ -812,13 +987,15 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     err = jnp.mean((lp - ly) ** 2) if config.objective == "log" else jnp.mean(jnp.abs(jnp.exp(lp - ly) - 1.0))
     # class and interaction terms of (flops rate, bytes rate, overhead): ridge each, or bytes_ridge for the
     # byte rates (one HBM bandwidth shared by the memory-bound kernels of every class, up to the penalty)
-    per_row = jnp.mean(p["cls"] ** 2, axis=1) + jnp.mean(p["inter"] ** 2, axis=(1, 2))
+    # means over the base classes plus the option classes present (n_pen): an option class absent from
+    # the training tables keeps its terms at 0 and leaves the penalty -- and the fit -- as without it
+    per_row = jnp.sum(p["cls"] ** 2, axis=1) / n_pen + jnp.sum(p["inter"] ** 2, axis=(1, 2)) / (D * n_pen)
     pen_rates = jnp.sum(per_row * row_w)
     pen = 0.0
     if labs is not None and config.gap_per_class:
-      pen = pen + jnp.mean(p["gap_cls"] ** 2) + jnp.mean(p["gap_inter"] ** 2)
+      pen = pen + jnp.sum(p["gap_cls"] ** 2) / n_pen + jnp.sum(p["gap_inter"] ** 2) / (D * n_pen)
     if config.host_launch and config.host_launch_per_class:
-      pen = pen + jnp.mean(p["hl_cls"] ** 2) + jnp.mean(p["hl_inter"] ** 2)
+      pen = pen + jnp.sum(p["hl_cls"] ** 2) / n_pen + jnp.sum(p["hl_inter"] ** 2) / (D * n_pen)
     return err + kerr + pen_rates + config.ridge * pen
 
   opt = optax.adam(config.learning_rate)
