@@ -51,6 +51,10 @@ at 0.1% on mnist1d").
 per-tensor counterpart of ``optax.scale_by_rms`` (which, per coordinate, is the recommended 0.1% recipe;
 one scale per tensor measured no better than the plain chain; docs/comm.md).
 
+:func:`staleness_topk` (session 16) selects on ``|acc| * (1 + age / tau)`` instead of spreading the releases:
+it bounds how long the large layer waits but takes release slots from the small leaves, and measured worse
+than the plain chain at 1% on mnist1d (docs/comm.md).
+
 Related: DGC (Lin et al., ICLR 2018) accumulates locally and releases at once; 1-bit Adam (Tang et al.,
 ICML 2021) and 0/1 Adam (Lu et al., ICLR 2023) keep Adam's variance fixed or local. This wrapper keeps
 ``optax.chain(<compressor>, optax.adam(lr))`` as users write it and changes only *when* the released
@@ -666,6 +670,14 @@ def staleness_topk(ratio: float, *, tau: float = 16.0, axis_name: str | None = N
   score is doubled. ``tau = math.inf`` is :func:`mlsys_jax.comm.topk` bitwise (same selection, payload
   order, residual and aggregate). ``k = max(1, round(ratio * n))`` over all leaves raveled into one vector
   (``topk``'s ``per_tensor=False``).
+
+  Measured (session 16; docs/comm.md, "Issue 18 at 1% on mnist1d"; ``experiments/compressed_adam.py
+  --compressors=stale@TAU``, 8 workers, 1%, 600 steps, before ``optax.adam(1e-3)``): it does what it is built
+  for (seed 3: the ``Dense_0`` kernel released every 16.8 steps instead of 27.5, 1.8% never instead of 11.1%)
+  but does not train better: tau 8 / 16 / 32 on seeds 0-4 -0.20 / -1.60 / -1.20 pt vs the plain chain, tau 8
+  on the unseen seeds 5-14 -1.59 [-3.86, +0.33] pt, and -3.54 [-4.29, -2.82] pt when wrapped in
+  ``spread_releases(mode='leaky', max_interval=16)`` against that option alone (the small leaves lose the
+  frequent releases they need). Kept as the tested record of that screen, not a recipe.
 
   Non-finite values: when the error-compensated gradient holds NaN/inf on any device (one ``pmax`` over
   ``axis_name``), every replica skips the step: nothing is sent (output 0), residual and ages unchanged,
