@@ -350,7 +350,7 @@ def _compare(a, b):
   return {**c._asdict(), "mean_diff": float(diff.mean()), "mean_diff_ci95": [float(lo), float(hi)]}
 
 
-def _comparisons(acc):
+def _comparisons(acc, extra=()):
   """Paired comparisons of the arms: every arm against Adam, every compressor arm against Top-k at the same
   ratio and mode, and every 'dgc@F' / 'dgc[minM]' arm against the plain 'dgc' arm (its default sample)."""
   comparisons = {}
@@ -369,7 +369,7 @@ def _comparisons(acc):
     for ref in ("topk" + rest, "dgc" + rest) if rest else ():
       if ref in acc and ref != name and (ref.startswith("topk") or name.startswith(("dgc@", "dgc["))):
         add(name, ref)
-  for pair in _COMPARE.value:   # --compare='A~B'
+  for pair in extra:   # --compare='A~B'
     name, _, ref = pair.partition("~")
     if name not in acc or ref not in acc:
       raise ValueError(f"--compare={pair!r}: arms {sorted(acc)} hold no {name!r} or {ref!r}.")
@@ -377,7 +377,7 @@ def _comparisons(acc):
   return comparisons
 
 
-def merge(paths, out_path):
+def merge(paths, out_path, compare=()):
   """One JSON from several runs' JSONs (same seeds, Adam equal seed by seed, so every arm is paired)."""
   runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
   base = runs[0]
@@ -396,7 +396,7 @@ def merge(paths, out_path):
         raise ValueError(f"{p}: arm {new!r} is in two of the merged runs.")
       acc[new], sent[new] = r["accuracy"][name], r["bytes_per_worker"][name]
   merged = {**base, "compressors": [c for r in runs for c in r["compressors"]], "accuracy": acc,
-            "bytes_per_worker": sent, "comparisons": _comparisons(acc), "merged_from": list(paths),
+            "bytes_per_worker": sent, "comparisons": _comparisons(acc, compare), "merged_from": list(paths),
             "dgc_default_sample": {"base_fraction": sp.DGC_BASE_SAMPLE_FRACTION, "min_count": sp.DGC_MIN_SAMPLE_COUNT}}
   pathlib.Path(out_path).write_text(json.dumps(merged, indent=1))
   print(f"wrote {out_path}", flush=True)
@@ -407,7 +407,7 @@ def main(argv):
   if _DGC_MIN.value:
     sp.DGC_MIN_SAMPLE_COUNT = _DGC_MIN.value
   if _MERGE.value:
-    merge(_MERGE.value, pathlib.Path(_OUT.value) / f"{_NAME.value}.json")
+    merge(_MERGE.value, pathlib.Path(_OUT.value) / f"{_NAME.value}.json", _COMPARE.value)
     return
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
@@ -450,7 +450,7 @@ def main(argv):
   for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
           f"{np.mean(sent[name]) / 1e6:.3f}", flush=True)
-  comparisons = _comparisons(acc)
+  comparisons = _comparisons(acc, _COMPARE.value)
   _write(out, ds, seeds, acc, sent, comparisons, curves, releases)
 
 
