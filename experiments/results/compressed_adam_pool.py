@@ -14,8 +14,8 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        digits 0-14 and then on mnist1d 5-14; not the screen's choice), same comparisons
   s16: mnist1d, everything re-run on session 16's host (which reproduces session 7's accuracies, not those of
        sessions 8-15: the same data digest, other XLA CPU numerics): Adam, the plain 1% chain, the 1% option
-       `spread_releases(leaky, 16)` and the 0.1% recipe of s8, seeds 0-14, each arm vs Adam and the spread arm
-       also vs the plain chain (paired)
+       `spread_releases(leaky, 16)` and the 0.1% recipe of s8, seeds 0-14, and the 1% arms also on the fresh
+       seeds 15-29; each arm vs Adam and the spread arm also vs the plain chain (paired)
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -153,46 +153,52 @@ def pool_s13(name: str = "s13") -> dict:
   return out
 
 
-S16 = {  # arm: (key, files for seeds 0-4 and 5-14)
+S16_FRESH = "compressed_adam_mnist1d_600_0.01_s16_fresh_seeds15-29.json"   # seeds never used before session 16
+S16 = {  # arm: (key, files for seeds 0-4 and 5-14 [and the fresh seeds 15-29])
     "plain": ("topk 0.01 chain", ["compressed_adam_mnist1d_600_0.01_s16_baseline_seeds0-4.json",
-                                  "compressed_adam_mnist1d_600_0.01_s16_baseline_seeds5-14.json"]),
+                                  "compressed_adam_mnist1d_600_0.01_s16_baseline_seeds5-14.json", S16_FRESH]),
     "spread": ("topk 0.01 chain spread-leaky@16", ["compressed_adam_mnist1d_600_0.01_s16_spread16_seeds0-4.json",
-                                                   "compressed_adam_mnist1d_600_0.01_s16_baseline_seeds5-14.json"]),
+                                                   "compressed_adam_mnist1d_600_0.01_s16_baseline_seeds5-14.json",
+                                                   S16_FRESH]),
     "recipe_0.001": ("topk 0.001 rmsfrom@1 dwarmup300 start0.01",
                      ["compressed_adam_mnist1d_600_0.001_s16_recipe_seeds0-4.json",
                       "compressed_adam_mnist1d_600_0.001_s16_recipe_seeds5-14.json"]),
 }
 
 
+def _fmt(c) -> str:
+  return "%+.2f [%+.2f, %+.2f]" % (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1])
+
+
 def pool_s16() -> dict:
-  """Session 16's host: every arm pooled over seeds 0-14 against Adam re-run on the same host (same seeds, paired),
-  and the spread arm against the plain chain."""
-  out, adam, acc = {}, None, {}
+  """Session 16's host: every arm against Adam re-run on the same host (same seeds, paired), over seeds 0-14 (the
+  seeds of sessions 7-15) and, for the 1% arms, also over the fresh seeds 15-29 and all 30; the spread arm also
+  against the plain chain."""
+  out, adam, acc = {}, {}, {}
   for arm, (key, files) in S16.items():
     runs = [json.load(open(R + f)) for f in files]
     for f, r in zip(files, runs):
       check_same_data(runs[0], r, (files[0], f))
     seeds = sum([r["seeds"] for r in runs], [])
-    assert seeds == list(range(15)), f"s16 {arm}: seeds {seeds}"
+    assert seeds == list(range(len(seeds))), f"s16 {arm}: seeds {seeds}"
     A = sum([r["accuracy"]["adam"] for r in runs], [])
-    assert adam is None or A == adam, f"s16 {arm}: Adam differs between files"
-    adam = A
+    for sd, a in zip(seeds, A):
+      assert adam.setdefault(sd, a) == a, f"s16 {arm}: Adam of seed {sd} differs between files"
     X = sum([r["accuracy"][key] for r in runs], [])
     acc[arm] = X
-    c = _compare(X, A)
-    sets = [_compare(r["accuracy"][key], r["accuracy"]["adam"])["mean_diff"] for r in runs]
-    out[arm] = {"key": key, "files": files, "seeds": seeds, "accuracy": X, "vs_adam": c, "per_set_mean_diff": sets,
-                "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []),
-                "provenance": runs[0]["provenance"]}
-    print("s16", arm, "vs Adam %+.2f [%+.2f, %+.2f]" % (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0],
-          100 * c["mean_diff_ci95"][1]), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]),
-          "sets", ["%+.2f" % (100 * s) for s in sets])
-  cp = _compare(acc["spread"], acc["plain"])
-  out["spread"]["vs_plain_chain"] = cp
-  print("s16 spread vs plain %+.2f [%+.2f, %+.2f]" % (100 * cp["mean_diff"], 100 * cp["mean_diff_ci95"][0],
-                                                     100 * cp["mean_diff_ci95"][1]))
-  out["adam"] = adam
-  json.dump(out, open(R + "compressed_adam_mnist1d_s16_host_pooled15.json", "w"), indent=1)
+    res = {"key": key, "files": files, "seeds": seeds, "accuracy": X,
+           "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []), "provenance": runs[0]["provenance"],
+           "per_set_mean_diff": [_compare(r["accuracy"][key], r["accuracy"]["adam"])["mean_diff"] for r in runs]}
+    for name, lo, hi in (("seeds0-14", 0, 15), ("seeds15-29", 15, 30), ("seeds0-29", 0, 30)):
+      if len(seeds) >= hi:
+        res["vs_adam_" + name] = c = _compare(X[lo:hi], A[lo:hi])
+        print("s16", arm, name, "vs Adam", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
+    out[arm] = res
+  for name, lo, hi in (("seeds0-14", 0, 15), ("seeds15-29", 15, 30), ("seeds0-29", 0, 30)):
+    out["spread"]["vs_plain_chain_" + name] = cp = _compare(acc["spread"][lo:hi], acc["plain"][lo:hi])
+    print("s16 spread vs plain", name, _fmt(cp))
+  out["adam"] = [adam[sd] for sd in sorted(adam)]
+  json.dump(out, open(R + "compressed_adam_mnist1d_s16_host_pooled.json", "w"), indent=1)
   return out
 
 
