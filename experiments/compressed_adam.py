@@ -369,12 +369,21 @@ def _comparisons(acc, extra=()):
     for ref in ("topk" + rest, "dgc" + rest) if rest else ():
       if ref in acc and ref != name and (ref.startswith("topk") or name.startswith(("dgc@", "dgc["))):
         add(name, ref)
-  for pair in extra:   # --compare='A~B'
-    name, _, ref = pair.partition("~")
-    if name not in acc or ref not in acc:
-      raise ValueError(f"--compare={pair!r}: arms {sorted(acc)} hold no {name!r} or {ref!r}.")
+  for name, ref in _compare_pairs(extra, acc):   # --compare='A~B'
     add(name, ref)
   return comparisons
+
+
+def _compare_pairs(extra, arms) -> list:
+  """The --compare='A~B' values as (A, B) pairs, checked against the arm names ``arms`` (ValueError naming the
+  arms otherwise); main() calls it before training, so a typo does not cost the whole run."""
+  pairs = []
+  for pair in extra:
+    name, sep, ref = pair.partition("~")
+    if not sep or name not in arms or ref not in arms:
+      raise ValueError(f"--compare={pair!r}: pass 'A~B' with A and B among the arms {sorted(arms)}.")
+    pairs.append((name, ref))
+  return pairs
 
 
 def merge(paths, out_path, compare=()):
@@ -428,6 +437,7 @@ def main(argv):
                                + (f" start{st:g}" if st != 0.25 else "")
                                + {False: "", True: " units", "freeze": " unitsfrozen"}[un]
                                + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st, un))
+  _compare_pairs(_COMPARE.value, ["adam"] + [a[0] for a in arms])   # before any training
   acc, sent, curves, releases = {}, {}, {}, {}
   if _ADAM_FROM.value:
     acc["adam"], sent["adam"] = _adam_from(_ADAM_FROM.value, ds, seeds)
