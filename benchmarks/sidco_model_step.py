@@ -168,9 +168,12 @@ def _use_autotune_cache(spec: str) -> str | None:
 
 def _kernel_class(name: str) -> str:
   """A coarse class of a GPU kernel from its name: XLA's generated kernels first (``loop_*`` / ``input_*`` fusions,
-  as reduce / scatter / fusion, so that e.g. ``loop_convert_fusion`` is not taken for a convolution), then library
-  kernels (cuDNN convolutions, cub sorts, cuBLAS / cuBLASLt GEMMs, copies)."""
+  as reduce / scatter / fusion, so that e.g. ``loop_convert_fusion`` is not taken for a convolution; XLA's Triton
+  GEMM fusions, ``gemm_fusion_dot*`` / ``triton_gemm*``, as gemm), then library kernels (cuDNN convolutions, cub
+  sorts, cuBLAS / cuBLASLt GEMMs, copies)."""
   n = name.lower()
+  if n.startswith(("gemm_fusion", "triton_gemm")):
+    return "gemm"
   if n.startswith(("loop_", "input_", "wrapped_")) or "fusion" in n:
     if "reduce" in n or "reduction" in n:
       return "reduce"

@@ -83,6 +83,9 @@ def test_kernel_class_names():
   assert ms._kernel_class("memcpy128") == "copy"
   assert ms._kernel_class("loop_convert_fusion_3") == "fusion"   # not a convolution
   assert ms._kernel_class("input_scatter_fusion_1") == "scatter"
+  # XLA's Triton GEMM fusions (names as in the H200 profiles of mlsys_jax/cost/data/h200/h200_collect_s16a.npz)
+  assert ms._kernel_class("gemm_fusion_dot_general_5") == "gemm"
+  assert ms._kernel_class("gemm_fusion_dot") == "gemm" and ms._kernel_class("triton_gemm_dot_3") == "gemm"
   assert ms._kernel_class("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop") == "conv"
   by_class, top = ms._kernel_breakdown([(0, 1, 2000, "loop_add_fusion"), (1, 2, 1000, "loop_add_fusion"),
                                         (2, 3, 4000, "memcpy128")], steps=2)
