@@ -242,7 +242,7 @@ def main():
   params0 = model.init(jax.random.fold_in(key, 2), x[:1])["params"]
   leaves = jax.tree_util.tree_leaves(params0)
   n_params = int(sum(v.size for v in leaves))
-  meta = {"env": environment(), "autotune_cache": cache, "xla_config": args.xla_config,
+  meta = {"env": environment(), "argv": sys.argv[1:], "autotune_cache": cache, "xla_config": args.xla_config,
           "compiler_options": {k: str(v) for k, v in options.items()}, "batch": batch, "image": image, "dtype": args.dtype, "ratio": args.ratio,
           "steps": steps, "repeats": repeats, "n_params": n_params, "n_leaves": len(leaves)}
   print(f"ResNet-50 (div {8 if small else 1}): {len(leaves)} leaves, {n_params:,} parameters; batch {batch}, "
