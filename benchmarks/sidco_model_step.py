@@ -189,7 +189,8 @@ def _kernel_breakdown(events, steps: int, top: int = 25):
   """Per step: kernel seconds by class, and the ``top`` kernel names by total time as ``(name, s, count)``."""
   by_class, by_name = {}, {}
   for e in events:
-    by_class[_kernel_class(e[3])] = by_class.get(_kernel_class(e[3]), 0.0) + e[2] * 1e-9 / steps
+    cls = _kernel_class(e[3])
+    by_class[cls] = by_class.get(cls, 0.0) + e[2] * 1e-9 / steps
     t, c = by_name.get(e[3], (0.0, 0))
     by_name[e[3]] = (t + e[2] * 1e-9 / steps, c + 1)
   names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]

@@ -37,7 +37,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from mlsys_jax.cost.graph import TRIVIAL, _node_costs
-from mlsys_jax.cost.hlo import Computation, HloModule, Instruction, Shape, parse_hlo
+from mlsys_jax.cost.hlo import DTYPE_BYTES, Computation, HloModule, Instruction, Shape, parse_hlo
 
 BASE_KERNEL_CLASSES: tuple[str, ...] = ("gemm", "gemm_f32", "conv", "conv_f32", "conv_untuned", "reduce",
                                         "transpose", "elementwise", "slice", "loop", "other")
@@ -274,7 +274,6 @@ def _find_op(module: HloModule, comp: Computation, opcode: str):
 
 
 def _elem_bytes(shape: Shape) -> float:
-  from mlsys_jax.cost.hlo import DTYPE_BYTES
   return float(DTYPE_BYTES.get(shape.dtype, 4))
 
 
