@@ -31,6 +31,9 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # releases delivered in gradient units (comm.adaptive_ef.gradient_units; session 13's chosen arm)
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@3 \
     --density_warmup=300 --dwarmup_start=0.25 --compressors=topk --gradient_units=on
+  # rate holding (session 17): a release's rate B / T emitted from the release on, with a mass-exact correction
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.01 --modes=chain \
+    --compressors=topk --spread=rate@16,rate@32 --adam_from=<this host's Adam JSON of the same seeds>
   # staleness-aware selection (session 16): Top-k on |acc| * (1 + age / TAU), values and error feedback as Top-k's
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.01 --modes=chain \
     --compressors=stale@8,stale@16,stale@32 --adam_from=experiments/results/compressed_adam_0.01_chain_topk_s9_pooled15.json
@@ -104,8 +107,9 @@ _DWARMUP = flags.DEFINE_list("density_warmup", ["0"], "Density warm-up steps (co
 _DW_START = flags.DEFINE_list("dwarmup_start", ["0.25"], "First densities of --density_warmup to compare (then "
                               "/ 4 per stage while above the target; DGC: 0.25).")
 _SPREAD = flags.DEFINE_list("spread", ["none"], "comm.adaptive_ef.spread_releases around the compressor: none, "
-                             "leaky, linear, hold (each release delivered as a rate over the interval it "
-                             "stands for); 'leaky@100' sets max_interval 100, 'leaky@100f1' also floor 1, "
+                             "leaky, linear, hold, rate (each release delivered as a rate over the interval it "
+                             "stands for; rate: held after it, mass-exact); 'leaky@100' sets max_interval 100, "
+                             "'rate@16h32' max_interval 16 and hold 32, 'leaky@100f1' also floor 1, "
                              "'leaky@16u150' until=150 (only the releases of steps < 150 spread).")
 _UNITS = flags.DEFINE_list("gradient_units", ["off"], "comm.adaptive_ef.gradient_units around the compressor "
                             "(modes rmsfrom@J with --density_warmup: the releases of the RMS stages delivered "
@@ -180,11 +184,12 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     # 'leaky@16u150' (until=150: only the releases of the first 150 steps spread)
     mode_, _, mx = spread.partition("@")
     mx, _, un = mx.partition("u")
+    mx, _, hd = mx.partition("h")   # 'rate@16h32': mode 'rate', hold 32
     mx, _, ns = mx.partition("n")
     mx, _, fl = mx.partition("f")
     c = spread_releases(c, mode=mode_, max_interval=int(mx) if mx else (_SPREAD_MAX.value or None),
                         floor=float(fl) if fl else _SPREAD_FLOOR.value, noise=float(ns) if ns else 0.0,
-                        until=int(un) if un else None)
+                        until=int(un) if un else None, hold=int(hd) if hd else None)
   return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
 
 

@@ -4,6 +4,8 @@ applied to a float64 numpy Top-k with error feedback (8 workers under shard_map 
 the released mass, identical replicas, bytes = the compressor's, jit/vmap, chained with Adam and
 density_warmup, and bad input."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,7 @@ def _np_topk_rows(acc, k):
   return sent
 
 
-def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None, until=None):
+def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None, until=None, hold=None):
   """float64 numpy reference of the spread, coordinate by coordinate: b (steps, n) released aggregates ->
   outputs (steps, n) and the pending mass after the last step."""
   steps, n = b.shape
@@ -66,11 +68,17 @@ def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None, unt
           rate[i] = pending[i] / T
         elif mode == "leaky":
           rate[i] = 1.0 / T
+        elif mode == "rate":
+          rate[i] = b[t, i] / T
         else:
           rate[i] = b[t, i] / T
           left[i] = (max_interval if max_interval is not None else 10 ** 9) if spreading else 1
       live = left[i] > 0
-      if mode == "linear":
+      if mode == "rate":   # left[i]: T of the latest release; rate[i] = B / T (set above for 'hold')
+        s = t - last[i]
+        emitting = hold is None or s < max(left[i], hold)
+        o = (rate[i] if emitting else 0.0) + (pending[i] - rate[i] * max(left[i] - s, 0)) / max(left[i], 1)
+      elif mode == "linear":
         o = rate[i] if left[i] > 1 else (pending[i] if left[i] == 1 else 0.0)
         left[i] = max(left[i] - 1, 0)
       elif mode == "leaky":
@@ -104,7 +112,8 @@ def _flat(tree, lead):
 _VARIANTS = {"linear": dict(mode="linear"), "leaky_cap2_floor": dict(mode="leaky", max_interval=2, floor=0.5),
              "hold_cap3": dict(mode="hold", max_interval=3),
              "linear_cap4_noise": dict(mode="linear", max_interval=4, noise=0.25),
-             "leaky_cap3_until4": dict(mode="leaky", max_interval=3, until=4)}
+             "leaky_cap3_until4": dict(mode="leaky", max_interval=3, until=4),
+             "rate_cap4": dict(mode="rate", max_interval=4), "rate_hold2_floor": dict(mode="rate", hold=2, floor=0.5)}
 
 
 def _run(g, axis, names=tuple(_VARIANTS) + ("bare", "decay")):
@@ -135,7 +144,7 @@ def runs(devices):
   g_w = _worker_grads()
   by_sm = _per_worker(lambda g: _run(g, "d"), g_w, devices)
   by_pmap = jax.pmap(lambda g: _run(g, "d", ("leaky_cap2_floor", "hold_cap3", "linear_cap4_noise",
-                                             "leaky_cap3_until4", "decay")),
+                                             "leaky_cap3_until4", "rate_cap4", "rate_hold2_floor", "decay")),
                      axis_name="d", devices=devices)(g_w)
   return g_w, by_sm, by_pmap
 
@@ -174,6 +183,81 @@ def test_linear_conserves_the_released_mass(runs):
   outs = _flat(by_sm["linear"][0], (_W, _STEPS))[0]
   bare = _flat(by_sm["bare"][0], (_W, _STEPS))[0]
   assert np.count_nonzero(outs) > 2 * np.count_nonzero(bare)
+
+
+def test_rate_conserves_mass_and_borrows_at_most_one_release(runs):
+  """'rate' (session 17): delivered + pending == released coordinate by coordinate (pending may be
+  negative: mass delivered ahead of the next release), |pending| never above the largest release of that
+  coordinate plus what the latest release still owes; the stream is denser than the releases."""
+  _, by_sm, _ = runs
+  outs, st = by_sm["rate_cap4"]
+  got = _flat(outs, (_W, _STEPS))[0]
+  bare = _flat(by_sm["bare"][0], (_W, _STEPS))[0]
+  pend = _flat(st.pending, (_W,))[0]
+  np.testing.assert_allclose(got.sum(0) + pend, bare.sum(0), rtol=1e-5, atol=1e-5)
+  assert (pend < -1e-6).any()                       # some coordinate borrowed ahead of its next release
+  assert np.all(np.abs(pend) <= 2 * np.abs(bare).max(0) + 1e-5)
+  assert np.count_nonzero(got) > 2 * np.count_nonzero(bare)
+
+
+def test_rate_mode_tiny_case_by_hand():
+  """One device, Top-k of 1 in 2 with constant gradients (2, 1.5): the plain releases alternate (2, 0),
+  (0, 3), (4, 0), ...; 'rate' turns them back into the per-step gradient: the second entry gets 1.5 on
+  every step from its first release on, the first converges to 2 (its correction halves per step), and
+  delivered + pending equals the released mass."""
+  tx = spread_releases(topk(0.5), mode="rate", max_interval=16)
+  st = tx.init({"w": jnp.zeros(2)})
+  outs, released = [], np.zeros(2)
+  bare, bst = topk(0.5), topk(0.5).init({"w": jnp.zeros(2)})
+  for _ in range(8):
+    o, st = tx.update({"w": jnp.array([2.0, 1.5])}, st)
+    b, bst = bare.update({"w": jnp.array([2.0, 1.5])}, bst)
+    outs.append(np.asarray(o["w"], np.float64))
+    released += np.asarray(b["w"], np.float64)
+  outs = np.stack(outs)
+  np.testing.assert_allclose(outs[:, 0], [2.0, 2.0, 1.0, 1.5, 1.75, 1.875, 1.9375, 1.96875])
+  np.testing.assert_allclose(outs[:, 1], [0.0] + [1.5] * 7)
+  np.testing.assert_allclose(outs.sum(0) + np.asarray(st.pending["w"]), released, rtol=1e-6)
+
+
+def test_rate_hold_horizon_stops_the_rate_and_repays():
+  """hold=3 after a single release of 6 over T=2 (max_interval 2): rate 3 for max(2, 3) = 3 steps with the
+  correction, then only the correction, which moves the borrowed mass back; in total exactly 6."""
+  b = np.zeros((40, 1))
+  b[5, 0] = 6.0
+  ref, pending = _np_spread(b, "rate", max_interval=2, hold=3)
+  assert ref[:5].sum() == 0 and ref[5, 0] == 3.0
+  assert ref[8:].max() <= 0 < -ref[8:].min()        # after the horizon: repayment only
+  np.testing.assert_allclose(ref.sum() + pending.sum(), 6.0)
+  assert abs(pending[0]) < 1e-3                      # repaid (geometrically) within the run
+  # the transform on the same stream (a one-entry 'compressor' releasing b) equals the reference
+  tx = spread_releases(_ReplayCompressor(b), mode="rate", max_interval=2, hold=3)
+  st = tx.init({"w": jnp.zeros(1)})
+  got = []
+  for t in range(40):
+    o, st = tx.update({"w": jnp.zeros(1)}, st)
+    got.append(float(o["w"][0]))
+  np.testing.assert_allclose(got, ref[:, 0], rtol=1e-5, atol=1e-6)
+
+
+class _ReplayState(NamedTuple):
+  t: jax.Array
+  bytes_sent: jax.Array
+  total_bytes: jax.Array
+
+
+def _ReplayCompressor(b):
+  """A stand-in compressor that outputs row t of ``b`` (steps, 1) as leaf 'w' on step t, with the bytes
+  fields the wrapper reads."""
+  table = jnp.asarray(b, jnp.float32)
+
+  def init(params):
+    z = jnp.zeros((), jnp.float32)
+    return _ReplayState(jnp.zeros((), jnp.int32), z, z)
+
+  def update(u, st, params=None):
+    return {"w": table[st.t]}, _ReplayState(st.t + 1, jnp.ones((), jnp.float32), st.total_bytes + 1)
+  return optax.GradientTransformation(init, update)
 
 
 def test_until_spreads_the_early_releases_only(runs):
@@ -298,13 +382,15 @@ def test_chains_with_adam_and_density_warmup():
 def test_nonfinite_gradient_propagates_or_is_counted():
   """A NaN gradient: the compressor skips the step (counts it); the wrapper releases nothing new and
   keeps delivering what was pending, never a NaN."""
-  tx = spread_releases(topk(0.05))
-  st = tx.init(_params())
-  _, st = tx.update(_grads(0), st)
-  bad = {**_grads(1), "dense": _grads(1)["dense"].at[0, 0].set(jnp.nan)}
-  o, st = tx.update(bad, st)
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(o))
-  assert int(st.inner_state.nonfinite_steps) == 1
+  for kw in (dict(), dict(mode="rate", max_interval=16)):
+    tx = spread_releases(topk(0.05), **kw)
+    st = tx.init(_params())
+    _, st = tx.update(_grads(0), st)
+    bad = {**_grads(1), "dense": _grads(1)["dense"].at[0, 0].set(jnp.nan)}
+    o, st = tx.update(bad, st)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(o)), kw
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(st.pending)), kw
+    assert int(st.inner_state.nonfinite_steps) == 1
 
 
 def test_bad_input():
@@ -322,6 +408,14 @@ def test_bad_input():
     spread_releases(topk(0.1), mode="linear", noise=-0.5)
   with pytest.raises(ValueError, match="noise needs"):
     spread_releases(topk(0.1), mode="leaky", noise=0.5)
+  with pytest.raises(ValueError, match="hold= is for mode='rate'"):
+    spread_releases(topk(0.1), mode="leaky", hold=4)
+  with pytest.raises(ValueError, match="hold"):
+    spread_releases(topk(0.1), mode="rate", hold=0)
+  with pytest.raises(ValueError, match="until= needs"):
+    spread_releases(topk(0.1), mode="rate", until=3)
+  with pytest.raises(ValueError, match="noise needs"):
+    spread_releases(topk(0.1), mode="rate", noise=0.5)
   with pytest.raises(TypeError, match="bytes_sent"):
     spread_releases(optax.identity()).init(_params())
   with pytest.raises(TypeError, match="floating"):

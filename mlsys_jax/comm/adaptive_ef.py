@@ -89,7 +89,8 @@ class SpreadState(NamedTuple):
     last: per parameter, the step of its previous release (int32; -1 before the first).
     pending: per parameter, released gradient mass not yet delivered to the optimizer.
     rate: per parameter, the mass delivered per step (``pending / T`` at the last release).
-    left: per parameter, steps of delivery left (int32; 0 = nothing pending in ``'linear'`` mode).
+    left: per parameter, steps of delivery left (int32; 0 = nothing pending in ``'linear'`` mode); in
+      ``'rate'`` mode the interval ``T`` of the latest release (0 before the first).
     releases: releases seen so far, summed over the parameters (float32, for diagnostics).
     bytes_sent: bytes this device passed to the collectives in the last step (the compressor's: the
       wrapper itself sends nothing).
@@ -108,7 +109,8 @@ class SpreadState(NamedTuple):
 
 def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "leaky",
                     max_interval: int | None = 100, floor: float = 0.0,
-                    noise: float = 0.0, until: int | None = None) -> optax.GradientTransformation:
+                    noise: float = 0.0, until: int | None = None,
+                    hold: int | None = None) -> optax.GradientTransformation:
   """Deliver each error-feedback release as a rate over the interval it stands for.
 
   Args:
@@ -123,6 +125,16 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       during a delivery adds to what is pending and restarts the delivery over the new interval).
       ``'hold'``: the release's rate ``B / T`` on every step until the next release (or ``max_interval``
       steps), not mass-conserving (measured worse; kept for the comparison).
+      ``'rate'`` (session 17, rate holding): a release ``B`` after ``T`` steps sets the coordinate's rate
+      ``r = B / T``, which is emitted on every step from the release on (for ``max(T, hold)`` steps, or
+      until the next release when ``hold`` is None), *plus* a correction that keeps the mass exact:
+      ``out = r + (pending - r * max(T - s, 0)) / T``, ``s`` the steps since the release, ``pending`` the
+      released mass not yet delivered (it may go negative: the coordinate moved on at its rate before its
+      next release arrived). The correction decays the difference between ``pending`` and what the rate
+      still owes with time constant ``T``, so after ``T`` steps the rate fades (``out -> 0``,
+      ``pending -> -r T``: the borrowed mass is at most one release) and the next release repays it
+      (``pending += B'``). Everything released is delivered (``pending`` bounded by one release); only the
+      timing changes: the coordinate keeps moving between its releases instead of stopping.
     max_interval: the longest interval a release is spread over (steps, >= 1; default 100, the best of
       50 / 100 / 200 / none in the mnist1d screens); None: no limit (the first release of a coordinate
       then spreads over all steps since the start).
@@ -144,7 +156,10 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       again keeps draining at its old rate). For a compressor whose selection changes during training,
       e.g. ``density_warmup`` with raw selection in its first stage and the Adam-aware
       ``rms_selection`` after it: spreading helps the raw releases and hurts the normalised ones
-      (docs/comm.md). None (default): every release is spread.
+      (docs/comm.md). None (default): every release is spread. Not with ``mode='rate'``.
+    hold: ``mode='rate'`` only: the rate of a release is emitted for ``max(T, hold)`` steps after it (>= 1;
+      after that only the correction flows, which repays any mass delivered ahead by moving the coordinate
+      back). None (default): the rate is emitted until the next release (its own correction fades it).
 
   Returns:
     An ``optax.GradientTransformation``; chain it where the compressor goes, e.g.
@@ -169,7 +184,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
   if not isinstance(compressor, optax.GradientTransformation):
     raise TypeError(f"compressor must be an optax.GradientTransformation (e.g. topk(0.001, axis_name='d')), "
                     f"got {type(compressor).__name__}.")
-  check_choice("mode", mode, ("linear", "leaky", "hold"))
+  check_choice("mode", mode, ("linear", "leaky", "hold", "rate"))
   if max_interval is not None:
     check_int("max_interval", max_interval, 1)
   cap = None if max_interval is None else int(max_interval)
@@ -185,8 +200,16 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
     if mode == "hold":
       raise ValueError("until= needs mode='linear' or 'leaky' (where a release delivered at once also takes "
                        "what is still pending); mode='hold' keeps paying out earlier holds.")
-  if noise and mode == "leaky":
-    raise ValueError("noise needs mode='linear' or 'hold' (a delivery with an end); mode='leaky' never "
+  if hold is not None:
+    check_int("hold", hold, 1)
+    hold = int(hold)
+    if mode != "rate":
+      raise ValueError(f"hold= is for mode='rate' (how long a release's rate is emitted), got mode={mode!r}.")
+  if mode == "rate" and until is not None:
+    raise ValueError("until= needs mode='linear' or 'leaky'; mode='rate' keeps emitting a release's rate "
+                     "after it, so 'delivered at once' does not apply.")
+  if noise and mode in ("leaky", "rate"):
+    raise ValueError(f"noise needs mode='linear' or 'hold' (a delivery with an end); mode={mode!r} never "
                      "finishes delivering.")
 
   def init_fn(params):
@@ -225,6 +248,14 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         rate = jnp.where(rel, 1.0 / interval.astype(pending.dtype), rate)
         left = jnp.where(rel, interval, left)
         out = pending * rate
+      elif mode == "rate":   # rate holding: r = B / T from the release on, plus a mass-exact correction
+        rate = jnp.where(rel, bv / interval.astype(pending.dtype), rate)
+        left = jnp.where(rel, interval, left)   # here: T of the latest release (0 before the first)
+        since = t - last                         # 0 on the release step
+        tt = jnp.maximum(left, 1).astype(pending.dtype)
+        owed = rate * jnp.maximum(left - since, 0).astype(pending.dtype)
+        emit = rate if hold is None else jnp.where(since < jnp.maximum(left, hold), rate, 0)
+        out = emit + (pending - owed) / tt
       else:   # hold: the release's per-step rate until the next release (or max_interval steps)
         rate = jnp.where(rel, bv / interval.astype(pending.dtype), rate)
         left = jnp.where(rel, cap if cap is not None else jnp.iinfo(jnp.int32).max, left)
