@@ -595,6 +595,38 @@ def test_documented_one_percent_option_with_sidco_under_pmap(devices):
   assert float(st.total_bytes[0]) == float(st.inner_state.total_bytes[0]) > 0
 
 
+def test_rate_mode_with_sidco_and_dgc_under_pmap(devices):
+  """Session 17's arm, ``spread_releases(c, mode='rate', max_interval=16)`` with ``c`` = sidco or dgc under pmap
+  (8 workers): every replica identical; with sidco equal to the float64 reference (rate spread of numpy Top-k
+  with error feedback); with dgc delivered + pending == dgc's own released aggregate, coordinate by coordinate;
+  the bytes are the compressor's."""
+  from mlsys_jax.comm import dgc, sidco
+  g_w = _worker_grads()
+
+  def run(g):
+    res = {}
+    for name, c in (("sidco", sidco(_RATIO, axis_name="d")), ("dgc", dgc(_RATIO, axis_name="d"))):
+      for wrap in (False, True):
+        tx = spread_releases(c, mode="rate", max_interval=16) if wrap else c
+        res[(name, wrap)] = jax.lax.scan(lambda st, gs, tx=tx: tx.update(gs, st)[::-1], tx.init(_params()), g)[::-1]
+    return res
+
+  by_pmap = jax.pmap(run, axis_name="d", devices=devices)(g_w)
+  b = _np_topk_ef(_flat(g_w, (_W, _STEPS)), _RATIO)
+  ref, pending = _np_spread(b, "rate", max_interval=16)
+  for name in ("sidco", "dgc"):
+    outs, st = by_pmap[(name, True)]
+    got = _flat(outs, (_W, _STEPS))
+    for w in range(_W):
+      np.testing.assert_array_equal(got[w], got[0])
+    released = _flat(by_pmap[(name, False)][0], (_W, _STEPS))[0].sum(0)
+    np.testing.assert_allclose(got[0].sum(0) + _flat(st.pending, (_W,))[0], released, rtol=1e-5, atol=1e-5)
+    assert float(st.total_bytes[0]) == float(by_pmap[(name, False)][1].total_bytes[0]) > 0
+    if name == "sidco":
+      np.testing.assert_allclose(got[0], ref, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(_flat(st.pending, (_W,))[0], pending, rtol=1e-5, atol=1e-6)
+
+
 def test_tenth_percent_recipe_spread_until_under_pmap(devices):
   """The 0.1% warm-up recipe's shape (raw selection in the first stage, the Adam-aware RMS selection after
   it) inside ``spread_releases(..., mode='leaky', max_interval=16, until=<end of the raw stage>)`` (session

@@ -16,6 +16,11 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        sessions 8-15: the same data digest, other XLA CPU numerics): Adam, the plain 1% chain, the 1% option
        `spread_releases(leaky, 16)` and the 0.1% recipe of s8, seeds 0-14, and the 1% arms also on the fresh
        seeds 15-29; each arm vs Adam and the spread arm also vs the plain chain (paired)
+  s17: the same host (checked: Adam and the plain chain of seeds 0-1 re-run equal to s16's JSONs): the session-17
+       winner `spread_releases(topk(0.01), mode='rate', max_interval=16)` on its screen seeds 0-4 and the fresh
+       seeds 30-44 (never used before session 17), with Adam, the plain chain and spread16 re-run on 30-44; the
+       confirmation (30-44) against Adam, spread16 and the plain chain (paired), and Adam / plain / spread16
+       pooled over all 45 seeds of this host (0-44)
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -202,7 +207,56 @@ def pool_s16() -> dict:
   return out
 
 
+S17_CONFIRM = "compressed_adam_mnist1d_600_0.01_s17_confirm_seeds30-44.json"   # seeds never used before session 17
+S17 = {  # arm: (key, files of its seed sets, in seed order)
+    "plain": ("topk 0.01 chain", S16["plain"][1] + [S17_CONFIRM]),
+    "spread16": ("topk 0.01 chain spread-leaky@16", S16["spread"][1] + [S17_CONFIRM]),
+    "rate16": ("topk 0.01 chain spread-rate@16", ["compressed_adam_mnist1d_600_0.01_s17_rate_screen_seeds0-4.json",
+                                                   S17_CONFIRM]),
+}
+
+
+def pool_s17() -> dict:
+  """Session 17 (session 16's host): the rate-holding winner on the fresh seeds 30-44 against Adam, spread16 and the
+  plain chain, all re-run on those seeds (paired); every arm's seed sets pooled (Adam checked equal seed by seed
+  across files)."""
+  out, adam, acc = {}, {}, {}
+  for arm, (key, files) in S17.items():
+    runs = [json.load(open(R + f)) for f in files]
+    for f, r in zip(files, runs):
+      check_same_data(runs[0], r, (files[0], f))
+    seeds = sum([r["seeds"] for r in runs], [])
+    assert len(set(seeds)) == len(seeds), f"s17 {arm}: overlapping seed sets {seeds}"
+    A = sum([r["accuracy"]["adam"] for r in runs], [])
+    for sd, a in zip(seeds, A):
+      assert adam.setdefault(sd, a) == a, f"s17 {arm}: Adam of seed {sd} differs between files"
+    X = sum([r["accuracy"][key] for r in runs], [])
+    acc[arm] = dict(zip(seeds, X))
+    res = {"key": key, "files": files, "seeds": seeds, "accuracy": X,
+           "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []), "provenance": runs[-1]["provenance"],
+           "vs_adam_all": _compare(X, A)}
+    fresh = [i for i, sd in enumerate(seeds) if sd >= 30]
+    res["vs_adam_seeds30-44"] = c = _compare([X[i] for i in fresh], [A[i] for i in fresh])
+    print("s17", arm, "seeds30-44 vs Adam", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
+    print("s17", arm, f"all {len(seeds)} seeds vs Adam", _fmt(res["vs_adam_all"]))
+    out[arm] = res
+  fresh = list(range(30, 45))
+  for a, b in (("rate16", "spread16"), ("rate16", "plain"), ("spread16", "plain")):
+    out[a]["vs_" + b + "_seeds30-44"] = c = _compare([acc[a][sd] for sd in fresh], [acc[b][sd] for sd in fresh])
+    print("s17", a, "vs", b, "seeds30-44", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
+  both = sorted(set(acc["rate16"]) & set(acc["spread16"]))
+  out["rate16"]["vs_spread16_shared_seeds"] = c = _compare([acc["rate16"][sd] for sd in both],
+                                                           [acc["spread16"][sd] for sd in both])
+  print("s17 rate16 vs spread16 on seeds", both, _fmt(c))
+  out["adam"] = {str(sd): adam[sd] for sd in sorted(adam)}
+  json.dump(out, open(R + "compressed_adam_mnist1d_s17_host_pooled.json", "w"), indent=1)
+  return out
+
+
 if __name__ == "__main__":
+  if sys.argv[1:] == ["s17"]:
+    pool_s17()
+    sys.exit()
   if sys.argv[1:] == ["s16"]:
     pool_s16()
     sys.exit()
