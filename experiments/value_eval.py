@@ -448,10 +448,17 @@ _KR_REF = flags.DEFINE_bool("kr_reference", False, "program_mape: also the sessi
                             "only, one ridge) as 'kernel_roofline_floor_only', same folds.")
 _KR_KOPT_GRID = flags.DEFINE_list("kr_kernel_options_grid", [], "program_mape: kernel-table options "
                                   "(cost.kernel_roofline.program_kernels: 'sort' = sort_model, 'scatter' = "
-                                  "scatter_contention, 'sort+scatter' both, 'none'), chosen per outer fold and per "
+                                  "scatter_contention, 'conv' = conv_model; fit options of KernelRooflineConfig: 'l2' = "
+                                  "l2_bytes=L2_BYTES, 'overlap' = overhead_overlap; '+'-joined sets, or 'none'), chosen "
+                                  "per outer fold and per "
                                   "kernel-roofline model by the inner cross-validation inside the training rows "
                                   "(--kr_inner_folds, grouped like the outer split; jointly with "
                                   "--kr_bytes_ridge_grid); one value: used in every fold; empty: 'none'.")
+_KR_BLEND = flags.DEFINE_bool("kr_blend", False, "program_mape: also 'kernel_roofline_blend', the geometric blend "
+                              "exp(w log labelled + (1 - w) log plain) of the two kernel-roofline models, w in "
+                              "_KR_BLEND_W chosen per outer fold on the two models' inner cross-validation "
+                              "predictions (needs --kr_labels and an inner grid).")
+_KR_BLEND_W = [0.0, 0.25, 0.5, 0.75, 1.0]
 _KR_BOUNDS = [0.0, float(np.log(1.25)), float(np.log(1.5)), float(np.log(2.0)), float("inf")]
 
 
@@ -468,16 +475,42 @@ def _bytes_ridge(v: str):
   return r
 
 
-_KOPTS = {"none": (False, False), "sort": (True, False), "scatter": (False, True), "sort+scatter": (True, True),
-          "scatter+sort": (True, True)}
+# option tokens of --kr_kernel_options_grid: kernel-table options of program_kernels, then fit options of
+# KernelRooflineConfig (session 17: 'conv' = conv_model; 'shared' = the labels' shared_kernels rule of
+# match_kernel_times; 'huber' = objective 'huber_log'; 'l2' = l2_bytes=L2_BYTES; 'overlap' = overhead_overlap)
+_KOPT_TABLE = ("sort", "scatter", "conv")
+_KOPT_FIT = ("shared", "huber", "l2", "overlap")
 
 
 def _kernel_option(v: str) -> str:
-  """A --kr_kernel_options_grid value, normalised ('scatter+sort' -> 'sort+scatter')."""
-  k = str(v).strip().lower()
-  if k not in _KOPTS:
-    raise ValueError(f"kernel option set must be one of none, sort, scatter, sort+scatter; got {v!r}.")
-  return "sort+scatter" if k == "scatter+sort" else k
+  """A --kr_kernel_options_grid value, normalised: 'none', or '+'-joined tokens of sort, scatter, conv,
+  shared, huber, l2, overlap in that order ('scatter+sort' -> 'sort+scatter')."""
+  toks = [t.strip() for t in str(v).strip().lower().split("+")]
+  order = _KOPT_TABLE + _KOPT_FIT
+  if toks == ["none"]:
+    return "none"
+  if not toks or any(t not in order for t in toks) or len(set(toks)) != len(toks):
+    raise ValueError(f"kernel option set must be 'none' or '+'-joined distinct tokens of {', '.join(order)}; got {v!r}.")
+  return "+".join(t for t in order if t in toks)
+
+
+def _kopt_tables(o: str) -> str:
+  """The kernel-table part of a normalised option set ('sort+conv+l2' -> 'sort+conv'; 'none' if empty)."""
+  return "+".join(t for t in o.split("+") if t in _KOPT_TABLE) or "none"
+
+
+def _kopt_table_kwargs(o: str) -> dict:
+  """program_kernels keyword arguments of a kernel-table option set."""
+  toks = o.split("+")
+  return {"sort_model": "sort" in toks, "scatter_contention": "scatter" in toks, "conv_model": "conv" in toks}
+
+
+def _kopt_config(o: str, cfg):
+  """``cfg`` (a KernelRooflineConfig) with the fit options of option set ``o``."""
+  from mlsys_jax.cost import kernel_roofline as KR
+  toks = o.split("+")
+  return cfg._replace(l2_bytes=KR.L2_BYTES if "l2" in toks else None, overhead_overlap="overlap" in toks,
+                      objective="huber_log" if "huber" in toks else cfg.objective)
 
 
 def _check_kr_flags(host_floor: bool, host_launch: bool, labels: bool, labels_host_launch: bool,
@@ -492,19 +525,28 @@ def _check_kr_flags(host_floor: bool, host_launch: bool, labels: bool, labels_ho
                      "model: add --kr_labels (with profiled --option_data).")
 
 
-def _choose_by_inner_cv(fit, predict, rows, runtime, inner_keys, configs, n_folds, seed):
+def _choose_by_inner_cv(fit, predict, rows, runtime, inner_keys, configs, n_folds, seed, inner_pred=None):
   """The config of ``configs`` with the lowest MAPE over an inner cross-validation of the (training) rows
   ``rows``: ``n_folds`` folds of their distinct ``inner_keys`` (programs, or families: grouped like the outer
   split), each predicted by ``fit(other rows, config)`` through ``predict(model, rows)``. Returns (index of
-  the chosen config, inner MAPE per config, pooled over the inner validation rows)."""
+  the chosen config, inner MAPE per config, pooled over the inner validation rows). With ``inner_pred`` (a
+  float array over all rows), the chosen config's inner-validation predictions are written into it at
+  ``rows`` (for a blend chosen on the same inner folds, ``--kr_blend``)."""
   rows, keys = np.asarray(rows), np.asarray(inner_keys)[rows]
   err = [[] for _ in configs]
+  preds = [np.full(len(runtime), np.nan) for _ in configs] if inner_pred is not None else None
   for va in V.group_folds(keys, min(n_folds, len(np.unique(keys))), seed):
     it, iv = rows[~va], rows[va]
     for j, cfg in enumerate(configs):
-      err[j].append(np.abs(predict(fit(it, cfg), iv) / runtime[iv] - 1.0))
+      p_ = predict(fit(it, cfg), iv)
+      err[j].append(np.abs(p_ / runtime[iv] - 1.0))
+      if preds is not None:
+        preds[j][iv] = p_
   scores = [float(np.concatenate(e).mean()) for e in err]
-  return int(np.argmin(scores)), scores
+  best = int(np.argmin(scores))
+  if inner_pred is not None:
+    inner_pred[rows] = preds[best][rows]
+  return best, scores
 
 
 def _ratio_ci(ape_base, ape_model, rows_of, progs, seed):
@@ -536,7 +578,7 @@ def _kendall(pred: dict, rt, keep, prog_keys) -> dict:
   return out
 
 
-def _kernel_labels(ds, kts, paths):
+def _kernel_labels(ds, kts, paths, shared_kernels: bool = False):
   """Per-kernel labels of the rows of ``ds`` (kernel tables ``kts``) whose source file in ``paths`` has
   profiler columns (matched by HLO text and runtime; rows the profiler missed count as without):
   (labels per row or None, device_busy_s and device_span_s per row (NaN without), stats)."""
@@ -562,7 +604,7 @@ def _kernel_labels(ds, kts, paths):
     if hit is None:
       continue
     busy[i], span[i] = hit[1], hit[2]
-    lab = KR.match_kernel_times(kts[i], hit[0])
+    lab = KR.match_kernel_times(kts[i], hit[0], shared_kernels=shared_kernels)
     st["rows_with_profile"] += 1
     st["matched_s"] += lab.matched_s
     st["pooled_s"] += lab.library_s
@@ -619,12 +661,14 @@ def part_program_mape():
                                            {"flops": ds.flops[i], "bytes accessed": ds.bytes_accessed[i],
                                             "transcendentals": ds.transcendentals[i]}) for i in range(len(ds))])
   dec = np.stack([V.compile_decision_features(t) for t in ds.hlo])
-  kts_by = {o: [KR.program_kernels(m, sort_model=_KOPTS[o][0], scatter_contention=_KOPTS[o][1]) for m in mods]
-            for o in dict.fromkeys(["none", *kopt_grid])}
+  kts_by = {o: [KR.program_kernels(m, **_kopt_table_kwargs(o)) for m in mods]
+            for o in dict.fromkeys(["none", *(_kopt_tables(o_) for o_ in kopt_grid)])}
   kts = kts_by["none"]   # the analytical kernel totals, the labels' rows (the same rows under every option)
   kfl = np.asarray([float((k.flops * k.count).sum()) for k in kts])
   kby = np.asarray([float((k.bytes * k.count).sum()) for k in kts])
   print(f"features and kernel tables ({time.perf_counter() - t0:.0f} s)", flush=True)
+  if _KR_LABELS.value and any("shared" in o.split("+") for o in kopt_grid):
+    klabels_shared = _kernel_labels(ds, kts, _ODATA.value, shared_kernels=True)[0]
   klabels, busy, span, lab_stats = _kernel_labels(ds, kts, _ODATA.value) if _KR_LABELS.value \
       else (None, None, None, None)
   fl, by = np.maximum(ds.flops, 0.0), np.maximum(ds.bytes_accessed, 0.0)
@@ -670,7 +714,11 @@ def part_program_mape():
                "reference, which keeps the default tables): 'sort' = sort_model (XLA's bitonic sorts: bytes of "
                "every stage; cub radix sorts: ceil(key bits / 8) passes, each a launch), 'scatter' = "
                "scatter_contention (scatter classes by element width, FLOPs = updates per distinct target * "
-               "SCATTER_CHAIN_FLOPS); several values: chosen per outer fold by the inner cross-validation "
+               "SCATTER_CHAIN_FLOPS), 'conv' = conv_model (cuDNN convolutions' FLOPs by direction: backward "
+               "passes count the forward convolution's multiply-adds); fit options of both models: 'l2' = "
+               "l2_bytes=L2_BYTES (a per-device L2 speed-up of each kernel's first 50 MB), 'overlap' = "
+               "overhead_overlap (kernel time softmax(work, o) instead of work + o); several values: chosen per "
+               "outer fold by the inner cross-validation "
                "(kr_inner_folds folds of the training rows, grouped like the outer split), jointly with "
                "bytes_ridge")}
   if _KR_REF.value:
@@ -705,6 +753,13 @@ def part_program_mape():
     if _KR_REF.value:
       pred["kernel_roofline_floor_only"] = np.zeros(len(y))
     br_chosen, br_inner, lbr_chosen, lbr_inner, kopt_chosen, lkopt_chosen = [], [], [], [], [], []
+    blend_w, blend_inner = [], []
+    inner_plain, inner_labels = np.full(len(y), np.nan), np.full(len(y), np.nan)   # reset per outer fold below
+    if _KR_BLEND.value:
+      if not _KR_LABELS.value or not (br_grid or len(kopt_grid) > 1):
+        raise ValueError("--kr_blend needs --kr_labels and an inner grid (--kr_kernel_options_grid with 2+ values or "
+                         "--kr_bytes_ridge_grid).")
+      pred["kernel_roofline_blend"] = np.zeros(len(y))
     if _KR_LABELS.value:
       pred["kernel_roofline_labels"] = np.zeros(len(y))
       busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
@@ -735,21 +790,26 @@ def part_program_mape():
                                             random_state=_SEED.value)
         pred["learned_residual"][te] = base[te] * np.exp(reg.fit(x[tr], y[tr] - np.log(base[tr])).predict(x[te]))
       itr, ite = np.flatnonzero(tr), np.flatnonzero(te)
+      inner_plain[:], inner_labels[:] = np.nan, np.nan
       kcfg_fold, kopt = kcfg, kopt_grid[0]
       # a config is (kernel-table option set, KernelRooflineConfig); a fitted model carries its option set
-      fit_plain = lambda idx, oc: (oc[0], KR.fit_kernel_roofline([kts_by[oc[0]][i] for i in idx], rt[idx],
+      tabs_of = lambda o: kts_by[_kopt_tables(o)]
+      fit_plain = lambda idx, oc: (oc[0], KR.fit_kernel_roofline([tabs_of(oc[0])[i] for i in idx], rt[idx],
                                                                  devs[idx], oc[1]))
-      predict_rows = lambda om, idx: KR.predict_kernel_roofline(om[1], [kts_by[om[0]][i] for i in idx], devs[idx])
-      grid_of = lambda c: [(o, c._replace(bytes_ridge=b)) for o in kopt_grid for b in (br_grid or [c.bytes_ridge])]
+      predict_rows = lambda om, idx: KR.predict_kernel_roofline(om[1], [tabs_of(om[0])[i] for i in idx], devs[idx])
+      grid_of = lambda c: [(o, _kopt_config(o, c._replace(bytes_ridge=b))) for o in kopt_grid
+                           for b in (br_grid or [c.bytes_ridge])]
+      kcfg_fold = _kopt_config(kopt, kcfg)
       with threadpool_limits(1):
         if br_grid or len(kopt_grid) > 1:  # chosen inside the training rows only, inner folds grouped like the outer split
           cands = grid_of(kcfg)
-          j, sc = _choose_by_inner_cv(fit_plain, predict_rows, itr, rt, inner_key, cands, _KR_INNER.value, _SEED.value)
+          j, sc = _choose_by_inner_cv(fit_plain, predict_rows, itr, rt, inner_key, cands, _KR_INNER.value, _SEED.value,
+                                      inner_pred=inner_plain)
           kopt, kcfg_fold = cands[j]
           br_chosen.append(kcfg_fold.bytes_ridge)
           kopt_chosen.append(kopt)
           br_inner.append(sc)
-        kts_f = kts_by[kopt]
+        kts_f = tabs_of(kopt)
         km = KR.fit_kernel_roofline([kts_f[i] for i in itr], rt[itr], devs[itr], kcfg_fold)
         if _KR_REF.value:
           kmr = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], ref_cfg)
@@ -765,18 +825,19 @@ def part_program_mape():
 
           def fit_labels(idx, oc):
             o, cfg = oc
-            lab_ = [klabels[i] for i in idx]
-            tb = [kts_by[o][i] for i in idx]
+            lab_ = [(klabels_shared if "shared" in o.split("+") else klabels)[i] for i in idx]
+            tb = [tabs_of(o)[i] for i in idx]
             if not any(lb is not None for lb in lab_):   # an inner fold without profiled rows: the plain model
               return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx],
                                                cfg._replace(wall_scale=False, gap_library_only=False))
             return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx], cfg, kernel_labels=lab_)
           kopt_l = kopt_grid[0]
+          lcfg = _kopt_config(kopt_l, lcfg)
           with threadpool_limits(1):
             if br_grid or len(kopt_grid) > 1:   # the labelled model's own inner choice (same inner folds)
               cands = grid_of(lcfg)
               j, sc = _choose_by_inner_cv(fit_labels, predict_rows, itr, rt, inner_key, cands, _KR_INNER.value,
-                                          _SEED.value)
+                                          _SEED.value, inner_pred=inner_labels)
               kopt_l, lcfg = cands[j]
               lbr_chosen.append(lcfg.bytes_ridge)
               lkopt_chosen.append(kopt_l)
@@ -784,8 +845,20 @@ def part_program_mape():
             kml = fit_labels(itr, (kopt_l, lcfg))[1]
         else:
           folds_unlabelled += 1
-        kts_l = kts_by[kopt_l]
+        kts_l = tabs_of(kopt_l)
         pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts_l[i] for i in ite], devs[ite])
+        if _KR_BLEND.value:   # w from the two models' inner predictions of the training rows (same inner folds)
+          ok_ = np.isfinite(inner_plain[itr]) & np.isfinite(inner_labels[itr])
+          if not ok_.any():
+            raise ValueError("--kr_blend: no training row has inner predictions of both models (the labelled model "
+                             "needs profiled training rows and an inner grid).")
+          bl = lambda w, a, b_: np.exp(w * np.log(a) + (1.0 - w) * np.log(b_))
+          ib = itr[ok_]
+          sc_w = [float(np.mean(np.abs(bl(w, inner_labels[ib], inner_plain[ib]) / rt[ib] - 1.0))) for w in _KR_BLEND_W]
+          w_ = _KR_BLEND_W[int(np.argmin(sc_w))]
+          blend_w.append(w_)
+          blend_inner.append(sc_w)
+          pred["kernel_roofline_blend"][ite] = bl(w_, pred["kernel_roofline_labels"][ite], pred["kernel_roofline"][ite])
         for key_, mdl, tb_ in (("kernel_roofline", km, kts_f), ("kernel_roofline_labels", kml, kts_l)):
           busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [tb_[i] for i in ite], devs[ite], what="busy")
         fitted_terms.append({dv: {"program_overhead_us": float(np.exp(kml.log_program_overhead[j]) * 1e6),
@@ -828,7 +901,8 @@ def part_program_mape():
                    ("kernel_roofline", "kernel_roofline"), ("analytical_kernel_totals", "kernel_totals"),
                    ("kernel_roofline_corrected", "kernel_roofline_corrected"),
                    ("kernel_roofline_floor_only", "kernel_roofline_floor_only"),
-                   ("kernel_roofline_labels", "kernel_roofline_labels")):
+                   ("kernel_roofline_labels", "kernel_roofline_labels"),
+                   ("kernel_roofline_blend", "kernel_roofline_blend")):
       if k not in pred:
         continue
       res[f"analytical_over_{key}"] = ma / mp[k]
@@ -868,6 +942,9 @@ def part_program_mape():
       res["mape_analytical_in_distribution"] = float(ape["analytical"][keep & ~ood].mean())
       res["analytical_over_kernel_roofline_in_distribution"] = \
           res["mape_analytical_in_distribution"] / res["mape_kernel_roofline_in_distribution"]
+    if _KR_BLEND.value:
+      res["kernel_roofline_blend_weight_chosen"] = blend_w   # per outer fold: weight of the labelled model
+      res["kernel_roofline_blend_inner_mape"] = blend_inner  # per outer fold, per _KR_BLEND_W value
     if _KR_CORR.value:
       res["kernel_roofline_corrected_bounds_chosen"] = [b if np.isfinite(b) else None for b in bounds_chosen]
     if len(kopt_grid) > 1:

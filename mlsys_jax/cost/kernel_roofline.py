@@ -247,6 +247,9 @@ def _kernel(module: HloModule, ins: Instruction, names: dict) -> tuple[float, fl
   return flops, read + out, _single_class(ins, operand_shapes[0].dtype if operand_shapes else "f32")
 
 
+L2_BYTES = 50e6
+"""L2 capacity of the H100 SXM and H200 (50 MB), the ``KernelRooflineConfig.l2_bytes`` of the session-17 runs."""
+
 SCATTER_CHAIN_FLOPS = 1e9
 """FLOP-equivalents counted per step of a scatter's longest chain of atomic updates to one address
 (``scatter_contention``): a chain step costs ~5 us for 16-bit scatters on the H200 data, which at the
@@ -305,6 +308,50 @@ def radix_sort_passes(key_bits: float, digit_bits: int = 8) -> int:
   if not (key_bits > 0 and isinstance(digit_bits, (int, np.integer)) and digit_bits >= 1):
     raise ValueError(f"need key_bits > 0 and an integer digit_bits >= 1, got {key_bits!r}, {digit_bits!r}.")
   return int(np.ceil(key_bits / digit_bits))
+
+
+def cudnn_conv_flops(target: str, operand_shapes: Sequence[Shape], result: Shape, dim_labels: str) -> float:
+  """FLOPs of a cuDNN convolution custom call in any direction: ``2 |y| prod(w dims but 'o')``, the forward
+  convolution's multiply-adds (Chetlur et al., "cuDNN: efficient primitives for deep learning",
+  arXiv 1410.0759, Sec. 2: forward, backward-data and backward-filter convolutions do the same
+  ``N K C R S P Q`` multiply-adds). XLA's cuDNN calls keep the *forward* convolution's ``window`` and
+  ``dim_labels`` whatever the direction, with operands and result permuted: forward ``(x, w) -> y``,
+  backward input ``(dy, w) -> dx``, backward filter ``(x, dy) -> dw``; the shape-based count of
+  ``graph`` (``2 |result| prod(operand 1 dims but 'o')``) is right only for the forward direction and
+  counts a strided convolution's backward passes ``stride^2`` times or more (on the H200 data the three
+  directions of one convolution take about the same time, backward filter ~2x).
+
+  Args:
+    target: the custom call target (``__cudnn$convBackwardInput`` ...; forward unless it names
+      ``backwardinput`` / ``backwardfilter``, case-insensitive).
+    operand_shapes: the call's operand shapes (at least 2).
+    result: the call's result (its tuple's first element: the rest is workspace).
+    dim_labels: the forward convolution's ``dim_labels`` (``b01f_o01i->b01f``).
+  Returns:
+    float FLOPs of one launch.
+
+  >>> s = lambda *d: Shape("bf16", tuple(d), tuple(range(len(d) - 1, -1, -1)))
+  >>> dy, w, x = s(8, 14, 14, 64), s(64, 1, 1, 128), s(8, 28, 28, 128)   # 1x1, stride 2
+  >>> cudnn_conv_flops("__cudnn$convBackwardInput", [dy, w], x, "b01f_o01i->b01f")   # = the forward
+  25690112.0
+  """
+  if len(operand_shapes) < 2:
+    raise ValueError(f"a cuDNN convolution has >= 2 operands, got {len(operand_shapes)}.")
+  parts = re.match(r"^\s*(\w+)_(\w+)->(\w+)\s*$", dim_labels or "")
+  if parts is None:
+    raise ValueError(f"dim_labels must look like 'b01f_o01i->b01f', got {dim_labels!r}.")
+  t = str(target).lower()
+  if "backwardinput" in t:
+    y, w = operand_shapes[0], operand_shapes[1]
+  elif "backwardfilter" in t:
+    y, w = operand_shapes[1], result
+  else:
+    y, w = result, operand_shapes[1]
+  rhs = parts.group(2)
+  if len(rhs) != len(w.dims):
+    raise ValueError(f"filter labels {rhs!r} do not match the filter's rank {len(w.dims)} ({w.dims}).")
+  per_out = float(np.prod([d for ch, d in zip(rhs, w.dims) if ch != "o"])) if w.dims else 1.0
+  return 2.0 * float(y.num_elements) * per_out
 
 
 def scatter_chain(n_updates: float, n_targets: float) -> float:
@@ -383,7 +430,7 @@ def _default_time(rows) -> float:
 
 
 def program_kernels(module: HloModule | str, sort_model: bool = False,
-                    scatter_contention: bool = False) -> KernelTable:
+                    scatter_contention: bool = False, conv_model: bool = False) -> KernelTable:
   """The kernels a program launches, with per-launch FLOPs and bytes, class and launch count.
 
   Walks the entry computation: every instruction that is not bookkeeping (parameters, tuples,
@@ -409,11 +456,16 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
     SCATTER_CHAIN_FLOPS`` (updates per distinct target, from the index and operand shapes; 1 for
     scatters that overwrite or have ``unique_indices``), so the roofline's time is ``max(chain / rate,
     bytes / bandwidth)``: throughput-bound at low contention, chain-bound at high.
+  - ``conv_model``: a cuDNN convolution custom call counts the FLOPs of its direction
+    (:func:`cudnn_conv_flops`: backward-input and backward-filter calls do the forward convolution's
+    multiply-adds; the default count takes the forward formula on the permuted shapes, 4x or more too
+    many for strided or 1x1 convolutions' backward passes).
 
   Args:
     module: a parsed :class:`~mlsys_jax.cost.hlo.HloModule` or HLO text.
     sort_model: bool, the sort option above.
     scatter_contention: bool, the scatter option above.
+    conv_model: bool, the convolution option above.
   Returns:
     A :class:`KernelTable` (possibly empty: a program that only forwards its parameters).
   """
@@ -421,7 +473,8 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
     module = parse_hlo(module)
   if not isinstance(module, HloModule):
     raise TypeError(f"program_kernels needs an HloModule or HLO text, got {type(module).__name__}.")
-  for nm, v in (("sort_model", sort_model), ("scatter_contention", scatter_contention)):
+  for nm, v in (("sort_model", sort_model), ("scatter_contention", scatter_contention),
+                ("conv_model", conv_model)):
     if not isinstance(v, (bool, np.bool_)):
       raise TypeError(f"program_kernels: {nm} must be a bool (True/False), got {v!r}.")
   rows: list[tuple[float, float, int, float, str, bool]] = []
@@ -474,6 +527,12 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
       if special is None:
         f, b, k = _kernel(module, ins, names)
         launches = 1.0
+        if conv_model and op == "custom-call" and "dim_labels" in ins.attrs and \
+            any(s_ in ins.attrs.get("custom_call_target", "").lower() for s_ in _CONV_TARGETS):
+          shapes = [names[o].shape for o in ins.operands if o in names]
+          if len(shapes) >= 2:
+            f = cudnn_conv_flops(ins.attrs.get("custom_call_target", ""), shapes, _first(ins.shape),
+                                 ins.attrs["dim_labels"])
       else:
         f, b, k, launches = special
       rows.append((f, b, force_class if force_class is not None else k, mult * launches, ins.name.lstrip("%"),
@@ -526,7 +585,7 @@ class KernelLabels(NamedTuple):
   unassigned_s: float
 
 
-def match_kernel_times(table: KernelTable, kernel_times: dict) -> KernelLabels:
+def match_kernel_times(table: KernelTable, kernel_times: dict, shared_kernels: bool = False) -> KernelLabels:
   """Assign the profiler's per-kernel times of one program run to the rows of its kernel table.
 
   Rule: a profiler kernel whose name is :func:`profile_name` of a kernel's HLO name labels that kernel
@@ -538,12 +597,21 @@ def match_kernel_times(table: KernelTable, kernel_times: dict) -> KernelLabels:
   Kernels whose ``table.count`` is 0 (a loop with ``known_trip_count`` 0) launch nothing and get no
   label (a name match to one is unassigned time), so every group can be fitted.
 
+  With ``shared_kernels``: XLA compiles identical fusions (same fused computation and shapes) once and
+  launches that one kernel, named after the first of them, for each (on the H200 data ``rnn``'s loop body
+  holds ``gemm_fusion_dot_general.2`` and ``.3``, and the profiler shows only ``..._2``, with the time of
+  both); so a kernel that no profiler name matched, not a library call, whose (class, FLOPs, bytes) equal
+  those of a name-matched kernel joins that kernel's group instead of the pool.
+
   Args:
     table: a :class:`KernelTable` from :func:`program_kernels` (with ``names`` and ``library``).
     kernel_times: profiler kernel name -> seconds per program run (``dataset.load_device_times``).
+    shared_kernels: bool, the rule for XLA's shared kernels above (default off: as before).
   Returns:
     :class:`KernelLabels` (possibly with no groups).
   """
+  if not isinstance(shared_kernels, (bool, np.bool_)):
+    raise TypeError(f"shared_kernels must be a bool, got {shared_kernels!r}.")
   if not isinstance(table, KernelTable):
     raise TypeError(f"match_kernel_times needs a KernelTable, got {type(table).__name__}.")
   if table.names is None or table.library is None or len(table.names) != table.flops.size \
@@ -562,6 +630,17 @@ def match_kernel_times(table: KernelTable, kernel_times: dict) -> KernelLabels:
   rows, group, times = [], [], []
   matched_rows: set[int] = set()
   matched = pooled = lost = 0.0
+  if shared_kernels:   # unmatched, non-library kernels identical to a name-matched one run as its kernel
+    sig = lambda i: (int(table.klass[i]), float(table.flops[i]), float(table.bytes[i]))
+    named = {i for n in kernel_times for i in by_name.get(n, [])}
+    owner: dict = {}
+    for n in sorted(kernel_times):
+      for i in by_name.get(n, []):
+        owner.setdefault(sig(i), n)
+    by_name = {n: list(ix) for n, ix in by_name.items()}
+    for i in range(table.flops.size):
+      if i not in named and not table.library[i] and sig(i) in owner:
+        by_name[owner[sig(i)]].append(i)
   for name in sorted(kernel_times):
     v = float(kernel_times[name])
     ix = by_name.get(name)
@@ -622,6 +701,11 @@ class KernelRoofline(NamedTuple):
       profiled device time, or None (1): ``T = O_d + sum_k m_k (s_d (softmax + o) + g)`` (fitted with
       per-kernel labels and ``KernelRooflineConfig.wall_scale``; on the profiled H200 programs the timed
       wall time of long programs is ~1.1x their profiled busy time).
+    l2_bytes, log_l2_speedup: the L2-residency term (``KernelRooflineConfig.l2_bytes``), or None: a
+      kernel's first ``l2_bytes`` bytes move ``r_d = exp(log_l2_speedup[d])`` times faster than the class's
+      byte rate, the rest at it (:func:`l2_effective_bytes`).
+    overhead_overlap: a kernel's time is ``softmax_p(f/F, b/B, o)`` (its fixed latency overlaps its work)
+      instead of ``softmax_p(f/F, b/B) + o`` (``KernelRooflineConfig.overhead_overlap``).
   """
   devices: tuple
   log_flops_rate: np.ndarray
@@ -636,6 +720,31 @@ class KernelRoofline(NamedTuple):
   log_host_launch: np.ndarray | None = None
   log_wall_scale: np.ndarray | None = None
   gap_library_only: bool = False
+  l2_bytes: float | None = None
+  log_l2_speedup: np.ndarray | None = None
+  overhead_overlap: bool = False
+
+
+def l2_effective_bytes(nbytes, l2_bytes: float, log_speedup, xp=np):
+  """HBM-equivalent bytes of kernels whose working set may sit in the last-level cache:
+  ``min(b, L) / r + max(b - L, 0)`` with ``r = exp(log_speedup)`` -- a two-level memory roofline
+  (Ilic, Pratas and Sousa, "Cache-aware roofline model", IEEE CAL 2014, Eq. 2-3: the bandwidth of the
+  level the data come from): a kernel moving less than the L2 capacity ``L`` (50 MB on the H100/H200)
+  mostly reads what the previous kernel, or the previous timed call, left in L2 (on the H200 data,
+  ~1 us kernels of a few MB in ``rnn``'s loop bodies run above the HBM bandwidth), the bytes beyond it
+  stream from HBM.
+
+  >>> float(l2_effective_bytes(np.asarray(3e7), 5e7, np.log(2.0))), float(l2_effective_bytes(np.asarray(8e7), 5e7, 0.0))
+  (15000000.0, 80000000.0)
+  """
+  if not (np.isfinite(l2_bytes) and l2_bytes > 0):
+    raise ValueError(f"l2_bytes must be positive and finite, got {l2_bytes!r}.")
+  return xp.minimum(nbytes, l2_bytes) * xp.exp(-log_speedup) + xp.maximum(nbytes - l2_bytes, 0.0)
+
+
+def _kernel_time(a, c, o, p, overlap: bool, xp=np):
+  """One launch's device time: ``softmax_p(a, c) + o``, or with ``overlap`` ``softmax_p(softmax_p(a, c), o)``."""
+  return _soft_max(_soft_max(a, c, p, xp), o, p, xp) if overlap else _soft_max(a, c, p, xp) + o
 
 
 def _soft_max(a, b, p, xp=np):
@@ -726,8 +835,10 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     # a scatter class without training kernels on the device: its FLOPs are the contention feature
     # (program_kernels' scatter_contention), whose cost no training kernel identified -- bandwidth only
     a = np.where(np.isin(k, _SCATTER_IDS) & (model.train_kernels[kd, k] == 0), 0.0, a)
+  if model.l2_bytes is not None:
+    b = l2_effective_bytes(b, model.l2_bytes, model.log_l2_speedup[kd])
   c = b / np.exp(model.log_bytes_rate[kd, k])
-  t = m * (_soft_max(a, c, model.sharpness) + np.exp(model.log_overhead[kd, k]))
+  t = m * _kernel_time(a, c, np.exp(model.log_overhead[kd, k]), model.sharpness, model.overhead_overlap)
   if what == "busy":
     out = np.zeros(len(tables))
   else:
@@ -755,7 +866,8 @@ class KernelRooflineConfig(NamedTuple):
     ridge: weight of the L2 penalty that pulls each class's log parameters toward the device's shared
       value and each device's toward the shared one (a class with no training kernels gets the median of
       the device's fitted classes; :func:`kernel_roofline_ood` flags the programs that use one).
-    objective: 'log' (squared log error) or 'mape' (mean absolute percentage error).
+    objective: 'log' (squared log error), 'mape' (mean absolute percentage error), or 'huber_log' (the
+      pseudo-Huber loss of the log error, :data:`HUBER_DELTA`; also on the kernel labels).
     calibrate: after fitting, scale every predicted time by the one factor that minimises the training
       programs' MAPE (``metrics.mape_scale``; a log-error fit predicts the median, MAPE is minimised
       lower); the scale is folded into the rates and overheads.
@@ -785,6 +897,14 @@ class KernelRooflineConfig(NamedTuple):
       (``KernelTable.library``: cuBLAS / cuDNN custom calls, whose host-side set-up leaves the device idle);
       XLA's own kernels are queued back to back (on the profiled H200 programs, wall - busy time grows by
       ~0.1-0.3 us per launch, but ~4-5 us per library call).
+    l2_bytes: None (off), or the last-level cache capacity in bytes (``L2_BYTES``): also fit a per-device
+      L2 speed-up ``r_d`` (log parameter, starting at 1, no penalty): each kernel's bytes count as
+      :func:`l2_effective_bytes` ``(b, l2_bytes, log r_d)``.
+    overhead_overlap: a kernel's device time is ``softmax_p(softmax_p(f/F, b/B), o)``: the per-launch
+      latency ``o`` (launch, block scheduling, tail: ~1.1 us for the smallest kernels on the H200 data)
+      is a floor that the kernel's work hides, as in a roofline with a latency ceiling, instead of a
+      cost added to every launch (on the H200 data a 4.7 MB reduction inside ``rnn``'s loop takes 1.8 us:
+      less than 1.1 us plus its bytes at the HBM bandwidth).
   """
   sharpness: float = 16.0
   ridge: float = 0.001
@@ -808,6 +928,22 @@ class KernelRooflineConfig(NamedTuple):
   bytes_ridge: float | None = None
   wall_scale: bool = False
   gap_library_only: bool = False
+  l2_bytes: float | None = None
+  overhead_overlap: bool = False
+
+
+HUBER_DELTA = 0.1
+"""Scale (log units: ~10%) below which the ``huber_log`` objective is quadratic, above which linear."""
+
+
+def _log_loss(e, objective: str, xp=np):
+  """Per-error loss of log errors ``e``: ``e^2`` ('log', and 'mape' for the kernel labels), or the
+  pseudo-Huber loss ``2 delta^2 (sqrt(1 + (e / delta)^2) - 1)`` ('huber_log'; Charbonnier et al., ICIP 1994;
+  quadratic like ``e^2`` for ``|e| << delta`` = :data:`HUBER_DELTA`, ``~2 delta |e|`` beyond: a median-like
+  fit that a few 2-50x outlier programs do not pull)."""
+  if objective != "huber_log":
+    return e ** 2
+  return 2.0 * HUBER_DELTA ** 2 * (xp.sqrt(1.0 + (e / HUBER_DELTA) ** 2) - 1.0)
 
 
 def _label_arrays(tables, kernel_labels, n_prog):
@@ -887,10 +1023,10 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   y = np.asarray(runtime_s, np.float64)
   if y.shape != (len(tables),) or not np.all(np.isfinite(y) & (y > 0)):
     raise ValueError(f"runtime_s must be {len(tables)} positive finite runtimes, got shape {y.shape}.")
-  if config.objective not in ("log", "mape"):
-    raise ValueError(f"objective must be 'log' or 'mape', got {config.objective!r}.")
+  if config.objective not in ("log", "mape", "huber_log"):
+    raise ValueError(f"objective must be 'log', 'mape' or 'huber_log', got {config.objective!r}.")
   for nm in ("calibrate", "gap_per_class", "host_floor", "host_launch", "host_launch_per_class", "wall_scale",
-             "gap_library_only"):
+             "gap_library_only", "overhead_overlap"):
     if not isinstance(getattr(config, nm), (bool, np.bool_)):
       raise TypeError(f"KernelRooflineConfig.{nm} must be a bool (True/False), got {getattr(config, nm)!r}.")
   for nm in ("ridge", "init_host_launch_s", "bytes_ridge"):
@@ -909,6 +1045,10 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     raise ValueError(f"need sharpness >= 1, ridge >= 0, steps >= 1, learning_rate > 0, kernel_weight >= 0, "
                      f"init_launch_gap_s > 0, init_host_floor_s > 0, floor_sharpness >= 1, init_host_launch_s > 0, "
                      f"bytes_ridge None or >= 0; got {config}.")
+  if config.l2_bytes is not None and (isinstance(config.l2_bytes, (bool, np.bool_)) or not isinstance(
+      config.l2_bytes, (int, float, np.integer, np.floating)) or not (np.isfinite(config.l2_bytes) and config.l2_bytes > 0)):
+    raise ValueError(f"KernelRooflineConfig.l2_bytes must be None or a positive finite number of bytes, got "
+                     f"{config.l2_bytes!r}.")
   if config.host_launch and not config.host_floor:
     raise ValueError("host_launch adds per-launch costs to the host floor's side of the overlap: set "
                      "host_floor=True too.")
@@ -943,6 +1083,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   wall_scale = config.wall_scale
   if wall_scale:
     params["wscale"] = jnp.zeros((D,), jnp.float32)
+  if config.l2_bytes is not None:
+    params["l2"] = jnp.zeros((D,), jnp.float32)
+    l2u = float(config.l2_bytes) * unit
   if config.host_launch:
     params["hl"] = jnp.full((D,), np.log(config.init_host_launch_s / unit), jnp.float32)
     if config.host_launch_per_class:
@@ -966,12 +1109,13 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   def loss(p):
     per, prog = logs(p)
     a = fj / jnp.exp(per[0][kdj, kj])
-    c = bj / jnp.exp(per[1][kdj, kj])
-    t = mj * (_soft_max(a, c, P, jnp) + jnp.exp(per[2][kdj, kj]))
+    bb = bj if config.l2_bytes is None else l2_effective_bytes(bj, l2u, p["l2"][kdj], jnp)
+    c = bb / jnp.exp(per[1][kdj, kj])
+    t = mj * _kernel_time(a, c, jnp.exp(per[2][kdj, kj]), P, config.overhead_overlap, jnp)
     kerr = 0.0
     if labs is not None:
       grp = jax.ops.segment_sum(t[lrj], lgj, num_segments=n_groups)
-      kerr = config.kernel_weight * jnp.mean((jnp.log(grp) - lty) ** 2)
+      kerr = config.kernel_weight * jnp.mean(_log_loss(jnp.log(grp) - lty, config.objective, jnp))
       if wall_scale:
         t = t * jnp.exp(p["wscale"])[kdj]
       gap = p["gap"][:, None] + (p["gap_cls"][None, :] + p["gap_inter"] if config.gap_per_class else 0.0)
@@ -983,7 +1127,8 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
         host = host + jax.ops.segment_sum(mj * jnp.exp(host_launch(p)[kdj, kj]), rj, num_segments=n)
       pred = _soft_max(pred, host, config.floor_sharpness, jnp)
     lp = jnp.log(pred)
-    err = jnp.mean((lp - ly) ** 2) if config.objective == "log" else jnp.mean(jnp.abs(jnp.exp(lp - ly) - 1.0))
+    err = jnp.mean(jnp.abs(jnp.exp(lp - ly) - 1.0)) if config.objective == "mape" else \
+        jnp.mean(_log_loss(lp - ly, config.objective, jnp))
     # class and interaction terms of (flops rate, bytes rate, overhead): ridge each, or bytes_ridge for the
     # byte rates (one HBM bandwidth shared by the memory-bound kernels of every class, up to the penalty)
     # means over the base classes plus the option classes present (n_pen): an option class absent from
@@ -1044,9 +1189,13 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   ws = np.asarray(params["wscale"], np.float64) if wall_scale else None
   if ws is not None and not np.all(np.isfinite(ws)):
     raise FloatingPointError("fit_kernel_roofline diverged (non-finite wall scale); lower learning_rate.")
+  l2 = np.asarray(params["l2"], np.float64) if config.l2_bytes is not None else None
+  if l2 is not None and not np.all(np.isfinite(l2)):
+    raise FloatingPointError("fit_kernel_roofline diverged (non-finite L2 speed-up); lower learning_rate.")
   model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen, gap,
                          floor, float(config.floor_sharpness), hl, ws,
-                         bool(config.gap_library_only))
+                         bool(config.gap_library_only), None if l2 is None else float(config.l2_bytes), l2,
+                         bool(config.overhead_overlap))
   if config.calibrate:
     from mlsys_jax.cost.metrics import mape_scale
     model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev), y))
