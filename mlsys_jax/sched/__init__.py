@@ -13,6 +13,7 @@ Public API of IOS:
   Schedule (apply / __call__, summary, measure, to_json, from_json)
   sequential_schedule(graph) -> [Stage]  the baseline: one unit per stage
   AnalyticalCost, StageProfiler          stage cost models (roofline; on-device differential timing)
+  calibrate.calibrate_cost               AnalyticalCost fitted to whole programs measured in-graph
   build_graph, Graph, Unit               jaxpr -> unit DAG with blocks/parts
   relayout_conv_kernels                  conv kernels stored in the layout the GPU conv reads
   ios_dp, Stage                          the dynamic program over ending sets
@@ -23,6 +24,7 @@ Public API of IOS:
   check_configs                                   the check's set for a function (adds conv fusion for grouped convs)
 """
 
+from mlsys_jax.sched import calibrate
 from mlsys_jax.sched.api import Schedule, ios_schedule, sequential_schedule
 from mlsys_jax.sched.bound import longest_paths, path_program, stage_critical_path
 from mlsys_jax.sched.cost import AnalyticalCost, StageProfiler
@@ -32,7 +34,7 @@ from mlsys_jax.sched.emit import (CUDA_GRAPH_OPTIONS, compiler_options, merge_ke
 from mlsys_jax.sched.graph import Graph, Unit, build_graph, relayout_conv_kernels
 from mlsys_jax.sched.xla import CHECK_CONFIGS, CONV_FUSION_OPTIONS, GROUPED_CONV_CHECK_CONFIGS, XLA_CONFIGS, check_configs
 
-__all__ = ["ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
+__all__ = ["calibrate", "ios_schedule", "Schedule", "sequential_schedule", "AnalyticalCost", "StageProfiler",
            "Stage", "ios_dp", "CUDA_GRAPH_OPTIONS", "compiler_options", "merge_key", "stream_call",
            "stream_call_available", "Graph", "Unit", "build_graph", "relayout_conv_kernels",
            "longest_paths", "path_program", "stage_critical_path", "XLA_CONFIGS", "CHECK_CONFIGS", "CONV_FUSION_OPTIONS",

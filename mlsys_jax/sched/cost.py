@@ -3,8 +3,10 @@
 * ``AnalyticalCost``: a roofline with an under-utilisation term and a per-kernel launch cost; cheap,
   deterministic, used for CPU runs and tests. A unit of F flops and B bytes takes
   ``launch + max(max(F, F_sat) / peak, B / bw)``; a concurrent stage takes
-  ``launch * groups + max(longest group, sum F / peak, sum B / bw)``; a merge stage is one conv over the
-  padded kernels.
+  ``launch * (groups - 1) + max(longest group, sum F / peak, sum B / bw)
+  + serial_fraction * (sum of groups - longest group)``; a merge stage is one conv over the padded
+  kernels. Its parameters can be fitted to whole programs measured on the device
+  (:func:`mlsys_jax.sched.calibrate.calibrate_cost`).
 * ``StageProfiler``: measures a candidate stage on the device. The stage is emitted exactly as in the
   final program (same merge code, same XLA options), compiled, warmed up, and timed by *differential
   timing*: a program with K copies chained through ``lax.optimization_barrier`` (each copy reads the
@@ -45,6 +47,22 @@ from mlsys_jax.sched.graph import Graph
 INF = float("inf")
 
 
+def merge_flops_bytes(g: Graph, st: Stage) -> tuple[float, float, int]:
+  """FLOPs and DRAM bytes of a merge stage run as one conv over the concatenated, centred zero-padded
+  kernels (the input is read once), and the number of convs merged."""
+  units = st.groups[0]
+  e0 = g.eqns[g.units[units[0]].anchor]
+  dn = e0.params["dimension_numbers"]
+  ws = [g.avals[g.eqns[g.units[u].anchor].inputs[1]] for u in units]
+  ksp = int(np.prod([max(w.shape[d] for w in ws) for d in dn.rhs_spec[2:]]))
+  kin = ws[0].shape[dn.rhs_spec[1]]
+  out_elems = sum(int(np.prod(g.avals[g.eqns[g.units[u].anchor].outputs[0]].shape)) for u in units)
+  f = 2.0 * out_elems * kin * ksp
+  b = float(sum(g.unit_flops_bytes(u)[1] for u in units))
+  b -= (len(units) - 1) * g.avals[e0.inputs[0]].size * g.avals[e0.inputs[0]].dtype.itemsize
+  return f, b, len(units)
+
+
 def _valid(g: Graph, st: Stage) -> bool:
   units = st.units
   if len(units) > 1 and any(g.units[u].opaque for u in units):
@@ -67,11 +85,21 @@ class AnalyticalCost:
   """
 
   def __init__(self, peak_flops: float = 400e12, bandwidth: float = 3.0e12, launch_s: float = 2e-6,
-               sat_flops: float = 2e9, merge_launch_s: Optional[float] = None):
-    if peak_flops <= 0 or bandwidth <= 0 or launch_s < 0 or sat_flops < 0:
-      raise ValueError("AnalyticalCost: peak_flops, bandwidth > 0 and launch_s, sat_flops >= 0")
+               sat_flops: float = 2e9, merge_launch_s: Optional[float] = None, serial_fraction: float = 0.0):
+    vals = dict(peak_flops=peak_flops, bandwidth=bandwidth, launch_s=launch_s, sat_flops=sat_flops,
+                merge_launch_s=0.0 if merge_launch_s is None else merge_launch_s, serial_fraction=serial_fraction)
+    bad = [f"{k}={v!r}" for k, v in vals.items() if not np.isfinite(v)]
+    if bad:
+      raise ValueError(f"AnalyticalCost: every parameter must be a finite number, got {', '.join(bad)}")
+    if peak_flops <= 0 or bandwidth <= 0 or launch_s < 0 or sat_flops < 0 or vals["merge_launch_s"] < 0:
+      raise ValueError("AnalyticalCost: peak_flops, bandwidth > 0 and launch_s, sat_flops, merge_launch_s >= 0, "
+                       f"got {vals}")
+    if not 0.0 <= serial_fraction <= 1.0:
+      raise ValueError(f"AnalyticalCost: serial_fraction is the part of a concurrent stage's shorter groups "
+                       f"that does not overlap the longest one, in [0, 1], got {serial_fraction!r}")
     self.peak, self.bw, self.launch, self.sat = peak_flops, bandwidth, launch_s, sat_flops
     self.merge_launch = launch_s if merge_launch_s is None else merge_launch_s
+    self.serial = float(serial_fraction)
     self._units: dict = {}  # id(graph) -> (weakref to the graph, model parameters, {unit: (time, flops, bytes)})
 
   def _unit_terms(self, g: Graph) -> dict:
@@ -99,24 +127,24 @@ class AnalyticalCost:
     if not _valid(g, st):
       return INF
     if st.kind == "merge":
-      units = st.groups[0]
-      e0 = g.eqns[g.units[units[0]].anchor]
-      dn = e0.params["dimension_numbers"]
-      ws = [g.avals[g.eqns[g.units[u].anchor].inputs[1]] for u in units]
-      ksp = int(np.prod([max(w.shape[d] for w in ws) for d in dn.rhs_spec[2:]]))
-      kin = ws[0].shape[dn.rhs_spec[1]]
-      out_elems = sum(int(np.prod(g.avals[g.eqns[g.units[u].anchor].outputs[0]].shape)) for u in units)
-      f = 2.0 * out_elems * kin * ksp
-      b = float(sum(g.unit_flops_bytes(u)[1] for u in units))
-      b -= (len(units) - 1) * g.avals[e0.inputs[0]].size * g.avals[e0.inputs[0]].dtype.itemsize
+      f, b, n = merge_flops_bytes(g, st)
       return self.merge_launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw) + \
-          self.launch * 0.25 * (len(units) - 1)
+          self.launch * 0.25 * (n - 1)
     memo = self._unit_terms(g)
     terms = [[memo.get(u) or self._unit(g, u) for u in grp] for grp in st.groups]
     groups = [sum(t[0] for t in grp) for grp in terms]   # the same sums, in the same order, as per unit
     tot_f = sum(t[1] for grp in terms for t in grp)
     tot_b = sum(t[2] for grp in terms for t in grp)
-    return self.launch * (len(st.groups) - 1) + max(max(groups), tot_f / self.peak, tot_b / self.bw)
+    longest = max(groups)
+    t = self.launch * (len(st.groups) - 1) + max(longest, tot_f / self.peak, tot_b / self.bw)
+    if self.serial and len(groups) > 1:
+      t += self.serial * (sum(groups) - longest)
+    return t
+
+  def params(self) -> dict:
+    """The model's parameters, as keyword arguments of the constructor."""
+    return dict(peak_flops=self.peak, bandwidth=self.bw, launch_s=self.launch, sat_flops=self.sat,
+                merge_launch_s=self.merge_launch, serial_fraction=self.serial)
 
 
 def _random_like(aval, key):
