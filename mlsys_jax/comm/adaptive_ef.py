@@ -31,6 +31,11 @@ steps and passes it at 1,200) a short cap is the one that helps: ``spread_releas
 axis_name=...), mode='leaky', max_interval=16)`` before ``optax.adam`` (15 paired seeds; docs/comm.md,
 "Issue 18 at 1% on mnist1d"; it buys speed: at 1,200 steps the plain chain ends higher); the default
 ``max_interval=100`` stays the 0.1% screens' choice.
+``mode='rate'`` (session 17, rate holding: a release's rate ``B / T`` emitted from the release on, mass-exact
+through a correction that may borrow up to one release ahead of the next) keeps the large layer moving between its
+releases; chosen on seeds 0-4 it measured -1.19 pt vs Adam on the fresh seeds 30-44 (mnist1d 1%, Top-k, 8 workers,
+600 steps), where the leaky spread with cap 16 gave -0.80 (rate vs leaky -0.39 [-0.98, +0.30]): no better than
+``'leaky'``, kept as the tested record (docs/comm.md, "Issue 18 at 1% on mnist1d", session 17).
 ``noise=`` (a per-coordinate alternation while a release is delivered, so that Adam moves a delivered rate
 ``r`` by ``~r / sqrt(r^2 + noise^2)`` rather than ``sign(r)``) did not rescue the spread with the Adam-aware
 selection either: ``'linear'``, ``max_interval=100``, ``noise=0.35`` after ``topk(0.001,
@@ -134,7 +139,8 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       still owes with time constant ``T``, so after ``T`` steps the rate fades (``out -> 0``,
       ``pending -> -r T``: the borrowed mass is at most one release) and the next release repays it
       (``pending += B'``). Everything released is delivered (``pending`` bounded by one release); only the
-      timing changes: the coordinate keeps moving between its releases instead of stopping.
+      timing changes: the coordinate keeps moving between its releases instead of stopping. Measured no
+      better than ``'leaky'`` at 1% on mnist1d (session 17; docs/comm.md).
     max_interval: the longest interval a release is spread over (steps, >= 1; default 100, the best of
       50 / 100 / 200 / none in the mnist1d screens); None: no limit (the first release of a coordinate
       then spreads over all steps since the start).
@@ -180,6 +186,20 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
 
     Step 1 releases 3.0 for the second entry after 2 steps: 1.5 is delivered, 1.5 stays pending and
     flows out at 1/2 per step (0.75, then 0.375 + 1.5 from the next release's 3.0 over 2 steps).
+
+    >>> tx = spread_releases(topk(0.5), mode='rate', max_interval=16)
+    >>> s = tx.init({'w': jnp.zeros(2)})
+    >>> for t in range(4):
+    ...   out, s = tx.update({'w': jnp.array([2.0, 1.5])}, s)
+    ...   print(out['w'].tolist(), s.pending['w'].tolist())
+    [2.0, 0.0] [0.0, 0.0]
+    [2.0, 1.5] [-2.0, 1.5]
+    [1.0, 1.5] [1.0, 0.0]
+    [1.5, 1.5] [-0.5, 1.5]
+
+    With ``'rate'`` the second entry gets its gradient 1.5 on every step from its first release on; the
+    first keeps moving at 2.0 before its next release (``pending`` -2.0: borrowed), and that release (4.0)
+    repays it, the correction converging to 2.0 per step.
   """
   if not isinstance(compressor, optax.GradientTransformation):
     raise TypeError(f"compressor must be an optax.GradientTransformation (e.g. topk(0.001, axis_name='d')), "
