@@ -47,7 +47,8 @@ flags.DEFINE_string("saved_dir", os.path.join(_ROOT, "benchmarks/results/ios_sch
                     "searching (RandWire IOS-Both, NasNet-A)")
 flags.DEFINE_string("out", os.path.join(_ROOT, "experiments/results/ios_calibrate_s17.json"), "output JSON")
 flags.DEFINE_string("schedules_out", os.path.join(_ROOT, "experiments/results/ios_calibrate_schedules"),
-                    "directory for the schedules the calibrated DP picks (to time on a GPU)")
+                    "directory for the schedules the calibrated DP picks, named as `benchmarks/ios.py batch "
+                    "--schedules DIR --no_search` loads them (to time them on a GPU)")
 flags.DEFINE_float("ridge", 1e-5, "pull toward the default model in the fit (log space)")
 flags.DEFINE_float("within", 0.15, "the issue's whole-program prediction tolerance")
 flags.DEFINE_bool("search_calibrated", True, "run the DP with each network's calibrated cost at batch 1")
@@ -203,7 +204,7 @@ def main(_):
         sc = sched.ios_schedule(f, x, strategy=strat, profiler=cal.cost, check="off")
         same = [k for k, i in ((keys[i][3], i) for i in b1)
                 if [(s.kind, s.groups) for s in progs[i].stages] == [(s.kind, s.groups) for s in sc.stages]]
-        name = f"sched_{nd[0]}_{nd[1]}_b1_{strat}_calibrated.json"
+        name = f"sched_{nd[0]}_{nd[1]}_b1_{strat}.json"   # the names `benchmarks/ios.py batch --schedules` loads
         with open(os.path.join(FLAGS.schedules_out, name), "w") as fh:
           fh.write(sc.to_json())
         row[f"calibrated_{strat}"] = {"calibrated_pred_s": cal.predict(sc), "stages": len(sc.stages),
