@@ -20,7 +20,9 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        winner `spread_releases(topk(0.01), mode='rate', max_interval=16)` on its screen seeds 0-4 and the fresh
        seeds 30-44 (never used before session 17), with Adam, the plain chain and spread16 re-run on 30-44; the
        confirmation (30-44) against Adam, spread16 and the plain chain (paired), and Adam / plain / spread16
-       pooled over all 45 seeds of this host (0-44)
+       pooled over all 45 seeds of this host (0-44); round 3's winner `spread_releases(topk(0.01), mode='leaky',
+       max_interval=16, until=450)` on its screen seeds 0-4 and the fresh seeds 45-59 (Adam, plain and spread16
+       re-run there), the same comparisons on 45-59, and Adam / plain / spread16 over all 60 seeds (0-59)
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -208,18 +210,22 @@ def pool_s16() -> dict:
 
 
 S17_CONFIRM = "compressed_adam_mnist1d_600_0.01_s17_confirm_seeds30-44.json"   # seeds never used before session 17
+S17_CONFIRM2 = "compressed_adam_mnist1d_600_0.01_s17_confirm2_seeds45-59.json"   # round 3's fresh seeds
 S17 = {  # arm: (key, files of its seed sets, in seed order)
-    "plain": ("topk 0.01 chain", S16["plain"][1] + [S17_CONFIRM]),
-    "spread16": ("topk 0.01 chain spread-leaky@16", S16["spread"][1] + [S17_CONFIRM]),
+    "plain": ("topk 0.01 chain", S16["plain"][1] + [S17_CONFIRM, S17_CONFIRM2]),
+    "spread16": ("topk 0.01 chain spread-leaky@16", S16["spread"][1] + [S17_CONFIRM, S17_CONFIRM2]),
     "rate16": ("topk 0.01 chain spread-rate@16", ["compressed_adam_mnist1d_600_0.01_s17_rate_screen_seeds0-4.json",
                                                    S17_CONFIRM]),
+    "until450": ("topk 0.01 chain spread-leaky@16u450",
+                 ["compressed_adam_mnist1d_600_0.01_s17_until_screen_seeds0-4.json", S17_CONFIRM2]),
 }
+S17_FRESH = {"rate16": (30, 45), "until450": (45, 60)}   # each winner's confirmation seeds
 
 
 def pool_s17() -> dict:
-  """Session 17 (session 16's host): the rate-holding winner on the fresh seeds 30-44 against Adam, spread16 and the
-  plain chain, all re-run on those seeds (paired); every arm's seed sets pooled (Adam checked equal seed by seed
-  across files)."""
+  """Session 17 (session 16's host): each round's winner on its fresh seeds (rate holding: 30-44; leaky16 with
+  until=450: 45-59) against Adam, spread16 and the plain chain, all re-run on those seeds (paired); every arm's seed
+  sets pooled (Adam checked equal seed by seed across files)."""
   out, adam, acc = {}, {}, {}
   for arm, (key, files) in S17.items():
     runs = [json.load(open(R + f)) for f in files]
@@ -235,19 +241,26 @@ def pool_s17() -> dict:
     res = {"key": key, "files": files, "seeds": seeds, "accuracy": X,
            "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []), "provenance": runs[-1]["provenance"],
            "vs_adam_all": _compare(X, A)}
-    fresh = [i for i, sd in enumerate(seeds) if sd >= 30]
-    res["vs_adam_seeds30-44"] = c = _compare([X[i] for i in fresh], [A[i] for i in fresh])
-    print("s17", arm, "seeds30-44 vs Adam", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
+    for lo, hi in ((30, 45), (45, 60)):
+      fresh = [i for i, sd in enumerate(seeds) if lo <= sd < hi]
+      if fresh:
+        res[f"vs_adam_seeds{lo}-{hi - 1}"] = c = _compare([X[i] for i in fresh], [A[i] for i in fresh])
+        print("s17", arm, f"seeds{lo}-{hi - 1} vs Adam", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
     print("s17", arm, f"all {len(seeds)} seeds vs Adam", _fmt(res["vs_adam_all"]))
     out[arm] = res
-  fresh = list(range(30, 45))
-  for a, b in (("rate16", "spread16"), ("rate16", "plain"), ("spread16", "plain")):
-    out[a]["vs_" + b + "_seeds30-44"] = c = _compare([acc[a][sd] for sd in fresh], [acc[b][sd] for sd in fresh])
-    print("s17", a, "vs", b, "seeds30-44", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
-  both = sorted(set(acc["rate16"]) & set(acc["spread16"]))
-  out["rate16"]["vs_spread16_shared_seeds"] = c = _compare([acc["rate16"][sd] for sd in both],
-                                                           [acc["spread16"][sd] for sd in both])
-  print("s17 rate16 vs spread16 on seeds", both, _fmt(c))
+  for a, (lo, hi) in S17_FRESH.items():
+    fresh = list(range(lo, hi))
+    for b in ("spread16", "plain"):
+      out[a][f"vs_{b}_seeds{lo}-{hi - 1}"] = c = _compare([acc[a][sd] for sd in fresh], [acc[b][sd] for sd in fresh])
+      print("s17", a, "vs", b, f"seeds{lo}-{hi - 1}", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
+    both = sorted(set(acc[a]) & set(acc["spread16"]))
+    out[a]["vs_spread16_shared_seeds"] = c = _compare([acc[a][sd] for sd in both], [acc["spread16"][sd] for sd in both])
+    print("s17", a, "vs spread16 on seeds", both, _fmt(c))
+  for lo, hi in ((30, 45), (45, 60)):
+    fresh = list(range(lo, hi))
+    out["spread16"][f"vs_plain_seeds{lo}-{hi - 1}"] = c = _compare([acc["spread16"][sd] for sd in fresh],
+                                                                  [acc["plain"][sd] for sd in fresh])
+    print("s17 spread16 vs plain", f"seeds{lo}-{hi - 1}", _fmt(c))
   out["adam"] = {str(sd): adam[sd] for sd in sorted(adam)}
   json.dump(out, open(R + "compressed_adam_mnist1d_s17_host_pooled.json", "w"), indent=1)
   return out
