@@ -222,6 +222,10 @@ S17 = {  # arm: (key, files of its seed sets, in seed order)
 S17_FRESH = {"rate16": (30, 45), "until450": (45, 60)}   # each winner's confirmation seeds
 
 
+def _fmt_p(c) -> str:
+  return "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"])
+
+
 def pool_s17() -> dict:
   """Session 17 (session 16's host): each round's winner on its fresh seeds (rate holding: 30-44; leaky16 with
   until=450: 45-59) against Adam, spread16 and the plain chain, all re-run on those seeds (paired); every arm's seed
@@ -245,14 +249,14 @@ def pool_s17() -> dict:
       fresh = [i for i, sd in enumerate(seeds) if lo <= sd < hi]
       if fresh:
         res[f"vs_adam_seeds{lo}-{hi - 1}"] = c = _compare([X[i] for i in fresh], [A[i] for i in fresh])
-        print("s17", arm, f"seeds{lo}-{hi - 1} vs Adam", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
+        print("s17", arm, f"seeds{lo}-{hi - 1} vs Adam", _fmt(c), _fmt_p(c))
     print("s17", arm, f"all {len(seeds)} seeds vs Adam", _fmt(res["vs_adam_all"]))
     out[arm] = res
   for a, (lo, hi) in S17_FRESH.items():
     fresh = list(range(lo, hi))
     for b in ("spread16", "plain"):
       out[a][f"vs_{b}_seeds{lo}-{hi - 1}"] = c = _compare([acc[a][sd] for sd in fresh], [acc[b][sd] for sd in fresh])
-      print("s17", a, "vs", b, f"seeds{lo}-{hi - 1}", _fmt(c), "P %.2f [%.2f, %.2f]" % (c["p"], c["ci_low"], c["ci_high"]))
+      print("s17", a, "vs", b, f"seeds{lo}-{hi - 1}", _fmt(c), _fmt_p(c))
     both = sorted(set(acc[a]) & set(acc["spread16"]))
     out[a]["vs_spread16_shared_seeds"] = c = _compare([acc[a][sd] for sd in both], [acc["spread16"][sd] for sd in both])
     print("s17", a, "vs spread16 on seeds", both, _fmt(c))

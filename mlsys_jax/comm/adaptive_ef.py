@@ -41,9 +41,14 @@ releases; chosen on seeds 0-4 it measured -1.19 pt vs Adam on the fresh seeds 30
 selection either: ``'linear'``, ``max_interval=100``, ``noise=0.35`` after ``topk(0.001,
 precondition=optax.scale_by_rms())``: 65.5% vs 84.8% without the wrapper (mnist1d, seed 0, no warm-up).
 
-``until=`` spreads only the releases of the first steps (for the 0.1% recipe's raw-selection stage):
-measured no better than the recipe without it (session 13, mnist1d seeds 0-4: -1.38 vs -0.84 pt vs
-Adam); spreading every stage's releases of that recipe (``max_interval=16``) gave 65.2% vs 88.7% (seed 0).
+``until=`` spreads only the releases of the first steps. At 1% it is the best option measured (session 17):
+``spread_releases(topk(0.01, axis_name=...), mode='leaky', max_interval=16, until=450)`` over 600 steps (the
+last quarter delivered at once) gave +0.52 pt [-0.03, +1.01] vs ``optax.adam`` on 15 fresh mnist1d seeds (45-59,
+chosen on seeds 0-4 before them), +0.78 over the same spread without ``until`` (docs/comm.md, "Issue 18 at 1% on
+mnist1d"); ``until`` is a step count, so for another budget it is a fraction of the steps to choose. For the 0.1%
+recipe's raw-selection stage it measured no better than the recipe without it (session 13, mnist1d seeds 0-4:
+-1.38 vs -0.84 pt vs Adam); spreading every stage's releases of that recipe (``max_interval=16``) gave 65.2% vs
+88.7% (seed 0).
 
 :func:`gradient_units` keeps what reaches Adam in the gradient's units (one factor per leaf) when a
 compressor's selection switches from the raw gradient to the gradient over each worker's RMS (the 0.1%
@@ -162,7 +167,8 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       again keeps draining at its old rate). For a compressor whose selection changes during training,
       e.g. ``density_warmup`` with raw selection in its first stage and the Adam-aware
       ``rms_selection`` after it: spreading helps the raw releases and hurts the normalised ones
-      (docs/comm.md). None (default): every release is spread. Not with ``mode='rate'``.
+      (docs/comm.md). At 1% on mnist1d ``until=450`` of 600 steps (spread early for speed, deliver at
+      once late) measured best (session 17). None (default): every release is spread. Not with ``mode='rate'``.
     hold: ``mode='rate'`` only: the rate of a release is emitted for ``max(T, hold)`` steps after it (>= 1;
       after that only the correction flows, which repays any mass delivered ahead by moving the coordinate
       back). None (default): the rate is emitted until the next release (its own correction fades it).
