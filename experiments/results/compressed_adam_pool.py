@@ -27,6 +27,7 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
 import json
+import os
 import sys
 
 sys.path.insert(0, "experiments")
@@ -217,7 +218,13 @@ S17 = {  # arm: (key, files of its seed sets, in seed order)
     "rate16": ("topk 0.01 chain spread-rate@16", ["compressed_adam_mnist1d_600_0.01_s17_rate_screen_seeds0-4.json",
                                                    S17_CONFIRM]),
     "until450": ("topk 0.01 chain spread-leaky@16u450",
-                 ["compressed_adam_mnist1d_600_0.01_s17_until_screen_seeds0-4.json", S17_CONFIRM2]),
+                 ["compressed_adam_mnist1d_600_0.01_s17_until_screen_seeds0-4.json", S17_CONFIRM2]
+                 # after the confirmation: the same arm on the earlier seed sets of this host (Adam, plain and
+                 # spread16 from their runs), where they exist
+                 + [f for f in ("compressed_adam_mnist1d_600_0.01_s17_until450_seeds5-14.json",
+                                "compressed_adam_mnist1d_600_0.01_s17_until450_seeds15-29.json",
+                                "compressed_adam_mnist1d_600_0.01_s17_until450_seeds30-44.json")
+                    if os.path.exists(R + f)]),
 }
 S17_FRESH = {"rate16": (30, 45), "until450": (45, 60)}   # each winner's confirmation seeds
 
@@ -235,6 +242,9 @@ def pool_s17() -> dict:
     runs = [json.load(open(R + f)) for f in files]
     for f, r in zip(files, runs):
       check_same_data(runs[0], r, (files[0], f))
+      if not len(r["accuracy"][key]) == len(r["accuracy"]["adam"]) == len(r["seeds"]):
+        raise ValueError(f"s17 {arm}: {f} holds {len(r['accuracy'][key])} results of {key!r} for "
+                         f"{len(r['accuracy']['adam'])} Adam seeds (a run still going or stopped): finish it first.")
     seeds = sum([r["seeds"] for r in runs], [])
     assert len(set(seeds)) == len(seeds), f"s17 {arm}: overlapping seed sets {seeds}"
     A = sum([r["accuracy"]["adam"] for r in runs], [])
@@ -260,6 +270,12 @@ def pool_s17() -> dict:
     both = sorted(set(acc[a]) & set(acc["spread16"]))
     out[a]["vs_spread16_shared_seeds"] = c = _compare([acc[a][sd] for sd in both], [acc["spread16"][sd] for sd in both])
     print("s17", a, "vs spread16 on seeds", both, _fmt(c))
+    unsel = [sd for sd in sorted(acc[a]) if sd >= 5]   # every seed but the screen's 0-4
+    out[a]["unselected_seeds"] = unsel
+    for b in ("adam", "spread16", "plain"):
+      ref = adam if b == "adam" else acc[b]
+      out[a][f"vs_{b}_unselected_seeds"] = c = _compare([acc[a][sd] for sd in unsel], [ref[sd] for sd in unsel])
+      print("s17", a, "vs", b, f"on the {len(unsel)} seeds >= 5", _fmt(c), _fmt_p(c))
   for lo, hi in ((30, 45), (45, 60)):
     fresh = list(range(lo, hi))
     out["spread16"][f"vs_plain_seeds{lo}-{hi - 1}"] = c = _compare([acc["spread16"][sd] for sd in fresh],
