@@ -260,7 +260,8 @@ def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None, spread=
 
 def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread="none", dw_start=0.25,
           units=False):
-  """Test accuracy and bytes per worker after ``--steps`` steps of one arm and seed.
+  """Test accuracy, bytes per worker, the accuracy curve (``--eval_every``) and the release statistics
+  (``--release_stats``, else ``{}``) after ``--steps`` steps of one arm and seed.
 
   With ``dwarmup`` the density stages run as separately compiled steps (``density_warmup(...,
   fixed_stage=j)``, switched at ``stage_boundaries``) on one carried state: under the simulated workers'
@@ -301,13 +302,8 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
     ever = [np.asarray(x)[0] >= 0 for x in jax.tree_util.tree_leaves(last)]
     print(f"    released at least once: {sum(e.sum() for e in ever) / sum(e.size for e in ever):.3f} of the "
           f"parameters; per leaf {[round(float(e.mean()), 3) for e in ever]}", flush=True)
-  _LAST_RELEASES.clear()
-  if track is not None:
-    _LAST_RELEASES.update(track.summary(_STEPS.value))
-  return acc, sent, curve + [[_STEPS.value, float(acc)]]
-
-
-_LAST_RELEASES: dict = {}   # the release statistics of the last train() call (--release_stats)
+  releases = track.summary(_STEPS.value) if track is not None else {}
+  return acc, sent, curve + [[_STEPS.value, float(acc)]], releases
 
 
 class _ReleaseTracker:
@@ -448,19 +444,19 @@ def main(argv):
     acc["adam"], sent["adam"] = _adam_from(_ADAM_FROM.value, ds, seeds)
   for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
     for name, c, m, r, w, dw, sp_, st, un in arms:
-      a, b, cv = train(ds, model, c, m, r, s, w, dw, sp_, st, un)
+      a, b, cv, rel = train(ds, model, c, m, r, s, w, dw, sp_, st, un)
       if _EVAL_EVERY.value:
         curves.setdefault(name, []).append(cv)
       acc.setdefault(name, []).append(a)
-      if _LAST_RELEASES:
-        releases.setdefault(name, {})[str(s)] = dict(_LAST_RELEASES)
+      if rel:
+        releases.setdefault(name, {})[str(s)] = rel
       sent.setdefault(name, []).append(b)
       print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
             f"({time.perf_counter() - t0:.0f}s)", flush=True)
-      if _LAST_RELEASES:
+      if rel:
         print("    releases (steps per release, never, wait median / p90): " + "; ".join(
             f"{k} {v['steps_per_release']:.1f}, {v['never_released']:.3f}, {v['wait_median']} / {v['wait_p90']}"
-            for k, v in _LAST_RELEASES.items()), flush=True)
+            for k, v in rel.items()), flush=True)
     _write(out, ds, seeds[:i + 1], acc, sent, {}, curves, releases)
   for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "

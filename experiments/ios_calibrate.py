@@ -58,9 +58,10 @@ def load_points(pattern: str) -> list:
   pts = []
   for f in sorted(glob.glob(pattern)):
     for p in json.load(open(f)).get("points", []):
-      toks = p["program"][4:].split("+")
-      own = [t for t in toks if int(re.match(r"b(\d+)", t).group(1)) == p["batch"]]
-      if not p["program"].startswith("ios:") or not own:
+      if not p["program"].startswith("ios:"):
+        continue
+      own = [t for t in p["program"][4:].split("+") if int(re.match(r"b(\d+)", t).group(1)) == p["batch"]]
+      if not own:
         continue   # (every recorded point names a schedule found at its own batch size)
       pts.append(dict(p, source=os.path.basename(f), strategy={"m": "merge", "b": "both"}[own[0][-1]]))
   return pts
@@ -202,8 +203,7 @@ def main(_):
       for strat in ("merge", "both"):
         t0 = time.perf_counter()
         sc = sched.ios_schedule(f, x, strategy=strat, profiler=cal.cost, check="off")
-        same = [k for k, i in ((keys[i][3], i) for i in b1)
-                if [(s.kind, s.groups) for s in progs[i].stages] == [(s.kind, s.groups) for s in sc.stages]]
+        same = [keys[i][3] for i in b1 if list(progs[i].stages) == list(sc.stages)]
         name = f"sched_{nd[0]}_{nd[1]}_b1_{strat}.json"   # the names `benchmarks/ios.py batch --schedules` loads
         with open(os.path.join(FLAGS.schedules_out, name), "w") as fh:
           fh.write(sc.to_json())

@@ -448,8 +448,10 @@ _KR_REF = flags.DEFINE_bool("kr_reference", False, "program_mape: also the sessi
                             "only, one ridge) as 'kernel_roofline_floor_only', same folds.")
 _KR_KOPT_GRID = flags.DEFINE_list("kr_kernel_options_grid", [], "program_mape: kernel-table options "
                                   "(cost.kernel_roofline.program_kernels: 'sort' = sort_model, 'scatter' = "
-                                  "scatter_contention, 'conv' = conv_model; fit options of KernelRooflineConfig: 'l2' = "
-                                  "l2_bytes=L2_BYTES, 'overlap' = overhead_overlap; '+'-joined sets, or 'none'), chosen "
+                                  "scatter_contention, 'conv' = conv_model; the labels' rule: 'shared' = "
+                                  "match_kernel_times(shared_kernels=True); fit options of KernelRooflineConfig: "
+                                  "'huber' = objective 'huber_log', 'l2' = l2_bytes=L2_BYTES, 'overlap' = "
+                                  "overhead_overlap; '+'-joined sets, or 'none'), chosen "
                                   "per outer fold and per "
                                   "kernel-roofline model by the inner cross-validation inside the training rows "
                                   "(--kr_inner_folds, grouped like the outer split; jointly with "
@@ -715,7 +717,8 @@ def part_program_mape():
                "every stage; cub radix sorts: ceil(key bits / 8) passes, each a launch), 'scatter' = "
                "scatter_contention (scatter classes by element width, FLOPs = updates per distinct target * "
                "SCATTER_CHAIN_FLOPS), 'conv' = conv_model (cuDNN convolutions' FLOPs by direction: backward "
-               "passes count the forward convolution's multiply-adds); fit options of both models: 'l2' = "
+               "passes count the forward convolution's multiply-adds); 'shared' = the labels' shared_kernels rule "
+               "(match_kernel_times); fit options of both models: 'huber' = objective huber_log, 'l2' = "
                "l2_bytes=L2_BYTES (a per-device L2 speed-up of each kernel's first 50 MB), 'overlap' = "
                "overhead_overlap (kernel time softmax(work, o) instead of work + o); several values: chosen per "
                "outer fold by the inner cross-validation "
@@ -791,7 +794,7 @@ def part_program_mape():
         pred["learned_residual"][te] = base[te] * np.exp(reg.fit(x[tr], y[tr] - np.log(base[tr])).predict(x[te]))
       itr, ite = np.flatnonzero(tr), np.flatnonzero(te)
       inner_plain[:], inner_labels[:] = np.nan, np.nan
-      kcfg_fold, kopt = kcfg, kopt_grid[0]
+      kopt = kopt_grid[0]
       # a config is (kernel-table option set, KernelRooflineConfig); a fitted model carries its option set
       tabs_of = lambda o: kts_by[_kopt_tables(o)]
       fit_plain = lambda idx, oc: (oc[0], KR.fit_kernel_roofline([tabs_of(oc[0])[i] for i in idx], rt[idx],
@@ -953,7 +956,6 @@ def part_program_mape():
         res["kernel_roofline_labels_kernel_options_chosen"] = lkopt_chosen
     if br_grid or len(kopt_grid) > 1:
       res["inner_grid"] = [[o, b] for o in kopt_grid for b in (br_grid or [kcfg.bytes_ridge])]
-    if br_grid or len(kopt_grid) > 1:
       res["kernel_roofline_bytes_ridge_chosen"] = br_chosen
       res["kernel_roofline_bytes_ridge_inner_mape"] = br_inner   # per outer fold, per grid value
       if _KR_LABELS.value:

@@ -178,21 +178,32 @@ def _fmt(c) -> str:
   return "%+.2f [%+.2f, %+.2f]" % (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1])
 
 
+def _load_arm(tag: str, arm: str, key: str, files: list, adam: dict, complete: bool = False):
+  """One arm's seed sets from ``files`` (same data digest; seeds distinct), with Adam checked equal seed by seed
+  against ``adam`` (seed -> accuracy, filled in place). With ``complete`` every file must hold one result of the
+  arm per Adam seed (not a run still going). Returns (runs, seeds, Adam accuracies, the arm's accuracies)."""
+  runs = [json.load(open(R + f)) for f in files]
+  for f, r in zip(files, runs):
+    check_same_data(runs[0], r, (files[0], f))
+    if complete and not len(r["accuracy"][key]) == len(r["accuracy"]["adam"]) == len(r["seeds"]):
+      raise ValueError(f"{tag} {arm}: {f} holds {len(r['accuracy'][key])} results of {key!r} for "
+                       f"{len(r['accuracy']['adam'])} Adam seeds (a run still going or stopped): finish it first.")
+  seeds = sum([r["seeds"] for r in runs], [])
+  assert len(set(seeds)) == len(seeds), f"{tag} {arm}: overlapping seed sets {seeds}"
+  A = sum([r["accuracy"]["adam"] for r in runs], [])
+  for sd, a in zip(seeds, A):
+    assert adam.setdefault(sd, a) == a, f"{tag} {arm}: Adam of seed {sd} differs between files"
+  return runs, seeds, A, sum([r["accuracy"][key] for r in runs], [])
+
+
 def pool_s16() -> dict:
   """Session 16's host: every arm against Adam re-run on the same host (same seeds, paired), over seeds 0-14 (the
   seeds of sessions 7-15) and, for the 1% arms, also over the fresh seeds 15-29 and all 30; the spread arm also
   against the plain chain."""
   out, adam, acc = {}, {}, {}
   for arm, (key, files) in S16.items():
-    runs = [json.load(open(R + f)) for f in files]
-    for f, r in zip(files, runs):
-      check_same_data(runs[0], r, (files[0], f))
-    seeds = sum([r["seeds"] for r in runs], [])
+    runs, seeds, A, X = _load_arm("s16", arm, key, files, adam)
     assert seeds == list(range(len(seeds))), f"s16 {arm}: seeds {seeds}"
-    A = sum([r["accuracy"]["adam"] for r in runs], [])
-    for sd, a in zip(seeds, A):
-      assert adam.setdefault(sd, a) == a, f"s16 {arm}: Adam of seed {sd} differs between files"
-    X = sum([r["accuracy"][key] for r in runs], [])
     acc[arm] = X
     res = {"key": key, "files": files, "seeds": seeds, "accuracy": X,
            "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []), "provenance": runs[0]["provenance"],
@@ -239,18 +250,7 @@ def pool_s17() -> dict:
   sets pooled (Adam checked equal seed by seed across files)."""
   out, adam, acc = {}, {}, {}
   for arm, (key, files) in S17.items():
-    runs = [json.load(open(R + f)) for f in files]
-    for f, r in zip(files, runs):
-      check_same_data(runs[0], r, (files[0], f))
-      if not len(r["accuracy"][key]) == len(r["accuracy"]["adam"]) == len(r["seeds"]):
-        raise ValueError(f"s17 {arm}: {f} holds {len(r['accuracy'][key])} results of {key!r} for "
-                         f"{len(r['accuracy']['adam'])} Adam seeds (a run still going or stopped): finish it first.")
-    seeds = sum([r["seeds"] for r in runs], [])
-    assert len(set(seeds)) == len(seeds), f"s17 {arm}: overlapping seed sets {seeds}"
-    A = sum([r["accuracy"]["adam"] for r in runs], [])
-    for sd, a in zip(seeds, A):
-      assert adam.setdefault(sd, a) == a, f"s17 {arm}: Adam of seed {sd} differs between files"
-    X = sum([r["accuracy"][key] for r in runs], [])
+    runs, seeds, A, X = _load_arm("s17", arm, key, files, adam, complete=True)
     acc[arm] = dict(zip(seeds, X))
     res = {"key": key, "files": files, "seeds": seeds, "accuracy": X,
            "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []), "provenance": runs[-1]["provenance"],

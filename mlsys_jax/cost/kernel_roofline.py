@@ -380,14 +380,30 @@ def _scatter_is_atomic(module: HloModule, ins: Instruction) -> bool:
   return True
 
 
+def _op_in(module: HloModule, ins: Instruction, names: dict, opcode: str):
+  """``ins`` itself when it is an ``opcode`` instruction, else the first ``opcode`` inside the fusion it
+  launches, each with the name table to read its operands from; (None, None) when neither."""
+  if ins.opcode == opcode:
+    return ins, names
+  called = ins.called()
+  if ins.opcode in ("fusion", "fusion-start") and called and called[0] in module.computations:
+    return _find_op(module, module.computations[called[0]], opcode)
+  return None, None
+
+
 def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model: bool,
-                    scatter_contention: bool):
-  """(flops, bytes per launch, class, launches per run) of a sort or scatter kernel under the options,
-  or None (not such a kernel, or the option is off)."""
+                    scatter_contention: bool, conv_model: bool):
+  """(flops, bytes per launch, class, launches per run) of a sort, scatter or cuDNN convolution kernel under
+  the options, or None (not such a kernel, or its option is off: the default count of ``_kernel`` holds)."""
   op = ins.opcode
-  fused = module.computations[ins.called()[0]] if op in ("fusion", "fusion-start") and ins.called() \
-      and ins.called()[0] in module.computations else None
-  if sort_model and op == "custom-call" and "cub_sort" in ins.attrs.get("custom_call_target", "").lower():
+  target = ins.attrs.get("custom_call_target", "")
+  if conv_model and op == "custom-call" and "dim_labels" in ins.attrs and \
+      any(s_ in target.lower() for s_ in _CONV_TARGETS):
+    shapes = [names[o].shape for o in ins.operands if o in names]
+    if len(shapes) >= 2:
+      _, b, k = _kernel(module, ins, names)
+      return cudnn_conv_flops(target, shapes, _first(ins.shape), ins.attrs["dim_labels"]), b, k, 1.0
+  if sort_model and op == "custom-call" and "cub_sort" in target.lower():
     outs = list(ins.shape.elements) if ins.shape.is_tuple else [ins.shape]
     arrays = outs[:-1] if len(outs) > 1 else outs        # the last element is cub's scratch buffer
     keys = arrays[0]
@@ -396,7 +412,7 @@ def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model
     per_pass = 2.0 * n * sum(_elem_bytes(a) for a in arrays)
     return 0.0, per_pass, CLASS_ID["radix_sort"], float(passes)
   if sort_model:
-    srt, snames = (ins, names) if op == "sort" else (_find_op(module, fused, "sort") if fused else (None, None))
+    srt, snames = _op_in(module, ins, names, "sort")
     if srt is not None:
       shapes = [snames[o].shape for o in srt.operands if o in snames]
       if shapes:
@@ -407,7 +423,7 @@ def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model
         f = _kernel(module, ins, names)[0]
         return f, b, CLASS_ID["sort"], 1.0
   if scatter_contention:
-    sct, snames = (ins, names) if op == "scatter" else (_find_op(module, fused, "scatter") if fused else (None, None))
+    sct, snames = _op_in(module, ins, names, "scatter")
     if sct is not None and len(sct.operands) >= 3 and all(o in snames for o in sct.operands[:3]):
       nops = (len(sct.operands) - 1) // 2                 # variadic: operands..., indices, updates...
       target, idx = snames[sct.operands[0]].shape, snames[sct.operands[nops]].shape
@@ -522,17 +538,11 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
         rows.extend(best)
         unknown[0] += best_unknown
         continue
-      special = _special_kernel(module, ins, names, sort_model, scatter_contention) \
-          if (sort_model or scatter_contention) else None
+      special = _special_kernel(module, ins, names, sort_model, scatter_contention, conv_model) \
+          if (sort_model or scatter_contention or conv_model) else None
       if special is None:
         f, b, k = _kernel(module, ins, names)
         launches = 1.0
-        if conv_model and op == "custom-call" and "dim_labels" in ins.attrs and \
-            any(s_ in ins.attrs.get("custom_call_target", "").lower() for s_ in _CONV_TARGETS):
-          shapes = [names[o].shape for o in ins.operands if o in names]
-          if len(shapes) >= 2:
-            f = cudnn_conv_flops(ins.attrs.get("custom_call_target", ""), shapes, _first(ins.shape),
-                                 ins.attrs["dim_labels"])
       else:
         f, b, k, launches = special
       rows.append((f, b, force_class if force_class is not None else k, mult * launches, ins.name.lstrip("%"),

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from mlsys_jax.sched.cost import INF, AnalyticalCost, _valid, merge_flops_bytes
+from mlsys_jax.sched.cost import INF, AnalyticalCost, _valid, merge_flops_bytes, roofline_time
 from mlsys_jax.sched.dp import Stage
 from mlsys_jax.sched.graph import Graph
 
@@ -89,8 +89,7 @@ class _Terms:
   ``AnalyticalCost`` to float rounding (tested)."""
 
   def __init__(self, programs: Sequence[Any]):
-    m_prog, m_f, m_b, m_n = [], [], [], []
-    u_prog, u_stage, u_group, u_f, u_b = [], [], [], [], []
+    merges, units = [], []   # (program, FLOPs, bytes, convs merged); (program, stage, group, FLOPs, bytes)
     stage_id = group_id = 0
     for pi, p in enumerate(programs):
       g, stages = _program(p)
@@ -101,28 +100,22 @@ class _Terms:
           raise ValueError(f"program {pi} holds a stage the cost model rejects (an opaque unit inside a "
                            f"multi-unit stage: {st}); such a program has no finite predicted latency")
         if st.kind == "merge":
-          f, b, n = merge_flops_bytes(g, st)
-          m_prog.append(pi), m_f.append(f), m_b.append(b), m_n.append(n)
+          merges.append((pi, *merge_flops_bytes(g, st)))
           continue
         for grp in st.groups:
-          for u in grp:
-            f, b = g.unit_flops_bytes(u)
-            u_prog.append(pi), u_stage.append(stage_id), u_group.append(group_id), u_f.append(f), u_b.append(b)
+          units += [(pi, stage_id, group_id, *g.unit_flops_bytes(u)) for u in grp]
           group_id += 1
         stage_id += 1
-    self.n = len(programs)
-    self.m_prog, self.m_n = np.asarray(m_prog, np.int64), np.asarray(m_n, np.float64)
-    self.m_f, self.m_b = np.asarray(m_f, np.float64), np.asarray(m_b, np.float64)
-    self.u_f, self.u_b = np.asarray(u_f, np.float64), np.asarray(u_b, np.float64)
-    u_group = np.asarray(u_group, np.int64)
-    u_stage = np.asarray(u_stage, np.int64)
-    self.u_group = u_group
-    self.n_groups = group_id
-    self.n_stages = stage_id
+    self.n, self.n_groups, self.n_stages = len(programs), group_id, stage_id
+    m = np.asarray(merges, np.float64).reshape(-1, 4)
+    self.m_prog, self.m_f, self.m_b, self.m_n = m[:, 0].astype(np.int64), m[:, 1], m[:, 2], m[:, 3]
+    u = np.asarray(units, np.float64).reshape(-1, 5)
+    u_prog, u_stage, self.u_group = (u[:, j].astype(np.int64) for j in range(3))
+    self.u_f, self.u_b = u[:, 3], u[:, 4]
     self.g_stage = np.zeros(group_id, np.int64)
-    self.g_stage[u_group] = u_stage
+    self.g_stage[self.u_group] = u_stage
     self.s_prog = np.zeros(stage_id, np.int64)
-    self.s_prog[u_stage] = np.asarray(u_prog, np.int64)
+    self.s_prog[u_stage] = u_prog
     self.s_f = np.bincount(u_stage, self.u_f, minlength=stage_id)
     self.s_b = np.bincount(u_stage, self.u_b, minlength=stage_id)
     self.s_groups = np.bincount(self.g_stage, minlength=stage_id).astype(np.float64)
@@ -131,13 +124,10 @@ class _Terms:
     peak, bw, launch, sat = th["peak_flops"], th["bandwidth"], th["launch_s"], th["sat_flops"]
     out = np.full(self.n, float(th["call_s"]))
     if self.m_f.size:
-      f = self.m_f
-      t = th["merge_launch_s"] + np.maximum(np.maximum(f, np.minimum(sat, f * 50)) / peak, self.m_b / bw) + \
-          launch * 0.25 * (self.m_n - 1)
+      t = th["merge_launch_s"] + roofline_time(self.m_f, self.m_b, peak, bw, sat) + launch * 0.25 * (self.m_n - 1)
       out += np.bincount(self.m_prog, t, minlength=self.n)
     if self.u_f.size:
-      f = self.u_f
-      ut = launch + np.maximum(np.maximum(f, np.minimum(sat, f * 50)) / peak, self.u_b / bw)
+      ut = launch + roofline_time(self.u_f, self.u_b, peak, bw, sat)
       gsum = np.bincount(self.u_group, ut, minlength=self.n_groups)
       gmax = np.zeros(self.n_stages)
       np.maximum.at(gmax, self.g_stage, gsum)
@@ -184,7 +174,7 @@ def _decode(name: str, z: float) -> float:
   z = min(max(z, -700.0), 700.0)
   if name == "serial_fraction":
     return 1.0 / (1.0 + math.exp(-z))
-  v = math.exp(min(z, 700.0))
+  v = math.exp(z)
   return 0.0 if v <= _FLOOR * 1.000001 and name in ("launch_s", "sat_flops", "merge_launch_s", "call_s") else v
 
 

@@ -47,6 +47,15 @@ from mlsys_jax.sched.graph import Graph
 INF = float("inf")
 
 
+def roofline_time(f, b, peak: float, bw: float, sat: float):
+  """``max(max(F, min(sat, 50 F)) / peak, B / bw)``: the work time of a kernel of ``F`` FLOPs and ``B`` bytes
+  (the FLOP term never below ``min(sat, 50 F) / peak``: small kernels under-fill the device). Python floats in,
+  a float out (the DP's path); numpy arrays in, elementwise (:mod:`mlsys_jax.sched.calibrate`'s fit)."""
+  if isinstance(f, np.ndarray) or isinstance(b, np.ndarray):
+    return np.maximum(np.maximum(f, np.minimum(sat, f * 50)) / peak, b / bw)
+  return max(max(f, min(sat, f * 50)) / peak, b / bw)
+
+
 def merge_flops_bytes(g: Graph, st: Stage) -> tuple[float, float, int]:
   """FLOPs and DRAM bytes of a merge stage run as one conv over the concatenated, centred zero-padded
   kernels (the input is read once), and the number of convs merged."""
@@ -117,7 +126,7 @@ class AnalyticalCost:
     t = memo.get(u)
     if t is None:
       f, b = g.unit_flops_bytes(u)
-      t = memo[u] = (self.launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw), f, b)
+      t = memo[u] = (self.launch + roofline_time(f, b, self.peak, self.bw, self.sat), f, b)
     return t
 
   def unit_time(self, g: Graph, u: int) -> float:
@@ -128,8 +137,7 @@ class AnalyticalCost:
       return INF
     if st.kind == "merge":
       f, b, n = merge_flops_bytes(g, st)
-      return self.merge_launch + max(max(f, min(self.sat, f * 50)) / self.peak, b / self.bw) + \
-          self.launch * 0.25 * (n - 1)
+      return self.merge_launch + roofline_time(f, b, self.peak, self.bw, self.sat) + self.launch * 0.25 * (n - 1)
     memo = self._unit_terms(g)
     terms = [[memo.get(u) or self._unit(g, u) for u in grp] for grp in st.groups]
     groups = [sum(t[0] for t in grp) for grp in terms]   # the same sums, in the same order, as per unit
@@ -137,7 +145,7 @@ class AnalyticalCost:
     tot_b = sum(t[2] for grp in terms for t in grp)
     longest = max(groups)
     t = self.launch * (len(st.groups) - 1) + max(longest, tot_f / self.peak, tot_b / self.bw)
-    if self.serial and len(groups) > 1:
+    if self.serial:
       t += self.serial * (sum(groups) - longest)
     return t
 
