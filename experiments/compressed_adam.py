@@ -37,6 +37,12 @@ compresses after the moment update), at the same number of steps, with 8 simulat
   # staleness-aware selection (session 16): Top-k on |acc| * (1 + age / TAU), values and error feedback as Top-k's
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.01 --modes=chain \
     --compressors=stale@8,stale@16,stale@32 --adam_from=experiments/results/compressed_adam_0.01_chain_topk_s9_pooled15.json
+  # shared index selection (session 18): ScaleCom's cyclic local Top-k (comm.leader_topk), 1% plain chain and
+  # the 0.1% recipe with the leader's selection in every stage
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.01 --modes=chain \
+    --compressors=leader,topk --adam_from=<this host's Adam JSON of the same seeds>
+  python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@1 \
+    --density_warmup=300 --dwarmup_start=0.01 --compressors=leader,topk --adam_from=<...>
   # screens: --adam_from=<earlier JSON> reuses its Adam accuracies (same data digest, steps, seeds);
   # --modes=decay@0.95: the plain chain with comm.adaptive_ef.decay_residual(c, 0.95) (per arm)
 
@@ -84,7 +90,10 @@ _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compr
                                   "exact target count), sidco_fitonly (exact=False: the paper's estimator "
                                   "alone, as before issue 18's fix), topk, dgc, randomk (density --ratios); "
                                   "stale@TAU: comm.adaptive_ef.staleness_topk(ratio, tau=TAU) (Top-k on "
-                                  "|acc| * (1 + age / TAU), chain/raw selection only); "
+                                  "|acc| * (1 + age / TAU), chain/raw selection only); leader: "
+                                  "comm.leader_topk (ScaleCom's cyclic local Top-k: every worker sends its "
+                                  "values at one rotating leader's Top-k indices; bytes: k values per worker "
+                                  "plus k indices on the leader's steps); "
                                   "powersgd2, powersgd4, accordion (rank 1 <-> 4; chain mode only).")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
@@ -226,6 +235,12 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, st
   sf, _, cf = opt.partition("c")
   sf = float(sf) if sf else (_DGC_SAMPLE.value or None)
   cf = float(cf) if cf else None
+  if compressor == "leader":   # ScaleCom's cyclic local Top-k (comm.leader_topk): a rotating leader's indices
+    if pt or opt:
+      raise ValueError("leader runs over the whole raveled gradient (no --per_tensor, no '@' option).")
+    if mode.startswith("precondition"):
+      raise ValueError("leader runs before Adam with the raw or RMS selection (modes chain, rms*, rmsfrom@J).")
+    return comm.leader_topk(ratio, axis_name="d", precondition=pre)
   if compressor == "stale":   # 'stale@16': staleness-aware Top-k, tau 16 (comm.adaptive_ef.staleness_topk)
     if pre is not None or pt:
       raise ValueError("stale@TAU runs with the raw selection only (modes chain/decay@D, no --per_tensor).")

@@ -3,6 +3,8 @@
 - ``sparse``: static-capacity sparse payloads, selection kernels, Top-k, DGC, Random-k, SIDCo (MLSys 2021).
 - ``lowrank``: PowerSGD (Vogels et al., NeurIPS 2019): ``powersgd``, ``powersgd_step``,
   ``orthogonalize``, ``powersgd_bytes``, ``total_bytes``.
+- ``shared_select``: ScaleCom's cyclic local Top-k (Chen et al., NeurIPS 2020): ``leader_topk`` (every worker
+  sends its values at one rotating leader's Top-k indices, with error feedback).
 - ``accordion``: ACCORDION adaptive compression (Agarwal et al., MLSys 2021): ``accordion`` (per-layer
   switching of PowerSGD ranks or Top-k densities), ``critical_regime``, ``accordion_batch_size``,
   ``accordion_report``.
@@ -24,11 +26,13 @@ from mlsys_jax.comm.lowrank import *  # noqa: F401,F403
 from mlsys_jax.comm.accordion import *  # noqa: F401,F403
 from mlsys_jax.comm.warmup import *  # noqa: F401,F403
 from mlsys_jax.comm.adaptive_ef import *  # noqa: F401,F403
+from mlsys_jax.comm.shared_select import *  # noqa: F401,F403
 
 import sys as _sys
 
-from mlsys_jax.comm import adaptive_ef as _adaptive_ef, lowrank as _lowrank, sparse as _sparse, warmup as _warmup
+from mlsys_jax.comm import (adaptive_ef as _adaptive_ef, lowrank as _lowrank, shared_select as _shared_select,
+                            sparse as _sparse, warmup as _warmup)
 
 # what is public: the submodules' own lists (``accordion`` here is the function; its module is in sys.modules)
 __all__ = [*_sparse.__all__, *_lowrank.__all__, *_sys.modules["mlsys_jax.comm.accordion"].__all__,
-           *_warmup.__all__, *_adaptive_ef.__all__]
+           *_warmup.__all__, *_adaptive_ef.__all__, *_shared_select.__all__]
