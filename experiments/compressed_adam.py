@@ -58,6 +58,7 @@ import json
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
 from absl import app, flags
 
@@ -148,6 +149,10 @@ _EVAL_EVERY = flags.DEFINE_integer("eval_every", 0, "Also record the test accura
 _RELEASE_STATS = flags.DEFINE_bool("release_stats", False, "For stale@TAU arms (comm.adaptive_ef.staleness_topk): "
                                     "per leaf, how often the workers' payloads together release each parameter "
                                     "(from the ages in the state): the JSON's 'release_stats' (arm -> seed -> leaf).")
+_RELEASED = flags.DEFINE_bool("released_count", False, "Also record, per compressed arm and seed, the mean fraction "
+                               "of the parameters that the aggregated update (what reaches the optimizer) holds "
+                               "nonzero per step: the JSON's 'released_per_step' (Top-k: the union of the workers' "
+                               "sets; leader: the leader's k). A pass-through between the compressor and Adam.")
 _DW_FACTOR = flags.DEFINE_float("dwarmup_factor", 4.0, "Density ratio between --density_warmup stages (DGC: 4).")
 _OUT = flags.DEFINE_string("out_dir", "results/compressed_adam", "Output directory.")
 _NAME = flags.DEFINE_string("out_name", "results", "Output JSON name (without .json).")
@@ -199,7 +204,24 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     c = spread_releases(c, mode=mode_, max_interval=int(mx) if mx else (_SPREAD_MAX.value or None),
                         floor=float(fl) if fl else _SPREAD_FLOOR.value, noise=float(ns) if ns else 0.0,
                         until=int(un) if un else None, hold=int(hd) if hd else None)
-  return optax.chain(c, optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
+  return optax.chain(c, *([_count_released()] if _RELEASED.value else []),
+                     optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
+
+
+class _ReleasedState(NamedTuple):
+  released_sum: jax.Array     # nonzero entries of the updates, summed over the steps
+  released_steps: jax.Array   # steps counted
+
+
+def _count_released() -> optax.GradientTransformation:
+  """--released_count: the updates passed through unchanged; their nonzero entries counted in the state."""
+  def init(params):
+    return _ReleasedState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def update(u, s, p=None):
+    nz = sum(jnp.sum(x != 0, dtype=jnp.float32) for x in jax.tree_util.tree_leaves(u))
+    return u, _ReleasedState(s.released_sum + nz, s.released_steps + 1)
+  return optax.GradientTransformation(init, update)
 
 
 def _rms_state_only(decay: float = 0.9) -> optax.GradientTransformation:
@@ -275,8 +297,9 @@ def _step(model, compressor, mode, ratio, warmup, dwarmup=0, stage=None, spread=
 
 def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread="none", dw_start=0.25,
           units=False):
-  """Test accuracy, bytes per worker, the accuracy curve (``--eval_every``) and the release statistics
-  (``--release_stats``, else ``{}``) after ``--steps`` steps of one arm and seed.
+  """Test accuracy, bytes per worker, the accuracy curve (``--eval_every``), the release statistics
+  (``--release_stats``, else ``{}``) and the mean released fraction per step (``--released_count``, else None)
+  after ``--steps`` steps of one arm and seed.
 
   With ``dwarmup`` the density stages run as separately compiled steps (``density_warmup(...,
   fixed_stage=j)``, switched at ``stage_boundaries``) on one carried state: under the simulated workers'
@@ -318,7 +341,13 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
     print(f"    released at least once: {sum(e.sum() for e in ever) / sum(e.size for e in ever):.3f} of the "
           f"parameters; per leaf {[round(float(e.mean()), 3) for e in ever]}", flush=True)
   releases = track.summary(_STEPS.value) if track is not None else {}
-  return acc, sent, curve + [[_STEPS.value, float(acc)]], releases
+  rel_sum = _state_field(state, "released_sum")
+  released = None
+  if rel_sum is not None:   # worker 0's count (the update is the same on every worker)
+    n_par = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    released = float(np.asarray(rel_sum).reshape(-1)[0]) / (
+        float(np.asarray(_state_field(state, "released_steps")).reshape(-1)[0]) * n_par)
+  return acc, sent, curve + [[_STEPS.value, float(acc)]], releases, released
 
 
 class _ReleaseTracker:
@@ -454,12 +483,14 @@ def main(argv):
                                + {False: "", True: " units", "freeze": " unitsfrozen"}[un]
                                + (f" spread-{sp_}" if sp_ != "none" else ""), c, m, r, w, dw, sp_, st, un))
   _compare_pairs(_COMPARE.value, ["adam"] + [a[0] for a in arms])   # before any training
-  acc, sent, curves, releases = {}, {}, {}, {}
+  acc, sent, curves, releases, released = {}, {}, {}, {}, {}
   if _ADAM_FROM.value:
     acc["adam"], sent["adam"] = _adam_from(_ADAM_FROM.value, ds, seeds)
   for i, s in enumerate(seeds):   # seed-major, the JSON rewritten after every seed (a stopped run keeps them)
     for name, c, m, r, w, dw, sp_, st, un in arms:
-      a, b, cv, rel = train(ds, model, c, m, r, s, w, dw, sp_, st, un)
+      a, b, cv, rel, frac = train(ds, model, c, m, r, s, w, dw, sp_, st, un)
+      if frac is not None:
+        released.setdefault(name, []).append(frac)
       if _EVAL_EVERY.value:
         curves.setdefault(name, []).append(cv)
       acc.setdefault(name, []).append(a)
@@ -467,17 +498,18 @@ def main(argv):
         releases.setdefault(name, {})[str(s)] = rel
       sent.setdefault(name, []).append(b)
       print(f"  seed {s} {name:28s} accuracy {a:.4f}  MB per worker {b / 1e6:.3f}  "
-            f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            + (f"released per step {frac:.5f}  " if frac is not None else "")
+            + f"({time.perf_counter() - t0:.0f}s)", flush=True)
       if rel:
         print("    releases (steps per release, never, wait median / p90): " + "; ".join(
             f"{k} {v['steps_per_release']:.1f}, {v['never_released']:.3f}, {v['wait_median']} / {v['wait_p90']}"
             for k, v in rel.items()), flush=True)
-    _write(out, ds, seeds[:i + 1], acc, sent, {}, curves, releases)
+    _write(out, ds, seeds[:i + 1], acc, sent, {}, curves, releases, released)
   for name in acc:
     print(f"  {name:28s} accuracy {np.mean(acc[name]):.4f} +- {np.std(acc[name]):.4f}  MB per worker "
           f"{np.mean(sent[name]) / 1e6:.3f}", flush=True)
   comparisons = _comparisons(acc, _COMPARE.value)
-  _write(out, ds, seeds, acc, sent, comparisons, curves, releases)
+  _write(out, ds, seeds, acc, sent, comparisons, curves, releases, released)
 
 
 def _adam_from(path, ds, seeds):
@@ -500,7 +532,7 @@ def _adam_from(path, ds, seeds):
   return [by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds]
 
 
-def _write(out, ds, seeds, acc, sent, comparisons, curves=None, releases=None):
+def _write(out, ds, seeds, acc, sent, comparisons, curves=None, releases=None, released=None):
   path = out / f"{_NAME.value}.json"
   path.write_text(json.dumps({
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
@@ -516,7 +548,8 @@ def _write(out, ds, seeds, acc, sent, comparisons, curves=None, releases=None):
       "accuracy": acc, "bytes_per_worker": sent, "comparisons": comparisons,
       "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),
                                       script=__file__),
-      **({"curve": curves} if curves else {}), **({"release_stats": releases} if releases else {})}, indent=1))
+      **({"curve": curves} if curves else {}), **({"release_stats": releases} if releases else {}),
+      **({"released_per_step": released} if released else {})}, indent=1))
   print(f"wrote {path}", flush=True)
 
 
