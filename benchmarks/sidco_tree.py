@@ -138,6 +138,19 @@ def _flags(ap):
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
+def _residual_leaves(residual, like) -> list:
+  """The residual's leaves in the order of ``like``'s: a tree's leaves, or a flat residual
+  (``sidco(flat_state=True)``: the leaves concatenated in tree order) cut and reshaped like ``like``."""
+  leaves = jax.tree_util.tree_leaves(like)
+  if jax.tree_util.tree_structure(residual) == jax.tree_util.tree_structure(like):
+    return jax.tree_util.tree_leaves(residual)
+  out, off = [], 0
+  for l in leaves:
+    out.append(residual[off:off + l.size].reshape(l.shape))
+    off += l.size
+  return out
+
+
 def _loop(update, steps: int, pool: int, change: str = "scale"):
   """jit((pool of gradients, state, out0) -> (state, out)): ``steps`` updates, the state carried; step ``i``
   takes gradient ``i % pool`` of the pool (leading axis of every leaf) times ``1 + 1e-3 i`` (``change``
@@ -369,12 +382,16 @@ def main():
     rows_spec["fast sidco(0.001)"] = (None, fast.sidco(RATIO), "concat")
     rows_spec["fast[chunks] sidco(0.001)"] = (None, fast.sidco(RATIO), "chunks")
   rows_spec["sidco(0.001, per_tensor=True)"] = (None, sp.sidco(RATIO, per_tensor=True), None)
+  rows_spec["sidco(0.001, flat_state=True)"] = (None, sp.sidco(RATIO, flat_state=True), None)
+  rows_spec["sidco(0.001, per_tensor=True, flat_state=True)"] = (
+      None, sp.sidco(RATIO, per_tensor=True, flat_state=True), None)
   if args.chain:   # what a training step pays: Adam's per-leaf pass is there anyway
     with_adam = lambda tx: (None, optax.chain(tx, optax.adam(1e-3)), None)
     rows_spec[ADAM_ROW] = (None, optax.adam(1e-3), None)
     rows_spec[CHAIN_TOPK_ROW] = with_adam(sp.topk(RATIO))
     rows_spec["chain(sidco(0.001), adam)"] = with_adam(sp.sidco(RATIO))
     rows_spec["chain(sidco(0.001, per_tensor=True), adam)"] = with_adam(sp.sidco(RATIO, per_tensor=True))
+    rows_spec["chain(sidco(0.001, flat_state=True), adam)"] = with_adam(sp.sidco(RATIO, flat_state=True))
     for v in [v for v in args.chain_variants.split(",") if v]:
       rows_spec[f"chain(sidco(0.001), adam) [{v}]"] = with_adam(sp.sidco(RATIO))
       rows_spec[f"{CHAIN_TOPK_ROW} [{v}]"] = with_adam(sp.topk(RATIO))
@@ -493,13 +510,19 @@ def main():
         step = jax.jit(kind.update)
         out1, st1 = jax.block_until_ready(step(grads, st))
         row["exact_error_feedback"] = all(bool(jnp.array_equal(o + r, x)) for o, r, x in zip(
-            jax.tree_util.tree_leaves(out1), jax.tree_util.tree_leaves(st1.residual), jax.tree_util.tree_leaves(grads)))
+            jax.tree_util.tree_leaves(out1), _residual_leaves(st1.residual, grads), jax.tree_util.tree_leaves(grads)))
         base = name.replace("fast[concat] ", "").replace("fast ", "")
         if name.startswith("fast") and base in ref_first:
           row["same_as_package"] = all(bool(jnp.array_equal(a, b)) for a, b in zip(
               jax.tree_util.tree_leaves((out1, st1.residual)), jax.tree_util.tree_leaves(ref_first[base])))
         elif not name.startswith("fast"):
           ref_first[name] = (out1, st1.residual)
+        if "flat_state=True" in name and name.replace(", flat_state=True", "") in ref_first:
+          # the flat residual is the tree layout's, raveled: the same first update and residual, bitwise
+          ref_out, ref_res = ref_first[name.replace(", flat_state=True", "")]
+          row["same_as_tree_state"] = all(bool(jnp.array_equal(a, b)) for a, b in zip(
+              jax.tree_util.tree_leaves((out1, _residual_leaves(st1.residual, grads))),
+              jax.tree_util.tree_leaves((ref_out, ref_res))))
         row.update({f"single_{k_}": v for k_, v in _device(lambda: step(grads, st), args.calls, 1).items()
                     if k_ in ("device_s", "busy_s", "kernels")})
         tw = stats.time_interleaved(lambda: step(grads, st), lambda: topk_step(grads, topk_st),

@@ -820,6 +820,23 @@ class _Layout:
         pieces.append(jnp.zeros((pad,), dtype))
     return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
+  def pad(self, u: jax.Array) -> jax.Array:
+    """The padded buffer (``n_pad``,) of ``u``, the leaves already concatenated in leaf order (``n_real``,)
+    (``flatten(leaves) == pad(concatenate(leaves))``): zeros appended for one segment, else one gather with
+    the static per-tile tables of :meth:`flatten`."""
+    if self.num_segments == 1:
+      return jnp.pad(u, (0, self.n_pad - self.n_real)) if self.n_pad > self.n_real else u
+    p = jnp.arange(self.n_pad, dtype=jnp.int32).reshape(self.num_tiles, _TILE)
+    valid = p < jnp.asarray(self.tile_limit)[:, None]
+    src = jnp.where(valid, p + jnp.asarray(self.tile_shift)[:, None], 0)
+    return jnp.where(valid, u.at[src].get(mode="promise_in_bounds"), jnp.zeros((), u.dtype)).reshape(-1)
+
+  def unpadded_index(self, idx: jax.Array) -> jax.Array:
+    """Positions ``idx`` of the padded buffer (real entries only) as positions among the leaves alone."""
+    if self.num_segments == 1:
+      return idx
+    return idx + jnp.asarray(self.tile_shift)[idx // _TILE]
+
   def flatten_sum(self, addend_leaves, residual_leaves, dtype, how: str) -> jax.Array:
     """``flatten([a + r for a, r in leaves], dtype)`` (each sum in its leaf's dtype) by :func:`_chunked`."""
     pieces = []
@@ -1744,6 +1761,39 @@ def _check_like(name: str, updates, reference) -> None:
                        f"parameters.")
 
 
+def _flat_dtype(name: str, leaves):
+  """The one dtype of ``leaves`` (``flat_state=True`` keeps the residual in one buffer), else a clear error."""
+  dts = sorted({jnp.dtype(jnp.result_type(l)).name for l in leaves})
+  if len(dts) != 1:
+    raise ValueError(f"{name}: flat_state=True keeps the residual in one vector of one dtype, but the "
+                     f"parameter leaves have dtypes {dts}; cast them to one dtype, or use flat_state=False.")
+  return jnp.dtype(dts[0])
+
+
+def _flat_size(name: str, leaves) -> int:
+  """Entries of ``leaves`` together (> 0), else a clear error."""
+  n = int(sum(int(np.prod(np.shape(l))) for l in leaves))
+  if n == 0:
+    raise ValueError(f"{name}: flat_state=True needs at least one parameter entry; the tree has none.")
+  return n
+
+
+def _check_flat_residual(name: str, updates, state) -> None:
+  """Raise ``ValueError`` unless the flat residual of ``state`` has the gradients' entry count and dtype."""
+  leaves = jax.tree_util.tree_leaves(updates)
+  r = state.residual
+  if not hasattr(r, "shape") or np.ndim(r) != 1:
+    raise ValueError(f"{name}: flat_state=True expects state.residual to be one vector (the state of an init "
+                     f"with flat_state=True), got {jax.tree_util.tree_structure(r)}; build the state with the "
+                     f"same transform's init.")
+  n = sum(int(np.prod(np.shape(l))) for l in leaves)
+  if r.shape[0] != n:
+    raise ValueError(f"{name}: the gradients have {n} entries in all but the flat residual has "
+                     f"{r.shape[0]}; call init with parameters shaped like the gradients.")
+  if not jnp.issubdtype(r.dtype, jnp.floating):
+    raise ValueError(f"{name}: the flat residual has dtype {r.dtype}, not a floating dtype.")
+
+
 def _counts(n: int, ratio, max_ratio, capacity_factor: float):
   """``(k, k_max, capacity)`` for a vector of ``n`` entries: the target count (a Python int, or a traced
   int32 when the ratio is dynamic), its static bound and the static payload capacity."""
@@ -1792,8 +1842,8 @@ def _ravel_sum(addend, residual):
 def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                 axis_name: str | None, seed: int, initial_stages, max_ratio: float | None = None,
                 adapt: tuple[int, int, float] | None = None, momentum: float = 0.0,
-                precondition: optax.GradientTransformation | None = None, segmented=None
-                ) -> optax.GradientTransformation:
+                precondition: optax.GradientTransformation | None = None, segmented=None,
+                flat_state: bool = False) -> optax.GradientTransformation:
   """Shared machinery: error feedback, payloads, collectives, byte accounting, stage adaptation.
 
   ``select(vec, k, k_max, capacity, key, stages, ratio) -> (payload, n_above)`` where ``n_above`` counts the
@@ -1814,7 +1864,13 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
   overflow of that sum, e.g. in float16), and the flag is agreed through one ``pmax`` over
   ``axis_name``, so that every replica skips the same steps (nothing sent, residual and velocity
   unchanged, ``nonfinite_steps`` incremented everywhere) and the replicas never drift apart.
+
+  ``flat_state`` (segmented transforms only): the residual and the velocity are each ONE vector of the
+  leaves concatenated in tree order (``jax.flatten_util.ravel_pytree`` order), not a tree: two state
+  buffers instead of two per leaf. Every leaf must then have one dtype.
   """
+  if flat_state and segmented is None:
+    raise ValueError("flat_state=True needs the segmented path (sidco).")
   if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
     raise TypeError(f"precondition must be an optax.GradientTransformation (e.g. optax.scale_by_adam()), "
                     f"got {type(precondition).__name__}.")
@@ -1824,6 +1880,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     z = jnp.zeros((), jnp.int32)
     f = jnp.zeros((), jnp.float32)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    if flat_state:
+      zeros = jnp.zeros((_flat_size("sparsifier.init", jax.tree_util.tree_leaves(params)),),
+                        _flat_dtype("sparsifier.init", jax.tree_util.tree_leaves(params)))
     return SparsifierState(zeros, jax.random.PRNGKey(seed), jnp.asarray(initial_stages, jnp.int32),
                            f, z, f, f, f, z, z, zeros if momentum > 0 else (),
                            precondition.init(params) if precondition is not None else ())
@@ -1869,25 +1928,14 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         hit_tree = jax.tree_util.tree_map(lambda h: h > 0, unravel(hits[0].astype(flat.dtype)))
     return out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total
 
-  def _segmented_step(addend, residual, state):
-    """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
-    segments), one collective; the residual, the output and the momentum mask of every leaf are
-    elementwise in the leaf (selected = above its segment's threshold and at or before the last packed
-    index, which is exactly what the packing took: the first ``capacity`` selected entries in order).
-    The buffer is ``addend + residual``: ``_SUM_FLATTEN = "dus"`` (the default) writes the leafwise sums
-    into one buffer by chunks of ``_GROUP_LEAVES`` leaves (:meth:`_Layout.flatten_sum`), ``"two"`` is
-    :func:`_flat_sum` (two concatenations and one add); the same buffer bitwise for materialized inputs.
-    The residual, the output and the mask are read from that buffer, so they agree with the payload
-    whatever its rounding."""
-    leaves, treedef = jax.tree_util.tree_flatten(residual)   # (shapes and dtypes of the sum's leaves)
-    sizes = [int(np.prod(l.shape)) for l in leaves]
+  def _layout_of(sizes):
     r_cap = ratio if max_ratio is None else max_ratio
-    lay = _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
-    dtype = jnp.result_type(*leaves)
-    if _SUM_FLATTEN == "two":
-      flat = _flat_sum(lay.flatten, jax.tree_util.tree_leaves(addend), leaves, dtype)
-    else:
-      flat = lay.flatten_sum(jax.tree_util.tree_leaves(addend), leaves, dtype, _SUM_FLATTEN)
+    return _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
+
+  def _select_segments(flat, lay, state, dtype):
+    """The segmented selection of the padded buffer ``flat``: ``(payload, n_above, thresholds, tie_last,
+    finite, count, last, dense)``; ``finite`` agreed over ``axis_name``, ``count`` 0 on a non-finite step,
+    ``last`` the last packed index (-1 when none), ``dense`` the all-gathered mean (None without an axis)."""
     counts = [_counts(int(n), ratio, max_ratio, capacity_factor) for n in lay.seg_n]
     cap = int(sum(c[2] for c in counts))
     if isinstance(counts[0][0], int):
@@ -1905,17 +1953,41 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     dense = None
     if axis_name is not None:
       dense = allgather_mean(payload, lay.n_pad, axis_name, dtype)
-    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    return payload, above, t, tie_last, finite, count, last, dense
 
-    def leaf_sel(i):   # leaf i's slice of the buffer and which of its entries are sent
-      off, n = lay.offsets[i], sizes[i]
-      v = jax.lax.slice(flat, (off,), (off + n,))
-      pos = off + jnp.arange(n, dtype=jnp.int32)
-      av, ts = jnp.abs(v.astype(jnp.float32)), t[lay.seg_of_leaf[i]]
-      above_t = av > ts
-      if tie_last is not None:   # exact counts: magnitudes tied at the cut up to the segment's last kept one
-        above_t = above_t | ((av == ts) & (pos <= tie_last[lay.seg_of_leaf[i]]))
-      return v, above_t & (pos <= last)
+  def _leaf_selection(flat, lay, t, tie_last, last, i):
+    """Leaf ``i``'s slice of the padded buffer and which of its entries are sent (above its segment's
+    threshold, ties up to the segment's last kept one, at or before the last packed index)."""
+    off, n = lay.offsets[i], lay.sizes[i]
+    v = jax.lax.slice(flat, (off,), (off + n,))
+    pos = off + jnp.arange(n, dtype=jnp.int32)
+    av, ts = jnp.abs(v.astype(jnp.float32)), t[lay.seg_of_leaf[i]]
+    above_t = av > ts
+    if tie_last is not None:   # exact counts: magnitudes tied at the cut up to the segment's last kept one
+      above_t = above_t | ((av == ts) & (pos <= tie_last[lay.seg_of_leaf[i]]))
+    return v, above_t & (pos <= last)
+
+  def _segmented_step(addend, residual, state):
+    """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
+    segments), one collective; the residual, the output and the momentum mask of every leaf are
+    elementwise in the leaf (selected = above its segment's threshold and at or before the last packed
+    index, which is exactly what the packing took: the first ``capacity`` selected entries in order).
+    The buffer is ``addend + residual``: ``_SUM_FLATTEN = "dus"`` (the default) writes the leafwise sums
+    into one buffer by chunks of ``_GROUP_LEAVES`` leaves (:meth:`_Layout.flatten_sum`), ``"two"`` is
+    :func:`_flat_sum` (two concatenations and one add); the same buffer bitwise for materialized inputs.
+    The residual, the output and the mask are read from that buffer, so they agree with the payload
+    whatever its rounding."""
+    leaves, treedef = jax.tree_util.tree_flatten(residual)   # (shapes and dtypes of the sum's leaves)
+    sizes = [int(np.prod(l.shape)) for l in leaves]
+    lay = _layout_of(sizes)
+    dtype = jnp.result_type(*leaves)
+    if _SUM_FLATTEN == "two":
+      flat = _flat_sum(lay.flatten, jax.tree_util.tree_leaves(addend), leaves, dtype)
+    else:
+      flat = lay.flatten_sum(jax.tree_util.tree_leaves(addend), leaves, dtype, _SUM_FLATTEN)
+    payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
+    unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
+    leaf_sel = lambda i: _leaf_selection(flat, lay, t, tie_last, last, i)
 
     use_w, interp = _write_mode(flat, leaves, momentum)
     if use_w:   # every leaf's residual (and output) in a few kernels; finiteness applied there
@@ -1951,15 +2023,64 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     return finite, (unflat(outs), unflat(residuals), unflat(hits) if momentum > 0 else None, count, above,
                     payload_bytes(payload), payload.overflow, lay.n_real), (False, False)
 
+  def _flat_step(addend, state):
+    """:func:`_segmented_step` with ``flat_state``: ``state.residual`` (and the velocity) are the leaves
+    concatenated in tree order. The buffer is ``pad(concat(addend) + residual)`` (bitwise the leafwise sums
+    of the tree layout, every leaf having the one dtype); the new residual is ONE elementwise pass over
+    that sum: zero where the entry was sent (one segment: the padded buffer's selection, whose real entries
+    come first; several: the payload's indices mapped back, one scatter of ``count`` flags), finiteness
+    applied. Returns ``(finite, out, new_residual, new_velocity, count, n_above, bytes, overflow, total)``."""
+    leaves, treedef = jax.tree_util.tree_flatten(addend)
+    sizes = [int(np.prod(l.shape)) for l in leaves]
+    lay = _layout_of(sizes)
+    dtype = state.residual.dtype
+    u = jnp.concatenate([l.reshape(-1).astype(dtype) for l in leaves]) if len(leaves) > 1 else \
+        leaves[0].reshape(-1).astype(dtype)
+    velocity = state.velocity
+    if momentum > 0:
+      u = momentum * state.velocity + u
+    acc = u + state.residual
+    flat = lay.pad(acc)
+    payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
+    if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
+      pos = jnp.arange(lay.n_real, dtype=jnp.int32)
+      av = jnp.abs(acc.astype(jnp.float32))
+      sent = av > t[0]
+      if tie_last is not None:
+        sent = sent | ((av == t[0]) & (pos <= tie_last[0]))
+      sent = sent & (pos <= last)
+    else:   # the payload's entries are exactly the ones sent
+      slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
+      dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
+      sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop", unique_indices=True)
+    new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
+    if momentum > 0:
+      velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
+    outs = []
+    for i, leaf in enumerate(leaves):
+      if dense is None:
+        v, sel = _leaf_selection(flat, lay, t, tie_last, last, i)
+        outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
+      else:
+        off, n = lay.offsets[i], sizes[i]
+        outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
+    out = jax.tree_util.tree_unflatten(treedef, outs)
+    return finite, out, new_res, velocity, count, above, payload_bytes(payload), payload.overflow, lay.n_real
+
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
-    _check_like("sparsifier.update", updates, state.residual)
+    if flat_state:
+      _check_flat_residual("sparsifier.update", updates, state)
+    else:
+      _check_like("sparsifier.update", updates, state.residual)
     _check_axis(axis_name)
     grads = updates
     pre_state = state.precondition
     if precondition is not None:
       updates, pre_state = precondition.update(updates, state.precondition, params)
-    if momentum > 0:
+    if flat_state:
+      addend = None
+    elif momentum > 0:
       vel = jax.tree_util.tree_map(lambda g, u: momentum * u + g.astype(u.dtype), updates, state.velocity)
       addend = vel
     else:
@@ -1968,7 +2089,10 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     # the sum can overflow (float16) when neither does)
     key, sub = jax.random.split(state.key)
     final = (False, False)   # (residual, output) already hold the non-finite step's values
-    if segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
+    if flat_state:   # (residual and velocity written with finiteness applied)
+      finite, out, new_res, velocity, nsel, n_above, nbytes, overflow, total = _flat_step(updates, state)
+      final = (True, False)
+    elif segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
       finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total), final = _segmented_step(
           addend, state.residual, state)
     elif per_tensor:
@@ -1980,8 +2104,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       finite = _global_finite([flat], axis_name)
       out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
           (flat, unravel), finite, sub, state)
-    velocity = state.velocity
-    if momentum > 0:
+    if not flat_state:
+      velocity = state.velocity
+    if momentum > 0 and not flat_state:
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
     if not final[0]:
@@ -2124,7 +2249,7 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
           precondition: optax.GradientTransformation | None = None,
           min_fraction: float | None = None, max_fraction: float | None = None,
           min_group_count: float | None = None, exact: bool | None = None,
-          overshoot: float | None = None) -> optax.GradientTransformation:
+          overshoot: float | None = None, flat_state: bool | None = None) -> optax.GradientTransformation:
   """SIDCo threshold sparsification with error feedback (Abdelmoniem et al., MLSys 2021).
 
   Args:
@@ -2200,6 +2325,16 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
     overshoot: kept for the fit-first path of before session 9 (a private benchmark switch): the fit's
       aim in units of the target count (default 1.5; between 1 and ``capacity_factor``). It never
       changes what is sent.
+    flat_state: keep the error-feedback residual (and the momentum velocity) as ONE vector, the leaves
+      concatenated in tree order (``jax.flatten_util.ravel_pytree(params)[0]``'s layout; unravel it with
+      ``ravel_pytree(params)[1]``), instead of a tree like the parameters (default False). The state then
+      has 1 buffer where it had one per leaf (161 for ResNet-50): a jitted step that donates and returns its
+      optimizer state hands the runtime fewer buffers per call, and the residual is written by one pass
+      instead of one per leaf. What is sent, the update and the residual's values are bitwise those of
+      ``flat_state=False`` (tested, also inside ``density_warmup`` with per-tensor segments, whose
+      padding changes with the density: the flat layout does not). Every parameter leaf must have one
+      dtype. Code that reads ``state.residual`` as a tree must unravel it first;
+      :func:`mlsys_jax.comm.adaptive_ef.decay_residual` works on either layout.
 
   Adaptive optimizers: ``optax.chain(sidco(delta), optax.adam(lr))`` gives Adam a gradient in which
   each coordinate is non-zero on about a fraction p of the steps and then carries the residual of the
@@ -2256,6 +2391,9 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   min_group_count = _static("min_group_count", min_group_count, 16.0)
   check_range("min_group_count", min_group_count, 0.0)
   exact = bool(_static("exact", exact, True))
+  flat_state = _static("flat_state", flat_state, False)
+  if not isinstance(flat_state, (bool, np.bool_)):
+    raise TypeError(f"flat_state must be True or False, got {flat_state!r}.")
   overshoot = _static("overshoot", overshoot, min(1.5, capacity_factor))
   check_range("overshoot", overshoot, 1.0, capacity_factor)
   stages = _static("stages", stages, "adaptive", int) if not isinstance(stages, str) else stages
@@ -2302,4 +2440,5 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
                      axis_name=axis_name, seed=0, initial_stages=1 if adaptive else stages,
                      adapt=(hi, adapt_every, tolerance) if adaptive else None,
                      momentum=momentum,
-                     max_ratio=max_ratio, precondition=precondition, segmented=select)
+                     max_ratio=max_ratio, precondition=precondition, segmented=select,
+                     flat_state=bool(flat_state))

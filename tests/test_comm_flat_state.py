@@ -1,0 +1,173 @@
+"""``sidco(..., flat_state=True)``: the residual (and velocity) as one vector in ``ravel_pytree`` order, with
+every output, residual value and counter bitwise those of the tree layout (issue 18 item 4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mlsys_jax._compat import shard_map
+from mlsys_jax.comm import density_warmup, sidco
+
+# leaves of several sizes: with per_tensor=True at 1% "b" (2 entries) and "d" (0.07) are pooled with their
+# neighbours, so the working buffer has several padded segments and the flat residual maps through them
+_SHAPES = {"a": (300, 20), "b": (200,), "c": (50, 40, 3), "d": (7,), "e": (900, 30)}
+
+
+def _tree(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32) for k, s in _SHAPES.items()}
+
+
+def _steps(tx, n=5, nan_at=3):
+  """``n`` jitted updates (a NaN in leaf "b" at step ``nan_at``): outputs and final state."""
+  st = tx.init(_tree(0))
+  upd = jax.jit(tx.update)
+  outs = []
+  for i in range(n):
+    g = _tree(10 + i, 1.0 + i)
+    if i == nan_at:
+      g = {**g, "b": g["b"].at[3].set(jnp.nan)}
+    o, st = upd(g, st)
+    outs.append(o)
+  return outs, st
+
+
+def _same(a, b):
+  return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+@pytest.mark.parametrize("kw", [{}, {"per_tensor": True}, {"momentum": 0.9, "per_tensor": True},
+                                {"exact": False, "per_tensor": True}],
+                         ids=["flat", "per_tensor", "momentum", "estimator"])
+def test_flat_state_is_bitwise_the_tree_layout(kw):
+  outs_t, st_t = _steps(sidco(0.01, **kw))
+  outs_f, st_f = _steps(sidco(0.01, flat_state=True, **kw))
+  for o_t, o_f in zip(outs_t, outs_f):
+    assert _same(o_t, o_f)
+  assert st_f.residual.shape == (sum(int(np.prod(s)) for s in _SHAPES.values()),)
+  assert bool(jnp.array_equal(ravel_pytree(st_t.residual)[0], st_f.residual))
+  if kw.get("momentum"):
+    assert bool(jnp.array_equal(ravel_pytree(st_t.velocity)[0], st_f.velocity))
+  # the NaN step was skipped in both, and something was sent on the others
+  assert int(st_f.nonfinite_steps) == int(st_t.nonfinite_steps) == 1
+  for f in ("density", "bytes_sent", "total_bytes", "overflow_steps", "stages", "step"):
+    assert float(getattr(st_f, f)) == float(getattr(st_t, f)), f
+  assert float(st_f.total_bytes) > 0
+
+
+def test_flat_state_error_feedback_is_exact():
+  """sent + new residual == gradient + old residual (their float32 sum), entry by entry: nothing is lost (one
+  worker: the output is what was sent, and each entry is either sent or kept, never split)."""
+  tx = sidco(0.01, per_tensor=True, flat_state=True)
+  st = tx.init(_tree(0))
+  upd = jax.jit(tx.update)
+  for i in range(3):
+    g = _tree(20 + i)
+    out, new = upd(g, st)
+    sent_v, kept = np.asarray(ravel_pytree(out)[0]), np.asarray(new.residual)
+    assert not np.any((sent_v != 0) & (kept != 0))
+    lhs = sent_v + kept
+    rhs = np.asarray(ravel_pytree(g)[0]) + np.asarray(st.residual)   # float32, as the transform sums
+    np.testing.assert_array_equal(lhs, rhs)
+    sent = np.count_nonzero(np.asarray(ravel_pytree(out)[0]))
+    assert sent == round(float(new.density) * lhs.size)
+    st = new
+
+
+def test_flat_state_under_shard_map_matches_the_tree_layout_and_keeps_replicas_identical(devices):
+  """8 devices: worker 5 has a NaN at step 1, so every replica skips it; outputs and residuals equal the tree
+  layout's bitwise, and the replicas' updates are identical."""
+  w = len(devices)
+  g_w = [[_tree(100 * s + d) for s in range(2)] for d in range(w)]
+  g_w[5][1] = {**g_w[5][1], "c": g_w[5][1]["c"].at[0, 0, 0].set(jnp.inf)}
+  stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x).reshape(w, 2, *x[0].shape),
+                                   *[g for per in g_w for g in per])
+
+  def run(flat):
+    tx = sidco(0.02, per_tensor=True, axis_name="d", flat_state=flat)
+
+    def body(gw):
+      st = tx.init(_tree(0))
+      outs = []
+      for s in range(2):
+        o, st = tx.update(jax.tree_util.tree_map(lambda x: x[0, s], gw), st)
+        outs.append(o)
+      res = st.residual if flat else ravel_pytree(st.residual)[0]
+      return jax.tree_util.tree_map(lambda x: x[None], (outs, res, st.nonfinite_steps, st.total_bytes))
+
+    mesh = Mesh(np.array(devices), ("d",))
+    return jax.jit(shard_map(body, mesh=mesh, in_specs=(P("d"),), out_specs=P("d"), check_vma=False))(stacked)
+
+  (outs_t, res_t, nf_t, tb_t), (outs_f, res_f, nf_f, tb_f) = run(False), run(True)
+  assert _same(outs_t, outs_f)
+  assert bool(jnp.array_equal(res_t, res_f))
+  np.testing.assert_array_equal(np.asarray(nf_f), 1)                # every replica skipped step 1
+  np.testing.assert_array_equal(np.asarray(tb_f), np.asarray(tb_t))
+  for leaf in jax.tree_util.tree_leaves(outs_f):                      # replicas apply the same update
+    assert bool(jnp.all(leaf == leaf[:1]))
+
+
+def test_flat_state_in_a_density_warmup_with_per_tensor_segments():
+  """The flat layout does not depend on the ratio (the per-tensor pooling does), so stages of different
+  densities share it; bitwise the tree layout through the switch."""
+  make = lambda flat: density_warmup(lambda r: sidco(r, per_tensor=True, flat_state=flat), 0.005, steps=4)
+  outs_t, st_t = _steps(make(False), n=6)
+  outs_f, st_f = _steps(make(True), n=6)
+  for o_t, o_f in zip(outs_t, outs_f):
+    assert _same(o_t, o_f)
+  assert bool(jnp.array_equal(ravel_pytree(st_t.inner_state.residual)[0], st_f.inner_state.residual))
+
+
+def test_flat_state_with_a_traced_ratio_schedule():
+  tx = optax.inject_hyperparams(sidco, static_args=("max_ratio", "flat_state"))(
+      ratio=optax.linear_schedule(0.05, 0.01, 3), max_ratio=0.05, flat_state=True)
+  ref = optax.inject_hyperparams(sidco, static_args=("max_ratio",))(
+      ratio=optax.linear_schedule(0.05, 0.01, 3), max_ratio=0.05)
+  outs_f, st_f = _steps(tx, n=4, nan_at=-1)
+  outs_t, st_t = _steps(ref, n=4, nan_at=-1)
+  for o_t, o_f in zip(outs_t, outs_f):
+    assert _same(o_t, o_f)
+  assert bool(jnp.array_equal(ravel_pytree(st_t.inner_state.residual)[0], st_f.inner_state.residual))
+
+
+def test_flat_state_in_chain_with_adam_trains_like_the_tree_layout():
+  p0 = _tree(0)
+  target = _tree(1)
+  loss = lambda p: sum(jnp.sum((p[k] - target[k]) ** 2) for k in p)
+
+  def train(flat):
+    tx = optax.chain(sidco(0.05, flat_state=flat), optax.adam(1e-2))
+    p, st = p0, tx.init(p0)
+
+    @jax.jit
+    def step(p, st):
+      u, st = tx.update(jax.grad(loss)(p), st, p)
+      return optax.apply_updates(p, u), st
+
+    for _ in range(20):
+      p, st = step(p, st)
+    return p, float(loss(p))
+
+  (p_t, l_t), (p_f, l_f) = train(False), train(True)
+  assert _same(p_t, p_f)
+  assert l_f < 0.97 * float(loss(p0))   # (5% of the entries per step: 20 steps move it ~5%)
+
+
+def test_flat_state_bad_input():
+  mixed = {"a": jnp.ones((4, 3), jnp.float32), "b": jnp.ones((5,), jnp.bfloat16)}
+  with pytest.raises(ValueError, match="one dtype"):
+    sidco(0.1, flat_state=True).init(mixed)
+  tx = sidco(0.1, flat_state=True)
+  st = tx.init({"a": jnp.ones((4, 3))})
+  with pytest.raises(ValueError, match="12"):
+    tx.update({"a": jnp.ones((4, 4))}, st)
+  with pytest.raises(ValueError, match="one vector"):
+    tx.update({"a": jnp.ones((4, 3))}, sidco(0.1).init({"a": jnp.ones((4, 3))}))
+  with pytest.raises(TypeError, match="True or False"):
+    sidco(0.1, flat_state="yes")
+  with pytest.raises(ValueError, match="at least one"):
+    sidco(0.1, flat_state=True).init({"a": jnp.ones((0,))})
