@@ -43,6 +43,7 @@ compresses after the moment update), at the same number of steps, with 8 simulat
     --compressors=leader,topk --adam_from=<this host's Adam JSON of the same seeds>
   python experiments/compressed_adam.py --dataset=mnist1d --steps=600 --ratios=0.001 --modes=rmsfrom@1 \
     --density_warmup=300 --dwarmup_start=0.01 --compressors=leader,topk --adam_from=<...>
+  # the same exact-mean exchange on the union of the workers' own Top-k sets (comm.union_topk): --compressors=union
   # screens: --adam_from=<earlier JSON> reuses its Adam accuracies (same data digest, steps, seeds);
   # --modes=decay@0.95: the plain chain with comm.adaptive_ef.decay_residual(c, 0.95) (per arm)
 
@@ -94,7 +95,9 @@ _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compr
                                   "|acc| * (1 + age / TAU), chain/raw selection only); leader: "
                                   "comm.leader_topk (ScaleCom's cyclic local Top-k: every worker sends its "
                                   "values at one rotating leader's Top-k indices; bytes: k values per worker "
-                                  "plus k indices on the leader's steps); "
+                                  "plus k indices on the leader's steps); union: comm.union_topk (every worker "
+                                  "sends its values on the union of the workers' own Top-k sets: exact means at "
+                                  "Top-k's coverage; bytes: k indices + |union| values per worker); "
                                   "powersgd2, powersgd4, accordion (rank 1 <-> 4; chain mode only).")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
@@ -257,12 +260,12 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, st
   sf, _, cf = opt.partition("c")
   sf = float(sf) if sf else (_DGC_SAMPLE.value or None)
   cf = float(cf) if cf else None
-  if compressor == "leader":   # ScaleCom's cyclic local Top-k (comm.leader_topk): a rotating leader's indices
-    if pt or opt:
-      raise ValueError("leader runs over the whole raveled gradient (no --per_tensor, no '@' option).")
+  if compressor in ("leader", "union"):   # comm.leader_topk (ScaleCom's CLT-k) / comm.union_topk (exact means on
+    if pt or opt:                          # the union of the workers' Top-k sets)
+      raise ValueError(f"{compressor} runs over the whole raveled gradient (no --per_tensor, no '@' option).")
     if mode.startswith("precondition"):
-      raise ValueError("leader runs before Adam with the raw or RMS selection (modes chain, rms*, rmsfrom@J).")
-    return comm.leader_topk(ratio, axis_name="d", precondition=pre)
+      raise ValueError(f"{compressor} runs before Adam with the raw or RMS selection (modes chain, rms*, rmsfrom@J).")
+    return (comm.leader_topk if compressor == "leader" else comm.union_topk)(ratio, axis_name="d", precondition=pre)
   if compressor == "stale":   # 'stale@16': staleness-aware Top-k, tau 16 (comm.adaptive_ef.staleness_topk)
     if pre is not None or pt:
       raise ValueError("stale@TAU runs with the raw selection only (modes chain/decay@D, no --per_tensor).")

@@ -1,4 +1,5 @@
-"""comm.shared_select.leader_topk (ScaleCom's cyclic local Top-k): against a float64 numpy reference over several
+"""comm.shared_select.leader_topk (ScaleCom's cyclic local Top-k) and union_topk (exact means on the union of the
+workers' Top-k sets): against a float64 numpy reference over several
 steps with 8 workers (a named vmap and an 8-device shard_map), mass conservation per worker, leader rotation, the
 shared non-finite skip, byte counts, one-worker equality with topk, density_warmup composition, bad input."""
 
@@ -11,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mlsys_jax._compat import shard_map
-from mlsys_jax.comm import density_warmup, leader_topk, rms_selection, topk
+from mlsys_jax.comm import density_warmup, leader_topk, rms_selection, topk, union_topk
 
 from _trees import grads as _grads, params as _params  # tests/_trees.py
 
@@ -37,8 +38,12 @@ def _flat(g_all):
   return np.concatenate([np.asarray(l, np.float64).reshape(_STEPS, _W, -1) for l in leaves], axis=2)
 
 
-def _reference(G, ratio=_RATIO):
-  """Float64 CLT-k: outputs (steps, n), residuals after each step (steps, workers, n), leaders, bytes (steps, workers)."""
+_KINDS = {"leader": leader_topk, "union": union_topk}
+
+
+def _reference(G, ratio=_RATIO, kind="leader"):
+  """Float64 CLT-k (``kind='leader'``) or union exchange (``'union'``): outputs (steps, n), residuals after each
+  step (steps, workers, n), leaders, bytes (steps, workers)."""
   n = G.shape[2]
   k = max(1, int(round(ratio * n)))
   e = np.zeros((_W, n))
@@ -52,14 +57,20 @@ def _reference(G, ratio=_RATIO):
       res.append(e.copy())
       nbytes.append(np.zeros(_W))
       continue
-    S = np.argsort(-np.abs(acc[lead]), kind="stable")[:k]   # ties to the lower index, as lax.top_k
+    if kind == "leader":
+      S = np.argsort(-np.abs(acc[lead]), kind="stable")[:k]   # ties to the lower index, as lax.top_k
+    else:
+      S = np.unique(np.concatenate([np.argsort(-np.abs(a), kind="stable")[:k] for a in acc]))
     out = np.zeros(n)
     out[S] = acc[:, S].mean(axis=0)
     e = acc.copy()
     e[:, S] = 0.0
     outs.append(out)
     res.append(e.copy())
-    nbytes.append(np.where(np.arange(_W) == lead, 8.0 * k, 4.0 * k))
+    nbytes.append(np.where(np.arange(_W) == lead, 8.0 * k, 4.0 * k) if kind == "leader"
+                  else np.full(_W, 4.0 * k + 4.0 * S.size))
+  if kind == "union":
+    leaders = [-1] * len(leaders)
   return np.stack(outs), np.stack(res), np.asarray(leaders), np.stack(nbytes)
 
 
@@ -104,28 +115,34 @@ def bad_grads():
   return _worker_grads(bad=(1, 5))
 
 
-@pytest.fixture(scope="module")
-def runs(devices, bad_grads):
-  """vmap and shard_map runs of leader_topk on clean gradients and on gradients with a NaN (step 1, worker 5)."""
-  tx = leader_topk(_RATIO, axis_name="d")
+@pytest.fixture(scope="module", params=sorted(_KINDS))
+def runs(request, devices, bad_grads):
+  """vmap and shard_map runs of leader_topk / union_topk on clean gradients and on gradients with a NaN (step 1,
+  worker 5)."""
+  tx = _KINDS[request.param](_RATIO, axis_name="d")
   clean = _worker_grads()
   return {"vmap": _flat_run(*_by_vmap(tx, clean)), "shard_map": _flat_run(*_by_shard_map(devices, tx, clean)),
           "vmap_bad": _flat_run(*_by_vmap(tx, bad_grads)),
           "shard_map_bad": _flat_run(*_by_shard_map(devices, tx, bad_grads)), "G": _flat(clean),
-          "G_bad": _flat(bad_grads)}
+          "G_bad": _flat(bad_grads), "kind": request.param}
 
 
 @pytest.mark.parametrize("how", ["vmap", "shard_map"])
 def test_matches_float64_reference_over_steps(runs, how):
   o, r, lead, nb, nf = runs[how]
-  ref_o, ref_r, ref_lead, ref_b = _reference(runs["G"])
+  ref_o, ref_r, ref_lead, ref_b = _reference(runs["G"], kind=runs["kind"])
   for w in range(_W):   # every replica returns the reference mean
     np.testing.assert_allclose(o[:, w], ref_o, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(r, ref_r, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(lead, np.repeat(ref_lead[:, None], _W, 1))
   np.testing.assert_array_equal(nb, ref_b)
   np.testing.assert_array_equal(nf, 0)
-  assert np.all((o[:, 0] != 0).sum(axis=1) == _K)   # exactly k coordinates released per step
+  released = (o[:, 0] != 0).sum(axis=1)
+  np.testing.assert_array_equal(released, (ref_o != 0).sum(axis=1))
+  if runs["kind"] == "leader":
+    assert np.all(released == _K)                    # exactly k coordinates released per step
+  else:
+    assert np.all((released > _K) & (released <= _W * _K))   # the union of 8 sets of k
 
 
 def test_vmap_and_shard_map_agree_and_replicas_are_identical(runs):
@@ -183,19 +200,21 @@ def test_leader_rotates_and_its_top_k_is_what_everyone_sends():
 @pytest.mark.parametrize("how", ["vmap_bad", "shard_map_bad"])
 def test_one_nonfinite_worker_skips_the_step_on_every_replica(runs, how):
   o, r, lead, nb, nf = runs[how]
-  ref_o, ref_r, _, ref_b = _reference(runs["G_bad"])
+  ref_o, ref_r, _, ref_b = _reference(runs["G_bad"], kind=runs["kind"])
   np.testing.assert_array_equal(o[1], 0)                 # nothing delivered at the bad step, on any replica
   np.testing.assert_array_equal(r[1], r[0])              # every residual unchanged
   np.testing.assert_array_equal(nb[1], 0)
   np.testing.assert_array_equal(nf[-1], np.ones(_W))     # counted once on every replica
-  np.testing.assert_array_equal(lead[:, 0], np.arange(_STEPS) % _W)   # the rotation moves on
+  if runs["kind"] == "leader":
+    np.testing.assert_array_equal(lead[:, 0], np.arange(_STEPS) % _W)   # the rotation moves on
   assert np.all(np.isfinite(o)) and np.all(np.isfinite(r[:1])) and np.all(np.isfinite(r[2:, np.arange(_W) != 5]))
   np.testing.assert_allclose(o[:, 0], ref_o, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(nb, ref_b)
 
 
-def test_nonfinite_step_keeps_the_precondition_state(bad_grads):
-  tx = leader_topk(_RATIO, axis_name="d", precondition=optax.scale_by_rms())
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_nonfinite_step_keeps_the_precondition_state(bad_grads, kind):
+  tx = _KINDS[kind](_RATIO, axis_name="d", precondition=optax.scale_by_rms())
   _, states = _by_vmap(tx, bad_grads)
   nu0, nu1 = states[0].precondition.nu, states[1].precondition.nu
   for a, b in zip(jax.tree_util.tree_leaves(nu0), jax.tree_util.tree_leaves(nu1)):
@@ -204,11 +223,12 @@ def test_nonfinite_step_keeps_the_precondition_state(bad_grads):
   assert not np.array_equal(np.asarray(states[2].precondition.nu["bias"]), np.asarray(nu1["bias"]))
 
 
+@pytest.mark.parametrize("kind", sorted(_KINDS))
 @pytest.mark.parametrize("pre", [None, "rms"])
-def test_one_worker_is_topk_bitwise(pre):
-  """axis_name=None: the one worker leads every step; the update and residual are topk's."""
+def test_one_worker_is_topk_bitwise(pre, kind):
+  """axis_name=None: the one worker leads every step (its set is the union); the update and residual are topk's."""
   mk = (lambda: None) if pre is None else (lambda: optax.scale_by_rms())
-  a, b = leader_topk(_RATIO, precondition=mk()), topk(_RATIO, precondition=mk())
+  a, b = _KINDS[kind](_RATIO, precondition=mk()), topk(_RATIO, precondition=mk())
   sa, sb = a.init(_params()), b.init(_params())
   for s in range(3):
     g = _grads(7 + s)
@@ -217,7 +237,7 @@ def test_one_worker_is_topk_bitwise(pre):
     for x, y in zip(jax.tree_util.tree_leaves((oa, sa.residual)), jax.tree_util.tree_leaves((ob, sb.residual))):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert float(sa.bytes_sent) == 8.0 * _K and float(sb.bytes_sent) == 8.0 * _K + 4
-    assert int(sa.leader) == 0 and float(sa.density) == pytest.approx(_K / _N)
+    assert int(sa.leader) == (0 if kind == "leader" else -1) and float(sa.density) == pytest.approx(_K / _N)
 
 
 def test_composes_with_density_warmup_and_rms_selection():
@@ -238,19 +258,21 @@ def test_composes_with_density_warmup_and_rms_selection():
     np.testing.assert_array_equal(np.asarray(st.bytes_sent), np.where(np.arange(_W) == t % _W, 8.0 * k, 4.0 * k))
 
 
-def test_bad_input_raises():
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_bad_input_raises(kind):
+  make = _KINDS[kind]
   for r in (0.0, 1.0, -0.1, 1.5, True, "0.1", None):
     with pytest.raises(ValueError, match="ratio"):
-      leader_topk(r)
+      make(r)
   with pytest.raises(TypeError, match="axis_name"):
-    leader_topk(0.1, axis_name=3)
+    make(0.1, axis_name=3)
   with pytest.raises(TypeError, match="precondition"):
-    leader_topk(0.1, precondition="rms")
-  tx = leader_topk(0.1)
+    make(0.1, precondition="rms")
+  tx = make(0.1)
   with pytest.raises(TypeError, match="floating"):
     tx.init({"w": jnp.zeros(4, jnp.int32)})
   st = tx.init({"w": jnp.zeros(4)})
   with pytest.raises(ValueError, match="shape"):
     tx.update({"w": jnp.zeros(5)}, st)
   with pytest.raises(NameError, match="not bound"):
-    leader_topk(0.1, axis_name="d").update({"w": jnp.zeros(4)}, st)
+    make(0.1, axis_name="d").update({"w": jnp.zeros(4)}, st)

@@ -23,6 +23,10 @@ Equations (``n`` workers, worker ``w``, local transform ``P``, e.g. the RMS sele
 ScaleCom also low-pass filters the local memory; that filter is not implemented here (plain error
 feedback). ``axis_name=None`` is one worker, the leader on every step: the update is
 :func:`mlsys_jax.comm.topk`'s (same selection, values and residual).
+
+:func:`union_topk` is the same exact-mean exchange on the union of every worker's own Top-k set (Top-k's
+coverage, two rounds: the indices, then the values on the union), the diagnostic that separates the exact
+mean from the leader's set (docs/comm.md, issue 18, session 18).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import optax
 from mlsys_jax._checks import check_floating
 from mlsys_jax.comm import sparse as _sp
 
-__all__ = ["LeaderTopkState", "leader_topk"]
+__all__ = ["LeaderTopkState", "leader_topk", "union_topk"]
 
 
 class LeaderTopkState(NamedTuple):
@@ -46,10 +50,12 @@ class LeaderTopkState(NamedTuple):
   Attributes:
     residual: this worker's error-feedback memory, same structure as the gradients.
     step: steps taken (int32; the leader of step ``t`` is ``t mod n``, skipped steps count).
-    leader: the leader of the last step (int32; -1 before the first step).
-    density: achieved density of the last step (k / total entries; 0 on a skipped step).
+    leader: the leader of the last step (int32; -1 before the first step, and always with :func:`union_topk`).
+    density: released density of the last step (k, or ``|U|`` with :func:`union_topk`, over the entries;
+      0 on a skipped step).
     bytes_sent: bytes this worker passed to the collectives in the last step: its ``k`` values for the
-      all-reduce, plus the ``k`` int32 indices when it was the leader (the broadcast); 0 on a skipped step.
+      all-reduce, plus the ``k`` int32 indices when it was the leader (the broadcast); with :func:`union_topk`
+      its ``k`` indices plus its values on the union; 0 on a skipped step.
     total_bytes: cumulative ``bytes_sent``.
     nonfinite_steps: steps skipped because some worker's error-compensated gradient held NaN/inf.
     precondition: state of the local ``precondition`` transform, or ``()`` without one.
@@ -112,6 +118,57 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
     >>> out['w'].tolist(), s.residual['w'].tolist()
     ([0.0, 2.0], [0.5, 0.0])
   """
+  return _shared_topk("leader_topk", ratio, axis_name, precondition, union=False)
+
+
+def union_topk(ratio: float, *, axis_name: str | None = None,
+               precondition: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+  """Exact means on the union of the workers' own Top-k sets, with error feedback (a diagnostic of
+  :func:`leader_topk`: Top-k's coverage, the shared selection's exact mean).
+
+  Error-feedback Top-k (Aji and Heafield, EMNLP 2017) averages each worker's sent entries with zeros where
+  the other workers did not select the coordinate; ScaleCom's CLT-k (Chen et al., NeurIPS 2020, Sec. 3)
+  makes the mean exact by sharing one worker's index set, but releases only that worker's ``k`` coordinates.
+  Here every worker selects its own Top-k, the index sets are exchanged (an all-gather of ``k`` int32 per
+  worker), and every worker then sends its buffer's values on the union ``U`` (an all-reduce of ``|U|``
+  values)::
+
+      acc_w = P(g_w) + e_w
+      S_w   = the k indices of the largest |acc_w|      (lax.top_k; ties: lower index)
+      U     = S_1 | ... | S_n
+      out   = (1/n) sum_w acc_w * 1[U]                  (the same on every worker)
+      e_w  <- acc_w * (1 - 1[U])                        (exact: sent + residual == acc_w)
+
+  Bytes per worker and step: ``4 k`` (its indices) + ``|U| * itemsize`` (its values on the union; ``|U|``
+  between ``k`` and ``n k``). In this static-shape implementation the union is a dense mask and the values'
+  all-reduce is a dense ``psum`` of the masked buffer (the same mean as the sparse exchange; only the bytes of
+  the sparse exchange are counted). ``axis_name=None``: ``topk``'s update and residual bitwise. Non-finite
+  values, ``precondition`` and the state as in :func:`leader_topk` (``leader`` stays -1).
+
+  Args:
+    ratio: each worker's own density in (0, 1) (``k = max(1, round(ratio * n_entries))``).
+    axis_name: the workers' mapped axis (``pmap``/``shard_map``/named ``vmap``); None for one worker.
+    precondition: a local optax transform applied before error feedback (e.g. ``comm.rms_selection(...)``).
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`LeaderTopkState`.
+
+  Raises:
+    ValueError, TypeError, NameError: as :func:`leader_topk`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = union_topk(0.5)                       # one worker: Top-k with error feedback
+    >>> s = tx.init({'w': jnp.zeros(2)})
+    >>> out, s = tx.update({'w': jnp.array([1.0, 3.0])}, s)
+    >>> out['w'].tolist(), float(s.bytes_sent)
+    ([0.0, 3.0], 8.0)
+  """
+  return _shared_topk("union_topk", ratio, axis_name, precondition, union=True)
+
+
+def _shared_topk(name: str, ratio, axis_name, precondition, union: bool) -> optax.GradientTransformation:
+  """:func:`leader_topk` (``union=False``) and :func:`union_topk` (``union=True``): checks, state, update."""
   if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) or not 0.0 < ratio < 1.0:
     raise ValueError(f"ratio must be a number in (0, 1) (the target density, e.g. 0.01), got {ratio!r}.")
   ratio = float(ratio)
@@ -122,15 +179,15 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
                     f"{type(precondition).__name__}.")
 
   def init_fn(params):
-    check_floating("leader_topk.init", params)
+    check_floating(f"{name}.init", params)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     z, f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
     return LeaderTopkState(zeros, z, jnp.full((), -1, jnp.int32), f, f, f, z,
                            precondition.init(params) if precondition is not None else ())
 
   def update_fn(updates, state, params=None):
-    check_floating("leader_topk.update", updates)
-    _sp._check_like("leader_topk.update", updates, state.residual)
+    check_floating(f"{name}.update", updates)
+    _sp._check_like(f"{name}.update", updates, state.residual)
     _sp._check_axis(axis_name)
     grads = updates
     pre_state = state.precondition
@@ -144,7 +201,19 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
     vec = jnp.where(finite, flat, 0)                            # never select from (or send) NaN/inf
     _, own = jax.lax.top_k(jnp.abs(vec), k)                     # every worker's own top-k (static shapes)
     own = own.astype(jnp.int32)
-    if axis_name is None:
+    if union:
+      leader = jnp.full((), -1, jnp.int32)
+      if axis_name is None:
+        residual, out_flat = flat.at[own].set(0), jnp.zeros((n,), flat.dtype).at[own].set(vec[own])
+        n_union = jnp.int32(k)
+      else:
+        hit = jax.lax.psum(jnp.zeros((n,), jnp.int32).at[own].set(1), axis_name) > 0   # U, from the indices
+        workers = jax.lax.psum(1, axis_name)
+        out_flat = (jax.lax.psum(jnp.where(hit, vec, 0), axis_name) / workers).astype(flat.dtype)
+        residual = jnp.where(hit, 0, flat)
+        n_union = jnp.sum(hit, dtype=jnp.int32)
+      nb = jnp.float32(4 * k) + n_union.astype(jnp.float32) * flat.dtype.itemsize
+    elif axis_name is None:
       leader = jnp.zeros((), jnp.int32)
       is_leader = jnp.asarray(True)
       idx, mean = own, vec[own]
@@ -154,17 +223,19 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
       is_leader = jax.lax.axis_index(axis_name) == leader
       idx = jax.lax.psum(jnp.where(is_leader, own, 0), axis_name)   # the leader's indices, on every worker
       mean = jax.lax.psum(vec[idx], axis_name) / workers            # exact mean of the workers' values
-    out_flat = jnp.zeros((n,), flat.dtype).at[idx].set(mean.astype(flat.dtype))
-    residual = flat.at[idx].set(0)                                  # exact: flat - (flat on S)
+    if not union:
+      out_flat = jnp.zeros((n,), flat.dtype).at[idx].set(mean.astype(flat.dtype))
+      residual = flat.at[idx].set(0)                                # exact: flat - (flat on S)
+      nb = jnp.float32(k * flat.dtype.itemsize) + jnp.where(is_leader, jnp.float32(4 * k), 0.0)
     new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), unravel(residual),
                                      state.residual)
     out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), unravel(out_flat), grads)
     if precondition is not None:
       pre_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), pre_state,
                                          state.precondition)
-    nb = jnp.float32(k * flat.dtype.itemsize) + jnp.where(is_leader, jnp.float32(4 * k), 0.0)
     nb = jnp.where(finite, nb, 0.0)
-    density = jnp.where(finite, jnp.float32(k / n), 0.0)
+    released = n_union.astype(jnp.float32) if union else jnp.float32(k)
+    density = jnp.where(finite, released / n, 0.0)
     return out, LeaderTopkState(new_res, state.step + 1, leader, density, nb, state.total_bytes + nb,
                                 state.nonfinite_steps + (~finite).astype(jnp.int32), pre_state)
 
