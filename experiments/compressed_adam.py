@@ -95,7 +95,8 @@ _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compr
                                   "|acc| * (1 + age / TAU), chain/raw selection only); leader: "
                                   "comm.leader_topk (ScaleCom's cyclic local Top-k: every worker sends its "
                                   "values at one rotating leader's Top-k indices; bytes: k values per worker "
-                                  "plus k indices on the leader's steps); union: comm.union_topk (every worker "
+                                  "plus k indices on the leader's steps; leader@B: with ScaleCom's memory "
+                                  "low-pass filter beta=B); union: comm.union_topk (every worker "
                                   "sends its values on the union of the workers' own Top-k sets: exact means at "
                                   "Top-k's coverage; bytes: k indices + |union| values per worker); "
                                   "powersgd2, powersgd4, accordion (rank 1 <-> 4; chain mode only).")
@@ -261,8 +262,11 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, st
   sf = float(sf) if sf else (_DGC_SAMPLE.value or None)
   cf = float(cf) if cf else None
   if compressor in ("leader", "union"):   # comm.leader_topk (ScaleCom's CLT-k) / comm.union_topk (exact means on
-    if pt or opt:                          # the union of the workers' Top-k sets)
-      raise ValueError(f"{compressor} runs over the whole raveled gradient (no --per_tensor, no '@' option).")
+    if pt or (opt and compressor == "union"):   # the union of the workers' Top-k sets); 'leader@0.1': beta 0.1
+      raise ValueError(f"{compressor} runs over the whole raveled gradient (no --per_tensor); only leader takes "
+                       f"an '@' option (leader@B: ScaleCom's memory filter beta B).")
+    if compressor == "leader" and opt:
+      return comm.leader_topk(ratio, axis_name="d", precondition=pre, beta=float(opt))
     if mode.startswith("precondition"):
       raise ValueError(f"{compressor} runs before Adam with the raw or RMS selection (modes chain, rms*, rmsfrom@J).")
     return (comm.leader_topk if compressor == "leader" else comm.union_topk)(ratio, axis_name="d", precondition=pre)

@@ -41,7 +41,7 @@ def _flat(g_all):
 _KINDS = {"leader": leader_topk, "union": union_topk}
 
 
-def _reference(G, ratio=_RATIO, kind="leader"):
+def _reference(G, ratio=_RATIO, kind="leader", beta=1.0):
   """Float64 CLT-k (``kind='leader'``) or union exchange (``'union'``): outputs (steps, n), residuals after each
   step (steps, workers, n), leaders, bytes (steps, workers)."""
   n = G.shape[2]
@@ -63,8 +63,9 @@ def _reference(G, ratio=_RATIO, kind="leader"):
       S = np.unique(np.concatenate([np.argsort(-np.abs(a), kind="stable")[:k] for a in acc]))
     out = np.zeros(n)
     out[S] = acc[:, S].mean(axis=0)
-    e = acc.copy()
-    e[:, S] = 0.0
+    new = acc.copy()
+    new[:, S] = 0.0
+    e = (1.0 - beta) * e + beta * new                  # ScaleCom's low-pass filter (beta = 1: plain EF)
     outs.append(out)
     res.append(e.copy())
     nbytes.append(np.where(np.arange(_W) == lead, 8.0 * k, 4.0 * k) if kind == "leader"
@@ -170,6 +171,18 @@ def test_mass_conservation_per_worker(runs):
     prev = r[t].astype(np.float32)
 
 
+def test_low_pass_filter_matches_reference():
+  """beta < 1 (ScaleCom's memory filter): e <- (1 - beta) e + beta (acc - sent), against the float64 reference."""
+  tx = leader_topk(_RATIO, axis_name="d", beta=0.3)
+  G = _worker_grads()
+  o, r, lead, nb, nf = _flat_run(*_by_vmap(tx, G))
+  ref_o, ref_r, ref_lead, ref_b = _reference(_flat(G), beta=0.3)
+  np.testing.assert_allclose(o[:, 0], ref_o, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(r, ref_r, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(nb, ref_b)
+  assert not np.allclose(ref_r, _reference(_flat(G))[1])   # the filter changes the memory
+
+
 def test_leader_rotates_and_its_top_k_is_what_everyone_sends():
   """Worker w's gradient is large on its own block of k coordinates: at step t exactly the block of worker
   t mod 8 is released (9 steps: the rotation wraps), with the mean of all workers' values there."""
@@ -266,6 +279,10 @@ def test_bad_input_raises(kind):
       make(r)
   with pytest.raises(TypeError, match="axis_name"):
     make(0.1, axis_name=3)
+  if kind == "leader":
+    for b in (0.0, 1.5, -1.0, True, "0.5"):
+      with pytest.raises(ValueError, match="beta"):
+        make(0.1, beta=b)
   with pytest.raises(TypeError, match="precondition"):
     make(0.1, precondition="rms")
   tx = make(0.1)

@@ -20,8 +20,10 @@ Equations (``n`` workers, worker ``w``, local transform ``P``, e.g. the RMS sele
     out   = (1/n) sum_w acc_w * 1[S_t]                     (one all-reduce of k values; same on every worker)
     e_w  <- acc_w * (1 - 1[S_t])                           (exact: sent + residual == acc_w)
 
-ScaleCom also low-pass filters the local memory; that filter is not implemented here (plain error
-feedback). ``axis_name=None`` is one worker, the leader on every step: the update is
+ScaleCom also low-pass filters the local memory (its ``beta``, Sec. 3): ``e_w <- (1 - beta) e_w + beta (acc_w -
+sent_w)``; ``beta = 1`` (the default) is plain error feedback, ``beta < 1`` keeps part of the old memory on the
+sent coordinates and takes only part of each new gradient (it smooths the memories, which makes the workers' buffers
+more alike; no longer mass-exact). ``axis_name=None`` is one worker, the leader on every step: the update is
 :func:`mlsys_jax.comm.topk`'s (same selection, values and residual).
 
 :func:`union_topk` is the same exact-mean exchange on the union of every worker's own Top-k set (Top-k's
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from mlsys_jax._checks import check_floating
 from mlsys_jax.comm import sparse as _sp
@@ -71,7 +74,8 @@ class LeaderTopkState(NamedTuple):
 
 
 def leader_topk(ratio: float, *, axis_name: str | None = None,
-                precondition: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+                precondition: optax.GradientTransformation | None = None, beta: float = 1.0
+                ) -> optax.GradientTransformation:
   """Cyclic local Top-k (ScaleCom, Chen et al., NeurIPS 2020, Sec. 3): the workers send their values at the
   indices one rotating leader selected, with error feedback.
 
@@ -96,6 +100,8 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
     precondition: a local optax transform applied to this worker's gradient before error feedback (e.g.
       ``comm.rms_selection(...)``, issue 18's Adam-aware selection); the leader selects on, and every worker
       sends, the preconditioned buffer. Its state is per worker and unchanged on skipped steps.
+    beta: ScaleCom's low-pass filter of the memory, in (0, 1]: ``e_w <- (1 - beta) e_w + beta (acc_w - sent_w)``
+      (1: plain error feedback, exact ``sent + residual == acc``).
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`LeaderTopkState`; chain it before the optimizer, e.g.
@@ -103,7 +109,8 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
     ``density_warmup`` (one state layout at every density).
 
   Raises:
-    ValueError: ``ratio`` not a number in (0, 1); at update, gradients shaped unlike the parameters.
+    ValueError: ``ratio`` not a number in (0, 1), ``beta`` not in (0, 1]; at update, gradients shaped unlike the
+      parameters.
     TypeError: ``precondition`` not a GradientTransformation, ``axis_name`` not a str, non-float gradients.
     NameError: ``axis_name`` set but not bound by pmap/shard_map/vmap at update.
 
@@ -118,7 +125,7 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
     >>> out['w'].tolist(), s.residual['w'].tolist()
     ([0.0, 2.0], [0.5, 0.0])
   """
-  return _shared_topk("leader_topk", ratio, axis_name, precondition, union=False)
+  return _shared_topk("leader_topk", ratio, axis_name, precondition, union=False, beta=beta)
 
 
 def union_topk(ratio: float, *, axis_name: str | None = None,
@@ -167,8 +174,13 @@ def union_topk(ratio: float, *, axis_name: str | None = None,
   return _shared_topk("union_topk", ratio, axis_name, precondition, union=True)
 
 
-def _shared_topk(name: str, ratio, axis_name, precondition, union: bool) -> optax.GradientTransformation:
+def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: float = 1.0
+                 ) -> optax.GradientTransformation:
   """:func:`leader_topk` (``union=False``) and :func:`union_topk` (``union=True``): checks, state, update."""
+  if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0.0 < beta <= 1.0:
+    raise ValueError(f"beta must be a number in (0, 1] (ScaleCom's memory low-pass filter; 1 = plain error "
+                     f"feedback), got {beta!r}.")
+  beta = float(beta)
   if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) or not 0.0 < ratio < 1.0:
     raise ValueError(f"ratio must be a number in (0, 1) (the target density, e.g. 0.01), got {ratio!r}.")
   ratio = float(ratio)
@@ -227,6 +239,9 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool) -> opta
       out_flat = jnp.zeros((n,), flat.dtype).at[idx].set(mean.astype(flat.dtype))
       residual = flat.at[idx].set(0)                                # exact: flat - (flat on S)
       nb = jnp.float32(k * flat.dtype.itemsize) + jnp.where(is_leader, jnp.float32(4 * k), 0.0)
+    if beta != 1.0:   # ScaleCom's low-pass filter: (1 - beta) e + beta (acc - sent)
+      old = ravel_pytree(state.residual)[0].astype(flat.dtype)
+      residual = ((1.0 - beta) * old + beta * residual).astype(flat.dtype)
     new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), unravel(residual),
                                      state.residual)
     out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), unravel(out_flat), grads)
