@@ -2052,7 +2052,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     else:   # the payload's entries are exactly the ones sent
       slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
       dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
-      sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop", unique_indices=True)
+      sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop")   # (unsent slots: dropped)
     new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
     if momentum > 0:
       velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
