@@ -1,5 +1,5 @@
-"""``sidco(..., flat_state=True)``: the residual (and velocity) as one vector in ``ravel_pytree`` order, with
-every output, residual value and counter bitwise those of the tree layout (issue 18 item 4)."""
+"""``flat_state=True`` (sidco, topk, dgc, randomk): the residual (and velocity) as one vector in ``ravel_pytree``
+order, with every output, residual value and counter bitwise those of the tree layout (issue 18 item 4)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mlsys_jax._compat import shard_map
-from mlsys_jax.comm import density_warmup, sidco
+from mlsys_jax.comm import density_warmup, dgc, randomk, sidco, topk
 
 # leaves of several sizes: with per_tensor=True at 1% "b" (2 entries) and "d" (0.07) are pooled with their
 # neighbours, so the working buffer has several padded segments and the flat residual maps through them
@@ -57,6 +57,20 @@ def test_flat_state_is_bitwise_the_tree_layout(kw):
   for f in ("density", "bytes_sent", "total_bytes", "overflow_steps", "stages", "step"):
     assert float(getattr(st_f, f)) == float(getattr(st_t, f)), f
   assert float(st_f.total_bytes) > 0
+
+
+@pytest.mark.parametrize("make", [lambda f: topk(0.01, momentum=0.9, flat_state=f),
+                                  lambda f: dgc(0.01, exact=True, flat_state=f),
+                                  lambda f: randomk(0.01, seed=3, flat_state=f)], ids=["topk", "dgc", "randomk"])
+def test_flat_state_of_the_raveled_compressors_is_bitwise_the_tree_layout(make):
+  outs_t, st_t = _steps(make(False))
+  outs_f, st_f = _steps(make(True))
+  for o_t, o_f in zip(outs_t, outs_f):
+    assert _same(o_t, o_f)
+  assert bool(jnp.array_equal(ravel_pytree(st_t.residual)[0], st_f.residual))
+  if not isinstance(st_t.velocity, tuple):
+    assert bool(jnp.array_equal(ravel_pytree(st_t.velocity)[0], st_f.velocity))
+  assert int(st_f.nonfinite_steps) == 1 and float(st_f.total_bytes) == float(st_t.total_bytes) > 0
 
 
 def test_flat_state_error_feedback_is_exact():
@@ -169,5 +183,9 @@ def test_flat_state_bad_input():
     tx.update({"a": jnp.ones((4, 3))}, sidco(0.1).init({"a": jnp.ones((4, 3))}))
   with pytest.raises(TypeError, match="True or False"):
     sidco(0.1, flat_state="yes")
+  with pytest.raises(ValueError, match="per_tensor=True needs sidco"):
+    topk(0.1, per_tensor=True, flat_state=True)
+  with pytest.raises(TypeError, match="True or False"):
+    dgc(0.1, flat_state=1.5)
   with pytest.raises(ValueError, match="at least one"):
     sidco(0.1, flat_state=True).init({"a": jnp.ones((0,))})

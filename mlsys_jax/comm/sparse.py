@@ -1761,6 +1761,14 @@ def _check_like(name: str, updates, reference) -> None:
                        f"parameters.")
 
 
+def _flat_flag(flat_state) -> bool:
+  """The static ``flat_state`` switch of the sparsifiers (None: False), else a clear error."""
+  flat_state = _static("flat_state", flat_state, False)
+  if not isinstance(flat_state, (bool, np.bool_)):
+    raise TypeError(f"flat_state must be True or False, got {flat_state!r}.")
+  return bool(flat_state)
+
+
 def _flat_dtype(name: str, leaves):
   """The one dtype of ``leaves`` (``flat_state=True`` keeps the residual in one buffer), else a clear error."""
   dts = sorted({jnp.dtype(jnp.result_type(l)).name for l in leaves})
@@ -1865,12 +1873,14 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
   ``axis_name``, so that every replica skips the same steps (nothing sent, residual and velocity
   unchanged, ``nonfinite_steps`` incremented everywhere) and the replicas never drift apart.
 
-  ``flat_state`` (segmented transforms only): the residual and the velocity are each ONE vector of the
-  leaves concatenated in tree order (``jax.flatten_util.ravel_pytree`` order), not a tree: two state
-  buffers instead of two per leaf. Every leaf must then have one dtype.
+  ``flat_state``: the residual and the velocity are each ONE vector of the leaves concatenated in tree
+  order (``jax.flatten_util.ravel_pytree`` order), not a tree: one buffer each instead of one per leaf.
+  Every leaf must then have one dtype. Without ``segmented`` (topk, dgc, randomk) only with
+  ``per_tensor=False``, whose working vector is that raveled vector already.
   """
-  if flat_state and segmented is None:
-    raise ValueError("flat_state=True needs the segmented path (sidco).")
+  if flat_state and segmented is None and per_tensor:
+    raise ValueError("flat_state=True with per_tensor=True needs sidco (one buffer with per-tensor segments); "
+                     "topk, dgc and randomk keep a flat residual with per_tensor=False only.")
   if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
     raise TypeError(f"precondition must be an optax.GradientTransformation (e.g. optax.scale_by_adam()), "
                     f"got {type(precondition).__name__}.")
@@ -1889,7 +1899,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
 
   def _loop_step(acc, finite, sub, state):
     """One payload per leaf (per_tensor) or one for the raveled tree, selected by ``select``. ``acc`` is
-    the error-compensated tree, or (per_tensor=False) ``(flat, unravel)`` from :func:`_ravel_sum`."""
+    the error-compensated tree, or (per_tensor=False) ``(flat, unravel)`` from :func:`_ravel_sum`. With
+    ``flat_state`` the residual and the momentum mask stay raveled."""
     if per_tensor:
       groups, treedef = jax.tree_util.tree_flatten(acc)
       vecs = [g.reshape(-1) for g in groups]
@@ -1922,6 +1933,10 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       out = jax.tree_util.tree_unflatten(treedef, [o.reshape(g.shape) for o, g in zip(outs, groups)])
       if momentum > 0:
         hit_tree = jax.tree_util.tree_unflatten(treedef, [h.reshape(g.shape) for h, g in zip(hits, groups)])
+    elif flat_state:
+      new_res, out = residuals[0], unravel(outs[0])
+      if momentum > 0:
+        hit_tree = hits[0]
     else:
       new_res, out = unravel(residuals[0]), unravel(outs[0])
       if momentum > 0:
@@ -2078,8 +2093,14 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     pre_state = state.precondition
     if precondition is not None:
       updates, pre_state = precondition.update(updates, state.precondition, params)
-    if flat_state:
+    if flat_state and segmented is not None:
       addend = None
+    elif flat_state:   # the raveled gradient (in the residual's dtype), through the velocity with momentum
+      leaves = jax.tree_util.tree_leaves(updates)
+      addend = jnp.concatenate([l.reshape(-1).astype(state.residual.dtype) for l in leaves])
+      if momentum > 0:
+        vel = momentum * state.velocity + addend
+        addend = vel
     elif momentum > 0:
       vel = jax.tree_util.tree_map(lambda g, u: momentum * u + g.astype(u.dtype), updates, state.velocity)
       addend = vel
@@ -2089,9 +2110,14 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     # the sum can overflow (float16) when neither does)
     key, sub = jax.random.split(state.key)
     final = (False, False)   # (residual, output) already hold the non-finite step's values
-    if flat_state:   # (residual and velocity written with finiteness applied)
+    if flat_state and segmented is not None:   # (residual and velocity written with finiteness applied)
       finite, out, new_res, velocity, nsel, n_above, nbytes, overflow, total = _flat_step(updates, state)
       final = (True, False)
+    elif flat_state:   # the raveled vector is the state's own layout
+      flat = addend + state.residual
+      finite = _global_finite([flat], axis_name)
+      out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
+          (flat, ravel_pytree(updates)[1]), finite, sub, state)
     elif segmented is not None:   # (the flag comes from the statistics pass: no per-leaf reductions)
       finite, (out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total), final = _segmented_step(
           addend, state.residual, state)
@@ -2104,9 +2130,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       finite = _global_finite([flat], axis_name)
       out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
           (flat, unravel), finite, sub, state)
-    if not flat_state:
+    if not (flat_state and segmented is not None):
       velocity = state.velocity
-    if momentum > 0 and not flat_state:
+    if momentum > 0 and not (flat_state and segmented is not None):
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
     if not final[0]:
@@ -2138,13 +2164,15 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
 
 
 def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False, momentum: float | None = None,
-         max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None
-         ) -> optax.GradientTransformation:
+         max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None,
+         flat_state: bool | None = None) -> optax.GradientTransformation:
   """Exact Top-k sparsification with error feedback (Aji and Heafield, 2017; ``lax.top_k``).
 
   ``momentum > 0``: DGC's momentum correction (see :func:`sidco`); chain with plain ``optax.sgd``.
   ``ratio`` may be a schedule through ``optax.inject_hyperparams`` with a static ``max_ratio`` (see
   :func:`sidco`).
+  ``flat_state=True``: the residual (and velocity) as one vector in ``ravel_pytree`` order (see :func:`sidco`;
+  with ``per_tensor=False`` only); bitwise the same updates and residual values.
 
   Example:
     >>> tx = optax.chain(topk(0.01), optax.sgd(0.1))
@@ -2157,15 +2185,18 @@ def topk(ratio: float, *, axis_name: str | None = None, per_tensor: bool = False
     return _first_k(topk_payload(vec, k_max), k), k
 
   return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
-                     seed=0, initial_stages=1, momentum=momentum, max_ratio=max_ratio, precondition=precondition)
+                     seed=0, initial_stages=1, momentum=momentum, max_ratio=max_ratio, precondition=precondition,
+                     flat_state=_flat_flag(flat_state))
 
 
 def randomk(ratio: float, *, seed: int | None = None, axis_name: str | None = None, per_tensor: bool = False,
-            max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None
-            ) -> optax.GradientTransformation:
+            max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None,
+            flat_state: bool | None = None) -> optax.GradientTransformation:
   """Random-k sparsification with error feedback: ``k`` uniformly random distinct entries per step.
 
   The workers share ``seed`` (the same entries everywhere, as in the literature's shared-seed Random-k).
+  ``flat_state=True``: the residual (and velocity) as one vector in ``ravel_pytree`` order (see :func:`sidco`;
+  with ``per_tensor=False`` only); bitwise the same updates and residual values.
   """
   ratio, max_ratio = _resolve_ratio(ratio, max_ratio)
   seed = _static("seed", seed, 0, int)
@@ -2176,13 +2207,14 @@ def randomk(ratio: float, *, seed: int | None = None, axis_name: str | None = No
     return _first_k(SparsePayload(idx, vec[idx], jnp.asarray(k_max, jnp.int32), jnp.asarray(False)), k), k
 
   return _sparsifier(select, ratio, capacity_factor=1.0, per_tensor=per_tensor, axis_name=axis_name,
-                     seed=seed, initial_stages=1, max_ratio=max_ratio, precondition=precondition)
+                     seed=seed, initial_stages=1, max_ratio=max_ratio, precondition=precondition,
+                     flat_state=_flat_flag(flat_state))
 
 
 def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: float | None = None,
         seed: int | None = None, axis_name: str | None = None, per_tensor: bool = False,
         max_ratio: float | None = None, precondition: optax.GradientTransformation | None = None,
-        exact: bool | None = None) -> optax.GradientTransformation:
+        exact: bool | None = None, flat_state: bool | None = None) -> optax.GradientTransformation:
   """DGC's sampled-threshold sparsification with error feedback (Lin et al., ICLR 2018).
 
   The threshold is the top-k magnitude of a random sample (:func:`dgc_threshold`); if more than the
@@ -2204,6 +2236,9 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   of the payload's ``capacity_factor * k`` slots, not of the gradient), so DGC never sends more than
   Top-k does (a step where the sample's threshold selects fewer sends those), in a payload of ``k``
   slots (Top-k's bytes). The rest stays in the residual.
+
+  ``flat_state=True``: the residual (and velocity) as one vector in ``ravel_pytree`` order (see :func:`sidco`;
+  with ``per_tensor=False`` only); bitwise the same updates and residual values.
 
   Example:
     >>> tx = optax.chain(dgc(0.01, exact=True), optax.sgd(0.1))
@@ -2239,7 +2274,7 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
                      axis_name=axis_name, seed=seed, initial_stages=1, max_ratio=max_ratio,
-                     precondition=precondition)
+                     precondition=precondition, flat_state=_flat_flag(flat_state))
 
 
 def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str = "adaptive",
@@ -2391,9 +2426,7 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   min_group_count = _static("min_group_count", min_group_count, 16.0)
   check_range("min_group_count", min_group_count, 0.0)
   exact = bool(_static("exact", exact, True))
-  flat_state = _static("flat_state", flat_state, False)
-  if not isinstance(flat_state, (bool, np.bool_)):
-    raise TypeError(f"flat_state must be True or False, got {flat_state!r}.")
+  flat_state = _flat_flag(flat_state)
   overshoot = _static("overshoot", overshoot, min(1.5, capacity_factor))
   check_range("overshoot", overshoot, 1.0, capacity_factor)
   stages = _static("stages", stages, "adaptive", int) if not isinstance(stages, str) else stages
@@ -2441,4 +2474,4 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
                      adapt=(hi, adapt_every, tolerance) if adaptive else None,
                      momentum=momentum,
                      max_ratio=max_ratio, precondition=precondition, segmented=select,
-                     flat_state=bool(flat_state))
+                     flat_state=flat_state)
