@@ -13,7 +13,8 @@ Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (t
 block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``),
 ``sidco_pt_counts`` (both), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
 ``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
-``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both. Per row:
+``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both;
+``topk_flat``: ``topk(..., flat_state=True)``. Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
 - ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
@@ -51,7 +52,7 @@ from benchmarks.common import (device_stream_events, environment, idle_clusters,
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
-        "adam_flat", "sidco_flat_adam_flat")
+        "adam_flat", "sidco_flat_adam_flat", "topk_flat")
 
 
 class _Affine(nn.Module):
@@ -133,7 +134,8 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
           "sidco_pt_counts": lambda: sp.sidco(ratio, per_tensor=True),
           "sidco_flat": lambda: sp.sidco(ratio, flat_state=True),
           "sidco_pt_flat": lambda: sp.sidco(ratio, per_tensor=True, flat_state=True),
-          "sidco_flat_adam_flat": lambda: sp.sidco(ratio, flat_state=True)}
+          "sidco_flat_adam_flat": lambda: sp.sidco(ratio, flat_state=True),
+          "topk_flat": lambda: sp.topk(ratio, flat_state=True)}
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)

@@ -38,12 +38,13 @@ from mlsys_jax.comm import sidco, topk  # noqa: E402
 
 # row -> (transform factory, the tree-state row it must equal bitwise, or None). Rows (ratio r):
 # adam = optax.adam(1e-3); adam_flat = optax.flatten(adam); topk / sidco / sidco_pt = chain(<c>(r), adam);
-# sidco_flat / sidco_pt_flat = the same with flat_state=True; sidco_flat_adam_flat = chain(sidco(r,
+# topk_flat / sidco_flat / sidco_pt_flat = the same with flat_state=True; sidco_flat_adam_flat = chain(sidco(r,
 # flat_state=True), optax.flatten(adam))
 ROWS = {
     "adam": (lambda r: optax.adam(1e-3), None),
     "adam_flat": (lambda r: optax.flatten(optax.adam(1e-3)), None),
     "topk": (lambda r: optax.chain(topk(r), optax.adam(1e-3)), None),
+    "topk_flat": (lambda r: optax.chain(topk(r, flat_state=True), optax.adam(1e-3)), "topk"),
     "sidco": (lambda r: optax.chain(sidco(r), optax.adam(1e-3)), None),
     "sidco_flat": (lambda r: optax.chain(sidco(r, flat_state=True), optax.adam(1e-3)), "sidco"),
     "sidco_flat_adam_flat": (
