@@ -1,0 +1,35 @@
+"""benchmarks/state_buffers.py: the figures docs/comm.md quotes from its committed CPU JSON, and its row table."""
+
+import json
+import pathlib
+
+import pytest
+
+from benchmarks import state_buffers as sb
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def test_quoted_cpu_figures():
+  d = json.loads((RESULTS / "state_buffers_cpu_s18.json").read_text())
+  rows = {r["row"]: r for r in d["rows"]}
+  assert d["leaves"] == 161 and d["args"]["div"] == 16
+  ms = {k: rows[k]["step_s"] * 1e3 for k in rows}
+  quoted = {"adam": 1.81, "adam_flat": 0.79, "topk": 2.44, "sidco": 3.74, "sidco_flat": 3.51,
+            "sidco_flat_adam_flat": 3.21, "sidco_pt": 4.48, "sidco_pt_flat": 4.52}
+  for k, v in quoted.items():
+    assert ms[k] == pytest.approx(v, abs=0.005), k
+  assert [rows[k]["state_buffers"] for k in ("adam", "adam_flat", "sidco", "sidco_flat", "sidco_flat_adam_flat")] == \
+      [323, 3, 493, 333, 13]
+  for k, ratio in (("sidco_flat", 1.07), ("sidco_pt_flat", 0.99)):
+    assert rows[k]["same_as_tree"] is True
+    assert rows[k]["vs_tree"] == pytest.approx(ratio, abs=0.005)
+    assert rows[k]["vs_tree"] == pytest.approx(rows[rows[k]["tree_row"]]["step_s"] / rows[k]["step_s"], rel=1e-9)
+  assert ms["adam"] / ms["adam_flat"] == pytest.approx(2.3, abs=0.05)
+
+
+def test_rows_build_transforms_and_name_their_tree_rows():
+  for name, (make, tree_row) in sb.ROWS.items():
+    tx = make(0.01)
+    assert callable(tx.init) and callable(tx.update), name
+    assert tree_row is None or (tree_row in sb.ROWS and sb.ROWS[tree_row][1] is None), name
