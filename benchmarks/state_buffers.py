@@ -9,7 +9,9 @@ back (the host runs ahead; one block per round), rows interleaved round by round
 compiled, on ResNet-50's 161 parameter shapes with the channel widths divided by ``--div`` (large ``--div``:
 tiny tensors, so the step is host-bound and the per-buffer cost shows; ``--div 1``: the real sizes).
 
-Per row: ``step_s`` (median over rounds of the wall seconds per step), ``vs_tree`` (the matching row with the
+Per row: ``step_s`` (median over rounds of the wall seconds per step), ``entry_fusions`` / ``entry_ops`` (fusions
+and all instructions of the compiled step's entry computation: on a GPU each fusion is a kernel launch),
+``vs_tree`` (the matching row with the
 residual as a tree over this row: > 1 means faster), ``state_buffers``, and ``same_as_tree`` (the flat rows'
 updates and parameters after the timed steps equal the tree rows' bitwise: every row starts from the same
 state and sees the same gradients).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 import time
 
@@ -56,6 +59,17 @@ ROWS = {
 }
 
 
+def _entry_ops(hlo: str) -> dict:
+  """Opcode counts of the compiled program's entry computation (each fusion or custom call is a kernel
+  launch on a GPU; on a CPU a loop nest)."""
+  entry = hlo[hlo.index("ENTRY"):]
+  entry = entry[:entry.index("\n}") if "\n}" in entry else len(entry)]
+  ops = {}
+  for op in re.findall(r"= \S+ ([\w-]+)\(", entry):
+    ops[op] = ops.get(op, 0) + 1
+  return ops
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True, help="output directory (JSON)")
@@ -88,18 +102,19 @@ def main():
       u, st = tx.update(g, st, p)
       return optax.apply_updates(p, u), st
 
-    fn = jax.jit(step, donate_argnums=(0, 1))
     st = jax.tree_util.tree_map(jnp.copy, tx.init(params))   # distinct buffers (init may share zeros)
     p = jax.tree_util.tree_map(jnp.copy, params)
     t0 = time.perf_counter()
+    fn = jax.jit(step, donate_argnums=(0, 1)).lower(p, st, grads[0]).compile()
+    ops = _entry_ops(fn.as_text())
     p, st = jax.block_until_ready(fn(p, st, grads[0]))
     print(f"compiled {r} in {time.perf_counter() - t0:.1f} s")
-    progs[r] = [fn, p, st, len(jax.tree_util.tree_leaves(st))]
+    progs[r] = [fn, p, st, len(jax.tree_util.tree_leaves(st)), ops]
 
   times = {r: [] for r in names}
   for rep in range(args.repeats):
     for r in names:
-      fn, p, st, _ = progs[r]
+      fn, p, st = progs[r][:3]
       t0 = time.perf_counter()
       for i in range(args.steps):
         p, st = fn(p, st, grads[(i + 1) % 2])
@@ -110,7 +125,8 @@ def main():
   rows = []
   for r in names:
     t = np.asarray(times[r])
-    row = {"row": r, "state_buffers": progs[r][3], "step_s": float(np.median(t)),
+    row = {"row": r, "state_buffers": progs[r][3], "entry_fusions": progs[r][4].get("fusion", 0),
+           "entry_ops": sum(progs[r][4].values()), "step_s": float(np.median(t)),
            "step_s_iqr": [float(np.percentile(t, 25)), float(np.percentile(t, 75))]}
     ref = ROWS[r][1]
     if ref in progs:   # same start, same gradients, same number of steps: the same parameters bitwise
@@ -118,7 +134,7 @@ def main():
       row["vs_tree"] = float(np.median(times[ref]) / np.median(t))
       row["tree_row"] = ref
     rows.append(row)
-  print_table(rows, ["row", "state_buffers", "step_s", "step_s_iqr", "vs_tree", "same_as_tree"])
+  print_table(rows, ["row", "state_buffers", "entry_fusions", "step_s", "step_s_iqr", "vs_tree", "same_as_tree"])
   write_json(args.out, args.name, {"env": environment(), "args": vars(args), "leaves": len(shapes),
                                    "parameters": n, "rows": rows})
 
