@@ -24,6 +24,9 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        max_interval=16, until=450)` on its screen seeds 0-4 and the fresh seeds 45-59 (Adam, plain and spread16
        re-run there), the same comparisons on 45-59, and Adam / plain / spread16 over all 60 seeds (0-59)
 
+  s18: the 0.1% recipe of s8 on this host (Top-k: session 16's seeds 0-14 and the fresh seeds 100-129; DGC with its
+       default sample: 100-129), each against Adam re-run with it; a precision run whose rule was written first
+
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
 import json
@@ -286,7 +289,40 @@ def pool_s17() -> dict:
   return out
 
 
+S18_FRESH = ["compressed_adam_mnist1d_600_0.001_s18_recipe_seeds100-114.json",   # seeds never used before
+             "compressed_adam_mnist1d_600_0.001_s18_recipe_seeds115-129.json"]
+S18 = {  # arm: (key, files in seed order)
+    "recipe_topk": ("topk 0.001 rmsfrom@1 dwarmup300 start0.01", S16["recipe_0.001"][1] + S18_FRESH),
+    "recipe_dgc": ("dgc 0.001 rmsfrom@1 dwarmup300 start0.01", S18_FRESH),
+}
+
+
+def pool_s18() -> dict:
+  """Session 18's precision run of the 0.1% recipe on mnist1d (rule in docs/comm.md, written before the runs):
+  Top-k over this host's seeds 0-14 (session 16) and the fresh seeds 100-129, DGC (its default sample) over
+  100-129, each against Adam re-run with it (paired); also each seed set alone."""
+  out, adam = {}, {}
+  for arm, (key, files) in S18.items():
+    runs, seeds, A, X = _load_arm("s18", arm, key, files, adam, complete=True)
+    res = {"key": key, "files": files, "seeds": seeds, "accuracy": X,
+           "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []), "provenance": runs[-1]["provenance"],
+           "vs_adam_all": _compare(X, A)}
+    print("s18", arm, f"all {len(seeds)} seeds vs Adam", _fmt(res["vs_adam_all"]), _fmt_p(res["vs_adam_all"]))
+    for name, lo, hi in (("seeds0-14", 0, 15), ("seeds100-129", 100, 130)):
+      idx = [i for i, sd in enumerate(seeds) if lo <= sd < hi]
+      if idx:
+        res["vs_adam_" + name] = c = _compare([X[i] for i in idx], [A[i] for i in idx])
+        print("s18", arm, name, "vs Adam", _fmt(c), _fmt_p(c))
+    out[arm] = res
+  out["adam"] = {str(sd): adam[sd] for sd in sorted(adam)}
+  json.dump(out, open(R + "compressed_adam_mnist1d_0.001_s18_recipe_pooled.json", "w"), indent=1)
+  return out
+
+
 if __name__ == "__main__":
+  if sys.argv[1:] == ["s18"]:
+    pool_s18()
+    sys.exit()
   if sys.argv[1:] == ["s17"]:
     pool_s17()
     sys.exit()
