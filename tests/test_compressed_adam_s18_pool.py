@@ -1,0 +1,43 @@
+"""The figures docs/comm.md and README quote from session 18's precision run of the 0.1% recipe on mnist1d
+(experiments/results/compressed_adam_pool.py s18): the pooled JSON holds exactly its runs' accuracies, and the
+paired differences recompute from them."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+R = ROOT / "experiments" / "results"
+sys.path.insert(0, str(ROOT / "experiments"))
+from compressed_adam import _compare  # noqa: E402
+
+
+def _load(name):
+  return json.loads((R / name).read_text())
+
+
+def test_pooled_accuracies_are_the_runs_and_the_quoted_differences_recompute():
+  pooled = _load("compressed_adam_mnist1d_0.001_s18_recipe_pooled.json")
+  adam = {int(k): v for k, v in pooled["adam"].items()}
+  for arm, quoted_all, quoted_fresh in (("recipe_topk", (-1.12, -1.68, -0.60), (-1.15, -1.92, -0.49)),
+                                        ("recipe_dgc", (-0.97, -1.52, -0.47), (-0.97, -1.52, -0.47))):
+    res = pooled[arm]
+    acc, seeds = [], []
+    for f in res["files"]:
+      run = _load(f)
+      acc += run["accuracy"][res["key"]]
+      seeds += run["seeds"]
+      assert [adam[s] for s in run["seeds"]] == run["accuracy"]["adam"]   # Adam re-run in every file, paired
+    assert acc == res["accuracy"] and seeds == res["seeds"]
+    assert len(set(seeds)) == len(seeds)
+    for c, quoted in ((_compare(acc, [adam[s] for s in seeds]), quoted_all),
+                      (res["vs_adam_seeds100-129"], quoted_fresh)):
+      got = (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1])
+      assert got == pytest.approx(quoted, abs=0.005)
+  assert pooled["recipe_topk"]["seeds"] == list(range(15)) + list(range(100, 130))
+  assert pooled["recipe_dgc"]["seeds"] == list(range(100, 130))
+  # DGC's static payload holds 2k slots: twice Top-k's bytes at the same target density
+  assert pooled["recipe_dgc"]["mb_per_worker"][0] == pytest.approx(2 * pooled["recipe_topk"]["mb_per_worker"][0],
+                                                                   rel=0.01)
