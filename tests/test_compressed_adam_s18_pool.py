@@ -36,6 +36,12 @@ def test_pooled_accuracies_are_the_runs_and_the_quoted_differences_recompute():
                       (res["vs_adam_seeds100-129"], quoted_fresh)):
       got = (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1])
       assert got == pytest.approx(quoted, abs=0.005)
+  c = pooled["recipe_dgc"]["vs_recipe_topk_seeds100-129"]   # DGC vs Top-k, paired on the fresh seeds
+  assert (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]) == pytest.approx(
+      (0.18, -0.35, 0.74), abs=0.005)
+  t = dict(zip(pooled["recipe_topk"]["seeds"], pooled["recipe_topk"]["accuracy"]))
+  assert c["mean_diff"] == pytest.approx(
+      sum(a - t[s] for s, a in zip(pooled["recipe_dgc"]["seeds"], pooled["recipe_dgc"]["accuracy"])) / 30, abs=1e-12)
   assert pooled["recipe_topk"]["seeds"] == list(range(15)) + list(range(100, 130))
   assert pooled["recipe_dgc"]["seeds"] == list(range(100, 130))
   # DGC's static payload holds 2k slots: twice Top-k's bytes at the same target density

@@ -314,6 +314,10 @@ def pool_s18() -> dict:
         res["vs_adam_" + name] = c = _compare([X[i] for i in idx], [A[i] for i in idx])
         print("s18", arm, name, "vs Adam", _fmt(c), _fmt_p(c))
     out[arm] = res
+  t = dict(zip(out["recipe_topk"]["seeds"], out["recipe_topk"]["accuracy"]))
+  d = dict(zip(out["recipe_dgc"]["seeds"], out["recipe_dgc"]["accuracy"]))
+  out["recipe_dgc"]["vs_recipe_topk_seeds100-129"] = c = _compare([d[sd] for sd in sorted(d)], [t[sd] for sd in sorted(d)])
+  print("s18 recipe_dgc vs recipe_topk seeds100-129", _fmt(c), _fmt_p(c))
   out["adam"] = {str(sd): adam[sd] for sd in sorted(adam)}
   json.dump(out, open(R + "compressed_adam_mnist1d_0.001_s18_recipe_pooled.json", "w"), indent=1)
   return out
