@@ -47,3 +47,20 @@ def test_pooled_accuracies_are_the_runs_and_the_quoted_differences_recompute():
   # DGC's static payload holds 2k slots: twice Top-k's bytes at the same target density
   assert pooled["recipe_dgc"]["mb_per_worker"][0] == pytest.approx(2 * pooled["recipe_topk"]["mb_per_worker"][0],
                                                                    rel=0.01)
+
+
+def test_dgc_cells_recompute_from_their_runs():
+  pooled = _load("compressed_adam_s18_dgc_pooled.json")
+  quoted = {"digits_1%_chain": (-1.81, -3.76, -0.52), "digits_1%_until450": (-0.56, -0.88, -0.24),
+            "digits_0.1%_recipe": (-1.11, -1.72, -0.56),
+            "digits_0.1%_recipe_units": (-0.30, -0.46, -0.12), "mnist1d_1%_until450": (-0.40, -0.94, 0.10)}
+  for cell, q in quoted.items():
+    res = pooled[cell]
+    acc, adam = [], []
+    for f in res["files"]:
+      run = _load(f)
+      acc += run["accuracy"][res["key"]]
+      adam += run["accuracy"]["adam"]
+    assert acc == res["accuracy"] and adam == res["adam"] and len(acc) == 15
+    c = _compare(acc, adam)
+    assert (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]) == pytest.approx(q, abs=0.005)

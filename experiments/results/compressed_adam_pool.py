@@ -26,6 +26,8 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
 
   s18: the 0.1% recipe of s8 on this host (Top-k: session 16's seeds 0-14 and the fresh seeds 100-129; DGC with its
        default sample: 100-129), each against Adam re-run with it; a precision run whose rule was written first
+  s18dgc: DGC (default sample) cells on current code: digits 1% (plain chain and the 1% option) and 0.1% (the
+       recipe, and inside gradient_units) on the fresh seeds 100-114, mnist1d 1% option on seeds 45-59 (session 17's 45-49 + 50-59)
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -323,9 +325,41 @@ def pool_s18() -> dict:
   return out
 
 
+S18_DGC = {  # cell: (data set, key, files in seed order)
+    "digits_1%_chain": ("digits", "dgc 0.01 chain", ["compressed_adam_digits_600_0.01_s18_dgc_seeds100-114.json"]),
+    "digits_1%_until450": ("digits", "dgc 0.01 chain spread-leaky@16u450",
+                           ["compressed_adam_digits_600_0.01_s18_dgc_seeds100-114.json"]),
+    "digits_0.1%_recipe": ("digits", "dgc 0.001 rmsfrom@1 dwarmup300 start0.01",
+                           ["compressed_adam_digits_600_0.001_s18_recipe_dgc_seeds100-114.json"]),
+    "digits_0.1%_recipe_units": ("digits", "dgc 0.001 rmsfrom@1 dwarmup300 start0.01 units",
+                                 ["compressed_adam_digits_600_0.001_s18_recipe_units_dgc_seeds100-114.json"]),
+    "mnist1d_1%_until450": ("mnist1d", "dgc 0.01 chain spread-leaky@16u450",
+                            ["compressed_adam_mnist1d_600_0.01_s17_until450_dgc_seeds45-49.json",
+                             "compressed_adam_mnist1d_600_0.01_s18_until450_dgc_seeds50-59.json"]),
+}
+
+
+def pool_s18_dgc() -> dict:
+  """Session 18's DGC cells on current code (rule written before the runs): each against Adam of the same seeds
+  (re-run in the digits runs; session 17's confirmation run of this host for mnist1d), paired."""
+  out = {}
+  for cell, (ds, key, files) in S18_DGC.items():
+    adam = {}
+    runs, seeds, A, X = _load_arm("s18dgc", cell, key, files, adam, complete=True)
+    out[cell] = {"dataset": ds, "key": key, "files": files, "seeds": seeds, "accuracy": X, "adam": A,
+                 "mb_per_worker": sum([r["bytes_per_worker"][key] for r in runs], []),
+                 "vs_adam": _compare(X, A)}
+    print("s18dgc", cell, f"{len(seeds)} seeds vs Adam", _fmt(out[cell]["vs_adam"]), _fmt_p(out[cell]["vs_adam"]))
+  json.dump(out, open(R + "compressed_adam_s18_dgc_pooled.json", "w"), indent=1)
+  return out
+
+
 if __name__ == "__main__":
   if sys.argv[1:] == ["s18"]:
     pool_s18()
+    sys.exit()
+  if sys.argv[1:] == ["s18dgc"]:
+    pool_s18_dgc()
     sys.exit()
   if sys.argv[1:] == ["s17"]:
     pool_s17()
