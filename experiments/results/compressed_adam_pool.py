@@ -354,24 +354,13 @@ def pool_s18_dgc() -> dict:
   return out
 
 
+# pools with their own function (the rest are POOLS entries, pooled by ``pool``)
+SPECIAL = {"s11": pool_s11, "s13": lambda: pool_s13("s13"), "s13u": lambda: pool_s13("s13u"), "s16": pool_s16,
+           "s17": pool_s17, "s18": pool_s18, "s18dgc": pool_s18_dgc}
+
 if __name__ == "__main__":
-  if sys.argv[1:] == ["s18"]:
-    pool_s18()
-    sys.exit()
-  if sys.argv[1:] == ["s18dgc"]:
-    pool_s18_dgc()
-    sys.exit()
-  if sys.argv[1:] == ["s17"]:
-    pool_s17()
-    sys.exit()
-  if sys.argv[1:] == ["s16"]:
-    pool_s16()
-    sys.exit()
-  if sys.argv[1:2] in (["s13"], ["s13u"]):
-    pool_s13(sys.argv[1])
-    sys.exit()
-  if sys.argv[1:] == ["s11"]:
-    pool_s11()
+  if len(sys.argv) == 2 and sys.argv[1] in SPECIAL:
+    SPECIAL[sys.argv[1]]()
     sys.exit()
   for n in sys.argv[1:] or list(POOLS):
     pool(n)
