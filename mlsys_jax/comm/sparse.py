@@ -802,13 +802,8 @@ class _Layout:
     concatenation with the zero pieces between the segments was ~3x slower on an H200 (a loop fusion
     choosing among ~260 operands per entry: 0.12-0.13 ms at 25M entries against 0.04 ms)."""
     how = _FLATTEN if _FLATTEN != "auto" else ("gather" if jax.default_backend() == "gpu" else "concat")
-    if self.num_segments > 1 and how == "gather":
-      order = [i for g in self.groups for i in g]
-      u = jnp.concatenate([leaves[i].reshape(-1).astype(dtype) for i in order])
-      p = jnp.arange(self.n_pad, dtype=jnp.int32).reshape(self.num_tiles, _TILE)
-      valid = p < jnp.asarray(self.tile_limit)[:, None]
-      src = jnp.where(valid, p + jnp.asarray(self.tile_shift)[:, None], 0)
-      return jnp.where(valid, u.at[src].get(mode="promise_in_bounds"), jnp.zeros((), dtype)).reshape(-1)
+    if self.num_segments > 1 and how == "gather":   # (segments are runs of consecutive leaves: leaf order)
+      return self.pad(_concat_leaves(leaves, dtype))
     pieces = []
     for g, group in enumerate(self.groups):
       n_g = 0
@@ -822,8 +817,8 @@ class _Layout:
 
   def pad(self, u: jax.Array) -> jax.Array:
     """The padded buffer (``n_pad``,) of ``u``, the leaves already concatenated in leaf order (``n_real``,)
-    (``flatten(leaves) == pad(concatenate(leaves))``): zeros appended for one segment, else one gather with
-    the static per-tile tables of :meth:`flatten`."""
+    (``flatten(leaves) == pad(concatenate(leaves))``): zeros appended for one segment, else one gather
+    (``padded[p] = u[p + shift(tile)]`` or 0 past the segment's end; static per-tile tables)."""
     if self.num_segments == 1:
       return jnp.pad(u, (0, self.n_pad - self.n_real)) if self.n_pad > self.n_real else u
     p = jnp.arange(self.n_pad, dtype=jnp.int32).reshape(self.num_tiles, _TILE)
@@ -1761,6 +1756,12 @@ def _check_like(name: str, updates, reference) -> None:
                        f"parameters.")
 
 
+def _concat_leaves(leaves, dtype) -> jax.Array:
+  """The leaves raveled and concatenated in order, in ``dtype`` (``ravel_pytree``'s vector)."""
+  pieces = [l.reshape(-1).astype(dtype) for l in leaves]
+  return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
 def _flat_flag(flat_state) -> bool:
   """The static ``flat_state`` switch of the sparsifiers (None: False), else a clear error."""
   flat_state = _static("flat_state", flat_state, False)
@@ -1794,7 +1795,7 @@ def _check_flat_residual(name: str, updates, state) -> None:
     raise ValueError(f"{name}: flat_state=True expects state.residual to be one vector (the state of an init "
                      f"with flat_state=True), got {jax.tree_util.tree_structure(r)}; build the state with the "
                      f"same transform's init.")
-  n = sum(int(np.prod(np.shape(l))) for l in leaves)
+  n = _flat_size(name, leaves)
   if r.shape[0] != n:
     raise ValueError(f"{name}: the gradients have {n} entries in all but the flat residual has "
                      f"{r.shape[0]}; call init with parameters shaped like the gradients.")
@@ -1970,17 +1971,21 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       dense = allgather_mean(payload, lay.n_pad, axis_name, dtype)
     return payload, above, t, tie_last, finite, count, last, dense
 
-  def _leaf_selection(flat, lay, t, tie_last, last, i):
-    """Leaf ``i``'s slice of the padded buffer and which of its entries are sent (above its segment's
-    threshold, ties up to the segment's last kept one, at or before the last packed index)."""
-    off, n = lay.offsets[i], lay.sizes[i]
-    v = jax.lax.slice(flat, (off,), (off + n,))
-    pos = off + jnp.arange(n, dtype=jnp.int32)
-    av, ts = jnp.abs(v.astype(jnp.float32)), t[lay.seg_of_leaf[i]]
+  def _sent(v, pos, seg, t, tie_last, last):
+    """Which entries ``v`` (at padded positions ``pos``, in segment ``seg``) were sent: above the segment's
+    threshold (ties up to the segment's last kept one with exact counts) and at or before the last packed
+    index."""
+    av, ts = jnp.abs(v.astype(jnp.float32)), t[seg]
     above_t = av > ts
     if tie_last is not None:   # exact counts: magnitudes tied at the cut up to the segment's last kept one
-      above_t = above_t | ((av == ts) & (pos <= tie_last[lay.seg_of_leaf[i]]))
-    return v, above_t & (pos <= last)
+      above_t = above_t | ((av == ts) & (pos <= tie_last[seg]))
+    return above_t & (pos <= last)
+
+  def _leaf_selection(flat, lay, t, tie_last, last, i):
+    """Leaf ``i``'s slice of the padded buffer and which of its entries are sent (:func:`_sent`)."""
+    off, n = lay.offsets[i], lay.sizes[i]
+    v = jax.lax.slice(flat, (off,), (off + n,))
+    return v, _sent(v, off + jnp.arange(n, dtype=jnp.int32), lay.seg_of_leaf[i], t, tie_last, last)
 
   def _segmented_step(addend, residual, state):
     """All leaves in one flat buffer: per-segment thresholds, ONE payload (capacity shared by the
@@ -2049,8 +2054,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     sizes = [int(np.prod(l.shape)) for l in leaves]
     lay = _layout_of(sizes)
     dtype = state.residual.dtype
-    u = jnp.concatenate([l.reshape(-1).astype(dtype) for l in leaves]) if len(leaves) > 1 else \
-        leaves[0].reshape(-1).astype(dtype)
+    u = _concat_leaves(leaves, dtype)
     velocity = state.velocity
     if momentum > 0:
       u = momentum * state.velocity + u
@@ -2058,12 +2062,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     flat = lay.pad(acc)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
     if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
-      pos = jnp.arange(lay.n_real, dtype=jnp.int32)
-      av = jnp.abs(acc.astype(jnp.float32))
-      sent = av > t[0]
-      if tie_last is not None:
-        sent = sent | ((av == t[0]) & (pos <= tie_last[0]))
-      sent = sent & (pos <= last)
+      sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
     else:   # the payload's entries are exactly the ones sent
       slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
       dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
@@ -2093,11 +2092,11 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     pre_state = state.precondition
     if precondition is not None:
       updates, pre_state = precondition.update(updates, state.precondition, params)
-    if flat_state and segmented is not None:
+    flat_seg = flat_state and segmented is not None   # (_flat_step does its own sum, velocity and finiteness)
+    if flat_seg:
       addend = None
     elif flat_state:   # the raveled gradient (in the residual's dtype), through the velocity with momentum
-      leaves = jax.tree_util.tree_leaves(updates)
-      addend = jnp.concatenate([l.reshape(-1).astype(state.residual.dtype) for l in leaves])
+      addend = _concat_leaves(jax.tree_util.tree_leaves(updates), state.residual.dtype)
       if momentum > 0:
         vel = momentum * state.velocity + addend
         addend = vel
@@ -2110,7 +2109,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     # the sum can overflow (float16) when neither does)
     key, sub = jax.random.split(state.key)
     final = (False, False)   # (residual, output) already hold the non-finite step's values
-    if flat_state and segmented is not None:   # (residual and velocity written with finiteness applied)
+    if flat_seg:   # (residual and velocity written with finiteness applied)
       finite, out, new_res, velocity, nsel, n_above, nbytes, overflow, total = _flat_step(updates, state)
       final = (True, False)
     elif flat_state:   # the raveled vector is the state's own layout
@@ -2130,9 +2129,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       finite = _global_finite([flat], axis_name)
       out, new_res, hit_tree, nsel, n_above, nbytes, overflow, total = _loop_step(
           (flat, unravel), finite, sub, state)
-    if not (flat_state and segmented is not None):
+    if not flat_seg:
       velocity = state.velocity
-    if momentum > 0 and not (flat_state and segmented is not None):
+    if momentum > 0 and not flat_seg:
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
     if not final[0]:
