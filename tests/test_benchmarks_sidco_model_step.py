@@ -25,7 +25,8 @@ def _rows(name, strip=True):
 @pytest.mark.parametrize("name", ["sidco_model_step_h200_s16b.json", "sidco_model_step_h200_s16c.json",
                                   "sidco_model_step_h200_s16d.json", "sidco_model_step_h200_s16e.json",
                                   "sidco_model_step_h200_s16f.json", "sidco_model_step_h200_s16g.json",
-                                  "sidco_model_step_h200_s16h.json", "sidco_model_step_h200_s16i.json"])
+                                  "sidco_model_step_h200_s16h.json", "sidco_model_step_h200_s16i.json",
+                                  "sidco_model_step_h200_s19a.json", "sidco_model_step_h200_s19b.json"])
 def test_summary_reproduces_the_stored_fields(name):
   stored = {r["row"]: r for r in _rows(name, strip=False)}
   rows = _rows(name)
@@ -57,6 +58,28 @@ def test_quoted_training_step_figures():
   assert d["sidco"]["overhead_s"] < 0 and e["sidco"]["overhead_s"] < 0 and "vs_topk" not in d["sidco"]
   assert b["sidco"]["overhead_s"] * 1e3 == pytest.approx(2.495, abs=5e-4)
   assert b["topk"]["overhead_s"] * 1e3 == pytest.approx(1.886, abs=5e-4)
+
+
+def test_quoted_flat_state_step_figures():
+  # docs/comm.md "State buffers and the flat residual on the H200" (session 19), table 2
+  def by(name):
+    rows = _rows(name)
+    ms._summarize(rows)
+    return {r["row"]: r for r in rows}
+  a, b = by("sidco_model_step_h200_s19a.json"), by("sidco_model_step_h200_s19b.json")
+  over = lambda r, k: r[k]["overhead_s"] * 1e3   # noqa: E731
+  assert {k: round(over(b, k), 3) for k in ("topk", "sidco", "sidco_flat", "sidco_pt", "sidco_pt_flat")} == \
+      {"topk": 0.893, "sidco": 0.171, "sidco_flat": 0.076, "sidco_pt": 0.292, "sidco_pt_flat": 0.257}
+  assert [round(b[k]["vs_topk"], 1) for k in ("sidco", "sidco_flat", "sidco_pt", "sidco_pt_flat")] == \
+      [5.2, 11.7, 3.1, 3.5]
+  # against one read+write pass of the gradients (0.068 ms, sidco_tree_h200_s19.json's rw_floor_s)
+  rw = json.loads((RESULTS / "sidco_tree_h200_s19.json").read_text())["rw_floor_s"] * 1e3
+  assert rw == pytest.approx(0.068, abs=5e-4)
+  assert [round(over(b, k) / rw, 1) for k in ("sidco_flat", "sidco", "sidco_pt_flat")] == [1.1, 2.5, 3.8]
+  assert {k: round(over(a, k), 3) for k in ("topk", "topk_flat", "sidco", "sidco_flat", "adam_flat",
+                                             "sidco_flat_adam_flat")} == \
+      {"topk": 0.606, "topk_flat": 0.404, "sidco": -0.309, "sidco_flat": -0.251, "adam_flat": -0.866,
+       "sidco_flat_adam_flat": -0.127}
 
 
 def test_kernel_classes_of_the_breakdown_run():

@@ -47,6 +47,29 @@ def test_tree_run_ratios_match_the_stored_ones():
   assert by["sidco(0.001)"]["speedup_over_topk"] == pytest.approx(1.19, abs=0.005)
 
 
+def test_quoted_flat_state_figures_s19():
+  # docs/comm.md "State buffers and the flat residual on the H200" (session 19), table 3
+  by, floor = _rows("sidco_tree_h200_s19.json")
+  stored = {m: r["speedup_over_topk"] for m, r in by.items()}
+  for r in by.values():
+    for k in ("speedup_over_topk", "over_flat_copy", "over_rw_floor", "compressor_s", "compressor_speedup_over_topk"):
+      r.pop(k, None)
+  assert st._summarize(list(by.values()), floor) == "device_s"
+  for m, r in by.items():
+    assert r["speedup_over_topk"] == pytest.approx(stored[m], rel=1e-12), m
+  f = lambda m, k: round(by[m][k] * 1e3, 3)   # noqa: E731
+  assert [f(m, "device_s") for m in ("flat copy", "topk(0.001)", "sidco(0.001)", "sidco(0.001, flat_state=True)",
+                                      "sidco(0.001, per_tensor=True)",
+                                      "sidco(0.001, per_tensor=True, flat_state=True)")] == \
+      [0.057, 1.684, 0.777, 0.999, 0.820, 1.195]
+  assert [round(by[m]["speedup_over_topk"], 2) for m in ("sidco(0.001)", "sidco(0.001, flat_state=True)",
+                                                         "sidco(0.001, per_tensor=True)")] == [2.17, 1.69, 2.05]
+  # the donated training step, wall ms per call of 20 back-to-back calls: the flat residual is faster there
+  assert [round(by[m]["train_chain_wall_s"] * 1e3, 2) for m in (
+      "topk(0.001)", "sidco(0.001)", "sidco(0.001, flat_state=True)", "chain(sidco(0.001), adam)",
+      "chain(sidco(0.001, flat_state=True), adam)")] == [3.06, 2.81, 2.32, 6.27, 2.96]
+
+
 def test_cpu_rows_use_loop_wall_time():
   rows = [{"method": "flat copy", "loop_wall_s": 1.0}, {"method": "topk(0.001)", "loop_wall_s": 8.0},
           {"method": "adam(1e-3)", "loop_wall_s": 2.0}, {"method": "chain(topk(0.001), adam)", "loop_wall_s": 6.0},
