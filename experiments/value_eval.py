@@ -34,6 +34,7 @@ each held-out family is scored once (``value_options_nested.json``).
 and by family: the per-kernel roofline of :mod:`mlsys_jax.cost.kernel_roofline` vs the analytical roofline
 on XLA's totals (the baseline), the same roofline on the kernel tables' totals, and gradient-boosted trees
 (``value_program_mape<tag>.json``; ``--kr_correction`` adds a bounded tree correction of the kernel roofline).
+``--option_test_data=<files>``: fitted once on ``--option_data``, scored on these files only (new collections).
 """
 
 from __future__ import annotations
@@ -98,15 +99,28 @@ _OPGRID = flags.DEFINE_list("option_pessimism_grid", ["0", "0.5", "1", "2", "3"]
 _OMGRID = flags.DEFINE_list("option_margin_grid", ["0", "0.02", "0.05"],
                             "options_nested: margins the inner validation chooses from.")
 _OGBDT = flags.DEFINE_bool("option_gbdt", True, "Also fit scikit-learn gradient-boosted trees (if installed).")
+_OTEST = flags.DEFINE_list("option_test_data", [], "program_mape only: cost dataset(s) held out as a whole: "
+                           "every model is fitted once on the kept rows of --option_data and scored on the kept "
+                           "rows of these files (split 'test_data'; merged after --option_data, so a program whose "
+                           "graph repeats a training program on the same device is dropped; one that shares a "
+                           "program key with a training program is not scored). Replaces --option_split.")
 
 
-def _load_cost_data():
+def _load_cost_data(test_paths=()):
   """The options/program_mape dataset: one file as stored, or several merged (device kept), with graph
-  dedupe and the device filter; returns (dataset, description for the JSON)."""
+  dedupe and the device filter; returns (dataset, description for the JSON). ``test_paths``
+  (``--option_test_data``) are merged after ``--option_data``: their programs get the highest group ids."""
   from mlsys_jax.cost import dataset as cds
   paths = list(_ODATA.value)
+  test_paths = list(test_paths)
+  both = [os.path.realpath(p) for p in paths + test_paths]
+  if len(set(both)) != len(both):
+    raise ValueError(f"--option_data and --option_test_data must name distinct files; got {paths} and {test_paths}.")
+  paths += test_paths
   dss = [cds.load_dataset(p) for p in paths]
   desc = {"paths": [os.path.relpath(p) for p in paths]}
+  if test_paths:
+    desc["test_paths"] = [os.path.relpath(p) for p in test_paths]
   if len(dss) > 1 or _ODEDUPE.value or _ODEVICES.value:
     ds, info = cds.merge_datasets(dss, [os.path.basename(p) for p in paths], dedupe=len(dss) > 1 or _ODEDUPE.value)
     r = info.duplicate_default_ratios
@@ -627,6 +641,36 @@ def _kernel_labels(ds, kts, paths, shared_kernels: bool = False):
   return labels, busy, span, st
 
 
+def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Rows of a merged dataset (``cost.dataset.merge_datasets``, sources in the order of ``--option_data``
+  then ``--option_test_data``) that come from the last ``len(sources) - n_train_files`` sources: merge
+  numbers groups source by source, so these are the groups at or above the training sources' kept programs.
+  Returns (test rows, test rows that may be scored, stats): a test program that shares a
+  ``cost.dataset.program_keys`` id with a training program (the same graph timed on another device, or
+  the same family and config) is not scored, so nothing scored was seen in training in any form.
+  Example: sources kept 3 and 2 programs, ``n_train_files=1`` -> rows of groups 3 and 4 are the test rows."""
+  from mlsys_jax.cost import dataset as cds
+  if not 1 <= n_train_files < len(sources):
+    raise ValueError(f"--option_test_data: need at least one training and one test source; got {len(sources)} "
+                     f"sources, {n_train_files} of them training.")
+  n_train = int(sum(src["programs_kept"] for src in sources[:n_train_files]))
+  group = np.asarray(ds.group, np.int64)
+  test = group >= n_train
+  if not test.any():
+    raise ValueError("--option_test_data: every program of the test files repeats a training program's graph on the "
+                     "same device (merge_datasets dropped them all); nothing to test on.")
+  if test.all():
+    raise ValueError("--option_test_data: no training row is left (after --option_devices?).")
+  pk = cds.program_keys(ds)
+  shared = test & np.isin(pk, pk[~test])
+  stats = {"training_programs": int(np.unique(group[~test]).size), "test_programs": int(np.unique(group[test]).size),
+           "test_rows": int(test.sum()), "test_programs_sharing_a_program_key_with_training": int(
+               np.unique(group[shared]).size), "test_rows_not_scored_shared_key": int(shared.sum()),
+           "per_source": [{"name": src["name"], "programs_kept": src["programs_kept"], "rows_kept": src["rows_kept"],
+                           "test": k >= n_train_files} for k, src in enumerate(sources)]}
+  return test, test & ~shared, stats
+
+
 def part_program_mape():
   """Issue 24 target (b) on the data that exists: whole-program latency of the cost dataset's programs
   (every compilation, rows the collection flagged noisy left out), held out by program (5 folds) and by
@@ -645,7 +689,9 @@ def part_program_mape():
     compile decisions + roofline), and ``learned_residual``: trees on log(runtime / fitted roofline).
 
   Ratios: model MAPE against ``analytical`` (and ``analytical_kernel_totals``), with 95% bootstrap
-  intervals over programs."""
+  intervals over programs. With ``--option_test_data`` the only split is ``test_data``: every model (and
+  each inner choice, inner folds by program) is fitted on the kept rows of ``--option_data`` and scored on
+  the kept rows of the test files (:func:`_test_data_rows`), per family and per test file too."""
   from sklearn.ensemble import HistGradientBoostingRegressor
   from threadpoolctl import threadpool_limits
   from mlsys_jax.cost import dataset as cds
@@ -655,7 +701,14 @@ def part_program_mape():
   br_grid = [_bytes_ridge(v) for v in _KR_BR_GRID.value]
   kopt_grid = list(dict.fromkeys(_kernel_option(v) for v in _KR_KOPT_GRID.value)) or ["none"]
   t0 = time.perf_counter()
-  ds, desc = _load_cost_data()
+  test_mode = bool(_OTEST.value)
+  if test_mode and flags.FLAGS["option_split"].present:
+    raise ValueError("--option_test_data replaces the folds of --option_split (one split, 'test_data'): drop one.")
+  ds, desc = _load_cost_data(_OTEST.value)
+  data_paths = list(_ODATA.value) + list(_OTEST.value)   # every file's profiler columns (labels, busy times)
+  if test_mode:
+    test_rows, test_scored, desc["test_data"] = _test_data_rows(ds, desc["sources"], len(_ODATA.value))
+    print(f"test data: {desc['test_data']}", flush=True)
   devs = cds.row_devices(ds)
   udev = sorted(set(devs.tolist()))
   mods = [hlo.parse_hlo(t) for t in ds.hlo]
@@ -670,8 +723,8 @@ def part_program_mape():
   kby = np.asarray([float((k.bytes * k.count).sum()) for k in kts])
   print(f"features and kernel tables ({time.perf_counter() - t0:.0f} s)", flush=True)
   if _KR_LABELS.value and any("shared" in o.split("+") for o in kopt_grid):
-    klabels_shared = _kernel_labels(ds, kts, _ODATA.value, shared_kernels=True)[0]
-  klabels, busy, span, lab_stats = _kernel_labels(ds, kts, _ODATA.value) if _KR_LABELS.value \
+    klabels_shared = _kernel_labels(ds, kts, data_paths, shared_kernels=True)[0]
+  klabels, busy, span, lab_stats = _kernel_labels(ds, kts, data_paths) if _KR_LABELS.value \
       else (None, None, None, None)
   fl, by = np.maximum(ds.flops, 0.0), np.maximum(ds.bytes_accessed, 0.0)
   roof = np.log(np.maximum(fl / 4e14, by / 3e12) + 5e-6)
@@ -730,6 +783,8 @@ def part_program_mape():
   splits = [("program", V.group_folds(cds.program_keys(ds), 5, _SEED.value), cds.program_keys(ds)),
             ("family", [ds.family == f for f in np.unique(ds.family)], ds.family)]
   splits = [s_ for s_ in splits if _OSPLIT.value in ("both", s_[0])]
+  if test_mode:   # one fold: train on --option_data, test on --option_test_data (inner folds by program)
+    splits = [("test_data", [test_rows], cds.program_keys(ds))]
   if _KR_LABELS.value:
     out["kernel_roofline_labels"] = {
         "what": "the kernel roofline fitted with per-kernel device times of the training rows that have profiler "
@@ -893,11 +948,12 @@ def part_program_mape():
         g = trees(x2[itr], resid[itr]).predict(x2[ite])
         pred["kernel_roofline_corrected"][ite] = p_all[ite] * np.exp(np.clip(g, -best, best))
     kr_s = time.perf_counter() - tk
+    ev = keep & test_scored if name == "test_data" else keep   # the rows scored (every row is in a test fold)
     ape = {k: np.abs(p / rt - 1.0) for k, p in pred.items()}
-    mp = {k: float(a[keep].mean()) for k, a in ape.items()}
+    mp = {k: float(a[ev].mean()) for k, a in ape.items()}
     pk = cds.program_keys(ds)
-    progs = np.unique(pk[keep])
-    rows_of = {p_: np.flatnonzero(keep & (pk == p_)) for p_ in progs}
+    progs = np.unique(pk[ev])
+    rows_of = {p_: np.flatnonzero(ev & (pk == p_)) for p_ in progs}
     ma = mp["analytical"]
     res = {f"mape_{k}": v for k, v in mp.items()}
     for k, key in (("learned", "learned"), ("learned_residual", "learned_residual"),
@@ -917,7 +973,7 @@ def part_program_mape():
       res["kernel_roofline_over_kernel_roofline_labels"] = mp["kernel_roofline"] / mp["kernel_roofline_labels"]
       res["kernel_roofline_over_kernel_roofline_labels_ci95"] = _ratio_ci(
           ape["kernel_roofline"], ape["kernel_roofline_labels"], rows_of, progs, _SEED.value)
-      prof = keep & np.isfinite(busy)
+      prof = ev & np.isfinite(busy)
       res["profiled_rows"] = {  # held-out rows with profiler columns (the s14a collection)
           "rows": int(prof.sum()), **{f"mape_{k}": float(a[prof].mean()) for k, a in ape.items()},
           **{f"busy_mape_{k}": float(np.abs(b_ / busy - 1.0)[prof].mean()) for k, b_ in busy_pred.items()},
@@ -927,8 +983,8 @@ def part_program_mape():
       res["kernel_roofline_labels_fitted_terms_median"] = {  # over folds
           dv: {k: float(np.median([ft[dv][k] for ft in fitted_terms if k in ft.get(dv, {})]))
                for k in sorted({k for ft in fitted_terms for k in ft.get(dv, {})})} for dv in udev}
-    if np.any(keep & ~ood):  # every model on the rows the kernel roofline does not flag (e.g. all but rnn)
-      ind = keep & ~ood
+    if np.any(ev & ~ood):  # every model on the rows the kernel roofline does not flag (e.g. all but rnn)
+      ind = ev & ~ood
       ind_progs = np.unique(pk[ind])
       ind_rows = {p_: np.flatnonzero(ind & (pk == p_)) for p_ in ind_progs}
       res["in_distribution_rows"] = {
@@ -937,12 +993,12 @@ def part_program_mape():
              for k, a in ape.items() if k != "analytical"},
           **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], ind_rows, ind_progs, _SEED.value)
              for k in ("kernel_roofline", "kernel_roofline_labels") if k in ape}}
-    res["kernel_roofline_ood_rows"] = int(np.sum(ood & keep))
-    res["mape_kernel_roofline_in_distribution"] = float(ape["kernel_roofline"][keep & ~ood].mean()) \
-        if np.any(keep & ~ood) else None
-    res["mape_kernel_roofline_ood"] = float(ape["kernel_roofline"][keep & ood].mean()) if np.any(keep & ood) else None
-    if np.any(keep & ~ood):  # the same ratio on the rows the kernel roofline does not flag
-      res["mape_analytical_in_distribution"] = float(ape["analytical"][keep & ~ood].mean())
+    res["kernel_roofline_ood_rows"] = int(np.sum(ood & ev))
+    res["mape_kernel_roofline_in_distribution"] = float(ape["kernel_roofline"][ev & ~ood].mean()) \
+        if np.any(ev & ~ood) else None
+    res["mape_kernel_roofline_ood"] = float(ape["kernel_roofline"][ev & ood].mean()) if np.any(ev & ood) else None
+    if np.any(ev & ~ood):  # the same ratio on the rows the kernel roofline does not flag
+      res["mape_analytical_in_distribution"] = float(ape["analytical"][ev & ~ood].mean())
       res["analytical_over_kernel_roofline_in_distribution"] = \
           res["mape_analytical_in_distribution"] / res["mape_kernel_roofline_in_distribution"]
     if _KR_BLEND.value:
@@ -965,12 +1021,12 @@ def part_program_mape():
       res["kernel_roofline_floor_only_over_kernel_roofline"] = mp["kernel_roofline_floor_only"] / mp["kernel_roofline"]
       res["kernel_roofline_floor_only_over_kernel_roofline_ci95"] = _ratio_ci(
           ape["kernel_roofline_floor_only"], ape["kernel_roofline"], rows_of, progs, _SEED.value)
-    res["kendall_tau"] = _kendall(pred, rt, keep, pk)
+    res["kendall_tau"] = _kendall(pred, rt, ev, pk)
     res["fit_s"] = kr_s
     fam = {}
-    if name == "family":
+    if name in ("family", "test_data"):
       for f in np.unique(ds.family):
-        m = keep & (ds.family == f)
+        m = ev & (ds.family == f)
         if m.any():
           fam[str(f)] = {**{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()),
                          "median_log_pred_over_measured": {k: float(np.median(np.log(p_[m] / rt[m])))
@@ -981,7 +1037,9 @@ def part_program_mape():
     per_dev = {}
     if len(udev) > 1:
       for dv in udev:
-        m = keep & (devs == dv)
+        m = ev & (devs == dv)
+        if not m.any():   # a device with no scored row (--option_test_data: e.g. H100, training only)
+          continue
         pm = np.unique(pk[m])
         d_rows = {p_: np.flatnonzero(m & (pk == p_)) for p_ in pm}
         per_dev[dv] = {**{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()),
@@ -989,6 +1047,23 @@ def part_program_mape():
                                                                 / ape["kernel_roofline"][m].mean()),
                        "analytical_over_kernel_roofline_ci95": _ratio_ci(
                            ape["analytical"], ape["kernel_roofline"], d_rows, pm, _SEED.value)}
+    if name == "test_data":   # per test file, and the test rows the collection flagged noisy (not scored above)
+      cum = np.cumsum([src["programs_kept"] for src in desc["sources"]])
+      src_idx = np.searchsorted(cum, np.asarray(ds.group, np.int64), side="right")
+      res["per_test_source"] = {}
+      for k_, src in enumerate(desc["sources"]):
+        m = ev & (src_idx == k_)
+        if k_ < len(_ODATA.value) or not m.any():
+          continue
+        pm = np.unique(pk[m])
+        s_rows = {p_: np.flatnonzero(m & (pk == p_)) for p_ in pm}
+        res["per_test_source"][src["name"]] = {
+            **{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()), "programs": int(pm.size),
+            **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], s_rows, pm, _SEED.value)
+               for k in ("kernel_roofline", "kernel_roofline_labels", "kernel_roofline_blend") if k in ape}}
+      nz = test_scored & ~keep
+      res["noisy_test_rows"] = {"rows": int(nz.sum()), **({f"mape_{k}": float(a[nz].mean()) for k, a in ape.items()}
+                                                          if nz.any() else {})}
     res["per_family"], res["per_device"] = fam, per_dev
     out[name] = res
     print(f"[{name}] whole-program MAPE: kernel roofline {mp['kernel_roofline']:.3f}, learned "

@@ -1,0 +1,111 @@
+"""experiments/value_eval.py --part=program_mape --option_test_data (session 19): every model is fitted once
+on --option_data and scored on the new files only. Two tiny collections are written here: a training file
+and a test file that repeats one training graph (dropped by the merge), repeats one training program's
+family and config with another graph (kept, not scored: it shares a program key), and holds three new
+programs, one row of which is flagged noisy.
+
+The script runs in a subprocess: its absl flags would collide with those of other experiment scripts that
+tests import in-process."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlsys_jax.cost import dataset as cds
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_HLO = """HloModule m{n}
+%fused_add (p0: {t}[{n},{n}], p1: {t}[{n},{n}]) -> {t}[{n},{n}] {{
+  %p0 = {t}[{n},{n}]{{1,0}} parameter(0)
+  %p1 = {t}[{n},{n}]{{1,0}} parameter(1)
+  ROOT %a = {t}[{n},{n}]{{1,0}} add(%p0, %p1)
+}}
+ENTRY %e (x: {t}[{n},{n}], y: {t}[{n},{n}], w: f32[{n},{n}]) -> f32[{n},{n}] {{
+  %x = {t}[{n},{n}]{{1,0}} parameter(0)
+  %y = {t}[{n},{n}]{{1,0}} parameter(1)
+  %w = f32[{n},{n}]{{1,0}} parameter(2)
+  %loop_add_fusion.0 = {t}[{n},{n}]{{1,0}} fusion(%x, %y), kind=kLoop, calls=%fused_add
+  %cublas-lt-matmul.1 = (f32[{n},{n}]{{1,0}}, s8[1024]{{0}}) custom-call(%loop_add_fusion.0, %w), custom_call_target="__cublas$lt$matmul"
+  ROOT %g = f32[{n},{n}]{{1,0}} get-tuple-element(%cublas-lt-matmul.1), index=0
+}}
+"""
+_TYPES = (("f32", 4), ("bf16", 2), ("f64", 8))   # three compilations (variants) of one program: element types
+
+
+def _program(group: int, n: int, config: str, noisy_variant: int = -1) -> list[dict]:
+  """Three variant rows of one program of size n: runtime 20 us + matmul at 50 TFLOP/s, with profiler columns."""
+  rows = []
+  for v, (ty, b) in enumerate(_TYPES):
+    t = 20e-6 + 2 * n ** 3 / 5e13 + 3 * b * n * n / 3e12
+    rows.append({"hlo": _HLO.format(n=n, t=ty), "group": group, "family": "f", "config": config,
+                 "variant": "default" if v == 0 else f"v{v}", "runtime_s": t, "runtime_iqr_s": 1e-7,
+                 "runtime_min_s": t, "n_inner": 10, "n_rounds": 3, "noisy": v == noisy_variant, "flops": -1.0,
+                 "bytes_accessed": (3 * b + 12.0) * n * n, "transcendentals": 0.0, "compile_s": 0.1,
+                 "device_span_s": 0.8 * t, "device_busy_s": 0.7 * t, "device_kernels": 2.0,
+                 "kernel_times": {"loop_add_fusion_0": 3 * b * n * n / 3e12 + 1e-6,
+                                  "sm90_xmma_gemm_f32f32": 2 * n ** 3 / 5e13}})
+  return rows
+
+
+def _write(tmp_path) -> tuple[str, str]:
+  meta = {"device": "NVIDIA H200", "variants": [["default", {}], ["v1", {}], ["v2", {}]]}
+  train = [r for g, n in enumerate((64, 96, 128, 192, 256, 384, 512, 768)) for r in _program(g, n, f"c{n}")]
+  test = (_program(0, 64, "c64")                          # the graph of training program 0: dropped by the merge
+          + _program(1, 100, "c96")                       # training program 1's config, another graph: not scored
+          + _program(2, 160, "n160") + _program(3, 320, "n320", noisy_variant=2) + _program(4, 640, "n640"))
+  tr, te = str(tmp_path / "train.npz"), str(tmp_path / "test.npz")
+  cds.save_dataset(tr, train, meta)
+  cds.save_dataset(te, test, meta)
+  return tr, te
+
+
+def _run(args, tmp_path):
+  return subprocess.run([sys.executable, "experiments/value_eval.py", "--part=program_mape", f"--out_dir={tmp_path}",
+                         *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_option_test_data_fits_on_train_scores_test_only(tmp_path):
+  tr, te = _write(tmp_path)
+  r = _run([f"--option_data={tr}", f"--option_test_data={te}", "--kr_host_floor", "--kr_host_launch", "--kr_labels",
+            "--kr_bytes_ridge=0.03", "--kr_bytes_ridge_grid=0.03", "--kr_kernel_options_grid=sort+scatter+conv+shared+huber",
+            "--kr_blend", "--kr_gap_library_only", "--kr_wall_scale", "--kr_inner_folds=2", "--kr_steps=30",
+            "--option_tag=_t"], tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "value_program_mape_t.json").read_text())
+  assert "program" not in res and "family" not in res
+  td = res["dataset"]["test_data"]
+  # 8 training programs; of the test file's 5, one is a graph duplicate (dropped), one shares a program key
+  assert td["training_programs"] == 8 and td["test_programs"] == 4 and td["test_rows"] == 12
+  assert td["test_programs_sharing_a_program_key_with_training"] == 1 and td["test_rows_not_scored_shared_key"] == 3
+  assert [s["test"] for s in td["per_source"]] == [False, True]
+  t = res["test_data"]
+  # scored: the three new programs' rows but the noisy one (not one training row, not the shared-key program)
+  src = t["per_test_source"]["test.npz"]
+  assert src["rows"] == 8 and src["programs"] == 3
+  assert t["per_family"]["f"]["rows"] == 8
+  assert t["noisy_test_rows"]["rows"] == 1
+  assert t["kendall_tau"]["kernel_roofline"]["programs"] == 2   # programs with >= 3 scored rows
+  assert list(t["per_device"]) == []                             # one device: no per-device table
+  for k in ("analytical", "kernel_roofline", "kernel_roofline_labels", "kernel_roofline_blend"):
+    assert np.isfinite(t[f"mape_{k}"]) and 0 <= t[f"mape_{k}"] < 10, (k, t[f"mape_{k}"])
+    assert t[f"mape_{k}"] == pytest.approx(src[k], rel=1e-12)
+  lo, hi = t["analytical_over_kernel_roofline_ci95"]
+  assert lo <= t["analytical_over_kernel_roofline"] <= hi
+  assert len(t["kernel_roofline_blend_weight_chosen"]) == 1      # one outer fold: one blend weight
+
+
+def test_option_test_data_refuses_bad_combinations(tmp_path):
+  tr, te = _write(tmp_path)
+  r = _run([f"--option_data={tr}", f"--option_test_data={te}", "--option_split=program"], tmp_path)
+  assert r.returncode != 0 and "--option_test_data replaces the folds of --option_split" in r.stderr
+  r = _run([f"--option_data={tr},{te}", f"--option_test_data={te}"], tmp_path)
+  assert r.returncode != 0 and "must name distinct files" in r.stderr
+  r = _run([f"--option_data={te}", f"--option_test_data={te.replace('test.npz', './test.npz')}"], tmp_path)
+  assert r.returncode != 0 and "must name distinct files" in r.stderr
