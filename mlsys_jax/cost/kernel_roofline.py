@@ -257,6 +257,12 @@ starting FLOP rate (2e14/s) is ~1e9 FLOPs; this keeps the fitted rate of the sca
 others' so the ridge does not pull it far."""
 
 
+SCATTER_STEP_ELEMENTS = 1e6
+"""Element updates of a scatter that cost as much as one step of its chain of atomic updates to one address
+(``scatter_contention``; :func:`scatter_atomic_steps`): on the H200 data of session 14 (``s14b``) a chain
+step of a 16-bit scatter costs ~7.6 us (chain 1024) and 16-bit scatters at low contention update
+~1.3e11 elements/s (4.2M-33.5M elements in 35-258 us), so ~1e6 element updates take one chain step."""
+
 _SCATTER_IDS = (CLASS_ID["scatter"], CLASS_ID["scatter_narrow"])
 
 
@@ -308,6 +314,34 @@ def radix_sort_passes(key_bits: float, digit_bits: int = 8) -> int:
   if not (key_bits > 0 and isinstance(digit_bits, (int, np.integer)) and digit_bits >= 1):
     raise ValueError(f"need key_bits > 0 and an integer digit_bits >= 1, got {key_bits!r}, {digit_bits!r}.")
   return int(np.ceil(key_bits / digit_bits))
+
+
+def cub_sort_passes(key_bytes: float, batch: int) -> int:
+  """Digit passes (kernel launches) of the cub radix sort XLA's GPU sort custom call runs
+  (``xla.gpu.ext.cub_sort_keys`` / ``cub_sort_pairs``): one array (``batch`` 1) is sorted by cub's
+  ``DeviceRadixSort`` (onesweep, 8-bit digits: :func:`radix_sort_passes`), a batch of rows by
+  ``DeviceSegmentedRadixSort``, whose digits are ``SEGMENTED_RADIX_BITS`` = 6 bits for keys wider than one
+  byte, 5 for one-byte keys (cub's ``DeviceRadixSortPolicy``; the alternate kernel takes one bit fewer on
+  some passes without changing their number): ``ceil(key bits / 6)`` passes -- 6 for 32-bit keys, 3 for
+  16-bit keys (Merrill and Grimshaw, "High performance and scalable radix sorting", Parallel Processing
+  Letters 21(2), 2011, Sec. 3: one pass per digit). On the H200 data every cub sort is batched, and the
+  profiler shows 2 + 4 launches of ``DeviceSegmentedRadixSortKernel`` (plain + alternate digits) for
+  32-bit keys and 1 + 2 for 16-bit keys, each of about the same time.
+
+  Args:
+    key_bytes: bytes per key (> 0).
+    batch: rows sorted independently (>= 1; the product of the key array's dimensions but the last).
+  Returns:
+    int passes.
+
+  >>> cub_sort_passes(4, 1), cub_sort_passes(4, 2048), cub_sort_passes(2, 256), cub_sort_passes(1, 8)
+  (4, 6, 3, 2)
+  """
+  if not (key_bytes > 0) or isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+    raise ValueError(f"need key_bytes > 0 and an integer batch >= 1, got {key_bytes!r}, {batch!r}.")
+  if batch == 1:
+    return radix_sort_passes(8.0 * key_bytes)
+  return radix_sort_passes(8.0 * key_bytes, digit_bits=6 if key_bytes > 1 else 5)
 
 
 def cudnn_conv_flops(target: str, operand_shapes: Sequence[Shape], result: Shape, dim_labels: str) -> float:
@@ -367,6 +401,38 @@ def scatter_chain(n_updates: float, n_targets: float) -> float:
   return float(max(1.0, n_updates / n_targets))
 
 
+def scatter_atomic_steps(n_updates: float, n_targets: float, n_elements: float, narrow: bool) -> float:
+  """Cost of a scatter's atomic combining in chain steps (``scatter_contention``'s feature, times
+  :data:`SCATTER_CHAIN_FLOPS`): ``max(c, E / SCATTER_STEP_ELEMENTS)`` -- the longer of the serial chain
+  ``c`` of updates to one address and the throughput time of all ``E`` element updates (a roofline
+  of the atomic unit: latency-bound at high contention, throughput-bound at low; Williams et al.,
+  "Roofline", CACM 2009). ``c`` is :func:`scatter_chain` for ``narrow`` (16-bit and narrower) elements,
+  whose atomic adds are compare-and-swap loops that retry under contention, and 1 for 32/64-bit
+  elements, whose adds are native reductions at L2 (on the H200 data of session 14, 32-bit scatters with
+  chains of 4, 64 and 256 take 2.9, 8.8 and 14.9 us: proportional to their 1.0M, 4.2M and 8.4M element
+  updates, not to the chain).
+
+  Args:
+    n_updates: update indices N (>= 0).
+    n_targets: distinct target positions T (>= 1).
+    n_elements: element updates E (>= 0: every element of the updates operands).
+    narrow: bool, elements of fewer than 4 bytes.
+  Returns:
+    float chain steps (>= 1).
+
+  >>> scatter_atomic_steps(131072, 65536, 131072 * 256, True)    # chain 2, 33.5M elements
+  33.554432
+  >>> scatter_atomic_steps(262144, 256, 262144 * 64, True), scatter_atomic_steps(262144, 256, 262144 * 64, False)
+  (1024.0, 16.777216)
+  """
+  if not isinstance(narrow, (bool, np.bool_)):
+    raise TypeError(f"narrow must be a bool, got {narrow!r}.")
+  if not (n_elements >= 0 and np.isfinite(n_elements)):
+    raise ValueError(f"need n_elements >= 0 and finite, got {n_elements!r}.")
+  chain = scatter_chain(n_updates, n_targets) if narrow else 1.0
+  return float(max(chain, n_elements / SCATTER_STEP_ELEMENTS))
+
+
 def _scatter_is_atomic(module: HloModule, ins: Instruction) -> bool:
   """False for scatters without read-modify-write: ``unique_indices=true``, or a combiner that returns
   the update (an overwrite)."""
@@ -408,7 +474,8 @@ def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model
     arrays = outs[:-1] if len(outs) > 1 else outs        # the last element is cub's scratch buffer
     keys = arrays[0]
     n = float(keys.num_elements)
-    passes = radix_sort_passes(8.0 * _elem_bytes(keys))
+    batch = int(np.prod(keys.dims[:-1])) if len(keys.dims) > 1 else 1
+    passes = cub_sort_passes(_elem_bytes(keys), max(batch, 1))
     per_pass = 2.0 * n * sum(_elem_bytes(a) for a in arrays)
     return 0.0, per_pass, CLASS_ID["radix_sort"], float(passes)
   if sort_model:
@@ -431,10 +498,13 @@ def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model
       n_upd = float(np.prod([v for i, v in enumerate(idx.dims) if i != ivd])) if idx.dims else 1.0
       sdims = [int(v) for v in re.findall(r"\d+", sct.attrs.get("scatter_dims_to_operand_dims", ""))]
       n_tgt = float(np.prod([target.dims[i] for i in sdims if i < len(target.dims)])) if sdims else 1.0
-      chain = scatter_chain(n_upd, max(n_tgt, 1.0)) if _scatter_is_atomic(module, sct) else 1.0
+      narrow = _elem_bytes(target) < 4
+      n_elem = float(sum(snames[o].shape.num_elements for o in sct.operands[nops + 1:] if o in snames))
+      steps = scatter_atomic_steps(n_upd, max(n_tgt, 1.0), n_elem, narrow) \
+          if _scatter_is_atomic(module, sct) else 1.0
       _, b, _ = _kernel(module, ins, names)
-      klass = CLASS_ID["scatter" if _elem_bytes(target) >= 4 else "scatter_narrow"]
-      return chain * SCATTER_CHAIN_FLOPS, b, klass, 1.0
+      klass = CLASS_ID["scatter_narrow" if narrow else "scatter"]
+      return steps * SCATTER_CHAIN_FLOPS, b, klass, 1.0
   return None
 
 
@@ -463,15 +533,16 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
     kernels (a ``sort`` instruction, or a fusion holding one): class ``sort``, bytes
     :func:`bitonic_sort_bytes` (every element of every operand read and written once per stage of the
     bitonic network along the sort dimension). cub's radix sort custom calls (target ``*cub_sort*``):
-    class ``radix_sort``, :func:`radix_sort_passes` launches of ``ceil(key bits / 8)`` per program run
-    (count times the passes: each pass pays the class's per-launch cost), each moving
-    ``2 n (key bytes + value bytes)``.
+    class ``radix_sort``, :func:`cub_sort_passes` launches per program run (``ceil(key bits / 8)`` for
+    one array, ``ceil(key bits / 6)`` for a batch of rows, cub's segmented sort; count times the passes:
+    each pass pays the class's per-launch cost), each moving ``2 n (key bytes + value bytes)``.
   - ``scatter_contention``: a scatter (or a fusion holding one) gets class ``scatter`` (32/64-bit
     elements) or ``scatter_narrow`` (16-bit and narrower: emulated atomics, ~100x slower per conflicting
-    update on the H200 data), and its FLOPs become the contention feature ``scatter_chain(N, T) *
-    SCATTER_CHAIN_FLOPS`` (updates per distinct target, from the index and operand shapes; 1 for
-    scatters that overwrite or have ``unique_indices``), so the roofline's time is ``max(chain / rate,
-    bytes / bandwidth)``: throughput-bound at low contention, chain-bound at high.
+    update on the H200 data), and its FLOPs become the atomic-work feature ``scatter_atomic_steps(N, T,
+    E, narrow) * SCATTER_CHAIN_FLOPS`` (the longer of the chain of updates per distinct target -- 16-bit
+    scatters only -- and the element updates ``E`` over :data:`SCATTER_STEP_ELEMENTS`, from the index,
+    operand and update shapes; 1 for scatters that overwrite or have ``unique_indices``), so the
+    roofline's time is ``max(steps / rate, bytes / bandwidth)``.
   - ``conv_model``: a cuDNN convolution custom call counts the FLOPs of its direction
     (:func:`cudnn_conv_flops`: backward-input and backward-filter calls do the forward convolution's
     multiply-adds; the default count takes the forward formula on the permuted shapes, 4x or more too
