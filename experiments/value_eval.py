@@ -767,9 +767,10 @@ def part_program_mape():
       "grid": kopt_grid,
       "what": ("kernel-table options of program_kernels for both kernel-roofline models (not the session-14 "
                "reference, which keeps the default tables): 'sort' = sort_model (XLA's bitonic sorts: bytes of "
-               "every stage; cub radix sorts: ceil(key bits / 8) passes, each a launch), 'scatter' = "
-               "scatter_contention (scatter classes by element width, FLOPs = updates per distinct target * "
-               "SCATTER_CHAIN_FLOPS), 'conv' = conv_model (cuDNN convolutions' FLOPs by direction: backward "
+               "every stage; cub radix sorts: cub_sort_passes launches, ceil(key bits / 8) for one array, "
+               "ceil(key bits / 6) for a batch of rows since session 19), 'scatter' = scatter_contention (scatter "
+               "classes by element width, FLOPs = scatter_atomic_steps * SCATTER_CHAIN_FLOPS: the longer of the "
+               "16-bit update chain and element updates / SCATTER_STEP_ELEMENTS since session 19), 'conv' = conv_model (cuDNN convolutions' FLOPs by direction: backward "
                "passes count the forward convolution's multiply-adds); 'shared' = the labels' shared_kernels rule "
                "(match_kernel_times); fit options of both models: 'huber' = objective huber_log, 'l2' = "
                "l2_bytes=L2_BYTES (a per-device L2 speed-up of each kernel's first 50 MB), 'overlap' = "

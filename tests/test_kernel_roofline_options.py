@@ -1,9 +1,10 @@
 """Kernel roofline, session 16 (issue 24 target (b)): the kernel-table options of ``program_kernels``.
 
 ``sort_model``: XLA's bitonic sort kernels get class ``sort`` and the bytes of every stage of the network;
-cub's radix-sort custom calls get class ``radix_sort`` and ``ceil(key bits / 8)`` launches per run.
-``scatter_contention``: scatters get class ``scatter`` / ``scatter_narrow`` (by element width) and the
-contention feature (updates per distinct target) as FLOPs. Checked against closed forms on hand-written
+cub's radix-sort custom calls get class ``radix_sort`` and ``cub_sort_passes`` launches per run (session 19:
+``ceil(key bits / 8)`` for one array, ``ceil(key bits / 6)`` for a batch of rows). ``scatter_contention``:
+scatters get class ``scatter`` / ``scatter_narrow`` (by element width) and ``scatter_atomic_steps`` as FLOPs
+(session 19: the longer of the 16-bit update chain and the element updates over ``SCATTER_STEP_ELEMENTS``). Checked against closed forms on hand-written
 HLO, the defaults unchanged (tables and fits), the unseen-scatter fallback, and bad input."""
 
 import numpy as np
