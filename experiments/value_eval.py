@@ -641,11 +641,18 @@ def _kernel_labels(ds, kts, paths, shared_kernels: bool = False):
   return labels, busy, span, st
 
 
-def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def _rows_by_program(mask: np.ndarray, pk: np.ndarray) -> tuple[np.ndarray, dict]:
+  """The programs (``cost.dataset.program_keys`` ids) with a row in ``mask``, and each one's rows in it
+  (the grouping of :func:`_ratio_ci`'s program bootstrap)."""
+  progs = np.unique(pk[mask])
+  return progs, {p_: np.flatnonzero(mask & (pk == p_)) for p_ in progs}
+
+
+def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
   """Rows of a merged dataset (``cost.dataset.merge_datasets``, sources in the order of ``--option_data``
   then ``--option_test_data``) that come from the last ``len(sources) - n_train_files`` sources: merge
   numbers groups source by source, so these are the groups at or above the training sources' kept programs.
-  Returns (test rows, test rows that may be scored, stats): a test program that shares a
+  Returns (test rows, test rows that may be scored, stats, each row's source index): a test program that shares a
   ``cost.dataset.program_keys`` id with a training program (the same graph timed on another device, or
   the same family and config) is not scored, so nothing scored was seen in training in any form.
   Example: sources kept 3 and 2 programs, ``n_train_files=1`` -> rows of groups 3 and 4 are the test rows."""
@@ -653,9 +660,9 @@ def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, 
   if not 1 <= n_train_files < len(sources):
     raise ValueError(f"--option_test_data: need at least one training and one test source; got {len(sources)} "
                      f"sources, {n_train_files} of them training.")
-  n_train = int(sum(src["programs_kept"] for src in sources[:n_train_files]))
   group = np.asarray(ds.group, np.int64)
-  test = group >= n_train
+  src_idx = np.searchsorted(np.cumsum([src["programs_kept"] for src in sources]), group, side="right")
+  test = src_idx >= n_train_files
   if not test.any():
     raise ValueError("--option_test_data: every program of the test files repeats a training program's graph on the "
                      "same device (merge_datasets dropped them all); nothing to test on.")
@@ -668,7 +675,7 @@ def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, 
                np.unique(group[shared]).size), "test_rows_not_scored_shared_key": int(shared.sum()),
            "per_source": [{"name": src["name"], "programs_kept": src["programs_kept"], "rows_kept": src["rows_kept"],
                            "test": k >= n_train_files} for k, src in enumerate(sources)]}
-  return test, test & ~shared, stats
+  return test, test & ~shared, stats, src_idx
 
 
 def part_program_mape():
@@ -707,7 +714,7 @@ def part_program_mape():
   ds, desc = _load_cost_data(_OTEST.value)
   data_paths = list(_ODATA.value) + list(_OTEST.value)   # every file's profiler columns (labels, busy times)
   if test_mode:
-    test_rows, test_scored, desc["test_data"] = _test_data_rows(ds, desc["sources"], len(_ODATA.value))
+    test_rows, test_scored, desc["test_data"], src_idx = _test_data_rows(ds, desc["sources"], len(_ODATA.value))
     print(f"test data: {desc['test_data']}", flush=True)
   devs = cds.row_devices(ds)
   udev = sorted(set(devs.tolist()))
@@ -770,8 +777,9 @@ def part_program_mape():
                "every stage; cub radix sorts: cub_sort_passes launches, ceil(key bits / 8) for one array, "
                "ceil(key bits / 6) for a batch of rows since session 19), 'scatter' = scatter_contention (scatter "
                "classes by element width, FLOPs = scatter_atomic_steps * SCATTER_CHAIN_FLOPS: the longer of the "
-               "16-bit update chain and element updates / SCATTER_STEP_ELEMENTS since session 19), 'conv' = conv_model (cuDNN convolutions' FLOPs by direction: backward "
-               "passes count the forward convolution's multiply-adds); 'shared' = the labels' shared_kernels rule "
+               "16-bit update chain and element updates / SCATTER_STEP_ELEMENTS since session 19), 'conv' = "
+               "conv_model (cuDNN convolutions' FLOPs by direction: backward passes count the forward "
+               "convolution's multiply-adds); 'shared' = the labels' shared_kernels rule "
                "(match_kernel_times); fit options of both models: 'huber' = objective huber_log, 'l2' = "
                "l2_bytes=L2_BYTES (a per-device L2 speed-up of each kernel's first 50 MB), 'overlap' = "
                "overhead_overlap (kernel time softmax(work, o) instead of work + o); several values: chosen per "
@@ -953,8 +961,7 @@ def part_program_mape():
     ape = {k: np.abs(p / rt - 1.0) for k, p in pred.items()}
     mp = {k: float(a[ev].mean()) for k, a in ape.items()}
     pk = cds.program_keys(ds)
-    progs = np.unique(pk[ev])
-    rows_of = {p_: np.flatnonzero(ev & (pk == p_)) for p_ in progs}
+    progs, rows_of = _rows_by_program(ev, pk)
     ma = mp["analytical"]
     res = {f"mape_{k}": v for k, v in mp.items()}
     for k, key in (("learned", "learned"), ("learned_residual", "learned_residual"),
@@ -986,8 +993,7 @@ def part_program_mape():
                for k in sorted({k for ft in fitted_terms for k in ft.get(dv, {})})} for dv in udev}
     if np.any(ev & ~ood):  # every model on the rows the kernel roofline does not flag (e.g. all but rnn)
       ind = ev & ~ood
-      ind_progs = np.unique(pk[ind])
-      ind_rows = {p_: np.flatnonzero(ind & (pk == p_)) for p_ in ind_progs}
+      ind_progs, ind_rows = _rows_by_program(ind, pk)
       res["in_distribution_rows"] = {
           "rows": int(ind.sum()), **{f"mape_{k}": float(a[ind].mean()) for k, a in ape.items()},
           **{f"analytical_over_{k}": float(ape["analytical"][ind].mean() / a[ind].mean())
@@ -1041,23 +1047,19 @@ def part_program_mape():
         m = ev & (devs == dv)
         if not m.any():   # a device with no scored row (--option_test_data: e.g. H100, training only)
           continue
-        pm = np.unique(pk[m])
-        d_rows = {p_: np.flatnonzero(m & (pk == p_)) for p_ in pm}
+        pm, d_rows = _rows_by_program(m, pk)
         per_dev[dv] = {**{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()),
                        "analytical_over_kernel_roofline": float(ape["analytical"][m].mean()
                                                                 / ape["kernel_roofline"][m].mean()),
                        "analytical_over_kernel_roofline_ci95": _ratio_ci(
                            ape["analytical"], ape["kernel_roofline"], d_rows, pm, _SEED.value)}
     if name == "test_data":   # per test file, and the test rows the collection flagged noisy (not scored above)
-      cum = np.cumsum([src["programs_kept"] for src in desc["sources"]])
-      src_idx = np.searchsorted(cum, np.asarray(ds.group, np.int64), side="right")
       res["per_test_source"] = {}
       for k_, src in enumerate(desc["sources"]):
         m = ev & (src_idx == k_)
         if k_ < len(_ODATA.value) or not m.any():
           continue
-        pm = np.unique(pk[m])
-        s_rows = {p_: np.flatnonzero(m & (pk == p_)) for p_ in pm}
+        pm, s_rows = _rows_by_program(m, pk)
         res["per_test_source"][src["name"]] = {
             **{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()), "programs": int(pm.size),
             **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], s_rows, pm, _SEED.value)

@@ -474,8 +474,7 @@ def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model
     arrays = outs[:-1] if len(outs) > 1 else outs        # the last element is cub's scratch buffer
     keys = arrays[0]
     n = float(keys.num_elements)
-    batch = int(np.prod(keys.dims[:-1])) if len(keys.dims) > 1 else 1
-    passes = cub_sort_passes(_elem_bytes(keys), max(batch, 1))
+    passes = cub_sort_passes(_elem_bytes(keys), max(int(np.prod(keys.dims[:-1])), 1))   # rows sorted at once
     per_pass = 2.0 * n * sum(_elem_bytes(a) for a in arrays)
     return 0.0, per_pass, CLASS_ID["radix_sort"], float(passes)
   if sort_model:
