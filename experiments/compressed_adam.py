@@ -124,7 +124,10 @@ _SPREAD = flags.DEFINE_list("spread", ["none"], "comm.adaptive_ef.spread_release
                              "leaky, linear, hold, rate (each release delivered as a rate over the interval it "
                              "stands for; rate: held after it, mass-exact); 'leaky@100' sets max_interval 100, "
                              "'rate@16h32' max_interval 16 and hold 32, 'leaky@100f1' also floor 1, "
-                             "'leaky@16u150' until=150 (only the releases of steps < 150 spread).")
+                             "'leaky@16u150' until=150 (only the releases of steps < 150 spread); "
+                             "'matched@64x8s150': mode 'matched' (each release B after T steps spread over "
+                             "S = clip(round(8 B^2 / T), 1, min(T, 64)) steps), scale 8, start 150 (the releases "
+                             "of earlier steps delivered at once; x and s optional: scale 1, start 0).")
 _UNITS = flags.DEFINE_list("gradient_units", ["off"], "comm.adaptive_ef.gradient_units around the compressor "
                             "(modes rmsfrom@J with --density_warmup: the releases of the RMS stages delivered "
                             "in gradient units, one factor per leaf): off, on, both (two arms), or freeze (the factor "
@@ -199,15 +202,21 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     c = dense_warmup(c, warmup, axis_name="d")
   if spread != "none":
     # 'leaky', 'leaky@50' (max_interval 50), 'leaky@50f1' (floor 1), 'linear@100n0.35' (noise 0.35),
-    # 'leaky@16u150' (until=150: only the releases of the first 150 steps spread)
+    # 'leaky@16u150' (until=150: only the releases of the first 150 steps spread); 'matched@64x8s150'
+    # (session 20: the magnitude-matched spread S = clip(round(8 B^2 / T), 1, min(T, 64)) from step 150 on)
     mode_, _, mx = spread.partition("@")
     mx, _, un = mx.partition("u")
     mx, _, hd = mx.partition("h")   # 'rate@16h32': mode 'rate', hold 32
     mx, _, ns = mx.partition("n")
     mx, _, fl = mx.partition("f")
+    mx, _, st = mx.partition("s")   # 'matched@64x8s150': mode 'matched', cap 64, scale 8, start 150
+    mx, _, sc = mx.partition("x")
+    if (st or sc) and mode_ != "matched":
+      raise ValueError(f"--spread={spread!r}: 's' (start) and 'x' (scale) are for 'matched@CAPxSCALEsSTART'.")
+    matched = dict(start=int(st) if st else None, scale=float(sc) if sc else None) if mode_ == "matched" else {}
     c = spread_releases(c, mode=mode_, max_interval=int(mx) if mx else (_SPREAD_MAX.value or None),
                         floor=float(fl) if fl else _SPREAD_FLOOR.value, noise=float(ns) if ns else 0.0,
-                        until=int(un) if un else None, hold=int(hd) if hd else None)
+                        until=int(un) if un else None, hold=int(hd) if hd else None, **matched)
   return optax.chain(c, *([_count_released()] if _RELEASED.value else []),
                      optax.sgd(lr) if mode == "precondition" else optax.adam(lr))
 

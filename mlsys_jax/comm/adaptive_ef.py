@@ -98,9 +98,10 @@ class SpreadState(NamedTuple):
     inner_state: the wrapped compressor's state.
     last: per parameter, the step of its previous release (int32; -1 before the first).
     pending: per parameter, released gradient mass not yet delivered to the optimizer.
-    rate: per parameter, the mass delivered per step (``pending / T`` at the last release).
-    left: per parameter, steps of delivery left (int32; 0 = nothing pending in ``'linear'`` mode); in
-      ``'rate'`` mode the interval ``T`` of the latest release (0 before the first).
+    rate: per parameter, the mass delivered per step (``pending / T`` at the last release; ``'matched'``:
+      ``pending / S``).
+    left: per parameter, steps of delivery left (int32; 0 = nothing pending in ``'linear'`` and
+      ``'matched'`` modes); in ``'rate'`` mode the interval ``T`` of the latest release (0 before the first).
     releases: releases seen so far, summed over the parameters (float32, for diagnostics).
     bytes_sent: bytes this device passed to the collectives in the last step (the compressor's: the
       wrapper itself sends nothing).
@@ -120,7 +121,8 @@ class SpreadState(NamedTuple):
 def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "leaky",
                     max_interval: int | None = 100, floor: float = 0.0,
                     noise: float = 0.0, until: int | None = None,
-                    hold: int | None = None) -> optax.GradientTransformation:
+                    hold: int | None = None, start: int | None = None,
+                    scale: float | None = None) -> optax.GradientTransformation:
   """Deliver each error-feedback release as a rate over the interval it stands for.
 
   Args:
@@ -146,9 +148,31 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       (``pending += B'``). Everything released is delivered (``pending`` bounded by one release); only the
       timing changes: the coordinate keeps moving between its releases instead of stopping. Measured no
       better than ``'leaky'`` at 1% on mnist1d (session 17; docs/comm.md).
+      ``'matched'`` (session 20, magnitude-matched spread; for releases in units of each worker's gradient
+      RMS, i.e. after the compressor's ``precondition=rms_selection(...)`` / ``optax.scale_by_rms()``): a
+      release ``B`` arriving ``T`` steps after the coordinate's previous one (``T`` not capped) is delivered
+      linearly (as ``'linear'``: ``pending / S`` per step, the rest on the last step) over ::
+
+          S = clip(round(scale * B^2 / T), 1, min(T, max_interval))          (steps; t >= start)
+          S = 1                                                              (t < start, or t >= until)
+
+      The model (Adam's ``b2`` memory much longer than ``T``; ``v`` in steady state): Adam fed one burst
+      ``B`` every ``T`` steps moves the coordinate by ``~sqrt(T) * lr`` whatever ``B`` (``v ~ B^2 / T``,
+      ``sum_t m_t = B``); fed ``B / S`` on ``S`` steps of every ``T``, ``v ~ B^2 / (S T)`` and it moves
+      ``~sqrt(S T) * lr``. Dense Adam over the ``T`` steps the release stands for moves ``~|B| / rho * lr``,
+      ``rho`` the RMS of the aggregated per-step value in the same units (``<= 1`` in RMS units;
+      ``1 / sqrt(workers)`` for a noise-dominated coordinate). Equating: ``S T = B^2 / rho^2``, so ``scale``
+      plays ``1 / rho^2``. A noise-dominated release (``B^2 ~ rho^2 T``) gets ``S ~ 1``, delivered at once as
+      without the wrapper; a signal-dominated one (``B ~ T mu``) gets ``S ~ T``, moving ``~T * mu / rho * lr``
+      as dense Adam would. A release during a delivery adds to what is pending and the whole pending mass
+      is delivered over the new release's ``S``; everything released is delivered (``pending`` is 0 when
+      ``left`` is 0). A non-finite release is delivered at once (``S = 1``), so NaN/inf reaches the
+      optimizer. Before ``start`` (the raw-selection stage of the 0.1% recipe, whose values are not in RMS
+      units) every release is delivered at once.
     max_interval: the longest interval a release is spread over (steps, >= 1; default 100, the best of
       50 / 100 / 200 / none in the mnist1d screens); None: no limit (the first release of a coordinate
-      then spreads over all steps since the start).
+      then spreads over all steps since the start). ``mode='matched'``: the cap on ``S`` (the interval
+      ``T`` in ``B^2 / T`` itself is never capped).
     floor: >= 0; adds ``floor * rms * (-1)^t`` to every output, ``rms`` the root mean square of the leaf's
       delivered rate on this step: a zero-mean alternation that gives Adam's second moment a per-leaf
       floor (``v ~ o^2 + (floor * rms)^2``), so that Adam moves a coordinate by ``~o / sqrt(o^2 + A^2)``
@@ -172,6 +196,12 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
     hold: ``mode='rate'`` only: the rate of a release is emitted for ``max(T, hold)`` steps after it (>= 1;
       after that only the correction flows, which repays any mass delivered ahead by moving the coordinate
       back). None (default): the rate is emitted until the next release (its own correction fades it).
+    start: ``mode='matched'`` only: the first step (the wrapper's own count from 0) whose releases are
+      spread (>= 0; default 0); earlier releases are delivered at once. For the 0.1% recipe (``density_warmup``
+      with ``rms_selection(stage >= 1)``): the end of its raw stage, ``stage_boundaries(steps, stages)[0]``.
+    scale: ``mode='matched'`` only: ``1 / rho^2`` in the spread length ``S`` (a finite number > 0; default
+      1). With ``W`` workers and noise-dominated coordinates ``rho^2 ~ 1 / W``, so ``scale = W`` is the
+      matched value there; 1 spreads fewer releases (only those with ``B^2 > T``).
 
   Returns:
     An ``optax.GradientTransformation``; chain it where the compressor goes, e.g.
@@ -206,11 +236,25 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
     With ``'rate'`` the second entry gets its gradient 1.5 on every step from its first release on; the
     first keeps moving at 2.0 before its next release (``pending`` -2.0: borrowed), and that release (4.0)
     repays it, the correction converging to 2.0 per step.
+
+    >>> tx = spread_releases(topk(0.5), mode='matched', max_interval=16, scale=0.25)
+    >>> s = tx.init({'w': jnp.zeros(2)})
+    >>> for t in range(4):
+    ...   out, s = tx.update({'w': jnp.array([2.0, 1.5])}, s)
+    ...   print(out['w'].tolist())
+    [2.0, 0.0]
+    [0.0, 3.0]
+    [2.0, 0.0]
+    [2.0, 3.0]
+
+    With ``'matched'`` the second entry's releases of 3.0 every ``T = 2`` steps get ``S = round(0.25 * 9 /
+    2) = 1`` (at once); the first entry's 4.0 after 2 steps gets ``S = round(0.25 * 16 / 2) = 2``: 2.0 on
+    each of two steps.
   """
   if not isinstance(compressor, optax.GradientTransformation):
     raise TypeError(f"compressor must be an optax.GradientTransformation (e.g. topk(0.001, axis_name='d')), "
                     f"got {type(compressor).__name__}.")
-  check_choice("mode", mode, ("linear", "leaky", "hold", "rate"))
+  check_choice("mode", mode, ("linear", "leaky", "hold", "rate", "matched"))
   if max_interval is not None:
     check_int("max_interval", max_interval, 1)
   cap = None if max_interval is None else int(max_interval)
@@ -234,6 +278,21 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
   if mode == "rate" and until is not None:
     raise ValueError("until= needs mode='linear' or 'leaky'; mode='rate' keeps emitting a release's rate "
                      "after it, so 'delivered at once' does not apply.")
+  if mode != "matched" and (start is not None or scale is not None):
+    raise ValueError(f"start= and scale= are for mode='matched' (the magnitude-matched spread), got mode={mode!r}.")
+  if mode == "matched":
+    start = 0 if start is None else start
+    check_int("start", start, 0)
+    start = int(start)
+    scale = 1.0 if scale is None else scale
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
+        or not np.isfinite(scale) or not scale > 0):
+      raise ValueError(f"scale must be a finite number > 0 (1 / rho^2 in S = scale * B^2 / T; e.g. the number of "
+                       f"workers), got {scale!r}.")
+    scale = float(scale)
+    if until is not None and until <= start:
+      raise ValueError(f"until={until} <= start={start}: mode='matched' would spread no release; pass until > "
+                       f"start or until=None.")
   if noise and mode in ("leaky", "rate"):
     raise ValueError(f"noise needs mode='linear' or 'hold' (a delivery with an end); mode={mode!r} never "
                      "finishes delivering.")
@@ -256,6 +315,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
     def leaf(bv, last, pending, rate, left):
       bv = bv.astype(pending.dtype)
       rel = bv != 0
+      gap = jnp.maximum(t - last, 1)   # T, uncapped ('matched')
       interval = t - last
       if cap is not None:
         interval = jnp.minimum(interval, cap)
@@ -264,7 +324,20 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         interval = jnp.where(t < until, interval, 1)
       pending = pending + bv
       last = jnp.where(rel, t, last)
-      if mode == "linear":
+      if mode == "matched":   # S = clip(round(scale * B^2 / T), 1, min(T, cap)) from `start` on, else 1
+        b32 = bv.astype(jnp.float32)
+        want = jnp.round(scale * jnp.square(b32) / gap.astype(jnp.float32))
+        hi = gap if cap is None else jnp.minimum(gap, cap)
+        spread = jnp.clip(want, 1.0, hi.astype(jnp.float32))   # a finite B whose B^2 overflows: the cap
+        spread = jnp.where(jnp.isfinite(b32), spread, 1.0).astype(jnp.int32)   # NaN/inf released: at once
+        on = t >= start if until is None else (t >= start) & (t < until)
+        spread = jnp.where(on, spread, 1)
+        rate = jnp.where(rel, pending / spread.astype(pending.dtype), rate)
+        left = jnp.where(rel, spread, left)
+        out = jnp.where(left > 1, rate, jnp.where(left == 1, pending, 0))
+        live = left > 0
+        left = jnp.maximum(left - 1, 0)
+      elif mode == "linear":
         rate = jnp.where(rel, pending / interval.astype(pending.dtype), rate)
         left = jnp.where(rel, interval, left)
         out = jnp.where(left > 1, rate, jnp.where(left == 1, pending, 0))
