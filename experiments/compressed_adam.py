@@ -127,7 +127,9 @@ _SPREAD = flags.DEFINE_list("spread", ["none"], "comm.adaptive_ef.spread_release
                              "'leaky@16u150' until=150 (only the releases of steps < 150 spread); "
                              "'matched@64x8s150': mode 'matched' (each release B after T steps spread over "
                              "S = clip(round(8 B^2 / T), 1, min(T, 64)) steps), scale 8, start 150 (the releases "
-                             "of earlier steps delivered at once; x and s optional: scale 1, start 0).")
+                             "of earlier steps delivered at once; x and s optional: scale 1, start 0); "
+                             "'matched@64x8s150c': the same with consistent=True (only releases with the sign of "
+                             "the coordinate's latest delivery are spread).")
 _UNITS = flags.DEFINE_list("gradient_units", ["off"], "comm.adaptive_ef.gradient_units around the compressor "
                             "(modes rmsfrom@J with --density_warmup: the releases of the RMS stages delivered "
                             "in gradient units, one factor per leaf): off, on, both (two arms), or freeze (the factor "
@@ -209,11 +211,14 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     mx, _, hd = mx.partition("h")   # 'rate@16h32': mode 'rate', hold 32
     mx, _, ns = mx.partition("n")
     mx, _, fl = mx.partition("f")
+    mx, cons, _ = mx.partition("c")   # 'matched@64x8s150c': consistent=True (the sign gate)
     mx, _, st = mx.partition("s")   # 'matched@64x8s150': mode 'matched', cap 64, scale 8, start 150
     mx, _, sc = mx.partition("x")
-    if (st or sc) and mode_ != "matched":
-      raise ValueError(f"--spread={spread!r}: 's' (start) and 'x' (scale) are for 'matched@CAPxSCALEsSTART'.")
-    matched = dict(start=int(st) if st else None, scale=float(sc) if sc else None) if mode_ == "matched" else {}
+    if (st or sc or cons) and mode_ != "matched":
+      raise ValueError(f"--spread={spread!r}: 's' (start), 'x' (scale) and 'c' (consistent) are for "
+                       f"'matched@CAPxSCALEsSTART[c]'.")
+    matched = (dict(start=int(st) if st else None, scale=float(sc) if sc else None, consistent=bool(cons))
+               if mode_ == "matched" else {})
     c = spread_releases(c, mode=mode_, max_interval=int(mx) if mx else (_SPREAD_MAX.value or None),
                         floor=float(fl) if fl else _SPREAD_FLOOR.value, noise=float(ns) if ns else 0.0,
                         until=int(un) if un else None, hold=int(hd) if hd else None, **matched)

@@ -26,7 +26,7 @@ _STEPS = 12
 _RATIO = 0.02
 
 
-def _np_matched(b, max_interval=None, scale=1.0, start=0, until=None, noise=0.0):
+def _np_matched(b, max_interval=None, scale=1.0, start=0, until=None, noise=0.0, consistent=False):
   """float64 numpy reference of mode='matched', coordinate by coordinate: b (steps, n) released values ->
   delivered outputs (steps, n), the pending mass after the last step and the spread S chosen at each release
   (steps, n; 0 where nothing was released)."""
@@ -41,6 +41,8 @@ def _np_matched(b, max_interval=None, scale=1.0, start=0, until=None, noise=0.0)
         s = int(min(max(np.round(scale * b[t, i] ** 2 / gap), 1), hi)) if np.isfinite(b[t, i]) else 1
         if t < start or (until is not None and t >= until):
           s = 1
+        if consistent and not (rate[i] != 0 and np.sign(b[t, i]) == np.sign(rate[i])):
+          s = 1   # the sign gate: only a release in the direction of the previous delivery is spread
         pending[i] += b[t, i]
         rate[i], left[i], last[i], chosen[t, i] = pending[i] / s, s, t, s
       live = left[i] > 0
@@ -93,7 +95,8 @@ def _script():
 
 @pytest.mark.parametrize("kw", [dict(), dict(max_interval=3), dict(max_interval=None, scale=4.0),
                                 dict(max_interval=5, scale=0.5, start=7),
-                                dict(max_interval=None, scale=2.0, start=4, until=25, noise=0.25)])
+                                dict(max_interval=None, scale=2.0, start=4, until=25, noise=0.25),
+                                dict(max_interval=6, scale=4.0, start=3, consistent=True)])
 def test_scripted_schedule_equals_float64_reference(kw):
   b = _script()
   outs, st = _scripted(spread_releases(_pass_through(), mode="matched", **kw), b)
@@ -139,6 +142,17 @@ def test_hand_computed_case():
   # scale 0.25: 0.25 * 36 / 4 = 2.25 -> S = 2
   outs, _ = _scripted(spread_releases(_pass_through(), mode="matched", scale=0.25), b)
   np.testing.assert_allclose(np.asarray(outs)[:, 0], [6, 0, 0, 0, 3, 3, 0, 0, 0, 0, -1, 0])
+
+
+def test_consistent_spreads_only_releases_that_keep_the_direction():
+  """consistent=True: 6.0 at step 0 (first release: at once), +6.0 at step 4 (same sign as the last delivery:
+  spread over 4), -6.0 at step 8 (reverses: at once, with nothing left pending), -6.0 at step 12 (spread)."""
+  b = np.zeros((16, 1))
+  b[0, 0], b[4, 0], b[8, 0], b[12, 0] = 6.0, 6.0, -6.0, -6.0
+  outs, _ = _scripted(spread_releases(_pass_through(), mode="matched", consistent=True), b)
+  np.testing.assert_allclose(np.asarray(outs)[:, 0], [6, 0, 0, 0] + [1.5] * 4 + [-6, 0, 0, 0] + [-1.5] * 4)
+  outs, _ = _scripted(spread_releases(_pass_through(), mode="matched"), b)   # without the gate: all spread
+  np.testing.assert_allclose(np.asarray(outs)[:, 0], [6, 0, 0, 0] + [1.5] * 4 + [-1.5] * 4 + [-1.5] * 4)
 
 
 def test_release_during_a_delivery_respreads_what_is_pending():
@@ -195,8 +209,9 @@ def _flat(tree, lead):
                         axis=-1)
 
 
-_TOPK_VARIANTS = {"scale8_cap4": dict(max_interval=4, scale=8.0), "scale2_start3": dict(max_interval=None, scale=2.0,
-                                                                                          start=3)}
+_TOPK_VARIANTS = {"scale8_cap4": dict(max_interval=4, scale=8.0),
+                  "scale2_start3": dict(max_interval=None, scale=2.0, start=3),
+                  "scale8_consistent": dict(max_interval=None, scale=8.0, start=1, consistent=True)}
 
 
 def _run(g, axis):
@@ -274,6 +289,10 @@ def test_bad_input():
       spread_releases(c, mode=mode, scale=2.0)
     with pytest.raises(ValueError, match="mode='matched'"):
       spread_releases(c, mode=mode, start=3)
+    with pytest.raises(ValueError, match="mode='matched'"):
+      spread_releases(c, mode=mode, consistent=True)
+  with pytest.raises(TypeError, match="consistent"):
+    spread_releases(c, mode="matched", consistent=1)
   with pytest.raises(ValueError, match="until"):
     spread_releases(c, mode="matched", start=10, until=10)
   with pytest.raises(ValueError, match="max_interval"):

@@ -122,7 +122,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
                     max_interval: int | None = 100, floor: float = 0.0,
                     noise: float = 0.0, until: int | None = None,
                     hold: int | None = None, start: int | None = None,
-                    scale: float | None = None) -> optax.GradientTransformation:
+                    scale: float | None = None, consistent: bool = False) -> optax.GradientTransformation:
   """Deliver each error-feedback release as a rate over the interval it stands for.
 
   Args:
@@ -202,6 +202,13 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
     scale: ``mode='matched'`` only: ``1 / rho^2`` in the spread length ``S`` (a finite number > 0; default
       1). With ``W`` workers and noise-dominated coordinates ``rho^2 ~ 1 / W``, so ``scale = W`` is the
       matched value there; 1 spreads fewer releases (only those with ``B^2 > T``).
+    consistent: ``mode='matched'`` only: True spreads a release (``S`` as above) only when it has the sign
+      of the coordinate's latest delivery rate (``rate``: the per-step value of its previous release's
+      delivery; 0 before the first release, so a first release goes at once); a release that reverses the
+      coordinate's direction is delivered at once. A gate against spreading noise: Top-k releases a
+      noise-dominated coordinate only when its residual is in the tail, so ``B^2 / T`` alone does not tell
+      it from a signal, but its consecutive releases agree in sign only half of the time. False (default):
+      no gate.
 
   Returns:
     An ``optax.GradientTransformation``; chain it where the compressor goes, e.g.
@@ -278,8 +285,11 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
   if mode == "rate" and until is not None:
     raise ValueError("until= needs mode='linear' or 'leaky'; mode='rate' keeps emitting a release's rate "
                      "after it, so 'delivered at once' does not apply.")
-  if mode != "matched" and (start is not None or scale is not None):
-    raise ValueError(f"start= and scale= are for mode='matched' (the magnitude-matched spread), got mode={mode!r}.")
+  if not isinstance(consistent, (bool, np.bool_)):
+    raise TypeError(f"consistent must be a bool, got {type(consistent).__name__}.")
+  if mode != "matched" and (start is not None or scale is not None or consistent):
+    raise ValueError(f"start=, scale= and consistent= are for mode='matched' (the magnitude-matched spread), got "
+                     f"mode={mode!r}.")
   if mode == "matched":
     start = 0 if start is None else start
     check_int("start", start, 0)
@@ -331,6 +341,8 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         spread = jnp.clip(want, 1.0, hi.astype(jnp.float32))   # a finite B whose B^2 overflows: the cap
         spread = jnp.where(jnp.isfinite(b32), spread, 1.0).astype(jnp.int32)   # NaN/inf released: at once
         on = t >= start if until is None else (t >= start) & (t < until)
+        if consistent:   # only a release in the direction of the coordinate's latest delivery
+          on = on & (jnp.sign(b32) == jnp.sign(rate.astype(jnp.float32))) & (rate != 0)
         spread = jnp.where(on, spread, 1)
         rate = jnp.where(rel, pending / spread.astype(pending.dtype), rate)
         left = jnp.where(rel, spread, left)
