@@ -14,7 +14,10 @@ block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_p
 ``sidco_pt_counts`` (both), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
 ``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
 ``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both;
-``topk_flat``: ``topk(..., flat_state=True)``. Per row:
+``topk_flat``: ``topk(..., flat_state=True)``; ``sidco_flat_dus`` / ``sidco_pt_flat_dus`` /
+``sidco_flat_dus_adam_flat``: the flat rows traced with ``sparse._FLAT_BUILD = "dus"`` (the working buffer and the
+new residual written leaf by leaf in chunks, no 161-operand concatenation and no gather into the padded layout;
+bitwise the same values). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
 - ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
@@ -52,7 +55,8 @@ from benchmarks.common import (device_stream_events, environment, idle_clusters,
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
-        "adam_flat", "sidco_flat_adam_flat", "topk_flat")
+        "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
+        "sidco_flat_dus_adam_flat")
 
 
 class _Affine(nn.Module):
@@ -136,14 +140,22 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
           "sidco_pt_flat": lambda: sp.sidco(ratio, per_tensor=True, flat_state=True),
           "sidco_flat_adam_flat": lambda: sp.sidco(ratio, flat_state=True),
           "topk_flat": lambda: sp.topk(ratio, flat_state=True)}
+  comp.update({"sidco_flat_dus": comp["sidco_flat"], "sidco_pt_flat_dus": comp["sidco_pt_flat"],
+               "sidco_flat_dus_adam_flat": comp["sidco_flat"]})
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
 
 
-def _make_step(model, tx, search: str, options: dict | None = None):
-  """The jitted step (params, opt_state, x, y) -> (params, opt_state, loss); ``search``: the
-  ``sparse._EXACT_SEARCH`` in force while it traces (it is read at trace time)."""
+def _switches(row: str) -> dict:
+  """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
+  return {"_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
+          "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD}
+
+
+def _make_step(model, tx, switches: dict, options: dict | None = None):
+  """The jitted step (params, opt_state, x, y) -> (params, opt_state, loss); ``switches``: the
+  ``mlsys_jax.comm.sparse`` attributes in force while it traces (:func:`_switches`)."""
 
   def step(params, opt_state, x, y):
     def loss_fn(p):
@@ -154,14 +166,16 @@ def _make_step(model, tx, search: str, options: dict | None = None):
     return optax.apply_updates(params, updates), opt_state, loss
 
   jitted = jax.jit(step, donate_argnums=(0, 1))
-  prev = sp._EXACT_SEARCH
+  prev = {k: getattr(sp, k) for k in switches}
 
   def compile_with(*args):
-    sp._EXACT_SEARCH = search
+    for k, v in switches.items():
+      setattr(sp, k, v)
     try:
       return jitted.lower(*args).compile(dict(options or {}))
     finally:
-      sp._EXACT_SEARCH = prev
+      for k, v in prev.items():
+        setattr(sp, k, v)
   return compile_with
 
 
@@ -266,7 +280,7 @@ def main():
     p = jax.tree_util.tree_map(jnp.copy, params0)
     s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
     t0 = time.perf_counter()
-    prog[r] = _make_step(model, tx, "counts" if r.endswith("_counts") else sp._EXACT_SEARCH, options)(p, s, x, y)
+    prog[r] = _make_step(model, tx, _switches(r), options)(p, s, x, y)
     state[r] = [p, s]
     print(f"compiled {r} in {time.perf_counter() - t0:.1f} s", flush=True)
 

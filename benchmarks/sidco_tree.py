@@ -132,7 +132,8 @@ def _flags(ap):
                        "sparse._SUM_FLATTEN and _RAVEL_SUM_FLATTEN (the error-compensated buffer of sidco, of topk), "
                        "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
                        "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment), pwrite/xwrite = sparse._OUT_WRITE "
-                       "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), pwritei = the writer "
+                       "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), flatdus/flatconcat = "
+                       "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), pwritei = the writer "
                        "in place (residuals aliased to the old ones), pwriter = the writer for the residuals only (in place; outputs "
                        "per-leaf XLA fusions); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -385,6 +386,9 @@ def main():
   rows_spec["sidco(0.001, flat_state=True)"] = (None, sp.sidco(RATIO, flat_state=True), None)
   rows_spec["sidco(0.001, per_tensor=True, flat_state=True)"] = (
       None, sp.sidco(RATIO, per_tensor=True, flat_state=True), None)
+  rows_spec["sidco(0.001, flat_state=True) [flatdus]"] = (None, sp.sidco(RATIO, flat_state=True), None)
+  rows_spec["sidco(0.001, per_tensor=True, flat_state=True) [flatdus]"] = (
+      None, sp.sidco(RATIO, per_tensor=True, flat_state=True), None)
   if args.chain:   # what a training step pays: Adam's per-leaf pass is there anyway
     with_adam = lambda tx: (None, optax.chain(tx, optax.adam(1e-3)), None)
     rows_spec[ADAM_ROW] = (None, optax.adam(1e-3), None)
@@ -415,7 +419,7 @@ def main():
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
   ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
-  kthkeys0, write0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE
+  kthkeys0, write0, fbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -430,7 +434,7 @@ def main():
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
-    sp._KTH_KEYS_ONLY, sp._OUT_WRITE = kthkeys0, write0
+    sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD = kthkeys0, write0, fbuild0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -458,6 +462,8 @@ def main():
         sp._TRIM = "quota" if tok == "quota" else "sort"
       elif tok in ("pwrite", "pwritei", "pwriter", "xwrite"):
         sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "pwriter": "pallas_res", "xwrite": "xla"}[tok]
+      elif tok in ("flatdus", "flatconcat"):
+        sp._FLAT_BUILD = tok[4:]
       elif tok in ("blocks", "counts", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
@@ -470,7 +476,7 @@ def main():
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
     row["seg_key"], row["group_size"], row["kth_keys_only"] = sp._SEG_KEY, sp._GROUP_SIZE, sp._KTH_KEYS_ONLY
-    row["out_write"] = sp._OUT_WRITE
+    row["out_write"], row["flat_build"] = sp._OUT_WRITE, sp._FLAT_BUILD
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

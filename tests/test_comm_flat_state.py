@@ -11,6 +11,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import density_warmup, dgc, randomk, sidco, topk
+from mlsys_jax.comm import sparse as sp
 
 # leaves of several sizes: with per_tensor=True at 1% "b" (2 entries) and "d" (0.07) are pooled with their
 # neighbours, so the working buffer has several padded segments and the flat residual maps through them
@@ -36,6 +37,13 @@ def _steps(tx, n=5, nan_at=3):
   return outs, st
 
 
+@pytest.fixture(params=["concat", "dus"])
+def build(request, monkeypatch):
+  """sidco's flat working buffer, both builds (``sparse._FLAT_BUILD``, read at trace time)."""
+  monkeypatch.setattr(sp, "_FLAT_BUILD", request.param)
+  return request.param
+
+
 def _same(a, b):
   return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
@@ -43,7 +51,7 @@ def _same(a, b):
 @pytest.mark.parametrize("kw", [{}, {"per_tensor": True}, {"momentum": 0.9, "per_tensor": True},
                                 {"exact": False, "per_tensor": True}],
                          ids=["flat", "per_tensor", "momentum", "estimator"])
-def test_flat_state_is_bitwise_the_tree_layout(kw):
+def test_flat_state_is_bitwise_the_tree_layout(kw, build):
   outs_t, st_t = _steps(sidco(0.01, **kw))
   outs_f, st_f = _steps(sidco(0.01, flat_state=True, **kw))
   for o_t, o_f in zip(outs_t, outs_f):
@@ -92,7 +100,7 @@ def test_flat_state_error_feedback_is_exact():
     st = new
 
 
-def test_flat_state_under_shard_map_matches_the_tree_layout_and_keeps_replicas_identical(devices):
+def test_flat_state_under_shard_map_matches_the_tree_layout_and_keeps_replicas_identical(devices, build):
   """8 devices: worker 5 has a NaN at step 1, so every replica skips it; outputs and residuals equal the tree
   layout's bitwise, and the replicas' updates are identical."""
   w = len(devices)
@@ -125,7 +133,7 @@ def test_flat_state_under_shard_map_matches_the_tree_layout_and_keeps_replicas_i
     assert bool(jnp.all(leaf == leaf[:1]))
 
 
-def test_flat_state_in_a_density_warmup_with_per_tensor_segments():
+def test_flat_state_in_a_density_warmup_with_per_tensor_segments(build):
   """The flat layout does not depend on the ratio (the per-tensor pooling does), so stages of different
   densities share it; bitwise the tree layout through the switch."""
   make = lambda flat: density_warmup(lambda r: sidco(r, per_tensor=True, flat_state=flat), 0.005, steps=4)
@@ -136,7 +144,7 @@ def test_flat_state_in_a_density_warmup_with_per_tensor_segments():
   assert bool(jnp.array_equal(ravel_pytree(st_t.inner_state.residual)[0], st_f.inner_state.residual))
 
 
-def test_flat_state_with_a_traced_ratio_schedule():
+def test_flat_state_with_a_traced_ratio_schedule(build):
   tx = optax.inject_hyperparams(sidco, static_args=("max_ratio", "flat_state"))(
       ratio=optax.linear_schedule(0.05, 0.01, 3), max_ratio=0.05, flat_state=True)
   ref = optax.inject_hyperparams(sidco, static_args=("max_ratio",))(
@@ -169,6 +177,29 @@ def test_flat_state_in_chain_with_adam_trains_like_the_tree_layout():
   (p_t, l_t), (p_f, l_f) = train(False), train(True)
   assert _same(p_t, p_f)
   assert l_f < 0.97 * float(loss(p0))   # (5% of the entries per step: 20 steps move it ~5%)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_flat_build_dus_writes_the_buffer_without_a_gather(per_tensor, monkeypatch):
+  """``_FLAT_BUILD = "dus"`` builds the padded buffer and the new residual by chunked in-place writes
+  (dynamic-update-slices of ``_GROUP_LEAVES``-leaf chunks), where the "concat" build concatenates the leaves
+  and, with several segments (per tensor), gathers them into the padded layout and maps the payload's indices
+  back by a second gather: the "dus" program has those two gathers fewer (and the same selection's)."""
+  shapes = [(100 + i, 50) for i in range(30)]    # 30 leaves: two chunks of _GROUP_LEAVES (24); per tensor
+  g = {f"w{i:02d}": jnp.ones(s, jnp.float32) * (i + 1) for i, s in enumerate(shapes)}   # 30 segments
+
+  def hlo(mode):
+    monkeypatch.setattr(sp, "_FLAT_BUILD", mode)
+    tx = sidco(0.05, per_tensor=per_tensor, flat_state=True)
+    text = jax.jit(tx.update).lower(g, tx.init(g)).as_text()
+    ops = [line.split(" = ", 1)[1].split("(")[0].split()[0].strip('"') for line in text.splitlines()
+           if " = " in line and line.lstrip().startswith("%")]
+    return ops.count("stablehlo.gather"), ops.count("stablehlo.dynamic_update_slice")
+
+  (gather_c, dus_c), (gather_d, dus_d) = hlo("concat"), hlo("dus")
+  assert gather_c - gather_d == (2 if per_tensor else 0)
+  assert dus_c == 0
+  assert dus_d >= 4   # two chunks into the buffer, two into the new residual
 
 
 def test_flat_state_bad_input():

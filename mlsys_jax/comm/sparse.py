@@ -714,6 +714,14 @@ _DUS_BASE = "fill"
 # Chunks by size as well (0: off): a piece of at least this many entries is a chunk of its own (one in-place
 # write of that leaf alone, no concatenation), the smaller ones are grouped by ``_GROUP_LEAVES`` between them.
 _GROUP_SIZE = 0
+# sidco's working buffer with ``flat_state=True`` (``_flat_step``): "concat" (the gradient leaves concatenated
+# in one fusion of ~160 operands, the flat residual added, then padded: for several segments one gather into
+# the padded layout; on an H200, session 19, in the ResNet-50 f32 step the concatenation took 0.123 ms and the
+# per-tensor gather 0.138 ms, where a copy of the gradient takes 0.042) or "dus" (each leaf's sum
+# ``g_i + residual[o_i:o_i + n_i]`` written into the padded buffer by chunks, as ``_SUM_FLATTEN = "dus"``, and
+# the new residual (and velocity) read back leaf by leaf into one vector the same way: no gather). The same
+# buffers bitwise (tests/test_comm_flat_state.py). A benchmark switch (session 20), not yet timed on a GPU.
+_FLAT_BUILD = "concat"
 
 
 def _chunked(pieces, how: str, dtype) -> jax.Array:
@@ -2054,6 +2062,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     sizes = [int(np.prod(l.shape)) for l in leaves]
     lay = _layout_of(sizes)
     dtype = state.residual.dtype
+    check_choice("_FLAT_BUILD", _FLAT_BUILD, ("concat", "dus"))
+    if _FLAT_BUILD == "dus":
+      return _flat_step_dus(leaves, treedef, sizes, lay, dtype, state)
     u = _concat_leaves(leaves, dtype)
     velocity = state.velocity
     if momentum > 0:
@@ -2080,6 +2091,36 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
     out = jax.tree_util.tree_unflatten(treedef, outs)
     return finite, out, new_res, velocity, count, above, payload_bytes(payload), payload.overflow, lay.n_real
+
+  def _flat_step_dus(leaves, treedef, sizes, lay, dtype, state):
+    """:func:`_flat_step` with ``_FLAT_BUILD = "dus"``: the padded buffer written leaf by leaf (each leaf's
+    ``u_i + residual_i``, ``u_i = g_i`` or ``momentum * velocity_i + g_i``, by chunks of ``_GROUP_LEAVES``
+    leaves into one buffer), and the new residual and velocity written back the same way from each leaf's
+    slice of that buffer and its selection (:func:`_leaf_selection`), so that no gather maps between the
+    padded and the raveled layouts. The same values bitwise as the "concat" build."""
+    real_off = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    piece = lambda vec, i: jax.lax.slice(vec, (int(real_off[i]),), (int(real_off[i]) + sizes[i],))
+    us = [l.reshape(-1).astype(dtype) for l in leaves]
+    if momentum > 0:
+      us = [momentum * piece(state.velocity, i) + u for i, u in enumerate(us)]
+    flat = lay.flatten_sum(us, [piece(state.residual, i) for i in range(len(leaves))], dtype, "dus")
+    payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
+    outs, res_pieces, vel_pieces = [], [], []
+    for i, leaf in enumerate(leaves):
+      v, sel = _leaf_selection(flat, lay, t, tie_last, last, i)
+      res_pieces.append(jnp.where(finite, jnp.where(sel, 0, v), piece(state.residual, i)))
+      if momentum > 0:
+        vel_pieces.append(jnp.where(finite, jnp.where(sel, 0, us[i]), piece(state.velocity, i)))
+      if dense is None:
+        outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
+      else:
+        off, n = lay.offsets[i], sizes[i]
+        outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
+    one = lambda ps: ps[0] if len(ps) == 1 else _chunked(ps, "dus", dtype)
+    velocity = one(vel_pieces) if momentum > 0 else state.velocity
+    out = jax.tree_util.tree_unflatten(treedef, outs)
+    return (finite, out, one(res_pieces), velocity, count, above, payload_bytes(payload), payload.overflow,
+            lay.n_real)
 
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
