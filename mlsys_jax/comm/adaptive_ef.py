@@ -168,7 +168,13 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       is delivered over the new release's ``S``; everything released is delivered (``pending`` is 0 when
       ``left`` is 0). A non-finite release is delivered at once (``S = 1``), so NaN/inf reaches the
       optimizer. Before ``start`` (the raw-selection stage of the 0.1% recipe, whose values are not in RMS
-      units) every release is delivered at once.
+      units) every release is delivered at once. Measured (session 20; docs/comm.md, "Issue 18 at 0.1% on
+      mnist1d"; the 0.1% recipe inside it with ``start=150``, Top-k, mnist1d seeds 0-4, paired): no better
+      than the recipe: ``scale=1, max_interval=64`` -0.30 [-1.10, +0.68] pt, ``scale=8`` -3.72 (cap 16:
+      -4.38), ``scale=8`` with ``consistent=True`` -1.48 [-2.52, -0.50] (+2.24 over ``scale=8`` without
+      the gate), ``scale=2`` with it -0.46 [-0.94, +0.20]; kept as the tested record. Top-k releases a
+      noise-dominated coordinate only when its residual is in the tail, so ``B^2 / T`` overstates how much
+      signal a release carries and the larger scales spread noise too (a likely reading, not traced).
     max_interval: the longest interval a release is spread over (steps, >= 1; default 100, the best of
       50 / 100 / 200 / none in the mnist1d screens); None: no limit (the first release of a coordinate
       then spreads over all steps since the start). ``mode='matched'``: the cap on ``S`` (the interval
