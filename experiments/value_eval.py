@@ -465,7 +465,10 @@ _KR_KOPT_GRID = flags.DEFINE_list("kr_kernel_options_grid", [], "program_mape: k
                                   "scatter_contention, 'conv' = conv_model; the labels' rule: 'shared' = "
                                   "match_kernel_times(shared_kernels=True); fit options of KernelRooflineConfig: "
                                   "'huber' = objective 'huber_log', 'l2' = l2_bytes=L2_BYTES, 'overlap' = "
-                                  "overhead_overlap; '+'-joined sets, or 'none'), chosen "
+                                  "overhead_overlap; session 20: 'tiles' = program_kernels(sort_tiles=True), 'cfusion' "
+                                  "= custom_fusion_calls=True, 'bodies' = the labels' match_kernel_times(kernel_bodies"
+                                  "=True, kernel_suffixes=True), 'hostgap' = gap_on_host (the labelled model with "
+                                  "--kr_gap_library_only), 'convgemm' = conv_gemm_rates; '+'-joined sets, or 'none'), chosen "
                                   "per outer fold and per "
                                   "kernel-roofline model by the inner cross-validation inside the training rows "
                                   "(--kr_inner_folds, grouped like the outer split; jointly with "
@@ -494,13 +497,15 @@ def _bytes_ridge(v: str):
 # option tokens of --kr_kernel_options_grid: kernel-table options of program_kernels, then fit options of
 # KernelRooflineConfig (session 17: 'conv' = conv_model; 'shared' = the labels' shared_kernels rule of
 # match_kernel_times; 'huber' = objective 'huber_log'; 'l2' = l2_bytes=L2_BYTES; 'overlap' = overhead_overlap)
-_KOPT_TABLE = ("sort", "scatter", "conv")
-_KOPT_FIT = ("shared", "huber", "l2", "overlap")
+_KOPT_TABLE = ("sort", "scatter", "conv", "tiles", "cfusion")
+_KOPT_FIT = ("shared", "huber", "l2", "overlap", "bodies", "hostgap", "convgemm")
+# session 20: 'tiles' = sort_tiles, 'cfusion' = custom_fusion_calls (program_kernels); 'bodies' = the labels'
+# kernel_bodies and kernel_suffixes rules (match_kernel_times); 'hostgap' = gap_on_host, 'convgemm' = conv_gemm_rates
 
 
 def _kernel_option(v: str) -> str:
-  """A --kr_kernel_options_grid value, normalised: 'none', or '+'-joined tokens of sort, scatter, conv,
-  shared, huber, l2, overlap in that order ('scatter+sort' -> 'sort+scatter')."""
+  """A --kr_kernel_options_grid value, normalised: 'none', or '+'-joined tokens of sort, scatter, conv, tiles,
+  cfusion, shared, huber, l2, overlap, bodies, hostgap, convgemm in that order ('scatter+sort' -> 'sort+scatter')."""
   toks = [t.strip() for t in str(v).strip().lower().split("+")]
   order = _KOPT_TABLE + _KOPT_FIT
   if toks == ["none"]:
@@ -518,15 +523,23 @@ def _kopt_tables(o: str) -> str:
 def _kopt_table_kwargs(o: str) -> dict:
   """program_kernels keyword arguments of a kernel-table option set."""
   toks = o.split("+")
-  return {"sort_model": "sort" in toks, "scatter_contention": "scatter" in toks, "conv_model": "conv" in toks}
+  kw = {"sort_model": "sort" in toks, "scatter_contention": "scatter" in toks, "conv_model": "conv" in toks}
+  for tok, name in (("tiles", "sort_tiles"), ("cfusion", "custom_fusion_calls")):   # session 20, only when asked
+    if tok in toks:
+      kw[name] = True
+  return kw
 
 
 def _kopt_config(o: str, cfg):
-  """``cfg`` (a KernelRooflineConfig) with the fit options of option set ``o``."""
+  """``cfg`` (a KernelRooflineConfig) with the fit options of option set ``o``. 'hostgap' (gap_on_host) acts on
+  the labelled model's library launch gap: it is set only where ``cfg`` has ``gap_library_only`` and ``host_floor``
+  (the plain model has no launch gap)."""
   from mlsys_jax.cost import kernel_roofline as KR
   toks = o.split("+")
   return cfg._replace(l2_bytes=KR.L2_BYTES if "l2" in toks else None, overhead_overlap="overlap" in toks,
-                      objective="huber_log" if "huber" in toks else cfg.objective)
+                      objective="huber_log" if "huber" in toks else cfg.objective,
+                      gap_on_host="hostgap" in toks and cfg.gap_library_only and cfg.host_floor,
+                      conv_gemm_rates="convgemm" in toks)
 
 
 def _check_kr_flags(host_floor: bool, host_launch: bool, labels: bool, labels_host_launch: bool,
@@ -594,7 +607,7 @@ def _kendall(pred: dict, rt, keep, prog_keys) -> dict:
   return out
 
 
-def _kernel_labels(ds, kts, paths, shared_kernels: bool = False):
+def _kernel_labels(ds, kts, paths, shared_kernels: bool = False, kernel_bodies: bool = False):
   """Per-kernel labels of the rows of ``ds`` (kernel tables ``kts``) whose source file in ``paths`` has
   profiler columns (matched by HLO text and runtime; rows the profiler missed count as without):
   (labels per row or None, device_busy_s and device_span_s per row (NaN without), stats)."""
@@ -620,7 +633,8 @@ def _kernel_labels(ds, kts, paths, shared_kernels: bool = False):
     if hit is None:
       continue
     busy[i], span[i] = hit[1], hit[2]
-    lab = KR.match_kernel_times(kts[i], hit[0], shared_kernels=shared_kernels)
+    lab = KR.match_kernel_times(kts[i], hit[0], shared_kernels=shared_kernels, kernel_bodies=kernel_bodies,
+                                kernel_suffixes=kernel_bodies)
     st["rows_with_profile"] += 1
     st["matched_s"] += lab.matched_s
     st["pooled_s"] += lab.library_s
@@ -731,6 +745,8 @@ def part_program_mape():
   print(f"features and kernel tables ({time.perf_counter() - t0:.0f} s)", flush=True)
   if _KR_LABELS.value and any("shared" in o.split("+") for o in kopt_grid):
     klabels_shared = _kernel_labels(ds, kts, data_paths, shared_kernels=True)[0]
+  if _KR_LABELS.value and any("bodies" in o.split("+") for o in kopt_grid):   # session 20's label rules
+    klabels_bodies = _kernel_labels(ds, kts, data_paths, shared_kernels=True, kernel_bodies=True)[0]
   klabels, busy, span, lab_stats = _kernel_labels(ds, kts, data_paths) if _KR_LABELS.value \
       else (None, None, None, None)
   fl, by = np.maximum(ds.flops, 0.0), np.maximum(ds.bytes_accessed, 0.0)
@@ -782,7 +798,13 @@ def part_program_mape():
                "convolution's multiply-adds); 'shared' = the labels' shared_kernels rule "
                "(match_kernel_times); fit options of both models: 'huber' = objective huber_log, 'l2' = "
                "l2_bytes=L2_BYTES (a per-device L2 speed-up of each kernel's first 50 MB), 'overlap' = "
-               "overhead_overlap (kernel time softmax(work, o) instead of work + o); several values: chosen per "
+               "overhead_overlap (kernel time softmax(work, o) instead of work + o); session 20: 'tiles' = "
+               "sort_tiles (XLA's tiled bitonic sort: launches and HBM-equivalent bytes), 'cfusion' = "
+               "custom_fusion_calls (dynamic-slice fusions are their cuBLAS call: no workspace bytes, library), "
+               "'bodies' = the labels' kernel_bodies and kernel_suffixes rules (XLA's kernel reuse by fused "
+               "computation; '<name>__k' kernels), 'hostgap' = gap_on_host (the labelled model's library gap on the "
+               "host side of the floor's overlap), 'convgemm' = conv_gemm_rates (tuned convolutions at the GEMM "
+               "classes' rates); several values: chosen per "
                "outer fold by the inner cross-validation "
                "(kr_inner_folds folds of the training rows, grouped like the outer split), jointly with "
                "bytes_ridge")}
@@ -892,7 +914,8 @@ def part_program_mape():
 
           def fit_labels(idx, oc):
             o, cfg = oc
-            lab_ = [(klabels_shared if "shared" in o.split("+") else klabels)[i] for i in idx]
+            lab_ = [(klabels_bodies if "bodies" in o.split("+") else klabels_shared if "shared" in o.split("+")
+                     else klabels)[i] for i in idx]
             tb = [tabs_of(o)[i] for i in idx]
             if not any(lb is not None for lb in lab_):   # an inner fold without profiled rows: the plain model
               return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx],

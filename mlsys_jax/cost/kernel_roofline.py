@@ -83,6 +83,8 @@ class KernelTable(NamedTuple):
       profiler names a kernel after it (:func:`profile_name`), see :func:`match_kernel_times`.
     library: bool[K], True for library calls (``custom-call``: cuBLAS, cuDNN, ...), whose profiler
       kernels carry the library's own names (None: unknown).
+    bodies: per kernel, a canonical text of the computation it runs (:func:`kernel_body`, no names), or
+      None: XLA compiles kernels with equal bodies once (``match_kernel_times(kernel_bodies=True)``).
   """
   flops: np.ndarray
   bytes: np.ndarray
@@ -91,6 +93,62 @@ class KernelTable(NamedTuple):
   unknown_trips: int = 0
   names: tuple | None = None
   library: np.ndarray | None = None
+  bodies: tuple | None = None
+
+
+_BODY_SKIP_ATTRS = {"metadata", "backend_config", "frontend_attributes", "statistics", "origin", "sharding",
+                    "control-predecessors", "calls", "to_apply", "condition", "body", "called_computations",
+                    "branch_computations", "schedule_id", "scheduling_group_id"}
+
+
+def _ins_text(ins: Instruction, pos: dict) -> str:
+  attrs = ",".join(f"{k}={v.strip()}" for k, v in sorted(ins.attrs.items()) if k not in _BODY_SKIP_ATTRS)
+  ops = ",".join(str(pos.get(o, "?")) for o in ins.operands)
+  return f"{ins.opcode}:{ins.shape}:{ins.literal}:({ops}):{attrs}"
+
+
+def kernel_body(module: HloModule, ins: Instruction, names: dict | None = None) -> str:
+  r"""Canonical text of what kernel-launching instruction ``ins`` runs, without any name: for a fusion, each
+  instruction of its fused computation (nested computations included, in order) as opcode, shape,
+  literal, operand positions and attributes (``metadata``, ``backend_config`` and the names of called
+  computations left out), plus the fusion's kind and operand shapes; for another instruction, itself with
+  its operand shapes. XLA compiles one kernel for fusions whose fused computations are identical and
+  launches it under the name of the first (its kernel reuse cache keys on the fused computation's
+  fingerprint), so two kernels with equal bodies are one profiler kernel.
+
+  Args:
+    module: the :class:`~mlsys_jax.cost.hlo.HloModule` holding ``ins``.
+    ins: a kernel-launching instruction of one of its computations.
+    names: that computation's name table (``Computation.by_name()``; for the operand shapes).
+  Returns:
+    str.
+
+  >>> m = parse_hlo('HloModule m\n%f (p: f32[8]) -> f32[8] { %p = f32[8]{0} parameter(0)\n'
+  ...               '  ROOT %e = f32[8]{0} exponential(%p) }\n%g (q: f32[8]) -> f32[8] { %q = f32[8]{0} parameter(0)\n'
+  ...               '  ROOT %t = f32[8]{0} exponential(%q) }\nENTRY %m { %a = f32[8]{0} parameter(0)\n'
+  ...               '  %x = f32[8]{0} fusion(%a), kind=kLoop, calls=%f\n  ROOT %y = f32[8]{0} fusion(%x), kind=kLoop, calls=%g }')
+  >>> ent = m.entry.by_name(); kernel_body(m, ent["x"], ent) == kernel_body(m, ent["y"], ent)
+  True
+  """
+  if not isinstance(module, HloModule) or not isinstance(ins, Instruction):
+    raise TypeError("kernel_body needs an HloModule and one of its Instructions.")
+  names = names if names is not None else {}
+  head = f"{ins.opcode}|{ins.attrs.get('kind', '').strip()}|{ins.shape}|" + ",".join(
+      str(names[o].shape) if o in names else "?" for o in ins.operands)
+  called = [c for c in ins.called() if c in module.computations] if ins.opcode in ("fusion", "fusion-start") else []
+  if not called:
+    return head + "|" + _ins_text(ins, {})
+  parts, stack, seen = [], [module.computations[called[0]]], {called[0]}
+  while stack:
+    c = stack.pop(0)
+    pos = {x.name: i for i, x in enumerate(c.instructions)}
+    parts.append(";".join(_ins_text(x, pos) for x in c.instructions))
+    for x in c.instructions:
+      for n in x.called():
+        if n in module.computations and n not in seen:
+          seen.add(n)
+          stack.append(module.computations[n])
+  return head + "|" + "||".join(parts)
 
 
 def _trip_count(ins: Instruction) -> int | None:
@@ -192,9 +250,12 @@ def _comp_flops(module: HloModule, comp: Computation) -> float:
   return total
 
 
-def _fusion_bytes(module: HloModule, ins: Instruction, comp: Computation, names: dict) -> float:
+def _fusion_bytes(module: HloModule, ins: Instruction, comp: Computation, names: dict,
+                  call_result_only: bool = False) -> float:
   """Bytes a fusion must move: each operand once, or only the slices read of it; its output, or only
-  the update of an in-place dynamic-update-slice (whose buffer operand is then not read)."""
+  the update of an in-place dynamic-update-slice (whose buffer operand is then not read). With
+  ``call_result_only`` a root that is a custom call counts its result's first element only (the rest of
+  its tuple is the library's workspace, as for a bare custom call: ``_first``)."""
   fnames = comp.by_name()
   users: dict[str, list[Instruction]] = {}
   for f in comp.instructions:
@@ -210,6 +271,8 @@ def _fusion_bytes(module: HloModule, ins: Instruction, comp: Computation, names:
       if buf is not None and buf.opcode == "parameter":
         in_place.add(buf.name)
       out += fnames[r.operands[1]].shape.num_bytes
+    elif call_result_only and r.opcode == "custom-call":
+      out += _first(r.shape).num_bytes
     else:
       out += r.shape.num_bytes
   read = 0.0
@@ -301,6 +364,80 @@ def bitonic_sort_bytes(n_elements: float, sort_dim: int, bytes_per_element: floa
                      f"{sort_dim}, {bytes_per_element}.")
   levels = int(np.ceil(np.log2(sort_dim))) if sort_dim > 1 else 0
   return float(n_elements) * bytes_per_element * max(levels * (levels + 1) // 2, 1)
+
+
+SORT_TILE = 2048
+"""Elements of the sort dimension XLA's GPU sort sorts in one thread block's shared memory (``kTileSize`` of
+its sort emitter: ``min(2048, 2^stages)``)."""
+
+SORT_SHARED_MEMORY_BYTES = 48 * 1024
+"""Shared memory per thread block XLA's sort emitter may use without opt-in (48 KiB on the H100/H200): a sort
+whose tile of every operand (``SORT_TILE`` x the operands' element bytes) does not fit is not tiled."""
+
+SMEM_HBM_RATIO = 0.125
+"""HBM over shared-memory bandwidth, the cost of one shared-memory compare-exchange step of the bitonic network
+as a fraction of one HBM pass over the same bytes: H100 SXM 3.35 TB/s and H200 4.8 TB/s of HBM against
+132 SMs x 128 bytes/clock x 1.98 GHz = 33.4 TB/s of shared memory (0.10 and 0.14; NVIDIA's H100 and H200
+datasheets and the Hopper tuning guide); 1/8 lies between them. A spec ratio, not fitted."""
+
+
+def xla_sort_launches(sort_dim: int, bytes_per_element: float = 8.0) -> tuple[int, int]:
+  """Kernel launches and shared-memory compare-exchange steps of XLA's GPU sort of ``sort_dim`` elements
+  per row (``IrEmitterUnnested::EmitSort``): the bitonic network of ``L = ceil(log2 sort_dim)`` stages has
+  ``L (L + 1) / 2`` steps (xor masks ``2^(s+1) - 1`` then ``2^m``, ``m = s-1 .. 0``, for stage ``s``;
+  Batcher, AFIPS 1968); a step whose mask is at least the tile ``T = min(SORT_TILE, 2^L)`` compares
+  elements of different tiles and is a launch of its own, and every run of consecutive steps with masks
+  below ``T`` is one launch that loads a tile per thread block into shared memory and runs them there. A
+  sort whose tile does not fit ``SORT_SHARED_MEMORY_BYTES`` (``T * bytes_per_element``) is not tiled:
+  one launch per step.
+
+  Args:
+    sort_dim: elements along the sorted dimension (>= 1).
+    bytes_per_element: bytes of one element of all operands together (keys + values; > 0).
+  Returns:
+    (launches, shared-memory steps): each launch reads and writes every operand from HBM once.
+
+  >>> xla_sort_launches(1024), xla_sort_launches(8192), xla_sort_launches(32000)
+  ((1, 55), (6, 88), (15, 110))
+  """
+  if isinstance(sort_dim, bool) or not isinstance(sort_dim, (int, np.integer)) or sort_dim < 1 \
+      or not (bytes_per_element > 0):
+    raise ValueError(f"need an integer sort_dim >= 1 and bytes_per_element > 0, got {sort_dim!r}, "
+                     f"{bytes_per_element!r}.")
+  levels = int(np.ceil(np.log2(sort_dim))) if sort_dim > 1 else 0
+  if levels == 0:
+    return 1, 0
+  tile = min(SORT_TILE, 2 ** levels)
+  tiled = tile * bytes_per_element <= SORT_SHARED_MEMORY_BYTES
+  launches, steps, run = 0, 0, 0
+  for stage in range(levels):
+    for m in range(stage, -1, -1):
+      mask = (1 << (stage + 1)) - 1 if m == stage else 1 << m
+      if mask >= tile or not tiled:
+        launches += 1 + (run > 0)
+        run = 0
+      else:
+        run += 1
+        steps += 1
+  launches += run > 0
+  return int(launches), int(steps)
+
+
+def bitonic_sort_hbm_bytes(n_elements: float, sort_dim: int, bytes_per_element: float) -> float:
+  """HBM-equivalent bytes of XLA's tiled bitonic sort (``sort_tiles``): every launch of
+  :func:`xla_sort_launches` reads and writes all ``n_elements`` elements once, and every shared-memory
+  step reads and writes them in shared memory at ``SMEM_HBM_RATIO`` of an HBM pass:
+  ``2 n b (launches + SMEM_HBM_RATIO * steps)``. On the H200 data the profiled XLA sort kernels take
+  this over 2.4-3.7 TB/s (1,024 to 8,192 per row, 0.26M to 67M elements), the HBM rates of other
+  memory-bound kernels; :func:`bitonic_sort_bytes` counts every step as an HBM pass (8.5-9.7 TB/s).
+
+  >>> bitonic_sort_hbm_bytes(1024, 1024, 8.0)    # 1 launch, 55 steps: 2 * 8192 * (1 + 6.875)
+  129024.0
+  """
+  if not (n_elements >= 0):
+    raise ValueError(f"need n_elements >= 0, got {n_elements!r}.")
+  launches, steps = xla_sort_launches(sort_dim, bytes_per_element)
+  return 2.0 * float(n_elements) * bytes_per_element * (launches + SMEM_HBM_RATIO * steps)
 
 
 def radix_sort_passes(key_bits: float, digit_bits: int = 8) -> int:
@@ -507,6 +644,39 @@ def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model
   return None
 
 
+def _tiled_sort_kernel(module: HloModule, ins: Instruction, names: dict):
+  """(flops, bytes per launch, class ``sort``, launches) of an XLA sort kernel under ``sort_tiles``, or None
+  (not a sort, or cub's custom call)."""
+  srt, snames = _op_in(module, ins, names, "sort")
+  if srt is None:
+    return None
+  shapes = [snames[o].shape for o in srt.operands if o in snames]
+  if not shapes:
+    return None
+  dims = [int(v) for v in re.findall(r"\d+", srt.attrs.get("dimensions", ""))]
+  d = dims[0] if dims and dims[0] < len(shapes[0].dims) else len(shapes[0].dims) - 1
+  size = max(int(shapes[0].dims[d]) if shapes[0].dims else 1, 1)
+  bpe = sum(_elem_bytes(s_) for s_ in shapes)
+  launches, _ = xla_sort_launches(size, bpe)
+  b = bitonic_sort_hbm_bytes(shapes[0].num_elements, size, bpe)
+  return _kernel(module, ins, names)[0], b / launches, CLASS_ID["sort"], float(launches)
+
+
+def _library_fusion_call(module: HloModule, ins: Instruction) -> Instruction | None:
+  """The library call a fusion of kind ``kCustom`` wraps, or None: XLA's custom fusions -- the
+  dynamic-slice fusion (``custom_fusion_config`` ``dynamic_slice_fusion``) that runs a cuBLAS call on an
+  address offset of a loop-carried buffer -- are a computation whose root is the library ``custom-call``
+  and whose other instructions (slices, bitcasts) only compute its operand addresses; no kernel of XLA's
+  own is launched (the profiler shows only the library's kernels, e.g. cuBLAS's ``nvjet_*``)."""
+  if ins.opcode not in ("fusion", "fusion-start") or ins.attrs.get("kind", "").strip() != "kCustom":
+    return None
+  called = ins.called()
+  if not called or called[0] not in module.computations:
+    return None
+  root = module.computations[called[0]].root
+  return root if root is not None and root.opcode == "custom-call" else None
+
+
 def _default_time(rows) -> float:
   """Time of (flops, bytes, class, count) rows at the fit's starting roofline (branch choice only)."""
   cfg = KernelRooflineConfig()
@@ -515,7 +685,8 @@ def _default_time(rows) -> float:
 
 
 def program_kernels(module: HloModule | str, sort_model: bool = False,
-                    scatter_contention: bool = False, conv_model: bool = False) -> KernelTable:
+                    scatter_contention: bool = False, conv_model: bool = False,
+                    custom_fusion_calls: bool = False, sort_tiles: bool = False) -> KernelTable:
   """The kernels a program launches, with per-launch FLOPs and bytes, class and launch count.
 
   Walks the entry computation: every instruction that is not bookkeeping (parameters, tuples,
@@ -547,11 +718,25 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
     multiply-adds; the default count takes the forward formula on the permuted shapes, 4x or more too
     many for strided or 1x1 convolutions' backward passes).
 
+  - ``custom_fusion_calls`` (session 20): a fusion of kind ``kCustom`` whose root is a library custom call
+    (XLA's dynamic-slice fusion, :func:`_library_fusion_call`: a cuBLAS GEMM on a slice of a loop-carried
+    buffer, in ``rnn``'s loop bodies when Triton GEMMs are off) is that library call: its bytes count the
+    call's result without the workspace element of its tuple (the default counts the 32 MiB cuBLAS
+    workspace as written bytes on every launch), and it is flagged ``library`` (its profiler kernels carry
+    cuBLAS's names, and it pays the library launch gap).
+  - ``sort_tiles`` (session 20): XLA's own sort kernels get class ``sort`` (as with ``sort_model``) and the
+    launches and HBM-equivalent bytes of XLA's tiled bitonic sort (:func:`xla_sort_launches`,
+    :func:`bitonic_sort_hbm_bytes`): compare-exchange steps of distance below the 2,048-element tile run in
+    shared memory inside one launch, the others one launch each; every launch reads and writes the
+    operands from HBM once, and each shared-memory step costs ``SMEM_HBM_RATIO`` of an HBM pass. The
+    default (``sort_model``) counts every step of the network as an HBM pass over the operands.
   Args:
     module: a parsed :class:`~mlsys_jax.cost.hlo.HloModule` or HLO text.
     sort_model: bool, the sort option above.
     scatter_contention: bool, the scatter option above.
     conv_model: bool, the convolution option above.
+    custom_fusion_calls: bool, the custom-fusion option above.
+    sort_tiles: bool, the tiled-sort option above (takes precedence over ``sort_model`` for XLA's sorts).
   Returns:
     A :class:`KernelTable` (possibly empty: a program that only forwards its parameters).
   """
@@ -560,10 +745,11 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
   if not isinstance(module, HloModule):
     raise TypeError(f"program_kernels needs an HloModule or HLO text, got {type(module).__name__}.")
   for nm, v in (("sort_model", sort_model), ("scatter_contention", scatter_contention),
-                ("conv_model", conv_model)):
+                ("conv_model", conv_model), ("custom_fusion_calls", custom_fusion_calls),
+                ("sort_tiles", sort_tiles)):
     if not isinstance(v, (bool, np.bool_)):
       raise TypeError(f"program_kernels: {nm} must be a bool (True/False), got {v!r}.")
-  rows: list[tuple[float, float, int, float, str, bool]] = []
+  rows: list[tuple[float, float, int, float, str, bool, str]] = []
   unknown = [0]
 
   def walk(comp: Computation, mult: float, force_class: int | None, depth: int) -> None:
@@ -608,23 +794,29 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
         rows.extend(best)
         unknown[0] += best_unknown
         continue
-      special = _special_kernel(module, ins, names, sort_model, scatter_contention, conv_model) \
-          if (sort_model or scatter_contention or conv_model) else None
-      if special is None:
+      special = _tiled_sort_kernel(module, ins, names) if sort_tiles else None
+      if special is None and (sort_model or scatter_contention or conv_model):
+        special = _special_kernel(module, ins, names, sort_model, scatter_contention, conv_model)
+      library = op == "custom-call"
+      if special is None and custom_fusion_calls and _library_fusion_call(module, ins) is not None:
+        f, _, k = _kernel(module, ins, names)
+        b = _fusion_bytes(module, ins, module.computations[ins.called()[0]], names, call_result_only=True)
+        launches, library = 1.0, True
+      elif special is None:
         f, b, k = _kernel(module, ins, names)
         launches = 1.0
       else:
         f, b, k, launches = special
       rows.append((f, b, force_class if force_class is not None else k, mult * launches, ins.name.lstrip("%"),
-                   op == "custom-call"))
+                   library, kernel_body(module, ins, names)))
 
   walk(module.entry, 1.0, None, 0)
   if not rows:
     z = np.zeros(0)
-    return KernelTable(z, z.copy(), np.zeros(0, np.int32), z.copy(), unknown[0], (), np.zeros(0, bool))
-  f, b, k, m, nm, lib = zip(*rows)
+    return KernelTable(z, z.copy(), np.zeros(0, np.int32), z.copy(), unknown[0], (), np.zeros(0, bool), ())
+  f, b, k, m, nm, lib, body = zip(*rows)
   return KernelTable(np.asarray(f, np.float64), np.asarray(b, np.float64), np.asarray(k, np.int32),
-                     np.asarray(m, np.float64), unknown[0], tuple(nm), np.asarray(lib, bool))
+                     np.asarray(m, np.float64), unknown[0], tuple(nm), np.asarray(lib, bool), tuple(body))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -665,7 +857,8 @@ class KernelLabels(NamedTuple):
   unassigned_s: float
 
 
-def match_kernel_times(table: KernelTable, kernel_times: dict, shared_kernels: bool = False) -> KernelLabels:
+def match_kernel_times(table: KernelTable, kernel_times: dict, shared_kernels: bool = False,
+                       kernel_bodies: bool = False, kernel_suffixes: bool = False) -> KernelLabels:
   """Assign the profiler's per-kernel times of one program run to the rows of its kernel table.
 
   Rule: a profiler kernel whose name is :func:`profile_name` of a kernel's HLO name labels that kernel
@@ -683,15 +876,33 @@ def match_kernel_times(table: KernelTable, kernel_times: dict, shared_kernels: b
   both); so a kernel that no profiler name matched, not a library call, whose (class, FLOPs, bytes) equal
   those of a name-matched kernel joins that kernel's group instead of the pool.
 
+  With ``kernel_bodies`` (session 20; needs ``table.bodies``): the shared-kernel rule joins an unmatched
+  kernel to a name-matched kernel of the same :func:`kernel_body` -- the same fused computation, which is
+  what XLA's kernel reuse keys on -- instead of any kernel of the same (class, FLOPs, bytes): on the H200
+  data an attention program has four transposes of one size, ``input_transpose_fusion`` and three
+  ``wrapped_transpose``; the profiler shows ``wrapped_transpose_2`` with two launches' time (its twin
+  ``wrapped_transpose`` ran as it), and the signature rule gave that twin to ``input_transpose_fusion``,
+  whose label then covered two kernels with one kernel's time (and ``wrapped_transpose_2``'s one kernel
+  with two kernels' time). Implies ``shared_kernels``.
+
+  With ``kernel_suffixes`` (session 20): a profiler kernel ``<name>__<k>`` whose ``<name>`` labels a kernel
+  is that kernel's ``k``-th further launch group (XLA names the several kernels one HLO instruction emits
+  -- its sort's launches, :func:`xla_sort_launches` -- ``<name>``, ``<name>__1``, ...): its time joins
+  that kernel's label instead of the pool.
+
   Args:
     table: a :class:`KernelTable` from :func:`program_kernels` (with ``names`` and ``library``).
     kernel_times: profiler kernel name -> seconds per program run (``dataset.load_device_times``).
     shared_kernels: bool, the rule for XLA's shared kernels above (default off: as before).
+    kernel_bodies: bool, the shared-kernel rule by fused computation (default off).
+    kernel_suffixes: bool, the ``<name>__<k>`` rule (default off).
   Returns:
     :class:`KernelLabels` (possibly with no groups).
   """
-  if not isinstance(shared_kernels, (bool, np.bool_)):
-    raise TypeError(f"shared_kernels must be a bool, got {shared_kernels!r}.")
+  for nm_, v_ in (("shared_kernels", shared_kernels), ("kernel_bodies", kernel_bodies),
+                  ("kernel_suffixes", kernel_suffixes)):
+    if not isinstance(v_, (bool, np.bool_)):
+      raise TypeError(f"{nm_} must be a bool, got {v_!r}.")
   if not isinstance(table, KernelTable):
     raise TypeError(f"match_kernel_times needs a KernelTable, got {type(table).__name__}.")
   if table.names is None or table.library is None or len(table.names) != table.flops.size \
@@ -704,14 +915,24 @@ def match_kernel_times(table: KernelTable, kernel_times: dict, shared_kernels: b
     if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
         or not np.isfinite(v) or v < 0:
       raise ValueError(f"kernel_times[{k!r}] = {v!r}: need a finite time >= 0 seconds under a str name.")
+  if kernel_bodies and (table.bodies is None or len(table.bodies) != table.flops.size):
+    raise ValueError("kernel_bodies needs KernelTable.bodies, one per kernel (build the table with program_kernels).")
   by_name: dict[str, list[int]] = {}
   for i, n in enumerate(table.names):
     by_name.setdefault(profile_name(n), []).append(i)
+  if kernel_suffixes:   # '<name>__<k>': further launches of kernel <name>; their times add to its label
+    merged: dict = {}
+    for n, v in kernel_times.items():
+      m_ = re.match(r"^(.*)__(\d+)$", n)
+      key = m_.group(1) if (m_ and m_.group(1) in by_name) else n
+      merged[key] = merged.get(key, 0.0) + float(v)
+    kernel_times = merged
   rows, group, times = [], [], []
   matched_rows: set[int] = set()
   matched = pooled = lost = 0.0
-  if shared_kernels:   # unmatched, non-library kernels identical to a name-matched one run as its kernel
-    sig = lambda i: (int(table.klass[i]), float(table.flops[i]), float(table.bytes[i]))
+  if shared_kernels or kernel_bodies:   # unmatched, non-library kernels identical to a name-matched one run as its kernel
+    sig = (lambda i: table.bodies[i]) if kernel_bodies else \
+        (lambda i: (int(table.klass[i]), float(table.flops[i]), float(table.bytes[i])))
     named = {i for n in kernel_times for i in by_name.get(n, [])}
     owner: dict = {}
     for n in sorted(kernel_times):
@@ -786,6 +1007,8 @@ class KernelRoofline(NamedTuple):
       byte rate, the rest at it (:func:`l2_effective_bytes`).
     overhead_overlap: a kernel's time is ``softmax_p(f/F, b/B, o)`` (its fixed latency overlaps its work)
       instead of ``softmax_p(f/F, b/B) + o`` (``KernelRooflineConfig.overhead_overlap``).
+    gap_on_host: the launch gap is host time on the host side of the overlap, ``softmax_q(T, H_d + sum_k m_k
+      g)``, instead of device idle time added to ``T`` (``KernelRooflineConfig.gap_on_host``).
   """
   devices: tuple
   log_flops_rate: np.ndarray
@@ -803,6 +1026,7 @@ class KernelRoofline(NamedTuple):
   l2_bytes: float | None = None
   log_l2_speedup: np.ndarray | None = None
   overhead_overlap: bool = False
+  gap_on_host: bool = False
 
 
 def l2_effective_bytes(nbytes, l2_bytes: float, log_speedup, xp=np):
@@ -925,11 +1149,16 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     out = np.exp(model.log_program_overhead[di])
     if model.log_wall_scale is not None:
       t = t * np.exp(model.log_wall_scale[kd])
+    g_t = None
     if model.log_launch_gap is not None:
-      t = t + m * np.exp(model.log_launch_gap[kd, k]) * (_library_flags(tables) if model.gap_library_only else 1.0)
+      g_t = m * np.exp(model.log_launch_gap[kd, k]) * (_library_flags(tables) if model.gap_library_only else 1.0)
+      if not model.gap_on_host:
+        t = t + g_t
   np.add.at(out, rows, t)
   if what == "wall" and model.log_host_floor is not None:
     host = np.exp(model.log_host_floor[di])
+    if model.gap_on_host and g_t is not None:
+      np.add.at(host, rows, g_t)
     if model.log_host_launch is not None:
       np.add.at(host, rows, m * np.exp(model.log_host_launch[kd, k]))
     out = _soft_max(out, host, model.floor_sharpness)
@@ -985,6 +1214,24 @@ class KernelRooflineConfig(NamedTuple):
       is a floor that the kernel's work hides, as in a roofline with a latency ceiling, instead of a
       cost added to every launch (on the H200 data a 4.7 MB reduction inside ``rnn``'s loop takes 1.8 us:
       less than 1.1 us plus its bytes at the HBM bandwidth).
+    gap_on_host: (session 20; needs ``kernel_labels`` and ``host_floor``) the launch gap is the host's time to
+      issue the launch (cuBLAS / cuDNN set-up on the host, with ``gap_library_only``), which overlaps the
+      device's work: it goes to the host side of the floor's overlap, ``wall = softmax_q(T, H_d + sum_k m_k
+      g_{c,d})``, not into ``T``. The host issues launches ahead of the device, so a library call's set-up
+      leaves the device idle only when the host falls behind: on the profiled H200 programs of less than
+      60 us of device time, wall - busy is 55 us without a library call, 80-85 us with one cuDNN call and
+      94-117 us with three (not 1 + 3 x 50 us), and in ``rnn``'s loops a cuBLAS call adds ~2 us of wall
+      time per trip when the trip's kernels take ~35 us, ~7 us when they take ~12 us.
+    conv_gemm_rates: (session 20) the autotuned convolution classes (``conv``, ``conv_f32``) take the FLOP and
+      byte rates of the GEMM class of their width (``gemm``, ``gemm_f32``) and keep their own per-launch
+      overhead and launch gap: cuDNN runs a tuned convolution as an implicit GEMM on the tensor cores (on
+      the H200 data every profiled tuned convolution, forward and backward, runs
+      ``sm90_xmma_{fprop,dgrad,wgrad}_implicit_gemm_*`` or CUTLASS ``tensorop`` kernels, the family of
+      cuBLAS's ``sm90_xmma_gemm_*``; Chetlur et al. 2014, Sec. 3: an ``N P Q`` x ``K`` x ``C R S`` GEMM
+      whose operand is gathered from the image on the fly), while cuDNN's set-up on the host and its
+      workspace kernels are its own. Without it, a held-out convolution family gets rates fitted on the
+      few small tuned convolutions of the other families (~100 TFLOP/s; the large bf16 convolutions of
+      ``conv`` run at ~480).
   """
   sharpness: float = 16.0
   ridge: float = 0.001
@@ -1010,6 +1257,12 @@ class KernelRooflineConfig(NamedTuple):
   gap_library_only: bool = False
   l2_bytes: float | None = None
   overhead_overlap: bool = False
+  gap_on_host: bool = False
+  conv_gemm_rates: bool = False
+
+
+_RATE_SOURCE = np.arange(len(KERNEL_CLASSES))
+_RATE_SOURCE[CLASS_ID["conv"]], _RATE_SOURCE[CLASS_ID["conv_f32"]] = CLASS_ID["gemm"], CLASS_ID["gemm_f32"]
 
 
 HUBER_DELTA = 0.1
@@ -1106,7 +1359,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   if config.objective not in ("log", "mape", "huber_log"):
     raise ValueError(f"objective must be 'log', 'mape' or 'huber_log', got {config.objective!r}.")
   for nm in ("calibrate", "gap_per_class", "host_floor", "host_launch", "host_launch_per_class", "wall_scale",
-             "gap_library_only", "overhead_overlap"):
+             "gap_library_only", "overhead_overlap", "gap_on_host", "conv_gemm_rates"):
     if not isinstance(getattr(config, nm), (bool, np.bool_)):
       raise TypeError(f"KernelRooflineConfig.{nm} must be a bool (True/False), got {getattr(config, nm)!r}.")
   for nm in ("ridge", "init_host_launch_s", "bytes_ridge"):
@@ -1132,6 +1385,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   if config.host_launch and not config.host_floor:
     raise ValueError("host_launch adds per-launch costs to the host floor's side of the overlap: set "
                      "host_floor=True too.")
+  if config.gap_on_host and (kernel_labels is None or not config.host_floor):
+    raise ValueError("gap_on_host puts the launch gap (fitted with kernel_labels) on the host floor's side of the "
+                     "overlap: pass kernel_labels and set host_floor=True.")
   if kernel_labels is None and (config.wall_scale or config.gap_library_only):
     raise ValueError("wall_scale and gap_library_only act on the launch gap and the labelled kernel times: pass "
                      "kernel_labels (match_kernel_times), or set them False to fit on runtimes only.")
@@ -1183,6 +1439,8 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
 
   def logs(p):
     per = base[:3, None, None] + p["dev"][:3, :, None] + p["cls"][:, None, :] + p["inter"]  # [3, D, C]
+    if config.conv_gemm_rates:   # tuned convolutions: the GEMM classes' rates, their own overhead
+      per = jnp.concatenate([per[:2][:, :, _RATE_SOURCE], per[2:]], 0)
     prog = base[3] + p["dev"][3]
     return per, prog
 
@@ -1199,10 +1457,14 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       if wall_scale:
         t = t * jnp.exp(p["wscale"])[kdj]
       gap = p["gap"][:, None] + (p["gap_cls"][None, :] + p["gap_inter"] if config.gap_per_class else 0.0)
-      t = t + mj * jnp.exp(gap[kdj, kj]) * (libj if config.gap_library_only else 1.0)
+      g_t = mj * jnp.exp(gap[kdj, kj]) * (libj if config.gap_library_only else 1.0)
+      if not config.gap_on_host:
+        t = t + g_t
     pred = jnp.exp(prog)[dij] + jax.ops.segment_sum(t, rj, num_segments=n)
     if config.host_floor:
       host = jnp.exp(p["floor"])[dij]
+      if config.gap_on_host:
+        host = host + jax.ops.segment_sum(g_t, rj, num_segments=n)
       if config.host_launch:
         host = host + jax.ops.segment_sum(mj * jnp.exp(host_launch(p)[kdj, kj]), rj, num_segments=n)
       pred = _soft_max(pred, host, config.floor_sharpness, jnp)
@@ -1261,6 +1523,8 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
         gap[d, ~fitted] = np.median(gap[d, fitted])
       if hl is not None:
         hl[d, ~fitted] = np.median(hl[d, fitted])
+  if config.conv_gemm_rates:   # tied after the fallback too: an unseen tuned-convolution class has the GEMM rates
+    per[:2] = per[:2][:, :, _RATE_SOURCE]
   floor = None
   if config.host_floor:
     floor = np.asarray(params["floor"], np.float64) + lu
@@ -1275,7 +1539,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen, gap,
                          floor, float(config.floor_sharpness), hl, ws,
                          bool(config.gap_library_only), None if l2 is None else float(config.l2_bytes), l2,
-                         bool(config.overhead_overlap))
+                         bool(config.overhead_overlap), bool(config.gap_on_host))
   if config.calibrate:
     from mlsys_jax.cost.metrics import mape_scale
     model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev), y))
