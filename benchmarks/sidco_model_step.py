@@ -17,7 +17,8 @@ block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_p
 ``topk_flat``: ``topk(..., flat_state=True)``; ``sidco_flat_dus`` / ``sidco_pt_flat_dus`` /
 ``sidco_flat_dus_adam_flat``: the flat rows traced with ``sparse._FLAT_BUILD = "dus"`` (the working buffer and the
 new residual written leaf by leaf in chunks, no 161-operand concatenation and no gather into the padded layout;
-bitwise the same values). Per row:
+bitwise the same values); ``sidco_est`` / ``sidco_pt_est`` / ``sidco_flat_est``: SIDCo's estimator
+(``exact=False``: the paper's closed-form threshold, no exact search). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
 - ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
@@ -56,7 +57,7 @@ from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
-        "sidco_flat_dus_adam_flat")
+        "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est")
 
 
 class _Affine(nn.Module):
@@ -141,7 +142,10 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
           "sidco_flat_adam_flat": lambda: sp.sidco(ratio, flat_state=True),
           "topk_flat": lambda: sp.topk(ratio, flat_state=True)}
   comp.update({"sidco_flat_dus": comp["sidco_flat"], "sidco_pt_flat_dus": comp["sidco_pt_flat"],
-               "sidco_flat_dus_adam_flat": comp["sidco_flat"]})
+               "sidco_flat_dus_adam_flat": comp["sidco_flat"],
+               "sidco_est": lambda: sp.sidco(ratio, exact=False),
+               "sidco_pt_est": lambda: sp.sidco(ratio, per_tensor=True, exact=False),
+               "sidco_flat_est": lambda: sp.sidco(ratio, flat_state=True, exact=False)})
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
