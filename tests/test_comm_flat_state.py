@@ -202,6 +202,13 @@ def test_flat_build_dus_writes_the_buffer_without_a_gather(per_tensor, monkeypat
   assert dus_d >= 4   # two chunks into the buffer, two into the new residual
 
 
+def test_flat_build_switch_rejects_an_unknown_build(monkeypatch):
+  monkeypatch.setattr(sp, "_FLAT_BUILD", "gather")
+  tx = sidco(0.1, flat_state=True)
+  with pytest.raises(ValueError, match="_FLAT_BUILD"):
+    tx.update({"a": jnp.ones((4, 3))}, tx.init({"a": jnp.ones((4, 3))}))
+
+
 def test_flat_state_bad_input():
   mixed = {"a": jnp.ones((4, 3), jnp.float32), "b": jnp.ones((5,), jnp.bfloat16)}
   with pytest.raises(ValueError, match="one dtype"):
