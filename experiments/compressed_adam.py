@@ -211,7 +211,10 @@ def make_tx(compressor: str | None, mode: str, ratio: float, lr: float, warmup: 
     mx, _, hd = mx.partition("h")   # 'rate@16h32': mode 'rate', hold 32
     mx, _, ns = mx.partition("n")
     mx, _, fl = mx.partition("f")
-    mx, cons, _ = mx.partition("c")   # 'matched@64x8s150c': consistent=True (the sign gate)
+    mx, cons, tail = mx.partition("c")   # 'matched@64x8s150c': consistent=True (the sign gate)
+    if tail:
+      raise ValueError(f"--spread={spread!r}: 'c' (consistent) must end the value, as in 'matched@64x8s150c'; "
+                       f"got {tail!r} after it.")
     mx, _, st = mx.partition("s")   # 'matched@64x8s150': mode 'matched', cap 64, scale 8, start 150
     mx, _, sc = mx.partition("x")
     if (st or sc or cons) and mode_ != "matched":
