@@ -300,3 +300,25 @@ def test_conv_gemm_rates_tie_rates_not_overheads():
   assert np.mean(np.abs(KR.predict_kernel_roofline(m, tabs, dv) / np.array(y) - 1)) < 0.05
   free = KR.fit_kernel_roofline(tabs, np.array(y), dv, cfg._replace(conv_gemm_rates=False))
   assert free.log_flops_rate[0, C["conv"]] != free.log_flops_rate[0, C["gemm"]]
+
+
+def test_conv_gemm_rates_keep_fitted_rates_without_gemm_training_kernels():
+  """Training tables with f32 convolutions (at 5e13 FLOP/s) and elementwise kernels but no f32 GEMM: the
+  conv_f32 kernels fit gemm_f32's rates, so the unseen-class fallback must not replace them by the median of
+  the fitted classes (which moved conv_f32 to it too): the training programs are fitted as closely as without
+  the option."""
+  rng = np.random.default_rng(0)
+  tabs, y = [], []
+  for _ in range(30):
+    fc, bm = 10 ** rng.uniform(9, 11), 10 ** rng.uniform(6, 8)
+    tabs.append(KR.KernelTable(np.array([fc, 0.0]), np.array([1e6, bm]),
+                               np.array([C["conv_f32"], C["elementwise"]], np.int32), np.ones(2)))
+    y.append(fc / 5e13 + bm / 2e12 + 5e-6)
+  y, dv = np.array(y), ["d"] * len(tabs)
+  cfg = KR.KernelRooflineConfig(calibrate=False)
+  err = lambda m: np.mean(np.abs(KR.predict_kernel_roofline(m, tabs, dv) / y - 1))
+  tied = KR.fit_kernel_roofline(tabs, y, dv, cfg._replace(conv_gemm_rates=True))
+  free = KR.fit_kernel_roofline(tabs, y, dv, cfg)
+  assert tied.log_flops_rate[0, C["conv_f32"]] == tied.log_flops_rate[0, C["gemm_f32"]]
+  assert np.exp(tied.log_flops_rate[0, C["conv_f32"]]) == pytest.approx(5e13, rel=0.05)
+  assert err(tied) < 0.005 and err(tied) < err(free) + 0.002

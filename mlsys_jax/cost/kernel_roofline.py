@@ -1515,10 +1515,16 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       raise FloatingPointError("fit_kernel_roofline diverged (non-finite host launch cost); lower learning_rate.")
   seen = np.zeros((D, C))
   np.add.at(seen, (di[rows], k), (m > 0).astype(np.float64))   # kernels that launch (count > 0)
+  rate_seen = seen.copy()   # classes whose FLOP and byte rates the fit identified
+  if config.conv_gemm_rates:   # a GEMM class's rates are fitted by the tuned convolutions that share them too
+    rate_seen[:, _RATE_SOURCE[CLASS_ID["conv"]]] += seen[:, CLASS_ID["conv"]]
+    rate_seen[:, _RATE_SOURCE[CLASS_ID["conv_f32"]]] += seen[:, CLASS_ID["conv_f32"]]
   for d in range(D):  # classes without training kernels on a device: the median of its fitted classes
     fitted = seen[d] > 0
     if fitted.any() and not fitted.all():
-      per[:, d, ~fitted] = np.median(per[:, d, fitted], axis=1, keepdims=True)
+      med = np.median(per[:, d, fitted], axis=1, keepdims=True)
+      per[2:, d, ~fitted] = med[2:]
+      per[:2, d, ~(rate_seen[d] > 0)] = med[:2]
       if gap is not None:
         gap[d, ~fitted] = np.median(gap[d, fitted])
       if hl is not None:
