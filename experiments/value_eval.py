@@ -919,7 +919,8 @@ def part_program_mape():
             tb = [tabs_of(o)[i] for i in idx]
             if not any(lb is not None for lb in lab_):   # an inner fold without profiled rows: the plain model
               return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx],
-                                               cfg._replace(wall_scale=False, gap_library_only=False))
+                                               cfg._replace(wall_scale=False, gap_library_only=False,
+                                                            gap_on_host=False))
             return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx], cfg, kernel_labels=lab_)
           kopt_l = kopt_grid[0]
           lcfg = _kopt_config(kopt_l, lcfg)
