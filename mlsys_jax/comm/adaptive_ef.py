@@ -166,7 +166,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       without the wrapper; a signal-dominated one (``B ~ T mu``) gets ``S ~ T``, moving ``~T * mu / rho * lr``
       as dense Adam would. A release during a delivery adds to what is pending and the whole pending mass
       is delivered over the new release's ``S``; everything released is delivered (``pending`` is 0 when
-      ``left`` is 0). A non-finite release is delivered at once (``S = 1``), so NaN/inf reaches the
+      ``left`` is 0, as long as the releases are finite). A non-finite release is delivered at once (``S = 1``), so NaN/inf reaches the
       optimizer. Before ``start`` (the raw-selection stage of the 0.1% recipe, whose values are not in RMS
       units) every release is delivered at once. Measured (session 20; docs/comm.md, "Issue 18 at 0.1% on
       mnist1d"; the 0.1% recipe inside it with ``start=150``, Top-k, mnist1d seeds 0-4, paired): no better
@@ -184,7 +184,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       floor (``v ~ o^2 + (floor * rms)^2``), so that Adam moves a coordinate by ``~o / sqrt(o^2 + A^2)``
       instead of the sign of its stale estimate ``o`` (a smoothed stream has lost the gradient noise
       that dense Adam's ``v`` sees). 0 (default): no alternation.
-    noise: >= 0; ``mode='linear'`` or ``'hold'`` only: adds ``noise * (-1)^t`` to each coordinate *while
+    noise: >= 0; ``mode='linear'``, ``'hold'`` or ``'matched'`` only: adds ``noise * (-1)^t`` to each coordinate *while
       one of its releases is being delivered* (a per-coordinate floor on Adam's second moment, in the units
       of the released values, not part of the released mass). A delivered rate ``r`` then moves Adam by
       about ``r / sqrt(r^2 + noise^2)`` per step instead of ``sign(r)``: with the compressor's
@@ -310,8 +310,8 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       raise ValueError(f"until={until} <= start={start}: mode='matched' would spread no release; pass until > "
                        f"start or until=None.")
   if noise and mode in ("leaky", "rate"):
-    raise ValueError(f"noise needs mode='linear' or 'hold' (a delivery with an end); mode={mode!r} never "
-                     "finishes delivering.")
+    raise ValueError(f"noise needs mode='linear', 'hold' or 'matched' (a delivery with an end); mode={mode!r} "
+                     "never finishes delivering.")
 
   def init_fn(params):
     check_floating("spread_releases.init", params)
