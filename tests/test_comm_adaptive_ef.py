@@ -17,34 +17,12 @@ from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import density_warmup, topk
 from mlsys_jax.comm.adaptive_ef import SpreadState, decay_residual, scale_by_leaf_rms, spread_releases
 
+from _np_ref import topk_error_feedback as _np_topk_ef, topk_rows as _np_topk_rows  # tests/_np_ref.py
 from _trees import grads as _grads, params as _params  # tests/_trees.py
 
 _W = 8
 _STEPS = 9
 _RATIO = 0.02
-
-
-def _np_topk_ef(flat_g, ratio, decay=1.0, with_residual=False):
-  """float64 numpy Top-k with error feedback (the residual times ``decay`` before each step): flat_g
-  (workers, steps, n) -> mean sent (steps, n) (and the final residuals (workers, n))."""
-  w, steps, n = flat_g.shape
-  k = max(1, int(round(ratio * n)))
-  res, outs = np.zeros((w, n)), []
-  for s in range(steps):
-    acc = flat_g[:, s] + decay * res
-    sent = _np_topk_rows(acc, k)
-    res = acc - sent
-    outs.append(sent.mean(0))
-  return (np.stack(outs), res) if with_residual else np.stack(outs)
-
-
-def _np_topk_rows(acc, k):
-  """Each worker's (row's) k largest magnitudes of ``acc`` kept, ties in index order; the rest zero."""
-  sent = np.zeros_like(acc)
-  for i in range(acc.shape[0]):
-    top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
-    sent[i, top] = acc[i, top]
-  return sent
 
 
 def _np_spread(b, mode, max_interval=None, floor=0.0, noise=0.0, sizes=None, until=None, hold=None):

@@ -19,6 +19,7 @@ from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import density_warmup, topk
 from mlsys_jax.comm.adaptive_ef import SpreadState, rms_selection, spread_releases
 
+from _np_ref import topk_error_feedback as _np_topk_ef  # tests/_np_ref.py
 from _trees import grads as _grads, params as _params  # tests/_trees.py
 
 _W = 8
@@ -181,22 +182,6 @@ def test_nonfinite_release_reaches_the_optimizer_at_once():
 
 
 # --- Top-k with error feedback over 8 workers: shard_map and pmap -----------------------------------------
-
-def _np_topk_ef(flat_g, ratio):
-  """float64 numpy Top-k with error feedback: flat_g (workers, steps, n) -> the workers' mean sent (steps, n)."""
-  w, steps, n = flat_g.shape
-  k = max(1, int(round(ratio * n)))
-  res, outs = np.zeros((w, n)), []
-  for s in range(steps):
-    acc = flat_g[:, s] + res
-    sent = np.zeros_like(acc)
-    for i in range(w):
-      top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
-      sent[i, top] = acc[i, top]
-    res = acc - sent
-    outs.append(sent.mean(0))
-  return np.stack(outs)
-
 
 def _worker_grads():
   per = [[_grads(1000 + 37 * s + w) for s in range(_STEPS)] for w in range(_W)]
