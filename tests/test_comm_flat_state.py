@@ -202,6 +202,40 @@ def test_flat_build_dus_writes_the_buffer_without_a_gather(per_tensor, monkeypat
   assert dus_d >= 4   # two chunks into the buffer, two into the new residual
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_flat_state_error_feedback_is_exact_in_16_bit(dtype, per_tensor, build):
+  """In bfloat16/float16 every entry of ``g + residual`` is either sent or kept, exactly once: the sum is
+  rounded once for the selection and the new residual alike. (Before session 20's fix the one-segment "concat"
+  build let XLA keep the sum in float32 in some fusions (excess precision): entries tied at the threshold were
+  sent and kept, or neither.) With one segment the "concat" build is also bitwise the tree layout."""
+  def tree16(seed):
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in _SHAPES.items()}
+
+  def run(flat):
+    tx = sidco(0.01, per_tensor=per_tensor, flat_state=flat)
+    st, upd, outs, bad = tx.init(tree16(0)), jax.jit(tx.update), [], 0
+    for i in range(5):
+      g = tree16(10 + i)
+      prev = ravel_pytree(st.residual)[0] if not flat else st.residual
+      acc = (ravel_pytree(g)[0] + prev).astype(np.float32)            # the 16-bit sum, rounded once
+      o, st = upd(g, st)
+      res = (ravel_pytree(st.residual)[0] if not flat else st.residual).astype(np.float32)
+      out = ravel_pytree(o)[0].astype(np.float32)
+      bad += int(jnp.sum(out + res != acc))
+      outs.append(out)
+    return bad, outs
+
+  bad_f, outs_f = run(True)
+  assert bad_f == 0
+  if not per_tensor and build == "concat":   # (per tensor, and with "dus", XLA's fusions may compare a tie's
+    # unrounded sums in one layout and not the other: both exact, tied entries chosen differently)
+    bad_t, outs_t = run(False)
+    assert bad_t == 0
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(outs_t, outs_f))
+
+
 def test_flat_build_switch_rejects_an_unknown_build(monkeypatch):
   monkeypatch.setattr(sp, "_FLAT_BUILD", "gather")
   tx = sidco(0.1, flat_state=True)

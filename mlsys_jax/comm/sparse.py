@@ -2057,7 +2057,12 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     of the tree layout, every leaf having the one dtype); the new residual is ONE elementwise pass over
     that sum: zero where the entry was sent (one segment: the padded buffer's selection, whose real entries
     come first; several: the payload's indices mapped back, one scatter of ``count`` flags), finiteness
-    applied. Returns ``(finite, out, new_residual, new_velocity, count, n_above, bytes, overflow, total)``."""
+    applied. Returns ``(finite, out, new_residual, new_velocity, count, n_above, bytes, overflow, total)``.
+
+    A 16-bit sum is materialized once (``optimization_barrier``) before its readers: XLA may otherwise keep it in
+    float32 inside some fusions and round it in others (excess precision), and the selection (which reads the
+    padded buffer) and the new residual (which reads the sum) then disagree on entries tied at the threshold: an
+    entry sent *and* kept, another neither (session 20; ``tests/test_comm_flat_state.py``)."""
     leaves, treedef = jax.tree_util.tree_flatten(addend)
     sizes = [int(np.prod(l.shape)) for l in leaves]
     lay = _layout_of(sizes)
@@ -2070,6 +2075,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     if momentum > 0:
       u = momentum * state.velocity + u
     acc = u + state.residual
+    if jnp.dtype(dtype).itemsize < 4:   # (one rounding for every reader: see below)
+      acc = jax.lax.optimization_barrier(acc)
     flat = lay.pad(acc)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
     if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
