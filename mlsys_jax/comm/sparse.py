@@ -2413,8 +2413,10 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       has 1 buffer where it had one per leaf (161 for ResNet-50): a jitted step that donates and returns its
       optimizer state hands the runtime fewer buffers per call, and the residual is written by one pass
       instead of one per leaf. What is sent, the update and the residual's values are bitwise those of
-      ``flat_state=False`` (tested, also inside ``density_warmup`` with per-tensor segments, whose
-      padding changes with the density: the flat layout does not). Every parameter leaf must have one
+      ``flat_state=False`` in float32 (tested, also inside ``density_warmup`` with per-tensor segments, whose
+      padding changes with the density: the flat layout does not); in bfloat16/float16 the error feedback is
+      exact in both layouts, but per tensor entries tied at a threshold may be chosen differently (XLA may
+      compare their unrounded sums in one layout's fusions). Every parameter leaf must have one
       dtype. Code that reads ``state.residual`` as a tree must unravel it first;
       :func:`mlsys_jax.comm.adaptive_ef.decay_residual` works on either layout.
 
