@@ -343,19 +343,13 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       if mode == "matched":   # S = clip(round(scale * B^2 / T), 1, min(T, cap)) from `start` on, else 1
         b32 = bv.astype(jnp.float32)
         want = jnp.round(scale * jnp.square(b32) / gap.astype(jnp.float32))
-        hi = gap if cap is None else jnp.minimum(gap, cap)
-        spread = jnp.clip(want, 1.0, hi.astype(jnp.float32))   # a finite B whose B^2 overflows: the cap
+        spread = jnp.clip(want, 1.0, interval.astype(jnp.float32))   # min(T, cap); a B^2 overflow: the cap
         spread = jnp.where(jnp.isfinite(b32), spread, 1.0).astype(jnp.int32)   # NaN/inf released: at once
         on = t >= start if until is None else (t >= start) & (t < until)
         if consistent:   # only a release in the direction of the coordinate's latest delivery
           on = on & (jnp.sign(b32) == jnp.sign(rate.astype(jnp.float32))) & (rate != 0)
-        spread = jnp.where(on, spread, 1)
-        rate = jnp.where(rel, pending / spread.astype(pending.dtype), rate)
-        left = jnp.where(rel, spread, left)
-        out = jnp.where(left > 1, rate, jnp.where(left == 1, pending, 0))
-        live = left > 0
-        left = jnp.maximum(left - 1, 0)
-      elif mode == "linear":
+        interval = jnp.where(on, spread, 1)   # (then delivered as 'linear' over that many steps)
+      if mode in ("linear", "matched"):
         rate = jnp.where(rel, pending / interval.astype(pending.dtype), rate)
         left = jnp.where(rel, interval, left)
         out = jnp.where(left > 1, rate, jnp.where(left == 1, pending, 0))
