@@ -2088,16 +2088,19 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
     if momentum > 0:
       velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
-    outs = []
-    for i, leaf in enumerate(leaves):
-      if dense is None:
-        v, sel = _leaf_selection(flat, lay, t, tie_last, last, i)
-        outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
-      else:
-        off, n = lay.offsets[i], sizes[i]
-        outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
+    outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: _leaf_selection(flat, lay, t, tie_last, last, i))
+            for i, leaf in enumerate(leaves)]
     out = jax.tree_util.tree_unflatten(treedef, outs)
     return finite, out, new_res, velocity, count, above, payload_bytes(payload), payload.overflow, lay.n_real
+
+  def _leaf_output(leaf, i, dense, lay, selection):
+    """Leaf ``i``'s output: the all-gathered mean's slice (with an axis), else its sent entries
+    (``selection()`` gives the leaf's slice of the buffer and which entries were sent)."""
+    if dense is not None:
+      off = lay.offsets[i]
+      return jax.lax.slice(dense, (off,), (off + lay.sizes[i],)).reshape(leaf.shape)
+    v, sel = selection()
+    return jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape)
 
   def _flat_step_dus(leaves, treedef, sizes, lay, dtype, state):
     """:func:`_flat_step` with ``_FLAT_BUILD = "dus"``: the padded buffer written leaf by leaf (each leaf's
@@ -2108,21 +2111,19 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     real_off = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     piece = lambda vec, i: jax.lax.slice(vec, (int(real_off[i]),), (int(real_off[i]) + sizes[i],))
     us = [l.reshape(-1).astype(dtype) for l in leaves]
+    res_in = [piece(state.residual, i) for i in range(len(leaves))]
+    vel_in = [piece(state.velocity, i) for i in range(len(leaves))] if momentum > 0 else None
     if momentum > 0:
-      us = [momentum * piece(state.velocity, i) + u for i, u in enumerate(us)]
-    flat = lay.flatten_sum(us, [piece(state.residual, i) for i in range(len(leaves))], dtype, "dus")
+      us = [momentum * v + u for v, u in zip(vel_in, us)]
+    flat = lay.flatten_sum(us, res_in, dtype, "dus")
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
     outs, res_pieces, vel_pieces = [], [], []
     for i, leaf in enumerate(leaves):
       v, sel = _leaf_selection(flat, lay, t, tie_last, last, i)
-      res_pieces.append(jnp.where(finite, jnp.where(sel, 0, v), piece(state.residual, i)))
+      res_pieces.append(jnp.where(finite, jnp.where(sel, 0, v), res_in[i]))
       if momentum > 0:
-        vel_pieces.append(jnp.where(finite, jnp.where(sel, 0, us[i]), piece(state.velocity, i)))
-      if dense is None:
-        outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
-      else:
-        off, n = lay.offsets[i], sizes[i]
-        outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
+        vel_pieces.append(jnp.where(finite, jnp.where(sel, 0, us[i]), vel_in[i]))
+      outs.append(_leaf_output(leaf, i, dense, lay, lambda v=v, sel=sel: (v, sel)))
     one = lambda ps: ps[0] if len(ps) == 1 else _chunked(ps, "dus", dtype)
     velocity = one(vel_pieces) if momentum > 0 else state.velocity
     out = jax.tree_util.tree_unflatten(treedef, outs)
