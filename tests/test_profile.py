@@ -320,3 +320,29 @@ def test_workloads_are_annotated(algo, backend):
   assert sim > 0 and sum(r["total"] for r in a.table.values()) == p.wall_ns
   with pytest.raises(ValueError, match="algo"):
     profile.make_workload("ppo")
+
+
+def test_measurement_loops_freeze_the_heap_only_while_they_run():
+  """run_levels / run_pairs collect once and freeze the surviving heap so that the per-run gc.collect() is cheap in
+  a large process; the heap must be unfrozen afterwards, also when the workload raises."""
+  import gc
+
+  seen = []
+
+  def work():
+    seen.append(gc.get_freeze_count())
+    with profile.operation("step"):
+      sum(range(100))
+
+  from mlsys_jax.profile import overhead
+  assert gc.get_freeze_count() == 0
+  overhead.run_levels(work, ("off", "scopes"), repeats=2, warmup=0)
+  overhead.run_pairs(work, level="scopes", repeats=2, warmup=0)
+  assert gc.get_freeze_count() == 0
+  assert len(seen) == 8 and min(seen) > 0          # frozen while measured
+
+  def bad():
+    raise RuntimeError("workload failed")
+  with pytest.raises(RuntimeError, match="workload failed"):
+    overhead.run_pairs(bad, level="scopes", repeats=1, warmup=0)
+  assert gc.get_freeze_count() == 0
