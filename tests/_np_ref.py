@@ -3,11 +3,16 @@
 import numpy as np
 
 
+def topk_index(row: np.ndarray, k: int) -> np.ndarray:
+  """Indices of the ``k`` largest magnitudes of a 1-D ``row``, ties to the lower index (as ``lax.top_k``)."""
+  return np.argsort(-np.abs(row), kind="stable")[:k]
+
+
 def topk_rows(acc: np.ndarray, k: int) -> np.ndarray:
   """Each worker's (row's) ``k`` largest magnitudes of ``acc`` kept, ties in index order; the rest zero."""
   sent = np.zeros_like(acc)
   for i in range(acc.shape[0]):
-    top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
+    top = topk_index(acc[i], k)
     sent[i, top] = acc[i, top]
   return sent
 

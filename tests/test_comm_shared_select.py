@@ -15,6 +15,7 @@ from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import density_warmup, leader_topk, rms_selection, topk, union_topk
 
 from _trees import grads as _grads, params as _params  # tests/_trees.py
+from _np_ref import topk_index  # tests/_np_ref.py
 
 _W = 8
 _STEPS = 4
@@ -58,9 +59,9 @@ def _reference(G, ratio=_RATIO, kind="leader", beta=1.0):
       nbytes.append(np.zeros(_W))
       continue
     if kind == "leader":
-      S = np.argsort(-np.abs(acc[lead]), kind="stable")[:k]   # ties to the lower index, as lax.top_k
+      S = topk_index(acc[lead], k)
     else:
-      S = np.unique(np.concatenate([np.argsort(-np.abs(a), kind="stable")[:k] for a in acc]))
+      S = np.unique(np.concatenate([topk_index(a, k) for a in acc]))
     out = np.zeros(n)
     out[S] = acc[:, S].mean(axis=0)
     new = acc.copy()

@@ -15,6 +15,7 @@ from mlsys_jax.comm import (dense_warmup, density_warmup, dgc, dgc_density_sched
                             stage_boundaries, topk)
 
 from _trees import grads as _grads, params as _params  # tests/_trees.py
+from _np_ref import topk_rows  # tests/_np_ref.py
 
 _W = 8
 _STEPS = 4       # 2 warm-up + 2 compressed
@@ -190,10 +191,7 @@ def _np_topk_ef(g_ws, ratios):
   for s, r in enumerate(ratios):
     k = max(1, int(round(r * n)))
     acc = flat[s] + res
-    sent = np.zeros_like(acc)
-    for i in range(w):
-      top = np.argsort(-np.abs(acc[i]), kind="stable")[:k]
-      sent[i, top] = acc[i, top]
+    sent = topk_rows(acc, k)
     res = acc - sent
     outs.append(sent.mean(0))
   return np.stack(outs)
