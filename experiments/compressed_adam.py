@@ -90,7 +90,8 @@ _WORKERS = flags.DEFINE_integer("workers", 8, "Simulated data-parallel workers."
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch per worker.")
 _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compressors: sidco (its default: "
                                   "exact target count), sidco_fitonly (exact=False: the paper's estimator "
-                                  "alone, as before issue 18's fix), topk, dgc, randomk (density --ratios); "
+                                  "alone, as before issue 18's fix), topk, dgc, dgc_exact (dgc(exact=True): "
+                                  "the payload trimmed to k, Top-k's bytes), randomk (density --ratios); "
                                   "stale@TAU: comm.adaptive_ef.staleness_topk(ratio, tau=TAU) (Top-k on "
                                   "|acc| * (1 + age / TAU), chain/raw selection only); leader: "
                                   "comm.leader_topk (ScaleCom's cyclic local Top-k: every worker sends its "
@@ -300,6 +301,9 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, st
        "topk": lambda: sp.topk(ratio, axis_name="d", precondition=pre, per_tensor=pt),
        "dgc": lambda: sp.dgc(ratio, axis_name="d", precondition=pre, per_tensor=pt,
                              sample_fraction=sf, capacity_factor=cf),
+       # DGC's sampled threshold with its payload trimmed to k slots: at most Top-k's count, Top-k's bytes
+       "dgc_exact": lambda: sp.dgc(ratio, axis_name="d", precondition=pre, per_tensor=pt,
+                                   sample_fraction=sf, capacity_factor=cf, exact=True),
        "randomk": lambda: sp.randomk(ratio, axis_name="d", precondition=pre, seed=0, per_tensor=pt),
        # low-rank compressors: the density flag does not apply (rank 2 / 4 and ACCORDION's 1 <-> 4 switch)
        "powersgd2": lambda: comm.powersgd(2, axis_name="d"),
