@@ -261,10 +261,57 @@ def define_flags(flag_values=None) -> None:
                        flag_values=fv)
 
 
+_FLAG_NAMES = ("coordinator_address", "num_processes", "process_id", "initialization_timeout",
+               "heartbeat_timeout")
+
+
 def initialize_from_flags(flag_values=None, **kwargs) -> ProcessInfo:
-  """:func:`initialize` with the flags of :func:`define_flags` (parsed); ``kwargs`` go to it too."""
+  """:func:`initialize` with the values of the flags of :func:`define_flags`.
+
+  The usual ``jax.distributed`` launch arguments (``--coordinator_address --num_processes --process_id``)
+  plus this library's bounded wait (``--initialization_timeout``, ``--heartbeat_timeout``), read from
+  ``flag_values`` after absl has parsed the command line, and passed to :func:`initialize` (which
+  checks them: a ``process_id`` outside ``[0, num_processes)``, a malformed address or a non-positive
+  timeout raise there).
+
+  Args:
+    flag_values: an ``absl.flags.FlagValues`` on which :func:`define_flags` was called and that has
+      been parsed (default ``absl.flags.FLAGS``, parsed by ``absl.app.run``).
+    **kwargs: the other keyword arguments of :func:`initialize` (``local_device_ids``,
+      ``cpu_collectives``); not the five flag-backed ones.
+
+  Returns:
+    The :class:`ProcessInfo` of :func:`initialize`.
+
+  Raises:
+    ValueError: a flag is not defined on ``flag_values`` (call :func:`define_flags` first), the flags
+      are not parsed yet, or ``kwargs`` repeats a flag-backed argument. TypeError: ``flag_values`` is not
+      an absl ``FlagValues``.
+
+  Example:
+    >>> from absl import flags
+    >>> fv = flags.FlagValues()
+    >>> define_flags(fv)
+    >>> _ = fv(["prog"])            # parse an empty command line: a single process
+    >>> initialize_from_flags(fv).process_count
+    1
+  """
   from absl import flags
   fv = flags.FLAGS if flag_values is None else flag_values
+  if not isinstance(fv, flags.FlagValues):
+    raise TypeError(f"flag_values must be an absl.flags.FlagValues (or None for absl.flags.FLAGS), got "
+                    f"{type(fv).__name__}.")
+  missing = [n for n in _FLAG_NAMES if n not in fv]
+  if missing:
+    raise ValueError(f"flags {missing} are not defined on flag_values; call "
+                     "mlsys_jax.comm.distributed.define_flags(flag_values) before parsing the command line.")
+  if not fv.is_parsed():
+    raise ValueError("flag_values has not been parsed yet; call initialize_from_flags inside main() of "
+                     "absl.app.run (or parse first: flag_values(sys.argv)).")
+  dup = sorted(set(kwargs) & set(_FLAG_NAMES))
+  if dup:
+    raise ValueError(f"{dup} come from the flags; set them on the command line (--{dup[0]}=...) instead of "
+                     "passing them to initialize_from_flags, or call initialize() directly.")
   return initialize(fv.coordinator_address, fv.num_processes, fv.process_id,
                     initialization_timeout=fv.initialization_timeout,
                     heartbeat_timeout=fv.heartbeat_timeout, **kwargs)
