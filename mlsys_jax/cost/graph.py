@@ -131,14 +131,62 @@ class HloGraph(NamedTuple):
 _TRIVIAL_IDS = np.asarray([OPCODE_ID[o] for o in TRIVIAL if o in OPCODE_ID])
 
 
+def _check_graph(name: str, g: HloGraph) -> None:
+  if not isinstance(g, HloGraph):
+    raise TypeError(f"{name} must be an HloGraph (from program_graph/kernel_graphs/batch_graphs), got "
+                    f"{type(g).__name__}.")
+  n = np.shape(g.opcode)
+  if len(n) != 1 or np.shape(g.attrs) != (n[0], NUM_ATTRS) or np.shape(g.num_bytes) != n:
+    raise ValueError(f"{name} is inconsistent: opcode {np.shape(g.opcode)}, attrs {np.shape(g.attrs)} "
+                     f"(expected [N, {NUM_ATTRS}]), num_bytes {np.shape(g.num_bytes)} (expected [N]); build it "
+                     "with program_graph/kernel_graphs and combine with batch_graphs/pad_graph.")
+
+
 def kernel_nodes(g: HloGraph) -> np.ndarray:
-  """bool [N]: entry-level nodes that launch a kernel (not padding, not :data:`TRIVIAL`)."""
+  """Mask of the nodes that launch a kernel: entry-level instructions that are neither padding nor
+  :data:`TRIVIAL` (parameters, constants, tuples, bitcasts... launch nothing).
+
+  Kaufman et al. (MLSys 2021, Sec. 3.1) cost a program as the sum over its kernels; in a program graph
+  these are the entry computation's instructions (``depth == 0``), while the inlined fused instructions
+  (``depth >= 1``) only describe what a kernel computes.
+
+  Args:
+    g: an :class:`HloGraph` (one graph, a batch, or a padded batch).
+
+  Returns:
+    bool [N], one entry per node of ``g``.
+
+  Example:
+    >>> from mlsys_jax.cost.hlo import parse_hlo
+    >>> g = program_graph(parse_hlo(jax.jit(lambda x: x @ x).lower(jnp.ones((4, 4))).compile().as_text()))
+    >>> [OPCODES[o] for o in g.opcode[kernel_nodes(g)]]
+    ['dot']
+  """
+  _check_graph("g", g)
   return (g.attrs[:, ATTR_ID["depth"]] == 0) & (g.opcode != 0) & ~np.isin(g.opcode, _TRIVIAL_IDS)
 
 
 def kernel_io_bytes(g: HloGraph) -> np.ndarray:
-  """float64 [N]: operand + output bytes of each kernel-launching node (:func:`kernel_nodes`), else 0."""
-  return np.where(kernel_nodes(g), g.attrs[:, ATTR_ID["operand_bytes"]] + g.num_bytes, 0.0)
+  """Bytes each kernel must move at least: operand bytes plus output bytes of every kernel-launching
+  node (:func:`kernel_nodes`), 0 for the other nodes.
+
+  This is the memory term of a roofline (Williams et al., CACM 2009; the analytical baseline of Kaufman
+  et al., MLSys 2021): a kernel reads each operand and writes its output at least once. Summed over a
+  graph it equals the ``bytes`` of :func:`kernel_costs`.
+
+  Args:
+    g: an :class:`HloGraph`.
+
+  Returns:
+    float64 [N].
+
+  Example:
+    >>> from mlsys_jax.cost.hlo import parse_hlo
+    >>> g = program_graph(parse_hlo(jax.jit(lambda x: x @ x).lower(jnp.ones((4, 4))).compile().as_text()))
+    >>> float(kernel_io_bytes(g).sum())     # two f32[4,4] operands read, one written
+    192.0
+  """
+  return np.where(kernel_nodes(g), g.attrs[:, ATTR_ID["operand_bytes"]].astype(np.float64) + g.num_bytes, 0.0)
 
 
 def _dim_labels(value: str | None) -> tuple[str, str, str] | None:
@@ -458,3 +506,9 @@ def capture_kernels(fn: Callable, *args, **kwargs) -> list[dict]:
   opcode, fusion kind and the analytical flops/bytes of :func:`kernel_costs`."""
   cap = capture(fn, *args, **kwargs)
   return kernel_costs(parse_hlo(cap.hlo_text))
+
+
+__all__ = ["ATTR_ID", "ATTR_NAMES", "CUSTOM_TARGETS", "DTYPES", "DTYPE_ID", "FUSION_KINDS", "HloGraph", "MAX_RANK",
+           "NUM_ATTRS", "OPCODES", "OPCODE_ID", "REDUCERS", "TRIVIAL", "batch_graphs", "capture_kernels",
+           "kernel_costs", "kernel_graphs", "kernel_io_bytes", "kernel_nodes", "pad_graph", "program_graph",
+           "unbatch_graph"]

@@ -1064,24 +1064,77 @@ def xla_structure(text: str) -> dict[str, list[str]] | None:
 # ------------------------------------------------------------------------------------------------
 # Attributes -> numbers.
 
+def _check_attr(name: str, value: Any) -> None:
+  if value is not None and not isinstance(value, str):
+    raise TypeError(f"{name} must be an HLO attribute value (a str, e.g. ins.attrs.get(...)) or None, got "
+                    f"{type(value).__name__} ({value!r}).")
+
+
 def int_list(value: str | None) -> list[int]:
-  """``{0,1}`` -> ``[0, 1]``; None/empty -> ``[]``."""
+  """The integers of an HLO list attribute, in order: ``'{0,1}'`` -> ``[0, 1]``.
+
+  XLA's HLO text writes dimension lists (``dimensions={1,0}``, ``lhs_contracting_dims={1}``) as braced,
+  comma-separated integers; a JSON ``backend_config`` writes them as quoted strings (``["1","0"]``). Both
+  read the same: every signed integer in ``value``, anything else ignored. Kaufman et al. (MLSys 2021,
+  Sec. 3.1) feed such instruction constants to the cost model.
+
+  Args:
+    value: the attribute text, or None / ``''`` for an absent attribute.
+
+  Returns:
+    ``list[int]`` (``[]`` when absent).
+
+  Raises:
+    TypeError: ``value`` is neither a str nor None.
+
+  Example:
+    >>> int_list("{1,0}"), int_list('["-1","2"]'), int_list(None)
+    ([1, 0], [-1, 2], [])
+  """
+  _check_attr("value", value)
   if not value:
     return []
   return [int(x) for x in re.findall(r"-?\d+", value)]
 
 
 def parse_window(value: str | None) -> dict[str, list[int]]:
-  """``{size=3x3 stride=2x2 pad=1_1x1_1 rhs_dilate=2x2}`` -> lists per key (pad as low+high)."""
+  """An HLO ``window`` attribute as integer lists per key, one entry per spatial dimension.
+
+  ``{size=3x3 stride=2x2 pad=1_1x0_2 rhs_dilate=2x2}`` -> ``{'size': [3, 3], 'stride': [2, 2],
+  'pad': [2, 2], 'rhs_dilate': [2, 2]}``: dimensions are separated by ``x``; a ``pad`` entry is
+  ``low_high`` and is returned as the total padding ``low + high`` of that dimension (XLA's window
+  grammar; the convolution/reduce-window features of Kaufman et al., MLSys 2021, Sec. 3.1).
+
+  Args:
+    value: the attribute text (with or without the braces), or None / ``''`` when absent.
+
+  Returns:
+    ``{key: list[int]}`` (``{}`` when absent).
+
+  Raises:
+    TypeError: ``value`` is neither a str nor None. ValueError: an entry is not ``key=AxB...`` with
+    integer fields (the message names it).
+
+  Example:
+    >>> parse_window("{size=3x3 stride=2x1 pad=1_1x0_2}")
+    {'size': [3, 3], 'stride': [2, 1], 'pad': [2, 2]}
+  """
+  _check_attr("value", value)
   out: dict[str, list[int]] = {}
   if not value:
     return out
-  for item in value.strip("{}").split():
-    k, _, v = item.partition("=")
-    if k == "pad":
-      out[k] = [sum(int(a) for a in p.split("_")) for p in v.split("x")]
-    else:
-      out[k] = [int(a) for a in v.split("x") if re.fullmatch(r"-?\d+", a)]
+  for item in value.strip().strip("{}").split():
+    k, eq, v = item.partition("=")
+    try:
+      if not eq or not k:
+        raise ValueError
+      if k == "pad":
+        out[k] = [sum(int(a) for a in p.split("_")) for p in v.split("x")]
+      else:
+        out[k] = [int(a) for a in v.split("x")]
+    except ValueError:
+      raise ValueError(f"window entry {item!r} of {value!r} is not 'key=AxB...' with integer fields "
+                       "(pad fields as low_high); pass the window attribute of an HLO instruction.") from None
   return out
 
 
@@ -1089,7 +1142,30 @@ _TILE_KEYS = ("block_m", "block_n", "block_k", "split_k", "num_stages", "num_war
 
 
 def backend_tiles(value: str | None) -> dict[str, float]:
-  """Kernel-level tile parameters from a GPU ``backend_config`` (Triton GEMM ``block_m``...)."""
+  """Kernel tile parameters from a GPU ``backend_config`` (JSON text).
+
+  XLA's Triton GEMM fusions carry their tiling in ``backend_config``
+  (``"triton_gemm_config":{"block_m":"64","block_n":"32",...}``); the tile shape decides a GEMM's
+  speed as much as its shape does, so the cost model reads it as node features (Kaufman et al., MLSys
+  2021, Sec. 3.1: kernel-level tile-size features). Keys read: ``block_m``, ``block_n``, ``block_k``,
+  ``split_k``, ``num_stages``, ``num_warps``, ``num_ctas`` (quoted or bare integers) and the fusion
+  ``"kind"`` (returned as ``'kind:<name>': 1.0``). Absent keys are absent from the result.
+
+  Args:
+    value: the ``backend_config`` text, or None / ``''``.
+
+  Returns:
+    ``{key: float}``.
+
+  Raises:
+    TypeError: ``value`` is neither a str nor None.
+
+  Example:
+    >>> backend_tiles('{"fusion_backend_config":{"kind":"__triton_gemm","triton_gemm_config":'
+    ...               '{"block_m":"64","block_n":"32","split_k":1}}}')
+    {'block_m': 64.0, 'block_n': 32.0, 'split_k': 1.0, 'kind:__triton_gemm': 1.0}
+  """
+  _check_attr("value", value)
   out: dict[str, float] = {}
   if not value:
     return out
