@@ -88,12 +88,56 @@ def _part_of(g: Graph) -> dict:
 
 def valid_actions(g: Graph, state: State, u: int, r: int = 3, s: int = 8,
                   merge_key: Callable[[int], Any] | None = None, max_merge: int = 8) -> list:
-  """Actions for unit ``u`` (the next undecided one): ``("new", -1, -1)`` (a new stage at the end),
-  ``("new", p, -1)`` (a new stage inserted before stage ``p``, after all of ``u``'s predecessors),
-  ``("group", k, gi)`` (append to group ``gi`` of stage ``k``), ``("par", k, -1)`` (a new concurrent
-  group of stage ``k``), ``("merge", k, -1)`` (merge into the convolution stage ``k``).
+  """The IOS decisions open to unit ``u`` (the next undecided one) in the partial schedule ``state``.
 
-  ``r`` bounds a group's length, ``s`` a stage's number of groups (IOS's pruning parameters)."""
+  Value Learning (Steiner et al., MLSys 2021, Sec. 3) treats scheduling as a sequence of decisions, one
+  per operator in topological order; here a decision places unit ``u`` in IOS's stage space (Ding et
+  al., MLSys 2021, Sec. 4: stages of concurrent groups, each group a chain, or a merge of convolutions
+  that share their input). The actions, in this order:
+
+  - ``("new", -1, -1)``: a new stage at the end (always valid, always first);
+  - ``("new", p, -1)``: a new stage inserted before stage ``p``, which must come after every stage
+    holding a predecessor of ``u`` (at most ``MAX_STAGE_CANDIDATES // 2`` of them);
+  - ``("group", k, gi)``: appended to group ``gi`` of parallel stage ``k`` (the group then runs ``u``
+    after its current units; allowed when the stage's predecessors of ``u`` all sit in that group and
+    the group has fewer than ``r`` units);
+  - ``("par", k, -1)``: a new concurrent group of parallel stage ``k`` (no predecessor of ``u`` in
+    stage ``k``, fewer than ``s`` groups);
+  - ``("merge", k, -1)``: merged with the convolutions of stage ``k`` (same ``merge_key``, no
+    predecessor in the stage, fewer than ``max_merge`` units).
+
+  Stages of other parts and opaque units (control flow) never share a stage. Only the first
+  ``MAX_STAGE_CANDIDATES`` stages at or after the last predecessor's are considered.
+
+  Args:
+    g: the unit graph (:func:`mlsys_jax.sched.build_graph`).
+    state: a partial schedule of ``g`` (:func:`initial_state`, then :func:`apply_action`).
+    u: the unit to place; it must not be placed in ``state`` yet.
+    r, s: IOS's pruning parameters: the longest group (units), the most groups per stage; >= 1.
+    merge_key: ``unit -> key`` (None: :func:`mlsys_jax.sched.emit.merge_key`); units with equal,
+      non-None keys may merge.
+    max_merge: the most units of one merge stage (>= 2).
+
+  Returns:
+    A list of action tuples for :func:`apply_action`.
+
+  Raises:
+    ValueError/TypeError: ``u`` is not a unit of ``g`` or is already placed; ``r``, ``s`` or
+    ``max_merge`` out of range.
+
+  Example:
+    >>> from mlsys_jax import sched
+    >>> g = sched.build_graph(lambda x: jnp.tanh(x) + jnp.exp(x), jnp.ones((2, 4)))
+    >>> valid_actions(g, initial_state(g), g.blocks[0][0])
+    [('new', -1, -1)]
+  """
+  check_int("u", u, 0, len(g.units) - 1)
+  check_int("r", r, 1)
+  check_int("s", s, 1)
+  check_int("max_merge", max_merge, 2)
+  if any(v == u for v, _, _ in state.where):
+    raise ValueError(f"unit {u} is already placed in state; pass the next undecided unit, "
+                     f"state.order[state.step] = {state.order[state.step] if state.step < len(state.order) else None}.")
   mk = merge_key if merge_key is not None else (lambda v: emit.merge_key(g, v))
   part = _part_of(g)[u]
   where = {v: (k, gi) for v, k, gi in state.where}
@@ -518,8 +562,34 @@ class ValueSchedule:
 
 
 def out_of_distribution(model: ValueModel, info: GraphInfo, margin: float = 0.15) -> list:
-  """[(unit, reason)] for units whose kind was never seen in training or whose static features lie
-  more than ``margin`` outside the training range (features are scaled to about [0, 1])."""
+  """The units of a graph that the value model was not trained for: a learned model is trusted only
+  inside its training distribution (Value Learning, Steiner et al., MLSys 2021, Sec. 5 discusses
+  generalization to unseen operators; here such graphs fall back to the cost function's search).
+
+  A unit is flagged when its kind (operator type) is absent from ``model.vocab``, or else when any of
+  its static features (:func:`static_features`, scaled to about [0, 1]) lies outside
+  ``[feat_lo - margin, feat_hi + margin]``, the training range widened by ``margin`` (strictly
+  outside: a feature at the widened bound is in range).
+
+  Args:
+    model: a :class:`ValueModel` (its ``vocab``, ``feat_lo``, ``feat_hi``).
+    info: :func:`graph_info` of the graph.
+    margin: tolerance (feature units, >= 0) around the training range.
+
+  Returns:
+    ``[(unit, reason)]`` in decision order; ``reason`` names the unseen kind or the feature indices.
+
+  Raises:
+    ValueError: ``margin`` negative or not finite; ``model.feat_lo``/``feat_hi`` not of length
+    ``NUM_STATIC``.
+
+  Example (see tests/test_public_api_core.py for a hand-built model).
+  """
+  check_range("margin", margin, 0.0)
+  for name in ("feat_lo", "feat_hi"):
+    if np.shape(getattr(model, name)) != (NUM_STATIC,):
+      raise ValueError(f"model.{name} must have shape ({NUM_STATIC},) (the static-feature training range), got "
+                       f"{np.shape(getattr(model, name))}; build the model with fit_value_model.")
   out = []
   for j, u in enumerate(info.order):
     if info.kinds[j] not in model.vocab:
@@ -541,9 +611,33 @@ def _score(model: ValueModel, info: GraphInfo, states: list) -> np.ndarray:
 
 
 def beam_schedule(model: ValueModel, g: Graph, width: int = 1, info: GraphInfo | None = None) -> list:
-  """Beam search over decisions with the value model (``width=1``: greedy). Returns the final beam as
-  [(predicted log latency, State)], best first. No cost-function calls."""
+  """Beam search over the decisions of :func:`valid_actions` guided by the value model.
+
+  Value Learning (Steiner et al., MLSys 2021, Sec. 4) decodes greedily: for each unit in decision
+  order, every action is applied and the successor with the lowest predicted value (log latency of the
+  best completion) is kept. With ``width > 1`` the ``width`` lowest successors of all states in the beam
+  are kept (ties keep the earlier candidate); a step with a single candidate keeps it unscored. With
+  ``width`` at least the number of candidates of every step this is exhaustive. No cost-function
+  (profiling) calls.
+
+  Args:
+    model: a trained :class:`ValueModel` (its ``r``/``s`` bound the actions).
+    g: the unit graph to schedule.
+    width: beam width (>= 1; 1 is greedy decoding).
+    info: :func:`graph_info` of ``g`` when already computed (it must be ``g``'s).
+
+  Returns:
+    The final beam, ``[(predicted log latency, complete State)]`` sorted best (lowest) first; at most
+    ``width`` entries. :func:`to_stages` turns a state into a schedule.
+
+  Raises:
+    ValueError/TypeError: ``width`` not an integer >= 1; ``info`` built for another graph.
+
+  Example (see tests/test_cost_value.py for a trained model).
+  """
   check_int("width", width, low=1)
+  if info is not None and info.graph is not g:
+    raise ValueError("info was built for another graph; pass info=graph_info(g) for this g, or None.")
   info = graph_info(g) if info is None else info
   part = _part_of(g)
   mk = _merge_keys(g)

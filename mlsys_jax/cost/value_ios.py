@@ -52,13 +52,56 @@ def _state_of(g: Graph, st: Stage) -> V.State:
 
 def stage_features(g: Graph, st: Stage, static: np.ndarray | None = None,
                    fb: np.ndarray | None = None) -> np.ndarray:
-  """float32 [units of ``st``, ``value.NUM_FEATURES``]: the value model's input for the schedule made
-  of the single stage ``st`` (its units in group order; static unit features, then the decision
-  features of the stage). ``static`` (``value.static_features(g)``) and ``fb`` (per-unit FLOPs, bytes)
-  may be passed to skip recomputing them."""
-  static = V.static_features(g) if static is None else static
+  """The value model's input for the schedule made of the single stage ``st``: one row per unit.
+
+  Value Learning (Steiner et al., MLSys 2021, Sec. 3.2) feeds its sequence model, per operator, the
+  operator's static features and its scheduling decision. For one stage the rows are its units in
+  group order (group 0 first, each group in chain order); each row is the unit's
+  :func:`~mlsys_jax.cost.value.static_features` followed by its
+  :func:`~mlsys_jax.cost.value.decision_features` in a schedule holding ``st`` alone (stage index 0:
+  decided, merge flag, stage units / 8, stage groups / 8, group length / 3, position in group / 3, 0,
+  first-of-stage flag, log1p(stage FLOPs) / 25, log1p(stage bytes) / 20).
+
+  Args:
+    g: the unit graph.
+    st: a :class:`~mlsys_jax.sched.Stage` of ``g`` (distinct units of ``g``).
+    static: ``value.static_features(g)``, float [units, NUM_STATIC], to skip recomputing it.
+    fb: per-unit (FLOPs, bytes), float [units, 2] (``g.unit_flops_bytes``), to skip recomputing it.
+
+  Returns:
+    float32 [len(st.units), ``value.NUM_FEATURES``].
+
+  Raises:
+    TypeError: ``st`` is not a Stage. ValueError: a unit outside ``g`` or repeated, an empty stage, or
+    ``static``/``fb`` of the wrong shape.
+
+  Example:
+    >>> from mlsys_jax import sched
+    >>> g = sched.build_graph(*V.random_conv_net(0))
+    >>> st = candidate_stages(g, r=2, s=2)[0]
+    >>> stage_features(g, st).shape == (len(st.units), V.NUM_FEATURES)
+    True
+  """
+  if not isinstance(st, Stage):
+    raise TypeError(f"st must be a mlsys_jax.sched.Stage, got {type(st).__name__}.")
+  units = [u for grp in st.groups for u in grp]
+  n = len(g.units)
+  if not units:
+    raise ValueError(f"stage {st} has no units; a stage holds at least one unit of g.")
+  bad = [u for u in units if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or not 0 <= u < n]
+  if bad:
+    raise ValueError(f"stage units {bad} are not unit indices of g (0..{n - 1}); was the stage built for "
+                     "another graph?")
+  if len(set(units)) != len(units):
+    raise ValueError(f"stage {st} repeats a unit; each unit appears once in a stage.")
+  static = V.static_features(g) if static is None else np.asarray(static)
+  if static.shape != (n, V.NUM_STATIC):
+    raise ValueError(f"static must be value.static_features(g) with shape ({n}, {V.NUM_STATIC}), got "
+                     f"{static.shape}.")
   if fb is None:
-    fb = np.asarray([g.unit_flops_bytes(u.idx) for u in g.units], np.float64).reshape(len(g.units), 2)
+    fb = np.asarray([g.unit_flops_bytes(u.idx) for u in g.units], np.float64).reshape(n, 2)
+  elif np.shape(fb) != (n, 2):
+    raise ValueError(f"fb must hold (FLOPs, bytes) per unit of g, shape ({n}, 2), got {np.shape(fb)}.")
   state = _state_of(g, st)
   return np.concatenate([static[list(state.order)], V.decision_features(g, state, fb)], axis=1)
 
