@@ -89,13 +89,50 @@ TRACE_KINDS = ("annotation", "host_thread", "executor", "device")
 
 
 def parse_trace(trace: dict, ops: list[Record], kinds: list | None = None) -> tuple[list[tuple[int, int]], list[int]]:
-  """``(device-busy union, start times of all trace events)`` on the ``perf_counter_ns`` clock. Every
-  recorded event (annotations, runtime TraceMe's on the Python and XLA threads, device activities) is
-  book-keeping the tracer adds: the unit of the ``trace`` overhead source, located at its start.
-  If ``kinds`` is a list, it receives one label of :data:`TRACE_KINDS` per host event (same order):
-  this profiler's ``annotation``, other events on the annotating (Python) thread (``host_thread``),
-  XLA executor-thread events (``executor``), device-process events (``device``); other threads count
-  as ``executor``."""
+  """Device-busy intervals and tracer events of a ``jax.profiler`` trace, on the ``perf_counter_ns``
+  clock of the profiler's records (RL-Scope, Gleeson et al., MLSys 2021, Sec. 3.2 and 4: device time
+  for the CPU/GPU overlap split, and every event the tracer records as one unit of the ``trace``
+  overhead source).
+
+  Clock alignment: the k-th ``'rlscope/<name>'`` annotation (a complete event, ``ph == 'X'``, in
+  microseconds) is matched with the k-th recorded operation ``<name>`` of ``ops`` (by start time); the
+  offset is the median of ``annotation ts * 1e3 - record start`` over all matches, and is subtracted
+  from every event. Device intervals are the complete events of ``/device:*`` processes (GPU/TPU);
+  when there is none (the CPU backend) the events of XLA:CPU executor threads (``*CpuClient*`` /
+  ``*Eigen*``, excluding the annotating threads, bookkeeping markers and compiler passes). Their union
+  is returned.
+
+  Args:
+    trace: a chrome-trace dict with a ``'traceEvents'`` list (:func:`load_trace`).
+    ops: the profiler's operation records (``Record`` with ``kind == 'operation'``).
+    kinds: None, or a list that receives one label of :data:`TRACE_KINDS` per complete event, in
+      event order: ``annotation`` (this profiler's), ``host_thread`` (other events on an annotating
+      thread), ``device`` (device processes), ``executor`` (any other thread).
+
+  Returns:
+    ``(device-busy union [(start_ns, end_ns)] sorted and disjoint, sorted start times (ns) of all
+    complete events)``.
+
+  Raises:
+    TypeError: ``trace`` has no ``'traceEvents'`` list, or ``kinds`` is not a list. ValueError: ``ops``
+    is non-empty but the trace has no annotation, or none matches a recorded operation (the trace
+    belongs to another run).
+
+  Example:
+    >>> from mlsys_jax.profile.scopes import Record
+    >>> ev = [{"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+    ...       {"ph": "X", "name": "rlscope/step", "pid": 1, "tid": 1, "ts": 10.0, "dur": 5.0},
+    ...       {"ph": "X", "name": "kernel", "pid": 2, "tid": 7, "ts": 11.0, "dur": 2.0}]
+    >>> parse_trace({"traceEvents": ev}, [Record("operation", "step", 1000, 6000, "p")])
+    ([(2000, 4000)], [1000, 2000])
+  """
+  if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+    raise TypeError(f"trace must be a chrome-trace dict with a 'traceEvents' list (profile.load_trace(path)), "
+                    f"got {type(trace).__name__}" + (f" with keys {sorted(trace)[:5]}" if isinstance(trace, dict)
+                                                      else "") + ".")
+  if kinds is not None and not isinstance(kinds, list):
+    raise TypeError(f"kinds must be None or a list to fill with one TRACE_KINDS label per event, got "
+                    f"{type(kinds).__name__}.")
   ev = trace["traceEvents"]
   pname: dict = {}
   tname: dict = {}

@@ -143,13 +143,48 @@ def calibrate(workload: Callable[[], Any], *, repeats: int = 5,
 
 
 def calibrate_micro(*, n: int = 4000, repeats: int = 7, clock: str = "process") -> Calibration:
-  """Per-event costs from micro-benchmarks in which the book-keeping dominates (so a shared machine's
-  noise is small against it): ``n`` empty operation scopes (``off`` vs ``scopes``), ``n`` calls of a
-  jitted identity on a scalar (``scopes`` vs ``intercept``) and ``n`` scoped calls (``intercept`` vs
-  ``trace``, 2 trace events each). Transfers to real workloads are checked by :func:`validate`."""
+  """Per-event cost of each instrumentation source from micro-benchmarks in which the book-keeping
+  dominates, so a shared machine's noise is small against it (RL-Scope, Gleeson et al., MLSys 2021,
+  Sec. 4.1: delta_k = (T_with_k - T_without_k) / n_k).
+
+  Three loops, each run at the two levels that differ by one source (``repeats`` interleaved runs):
+  ``n`` empty operation scopes (``off`` vs ``scopes`` -> ``scope``), ``n`` calls of a jitted identity
+  on a scalar (``scopes`` vs ``intercept`` -> ``intercept``) and ``n`` scoped calls (``intercept`` vs
+  ``trace`` -> ``trace``; every event the tracer records counts, the annotation and the runtime's own
+  events of each call). Unlike :func:`calibrate` (paired median) the difference is that of the
+  *minima* over repeats: interference only adds time, and these loops are short::
+
+      raw_delta_ns[k] = (min T[k:hi] - min T[k:lo]) * 1e9 / counts[k:hi][k]
+
+  minus the already-calibrated cost of any other source the higher level runs more often (none in
+  these loops). Transfers to real workloads are checked by :func:`validate`.
+
+  Args:
+    n: iterations of each loop (>= 1).
+    repeats: interleaved runs of each level (>= 1).
+    clock: ``'process'`` (process CPU time, robust on a shared machine) or ``'wall'``.
+
+  Returns:
+    A :class:`Calibration`: ``delta_ns`` (clamped at 0) and ``raw_delta_ns`` for ``scope``,
+    ``intercept``, ``trace``; ``wall_s['<source>:<level>']`` the ``repeats`` times of each loop;
+    ``counts['<source>:<higher level>']`` its events per source in one run.
+
+  Raises:
+    ValueError/TypeError: bad ``n``, ``repeats`` or ``clock``. RuntimeError: a loop recorded no
+    event of its source (e.g. the ``jax.profiler`` trace is unavailable here, so ``trace`` cannot be
+    calibrated).
+
+  Example (about a second; run in tests/test_public_api_core.py)::
+
+      cal = calibrate_micro()
+      cal.delta_ns          # {'scope': ns per scope, 'intercept': ns per call, 'trace': ns per event}
+      corrected = correct(attribute(prof), cal)
+  """
   import jax.numpy as jnp
   from mlsys_jax.profile.scopes import jit, operation
   check_int("n", n, 1)
+  check_int("repeats", repeats, 1)
+  check_choice("clock", clock, ("process", "wall"))
   f = jit(lambda x: x)
   x = jnp.zeros(())
 
@@ -175,6 +210,10 @@ def calibrate_micro(*, n: int = 4000, repeats: int = 7, clock: str = "process") 
   for src, work, lo, hi in (("scope", scopes_loop, "off", "scopes"), ("intercept", calls_loop, "scopes", "intercept"),
                             ("trace", traced_loop, "intercept", "trace")):
     w, c, _ = run_levels(work, (lo, hi), repeats, 1, clock)
+    if c[hi].get(src, 0) == 0:
+      raise RuntimeError(f"calibrate_micro: the {src!r} loop recorded no {src!r} events at level {hi!r} "
+                         f"(counts {c[hi]}); this source cannot be calibrated here (for 'trace': the "
+                         "jax.profiler trace is unavailable, see the profiler's warning).")
     dt = float(np.min(w[hi]) - np.min(w[lo]))
     for s in SOURCES:  # sources both levels run equally cancel; others are already calibrated
       if s != src:

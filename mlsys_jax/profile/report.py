@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from mlsys_jax.profile.attribution import NONE_OP, RESOURCES, Attribution
 from mlsys_jax.profile.overhead import Corrected
 from mlsys_jax.profile.scopes import HOST_CATEGORIES
@@ -21,10 +23,53 @@ from mlsys_jax.profile.scopes import HOST_CATEGORIES
 COLUMNS = ("total", *HOST_CATEGORIES, "device", *RESOURCES)
 
 
+def _check_rows(name: str, rows: Any, columns: tuple) -> None:
+  if not isinstance(rows, (list, tuple)):
+    raise TypeError(f"{name} must be a list of row dicts from table_rows, got {type(rows).__name__}.")
+  for i, r in enumerate(rows):
+    if not isinstance(r, dict):
+      raise TypeError(f"{name}[{i}] must be a dict (a row of table_rows), got {type(r).__name__}.")
+    missing = [c for c in ("operation", *columns) if c not in r]
+    if missing:
+      raise ValueError(f"{name}[{i}] lacks column(s) {missing}; build the rows with table_rows(...), which "
+                       f"has {list(COLUMNS) + ['share']}.")
+
+
 def table_rows(a: Attribution | Corrected, by_phase: bool = False) -> list[dict]:
-  """Rows ``{'operation', column: seconds, 'share': fraction of the total}``, largest first."""
+  """One row per operation of an attributed run, in seconds: RL-Scope's per-operation breakdown
+  (Gleeson et al., MLSys 2021, Sec. 3.2 and Fig. 4-7) as data.
+
+  Each row is ``{'operation': name, c: seconds for c in COLUMNS, 'share': total / sum of totals}``:
+  ``COLUMNS`` are ``'total'``, the host categories (:data:`~mlsys_jax.profile.HOST_CATEGORIES`),
+  ``'device'`` and the resources (:data:`~mlsys_jax.profile.RESOURCES`). The phases of an operation
+  are summed unless ``by_phase`` (then the name is ``'phase/operation'``). Rows are sorted by total,
+  largest first, with time outside every operation (``'(none)'``) last. Shares sum to 1 (all 0 when
+  the total is 0).
+
+  Args:
+    a: an :class:`~mlsys_jax.profile.Attribution` (:func:`~mlsys_jax.profile.attribute`) or a
+      :class:`~mlsys_jax.profile.Corrected` (:func:`~mlsys_jax.profile.correct`); tables in ns.
+    by_phase: one row per (phase, operation) instead of per operation.
+
+  Returns:
+    ``list[dict]``.
+
+  Raises:
+    TypeError: ``a`` has no per-(phase, operation) ``table``.
+
+  Example:
+    >>> from mlsys_jax.profile import Attribution
+    >>> a = Attribution({("train", "sim"): {"total": 3e9, "simulator": 3e9},
+    ...                  ("train", "nn"): {"total": 1e9, "python": 1e9}}, {}, 4_000_000_000, False, "")
+    >>> [(r["operation"], r["total"], r["share"]) for r in table_rows(a)]
+    [('sim', 3.0, 0.75), ('nn', 1.0, 0.25)]
+  """
+  table = getattr(a, "table", None)
+  if not isinstance(table, dict) or not all(isinstance(k, tuple) and len(k) == 2 for k in table):
+    raise TypeError(f"a must be an Attribution (profile.attribute) or Corrected (profile.correct) with a "
+                    f"table keyed by (phase, operation), got {type(a).__name__}.")
   merged: dict = {}
-  for (ph, op), row in a.table.items():
+  for (ph, op), row in table.items():
     key = f"{ph}/{op}" if by_phase else op
     acc = merged.setdefault(key, {c: 0.0 for c in COLUMNS})
     for c in COLUMNS:
@@ -35,7 +80,27 @@ def table_rows(a: Attribution | Corrected, by_phase: bool = False) -> list[dict]
 
 
 def format_table(rows: list[dict], columns: tuple = ("total", "share", *HOST_CATEGORIES, "device")) -> str:
-  """A fixed-width text table of :func:`table_rows` (milliseconds; share in %)."""
+  """A fixed-width text table of :func:`table_rows`: a header line, then one line per row; the
+  operation name left-aligned in 22 characters, each column right-aligned in 11, in milliseconds with
+  2 decimals (``'share'`` in percent with 1 decimal).
+
+  Args:
+    rows: rows of :func:`table_rows` (or any dicts with ``'operation'`` and the ``columns``).
+    columns: the columns to show, in order.
+
+  Returns:
+    The table as one string (lines joined by ``\\n``, no trailing newline).
+
+  Raises:
+    TypeError/ValueError: ``rows`` is not a list of dicts holding ``'operation'`` and every column.
+
+  Example:
+    >>> print(format_table([{"operation": "sim", "total": 0.0125, "share": 0.5}], ("total", "share")))
+    operation                   total      share
+    sim                         12.50      50.0%
+  """
+  columns = tuple(columns)
+  _check_rows("rows", rows, columns)
   head = f"{'operation':<22}" + "".join(f"{c:>11}" for c in columns)
   lines = [head]
   for r in rows:
@@ -49,8 +114,32 @@ _COLORS = {"python": "#4c72b0", "simulator": "#55a868", "dispatch": "#c44e52", "
 
 
 def plot_stacked(groups: dict[str, list[dict]], path: str, title: str = "") -> None:
-  """Stacked horizontal bars, one per (group, operation), stacked by host category (ms). ``groups``
-  maps a workload name to its :func:`table_rows`. Needs matplotlib."""
+  """Stacked horizontal bars (RL-Scope, Gleeson et al., MLSys 2021, Fig. 4-7 style): one bar per
+  (group, operation), its segments the host categories in milliseconds; ``'(none)'`` rows are left out.
+  Writes a PNG (or any format matplotlib infers from ``path``). Needs matplotlib.
+
+  Args:
+    groups: ``{workload name: table_rows(...)}``, drawn in that order.
+    path: output file; its directory must exist.
+    title: figure title.
+
+  Raises:
+    TypeError/ValueError: ``groups`` is not a dict of row lists with every host category, there is no
+    operation to draw, or ``path``'s directory does not exist. ImportError: matplotlib is missing.
+
+  Example (writes a file; see tests/test_public_api_core.py).
+  """
+  import os
+  if not isinstance(groups, dict):
+    raise TypeError(f"groups must map a workload name to its table_rows, got {type(groups).__name__}.")
+  for g, rs in groups.items():
+    _check_rows(f"groups[{g!r}]", rs, HOST_CATEGORIES)
+  if not any(not r["operation"].endswith(NONE_OP) for rs in groups.values() for r in rs):
+    raise ValueError("groups holds no operation to draw (only '(none)' rows or none at all); annotate the "
+                     "workload with profile.operation(...).")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise ValueError(f"path {path!r}: directory {folder} does not exist; create it first.")
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -79,5 +168,39 @@ def plot_stacked(groups: dict[str, list[dict]], path: str, title: str = "") -> N
 
 
 def to_jsonable(rows: list[dict]) -> list[dict[str, Any]]:
-  """Rows with plain floats (seconds), for JSON."""
-  return [{k: (float(v) if k != "operation" else v) for k, v in r.items()} for r in rows]
+  """Rows of :func:`table_rows` with every value a plain Python ``float`` (numpy scalars and 0-d
+  arrays converted) except ``'operation'`` (kept), ready for ``json.dump``. New dicts; the input is not
+  modified.
+
+  Args:
+    rows: rows of :func:`table_rows`.
+
+  Returns:
+    ``list[dict]``.
+
+  Raises:
+    TypeError/ValueError: a row is not a dict, lacks ``'operation'``, or holds a value that is not a
+    real number.
+
+  Example:
+    >>> to_jsonable([{"operation": "sim", "total": np.float32(0.5)}])
+    [{'operation': 'sim', 'total': 0.5}]
+  """
+  _check_rows("rows", rows, ())
+  out = []
+  for i, r in enumerate(rows):
+    row = {}
+    for k, v in r.items():
+      if k == "operation":
+        row[k] = v
+        continue
+      if isinstance(v, (bool, str)) or np.ndim(v) != 0:
+        raise ValueError(f"rows[{i}][{k!r}] = {v!r} is not a real number; to_jsonable converts table_rows' "
+                         "numeric columns only.")
+      try:
+        row[k] = float(v)
+      except (TypeError, ValueError):
+        raise ValueError(f"rows[{i}][{k!r}] = {v!r} is not a real number; to_jsonable converts table_rows' "
+                         "numeric columns only.") from None
+    out.append(row)
+  return out

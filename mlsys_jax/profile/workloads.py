@@ -103,13 +103,83 @@ class PendulumNP:
 
 
 # ---- environments: JAX (pure, jitted; state is an array, t carried in it) ----------------------------
+def _check_key(key: Any) -> None:
+  ok = isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 0
+                                       or key.dtype == jnp.uint32 and key.shape == (2,))
+  if not ok:
+    raise TypeError(f"key must be one PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got "
+                    f"{type(key).__name__} {getattr(key, 'dtype', '')}{list(np.shape(key))}; "
+                    "use jax.vmap over a batch of keys.")
+
+
+def _check_step_args(env: str, s: Any, a: Any, state_dim: int, n_actions: int) -> None:
+  """Static checks (shapes, dtypes: also under jit) and, for a concrete action, its range."""
+  if np.shape(s) != (state_dim,) or not jnp.issubdtype(jnp.result_type(s), jnp.floating):
+    raise ValueError(f"{env}_step: s must be a float state of shape ({state_dim},) from {env}_reset (the last "
+                     f"entry is the step count t), got {jnp.result_type(s)}{list(np.shape(s))}; use jax.vmap "
+                     "for a batch of states.")
+  if np.ndim(a) != 0 or not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+    raise TypeError(f"{env}_step: a must be one integer action in [0, {n_actions}), got "
+                    f"{jnp.result_type(a)}{list(np.shape(a))}; cast it, e.g. jnp.int32(a).")
+  if not isinstance(a, jax.core.Tracer) and not 0 <= int(a) < n_actions:
+    raise ValueError(f"{env}_step: action a must lie in [0, {n_actions}), got {int(a)}.")
+
+
 def cartpole_reset(key: jax.Array) -> jax.Array:
-  """JAX CartPole state ``[x, x_dot, theta, theta_dot, t]``."""
+  """Initial JAX CartPole state ``[x, x_dot, theta, theta_dot, t]``: the four physical variables drawn
+  uniformly from [-0.05, 0.05] (Gym's classic-control CartPole, after Barto, Sutton & Anderson, IEEE
+  SMC 1983) and the step count ``t = 0``.
+
+  Args:
+    key: one PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
+
+  Returns:
+    float32 [5].
+
+  Raises:
+    TypeError: ``key`` is not a single PRNG key.
+
+  Example:
+    >>> s = jax.jit(cartpole_reset)(jax.random.PRNGKey(0))
+    >>> s.shape, float(s[4]), bool(jnp.all(jnp.abs(s[:4]) <= 0.05))
+    ((5,), 0.0, True)
+  """
+  _check_key(key)
   return jnp.concatenate([jax.random.uniform(key, (4,), minval=-0.05, maxval=0.05), jnp.zeros(1)])
 
 
 def cartpole_step(s: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """One CartPole step (same equations as :class:`CartPoleNP`): ``(state, obs, reward, done)``."""
+  """One CartPole step, the equations of :class:`CartPoleNP` (Gym's classic control; Barto, Sutton &
+  Anderson 1983; Florian 2007 for the pole dynamics), pure and jit-able.
+
+  With force ``F = +10 N`` for ``a == 1`` else ``-10 N``, cart mass 1 kg, pole mass 0.1 kg, pole
+  half-length ``l = 0.5`` m, ``g = 9.8``::
+
+      temp = (F + m_p l thd^2 sin th) / (m_c + m_p)
+      thacc = (g sin th - cos th temp) / (l (4/3 - m_p cos^2 th / (m_c + m_p)))
+      xacc = temp - m_p l thacc cos th / (m_c + m_p)
+
+  then one explicit Euler step of ``tau = 0.02`` s (positions with the old velocities). The episode is
+  done when ``|x| > 2.4``, ``|theta| > 12 deg`` or ``t >= 200``.
+
+  Args:
+    s: float [5] state ``[x, x_dot, theta, theta_dot, t]`` (:func:`cartpole_reset`).
+    a: integer scalar action, 0 (push left) or 1 (push right). Checked when concrete; under ``jit``
+      any value other than 1 pushes left.
+
+  Returns:
+    ``(new state [5], observation [4] = new state[:4], reward 1.0, done bool)``.
+
+  Raises:
+    ValueError: ``s`` not a float [5] array, or a concrete ``a`` outside {0, 1}. TypeError: ``a``
+    not an integer scalar.
+
+  Example:
+    >>> ns, obs, r, done = jax.jit(cartpole_step)(jnp.zeros(5), 1)   # 88/451 m/s, -12/41 rad/s
+    >>> [round(float(v), 5) for v in ns]
+    [0.0, 0.19512, 0.0, -0.29268, 1.0]
+  """
+  _check_step_args("cartpole", s, a, 5, 2)
   x, xd, th, thd, t = s[0], s[1], s[2], s[3], s[4]
   force = jnp.where(a == 1, _FMAG, -_FMAG)
   ct, st = jnp.cos(th), jnp.sin(th)
@@ -123,14 +193,56 @@ def cartpole_step(s: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array, jax
 
 
 def pendulum_reset(key: jax.Array) -> jax.Array:
-  """JAX Pendulum state ``[theta, theta_dot, t]``."""
+  """Initial JAX Pendulum state ``[theta, theta_dot, t]``: ``theta`` uniform in [-pi, pi],
+  ``theta_dot`` uniform in [-1, 1] (Gym's classic-control Pendulum-v1), step count ``t = 0``.
+
+  Args:
+    key: one PRNG key.
+
+  Returns:
+    float32 [3].
+
+  Raises:
+    TypeError: ``key`` is not a single PRNG key.
+
+  Example:
+    >>> s = jax.jit(pendulum_reset)(jax.random.PRNGKey(0))
+    >>> s.shape, float(s[2])
+    ((3,), 0.0)
+  """
+  _check_key(key)
   k1, k2 = jax.random.split(key)
   return jnp.stack([jax.random.uniform(k1, minval=-math.pi, maxval=math.pi),
                     jax.random.uniform(k2, minval=-1.0, maxval=1.0), jnp.float32(0.0)])
 
 
 def pendulum_step(s: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """One Pendulum step (same equations as :class:`PendulumNP`)."""
+  """One Pendulum step, the equations of :class:`PendulumNP` (Gym's classic-control Pendulum-v1: unit
+  mass and length, ``g = 10``, ``dt = 0.05``), pure and jit-able.
+
+  With torque ``u = PENDULUM_TORQUES[a]`` (-2, 0 or 2) and ``angle_normalize(th)`` in [-pi, pi)::
+
+      cost = angle_normalize(th)^2 + 0.1 thd^2 + 0.001 u^2        (of the state before the step)
+      thd' = clip(thd + (3 g / 2 sin th + 3 u) dt, -8, 8),  th' = th + thd' dt
+
+  Args:
+    s: float [3] state ``[theta, theta_dot, t]`` (:func:`pendulum_reset`).
+    a: integer scalar action index into :data:`PENDULUM_TORQUES`. Checked when concrete; under ``jit``
+      an index outside [0, 3) is clamped (JAX's indexing).
+
+  Returns:
+    ``(new state [3], observation [cos th', sin th', thd'], reward -cost, done = t' >= 200)``.
+
+  Raises:
+    ValueError: ``s`` not a float [3] array, or a concrete ``a`` outside [0, 3). TypeError: ``a`` not
+    an integer scalar.
+
+  Example:
+    >>> ns, obs, r, done = jax.jit(pendulum_step)(jnp.zeros(3), 2)   # u = 2: thd' = 3 u dt
+    >>> [round(float(v), 4) for v in ns], round(float(r), 6)
+    ([0.015, 0.3, 1.0], -0.004)
+  """
+  _check_step_args("pendulum", s, a, 3, len(PENDULUM_TORQUES))
   th, thd, t = s[0], s[1], s[2]
   u = jnp.asarray(PENDULUM_TORQUES)[a]
   th_n = ((th + math.pi) % (2 * math.pi)) - math.pi
