@@ -89,12 +89,29 @@ def prob_outperform(a: Sequence[float], b: Sequence[float], paired: bool = True,
 
 def bootstrap_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, level: float = 0.95,
                  seed: int = 0, paired: bool = True, lower_is_better: bool = False) -> tuple[float, float]:
-  """Percentile-bootstrap confidence interval of :func:`prob_outperform`.
+  """Percentile-bootstrap confidence interval of :func:`prob_outperform` (Bouthillier et al., MLSys
+  2021, Sec. 4; Efron & Tibshirani 1993, Ch. 13).
 
-  Paired trials are resampled as pairs; unpaired trials are resampled independently per method.
+  ``n_boot`` resamples of the trials are drawn with replacement (``numpy.random.default_rng(seed)``);
+  P(A > B) is recomputed on each (ties count 1/2) and the interval is the ``(1 - level)/2`` and
+  ``(1 + level)/2`` quantiles of those values (``numpy.quantile``, linear interpolation). Paired trials
+  are resampled as pairs; unpaired trials are resampled independently per method and scored by the
+  Mann-Whitney estimate over all pairs.
+
+  Args:
+    a, b: per-trial results (finite, non-empty 1-D; equal lengths when ``paired``).
+    n_boot: number of resamples (>= 100).
+    level: confidence level in (0, 1).
+    seed: seed of the resampling (integer >= 0); the same seed gives the same interval.
+    paired: trials ``a[i]``, ``b[i]`` share their sources of variation.
+    lower_is_better: "A outperforms B" means ``a < b`` (errors, latencies).
 
   Returns:
-    ``(low, high)``: the ``(1 - level)/2`` and ``(1 + level)/2`` quantiles over ``n_boot`` resamples.
+    ``(low, high)`` with ``0 <= low <= high <= 1``.
+
+  Raises:
+    ValueError/TypeError: bad ``n_boot``, ``level`` or ``seed``; empty, non-finite or (paired) unequal
+    trials.
 
   Example:
     >>> bootstrap_ci([0.91, 0.93, 0.90, 0.92], [0.90, 0.92, 0.90, 0.90])
@@ -102,6 +119,7 @@ def bootstrap_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, 
   """
   check_int("n_boot", n_boot, 100)
   check_range("level", level, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  check_int("seed", seed, 0)
   rng = np.random.default_rng(seed)
   sign = -1.0 if lower_is_better else 1.0
   if paired:
