@@ -435,6 +435,30 @@ def test_out_of_distribution_flags_unseen_kinds_and_features_outside_margin(net,
     V.out_of_distribution(model._replace(feat_lo=np.zeros(3)), info)
 
 
+def test_collect_states_keeps_merged_and_grouped_states_apart(net):
+  # Regression (session 21): merging unit 1 into unit 0's stage and chaining it after unit 0 in the same
+  # group give states with the same unit positions (stage 0, group 0) but different schedules and costs;
+  # targets were keyed by the positions alone, so both got the cheaper one's target and one of them was
+  # dropped from the training data.
+  def policy(how):
+    return lambda state, u, acts: next((a for a in acts if a[0] == how), acts[0]) if u == 1 else acts[0]
+
+  cost = lambda g, st: 1.0 if st.kind == "merge" else float(len(st.units))
+  info = V.graph_info(net)
+  data, best = V.collect_states([info], cost, 2, policies=[policy("merge"), policy("group")])
+  (_, merged), (_, grouped) = (V.rollout(info, policy(h), 3, 8) for h in ("merge", "group"))
+  assert [st.kind for st in V.to_stages(merged)][0] == "merge" and V.to_stages(grouped)[0].groups == ((0, 1),)
+  c_merge, c_group = (V.schedule_cost(net, V.to_stages(f), cost) for f in (merged, grouped))
+  assert (c_merge, c_group) == (3.0, 4.0)
+  # 2 shared prefix states (empty, unit 0 placed) + 3 of each rollout, each with its own best completion.
+  assert len(data.target) == 8
+  np.testing.assert_allclose(sorted(data.target), np.log([3.0] * 5 + [4.0] * 3))
+  merge_flag = V.NUM_STATIC + 1
+  for f, t in zip(data.feats, data.target):
+    if f[:, merge_flag].any():  # a state holding the merge stage
+      assert t == math.log(3.0)
+
+
 def test_stage_features_match_hand_built_rows(net):
   g = net
   static = V.static_features(g)

@@ -359,7 +359,8 @@ def predict(model: ValueModel, kind_ids: np.ndarray, x: np.ndarray, lengths: np.
 
 class StateData(NamedTuple):
   """Training states: features ([n, NUM_FEATURES] each), kind strings, targets (log seconds of the best
-  rollout through the state) and ``keys`` = (graph index, state key) to refresh targets later."""
+  rollout through the state) and ``keys`` = (graph index, state key = ``State.stages``) to refresh
+  targets later."""
   feats: list
   kinds: list
   target: np.ndarray
@@ -425,6 +426,13 @@ def random_policy(rng: np.random.Generator, p_new: float = 0.3) -> Callable:
   return pol
 
 
+def _state_key(st: State) -> tuple:
+  """What identifies a partial schedule: its stages (kind, groups, part). ``State.where`` (unit ->
+  stage, group) alone does not: a merge of units 0 and 1 and a chain of 1 after 0 place both units in
+  stage 0, group 0."""
+  return st.stages
+
+
 def collect_states(infos: Sequence[GraphInfo], cost: Callable, n_rollouts: int, seed: int = 0,
                    policies: Sequence[Callable] | None = None, r: int = 3, s: int = 8,
                    extra: dict | None = None, demos: Sequence[Sequence] | None = None
@@ -433,7 +441,8 @@ def collect_states(infos: Sequence[GraphInfo], cost: Callable, n_rollouts: int, 
   with ``cost(g, stage)`` and return the prefix states with the best total cost through each (log
   seconds). ``demos[i]`` lists schedules (Stage lists, e.g. the DP's) of graph ``i`` that the first
   rollouts follow (:func:`demo_policy`). ``extra`` (returned, updated) keeps ``{graph index: {prefix key: best cost}}`` across calls
-  so later rounds improve earlier targets."""
+  so later rounds improve earlier targets; a prefix key is the state's ``stages`` (``State.where`` alone
+  would not tell a merge stage from a chain of the same units)."""
   check_int("n_rollouts", n_rollouts, low=1)
   rng = np.random.default_rng(seed)
   best = extra if extra is not None else {}
@@ -451,19 +460,20 @@ def collect_states(infos: Sequence[GraphInfo], cost: Callable, n_rollouts: int, 
       states, final = rollout(info, pol, r, s)
       c = schedule_cost(info.graph, to_stages(final), cost, memo)
       for st in states:
-        key = st.where
+        key = _state_key(st)
         table[key] = min(table.get(key, math.inf), c)
         visits.append((gi, st))
   feats, kinds, tgt, keys = [], [], [], []
   seen = set()
   for gi, st in visits:
-    if (gi, st.where) in seen:
+    key = _state_key(st)
+    if (gi, key) in seen:
       continue
-    seen.add((gi, st.where))
+    seen.add((gi, key))
     feats.append(state_features(infos[gi], st))
     kinds.append(infos[gi].kinds)
-    tgt.append(math.log(best[gi][st.where]))
-    keys.append((gi, st.where))
+    tgt.append(math.log(best[gi][key]))
+    keys.append((gi, key))
   return StateData(feats, kinds, np.asarray(tgt, np.float64), keys), best
 
 
