@@ -338,8 +338,37 @@ def optimal_plan(specs: Sequence[TableSpec], budget: float, *, max_group: int = 
 
 
 def frontier(specs: Sequence[TableSpec], planner: str, budgets: Sequence[float], **kw) -> list[dict]:
-  """Lookups and storage of ``planner`` ('authors', 'greedy', 'optimal') at each budget."""
+  """Lookups and storage of one planner's plan at each storage budget (a lookups/storage trade-off curve).
+
+  MicroRec (Jiang et al., MLSys 2021, Sec. 3.2) trades storage for fewer lookups; this sweeps that
+  trade-off: for every ``b`` in ``budgets`` it runs ``planner`` with ``budget=b`` (extra storage as a
+  fraction of the separate tables' elements) and reports the plan with :func:`plan_report`. Every
+  planner here saves at least as many lookups at a larger budget, so the curve is monotone.
+
+  Args:
+    specs: the tables (:class:`TableSpec` or ``(rows, dim)`` pairs).
+    planner: ``'authors'`` (:func:`authors_plan`), ``'greedy'`` (:func:`greedy_plan`) or ``'optimal'``
+      (:func:`optimal_plan`).
+    budgets: a non-empty sequence of finite budgets ``>= 0``, in the order to report them.
+    **kw: passed to the planner (e.g. ``max_group=2``; ``num_pairs`` for ``'authors'``).
+
+  Returns:
+    One dict per budget: ``{'budget': float(b), **plan_report(...)._asdict()}`` (keys ``lookups``,
+    ``tables``, ``base_elements``, ``elements``, ``overhead``, ``authors_overhead``).
+
+  Example:
+    >>> specs = (TableSpec(3, 2), TableSpec(4, 2), TableSpec(50, 2))
+    >>> [(r["budget"], r["lookups"], r["elements"]) for r in frontier(specs, "greedy", [0.0, 0.3])]
+    [(0.0, 3, 114), (0.3, 2, 148)]
+  """
   check_choice("planner", planner, ("authors", "greedy", "optimal"))
+  specs = _check_specs(specs)
+  if isinstance(budgets, (str, bytes)) or not hasattr(budgets, "__len__") or len(budgets) == 0:
+    raise ValueError(f"budgets must be a non-empty sequence of storage budgets (fractions >= 0), got "
+                     f"{budgets!r}; e.g. frontier(specs, planner, [0.0, 0.1, 0.5]).")
+  budgets = list(budgets)
+  for i, b in enumerate(budgets):
+    check_range(f"budgets[{i}]", b, 0.0)
   fn = {"authors": authors_plan, "greedy": greedy_plan, "optimal": optimal_plan}[planner]
   out = []
   for b in budgets:

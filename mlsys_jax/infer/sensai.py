@@ -490,12 +490,47 @@ def balanced_kmeans(points: np.ndarray, num_groups: int, *, seed: int = 42, n_in
 
 def penultimate_features(model: nn.Module, variables: dict, x: np.ndarray,
                          batch_size: int = 512) -> np.ndarray:
-  """The input of the logits layer (after its ReLU / global pooling) for every example of ``x``."""
+  """The input of the logits layer (after its ReLU / global pooling) for every example of ``x``.
+
+  sensAI (Wang et al., MLSys 2021, Sec. 3.1) groups classes by the per-class means of these features
+  (:func:`group_classes`). The logits are ``features @ W + b`` of the logits layer, exactly.
+
+  Args:
+    model: a supported model (see the module docstring): for :class:`mlsys_jax.models.MLP` and ``CNN``
+      the ReLU output of the last hidden ``Dense``; for ResNet-20 (and :class:`SlimResNet20`) the global
+      average pool of the last block's output.
+    variables: its flax variables (checked against the model's layer layout).
+    x: ``(n, *input_shape)`` inputs, ``n >= 1``, finite.
+    batch_size: examples per forward pass (``>= 1``); the result does not depend on it.
+
+  Returns:
+    ``(n, d)`` numpy array, ``d`` the logits layer's input width.
+
+  Raises:
+    TypeError / ValueError: an unsupported model, variables that do not match it, an empty or non-finite
+      ``x``, ``batch_size < 1``, or non-finite features (the variables hold NaN/inf or overflow).
+
+  Example:
+    >>> from mlsys_jax import models
+    >>> model = models.MLP(features=(3,), num_classes=2)
+    >>> x = np.ones((4, 2), np.float32)
+    >>> shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)     # weights all 0.5:
+    >>> variables = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, np.float32), shapes)
+    >>> penultimate_features(model, variables, x, batch_size=3).tolist()  # relu(2 * 0.5 + 0.5)
+    [[1.5, 1.5, 1.5], [1.5, 1.5, 1.5], [1.5, 1.5, 1.5], [1.5, 1.5, 1.5]]
+  """
   plan = _plan(model)
+  _check_structure(model, _plain(variables), plan)
   check_int("batch_size", batch_size, 1)
+  if np.ndim(x) < 1 or len(x) == 0:
+    raise ValueError(f"x must hold at least one example (shape (n, *input_shape), n >= 1), got shape "
+                     f"{np.shape(x)}.")
+  check_finite("x", x)
   fn = _captured_fn(model)
-  return np.concatenate([np.asarray(plan.penultimate(fn(variables, jnp.asarray(x[i:i + batch_size]))))
-                         for i in range(0, len(x), batch_size)])
+  out = np.concatenate([np.asarray(plan.penultimate(fn(variables, jnp.asarray(x[i:i + batch_size]))))
+                        for i in range(0, len(x), batch_size)])
+  check_finite("penultimate features (check the variables)", out)
+  return out
 
 
 def group_classes(features: np.ndarray, labels: np.ndarray, num_groups: int, *, seed: int = 42,

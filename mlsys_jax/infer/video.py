@@ -995,23 +995,77 @@ def dense_model(layers: Sequence[ConvLayer]) -> Callable:
 
 
 def relu_cnn(channels: Sequence[int], kernel_size: int = 3) -> Any:
-  """A ``flax.linen.Sequential`` of SAME ``kernel_size`` convolutions, each followed by ``nn.relu``."""
+  """A ``flax.linen.Sequential`` of SAME ``kernel_size`` convolutions, each followed by ``nn.relu``.
+
+  The network class the range-bound convolution covers (Wakatsuki et al., MLSys 2021: stride-1 conv +
+  bias + ReLU layers); :func:`range_bound_model` / :func:`layers_from_flax` read it directly. Layer
+  ``i`` is ``nn.Conv(channels[i], (kernel_size, kernel_size), padding='SAME')`` with a bias, then ReLU
+  (also after the last conv). The input channel count is set by ``init``.
+
+  Args:
+    channels: output channels per conv layer, a non-empty sequence of integers ``>= 1``.
+    kernel_size: odd spatial size ``>= 1`` (SAME padding with an even kernel is asymmetric, which the
+      bound does not cover).
+
+  Example:
+    >>> net = relu_cnn([4, 2])
+    >>> [getattr(m, "features", getattr(m, "__name__", None)) for m in net.layers]
+    [4, 'relu', 2, 'relu']
+  """
   import flax.linen as nn
-  if not channels:
-    raise ValueError("channels must name at least one conv layer.")
+  if isinstance(channels, (str, bytes)) or not hasattr(channels, "__len__"):
+    raise TypeError(f"channels must be a sequence of output channel counts, one per conv layer, got "
+                    f"{type(channels).__name__} ({channels!r}); e.g. relu_cnn([16, 32]).")
+  if len(channels) == 0:
+    raise ValueError("channels must name at least one conv layer, e.g. relu_cnn([16, 32]).")
+  check_int("kernel_size", kernel_size, 1)
+  if kernel_size % 2 == 0:
+    raise ValueError(f"kernel_size must be odd (SAME padding with an even kernel is asymmetric, which "
+                     f"range_bound_model refuses), got {kernel_size}; use {kernel_size + 1}.")
   mods: list = []
-  for c in channels:
-    check_int("channels[i]", c, 1)
-    mods += [nn.Conv(c, (kernel_size, kernel_size)), nn.relu]
+  for i, c in enumerate(channels):
+    check_int(f"channels[{i}]", c, 1)
+    mods += [nn.Conv(int(c), (kernel_size, kernel_size), padding="SAME"), nn.relu]
   return nn.Sequential(mods)
 
 
 def highpass_variables(variables: Any, bias: float = -0.05) -> Any:
-  """A stand-in for trained detector layers: every kernel made zero-mean over its spatial taps (an
-  edge/blob filter) and every bias set to ``bias`` (< 0), so flat regions give exactly-zero ReLU
-  outputs and only structure (objects, edges) activates. Random-init CNNs have no such spatial
-  sparsity; use this to model the activation sparsity of trained networks (stated wherever used)."""
-  check_range("bias", bias)
+  """Conv variables made zero-mean over each kernel's spatial taps, with every bias set to ``bias < 0``.
+
+  A stand-in for trained detector layers when measuring the range-bound convolution (Wakatsuki et al.,
+  MLSys 2021, whose speed-up depends on activation sparsity): for every ``kernel`` leaf ``w`` (HWIO,
+  rank 4), ``w[:, :, c, o] - mean(w[:, :, c, o])`` (an edge/blob filter: its taps sum to 0), and every
+  ``bias`` leaf filled with ``bias``. A constant input region then gives pre-activation ``bias`` (up to
+  rounding) and an exactly-zero ReLU output, so only structure (objects, edges) activates. Random-init
+  CNNs have no such spatial sparsity; state wherever this is used that it models trained networks.
+  Other leaves are returned unchanged; the input is not modified.
+
+  Args:
+    variables: flax variables (a pytree) of a conv network such as :func:`relu_cnn`; it must hold at
+      least one ``kernel`` leaf, every ``kernel`` rank 4 (a conv, not a dense layer), all finite.
+    bias: the value of every bias, finite and ``< 0``.
+
+  Example:
+    >>> k = jnp.arange(9.0).reshape(3, 3, 1, 1)                   # taps 0..8, mean 4
+    >>> v = highpass_variables({"params": {"layers_0": {"kernel": k, "bias": jnp.zeros(1)}}}, -0.1)
+    >>> v["params"]["layers_0"]["kernel"][:, :, 0, 0].tolist()     # taps sum to 0
+    [[-4.0, -3.0, -2.0], [-1.0, 0.0, 1.0], [2.0, 3.0, 4.0]]
+    >>> bool(v["params"]["layers_0"]["bias"][0] == np.float32(-0.1))
+    True
+  """
+  check_range("bias", bias, None, 0.0, high_inclusive=False)
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  kernels = [(jax.tree_util.keystr(p), a) for p, a in leaves
+             if jax.tree_util.keystr(p).endswith("['kernel']")]
+  if not kernels:
+    raise ValueError("variables hold no 'kernel' leaf; pass the flax variables of a conv network, e.g. "
+                     "relu_cnn([8]).init(key, frame).")
+  for name, a in kernels:
+    if np.ndim(a) != 4:
+      raise ValueError(f"variables{name} has shape {np.shape(a)}; highpass_variables expects conv "
+                       "kernels (kh, kw, c_in, c_out) only. Apply it to the conv layers' variables.")
+  check_finite("variables", variables)
+
   def fix(path, a):
     name = jax.tree_util.keystr(path)
     if name.endswith("['kernel']"):
