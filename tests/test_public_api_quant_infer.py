@@ -9,6 +9,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -16,6 +17,9 @@ from mlsys_jax import models
 from mlsys_jax.infer import microrec as mr
 from mlsys_jax.infer import sensai
 from mlsys_jax.infer import video
+from mlsys_jax.quant import fixed_point as fxp
+from mlsys_jax.quant import fp_align
+from mlsys_jax.quant.binary import packed, quantizers, quicknet
 
 
 def _np_conv_same(x: np.ndarray, w: np.ndarray, stride: int = 1) -> np.ndarray:
@@ -240,3 +244,337 @@ def test_highpass_variables_bad_input():
   bad = jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(jnp.inf), v)
   with pytest.raises(ValueError, match="NaN/inf"):
     video.highpass_variables(bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# quant.fixed_point.compute_scale and straight_through
+
+
+def _scale_ref(lo, hi, bits, symmetric, unsigned):
+  lo, hi = min(lo, 0.0), max(hi, 0.0)
+  half = 2 ** (bits - 1)
+  if symmetric:
+    q = half - 1
+    amax = max(-lo, hi)
+    return (amax / q if amax > 0 else 1.0), (half if unsigned else 0)
+  qmin, qmax = (0, 2 * half - 1) if unsigned else (-half, half - 1)
+  s = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+  return s, min(max(round(qmin - lo / s), qmin), qmax)
+
+
+@pytest.mark.parametrize("symmetric,unsigned", [(True, False), (True, True), (False, True), (False, False)])
+def test_compute_scale_matches_float64_formulas(symmetric, unsigned):
+  # (no range puts qmin - lo / s on a rounding tie, where float32 and float64 may round apart)
+  cases = [(-1.0, 3.0), (-2.0, 0.5), (0.25, 2.0), (-3.0, -1.0), (0.0, 0.0), (-0.1, 0.3)]
+  for bits in (2, 4, 8, 12):
+    lo = np.array([c[0] for c in cases], np.float32)
+    hi = np.array([c[1] for c in cases], np.float32)
+    scale, zp = fxp.compute_scale(lo, hi, bits, symmetric, unsigned)
+    assert scale.dtype == jnp.float32 and scale.shape == zp.shape == (len(cases),)
+    for i, (l, h) in enumerate(cases):
+      s, z = _scale_ref(float(lo[i]), float(hi[i]), bits, symmetric, unsigned)
+      assert float(scale[i]) == pytest.approx(s, rel=1e-6), (bits, l, h)
+      assert float(zp[i]) == z, (bits, l, h)
+    qmin, qmax = fxp.qrange(bits, symmetric, unsigned)
+    # real 0 has an exact code and the (widened) range ends map to the extreme codes
+    assert np.all((np.asarray(zp) >= qmin) & (np.asarray(zp) <= qmax))
+    lo_w, hi_w = np.minimum(lo, 0), np.maximum(hi, 0)
+    wide = hi_w > lo_w
+    top = np.round(hi_w / np.asarray(scale)) + np.asarray(zp)
+    if symmetric:
+      amax = np.maximum(-lo_w, hi_w)
+      np.testing.assert_array_equal(np.round(amax / np.asarray(scale))[wide], qmax - (qmin + qmax) // 2)
+    else:
+      bottom = np.round(lo_w / np.asarray(scale)) + np.asarray(zp)
+      assert np.all(np.abs(bottom[wide] - qmin) <= 1) and np.all(np.abs(top[wide] - qmax) <= 1)
+  # per-channel ranges broadcast: (2, 1) against (1, 3)
+  s2, _ = fxp.compute_scale(np.array([[-1.0], [-2.0]]), np.array([[1.0, 2.0, 4.0]]), 8, symmetric, unsigned)
+  assert s2.shape == (2, 3)
+
+
+def test_compute_scale_bad_input():
+  with pytest.raises(ValueError, match="bits"):
+    fxp.compute_scale(-1.0, 1.0, 1, True, False)
+  with pytest.raises(ValueError, match="bits"):
+    fxp.compute_scale(-1.0, 1.0, 17, True, False)
+  with pytest.raises(ValueError, match="lo must be <= hi"):
+    fxp.compute_scale(np.array([0.0, 2.0]), np.array([1.0, 1.0]), 8, False, True)
+  with pytest.raises(ValueError, match="hi holds 1 NaN/inf"):
+    fxp.compute_scale(-1.0, np.inf, 8, True, False)
+  with pytest.raises(ValueError, match="lo holds 1 NaN/inf"):
+    fxp.compute_scale(jnp.array([np.nan]), 1.0, 8, True, False)
+  with pytest.raises(ValueError, match="broadcast"):
+    fxp.compute_scale(np.zeros(2), np.ones(3), 8, True, False)
+  with pytest.raises(TypeError, match="symmetric must be a bool"):
+    fxp.compute_scale(-1.0, 1.0, 8, "yes", False)
+  with pytest.raises(TypeError, match="unsigned must be a bool"):
+    fxp.compute_scale(-1.0, 1.0, 8, True, None)
+  # traced ranges are not checked: a NaN end gives a NaN scale under jit (regression: it gave scale 1 for
+  # symmetric codes, so quantize(x, bounds=NaN) under jit silently returned [0, 0, 3] for x = [0.5, -0.2, 3])
+  s, _ = jax.jit(lambda l, h: fxp.compute_scale(l, h, 8, True, False))(jnp.float32(np.nan), jnp.float32(1.0))
+  assert np.isnan(float(s))
+  y = jax.jit(lambda v, b: fxp.dequantize(fxp.quantize(v, 8, bounds=b)))(jnp.array([0.5, -0.2, 3.0]),
+                                                                      jnp.float32(np.nan))
+  assert np.all(np.isnan(np.asarray(y)))
+  with pytest.raises(ValueError, match="hi holds 1 NaN/inf"):   # concrete: refused at call time
+    fxp.quantize(jnp.array([0.5, -0.2]), 8, symmetric=False, bounds=(-1.0, np.nan))
+
+
+def test_straight_through_forward_value_and_identity_gradient_inside_the_range():
+  x = jnp.array([[-1.5, -1.0, -0.3, 0.0], [0.4, 1.0, 1.0001, jnp.nan]])
+  xq = jnp.round(x * 4) / 4
+  lo, hi = jnp.float32(-1.0), jnp.float32(1.0)
+  np.testing.assert_array_equal(fxp.straight_through(x, xq, lo, hi), xq)
+  w = jnp.arange(1.0, 9.0).reshape(2, 4)                  # a non-uniform cotangent
+  g = jax.grad(lambda v: jnp.sum(w * fxp.straight_through(v, xq, lo, hi)))(x)
+  inside = np.array([[0, 1, 1, 1], [1, 1, 0, 0]], bool)    # bounds inclusive; NaN gets 0
+  np.testing.assert_array_equal(np.asarray(g), np.where(inside, np.asarray(w), 0.0))
+  # the Jacobian is the identity on the range, elementwise: jacfwd-free check through vjp of one-hots
+  _, vjp = jax.vjp(lambda v: fxp.straight_through(v, xq, lo, hi), x)
+  for idx in [(0, 2), (1, 1), (0, 0)]:
+    e = jnp.zeros_like(x).at[idx].set(1.0)
+    np.testing.assert_array_equal(np.asarray(vjp(e)[0]), np.asarray(e) * inside[idx])
+  # x_quant and the bounds get no gradient; per-channel bounds broadcast; same under jit
+  gq = jax.grad(lambda q: jnp.sum(fxp.straight_through(x, q, lo, hi)))(xq)
+  np.testing.assert_array_equal(gq, 0.0)
+  glo = jax.grad(lambda l: jnp.sum(fxp.straight_through(x, xq, l, hi)))(lo)
+  assert float(glo) == 0.0
+  lo_c, hi_c = jnp.array([[-2.0], [0.0]]), jnp.array([[0.0], [2.0]])
+  g2 = jax.jit(jax.grad(lambda v: jnp.sum(fxp.straight_through(v, xq, lo_c, hi_c))))(x)
+  np.testing.assert_array_equal(np.asarray(g2), [[1, 1, 1, 1], [1, 1, 1, 0]])
+
+
+def test_straight_through_bad_input():
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="x_quant must have the shape of x"):
+    fxp.straight_through(x, jnp.ones((3, 2)), -1.0, 1.0)
+  with pytest.raises(TypeError, match="x_quant must have the dtype of x"):
+    fxp.straight_through(x, jnp.ones((2, 3), jnp.bfloat16), -1.0, 1.0)
+  with pytest.raises(TypeError, match="x must be a floating-point array"):
+    fxp.straight_through(jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32), -1, 1)
+  with pytest.raises(ValueError, match=r"lo of shape \(3, 1\) does not broadcast"):
+    fxp.straight_through(x, x, jnp.zeros((3, 1)), 1.0)
+  with pytest.raises(ValueError, match=r"hi of shape \(2, 1, 1\) does not broadcast"):
+    fxp.straight_through(x, x, -1.0, jnp.zeros((2, 1, 1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# quant.binary: blur_kernel, fold_batchnorm, larq_sign
+
+
+def test_blur_kernel_values_normalisation_and_depthwise_action():
+  k = quicknet.blur_kernel(3)
+  assert k.shape == (3, 3, 1, 3) and k.dtype == np.float32
+  want = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16.0
+  for c in range(3):
+    np.testing.assert_array_equal(k[:, :, 0, c], want)
+  x = np.random.default_rng(4).normal(size=(1, 6, 6, 3)).astype(np.float32)
+  x[..., 1] = 2.5                                          # a constant channel is kept (taps sum to 1)
+  y = np.asarray(jax.lax.conv_general_dilated(x, k, (2, 2), "SAME", feature_group_count=3,
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  ref = np.concatenate([_np_conv_same(x[..., c:c + 1], want[:, :, None, None], 2) for c in range(3)], -1)
+  np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(y[0, :2, :2, 1], 2.5, rtol=1e-6)   # away from the padded bottom/right edge
+  with pytest.raises(ValueError, match="channels"):
+    quicknet.blur_kernel(0)
+  with pytest.raises(TypeError, match="channels must be an integer"):
+    quicknet.blur_kernel(2.0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_fold_batchnorm_equals_unfused_dense_and_conv_plus_batchnorm_in_float64(affine):
+  rng = np.random.default_rng(5)
+  c = 4
+  mean, var = rng.normal(size=c), rng.uniform(0.0, 2.0, c)
+  var[0] = 0.0                                             # a dead channel: eps keeps it finite
+  scale = rng.normal(size=c) if affine else None
+  bias = rng.normal(size=c) if affine else None
+  eps = 1e-3
+  mul, add = packed.fold_batchnorm(scale, bias, mean, var, eps)
+  assert mul.dtype == add.dtype == np.float32 and mul.shape == add.shape == (c,)
+
+  def bn(y):   # inference BatchNorm, float64
+    out = (y - mean) / np.sqrt(var + eps)
+    return out * scale + bias if affine else out
+
+  x = rng.normal(size=(3, 5))
+  w = rng.normal(size=(5, c))
+  y = x @ w
+  np.testing.assert_allclose(y * mul.astype(np.float64) + add, bn(y), rtol=2e-6, atol=2e-6 * np.abs(bn(y)).max())
+  xi = rng.normal(size=(1, 4, 4, 2))
+  wc = rng.normal(size=(3, 3, 2, c))
+  yc = _np_conv_same(xi, wc)
+  np.testing.assert_allclose(yc * mul + add, bn(yc), rtol=2e-6, atol=2e-6 * np.abs(bn(yc)).max())
+  # the same convention as flax's BatchNorm (epsilon inside the square root)
+  mod = nn.BatchNorm(use_running_average=True, epsilon=eps, use_scale=affine, use_bias=affine)
+  variables = {"batch_stats": {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}}
+  if affine:
+    variables["params"] = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+  yf = y.astype(np.float32)
+  np.testing.assert_allclose(np.asarray(mod.apply(variables, yf)), yf * mul + add, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_bad_input():
+  ones, zeros = np.ones(3), np.zeros(3)
+  with pytest.raises(ValueError, match=r"eps must lie in \[0.0, inf\]"):
+    packed.fold_batchnorm(None, None, zeros, ones, -1e-5)
+  with pytest.raises(ValueError, match="var must be >= 0"):
+    packed.fold_batchnorm(None, None, zeros, -ones, 1e-5)
+  with pytest.raises(ValueError, match="var \\+ eps > 0"):
+    packed.fold_batchnorm(None, None, zeros, zeros, 0.0)
+  with pytest.raises(ValueError, match="mean and var must have the same shape"):
+    packed.fold_batchnorm(None, None, np.zeros(2), ones, 1e-5)
+  with pytest.raises(ValueError, match=r"scale of shape \(2,\) does not broadcast"):
+    packed.fold_batchnorm(np.ones(2), None, zeros, ones, 1e-5)
+  with pytest.raises(ValueError, match="BatchNorm mean holds 1 NaN/inf"):
+    packed.fold_batchnorm(None, None, np.array([0.0, np.nan, 0.0]), ones, 1e-5)
+  with pytest.raises(ValueError, match="BatchNorm bias holds 1 NaN/inf"):
+    packed.fold_batchnorm(None, np.array([0.0, 0.0, np.inf]), zeros, ones, 1e-5)
+
+
+def test_larq_sign_convention_dtypes_and_gradient():
+  x = jnp.array([-3.0, -1e-30, -0.0, 0.0, 1e-30, 2.0, -jnp.inf, jnp.inf, jnp.nan])
+  got = np.asarray(quantizers.larq_sign(x))
+  np.testing.assert_array_equal(got[:-1], [-1, -1, 1, 1, 1, 1, -1, 1])   # never 0; sign(+-0) = +1
+  assert np.isnan(got[-1])                                              # NaN stays NaN
+  for dt in (jnp.float16, jnp.bfloat16, jnp.float32):
+    y = quantizers.larq_sign(jnp.array([-0.5, 0.0, 0.5], dt))
+    assert y.dtype == dt and np.asarray(y, np.float32).tolist() == [-1.0, 1.0, 1.0]
+  np.testing.assert_array_equal(jax.jit(quantizers.larq_sign)(x)[:-1], got[:-1])
+  # the forward function alone has gradient 0 (documented); the STE quantizer built on it has the
+  # clipped straight-through gradient 1{|x| <= clip}
+  v = jnp.array([-1.5, -1.0, -0.2, 0.0, 0.7, 1.0, 1.2])
+  np.testing.assert_array_equal(jax.grad(lambda t: quantizers.larq_sign(t).sum())(v), 0.0)
+  np.testing.assert_array_equal(quantizers.ste_sign(v), quantizers.larq_sign(v))
+  np.testing.assert_array_equal(jax.grad(lambda t: quantizers.ste_sign(t).sum())(v), [0, 1, 1, 1, 1, 1, 0])
+  with pytest.raises(TypeError, match="floating-point"):
+    quantizers.larq_sign(jnp.array([0, -2, 3]))
+  with pytest.raises(TypeError, match="floating-point"):
+    quantizers.larq_sign(jnp.array([True, False]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# quant.fp_align.bfp_dot_general and bfp_conv_general_dilated
+
+
+_FMT_NP = {"fp16": (np.float16, 10, -14), "bf16": (ml_dtypes.bfloat16, 7, -126)}
+
+
+def _np_bfp(x: np.ndarray, fmt: str, w: int, block: int, axis: int) -> np.ndarray:
+  """float64 block floating point along ``axis``: round to fmt (nearest-even), then per block of ``block``
+  elements truncate toward zero to the grid 2^(E_max - M - w), E_max = the largest floor(log2|v|)
+  (subnormals count as emin) of the block's nonzero elements."""
+  dt, man, emin = _FMT_NP[fmt]
+  v = np.moveaxis(np.asarray(x, np.float32).astype(dt).astype(np.float64), axis, -1)
+  out = np.zeros_like(v)
+  for s in range(0, v.shape[-1], block):
+    blk = v[..., s:s + block]
+    e = np.where(blk != 0, np.maximum(np.floor(np.log2(np.where(blk != 0, np.abs(blk), 1.0))), emin), -np.inf)
+    emax = e.max(axis=-1, keepdims=True)
+    grid = np.exp2(np.where(np.isfinite(emax), emax - man - w, 0.0))
+    out[..., s:s + block] = np.trunc(blk / grid) * grid
+  return np.moveaxis(out, -1, axis)
+
+
+def _values(rng, shape):
+  """Values spread over ~12 binades with low bits set, so the alignment window truncates some of them."""
+  return (rng.normal(size=shape) * np.exp2(rng.integers(-8, 4, shape))).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt,w,block", [("fp16", 2, 4), ("bf16", 1, 3)])
+def test_bfp_dot_general_matches_numpy_block_floating_point(fmt, w, block):
+  rng = np.random.default_rng(6)
+  cfg = fp_align.BfpConfig(fmt, w, block)
+  dot = fp_align.bfp_dot_general(cfg)
+  # contracting axis 0 of lhs (K = 10, blocks 4+4+2 or 3+3+3+1), a batch axis, and a float64 reference
+  a = _values(rng, (10, 2, 3))                        # (K, B, M)
+  b = _values(rng, (2, 10, 4))                        # (B, K, N)
+  got = np.asarray(jax.jit(lambda u, v: dot(u, v, (((0,), (1,)), ((1,), (0,)))))(a, b))
+  qa, qb = _np_bfp(a, fmt, w, block, 0), _np_bfp(b, fmt, w, block, 1)
+  want = np.einsum("kbm,bkn->bmn", qa, qb)
+  bound = np.einsum("kbm,bkn->bmn", np.abs(qa), np.abs(qb)) * 10 * 2.0 ** -23    # float32 accumulation
+  assert got.shape == (2, 3, 4) and got.dtype == np.float32
+  assert np.all(np.abs(got - want) <= bound + 1e-30)
+  # the blocks matter: plain rounding to fmt (no shared exponent) gives a different result
+  dt = _FMT_NP[fmt][0]
+  plain = np.einsum("kbm,bkn->bmn", a.astype(dt).astype(np.float64), b.astype(dt).astype(np.float64))
+  assert np.max(np.abs(plain - want)) > 100 * np.max(bound)
+  # a flax Dense with the injected product: the same as the reference on its (in, out) kernel
+  layer = nn.Dense(4, use_bias=False, dot_general=dot)
+  x = _values(rng, (3, 10))
+  k = _values(rng, (10, 4))
+  y = np.asarray(jax.jit(layer.apply)({"params": {"kernel": jnp.asarray(k)}}, jnp.asarray(x)))
+  ref = _np_bfp(x, fmt, w, block, 1) @ _np_bfp(k, fmt, w, block, 0)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+  out = jax.eval_shape(lambda u, v: dot(u, v, (((0,), (0,)), ((), ()))), a[:, 0, :].astype(jnp.bfloat16),
+                       b[0].astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16 and out.shape == (3, 4)
+
+
+def _np_im2col_conv_bfp(x, k, fmt, w, block, stride):
+  """NHWC x HWIO SAME convolution as one inner product per output pixel, K = (c_in, kh, kw) with the input
+  channel slowest, BFP blocks along K on both operands (float64)."""
+  kh, kw, cin, cout = k.shape
+  n, h, wd, _ = x.shape
+  ho, wo = -(-h // stride), -(-wd // stride)
+  ph, pw = max((ho - 1) * stride + kh - h, 0), max((wo - 1) * stride + kw - wd, 0)
+  xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+  cols = np.zeros((n, ho, wo, cin, kh, kw), np.float32)
+  for i in range(kh):
+    for j in range(kw):
+      cols[..., i, j] = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+  pa = cols.reshape(-1, cin * kh * kw)
+  km = np.transpose(k, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
+  qa, qk = _np_bfp(pa, fmt, w, block, 1), _np_bfp(km, fmt, w, block, 0)
+  return (qa @ qk).reshape(n, ho, wo, cout), (np.abs(qa) @ np.abs(qk)).reshape(n, ho, wo, cout)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bfp_conv_general_dilated_matches_numpy_im2col_reference(stride):
+  rng = np.random.default_rng(7)
+  x = _values(rng, (1, 5, 5, 3))
+  k = _values(rng, (3, 3, 3, 2))
+  cfg = fp_align.BfpConfig("fp16", 2, 5)               # K = 27: blocks straddle channels and window rows
+  conv = fp_align.bfp_conv_general_dilated(cfg)
+  run = jax.jit(lambda u, v, dn: conv(u, v, (stride, stride), "SAME", dimension_numbers=dn), static_argnums=2)
+  got = np.asarray(run(x, k, ("NHWC", "HWIO", "NHWC")))
+  want, mag = _np_im2col_conv_bfp(x, k, "fp16", 2, 5, stride)
+  assert got.shape == want.shape
+  assert np.all(np.abs(got - want) <= mag * 27 * 2.0 ** -23 + 1e-30)
+  if stride == 2:   # NCHW / OIHW layouts give the same numbers, transposed
+    got_t = run(np.transpose(x, (0, 3, 1, 2)), np.transpose(k, (3, 2, 0, 1)), ("NCHW", "OIHW", "NCHW"))
+    np.testing.assert_array_equal(np.transpose(np.asarray(got_t), (0, 2, 3, 1)), got)
+  else:             # a flax Conv with the injected convolution (flax passes ConvDimensionNumbers)
+    layer = nn.Conv(2, (3, 3), use_bias=False, conv_general_dilated=conv)
+    y = np.asarray(jax.jit(layer.apply)({"params": {"kernel": jnp.asarray(k)}}, jnp.asarray(x)))
+    np.testing.assert_array_equal(y, got)
+
+
+def test_bfp_products_bad_input():
+  with pytest.raises(TypeError, match="cfg must be a BfpConfig"):
+    fp_align.bfp_dot_general(fp_align.FpAlignConfig())
+  with pytest.raises(TypeError, match="cfg must be a BfpConfig"):
+    fp_align.bfp_conv_general_dilated(None)
+  dot = fp_align.bfp_dot_general(fp_align.BfpConfig("fp16", 2, 4))
+  a, b = jnp.ones((2, 6)), jnp.ones((6, 3))
+  with pytest.raises(ValueError, match="exactly one contracting dimension"):
+    dot(jnp.ones((2, 3, 4)), jnp.ones((3, 4, 5)), (((1, 2), (0, 1)), ((), ())))
+  with pytest.raises(ValueError, match=r"axes \[2\] of lhs, which has rank 2"):
+    dot(a, b, (((2,), (0,)), ((), ())))
+  with pytest.raises(ValueError, match="contracting dimensions differ"):
+    dot(a, jnp.ones((5, 3)), (((1,), (0,)), ((), ())))
+  with pytest.raises(ValueError, match="dimension_numbers must be"):
+    dot(a, b, ((1,), (0,)))
+  with pytest.raises(TypeError, match="lhs must be a floating-point array"):
+    dot(jnp.ones((2, 6), jnp.int32), b, (((1,), (0,)), ((), ())))
+  conv = fp_align.bfp_conv_general_dilated(fp_align.BfpConfig("fp16", 2, 4))
+  x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  dn = ("NHWC", "HWIO", "NHWC")
+  with pytest.raises(ValueError, match="feature_group_count=1"):
+    conv(x, jnp.ones((3, 3, 1, 2)), (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2)
+  with pytest.raises(ValueError, match="lhs has 2 input features but the kernel expects 3"):
+    conv(x, jnp.ones((3, 3, 3, 2)), (1, 1), "SAME", dimension_numbers=dn)
+  with pytest.raises(ValueError, match="same rank"):
+    conv(x, jnp.ones((3, 2, 2)), (1, 1), "SAME", dimension_numbers=dn)
+  with pytest.raises(TypeError, match="rhs must be a floating-point array"):
+    conv(x, k.astype(jnp.int8), (1, 1), "SAME", dimension_numbers=dn)

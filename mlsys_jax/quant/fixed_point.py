@@ -23,7 +23,8 @@ Non-finite inputs: concrete arrays with NaN/inf raise ``ValueError``. Under ``ji
 every scale group (the elements that share one scale) holding a NaN gets scale NaN, and so does a
 group holding +-inf when its range is computed from the data (the range is then undefined);
 :func:`dequantize` and :func:`fake_quant` return NaN for the whole group, never zeros. With a calibrated
-range (``bounds``) +-inf saturates to the end of the range like any out-of-range value.
+range (``bounds``) +-inf saturates to the end of the range like any out-of-range value, and a traced NaN
+bound makes its groups' scale NaN (:func:`compute_scale`; concrete non-finite bounds raise).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mlsys_jax._checks import check_choice, check_finite, check_int
+from mlsys_jax._checks import check_choice, check_finite, check_int, is_concrete
 from mlsys_jax.quant import _pallas_quant, _pallas_quantize
 
 __all__ = [
@@ -145,20 +146,63 @@ class QuantizedTensor:
     return (np.prod(self.codes.shape) * self.bits + 32 * np.size(self.scale) * (1 if self.symmetric else 2)) / 8
 
 
+def _check_bool(name: str, value) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r}).")
+
+
 def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsigned: bool
                   ) -> tuple[jax.Array, jax.Array]:
-  """Scale and zero point for the real range ``[lo, hi]`` (symmetric: ``amax = max(|lo|, |hi|)``).
+  """Scale and zero point of ``bits``-bit codes for the real range ``[lo, hi]`` (uniform affine quantization).
 
-  A zero-width range gets scale 1 so that it quantizes to the zero point without dividing by zero.
+  The range is first widened to contain 0 (``lo <- min(lo, 0)``, ``hi <- max(hi, 0)``) so that real 0
+  has an exact code (Jacob et al., CVPR 2018, Sec. 2.1). With ``[qmin, qmax] = qrange(bits, symmetric,
+  unsigned)``:
+
+  - symmetric: ``s = amax / Q``, ``amax = max(-lo, hi)``, ``Q = (qmax - qmin) // 2 = 2^(b-1) - 1``;
+    zero point ``2^(b-1)`` for unsigned codes, else 0;
+  - asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = clip(round(qmin - lo / s), qmin, qmax)``
+    (round half to even), so ``lo`` maps to code ``qmin`` and ``hi`` to ``qmax`` (up to rounding of ``z``).
+
+  A zero-width range (``amax = 0``, or ``lo = hi = 0`` after widening) gets scale 1, so it quantizes to
+  the zero point without dividing by zero.
+
+  Args:
+    lo, hi: range ends, any broadcastable shapes (e.g. per channel, with reduced axes kept), cast to
+      float32. Concrete values must be finite with ``lo <= hi``; traced values are not checked (a NaN
+      end gives a NaN scale).
+    bits: code width, 2..16.
+    symmetric, unsigned: bools, as in :func:`quantize` (and :func:`qrange`).
+
+  Returns:
+    ``(scale, zero_point)``: float32 arrays of the broadcast shape of ``lo`` and ``hi``; the zero point
+    holds integer values.
 
   Example:
     >>> scale, zp = compute_scale(jnp.float32(-1.0), jnp.float32(3.0), 8, symmetric=False, unsigned=True)
     >>> round(float(scale), 6), float(zp)                    # 4 / 255 per step; real 0 maps to code 64
     (0.015686, 64.0)
   """
+  _check_bool("symmetric", symmetric)
+  _check_bool("unsigned", unsigned)
   qmin, qmax = qrange(bits, symmetric, unsigned)
-  lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
-  hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+  check_finite("lo", lo)
+  check_finite("hi", hi)
+  if is_concrete(lo) and is_concrete(hi):
+    lo_n, hi_n = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    try:
+      lo_b, hi_b = np.broadcast_arrays(lo_n, hi_n)
+    except ValueError:
+      raise ValueError(f"lo and hi must broadcast together, got shapes {lo_n.shape} and {hi_n.shape}.") from None
+    if np.any(lo_b > hi_b):
+      i = tuple(int(v) for v in np.argwhere(lo_b > hi_b)[0])
+      raise ValueError(f"lo must be <= hi, got lo = {lo_b[i]!r} > hi = {hi_b[i]!r} at index {list(i)}; "
+                       "pass the range as (lo, hi) = (min, max).")
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  undefined = jnp.isnan(lo) | jnp.isnan(hi)      # traced NaN ends: the scale says so (never silently 1)
+  lo = jnp.minimum(lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
   if symmetric:
     amax = jnp.maximum(-lo, hi)
     q = (qmax - qmin) // 2
@@ -167,7 +211,7 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
   else:
     scale = jnp.where(hi > lo, (hi - lo) / (qmax - qmin), 1.0)
     zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
-  return scale, zp
+  return jnp.where(undefined, jnp.nan, scale), zp
 
 
 def _round(v: jax.Array, rounding: str, key) -> jax.Array:
@@ -340,9 +384,18 @@ _ste.defvjp(_ste_fwd, _ste_bwd)
 
 
 def straight_through(x: jax.Array, x_quant: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-  """Return ``x_quant`` forward; backward pass the gradient to ``x`` where ``lo <= x <= hi``, else 0
-  (the clipped straight-through estimator of Bengio et al. 2013, as used in quantization-aware
-  training).
+  """Return ``x_quant`` forward; backward pass the gradient to ``x`` where ``lo <= x <= hi``, else 0.
+
+  The clipped straight-through estimator (Bengio, Leonard and Courville 2013, arXiv:1308.3432; as in
+  quantization-aware training, e.g. Jacob et al. 2018): ``d out / d x = 1{lo <= x <= hi}`` elementwise,
+  bounds inclusive, so the vector-Jacobian product is the incoming cotangent where ``x`` lies in the
+  range and 0 elsewhere (also 0 where ``x`` is NaN). ``x_quant``, ``lo`` and ``hi`` get no gradient
+  (they are wrapped in ``stop_gradient``).
+
+  Args:
+    x: floating-point array (the real values).
+    x_quant: the forward value (e.g. the dequantized codes), same shape and dtype as ``x``.
+    lo, hi: range ends, broadcastable to ``x.shape`` (e.g. per channel).
 
   Example:
     >>> x = jnp.array([-2.0, 0.3, 0.7])
@@ -350,6 +403,21 @@ def straight_through(x: jax.Array, x_quant: jax.Array, lo: jax.Array, hi: jax.Ar
     >>> jax.grad(f)(x).tolist()                                             # backward: 1 inside [-1, 1]
     [0.0, 1.0, 1.0]
   """
+  _check_float("x", x)
+  xs, qs = np.shape(x), np.shape(x_quant)
+  if qs != xs:
+    raise ValueError(f"x_quant must have the shape of x, got {qs} for x of shape {xs}.")
+  if jnp.result_type(x_quant) != jnp.result_type(x):
+    raise TypeError(f"x_quant must have the dtype of x, got {jnp.result_type(x_quant)} for x of dtype "
+                    f"{jnp.result_type(x)}; dequantize to x.dtype (e.g. dequantize(qt, x.dtype)).")
+  for name, b in (("lo", lo), ("hi", hi)):
+    try:
+      shape = np.broadcast_shapes(np.shape(b), xs)
+    except ValueError:
+      shape = None
+    if shape != xs:
+      raise ValueError(f"{name} of shape {np.shape(b)} does not broadcast to x's shape {xs}; give one bound "
+                       "per element or per scale group (reduced axes kept as size 1).")
   return _ste(x, jax.lax.stop_gradient(x_quant), jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi))
 
 

@@ -961,19 +961,61 @@ def bfp_quantize(x: jax.Array, cfg: BfpConfig, axis: int = -1) -> jax.Array:
   return jnp.moveaxis(out, -1, axis)
 
 
+def _check_bfp_operands(what: str, lhs, rhs) -> None:
+  for name, x in (("lhs", lhs), ("rhs", rhs)):
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{what}: {name} must be a floating-point array (it is rounded to the BFP format), "
+                      f"got dtype {dtype}; cast it first, e.g. x.astype(jnp.float32).")
+
+
 def _bfp_dot(cfg: BfpConfig, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
              **kwargs):
-  (lc, rc), _ = dimension_numbers
+  _check_bfp_operands("bfp_dot_general", lhs, rhs)
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(d) for d in t) for t in (lc, rc, lb, rb))
+  except (TypeError, ValueError):
+    raise ValueError("dimension_numbers must be ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)), "
+                     f"each a tuple of axes, got {dimension_numbers!r}.") from None
   if len(lc) != 1 or len(rc) != 1:
-    raise ValueError("bfp_dot_general needs exactly one contracting dimension per operand.")
+    raise ValueError("bfp_dot_general needs exactly one contracting dimension per operand (the axis the "
+                     f"blocks run along), got {lc} and {rc}; reshape the operands to merge them.")
+  for name, x, dims in (("lhs", lhs, lc + lb), ("rhs", rhs, rc + rb)):
+    bad = [d for d in dims if not 0 <= d < np.ndim(x)]
+    if bad:
+      raise ValueError(f"dimension_numbers name axes {bad} of {name}, which has rank {np.ndim(x)} (shape "
+                       f"{np.shape(x)}); axes must lie in [0, {np.ndim(x)}).")
+  if np.shape(lhs)[lc[0]] != np.shape(rhs)[rc[0]]:
+    raise ValueError(f"contracting dimensions differ: lhs axis {lc[0]} has {np.shape(lhs)[lc[0]]} elements, rhs "
+                     f"axis {rc[0]} has {np.shape(rhs)[rc[0]]}.")
   qa, qb = bfp_quantize(lhs, cfg, lc[0]), bfp_quantize(rhs, cfg, rc[0])
-  out = jax.lax.dot_general(qa, qb, dimension_numbers, precision=jax.lax.Precision.HIGHEST,
+  out = jax.lax.dot_general(qa, qb, ((lc, rc), (lb, rb)), precision=jax.lax.Precision.HIGHEST,
                             preferred_element_type=jnp.float32)
   return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
 def bfp_dot_general(cfg: BfpConfig):
-  """A ``lax.dot_general`` replacement on block-floating-point operands (see :class:`BfpConfig`)."""
+  """A ``lax.dot_general`` replacement on block-floating-point operands (see :class:`BfpConfig`).
+
+  MX-style block floating point: the alignment window of Abdelaziz et al. (MLSys 2021) applied to the
+  inputs, per block. Each operand is quantized by :func:`bfp_quantize` along its one contracting axis
+  (rounded to ``cfg.fmt``; blocks of ``cfg.block`` consecutive elements of that axis, the last one
+  shorter when ``block`` does not divide it; every element truncated toward zero to its block's grid
+  ``2^(E_block - M - align_bits)``), and the quantized operands are multiplied with float32
+  accumulation (``Precision.HIGHEST``). Batch dimensions are supported; the output has the layout of
+  ``lax.dot_general`` and dtype ``preferred_element_type`` or ``result_type(lhs, rhs)``. Inference only.
+
+  For ``flax.linen.Dense(dot_general=...)`` and the library's models. Raises ``TypeError`` for a config
+  that is not a :class:`BfpConfig` and, when called, for non-float operands; ``ValueError`` unless the
+  dimension numbers name exactly one contracting axis per operand, in range and of equal length.
+
+  >>> dot = bfp_dot_general(BfpConfig('fp16', align_bits=1, block=4))
+  >>> a = jnp.array([[1.0, 0.75, 3 * 2.0 ** -12, 0.0]])        # the third element loses its low bit
+  >>> f = jax.jit(lambda a, b: dot(a, b, (((1,), (0,)), ((), ()))))   # one compile (eager: one per op)
+  >>> float(f(a, jnp.ones((4, 1)))[0, 0]) == 1.75 + 2.0 ** -11
+  True
+  """
   if not isinstance(cfg, BfpConfig):
     raise TypeError(f"cfg must be a BfpConfig, got {type(cfg).__name__}.")
   return functools.partial(_bfp_dot, cfg)
@@ -982,8 +1024,18 @@ def bfp_dot_general(cfg: BfpConfig):
 def _bfp_conv(cfg: BfpConfig, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
               dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
               preferred_element_type=None, **kwargs):
+  _check_bfp_operands("bfp_conv_general_dilated", lhs, rhs)
   if feature_group_count != 1 or batch_group_count != 1:
-    raise ValueError("bfp convolutions support feature_group_count=1 and batch_group_count=1.")
+    raise ValueError("bfp convolutions support feature_group_count=1 and batch_group_count=1; got "
+                     f"{feature_group_count} and {batch_group_count}.")
+  if np.ndim(lhs) != np.ndim(rhs) or np.ndim(lhs) < 3:
+    raise ValueError(f"lhs and rhs must have the same rank >= 3 (batch, feature, spatial...), got shapes "
+                     f"{np.shape(lhs)} and {np.shape(rhs)}.")
+  dn = jax.lax.conv_dimension_numbers(np.shape(lhs), np.shape(rhs), dimension_numbers)
+  cin, kin = np.shape(lhs)[dn.lhs_spec[1]], np.shape(rhs)[dn.rhs_spec[1]]
+  if cin != kin:
+    raise ValueError(f"lhs has {cin} input features but the kernel expects {kin} (dimension_numbers "
+                     f"{dimension_numbers!r}); check the layouts.")
   pa, km, finish = _im2col(jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32),
                            window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
   out = _bfp_dot(cfg, pa, km, (((1,), (0,)), ((), ())))
@@ -991,7 +1043,21 @@ def _bfp_conv(cfg: BfpConfig, lhs, rhs, window_strides, padding, lhs_dilation=No
 
 
 def bfp_conv_general_dilated(cfg: BfpConfig):
-  """A ``lax.conv_general_dilated`` replacement: im2col, then :func:`bfp_dot_general` (blocks along K)."""
+  """A ``lax.conv_general_dilated`` replacement: im2col, then :func:`bfp_dot_general` (blocks along K).
+
+  Every output pixel is one inner product over ``K = C_in * prod(window)`` (input channels slowest, then
+  the window positions in row-major order, zero padding included) and the BFP blocks of ``cfg.block``
+  run along that ``K`` for both the patch and the kernel column (:class:`BfpConfig`; MX-style, the
+  alignment window of Abdelaziz et al., MLSys 2021, on the inputs). Strides, padding, dilations and
+  dimension numbers as in ``lax.conv_general_dilated``; grouped convolutions raise ``ValueError``, as do
+  mismatched feature counts; non-float operands raise ``TypeError``. Inference only. For
+  ``flax.linen.Conv(conv_general_dilated=...)`` and the library's models.
+
+  >>> conv = bfp_conv_general_dilated(BfpConfig('fp16', align_bits=8, block=32))
+  >>> f = jax.jit(lambda x, k: conv(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  >>> f(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 1)))[0, :2, :2, 0].tolist()   # zero padding at the edge
+  [[8.0, 12.0], [12.0, 18.0]]
+  """
   if not isinstance(cfg, BfpConfig):
     raise TypeError(f"cfg must be a BfpConfig, got {type(cfg).__name__}.")
   return functools.partial(_bfp_conv, cfg)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mlsys_jax._checks import check_choice, check_int, check_rank, is_concrete
+from mlsys_jax._checks import check_choice, check_int, check_range, check_rank, is_concrete
 from mlsys_jax.quant.binary import pallas_dense as pd
 from mlsys_jax.quant.binary.quicknet import QuickNetBlock
 
@@ -129,16 +129,61 @@ def _popcount_dot(a: jax.Array, w: jax.Array, k: int) -> jax.Array:
 # Output transform.
 
 
-def fold_batchnorm(scale, bias, mean, var, eps: float):
+def fold_batchnorm(scale, bias, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
   """Fold inference BatchNorm ``(y - mean) scale / sqrt(var + eps) + bias`` into ``y mul + add``.
 
-  ``scale``/``bias`` may be None (``use_scale``/``use_bias=False``). Returns float32 ``(mul, add)``.
+  The per-channel output transform of a binary convolution absorbs a following BatchNorm (Bannink et
+  al., "Larq Compute Engine", MLSys 2021, Sec. 4, fused output transform): ``mul = scale / sqrt(var +
+  eps)``, ``add = bias - mean mul``, computed in float64 and returned as float32 (the inference-time
+  BatchNorm with running statistics: Ioffe and Szegedy, ICML 2015, Alg. 2).
+
+  Args:
+    scale, bias: the BatchNorm's learned affine parameters, broadcastable to ``mean``'s shape, finite,
+      or None (``use_scale``/``use_bias=False``: 1 and 0).
+    mean, var: running statistics, finite, same shape (``(C,)``); ``var >= 0``.
+    eps: the BatchNorm's epsilon (flax's default 1e-5), finite, ``>= 0``, with ``var + eps > 0``.
+
+  Returns:
+    ``(mul, add)``: float32 arrays of ``mean``'s shape.
+
+  Example:
+    >>> mul, add = fold_batchnorm(np.array([2.0]), np.array([1.0]), np.array([3.0]), np.array([4.0]), 0.0)
+    >>> mul.tolist(), add.tolist()          # (y - 3) * 2 / 2 + 1 = y - 2
+    ([1.0], [-2.0])
   """
   mean = np.asarray(mean, np.float64)
-  inv = 1.0 / np.sqrt(np.asarray(var, np.float64) + eps)
-  mul = inv * (1.0 if scale is None else np.asarray(scale, np.float64))
-  add = (0.0 if bias is None else np.asarray(bias, np.float64)) - mean * mul
+  var = np.asarray(var, np.float64)
+  check_range("eps", eps, 0.0)
+  if mean.shape != var.shape:
+    raise ValueError(f"mean and var must have the same shape (one entry per channel), got {mean.shape} and "
+                     f"{var.shape}.")
+  named = {"mean": mean, "var": var}
+  for name, a in (("scale", scale), ("bias", bias)):
+    if a is None:
+      continue
+    a = np.asarray(a, np.float64)
+    if not _broadcasts(a.shape, mean.shape) or np.broadcast_shapes(a.shape, mean.shape) != mean.shape:
+      raise ValueError(f"{name} of shape {a.shape} does not broadcast to the statistics' shape {mean.shape}.")
+    named[name] = a
+  for name, a in named.items():
+    if not np.all(np.isfinite(a)):
+      raise ValueError(f"BatchNorm {name} holds {int(np.sum(~np.isfinite(a)))} NaN/inf value(s); the "
+                       "folded transform would be meaningless. Check the trained variables.")
+  if np.any(var < 0) or np.any(var + eps <= 0):
+    raise ValueError(f"var must be >= 0 with var + eps > 0 (a variance), got min(var) = {float(var.min())} "
+                     f"and eps = {eps}; pass the running variance and the BatchNorm's epsilon.")
+  inv = 1.0 / np.sqrt(var + eps)
+  mul = inv * (1.0 if scale is None else named["scale"])
+  add = (0.0 if bias is None else named["bias"]) - mean * mul
   return mul.astype(np.float32), np.broadcast_to(add, mul.shape).astype(np.float32)
+
+
+def _broadcasts(a: tuple, b: tuple) -> bool:
+  try:
+    np.broadcast_shapes(a, b)
+    return True
+  except ValueError:
+    return False
 
 
 def _thresholds(mul: np.ndarray, bias: np.ndarray, k: int, lo, hi):

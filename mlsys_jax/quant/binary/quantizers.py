@@ -46,10 +46,24 @@ def _check_clip(clip: float | None) -> None:
 def larq_sign(x: jax.Array) -> jax.Array:
   """Sign that is never zero: ``-1`` for ``x < 0``, ``+1`` for ``x >= 0`` (Larq's ``math.sign``).
 
+  Bannink et al., MLSys 2021, Sec. 2 (Larq): computed as Larq does, ``sign(sign(x) + 0.1)``, so
+  ``sign(0) = sign(-0.0) = +1``, ``+-inf -> +-1`` and NaN stays NaN; the dtype is kept. This is the
+  forward value only: its gradient is 0 everywhere (that of ``sign``). For training use the quantizers
+  built on it, e.g. :func:`ste_sign` (clipped straight-through gradient). Subnormal inputs: where the
+  backend flushes them to zero in arithmetic (XLA on CPU does, in comparisons too) they count as zero
+  and give +1.
+
+  Args:
+    x: floating-point array (integer or bool inputs raise ``TypeError``: ``sign(0) + 0.1`` would round
+      to 0 there and give 0).
+
   >>> larq_sign(jnp.array([-2.0, -0.0, 0.0, 3.0]))
   Array([-1.,  1.,  1.,  1.], dtype=float32)
   """
   x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"larq_sign needs a floating-point array, got dtype {x.dtype}; cast it first, e.g. "
+                    "x.astype(jnp.float32).")
   return jnp.sign(jnp.sign(x) + jnp.asarray(0.1, x.dtype))
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlsys_jax._checks import check_int
 from mlsys_jax.quant.binary.layers import binary_conv_general_dilated
 from mlsys_jax.quant.binary.quantizers import ste_sign
 
@@ -39,7 +40,22 @@ _GLOROT = nn.initializers.variance_scaling(1.0, "fan_avg", "truncated_normal")
 
 
 def blur_kernel(channels: int) -> np.ndarray:
-  """The zoo's fixed anti-aliasing depthwise kernel ``[1,2,1] x [1,2,1] / 16`` as HWIO ``(3, 3, 1, C)``."""
+  """The fixed anti-aliasing depthwise kernel ``[1,2,1] x [1,2,1] / 16`` as HWIO ``(3, 3, 1, C)`` float32.
+
+  QuickNet's transition blocks (Bannink et al., MLSys 2021, Sec. 5; ``larq_zoo/sota/quicknet.py``) blur
+  before the stride-2 downsampling (anti-aliased downsampling, Zhang, ICML 2019). Every channel gets the
+  same binomial filter ``outer([1,2,1], [1,2,1]) / 16``: its taps sum to 1 (a constant image is kept) and
+  it is separable and symmetric. Use it with ``feature_group_count=C`` (depthwise); it is not trained.
+
+  Args:
+    channels: ``C``, the number of channels, an integer ``>= 1``.
+
+  Example:
+    >>> k = blur_kernel(2)
+    >>> k.shape, (k[:, :, 0, 1] * 16).tolist()
+    ((3, 3, 1, 2), [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+  """
+  check_int("channels", channels, 1)
   k = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0])
   k = k / k.sum()
   return np.repeat(k[:, :, None, None], channels, axis=3).astype(np.float32)
