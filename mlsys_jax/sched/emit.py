@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mlsys_jax._checks import check_choice, check_int
 from mlsys_jax.sched.graph import Graph, Lit
 from mlsys_jax.sched.dp import Stage
 
@@ -108,11 +109,28 @@ def stream_call_available() -> bool:
 def stream_call(f: Callable, stream: int) -> Callable:
   """Wrap ``f`` so that XLA runs it on GPU stream ``stream`` (``_xla_stream_annotation``).
 
+  IOS (Ding et al., MLSys 2021, Sec. 5) runs the groups of a concurrent stage on separate CUDA streams;
+  this is the JAX spelling of one such group: ``compute_on2(f, compute_type='gpu_stream:<stream>')``.
+  The wrapped function computes exactly what ``f`` computes (on CPU the annotation is ignored).
+
+  Args:
+    f: the function to run on the stream (its arguments and results are arrays).
+    stream: stream index, an integer >= 0 (``run_stage`` numbers the side streams of a stage 1, 2, ...).
+
+  Raises:
+    TypeError: ``f`` is not callable or ``stream`` is not an integer.
+    ValueError: ``stream`` is negative.
+    RuntimeError: this jax has no function form of ``compute_on`` (see :func:`stream_call_available`).
+
   Example:
     >>> f = stream_call(lambda x: x + 1, 1) if stream_call_available() else (lambda x: x + 1)
     >>> jax.jit(f)(jnp.ones(2)).tolist()                      # the stream annotation matters on GPU only
     [2.0, 2.0]
   """
+  if not callable(f):
+    raise TypeError(f"stream_call: f must be a callable (the function to run on the stream), got "
+                    f"{type(f).__name__}.")
+  check_int("stream", stream, 0)
   fn = _compute_on_fn()
   if fn is None:
     raise RuntimeError("this jax has no function-form compute_on/compute_on2; use emission='cuda_graph'")
@@ -174,8 +192,59 @@ def merge_key(g: Graph, ui: int, same_kernel: bool = False):
   return key + (tuple(ks),) if same_kernel else key
 
 
+def _check_graph(g, fname: str) -> None:
+  if not isinstance(g, Graph):
+    raise TypeError(f"{fname}: g must be a Graph (from mlsys_jax.sched.build_graph), got {type(g).__name__}.")
+
+
+def _check_unit(g: Graph, ui, fname: str, name: str = "ui") -> None:
+  """TypeError/ValueError unless ``ui`` is the index of a unit of ``g``."""
+  if isinstance(ui, bool) or not isinstance(ui, (int, np.integer)):
+    raise TypeError(f"{fname}: {name} must be an integer unit index, got {type(ui).__name__} ({ui!r}).")
+  if not 0 <= ui < len(g.units):
+    raise ValueError(f"{fname}: {name}={ui} is not a unit of this graph; unit indices are 0..{len(g.units) - 1}.")
+
+
+def _check_units(g: Graph, units, fname: str, name: str = "units") -> None:
+  if not isinstance(units, (tuple, list)) or not units:
+    raise TypeError(f"{fname}: {name} must be a non-empty tuple of unit indices, got {units!r}.")
+  for u in units:
+    _check_unit(g, u, fname, f"{name} entry")
+
+
+def _check_merge_units(g: Graph, units, fname: str) -> None:
+  """ValueError unless ``units`` are convolutions IOS may merge (one common, non-None ``merge_key``)."""
+  _check_graph(g, fname)
+  _check_units(g, units, fname)
+  keys = [merge_key(g, u) for u in units]
+  if None in keys or len(set(keys)) != 1:
+    bad = [u for u, k in zip(units, keys) if k is None]
+    why = (f"units {bad} are not mergeable convolutions" if bad else
+           "their input, strides, layout, output size, dtype or padding differ")
+    raise ValueError(f"{fname}: units {tuple(units)} cannot be merged into one convolution: {why}. Merge only "
+                     "units with one common merge_key(g, u) (what ios_schedule's merge stages hold).")
+
+
 def merged_conv_params(g: Graph, units: tuple) -> tuple[Any, dict, list]:
   """Concatenated kernel (zero-padded, centred), conv params, and per-unit output channel ranges.
+
+  IOS's "operator merge" stage strategy (Ding et al., MLSys 2021, Sec. 4): convolutions that read the same
+  input become one convolution whose kernel is the concatenation, along the output-channel axis, of the
+  kernels zero-padded (centred) to the largest spatial size; the padding of the largest kernel is used,
+  so the output channels ``ranges[i] = (a, b)`` of the merged conv equal unit ``units[i]``'s conv
+  output (the zero taps add nothing; up to summation order).
+
+  Args:
+    g: the unit graph.
+    units: two or more (one is allowed) conv units with one common :func:`merge_key`.
+
+  Returns:
+    ``(kernel, params, ranges)``: the merged kernel in the layout of the first unit's kernel, the
+    ``conv_general_dilated`` params (the largest kernel's padding) and each unit's ``(start, stop)``
+    output channels, in the order of ``units``.
+
+  Raises:
+    TypeError, ValueError: ``units`` is empty, holds a non-unit, or units that cannot merge.
 
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
@@ -187,6 +256,7 @@ def merged_conv_params(g: Graph, units: tuple) -> tuple[Any, dict, list]:
     >>> kernel.shape, ranges                                # 1x1 zero-padded to 3x3; 8 + 8 output channels
     ((3, 3, 4, 16), [(0, 8), (8, 16)])
   """
+  _check_merge_units(g, units, "merged_conv_params")
   e0 = g.eqns[g.units[units[0]].anchor]
   dn = e0.params["dimension_numbers"]
   ws = [np.asarray(g.consts[g.eqns[g.units[u].anchor].inputs[1]]) for u in units]
@@ -223,6 +293,14 @@ _EPILOGUE_PRIMS = frozenset({"add", "sub", "mul", "div", "max", "min", "neg", "a
 def const_value(g: Graph, v):
   """Concrete value of a literal, constant or lazy (constant-expanding) value id.
 
+  Weight-only values are known at schedule time (Ding et al., MLSys 2021, Sec. 5: IOS specialises the
+  schedule to fixed weights): a ``Lit`` gives its value, a constant its array in ``g.consts``, and a
+  lazy value (``g.lazy``, e.g. a bias broadcast to an activation shape) is evaluated from its
+  constant inputs, recursively.
+
+  Raises:
+    KeyError: ``v`` depends on the function's inputs (it has no value before the program runs).
+
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
     >>> g = build_graph(lambda x: x @ jnp.ones((4, 4)) + 1.0, jnp.ones((1, 4)))
@@ -239,7 +317,9 @@ def const_value(g: Graph, v):
     with jax.ensure_compile_time_eval():
       out = e.prim.bind(*vals, **e.params)
     return out[0] if e.prim.multiple_results else out
-  raise KeyError(f"value {v} is not constant")
+  raise KeyError(f"const_value: value {v!r} is not a literal, a constant (g.consts) or a lazy constant "
+                 "expression (g.lazy): it is computed from the function's inputs, so it has no value at "
+                 "schedule time. Read it from the environment of a running program instead.")
 
 
 def epilogue_chain(g: Graph, ui: int):
@@ -247,6 +327,15 @@ def epilogue_chain(g: Graph, ui: int):
   is a chain of elementwise equations whose other operands are literals or per-output-channel
   constants (bias, folded BN scale, ReLU's 0); ``operand`` is a ``Lit`` or a 1-D numpy channel
   vector. ``None`` if the epilogue is anything else (then merged convs slice before the epilogue).
+
+  Applying the steps in order to the unit's conv output reproduces the unit's output: for step
+  ``(prim, params, pos, op)`` the running value goes in operand slot ``pos`` and ``op`` (broadcast along
+  the output-channel axis) in the other slot (``op=None``: a unary step). Because every operand is
+  per-channel, the chain can run once on the output of merged convs (IOS operator merge, Ding et al.,
+  MLSys 2021, Sec. 4) before the channel slices.
+
+  Raises:
+    TypeError, ValueError: ``ui`` is not the index of a convolution unit of ``g``.
 
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
@@ -257,8 +346,13 @@ def epilogue_chain(g: Graph, ui: int):
     >>> [(prim.name, type(op).__name__) for prim, _, _, op in epilogue_chain(g, 0)]   # bias vector, relu's 0
     [('add', 'ndarray'), ('max', 'Lit')]
   """
+  _check_graph(g, "epilogue_chain")
+  _check_unit(g, ui, "epilogue_chain")
   u = g.units[ui]
   e0 = g.eqns[u.anchor]
+  if u.opaque or e0.prim.name != "conv_general_dilated":
+    raise ValueError(f"epilogue_chain: unit {ui} is a {u.kind!r} unit; the epilogue chain is defined for "
+                     "convolution units only (see merge_key for which units merge).")
   axis = e0.params["dimension_numbers"].out_spec[1]
   cur = e0.outputs[0]
   shape = g.avals[cur].shape
@@ -348,6 +442,14 @@ def prepare_merges(g: Graph, stages: list, fuse_epilogue: bool = True) -> dict:
   ``epi`` is the merged epilogue (``merged_epilogue``) or None (slice first, then each unit's own
   epilogue).
 
+  Done once per schedule, at schedule time (IOS operator merge, Ding et al., MLSys 2021, Sec. 4), so
+  the emitted program reads ready merged kernels. ``fuse_epilogue=False`` gives ``epi=None`` for
+  every merge. Parallel stages get no entry.
+
+  Raises:
+    TypeError: ``stages`` is not a sequence of :class:`~mlsys_jax.sched.dp.Stage`.
+    ValueError: a merge stage has more than one group or holds units that cannot merge.
+
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
     >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
@@ -358,12 +460,34 @@ def prepare_merges(g: Graph, stages: list, fuse_epilogue: bool = True) -> dict:
     >>> list(merges), merges[0][0].shape, merges[0][3]      # epilogues differ (relu on one): slice first
     ([0], (3, 3, 4, 16), None)
   """
+  _check_graph(g, "prepare_merges")
+  _check_stages(stages, "prepare_merges")
   return {i: merge_entry(g, st.groups[0], fuse_epilogue)
           for i, st in enumerate(stages) if st.kind == "merge"}
 
 
+def _check_stages(stages, fname: str) -> None:
+  if not isinstance(stages, (list, tuple)) or not all(isinstance(st, Stage) for st in stages):
+    raise TypeError(f"{fname}: stages must be a list of Stage (from ios_dp / Schedule.stages), got "
+                    f"{type(stages).__name__}.")
+  for i, st in enumerate(stages):
+    if st.kind not in ("parallel", "merge"):
+      raise ValueError(f"{fname}: stage {i} has kind {st.kind!r}; expected 'parallel' or 'merge'.")
+    if st.kind == "merge" and len(st.groups) != 1:
+      raise ValueError(f"{fname}: merge stage {i} must hold exactly one group (the convs merged), got "
+                       f"{len(st.groups)} groups.")
+
+
 def merge_entry(g: Graph, units: tuple, fuse_epilogue: bool = True) -> tuple:
   """``(kernel, params, ranges, epi)`` of one merge of ``units`` (see ``prepare_merges``).
+
+  ``(kernel, params, ranges)`` as in :func:`merged_conv_params`; ``epi`` the common epilogue of the
+  units (:func:`merged_epilogue`: a list of steps, ``[]`` when no unit has an epilogue, ``None`` when
+  the epilogues differ) or ``None`` with ``fuse_epilogue=False``. The result is what
+  :func:`run_merge` and :func:`run_stage` take as ``merged``.
+
+  Raises:
+    TypeError, ValueError: as :func:`merged_conv_params`.
 
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
@@ -375,8 +499,9 @@ def merge_entry(g: Graph, units: tuple, fuse_epilogue: bool = True) -> tuple:
     >>> kernel.shape, ranges, epi                          # no epilogue on either conv
     ((3, 3, 4, 16), [(0, 8), (8, 16)], [])
   """
+  conv = merged_conv_params(g, units)   # checks that the units can merge
   epi = merged_epilogue(g, units) if fuse_epilogue else None
-  return merged_conv_params(g, units) + (epi,)
+  return conv + (epi,)
 
 
 # ------------------------------------------------------------------------------------------ units
@@ -418,6 +543,17 @@ def run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
   """Run the convs ``units`` as one conv with the kernel of ``merged`` (``merge_entry``), then slice
   each unit's output channels (and its epilogue) into ``env``.
 
+  The emission of an IOS merge stage (Ding et al., MLSys 2021, Sec. 4-5): after the call, ``env`` holds
+  every unit's outputs, equal (up to summation order; see :func:`merge_key` for inf inputs) to running
+  the units one by one. With ``epi`` (the fourth entry of ``merged``) not ``None`` the common epilogue
+  runs once on the merged output before the slices; otherwise each slice runs its unit's own
+  epilogue. ``merged``'s kernel may be a value id of ``consts`` (how ``Schedule`` embeds it).
+
+  Raises:
+    TypeError: ``merged`` is not a ``(kernel, params, ranges, epi)`` tuple.
+    ValueError: ``units`` cannot merge, or ``ranges`` does not hold one channel range per unit.
+    KeyError: the convs' input is not in ``env``.
+
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
     >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
@@ -430,7 +566,14 @@ def run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
     >>> [bool(jnp.allclose(env[g.units[u].outputs[0]], conv(x, w))) for u, w in ((0, w1), (1, w2))]
     [True, True]
   """
+  _check_merge_units(g, units, "run_merge")
+  if not isinstance(merged, tuple) or len(merged) != 4:
+    raise TypeError("run_merge: merged must be the (kernel, params, ranges, epi) tuple of merge_entry(g, units), "
+                    f"got {type(merged).__name__}.")
   kernel, params, ranges, epi = merged
+  if len(ranges) != len(units):
+    raise ValueError(f"run_merge: merged holds {len(ranges)} channel ranges for {len(units)} units; build it "
+                     "with merge_entry(g, units) for these units.")
   if isinstance(kernel, int):  # a value id in consts (kernels precomputed by the Schedule)
     kernel = consts[kernel]
   e0 = g.eqns[g.units[units[0]].anchor]
@@ -457,6 +600,14 @@ def run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
 def run_group(g: Graph, group: tuple, env: dict, consts: dict) -> None:
   """Run the units of one group (a chain) in order (see :func:`run_unit`).
 
+  One group of an IOS concurrent stage (Ding et al., MLSys 2021, Sec. 4): its units run one after
+  another, each writing its outputs into ``env`` (value id -> array); values the group reads must be
+  in ``env`` (dynamic values) or ``consts`` (weights).
+
+  Raises:
+    TypeError, ValueError: ``group`` is not a non-empty sequence of unit indices of ``g``.
+    KeyError: a unit reads a value that is in neither ``env`` nor ``consts`` (a predecessor has not run).
+
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
     >>> w = jnp.ones((4, 4))
@@ -466,6 +617,7 @@ def run_group(g: Graph, group: tuple, env: dict, consts: dict) -> None:
     >>> round(float(env[g.out_ids[0]][0, 0]), 4)           # tanh(4) + 8
     8.9993
   """
+  _check_units(g, group, "run_group", "group")
   for u in group:
     run_unit(g, u, env, consts)
 
@@ -487,6 +639,14 @@ def run_stage(g: Graph, st: Stage, env: dict, consts: dict, mode: str, merged=No
   """Emit one stage into ``env``: a merge (``merged`` from ``merge_entry``) or its groups, the groups
   wrapped for GPU streams under ``mode='streams'``.
 
+  A stage of an IOS schedule (Ding et al., MLSys 2021, Sec. 4-5). Under ``'streams'`` every group but
+  the longest is wrapped in :func:`stream_call` on streams 1, 2, ... (opaque groups run inline); the
+  values computed are the same in every mode.
+
+  Raises:
+    ValueError: ``mode`` is not an emission mode, or a merge stage comes without ``merged``.
+    TypeError: ``st`` is not a :class:`~mlsys_jax.sched.dp.Stage`.
+
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
     >>> w = jnp.ones((4, 4))
@@ -497,7 +657,12 @@ def run_stage(g: Graph, st: Stage, env: dict, consts: dict, mode: str, merged=No
     >>> round(float(env[g.out_ids[0]][0, 0]), 4)
     8.9993
   """
+  check_choice("mode", mode, EMISSION_MODES)
+  _check_stages([st], "run_stage")
   if st.kind == "merge":
+    if merged is None:
+      raise ValueError("run_stage: a merge stage needs merged=merge_entry(g, st.groups[0]) (or the entry of "
+                       "prepare_merges for this stage).")
     run_merge(g, st.groups[0], merged, env, consts)
     return
   if mode != "streams" or len(st.groups) == 1:
@@ -569,6 +734,17 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
 
   ``keep_alive=True`` keeps every unit output live to the end (see ``keep_alive_term``).
 
+  The IOS runtime (Ding et al., MLSys 2021, Sec. 5) as one traced JAX function: the stages run in order
+  (:func:`run_stage`), merge stages with the merged kernels of ``merges`` (default
+  ``prepare_merges(g, stages)``; a kernel may be a value id of ``consts``). ``run(g.consts, *args)``
+  computes what the traced function computes on ``args`` (same structure, shapes and dtypes as the
+  example arguments, else ``TypeError``), up to summation order in merged convs.
+
+  Raises:
+    ValueError: ``mode`` is not one of ``EMISSION_MODES``, or ``stages`` is not a valid schedule of
+      ``g`` (each unit exactly once, after its predecessors; merge stages of mergeable convs).
+    TypeError: ``stages`` is not a list of :class:`~mlsys_jax.sched.dp.Stage`.
+
   Example:
     >>> from mlsys_jax.sched.graph import build_graph
     >>> w1, w2 = jnp.ones((1, 1, 4, 8)), jnp.ones((3, 3, 4, 8))
@@ -581,7 +757,16 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
     >>> bool(jnp.allclose(jax.jit(run)(g.consts, x), f(x)))
     True
   """
+  check_choice("mode", mode, EMISSION_MODES)
+  _check_graph(g, "make_program")
+  _check_stages(stages, "make_program")
+  from mlsys_jax.sched.api import _check_cover   # the schedule-validity check Schedule applies (lazy: api imports emit)
+  _check_cover(g, list(stages))
   merges = prepare_merges(g, stages) if merges is None else merges
+  missing = [i for i, st in enumerate(stages) if st.kind == "merge" and i not in merges]
+  if missing:
+    raise ValueError(f"make_program: merges has no entry for merge stages {missing}; pass "
+                     "merges=prepare_merges(g, stages) or leave merges=None.")
 
   def run(consts, *args):
     _check_args(g, args)  # at trace time only: no cost per call
