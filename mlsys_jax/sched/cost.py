@@ -50,16 +50,80 @@ INF = float("inf")
 def roofline_time(f, b, peak: float, bw: float, sat: float):
   """``max(max(F, min(sat, 50 F)) / peak, B / bw)``: the work time of a kernel of ``F`` FLOPs and ``B`` bytes
   (the FLOP term never below ``min(sat, 50 F) / peak``: small kernels under-fill the device). Python floats in,
-  a float out (the DP's path); numpy arrays in, elementwise (:mod:`mlsys_jax.sched.calibrate`'s fit)."""
+  a float out (the DP's path); numpy arrays in, elementwise (:mod:`mlsys_jax.sched.calibrate`'s fit).
+
+  The roofline model (Williams, Waterman, Patterson, CACM 2009) stands in for IOS's measured stage
+  latencies (Ding et al., MLSys 2021, Sec. 4.3) in :class:`AnalyticalCost`.
+
+  Args:
+    f: FLOPs (>= 0), a number or a numpy array.
+    b: DRAM bytes (>= 0), a number or a numpy array broadcastable with ``f``.
+    peak: peak FLOP/s (> 0, finite).  bw: bandwidth in bytes/s (> 0, finite).
+    sat: FLOPs a kernel needs to fill the device (>= 0, finite).
+
+  Returns:
+    Seconds: a float, or an array of the broadcast shape of ``f`` and ``b``.
+
+  Raises:
+    ValueError: a parameter is out of range, NaN or inf, or ``f``/``b`` is negative or not finite.
+
+  Example:
+    >>> roofline_time(1e6, 1e3, peak=1e12, bw=1e12, sat=0.0)      # compute-bound: 1e6 / 1e12
+    1e-06
+    >>> roofline_time(1e3, 0.0, peak=1e12, bw=1e12, sat=1e6)      # under-filled: 50 * 1e3 / 1e12
+    5e-08
+    >>> roofline_time(1e3, 1e6, peak=1e12, bw=1e9, sat=0.0)       # memory-bound: 1e6 / 1e9
+    0.001
+  """
   if isinstance(f, np.ndarray) or isinstance(b, np.ndarray):
+    fa, ba = np.asarray(f, np.float64), np.asarray(b, np.float64)
+    if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF) or not (
+        np.all((fa >= 0) & (fa < INF)) and np.all((ba >= 0) & (ba < INF))):
+      _roofline_error(f, b, peak, bw, sat)
     return np.maximum(np.maximum(f, np.minimum(sat, f * 50)) / peak, b / bw)
+  # one chained comparison (this runs for every merge stage the DP costs); NaN fails every comparison
+  if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF and 0 <= f < INF and 0 <= b < INF):
+    _roofline_error(f, b, peak, bw, sat)
   return max(max(f, min(sat, f * 50)) / peak, b / bw)
+
+
+def _roofline_error(f, b, peak, bw, sat):
+  """Raise the ValueError of :func:`roofline_time` naming the argument that is wrong."""
+  for name, v, lo_strict in (("peak", peak, True), ("bw", bw, True), ("sat", sat, False)):
+    if not isinstance(v, (int, float, np.integer, np.floating)) or not (
+        (0 < v if lo_strict else 0 <= v) and v < INF):
+      raise ValueError(f"roofline_time: {name} must be a finite number {'> 0' if lo_strict else '>= 0'}, got "
+                       f"{v!r} (peak: FLOP/s, bw: bytes/s, sat: FLOPs that fill the device).")
+  for name, v in (("f", f), ("b", b)):
+    a = np.asarray(v, np.float64)
+    if not np.all((a >= 0) & (a < INF)):
+      raise ValueError(f"roofline_time: {name} (the kernel's {'FLOPs' if name == 'f' else 'bytes'}) must be finite "
+                       f"and >= 0, got {v!r}.")
+  raise ValueError("roofline_time: invalid arguments.")   # unreachable: one of the checks above fired
 
 
 def merge_flops_bytes(g: Graph, st: Stage) -> tuple[float, float, int]:
   """FLOPs and DRAM bytes of a merge stage run as one conv over the concatenated, centred zero-padded
-  kernels (the input is read once), and the number of convs merged."""
+  kernels (the input is read once), and the number of convs merged.
+
+  IOS operator merge (Ding et al., MLSys 2021, Sec. 4): the merged conv has ``sum_i C_out,i`` output
+  channels and the largest kernel window ``K`` (per spatial dim), so
+  ``F = 2 * sum_i out_elems_i * C_in * prod(K)`` (a 1x1 merged into a 3x3 costs 9x its own FLOPs) and
+  ``B = sum_i bytes_i - (n - 1) * input bytes`` (the units' inputs, outputs and weights, with the shared
+  input read once).
+
+  Raises:
+    ValueError: ``st`` is not a merge stage of ``g``'s convolution units.
+  """
+  if not isinstance(st, Stage) or st.kind != "merge" or len(st.groups) != 1 or not st.groups[0]:
+    raise ValueError(f"merge_flops_bytes: st must be a merge Stage with one non-empty group of conv units, "
+                     f"got {st!r}.")
   units = st.groups[0]
+  ok = [isinstance(u, (int, np.integer)) and 0 <= u < len(g.units) for u in units]
+  if not all(ok) or any(g.units[u].kind != "conv_general_dilated" for u in units):
+    kinds = [g.units[u].kind if k else "not a unit" for u, k in zip(units, ok)]
+    raise ValueError(f"merge_flops_bytes: every unit of a merge stage must be a convolution unit of g, got "
+                     f"units {tuple(units)} of kinds {kinds}.")
   e0 = g.eqns[g.units[units[0]].anchor]
   dn = e0.params["dimension_numbers"]
   ws = [g.avals[g.eqns[g.units[u].anchor].inputs[1]] for u in units]
@@ -166,11 +230,23 @@ def _random_like(aval, key):
 def chain_program(fn, k: int):
   """K copies of ``fn(consts, xs)`` chained through optimization barriers (for differential timing).
 
+  ``run(consts, xs)`` returns the list of the ``k`` copies' outputs, each equal to ``fn(consts, xs)``;
+  each copy reads ``xs`` through the previous copy's ``lax.optimization_barrier``, so XLA runs the copies
+  in order and cannot merge them (IOS profiles stages on the device, Ding et al., MLSys 2021, Sec. 4.3;
+  :class:`StageProfiler` takes ``(T_k - T_1) / (k - 1)``).
+
+  Raises:
+    TypeError: ``fn`` is not callable or ``k`` is not an integer.  ValueError: ``k < 1``.
+
   Example:
     >>> run = chain_program(lambda consts, xs: (xs[0] * 2,), 3)     # 3 copies, each reads the same xs
     >>> [float(ys[0][0]) for ys in run({}, (jnp.ones(2),))]
     [2.0, 2.0, 2.0]
   """
+  if not callable(fn):
+    raise TypeError(f"chain_program: fn must be a callable fn(consts, xs) -> outputs, got {type(fn).__name__}.")
+  check_int("k", k, 1)
+
   def run(consts, xs):
     res = []
     cur = tuple(xs)
@@ -186,11 +262,25 @@ def time_calls(f, args, number: int, repeat: int) -> list:
   """Seconds per call of ``f(*args)`` for each of ``repeat`` rounds of ``number`` back-to-back calls
   (one warm-up call first; each round ends with ``block_until_ready``, so dispatch is amortised).
 
+  ``f`` is called ``1 + number * repeat`` times in all. The minimum over rounds is the usual estimate
+  (Ding et al., MLSys 2021, Sec. 4.3 profile each stage on the device the same way).
+
+  Raises:
+    TypeError: ``f`` is not callable, ``args`` is not a tuple/list, or ``number``/``repeat`` is not an
+      integer.  ValueError: ``number < 1`` or ``repeat < 1``.
+
   Example:
     >>> ts = time_calls(jax.jit(jnp.sin), (jnp.ones(3),), number=2, repeat=3)
     >>> len(ts), all(t > 0 for t in ts)
     (3, True)
   """
+  if not callable(f):
+    raise TypeError(f"time_calls: f must be callable, got {type(f).__name__}.")
+  if not isinstance(args, (tuple, list)):
+    raise TypeError(f"time_calls: args must be the tuple of positional arguments of f, got {type(args).__name__}; "
+                    "wrap a single argument as (x,).")
+  check_int("number", number, 1)
+  check_int("repeat", repeat, 1)
   jax.block_until_ready(f(*args))
   ts = []
   for _ in range(repeat):

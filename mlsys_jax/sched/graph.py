@@ -36,6 +36,8 @@ import numpy as np
 import jax
 from jax.extend import core as jex_core
 
+from mlsys_jax._checks import check_int
+
 HEAVY = frozenset({
     "conv_general_dilated", "dot_general", "reduce_window_sum", "reduce_window_max",
     "reduce_window_min", "reduce_window", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
@@ -188,13 +190,43 @@ def _nbytes(aval) -> int:
 def eqn_flops(e: FlatEqn, avals: dict) -> float:
   """Analytical FLOPs of one flat equation (2 per multiply-add for convs and dots).
 
+  The FLOP term of IOS's analytical stage cost (Ding et al., MLSys 2021, Sec. 4.3 profiles
+  latencies; :class:`~mlsys_jax.sched.cost.AnalyticalCost` replaces them by a roofline over these
+  counts):
+
+  * ``conv_general_dilated``: ``2 * out_elems * C_in_per_group * prod(kernel spatial)`` (the kernel's
+    input-feature dimension already holds ``C_in / feature_group_count``);
+  * ``dot_general``: ``2 * out_elems * prod(contracting dims of lhs)``;
+  * ``reduce_window*`` (pooling): ``out_elems * prod(window_dimensions)``;
+  * anything else (elementwise, reductions, data movement): ``max`` of the output's and the inputs'
+    element counts (one operation per element touched); ``0`` for an equation without outputs.
+
+  Args:
+    e: a flat equation of a :class:`Graph` (``g.eqns[i]``).
+    avals: value id -> abstract value (``g.avals``).
+
+  Raises:
+    TypeError: ``e`` is not a :class:`FlatEqn`.
+    KeyError: an output or operand of ``e`` has no entry in ``avals``.
+
   Example:
     >>> g = build_graph(lambda x: x @ jnp.ones((4, 4)), jnp.ones((1, 4)))
     >>> eqn_flops(g.eqns[g.units[0].anchor], g.avals)      # 2 * (1 * 4 outputs) * 4
     32.0
   """
+  if not isinstance(e, FlatEqn):
+    raise TypeError(f"eqn_flops: e must be a FlatEqn (an entry of Graph.eqns), got {type(e).__name__}.")
+  missing = [v for v in e.outputs if v not in avals]
+  if missing:
+    raise KeyError(f"eqn_flops: output value ids {missing} have no abstract value in avals; pass the avals of "
+                   "the graph the equation belongs to (g.avals).")
   name = e.prim.name
   out = avals[e.outputs[0]] if e.outputs else None
+  if name in ("conv_general_dilated", "dot_general"):
+    miss = [v for v in e.inputs[:2] if avals_of(v, avals) is None]
+    if miss:
+      raise KeyError(f"eqn_flops: operand value ids {miss} of this {name} have no abstract value in avals; "
+                     "pass the graph's avals (g.avals).")
   if name == "conv_general_dilated":
     rhs = avals_of(e.inputs[1], avals)
     dn = e.params["dimension_numbers"]
@@ -219,6 +251,12 @@ def eqn_flops(e: FlatEqn, avals: dict) -> float:
 def avals_of(v, avals):
   """Abstract value (shape, dtype) of a value id or a literal.
 
+  A :class:`Lit` gives the abstract value of its Python/numpy value; an integer value id gives
+  ``avals[v]``, or ``None`` when ``avals`` has no entry for it.
+
+  Raises:
+    TypeError: ``v`` is neither an integer value id nor a :class:`Lit`.
+
   Example:
     >>> w = jnp.ones((4, 4))
     >>> g = build_graph(lambda x: jnp.tanh(x @ w) + 1.0, jnp.ones((1, 4)))
@@ -227,6 +265,9 @@ def avals_of(v, avals):
   """
   if isinstance(v, Lit):
     return jax.typeof(v.val) if hasattr(jax, "typeof") else jax.core.get_aval(v.val)
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+    raise TypeError(f"avals_of: v must be an integer value id or a Lit (an operand of a FlatEqn), got "
+                    f"{type(v).__name__} ({v!r}).")
   return avals.get(v)
 
 
@@ -561,6 +602,23 @@ def build_graph(fn: Callable, *example_args, part_size: int = 50, allow_opaque: 
 def partition_blocks(g: Graph, part_size: int) -> list:
   """Blocks between cut points (units that every source->sink path crosses), split into parts.
 
+  IOS (Ding et al., MLSys 2021, Sec. 4) bounds the DP's cost by partitioning the graph into blocks and
+  scheduling each block alone (``max_part_size`` in the official code). A unit is a cut point when every
+  path from a graph input to a graph output goes through it; in a topological order this holds exactly
+  when no edge jumps over the unit. Each block ends with a cut point (the last may not) and is cut into
+  consecutive parts of at most ``part_size`` units.
+
+  Args:
+    g: the unit graph (units in topological order, as :func:`build_graph` makes them).
+    part_size: largest number of units in one part, an integer >= 1.
+
+  Returns:
+    A list of parts, each a list of unit indices; their concatenation is ``0 .. len(g.units) - 1``.
+
+  Raises:
+    TypeError: ``g`` is not a :class:`Graph` or ``part_size`` is not an integer.
+    ValueError: ``part_size < 1``.
+
   Example:
     >>> g = build_graph(lambda x: jnp.tanh(x @ jnp.ones((4, 4))) @ jnp.ones((4, 2)), jnp.ones((1, 4)))
     >>> partition_blocks(g, 50)                           # a chain: every unit is a cut point
@@ -569,6 +627,9 @@ def partition_blocks(g: Graph, part_size: int) -> list:
     >>> partition_blocks(build_graph(f, jnp.ones((1, 4))), 2)   # one block of 3 units, parts of <= 2
     [[0, 1], [2]]
   """
+  if not isinstance(g, Graph):
+    raise TypeError(f"partition_blocks: g must be a Graph (from build_graph), got {type(g).__name__}.")
+  check_int("part_size", part_size, 1)
   n = len(g.units)
   if n == 0:
     return []
@@ -604,12 +665,24 @@ def partition_blocks(g: Graph, part_size: int) -> list:
 def summarize_graph(g: Graph) -> dict:
   """Counts of a unit graph: units, equations, blocks, the largest part and units per kind.
 
+  The size of the IOS search problem (Ding et al., MLSys 2021, Sec. 4: the DP's cost grows with the
+  part size), recorded next to every schedule.
+
+  Returns:
+    ``{"units", "eqns", "blocks", "largest_part", "kinds"}``: numbers of units, flat equations and DP
+    parts, the units of the largest part (0 for an empty graph) and ``{unit kind: count}``.
+
+  Raises:
+    TypeError: ``g`` is not a :class:`Graph`.
+
   Example:
     >>> f = lambda x: jnp.tanh(x @ jnp.ones((4, 4))) + x @ jnp.ones((4, 4))
     >>> s = summarize_graph(build_graph(f, jnp.ones((1, 4))))
     >>> s["units"], s["blocks"], s["kinds"]
     (3, 1, {'dot_general': 2, 'identity': 1})
   """
+  if not isinstance(g, Graph):
+    raise TypeError(f"summarize_graph: g must be a Graph (from build_graph), got {type(g).__name__}.")
   kinds: dict[str, int] = {}
   for u in g.units:
     kinds[u.kind] = kinds.get(u.kind, 0) + 1
