@@ -75,7 +75,28 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
 
 def length_distribution(lengths, weights=None) -> tuple[np.ndarray, np.ndarray]:
   """``(distinct lengths, probabilities)`` from samples (``weights=None``) or from lengths with weights
-  (counts or probabilities; normalised here)."""
+  (counts or probabilities; normalised here).
+
+  The ``p(n)`` of the bucket-choice objective ``J`` (module docstring; Nimble, Shen et al., MLSys 2021,
+  dispatches each length to a bucket): ``p(n) = sum_{i: lengths_i = n} w_i / sum_i w_i`` with
+  ``w_i = 1`` for samples. Repeated lengths are pooled.
+
+  Args:
+    lengths: non-empty 1-D sequence of integer lengths >= 1 (integral floats are accepted).
+    weights: ``None`` or a sequence of the same shape, finite, >= 0 and not all zero.
+
+  Returns:
+    ``(uniq, p)``: the distinct lengths increasing (int64) and their probabilities (float64, sum 1).
+
+  Raises:
+    ValueError: ``lengths`` is empty, not 1-D or holds a value < 1; ``weights`` has another shape, a
+      negative or non-finite entry, or sums to 0.
+    TypeError: ``lengths`` holds non-integral values.
+
+  >>> uniq, p = length_distribution([3, 1, 3, 3])
+  >>> uniq.tolist(), p.tolist()
+  ([1, 3], [0.25, 0.75])
+  """
   lengths = np.asarray(lengths)
   if lengths.ndim != 1 or lengths.size == 0:
     raise ValueError(f"lengths must be a non-empty 1-D sequence, got shape {lengths.shape}.")

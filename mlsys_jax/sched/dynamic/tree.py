@@ -196,8 +196,62 @@ def encode_trees(parents_list: Sequence[Sequence[int]], features: Sequence[np.nd
   return TreeBatch(x, parent, level_nodes, roots, np.int32(levels))
 
 
+_CELL_KEYS = ("W_iou", "b_iou", "U_iou", "W_f", "b_f", "U_f")
+
+
+def _check_cell_params(params, d: int | None, fname: str) -> int:
+  """Check the Tree-LSTM parameter dict (shapes only: works on tracers) and return the hidden size."""
+  if not hasattr(params, "keys") or any(k not in params for k in _CELL_KEYS):
+    have = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
+    raise ValueError(f"{fname}: params must be a dict with keys {list(_CELL_KEYS)} (e.g. "
+                     f"ChildSumTreeLSTM(...).init(...)['params']), got {have}.")
+  hd = np.shape(params["U_f"])[-1] if np.ndim(params["U_f"]) == 2 else None
+  d = np.shape(params["W_f"])[0] if d is None and np.ndim(params["W_f"]) == 2 else d
+  want = {"W_iou": (d, 3 * hd) if hd else None, "b_iou": (3 * hd,) if hd else None,
+          "U_iou": (hd, 3 * hd) if hd else None, "W_f": (d, hd) if hd else None, "b_f": (hd,) if hd else None,
+          "U_f": (hd, hd) if hd else None}
+  for k, shape in want.items():
+    if shape is None or tuple(np.shape(params[k])) != shape:
+      got = {q: tuple(np.shape(params[q])) for q in _CELL_KEYS}
+      raise ValueError(f"{fname}: params['{k}'] must have shape {shape} for input size d={d} and hidden size "
+                       f"h=params['U_f'].shape[1]; got shapes {got}.")
+  return int(hd)
+
+
 def tree_lstm_cell(params, x_j, child_h, child_c):
-  """One child-sum Tree-LSTM node: ``x_j`` ``(d,)``, children ``(k, h)`` (``k`` may be 0)."""
+  """One child-sum Tree-LSTM node: ``x_j`` ``(d,)``, children ``(k, h)`` (``k`` may be 0).
+
+  Tai, Socher and Manning (ACL 2015), child-sum Tree-LSTM, eq. 2-8 (the module docstring):
+  ``h~ = sum_k h_k``; ``[i, o, u] = x_j W_iou + b_iou + h~ U_iou``;
+  ``f_k = sigmoid(x_j W_f + b_f + h_k U_f)``; ``c = sigmoid(i) tanh(u) + sum_k f_k c_k``;
+  ``h = sigmoid(o) tanh(c)``. A leaf (``k = 0``) has ``h~ = 0`` and no forget term.
+
+  Args:
+    params: dict of ``W_iou (d, 3h)``, ``b_iou (3h,)``, ``U_iou (h, 3h)``, ``W_f (d, h)``, ``b_f (h,)``,
+      ``U_f (h, h)`` (``ChildSumTreeLSTM``'s parameters); ``i, o, u`` are the three ``h``-wide slices of
+      ``iou``, in that order.
+    x_j: ``(d,)`` node input.
+    child_h, child_c: ``(k, h)`` hidden and memory states of the node's children.
+
+  Returns:
+    ``(h, c)``, each ``(h,)``.
+
+  Raises:
+    ValueError: a key of ``params`` is missing or a shape does not match.
+
+  >>> p = {"W_iou": jnp.zeros((2, 6)), "b_iou": jnp.zeros(6), "U_iou": jnp.zeros((2, 6)),
+  ...      "W_f": jnp.zeros((2, 2)), "b_f": jnp.zeros(2), "U_f": jnp.zeros((2, 2))}
+  >>> h, c = tree_lstm_cell(p, jnp.ones(2), jnp.zeros((0, 2)), jnp.zeros((0, 2)))   # a leaf
+  >>> c.tolist()                                        # sigmoid(0) * tanh(0)
+  [0.0, 0.0]
+  """
+  if np.ndim(x_j) != 1:
+    raise ValueError(f"tree_lstm_cell: x_j must be one node's input of shape (d,), got {np.shape(x_j)}; "
+                     "use jax.vmap for a batch of nodes.")
+  hd = _check_cell_params(params, np.shape(x_j)[0], "tree_lstm_cell")
+  if np.ndim(child_h) != 2 or np.shape(child_h) != np.shape(child_c) or np.shape(child_h)[1] != hd:
+    raise ValueError(f"tree_lstm_cell: child_h and child_c must both have shape (k, {hd}) (k children, "
+                     f"k may be 0), got {np.shape(child_h)} and {np.shape(child_c)}.")
   h_sum = child_h.sum(0)
   iou = x_j @ params["W_iou"] + params["b_iou"] + h_sum @ params["U_iou"]
   i, o, u = jnp.split(iou, 3, axis=-1)
@@ -242,7 +296,45 @@ class ChildSumTreeLSTM(nn.Module):
 
 
 def tree_lstm_levels(p, batch: TreeBatch):
-  """The level-by-level computation of :class:`ChildSumTreeLSTM` on a params dict."""
+  """The level-by-level computation of :class:`ChildSumTreeLSTM` on a params dict.
+
+  Every node gets the child-sum Tree-LSTM state of :func:`tree_lstm_cell` (Tai et al., ACL 2015,
+  eq. 2-8), computed for all nodes of one height of all trees at once: level ``l`` reads the summed
+  child states ``h~`` and ``sum_k f_k c_k`` accumulated by level ``l - 1`` and scatters its own into its
+  parents, in a ``lax.fori_loop`` over ``batch.num_levels`` (Nimble's dynamic control flow, Shen et
+  al., MLSys 2021, Sec. 6: the trip count is data, so one program serves every tree shape of the
+  padded sizes).
+
+  Args:
+    p: the parameter dict of :func:`tree_lstm_cell` (``d = batch.x.shape[1]``).
+    batch: a :class:`TreeBatch` from :func:`encode_trees` (numpy or jax arrays).
+
+  Returns:
+    ``(root_h, node_h)``: ``(T, h)`` root states (zeros for padded roots) and ``(N + 1, h)`` states of
+    every node (zeros for padding and the dummy row).
+
+  Raises:
+    TypeError: ``batch`` is not a :class:`TreeBatch`.
+    ValueError: a key or shape of ``p`` or of ``batch`` is wrong.
+
+  >>> b = encode_trees([[-1, 0]], [np.ones((2, 3), np.float32)])
+  >>> v = ChildSumTreeLSTM(4).init(jax.random.PRNGKey(0), b)
+  >>> root_h, node_h = tree_lstm_levels(v["params"], b)
+  >>> root_h.shape, node_h.shape                          # 1 tree; 2 nodes padded to 2, plus the dummy
+  ((1, 4), (3, 4))
+  """
+  if not isinstance(batch, TreeBatch):
+    raise TypeError(f"tree_lstm_levels: batch must be a TreeBatch (from encode_trees), got {type(batch).__name__}.")
+  if np.ndim(batch.x) != 2:
+    raise ValueError(f"tree_lstm_levels: batch.x must be (N + 1, d) node features, got shape {np.shape(batch.x)}.")
+  _check_cell_params(p, np.shape(batch.x)[1], "tree_lstm_levels")
+  n1 = np.shape(batch.x)[0]
+  if np.shape(batch.parent) != (n1,) or np.ndim(batch.level_nodes) != 2 or np.ndim(batch.roots) != 1:
+    raise ValueError(f"tree_lstm_levels: batch must hold parent (N + 1,), level_nodes (L, W) and roots (T,) for "
+                     f"x of shape {np.shape(batch.x)}; got parent {np.shape(batch.parent)}, level_nodes "
+                     f"{np.shape(batch.level_nodes)}, roots {np.shape(batch.roots)}. Build it with encode_trees.")
+  # encode_trees returns numpy arrays; a numpy level_nodes cannot be indexed by the loop's traced level
+  batch = TreeBatch(*(jnp.asarray(a) for a in batch))
   x, parent = batch.x, batch.parent
   dummy = x.shape[0] - 1
   hd = p["U_f"].shape[0]
