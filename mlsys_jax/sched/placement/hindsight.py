@@ -120,8 +120,44 @@ def dagger_rollouts(traces: Trace, cluster: Cluster, *, spec: Spec, params, beta
   """Roll out the DAgger mixture on a batch of traces: each decision follows the hindsight oracle with
   probability ``beta`` and the imitation policy (``params``) otherwise (``beta=0``: the learned policy;
   ``beta=1``: the oracle). Returns the batched :class:`SimResult` with observations and hindsight costs
-  recorded (one compilation per trace shape and spec, shared with :func:`train_imitation`)."""
+  recorded (one compilation per trace shape and spec, shared with :func:`train_imitation`).
+
+  DAgger (Ross, Gordon, Bagnell, AISTATS 2011) as FirePlace uses it (Balaji et al., MLSys 2021, Sec. 3):
+  the rollouts visit states of the mixture ``beta * oracle + (1 - beta) * policy``; every visited state
+  is labelled with the hindsight costs of all candidates.
+
+  Args:
+    traces: a batch of ``B`` traces (``arrival`` of shape ``[B, N]``) with the cluster's resources.
+    cluster: the machines (``M``).
+    spec: simulation sizes.
+    params: :class:`PlacementNet` parameters (``train_imitation(...).params``).
+    beta: probability of following the oracle at each decision, in ``[0, 1]``.
+    key: PRNG key (split into one key per trace).
+
+  Returns:
+    :class:`~mlsys_jax.sched.placement.sim.SimResult` with a leading ``[B]`` axis: ``actions [B, N]``,
+    ``objective [B]``, ``usage [B, M, horizon, R]`` and ``obs`` stacked over arrivals
+    (``obs.hindsight [B, N, M]``, ``obs.feasible [B, N, M]``, ...).
+
+  Raises:
+    ValueError: ``beta`` outside ``[0, 1]``, ``traces`` not a batch, or a trace the simulator cannot run
+      (:func:`~mlsys_jax.sched.placement.sim.validate_trace`).
+
+  Example:
+    >>> from mlsys_jax.sched.placement import sim, traces as T
+    >>> trs = jax.vmap(lambda k: T.synthetic_trace(k, n_vms=8, horizon=16, max_life=4))(
+    ...     jax.random.split(jax.random.PRNGKey(0), 2))
+    >>> net = PlacementNet().init(jax.random.PRNGKey(1), jnp.zeros((2, 2 * (5 * 2 + 4) + 4 + 2)))
+    >>> res = dagger_rollouts(trs, sim.make_cluster(2), spec=sim.Spec(16), params=net, beta=0.5,
+    ...                       key=jax.random.PRNGKey(2))
+    >>> res.actions.shape, res.obs.hindsight.shape
+    ((2, 8), (2, 8, 2))
+  """
   check_range("beta", beta, 0.0, 1.0)
+  if np.ndim(traces.arrival) != 2:
+    raise ValueError(f"dagger_rollouts: traces must be a batch (arrival of shape [B, N]), got "
+                     f"{np.shape(traces.arrival)}; stack one trace with jax.tree.map(lambda x: x[None], trace).")
+  validate_trace(traces, cluster, spec.horizon)
   b = np.shape(traces.arrival)[0]
   return _rollouts(traces, cluster.capacity, spec, (params, jnp.float32(beta)), jax.random.split(key, b))
 

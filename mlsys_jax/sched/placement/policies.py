@@ -20,6 +20,22 @@ __all__ = ["random_policy", "round_robin", "first_fit", "best_fit", "least_loade
            "forecast", "hindsight_oracle", "switch_policy", "BASELINES", "simulate_numpy", "NUMPY_POLICIES"]
 
 
+def _check_obs(obs, fname: str) -> None:
+  """TypeError/ValueError unless ``obs`` is one arrival's :class:`Observation` (shapes only: runs on
+  tracers inside ``simulate``)."""
+  if not isinstance(obs, Observation):
+    raise TypeError(f"{fname}: obs must be a placement Observation (what simulate passes a policy), got "
+                    f"{type(obs).__name__}.")
+  if np.ndim(obs.usage_hist) != 3:
+    raise ValueError(f"{fname}: obs.usage_hist must be [machines, window, resources], got shape "
+                     f"{np.shape(obs.usage_hist)}; call the policy on one arrival (vmap over a batch).")
+  m, _, r = np.shape(obs.usage_hist)
+  for name in ("reserved", "size_frac"):
+    if np.shape(getattr(obs, name)) != (m, r):
+      raise ValueError(f"{fname}: obs.{name} must have shape [machines, resources] = {(m, r)} like "
+                       f"obs.usage_hist, got {np.shape(getattr(obs, name))}.")
+
+
 def random_policy(params, obs: Observation, key) -> jax.Array:
   """Uniformly random feasible machine (Gumbel scores).
 
@@ -48,7 +64,27 @@ def first_fit(params, obs: Observation, key) -> jax.Array:
 
 
 def best_fit(params, obs: Observation, key) -> jax.Array:
-  """The machine left fullest (summed reserved fraction after placing the VM): tightest fit."""
+  """The machine left fullest (summed reserved fraction after placing the VM): tightest fit.
+
+  The bin-packing Best Fit rule, one of FirePlace's baselines (Balaji et al., MLSys 2021, Sec. 4):
+  ``score[m] = sum_r (reserved[m, r] + size_frac[m, r])``, so
+  :func:`~mlsys_jax.sched.placement.sim.simulate` picks the feasible machine whose reservations after
+  placement are highest (ties: lowest index). ``params`` and ``key``
+  are ignored.
+
+  Returns:
+    ``[M]`` scores (float).
+
+  Raises:
+    TypeError, ValueError: ``obs`` is not one arrival's :class:`Observation`.
+
+  Example:
+    >>> from mlsys_jax.sched.placement import sim, traces
+    >>> tr = traces.make_trace([0, 1], np.full((2, 2, 1), 0.3), np.full((2, 1), 0.3))
+    >>> sim.simulate(tr, sim.Cluster(jnp.ones((3, 1))), best_fit, spec=sim.Spec(4)).actions.tolist()
+    [0, 0]
+  """
+  _check_obs(obs, "best_fit")
   del params, key
   return jnp.sum(obs.reserved + obs.size_frac, axis=-1)
 
@@ -72,7 +108,25 @@ def power_of_two(params, obs: Observation, key) -> jax.Array:
 
 def forecast(params, obs: Observation, key) -> jax.Array:
   """Forecasting baseline: each machine's usage predicted by its moving average over the observed
-  window; the VM goes to the machine with the lowest predicted load."""
+  window; the VM goes to the machine with the lowest predicted load.
+
+  FirePlace's forecasting baseline (Balaji et al., MLSys 2021, Sec. 4), with a moving-average forecaster:
+  ``score[m] = -sum_r mean_w usage_hist[m, w, r]`` (the window holds zeros before time 0). ``params``
+  and ``key`` are ignored.
+
+  Returns:
+    ``[M]`` scores (float): minus each machine's forecast load.
+
+  Raises:
+    TypeError, ValueError: ``obs`` is not one arrival's :class:`Observation`.
+
+  Example:
+    >>> from mlsys_jax.sched.placement import sim, traces
+    >>> tr = traces.make_trace([0, 1], np.full((2, 2, 1), 0.3), np.full((2, 1), 0.3))
+    >>> sim.simulate(tr, sim.Cluster(jnp.ones((3, 1))), forecast, spec=sim.Spec(4)).actions.tolist()
+    [0, 1]
+  """
+  _check_obs(obs, "forecast")
   del params, key
   return -jnp.sum(jnp.mean(obs.usage_hist, axis=1), axis=-1)
 

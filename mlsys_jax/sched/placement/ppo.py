@@ -40,7 +40,32 @@ _CRITIC = _Critic()
 
 
 def ppo_policy(params, obs: Observation, key) -> jax.Array:
-  """Greedy PPO actor (highest logit); ``params`` = ``PPOResult.params`` (actor, critic)."""
+  """Greedy PPO actor (highest logit); ``params`` = ``PPOResult.params`` (actor, critic).
+
+  The off-the-shelf RL baseline of FirePlace (Balaji et al., MLSys 2021, Sec. 4), PPO (Schulman et al.,
+  2017): the actor is the permutation-equivariant :class:`~mlsys_jax.sched.placement.hindsight.PlacementNet`
+  over :func:`~mlsys_jax.sched.placement.hindsight.machine_features`; its logits are the scores, so
+  :func:`~mlsys_jax.sched.placement.sim.simulate` takes the feasible machine with the highest logit
+  (training samples from the softmax instead). The critic and ``key`` are not used.
+
+  Returns:
+    ``[M]`` logits.
+
+  Raises:
+    TypeError: ``params`` is not an ``(actor, critic)`` pair.
+
+  Example:
+    >>> from mlsys_jax.sched.placement import sim, traces
+    >>> from mlsys_jax.sched.placement.hindsight import PlacementNet
+    >>> actor = PlacementNet().init(jax.random.PRNGKey(0), jnp.zeros((2, 34)))   # untrained; critic unused
+    >>> tr = traces.synthetic_trace(jax.random.PRNGKey(5), n_vms=8, horizon=16, max_life=4)
+    >>> a = sim.simulate(tr, sim.make_cluster(2), ppo_policy, spec=sim.Spec(16), params=(actor, None)).actions
+    >>> a.shape, bool(jnp.all(a < 2))
+    ((8,), True)
+  """
+  if not isinstance(params, (tuple, list)) or len(params) != 2:
+    what = type(params).__name__ + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else "")
+    raise TypeError(f"ppo_policy: params must be the (actor, critic) pair of PPOResult.params, got {what}.")
   del key
   return _NET.apply(params[0], machine_features(obs))
 
