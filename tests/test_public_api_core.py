@@ -499,7 +499,12 @@ def test_stage_features_bad_input(net):
 
 def test_calibrate_micro_follows_its_formula():
   n, repeats = 30, 2
-  cal = overhead.calibrate_micro(n=n, repeats=repeats, clock="process")
+  try:
+    cal = overhead.calibrate_micro(n=n, repeats=repeats, clock="process")
+  except RuntimeError as e:  # no jax.profiler trace on this machine (the profiler warned); see the next test
+    if "recorded no 'trace' events" not in str(e):
+      raise
+    pytest.skip(str(e))
   assert cal.clock == "process" and set(cal.delta_ns) == set(cal.raw_delta_ns) == {"scope", "intercept", "trace"}
   assert set(cal.wall_s) == {"scope:off", "scope:scopes", "intercept:scopes", "intercept:intercept",
                              "trace:intercept", "trace:trace"}
