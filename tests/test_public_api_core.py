@@ -314,6 +314,17 @@ def test_valid_actions_every_completion_is_a_valid_schedule(net):
       assert all(len(grp) <= r for st in par for grp in st.groups) and all(len(st.groups) == 1 for st in par)
 
 
+def test_valid_actions_numpy_ints_and_bool_refused(net):
+  # s21 review: valid_actions checks its ints with one chained test on the common path (it runs per
+  # decision of every rollout); numpy integers still take the named checks and pass, bools are refused
+  st1 = _place(net, V.initial_state(net), 0, ("new", -1, -1))
+  assert V.valid_actions(net, st1, np.int64(1), np.int32(3), np.int64(8)) == V.valid_actions(net, st1, 1, 3, 8)
+  with pytest.raises(TypeError, match="r must be an integer"):
+    V.valid_actions(net, st1, 1, r=True)
+  with pytest.raises(ValueError, match="unit 0 is already placed"):
+    V.valid_actions(net, st1, np.int64(0))
+
+
 def test_valid_actions_bad_input(net):
   st1 = _place(net, V.initial_state(net), 0, ("new", -1, -1))
   with pytest.raises(ValueError, match="unit 0 is already placed"):

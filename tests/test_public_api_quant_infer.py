@@ -320,6 +320,24 @@ def test_compute_scale_bad_input():
     fxp.quantize(jnp.array([0.5, -0.2]), 8, symmetric=False, bounds=(-1.0, np.nan))
 
 
+def test_quantize_data_range_scale_equals_compute_scale_and_bounds_stay_checked():
+  # s21 review: quantize's data-driven range (min/max of the checked x) skips compute_scale's argument
+  # checks (a second host copy per eager call); the scale and zero point must stay those of compute_scale,
+  # and a calibrated range (bounds) must still be checked.
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(6, 5)).astype(np.float32)) + jnp.arange(5.0)
+  for symmetric, unsigned in ((True, False), (True, True), (False, False), (False, True)):
+    qt = fxp.quantize(x, 6, symmetric=symmetric, unsigned=unsigned, axis=0, impl="xla")
+    s, z = fxp.compute_scale(jnp.min(x, 0, keepdims=True), jnp.max(x, 0, keepdims=True), 6, symmetric,
+                             unsigned or not symmetric)
+    np.testing.assert_array_equal(qt.scale, s)
+    shift = 2 ** 5 if not symmetric and not unsigned else 0
+    np.testing.assert_array_equal(qt.zero_point, z - shift)
+  with pytest.raises(ValueError, match="lo must be <= hi"):
+    fxp.quantize(x, 8, symmetric=False, bounds=(1.0, -1.0))
+  with pytest.raises(ValueError, match="lo holds 1 NaN/inf"):
+    fxp.quantize(x, 8, symmetric=False, bounds=(-np.inf, 1.0))
+
+
 def test_straight_through_forward_value_and_identity_gradient_inside_the_range():
   x = jnp.array([[-1.5, -1.0, -0.3, 0.0], [0.4, 1.0, 1.0001, jnp.nan]])
   xq = jnp.round(x * 4) / 4

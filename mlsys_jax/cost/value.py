@@ -131,16 +131,20 @@ def valid_actions(g: Graph, state: State, u: int, r: int = 3, s: int = 8,
     >>> valid_actions(g, initial_state(g), g.blocks[0][0])
     [('new', -1, -1)]
   """
-  check_int("u", u, 0, len(g.units) - 1)
-  check_int("r", r, 1)
-  check_int("s", s, 1)
-  check_int("max_merge", max_merge, 2)
-  if any(v == u for v, _, _ in state.where):
-    raise ValueError(f"unit {u} is already placed in state; pass the next undecided unit, "
-                     f"state.order[state.step] = {state.order[state.step] if state.step < len(state.order) else None}.")
+  # this runs once per decision of every rollout and beam step: one chained test on the common path
+  # (plain ints in range), the named checks only to raise
+  if not (type(u) is int and type(r) is int and type(s) is int and type(max_merge) is int
+          and 0 <= u < len(g.units) and r >= 1 and s >= 1 and max_merge >= 2):
+    check_int("u", u, 0, len(g.units) - 1)
+    check_int("r", r, 1)
+    check_int("s", s, 1)
+    check_int("max_merge", max_merge, 2)
   mk = merge_key if merge_key is not None else (lambda v: emit.merge_key(g, v))
   part = _part_of(g)[u]
   where = {v: (k, gi) for v, k, gi in state.where}
+  if u in where:   # a dict look-up, not a scan of state.where
+    raise ValueError(f"unit {u} is already placed in state; pass the next undecided unit, "
+                     f"state.order[state.step] = {state.order[state.step] if state.step < len(state.order) else None}.")
   preds = [p for p in g.units[u].preds if p in where]
   kmin = 0
   for p in preds:

@@ -185,11 +185,14 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
   """
   _check_bool("symmetric", symmetric)
   _check_bool("unsigned", unsigned)
-  qmin, qmax = qrange(bits, symmetric, unsigned)
-  check_finite("lo", lo)
-  check_finite("hi", hi)
+  qrange(bits, symmetric, unsigned)          # checks bits
   if is_concrete(lo) and is_concrete(hi):
+    # one host copy of each end (an eager call on device arrays synchronizes here)
     lo_n, hi_n = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    for name, a in (("lo", lo_n), ("hi", hi_n)):
+      if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} holds {int(np.size(a) - np.count_nonzero(np.isfinite(a)))} NaN/inf value(s); "
+                         "clean the input (e.g. jnp.nan_to_num) or find where it diverged.")
     try:
       lo_b, hi_b = np.broadcast_arrays(lo_n, hi_n)
     except ValueError:
@@ -198,9 +201,22 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
       i = tuple(int(v) for v in np.argwhere(lo_b > hi_b)[0])
       raise ValueError(f"lo must be <= hi, got lo = {lo_b[i]!r} > hi = {hi_b[i]!r} at index {list(i)}; "
                        "pass the range as (lo, hi) = (min, max).")
+  else:
+    check_finite("lo", lo)                   # the concrete one of the two, if any
+    check_finite("hi", hi)
+  return _scale_zp(lo, hi, bits, symmetric, unsigned)
+
+
+def _scale_zp(lo, hi, bits: int, symmetric: bool, unsigned: bool, nan_scale: bool = True
+              ) -> tuple[jax.Array, jax.Array]:
+  """:func:`compute_scale` without its argument checks, for :func:`quantize`'s data-driven range (the
+  min and max of an already checked ``x``: finite and ordered by construction, so checking them again
+  would only add a device-to-host copy per eager call). ``nan_scale=False`` leaves out the NaN-end
+  test (``quantize`` marks every group holding a NaN itself, which covers a NaN min/max)."""
+  qmin, qmax = qrange(bits, symmetric, unsigned)
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
-  undefined = jnp.isnan(lo) | jnp.isnan(hi)      # traced NaN ends: the scale says so (never silently 1)
+  undefined = (jnp.isnan(lo) | jnp.isnan(hi)) if nan_scale else None   # NaN ends: the scale says so (never 1)
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
   if symmetric:
@@ -211,7 +227,7 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
   else:
     scale = jnp.where(hi > lo, (hi - lo) / (qmax - qmin), 1.0)
     zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
-  return jnp.where(undefined, jnp.nan, scale), zp
+  return (jnp.where(undefined, jnp.nan, scale) if nan_scale else scale), zp
 
 
 def _round(v: jax.Array, rounding: str, key) -> jax.Array:
@@ -282,7 +298,10 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
     lo, hi = (jnp.asarray(b, jnp.float32) for b in bounds)
   else:
     raise ValueError("bounds must be amax (symmetric) or a (lo, hi) pair.")
-  scale, zp = compute_scale(lo, hi, bits, symmetric, unsigned or not symmetric)
+  if bounds is None:   # min/max of the checked x: finite and lo <= hi already
+    scale, zp = _scale_zp(lo, hi, bits, symmetric, unsigned or not symmetric, nan_scale=False)
+  else:
+    scale, zp = compute_scale(lo, hi, bits, symmetric, unsigned or not symmetric)
   # NaN (and, for a data-driven range, +-inf) makes the group's scale NaN: codes cannot carry it.
   bad = jnp.isnan(xf) if bounds is not None else ~jnp.isfinite(xf)
   scale = jnp.where(jnp.any(bad, axis=axes, keepdims=True), jnp.nan, scale)
