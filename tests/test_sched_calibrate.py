@@ -64,6 +64,11 @@ def test_vectorized_terms_equal_the_cost_model(programs):
     cost = sched.AnalyticalCost(**{k: v for k, v in th.items() if k != "call_s"})
     want = np.array([calibrate.predict_latency(cost, p, th["call_s"]) for p in progs])
     np.testing.assert_allclose(terms.predict(th), want, rtol=1e-12)
+  # predict() runs the roofline unchecked (its arrays are checked once in _Terms); a bad parameter still raises
+  with pytest.raises(ValueError, match="peak"):
+    terms.predict({**th, "peak_flops": -1.0})
+  with pytest.raises(ValueError, match="bw"):
+    terms.predict({**th, "bandwidth": float("nan")})
 
 
 def test_serial_fraction_adds_the_shorter_groups(programs):

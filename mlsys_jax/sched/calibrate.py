@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from mlsys_jax.sched.cost import INF, AnalyticalCost, _valid, merge_flops_bytes, roofline_time
+from mlsys_jax.sched.cost import INF, AnalyticalCost, _roofline_arrays, _valid, merge_flops_bytes, roofline_time
 from mlsys_jax.sched.dp import Stage
 from mlsys_jax.sched.graph import Graph
 
@@ -119,15 +119,21 @@ class _Terms:
     self.s_f = np.bincount(u_stage, self.u_f, minlength=stage_id)
     self.s_b = np.bincount(u_stage, self.u_b, minlength=stage_id)
     self.s_groups = np.bincount(self.g_stage, minlength=stage_id).astype(np.float64)
+    for name, v in (("FLOPs", self.m_f), ("bytes", self.m_b), ("FLOPs", self.u_f), ("bytes", self.u_b)):
+      if not np.all((v >= 0) & (v < INF)):   # checked once here; predict() runs the formula unchecked
+        raise ValueError(f"the programs' kernel {name} must be finite and >= 0 (got {v[~((v >= 0) & (v < INF))][:3]}); "
+                         "the cost model produced a negative or non-finite term")
 
   def predict(self, th: dict) -> np.ndarray:
     peak, bw, launch, sat = th["peak_flops"], th["bandwidth"], th["launch_s"], th["sat_flops"]
+    if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF):
+      roofline_time(0.0, 0.0, peak, bw, sat)   # raises, naming the parameter that is out of range
     out = np.full(self.n, float(th["call_s"]))
     if self.m_f.size:
-      t = th["merge_launch_s"] + roofline_time(self.m_f, self.m_b, peak, bw, sat) + launch * 0.25 * (self.m_n - 1)
+      t = th["merge_launch_s"] + _roofline_arrays(self.m_f, self.m_b, peak, bw, sat) + launch * 0.25 * (self.m_n - 1)
       out += np.bincount(self.m_prog, t, minlength=self.n)
     if self.u_f.size:
-      ut = launch + roofline_time(self.u_f, self.u_b, peak, bw, sat)
+      ut = launch + _roofline_arrays(self.u_f, self.u_b, peak, bw, sat)
       gsum = np.bincount(self.u_group, ut, minlength=self.n_groups)
       gmax = np.zeros(self.n_stages)
       np.maximum.at(gmax, self.g_stage, gsum)

@@ -80,11 +80,18 @@ def roofline_time(f, b, peak: float, bw: float, sat: float):
     if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF) or not (
         np.all((fa >= 0) & (fa < INF)) and np.all((ba >= 0) & (ba < INF))):
       _roofline_error(f, b, peak, bw, sat)
-    return np.maximum(np.maximum(f, np.minimum(sat, f * 50)) / peak, b / bw)
+    return _roofline_arrays(f, b, peak, bw, sat)
   # one chained comparison (this runs for every merge stage the DP costs); NaN fails every comparison
   if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF and 0 <= f < INF and 0 <= b < INF):
     _roofline_error(f, b, peak, bw, sat)
   return max(max(f, min(sat, f * 50)) / peak, b / bw)
+
+
+def _roofline_arrays(f, b, peak, bw, sat):
+  """:func:`roofline_time` on numpy arrays without its checks, for callers that validated ``f`` and ``b`` once
+  and evaluate the formula many times (:mod:`mlsys_jax.sched.calibrate`'s fit: a per-call check costs as much as
+  the formula)."""
+  return np.maximum(np.maximum(f, np.minimum(sat, f * 50)) / peak, b / bw)
 
 
 def _roofline_error(f, b, peak, bw, sat):
