@@ -80,11 +80,40 @@ def _segment_mean(data, ids, n):
 
 
 class SAGELayer(nn.Module):
-  """GraphSAGE (Hamilton et al., 2017) with separate mean aggregation over operands and users."""
+  """One GraphSAGE layer (Hamilton et al., NeurIPS 2017, Alg. 1 with the mean aggregator) over a directed
+  graph, aggregating operands and users separately (Kaufman et al., MLSys 2021, Sec. 3.2).
+
+  For node ``v`` with state ``h_v``, edges ``senders[e] -> receivers[e]`` (operand -> user)::
+
+      m_in(v)  = mean of h_u over edges u -> v      (0 when v has no operand)
+      m_out(v) = mean of h_w over edges v -> w      (0 when v has no user)
+      h'_v     = LayerNorm(relu(W [h_v ; m_in(v) ; m_out(v)] + b))
+
+  A node with several parallel edges to the same neighbour counts that neighbour once per edge.
+
+  Attributes:
+    features: output width (``>= 1``).
+
+  Call args: ``h`` float [N, F] node states; ``senders``, ``receivers`` integer [E] node indices in
+  [0, N). Returns float [N, features].
+  """
   features: int
 
   @nn.compact
   def __call__(self, h, senders, receivers):
+    f = self.features
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
+      raise ValueError(f"SAGELayer.features must be an integer >= 1 (the output width), got {f!r}.")
+    if np.ndim(h) != 2:
+      raise ValueError(f"SAGELayer: h must be node states [N, F], got shape {np.shape(h)}; use jax.vmap for "
+                       "a batch of graphs.")
+    for name, e in (("senders", senders), ("receivers", receivers)):
+      if np.ndim(e) != 1 or not jnp.issubdtype(jnp.result_type(e), jnp.integer):
+        raise ValueError(f"SAGELayer: {name} must be an integer [E] array of node indices, got "
+                         f"{jnp.result_type(e)}{list(np.shape(e))}.")
+    if np.shape(senders) != np.shape(receivers):
+      raise ValueError(f"SAGELayer: senders {np.shape(senders)} and receivers {np.shape(receivers)} must have "
+                       "the same length (one entry per edge).")
     n = h.shape[0]
     from_operands = _segment_mean(h[senders], receivers, n)
     from_users = _segment_mean(h[receivers], senders, n)
@@ -159,12 +188,27 @@ class GraphSAGECostModel(nn.Module):
 
 
 class MLPCostModel(nn.Module):
-  """MLP on aggregate program features (:func:`~mlsys_jax.cost.features.program_features`)."""
+  """MLP on aggregate program features (:func:`~mlsys_jax.cost.features.program_features`): the
+  feature-vector baseline that Kaufman et al. (MLSys 2021, Sec. 5) compare the GNN against.
+
+  ``num_layers`` hidden layers ``x <- relu(W x + b)`` of width ``hidden``, then a linear output:
+  ``x`` float [B, F] -> predicted log runtime [B] (one scalar per program).
+
+  Attributes:
+    hidden: hidden width (``>= 1``).
+    num_layers: hidden layers (``>= 0``; 0 is a linear model).
+  """
   hidden: int = 128
   num_layers: int = 2
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    for name, v, low in (("hidden", self.hidden, 1), ("num_layers", self.num_layers, 0)):
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        raise ValueError(f"MLPCostModel.{name} must be an integer >= {low}, got {v!r}.")
+    if np.ndim(x) != 2:
+      raise ValueError(f"MLPCostModel: x must be program features [B, F] (one row per program), got shape "
+                       f"{np.shape(x)}; reshape a single program to [1, F].")
     for _ in range(self.num_layers):
       x = nn.relu(nn.Dense(self.hidden)(x))
     return nn.Dense(1)(x)[:, 0]

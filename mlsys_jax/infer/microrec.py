@@ -843,10 +843,34 @@ def balanced_placement(sizes: Sequence[int], num_devices: int) -> tuple[tuple[in
 
 @jax.tree_util.register_pytree_node_class
 class ShardedStage:
-  """Per-device buffers (device axis first) of physical tables padded to the widest one; ``slot_group``
-  (static) maps (device, slot) to a group id or -1. Build with :func:`shard_stage`."""
+  """Physical tables of a :class:`Plan` spread over devices whole (MicroRec, Jiang et al., MLSys 2021:
+  combined tables placed on memory channels; here on devices). A pytree; build with :func:`shard_stage`.
+
+  Attributes:
+    buffers: (devices, rows_per_device, width): device ``d``'s physical tables stacked along rows, each
+      zero-padded to the widest table's width, then zero rows up to ``rows_per_device``.
+    offsets: int32 (devices, slots): row of ``buffers[d]`` where slot ``s``'s table starts (0 for empty
+      slots).
+    slot_group: static tuple per device of one group id (index into ``layout.groups``) per slot, or -1
+      for an empty slot; every group appears exactly once.
+    layout: the static layout of the unsharded stage (:func:`build_stage`).
+  """
 
   def __init__(self, buffers, offsets, slot_group, layout: _Layout):
+    if isinstance(buffers, (jax.Array, np.ndarray)) and isinstance(offsets, (jax.Array, np.ndarray)):
+      # Checked on arrays (also tracers); skipped for the placeholders jax.tree_util may pass.
+      if buffers.ndim != 3 or offsets.ndim != 2 or buffers.shape[0] != offsets.shape[0]:
+        raise ValueError(f"ShardedStage: buffers must be (devices, rows, width) and offsets (devices, slots) "
+                         f"with the same devices, got {buffers.shape} and {offsets.shape}; build it with "
+                         "shard_stage.")
+      sg = tuple(tuple(int(k) for k in row) for row in slot_group)
+      if len(sg) != offsets.shape[0] or any(len(row) != offsets.shape[1] for row in sg):
+        raise ValueError(f"ShardedStage: slot_group must hold one group id (or -1) per (device, slot) of "
+                         f"offsets {offsets.shape}, got {slot_group}.")
+      ids = sorted(k for row in sg for k in row if k >= 0)
+      if ids != list(range(len(layout.groups))):
+        raise ValueError(f"ShardedStage: slot_group must place each of the {len(layout.groups)} groups "
+                         f"exactly once, got group ids {ids}.")
     self.buffers = buffers  # (devices, rows_per_device, width)
     self.offsets = offsets  # (devices, slots) row offset of each slot's table
     self.slot_group = slot_group

@@ -76,10 +76,17 @@ class CartPoleNP:
 
 
 class PendulumNP:
-  """Pendulum swing-up in numpy (Gym's equations, dt = 0.05 s, torque from :data:`PENDULUM_TORQUES`)."""
+  """Pendulum swing-up in numpy (Gym's classic-control Pendulum-v1 equations, as in :func:`pendulum_step`:
+  unit mass and length, g = 10, dt = 0.05 s, torque ``u = PENDULUM_TORQUES[a]``).
+
+  State ``(th, thd)`` in float64, reset to ``th ~ U(-pi, pi)``, ``thd ~ U(-1, 1)``; ``step(a)`` returns
+  ``(obs = [cos th', sin th', thd'] float32, reward = -cost of the state before the step, done)`` with
+  ``done`` after 200 steps. ``a`` must be an integer in [0, 3).
+  """
   n_actions, obs_dim = len(PENDULUM_TORQUES), 3
 
   def __init__(self, seed: int = 0):
+    check_int("seed", seed, 0)
     self.rng = np.random.default_rng(seed)
     self.reset()
 
@@ -92,6 +99,12 @@ class PendulumNP:
     return self._obs()
 
   def step(self, a: int) -> tuple[np.ndarray, float, bool]:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or np.ndim(a) != 0:
+      raise TypeError(f"PendulumNP.step: a must be one integer action in [0, {self.n_actions}), got "
+                      f"{type(a).__name__} {a!r}; cast it with int(a).")
+    if not 0 <= int(a) < self.n_actions:
+      raise ValueError(f"PendulumNP.step: action a must lie in [0, {self.n_actions}) (an index into "
+                       f"PENDULUM_TORQUES), got {int(a)}.")
     u = PENDULUM_TORQUES[int(a)]
     th_n = ((self.th + math.pi) % (2 * math.pi)) - math.pi
     cost = th_n ** 2 + 0.1 * self.thd ** 2 + 0.001 * u ** 2

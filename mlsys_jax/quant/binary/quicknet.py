@@ -62,13 +62,32 @@ def blur_kernel(channels: int) -> np.ndarray:
 
 
 class QuickNetBlock(nn.Module):
-  """``x + BN(ReLU(bconv3x3(x)))`` (or without the ``x +`` when ``shortcut=False``)."""
+  """QuickNet's residual block (Bannink et al., MLSys 2021, Sec. 5; ``larq_zoo/sota/quicknet.py``):
+  ``x + BN(ReLU(bconv3x3(x)))``, or ``BN(ReLU(bconv3x3(x)))`` when ``shortcut=False``.
+
+  ``bconv3x3`` is a 3x3 stride-1 convolution with as many output channels as inputs, no bias, ``'SAME'``
+  padding with +1 (LCE's ``pad_values=1``) and ``ste_sign(clip)`` on both its input and its kernel
+  (``binary=False``: a float convolution with zero padding). BN: momentum 0.9, eps 1e-5. The output
+  has the input's shape (N, H, W, C).
+
+  Attributes:
+    clip: STE clip of the sign quantizers (``> 0``; the zoo's 1.25).
+    binary: binary (True) or float (False) convolution.
+    shortcut: add the full-precision residual ``x``.
+
+  Call args: ``x`` float (N, H, W, C); ``train`` uses batch statistics (pass ``mutable=['batch_stats']``).
+  """
   clip: float = 1.25
   binary: bool = True
   shortcut: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if np.ndim(x) != 4:
+      raise ValueError(f"QuickNetBlock expects feature maps (N, H, W, C), got shape {np.shape(x)}.")
+    if not (isinstance(self.clip, (int, float, np.floating)) and np.isfinite(self.clip) and self.clip > 0):
+      raise ValueError(f"QuickNetBlock.clip must be a finite number > 0 (the STE clip, e.g. 1.25), got "
+                       f"{self.clip!r}.")
     c = x.shape[-1]
     if self.binary:
       q = functools.partial(ste_sign, clip=self.clip)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
+from mlsys_jax._checks import check_int
 from mlsys_jax.sched.dynamic.bucketed import _leaf_axis, _normalize_dims, _pad_host, _slice_leaf
 from mlsys_jax.sched.dynamic.buckets import bucket_for
 
@@ -27,12 +28,38 @@ __all__ = ["SymbolicFunction", "export_symbolic"]
 
 
 class SymbolicFunction:
-  """A function exported once with a symbolic length; see :func:`export_symbolic`."""
+  """A function exported once with a symbolic length ``n`` (Nimble's ``Any`` dimension, Shen et al.,
+  MLSys 2021, Sec. 3); see :func:`export_symbolic` for the arguments.
+
+  Calling it with concrete arrays returns ``fn``'s outputs as numpy arrays, the same as calling ``fn``
+  (with ``length_arg`` = the true length) directly; with ``buckets`` the dynamic inputs are zero-padded
+  to the smallest bucket ``>= n`` and the outputs' ``n``-sized axes sliced back. ``.exported`` is traced
+  once; ``.compile_count`` counts the distinct concrete input shapes seen (one XLA compile each), so
+  with buckets it is at most the number of buckets; ``.calls`` counts calls.
+
+  Raises (at construction): ``TypeError`` for a non-callable ``fn`` or bad ``dims``; ``ValueError`` for
+  ``dims`` naming an argument not in ``example_args``, a bucket ``< 1``, or ``out_dims`` not 'infer'/None.
+  At call time: ``ValueError`` for a wrong argument count, dynamic lengths that disagree, or a length
+  above the largest bucket.
+  """
 
   def __init__(self, fn: Callable, example_args: Sequence, dims, *, length_arg: str | None = "length",
                mask_arg: str | None = None, buckets: Sequence[int] | None = None, out_dims="infer",
                symbol: str = "n"):
+    if not callable(fn):
+      raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
     self.dims = _normalize_dims(dims)
+    example_args = tuple(example_args)
+    self.num_args = len(example_args)
+    if max(self.dims) >= len(example_args):
+      raise ValueError(f"dims names argument {max(self.dims)} but only {len(example_args)} example "
+                       "argument(s) were given; pass one example per positional argument of fn.")
+    if buckets is not None:
+      buckets = tuple(buckets)
+      if not buckets:
+        raise ValueError("buckets is empty; give at least one size or pass None (no padding).")
+      for b in buckets:
+        check_int("each of buckets", b, 1)
     self.buckets = None if buckets is None else tuple(sorted({int(b) for b in buckets}))
     self.fn, self.length_arg, self.mask_arg = fn, length_arg, mask_arg
     (n_sym,) = jax_export.symbolic_shape(symbol)
@@ -76,6 +103,9 @@ class SymbolicFunction:
     self.calls = 0
 
   def __call__(self, *args):
+    if len(args) != self.num_args:
+      raise ValueError(f"this function was exported with {self.num_args} positional argument(s), got "
+                       f"{len(args)}.")
     n = None
     for i, axis in self.dims.items():
       for leaf in jax.tree_util.tree_leaves(args[i]):
