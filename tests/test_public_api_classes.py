@@ -246,7 +246,14 @@ def test_pendulum_np_equals_pendulum_step_in_float64_and_hand_computed_first_ste
   assert obs.dtype == np.float32 and obs.shape == (3,) and done is False
   assert math.isclose(r, -cost0, rel_tol=1e-12)
   np.testing.assert_allclose(obs, [math.cos(th0 + thd1 * 0.05), math.sin(th0 + thd1 * 0.05), thd1], rtol=1e-6)
+  # An angle outside [-pi, pi): the cost uses the normalised angle (7 - 2 pi), the dynamics the raw one.
+  e = PendulumNP(seed=0)
+  e.th, e.thd = 7.0, 0.5
+  obs, r, _ = e.step(1)
+  assert math.isclose(r, -((7.0 - 2 * math.pi) ** 2 + 0.1 * 0.25), rel_tol=1e-12)
+  np.testing.assert_allclose(obs[2], 0.5 + 15.0 * math.sin(7.0) * 0.05, rtol=1e-6)
   e = PendulumNP(seed=4)
+  e.th = 5.0                                              # compared from an unnormalised angle too
   rng = np.random.default_rng(0)
   with jax.enable_x64(True):
     s = jnp.asarray([e.th, e.thd, 0.0], jnp.float64)

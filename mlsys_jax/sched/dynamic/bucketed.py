@@ -203,7 +203,18 @@ def _static_layout(args, dims, pack: bool) -> tuple[_StaticLayout, list]:
 
 
 class BucketedFunction:
-  """A function compiled once per bucket of one dynamic dimension; see :func:`bucketed_jit`."""
+  """A function compiled once per bucket of one dynamic dimension (Nimble, Shen et al., MLSys 2021,
+  Sec. 3-4); see :func:`bucketed_jit` for the arguments.
+
+  Calling it with inputs of length ``n`` returns what ``fn`` returns on the unpadded inputs (with
+  ``length_arg`` = ``n``), provided ``fn`` ignores the padding: the inputs are zero-padded to the smallest
+  bucket ``>= n``, and the outputs' dynamic axes sliced back to ``n``. ``.compile_count`` grows by one per
+  bucket first used (at most ``len(buckets)`` without overflow compiles); ``.calls``,
+  ``.true_elements`` and ``.padded_elements`` count calls and the lengths before and after padding.
+
+  Raises (at construction): ``TypeError`` for a non-callable ``fn`` or bad ``dims``; ``ValueError`` for
+  empty buckets, a bucket ``< 1``, or an unknown ``unpad``/``overflow``, negative ``rtol``/``atol``.
+  """
 
   def __init__(self, fn: Callable, dims, buckets: Sequence[int], *, out_dims="infer",
                length_arg: str | None = "length", mask_arg: str | None = None, unpad: str = "host",
