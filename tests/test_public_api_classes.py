@@ -427,3 +427,18 @@ def test_float_format_fields_match_ml_dtypes_finfo():
     assert f.width == 8 * jnp.dtype(f.dtype).itemsize == 1 + f.exp_bits + f.man_bits
     assert f.bias == (1 << (f.exp_bits - 1)) - 1 and f.product_bits == 2 * (fi.nmant + 1)
   assert FORMATS["fp16"].emax - FORMATS["fp16"].emin == 29 and FORMATS["fp8_e4m3"].ieee is False
+
+
+def test_cartpole_np_step_refuses_actions_other_than_0_and_1():
+  from mlsys_jax import profile
+  e = profile.CartPoleNP(seed=0)
+  s0 = e.s.copy()
+  for bad in (-1, 2, 7):
+    with pytest.raises(ValueError, match="0 \\(push left\\) or 1"):
+      e.step(bad)
+  for bad in (1.0, True, np.array([1])):
+    with pytest.raises(TypeError, match="one integer action"):
+      e.step(bad)
+  np.testing.assert_array_equal(e.s, s0)            # a refused action leaves the state untouched
+  obs, r, done = e.step(np.int64(1))                # numpy integers (e.g. from argmax) are accepted
+  assert obs.shape == (4,) and r == 1.0 and not done

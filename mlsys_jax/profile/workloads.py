@@ -62,6 +62,11 @@ class CartPoleNP:
     return self.s.astype(np.float32)
 
   def step(self, a: int) -> tuple[np.ndarray, float, bool]:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or np.ndim(a) != 0:
+      raise TypeError(f"CartPoleNP.step: a must be one integer action in [0, {self.n_actions}), got "
+                      f"{type(a).__name__} {a!r}; cast it with int(a).")
+    if not 0 <= int(a) < self.n_actions:
+      raise ValueError(f"CartPoleNP.step: action a must be 0 (push left) or 1 (push right), got {int(a)}.")
     x, xd, th, thd = self.s
     force = _FMAG if a == 1 else -_FMAG
     ct, st = math.cos(th), math.sin(th)
