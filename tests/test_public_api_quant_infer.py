@@ -596,3 +596,95 @@ def test_bfp_products_bad_input():
     conv(x, jnp.ones((3, 2, 2)), (1, 1), "SAME", dimension_numbers=dn)
   with pytest.raises(TypeError, match="rhs must be a floating-point array"):
     conv(x, k.astype(jnp.int8), (1, 1), "SAME", dimension_numbers=dn)
+
+
+# s21 review: infer.sensai checks the variables' shapes against the model's declared widths
+
+
+def test_sensai_variables_of_another_width_are_refused_naming_layer_shapes_and_fix():
+  # Before: _check_structure only compared the variables with each other, so variables of a wider CNN
+  # reached flax (ScopeParamShapeError from channel_stats) or were silently re-modelled (make_subnet).
+  x = np.random.default_rng(0).normal(size=(6, 8, 8, 1)).astype(np.float32)
+  big = models.CNN(num_classes=4, channels=(4, 8), hidden=16)
+  v = big.init(jax.random.PRNGKey(0), x[:1])
+  small = models.CNN(num_classes=4, channels=(2, 8), hidden=16)
+  msg = (r"layer Conv_0 of CNN: variable params/Conv_0/\w+ has shape \((3, 3, 1, )?4,?\), but the model "
+         r"declares \((3, 3, 1, )?2,?\).*Fix: .*model\.clone\(channels=\(4, 8\)\)")
+  keep = sensai.prune_masks(sensai.channel_stats(big, v, x), keep_fraction=0.5)
+  for call in (lambda: sensai.channel_stats(small, v, x), lambda: sensai.penultimate_features(small, v, x),
+               lambda: sensai.make_subnet(small, v, (0, 1), keep), lambda: sensai.prune(small, v, keep),
+               lambda: sensai.zero_pruned(small, v, keep)):
+    with pytest.raises(ValueError, match=msg):
+      call()
+  # a hidden width or number of classes of another model: the layer named is the dense one
+  with pytest.raises(ValueError, match=r"layer Dense_0 of CNN: .* has shape \(16,\), but the model declares "
+                                       r"\(5,\).*model\.clone\(hidden=16\)"):
+    sensai.channel_stats(big.clone(hidden=5), v, x)
+  with pytest.raises(ValueError, match=r"layer Dense_1 of CNN: .* has shape \(4,\), but the model declares "
+                                       r"\(3,\).*model\.clone\(num_classes=4\)"):
+    sensai.penultimate_features(big.clone(num_classes=3), v, x)
+  # MLP: hidden widths
+  mlp = models.MLP(features=(6, 5), num_classes=3)
+  vm = mlp.init(jax.random.PRNGKey(1), x[:1])
+  with pytest.raises(ValueError, match=r"layer Dense_1 of MLP: variable params/Dense_1/\w+ has shape "
+                                       r"\((6, )?5,?\), but the model declares \((6, )?7,?\).*features=\(6, 5\)"):
+    sensai.channel_stats(mlp.clone(features=(6, 7)), vm, x)
+  # ResNet-20 against a SlimResNet20 of other inner widths, and a pruned ResNet's variables against the
+  # unpruned model (the fix names the SlimResNet20 they belong to)
+  res = models.ResNet20(num_classes=3, width=4, blocks_per_stage=1)
+  xr = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  vr = res.init(jax.random.PRNGKey(2), xr[:1])
+  slim = sensai.SlimResNet20(num_classes=3, width=4, blocks_per_stage=1, inner=(4, 8, 9))
+  with pytest.raises(ValueError, match=r"layer _BasicBlock_2/\w+ of SlimResNet20: .* has shape \(.*16,?\), "
+                                       r"but the model declares \(.*9,?\)"):
+    sensai.channel_stats(slim, vr, xr)
+  masks = sensai.prune_masks(sensai.channel_stats(res, vr, xr), keep_fraction=0.5)
+  pm, pv = sensai.prune(res, vr, masks)
+  with pytest.raises(ValueError, match=r"SlimResNet20\(.*inner=\(2, 4, 8\)"):
+    sensai.channel_stats(res, pv, xr)
+  # matching variables still pass, and the pruned pair works together
+  assert sensai.channel_stats(pm, pv, xr).apoz["_BasicBlock_0/BatchNorm_0"].shape == (2,)
+  # a variable the model declares outside the pruned layers (the stem's batch norm) is missing
+  no_stem = {**vr, "params": {**vr["params"], "BatchNorm_0": {"bias": vr["params"]["BatchNorm_0"]["bias"]}}}
+  with pytest.raises(ValueError, match=r"layer BatchNorm_0 of ResNet20: the model declares variable "
+                                       r"params/BatchNorm_0/scale of shape \(4,\), which the variables lack"):
+    sensai.channel_stats(res, no_stem, xr)
+
+
+# s21 review: quant.fixed_point.quantize with traced bounds that define no range
+
+
+def test_quantize_traced_reversed_or_infinite_bounds_give_nan_groups_under_jit():
+  # Eager calls refuse these bounds (ValueError); under jit the check cannot run. Before, reversed bounds
+  # gave a finite scale and silently wrong values (e.g. [0, 0, 2] for [-1, 0.5, 2] with (lo, hi) = (1, -1))
+  # and infinite ones an infinite scale; now every group whose bounds define no range has scale NaN and
+  # dequantizes to NaN, and the other groups are exactly the eager result.
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(4, 3)).astype(np.float32))
+  lo = np.array([[-1.0, 2.0, -np.inf]], np.float32)     # group 1 reversed (lo 2 > hi 1), group 2 infinite
+  hi = np.array([[1.0, 1.0, 1.0]], np.float32)
+  ok = np.array([True, False, False])
+  for symmetric, unsigned in ((False, True), (False, False), (True, False), (True, True)):
+    f = jax.jit(lambda v, l, h: fxp.quantize(v, 8, symmetric=symmetric, unsigned=unsigned, axis=0,
+                                             bounds=(l, h)))
+    qt = f(x, lo, hi)
+    y = np.asarray(fxp.dequantize(qt))
+    assert np.all(np.isnan(np.asarray(qt.scale)[0, ~ok])) and np.all(np.isnan(y[:, ~ok]))
+    eager = fxp.quantize(x[:, :1], 8, symmetric=symmetric, unsigned=unsigned, axis=0,
+                         bounds=(lo[:, :1], hi[:, :1]))
+    np.testing.assert_array_equal(np.asarray(qt.codes)[:, :1], np.asarray(eager.codes))
+    np.testing.assert_array_equal(y[:, :1], np.asarray(fxp.dequantize(eager)))
+    with pytest.raises(ValueError, match="lo must be <= hi|NaN/inf"):   # eager: refused
+      fxp.quantize(x, 8, symmetric=symmetric, unsigned=unsigned, axis=0, bounds=(lo, hi))
+  # symmetric amax bounds: +inf amax under jit (and under vmap), and fake_quant's forward value
+  g = jax.jit(lambda v, a: fxp.dequantize(fxp.quantize(v, 8, axis=0, bounds=a)))
+  y = np.asarray(g(x, jnp.array([[1.0, np.inf, 0.5]], jnp.float32)))
+  assert np.all(np.isnan(y[:, 1])) and np.all(np.isfinite(y[:, [0, 2]]))
+  fq = jax.jit(lambda v, l, h: fxp.fake_quant(v, 4, symmetric=False, axis=0, bounds=(l, h)))(x, lo, hi)
+  assert np.all(np.isnan(np.asarray(fq)[:, ~ok])) and np.all(np.isfinite(np.asarray(fq)[:, ok]))
+  vm = jax.vmap(lambda v, l, h: fxp.compute_scale(l, h, 8, False, True)[0] + 0 * v.sum())(
+      x[:3], jnp.array([0.0, 3.0, np.inf]), jnp.array([1.0, 2.0, np.inf]))
+  assert np.isfinite(float(vm[0])) and np.all(np.isnan(np.asarray(vm[1:])))
+  # traced compute_scale: reversed, +-inf and NaN ends give a NaN scale; a proper range its formula
+  s, _ = jax.jit(lambda l, h: fxp.compute_scale(l, h, 8, True, False))(
+      jnp.array([2.0, -np.inf, 0.0, np.nan, -1.0]), jnp.array([1.0, 1.0, np.inf, 1.0, 2.0]))
+  assert np.all(np.isnan(np.asarray(s)[:4])) and float(s[4]) == pytest.approx(2.0 / 127)

@@ -199,6 +199,11 @@ class _Plan:
   collections: tuple[str, ...]
   rebuild: Callable[[dict, int], nn.Module]   # (width per site name, outputs) -> model
   penultimate: Callable[[dict], np.ndarray]  # captured intermediates -> (n, features)
+  # A small input shape for ``jax.eval_shape(model.init, ...)`` built from the variables (their input
+  # channels / features), and the (leaf path, axis) pairs whose size depends on the input's spatial
+  # size and so is not declared by the model (the CNN's dense rows after the flatten).
+  example_input: Callable[[dict], tuple[int, ...]] = lambda v: ()
+  input_axes: frozenset = frozenset()
 
 
 def _relu_of(inter: dict, module: tuple[str, ...]) -> np.ndarray:
@@ -234,8 +239,12 @@ def _plan(model: nn.Module) -> _Plan:
     def rebuild(w, out):
       return model.clone(channels=tuple(w[f"Conv_{i}"] for i in range(n)), hidden=w["Dense_0"],
                          num_classes=out, parent=None)
+    def example_input(v):
+      c_in = _get(v, ("params", "Conv_0", "kernel")).shape[-2] if n else 1
+      return (1, *(4,) * model.dims, c_in)
     return _Plan(tuple(sites), ("Dense_1",), ("params",), rebuild,
-                 lambda inter: _relu_of(inter, ("Dense_0",)))
+                 lambda inter: _relu_of(inter, ("Dense_0",)), example_input,
+                 frozenset({(("params", "Dense_0", "kernel"), 0)}))
   if type(model) is _models.MLP:
     n = len(model.features)
     if n == 0:
@@ -247,7 +256,8 @@ def _plan(model: nn.Module) -> _Plan:
     def rebuild(w, out):
       return model.clone(features=tuple(w[f"Dense_{i}"] for i in range(n)), num_classes=out, parent=None)
     return _Plan(sites, (f"Dense_{n}",), ("params",), rebuild,
-                 lambda inter: _relu_of(inter, (f"Dense_{n - 1}",)))
+                 lambda inter: _relu_of(inter, (f"Dense_{n - 1}",)),
+                 lambda v: (1, _get(v, ("params", "Dense_0", "kernel")).shape[0]))
   if type(model) in (_models.ResNet20, SlimResNet20):
     nb = 3 * model.blocks_per_stage
     sites = []
@@ -266,7 +276,9 @@ def _plan(model: nn.Module) -> _Plan:
 
     def penult(inter):
       return np.mean(np.asarray(inter[f"_BasicBlock_{nb - 1}"]["__call__"][0]), axis=(1, 2))
-    return _Plan(tuple(sites), ("Dense_0",), ("params", "batch_stats"), rebuild, penult)
+    def example_input(v):   # 4x4: the stride-2 stages shrink it as they do a real image
+      return (1, 4, 4, _get(v, ("params", "Conv_0", "kernel")).shape[-2])
+    return _Plan(tuple(sites), ("Dense_0",), ("params", "batch_stats"), rebuild, penult, example_input)
   raise TypeError(f"sensAI surgery follows mlsys_jax.models.CNN, MLP, ResNet20 and sensai.SlimResNet20; "
                   f"{type(model).__name__} is none of them, so its channels cannot be traced. Express the "
                   "model as one of these or add a layer plan for it in mlsys_jax/infer/sensai.py.")
@@ -279,8 +291,79 @@ def _get(tree: dict, path: Path):
   return node
 
 
-def _check_structure(model: nn.Module, variables: dict, plan: _Plan) -> dict[str, int]:
-  """Check that ``variables`` have exactly the layout ``plan`` follows; return the width per site."""
+@functools.lru_cache(maxsize=64)
+def _declared_shapes_cached(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
+  return _declared_shapes_uncached(model, input_shape)
+
+
+def _declared_shapes_uncached(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x),
+                          jax.ShapeDtypeStruct(input_shape, jnp.float32))
+  return {tuple(getattr(k, "key", k) for k in p): tuple(a.shape)
+          for p, a in jax.tree_util.tree_flatten_with_path(_plain(shapes))[0]}
+
+
+def _declared_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict:
+  """Shape of every variable ``model`` declares for inputs of ``input_shape`` (``jax.eval_shape`` of
+  ``model.init``: nothing is computed), cached per (model, input shape) when the model is hashable."""
+  try:
+    hash(model)
+  except TypeError:   # e.g. a SlimResNet20 given its inner widths as a list
+    return _declared_shapes_uncached(model, input_shape)
+  return _declared_shapes_cached(model, input_shape)
+
+
+def _fit_hint(model: nn.Module, fit: nn.Module) -> str:
+  """How to construct the model that the variables' widths describe, as the fields that differ."""
+  fields = [f.name for f in dataclasses.fields(fit) if f.name not in ("parent", "name")]
+  diff = [f"{k}={getattr(fit, k)!r}" for k in fields
+          if type(fit) is not type(model) or getattr(fit, k) != getattr(model, k, None)]
+  if type(fit) is type(model):
+    return f"model.clone({', '.join(diff)})"
+  return f"{type(fit).__name__}({', '.join(diff)})"
+
+
+def _check_declared(model: nn.Module, variables: dict, plan: _Plan, widths: dict[str, int],
+                    check_head: bool) -> None:
+  """Every variable's shape must be the one ``model`` declares (its widths and number of classes), so
+  that a mismatch is reported here, naming the layer and the fix, rather than by flax at apply time."""
+  declared = _declared_shapes(model, plan.example_input(variables))
+  head = {("params", *plan.head, "kernel"): -1, ("params", *plan.head, "bias"): 0}
+  name = type(model).__name__
+  for path, expected in declared.items():
+    try:
+      given = tuple(np.shape(_get(variables, path)))
+    except (KeyError, TypeError):
+      raise ValueError(f"layer {'/'.join(path[1:-1])} of {name}: the model declares variable "
+                       f"{'/'.join(path)} of shape {expected}, which the variables lack; pass the "
+                       f"variables this model was initialised or trained with.") from None
+    exp = list(expected)
+    for p, axis in plan.input_axes:   # set by the input's spatial size, not by the model
+      if p == path and len(exp) == len(given):
+        exp[axis] = given[axis]
+    if not check_head and path in head and len(exp) == len(given):
+      exp[head[path]] = given[head[path]]
+    if tuple(exp) == given:
+      continue
+    outputs = _get(variables, ("params", *plan.head, "bias")).shape[0]
+    fit = plan.rebuild(widths, outputs)
+    try:
+      fits = all(tuple(np.shape(_get(variables, q))) == e or any(q == p for p, _ in plan.input_axes)
+                 for q, e in _declared_shapes(fit, plan.example_input(variables)).items())
+    except (KeyError, TypeError, ValueError):
+      fits = False
+    how = (f"these variables are those of {_fit_hint(model, fit)}; pass that model (for a pruned or "
+           "padded subnet, the model that prune / make_subnet / stack_subnets returned with them)"
+           if fits else "pass the model these variables were initialised or trained with")
+    raise ValueError(f"layer {'/'.join(path[1:-1])} of {name}: variable {'/'.join(path)} has shape "
+                     f"{given}, but the model declares {tuple(expected)}; the variables do not belong to "
+                     f"this model. Fix: {how}.")
+
+
+def _check_structure(model: nn.Module, variables: dict, plan: _Plan, *,
+                     check_head: bool = True) -> dict[str, int]:
+  """Check that ``variables`` have exactly the layout ``plan`` follows and the shapes ``model``
+  declares (its widths; with ``check_head`` also its number of classes); return the width per site."""
   if not isinstance(variables, dict) or "params" not in variables:
     raise TypeError(f"variables must be a flax variables dict with a 'params' collection, got "
                     f"{type(variables).__name__}.")
@@ -323,6 +406,7 @@ def _check_structure(model: nn.Module, variables: dict, plan: _Plan) -> dict[str
     if leaf not in allowed and any(leaf[1:1 + i] in touched for i in range(1, len(leaf))):
       raise ValueError(f"layer {'/'.join(leaf[1:-1])}: variable {'/'.join(leaf)} is not one the sensAI "
                        "surgery knows how to cut; refusing to prune this model.")
+  _check_declared(model, variables, plan, widths, check_head)
   return widths
 
 
@@ -362,7 +446,8 @@ def _resize(model: nn.Module, variables: dict, index: dict[str, np.ndarray]) -> 
   """Gather (or zero-pad, index -1) every site's channels."""
   plan = _plan(model)
   variables = _plain(variables)
-  widths = _check_structure(model, variables, plan)
+  # the head may already be a subnet's m + 1 outputs (make_subnet) while the model declares K classes
+  widths = _check_structure(model, variables, plan, check_head=False)
   new = variables
   for s in plan.sites:
     idx = np.asarray(index[s.name], np.int64)

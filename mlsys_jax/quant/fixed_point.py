@@ -23,8 +23,10 @@ Non-finite inputs: concrete arrays with NaN/inf raise ``ValueError``. Under ``ji
 every scale group (the elements that share one scale) holding a NaN gets scale NaN, and so does a
 group holding +-inf when its range is computed from the data (the range is then undefined);
 :func:`dequantize` and :func:`fake_quant` return NaN for the whole group, never zeros. With a calibrated
-range (``bounds``) +-inf saturates to the end of the range like any out-of-range value, and a traced NaN
-bound makes its groups' scale NaN (:func:`compute_scale`; concrete non-finite bounds raise).
+range (``bounds``) +-inf saturates to the end of the range like any out-of-range value. Bounds that do
+not define a range get a NaN scale for their groups when they are traced (a NaN or +-inf end, or
+``lo > hi``: reversed or infinite bounds have no finite scale, and a scale of inf or 0 would quantize
+silently to the wrong values); concrete ones raise ``ValueError`` instead (:func:`compute_scale`).
 """
 
 from __future__ import annotations
@@ -169,8 +171,10 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
 
   Args:
     lo, hi: range ends, any broadcastable shapes (e.g. per channel, with reduced axes kept), cast to
-      float32. Concrete values must be finite with ``lo <= hi``; traced values are not checked (a NaN
-      end gives a NaN scale).
+      float32. Concrete values must be finite with ``lo <= hi`` (else ``ValueError``). Traced values
+      (under ``jit``, ``vmap``, ``grad``) cannot be checked in Python: where an end is NaN or +-inf, or
+      ``lo > hi``, the scale is NaN (and so is everything dequantized with it), never a finite or
+      infinite scale that would give wrong codes silently.
     bits: code width, 2..16.
     symmetric, unsigned: bools, as in :func:`quantize` (and :func:`qrange`).
 
@@ -186,7 +190,8 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
   _check_bool("symmetric", symmetric)
   _check_bool("unsigned", unsigned)
   qrange(bits, symmetric, unsigned)          # checks bits
-  if is_concrete(lo) and is_concrete(hi):
+  checked = is_concrete(lo) and is_concrete(hi)
+  if checked:
     # one host copy of each end (an eager call on device arrays synchronizes here)
     lo_n, hi_n = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     for name, a in (("lo", lo_n), ("hi", hi_n)):
@@ -204,19 +209,24 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
   else:
     check_finite("lo", lo)                   # the concrete one of the two, if any
     check_finite("hi", hi)
-  return _scale_zp(lo, hi, bits, symmetric, unsigned)
+  # concrete ends were checked above (finite, ordered): the in-graph test would be a no-op there
+  return _scale_zp(lo, hi, bits, symmetric, unsigned, nan_scale=not checked)
 
 
 def _scale_zp(lo, hi, bits: int, symmetric: bool, unsigned: bool, nan_scale: bool = True
               ) -> tuple[jax.Array, jax.Array]:
   """:func:`compute_scale` without its argument checks, for :func:`quantize`'s data-driven range (the
   min and max of an already checked ``x``: finite and ordered by construction, so checking them again
-  would only add a device-to-host copy per eager call). ``nan_scale=False`` leaves out the NaN-end
-  test (``quantize`` marks every group holding a NaN itself, which covers a NaN min/max)."""
+  would only add a device-to-host copy per eager call). ``nan_scale=True`` (unchecked, e.g. traced,
+  ends) makes the scale NaN where the ends define no range: a NaN or +-inf end, or ``lo > hi``.
+  ``nan_scale=False`` leaves that test out, for ends known to be finite and ordered (checked concrete
+  ends; the data's min/max, where ``quantize`` marks every group holding a NaN/inf itself)."""
   qmin, qmax = qrange(bits, symmetric, unsigned)
   lo = jnp.asarray(lo, jnp.float32)
   hi = jnp.asarray(hi, jnp.float32)
-  undefined = (jnp.isnan(lo) | jnp.isnan(hi)) if nan_scale else None   # NaN ends: the scale says so (never 1)
+  # no range: NaN/inf ends or reversed ends; the scale says so (never 1, inf or a reversed-range value).
+  # ~(lo <= hi) is also True where either end is NaN.
+  undefined = (~(lo <= hi) | jnp.isinf(lo) | jnp.isinf(hi)) if nan_scale else None
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
   if symmetric:
