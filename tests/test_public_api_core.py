@@ -882,3 +882,46 @@ def test_bootstrap_ci_bad_input():
     stats.bootstrap_ci(a, b[:2])
   with pytest.raises(ValueError, match="b must be a non-empty 1-D sequence"):
     stats.bootstrap_ci(a, [], paired=False)
+
+
+# s21 review: cost.value's unit -> part map is cached per graph (valid_actions runs once per decision)
+
+
+def _recorded_rollouts(g, seed, n=6):
+  info = V.graph_info(g)
+  rng = np.random.default_rng(seed)
+  pol = V.random_policy(rng, 0.3)
+  log = []
+
+  def rec(state, u, acts):
+    a = pol(state, u, acts)
+    log.append((u, tuple(acts), a))
+    return a
+
+  finals = [V.rollout(info, rec, 3, 8)[1] for _ in range(n)]
+  return log, finals
+
+
+def test_part_map_cache_gives_identical_actions_and_follows_repartitioning(monkeypatch):
+  g = sched.build_graph(*V.random_conv_net(3, blocks=3), part_size=4)
+  assert len(g.blocks) > 2   # several parts: the part map decides which stages a unit may join
+  cached = _recorded_rollouts(g, seed=11)
+  assert V._part_of(g) is V._part_of(g)   # built once per graph
+  # reference: the map rebuilt from g.blocks on every call (the code before the cache)
+  with monkeypatch.context() as m:
+    m.setattr(V, "_part_of", lambda gg: {u: i for i, p in enumerate(gg.blocks) for u in p})
+    fresh = _recorded_rollouts(g, seed=11)
+  assert cached == fresh
+  # re-partitioning the graph (a new g.blocks list) rebuilds the map: one part now, other actions
+  g.blocks = [[u for p in g.blocks for u in p]]
+  assert V._part_of(g) == {u: 0 for u in range(len(g.units))}
+  with monkeypatch.context() as m:
+    m.setattr(V, "_part_of", lambda gg: {u: i for i, p in enumerate(gg.blocks) for u in p})
+    fresh_one = _recorded_rollouts(g, seed=11)
+  assert _recorded_rollouts(g, seed=11) == fresh_one and fresh_one[0] != cached[0]
+  # the cache does not keep graphs alive, and a freed graph's entry is dropped
+  key = id(g)
+  del g
+  import gc
+  gc.collect()
+  assert key not in V._PART_CACHE

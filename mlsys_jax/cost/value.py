@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import math
 import time
+import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -83,7 +84,25 @@ def initial_state(g: Graph) -> State:
 
 
 def _part_of(g: Graph) -> dict:
-  return {u: i for i, part in enumerate(g.blocks) for u in part}
+  """``unit -> index of its part`` (``g.blocks``), cached per graph: :func:`valid_actions` asks for it
+  once per decision of every rollout and beam step, and rebuilding it from all of ``g.blocks`` each
+  time cost as much as the rest of the call on large graphs (s21 review). The cache is keyed by the
+  graph's identity and checked against the ``g.blocks`` list it was built from, so re-partitioning a
+  graph (``g.blocks = sched.partition_blocks(g, n)``) rebuilds it; mutating ``g.blocks`` in place is
+  not supported (``graph_info``'s decision order would be stale as well). Callers must not mutate the
+  returned dict."""
+  ent = _PART_CACHE.get(id(g))
+  if ent is not None and ent[0]() is g and ent[1] is g.blocks:
+    return ent[2]
+  blocks = g.blocks
+  part = {u: i for i, p in enumerate(blocks) for u in p}
+  key = id(g)
+  # the weakref's callback drops the entry when g is freed (before its id can be reused)
+  _PART_CACHE[key] = (weakref.ref(g, lambda _, key=key: _PART_CACHE.pop(key, None)), blocks, part)
+  return part
+
+
+_PART_CACHE: dict = {}   # id(graph) -> (weakref to the graph, its blocks list, unit -> part)
 
 
 def valid_actions(g: Graph, state: State, u: int, r: int = 3, s: int = 8,
