@@ -322,11 +322,14 @@ def test_workloads_are_annotated(algo, backend):
     profile.make_workload("ppo")
 
 
-def test_measurement_loops_freeze_the_heap_only_while_they_run():
+def test_measurement_loops_freeze_the_heap_only_while_they_run(monkeypatch):
   """run_levels / run_pairs collect once and freeze the surviving heap so that the per-run gc.collect() is cheap in
-  a large process; the heap must be unfrozen afterwards, also when the workload raises."""
+  a large process; the heap must be unfrozen afterwards, also when the workload raises. (gc.collect is counted,
+  not run: a full collection of the test session's heap costs ~1.5 s and is not what is tested.)"""
   import gc
 
+  collects = []
+  monkeypatch.setattr(gc, "collect", lambda *a: collects.append(gc.get_freeze_count()) or 0)
   seen = []
 
   def work():
@@ -340,6 +343,8 @@ def test_measurement_loops_freeze_the_heap_only_while_they_run():
   overhead.run_pairs(work, level="scopes", repeats=2, warmup=0)
   assert gc.get_freeze_count() == 0
   assert len(seen) == 8 and min(seen) > 0          # frozen while measured
+  # per loop: one full collection before freezing (nothing frozen yet), then one before each of its 4 runs
+  assert len(collects) == 10 and collects[0] == collects[5] == 0 and min(collects[1:5] + collects[6:]) > 0
 
   def bad():
     raise RuntimeError("workload failed")
