@@ -48,6 +48,15 @@ _G, _MC, _MP, _L, _FMAG, _TAU = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
 _THETA_LIM, _X_LIM, _HORIZON = 12 * 2 * math.pi / 360, 2.4, 200
 
 
+def _check_np_action(env: str, a: Any, n_actions: int, allowed: str) -> None:
+  """Refuse anything but one Python/numpy integer action in ``[0, n_actions)`` for ``<env>.step``."""
+  if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+    raise TypeError(f"{env}.step: a must be one integer action in [0, {n_actions}), got "
+                    f"{type(a).__name__} {a!r}; cast it with int(a).")
+  if not 0 <= int(a) < n_actions:
+    raise ValueError(f"{env}.step: action a must {allowed}, got {int(a)}.")
+
+
 class CartPoleNP:
   """CartPole in numpy (Gym's classic-control equations, Euler integration, tau = 0.02 s)."""
   n_actions, obs_dim = 2, 4
@@ -62,11 +71,7 @@ class CartPoleNP:
     return self.s.astype(np.float32)
 
   def step(self, a: int) -> tuple[np.ndarray, float, bool]:
-    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or np.ndim(a) != 0:
-      raise TypeError(f"CartPoleNP.step: a must be one integer action in [0, {self.n_actions}), got "
-                      f"{type(a).__name__} {a!r}; cast it with int(a).")
-    if not 0 <= int(a) < self.n_actions:
-      raise ValueError(f"CartPoleNP.step: action a must be 0 (push left) or 1 (push right), got {int(a)}.")
+    _check_np_action("CartPoleNP", a, self.n_actions, "be 0 (push left) or 1 (push right)")
     x, xd, th, thd = self.s
     force = _FMAG if a == 1 else -_FMAG
     ct, st = math.cos(th), math.sin(th)
@@ -104,12 +109,8 @@ class PendulumNP:
     return self._obs()
 
   def step(self, a: int) -> tuple[np.ndarray, float, bool]:
-    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or np.ndim(a) != 0:
-      raise TypeError(f"PendulumNP.step: a must be one integer action in [0, {self.n_actions}), got "
-                      f"{type(a).__name__} {a!r}; cast it with int(a).")
-    if not 0 <= int(a) < self.n_actions:
-      raise ValueError(f"PendulumNP.step: action a must lie in [0, {self.n_actions}) (an index into "
-                       f"PENDULUM_TORQUES), got {int(a)}.")
+    _check_np_action("PendulumNP", a, self.n_actions,
+                     f"lie in [0, {self.n_actions}) (an index into PENDULUM_TORQUES)")
     u = PENDULUM_TORQUES[int(a)]
     th_n = ((self.th + math.pi) % (2 * math.pi)) - math.pi
     cost = th_n ** 2 + 0.1 * self.thd ** 2 + 0.001 * u ** 2
