@@ -194,10 +194,8 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
   if checked:
     # one host copy of each end (an eager call on device arrays synchronizes here)
     lo_n, hi_n = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    for name, a in (("lo", lo_n), ("hi", hi_n)):
-      if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} holds {int(np.size(a) - np.count_nonzero(np.isfinite(a)))} NaN/inf value(s); "
-                         "clean the input (e.g. jnp.nan_to_num) or find where it diverged.")
+    check_finite("lo", lo_n)
+    check_finite("hi", hi_n)
     try:
       lo_b, hi_b = np.broadcast_arrays(lo_n, hi_n)
     except ValueError:
