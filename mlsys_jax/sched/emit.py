@@ -567,6 +567,11 @@ def run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
     [True, True]
   """
   _check_merge_units(g, units, "run_merge")
+  _run_merge(g, units, merged, env, consts)
+
+
+def _run_merge(g: Graph, units: tuple, merged, env: dict, consts: dict) -> None:
+  """:func:`run_merge` for ``units`` already known to merge (``make_program`` checked the schedule)."""
   if not isinstance(merged, tuple) or len(merged) != 4:
     raise TypeError("run_merge: merged must be the (kernel, params, ranges, epi) tuple of merge_entry(g, units), "
                     f"got {type(merged).__name__}.")
@@ -618,6 +623,10 @@ def run_group(g: Graph, group: tuple, env: dict, consts: dict) -> None:
     8.9993
   """
   _check_units(g, group, "run_group", "group")
+  _run_group(g, group, env, consts)
+
+
+def _run_group(g: Graph, group: tuple, env: dict, consts: dict) -> None:
   for u in group:
     run_unit(g, u, env, consts)
 
@@ -659,34 +668,47 @@ def run_stage(g: Graph, st: Stage, env: dict, consts: dict, mode: str, merged=No
   """
   check_choice("mode", mode, EMISSION_MODES)
   _check_stages([st], "run_stage")
+  _run_stage(g, st, env, consts, mode, merged, check_units=True)
+
+
+def _run_stage(g: Graph, st: Stage, env: dict, consts: dict, mode: str, merged=None, *,
+               check_units: bool = False) -> None:
+  """:func:`run_stage` after its ``mode``/``st`` checks. ``check_units=False`` (``make_program``, which
+  validated the whole schedule once with ``_check_cover``) skips re-checking the units of each stage
+  (indices, ``merge_key``) while the program is traced."""
   if st.kind == "merge":
     if merged is None:
       raise ValueError("run_stage: a merge stage needs merged=merge_entry(g, st.groups[0]) (or the entry of "
                        "prepare_merges for this stage).")
-    run_merge(g, st.groups[0], merged, env, consts)
+    if check_units:
+      _check_merge_units(g, st.groups[0], "run_merge")
+    _run_merge(g, st.groups[0], merged, env, consts)
     return
+  if check_units:
+    for grp in st.groups:
+      _check_units(g, grp, "run_group", "group")
   if mode != "streams" or len(st.groups) == 1:
     for grp in st.groups:
-      run_group(g, grp, env, consts)
+      _run_group(g, grp, env, consts)
     return
   order = sorted(range(len(st.groups)), key=lambda i: -len(st.groups[i]))
   main, others = order[0], order[1:]
   for k, gi in enumerate(others):
     grp = st.groups[gi]
     if any(g.units[u].opaque for u in grp):
-      run_group(g, grp, env, consts)
+      _run_group(g, grp, env, consts)
       continue
     ins, outs = _group_io(g, grp)
 
     def body(*xs, grp=grp, ins=ins, outs=outs):
       local = dict(zip(ins, xs))
-      run_group(g, grp, local, consts)
+      _run_group(g, grp, local, consts)
       return tuple(local[o] for o in outs)
 
     res = stream_call(body, k + 1)(*[env[v] for v in ins])
     for o, val in zip(outs, res):
       env[o] = val
-  run_group(g, st.groups[main], env, consts)
+  _run_group(g, st.groups[main], env, consts)
 
 
 def _check_args(g: Graph, args: tuple) -> None:
@@ -773,7 +795,7 @@ def make_program(g: Graph, stages: list, mode: str = "cuda_graph", merges: Optio
     flat = jax.tree_util.tree_leaves(args)
     env = dict(zip(g.in_ids, flat))
     for i, st in enumerate(stages):
-      run_stage(g, st, env, consts, mode, merges.get(i))
+      _run_stage(g, st, env, consts, mode, merges.get(i))   # schedule checked above, once
     outs = [_read(g, env, consts, o) for o in g.out_ids]
     if keep_alive:
       out_set = {o for o in g.out_ids if isinstance(o, int)}
