@@ -194,10 +194,9 @@ def to_jsonable(rows: list[dict]) -> list[dict[str, Any]]:
       if k == "operation":
         row[k] = v
         continue
-      if isinstance(v, (bool, str)) or np.ndim(v) != 0:
-        raise ValueError(f"rows[{i}][{k!r}] = {v!r} is not a real number; to_jsonable converts table_rows' "
-                         "numeric columns only.")
       try:
+        if isinstance(v, (bool, str)) or np.ndim(v) != 0:
+          raise TypeError
         row[k] = float(v)
       except (TypeError, ValueError):
         raise ValueError(f"rows[{i}][{k!r}] = {v!r} is not a real number; to_jsonable converts table_rows' "
