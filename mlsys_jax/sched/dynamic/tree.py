@@ -199,17 +199,18 @@ def encode_trees(parents_list: Sequence[Sequence[int]], features: Sequence[np.nd
 _CELL_KEYS = ("W_iou", "b_iou", "U_iou", "W_f", "b_f", "U_f")
 
 
-def _check_cell_params(params, d: int | None, fname: str) -> int:
-  """Check the Tree-LSTM parameter dict (shapes only: works on tracers) and return the hidden size."""
+def _check_cell_params(params, d: int, fname: str) -> int:
+  """Check the Tree-LSTM parameter dict for input size ``d`` (shapes only: works on tracers) and return the
+  hidden size."""
   if not hasattr(params, "keys") or any(k not in params for k in _CELL_KEYS):
     have = sorted(params.keys()) if hasattr(params, "keys") else type(params).__name__
     raise ValueError(f"{fname}: params must be a dict with keys {list(_CELL_KEYS)} (e.g. "
                      f"ChildSumTreeLSTM(...).init(...)['params']), got {have}.")
   hd = np.shape(params["U_f"])[-1] if np.ndim(params["U_f"]) == 2 else None
-  d = np.shape(params["W_f"])[0] if d is None and np.ndim(params["W_f"]) == 2 else d
-  want = {"W_iou": (d, 3 * hd) if hd else None, "b_iou": (3 * hd,) if hd else None,
-          "U_iou": (hd, 3 * hd) if hd else None, "W_f": (d, hd) if hd else None, "b_f": (hd,) if hd else None,
-          "U_f": (hd, hd) if hd else None}
+  # no usable hidden size: every expected shape is unknown, so the first key is reported
+  want = dict.fromkeys(_CELL_KEYS) if not hd else {
+      "W_iou": (d, 3 * hd), "b_iou": (3 * hd,), "U_iou": (hd, 3 * hd), "W_f": (d, hd), "b_f": (hd,),
+      "U_f": (hd, hd)}
   for k, shape in want.items():
     if shape is None or tuple(np.shape(params[k])) != shape:
       got = {q: tuple(np.shape(params[q])) for q in _CELL_KEYS}
