@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from mlsys_jax.sched.cost import INF, AnalyticalCost, _roofline_arrays, _valid, merge_flops_bytes, roofline_time
+from mlsys_jax.sched.cost import INF, AnalyticalCost, _roofline_arrays, _roofline_error, _valid, merge_flops_bytes
 from mlsys_jax.sched.dp import Stage
 from mlsys_jax.sched.graph import Graph
 
@@ -127,7 +127,7 @@ class _Terms:
   def predict(self, th: dict) -> np.ndarray:
     peak, bw, launch, sat = th["peak_flops"], th["bandwidth"], th["launch_s"], th["sat_flops"]
     if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF):
-      roofline_time(0.0, 0.0, peak, bw, sat)   # raises, naming the parameter that is out of range
+      _roofline_error(0.0, 0.0, peak, bw, sat)   # roofline_time's error, naming the parameter out of range
     out = np.full(self.n, float(th["call_s"]))
     if self.m_f.size:
       t = th["merge_launch_s"] + _roofline_arrays(self.m_f, self.m_b, peak, bw, sat) + launch * 0.25 * (self.m_n - 1)
