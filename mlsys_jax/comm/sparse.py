@@ -2028,25 +2028,15 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       residuals = [r.reshape(l.shape) for r, l in zip(res_w, leaves)]
       if write_out:
         outs = [o.reshape(l.shape) for o, l in zip(outs_w, leaves)]
-      elif dense is None:   # (outputs as per-leaf XLA fusions, which a consumer such as Adam can absorb)
-        outs = []
-        for i, leaf in enumerate(leaves):
-          v, sel = leaf_sel(i)
-          outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
-      else:
-        outs = [jax.lax.slice(dense, (off,), (off + n,)).reshape(l.shape)
-                for off, n, l in zip(lay.offsets, sizes, leaves)]
+      else:   # (without an axis: per-leaf XLA fusions, which a consumer such as Adam can absorb)
+        outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: leaf_sel(i)) for i, leaf in enumerate(leaves)]
       return finite, (unflat(outs), unflat(residuals), None, count, above, payload_bytes(payload),
                       payload.overflow, lay.n_real), (True, write_out)
     outs, residuals, hits = [], [], []
     for i, leaf in enumerate(leaves):
-      off, n = lay.offsets[i], sizes[i]
       v, sel = leaf_sel(i)
       residuals.append(jnp.where(sel, 0, v).astype(leaf.dtype).reshape(leaf.shape))
-      if dense is None:
-        outs.append(jnp.where(sel, v, 0).astype(leaf.dtype).reshape(leaf.shape))
-      else:
-        outs.append(jax.lax.slice(dense, (off,), (off + n,)).reshape(leaf.shape))
+      outs.append(_leaf_output(leaf, i, dense, lay, lambda v=v, sel=sel: (v, sel)))
       hits.append(sel.reshape(leaf.shape))
     return finite, (unflat(outs), unflat(residuals), unflat(hits) if momentum > 0 else None, count, above,
                     payload_bytes(payload), payload.overflow, lay.n_real), (False, False)
