@@ -332,10 +332,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
       bv = bv.astype(pending.dtype)
       rel = bv != 0
       gap = jnp.maximum(t - last, 1)   # T, uncapped ('matched')
-      interval = t - last
-      if cap is not None:
-        interval = jnp.minimum(interval, cap)
-      interval = jnp.maximum(interval, 1)
+      interval = gap if cap is None else jnp.minimum(gap, cap)   # (cap >= 1)
       if until is not None:   # from step `until` on: a release (and what is pending) delivered at once
         interval = jnp.where(t < until, interval, 1)
       pending = pending + bv
@@ -345,7 +342,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         want = jnp.round(scale * jnp.square(b32) / gap.astype(jnp.float32))
         spread = jnp.clip(want, 1.0, interval.astype(jnp.float32))   # min(T, cap); a B^2 overflow: the cap
         spread = jnp.where(jnp.isfinite(b32), spread, 1.0).astype(jnp.int32)   # NaN/inf released: at once
-        on = t >= start if until is None else (t >= start) & (t < until)
+        on = t >= start   # (from `until` on, interval is 1 and so is the spread)
         if consistent:   # only a release in the direction of the coordinate's latest delivery
           on = on & (jnp.sign(b32) == jnp.sign(rate.astype(jnp.float32))) & (rate != 0)
         interval = jnp.where(on, spread, 1)   # (then delivered as 'linear' over that many steps)
@@ -378,8 +375,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
         out = out + jnp.where(live, jnp.where(t % 2 == 0, noise, -noise), 0).astype(out.dtype)
       if floor:
         amp = floor * jnp.sqrt(jnp.mean(jnp.square(out)))
-        out = out + jnp.where(t % 2 == 0, amp, -amp).astype(out.dtype)
-        pending = pending   # the alternation is not part of the released mass
+        out = out + jnp.where(t % 2 == 0, amp, -amp).astype(out.dtype)   # (not part of the released mass)
       return out, last, pending, rate, left, jnp.sum(rel).astype(jnp.float32)
 
     treedef = jax.tree_util.tree_structure(updates)
