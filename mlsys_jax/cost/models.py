@@ -73,6 +73,12 @@ def make_batch(g: HloGraph, x: np.ndarray) -> GraphBatch:
                     g.attrs[:, ATTR_ID["flops"]].astype(np.float32), io.astype(np.float32))
 
 
+def _check_width(owner: str, name: str, value, low: int, what: str = "") -> None:
+  """Raise ``ValueError`` unless a module attribute ``value`` is a (non-bool) integer ``>= low``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    raise ValueError(f"{owner}.{name} must be an integer >= {low}{what}, got {value!r}.")
+
+
 def _segment_mean(data, ids, n):
   s = jax.ops.segment_sum(data, ids, n)
   c = jax.ops.segment_sum(jnp.ones((data.shape[0], 1), data.dtype), ids, n)
@@ -101,9 +107,7 @@ class SAGELayer(nn.Module):
 
   @nn.compact
   def __call__(self, h, senders, receivers):
-    f = self.features
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1:
-      raise ValueError(f"SAGELayer.features must be an integer >= 1 (the output width), got {f!r}.")
+    _check_width("SAGELayer", "features", self.features, 1, " (the output width)")
     if np.ndim(h) != 2:
       raise ValueError(f"SAGELayer: h must be node states [N, F], got shape {np.shape(h)}; use jax.vmap for "
                        "a batch of graphs.")
@@ -203,9 +207,8 @@ class MLPCostModel(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    for name, v, low in (("hidden", self.hidden, 1), ("num_layers", self.num_layers, 0)):
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ValueError(f"MLPCostModel.{name} must be an integer >= {low}, got {v!r}.")
+    _check_width("MLPCostModel", "hidden", self.hidden, 1)
+    _check_width("MLPCostModel", "num_layers", self.num_layers, 0)
     if np.ndim(x) != 2:
       raise ValueError(f"MLPCostModel: x must be program features [B, F] (one row per program), got shape "
                        f"{np.shape(x)}; reshape a single program to [1, F].")
