@@ -720,7 +720,10 @@ _GROUP_SIZE = 0
 # per-tensor gather 0.138 ms, where a copy of the gradient takes 0.042) or "dus" (each leaf's sum
 # ``g_i + residual[o_i:o_i + n_i]`` written into the padded buffer by chunks, as ``_SUM_FLATTEN = "dus"``, and
 # the new residual (and velocity) read back leaf by leaf into one vector the same way: no gather). The same
-# buffers bitwise (tests/test_comm_flat_state.py). A benchmark switch (session 20), not yet timed on a GPU.
+# buffers bitwise (tests/test_comm_flat_state.py). A benchmark switch (session 20). Session 22 (H100, f32 ResNet-50
+# training step, benchmarks/results/sidco_model_step_h100_s22{a,b}.json): slower inside the step (kernel time over
+# Adam 0.490 vs 0.417 ms flat, 0.556 vs 0.501 per tensor; wall with a flattened Adam +0.320 vs +0.149 ms), faster
+# only per tensor in an update-alone loop (0.936 vs 1.107 ms, sidco_tree_h100_s22.json): the default stays "concat".
 _FLAT_BUILD = "concat"
 
 
@@ -2441,6 +2444,10 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   1.091 / 1.115) and ``topk`` 1.686 / 1.683 ms (2.12x / 2.13x; per tensor 2.04x / 2.05x); every loop
   bitwise that of session 9's defaults. In ``optax.chain(..., optax.adam(1e-3))`` session 9's defaults
   cost 0.865 ms for the compressor against ``topk``'s 1.370 (``sidco_chain_s9_h200.json``; not re-run).
+  ``exact=False`` runs its floor and ceiling under ``lax.cond``, which on a GPU returns the predicate to the
+  host every step: in a whole f32 ResNet-50 training step on an H100 it added 6.4-8.0 ms per step (5-7 ms of
+  device idle) against ``topk``'s 0.89 ms (session 22, ``benchmarks/results/sidco_model_step_h100_s22b.json``);
+  for speed keep the default ``exact=True``.
 
   Example:
     >>> tx = optax.chain(sidco(0.001), optax.adam(1e-3))          # Top-k's set, no fit
