@@ -26,7 +26,8 @@ def _rows(name, strip=True):
                                   "sidco_model_step_h200_s16d.json", "sidco_model_step_h200_s16e.json",
                                   "sidco_model_step_h200_s16f.json", "sidco_model_step_h200_s16g.json",
                                   "sidco_model_step_h200_s16h.json", "sidco_model_step_h200_s16i.json",
-                                  "sidco_model_step_h200_s19a.json", "sidco_model_step_h200_s19b.json"])
+                                  "sidco_model_step_h200_s19a.json", "sidco_model_step_h200_s19b.json",
+                                  "sidco_model_step_h100_s22a.json", "sidco_model_step_h100_s22b.json"])
 def test_summary_reproduces_the_stored_fields(name):
   stored = {r["row"]: r for r in _rows(name, strip=False)}
   rows = _rows(name)
@@ -114,3 +115,29 @@ def test_kernel_class_names():
                                         (2, 3, 4000, "memcpy128")], steps=2)
   assert by_class == pytest.approx({"fusion": 1.5e-6, "copy": 2e-6})
   assert top[0] == ("memcpy128", pytest.approx(2e-6), 0.5) and top[1][2] == 1.0
+
+
+def test_quoted_h100_session22_figures():
+  """BENCHMARKS.md / docs/comm.md, session 22 (H100): the "dus" flat build loses inside the step, and SIDCo's
+  estimator (exact=False) adds several ms of host-synced idle."""
+  def by(name):
+    rows = _rows(name)
+    ms._summarize(rows)
+    return {r["row"]: r for r in rows}
+  a, b = by("sidco_model_step_h100_s22a.json"), by("sidco_model_step_h100_s22b.json")
+  busy = lambda r, row: r[row]["busy_overhead_s"] * 1e3
+  # kernel time over Adam: topk 1.217, sidco 0.396, flat 0.417 -> dus 0.490, per tensor flat 0.501 -> dus 0.555 ms
+  for row, ms_ in [("topk", 1.217), ("sidco", 0.396), ("sidco_flat", 0.417), ("sidco_flat_dus", 0.490),
+                   ("sidco_pt_flat", 0.501), ("sidco_pt_flat_dus", 0.555)]:
+    assert busy(a, row) == pytest.approx(ms_, abs=5e-4), row
+  assert busy(a, "sidco_flat_dus") > busy(a, "sidco_flat") and busy(a, "sidco_pt_flat_dus") > busy(a, "sidco_pt_flat")
+  assert a["sidco"]["busy_vs_topk"] == pytest.approx(3.07, abs=0.01)
+  assert a["sidco_flat"]["busy_vs_topk"] == pytest.approx(2.92, abs=0.01)
+  # wall with a flattened Adam: +0.149 (concat) vs +0.320 ms ("dus"), topk +0.893, 6.0x; the estimator +7.42 ms
+  assert b["sidco_flat_adam_flat"]["overhead_s"] * 1e3 == pytest.approx(0.149, abs=5e-4)
+  assert b["sidco_flat_dus_adam_flat"]["overhead_s"] * 1e3 == pytest.approx(0.320, abs=5e-4)
+  assert b["topk"]["overhead_s"] * 1e3 == pytest.approx(0.893, abs=5e-4)
+  assert b["sidco_flat_adam_flat"]["vs_topk"] == pytest.approx(6.0, abs=0.05)
+  assert b["sidco_est"]["overhead_s"] * 1e3 == pytest.approx(7.416, abs=5e-4)
+  assert [b[r]["overhead_s"] * 1e3 for r in ("sidco_pt_est", "sidco_flat_est")] == pytest.approx([8.001, 6.443], abs=5e-4)
+  assert all(5.0 < b[r]["idle_s"] * 1e3 < 7.1 for r in ("sidco_est", "sidco_pt_est", "sidco_flat_est"))

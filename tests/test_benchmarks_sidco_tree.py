@@ -98,3 +98,22 @@ def test_single_configs_names_resolve_or_fail_clearly():
   assert st._single_options("cmdbuf_while")["xla_gpu_enable_command_buffer"].endswith(",WHILE")
   with pytest.raises(ValueError, match="unknown configuration 'cmdbuf'"):
     st._single_options("cmdbuf")
+
+
+def test_quoted_h100_session22_update_alone():
+  """BENCHMARKS.md / docs/comm.md, session 22 (H100, device time per update in a loop): sidco 0.807 vs topk
+  1.827 ms (2.26x), flat 1.65x, per tensor flat 1.41x and 1.74x with the "dus" build, the estimator 0.83x."""
+  by, floor = _rows("sidco_tree_h100_s22.json")
+  stored = {m: r.get("speedup_over_topk") for m, r in by.items()}
+  assert st._summarize(list(by.values()), floor) == "device_s"
+  assert {m: r.get("speedup_over_topk") for m, r in by.items()} == pytest.approx(stored)
+  dev = lambda m: by[m]["device_s"] * 1e3
+  assert (dev("sidco(0.001)"), dev("topk(0.001)")) == pytest.approx((0.807, 1.827), abs=5e-4)
+  for m, x in [("sidco(0.001)", 2.26), ("sidco(0.001, flat_state=True)", 1.65),
+               ("sidco(0.001, per_tensor=True, flat_state=True)", 1.41),
+               ("sidco(0.001, per_tensor=True, flat_state=True) [flatdus]", 1.74), ("sidco(0.001, exact=False)", 0.83)]:
+    assert by[m]["speedup_over_topk"] == pytest.approx(x, abs=0.005), m
+  assert (dev("sidco(0.001, per_tensor=True, flat_state=True)"),
+          dev("sidco(0.001, per_tensor=True, flat_state=True) [flatdus]"),
+          dev("sidco(0.001, flat_state=True)"), dev("sidco(0.001, flat_state=True) [flatdus]")) == pytest.approx(
+              (1.298, 1.050, 1.109, 1.240), abs=5e-4)

@@ -65,3 +65,20 @@ def test_quoted_h200_figures():
   assert one["sidco_flat_adam_flat"] - one["adam_flat"] == pytest.approx(0.38, abs=0.005)
   # "~13 us per buffer" from Adam's 323 buffers to flattened Adam's 3
   assert (one["adam"] - one["adam_flat"]) / (323 - 3) * 1e3 == pytest.approx(13, abs=0.5)
+
+
+def test_quoted_h100_session22_figures():
+  # BENCHMARKS.md "Optimizer-state buffers", the H100 run of session 22 (a second run, another device)
+  d = json.loads((RESULTS / "state_buffers_h100_s22_div1.json").read_text())
+  assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and d["args"]["div"] == 1 and d["leaves"] == 161
+  rows = {r["row"]: r for r in d["rows"]}
+  ms_ = {k: rows[k]["step_s"] * 1e3 for k in rows}
+  quoted = {"adam": 5.73, "adam_flat": 1.54, "topk": 8.82, "topk_flat": 5.31, "sidco": 7.06, "sidco_flat": 4.83,
+            "sidco_flat_adam_flat": 2.21}
+  for k, v in quoted.items():
+    assert ms_[k] == pytest.approx(v, abs=0.005), k
+  for k, ratio in (("topk_flat", 1.66), ("sidco_flat", 1.46)):
+    assert rows[k]["same_as_tree"] is True
+    assert rows[k]["vs_tree"] == pytest.approx(ratio, abs=0.005)
+  assert ms_["adam"] / ms_["adam_flat"] == pytest.approx(3.72, abs=0.005)
+  assert ms_["sidco"] / ms_["sidco_flat_adam_flat"] == pytest.approx(3.19, abs=0.005)

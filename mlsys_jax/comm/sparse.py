@@ -722,8 +722,8 @@ _GROUP_SIZE = 0
 # the new residual (and velocity) read back leaf by leaf into one vector the same way: no gather). The same
 # buffers bitwise (tests/test_comm_flat_state.py). A benchmark switch (session 20). Session 22 (H100, f32 ResNet-50
 # training step, benchmarks/results/sidco_model_step_h100_s22{a,b}.json): slower inside the step (kernel time over
-# Adam 0.490 vs 0.417 ms flat, 0.556 vs 0.501 per tensor; wall with a flattened Adam +0.320 vs +0.149 ms), faster
-# only per tensor in an update-alone loop (0.936 vs 1.107 ms, sidco_tree_h100_s22.json): the default stays "concat".
+# Adam 0.490 vs 0.417 ms flat, 0.555 vs 0.501 per tensor; wall with a flattened Adam +0.320 vs +0.149 ms), faster
+# only per tensor in an update-alone loop (1.050 vs 1.298 ms, sidco_tree_h100_s22.json): the default stays "concat".
 _FLAT_BUILD = "concat"
 
 
