@@ -662,6 +662,19 @@ def _rows_by_program(mask: np.ndarray, pk: np.ndarray) -> tuple[np.ndarray, dict
   return progs, {p_: np.flatnonzero(mask & (pk == p_)) for p_ in progs}
 
 
+def _source_index(ds, sources: list) -> np.ndarray:
+  """Each row's data file: its index in ``sources`` (``_load_cost_data``'s, in the order of the paths). Merging
+  numbers the kept programs (``group``) file by file, so a row of group ``g`` comes from the first file whose
+  cumulative kept-program count exceeds ``g``. Example: files keeping 3 and 2 programs, groups
+  ``[0, 2, 3, 4]`` -> ``[0, 0, 1, 1]``."""
+  kept = np.cumsum([src["programs_kept"] for src in sources])
+  group = np.asarray(ds.group, np.int64)
+  if group.size and (group.min() < 0 or group.max() >= kept[-1]):
+    raise ValueError(f"row groups span [{group.min()}, {group.max()}] but the sources keep {int(kept[-1])} programs: "
+                     f"the dataset and its source list do not match.")
+  return np.searchsorted(kept, group, side="right")
+
+
 def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
   """Rows of a merged dataset (``cost.dataset.merge_datasets``, sources in the order of ``--option_data``
   then ``--option_test_data``) that come from the last ``len(sources) - n_train_files`` sources: merge
@@ -675,7 +688,7 @@ def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, 
     raise ValueError(f"--option_test_data: need at least one training and one test source; got {len(sources)} "
                      f"sources, {n_train_files} of them training.")
   group = np.asarray(ds.group, np.int64)
-  src_idx = np.searchsorted(np.cumsum([src["programs_kept"] for src in sources]), group, side="right")
+  src_idx = _source_index(ds, sources)
   test = src_idx >= n_train_files
   if not test.any():
     raise ValueError("--option_test_data: every program of the test files repeats a training program's graph on the "
@@ -1077,6 +1090,18 @@ def part_program_mape():
                                                                 / ape["kernel_roofline"][m].mean()),
                        "analytical_over_kernel_roofline_ci95": _ratio_ci(
                            ape["analytical"], ape["kernel_roofline"], d_rows, pm, _SEED.value)}
+    if name != "test_data" and len(desc.get("sources", [])) > 1:   # per data file within the folds (e.g. a new device's)
+      sidx = _source_index(ds, desc["sources"])
+      res["per_source"] = {}
+      for k_, src in enumerate(desc["sources"]):
+        m = ev & (sidx == k_)
+        if not m.any():
+          continue
+        pm, s_rows = _rows_by_program(m, pk)
+        res["per_source"][src["name"]] = {
+            **{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()), "programs": int(pm.size),
+            **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], s_rows, pm, _SEED.value)
+               for k in ("kernel_roofline", "kernel_roofline_labels", "kernel_roofline_blend") if k in ape}}
     if name == "test_data":   # per test file, and the test rows the collection flagged noisy (not scored above)
       res["per_test_source"] = {}
       for k_, src in enumerate(desc["sources"]):

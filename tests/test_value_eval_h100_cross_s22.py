@@ -43,3 +43,25 @@ def test_the_h100_collection_is_what_the_rule_names():
   assert len(d) == 310 and len(set(np.asarray(d.group).tolist())) == 103
   assert d.meta["device"] == "NVIDIA H100 80GB HBM3" and d.meta["seed"] == 22
   assert int(np.sum(d.noisy)) == 81
+
+
+def test_quoted_program_fold_figures_with_the_h100_file():
+  p = json.loads((ROOT / "experiments" / "results" / "value_eval"
+                  / "value_program_mape_kernel_program_options_s22h100.json").read_text())["program"]
+  s = p["per_source"]["h100_collect_s22a.npz"]
+  assert (s["rows"], s["programs"]) == (229, 83)
+  assert (s["analytical"], s["kernel_roofline"], s["kernel_roofline_labels"], s["kernel_roofline_blend"]) == \
+      pytest.approx((0.418, 0.216, 0.229, 0.223), abs=5e-4)
+  assert s["analytical"] / s["kernel_roofline_blend"] == pytest.approx(1.87, abs=0.005)
+  assert s["analytical"] / s["kernel_roofline"] == pytest.approx(1.93, abs=0.005)
+  assert s["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx([1.60, 2.23], abs=0.005)
+  h200 = [v["analytical"] / v["kernel_roofline_blend"] for k, v in p["per_source"].items() if k.startswith("h200")]
+  assert (min(h200), max(h200)) == pytest.approx((2.14, 4.53), abs=0.005)
+  d = p["per_device"]["NVIDIA H200"]
+  assert d["analytical"] / d["kernel_roofline_blend"] == pytest.approx(2.93, abs=0.005)
+  a = p["per_source"]["h100_collect_a.npz"]
+  assert (a["analytical"], a["kernel_roofline_blend"]) == pytest.approx((0.469, 0.165), abs=5e-4)
+  assert a["analytical"] / a["kernel_roofline_blend"] == pytest.approx(2.84, abs=0.005)
+  assert (p["mape_kernel_roofline_blend"], p["mape_analytical"]) == pytest.approx((0.151, 0.422), abs=5e-4)
+  assert p["analytical_over_kernel_roofline_blend"] == pytest.approx(2.78, abs=0.005)
+  assert p["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx([2.63, 2.96], abs=0.005)

@@ -109,3 +109,35 @@ def test_option_test_data_refuses_bad_combinations(tmp_path):
   assert r.returncode != 0 and "must name distinct files" in r.stderr
   r = _run([f"--option_data={te}", f"--option_test_data={te.replace('test.npz', './test.npz')}"], tmp_path)
   assert r.returncode != 0 and "must name distinct files" in r.stderr
+
+
+def test_program_folds_report_each_data_file(tmp_path):
+  """--option_split=program over two files: ``per_source`` splits the held-out rows by file (session 22: the H100
+  file's rows among the folds), and the files' rows add up to every scored row."""
+  tr, te = _write(tmp_path)
+  r = _run([f"--option_data={tr},{te}", "--option_split=program", "--kr_steps=20", "--option_tag=_t"], tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  p = json.loads((tmp_path / "value_program_mape_t.json").read_text())["program"]
+  src = p["per_source"]
+  # 8 + 5 programs, one test program a graph duplicate (dropped by the merge), one noisy row
+  assert set(src) == {"train.npz", "test.npz"}
+  assert (src["train.npz"]["programs"], src["test.npz"]["programs"]) == (8, 4)
+  assert src["train.npz"]["rows"] == 24 and src["test.npz"]["rows"] == 11
+  n = sum(s["rows"] for s in src.values())
+  for k in ("analytical", "kernel_roofline"):
+    assert p[f"mape_{k}"] == pytest.approx(sum(s[k] * s["rows"] for s in src.values()) / n, rel=1e-9), k
+
+
+def test_source_index_maps_groups_to_files():
+  r = subprocess.run([sys.executable, "-c", "import sys, json, numpy as np; sys.path.insert(0, 'experiments');"
+                      "import value_eval as VE\n"
+                      "class D: group = np.array([0, 2, 3, 4])\n"
+                      "print(json.dumps(VE._source_index(D, [{'programs_kept': 3}, {'programs_kept': 2}]).tolist()))\n"
+                      "D.group = np.array([5])\n"
+                      "try: VE._source_index(D, [{'programs_kept': 3}, {'programs_kept': 2}])\n"
+                      "except ValueError as e: print(json.dumps(str(e)))"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout.strip().splitlines()
+  assert json.loads(out[-2]) == [0, 0, 1, 1]
+  assert "do not match" in json.loads(out[-1])
