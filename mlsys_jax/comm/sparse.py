@@ -2444,8 +2444,9 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   1.091 / 1.115) and ``topk`` 1.686 / 1.683 ms (2.12x / 2.13x; per tensor 2.04x / 2.05x); every loop
   bitwise that of session 9's defaults. In ``optax.chain(..., optax.adam(1e-3))`` session 9's defaults
   cost 0.865 ms for the compressor against ``topk``'s 1.370 (``sidco_chain_s9_h200.json``; not re-run).
-  ``exact=False`` runs its floor and ceiling under ``lax.cond``, which on a GPU returns the predicate to the
-  host every step: in a whole f32 ResNet-50 training step on an H100 it added 6.4-8.0 ms per step (5-7 ms of
+  ``exact=False`` runs its floor and ceiling under ``lax.cond`` and its adaptive stage count in a
+  ``while_loop`` (2 conditionals and 4 loops in the jitted update), whose predicates go to the host on a GPU
+  every step: in a whole f32 ResNet-50 training step on an H100 it added 6.4-8.0 ms per step (5-7 ms of
   device idle) against ``topk``'s 0.89 ms (session 22, ``benchmarks/results/sidco_model_step_h100_s22b.json``);
   for speed keep the default ``exact=True``.
 
