@@ -675,6 +675,23 @@ def _source_index(ds, sources: list) -> np.ndarray:
   return np.searchsorted(kept, group, side="right")
 
 
+def _per_source(ev: np.ndarray, src_idx: np.ndarray, sources: list, ape: dict, pk: np.ndarray, first: int = 0
+                ) -> dict:
+  """Per data file (``sources[first:]`` with a scored row in ``ev``): each model's MAPE, the rows, the programs and
+  the analytical model's ratio to the kernel models with its program-bootstrap interval (:func:`_ratio_ci`)."""
+  out = {}
+  for k_, src in enumerate(sources):
+    m = ev & (src_idx == k_)
+    if k_ < first or not m.any():
+      continue
+    pm, s_rows = _rows_by_program(m, pk)
+    out[src["name"]] = {
+        **{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()), "programs": int(pm.size),
+        **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], s_rows, pm, _SEED.value)
+           for k in ("kernel_roofline", "kernel_roofline_labels", "kernel_roofline_blend") if k in ape}}
+  return out
+
+
 def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
   """Rows of a merged dataset (``cost.dataset.merge_datasets``, sources in the order of ``--option_data``
   then ``--option_test_data``) that come from the last ``len(sources) - n_train_files`` sources: merge
@@ -1091,28 +1108,9 @@ def part_program_mape():
                        "analytical_over_kernel_roofline_ci95": _ratio_ci(
                            ape["analytical"], ape["kernel_roofline"], d_rows, pm, _SEED.value)}
     if name != "test_data" and len(desc.get("sources", [])) > 1:   # per data file within the folds (e.g. a new device's)
-      sidx = _source_index(ds, desc["sources"])
-      res["per_source"] = {}
-      for k_, src in enumerate(desc["sources"]):
-        m = ev & (sidx == k_)
-        if not m.any():
-          continue
-        pm, s_rows = _rows_by_program(m, pk)
-        res["per_source"][src["name"]] = {
-            **{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()), "programs": int(pm.size),
-            **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], s_rows, pm, _SEED.value)
-               for k in ("kernel_roofline", "kernel_roofline_labels", "kernel_roofline_blend") if k in ape}}
+      res["per_source"] = _per_source(ev, _source_index(ds, desc["sources"]), desc["sources"], ape, pk)
     if name == "test_data":   # per test file, and the test rows the collection flagged noisy (not scored above)
-      res["per_test_source"] = {}
-      for k_, src in enumerate(desc["sources"]):
-        m = ev & (src_idx == k_)
-        if k_ < len(_ODATA.value) or not m.any():
-          continue
-        pm, s_rows = _rows_by_program(m, pk)
-        res["per_test_source"][src["name"]] = {
-            **{k: float(a[m].mean()) for k, a in ape.items()}, "rows": int(m.sum()), "programs": int(pm.size),
-            **{f"analytical_over_{k}_ci95": _ratio_ci(ape["analytical"], ape[k], s_rows, pm, _SEED.value)
-               for k in ("kernel_roofline", "kernel_roofline_labels", "kernel_roofline_blend") if k in ape}}
+      res["per_test_source"] = _per_source(ev, src_idx, desc["sources"], ape, pk, first=len(_ODATA.value))
       nz = test_scored & ~keep
       res["noisy_test_rows"] = {"rows": int(nz.sum()), **({f"mape_{k}": float(a[nz].mean()) for k, a in ape.items()}
                                                           if nz.any() else {})}

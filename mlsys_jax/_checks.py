@@ -46,6 +46,12 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     raise ValueError(f"{name} must be an integer in [{lb}, {hb}], got {value}.")
 
 
+def check_bool(name: str, value: Any) -> None:
+  """Raise ``TypeError`` unless ``value`` is a Python or numpy bool (not an int, not an array)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r}).")
+
+
 def check_choice(name: str, value: Any, choices) -> None:
   """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
   if value not in choices:

@@ -96,6 +96,11 @@ def test_check_floating_finite_rank_and_is_concrete():
   _checks.check_rank("x", np.ones((2, 2)), (1, 2))
   with pytest.raises(ValueError, match=r"x must have rank 1 or 2, got shape \(1, 1, 1\)"):
     _checks.check_rank("x", np.ones((1, 1, 1)), (1, 2))
+  _checks.check_bool("flag", True)
+  _checks.check_bool("flag", np.bool_(False))
+  for bad in (1, 0.0, "yes", np.array([True]), None):
+    with pytest.raises(TypeError, match="flag must be a bool"):
+      _checks.check_bool("flag", bad)
 
 
 # ----------------------------------------------------------------------------------------------------

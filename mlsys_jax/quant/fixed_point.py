@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from mlsys_jax._checks import check_choice, check_finite, check_int, is_concrete
+from mlsys_jax._checks import check_bool, check_choice, check_finite, check_int, is_concrete
 from mlsys_jax.quant import _pallas_quant, _pallas_quantize
 
 __all__ = [
@@ -148,11 +148,6 @@ class QuantizedTensor:
     return (np.prod(self.codes.shape) * self.bits + 32 * np.size(self.scale) * (1 if self.symmetric else 2)) / 8
 
 
-def _check_bool(name: str, value) -> None:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r}).")
-
-
 def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsigned: bool
                   ) -> tuple[jax.Array, jax.Array]:
   """Scale and zero point of ``bits``-bit codes for the real range ``[lo, hi]`` (uniform affine quantization).
@@ -187,8 +182,8 @@ def compute_scale(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool, unsi
     >>> round(float(scale), 6), float(zp)                    # 4 / 255 per step; real 0 maps to code 64
     (0.015686, 64.0)
   """
-  _check_bool("symmetric", symmetric)
-  _check_bool("unsigned", unsigned)
+  check_bool("symmetric", symmetric)
+  check_bool("unsigned", unsigned)
   qrange(bits, symmetric, unsigned)          # checks bits
   checked = is_concrete(lo) and is_concrete(hi)
   if checked:

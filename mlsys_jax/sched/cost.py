@@ -80,7 +80,7 @@ def roofline_time(f, b, peak: float, bw: float, sat: float):
     if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF) or not (
         np.all((fa >= 0) & (fa < INF)) and np.all((ba >= 0) & (ba < INF))):
       _roofline_error(f, b, peak, bw, sat)
-    return _roofline_arrays(f, b, peak, bw, sat)
+    return _roofline_arrays(fa, ba, peak, bw, sat)   # (the checked arrays: a list f would repeat under f * 50)
   # one chained comparison (this runs for every merge stage the DP costs); NaN fails every comparison
   if not (0 < peak < INF and 0 < bw < INF and 0 <= sat < INF and 0 <= f < INF and 0 <= b < INF):
     _roofline_error(f, b, peak, bw, sat)

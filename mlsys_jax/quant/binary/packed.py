@@ -162,7 +162,7 @@ def fold_batchnorm(scale, bias, mean, var, eps: float) -> tuple[np.ndarray, np.n
     if a is None:
       continue
     a = np.asarray(a, np.float64)
-    if not _broadcasts(a.shape, mean.shape) or np.broadcast_shapes(a.shape, mean.shape) != mean.shape:
+    if not _broadcasts_to(a.shape, mean.shape):
       raise ValueError(f"{name} of shape {a.shape} does not broadcast to the statistics' shape {mean.shape}.")
     named[name] = a
   for name, a in named.items():
@@ -178,10 +178,10 @@ def fold_batchnorm(scale, bias, mean, var, eps: float) -> tuple[np.ndarray, np.n
   return mul.astype(np.float32), np.broadcast_to(add, mul.shape).astype(np.float32)
 
 
-def _broadcasts(a: tuple, b: tuple) -> bool:
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+  """Whether an array of ``shape`` broadcasts to exactly ``target`` (no growth of ``target``)."""
   try:
-    np.broadcast_shapes(a, b)
-    return True
+    return np.broadcast_shapes(shape, target) == tuple(target)
   except ValueError:
     return False
 
