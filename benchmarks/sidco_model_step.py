@@ -18,7 +18,10 @@ block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_p
 ``sidco_flat_dus_adam_flat``: the flat rows traced with ``sparse._FLAT_BUILD = "dus"`` (the working buffer and the
 new residual written leaf by leaf in chunks, no 161-operand concatenation and no gather into the padded layout;
 bitwise the same values); ``sidco_est`` / ``sidco_pt_est`` / ``sidco_flat_est``: SIDCo's estimator
-(``exact=False``: the paper's closed-form threshold, no exact search). Per row:
+(``exact=False``: the paper's closed-form threshold, no exact search; traced with the module's
+``sparse._EST_BRANCHES``), and the same rows with ``_cond`` / ``_where``: traced with ``_EST_BRANCHES = "cond"``
+(the stage ``while_loop`` and the floor's and ceiling's ``lax.cond``) / ``"where"`` (no data-dependent control
+flow; the same payloads bitwise). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
 - ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
@@ -57,7 +60,8 @@ from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
-        "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est")
+        "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
+        "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where")
 
 
 class _Affine(nn.Module):
@@ -146,6 +150,8 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
                "sidco_est": lambda: sp.sidco(ratio, exact=False),
                "sidco_pt_est": lambda: sp.sidco(ratio, per_tensor=True, exact=False),
                "sidco_flat_est": lambda: sp.sidco(ratio, flat_state=True, exact=False)})
+  for base in ("sidco_est", "sidco_pt_est", "sidco_flat_est"):
+    comp[base + "_cond"] = comp[base + "_where"] = comp[base]
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
@@ -154,7 +160,8 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
 def _switches(row: str) -> dict:
   """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
   return {"_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
-          "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD}
+          "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
+          "_EST_BRANCHES": row.rsplit("_", 1)[1] if row.endswith(("_est_cond", "_est_where")) else sp._EST_BRANCHES}
 
 
 def _make_step(model, tx, switches: dict, options: dict | None = None):

@@ -549,10 +549,13 @@ def _threshold_from_sums(abs_x, s1, s2, ratio, distribution, stages, first_ratio
   return _stage_schedule(first, later, ratio, stages, first_ratio)
 
 
-def _stage_schedule(first, later, ratio, stages, first_ratio):
+def _stage_schedule(first, later, ratio, stages, first_ratio, bound: int | None = None):
   """SIDCo's multi-stage schedule, shared by the one-vector and the per-segment fits: ``first(r)`` fits
   the first stage at density ``r``; ``later(t, i_ratio)`` refits the exceedances of ``t``. Unrolled when
-  ``stages`` is a Python int (and ``ratio`` may be traced), a ``while_loop`` when ``stages`` is traced."""
+  ``stages`` is a Python int (and ``ratio`` may be traced), a ``while_loop`` when ``stages`` is traced;
+  with a static ``bound`` on a traced ``stages`` (``stages <= bound``) and :func:`_est_branch_free`, the
+  ``bound - 1`` later stages unrolled instead, each kept only where it is one of the ``stages - 1`` wanted
+  (the same threshold bitwise; every stage's pass is paid, no loop predicate goes to the host)."""
   if isinstance(stages, (int, np.integer)):
     if _is_static(ratio):
       multi = stages > 1 and ratio < first_ratio
@@ -574,6 +577,11 @@ def _stage_schedule(first, later, ratio, stages, first_ratio):
   t0 = first(jnp.where(multi, first_ratio, ratio))
   loops = jnp.where(multi, stages - 1, 0)
   i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / jnp.maximum(stages - 1, 1)), 1.0)
+  if bound is not None and _est_branch_free():
+    t = t0
+    for i in range(int(bound) - 1):
+      t = jnp.where(i < loops, later(t, i_ratio), t)
+    return t
   _, t = jax.lax.while_loop(lambda c: c[0] < loops, lambda c: (c[0] + 1, later(c[1], i_ratio)),
                             (jnp.asarray(0, jnp.int32), t0))
   return t
@@ -913,7 +921,7 @@ def _seg_masked_moments(a_tiles, t_tiles, lay: _Layout):
 
 
 def _seg_threshold(a_tiles, lay: _Layout, s1, s2, ratio, distribution, stages, first_ratio,
-                   final_count: bool = False):
+                   final_count: bool = False, bound: int | None = None):
   """:func:`_threshold_from_sums` for every segment at once: ``s1``, ``s2`` (segments,) are the first-stage
   sums; each later stage is one pass over the flat buffer (masked moments per segment).
 
@@ -936,7 +944,7 @@ def _seg_threshold(a_tiles, lay: _Layout, s1, s2, ratio, distribution, stages, f
     return jnp.where(n_in > target, _stage_threshold(distribution, mn, mean, var, i_ratio, False), t)
 
   if not final_count:
-    return _stage_schedule(first, later, ratio, stages, first_ratio)
+    return _stage_schedule(first, later, ratio, stages, first_ratio, bound)
 
   def final(t):
     mn, mean, var, n_in = _seg_masked_moments(a_tiles, lay.per_tile(t), lay)
@@ -950,7 +958,8 @@ def _seg_threshold(a_tiles, lay: _Layout, s1, s2, ratio, distribution, stages, f
   else:
     pre_ratio = jnp.minimum(4.0 * jnp.asarray(ratio, jnp.float32), first_ratio)
   pre = max(stages - 1, 1) if isinstance(stages, (int, np.integer)) else jnp.maximum(stages - 1, 1)
-  return final(_stage_schedule(first, later, pre_ratio, pre, first_ratio))
+  return final(_stage_schedule(first, later, pre_ratio, pre, first_ratio,
+                               None if bound is None else max(int(bound) - 1, 1)))
 
 
 def _seg_floor(t, bmax, lay: _Layout, j):
@@ -961,7 +970,8 @@ def _seg_floor(t, bmax, lay: _Layout, j):
 
   The usual case costs one pass over the n / 64 block maxima (count the blocks above ``t`` per segment);
   only when some segment has fewer than ``j`` such blocks is the ``j``-th largest found, exactly, by a
-  search on the float bits (:func:`_search_bits`, under ``lax.cond``)."""
+  search on the float bits (:func:`_search_bits`, under ``lax.cond``; every step when
+  :func:`_est_branch_free`, the same thresholds)."""
   bm = bmax.reshape(lay.num_tiles, _THR_BLOCKS)
 
   def count_above(tv):
@@ -976,6 +986,8 @@ def _seg_floor(t, bmax, lay: _Layout, j):
     valid = count_above(floor) >= j        # else fewer than j blocks are non-zero: no floor
     return jnp.where(need & valid, jnp.minimum(t, floor), t)
 
+  if _est_branch_free():   # (lowered is elementwise in need: the same thresholds, no predicate to the host)
+    return lowered(t)
   return jax.lax.cond(jnp.any(need), lowered, lambda t: t, t)
 
 
@@ -995,6 +1007,29 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
 
   lo, hi = jax.lax.fori_loop(0, 31, body, (jnp.zeros_like(top_bits), top_bits))
   return f32(lo if keep_low else hi)
+
+
+# How SIDCo's estimator (``sidco(exact=False)``) takes its data-dependent steps: the adaptive number of stages,
+# the floor's search (needed only when a segment selects fewer than its floor) and the ceiling's search with a
+# second pack (only on steps whose payload overflowed). "cond": a ``while_loop`` over the stages and two
+# ``lax.cond``s, which skip that work on the steps that do not need it; on a GPU each returns a predicate to the
+# host, which waits for the device there and can no longer queue the rest of the step ahead of it (session 22,
+# H100, f32 ResNet-50 training step: +7.42 ms per step, against +0.5-0.7 ms of the estimator's own kernels).
+# "where": no host round trip: the stages unrolled up to their static bound and masked, the floor and the
+# ceiling computed every step and selected elementwise: the same payloads and thresholds bitwise, more device
+# work per step. "auto": "where" on GPU, "cond" elsewhere (no host round trips to save on the CPU). The default
+# stays "cond" until "where" is timed on a GPU (benchmarks/sidco_model_step.py rows ``*_est_cond`` /
+# ``*_est_where``).
+_EST_BRANCHES = "cond"
+
+
+def _est_branch_free() -> bool:
+  """Whether the estimator runs without data-dependent control flow (``_EST_BRANCHES``)."""
+  mode = _EST_BRANCHES
+  check_choice("_EST_BRANCHES", mode, ("auto", "cond", "where"))
+  if mode == "auto":
+    return jax.default_backend() == "gpu"
+  return mode == "where"
 
 
 # Ways of the threshold searches over the buffer (_seg_exact, _seg_ceiling): 2 is the plain bisection (31
@@ -1463,7 +1498,7 @@ def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
 
 
 def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, first_ratio, min_count,
-                    max_count=None, packing: str = "auto", exact=None):
+                    max_count=None, packing: str = "auto", exact=None, stage_bound: int | None = None):
   """SIDCo on the flat buffer of a whole tree: one statistics pass (per-tile sums, per-block maxima),
   per-segment thresholds, the floor, and one packing of every segment into one shared payload.
   Returns ``(payload, n_above, thresholds (segments,), finite)``: ``finite`` says that every entry of
@@ -1520,7 +1555,7 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
     payload, n_above = pack(t)
   else:
     t = _seg_threshold(a_tiles, lay, lay.seg_reduce(s1t, "sum"), lay.seg_reduce(s2t, "sum"), ratio,
-                       distribution, stages, first_ratio, exact is not None)
+                       distribution, stages, first_ratio, exact is not None, stage_bound)
     if min_count is not None:
       t = _seg_floor(t, bmax, lay, min_count)
     t = jnp.maximum(t, 0.0)                    # (padding zeros are never selected)
@@ -1567,7 +1602,13 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
       p2, _ = pack(t2)
       return p2, t2
 
-    payload, t = jax.lax.cond(payload.overflow & finite, again, lambda _: (payload, t), None)
+    if _est_branch_free():   # every step, kept where the first payload overflowed (the same payload bitwise)
+      p2, t2 = again(None)
+      take = payload.overflow & finite
+      payload = jax.tree_util.tree_map(lambda a, b: jnp.where(take, a, b), p2, payload)
+      t = jnp.where(take, t2, t)
+    else:
+      payload, t = jax.lax.cond(payload.overflow & finite, again, lambda _: (payload, t), None)
   return payload, n_above, t, finite, None
 
 
@@ -2514,7 +2555,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
         hi_count = jnp.maximum(jnp.round(max_fraction * k), 1)
       hi_count = jnp.asarray(hi_count, jnp.int32)
     return _sidco_segments(flat, lay, r, cap, distribution, n_stages, first_ratio, j, hi_count,
-                           packing=_TRANSFORM_PACKING)
+                           packing=_TRANSFORM_PACKING,
+                           stage_bound=hi if adaptive and isinstance(hi, int) else None)
 
   select.min_group_count = min_group_count
   return _sparsifier(None, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,

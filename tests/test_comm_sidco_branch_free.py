@@ -1,0 +1,127 @@
+"""SIDCo's estimator (``sidco(exact=False)``) without data-dependent control flow (``sparse._EST_BRANCHES``):
+the adaptive stages unrolled to their static bound and masked, the floor and the ceiling computed every step and
+kept elementwise. Every output and state field must be bitwise those of the ``while_loop`` / ``lax.cond``
+path, on steps where the stage count adapts, the floor binds and the payload overflows; and the compiled update
+must hold no conditional and no loop whose trip count is unknown (each returns a predicate to the host on a
+GPU)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mlsys_jax._compat import shard_map
+from mlsys_jax.comm import sidco
+from mlsys_jax.comm import sparse as sp
+
+_SHAPES = {"a": (3, 3, 16, 32), "b": (32,), "c": (256, 128), "d": (1000,), "e": (5000,)}
+
+
+def _grad(rng, k):
+  # heavy tails every third step (the fit undershoots: overflow and ceiling), else Gaussian at a growing scale
+  if k % 3 == 0:
+    return {n: jnp.asarray(rng.standard_cauchy(s), jnp.float32) for n, s in _SHAPES.items()}
+  return {n: jnp.asarray(rng.standard_normal(s) * (1 + k), jnp.float32) for n, s in _SHAPES.items()}
+
+
+def _run(mode, monkeypatch, steps=12, **kw):
+  monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+  rng = np.random.default_rng(0)
+  params = {n: jnp.zeros(s, jnp.float32) for n, s in _SHAPES.items()}
+  tx = sidco(0.01, exact=False, **kw)
+  st = tx.init(params)
+  upd = jax.jit(tx.update)
+  hlo = upd.lower(_grad(np.random.default_rng(1), 1), st).compile().as_text()
+  outs, stages = [], []
+  for k in range(steps):
+    u, st = upd(_grad(rng, k), st)
+    outs.append((u, st))
+    stages.append(int(st.stages))
+  return outs, stages, hlo
+
+
+def _same(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _host_round_trips(hlo: str) -> tuple[int, int]:
+  """(conditionals, while loops without a known trip count) in a compiled HLO module's text."""
+  conds = len(re.findall(r"\bconditional\(", hlo))
+  whiles = [line for line in hlo.splitlines() if re.search(r"\bwhile\(", line)]
+  unknown = sum("known_trip_count" not in w for w in whiles)
+  return conds, unknown
+
+
+@pytest.mark.parametrize("kw", [dict(adapt_every=2), dict(per_tensor=True, adapt_every=2),
+                                dict(flat_state=True, capacity_factor=1.1, adapt_every=2),
+                                dict(capacity_factor=1.2, max_fraction=1.0, min_fraction=0.5, adapt_every=2)],
+                         ids=["tree", "per_tensor", "flat", "tight"])
+def test_where_equals_cond_bitwise(kw, monkeypatch):
+  a, stages_a, hlo_a = _run("cond", monkeypatch, **kw)
+  b, stages_b, hlo_b = _run("where", monkeypatch, **kw)
+  assert stages_a == stages_b
+  for k, (x, y) in enumerate(zip(a, b)):
+    assert _same(x, y), f"step {k}: the branch-free estimator differs from the lax.cond path"
+  # the same steps without the ceiling overflow: with it, its branch ran (and changed the payloads)
+  off, _, _ = _run("cond", monkeypatch, **{**kw, "max_fraction": 0.0})
+  assert int(off[-1][1].overflow_steps) > 0, "no overflow step: the ceiling's branch was not exercised"
+  assert not _same(off, a)
+  assert len(set(stages_a)) > 1, f"the stage count never adapted: {stages_a}"
+  conds, unknown = _host_round_trips(hlo_a)
+  assert conds == 2 and unknown == 1          # the floor's and the ceiling's cond, the stage loop
+  assert _host_round_trips(hlo_b) == (0, 0)
+
+
+def test_floor_binds_in_both_modes(monkeypatch):
+  """Small Gaussian-like leaves: the exponential fit lands above every entry of some segments, and only the floor
+  (``min_fraction``) makes them send; its search then runs in both modes with the same result."""
+  def sent(mode, min_fraction):
+    monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+    rng = np.random.default_rng(3)
+    g = {n: jnp.asarray(rng.uniform(0.9, 1.0, s), jnp.float32) for n, s in _SHAPES.items()}
+    tx = sidco(0.01, exact=False, per_tensor=True, stages=1, min_fraction=min_fraction)
+    u, st = jax.jit(tx.update)(g, tx.init(g))
+    return u, st
+
+  without, _ = sent("cond", 0.0)
+  with_cond, st_cond = sent("cond", 1.0)
+  with_where, st_where = sent("where", 1.0)
+  assert not _same(without, with_cond), "the floor did not bind: the test does not exercise it"
+  assert _same((with_cond, st_cond), (with_where, st_where))
+
+
+def test_where_under_shard_map(monkeypatch):
+  """Four simulated devices, one axis: replicas identical and equal to the cond path."""
+  devs = jax.devices()[:4]
+  if len(devs) < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  mesh = Mesh(np.asarray(devs), ("d",))
+  rng = np.random.default_rng(5)
+  grads = {n: jnp.asarray(rng.standard_cauchy((4,) + s), jnp.float32) for n, s in _SHAPES.items()}
+
+  def run(mode):
+    monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+    tx = sidco(0.01, exact=False, axis_name="d", adapt_every=1)
+    st = tx.init({n: jnp.zeros(s, jnp.float32) for n, s in _SHAPES.items()})
+
+    def body(g, st):
+      u, st = tx.update(jax.tree_util.tree_map(lambda x: x[0], g), st)
+      return jax.tree_util.tree_map(lambda x: x[None], u)
+
+    f = jax.jit(shard_map(body, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"), check_vma=False))
+    return f(grads, st)
+
+  a, b = run("cond"), run("where")
+  assert _same(a, b)
+  for leaf in jax.tree_util.tree_leaves(b):
+    np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[3])
+
+
+def test_bad_switch(monkeypatch):
+  monkeypatch.setattr(sp, "_EST_BRANCHES", "maybe")
+  with pytest.raises(ValueError, match="_EST_BRANCHES"):
+    sidco(0.01, exact=False).update({"a": jnp.ones((64,))}, sidco(0.01, exact=False).init({"a": jnp.ones((64,))}))
