@@ -21,7 +21,9 @@ bitwise the same values); ``sidco_est`` / ``sidco_pt_est`` / ``sidco_flat_est``:
 (``exact=False``: the paper's closed-form threshold, no exact search; traced with the module's
 ``sparse._EST_BRANCHES``), and the same rows with ``_cond`` / ``_where``: traced with ``_EST_BRANCHES = "cond"``
 (the stage ``while_loop`` and the floor's and ceiling's ``lax.cond``) / ``"where"`` (no data-dependent control
-flow; the same payloads bitwise). Per row:
+flow; the same payloads bitwise); ``sidco_est_where_noceil`` (``max_fraction=0``: no ceiling) and
+``sidco_est_where_s1`` (``stages=1``: no later stages) split the branch-free estimator's cost (other payloads).
+``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
 - ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
@@ -61,7 +63,8 @@ from mlsys_jax.comm import sparse as sp  # noqa: E402
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
-        "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where")
+        "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
+        "sidco_est_where_noceil", "sidco_est_where_s1")
 
 
 class _Affine(nn.Module):
@@ -127,6 +130,9 @@ def _flags(ap):
                        "all rows run the same convolution and GEMM algorithms (else each compile autotunes on "
                        "its own and the model's kernels differ row to row); 'auto': a fresh temporary "
                        "directory; 'none': off")
+  ap.add_argument("--command_buffer", default="",
+                  help="comma-separated command types for every row's compile (xla_gpu_enable_command_buffer, "
+                       "replacing the --xla_config's or XLA's default list), e.g. with WHILE; '' keeps it")
   ap.add_argument("--xla_config", default="jit",
                   help="per-jit XLA options of every row, a name of mlsys_jax.sched.XLA_CONFIGS (e.g. 'cmdbuf_conv': "
                        "command buffers that include the cuDNN convolutions, which cut the host's launch work)")
@@ -152,6 +158,8 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
                "sidco_flat_est": lambda: sp.sidco(ratio, flat_state=True, exact=False)})
   for base in ("sidco_est", "sidco_pt_est", "sidco_flat_est"):
     comp[base + "_cond"] = comp[base + "_where"] = comp[base]
+  comp["sidco_est_where_noceil"] = lambda: sp.sidco(ratio, exact=False, max_fraction=0.0)
+  comp["sidco_est_where_s1"] = lambda: sp.sidco(ratio, exact=False, stages=1)
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
@@ -161,7 +169,7 @@ def _switches(row: str) -> dict:
   """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
   return {"_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
-          "_EST_BRANCHES": row.rsplit("_", 1)[1] if row.endswith(("_est_cond", "_est_where")) else sp._EST_BRANCHES}
+          "_EST_BRANCHES": ("cond" if "_est_cond" in row else "where" if "_est_where" in row else sp._EST_BRANCHES)}
 
 
 def _make_step(model, tx, switches: dict, options: dict | None = None):
@@ -271,6 +279,8 @@ def main():
   if args.xla_config not in XLA_CONFIGS:
     raise SystemExit(f"--xla_config: unknown {args.xla_config!r}; use one of {sorted(XLA_CONFIGS)}")
   options = XLA_CONFIGS[args.xla_config] if jax.default_backend() == "gpu" else {}
+  if args.command_buffer and jax.default_backend() == "gpu":
+    options = {**options, "xla_gpu_enable_command_buffer": args.command_buffer}
   model = ResNet50(num_classes=1000, div=8 if small else 1, dtype=dtype)
   key = jax.random.PRNGKey(0)
   x = jax.random.normal(key, (batch, image, image, 3), jnp.float32)

@@ -27,7 +27,8 @@ def _rows(name, strip=True):
                                   "sidco_model_step_h200_s16f.json", "sidco_model_step_h200_s16g.json",
                                   "sidco_model_step_h200_s16h.json", "sidco_model_step_h200_s16i.json",
                                   "sidco_model_step_h200_s19a.json", "sidco_model_step_h200_s19b.json",
-                                  "sidco_model_step_h100_s22a.json", "sidco_model_step_h100_s22b.json"])
+                                  "sidco_model_step_h100_s22a.json", "sidco_model_step_h100_s22b.json",
+                                  "sidco_model_step_h200_s23_est.json", "sidco_model_step_h200_s23a.json"])
 def test_summary_reproduces_the_stored_fields(name):
   stored = {r["row"]: r for r in _rows(name, strip=False)}
   rows = _rows(name)
@@ -141,3 +142,33 @@ def test_quoted_h100_session22_figures():
   assert b["sidco_est"]["overhead_s"] * 1e3 == pytest.approx(7.416, abs=5e-4)
   assert [b[r]["overhead_s"] * 1e3 for r in ("sidco_pt_est", "sidco_flat_est")] == pytest.approx([8.001, 6.443], abs=5e-4)
   assert all(5.0 < b[r]["idle_s"] * 1e3 < 7.1 for r in ("sidco_est", "sidco_pt_est", "sidco_flat_est"))
+
+
+def test_quoted_h200_session23_figures():
+  """BENCHMARKS.md / docs/comm.md, session 23 (H200): the branch-free estimator (sparse._EST_BRANCHES = "where")
+  against the while_loop / lax.cond path in the same f32 batch-64 step, and the second run of session 19's flat rows."""
+  def by(name):
+    rows = _rows(name)
+    ms._summarize(rows)
+    return {r["row"]: r for r in rows}
+  e, c = by("sidco_model_step_h200_s23_est.json"), by("sidco_model_step_h200_s23a.json")
+  over = lambda r, k: round(r[k]["overhead_s"] * 1e3, 3)   # noqa: E731
+  iqr = lambda r, k: [round(v * 1e3, 3) for v in r[k]["overhead_s_iqr"]]   # noqa: E731
+  busy = lambda r, k: round(r[k]["busy_overhead_s"] * 1e3, 3)   # noqa: E731
+  # the estimator: +7.764 [6.789, 8.334] ms with cond, +1.171 [1.086, 1.205] ms without; per tensor +7.611 -> +1.103
+  assert (over(e, "sidco_est_cond"), iqr(e, "sidco_est_cond")) == (7.764, [6.789, 8.334])
+  assert (over(e, "sidco_est_where"), iqr(e, "sidco_est_where")) == (1.171, [1.086, 1.205])
+  assert (over(e, "sidco_pt_est_cond"), over(e, "sidco_pt_est_where")) == (7.611, 1.103)
+  assert round(over(e, "sidco_est_cond") / over(e, "sidco_est_where"), 1) == 6.6
+  assert round(over(e, "sidco_pt_est_cond") / over(e, "sidco_pt_est_where"), 1) == 6.9
+  # kernel time over Adam: 0.373 (cond) -> 1.448 ms (where); idle in the trace 10.0 ms -> none
+  assert (busy(e, "sidco_est_cond"), busy(e, "sidco_est_where")) == (0.373, 1.448)
+  assert round(e["sidco_est_cond"]["idle_s"] * 1e3, 1) == 10.0 and e["sidco_est_where"]["idle_s"] < 0
+  assert (over(e, "topk"), over(e, "sidco")) == (0.811, 0.061)
+  # the second H200 run of session 19's flat rows: flat 14.05x less than topk (s19: 11.7x), "dus" loses again
+  assert over(c, "topk") == 0.854
+  assert {k: over(c, k) for k in ("sidco", "sidco_flat", "sidco_flat_dus", "sidco_pt_flat", "sidco_pt_flat_dus")} == \
+      {"sidco": 0.153, "sidco_flat": 0.061, "sidco_flat_dus": 0.183, "sidco_pt_flat": 0.242, "sidco_pt_flat_dus": 0.264}
+  assert [round(c[k]["vs_topk"], 2) for k in ("sidco", "sidco_flat", "sidco_flat_dus", "sidco_pt_flat")] == \
+      [5.57, 14.05, 4.67, 3.53]
+  assert iqr(c, "sidco_flat") == [0.049, 0.091]

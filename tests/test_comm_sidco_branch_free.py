@@ -121,6 +121,11 @@ def test_where_under_shard_map(monkeypatch):
     np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[3])
 
 
+def test_auto_is_the_cond_path_off_gpu():
+  assert sp._EST_BRANCHES == "auto"
+  assert sp._est_branch_free() == (jax.default_backend() == "gpu")
+
+
 def test_bad_switch(monkeypatch):
   monkeypatch.setattr(sp, "_EST_BRANCHES", "maybe")
   with pytest.raises(ValueError, match="_EST_BRANCHES"):

@@ -1017,10 +1017,11 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
 # H100, f32 ResNet-50 training step: +7.42 ms per step, against +0.5-0.7 ms of the estimator's own kernels).
 # "where": no host round trip: the stages unrolled up to their static bound and masked, the floor and the
 # ceiling computed every step and selected elementwise: the same payloads and thresholds bitwise, more device
-# work per step. "auto": "where" on GPU, "cond" elsewhere (no host round trips to save on the CPU). The default
-# stays "cond" until "where" is timed on a GPU (benchmarks/sidco_model_step.py rows ``*_est_cond`` /
-# ``*_est_where``).
-_EST_BRANCHES = "cond"
+# work per step. "auto" (the default): "where" on GPU, "cond" elsewhere (no host round trips to save on the CPU).
+# Session 23 (H200, f32 batch-64 ResNet-50 training step, 9 rounds, benchmarks/results/sidco_model_step_h200_s23_est.json):
+# over Adam alone, "cond" +7.76 [6.79, 8.33] ms (10.0 ms of device idle per step in its trace), "where" +1.17
+# [1.09, 1.21] ms (no idle; kernel time +1.45 against +0.37 ms); per tensor +7.61 -> +1.10 ms. Top-k +0.81 ms.
+_EST_BRANCHES = "auto"
 
 
 def _est_branch_free() -> bool:
@@ -2485,11 +2486,14 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   1.091 / 1.115) and ``topk`` 1.686 / 1.683 ms (2.12x / 2.13x; per tensor 2.04x / 2.05x); every loop
   bitwise that of session 9's defaults. In ``optax.chain(..., optax.adam(1e-3))`` session 9's defaults
   cost 0.865 ms for the compressor against ``topk``'s 1.370 (``sidco_chain_s9_h200.json``; not re-run).
-  ``exact=False`` runs its floor and ceiling under ``lax.cond`` and its adaptive stage count in a
-  ``while_loop`` (2 conditionals and 4 loops in the jitted update), whose predicates go to the host on a GPU
-  every step: in a whole f32 ResNet-50 training step on an H100 it added 6.4-8.0 ms per step (5-7 ms of
-  device idle) against ``topk``'s 0.89 ms (session 22, ``benchmarks/results/sidco_model_step_h100_s22b.json``);
-  for speed keep the default ``exact=True``.
+  ``exact=False`` on a GPU runs without data-dependent control flow (``sparse._EST_BRANCHES``, default
+  "auto"): the adaptive stages unrolled up to ``max_stages(ratio)`` and masked, the floor and the ceiling
+  computed every step and kept elementwise; the same payloads bitwise as with ``lax.cond`` and a ``while_loop``
+  (its path elsewhere), whose predicates went to the host every step. In a whole f32 batch-64 ResNet-50
+  training step on an H200 (session 23, ``benchmarks/results/sidco_model_step_h200_s23_est.json``) it adds
+  1.17 ms per step (per tensor 1.10) against 7.76 (7.61) with the conditionals and ``topk``'s 0.81: still
+  slower than ``topk`` there (more kernels: 1.45 ms of them); for speed keep the default ``exact=True``
+  (0.06-0.15 ms in the same step).
 
   Example:
     >>> tx = optax.chain(sidco(0.001), optax.adam(1e-3))          # Top-k's set, no fit
