@@ -22,7 +22,9 @@ bitwise the same values); ``sidco_est`` / ``sidco_pt_est`` / ``sidco_flat_est``:
 ``sparse._EST_BRANCHES``), and the same rows with ``_cond`` / ``_where``: traced with ``_EST_BRANCHES = "cond"``
 (the stage ``while_loop`` and the floor's and ceiling's ``lax.cond``) / ``"where"`` (no data-dependent control
 flow; the same payloads bitwise); ``sidco_est_where_noceil`` (``max_fraction=0``: no ceiling) and
-``sidco_est_where_s1`` (``stages=1``: no later stages) split the branch-free estimator's cost (other payloads).
+``sidco_est_where_s1`` (``stages=1``: no later stages) split the branch-free estimator's cost (other payloads);
+``*_csearch``: the ceiling by the bit search (``sparse._CEILING = "search"``, the path before session 23) instead of
+the block select (the same payloads).
 ``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
@@ -64,7 +66,7 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
-        "sidco_est_where_noceil", "sidco_est_where_s1")
+        "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_csearch", "sidco_est_cond_csearch")
 
 
 class _Affine(nn.Module):
@@ -160,6 +162,7 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
     comp[base + "_cond"] = comp[base + "_where"] = comp[base]
   comp["sidco_est_where_noceil"] = lambda: sp.sidco(ratio, exact=False, max_fraction=0.0)
   comp["sidco_est_where_s1"] = lambda: sp.sidco(ratio, exact=False, stages=1)
+  comp["sidco_est_where_csearch"] = comp["sidco_est_cond_csearch"] = comp["sidco_est"]
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
@@ -169,7 +172,8 @@ def _switches(row: str) -> dict:
   """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
   return {"_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
-          "_EST_BRANCHES": ("cond" if "_est_cond" in row else "where" if "_est_where" in row else sp._EST_BRANCHES)}
+          "_EST_BRANCHES": ("cond" if "_est_cond" in row else "where" if "_est_where" in row else sp._EST_BRANCHES),
+          "_CEILING": "search" if row.endswith("_csearch") else sp._CEILING}
 
 
 def _make_step(model, tx, switches: dict, options: dict | None = None):

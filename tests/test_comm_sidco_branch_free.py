@@ -27,8 +27,9 @@ def _grad(rng, k):
   return {n: jnp.asarray(rng.standard_normal(s) * (1 + k), jnp.float32) for n, s in _SHAPES.items()}
 
 
-def _run(mode, monkeypatch, steps=12, **kw):
+def _run(mode, monkeypatch, steps=12, ceiling="search", **kw):
   monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+  monkeypatch.setattr(sp, "_CEILING", ceiling)
   rng = np.random.default_rng(0)
   params = {n: jnp.zeros(s, jnp.float32) for n, s in _SHAPES.items()}
   tx = sidco(0.01, exact=False, **kw)
@@ -61,11 +62,15 @@ def _host_round_trips(hlo: str) -> tuple[int, int]:
                                 dict(capacity_factor=1.2, max_fraction=1.0, min_fraction=0.5, adapt_every=2)],
                          ids=["tree", "per_tensor", "flat", "tight"])
 def test_where_equals_cond_bitwise(kw, monkeypatch):
+  """The path before session 23 (cond, the ceiling's bit search) against the GPU default (where, the ceiling by
+  the block select) and the CPU default (cond, block select)."""
   a, stages_a, hlo_a = _run("cond", monkeypatch, **kw)
-  b, stages_b, hlo_b = _run("where", monkeypatch, **kw)
+  b, stages_b, hlo_b = _run("where", monkeypatch, ceiling="blocks", **kw)
+  c, _, _ = _run("cond", monkeypatch, ceiling="blocks", **kw)
   assert stages_a == stages_b
-  for k, (x, y) in enumerate(zip(a, b)):
+  for k, (x, y, z) in enumerate(zip(a, b, c)):
     assert _same(x, y), f"step {k}: the branch-free estimator differs from the lax.cond path"
+    assert _same(x, z), f"step {k}: the ceiling by the block select differs from the bit search"
   # the same steps without the ceiling overflow: with it, its branch ran (and changed the payloads)
   off, _, _ = _run("cond", monkeypatch, **{**kw, "max_fraction": 0.0})
   assert int(off[-1][1].overflow_steps) > 0, "no overflow step: the ceiling's branch was not exercised"
@@ -130,3 +135,39 @@ def test_bad_switch(monkeypatch):
   monkeypatch.setattr(sp, "_EST_BRANCHES", "maybe")
   with pytest.raises(ValueError, match="_EST_BRANCHES"):
     sidco(0.01, exact=False).update({"a": jnp.ones((64,))}, sidco(0.01, exact=False).init({"a": jnp.ones((64,))}))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ceiling_is_the_next_largest_magnitude(seed, monkeypatch):
+  """``_seg_ceiling`` raises each segment's threshold to its ``(hi + 1)``-th largest magnitude (numpy), by the
+  block select and by the bit search alike; with ties (quantized values), zeros and a segment with fewer than
+  ``hi + 1`` non-zero entries (ceiling 0: the threshold is kept)."""
+  rng = np.random.default_rng(seed)
+  sizes = [5000, 300, 9000, 40]
+  lay = sp._Layout(sizes, [[0], [1, 2], [3]])
+  leaves = [np.round(rng.standard_normal(n) * 4) / 4 for n in sizes]   # many ties
+  leaves[0][rng.random(5000) < 0.5] = 0.0
+  leaves[2] = leaves[2].astype(np.float32) * rng.choice([1.0, -1.0], 9000)
+  leaves[3][:] = 0.0
+  leaves[3][:3] = [0.5, -0.25, 0.5]                                    # 3 non-zero entries, hi >= 3
+  flat = lay.flatten([jnp.asarray(v, jnp.float32) for v in leaves], jnp.float32)
+  a_tiles = jnp.abs(flat).reshape(lay.num_tiles, sp._TILE)
+  _, _, bmax = sp._block_stats(jnp.abs(flat))
+  hi_max = np.asarray([60, 90, 7], np.int64)
+  hi = jnp.asarray(rng.integers(3, hi_max + 1), jnp.int32)
+  t = jnp.asarray([0.1, 0.0, 0.2], jnp.float32)
+  want = []
+  for g, (lo_leaf, n_leaves) in enumerate([(0, 1), (1, 2), (3, 1)]):
+    seg = np.abs(np.concatenate([np.asarray(leaves[i], np.float32) for i in range(lo_leaf, lo_leaf + n_leaves)]))
+    h = int(hi[g])
+    v = np.sort(seg)[::-1][h] if seg.size > h else 0.0
+    assert np.sum(seg > v) <= h and (v == 0 or np.sum(seg >= v) > h)
+    want.append(max(float(t[g]), float(v)))
+  for mode in ("blocks", "search"):
+    monkeypatch.setattr(sp, "_CEILING", mode)
+    got = np.asarray(sp._seg_ceiling(t, a_tiles, bmax, lay, hi, flat, hi_max))
+    np.testing.assert_array_equal(got, np.asarray(want, np.float32), err_msg=mode)
+  assert want[2] == pytest.approx(0.2)   # fewer than hi + 1 non-zero entries: the threshold stays
+  monkeypatch.setattr(sp, "_CEILING", "sort")
+  with pytest.raises(ValueError, match="_CEILING"):
+    sp._seg_ceiling(t, a_tiles, bmax, lay, hi, flat, hi_max)

@@ -1033,6 +1033,12 @@ def _est_branch_free() -> bool:
   return mode == "where"
 
 
+# How the estimator's ceiling (:func:`_seg_ceiling`) finds each segment's (hi + 1)-th largest magnitude: "blocks"
+# (the block select of sidco(exact=True), no pass over the buffer) or "search" (the bit search of before session
+# 23). The same thresholds bitwise (tests/test_comm_sidco_branch_free.py).
+_CEILING = "blocks"
+
+
 # Ways of the threshold searches over the buffer (_seg_exact, _seg_ceiling): 2 is the plain bisection (31
 # passes); W > 2 (a power of two) tests W thresholds per pass, ceil(31 / log2 W) passes. The same result
 # bitwise (the boundary of a monotone predicate over the float bits). Module-level for the benchmark.
@@ -1126,9 +1132,18 @@ def _seg_top_bits(bmax, lay: _Layout):
   return jax.lax.bitcast_convert_type(lay.seg_reduce(jnp.max(bm, axis=1), "max"), jnp.int32)
 
 
-def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi, flat=None):
+def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi, flat=None, hi_max=None):
   """Raise each segment's threshold ``t`` to the smallest one that selects at most ``hi`` (segments,)
-  entries (exact counts: a search on the float bits, :func:`_search_bits`)."""
+  entries (exact counts): that is the segment's ``(hi + 1)``-th largest magnitude (entries above it are
+  among the ``hi`` largest; any lower threshold keeps all ``hi + 1``), found by the block select
+  (:func:`_seg_kth_blocks`, three small sorts; ``_CEILING = "blocks"``, needs ``flat`` and the static bound
+  ``hi_max``) or by a search on the float bits (:func:`_search_bits`, ``_CEILING = "search"``: 11 counting
+  passes over the buffer with the Pallas count, 31 elsewhere). The same bits either way."""
+  check_choice("_CEILING", _CEILING, ("blocks", "search"))
+  if _CEILING == "blocks" and flat is not None and hi_max is not None:
+    v = _seg_kth_blocks(flat, bmax, lay, jnp.asarray(hi, jnp.int32) + 1, np.asarray(hi_max, np.int64) + 1,
+                        below=False)
+    return jnp.maximum(t, v)
   top = _seg_top_bits(bmax, lay)
   few_enough = lambda tm: _seg_counts(a_tiles, tm, lay, flat, bmax) <= hi[:, None]
   return jnp.maximum(t, _search_bits(few_enough, top, keep_low=False, ways=_search_ways(flat)))
@@ -1218,10 +1233,11 @@ def _seg_first_k_slots(vals, seg_sizes, k, k_cap):
   return slot_s[take], ok
 
 
-def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max):
+def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max, below: bool = True):
   """Per segment the largest threshold that still selects at least ``k`` (segments,) entries of
   ``|flat|``: the float just below the segment's ``k``-th largest magnitude (0 when that is 0), the same
-  bits as :func:`_seg_exact`'s search, found without a counting pass over the buffer.
+  bits as :func:`_seg_exact`'s search, found without a counting pass over the buffer (``below=False``: the
+  ``k``-th largest magnitude itself).
 
   Every one of a segment's ``k`` largest entries lies in a 64-entry block whose maximum is among the
   segment's ``k`` largest block maxima (ties to the lower block: a block holding a top-``k`` entry has a
@@ -1251,13 +1267,15 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max):
     d_s = jax.lax.sort(desc)
     kd = d_s[jnp.clip(jnp.asarray(k, jnp.int32), 1, int(c3[0])) - 1]
     bits = jax.lax.bitcast_convert_type(jnp.uint32(0x7FFFFFFF) - kd, jnp.int32)
-    return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
+    return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0) if below else bits, jnp.float32)
   seg3 = np.repeat(np.arange(len(c3), dtype=np.int32), c3)
   _, slot_s = _sort_seg_desc(jnp.asarray(seg3) if len(c3) > 1 else jnp.zeros((ent.shape[0],), jnp.int32),
                              ent, jnp.arange(ent.shape[0], dtype=jnp.int32), len(c3))
   start3 = np.concatenate([[0], np.cumsum(c3)[:-1]]).astype(np.int32)
   pos = jnp.asarray(start3) + jnp.clip(jnp.asarray(k, jnp.int32), 1, jnp.asarray(c3, jnp.int32)) - 1
   kth = ent[slot_s[pos]]
+  if not below:
+    return kth
   bits = jax.lax.bitcast_convert_type(kth, jnp.int32)
   return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
 
@@ -1499,7 +1517,8 @@ def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
 
 
 def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, first_ratio, min_count,
-                    max_count=None, packing: str = "auto", exact=None, stage_bound: int | None = None):
+                    max_count=None, packing: str = "auto", exact=None, stage_bound: int | None = None,
+                    max_count_bound=None):
   """SIDCo on the flat buffer of a whole tree: one statistics pass (per-tile sums, per-block maxima),
   per-segment thresholds, the floor, and one packing of every segment into one shared payload.
   Returns ``(payload, n_above, thresholds (segments,), finite)``: ``finite`` says that every entry of
@@ -1599,7 +1618,7 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
     # the fit selected more than the shared payload holds: raise the threshold of every segment above
     # its ceiling and pack again (only on such steps; the payload then holds everything selected)
     def again(_):
-      t2 = _seg_ceiling(t, a_tiles, bmax, lay, max_count, flat)
+      t2 = _seg_ceiling(t, a_tiles, bmax, lay, max_count, flat, max_count_bound)
       p2, _ = pack(t2)
       return p2, t2
 
@@ -2552,15 +2571,16 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       kk = np.maximum(1, np.minimum(floor_max, lay.seg_blocks // 4))
       j = floor_max if max_ratio is None else jnp.maximum(jnp.round(min_fraction * k), 1)
       j = jnp.clip(jnp.asarray(j, jnp.int32), 1, jnp.asarray(kk, jnp.int32))
-    hi_count = None
+    hi_count = hi_bound = None
     if max_fraction > 0:   # the ceiling on overflow steps: max_fraction * k entries per segment
-      hi_count = np.maximum(1, np.round(max_fraction * k_max)).astype(np.int64)
+      hi_count = hi_bound = np.maximum(1, np.round(max_fraction * k_max)).astype(np.int64)
       if max_ratio is not None:
         hi_count = jnp.maximum(jnp.round(max_fraction * k), 1)
       hi_count = jnp.asarray(hi_count, jnp.int32)
     return _sidco_segments(flat, lay, r, cap, distribution, n_stages, first_ratio, j, hi_count,
                            packing=_TRANSFORM_PACKING,
-                           stage_bound=hi if adaptive and isinstance(hi, int) else None)
+                           stage_bound=hi if adaptive and isinstance(hi, int) else None,
+                           max_count_bound=hi_bound)
 
   select.min_group_count = min_group_count
   return _sparsifier(None, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
