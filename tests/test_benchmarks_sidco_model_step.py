@@ -172,3 +172,5 @@ def test_quoted_h200_session23_figures():
   assert [round(c[k]["vs_topk"], 2) for k in ("sidco", "sidco_flat", "sidco_flat_dus", "sidco_pt_flat")] == \
       [5.57, 14.05, 4.67, 3.53]
   assert iqr(c, "sidco_flat") == [0.049, 0.091]
+  rw = json.loads((RESULTS / "sidco_tree_h200_s19.json").read_text())["rw_floor_s"] * 1e3
+  assert [round(over(c, k) / rw, 1) for k in ("sidco_flat", "sidco_pt_flat")] == [0.9, 3.6]
