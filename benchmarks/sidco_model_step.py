@@ -24,7 +24,9 @@ bitwise the same values); ``sidco_est`` / ``sidco_pt_est`` / ``sidco_flat_est``:
 flow; the same payloads bitwise); ``sidco_est_where_noceil`` (``max_fraction=0``: no ceiling) and
 ``sidco_est_where_s1`` (``stages=1``: no later stages) split the branch-free estimator's cost (other payloads);
 ``*_csearch``: the ceiling by the bit search (``sparse._CEILING = "search"``, the path before session 23) instead of
-the block select (the same payloads).
+the block select (the same payloads); ``sidco_est_cond_s2`` / ``sidco_est_where_s2``: ``stages=2`` (no stage loop: the
+floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(ratio)`` (one ``lax.cond``, its second
+round on overflow steps).
 ``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
@@ -66,7 +68,8 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
-        "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_csearch", "sidco_est_cond_csearch")
+        "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_csearch", "sidco_est_cond_csearch",
+        "sidco_est_cond_s2", "sidco_est_where_s2", "dgc")
 
 
 class _Affine(nn.Module):
@@ -163,6 +166,8 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
   comp["sidco_est_where_noceil"] = lambda: sp.sidco(ratio, exact=False, max_fraction=0.0)
   comp["sidco_est_where_s1"] = lambda: sp.sidco(ratio, exact=False, stages=1)
   comp["sidco_est_where_csearch"] = comp["sidco_est_cond_csearch"] = comp["sidco_est"]
+  comp["sidco_est_cond_s2"] = comp["sidco_est_where_s2"] = lambda: sp.sidco(ratio, exact=False, stages=2)
+  comp["dgc"] = lambda: sp.dgc(ratio)
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
