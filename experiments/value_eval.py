@@ -99,7 +99,7 @@ _OPGRID = flags.DEFINE_list("option_pessimism_grid", ["0", "0.5", "1", "2", "3"]
 _OMGRID = flags.DEFINE_list("option_margin_grid", ["0", "0.02", "0.05"],
                             "options_nested: margins the inner validation chooses from.")
 _OGBDT = flags.DEFINE_bool("option_gbdt", True, "Also fit scikit-learn gradient-boosted trees (if installed).")
-_OTEST = flags.DEFINE_list("option_test_data", [], "program_mape only: cost dataset(s) held out as a whole: "
+_OTEST = flags.DEFINE_list("option_test_data", [], "options / program_mape: cost dataset(s) held out as a whole: "
                            "every model is fitted once on the kept rows of --option_data and scored on the kept "
                            "rows of these files (split 'test_data'; merged after --option_data, so a program whose "
                            "graph repeats a training program on the same device is dropped; one that shares a "
@@ -206,12 +206,38 @@ def _global_best(od, rows_mask, runtime):
   return best
 
 
+def _option_test_split(ds, desc, od):
+  """``--option_test_data`` for the options part: the option-candidate rows of the test files' programs (the
+  model's test fold) and of those that may be scored (:func:`_test_data_rows`), as masks over ``od``'s rows."""
+  test_rows, test_scored, desc["test_data"], _ = _test_data_rows(ds, desc["sources"], len(_ODATA.value))
+  group = np.asarray(ds.group, np.int64)
+  test = np.isin(od.group, np.unique(group[test_rows]))
+  scored = np.isin(od.group, np.unique(group[test_scored]))
+  if not scored.any():
+    raise ValueError("--option_test_data: no test program may be scored (each shares a program key with training).")
+  return test, scored
+
+
+def _option_rows(od, sel):
+  """``od`` (``cost.value.OptionData``) restricted to the rows ``sel`` (a boolean mask over its rows)."""
+  n = len(od.y)
+  return od._replace(**{f: np.asarray(v)[sel] for f, v in od._asdict().items()
+                        if isinstance(v, np.ndarray) and v.shape[:1] == (n,)})
+
+
 def part_options():
   from mlsys_jax.cost import dataset as cds
   t0 = time.perf_counter()
-  ds, desc = _load_cost_data()
-  devs = cds.row_devices(ds)
+  test_mode = bool(_OTEST.value)
+  if test_mode and (flags.FLAGS["option_split"].present or flags.FLAGS["option_seeds"].present):
+    raise ValueError("--option_test_data replaces the folds of --option_split / --option_seeds (one split, "
+                     "'test_data'): drop one.")
+  ds, desc = _load_cost_data(_OTEST.value)
   od = V.option_data(ds)
+  gd = ds.meta.get("group_device")   # the device of each option row, by its program
+  devs = (np.asarray([gd[str(int(g))] for g in od.group], dtype=str) if gd is not None
+          else np.full(len(od.y), str(ds.meta.get("device", "unknown")), dtype=object).astype(str))
+  test_masks = _option_test_split(ds, desc, od) if test_mode else None
   print(f"option data: {len(od.y)} candidates of {len(np.unique(od.group))} programs, "
         f"{od.x.shape[1]} features ({time.perf_counter() - t0:.0f} s)", flush=True)
   dm = od.option == 0
@@ -235,7 +261,11 @@ def part_options():
                        pessimism=_OPESS.value, margin=_OMARGIN.value)
   runtimes = {"measured": od.runtime_s, "pooled": od.runtime_pooled}
   results = {}
-  for split, tag, folds in _option_splits(od, _OSEEDS.value, cds.program_keys(ds)):
+  splits = ([("test_data", "fresh", [test_masks[0]])] if test_mode
+            else _option_splits(od, _OSEEDS.value, cds.program_keys(ds)))
+  od_all, devs_all, dm_all = od, devs, dm
+  for split, tag, folds in splits:
+    od, devs, dm = od_all, devs_all, dm_all
     members = np.zeros((cfg.ensemble, len(od.y)))
     flag = np.zeros(len(od.y), bool)
     gb = np.full(len(od.y), np.nan)
@@ -270,6 +300,13 @@ def part_options():
             fam_choice.setdefault(name, {}).update(
                 {g: int(np.flatnonzero(tef)[r]) for g, r in V.fixed_choice(kf, od.option[tef], od.group[tef]).items()})
     fit_s = time.perf_counter() - t
+    if split == "test_data":   # score the scored test programs only (every other row trained the model)
+      sel = test_masks[1]
+      pos = np.cumsum(sel) - 1
+      od, devs, dm = _option_rows(od, sel), devs[sel], dm[sel]
+      members, flag, gb = members[:, sel], flag[sel], gb[sel]
+      glob_choice = {name: {g: int(pos[i]) for g, i in c.items() if sel[i]} for name, c in glob_choice.items()}
+    runtimes = {"measured": od.runtime_s, "pooled": od.runtime_pooled}
     pred = members.mean(0) + _OPESS.value * members.std(0)
     res = {"fit_s": fit_s, "folds": len(folds), "programs_flagged_ood": int(len(np.unique(od.group[flag])))}
     for name, rt in runtimes.items():
@@ -319,6 +356,7 @@ def part_options():
             + f" | hybrid top{_OK.value} {r[f'hybrid_top{_OK.value}']['within_tol']:.3f} "
             f"({timed}/{len(od.y)} timed)  [{fit_s:.0f} s]", flush=True)
     results[f"{split}/{tag}"] = res
+  od = od_all
   out = {"dataset": {**desc, "programs": int(len(np.unique(od.group))),
                      "candidates": int(len(od.y)), "options": list(od.options), "device": ds.meta.get("device")},
          "config": {**cfg._asdict(), "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value,
@@ -1137,6 +1175,8 @@ def part_program_mape():
 
 
 def main(_):
+  if _OTEST.value and _WHAT.value not in ("options", "program_mape"):
+    raise ValueError(f"--option_test_data is read by --part=options and --part=program_mape only, not {_WHAT.value!r}.")
   if _WHAT.value == "options":
     return part_options()
   if _WHAT.value == "program_mape":

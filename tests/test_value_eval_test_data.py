@@ -66,8 +66,8 @@ def _write(tmp_path) -> tuple[str, str]:
   return tr, te
 
 
-def _run(args, tmp_path):
-  return subprocess.run([sys.executable, "experiments/value_eval.py", "--part=program_mape", f"--out_dir={tmp_path}",
+def _run(args, tmp_path, part="program_mape"):
+  return subprocess.run([sys.executable, "experiments/value_eval.py", f"--part={part}", f"--out_dir={tmp_path}",
                          *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -141,3 +141,36 @@ def test_source_index_maps_groups_to_files():
   out = r.stdout.strip().splitlines()
   assert json.loads(out[-2]) == [0, 0, 1, 1]
   assert "do not match" in json.loads(out[-1])
+
+
+def test_options_part_with_test_data_scores_the_new_programs_only(tmp_path):
+  """--part=options --option_test_data (session 23): one fit on the training file; the choice is scored on the
+  test file's programs only, without the shared-key one; the per-device table and the family breakdown come from
+  the same rows."""
+  tr, te = _write(tmp_path)
+  r = _run([f"--option_data={tr}", f"--option_test_data={te}", "--option_steps=20", "--option_ensemble=2",
+            "--option_gbdt=false", "--option_tag=_t"], tmp_path, part="options")
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "value_options_t.json").read_text())
+  assert list(res["results"]) == ["test_data/fresh"]
+  td = res["dataset"]["test_data"]
+  assert td["training_programs"] == 8 and td["test_programs"] == 4
+  assert td["test_programs_sharing_a_program_key_with_training"] == 1
+  for target in ("measured", "pooled"):
+    m = res["results"]["test_data/fresh"][target]
+    assert res["results"]["test_data/fresh"]["folds"] == 1
+    # the three new programs (the shared-key one and every training program are not scored)
+    for k in ("value_model", "always_default", "global_option_from_training", "hybrid_top2"):
+      assert m[k]["programs"] == 3, (target, k)
+    assert m["hybrid_top2"]["timed_exhaustive"] == 9                # 3 programs x 3 variants
+    assert m["per_family"]["f"]["value_model"]["programs"] == 3
+    assert m["per_device"] == {}                                    # one device
+    assert 0.0 <= m["value_model"]["within_tol"] <= 1.0
+
+
+def test_options_part_refuses_test_data_with_folds(tmp_path):
+  tr, te = _write(tmp_path)
+  r = _run([f"--option_data={tr}", f"--option_test_data={te}", "--option_split=program"], tmp_path, part="options")
+  assert r.returncode != 0 and "--option_test_data replaces the folds" in r.stderr
+  r = _run([f"--option_data={tr}", f"--option_test_data={te}"], tmp_path, part="options_nested")
+  assert r.returncode != 0 and "read by --part=options and --part=program_mape only" in r.stderr
