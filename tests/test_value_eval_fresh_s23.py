@@ -44,3 +44,28 @@ def test_the_fresh_collection_is_what_the_rule_names():
   assert int(np.sum(d.noisy)) == 105
   s = json.loads(JSON.read_text())["test_data"]["per_test_source"]
   assert list(s) == ["h200_collect_s22a.npz"]
+
+
+def test_quoted_fresh_option_choice_figures():
+  """Target (a) on the same new programs (rule_fresh_options_s23.md): value model 0.839 within 5%, always-default
+  0.867, hybrid top-2 0.993."""
+  p = ROOT / "experiments" / "results" / "value_eval" / "value_options_fresh_s23.json"
+  res = json.loads(p.read_text())
+  assert res["dataset"]["test_data"]["test_programs"] == 143
+  assert res["dataset"]["test_data"]["training_programs"] == 1566
+  m = res["results"]["test_data/fresh"]["measured"]
+  v, d = m["value_model"], m["always_default"]
+  assert v["programs"] == d["programs"] == 143
+  assert round(v["within_tol"], 3) == 0.839 and v["within_tol"] >= 0.80
+  assert v["within_tol_ci95"] == pytest.approx([0.776, 0.902], abs=5e-4)
+  assert round(d["within_tol"], 3) == 0.867 and d["within_tol"] > v["within_tol"]
+  assert d["within_tol_ci95"] == pytest.approx([0.811, 0.916], abs=5e-4)
+  assert round(m["gbdt"]["within_tol"], 3) == 0.846
+  assert (round(v["mean_regret"], 3), round(d["mean_regret"], 3)) == (0.028, 0.033)
+  assert (round(v["max_regret"], 2), round(d["max_regret"], 2)) == (0.34, 0.72)
+  assert (v["vs_default"]["faster_by_5pct"], v["vs_default"]["slower_by_5pct"]) == (10, 14)
+  assert round(v["vs_default"]["geomean_speedup"], 3) == 1.002
+  assert round(m["hybrid_top2"]["within_tol"], 3) == 0.993 and m["hybrid_top2"]["timed"] == 286
+  fam = m["per_family"]
+  assert (round(fam["batched_matmul"]["value_model"]["within_tol"], 2),
+          round(fam["batched_matmul"]["always_default"]["within_tol"], 2)) == (0.44, 0.88)
