@@ -23,8 +23,8 @@ bitwise the same values); ``sidco_est`` / ``sidco_pt_est`` / ``sidco_flat_est``:
 (the stage ``while_loop`` and the floor's and ceiling's ``lax.cond``) / ``"where"`` (no data-dependent control
 flow; the same payloads bitwise); ``sidco_est_where_noceil`` (``max_fraction=0``: no ceiling) and
 ``sidco_est_where_s1`` (``stages=1``: no later stages) split the branch-free estimator's cost (other payloads);
-``*_csearch``: the ceiling by the bit search (``sparse._CEILING = "search"``, the path before session 23) instead of
-the block select (the same payloads); ``sidco_est_cond_s2`` / ``sidco_est_where_s2``: ``stages=2`` (no stage loop: the
+``*_cblocks``: the ceiling by the block select (``sparse._CEILING = "blocks"``) instead of the default bit search
+(the same payloads); ``sidco_est_cond_s2`` / ``sidco_est_where_s2``: ``stages=2`` (no stage loop: the
 floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(ratio)`` (one ``lax.cond``, its second
 round on overflow steps).
 ``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
@@ -68,7 +68,7 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
-        "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_csearch", "sidco_est_cond_csearch",
+        "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_cblocks", "sidco_est_cond_cblocks",
         "sidco_est_cond_s2", "sidco_est_where_s2", "dgc")
 
 
@@ -165,7 +165,7 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
     comp[base + "_cond"] = comp[base + "_where"] = comp[base]
   comp["sidco_est_where_noceil"] = lambda: sp.sidco(ratio, exact=False, max_fraction=0.0)
   comp["sidco_est_where_s1"] = lambda: sp.sidco(ratio, exact=False, stages=1)
-  comp["sidco_est_where_csearch"] = comp["sidco_est_cond_csearch"] = comp["sidco_est"]
+  comp["sidco_est_where_cblocks"] = comp["sidco_est_cond_cblocks"] = comp["sidco_est"]
   comp["sidco_est_cond_s2"] = comp["sidco_est_where_s2"] = lambda: sp.sidco(ratio, exact=False, stages=2)
   comp["dgc"] = lambda: sp.dgc(ratio)
   if row not in comp:
@@ -178,7 +178,7 @@ def _switches(row: str) -> dict:
   return {"_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
           "_EST_BRANCHES": ("cond" if "_est_cond" in row else "where" if "_est_where" in row else sp._EST_BRANCHES),
-          "_CEILING": "search" if row.endswith("_csearch") else sp._CEILING}
+          "_CEILING": "blocks" if row.endswith("_cblocks") else sp._CEILING}
 
 
 def _make_step(model, tx, switches: dict, options: dict | None = None):

@@ -836,8 +836,10 @@ def test_exact_sidco_runs_no_fit(per_tensor, monkeypatch):
   monkeypatch.setattr(sp, "_TRIM", "sort")    # the sort trim's conditional (the quota has none: below)
   assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (search, 1)
   assert traced(sp.sidco(0.01, distribution="gamma", stages=3, per_tensor=per_tensor)) == (search, 1)
-  # exact=False fits; its ceiling finds the (hi + 1)-th largest by the block select (session 23)
+  assert traced(sp.sidco(0.01, per_tensor=per_tensor, exact=False))[0] == ["_seg_threshold"]
+  monkeypatch.setattr(sp, "_CEILING", "blocks")   # the ceiling by the block select (an option, session 23)
   assert traced(sp.sidco(0.01, per_tensor=per_tensor, exact=False))[0] == ["_seg_kth_blocks", "_seg_threshold"]
+  monkeypatch.setattr(sp, "_CEILING", "search")
   monkeypatch.setattr(sp, "_TRIM", "quota")   # the tie cut by prefix counts: no conditional at all
   assert traced(sp.sidco(0.01, per_tensor=per_tensor)) == (search, 0)
   monkeypatch.setattr(sp, "_EXACT_SEARCH", "blocks")

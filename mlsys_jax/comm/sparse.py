@@ -1033,10 +1033,13 @@ def _est_branch_free() -> bool:
   return mode == "where"
 
 
-# How the estimator's ceiling (:func:`_seg_ceiling`) finds each segment's (hi + 1)-th largest magnitude: "blocks"
-# (the block select of sidco(exact=True), no pass over the buffer) or "search" (the bit search of before session
-# 23). The same thresholds bitwise (tests/test_comm_sidco_branch_free.py).
-_CEILING = "blocks"
+# How the estimator's ceiling (:func:`_seg_ceiling`) finds each segment's (hi + 1)-th largest magnitude: "search"
+# (the bit search) or "blocks" (the block select of sidco(exact=True): three small sorts, no pass over the
+# buffer). The same thresholds bitwise (tests/test_comm_sidco_branch_free.py). On the CPU (session 23, 4.0M entries
+# in 5 segments, hi = 0.1%, one jitted call, median of 7) "blocks" took 39.6 ms against 31.3 for "search"; on a GPU
+# it is not timed yet (rows ``sidco_est_where`` / ``sidco_est_where_csearch`` of benchmarks/sidco_model_step.py with
+# this switch set), so the default stays "search", the path the GPU figures were measured with.
+_CEILING = "search"
 
 
 # Ways of the threshold searches over the buffer (_seg_exact, _seg_ceiling): 2 is the plain bisection (31
