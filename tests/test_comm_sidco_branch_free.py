@@ -57,20 +57,19 @@ def _host_round_trips(hlo: str) -> tuple[int, int]:
   return conds, unknown
 
 
-@pytest.mark.parametrize("kw", [dict(adapt_every=2), dict(per_tensor=True, adapt_every=2),
-                                dict(flat_state=True, capacity_factor=1.1, adapt_every=2),
-                                dict(capacity_factor=1.2, max_fraction=1.0, min_fraction=0.5, adapt_every=2)],
-                         ids=["tree", "per_tensor", "flat", "tight"])
-def test_where_equals_cond_bitwise(kw, monkeypatch):
-  """The path before session 23 (cond, the ceiling's bit search) against the GPU default (where, the ceiling by
-  the block select) and the CPU default (cond, block select)."""
+@pytest.mark.parametrize("kw,ceiling", [(dict(adapt_every=2), "search"), (dict(per_tensor=True, adapt_every=2), "search"),
+                                        (dict(flat_state=True, capacity_factor=1.1, adapt_every=2), "blocks"),
+                                        (dict(capacity_factor=1.2, max_fraction=1.0, min_fraction=0.5, adapt_every=2),
+                                         "blocks")],
+                         ids=["tree", "per_tensor", "flat_blocks", "tight_blocks"])
+def test_where_equals_cond_bitwise(kw, ceiling, monkeypatch):
+  """The cond path with the ceiling's bit search (the CPU default) against the branch-free path (the GPU default),
+  with the ceiling's search (the default) or its block select (an option, ``_CEILING = "blocks"``)."""
   a, stages_a, hlo_a = _run("cond", monkeypatch, **kw)
-  b, stages_b, hlo_b = _run("where", monkeypatch, ceiling="blocks", **kw)
-  c, _, _ = _run("cond", monkeypatch, ceiling="blocks", **kw)
+  b, stages_b, hlo_b = _run("where", monkeypatch, ceiling=ceiling, **kw)
   assert stages_a == stages_b
-  for k, (x, y, z) in enumerate(zip(a, b, c)):
-    assert _same(x, y), f"step {k}: the branch-free estimator differs from the lax.cond path"
-    assert _same(x, z), f"step {k}: the ceiling by the block select differs from the bit search"
+  for k, (x, y) in enumerate(zip(a, b)):
+    assert _same(x, y), f"step {k}: the branch-free estimator (ceiling: {ceiling}) differs from the cond path"
   # the same steps without the ceiling overflow: with it, its branch ran (and changed the payloads)
   off, _, _ = _run("cond", monkeypatch, **{**kw, "max_fraction": 0.0})
   assert int(off[-1][1].overflow_steps) > 0, "no overflow step: the ceiling's branch was not exercised"
