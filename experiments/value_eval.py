@@ -306,10 +306,10 @@ def part_options():
       od, devs, dm = _option_rows(od, sel), devs[sel], dm[sel]
       members, flag, gb = members[:, sel], flag[sel], gb[sel]
       glob_choice = {name: {g: int(pos[i]) for g, i in c.items() if sel[i]} for name, c in glob_choice.items()}
-    runtimes = {"measured": od.runtime_s, "pooled": od.runtime_pooled}
+    scored_rt = {"measured": od.runtime_s, "pooled": od.runtime_pooled}   # (of the rows scored in this split)
     pred = members.mean(0) + _OPESS.value * members.std(0)
     res = {"fit_s": fit_s, "folds": len(folds), "programs_flagged_ood": int(len(np.unique(od.group[flag])))}
-    for name, rt in runtimes.items():
+    for name, rt in scored_rt.items():
       r = {}
       r["value_model"] = V.choice_metrics(V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value),
                                           rt, od.group)

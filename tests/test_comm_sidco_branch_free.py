@@ -170,3 +170,63 @@ def test_ceiling_is_the_next_largest_magnitude(seed, monkeypatch):
   monkeypatch.setattr(sp, "_CEILING", "sort")
   with pytest.raises(ValueError, match="_CEILING"):
     sp._seg_ceiling(t, a_tiles, bmax, lay, hi, flat, hi_max)
+
+
+@pytest.mark.parametrize("keys_only", [False, True])
+def test_ceiling_of_a_full_segment_below_its_count_is_zero(keys_only, monkeypatch):
+  """A segment of exactly one tile (no padding zeros) and ``hi >= `` its size: every entry may be kept, so the
+  ceiling is 0 and the threshold stays (the block select must not return the segment's smallest entry)."""
+  monkeypatch.setattr(sp, "_KTH_KEYS_ONLY", keys_only)
+  rng = np.random.default_rng(7)
+  lay = sp._Layout([4096], [[0]])
+  flat = lay.flatten([jnp.asarray(rng.uniform(1.0, 2.0, 4096), jnp.float32)], jnp.float32)
+  a_tiles = jnp.abs(flat).reshape(lay.num_tiles, sp._TILE)
+  _, _, bmax = sp._block_stats(jnp.abs(flat))
+  t = jnp.asarray([0.5], jnp.float32)
+  for hi in (4096, 4095):
+    want = 0.5 if hi == 4096 else float(np.sort(np.abs(np.asarray(flat)))[0])   # the 4096-th largest = the smallest
+    for mode in ("blocks", "search"):
+      monkeypatch.setattr(sp, "_CEILING", mode)
+      got = sp._seg_ceiling(t, a_tiles, bmax, lay, jnp.asarray([hi], jnp.int32), flat, np.asarray([hi]))
+      assert float(got[0]) == np.float32(want), (hi, mode)
+
+
+def test_traced_ratio_schedule_and_a_stage_count_above_the_bound(monkeypatch):
+  """A traced ratio (``optax.inject_hyperparams``, ``max_ratio``): the ceiling's count is traced, so the block select
+  is not used (the search is), and the stages keep their ``while_loop``; the payloads stay those of the cond path.
+  A state whose stage count is above the bound (another ratio's state) runs the bound's stages in both paths."""
+  import optax
+
+  # one 9000-entry leaf: k = 90 and max_fraction * k = 31.5, which float32 rounds to 32 and float64 to 31 (a bound
+  # computed in float64 would be one short of the traced count)
+  shapes = {"a": (9000,)}
+
+  def grad(rng, k):
+    return {"a": jnp.asarray(rng.standard_cauchy(9000) if k % 2 == 0 else rng.standard_normal(9000), jnp.float32)}
+
+  def run(mode, stages_override=None, ceiling="blocks"):
+    monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+    monkeypatch.setattr(sp, "_CEILING", ceiling)
+    rng = np.random.default_rng(11)
+    params = {n: jnp.zeros(s, jnp.float32) for n, s in shapes.items()}
+    if stages_override is None:
+      tx = optax.inject_hyperparams(sidco, static_args=("max_ratio", "exact", "max_fraction", "capacity_factor"))(
+          ratio=0.01, max_ratio=0.01, exact=False, max_fraction=0.35, capacity_factor=1.2)
+    else:
+      tx = sidco(0.01, exact=False)
+    st = tx.init(params)
+    if stages_override is not None:
+      st = st._replace(stages=jnp.asarray(stages_override, st.stages.dtype))
+    upd = jax.jit(tx.update)
+    outs = []
+    for k in range(4):
+      u, st = upd(grad(rng, k), st)
+      outs.append((u, st))
+    return outs
+
+  a = run("cond", ceiling="search")
+  assert int(a[-1][1].inner_state.overflow_steps) == 0          # the ceiling holds every payload
+  assert _same(a, run("where", ceiling="blocks")) and _same(a, run("cond", ceiling="blocks"))
+  bound = sp.max_stages(0.01)
+  assert _same(run("cond", bound + 2), run("where", bound + 2))
+  assert _same(run("cond", bound + 2)[0][0], run("cond", bound)[0][0])   # clipped to the bound

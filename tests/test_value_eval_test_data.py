@@ -39,11 +39,12 @@ ENTRY %e (x: {t}[{n},{n}], y: {t}[{n},{n}], w: f32[{n},{n}]) -> f32[{n},{n}] {{
 _TYPES = (("f32", 4), ("bf16", 2), ("f64", 8))   # three compilations (variants) of one program: element types
 
 
-def _program(group: int, n: int, config: str, noisy_variant: int = -1) -> list[dict]:
-  """Three variant rows of one program of size n: runtime 20 us + matmul at 50 TFLOP/s, with profiler columns."""
+def _program(group: int, n: int, config: str, noisy_variant: int = -1, default_scale: float = 1.0) -> list[dict]:
+  """Three variant rows of one program of size n: runtime 20 us + matmul at 50 TFLOP/s, with profiler columns
+  (the default variant's runtime times ``default_scale``)."""
   rows = []
   for v, (ty, b) in enumerate(_TYPES):
-    t = 20e-6 + 2 * n ** 3 / 5e13 + 3 * b * n * n / 3e12
+    t = (20e-6 + 2 * n ** 3 / 5e13 + 3 * b * n * n / 3e12) * (default_scale if v == 0 else 1.0)
     rows.append({"hlo": _HLO.format(n=n, t=ty), "group": group, "family": "f", "config": config,
                  "variant": "default" if v == 0 else f"v{v}", "runtime_s": t, "runtime_iqr_s": 1e-7,
                  "runtime_min_s": t, "n_inner": 10, "n_rounds": 3, "noisy": v == noisy_variant, "flops": -1.0,
@@ -148,23 +149,38 @@ def test_options_part_with_test_data_scores_the_new_programs_only(tmp_path):
   test file's programs only, without the shared-key one; the per-device table and the family breakdown come from
   the same rows."""
   tr, te = _write(tmp_path)
-  r = _run([f"--option_data={tr}", f"--option_test_data={te}", "--option_steps=20", "--option_ensemble=2",
+  # a second test file from another device: two new programs, one whose default runs 1.3x its best variant
+  te2 = str(tmp_path / "test2.npz")
+  cds.save_dataset(te2, _program(0, 200, "m200") + _program(1, 450, "m450", default_scale=1.3),
+                   {"device": "NVIDIA H100 80GB HBM3", "variants": [["default", {}], ["v1", {}], ["v2", {}]]})
+  r = _run([f"--option_data={tr}", f"--option_test_data={te},{te2}", "--option_steps=20", "--option_ensemble=2",
             "--option_gbdt=false", "--option_tag=_t"], tmp_path, part="options")
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((tmp_path / "value_options_t.json").read_text())
   assert list(res["results"]) == ["test_data/fresh"]
   td = res["dataset"]["test_data"]
-  assert td["training_programs"] == 8 and td["test_programs"] == 4
+  assert td["training_programs"] == 8 and td["test_programs"] == 6
   assert td["test_programs_sharing_a_program_key_with_training"] == 1
   for target in ("measured", "pooled"):
     m = res["results"]["test_data/fresh"][target]
     assert res["results"]["test_data/fresh"]["folds"] == 1
-    # the three new programs (the shared-key one and every training program are not scored)
+    # the five new programs (the shared-key one and every training program are not scored)
     for k in ("value_model", "always_default", "global_option_from_training", "hybrid_top2"):
-      assert m[k]["programs"] == 3, (target, k)
-    assert m["hybrid_top2"]["timed_exhaustive"] == 9                # 3 programs x 3 variants
-    assert m["per_family"]["f"]["value_model"]["programs"] == 3
-    assert m["per_device"] == {}                                    # one device
+      assert m[k]["programs"] == 5, (target, k)
+    assert m["hybrid_top2"]["timed_exhaustive"] == 15               # 5 programs x 3 variants
+    assert m["per_family"]["f"]["value_model"]["programs"] == 5
+    # always-default, recomputed from the construction: within 5% of the best except the 1.3x program
+    assert m["always_default"]["within_tol"] == pytest.approx(4 / 5)
+    # regret = chosen / best - 1 per program (the best is the bf16 variant: fewest bytes), mean over the five
+    t = lambda n, b: 20e-6 + 2 * n ** 3 / 5e13 + 3 * b * n * n / 3e12   # noqa: E731
+    regrets = [t(n, 4) / t(n, 2) - 1 for n in (160, 320, 640, 200)] + [1.3 * t(450, 4) / t(450, 2) - 1]
+    assert m["always_default"]["mean_regret"] == pytest.approx(np.mean(regrets), rel=1e-6)
+    dev = m["per_device"]
+    assert sorted(dev) == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+    assert dev["NVIDIA H200"]["always_default"]["programs"] == 3
+    assert dev["NVIDIA H200"]["always_default"]["within_tol"] == 1.0
+    assert dev["NVIDIA H100 80GB HBM3"]["always_default"]["programs"] == 2
+    assert dev["NVIDIA H100 80GB HBM3"]["always_default"]["within_tol"] == 0.5
     assert 0.0 <= m["value_model"]["within_tol"] <= 1.0
 
 

@@ -555,7 +555,8 @@ def _stage_schedule(first, later, ratio, stages, first_ratio, bound: int | None 
   ``stages`` is a Python int (and ``ratio`` may be traced), a ``while_loop`` when ``stages`` is traced;
   with a static ``bound`` on a traced ``stages`` (``stages <= bound``) and :func:`_est_branch_free`, the
   ``bound - 1`` later stages unrolled instead, each kept only where it is one of the ``stages - 1`` wanted
-  (the same threshold bitwise; every stage's pass is paid, no loop predicate goes to the host)."""
+  (the same threshold bitwise; every stage's pass is paid, no loop predicate goes to the host). With a
+  ``bound``, both paths run at most ``bound`` stages."""
   if isinstance(stages, (int, np.integer)):
     if _is_static(ratio):
       multi = stages > 1 and ratio < first_ratio
@@ -573,6 +574,8 @@ def _stage_schedule(first, later, ratio, stages, first_ratio, bound: int | None 
       t = jnp.where(multi, later(t, i_ratio), t)
     return t
   stages = jnp.asarray(stages, jnp.int32)
+  if bound is not None:   # (a stage count above the bound, e.g. a state of another ratio: the bound's, both paths)
+    stages = jnp.minimum(stages, int(bound))
   multi = (stages > 1) & (ratio < first_ratio)
   t0 = first(jnp.where(multi, first_ratio, ratio))
   loops = jnp.where(multi, stages - 1, 0)
@@ -1037,8 +1040,9 @@ def _est_branch_free() -> bool:
 # (the bit search) or "blocks" (the block select of sidco(exact=True): three small sorts, no pass over the
 # buffer). The same thresholds bitwise (tests/test_comm_sidco_branch_free.py). On the CPU (session 23, 4.0M entries
 # in 5 segments, hi = 0.1%, one jitted call, median of 7) "blocks" took 39.6 ms against 31.3 for "search"; on a GPU
-# it is not timed yet (rows ``sidco_est_where`` / ``sidco_est_where_csearch`` of benchmarks/sidco_model_step.py with
-# this switch set), so the default stays "search", the path the GPU figures were measured with.
+# it is not timed yet (rows ``sidco_est_where`` / ``sidco_est_where_cblocks`` of benchmarks/sidco_model_step.py), so
+# the default stays "search", the path the GPU figures were measured with. The block select needs a static bound on
+# ``hi`` (the transform passes one only when the ratio is not a traced schedule).
 _CEILING = "search"
 
 
@@ -1270,15 +1274,17 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max, below: bool = True):
     d_s = jax.lax.sort(desc)
     kd = d_s[jnp.clip(jnp.asarray(k, jnp.int32), 1, int(c3[0])) - 1]
     bits = jax.lax.bitcast_convert_type(jnp.uint32(0x7FFFFFFF) - kd, jnp.int32)
-    return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0) if below else bits, jnp.float32)
+    if not below:   # (as below: fewer than k entries in the whole padded segment, the k-th is 0)
+      return jnp.where(jnp.asarray(k, jnp.int32) > int(c3[0]), 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
+    return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
   seg3 = np.repeat(np.arange(len(c3), dtype=np.int32), c3)
   _, slot_s = _sort_seg_desc(jnp.asarray(seg3) if len(c3) > 1 else jnp.zeros((ent.shape[0],), jnp.int32),
                              ent, jnp.arange(ent.shape[0], dtype=jnp.int32), len(c3))
   start3 = np.concatenate([[0], np.cumsum(c3)[:-1]]).astype(np.int32)
   pos = jnp.asarray(start3) + jnp.clip(jnp.asarray(k, jnp.int32), 1, jnp.asarray(c3, jnp.int32)) - 1
   kth = ent[slot_s[pos]]
-  if not below:
-    return kth
+  if not below:   # k above c3 only when c3 is the whole padded segment: fewer than k entries, the k-th is 0
+    return jnp.where(jnp.asarray(k, jnp.int32) > jnp.asarray(c3, jnp.int32), 0.0, kth)
   bits = jax.lax.bitcast_convert_type(kth, jnp.int32)
   return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
 
@@ -2515,7 +2521,9 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   training step on an H200 (session 23, ``benchmarks/results/sidco_model_step_h200_s23_est.json``) it adds
   1.17 ms per step (per tensor 1.10) against 7.76 (7.61) with the conditionals and ``topk``'s 0.81: still
   slower than ``topk`` there (more kernels: 1.45 ms of them); for speed keep the default ``exact=True``
-  (0.06-0.15 ms in the same step).
+  (0.06-0.15 ms in the same step). With a traced ratio schedule (``max_ratio``) the stage count has no static
+  bound and its loop stays a ``while_loop`` (one host round trip per stage on a GPU); the floor and the
+  ceiling are still branch-free.
 
   Example:
     >>> tx = optax.chain(sidco(0.001), optax.adam(1e-3))          # Top-k's set, no fit
@@ -2577,8 +2585,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
     hi_count = hi_bound = None
     if max_fraction > 0:   # the ceiling on overflow steps: max_fraction * k entries per segment
       hi_count = hi_bound = np.maximum(1, np.round(max_fraction * k_max)).astype(np.int64)
-      if max_ratio is not None:
-        hi_count = jnp.maximum(jnp.round(max_fraction * k), 1)
+      if max_ratio is not None:   # (a traced count: no static bound for the ceiling's block select)
+        hi_count, hi_bound = jnp.maximum(jnp.round(max_fraction * k), 1), None
       hi_count = jnp.asarray(hi_count, jnp.int32)
     return _sidco_segments(flat, lay, r, cap, distribution, n_stages, first_ratio, j, hi_count,
                            packing=_TRANSFORM_PACKING,
