@@ -26,7 +26,8 @@ flow; the same payloads bitwise); ``sidco_est_where_noceil`` (``max_fraction=0``
 ``*_cblocks``: the ceiling by the block select (``sparse._CEILING = "blocks"``) instead of the default bit search
 (the same payloads); ``sidco_est_cond_s2`` / ``sidco_est_where_s2``: ``stages=2`` (no stage loop: the
 floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(ratio)`` (one ``lax.cond``, its second
-round on overflow steps).
+round on overflow steps); ``powersgd`` / ``accordion``: ``powersgd(4, clamp_rank=True)`` and
+``accordion("powersgd", 4, 1, clamp_rank=True)`` (a ``lax.cond`` per compressed leaf: rank 4 or 1), ``--ratio`` unused.
 ``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
@@ -62,6 +63,7 @@ import optax  # noqa: E402
 
 from benchmarks.common import (device_stream_events, environment, idle_clusters, parse_args, print_table,  # noqa: E402
                                write_json)
+from mlsys_jax.comm import accordion, powersgd  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
@@ -69,7 +71,7 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
         "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_cblocks", "sidco_est_cond_cblocks",
-        "sidco_est_cond_s2", "sidco_est_where_s2", "dgc")
+        "sidco_est_cond_s2", "sidco_est_where_s2", "dgc", "powersgd", "accordion")
 
 
 class _Affine(nn.Module):
@@ -168,6 +170,8 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
   comp["sidco_est_where_cblocks"] = comp["sidco_est_cond_cblocks"] = comp["sidco_est"]
   comp["sidco_est_cond_s2"] = comp["sidco_est_where_s2"] = lambda: sp.sidco(ratio, exact=False, stages=2)
   comp["dgc"] = lambda: sp.dgc(ratio)
+  comp["powersgd"] = lambda: powersgd(4, clamp_rank=True)
+  comp["accordion"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True)
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
