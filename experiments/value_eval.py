@@ -234,9 +234,7 @@ def part_options():
                      "'test_data'): drop one.")
   ds, desc = _load_cost_data(_OTEST.value)
   od = V.option_data(ds)
-  gd = ds.meta.get("group_device")   # the device of each option row, by its program
-  devs = (np.asarray([gd[str(int(g))] for g in od.group], dtype=str) if gd is not None
-          else np.full(len(od.y), str(ds.meta.get("device", "unknown")), dtype=object).astype(str))
+  devs = cds.row_devices(ds)   # (option_data keeps the dataset's rows one to one)
   test_masks = _option_test_split(ds, desc, od) if test_mode else None
   print(f"option data: {len(od.y)} candidates of {len(np.unique(od.group))} programs, "
         f"{od.x.shape[1]} features ({time.perf_counter() - t0:.0f} s)", flush=True)

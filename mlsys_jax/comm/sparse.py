@@ -989,9 +989,7 @@ def _seg_floor(t, bmax, lay: _Layout, j):
     valid = count_above(floor) >= j        # else fewer than j blocks are non-zero: no floor
     return jnp.where(need & valid, jnp.minimum(t, floor), t)
 
-  if _est_branch_free():   # (lowered is elementwise in need: the same thresholds, no predicate to the host)
-    return lowered(t)
-  return jax.lax.cond(jnp.any(need), lowered, lambda t: t, t)
+  return _when(jnp.any(need), lowered, t)
 
 
 def _bisect_bits(ok_fn, top_bits, keep_low: bool):
@@ -1034,6 +1032,15 @@ def _est_branch_free() -> bool:
   if mode == "auto":
     return jax.default_backend() == "gpu"
   return mode == "where"
+
+
+def _when(pred, fn, operand):
+  """``fn(operand)`` where the scalar ``pred`` holds, else ``operand`` (a pytree): under ``lax.cond``, which skips
+  ``fn`` on the steps that do not need it, or, with :func:`_est_branch_free`, ``fn`` every step and the result
+  selected leaf by leaf (no predicate to the host; the same values)."""
+  if _est_branch_free():
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), fn(operand), operand)
+  return jax.lax.cond(pred, fn, lambda x: x, operand)
 
 
 # How the estimator's ceiling (:func:`_seg_ceiling`) finds each segment's (hi + 1)-th largest magnitude: "search"
@@ -1274,18 +1281,16 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max, below: bool = True):
     d_s = jax.lax.sort(desc)
     kd = d_s[jnp.clip(jnp.asarray(k, jnp.int32), 1, int(c3[0])) - 1]
     bits = jax.lax.bitcast_convert_type(jnp.uint32(0x7FFFFFFF) - kd, jnp.int32)
-    if not below:   # (as below: fewer than k entries in the whole padded segment, the k-th is 0)
-      return jnp.where(jnp.asarray(k, jnp.int32) > int(c3[0]), 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
-    return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
-  seg3 = np.repeat(np.arange(len(c3), dtype=np.int32), c3)
-  _, slot_s = _sort_seg_desc(jnp.asarray(seg3) if len(c3) > 1 else jnp.zeros((ent.shape[0],), jnp.int32),
-                             ent, jnp.arange(ent.shape[0], dtype=jnp.int32), len(c3))
-  start3 = np.concatenate([[0], np.cumsum(c3)[:-1]]).astype(np.int32)
-  pos = jnp.asarray(start3) + jnp.clip(jnp.asarray(k, jnp.int32), 1, jnp.asarray(c3, jnp.int32)) - 1
-  kth = ent[slot_s[pos]]
+  else:
+    seg3 = np.repeat(np.arange(len(c3), dtype=np.int32), c3)
+    _, slot_s = _sort_seg_desc(jnp.asarray(seg3) if len(c3) > 1 else jnp.zeros((ent.shape[0],), jnp.int32),
+                               ent, jnp.arange(ent.shape[0], dtype=jnp.int32), len(c3))
+    start3 = np.concatenate([[0], np.cumsum(c3)[:-1]]).astype(np.int32)
+    pos = jnp.asarray(start3) + jnp.clip(jnp.asarray(k, jnp.int32), 1, jnp.asarray(c3, jnp.int32)) - 1
+    bits = jax.lax.bitcast_convert_type(ent[slot_s[pos]], jnp.int32)
   if not below:   # k above c3 only when c3 is the whole padded segment: fewer than k entries, the k-th is 0
+    kth = jax.lax.bitcast_convert_type(bits, jnp.float32)
     return jnp.where(jnp.asarray(k, jnp.int32) > jnp.asarray(c3, jnp.int32), 0.0, kth)
-  bits = jax.lax.bitcast_convert_type(kth, jnp.int32)
   return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
 
 
@@ -1626,18 +1631,12 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   if max_count is not None:
     # the fit selected more than the shared payload holds: raise the threshold of every segment above
     # its ceiling and pack again (only on such steps; the payload then holds everything selected)
-    def again(_):
-      t2 = _seg_ceiling(t, a_tiles, bmax, lay, max_count, flat, max_count_bound)
+    def again(pt):
+      t2 = _seg_ceiling(pt[1], a_tiles, bmax, lay, max_count, flat, max_count_bound)
       p2, _ = pack(t2)
       return p2, t2
 
-    if _est_branch_free():   # every step, kept where the first payload overflowed (the same payload bitwise)
-      p2, t2 = again(None)
-      take = payload.overflow & finite
-      payload = jax.tree_util.tree_map(lambda a, b: jnp.where(take, a, b), p2, payload)
-      t = jnp.where(take, t2, t)
-    else:
-      payload, t = jax.lax.cond(payload.overflow & finite, again, lambda _: (payload, t), None)
+    payload, t = _when(payload.overflow & finite, again, (payload, t))
   return payload, n_above, t, finite, None
 
 
