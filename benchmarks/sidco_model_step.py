@@ -19,14 +19,16 @@ block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_p
 new residual written leaf by leaf in chunks, no 161-operand concatenation and no gather into the padded layout;
 bitwise the same values); ``sidco_est`` / ``sidco_pt_est`` / ``sidco_flat_est``: SIDCo's estimator
 (``exact=False``: the paper's closed-form threshold, no exact search; traced with the module's
-``sparse._EST_BRANCHES``), and the same rows with ``_cond`` / ``_where``: traced with ``_EST_BRANCHES = "cond"``
+``sparse._BRANCHES``), and the same rows with ``_cond`` / ``_where``: traced with ``_BRANCHES = "cond"``
 (the stage ``while_loop`` and the floor's and ceiling's ``lax.cond``) / ``"where"`` (no data-dependent control
 flow; the same payloads bitwise); ``sidco_est_where_noceil`` (``max_fraction=0``: no ceiling) and
 ``sidco_est_where_s1`` (``stages=1``: no later stages) split the branch-free estimator's cost (other payloads);
-``*_cblocks``: the ceiling by the block select (``sparse._CEILING = "blocks"``) instead of the default bit search
-(the same payloads); ``sidco_est_cond_s2`` / ``sidco_est_where_s2``: ``stages=2`` (no stage loop: the
-floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(ratio)`` (one ``lax.cond``, its second
-round on overflow steps); ``powersgd`` / ``accordion``: ``powersgd(4, clamp_rank=True)`` and
+``*_cblocks`` / ``*_csearch``: the ceiling by the block select (``sparse._CEILING = "blocks"``, the GPU default
+since session 24) / the bit search (the same payloads); ``sidco_est_cond_s2`` / ``sidco_est_where_s2``: ``stages=2`` (no stage loop: the
+floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(ratio)`` (its second round on overflow steps: one ``lax.cond`` before session 24,
+branch-free on GPU since; ``dgc_cond`` / ``dgc_where`` force either; ``dgc_pt*``: ``per_tensor=True``, one per
+leaf); ``recipe``: the 0.1% recipe of docs/comm.md (``density_warmup`` of ``sidco`` with ``rms_selection``: a
+``lax.switch`` over its three stages every step); ``powersgd`` / ``accordion``: ``powersgd(4, clamp_rank=True)`` and
 ``accordion("powersgd", 4, 1, clamp_rank=True)`` (a ``lax.cond`` per compressed leaf: rank 4 or 1), ``--ratio`` unused.
 ``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
@@ -63,7 +65,7 @@ import optax  # noqa: E402
 
 from benchmarks.common import (device_stream_events, environment, idle_clusters, parse_args, print_table,  # noqa: E402
                                write_json)
-from mlsys_jax.comm import accordion, powersgd  # noqa: E402
+from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
@@ -71,7 +73,8 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
         "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_cblocks", "sidco_est_cond_cblocks",
-        "sidco_est_cond_s2", "sidco_est_where_s2", "dgc", "powersgd", "accordion")
+        "sidco_est_cond_s2", "sidco_est_where_s2", "dgc", "powersgd", "accordion", "dgc_cond", "dgc_where",
+        "dgc_pt", "dgc_pt_cond", "dgc_pt_where", "sidco_est_where_csearch", "recipe")
 
 
 class _Affine(nn.Module):
@@ -169,7 +172,11 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
   comp["sidco_est_where_s1"] = lambda: sp.sidco(ratio, exact=False, stages=1)
   comp["sidco_est_where_cblocks"] = comp["sidco_est_cond_cblocks"] = comp["sidco_est"]
   comp["sidco_est_cond_s2"] = comp["sidco_est_where_s2"] = lambda: sp.sidco(ratio, exact=False, stages=2)
-  comp["dgc"] = lambda: sp.dgc(ratio)
+  comp["dgc"] = comp["dgc_cond"] = comp["dgc_where"] = lambda: sp.dgc(ratio)
+  comp["dgc_pt"] = comp["dgc_pt_cond"] = comp["dgc_pt_where"] = lambda: sp.dgc(ratio, per_tensor=True)
+  comp["sidco_est_where_csearch"] = comp["sidco_est"]
+  comp["recipe"] = lambda: density_warmup(
+      lambda r: sp.sidco(r, precondition=rms_selection(r < 0.01)), ratio, steps=300, ratios=[0.01, 0.0025])
   comp["powersgd"] = lambda: powersgd(4, clamp_rank=True)
   comp["accordion"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True)
   if row not in comp:
@@ -181,8 +188,9 @@ def _switches(row: str) -> dict:
   """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
   return {"_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
-          "_EST_BRANCHES": ("cond" if "_est_cond" in row else "where" if "_est_where" in row else sp._EST_BRANCHES),
-          "_CEILING": "blocks" if row.endswith("_cblocks") else sp._CEILING}
+          "_BRANCHES": ("cond" if "_est_cond" in row or row.endswith("_cond") else
+                        "where" if "_est_where" in row or row.endswith("_where") else sp._BRANCHES),
+          "_CEILING": "blocks" if row.endswith("_cblocks") else "search" if row.endswith("_csearch") else sp._CEILING}
 
 
 def _make_step(model, tx, switches: dict, options: dict | None = None):

@@ -145,7 +145,7 @@ def test_quoted_h100_session22_figures():
 
 
 def test_quoted_h200_session23_figures():
-  """BENCHMARKS.md / docs/comm.md, session 23 (H200): the branch-free estimator (sparse._EST_BRANCHES = "where")
+  """BENCHMARKS.md / docs/comm.md, session 23 (H200): the branch-free estimator (sparse._BRANCHES = "where")
   against the while_loop / lax.cond path in the same f32 batch-64 step, and the second run of session 19's flat rows."""
   def by(name):
     rows = _rows(name)

@@ -1,4 +1,4 @@
-"""SIDCo's estimator (``sidco(exact=False)``) without data-dependent control flow (``sparse._EST_BRANCHES``):
+"""SIDCo's estimator (``sidco(exact=False)``) without data-dependent control flow (``sparse._BRANCHES``):
 the adaptive stages unrolled to their static bound and masked, the floor and the ceiling computed every step and
 kept elementwise. Every output and state field must be bitwise those of the ``while_loop`` / ``lax.cond``
 path, on steps where the stage count adapts, the floor binds and the payload overflows; and the compiled update
@@ -28,7 +28,7 @@ def _grad(rng, k):
 
 
 def _run(mode, monkeypatch, steps=12, ceiling="search", **kw):
-  monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+  monkeypatch.setattr(sp, "_BRANCHES", mode)
   monkeypatch.setattr(sp, "_CEILING", ceiling)
   rng = np.random.default_rng(0)
   params = {n: jnp.zeros(s, jnp.float32) for n, s in _SHAPES.items()}
@@ -84,7 +84,7 @@ def test_floor_binds_in_both_modes(monkeypatch):
   """Small Gaussian-like leaves: the exponential fit lands above every entry of some segments, and only the floor
   (``min_fraction``) makes them send; its search then runs in both modes with the same result."""
   def sent(mode, min_fraction):
-    monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+    monkeypatch.setattr(sp, "_BRANCHES", mode)
     rng = np.random.default_rng(3)
     g = {n: jnp.asarray(rng.uniform(0.9, 1.0, s), jnp.float32) for n, s in _SHAPES.items()}
     tx = sidco(0.01, exact=False, per_tensor=True, stages=1, min_fraction=min_fraction)
@@ -108,7 +108,7 @@ def test_where_under_shard_map(monkeypatch):
   grads = {n: jnp.asarray(rng.standard_cauchy((4,) + s), jnp.float32) for n, s in _SHAPES.items()}
 
   def run(mode):
-    monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+    monkeypatch.setattr(sp, "_BRANCHES", mode)
     tx = sidco(0.01, exact=False, axis_name="d", adapt_every=1)
     st = tx.init({n: jnp.zeros(s, jnp.float32) for n, s in _SHAPES.items()})
 
@@ -126,13 +126,13 @@ def test_where_under_shard_map(monkeypatch):
 
 
 def test_auto_is_the_cond_path_off_gpu():
-  assert sp._EST_BRANCHES == "auto"
-  assert sp._est_branch_free() == (jax.default_backend() == "gpu")
+  assert sp._BRANCHES == "auto"
+  assert sp._branch_free() == (jax.default_backend() == "gpu")
 
 
 def test_bad_switch(monkeypatch):
-  monkeypatch.setattr(sp, "_EST_BRANCHES", "maybe")
-  with pytest.raises(ValueError, match="_EST_BRANCHES"):
+  monkeypatch.setattr(sp, "_BRANCHES", "maybe")
+  with pytest.raises(ValueError, match="_BRANCHES"):
     sidco(0.01, exact=False).update({"a": jnp.ones((64,))}, sidco(0.01, exact=False).init({"a": jnp.ones((64,))}))
 
 
@@ -205,7 +205,7 @@ def test_traced_ratio_schedule_and_a_stage_count_above_the_bound(monkeypatch):
     return {"a": jnp.asarray(rng.standard_cauchy(9000) if k % 2 == 0 else rng.standard_normal(9000), jnp.float32)}
 
   def run(mode, stages_override=None, ceiling="blocks"):
-    monkeypatch.setattr(sp, "_EST_BRANCHES", mode)
+    monkeypatch.setattr(sp, "_BRANCHES", mode)
     monkeypatch.setattr(sp, "_CEILING", ceiling)
     rng = np.random.default_rng(11)
     params = {n: jnp.zeros(s, jnp.float32) for n, s in shapes.items()}

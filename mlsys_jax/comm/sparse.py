@@ -553,7 +553,7 @@ def _stage_schedule(first, later, ratio, stages, first_ratio, bound: int | None 
   """SIDCo's multi-stage schedule, shared by the one-vector and the per-segment fits: ``first(r)`` fits
   the first stage at density ``r``; ``later(t, i_ratio)`` refits the exceedances of ``t``. Unrolled when
   ``stages`` is a Python int (and ``ratio`` may be traced), a ``while_loop`` when ``stages`` is traced;
-  with a static ``bound`` on a traced ``stages`` (``stages <= bound``) and :func:`_est_branch_free`, the
+  with a static ``bound`` on a traced ``stages`` (``stages <= bound``) and :func:`_branch_free`, the
   ``bound - 1`` later stages unrolled instead, each kept only where it is one of the ``stages - 1`` wanted
   (the same threshold bitwise; every stage's pass is paid, no loop predicate goes to the host). With a
   ``bound``, both paths run at most ``bound`` stages."""
@@ -580,7 +580,7 @@ def _stage_schedule(first, later, ratio, stages, first_ratio, bound: int | None 
   t0 = first(jnp.where(multi, first_ratio, ratio))
   loops = jnp.where(multi, stages - 1, 0)
   i_ratio = jnp.where(multi, (ratio / first_ratio) ** (1.0 / jnp.maximum(stages - 1, 1)), 1.0)
-  if bound is not None and _est_branch_free():
+  if bound is not None and _branch_free():
     t = t0
     for i in range(int(bound) - 1):
       t = jnp.where(i < loops, later(t, i_ratio), t)
@@ -974,7 +974,7 @@ def _seg_floor(t, bmax, lay: _Layout, j):
   The usual case costs one pass over the n / 64 block maxima (count the blocks above ``t`` per segment);
   only when some segment has fewer than ``j`` such blocks is the ``j``-th largest found, exactly, by a
   search on the float bits (:func:`_search_bits`, under ``lax.cond``; every step when
-  :func:`_est_branch_free`, the same thresholds)."""
+  :func:`_branch_free`, the same thresholds)."""
   bm = bmax.reshape(lay.num_tiles, _THR_BLOCKS)
 
   def count_above(tv):
@@ -1010,25 +1010,31 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
   return f32(lo if keep_low else hi)
 
 
-# How SIDCo's estimator (``sidco(exact=False)``) takes its data-dependent steps: the adaptive number of stages,
-# the floor's search (needed only when a segment selects fewer than its floor) and the ceiling's search with a
-# second pack (only on steps whose payload overflowed). "cond": a ``while_loop`` over the stages and two
+# How the transforms take their data-dependent steps: SIDCo's estimator (``sidco(exact=False)``: the adaptive
+# number of stages, the floor's search when a segment selects fewer than its floor, the ceiling's search and a
+# second pack on steps whose payload overflowed) and DGC's second round (Top-k's set on steps where more than
+# the payload's capacity exceed the sampled threshold). "cond": a ``while_loop`` over the stages and
 # ``lax.cond``s, which skip that work on the steps that do not need it; on a GPU each returns a predicate to the
-# host, which waits for the device there and can no longer queue the rest of the step ahead of it (session 22,
-# H100, f32 ResNet-50 training step: +7.42 ms per step, against +0.5-0.7 ms of the estimator's own kernels).
-# "where": no host round trip: the stages unrolled up to their static bound and masked, the floor and the
-# ceiling computed every step and selected elementwise: the same payloads and thresholds bitwise, more device
-# work per step. "auto" (the default): "where" on GPU, "cond" elsewhere (no host round trips to save on the CPU).
-# Session 23 (H200, f32 batch-64 ResNet-50 training step, 9 rounds, benchmarks/results/sidco_model_step_h200_s23_est.json):
-# over Adam alone, "cond" +7.76 [6.79, 8.33] ms (10.0 ms of device idle per step in its trace), "where" +1.17
-# [1.09, 1.21] ms (no idle; kernel time +1.45 against +0.37 ms); per tensor +7.61 -> +1.10 ms. Top-k +0.81 ms.
-_EST_BRANCHES = "auto"
+# host, which waits for the device there and can no longer queue the rest of the step ahead of it. "where": no
+# host round trip: the stages unrolled up to their static bound and masked, the floor, the ceiling and DGC's
+# second round computed every step and selected elementwise: the same payloads and thresholds bitwise, more
+# device work per step. "auto" (the default): "where" on GPU, "cond" elsewhere (no host round trips to save on
+# the CPU). The conditionals of ACCORDION (rank or density per layer) and of ``density_warmup`` (the stage)
+# stay ``lax.cond``s: their branches hold collectives of different sizes, and computing both would send both.
+# f32 batch-64 ResNet-50 training step, cost over Adam alone:
+# - session 23 (H200, 9 rounds, benchmarks/results/sidco_model_step_h200_s23_est.json): the estimator "cond"
+#   +7.76 [6.79, 8.33] ms (10.0 ms of device idle per step in its trace), "where" +1.17 [1.09, 1.21] ms (no idle;
+#   kernel time +1.45 against +0.37 ms); per tensor +7.61 -> +1.10 ms. Top-k +0.81 ms.
+# - session 24 (H100, 7 rounds, benchmarks/results/sidco_model_step_h100_s24_est2.json): with two fixed stages
+#   (no stage loop) the two ``lax.cond``s alone still cost +4.01 ms (3.08 ms idle) against +0.80 ms branch-free;
+#   DGC with its ``lax.cond`` +4.23 ms (3.14 ms idle, 0.74 ms of kernels); Top-k +0.98 ms.
+_BRANCHES = "auto"
 
 
-def _est_branch_free() -> bool:
-  """Whether the estimator runs without data-dependent control flow (``_EST_BRANCHES``)."""
-  mode = _EST_BRANCHES
-  check_choice("_EST_BRANCHES", mode, ("auto", "cond", "where"))
+def _branch_free() -> bool:
+  """Whether SIDCo's estimator and DGC's second round run without data-dependent control flow (``_BRANCHES``)."""
+  mode = _BRANCHES
+  check_choice("_BRANCHES", mode, ("auto", "cond", "where"))
   if mode == "auto":
     return jax.default_backend() == "gpu"
   return mode == "where"
@@ -1036,21 +1042,22 @@ def _est_branch_free() -> bool:
 
 def _when(pred, fn, operand):
   """``fn(operand)`` where the scalar ``pred`` holds, else ``operand`` (a pytree): under ``lax.cond``, which skips
-  ``fn`` on the steps that do not need it, or, with :func:`_est_branch_free`, ``fn`` every step and the result
+  ``fn`` on the steps that do not need it, or, with :func:`_branch_free`, ``fn`` every step and the result
   selected leaf by leaf (no predicate to the host; the same values)."""
-  if _est_branch_free():
+  if _branch_free():
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), fn(operand), operand)
   return jax.lax.cond(pred, fn, lambda x: x, operand)
 
 
 # How the estimator's ceiling (:func:`_seg_ceiling`) finds each segment's (hi + 1)-th largest magnitude: "search"
-# (the bit search) or "blocks" (the block select of sidco(exact=True): three small sorts, no pass over the
-# buffer). The same thresholds bitwise (tests/test_comm_sidco_branch_free.py). On the CPU (session 23, 4.0M entries
-# in 5 segments, hi = 0.1%, one jitted call, median of 7) "blocks" took 39.6 ms against 31.3 for "search"; on a GPU
-# it is not timed yet (rows ``sidco_est_where`` / ``sidco_est_where_cblocks`` of benchmarks/sidco_model_step.py), so
-# the default stays "search", the path the GPU figures were measured with. The block select needs a static bound on
-# ``hi`` (the transform passes one only when the ratio is not a traced schedule).
-_CEILING = "search"
+# (the bit search), "blocks" (the block select of sidco(exact=True): three small sorts, no pass over the
+# buffer) or "auto": "blocks" on GPU, "search" elsewhere. The same thresholds bitwise
+# (tests/test_comm_sidco_branch_free.py). CPU (session 23, 4.0M entries in 5 segments, hi = 0.1%, one jitted
+# call, median of 7): "blocks" 39.6 ms against 31.3 for "search". H100 (session 24, f32 batch-64 ResNet-50
+# training step, branch-free estimator, benchmarks/results/sidco_model_step_h100_s24_est2.json): "blocks" +1.27 ms
+# over Adam alone against +1.56 ms for "search". The block select needs a static bound on ``hi`` (the transform
+# passes one only when the ratio is not a traced schedule); without one the search runs.
+_CEILING = "auto"
 
 
 # Ways of the threshold searches over the buffer (_seg_exact, _seg_ceiling): 2 is the plain bisection (31
@@ -1153,8 +1160,9 @@ def _seg_ceiling(t, a_tiles, bmax, lay: _Layout, hi, flat=None, hi_max=None):
   (:func:`_seg_kth_blocks`, three small sorts; ``_CEILING = "blocks"``, needs ``flat`` and the static bound
   ``hi_max``) or by a search on the float bits (:func:`_search_bits`, ``_CEILING = "search"``: 11 counting
   passes over the buffer with the Pallas count, 31 elsewhere). The same bits either way."""
-  check_choice("_CEILING", _CEILING, ("blocks", "search"))
-  if _CEILING == "blocks" and flat is not None and hi_max is not None:
+  check_choice("_CEILING", _CEILING, ("auto", "blocks", "search"))
+  how = _CEILING if _CEILING != "auto" else ("blocks" if jax.default_backend() == "gpu" else "search")
+  if how == "blocks" and flat is not None and hi_max is not None:
     v = _seg_kth_blocks(flat, bmax, lay, jnp.asarray(hi, jnp.int32) + 1, np.asarray(hi_max, np.int64) + 1,
                         below=False)
     return jnp.maximum(t, v)
@@ -1638,6 +1646,19 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
 
     payload, t = _when(payload.overflow & finite, again, (payload, t))
   return payload, n_above, t, finite, None
+
+
+def _topk_set_payload(vec: jax.Array, k, k_max: int, capacity: int, ratio) -> SparsePayload:
+  """Top-k's set of a 1-D ``vec`` (magnitude descending, ties to the lower index, as ``lax.top_k``) in index
+  order, in a payload of ``capacity`` slots holding at most ``k`` (traced, ``<= k_max``, static) entries: the
+  block select of ``sidco(exact=True)`` on one segment (:func:`_sidco_segments`; no sort of ``vec``). The same
+  set as ``lax.top_k(|vec|, k)`` unless more than ``capacity - k`` entries tie at the ``k``-th magnitude
+  (then the ``k`` largest of the first ``capacity`` selected in index order, the payload flagged overflowed)."""
+  lay = _Layout([vec.shape[0]], [[0]])
+  k_seg = jnp.reshape(jnp.asarray(k, jnp.int32), (1,))
+  payload = _sidco_segments(lay.pad(vec), lay, ratio, capacity, "exponential", 1, 0.25, None,
+                            packing=_TRANSFORM_PACKING, exact=(k_seg, capacity, np.asarray([k_max])))[0]
+  return payload
 
 
 # DGC's default sample: at least this many sampled entries above the threshold (see dgc_sample_size).
@@ -2369,13 +2390,10 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
     payload = compact(vec, a >= t, cap)
     above = jnp.sum(a >= t)
 
-    def second_round(_):
-      pos = jax.lax.top_k(jnp.where(a >= t, a, -1.0), k_max)[1].astype(jnp.int32)
-      idx = jnp.zeros((cap,), jnp.int32).at[:k_max].set(pos)
-      v = jnp.zeros((cap,), vec.dtype).at[:k_max].set(vec[pos])
-      return _first_k(SparsePayload(idx, v, jnp.asarray(k_max, jnp.int32), jnp.asarray(False)), k)
+    def second_round(_):   # more than cap exceed t, so the k largest all do: Top-k's set of vec
+      return _topk_set_payload(vec, k, k_max, cap, r)
 
-    payload = jax.lax.cond(payload.overflow, second_round, lambda _: payload, None)
+    payload = _when(payload.overflow, second_round, payload)
     if exact:   # at most k: the k largest of what the threshold selected, in a payload of k_max slots
       lay = _Layout([vec.shape[0]], [[0]])
       payload = _seg_trim(payload, jnp.zeros((1,), jnp.float32), lay, jnp.reshape(jnp.asarray(k, jnp.int32), (1,)),
@@ -2513,7 +2531,7 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   1.091 / 1.115) and ``topk`` 1.686 / 1.683 ms (2.12x / 2.13x; per tensor 2.04x / 2.05x); every loop
   bitwise that of session 9's defaults. In ``optax.chain(..., optax.adam(1e-3))`` session 9's defaults
   cost 0.865 ms for the compressor against ``topk``'s 1.370 (``sidco_chain_s9_h200.json``; not re-run).
-  ``exact=False`` on a GPU runs without data-dependent control flow (``sparse._EST_BRANCHES``, default
+  ``exact=False`` on a GPU runs without data-dependent control flow (``sparse._BRANCHES``, default
   "auto"): the adaptive stages unrolled up to ``max_stages(ratio)`` and masked, the floor and the ceiling
   computed every step and kept elementwise; the same payloads bitwise as with ``lax.cond`` and a ``while_loop``
   (its path elsewhere), whose predicates went to the host every step. In a whole f32 batch-64 ResNet-50
