@@ -2349,9 +2349,12 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   """DGC's sampled-threshold sparsification with error feedback (Lin et al., ICLR 2018).
 
   The threshold is the top-k magnitude of a random sample (:func:`dgc_threshold`); if more than the
-  capacity (``capacity_factor`` times k, default 2) exceed it, a second top-k over the exceedances keeps
-  exactly k, as DGC's second round does. Otherwise everything above the sampled threshold is sent:
-  between 0 and ``capacity_factor * k`` entries.
+  capacity (``capacity_factor`` times k, default 2) exceed it, a second round keeps exactly Top-k's k
+  entries, as DGC's does (ties to the lower index, as ``lax.top_k``; found by the block select of
+  ``sidco(exact=True)``, no sort of the gradient). Otherwise everything above the sampled threshold is sent:
+  between 0 and ``capacity_factor * k`` entries. On a GPU the second round runs every step and is kept only
+  on overflow steps (no ``lax.cond``, whose predicate would go to the host: +4.2 ms per f32 ResNet-50 step on
+  an H100, session 24); elsewhere under ``lax.cond``; bitwise the same (``sparse._BRANCHES``).
 
   Sample size (:func:`dgc_sample_size`): by default (``sample_fraction=None``) 1% of the entries (the
   paper's 0.1%-1%), enlarged so that the sample holds ``k = ratio * size >= 16`` entries above the
