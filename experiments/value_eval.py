@@ -99,6 +99,10 @@ _OPGRID = flags.DEFINE_list("option_pessimism_grid", ["0", "0.5", "1", "2", "3"]
 _OMGRID = flags.DEFINE_list("option_margin_grid", ["0", "0.02", "0.05"],
                             "options_nested: margins the inner validation chooses from.")
 _OGBDT = flags.DEFINE_bool("option_gbdt", True, "Also fit scikit-learn gradient-boosted trees (if installed).")
+_OTUNE = flags.DEFINE_bool("option_tune", False, "options with --option_test_data: choose (pessimism, margin) from "
+                           "--option_pessimism_grid x --option_margin_grid by grouped-family cross-validation "
+                           "(--option_inner_folds) inside the training programs (most programs within 5%, ties: "
+                           "lower mean regret), then score the test programs with that choice.")
 _OTEST = flags.DEFINE_list("option_test_data", [], "options / program_mape: cost dataset(s) held out as a whole: "
                            "every model is fitted once on the kept rows of --option_data and scored on the kept "
                            "rows of these files (split 'test_data'; merged after --option_data, so a program whose "
@@ -225,6 +229,29 @@ def _option_rows(od, sel):
                         if isinstance(v, np.ndarray) and v.shape[:1] == (n,)})
 
 
+def _tune_choice(od, train, cfg):
+  """(pessimism, margin, scores) chosen from the grids by grouped-family cross-validation inside the rows
+  ``train`` (a mask over ``od``): every training row gets a prediction from an ensemble fitted without its family
+  group; the pair with the most training programs within 5% of their best (ties: lower mean regret) wins. The
+  test rows are never read."""
+  grid = [(float(p), float(m)) for p in _OPGRID.value for m in _OMGRID.value]
+  idx_tr = np.flatnonzero(train)
+  dm = od.option == 0
+  inner = np.zeros((cfg.ensemble, len(od.y)))
+  for va_local in V.group_folds(od.family[train], _OINNER.value, _SEED.value):
+    va, it = idx_tr[va_local], idx_tr[~va_local]
+    m = V.fit_option_model(od.x[it], od.y[it], od.group[it], cfg)
+    inner[:, va] = V.predict_members(m, od.x[va])
+  scores = {}
+  for p, mg in grid:
+    pr = inner[:, train].mean(0) + p * inner[:, train].std(0)
+    ch = V.choose(pr, od.group[train], default_mask=dm[train], margin=mg)
+    met = V.choice_metrics({g: int(idx_tr[r]) for g, r in ch.items()}, od.runtime_s, od.group)
+    scores[(p, mg)] = (met["within_tol"], -met["mean_regret"])
+  best = max(grid, key=lambda k: scores[k])
+  return best[0], best[1], {f"{p}/{mg}": {"within_tol": sc[0], "mean_regret": -sc[1]} for (p, mg), sc in scores.items()}
+
+
 def part_options():
   from mlsys_jax.cost import dataset as cds
   t0 = time.perf_counter()
@@ -262,6 +289,12 @@ def part_options():
   splits = ([("test_data", "fresh", [test_masks[0]])] if test_mode
             else _option_splits(od, _OSEEDS.value, cds.program_keys(ds)))
   od_all, devs_all, dm_all = od, devs, dm
+  pess, margin, tuned = _OPESS.value, _OMARGIN.value, None
+  if _OTUNE.value:
+    if not test_mode:
+      raise ValueError("--option_tune needs --option_test_data (the folds of options_nested tune per family).")
+    pess, margin, tuned = _tune_choice(od, ~test_masks[0], cfg)
+    print(f"tuned on the training programs: pessimism {pess}, margin {margin}", flush=True)
   for split, tag, folds in splits:
     od, devs, dm = od_all, devs_all, dm_all
     members = np.zeros((cfg.ensemble, len(od.y)))
@@ -305,25 +338,25 @@ def part_options():
       members, flag, gb = members[:, sel], flag[sel], gb[sel]
       glob_choice = {name: {g: int(pos[i]) for g, i in c.items() if sel[i]} for name, c in glob_choice.items()}
     scored_rt = {"measured": od.runtime_s, "pooled": od.runtime_pooled}   # (of the rows scored in this split)
-    pred = members.mean(0) + _OPESS.value * members.std(0)
+    pred = members.mean(0) + pess * members.std(0)
     res = {"fit_s": fit_s, "folds": len(folds), "programs_flagged_ood": int(len(np.unique(od.group[flag])))}
     for name, rt in scored_rt.items():
       r = {}
-      r["value_model"] = V.choice_metrics(V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value),
+      r["value_model"] = V.choice_metrics(V.choose(pred, od.group, default_mask=dm, margin=margin),
                                           rt, od.group)
       r["value_model_mean_only"] = V.choice_metrics(V.choose(members.mean(0), od.group), rt, od.group)
       r["value_model_ood_to_default"] = V.choice_metrics(
-          V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value, flagged=flag), rt, od.group)
+          V.choose(pred, od.group, default_mask=dm, margin=margin, flagged=flag), rt, od.group)
       h, timed = V.hybrid_choice(pred, rt, od.group, _OK.value)
       r[f"hybrid_top{_OK.value}"] = {**V.choice_metrics(h, rt, od.group), "timed": timed,
                                       "timed_exhaustive": int(len(od.y))}
       if np.all(np.isfinite(gb)):
-        r["gbdt"] = V.choice_metrics(V.choose(gb, od.group, default_mask=dm, margin=_OMARGIN.value), rt, od.group)
+        r["gbdt"] = V.choice_metrics(V.choose(gb, od.group, default_mask=dm, margin=margin), rt, od.group)
       r["always_default"] = V.choice_metrics(V.fixed_choice(0, od.option, od.group), rt, od.group)
       # paired per program against the default: clearly faster (> 5%) / clearly slower
       d0 = V.fixed_choice(0, od.option, od.group)
-      for key, ch_ in [("value_model", V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value))] + (
-          [("gbdt", V.choose(gb, od.group, default_mask=dm, margin=_OMARGIN.value))] if np.all(np.isfinite(gb)) else []):
+      for key, ch_ in [("value_model", V.choose(pred, od.group, default_mask=dm, margin=margin))] + (
+          [("gbdt", V.choose(gb, od.group, default_mask=dm, margin=margin))] if np.all(np.isfinite(gb)) else []):
         ratio = np.array([rt[ch_[g]] / rt[d0[g]] for g in d0])
         r[key]["vs_default"] = {"faster_by_5pct": int(np.sum(ratio < 1 / 1.05)),
                                 "slower_by_5pct": int(np.sum(ratio > 1.05)),
@@ -335,7 +368,7 @@ def part_options():
       if fam_choice:
         r["per_family_option_from_training"] = V.choice_metrics(fam_choice[name], rt, od.group)
       per_fam = {}
-      ch = V.choose(pred, od.group, default_mask=dm, margin=_OMARGIN.value)
+      ch = V.choose(pred, od.group, default_mask=dm, margin=margin)
       d0 = V.fixed_choice(0, od.option, od.group)
       for f in np.unique(od.family):
         gsel = {g: v for g, v in ch.items() if od.family[v] == f}
@@ -357,7 +390,7 @@ def part_options():
   od = od_all
   out = {"dataset": {**desc, "programs": int(len(np.unique(od.group))),
                      "candidates": int(len(od.y)), "options": list(od.options), "device": ds.meta.get("device")},
-         "config": {**cfg._asdict(), "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value,
+         "config": {**cfg._asdict(), "pessimism": pess, "margin": margin, "tuned": tuned, "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value,
                     "split": _OSPLIT.value,
                     "program_folds": "by program key (one program on several devices in one fold)"},
          "noise_floor": noise, "results": results, "total_s": time.perf_counter() - t0,

@@ -190,3 +190,32 @@ def test_options_part_refuses_test_data_with_folds(tmp_path):
   assert r.returncode != 0 and "--option_test_data replaces the folds" in r.stderr
   r = _run([f"--option_data={tr}", f"--option_test_data={te}"], tmp_path, part="options_nested")
   assert r.returncode != 0 and "read by --part=options and --part=program_mape only" in r.stderr
+
+
+def test_options_part_tunes_pessimism_and_margin_inside_training(tmp_path):
+  """--option_tune (session 24): (pessimism, margin) chosen by family-grouped folds inside the training programs;
+  the JSON records every pair's inner score and the choice is the best of them (most within 5%, then lowest mean
+  regret); a margin of 10 (log) never leaves the default, so its inner score is always-default's."""
+  meta = {"device": "NVIDIA H200", "variants": [["default", {}], ["v1", {}], ["v2", {}]]}
+  train = []
+  for g, n in enumerate((64, 96, 128, 192, 256, 384, 512, 768)):
+    for row in _program(g, n, f"c{n}", default_scale=1.2 if g % 2 else 1.0):
+      train.append({**row, "family": f"f{g % 4}"})
+  tr, te = str(tmp_path / "train4.npz"), str(tmp_path / "test4.npz")
+  cds.save_dataset(tr, train, meta)
+  cds.save_dataset(te, _program(0, 160, "n160") + _program(1, 640, "n640", default_scale=1.2), meta)
+  args = [f"--option_data={tr}", f"--option_test_data={te}", "--option_steps=20", "--option_ensemble=2",
+          "--option_gbdt=false", "--option_tune", "--option_inner_folds=2", "--option_pessimism_grid=0,2",
+          "--option_margin_grid=0,10", "--option_tag=_t"]
+  r = _run(args, tmp_path, part="options")
+  assert r.returncode == 0, r.stderr[-3000:]
+  cfg = json.loads((tmp_path / "value_options_t.json").read_text())["config"]
+  scores = cfg["tuned"]
+  assert sorted(scores) == ["0.0/0.0", "0.0/10.0", "2.0/0.0", "2.0/10.0"]
+  best = max(scores, key=lambda k: (scores[k]["within_tol"], -scores[k]["mean_regret"]))
+  assert f"{cfg['pessimism']}/{cfg['margin']}" == best
+  # margin 10: always the default; 4 of the 8 training programs run their default 1.2x slower than the best
+  assert scores["0.0/10.0"]["within_tol"] == pytest.approx(0.5)
+  assert scores["0.0/10.0"] == scores["2.0/10.0"]
+  r = _run([a for a in args if not a.startswith("--option_test_data")], tmp_path, part="options")
+  assert r.returncode != 0 and "--option_tune needs --option_test_data" in r.stderr
