@@ -174,3 +174,26 @@ def test_quoted_h200_session23_figures():
   assert iqr(c, "sidco_flat") == [0.049, 0.091]
   rw = json.loads((RESULTS / "sidco_tree_h200_s19.json").read_text())["rw_floor_s"] * 1e3
   assert [round(over(c, k) / rw, 1) for k in ("sidco_flat", "sidco_pt_flat")] == [0.9, 3.6]
+
+
+def test_quoted_h100_session24_figures():
+  """docs/comm.md, session 24 (H100): what a lax.cond costs in the f32 batch-64 step (the estimator with two fixed
+  stages, DGC, ACCORDION) and the ceiling's block select against the bit search."""
+  rows = _rows("sidco_model_step_h100_s24_est2.json")
+  ms._summarize(rows)
+  r = {x["row"]: x for x in rows}
+  ms_ = lambda k, f="overhead_s": round(r[k][f] * 1e3, 2)   # noqa: E731
+  assert round(r["adam"]["step_s"] * 1e3, 2) == 21.01
+  assert {k: ms_(k) for k in ("topk", "sidco_est_where", "sidco_est_where_cblocks", "sidco_est_cond_s2",
+                              "sidco_est_where_s2", "dgc", "powersgd", "accordion")} == \
+      {"topk": 0.98, "sidco_est_where": 1.56, "sidco_est_where_cblocks": 1.27, "sidco_est_cond_s2": 4.01,
+       "sidco_est_where_s2": 0.80, "dgc": 4.23, "powersgd": 1.83, "accordion": 5.51}
+  assert {k: ms_(k, "idle_s") for k in ("sidco_est_cond_s2", "dgc", "accordion")} == \
+      {"sidco_est_cond_s2": 3.08, "dgc": 3.14, "accordion": 1.69}
+  assert all(r[k]["idle_s"] <= 0 for k in ("topk", "sidco_est_where", "sidco_est_where_cblocks", "sidco_est_where_s2",
+                                           "powersgd"))
+  assert {k: ms_(k, "busy_overhead_s") for k in ("topk", "sidco_est_where", "sidco_est_where_cblocks",
+                                                 "sidco_est_cond_s2", "sidco_est_where_s2", "dgc", "powersgd",
+                                                 "accordion")} == \
+      {"topk": 1.23, "sidco_est_where": 1.73, "sidco_est_where_cblocks": 1.46, "sidco_est_cond_s2": 0.54,
+       "sidco_est_where_s2": 0.99, "dgc": 0.74, "powersgd": 1.79, "accordion": 3.86}
