@@ -172,6 +172,12 @@ def test_one_device_each_stage_is_its_compressor_on_the_carried_state(make):
   for s, j in enumerate(stage_of):
     _, fst = jax.jit(fixed[j].update)(_grads(s), fst)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), fst, st)
+  assert int(fst.off_schedule_steps) == 0 == int(st.off_schedule_steps)
+  # a stage dispatched at the wrong steps is counted, never silent: the final stage run from step 0
+  wrong = fixed[2].init(_params())
+  for s in range(3):
+    _, wrong = jax.jit(fixed[2].update)(_grads(s), wrong)
+  assert int(wrong.off_schedule_steps) == 3                  # steps 0-1 are stage 0, step 2 stage 1
   # steps=0: the final compressor itself
   tx0, inner = density_warmup(make, 0.05, steps=0), make(0.05)
   out, st0 = tx0.update(_grads(0), tx0.init(_params()))
