@@ -197,3 +197,23 @@ def test_quoted_h100_session24_figures():
                                                  "accordion")} == \
       {"topk": 1.23, "sidco_est_where": 1.73, "sidco_est_where_cblocks": 1.46, "sidco_est_cond_s2": 0.54,
        "sidco_est_where_s2": 0.99, "dgc": 0.74, "powersgd": 1.79, "accordion": 3.86}
+
+
+def test_quoted_h100_session24_dgc_and_cmdbuf_figures():
+  """docs/comm.md / BENCHMARKS.md, session 24's second H100 call: DGC's second round with and without its
+  lax.cond, the recipe's stage switch, and the same conditionals under conditional command buffers."""
+  def by(name):
+    rows = _rows(name)
+    ms._summarize(rows)
+    return {r["row"]: r for r in rows}
+  d, c = by("sidco_model_step_h100_s24_dgc.json"), by("sidco_model_step_h100_s24_cmdbuf.json")
+  ms_ = lambda r, k, f="overhead_s": round(r[k][f] * 1e3, 2)   # noqa: E731
+  assert (round(d["adam"]["step_s"] * 1e3, 2), round(c["adam"]["step_s"] * 1e3, 2)) == (21.09, 20.88)
+  assert (ms_(d, "dgc_cond"), ms_(d, "dgc_where"), ms_(d, "recipe")) == (5.31, 0.53, 6.41)
+  assert (ms_(d, "dgc_cond", "idle_s"), ms_(d, "recipe", "idle_s")) == (3.55, 7.16) and d["dgc_where"]["idle_s"] < 0
+  assert round(d["dgc_cond"]["overhead_s"] / d["dgc_where"]["overhead_s"]) == 10
+  assert (ms_(d, "dgc_cond", "busy_overhead_s"), ms_(d, "dgc_where", "busy_overhead_s")) == (0.73, 0.73)
+  assert (ms_(c, "dgc_cond"), ms_(c, "accordion")) == (5.39, 5.18)
+  assert (ms_(c, "dgc_cond", "idle_s"), ms_(c, "accordion", "idle_s")) == (5.19, 2.07)
+  assert "CONDITIONAL" in json.loads((RESULTS / "sidco_model_step_h100_s24_cmdbuf.json").read_text())[
+      "compiler_options"]["xla_gpu_enable_command_buffer"]

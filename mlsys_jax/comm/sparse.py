@@ -1027,7 +1027,10 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
 #   kernel time +1.45 against +0.37 ms); per tensor +7.61 -> +1.10 ms. Top-k +0.81 ms.
 # - session 24 (H100, 7 rounds, benchmarks/results/sidco_model_step_h100_s24_est2.json): with two fixed stages
 #   (no stage loop) the two ``lax.cond``s alone still cost +4.01 ms (3.08 ms idle) against +0.80 ms branch-free;
-#   DGC with its ``lax.cond`` +4.23 ms (3.14 ms idle, 0.74 ms of kernels); Top-k +0.98 ms.
+#   DGC with its ``lax.cond`` +4.23 ms (3.14 ms idle, 0.74 ms of kernels); Top-k +0.98 ms. Second call
+#   (benchmarks/results/sidco_model_step_h100_s24_dgc.json): DGC "cond" +5.31 ms (3.55 ms idle) -> "where"
+#   +0.53 ms (no idle), the same 0.73 ms of kernels. XLA's conditional command buffers do not remove the round
+#   trip (sidco_model_step_h100_s24_cmdbuf.json: DGC "cond" +5.39 ms, 5.19 ms idle, with CONDITIONAL listed).
 _BRANCHES = "auto"
 
 
