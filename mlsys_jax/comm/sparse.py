@@ -2544,7 +2544,9 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   training step on an H200 (session 23, ``benchmarks/results/sidco_model_step_h200_s23_est.json``) it adds
   1.17 ms per step (per tensor 1.10) against 7.76 (7.61) with the conditionals and ``topk``'s 0.81: still
   slower than ``topk`` there (more kernels: 1.45 ms of them); for speed keep the default ``exact=True``
-  (0.06-0.15 ms in the same step). With a traced ratio schedule (``max_ratio``) the stage count has no static
+  (0.06-0.15 ms in the same step). Since session 24 the ceiling on GPU uses the block select of ``exact=True``
+  (``sparse._CEILING = "auto"``; the same thresholds): on an H100 the same step's cost fell from +1.56 to +1.27 ms
+  (``topk`` +0.98). With a traced ratio schedule (``max_ratio``) the stage count has no static
   bound and its loop stays a ``while_loop`` (one host round trip per stage on a GPU); the floor and the
   ceiling are still branch-free.
 
