@@ -10,7 +10,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import lowrank as lr
 from mlsys_jax.comm import sparse as sp
-from mlsys_jax.comm.accordion import (accordion, accordion_batch_size, accordion_report,
+from mlsys_jax.comm.accordion import (AccordionState, accordion, accordion_batch_size, accordion_regime, accordion_report,
                                       critical_regime)
 
 from _trees import grads as _grads, params as _params  # tests/_trees.py
@@ -211,3 +211,86 @@ def test_bad_inputs():
   tx = accordion(axis_name="batch")
   with pytest.raises(NameError, match="not bound"):
     tx.update({"w": jnp.ones((4, 4))}, tx.init({"w": jnp.ones((4, 4))}))
+
+
+def _scaled_grads(t):
+  # window norms that change by more or less than eta: levels switch back and forth over the run
+  s = [1.0, 1.0, 3.0, 3.0, 3.2, 3.2, 1.0, 1.0, 1.1, 1.1, 4.0, 4.0][t % 12]
+  return _grads(t, scale=s)
+
+
+@pytest.mark.parametrize("compressor,low,high", [("powersgd", 4, 1), ("topk", 0.2, 0.05)])
+def test_static_regime_equals_the_conditional_path(compressor, low, high):
+  """One compiled step per regime, picked by accordion_regime: the same updates and state (bytes aside) as
+  regime=None, no conditional in the compiled step, off_regime_steps 0; a stale step is counted."""
+  params = _params()
+  lr_sched = optax.piecewise_constant_schedule(0.1, {9: 0.1})
+  make = lambda reg: accordion(compressor, low=low, high=high, interval=2, accumulate=1,   # noqa: E731
+                               lr_schedule=lr_sched, regime=reg)
+  ref_tx = make(None)
+  ref = st = ref_tx.init(params)
+  ref_upd = jax.jit(ref_tx.update)
+  compiled, regimes_seen = {}, set()
+  for t in range(12):
+    reg = accordion_regime(st)
+    regimes_seen.add(reg)
+    if reg not in compiled:
+      compiled[reg] = jax.jit(make(reg).update)
+      hlo = compiled[reg].lower(_scaled_grads(t), st).compile().as_text()
+      assert "conditional(" not in hlo
+    g = _scaled_grads(t)
+    out, st = compiled[reg](g, st)
+    rout, ref = ref_upd(g, ref)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out, rout)
+    for f in AccordionState._fields:
+      if f not in ("bytes_sent", "total_bytes"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, getattr(st, f), getattr(ref, f))
+  assert len(regimes_seen) >= 2                       # the levels did switch
+  assert "conditional(" in ref_upd.lower(_scaled_grads(0), ref).compile().as_text()
+  assert int(st.off_regime_steps) == 0
+  # a step compiled for one regime and run after the detector moved on: counted, not silent
+  stale = next(r for r in regimes_seen if r != accordion_regime(st))
+  _, st2 = compiled[stale](_scaled_grads(12), st)
+  assert int(st2.off_regime_steps) == 1
+
+
+def test_static_regime_bytes_and_bad_regimes():
+  params = _params()
+  n = len(jax.tree_util.tree_leaves(params))
+  with pytest.raises(ValueError, match="regime has 2 flags but the gradient tree has 3 leaves"):
+    accordion("topk", low=0.2, high=0.05, regime=(True, False)).init(params)
+  with pytest.raises(TypeError, match=r"regime\[1\] is 1"):
+    accordion("topk", low=0.2, high=0.05, regime=(True, 1, False))
+  with pytest.raises(TypeError, match="sequence of one bool per leaf"):
+    accordion("topk", low=0.2, high=0.05, regime=True)
+  # without axis_name the bytes are the chosen levels' payloads, as with regime=None
+  tx, ref = (accordion("topk", low=0.2, high=0.05, interval=3, regime=r) for r in ((True,) * n, None))
+  _, s = jax.jit(tx.update)(_grads(0), tx.init(params))
+  _, r = jax.jit(ref.update)(_grads(0), ref.init(params))
+  assert float(s.bytes_sent) == float(r.bytes_sent)
+
+
+def test_static_regime_under_shard_map(devices):
+  """Eight devices: with a static regime the detector's pmean runs every step, and is counted (4 bytes per leaf
+  more than regime=None on non-decision steps); updates and the rest of the state equal, replicas identical."""
+  mesh = Mesh(np.asarray(devices[:8]), ("d",))
+  params = _params()
+  n = len(jax.tree_util.tree_leaves(params))
+  g = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_grads(w) for w in range(8)])
+  spec = P("d")
+
+  def run_with(reg):
+    tx = accordion("powersgd", low=4, high=1, interval=3, axis_name="d", regime=reg)
+
+    def run(gw):
+      st = tx.init(params)
+      out, st = tx.update(jax.tree_util.tree_map(lambda x: x[0], gw), st)
+      return jax.tree_util.tree_map(lambda x: x[None], (out, st))
+    return jax.jit(shard_map(run, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False))(g)
+
+  (o1, s1), (o2, s2) = run_with(None), run_with((True,) * n)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, o1, o2)
+  for leaf in jax.tree_util.tree_leaves(o2):
+    a = np.asarray(leaf)
+    assert all(np.array_equal(a[0], a[i]) for i in range(1, 8))
+  assert np.all(np.asarray(s2.bytes_sent) == np.asarray(s1.bytes_sent) + 4 * n)   # step 0 is no decision step

@@ -7,7 +7,7 @@
   sends its values at one rotating leader's Top-k indices, with error feedback).
 - ``accordion``: ACCORDION adaptive compression (Agarwal et al., MLSys 2021): ``accordion`` (per-layer
   switching of PowerSGD ranks or Top-k densities), ``critical_regime``, ``accordion_batch_size``,
-  ``accordion_report``.
+  ``accordion_regime``, ``accordion_report``.
 
 - ``distributed`` (import the module: ``from mlsys_jax.comm import distributed``): data-parallel training
   across processes with ``jax.distributed`` (bounded join, global mesh, per-process batches, cross-process

@@ -31,7 +31,8 @@ On a GPU each of those ``lax.cond``s hands its flag to the host every step: in a
 training step on an H100, ``accordion('powersgd', 4, 1)`` cost +5.2-5.5 ms over Adam alone, 1.7-2.1 ms of it
 device idle, against +1.83 ms for ``powersgd(4)`` (session 24, ``benchmarks/results/
 sidco_model_step_h100_s24_est2.json`` and ``_cmdbuf.json``; XLA's conditional command buffers did not remove the
-idle). Computing both levels every step would send both levels' messages, so the conditionals stay.
+idle). Computing both levels every step would send both levels' messages, so the conditionals stay by
+default; ``regime=`` compiles static levels instead (one compiled step per regime, see :func:`accordion_regime`).
 
 Uncompressed leaves (rank <= 1 or fewer than ``min_size`` entries) are all-reduced dense as in
 PowerSGD; their flag is still reported.
@@ -53,7 +54,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,7 @@ __all__ = [
     "COMPRESSORS",
     "accordion",
     "accordion_batch_size",
+    "accordion_regime",
     "accordion_report",
     "critical_regime",
 ]
@@ -110,6 +112,9 @@ class AccordionState(NamedTuple):
     total_bytes: cumulative ``bytes_sent``.
     nonfinite_steps: steps skipped because some device saw NaN/inf.
     decisions: detector decisions taken so far (int32).
+    off_regime_steps: steps run by an ``accordion(..., regime=...)`` transform whose static levels differ from
+      ``critical`` at that step (0 when the caller dispatches by :func:`accordion_regime`; a count above 0 says
+      a compiled step was used after the detector changed a layer's level).
   """
   residual: Any
   q: tuple
@@ -122,6 +127,7 @@ class AccordionState(NamedTuple):
   total_bytes: jax.Array
   nonfinite_steps: jax.Array
   decisions: jax.Array
+  off_regime_steps: jax.Array
 
 
 def _topk_k(density: float, n: int) -> int:
@@ -131,8 +137,8 @@ def _topk_k(density: float, n: int) -> int:
 def accordion(compressor: str = "powersgd", low: float | None = None, high: float | None = None, *,
               eta: float = 0.5, interval: int = 100, accumulate: int | None = None,
               lr_schedule: Callable[[Any], Any] | None = None, min_size: int = 0,
-              clamp_rank: bool = False, seed: int = 0, axis_name: str | None = None
-              ) -> optax.GradientTransformation:
+              clamp_rank: bool = False, seed: int = 0, axis_name: str | None = None,
+              regime: Sequence[bool] | None = None) -> optax.GradientTransformation:
   """ACCORDION per-layer switching between two compression levels (Agarwal et al., MLSys 2021).
 
   Args:
@@ -152,6 +158,14 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     clamp_rank: PowerSGD only: use min(n, m, rank) for small matrices instead of raising.
     seed: seed of PowerSGD's initial Q (identical on every device).
     axis_name: mapped axis of the data-parallel workers (pmap/shard_map); None for one device.
+    regime: None (default): each layer's level follows ``state.critical`` through a ``lax.cond``. A sequence
+      of one bool per leaf (flatten order; True = low compression): the levels are static, no conditional
+      is compiled (on a GPU each ``lax.cond`` returns its flag to the host every step), the detector still
+      runs (its norms every step, kept at decision steps: its ``pmean`` of L floats is then sent and counted
+      every step), and ``off_regime_steps`` counts the steps where ``state.critical`` differs from
+      ``regime``. Compile one step per regime and pick it with :func:`accordion_regime` (the flags change
+      only at decision steps and learning-rate drops). The same updates and state as ``regime=None``
+      while they agree (``bytes_sent`` aside).
 
   Returns:
     ``optax.GradientTransformation`` with an :class:`AccordionState`.
@@ -184,6 +198,22 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     raise TypeError(f"lr_schedule must be a callable step -> learning rate (an optax schedule), "
                     f"got {type(lr_schedule).__name__}.")
 
+  if regime is not None:
+    if isinstance(regime, (str, bytes)) or not hasattr(regime, "__len__"):
+      raise TypeError(f"accordion: regime must be None or a sequence of one bool per leaf (e.g. "
+                      f"accordion_regime(state)), got {type(regime).__name__}.")
+    regime = tuple(regime)
+    for i, r in enumerate(regime):
+      if not isinstance(r, (bool, np.bool_)):
+        raise TypeError(f"accordion: regime[{i}] is {r!r} ({type(r).__name__}); use True (low compression) or "
+                        f"False (high compression) per leaf, e.g. accordion_regime(state).")
+    regime = tuple(bool(r) for r in regime)
+
+  def _check_regime(n_leaves):
+    if regime is not None and len(regime) != n_leaves:
+      raise ValueError(f"accordion: regime has {len(regime)} flags but the gradient tree has {n_leaves} leaves; "
+                       f"give one per leaf in flatten order (accordion_regime(state) returns them).")
+
   def _layout(params):
     """Per leaf: (kind, low-level parameter, high-level parameter); kind 'dense' or compressor."""
     leaves = jax.tree_util.tree_leaves(params)
@@ -206,10 +236,11 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     layout = _layout(params)
     qs = _initial_q(leaves, [lo if kind == "powersgd" else 0 for kind, lo, _ in layout], seed)
     n_leaves = len(leaves)
+    _check_regime(n_leaves)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     zi, zf = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
     return AccordionState(zeros, qs, zeros, jnp.zeros((n_leaves,), jnp.float32),
-                          jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi)
+                          jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi, zi)
 
   def _compress_leaf(kind, lo, hi, acc, q, critical):
     """(out, new_residual, new_q, bytes) of one leaf at the level chosen by ``critical``."""
@@ -229,7 +260,10 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
           return approx, q_full, jnp.float32((n + m) * r * item)
         return f
 
-      approx, q_new, nb = jax.lax.cond(critical, branch(lo), branch(hi), (mat, q))
+      if isinstance(critical, bool):   # a static regime: no conditional
+        approx, q_new, nb = branch(lo if critical else hi)((mat, q))
+      else:
+        approx, q_new, nb = jax.lax.cond(critical, branch(lo), branch(hi), (mat, q))
       out = approx.reshape(acc.shape)
       return out, acc - out, q_new, nb
     vec = acc.reshape(-1)
@@ -243,7 +277,10 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
         return out, vec - sent, jnp.float32(_sp.payload_bytes(payload))
       return f
 
-    out, res, nb = jax.lax.cond(critical, branch_k(lo), branch_k(hi), vec)
+    if isinstance(critical, bool):
+      out, res, nb = branch_k(lo if critical else hi)(vec)
+    else:
+      out, res, nb = jax.lax.cond(critical, branch_k(lo), branch_k(hi), vec)
     return out.reshape(acc.shape), res.reshape(acc.shape), q, nb
 
   def update_fn(updates, state, params=None):
@@ -251,6 +288,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     check_floating("accordion.update", updates)
     _sp._check_axis(axis_name)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
+    _check_regime(len(leaves))
     layout = _layout(updates)
     res_leaves = treedef.flatten_up_to(state.residual)
     acc_leaves = treedef.flatten_up_to(state.accum)
@@ -261,7 +299,8 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     for i, (g, res, q, acc_w, (kind, lo, hi)) in enumerate(
         zip(leaves, res_leaves, state.q, acc_leaves, layout)):
       acc = jnp.where(finite, g.astype(res.dtype) + res, 0)
-      out, r_new, q_new, nb = _compress_leaf(kind, lo, hi, acc, q, state.critical[i])
+      out, r_new, q_new, nb = _compress_leaf(kind, lo, hi, acc, q,
+                                             state.critical[i] if regime is None else regime[i])
       outs.append(jnp.where(finite, out, 0).astype(g.dtype))
       new_res.append(jnp.where(finite, r_new, res))
       new_q.append(jnp.where(finite, q_new, q))
@@ -279,13 +318,17 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
         norms = jax.lax.pmean(norms, axis_name)
       return norms
 
-    norms = jax.lax.cond(decide, do_decide, lambda accs: state.prev_norm, new_accum)  # old if no decision
+    if regime is None:
+      norms = jax.lax.cond(decide, do_decide, lambda accs: state.prev_norm, new_accum)  # old if no decision
+    else:   # no conditional: the norms every step, kept at decision steps
+      norms = jnp.where(decide, do_decide(new_accum), state.prev_norm)
     critical = jnp.where(decide, critical_regime(state.prev_norm, norms, eta, state.has_prev),
                          state.critical)
     has_prev = state.has_prev | decide
     new_accum = [jnp.where(decide, jnp.zeros_like(a), a) for a in new_accum]
-    if axis_name is not None:
-      nbytes = nbytes + jnp.where(decide, jnp.float32(4 * n_leaves), 0.0)
+    if axis_name is not None:   # (with a static regime the norms' pmean runs, and is sent, every step)
+      nbytes = nbytes + (jnp.where(decide, jnp.float32(4 * n_leaves), 0.0) if regime is None
+                         else jnp.float32(4 * n_leaves))
     if lr_schedule is not None:
       decayed = jnp.asarray(lr_schedule(t + 1)) < jnp.asarray(lr_schedule(t))
       critical = critical | decayed
@@ -293,10 +336,35 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
         jax.tree_util.tree_unflatten(treedef, new_res), tuple(new_q),
         jax.tree_util.tree_unflatten(treedef, new_accum), norms, has_prev, critical, t + 1,
         nbytes, state.total_bytes + nbytes, state.nonfinite_steps + (~finite).astype(jnp.int32),
-        state.decisions + decide.astype(jnp.int32))
+        state.decisions + decide.astype(jnp.int32),
+        state.off_regime_steps + (jnp.any(state.critical != jnp.asarray(regime, bool)).astype(jnp.int32)
+                                  if regime is not None else 0))
     return jax.tree_util.tree_unflatten(treedef, outs), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def accordion_regime(state: AccordionState) -> tuple[bool, ...]:
+  """The per-layer levels ``state.critical`` as a hashable tuple of Python bools (True = low compression), the
+  static ``regime=`` of the :func:`accordion` step to run next. Reads the device value (a host sync; once per
+  step is enough, or once after each decision step). Accepts a state with a leading worker axis (worker 0;
+  every worker holds the same flags).
+
+  Example:
+    >>> params = {'w': jnp.zeros((8, 4))}
+    >>> make = lambda reg: accordion('powersgd', low=2, high=1, interval=2, regime=reg)
+    >>> state = make(None).init(params)
+    >>> steps = {}
+    >>> for t in range(4):
+    ...   reg = accordion_regime(state)
+    ...   if reg not in steps:
+    ...     steps[reg] = jax.jit(make(reg).update)
+    ...   _, state = steps[reg]({'w': jnp.ones((8, 4))}, state)   # equal windows: the level drops
+    >>> int(state.off_regime_steps), accordion_regime(state)
+    (0, (False,))
+  """
+  crit = np.asarray(state.critical)
+  return tuple(bool(c) for c in crit.reshape(-1, crit.shape[-1])[0])
 
 
 def accordion_report(state: AccordionState, params: Any | None = None) -> dict:
