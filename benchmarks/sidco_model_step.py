@@ -29,7 +29,9 @@ floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(rati
 branch-free on GPU since; ``dgc_cond`` / ``dgc_where`` force either; ``dgc_pt*``: ``per_tensor=True``, one per
 leaf); ``recipe``: the 0.1% recipe of docs/comm.md (``density_warmup`` of ``sidco`` with ``rms_selection``: a
 ``lax.switch`` over its three stages every step); ``powersgd`` / ``accordion``: ``powersgd(4, clamp_rank=True)`` and
-``accordion("powersgd", 4, 1, clamp_rank=True)`` (a ``lax.cond`` per compressed leaf: rank 4 or 1), ``--ratio`` unused.
+``accordion("powersgd", 4, 1, clamp_rank=True)`` (a ``lax.cond`` per compressed leaf: rank 4 or 1), ``--ratio`` unused;
+``accordion_nodecide``: the same with no decision during the run (``interval=10**6``: rank 4 throughout, under its
+conditionals); ``accordion_static``: that with ``regime=`` every leaf critical (rank 4, no conditional).
 ``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
@@ -74,7 +76,8 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
         "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_cblocks", "sidco_est_cond_cblocks",
         "sidco_est_cond_s2", "sidco_est_where_s2", "dgc", "powersgd", "accordion", "dgc_cond", "dgc_where",
-        "dgc_pt", "dgc_pt_cond", "dgc_pt_where", "sidco_est_where_csearch", "recipe")
+        "dgc_pt", "dgc_pt_cond", "dgc_pt_where", "sidco_est_where_csearch", "recipe", "accordion_nodecide",
+        "accordion_static")
 
 
 class _Affine(nn.Module):
@@ -148,7 +151,7 @@ def _flags(ap):
                        "command buffers that include the cuDNN convolutions, which cut the host's launch work)")
 
 
-def _tx(row: str, ratio: float) -> optax.GradientTransformation:
+def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransformation:
   adam = optax.adam(1e-3)
   if row == "adam":
     return adam
@@ -179,6 +182,9 @@ def _tx(row: str, ratio: float) -> optax.GradientTransformation:
       lambda r: sp.sidco(r, precondition=rms_selection(r < 0.01)), ratio, steps=300, ratios=[0.01, 0.0025])
   comp["powersgd"] = lambda: powersgd(4, clamp_rank=True)
   comp["accordion"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True)
+  comp["accordion_nodecide"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True, interval=10 ** 6)
+  comp["accordion_static"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True, interval=10 ** 6,
+                                               regime=(True,) * n_leaves)
   if row not in comp:
     raise SystemExit(f"--rows: unknown row {row!r}; use some of {ROWS}")
   return optax.chain(comp[row](), optax.flatten(adam) if row.endswith("_adam_flat") else adam)
@@ -318,7 +324,7 @@ def main():
   # compile every row first, each with its own copy of the state (donated step to step)
   prog, state = {}, {}
   for r in rows:
-    tx = _tx(r, args.ratio)
+    tx = _tx(r, args.ratio, len(leaves))
     p = jax.tree_util.tree_map(jnp.copy, params0)
     s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
     t0 = time.perf_counter()
