@@ -229,7 +229,7 @@ def _option_rows(od, sel):
                         if isinstance(v, np.ndarray) and v.shape[:1] == (n,)})
 
 
-def _tune_choice(od, train, cfg):
+def _tune_choice(od, train, cfg, runtime):
   """(pessimism, margin, scores) chosen from the grids by grouped-family cross-validation inside the rows
   ``train`` (a mask over ``od``): every training row gets a prediction from an ensemble fitted without its family
   group; the pair with the most training programs within 5% of their best (ties: lower mean regret) wins. The
@@ -237,6 +237,10 @@ def _tune_choice(od, train, cfg):
   grid = [(float(p), float(m)) for p in _OPGRID.value for m in _OMGRID.value]
   idx_tr = np.flatnonzero(train)
   dm = od.option == 0
+  n_fam = len(np.unique(od.family[train]))
+  if n_fam < _OINNER.value:
+    raise ValueError(f"--option_tune: the training programs hold {n_fam} families, fewer than "
+                     f"--option_inner_folds={_OINNER.value}; lower --option_inner_folds (>= 2) or add data.")
   inner = np.zeros((cfg.ensemble, len(od.y)))
   for va_local in V.group_folds(od.family[train], _OINNER.value, _SEED.value):
     va, it = idx_tr[va_local], idx_tr[~va_local]
@@ -246,7 +250,7 @@ def _tune_choice(od, train, cfg):
   for p, mg in grid:
     pr = inner[:, train].mean(0) + p * inner[:, train].std(0)
     ch = V.choose(pr, od.group[train], default_mask=dm[train], margin=mg)
-    met = V.choice_metrics({g: int(idx_tr[r]) for g, r in ch.items()}, od.runtime_s, od.group)
+    met = V.choice_metrics({g: int(idx_tr[r]) for g, r in ch.items()}, runtime, od.group)
     scores[(p, mg)] = (met["within_tol"], -met["mean_regret"])
   best = max(grid, key=lambda k: scores[k])
   return best[0], best[1], {f"{p}/{mg}": {"within_tol": sc[0], "mean_regret": -sc[1]} for (p, mg), sc in scores.items()}
@@ -293,7 +297,11 @@ def part_options():
   if _OTUNE.value:
     if not test_mode:
       raise ValueError("--option_tune needs --option_test_data (the folds of options_nested tune per family).")
-    pess, margin, tuned = _tune_choice(od, ~test_masks[0], cfg)
+    if flags.FLAGS["option_pessimism"].present or flags.FLAGS["option_margin"].present:
+      raise ValueError("--option_tune chooses the pessimism and the margin: drop --option_pessimism / "
+                       "--option_margin (the grids are --option_pessimism_grid / --option_margin_grid).")
+    pess, margin, tuned = _tune_choice(od, ~test_masks[0], cfg,   # scored on the target's runtimes
+                                       od.runtime_pooled if _OTARGET.value == "pooled" else od.runtime_s)
     print(f"tuned on the training programs: pessimism {pess}, margin {margin}", flush=True)
   for split, tag, folds in splits:
     od, devs, dm = od_all, devs_all, dm_all

@@ -219,3 +219,16 @@ def test_options_part_tunes_pessimism_and_margin_inside_training(tmp_path):
   assert scores["0.0/10.0"] == scores["2.0/10.0"]
   r = _run([a for a in args if not a.startswith("--option_test_data")], tmp_path, part="options")
   assert r.returncode != 0 and "--option_tune needs --option_test_data" in r.stderr
+  r = _run(args + ["--option_margin=0.1"], tmp_path, part="options")
+  assert r.returncode != 0 and "drop --option_pessimism / --option_margin" in r.stderr
+  r = _run([a for a in args if not a.startswith("--option_inner_folds")] + ["--option_inner_folds=5"], tmp_path,
+           part="options")
+  assert r.returncode != 0 and "fewer than --option_inner_folds=5" in r.stderr
+  # the test programs' runtimes are never read by the tuning: scale them and the tuned scores stay the same
+  scaled = str(tmp_path / "test4_scaled.npz")
+  cds.save_dataset(scaled, [{**row, "runtime_s": row["runtime_s"] * (3.0 if row["variant"] == "default" else 0.5)}
+                            for row in _program(0, 160, "n160") + _program(1, 640, "n640", default_scale=1.2)], meta)
+  r = _run([a if not a.startswith("--option_test_data") else f"--option_test_data={scaled}" for a in args]
+           [:-1] + ["--option_tag=_t2"], tmp_path, part="options")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads((tmp_path / "value_options_t2.json").read_text())["config"]["tuned"] == scores
