@@ -13,3 +13,19 @@ def grads(seed, scale=1.0):
   return {"conv": scale * jax.random.normal(ks[0], (3, 3, 4, 8)),
           "dense": scale * jax.random.normal(ks[1], (40, 10)),
           "bias": scale * jax.random.normal(ks[2], (10,))}
+
+
+def replicated_updates(tx, params, grads, mesh, axis="d"):
+  """One ``tx.update`` per device under ``shard_map`` over ``mesh``'s ``axis``: ``grads`` carries a leading
+  device axis (one gradient per device), the state starts at ``tx.init(params)``; returns the updates with the
+  device axis in front (for replica-equality checks)."""
+  from jax.sharding import PartitionSpec as P
+  from mlsys_jax._compat import shard_map
+
+  st = tx.init(params)
+
+  def body(g, st):
+    u, _ = tx.update(jax.tree_util.tree_map(lambda x: x[0], g), st)
+    return jax.tree_util.tree_map(lambda x: x[None], u)
+
+  return jax.jit(shard_map(body, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis), check_vma=False))(grads, st)

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
-from mlsys_jax._compat import shard_map
 from mlsys_jax.comm import sidco
 from mlsys_jax.comm import sparse as sp
+
+from _trees import replicated_updates  # tests/_trees.py
 
 _SHAPES = {"a": (3, 3, 16, 32), "b": (32,), "c": (256, 128), "d": (1000,), "e": (5000,)}
 
@@ -109,15 +110,7 @@ def test_where_under_shard_map(monkeypatch):
 
   def run(mode):
     monkeypatch.setattr(sp, "_BRANCHES", mode)
-    tx = sidco(0.01, exact=False, axis_name="d", adapt_every=1)
-    st = tx.init({n: jnp.zeros(s, jnp.float32) for n, s in _SHAPES.items()})
-
-    def body(g, st):
-      u, st = tx.update(jax.tree_util.tree_map(lambda x: x[0], g), st)
-      return jax.tree_util.tree_map(lambda x: x[None], u)
-
-    f = jax.jit(shard_map(body, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"), check_vma=False))
-    return f(grads, st)
+    return replicated_updates(sidco(0.01, exact=False, axis_name="d", adapt_every=1), {n: jnp.zeros(s, jnp.float32) for n, s in _SHAPES.items()}, grads, mesh)
 
   a, b = run("cond"), run("where")
   assert _same(a, b)
