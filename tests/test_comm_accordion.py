@@ -297,3 +297,39 @@ def test_static_regime_under_shard_map(devices):
     a = np.asarray(leaf)
     assert all(np.array_equal(a[0], a[i]) for i in range(1, 8))
   assert np.all(np.asarray(s2.bytes_sent) == np.asarray(s1.bytes_sent) + 4 * n)   # step 0 is no decision step
+
+
+def test_static_regime_switches_under_shard_map(devices):
+  """Eight devices, per-device states carried across calls, the regime re-read every step: the levels switch and
+  the dispatched static steps give the conditional path's updates and states (bytes aside), replicas identical."""
+  mesh = Mesh(np.asarray(devices[:8]), ("d",))
+  params = _params()
+
+  def stepper(tx):
+    def body(g, st):
+      u, st = tx.update(jax.tree_util.tree_map(lambda x: x[0], g), jax.tree_util.tree_map(lambda x: x[0], st))
+      return jax.tree_util.tree_map(lambda x: x[None], (u, st))
+    return jax.jit(shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d"), check_vma=False))
+
+  make = lambda reg: accordion("powersgd", low=4, high=1, interval=2, accumulate=1, axis_name="d",   # noqa: E731
+                               regime=reg)
+  stacked = lambda t: jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[_scaled_grads(t + 13 * w)   # noqa: E731
+                                                                       for w in range(8)])
+  st = ref = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (8,) + jnp.shape(x)), make(None).init(params))
+  ref_step, compiled, seen = stepper(make(None)), {}, set()
+  for t in range(8):
+    reg = accordion_regime(st)
+    seen.add(reg)
+    if reg not in compiled:
+      compiled[reg] = stepper(make(reg))
+    g = stacked(t)
+    out, st = compiled[reg](g, st)
+    rout, ref = ref_step(g, ref)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out, rout)
+    for f in AccordionState._fields:
+      if f not in ("bytes_sent", "total_bytes"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, getattr(st, f), getattr(ref, f))
+    for leaf in jax.tree_util.tree_leaves(out):
+      a = np.asarray(leaf)
+      assert all(np.array_equal(a[0], a[i]) for i in range(1, 8))
+  assert len(seen) >= 2 and int(np.asarray(st.off_regime_steps).max()) == 0
