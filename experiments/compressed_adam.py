@@ -359,9 +359,10 @@ def train(ds, model, compressor, mode, ratio, seed, warmup=0, dwarmup=0, spread=
     if _EVAL_EVERY.value and (t + 1) % _EVAL_EVERY.value == 0 and t + 1 < _STEPS.value:
       curve.append([t + 1, float(models.evaluate(model, {"params": params}, ds.x_test, ds.y_test))])
   off = _state_field(state, "off_schedule_steps")
-  if off is not None and int(np.max(np.asarray(off))) != 0:   # the stage dispatch above must follow the counter
-    raise RuntimeError(f"density_warmup ran {int(np.max(np.asarray(off)))} steps at a stage other than its step "
-                       f"counter's: the fixed_stage steps were switched at the wrong steps.")
+  off = 0 if off is None else int(np.max(np.asarray(off)))
+  if off:   # the stage dispatch above must follow the counter
+    raise RuntimeError(f"density_warmup ran {off} steps at a stage other than its step counter's: the "
+                       f"fixed_stage steps were switched at the wrong steps.")
   acc = models.evaluate(model, {"params": params}, ds.x_test, ds.y_test)
   if compressor is None:
     sent = 4.0 * sum(x.size for x in jax.tree_util.tree_leaves(params)) * _STEPS.value

@@ -229,29 +229,51 @@ def _option_rows(od, sel):
                         if isinstance(v, np.ndarray) and v.shape[:1] == (n,)})
 
 
-def _tune_choice(od, train, cfg, runtime):
-  """(pessimism, margin, scores) chosen from the grids by grouped-family cross-validation inside the rows
-  ``train`` (a mask over ``od``): every training row gets a prediction from an ensemble fitted without its family
-  group; the pair with the most training programs within 5% of their best (ties: lower mean regret) wins. The
-  test rows are never read."""
-  grid = [(float(p), float(m)) for p in _OPGRID.value for m in _OMGRID.value]
+def _hp_grid():
+  """The (pessimism, margin) pairs of ``--option_pessimism_grid`` x ``--option_margin_grid``."""
+  return [(float(p), float(m)) for p in _OPGRID.value for m in _OMGRID.value]
+
+
+def _inner_predictions(od, train, cfg):
+  """Ensemble predictions (members, rows) for the rows ``train`` (a mask over ``od``), each from a fit on the
+  other training families (``--option_inner_folds`` family-grouped folds inside ``train``; other rows 0), and
+  the number of fits."""
   idx_tr = np.flatnonzero(train)
-  dm = od.option == 0
-  n_fam = len(np.unique(od.family[train]))
-  if n_fam < _OINNER.value:
-    raise ValueError(f"--option_tune: the training programs hold {n_fam} families, fewer than "
-                     f"--option_inner_folds={_OINNER.value}; lower --option_inner_folds (>= 2) or add data.")
   inner = np.zeros((cfg.ensemble, len(od.y)))
-  for va_local in V.group_folds(od.family[train], _OINNER.value, _SEED.value):
+  folds = V.group_folds(od.family[train], _OINNER.value, _SEED.value)
+  for va_local in folds:
     va, it = idx_tr[va_local], idx_tr[~va_local]
     m = V.fit_option_model(od.x[it], od.y[it], od.group[it], cfg)
     inner[:, va] = V.predict_members(m, od.x[va])
+  return inner, len(folds)
+
+
+def _grid_scores(od, train, inner, runtime, grid):
+  """Per (pessimism, margin) of ``grid``: (within 5%, -mean regret) of the choice made from ``inner`` on the
+  programs of the rows ``train``, scored with ``runtime``."""
+  idx_tr = np.flatnonzero(train)
+  dm = od.option == 0
   scores = {}
   for p, mg in grid:
     pr = inner[:, train].mean(0) + p * inner[:, train].std(0)
     ch = V.choose(pr, od.group[train], default_mask=dm[train], margin=mg)
     met = V.choice_metrics({g: int(idx_tr[r]) for g, r in ch.items()}, runtime, od.group)
     scores[(p, mg)] = (met["within_tol"], -met["mean_regret"])
+  return scores
+
+
+def _tune_choice(od, train, cfg, runtime):
+  """(pessimism, margin, scores) chosen from the grids by grouped-family cross-validation inside the rows
+  ``train`` (a mask over ``od``): every training row gets a prediction from an ensemble fitted without its family
+  group; the pair with the most training programs within 5% of their best (ties: lower mean regret) wins. The
+  test rows are never read."""
+  grid = _hp_grid()
+  n_fam = len(np.unique(od.family[train]))
+  if n_fam < _OINNER.value:
+    raise ValueError(f"--option_tune: the training programs hold {n_fam} families, fewer than "
+                     f"--option_inner_folds={_OINNER.value}; lower --option_inner_folds (>= 2) or add data.")
+  inner, _ = _inner_predictions(od, train, cfg)
+  scores = _grid_scores(od, train, inner, runtime, grid)
   best = max(grid, key=lambda k: scores[k])
   return best[0], best[1], {f"{p}/{mg}": {"within_tol": sc[0], "mean_regret": -sc[1]} for (p, mg), sc in scores.items()}
 
@@ -398,8 +420,8 @@ def part_options():
   od = od_all
   out = {"dataset": {**desc, "programs": int(len(np.unique(od.group))),
                      "candidates": int(len(od.y)), "options": list(od.options), "device": ds.meta.get("device")},
-         "config": {**cfg._asdict(), "pessimism": pess, "margin": margin, "tuned": tuned, "k": _OK.value, "seeds": _OSEEDS.value, "target": _OTARGET.value,
-                    "split": _OSPLIT.value,
+         "config": {**cfg._asdict(), "pessimism": pess, "margin": margin, "tuned": tuned, "k": _OK.value,
+                    "seeds": _OSEEDS.value, "target": _OTARGET.value, "split": _OSPLIT.value,
                     "program_folds": "by program key (one program on several devices in one fold)"},
          "noise_floor": noise, "results": results, "total_s": time.perf_counter() - t0,
          # the cost dataset: the HLO texts, then the columns (meta left out)
@@ -432,7 +454,7 @@ def part_options_nested():
   print(f"option data: {len(od.y)} candidates of {len(np.unique(od.group))} programs "
         f"({time.perf_counter() - t0:.0f} s)", flush=True)
   cfg = V.OptionConfig(steps=_OSTEPS.value, ensemble=_OENS.value, seed=_SEED.value)
-  grid = [(float(p), float(m)) for p in _OPGRID.value for m in _OMGRID.value]
+  grid = _hp_grid()
   rt = od.runtime_s  # the selection uses the target's runtimes (measured medians) on training rows only
   fams = np.unique(od.family)
   choice, chosen_hp, inner_scores, fit_count = {}, {}, {}, 0
@@ -440,21 +462,9 @@ def part_options_nested():
   for f in fams:
     te = od.family == f
     tr = ~te
-    idx_tr = np.flatnonzero(tr)
-    inner = np.zeros((cfg.ensemble, len(od.y)))
-    for va_local in V.group_folds(od.family[tr], _OINNER.value, _SEED.value):
-      va = idx_tr[va_local]
-      it = idx_tr[~va_local]
-      m = V.fit_option_model(od.x[it], od.y[it], od.group[it], cfg)
-      inner[:, va] = V.predict_members(m, od.x[va])
-      fit_count += 1
-    scores = {}
-    for p, mg in grid:
-      pr = inner[:, tr].mean(0) + p * inner[:, tr].std(0)
-      ch = V.choose(pr, od.group[tr], default_mask=dm[tr], margin=mg)
-      ch = {g: int(idx_tr[r]) for g, r in ch.items()}
-      met = V.choice_metrics(ch, rt, od.group)
-      scores[(p, mg)] = (met["within_tol"], -met["mean_regret"])
+    inner, n_fits = _inner_predictions(od, tr, cfg)
+    fit_count += n_fits
+    scores = _grid_scores(od, tr, inner, rt, grid)
     best = max(grid, key=lambda k: scores[k])
     chosen_hp[str(f)] = {"pessimism": best[0], "margin": best[1], "inner_within_tol": scores[best][0],
                          "inner_mean_regret": -scores[best][1]}

@@ -249,8 +249,16 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     return AccordionState(zeros, qs, zeros, jnp.zeros((n_leaves,), jnp.float32),
                           jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi, zi, differ)
 
+  def _at_level(critical, at_low, at_high, operand):
+    """``at_low(operand)`` where ``critical`` else ``at_high(operand)``: a Python choice for a static regime,
+    else ``lax.cond``."""
+    if isinstance(critical, bool):
+      return (at_low if critical else at_high)(operand)
+    return jax.lax.cond(critical, at_low, at_high, operand)
+
   def _compress_leaf(kind, lo, hi, acc, q, critical):
-    """(out, new_residual, new_q, bytes) of one leaf at the level chosen by ``critical``."""
+    """(out, new_residual, new_q, bytes) of one leaf at the level chosen by ``critical`` (a traced flag, or a
+    Python bool with a static regime)."""
     item = jnp.dtype(acc.dtype).itemsize
     if kind == "dense":
       out = jax.lax.pmean(acc, axis_name) if axis_name is not None else acc
@@ -267,10 +275,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
           return approx, q_full, jnp.float32((n + m) * r * item)
         return f
 
-      if isinstance(critical, bool):   # a static regime: no conditional
-        approx, q_new, nb = branch(lo if critical else hi)((mat, q))
-      else:
-        approx, q_new, nb = jax.lax.cond(critical, branch(lo), branch(hi), (mat, q))
+      approx, q_new, nb = _at_level(critical, branch(lo), branch(hi), (mat, q))
       out = approx.reshape(acc.shape)
       return out, acc - out, q_new, nb
     vec = acc.reshape(-1)
@@ -284,10 +289,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
         return out, vec - sent, jnp.float32(_sp.payload_bytes(payload))
       return f
 
-    if isinstance(critical, bool):
-      out, res, nb = branch_k(lo if critical else hi)(vec)
-    else:
-      out, res, nb = jax.lax.cond(critical, branch_k(lo), branch_k(hi), vec)
+    out, res, nb = _at_level(critical, branch_k(lo), branch_k(hi), vec)
     return out.reshape(acc.shape), res.reshape(acc.shape), q, nb
 
   def update_fn(updates, state, params=None):
@@ -355,9 +357,9 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
 def accordion_regime(state: AccordionState) -> tuple[bool, ...]:
   """The per-layer levels ``state.critical`` as a hashable tuple of Python bools (True = low compression), the
   static ``regime=`` of the :func:`accordion` step to run next. Leaves whose two levels send the same thing
-  (dense leaves, clamped ranks) read True whatever their flag, so they never split regimes. Reads the device value (a host sync; once per
-  step is enough, or once after each decision step). Accepts a state with a leading worker axis (worker 0;
-  every worker holds the same flags).
+  (dense leaves, clamped ranks) read True whatever their flag, so they never split regimes. Reads the device
+  value (a host sync; once per step is enough, or once after each decision step). Accepts a state with a
+  leading worker axis (worker 0; every worker holds the same flags).
 
   Example:
     >>> params = {'w': jnp.zeros((8, 4))}
