@@ -564,6 +564,23 @@ _KR_BLEND = flags.DEFINE_bool("kr_blend", False, "program_mape: also 'kernel_roo
                               "exp(w log labelled + (1 - w) log plain) of the two kernel-roofline models, w in "
                               "_KR_BLEND_W chosen per outer fold on the two models' inner cross-validation "
                               "predictions (needs --kr_labels and an inner grid).")
+_KR_DFLOOR = flags.DEFINE_bool("kr_dispatch_floor_scale", False, "program_mape (session 25): both kernel-roofline "
+                                "models take each row's collection-measured dispatch floor f (its file's "
+                                "meta['dispatch_floor_s']: cost_collect's timing of a trivial jitted program, measured "
+                                "before any program) as a host covariate z = log(f / 40 us): the host side of the "
+                                "floor's overlap scales by exp(gamma_h z), the program overhead by exp(gamma_o z), "
+                                "gamma_h, gamma_o fitted and shared by the devices (fit_kernel_roofline host_covariate). "
+                                "Off: the models and outputs of before.")
+_KR_DFLOOR_HOST = flags.DEFINE_bool("kr_dispatch_floor_host_only", False, "program_mape: with "
+                                    "--kr_dispatch_floor_scale, gamma_o held at 0 (the covariate scales the host side "
+                                    "of the floor's overlap only, not the program overhead).")
+_KR_FILE_HOST = flags.DEFINE_bool("kr_file_host_effect", False, "program_mape (session 25): both kernel-roofline "
+                                  "models fitted with a factor per training data file on the host side of the "
+                                  "floor's overlap and one on the program overhead, centred over each device's files "
+                                  "(fit_kernel_roofline host_group): a device's host terms are its files' equal-weight "
+                                  "average, and a test file is predicted as a typical collection of its device. Off: "
+                                  "the models and outputs of before.")
+_DFLOOR_REF_S = 40e-6
 _KR_BLEND_W = [0.0, 0.25, 0.5, 0.75, 1.0]
 _KR_BOUNDS = [0.0, float(np.log(1.25)), float(np.log(1.5)), float(np.log(2.0)), float("inf")]
 
@@ -809,6 +826,22 @@ def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, 
   return test, test & ~shared, stats, src_idx
 
 
+def _dispatch_floor_covariate(ds, desc: dict, paths: list) -> np.ndarray:
+  """--kr_dispatch_floor_scale: each row's z = log(f / 40 us), f its data file's measured dispatch floor
+  (``meta['dispatch_floor_s']``, ``paths`` in the order of ``desc['sources']``; one file: its floor). Records the
+  floors in ``desc['dispatch_floor_us']``."""
+  from mlsys_jax.cost import dataset as cds
+  floors = []
+  for p in paths:
+    f = cds.load_dataset(p).meta.get("dispatch_floor_s")
+    if f is None or not (np.isfinite(f) and f > 0):
+      raise ValueError(f"--kr_dispatch_floor_scale: {p} records no positive meta['dispatch_floor_s'].")
+    floors.append(float(f))
+  desc["dispatch_floor_us"] = {os.path.basename(p): f * 1e6 for p, f in zip(paths, floors)}
+  src = _source_index(ds, desc["sources"]) if desc.get("merged") else np.zeros(len(ds), np.int64)
+  return np.log(np.asarray(floors)[src] / _DFLOOR_REF_S)
+
+
 def part_program_mape():
   """Issue 24 target (b) on the data that exists: whole-program latency of the cost dataset's programs
   (every compilation, rows the collection flagged noisy left out), held out by program (5 folds) and by
@@ -847,6 +880,16 @@ def part_program_mape():
   if test_mode:
     test_rows, test_scored, desc["test_data"], src_idx = _test_data_rows(ds, desc["sources"], len(_ODATA.value))
     print(f"test data: {desc['test_data']}", flush=True)
+  hzv = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_DFLOOR.value else None
+  hz = (lambda idx: None) if hzv is None else (lambda idx: hzv[np.asarray(idx)])
+  if _KR_DFLOOR_HOST.value and not _KR_DFLOOR.value:
+    raise ValueError("--kr_dispatch_floor_host_only configures --kr_dispatch_floor_scale: add it.")
+  hzo = not _KR_DFLOOR_HOST.value
+  if _KR_FILE_HOST.value:
+    file_of = _source_index(ds, desc["sources"]) if desc.get("merged") else np.zeros(len(ds), np.int64)
+    hg = lambda idx: file_of[np.asarray(idx)]
+  else:
+    hg = lambda idx: None
   devs = cds.row_devices(ds)
   udev = sorted(set(devs.tolist()))
   mods = [hlo.parse_hlo(t) for t in ds.hlo]
@@ -925,6 +968,18 @@ def part_program_mape():
                "outer fold by the inner cross-validation "
                "(kr_inner_folds folds of the training rows, grouped like the outer split), jointly with "
                "bytes_ridge")}
+  if _KR_FILE_HOST.value:
+    out["kernel_roofline_file_host_effect"] = (
+        "session 25 (--kr_file_host_effect): both kernel-roofline models fitted with a host-side factor and a "
+        "program-overhead factor per training data file, centred over each device's files; predictions use the "
+        "device's terms (no file factor)")
+  if _KR_DFLOOR.value:
+    out["kernel_roofline_dispatch_floor_scale"] = {
+        "what": "session 25 (--kr_dispatch_floor_scale): both kernel-roofline models (not the analytical baselines, "
+                "not the trees) with the host covariate z = log(f / 40 us) of each row's collection (f: its file's "
+                "meta dispatch_floor_s): host side of the floor's overlap x exp(gamma_h z), program overhead x "
+                "exp(gamma_o z), (gamma_h, gamma_o) fitted with the model, shared by the devices",
+        "dispatch_floor_us": desc.get("dispatch_floor_us"), "host_only": _KR_DFLOOR_HOST.value}
   if _KR_REF.value:
     out["kernel_roofline_floor_only"] = {"config": ref_cfg._asdict(), "what": "the session-14 configuration (host "
                                          "floor, one ridge) on this session's kernel tables, same folds"}
@@ -970,7 +1025,7 @@ def part_program_mape():
       pred["kernel_roofline_labels"] = np.zeros(len(y))
       busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
       fitted_terms, folds_unlabelled = [], 0
-    bounds_chosen = []
+    bounds_chosen, host_scales = [], []
     ood = np.zeros(len(y), bool)
     tk = time.perf_counter()
     for te in folds:
@@ -1001,8 +1056,11 @@ def part_program_mape():
       # a config is (kernel-table option set, KernelRooflineConfig); a fitted model carries its option set
       tabs_of = lambda o: kts_by[_kopt_tables(o)]
       fit_plain = lambda idx, oc: (oc[0], KR.fit_kernel_roofline([tabs_of(oc[0])[i] for i in idx], rt[idx],
-                                                                 devs[idx], oc[1]))
-      predict_rows = lambda om, idx: KR.predict_kernel_roofline(om[1], [tabs_of(om[0])[i] for i in idx], devs[idx])
+                                                                 devs[idx], oc[1], host_covariate=hz(idx),
+                                                                 host_covariate_overhead=hzo,
+                                                                 host_group=hg(idx)))
+      predict_rows = lambda om, idx: KR.predict_kernel_roofline(om[1], [tabs_of(om[0])[i] for i in idx], devs[idx],
+                                                                host_covariate=hz(idx))
       grid_of = lambda c: [(o, _kopt_config(o, c._replace(bytes_ridge=b))) for o in kopt_grid
                            for b in (br_grid or [c.bytes_ridge])]
       kcfg_fold = _kopt_config(kopt, kcfg)
@@ -1016,11 +1074,13 @@ def part_program_mape():
           kopt_chosen.append(kopt)
           br_inner.append(sc)
         kts_f = tabs_of(kopt)
-        km = KR.fit_kernel_roofline([kts_f[i] for i in itr], rt[itr], devs[itr], kcfg_fold)
+        km = KR.fit_kernel_roofline([kts_f[i] for i in itr], rt[itr], devs[itr], kcfg_fold, host_covariate=hz(itr),
+                                    host_covariate_overhead=hzo, host_group=hg(itr))
         if _KR_REF.value:
           kmr = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], ref_cfg)
           pred["kernel_roofline_floor_only"][ite] = KR.predict_kernel_roofline(kmr, [kts[i] for i in ite], devs[ite])
-      pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts_f[i] for i in ite], devs[ite])
+      pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts_f[i] for i in ite], devs[ite],
+                                                                host_covariate=hz(ite))
       ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts_f[i] for i in ite], devs[ite])]
       if _KR_LABELS.value:
         labs = [klabels[i] for i in itr]
@@ -1037,8 +1097,12 @@ def part_program_mape():
             if not any(lb is not None for lb in lab_):   # an inner fold without profiled rows: the plain model
               return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx],
                                                cfg._replace(wall_scale=False, gap_library_only=False,
-                                                            gap_on_host=False))
-            return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx], cfg, kernel_labels=lab_)
+                                                            gap_on_host=False), host_covariate=hz(idx),
+                                               host_covariate_overhead=hzo,
+                                               host_group=hg(idx))
+            return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx], cfg, kernel_labels=lab_, host_covariate=hz(idx),
+                                             host_covariate_overhead=hzo,
+                                             host_group=hg(idx))
           kopt_l = kopt_grid[0]
           lcfg = _kopt_config(kopt_l, lcfg)
           with threadpool_limits(1):
@@ -1054,7 +1118,8 @@ def part_program_mape():
         else:
           folds_unlabelled += 1
         kts_l = tabs_of(kopt_l)
-        pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts_l[i] for i in ite], devs[ite])
+        pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts_l[i] for i in ite], devs[ite],
+                                                                         host_covariate=hz(ite))
         if _KR_BLEND.value:   # w from the two models' inner predictions of the training rows (same inner folds)
           ok_ = np.isfinite(inner_plain[itr]) & np.isfinite(inner_labels[itr])
           if not ok_.any():
@@ -1068,7 +1133,11 @@ def part_program_mape():
           blend_inner.append(sc_w)
           pred["kernel_roofline_blend"][ite] = bl(w_, pred["kernel_roofline_labels"][ite], pred["kernel_roofline"][ite])
         for key_, mdl, tb_ in (("kernel_roofline", km, kts_f), ("kernel_roofline_labels", kml, kts_l)):
-          busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [tb_[i] for i in ite], devs[ite], what="busy")
+          busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [tb_[i] for i in ite], devs[ite], what="busy",
+                                                            host_covariate=hz(ite))
+        if kml.host_scale is not None:
+          host_scales.append({"kernel_roofline": km.host_scale.tolist(),
+                              "kernel_roofline_labels": kml.host_scale.tolist()})
         fitted_terms.append({dv: {"program_overhead_us": float(np.exp(kml.log_program_overhead[j]) * 1e6),
                                   **({} if kml.log_wall_scale is None else {
                                       "wall_scale": float(np.exp(kml.log_wall_scale[j]))}),
@@ -1079,7 +1148,7 @@ def part_program_mape():
                                       for ci, c in enumerate(KR.KERNEL_CLASSES) if kml.train_kernels[j, ci] > 0})}
                              for j, dv in enumerate(kml.devices)})
       if _KR_CORR.value:
-        p_all = KR.predict_kernel_roofline(km, kts_f, devs)  # in-sample on the training rows
+        p_all = KR.predict_kernel_roofline(km, kts_f, devs, host_covariate=hz(np.arange(len(y))))  # in-sample
         x2 = np.concatenate([x, np.log(p_all)[:, None]], 1)
         resid = np.log(rt / p_all)
 
@@ -1152,6 +1221,8 @@ def part_program_mape():
     if _KR_BLEND.value:
       res["kernel_roofline_blend_weight_chosen"] = blend_w   # per outer fold: weight of the labelled model
       res["kernel_roofline_blend_inner_mape"] = blend_inner  # per outer fold, per _KR_BLEND_W value
+    if host_scales:   # --kr_dispatch_floor_scale: (gamma_h, gamma_o) per outer fold
+      res["kernel_roofline_host_scale_fitted"] = host_scales
     if _KR_CORR.value:
       res["kernel_roofline_corrected_bounds_chosen"] = [b if np.isfinite(b) else None for b in bounds_chosen]
     if len(kopt_grid) > 1:

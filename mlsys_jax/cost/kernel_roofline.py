@@ -1009,6 +1009,10 @@ class KernelRoofline(NamedTuple):
       instead of ``softmax_p(f/F, b/B) + o`` (``KernelRooflineConfig.overhead_overlap``).
     gap_on_host: the launch gap is host time on the host side of the overlap, ``softmax_q(T, H_d + sum_k m_k
       g)``, instead of device idle time added to ``T`` (``KernelRooflineConfig.gap_on_host``).
+    host_scale: float64[2] ``(gamma_h, gamma_o)``, or None: fitted with a per-program ``host_covariate`` ``z``
+      (:func:`fit_kernel_roofline`; e.g. the log of the collection's measured dispatch floor): the host side of
+      the overlap (``H_d``, the per-launch host costs, a host-side launch gap) is ``exp(gamma_h z)`` times, the
+      program overhead ``O_d`` ``exp(gamma_o z)`` times the device's; prediction then needs ``z`` too.
   """
   devices: tuple
   log_flops_rate: np.ndarray
@@ -1027,6 +1031,21 @@ class KernelRoofline(NamedTuple):
   log_l2_speedup: np.ndarray | None = None
   overhead_overlap: bool = False
   gap_on_host: bool = False
+  host_scale: np.ndarray | None = None
+
+
+def _host_covariate(host_covariate, n: int, model_has: bool | None = None) -> np.ndarray | None:
+  """``host_covariate`` as float64[n] (finite), or None; with ``model_has`` (predict), it must be given exactly
+  when the model was fitted with one."""
+  if model_has is not None and (host_covariate is None) == model_has:
+    raise ValueError("host_covariate: pass one value per program exactly when the model was fitted with one "
+                     f"(model.host_scale is {'set' if model_has else 'None'}).")
+  if host_covariate is None:
+    return None
+  z = np.asarray(host_covariate, np.float64)
+  if z.shape != (n,) or not np.all(np.isfinite(z)):
+    raise ValueError(f"host_covariate must be {n} finite values (one per program), got shape {z.shape}.")
+  return z
 
 
 def l2_effective_bytes(nbytes, l2_bytes: float, log_speedup, xp=np):
@@ -1103,7 +1122,7 @@ def _flatten(tables: Sequence[KernelTable]):
 
 
 def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable],
-                            devices: Sequence[str], what: str = "wall") -> np.ndarray:
+                            devices: Sequence[str], what: str = "wall", host_covariate=None) -> np.ndarray:
   """Predicted runtime (seconds) of each program: ``T = O_d + sum_k m_k (softmax_p(f_k/F, b_k/B) + o + g)``
   (``o``, ``g``: the kernel class's overhead and launch gap on device ``d``; ``g`` = 0 without
   ``model.log_launch_gap``; the kernel terms times ``s_d`` with ``model.log_wall_scale``), and
@@ -1121,6 +1140,7 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     what: 'wall' (the program's runtime) or 'busy' (the summed device time of its kernels,
       ``sum_k m_k (softmax + o)``: what the profiler's ``device_busy_s`` measures; meaningful for a model
       fitted with per-kernel labels).
+    host_covariate: per program ``z`` (as in :func:`fit_kernel_roofline`), exactly when ``model.host_scale`` is set.
   Returns:
     float64[len(tables)] seconds.
   """
@@ -1132,6 +1152,9 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
   if bad:
     raise ValueError(f"devices {bad} were not in the training data (model devices: {list(model.devices)}).")
   di = np.asarray([known[d] for d in dev], np.int64)
+  z = _host_covariate(host_covariate, len(tables), model.host_scale is not None)
+  hs_h = np.ones(len(tables)) if z is None else np.exp(model.host_scale[0] * z)   # host-side factor per program
+  hs_o = np.ones(len(tables)) if z is None else np.exp(model.host_scale[1] * z)   # program-overhead factor
   f, b, k, m, rows = _flatten(tables)
   kd = di[rows]
   a = f / np.exp(model.log_flops_rate[kd, k])
@@ -1147,6 +1170,8 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     out = np.zeros(len(tables))
   else:
     out = np.exp(model.log_program_overhead[di])
+    if z is not None:
+      out = out * hs_o
     if model.log_wall_scale is not None:
       t = t * np.exp(model.log_wall_scale[kd])
     g_t = None
@@ -1161,6 +1186,8 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
       np.add.at(host, rows, g_t)
     if model.log_host_launch is not None:
       np.add.at(host, rows, m * np.exp(model.log_host_launch[kd, k]))
+    if z is not None:   # the whole host side: floor, launches, host-side gap
+      host = host * hs_h
     out = _soft_max(out, host, model.floor_sharpness)
   elif what == "wall" and model.log_host_launch is not None:
     raise ValueError("model.log_host_launch needs model.log_host_floor (the host side of the overlap).")
@@ -1319,7 +1346,10 @@ def _label_arrays(tables, kernel_labels, n_prog):
 
 def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float], devices: Sequence[str],
                         config: KernelRooflineConfig = KernelRooflineConfig(),
-                        kernel_labels: Sequence[KernelLabels | None] | None = None) -> KernelRoofline:
+                        kernel_labels: Sequence[KernelLabels | None] | None = None,
+                        host_covariate: Sequence[float] | None = None,
+                        host_covariate_overhead: bool = True,
+                        host_group: Sequence[int] | None = None) -> KernelRoofline:
   """Fit the per-kernel roofline's log parameters to measured program runtimes (and kernel times).
 
   Each log parameter is ``shared + device[d] + class[c] + interaction[d, c]`` (per-program overhead:
@@ -1345,6 +1375,18 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     devices: the device of each program (any hashable names; one parameter set per distinct name).
     config: :class:`KernelRooflineConfig`.
     kernel_labels: None, or per program a :class:`KernelLabels` or None (no profile).
+    host_covariate: None, or per program a number ``z`` (session 25: the log of its collection's measured dispatch
+      floor, ``meta["dispatch_floor_s"]``): then two more parameters, shared by the devices and not penalised, scale
+      the host side of the overlap (``H_d``, per-launch host costs, a host-side launch gap) by ``exp(gamma_h z)`` and
+      the program overhead ``O_d`` by ``exp(gamma_o z)`` (:attr:`KernelRoofline.host_scale`): a collection whose
+      host dispatches faster gets a lower floor on the same device. ``z`` = 0 everywhere gives the model without it.
+    host_covariate_overhead: with ``host_covariate``, fit ``gamma_o`` (True) or keep it 0 (the covariate scales the
+      host side only).
+    host_group: None, or per program an integer group (session 25: its data file): in the fit each group gets a
+      factor on the host side of the overlap and one on the program overhead, centred in log space over the groups of
+      each device (a device's terms are then its groups' equal-weight average, not the average of its programs:
+      one large collection with a slower host does not set the device's floor); prediction uses the device's terms
+      (a new collection is a typical one). Not stored in the model.
   Returns:
     A :class:`KernelRoofline`.
   """
@@ -1391,6 +1433,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   if kernel_labels is None and (config.wall_scale or config.gap_library_only):
     raise ValueError("wall_scale and gap_library_only act on the launch gap and the labelled kernel times: pass "
                      "kernel_labels (match_kernel_times), or set them False to fit on runtimes only.")
+  hz = _host_covariate(host_covariate, len(tables))
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
@@ -1426,6 +1469,24 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     params["hl"] = jnp.full((D,), np.log(config.init_host_launch_s / unit), jnp.float32)
     if config.host_launch_per_class:
       params["hl_cls"], params["hl_inter"] = jnp.zeros((C,)), jnp.zeros((D, C))
+  if host_group is not None:
+    hg = np.asarray(host_group)
+    if hg.shape != (len(tables),) or not np.issubdtype(hg.dtype, np.integer):
+      raise ValueError(f"host_group must be {len(tables)} integers (one per program), got {hg.shape} {hg.dtype}.")
+    # one group per (group, device) pair: a group on two devices counts as two
+    pairs, hg_idx = np.unique(np.stack([hg.astype(np.int64), di.astype(np.int64)]), axis=1, return_inverse=True)
+    G, g_dev = pairs.shape[1], pairs[1].astype(np.int32)
+    cnt = np.bincount(g_dev, minlength=D).astype(np.float32)
+    params["fe"] = jnp.zeros((G, 2), jnp.float32)
+    hgj, gdj, cntj = jnp.asarray(hg_idx.reshape(-1).astype(np.int32)), jnp.asarray(g_dev), jnp.asarray(cnt)
+
+    def group_effect(p):   # [n, 2] log factors, centred over each device's groups
+      mean_d = jax.ops.segment_sum(p["fe"], gdj, num_segments=D) / jnp.maximum(cntj, 1.0)[:, None]
+      return (p["fe"] - mean_d[gdj])[hgj]
+  if hz is not None:
+    params["hs"] = jnp.zeros((2,), jnp.float32)
+    hzj = f32(hz)
+    hs_mask = f32([1.0, 1.0 if host_covariate_overhead else 0.0])   # gamma_o held at 0: no gradient
   P, n = config.sharpness, len(tables)
   n_pen = float(len(BASE_KERNEL_CLASSES) + np.sum(np.isin(np.arange(len(BASE_KERNEL_CLASSES), C), k)))
 
@@ -1460,13 +1521,23 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       g_t = mj * jnp.exp(gap[kdj, kj]) * (libj if config.gap_library_only else 1.0)
       if not config.gap_on_host:
         t = t + g_t
-    pred = jnp.exp(prog)[dij] + jax.ops.segment_sum(t, rj, num_segments=n)
+    o_prog = jnp.exp(prog)[dij]
+    if hz is not None:
+      o_prog = o_prog * jnp.exp(p["hs"][1] * hs_mask[1] * hzj)
+    if host_group is not None:
+      ge = group_effect(p)
+      o_prog = o_prog * jnp.exp(ge[:, 1])
+    pred = o_prog + jax.ops.segment_sum(t, rj, num_segments=n)
     if config.host_floor:
       host = jnp.exp(p["floor"])[dij]
       if config.gap_on_host:
         host = host + jax.ops.segment_sum(g_t, rj, num_segments=n)
       if config.host_launch:
         host = host + jax.ops.segment_sum(mj * jnp.exp(host_launch(p)[kdj, kj]), rj, num_segments=n)
+      if hz is not None:
+        host = host * jnp.exp(p["hs"][0] * hzj)
+      if host_group is not None:
+        host = host * jnp.exp(ge[:, 0])
       pred = _soft_max(pred, host, config.floor_sharpness, jnp)
     lp = jnp.log(pred)
     err = jnp.mean(jnp.abs(jnp.exp(lp - ly) - 1.0)) if config.objective == "mape" else \
@@ -1542,13 +1613,17 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   l2 = np.asarray(params["l2"], np.float64) if config.l2_bytes is not None else None
   if l2 is not None and not np.all(np.isfinite(l2)):
     raise FloatingPointError("fit_kernel_roofline diverged (non-finite L2 speed-up); lower learning_rate.")
+  hs = np.asarray(params["hs"], np.float64) if hz is not None else None
+  if hs is not None and not np.all(np.isfinite(hs)):
+    raise FloatingPointError("fit_kernel_roofline diverged (non-finite host scale); lower learning_rate.")
   model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen, gap,
                          floor, float(config.floor_sharpness), hl, ws,
                          bool(config.gap_library_only), None if l2 is None else float(config.l2_bytes), l2,
-                         bool(config.overhead_overlap), bool(config.gap_on_host))
+                         bool(config.overhead_overlap), bool(config.gap_on_host), hs)
   if config.calibrate:
     from mlsys_jax.cost.metrics import mape_scale
-    model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev), y))
+    model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev,
+                                                                            host_covariate=hz), y))
   return model
 
 
