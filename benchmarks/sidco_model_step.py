@@ -29,7 +29,9 @@ floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(rati
 branch-free on GPU since; ``dgc_cond`` / ``dgc_where`` force either; ``dgc_pt*``: ``per_tensor=True``, one per
 leaf); ``recipe``: the 0.1% recipe of docs/comm.md (``density_warmup`` of ``sidco`` with ``rms_selection``: a
 ``lax.switch`` over its three stages every step); ``recipe_fixed``: its final stage compiled alone
-(``fixed_stage=2``: the step a GPU user compiles for steps 300 on, no switch); ``powersgd`` / ``accordion``: ``powersgd(4, clamp_rank=True)`` and
+(``fixed_stage=2``: the step a GPU user compiles for steps 300 on, no switch); ``recipe_fixed_flatpre``: that with
+the RMS selection on the raveled gradient (``precondition=optax.flatten(rms_selection(...))``: one buffer instead of
+one per leaf; the same values); ``recipe_fixed_flat``: that with ``sidco(..., flat_state=True)`` too; ``powersgd`` / ``accordion``: ``powersgd(4, clamp_rank=True)`` and
 ``accordion("powersgd", 4, 1, clamp_rank=True)`` (a ``lax.cond`` per compressed leaf: rank 4 or 1), ``--ratio`` unused;
 ``accordion_nodecide``: the same with no decision during the run (``interval=10**6``: rank 4 throughout, under its
 conditionals); ``accordion_static``: that with ``regime=`` every leaf critical (rank 4, no conditional).
@@ -78,7 +80,7 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_cblocks", "sidco_est_cond_cblocks",
         "sidco_est_cond_s2", "sidco_est_where_s2", "dgc", "powersgd", "accordion", "dgc_cond", "dgc_where",
         "dgc_pt", "dgc_pt_cond", "dgc_pt_where", "sidco_est_where_csearch", "recipe", "accordion_nodecide",
-        "accordion_static", "recipe_fixed")
+        "accordion_static", "recipe_fixed", "recipe_fixed_flatpre", "recipe_fixed_flat")
 
 
 class _Affine(nn.Module):
@@ -184,6 +186,12 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
   comp["recipe_fixed"] = lambda: density_warmup(
       lambda r: sp.sidco(r, precondition=rms_selection(r < 0.01)), ratio, steps=300, ratios=[0.01, 0.0025],
       fixed_stage=2)
+  comp["recipe_fixed_flatpre"] = lambda: density_warmup(
+      lambda r: sp.sidco(r, precondition=optax.flatten(rms_selection(r < 0.01))), ratio, steps=300,
+      ratios=[0.01, 0.0025], fixed_stage=2)
+  comp["recipe_fixed_flat"] = lambda: density_warmup(
+      lambda r: sp.sidco(r, precondition=optax.flatten(rms_selection(r < 0.01)), flat_state=True), ratio,
+      steps=300, ratios=[0.01, 0.0025], fixed_stage=2)
   comp["powersgd"] = lambda: powersgd(4, clamp_rank=True)
   comp["accordion"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True)
   comp["accordion_nodecide"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True, interval=10 ** 6)

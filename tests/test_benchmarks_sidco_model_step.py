@@ -217,3 +217,38 @@ def test_quoted_h100_session24_dgc_and_cmdbuf_figures():
   assert (ms_(c, "dgc_cond", "idle_s"), ms_(c, "accordion", "idle_s")) == (5.19, 2.07)
   assert "CONDITIONAL" in json.loads((RESULTS / "sidco_model_step_h100_s24_cmdbuf.json").read_text())[
       "compiler_options"]["xla_gpu_enable_command_buffer"]
+
+
+def test_quoted_h100_session25_figures():
+  """docs/comm.md "Session 25" / README / BENCHMARKS.md: DGC's branch-free second round (with the tie fix) against
+  its lax.cond, SIDCo per tensor, ACCORDION's static regime and the recipe's final stage compiled alone."""
+  rows = _rows("sidco_model_step_h100_s25.json")
+  ms._summarize(rows)
+  r = {x["row"]: x for x in rows}
+  ms_ = lambda k, f="overhead_s": round(r[k][f] * 1e3, 2)   # noqa: E731
+  assert round(r["adam"]["step_s"] * 1e3, 2) == 21.10
+  assert {k: ms_(k) for k in r if k != "adam"} == {
+      "topk": 0.95, "dgc_cond": 4.41, "dgc_where": 0.77, "sidco_pt_flat": 0.27, "accordion_nodecide": 5.38,
+      "accordion_static": 3.30, "recipe": 5.16, "recipe_fixed": 1.93}
+  iqr = lambda k: [round(v * 1e3, 2) for v in r[k]["overhead_s_iqr"]]   # noqa: E731
+  assert (iqr("topk"), iqr("dgc_cond"), iqr("dgc_where")) == ([0.95, 0.97], [3.98, 4.45], [0.74, 0.79])
+  assert (iqr("sidco_pt_flat"), iqr("accordion_static"), iqr("recipe_fixed")) == ([0.23, 0.32], [3.29, 3.32],
+                                                                                  [1.91, 1.95])
+  assert round(r["dgc_cond"]["overhead_s"] / r["dgc_where"]["overhead_s"], 1) == 5.7
+  assert round(r["topk"]["overhead_s"] / r["dgc_where"]["overhead_s"], 1) == 1.2
+  assert round(r["sidco_pt_flat"]["vs_topk"], 1) == 3.5 < 4.0            # per tensor: the 4x target not met
+  assert (ms_("dgc_cond", "idle_s"), ms_("accordion_nodecide", "idle_s"), ms_("accordion_static", "idle_s")) == \
+      (4.29, 1.77, 0.18)
+  for k in ("topk", "dgc_where", "sidco_pt_flat", "recipe_fixed"):
+    assert r[k]["idle_s"] < 0                                            # no idle beyond the trace's noise
+  assert {k: ms_(k, "busy_overhead_s") for k in ("topk", "dgc_cond", "dgc_where", "sidco_pt_flat",
+                                                 "accordion_nodecide", "accordion_static", "recipe",
+                                                 "recipe_fixed")} == \
+      {"topk": 1.12, "dgc_cond": 0.65, "dgc_where": 1.0, "sidco_pt_flat": 0.47, "accordion_nodecide": 3.83,
+       "accordion_static": 3.03, "recipe": 1.23, "recipe_fixed": 2.02}
+  adam = r["adam"]
+  assert round((r["recipe_fixed"]["kernel_classes_s"]["fusion"] - adam["kernel_classes_s"]["fusion"]) * 1e3, 2) == 1.47
+  assert r["recipe_fixed"]["kernels"] - adam["kernels"] == 329
+  log = (RESULTS / "sidco_model_step_h100_s25_killed_compile.log").read_text()
+  assert "compiled dgc_pt_cond in 99.6 s" in log and "compiled dgc_pt_where in 118.0 s" in log
+  assert "compiled dgc_cond in 7.1 s" in log

@@ -255,3 +255,33 @@ def test_density_warmup_bad_input():
     density_warmup(lambda r: optax.identity(), 0.01, steps=2, ratios=[0.1]).init(_params())
   with pytest.raises(ValueError, match="fixed_stage=2"):
     density_warmup(topk, 0.01, steps=2, ratios=[0.1], fixed_stage=2)
+
+
+@pytest.mark.parametrize("flat_state", [False, True])
+def test_recipe_with_a_raveled_rms_selection_sends_the_same(flat_state):
+  """The 0.1% recipe with its RMS selection on the raveled gradient (``optax.flatten(rms_selection(...))``: one
+  buffer instead of one per leaf, the GPU form timed by benchmarks/sidco_model_step.py ``recipe_fixed_flat*``) sends
+  the same entries with the same values as the tree form through every stage (raw selection, then RMS), and
+  keeps the same residual; ``flat_state=True`` only changes the residual's layout."""
+  from mlsys_jax.comm import rms_selection
+  def recipe(pre, fs=False):
+    return density_warmup(lambda r: sidco(r, precondition=pre(rms_selection(r < 0.2)), flat_state=fs), 0.05,
+                          steps=2, ratios=[0.3, 0.1])
+  tree, flat = recipe(lambda t: t), recipe(optax.flatten, flat_state)
+  st, fst = tree.init(_params()), flat.init(_params())
+  for s in range(4):
+    g = _grads(s)
+    out, st = jax.jit(tree.update)(g, st)
+    fout, fst = jax.jit(flat.update)(g, fst)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), fout, out)
+    assert int(fst.stage) == int(st.stage)
+    assert float(fst.bytes_sent) == float(st.bytes_sent) > 0
+  res = st.inner_state.residual
+  fres = fst.inner_state.residual
+  want = jax.flatten_util.ravel_pytree(res)[0]
+  got = fres if flat_state else jax.flatten_util.ravel_pytree(fres)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got == 0, want == 0)          # the same entries sent (zeroed) in both
+  # the RMS state: one vector, the tree's leaves raveled
+  nu = jax.flatten_util.ravel_pytree(st.inner_state.precondition)[0]
+  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(fst.inner_state.precondition)[0], nu, rtol=1e-6)

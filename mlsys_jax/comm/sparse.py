@@ -1029,7 +1029,9 @@ def _bisect_bits(ok_fn, top_bits, keep_low: bool):
 #   (no stage loop) the two ``lax.cond``s alone still cost +4.01 ms (3.08 ms idle) against +0.80 ms branch-free;
 #   DGC with its ``lax.cond`` +4.23 ms (3.14 ms idle, 0.74 ms of kernels); Top-k +0.98 ms. Second call
 #   (benchmarks/results/sidco_model_step_h100_s24_dgc.json): DGC "cond" +5.31 ms (3.55 ms idle) -> "where"
-#   +0.53 ms (no idle), the same 0.73 ms of kernels. XLA's conditional command buffers do not remove the round
+#   +0.53 ms (no idle), the same 0.73 ms of kernels (first version; with the tie fix, session 25,
+#   benchmarks/results/sidco_model_step_h100_s25.json: "cond" +4.41 ms -> "where" +0.77 ms, Top-k +0.95 ms).
+#   XLA's conditional command buffers do not remove the round
 #   trip (sidco_model_step_h100_s24_cmdbuf.json: DGC "cond" +5.39 ms, 5.19 ms idle, with CONDITIONAL listed).
 _BRANCHES = "auto"
 
@@ -2370,8 +2372,10 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   select of ``sidco(exact=True)``, no sort of the gradient; where fewer than k entries are nonzero only
   those are sent, so ``density`` counts them and not ``lax.top_k``'s zeros). Otherwise everything above the
   sampled threshold is sent: between 0 and ``capacity_factor * k`` entries. On a GPU the second round runs every step and is kept only
-  on overflow steps (no ``lax.cond``, whose predicate would go to the host: +4.2 ms per f32 ResNet-50 step on
-  an H100, session 24); elsewhere under ``lax.cond``; bitwise the same (``sparse._BRANCHES``).
+  on overflow steps (no ``lax.cond``, whose predicate would go to the host: per f32 ResNet-50 step on an H100
+  +0.77 ms branch-free against +4.41 ms with the conditional and +0.95 ms for ``topk``, session 25); elsewhere
+  under ``lax.cond``; bitwise the same (``sparse._BRANCHES``). With ``per_tensor=True`` each leaf has its own
+  sampled threshold and second round: a 161-leaf ResNet-50 step compiled for 100-118 s on the GPU (7 s flat).
 
   Sample size (:func:`dgc_sample_size`): by default (``sample_fraction=None``) 1% of the entries (the
   paper's 0.1%-1%), enlarged so that the sample holds ``k = ratio * size >= 16`` entries above the
