@@ -104,11 +104,37 @@ def measure_peaks(small: bool) -> dict:
   jax.block_until_ready(g(x))
   t = min(_time_batch(g, (x,), 5 if small else 20) for _ in range(3))
   out["copy_bytes_per_s"] = 8.0 * m / t
+  out["dispatch_floor_s"] = make_floor_probe()(200, 5)
+  return out
+
+
+def make_floor_probe():
+  """A probe of the host's dispatch floor: ``probe(calls, reps)`` is the median over ``reps`` batches of the wall
+  time per call of a trivial jitted program (``a + 1`` on 8 floats) called ``calls`` times back to back. The
+  collection records it before any program (``meta['dispatch_floor_s']``), before each program's timing
+  (``meta['dispatch_floor_timing_s']``: their median and quartiles) and at the end (``meta['dispatch_floor_end_s']``),
+  so that a cost model can read the host's state while the programs were timed, not only at the start."""
   f1 = jax.jit(lambda a: a + 1)
   s = jnp.ones((8,))
   jax.block_until_ready(f1(s))
-  out["dispatch_floor_s"] = float(np.median([_time_batch(f1, (s,), 200) for _ in range(5)]))
-  return out
+
+  def probe(calls: int = 20, reps: int = 3) -> float:
+    if calls < 1 or reps < 1:
+      raise ValueError(f"make_floor_probe: calls and reps must be >= 1, got {calls}, {reps}.")
+    return float(np.median([_time_batch(f1, (s,), calls) for _ in range(reps)]))
+
+  return probe
+
+
+def floor_summary(floors) -> dict:
+  """``meta['dispatch_floor_timing_s']``: the median, quartiles and count of the floors probed during timing."""
+  f = np.asarray(floors, np.float64)
+  if f.size == 0:
+    return {"n": 0}
+  if not np.all(np.isfinite(f) & (f > 0)):
+    raise ValueError("floor_summary: every probed floor must be finite and > 0.")
+  return {"n": int(f.size), "median": float(np.median(f)), "q25": float(np.quantile(f, 0.25)),
+          "q75": float(np.quantile(f, 0.75))}
 
 
 def compile_group(gid: int, spec: programs.ProgramSpec, variants, platform_name: str,
@@ -344,6 +370,8 @@ def main(argv):
   n_timed = 0
   chunk: list = []   # (rows of one program, its variants, its args) awaiting the profiler
   n_prof = {"programs": 0, "failed_chunks": 0, "skipped_programs": 0}
+  probe = make_floor_probe()
+  floors: list[float] = []   # the host's dispatch floor before each program's timing
 
   def run_profiler():
     items = [(v["compiled"], a) for _, vs, a in chunk for v in vs]
@@ -370,6 +398,7 @@ def main(argv):
     if _now() > deadline - 5:
       break
     rec = compiled[i]
+    floors.append(probe(20, 3))
     try:
       args = programs.make_args(rec["spec"], rec["group"])
       new_rows = time_group(rec, FLAGS.rounds, FLAGS.target_ms / 1e3, peaks["dispatch_floor_s"],
@@ -396,6 +425,8 @@ def main(argv):
     chunk = []
   meta["profile"] = {"calls": FLAGS.profile_calls, "chunk": FLAGS.profile_chunk, "gap_ms": FLAGS.profile_gap_ms,
                      **n_prof}
+  meta["dispatch_floor_timing_s"] = floor_summary(floors)
+  meta["dispatch_floor_end_s"] = probe(200, 5)
   meta["partial"] = False
   meta["programs_compiled"] = len(order)
   meta["programs_timed"] = n_timed

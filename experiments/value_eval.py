@@ -869,6 +869,11 @@ def part_program_mape():
   from mlsys_jax.cost import features, graph, hlo, metrics
   from mlsys_jax.cost import kernel_roofline as KR
   _check_kr_flags(_KR_FLOOR.value, _KR_HL.value, _KR_LABELS.value, _KR_LHL.value, _KR_GLIB.value, _KR_WS.value)
+  if _KR_DFLOOR_HOST.value and not _KR_DFLOOR.value:
+    raise ValueError("--kr_dispatch_floor_host_only configures --kr_dispatch_floor_scale: add it.")
+  if _KR_DFLOOR.value and _KR_FILE_HOST.value:
+    raise ValueError("--kr_dispatch_floor_scale and --kr_file_host_effect: the per-file host factors absorb each "
+                     "file's dispatch floor (its exponents would not be identified); use one of them.")
   br_grid = [_bytes_ridge(v) for v in _KR_BR_GRID.value]
   kopt_grid = list(dict.fromkeys(_kernel_option(v) for v in _KR_KOPT_GRID.value)) or ["none"]
   t0 = time.perf_counter()
@@ -882,8 +887,6 @@ def part_program_mape():
     print(f"test data: {desc['test_data']}", flush=True)
   hzv = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_DFLOOR.value else None
   hz = (lambda idx: None) if hzv is None else (lambda idx: hzv[np.asarray(idx)])
-  if _KR_DFLOOR_HOST.value and not _KR_DFLOOR.value:
-    raise ValueError("--kr_dispatch_floor_host_only configures --kr_dispatch_floor_scale: add it.")
   hzo = not _KR_DFLOOR_HOST.value
   if _KR_FILE_HOST.value:
     file_of = _source_index(ds, desc["sources"]) if desc.get("merged") else np.zeros(len(ds), np.int64)

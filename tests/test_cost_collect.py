@@ -215,3 +215,22 @@ def test_cost_dataset_replace_keeps_rows_and_names_unknown_fields():
   np.testing.assert_array_equal(ds.runtime_s, arr())     # the original is unchanged
   with pytest.raises(ValueError, match="no fields"):
     ds._replace(runtime=arr())
+
+
+def test_floor_probe_and_its_summary():
+  """cost_collect's host floor probe (recorded before, during and after the timing phase since session 25):
+  a positive wall time per call; the summary is the median and quartiles of the probes; bad input is refused."""
+  import sys
+  sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"))
+  import cost_collect as cc
+  probe = cc.make_floor_probe()
+  f = probe(5, 2)
+  assert np.isfinite(f) and 0 < f < 0.1
+  with pytest.raises(ValueError, match="calls and reps"):
+    probe(0, 1)
+  s = cc.floor_summary([3e-5, 1e-5, 2e-5, 4e-5])
+  assert s["n"] == 4 and s["median"] == pytest.approx(2.5e-5)
+  assert s["q25"] == pytest.approx(1.75e-5) and s["q75"] == pytest.approx(3.25e-5)
+  assert cc.floor_summary([]) == {"n": 0}
+  with pytest.raises(ValueError, match="finite and > 0"):
+    cc.floor_summary([1e-5, float("nan")])

@@ -55,6 +55,8 @@ def test_host_covariate_recovers_floor_scaling_and_transfers():
   e_plain = ape(KR.predict_kernel_roofline(plain, te_t, ["gpu"] * len(te_t)))
   e_cov = ape(KR.predict_kernel_roofline(cov, te_t, ["gpu"] * len(te_t), host_covariate=te_z))
   assert e_cov < 0.5 * e_plain, (e_cov, e_plain)
+  host = KR.fit_kernel_roofline(tr_t, tr_y, dev, _CFG, host_covariate=tr_z, host_covariate_overhead=False)
+  assert host.host_scale[1] == 0.0 and 0.5 < host.host_scale[0] < 1.5   # --kr_dispatch_floor_host_only: gamma_o = 0
 
 
 def test_zero_covariate_is_the_model_without_it_and_prediction_needs_it():
@@ -103,6 +105,9 @@ def test_file_host_effect_weighs_files_equally_and_one_file_is_the_plain_model()
                              rtol=1e-5)
   with pytest.raises(ValueError, match="host_group"):
     KR.fit_kernel_roofline(tabs, y, dev, _CFG, host_group=np.zeros(3, np.int64))
+  # a covariate constant per group (a file's floor per file) is absorbed by the group factors: refused
+  with pytest.raises(ValueError, match="constant within every host_group"):
+    KR.fit_kernel_roofline(tabs, y, dev, _CFG, host_group=grp, host_covariate=np.log(np.where(grp == 0, 2.0, 1.0)))
 
 
 _SNIPPET = r"""
@@ -121,6 +126,15 @@ desc = {"merged": True, "sources": [{"programs_kept": 2}, {"programs_kept": 1}]}
 z = VE._dispatch_floor_covariate(ds, desc, ["a.npz", "b.npz"])
 np.testing.assert_allclose(z, np.log(np.array([48, 48, 48, 28, 28]) / 40.0))
 assert desc["dispatch_floor_us"] == {"a.npz": 48.0, "b.npz": 28.0}
+for argv, msg in ((["--kr_dispatch_floor_host_only"], "add it"),
+                  (["--kr_dispatch_floor_scale", "--kr_file_host_effect"], "use one of them")):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["value_eval.py"] + argv)
+  try:
+    VE.part_program_mape()
+    raise AssertionError(f"{argv} accepted")
+  except ValueError as e:
+    assert msg in str(e), e
 print("ok")
 """
 

@@ -1386,7 +1386,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       factor on the host side of the overlap and one on the program overhead, centred in log space over the groups of
       each device (a device's terms are then its groups' equal-weight average, not the average of its programs:
       one large collection with a slower host does not set the device's floor); prediction uses the device's terms
-      (a new collection is a typical one). Not stored in the model.
+      (a new collection is a typical one). Not stored in the model. With ``host_covariate`` too, ``z`` must vary
+      inside some group: a covariate constant per group (a file's dispatch floor per file) is absorbed by the group
+      factors, and that raises ValueError.
   Returns:
     A :class:`KernelRoofline`.
   """
@@ -1476,6 +1478,10 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     # one group per (group, device) pair: a group on two devices counts as two
     pairs, hg_idx = np.unique(np.stack([hg.astype(np.int64), di.astype(np.int64)]), axis=1, return_inverse=True)
     G, g_dev = pairs.shape[1], pairs[1].astype(np.int32)
+    if hz is not None and all(np.ptp(hz[hg_idx.reshape(-1) == g]) == 0 for g in range(G)):
+      raise ValueError("host_covariate is constant within every host_group: the group factors absorb it, so its "
+                       "exponents (host_scale) are not identified and a new group's prediction would depend on an "
+                       "arbitrary value; pass host_covariate or host_group, not both.")
     cnt = np.bincount(g_dev, minlength=D).astype(np.float32)
     params["fe"] = jnp.zeros((G, 2), jnp.float32)
     hgj, gdj, cntj = jnp.asarray(hg_idx.reshape(-1).astype(np.int32)), jnp.asarray(g_dev), jnp.asarray(cnt)
