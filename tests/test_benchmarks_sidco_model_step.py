@@ -28,7 +28,8 @@ def _rows(name, strip=True):
                                   "sidco_model_step_h200_s16h.json", "sidco_model_step_h200_s16i.json",
                                   "sidco_model_step_h200_s19a.json", "sidco_model_step_h200_s19b.json",
                                   "sidco_model_step_h100_s22a.json", "sidco_model_step_h100_s22b.json",
-                                  "sidco_model_step_h200_s23_est.json", "sidco_model_step_h200_s23a.json"])
+                                  "sidco_model_step_h200_s23_est.json", "sidco_model_step_h200_s23a.json",
+                                  "sidco_model_step_h100_s25.json"])
 def test_summary_reproduces_the_stored_fields(name):
   stored = {r["row"]: r for r in _rows(name, strip=False)}
   rows = _rows(name)
@@ -252,3 +253,22 @@ def test_quoted_h100_session25_figures():
   log = (RESULTS / "sidco_model_step_h100_s25_killed_compile.log").read_text()
   assert "compiled dgc_pt_cond in 99.6 s" in log and "compiled dgc_pt_where in 118.0 s" in log
   assert "compiled dgc_cond in 7.1 s" in log
+
+
+@pytest.mark.parametrize("row", ["recipe_fixed_flatpre", "recipe_fixed_flat"])
+def test_raveled_recipe_rows_match_recipe_fixed(row):
+  """The rows queued for the GPU (the recipe's final stage with its RMS selection on the raveled gradient, and with
+  the flat residual too) build the same training step as ``recipe_fixed`` on CPU: same updates over three steps."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  shapes = {"conv": (3, 3, 8, 16), "dense": (128, 64), "bias": (64,)}
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  ref, tx = ms._tx("recipe_fixed", 0.002), ms._tx(row, 0.002)   # 0.002 < 0.01: the RMS selection is on
+  rs, ts = ref.init(params), tx.init(params)
+  for step in range(3):
+    g = {k: jax.random.normal(jax.random.fold_in(keys[i], step), s) for i, (k, s) in enumerate(shapes.items())}
+    ru, rs = jax.jit(ref.update)(g, rs, params)
+    tu, ts = jax.jit(tx.update)(g, ts, params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), tu, ru)
