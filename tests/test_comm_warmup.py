@@ -260,9 +260,9 @@ def test_density_warmup_bad_input():
 @pytest.mark.parametrize("flat_state", [False, True])
 def test_recipe_with_a_raveled_rms_selection_sends_the_same(flat_state):
   """The 0.1% recipe with its RMS selection on the raveled gradient (``optax.flatten(rms_selection(...))``: one
-  buffer instead of one per leaf, the GPU form timed by benchmarks/sidco_model_step.py ``recipe_fixed_flat*``) sends
-  the same entries with the same values as the tree form through every stage (raw selection, then RMS), and
-  keeps the same residual; ``flat_state=True`` only changes the residual's layout."""
+  buffer instead of one per leaf; the GPU form of benchmarks/sidco_model_step.py ``recipe_fixed_flat*``, not yet
+  timed) sends the same entries with the same values as the tree form through every stage (raw selection, then
+  RMS), and keeps the same residual; ``flat_state=True`` only changes the residual's layout."""
   from mlsys_jax.comm import rms_selection
   def recipe(pre, fs=False):
     return density_warmup(lambda r: sidco(r, precondition=pre(rms_selection(r < 0.2)), flat_state=fs), 0.05,
