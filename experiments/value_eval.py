@@ -571,6 +571,13 @@ _KR_DFLOOR = flags.DEFINE_bool("kr_dispatch_floor_scale", False, "program_mape (
                                 "floor's overlap scales by exp(gamma_h z), the program overhead by exp(gamma_o z), "
                                 "gamma_h, gamma_o fitted and shared by the devices (fit_kernel_roofline host_covariate). "
                                 "Off: the models and outputs of before.")
+_KR_DFLOOR_FROM = flags.DEFINE_enum("kr_dispatch_floor_from", "start", ["start", "timing", "end"],
+                                    "program_mape, with --kr_dispatch_floor_scale: which of the collection's floors "
+                                    "is the covariate: 'start' meta['dispatch_floor_s'] (before any program); "
+                                    "'timing' the median of the floors probed before each program's timing "
+                                    "(meta['dispatch_floor_timing_s'], recorded since session 25); 'end' "
+                                    "meta['dispatch_floor_end_s']. A file without the chosen one uses its start "
+                                    "floor, recorded per file in the JSON (dispatch_floor_source).")
 _KR_DFLOOR_HOST = flags.DEFINE_bool("kr_dispatch_floor_host_only", False, "program_mape: with "
                                     "--kr_dispatch_floor_scale, gamma_o held at 0 (the covariate scales the host side "
                                     "of the floor's overlap only, not the program overhead).")
@@ -826,18 +833,36 @@ def _test_data_rows(ds, sources: list, n_train_files: int) -> tuple[np.ndarray, 
   return test, test & ~shared, stats, src_idx
 
 
+def _file_floor(meta: dict, which: str):
+  """(floor in s, where it came from) of one collection's meta for ``--kr_dispatch_floor_from``: 'timing' /
+  'end' where the file records them (cost_collect since session 25), else its start floor, named as such."""
+  if which not in ("start", "timing", "end"):
+    raise ValueError(f"--kr_dispatch_floor_from: unknown {which!r}; use start, timing or end.")
+  if which == "timing":
+    t = meta.get("dispatch_floor_timing_s") or {}
+    if t.get("n", 0) > 0:
+      return float(t["median"]), "timing"
+  if which == "end" and meta.get("dispatch_floor_end_s") is not None:
+    return float(meta["dispatch_floor_end_s"]), "end"
+  f = meta.get("dispatch_floor_s")
+  return (None if f is None else float(f)), "start"
+
+
 def _dispatch_floor_covariate(ds, desc: dict, paths: list) -> np.ndarray:
   """--kr_dispatch_floor_scale: each row's z = log(f / 40 us), f its data file's measured dispatch floor
   (``meta['dispatch_floor_s']``, ``paths`` in the order of ``desc['sources']``; one file: its floor). Records the
   floors in ``desc['dispatch_floor_us']``."""
   from mlsys_jax.cost import dataset as cds
-  floors = []
+  floors, sources = [], {}
   for p in paths:
-    f = cds.load_dataset(p).meta.get("dispatch_floor_s")
+    meta = cds.load_dataset(p).meta
+    f, src = _file_floor(meta, _KR_DFLOOR_FROM.value)
     if f is None or not (np.isfinite(f) and f > 0):
       raise ValueError(f"--kr_dispatch_floor_scale: {p} records no positive meta['dispatch_floor_s'].")
     floors.append(float(f))
+    sources[os.path.basename(p)] = src
   desc["dispatch_floor_us"] = {os.path.basename(p): f * 1e6 for p, f in zip(paths, floors)}
+  desc["dispatch_floor_source"] = sources
   src = _source_index(ds, desc["sources"]) if desc.get("merged") else np.zeros(len(ds), np.int64)
   return np.log(np.asarray(floors)[src] / _DFLOOR_REF_S)
 
