@@ -27,7 +27,8 @@ flow; the same payloads bitwise); ``sidco_est_where_noceil`` (``max_fraction=0``
 since session 24) / the bit search (the same payloads); ``sidco_est_cond_s2`` / ``sidco_est_where_s2``: ``stages=2`` (no stage loop: the
 floor's and ceiling's two ``lax.cond``s alone against none); ``dgc``: ``dgc(ratio)`` (its second round on overflow steps: one ``lax.cond`` before session 24,
 branch-free on GPU since; ``dgc_cond`` / ``dgc_where`` force either; ``dgc_pt*``: ``per_tensor=True``, one per
-leaf); ``recipe``: the 0.1% recipe of docs/comm.md (``density_warmup`` of ``sidco`` with ``rms_selection``: a
+leaf, selected leaf by leaf; ``dgc_ptb*``: the same with ``sparse._BATCH_LEAVES``, the leaves of one size selected
+by one vmapped call); ``recipe``: the 0.1% recipe of docs/comm.md (``density_warmup`` of ``sidco`` with ``rms_selection``: a
 ``lax.switch`` over its three stages every step); ``recipe_fixed``: its final stage compiled alone
 (``fixed_stage=2``: the step a GPU user compiles for steps 300 on, no switch); ``recipe_fixed_flatpre``: that with
 the RMS selection on the raveled gradient (``precondition=optax.flatten(rms_selection(...))``: one buffer instead of
@@ -80,7 +81,8 @@ ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", 
         "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_cblocks", "sidco_est_cond_cblocks",
         "sidco_est_cond_s2", "sidco_est_where_s2", "dgc", "powersgd", "accordion", "dgc_cond", "dgc_where",
         "dgc_pt", "dgc_pt_cond", "dgc_pt_where", "sidco_est_where_csearch", "recipe", "accordion_nodecide",
-        "accordion_static", "recipe_fixed", "recipe_fixed_flatpre", "recipe_fixed_flat")
+        "accordion_static", "recipe_fixed", "recipe_fixed_flatpre", "recipe_fixed_flat", "dgc_ptb_cond",
+        "dgc_ptb_where")
 
 
 class _Affine(nn.Module):
@@ -180,6 +182,7 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
   comp["sidco_est_cond_s2"] = comp["sidco_est_where_s2"] = lambda: sp.sidco(ratio, exact=False, stages=2)
   comp["dgc"] = comp["dgc_cond"] = comp["dgc_where"] = lambda: sp.dgc(ratio)
   comp["dgc_pt"] = comp["dgc_pt_cond"] = comp["dgc_pt_where"] = lambda: sp.dgc(ratio, per_tensor=True)
+  comp["dgc_ptb_cond"] = comp["dgc_ptb_where"] = comp["dgc_pt"]
   comp["sidco_est_where_csearch"] = comp["sidco_est"]
   comp["recipe"] = lambda: density_warmup(
       lambda r: sp.sidco(r, precondition=rms_selection(r < 0.01)), ratio, steps=300, ratios=[0.01, 0.0025])
@@ -208,7 +211,8 @@ def _switches(row: str) -> dict:
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
           "_BRANCHES": ("cond" if "_est_cond" in row or row.endswith("_cond") else
                         "where" if "_est_where" in row or row.endswith("_where") else sp._BRANCHES),
-          "_CEILING": "blocks" if row.endswith("_cblocks") else "search" if row.endswith("_csearch") else sp._CEILING}
+          "_CEILING": "blocks" if row.endswith("_cblocks") else "search" if row.endswith("_csearch") else sp._CEILING,
+          "_BATCH_LEAVES": True if row.startswith("dgc_ptb") else False if row.startswith("dgc_pt") else sp._BATCH_LEAVES}
 
 
 def _make_step(model, tx, switches: dict, options: dict | None = None):

@@ -1967,12 +1967,31 @@ def _ravel_sum(addend, residual):
   return ravel_pytree(jax.tree_util.tree_map(jnp.add, addend, residual))[0], unravel
 
 
+# Per tensor, dgc selects each leaf's payload (a sampled threshold, a packing and a second round per leaf); with
+# _BATCH_LEAVES the leaves of one size and dtype are stacked and selected by one vmapped call (ResNet-50: 161 leaves
+# in 22 sizes), the same payloads bitwise (with a precondition, to float rounding: XLA may fuse its arithmetic into
+# the stacking and round 1 ulp differently, which can flip a near-tie; tests/test_comm_batch_leaves.py): one HLO
+# instance of the selection per size instead of per leaf. CPU, session 25 (benchmarks/per_tensor_compile.py: the
+# jitted update alone on the 161-leaf ResNet-50 tree at div 8, ratio 0.001, each row in a fresh process;
+# benchmarks/results/per_tensor_compile_cpu_s25.json): compiles in 30.8 against 42.6 s (33.7 against 48.9
+# branch-free) and runs in 42.7 against 36.6 ms (41.2 against 35.1): less compile time, more run time on the CPU.
+# An H100 compiled the per-leaf form inside a training step in 99.6 / 118.0 s
+# (benchmarks/results/sidco_model_step_h100_s25_killed_compile.log); the batched form is not timed there yet
+# (benchmarks/sidco_model_step.py rows dgc_ptb_cond / dgc_ptb_where against dgc_pt_cond / dgc_pt_where). Off by
+# default until a GPU run decides. Not for topk / randomk (the sparsifier's batch_leaves=False): batched lax.top_k
+# made the per-tensor topk update slower on the CPU in a first, unrecorded check.
+_BATCH_LEAVES = False
+
+
 def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                 axis_name: str | None, seed: int, initial_stages, max_ratio: float | None = None,
                 adapt: tuple[int, int, float] | None = None, momentum: float = 0.0,
                 precondition: optax.GradientTransformation | None = None, segmented=None,
-                flat_state: bool = False) -> optax.GradientTransformation:
+                flat_state: bool = False, batch_leaves: bool = False) -> optax.GradientTransformation:
   """Shared machinery: error feedback, payloads, collectives, byte accounting, stage adaptation.
+
+  ``batch_leaves`` (per tensor, with ``_BATCH_LEAVES``): leaves of one size and dtype selected by one ``vmap``ped
+  ``select`` (the same payloads; used by dgc).
 
   ``select(vec, k, k_max, capacity, key, stages, ratio) -> (payload, n_above)`` where ``n_above`` counts the
   entries the threshold selected before the capacity cut (``k`` is traced when ``ratio`` is).
@@ -2017,6 +2036,31 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                            f, z, f, f, f, z, z, zeros if momentum > 0 else (),
                            precondition.init(params) if precondition is not None else ())
 
+  def _select_leaves(vecs, sub, state):
+    """``select`` of every vector (leaf ``i`` with key ``fold_in(sub, i)``): one call per leaf, or with
+    ``batch_leaves`` (and ``_BATCH_LEAVES``) one ``vmap``ped call per group of leaves of one size and dtype (the
+    same payloads)."""
+    out = [None] * len(vecs)
+    groups = {}
+    for i, v in enumerate(vecs):
+      groups.setdefault((v.shape[0], jnp.dtype(v.dtype).name), []).append(i)
+    for (n, _), idx in groups.items():
+      k, k_max, cap = _counts(n, ratio, max_ratio, capacity_factor)
+      keys = [jax.random.fold_in(sub, i) for i in idx]
+      if len(idx) == 1 or not (batch_leaves and _BATCH_LEAVES):
+        for i, key in zip(idx, keys):
+          out[i] = select(vecs[i], k, k_max, cap, key, state.stages, ratio)
+        continue
+
+      def one(v, key, k=k, k_max=k_max, cap=cap):
+        payload, above = select(v, k, k_max, cap, key, state.stages, ratio)
+        return payload, jnp.asarray(above, jnp.int32)
+
+      payloads, aboves = jax.vmap(one)(jnp.stack([vecs[i] for i in idx]), jnp.stack(keys))
+      for j, i in enumerate(idx):
+        out[i] = (jax.tree_util.tree_map(lambda x, j=j: x[j], payloads), aboves[j])
+    return out
+
   def _loop_step(acc, finite, sub, state):
     """One payload per leaf (per_tensor) or one for the raveled tree, selected by ``select``. ``acc`` is
     the error-compensated tree, or (per_tensor=False) ``(flat, unravel)`` from :func:`_ravel_sum`. With
@@ -2028,11 +2072,11 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       flat, unravel = acc
       vecs = [flat]
     outs, residuals, hits, nsel, n_above, nbytes, overflow = [], [], [], 0, 0, 0, False
+    vecs_in = [jnp.where(finite, vec, 0) for vec in vecs]   # never select from (or send) NaN/inf
+    selected = _select_leaves(vecs_in, sub, state)
     for i, vec in enumerate(vecs):
       n = vec.shape[0]
-      k, k_max, cap = _counts(n, ratio, max_ratio, capacity_factor)
-      vec_in = jnp.where(finite, vec, 0)                # never select from (or send) NaN/inf
-      payload, above = select(vec_in, k, k_max, cap, jax.random.fold_in(sub, i), state.stages, ratio)
+      payload, above = selected[i]
       payload = payload._replace(count=jnp.where(finite, payload.count, 0))
       sent = decompress(payload, n, vec.dtype)
       residuals.append(vec - sent)                     # exact: sent entries equal vec there
@@ -2375,7 +2419,10 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   on overflow steps (no ``lax.cond``, whose predicate would go to the host: per f32 ResNet-50 step on an H100
   +0.77 ms branch-free against +4.41 ms with the conditional and +0.95 ms for ``topk``, session 25); elsewhere
   under ``lax.cond``; bitwise the same (``sparse._BRANCHES``). With ``per_tensor=True`` each leaf has its own
-  sampled threshold and second round: a 161-leaf ResNet-50 step compiled for 100-118 s on the GPU (7 s flat).
+  sampled threshold and second round: a 161-leaf ResNet-50 step compiled for 100-118 s on an H100 (7 s flat).
+  ``sparse._BATCH_LEAVES = True`` selects the leaves of one size and dtype by one ``vmap``ped call (the same
+  payloads; to float rounding with a ``precondition``): on the CPU ~30% less compile time and ~15% more run time
+  (``benchmarks/per_tensor_compile.py``); off by default until timed on a GPU.
 
   Sample size (:func:`dgc_sample_size`): by default (``sample_fraction=None``) 1% of the entries (the
   paper's 0.1%-1%), enlarged so that the sample holds ``k = ratio * size >= 16`` entries above the
@@ -2426,7 +2473,7 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
 
   return _sparsifier(select, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,
                      axis_name=axis_name, seed=seed, initial_stages=1, max_ratio=max_ratio,
-                     precondition=precondition, flat_state=_flat_flag(flat_state))
+                     precondition=precondition, flat_state=_flat_flag(flat_state), batch_leaves=True)
 
 
 def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str = "adaptive",
