@@ -2421,7 +2421,7 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   under ``lax.cond``; bitwise the same (``sparse._BRANCHES``). With ``per_tensor=True`` each leaf has its own
   sampled threshold and second round: a 161-leaf ResNet-50 step compiled for 100-118 s on an H100 (7 s flat).
   ``sparse._BATCH_LEAVES = True`` selects the leaves of one size and dtype by one ``vmap``ped call (the same
-  payloads; to float rounding with a ``precondition``): on the CPU ~30% less compile time and ~15% more run time
+  payloads; to float rounding with a ``precondition``): on the CPU ~30% less compile time and ~17% more run time
   (``benchmarks/per_tensor_compile.py``); off by default until timed on a GPU.
 
   Sample size (:func:`dgc_sample_size`): by default (``sample_fraction=None``) 1% of the entries (the
