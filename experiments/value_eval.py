@@ -1110,6 +1110,8 @@ def part_program_mape():
       pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts_f[i] for i in ite], devs[ite],
                                                                 host_covariate=hz(ite))
       ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts_f[i] for i in ite], devs[ite])]
+      if km.host_scale is not None and not _KR_LABELS.value:   # (with --kr_labels: recorded with the labelled model)
+        host_scales.append({"kernel_roofline": km.host_scale.tolist()})
       if _KR_LABELS.value:
         labs = [klabels[i] for i in itr]
         kml, kopt_l = km, kopt   # no profiled training row in this fold: the plain kernel roofline (counted below)
@@ -1251,6 +1253,9 @@ def part_program_mape():
       res["kernel_roofline_blend_inner_mape"] = blend_inner  # per outer fold, per _KR_BLEND_W value
     if host_scales:   # --kr_dispatch_floor_scale: (gamma_h, gamma_o) per outer fold
       res["kernel_roofline_host_scale_fitted"] = host_scales
+      res["kernel_roofline_host_terms_at"] = ("the fitted host floor, launch host costs and program overhead "
+                                              "(fitted_terms) are at covariate z = 0, a 40 us dispatch floor; a "
+                                              "file's terms are those times exp(gamma * z)")
     if _KR_CORR.value:
       res["kernel_roofline_corrected_bounds_chosen"] = [b if np.isfinite(b) else None for b in bounds_chosen]
     if len(kopt_grid) > 1:

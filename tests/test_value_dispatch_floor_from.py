@@ -51,3 +51,19 @@ print("ok")
 def test_dispatch_floor_from():
   r = subprocess.run([sys.executable, "-c", _SNIPPET], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_host_scale_recorded_without_labels(tmp_path):
+  """--kr_dispatch_floor_scale without --kr_labels records the plain model's (gamma_h, gamma_o) per fold, and the
+  JSON says at which floor the fitted host terms are (z = 0)."""
+  import json
+  d = ROOT / "mlsys_jax" / "cost" / "data" / "h200"
+  cmd = [sys.executable, "experiments/value_eval.py", "--part=program_mape", "--kr_host_floor", "--kr_dispatch_floor_scale",
+         f"--option_data={d / 'h200_collect_s19a.npz'},{d / 'h200_collect_s14b.npz'}",
+         f"--option_test_data={d / 'h200_collect_s12c.npz'}", "--option_tag=_t", f"--out_dir={tmp_path}"]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  t = json.loads((tmp_path / "value_program_mape_t.json").read_text())["test_data"]
+  (fold,) = t["kernel_roofline_host_scale_fitted"]
+  assert set(fold) == {"kernel_roofline"} and len(fold["kernel_roofline"]) == 2
+  assert "z = 0" in t["kernel_roofline_host_terms_at"]
