@@ -184,17 +184,16 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
   comp["dgc_pt"] = comp["dgc_pt_cond"] = comp["dgc_pt_where"] = lambda: sp.dgc(ratio, per_tensor=True)
   comp["dgc_ptb_cond"] = comp["dgc_ptb_where"] = comp["dgc_pt"]
   comp["sidco_est_where_csearch"] = comp["sidco_est"]
-  comp["recipe"] = lambda: density_warmup(
-      lambda r: sp.sidco(r, precondition=rms_selection(r < 0.01)), ratio, steps=300, ratios=[0.01, 0.0025])
-  comp["recipe_fixed"] = lambda: density_warmup(
-      lambda r: sp.sidco(r, precondition=rms_selection(r < 0.01)), ratio, steps=300, ratios=[0.01, 0.0025],
-      fixed_stage=2)
-  comp["recipe_fixed_flatpre"] = lambda: density_warmup(
-      lambda r: sp.sidco(r, precondition=optax.flatten(rms_selection(r < 0.01))), ratio, steps=300,
-      ratios=[0.01, 0.0025], fixed_stage=2)
-  comp["recipe_fixed_flat"] = lambda: density_warmup(
-      lambda r: sp.sidco(r, precondition=optax.flatten(rms_selection(r < 0.01)), flat_state=True), ratio,
-      steps=300, ratios=[0.01, 0.0025], fixed_stage=2)
+
+  def recipe(fixed_stage=None, flat_pre=False, flat_state=False):   # the 0.1% recipe of docs/comm.md
+    pre = optax.flatten if flat_pre else (lambda t: t)
+    return density_warmup(lambda r: sp.sidco(r, precondition=pre(rms_selection(r < 0.01)), flat_state=flat_state),
+                          ratio, steps=300, ratios=[0.01, 0.0025], fixed_stage=fixed_stage)
+
+  comp["recipe"] = recipe
+  comp["recipe_fixed"] = lambda: recipe(2)
+  comp["recipe_fixed_flatpre"] = lambda: recipe(2, flat_pre=True)
+  comp["recipe_fixed_flat"] = lambda: recipe(2, flat_pre=True, flat_state=True)
   comp["powersgd"] = lambda: powersgd(4, clamp_rank=True)
   comp["accordion"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True)
   comp["accordion_nodecide"] = lambda: accordion("powersgd", 4, 1, clamp_rank=True, interval=10 ** 6)

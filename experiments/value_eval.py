@@ -863,8 +863,12 @@ def _dispatch_floor_covariate(ds, desc: dict, paths: list) -> np.ndarray:
     sources[os.path.basename(p)] = src
   desc["dispatch_floor_us"] = {os.path.basename(p): f * 1e6 for p, f in zip(paths, floors)}
   desc["dispatch_floor_source"] = sources
-  src = _source_index(ds, desc["sources"]) if desc.get("merged") else np.zeros(len(ds), np.int64)
-  return np.log(np.asarray(floors)[src] / _DFLOOR_REF_S)
+  return np.log(np.asarray(floors)[_row_files(ds, desc)] / _DFLOOR_REF_S)
+
+
+def _row_files(ds, desc: dict) -> np.ndarray:
+  """Each row's data file (its index in ``desc['sources']``; one file: all 0)."""
+  return _source_index(ds, desc["sources"]) if desc.get("merged") else np.zeros(len(ds), np.int64)
 
 
 def part_program_mape():
@@ -912,12 +916,11 @@ def part_program_mape():
     print(f"test data: {desc['test_data']}", flush=True)
   hzv = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_DFLOOR.value else None
   hz = (lambda idx: None) if hzv is None else (lambda idx: hzv[np.asarray(idx)])
-  hzo = not _KR_DFLOOR_HOST.value
-  if _KR_FILE_HOST.value:
-    file_of = _source_index(ds, desc["sources"]) if desc.get("merged") else np.zeros(len(ds), np.int64)
-    hg = lambda idx: file_of[np.asarray(idx)]
-  else:
-    hg = lambda idx: None
+  file_of = _row_files(ds, desc) if _KR_FILE_HOST.value else None
+
+  def host_kw(idx):   # the host terms' options of fit_kernel_roofline for the rows idx
+    return {"host_covariate": hz(idx), "host_covariate_overhead": not _KR_DFLOOR_HOST.value,
+            "host_group": None if file_of is None else file_of[np.asarray(idx)]}
   devs = cds.row_devices(ds)
   udev = sorted(set(devs.tolist()))
   mods = [hlo.parse_hlo(t) for t in ds.hlo]
@@ -1084,9 +1087,7 @@ def part_program_mape():
       # a config is (kernel-table option set, KernelRooflineConfig); a fitted model carries its option set
       tabs_of = lambda o: kts_by[_kopt_tables(o)]
       fit_plain = lambda idx, oc: (oc[0], KR.fit_kernel_roofline([tabs_of(oc[0])[i] for i in idx], rt[idx],
-                                                                 devs[idx], oc[1], host_covariate=hz(idx),
-                                                                 host_covariate_overhead=hzo,
-                                                                 host_group=hg(idx)))
+                                                                 devs[idx], oc[1], **host_kw(idx)))
       predict_rows = lambda om, idx: KR.predict_kernel_roofline(om[1], [tabs_of(om[0])[i] for i in idx], devs[idx],
                                                                 host_covariate=hz(idx))
       grid_of = lambda c: [(o, _kopt_config(o, c._replace(bytes_ridge=b))) for o in kopt_grid
@@ -1102,8 +1103,7 @@ def part_program_mape():
           kopt_chosen.append(kopt)
           br_inner.append(sc)
         kts_f = tabs_of(kopt)
-        km = KR.fit_kernel_roofline([kts_f[i] for i in itr], rt[itr], devs[itr], kcfg_fold, host_covariate=hz(itr),
-                                    host_covariate_overhead=hzo, host_group=hg(itr))
+        km = KR.fit_kernel_roofline([kts_f[i] for i in itr], rt[itr], devs[itr], kcfg_fold, **host_kw(itr))
         if _KR_REF.value:
           kmr = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], ref_cfg)
           pred["kernel_roofline_floor_only"][ite] = KR.predict_kernel_roofline(kmr, [kts[i] for i in ite], devs[ite])
@@ -1127,12 +1127,8 @@ def part_program_mape():
             if not any(lb is not None for lb in lab_):   # an inner fold without profiled rows: the plain model
               return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx],
                                                cfg._replace(wall_scale=False, gap_library_only=False,
-                                                            gap_on_host=False), host_covariate=hz(idx),
-                                               host_covariate_overhead=hzo,
-                                               host_group=hg(idx))
-            return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx], cfg, kernel_labels=lab_, host_covariate=hz(idx),
-                                             host_covariate_overhead=hzo,
-                                             host_group=hg(idx))
+                                                            gap_on_host=False), **host_kw(idx))
+            return o, KR.fit_kernel_roofline(tb, rt[idx], devs[idx], cfg, kernel_labels=lab_, **host_kw(idx))
           kopt_l = kopt_grid[0]
           lcfg = _kopt_config(kopt_l, lcfg)
           with threadpool_limits(1):

@@ -338,6 +338,9 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     if axis_name is not None:   # (with a static regime the norms' pmean runs, and is sent, every step)
       nbytes = nbytes + (jnp.where(decide, jnp.float32(4 * n_leaves), 0.0) if regime is None
                          else jnp.float32(4 * n_leaves))
+    off_regime = 0   # this step ran static levels that differ from the detector's on a leaf where they matter
+    if regime is not None:
+      off_regime = jnp.any(state.levels_differ & (state.critical != jnp.asarray(regime, bool))).astype(jnp.int32)
     if lr_schedule is not None:
       decayed = jnp.asarray(lr_schedule(t + 1)) < jnp.asarray(lr_schedule(t))
       critical = critical | decayed
@@ -345,10 +348,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
         jax.tree_util.tree_unflatten(treedef, new_res), tuple(new_q),
         jax.tree_util.tree_unflatten(treedef, new_accum), norms, has_prev, critical, t + 1,
         nbytes, state.total_bytes + nbytes, state.nonfinite_steps + (~finite).astype(jnp.int32),
-        state.decisions + decide.astype(jnp.int32),
-        state.off_regime_steps + (jnp.any(state.levels_differ & (state.critical != jnp.asarray(regime, bool)))
-                                  .astype(jnp.int32) if regime is not None else 0),
-        state.levels_differ)
+        state.decisions + decide.astype(jnp.int32), state.off_regime_steps + off_regime, state.levels_differ)
     return jax.tree_util.tree_unflatten(treedef, outs), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

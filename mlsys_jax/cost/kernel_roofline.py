@@ -1153,8 +1153,6 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     raise ValueError(f"devices {bad} were not in the training data (model devices: {list(model.devices)}).")
   di = np.asarray([known[d] for d in dev], np.int64)
   z = _host_covariate(host_covariate, len(tables), model.host_scale is not None)
-  hs_h = np.ones(len(tables)) if z is None else np.exp(model.host_scale[0] * z)   # host-side factor per program
-  hs_o = np.ones(len(tables)) if z is None else np.exp(model.host_scale[1] * z)   # program-overhead factor
   f, b, k, m, rows = _flatten(tables)
   kd = di[rows]
   a = f / np.exp(model.log_flops_rate[kd, k])
@@ -1170,8 +1168,8 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     out = np.zeros(len(tables))
   else:
     out = np.exp(model.log_program_overhead[di])
-    if z is not None:
-      out = out * hs_o
+    if z is not None:   # the program overhead's factor
+      out = out * np.exp(model.host_scale[1] * z)
     if model.log_wall_scale is not None:
       t = t * np.exp(model.log_wall_scale[kd])
     g_t = None
@@ -1187,7 +1185,7 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     if model.log_host_launch is not None:
       np.add.at(host, rows, m * np.exp(model.log_host_launch[kd, k]))
     if z is not None:   # the whole host side: floor, launches, host-side gap
-      host = host * hs_h
+      host = host * np.exp(model.host_scale[0] * z)
     out = _soft_max(out, host, model.floor_sharpness)
   elif what == "wall" and model.log_host_launch is not None:
     raise ValueError("model.log_host_launch needs model.log_host_floor (the host side of the overlap).")
@@ -1492,7 +1490,6 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   if hz is not None:
     params["hs"] = jnp.zeros((2,), jnp.float32)
     hzj = f32(hz)
-    hs_mask = f32([1.0, 1.0 if host_covariate_overhead else 0.0])   # gamma_o held at 0: no gradient
   P, n = config.sharpness, len(tables)
   n_pen = float(len(BASE_KERNEL_CLASSES) + np.sum(np.isin(np.arange(len(BASE_KERNEL_CLASSES), C), k)))
 
@@ -1528,8 +1525,8 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       if not config.gap_on_host:
         t = t + g_t
     o_prog = jnp.exp(prog)[dij]
-    if hz is not None:
-      o_prog = o_prog * jnp.exp(p["hs"][1] * hs_mask[1] * hzj)
+    if hz is not None and host_covariate_overhead:   # (else gamma_o gets no gradient: it stays 0)
+      o_prog = o_prog * jnp.exp(p["hs"][1] * hzj)
     if host_group is not None:
       ge = group_effect(p)
       o_prog = o_prog * jnp.exp(ge[:, 1])
