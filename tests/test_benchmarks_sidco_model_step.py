@@ -272,3 +272,31 @@ def test_raveled_recipe_rows_match_recipe_fixed(row):
     ru, rs = jax.jit(ref.update)(g, rs, params)
     tu, ts = jax.jit(tx.update)(g, ts, params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), tu, ru)
+
+
+def test_quoted_h100_session26_figures():
+  """Session 26's H100 rows as docs/comm.md, BENCHMARKS.md and sparse.py quote them: the recipe's final stage with
+  its RMS selection raveled (``optax.flatten``), SIDCo per tensor twice more, and per-tensor DGC leaf by leaf vs
+  batched (``sparse._BATCH_LEAVES``, now "auto": on GPU)."""
+  a = {x["row"]: x for x in json.loads((RESULTS / "sidco_model_step_h100_s26a.json").read_text())["rows"]}
+  b = {x["row"]: x for x in json.loads((RESULTS / "sidco_model_step_h100_s26b.json").read_text())["rows"]}
+  ms_ = lambda r, k, f="overhead_s": round(r[k][f] * 1e3, 2)   # noqa: E731
+  assert (ms_(a, "adam", "step_s"), ms_(b, "adam", "step_s")) == (21.07, 21.2)
+  assert {k: ms_(a, k) for k in a if k != "adam"} == {
+      "topk": 1.01, "recipe_fixed": 2.08, "recipe_fixed_flatpre": 0.4, "recipe_fixed_flat": 0.34,
+      "sidco_flat": 0.17, "sidco_pt_flat": 0.25}
+  assert {k: ms_(b, k) for k in b if k != "adam"} == {
+      "topk": 0.92, "sidco_pt_flat": 0.29, "dgc_pt_where": 18.08, "dgc_ptb_where": 5.39}
+  assert round(a["recipe_fixed"]["overhead_s"] / a["recipe_fixed_flat"]["overhead_s"], 1) == 6.1
+  assert round(a["topk"]["overhead_s"] / a["recipe_fixed_flat"]["overhead_s"], 1) == 3.0
+  assert [round(v * 1e3, 2) for v in a["recipe_fixed_flatpre"]["overhead_s_iqr"]] == [0.35, 2.51]   # a slow round
+  assert a["recipe_fixed"]["kernels"] - a["recipe_fixed_flat"]["kernels"] == 436
+  assert (round(a["sidco_pt_flat"]["vs_topk"], 2), round(b["sidco_pt_flat"]["vs_topk"], 2)) == (4.03, 3.24)
+  assert round(a["sidco_flat"]["vs_topk"], 1) == 5.8
+  assert round(a["sidco_pt_flat"]["idle_s"] * 1e3, 1) == 8.1   # that row's one profiled round had a gap
+  assert round(b["dgc_pt_where"]["overhead_s"] / b["dgc_ptb_where"]["overhead_s"], 1) == 3.4
+  assert round(b["dgc_ptb_where"]["overhead_s"] / b["topk"]["overhead_s"], 1) == 5.8
+  log = (RESULTS / "sidco_model_step_h100_s26b.log").read_text()
+  assert "compiled dgc_pt_where in 115.4 s" in log and "compiled dgc_ptb_where in 51.3 s" in log
+  for r in (a, b):
+    assert all(x["loss_finite"] for x in r.values())

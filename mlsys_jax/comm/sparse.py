@@ -1970,17 +1970,24 @@ def _ravel_sum(addend, residual):
 # Per tensor, dgc selects each leaf's payload (a sampled threshold, a packing and a second round per leaf); with
 # _BATCH_LEAVES the leaves of one size and dtype are stacked and selected by one vmapped call (ResNet-50: 161 leaves
 # in 22 sizes), the same payloads bitwise (with a precondition, to float rounding: XLA may fuse its arithmetic into
-# the stacking and round 1 ulp differently, which can flip a near-tie; tests/test_comm_batch_leaves.py): one HLO
-# instance of the selection per size instead of per leaf. CPU, session 25 (benchmarks/per_tensor_compile.py: the
-# jitted update alone on the 161-leaf ResNet-50 tree at div 8, ratio 0.001, each row in a fresh process;
-# benchmarks/results/per_tensor_compile_cpu_s25.json): compiles in 30.8 against 42.6 s (33.7 against 48.9
-# branch-free) and runs in 42.7 against 36.6 ms (41.2 against 35.1): less compile time, more run time on the CPU.
-# An H100 compiled the per-leaf form inside a training step in 99.6 / 118.0 s
-# (benchmarks/results/sidco_model_step_h100_s25_killed_compile.log); the batched form is not timed there yet
-# (benchmarks/sidco_model_step.py rows dgc_ptb_cond / dgc_ptb_where against dgc_pt_cond / dgc_pt_where). Off by
-# default until a GPU run decides. Not for topk / randomk (the sparsifier's batch_leaves=False): batched lax.top_k
-# made the per-tensor topk update slower on the CPU in a first, unrecorded check.
-_BATCH_LEAVES = False
+# the stacking and round 1 ulp differently, which can flip a near-tie; tests/test_comm_batch_leaves.py).
+# "auto" (the default): batched on GPU, leaf by leaf elsewhere; True / False force it. H100 (session 26, f32
+# batch-64 ResNet-50 training step, branch-free, benchmarks/results/sidco_model_step_h100_s26b.json): compiled in
+# 51.3 against 115.4 s, +5.39 against +18.08 ms per step over Adam alone (topk +0.92 ms): 3.4x less. CPU (jitted
+# update alone on the tree at div 8, each row in a fresh process, benchmarks/results/per_tensor_compile_cpu_s25.json):
+# compiles in 30.8 against 42.6 s (33.7 against 48.9 branch-free) but runs in 42.7 against 36.6 ms (41.2 against
+# 35.1), so the CPU stays leaf by leaf. Not for topk / randomk (the sparsifier's batch_leaves=False): batched
+# lax.top_k made the per-tensor topk update slower on the CPU in a first, unrecorded check.
+_BATCH_LEAVES = "auto"
+
+
+def _batch_leaves() -> bool:
+  """Whether dgc's per-tensor selection batches the leaves of one size (``_BATCH_LEAVES``; "auto": on GPU)."""
+  mode = _BATCH_LEAVES
+  check_choice("_BATCH_LEAVES", mode, ("auto", True, False))
+  if mode == "auto":
+    return jax.default_backend() == "gpu"
+  return bool(mode)
 
 
 def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
@@ -2047,7 +2054,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     for (n, _), idx in groups.items():
       k, k_max, cap = _counts(n, ratio, max_ratio, capacity_factor)
       keys = [jax.random.fold_in(sub, i) for i in idx]
-      if len(idx) == 1 or not (batch_leaves and _BATCH_LEAVES):
+      if len(idx) == 1 or not (batch_leaves and _batch_leaves()):
         for i, key in zip(idx, keys):
           out[i] = select(vecs[i], k, k_max, cap, key, state.stages, ratio)
         continue
@@ -2419,10 +2426,13 @@ def dgc(ratio: float, *, sample_fraction: float | None = None, capacity_factor: 
   on overflow steps (no ``lax.cond``, whose predicate would go to the host: per f32 ResNet-50 step on an H100
   +0.77 ms branch-free against +4.41 ms with the conditional and +0.95 ms for ``topk``, session 25); elsewhere
   under ``lax.cond``; bitwise the same (``sparse._BRANCHES``). With ``per_tensor=True`` each leaf has its own
-  sampled threshold and second round: a 161-leaf ResNet-50 step compiled for 100-118 s on an H100 (7 s flat).
-  ``sparse._BATCH_LEAVES = True`` selects the leaves of one size and dtype by one ``vmap``ped call (the same
-  payloads; to float rounding with a ``precondition``): on the CPU ~30% less compile time and ~17% more run time
-  (``benchmarks/per_tensor_compile.py``); off by default until timed on a GPU.
+  sampled threshold and second round: selected leaf by leaf, a 161-leaf ResNet-50 step compiled for 100-118 s on an
+  H100 (7 s flat).
+  On a GPU the leaves of one size and dtype are selected by one ``vmap``ped call (the same payloads; to float
+  rounding with a ``precondition``; ``sparse._BATCH_LEAVES``): that step compiled in 51 s instead of 115 s and cost
+  +5.39 ms instead of +18.08 ms over Adam (H100, session 26), still 5.8x ``topk``'s +0.92 ms: per tensor, prefer
+  ``sidco(per_tensor=True)``, whose leaves share one flat buffer (+0.25-0.29 ms there). The CPU selects leaf by
+  leaf (batched: ~30% less compile time, ~17% more run time, ``benchmarks/per_tensor_compile.py``).
 
   Sample size (:func:`dgc_sample_size`): by default (``sample_fraction=None``) 1% of the entries (the
   paper's 0.1%-1%), enlarged so that the sample holds ``k = ratio * size >= 16`` entries above the
