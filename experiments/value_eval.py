@@ -587,6 +587,19 @@ _KR_FILE_HOST = flags.DEFINE_bool("kr_file_host_effect", False, "program_mape (s
                                   "(fit_kernel_roofline host_group): a device's host terms are its files' equal-weight "
                                   "average, and a test file is predicted as a typical collection of its device. Off: "
                                   "the models and outputs of before.")
+_KR_DFLOOR_TIED = flags.DEFINE_bool("kr_dispatch_floor_tied", False, "program_mape (session 26 diagnosis): with "
+                                    "--kr_dispatch_floor_scale, one fitted exponent for the host side and the program "
+                                    "overhead (fit_kernel_roofline host_covariate_tied: gamma_o = gamma_h). Off: as before.")
+_KR_DFLOOR_EXP = flags.DEFINE_list("kr_dispatch_floor_exponents", [], "program_mape (session 26 diagnosis): with "
+                                   "--kr_dispatch_floor_scale, two fixed exponents 'gamma_h,gamma_o' instead of fitted "
+                                   "ones (fit_kernel_roofline host_covariate_exponents; '1,1': host side and program "
+                                   "overhead proportional to the file's floor). Empty (default): fitted, as before.")
+_PM_ROWS_OUT = flags.DEFINE_string("program_mape_rows_out", "", "program_mape (session 26 diagnosis): if given, a "
+                                   "pickle path: per split, every row's measured runtime, kept / scored masks, family, "
+                                   "device, data file, host covariate, profiled busy time and each model's prediction "
+                                   "(wall and device busy), plus each outer fold's fitted kernel-roofline models, "
+                                   "their kernel-table options, blend weight and the test rows' kernel tables. Empty "
+                                   "(default): nothing written, every other output unchanged.")
 _DFLOOR_REF_S = 40e-6
 _KR_BLEND_W = [0.0, 0.25, 0.5, 0.75, 1.0]
 _KR_BOUNDS = [0.0, float(np.log(1.25)), float(np.log(1.5)), float(np.log(2.0)), float("inf")]
@@ -900,6 +913,12 @@ def part_program_mape():
   _check_kr_flags(_KR_FLOOR.value, _KR_HL.value, _KR_LABELS.value, _KR_LHL.value, _KR_GLIB.value, _KR_WS.value)
   if _KR_DFLOOR_HOST.value and not _KR_DFLOOR.value:
     raise ValueError("--kr_dispatch_floor_host_only configures --kr_dispatch_floor_scale: add it.")
+  if (_KR_DFLOOR_TIED.value or _KR_DFLOOR_EXP.value) and not _KR_DFLOOR.value:
+    raise ValueError("--kr_dispatch_floor_tied / --kr_dispatch_floor_exponents configure --kr_dispatch_floor_scale: add it.")
+  if _KR_DFLOOR_TIED.value and _KR_DFLOOR_EXP.value:
+    raise ValueError("--kr_dispatch_floor_tied fits one exponent, --kr_dispatch_floor_exponents fixes both: use one.")
+  if _KR_DFLOOR_EXP.value and len(_KR_DFLOOR_EXP.value) != 2:
+    raise ValueError(f"--kr_dispatch_floor_exponents needs two numbers 'gamma_h,gamma_o', got {_KR_DFLOOR_EXP.value}.")
   if _KR_DFLOOR.value and _KR_FILE_HOST.value:
     raise ValueError("--kr_dispatch_floor_scale and --kr_file_host_effect: the per-file host factors absorb each "
                      "file's dispatch floor (its exponents would not be identified); use one of them.")
@@ -919,8 +938,13 @@ def part_program_mape():
   file_of = _row_files(ds, desc) if _KR_FILE_HOST.value else None
 
   def host_kw(idx):   # the host terms' options of fit_kernel_roofline for the rows idx
-    return {"host_covariate": hz(idx), "host_covariate_overhead": not _KR_DFLOOR_HOST.value,
-            "host_group": None if file_of is None else file_of[np.asarray(idx)]}
+    kw = {"host_covariate": hz(idx), "host_covariate_overhead": not _KR_DFLOOR_HOST.value,
+          "host_group": None if file_of is None else file_of[np.asarray(idx)]}
+    if _KR_DFLOOR_TIED.value:   # session 26 diagnosis (opt-in; absent: the call of before)
+      kw["host_covariate_tied"] = True
+    if _KR_DFLOOR_EXP.value:
+      kw["host_covariate_exponents"] = tuple(float(v) for v in _KR_DFLOOR_EXP.value)
+    return kw
   devs = cds.row_devices(ds)
   udev = sorted(set(devs.tolist()))
   mods = [hlo.parse_hlo(t) for t in ds.hlo]
@@ -1011,6 +1035,10 @@ def part_program_mape():
                 "meta dispatch_floor_s): host side of the floor's overlap x exp(gamma_h z), program overhead x "
                 "exp(gamma_o z), (gamma_h, gamma_o) fitted with the model, shared by the devices",
         "dispatch_floor_us": desc.get("dispatch_floor_us"), "host_only": _KR_DFLOOR_HOST.value}
+    if _KR_DFLOOR_TIED.value or _KR_DFLOOR_EXP.value:   # (absent by default: the JSON of before)
+      out["kernel_roofline_dispatch_floor_scale"]["exponents"] = (
+          "tied: gamma_o = gamma_h, one fitted exponent" if _KR_DFLOOR_TIED.value
+          else f"fixed (gamma_h, gamma_o) = {tuple(float(v) for v in _KR_DFLOOR_EXP.value)}")
   if _KR_REF.value:
     out["kernel_roofline_floor_only"] = {"config": ref_cfg._asdict(), "what": "the session-14 configuration (host "
                                          "floor, one ridge) on this session's kernel tables, same folds"}
@@ -1057,6 +1085,7 @@ def part_program_mape():
       busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
       fitted_terms, folds_unlabelled = [], 0
     bounds_chosen, host_scales = [], []
+    fold_models = []   # --program_mape_rows_out: per outer fold, the fitted kernel-roofline models
     ood = np.zeros(len(y), bool)
     tk = time.perf_counter()
     for te in folds:
@@ -1158,6 +1187,10 @@ def part_program_mape():
           blend_w.append(w_)
           blend_inner.append(sc_w)
           pred["kernel_roofline_blend"][ite] = bl(w_, pred["kernel_roofline_labels"][ite], pred["kernel_roofline"][ite])
+        if _PM_ROWS_OUT.value:
+          fold_models.append({"test_rows": ite, "plain": km, "plain_options": kopt, "labels": kml,
+                              "labels_options": kopt_l, "blend_weight": w_ if _KR_BLEND.value else None,
+                              "plain_tables": [kts_f[i] for i in ite], "labels_tables": [kts_l[i] for i in ite]})
         for key_, mdl, tb_ in (("kernel_roofline", km, kts_f), ("kernel_roofline_labels", kml, kts_l)):
           busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [tb_[i] for i in ite], devs[ite], what="busy",
                                                             host_covariate=hz(ite))
@@ -1303,6 +1336,19 @@ def part_program_mape():
                                                           if nz.any() else {})}
     res["per_family"], res["per_device"] = fam, per_dev
     out[name] = res
+    if _PM_ROWS_OUT.value:   # session 26 diagnosis: per-row predictions and the fitted models (opt-in)
+      import pickle
+      dump = {"split": name, "runtime_s": rt, "keep": keep, "scored": ev, "family": np.asarray(ds.family),
+              "device": devs, "file": (np.asarray([s_["name"] for s_ in desc["sources"]])[_source_index(
+                  ds, desc["sources"])] if desc.get("merged") else np.full(len(y), "single")),
+              "host_covariate": hzv, "pred": pred, "folds": fold_models,
+              "busy": busy if _KR_LABELS.value else None, "span": span if _KR_LABELS.value else None,
+              "busy_pred": busy_pred if _KR_LABELS.value else None, "program_key": pk}
+      rows_path = _PM_ROWS_OUT.value if len(splits) == 1 else f"{_PM_ROWS_OUT.value}.{name}"
+      os.makedirs(os.path.dirname(os.path.abspath(rows_path)), exist_ok=True)
+      with open(rows_path, "wb") as fh:
+        pickle.dump(dump, fh)
+      print(f"wrote {rows_path}", flush=True)
     print(f"[{name}] whole-program MAPE: kernel roofline {mp['kernel_roofline']:.3f}, learned "
           f"{mp['learned']:.3f}, learned correction {mp['learned_residual']:.3f}, analytical on kernel totals "
           f"{mp['analytical_kernel_totals']:.3f}, analytical (XLA totals) {ma:.3f} -> kernel roofline "

@@ -1347,7 +1347,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
                         kernel_labels: Sequence[KernelLabels | None] | None = None,
                         host_covariate: Sequence[float] | None = None,
                         host_covariate_overhead: bool = True,
-                        host_group: Sequence[int] | None = None) -> KernelRoofline:
+                        host_group: Sequence[int] | None = None,
+                        host_covariate_tied: bool = False,
+                        host_covariate_exponents: tuple[float, float] | None = None) -> KernelRoofline:
   """Fit the per-kernel roofline's log parameters to measured program runtimes (and kernel times).
 
   Each log parameter is ``shared + device[d] + class[c] + interaction[d, c]`` (per-program overhead:
@@ -1380,6 +1382,13 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       host dispatches faster gets a lower floor on the same device. ``z`` = 0 everywhere gives the model without it.
     host_covariate_overhead: with ``host_covariate``, fit ``gamma_o`` (True) or keep it 0 (the covariate scales the
       host side only).
+    host_covariate_tied: (session 26 diagnosis; default off) with ``host_covariate``, one fitted exponent for both
+      terms, ``gamma_o = gamma_h``: the program overhead is host dispatch time like the floor, so a collection whose
+      host is ``x`` times as fast scales both the same way (free exponents let the overhead's alone take whatever a
+      few training files put on it: 5.5 with ``h100_collect_a``, 0.8 without). Needs ``host_covariate_overhead``.
+    host_covariate_exponents: (session 26 diagnosis; default None) with ``host_covariate``, fixed ``(gamma_h, gamma_o)``
+      instead of fitted ones (e.g. ``(1, 1)``: the host side and the program overhead proportional to the measured
+      floor ``exp(z)``); not with ``host_covariate_tied`` or ``host_covariate_overhead=False``.
     host_group: None, or per program an integer group (session 25: its data file): in the fit each group gets a
       factor on the host side of the overlap and one on the program overhead, centred in log space over the groups of
       each device (a device's terms are then its groups' equal-weight average, not the average of its programs:
@@ -1434,6 +1443,20 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     raise ValueError("wall_scale and gap_library_only act on the launch gap and the labelled kernel times: pass "
                      "kernel_labels (match_kernel_times), or set them False to fit on runtimes only.")
   hz = _host_covariate(host_covariate, len(tables))
+  if not isinstance(host_covariate_tied, (bool, np.bool_)):
+    raise TypeError(f"host_covariate_tied must be a bool, got {host_covariate_tied!r}.")
+  hs_fixed = None
+  if host_covariate_exponents is not None:
+    hs_fixed = np.asarray(host_covariate_exponents, np.float64)
+    if hs_fixed.shape != (2,) or not np.all(np.isfinite(hs_fixed)):
+      raise ValueError(f"host_covariate_exponents must be two finite numbers (gamma_h, gamma_o), got "
+                       f"{host_covariate_exponents!r}.")
+  if (host_covariate_tied or hs_fixed is not None) and hz is None:
+    raise ValueError("host_covariate_tied / host_covariate_exponents configure host_covariate: pass it.")
+  if (host_covariate_tied or hs_fixed is not None) and not host_covariate_overhead:
+    raise ValueError("host_covariate_tied / host_covariate_exponents set gamma_o: drop host_covariate_overhead=False.")
+  if host_covariate_tied and hs_fixed is not None:
+    raise ValueError("host_covariate_tied fits one exponent, host_covariate_exponents fixes both: pass one of them.")
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
@@ -1488,8 +1511,16 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       mean_d = jax.ops.segment_sum(p["fe"], gdj, num_segments=D) / jnp.maximum(cntj, 1.0)[:, None]
       return (p["fe"] - mean_d[gdj])[hgj]
   if hz is not None:
-    params["hs"] = jnp.zeros((2,), jnp.float32)
+    if hs_fixed is None:
+      params["hs"] = jnp.zeros((2,), jnp.float32)
     hzj = f32(hz)
+
+  def host_exponents(p):   # (gamma_h, gamma_o): fitted, tied, or fixed
+    if hs_fixed is not None:
+      return f32(hs_fixed)
+    if host_covariate_tied:
+      return jnp.stack([p["hs"][0], p["hs"][0]])
+    return p["hs"]
   P, n = config.sharpness, len(tables)
   n_pen = float(len(BASE_KERNEL_CLASSES) + np.sum(np.isin(np.arange(len(BASE_KERNEL_CLASSES), C), k)))
 
@@ -1526,7 +1557,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
         t = t + g_t
     o_prog = jnp.exp(prog)[dij]
     if hz is not None and host_covariate_overhead:   # (else gamma_o gets no gradient: it stays 0)
-      o_prog = o_prog * jnp.exp(p["hs"][1] * hzj)
+      o_prog = o_prog * jnp.exp(host_exponents(p)[1] * hzj)
     if host_group is not None:
       ge = group_effect(p)
       o_prog = o_prog * jnp.exp(ge[:, 1])
@@ -1538,7 +1569,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       if config.host_launch:
         host = host + jax.ops.segment_sum(mj * jnp.exp(host_launch(p)[kdj, kj]), rj, num_segments=n)
       if hz is not None:
-        host = host * jnp.exp(p["hs"][0] * hzj)
+        host = host * jnp.exp(host_exponents(p)[0] * hzj)
       if host_group is not None:
         host = host * jnp.exp(ge[:, 0])
       pred = _soft_max(pred, host, config.floor_sharpness, jnp)
@@ -1616,7 +1647,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   l2 = np.asarray(params["l2"], np.float64) if config.l2_bytes is not None else None
   if l2 is not None and not np.all(np.isfinite(l2)):
     raise FloatingPointError("fit_kernel_roofline diverged (non-finite L2 speed-up); lower learning_rate.")
-  hs = np.asarray(params["hs"], np.float64) if hz is not None else None
+  hs = np.asarray(host_exponents(params), np.float64) if hz is not None else None
   if hs is not None and not np.all(np.isfinite(hs)):
     raise FloatingPointError("fit_kernel_roofline diverged (non-finite host scale); lower learning_rate.")
   model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen, gap,
