@@ -1339,8 +1339,8 @@ def part_program_mape():
     if _PM_ROWS_OUT.value:   # session 26 diagnosis: per-row predictions and the fitted models (opt-in)
       import pickle
       dump = {"split": name, "runtime_s": rt, "keep": keep, "scored": ev, "family": np.asarray(ds.family),
-              "device": devs, "file": (np.asarray([s_["name"] for s_ in desc["sources"]])[_source_index(
-                  ds, desc["sources"])] if desc.get("merged") else np.full(len(y), "single")),
+              "device": devs, "file": (np.asarray([s_["name"] for s_ in desc["sources"]])[_row_files(ds, desc)]
+                       if desc.get("merged") else np.full(len(y), "single")),
               "host_covariate": hzv, "pred": pred, "folds": fold_models,
               "busy": busy if _KR_LABELS.value else None, "span": span if _KR_LABELS.value else None,
               "busy_pred": busy_pred if _KR_LABELS.value else None, "program_key": pk}
