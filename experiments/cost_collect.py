@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -124,6 +125,56 @@ def make_floor_probe():
     return float(np.median([_time_batch(f1, (s,), calls) for _ in range(reps)]))
 
   return probe
+
+
+_LIB_PROBE_TARGETS = ("cublas", "cudnn", "gemm", "conv", "matmul", "onednn", "eigen")
+
+
+def make_library_probe():
+  """A probe of the host cost of programs that launch library calls (issue 24, session 27; recorded, not yet read
+  by a model): ``probe(calls, reps)`` is a dict with the median over ``reps`` batches of the wall time per call of
+  two small jitted programs called ``calls`` times back to back -- ``gemm``: one f32[128,128] x f32[128,128] dot,
+  ``conv``: one 3x3 convolution of f32[1,16,16,16] to 16 channels -- each a single library call on a GPU (cuBLAS,
+  cuDNN) whose device time is a few microseconds, so the time per call is the host's dispatch of a library call.
+  Session 26's diagnosis found programs with library calls predicted ~1.2-1.6x slow on a new H100 host whose
+  per-call idle the trivial-program floor (:func:`make_floor_probe`) did not track. ``probe.targets`` names the
+  library call targets of each compiled probe (its optimized HLO's custom calls; empty on a backend that lowers
+  them to its own kernels), so a reader knows what was timed."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  a = jax.random.normal(k1, (128, 128), jnp.float32)
+  x = jax.random.normal(k2, (1, 16, 16, 16), jnp.float32)
+  w = jax.random.normal(k1, (3, 3, 16, 16), jnp.float32) * 0.1
+  gemm = jax.jit(lambda p, q: p @ q)
+  conv = jax.jit(lambda p, q: jax.lax.conv_general_dilated(p, q, (1, 1), "SAME",
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  progs = {"gemm": (gemm, (a, a)), "conv": (conv, (x, w))}
+  targets = {}
+  for name, (fn, args) in progs.items():
+    text = fn.lower(*args).compile().as_text() or ""
+    found = sorted({t for t in re.findall(r'custom_call_target="([^"]+)"', text)
+                    if any(s in t.lower() for s in _LIB_PROBE_TARGETS)})
+    targets[name] = found
+    jax.block_until_ready(fn(*args))
+
+  def probe(calls: int = 20, reps: int = 3) -> dict:
+    if calls < 1 or reps < 1:
+      raise ValueError(f"make_library_probe: calls and reps must be >= 1, got {calls}, {reps}.")
+    return {name: float(np.median([_time_batch(fn, args, calls) for _ in range(reps)]))
+            for name, (fn, args) in progs.items()}
+
+  probe.targets = targets
+  return probe
+
+
+def library_summary(probes) -> dict:
+  """``meta['library_floor_timing_s']``: per probe program, the median, quartiles and count of the library-call
+  probes taken during timing (``probes``: a list of :func:`make_library_probe` results)."""
+  if not probes:
+    return {}
+  names = sorted(probes[0])
+  if any(sorted(p) != names for p in probes):
+    raise ValueError("library_summary: every probe must time the same programs.")
+  return {n: floor_summary([p[n] for p in probes]) for n in names}
 
 
 def floor_summary(floors) -> dict:
@@ -372,6 +423,10 @@ def main(argv):
   n_prof = {"programs": 0, "failed_chunks": 0, "skipped_programs": 0}
   probe = make_floor_probe()
   floors: list[float] = []   # the host's dispatch floor before each program's timing
+  lib_probe = make_library_probe()
+  meta["library_probe_targets"] = lib_probe.targets
+  meta["library_floor_s"] = lib_probe(100, 5)
+  lib_floors: list[dict] = []   # the host cost of a library-call program, before each program's timing
 
   def run_profiler():
     items = [(v["compiled"], a) for _, vs, a in chunk for v in vs]
@@ -399,6 +454,7 @@ def main(argv):
       break
     rec = compiled[i]
     floors.append(probe(20, 3))
+    lib_floors.append(lib_probe(10, 3))
     try:
       args = programs.make_args(rec["spec"], rec["group"])
       new_rows = time_group(rec, FLAGS.rounds, FLAGS.target_ms / 1e3, peaks["dispatch_floor_s"],
@@ -427,6 +483,8 @@ def main(argv):
                      **n_prof}
   meta["dispatch_floor_timing_s"] = floor_summary(floors)
   meta["dispatch_floor_end_s"] = probe(200, 5)
+  meta["library_floor_timing_s"] = library_summary(lib_floors)
+  meta["library_floor_end_s"] = lib_probe(100, 5)
   meta["partial"] = False
   meta["programs_compiled"] = len(order)
   meta["programs_timed"] = n_timed
@@ -452,6 +510,15 @@ def main(argv):
           f"({ok.sum()} rows); rows with device time < 50% of wall: {np.mean(span[ok] < 0.5 * wall[ok]):.2f}",
           flush=True)
   print("rows per family:", fam_counts, flush=True)
+  ft = meta["dispatch_floor_timing_s"]
+  lt = meta["library_floor_timing_s"]
+  print(f"dispatch floor (us): start {meta['dispatch_floor_s'] * 1e6:.1f}, in-timing median "
+        f"{ft.get('median', float('nan')) * 1e6:.1f}, end {meta['dispatch_floor_end_s'] * 1e6:.1f}", flush=True)
+  for n in sorted(meta["library_floor_s"]):
+    print(f"library probe {n} {meta['library_probe_targets'].get(n)} (us): start "
+          f"{meta['library_floor_s'][n] * 1e6:.1f}, in-timing median "
+          f"{lt.get(n, {}).get('median', float('nan')) * 1e6:.1f}, end {meta['library_floor_end_s'][n] * 1e6:.1f}",
+          flush=True)
   if rows:
     rt = np.asarray([r["runtime_s"] for r in rows])
     print(f"runtime median {np.median(rt) * 1e6:.1f} us, range {rt.min() * 1e6:.1f} .. "

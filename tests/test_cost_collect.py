@@ -234,3 +234,26 @@ def test_floor_probe_and_its_summary():
   assert cc.floor_summary([]) == {"n": 0}
   with pytest.raises(ValueError, match="finite and > 0"):
     cc.floor_summary([1e-5, float("nan")])
+
+
+def test_library_probe_and_its_summary():
+  """cost_collect's library-call probe (session 27): both probe programs time to a positive wall time per call, the
+  targets are recorded per program, the in-timing summary is per program the median and quartiles; bad input is
+  refused."""
+  import sys
+  sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "experiments"))
+  import cost_collect as cc
+  probe = cc.make_library_probe()
+  assert set(probe.targets) == {"gemm", "conv"} and all(isinstance(v, list) for v in probe.targets.values())
+  r = probe(3, 2)
+  assert set(r) == {"gemm", "conv"} and all(np.isfinite(v) and 0 < v < 0.5 for v in r.values())
+  with pytest.raises(ValueError, match="calls and reps"):
+    probe(1, 0)
+  s = cc.library_summary([{"gemm": 1e-5, "conv": 4e-5}, {"gemm": 3e-5, "conv": 2e-5}, {"gemm": 2e-5, "conv": 3e-5}])
+  assert s["gemm"]["n"] == 3 and s["gemm"]["median"] == pytest.approx(2e-5)
+  assert s["conv"]["median"] == pytest.approx(3e-5) and s["conv"]["q25"] == pytest.approx(2.5e-5)
+  assert cc.library_summary([]) == {}
+  with pytest.raises(ValueError, match="same programs"):
+    cc.library_summary([{"gemm": 1e-5}, {"conv": 1e-5}])
+  with pytest.raises(ValueError, match="finite and > 0"):
+    cc.library_summary([{"gemm": -1e-5}])
