@@ -555,7 +555,9 @@ _KR_KOPT_GRID = flags.DEFINE_list("kr_kernel_options_grid", [], "program_mape: k
                                   "overhead_overlap; session 20: 'tiles' = program_kernels(sort_tiles=True), 'cfusion' "
                                   "= custom_fusion_calls=True, 'bodies' = the labels' match_kernel_times(kernel_bodies"
                                   "=True, kernel_suffixes=True), 'hostgap' = gap_on_host (the labelled model with "
-                                  "--kr_gap_library_only), 'convgemm' = conv_gemm_rates; '+'-joined sets, or 'none'), chosen "
+                                  "--kr_gap_library_only), 'convgemm' = conv_gemm_rates; session 27: 'scatterw' = "
+                                  "program_kernels(scatter_width=True) (with 'scatter'), 'convdir' = conv_direction=True; "
+                                  "'+'-joined sets, or 'none'), chosen "
                                   "per outer fold and per "
                                   "kernel-roofline model by the inner cross-validation inside the training rows "
                                   "(--kr_inner_folds, grouped like the outer split; jointly with "
@@ -621,21 +623,25 @@ def _bytes_ridge(v: str):
 # option tokens of --kr_kernel_options_grid: kernel-table options of program_kernels, then fit options of
 # KernelRooflineConfig (session 17: 'conv' = conv_model; 'shared' = the labels' shared_kernels rule of
 # match_kernel_times; 'huber' = objective 'huber_log'; 'l2' = l2_bytes=L2_BYTES; 'overlap' = overhead_overlap)
-_KOPT_TABLE = ("sort", "scatter", "conv", "tiles", "cfusion")
+_KOPT_TABLE = ("sort", "scatter", "conv", "tiles", "cfusion", "scatterw", "convdir")
 _KOPT_FIT = ("shared", "huber", "l2", "overlap", "bodies", "hostgap", "convgemm")
 # session 20: 'tiles' = sort_tiles, 'cfusion' = custom_fusion_calls (program_kernels); 'bodies' = the labels'
-# kernel_bodies and kernel_suffixes rules (match_kernel_times); 'hostgap' = gap_on_host, 'convgemm' = conv_gemm_rates
+# kernel_bodies and kernel_suffixes rules (match_kernel_times); 'hostgap' = gap_on_host, 'convgemm' = conv_gemm_rates;
+# session 27: 'scatterw' = scatter_width (needs 'scatter'), 'convdir' = conv_direction (program_kernels)
 
 
 def _kernel_option(v: str) -> str:
   """A --kr_kernel_options_grid value, normalised: 'none', or '+'-joined tokens of sort, scatter, conv, tiles,
-  cfusion, shared, huber, l2, overlap, bodies, hostgap, convgemm in that order ('scatter+sort' -> 'sort+scatter')."""
+  cfusion, scatterw, convdir, shared, huber, l2, overlap, bodies, hostgap, convgemm in that order ('scatter+sort' ->
+  'sort+scatter'); 'scatterw' needs 'scatter' in the same set."""
   toks = [t.strip() for t in str(v).strip().lower().split("+")]
   order = _KOPT_TABLE + _KOPT_FIT
   if toks == ["none"]:
     return "none"
   if not toks or any(t not in order for t in toks) or len(set(toks)) != len(toks):
     raise ValueError(f"kernel option set must be 'none' or '+'-joined distinct tokens of {', '.join(order)}; got {v!r}.")
+  if "scatterw" in toks and "scatter" not in toks:
+    raise ValueError(f"kernel option 'scatterw' (scatter_width) changes 'scatter''s feature: add 'scatter'; got {v!r}.")
   return "+".join(t for t in order if t in toks)
 
 
@@ -648,7 +654,8 @@ def _kopt_table_kwargs(o: str) -> dict:
   """program_kernels keyword arguments of a kernel-table option set."""
   toks = o.split("+")
   kw = {"sort_model": "sort" in toks, "scatter_contention": "scatter" in toks, "conv_model": "conv" in toks}
-  for tok, name in (("tiles", "sort_tiles"), ("cfusion", "custom_fusion_calls")):   # session 20, only when asked
+  for tok, name in (("tiles", "sort_tiles"), ("cfusion", "custom_fusion_calls"),   # session 20, only when asked
+                    ("scatterw", "scatter_width"), ("convdir", "conv_direction")):   # session 27
     if tok in toks:
       kw[name] = True
   return kw
@@ -1023,6 +1030,13 @@ def part_program_mape():
                "outer fold by the inner cross-validation "
                "(kr_inner_folds folds of the training rows, grouped like the outer split), jointly with "
                "bytes_ridge")}
+  if any(t in o.split("+") for o in kopt_grid for t in ("scatterw", "convdir")):   # session 27, only when asked
+    out["kernel_options"]["session_27"] = (
+        "'scatterw' = program_kernels(scatter_width=True): a 16-bit scatter's FLOPs are scatter_serial_steps = (c + E "
+        "/ SCATTER_SERIAL_STEP_ELEMENTS) chain steps (compare-and-swap rounds: the chain's latency and the element "
+        "updates' throughput add) instead of max(c, E / SCATTER_STEP_ELEMENTS); 'convdir' = program_kernels("
+        "conv_direction=True): untuned cuDNN backward-input / backward-filter calls get class conv_untuned_bwd (own "
+        "rates and overhead)")
   if _KR_FILE_HOST.value:
     out["kernel_roofline_file_host_effect"] = (
         "session 25 (--kr_file_host_effect): both kernel-roofline models fitted with a host-side factor and a "

@@ -42,11 +42,12 @@ from mlsys_jax.cost.hlo import DTYPE_BYTES, Computation, HloModule, Instruction,
 BASE_KERNEL_CLASSES: tuple[str, ...] = ("gemm", "gemm_f32", "conv", "conv_f32", "conv_untuned", "reduce",
                                         "transpose", "elementwise", "slice", "loop", "other")
 """The classes :func:`program_kernels` assigns by default."""
-OPTION_KERNEL_CLASSES: tuple[str, ...] = ("sort", "radix_sort", "scatter", "scatter_narrow")
+OPTION_KERNEL_CLASSES: tuple[str, ...] = ("sort", "radix_sort", "scatter", "scatter_narrow", "conv_untuned_bwd")
 """Classes assigned only with :func:`program_kernels`'s options: ``sort`` (XLA's own bitonic sort kernels)
 and ``radix_sort`` (cub's radix sort custom calls) with ``sort_model``; ``scatter`` (32/64-bit element
 atomics) and ``scatter_narrow`` (16-bit and narrower elements, whose atomic adds are emulated) with
-``scatter_contention``. Without the options these kernels are ``other``, and a fit on such tables is the
+``scatter_contention``; ``conv_untuned_bwd`` (untuned cuDNN backward-input / backward-filter calls, session 27)
+with ``conv_direction``. Without the options these kernels are ``other``, and a fit on such tables is the
 same as with the base classes alone (:func:`fit_kernel_roofline` averages its penalty over the base
 classes plus the option classes present in the training tables)."""
 KERNEL_CLASSES: tuple[str, ...] = BASE_KERNEL_CLASSES + OPTION_KERNEL_CLASSES
@@ -54,7 +55,7 @@ KERNEL_CLASSES: tuple[str, ...] = BASE_KERNEL_CLASSES + OPTION_KERNEL_CLASSES
 GEMMs and convolutions are split by operand width (``_f32``: 4-byte or wider inputs, run as TF32/FP32;
 else 16-bit or narrower, tensor-core rates), and cuDNN convolutions that carry no autotuned algorithm
 (``conv_untuned``: XLA compiled without autotuning, cuDNN's heuristic choice, up to 50x slower) are a
-class of their own; the last four (:data:`OPTION_KERNEL_CLASSES`) appear only with options."""
+class of their own; the last five (:data:`OPTION_KERNEL_CLASSES`) appear only with options."""
 CLASS_ID = {c: i for i, c in enumerate(KERNEL_CLASSES)}
 
 # Instructions that launch nothing (besides graph.TRIVIAL): the async pair's second half, control.
@@ -570,6 +571,56 @@ def scatter_atomic_steps(n_updates: float, n_targets: float, n_elements: float, 
   return float(max(chain, n_elements / SCATTER_STEP_ELEMENTS))
 
 
+SCATTER_SERIAL_STEP_ELEMENTS = 6e5
+"""Element updates of a 16-bit scatter that cost one chain step when chain and element updates do not overlap
+(``program_kernels(scatter_width=True)``, :func:`scatter_serial_steps`, session 27): ``E0 = L X`` with a chain
+step's compare-and-swap latency ``L`` ~5 us and the element-update throughput ``X`` ~1.2e11 /s of the profiled
+16-bit scatters of the ten profiled files among the fourteen before session 26 (rounded from the least-squares value 6.3e5 of
+``t = r_d (c + E / E0)`` over their 129 profiled 16-bit scatter kernels, one rate ``r_d`` per device;
+leaving out any one file gives 5.4e5-6.8e5)."""
+
+
+def scatter_serial_steps(n_updates: float, n_targets: float, n_elements: float, narrow: bool) -> float:
+  """Cost of a scatter's atomic combining in chain steps when the chain's latency and the element updates' throughput
+  add instead of overlapping (``program_kernels(scatter_width=True)``, session 27): for ``narrow`` (16-bit and
+  narrower) elements ``c + E / SCATTER_SERIAL_STEP_ELEMENTS``, for 32/64-bit elements
+  :func:`scatter_atomic_steps` (``max(1, E / SCATTER_STEP_ELEMENTS)``: native reductions at L2, no chain).
+
+  Mechanism: a 16-bit atomic add is a compare-and-swap loop on the 32-bit word that holds the element; the ``c = N /
+  T`` updates to one address (:func:`scatter_chain`) serialise, so the scatter runs as ``c`` rounds, and in each
+  round the ``E / c`` updates to distinct addresses are issued at the atomic unit's throughput ``X``; the next
+  round's update to an address cannot issue until the previous one has completed (read, compare, write back), so
+  a round costs the latency ``L`` plus its issue time ``(E / c) / X``: ``t = c (L + E / (c X)) = L (c + E / E0)``
+  with ``E0 = L X`` -- the chain times a width factor ``1 + (E / c) / E0``. The session-19 feature
+  (:func:`scatter_atomic_steps`) is the overlapped roofline ``L max(c, E / E0)``, under which the update width
+  does not change a contended scatter's time; measured, it does (H100, chain 64: 0.26M element updates 157 us,
+  4.2M 325 us; s26 diagnosis: chain 256 at 2.4 MB 1.30 ms, at 34 MB 1.90 ms). On the 129 profiled 16-bit scatter
+  kernels of the pre-session-26 files, one fitted rate per device, the log-RMS error of the kernel time is 0.40
+  with ``max(c, E / 1e6)``, 0.30 with ``c + E / 1e6`` and 0.25 with ``c + E / 6e5`` (a superlinear growth with
+  the chain, ~c^1.2, remains: chain 1024 at 4.2M updates runs ~1.5x the form's time).
+
+  Args:
+    n_updates: update indices N (>= 0).
+    n_targets: distinct target positions T (>= 1).
+    n_elements: element updates E (>= 0, finite).
+    narrow: bool, elements of fewer than 4 bytes.
+  Returns:
+    float chain steps (>= 1).
+
+  >>> scatter_serial_steps(16384, 256, 16384 * 16, True), scatter_serial_steps(16384, 256, 16384 * 256, True)
+  (64.43690666666667, 70.99050666666666)
+  >>> scatter_serial_steps(262144, 256, 262144 * 64, False) == scatter_atomic_steps(262144, 256, 262144 * 64, False)
+  True
+  """
+  if not isinstance(narrow, (bool, np.bool_)):
+    raise TypeError(f"narrow must be a bool, got {narrow!r}.")
+  if not (n_elements >= 0 and np.isfinite(n_elements)):
+    raise ValueError(f"need n_elements >= 0 and finite, got {n_elements!r}.")
+  if not narrow:
+    return scatter_atomic_steps(n_updates, n_targets, n_elements, False)
+  return float(scatter_chain(n_updates, n_targets) + n_elements / SCATTER_SERIAL_STEP_ELEMENTS)
+
+
 def _scatter_is_atomic(module: HloModule, ins: Instruction) -> bool:
   """False for scatters without read-modify-write: ``unique_indices=true``, or a combiner that returns
   the update (an overwrite)."""
@@ -594,8 +645,47 @@ def _op_in(module: HloModule, ins: Instruction, names: dict, opcode: str):
   return None, None
 
 
+def untuned_conv_is_backward(module: HloModule, ins: Instruction) -> bool:
+  """True when kernel-launching instruction ``ins`` is an untuned cuDNN backward convolution
+  (``program_kernels(conv_direction=True)``'s class ``conv_untuned_bwd``, session 27): a ``custom-call`` -- or the
+  library call a fusion wraps -- whose ``custom_call_target`` names a backward-input or backward-filter
+  convolution (``__cudnn$convBackwardInput``, ``__cudnn$convBackwardFilter``) and whose ``backend_config`` holds
+  no autotuned ``algorithm`` (cuDNN's heuristic choice, class ``conv_untuned`` by default).
+
+  Mechanism: without autotuning cuDNN picks its algorithm by heuristics per direction; the backward passes get
+  the slower ones (the session-26 diagnosis: conv_grad's profiled library time, which pools one program's untuned
+  forward, backward-input and backward-filter calls, ran ~2x the class's fitted time per FLOP, 167 ms measured vs
+  86 ms predicted on s26's largest group, while untuned forward convolutions were within 0.7-1.1x), so the
+  backward directions get rates of their own.
+
+  Args:
+    module: the :class:`~mlsys_jax.cost.hlo.HloModule` holding ``ins``.
+    ins: one of its instructions.
+  Returns:
+    bool.
+  """
+  if not isinstance(module, HloModule) or not isinstance(ins, Instruction):
+    raise TypeError("untuned_conv_is_backward needs an HloModule and one of its Instructions.")
+  calls = [ins] if ins.opcode == "custom-call" else []
+  if ins.opcode in ("fusion", "fusion-start") and ins.called() and ins.called()[0] in module.computations:
+    stack, seen = [module.computations[ins.called()[0]]], set()
+    while stack:
+      c = stack.pop()
+      seen.add(c.name)
+      for x in c.instructions:
+        if x.opcode == "custom-call":
+          calls.append(x)
+        stack += [module.computations[n] for n in x.called() if n in module.computations and n not in seen]
+  for x in calls:
+    t = x.attrs.get("custom_call_target", "").strip().strip('"').lower()
+    if any(s_ in t for s_ in _CONV_TARGETS) and ("backwardinput" in t or "backwardfilter" in t) \
+        and not _TUNED_CONV.search(x.attrs.get("backend_config", "")):
+      return True
+  return False
+
+
 def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model: bool,
-                    scatter_contention: bool, conv_model: bool):
+                    scatter_contention: bool, conv_model: bool, scatter_width: bool = False):
   """(flops, bytes per launch, class, launches per run) of a sort, scatter or cuDNN convolution kernel under
   the options, or None (not such a kernel, or its option is off: the default count of ``_kernel`` holds)."""
   op = ins.opcode
@@ -636,8 +726,8 @@ def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model
       n_tgt = float(np.prod([target.dims[i] for i in sdims if i < len(target.dims)])) if sdims else 1.0
       narrow = _elem_bytes(target) < 4
       n_elem = float(sum(snames[o].shape.num_elements for o in sct.operands[nops + 1:] if o in snames))
-      steps = scatter_atomic_steps(n_upd, max(n_tgt, 1.0), n_elem, narrow) \
-          if _scatter_is_atomic(module, sct) else 1.0
+      steps_fn = scatter_serial_steps if scatter_width else scatter_atomic_steps
+      steps = steps_fn(n_upd, max(n_tgt, 1.0), n_elem, narrow) if _scatter_is_atomic(module, sct) else 1.0
       _, b, _ = _kernel(module, ins, names)
       klass = CLASS_ID["scatter_narrow" if narrow else "scatter"]
       return steps * SCATTER_CHAIN_FLOPS, b, klass, 1.0
@@ -686,7 +776,8 @@ def _default_time(rows) -> float:
 
 def program_kernels(module: HloModule | str, sort_model: bool = False,
                     scatter_contention: bool = False, conv_model: bool = False,
-                    custom_fusion_calls: bool = False, sort_tiles: bool = False) -> KernelTable:
+                    custom_fusion_calls: bool = False, sort_tiles: bool = False,
+                    scatter_width: bool = False, conv_direction: bool = False) -> KernelTable:
   """The kernels a program launches, with per-launch FLOPs and bytes, class and launch count.
 
   Walks the entry computation: every instruction that is not bookkeeping (parameters, tuples,
@@ -730,6 +821,13 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
     shared memory inside one launch, the others one launch each; every launch reads and writes the
     operands from HBM once, and each shared-memory step costs ``SMEM_HBM_RATIO`` of an HBM pass. The
     default (``sort_model``) counts every step of the network as an HBM pass over the operands.
+  - ``scatter_width`` (session 27; needs ``scatter_contention``): a 16-bit scatter's FLOPs are
+    :func:`scatter_serial_steps` ``(N, T, E) * SCATTER_CHAIN_FLOPS`` = ``(c + E / SCATTER_SERIAL_STEP_ELEMENTS)``
+    chain steps -- the chain and the element updates add (compare-and-swap rounds that do not overlap) instead
+    of ``max(c, E / SCATTER_STEP_ELEMENTS)``; 32/64-bit scatters unchanged.
+  - ``conv_direction`` (session 27): an untuned cuDNN backward-input or backward-filter convolution
+    (:func:`untuned_conv_is_backward`) gets class ``conv_untuned_bwd`` instead of ``conv_untuned`` (its own
+    fitted rates and overhead); FLOPs and bytes unchanged.
   Args:
     module: a parsed :class:`~mlsys_jax.cost.hlo.HloModule` or HLO text.
     sort_model: bool, the sort option above.
@@ -737,6 +835,8 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
     conv_model: bool, the convolution option above.
     custom_fusion_calls: bool, the custom-fusion option above.
     sort_tiles: bool, the tiled-sort option above (takes precedence over ``sort_model`` for XLA's sorts).
+    scatter_width: bool, the serial scatter-steps option above (with ``scatter_contention`` only).
+    conv_direction: bool, the untuned backward-convolution class above.
   Returns:
     A :class:`KernelTable` (possibly empty: a program that only forwards its parameters).
   """
@@ -746,9 +846,12 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
     raise TypeError(f"program_kernels needs an HloModule or HLO text, got {type(module).__name__}.")
   for nm, v in (("sort_model", sort_model), ("scatter_contention", scatter_contention),
                 ("conv_model", conv_model), ("custom_fusion_calls", custom_fusion_calls),
-                ("sort_tiles", sort_tiles)):
+                ("sort_tiles", sort_tiles), ("scatter_width", scatter_width), ("conv_direction", conv_direction)):
     if not isinstance(v, (bool, np.bool_)):
       raise TypeError(f"program_kernels: {nm} must be a bool (True/False), got {v!r}.")
+  if scatter_width and not scatter_contention:
+    raise ValueError("program_kernels: scatter_width changes scatter_contention's atomic-work feature: pass "
+                     "scatter_contention=True too.")
   rows: list[tuple[float, float, int, float, str, bool, str]] = []
   unknown = [0]
 
@@ -796,7 +899,8 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
         continue
       special = _tiled_sort_kernel(module, ins, names) if sort_tiles else None
       if special is None and (sort_model or scatter_contention or conv_model):
-        special = _special_kernel(module, ins, names, sort_model, scatter_contention, conv_model)
+        special = _special_kernel(module, ins, names, sort_model, scatter_contention, conv_model,
+                                  scatter_width=scatter_width)
       library = op == "custom-call"
       if special is None and custom_fusion_calls and _library_fusion_call(module, ins) is not None:
         f, _, k = _kernel(module, ins, names)
@@ -807,6 +911,8 @@ def program_kernels(module: HloModule | str, sort_model: bool = False,
         launches = 1.0
       else:
         f, b, k, launches = special
+      if conv_direction and k == CLASS_ID["conv_untuned"] and untuned_conv_is_backward(module, ins):
+        k = CLASS_ID["conv_untuned_bwd"]
       rows.append((f, b, force_class if force_class is not None else k, mult * launches, ins.name.lstrip("%"),
                    library, kernel_body(module, ins, names)))
 
