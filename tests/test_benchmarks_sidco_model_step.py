@@ -300,3 +300,16 @@ def test_quoted_h100_session26_figures():
   assert "compiled dgc_pt_where in 115.4 s" in log and "compiled dgc_ptb_where in 51.3 s" in log
   for r in (a, b):
     assert all(x["loss_finite"] for x in r.values())
+
+
+def test_quoted_h100_session27_figures():
+  """Session 27's H100 rows as docs/comm.md and BENCHMARKS.md quote them: SIDCo flat and per tensor against Top-k
+  once more (nine rounds), on a slower host than session 26's (``sidco_model_step_h100_s27.json``)."""
+  r = {x["row"]: x for x in json.loads((RESULTS / "sidco_model_step_h100_s27.json").read_text())["rows"]}
+  assert json.loads((RESULTS / "sidco_model_step_h100_s27.json").read_text())["repeats"] == 9
+  assert round(r["adam"]["step_s"] * 1e3, 2) == 20.92
+  assert {k: round(r[k]["overhead_s"] * 1e3, 2) for k in r if k != "adam"} == {
+      "topk": 1.03, "sidco_flat": 0.23, "sidco_pt_flat": 0.31}
+  assert (round(r["sidco_flat"]["vs_topk"], 2), round(r["sidco_pt_flat"]["vs_topk"], 2)) == (4.39, 3.33)
+  assert r["sidco_pt_flat"]["vs_topk"] < 4.0 < r["sidco_flat"]["vs_topk"]   # per tensor: the target is not met
+  assert all(x["loss_finite"] for x in r.values())
