@@ -596,6 +596,15 @@ _KR_DFLOOR_EXP = flags.DEFINE_list("kr_dispatch_floor_exponents", [], "program_m
                                    "--kr_dispatch_floor_scale, two fixed exponents 'gamma_h,gamma_o' instead of fitted "
                                    "ones (fit_kernel_roofline host_covariate_exponents; '1,1': host side and program "
                                    "overhead proportional to the file's floor). Empty (default): fitted, as before.")
+_KR_DFLOOR_LAUNCH = flags.DEFINE_bool("kr_dispatch_floor_launch", False, "program_mape (session 27 helper): with "
+                                     "--kr_dispatch_floor_scale, the covariate scales the per-launch device-side wall "
+                                     "costs (kernel overhead o and launch gap g, x exp(gamma_k z), one fitted exponent) "
+                                     "instead of the program overhead (gamma_o held at 0; host side x exp(gamma_h z) as "
+                                     "before): fit_kernel_roofline host_covariate_launch. Off: as before.")
+_KR_DFLOOR_BOUND = flags.DEFINE_float("kr_dispatch_floor_bound", None, "program_mape (session 27 helper): with "
+                                      "--kr_dispatch_floor_scale, every fitted exponent of the covariate kept inside "
+                                      "(-B, B) as B tanh(u / B) (fit_kernel_roofline host_covariate_bound; e.g. 2). "
+                                      "Unset (default): unbounded, as before.")
 _PM_ROWS_OUT = flags.DEFINE_string("program_mape_rows_out", "", "program_mape (session 26 diagnosis): if given, a "
                                    "pickle path: per split, every row's measured runtime, kept / scored masks, family, "
                                    "device, data file, host covariate, profiled busy time and each model's prediction "
@@ -924,6 +933,16 @@ def part_program_mape():
     raise ValueError("--kr_dispatch_floor_tied / --kr_dispatch_floor_exponents configure --kr_dispatch_floor_scale: add it.")
   if _KR_DFLOOR_TIED.value and _KR_DFLOOR_EXP.value:
     raise ValueError("--kr_dispatch_floor_tied fits one exponent, --kr_dispatch_floor_exponents fixes both: use one.")
+  if _KR_DFLOOR_LAUNCH.value and not _KR_DFLOOR.value:
+    raise ValueError("--kr_dispatch_floor_launch configures --kr_dispatch_floor_scale: add it.")
+  if _KR_DFLOOR_LAUNCH.value and (_KR_DFLOOR_TIED.value or _KR_DFLOOR_EXP.value or _KR_DFLOOR_HOST.value):
+    raise ValueError("--kr_dispatch_floor_launch replaces the program overhead's exponent: not with "
+                     "--kr_dispatch_floor_tied, --kr_dispatch_floor_exponents or --kr_dispatch_floor_host_only.")
+  if _KR_DFLOOR_BOUND.value is not None and not _KR_DFLOOR.value:
+    raise ValueError("--kr_dispatch_floor_bound configures --kr_dispatch_floor_scale: add it.")
+  if _KR_DFLOOR_BOUND.value is not None and (_KR_DFLOOR_EXP.value or not _KR_DFLOOR_BOUND.value > 0):
+    raise ValueError("--kr_dispatch_floor_bound needs a positive bound on fitted exponents (not with "
+                     f"--kr_dispatch_floor_exponents), got {_KR_DFLOOR_BOUND.value}.")
   if _KR_DFLOOR_EXP.value and len(_KR_DFLOOR_EXP.value) != 2:
     raise ValueError(f"--kr_dispatch_floor_exponents needs two numbers 'gamma_h,gamma_o', got {_KR_DFLOOR_EXP.value}.")
   if _KR_DFLOOR.value and _KR_FILE_HOST.value:
@@ -951,6 +970,10 @@ def part_program_mape():
       kw["host_covariate_tied"] = True
     if _KR_DFLOOR_EXP.value:
       kw["host_covariate_exponents"] = tuple(float(v) for v in _KR_DFLOOR_EXP.value)
+    if _KR_DFLOOR_LAUNCH.value:   # session 27 helper (opt-in; absent: the call of before)
+      kw["host_covariate_launch"] = True
+    if _KR_DFLOOR_BOUND.value is not None:
+      kw["host_covariate_bound"] = float(_KR_DFLOOR_BOUND.value)
     return kw
   devs = cds.row_devices(ds)
   udev = sorted(set(devs.tolist()))
@@ -1053,6 +1076,13 @@ def part_program_mape():
       out["kernel_roofline_dispatch_floor_scale"]["exponents"] = (
           "tied: gamma_o = gamma_h, one fitted exponent" if _KR_DFLOOR_TIED.value
           else f"fixed (gamma_h, gamma_o) = {tuple(float(v) for v in _KR_DFLOOR_EXP.value)}")
+    if _KR_DFLOOR_LAUNCH.value:
+      out["kernel_roofline_dispatch_floor_scale"]["exponents"] = (
+          "launch: gamma_o = 0; per-launch wall costs (kernel overhead o, launch gap g) x exp(gamma_k z), gamma_k "
+          "fitted (test_data kernel_roofline_host_scale_fitted: kernel_roofline_gamma_k)")
+    if _KR_DFLOOR_BOUND.value is not None:
+      out["kernel_roofline_dispatch_floor_scale"]["exponent_bound"] = (
+          f"every fitted exponent = B tanh(u / B), B = {float(_KR_DFLOOR_BOUND.value)}")
   if _KR_REF.value:
     out["kernel_roofline_floor_only"] = {"config": ref_cfg._asdict(), "what": "the session-14 configuration (host "
                                          "floor, one ridge) on this session's kernel tables, same folds"}
@@ -1155,6 +1185,8 @@ def part_program_mape():
       ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts_f[i] for i in ite], devs[ite])]
       if km.host_scale is not None and not _KR_LABELS.value:   # (with --kr_labels: recorded with the labelled model)
         host_scales.append({"kernel_roofline": km.host_scale.tolist()})
+        if km.host_scale_launch is not None:
+          host_scales[-1]["kernel_roofline_gamma_k"] = km.host_scale_launch
       if _KR_LABELS.value:
         labs = [klabels[i] for i in itr]
         kml, kopt_l = km, kopt   # no profiled training row in this fold: the plain kernel roofline (counted below)
@@ -1211,6 +1243,9 @@ def part_program_mape():
         if kml.host_scale is not None:
           host_scales.append({"kernel_roofline": km.host_scale.tolist(),
                               "kernel_roofline_labels": kml.host_scale.tolist()})
+          if kml.host_scale_launch is not None:   # (absent by default: the JSON of before)
+            host_scales[-1]["kernel_roofline_gamma_k"] = km.host_scale_launch
+            host_scales[-1]["kernel_roofline_labels_gamma_k"] = kml.host_scale_launch
         fitted_terms.append({dv: {"program_overhead_us": float(np.exp(kml.log_program_overhead[j]) * 1e6),
                                   **({} if kml.log_wall_scale is None else {
                                       "wall_scale": float(np.exp(kml.log_wall_scale[j]))}),

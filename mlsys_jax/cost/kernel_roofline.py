@@ -1119,6 +1119,10 @@ class KernelRoofline(NamedTuple):
       (:func:`fit_kernel_roofline`; e.g. the log of the collection's measured dispatch floor): the host side of
       the overlap (``H_d``, the per-launch host costs, a host-side launch gap) is ``exp(gamma_h z)`` times, the
       program overhead ``O_d`` ``exp(gamma_o z)`` times the device's; prediction then needs ``z`` too.
+    host_scale_launch: ``gamma_k``, or None: fitted with ``fit_kernel_roofline(host_covariate_launch=True)``
+      (session 27): the covariate scales the per-launch device-side wall costs instead of the program overhead,
+      ``T = O_d + sum_k m_k (s_d softmax_p(f/F, b/B, o e^{gamma_k z}) + g e^{gamma_k z})`` (``host_scale`` is then
+      ``(gamma_h, 0)``); the busy time (``what='busy'``) keeps ``o`` unscaled.
   """
   devices: tuple
   log_flops_rate: np.ndarray
@@ -1138,6 +1142,7 @@ class KernelRoofline(NamedTuple):
   overhead_overlap: bool = False
   gap_on_host: bool = False
   host_scale: np.ndarray | None = None
+  host_scale_launch: float | None = None
 
 
 def _host_covariate(host_covariate, n: int, model_has: bool | None = None) -> np.ndarray | None:
@@ -1269,7 +1274,12 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
   if model.l2_bytes is not None:
     b = l2_effective_bytes(b, model.l2_bytes, model.log_l2_speedup[kd])
   c = b / np.exp(model.log_bytes_rate[kd, k])
-  t = m * _kernel_time(a, c, np.exp(model.log_overhead[kd, k]), model.sharpness, model.overhead_overlap)
+  o = np.exp(model.log_overhead[kd, k])
+  launch_f = None
+  if what == "wall" and model.host_scale_launch is not None:   # session 27: per-launch wall costs x e^{gamma_k z}
+    launch_f = np.exp(model.host_scale_launch * z[rows])
+    o = o * launch_f
+  t = m * _kernel_time(a, c, o, model.sharpness, model.overhead_overlap)
   if what == "busy":
     out = np.zeros(len(tables))
   else:
@@ -1282,7 +1292,7 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     if model.log_launch_gap is not None:
       g_t = m * np.exp(model.log_launch_gap[kd, k]) * (_library_flags(tables) if model.gap_library_only else 1.0)
       if not model.gap_on_host:
-        t = t + g_t
+        t = t + (g_t if launch_f is None else g_t * launch_f)
   np.add.at(out, rows, t)
   if what == "wall" and model.log_host_floor is not None:
     host = np.exp(model.log_host_floor[di])
@@ -1455,7 +1465,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
                         host_covariate_overhead: bool = True,
                         host_group: Sequence[int] | None = None,
                         host_covariate_tied: bool = False,
-                        host_covariate_exponents: tuple[float, float] | None = None) -> KernelRoofline:
+                        host_covariate_exponents: tuple[float, float] | None = None,
+                        host_covariate_launch: bool = False,
+                        host_covariate_bound: float | None = None) -> KernelRoofline:
   """Fit the per-kernel roofline's log parameters to measured program runtimes (and kernel times).
 
   Each log parameter is ``shared + device[d] + class[c] + interaction[d, c]`` (per-program overhead:
@@ -1495,6 +1507,26 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     host_covariate_exponents: (session 26 diagnosis; default None) with ``host_covariate``, fixed ``(gamma_h, gamma_o)``
       instead of fitted ones (e.g. ``(1, 1)``: the host side and the program overhead proportional to the measured
       floor ``exp(z)``); not with ``host_covariate_tied`` or ``host_covariate_overhead=False``.
+    host_covariate_launch: (session 27 helper; default off) with ``host_covariate``, the covariate scales the
+      per-launch device-side wall costs instead of the program overhead: one fitted exponent ``gamma_k`` (not
+      penalised; :attr:`KernelRoofline.host_scale_launch`), ``gamma_o`` held at 0, ``gamma_h`` fitted as before:
+      ``T = O_d + sum_k m_k (s_d softmax_p(f_k/F, b_k/B, o_c e^{gamma_k z}) + g_{c,d} e^{gamma_k z})``, host side
+      ``x exp(gamma_h z)``. Mechanism: a slower host (higher dispatch floor) leaves idle gaps *between* kernels,
+      also inside long device-bound programs (s27a: wall / profiled busy time 1.108 above 1 ms of busy time, against
+      1.027-1.033 on the earlier H100 hosts), an idle that grows with the number of launches; a per-program overhead
+      cannot carry it, so ``gamma_o`` had to reach 5.5-7 and multiplied small programs' overhead ~5x on s27a
+      (measured by leave-one-file-out in ``value_program_mape_s27host_note.md``: better on 5 of 7 folds, much worse on
+      the two highest-floor files; not recommended). The labelled
+      kernel-time fit (busy time) keeps ``o_c`` unscaled. A host-side launch gap (``gap_on_host``) is scaled by
+      ``gamma_h`` with the rest of the host side. Not with ``host_covariate_tied``, ``host_covariate_exponents`` or
+      ``host_covariate_overhead=False``.
+    host_covariate_bound: (session 27 helper; default None) with ``host_covariate``, every fitted exponent is kept
+      inside ``(-B, B)`` by the smooth map ``gamma = B tanh(u / B)`` of an unconstrained ``u`` (slope 1 at 0, so a
+      small exponent fits as without the bound): a shrinkage of the exponents that stops one or two training files
+      with an extreme floor from setting a response far steeper than the per-call idle's (free ``gamma_o`` reached
+      5.5-7: on s27a's +26% floor the overhead x5, where the idle grew ~3x for a ~1.8x floor, a slope of ~2;
+      ``value_program_mape_s27host_note.md``: B = 2 better on 5 of 7 folds, worse on the two highest-floor files).
+      ``B`` > 0, finite; not with ``host_covariate_exponents`` (nothing fitted).
     host_group: None, or per program an integer group (session 25: its data file): in the fit each group gets a
       factor on the host side of the overlap and one on the program overhead, centred in log space over the groups of
       each device (a device's terms are then its groups' equal-weight average, not the average of its programs:
@@ -1563,6 +1595,22 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     raise ValueError("host_covariate_tied / host_covariate_exponents set gamma_o: drop host_covariate_overhead=False.")
   if host_covariate_tied and hs_fixed is not None:
     raise ValueError("host_covariate_tied fits one exponent, host_covariate_exponents fixes both: pass one of them.")
+  if not isinstance(host_covariate_launch, (bool, np.bool_)):
+    raise TypeError(f"host_covariate_launch must be a bool, got {host_covariate_launch!r}.")
+  if host_covariate_launch and hz is None:
+    raise ValueError("host_covariate_launch configures host_covariate (the per-launch costs x exp(gamma_k z)): pass it.")
+  if host_covariate_launch and (host_covariate_tied or hs_fixed is not None or not host_covariate_overhead):
+    raise ValueError("host_covariate_launch replaces the program overhead's exponent by a per-launch one: not with "
+                     "host_covariate_tied, host_covariate_exponents or host_covariate_overhead=False.")
+  if host_covariate_bound is not None:
+    if isinstance(host_covariate_bound, (bool, np.bool_)) or not isinstance(
+        host_covariate_bound, (int, float, np.integer, np.floating)) or not (
+        np.isfinite(host_covariate_bound) and host_covariate_bound > 0):
+      raise ValueError(f"host_covariate_bound must be None or a positive finite number, got {host_covariate_bound!r}.")
+    if hz is None:
+      raise ValueError("host_covariate_bound bounds host_covariate's fitted exponents: pass host_covariate.")
+    if hs_fixed is not None:
+      raise ValueError("host_covariate_bound bounds fitted exponents; host_covariate_exponents fixes them: use one.")
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
@@ -1620,13 +1668,23 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     if hs_fixed is None:
       params["hs"] = jnp.zeros((2,), jnp.float32)
     hzj = f32(hz)
+    if host_covariate_launch:
+      params["hk"] = jnp.zeros((), jnp.float32)
+      hzk = hzj[rj] if rows.size else jnp.zeros(0, jnp.float32)   # each kernel's program's z
+
+  def bounded(u):   # a fitted exponent: u itself, or B tanh(u / B) with host_covariate_bound
+    if host_covariate_bound is None:
+      return u
+    return float(host_covariate_bound) * jnp.tanh(u / float(host_covariate_bound))
 
   def host_exponents(p):   # (gamma_h, gamma_o): fitted, tied, or fixed
     if hs_fixed is not None:
       return f32(hs_fixed)
     if host_covariate_tied:
-      return jnp.stack([p["hs"][0], p["hs"][0]])
-    return p["hs"]
+      return jnp.stack([bounded(p["hs"][0]), bounded(p["hs"][0])])
+    if host_covariate_launch:   # gamma_o held at 0: the per-launch exponent gamma_k replaces it
+      return jnp.stack([bounded(p["hs"][0]), jnp.zeros((), jnp.float32)])
+    return bounded(p["hs"])
   P, n = config.sharpness, len(tables)
   n_pen = float(len(BASE_KERNEL_CLASSES) + np.sum(np.isin(np.arange(len(BASE_KERNEL_CLASSES), C), k)))
 
@@ -1655,12 +1713,16 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     if labs is not None:
       grp = jax.ops.segment_sum(t[lrj], lgj, num_segments=n_groups)
       kerr = config.kernel_weight * jnp.mean(_log_loss(jnp.log(grp) - lty, config.objective, jnp))
+    if host_covariate_launch:   # the wall's per-launch costs (the busy time above keeps o unscaled)
+      launch_f = jnp.exp(bounded(p["hk"]) * hzk)
+      t = mj * _kernel_time(a, c, jnp.exp(per[2][kdj, kj]) * launch_f, P, config.overhead_overlap, jnp)
+    if labs is not None:
       if wall_scale:
         t = t * jnp.exp(p["wscale"])[kdj]
       gap = p["gap"][:, None] + (p["gap_cls"][None, :] + p["gap_inter"] if config.gap_per_class else 0.0)
       g_t = mj * jnp.exp(gap[kdj, kj]) * (libj if config.gap_library_only else 1.0)
       if not config.gap_on_host:
-        t = t + g_t
+        t = t + (g_t * launch_f if host_covariate_launch else g_t)
     o_prog = jnp.exp(prog)[dij]
     if hz is not None and host_covariate_overhead:   # (else gamma_o gets no gradient: it stays 0)
       o_prog = o_prog * jnp.exp(host_exponents(p)[1] * hzj)
@@ -1756,10 +1818,13 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   hs = np.asarray(host_exponents(params), np.float64) if hz is not None else None
   if hs is not None and not np.all(np.isfinite(hs)):
     raise FloatingPointError("fit_kernel_roofline diverged (non-finite host scale); lower learning_rate.")
+  hk = float(bounded(params["hk"])) if host_covariate_launch else None
+  if hk is not None and not np.isfinite(hk):
+    raise FloatingPointError("fit_kernel_roofline diverged (non-finite per-launch host scale); lower learning_rate.")
   model = KernelRoofline(names, per[0] - 2 * lu, per[1] - 2 * lu, per[2] + lu, prog + lu, float(P), seen, gap,
                          floor, float(config.floor_sharpness), hl, ws,
                          bool(config.gap_library_only), None if l2 is None else float(config.l2_bytes), l2,
-                         bool(config.overhead_overlap), bool(config.gap_on_host), hs)
+                         bool(config.overhead_overlap), bool(config.gap_on_host), hs, hk)
   if config.calibrate:
     from mlsys_jax.cost.metrics import mape_scale
     model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev,
