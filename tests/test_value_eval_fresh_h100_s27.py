@@ -101,3 +101,46 @@ def test_quoted_option_choice_figures():
   fv = fixed["results"]["test_data/fresh"]["measured"]["value_model"]
   assert round(fv["within_tol"], 3) == 0.835
   assert (fv["vs_default"]["faster_by_5pct"], fv["vs_default"]["slower_by_5pct"]) == (25, 21)
+
+
+@pytest.mark.parametrize("tag,blend,ratio,ci,plain,above,gammas", [
+    ("", 0.137, 2.23, [1.90, 2.61], 2.16, 1, None),                     # rule s27b's primary: plain + tokens
+    ("_covariate", 0.136, 2.24, [1.93, 2.59], 2.26, 4, (0.85, 3.84))])  # (b-C)
+def test_quoted_second_collection_figures(tag, blend, ratio, ci, plain, above, gammas):
+  """rule_fresh_s27b.md: trained on the seventeen files (s27a included), scored on the seed-29 collection."""
+  res = json.loads((RES / f"value_program_mape_kernel_fresh_h100_s27b{tag}.json").read_text())
+  td = res["dataset"]["test_data"]
+  assert td["training_programs"] == 2611 and td["test_programs"] == 230
+  assert td["test_programs_sharing_a_program_key_with_training"] == 0
+  assert sum(not s["test"] for s in td["per_source"]) == 17
+  t = res["test_data"]
+  assert (round(t["mape_analytical"], 3), round(t["mape_kernel_roofline_blend"], 3)) == (0.305, blend)
+  assert t["analytical_over_kernel_roofline_blend"] == pytest.approx(ratio, abs=0.005)
+  assert t["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx(ci, abs=0.005)
+  assert t["analytical_over_kernel_roofline"] == pytest.approx(plain, abs=0.005)
+  assert t["analytical_over_kernel_roofline_blend"] < 3.0 and t["analytical_over_kernel_roofline_blend_ci95"][0] < 2.66
+  src = t["per_test_source"]["h100_collect_s27b.npz"]
+  assert (src["programs"], src["rows"]) == (166, 383)
+  ratios = [v["kernel_roofline_median_pred_over_measured"] for v in t["per_family"].values()]
+  assert len(ratios) == 18 and sum(r > 1.1 for r in ratios) == above
+  fitted = t.get("kernel_roofline_host_scale_fitted")
+  assert (fitted is None) if gammas is None else tuple(round(g, 2) for g in fitted[0]["kernel_roofline"]) == gammas
+  if tag == "":
+    fam = {f: round(v["kernel_roofline_blend"], 2) for f, v in t["per_family"].items()}
+    assert (fam["conv_grad"], fam["depthwise_conv"], fam["pooling"]) == (0.28, 0.25, 0.20)
+    assert (t["per_family"]["pooling"]["rows"], t["per_family"]["transpose"]["rows"]) == (61, 100)
+
+
+def test_quoted_second_collection_option_choice():
+  for tag in ("tuned", "fixed"):    # the tuned decoder chose the fixed decoder's values: the same figures
+    res = json.loads((RES / f"value_options_fresh_h100_s27b_{tag}.json").read_text())
+    assert (res["config"]["pessimism"], res["config"]["margin"]) == (2.0, 0.0)
+    m = res["results"]["test_data/fresh"]["measured"]
+    v, d = m["value_model"], m["always_default"]
+    assert v["programs"] == d["programs"] == 230
+    assert (round(v["within_tol"], 3), round(d["within_tol"], 3)) == (0.796, 0.826)
+    assert v["within_tol_ci95"] == pytest.approx([0.743, 0.843], abs=5e-4)
+    assert v["within_tol"] < 0.80 and v["within_tol"] < d["within_tol"]      # not met; worse than the default
+    assert (v["vs_default"]["faster_by_5pct"], v["vs_default"]["slower_by_5pct"]) == (28, 32)
+    assert round(m["hybrid_top2"]["within_tol"], 3) == 0.957 and round(m["gbdt"]["within_tol"], 3) == 0.8
+    assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == (459, 673)
