@@ -18,7 +18,9 @@ H100 = ROOT / "mlsys_jax" / "cost" / "data" / "h100"
 
 @pytest.mark.parametrize("name,seed,rows,programs,noisy,kept,floors,conv_probe", [
     ("h100_collect_s27a", 28, 464, 164, 154, 138, (32.8, 50.4, 39.6), (109.6, 91.7, 81.5)),
-    ("h100_collect_s27b", 29, 673, 230, 290, 166, (34.8, 45.3, 51.2), (64.4, 80.2, 86.4))])
+    ("h100_collect_s27b", 29, 673, 230, 290, 166, (34.8, 45.3, 51.2), (64.4, 80.2, 86.4)),
+    # reserved, unread, for the next session's rule (reserved_fresh_s27c.md): only counts, floors and probes here
+    ("h100_collect_s27c", 30, 344, 120, 98, 100, (43.0, 43.9, 33.9), (80.7, 88.3, 53.9))])
 def test_the_collections_are_what_the_addenda_name(name, seed, rows, programs, noisy, kept, floors, conv_probe):
   d = cost.load_dataset(str(H100 / f"{name}.npz"))
   assert d.meta["device"] == "NVIDIA H100 80GB HBM3" and d.meta["seed"] == seed
