@@ -21,6 +21,7 @@ import pytest
 
 from mlsys_jax.cost import hlo
 from mlsys_jax.cost import kernel_roofline as KR
+from tests.test_kernel_roofline_s19 import _scatter as _scatter_s19
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 C = KR.CLASS_ID
@@ -28,20 +29,9 @@ F = KR.SCATTER_CHAIN_FLOPS
 
 
 def _scatter(dtype="bf16", n=16384, t=256, d=16, combiner="add", fused=True) -> str:
-  """``segment_sum``'s scatter: ``n`` update rows of width ``d`` added into ``t`` target rows."""
-  if combiner == "add":
-    body = f"  %p = {dtype}[] parameter(0)\n  %q = {dtype}[] parameter(1)\n  ROOT %r = {dtype}[] add(%p, %q)"
-  else:
-    body = f"  %p = {dtype}[] parameter(0)\n  ROOT %q = {dtype}[] parameter(1)"
-  attrs = "update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1"
-  tgt, idx, upd = f"{dtype}[{t},{d}]{{1,0}}", f"s32[{n},1]{{1,0}}", f"{dtype}[{n},{d}]{{1,0}}"
-  sc = lambda a, b, c: f"ROOT %s = {tgt} scatter({tgt} %{a}, {idx} %{b}, {upd} %{c}), {attrs}, to_apply=%comb"
-  params = f"%op = {tgt} parameter(0)\n  %ix = {idx} parameter(1)\n  %up = {upd} parameter(2)"
-  if not fused:
-    return f"HloModule m\n%comb {{\n{body}\n}}\nENTRY %e {{\n  {params}\n  {sc('op', 'ix', 'up')}\n}}\n"
-  fparams = f"%f0 = {tgt} parameter(0)\n  %f1 = {idx} parameter(1)\n  %f2 = {upd} parameter(2)"
-  return (f"HloModule m\n%comb {{\n{body}\n}}\n%fc {{\n  {fparams}\n  {sc('f0', 'f1', 'f2')}\n}}\n"
-          f"ENTRY %e {{\n  {params}\n  ROOT %fu = {tgt} fusion(%op, %ix, %up), kind=kInput, calls=%fc\n}}\n")
+  """``segment_sum``'s scatter: ``n`` update rows of width ``d`` added into ``t`` target rows (the builder of
+  ``test_kernel_roofline_s19`` with this file's defaults)."""
+  return _scatter_s19(dtype, n=n, t=t, d=d, combiner=combiner, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------------ scatter_width
