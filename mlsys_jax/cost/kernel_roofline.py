@@ -666,22 +666,12 @@ def untuned_conv_is_backward(module: HloModule, ins: Instruction) -> bool:
   """
   if not isinstance(module, HloModule) or not isinstance(ins, Instruction):
     raise TypeError("untuned_conv_is_backward needs an HloModule and one of its Instructions.")
-  calls = [ins] if ins.opcode == "custom-call" else []
-  if ins.opcode in ("fusion", "fusion-start") and ins.called() and ins.called()[0] in module.computations:
-    stack, seen = [module.computations[ins.called()[0]]], set()
-    while stack:
-      c = stack.pop()
-      seen.add(c.name)
-      for x in c.instructions:
-        if x.opcode == "custom-call":
-          calls.append(x)
-        stack += [module.computations[n] for n in x.called() if n in module.computations and n not in seen]
-  for x in calls:
-    t = x.attrs.get("custom_call_target", "").strip().strip('"').lower()
-    if any(s_ in t for s_ in _CONV_TARGETS) and ("backwardinput" in t or "backwardfilter" in t) \
-        and not _TUNED_CONV.search(x.attrs.get("backend_config", "")):
-      return True
-  return False
+  call, _ = _op_in(module, ins, {}, "custom-call")   # the call itself, or the one its fusion wraps
+  if call is None:
+    return False
+  t = call.attrs.get("custom_call_target", "").strip().strip('"').lower()
+  return (any(s_ in t for s_ in _CONV_TARGETS) and ("backwardinput" in t or "backwardfilter" in t)
+          and not _TUNED_CONV.search(call.attrs.get("backend_config", "")))
 
 
 def _special_kernel(module: HloModule, ins: Instruction, names: dict, sort_model: bool,
