@@ -84,30 +84,38 @@ def test_tied_and_fixed_exponents_validate():
     KR.fit_kernel_roofline(t, y, dev, _CFG, host_covariate=z, host_covariate_tied=1)
 
 
-_SNIPPET = r"""
+_FLAG_HARNESS = r"""
 import sys
 sys.argv = ["value_eval.py"]
 sys.path.insert(0, "experiments")
 import value_eval as VE
 from absl import flags
 flags.FLAGS(["value_eval.py"])
-assert VE._KR_DFLOOR_TIED.value is False and VE._KR_DFLOOR_EXP.value == [] and VE._PM_ROWS_OUT.value == ""
-for argv, msg in ((["--kr_dispatch_floor_tied"], "configure --kr_dispatch_floor_scale"),
-                  (["--kr_dispatch_floor_exponents=1,1"], "configure --kr_dispatch_floor_scale"),
-                  (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_tied", "--kr_dispatch_floor_exponents=1,1"],
-                   "use one"),
-                  (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_exponents=1"], "two numbers")):
+assert {defaults}
+for argv, msg in {cases!r}:
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["value_eval.py", "--part=program_mape", *argv])
   try:
     VE.part_program_mape()
-    raise AssertionError(f"accepted {argv}")
+    raise AssertionError(f"accepted {{argv}}")
   except ValueError as e:
     assert msg in str(e), (argv, str(e))
 print("ok")
 """
 
 
-def test_value_eval_flags_off_by_default_and_validated():
-  r = subprocess.run([sys.executable, "-c", _SNIPPET], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_value_eval_flag_checks(defaults: str, cases) -> None:
+  """In a fresh process (absl flags are global): ``defaults`` (an expression on ``VE``, value_eval) holds with no
+  flags, and ``part_program_mape`` refuses each ``(argv, message)`` case with a ValueError naming ``message``."""
+  code = _FLAG_HARNESS.format(defaults=defaults, cases=tuple(cases))
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_value_eval_flags_off_by_default_and_validated():
+  run_value_eval_flag_checks(
+      'VE._KR_DFLOOR_TIED.value is False and VE._KR_DFLOOR_EXP.value == [] and VE._PM_ROWS_OUT.value == ""',
+      [(["--kr_dispatch_floor_tied"], "configure --kr_dispatch_floor_scale"),
+       (["--kr_dispatch_floor_exponents=1,1"], "configure --kr_dispatch_floor_scale"),
+       (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_tied", "--kr_dispatch_floor_exponents=1,1"], "use one"),
+       (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_exponents=1"], "two numbers")])

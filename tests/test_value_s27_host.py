@@ -9,16 +9,12 @@ time by ``exp(gamma_k z)`` (``gamma_o`` held at 0, host side ``x exp(gamma_h z)`
 
 from __future__ import annotations
 
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from mlsys_jax.cost import kernel_roofline as KR
+from tests.test_value_s26_diagnosis import run_value_eval_flag_checks
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CFG = KR.KernelRooflineConfig(host_floor=True, steps=300, calibrate=False)
 _EW = KR.CLASS_ID["elementwise"]
 
@@ -180,33 +176,13 @@ def test_bound_refuses_bad_input():
                            host_covariate_exponents=(1.0, 1.0))
 
 
-_SNIPPET = r"""
-import sys
-sys.argv = ["value_eval.py"]
-sys.path.insert(0, "experiments")
-import value_eval as VE
-from absl import flags
-flags.FLAGS(["value_eval.py"])
-assert VE._KR_DFLOOR_LAUNCH.value is False and VE._KR_DFLOOR_BOUND.value is None
-for argv, msg in ((["--kr_dispatch_floor_launch"], "configures --kr_dispatch_floor_scale"),
-                  (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_launch", "--kr_dispatch_floor_tied"], "not with"),
-                  (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_launch", "--kr_dispatch_floor_host_only"],
-                   "not with"),
-                  (["--kr_dispatch_floor_bound=2"], "configures --kr_dispatch_floor_scale"),
-                  (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_bound=0"], "positive bound"),
-                  (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_bound=2", "--kr_dispatch_floor_exponents=1,1"],
-                   "positive bound")):
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["value_eval.py", "--part=program_mape", *argv])
-  try:
-    VE.part_program_mape()
-    raise AssertionError(f"accepted {argv}")
-  except ValueError as e:
-    assert msg in str(e), (argv, str(e))
-print("ok")
-"""
-
-
 def test_value_eval_flag_off_by_default_and_validated():
-  r = subprocess.run([sys.executable, "-c", _SNIPPET], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+  run_value_eval_flag_checks(
+      "VE._KR_DFLOOR_LAUNCH.value is False and VE._KR_DFLOOR_BOUND.value is None",
+      [(["--kr_dispatch_floor_launch"], "configures --kr_dispatch_floor_scale"),
+       (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_launch", "--kr_dispatch_floor_tied"], "not with"),
+       (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_launch", "--kr_dispatch_floor_host_only"], "not with"),
+       (["--kr_dispatch_floor_bound=2"], "configures --kr_dispatch_floor_scale"),
+       (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_bound=0"], "positive bound"),
+       (["--kr_dispatch_floor_scale", "--kr_dispatch_floor_bound=2", "--kr_dispatch_floor_exponents=1,1"],
+        "positive bound")])
