@@ -57,20 +57,23 @@ def test_wall_response_to_the_covariate_matches_the_hand_computed_value():
                                   KR.predict_kernel_roofline(_hand_model(None), [tab], ["d"], host_covariate=[z_]))
 
 
-def _collections(floors_us, launch_exp, n_per=24, seed=0):
-  """Programs of 1-40 small memory-bound kernels on collections of floor f: per-launch cost 3 us x (f / 40) **
-  launch_exp, program overhead 10 us (no response), host side 40 us x (f / 40)."""
+def _collections(floors_us, launch_exp=0.0, n_per=24, seed=0, *, overhead_exp=0.0, max_kernels=40, launch_s=3e-6,
+                 overhead_s=10e-6, host_s=40e-6, host_exp=1.0):
+  """Programs of 1 to ``max_kernels`` small memory-bound kernels on collections of floor f: per-launch cost
+  ``launch_s x (f / 40) ** launch_exp``, program overhead ``overhead_s x (f / 40) ** overhead_exp``, host side
+  ``host_s x (f / 40) ** host_exp`` (defaults: 3 us x (f / 40) ** launch_exp, 10 us, 40 us x f / 40)."""
   rng = np.random.default_rng(seed)
   tabs, rt, z = [], [], []
   for f in floors_us:
     for _ in range(n_per):
-      n = int(rng.integers(1, 40))
+      n = int(rng.integers(1, max_kernels))
       nbytes = 10 ** rng.uniform(5, 7.5, n)
       tabs.append(_table(nbytes))
-      dev_t = 10e-6 + float(np.sum(nbytes / 2e12 + 3e-6 * (f / 40.0) ** launch_exp))
-      host = 40e-6 * (f / 40.0)
+      r = f / 40.0
+      dev_t = overhead_s * r ** overhead_exp + float(np.sum(nbytes / 2e12 + launch_s * r ** launch_exp))
+      host = host_s * r ** host_exp
       rt.append(float((dev_t ** 8 + host ** 8) ** (1 / 8)))
-      z.append(np.log(f / 40.0))
+      z.append(np.log(r))
   return tabs, np.asarray(rt), np.asarray(z)
 
 
@@ -125,17 +128,8 @@ def test_bad_input_refused():
 
 def _overhead_collections(floors_us, overhead_exp, n_per=24, seed=1):
   """Programs of 1-20 kernels: program overhead 30 us x (f / 40) ** overhead_exp, host side 20 us (no response)."""
-  rng = np.random.default_rng(seed)
-  tabs, rt, z = [], [], []
-  for f in floors_us:
-    for _ in range(n_per):
-      n = int(rng.integers(1, 20))
-      nbytes = 10 ** rng.uniform(5, 7.5, n)
-      tabs.append(_table(nbytes))
-      dev_t = 30e-6 * (f / 40.0) ** overhead_exp + float(np.sum(nbytes / 2e12 + 2e-6))
-      rt.append(float((dev_t ** 8 + 20e-6 ** 8) ** (1 / 8)))
-      z.append(np.log(f / 40.0))
-  return tabs, np.asarray(rt), np.asarray(z)
+  return _collections(floors_us, 0.0, n_per, seed, overhead_exp=overhead_exp, max_kernels=20, launch_s=2e-6,
+                      overhead_s=30e-6, host_s=20e-6, host_exp=0.0)
 
 
 def test_bound_keeps_a_steep_exponent_inside_and_leaves_a_small_one():
