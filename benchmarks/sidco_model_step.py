@@ -11,7 +11,7 @@ parameter is in the optimizer's tree and the step has no running statistics), on
 
 Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (the default exact search, the
 block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``),
-``sidco_pt_counts`` (both), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
+``sidco_pt_counts`` (both; ``sidco_flat_counts`` / ``sidco_pt_flat_counts`` with ``flat_state=True``), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
 ``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
 ``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both;
 ``topk_flat``: ``topk(..., flat_state=True)``; ``sidco_flat_dus`` / ``sidco_pt_flat_dus`` /
@@ -75,6 +75,7 @@ from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  #
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
+        "sidco_flat_counts", "sidco_pt_flat_counts",
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
@@ -142,6 +143,7 @@ def _flags(ap):
   ap.add_argument("--steps", type=int, default=None, help="steps per timed round (default 20; 3 with --small)")
   ap.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 7; 2 with --small)")
   ap.add_argument("--profile_steps", type=int, default=10, help="steps in each row's profiler trace (GPU)")
+  ap.add_argument("--top", type=int, default=25, help="kernels kept per row in top_kernels (by total time per step)")
   ap.add_argument("--name", default="sidco_model_step", help="JSON file name (without .json)")
   ap.add_argument("--autotune_cache", default="auto",
                   help="directory for XLA's per-fusion autotune cache, shared by every row's compile so that "
@@ -169,6 +171,7 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
           "sidco_pt_flat": lambda: sp.sidco(ratio, per_tensor=True, flat_state=True),
           "sidco_flat_adam_flat": lambda: sp.sidco(ratio, flat_state=True),
           "topk_flat": lambda: sp.topk(ratio, flat_state=True)}
+  comp["sidco_flat_counts"], comp["sidco_pt_flat_counts"] = comp["sidco_flat"], comp["sidco_pt_flat"]
   comp.update({"sidco_flat_dus": comp["sidco_flat"], "sidco_pt_flat_dus": comp["sidco_pt_flat"],
                "sidco_flat_dus_adam_flat": comp["sidco_flat"],
                "sidco_est": lambda: sp.sidco(ratio, exact=False),
@@ -377,7 +380,7 @@ def main():
         row.update(device_s=span * 1e-9 / args.profile_steps, busy_s=busy * 1e-9 / args.profile_steps,
                    kernels=len(ev) / args.profile_steps, clusters=len(cl))
         row["idle_s"] = row["device_s"] - row["busy_s"]
-        row["kernel_classes_s"], row["top_kernels"] = _kernel_breakdown(ev, args.profile_steps)
+        row["kernel_classes_s"], row["top_kernels"] = _kernel_breakdown(ev, args.profile_steps, args.top)
       except Exception as e:  # diagnostics: never fatal
         row["device_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     out.append(row)
