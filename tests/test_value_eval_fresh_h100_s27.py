@@ -146,3 +146,48 @@ def test_quoted_second_collection_option_choice():
     assert (v["vs_default"]["faster_by_5pct"], v["vs_default"]["slower_by_5pct"]) == (28, 32)
     assert round(m["hybrid_top2"]["within_tol"], 3) == 0.957 and round(m["gbdt"]["within_tol"], 3) == 0.8
     assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == (459, 673)
+
+
+@pytest.mark.parametrize("tag,blend,ratio,ci,plain,above,gammas", [
+    ("", 0.145, 2.30, [1.93, 2.77], 2.31, 1, None),                     # rule s27c's primary: plain + tokens
+    ("_covariate", 0.126, 2.65, [2.23, 3.19], 2.71, 3, (0.81, 4.04))])  # (b-C)
+def test_quoted_reserved_collection_figures(tag, blend, ratio, ci, plain, above, gammas):
+  """rule_fresh_s27c.md (session 28): trained on the eighteen files (s27b included), scored on the seed-30
+  collection that session 27 reserved unread."""
+  res = json.loads((RES / f"value_program_mape_kernel_fresh_h100_s27c{tag}.json").read_text())
+  td = res["dataset"]["test_data"]
+  assert td["training_programs"] == 2841 and td["test_programs"] == 120
+  assert td["test_programs_sharing_a_program_key_with_training"] == 0
+  train = [s for s in td["per_source"] if not s["test"]]
+  assert len(train) == 18 and not any("s27c" in str(s) for s in train)
+  t = res["test_data"]
+  assert (round(t["mape_analytical"], 3), round(t["mape_kernel_roofline_blend"], 3)) == (0.333, blend)
+  assert t["analytical_over_kernel_roofline_blend"] == pytest.approx(ratio, abs=0.005)
+  assert t["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx(ci, abs=0.005)
+  assert t["analytical_over_kernel_roofline"] == pytest.approx(plain, abs=0.005)
+  assert t["analytical_over_kernel_roofline_blend_ci95"][0] < 3.0            # not met
+  src = t["per_test_source"]["h100_collect_s27c.npz"]
+  assert (src["programs"], src["rows"]) == (100, 246)
+  ratios = [v["kernel_roofline_median_pred_over_measured"] for v in t["per_family"].values()]
+  assert len(ratios) == 16 and sum(r > 1.1 for r in ratios) == above
+  fitted = t.get("kernel_roofline_host_scale_fitted")
+  assert (fitted is None) if gammas is None else tuple(round(g, 2) for g in fitted[0]["kernel_roofline"]) == gammas
+  if tag == "":
+    fam = {f: round(v["kernel_roofline_blend"], 2) for f, v in t["per_family"].items()}
+    assert (fam["mlp"], fam["pooling"], fam["conv_grad"], fam["mlp_train"]) == (0.27, 0.24, 0.23, 0.22)
+
+
+@pytest.mark.parametrize("tag,chosen,faster", [("tuned", (1.0, 0.0), 9), ("fixed", (2.0, 0.0), 8)])
+def test_quoted_reserved_collection_option_choice(tag, chosen, faster):
+  res = json.loads((RES / f"value_options_fresh_h100_s27c_{tag}.json").read_text())
+  assert (res["config"]["pessimism"], res["config"]["margin"]) == chosen
+  m = res["results"]["test_data/fresh"]["measured"]
+  v, d = m["value_model"], m["always_default"]
+  assert v["programs"] == d["programs"] == 120
+  assert (round(v["within_tol"], 3), round(d["within_tol"], 3)) == (0.9, 0.892)
+  assert v["within_tol_ci95"] == pytest.approx([0.842, 0.95], abs=5e-4)
+  assert d["within_tol_ci95"] == pytest.approx([0.833, 0.942], abs=5e-4)
+  assert v["within_tol_ci95"][0] > 0.80                                      # met on this file
+  assert (v["vs_default"]["faster_by_5pct"], v["vs_default"]["slower_by_5pct"]) == (faster, 7)
+  assert round(m["hybrid_top2"]["within_tol"], 3) == 0.983 and round(m["gbdt"]["within_tol"], 3) == 0.883
+  assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == (240, 344)
