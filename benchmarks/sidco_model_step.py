@@ -11,7 +11,9 @@ parameter is in the optimizer's tree and the step has no running statistics), on
 
 Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (the default exact search, the
 block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``),
-``sidco_pt_counts`` (both; ``sidco_flat_counts`` / ``sidco_pt_flat_counts`` with ``flat_state=True``), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
+``sidco_pt_counts`` (both; ``sidco_flat_counts`` / ``sidco_pt_flat_counts`` with ``flat_state=True``; any row
+with a suffix ``_w<N>``, e.g. ``sidco_pt_flat_counts_w32``: traced with ``sparse._SEARCH_WAYS = N``, the counting
+search's thresholds per pass, default 8), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
 ``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
 ``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both;
 ``topk_flat``: ``topk(..., flat_state=True)``; ``sidco_flat_dus`` / ``sidco_pt_flat_dus`` /
@@ -158,7 +160,16 @@ def _flags(ap):
                        "command buffers that include the cuDNN convolutions, which cut the host's launch work)")
 
 
+def _ways(row: str) -> tuple[str, int | None]:
+  """``row`` without a trailing ``_w<N>`` (the counting search's ways, ``sparse._SEARCH_WAYS = N``), and N."""
+  head, _, tail = row.rpartition("_w")
+  if head and tail.isdigit():
+    return head, int(tail)
+  return row, None
+
+
 def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransformation:
+  row, _ = _ways(row)
   adam = optax.adam(1e-3)
   if row == "adam":
     return adam
@@ -209,7 +220,9 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
 
 def _switches(row: str) -> dict:
   """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
-  return {"_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
+  row, ways = _ways(row)
+  return {"_SEARCH_WAYS": ways or sp._SEARCH_WAYS,
+          "_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
           "_BRANCHES": ("cond" if "_est_cond" in row or row.endswith("_cond") else
                         "where" if "_est_where" in row or row.endswith("_where") else sp._BRANCHES),
