@@ -313,3 +313,39 @@ def test_quoted_h100_session27_figures():
   assert (round(r["sidco_flat"]["vs_topk"], 2), round(r["sidco_pt_flat"]["vs_topk"], 2)) == (4.39, 3.33)
   assert r["sidco_pt_flat"]["vs_topk"] < 4.0 < r["sidco_flat"]["vs_topk"]   # per tensor: the target is not met
   assert all(x["loss_finite"] for x in r.values())
+
+
+def test_quoted_h100_session28_figures():
+  """Session 28's H100 rows as docs/comm.md and BENCHMARKS.md quote them: the block select against the sort-free
+  counting search (8, 32, 256 thresholds per pass) inside the step, flat and per tensor (nine rounds each)."""
+  a = {x["row"]: x for x in json.loads((RESULTS / "sidco_model_step_h100_s28a.json").read_text())["rows"]}
+  b = {x["row"]: x for x in json.loads((RESULTS / "sidco_model_step_h100_s28b.json").read_text())["rows"]}
+  assert (round(a["adam"]["step_s"] * 1e3, 2), round(b["adam"]["step_s"] * 1e3, 2)) == (20.97, 20.93)
+  ov = lambda r: {k: round(r[k]["overhead_s"] * 1e3, 3) for k in r if k != "adam"}
+  assert ov(a) == {"topk": 1.033, "sidco_flat": 0.174, "sidco_flat_counts": 0.18, "sidco_pt_flat": 0.294,
+                   "sidco_pt_flat_counts": 0.566}
+  assert ov(b) == {"topk": 0.938, "sidco_flat": 0.156, "sidco_flat_counts_w32": 0.155, "sidco_flat_counts_w256": 0.424,
+                   "sidco_pt_flat": 0.272, "sidco_pt_flat_counts_w32": 0.344, "sidco_pt_flat_counts_w256": 2.589}
+  vs = lambda r: {k: round(r[k]["vs_topk"], 2) for k in r if k not in ("adam", "topk")}
+  assert vs(a) == {"sidco_flat": 5.95, "sidco_flat_counts": 5.73, "sidco_pt_flat": 3.52, "sidco_pt_flat_counts": 1.82}
+  assert vs(b) == {"sidco_flat": 6.03, "sidco_flat_counts_w32": 6.05, "sidco_flat_counts_w256": 2.21,
+                   "sidco_pt_flat": 3.44, "sidco_pt_flat_counts_w32": 2.73, "sidco_pt_flat_counts_w256": 0.36}
+  for r in (a, b):   # per tensor: the target is not met; every counting row loses to the block select per tensor
+    assert r["sidco_pt_flat"]["vs_topk"] < 4.0
+    assert all(r[k]["overhead_s"] > r["sidco_pt_flat"]["overhead_s"] for k in r if k.startswith("sidco_pt_flat_counts"))
+    assert all(x["loss_finite"] for x in r.values())
+  cls = lambda r, k, c: round(r[k]["kernel_classes_s"][c] * 1e3, 2)
+  assert (cls(a, "sidco_pt_flat", "sort"), cls(a, "adam", "sort")) == (0.31, 0.13)          # cub's sorts: ~0.18 ms
+  assert round((b["sidco_pt_flat_counts_w32"]["kernel_classes_s"]["reduce"]
+                - b["sidco_pt_flat"]["kernel_classes_s"]["reduce"]) * 1e3, 2) == 0.28
+
+
+def test_way_suffix_traces_the_row_with_that_many_thresholds():
+  assert ms._ways("sidco_pt_flat_counts_w32") == ("sidco_pt_flat_counts", 32)
+  assert ms._ways("dgc_pt_where") == ("dgc_pt_where", None)
+  sw = ms._switches("sidco_flat_counts_w256")
+  assert sw["_SEARCH_WAYS"] == 256 and sw["_EXACT_SEARCH"] == "counts"
+  assert ms._switches("sidco_flat")["_SEARCH_WAYS"] == ms.sp._SEARCH_WAYS
+  ms._tx("sidco_pt_flat_counts_w32", 0.001)   # a known row with the suffix builds
+  with pytest.raises(SystemExit, match="unknown row"):
+    ms._tx("sidco_nope_w32", 0.001)
