@@ -109,6 +109,8 @@ def test_kernel_class_names():
   assert ms._kernel_class("memcpy128") == "copy"
   assert ms._kernel_class("loop_convert_fusion_3") == "fusion"   # not a convolution
   assert ms._kernel_class("input_scatter_fusion_1") == "scatter"
+  # cuBLAS's split-K reduction is a GEMM's, not a cub sort (its name holds "cub")
+  assert ms._kernel_class("void cublasLt::splitKreduce_kernel<32, 16, int, float, float>") == "gemm"
   # XLA's Triton GEMM fusions (names as in the H200 profiles of mlsys_jax/cost/data/h200/h200_collect_s16a.npz)
   assert ms._kernel_class("gemm_fusion_dot_general_5") == "gemm"
   assert ms._kernel_class("gemm_fusion_dot") == "gemm" and ms._kernel_class("triton_gemm_dot_3") == "gemm"
