@@ -605,6 +605,13 @@ _KR_DFLOOR_BOUND = flags.DEFINE_float("kr_dispatch_floor_bound", None, "program_
                                       "--kr_dispatch_floor_scale, every fitted exponent of the covariate kept inside "
                                       "(-B, B) as B tanh(u / B) (fit_kernel_roofline host_covariate_bound; e.g. 2). "
                                       "Unset (default): unbounded, as before.")
+_KR_LIBF = flags.DEFINE_bool("kr_library_floor_scale", False, "program_mape (session 28 helper): both kernel-roofline "
+                              "models take each row's file dispatch floor f (the one --kr_dispatch_floor_from names) "
+                              "as a library covariate z_L = log(f / 40 us): the host-side costs of library calls "
+                              "(cuBLAS / cuDNN custom calls: per-launch host cost, host-side launch gap) scale by "
+                              "exp(gamma_{L,d} z_L), one fitted exponent per device (fit_kernel_roofline "
+                              "library_covariate). Needs --kr_host_floor; independent of --kr_dispatch_floor_scale. "
+                              "Off: the models and outputs of before.")
 _PM_ROWS_OUT = flags.DEFINE_string("program_mape_rows_out", "", "program_mape (session 26 diagnosis): if given, a "
                                    "pickle path: per split, every row's measured runtime, kept / scored masks, family, "
                                    "device, data file, host covariate, profiled busy time and each model's prediction "
@@ -945,6 +952,11 @@ def part_program_mape():
                      f"--kr_dispatch_floor_exponents), got {_KR_DFLOOR_BOUND.value}.")
   if _KR_DFLOOR_EXP.value and len(_KR_DFLOOR_EXP.value) != 2:
     raise ValueError(f"--kr_dispatch_floor_exponents needs two numbers 'gamma_h,gamma_o', got {_KR_DFLOOR_EXP.value}.")
+  if _KR_LIBF.value and not _KR_FLOOR.value:
+    raise ValueError("--kr_library_floor_scale scales the library calls' host-side costs: add --kr_host_floor.")
+  if _KR_LIBF.value and _KR_FILE_HOST.value:
+    raise ValueError("--kr_library_floor_scale and --kr_file_host_effect: the per-file host factors absorb each "
+                     "file's floor; use one of them.")
   if _KR_DFLOOR.value and _KR_FILE_HOST.value:
     raise ValueError("--kr_dispatch_floor_scale and --kr_file_host_effect: the per-file host factors absorb each "
                      "file's dispatch floor (its exponents would not be identified); use one of them.")
@@ -961,6 +973,8 @@ def part_program_mape():
     print(f"test data: {desc['test_data']}", flush=True)
   hzv = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_DFLOOR.value else None
   hz = (lambda idx: None) if hzv is None else (lambda idx: hzv[np.asarray(idx)])
+  zlv = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_LIBF.value else None   # session 28 helper
+  lib_kw = (lambda idx: {}) if zlv is None else (lambda idx: {"library_covariate": zlv[np.asarray(idx)]})
   file_of = _row_files(ds, desc) if _KR_FILE_HOST.value else None
 
   def host_kw(idx):   # the host terms' options of fit_kernel_roofline for the rows idx
@@ -974,6 +988,7 @@ def part_program_mape():
       kw["host_covariate_launch"] = True
     if _KR_DFLOOR_BOUND.value is not None:
       kw["host_covariate_bound"] = float(_KR_DFLOOR_BOUND.value)
+    kw.update(lib_kw(idx))   # session 28 helper (opt-in; absent: the call of before)
     return kw
   devs = cds.row_devices(ds)
   udev = sorted(set(devs.tolist()))
@@ -1129,6 +1144,7 @@ def part_program_mape():
       busy_pred = {"kernel_roofline": np.full(len(y), np.nan), "kernel_roofline_labels": np.full(len(y), np.nan)}
       fitted_terms, folds_unlabelled = [], 0
     bounds_chosen, host_scales = [], []
+    lib_scales = []   # --kr_library_floor_scale: gamma_{L,d} per outer fold
     fold_models = []   # --program_mape_rows_out: per outer fold, the fitted kernel-roofline models
     ood = np.zeros(len(y), bool)
     tk = time.perf_counter()
@@ -1162,7 +1178,7 @@ def part_program_mape():
       fit_plain = lambda idx, oc: (oc[0], KR.fit_kernel_roofline([tabs_of(oc[0])[i] for i in idx], rt[idx],
                                                                  devs[idx], oc[1], **host_kw(idx)))
       predict_rows = lambda om, idx: KR.predict_kernel_roofline(om[1], [tabs_of(om[0])[i] for i in idx], devs[idx],
-                                                                host_covariate=hz(idx))
+                                                                host_covariate=hz(idx), **lib_kw(idx))
       grid_of = lambda c: [(o, _kopt_config(o, c._replace(bytes_ridge=b))) for o in kopt_grid
                            for b in (br_grid or [c.bytes_ridge])]
       kcfg_fold = _kopt_config(kopt, kcfg)
@@ -1181,7 +1197,7 @@ def part_program_mape():
           kmr = KR.fit_kernel_roofline([kts[i] for i in itr], rt[itr], devs[itr], ref_cfg)
           pred["kernel_roofline_floor_only"][ite] = KR.predict_kernel_roofline(kmr, [kts[i] for i in ite], devs[ite])
       pred["kernel_roofline"][ite] = KR.predict_kernel_roofline(km, [kts_f[i] for i in ite], devs[ite],
-                                                                host_covariate=hz(ite))
+                                                                host_covariate=hz(ite), **lib_kw(ite))
       ood[ite] = [bool(f) for f in KR.kernel_roofline_ood(km, [kts_f[i] for i in ite], devs[ite])]
       if km.host_scale is not None and not _KR_LABELS.value:   # (with --kr_labels: recorded with the labelled model)
         host_scales.append({"kernel_roofline": km.host_scale.tolist()})
@@ -1220,7 +1236,7 @@ def part_program_mape():
           folds_unlabelled += 1
         kts_l = tabs_of(kopt_l)
         pred["kernel_roofline_labels"][ite] = KR.predict_kernel_roofline(kml, [kts_l[i] for i in ite], devs[ite],
-                                                                         host_covariate=hz(ite))
+                                                                         host_covariate=hz(ite), **lib_kw(ite))
         if _KR_BLEND.value:   # w from the two models' inner predictions of the training rows (same inner folds)
           ok_ = np.isfinite(inner_plain[itr]) & np.isfinite(inner_labels[itr])
           if not ok_.any():
@@ -1239,7 +1255,7 @@ def part_program_mape():
                               "plain_tables": [kts_f[i] for i in ite], "labels_tables": [kts_l[i] for i in ite]})
         for key_, mdl, tb_ in (("kernel_roofline", km, kts_f), ("kernel_roofline_labels", kml, kts_l)):
           busy_pred[key_][ite] = KR.predict_kernel_roofline(mdl, [tb_[i] for i in ite], devs[ite], what="busy",
-                                                            host_covariate=hz(ite))
+                                                            host_covariate=hz(ite), **lib_kw(ite))
         if kml.host_scale is not None:
           host_scales.append({"kernel_roofline": km.host_scale.tolist(),
                               "kernel_roofline_labels": kml.host_scale.tolist()})
@@ -1255,8 +1271,13 @@ def part_program_mape():
                                       f"launch_gap_us_{c}": float(np.exp(kml.log_launch_gap[j, ci]) * 1e6)
                                       for ci, c in enumerate(KR.KERNEL_CLASSES) if kml.train_kernels[j, ci] > 0})}
                              for j, dv in enumerate(kml.devices)})
+      if zlv is not None:   # session 28 helper (absent by default: the JSON of before)
+        lib_scales.append({"kernel_roofline": dict(zip(map(str, km.devices), km.library_scale.tolist()))})
+        if _KR_LABELS.value and kml.library_scale is not None:
+          lib_scales[-1]["kernel_roofline_labels"] = dict(zip(map(str, kml.devices), kml.library_scale.tolist()))
       if _KR_CORR.value:
-        p_all = KR.predict_kernel_roofline(km, kts_f, devs, host_covariate=hz(np.arange(len(y))))  # in-sample
+        p_all = KR.predict_kernel_roofline(km, kts_f, devs, host_covariate=hz(np.arange(len(y))),
+                                           **lib_kw(np.arange(len(y))))  # in-sample
         x2 = np.concatenate([x, np.log(p_all)[:, None]], 1)
         resid = np.log(rt / p_all)
 
@@ -1329,6 +1350,8 @@ def part_program_mape():
     if _KR_BLEND.value:
       res["kernel_roofline_blend_weight_chosen"] = blend_w   # per outer fold: weight of the labelled model
       res["kernel_roofline_blend_inner_mape"] = blend_inner  # per outer fold, per _KR_BLEND_W value
+    if lib_scales:   # --kr_library_floor_scale: gamma_{L,d} per outer fold
+      res["kernel_roofline_library_scale_fitted"] = lib_scales
     if host_scales:   # --kr_dispatch_floor_scale: (gamma_h, gamma_o) per outer fold
       res["kernel_roofline_host_scale_fitted"] = host_scales
       res["kernel_roofline_host_terms_at"] = ("the fitted host floor, launch host costs and program overhead "

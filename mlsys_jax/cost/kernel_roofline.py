@@ -1113,6 +1113,10 @@ class KernelRoofline(NamedTuple):
       (session 27): the covariate scales the per-launch device-side wall costs instead of the program overhead,
       ``T = O_d + sum_k m_k (s_d softmax_p(f/F, b/B, o e^{gamma_k z}) + g e^{gamma_k z})`` (``host_scale`` is then
       ``(gamma_h, 0)``); the busy time (``what='busy'``) keeps ``o`` unscaled.
+    library_scale: float64[D] ``gamma_{L,d}``, or None: fitted with ``fit_kernel_roofline(library_covariate=...)``
+      (session 28): the host-side costs of library calls (``KernelTable.library``: their per-launch host cost
+      ``h_{c,d}`` and a host-side launch gap ``g``) are ``exp(gamma_{L,d} z_L)`` times the device's, ``z_L`` a
+      per-program covariate (the log of the collection's dispatch floor); prediction then needs ``z_L`` too.
   """
   devices: tuple
   log_flops_rate: np.ndarray
@@ -1133,6 +1137,7 @@ class KernelRoofline(NamedTuple):
   gap_on_host: bool = False
   host_scale: np.ndarray | None = None
   host_scale_launch: float | None = None
+  library_scale: np.ndarray | None = None
 
 
 def _host_covariate(host_covariate, n: int, model_has: bool | None = None) -> np.ndarray | None:
@@ -1223,7 +1228,8 @@ def _flatten(tables: Sequence[KernelTable]):
 
 
 def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable],
-                            devices: Sequence[str], what: str = "wall", host_covariate=None) -> np.ndarray:
+                            devices: Sequence[str], what: str = "wall", host_covariate=None,
+                            library_covariate=None) -> np.ndarray:
   """Predicted runtime (seconds) of each program: ``T = O_d + sum_k m_k (softmax_p(f_k/F, b_k/B) + o + g)``
   (``o``, ``g``: the kernel class's overhead and launch gap on device ``d``; ``g`` = 0 without
   ``model.log_launch_gap``; the kernel terms times ``s_d`` with ``model.log_wall_scale``), and
@@ -1242,6 +1248,8 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
       ``sum_k m_k (softmax + o)``: what the profiler's ``device_busy_s`` measures; meaningful for a model
       fitted with per-kernel labels).
     host_covariate: per program ``z`` (as in :func:`fit_kernel_roofline`), exactly when ``model.host_scale`` is set.
+    library_covariate: per program ``z_L`` (:func:`fit_kernel_roofline`'s ``library_covariate``), exactly when
+      ``model.library_scale`` is set.
   Returns:
     float64[len(tables)] seconds.
   """
@@ -1254,8 +1262,12 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     raise ValueError(f"devices {bad} were not in the training data (model devices: {list(model.devices)}).")
   di = np.asarray([known[d] for d in dev], np.int64)
   z = _host_covariate(host_covariate, len(tables), model.host_scale is not None)
+  zl = _host_covariate(library_covariate, len(tables), model.library_scale is not None)
   f, b, k, m, rows = _flatten(tables)
   kd = di[rows]
+  lib_f = None   # session 28: library calls' host-side costs x e^{gamma_{L,d} z_L} (1 for XLA's own kernels)
+  if zl is not None:
+    lib_f = 1.0 + _library_flags(tables) * (np.exp(model.library_scale[kd] * zl[rows]) - 1.0)
   a = f / np.exp(model.log_flops_rate[kd, k])
   if model.train_kernels is not None:
     # a scatter class without training kernels on the device: its FLOPs are the contention feature
@@ -1287,9 +1299,10 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
   if what == "wall" and model.log_host_floor is not None:
     host = np.exp(model.log_host_floor[di])
     if model.gap_on_host and g_t is not None:
-      np.add.at(host, rows, g_t)
+      np.add.at(host, rows, g_t if lib_f is None else g_t * lib_f)
     if model.log_host_launch is not None:
-      np.add.at(host, rows, m * np.exp(model.log_host_launch[kd, k]))
+      hl_t = m * np.exp(model.log_host_launch[kd, k])
+      np.add.at(host, rows, hl_t if lib_f is None else hl_t * lib_f)
     if z is not None:   # the whole host side: floor, launches, host-side gap
       host = host * np.exp(model.host_scale[0] * z)
     out = _soft_max(out, host, model.floor_sharpness)
@@ -1457,7 +1470,8 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
                         host_covariate_tied: bool = False,
                         host_covariate_exponents: tuple[float, float] | None = None,
                         host_covariate_launch: bool = False,
-                        host_covariate_bound: float | None = None) -> KernelRoofline:
+                        host_covariate_bound: float | None = None,
+                        library_covariate: Sequence[float] | None = None) -> KernelRoofline:
   """Fit the per-kernel roofline's log parameters to measured program runtimes (and kernel times).
 
   Each log parameter is ``shared + device[d] + class[c] + interaction[d, c]`` (per-program overhead:
@@ -1517,6 +1531,17 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       5.5-7: on s27a's +26% floor the overhead x5, where the idle grew ~3x for a ~1.8x floor, a slope of ~2;
       ``value_program_mape_s27host_note.md``: B = 2 better on 5 of 7 folds, worse on the two highest-floor files).
       ``B`` > 0, finite; not with ``host_covariate_exponents`` (nothing fitted).
+    library_covariate: (session 28 helper; default None) per program a number ``z_L`` (the log of its collection's
+      dispatch floor over 40 us): one more parameter per device, ``gamma_{L,d}`` (not penalised; start 0;
+      :attr:`KernelRoofline.library_scale`), scales the host-side costs of library calls (``KernelTable.library``:
+      their per-launch host cost ``h_{c,d}`` with ``config.host_launch``, a host-side launch gap with
+      ``gap_on_host``) by ``exp(gamma_{L,d} z_L)``; XLA's own kernels, the floor ``H_d`` and the device side are
+      unchanged. Mechanism: on the profiled H100 files the idle (wall - busy) of programs with cuBLAS / cuDNN
+      calls is ~9-12 us per library call on the low-floor hosts (s24a-s26b, in-timing floor 28-32 us) and ~31-49
+      us on the high-floor ones (s22a, s27a-c, 35-50 us), while the H100 terms are fitted on both; per device,
+      because the H200 files' per-call idle (~31-34 us) does not follow their floor. Needs ``config.host_floor``
+      (the host side) and tables with library flags; with neither host-side library cost the exponents stay 0.
+      Independent of ``host_covariate``.
     host_group: None, or per program an integer group (session 25: its data file): in the fit each group gets a
       factor on the host side of the overlap and one on the program overhead, centred in log space over the groups of
       each device (a device's terms are then its groups' equal-weight average, not the average of its programs:
@@ -1601,6 +1626,12 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       raise ValueError("host_covariate_bound bounds host_covariate's fitted exponents: pass host_covariate.")
     if hs_fixed is not None:
       raise ValueError("host_covariate_bound bounds fitted exponents; host_covariate_exponents fixes them: use one.")
+  zlib = _host_covariate(library_covariate, len(tables))
+  if zlib is not None:
+    if not config.host_floor:
+      raise ValueError("library_covariate scales the library calls' host-side costs: set host_floor=True (and "
+                       "host_launch or gap_on_host).")
+    _library_flags(tables)   # every table needs its library flags (raises)
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
@@ -1661,6 +1692,13 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     if host_covariate_launch:
       params["hk"] = jnp.zeros((), jnp.float32)
       hzk = hzj[rj] if rows.size else jnp.zeros(0, jnp.float32)   # each kernel's program's z
+  if zlib is not None:   # session 28 helper: gamma_{L,d} on the library calls' host-side costs
+    params["hlib"] = jnp.zeros((D,), jnp.float32)
+    zlk = f32(zlib[rows]) if rows.size else jnp.zeros(0, jnp.float32)
+    libk = f32(_library_flags(tables))
+
+  def lib_factor(p):   # per kernel: e^{gamma_{L,d} z_L} for library calls, 1 for XLA's own kernels
+    return 1.0 + libk * (jnp.exp(p["hlib"][kdj] * zlk) - 1.0)
 
   def bounded(u):   # a fitted exponent: u itself, or B tanh(u / B) with host_covariate_bound
     if host_covariate_bound is None:
@@ -1723,9 +1761,10 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     if config.host_floor:
       host = jnp.exp(p["floor"])[dij]
       if config.gap_on_host:
-        host = host + jax.ops.segment_sum(g_t, rj, num_segments=n)
+        host = host + jax.ops.segment_sum(g_t if zlib is None else g_t * lib_factor(p), rj, num_segments=n)
       if config.host_launch:
-        host = host + jax.ops.segment_sum(mj * jnp.exp(host_launch(p)[kdj, kj]), rj, num_segments=n)
+        hl_t = mj * jnp.exp(host_launch(p)[kdj, kj])
+        host = host + jax.ops.segment_sum(hl_t if zlib is None else hl_t * lib_factor(p), rj, num_segments=n)
       if hz is not None:
         host = host * jnp.exp(host_exponents(p)[0] * hzj)
       if host_group is not None:
@@ -1815,10 +1854,17 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
                          floor, float(config.floor_sharpness), hl, ws,
                          bool(config.gap_library_only), None if l2 is None else float(config.l2_bytes), l2,
                          bool(config.overhead_overlap), bool(config.gap_on_host), hs, hk)
+  lib_kw = {}
+  if zlib is not None:
+    gl = np.asarray(params["hlib"], np.float64)
+    if not np.all(np.isfinite(gl)):
+      raise FloatingPointError("fit_kernel_roofline diverged (non-finite library scale); lower learning_rate.")
+    model = model._replace(library_scale=gl)
+    lib_kw = {"library_covariate": zlib}
   if config.calibrate:
     from mlsys_jax.cost.metrics import mape_scale
     model = scale_kernel_roofline(model, mape_scale(predict_kernel_roofline(model, tables, dev,
-                                                                            host_covariate=hz), y))
+                                                                            host_covariate=hz, **lib_kw), y))
   return model
 
 
