@@ -23,7 +23,9 @@ H100 = ROOT / "mlsys_jax" / "cost" / "data" / "h100"
     ("h100_collect_s27c", 30, 344, 120, 98, 100, (43.0, 43.9, 33.9), (80.7, 88.3, 53.9)),
     # session 28, reserved unread for the next rule (reserved_fresh_s28.md): the two files together are its test
     ("h100_collect_s28a", 31, 286, 103, 124, 75, (41.5, 43.8, 32.7), (47.3, 75.2, 49.6)),
-    ("h100_collect_s28b", 32, 280, 94, 42, 86, (39.3, 42.9, 52.9), (81.8, 92.6, 79.3))])
+    ("h100_collect_s28b", 32, 280, 94, 42, 86, (39.3, 42.9, 52.9), (81.8, 92.6, 79.3)),
+    # reserved unread for the next session's rule (reserved_fresh_s28c.md)
+    ("h100_collect_s28c", 33, 427, 148, 136, 122, (38.4, 44.7, 44.1), (100.4, 81.9, 78.7))])
 def test_the_collections_are_what_the_addenda_name(name, seed, rows, programs, noisy, kept, floors, conv_probe):
   d = cost.load_dataset(str(H100 / f"{name}.npz"))
   assert d.meta["device"] == "NVIDIA H100 80GB HBM3" and d.meta["seed"] == seed
