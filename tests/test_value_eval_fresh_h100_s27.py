@@ -209,15 +209,16 @@ def test_quoted_reserved_collection_option_choice(tag, chosen, faster):
   assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == (240, 344)
 
 
-# every pre-registered fresh option-choice test, with the decoder its rule named as primary (sessions 23-28)
+# every pre-registered fresh option-choice test, with the decoder its rule named as primary (sessions 23-28: eight)
 FRESH_OPTION_TESTS = ("value_options_fresh_s23.json", "value_options_fresh_h100_s24_tuned.json",
                       "value_options_fresh_h100_s25_tuned.json", "value_options_fresh_h100_s26_tuned.json",
                       "value_options_fresh_h100_s27_tuned.json", "value_options_fresh_h100_s27b_tuned.json",
-                      "value_options_fresh_h100_s27c_tuned.json")
+                      "value_options_fresh_h100_s27c_tuned.json", "value_options_fresh_h100_s28_tuned.json")
 
 
 def test_quoted_pooled_fresh_option_choice():
-  """docs/value.md (a): pooled over the seven fresh tests, 0.893 (Wilson 95% 0.875-0.909) within 5%; default 0.884."""
+  """docs/value.md (a): pooled over the eight fresh tests, 0.884 (Wilson 95% 0.867-0.900) within 5%; the default
+  0.884 too (one program fewer); 7 of 8 files at or above 0.80 alone."""
   n = hit = hit_default = hit_hybrid = faster = slower = per_file_met = 0
   for f in FRESH_OPTION_TESTS:
     m = json.loads((RES / f).read_text())["results"]["test_data/fresh"]["measured"]
@@ -230,12 +231,12 @@ def test_quoted_pooled_fresh_option_choice():
     faster += v["vs_default"]["faster_by_5pct"]
     slower += v["vs_default"]["slower_by_5pct"]
     per_file_met += v["within_tol"] >= 0.80
-  assert (n, hit, hit_default, hit_hybrid) == (1292, 1154, 1142, 1267)
-  assert (faster, slower, per_file_met) == (102, 87, 6)
+  assert (n, hit, hit_default, hit_hybrid) == (1489, 1317, 1316, 1460)
+  assert (faster, slower, per_file_met) == (115, 110, 7)
   p, z = hit / n, 1.959964
   centre = (p + z * z / (2 * n)) / (1 + z * z / n)
   half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  assert (round(p, 3), round(centre - half, 3), round(centre + half, 3)) == (0.893, 0.875, 0.909)
+  assert (round(p, 3), round(centre - half, 3), round(centre + half, 3)) == (0.884, 0.867, 0.9)
   assert round(hit_default / n, 3) == 0.884 and round(hit_hybrid / n, 3) == 0.981
   assert centre - half > 0.80                                                   # (a) met on the pooled fresh programs
 
