@@ -104,6 +104,17 @@ print("ok")
 """
 
 
+def assert_same_kernel_roofline(a, b) -> None:
+  """Two fitted KernelRoofline models field by field: arrays bitwise, every other field equal (shared by the tests
+  of opt-in fit options that must leave the default fit unchanged)."""
+  assert type(a) is type(b)
+  for name, x, w in zip(a._fields, a, b):
+    if isinstance(x, np.ndarray):
+      np.testing.assert_array_equal(x, w, err_msg=name)
+    else:
+      assert x == w, name
+
+
 def run_value_eval_flag_checks(defaults: str, cases) -> None:
   """In a fresh process (absl flags are global): ``defaults`` (an expression on ``VE``, value_eval) holds with no
   flags, and ``part_program_mape`` refuses each ``(argv, message)`` case with a ValueError naming ``message``."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax.cost import kernel_roofline as KR
-from tests.test_value_s26_diagnosis import run_value_eval_flag_checks
+from tests.test_value_s26_diagnosis import assert_same_kernel_roofline, run_value_eval_flag_checks
 
 _CFG = KR.KernelRooflineConfig(host_floor=True, steps=300, calibrate=False)
 _EW = KR.CLASS_ID["elementwise"]
@@ -94,11 +94,7 @@ def test_defaults_unchanged():
   a = KR.fit_kernel_roofline(t, y, dev, _CFG, host_covariate=z)
   b = KR.fit_kernel_roofline(t, y, dev, _CFG, host_covariate=z, host_covariate_launch=False)
   assert a.host_scale_launch is None and b.host_scale_launch is None
-  for x, w in zip(a, b):
-    if isinstance(x, np.ndarray):
-      np.testing.assert_array_equal(x, w)
-    else:
-      assert x == w
+  assert_same_kernel_roofline(a, b)
   # a model without the new field predicts as the formula of before (program overhead x exp(gamma_o z))
   hm = _hand_model(None)._replace(host_scale=np.asarray([0.5, 2.0]))
   tab, zz = _table([1e6, 4e6], library=[True, False]), 0.3

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax.cost import kernel_roofline as KR
+from tests.test_value_s26_diagnosis import assert_same_kernel_roofline
 from tests.test_value_s26_diagnosis import run_value_eval_flag_checks
 
 _CFG = KR.KernelRooflineConfig(host_floor=True, host_launch=True, steps=1500, calibrate=False, init_host_launch_s=1e-5)
@@ -96,15 +97,11 @@ def test_fit_recovers_per_device_library_exponents():
 
 def test_defaults_unchanged():
   t, y, z, dev = _collections([30.0, 48.0], 1.0, "gpu", n_per=8)
-  t, y = t, np.asarray(y)
+  y = np.asarray(y)
   a = KR.fit_kernel_roofline(t, y, dev, _CFG)
   b = KR.fit_kernel_roofline(t, y, dev, _CFG, library_covariate=None)
   assert a.library_scale is None and b.library_scale is None
-  for x, w in zip(a, b):
-    if isinstance(x, np.ndarray):
-      np.testing.assert_array_equal(x, w)
-    else:
-      assert x == w
+  assert_same_kernel_roofline(a, b)
   np.testing.assert_array_equal(KR.predict_kernel_roofline(a, t, dev), KR.predict_kernel_roofline(b, t, dev,
                                                                                                   library_covariate=None))
   # z_L = 0 everywhere: the exponent gets no gradient and the fit is the one without it
