@@ -61,3 +61,38 @@ def test_quoted_option_choice(tag, chosen, within, ci, faster):
   assert (round(v["mean_regret"], 3), round(d["mean_regret"], 3)) == (0.035, 0.03)
   assert round(m["gbdt"]["within_tol"], 3) == 0.827 and round(m["hybrid_top2"]["within_tol"], 3) == 0.98
   assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == (391, 566)
+
+
+def _lofo(prefix, variant, folds):
+  out = {}
+  for f in folds:
+    t = json.loads((RES / f"value_program_mape_{prefix}_{variant}_lofo_{f}.json").read_text())["test_data"]
+    out[f] = (t["analytical_over_kernel_roofline_blend"], t.get("kernel_roofline_host_scale_fitted"))
+  return out
+
+
+def test_quoted_covariate_leave_one_file_out():
+  """docs/value.md / history (value_program_mape_s28cov_note.md): over the 21 read files the floor covariate beats the
+  plain model on 4 of 7 folds and loses s27a (gamma_o 21.5), H200 s19b and s27b by more than 0.10: not recommended."""
+  folds = ("s27a", "s27b", "s27c", "s28ab", "s26ab", "s24a", "h200_s19b")
+  plain, cov = _lofo("s28cov", "plain", folds), _lofo("s28cov", "cov", folds)
+  d = {f: round(cov[f][0] - plain[f][0], 2) for f in folds}
+  r = lambda x: round(x[0], 2)
+  assert d == {"s27a": -2.69, "s27b": -0.33, "s27c": 0.3, "s28ab": 0.58, "s26ab": 0.78, "s24a": 1.24, "h200_s19b": -0.73}
+  assert sum(v > 0 for v in d.values()) == 4 and sum(v < -0.10 for v in d.values()) == 3     # the rule: not recommended
+  assert (r(plain["s24a"]), r(cov["s24a"]), r(plain["s26ab"]), r(cov["s26ab"])) == (1.95, 3.19, 2.08, 2.86)
+  assert (r(plain["s27a"]), r(cov["s27a"])) == (3.2, 0.51)
+  assert round(cov["s27a"][1][0]["kernel_roofline"][1], 1) == 21.5
+  assert r(min(plain.values())) == 1.95 and r(max(plain.values())) == 3.2
+  assert sum(v[0] >= 3.0 for v in plain.values()) == 1
+  assert r(plain["s28ab"]) == 2.97 and r(cov["s28ab"]) == 3.54          # the fold repeats the fresh s28 test
+
+
+def test_quoted_library_covariate_leave_one_file_out():
+  """docs/value.md / history (value_program_mape_s28lib_note.md): the library covariate wins 4 of 7 folds and loses
+  s27a by 1.00, s27b by 0.28 and H100 s22a by 0.25: not recommended."""
+  folds = ("s27a", "s27b", "s27c", "s26ab", "s24a", "s25a", "s22a")
+  base, lib = _lofo("s28lib", "base", folds), _lofo("s28lib", "libfloor", folds)
+  d = {f: round(lib[f][0] - base[f][0], 2) for f in folds}
+  assert sum(v > 0 for v in d.values()) == 4
+  assert (d["s27a"], d["s27b"], d["s22a"]) == (-1.0, -0.28, -0.25)
