@@ -1140,17 +1140,19 @@ class KernelRoofline(NamedTuple):
   library_scale: np.ndarray | None = None
 
 
-def _host_covariate(host_covariate, n: int, model_has: bool | None = None) -> np.ndarray | None:
+def _host_covariate(host_covariate, n: int, model_has: bool | None = None, name: str = "host_covariate",
+                    field: str = "host_scale") -> np.ndarray | None:
   """``host_covariate`` as float64[n] (finite), or None; with ``model_has`` (predict), it must be given exactly
-  when the model was fitted with one."""
+  when the model was fitted with one (``name`` / ``field``: the argument and the model field the errors name)."""
   if model_has is not None and (host_covariate is None) == model_has:
-    raise ValueError("host_covariate: pass one value per program exactly when the model was fitted with one "
-                     f"(model.host_scale is {'set' if model_has else 'None'}).")
+    raise ValueError(f"{name}: pass one value per program exactly when the model was fitted with one "
+                     f"(model.{field} is {'set' if model_has else 'None'}).")
   if host_covariate is None:
     return None
   z = np.asarray(host_covariate, np.float64)
   if z.shape != (n,) or not np.all(np.isfinite(z)):
-    raise ValueError(f"host_covariate must be {n} finite values (one per program), got shape {z.shape}.")
+    raise ValueError(f"{name} must be {n} finite values (one per program), got shape {z.shape}"
+                     f"{'' if z.shape != (n,) else ' with non-finite entries'}.")
   return z
 
 
@@ -1262,7 +1264,8 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
     raise ValueError(f"devices {bad} were not in the training data (model devices: {list(model.devices)}).")
   di = np.asarray([known[d] for d in dev], np.int64)
   z = _host_covariate(host_covariate, len(tables), model.host_scale is not None)
-  zl = _host_covariate(library_covariate, len(tables), model.library_scale is not None)
+  zl = _host_covariate(library_covariate, len(tables), model.library_scale is not None, "library_covariate",
+                      "library_scale")
   f, b, k, m, rows = _flatten(tables)
   kd = di[rows]
   lib_f = None   # session 28: library calls' host-side costs x e^{gamma_{L,d} z_L} (1 for XLA's own kernels)
@@ -1626,7 +1629,7 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
       raise ValueError("host_covariate_bound bounds host_covariate's fitted exponents: pass host_covariate.")
     if hs_fixed is not None:
       raise ValueError("host_covariate_bound bounds fitted exponents; host_covariate_exponents fixes them: use one.")
-  zlib = _host_covariate(library_covariate, len(tables))
+  zlib = _host_covariate(library_covariate, len(tables), name="library_covariate")
   if zlib is not None:
     if not config.host_floor:
       raise ValueError("library_covariate scales the library calls' host-side costs: set host_floor=True (and "
