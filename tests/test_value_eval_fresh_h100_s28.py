@@ -96,3 +96,14 @@ def test_quoted_library_covariate_leave_one_file_out():
   d = {f: round(lib[f][0] - base[f][0], 2) for f in folds}
   assert sum(v > 0 for v in d.values()) == 4
   assert (d["s27a"], d["s27b"], d["s22a"]) == (-1.0, -0.28, -0.25)
+
+
+def test_quoted_plain_model_error_range_on_fresh_h100_files():
+  """docs/value.md: the plain model's blend MAPE on the six fresh H100 tests since session 25 is 0.137-0.156, the
+  analytical model's 0.305-0.444 (each file's plain-model JSON)."""
+  tags = ("s25", "s26_plain", "s27_plain", "s27b", "s27c", "s28")
+  got = [json.loads((RES / f"value_program_mape_kernel_fresh_h100_{t}.json").read_text())["test_data"] for t in tags]
+  blend = [round(t["mape_kernel_roofline_blend"], 3) for t in got]
+  ana = [round(t["mape_analytical"], 3) for t in got]
+  assert (min(blend), max(blend)) == (0.137, 0.156) and (min(ana), max(ana)) == (0.305, 0.444)
+  assert all(t.get("kernel_roofline_host_scale_fitted") is None for t in got)     # none with the floor covariate
