@@ -16,6 +16,31 @@ RES = ROOT / "experiments" / "results" / "value_eval"
 H100 = ROOT / "mlsys_jax" / "cost" / "data" / "h100"
 
 
+def check_fresh_whole_program(name: str, *, train: int, test: int, files: int, analytical: float, blend: float,
+                              ratio: float, ci, families: int, above: int, gammas, plain: float | None = None) -> dict:
+  """The figures every fresh-data Result quotes for target (b), from ``value_program_mape_<name>.json``: training and
+  test programs (none sharing a program key), the number of training files, analytical and blend MAPE, the
+  analytical / blend ratio with its CI (and the plain model's ratio), families with median predicted / measured
+  above 1.1, and the fitted (gamma_h, gamma_o) of the floor covariate (None: fitted without it). Returns the JSON
+  (shared by the session 26-28 fresh tests)."""
+  res = json.loads((RES / f"value_program_mape_{name}.json").read_text())
+  td = res["dataset"]["test_data"]
+  assert td["training_programs"] == train and td["test_programs"] == test
+  assert td["test_programs_sharing_a_program_key_with_training"] == 0
+  assert sum(not s["test"] for s in td["per_source"]) == files
+  t = res["test_data"]
+  assert (round(t["mape_analytical"], 3), round(t["mape_kernel_roofline_blend"], 3)) == (analytical, blend)
+  assert t["analytical_over_kernel_roofline_blend"] == pytest.approx(ratio, abs=0.005)
+  assert t["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx(ci, abs=0.005)
+  if plain is not None:
+    assert t["analytical_over_kernel_roofline"] == pytest.approx(plain, abs=0.005)
+  ratios = [v["kernel_roofline_median_pred_over_measured"] for v in t["per_family"].values()]
+  assert len(ratios) == families and sum(r > 1.1 for r in ratios) == above
+  fitted = t.get("kernel_roofline_host_scale_fitted")
+  assert (fitted is None) if gammas is None else tuple(round(g, 2) for g in fitted[0]["kernel_roofline"]) == gammas
+  return res
+
+
 @pytest.mark.parametrize("name,seed,rows,programs,noisy,kept,floors", [
     ("h100_collect_s26a", 26, 315, 103, 116, 79, (33.2, 31.7, 28.5)),
     ("h100_collect_s26b", 27, 410, 141, 126, 111, (26.5, 30.1, 28.3))])
@@ -50,28 +75,15 @@ _B = [  # tag, training programs, analytical, blend, ratio, ci, s26a ratio, s26b
 
 @pytest.mark.parametrize("tag,train,ana,blend,ratio,ci,ra,rb,above,gammas", _B)
 def test_quoted_whole_program_figures(tag, train, ana, blend, ratio, ci, ra, rb, above, gammas):
-  res = json.loads((RES / f"value_program_mape_kernel_fresh_h100_s26{tag}.json").read_text())
-  td = res["dataset"]["test_data"]
-  assert td["training_programs"] == train and td["test_programs"] == 244
-  assert td["test_programs_sharing_a_program_key_with_training"] == 0
-  assert sum(not s["test"] for s in td["per_source"]) == (13 if "no_h100a" in tag else 14)
-  t = res["test_data"]
-  assert (round(t["mape_analytical"], 3), round(t["mape_kernel_roofline_blend"], 3)) == (ana, blend)
-  assert t["analytical_over_kernel_roofline_blend"] == pytest.approx(ratio, abs=0.005)
-  assert t["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx(ci, abs=0.005)
+  t = check_fresh_whole_program(f"kernel_fresh_h100_s26{tag}", train=train, test=244,
+                                files=13 if "no_h100a" in tag else 14, analytical=ana, blend=blend, ratio=ratio,
+                                ci=ci, families=17, above=above, gammas=gammas)["test_data"]
   assert t["analytical_over_kernel_roofline_blend"] < 3.0                      # target (b) not met
   src = t["per_test_source"]
   assert (src["h100_collect_s26a.npz"]["programs"], src["h100_collect_s26b.npz"]["programs"]) == (79, 111)
   assert sum(s["rows"] for s in src.values()) == 483
   for name, want in (("h100_collect_s26a.npz", ra), ("h100_collect_s26b.npz", rb)):
     assert src[name]["analytical"] / src[name]["kernel_roofline_blend"] == pytest.approx(want, abs=0.005)
-  ratios = [v["kernel_roofline_median_pred_over_measured"] for v in t["per_family"].values()]
-  assert len(ratios) == 17 and sum(r > 1.1 for r in ratios) == above
-  fitted = t.get("kernel_roofline_host_scale_fitted")
-  if gammas is None:
-    assert fitted is None
-  else:
-    assert tuple(round(g, 2) for g in fitted[0]["kernel_roofline"]) == gammas
   if tag == "":   # not "improved" by the rule: the interval does not lie above session 25's 2.46x
     assert t["analytical_over_kernel_roofline_blend_ci95"][0] < 2.46
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax import cost
+from tests.test_value_eval_fresh_h100_s26 import check_fresh_whole_program
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RES = ROOT / "experiments" / "results" / "value_eval"
@@ -67,26 +68,12 @@ _B = [  # tag, blend, ratio, ci, plain KR ratio, families > 1.1 (plain KR), gamm
 
 @pytest.mark.parametrize("tag,blend,ratio,ci,plain,above,gammas", _B)
 def test_quoted_whole_program_figures(tag, blend, ratio, ci, plain, above, gammas):
-  res = json.loads((RES / f"value_program_mape_kernel_fresh_h100_s27{tag}.json").read_text())
-  td = res["dataset"]["test_data"]
-  assert td["training_programs"] == 2447 and td["test_programs"] == 164
-  assert td["test_programs_sharing_a_program_key_with_training"] == 0
-  assert sum(not s["test"] for s in td["per_source"]) == 16
-  t = res["test_data"]
-  assert (round(t["mape_analytical"], 3), round(t["mape_kernel_roofline_blend"], 3)) == (0.426, blend)
-  assert t["analytical_over_kernel_roofline_blend"] == pytest.approx(ratio, abs=0.005)
-  assert t["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx(ci, abs=0.005)
-  assert t["analytical_over_kernel_roofline"] == pytest.approx(plain, abs=0.005)
+  t = check_fresh_whole_program(f"kernel_fresh_h100_s27{tag}", train=2447, test=164, files=16, analytical=0.426,
+                                blend=blend, ratio=ratio, ci=ci, plain=plain, families=16, above=above,
+                                gammas=gammas)["test_data"]
   assert t["analytical_over_kernel_roofline_blend"] < 3.0                      # target (b) not met
   assert t["per_test_source"]["h100_collect_s27a.npz"]["programs"] == 138
   assert t["per_test_source"]["h100_collect_s27a.npz"]["rows"] == 310
-  ratios = [v["kernel_roofline_median_pred_over_measured"] for v in t["per_family"].values()]
-  assert len(ratios) == 16 and sum(r > 1.1 for r in ratios) == above
-  fitted = t.get("kernel_roofline_host_scale_fitted")
-  if gammas is None:
-    assert fitted is None
-  else:
-    assert tuple(round(g, 2) for g in fitted[0]["kernel_roofline"]) == gammas
 
 
 def test_the_covariate_failed_where_the_in_timing_floor_rose():
@@ -128,23 +115,12 @@ def test_quoted_option_choice_figures():
     ("_covariate", 0.136, 2.24, [1.93, 2.59], 2.26, 4, (0.85, 3.84))])  # (b-C)
 def test_quoted_second_collection_figures(tag, blend, ratio, ci, plain, above, gammas):
   """rule_fresh_s27b.md: trained on the seventeen files (s27a included), scored on the seed-29 collection."""
-  res = json.loads((RES / f"value_program_mape_kernel_fresh_h100_s27b{tag}.json").read_text())
-  td = res["dataset"]["test_data"]
-  assert td["training_programs"] == 2611 and td["test_programs"] == 230
-  assert td["test_programs_sharing_a_program_key_with_training"] == 0
-  assert sum(not s["test"] for s in td["per_source"]) == 17
-  t = res["test_data"]
-  assert (round(t["mape_analytical"], 3), round(t["mape_kernel_roofline_blend"], 3)) == (0.305, blend)
-  assert t["analytical_over_kernel_roofline_blend"] == pytest.approx(ratio, abs=0.005)
-  assert t["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx(ci, abs=0.005)
-  assert t["analytical_over_kernel_roofline"] == pytest.approx(plain, abs=0.005)
+  t = check_fresh_whole_program(f"kernel_fresh_h100_s27b{tag}", train=2611, test=230, files=17, analytical=0.305,
+                                blend=blend, ratio=ratio, ci=ci, plain=plain, families=18, above=above,
+                                gammas=gammas)["test_data"]
   assert t["analytical_over_kernel_roofline_blend"] < 3.0 and t["analytical_over_kernel_roofline_blend_ci95"][0] < 2.66
   src = t["per_test_source"]["h100_collect_s27b.npz"]
   assert (src["programs"], src["rows"]) == (166, 383)
-  ratios = [v["kernel_roofline_median_pred_over_measured"] for v in t["per_family"].values()]
-  assert len(ratios) == 18 and sum(r > 1.1 for r in ratios) == above
-  fitted = t.get("kernel_roofline_host_scale_fitted")
-  assert (fitted is None) if gammas is None else tuple(round(g, 2) for g in fitted[0]["kernel_roofline"]) == gammas
   if tag == "":
     fam = {f: round(v["kernel_roofline_blend"], 2) for f, v in t["per_family"].items()}
     assert (fam["conv_grad"], fam["depthwise_conv"], fam["pooling"]) == (0.28, 0.25, 0.20)
@@ -172,24 +148,15 @@ def test_quoted_second_collection_option_choice():
 def test_quoted_reserved_collection_figures(tag, blend, ratio, ci, plain, above, gammas):
   """rule_fresh_s27c.md (session 28): trained on the eighteen files (s27b included), scored on the seed-30
   collection that session 27 reserved unread."""
-  res = json.loads((RES / f"value_program_mape_kernel_fresh_h100_s27c{tag}.json").read_text())
-  td = res["dataset"]["test_data"]
-  assert td["training_programs"] == 2841 and td["test_programs"] == 120
-  assert td["test_programs_sharing_a_program_key_with_training"] == 0
-  train = [s for s in td["per_source"] if not s["test"]]
-  assert len(train) == 18 and not any("s27c" in str(s) for s in train)
+  res = check_fresh_whole_program(f"kernel_fresh_h100_s27c{tag}", train=2841, test=120, files=18, analytical=0.333,
+                                  blend=blend, ratio=ratio, ci=ci, plain=plain, families=16, above=above,
+                                  gammas=gammas)
+  train = [s for s in res["dataset"]["test_data"]["per_source"] if not s["test"]]
+  assert not any("s27c" in str(s) for s in train)
   t = res["test_data"]
-  assert (round(t["mape_analytical"], 3), round(t["mape_kernel_roofline_blend"], 3)) == (0.333, blend)
-  assert t["analytical_over_kernel_roofline_blend"] == pytest.approx(ratio, abs=0.005)
-  assert t["analytical_over_kernel_roofline_blend_ci95"] == pytest.approx(ci, abs=0.005)
-  assert t["analytical_over_kernel_roofline"] == pytest.approx(plain, abs=0.005)
   assert t["analytical_over_kernel_roofline_blend_ci95"][0] < 3.0            # not met
   src = t["per_test_source"]["h100_collect_s27c.npz"]
   assert (src["programs"], src["rows"]) == (100, 246)
-  ratios = [v["kernel_roofline_median_pred_over_measured"] for v in t["per_family"].values()]
-  assert len(ratios) == 16 and sum(r > 1.1 for r in ratios) == above
-  fitted = t.get("kernel_roofline_host_scale_fitted")
-  assert (fitted is None) if gammas is None else tuple(round(g, 2) for g in fitted[0]["kernel_roofline"]) == gammas
   if tag == "":
     fam = {f: round(v["kernel_roofline_blend"], 2) for f, v in t["per_family"].items()}
     assert (fam["mlp"], fam["pooling"], fam["conv_grad"], fam["mlp_train"]) == (0.27, 0.24, 0.23, 0.22)
