@@ -1268,9 +1268,12 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
                       "library_scale")
   f, b, k, m, rows = _flatten(tables)
   kd = di[rows]
+  # the library flags, once: for the launch gap of library calls only and for the library covariate
+  lib = _library_flags(tables) if zl is not None or (model.log_launch_gap is not None and model.gap_library_only) \
+      else None
   lib_f = None   # session 28: library calls' host-side costs x e^{gamma_{L,d} z_L} (1 for XLA's own kernels)
   if zl is not None:
-    lib_f = 1.0 + _library_flags(tables) * (np.exp(model.library_scale[kd] * zl[rows]) - 1.0)
+    lib_f = 1.0 + lib * (np.exp(model.library_scale[kd] * zl[rows]) - 1.0)
   a = f / np.exp(model.log_flops_rate[kd, k])
   if model.train_kernels is not None:
     # a scatter class without training kernels on the device: its FLOPs are the contention feature
@@ -1295,7 +1298,7 @@ def predict_kernel_roofline(model: KernelRoofline, tables: Sequence[KernelTable]
       t = t * np.exp(model.log_wall_scale[kd])
     g_t = None
     if model.log_launch_gap is not None:
-      g_t = m * np.exp(model.log_launch_gap[kd, k]) * (_library_flags(tables) if model.gap_library_only else 1.0)
+      g_t = m * np.exp(model.log_launch_gap[kd, k]) * (lib if model.gap_library_only else 1.0)
       if not model.gap_on_host:
         t = t + (g_t if launch_f is None else g_t * launch_f)
   np.add.at(out, rows, t)
@@ -1634,7 +1637,6 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
     if not config.host_floor:
       raise ValueError("library_covariate scales the library calls' host-side costs: set host_floor=True (and "
                        "host_launch or gap_on_host).")
-    _library_flags(tables)   # every table needs its library flags (raises)
   names = tuple(sorted(set(dev.tolist()), key=str))
   di = np.asarray([names.index(d) for d in dev], np.int32)
   D, C = len(names), len(KERNEL_CLASSES)
@@ -1644,7 +1646,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   unit = 1e-6
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   fj, bj, mj, kj, rj = f32(f * unit), f32(b * unit), f32(m), jnp.asarray(k), jnp.asarray(rows)
-  libj = f32(_library_flags(tables)) if config.gap_library_only else None
+  # per kernel 1 for a library call (every table needs its flags: _library_flags raises), for the launch gap of
+  # library calls only and for the library covariate
+  libj = f32(_library_flags(tables)) if config.gap_library_only or zlib is not None else None
   kdj = jnp.asarray(di[rows]) if rows.size else jnp.zeros(0, jnp.int32)
   dij, ly = jnp.asarray(di), f32(np.log(y / unit))
   lu = np.log(unit)  # a time in us is f*unit / R_u with R_u = R * unit^2: log R_u = log R + 2 log unit
@@ -1698,10 +1702,9 @@ def fit_kernel_roofline(tables: Sequence[KernelTable], runtime_s: Sequence[float
   if zlib is not None:   # session 28 helper: gamma_{L,d} on the library calls' host-side costs
     params["hlib"] = jnp.zeros((D,), jnp.float32)
     zlk = f32(zlib[rows]) if rows.size else jnp.zeros(0, jnp.float32)
-    libk = f32(_library_flags(tables))
 
   def lib_factor(p):   # per kernel: e^{gamma_{L,d} z_L} for library calls, 1 for XLA's own kernels
-    return 1.0 + libk * (jnp.exp(p["hlib"][kdj] * zlk) - 1.0)
+    return 1.0 + libj * (jnp.exp(p["hlib"][kdj] * zlk) - 1.0)
 
   def bounded(u):   # a fitted exponent: u itself, or B tanh(u / B) with host_covariate_bound
     if host_covariate_bound is None:
