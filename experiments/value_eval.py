@@ -971,9 +971,10 @@ def part_program_mape():
   if test_mode:
     test_rows, test_scored, desc["test_data"], src_idx = _test_data_rows(ds, desc["sources"], len(_ODATA.value))
     print(f"test data: {desc['test_data']}", flush=True)
-  hzv = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_DFLOOR.value else None
+  floor_z = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_DFLOOR.value or _KR_LIBF.value else None
+  hzv = floor_z if _KR_DFLOOR.value else None
   hz = (lambda idx: None) if hzv is None else (lambda idx: hzv[np.asarray(idx)])
-  zlv = _dispatch_floor_covariate(ds, desc, data_paths) if _KR_LIBF.value else None   # session 28 helper
+  zlv = floor_z if _KR_LIBF.value else None   # session 28 helper: the same per-row covariate
   lib_kw = (lambda idx: {}) if zlv is None else (lambda idx: {"library_covariate": zlv[np.asarray(idx)]})
   file_of = _row_files(ds, desc) if _KR_FILE_HOST.value else None
 
