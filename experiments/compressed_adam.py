@@ -100,7 +100,8 @@ _COMPRESSORS = flags.DEFINE_list("compressors", ["sidco", "topk", "dgc"], "Compr
                                   "low-pass filter beta=B); union: comm.union_topk (every worker "
                                   "sends its values on the union of the workers' own Top-k sets: exact means at "
                                   "Top-k's coverage; bytes: k indices + |union| values per worker); "
-                                  "powersgd2, powersgd4, accordion (rank 1 <-> 4; chain mode only).")
+                                  "powersgd2, powersgd4, accordion (rank 1 <-> 4; every mode: their "
+                                  "precondition= since session 29).")
 _MODES = flags.DEFINE_list("modes", ["chain", "precondition"], "chain: chain(c, adam); precondition: "
                            "chain(c(precondition=scale_by_adam()), sgd); precondition_adam: "
                            "chain(c(precondition=scale_by_adam()), adam); rms: chain(c(precondition="
@@ -306,11 +307,10 @@ def _compressor(compressor: str, mode: str, ratio: float, final: bool = True, st
                                    sample_fraction=sf, capacity_factor=cf, exact=True),
        "randomk": lambda: sp.randomk(ratio, axis_name="d", precondition=pre, seed=0, per_tensor=pt),
        # low-rank compressors: the density flag does not apply (rank 2 / 4 and ACCORDION's 1 <-> 4 switch)
-       "powersgd2": lambda: comm.powersgd(2, axis_name="d"),
-       "powersgd4": lambda: comm.powersgd(4, axis_name="d"),
-       "accordion": lambda: comm.accordion("powersgd", 4, 1, interval=100, axis_name="d")}[compressor]()
-  if pre is not None and compressor in ("powersgd2", "powersgd4", "accordion"):
-    raise ValueError(f"mode 'precondition' is for the sparsifiers; {compressor} runs in 'chain' mode only.")
+       "powersgd2": lambda: comm.powersgd(2, axis_name="d", precondition=pre),
+       "powersgd4": lambda: comm.powersgd(4, axis_name="d", precondition=pre),
+       "accordion": lambda: comm.accordion("powersgd", 4, 1, interval=100, axis_name="d",
+                                           precondition=pre)}[compressor]()
   return c
 
 

@@ -63,8 +63,8 @@ import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import (_global_finite, _initial_q, _keep_warm, matrix_shape, powersgd_layout,
-                                    powersgd_step)
+from mlsys_jax.comm.lowrank import (_apply_precondition, _check_precondition, _global_finite, _initial_q,
+                                    _keep_on_skip, _keep_warm, matrix_shape, powersgd_layout, powersgd_step)
 
 __all__ = [
     "AccordionState",
@@ -118,6 +118,7 @@ class AccordionState(NamedTuple):
       layer's level).
     levels_differ: (L,) bool, True where the leaf's two levels send something different (False for dense
       leaves and where both levels clamp to the same rank or count): only these flags select a compiled step.
+    precondition: state of the local ``precondition`` transform, or ``()`` without one.
   """
   residual: Any
   q: tuple
@@ -132,6 +133,7 @@ class AccordionState(NamedTuple):
   decisions: jax.Array
   off_regime_steps: jax.Array
   levels_differ: jax.Array
+  precondition: Any = ()
 
 
 def _topk_k(density: float, n: int) -> int:
@@ -142,7 +144,8 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
               eta: float = 0.5, interval: int = 100, accumulate: int | None = None,
               lr_schedule: Callable[[Any], Any] | None = None, min_size: int = 0,
               clamp_rank: bool = False, seed: int = 0, axis_name: str | None = None,
-              regime: Sequence[bool] | None = None) -> optax.GradientTransformation:
+              regime: Sequence[bool] | None = None,
+              precondition: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
   """ACCORDION per-layer switching between two compression levels (Agarwal et al., MLSys 2021).
 
   Args:
@@ -172,6 +175,11 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       while they agree (``bytes_sent`` aside): bitwise at the test suite's XLA optimisation level; at the
       default level PowerSGD leaves differ by float rounding (fusions differ once the conditional is gone;
       ~1e-6 relative after a few steps, ~1e-4 after 11 in the review's check), Top-k leaves stay bitwise.
+    precondition: a local optax transform applied to this worker's gradient before error feedback (e.g.
+      ``optax.scale_by_adam()`` with ``optax.sgd(lr)`` after, or :func:`~mlsys_jax.comm.rms_selection`
+      before ``optax.adam``): what is compressed and sent is its output; the detector still accumulates the
+      raw gradient (the paper's signal: an Adam direction's norm hardly changes between regimes). Its state
+      is kept per worker in ``state.precondition`` and left unchanged on skipped (non-finite) steps.
 
   Returns:
     ``optax.GradientTransformation`` with an :class:`AccordionState`.
@@ -200,6 +208,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
   accumulate = interval if accumulate is None else accumulate
   check_int("accumulate", accumulate, 1, interval)
   check_int("min_size", min_size, 0)
+  _check_precondition("accordion", precondition)
   if lr_schedule is not None and not callable(lr_schedule):
     raise TypeError(f"lr_schedule must be a callable step -> learning rate (an optax schedule), "
                     f"got {type(lr_schedule).__name__}.")
@@ -247,7 +256,8 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     zi, zf = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
     differ = jnp.asarray([kind != "dense" and lo != hi for kind, lo, hi in layout], bool)
     return AccordionState(zeros, qs, zeros, jnp.zeros((n_leaves,), jnp.float32),
-                          jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi, zi, differ)
+                          jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi, zi, differ,
+                          precondition.init(params) if precondition is not None else ())
 
   def _at_level(critical, at_low, at_high, operand):
     """``at_low(operand)`` where ``critical`` else ``at_high(operand)``: a Python choice for a static regime,
@@ -293,27 +303,28 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     return out.reshape(acc.shape), res.reshape(acc.shape), q, nb
 
   def update_fn(updates, state, params=None):
-    del params
     check_floating("accordion.update", updates)
     _sp._check_axis(axis_name)
+    raw = jax.tree_util.tree_leaves(updates)   # (the detector's signal, and the outputs' dtypes)
+    updates, pre_state = _apply_precondition(precondition, updates, state.precondition, params)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     _check_regime(len(leaves))
     layout = _layout(updates)
     res_leaves = treedef.flatten_up_to(state.residual)
     acc_leaves = treedef.flatten_up_to(state.accum)
-    finite = _global_finite(leaves, axis_name)
+    finite = _global_finite(leaves if precondition is None else leaves + raw, axis_name)
     t = state.step
     outs, new_res, new_q, new_accum, nbytes = [], [], [], [], jnp.float32(0.0)
     in_window = (t % interval) >= (interval - accumulate)
-    for i, (g, res, q, acc_w, (kind, lo, hi)) in enumerate(
-        zip(leaves, res_leaves, state.q, acc_leaves, layout)):
+    for i, (g, g_raw, res, q, acc_w, (kind, lo, hi)) in enumerate(
+        zip(leaves, raw, res_leaves, state.q, acc_leaves, layout)):
       acc = jnp.where(finite, g.astype(res.dtype) + res, 0)
       out, r_new, q_new, nb = _compress_leaf(kind, lo, hi, acc, q,
                                              state.critical[i] if regime is None else regime[i])
-      outs.append(jnp.where(finite, out, 0).astype(g.dtype))
+      outs.append(jnp.where(finite, out, 0).astype(g_raw.dtype))
       new_res.append(jnp.where(finite, r_new, res))
       new_q.append(jnp.where(finite, q_new, q))
-      new_accum.append(jnp.where(finite & in_window, acc_w + g.astype(acc_w.dtype), acc_w))
+      new_accum.append(jnp.where(finite & in_window, acc_w + g_raw.astype(acc_w.dtype), acc_w))
       nbytes = nbytes + nb
     nbytes = jnp.where(finite, nbytes, 0.0)
 
@@ -348,7 +359,8 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
         jax.tree_util.tree_unflatten(treedef, new_res), tuple(new_q),
         jax.tree_util.tree_unflatten(treedef, new_accum), norms, has_prev, critical, t + 1,
         nbytes, state.total_bytes + nbytes, state.nonfinite_steps + (~finite).astype(jnp.int32),
-        state.decisions + decide.astype(jnp.int32), state.off_regime_steps + off_regime, state.levels_differ)
+        state.decisions + decide.astype(jnp.int32), state.off_regime_steps + off_regime, state.levels_differ,
+        _keep_on_skip(finite, pre_state, state.precondition))
     return jax.tree_util.tree_unflatten(treedef, outs), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -177,6 +177,8 @@ class PowerSGDState(NamedTuple):
     bytes_sent: bytes this device passed to the collectives in the last step (float32).
     total_bytes: cumulative ``bytes_sent``.
     nonfinite_steps: steps skipped because some device's gradient held NaN/inf.
+    precondition: state of the local ``precondition`` transform (e.g. Adam's moments of this worker's
+      gradients), or ``()`` without one.
   """
   residual: Any
   q: tuple
@@ -184,6 +186,7 @@ class PowerSGDState(NamedTuple):
   bytes_sent: jax.Array
   total_bytes: jax.Array
   nonfinite_steps: jax.Array
+  precondition: Any = ()
 
 
 def _state_field(state: Any, name: str):
@@ -227,8 +230,28 @@ def _initial_q(leaves: Sequence[Any], ranks: Sequence[int], seed: int) -> tuple:
       for i, (leaf, r) in enumerate(zip(leaves, ranks)))
 
 
+def _check_precondition(who: str, precondition) -> None:
+  """A compressor's ``precondition=`` must be None or an ``optax.GradientTransformation``."""
+  if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
+    raise TypeError(f"{who}: precondition must be None or an optax.GradientTransformation (e.g. "
+                    f"optax.scale_by_adam() or comm.rms_selection()), got {type(precondition).__name__}.")
+
+
+def _apply_precondition(precondition, updates, state, params):
+  """``(updates, new_state)`` of the local ``precondition`` (``(updates, state)`` unchanged when it is None)."""
+  if precondition is None:
+    return updates, state
+  return precondition.update(updates, state, params)
+
+
+def _keep_on_skip(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where the step is finite, else ``old`` (leaf by leaf; a skipped step leaves a local state as it was)."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: int = 0,
-             axis_name: str | None = None) -> optax.GradientTransformation:
+             axis_name: str | None = None,
+             precondition: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
   """PowerSGD compression with error feedback (Vogels et al., NeurIPS 2019, Algorithms 1-2).
 
   Args:
@@ -239,6 +262,12 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     seed: seed of the random initial Q (the same on every device, so no broadcast is needed).
     axis_name: mapped axis (pmap/shard_map) of the data-parallel workers; None for one device.
       With it, the update is the decompressed global (mean) gradient, the same on every device.
+    precondition: a local optax transform applied to this worker's gradient before error feedback (e.g.
+      ``optax.scale_by_adam()``, then ``optax.sgd(lr)`` after the compressor: the low-rank approximation of
+      the local Adam direction, as 1-bit Adam compresses after the moment update; or
+      :func:`~mlsys_jax.comm.rms_selection` before ``optax.adam``). Its state is kept per worker in
+      ``state.precondition`` and left unchanged on skipped (non-finite) steps, so a NaN on one worker never
+      reaches its moments. The same updates as ``optax.chain(precondition, powersgd(...))`` on finite steps.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PowerSGDState`.
@@ -253,6 +282,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
   """
   check_int("rank", rank, 1)
   check_int("min_size", min_size, 0)
+  _check_precondition("powersgd", precondition)
 
   def init_fn(params):
     check_floating("powersgd.init", params)
@@ -260,12 +290,14 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     ranks = powersgd_layout(params, rank, min_size=min_size, clamp_rank=clamp_rank)
     z = jnp.zeros((), jnp.float32)
     return PowerSGDState(jax.tree_util.tree_map(jnp.zeros_like, params), _initial_q(leaves, ranks, seed),
-                         jnp.zeros((), jnp.int32), z, z, jnp.zeros((), jnp.int32))
+                         jnp.zeros((), jnp.int32), z, z, jnp.zeros((), jnp.int32),
+                         precondition.init(params) if precondition is not None else ())
 
   def update_fn(updates, state, params=None):
-    del params
     check_floating("powersgd.update", updates)
     _check_axis(axis_name)
+    grads = jax.tree_util.tree_leaves(updates)
+    updates, pre_state = _apply_precondition(precondition, updates, state.precondition, params)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     res_leaves = treedef.flatten_up_to(state.residual)
     finite = _global_finite(leaves, axis_name)
@@ -294,11 +326,12 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
         outs[i] = approx[j].reshape(accs[i].shape)
         new_res[i] = jnp.where(finite, accs[i] - outs[i], res_leaves[i])
         new_q[i] = jnp.where(finite, _keep_warm(qn[j], state.q[i]), state.q[i])
-    outs = [jnp.where(finite, o, 0).astype(g.dtype) for o, g in zip(outs, leaves)]
+    outs = [jnp.where(finite, o, 0).astype(g.dtype) for o, g in zip(outs, grads)]
     nb = jnp.where(finite, jnp.float32(nbytes), 0.0)
     new_state = PowerSGDState(jax.tree_util.tree_unflatten(treedef, new_res), tuple(new_q),
                               state.step + 1, nb, state.total_bytes + nb,
-                              state.nonfinite_steps + (~finite).astype(jnp.int32))
+                              state.nonfinite_steps + (~finite).astype(jnp.int32),
+                              _keep_on_skip(finite, pre_state, state.precondition))
     return jax.tree_util.tree_unflatten(treedef, outs), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
