@@ -6,12 +6,11 @@ recomputed from the committed JSONs; and the counts of the two session-29 collec
 import json
 import pathlib
 
-import numpy as np
 import pytest
 
 from mlsys_jax import cost
 from tests.test_value_eval_fresh_h100_s26 import check_fresh_whole_program
-from tests.test_value_eval_fresh_h100_s27 import FRESH_OPTION_TESTS
+from tests.test_value_eval_fresh_h100_s27 import FRESH_OPTION_TESTS, pooled_option_choice
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RES = ROOT / "experiments" / "results" / "value_eval"
@@ -69,27 +68,13 @@ def test_quoted_option_choice(tag, chosen, within, ci, faster, slower, regret):
 def test_quoted_pooled_fresh_option_choice(extra, counts, hits, quoted):
   """Pooled over every fresh option-choice test, each with its registered decoder: met on the lower bound, about
   as often as XLA's default; 8 files at or above 0.80 alone."""
-  n = hit = hit_default = hit_hybrid = faster = slower = per_file_met = 0
-  for f in FRESH_OPTION_TESTS + tuple(f"value_options_fresh_h100_{t}_tuned.json" for t in extra):
-    m = json.loads((RES / f).read_text())["results"]["test_data/fresh"]["measured"]
-    v = m["value_model"]
-    k = v["programs"]
-    n += k
-    hit += round(v["within_tol"] * k)
-    hit_default += round(m["always_default"]["within_tol"] * k)
-    hit_hybrid += round(m["hybrid_top2"]["within_tol"] * k)
-    faster += v["vs_default"]["faster_by_5pct"]
-    slower += v["vs_default"]["slower_by_5pct"]
-    per_file_met += v["within_tol"] >= 0.80
-  assert (n, hit, hit_default, hit_hybrid) == counts
-  assert (faster, slower, per_file_met) == hits
-  p, z = hit / n, 1.959964
-  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  got = (round(p, 3), round(centre - half, 3), round(centre + half, 3), round(hit_default / n, 3),
-         round(hit_hybrid / n, 3))
+  c = pooled_option_choice(FRESH_OPTION_TESTS + tuple(f"value_options_fresh_h100_{t}_tuned.json" for t in extra))
+  assert (c["n"], c["hit"], c["hit_default"], c["hit_hybrid"]) == counts
+  assert (c["faster"], c["slower"], c["per_file_met"]) == hits
+  got = (round(c["share"], 3), round(c["wilson"][0], 3), round(c["wilson"][1], 3), round(c["hit_default"] / c["n"], 3),
+         round(c["hit_hybrid"] / c["n"], 3))
   assert got == quoted
-  assert centre - half > 0.80                                                   # (a) met on the pooled fresh programs
+  assert c["wilson"][0] > 0.80                                                  # (a) met on the pooled fresh programs
 
 
 def test_quoted_second_test_whole_program_figures():
@@ -151,27 +136,14 @@ def test_quoted_plain_model_error_range_on_fresh_h100_files():
   assert [t["analytical_over_kernel_roofline_blend"] >= 3.0 for t in got] == [False] * 6 + [True, False]
 
 
-@pytest.mark.parametrize("name,seed,rows,programs,noisy,kept,floors,conv_probe", [
-    # reserved, unread, for the next session's rule (reserved_fresh_s29.md): only counts, floors and probes here
-    ("h100_collect_s29a", 35, 350, 120, 180, 83, (45.8, 30.6, 31.7), (40.2, 47.6, 50.1)),
-    ("h100_collect_s29b", 36, 524, 179, 190, 143, (29.6, 30.4, 27.5), (58.6, 50.4, 42.2))])
-def test_the_reserved_session29_collections(name, seed, rows, programs, noisy, kept, floors, conv_probe):
-  d = cost.load_dataset(str(H100 / f"{name}.npz"))
-  assert d.meta["device"] == "NVIDIA H100 80GB HBM3" and d.meta["seed"] == seed
-  assert len(d) == rows and len(set(np.asarray(d.group).tolist())) == programs
-  assert int(np.sum(d.noisy)) == noisy
-  assert len(set(np.asarray(d.group)[~np.asarray(d.noisy)].tolist())) == kept
-  timing = d.meta["dispatch_floor_timing_s"]
-  got = (d.meta["dispatch_floor_s"], timing["median"], d.meta["dispatch_floor_end_s"])
-  assert tuple(round(f * 1e6, 1) for f in got) == floors
-  lib = d.meta["library_floor_timing_s"]
-  got = (d.meta["library_floor_s"]["conv"], lib["conv"]["median"], d.meta["library_floor_end_s"]["conv"])
-  assert tuple(round(f * 1e6, 1) for f in got) == conv_probe
-  excluded = {pathlib.Path(p).name for p in d.meta["exclude"]}   # every earlier file, s28c and s28d included
-  assert {"h100_collect_s28c.npz", "h100_collect_s28d.npz"} <= excluded
-  assert len(excluded) == {"h100_collect_s29a": 23, "h100_collect_s29b": 24}[name]
-  if name == "h100_collect_s29b":
-    assert "h100_collect_s29a.npz" in excluded
+def test_the_reserved_session29_collections_exclude_every_earlier_file():
+  """reserved_fresh_s29.md (counts, floors and probes pinned in tests/test_value_eval_fresh_h100_s27.py): s29a excluded
+  the twenty-three earlier files, s28c and s28d among them; s29b those and s29a."""
+  a, b = (cost.load_dataset(str(H100 / f"h100_collect_s29{x}.npz")) for x in "ab")
+  ex_a, ex_b = ({pathlib.Path(p).name for p in d.meta["exclude"]} for d in (a, b))
+  assert {"h100_collect_s28c.npz", "h100_collect_s28d.npz"} <= ex_a and len(ex_a) == 23
+  assert ex_b == ex_a | {"h100_collect_s29a.npz"}
+  assert (a.meta["seed"], b.meta["seed"]) == (35, 36)
 
 
 def test_quoted_device_time_oracle_range():
