@@ -106,3 +106,21 @@ def test_a_precondition_that_is_not_a_transform_is_refused(make):
   for bad in ("adam", optax.adam, 0.9):
     with pytest.raises(TypeError, match="precondition must be None or an optax.GradientTransformation"):
       make(bad)
+
+
+@pytest.mark.parametrize("name", ["powersgd", "accordion_powersgd"])
+def test_a_nan_the_precondition_hides_still_skips_the_step(name):
+  """A precondition that maps NaN to a finite value (here to zero) does not hide a NaN gradient: the step is skipped
+  and the transform's state kept."""
+  zero_nans = optax.stateless(lambda u, p=None: jax.tree_util.tree_map(jnp.nan_to_num, u))
+  count = optax.chain(zero_nans, optax.scale_by_adam())
+  params = _params()
+  tx = _MAKERS[name](count)
+  st = tx.init(params)
+  _, st = tx.update(_grads(0), st, params)
+  bad = _grads(1)
+  bad["bias"] = bad["bias"].at[0].set(jnp.nan)
+  out, st2 = jax.jit(tx.update)(bad, st, params)
+  assert int(st2.nonfinite_steps) == 1 and not any(np.any(np.asarray(o)) for o in jax.tree_util.tree_leaves(out))
+  for a, b in zip(jax.tree_util.tree_leaves(st.precondition), jax.tree_util.tree_leaves(st2.precondition)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -178,8 +178,9 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     precondition: a local optax transform applied to this worker's gradient before error feedback (e.g.
       ``optax.scale_by_adam()`` with ``optax.sgd(lr)`` after, or :func:`~mlsys_jax.comm.rms_selection`
       before ``optax.adam``): what is compressed and sent is its output; the detector still accumulates the
-      raw gradient (the paper's signal: an Adam direction's norm hardly changes between regimes). Its state
-      is kept per worker in ``state.precondition`` and left unchanged on skipped (non-finite) steps.
+      raw gradient, the signal the paper's detector reads. Its state is kept per worker in
+      ``state.precondition`` and left unchanged on skipped (non-finite) steps (a NaN in the raw gradient or in
+      the transform's output skips the step).
 
   Returns:
     ``optax.GradientTransformation`` with an :class:`AccordionState`.

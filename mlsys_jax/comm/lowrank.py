@@ -300,7 +300,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     updates, pre_state = _apply_precondition(precondition, updates, state.precondition, params)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     res_leaves = treedef.flatten_up_to(state.residual)
-    finite = _global_finite(leaves, axis_name)
+    finite = _global_finite(leaves if precondition is None else leaves + grads, axis_name)
     n_leaves = len(leaves)
     outs, new_res, new_q, nbytes = [None] * n_leaves, [None] * n_leaves, list(state.q), 0
     accs = [jnp.where(finite, g.astype(res.dtype) + res, 0) for g, res in zip(leaves, res_leaves)]
