@@ -63,8 +63,8 @@ import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import (_apply_precondition, _check_precondition, _global_finite, _initial_q,
-                                    _keep_on_skip, _keep_warm, matrix_shape, powersgd_layout, powersgd_step)
+from mlsys_jax.comm.lowrank import _global_finite, _initial_q, _keep_warm, matrix_shape, powersgd_layout, powersgd_step
+from mlsys_jax.comm.sparse import _apply_precondition, _check_precondition, _keep_on_skip
 
 __all__ = [
     "AccordionState",

@@ -879,9 +879,8 @@ def staleness_topk(ratio: float, *, tau: float = 16.0, axis_name: str | None = N
     hit = jnp.zeros((n,), jnp.bool_).at[idx].set(True)
     new_age = jnp.where(hit, 0, age_flat + 1).astype(age_flat.dtype)
     out = _sp.allgather_mean(payload, n, axis_name, flat.dtype) if axis_name is not None else sent
-    new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), unravel(residual),
-                                     state.residual)
-    age = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), unravel_age(new_age), state.age)
+    new_res = _sp._keep_on_skip(finite, unravel(residual), state.residual)
+    age = _sp._keep_on_skip(finite, unravel_age(new_age), state.age)
     out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), unravel(out), updates)
     nb = jnp.where(finite, jnp.float32(_sp.payload_bytes(payload)), 0.0)
     return out, StalenessTopkState(new_res, age, state.step + 1, payload.count.astype(jnp.float32) / n, nb,

@@ -52,6 +52,7 @@ import optax
 
 from mlsys_jax._checks import check_floating, check_int
 from mlsys_jax.comm.sparse import _check_axis, _global_finite  # noqa: F401 (accordion imports it from here)
+from mlsys_jax.comm.sparse import _apply_precondition, _check_precondition, _keep_on_skip
 
 __all__ = [
     "PowerSGDState",
@@ -228,25 +229,6 @@ def _initial_q(leaves: Sequence[Any], ranks: Sequence[int], seed: int) -> tuple:
       jnp.zeros((0, 0), jnp.result_type(leaf)) if r == 0 else
       jax.random.normal(jax.random.fold_in(key, i), (matrix_shape(leaf.shape)[1], r), jnp.result_type(leaf))
       for i, (leaf, r) in enumerate(zip(leaves, ranks)))
-
-
-def _check_precondition(who: str, precondition) -> None:
-  """A compressor's ``precondition=`` must be None or an ``optax.GradientTransformation``."""
-  if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
-    raise TypeError(f"{who}: precondition must be None or an optax.GradientTransformation (e.g. "
-                    f"optax.scale_by_adam() or comm.rms_selection()), got {type(precondition).__name__}.")
-
-
-def _apply_precondition(precondition, updates, state, params):
-  """``(updates, new_state)`` of the local ``precondition`` (``(updates, state)`` unchanged when it is None)."""
-  if precondition is None:
-    return updates, state
-  return precondition.update(updates, state, params)
-
-
-def _keep_on_skip(finite: jax.Array, new: Any, old: Any) -> Any:
-  """``new`` where the step is finite, else ``old`` (leaf by leaf; a skipped step leaves a local state as it was)."""
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: int = 0,

@@ -195,9 +195,7 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
   ratio = float(ratio)
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"axis_name must be a str or None, got {type(axis_name).__name__}.")
-  if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
-    raise TypeError(f"precondition must be an optax.GradientTransformation (e.g. comm.rms_selection()), got "
-                    f"{type(precondition).__name__}.")
+  _sp._check_precondition(name, precondition)
 
   def init_fn(params):
     check_floating(f"{name}.init", params)
@@ -211,9 +209,7 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
     _sp._check_like(f"{name}.update", updates, state.residual)
     _sp._check_axis(axis_name)
     grads = updates
-    pre_state = state.precondition
-    if precondition is not None:
-      updates, pre_state = precondition.update(updates, state.precondition, params)
+    updates, pre_state = _sp._apply_precondition(precondition, updates, state.precondition, params)
     addend = jax.tree_util.tree_map(lambda g, r: g.astype(r.dtype), updates, state.residual)
     flat, unravel = _sp._ravel_sum(addend, state.residual)      # acc_w, topk's vector bitwise
     finite = _sp._global_finite([flat], axis_name)
@@ -251,12 +247,9 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
     if beta != 1.0:   # ScaleCom's low-pass filter: (1 - beta) e + beta (acc - sent)
       old = ravel_pytree(state.residual)[0].astype(flat.dtype)
       residual = ((1.0 - beta) * old + beta * residual).astype(flat.dtype)
-    new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), unravel(residual),
-                                     state.residual)
+    new_res = _sp._keep_on_skip(finite, unravel(residual), state.residual)
     out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), unravel(out_flat), grads)
-    if precondition is not None:
-      pre_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), pre_state,
-                                         state.precondition)
+    pre_state = _sp._keep_on_skip(finite, pre_state, state.precondition)
     nb = jnp.where(finite, nb, 0.0)
     released = n_union.astype(jnp.float32) if union else jnp.float32(k)
     density = jnp.where(finite, released / n, 0.0)

@@ -1841,6 +1841,25 @@ def _check_common(ratio, capacity_factor):
   check_range("capacity_factor", capacity_factor, 1.0)
 
 
+def _check_precondition(who: str, precondition) -> None:
+  """A compressor's ``precondition=`` must be None or an ``optax.GradientTransformation``."""
+  if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
+    raise TypeError(f"{who}: precondition must be None or an optax.GradientTransformation (e.g. "
+                    f"optax.scale_by_adam() or comm.rms_selection()), got {type(precondition).__name__}.")
+
+
+def _apply_precondition(precondition, updates, state, params):
+  """``(updates, new_state)`` of the local ``precondition`` (``(updates, state)`` unchanged when it is None)."""
+  if precondition is None:
+    return updates, state
+  return precondition.update(updates, state, params)
+
+
+def _keep_on_skip(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where the step is finite, else ``old`` (leaf by leaf; a skipped step leaves a state as it was)."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 def _check_axis(axis_name: str | None) -> None:
   """Raise ``NameError`` saying what to do when ``axis_name`` is set but not bound by pmap/shard_map."""
   if axis_name is None:
@@ -2027,9 +2046,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
   if flat_state and segmented is None and per_tensor:
     raise ValueError("flat_state=True with per_tensor=True needs sidco (one buffer with per-tensor segments); "
                      "topk, dgc and randomk keep a flat residual with per_tensor=False only.")
-  if precondition is not None and not isinstance(precondition, optax.GradientTransformation):
-    raise TypeError(f"precondition must be an optax.GradientTransformation (e.g. optax.scale_by_adam()), "
-                    f"got {type(precondition).__name__}.")
+  _check_precondition("sparsifier", precondition)
 
   def init_fn(params):
     check_floating("sparsifier.init", params)
@@ -2290,9 +2307,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       _check_like("sparsifier.update", updates, state.residual)
     _check_axis(axis_name)
     grads = updates
-    pre_state = state.precondition
-    if precondition is not None:
-      updates, pre_state = precondition.update(updates, state.precondition, params)
+    updates, pre_state = _apply_precondition(precondition, updates, state.precondition, params)
     flat_seg = flat_state and segmented is not None   # (_flat_step does its own sum, velocity and finiteness)
     if flat_seg:
       addend = None
@@ -2336,14 +2351,12 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       velocity = jax.tree_util.tree_map(lambda u, h, old: jnp.where(finite, jnp.where(h, 0, u), old),
                                         vel, hit_tree, state.velocity)
     if not final[0]:
-      new_res = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_res, state.residual)
+      new_res = _keep_on_skip(finite, new_res, state.residual)
     if not final[1]:
       out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
     else:   # (written in the residual's dtype, the gradients' when they differ)
       out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, grads)
-    if precondition is not None:
-      pre_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), pre_state,
-                                         state.precondition)
+    pre_state = _keep_on_skip(finite, pre_state, state.precondition)
     stages, ratio_sum = state.stages, state.ratio_sum
     if adapt is not None:
       hi, every, tol = adapt
