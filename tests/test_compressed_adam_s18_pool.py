@@ -72,3 +72,25 @@ def test_dgc_cells_recompute_from_their_runs():
     assert acc == res["accuracy"] and adam == res["adam"] and len(acc) == 15
     c = _compare(acc, adam)
     assert (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]) == pytest.approx(q, abs=0.005)
+
+
+def test_session30_per_tensor_screen_recomputes_and_has_no_winner():
+  """Session 30's screen of the 0.1% recipe with per-tensor selection (rule s30_pt/RULE.md, written first): the
+  summary JSON holds the runs' accuracies, the quoted differences recompute, and by the rule there is no winner."""
+  key = "topk 0.001 rmsfrom@1 dwarmup300 start0.01"
+  rec, pt = _load("s30_pt/recipe_seeds0-4.json"), _load("s30_pt/pt_seeds0-4.json")
+  out = _load("s30_pt/screen_seeds0-4.json")
+  assert rec["per_tensor"] is False and pt["per_tensor"] is True
+  assert rec["seeds"] == pt["seeds"] == [0, 1, 2, 3, 4]
+  assert rec["accuracy"]["adam"] == pt["accuracy"]["adam"]   # Adam deterministic on this host: paired
+  assert out["recipe"]["accuracy"] == rec["accuracy"][key] and out["per_tensor"]["accuracy"] == pt["accuracy"][key]
+  adam = rec["accuracy"]["adam"]
+  for acc, ref, quoted in ((rec["accuracy"][key], adam, (-0.44, -1.62, 0.92)),
+                           (pt["accuracy"][key], adam, (-1.20, -2.10, 0.00)),
+                           (pt["accuracy"][key], rec["accuracy"][key], (-0.76, -1.76, 0.24))):
+    c = _compare(acc, ref)
+    assert (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]) == pytest.approx(
+        quoted, abs=0.005)
+  assert out["winner"] is False and out["per_tensor"]["vs_recipe"]["mean_diff"] < 0
+  # per tensor every leaf sends at least one entry a step: a few more bytes than the global selection
+  assert out["per_tensor"]["mb_per_worker"][0] > out["recipe"]["mb_per_worker"][0]

@@ -28,6 +28,8 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        default sample: 100-129), each against Adam re-run with it; a precision run whose rule was written first
   s18dgc: DGC (default sample) cells on current code: digits 1% (plain chain and the 1% option) and 0.1% (the
        recipe, and inside gradient_units) on the fresh seeds 100-114, mnist1d 1% option on seeds 45-59 (session 17's 45-49 + 50-59)
+  s30: session 30's screen (rule: s30_pt/RULE.md): the 0.1% recipe with per-tensor selection against the recipe
+       re-run on this host, mnist1d seeds 0-4 (two runs, Adam checked equal seed by seed), each vs Adam and paired
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -354,9 +356,35 @@ def pool_s18_dgc() -> dict:
   return out
 
 
+def pool_s30() -> dict:
+  """Session 30's screen (``s30_pt/RULE.md``): the 0.1% recipe selecting per tensor (``--per_tensor``) against the
+  recipe re-run on this host, seeds 0-4. The two runs share the arm's key (the flag is not in it), so they are
+  paired here; Adam must agree seed by seed."""
+  key = "topk 0.001 rmsfrom@1 dwarmup300 start0.01"
+  adam = {}
+  arms = {}
+  for arm, f in (("recipe", "s30_pt/recipe_seeds0-4.json"), ("per_tensor", "s30_pt/pt_seeds0-4.json")):
+    runs, seeds, A, X = _load_arm("s30", arm, key, [f], adam, complete=True)
+    if arm == "per_tensor" and runs[0]["per_tensor"] is not True:
+      raise ValueError(f"s30: {f} was not run with --per_tensor")
+    arms[arm] = {"file": f, "seeds": seeds, "accuracy": X, "adam": A,
+                 "mb_per_worker": runs[0]["bytes_per_worker"][key], "vs_adam": _compare(X, A)}
+  assert arms["recipe"]["seeds"] == arms["per_tensor"]["seeds"] == [0, 1, 2, 3, 4]
+  pt = arms["per_tensor"]
+  pt["vs_recipe"] = _compare(pt["accuracy"], arms["recipe"]["accuracy"])
+  winner = pt["vs_recipe"]["mean_diff"] > 0 and pt["vs_adam"]["mean_diff"] >= -0.01
+  out = {"key": key, "rule": "s30_pt/RULE.md", **arms, "winner": bool(winner)}
+  for arm in arms:
+    print("s30", arm, "vs Adam", _fmt(arms[arm]["vs_adam"]))
+  print("s30 per_tensor vs recipe", _fmt(pt["vs_recipe"]), _fmt_p(pt["vs_recipe"]), "winner:", winner)
+  json.dump(out, open(R + "s30_pt/screen_seeds0-4.json", "w"), indent=1)
+  return out
+
+
 # pools with their own function (the rest are POOLS entries, pooled by ``pool``)
 SPECIAL = {"s11": pool_s11, "s13": lambda: pool_s13("s13"), "s13u": lambda: pool_s13("s13u"), "s16": pool_s16,
-           "s17": pool_s17, "s18": pool_s18, "s18dgc": pool_s18_dgc}
+           "s17": pool_s17, "s18": pool_s18, "s18dgc": pool_s18_dgc,
+           "s30": pool_s30}
 
 if __name__ == "__main__":
   if len(sys.argv) == 2 and sys.argv[1] in SPECIAL:
