@@ -57,6 +57,7 @@ Usage:
 
 from __future__ import annotations
 
+import gzip
 import os
 import pathlib
 import sys
@@ -147,6 +148,9 @@ def _flags(ap):
   ap.add_argument("--profile_steps", type=int, default=10, help="steps in each row's profiler trace (GPU)")
   ap.add_argument("--top", type=int, default=25, help="kernels kept per row in top_kernels (by total time per step)")
   ap.add_argument("--name", default="sidco_model_step", help="JSON file name (without .json)")
+  ap.add_argument("--hlo", action="store_true",
+                  help="also write each row's optimized HLO (gzipped text, with the ops' source lines) next to the "
+                       "JSON as <name>_<row>.hlo.txt.gz: a kernel of top_kernels is the HLO fusion of that name")
   ap.add_argument("--autotune_cache", default="auto",
                   help="directory for XLA's per-fusion autotune cache, shared by every row's compile so that "
                        "all rows run the same convolution and GEMM algorithms (else each compile autotunes on "
@@ -364,6 +368,10 @@ def main():
     t0 = time.perf_counter()
     prog[r] = _make_step(model, tx, _switches(r), options)(p, s, x, y)
     state[r] = [p, s]
+    if args.hlo:
+      os.makedirs(args.out, exist_ok=True)
+      with gzip.open(os.path.join(args.out, f"{args.name}_{r}.hlo.txt.gz"), "wt") as f:
+        f.write(prog[r].as_text())
     print(f"compiled {r} in {time.perf_counter() - t0:.1f} s", flush=True)
 
   def run(r, n):
