@@ -1,0 +1,33 @@
+"""benchmarks/hlo_attribution.py: profiled kernels charged to the library function that emitted them."""
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import hlo_attribution as ha
+from mlsys_jax.comm import sparse
+
+
+def _hlo():
+  tx = sparse.sidco(0.01)
+  g = {"a": jnp.linspace(-1.0, 1.0, 4096), "b": jnp.cos(jnp.arange(8192.0))}
+  st = tx.init(g)
+  return jax.jit(tx.update).lower(g, st).compile().as_text()
+
+
+def test_fusions_are_charged_to_their_library_function_and_the_rest_is_named():
+  text = _hlo()
+  names, frames = ha.instruction_frames(text)
+  assert frames and names
+  fused = [n for n in names if "fusion" in n]
+  # every fusion of the update has a frame in sparse.py: none is charged outside the package
+  groups = ha.attribute([(n.replace(".", "_"), 1e-6, 1) for n in fused], text)
+  assert abs(sum(groups.values()) - len(fused) * 1e-6) < 1e-9   # every kernel charged once
+  assert all(g.startswith("sparse.py:") for g in groups), groups
+  assert any("update_fn" in g or "_sidco_segments" in g or "_segmented_step" in g for g in groups)
+  # kernels with no instruction of that name, and the thunks XLA names itself
+  extra = ha.attribute([("void cub::DeviceRadixSortOnesweepKernel", 2e-6, 1), ("Memset 3", 1e-6, 1),
+                        ("MemcpyD2D", 3e-6, 1), ("no_such_fusion_9", 4e-6, 1)], text)
+  assert extra == {"cub sort": 2e-6, "memset": 1e-6, "memcpy": 3e-6, "unmatched": 4e-6}
+  by_line = ha.attribute([(fused[0].replace(".", "_"), 1e-6, 1)], text, by="line")
+  (key,) = by_line
+  assert key.startswith("sparse.py:") and key.rsplit(":", 1)[1].isdigit()
