@@ -261,3 +261,49 @@ def test_flat_state_bad_input():
     dgc(0.1, flat_state=1.5)
   with pytest.raises(ValueError, match="at least one"):
     sidco(0.1, flat_state=True).init({"a": jnp.ones((0,))})
+
+
+@pytest.mark.parametrize("switch", [("_PAD", "pallas"), ("_FLAT_SENT", "compare")], ids=["pallas_pad", "compare_sent"])
+@pytest.mark.parametrize("kw", [{"per_tensor": True}, {"momentum": 0.9, "per_tensor": True}],
+                         ids=["per_tensor", "momentum"])
+def test_flat_state_per_tensor_switches_are_bitwise_the_default(switch, kw, monkeypatch):
+  """The per-tensor flat residual's two session-30 forms: the padded buffer as one shifted copy (``_PAD =
+  "pallas"``, :func:`_pallas_pack.pad_tiles`, Pallas' interpreter here) instead of XLA's gather, and the sent
+  entries marked by comparison with each segment's threshold and tie cut (``_FLAT_SENT = "compare"``) instead of
+  a scatter of the payload's indices: every output, the residual, the velocity and the counters bitwise the
+  default, over a NaN step, and with every magnitude tied at the cut (an overflowing step)."""
+  outs_d, st_d = _steps(sidco(0.01, flat_state=True, **kw))
+  monkeypatch.setattr(sp, *switch)
+  outs_s, st_s = _steps(sidco(0.01, flat_state=True, **kw))
+  assert all(_same(a, b) for a, b in zip(outs_d, outs_s)) and _same(st_d, st_s)
+  assert int(st_s.nonfinite_steps) == 1
+  # ties at the cut: every magnitude equal, so the tie cut (first entries in index order) decides
+  tied = {k: jnp.full(s, 0.5, jnp.float32) * jnp.where(jnp.arange(int(np.prod(s))) % 3 == 0, -1.0, 1.0).reshape(s)
+          for k, s in _SHAPES.items()}
+  tx = sidco(0.01, flat_state=True, **kw)
+  o_s, s_s = jax.jit(tx.update)(tied, tx.init(tied))
+  monkeypatch.setattr(sp, switch[0], {"_PAD": "gather", "_FLAT_SENT": "scatter"}[switch[0]])
+  o_d, s_d = jax.jit(tx.update)(tied, tx.init(tied))
+  assert _same(o_s, o_d) and _same(s_s, s_d)
+  assert float(s_s.density) > 0   # (every magnitude tied: the local buffer overflows, the documented case)
+
+
+def test_pad_tiles_is_the_layouts_gather_and_rejects_tables_reading_outside(monkeypatch):
+  from mlsys_jax.comm import _pallas_pack as pp
+  sizes = [100, 5000, 64, 9000, 4096, 3]
+  lay = sp._Layout(sizes, [[0], [1], [2, 3], [4], [5]])   # five segments, each padded to whole 4096-entry tiles
+  u = jnp.asarray(np.random.default_rng(0).standard_normal(sum(sizes)), jnp.float32)
+  got = pp.pad_tiles(u, lay.tile_shift, lay.tile_limit, interpret=True)
+  ref = np.zeros(lay.n_pad, np.float32)
+  src = 0
+  for off, n in zip(lay.offsets, sizes):
+    ref[off:off + n] = np.asarray(u)[src:src + n]
+    src += n
+  np.testing.assert_array_equal(np.asarray(got), ref)
+  with pytest.raises(ValueError, match="outside u"):
+    pp.pad_tiles(u[:-1], lay.tile_shift, lay.tile_limit, interpret=True)
+  with pytest.raises(ValueError, match="1-D"):
+    pp.pad_tiles(u.reshape(1, -1), lay.tile_shift, lay.tile_limit, interpret=True)
+  monkeypatch.setattr(sp, "_PAD", "scatter")
+  with pytest.raises(ValueError, match="_PAD"):
+    lay.pad(u)

@@ -494,3 +494,40 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
     else:
       ress += list(res_all)
   return (outs if write_out else None), ress
+
+
+PAD_TILE = 4096     # entries per program of pad_tiles (one tile of the segmented layout)
+PAD_WARPS = 4
+
+
+def pad_tiles(u: jax.Array, tile_shift, tile_limit, *, interpret: bool | None = None,
+              num_warps: int | None = None) -> jax.Array:
+  """The segmented layout's padded buffer of a 1-D ``u`` in one copy: ``out[p] = u[p + tile_shift[j]]`` where
+  ``p < tile_limit[j]``, else 0, for ``p`` in tile ``j`` (``PAD_TILE`` entries each; static int tables, one entry
+  per tile). What ``sparse._Layout.pad`` computes with a gather, as a shifted copy: one program per tile reads
+  its (contiguous, unaligned) source range once and writes the tile. Bitwise the gather's result."""
+  tile_shift = np.asarray(tile_shift, np.int64)
+  tile_limit = np.asarray(tile_limit, np.int64)
+  if u.ndim != 1:
+    raise ValueError(f"u must be 1-D, got shape {u.shape}.")
+  if tile_shift.shape != tile_limit.shape or tile_shift.ndim != 1:
+    raise ValueError(f"tile_shift and tile_limit must be 1-D of one length, got {tile_shift.shape} and "
+                     f"{tile_limit.shape}.")
+  nt = int(tile_shift.shape[0])
+  p0 = np.arange(nt, dtype=np.int64) * PAD_TILE
+  used = tile_limit > p0                                         # tiles that read anything
+  lo, hi = p0 + tile_shift, np.minimum(tile_limit, p0 + PAD_TILE) + tile_shift
+  if np.any(used & ((lo < 0) | (hi > u.shape[0]))):
+    raise ValueError(f"tile_shift / tile_limit read outside u (length {u.shape[0]}).")
+  num_warps = num_warps or PAD_WARPS
+  i32 = jnp.int32
+
+  def kernel(shift_ref, limit_ref, u_ref, o_ref):
+    j = pl.program_id(0)
+    p = j * PAD_TILE + jnp.arange(PAD_TILE, dtype=i32)
+    valid = p < limit_ref[j]
+    v = plgpu.load(u_ref.at[jnp.where(valid, p + shift_ref[j], 0)], mask=valid, other=jnp.zeros((), u.dtype))
+    plgpu.store(o_ref.at[p], v)
+
+  return _call(kernel, jax.ShapeDtypeStruct((nt * PAD_TILE,), u.dtype), (nt,), interpret, num_warps)(
+      jnp.asarray(tile_shift, i32), jnp.asarray(tile_limit, i32), u)
