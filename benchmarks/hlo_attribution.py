@@ -1,6 +1,6 @@
 """Where a profiled step's kernel time goes, by the library function that emitted each kernel.
 
-A row of ``benchmarks/sidco_model_step.py --top N --hlo`` holds ``top_kernels`` (kernel name, seconds per step,
+A row of ``benchmarks/sidco_model_step.py --top N --hlo`` (or ``benchmarks/sidco_tree.py --top N --hlo``) holds ``top_kernels`` (kernel name, seconds per step,
 launches per step) and its optimized HLO (``<name>_<row>.hlo.txt.gz``). XLA names a fusion's kernel after the
 fusion instruction (``loop_select_fusion.6`` launches ``loop_select_fusion_6``), and every instruction carries a
 ``stack_frame_id`` into the module's own table of Python frames (file, function, line). This script joins the two:
@@ -136,13 +136,15 @@ def main():
   base = os.path.splitext(args.result)[0]
   want = [r for r in args.rows.split(",") if r]
   for row in res["rows"]:
-    path = f"{base}_{row['row']}.hlo.txt.gz"
-    if (want and row["row"] not in want) or not os.path.exists(path):
+    name = row.get("row") or row.get("method", "")   # (sidco_model_step's rows, sidco_tree's methods)
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    path = f"{base}_{safe}.hlo.txt.gz"
+    if (want and name not in want) or not os.path.exists(path):
       continue
     with gzip.open(path, "rt") as f:
       groups = attribute(row.get("top_kernels", []), f.read(), args.package, args.by)
     total = sum(groups.values())
-    print(f"== {row['row']}: busy {row.get('busy_s', float('nan')) * 1e3:.3f} ms, attributed {total * 1e3:.3f} ms")
+    print(f"== {name}: busy {row.get('busy_s', float('nan')) * 1e3:.3f} ms, attributed {total * 1e3:.3f} ms")
     for g, s in sorted(groups.items(), key=lambda kv: -kv[1])[:args.top]:
       print(f"  {s * 1e6:9.1f} us  {g}")
 

@@ -53,6 +53,8 @@ buffers), interleaved with ``topk(0.001)`` (``stats.time_interleaved``); and the
 
 from __future__ import annotations
 
+import gzip
+import os
 import pathlib
 import sys
 import time
@@ -92,6 +94,9 @@ def _flags(ap):
                        "``single_kernels``, ``single_top_kernels``), for every row, also with --no_wall: XLA's horizontal "
                        "loop fusion (small per-leaf kernels into one) runs on the entry computation only, not in a loop body")
   ap.add_argument("--top", type=int, default=20, help="kernels kept in top_kernels (by total time per update)")
+  ap.add_argument("--hlo", action="store_true",
+                  help="also write each row's optimized loop HLO (gzipped) beside the JSON as "
+                       "<name>_<row>.hlo.txt.gz (benchmarks/hlo_attribution.py joins it with top_kernels)")
   ap.add_argument("--donate", action="store_true",
                   help="--single with the state donated (jax.jit(update, donate_argnums=1)), each call taking the state "
                        "the previous call returned, as a training loop that donates its optimizer state runs it (until "
@@ -502,6 +507,11 @@ def main():
       loop = _loop(update, steps, args.pool, args.change)
       res = jax.block_until_ready(loop(g, st, out0))
       row["compile_s"] = time.perf_counter() - tc
+      if args.hlo:   # (a second compile of the same loop, after the timed one's)
+        os.makedirs(args.out, exist_ok=True)
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+        with gzip.open(os.path.join(args.out, f"{args.name}_{safe}.hlo.txt.gz"), "wt") as f:
+          f.write(loop.lower(g, st, out0).compile().as_text())
       if name.startswith("fast") and name.split("] ")[-1].replace("fast ", "") in ref_loop:
         # the whole loop (every step's selection, the carried residual, the last update) equals the package's
         row["loop_same_as_package"] = all(bool(jnp.array_equal(x, y)) for x, y in zip(
