@@ -263,15 +263,23 @@ def test_flat_state_bad_input():
     sidco(0.1, flat_state=True).init({"a": jnp.ones((0,))})
 
 
-@pytest.mark.parametrize("switch", [("_PAD", "pallas"), ("_FLAT_SENT", "compare")], ids=["pallas_pad", "compare_sent"])
-@pytest.mark.parametrize("kw", [{"per_tensor": True}, {"momentum": 0.9, "per_tensor": True}],
-                         ids=["per_tensor", "momentum"])
-def test_flat_state_per_tensor_switches_are_bitwise_the_default(switch, kw, monkeypatch):
-  """The per-tensor flat residual's two session-30 forms: the padded buffer as one shifted copy (``_PAD =
+_SWITCH_DEFAULTS = {"_PAD": "gather", "_FLAT_SENT": "scatter", "_FLAT_RESIDUAL_FROM": "buffer"}
+
+
+@pytest.mark.parametrize("switch, kw", [
+    (("_PAD", "pallas"), {"per_tensor": True}), (("_PAD", "pallas"), {"momentum": 0.9, "per_tensor": True}),
+    (("_FLAT_SENT", "compare"), {"per_tensor": True}), (("_FLAT_SENT", "compare"), {"momentum": 0.9, "per_tensor": True}),
+    (("_FLAT_RESIDUAL_FROM", "sum"), {}), (("_FLAT_RESIDUAL_FROM", "sum"), {"momentum": 0.9})],
+    ids=["pallas_pad", "pallas_pad_momentum", "compare_sent", "compare_sent_momentum", "residual_from_sum",
+         "residual_from_sum_momentum"])
+def test_flat_state_switches_are_bitwise_the_default(switch, kw, monkeypatch):
+  """The flat residual's session-30 forms: per tensor, the padded buffer as one shifted copy (``_PAD =
   "pallas"``, :func:`_pallas_pack.pad_tiles`, Pallas' interpreter here) instead of XLA's gather, and the sent
   entries marked by comparison with each segment's threshold and tie cut (``_FLAT_SENT = "compare"``) instead of
-  a scatter of the payload's indices: every output, the residual, the velocity and the counters bitwise the
-  default, over a NaN step, and with every magnitude tied at the cut (an overflowing step)."""
+  a scatter of the payload's indices; with one segment, the new residual read from the sum as its own array
+  (``_FLAT_RESIDUAL_FROM = "sum"``, the form before) instead of the padded buffer: every output, the residual, the
+  velocity and the counters bitwise the default, over a NaN step, and with every magnitude tied at the cut (an
+  overflowing step)."""
   outs_d, st_d = _steps(sidco(0.01, flat_state=True, **kw))
   monkeypatch.setattr(sp, *switch)
   outs_s, st_s = _steps(sidco(0.01, flat_state=True, **kw))
@@ -282,7 +290,7 @@ def test_flat_state_per_tensor_switches_are_bitwise_the_default(switch, kw, monk
           for k, s in _SHAPES.items()}
   tx = sidco(0.01, flat_state=True, **kw)
   o_s, s_s = jax.jit(tx.update)(tied, tx.init(tied))
-  monkeypatch.setattr(sp, switch[0], {"_PAD": "gather", "_FLAT_SENT": "scatter"}[switch[0]])
+  monkeypatch.setattr(sp, switch[0], _SWITCH_DEFAULTS[switch[0]])
   o_d, s_d = jax.jit(tx.update)(tied, tx.init(tied))
   assert _same(o_s, o_d) and _same(s_s, s_d)
   assert float(s_s.density) > 0   # (every magnitude tied: the local buffer overflows, the documented case)

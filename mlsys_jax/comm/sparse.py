@@ -746,6 +746,13 @@ _PAD = "gather"
 # (leaf by leaf, each entry against its segment's threshold and tie cut, as the tree layout does; no scatter).
 # The same flags. A benchmark switch (session 30).
 _FLAT_SENT = "scatter"
+# Where ``sidco(flat_state=True)`` with one segment reads the error-compensated sum for its new residual:
+# "buffer" (the padded working buffer's first ``n_real`` entries, the same values: XLA writes the padded buffer
+# straight from the concatenated gradient and the residual) or "sum" (the sum as its own array, which XLA then
+# materializes and copies into the padded buffer: one more read and write of the gradient's bytes; the form
+# before session 30). H100, f32 ResNet-50 training step (session 30, ``sidco_model_step_h100_s30a.json``): the
+# copy took 66 us of the flat row's 0.17 ms over Adam alone.
+_FLAT_RESIDUAL_FROM = "buffer"
 
 
 def _chunked(pieces, how: str, dtype) -> jax.Array:
@@ -2264,6 +2271,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     flat = lay.pad(acc)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
     check_choice("_FLAT_SENT", _FLAT_SENT, ("scatter", "compare"))
+    check_choice("_FLAT_RESIDUAL_FROM", _FLAT_RESIDUAL_FROM, ("buffer", "sum"))
+    if lay.num_segments == 1 and _FLAT_RESIDUAL_FROM == "buffer" and lay.n_pad > lay.n_real:
+      acc = jax.lax.slice(flat, (0,), (lay.n_real,))   # (the same values: XLA then writes one buffer, not two)
     if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
       sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
     elif _FLAT_SENT == "compare":
