@@ -14,12 +14,7 @@ block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_p
 ``sidco_pt_counts`` (both; ``sidco_flat_counts`` / ``sidco_pt_flat_counts`` with ``flat_state=True``; any row
 with a suffix ``_w<N>``, e.g. ``sidco_pt_flat_counts_w32``: traced with ``sparse._SEARCH_WAYS = N``, the counting
 search's thresholds per pass, default 8), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
-``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161);
-``sidco_pt_flat_ppad`` / ``_cmp`` / ``_ppad_cmp``: per tensor traced with ``sparse._PAD = "pallas"`` (the padded
-buffer as one shifted copy instead of XLA's gather) / ``sparse._FLAT_SENT = "compare"`` (the sent entries by
-comparison instead of a scatter) / both (the same values bitwise); ``sidco_flat_sum``: ``sidco_flat`` traced with
-``sparse._FLAT_RESIDUAL_FROM = "sum"`` (the form before session 30: the new residual from the sum as its own
-array; the same values); ``adam_flat``:
+``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
 ``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both;
 ``topk_flat``: ``topk(..., flat_state=True)``; ``sidco_flat_dus`` / ``sidco_pt_flat_dus`` /
 ``sidco_flat_dus_adam_flat``: the flat rows traced with ``sparse._FLAT_BUILD = "dus"`` (the working buffer and the
@@ -83,7 +78,6 @@ from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  #
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
-        "sidco_pt_flat_ppad", "sidco_pt_flat_cmp", "sidco_pt_flat_ppad_cmp", "sidco_flat_sum",
         "sidco_flat_counts", "sidco_pt_flat_counts",
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
@@ -208,9 +202,6 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
   comp["dgc_pt"] = comp["dgc_pt_cond"] = comp["dgc_pt_where"] = lambda: sp.dgc(ratio, per_tensor=True)
   comp["dgc_ptb_cond"] = comp["dgc_ptb_where"] = comp["dgc_pt"]
   comp["sidco_est_where_csearch"] = comp["sidco_est"]
-  for suffix in ("_ppad", "_cmp", "_ppad_cmp"):   # the per-tensor flat residual's session-30 forms
-    comp["sidco_pt_flat" + suffix] = comp["sidco_pt_flat"]
-  comp["sidco_flat_sum"] = comp["sidco_flat"]
 
   def recipe(fixed_stage=None, flat_pre=False, flat_state=False):   # the 0.1% recipe of docs/comm.md
     pre = optax.flatten if flat_pre else (lambda t: t)
@@ -237,9 +228,6 @@ def _switches(row: str) -> dict:
   return {"_SEARCH_WAYS": ways or sp._SEARCH_WAYS,
           "_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
-          "_PAD": "pallas" if "_ppad" in row else sp._PAD,
-          "_FLAT_SENT": "compare" if row.endswith("_cmp") else sp._FLAT_SENT,
-          "_FLAT_RESIDUAL_FROM": "sum" if row.endswith("_flat_sum") else sp._FLAT_RESIDUAL_FROM,
           "_BRANCHES": ("cond" if "_est_cond" in row or row.endswith("_cond") else
                         "where" if "_est_where" in row or row.endswith("_where") else sp._BRANCHES),
           "_CEILING": "blocks" if row.endswith("_cblocks") else "search" if row.endswith("_csearch") else sp._CEILING,

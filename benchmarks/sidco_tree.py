@@ -138,9 +138,7 @@ def _flags(ap):
                        "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
                        "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment), pwrite/xwrite = sparse._OUT_WRITE "
                        "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), flatdus/flatconcat = "
-                       "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), flatsum/flatbuf = "
-                       "sparse._FLAT_RESIDUAL_FROM (flat_state, one segment: the new residual from the sum as its own "
-                       "array, or from the padded buffer), pwritei = the writer "
+                       "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), pwritei = the writer "
                        "in place (residuals aliased to the old ones), pwriter = the writer for the residuals only (in place; outputs "
                        "per-leaf XLA fusions); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -394,7 +392,6 @@ def main():
   rows_spec["sidco(0.001, per_tensor=True, flat_state=True)"] = (
       None, sp.sidco(RATIO, per_tensor=True, flat_state=True), None)
   rows_spec["sidco(0.001, flat_state=True) [flatdus]"] = (None, sp.sidco(RATIO, flat_state=True), None)
-  rows_spec["sidco(0.001, flat_state=True) [flatsum]"] = (None, sp.sidco(RATIO, flat_state=True), None)
   # SIDCo's estimator (the paper's closed-form threshold, no exact search; the default before issue 18's accuracy
   # fix made exact=True the default): the configuration issue 18's speed target was first measured with
   for kw in ("exact=False", "per_tensor=True, exact=False", "flat_state=True, exact=False",
@@ -434,7 +431,6 @@ def main():
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
   ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
   kthkeys0, write0, fbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD
-  fres0 = sp._FLAT_RESIDUAL_FROM
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -450,7 +446,6 @@ def main():
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
     sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD = kthkeys0, write0, fbuild0
-    sp._FLAT_RESIDUAL_FROM = fres0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -480,8 +475,6 @@ def main():
         sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "pwriter": "pallas_res", "xwrite": "xla"}[tok]
       elif tok in ("flatdus", "flatconcat"):
         sp._FLAT_BUILD = tok[4:]
-      elif tok in ("flatsum", "flatbuf"):
-        sp._FLAT_RESIDUAL_FROM = "sum" if tok == "flatsum" else "buffer"
       elif tok in ("blocks", "counts", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):

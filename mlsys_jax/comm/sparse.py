@@ -736,23 +736,6 @@ _GROUP_SIZE = 0
 # Adam 0.490 vs 0.417 ms flat, 0.555 vs 0.501 per tensor; wall with a flattened Adam +0.320 vs +0.149 ms), faster
 # only per tensor in an update-alone loop (1.050 vs 1.298 ms, sidco_tree_h100_s22.json): the default stays "concat".
 _FLAT_BUILD = "concat"
-# How :meth:`_Layout.pad` places the concatenated leaves into the padded layout with several segments (the
-# per-tensor flat residual, ``sidco(per_tensor=True, flat_state=True)``): "gather" (XLA) or "pallas" (a shifted
-# copy, :func:`_pallas_pack.pad_tiles`; bitwise the same buffer), or "auto" (Pallas on GPU). A benchmark switch
-# (session 30).
-_PAD = "gather"
-# How ``sidco(per_tensor=True, flat_state=True)`` marks the entries it sent for the new residual: "scatter" (the
-# payload's indices mapped back to the raveled layout, one scatter of flags into a zeroed vector) or "compare"
-# (leaf by leaf, each entry against its segment's threshold and tie cut, as the tree layout does; no scatter).
-# The same flags. A benchmark switch (session 30).
-_FLAT_SENT = "scatter"
-# Where ``sidco(flat_state=True)`` with one segment reads the error-compensated sum for its new residual:
-# "buffer" (the padded working buffer's first ``n_real`` entries, the same values: XLA writes the padded buffer
-# straight from the concatenated gradient and the residual) or "sum" (the sum as its own array, which XLA then
-# materializes and copies into the padded buffer: one more read and write of the gradient's bytes; the form
-# before session 30). H100, f32 ResNet-50 training step (session 30, ``sidco_model_step_h100_s30a.json``): the
-# copy took 66 us of the flat row's 0.17 ms over Adam alone.
-_FLAT_RESIDUAL_FROM = "buffer"
 
 
 def _chunked(pieces, how: str, dtype) -> jax.Array:
@@ -857,14 +840,9 @@ class _Layout:
   def pad(self, u: jax.Array) -> jax.Array:
     """The padded buffer (``n_pad``,) of ``u``, the leaves already concatenated in leaf order (``n_real``,)
     (``flatten(leaves) == pad(concatenate(leaves))``): zeros appended for one segment, else one gather
-    (``padded[p] = u[p + shift(tile)]`` or 0 past the segment's end; static per-tile tables), or with
-    :data:`_PAD` the same buffer as one shifted copy (:func:`_pallas_pack.pad_tiles`)."""
+    (``padded[p] = u[p + shift(tile)]`` or 0 past the segment's end; static per-tile tables)."""
     if self.num_segments == 1:
       return jnp.pad(u, (0, self.n_pad - self.n_real)) if self.n_pad > self.n_real else u
-    check_choice("_PAD", _PAD, ("auto", "gather", "pallas"))
-    use, interp = (False, False) if _PAD == "gather" else _pallas_mode("auto" if _PAD == "auto" else "pallas", u)
-    if use:
-      return _pallas_pack.pad_tiles(u, self.tile_shift, self.tile_limit, interpret=interp)
     p = jnp.arange(self.n_pad, dtype=jnp.int32).reshape(self.num_tiles, _TILE)
     valid = p < jnp.asarray(self.tile_limit)[:, None]
     src = jnp.where(valid, p + jnp.asarray(self.tile_shift)[:, None], 0)
@@ -2270,18 +2248,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       acc = jax.lax.optimization_barrier(acc)
     flat = lay.pad(acc)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
-    check_choice("_FLAT_SENT", _FLAT_SENT, ("scatter", "compare"))
-    check_choice("_FLAT_RESIDUAL_FROM", _FLAT_RESIDUAL_FROM, ("buffer", "sum"))
-    if lay.num_segments == 1 and _FLAT_RESIDUAL_FROM == "buffer" and lay.n_pad > lay.n_real:
-      acc = jax.lax.slice(flat, (0,), (lay.n_real,))   # (the same values: XLA then writes one buffer, not two)
     if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
       sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
-    elif _FLAT_SENT == "compare":
-      # leaf by leaf, as the tree layout: each entry against its segment's threshold and tie cut
-      real_off = np.concatenate([[0], np.cumsum(lay.sizes)[:-1]]).astype(np.int64)
-      sent = jnp.concatenate([
-          _sent(jax.lax.slice(acc, (int(o),), (int(o) + n,)), lay.offsets[i] + jnp.arange(n, dtype=jnp.int32),
-                lay.seg_of_leaf[i], t, tie_last, last) for i, (o, n) in enumerate(zip(real_off, lay.sizes))])
     else:   # the payload's entries are exactly the ones sent
       slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
       dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
