@@ -351,3 +351,41 @@ def test_way_suffix_traces_the_row_with_that_many_thresholds():
   ms._tx("sidco_pt_flat_counts_w32", 0.001)   # a known row with the suffix builds
   with pytest.raises(SystemExit, match="unknown row"):
     ms._tx("sidco_nope_w32", 0.001)
+
+
+def test_quoted_h100_session30_figures():
+  """Session 30's H100 rows and kernel attribution as docs/comm.md and BENCHMARKS.md quote them: SIDCo flat and
+  per tensor against Top-k in two runs, three flat-residual forms (removed again: none was faster), and where the
+  per-tensor step's kernel time goes (benchmarks/hlo_attribution.py on the committed HLO of run a)."""
+  import gzip
+
+  from benchmarks import hlo_attribution as ha
+  a = {x["row"]: x for x in json.loads((RESULTS / "sidco_model_step_h100_s30a.json").read_text())["rows"]}
+  b = {x["row"]: x for x in json.loads((RESULTS / "sidco_model_step_h100_s30b.json").read_text())["rows"]}
+  assert (round(a["adam"]["step_s"] * 1e3, 2), round(b["adam"]["step_s"] * 1e3, 2)) == (21.04, 21.09)
+  ov = lambda r: {k: round(r[k]["overhead_s"] * 1e3, 3) for k in r if k != "adam"}
+  assert ov(a) == {"topk": 0.981, "sidco_flat": 0.169, "sidco_pt_flat": 0.282, "sidco_pt_flat_ppad": 0.305,
+                   "sidco_pt_flat_cmp": 0.507, "sidco_pt_flat_ppad_cmp": 0.431}
+  assert ov(b) == {"topk": 1.025, "sidco_flat": 0.179, "sidco_flat_sum": 0.155, "sidco_pt_flat": 0.217}
+  vs = lambda r: {k: round(r[k]["vs_topk"], 2) for k in r if k not in ("adam", "topk")}
+  assert vs(a) == {"sidco_flat": 5.82, "sidco_pt_flat": 3.48, "sidco_pt_flat_ppad": 3.22, "sidco_pt_flat_cmp": 1.94,
+                   "sidco_pt_flat_ppad_cmp": 2.28}
+  assert vs(b) == {"sidco_flat": 5.74, "sidco_flat_sum": 6.6, "sidco_pt_flat": 4.73}
+  iqr = lambda r, k: [round(v * 1e3, 3) for v in r[k]["overhead_s_iqr"]]
+  assert iqr(b, "sidco_flat") == [0.136, 0.251] and iqr(b, "sidco_flat_sum") == [0.097, 0.217]
+  # none of the three forms beat its default row of the same run
+  assert all(a[k]["overhead_s"] > a["sidco_pt_flat"]["overhead_s"] for k in a if k.startswith("sidco_pt_flat_"))
+  assert b["sidco_flat"]["overhead_s"] > b["sidco_flat_sum"]["overhead_s"]
+  # the per-tensor and flat steps' kernel time by library function (us per step)
+  groups = {}
+  for row in ("sidco_flat", "sidco_pt_flat"):
+    with gzip.open(RESULTS / f"sidco_model_step_h100_s30a_{row}.hlo.txt.gz", "rt") as f:
+      g = ha.attribute(a[row]["top_kernels"], f.read())
+    groups[row] = {k: round(v * 1e6) for k, v in g.items()}
+    assert sum(g.values()) == pytest.approx(a[row]["busy_s"], rel=1e-6)   # (--top kept every kernel)
+  f, p = groups["sidco_flat"], groups["sidco_pt_flat"]
+  assert (f["cub sort"], p["cub sort"]) == (140, 180)
+  assert (f["sparse.py:_Layout.pad"], p["sparse.py:_Layout.pad"]) == (66, 153)
+  assert (f["sparse.py:_concat_leaves"], p["sparse.py:_concat_leaves"]) == (79, 80)
+  assert (f["sparse.py:_seg_quota"], p["sparse.py:_seg_quota"]) == (11, 35)
+  assert (f["sparse.py:_sort_seg_desc"], p["sparse.py:_sort_seg_desc"]) == (7, 18)
