@@ -30,6 +30,13 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\b([a-z][\w\-]*)\(")
 _FRAME_ID = re.compile(r"stack_frame_id=(\d+)")
 
 
+def hlo_file(out_dir: str, name: str, row: str) -> str:
+  """Where a benchmark writes row ``row``'s HLO: ``<out_dir>/<name>_<row>.hlo.txt.gz``, the row's name with every
+  character other than letters, digits and ``._-`` replaced by ``_``."""
+  safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in row)
+  return os.path.join(out_dir, f"{name}_{safe}.hlo.txt.gz")
+
+
 def parse_frames(lines):
   """The module's frame tables: ``{frame_id: (file, function, line, parent_id)}``."""
   section, files, funcs, locs, frames = None, {}, {}, {}, {}
@@ -137,8 +144,7 @@ def main():
   want = [r for r in args.rows.split(",") if r]
   for row in res["rows"]:
     name = row.get("row") or row.get("method", "")   # (sidco_model_step's rows, sidco_tree's methods)
-    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
-    path = f"{base}_{safe}.hlo.txt.gz"
+    path = hlo_file(os.path.dirname(base), os.path.basename(base), name)
     if (want and name not in want) or not os.path.exists(path):
       continue
     with gzip.open(path, "rt") as f:

@@ -74,6 +74,7 @@ import optax  # noqa: E402
 
 from benchmarks.common import (device_stream_events, environment, idle_clusters, parse_args, print_table,  # noqa: E402
                                write_json)
+from benchmarks.hlo_attribution import hlo_file  # noqa: E402
 from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
@@ -370,7 +371,7 @@ def main():
     state[r] = [p, s]
     if args.hlo:
       os.makedirs(args.out, exist_ok=True)
-      with gzip.open(os.path.join(args.out, f"{args.name}_{r}.hlo.txt.gz"), "wt") as f:
+      with gzip.open(hlo_file(args.out, args.name, r), "wt") as f:
         f.write(prog[r].as_text())
     print(f"compiled {r} in {time.perf_counter() - t0:.1f} s", flush=True)
 

@@ -70,6 +70,7 @@ import optax  # noqa: E402
 from benchmarks.common import (copy_bandwidth, device_stream_events, environment, host_overlap,  # noqa: E402
                                idle_clusters, largest_gap_interval, largest_gaps, parse_args, print_table,
                                write_json)
+from benchmarks.hlo_attribution import hlo_file  # noqa: E402
 from benchmarks.powersgd_step import resnet50_shapes  # noqa: E402
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
@@ -509,8 +510,7 @@ def main():
       row["compile_s"] = time.perf_counter() - tc
       if args.hlo:   # (a second compile of the same loop, after the timed one's)
         os.makedirs(args.out, exist_ok=True)
-        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
-        with gzip.open(os.path.join(args.out, f"{args.name}_{safe}.hlo.txt.gz"), "wt") as f:
+        with gzip.open(hlo_file(args.out, args.name, name), "wt") as f:
           f.write(loop.lower(g, st, out0).compile().as_text())
       if name.startswith("fast") and name.split("] ")[-1].replace("fast ", "") in ref_loop:
         # the whole loop (every step's selection, the carried residual, the last update) equals the package's

@@ -31,3 +31,8 @@ def test_fusions_are_charged_to_their_library_function_and_the_rest_is_named():
   by_line = ha.attribute([(fused[0].replace(".", "_"), 1e-6, 1)], text, by="line")
   (key,) = by_line
   assert key.startswith("sparse.py:") and key.rsplit(":", 1)[1].isdigit()
+
+
+def test_hlo_file_names_a_row_as_the_benchmarks_write_it():
+  assert ha.hlo_file("out", "run", "sidco_pt_flat") == "out/run_sidco_pt_flat.hlo.txt.gz"
+  assert ha.hlo_file("out", "run", "sidco(0.001, per_tensor=True)") == "out/run_sidco_0.001__per_tensor_True_.hlo.txt.gz"
