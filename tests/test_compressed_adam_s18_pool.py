@@ -94,3 +94,22 @@ def test_session30_per_tensor_screen_recomputes_and_has_no_winner():
   assert out["winner"] is False and out["per_tensor"]["vs_recipe"]["mean_diff"] < 0
   # per tensor every leaf sends at least one entry a step: a few more bytes than the global selection
   assert out["per_tensor"]["mb_per_worker"][0] > out["recipe"]["mb_per_worker"][0]
+
+
+def test_session30_precision_run_recomputes_and_reads_not_met():
+  """Session 30's precision run of the 0.1% recipe on mnist1d (rule s30_precision/RULE.md, written first): the fresh
+  seeds 130-159 and the 75-seed pool with session 18's files, as docs/comm.md and README quote them."""
+  key = "topk 0.001 rmsfrom@1 dwarmup300 start0.01"
+  run = _load("s30_precision/recipe_seeds130-159.json")
+  pooled18 = _load("compressed_adam_mnist1d_0.001_s18_recipe_pooled.json")
+  out = _load("s30_precision/pooled75.json")
+  assert run["seeds"] == list(range(130, 160)) and not set(run["seeds"]) & set(pooled18["recipe_topk"]["seeds"])
+  new = _compare(run["accuracy"][key], run["accuracy"]["adam"])
+  adam18 = {int(k): v for k, v in pooled18["adam"].items()}
+  acc = pooled18["recipe_topk"]["accuracy"] + run["accuracy"][key]
+  ref = [adam18[s] for s in pooled18["recipe_topk"]["seeds"]] + run["accuracy"]["adam"]
+  assert out["accuracy"] == acc and out["adam"] == ref and len(acc) == 75
+  for c, quoted in ((new, (-1.40, -1.93, -0.90)), (_compare(acc, ref), (-1.23, -1.63, -0.86))):
+    assert (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]) == pytest.approx(
+        quoted, abs=0.005)
+  assert out["reading"] == "not met" and out["mb_per_worker"] == pooled18["recipe_topk"]["mb_per_worker"][0]

@@ -28,6 +28,8 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        default sample: 100-129), each against Adam re-run with it; a precision run whose rule was written first
   s18dgc: DGC (default sample) cells on current code: digits 1% (plain chain and the 1% option) and 0.1% (the
        recipe, and inside gradient_units) on the fresh seeds 100-114, mnist1d 1% option on seeds 45-59 (session 17's 45-49 + 50-59)
+  s30p: session 30's precision run (rule: s30_precision/RULE.md): the 0.1% recipe on the fresh seeds 130-159, alone
+       and pooled with session 18's 45 seeds (0-14, 100-129), each against Adam re-run with it (paired)
   s30: session 30's screen (rule: s30_pt/RULE.md): the 0.1% recipe with per-tensor selection against the recipe
        re-run on this host, mnist1d seeds 0-4 (two runs, Adam checked equal seed by seed), each vs Adam and paired
 
@@ -381,10 +383,31 @@ def pool_s30() -> dict:
   return out
 
 
+def pool_s30p() -> dict:
+  """Session 30's precision run (``s30_precision/RULE.md``): the 0.1% recipe (Top-k) on the fresh seeds 130-159,
+  and pooled with session 18's 45 seeds: the per-seed differences against Adam of all files together."""
+  key = S18["recipe_topk"][0]
+  fresh = ["s30_precision/recipe_seeds130-159.json"]
+  adam = {}
+  _, s_new, a_new, x_new = _load_arm("s30p", "fresh", key, fresh, adam, complete=True)
+  runs, seeds, A, X = _load_arm("s30p", "all", key, S18["recipe_topk"][1] + fresh, adam, complete=True)
+  assert s_new == list(range(130, 160)) and len(seeds) == 75
+  out = {"key": key, "rule": "s30_precision/RULE.md", "files": S18["recipe_topk"][1] + fresh, "seeds": seeds,
+         "accuracy": X, "adam": A, "mb_per_worker": runs[-1]["bytes_per_worker"][key][0],
+         "vs_adam_seeds130-159": _compare(x_new, a_new), "vs_adam_all75": _compare(X, A)}
+  m = out["vs_adam_all75"]
+  out["reading"] = ("met" if m["mean_diff_ci95"][0] >= -0.01 else "met on the mean" if m["mean_diff"] >= -0.01
+                    else "not met")
+  print("s30p seeds 130-159 vs Adam", _fmt(out["vs_adam_seeds130-159"]), _fmt_p(out["vs_adam_seeds130-159"]))
+  print("s30p all 75 seeds vs Adam", _fmt(m), _fmt_p(m), "->", out["reading"])
+  json.dump(out, open(R + "s30_precision/pooled75.json", "w"), indent=1)
+  return out
+
+
 # pools with their own function (the rest are POOLS entries, pooled by ``pool``)
 SPECIAL = {"s11": pool_s11, "s13": lambda: pool_s13("s13"), "s13u": lambda: pool_s13("s13u"), "s16": pool_s16,
            "s17": pool_s17, "s18": pool_s18, "s18dgc": pool_s18_dgc,
-           "s30": pool_s30}
+           "s30": pool_s30, "s30p": pool_s30p}
 
 if __name__ == "__main__":
   if len(sys.argv) == 2 and sys.argv[1] in SPECIAL:
