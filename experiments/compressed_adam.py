@@ -571,7 +571,7 @@ def _write(out, ds, seeds, acc, sent, comparisons, curves=None, releases=None, r
       "dataset": ds.name, "steps": _STEPS.value, "workers": _WORKERS.value, "batch": _BATCH.value,
       "lr": _LR.value, "sidco_distribution": _SIDCO_DIST.value, "warmup": [int(v) for v in _WARMUP.value],
       "density_warmup": [int(v) for v in _DWARMUP.value], "dwarmup_start": [float(v) for v in _DW_START.value],
-      "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value,
+      "dwarmup_factor": _DW_FACTOR.value, "per_tensor": _PER_TENSOR.value, "dgc_sample_fraction": _DGC_SAMPLE.value,
       "dgc_default_sample": {"base_fraction": sp.DGC_BASE_SAMPLE_FRACTION, "min_count": sp.DGC_MIN_SAMPLE_COUNT},
       "residual_decay": _RES_DECAY.value, "adam_from": _ADAM_FROM.value, "spread": _SPREAD.value,
       "spread_max": _SPREAD_MAX.value,

@@ -113,3 +113,23 @@ def test_session30_precision_run_recomputes_and_reads_not_met():
     assert (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]) == pytest.approx(
         quoted, abs=0.005)
   assert out["reading"] == "not met" and out["mb_per_worker"] == pooled18["recipe_topk"]["mb_per_worker"][0]
+
+
+def test_session30_second_screen_recomputes_and_has_no_winner():
+  """Session 30's second screen of the 0.1% recipe on mnist1d (rule s30_screen2/RULE.md, written first): five
+  one-flag arms against the recipe of the same host and seeds; every arm below it, no winner."""
+  out = _load("s30_screen2/screen_seeds0-4.json")
+  rec = _load("s30_pt/recipe_seeds0-4.json")
+  key0 = "topk 0.001 rmsfrom@1 dwarmup300 start0.01"
+  assert out["recipe"]["accuracy"] == rec["accuracy"][key0]
+  quoted = {"a_leaky16_until150": (-0.58, -0.14), "b_leaky64_until150": (-1.16, -0.72), "c_factor2": (-1.92, -1.48),
+            "d_start2": (-1.18, -0.74), "e_decay0999": (-2.38, -1.94)}
+  assert set(out["arms"]) == set(quoted)
+  for arm, (vs_adam, vs_recipe) in quoted.items():
+    a = out["arms"][arm]
+    run = _load("s30_screen2/" + a["file"])
+    assert run["accuracy"][a["key"]] == a["accuracy"] and run["accuracy"]["adam"] == rec["accuracy"]["adam"]
+    assert round(100 * _compare(a["accuracy"], rec["accuracy"]["adam"])["mean_diff"], 2) == vs_adam
+    assert round(100 * _compare(a["accuracy"], rec["accuracy"][key0])["mean_diff"], 2) == vs_recipe
+  assert out["winner"] is None and out["best"] == "a_leaky16_until150"
+  assert _load("s30_screen2/factor2_seeds0-4.json")["dwarmup_factor"] == 2.0

@@ -30,6 +30,8 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        recipe, and inside gradient_units) on the fresh seeds 100-114, mnist1d 1% option on seeds 45-59 (session 17's 45-49 + 50-59)
   s30p: session 30's precision run (rule: s30_precision/RULE.md): the 0.1% recipe on the fresh seeds 130-159, alone
        and pooled with session 18's 45 seeds (0-14, 100-129), each against Adam re-run with it (paired)
+  s30s2: session 30's second screen (rule: s30_screen2/RULE.md): five one-flag arms of the 0.1% recipe on mnist1d
+       seeds 0-4, each vs Adam and, paired, vs the recipe of s30_pt (the same host and seeds)
   s30: session 30's screen (rule: s30_pt/RULE.md): the 0.1% recipe with per-tensor selection against the recipe
        re-run on this host, mnist1d seeds 0-4 (two runs, Adam checked equal seed by seed), each vs Adam and paired
 
@@ -404,10 +406,45 @@ def pool_s30p() -> dict:
   return out
 
 
+S30_SCREEN2 = {  # arm: (file under s30_screen2/, key, the flag that makes it, as recorded in the file)
+    "a_leaky16_until150": ("spread_seeds0-4.json", "topk 0.001 rmsfrom@1 dwarmup300 start0.01 spread-leaky@16u150",
+                           ("spread", ["leaky@16u150", "leaky@64u150"])),
+    "b_leaky64_until150": ("spread_seeds0-4.json", "topk 0.001 rmsfrom@1 dwarmup300 start0.01 spread-leaky@64u150",
+                           ("spread", ["leaky@16u150", "leaky@64u150"])),
+    "c_factor2": ("factor2_seeds0-4.json", "topk 0.001 rmsfrom@1 dwarmup300 start0.01", ("dwarmup_factor", 2.0)),
+    "d_start2": ("start2_seeds0-4.json", "topk 0.001 rmsfrom@1 dwarmup300 start0.02", ("dwarmup_start", [0.02])),
+    "e_decay0999": ("decay_seeds0-4.json", "topk 0.001 rmsfrom@1 dwarmup300 start0.01", ("residual_decay", 0.999)),
+}
+
+
+def pool_s30s2() -> dict:
+  """Session 30's second screen (``s30_screen2/RULE.md``): each arm against Adam and, paired by seed, against the
+  recipe of ``s30_pt/recipe_seeds0-4.json``; the winner by the rule (or none)."""
+  key0 = "topk 0.001 rmsfrom@1 dwarmup300 start0.01"
+  adam = {}
+  _, seeds0, _, rec = _load_arm("s30s2", "recipe", key0, ["s30_pt/recipe_seeds0-4.json"], adam, complete=True)
+  out = {"rule": "s30_screen2/RULE.md", "recipe": {"accuracy": rec, "seeds": seeds0}, "arms": {}}
+  for arm, (f, key, (flag, val)) in S30_SCREEN2.items():
+    runs, seeds, A, X = _load_arm("s30s2", arm, key, ["s30_screen2/" + f], adam, complete=True)
+    if runs[0].get(flag) != val:
+      raise ValueError(f"s30s2 {arm}: {f} records {flag}={runs[0].get(flag)!r}, expected {val!r}")
+    assert seeds == seeds0 == [0, 1, 2, 3, 4]
+    out["arms"][arm] = {"file": f, "key": key, "accuracy": X, "mb_per_worker": runs[0]["bytes_per_worker"][key][0],
+                        "vs_adam": _compare(X, A), "vs_recipe": _compare(X, rec)}
+    print("s30s2", arm, "vs Adam", _fmt(out["arms"][arm]["vs_adam"]), "vs recipe", _fmt(out["arms"][arm]["vs_recipe"]))
+  best = max(out["arms"], key=lambda a: out["arms"][a]["vs_recipe"]["mean_diff"])
+  b = out["arms"][best]
+  out["best"] = best
+  out["winner"] = best if b["vs_recipe"]["mean_diff"] > 0.003 and b["vs_adam"]["mean_diff"] >= -0.01 else None
+  print("s30s2 best", best, "winner", out["winner"])
+  json.dump(out, open(R + "s30_screen2/screen_seeds0-4.json", "w"), indent=1)
+  return out
+
+
 # pools with their own function (the rest are POOLS entries, pooled by ``pool``)
 SPECIAL = {"s11": pool_s11, "s13": lambda: pool_s13("s13"), "s13u": lambda: pool_s13("s13u"), "s16": pool_s16,
            "s17": pool_s17, "s18": pool_s18, "s18dgc": pool_s18_dgc,
-           "s30": pool_s30, "s30p": pool_s30p}
+           "s30": pool_s30, "s30p": pool_s30p, "s30s2": pool_s30s2}
 
 if __name__ == "__main__":
   if len(sys.argv) == 2 and sys.argv[1] in SPECIAL:
