@@ -113,19 +113,15 @@ def compare(original: ds.CostDataset, retime: ds.CostDataset, n_boot: int = 2000
          "programs_matched": int(len({f"{k[0]}:{k[1]}" for k in common})), "rows_matched": len(common),
          "median_ratio": scale, "ratio_quartiles": [float(q) for q in np.percentile(ratio, [25, 75])],
          "all": _summary(old, new, prog, scale, rng, n_boot)}
-  res["by_runtime"] = {}
-  for lo, hi, name in RUNTIME_BUCKETS:
-    m = (old >= lo) & (old < hi)
-    if m.any():
-      res["by_runtime"][name] = {**_summary(old[m], new[m], prog[m], scale, rng, 0),
-                                 "median_ratio": float(np.median(ratio[m]))}
+  part = lambda m: {**_summary(old[m], new[m], prog[m], scale, rng, 0),   # noqa: E731 (a subset, no interval)
+                     "median_ratio": float(np.median(ratio[m]))}
+  buckets = [(name, (old >= lo) & (old < hi)) for lo, hi, name in RUNTIME_BUCKETS]
+  res["by_runtime"] = {name: part(m) for name, m in buckets if m.any()}
   fam = np.array([k[0] for k in kept])
-  res["by_family"] = {f: {**_summary(old[fam == f], new[fam == f], prog[fam == f], scale, rng, 0),
-                          "median_ratio": float(np.median(ratio[fam == f]))} for f in sorted(set(fam))}
+  res["by_family"] = {f: part(fam == f) for f in sorted(set(fam))}
   # a library call as the kernel roofline counts one (a custom call among the program's kernels: cuBLAS, cuDNN, ...)
   lib = np.array([bool(np.any(program_kernels(original.hlo[i]).library)) for i in io])
-  res["library_call_rows"] = {name: {**_summary(old[m], new[m], prog[m], scale, rng, 0),
-                                     "median_ratio": float(np.median(ratio[m]))} if m.any() else None
+  res["library_call_rows"] = {name: part(m) if m.any() else None
                               for name, m in (("with_library_call", lib), ("without", ~lib))}
   return res
 

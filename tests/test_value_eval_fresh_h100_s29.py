@@ -41,23 +41,34 @@ def test_quoted_whole_program_figures(tag, blend, ratio, ci, plain, per_file, fa
     assert t["per_family"]["segment_sum"]["rows"] == 65
 
 
+def _check_option_choice(name, chosen, programs, within, ci, faster, slower, regret, default, hybrid, timed):
+  """The quoted figures of one fresh option-choice JSON (its registered decoder against always-default);
+  ``default`` = (within, mean regret) of always-default, ``hybrid`` = the top-2 hybrid's within, ``timed`` = its
+  (timed, exhaustive) counts. Returns the measured results for the test's own assertions."""
+  res = json.loads((RES / name).read_text())
+  assert (res["config"]["pessimism"], res["config"]["margin"]) == chosen
+  m = res["results"]["test_data/fresh"]["measured"]
+  v, d = m["value_model"], m["always_default"]
+  assert v["programs"] == d["programs"] == programs
+  assert (round(v["within_tol"], 3), round(d["within_tol"], 3)) == (within, default[0])
+  assert v["within_tol_ci95"] == pytest.approx(ci, abs=5e-4)
+  assert (v["vs_default"]["faster_by_5pct"], v["vs_default"]["slower_by_5pct"]) == (faster, slower)
+  assert (round(v["mean_regret"], 3), round(d["mean_regret"], 3)) == (regret, default[1])
+  assert round(m["hybrid_top2"]["within_tol"], 3) == hybrid
+  assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == timed
+  return m
+
+
 @pytest.mark.parametrize("tag,chosen,within,ci,faster,slower,regret", [
     ("tuned", (1.0, 0.0), 0.890, [0.855, 0.924], 28, 17, 0.021),
     ("fixed", (2.0, 0.0), 0.893, [0.859, 0.928], 27, 15, 0.020)])
 def test_quoted_option_choice(tag, chosen, within, ci, faster, slower, regret):
-  res = json.loads((RES / f"value_options_fresh_h100_s29_{tag}.json").read_text())
-  assert (res["config"]["pessimism"], res["config"]["margin"]) == chosen
-  m = res["results"]["test_data/fresh"]["measured"]
+  m = _check_option_choice(f"value_options_fresh_h100_s29_{tag}.json", chosen, 290, within, ci, faster, slower,
+                           regret, (0.845, 0.028), 0.962, (580, 849))
   v, d = m["value_model"], m["always_default"]
-  assert v["programs"] == d["programs"] == 290
-  assert (round(v["within_tol"], 3), round(d["within_tol"], 3)) == (within, 0.845)
-  assert v["within_tol_ci95"] == pytest.approx(ci, abs=5e-4)
   assert d["within_tol_ci95"] == pytest.approx([0.803, 0.883], abs=5e-4)
   assert v["within_tol_ci95"][0] > 0.80 and v["within_tol"] > d["within_tol"]     # met, above the default here
-  assert (v["vs_default"]["faster_by_5pct"], v["vs_default"]["slower_by_5pct"]) == (faster, slower)
-  assert (round(v["mean_regret"], 3), round(d["mean_regret"], 3)) == (regret, 0.028)
-  assert round(m["gbdt"]["within_tol"], 3) == 0.876 and round(m["hybrid_top2"]["within_tol"], 3) == 0.962
-  assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == (580, 849)
+  assert round(m["gbdt"]["within_tol"], 3) == 0.876
 
 
 @pytest.mark.parametrize("extra,counts,hits,quoted", [
@@ -109,19 +120,11 @@ def test_quoted_second_test_whole_program_figures():
     ("tuned", (2.0, 0.02), 0.739, [0.689, 0.789], 26, 30, 0.056),
     ("fixed", (2.0, 0.0), 0.749, [0.699, 0.799], 44, 45, 0.049)])
 def test_quoted_second_test_option_choice(tag, chosen, within, ci, faster, slower, regret):
-  res = json.loads((RES / f"value_options_fresh_h100_s29b_{tag}.json").read_text())
-  assert (res["config"]["pessimism"], res["config"]["margin"]) == chosen
-  m = res["results"]["test_data/fresh"]["measured"]
+  m = _check_option_choice(f"value_options_fresh_h100_s29b_{tag}.json", chosen, 299, within, ci, faster, slower,
+                           regret, (0.753, 0.05), 0.97, (598, 874))
   v, d = m["value_model"], m["always_default"]
-  assert v["programs"] == d["programs"] == 299
-  assert (round(v["within_tol"], 3), round(d["within_tol"], 3)) == (within, 0.753)
-  assert v["within_tol_ci95"] == pytest.approx(ci, abs=5e-4)
   assert v["within_tol"] < 0.80 and v["within_tol"] < d["within_tol"]                # not met on this file
-  assert (v["vs_default"]["faster_by_5pct"], v["vs_default"]["slower_by_5pct"]) == (faster, slower)
-  assert (round(v["mean_regret"], 3), round(d["mean_regret"], 3)) == (regret, 0.05)
   assert round(m["gbdt"]["within_tol"], 3) == {"tuned": 0.769, "fixed": 0.789}[tag]
-  assert round(m["hybrid_top2"]["within_tol"], 3) == 0.97
-  assert (m["hybrid_top2"]["timed"], m["hybrid_top2"]["timed_exhaustive"]) == (598, 874)
 
 
 def test_quoted_plain_model_error_range_on_fresh_h100_files():
