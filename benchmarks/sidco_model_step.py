@@ -79,6 +79,7 @@ from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  #
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
 ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
+        "sidco_pbuild", "sidco_pt_pbuild", "sidco_flat_pbuild", "sidco_pt_flat_pbuild",
         "sidco_flat_counts", "sidco_pt_flat_counts",
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
@@ -175,6 +176,7 @@ def _ways(row: str) -> tuple[str, int | None]:
 
 def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransformation:
   row, _ = _ways(row)
+  row = row.replace("_pbuild", "").replace("_xbuild", "")   # (the build is a switch: _switches)
   adam = optax.adam(1e-3)
   if row == "adam":
     return adam
@@ -229,6 +231,7 @@ def _switches(row: str) -> dict:
   return {"_SEARCH_WAYS": ways or sp._SEARCH_WAYS,
           "_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
+          "_SUM_BUILD": "pallas" if "_pbuild" in row else "xla" if "_xbuild" in row else sp._SUM_BUILD,
           "_BRANCHES": ("cond" if "_est_cond" in row or row.endswith("_cond") else
                         "where" if "_est_where" in row or row.endswith("_where") else sp._BRANCHES),
           "_CEILING": "blocks" if row.endswith("_cblocks") else "search" if row.endswith("_csearch") else sp._CEILING,

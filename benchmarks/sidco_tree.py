@@ -87,7 +87,8 @@ def _flags(ap):
   ap.add_argument("--calls", type=int, default=3, help="profiled loop calls per row")
   ap.add_argument("--repeats", type=int, default=None, help="wall-time rounds (default 15; 3 with --small)")
   ap.add_argument("--budget_s", type=float, default=75.0, help="stop adding rows after this many seconds")
-  ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all)")
+  ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all); separated by "
+                  "';' instead when one holds a comma")
   ap.add_argument("--name", default="sidco_tree", help="JSON file name (without .json)")
   ap.add_argument("--no_wall", action="store_true", help="loop device time only (no single-step compile)")
   ap.add_argument("--single", action="store_true",
@@ -139,7 +140,9 @@ def _flags(ap):
                        "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
                        "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment), pwrite/xwrite = sparse._OUT_WRITE "
                        "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), flatdus/flatconcat = "
-                       "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), pwritei = the writer "
+                       "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), pbuild/xbuild = "
+                       "sparse._SUM_BUILD (the buffer and its statistics by the Pallas sum kernel, or XLA's sums and the "
+                       "statistics kernel), pwritei = the writer "
                        "in place (residuals aliased to the old ones), pwriter = the writer for the residuals only (in place; outputs "
                        "per-leaf XLA fusions); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -393,6 +396,9 @@ def main():
   rows_spec["sidco(0.001, per_tensor=True, flat_state=True)"] = (
       None, sp.sidco(RATIO, per_tensor=True, flat_state=True), None)
   rows_spec["sidco(0.001, flat_state=True) [flatdus]"] = (None, sp.sidco(RATIO, flat_state=True), None)
+  for pt in ("", "per_tensor=True, "):   # the buffer and its statistics by the Pallas sum kernel (session 31)
+    rows_spec[f"sidco(0.001, {pt}flat_state=True) [pbuild]"] = (None, sp.sidco(RATIO, per_tensor=bool(pt),
+                                                                                flat_state=True), None)
   # SIDCo's estimator (the paper's closed-form threshold, no exact search; the default before issue 18's accuracy
   # fix made exact=True the default): the configuration issue 18's speed target was first measured with
   for kw in ("exact=False", "per_tensor=True, exact=False", "flat_state=True, exact=False",
@@ -426,12 +432,12 @@ def main():
   rows_spec["lax.approx_max_k (flat vector)"] = (
       lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None)
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
-  only = [s for s in args.only.split(",") if s]
+  only = [s for s in args.only.split(";" if ";" in args.only else ",") if s]
   rows, ref_first, ref_loop = [], {}, {}
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
   ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
-  kthkeys0, write0, fbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD
+  kthkeys0, write0, fbuild0, sbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -446,7 +452,7 @@ def main():
     sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
-    sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD = kthkeys0, write0, fbuild0
+    sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD = kthkeys0, write0, fbuild0, sbuild0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -476,6 +482,8 @@ def main():
         sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "pwriter": "pallas_res", "xwrite": "xla"}[tok]
       elif tok in ("flatdus", "flatconcat"):
         sp._FLAT_BUILD = tok[4:]
+      elif tok in ("pbuild", "xbuild"):
+        sp._SUM_BUILD = "pallas" if tok == "pbuild" else "xla"
       elif tok in ("blocks", "counts", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
@@ -488,7 +496,7 @@ def main():
     row["sum_flatten"], row["group_leaves"], row["trim_skip"] = sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
     row["seg_key"], row["group_size"], row["kth_keys_only"] = sp._SEG_KEY, sp._GROUP_SIZE, sp._KTH_KEYS_ONLY
-    row["out_write"], row["flat_build"] = sp._OUT_WRITE, sp._FLAT_BUILD
+    row["out_write"], row["flat_build"], row["sum_build"] = sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

@@ -494,3 +494,136 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
     else:
       ress += list(res_all)
   return (outs if write_out else None), ress
+
+
+SUM_GROUP = 48      # leaves per sum_leaves kernel (at least the leaves one tile touches)
+SUM_WARPS = 8       # warps per program of sum_leaves (as tile_stats: the same reductions)
+
+
+def _sum_groups(lo: np.ndarray, hi: np.ndarray, group: int):
+  """Runs of consecutive tiles whose leaf ranges ``[lo, hi]`` (``lo > hi``: no leaf) together span at most
+  ``group`` leaves (or one tile's range, when that alone is wider): ``[(tile0, tile1, leaf0, leaf1)]``."""
+  runs, t0, a, b = [], 0, None, None
+  for t in range(lo.shape[0]):
+    if lo[t] > hi[t]:   # (a padding tile: no leaf)
+      continue
+    na, nb = (lo[t], hi[t]) if a is None else (min(a, lo[t]), max(b, hi[t]))
+    if a is not None and nb - na + 1 > group:
+      runs.append((t0, t, a, b))
+      t0, na, nb = t, lo[t], hi[t]
+    a, b = na, nb
+  runs.append((t0, lo.shape[0], 0 if a is None else a, -1 if b is None else b))
+  return runs
+
+
+def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | None = None,
+               group: int | None = None, num_warps: int | None = None):
+  """The padded error-compensated buffer of a tree and its statistics, in one read of every leaf.
+
+  ``addends`` (a list of arrays, the leaves in order, every one of ``residual``'s dtype) and ``residual``
+  (a list of arrays of the same shapes, or ONE 1-D array of the leaves concatenated, ``flat_state``'s
+  layout): the leaves' sums ``a_i + r_i`` concatenated (``n_real`` entries, "real" positions), then laid out
+  in the padded buffer by tiles of ``THR_BLOCKS * BLOCK`` (4096) entries: padded position ``p`` of tile
+  ``T = p // 4096`` holds real position ``p + tile_shift[T]`` when ``p < tile_limit[T]``, else 0 (the
+  layout of :class:`mlsys_jax.comm.sparse._Layout`, whose ``tile_shift`` / ``tile_limit`` these are; static).
+
+  Returns ``(flat, s1, s2, block_max)``: the buffer (``tiles * 4096``,), per tile the float32 sum of ``|x|``
+  and of ``x^2``, per 64 entries the maximum of ``|x|``: bitwise :func:`tile_stats` of ``flat`` with
+  ``tile_blocks=THR_BLOCKS``, and ``flat`` bitwise the XLA sums (one rounding of each sum in the leaves'
+  dtype). It replaces XLA's leafwise sums written into the buffer (a concatenation or chunked in-place
+  writes: the sums written, then read again by the statistics pass) by one kernel per group of leaves:
+  each program writes one tile, reading each leaf the tile touches (a chain of ``lax.cond`` over the
+  group's leaves, static offsets; a tile touches few of them), and computes the tile's statistics from
+  the values it holds. ``group`` leaves per kernel keep the argument list short; the kernels write
+  disjoint runs of tiles into the same buffers (aliased from one kernel to the next)."""
+  group = group or SUM_GROUP
+  num_warps = num_warps or SUM_WARPS
+  addends = [a.reshape(-1) for a in addends]
+  if not addends:
+    raise ValueError("sum_leaves needs at least one leaf.")
+  dt = jnp.result_type(addends[0])
+  flat_res = not isinstance(residual, (list, tuple))
+  sizes = np.asarray([a.shape[0] for a in addends], np.int64)
+  n_real = int(sizes.sum())
+  if flat_res:
+    if residual.shape != (n_real,):
+      raise ValueError(f"a flat residual must have shape ({n_real},) (the leaves concatenated), got "
+                       f"{residual.shape}.")
+    residual = residual.reshape(-1)
+  else:
+    residual = [r.reshape(-1) for r in residual]
+    if [r.shape[0] for r in residual] != sizes.tolist():
+      raise ValueError("residual must hold one leaf per addend leaf, of the same size.")
+  if any(jnp.result_type(x) != dt for x in addends + ([residual] if flat_res else residual)):
+    raise ValueError(f"sum_leaves needs one dtype for every addend and residual leaf (the first is {dt}).")
+  tile = THR_BLOCKS * BLOCK
+  shift = np.asarray(tile_shift, np.int64)
+  limit = np.asarray(tile_limit, np.int64)
+  tiles = shift.shape[0]
+  if limit.shape != (tiles,):
+    raise ValueError(f"tile_shift and tile_limit must have one entry per tile, got {shift.shape} and {limit.shape}.")
+  roff = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  rend = roff + sizes
+  p0 = np.arange(tiles, dtype=np.int64) * tile
+  q0 = p0 + shift                                         # first real position of each tile
+  q1 = np.minimum(p0 + tile, limit) + shift               # one past its last (q1 <= q0: none)
+  if np.any((q1 > q0) & ((q0 < 0) | (q1 > n_real))):
+    raise ValueError("tile_shift / tile_limit map a tile outside the leaves' real positions.")
+  nz = np.flatnonzero(sizes)                              # (empty leaves hold no position)
+  lo = np.where(q1 > q0, nz[np.searchsorted(rend[nz], q0, side="right").clip(0, len(nz) - 1)], 1)
+  hi = np.where(q1 > q0, nz[(np.searchsorted(roff[nz], q1 - 1, side="right") - 1).clip(0, len(nz) - 1)], 0)
+  i32, f32 = jnp.int32, jnp.float32
+  shapes = (jax.ShapeDtypeStruct((tiles * tile,), dt), jax.ShapeDtypeStruct((tiles,), f32),
+            jax.ShapeDtypeStruct((tiles,), f32), jax.ShapeDtypeStruct((tiles * THR_BLOCKS,), f32))
+  out = None
+  for t0, t1, l0, l1 in _sum_groups(lo, hi, group):
+    ids = list(range(l0, l1 + 1))
+    nt = t1 - t0
+    tab = np.stack([shift[t0:t1], limit[t0:t1], lo[t0:t1], hi[t0:t1]], axis=1).astype(np.int32).reshape(-1)
+    n_in = 1 + len(ids) + (1 if flat_res else len(ids))
+
+    def kernel(tab_ref, *refs, ids=ids, t0=t0, n_in=n_in):
+      a_refs = refs[:len(ids)]
+      r_refs = refs[len(ids):n_in - 1]
+      flat_ref, s1_ref, s2_ref, bmax_ref = refs[-4:]
+      i = pl.program_id(0)
+      t = t0 + i
+      sh, lim, tlo, thi = tab_ref[4 * i], tab_ref[4 * i + 1], tab_ref[4 * i + 2], tab_ref[4 * i + 3]
+      p = t * tile + (jnp.arange(THR_BLOCKS, dtype=i32)[:, None] * BLOCK
+                      + jnp.arange(BLOCK, dtype=i32)[None, :])
+      q = p + sh
+      ok = p < lim
+      acc = jnp.zeros((THR_BLOCKS, BLOCK), dt)
+      for jj, leaf in enumerate(ids):
+        o, n = int(roff[leaf]), int(sizes[leaf])
+        if n == 0:
+          continue
+
+        def take(acc, jj=jj, o=o, n=n):
+          m = ok & (q >= o) & (q < o + n)
+          idx = jnp.where(m, q - o, 0)
+          a = plgpu.load(a_refs[jj].at[idx], mask=m, other=jnp.zeros((), dt))
+          if flat_res:
+            r = plgpu.load(r_refs[0].at[jnp.where(m, q, 0)], mask=m, other=jnp.zeros((), dt))
+          else:
+            r = plgpu.load(r_refs[jj].at[idx], mask=m, other=jnp.zeros((), dt))
+          return jnp.where(m, a + r, acc)
+
+        acc = jax.lax.cond((tlo <= leaf) & (leaf <= thi), take, lambda acc: acc, acc)
+      plgpu.store(flat_ref.at[p], acc)
+      av = jnp.abs(acc.astype(f32))
+      plgpu.store(bmax_ref.at[t * THR_BLOCKS + jnp.arange(THR_BLOCKS, dtype=i32)], jnp.max(av, axis=1))
+      s1_ref[t] = jnp.sum(av)
+      s2_ref[t] = jnp.sum(av * av)
+
+    args = [jnp.asarray(tab)] + [addends[j] for j in ids]
+    args += [residual] if flat_res else [residual[j] for j in ids]
+    aliases = {}
+    if out is not None:   # (the buffers written by the earlier kernels, in place)
+      aliases = {n_in + j: j for j in range(4)}
+      args += list(out)
+    fn = kernel if out is None else (lambda tab_ref, *refs, kernel=kernel: kernel(tab_ref, *refs[:n_in - 1],
+                                                                                  *refs[n_in + 3:]))
+    out = _call(fn, shapes, (nt,), interpret, num_warps, input_output_aliases=aliases)(*args)
+  flat, s1, s2, bmax = out
+  return flat, s1, s2, bmax

@@ -1534,6 +1534,31 @@ _OUT_WRITE = "xla"
 _OUT_WRITES = ("auto", "auto_inplace", "auto_res", "pallas", "pallas_inplace", "pallas_res", "xla")
 
 
+# How sidco builds its padded error-compensated buffer and the statistics pass over it: "xla" (the leafwise sums
+# written by XLA into one buffer, ``_SUM_FLATTEN`` / ``_FLAT_BUILD``, then the Pallas statistics kernel reads it
+# again) or "pallas" (:func:`_pallas_pack.sum_leaves`: one kernel per group of leaves writes the buffer tile by
+# tile and the tile's statistics from the values it holds: the gradient and the residual read once, the buffer
+# written once, no second read). Either Pallas choice applies only where the statistics are Pallas kernels
+# (``_TRANSFORM_PACKING``; outside shard_map), every leaf and the residual of one float32 dtype and no leaf
+# empty; "auto" only compiled (GPU), "pallas" also in the interpreter (tests). The same buffer and
+# statistics bitwise (tests/test_comm_sum_build.py).
+_SUM_BUILD = "xla"
+
+
+def _sum_build_mode(addends, residual, dtype) -> tuple[bool, bool]:
+  """``(use sum_leaves, interpret)`` for :data:`_SUM_BUILD` (``residual``: its leaves, or the flat vector)."""
+  check_choice("_SUM_BUILD", _SUM_BUILD, ("xla", "pallas", "auto"))
+  rs = residual if isinstance(residual, (list, tuple)) else [residual]
+  if (_SUM_BUILD == "xla" or not _pallas_pack.available() or _PALLAS_STATS != "pallas"
+      or jnp.dtype(dtype) != jnp.float32 or any(jnp.result_type(x) != dtype for x in list(addends) + list(rs))
+      or any(x.size == 0 for x in addends)):
+    return False, False
+  use, interp = _pallas_mode(_TRANSFORM_PACKING, rs[0])   # (only where the statistics are the Pallas kernel's)
+  if not use or (interp and _SUM_BUILD == "auto") or any(_varying(x) for x in addends):
+    return False, False
+  return True, interp
+
+
 def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
   """``(use the Pallas leaf writer, interpret)`` for :data:`_OUT_WRITE`."""
   check_choice("_OUT_WRITE", _OUT_WRITE, _OUT_WRITES)
@@ -1545,7 +1570,7 @@ def _write_mode(flat, leaves, momentum: float) -> tuple[bool, bool]:
 
 def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, first_ratio, min_count,
                     max_count=None, packing: str = "auto", exact=None, stage_bound: int | None = None,
-                    max_count_bound=None):
+                    max_count_bound=None, stats=None):
   """SIDCo on the flat buffer of a whole tree: one statistics pass (per-tile sums, per-block maxima),
   per-segment thresholds, the floor, and one packing of every segment into one shared payload.
   Returns ``(payload, n_above, thresholds (segments,), finite)``: ``finite`` says that every entry of
@@ -1562,7 +1587,10 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   ``tie_last`` of :func:`_seg_trim` (or of :func:`_seg_quota`, whose thresholds are then the ``k``-th
   largest magnitudes themselves; else None). With ``_EXACT_FIT = True`` (the path before session 9, kept for the benchmark) the fit
   runs first with ``ratio`` as its aim (above the target, so that it usually selects between ``k`` and the
-  local ``capacity``) and the search only on the steps where it missed; the same payload."""
+  local ``capacity``) and the search only on the steps where it missed; the same payload.
+
+  ``stats = (s1t, s2t, block_max)``: the statistics pass's values when the caller already has them (from
+  :func:`_pallas_pack.sum_leaves`, which writes ``flat``): bitwise the statistics kernel's, not recomputed."""
   if exact is not None and (not isinstance(exact, tuple) or len(exact) != 3 or exact[2] is None):
     raise ValueError(f"exact must be None or (k, send_capacity, k_max) with k_max the static per-segment "
                      f"bound on k, got {type(exact).__name__} "
@@ -1570,7 +1598,9 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
                      f"{' with k_max None' if isinstance(exact, tuple) and len(exact) == 3 else ''}.")
   use_pallas, interpret = _pallas_mode(packing, flat)
   nt = lay.num_tiles
-  if use_pallas and _PALLAS_STATS == "pallas":
+  if stats is not None:
+    s1t, s2t, bmax = stats
+  elif use_pallas and _PALLAS_STATS == "pallas":
     s1t, s2t, bmax = _pallas_pack.tile_stats(flat, interpret=interpret, tile_blocks=_THR_BLOCKS)
   else:
     bsum, bsq, bmax = _block_stats(jnp.abs(flat))
@@ -2135,7 +2165,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     r_cap = ratio if max_ratio is None else max_ratio
     return _Layout(sizes, _segments(sizes, per_tensor, r_cap, segmented.min_group_count))
 
-  def _select_segments(flat, lay, state, dtype):
+  def _select_segments(flat, lay, state, dtype, stats=None):
     """The segmented selection of the padded buffer ``flat``: ``(payload, n_above, thresholds, tie_last,
     finite, count, last, dense)``; ``finite`` agreed over ``axis_name``, ``count`` 0 on a non-finite step,
     ``last`` the last packed index (-1 when none), ``dense`` the all-gathered mean (None without an axis)."""
@@ -2146,7 +2176,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     else:
       k = jnp.stack([c[0] for c in counts])
     k_max = np.asarray([c[1] for c in counts])
-    payload, above, t, local_finite, tie_last = segmented(flat, lay, k, k_max, cap, state.stages, ratio)
+    payload, above, t, local_finite, tie_last = segmented(flat, lay, k, k_max, cap, state.stages, ratio, stats)
     finite = local_finite
     if axis_name is not None:   # one decision on every replica
       finite = jax.lax.pmax(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
@@ -2188,11 +2218,17 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     sizes = [int(np.prod(l.shape)) for l in leaves]
     lay = _layout_of(sizes)
     dtype = jnp.result_type(*leaves)
-    if _SUM_FLATTEN == "two":
-      flat = _flat_sum(lay.flatten, jax.tree_util.tree_leaves(addend), leaves, dtype)
+    add_leaves = jax.tree_util.tree_leaves(addend)
+    stats = None
+    use_sb, interp_sb = _sum_build_mode(add_leaves, leaves, dtype)
+    if use_sb:   # the buffer and its statistics in one read of every leaf
+      flat, *stats = _pallas_pack.sum_leaves(add_leaves, leaves, lay.tile_shift, lay.tile_limit,
+                                             interpret=interp_sb)
+    elif _SUM_FLATTEN == "two":
+      flat = _flat_sum(lay.flatten, add_leaves, leaves, dtype)
     else:
-      flat = lay.flatten_sum(jax.tree_util.tree_leaves(addend), leaves, dtype, _SUM_FLATTEN)
-    payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
+      flat = lay.flatten_sum(add_leaves, leaves, dtype, _SUM_FLATTEN)
+    payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype, stats)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     leaf_sel = lambda i: _leaf_selection(flat, lay, t, tie_last, last, i)
 
@@ -2239,15 +2275,27 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     check_choice("_FLAT_BUILD", _FLAT_BUILD, ("concat", "dus"))
     if _FLAT_BUILD == "dus":
       return _flat_step_dus(leaves, treedef, sizes, lay, dtype, state)
-    u = _concat_leaves(leaves, dtype)
     velocity = state.velocity
-    if momentum > 0:
-      u = momentum * state.velocity + u
-    acc = u + state.residual
-    if jnp.dtype(dtype).itemsize < 4:   # (one rounding for every reader: see below)
-      acc = jax.lax.optimization_barrier(acc)
-    flat = lay.pad(acc)
-    payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype)
+    stats = None
+    use_sb, interp_sb = _sum_build_mode(leaves, state.residual, dtype) if momentum == 0 else (False, False)
+    if use_sb:   # the padded buffer and its statistics from the leaves and the flat residual, one kernel each group
+      # (the gradient materialized once for both readers: an XLA reader below could otherwise fuse a leaf's
+      # producer into its add, e.g. a multiply contracted into an FMA, and round the sum differently)
+      leaves = jax.lax.optimization_barrier(leaves)
+      flat, *stats = _pallas_pack.sum_leaves(leaves, state.residual, lay.tile_shift, lay.tile_limit,
+                                             interpret=interp_sb)
+      # the sum among the leaves alone: the padded buffer's head (one segment), else the same add again (XLA,
+      # fused into the new residual's pass; bitwise the kernel's, both adding the same materialized values)
+      acc = flat[:lay.n_real] if lay.num_segments == 1 else _concat_leaves(leaves, dtype) + state.residual
+    else:
+      u = _concat_leaves(leaves, dtype)
+      if momentum > 0:
+        u = momentum * state.velocity + u
+      acc = u + state.residual
+      if jnp.dtype(dtype).itemsize < 4:   # (one rounding for every reader: see below)
+        acc = jax.lax.optimization_barrier(acc)
+      flat = lay.pad(acc)
+    payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype, stats)
     if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
       sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
     else:   # the payload's entries are exactly the ones sent
@@ -2682,13 +2730,13 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   else:   # the bound follows the traced ratio
     hi = jnp.maximum(1, jnp.ceil(jnp.log(jnp.asarray(ratio, jnp.float32)) / math.log(0.5))).astype(jnp.int32)
 
-  def select(flat, lay, k, k_max, cap, n_stages, r):
+  def select(flat, lay, k, k_max, cap, n_stages, r, stats=None):
     n_stages = n_stages if adaptive else stages   # fixed stages stay a Python int (unrolled)
     if exact:   # Top-k's set per segment (the block select; no fit unless _EXACT_FIT, whose aim is r_fit)
       r_fit = min(r * overshoot, 0.999) if _is_static(r) else jnp.minimum(jnp.asarray(r, jnp.float32) * overshoot, 0.999)
       return _sidco_segments(flat, lay, r_fit, cap, distribution, n_stages, first_ratio, None, None,
                              packing=_TRANSFORM_PACKING,
-                             exact=(jnp.asarray(k, jnp.int32), int(np.sum(k_max)), k_max))
+                             exact=(jnp.asarray(k, jnp.int32), int(np.sum(k_max)), k_max), stats=stats)
     j = None
     if min_fraction > 0:   # the floor of each segment (sidco_compress's min_count, per segment)
       floor_max = np.maximum(1, np.round(min_fraction * k_max)).astype(np.int64)
@@ -2704,7 +2752,7 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
     return _sidco_segments(flat, lay, r, cap, distribution, n_stages, first_ratio, j, hi_count,
                            packing=_TRANSFORM_PACKING,
                            stage_bound=hi if adaptive and isinstance(hi, int) else None,
-                           max_count_bound=hi_bound)
+                           max_count_bound=hi_bound, stats=stats)
 
   select.min_group_count = min_group_count
   return _sparsifier(None, ratio, capacity_factor=capacity_factor, per_tensor=per_tensor,

@@ -1,0 +1,125 @@
+"""sidco's error-compensated buffer built by one Pallas kernel per group of leaves (``sparse._SUM_BUILD``):
+the kernel against the XLA buffer and the statistics kernel, and the transform against its XLA build, bitwise
+(Pallas interpret mode on CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax.comm import _pallas_pack as pp
+from mlsys_jax.comm import sparse as sp
+
+pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
+
+pp_sum_leaves = pp.sum_leaves
+bits = lambda x: np.asarray(x).view(np.int32) if np.asarray(x).dtype == np.float32 else np.asarray(x)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("flat_residual", [False, True])
+def test_sum_leaves_is_the_xla_buffer_and_its_statistics(per_tensor, flat_residual):
+  """The padded buffer (one segment, or per-tensor segments each padded to whole tiles) of the leafwise sums,
+  and per tile / per block the statistics kernel's sums and maxima, bitwise; leaves that straddle tiles and
+  blocks, a tile touching many leaves, kernels split into groups of 1, 3 or 48 leaves."""
+  rng = np.random.default_rng(3)
+  sizes = [100, 5000, 64, 7, 9000, 3, 4096, 12000, 1, 33]
+  lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, 16))
+  a = [jnp.asarray(rng.normal(size=s) * 10.0 ** rng.integers(-3, 3), jnp.float32) for s in sizes]
+  r = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in sizes]
+  want = lay.flatten([x + y for x, y in zip(a, r)], jnp.float32)
+  ws1, ws2, wb = pp.tile_stats(want, interpret=True, tile_blocks=pp.THR_BLOCKS)
+  res = jnp.concatenate(r) if flat_residual else r
+  for group in (48, 3, 1):
+    flat, s1, s2, bmax = pp.sum_leaves(a, res, lay.tile_shift, lay.tile_limit, interpret=True, group=group)
+    for got, ref in ((flat, want), (s1, ws1), (s2, ws2), (bmax, wb)):
+      np.testing.assert_array_equal(bits(got), bits(ref))
+  if per_tensor:
+    assert lay.num_segments > 1 and float(jnp.abs(want).min()) == 0.0   # (padding between the segments)
+
+
+def test_sum_groups_cover_every_tile_once():
+  """The kernels' tile runs: consecutive, disjoint, covering every tile, each within its leaf budget unless one
+  tile alone touches more leaves."""
+  lo = np.asarray([0, 0, 1, 5, 5, 9, 1, 12])   # (tile 6: lo > hi, no leaf)
+  hi = np.asarray([0, 1, 5, 5, 9, 12, 0, 12])
+  runs = pp._sum_groups(lo, hi, 4)
+  assert runs[0][0] == 0 and runs[-1][1] == len(lo)
+  assert all(r0[1] == r1[0] for r0, r1 in zip(runs, runs[1:]))
+  for t0, t1, l0, l1 in runs:
+    used = [t for t in range(t0, t1) if lo[t] <= hi[t]]
+    assert l0 == min(lo[used]) and l1 == max(hi[used])
+    assert l1 - l0 + 1 <= 4 or len(used) == 1
+
+
+def test_sum_leaves_bad_input():
+  lay = sp._Layout([10, 20], [[0, 1]])
+  a = [jnp.ones(10), jnp.ones(20)]
+  with pytest.raises(ValueError, match="one dtype"):
+    pp.sum_leaves([a[0], a[1].astype(jnp.float16)], [jnp.ones(10), jnp.ones(20)], lay.tile_shift, lay.tile_limit)
+  with pytest.raises(ValueError, match="concatenated"):
+    pp.sum_leaves(a, jnp.ones(29), lay.tile_shift, lay.tile_limit)
+  with pytest.raises(ValueError, match="same size"):
+    pp.sum_leaves(a, [jnp.ones(10), jnp.ones(21)], lay.tile_shift, lay.tile_limit)
+  with pytest.raises(ValueError, match="outside"):
+    pp.sum_leaves(a, jnp.ones(30), lay.tile_shift, lay.tile_limit + 5)
+  with pytest.raises(ValueError, match="at least one"):
+    pp.sum_leaves([], [], lay.tile_shift, lay.tile_limit)
+
+
+def _steps(make, flat_state: bool):
+  """Three jitted updates (the second with a NaN: nothing sent, residual kept; the third with ties at the
+  cut): outputs and states."""
+  rng = np.random.default_rng(5)
+  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,), "e": (70, 3)}
+  gs = [{k: jnp.asarray(np.round(rng.standard_normal(s) * 2), jnp.float32) for k, s in shapes.items()}
+        for _ in range(3)]
+  gs[1]["b"] = gs[1]["b"].at[3].set(jnp.nan)
+  tx = make()
+  st, step, res = tx.init(gs[0]), jax.jit(tx.update), []
+  for g in gs:
+    o, st = step(g, st)
+    res.append((o, st))
+  return res
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(per_tensor=True), dict(flat_state=True),
+                                dict(per_tensor=True, flat_state=True), dict(exact=False, per_tensor=True)])
+def test_sidco_with_the_sum_kernel_is_bitwise_the_xla_build(kw, monkeypatch):
+  """sidco (tree or flat residual, one threshold or per tensor, exact or the estimator) with the buffer and
+  statistics from the sum kernel: updates and states bitwise those of the XLA build, over a NaN step and a
+  step with ties; the kernel really runs (a pallas_call with the leaves' count of inputs)."""
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
+  res = {}
+  for mode in ("pallas", "xla"):
+    monkeypatch.setattr(sp, "_SUM_BUILD", mode)
+    res[mode] = _steps(lambda: sp.sidco(0.02, **kw), kw.get("flat_state", False))
+  for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
+    np.testing.assert_array_equal(bits(x), bits(y))
+  st = res["pallas"][1][1]
+  assert int(st.nonfinite_steps) == 1 and float(res["pallas"][2][1].density) > 0
+  calls = []   # (the kernel really builds the buffer in the pallas rows)
+  monkeypatch.setattr(pp, "sum_leaves", lambda *a, **k: calls.append(1) or pp_sum_leaves(*a, **k))
+  monkeypatch.setattr(sp, "_SUM_BUILD", "pallas")
+  g = {"a": jnp.ones((30, 40)), "b": jnp.ones((40,))}
+  tx = sp.sidco(0.02, **kw)
+  jax.make_jaxpr(tx.update)(g, tx.init(g))
+  assert calls == [1]
+
+
+def test_sum_build_is_gpu_only_under_auto_and_checked(monkeypatch):
+  """"auto" builds with the kernel only compiled (GPU), float32, outside shard_map; an unknown mode names the
+  choices; float16 leaves keep the XLA build."""
+  monkeypatch.setattr(sp, "_SUM_BUILD", "auto")
+  x = [jnp.ones(8)]
+  if jax.default_backend() != "gpu":
+    assert sp._sum_build_mode(x, x, jnp.float32) == (False, False)
+  monkeypatch.setattr(sp, "_SUM_BUILD", "pallas")
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
+  assert sp._sum_build_mode(x, x, jnp.float32)[0]
+  assert sp._sum_build_mode([jnp.ones(8, jnp.float16)], [jnp.ones(8, jnp.float16)], jnp.float16) == (False, False)
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "xla")
+  assert sp._sum_build_mode(x, x, jnp.float32) == (False, False)
+  monkeypatch.setattr(sp, "_SUM_BUILD", "kernel")
+  with pytest.raises(ValueError, match="pallas"):
+    sp._sum_build_mode(x, x, jnp.float32)
