@@ -16,26 +16,37 @@ pp_sum_leaves = pp.sum_leaves
 bits = lambda x: np.asarray(x).view(np.int32) if np.asarray(x).dtype == np.float32 else np.asarray(x)
 
 
-@pytest.mark.parametrize("per_tensor", [False, True])
-@pytest.mark.parametrize("flat_residual", [False, True])
-def test_sum_leaves_is_the_xla_buffer_and_its_statistics(per_tensor, flat_residual):
+SIZES = [100, 5000, 64, 7, 9000, 3, 4096, 12000, 1, 33]
+ALIGNED = [64, 8320, 16, 8192, 48, 4096]   # (every offset a multiple of 16: the aligned loads)
+
+
+@pytest.mark.parametrize("per_tensor,flat_residual,sizes", [
+    (False, False, SIZES), (False, True, SIZES), (True, False, SIZES), (True, True, SIZES),
+    (False, False, ALIGNED), (True, True, ALIGNED)])
+def test_sum_leaves_is_the_xla_buffer_and_its_statistics(per_tensor, flat_residual, sizes):
   """The padded buffer (one segment, or per-tensor segments each padded to whole tiles) of the leafwise sums,
   and per tile / per block the statistics kernel's sums and maxima, bitwise; leaves that straddle tiles and
-  blocks, a tile touching many leaves, kernels split into groups of 1, 3 or 48 leaves."""
+  blocks, tiles inside one leaf (no masks), a tile touching many leaves, kernels split into groups of 1, 3 or
+  48 leaves, with and without the whole-tile and aligned loads."""
   rng = np.random.default_rng(3)
-  sizes = [100, 5000, 64, 7, 9000, 3, 4096, 12000, 1, 33]
   lay = sp._Layout(sizes, sp._segments(sizes, per_tensor, 0.01, 16))
   a = [jnp.asarray(rng.normal(size=s) * 10.0 ** rng.integers(-3, 3), jnp.float32) for s in sizes]
   r = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in sizes]
   want = lay.flatten([x + y for x, y in zip(a, r)], jnp.float32)
   ws1, ws2, wb = pp.tile_stats(want, interpret=True, tile_blocks=pp.THR_BLOCKS)
   res = jnp.concatenate(r) if flat_residual else r
-  for group in (48, 3, 1):
-    flat, s1, s2, bmax = pp.sum_leaves(a, res, lay.tile_shift, lay.tile_limit, interpret=True, group=group)
+  for group, fast in ((48, True), (3, True), (1, True), (48, False)):
+    flat, s1, s2, bmax = pp.sum_leaves(a, res, lay.tile_shift, lay.tile_limit, interpret=True, group=group,
+                                       whole_tiles=fast, align=fast)
     for got, ref in ((flat, want), (s1, ws1), (s2, ws2), (bmax, wb)):
       np.testing.assert_array_equal(bits(got), bits(ref))
   if per_tensor:
     assert lay.num_segments > 1 and float(jnp.abs(want).min()) == 0.0   # (padding between the segments)
+  p0 = np.arange(lay.num_tiles) * pp.THR_BLOCKS * pp.BLOCK
+  roff = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  inside = [p + 4096 <= lim and any(o <= p + sh and p + sh + 4096 <= o + n for o, n in zip(roff, sizes))
+            for p, sh, lim in zip(p0, lay.tile_shift, lay.tile_limit)]
+  assert any(inside)   # (some tile lies inside one leaf: the unmasked loads ran)
 
 
 def test_sum_groups_cover_every_tile_once():

@@ -517,7 +517,8 @@ def _sum_groups(lo: np.ndarray, hi: np.ndarray, group: int):
 
 
 def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | None = None,
-               group: int | None = None, num_warps: int | None = None):
+               group: int | None = None, num_warps: int | None = None, whole_tiles: bool = True,
+               align: bool = True):
   """The padded error-compensated buffer of a tree and its statistics, in one read of every leaf.
 
   ``addends`` (a list of arrays, the leaves in order, every one of ``residual``'s dtype) and ``residual``
@@ -535,7 +536,11 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
   each program writes one tile, reading each leaf the tile touches (a chain of ``lax.cond`` over the
   group's leaves, static offsets; a tile touches few of them), and computes the tile's statistics from
   the values it holds. ``group`` leaves per kernel keep the argument list short; the kernels write
-  disjoint runs of tiles into the same buffers (aliased from one kernel to the next)."""
+  disjoint runs of tiles into the same buffers (aliased from one kernel to the next).
+
+  ``whole_tiles``: a tile inside one leaf (most of a large tree) loads without masks. ``align``: the loads'
+  start positions are declared multiples of the largest power of two (up to 16) dividing every leaf offset
+  and tile shift (static), so that Triton can vectorize them. Neither changes a value."""
   group = group or SUM_GROUP
   num_warps = num_warps or SUM_WARPS
   addends = [a.reshape(-1) for a in addends]
@@ -572,6 +577,13 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
   nz = np.flatnonzero(sizes)                              # (empty leaves hold no position)
   lo = np.where(q1 > q0, nz[np.searchsorted(rend[nz], q0, side="right").clip(0, len(nz) - 1)], 1)
   hi = np.where(q1 > q0, nz[(np.searchsorted(roff[nz], q1 - 1, side="right") - 1).clip(0, len(nz) - 1)], 0)
+  # a tile inside one leaf, without padding: its loads need no mask
+  whole = (lo == hi) & (q1 - q0 == tile) & (q0 >= roff[np.minimum(lo, len(sizes) - 1)]) & (
+      q1 <= rend[np.minimum(lo, len(sizes) - 1)]) & whole_tiles
+  g_al = int(np.gcd.reduce(np.concatenate([[tile], roff, shift[q1 > q0]]).astype(np.int64))) if align else 1
+  g_al = min(16, g_al & -g_al) if g_al else 16   # (the largest power of two dividing all)
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
   i32, f32 = jnp.int32, jnp.float32
   shapes = (jax.ShapeDtypeStruct((tiles * tile,), dt), jax.ShapeDtypeStruct((tiles,), f32),
             jax.ShapeDtypeStruct((tiles,), f32), jax.ShapeDtypeStruct((tiles * THR_BLOCKS,), f32))
@@ -579,7 +591,8 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
   for t0, t1, l0, l1 in _sum_groups(lo, hi, group):
     ids = list(range(l0, l1 + 1))
     nt = t1 - t0
-    tab = np.stack([shift[t0:t1], limit[t0:t1], lo[t0:t1], hi[t0:t1]], axis=1).astype(np.int32).reshape(-1)
+    tab = np.stack([shift[t0:t1], limit[t0:t1], lo[t0:t1], hi[t0:t1], whole[t0:t1]],
+                   axis=1).astype(np.int32).reshape(-1)
     n_in = 1 + len(ids) + (1 if flat_res else len(ids))
 
     def kernel(tab_ref, *refs, ids=ids, t0=t0, n_in=n_in):
@@ -588,10 +601,11 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
       flat_ref, s1_ref, s2_ref, bmax_ref = refs[-4:]
       i = pl.program_id(0)
       t = t0 + i
-      sh, lim, tlo, thi = tab_ref[4 * i], tab_ref[4 * i + 1], tab_ref[4 * i + 2], tab_ref[4 * i + 3]
-      p = t * tile + (jnp.arange(THR_BLOCKS, dtype=i32)[:, None] * BLOCK
-                      + jnp.arange(BLOCK, dtype=i32)[None, :])
-      q = p + sh
+      sh, lim, tlo, thi = tab_ref[5 * i], tab_ref[5 * i + 1], tab_ref[5 * i + 2], tab_ref[5 * i + 3]
+      full = tab_ref[5 * i + 4] != 0
+      r2 = jnp.arange(THR_BLOCKS, dtype=i32)[:, None] * BLOCK + jnp.arange(BLOCK, dtype=i32)[None, :]
+      p = t * tile + r2
+      q0 = t * tile + sh                                # (the tile's first real position)
       ok = p < lim
       acc = jnp.zeros((THR_BLOCKS, BLOCK), dt)
       for jj, leaf in enumerate(ids):
@@ -600,14 +614,25 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
           continue
 
         def take(acc, jj=jj, o=o, n=n):
-          m = ok & (q >= o) & (q < o + n)
-          idx = jnp.where(m, q - o, 0)
-          a = plgpu.load(a_refs[jj].at[idx], mask=m, other=jnp.zeros((), dt))
-          if flat_res:
-            r = plgpu.load(r_refs[0].at[jnp.where(m, q, 0)], mask=m, other=jnp.zeros((), dt))
-          else:
-            r = plgpu.load(r_refs[jj].at[idx], mask=m, other=jnp.zeros((), dt))
-          return jnp.where(m, a + r, acc)
+          b = pl.multiple_of(q0 - o, g_al) if g_al > 1 else q0 - o
+          br = pl.multiple_of(q0, g_al) if g_al > 1 else q0
+          a_ref, r_ref = a_refs[jj], r_refs[0] if flat_res else r_refs[jj]
+          rb = br if flat_res else b
+
+          def whole_tile(acc):   # (inside the leaf: no mask)
+            return plgpu.load(a_ref.at[b + r2]) + plgpu.load(r_ref.at[rb + r2])
+
+          def part(acc):
+            m = ok & (b + r2 >= 0) & (b + r2 < n)
+            ia, ir = b + r2, rb + r2
+            if interpret:   # (the interpreter gathers: keep masked-off indices in range)
+              ia, ir = jnp.where(m, ia, 0), jnp.where(m, ir, 0)
+            z = jnp.zeros((), dt)
+            a = plgpu.load(a_ref.at[ia], mask=m, other=z)
+            r = plgpu.load(r_ref.at[ir], mask=m, other=z)
+            return jnp.where(m, a + r, acc)
+
+          return jax.lax.cond(full, whole_tile, part, acc)
 
         acc = jax.lax.cond((tlo <= leaf) & (leaf <= thi), take, lambda acc: acc, acc)
       plgpu.store(flat_ref.at[p], acc)
