@@ -134,3 +134,38 @@ def test_sum_build_is_gpu_only_under_auto_and_checked(monkeypatch):
   monkeypatch.setattr(sp, "_SUM_BUILD", "kernel")
   with pytest.raises(ValueError, match="pallas"):
     sp._sum_build_mode(x, x, jnp.float32)
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_kept_from_padded_is_the_elementwise_residual(finite):
+  """The per-tensor flat residual written from the padded buffer (segments of several tiles, tiles inside one
+  segment and across several, a tie cut and a last packed index that both bite) equals the numpy reference;
+  a non-finite step leaves the old residual."""
+  rng = np.random.default_rng(9)
+  sizes = [5000, 64, 7, 9000, 3, 4096, 12000, 33]
+  lay = sp._Layout(sizes, sp._segments(sizes, True, 0.01, 16))
+  real = np.round(rng.normal(size=lay.n_real) * 4).astype(np.float32)   # (ties)
+  flat = np.asarray(lay.pad(jnp.asarray(real)))
+  t = np.full(lay.num_segments, 3.0, np.float32)
+  src0 = np.concatenate([[0], np.cumsum(lay.seg_n)[:-1]])
+  tie = (lay.seg_start + lay.seg_n // 2).astype(np.int32)
+  last = int(lay.seg_start[-1] + lay.seg_n[-1] // 2)
+  old = rng.normal(size=lay.n_real).astype(np.float32)
+  got = pp.kept_from_padded(jnp.asarray(flat), lay.seg_n, lay.seg_start, jnp.asarray(t), jnp.asarray(tie), last,
+                            finite, jnp.asarray(old), interpret=True)
+  want = old.copy()
+  if finite:
+    for s in range(lay.num_segments):
+      q = src0[s] + np.arange(lay.seg_n[s])
+      p = q - src0[s] + lay.seg_start[s]
+      v, a = real[q], np.abs(real[q])
+      sel = ((a > t[s]) | ((a == t[s]) & (p <= tie[s]))) & (p <= last)
+      want[q] = np.where(sel, np.float32(0), v)
+      assert 0 < sel.sum() < (a >= t[s]).sum() or s != 0   # (the tie cut bites in the first segment)
+  np.testing.assert_array_equal(bits(got), bits(want))
+  with pytest.raises(ValueError, match="shape"):
+    pp.kept_from_padded(jnp.asarray(flat), lay.seg_n, lay.seg_start, jnp.asarray(t), jnp.asarray(tie), last, True,
+                        jnp.asarray(old[:-1]))
+  with pytest.raises(ValueError, match="inside flat"):
+    pp.kept_from_padded(jnp.asarray(flat[:100]), lay.seg_n, lay.seg_start, jnp.asarray(t), jnp.asarray(tie), last,
+                        True, jnp.asarray(old))

@@ -652,3 +652,86 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
     out = _call(fn, shapes, (nt,), interpret, num_warps, input_output_aliases=aliases)(*args)
   flat, s1, s2, bmax = out
   return flat, s1, s2, bmax
+
+
+def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_seg: jax.Array, last: jax.Array,
+                     finite: jax.Array, old: jax.Array, *, interpret: bool | None = None,
+                     num_warps: int | None = None):
+  """The new error-feedback residual in the leaves' own layout, written in place over ``old``.
+
+  ``flat`` is the padded buffer of :class:`mlsys_jax.comm.sparse._Layout` with segments of ``seg_n`` real entries
+  starting at padded positions ``seg_start`` (static); real position ``q`` of segment ``s`` (the segments'
+  real entries concatenated, ``old``'s layout) is padded position ``p = q - src0[s] + seg_start[s]``. An entry
+  was sent iff ``(|v| > t_seg[s] or (|v| == t_seg[s] and p <= tie_seg[s])) and p <= last``. Returns ``old``
+  updated in place (``input_output_aliases``): ``where(sent, 0, v)`` when ``finite``, else unchanged (nothing
+  written). Bitwise the XLA expression ``where(finite, where(sent, 0, v), old)``. One program writes one tile
+  of 4096 real positions, reading the segments it touches (a chain of ``lax.cond``; static offsets)."""
+  num_warps = num_warps or WRITE_WARPS
+  seg_n = np.asarray(seg_n, np.int64)
+  seg_start = np.asarray(seg_start, np.int64)
+  src0 = np.concatenate([[0], np.cumsum(seg_n)[:-1]])
+  n_real = int(seg_n.sum())
+  if old.shape != (n_real,):
+    raise ValueError(f"old must be the residual of the segments' real entries, shape ({n_real},), got {old.shape}.")
+  if seg_start.shape != seg_n.shape or np.any(seg_start + seg_n > flat.shape[0]):
+    raise ValueError("every segment must lie inside flat (seg_start, seg_n).")
+  if old.dtype != flat.dtype:
+    raise ValueError(f"old ({old.dtype}) and flat ({flat.dtype}) must have one dtype.")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  tile = WRITE_TILE
+  tiles = -(-n_real // tile)
+  q0 = np.arange(tiles, dtype=np.int64) * tile
+  q1 = np.minimum(q0 + tile, n_real)
+  nz = np.flatnonzero(seg_n)
+  send = src0 + seg_n
+  lo = nz[np.searchsorted(send[nz], q0, side="right").clip(0, len(nz) - 1)]
+  hi = nz[(np.searchsorted(src0[nz], q1 - 1, side="right") - 1).clip(0, len(nz) - 1)]
+  whole = (lo == hi) & (q1 - q0 == tile)
+  tab = np.stack([lo, hi, whole], axis=1).astype(np.int32).reshape(-1)
+  i32, dt = jnp.int32, flat.dtype
+  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
+
+  def kernel(tab_ref, t_ref, tie_ref, sc_ref, flat_ref, old_ref, out_ref):
+    del old_ref   # (aliased to out_ref: a non-finite step writes nothing)
+    i = pl.program_id(0)
+    slo, shi, full = tab_ref[3 * i], tab_ref[3 * i + 1], tab_ref[3 * i + 2] != 0
+    r = jnp.arange(tile, dtype=i32)
+    q = i * tile + r
+    acc = jnp.zeros((tile,), dt)
+    zero = jnp.zeros((), dt)
+    for s in nz.tolist():
+      off = int(seg_start[s] - src0[s])   # p = q + off
+      n0, n1 = int(src0[s]), int(src0[s] + seg_n[s])
+      al = min(16, int(np.gcd(tile, off)) & -int(np.gcd(tile, off))) if off else 16
+
+      def take(acc, s=s, off=off, n0=n0, n1=n1, al=al):
+        b = i * tile + off
+        b = pl.multiple_of(b, al) if al > 1 else b
+        p = b + r
+
+        def select(v, m):
+          a = jnp.abs(v.astype(jnp.float32))
+          th = t_ref[s]
+          sel = ((a > th) | ((a == th) & (p <= tie_ref[s]))) & (p <= sc_ref[0])
+          return jnp.where(m, jnp.where(sel, zero, v), acc)
+
+        def whole_tile(acc):
+          return select(plgpu.load(flat_ref.at[p]), True)
+
+        def part(acc):
+          m = (q >= n0) & (q < n1)
+          return select(plgpu.load(flat_ref.at[jnp.where(m, p, 0) if interpret else p], mask=m, other=zero), m)
+
+        return jax.lax.cond(full, whole_tile, part, acc)
+
+      acc = jax.lax.cond((slo <= s) & (s <= shi), take, lambda acc: acc, acc)
+
+    @pl.when(sc_ref[1] != 0)
+    def _():
+      plgpu.store(out_ref.at[q], acc, mask=q < n_real)
+
+  return _call(kernel, jax.ShapeDtypeStruct((n_real,), dt), (tiles,), interpret, num_warps,
+               input_output_aliases={5: 0})(
+      jnp.asarray(tab), jnp.asarray(t_seg, jnp.float32).reshape(-1), jnp.asarray(tie_seg, i32).reshape(-1), scal,
+      flat, old)

@@ -2279,14 +2279,9 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     stats = None
     use_sb, interp_sb = _sum_build_mode(leaves, state.residual, dtype) if momentum == 0 else (False, False)
     if use_sb:   # the padded buffer and its statistics from the leaves and the flat residual, one kernel each group
-      # (the gradient materialized once for both readers: an XLA reader below could otherwise fuse a leaf's
-      # producer into its add, e.g. a multiply contracted into an FMA, and round the sum differently)
-      leaves = jax.lax.optimization_barrier(leaves)
       flat, *stats = _pallas_pack.sum_leaves(leaves, state.residual, lay.tile_shift, lay.tile_limit,
                                              interpret=interp_sb)
-      # the sum among the leaves alone: the padded buffer's head (one segment), else the same add again (XLA,
-      # fused into the new residual's pass; bitwise the kernel's, both adding the same materialized values)
-      acc = flat[:lay.n_real] if lay.num_segments == 1 else _concat_leaves(leaves, dtype) + state.residual
+      acc = flat[:lay.n_real]   # (one segment: the real entries come first)
     else:
       u = _concat_leaves(leaves, dtype)
       if momentum > 0:
@@ -2296,13 +2291,18 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         acc = jax.lax.optimization_barrier(acc)
       flat = lay.pad(acc)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype, stats)
-    if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
-      sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
-    else:   # the payload's entries are exactly the ones sent
-      slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
-      dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
-      sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop")   # (unsent slots: dropped)
-    new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
+    if use_sb and lay.num_segments > 1:   # every segment's kept entries from the padded buffer, in place
+      tie = jnp.full((lay.num_segments,), -1, jnp.int32) if tie_last is None else tie_last
+      new_res = _pallas_pack.kept_from_padded(flat, lay.seg_n, lay.seg_start, t, tie, last, finite, state.residual,
+                                              interpret=interp_sb)
+    else:
+      if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
+        sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
+      else:   # the payload's entries are exactly the ones sent
+        slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
+        dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
+        sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop")   # (unsent slots: dropped)
+      new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
     if momentum > 0:
       velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
     outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: _leaf_selection(flat, lay, t, tie_last, last, i))
