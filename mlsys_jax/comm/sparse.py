@@ -1542,7 +1542,12 @@ _OUT_WRITES = ("auto", "auto_inplace", "auto_res", "pallas", "pallas_inplace", "
 # (``_TRANSFORM_PACKING``; outside shard_map), every leaf and the residual of one float32 dtype and no leaf
 # empty; "auto" only compiled (GPU), "pallas" also in the interpreter (tests). The same buffer and
 # statistics bitwise (tests/test_comm_sum_build.py).
-_SUM_BUILD = "xla"
+# Default "auto" since session 31 (H100, f32 batch-64 ResNet-50 training step, wall over Adam alone, 7 rounds,
+# benchmarks/results/sidco_model_step_h100_s31b.json): sidco +0.209 -> +0.075 ms, per tensor +0.321 -> +0.173,
+# flat_state +0.174 -> -0.003, per tensor flat_state +0.272 -> +0.110, against topk's +0.952. In an update-alone
+# loop whose gradient is computed inside it (sidco_tree.py) it is slower (0.808 -> 1.119 ms): the kernel reads
+# materialized gradients, where XLA's build fuses the gradients' producers.
+_SUM_BUILD = "auto"
 
 
 def _sum_build_mode(addends, residual, dtype) -> tuple[bool, bool]:
