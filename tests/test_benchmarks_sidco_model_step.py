@@ -391,3 +391,43 @@ def test_quoted_h100_session30_figures():
   assert (f["sparse.py:_concat_leaves"], p["sparse.py:_concat_leaves"]) == (79, 80)
   assert (f["sparse.py:_seg_quota"], p["sparse.py:_seg_quota"]) == (11, 35)
   assert (f["sparse.py:_sort_seg_desc"], p["sparse.py:_sort_seg_desc"]) == (7, 18)
+
+
+def test_quoted_h100_session31_figures():
+  """Session 31's H100 rows as README, docs/comm.md and BENCHMARKS.md quote them: the buffer and its statistics
+  from the Pallas sum kernel (``_pbuild`` rows, the default since) against XLA's build in the step (runs a, b; run
+  c with the new default), the update alone (the in-loop gradient no longer fuses into the build), and the build
+  timed alone (sum_build.py). Every Pallas loop bitwise the XLA build's."""
+  rows = lambda n: {x["row"]: x for x in json.loads((RESULTS / f"sidco_model_step_h100_s31{n}.json").read_text())["rows"]}
+  a, b, c = rows("a"), rows("b"), rows("c")
+  assert [round(r["adam"]["step_s"] * 1e3, 2) for r in (a, b, c)] == [21.01, 21.14, 21.07]
+  ov = lambda r: {k: round(r[k]["overhead_s"] * 1e3, 3) for k in r if k != "adam"}
+  assert ov(a) == {"topk": 1.019, "sidco_flat": 0.177, "sidco_flat_pbuild": 0.052, "sidco_pt_flat": 0.328,
+                   "sidco_pt_flat_pbuild": 0.32}
+  assert ov(b) == {"topk": 0.952, "sidco_flat": 0.174, "sidco_flat_pbuild": -0.003, "sidco_pt_flat": 0.272,
+                   "sidco_pt_flat_pbuild": 0.11, "sidco": 0.209, "sidco_pbuild": 0.075, "sidco_pt": 0.321,
+                   "sidco_pt_pbuild": 0.173}
+  assert ov(c) == {"topk": 1.009, "sidco": 0.103, "sidco_pt": 0.157, "sidco_flat": 0.035, "sidco_pt_flat": 0.11}
+  vs = lambda r, k: round(r["topk"]["overhead_s"] / r[k]["overhead_s"], 2)
+  assert [vs(b, k) for k in ("sidco_pbuild", "sidco_pt_pbuild", "sidco_pt_flat_pbuild")] == [12.66, 5.51, 8.62]
+  assert [vs(c, k) for k in ("sidco", "sidco_pt", "sidco_flat", "sidco_pt_flat")] == [9.81, 6.4, 28.69, 9.14]
+  assert [vs(b, k) for k in ("sidco", "sidco_pt", "sidco_flat", "sidco_pt_flat")] == [4.56, 2.97, 5.48, 3.5]
+  iqr = lambda r, k: [round(v * 1e3, 3) for v in r[k]["overhead_s_iqr"]]
+  assert iqr(b, "sidco_flat_pbuild") == [-0.023, 0.013] and iqr(b, "sidco_pt_flat_pbuild") == [0.086, 0.128]
+  # per tensor with the sum kernel: >= 5.5x topk in every row of runs b and c (tree and flat residual)
+  assert min(vs(b, "sidco_pt_pbuild"), vs(b, "sidco_pt_flat_pbuild"), vs(c, "sidco_pt"), vs(c, "sidco_pt_flat")) > 5.5
+  # run a had the flat per-tensor residual recomputed by XLA (no gain); b writes it from the buffer (kept_from_padded)
+  assert a["sidco_pt_flat_pbuild"]["overhead_s"] > 0.9 * a["sidco_pt_flat"]["overhead_s"]
+  tree = {x["method"]: x for x in json.loads((RESULTS / "sidco_tree_h100_s31b.json").read_text())["rows"]}
+  ms = lambda k, f: round(tree[k][f] * 1e3, 3)
+  assert [ms(k, "device_s") for k in ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [pbuild]")] == [1.806, 0.808, 1.119]
+  assert [ms(k, "single_busy_s") for k in ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [pbuild]")] == [1.651, 0.741, 0.648]
+  assert [ms(k, "single_device_s") for k in ("sidco(0.001)", "sidco(0.001) [pbuild]")] == [1.047, 1.407]
+  assert all(x["loop_same_as_default"] for k, x in tree.items() if "[" in k)
+  tree_a = json.loads((RESULTS / "sidco_tree_h100_s31a.json").read_text())["rows"]
+  assert all(x["loop_same_as_default"] for x in tree_a if "[" in x["method"])
+  sb = {x["row"]: x for x in json.loads((RESULTS / "sum_build_h100_s31a.json").read_text())["rows"]}
+  us = lambda k: round(sb[k]["busy_s"] * 1e6)
+  assert [us(k) for k in ("copy", "xla flat/tree", "pallas flat/tree", "xla per_tensor/flat", "pallas per_tensor/flat")] == [
+      68, 206, 156, 232, 149]
+  assert all(x["same_as_xla"] for k, x in sb.items() if k != "copy" and "[w4]" not in k)

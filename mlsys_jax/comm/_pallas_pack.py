@@ -12,6 +12,10 @@ searches and gathers (about 25 kernels):
    only: about 6% of ``x`` at ratio 0.001); each group writes value and index of its entries at its
    offset plus their rank (prefix sums along and across block rows) into a zero-initialised payload.
 
+For the transforms on a tree: :func:`sum_leaves` builds the padded buffer ``g + residual`` of every leaf and step 1's
+statistics in one read of the leaves (one kernel per group of leaves), :func:`kept_from_padded` writes a flat
+per-tensor residual back from that buffer, and :func:`write_leaves` every leaf's residual and output.
+
 The payload is identical to ``compact(x, abs(x) > t, capacity)``: ascending index, the first ``capacity``
 selected entries, zeros in unused slots. Deterministic (no atomics). On an H100 (jax 0.11.2) at 25M float32,
 ratio 0.001: statistics 36 us, packing ~18 us of kernel time (benchmarks/sidco_compression.py --profile).
