@@ -121,6 +121,11 @@ def _flags(ap):
                        "sidco's default buffer 'dus' and the old path's 'two' then stay bitwise comparable; with "
                        "'scale' the multiply fuses into dus's add as an FMA and rounds differently)")
   ap.add_argument("--pool", type=int, default=3, help="independent gradient draws the loop cycles through")
+  ap.add_argument("--materialize", action="store_true",
+                  help="each step's gradient written to memory before the update reads it (an optimization_barrier), as "
+                       "a training step hands it over: no row fuses the change into its first read (since session 31, "
+                       "whose Pallas sum kernel reads materialized gradients while XLA's build fused the change); the "
+                       "'tree copy' row then shows the cost of the materialization itself")
   ap.add_argument("--chain", action="store_true",
                   help="add the step a user runs: optax.adam(1e-3) alone, chain(topk, adam), chain(sidco, adam) (flat "
                        "and per tensor): a compressor's cost in a training step is its row minus adam's (the per-leaf "
@@ -161,11 +166,13 @@ def _residual_leaves(residual, like) -> list:
   return out
 
 
-def _loop(update, steps: int, pool: int, change: str = "scale"):
+def _loop(update, steps: int, pool: int, change: str = "scale", materialize: bool = False):
   """jit((pool of gradients, state, out0) -> (state, out)): ``steps`` updates, the state carried; step ``i``
   takes gradient ``i % pool`` of the pool (leading axis of every leaf) times ``1 + 1e-3 i`` (``change``
   "scale"), or plus ``1e-6 i`` ("shift": an add, which no fusion contracts with the update's own add into
-  an FMA, so variants that fuse the producer differently stay bitwise comparable)."""
+  an FMA, so variants that fuse the producer differently stay bitwise comparable). ``materialize``: that gradient
+  behind an ``optimization_barrier``, written to memory before the update reads it, as a training step's backward
+  pass or a jitted ``tx.update``'s arguments hand it over (no row can fuse the change into its first read)."""
   def run(gp, st, out0):
     def body(i, c):
       st, _ = c
@@ -175,6 +182,8 @@ def _loop(update, steps: int, pool: int, change: str = "scale"):
       else:
         s = 1e-6 * i.astype(jnp.float32)
         g = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, i % pool, keepdims=False) + s, gp)
+      if materialize:
+        g = jax.lax.optimization_barrier(g)
       o, st = update(g, st)
       return st, o
     return jax.lax.fori_loop(0, steps, body, (st, out0))
@@ -368,7 +377,7 @@ def main():
   k = max(1, round(RATIO * n))
   on_cpu = jax.default_backend() == "cpu"
   copy_bw = copy_bandwidth((1 << 26) if on_cpu else (1 << 30), repeats=5 if on_cpu else 20)
-  meta = {"env": env, "pool": args.pool, "change": args.change, "n_params": n, "n_tensors": len(shapes), "ratio": RATIO, "k": k, "steps": steps,
+  meta = {"env": env, "pool": args.pool, "change": args.change, "materialize": args.materialize, "n_params": n, "n_tensors": len(shapes), "ratio": RATIO, "k": k, "steps": steps,
           "calls": args.calls, "repeats": reps, "div": div, "copy_bandwidth": copy_bw,
           "rw_floor_s": 8 * n / copy_bw, "pallas": sp._pallas_mode("auto")[0],
           "fast_module": fast is not None}
@@ -513,7 +522,7 @@ def main():
         g, st = pool, kind.init(grads)
       out0 = jax.eval_shape(update, jax.tree_util.tree_map(lambda x: x[0], g), st)[0]
       out0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out0)
-      loop = _loop(update, steps, args.pool, args.change)
+      loop = _loop(update, steps, args.pool, args.change, args.materialize)
       res = jax.block_until_ready(loop(g, st, out0))
       row["compile_s"] = time.perf_counter() - tc
       if args.hlo:   # (a second compile of the same loop, after the timed one's)
