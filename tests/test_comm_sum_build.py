@@ -76,6 +76,8 @@ def test_sum_leaves_bad_input():
     pp.sum_leaves(a, jnp.ones(30), lay.tile_shift, lay.tile_limit + 5)
   with pytest.raises(ValueError, match="at least one"):
     pp.sum_leaves([], [], lay.tile_shift, lay.tile_limit)
+  with pytest.raises(ValueError, match="non-empty"):
+    pp.sum_leaves([jnp.ones(0)], [jnp.ones(0)], lay.tile_shift, lay.tile_limit)
 
 
 def _steps(make, flat_state: bool):

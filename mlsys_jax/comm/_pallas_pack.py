@@ -554,6 +554,8 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
   flat_res = not isinstance(residual, (list, tuple))
   sizes = np.asarray([a.shape[0] for a in addends], np.int64)
   n_real = int(sizes.sum())
+  if n_real == 0:
+    raise ValueError("sum_leaves needs at least one non-empty leaf.")
   if flat_res:
     if residual.shape != (n_real,):
       raise ValueError(f"a flat residual must have shape ({n_real},) (the leaves concatenated), got "
@@ -669,7 +671,9 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
   was sent iff ``(|v| > t_seg[s] or (|v| == t_seg[s] and p <= tie_seg[s])) and p <= last``. Returns ``old``
   updated in place (``input_output_aliases``): ``where(sent, 0, v)`` when ``finite``, else unchanged (nothing
   written). Bitwise the XLA expression ``where(finite, where(sent, 0, v), old)``. One program writes one tile
-  of 4096 real positions, reading the segments it touches (a chain of ``lax.cond``; static offsets)."""
+  of 4096 real positions, reading the segments it touches (a chain of ``lax.cond``; static offsets). In a loop
+  or a step that donates its state the residual is written where it lies; a jitted update whose state is not
+  donated gets a copy of ``old`` from XLA first."""
   num_warps = num_warps or WRITE_WARPS
   seg_n = np.asarray(seg_n, np.int64)
   seg_start = np.asarray(seg_start, np.int64)
