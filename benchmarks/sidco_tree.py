@@ -147,7 +147,7 @@ def _flags(ap):
                        "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), flatdus/flatconcat = "
                        "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), pbuild/xbuild = "
                        "sparse._SUM_BUILD (the buffer and its statistics by the Pallas sum kernel, or XLA's sums and the "
-                       "statistics kernel), pwritei = the writer "
+                       "statistics kernel), sg<N> = _pallas_pack.SUM_GROUP (leaves per sum kernel: fewer launches), pwritei = the writer "
                        "in place (residuals aliased to the old ones), pwriter = the writer for the residuals only (in place; outputs "
                        "per-leaf XLA fusions); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -447,6 +447,7 @@ def main():
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
   ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
   kthkeys0, write0, fbuild0, sbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
+  sgroup0 = sp._pallas_pack.SUM_GROUP
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -462,6 +463,7 @@ def main():
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
     sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD = kthkeys0, write0, fbuild0, sbuild0
+    sp._pallas_pack.SUM_GROUP = sgroup0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -493,6 +495,8 @@ def main():
         sp._FLAT_BUILD = tok[4:]
       elif tok in ("pbuild", "xbuild"):
         sp._SUM_BUILD = "pallas" if tok == "pbuild" else "xla"
+      elif tok.startswith("sg") and tok[2:].isdigit():
+        sp._pallas_pack.SUM_GROUP = int(tok[2:])
       elif tok in ("blocks", "counts", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):
@@ -506,6 +510,7 @@ def main():
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
     row["seg_key"], row["group_size"], row["kth_keys_only"] = sp._SEG_KEY, sp._GROUP_SIZE, sp._KTH_KEYS_ONLY
     row["out_write"], row["flat_build"], row["sum_build"] = sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
+    row["sum_group"] = sp._pallas_pack.SUM_GROUP
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

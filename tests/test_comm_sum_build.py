@@ -97,7 +97,8 @@ def _steps(make, flat_state: bool):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(per_tensor=True), dict(flat_state=True),
-                                dict(per_tensor=True, flat_state=True), dict(exact=False, per_tensor=True)])
+                                dict(per_tensor=True, flat_state=True), dict(exact=False, per_tensor=True),
+                                dict(momentum=0.9, per_tensor=True)])
 def test_sidco_with_the_sum_kernel_is_bitwise_the_xla_build(kw, monkeypatch):
   """sidco (tree or flat residual, one threshold or per tensor, exact or the estimator) with the buffer and
   statistics from the sum kernel: updates and states bitwise those of the XLA build, over a NaN step and a
@@ -131,6 +132,10 @@ def test_sum_build_is_gpu_only_under_auto_and_checked(monkeypatch):
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
   assert sp._sum_build_mode(x, x, jnp.float32)[0]
   assert sp._sum_build_mode([jnp.ones(8, jnp.float16)], [jnp.ones(8, jnp.float16)], jnp.float16) == (False, False)
+  assert sp._sum_build_mode(x, x, jnp.float32, computed=True)[0]   # ("pallas": also for computed addends)
+  monkeypatch.setattr(sp, "_SUM_BUILD", "auto")
+  assert sp._sum_build_mode(x, x, jnp.float32, computed=True) == (False, False)   # (auto: the timed cases only)
+  monkeypatch.setattr(sp, "_SUM_BUILD", "pallas")
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "xla")
   assert sp._sum_build_mode(x, x, jnp.float32) == (False, False)
   monkeypatch.setattr(sp, "_SUM_BUILD", "kernel")

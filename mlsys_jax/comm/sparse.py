@@ -1540,7 +1540,8 @@ _OUT_WRITES = ("auto", "auto_inplace", "auto_res", "pallas", "pallas_inplace", "
 # tile and the tile's statistics from the values it holds: the gradient and the residual read once, the buffer
 # written once, no second read). Either Pallas choice applies only where the statistics are Pallas kernels
 # (``_TRANSFORM_PACKING``; outside shard_map), every leaf and the residual of one float32 dtype and no leaf
-# empty; "auto" only compiled (GPU), "pallas" also in the interpreter (tests). The same buffer and
+# empty; "auto" only compiled (GPU), "pallas" also in the interpreter (tests), and "auto" only where the addends are
+# the gradients as handed in (no ``precondition``, no momentum: the configurations timed). The same buffer and
 # statistics bitwise (tests/test_comm_sum_build.py).
 # Default "auto" since session 31 (H100, f32 batch-64 ResNet-50 training step, wall over Adam alone, 7 rounds,
 # benchmarks/results/sidco_model_step_h100_s31b.json): sidco +0.209 -> +0.075 ms, per tensor +0.321 -> +0.173,
@@ -1550,11 +1551,14 @@ _OUT_WRITES = ("auto", "auto_inplace", "auto_res", "pallas", "pallas_inplace", "
 _SUM_BUILD = "auto"
 
 
-def _sum_build_mode(addends, residual, dtype) -> tuple[bool, bool]:
-  """``(use sum_leaves, interpret)`` for :data:`_SUM_BUILD` (``residual``: its leaves, or the flat vector)."""
+def _sum_build_mode(addends, residual, dtype, computed: bool = False) -> tuple[bool, bool]:
+  """``(use sum_leaves, interpret)`` for :data:`_SUM_BUILD` (``residual``: its leaves, or the flat vector).
+  ``computed``: the addends are computed inside the transform (a ``precondition``'s output, DGC's velocity),
+  which XLA's build fuses and the kernel would read materialized: "auto" keeps the XLA build then (not timed)."""
   check_choice("_SUM_BUILD", _SUM_BUILD, ("xla", "pallas", "auto"))
   rs = residual if isinstance(residual, (list, tuple)) else [residual]
-  if (_SUM_BUILD == "xla" or not _pallas_pack.available() or _PALLAS_STATS != "pallas"
+  if (_SUM_BUILD == "xla" or (computed and _SUM_BUILD == "auto") or not _pallas_pack.available()
+      or _PALLAS_STATS != "pallas"
       or jnp.dtype(dtype) != jnp.float32 or any(jnp.result_type(x) != dtype for x in list(addends) + list(rs))
       or any(x.size == 0 for x in addends)):
     return False, False
@@ -2225,7 +2229,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     dtype = jnp.result_type(*leaves)
     add_leaves = jax.tree_util.tree_leaves(addend)
     stats = None
-    use_sb, interp_sb = _sum_build_mode(add_leaves, leaves, dtype)
+    use_sb, interp_sb = _sum_build_mode(add_leaves, leaves, dtype, momentum > 0 or precondition is not None)
     if use_sb:   # the buffer and its statistics in one read of every leaf
       flat, *stats = _pallas_pack.sum_leaves(add_leaves, leaves, lay.tile_shift, lay.tile_limit,
                                              interpret=interp_sb)
@@ -2282,7 +2286,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       return _flat_step_dus(leaves, treedef, sizes, lay, dtype, state)
     velocity = state.velocity
     stats = None
-    use_sb, interp_sb = _sum_build_mode(leaves, state.residual, dtype) if momentum == 0 else (False, False)
+    use_sb, interp_sb = ((False, False) if momentum > 0 else
+                         _sum_build_mode(leaves, state.residual, dtype, precondition is not None))
     if use_sb:   # the padded buffer and its statistics from the leaves and the flat residual, one kernel each group
       flat, *stats = _pallas_pack.sum_leaves(leaves, state.residual, lay.tile_shift, lay.tile_limit,
                                              interpret=interp_sb)
@@ -2666,10 +2671,11 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   ``optax.inject_hyperparams(sidco, static_args=('max_ratio',))(ratio=schedule, max_ratio=0.05)``.
 
   Speed (issue 18): the transform costs one flat error-compensated buffer and one statistics pass over it
-  (per-tile sums, per-block maxima): on a GPU, for float32 trees, both come from one Pallas kernel per group of
-  leaves that writes the buffer tile by tile with each tile's statistics (``sparse._SUM_BUILD``, since session 31;
-  with ``flat_state`` and per-tensor segments a second kernel writes the new residual from the buffer, in place);
-  elsewhere XLA writes the leafwise sums by chunks in place and a statistics pass reads them. Then per-segment thresholds (with
+  (per-tile sums, per-block maxima): on a GPU, for float32 trees (without ``precondition`` or ``momentum``),
+  both come from one Pallas kernel per group of leaves that writes the buffer tile by tile with each tile's
+  statistics (``sparse._SUM_BUILD``, since session 31; with ``flat_state`` and per-tensor segments a second kernel
+  writes the new residual from the buffer, in place); elsewhere XLA writes the leafwise sums by chunks in place
+  and a statistics pass reads them. Then per-segment thresholds (with
   ``exact``: the block select's three small sorts; without: the fit, from reshapes and one small gather),
   one packing with per-segment thresholds, one collective, and one elementwise pass per leaf for its
   residual and output (an entry was sent iff it is above its segment's threshold and not after the last
