@@ -655,7 +655,8 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
       args += list(out)
     fn = kernel if out is None else (lambda tab_ref, *refs, kernel=kernel: kernel(tab_ref, *refs[:n_in - 1],
                                                                                   *refs[n_in + 3:]))
-    out = _call(fn, shapes, (nt,), interpret, num_warps, input_output_aliases=aliases)(*args)
+    out = _call(fn, shapes, (nt,), interpret, num_warps, input_output_aliases=aliases,
+                name=f"sum_leaves_{t0}")(*args)   # (profiles name the kernel after its first tile)
   flat, s1, s2, bmax = out
   return flat, s1, s2, bmax
 
@@ -740,6 +741,6 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
       plgpu.store(out_ref.at[q], acc, mask=q < n_real)
 
   return _call(kernel, jax.ShapeDtypeStruct((n_real,), dt), (tiles,), interpret, num_warps,
-               input_output_aliases={5: 0})(
+               input_output_aliases={5: 0}, name="kept_from_padded")(
       jnp.asarray(tab), jnp.asarray(t_seg, jnp.float32).reshape(-1), jnp.asarray(tie_seg, i32).reshape(-1), scal,
       flat, old)
