@@ -194,3 +194,13 @@ def test_sum_kernel_under_vmap_is_bitwise_the_xla_build(kw, monkeypatch):
   for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
     np.testing.assert_array_equal(bits(x), bits(y))
   assert float(jnp.abs(jax.tree_util.tree_leaves(res["pallas"][0])[0]).max()) > 0   # (something was sent)
+
+
+def test_tile_ranges_and_alignment_helpers():
+  """The pieces each tile touches (empty pieces skipped, a tile with no position gets lo > hi) and the declared load
+  alignment (the largest power of two up to 16 dividing every offset)."""
+  starts, sizes = np.asarray([0, 10, 10, 4106]), np.asarray([10, 0, 4096, 5])
+  lo, hi = pp._tile_ranges(starts, sizes, np.asarray([0, 4096, 5000]), np.asarray([4096, 4111, 5000]))
+  assert lo.tolist() == [0, 2, 1] and hi.tolist() == [2, 3, 0]
+  assert pp._pow2_divisor([4096, 64, 1000]) == 8 and pp._pow2_divisor([4096, 0]) == 16
+  assert pp._pow2_divisor([4096, 3]) == 1 and pp._pow2_divisor([]) == 16

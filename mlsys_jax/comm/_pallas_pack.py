@@ -380,6 +380,32 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
 
 
 
+def _sent(v, t, tie, last, pos):
+  """In-kernel: which entries ``v`` at flat positions ``pos`` were sent, with their segment's threshold ``t`` and
+  tie cut ``tie`` (scalars) and the last packed position ``last``: ``|v| > t``, or ``|v| == t`` up to ``tie``, and
+  at or before ``last`` (``sparse._sent``'s test)."""
+  a = jnp.abs(v.astype(jnp.float32))
+  return ((a > t) | ((a == t) & (pos <= tie))) & (pos <= last)
+
+
+def _tile_ranges(starts: np.ndarray, sizes: np.ndarray, q0: np.ndarray, q1: np.ndarray):
+  """Per tile of positions ``[q0, q1)``: the first and last of the consecutive pieces (``starts``, ``sizes``; empty
+  pieces skipped) it touches, as ``(lo, hi)``; ``lo > hi`` (1, 0) for a tile with no position."""
+  nz = np.flatnonzero(sizes)
+  ends = starts + sizes
+  some = q1 > q0
+  lo = np.where(some, nz[np.searchsorted(ends[nz], q0, side="right").clip(0, len(nz) - 1)], 1)
+  hi = np.where(some, nz[(np.searchsorted(starts[nz], q1 - 1, side="right") - 1).clip(0, len(nz) - 1)], 0)
+  return lo, hi
+
+
+def _pow2_divisor(values, cap: int = 16) -> int:
+  """The largest power of two, at most ``cap``, that divides every one of the integers ``values`` (``cap`` when
+  all are 0): an alignment Triton can be told with ``pl.multiple_of``."""
+  g = int(np.gcd.reduce(np.asarray(values, np.int64).reshape(-1))) if np.size(values) else 0
+  return cap if g == 0 else min(cap, g & -g)
+
+
 WRITE_TILE = 4096   # entries per program of write_leaves
 WRITE_WARPS = 4
 WRITE_GROUP = 48    # leaves per write_leaves kernel (its arguments: ~3 pointers per leaf)
@@ -450,9 +476,7 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
       m = r < n_ref[j]
       pos = off_ref[j] + r
       v = plgpu.load(flat_ref.at[pos], mask=m, other=jnp.zeros((), dt))
-      a = jnp.abs(v.astype(jnp.float32))
-      t = t_ref[j]
-      sel = ((a > t) | ((a == t) & (pos <= tie_ref[j]))) & (pos <= sc_ref[0])
+      sel = _sent(v, t_ref[j], tie_ref[j], sc_ref[0], pos)
       zero = jnp.zeros((), dt)
       fin = sc_ref[1] != 0
       res = jnp.where(sel, zero, v)
@@ -574,20 +598,14 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
   if limit.shape != (tiles,):
     raise ValueError(f"tile_shift and tile_limit must have one entry per tile, got {shift.shape} and {limit.shape}.")
   roff = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-  rend = roff + sizes
   p0 = np.arange(tiles, dtype=np.int64) * tile
   q0 = p0 + shift                                         # first real position of each tile
   q1 = np.minimum(p0 + tile, limit) + shift               # one past its last (q1 <= q0: none)
   if np.any((q1 > q0) & ((q0 < 0) | (q1 > n_real))):
     raise ValueError("tile_shift / tile_limit map a tile outside the leaves' real positions.")
-  nz = np.flatnonzero(sizes)                              # (empty leaves hold no position)
-  lo = np.where(q1 > q0, nz[np.searchsorted(rend[nz], q0, side="right").clip(0, len(nz) - 1)], 1)
-  hi = np.where(q1 > q0, nz[(np.searchsorted(roff[nz], q1 - 1, side="right") - 1).clip(0, len(nz) - 1)], 0)
-  # a tile inside one leaf, without padding: its loads need no mask
-  whole = (lo == hi) & (q1 - q0 == tile) & (q0 >= roff[np.minimum(lo, len(sizes) - 1)]) & (
-      q1 <= rend[np.minimum(lo, len(sizes) - 1)]) & whole_tiles
-  g_al = int(np.gcd.reduce(np.concatenate([[tile], roff, shift[q1 > q0]]).astype(np.int64))) if align else 1
-  g_al = min(16, g_al & -g_al) if g_al else 16   # (the largest power of two dividing all)
+  lo, hi = _tile_ranges(roff, sizes, q0, q1)
+  whole = (lo == hi) & (q1 - q0 == tile) & whole_tiles    # (inside one leaf, no padding: no mask)
+  g_al = _pow2_divisor(np.concatenate([[tile], roff, shift[q1 > q0]])) if align else 1
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   i32, f32 = jnp.int32, jnp.float32
@@ -653,9 +671,8 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
     if out is not None:   # (the buffers written by the earlier kernels, in place)
       aliases = {n_in + j: j for j in range(4)}
       args += list(out)
-    fn = kernel if out is None else (lambda tab_ref, *refs, kernel=kernel: kernel(tab_ref, *refs[:n_in - 1],
-                                                                                  *refs[n_in + 3:]))
-    out = _call(fn, shapes, (nt,), interpret, num_warps, input_output_aliases=aliases,
+    # (kernel reads its inputs from the front of refs and its outputs from the back: aliased inputs sit between)
+    out = _call(kernel, shapes, (nt,), interpret, num_warps, input_output_aliases=aliases,
                 name=f"sum_leaves_{t0}")(*args)   # (profiles name the kernel after its first tile)
   flat, s1, s2, bmax = out
   return flat, s1, s2, bmax
@@ -692,10 +709,7 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
   tiles = -(-n_real // tile)
   q0 = np.arange(tiles, dtype=np.int64) * tile
   q1 = np.minimum(q0 + tile, n_real)
-  nz = np.flatnonzero(seg_n)
-  send = src0 + seg_n
-  lo = nz[np.searchsorted(send[nz], q0, side="right").clip(0, len(nz) - 1)]
-  hi = nz[(np.searchsorted(src0[nz], q1 - 1, side="right") - 1).clip(0, len(nz) - 1)]
+  lo, hi = _tile_ranges(src0, seg_n, q0, q1)
   whole = (lo == hi) & (q1 - q0 == tile)
   tab = np.stack([lo, hi, whole], axis=1).astype(np.int32).reshape(-1)
   i32, dt = jnp.int32, flat.dtype
@@ -709,10 +723,10 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
     q = i * tile + r
     acc = jnp.zeros((tile,), dt)
     zero = jnp.zeros((), dt)
-    for s in nz.tolist():
+    for s in np.flatnonzero(seg_n).tolist():
       off = int(seg_start[s] - src0[s])   # p = q + off
       n0, n1 = int(src0[s]), int(src0[s] + seg_n[s])
-      al = min(16, int(np.gcd(tile, off)) & -int(np.gcd(tile, off))) if off else 16
+      al = _pow2_divisor([tile, off])
 
       def take(acc, s=s, off=off, n0=n0, n1=n1, al=al):
         b = i * tile + off
@@ -720,10 +734,7 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
         p = b + r
 
         def select(v, m):
-          a = jnp.abs(v.astype(jnp.float32))
-          th = t_ref[s]
-          sel = ((a > th) | ((a == th) & (p <= tie_ref[s]))) & (p <= sc_ref[0])
-          return jnp.where(m, jnp.where(sel, zero, v), acc)
+          return jnp.where(m, jnp.where(_sent(v, t_ref[s], tie_ref[s], sc_ref[0], p), zero, v), acc)
 
         def whole_tile(acc):
           return select(plgpu.load(flat_ref.at[p]), True)
