@@ -549,6 +549,10 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
                align: bool = True):
   """The padded error-compensated buffer of a tree and its statistics, in one read of every leaf.
 
+  SIDCo (Abdelmoniem et al., MLSys 2021) thresholds the error-compensated gradient ``acc = g + e`` (error feedback:
+  what is not sent stays in ``e``); its fit and the exact block select read per-tile
+  ``sum |acc|``, ``sum acc^2`` and per-block ``max |acc|`` (Sec. 3-4). This kernel produces ``acc`` and those.
+
   ``addends`` (a list of arrays, the leaves in order, every one of ``residual``'s dtype) and ``residual``
   (a list of arrays of the same shapes, or ONE 1-D array of the leaves concatenated, ``flat_state``'s
   layout): the leaves' sums ``a_i + r_i`` concatenated (``n_real`` entries, "real" positions), then laid out
@@ -682,6 +686,9 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
                      finite: jax.Array, old: jax.Array, *, interpret: bool | None = None,
                      num_warps: int | None = None):
   """The new error-feedback residual in the leaves' own layout, written in place over ``old``.
+
+  Error feedback (SIDCo, Abdelmoniem et al., MLSys 2021; Top-k with memory): ``e' = acc - sent``, i.e. the
+  entries of ``acc`` that were not sent, and 0 where they were.
 
   ``flat`` is the padded buffer of :class:`mlsys_jax.comm.sparse._Layout` with segments of ``seg_n`` real entries
   starting at padded positions ``seg_start`` (static); real position ``q`` of segment ``s`` (the segments'
