@@ -138,19 +138,23 @@ def main():
   ap.add_argument("--package", default="mlsys_jax/", help="frames of files whose path holds this are named")
   ap.add_argument("--by", default="function", choices=("function", "line"))
   ap.add_argument("--top", type=int, default=30, help="groups printed per row")
+  ap.add_argument("--single", action="store_true",
+                  help="sidco_tree.py --single --hlo rows: the single update's kernels (single_top_kernels) against "
+                       "its own HLO (<name>_<row>@single.hlo.txt.gz) instead of the loop's")
   args = ap.parse_args()
   res = json.load(open(args.result))
   base = os.path.splitext(args.result)[0]
   want = [r for r in args.rows.split(",") if r]
+  pre = "single_" if args.single else ""
   for row in res["rows"]:
     name = row.get("row") or row.get("method", "")   # (sidco_model_step's rows, sidco_tree's methods)
-    path = hlo_file(os.path.dirname(base), os.path.basename(base), name)
+    path = hlo_file(os.path.dirname(base), os.path.basename(base), name + ("@single" if args.single else ""))
     if (want and name not in want) or not os.path.exists(path):
       continue
     with gzip.open(path, "rt") as f:
-      groups = attribute(row.get("top_kernels", []), f.read(), args.package, args.by)
+      groups = attribute(row.get(pre + "top_kernels", []), f.read(), args.package, args.by)
     total = sum(groups.values())
-    print(f"== {name}: busy {row.get('busy_s', float('nan')) * 1e3:.3f} ms, attributed {total * 1e3:.3f} ms")
+    print(f"== {name}: busy {row.get(pre + 'busy_s', float('nan')) * 1e3:.3f} ms, attributed {total * 1e3:.3f} ms")
     for g, s in sorted(groups.items(), key=lambda kv: -kv[1])[:args.top]:
       print(f"  {s * 1e6:9.1f} us  {g}")
 

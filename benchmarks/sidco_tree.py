@@ -109,6 +109,9 @@ def _flags(ap):
                        "(names of sched.XLA_CONFIGS, 'cmdbuf_while': command buffers with WHILE added, 'nocub': XLA's own sort "
                        "kernels instead of cub's radix sort), rows "
                        "'single@<name>' (device_s, busy_s, kernels, idle_s, the longest idle gaps)")
+  ap.add_argument("--sequence", action="store_true",
+                  help="with --single: also the median call's kernels in launch order (single_sequence: name, start "
+                       "offset and duration in us), to see what runs after each sort and where the device waits")
   ap.add_argument("--host_gap", action="store_true",
                   help="with --single: record the host threads' events (XLA thunks, CUDA API calls) during the single "
                        "call's longest device-idle gap (single_gap_host) and over the whole call (single_host_top)")
@@ -260,11 +263,12 @@ def _train_step(tx, grads, args) -> dict:
   return {f"train_{k_}": v for k_, v in d.items()}
 
 
-def _device(fn, calls: int, per_call: int, gap_s: float = 0.02, host: bool = False) -> dict:
+def _device(fn, calls: int, per_call: int, gap_s: float = 0.02, host: bool = False, sequence: bool = False) -> dict:
   """Device time per step from one profiler trace of ``calls`` calls of ``fn`` (each alone). ``host``: also
   ``gap_host``, what the host threads were doing during the median call's longest idle gap
   (``common.host_overlap``), and ``host_top``, the host events from 3 ms before that call's first kernel (its
-  dispatch, and the tail of the sleep before it) to its last kernel's end, pooled by name."""
+  dispatch, and the tail of the sleep before it) to its last kernel's end, pooled by name. ``sequence``: also
+  ``sequence``, the median call's kernels in launch order as ``(name, start offset us, duration us)``."""
   if jax.default_backend() != "gpu":
     return {}
 
@@ -295,6 +299,8 @@ def _device(fn, calls: int, per_call: int, gap_s: float = 0.02, host: bool = Fal
       g0, g1 = largest_gap_interval(med)
       extra["gap_host"] = host_overlap(hosts, g0, g1, 16)
       extra["host_top"] = host_overlap(hosts, med[0][0] - 3e6, max(ev[1] for ev in med), 24)
+    if sequence:
+      extra["sequence"] = [(ev[3][:70], round((ev[0] - med[0][0]) * 1e-3, 2), round(ev[2] * 1e-3, 2)) for ev in med]
     return {**extra, "device_s": float(np.median(spans)) * 1e-9 / per_call,
             "idle_s": idle / per_call, "gaps": [(g, a[:60], b[:60]) for g, a, b in gaps],
             "busy_s": sum(ev[2] for c in clusters for ev in c) * norm,
@@ -581,13 +587,17 @@ def main():
                         compiler_options=_single_options(cfg) if cfg else None)
           call = _single_call(one, g1, st, args.donate)
           jax.block_until_ready(call())
-          d = _device(call, args.calls, 1, host=args.host_gap)
+          d = _device(call, args.calls, 1, host=args.host_gap, sequence=args.sequence)
           d["chain_wall_s"] = _chain_wall(call, 20)
+          if args.hlo and cfg is None:   # the single update's optimized HLO: hlo_attribution.py --single
+            with gzip.open(hlo_file(args.out, args.name, name + "@single"), "wt") as f:
+              f.write(one.lower(g1, st).compile().as_text())
           if cfg is None:
             row.update({f"single_{k_}": v for k_, v in d.items()})
           else:
             row[f"single@{cfg}"] = {k_: d[k_] for k_ in ("device_s", "busy_s", "kernels", "idle_s", "gaps",
-                                                         "chain_wall_s", "device_error", "gap_host", "host_top")
+                                                         "chain_wall_s", "device_error", "gap_host", "host_top",
+                                                         "sequence")
                                     if k_ in d}
         row["single_donated"] = bool(args.donate)
       if args.train_step and kind not in ("flat", "residual", None):
