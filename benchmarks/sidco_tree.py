@@ -135,6 +135,8 @@ def _flags(ap):
                        "output pass fuses into Adam's per-leaf update there)")
   ap.add_argument("--chain_variants", default="", help="comma-separated variant rows of chain(sidco, adam) and of "
                   "chain(topk, adam), each checked bitwise against its default chain row (tokens as --variants)")
+  ap.add_argument("--flat_variants", default="", help="comma-separated variant rows of sidco(flat_state=True), flat and "
+                  "per tensor (tokens as --variants; a leading '-': flat only, '+': per tensor only)")
   ap.add_argument("--topk_variants", default="", help="comma-separated variant rows of topk (tokens as --variants)")
   ap.add_argument("--variants", default=OLD_PATH,
                   help="comma-separated variant rows of sidco flat and per tensor (a leading '-': flat only, '+': "
@@ -443,6 +445,10 @@ def main():
                if not (pt and v.startswith("-")) and not (not pt and v.startswith("+"))]:
     name = name.replace("[-", "[").replace("[+", "[")
     rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name), None)
+  for name in [f"sidco(0.001{pt}, flat_state=True) [{v}]" for v in args.flat_variants.split(",") if v
+               for pt in ("", ", per_tensor=True") if not (pt and v.startswith("-")) and not (not pt and v.startswith("+"))]:
+    name = name.replace("[-", "[").replace("[+", "[")
+    rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name, flat_state=True), None)
   rows_spec["lax.top_k (flat vector)"] = (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None)
   rows_spec["lax.approx_max_k (flat vector)"] = (
       lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None)
