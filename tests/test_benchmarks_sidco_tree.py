@@ -135,3 +135,46 @@ def test_quoted_h100_session28_update_alone():
   assert [ms(m, "train_device_s") for m in (s, c8, tk)] == [2.299, 0.788, 1.892]
   assert ms(s, "train_idle_s") == 1.54 and ms(c8, "train_idle_s") < 0.01
   assert [ms(m, "train_chain_wall_s") for m in (s, c8, tk)] == [3.515, 4.94, 3.135]
+
+
+def test_quoted_h100_session32_update_alone():
+  """Session 32's H100 runs of one jitted ``tx.update`` on the ResNet-50 tree (``--single --materialize``), as
+  README, BENCHMARKS.md and docs/comm.md quote them: the default's span and its idle gap after cub's sorts; the
+  Pallas leaf writer with the counting search (no sort: one command buffer) at 3.16x ``topk`` in two runs, at the
+  span of XLA's bare error-feedback pass over the tree; with dispatch included (back-to-back calls) that bare pass
+  already costs about ``topk``'s time; and every variant bitwise the default over the loop."""
+  a, b, c = (_rows(f"sidco_tree_h100_s32{x}.json")[0] for x in "abc")
+  ms = lambda r, m, k: round(r[m][k] * 1e3, 3)
+  x = lambda r, m, k="single_device_s": round(r["topk(0.001)"][k] / r[m][k], 2)
+  s, pt, fl = "sidco(0.001)", "sidco(0.001, per_tensor=True)", "sidco(0.001, flat_state=True)"
+  pc, ef = "sidco(0.001) [pwrite counts 16]", "tree error-feedback pass"
+  # run c: the default forms, the fastest variants, the bare pass (span of one update, ms, and x topk)
+  assert [ms(c, m, "single_device_s") for m in ("topk(0.001)", s, pt, fl, pc, ef)] == [
+      1.658, 1.054, 1.054, 0.887, 0.525, 0.515]
+  assert [x(c, m) for m in (s, pt, fl, pc, f"{pt} [pwrite counts 16]", f"{fl} [counts 16]", ef)] == [
+      1.57, 1.57, 1.87, 3.16, 2.2, 2.89, 3.22]
+  assert ms(c, s, "single_idle_s") == 0.405 and ms(c, pc, "single_idle_s") < 0.002
+  assert all(r["loop_same_as_default"] for m, r in c.items() if "[" in m)
+  # the device loop (gradient materialized): sidco at the bare pass's time
+  assert [ms(c, m, "device_s") for m in ("topk(0.001)", s, ef)] == [2.123, 1.038, 1.028]
+  assert [x(c, m, "device_s") for m in (s, ef)] == [2.04, 2.06]
+  # dispatch included: 20 calls back to back
+  assert [ms(c, m, "single_chain_wall_s") for m in ("topk(0.001)", s, fl, ef)] == [1.927, 2.245, 1.373, 1.945]
+  # run b: the same variant, and the counting search's ways; no command buffers is slower for every row
+  assert [ms(b, m, "single_device_s") for m in (pc, "sidco(0.001) [pwrite counts]", "sidco(0.001) [pwrite counts 32]",
+                                               "sidco(0.001) [pwrite]", ef)] == [0.523, 0.566, 0.577, 0.656, 0.514]
+  assert x(b, pc) == 3.16 and ms(b, "topk(0.001)", "single_chain_wall_s") == 1.801
+  assert ms(b, ef, "single_chain_wall_s") == 2.211
+  assert all(r["single@no_cmdbuf"]["device_s"] > r["single_device_s"] for r in b.values())
+  assert round(b["topk(0.001)"]["single@no_cmdbuf"]["chain_wall_s"] * 1e3, 3) == 2.556   # (1.801 with them)
+  # where the counting-search update's 0.523 ms go (run b, kernels in launch order, us)
+  seq = b[pc]["single_sequence"]
+  us = lambda pred: round(sum(d for n, _, d in seq if pred(n)))
+  assert us(lambda n: n.startswith("sum_leaves")) == 160                      # the buffer and its statistics
+  assert us(lambda n: n.startswith("kernel")) == 137                          # write_leaves: residual and output
+  assert len(seq) == 126 and not any("cub" in n for n, _, _ in seq)
+  # run a: the default's gap is the host launching the command buffer after the last sort; the loop
+  assert ms(a, s, "single_device_s") == 0.964 and ms(a, s, "single_idle_s") == 0.315
+  gap = dict((n, t) for n, t, _ in a[s]["single_gap_host"])
+  assert any(n.startswith("cuGraphLaunch") and round(t * 1e6) == 250 for n, t in gap.items())
+  assert [ms(a, m, "device_s") for m in ("topk(0.001)", s)] == [2.109, 1.013]
