@@ -160,6 +160,14 @@ def test_quoted_h100_session32_update_alone():
   assert [x(c, m, "device_s") for m in (s, ef)] == [2.04, 2.06]
   # dispatch included: 20 calls back to back
   assert [ms(c, m, "single_chain_wall_s") for m in ("topk(0.001)", s, fl, ef)] == [1.927, 2.245, 1.373, 1.945]
+  table = {m: (ms(c, m, "single_device_s"), ms(c, m, "single_idle_s"), ms(c, m, "device_s"),
+               ms(c, m, "single_chain_wall_s")) for m in c}   # docs/comm.md's session-32 table, row by row
+  assert table == {"topk(0.001)": (1.658, 0.019, 2.123, 1.927), ef: (0.515, 0.003, 1.028, 1.945),
+                   s: (1.054, 0.405, 1.038, 2.245), pt: (1.054, 0.363, 1.182, 2.352), fl: (0.887, 0.292, 1.155, 1.373),
+                   pc: (0.525, 0.001, 1.311, 2.275), f"{pt} [pwrite counts 16]": (0.753, 0.002, 1.547, 3.458),
+                   f"{fl} [counts 16]": (0.575, 0.001, 1.068, 1.35),
+                   f"{fl} [flatdus]": (1.656, 0.754, 1.565, 1.199), f"{fl} [pbuild]": (0.926, 0.33, 1.076, 1.697),
+                   f"{pt} [pwrite]": (0.996, 0.366, 1.465, 2.86)}
   # run b: the same variant, and the counting search's ways; no command buffers is slower for every row
   assert [ms(b, m, "single_device_s") for m in (pc, "sidco(0.001) [pwrite counts]", "sidco(0.001) [pwrite counts 32]",
                                                "sidco(0.001) [pwrite]", ef)] == [0.523, 0.566, 0.577, 0.656, 0.514]
@@ -178,3 +186,8 @@ def test_quoted_h100_session32_update_alone():
   gap = dict((n, t) for n, t, _ in a[s]["single_gap_host"])
   assert any(n.startswith("cuGraphLaunch") and round(t * 1e6) == 250 for n, t in gap.items())
   assert [ms(a, m, "device_s") for m in ("topk(0.001)", s)] == [2.109, 1.013]
+  host = lambda m, k: round(dict((n, t) for n, t, _ in a[m]["single_host_top"])[k] * 1e3, 2)
+  assert [host(m, "PjRtCApiLoadedExecutable::Execute") for m in ("topk(0.001)", s)] == [1.9, 2.25]
+  assert [host(m, "Build buffer allocations") for m in ("topk(0.001)", s)] == [0.44, 0.44]
+  assert [host(m, "CommonPjRtLoadedExecutable::ExecutePrepare") for m in ("topk(0.001)", s)] == [0.36, 0.4]
+  assert [host(m, "[0] GpuExecutable::ExecuteThunks") for m in ("topk(0.001)", s)] == [0.42, 0.8]
