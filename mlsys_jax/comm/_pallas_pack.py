@@ -380,6 +380,103 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
 
 
 
+PASS_CHUNK = 8192    # entries per program of search_counts
+PASS_STEP = 512      # entries per inner step (PASS_STEP x W compares, summed per step)
+PASS_WARPS = 4
+
+
+def _search_mids(lo, hi, ways: int):
+  """The ``ways`` thresholds (as int32 float bits) one pass of :func:`mlsys_jax.comm.sparse._search_bits`
+  tests between ``lo`` and ``hi``: ``lo + floor((hi - lo) j / W)`` for j = 1..W, clipped to [lo + 1, hi]."""
+  j = jnp.arange(1, ways + 1, dtype=jnp.int32)
+  w = hi - lo
+  q, r = w // ways, w % ways
+  return jnp.clip(lo + q * j + (r * j) // ways, lo + 1, hi)
+
+
+def _search_step(lo, hi, counts, k, ways: int):
+  """``_search_bits``' bounds after a pass (``keep_low``): the largest tested bits whose count reaches
+  ``k`` raise ``lo``, the smallest whose count does not lower ``hi``."""
+  mid = _search_mids(lo, hi, ways)
+  ok = counts >= k
+  big = jnp.iinfo(jnp.int32).max
+  return (jnp.maximum(lo, jnp.max(jnp.where(ok, mid, -1))), jnp.minimum(hi, jnp.min(jnp.where(ok, big, mid))))
+
+
+def search_counts(x: jax.Array, bounds: jax.Array, prev: jax.Array | None, *, ways: int,
+                  interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+  """One pass of SIDCo's W-way threshold search over a 1-D float32 ``x`` (non-negative: magnitudes or
+  block maxima) as ONE kernel: ``(counts, bounds)``.
+
+  The search (:func:`mlsys_jax.comm.sparse._search_bits` with ``keep_low``, one segment) looks for the
+  largest float bits ``b`` with ``#{x > f32(b)} >= k``; each pass counts the entries above ``W`` thresholds
+  between its bounds ``[lo, hi)`` and narrows them. Done in XLA a pass is four kernels (the count, its
+  sum, the new ``lo`` and ``hi``). Here every program first finishes the previous pass (sums ``prev``,
+  the previous pass's per-program counts ``(programs, W)``, and narrows ``bounds = [lo, hi, k, 0]``, the
+  bounds that pass tested, exactly as ``_search_bits`` does), then counts its ``PASS_CHUNK`` entries
+  above the new ``W`` thresholds. ``prev=None``: the first pass (``bounds`` are tested as given). Returns
+  this pass's per-program counts and the bounds it tested (every program writes the same row; row 0 is
+  the one read): integer counts, so the answer is ``_search_bits``' bit for bit. NaN entries never count."""
+  n = x.shape[0]
+  if x.ndim != 1 or x.dtype != jnp.float32:
+    raise ValueError(f"search_counts needs a 1-D float32 array, got {x.dtype}{tuple(x.shape)}.")
+  if ways < 2 or ways & (ways - 1):
+    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
+  if bounds.shape != (4,) or bounds.dtype != jnp.int32:
+    raise ValueError(f"bounds must be int32 [lo, hi, k, 0], got {bounds.dtype}{tuple(bounds.shape)}.")
+  progs = max(1, -(-n // PASS_CHUNK))
+  if prev is not None and prev.shape != (progs, ways):
+    raise ValueError(f"prev must be the previous pass's counts of shape ({progs}, {ways}), got {prev.shape}.")
+  first = prev is None
+  steps = PASS_CHUNK // PASS_STEP
+  i32 = jnp.int32
+
+  def kernel(*refs):
+    if first:
+      x_ref, b_ref, c_ref, bo_ref = refs
+    else:
+      x_ref, b_ref, p_ref, c_ref, bo_ref = refs
+    i = pl.program_id(0)
+    lo, hi, k = b_ref[0], b_ref[1], b_ref[2]
+    if not first:   # the previous pass's total counts, and its step of the search
+      rows = jnp.arange(_pow2(progs), dtype=i32)
+      jw = jnp.arange(ways, dtype=i32)
+      prev_c = plgpu.load(p_ref.at[rows[:, None] * ways + jw[None, :]], mask=(rows < progs)[:, None],
+                          other=jnp.zeros((), i32))
+      lo, hi = _search_step(lo, hi, jnp.sum(prev_c, axis=0), k, ways)
+    thr = jax.lax.bitcast_convert_type(_search_mids(lo, hi, ways), jnp.float32)
+
+    def body(st, acc):
+      offs = i * PASS_CHUNK + st * PASS_STEP + jnp.arange(PASS_STEP, dtype=i32)
+      v = plgpu.load(x_ref.at[offs], mask=offs < n, other=jnp.zeros((), jnp.float32))
+      return acc + jnp.sum((v[:, None] > thr[None, :]).astype(i32), axis=0)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((ways,), i32))
+    plgpu.store(c_ref.at[i * ways + jnp.arange(ways, dtype=i32)], acc)
+    j4 = jnp.arange(4, dtype=i32)
+    plgpu.store(bo_ref.at[i * 4 + j4], jnp.where(j4 == 0, lo, jnp.where(j4 == 1, hi, jnp.where(j4 == 2, k, 0))))
+
+  args = (x, bounds) + (() if first else (prev.reshape(-1),))
+  counts, bo = _call(kernel, (jax.ShapeDtypeStruct((progs * ways,), i32), jax.ShapeDtypeStruct((progs * 4,), i32)),
+                     (progs,), interpret, PASS_WARPS, name="search_counts")(*args)
+  return counts.reshape(progs, ways), bo[:4]
+
+
+def search_bits(x: jax.Array, k, top_bits, *, ways: int, interpret: bool | None = None) -> jax.Array:
+  """:func:`mlsys_jax.comm.sparse._search_bits` (``keep_low``, one segment) for the count
+  ``#{x > t} >= k`` over a 1-D float32 ``x``, one :func:`search_counts` kernel per pass: the largest
+  float32 ``t`` in ``[0, f32(top_bits))`` (by its bits) with at least ``k`` entries above it (0 when
+  none), as float32. ``ceil(31 / log2 W)`` passes; the same bits as the XLA search."""
+  bits = int(ways).bit_length() - 1
+  bounds = jnp.stack([jnp.zeros((), jnp.int32), jnp.asarray(top_bits, jnp.int32), jnp.asarray(k, jnp.int32),
+                      jnp.zeros((), jnp.int32)])
+  prev = None
+  for _ in range(-(-31 // bits)):
+    prev, bounds = search_counts(x, bounds, prev, ways=ways, interpret=interpret)
+  lo, _ = _search_step(bounds[0], bounds[1], jnp.sum(prev, axis=0), bounds[2], ways)
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
 def _sent(v, t, tie, last, pos):
   """In-kernel: which entries ``v`` at flat positions ``pos`` were sent, with their segment's threshold ``t`` and
   tie cut ``tie`` (scalars) and the last packed position ``last``: ``|v| > t``, or ``|v| == t`` up to ``tie``, and
