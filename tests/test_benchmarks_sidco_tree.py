@@ -5,6 +5,7 @@ import copy
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 from benchmarks import sidco_tree as st
@@ -191,3 +192,18 @@ def test_quoted_h100_session32_update_alone():
   assert [host(m, "Build buffer allocations") for m in ("topk(0.001)", s)] == [0.44, 0.44]
   assert [host(m, "CommonPjRtLoadedExecutable::ExecutePrepare") for m in ("topk(0.001)", s)] == [0.36, 0.4]
   assert [host(m, "[0] GpuExecutable::ExecuteThunks") for m in ("topk(0.001)", s)] == [0.42, 0.8]
+
+
+def test_quoted_h100_session32_one_kernel_per_pass():
+  """Session 32's run d (docs/comm.md, "Session 32"): the counting search's passes as one Pallas kernel each
+  (commit d7ca828, reverted) were slower than XLA's four kernels a pass: 10.4 / 11.5 us per pass (block maxima /
+  candidate entries), the update's span 0.610 against 0.529 ms; bitwise the default over the loop."""
+  d, _ = _rows("sidco_tree_h100_s32d.json")
+  span = lambda m: round(d[m]["single_device_s"] * 1e3, 3)
+  pc = "sidco(0.001) [pwrite counts 16]"
+  assert [span(m) for m in ("topk(0.001)", "sidco(0.001)", pc, pc[:-1] + " fpass]")] == [1.653, 1.097, 0.529, 0.61]
+  assert [span(f"sidco(0.001) [pwrite counts{w} fpass]") for w in ("", " 32")] == [0.621, 0.641]
+  assert all(r["loop_same_as_default"] for m, r in d.items() if "[" in m)
+  per_pass = [t for n, _, t in d[pc[:-1] + " fpass]"]["single_sequence"] if n.startswith("search_counts")]
+  assert len(per_pass) == 16
+  assert [round(float(np.mean(per_pass[:8])), 1), round(float(np.mean(per_pass[8:])), 1)] == [10.4, 11.5]
