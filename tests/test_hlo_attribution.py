@@ -36,3 +36,27 @@ def test_fusions_are_charged_to_their_library_function_and_the_rest_is_named():
 def test_hlo_file_names_a_row_as_the_benchmarks_write_it():
   assert ha.hlo_file("out", "run", "sidco_pt_flat") == "out/run_sidco_pt_flat.hlo.txt.gz"
   assert ha.hlo_file("out", "run", "sidco(0.001, per_tensor=True)") == "out/run_sidco_0.001__per_tensor_True_.hlo.txt.gz"
+
+
+def test_main_single_reads_the_single_updates_kernels_and_hlo(tmp_path, capsys, monkeypatch):
+  """``--single`` (sidco_tree.py --single --hlo rows): the row's single_top_kernels and busy time against the HLO
+  written as ``<name>_<row>@single``; without it the loop's top_kernels and HLO."""
+  import gzip
+  import json
+  import sys
+  text = _hlo()
+  fused = [n.replace(".", "_") for n in ha.instruction_frames(text)[0] if "fusion" in n][:2]
+  row = {"method": "sidco(0.001)", "busy_s": 9e-6, "top_kernels": [(fused[0], 9e-6, 1)],
+         "single_busy_s": 5e-6, "single_top_kernels": [(fused[1], 3e-6, 1), ("Memset 3", 2e-6, 1)]}
+  (tmp_path / "r.json").write_text(json.dumps({"rows": [row]}))
+  for suffix in ("", "@single"):
+    with gzip.open(ha.hlo_file(str(tmp_path), "r", "sidco(0.001)" + suffix), "wt") as f:
+      f.write(text)
+  monkeypatch.setattr(sys, "argv", ["hlo_attribution.py", str(tmp_path / "r.json"), "--single"])
+  ha.main()
+  out = capsys.readouterr().out
+  assert "busy 0.005 ms, attributed 0.005 ms" in out and "memset" in out
+  monkeypatch.setattr(sys, "argv", ["hlo_attribution.py", str(tmp_path / "r.json")])
+  ha.main()
+  out = capsys.readouterr().out
+  assert "busy 0.009 ms, attributed 0.009 ms" in out and "memset" not in out
