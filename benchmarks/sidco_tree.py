@@ -158,6 +158,24 @@ def _flags(ap):
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
+def _variant_rows(spec: str, suffix: str = "") -> list[tuple[str, bool]]:
+  """``(row name, per tensor)`` of every variant in the comma-separated ``spec`` (``--variants``,
+  ``--flat_variants``): ``sidco(0.001<suffix>) [v]`` and its per-tensor twin, only the first with a leading '-',
+  only the twin with a leading '+'.
+
+  >>> _variant_rows("pwrite,-counts 16", ", flat_state=True")[1:]
+  [('sidco(0.001, per_tensor=True, flat_state=True) [pwrite]', True), ('sidco(0.001, flat_state=True) [counts 16]', False)]
+  """
+  out = []
+  for v in filter(None, spec.split(",")):
+    tok = v.lstrip("-+")
+    if not v.startswith("+"):
+      out.append((f"sidco(0.001{suffix}) [{tok}]", False))
+    if not v.startswith("-"):
+      out.append((f"sidco(0.001, per_tensor=True{suffix}) [{tok}]", True))
+  return out
+
+
 def _residual_leaves(residual, like) -> list:
   """The residual's leaves in the order of ``like``'s: a tree's leaves, or a flat residual
   (``sidco(flat_state=True)``: the leaves concatenated in tree order) cut and reshaped like ``like``."""
@@ -440,15 +458,9 @@ def main():
   # same results, checked over the whole loop against the row without brackets
   for v in [v for v in args.topk_variants.split(",") if v]:   # the Top-k baseline with the same switches
     rows_spec[f"topk(0.001) [{v}]"] = (None, sp.topk(RATIO), None)
-  variants = [v for v in args.variants.split(",") if v]
-  for name in [f"sidco(0.001{pt}) [{v}]" for v in variants for pt in ("", ", per_tensor=True")
-               if not (pt and v.startswith("-")) and not (not pt and v.startswith("+"))]:
-    name = name.replace("[-", "[").replace("[+", "[")
-    rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name), None)
-  for name in [f"sidco(0.001{pt}, flat_state=True) [{v}]" for v in args.flat_variants.split(",") if v
-               for pt in ("", ", per_tensor=True") if not (pt and v.startswith("-")) and not (not pt and v.startswith("+"))]:
-    name = name.replace("[-", "[").replace("[+", "[")
-    rows_spec[name] = (None, sp.sidco(RATIO, per_tensor="per_tensor" in name, flat_state=True), None)
+  for spec, flat in ((args.variants, False), (args.flat_variants, True)):   # (sidco's rows; flat_state=True's)
+    for name, pt in _variant_rows(spec, ", flat_state=True" if flat else ""):
+      rows_spec[name] = (None, sp.sidco(RATIO, per_tensor=pt, flat_state=flat), None)
   rows_spec["lax.top_k (flat vector)"] = (lambda x, st: (jax.lax.top_k(jnp.abs(x), k)[1], st), "flat", None)
   rows_spec["lax.approx_max_k (flat vector)"] = (
       lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None)

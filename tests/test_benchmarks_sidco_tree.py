@@ -207,3 +207,13 @@ def test_quoted_h100_session32_one_kernel_per_pass():
   per_pass = [t for n, _, t in d[pc[:-1] + " fpass]"]["single_sequence"] if n.startswith("search_counts")]
   assert len(per_pass) == 16
   assert [round(float(np.mean(per_pass[:8])), 1), round(float(np.mean(per_pass[8:])), 1)] == [10.4, 11.5]
+
+
+def test_variant_rows_name_sidco_and_its_per_tensor_twin():
+  """--variants / --flat_variants: a leading '-' keeps the one-threshold row only, '+' the per-tensor row only."""
+  assert st._variant_rows("pwrite,-counts 16,+x", ", flat_state=True") == [
+      ("sidco(0.001, flat_state=True) [pwrite]", False), ("sidco(0.001, per_tensor=True, flat_state=True) [pwrite]", True),
+      ("sidco(0.001, flat_state=True) [counts 16]", False), ("sidco(0.001, per_tensor=True, flat_state=True) [x]", True)]
+  assert st._variant_rows(st.OLD_PATH) == [(f"sidco(0.001) [{st.OLD_PATH}]", False),
+                                           (f"sidco(0.001, per_tensor=True) [{st.OLD_PATH}]", True)]
+  assert st._variant_rows("") == []
