@@ -14,7 +14,8 @@ searches and gathers (about 25 kernels):
 
 For the transforms on a tree: :func:`sum_leaves` builds the padded buffer ``g + residual`` of every leaf and step 1's
 statistics in one read of the leaves (one kernel per group of leaves), :func:`kept_from_padded` writes a flat
-per-tensor residual back from that buffer, and :func:`write_leaves` every leaf's residual and output.
+per-tensor residual back from that buffer, and :func:`write_leaves` every leaf's residual and output;
+:func:`search_bits` runs the exact selection's counting search one kernel per pass (:func:`search_pass`).
 
 The payload is identical to ``compact(x, abs(x) > t, capacity)``: ascending index, the first ``capacity``
 selected entries, zeros in unused slots. Deterministic (no atomics). On an H100 (jax 0.11.2) at 25M float32,
@@ -379,6 +380,99 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
 
 
 
+
+PASS_CHUNK = 2048    # entries per program of search_pass
+PASS_STEP = 1024     # entries per inner step (PASS_STEP x W compares, summed per step)
+PASS_WARPS = 4
+
+
+def _search_mids(lo, hi, ways: int):
+  """The ``ways`` thresholds (as int32 float bits) one pass of :func:`mlsys_jax.comm.sparse._search_bits`
+  tests between ``lo`` and ``hi``: ``lo + floor((hi - lo) j / W)`` for j = 1..W, clipped to [lo + 1, hi]."""
+  j = jnp.arange(1, ways + 1, dtype=jnp.int32)
+  w = hi - lo
+  q, r = w // ways, w % ways
+  return jnp.clip(lo + q * j + (r * j) // ways, lo + 1, hi)
+
+
+def _search_step(lo, hi, counts, k, ways: int):
+  """``_search_bits``' bounds after a pass (``keep_low``): the largest tested bits whose count reaches
+  ``k`` raise ``lo``, the smallest whose count does not lower ``hi``."""
+  mid = _search_mids(lo, hi, ways)
+  ok = counts >= k
+  big = jnp.iinfo(jnp.int32).max
+  return (jnp.maximum(lo, jnp.max(jnp.where(ok, mid, -1))), jnp.minimum(hi, jnp.min(jnp.where(ok, big, mid))))
+
+
+def _search_chain(rows, top, k, ways: int):
+  """The bounds ``(lo, hi)`` after the passes whose total counts are ``rows`` (each ``(W,)``), from
+  ``(0, top)``."""
+  lo, hi = jnp.zeros((), jnp.int32), top
+  for c in rows:
+    lo, hi = _search_step(lo, hi, c, k, ways)
+  return lo, hi
+
+
+def search_pass(x: jax.Array, top_k: jax.Array, counters: jax.Array, j: int, *, ways: int,
+                interpret: bool | None = None) -> jax.Array:
+  """Pass ``j`` of SIDCo's W-way threshold search over a 1-D float32 ``x`` (non-negative: magnitudes or
+  block maxima) as ONE kernel; returns ``counters`` with row ``j`` filled.
+
+  The search (:func:`mlsys_jax.comm.sparse._search_bits` with ``keep_low``, one segment) looks for the
+  largest float bits ``b`` with ``#{x > f32(b)} >= k``; each pass counts the entries above ``W``
+  thresholds between its bounds and narrows them. Done in XLA a pass is four kernels (the count, its sum,
+  the new ``lo`` and ``hi``). Here ``counters`` (``(passes * W,)`` int32, zero from row ``j`` on) holds the
+  total counts of the earlier passes: every program replays the bounds from ``(0, top)`` through those rows
+  (``top_k = [top, k]``), counts its ``PASS_CHUNK`` entries above this pass's ``W`` thresholds and adds
+  them to row ``j`` with integer atomics (exact, in any order: the search's answer is ``_search_bits``' bit
+  for bit). NaN entries never count."""
+  n = x.shape[0]
+  if x.ndim != 1 or x.dtype != jnp.float32:
+    raise ValueError(f"search_pass needs a 1-D float32 array, got {x.dtype}{tuple(x.shape)}.")
+  if ways < 2 or ways & (ways - 1):
+    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
+  if top_k.shape != (2,) or top_k.dtype != jnp.int32:
+    raise ValueError(f"top_k must be int32 [top bits, k], got {top_k.dtype}{tuple(top_k.shape)}.")
+  if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % ways or not 0 <= j < counters.shape[0] // ways:
+    raise ValueError(f"counters must be int32 (passes * {ways},) with pass {j} among them, got "
+                     f"{counters.dtype}{tuple(counters.shape)}.")
+  progs = max(1, -(-n // PASS_CHUNK))
+  i32 = jnp.int32
+
+  def kernel(x_ref, tk_ref, c_in_ref, c_ref):
+    i = pl.program_id(0)
+    jw = jnp.arange(ways, dtype=i32)
+    rows = [plgpu.load(c_in_ref.at[p * ways + jw]) for p in range(j)]
+    lo, hi = _search_chain(rows, tk_ref[0], tk_ref[1], ways)
+    thr = jax.lax.bitcast_convert_type(_search_mids(lo, hi, ways), jnp.float32)
+
+    def body(st, acc):
+      offs = i * PASS_CHUNK + st * PASS_STEP + jnp.arange(PASS_STEP, dtype=i32)
+      v = plgpu.load(x_ref.at[offs], mask=offs < n, other=jnp.zeros((), jnp.float32))
+      return acc + jnp.sum((v[:, None] > thr[None, :]).astype(i32), axis=0)
+
+    acc = jax.lax.fori_loop(0, PASS_CHUNK // PASS_STEP, body, jnp.zeros((ways,), i32))
+    plgpu.atomic_add(c_ref, j * ways + jw, acc)
+
+  return _call(kernel, jax.ShapeDtypeStruct(counters.shape, i32), (progs,), interpret, PASS_WARPS,
+               input_output_aliases={2: 0}, name=f"search_pass_{j}")(x, top_k, counters)
+
+
+def search_bits(x: jax.Array, k, top_bits, *, ways: int, interpret: bool | None = None) -> jax.Array:
+  """:func:`mlsys_jax.comm.sparse._search_bits` (``keep_low``, one segment) for the count
+  ``#{x > t} >= k`` over a 1-D float32 ``x``, one :func:`search_pass` kernel per pass: the largest float32
+  ``t`` in ``[0, f32(top_bits))`` (by its bits) with at least ``k`` entries above it (0 when none), as
+  float32. ``ceil(31 / log2 W)`` passes; the same bits as the XLA search."""
+  if ways < 2 or ways & (ways - 1):
+    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
+  passes = -(-31 // (int(ways).bit_length() - 1))
+  top = jnp.asarray(top_bits, jnp.int32)
+  k = jnp.asarray(k, jnp.int32)
+  counters = jnp.zeros((passes * ways,), jnp.int32)
+  for j in range(passes):
+    counters = search_pass(x, jnp.stack([top, k]), counters, j, ways=ways, interpret=interpret)
+  lo, _ = _search_chain(list(counters.reshape(passes, ways)), top, k, ways)
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 def _sent(v, t, tie, last, pos):
   """In-kernel: which entries ``v`` at flat positions ``pos`` were sent, with their segment's threshold ``t`` and

@@ -1,0 +1,143 @@
+"""The counting search of sidco's exact selection with one Pallas kernel per pass (``sparse._COUNT_PASS``):
+``_pallas_pack.search_pass`` / ``search_bits`` against ``sparse._search_bits``, and the transform against
+its XLA passes and against the block select, bitwise (Pallas interpret mode on CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlsys_jax.comm import _pallas_pack as pp
+from mlsys_jax.comm import sparse as sp
+
+pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
+
+bits = lambda x: np.asarray(x).view(np.int32) if np.asarray(x).dtype == np.float32 else np.asarray(x)
+
+
+def _xla_search(x, k, ways):
+  top = jax.lax.bitcast_convert_type(jnp.nanmax(x), jnp.int32)
+  ok = lambda tm: jnp.sum(x[:, None] > tm[0][None, :], axis=0)[None] >= k
+  return sp._search_bits(ok, top[None], keep_low=True, ways=ways)[0], top
+
+
+@pytest.mark.parametrize("n,k,ways", [(3 * pp.PASS_CHUNK + 77, 500, 16), (5000, 7, 8), (20000, 1, 16),
+                                      (9000, 9000, 16), (9000, 12000, 4), (64, 3, 4), (pp.PASS_CHUNK, 40, 32)])
+def test_search_bits_is_the_xla_search(n, k, ways):
+  """The largest threshold with at least k entries above it: the XLA search's bits, with zeros, ties, a NaN
+  (never counted), k = 1, k = n and k above the positives (0); one program or several, a ragged last one."""
+  rng = np.random.default_rng(n + k)
+  x = np.abs(rng.standard_normal(n)).astype(np.float32) * np.float32(10.0 ** rng.integers(-4, 2))
+  x[:: 7] = np.round(x[:: 7], 1)          # ties
+  x[5] = 0.0
+  x[11] = np.nan
+  x = jnp.asarray(x)
+  want, top = _xla_search(x, k, ways)
+  got = jax.jit(lambda x, k, top: pp.search_bits(x, k, top, ways=ways, interpret=True))(x, jnp.int32(k), top)
+  assert bits(got) == bits(want)
+  above = int(jnp.sum(x > got))
+  assert above >= min(k, int(jnp.sum(x > 0))) and (k > int(jnp.sum(x > 0)) or float(got) > 0 or above >= k)
+
+
+def test_search_pass_replays_the_earlier_passes_and_fills_its_row():
+  """Pass j: the bounds replayed from the earlier rows' totals exactly as ``_search_bits``' body narrows them, the
+  entries above this pass's thresholds counted into row j (atomics over several programs and a ragged last one),
+  the other rows untouched."""
+  x = jnp.asarray(np.linspace(0.0, 1.0, 2 * pp.PASS_CHUNK + 5, dtype=np.float32))
+  top = jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32)
+  tk = jnp.stack([top, jnp.int32(100)])
+  c0 = jnp.zeros((3 * 8,), jnp.int32)
+  c1 = pp.search_pass(x, tk, c0, 0, ways=8, interpret=True)
+  mids0 = pp._search_mids(jnp.int32(0), top, 8)
+  want0 = (x[:, None] > jax.lax.bitcast_convert_type(mids0, jnp.float32)[None, :]).sum(0)
+  np.testing.assert_array_equal(np.asarray(c1[:8]), np.asarray(want0))
+  assert not np.asarray(c1[8:]).any()
+  c2 = pp.search_pass(x, tk, c1, 1, ways=8, interpret=True)
+  lo, hi = pp._search_step(jnp.int32(0), top, want0, 100, 8)
+  mids1 = jax.lax.bitcast_convert_type(pp._search_mids(lo, hi, 8), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(c2[8:16]), np.asarray((x[:, None] > mids1[None, :]).sum(0)))
+  np.testing.assert_array_equal(np.asarray(c2[:8]), np.asarray(c1[:8]))
+  assert int(lo) < int(hi) and not np.asarray(c2[16:]).any()
+
+
+def test_search_pass_bad_input():
+  x = jnp.ones((100,), jnp.float32)
+  tk = jnp.asarray([100, 3], jnp.int32)
+  c = jnp.zeros((16,), jnp.int32)
+  with pytest.raises(ValueError, match="1-D float32"):
+    pp.search_pass(x.astype(jnp.bfloat16), tk, c, 0, ways=8, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    pp.search_pass(x, tk, c, 0, ways=6, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    pp.search_bits(x, 3, 100, ways=1, interpret=True)
+  with pytest.raises(ValueError, match="top_k must be int32"):
+    pp.search_pass(x, tk.astype(jnp.float32), c, 0, ways=8, interpret=True)
+  with pytest.raises(ValueError, match="counters must be int32"):
+    pp.search_pass(x, tk, c, 2, ways=8, interpret=True)
+  with pytest.raises(ValueError, match="counters must be int32"):
+    pp.search_pass(x, tk, jnp.zeros((12,), jnp.int32), 0, ways=8, interpret=True)
+
+
+def _steps(tx, nan_step: bool = True):
+  rng = np.random.default_rng(7)
+  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,), "e": (70, 3)}
+  gs = [{k: jnp.asarray(np.round(rng.standard_normal(s) * 2), jnp.float32) for k, s in shapes.items()}
+        for _ in range(3)]
+  if nan_step:
+    gs[1]["b"] = gs[1]["b"].at[3].set(jnp.nan)
+  st, step, res = tx.init(gs[0]), jax.jit(tx.update), []
+  for g in gs:
+    o, st = step(g, st)
+    res.append((o, st))
+  return res
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(flat_state=True), dict(ratio=0.3)])
+def test_sidco_with_one_kernel_per_pass_is_bitwise_the_xla_passes_and_the_block_select(kw, monkeypatch):
+  """sidco (tree or flat residual; one segment) with the counting search's passes as kernels: updates and
+  states bitwise those of the XLA passes and of the block select (the default), over a NaN step and a step with
+  ties at the cut; the kernels really run."""
+  kw = dict(kw)
+  ratio = kw.pop("ratio", 0.02)
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
+  res = {}
+  for search, passes in (("counts", "pallas"), ("counts", "xla"), ("blocks", "xla")):
+    monkeypatch.setattr(sp, "_EXACT_SEARCH", search)
+    monkeypatch.setattr(sp, "_COUNT_PASS", passes)
+    res[search, passes] = _steps(sp.sidco(ratio, **kw))
+  ref = jax.tree_util.tree_leaves(res["blocks", "xla"])
+  for key in (("counts", "pallas"), ("counts", "xla")):
+    for x, y in zip(jax.tree_util.tree_leaves(res[key]), ref):
+      np.testing.assert_array_equal(bits(x), bits(y))
+  assert int(res["counts", "pallas"][1][1].nonfinite_steps) == 1
+  calls = []
+  real = pp.search_pass
+  monkeypatch.setattr(pp, "search_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "counts")
+  monkeypatch.setattr(sp, "_COUNT_PASS", "pallas")
+  g = {"a": jnp.ones((30, 40)), "b": jnp.ones((40,))}
+  tx = sp.sidco(0.02, **kw)
+  jax.make_jaxpr(tx.update)(g, tx.init(g))
+  assert len(calls) == 2 * -(-31 // 3)   # two levels, ceil(31 / log2 8) passes each
+
+
+def test_one_kernel_per_pass_under_vmap_and_only_for_one_segment(monkeypatch):
+  """Vmapped (three workers' states): bitwise the XLA passes. Per tensor (several segments) the XLA passes run
+  (the kernel searches one segment); an unknown mode is refused by name."""
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "counts")
+  rng = np.random.default_rng(0)
+  g = {"a": jnp.asarray(rng.normal(size=(3, 30, 40)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3, 900)), jnp.float32)}
+  res = {}
+  for passes in ("pallas", "xla"):
+    monkeypatch.setattr(sp, "_COUNT_PASS", passes)
+    tx = sp.sidco(0.02)
+    o, st = jax.jit(jax.vmap(tx.update))(g, jax.vmap(tx.init)(g))
+    res[passes] = (o, st.residual)
+  for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
+    np.testing.assert_array_equal(bits(x), bits(y))
+  monkeypatch.setattr(sp, "_COUNT_PASS", "pallas")
+  assert sp._count_pass_mode(jnp.ones(8), 1)[0] and not sp._count_pass_mode(jnp.ones(8), 3)[0]
+  monkeypatch.setattr(sp, "_COUNT_PASS", "kernel")
+  with pytest.raises(ValueError, match="_COUNT_PASS"):
+    sp._count_pass_mode(jnp.ones(8), 1)
