@@ -29,3 +29,20 @@ def replicated_updates(tx, params, grads, mesh, axis="d"):
     return jax.tree_util.tree_map(lambda x: x[None], u)
 
   return jax.jit(shard_map(body, mesh=mesh, in_specs=(P(axis), P()), out_specs=P(axis), check_vma=False))(grads, st)
+
+
+def vmapped_under_modes(monkeypatch, module, switch: str, modes, make_tx):
+  """``{mode: (updates, residual)}`` of one jitted, vmapped ``tx.update`` (three workers' states, a (30, 40) and a
+  (900,) leaf) with ``module.<switch>`` set to each of ``modes`` in turn (``make_tx()`` builds the transform)."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  g = {"a": jnp.asarray(rng.normal(size=(3, 30, 40)), jnp.float32),
+       "b": jnp.asarray(rng.normal(size=(3, 900)), jnp.float32)}
+  res = {}
+  for mode in modes:
+    monkeypatch.setattr(module, switch, mode)
+    tx = make_tx()
+    o, st = jax.jit(jax.vmap(tx.update))(g, jax.vmap(tx.init)(g))
+    res[mode] = (o, st.residual)
+  return res

@@ -9,6 +9,7 @@ import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
+from _trees import vmapped_under_modes  # tests/_trees.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -126,14 +127,7 @@ def test_one_kernel_per_pass_under_vmap_and_only_for_one_segment(monkeypatch):
   (the kernel searches one segment); an unknown mode is refused by name."""
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
   monkeypatch.setattr(sp, "_EXACT_SEARCH", "counts")
-  rng = np.random.default_rng(0)
-  g = {"a": jnp.asarray(rng.normal(size=(3, 30, 40)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3, 900)), jnp.float32)}
-  res = {}
-  for passes in ("pallas", "xla"):
-    monkeypatch.setattr(sp, "_COUNT_PASS", passes)
-    tx = sp.sidco(0.02)
-    o, st = jax.jit(jax.vmap(tx.update))(g, jax.vmap(tx.init)(g))
-    res[passes] = (o, st.residual)
+  res = vmapped_under_modes(monkeypatch, sp, "_COUNT_PASS", ("pallas", "xla"), lambda: sp.sidco(0.02))
   for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
     np.testing.assert_array_equal(bits(x), bits(y))
   monkeypatch.setattr(sp, "_COUNT_PASS", "pallas")

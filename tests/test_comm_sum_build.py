@@ -9,6 +9,7 @@ import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
+from _trees import vmapped_under_modes  # tests/_trees.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -183,14 +184,7 @@ def test_sum_kernel_under_vmap_is_bitwise_the_xla_build(kw, monkeypatch):
   """A vmapped update (three independent workers' states) with the sum kernel (and, per tensor with a flat residual,
   the in-place residual writer) equals the XLA build's bitwise."""
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
-  rng = np.random.default_rng(0)
-  g = {"a": jnp.asarray(rng.normal(size=(3, 30, 40)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3, 900)), jnp.float32)}
-  res = {}
-  for mode in ("pallas", "xla"):
-    monkeypatch.setattr(sp, "_SUM_BUILD", mode)
-    tx = sp.sidco(0.02, **kw)
-    o, st = jax.jit(jax.vmap(tx.update))(g, jax.vmap(tx.init)(g))
-    res[mode] = (o, st.residual)
+  res = vmapped_under_modes(monkeypatch, sp, "_SUM_BUILD", ("pallas", "xla"), lambda: sp.sidco(0.02, **kw))
   for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
     np.testing.assert_array_equal(bits(x), bits(y))
   assert float(jnp.abs(jax.tree_util.tree_leaves(res["pallas"][0])[0]).max()) > 0   # (something was sent)
