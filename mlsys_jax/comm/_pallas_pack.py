@@ -387,21 +387,33 @@ PASS_WARPS = 4
 
 
 def _search_mids(lo, hi, ways: int):
-  """The ``ways`` thresholds (as int32 float bits) one pass of :func:`mlsys_jax.comm.sparse._search_bits`
-  tests between ``lo`` and ``hi``: ``lo + floor((hi - lo) j / W)`` for j = 1..W, clipped to [lo + 1, hi]."""
+  """The ``ways`` thresholds (as int32 float bits) one pass of a W-way bit search tests between ``lo`` and
+  ``hi``: ``lo + floor((hi - lo) j / W)`` for j = 1..W, clipped to [lo + 1, hi]; ``(W,)`` for scalar bounds,
+  ``(segments, W)`` for ``(segments,)`` bounds (:func:`mlsys_jax.comm.sparse._search_bits`)."""
   j = jnp.arange(1, ways + 1, dtype=jnp.int32)
+  if jnp.ndim(lo):
+    lo, hi = lo[:, None], hi[:, None]
   w = hi - lo
   q, r = w // ways, w % ways
   return jnp.clip(lo + q * j + (r * j) // ways, lo + 1, hi)
 
 
-def _search_step(lo, hi, counts, k, ways: int):
-  """``_search_bits``' bounds after a pass (``keep_low``): the largest tested bits whose count reaches
-  ``k`` raise ``lo``, the smallest whose count does not lower ``hi``."""
-  mid = _search_mids(lo, hi, ways)
-  ok = counts >= k
+def _search_narrow(lo, hi, mid, ok, keep_low: bool = True):
+  """The bounds after a pass that tested ``mid`` (last axis) with outcome ``ok``. ``keep_low`` (the answer is
+  the largest bits with ``ok``): the largest passing threshold raises ``lo``, the smallest failing one lowers
+  ``hi``; otherwise (the smallest bits with ``ok``) the smallest passing one lowers ``hi`` and the largest
+  failing one raises ``lo``."""
   big = jnp.iinfo(jnp.int32).max
-  return (jnp.maximum(lo, jnp.max(jnp.where(ok, mid, -1))), jnp.minimum(hi, jnp.min(jnp.where(ok, big, mid))))
+  if keep_low:
+    return (jnp.maximum(lo, jnp.max(jnp.where(ok, mid, -1), axis=-1)),
+            jnp.minimum(hi, jnp.min(jnp.where(ok, big, mid), axis=-1)))
+  return (jnp.maximum(lo, jnp.max(jnp.where(ok, -1, mid), axis=-1)),
+          jnp.minimum(hi, jnp.min(jnp.where(ok, mid, big), axis=-1)))
+
+
+def _search_step(lo, hi, counts, k, ways: int):
+  """One pass of the keep-low search that counted ``counts`` entries above its thresholds: the new bounds."""
+  return _search_narrow(lo, hi, _search_mids(lo, hi, ways), counts >= k)
 
 
 def _search_chain(rows, top, k, ways: int):
@@ -468,9 +480,9 @@ def search_bits(x: jax.Array, k, top_bits, *, ways: int, interpret: bool | None 
   passes = -(-31 // (int(ways).bit_length() - 1))
   top = jnp.asarray(top_bits, jnp.int32)
   k = jnp.asarray(k, jnp.int32)
-  counters = jnp.zeros((passes * ways,), jnp.int32)
+  counters, top_k = jnp.zeros((passes * ways,), jnp.int32), jnp.stack([top, k])
   for j in range(passes):
-    counters = search_pass(x, jnp.stack([top, k]), counters, j, ways=ways, interpret=interpret)
+    counters = search_pass(x, top_k, counters, j, ways=ways, interpret=interpret)
   lo, _ = _search_chain(list(counters.reshape(passes, ways)), top, k, ways)
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 

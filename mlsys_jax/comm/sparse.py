@@ -1130,25 +1130,14 @@ def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
     raise ValueError(f"_SEARCH_WAYS must be a power of two >= 2, got {ways}.")
   f32 = lambda b: jax.lax.bitcast_convert_type(b, jnp.float32)
   top = top_bits.astype(jnp.int32)
-  # invariant: keep_low: lo <= answer < hi; else lo < answer <= hi (lo starts below 0)
+  # invariant: keep_low: lo <= answer < hi; else lo < answer <= hi (lo starts below 0); hi - lo < 2^31 (top is
+  # a finite float's bits). The thresholds and the narrowing are the Pallas pass kernel's (_pallas_pack).
   lo0 = jnp.zeros_like(top) if keep_low else jnp.full_like(top, -1)
-  j = jnp.arange(1, ways + 1, dtype=jnp.int32)[None, :]
 
   def body(_, st):
     lo, hi = st
-    w = hi - lo                                         # < 2^31: top is a finite float's bits
-    q, r = w // ways, w % ways
-    mid = lo[:, None] + q[:, None] * j + (r[:, None] * j) // ways      # lo + floor(w j / W); j = W: hi
-    mid = jnp.clip(mid, lo[:, None] + 1, hi[:, None])
-    ok = ok_multi(f32(mid))
-    big = jnp.iinfo(jnp.int32).max
-    if keep_low:
-      lo = jnp.maximum(lo, jnp.max(jnp.where(ok, mid, -1), axis=1))
-      hi = jnp.minimum(hi, jnp.min(jnp.where(ok, big, mid), axis=1))
-    else:
-      hi = jnp.minimum(hi, jnp.min(jnp.where(ok, mid, big), axis=1))
-      lo = jnp.maximum(lo, jnp.max(jnp.where(ok, -1, mid), axis=1))
-    return lo, hi
+    mid = _pallas_pack._search_mids(lo, hi, ways)       # (segments, W): lo + floor((hi - lo) j / W); j = W: hi
+    return _pallas_pack._search_narrow(lo, hi, mid, ok_multi(f32(mid)), keep_low)
 
   passes = -(-31 // bits)
   lo, hi = jax.lax.fori_loop(0, passes, body, (lo0, top), unroll=True)   # (no while loop: no host round trips)
