@@ -624,6 +624,8 @@ def test_write_leaves_matches_elementwise():
     pp.write_leaves(jnp.asarray(f), sizes, offsets, jnp.asarray(t), jnp.asarray(tie), last, True, in_place=True)
   with pytest.raises(ValueError, match="inside flat"):
     pp.write_leaves(jnp.asarray(f), [9000], [0], jnp.asarray(t[:1]), jnp.asarray(tie[:1]), last, True)
+  with pytest.raises(ValueError, match="one entry per leaf"):   # (each group indexes the whole t / tie)
+    pp.write_leaves(jnp.asarray(f), sizes, offsets, jnp.asarray(t[:2]), jnp.asarray(tie), last, True)
 
 
 def _writer_steps(per_tensor, axis=False):

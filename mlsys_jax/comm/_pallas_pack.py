@@ -555,6 +555,9 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
   i32, dt = jnp.int32, flat.dtype
   t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
   tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
+  if t_leaf.shape != (len(sizes),) or tie_leaf.shape != (len(sizes),):
+    raise ValueError(f"t_leaf and tie_leaf need one entry per leaf ({len(sizes)}), got {t_leaf.shape[0]} and "
+                     f"{tie_leaf.shape[0]}.")
   scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
   outs, ress = [], []
   for g0 in range(0, len(sizes), group):
@@ -573,7 +576,7 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
     olds = [old[i].reshape(-1).astype(dt) for i in ids if old[i] is not None]
 
     def kernel(pl_ref, ps_ref, off_ref, n_ref, t_ref, tie_ref, sc_ref, flat_ref, *refs, ids=ids, nl=nl,
-               has_old=has_old):
+               has_old=has_old, g0=g0):
       n_old = sum(has_old)
       old_refs, out_refs = refs[:n_old], refs[n_old:]
       p = pl.program_id(0)
@@ -582,7 +585,7 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
       m = r < n_ref[j]
       pos = off_ref[j] + r
       v = plgpu.load(flat_ref.at[pos], mask=m, other=jnp.zeros((), dt))
-      sel = _sent(v, t_ref[j], tie_ref[j], sc_ref[0], pos)
+      sel = _sent(v, t_ref[g0 + j], tie_ref[g0 + j], sc_ref[0], pos)   # (all leaves' t / tie: no gather per group)
       zero = jnp.zeros((), dt)
       fin = sc_ref[1] != 0
       res = jnp.where(sel, zero, v)
@@ -621,7 +624,7 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
     res_all = _call(kernel, tuple(shapes), (int(prog_leaf.size),), interpret, num_warps,
                     input_output_aliases=aliases)(
         jnp.asarray(prog_leaf), jnp.asarray(prog_start), jnp.asarray(leaf_off), jnp.asarray(leaf_n),
-        t_leaf[np.asarray(ids)], tie_leaf[np.asarray(ids)], scal, flat, *olds)
+        t_leaf, tie_leaf, scal, flat, *olds)
     if write_out:
       outs += list(res_all[0::2])
       ress += list(res_all[1::2])
