@@ -153,7 +153,8 @@ def _flags(ap):
                        "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), pbuild/xbuild = "
                        "sparse._SUM_BUILD (the buffer and its statistics by the Pallas sum kernel, or XLA's sums and the "
                        "statistics kernel), fpass/xpass = sparse._COUNT_PASS (the counting search's passes one Pallas "
-                       "kernel each, or four XLA kernels), sg<N> = _pallas_pack.SUM_GROUP (leaves per sum kernel: fewer launches), pwritei = the writer "
+                       "kernel each, or four XLA kernels), sg<N> = _pallas_pack.SUM_GROUP (leaves per sum kernel: fewer launches), wg<N> = _pallas_pack.WRITE_GROUP "
+                       "(leaves per leaf-writer kernel), pwritei = the writer "
                        "in place (residuals aliased to the old ones), pwriter = the writer for the residuals only (in place; outputs "
                        "per-leaf XLA fusions); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -473,7 +474,7 @@ def main():
   ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
   kthkeys0, write0, fbuild0, sbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
   cpass0 = sp._COUNT_PASS
-  sgroup0 = sp._pallas_pack.SUM_GROUP
+  sgroup0, wgroup0 = sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -489,7 +490,7 @@ def main():
     sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
     sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD = kthkeys0, write0, fbuild0, sbuild0
-    sp._pallas_pack.SUM_GROUP = sgroup0
+    sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP = sgroup0, wgroup0
     sp._COUNT_PASS = cpass0
     for tok in variant.split():
       if tok.isdigit():
@@ -524,6 +525,8 @@ def main():
         sp._SUM_BUILD = "pallas" if tok == "pbuild" else "xla"
       elif tok.startswith("sg") and tok[2:].isdigit():
         sp._pallas_pack.SUM_GROUP = int(tok[2:])
+      elif tok.startswith("wg") and tok[2:].isdigit():
+        sp._pallas_pack.WRITE_GROUP = int(tok[2:])
       elif tok in ("fpass", "xpass"):
         sp._COUNT_PASS = "pallas" if tok == "fpass" else "xla"
       elif tok in ("blocks", "counts", "bits"):
@@ -539,7 +542,7 @@ def main():
     row["ravel_sum_flatten"], row["trim"], row["dus_base"] = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE
     row["seg_key"], row["group_size"], row["kth_keys_only"] = sp._SEG_KEY, sp._GROUP_SIZE, sp._KTH_KEYS_ONLY
     row["out_write"], row["flat_build"], row["sum_build"] = sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
-    row["sum_group"] = sp._pallas_pack.SUM_GROUP
+    row["sum_group"], row["write_group"] = sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP
     row["count_pass"] = sp._COUNT_PASS
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
