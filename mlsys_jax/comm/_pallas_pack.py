@@ -417,9 +417,10 @@ def _search_step(lo, hi, counts, k, ways: int):
 
 
 def _search_chain(rows, top, k, ways: int):
-  """The bounds ``(lo, hi)`` after the passes whose total counts are ``rows`` (each ``(W,)``), from
-  ``(0, top)``."""
-  lo, hi = jnp.zeros((), jnp.int32), top
+  """The bounds ``(lo, hi)`` after the passes whose total counts are ``rows`` (each ``(W,)``, or ``(S, W)`` for
+  ``(S,)`` segments' ``top`` and ``k``), from ``(0, top)``."""
+  lo, hi = jnp.zeros_like(top), top
+  k = k[..., None] if jnp.ndim(k) else k
   for c in rows:
     lo, hi = _search_step(lo, hi, c, k, ways)
   return lo, hi
@@ -483,8 +484,129 @@ def search_bits(x: jax.Array, k, top_bits, *, ways: int, interpret: bool | None 
   counters, top_k = jnp.zeros((passes * ways,), jnp.int32), jnp.stack([top, k])
   for j in range(passes):
     counters = search_pass(x, top_k, counters, j, ways=ways, interpret=interpret)
-  lo, _ = _search_chain(list(counters.reshape(passes, ways)), top, k, ways)
+  return search_finish(top_k, counters, ways=ways, interpret=interpret)
+
+
+def search_finish(top_k: jax.Array, counters: jax.Array, *, ways: int, interpret: bool | None = None) -> jax.Array:
+  """The answer of a finished :func:`search_pass` chain (every row of ``counters`` filled): the bounds replayed
+  from ``(0, top)`` through every pass's totals, ``lo`` as float32, in ONE single-program kernel (the same replay
+  as the passes'). In XLA the replay is two small reductions per pass, ~1.2 us each on an H200, ~10 us a search."""
+  if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % ways or not counters.shape[0]:
+    raise ValueError(f"counters must be int32 (passes * {ways},), got {counters.dtype}{tuple(counters.shape)}.")
+  passes = counters.shape[0] // ways
+
+  def kernel(tk_ref, c_ref, o_ref):
+    jw = jnp.arange(ways, dtype=jnp.int32)
+    lo, _ = _search_chain([plgpu.load(c_ref.at[p * ways + jw]) for p in range(passes)], tk_ref[0], tk_ref[1],
+                          ways)
+    o_ref[0] = lo
+
+  lo = _call(kernel, jax.ShapeDtypeStruct((1,), jnp.int32), (1,), interpret, 1, name="search_finish")(
+      top_k, counters)
+  return jax.lax.bitcast_convert_type(lo.reshape(()), jnp.float32)
+
+
+SEG_ROWS = 16        # rows per program of seg_search_pass
+SEG_COLS = 16        # columns compared per inner step (SEG_ROWS x SEG_COLS x W compares)
+
+
+def _check_search_args(ways: int, top_k: jax.Array):
+  """Refuse a search's bad ``ways`` or ``top_k`` (``(2, segments)`` int32) by name."""
+  if ways < 2 or ways & (ways - 1):
+    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
+  if top_k.ndim != 2 or top_k.shape[0] != 2 or top_k.dtype != jnp.int32:
+    raise ValueError(f"top_k must be int32 (2, segments): every segment's top bits and k, got "
+                     f"{top_k.dtype}{tuple(top_k.shape)}.")
+
+
+def seg_search_pass(rows: jax.Array, row_seg: jax.Array, top_k: jax.Array, counters: jax.Array, j: int, *,
+                    ways: int, interpret: bool | None = None) -> jax.Array:
+  """Pass ``j`` of the per-segment W-way threshold search over the rows of a 2-D float32 ``rows`` (non-negative:
+  magnitudes or block maxima; row ``r`` belongs to segment ``row_seg[r]``) as ONE kernel; returns ``counters``
+  with pass ``j``'s counts added.
+
+  :func:`search_pass` for ``S`` segments at once (sidco's per-tensor thresholds, SIDCo Sec. 4: one threshold per
+  layer): segment ``s`` looks for the largest float bits ``b`` with ``#{x in s : x > f32(b)} >= k_s``.
+  ``top_k`` (``(2, S)`` int32) holds every segment's ``top`` bits and ``k``; ``counters`` (``(passes * (S + 1) *
+  W,)`` int32, zero from pass ``j`` on; segment ``S`` is a spare) the per-segment totals of the earlier passes.
+  Each program takes ``SEG_ROWS`` rows, replays every row's segment bounds from ``(0, top)`` through those totals,
+  counts the row's entries above its segment's ``W`` thresholds, sums the counts of its rows of one segment and
+  adds each sum to that segment's counters with integer atomics (exact in any order: the answer is
+  :func:`mlsys_jax.comm.sparse._search_bits`' with the segmented count, bit for bit); its other rows, and rows past
+  the end, add nothing (masked; in the interpreter, which masks no atomic, they add into the spare segment), so
+  no atomic of one program hits an address twice. In XLA a pass is a
+  compare-and-sum with a gathered threshold per row, a cumulative sum over the rows and three small kernels. NaN
+  entries never count; zero rows (padding) never count (every threshold is positive)."""
+  if rows.ndim != 2 or rows.dtype != jnp.float32:
+    raise ValueError(f"seg_search_pass needs 2-D float32 rows, got {rows.dtype}{tuple(rows.shape)}.")
+  _check_search_args(ways, top_k)
+  nr, nc = rows.shape
+  if nc % SEG_COLS:
+    raise ValueError(f"rows need a multiple of {SEG_COLS} columns, got {nc}.")
+  if row_seg.shape != (nr,) or not jnp.issubdtype(row_seg.dtype, jnp.integer):
+    raise ValueError(f"row_seg must hold one integer segment per row ({nr},), got {row_seg.dtype}{tuple(row_seg.shape)}.")
+  ns = top_k.shape[1]
+  span = (ns + 1) * ways
+  if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % span or \
+     not 0 <= j < counters.shape[0] // span:
+    raise ValueError(f"counters must be int32 (passes * ({ns} + 1) * {ways},) with pass {j} among them, got "
+                     f"{counters.dtype}{tuple(counters.shape)}.")
+  progs = max(1, -(-nr // SEG_ROWS))
+  i32 = jnp.int32
+  interp = jax.default_backend() != "gpu" if interpret is None else interpret
+
+  def kernel(x_ref, seg_ref, tk_ref, c_in_ref, c_ref):
+    i = pl.program_id(0)
+    r = i * SEG_ROWS + jnp.arange(SEG_ROWS, dtype=i32)
+    live = r < nr
+    seg = jnp.where(live, jnp.clip(plgpu.load(seg_ref.at[r], mask=live, other=0), 0, ns - 1), ns)
+    sc = jnp.minimum(seg, ns - 1)                                                        # (loads stay in range)
+    jw = jnp.arange(ways, dtype=i32)
+    top, k = plgpu.load(tk_ref.at[sc]), plgpu.load(tk_ref.at[ns + sc])
+    prev = [plgpu.load(c_in_ref.at[(p * (ns + 1) + sc)[:, None] * ways + jw[None, :]]) for p in range(j)]
+    lo, hi = _search_chain(prev, top, k, ways)
+    thr = jax.lax.bitcast_convert_type(_search_mids(lo, hi, ways), jnp.float32)        # (rows, W)
+    cc = jnp.arange(SEG_COLS, dtype=i32)
+
+    def body(st, acc):
+      offs = r[:, None] * nc + st * SEG_COLS + cc[None, :]
+      v = plgpu.load(x_ref.at[offs], mask=live[:, None], other=jnp.zeros((), jnp.float32))   # (rows, cols)
+      return acc + jnp.sum((v[:, :, None] > thr[:, None, :]).astype(i32), axis=1)
+
+    acc = jax.lax.fori_loop(0, nc // SEG_COLS, body, jnp.zeros((SEG_ROWS, ways), i32))
+    same = seg[:, None] == seg[None, :]                                                  # (rows, rows)
+    tot = jnp.sum(jnp.where(same[:, :, None], acc[None, :, :], 0), axis=1)               # (rows, W)
+    first = jnp.sum((same & (r[None, :] < r[:, None])).astype(i32), axis=1) == 0
+    if interp:   # (the interpreter masks no atomic: the other rows add into the spare segment)
+      dest = jnp.where(first, seg, ns)
+      plgpu.atomic_add(c_ref, (j * (ns + 1) + dest)[:, None] * ways + jw[None, :], tot)
+    else:        # (on the GPU a spare row that every program hits would serialize the atomics)
+      plgpu.atomic_add(c_ref, (j * (ns + 1) + seg)[:, None] * ways + jw[None, :], tot,
+                       mask=(first & (seg < ns))[:, None])
+
+  return _call(kernel, jax.ShapeDtypeStruct(counters.shape, i32), (progs,), interpret, PASS_WARPS,
+               input_output_aliases={3: 0}, name=f"seg_search_pass_{j}")(
+      rows.reshape(-1), row_seg.astype(i32), top_k.reshape(-1), counters)
+
+
+def seg_search_bits(rows: jax.Array, row_seg: jax.Array, k, top_bits, *, ways: int,
+                    interpret: bool | None = None) -> jax.Array:
+  """:func:`search_bits` per segment: for every segment ``s`` (``k`` and ``top_bits`` are ``(S,)``), the largest
+  float32 ``t`` in ``[0, f32(top_bits[s]))`` (by its bits) with at least ``k[s]`` entries of the rows of segment
+  ``s`` above it (0 when none), one :func:`seg_search_pass` kernel per pass: ``(S,)`` float32, the same bits as
+  :func:`mlsys_jax.comm.sparse._search_bits` with the segmented count."""
+  top = jnp.asarray(top_bits, jnp.int32).reshape(-1)
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), top.shape)
+  top_k = jnp.stack([top, k])
+  _check_search_args(ways, top_k)
+  passes = -(-31 // (int(ways).bit_length() - 1))
+  ns = top.shape[0]
+  counters = jnp.zeros((passes * (ns + 1) * ways,), jnp.int32)
+  for j in range(passes):
+    counters = seg_search_pass(rows, row_seg, top_k, counters, j, ways=ways, interpret=interpret)
+  lo, _ = _search_chain(list(counters.reshape(passes, ns + 1, ways)[:, :ns]), top, k, ways)
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
 
 def _sent(v, t, tie, last, pos):
   """In-kernel: which entries ``v`` at flat positions ``pos`` were sent, with their segment's threshold ``t`` and
@@ -514,7 +636,8 @@ def _pow2_divisor(values, cap: int = 16) -> int:
 
 WRITE_TILE = 4096   # entries per program of write_leaves
 WRITE_WARPS = 4
-WRITE_GROUP = 48    # leaves per write_leaves kernel (its arguments: ~3 pointers per leaf)
+WRITE_GROUP = 96    # leaves per write_leaves kernel (its arguments: ~3 pointers per leaf; 96: two kernels for
+                    # ResNet-50, 105-108 us on an H200 against 116-118 with 48, benchmarks/results/sidco_tree_h200_s33*)
 
 
 def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: jax.Array, last: jax.Array,
@@ -633,7 +756,9 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
   return (outs if write_out else None), ress
 
 
-SUM_GROUP = 48      # leaves per sum_leaves kernel (at least the leaves one tile touches)
+SUM_GROUP = 24      # leaves per sum_leaves kernel (at least the leaves one tile touches; each program walks a
+                    # chain of conditions over its kernel's leaves: 24 -> eight kernels for ResNet-50, 122 us on an
+                    # H200 against 139-142 with 48, 129 / 132 with 16 / 32, 502 with all 161; sidco_tree_h200_s33*)
 SUM_WARPS = 8       # warps per program of sum_leaves (as tile_stats: the same reductions)
 
 

@@ -1095,19 +1095,20 @@ def _search_ways(flat=None) -> int:
   return 2 if _count_impl(flat) == "bisect" else _SEARCH_WAYS
 
 
-# How the counting search (_EXACT_SEARCH = "counts", one segment) runs its passes: "xla" (per pass a fused
-# compare-and-count, its sum and the two bounds: four kernels) or "pallas" (_pallas_pack.search_pass: one kernel
-# per pass; its programs replay the bounds from the earlier passes' totals and add their counts with integer
-# atomics; the Pallas interpreter off GPU). The same thresholds bitwise. Not yet timed in this form: a first
+# How the counting search (_EXACT_SEARCH = "counts") runs its passes: "xla" (per pass a fused compare-and-count,
+# its sum (per segment: a cumulative sum over the rows) and the two bounds: four or more kernels) or "pallas"
+# (_pallas_pack.search_pass, per tensor seg_search_pass: one kernel per pass; its programs replay the bounds from
+# the earlier passes' totals and add their counts with integer atomics; the Pallas interpreter off GPU). The same thresholds bitwise. Not yet timed in this form: a first
 # version (programs of 8192 entries, each re-reducing every program's counts of the previous pass) took 10-12 us a
 # pass on an H100 where XLA's four kernels take ~6-9 (docs/comm.md, "Session 32"), so "xla" stays the default.
 _COUNT_PASS = "xla"
 
 
-def _count_pass_mode(flat, num_segments: int) -> tuple[bool, bool]:
-  """``(one kernel per counting pass, interpret)`` for :data:`_COUNT_PASS`."""
+def _count_pass_mode(flat) -> tuple[bool, bool]:
+  """``(one kernel per counting pass, interpret)`` for :data:`_COUNT_PASS` (one segment:
+  :func:`_pallas_pack.search_pass`; several: :func:`_pallas_pack.seg_search_pass`)."""
   check_choice("_COUNT_PASS", _COUNT_PASS, ("xla", "pallas"))
-  if _COUNT_PASS == "xla" or num_segments != 1 or not _pallas_pack.available() or _varying(flat):
+  if _COUNT_PASS == "xla" or not _pallas_pack.available() or _varying(flat):
     return False, False
   return True, jax.default_backend() != "gpu"
 
@@ -1349,10 +1350,13 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   per_block = (lambda v: jnp.broadcast_to(v[0], (nb,))) if num == 1 else (lambda v: v[seg_b])
   tile_sum = lambda m: lay.seg_reduce(jnp.sum(m.reshape(nt, _THR_BLOCKS), axis=1, dtype=jnp.int32), "sum")
   top = _seg_top_bits(bmax, lay)
-  fused, interp = _count_pass_mode(flat, num)
+  fused, interp = _count_pass_mode(flat)
   # level 1 (block maxima above each threshold: _seg_counts's fused compare-and-sum over the (tiles, 64) maxima)
-  if fused:   # one kernel per pass (one segment)
+  if fused and num == 1:   # one kernel per pass
     t1 = _pallas_pack.search_bits(bm, k[0], top[0], ways=ways, interpret=interp)[None]
+  elif fused:   # one kernel per pass, every segment's counts added by atomics (rows of 64 block maxima)
+    t1 = _pallas_pack.seg_search_bits(bm_rows, jnp.asarray(lay.tile_seg, jnp.int32), k, top, ways=ways,
+                                      interpret=interp)
   else:
     t1 = _search_bits(lambda tm: _seg_counts(bm_rows, tm, lay, None) >= k[:, None], top, keep_low=True,
                       ways=ways)
@@ -1382,8 +1386,10 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
       cs = jnp.concatenate([jnp.zeros((1, c.shape[1]), jnp.int32), jnp.cumsum(c, axis=0)])
       return cs[ends] - cs[ends - n_sel]
   # level 2: the k-th largest entry of each segment's candidate blocks
-  if fused:
+  if fused and num == 1:
     return _pallas_pack.search_bits(rows.reshape(-1), k[0], top[0], ways=ways, interpret=interp)[None]
+  if fused:   # (the slots past the packed count are zero rows: they never count)
+    return _pallas_pack.seg_search_bits(rows, row_seg, k, top, ways=ways, interpret=interp)
   return _search_bits(lambda tm: count2(tm) >= k[:, None], top, keep_low=True, ways=ways)
 
 
