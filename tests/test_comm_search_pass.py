@@ -35,8 +35,11 @@ def test_search_bits_is_the_xla_search(n, k, ways):
   x[11] = np.nan
   x = jnp.asarray(x)
   want, top = _xla_search(x, k, ways)
-  got = jax.jit(lambda x, k, top: pp.search_bits(x, k, top, ways=ways, interpret=True))(x, jnp.int32(k), top)
+  run = jax.jit(lambda x, k, top, lo: pp.search_bits(x, k, top, lo, ways=ways, interpret=True))
+  got = run(x, jnp.int32(k), top, jnp.int32(0))
   assert bits(got) == bits(want)
+  # from any start with at least k entries above it (every bits <= the answer's): the same answer
+  assert bits(run(x, jnp.int32(k), top, jnp.int32(max(0, int(bits(want)) - 1000)))) == bits(want)
   above = int(jnp.sum(x > got))
   assert above >= min(k, int(jnp.sum(x > 0))) and (k > int(jnp.sum(x > 0)) or float(got) > 0 or above >= k)
 
@@ -47,7 +50,7 @@ def test_search_pass_replays_the_earlier_passes_and_fills_its_row():
   the other rows untouched."""
   x = jnp.asarray(np.linspace(0.0, 1.0, 2 * pp.PASS_CHUNK + 5, dtype=np.float32))
   top = jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32)
-  tk = jnp.stack([top, jnp.int32(100)])
+  tk = jnp.stack([jnp.int32(0), top, jnp.int32(100)])
   c0 = jnp.zeros((3 * 8,), jnp.int32)
   c1 = pp.search_pass(x, tk, c0, 0, ways=8, interpret=True)
   mids0 = pp._search_mids(jnp.int32(0), top, 8)
@@ -62,9 +65,27 @@ def test_search_pass_replays_the_earlier_passes_and_fills_its_row():
   assert int(lo) < int(hi) and not np.asarray(c2[16:]).any()
 
 
+def test_closed_bounds_read_nothing_and_keep_the_answer():
+  """A pass whose replayed bounds have closed (hi - lo <= 1: the answer is lo) adds nothing, one segment and per
+  segment, and the finish returns lo; a segment still open beside a closed one is counted."""
+  x = jnp.asarray(np.linspace(0.0, 1.0, 3000, dtype=np.float32))
+  b = jax.lax.bitcast_convert_type(jnp.float32(0.5), jnp.int32)
+  bounds = jnp.stack([b, b + 1, jnp.int32(10)])
+  c = pp.search_pass(x, bounds, jnp.zeros((16,), jnp.int32), 0, ways=8, interpret=True)
+  assert not np.asarray(c).any()
+  assert bits(pp.search_finish(bounds, c, ways=8, interpret=True)) == int(b)
+  rows = x[:2048].reshape(32, 64)
+  seg = jnp.asarray(np.repeat([0, 1], 16), jnp.int32)
+  top = jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32)
+  sb = jnp.stack([jnp.stack([b, jnp.int32(0)]), jnp.stack([b + 1, top]), jnp.asarray([10, 10], jnp.int32)])
+  c = pp.seg_search_pass(rows, seg, sb, jnp.zeros((2 * 3 * 8,), jnp.int32), 0, ways=8, interpret=True)
+  c = np.asarray(c).reshape(2, 3, 8)
+  assert not c[0, 0].any() and c[0, 1].sum() > 0 and not c[1].any()
+
+
 def test_search_pass_bad_input():
   x = jnp.ones((100,), jnp.float32)
-  tk = jnp.asarray([100, 3], jnp.int32)
+  tk = jnp.asarray([0, 100, 3], jnp.int32)
   c = jnp.zeros((16,), jnp.int32)
   with pytest.raises(ValueError, match="1-D float32"):
     pp.search_pass(x.astype(jnp.bfloat16), tk, c, 0, ways=8, interpret=True)
@@ -72,8 +93,10 @@ def test_search_pass_bad_input():
     pp.search_pass(x, tk, c, 0, ways=6, interpret=True)
   with pytest.raises(ValueError, match="power of two"):
     pp.search_bits(x, 3, 100, ways=1, interpret=True)
-  with pytest.raises(ValueError, match="top_k must be int32"):
+  with pytest.raises(ValueError, match="bounds must be int32"):
     pp.search_pass(x, tk.astype(jnp.float32), c, 0, ways=8, interpret=True)
+  with pytest.raises(ValueError, match="bounds must be int32"):
+    pp.search_pass(x, tk[1:], c, 0, ways=8, interpret=True)
   with pytest.raises(ValueError, match="counters must be int32"):
     pp.search_pass(x, tk, c, 2, ways=8, interpret=True)
   with pytest.raises(ValueError, match="counters must be int32"):
@@ -111,8 +134,11 @@ def test_seg_search_bits_is_the_xla_segmented_search(nr, ns, ways, sorted_segs):
   k = np.resize(np.asarray([1, 50, 300, 100000, 7, 64, 2], np.int32), ns)
   rows, row_seg, kj = jnp.asarray(x), jnp.asarray(seg), jnp.asarray(k)
   want, top = _xla_seg_search(rows, row_seg, kj, ways)
-  got = jax.jit(lambda r, s, k, t: pp.seg_search_bits(r, s, k, t, ways=ways, interpret=True))(rows, row_seg, kj, top)
+  run = jax.jit(lambda r, s, k, t, lo: pp.seg_search_bits(r, s, k, t, lo, ways=ways, interpret=True))
+  got = run(rows, row_seg, kj, top, jnp.int32(0))
   np.testing.assert_array_equal(bits(got), bits(want))
+  lo = jnp.asarray(np.maximum(bits(want) - np.asarray([1000, 0, 3, 1, 7, 0, 99])[:ns], 0), jnp.int32)
+  np.testing.assert_array_equal(bits(run(rows, row_seg, kj, top, lo)), bits(want))   # (starts <= the answers)
   tiny = np.float32(1e-45)                           # (the smallest denormal: the first positive threshold)
   pos = np.asarray([(np.nan_to_num(x[seg == s]) > tiny).sum() for s in range(ns)])
   np.testing.assert_array_equal(np.asarray(got) == 0, pos < k)   # 0 exactly where k exceeds the positives
@@ -121,7 +147,7 @@ def test_seg_search_bits_is_the_xla_segmented_search(nr, ns, ways, sorted_segs):
 
 def test_seg_search_pass_bad_input():
   rows, seg = jnp.ones((20, 64), jnp.float32), jnp.zeros((20,), jnp.int32)
-  tk = jnp.asarray([[100, 100], [3, 3]], jnp.int32)
+  tk = jnp.asarray([[0, 0], [100, 100], [3, 3]], jnp.int32)
   c = jnp.zeros((2 * 3 * 8,), jnp.int32)
   with pytest.raises(ValueError, match="2-D float32"):
     pp.seg_search_pass(rows.reshape(-1), seg, tk, c, 0, ways=8, interpret=True)
@@ -129,8 +155,10 @@ def test_seg_search_pass_bad_input():
     pp.seg_search_pass(rows[:, :10], seg, tk, c, 0, ways=8, interpret=True)
   with pytest.raises(ValueError, match="one integer segment per row"):
     pp.seg_search_pass(rows, seg[:5], tk, c, 0, ways=8, interpret=True)
-  with pytest.raises(ValueError, match="top_k must be int32"):
+  with pytest.raises(ValueError, match="bounds must be int32"):
     pp.seg_search_pass(rows, seg, tk[0], c, 0, ways=8, interpret=True)
+  with pytest.raises(ValueError, match="bounds must be int32"):
+    pp.seg_search_pass(rows, seg, tk[1:], c, 0, ways=8, interpret=True)
   with pytest.raises(ValueError, match="counters must be int32"):
     pp.seg_search_pass(rows, seg, tk, c, 2, ways=8, interpret=True)
   with pytest.raises(ValueError, match="power of two"):

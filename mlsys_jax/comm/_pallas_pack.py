@@ -416,17 +416,26 @@ def _search_step(lo, hi, counts, k, ways: int):
   return _search_narrow(lo, hi, _search_mids(lo, hi, ways), counts >= k)
 
 
-def _search_chain(rows, top, k, ways: int):
+def _search_chain(rows, lo, top, k, ways: int):
   """The bounds ``(lo, hi)`` after the passes whose total counts are ``rows`` (each ``(W,)``, or ``(S, W)`` for
-  ``(S,)`` segments' ``top`` and ``k``), from ``(0, top)``."""
-  lo, hi = jnp.zeros_like(top), top
+  ``(S,)`` segments' ``lo``, ``top`` and ``k``), from ``(lo, top)``."""
+  hi = top
   k = k[..., None] if jnp.ndim(k) else k
   for c in rows:
     lo, hi = _search_step(lo, hi, c, k, ways)
   return lo, hi
 
 
-def search_pass(x: jax.Array, top_k: jax.Array, counters: jax.Array, j: int, *, ways: int,
+def _check_bounds(ways: int, bounds: jax.Array, shape: tuple):
+  """Refuse a search's bad ``ways`` or ``bounds`` (int32 ``[lo, top, k]`` of the given shape) by name."""
+  if ways < 2 or ways & (ways - 1):
+    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
+  if bounds.shape != shape or bounds.dtype != jnp.int32:
+    raise ValueError(f"bounds must be int32 [lo bits, top bits, k] of shape {shape}, got "
+                     f"{bounds.dtype}{tuple(bounds.shape)}.")
+
+
+def search_pass(x: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *, ways: int,
                 interpret: bool | None = None) -> jax.Array:
   """Pass ``j`` of SIDCo's W-way threshold search over a 1-D float32 ``x`` (non-negative: magnitudes or
   block maxima) as ONE kernel; returns ``counters`` with row ``j`` filled.
@@ -435,74 +444,79 @@ def search_pass(x: jax.Array, top_k: jax.Array, counters: jax.Array, j: int, *, 
   largest float bits ``b`` with ``#{x > f32(b)} >= k``; each pass counts the entries above ``W``
   thresholds between its bounds and narrows them. Done in XLA a pass is four kernels (the count, its sum,
   the new ``lo`` and ``hi``). Here ``counters`` (``(passes * W,)`` int32, zero from row ``j`` on) holds the
-  total counts of the earlier passes: every program replays the bounds from ``(0, top)`` through those rows
-  (``top_k = [top, k]``), counts its ``PASS_CHUNK`` entries above this pass's ``W`` thresholds and adds
-  them to row ``j`` with integer atomics (exact, in any order: the search's answer is ``_search_bits``' bit
-  for bit). NaN entries never count."""
+  total counts of the earlier passes: every program replays the bounds from ``(lo, top)`` through those rows
+  (``bounds = [lo, top, k]``; ``lo`` is 0, or any bits known to have at least ``k`` entries above them),
+  counts its ``PASS_CHUNK`` entries above this pass's ``W`` thresholds and adds them to row ``j`` with integer
+  atomics (exact, in any order: the search's answer is ``_search_bits``' bit for bit). Once the bounds have
+  closed (``hi - lo <= 1``: the answer is ``lo``) a pass reads nothing and adds nothing, which leaves the
+  replayed bounds as they are: a search started from a tighter ``lo`` finishes in fewer working passes. NaN
+  entries never count."""
   n = x.shape[0]
   if x.ndim != 1 or x.dtype != jnp.float32:
     raise ValueError(f"search_pass needs a 1-D float32 array, got {x.dtype}{tuple(x.shape)}.")
-  if ways < 2 or ways & (ways - 1):
-    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
-  if top_k.shape != (2,) or top_k.dtype != jnp.int32:
-    raise ValueError(f"top_k must be int32 [top bits, k], got {top_k.dtype}{tuple(top_k.shape)}.")
+  _check_bounds(ways, bounds, (3,))
   if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % ways or not 0 <= j < counters.shape[0] // ways:
     raise ValueError(f"counters must be int32 (passes * {ways},) with pass {j} among them, got "
                      f"{counters.dtype}{tuple(counters.shape)}.")
   progs = max(1, -(-n // PASS_CHUNK))
   i32 = jnp.int32
 
-  def kernel(x_ref, tk_ref, c_in_ref, c_ref):
+  def kernel(x_ref, b_ref, c_in_ref, c_ref):
     i = pl.program_id(0)
     jw = jnp.arange(ways, dtype=i32)
     rows = [plgpu.load(c_in_ref.at[p * ways + jw]) for p in range(j)]
-    lo, hi = _search_chain(rows, tk_ref[0], tk_ref[1], ways)
-    thr = jax.lax.bitcast_convert_type(_search_mids(lo, hi, ways), jnp.float32)
+    lo, hi = _search_chain(rows, b_ref[0], b_ref[1], b_ref[2], ways)
 
-    def body(st, acc):
-      offs = i * PASS_CHUNK + st * PASS_STEP + jnp.arange(PASS_STEP, dtype=i32)
-      v = plgpu.load(x_ref.at[offs], mask=offs < n, other=jnp.zeros((), jnp.float32))
-      return acc + jnp.sum((v[:, None] > thr[None, :]).astype(i32), axis=0)
+    @pl.when(hi - lo > 1)
+    def _():
+      thr = jax.lax.bitcast_convert_type(_search_mids(lo, hi, ways), jnp.float32)
 
-    acc = jax.lax.fori_loop(0, PASS_CHUNK // PASS_STEP, body, jnp.zeros((ways,), i32))
-    plgpu.atomic_add(c_ref, j * ways + jw, acc)
+      def body(st, acc):
+        offs = i * PASS_CHUNK + st * PASS_STEP + jnp.arange(PASS_STEP, dtype=i32)
+        v = plgpu.load(x_ref.at[offs], mask=offs < n, other=jnp.zeros((), jnp.float32))
+        return acc + jnp.sum((v[:, None] > thr[None, :]).astype(i32), axis=0)
+
+      acc = jax.lax.fori_loop(0, PASS_CHUNK // PASS_STEP, body, jnp.zeros((ways,), i32))
+      plgpu.atomic_add(c_ref, j * ways + jw, acc)
 
   return _call(kernel, jax.ShapeDtypeStruct(counters.shape, i32), (progs,), interpret, PASS_WARPS,
-               input_output_aliases={2: 0}, name=f"search_pass_{j}")(x, top_k, counters)
+               input_output_aliases={2: 0}, name=f"search_pass_{j}")(x, bounds, counters)
 
 
-def search_bits(x: jax.Array, k, top_bits, *, ways: int, interpret: bool | None = None) -> jax.Array:
+def search_bits(x: jax.Array, k, top_bits, lo_bits=0, *, ways: int, interpret: bool | None = None) -> jax.Array:
   """:func:`mlsys_jax.comm.sparse._search_bits` (``keep_low``, one segment) for the count
-  ``#{x > t} >= k`` over a 1-D float32 ``x``, one :func:`search_pass` kernel per pass: the largest float32
-  ``t`` in ``[0, f32(top_bits))`` (by its bits) with at least ``k`` entries above it (0 when none), as
-  float32. ``ceil(31 / log2 W)`` passes; the same bits as the XLA search."""
+  ``#{x > t} >= k`` over a 1-D float32 ``x``, one :func:`search_pass` kernel per pass and a
+  :func:`search_finish`: the largest float32 ``t`` in ``[f32(lo_bits), f32(top_bits))`` (by its bits) with at
+  least ``k`` entries above it (``lo_bits`` when none), as float32. ``ceil(31 / log2 W)`` passes; with
+  ``lo_bits = 0``, or any ``lo_bits`` with at least ``k`` entries above it, the same bits as the XLA search."""
   if ways < 2 or ways & (ways - 1):
     raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
   passes = -(-31 // (int(ways).bit_length() - 1))
-  top = jnp.asarray(top_bits, jnp.int32)
-  k = jnp.asarray(k, jnp.int32)
-  counters, top_k = jnp.zeros((passes * ways,), jnp.int32), jnp.stack([top, k])
+  bounds = jnp.stack([jnp.asarray(lo_bits, jnp.int32).reshape(()), jnp.asarray(top_bits, jnp.int32).reshape(()),
+                      jnp.asarray(k, jnp.int32).reshape(())])
+  counters = jnp.zeros((passes * ways,), jnp.int32)
   for j in range(passes):
-    counters = search_pass(x, top_k, counters, j, ways=ways, interpret=interpret)
-  return search_finish(top_k, counters, ways=ways, interpret=interpret)
+    counters = search_pass(x, bounds, counters, j, ways=ways, interpret=interpret)
+  return search_finish(bounds, counters, ways=ways, interpret=interpret)
 
 
-def search_finish(top_k: jax.Array, counters: jax.Array, *, ways: int, interpret: bool | None = None) -> jax.Array:
+def search_finish(bounds: jax.Array, counters: jax.Array, *, ways: int, interpret: bool | None = None) -> jax.Array:
   """The answer of a finished :func:`search_pass` chain (every row of ``counters`` filled): the bounds replayed
-  from ``(0, top)`` through every pass's totals, ``lo`` as float32, in ONE single-program kernel (the same replay
-  as the passes'). In XLA the replay is two small reductions per pass, ~1.2 us each on an H200, ~10 us a search."""
+  from ``(lo, top)`` (``bounds = [lo, top, k]``) through every pass's totals, ``lo`` as float32, in ONE
+  single-program kernel (the passes' replay). In XLA the replay is two small reductions per pass, ~1.2 us each on
+  an H200, ~10 us a search."""
+  _check_bounds(ways, bounds, (3,))
   if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % ways or not counters.shape[0]:
     raise ValueError(f"counters must be int32 (passes * {ways},), got {counters.dtype}{tuple(counters.shape)}.")
   passes = counters.shape[0] // ways
 
-  def kernel(tk_ref, c_ref, o_ref):
+  def kernel(b_ref, c_ref, o_ref):
     jw = jnp.arange(ways, dtype=jnp.int32)
-    lo, _ = _search_chain([plgpu.load(c_ref.at[p * ways + jw]) for p in range(passes)], tk_ref[0], tk_ref[1],
-                          ways)
-    o_ref[0] = lo
+    rows = [plgpu.load(c_ref.at[p * ways + jw]) for p in range(passes)]
+    o_ref[0], _ = _search_chain(rows, b_ref[0], b_ref[1], b_ref[2], ways)
 
   lo = _call(kernel, jax.ShapeDtypeStruct((1,), jnp.int32), (1,), interpret, 1, name="search_finish")(
-      top_k, counters)
+      bounds, counters)
   return jax.lax.bitcast_convert_type(lo.reshape(()), jnp.float32)
 
 
@@ -510,16 +524,7 @@ SEG_ROWS = 16        # rows per program of seg_search_pass
 SEG_COLS = 16        # columns compared per inner step (SEG_ROWS x SEG_COLS x W compares)
 
 
-def _check_search_args(ways: int, top_k: jax.Array):
-  """Refuse a search's bad ``ways`` or ``top_k`` (``(2, segments)`` int32) by name."""
-  if ways < 2 or ways & (ways - 1):
-    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
-  if top_k.ndim != 2 or top_k.shape[0] != 2 or top_k.dtype != jnp.int32:
-    raise ValueError(f"top_k must be int32 (2, segments): every segment's top bits and k, got "
-                     f"{top_k.dtype}{tuple(top_k.shape)}.")
-
-
-def seg_search_pass(rows: jax.Array, row_seg: jax.Array, top_k: jax.Array, counters: jax.Array, j: int, *,
+def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *,
                     ways: int, interpret: bool | None = None) -> jax.Array:
   """Pass ``j`` of the per-segment W-way threshold search over the rows of a 2-D float32 ``rows`` (non-negative:
   magnitudes or block maxima; row ``r`` belongs to segment ``row_seg[r]``) as ONE kernel; returns ``counters``
@@ -527,9 +532,10 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, top_k: jax.Array, count
 
   :func:`search_pass` for ``S`` segments at once (sidco's per-tensor thresholds, SIDCo Sec. 4: one threshold per
   layer): segment ``s`` looks for the largest float bits ``b`` with ``#{x in s : x > f32(b)} >= k_s``.
-  ``top_k`` (``(2, S)`` int32) holds every segment's ``top`` bits and ``k``; ``counters`` (``(passes * (S + 1) *
-  W,)`` int32, zero from pass ``j`` on; segment ``S`` is a spare) the per-segment totals of the earlier passes.
-  Each program takes ``SEG_ROWS`` rows, replays every row's segment bounds from ``(0, top)`` through those totals,
+  ``bounds`` (``(3, S)`` int32) holds every segment's ``[lo, top, k]`` (``lo`` as in :func:`search_pass`);
+  ``counters`` (``(passes * (S + 1) * W,)`` int32, zero from pass ``j`` on; segment ``S`` is a spare) the
+  per-segment totals of the earlier passes. Each program takes ``SEG_ROWS`` rows (none of them read once all
+  their segments' bounds have closed), replays every row's segment bounds from ``(lo, top)`` through those totals,
   counts the row's entries above its segment's ``W`` thresholds, sums the counts of its rows of one segment and
   adds each sum to that segment's counters with integer atomics (exact in any order: the answer is
   :func:`mlsys_jax.comm.sparse._search_bits`' with the segmented count, bit for bit); its other rows, and rows past
@@ -539,13 +545,16 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, top_k: jax.Array, count
   entries never count; zero rows (padding) never count (every threshold is positive)."""
   if rows.ndim != 2 or rows.dtype != jnp.float32:
     raise ValueError(f"seg_search_pass needs 2-D float32 rows, got {rows.dtype}{tuple(rows.shape)}.")
-  _check_search_args(ways, top_k)
+  if bounds.ndim != 2:
+    raise ValueError(f"bounds must be int32 [lo bits, top bits, k] of shape (3, segments), got "
+                     f"{bounds.dtype}{tuple(bounds.shape)}.")
+  _check_bounds(ways, bounds, (3, bounds.shape[1]))
   nr, nc = rows.shape
   if nc % SEG_COLS:
     raise ValueError(f"rows need a multiple of {SEG_COLS} columns, got {nc}.")
   if row_seg.shape != (nr,) or not jnp.issubdtype(row_seg.dtype, jnp.integer):
     raise ValueError(f"row_seg must hold one integer segment per row ({nr},), got {row_seg.dtype}{tuple(row_seg.shape)}.")
-  ns = top_k.shape[1]
+  ns = bounds.shape[1]
   span = (ns + 1) * ways
   if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % span or \
      not 0 <= j < counters.shape[0] // span:
@@ -555,56 +564,60 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, top_k: jax.Array, count
   i32 = jnp.int32
   interp = jax.default_backend() != "gpu" if interpret is None else interpret
 
-  def kernel(x_ref, seg_ref, tk_ref, c_in_ref, c_ref):
+  def kernel(x_ref, seg_ref, b_ref, c_in_ref, c_ref):
     i = pl.program_id(0)
     r = i * SEG_ROWS + jnp.arange(SEG_ROWS, dtype=i32)
     live = r < nr
     seg = jnp.where(live, jnp.clip(plgpu.load(seg_ref.at[r], mask=live, other=0), 0, ns - 1), ns)
     sc = jnp.minimum(seg, ns - 1)                                                        # (loads stay in range)
     jw = jnp.arange(ways, dtype=i32)
-    top, k = plgpu.load(tk_ref.at[sc]), plgpu.load(tk_ref.at[ns + sc])
+    lo, top, k = (plgpu.load(b_ref.at[q * ns + sc]) for q in range(3))
     prev = [plgpu.load(c_in_ref.at[(p * (ns + 1) + sc)[:, None] * ways + jw[None, :]]) for p in range(j)]
-    lo, hi = _search_chain(prev, top, k, ways)
-    thr = jax.lax.bitcast_convert_type(_search_mids(lo, hi, ways), jnp.float32)        # (rows, W)
-    cc = jnp.arange(SEG_COLS, dtype=i32)
+    lo, hi = _search_chain(prev, lo, top, k, ways)
 
-    def body(st, acc):
-      offs = r[:, None] * nc + st * SEG_COLS + cc[None, :]
-      v = plgpu.load(x_ref.at[offs], mask=live[:, None], other=jnp.zeros((), jnp.float32))   # (rows, cols)
-      return acc + jnp.sum((v[:, :, None] > thr[:, None, :]).astype(i32), axis=1)
+    @pl.when(jnp.max(jnp.where(live, hi - lo, 0)) > 1)   # (some row's segment still open)
+    def _():
+      thr = jax.lax.bitcast_convert_type(_search_mids(lo, hi, ways), jnp.float32)      # (rows, W)
+      cc = jnp.arange(SEG_COLS, dtype=i32)
 
-    acc = jax.lax.fori_loop(0, nc // SEG_COLS, body, jnp.zeros((SEG_ROWS, ways), i32))
-    same = seg[:, None] == seg[None, :]                                                  # (rows, rows)
-    tot = jnp.sum(jnp.where(same[:, :, None], acc[None, :, :], 0), axis=1)               # (rows, W)
-    first = jnp.sum((same & (r[None, :] < r[:, None])).astype(i32), axis=1) == 0
-    if interp:   # (the interpreter masks no atomic: the other rows add into the spare segment)
-      dest = jnp.where(first, seg, ns)
-      plgpu.atomic_add(c_ref, (j * (ns + 1) + dest)[:, None] * ways + jw[None, :], tot)
-    else:        # (on the GPU a spare row that every program hits would serialize the atomics)
-      plgpu.atomic_add(c_ref, (j * (ns + 1) + seg)[:, None] * ways + jw[None, :], tot,
-                       mask=(first & (seg < ns))[:, None])
+      def body(st, acc):
+        offs = r[:, None] * nc + st * SEG_COLS + cc[None, :]
+        v = plgpu.load(x_ref.at[offs], mask=live[:, None], other=jnp.zeros((), jnp.float32))   # (rows, cols)
+        return acc + jnp.sum((v[:, :, None] > thr[:, None, :]).astype(i32), axis=1)
+
+      acc = jax.lax.fori_loop(0, nc // SEG_COLS, body, jnp.zeros((SEG_ROWS, ways), i32))
+      same = seg[:, None] == seg[None, :]                                                # (rows, rows)
+      tot = jnp.sum(jnp.where(same[:, :, None], acc[None, :, :], 0), axis=1)             # (rows, W)
+      first = jnp.sum((same & (r[None, :] < r[:, None])).astype(i32), axis=1) == 0
+      if interp:   # (the interpreter masks no atomic: the other rows add into the spare segment)
+        dest = jnp.where(first, seg, ns)
+        plgpu.atomic_add(c_ref, (j * (ns + 1) + dest)[:, None] * ways + jw[None, :], tot)
+      else:        # (on the GPU a spare row that every program hits would serialize the atomics)
+        plgpu.atomic_add(c_ref, (j * (ns + 1) + seg)[:, None] * ways + jw[None, :], tot,
+                         mask=(first & (seg < ns))[:, None])
 
   return _call(kernel, jax.ShapeDtypeStruct(counters.shape, i32), (progs,), interpret, PASS_WARPS,
                input_output_aliases={3: 0}, name=f"seg_search_pass_{j}")(
-      rows.reshape(-1), row_seg.astype(i32), top_k.reshape(-1), counters)
+      rows.reshape(-1), row_seg.astype(i32), bounds.reshape(-1), counters)
 
 
-def seg_search_bits(rows: jax.Array, row_seg: jax.Array, k, top_bits, *, ways: int,
+def seg_search_bits(rows: jax.Array, row_seg: jax.Array, k, top_bits, lo_bits=0, *, ways: int,
                     interpret: bool | None = None) -> jax.Array:
-  """:func:`search_bits` per segment: for every segment ``s`` (``k`` and ``top_bits`` are ``(S,)``), the largest
-  float32 ``t`` in ``[0, f32(top_bits[s]))`` (by its bits) with at least ``k[s]`` entries of the rows of segment
-  ``s`` above it (0 when none), one :func:`seg_search_pass` kernel per pass: ``(S,)`` float32, the same bits as
-  :func:`mlsys_jax.comm.sparse._search_bits` with the segmented count."""
+  """:func:`search_bits` per segment: for every segment ``s`` (``k``, ``top_bits`` and ``lo_bits`` are ``(S,)`` or
+  broadcast to it), the largest float32 ``t`` in ``[f32(lo_bits[s]), f32(top_bits[s]))`` (by its bits) with at
+  least ``k[s]`` entries of the rows of segment ``s`` above it (``lo_bits[s]`` when none), one
+  :func:`seg_search_pass` kernel per pass: ``(S,)`` float32; from ``lo_bits = 0``, or bits with at least ``k[s]``
+  entries above them, the same bits as :func:`mlsys_jax.comm.sparse._search_bits` with the segmented count."""
   top = jnp.asarray(top_bits, jnp.int32).reshape(-1)
-  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), top.shape)
-  top_k = jnp.stack([top, k])
-  _check_search_args(ways, top_k)
+  bounds = jnp.stack([jnp.broadcast_to(jnp.asarray(lo_bits, jnp.int32), top.shape), top,
+                      jnp.broadcast_to(jnp.asarray(k, jnp.int32), top.shape)])
+  _check_bounds(ways, bounds, (3, top.shape[0]))
   passes = -(-31 // (int(ways).bit_length() - 1))
   ns = top.shape[0]
   counters = jnp.zeros((passes * (ns + 1) * ways,), jnp.int32)
   for j in range(passes):
-    counters = seg_search_pass(rows, row_seg, top_k, counters, j, ways=ways, interpret=interpret)
-  lo, _ = _search_chain(list(counters.reshape(passes, ns + 1, ways)[:, :ns]), top, k, ways)
+    counters = seg_search_pass(rows, row_seg, bounds, counters, j, ways=ways, interpret=interpret)
+  lo, _ = _search_chain(list(counters.reshape(passes, ns + 1, ways)[:, :ns]), bounds[0], top, bounds[2], ways)
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 

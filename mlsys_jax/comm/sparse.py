@@ -1386,10 +1386,14 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
       cs = jnp.concatenate([jnp.zeros((1, c.shape[1]), jnp.int32), jnp.cumsum(c, axis=0)])
       return cs[ends] - cs[ends - n_sel]
   # level 2: the k-th largest entry of each segment's candidate blocks
+  # (the kernels start from t1: at least k candidate entries lie above it, each candidate block holding one >= T1;
+  # their passes stop reading once the bounds close, the same answer; the slots past the packed count are zero
+  # rows, which never count)
+  lo2 = jax.lax.bitcast_convert_type(t1, jnp.int32)
   if fused and num == 1:
-    return _pallas_pack.search_bits(rows.reshape(-1), k[0], top[0], ways=ways, interpret=interp)[None]
-  if fused:   # (the slots past the packed count are zero rows: they never count)
-    return _pallas_pack.seg_search_bits(rows, row_seg, k, top, ways=ways, interpret=interp)
+    return _pallas_pack.search_bits(rows.reshape(-1), k[0], top[0], lo2[0], ways=ways, interpret=interp)[None]
+  if fused:
+    return _pallas_pack.seg_search_bits(rows, row_seg, k, top, lo2, ways=ways, interpret=interp)
   return _search_bits(lambda tm: count2(tm) >= k[:, None], top, keep_low=True, ways=ways)
 
 
