@@ -1098,9 +1098,11 @@ def _search_ways(flat=None) -> int:
 # How the counting search (_EXACT_SEARCH = "counts") runs its passes: "xla" (per pass a fused compare-and-count,
 # its sum (per segment: a cumulative sum over the rows) and the two bounds: four or more kernels) or "pallas"
 # (_pallas_pack.search_pass, per tensor seg_search_pass: one kernel per pass; its programs replay the bounds from
-# the earlier passes' totals and add their counts with integer atomics; the Pallas interpreter off GPU). The same thresholds bitwise. Not yet timed in this form: a first
-# version (programs of 8192 entries, each re-reducing every program's counts of the previous pass) took 10-12 us a
-# pass on an H100 where XLA's four kernels take ~6-9 (docs/comm.md, "Session 32"), so "xla" stays the default.
+# the earlier passes' totals and add their counts with integer atomics; the Pallas interpreter off GPU). The same
+# thresholds bitwise. Timed on an H200 (session 33, one segment): passes of 3.9-8.3 us where XLA's four kernels take
+# ~6-9, 7 us less span of one update; the per-tensor kernel of that run was slower (contended atomics, since masked)
+# and the second level's start from the first level's threshold is untimed (docs/comm.md, "Session 33"). A switch,
+# like _EXACT_SEARCH = "counts" which it serves: in the training step the counting search is no faster (session 28).
 _COUNT_PASS = "xla"
 
 
