@@ -553,7 +553,8 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
   if nc % SEG_COLS:
     raise ValueError(f"rows need a multiple of {SEG_COLS} columns, got {nc}.")
   if row_seg.shape != (nr,) or not jnp.issubdtype(row_seg.dtype, jnp.integer):
-    raise ValueError(f"row_seg must hold one integer segment per row ({nr},), got {row_seg.dtype}{tuple(row_seg.shape)}.")
+    raise ValueError(f"row_seg must hold one integer segment per row ({nr},), got "
+                     f"{row_seg.dtype}{tuple(row_seg.shape)}.")
   ns = bounds.shape[1]
   span = (ns + 1) * ways
   if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % span or \
