@@ -586,7 +586,8 @@ def penultimate_features(model: nn.Module, variables: dict, x: np.ndarray,
       average pool of the last block's output.
     variables: its flax variables (checked against the model's layer layout).
     x: ``(n, *input_shape)`` inputs, ``n >= 1``, finite.
-    batch_size: examples per forward pass (``>= 1``); the result does not depend on it.
+    batch_size: examples per forward pass (``>= 1``); the result depends on it only through float32
+      rounding (XLA may order a matrix product's sums differently for different batch shapes).
 
   Returns:
     ``(n, d)`` numpy array, ``d`` the logits layer's input width.
