@@ -15,7 +15,8 @@ searches and gathers (about 25 kernels):
 For the transforms on a tree: :func:`sum_leaves` builds the padded buffer ``g + residual`` of every leaf and step 1's
 statistics in one read of the leaves (one kernel per group of leaves), :func:`kept_from_padded` writes a flat
 per-tensor residual back from that buffer, and :func:`write_leaves` every leaf's residual and output;
-:func:`search_bits` runs the exact selection's counting search one kernel per pass (:func:`search_pass`).
+:func:`search_bits` (per segment :func:`seg_search_bits`) runs the exact selection's counting search one kernel per
+pass, adding counts with integer atomics (order-free, so still deterministic).
 
 The payload is identical to ``compact(x, abs(x) > t, capacity)``: ascending index, the first ``capacity``
 selected entries, zeros in unused slots. Deterministic (no atomics). On an H100 (jax 0.11.2) at 25M float32,
@@ -59,9 +60,13 @@ def _compiler_params(num_warps: int):
   return triton_compiler_params(num_warps, 1)
 
 
+def _interpreting(interpret: bool | None) -> bool:
+  """``interpret`` as given, or (None) compiled Triton on GPU and the Pallas interpreter elsewhere."""
+  return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
 def _call(kernel, out_shape, grid, interpret, num_warps, **kw):
-  if interpret is None:   # compiled Triton on GPU, the Pallas interpreter elsewhere
-    interpret = jax.default_backend() != "gpu"
+  interpret = _interpreting(interpret)
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
                         compiler_params=None if interpret else _compiler_params(num_warps), **kw)
 
@@ -426,10 +431,16 @@ def _search_chain(rows, lo, top, k, ways: int):
   return lo, hi
 
 
-def _check_bounds(ways: int, bounds: jax.Array, shape: tuple):
-  """Refuse a search's bad ``ways`` or ``bounds`` (int32 ``[lo, top, k]`` of the given shape) by name."""
+def search_passes(ways: int) -> int:
+  """Passes of a W-way bit search over ``[0, 2^31)``: ``ceil(31 / log2 W)`` (``ways`` a power of two >= 2)."""
   if ways < 2 or ways & (ways - 1):
     raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
+  return -(-31 // (int(ways).bit_length() - 1))
+
+
+def _check_bounds(ways: int, bounds: jax.Array, shape: tuple):
+  """Refuse a search's bad ``ways`` or ``bounds`` (int32 ``[lo, top, k]`` of the given shape) by name."""
+  search_passes(ways)
   if bounds.shape != shape or bounds.dtype != jnp.int32:
     raise ValueError(f"bounds must be int32 [lo bits, top bits, k] of shape {shape}, got "
                      f"{bounds.dtype}{tuple(bounds.shape)}.")
@@ -489,9 +500,7 @@ def search_bits(x: jax.Array, k, top_bits, lo_bits=0, *, ways: int, interpret: b
   :func:`search_finish`: the largest float32 ``t`` in ``[f32(lo_bits), f32(top_bits))`` (by its bits) with at
   least ``k`` entries above it (``lo_bits`` when none), as float32. ``ceil(31 / log2 W)`` passes; with
   ``lo_bits = 0``, or any ``lo_bits`` with at least ``k`` entries above it, the same bits as the XLA search."""
-  if ways < 2 or ways & (ways - 1):
-    raise ValueError(f"ways must be a power of two >= 2, got {ways}.")
-  passes = -(-31 // (int(ways).bit_length() - 1))
+  passes = search_passes(ways)
   bounds = jnp.stack([jnp.asarray(lo_bits, jnp.int32).reshape(()), jnp.asarray(top_bits, jnp.int32).reshape(()),
                       jnp.asarray(k, jnp.int32).reshape(())])
   counters = jnp.zeros((passes * ways,), jnp.int32)
@@ -545,10 +554,7 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
   entries never count; zero rows (padding) never count (every threshold is positive)."""
   if rows.ndim != 2 or rows.dtype != jnp.float32:
     raise ValueError(f"seg_search_pass needs 2-D float32 rows, got {rows.dtype}{tuple(rows.shape)}.")
-  if bounds.ndim != 2:
-    raise ValueError(f"bounds must be int32 [lo bits, top bits, k] of shape (3, segments), got "
-                     f"{bounds.dtype}{tuple(bounds.shape)}.")
-  _check_bounds(ways, bounds, (3, bounds.shape[1]))
+  _check_bounds(ways, bounds, (3, bounds.shape[-1] if bounds.ndim else 0))   # (3, segments)
   nr, nc = rows.shape
   if nc % SEG_COLS:
     raise ValueError(f"rows need a multiple of {SEG_COLS} columns, got {nc}.")
@@ -563,7 +569,7 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
                      f"{counters.dtype}{tuple(counters.shape)}.")
   progs = max(1, -(-nr // SEG_ROWS))
   i32 = jnp.int32
-  interp = jax.default_backend() != "gpu" if interpret is None else interpret
+  interp = _interpreting(interpret)
 
   def kernel(x_ref, seg_ref, b_ref, c_in_ref, c_ref):
     i = pl.program_id(0)
@@ -612,8 +618,7 @@ def seg_search_bits(rows: jax.Array, row_seg: jax.Array, k, top_bits, lo_bits=0,
   top = jnp.asarray(top_bits, jnp.int32).reshape(-1)
   bounds = jnp.stack([jnp.broadcast_to(jnp.asarray(lo_bits, jnp.int32), top.shape), top,
                       jnp.broadcast_to(jnp.asarray(k, jnp.int32), top.shape)])
-  _check_bounds(ways, bounds, (3, top.shape[0]))
-  passes = -(-31 // (int(ways).bit_length() - 1))
+  passes = search_passes(ways)
   ns = top.shape[0]
   counters = jnp.zeros((passes * (ns + 1) * ways,), jnp.int32)
   for j in range(passes):

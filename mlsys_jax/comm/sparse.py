@@ -1353,12 +1353,18 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   tile_sum = lambda m: lay.seg_reduce(jnp.sum(m.reshape(nt, _THR_BLOCKS), axis=1, dtype=jnp.int32), "sum")
   top = _seg_top_bits(bmax, lay)
   fused, interp = _count_pass_mode(flat)
+
+  def kernel_search(x_rows, row_seg, lo_bits=0):
+    """The search over ``x_rows`` (rows of 64; row ``r`` in segment ``row_seg[r]``) one kernel per pass: one
+    segment's rows as one 1-D array, several segments' counts added by atomics."""
+    if num == 1:
+      return _pallas_pack.search_bits(x_rows.reshape(-1), k[0], top[0], jnp.reshape(lo_bits, (-1,))[0], ways=ways,
+                                      interpret=interp)[None]
+    return _pallas_pack.seg_search_bits(x_rows, row_seg, k, top, lo_bits, ways=ways, interpret=interp)
+
   # level 1 (block maxima above each threshold: _seg_counts's fused compare-and-sum over the (tiles, 64) maxima)
-  if fused and num == 1:   # one kernel per pass
-    t1 = _pallas_pack.search_bits(bm, k[0], top[0], ways=ways, interpret=interp)[None]
-  elif fused:   # one kernel per pass, every segment's counts added by atomics (rows of 64 block maxima)
-    t1 = _pallas_pack.seg_search_bits(bm_rows, jnp.asarray(lay.tile_seg, jnp.int32), k, top, ways=ways,
-                                      interpret=interp)
+  if fused:
+    t1 = kernel_search(bm_rows, jnp.asarray(lay.tile_seg, jnp.int32))
   else:
     t1 = _search_bits(lambda tm: _seg_counts(bm_rows, tm, lay, None) >= k[:, None], top, keep_low=True,
                       ways=ways)
@@ -1391,11 +1397,8 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   # (the kernels start from t1: at least k candidate entries lie above it, each candidate block holding one >= T1;
   # their passes stop reading once the bounds close, the same answer; the slots past the packed count are zero
   # rows, which never count)
-  lo2 = jax.lax.bitcast_convert_type(t1, jnp.int32)
-  if fused and num == 1:
-    return _pallas_pack.search_bits(rows.reshape(-1), k[0], top[0], lo2[0], ways=ways, interpret=interp)[None]
   if fused:
-    return _pallas_pack.seg_search_bits(rows, row_seg, k, top, lo2, ways=ways, interpret=interp)
+    return kernel_search(rows, None if num == 1 else row_seg, jax.lax.bitcast_convert_type(t1, jnp.int32))
   return _search_bits(lambda tm: count2(tm) >= k[:, None], top, keep_low=True, ways=ways)
 
 
