@@ -446,6 +446,21 @@ def _check_bounds(ways: int, bounds: jax.Array, shape: tuple):
                      f"{bounds.dtype}{tuple(bounds.shape)}.")
 
 
+COUNTER_INIT = "barrier"   # the zero counters of one search: "barrier" (behind an optimization barrier with the
+                           # search's bounds: a buffer of its own) or "const" (a zero constant, which XLA may share
+                           # between two searches of one program; the kernels add into it in place)
+
+
+def _zero_counters(size: int, bounds: jax.Array) -> jax.Array:
+  """Zero int32 counters for one search's pass kernels, which add into them in place (aliased). Behind an
+  optimization barrier with the search's ``bounds`` (:data:`COUNTER_INIT`), so that no two searches of one
+  program are handed one zero constant to write into."""
+  z = jnp.zeros((size,), jnp.int32)
+  if COUNTER_INIT == "const":
+    return z
+  return jax.lax.optimization_barrier((z, bounds))[0]
+
+
 def search_pass(x: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *, ways: int,
                 interpret: bool | None = None) -> jax.Array:
   """Pass ``j`` of SIDCo's W-way threshold search over a 1-D float32 ``x`` (non-negative: magnitudes or
@@ -503,7 +518,7 @@ def search_bits(x: jax.Array, k, top_bits, lo_bits=0, *, ways: int, interpret: b
   passes = search_passes(ways)
   bounds = jnp.stack([jnp.asarray(lo_bits, jnp.int32).reshape(()), jnp.asarray(top_bits, jnp.int32).reshape(()),
                       jnp.asarray(k, jnp.int32).reshape(())])
-  counters = jnp.zeros((passes * ways,), jnp.int32)
+  counters = _zero_counters(passes * ways, bounds)
   for j in range(passes):
     counters = search_pass(x, bounds, counters, j, ways=ways, interpret=interpret)
   return search_finish(bounds, counters, ways=ways, interpret=interpret)
@@ -601,7 +616,7 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
         plgpu.atomic_add(c_ref, (j * (ns + 1) + dest)[:, None] * ways + jw[None, :], tot)
       else:        # (on the GPU a spare row that every program hits would serialize the atomics)
         plgpu.atomic_add(c_ref, (j * (ns + 1) + seg)[:, None] * ways + jw[None, :], tot,
-                         mask=(first & (seg < ns))[:, None])
+                         mask=jnp.broadcast_to((first & (seg < ns))[:, None], tot.shape))
 
   return _call(kernel, jax.ShapeDtypeStruct(counters.shape, i32), (progs,), interpret, PASS_WARPS,
                input_output_aliases={3: 0}, name=f"seg_search_pass_{j}")(
@@ -620,7 +635,7 @@ def seg_search_bits(rows: jax.Array, row_seg: jax.Array, k, top_bits, lo_bits=0,
                       jnp.broadcast_to(jnp.asarray(k, jnp.int32), top.shape)])
   passes = search_passes(ways)
   ns = top.shape[0]
-  counters = jnp.zeros((passes * (ns + 1) * ways,), jnp.int32)
+  counters = _zero_counters(passes * (ns + 1) * ways, bounds)
   for j in range(passes):
     counters = seg_search_pass(rows, row_seg, bounds, counters, j, ways=ways, interpret=interpret)
   lo, _ = _search_chain(list(counters.reshape(passes, ns + 1, ways)[:, :ns]), bounds[0], top, bounds[2], ways)
