@@ -13,7 +13,9 @@ Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (t
 block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``),
 ``sidco_pt_counts`` (both; ``sidco_flat_counts`` / ``sidco_pt_flat_counts`` with ``flat_state=True``; any row
 with a suffix ``_w<N>``, e.g. ``sidco_pt_flat_counts_w32``: traced with ``sparse._SEARCH_WAYS = N``, the counting
-search's thresholds per pass, default 8), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
+search's thresholds per pass, default 8; ``_fpass``: one Pallas kernel per counting pass, ``sparse._COUNT_PASS =
+"pallas"``; ``_pwrite`` / ``_pwriter``: the Pallas leaf writer, ``sparse._OUT_WRITE = "pallas"`` / ``"pallas_res"``
+(residuals only, in place), e.g. ``sidco_counts_fpass_pwrite_w16``; these suffixes before ``_w<N>``), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
 ``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
 ``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both;
 ``topk_flat``: ``topk(..., flat_state=True)``; ``sidco_flat_dus`` / ``sidco_pt_flat_dus`` /
@@ -176,7 +178,8 @@ def _ways(row: str) -> tuple[str, int | None]:
 
 def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransformation:
   row, _ = _ways(row)
-  row = row.replace("_pbuild", "").replace("_xbuild", "")   # (the build is a switch: _switches)
+  for sw in ("_pbuild", "_xbuild", "_fpass", "_pwriter", "_pwrite"):   # (switches: _switches)
+    row = row.replace(sw, "")
   adam = optax.adam(1e-3)
   if row == "adam":
     return adam
@@ -229,7 +232,9 @@ def _switches(row: str) -> dict:
   """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
   row, ways = _ways(row)
   return {"_SEARCH_WAYS": ways or sp._SEARCH_WAYS,
-          "_EXACT_SEARCH": "counts" if row.endswith("_counts") else sp._EXACT_SEARCH,
+          "_EXACT_SEARCH": "counts" if "_counts" in row else sp._EXACT_SEARCH,
+          "_COUNT_PASS": "pallas" if "_fpass" in row else sp._COUNT_PASS,
+          "_OUT_WRITE": "pallas_res" if "_pwriter" in row else "pallas" if "_pwrite" in row else sp._OUT_WRITE,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
           "_SUM_BUILD": "pallas" if "_pbuild" in row else "xla" if "_xbuild" in row else sp._SUM_BUILD,
           "_BRANCHES": ("cond" if "_est_cond" in row or row.endswith("_cond") else

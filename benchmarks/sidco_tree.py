@@ -154,7 +154,8 @@ def _flags(ap):
                        "sparse._SUM_BUILD (the buffer and its statistics by the Pallas sum kernel, or XLA's sums and the "
                        "statistics kernel), fpass/xpass = sparse._COUNT_PASS (the counting search's passes one Pallas "
                        "kernel each, or four XLA kernels), sg<N> = _pallas_pack.SUM_GROUP (leaves per sum kernel: fewer launches), wg<N> = _pallas_pack.WRITE_GROUP "
-                       "(leaves per leaf-writer kernel), pwritei = the writer "
+                       "(leaves per leaf-writer kernel), sw<N> / ww<N> = _pallas_pack.SUM_WARPS / WRITE_WARPS (warps per program of the sum / "
+                       "writer kernels), wt<N> = _pallas_pack.WRITE_TILE (entries per writer program), pwritei = the writer "
                        "in place (residuals aliased to the old ones), pwriter = the writer for the residuals only (in place; outputs "
                        "per-leaf XLA fusions); with bits only: a number = search ways, pallas/xla/bisect = the "
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
@@ -475,6 +476,7 @@ def main():
   kthkeys0, write0, fbuild0, sbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
   cpass0 = sp._COUNT_PASS
   sgroup0, wgroup0 = sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP
+  kernel0 = sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS, sp._pallas_pack.WRITE_TILE
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -491,6 +493,7 @@ def main():
     sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
     sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD = kthkeys0, write0, fbuild0, sbuild0
     sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP = sgroup0, wgroup0
+    sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS, sp._pallas_pack.WRITE_TILE = kernel0
     sp._COUNT_PASS = cpass0
     for tok in variant.split():
       if tok.isdigit():
@@ -527,6 +530,12 @@ def main():
         sp._pallas_pack.SUM_GROUP = int(tok[2:])
       elif tok.startswith("wg") and tok[2:].isdigit():
         sp._pallas_pack.WRITE_GROUP = int(tok[2:])
+      elif tok.startswith("sw") and tok[2:].isdigit():
+        sp._pallas_pack.SUM_WARPS = int(tok[2:])
+      elif tok.startswith("ww") and tok[2:].isdigit():
+        sp._pallas_pack.WRITE_WARPS = int(tok[2:])
+      elif tok.startswith("wt") and tok[2:].isdigit():
+        sp._pallas_pack.WRITE_TILE = int(tok[2:])
       elif tok in ("fpass", "xpass"):
         sp._COUNT_PASS = "pallas" if tok == "fpass" else "xla"
       elif tok in ("blocks", "counts", "bits"):
@@ -544,6 +553,8 @@ def main():
     row["out_write"], row["flat_build"], row["sum_build"] = sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
     row["sum_group"], row["write_group"] = sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP
     row["count_pass"] = sp._COUNT_PASS
+    row["sum_warps"], row["write_warps"] = sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS
+    row["write_tile"] = sp._pallas_pack.WRITE_TILE
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:
@@ -631,7 +642,8 @@ def main():
         row.update(_train_step(kind, jax.tree_util.tree_map(lambda x: x[0], g), args))
       row["loop_wall_s"] = _wall(lambda: loop(g, st, out0), max(3, reps // 3)) / steps
     except Exception as e:  # record and go on
-      row["error"] = "".join(traceback.format_exception_only(type(e), e))[-1500:]
+      msg = "".join(traceback.format_exception_only(type(e), e))
+      row["error"] = msg if len(msg) <= 3000 else msg[:1500] + " ... " + msg[-1500:]   # (compile errors: both ends)
     rows.append(row)
     print({k_: v for k_, v in row.items() if k_ != "top_kernels"}, flush=True)
     for t in row.get("top_kernels", [])[:6]:

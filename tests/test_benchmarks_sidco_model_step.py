@@ -431,3 +431,19 @@ def test_quoted_h100_session31_figures():
   assert [us(k) for k in ("copy", "xla flat/tree", "pallas flat/tree", "xla per_tensor/flat", "pallas per_tensor/flat")] == [
       68, 206, 156, 232, 149]
   assert all(x["same_as_xla"] for k, x in sb.items() if k != "copy" and "[w4]" not in k)
+
+
+def test_row_suffixes_set_the_module_switches():
+  """A row's suffixes name the ``sparse`` switches it is traced with (the counting search, its Pallas passes, the
+  leaf writer, the ways), and the compressor under them is the row's base transform."""
+  from mlsys_jax.comm import sparse as sp
+  sw = ms._switches("sidco_counts_fpass_pwriter_w16")
+  assert (sw["_EXACT_SEARCH"], sw["_COUNT_PASS"], sw["_OUT_WRITE"], sw["_SEARCH_WAYS"]) == (
+      "counts", "pallas", "pallas_res", 16)
+  sw = ms._switches("sidco_pt_counts_pwrite")
+  assert (sw["_EXACT_SEARCH"], sw["_COUNT_PASS"], sw["_OUT_WRITE"]) == ("counts", sp._COUNT_PASS, "pallas")
+  sw = ms._switches("sidco")
+  assert (sw["_EXACT_SEARCH"], sw["_OUT_WRITE"]) == (sp._EXACT_SEARCH, sp._OUT_WRITE)
+  assert ms._tx("sidco_pt_counts_fpass_pwrite_w16", 0.01) is not None
+  with pytest.raises(SystemExit, match="unknown row"):
+    ms._tx("sidco_fpass_bogus", 0.01)
