@@ -88,6 +88,7 @@ def test_topk_and_randomk_stay_leaf_by_leaf(make, monkeypatch):
   assert bat_hlo == one_hlo
 
 
+@pytest.mark.slow   # (~10 s; both branch modes of dgc leaf by leaf: tests/test_comm_dgc_branch_free.py)
 def test_dgc_under_both_branch_modes(monkeypatch):
   """The batched path under lax.cond (CPU default) and branch-free (GPU default): the same updates."""
   outs = {}

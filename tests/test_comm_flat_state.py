@@ -44,6 +44,14 @@ def build(request, monkeypatch):
   return request.param
 
 
+@pytest.fixture(params=["concat", pytest.param("dus", marks=pytest.mark.slow)])
+def build_default(request, monkeypatch):
+  """:func:`build` with the benchmark switch ``"dus"`` in the slow suite only (the default suite compares it with
+  the tree layout bitwise in :func:`test_flat_state_is_bitwise_the_tree_layout` and in 16-bit floats)."""
+  monkeypatch.setattr(sp, "_FLAT_BUILD", request.param)
+  return request.param
+
+
 def _same(a, b):
   return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
@@ -100,7 +108,7 @@ def test_flat_state_error_feedback_is_exact():
     st = new
 
 
-def test_flat_state_under_shard_map_matches_the_tree_layout_and_keeps_replicas_identical(devices, build):
+def test_flat_state_under_shard_map_matches_the_tree_layout_and_keeps_replicas_identical(devices, build_default):
   """8 devices: worker 5 has a NaN at step 1, so every replica skips it; outputs and residuals equal the tree
   layout's bitwise, and the replicas' updates are identical."""
   w = len(devices)
@@ -133,7 +141,7 @@ def test_flat_state_under_shard_map_matches_the_tree_layout_and_keeps_replicas_i
     assert bool(jnp.all(leaf == leaf[:1]))
 
 
-def test_flat_state_in_a_density_warmup_with_per_tensor_segments(build):
+def test_flat_state_in_a_density_warmup_with_per_tensor_segments(build_default):
   """The flat layout does not depend on the ratio (the per-tensor pooling does), so stages of different
   densities share it; bitwise the tree layout through the switch."""
   make = lambda flat: density_warmup(lambda r: sidco(r, per_tensor=True, flat_state=flat), 0.005, steps=4)
@@ -144,7 +152,7 @@ def test_flat_state_in_a_density_warmup_with_per_tensor_segments(build):
   assert bool(jnp.array_equal(ravel_pytree(st_t.inner_state.residual)[0], st_f.inner_state.residual))
 
 
-def test_flat_state_with_a_traced_ratio_schedule(build):
+def test_flat_state_with_a_traced_ratio_schedule(build_default):
   tx = optax.inject_hyperparams(sidco, static_args=("max_ratio", "flat_state"))(
       ratio=optax.linear_schedule(0.05, 0.01, 3), max_ratio=0.05, flat_state=True)
   ref = optax.inject_hyperparams(sidco, static_args=("max_ratio",))(

@@ -119,7 +119,7 @@ def _steps(tx, nan_step: bool = True):
   return res
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(flat_state=True), dict(ratio=0.3)])
+@pytest.mark.parametrize("kw", [dict(), dict(flat_state=True), pytest.param(dict(ratio=0.3), marks=pytest.mark.slow)])
 def test_sidco_with_one_kernel_per_pass_is_bitwise_the_xla_passes_and_the_block_select(kw, monkeypatch):
   """sidco (tree or flat residual; one segment) with the counting search's passes as kernels: updates and
   states bitwise those of the block select (the default, which the XLA passes equal), over a NaN step and a step

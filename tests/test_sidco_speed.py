@@ -527,7 +527,8 @@ def test_seg_quota_equals_sort_trim_and_numpy_topk(per_tensor, ratio, cap_factor
   assert cut, "no segment was cut: the case does not exercise the quota"
 
 
-@pytest.mark.parametrize("per_tensor", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow   # (the sort trim is the path before session 10; the quota and the sort agree in
+@pytest.mark.parametrize("per_tensor", [False, True])   # test_seg_quota_equals_sort_trim_and_numpy_topk)
 def test_transform_same_with_quota_and_sort_trim(per_tensor, monkeypatch):
   """Whole jitted updates (3 steps, ties at the cut on some) are bitwise the same with the quota (and dus's
   zeros as a fill of their own, narrow segment keys) and the sort trim (with and without its skip, int32

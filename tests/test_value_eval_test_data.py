@@ -192,6 +192,7 @@ def test_options_part_refuses_test_data_with_folds(tmp_path):
   assert r.returncode != 0 and "read by --part=options and --part=program_mape only" in r.stderr
 
 
+@pytest.mark.slow   # (~18 s on 2 CPU cores: five runs of the script; the default suite checks the options part's other flags)
 def test_options_part_tunes_pessimism_and_margin_inside_training(tmp_path):
   """--option_tune (session 24): (pessimism, margin) chosen by family-grouped folds inside the training programs;
   the JSON records every pair's inner score and the choice is the best of them (most within 5%, then lowest mean
