@@ -133,6 +133,7 @@ def main(argv=None):
   ap.add_argument("--out", required=True)
   ap.add_argument("--name", default="search_pass_check")
   ap.add_argument("--small", action="store_true", help="sizes / 16 (a CPU smoke run)")
+  ap.add_argument("--quick", action="store_true", help="the first case of each kind only (a short device call)")
   args = ap.parse_args(argv)
   gpu = jax.default_backend() == "gpu"
   div = 16 if args.small else 1
@@ -149,6 +150,8 @@ def main(argv=None):
            ("level 2, candidates from 0", cand, k, 0, 16),
            ("level 2, candidates from level 1's threshold", cand, k, min(t1, _bits(jnp.sort(cand)[-k])[0] - 1), 16),
            ("ties (quarter steps)", ties, 1000, 0, 16), ("k = n", ties, ties.shape[0], 0, 16)]
+  if args.quick:
+    cases = [cases[0], cases[3]]
   for name, x, kk, lo, w in cases:
     r = _case_one(name, x, kk, lo, w, gpu)
     rows_out.append(r)
@@ -175,21 +178,24 @@ def main(argv=None):
   seg = jnp.asarray(np.sort(rng.integers(0, nseg, size=rr.shape[0])), jnp.int32)
   kseg = jnp.asarray(rng.integers(1, 50, size=nseg), jnp.int32)
   for name, s in (("segments, sorted rows", seg), ("segments, interleaved rows", jnp.asarray(
-      rng.integers(0, nseg, size=rr.shape[0]), jnp.int32))):
+      rng.integers(0, nseg, size=rr.shape[0]), jnp.int32)))[:1 if args.quick else 2]:
     r = _case_seg(name, rr, s, kseg, 16, gpu)
     rows_out.append(r)
     print(r["case"], "same" if r["same"] else "DIFFERENT", {q: r[q] for q in r if q == "error"}, flush=True)
   if gpu:
     from benchmarks.powersgd_step import resnet50_shapes
     shapes = resnet50_shapes()[:60]
-    for name, sw in (("sidco counts 16 fpass, zero-constant counters", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16,
+    sidco_cases = (("sidco counts 16 fpass, zero-constant counters", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16,
                                                                          "_COUNT_PASS": "pallas", "COUNTER_INIT": "const"}),
                      ("sidco counts 16", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16}),
                      ("sidco counts 16 fpass", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16, "_COUNT_PASS": "pallas"}),
                      ("sidco counts 16 fpass pwrite", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16,
                                                        "_COUNT_PASS": "pallas", "_OUT_WRITE": "pallas"}),
                      ("sidco per tensor counts 16 fpass", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16,
-                                                           "_COUNT_PASS": "pallas"})):
+                                                           "_COUNT_PASS": "pallas"}))
+    if args.quick:
+      sidco_cases = sidco_cases[2:3] + sidco_cases[4:]
+    for name, sw in sidco_cases:
       try:
         r = _case_sidco(name, shapes, sw, per_tensor="per tensor" in name)
       except Exception as e:   # noqa: BLE001 (recorded)

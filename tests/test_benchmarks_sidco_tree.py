@@ -248,3 +248,46 @@ def test_quoted_h200_session33_update_alone():
   assert [kern(b[m], "sum_leaves") for m in (pc + "]", pc + " fpass sg24 wg96]")] == [141.6, 122.3]
   assert [kern(a[m], "kernel") for m in (pc + "]", pc + " wg96]")] == [116.6, 107.5]
   assert [kern(a[pc + " fpass]"], "search_pass"), kern(a[pt + " fpass]"], "seg_search_pass")] == [90.6, 570.0]
+
+
+def test_quoted_h100_session34_update_alone():
+  """Session 34's H100 run of one jitted update (``sidco_tree_h100_s34a.json``), as BENCHMARKS.md and docs/comm.md
+  quote it: the default rows; per tensor the counting search with the Pallas writer at 2.24x ``topk`` and equal to
+  its default over the whole loop; every one-kernel-per-pass row NOT equal to its default (255 of 331 loop arrays);
+  the kernel-size rows' sum-kernel and writer times (profiler averages, us); the per-tensor pass row failed."""
+  a = _rows("sidco_tree_h100_s34a.json")[0]
+  ms = lambda m: round(a[m]["single_device_s"] * 1e3, 3)
+  x = lambda m: round(a["topk(0.001)"]["single_device_s"] / a[m]["single_device_s"], 2)
+  pc, pt = "sidco(0.001) [pwrite counts 16 fpass", "sidco(0.001, per_tensor=True) [pwrite counts 16"
+  assert [ms(m) for m in ("topk(0.001)", "sidco(0.001)", "sidco(0.001, per_tensor=True)", pt + "]", pc + " schain]",
+                          pc + "]", pc + " sw4]", pc + " sw16]", pc + " ww8]", pc + " wt8192]")] == [
+      1.663, 1.001, 1.018, 0.741, 0.477, 0.489, 0.639, 0.479, 0.481, 0.542]
+  assert [x(m) for m in ("sidco(0.001)", "sidco(0.001, per_tensor=True)", pt + "]", pc + " schain]")] == [
+      1.66, 1.63, 2.24, 3.49]
+  assert a[pt + "]"]["loop_same_as_default"] and a[pt + "]"]["loop_arrays_differing"] == [0, 331]
+  fp = [r for m, r in a.items() if " fpass" in m and "per_tensor" not in m]
+  assert len(fp) == 6 and all(r["loop_arrays_differing"] == [255, 331] for r in fp)
+  assert "error" in a[pt + " fpass]"] and "single_device_s" not in a[pt + " fpass]"]
+  tk = lambda m, f: round(sum(d for n, d, _ in a[m]["single_top_kernels"] if f(n)) * 1e6)
+  summ = lambda m: tk(m, lambda n: n.startswith("sum_leaves"))
+  writer = lambda m: tk(m, lambda n: n in ("kernel", "kernel__1"))
+  assert [summ(m) for m in ("sidco(0.001)", "sidco(0.001, per_tensor=True)", pt + "]", pc + " schain]", pc + "]",
+                            pc + " sw4]", pc + " sw16]")] == [156, 150, 153, 144, 157, 308, 148]
+  assert [writer(m) for m in (pt + "]", pc + " schain]", pc + "]", pc + " ww8]", pc + " wt8192]")] == [
+      131, 127, 126, 120, 181]
+
+
+def test_quoted_h100_session34_training_step():
+  """Session 34's H100 training step (``sidco_model_step_h100_s34a.json``) as BENCHMARKS.md, README and docs/comm.md
+  quote it: cost over Adam (wall, ms, and kernel time) of sidco with session 33's kernel sizes and of the switches."""
+  rows = {r["row"]: r for r in json.loads((RESULTS / "sidco_model_step_h100_s34a.json").read_text())["rows"]}
+  ov = lambda r: round(rows[r]["overhead_s"] * 1e3, 3)
+  busy = lambda r: round(rows[r]["busy_overhead_s"] * 1e3, 3)
+  names = ("topk", "sidco", "sidco_pt", "sidco_counts_fpass_w16", "sidco_counts_fpass_pwriter_w16",
+           "sidco_counts_fpass_pwrite_w16", "sidco_pt_counts_pwriter_w16")
+  assert [ov(r) for r in names] == [0.971, 0.029, 0.139, -0.026, 0.034, 0.492, 0.302]
+  assert [busy(r) for r in names] == [1.254, 0.263, 0.32, 0.269, 0.348, 0.641, 0.526]
+  assert [round(rows[r]["vs_topk"], 1) for r in ("sidco", "sidco_pt")] == [33.5, 7.0]
+  assert [round(rows[r]["busy_vs_topk"], 2) for r in ("sidco", "sidco_pt", "sidco_counts_fpass_w16")] == [
+      4.78, 3.92, 4.66]
+  assert [round(x * 1e3, 3) for x in rows["sidco"]["overhead_s_iqr"]] == [0.011, 0.045]
