@@ -1099,10 +1099,12 @@ def _search_ways(flat=None) -> int:
 # its sum (per segment: a cumulative sum over the rows) and the two bounds: four or more kernels) or "pallas"
 # (_pallas_pack.search_pass, per tensor seg_search_pass: one kernel per pass; its programs replay the bounds from
 # the earlier passes' totals and add their counts with integer atomics; the Pallas interpreter off GPU). The same
-# thresholds bitwise. Timed on an H200 (session 33, one segment): passes of 3.9-8.3 us where XLA's four kernels take
-# ~6-9, 7 us less span of one update; the per-tensor kernel of that run was slower (contended atomics, since masked)
-# and the second level's start from the first level's threshold is untimed (docs/comm.md, "Session 33"). A switch,
-# like _EXACT_SEARCH = "counts" which it serves: in the training step the counting search is no faster (session 28).
+# thresholds bitwise in the interpreter (the CPU tests), but NOT on the GPU as of session 34: on an H100 every
+# one-segment update with "pallas" differed from the default over a loop (255 of 331 arrays; cause not found, the
+# zero counters' init changed since, unverified; benchmarks/search_pass_check.py checks it on a device; docs/comm.md,
+# "Session 34"). Do not use it for training until that check passes. Timed on an H200 (session 33, one segment):
+# passes of 3.9-8.3 us where XLA's four kernels take ~6-9. A switch, like _EXACT_SEARCH = "counts" which it serves:
+# in the training step the counting search is no faster (sessions 28, 34).
 _COUNT_PASS = "xla"
 
 
