@@ -161,3 +161,23 @@ def test_one_kernel_per_pass_under_vmap(monkeypatch):
   monkeypatch.setattr(sp, "_COUNT_PASS", "kernel")
   with pytest.raises(ValueError, match="_COUNT_PASS"):
     sp._count_pass_mode(jnp.ones(8))
+
+
+def test_zero_counters_every_init_same_search(monkeypatch):
+  """The counters' zero init (``_pallas_pack.COUNTER_INIT``: computed from the bounds, behind a barrier, or a
+  constant) never changes the answer; a computed init is zero for every k (negative, zero, positive) and an
+  unknown init is refused by name."""
+  x = jnp.asarray(np.abs(np.random.default_rng(0).standard_normal(5000)), jnp.float32)
+  top = jax.lax.bitcast_convert_type(jnp.max(x), jnp.int32)
+  got = set()
+  for init in ("data", "barrier", "const"):
+    monkeypatch.setattr(pp, "COUNTER_INIT", init)
+    got.add(int(bits(jax.jit(lambda x: pp.search_bits(x, 37, top, ways=16, interpret=True))(x))))
+  assert len(got) == 1 and got == {int(bits(_xla_search(x, 37, 16)[0]))}
+  monkeypatch.setattr(pp, "COUNTER_INIT", "data")
+  for k in (-5, 0, 7):
+    z = jax.jit(lambda b: pp._zero_counters(12, b))(jnp.asarray([0, 9, k], jnp.int32))
+    assert z.dtype == jnp.int32 and z.shape == (12,) and not np.any(np.asarray(z))
+  monkeypatch.setattr(pp, "COUNTER_INIT", "zeros")
+  with pytest.raises(ValueError, match="COUNTER_INIT"):
+    pp._zero_counters(4, jnp.zeros(3, jnp.int32))

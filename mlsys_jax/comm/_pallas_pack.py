@@ -446,15 +446,22 @@ def _check_bounds(ways: int, bounds: jax.Array, shape: tuple):
                      f"{bounds.dtype}{tuple(bounds.shape)}.")
 
 
-COUNTER_INIT = "barrier"   # the zero counters of one search: "barrier" (behind an optimization barrier with the
-                           # search's bounds: a buffer of its own) or "const" (a zero constant, which XLA may share
-                           # between two searches of one program; the kernels add into it in place)
+COUNTER_INIT = "data"   # the zero counters of one search: "data" (a broadcast of a zero computed from the search's
+                        # bounds: a buffer of its own, written by a kernel each call), "barrier" (a zero constant
+                        # behind an optimization barrier with the bounds) or "const" (a zero constant, which XLA may
+                        # share between two searches of one program; the pass kernels add into it in place)
 
 
 def _zero_counters(size: int, bounds: jax.Array) -> jax.Array:
-  """Zero int32 counters for one search's pass kernels, which add into them in place (aliased). Behind an
-  optimization barrier with the search's ``bounds`` (:data:`COUNTER_INIT`), so that no two searches of one
-  program are handed one zero constant to write into."""
+  """Zero int32 counters for one search's pass kernels, which add into them in place (aliased). By default
+  (:data:`COUNTER_INIT`) computed from the search's ``bounds`` (``k < 0 and k > 0``, false for every ``k``, which
+  XLA cannot fold), so that no two searches of one program, nor two iterations of a loop, are handed one zero
+  constant to write into."""
+  if COUNTER_INIT not in ("data", "barrier", "const"):
+    raise ValueError(f"COUNTER_INIT must be 'data', 'barrier' or 'const', got {COUNTER_INIT!r}.")
+  if COUNTER_INIT == "data":
+    k = bounds.reshape(-1)[-1]
+    return jnp.broadcast_to(((k < 0) & (k > 0)).astype(jnp.int32), (size,))
   z = jnp.zeros((size,), jnp.int32)
   if COUNTER_INIT == "const":
     return z
