@@ -185,16 +185,13 @@ def main(argv=None):
   if gpu:
     from benchmarks.powersgd_step import resnet50_shapes
     shapes = resnet50_shapes()[:60]
-    sidco_cases = (("sidco counts 16 fpass, zero-constant counters", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16,
-                                                                         "_COUNT_PASS": "pallas", "COUNTER_INIT": "const"}),
-                     ("sidco counts 16", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16}),
-                     ("sidco counts 16 fpass", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16, "_COUNT_PASS": "pallas"}),
-                     ("sidco counts 16 fpass pwrite", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16,
-                                                       "_COUNT_PASS": "pallas", "_OUT_WRITE": "pallas"}),
-                     ("sidco per tensor counts 16 fpass", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16,
-                                                           "_COUNT_PASS": "pallas"}))
-    sidco_cases += (("sidco counts 16 fpass, counters behind a barrier", {
-        "_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16, "_COUNT_PASS": "pallas", "COUNTER_INIT": "barrier"}),)
+    fp = {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16, "_COUNT_PASS": "pallas", "_COUNT_PASS_ON_GPU": True}
+    sidco_cases = (("sidco counts 16 fpass, zero-constant counters", {**fp, "COUNTER_INIT": "const"}),
+                   ("sidco counts 16", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16}),
+                   ("sidco counts 16 fpass", fp),
+                   ("sidco counts 16 fpass pwrite", {**fp, "_OUT_WRITE": "pallas"}),
+                   ("sidco per tensor counts 16 fpass", fp),
+                   ("sidco counts 16 fpass, counters behind a barrier", {**fp, "COUNTER_INIT": "barrier"}))
     if args.quick:
       sidco_cases = sidco_cases[:1] + sidco_cases[2:3] + sidco_cases[4:5]
     for name, sw in sidco_cases:

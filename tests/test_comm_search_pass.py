@@ -181,3 +181,18 @@ def test_zero_counters_every_init_same_search(monkeypatch):
   monkeypatch.setattr(pp, "COUNTER_INIT", "zeros")
   with pytest.raises(ValueError, match="COUNTER_INIT"):
     pp._zero_counters(4, jnp.zeros(3, jnp.int32))
+
+
+def test_one_kernel_per_pass_refused_on_a_gpu_until_checked(monkeypatch):
+  """On a GPU the switch gave another answer than the XLA passes (session 34): refused by name unless
+  ``_COUNT_PASS_ON_GPU`` is set (the device check); the XLA passes and the interpreter are unaffected."""
+  monkeypatch.setattr(sp, "_COUNT_PASS", "pallas")
+  assert sp._count_pass_mode(jnp.ones(8)) == (True, True)          # (CPU: the interpreter)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="_COUNT_PASS_ON_GPU"):
+    sp._count_pass_mode(jnp.ones(8))
+  monkeypatch.setattr(sp, "_COUNT_PASS_ON_GPU", True)
+  assert sp._count_pass_mode(jnp.ones(8)) == (True, False)
+  monkeypatch.setattr(sp, "_COUNT_PASS", "xla")
+  monkeypatch.setattr(sp, "_COUNT_PASS_ON_GPU", False)
+  assert sp._count_pass_mode(jnp.ones(8)) == (False, False)
