@@ -161,6 +161,20 @@ def _flags(ap):
                        "search's count, skip/noskip = sparse._COUNT_SKIP; with two only: gather/concat = sparse._FLATTEN")
 
 
+def _selected(names: list[str], only: list[str]) -> list[str]:
+  """The rows to run, in order: every name starting with one of the prefixes ``only`` (all when empty), and the
+  default row of every variant among them (``X [tokens]`` needs ``X``), so that each variant's loop is compared with
+  its default bitwise (session 34: switch rows run without their default row timed a different answer unnoticed).
+
+  >>> _selected(["topk(0.001)", "sidco(0.001)", "sidco(0.001, per_tensor=True)", "sidco(0.001) [counts]"],
+  ...           ["topk", "sidco(0.001) ["])
+  ['topk(0.001)', 'sidco(0.001)', 'sidco(0.001) [counts]']
+  """
+  picked = [n for n in names if not only or any(n.startswith(o) for o in only)]
+  need = {n.split(" [")[0] for n in picked if " [" in n}
+  return [n for n in names if n in picked or n in need]
+
+
 def _variant_rows(spec: str, suffix: str = "") -> list[tuple[str, bool]]:
   """``(row name, per tensor)`` of every variant in the comma-separated ``spec`` (``--variants``,
   ``--flat_variants``): ``sidco(0.001<suffix>) [v]`` and its per-tensor twin, only the first with a leading '-',
@@ -469,6 +483,7 @@ def main():
       lambda x, st: (jax.lax.approx_max_k(jnp.abs(x), k, recall_target=0.95)[1], st), "flat", None)
   rows_spec["tree error-feedback pass"] = (ef_pass, "residual", None)
   only = [s for s in args.only.split(";" if ";" in args.only else ",") if s]
+  run_names = set(_selected(list(rows_spec), only))
   rows, ref_first, ref_loop = [], {}, {}
   search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
   exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
@@ -480,7 +495,7 @@ def main():
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
-    if only and not any(name.startswith(o) for o in only):
+    if name not in run_names:
       continue
     if time.perf_counter() - t_start > args.budget_s:
       print(f"budget reached: skipping {name}", flush=True)
@@ -590,6 +605,8 @@ def main():
         row["loop_arrays_differing"] = [len(same) - sum(same), len(same)]   # (outputs and state arrays)
       elif name.startswith(("sidco", "topk", "chain")):
         ref_loop[name] = res
+      if " [" in name and not name.startswith("fast") and "loop_same_as_default" not in row:
+        row["loop_same_as_default"] = None   # (its default row did not run: not checked)
       if kind not in ("flat", "residual", None) and not args.no_wall and hasattr(res[0], "density"):
         st_end = res[0]
         row["density"] = float(st_end.density)
