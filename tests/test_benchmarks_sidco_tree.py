@@ -291,3 +291,15 @@ def test_quoted_h100_session34_training_step():
   assert [round(rows[r]["busy_vs_topk"], 2) for r in ("sidco", "sidco_pt", "sidco_counts_fpass_w16")] == [
       4.78, 3.92, 4.66]
   assert [round(x * 1e3, 3) for x in rows["sidco"]["overhead_s_iqr"]] == [0.011, 0.045]
+
+
+def test_every_selected_variant_runs_with_its_default_row():
+  """--only picks rows by prefix; a variant's default row is added so that its loop is compared bitwise (and only
+  that row: a prefix would also pick the flat-state twins)."""
+  names = ["topk(0.001)", "sidco(0.001)", "sidco(0.001, per_tensor=True)",
+           "sidco(0.001, per_tensor=True, flat_state=True)", "sidco(0.001) [counts 16]",
+           "sidco(0.001, per_tensor=True) [counts 16]", "tree copy"]
+  assert st._selected(names, ["topk", "sidco(0.001, per_tensor=True) ["]) == [
+      "topk(0.001)", "sidco(0.001, per_tensor=True)", "sidco(0.001, per_tensor=True) [counts 16]"]
+  assert st._selected(names, []) == names
+  assert st._selected(names, ["tree"]) == ["tree copy"]
