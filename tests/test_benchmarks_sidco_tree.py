@@ -224,7 +224,8 @@ def test_quoted_h200_session33_update_alone():
   docs/comm.md quote them: the switch row (counting search + Pallas writer, 48-leaf kernels then) at 3.22-3.24x
   ``topk``; smaller sum kernels (24 leaves), wider writer kernels (96) and one kernel per counting pass each
   faster, together 3.51x (faster than XLA's bare error-feedback pass, 3.17x); per tensor the first segmented pass
-  kernel slower; the group sizes each row ran with recorded."""
+  kernel slower; the group sizes each row ran with recorded. (The rows with one kernel per counting pass are quoted
+  as withdrawn since session 34, which found that switch's answer different from the default's on the device.)"""
   a, b = (_rows(f"sidco_tree_h200_s33{x}.json")[0] for x in "ab")
   ms = lambda r, m: round(r[m]["single_device_s"] * 1e3, 4)
   x = lambda r, m: round(r["topk(0.001)"]["single_device_s"] / r[m]["single_device_s"], 2)
