@@ -15,7 +15,8 @@ block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_p
 with a suffix ``_w<N>``, e.g. ``sidco_pt_flat_counts_w32``: traced with ``sparse._SEARCH_WAYS = N``, the counting
 search's thresholds per pass, default 8; ``_fpass``: one Pallas kernel per counting pass, ``sparse._COUNT_PASS =
 "pallas"``; ``_pwrite`` / ``_pwriter``: the Pallas leaf writer, ``sparse._OUT_WRITE = "pallas"`` / ``"pallas_res"``
-(residuals only, in place), e.g. ``sidco_counts_fpass_pwrite_w16``; these suffixes before ``_w<N>``), each ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
+(residuals only, in place), e.g. ``sidco_counts_fpass_pwrite_w16``; these suffixes before ``_w<N>``), each
+``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
 ``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
 ``optax.flatten(optax.adam(1e-3))`` (Adam's moments as two buffers) and ``sidco_flat_adam_flat``: both;
 ``topk_flat``: ``topk(..., flat_state=True)``; ``sidco_flat_dus`` / ``sidco_pt_flat_dus`` /

@@ -15,7 +15,8 @@ Rows (all in the same run):
   counts (since session 10; no sort, no conditional) and writes the error-compensated buffer in place, ``dus``,
   into a zero fill of its own), the transform the package exports, and
   ``--variants`` of them (module switches of :mod:`mlsys_jax.comm.sparse`), each checked bitwise equal over
-  the whole loop to the row without brackets (``loop_same_as_default``). The default variants are the path
+  the whole loop to the row without brackets (``loop_same_as_default``; that row runs whenever one of its
+  variants does, ``--only`` or not). The default variants are the path
   before session 9, ``[bits fit notrimskip two]`` (the fit first, the 8-way bit search on the steps where it
   missed, the trim's sort on every step, two concatenations), flat and per tensor: the same-run comparison;
 - with ``--chain``, the step a user runs: ``optax.adam(1e-3)`` alone and ``optax.chain(<compressor>, adam)``;
