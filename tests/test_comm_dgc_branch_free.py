@@ -54,8 +54,9 @@ def _same(a, b):
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(per_tensor=True), dict(exact=True), dict(flat_state=True)],
-                         ids=["flat", "per_tensor", "exact", "flat_state"])
+@pytest.mark.parametrize("kw", [dict(), dict(per_tensor=True), pytest.param(dict(exact=True), marks=pytest.mark.slow),
+                                pytest.param(dict(flat_state=True), marks=pytest.mark.slow)],
+                         ids=["flat", "per_tensor", "exact", "flat_state"])   # (exact, flat_state: slow suite, ~5 s)
 def test_where_equals_cond_bitwise(kw, monkeypatch):
   (cond_out, cond_hlo), (where_out, where_hlo) = (_run(m, monkeypatch, **kw) for m in ("cond", "where"))
   assert len(re.findall(r"\bconditional\(", cond_hlo)) >= 1

@@ -23,8 +23,10 @@ def _xla_search(x, k, ways):
   return sp._search_bits(ok, top[None], keep_low=True, ways=ways)[0], top
 
 
-@pytest.mark.parametrize("n,k,ways", [(3 * pp.PASS_CHUNK + 77, 500, 16), (5000, 7, 8), (20000, 1, 16),
-                                      (9000, 9000, 16), (9000, 12000, 16), (64, 3, 4), (pp.PASS_CHUNK, 40, 32)])
+@pytest.mark.parametrize("n,k,ways", [(3 * pp.PASS_CHUNK + 77, 500, 16), (5000, 7, 8),
+                                      pytest.param(20000, 1, 16, marks=pytest.mark.slow),   # (~5 s in the slow suite)
+                                      (9000, 9000, 16), (9000, 12000, 16), (64, 3, 4),
+                                      pytest.param(pp.PASS_CHUNK, 40, 32, marks=pytest.mark.slow)])
 def test_search_bits_is_the_xla_search(n, k, ways):
   """The largest threshold with at least k entries above it: the XLA search's bits, with zeros, ties, a NaN
   (never counted), k = 1, k = n and k above the positives (0); one program or several, a ragged last one."""

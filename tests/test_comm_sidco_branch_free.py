@@ -58,11 +58,13 @@ def _host_round_trips(hlo: str) -> tuple[int, int]:
   return conds, unknown
 
 
-@pytest.mark.parametrize("kw,ceiling", [(dict(adapt_every=2), "search"), (dict(per_tensor=True, adapt_every=2), "search"),
-                                        (dict(flat_state=True, capacity_factor=1.1, adapt_every=2), "blocks"),
-                                        (dict(capacity_factor=1.2, max_fraction=1.0, min_fraction=0.5, adapt_every=2),
-                                         "blocks")],
-                         ids=["tree", "per_tensor", "flat_blocks", "tight_blocks"])
+@pytest.mark.parametrize("kw,ceiling", [   # (the flat-state and the tight ceiling: slow suite, ~7 s)
+    pytest.param(dict(adapt_every=2), "search", id="tree"),
+    pytest.param(dict(per_tensor=True, adapt_every=2), "search", id="per_tensor"),
+    pytest.param(dict(flat_state=True, capacity_factor=1.1, adapt_every=2), "blocks", id="flat_blocks",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(capacity_factor=1.2, max_fraction=1.0, min_fraction=0.5, adapt_every=2), "blocks",
+                 id="tight_blocks", marks=pytest.mark.slow)])
 def test_where_equals_cond_bitwise(kw, ceiling, monkeypatch):
   """The cond path with the ceiling's bit search (the CPU default) against the branch-free path (the GPU default),
   with the ceiling's search (the default) or its block select (an option, ``_CEILING = "blocks"``)."""

@@ -98,9 +98,10 @@ def _steps(make, flat_state: bool):
   return res
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(per_tensor=True), dict(flat_state=True),
-                                dict(per_tensor=True, flat_state=True), dict(exact=False, per_tensor=True),
-                                dict(momentum=0.9, per_tensor=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(per_tensor=True), dict(flat_state=True),   # (three forms slow, ~8 s)
+                                pytest.param(dict(per_tensor=True, flat_state=True), marks=pytest.mark.slow),
+                                pytest.param(dict(exact=False, per_tensor=True), marks=pytest.mark.slow),
+                                pytest.param(dict(momentum=0.9, per_tensor=True), marks=pytest.mark.slow)])
 def test_sidco_with_the_sum_kernel_is_bitwise_the_xla_build(kw, monkeypatch):
   """sidco (tree or flat residual, one threshold or per tensor, exact or the estimator) with the buffer and
   statistics from the sum kernel: updates and states bitwise those of the XLA build, over a NaN step and a

@@ -252,7 +252,9 @@ def _triton_ops(f, *args):
     pytest.skip(f"cannot lower the Pallas call for CUDA here: {e!r:.200}")
 
 
-@pytest.mark.parametrize("draw", ["take", "popc", "popcx", "lean", "leanf"])
+@pytest.mark.parametrize("draw", [pytest.param("take", marks=pytest.mark.slow), "popc",   # (popc: the default;
+                                  pytest.param("popcx", marks=pytest.mark.slow), "lean",   # the others slow, ~9 s)
+                                  pytest.param("leanf", marks=pytest.mark.slow)])
 def test_binomial_kernel_lowers_without_uint32_ctpop(draw):
   """The compiled kernel must not contain ``math.ctpop`` (what Pallas makes of a uint32 population_count;
   Triton rejects it, which kept the session-7 'popc' kernels from compiling on the H200): every popcount
