@@ -46,7 +46,7 @@ def _xla_search(x_rows, row_seg, k, top, ways):
   return sp._search_bits(ok, top, keep_low=True, ways=ways)
 
 
-def _passes(fn, x, bounds, ways, interpret):
+def _passes(x, bounds, ways, interpret):
   """Every pass's counters of the one-segment kernel chain (list of arrays)."""
   passes = pp.search_passes(ways)
   c = jnp.zeros((passes * ways,), jnp.int32)
@@ -60,17 +60,15 @@ def _passes(fn, x, bounds, ways, interpret):
 def _case_one(name, x, k, lo_bits, ways, gpu):
   top = jnp.asarray(_bits(jnp.max(x) * 2 + 1e-30)[0], jnp.int32)
   row = {"case": name, "n": int(x.shape[0]), "k": int(k), "ways": ways}
-  xla = _xla_search(x.reshape(-1, 64) if x.shape[0] % 64 == 0 else x[:, None], jnp.zeros(
-      (x.shape[0] // 64 if x.shape[0] % 64 == 0 else x.shape[0],), jnp.int32), jnp.asarray([k], jnp.int32),
-      top[None], ways)
+  xla = _xla_search(x[:, None], jnp.zeros(x.shape, jnp.int32), jnp.asarray([k], jnp.int32), top[None], ways)
   row["xla_bits"] = _bits(xla)
   bounds = jnp.stack([jnp.asarray(lo_bits, jnp.int32), top, jnp.asarray(k, jnp.int32)])
   row["interpret_bits"] = _bits(pp.search_bits(x, k, top, lo_bits, ways=ways, interpret=True))
-  ci = _passes(pp.search_pass, x, bounds, ways, True)
+  ci = _passes(x, bounds, ways, True)
   if gpu:
     try:
       row["compiled_bits"] = _bits(pp.search_bits(x, k, top, lo_bits, ways=ways, interpret=False))
-      cg = _passes(pp.search_pass, x, bounds, ways, False)
+      cg = _passes(x, bounds, ways, False)
       diff = [j for j in range(len(ci)) if ci[j] != cg[j]]
       row["first_pass_differing"] = diff[0] if diff else None
       if diff:
@@ -157,7 +155,7 @@ def main(argv=None):
     rows_out.append(r)
     print(r["case"], "same" if r["same"] else "DIFFERENT", {q: r[q] for q in r if q.endswith("bits") or "pass" in q
                                                                or q == "error"}, flush=True)
-  for init in ("const", "barrier", "data") if gpu else ():   # two searches in one jitted program (zero counters of one shape)
+  for init in ("const", "data") if gpu else ():   # two searches in one jitted program (zero counters of one shape)
     pp.COUNTER_INIT = init
     both = jax.jit(lambda a, b: (pp.search_bits(a, k, _bits(jnp.max(a) * 2)[0], ways=16),
                                  pp.search_bits(b, k, _bits(jnp.max(b) * 2)[0], ways=16)))
@@ -190,8 +188,7 @@ def main(argv=None):
                    ("sidco counts 16", {"_EXACT_SEARCH": "counts", "_SEARCH_WAYS": 16}),
                    ("sidco counts 16 fpass", fp),
                    ("sidco counts 16 fpass pwrite", {**fp, "_OUT_WRITE": "pallas"}),
-                   ("sidco per tensor counts 16 fpass", fp),
-                   ("sidco counts 16 fpass, counters behind a barrier", {**fp, "COUNTER_INIT": "barrier"}))
+                   ("sidco per tensor counts 16 fpass", fp))
     if args.quick:
       sidco_cases = sidco_cases[:1] + sidco_cases[2:3] + sidco_cases[4:5]
     for name, sw in sidco_cases:

@@ -166,13 +166,13 @@ def test_one_kernel_per_pass_under_vmap(monkeypatch):
 
 
 def test_zero_counters_every_init_same_search(monkeypatch):
-  """The counters' zero init (``_pallas_pack.COUNTER_INIT``: computed from the bounds, behind a barrier, or a
-  constant) never changes the answer; a computed init is zero for every k (negative, zero, positive) and an
+  """The counters' zero init (``_pallas_pack.COUNTER_INIT``: computed from the bounds, or a constant) never changes
+  the answer; a computed init is zero for every k (negative, zero, positive) and an
   unknown init is refused by name."""
   x = jnp.asarray(np.abs(np.random.default_rng(0).standard_normal(5000)), jnp.float32)
   top = jax.lax.bitcast_convert_type(jnp.max(x), jnp.int32)
   got = set()
-  for init in ("data", "barrier", "const"):
+  for init in ("data", "const"):
     monkeypatch.setattr(pp, "COUNTER_INIT", init)
     got.add(int(bits(jax.jit(lambda x: pp.search_bits(x, 37, top, ways=16, interpret=True))(x))))
   assert len(got) == 1 and got == {int(bits(_xla_search(x, 37, 16)[0]))}

@@ -447,9 +447,9 @@ def _check_bounds(ways: int, bounds: jax.Array, shape: tuple):
 
 
 COUNTER_INIT = "data"   # the zero counters of one search: "data" (a broadcast of a zero computed from the search's
-                        # bounds: a buffer of its own, written by a kernel each call), "barrier" (a zero constant
-                        # behind an optimization barrier with the bounds) or "const" (a zero constant, which XLA may
-                        # share between two searches of one program; the pass kernels add into it in place)
+                        # bounds: a buffer of its own, written by a kernel each call) or "const" (a zero constant,
+                        # which XLA may share between two searches of one program; the pass kernels add into it in
+                        # place; kept for benchmarks/search_pass_check.py)
 
 
 def _zero_counters(size: int, bounds: jax.Array) -> jax.Array:
@@ -457,15 +457,22 @@ def _zero_counters(size: int, bounds: jax.Array) -> jax.Array:
   (:data:`COUNTER_INIT`) computed from the search's ``bounds`` (``k < 0 and k > 0``, false for every ``k``, which
   XLA cannot fold), so that no two searches of one program, nor two iterations of a loop, are handed one zero
   constant to write into."""
-  if COUNTER_INIT not in ("data", "barrier", "const"):
-    raise ValueError(f"COUNTER_INIT must be 'data', 'barrier' or 'const', got {COUNTER_INIT!r}.")
-  if COUNTER_INIT == "data":
-    k = bounds.reshape(-1)[-1]
-    return jnp.broadcast_to(((k < 0) & (k > 0)).astype(jnp.int32), (size,))
-  z = jnp.zeros((size,), jnp.int32)
+  if COUNTER_INIT not in ("data", "const"):
+    raise ValueError(f"COUNTER_INIT must be 'data' or 'const', got {COUNTER_INIT!r}.")
   if COUNTER_INIT == "const":
-    return z
-  return jax.lax.optimization_barrier((z, bounds))[0]
+    return jnp.zeros((size,), jnp.int32)
+  k = bounds.reshape(-1)[-1]
+  return jnp.broadcast_to(((k < 0) & (k > 0)).astype(jnp.int32), (size,))
+
+
+def _check_counters(counters: jax.Array, span: int, what: str, j: int | None = None):
+  """Refuse a search's bad ``counters``: int32, 1-D, whole passes of ``span`` counters (``what`` names the shape),
+  holding pass ``j`` when given."""
+  passes = counters.shape[0] // span if counters.ndim == 1 and span else 0
+  if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % span or not passes or \
+     (j is not None and not 0 <= j < passes):
+    among = "" if j is None else f" with pass {j} among them"
+    raise ValueError(f"counters must be int32 ({what},){among}, got {counters.dtype}{tuple(counters.shape)}.")
 
 
 def search_pass(x: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *, ways: int,
@@ -488,9 +495,7 @@ def search_pass(x: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *,
   if x.ndim != 1 or x.dtype != jnp.float32:
     raise ValueError(f"search_pass needs a 1-D float32 array, got {x.dtype}{tuple(x.shape)}.")
   _check_bounds(ways, bounds, (3,))
-  if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % ways or not 0 <= j < counters.shape[0] // ways:
-    raise ValueError(f"counters must be int32 (passes * {ways},) with pass {j} among them, got "
-                     f"{counters.dtype}{tuple(counters.shape)}.")
+  _check_counters(counters, ways, f"passes * {ways}", j)
   progs = max(1, -(-n // PASS_CHUNK))
   i32 = jnp.int32
 
@@ -537,8 +542,7 @@ def search_finish(bounds: jax.Array, counters: jax.Array, *, ways: int, interpre
   single-program kernel (the passes' replay). In XLA the replay is two small reductions per pass, ~1.2 us each on
   an H200, ~10 us a search."""
   _check_bounds(ways, bounds, (3,))
-  if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % ways or not counters.shape[0]:
-    raise ValueError(f"counters must be int32 (passes * {ways},), got {counters.dtype}{tuple(counters.shape)}.")
+  _check_counters(counters, ways, f"passes * {ways}")
   passes = counters.shape[0] // ways
 
   def kernel(b_ref, c_ref, o_ref):
@@ -584,11 +588,7 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
     raise ValueError(f"row_seg must hold one integer segment per row ({nr},), got "
                      f"{row_seg.dtype}{tuple(row_seg.shape)}.")
   ns = bounds.shape[1]
-  span = (ns + 1) * ways
-  if counters.dtype != jnp.int32 or counters.ndim != 1 or counters.shape[0] % span or \
-     not 0 <= j < counters.shape[0] // span:
-    raise ValueError(f"counters must be int32 (passes * ({ns} + 1) * {ways},) with pass {j} among them, got "
-                     f"{counters.dtype}{tuple(counters.shape)}.")
+  _check_counters(counters, (ns + 1) * ways, f"passes * ({ns} + 1) * {ways}", j)
   progs = max(1, -(-nr // SEG_ROWS))
   i32 = jnp.int32
   interp = _interpreting(interpret)
