@@ -157,11 +157,11 @@ def main(argv=None):
                                                                or q == "error"}, flush=True)
   for init in ("const", "data") if gpu else ():   # two searches in one jitted program (zero counters of one shape)
     pp.COUNTER_INIT = init
-    both = jax.jit(lambda a, b: (pp.search_bits(a, k, _bits(jnp.max(a) * 2)[0], ways=16),
-                                 pp.search_bits(b, k, _bits(jnp.max(b) * 2)[0], ways=16)))
+    tops = [_bits(jnp.max(x) * 2)[0] for x in (bm, cand)]   # (top bits found outside the jitted program)
+    both = jax.jit(lambda a, b: (pp.search_bits(a, k, tops[0], ways=16), pp.search_bits(b, k, tops[1], ways=16)))
     try:
       ta, tb = both(bm, cand)
-      alone = [_bits(pp.search_bits(x, k, _bits(jnp.max(x) * 2)[0], ways=16))[0] for x in (bm, cand)]
+      alone = [_bits(pp.search_bits(x, k, t, ways=16))[0] for x, t in zip((bm, cand), tops)]
       r = {"case": f"two searches in one program, counters {init}", "one_program_bits": _bits(ta) + _bits(tb),
            "alone_bits": alone}
       r["same"] = r["one_program_bits"] == alone

@@ -198,3 +198,31 @@ def test_one_kernel_per_pass_refused_on_a_gpu_until_checked(monkeypatch):
   monkeypatch.setattr(sp, "_COUNT_PASS", "xla")
   monkeypatch.setattr(sp, "_COUNT_PASS_ON_GPU", False)
   assert sp._count_pass_mode(jnp.ones(8)) == (False, False)
+
+
+def _triton_ir(fn, *args, capfd) -> str:
+  """The Triton IR Pallas prints for ``fn``'s kernels, lowered for CUDA on this (CPU) host."""
+  import functools
+  monkey = functools.partial(pp.pl.pallas_call, debug=True)
+  orig, pp.pl.pallas_call = pp.pl.pallas_call, monkey
+  try:
+    capfd.readouterr()
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  finally:
+    pp.pl.pallas_call = orig
+  return capfd.readouterr().out
+
+
+def test_integer_atomics_lower_to_an_integer_add(capfd):
+  """Both pass kernels add their int32 counts with ``tt.atomic_rmw add``. Session 35's device check found every
+  compiled count zero: ``plgpu.atomic_add`` of an int32 vector lowers to ``fadd`` (the counts' bits added as
+  floats), which the interpreter, the only place the CPU tests run the kernels, does not show."""
+  b1 = jnp.asarray([0, 2**30, 100], jnp.int32)
+  one = _triton_ir(lambda x, b, c: pp.search_pass(x, b, c, 1, ways=16, interpret=False),
+                   jnp.ones((8192,), jnp.float32), b1, jnp.zeros((8 * 16,), jnp.int32), capfd=capfd)
+  seg = _triton_ir(lambda r, s, b, c: pp.seg_search_pass(r, s, b, c, 1, ways=16, interpret=False),
+                   jnp.ones((64, 64), jnp.float32), jnp.zeros((64,), jnp.int32), jnp.zeros((3, 5), jnp.int32),
+                   jnp.zeros((8 * 6 * 16,), jnp.int32), capfd=capfd)
+  for name, ir in (("search_pass", one), ("seg_search_pass", seg)):
+    ops = [ln.split("tt.atomic_rmw", 1)[1].split(",")[0].strip() for ln in ir.splitlines() if "tt.atomic_rmw" in ln]
+    assert ops == ["add"], (name, ops)

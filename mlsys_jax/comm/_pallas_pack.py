@@ -475,6 +475,19 @@ def _check_counters(counters: jax.Array, span: int, what: str, j: int | None = N
     raise ValueError(f"counters must be int32 ({what},){among}, got {counters.dtype}{tuple(counters.shape)}.")
 
 
+def _add_counts(c_ref, idx: jax.Array, counts: jax.Array):
+  """``c_ref[idx] += counts`` for int32 ``counts`` from many programs at once: integer atomic adds on the GPU
+  (exact in any order), a scatter-add in the interpreter (repeated addresses all add).
+
+  Not ``plgpu.atomic_add``: Pallas' Triton lowering (jax 0.10.2 and 0.11.2) picks the float add for it whenever
+  the value is a vector, integer or not (``tt.atomic_rmw fadd`` on int32 pointers: it tests the value's tensor type
+  for an integer type instead of its element type), so every count's bits were added as a float (a subnormal,
+  flushed to zero) and the counters stayed zero on the GPU while the interpreter counted right (issue 18, session
+  35). ``jax.ref.addupdate`` lowers to ``tt.atomic_rmw add`` for integer elements
+  (``tests/test_comm_search_pass.py::test_integer_atomics_lower_to_an_integer_add``)."""
+  jax.ref.addupdate(c_ref, (idx,), counts)
+
+
 def search_pass(x: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *, ways: int,
                 interpret: bool | None = None) -> jax.Array:
   """Pass ``j`` of SIDCo's W-way threshold search over a 1-D float32 ``x`` (non-negative: magnitudes or
@@ -515,7 +528,7 @@ def search_pass(x: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *,
         return acc + jnp.sum((v[:, None] > thr[None, :]).astype(i32), axis=0)
 
       acc = jax.lax.fori_loop(0, PASS_CHUNK // PASS_STEP, body, jnp.zeros((ways,), i32))
-      plgpu.atomic_add(c_ref, j * ways + jw, acc)
+      _add_counts(c_ref, j * ways + jw, acc)
 
   return _call(kernel, jax.ShapeDtypeStruct(counters.shape, i32), (progs,), interpret, PASS_WARPS,
                input_output_aliases={2: 0}, name=f"search_pass_{j}")(x, bounds, counters)
@@ -572,10 +585,9 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
   per-segment totals of the earlier passes. Each program takes ``SEG_ROWS`` rows (none of them read once all
   their segments' bounds have closed), replays every row's segment bounds from ``(lo, top)`` through those totals,
   counts the row's entries above its segment's ``W`` thresholds, sums the counts of its rows of one segment and
-  adds each sum to that segment's counters with integer atomics (exact in any order: the answer is
-  :func:`mlsys_jax.comm.sparse._search_bits`' with the segmented count, bit for bit); its other rows, and rows past
-  the end, add nothing (masked; in the interpreter, which masks no atomic, they add into the spare segment), so
-  no atomic of one program hits an address twice. In XLA a pass is a
+  adds each sum to that segment's counters with integer atomics (:func:`_add_counts`; exact in any order: the
+  answer is :func:`mlsys_jax.comm.sparse._search_bits`' with the segmented count, bit for bit); the segment's other
+  rows add zeros at the same address, rows past the end zeros into the spare segment. In XLA a pass is a
   compare-and-sum with a gathered threshold per row, a cumulative sum over the rows and three small kernels. NaN
   entries never count; zero rows (padding) never count (every threshold is positive)."""
   if rows.ndim != 2 or rows.dtype != jnp.float32:
@@ -591,7 +603,6 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
   _check_counters(counters, (ns + 1) * ways, f"passes * ({ns} + 1) * {ways}", j)
   progs = max(1, -(-nr // SEG_ROWS))
   i32 = jnp.int32
-  interp = _interpreting(interpret)
 
   def kernel(x_ref, seg_ref, b_ref, c_in_ref, c_ref):
     i = pl.program_id(0)
@@ -618,12 +629,9 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
       same = seg[:, None] == seg[None, :]                                                # (rows, rows)
       tot = jnp.sum(jnp.where(same[:, :, None], acc[None, :, :], 0), axis=1)             # (rows, W)
       first = jnp.sum((same & (r[None, :] < r[:, None])).astype(i32), axis=1) == 0
-      if interp:   # (the interpreter masks no atomic: the other rows add into the spare segment)
-        dest = jnp.where(first, seg, ns)
-        plgpu.atomic_add(c_ref, (j * (ns + 1) + dest)[:, None] * ways + jw[None, :], tot)
-      else:        # (on the GPU a spare row that every program hits would serialize the atomics)
-        plgpu.atomic_add(c_ref, (j * (ns + 1) + seg)[:, None] * ways + jw[None, :], tot,
-                         mask=jnp.broadcast_to((first & (seg < ns))[:, None], tot.shape))
+      # (the first row of each segment adds the sum; the segment's other rows add zeros at the same address, and
+      # rows past the end zeros into the spare segment: no spare address that every program hits)
+      _add_counts(c_ref, (j * (ns + 1) + seg)[:, None] * ways + jw[None, :], jnp.where(first[:, None], tot, 0))
 
   return _call(kernel, jax.ShapeDtypeStruct(counters.shape, i32), (progs,), interpret, PASS_WARPS,
                input_output_aliases={3: 0}, name=f"seg_search_pass_{j}")(
