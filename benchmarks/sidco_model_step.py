@@ -235,7 +235,6 @@ def _switches(row: str) -> dict:
   return {"_SEARCH_WAYS": ways or sp._SEARCH_WAYS,
           "_EXACT_SEARCH": "counts" if "_counts" in row else sp._EXACT_SEARCH,
           "_COUNT_PASS": "pallas" if "_fpass" in row else sp._COUNT_PASS,
-          "_COUNT_PASS_ON_GPU": "_fpass" in row or sp._COUNT_PASS_ON_GPU,
           "_OUT_WRITE": "pallas_res" if "_pwriter" in row else "pallas" if "_pwrite" in row else sp._OUT_WRITE,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
           "_SUM_BUILD": "pallas" if "_pbuild" in row else "xla" if "_xbuild" in row else sp._SUM_BUILD,

@@ -510,7 +510,7 @@ def main():
     sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD = kthkeys0, write0, fbuild0, sbuild0
     sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP = sgroup0, wgroup0
     sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS, sp._pallas_pack.WRITE_TILE = kernel0
-    sp._COUNT_PASS, sp._COUNT_PASS_ON_GPU = cpass0, False
+    sp._COUNT_PASS = cpass0
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)
@@ -554,7 +554,6 @@ def main():
         sp._pallas_pack.WRITE_TILE = int(tok[2:])
       elif tok in ("fpass", "xpass"):
         sp._COUNT_PASS = "pallas" if tok == "fpass" else "xla"
-        sp._COUNT_PASS_ON_GPU = tok == "fpass"   # (refused on a GPU otherwise; the loop check compares it)
       elif tok in ("blocks", "counts", "bits"):
         sp._EXACT_SEARCH = tok
       elif tok in ("fit", "nofit"):

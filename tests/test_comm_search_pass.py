@@ -121,7 +121,8 @@ def _steps(tx, nan_step: bool = True):
   return res
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(flat_state=True), pytest.param(dict(ratio=0.3), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kw", [dict(), pytest.param(dict(flat_state=True), marks=pytest.mark.slow),   # (the same
+                                pytest.param(dict(ratio=0.3), marks=pytest.mark.slow)])           # search, ~8 s)
 def test_sidco_with_one_kernel_per_pass_is_bitwise_the_xla_passes_and_the_block_select(kw, monkeypatch):
   """sidco (tree or flat residual; one segment) with the counting search's passes as kernels: updates and
   states bitwise those of the block select (the default, which the XLA passes equal), over a NaN step and a step
@@ -165,38 +166,22 @@ def test_one_kernel_per_pass_under_vmap(monkeypatch):
     sp._count_pass_mode(jnp.ones(8))
 
 
-def test_zero_counters_every_init_same_search(monkeypatch):
-  """The counters' zero init (``_pallas_pack.COUNTER_INIT``: computed from the bounds, or a constant) never changes
-  the answer; a computed init is zero for every k (negative, zero, positive) and an
-  unknown init is refused by name."""
-  x = jnp.asarray(np.abs(np.random.default_rng(0).standard_normal(5000)), jnp.float32)
-  top = jax.lax.bitcast_convert_type(jnp.max(x), jnp.int32)
-  got = set()
-  for init in ("data", "const"):
-    monkeypatch.setattr(pp, "COUNTER_INIT", init)
-    got.add(int(bits(jax.jit(lambda x: pp.search_bits(x, 37, top, ways=16, interpret=True))(x))))
-  assert len(got) == 1 and got == {int(bits(_xla_search(x, 37, 16)[0]))}
-  monkeypatch.setattr(pp, "COUNTER_INIT", "data")
+def test_zero_counters_are_zero_for_every_k():
+  """The counters' zero init is computed from the bounds (not folded to a constant): zero for every k (negative,
+  zero, positive)."""
   for k in (-5, 0, 7):
     z = jax.jit(lambda b: pp._zero_counters(12, b))(jnp.asarray([0, 9, k], jnp.int32))
     assert z.dtype == jnp.int32 and z.shape == (12,) and not np.any(np.asarray(z))
-  monkeypatch.setattr(pp, "COUNTER_INIT", "zeros")
-  with pytest.raises(ValueError, match="COUNTER_INIT"):
-    pp._zero_counters(4, jnp.zeros(3, jnp.int32))
 
 
-def test_one_kernel_per_pass_refused_on_a_gpu_until_checked(monkeypatch):
-  """On a GPU the switch gave another answer than the XLA passes (session 34): refused by name unless
-  ``_COUNT_PASS_ON_GPU`` is set (the device check); the XLA passes and the interpreter are unaffected."""
+def test_one_kernel_per_pass_compiled_on_a_gpu_interpreted_elsewhere(monkeypatch):
+  """The switch runs the compiled kernels on a GPU (checked there in session 35; session 34's refusal removed) and
+  the interpreter elsewhere; the XLA passes are unaffected."""
   monkeypatch.setattr(sp, "_COUNT_PASS", "pallas")
   assert sp._count_pass_mode(jnp.ones(8)) == (True, True)          # (CPU: the interpreter)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  with pytest.raises(ValueError, match="_COUNT_PASS_ON_GPU"):
-    sp._count_pass_mode(jnp.ones(8))
-  monkeypatch.setattr(sp, "_COUNT_PASS_ON_GPU", True)
   assert sp._count_pass_mode(jnp.ones(8)) == (True, False)
   monkeypatch.setattr(sp, "_COUNT_PASS", "xla")
-  monkeypatch.setattr(sp, "_COUNT_PASS_ON_GPU", False)
   assert sp._count_pass_mode(jnp.ones(8)) == (False, False)
 
 

@@ -446,21 +446,11 @@ def _check_bounds(ways: int, bounds: jax.Array, shape: tuple):
                      f"{bounds.dtype}{tuple(bounds.shape)}.")
 
 
-COUNTER_INIT = "data"   # the zero counters of one search: "data" (a broadcast of a zero computed from the search's
-                        # bounds: a buffer of its own, written by a kernel each call) or "const" (a zero constant,
-                        # which XLA may share between two searches of one program; the pass kernels add into it in
-                        # place; kept for benchmarks/search_pass_check.py)
-
-
 def _zero_counters(size: int, bounds: jax.Array) -> jax.Array:
-  """Zero int32 counters for one search's pass kernels, which add into them in place (aliased). By default
-  (:data:`COUNTER_INIT`) computed from the search's ``bounds`` (``k < 0 and k > 0``, false for every ``k``, which
-  XLA cannot fold), so that no two searches of one program, nor two iterations of a loop, are handed one zero
-  constant to write into."""
-  if COUNTER_INIT not in ("data", "const"):
-    raise ValueError(f"COUNTER_INIT must be 'data' or 'const', got {COUNTER_INIT!r}.")
-  if COUNTER_INIT == "const":
-    return jnp.zeros((size,), jnp.int32)
+  """Zero int32 counters for one search's pass kernels, which add into them in place (aliased): a broadcast of
+  ``k < 0 and k > 0`` (false for every ``k``, which XLA cannot fold) from the search's ``bounds``, a buffer of its
+  own written each call. (A zero constant gave the same answers on an H100, two searches in one program included:
+  ``benchmarks/results/search_pass_check_h100_s35b.json``; this form is the one timed.)"""
   k = bounds.reshape(-1)[-1]
   return jnp.broadcast_to(((k < 0) & (k > 0)).astype(jnp.int32), (size,))
 

@@ -1099,15 +1099,14 @@ def _search_ways(flat=None) -> int:
 # its sum (per segment: a cumulative sum over the rows) and the two bounds: four or more kernels) or "pallas"
 # (_pallas_pack.search_pass, per tensor seg_search_pass: one kernel per pass; its programs replay the bounds from
 # the earlier passes' totals and add their counts with integer atomics; the Pallas interpreter off GPU). The same
-# thresholds bitwise in the interpreter (the CPU tests), but NOT on the GPU as of session 34: on an H100 every
-# one-segment update with "pallas" differed from the default over a loop (255 of 331 arrays; cause not found, the
-# zero counters' init changed since, unverified; benchmarks/search_pass_check.py checks it on a device; docs/comm.md,
-# "Session 34"). So on a GPU "pallas" is refused unless _COUNT_PASS_ON_GPU is set (the device check and the
-# benchmark set it). Timed on an H200 (session 33, one segment): passes of 3.9-8.3 us where XLA's four kernels take
-# ~6-9. A switch, like _EXACT_SEARCH = "counts" which it serves: in the training step the counting search is no
-# faster (sessions 28, 34).
+# thresholds bitwise as "xla", in the interpreter (the CPU tests) and on an H100 (session 35: the search kernels
+# compiled, sidco flat and per tensor, and the ResNet-50 update over a loop, 0 of 331 arrays differing;
+# benchmarks/search_pass_check.py). Sessions 33-34's device rows added their counts with plgpu.atomic_add, which
+# lowers an int32 vector to a float add: every count was zero there (_pallas_pack._add_counts). One segment on an
+# H100 (session 35): the update with the counting search and the Pallas writer 0.496 -> 0.471 ms (78 kernels
+# against 122). A switch, like _EXACT_SEARCH = "counts" which it serves (the training step with it is untimed
+# since the fix).
 _COUNT_PASS = "xla"
-_COUNT_PASS_ON_GPU = False
 
 
 def _count_pass_mode(flat) -> tuple[bool, bool]:
@@ -1116,12 +1115,7 @@ def _count_pass_mode(flat) -> tuple[bool, bool]:
   check_choice("_COUNT_PASS", _COUNT_PASS, ("xla", "pallas"))
   if _COUNT_PASS == "xla" or not _pallas_pack.available() or _varying(flat):
     return False, False
-  on_gpu = jax.default_backend() == "gpu"
-  if on_gpu and not _COUNT_PASS_ON_GPU:
-    raise ValueError("sparse._COUNT_PASS = 'pallas' gave a different answer than the XLA passes on a GPU (session 34, "
-                     "docs/comm.md); use 'xla', or set sparse._COUNT_PASS_ON_GPU = True only to check it "
-                     "(benchmarks/search_pass_check.py).")
-  return True, not on_gpu
+  return True, jax.default_backend() != "gpu"
 
 
 def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
