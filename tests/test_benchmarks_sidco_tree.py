@@ -294,6 +294,32 @@ def test_quoted_h100_session34_training_step():
   assert [round(x * 1e3, 3) for x in rows["sidco"]["overhead_s_iqr"]] == [0.011, 0.045]
 
 
+def test_quoted_h100_session35_update_alone():
+  """Session 35's H100 run (``sidco_tree_h100_s35a.json``) as BENCHMARKS.md, README and docs/comm.md quote it: spans
+  (ms), x ``topk``, launches, both switch rows equal to the default over the whole loop; the device checks
+  (``search_pass_check_h100_s35{a,b}.json``): before the fix every compiled count zero, after it every case equal."""
+  a = _rows("sidco_tree_h100_s35a.json")[0]
+  names = ("topk(0.001)", "sidco(0.001)", "sidco(0.001, per_tensor=True)", "sidco(0.001) [pwrite counts 16]",
+           "sidco(0.001) [pwrite counts 16 fpass]")
+  assert [round(a[m]["single_device_s"] * 1e3, 3) for m in names] == [1.661, 1.345, 1.363, 0.496, 0.471]
+  assert [round(a["topk(0.001)"]["single_device_s"] / a[m]["single_device_s"], 2) for m in names[1:]] == [
+      1.23, 1.22, 3.35, 3.53]
+  assert [int(a[m]["single_kernels"]) for m in names] == [61, 138, 134, 122, 78]
+  assert [round(a["sidco(0.001)"][k] * 1e3, 3) for k in ("single_busy_s", "single_idle_s")] == [0.632, 0.714]
+  assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"] == [0, 331] for m in names[3:])
+  raw = json.loads((RESULTS / "sidco_tree_h100_s35a.json").read_text())
+  assert round(raw["rw_floor_s"] * 1e3, 3) == 0.085 and round(0.471 / 0.085, 1) == 5.5
+  before, after = ({r["case"]: r for r in json.loads((RESULTS / f"search_pass_check_h100_s35{t}.json").read_text())[
+      "rows"]} for t in "ab")
+  lvl1 = before["level 1, block maxima"]
+  assert lvl1["compiled_bits"] == [0] and lvl1["xla_bits"] == [1077370114] and not any(lvl1["compiled_counts"])
+  assert set(before["segments, sorted rows"]["compiled_bits"]) == {0}
+  assert before["sidco counts 16 fpass"]["arrays_differing"] == 86
+  assert all(r["same"] for r in after.values()) and len(after) == 8
+  assert after["sidco per tensor counts 16 fpass"]["arrays_differing"] == 0
+  assert after["sidco per tensor counts 16 fpass"]["arrays"] == 387
+
+
 def test_every_selected_variant_runs_with_its_default_row():
   """--only picks rows by prefix; a variant's default row is added so that its loop is compared bitwise (and only
   that row: a prefix would also pick the flat-state twins)."""
