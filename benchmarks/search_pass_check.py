@@ -36,6 +36,17 @@ def _bits(t) -> list[int]:
   return np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(t, jnp.float32), jnp.int32)).reshape(-1).tolist()
 
 
+def _error(e: Exception) -> str:
+  """An exception recorded in a row (the start of its message: a compile error's first lines name the kernel)."""
+  return "".join(traceback.format_exception_only(type(e), e))[:3000]
+
+
+def _with_same(row: dict) -> dict:
+  """``row`` with ``same``: the interpreter's (and, where it ran, the compiled kernel's) bits are the XLA search's."""
+  row["same"] = row["interpret_bits"] == row["xla_bits"] and row.get("compiled_bits", row["xla_bits"]) == row["xla_bits"]
+  return row
+
+
 def _xla_search(x_rows, row_seg, k, top, ways):
   """The XLA search over ``x_rows`` (rows; row r in segment row_seg[r]) for every segment's k: (S,) float32."""
   ns = top.shape[0]
@@ -76,9 +87,8 @@ def _case_one(name, x, k, lo_bits, ways, gpu):
       if diff:
         row["interpret_counts"], row["compiled_counts"] = ci[diff[0]], cg[diff[0]]
     except Exception as e:   # noqa: BLE001 (recorded)
-      row["error"] = "".join(traceback.format_exception_only(type(e), e))[:3000]
-  row["same"] = row["interpret_bits"] == row["xla_bits"] and row.get("compiled_bits", row["xla_bits"]) == row["xla_bits"]
-  return row
+      row["error"] = _error(e)
+  return _with_same(row)
 
 
 def _case_seg(name, rows, row_seg, k, ways, gpu):
@@ -91,9 +101,8 @@ def _case_seg(name, rows, row_seg, k, ways, gpu):
     try:
       row["compiled_bits"] = _bits(pp.seg_search_bits(rows, row_seg, k, top, ways=ways, interpret=False))
     except Exception as e:   # noqa: BLE001 (recorded)
-      row["error"] = "".join(traceback.format_exception_only(type(e), e))[:3000]
-  row["same"] = row["interpret_bits"] == row["xla_bits"] and row.get("compiled_bits", row["xla_bits"]) == row["xla_bits"]
-  return row
+      row["error"] = _error(e)
+  return _with_same(row)
 
 
 def _case_sidco(name, shapes, switches, steps=3, per_tensor=False):
@@ -166,7 +175,7 @@ def main(argv=None):
       r["same"] = r["one_program_bits"] == alone
     except Exception as e:   # noqa: BLE001 (recorded)
       r = {"case": "two searches in one program", "same": False,
-           "error": "".join(traceback.format_exception_only(type(e), e))[:3000]}
+           "error": _error(e)}
     rows_out.append(r)
     print(r["case"], "same" if r["same"] else "DIFFERENT", r, flush=True)
   nseg = 40
@@ -192,7 +201,7 @@ def main(argv=None):
       try:
         r = _case_sidco(name, shapes, sw, per_tensor="per tensor" in name)
       except Exception as e:   # noqa: BLE001 (recorded)
-        r = {"case": name, "same": False, "error": "".join(traceback.format_exception_only(type(e), e))[:3000]}
+        r = {"case": name, "same": False, "error": _error(e)}
       rows_out.append(r)
       print(r["case"], "same" if r["same"] else "DIFFERENT", r.get("arrays_differing"), r.get("error", ""), flush=True)
   write_json(args.out, args.name, {"env": environment(), "rows": rows_out})

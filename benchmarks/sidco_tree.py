@@ -486,13 +486,13 @@ def main():
   only = [s for s in args.only.split(";" if ";" in args.only else ",") if s]
   run_names = set(_selected(list(rows_spec), only))
   rows, ref_first, ref_loop = [], {}, {}
-  search0, count0, flatten0, skip0 = sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP
-  exact0, fit0, sum0, group0, tskip0 = sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP
-  ravel0, trim0, base0, segkey0, gsize0 = sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE
-  kthkeys0, write0, fbuild0, sbuild0 = sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
-  cpass0 = sp._COUNT_PASS
-  sgroup0, wgroup0 = sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP
-  kernel0 = sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS, sp._pallas_pack.WRITE_TILE
+  # every module switch a variant token may set, restored to its value at start before each row
+  switches = [(sp, n) for n in ("_SEARCH_WAYS", "_COUNT_IMPL", "_FLATTEN", "_COUNT_SKIP", "_EXACT_SEARCH", "_EXACT_FIT",
+                                "_SUM_FLATTEN", "_GROUP_LEAVES", "_TRIM_SKIP", "_RAVEL_SUM_FLATTEN", "_TRIM", "_DUS_BASE",
+                                "_SEG_KEY", "_GROUP_SIZE", "_KTH_KEYS_ONLY", "_OUT_WRITE", "_FLAT_BUILD", "_SUM_BUILD",
+                                "_COUNT_PASS")]
+  switches += [(sp._pallas_pack, n) for n in ("SUM_GROUP", "WRITE_GROUP", "SUM_WARPS", "WRITE_WARPS", "WRITE_TILE")]
+  switches0 = [(mod, n, getattr(mod, n)) for mod, n in switches]
   topk_step = jax.jit(topk_tx.update)
   topk_st = topk_tx.init(grads)
   for name, (update, kind, flatten) in rows_spec.items():
@@ -504,13 +504,8 @@ def main():
     row = {"method": name}
     variant = name.split(" [")[1].rstrip("]") if " [" in name else ""
     # variant tokens: see --variants
-    sp._SEARCH_WAYS, sp._COUNT_IMPL, sp._FLATTEN, sp._COUNT_SKIP = search0, count0, flatten0, skip0
-    sp._EXACT_SEARCH, sp._EXACT_FIT, sp._SUM_FLATTEN, sp._GROUP_LEAVES, sp._TRIM_SKIP = exact0, fit0, sum0, group0, tskip0
-    sp._RAVEL_SUM_FLATTEN, sp._TRIM, sp._DUS_BASE, sp._SEG_KEY, sp._GROUP_SIZE = ravel0, trim0, base0, segkey0, gsize0
-    sp._KTH_KEYS_ONLY, sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD = kthkeys0, write0, fbuild0, sbuild0
-    sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP = sgroup0, wgroup0
-    sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS, sp._pallas_pack.WRITE_TILE = kernel0
-    sp._COUNT_PASS = cpass0
+    for mod, n, v in switches0:
+      setattr(mod, n, v)
     for tok in variant.split():
       if tok.isdigit():
         sp._SEARCH_WAYS = int(tok)

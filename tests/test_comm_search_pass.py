@@ -11,6 +11,7 @@ import pytest
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
 from _trees import vmapped_under_modes  # tests/_trees.py
+from _triton import triton_ir  # tests/_triton.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -185,29 +186,16 @@ def test_one_kernel_per_pass_compiled_on_a_gpu_interpreted_elsewhere(monkeypatch
   assert sp._count_pass_mode(jnp.ones(8)) == (False, False)
 
 
-def _triton_ir(fn, *args, capfd) -> str:
-  """The Triton IR Pallas prints for ``fn``'s kernels, lowered for CUDA on this (CPU) host."""
-  import functools
-  monkey = functools.partial(pp.pl.pallas_call, debug=True)
-  orig, pp.pl.pallas_call = pp.pl.pallas_call, monkey
-  try:
-    capfd.readouterr()
-    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  finally:
-    pp.pl.pallas_call = orig
-  return capfd.readouterr().out
-
-
-def test_integer_atomics_lower_to_an_integer_add(capfd):
+def test_integer_atomics_lower_to_an_integer_add(monkeypatch):
   """Both pass kernels add their int32 counts with ``tt.atomic_rmw add``. Session 35's device check found every
   compiled count zero: ``plgpu.atomic_add`` of an int32 vector lowers to ``fadd`` (the counts' bits added as
   floats), which the interpreter, the only place the CPU tests run the kernels, does not show."""
   b1 = jnp.asarray([0, 2**30, 100], jnp.int32)
-  one = _triton_ir(lambda x, b, c: pp.search_pass(x, b, c, 1, ways=16, interpret=False),
-                   jnp.ones((8192,), jnp.float32), b1, jnp.zeros((8 * 16,), jnp.int32), capfd=capfd)
-  seg = _triton_ir(lambda r, s, b, c: pp.seg_search_pass(r, s, b, c, 1, ways=16, interpret=False),
-                   jnp.ones((64, 64), jnp.float32), jnp.zeros((64,), jnp.int32), jnp.zeros((3, 5), jnp.int32),
-                   jnp.zeros((8 * 6 * 16,), jnp.int32), capfd=capfd)
+  one = triton_ir(lambda x, b, c: pp.search_pass(x, b, c, 1, ways=16, interpret=False),
+                  jnp.ones((8192,), jnp.float32), b1, jnp.zeros((8 * 16,), jnp.int32), monkeypatch=monkeypatch)
+  seg = triton_ir(lambda r, s, b, c: pp.seg_search_pass(r, s, b, c, 1, ways=16, interpret=False),
+                  jnp.ones((64, 64), jnp.float32), jnp.zeros((64,), jnp.int32), jnp.zeros((3, 5), jnp.int32),
+                  jnp.zeros((8 * 6 * 16,), jnp.int32), monkeypatch=monkeypatch)
   for name, ir in (("search_pass", one), ("seg_search_pass", seg)):
     ops = [ln.split("tt.atomic_rmw", 1)[1].split(",")[0].strip() for ln in ir.splitlines() if "tt.atomic_rmw" in ln]
     assert ops == ["add"], (name, ops)
