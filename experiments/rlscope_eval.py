@@ -26,6 +26,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -127,12 +128,13 @@ def main(_):
     runs = {k: v for k, v in ins.runs.items() if k != "attribution"}
     # attribution: element-wise median over traced runs (single runs are noisy on a shared host)
     per_run_c, per_run_u = [], []
-    for _ in range(_ATTR_RUNS.value):
-      with profile.Profiler("trace") as p:
-        w()
-      a = profile.attribute(p)
-      per_run_c.append(profile.table_rows(profile.correct(a, ins.wall)))
-      per_run_u.append(profile.table_rows(a))
+    with tempfile.TemporaryDirectory(prefix="mlsys_jax_profile_") as tmp:  # traces read here, then removed
+      for i in range(_ATTR_RUNS.value):
+        with profile.Profiler("trace", trace_dir=f"{tmp}/{i}") as p:
+          w()
+        a = profile.attribute(p)
+        per_run_c.append(profile.table_rows(profile.correct(a, ins.wall)))
+        per_run_u.append(profile.table_rows(a))
     rows_c, rows_u = _median_rows(per_run_c), _median_rows(per_run_u)
     groups[spec] = rows_c
     entry = {"pairs": runs, "heldout": held, "fitted_trace_delta_ns": {"cpu": ins.cpu.raw_delta_ns["trace"],

@@ -136,11 +136,12 @@ def test_device_intervals_alignment_and_union():
   assert profile.device_intervals(tr, ops) == [(7_000, 12_000), (14_000, 15_000)]
 
 
-def test_trace_level_device_columns_or_clear_degradation(monkeypatch):
+def test_trace_level_device_columns_or_clear_degradation(monkeypatch, tmp_path):
+  import tempfile
   f = profile.jit(lambda x: (x @ x).sum())
   x = jnp.ones((128, 128))
   f(x).block_until_ready()
-  with profile.Profiler("trace") as p:
+  with profile.Profiler("trace", trace_dir=str(tmp_path / "trace")) as p:
     with profile.operation("op"):
       for _ in range(3):
         profile.block_until_ready(f(x))
@@ -156,6 +157,8 @@ def test_trace_level_device_columns_or_clear_degradation(monkeypatch):
   def broken(*a, **k):
     raise RuntimeError("no profiler backend")
   monkeypatch.setattr(jax.profiler, "start_trace", broken)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
   S._warned.clear()
   with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
@@ -164,6 +167,7 @@ def test_trace_level_device_columns_or_clear_degradation(monkeypatch):
         with profile.operation("op"):
           f(x)
   assert sum("CPU categories only" in str(m.message) for m in w) == 1
+  assert q.trace_dir is None and not list((tmp_path / "tmp").iterdir())  # the unused directory it made: removed
   b = profile.attribute(q)
   assert not b.has_device and "no profiler backend" in b.note
 
@@ -351,3 +355,23 @@ def test_measurement_loops_freeze_the_heap_only_while_they_run(monkeypatch):
   with pytest.raises(RuntimeError, match="workload failed"):
     overhead.run_pairs(bad, level="scopes", repeats=1, warmup=0)
   assert gc.get_freeze_count() == 0
+
+
+def test_measurement_loops_remove_their_traces(monkeypatch, tmp_path):
+  """run_levels / run_pairs read each traced run's counts and attribution inside the loop and leave no trace
+  directory behind (one per run before: ~0.3 MB each, hundreds of MB over a calibration session)."""
+  import tempfile
+  from mlsys_jax.profile import overhead
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  f = profile.jit(lambda x: (x * 2.0).sum())
+  x = jnp.arange(64.0)
+
+  def work():
+    with profile.operation("step"):
+      profile.block_until_ready(f(x))
+
+  runs = overhead.run_pairs(work, level="trace", repeats=2, warmup=1)
+  assert all(c["trace"] >= 1 for c in runs["counts"]) and all(a.has_device for a in runs["attribution"])
+  _, counts, profs = overhead.run_levels(work, ("off", "trace"), repeats=1, warmup=0)
+  assert counts["trace"]["trace"] >= 1 and profs["trace"].trace_path is None
+  assert list(tmp_path.iterdir()) == []

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -72,11 +74,23 @@ def _collect_new_objects_only():
     gc.unfreeze()
 
 
+@contextlib.contextmanager
+def _scratch_traces():
+  """A per-call directory for the ``level='trace'`` runs of the calibration loops, removed on exit: each run's
+  counts and attribution are read from its trace inside the loop, so nothing kept needs the files (a loop of
+  many traced runs otherwise leaves one temporary trace directory per run behind)."""
+  with tempfile.TemporaryDirectory(prefix="mlsys_jax_profile_") as tmp:
+    n = iter(range(1 << 62))
+    yield lambda lvl: Profiler(lvl, trace_dir=os.path.join(tmp, str(next(n))) if lvl == "trace" else None)
+
+
 def run_levels(workload: Callable[[], Any], levels: Sequence[str], repeats: int,
                warmup: int = 1, clock: str = "process") -> tuple[dict, dict, dict]:
   """Run ``workload()`` inside ``Profiler(level)`` for every level, ``repeats`` times interleaved
   (level order rotated each repeat to spread drift). Returns (seconds on ``clock``, counts, last
-  profiler) per level; ``clock`` is ``'process'`` (process CPU time) or ``'wall'``."""
+  profiler) per level; ``clock`` is ``'process'`` (process CPU time) or ``'wall'``. The traces of
+  ``level='trace'`` runs go to a temporary directory removed on return (the returned profilers'
+  ``trace_path`` is ``None``; run ``Profiler('trace', trace_dir=...)`` yourself to keep one)."""
   check_choice("clock", clock, ("process", "wall"))
   for lvl in levels:
     if lvl not in LEVELS:
@@ -90,15 +104,17 @@ def run_levels(workload: Callable[[], Any], levels: Sequence[str], repeats: int,
   counts: dict = {}
   profs: dict = {}
   order = list(levels)
-  with _collect_new_objects_only():
+  with _collect_new_objects_only(), _scratch_traces() as profiler:
     for r in range(repeats):
       for lvl in order[r % len(order):] + order[:r % len(order)]:
         gc.collect()
-        with Profiler(lvl) as p:
+        with profiler(lvl) as p:
           workload()
         wall[lvl].append(_seconds(p, clock))
         counts[lvl] = dict(p.counts)
         profs[lvl] = p
+  for p in profs.values():
+    p.trace_path = None  # removed with the scratch directory
   return wall, counts, profs
 
 
@@ -388,7 +404,7 @@ def run_pairs(workload: Callable[[], Any], *, level: str = "trace", repeats: int
   """``repeats`` adjacent (uninstrumented, ``level``) pairs of runs of ``workload`` (order alternating).
   Returns lists of ``cpu_off, cpu_inst, wall_off, wall_inst`` (s), ``counts``, ``trace_kinds`` (the
   ``trace`` events split by kind, ``Profiler.trace_kinds``) and ``attribution`` (of each instrumented run,
-  for per-operation wall correction)."""
+  for per-operation wall correction). The trace files are read inside the loop and removed on return."""
   from mlsys_jax.profile.attribution import attribute
   check_choice("level", level, LEVELS[1:])
   check_int("repeats", repeats, 1)
@@ -398,11 +414,11 @@ def run_pairs(workload: Callable[[], Any], *, level: str = "trace", repeats: int
       workload()
   runs: dict = {k: [] for k in ("cpu_off", "cpu_inst", "wall_off", "wall_inst", "counts", "trace_kinds",
                                 "attribution")}
-  with _collect_new_objects_only():
+  with _collect_new_objects_only(), _scratch_traces() as profiler:
     for r in range(repeats):
       for lvl in (("off", level) if r % 2 == 0 else (level, "off")):
         gc.collect()
-        with Profiler(lvl) as p:
+        with profiler(lvl) as p:
           workload()
         if lvl == "off":
           runs["cpu_off"].append(p.process_ns / 1e9)

@@ -117,8 +117,9 @@ class Profiler:
   Args:
     level: one of :data:`LEVELS`.
     trace_dir: where ``level='trace'`` writes the ``jax.profiler`` trace (a fresh temporary directory
-      when ``None``). If the profiler backend cannot start, the profiler degrades to ``'intercept'``
-      (CPU categories only) and says so once with a ``RuntimeWarning``.
+      when ``None``, kept after the run for :attr:`trace_path`: remove it when done). If the profiler
+      backend cannot start, the profiler degrades to ``'intercept'`` (CPU categories only), removes the
+      directory it made, and says so once with a ``RuntimeWarning``.
 
   Use it as a context manager (``with Profiler() as prof:``), which makes it :data:`CURRENT`; after the
   block, :attr:`records` holds the host intervals, :attr:`counts` the instrumentation events per source,
@@ -185,8 +186,10 @@ class Profiler:
     return list(self._records)
 
   def _start_trace(self) -> None:
+    import shutil
     import tempfile
-    if self.trace_dir is None:
+    made = self.trace_dir is None
+    if made:
       self.trace_dir = tempfile.mkdtemp(prefix="mlsys_jax_profile_")
     try:
       opts = None
@@ -199,6 +202,9 @@ class Profiler:
         jax.profiler.start_trace(self.trace_dir)
       self._tracing = True
     except Exception as e:  # no profiler backend: CPU categories only
+      if made:  # nothing was written: leave no empty temporary directory behind
+        shutil.rmtree(self.trace_dir, ignore_errors=True)
+        self.trace_dir = None
       self._degrade(f"jax.profiler trace unavailable ({type(e).__name__}: {e})")
 
   def _stop_trace(self) -> None:
