@@ -133,3 +133,19 @@ def test_session30_second_screen_recomputes_and_has_no_winner():
     assert round(100 * _compare(a["accuracy"], rec["accuracy"][key0])["mean_diff"], 2) == vs_recipe
   assert out["winner"] is None and out["best"] == "a_leaky16_until150"
   assert _load("s30_screen2/factor2_seeds0-4.json")["dwarmup_factor"] == 2.0
+
+
+def test_session36_powered_screen_recomputes_and_has_no_winner():
+  """Session 36's screen (rule s36_screen/RULE.md, written first): the recipe's raw stage spread on mnist1d seeds
+  0-19, one run with Adam and the recipe; the figures docs/comm.md quotes recompute from the run, no winner."""
+  out = _load("s36_screen/screen_summary.json")
+  run = _load("s36_screen/screen_seeds0-19.json")
+  key0 = "topk 0.001 rmsfrom@1 dwarmup300 start0.01"
+  assert run["seeds"] == list(range(20)) and out["adam"] == run["accuracy"]["adam"]
+  rec, arm = run["accuracy"][key0], run["accuracy"][key0 + " spread-leaky@16u150"]
+  assert out["recipe"]["accuracy"] == rec and out["spread"]["accuracy"] == arm
+  for c, quoted in ((_compare(rec, out["adam"]), (-0.99, -1.53, -0.42)), (_compare(arm, out["adam"]), (-0.90, -1.68, -0.15)),
+                    (_compare(arm, rec), (0.09, -0.57, 0.72))):
+    assert (100 * c["mean_diff"], 100 * c["mean_diff_ci95"][0], 100 * c["mean_diff_ci95"][1]) == pytest.approx(
+        quoted, abs=0.005)
+  assert out["winner"] is False and out["spread"]["mb_per_worker"] / 1e6 == pytest.approx(1.636, abs=5e-4)

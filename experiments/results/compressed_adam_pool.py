@@ -34,6 +34,8 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
        seeds 0-4, each vs Adam and, paired, vs the recipe of s30_pt (the same host and seeds)
   s30: session 30's screen (rule: s30_pt/RULE.md): the 0.1% recipe with per-tensor selection against the recipe
        re-run on this host, mnist1d seeds 0-4 (two runs, Adam checked equal seed by seed), each vs Adam and paired
+  s36: session 36's powered screen (rule: s36_screen/RULE.md): the recipe's raw stage spread (leaky@16u150) on
+       mnist1d seeds 0-19, one run with Adam and the recipe, vs Adam and, paired, vs the recipe
 
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap."""
@@ -441,10 +443,34 @@ def pool_s30s2() -> dict:
   return out
 
 
+def pool_s36() -> dict:
+  """Session 36's powered screen (``s36_screen/RULE.md``): the recipe's 1% raw stage spread (``leaky@16u150``) on
+  mnist1d seeds 0-19, one run with Adam and the recipe beside it: the arm against Adam and, paired by seed, against
+  the recipe; the winner by the rule (> +0.3 pt over the recipe and >= -1.0 against Adam) or none."""
+  f = "s36_screen/screen_seeds0-19.json"
+  key0 = "topk 0.001 rmsfrom@1 dwarmup300 start0.01"
+  key = key0 + " spread-leaky@16u150"
+  adam = {}
+  runs, seeds, A, rec = _load_arm("s36", "recipe", key0, [f], adam, complete=True)
+  _, _, _, X = _load_arm("s36", "spread", key, [f], adam, complete=True)
+  assert seeds == list(range(20)) and runs[0]["spread"] == ["none", "leaky@16u150"]
+  out = {"rule": "s36_screen/RULE.md", "file": f, "seeds": seeds, "adam": A,
+         "recipe": {"key": key0, "accuracy": rec, "vs_adam": _compare(rec, A)},
+         "spread": {"key": key, "accuracy": X, "mb_per_worker": runs[0]["bytes_per_worker"][key][0],
+                    "vs_adam": _compare(X, A), "vs_recipe": _compare(X, rec)}}
+  d = out["spread"]
+  out["winner"] = bool(d["vs_recipe"]["mean_diff"] > 0.003 and d["vs_adam"]["mean_diff"] >= -0.01)
+  print("s36 recipe vs Adam", _fmt(out["recipe"]["vs_adam"]), _fmt_p(out["recipe"]["vs_adam"]))
+  print("s36 spread vs Adam", _fmt(d["vs_adam"]), _fmt_p(d["vs_adam"]), "vs recipe", _fmt(d["vs_recipe"]),
+        _fmt_p(d["vs_recipe"]), "winner:", out["winner"])
+  json.dump(out, open(R + "s36_screen/screen_summary.json", "w"), indent=1)
+  return out
+
+
 # pools with their own function (the rest are POOLS entries, pooled by ``pool``)
 SPECIAL = {"s11": pool_s11, "s13": lambda: pool_s13("s13"), "s13u": lambda: pool_s13("s13u"), "s16": pool_s16,
            "s17": pool_s17, "s18": pool_s18, "s18dgc": pool_s18_dgc,
-           "s30": pool_s30, "s30p": pool_s30p, "s30s2": pool_s30s2}
+           "s30": pool_s30, "s30p": pool_s30p, "s30s2": pool_s30s2, "s36": pool_s36}
 
 if __name__ == "__main__":
   if len(sys.argv) == 2 and sys.argv[1] in SPECIAL:
