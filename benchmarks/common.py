@@ -80,13 +80,13 @@ def device_stream_events(run, host: bool = False):
   ``(start_ns, end_ns, duration_ns, name, thread)``: a pair ``(device, host)``."""
   import glob
   import tempfile
-  d = tempfile.mkdtemp()
-  with jax.profiler.trace(d):
-    run()
-  files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-  if not files:
-    raise FileNotFoundError(f"no xplane file under {d}")
-  prof = jax.profiler.ProfileData.from_file(files[0])
+  with tempfile.TemporaryDirectory(prefix="device_events_") as d:   # (the trace is read here, then removed)
+    with jax.profiler.trace(d):
+      run()
+    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    if not files:
+      raise FileNotFoundError(f"no xplane file under {d}")
+    prof = jax.profiler.ProfileData.from_file(files[0])
   events = [(ev.start_ns, ev.end_ns, ev.duration_ns, ev.name)
             for plane in prof.planes if plane.name.startswith("/device:GPU")
             for line in plane.lines if "stream" in line.name.lower()

@@ -289,12 +289,14 @@ def save_predictor(path: str, p: StagePredictor, base: str | None = None) -> Non
     >>> g = sched.build_graph(*value.random_conv_net(0))
     >>> ex = stage_examples([g], sched.AnalyticalCost(), r=2, s=2, max_per_graph=20)
     >>> p, _ = fit_stage_model(ex, hidden=8, steps=2)
-    >>> path = os.path.join(tempfile.mkdtemp(), "p.npz")
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "p.npz")
     >>> save_predictor(path, p)
     >>> q = load_predictor(path)
     >>> st = ex[0][1]
     >>> bool(np.isclose(q(g, st), p(g, st), rtol=1e-5))
     True
+    >>> tmp.cleanup()
   """
   import json
   import jax

@@ -157,10 +157,12 @@ def read_cifar10_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
   Example:
     >>> import os, tempfile
     >>> rec = np.zeros((2, 3073), np.uint8); rec[:, 0] = [3, 7]       # two all-black images, labels 3 and 7
-    >>> path = os.path.join(tempfile.mkdtemp(), "b.bin"); rec.tofile(path)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "b.bin"); rec.tofile(path)
     >>> images, labels = read_cifar10_batch(path)
     >>> images.shape, labels.tolist()
     ((2, 32, 32, 3), [3, 7])
+    >>> tmp.cleanup()
   """
   raw = np.fromfile(path, dtype=np.uint8)
   if raw.size == 0 or raw.size % _CIFAR_RECORD:
@@ -192,11 +194,13 @@ def load_cifar10(data_dir: str | os.PathLike, normalize: bool = True,
 
   Example:
     >>> import os, tempfile
-    >>> d = tempfile.mkdtemp(); rec = np.zeros((2, 3073), np.uint8)   # a tiny stand-in: 2 images per file
+    >>> tmp = tempfile.TemporaryDirectory(); d = tmp.name
+    >>> rec = np.zeros((2, 3073), np.uint8)   # a tiny stand-in: 2 images per file
     >>> for f in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
     ...   rec.tofile(os.path.join(d, f))
     >>> load_cifar10(d)
     Dataset(cifar10: train (10, 32, 32, 3), test (2, 32, 32, 3), 10 classes)
+    >>> tmp.cleanup()
   """
   root = pathlib.Path(data_dir)
   if (root / "cifar-10-batches-bin").is_dir():
