@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import tempfile
 import time
@@ -80,8 +81,8 @@ def _scratch_traces():
   counts and attribution are read from its trace inside the loop, so nothing kept needs the files (a loop of
   many traced runs otherwise leaves one temporary trace directory per run behind)."""
   with tempfile.TemporaryDirectory(prefix="mlsys_jax_profile_") as tmp:
-    n = iter(range(1 << 62))
-    yield lambda lvl: Profiler(lvl, trace_dir=os.path.join(tmp, str(next(n))) if lvl == "trace" else None)
+    run = itertools.count()
+    yield lambda lvl: Profiler(lvl, trace_dir=os.path.join(tmp, str(next(run))) if lvl == "trace" else None)
 
 
 def run_levels(workload: Callable[[], Any], levels: Sequence[str], repeats: int,
