@@ -174,8 +174,7 @@ def main(argv=None):
       r = {"case": "two searches in one program", "one_program_bits": _bits(ta) + _bits(tb), "alone_bits": alone}
       r["same"] = r["one_program_bits"] == alone
     except Exception as e:   # noqa: BLE001 (recorded)
-      r = {"case": "two searches in one program", "same": False,
-           "error": _error(e)}
+      r = {"case": "two searches in one program", "same": False, "error": _error(e)}
     rows_out.append(r)
     print(r["case"], "same" if r["same"] else "DIFFERENT", r, flush=True)
   nseg = 40
