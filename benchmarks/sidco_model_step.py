@@ -9,11 +9,13 @@ to step) of a ResNet-50 (He et al., 2016; bottleneck blocks, 25.56M parameters i
 ``benchmarks.powersgd_step.resnet50_shapes``; a per-channel affine stands in for batch norm so that every
 parameter is in the optimizer's tree and the step has no running statistics), on synthetic images.
 
-Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (the default exact search, the
-block select), ``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``),
+Rows (``--rows``): ``adam`` (``optax.adam(1e-3)`` alone), ``topk``, ``sidco`` (the default exact search:
+``sparse._EXACT_SEARCH = "auto"``, on a GPU the counting search with Pallas passes for one segment, the block select
+per tensor), ``sidco_blocks`` (the block select, the default before session 37; ``_blocks`` on any sidco row),
+``sidco_counts`` (``sparse._EXACT_SEARCH = "counts"``), ``sidco_pt`` (``per_tensor=True``),
 ``sidco_pt_counts`` (both; ``sidco_flat_counts`` / ``sidco_pt_flat_counts`` with ``flat_state=True``; any row
-with a suffix ``_w<N>``, e.g. ``sidco_pt_flat_counts_w32``: traced with ``sparse._SEARCH_WAYS = N``, the counting
-search's thresholds per pass, default 8; ``_fpass``: one Pallas kernel per counting pass, ``sparse._COUNT_PASS =
+with a suffix ``_w<N>``, e.g. ``sidco_pt_flat_counts_w32``: traced with ``sparse._SEARCH_WAYS = sparse._PASS_WAYS = N``,
+the counting search's thresholds per pass (defaults 8 for XLA's passes, 16 for the Pallas ones); ``_fpass``: one Pallas kernel per counting pass, ``sparse._COUNT_PASS =
 "pallas"``; ``_pwrite`` / ``_pwriter``: the Pallas leaf writer, ``sparse._OUT_WRITE = "pallas"`` / ``"pallas_res"``
 (residuals only, in place), e.g. ``sidco_counts_fpass_pwrite_w16``; these suffixes before ``_w<N>``), each
 ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
@@ -81,7 +83,7 @@ from benchmarks.hlo_attribution import hlo_file  # noqa: E402
 from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
-ROWS = ("adam", "topk", "sidco", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
+ROWS = ("adam", "topk", "sidco", "sidco_blocks", "sidco_flat_blocks", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
         "sidco_pbuild", "sidco_pt_pbuild", "sidco_flat_pbuild", "sidco_pt_flat_pbuild",
         "sidco_flat_counts", "sidco_pt_flat_counts",
         "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
@@ -179,7 +181,7 @@ def _ways(row: str) -> tuple[str, int | None]:
 
 def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransformation:
   row, _ = _ways(row)
-  for sw in ("_pbuild", "_xbuild", "_fpass", "_pwriter", "_pwrite"):   # (switches: _switches)
+  for sw in ("_pbuild", "_xbuild", "_fpass", "_pwriter", "_pwrite", "_blocks"):   # (switches: _switches)
     row = row.replace(sw, "")
   adam = optax.adam(1e-3)
   if row == "adam":
@@ -232,8 +234,8 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
 def _switches(row: str) -> dict:
   """The ``mlsys_jax.comm.sparse`` module switches a row is traced with (they are read at trace time)."""
   row, ways = _ways(row)
-  return {"_SEARCH_WAYS": ways or sp._SEARCH_WAYS,
-          "_EXACT_SEARCH": "counts" if "_counts" in row else sp._EXACT_SEARCH,
+  return {"_SEARCH_WAYS": ways or sp._SEARCH_WAYS, "_PASS_WAYS": ways or sp._PASS_WAYS,
+          "_EXACT_SEARCH": "counts" if "_counts" in row else "blocks" if "_blocks" in row else sp._EXACT_SEARCH,
           "_COUNT_PASS": "pallas" if "_fpass" in row else sp._COUNT_PASS,
           "_OUT_WRITE": "pallas_res" if "_pwriter" in row else "pallas" if "_pwrite" in row else sp._OUT_WRITE,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,

@@ -487,7 +487,7 @@ def main():
   run_names = set(_selected(list(rows_spec), only))
   rows, ref_first, ref_loop = [], {}, {}
   # every module switch a variant token may set, restored to its value at start before each row
-  switches = [(sp, n) for n in ("_SEARCH_WAYS", "_COUNT_IMPL", "_FLATTEN", "_COUNT_SKIP", "_EXACT_SEARCH", "_EXACT_FIT",
+  switches = [(sp, n) for n in ("_SEARCH_WAYS", "_PASS_WAYS", "_COUNT_IMPL", "_FLATTEN", "_COUNT_SKIP", "_EXACT_SEARCH", "_EXACT_FIT",
                                 "_SUM_FLATTEN", "_GROUP_LEAVES", "_TRIM_SKIP", "_RAVEL_SUM_FLATTEN", "_TRIM", "_DUS_BASE",
                                 "_SEG_KEY", "_GROUP_SIZE", "_KTH_KEYS_ONLY", "_OUT_WRITE", "_FLAT_BUILD", "_SUM_BUILD",
                                 "_COUNT_PASS")]
@@ -507,8 +507,8 @@ def main():
     for mod, n, v in switches0:
       setattr(mod, n, v)
     for tok in variant.split():
-      if tok.isdigit():
-        sp._SEARCH_WAYS = int(tok)
+      if tok.isdigit():   # (the XLA passes' ways and the Pallas passes')
+        sp._SEARCH_WAYS = sp._PASS_WAYS = int(tok)
       elif tok in ("pallas", "xla", "bisect"):
         sp._COUNT_IMPL = tok
       elif tok in ("gather", "concat"):
@@ -563,7 +563,7 @@ def main():
     row["seg_key"], row["group_size"], row["kth_keys_only"] = sp._SEG_KEY, sp._GROUP_SIZE, sp._KTH_KEYS_ONLY
     row["out_write"], row["flat_build"], row["sum_build"] = sp._OUT_WRITE, sp._FLAT_BUILD, sp._SUM_BUILD
     row["sum_group"], row["write_group"] = sp._pallas_pack.SUM_GROUP, sp._pallas_pack.WRITE_GROUP
-    row["count_pass"] = sp._COUNT_PASS
+    row["count_pass"], row["pass_ways"] = sp._COUNT_PASS, sp._PASS_WAYS
     row["sum_warps"], row["write_warps"] = sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS
     row["write_tile"] = sp._pallas_pack.WRITE_TILE
     if flatten is not None:

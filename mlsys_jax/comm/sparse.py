@@ -1096,26 +1096,33 @@ def _search_ways(flat=None) -> int:
 
 
 # How the counting search (_EXACT_SEARCH = "counts") runs its passes: "xla" (per pass a fused compare-and-count,
-# its sum (per segment: a cumulative sum over the rows) and the two bounds: four or more kernels) or "pallas"
+# its sum (per segment: a cumulative sum over the rows) and the two bounds: four or more kernels), "pallas"
 # (_pallas_pack.search_pass, per tensor seg_search_pass: one kernel per pass; its programs replay the bounds from
-# the earlier passes' totals and add their counts with integer atomics; the Pallas interpreter off GPU). The same
-# thresholds bitwise as "xla", in the interpreter (the CPU tests) and on an H100 (session 35: the search kernels
-# compiled, sidco flat and per tensor, and the ResNet-50 update over a loop, 0 of 331 arrays differing;
-# benchmarks/search_pass_check.py). Sessions 33-34's device rows added their counts with plgpu.atomic_add, which
-# lowers an int32 vector to a float add: every count was zero there (_pallas_pack._add_counts). One segment on an
-# H100 (session 35): the update with the counting search and the Pallas writer 0.496 -> 0.471 ms (78 kernels
-# against 122). A switch, like _EXACT_SEARCH = "counts" which it serves (the training step with it is untimed
-# since the fix).
-_COUNT_PASS = "xla"
+# the earlier passes' totals and add their counts with integer atomics; the Pallas interpreter off GPU) or "auto"
+# (the default since session 37: "pallas" compiled on a GPU, "xla" elsewhere). The same thresholds bitwise as
+# "xla", in the interpreter (the CPU tests) and on an H100 (session 35: the search kernels compiled, sidco flat and
+# per tensor, and the ResNet-50 update over a loop, 0 of 331 arrays differing; benchmarks/search_pass_check.py).
+# Sessions 33-34's device rows added their counts with plgpu.atomic_add, which lowers an int32 vector to a float
+# add: every count was zero there (_pallas_pack._add_counts). Timings: _EXACT_SEARCH below.
+_COUNT_PASS = "auto"
+# Ways of the counting search when its passes are Pallas kernels (_COUNT_PASS): ceil(31 / log2 W) passes per
+# level. Session 37 (H100, ResNet-50 tree, the update alone with the Pallas writer,
+# benchmarks/results/sidco_tree_h100_s37a.json): 16 ways 0.471 ms, 32 ways 0.478, 64 ways 0.502 (a wider pass
+# costs more than the pass it saves). The XLA passes use _SEARCH_WAYS.
+_PASS_WAYS = 16
 
 
 def _count_pass_mode(flat) -> tuple[bool, bool]:
   """``(one kernel per counting pass, interpret)`` for :data:`_COUNT_PASS` (one segment:
-  :func:`_pallas_pack.search_pass`; several: :func:`_pallas_pack.seg_search_pass`)."""
-  check_choice("_COUNT_PASS", _COUNT_PASS, ("xla", "pallas"))
+  :func:`_pallas_pack.search_pass`; several: :func:`_pallas_pack.seg_search_pass`): never inside ``shard_map``
+  (:func:`_varying`); ``"auto"`` only compiled on a GPU."""
+  check_choice("_COUNT_PASS", _COUNT_PASS, ("auto", "xla", "pallas"))
   if _COUNT_PASS == "xla" or not _pallas_pack.available() or _varying(flat):
     return False, False
-  return True, jax.default_backend() != "gpu"
+  gpu = jax.default_backend() == "gpu"
+  if _COUNT_PASS == "auto" and not gpu:
+    return False, False
+  return True, not gpu
 
 
 def _search_bits(ok_multi, top_bits, keep_low: bool, ways: int | None = None):
@@ -1214,16 +1221,29 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
 # the same two-level argument with W-way count searches over the block maxima and over the k candidate
 # blocks instead of sorts: no cub radix sort, so a jitted update stays one command buffer) or "bits"
 # (:func:`_seg_exact`: a W-way search over the float bits, ceil(31 / log2 W) counting passes over the whole
-# buffer), or "auto" ("counts" for one segment, "blocks" for several). The same thresholds bit for bit.
-# Session 15 (H200, ResNet-50 tree, ratio 0.001; benchmarks/results/sidco_counts_s15d_h200.json, _s15e): one
-# isolated jitted training step spans 0.77 / 0.81 ms of device time with "counts" against 2.36 / 2.03 ms with
-# "blocks" (1.4-1.7 ms of it idle while the host updates the command buffer after cub's sorts). But neither
-# steady state gains: inside a device loop "counts" is 6% slower (s15e: busy 0.733 against 0.692 ms), and
-# called back to back from Python (host-bound) it costs more host time per call (s15d: 5.06 against 3.09 ms;
-# s15e: 9.97 against 4.22 ms: one larger command buffer to update and launch). So the default stays "blocks";
-# "counts" is for updates timed or run one at a time. Per tensor "counts" also costs 37% more busy time (s15e:
-# 0.98 against 0.72 ms).
-_EXACT_SEARCH = "blocks"
+# buffer), or "auto" (the default since session 37: "counts" for one segment where its passes run as compiled
+# Pallas kernels (:func:`_count_pass_mode`: on a GPU, outside shard_map), "blocks" otherwise). The same
+# thresholds bit for bit.
+# Session 15 (H200, XLA passes, 8 ways; benchmarks/results/sidco_counts_s15d_h200.json, _s15e) kept "blocks":
+# "counts" was 6% slower inside a device loop, cost more host time called back to back, and per tensor 37% more
+# busy time. With one Pallas kernel per pass (_COUNT_PASS) and 16 ways it is faster for one segment in every
+# reading of session 37's same-run comparison (H100, ResNet-50 tree, ratio 0.001, the XLA leaf writer;
+# benchmarks/results/sidco_tree_h100_s37a.json, sidco_model_step_h100_s37a.json): the update alone 0.578 against
+# 1.062 ms, over the shifting loop 1.019 against 1.318 ms per update, back to back from Python 2.97 against
+# 3.95 ms, the batch-64 training step +0.219 against +0.260 ms of busy time over Adam; bitwise the same over the
+# loop (0 of 331 arrays differing). Per tensor the counting search stays off: +0.478 against +0.294 ms in the
+# training step.
+_EXACT_SEARCH = "auto"
+
+
+def _exact_search(flat, num_segments: int) -> str:
+  """:data:`_EXACT_SEARCH` resolved for a buffer of ``num_segments`` segments ("auto": "counts" for one segment
+  whose counting passes run as compiled Pallas kernels, else "blocks")."""
+  check_choice("_EXACT_SEARCH", _EXACT_SEARCH, ("auto", "blocks", "counts", "bits"))
+  if _EXACT_SEARCH != "auto":
+    return _EXACT_SEARCH
+  fused, interp = _count_pass_mode(flat)
+  return "counts" if num_segments == 1 and fused and not interp else "blocks"
 # Whether SIDCo's fit runs first with exact counts (True, the path before session 9: the fit aims at
 # ``overshoot * k``, and the search runs under ``lax.cond`` only on the steps where the fit missed the band
 # [k, capacity]) or the search alone decides every step (False: the same payload, since the correction
@@ -1343,7 +1363,6 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   NaN entries are never counted (as in :func:`_seg_exact`; a non-finite buffer's payload is not sent)."""
   nb = bmax.shape[0]
   num = lay.num_segments
-  ways = _SEARCH_WAYS
   nt = lay.num_tiles
   a = jnp.abs(flat).astype(jnp.float32).reshape(nb, _BLOCK)
   bm = bmax.astype(jnp.float32)
@@ -1356,6 +1375,7 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   tile_sum = lambda m: lay.seg_reduce(jnp.sum(m.reshape(nt, _THR_BLOCKS), axis=1, dtype=jnp.int32), "sum")
   top = _seg_top_bits(bmax, lay)
   fused, interp = _count_pass_mode(flat)
+  ways = _PASS_WAYS if fused else _SEARCH_WAYS
 
   def kernel_search(x_rows, row_seg, lo_bits=0):
     """The search over ``x_rows`` (rows of 64; row ``r`` in segment ``row_seg[r]``) one kernel per pass: one
@@ -1656,10 +1676,7 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
 
   def exact_thresholds():
     k, _, k_max = exact
-    check_choice("_EXACT_SEARCH", _EXACT_SEARCH, ("auto", "blocks", "counts", "bits"))
-    search = _EXACT_SEARCH
-    if search == "auto":
-      search = "counts" if lay.num_segments == 1 else "blocks"
+    search = _exact_search(flat, lay.num_segments)
     if search == "blocks":
       return _seg_kth_blocks(flat, bmax, lay, k, k_max)
     if search == "counts":
