@@ -447,3 +447,35 @@ def test_row_suffixes_set_the_module_switches():
   assert ms._tx("sidco_pt_counts_fpass_pwrite_w16", 0.01) is not None
   with pytest.raises(SystemExit, match="unknown row"):
     ms._tx("sidco_fpass_bogus", 0.01)
+
+
+def test_quoted_h100_session37_figures():
+  """Session 37's H100 step (``sidco_model_step_h100_s37a.json``) as BENCHMARKS.md, README, docs/comm.md and sparse.py
+  quote it: kernel time over Adam's (ms) and x ``topk``, wall over Adam with its IQR; the counting search with Pallas
+  passes (the default since) below the block select for one segment, above it per tensor."""
+  d = json.loads((RESULTS / "sidco_model_step_h100_s37a.json").read_text())
+  r = {x["row"]: x for x in d["rows"]}
+  assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(r["adam"]["step_s"] * 1e3, 2) == 21.1
+  busy = {k: round(v["busy_overhead_s"] * 1e3, 3) for k, v in r.items() if k != "adam"}
+  assert busy == {"topk": 1.221, "sidco": 0.26, "sidco_counts_fpass_w16": 0.219, "sidco_counts_fpass_pwriter_w16": 0.296,
+                  "sidco_pt": 0.294, "sidco_pt_counts_fpass_w16": 0.478}
+  assert {k: round(v["busy_vs_topk"], 2) for k, v in r.items() if "busy_vs_topk" in v} == {
+      "sidco": 4.7, "sidco_counts_fpass_w16": 5.58, "sidco_counts_fpass_pwriter_w16": 4.13, "sidco_pt": 4.16,
+      "sidco_pt_counts_fpass_w16": 2.55}
+  wall = {k: (round(v["overhead_s"] * 1e3, 3), [round(x * 1e3, 3) for x in v["overhead_s_iqr"]])
+          for k, v in r.items() if k != "adam"}
+  assert wall == {"topk": (0.951, [0.927, 0.972]), "sidco": (0.024, [0.008, 0.051]),
+                  "sidco_counts_fpass_w16": (-0.087, [-0.103, -0.02]),
+                  "sidco_counts_fpass_pwriter_w16": (-0.0, [-0.014, 0.069]),
+                  "sidco_pt": (0.083, [0.074, 0.121]), "sidco_pt_counts_fpass_w16": (0.14, [0.108, 0.166])}
+
+
+def test_blocks_rows_force_the_block_select():
+  """``_blocks`` (the default before session 37) forces the block select; the plain rows keep the module's "auto"."""
+  assert ms._switches("sidco_blocks")["_EXACT_SEARCH"] == "blocks"
+  assert ms._switches("sidco_flat_blocks")["_EXACT_SEARCH"] == "blocks"
+  assert ms._switches("sidco")["_EXACT_SEARCH"] == ms.sp._EXACT_SEARCH == "auto"
+  assert ms._switches("sidco_counts_w32")["_PASS_WAYS"] == ms._switches("sidco_counts_w32")["_SEARCH_WAYS"] == 32
+  assert ms._switches("sidco")["_PASS_WAYS"] == ms.sp._PASS_WAYS
+  opt = ms._tx("sidco_flat_blocks", 0.001)
+  assert opt is not None

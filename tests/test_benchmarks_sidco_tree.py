@@ -330,3 +330,31 @@ def test_every_selected_variant_runs_with_its_default_row():
       "topk(0.001)", "sidco(0.001, per_tensor=True)", "sidco(0.001, per_tensor=True) [counts 16]"]
   assert st._selected(names, []) == names
   assert st._selected(names, ["tree"]) == ["tree copy"]
+
+
+def test_quoted_h100_session37_update_alone():
+  """Session 37's H100 run (``sidco_tree_h100_s37a.json``) as BENCHMARKS.md, README, docs/comm.md and sparse.py quote
+  it: span of one call (ms), x ``topk``, launches, per update over the loop and back to back (ms), every switch row
+  equal to the block select over the loop; the Pallas-writer row's kernel groups."""
+  a, floor = _rows("sidco_tree_h100_s37a.json")
+  names = ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [counts 16 fpass]", "sidco(0.001) [pwrite counts 16 fpass]",
+           "sidco(0.001) [pwrite counts 32 fpass]", "sidco(0.001) [pwrite counts 64 fpass]",
+           "sidco(0.001, per_tensor=True)", "sidco(0.001, per_tensor=True) [pwrite counts 16 fpass]")
+  ms_ = lambda m, k: round(a[m][k] * 1e3, 3)   # noqa: E731
+  assert [ms_(m, "single_device_s") for m in names] == [1.658, 1.062, 0.578, 0.471, 0.478, 0.502, 1.235, 0.726]
+  assert [round(a[names[0]]["single_device_s"] / a[m]["single_device_s"], 2) for m in names[1:]] == [
+      1.56, 2.87, 3.52, 3.47, 3.3, 1.34, 2.28]
+  assert [int(a[m]["single_kernels"]) for m in names] == [61, 138, 130, 78, 76, 74, 134, 106]
+  assert [ms_(m, "device_s") for m in names] == [2.114, 1.318, 1.019, 1.194, 1.285, 1.233, 1.146, 1.475]
+  assert [ms_(m, "single_chain_wall_s") for m in names] == [2.364, 3.953, 2.965, 1.915, 2.137, 2.663, 2.406, 2.371]
+  assert ms_("sidco(0.001)", "single_idle_s") == 0.429
+  assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"] == [0, 331]
+             for m in names if " [" in m)
+  assert round(floor * 1e3, 3) == 0.085 and round(0.471 / 0.085, 1) == 5.5
+  top = a["sidco(0.001) [pwrite counts 16 fpass]"]["single_top_kernels"]
+  us = lambda pred: round(sum(t for n, t, _ in top if pred(n)) * 1e6)   # noqa: E731
+  passes = [t * 1e6 for n, t, _ in top if n.startswith("search_pass")]
+  assert (us(lambda n: n.startswith("sum_leaves")), us(lambda n: n in ("kernel", "kernel__1"))) == (144, 132)
+  assert (len(passes), round(sum(passes)), round(min(passes), 1), round(max(passes), 1)) == (16, 82, 2.5, 7.6)
+  small = [t for n, t, _ in top if n.startswith(("loop_", "input_")) and t < 1e-5]
+  assert (len(small), round(sum(small) * 1e6)) == (44, 102)

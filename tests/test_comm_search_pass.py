@@ -131,7 +131,6 @@ def test_sidco_with_one_kernel_per_pass_is_bitwise_the_xla_passes_and_the_block_
   kw = dict(kw)
   ratio = kw.pop("ratio", 0.02)
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
-  monkeypatch.setattr(sp, "_SEARCH_WAYS", 16)   # (the ways timed on the GPU; 8 passes a level in the interpreter)
   res = {}
   for search, passes in (("counts", "pallas"), ("blocks", "xla")):   # (counts with XLA's passes = blocks:
     monkeypatch.setattr(sp, "_EXACT_SEARCH", search)                    # tests/test_comm_sparse.py)
@@ -148,6 +147,7 @@ def test_sidco_with_one_kernel_per_pass_is_bitwise_the_xla_passes_and_the_block_
   g = {"a": jnp.ones((30, 40)), "b": jnp.ones((40,))}
   tx = sp.sidco(0.02, **kw)
   jax.make_jaxpr(tx.update)(g, tx.init(g))
+  assert sp._PASS_WAYS == 16 and sp._SEARCH_WAYS == 8   # (the kernels' ways, not the XLA passes')
   assert len(calls) == 2 * -(-31 // 4)   # two levels, ceil(31 / log2 16) passes each
 
 
@@ -173,6 +173,50 @@ def test_zero_counters_are_zero_for_every_k():
   for k in (-5, 0, 7):
     z = jax.jit(lambda b: pp._zero_counters(12, b))(jnp.asarray([0, 9, k], jnp.int32))
     assert z.dtype == jnp.int32 and z.shape == (12,) and not np.any(np.asarray(z))
+
+
+def test_auto_runs_the_kernels_compiled_on_a_gpu_for_one_segment_only(monkeypatch):
+  """The defaults (``_EXACT_SEARCH = _COUNT_PASS = "auto"``): on a GPU the counting search with one compiled kernel
+  per pass for one segment, the block select for several segments and inside ``shard_map``; off a GPU the block
+  select and the XLA passes (never the interpreter); an explicit choice is kept; a bad one is refused by name."""
+  assert (sp._EXACT_SEARCH, sp._COUNT_PASS) == ("auto", "auto")
+  x = jnp.ones(8)
+  assert sp._count_pass_mode(x) == (False, False)
+  assert [sp._exact_search(x, n) for n in (1, 3)] == ["blocks", "blocks"]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert sp._count_pass_mode(x) == (True, False)
+  assert [sp._exact_search(x, n) for n in (1, 3)] == ["counts", "blocks"]
+  monkeypatch.setattr(sp, "_varying", lambda v: True)                 # (inside shard_map: the XLA path)
+  assert sp._count_pass_mode(x) == (False, False) and sp._exact_search(x, 1) == "blocks"
+  monkeypatch.undo()
+  monkeypatch.setattr(sp, "_COUNT_PASS", "pallas")                    # (explicit: the interpreter off a GPU)
+  assert sp._count_pass_mode(x) == (True, True) and sp._exact_search(x, 1) == "blocks"
+  for name in ("bits", "counts", "blocks"):
+    monkeypatch.setattr(sp, "_EXACT_SEARCH", name)
+    assert sp._exact_search(x, 1) == sp._exact_search(x, 4) == name
+  monkeypatch.setattr(sp, "_EXACT_SEARCH", "sorts")
+  with pytest.raises(ValueError, match="_EXACT_SEARCH"):
+    sp._exact_search(x, 1)
+
+
+def test_auto_on_a_gpu_traces_the_pass_kernels_for_one_segment(monkeypatch):
+  """With the GPU's resolution of "auto" (forced here; the kernels interpreted) a one-segment sidco traces the
+  counting search's pass kernels (two levels of ceil(31 / log2 16) passes) and a per-tensor one traces none."""
+  segs = []
+  monkeypatch.setattr(sp, "_exact_search", lambda flat, n: segs.append(n) or ("counts" if n == 1 else "blocks"))
+  monkeypatch.setattr(sp, "_count_pass_mode", lambda flat: (True, True))
+  calls, seg_calls = [], []
+  real, seg_real = pp.search_pass, pp.seg_search_pass
+  monkeypatch.setattr(pp, "search_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(pp, "seg_search_pass", lambda *a, **k: seg_calls.append(1) or seg_real(*a, **k))
+  g = {"a": jnp.ones((300, 40)), "b": jnp.ones((40, 100))}
+  for per_tensor, want in ((False, 2 * 8), (True, 0)):
+    calls.clear()
+    segs.clear()
+    tx = sp.sidco(0.02, per_tensor=per_tensor)
+    jax.make_jaxpr(tx.update)(g, tx.init(g))
+    assert (len(calls), len(seg_calls)) == (want, 0)
+    assert set(segs) == ({2} if per_tensor else {1})   # (per tensor: one segment per leaf)
 
 
 def test_one_kernel_per_pass_compiled_on_a_gpu_interpreted_elsewhere(monkeypatch):

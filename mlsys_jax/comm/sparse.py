@@ -2665,7 +2665,10 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       a sort of those ``8 k`` entries the ``k``-th), the segment is packed above the float
       just below it (one packing, as the estimator's), and a segment that selected more than ``k``
       (magnitudes tied at the cut) is cut back to its ``k`` largest, in index order among the tied ones, by
-      prefix counts over the payload's slots (no sort, no conditional). ``distribution``, ``stages``, ``first_ratio``, ``adapt_every``,
+      prefix counts over the payload's slots (no sort, no conditional). On a GPU, for one segment (the
+      flat default, outside ``shard_map``), the same ``k``-th largest comes from counting searches over the
+      block maxima and the candidate blocks, one Pallas kernel per pass (``sparse._EXACT_SEARCH = "auto"``,
+      since session 37: the same thresholds bit for bit, no sort). ``distribution``, ``stages``, ``first_ratio``, ``adapt_every``,
       ``tolerance``, ``min_fraction``, ``max_fraction`` and ``overshoot`` then change nothing that is
       sent. The set is the top-k of sidco's own error-compensated buffer ``gradient + residual``, written
       leaf by leaf in place (``_SUM_FLATTEN = "dus"``): for gradients that are materialized before the
@@ -2723,13 +2726,17 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   statistics (``sparse._SUM_BUILD``, since session 31; with ``flat_state`` and per-tensor segments a second kernel
   writes the new residual from the buffer, in place); elsewhere XLA writes the leafwise sums by chunks in place
   and a statistics pass reads them. Then per-segment thresholds (with
-  ``exact``: the block select's three small sorts; without: the fit, from reshapes and one small gather),
+  ``exact``: the block select's three small sorts, or on a GPU for one segment the counting search's passes;
+  without: the fit, from reshapes and one small gather),
   one packing with per-segment thresholds, one collective, and one elementwise pass per leaf for its
   residual and output (an entry was sent iff it is above its segment's threshold and not after the last
   packed index). No Python loop of kernels over leaves (with ``exact``, no conditional); deterministic. In a
   whole f32 batch-64 ResNet-50 training step on an H100 (session 31, ``sidco_model_step_h100_s31{b,c}.json``, cost
   over Adam alone) the default adds +0.075 / +0.103 ms against ``topk``'s +0.952 / +1.009 (per tensor +0.173 /
-  +0.157, ``flat_state=True`` -0.003 / +0.035); the figures below are older update-alone loops. On an H200
+  +0.157, ``flat_state=True`` -0.003 / +0.035); session 37 (H100, ``sidco_model_step_h100_s37a.json``, kernel
+  time over Adam's): the counting search 0.219 ms, the block select 0.260, ``topk`` 1.221; one jitted update
+  alone 0.578 ms against the block select's 1.062 and ``topk``'s 1.658 (``sidco_tree_h100_s37a.json``). The
+  figures below are older update-alone loops. On an H200
   (ResNet-50's 161 leaves, 25.56M float32, ratio 0.001, device time per update in a 20-update loop;
   session 10, two runs, ``benchmarks/results/sidco_tree_s10a_h200.json`` and ``sidco_tree_s10b_h200.json``):
   the defaults (tie cut by prefix counts, the buffer's zeros a fill of their own, narrow segment keys)
