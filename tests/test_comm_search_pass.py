@@ -243,3 +243,38 @@ def test_integer_atomics_lower_to_an_integer_add(monkeypatch):
   for name, ir in (("search_pass", one), ("seg_search_pass", seg)):
     ops = [ln.split("tt.atomic_rmw", 1)[1].split(",")[0].strip() for ln in ir.splitlines() if "tt.atomic_rmw" in ln]
     assert ops == ["add"], (name, ops)
+
+
+@pytest.mark.parametrize("kw", [dict(), pytest.param(dict(flat_state=True), marks=pytest.mark.slow)])   # (~10 s)
+def test_pass_kernels_under_pmap_with_one_bad_worker(kw, monkeypatch):
+  """The GPU default for one segment (the counting search, one kernel per pass; interpreted here) under pmap (2
+  devices) with a NaN on one worker: every replica skips the step, the averaged updates are identical across
+  replicas, and updates and states equal the block select's bitwise."""
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 devices")
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
+  rng = np.random.default_rng(5)
+  shapes = {"a": (30, 40), "b": (900,)}
+  gs = [{k: jnp.asarray(rng.normal(size=(2,) + s), jnp.float32) for k, s in shapes.items()} for _ in range(2)]
+  gs[0]["b"] = gs[0]["b"].at[1, 7].set(jnp.nan)   # (worker 1 only, first step)
+  calls, real = [], pp.search_pass
+  monkeypatch.setattr(pp, "search_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+  res = {}
+  for search, passes in (("counts", "pallas"), ("blocks", "xla")):
+    monkeypatch.setattr(sp, "_EXACT_SEARCH", search)
+    monkeypatch.setattr(sp, "_COUNT_PASS", passes)
+    tx = sp.sidco(0.02, axis_name="d", **kw)
+    st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(jax.tree_util.tree_map(lambda x: x[0], gs[0])))
+    step, outs = jax.pmap(tx.update, axis_name="d"), []
+    for g in gs:
+      o, st = step(g, st)
+      outs.append((o, st))
+    res[search] = outs
+  assert calls and len(calls) % (2 * 8) == 0   # (the kernels ran under pmap: two levels of 8 passes per trace)
+  for x, y in zip(jax.tree_util.tree_leaves(res["counts"]), jax.tree_util.tree_leaves(res["blocks"])):
+    np.testing.assert_array_equal(bits(x), bits(y))
+  (o0, s0), (o1, s1) = res["counts"]
+  assert np.asarray(s0.nonfinite_steps).tolist() == [1, 1]
+  for leaf in jax.tree_util.tree_leaves((o0, o1)):
+    np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[1])
+  assert float(np.abs(np.asarray(jax.tree_util.tree_leaves(o1)[0])).max()) > 0
