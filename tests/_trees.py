@@ -46,3 +46,34 @@ def vmapped_under_modes(monkeypatch, module, switch: str, modes, make_tx):
     o, st = jax.jit(jax.vmap(tx.update))(g, jax.vmap(tx.init)(g))
     res[mode] = (o, st.residual)
   return res
+
+
+def pmap_one_bad_worker_under_modes(monkeypatch, module, settings, make_tx, seed: int):
+  """Two ``tx.update`` steps under ``jax.pmap`` over 2 devices (axis ``"d"``; a (30, 40) and a (900,) leaf), worker
+  1's first gradient holding a NaN, once per entry of ``settings`` (``{name: {module attribute: value}}``, set
+  before ``make_tx()`` builds the transform); checks the first entry's run: every replica skipped the bad step,
+  the averaged updates are identical across replicas and non-zero on the good step. Returns ``{name: [(updates,
+  state), ...]}`` (for the caller's comparison of the entries)."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  shapes = {"a": (30, 40), "b": (900,)}
+  gs = [{k: jnp.asarray(rng.normal(size=(2,) + s), jnp.float32) for k, s in shapes.items()} for _ in range(2)]
+  gs[0]["b"] = gs[0]["b"].at[1, 7].set(jnp.nan)   # (worker 1 only, first step)
+  res = {}
+  for name, attrs in settings.items():
+    for attr, value in attrs.items():
+      monkeypatch.setattr(module, attr, value)
+    tx = make_tx()
+    st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(jax.tree_util.tree_map(lambda x: x[0], gs[0])))
+    step, outs = jax.pmap(tx.update, axis_name="d"), []
+    for g in gs:
+      o, st = step(g, st)
+      outs.append((o, st))
+    res[name] = outs
+  (o0, s0), (o1, _) = res[next(iter(settings))]
+  assert np.asarray(s0.nonfinite_steps).tolist() == [1, 1]   # (both replicas skipped the bad step)
+  for leaf in jax.tree_util.tree_leaves((o0, o1)):
+    np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[1])
+  assert float(np.abs(np.asarray(jax.tree_util.tree_leaves(o1)[0])).max()) > 0
+  return res

@@ -9,7 +9,7 @@ import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
-from _trees import vmapped_under_modes  # tests/_trees.py
+from _trees import pmap_one_bad_worker_under_modes, vmapped_under_modes  # tests/_trees.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -209,24 +209,7 @@ def test_sum_kernel_under_pmap_with_one_bad_worker(kw, monkeypatch):
   if jax.device_count() < 2:
     pytest.skip("needs 2 devices")
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
-  rng = np.random.default_rng(4)
-  shapes = {"a": (30, 40), "b": (900,)}
-  gs = [{k: jnp.asarray(rng.normal(size=(2,) + s), jnp.float32) for k, s in shapes.items()} for _ in range(2)]
-  gs[0]["b"] = gs[0]["b"].at[1, 7].set(jnp.nan)   # (worker 1 only, first step)
-  res = {}
-  for mode in ("pallas", "xla"):
-    monkeypatch.setattr(sp, "_SUM_BUILD", mode)
-    tx = sp.sidco(0.02, axis_name="d", **kw)
-    st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(jax.tree_util.tree_map(lambda x: x[0], gs[0])))
-    step, outs = jax.pmap(tx.update, axis_name="d"), []
-    for g in gs:
-      o, st = step(g, st)
-      outs.append((o, st))
-    res[mode] = outs
+  res = pmap_one_bad_worker_under_modes(monkeypatch, sp, {m: {"_SUM_BUILD": m} for m in ("pallas", "xla")},
+                                        lambda: sp.sidco(0.02, axis_name="d", **kw), seed=4)
   for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
     np.testing.assert_array_equal(bits(x), bits(y))
-  (o0, s0), (o1, s1) = res["pallas"]
-  assert np.asarray(s0.nonfinite_steps).tolist() == [1, 1]   # (both replicas skipped the bad step)
-  for leaf in jax.tree_util.tree_leaves((o0, o1)):
-    np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[1])
-  assert float(np.abs(np.asarray(jax.tree_util.tree_leaves(o1)[0])).max()) > 0
