@@ -200,11 +200,11 @@ def test_auto_runs_the_kernels_compiled_on_a_gpu_for_one_segment_only(monkeypatc
 
 
 def test_auto_on_a_gpu_traces_the_pass_kernels_for_one_segment(monkeypatch):
-  """With the GPU's resolution of "auto" (forced here; the kernels interpreted) a one-segment sidco traces the
-  counting search's pass kernels (two levels of ceil(31 / log2 16) passes) and a per-tensor one traces none."""
-  segs = []
-  monkeypatch.setattr(sp, "_exact_search", lambda flat, n: segs.append(n) or ("counts" if n == 1 else "blocks"))
-  monkeypatch.setattr(sp, "_count_pass_mode", lambda flat: (True, True))
+  """With the defaults on a GPU (the backend forced here; traced only, nothing compiled) a one-segment sidco traces
+  the counting search's pass kernels (two levels of ceil(31 / log2 16) passes) and a per-tensor one traces none."""
+  segs, resolve = [], sp._exact_search
+  monkeypatch.setattr(sp, "_exact_search", lambda flat, n: segs.append(n) or resolve(flat, n))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   calls, seg_calls = [], []
   real, seg_real = pp.search_pass, pp.seg_search_pass
   monkeypatch.setattr(pp, "search_pass", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -1244,6 +1244,8 @@ def _exact_search(flat, num_segments: int) -> str:
     return _EXACT_SEARCH
   fused, interp = _count_pass_mode(flat)
   return "counts" if num_segments == 1 and fused and not interp else "blocks"
+
+
 # Whether SIDCo's fit runs first with exact counts (True, the path before session 9: the fit aims at
 # ``overshoot * k``, and the search runs under ``lax.cond`` only on the steps where the fit missed the band
 # [k, capacity]) or the search alone decides every step (False: the same payload, since the correction
