@@ -479,3 +479,29 @@ def test_blocks_rows_force_the_block_select():
   assert ms._switches("sidco")["_PASS_WAYS"] == ms.sp._PASS_WAYS
   opt = ms._tx("sidco_flat_blocks", 0.001)
   assert opt is not None
+
+
+def test_quoted_h100_session38_figures():
+  """Session 38's H100 step (``sidco_model_step_h100_s38a.json``), the confirmation run of session 37's default, as
+  BENCHMARKS.md and docs/comm.md quote it: kernel time over Adam's and x ``topk``, wall over Adam with its IQR, and
+  the kernels only the compressor launches (Pallas and sort classes): the counting search (``sidco``, ``sidco_flat``)
+  below the block select (``_blocks``) in both layouts, while the whole kernel time's difference is within the
+  convolutions' spread between rows."""
+  d = json.loads((RESULTS / "sidco_model_step_h100_s38a.json").read_text())
+  r = {x["row"]: x for x in d["rows"]}
+  assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(r["adam"]["step_s"] * 1e3, 2) == 20.93
+  busy = {k: round(v["busy_overhead_s"] * 1e3, 3) for k, v in r.items() if k != "adam"}
+  assert busy == {"topk": 1.197, "sidco": 0.248, "sidco_blocks": 0.175, "sidco_flat": 0.169,
+                  "sidco_flat_blocks": 0.216, "sidco_pt": 0.323}
+  assert {k: round(v["busy_vs_topk"], 2) for k, v in r.items() if "busy_vs_topk" in v} == {
+      "sidco": 4.82, "sidco_blocks": 6.85, "sidco_flat": 7.07, "sidco_flat_blocks": 5.53, "sidco_pt": 3.71}
+  wall = {k: (round(v["overhead_s"] * 1e3, 3), [round(x * 1e3, 3) for x in v["overhead_s_iqr"]])
+          for k, v in r.items() if k != "adam"}
+  assert wall == {"topk": (0.983, [0.959, 1.044]), "sidco": (0.019, [-0.039, 0.037]),
+                  "sidco_blocks": (0.051, [0.008, 0.065]), "sidco_flat": (-0.063, [-0.093, -0.058]),
+                  "sidco_flat_blocks": (0.024, [0.017, 0.033]), "sidco_pt": (0.055, [0.046, 0.069])}
+  own = {k: round(sum(v["kernel_classes_s"].get(c, 0.0) for c in ("other", "sort")) * 1e3, 3) for k, v in r.items()}
+  assert own == {"adam": 0.0, "topk": 0.907, "sidco": 0.249, "sidco_blocks": 0.3, "sidco_flat": 0.244,
+                 "sidco_flat_blocks": 0.297, "sidco_pt": 0.336}
+  conv = [v["kernel_classes_s"]["conv"] * 1e3 for v in r.values()]
+  assert round(max(conv) - min(conv), 3) == 0.069        # the convolutions alone move this much between rows

@@ -358,3 +358,26 @@ def test_quoted_h100_session37_update_alone():
   assert (len(passes), round(sum(passes)), round(min(passes), 1), round(max(passes), 1)) == (16, 82, 2.5, 7.6)
   small = [t for n, t, _ in top if n.startswith(("loop_", "input_")) and t < 1e-5]
   assert (len(small), round(sum(small) * 1e6)) == (44, 102)
+
+
+def test_quoted_h100_session38_update_alone():
+  """Session 38's H100 run (``sidco_tree_h100_s38a.json``), the confirmation of session 37's default, as BENCHMARKS.md,
+  README and docs/comm.md quote it: span of one call (ms), x ``topk``, launches, idle, per update over the loop and
+  back to back (ms); the block select forced by ``blocks 8`` and every switch row equal to its default over the loop."""
+  a, floor = _rows("sidco_tree_h100_s38a.json")
+  names = ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [blocks 8]", "sidco(0.001) [pwrite]",
+           "sidco(0.001, flat_state=True)", "sidco(0.001, flat_state=True) [blocks 8]",
+           "sidco(0.001, per_tensor=True)")
+  ms_ = lambda m, k: round(a[m][k] * 1e3, 3)   # noqa: E731
+  assert [ms_(m, "single_device_s") for m in names] == [1.653, 0.573, 1.055, 0.472, 0.536, 0.907, 1.088]
+  assert [round(a[names[0]]["single_device_s"] / a[m]["single_device_s"], 2) for m in names[1:]] == [
+      2.88, 1.57, 3.5, 3.08, 1.82, 1.52]
+  assert [int(a[m]["single_kernels"]) for m in names] == [61, 130, 138, 78, 97, 104, 134]
+  assert [ms_(m, "single_idle_s") for m in names] == [0.019, 0.001, 0.424, 0.002, 0.0, 0.326, 0.423]
+  assert [ms_(m, "device_s") for m in names] == [2.105, 0.937, 1.368, 1.249, 1.002, 1.253, 1.161]
+  assert [ms_(m, "single_chain_wall_s") for m in names] == [2.04, 1.95, 2.684, 2.16, 1.2, 1.495, 2.55]
+  assert (a["sidco(0.001) [blocks 8]"]["exact_search"], a["sidco(0.001)"]["exact_search"]) == ("blocks", "auto")
+  assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"][0] == 0 for m in names if " [" in m)
+  assert a["sidco(0.001) [blocks 8]"]["loop_arrays_differing"] == [0, 331]
+  assert a["sidco(0.001, flat_state=True) [blocks 8]"]["loop_arrays_differing"] == [0, 171]
+  assert round(floor * 1e3, 3) == 0.085 and round(0.472 / 0.085, 1) == 5.6
