@@ -30,7 +30,9 @@ def _xla_seg_search(rows, row_seg, k, ways):
   return sp._search_bits(ok, top, keep_low=True, ways=ways), top
 
 
-@pytest.mark.parametrize("nr,ns,ways,sorted_segs", [(70, 5, 16, True), (53, 7, 16, False), (3, 2, 32, True)])
+@pytest.mark.parametrize("nr,ns,ways,sorted_segs", [(70, 5, 16, True), (53, 7, 16, False),
+                                                    pytest.param(3, 2, 32, True, marks=pytest.mark.slow)])   # (32 ways: a
+                                                    # benchmark switch, ~4 s)
 def test_seg_search_bits_is_the_xla_segmented_search(nr, ns, ways, sorted_segs):
   """Per segment, the largest threshold with at least k_s of the segment's entries above it: the XLA search's bits,
   with ties, a NaN, zero (padding) rows, k = 1, k above a segment's positives (0) and a segment without rows;
@@ -76,6 +78,8 @@ def test_seg_search_pass_bad_input():
     pp.seg_search_bits(rows, seg, 3, jnp.asarray([100, 100]), ways=6, interpret=True)
 
 
+@pytest.mark.slow   # (~8 s; a switch: per tensor the default is the block select on every backend, and the kernel
+# itself is checked against the XLA search above)
 def test_per_tensor_with_one_kernel_per_pass_is_bitwise_the_block_select(monkeypatch):
   """sidco per tensor (several segments: seg_search_pass) with the counting search's passes as kernels: updates
   and states bitwise the block select's, over a NaN step and a step with ties at the cut; the segmented kernel

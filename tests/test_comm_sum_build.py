@@ -202,7 +202,9 @@ def test_tile_ranges_and_alignment_helpers():
   assert pp._pow2_divisor([4096, 3]) == 1 and pp._pow2_divisor([]) == 16
 
 
-@pytest.mark.parametrize("kw", [dict(per_tensor=True), dict(per_tensor=True, flat_state=True)])
+@pytest.mark.parametrize("kw", [dict(per_tensor=True), pytest.param(dict(per_tensor=True, flat_state=True),
+                                                                    marks=pytest.mark.slow)])   # (the flat
+# buffer's segments, ~4 s; the same kernel per tensor stays in the default suite)
 def test_sum_kernel_under_pmap_with_one_bad_worker(kw, monkeypatch):
   """Under pmap (2 devices) with a NaN on one worker only: the step is skipped on every replica (the agreed flag),
   the averaged updates are identical across replicas, and updates and states equal the XLA build's bitwise."""

@@ -257,7 +257,8 @@ def test_density_warmup_bad_input():
     density_warmup(topk, 0.01, steps=2, ratios=[0.1], fixed_stage=2)
 
 
-@pytest.mark.parametrize("flat_state", [False, True])
+@pytest.mark.parametrize("flat_state", [pytest.param(False, marks=pytest.mark.slow), True])   # (the raveled selection
+# runs in both; the tree residual form ~8 s more in the slow suite)
 def test_recipe_with_a_raveled_rms_selection_sends_the_same(flat_state):
   """The 0.1% recipe with its RMS selection on the raveled gradient (``optax.flatten(rms_selection(...))``: one
   buffer instead of one per leaf; the GPU form of benchmarks/sidco_model_step.py ``recipe_fixed_flat*``, not yet

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax.cost import dataset as cds
+from tests.test_value_s26_diagnosis import run_value_eval_flag_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -103,13 +104,25 @@ def test_option_test_data_fits_on_train_scores_test_only(tmp_path):
 
 
 def test_option_test_data_refuses_bad_combinations(tmp_path):
+  """Every refusal of --option_test_data, in one process (tests/test_value_s26_diagnosis.py's harness: the script's
+  ``main`` raises the ValueError the command line prints); the options parts' refusals too."""
   tr, te = _write(tmp_path)
-  r = _run([f"--option_data={tr}", f"--option_test_data={te}", "--option_split=program"], tmp_path)
-  assert r.returncode != 0 and "--option_test_data replaces the folds of --option_split" in r.stderr
+  run_value_eval_flag_checks("VE._OTEST.value == []", [
+      ([f"--option_data={tr}", f"--option_test_data={te}", "--option_split=program"],
+       "--option_test_data replaces the folds of --option_split"),
+      ([f"--option_data={tr},{te}", f"--option_test_data={te}"], "must name distinct files"),
+      ([f"--option_data={te}", f"--option_test_data={te.replace('test.npz', './test.npz')}"], "must name distinct files"),
+      (["--part=options", f"--option_data={tr}", f"--option_test_data={te}", "--option_split=program"],
+       "--option_test_data replaces the folds"),
+      (["--part=options_nested", f"--option_data={tr}", f"--option_test_data={te}"],
+       "read by --part=options and --part=program_mape only")])
+
+
+def test_option_test_data_refusal_reaches_the_command_line(tmp_path):
+  """One refusal through the command line: a non-zero exit and the ValueError's message on stderr."""
+  tr, te = _write(tmp_path)
   r = _run([f"--option_data={tr},{te}", f"--option_test_data={te}"], tmp_path)
-  assert r.returncode != 0 and "must name distinct files" in r.stderr
-  r = _run([f"--option_data={te}", f"--option_test_data={te.replace('test.npz', './test.npz')}"], tmp_path)
-  assert r.returncode != 0 and "must name distinct files" in r.stderr
+  assert r.returncode != 0 and "ValueError" in r.stderr and "must name distinct files" in r.stderr
 
 
 def test_program_folds_report_each_data_file(tmp_path):
@@ -182,14 +195,6 @@ def test_options_part_with_test_data_scores_the_new_programs_only(tmp_path):
     assert dev["NVIDIA H100 80GB HBM3"]["always_default"]["programs"] == 2
     assert dev["NVIDIA H100 80GB HBM3"]["always_default"]["within_tol"] == 0.5
     assert 0.0 <= m["value_model"]["within_tol"] <= 1.0
-
-
-def test_options_part_refuses_test_data_with_folds(tmp_path):
-  tr, te = _write(tmp_path)
-  r = _run([f"--option_data={tr}", f"--option_test_data={te}", "--option_split=program"], tmp_path, part="options")
-  assert r.returncode != 0 and "--option_test_data replaces the folds" in r.stderr
-  r = _run([f"--option_data={tr}", f"--option_test_data={te}"], tmp_path, part="options_nested")
-  assert r.returncode != 0 and "read by --part=options and --part=program_mape only" in r.stderr
 
 
 @pytest.mark.slow   # (~18 s on 2 CPU cores: five runs of the script; the default suite checks the options part's other flags)

@@ -96,7 +96,7 @@ for argv, msg in {cases!r}:
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["value_eval.py", "--part=program_mape", *argv])
   try:
-    VE.part_program_mape()
+    VE.main([])
     raise AssertionError(f"accepted {{argv}}")
   except ValueError as e:
     assert msg in str(e), (argv, str(e))
@@ -117,7 +117,8 @@ def assert_same_kernel_roofline(a, b) -> None:
 
 def run_value_eval_flag_checks(defaults: str, cases) -> None:
   """In a fresh process (absl flags are global): ``defaults`` (an expression on ``VE``, value_eval) holds with no
-  flags, and ``part_program_mape`` refuses each ``(argv, message)`` case with a ValueError naming ``message``."""
+  flags, and the script's ``main`` refuses each ``(argv, message)`` case with a ValueError naming ``message``
+  (``--part=program_mape`` unless the case's argv names another part: the last ``--part`` wins)."""
   code = _FLAG_HARNESS.format(defaults=defaults, cases=tuple(cases))
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
