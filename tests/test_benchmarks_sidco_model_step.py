@@ -450,9 +450,10 @@ def test_row_suffixes_set_the_module_switches():
 
 
 def test_quoted_h100_session37_figures():
-  """Session 37's H100 step (``sidco_model_step_h100_s37a.json``) as BENCHMARKS.md, README, docs/comm.md and sparse.py
-  quote it: kernel time over Adam's (ms) and x ``topk``, wall over Adam with its IQR; the counting search with Pallas
-  passes (the default since) below the block select for one segment, above it per tensor."""
+  """Session 37's H100 step (``sidco_model_step_h100_s37a.json``) as docs/comm.md ("Session 37"), sparse.py and the
+  history of BENCHMARKS.md quote it: kernel time over Adam's (ms) and x ``topk``, wall over Adam with its IQR; the
+  counting search with Pallas passes (the default since) below the block select for one segment, above it per
+  tensor."""
   d = json.loads((RESULTS / "sidco_model_step_h100_s37a.json").read_text())
   r = {x["row"]: x for x in d["rows"]}
   assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(r["adam"]["step_s"] * 1e3, 2) == 21.1
@@ -505,3 +506,30 @@ def test_quoted_h100_session38_figures():
                  "sidco_flat_blocks": 0.297, "sidco_pt": 0.336}
   conv = [v["kernel_classes_s"]["conv"] * 1e3 for v in r.values()]
   assert round(max(conv) - min(conv), 3) == 0.069        # the convolutions alone move this much between rows
+
+
+def test_quoted_h100_session38_second_run():
+  """Session 38's second H100 step (``sidco_model_step_h100_s38b.json``, 9 rounds) as BENCHMARKS.md and docs/comm.md
+  quote it: the default against the block select again, the 0.1% recipe's raveled final stage with either search,
+  and the flat-state chain with Adam flattened; kernel time, wall with its IQR, and the compressor's own kernels."""
+  d = json.loads((RESULTS / "sidco_model_step_h100_s38b.json").read_text())
+  r = {x["row"]: x for x in d["rows"]}
+  assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and d["repeats"] == 9
+  assert round(r["adam"]["step_s"] * 1e3, 2) == 20.94
+  busy = {k: round(v["busy_overhead_s"] * 1e3, 3) for k, v in r.items() if k != "adam"}
+  assert busy == {"topk": 1.279, "sidco": 0.183, "sidco_blocks": 0.265, "recipe_fixed_flat": 0.51,
+                  "recipe_fixed_flat_blocks": 0.568, "adam_flat": -0.219, "sidco_flat_adam_flat": 0.38}
+  assert {k: round(v["busy_vs_topk"], 2) for k, v in r.items() if "busy_vs_topk" in v} == {
+      "sidco": 6.98, "sidco_blocks": 4.83, "recipe_fixed_flat": 2.51, "recipe_fixed_flat_blocks": 2.25,
+      "sidco_flat_adam_flat": 3.37}
+  wall = {k: (round(v["overhead_s"] * 1e3, 3), [round(x * 1e3, 3) for x in v["overhead_s_iqr"]])
+          for k, v in r.items() if k != "adam"}
+  assert wall == {"topk": (1.095, [1.059, 1.121]), "sidco": (0.03, [0.001, 0.049]),
+                  "sidco_blocks": (0.149, [0.126, 0.192]), "recipe_fixed_flat": (0.359, [0.302, 0.408]),
+                  "recipe_fixed_flat_blocks": (0.414, [0.398, 0.466]), "adam_flat": (-0.449, [-0.46, -0.419]),
+                  "sidco_flat_adam_flat": (0.033, [0.006, 0.055])}
+  assert round(r["topk"]["overhead_s"] / r["recipe_fixed_flat"]["overhead_s"], 2) == 3.05
+  own = {k: round(sum(v["kernel_classes_s"].get(c, 0.0) for c in ("other", "sort")) * 1e3, 3) for k, v in r.items()}
+  assert (own["sidco"], own["sidco_blocks"], own["recipe_fixed_flat"], own["recipe_fixed_flat_blocks"]) == (
+      0.249, 0.301, 0.141, 0.199)
+  assert round(r["adam"]["idle_s"] * 1e3, 1) == 18.1   # (Adam's one profiled step: a long idle gap; busy time is used)

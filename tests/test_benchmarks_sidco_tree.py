@@ -333,9 +333,9 @@ def test_every_selected_variant_runs_with_its_default_row():
 
 
 def test_quoted_h100_session37_update_alone():
-  """Session 37's H100 run (``sidco_tree_h100_s37a.json``) as BENCHMARKS.md, README, docs/comm.md and sparse.py quote
-  it: span of one call (ms), x ``topk``, launches, per update over the loop and back to back (ms), every switch row
-  equal to the block select over the loop; the Pallas-writer row's kernel groups."""
+  """Session 37's H100 run (``sidco_tree_h100_s37a.json``) as docs/comm.md ("Session 37") and the history of
+  BENCHMARKS.md quote it: span of one call (ms), x ``topk``, launches, per update over the loop and back to back
+  (ms), every switch row equal to the block select over the loop; the Pallas-writer row's kernel groups."""
   a, floor = _rows("sidco_tree_h100_s37a.json")
   names = ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [counts 16 fpass]", "sidco(0.001) [pwrite counts 16 fpass]",
            "sidco(0.001) [pwrite counts 32 fpass]", "sidco(0.001) [pwrite counts 64 fpass]",
@@ -380,4 +380,7 @@ def test_quoted_h100_session38_update_alone():
   assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"][0] == 0 for m in names if " [" in m)
   assert a["sidco(0.001) [blocks 8]"]["loop_arrays_differing"] == [0, 331]
   assert a["sidco(0.001, flat_state=True) [blocks 8]"]["loop_arrays_differing"] == [0, 171]
-  assert round(floor * 1e3, 3) == 0.085 and round(0.472 / 0.085, 1) == 5.6
+  assert round(floor * 1e3, 3) == 0.085 and round(a["sidco(0.001) [pwrite]"]["single_device_s"] / floor, 1) == 5.5
+  builds = ["sidco(0.001, flat_state=True) [flatdus]", "sidco(0.001, flat_state=True) [pbuild]"]
+  assert [ms_(m, "single_device_s") for m in builds] == [0.832, 0.535]
+  assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"] == [0, 171] for m in builds)

@@ -1232,7 +1232,11 @@ def _seg_exact(a_tiles, bmax, lay: _Layout, k, flat=None):
 # 1.062 ms, over the shifting loop 1.019 against 1.318 ms per update, back to back from Python 2.97 against
 # 3.95 ms, the batch-64 training step +0.219 against +0.260 ms of busy time over Adam; bitwise the same over the
 # loop (0 of 331 arrays differing). Per tensor the counting search stays off: +0.478 against +0.294 ms in the
-# training step.
+# training step. Session 38's repeat (H100, sidco_tree_h100_s38a.json, sidco_model_step_h100_s38{a,b}.json): the
+# update alone 0.573 against 1.055 ms (flat_state=True, its first timing: 0.536 against 0.907); in the training step
+# lower by the wall median and by the compressor's own kernels in every pair of two runs, the 0.1% recipe's raveled
+# final stage included (run a's whole busy time ordered the tree pair the other way, 0.248 against 0.175 ms, within
+# the step's spread between rows).
 _EXACT_SEARCH = "auto"
 
 
@@ -2735,9 +2739,10 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   packed index). No Python loop of kernels over leaves (with ``exact``, no conditional); deterministic. In a
   whole f32 batch-64 ResNet-50 training step on an H100 (session 31, ``sidco_model_step_h100_s31{b,c}.json``, cost
   over Adam alone) the default adds +0.075 / +0.103 ms against ``topk``'s +0.952 / +1.009 (per tensor +0.173 /
-  +0.157, ``flat_state=True`` -0.003 / +0.035); session 37 (H100, ``sidco_model_step_h100_s37a.json``, kernel
-  time over Adam's): the counting search 0.219 ms, the block select 0.260, ``topk`` 1.221; one jitted update
-  alone 0.578 ms against the block select's 1.062 and ``topk``'s 1.658 (``sidco_tree_h100_s37a.json``). The
+  +0.157, ``flat_state=True`` -0.003 / +0.035); session 38 (H100, two runs, ``sidco_model_step_h100_s38{a,b}.json``,
+  wall over Adam alone): the default +0.019 / +0.030 ms against the block select's +0.051 / +0.149 and ``topk``'s
+  +0.983 / +1.095; one jitted update alone 0.573 ms against the block select's 1.055 and ``topk``'s 1.653
+  (``sidco_tree_h100_s38a.json``). The
   figures below are older update-alone loops. On an H200
   (ResNet-50's 161 leaves, 25.56M float32, ratio 0.001, device time per update in a 20-update loop;
   session 10, two runs, ``benchmarks/results/sidco_tree_s10a_h200.json`` and ``sidco_tree_s10b_h200.json``):
