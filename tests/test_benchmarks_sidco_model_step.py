@@ -449,22 +449,32 @@ def test_row_suffixes_set_the_module_switches():
     ms._tx("sidco_fpass_bogus", 0.01)
 
 
+def _step_figures(name: str):
+  """One committed step JSON's rows and the figures the docs quote from it, ms rounded to 3 places: kernel time
+  over Adam's (``busy``), x ``topk`` (``vs``), wall over Adam with its IQR (``wall``), and the kernels only the
+  compressor launches, the Pallas and sort classes (``own``)."""
+  d = json.loads((RESULTS / name).read_text())
+  r = {x["row"]: x for x in d["rows"]}
+  ms_ = lambda x: round(x * 1e3, 3)   # noqa: E731
+  busy = {k: ms_(v["busy_overhead_s"]) for k, v in r.items() if k != "adam"}
+  vs = {k: round(v["busy_vs_topk"], 2) for k, v in r.items() if "busy_vs_topk" in v}
+  wall = {k: (ms_(v["overhead_s"]), [ms_(x) for x in v["overhead_s_iqr"]]) for k, v in r.items() if k != "adam"}
+  own = {k: ms_(sum(v["kernel_classes_s"].get(c, 0.0) for c in ("other", "sort"))) for k, v in r.items()}
+  return d, r, busy, vs, wall, own
+
+
 def test_quoted_h100_session37_figures():
   """Session 37's H100 step (``sidco_model_step_h100_s37a.json``) as docs/comm.md ("Session 37"), sparse.py and the
   history of BENCHMARKS.md quote it: kernel time over Adam's (ms) and x ``topk``, wall over Adam with its IQR; the
   counting search with Pallas passes (the default since) below the block select for one segment, above it per
   tensor."""
-  d = json.loads((RESULTS / "sidco_model_step_h100_s37a.json").read_text())
-  r = {x["row"]: x for x in d["rows"]}
+  d, r, busy, vs, wall, _ = _step_figures("sidco_model_step_h100_s37a.json")
   assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(r["adam"]["step_s"] * 1e3, 2) == 21.1
-  busy = {k: round(v["busy_overhead_s"] * 1e3, 3) for k, v in r.items() if k != "adam"}
   assert busy == {"topk": 1.221, "sidco": 0.26, "sidco_counts_fpass_w16": 0.219, "sidco_counts_fpass_pwriter_w16": 0.296,
                   "sidco_pt": 0.294, "sidco_pt_counts_fpass_w16": 0.478}
-  assert {k: round(v["busy_vs_topk"], 2) for k, v in r.items() if "busy_vs_topk" in v} == {
+  assert vs == {
       "sidco": 4.7, "sidco_counts_fpass_w16": 5.58, "sidco_counts_fpass_pwriter_w16": 4.13, "sidco_pt": 4.16,
       "sidco_pt_counts_fpass_w16": 2.55}
-  wall = {k: (round(v["overhead_s"] * 1e3, 3), [round(x * 1e3, 3) for x in v["overhead_s_iqr"]])
-          for k, v in r.items() if k != "adam"}
   assert wall == {"topk": (0.951, [0.927, 0.972]), "sidco": (0.024, [0.008, 0.051]),
                   "sidco_counts_fpass_w16": (-0.087, [-0.103, -0.02]),
                   "sidco_counts_fpass_pwriter_w16": (-0.0, [-0.014, 0.069]),
@@ -488,20 +498,15 @@ def test_quoted_h100_session38_figures():
   the kernels only the compressor launches (Pallas and sort classes): the counting search (``sidco``, ``sidco_flat``)
   below the block select (``_blocks``) in both layouts, while the whole kernel time's difference is within the
   convolutions' spread between rows."""
-  d = json.loads((RESULTS / "sidco_model_step_h100_s38a.json").read_text())
-  r = {x["row"]: x for x in d["rows"]}
+  d, r, busy, vs, wall, own = _step_figures("sidco_model_step_h100_s38a.json")
   assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(r["adam"]["step_s"] * 1e3, 2) == 20.93
-  busy = {k: round(v["busy_overhead_s"] * 1e3, 3) for k, v in r.items() if k != "adam"}
   assert busy == {"topk": 1.197, "sidco": 0.248, "sidco_blocks": 0.175, "sidco_flat": 0.169,
                   "sidco_flat_blocks": 0.216, "sidco_pt": 0.323}
-  assert {k: round(v["busy_vs_topk"], 2) for k, v in r.items() if "busy_vs_topk" in v} == {
+  assert vs == {
       "sidco": 4.82, "sidco_blocks": 6.85, "sidco_flat": 7.07, "sidco_flat_blocks": 5.53, "sidco_pt": 3.71}
-  wall = {k: (round(v["overhead_s"] * 1e3, 3), [round(x * 1e3, 3) for x in v["overhead_s_iqr"]])
-          for k, v in r.items() if k != "adam"}
   assert wall == {"topk": (0.983, [0.959, 1.044]), "sidco": (0.019, [-0.039, 0.037]),
                   "sidco_blocks": (0.051, [0.008, 0.065]), "sidco_flat": (-0.063, [-0.093, -0.058]),
                   "sidco_flat_blocks": (0.024, [0.017, 0.033]), "sidco_pt": (0.055, [0.046, 0.069])}
-  own = {k: round(sum(v["kernel_classes_s"].get(c, 0.0) for c in ("other", "sort")) * 1e3, 3) for k, v in r.items()}
   assert own == {"adam": 0.0, "topk": 0.907, "sidco": 0.249, "sidco_blocks": 0.3, "sidco_flat": 0.244,
                  "sidco_flat_blocks": 0.297, "sidco_pt": 0.336}
   conv = [v["kernel_classes_s"]["conv"] * 1e3 for v in r.values()]
@@ -512,24 +517,19 @@ def test_quoted_h100_session38_second_run():
   """Session 38's second H100 step (``sidco_model_step_h100_s38b.json``, 9 rounds) as BENCHMARKS.md and docs/comm.md
   quote it: the default against the block select again, the 0.1% recipe's raveled final stage with either search,
   and the flat-state chain with Adam flattened; kernel time, wall with its IQR, and the compressor's own kernels."""
-  d = json.loads((RESULTS / "sidco_model_step_h100_s38b.json").read_text())
-  r = {x["row"]: x for x in d["rows"]}
+  d, r, busy, vs, wall, own = _step_figures("sidco_model_step_h100_s38b.json")
   assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and d["repeats"] == 9
   assert round(r["adam"]["step_s"] * 1e3, 2) == 20.94
-  busy = {k: round(v["busy_overhead_s"] * 1e3, 3) for k, v in r.items() if k != "adam"}
   assert busy == {"topk": 1.279, "sidco": 0.183, "sidco_blocks": 0.265, "recipe_fixed_flat": 0.51,
                   "recipe_fixed_flat_blocks": 0.568, "adam_flat": -0.219, "sidco_flat_adam_flat": 0.38}
-  assert {k: round(v["busy_vs_topk"], 2) for k, v in r.items() if "busy_vs_topk" in v} == {
+  assert vs == {
       "sidco": 6.98, "sidco_blocks": 4.83, "recipe_fixed_flat": 2.51, "recipe_fixed_flat_blocks": 2.25,
       "sidco_flat_adam_flat": 3.37}
-  wall = {k: (round(v["overhead_s"] * 1e3, 3), [round(x * 1e3, 3) for x in v["overhead_s_iqr"]])
-          for k, v in r.items() if k != "adam"}
   assert wall == {"topk": (1.095, [1.059, 1.121]), "sidco": (0.03, [0.001, 0.049]),
                   "sidco_blocks": (0.149, [0.126, 0.192]), "recipe_fixed_flat": (0.359, [0.302, 0.408]),
                   "recipe_fixed_flat_blocks": (0.414, [0.398, 0.466]), "adam_flat": (-0.449, [-0.46, -0.419]),
                   "sidco_flat_adam_flat": (0.033, [0.006, 0.055])}
   assert round(r["topk"]["overhead_s"] / r["recipe_fixed_flat"]["overhead_s"], 2) == 3.05
-  own = {k: round(sum(v["kernel_classes_s"].get(c, 0.0) for c in ("other", "sort")) * 1e3, 3) for k, v in r.items()}
   assert (own["sidco"], own["sidco_blocks"], own["recipe_fixed_flat"], own["recipe_fixed_flat_blocks"]) == (
       0.249, 0.301, 0.141, 0.199)
   assert round(r["adam"]["idle_s"] * 1e3, 1) == 18.1   # (Adam's one profiled step: a long idle gap; busy time is used)

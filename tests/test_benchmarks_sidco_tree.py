@@ -384,3 +384,21 @@ def test_quoted_h100_session38_update_alone():
   builds = ["sidco(0.001, flat_state=True) [flatdus]", "sidco(0.001, flat_state=True) [pbuild]"]
   assert [ms_(m, "single_device_s") for m in builds] == [0.832, 0.535]
   assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"] == [0, 171] for m in builds)
+
+
+def test_quoted_h100_session38_repeat():
+  """Session 38's second update-alone run (``sidco_tree_h100_s38c.json``, another H100 machine the same hour) as
+  BENCHMARKS.md and docs/comm.md quote it: spans (ms) and x ``topk``; the default below the block select alone, over
+  the loop and back to back, in both layouts; the copy rate (so the read+write floor) measured lower than in run a."""
+  a, floor = _rows("sidco_tree_h100_s38c.json")
+  names = ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [blocks 8]", "sidco(0.001) [pwrite]",
+           "sidco(0.001, flat_state=True)", "sidco(0.001, flat_state=True) [blocks 8]",
+           "sidco(0.001, per_tensor=True)")
+  ms_ = lambda m, k: round(a[m][k] * 1e3, 3)   # noqa: E731
+  assert [ms_(m, "single_device_s") for m in names] == [1.649, 0.572, 0.763, 0.47, 0.532, 0.96, 1.303]
+  assert [round(a[names[0]]["single_device_s"] / a[m]["single_device_s"], 2) for m in names[1:]] == [
+      2.88, 2.16, 3.51, 3.1, 1.72, 1.27]
+  for default, blocks in ((names[1], names[2]), (names[4], names[5])):
+    assert all(a[default][k] < a[blocks][k] for k in ("single_device_s", "device_s", "single_chain_wall_s"))
+  assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"][0] == 0 for m in names if " [" in m)
+  assert round(floor * 1e3, 3) == 0.116
