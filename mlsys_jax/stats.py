@@ -143,7 +143,8 @@ class Comparison(NamedTuple):
 
   Attributes:
     p: estimate of P(A > B).
-    ci_low, ci_high: percentile-bootstrap interval of ``p``.
+    ci_low, ci_high: percentile-bootstrap interval of ``p``, its ends held at or beyond the exact bounds
+      that ``n`` wins (losses) of ``n`` trials allow (see :func:`compare`).
     significant: ``ci_low > 0.5``.
     meaningful: ``p > gamma``.
     n: number of trials.
@@ -181,10 +182,20 @@ def compare(a: Sequence[float], b: Sequence[float], *, gamma: float = 0.75, leve
             lower_is_better: bool = False) -> Comparison:
   """Decide whether A outperforms B (Bouthillier et al. 2021): significant and meaningful P(A > B).
 
+  The interval is :func:`bootstrap_ci`'s with its ends held within what ``n`` trials can show: ``ci_low`` is at
+  most ``((1 - level) / 2) ** (1 / n)``, the exact (Clopper-Pearson) lower bound of a win probability after
+  ``n`` wins in ``n`` trials (0.025 for one trial, 0.48 for five, 0.88 for 29 at ``level`` 0.95), and
+  ``ci_high`` at least one minus it. Without this, a run where A wins every trial resamples to all wins only,
+  and the percentile interval is ``[1, 1]`` for any number of trials (one won trial read as significant),
+  while four wins and a tie in five trials read as significant with five wins of five not; no result of five
+  or fewer trials is significant at ``level`` 0.95 (Noether's 29 trials is the design size, see
+  :func:`noether_sample_size`). With more trials the bound only binds near all wins (losses). Unpaired,
+  ``n`` is the smaller group's size (a conservative count for complete separation).
+
   Args:
     a, b: per-trial results (paired by default: trial i of both used the same seeds).
     gamma: meaningfulness threshold in (0.5, 1); 0.75 in the paper.
-    level: confidence level of the bootstrap interval.
+    level: confidence level of the interval.
     n_boot, seed: bootstrap resamples and their seed.
     paired: see :func:`prob_outperform`.
     lower_is_better: set for errors and latencies.
@@ -193,14 +204,19 @@ def compare(a: Sequence[float], b: Sequence[float], *, gamma: float = 0.75, leve
     >>> rng = np.random.default_rng(0)
     >>> base = rng.normal(0.90, 0.01, 29)               # 29 paired trials (Noether's N for gamma=0.75)
     >>> c = compare(base + 0.02, base)                  # A is better on every trial
-    >>> c.significant, c.meaningful
-    (True, True)
+    >>> c.significant, c.meaningful, round(c.ci_low, 3)
+    (True, True, 0.881)
+    >>> compare([0.93, 0.95, 0.92], [0.90, 0.91, 0.90]).verdict   # three wins of three: too few trials
+    'no significant difference'
   """
   check_range("gamma", gamma, 0.5, 1.0, low_inclusive=False, high_inclusive=False)
   p = prob_outperform(a, b, paired=paired, lower_is_better=lower_is_better)
   lo, hi = bootstrap_ci(a, b, n_boot=n_boot, level=level, seed=seed, paired=paired,
                         lower_is_better=lower_is_better)
   n = len(np.atleast_1d(np.asarray(a)))
+  n_exact = n if paired else min(n, len(np.atleast_1d(np.asarray(b))))
+  bound = ((1.0 - level) / 2.0) ** (1.0 / n_exact)   # exact lower bound after n_exact wins of n_exact
+  lo, hi = min(lo, bound), max(hi, 1.0 - bound)
   return Comparison(p, lo, hi, bool(lo > 0.5), bool(p > gamma), n, float(gamma))
 
 
