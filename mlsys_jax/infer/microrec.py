@@ -524,6 +524,14 @@ def _check_indices(idx, rows, multi_hot_ok):
                        f"{col.max()}]; indices must lie in [0, rows).")
 
 
+def _as_index_array(idx) -> jax.Array:
+  """``idx`` (already checked by :func:`_check_indices`) as a jax array of at least 32 bits: the row counts,
+  the combined rows and the offsets are int32 numbers, which a narrower dtype (int8/int16/uint8/uint16) would
+  not hold."""
+  idx = jnp.asarray(idx)
+  return idx.astype(jnp.int32) if jnp.iinfo(idx.dtype).bits < 32 else idx
+
+
 def pallas_supported(stage: EmbeddingStage) -> bool:
   """Whether :func:`lookup` can run ``stage`` with ``impl="pallas"``: ONE chunk buffer (``fuse="chunks"``)
   of a power-of-two chunk width that divides every table width, under 2^31 elements."""
@@ -721,9 +729,10 @@ def _pallas_lookup(stage: EmbeddingStage, idx: jax.Array, block: int, num_warps:
       input_output_aliases=aliases,
       interpret=interpret, compiler_params=None if interpret else triton_compiler_params(num_warps, 1),
   )(*args)
+  out = out.reshape(b, col[-1] * c)
   if count == "partial":
-    return out.reshape(b, -1), bad
-  return out.reshape(b, -1), (bad[0] if atomic else jnp.sum(bad))
+    return out, bad
+  return out, (bad[0] if atomic else jnp.sum(bad))
 
 
 # Launch of the Pallas stage (:func:`lookup`): the fastest in device time at batch 4096 on an H200 (26 Criteo
@@ -737,7 +746,8 @@ def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: i
            num_warps: int | None = None, kernel: str | None = None,
            interpret: bool | None = None, count: str = "total") -> tuple[jax.Array, jax.Array]:
   """Embeddings of ``idx`` ((batch, tables) int, or (batch, tables, bag) multi-hot summed over the bag
-  when no table is combined), concatenated in the ORIGINAL table order: (batch, sum(dims)).
+  when no table is combined; any integer dtype, computed in int32 or wider; batch may be 0), concatenated
+  in the ORIGINAL table order: (batch, sum(dims)).
 
   Returns ``(embeddings, num_out_of_range)``. Concrete out-of-range indices raise ``ValueError``; traced
   ones (inside ``jit``) are clamped into their table and counted in ``num_out_of_range`` (int32).
@@ -757,7 +767,7 @@ def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: i
   if is_concrete(idx) and not isinstance(idx, jax.Array):
     idx = np.asarray(idx)  # check before any int64 -> int32 conversion could wrap a value into range
   _check_indices(idx, lay.rows, all(len(g) == 1 for g in lay.groups))
-  idx = jnp.asarray(idx)
+  idx = _as_index_array(idx)
   if impl == "pallas":
     if not pallas_supported(stage) or idx.ndim != 2:
       raise ValueError("impl='pallas' needs one-hot (batch, tables) indices and a stage built with "
@@ -771,6 +781,9 @@ def lookup(stage: EmbeddingStage, idx: jax.Array, *, impl: str = "xla", block: i
     if block & (block - 1):
       raise ValueError(f"block must be a power of two (Triton tile sizes), got {block}.")
     check_int("num_warps", num_warps, 1)
+    if idx.shape[0] == 0:  # nothing to gather (a zero-program grid is not a valid launch)
+      empty = jnp.zeros((0, sum(lay.dims)), stage.buffers[0].dtype)
+      return empty, (jnp.zeros((1,), jnp.int32) if count == "partial" else jnp.zeros((), jnp.int32))
     return _pallas_lookup(stage, idx, block, num_warps, interpret, kernel, count)
   emb, bad = _xla_lookup(stage, idx)
   return emb, (bad[None] if count == "partial" else bad)
@@ -796,7 +809,7 @@ def _xla_lookup(stage: EmbeddingStage, idx: jax.Array) -> tuple[jax.Array, jax.A
     v = jnp.take(stage.buffers[0], jnp.concatenate(cols, axis=-1), axis=0, mode="clip")
     if bag:
       v = v.sum(1)
-    v = v.reshape(v.shape[0], -1)
+    v = v.reshape(v.shape[0], sum(gw) * lay.chunk)  # explicit width: -1 is undefined for an empty batch
     c = 0
     for k, m in enumerate(gw):
       out_g[k] = v[:, c:c + m * lay.chunk]
@@ -911,13 +924,22 @@ def shard_stage(tables: Sequence[jax.Array], plan: Plan, num_devices: int) -> Sh
 def sharded_lookup(sh: ShardedStage, idx: jax.Array, mesh, axis_name: str) -> tuple[jax.Array, jax.Array]:
   """:func:`lookup` with the physical tables spread over ``mesh``'s ``axis_name`` (one table per device
   slot, indices replicated): each device gathers its tables' rows, one ``all_gather`` brings them together.
-  Same output and out-of-range rule as :func:`lookup`."""
+  Same output and out-of-range rule as :func:`lookup`. ``idx``: one-hot, (batch, tables) or (batch, tables, 1),
+  any integer dtype; multi-hot bags are not supported here (sum them with :func:`lookup` on an unsharded stage)."""
   from jax.sharding import PartitionSpec as P
 
   from mlsys_jax.comm.distributed import shard_map
   lay = sh.layout
-  idx = jnp.asarray(idx)
+  if is_concrete(idx) and not isinstance(idx, jax.Array):
+    idx = np.asarray(idx)  # check before any int64 -> int32 conversion could wrap a value into range
+  if getattr(idx, "ndim", None) == 3 and idx.shape[2] != 1:
+    raise ValueError(f"sharded_lookup takes one-hot indices, (batch, {len(lay.rows)}) or (batch, {len(lay.rows)}, "
+                     f"1), got shape {idx.shape} (a bag of {idx.shape[2]}); sum multi-hot bags with lookup() on an "
+                     "unsharded stage (build_stage).")
   _check_indices(idx, lay.rows, False)
+  idx = _as_index_array(idx)
+  if idx.ndim == 3:
+    idx = idx[:, :, 0]
   rows = jnp.asarray(lay.rows, idx.dtype)[None]
   bad = jnp.sum((idx < 0) | (idx >= rows)).astype(jnp.int32)
   idx = jnp.clip(idx, 0, rows - 1).astype(jnp.int32)
@@ -928,7 +950,7 @@ def sharded_lookup(sh: ShardedStage, idx: jax.Array, mesh, axis_name: str) -> tu
     raise ValueError(f"stage was sharded for {ndev} devices but mesh axis '{axis_name}' has "
                      f"{mesh.shape[axis_name]}.")
   sel = np.array([[max(g, 0) for g in s] for s in sh.slot_group], np.int32)  # (devices, slots)
-  slot_rows = jnp.take(grows, jnp.asarray(sel.reshape(-1)), axis=1).reshape(idx.shape[0], ndev, -1)
+  slot_rows = jnp.take(grows, jnp.asarray(sel.reshape(-1)), axis=1).reshape(idx.shape[0], ndev, sel.shape[1])
   slot_rows = slot_rows.transpose(1, 0, 2)  # (devices, batch, slots)
 
   def local(buf, off, r):
@@ -976,7 +998,8 @@ class DLRM(nn.Module):
       if dims != {x.shape[-1]}:
         raise ValueError(f"dot interaction needs every table width == bottom[-1] ({x.shape[-1]}), got "
                          f"widths {sorted(dims)}; use interaction='concat' or bottom=(..., width).")
-      z = jnp.concatenate([x[:, None, :], emb.reshape(emb.shape[0], -1, x.shape[-1])], axis=1)
+      emb = emb.reshape(emb.shape[0], len(stage.layout.dims), x.shape[-1])  # explicit: the batch may be empty
+      z = jnp.concatenate([x[:, None, :], emb], axis=1)
       dots = jnp.einsum("bid,bjd->bij", z, z)
       iu, ju = np.triu_indices(z.shape[1], k=1)
       feats = jnp.concatenate([x, dots[:, iu, ju]], axis=-1)

@@ -1064,13 +1064,32 @@ def calibrate_temperatures_joint(logits: Sequence[np.ndarray], classes: Sequence
   fits ``log T`` (one per subnet, clipped to ``[low, high]``) by Adam on
   ``-mean log combine(logits, classes, T)[label]`` with the original held-out ``labels``. Starts at 1.
 
+  Args:
+    logits: per subnet ``(n, m_s + 1)`` held-out logits (column 0 "other").
+    classes: per subnet its ``m_s`` original class ids; the groups partition ``range(num_classes)``.
+    labels: ``(n,)`` integer ORIGINAL class ids in ``[0, num_classes)`` (not relabelled).
+    num_classes: ``K``.
+    steps, learning_rate: Adam steps (>= 1) and step size (> 0) on ``log T``.
+    low, high: temperature bounds, ``0 < low < high`` (finite).
+
   Returns:
     ``(S,)`` float64 temperatures.
   """
   classes = [_check_classes(c, num_classes) for c in classes]
+  if len(logits) != len(classes):
+    raise ValueError(f"got {len(logits)} logit arrays for {len(classes)} groups; pass one per group.")
   check_int("steps", steps, 1)
   check_range("learning_rate", learning_rate, 0.0, low_inclusive=False)
+  check_range("low", low, 0.0, low_inclusive=False)
+  check_range("high", high, low, low_inclusive=False)
   y = np.asarray(labels)
+  if y.ndim != 1 or y.shape[0] == 0:
+    raise ValueError(f"labels must be (n,) with n > 0 (one original class id per held-out sample), got shape "
+                     f"{y.shape}.")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise TypeError(f"labels must be integer class ids, got dtype {y.dtype}; cast them, e.g. labels.astype(int).")
+  if y.min() < 0 or y.max() >= num_classes:
+    raise ValueError(f"labels must lie in [0, {num_classes}) (original class ids), got [{y.min()}, {y.max()}].")
   padded, valid = _pad_group_logits(logits, classes, y.shape[0])
   width = padded.shape[2]
   check_finite("logits", padded)
@@ -1151,6 +1170,21 @@ def _pad_group_logits(logits: Sequence[np.ndarray], classes: Sequence[tuple[int,
   return padded, valid
 
 
+def _check_temperatures(temperatures: Sequence[float] | None, num: int) -> np.ndarray:
+  """``(num,)`` float64 temperatures (default 1), each positive and finite in float32 (the combination runs in
+  float32: 1e-50 would become 0 and 1e39 inf there); ValueError otherwise."""
+  if temperatures is None:
+    return np.ones(num)
+  temps = np.asarray(temperatures, np.float64)
+  with np.errstate(over="ignore", under="ignore"):
+    t32 = temps.astype(np.float32)
+  if temps.shape != (num,) or not (np.all(np.isfinite(t32)) and np.all(t32 > 0)):
+    raise ValueError(f"temperatures must be {num} positive finite numbers (representable in float32), one per "
+                     f"subnet, got {temperatures!r}; use None for 1, or fit them with calibrate_temperature or "
+                     "calibrate_temperatures_joint.")
+  return temps
+
+
 def _assignment(classes: Sequence[tuple[int, ...]], num_classes: int, width: int) -> np.ndarray:
   assign = np.zeros((len(classes), width, num_classes), np.float32)
   seen = []
@@ -1168,7 +1202,8 @@ def combine(logits: Sequence[np.ndarray], classes: Sequence[Sequence[int]], num_
   """Class distribution ``(n, K)`` from per-subnet logits (paper Sec. 3.4, with temperatures).
 
   ``softmax(logits_s / T_s)`` per subnet, drop column 0 ("other"), scatter columns ``1..m`` to
-  ``classes[s]`` and renormalise over the ``K`` classes. The groups must partition the classes.
+  ``classes[s]`` and renormalise over the ``K`` classes. The groups must partition the classes;
+  ``temperatures`` (default 1) must be positive and finite (ValueError otherwise).
   Computed in log space: ``log q_k = log_softmax(logits_s / T_s)[j]`` for the output ``j`` owning class
   ``k``, then a softmax over ``k``; finite for finite logits even when every class probability would
   underflow (all subnets confident in "other" at a small temperature). NaN logits give NaN rows.
@@ -1180,9 +1215,7 @@ def combine(logits: Sequence[np.ndarray], classes: Sequence[Sequence[int]], num_
   classes = [_check_classes(c, num_classes) for c in classes]
   if len(logits) != len(classes):
     raise ValueError(f"got {len(logits)} logit arrays for {len(classes)} groups.")
-  temps = np.ones(len(classes)) if temperatures is None else np.asarray(temperatures, np.float64)
-  if temps.shape != (len(classes),) or not np.all(temps > 0):
-    raise ValueError(f"temperatures must be {len(classes)} positive numbers, got {temps}.")
+  temps = _check_temperatures(temperatures, len(classes))
   padded, valid = _pad_group_logits(logits, classes, np.shape(logits[0])[0])
   width = padded.shape[2]
   return np.asarray(_combine_padded(jnp.asarray(padded), jnp.asarray(valid),
@@ -1217,7 +1250,8 @@ def stack_subnets(subnets: Sequence[Subnet], num_classes: int,
 
   Padding is exact: a padded channel has zero weights and bias (and zero batch-norm scale and bias),
   so it outputs ``relu(0) = 0``, and the next layer's rows for it are zero as well. Padded outputs are
-  masked to ``-inf`` before the softmax. The groups of the subnets must partition the classes.
+  masked to ``-inf`` before the softmax. The groups of the subnets must partition the classes;
+  ``temperatures`` (default 1), one per subnet, must be positive and finite (ValueError otherwise).
   """
   if not subnets:
     raise ValueError("stack_subnets needs at least one subnet.")
@@ -1250,9 +1284,7 @@ def stack_subnets(subnets: Sequence[Subnet], num_classes: int,
   valid = np.zeros((len(subnets), width), bool)
   for i, cl in enumerate(classes):
     valid[i, :len(cl) + 1] = True
-  temps = np.ones(len(subnets)) if temperatures is None else np.asarray(temperatures, np.float64)
-  if temps.shape != (len(subnets),) or not np.all(temps > 0):
-    raise ValueError(f"temperatures must be {len(subnets)} positive numbers, got {temps}.")
+  temps = _check_temperatures(temperatures, len(subnets))
   return Ensemble(model, stacked, jnp.asarray(valid), jnp.asarray(_assignment(classes, num_classes, width - 1)),
                   jnp.asarray(temps, jnp.float32))
 

@@ -132,9 +132,12 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 
 class ConvLayer(NamedTuple):
-  """One stride-1 convolution + bias (+ ReLU). ``kernel``: ``(kh, kw, c_in, c_out)`` (HWIO);
-  ``bias``: ``(c_out,)``; ``padding``: ``"SAME"`` (odd kernels) or ``"VALID"``; ``relu``: whether a
-  ReLU follows (without it, only bit-identical reuse is possible); ``precision``: passed to the conv."""
+  """One stride-1 convolution + bias (+ ReLU). ``kernel``: ``(kh, kw, c_in, c_out)`` (HWIO) float32;
+  ``bias``: ``(c_out,)`` float32; ``padding``: ``"SAME"`` (odd ``kh`` and ``kw`` only: an even kernel's
+  SAME padding is asymmetric) or ``"VALID"``; ``relu``: whether a ReLU follows (without it, only
+  bit-identical reuse is possible); ``precision``: passed to the conv. The functions that take a layer
+  refuse anything else with a ``ValueError``/``TypeError`` (the float32 margin, :func:`fp_margin_factor`,
+  covers float32 arithmetic only)."""
   kernel: jax.Array
   bias: jax.Array
   padding: str = "SAME"
@@ -192,6 +195,34 @@ class RangeBoundModel(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------------
 # geometry
+
+
+def _check_layer(layer: Any) -> None:
+  """Raise unless ``layer`` is a :class:`ConvLayer` this module computes exactly: a 4-D float32 kernel,
+  a ``(c_out,)`` float32 bias, ``"SAME"`` (odd kernel) or ``"VALID"`` padding. Static checks only (shapes,
+  dtypes), so they also run on traced layers."""
+  if not isinstance(layer, ConvLayer):
+    raise TypeError(f"expected a video.ConvLayer, got {type(layer).__name__}.")
+  name = layer.name
+  for what, a, rank in (("kernel", layer.kernel, 4), ("bias", layer.bias, 1)):
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+      raise TypeError(f"layer {name}: {what} must be an array, got {type(a).__name__}.")
+    if jax.dtypes.canonicalize_dtype(a.dtype) != jnp.float32:
+      raise TypeError(f"layer {name}: {what} must be float32, got {a.dtype} (the exactness margin covers "
+                      f"float32 arithmetic only); cast it, e.g. layer._replace({what}=layer.{what}"
+                      ".astype(jnp.float32)).")
+    if a.ndim != rank:
+      raise ValueError(f"layer {name}: {what} must have rank {rank} "
+                       f"({'(kh, kw, c_in, c_out) HWIO' if rank == 4 else '(c_out,)'}), got shape {a.shape}.")
+  kh, kw, _, c_out = layer.kernel.shape
+  if tuple(layer.bias.shape) != (c_out,):
+    raise ValueError(f"layer {name}: bias must have shape ({c_out},) (one per output channel of the kernel "
+                     f"{tuple(layer.kernel.shape)}), got {tuple(layer.bias.shape)}.")
+  check_choice(f"layer {name} padding", layer.padding, ("SAME", "VALID"))
+  if layer.padding == "SAME" and (kh % 2 == 0 or kw % 2 == 0):
+    raise ValueError(f"layer {name}: SAME padding with an even kernel {(kh, kw)} is not supported (its padding is "
+                     "asymmetric, flax pads one more row/column after than before); use an odd kernel size, or "
+                     "padding='VALID' with the input padded as you need.")
 
 
 def _pads(layer: ConvLayer) -> tuple[int, int]:
@@ -323,7 +354,9 @@ def _dense_pre(layer: ConvLayer, x: jax.Array) -> jax.Array:
 
 
 def dense_conv(layer: ConvLayer, x: jax.Array) -> jax.Array:
-  """Dense conv + bias (+ ReLU) of one frame ``(H, W, c_in)``, as ``flax.linen.Conv`` computes it."""
+  """Dense conv + bias (+ ReLU) of one frame ``(H, W, c_in)``, as ``flax.linen.Conv`` computes it.
+  ``layer`` is checked as described in :class:`ConvLayer` (``ValueError``/``TypeError``)."""
+  _check_layer(layer)
   return _act(layer, _dense_pre(layer, x))
 
 
@@ -438,6 +471,7 @@ def conv_layer_init(layer: ConvLayer, x: jax.Array, tile: int, unit_roundoff: fl
                     in_amax: jax.Array | None = None) -> tuple[LayerState, jax.Array]:
   """Dense first frame of one layer: returns its state and output. ``in_amax`` ``(nHi, nWi, c_in)``:
   per-input-tile ``max |x|`` (computed from ``x`` when omitted)."""
+  _check_layer(layer)
   if in_amax is None:
     in_amax = _input_tile_stats(x, x, tile, _strips(layer))[1]
   y, ub, amax = _dense_outputs(layer, x, in_amax, tile, unit_roundoff)
@@ -517,6 +551,7 @@ def conv_layer_step(layer: ConvLayer, state: LayerState, x: jax.Array, x_prev: j
     unchanged; all set after the dense path, which never reads the previous output, so that XLA can
     write the new output over it without a copy).
   """
+  _check_layer(layer)
   if x_prev is not None and x.shape != x_prev.shape:
     raise ValueError(f"layer {layer.name}: input shape {x.shape} differs from the previous frame's "
                      f"{x_prev.shape}; start a new stream with init() for a new frame size.")
@@ -689,6 +724,8 @@ def _layer_list(module: Any, variables: Any) -> tuple[ConvLayer, ...]:
     layers = tuple(module)
     if not layers or not all(isinstance(l, ConvLayer) for l in layers):
       raise TypeError("a layer list must be a non-empty sequence of ConvLayer.")
+    for l in layers:
+      _check_layer(l)
     return layers
   return layers_from_flax(module, variables)
 
@@ -697,9 +734,9 @@ def _layer_shapes(layers, frame_shape, tile, unit_roundoff):
   """Input shape and ``(nH, nW)`` of every layer; validates channels, padding and the margin."""
   shapes, grids, hw, c = [], [], tuple(frame_shape[:2]), frame_shape[2]
   for l in layers:
+    _check_layer(l)
     if l.kernel.shape[2] != c:
       raise ValueError(f"layer {l.name} expects {l.kernel.shape[2]} input channels, gets {c}.")
-    check_choice(f"layer {l.name} padding", l.padding, ("SAME", "VALID"))
     ho, wo, nh, nw, _, _ = _geometry(l, hw, tile)
     fp_margin_factor(int(np.prod(l.kernel.shape[:3])), unit_roundoff)
     shapes.append(hw + (c,))
