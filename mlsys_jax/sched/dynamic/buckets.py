@@ -66,11 +66,41 @@ def pow2_buckets(max_length: int, min_bucket: int = 1) -> tuple[int, ...]:
 def bucket_for(n: int, buckets: Sequence[int]) -> int | None:
   """Smallest bucket ``>= n``, or ``None`` when ``n`` exceeds the largest bucket.
 
+  TVM's ``FlexibleShapeDispatch`` rule used by Nimble (Shen et al., MLSys 2021): ``n`` is padded to
+  ``b_i`` when ``b_{i-1} < n <= b_i``. ``buckets`` may come in any order and with repeats (like
+  :func:`bucketed_jit`, which sorts its buckets); the answer is the smallest bucket ``>= n`` either way.
+
+  Args:
+    n: the length (an integer).
+    buckets: a non-empty sequence of integer bucket sizes ``>= 1``.
+
+  Raises:
+    ValueError: ``buckets`` is empty or holds a size ``< 1``.
+    TypeError: ``n`` or a bucket is not an integer.
+
   >>> bucket_for(17, (16, 32, 64)), bucket_for(65, (16, 32, 64))
   (32, None)
+  >>> bucket_for(17, (64, 32, 16))                      # any order
+  32
   """
-  i = bisect.bisect_left(buckets, n)
-  return None if i == len(buckets) else int(buckets[i])
+  if type(n) is not int:
+    check_int("n", n)
+  bs = buckets if type(buckets) is tuple else tuple(buckets)
+  prev = 0
+  for b in bs:  # fast path (called per request): strictly increasing Python ints >= 1
+    if type(b) is not int or b <= prev:
+      break
+    prev = b
+  else:
+    if not bs:
+      raise ValueError("buckets is empty; give at least one size, e.g. pow2_buckets(max_length).")
+    i = bisect.bisect_left(bs, n)
+    return None if i == len(bs) else bs[i]
+  for b in bs:
+    check_int("each of buckets", b, 1)
+  bs = tuple(sorted({int(b) for b in bs}))  # unsorted or repeated: bisect needs increasing order
+  i = bisect.bisect_left(bs, n)
+  return None if i == len(bs) else int(bs[i])
 
 
 def length_distribution(lengths, weights=None) -> tuple[np.ndarray, np.ndarray]:

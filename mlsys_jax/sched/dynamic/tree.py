@@ -367,9 +367,32 @@ def tree_lstm_levels(p, batch: TreeBatch):
 
 def tree_lstm_recursive(variables, parents: Sequence[int], x):
   """Root state of ONE tree by Python recursion over its structure (the per-tree baseline). Under
-  ``jax.jit(..., static_argnums=1)`` every distinct tree shape compiles a new program."""
+  ``jax.jit(..., static_argnums=1)`` every distinct tree shape compiles a new program.
+
+  Args:
+    variables: :class:`ChildSumTreeLSTM` variables (or their ``'params'`` dict).
+    parents: the parent index of each node, ``-1`` for the one root (as for :func:`tree_levels`).
+    x: ``(n, d)`` node features, one row per entry of ``parents``.
+
+  Returns:
+    ``(h,)`` hidden state of the root.
+
+  Raises:
+    ValueError: ``parents`` is not one tree (no root or several roots, i.e. a forest: encode it with
+      :func:`encode_trees` and use :func:`tree_lstm_levels`; an index out of range; a cycle), or ``x``
+      has another number of rows.
+  """
   p = variables["params"] if "params" in variables else variables
   parents = [int(q) for q in parents]
+  n_roots = parents.count(-1)
+  if n_roots != 1:
+    raise ValueError(f"tree_lstm_recursive computes ONE tree, which has exactly one root (-1), but parents "
+                     f"has {n_roots} roots: {parents}. For a forest, run each tree separately or encode them "
+                     "with encode_trees and use tree_lstm_levels / ChildSumTreeLSTM.")
+  tree_levels(np.asarray(parents, np.int64))  # index range and cycles (a cycle would recurse forever)
+  if np.ndim(x) != 2 or np.shape(x)[0] != len(parents):
+    raise ValueError(f"tree_lstm_recursive: x must have shape ({len(parents)}, d), one row per node of "
+                     f"parents, got {np.shape(x)}.")
   children = [[] for _ in parents]
   for j, q in enumerate(parents):
     if q >= 0:

@@ -27,8 +27,8 @@ import optax
 
 from mlsys_jax._checks import check_int, check_range
 from mlsys_jax.sched.placement.policies import hindsight_oracle
-from mlsys_jax.sched.placement.sim import (_CAP_TOL, Cluster, Observation, Spec, Trace, par_objective,
-                                           simulate, validate_trace)
+from mlsys_jax.sched.placement.sim import (_CAP_TOL, Cluster, Observation, Spec, Trace, _type_one_hot,
+                                           par_objective, simulate, validate_trace)
 
 __all__ = ["machine_features", "PlacementNet", "imitation_policy", "ImitationResult", "train_imitation",
            "dagger_rollouts",
@@ -40,14 +40,16 @@ def machine_features(obs: Observation, n_types: int | None = None) -> jax.Array:
 
   Per machine: utilisation now, mean and max over the window, reserved fraction, reserved fraction
   after placing the VM, active VMs per type / 8; each also centred on its mean over machines; then the
-  VM's one-hot type and size fraction (the same for every machine).
+  VM's one-hot type and size fraction (the same for every machine). A type outside ``[0, K)`` (only on
+  traced input: :func:`~mlsys_jax.sched.placement.sim.simulate` refuses it) gives NaN type features, so
+  the policy's scores are NaN and counted in ``SimResult.nonfinite`` instead of a silently wrong one-hot.
   """
   m, _, r = obs.usage_hist.shape
   k = obs.counts.shape[-1] if n_types is None else n_types
   own = jnp.concatenate([obs.usage_hist[:, -1], jnp.mean(obs.usage_hist, 1), jnp.max(obs.usage_hist, 1),
                          obs.reserved, obs.reserved + obs.size_frac, obs.counts / 8.0], axis=-1)
   rel = own - jnp.mean(own, axis=0, keepdims=True)
-  vm = jnp.broadcast_to(jax.nn.one_hot(obs.vm_type, k), (m, k))
+  vm = jnp.broadcast_to(_type_one_hot(obs.vm_type, k, own.dtype), (m, k))
   return jnp.concatenate([own, rel, vm, obs.size_frac], axis=-1)
 
 
@@ -157,7 +159,7 @@ def dagger_rollouts(traces: Trace, cluster: Cluster, *, spec: Spec, params, beta
   if np.ndim(traces.arrival) != 2:
     raise ValueError(f"dagger_rollouts: traces must be a batch (arrival of shape [B, N]), got "
                      f"{np.shape(traces.arrival)}; stack one trace with jax.tree.map(lambda x: x[None], trace).")
-  validate_trace(traces, cluster, spec.horizon)
+  validate_trace(traces, cluster, spec.horizon, n_types=spec.n_types)
   b = np.shape(traces.arrival)[0]
   return _rollouts(traces, cluster.capacity, spec, (params, jnp.float32(beta)), jax.random.split(key, b))
 
@@ -217,7 +219,7 @@ def train_imitation(traces: Trace, cluster: Cluster, *, spec: Spec, key: jax.Arr
   check_range("temperature", temperature, 0.0, low_inclusive=False)
   if np.ndim(traces.arrival) != 2:
     raise ValueError(f"traces must be a batch (arrival of shape [B, N]), got {np.shape(traces.arrival)}.")
-  validate_trace(traces, cluster, spec.horizon)
+  validate_trace(traces, cluster, spec.horizon, n_types=spec.n_types)
   b = traces.arrival.shape[0]
   k_init, key = jax.random.split(key)
   m, r = cluster.capacity.shape
@@ -274,12 +276,16 @@ def offline_optimum(trace: Trace, cluster: Cluster, *, spec: Spec, chunk: int = 
     >>> obj, sorted(a.tolist())       # one VM per machine: perfectly balanced
     (1.0, [0, 1])
   """
-  validate_trace(trace, cluster, spec.horizon)
+  validate_trace(trace, cluster, spec.horizon, n_types=spec.n_types)
   cap = np.asarray(cluster.capacity, np.float32)
   m = cap.shape[0]
   valid = np.asarray(trace.valid)
   idx = np.flatnonzero(valid)
   n = idx.size
+  if n == 0:
+    raise ValueError(f"offline_optimum: the trace has no valid VMs (valid is all False over its "
+                     f"{valid.shape[0]} rows), so there is nothing to place; give a trace with at least "
+                     "one VM (padding rows are skipped).")
   if m ** n > 2_000_000:
     raise ValueError(f"{m}^{n} assignments is too many for brute force; use <= 2e6 (tiny instances).")
   t_len = spec.horizon

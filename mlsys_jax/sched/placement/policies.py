@@ -200,7 +200,7 @@ def simulate_numpy(trace, cluster: Cluster, policy: str, *, spec: Spec, check: b
   deterministic baseline (:data:`NUMPY_POLICIES`); ``check=False`` skips :func:`validate_trace`.
   """
   if check:
-    validate_trace(trace, cluster, spec.horizon)
+    validate_trace(trace, cluster, spec.horizon, n_types=spec.n_types)
   cap = np.asarray(cluster.capacity, np.float32)
   arr, usage, life = np.asarray(trace.arrival), np.asarray(trace.usage), np.asarray(trace.lifetime)
   size, valid = np.asarray(trace.size), np.asarray(trace.valid)
@@ -232,5 +232,6 @@ def simulate_numpy(trace, cluster: Cluster, policy: str, *, spec: Spec, check: b
   out = use[:, :t_len]
   util = out / cap[:, None, :]
   mean, peak = util.mean(0, dtype=np.float64), util.max(0)
-  par = np.where(mean > 0, peak / np.where(mean > 0, mean, 1.0), 1.0)
+  unused = mean == 0  # not `mean > 0`: NaN usage (check=False) must give a NaN objective, not PAR 1
+  par = np.where(unused, 1.0, peak / np.where(unused, 1.0, mean))
   return SimResult(actions, np.int32(rejected), float(par.mean()), out, np.int32(0))

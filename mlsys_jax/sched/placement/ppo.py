@@ -118,7 +118,8 @@ def train_ppo(traces: Trace, cluster: Cluster, *, spec: Spec, key: jax.Array, it
   check_range("clip", clip, 0.0, low_inclusive=False)
   if np.ndim(traces.arrival) != 2:
     raise ValueError(f"traces must be a batch (arrival of shape [B, N]), got {np.shape(traces.arrival)}.")
-  validate_trace(traces, cluster, spec.horizon)  # outside jit: checks are skipped on tracers
+  # outside jit: checks are skipped on tracers
+  validate_trace(traces, cluster, spec.horizon, n_types=spec.n_types)
   m, r = cluster.capacity.shape
   f = 2 * (5 * r + spec.n_types) + spec.n_types + r
   k1, k2, key = jax.random.split(key, 3)

@@ -62,7 +62,9 @@ class Trace(NamedTuple):
       buffer holds.
     lifetime: int32 [N], steps the VM stays (1..L); its reservation is held for these steps.
     size: float32 [N, R], the VM's declared size (reservation); ``0 <= usage <= size``.
-    vm_type: int32 [N], VM type in ``[0, n_types)`` (observable at arrival, like the size).
+    vm_type: int32 [N], VM type in ``[0, n_types)`` (observable at arrival, like the size); :func:`simulate`
+      refuses other types (on traced input, where validation is skipped, such a VM's per-type counts in
+      :class:`Observation` are NaN while it is active).
     valid: bool [N], False for padding rows (skipped: never placed, not counted as rejected).
   """
   arrival: jax.Array
@@ -164,16 +166,19 @@ def _check_cluster(cluster: Cluster) -> None:
     raise ValueError("cluster.capacity must be positive on every machine and resource.")
 
 
-def validate_trace(trace: Trace, cluster: Cluster, horizon: int) -> None:
+def validate_trace(trace: Trace, cluster: Cluster, horizon: int, *, n_types: int | None = None) -> None:
   """Raise ``ValueError`` for a trace the simulator cannot run faithfully (concrete arrays only; traced
   arrays, e.g. inside ``vmap``, are skipped: validate before vmapping).
 
   Checks: shapes agree with the cluster, arrivals are non-decreasing and in ``[0, horizon)``, usage and
   sizes are finite and non-negative, usage never exceeds the VM's size, lifetimes in ``[1, L]``, no usage
-  after a VM's lifetime (its reservation is released then), and every VM fits on at least one machine
-  when it is empty.
+  after a VM's lifetime (its reservation is released then), every VM fits on at least one machine
+  when it is empty, and VM types are in ``[0, n_types)`` (``n_types=None``: only ``>= 0``; :func:`simulate`
+  passes ``spec.n_types``). Padding rows (``valid`` False) are not checked.
   """
   _check_cluster(cluster)
+  if n_types is not None:
+    check_int("n_types", n_types, 1)
   n, l, r = np.shape(trace.usage)[-3:]
   if np.shape(cluster.capacity)[1] != r:
     raise ValueError(f"trace has {r} resources per VM but the cluster has {np.shape(cluster.capacity)[1]}.")
@@ -185,8 +190,9 @@ def validate_trace(trace: Trace, cluster: Cluster, horizon: int) -> None:
   life = np.asarray(trace.lifetime)
   if arr.ndim != 1:  # a batch: validate each trace.
     for i in range(arr.shape[0]):
-      validate_trace(jax.tree_util.tree_map(lambda x: x[i], trace), cluster, horizon)
+      validate_trace(jax.tree_util.tree_map(lambda x: x[i], trace), cluster, horizon, n_types=n_types)
     return
+  _check_vm_types(trace.vm_type, valid, n_types, "trace")
   if not (np.all(np.isfinite(usage)) and np.all(np.isfinite(size))):
     raise ValueError("trace usage/size hold NaN or inf; clean the trace first.")
   if np.any(usage[valid] < 0) or np.any(size[valid] < 0):
@@ -221,14 +227,47 @@ def validate_trace(trace: Trace, cluster: Cluster, horizon: int) -> None:
                      f"{cap.max(0)}); it can never be placed. Drop it or add larger machines.")
 
 
+def _par(peak: jax.Array, mean: jax.Array) -> jax.Array:
+  """``peak / mean``, 1 exactly where ``mean == 0`` (nothing used). NaN/inf usage gives a NaN/inf mean and
+  so a NaN/inf ratio: it propagates (a test on ``mean > 0`` would turn NaN into the best score, 1). The
+  inner ``where`` keeps the gradient finite at ``mean == 0``."""
+  unused = mean == 0
+  return jnp.where(unused, 1.0, peak / jnp.where(unused, 1.0, mean))
+
+
+def _check_vm_types(vm_type, valid, n_types: int | None, where: str) -> None:
+  """ValueError unless every valid VM's type is an integer in ``[0, n_types)`` (``>= 0`` without n_types)."""
+  typ, valid = np.asarray(vm_type), np.asarray(valid, bool)
+  if typ.shape != valid.shape:
+    raise ValueError(f"{where}: vm_type must have shape [N] = {valid.shape} (one type per VM), got {typ.shape}.")
+  if not np.issubdtype(typ.dtype, np.integer) and (
+      not np.all(np.isfinite(typ[valid])) or np.any(typ[valid] != np.round(typ[valid]))):
+    raise ValueError(f"{where}: vm_type must hold integer VM types, got dtype {typ.dtype} with non-integer "
+                     "values; cast them with np.asarray(vm_type, np.int32) after checking them.")
+  hi = np.inf if n_types is None else n_types
+  bad = valid & ((typ < 0) | (typ >= hi))
+  if np.any(bad):
+    i = int(np.argmax(bad))
+    t = typ[i].item()
+    allowed = "[0, inf): it is negative" if n_types is None else f"[0, n_types={n_types})"
+    fix = ("number the types from 0" if t < 0 else
+           f"raise Spec(n_types=...) to at least {int(typ[bad].max()) + 1} or renumber the types")
+    raise ValueError(f"{where}: VM {i} has vm_type {t}, outside {allowed} ({int(bad.sum())} VM(s) out of "
+                     f"range); such a type has no slot in Observation.counts or the type one-hot, so it "
+                     f"would be silently dropped: {fix}.")
+
+
 def par_per_step(usage: jax.Array, capacity: jax.Array) -> jax.Array:
   """PAR_r(t) = max_m util / mean_m util per time step and resource, 1 where no machine is used.
+
+  NaN/inf usage (possible only on traced input, where :func:`validate_trace` is skipped) propagates:
+  the step's PAR is NaN (or inf), never the best score 1.
 
   Args:
     usage: [M, T, R] usage; capacity: [M, R].
 
   Returns:
-    [T, R] peak-to-average ratios (>= 1).
+    [T, R] peak-to-average ratios (>= 1; NaN/inf where the usage holds NaN/inf).
 
   Example:
     >>> u = jnp.array([[[2.0]], [[0.0]]])          # two machines, one step, one resource
@@ -236,9 +275,7 @@ def par_per_step(usage: jax.Array, capacity: jax.Array) -> jax.Array:
     2.0
   """
   util = usage / capacity[:, None, :]
-  mean = jnp.mean(util, axis=0)
-  peak = jnp.max(util, axis=0)
-  return jnp.where(mean > 0, peak / jnp.where(mean > 0, mean, 1.0), 1.0)
+  return _par(jnp.max(util, axis=0), jnp.mean(util, axis=0))
 
 
 def par_objective(usage: jax.Array, capacity: jax.Array, aggregate: str = "mean") -> jax.Array:
@@ -246,6 +283,7 @@ def par_objective(usage: jax.Array, capacity: jax.Array, aggregate: str = "mean"
 
   ``aggregate='mean'``: mean over time and resources of :func:`par_per_step`.
   ``aggregate='peak'``: per resource, max_{t,m} util / mean_{t,m} util (1 if unused), mean over resources.
+  A NaN/inf in ``usage`` makes the objective NaN/inf (it propagates; it never scores as unused).
 
   Example:
     >>> u = jnp.array([[[1.0], [1.0]], [[1.0], [0.0]]])   # 2 machines, 2 steps
@@ -258,9 +296,7 @@ def par_objective(usage: jax.Array, capacity: jax.Array, aggregate: str = "mean"
   if aggregate == "mean":
     return jnp.mean(par_per_step(usage, capacity))
   util = usage / capacity[:, None, :]
-  mean = jnp.mean(util, axis=(0, 1))
-  peak = jnp.max(util, axis=(0, 1))
-  return jnp.mean(jnp.where(mean > 0, peak / jnp.where(mean > 0, mean, 1.0), 1.0))
+  return jnp.mean(_par(jnp.max(util, axis=(0, 1)), jnp.mean(util, axis=(0, 1))))
 
 
 def hindsight_scores(future: jax.Array, vm_usage: jax.Array, capacity: jax.Array,
@@ -301,6 +337,14 @@ def _choose(scores: jax.Array, feasible: jax.Array) -> jax.Array:
   return jnp.argmax(s).astype(jnp.int32)
 
 
+def _type_one_hot(typ: jax.Array, n_types: int, dtype=jnp.float32) -> jax.Array:
+  """One-hot of a VM type; all NaN for a type outside ``[0, n_types)`` (only reachable on traced input,
+  where :func:`validate_trace` is skipped), so the error propagates instead of the VM vanishing from
+  the per-type counts."""
+  ok = (typ >= 0) & (typ < n_types)
+  return jnp.where(ok, jax.nn.one_hot(typ, n_types, dtype=dtype), jnp.nan)
+
+
 def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, key: jax.Array,
               spec: Spec, record: bool, with_hindsight: bool):
   m, r = capacity.shape
@@ -316,6 +360,7 @@ def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, ke
   def step(carry, xs):
     use, res = carry
     i, a, u_vm, life, size, typ, valid, key_i = xs
+    typ = jnp.where(valid, typ, 0)  # padding rows are unchecked: their type must not reach the features
     hist = lax.dynamic_slice(use, (0, a, 0), (m, w, r))
     now = lax.dynamic_slice(res, (0, a + pad, 0), (m, 1, r + k))[:, 0]
     reserved, counts = now[:, :r], now[:, r:]
@@ -331,10 +376,12 @@ def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, ke
     scores = policy(params, obs, key_i)
     action = _choose(scores, feasible)
     placed = jnp.any(feasible)
-    alive = (ages < life)[:, None].astype(dtype)
+    alive_b = (ages < life)[:, None]
+    alive = alive_b.astype(dtype)
     # usage after the lifetime is masked (the reservation is gone; validate_trace rejects such traces)
     add_u = jnp.where(placed, u_vm * alive, 0.0)[None]
-    add_r = jnp.where(placed, alive * jnp.concatenate([size, jax.nn.one_hot(typ, k, dtype=dtype)]), 0.0)
+    # a select, not alive * (...): a NaN type one-hot must not outlive the VM (0 * NaN is NaN)
+    add_r = jnp.where(placed & alive_b, jnp.concatenate([size, _type_one_hot(typ, k, dtype)])[None], 0.0)
     row_u = lax.dynamic_slice(use, (action, a + pad, 0), (1, l, r))
     use = lax.dynamic_update_slice(use, row_u + add_u, (action, a + pad, 0))
     row_r = lax.dynamic_slice(res, (action, a + pad, 0), (1, l, r + k))
@@ -399,7 +446,7 @@ def simulate(trace: Trace, cluster: Cluster, policy: Policy, *, spec: Spec, key:
     raise TypeError(f"policy must be a function policy(params, obs, key) -> scores, such as "
                     f"placement.least_loaded, got {type(policy).__name__} {policy!r}{hint}.")
   if np.ndim(trace.arrival) == 1 and not any(isinstance(x, jax.core.Tracer) for x in trace):
-    validate_trace(trace, cluster, spec.horizon)
+    validate_trace(trace, cluster, spec.horizon, n_types=spec.n_types)
   if np.ndim(trace.arrival) != 1:
     raise ValueError(f"simulate takes one trace (arrival of rank 1), got arrival shape "
                      f"{np.shape(trace.arrival)}; use jax.vmap for a batch.")

@@ -15,8 +15,9 @@ CSV format (:func:`load_csv_trace`), one row per VM per time step it is alive, h
   b,1,0.01,0.02,0.125,0.125,0
 
 ``time`` is an integer step; a VM arrives at its first ``time`` and lives until its last (missing steps
-in between use 0); ``size_*`` (its reservation) and ``type`` (an integer) must be constant per VM; VMs
-must appear in the file in arrival order (sort by arrival time).
+in between use 0); each ``(vm_id, time)`` appears at most once; ``size_*`` (its reservation) and
+``type`` (an integer >= 0) must be constant per VM; VMs must appear in the file in arrival order (sort
+by arrival time).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlsys_jax._checks import check_choice, check_int, check_range
-from mlsys_jax.sched.placement.sim import Trace
+from mlsys_jax.sched.placement.sim import Trace, _check_vm_types
 
 __all__ = ["WORKLOADS", "VM_SIZES", "synthetic_trace", "make_trace", "load_csv_trace"]
 
@@ -114,13 +115,14 @@ def synthetic_trace(key: jax.Array, *, n_vms: int = 1024, horizon: int = 512, ma
 
 
 def make_trace(arrival, usage, size, vm_type=None, lifetime=None) -> Trace:
-  """Build a :class:`Trace` from arrays (checked: rank, negative usage, unsorted arrivals).
+  """Build a :class:`Trace` from arrays (checked: rank, negative usage, unsorted arrivals, negative or
+  non-integer types; :func:`~mlsys_jax.sched.placement.sim.simulate` checks types against ``n_types``).
 
   Args:
     arrival: [N] integer arrival steps, non-decreasing.
     usage: [N, L, R] usage by age.
     size: [N, R] reservations.
-    vm_type: [N] integer types (default 0).
+    vm_type: [N] integer types >= 0 (default 0).
     lifetime: [N] lifetimes (default: one past the last nonzero usage step, at least 1).
 
   Example:
@@ -149,7 +151,12 @@ def make_trace(arrival, usage, size, vm_type=None, lifetime=None) -> Trace:
     nz = np.any(usage > 0, axis=2)
     last = np.where(nz.any(1), usage.shape[1] - np.argmax(nz[:, ::-1], axis=1), 1)
     lifetime = np.maximum(last, 1)
-  vm_type = np.zeros(n, np.int32) if vm_type is None else np.asarray(vm_type, np.int32)
+  if vm_type is None:
+    vm_type = np.zeros(n, np.int32)
+  else:
+    vm_type = np.asarray(vm_type)
+    _check_vm_types(vm_type, np.ones(n, bool), None, "make_trace")
+    vm_type = vm_type.astype(np.int32)
   return Trace(jnp.asarray(arrival, jnp.int32), jnp.asarray(usage), jnp.asarray(lifetime, jnp.int32),
                jnp.asarray(size), jnp.asarray(vm_type), jnp.ones((n,), bool))
 
@@ -164,9 +171,15 @@ def load_csv_trace(path: str, *, max_life: int | None = None, n_pad: int | None 
 
   Returns:
     A :class:`Trace` (resources: CPU, memory).
+
+  Raises:
+    ValueError: a missing column, an unparsable value, negative usage or type, two rows for the same
+      ``(vm_id, time)``, a VM whose size or type changes, VMs out of arrival order, or a VM longer than
+      ``max_life``.
   """
   rows: dict[str, list] = {}
   order: list[str] = []
+  seen: dict[tuple[str, int], int] = {}  # (vm_id, time) -> line of its row
   with open(path, newline="") as f:
     reader = csv.DictReader(f)
     need = {"vm_id", "time", "cpu", "mem", "size_cpu", "size_mem", "type"}
@@ -180,6 +193,13 @@ def load_csv_trace(path: str, *, max_life: int | None = None, n_pad: int | None 
         raise ValueError(f"{path}:{ln}: cannot parse {row} ({e}).") from None
       if rec[1] < 0 or rec[2] < 0:
         raise ValueError(f"{path}:{ln}: negative usage {rec[1:3]} for VM {row['vm_id']}; usage must be >= 0.")
+      if rec[5] < 0:
+        raise ValueError(f"{path}:{ln}: negative type {rec[5]} for VM {row['vm_id']}; VM types are integers "
+                         "numbered from 0.")
+      first = seen.setdefault((row["vm_id"], rec[0]), ln)
+      if first != ln:
+        raise ValueError(f"{path}:{ln}: VM {row['vm_id']} has a second row for time {rec[0]} (the first is on "
+                         f"line {first}); give one row per VM per time step (sum or drop the duplicates).")
       if row["vm_id"] not in rows:
         rows[row["vm_id"]] = []
         order.append(row["vm_id"])
