@@ -470,11 +470,18 @@ def fake_quant(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = 
 def sqnr_db(x: jax.Array, x_hat: jax.Array) -> jax.Array:
   """Signal-to-quantization-noise ratio 10 log10(sum x^2 / sum (x - x_hat)^2) in dB.
 
+  ``x`` and ``x_hat`` must have the same shape (no broadcasting: a reconstruction of another shape is a
+  bug, not a comparison); both are computed in float32.
+
   Example:
     >>> x = jax.random.normal(jax.random.PRNGKey(0), (1000,))
     >>> round(float(sqnr_db(x, fake_quant(x, 8))), 1), round(float(sqnr_db(x, fake_quant(x, 4))), 1)
     (40.9, 15.6)
   """
+  if np.shape(x) != np.shape(x_hat):
+    raise ValueError(f"sqnr_db needs x and x_hat of the same shape, got {np.shape(x)} and {np.shape(x_hat)}; "
+                     "compare a tensor with its own reconstruction (reshape one of them if they only differ "
+                     "in layout).")
   x = jnp.asarray(x, jnp.float32)
   err = jnp.sum((x - jnp.asarray(x_hat, jnp.float32)) ** 2)
   return 10.0 * jnp.log10(jnp.sum(x ** 2) / jnp.maximum(err, 1e-30))

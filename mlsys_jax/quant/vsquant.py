@@ -15,7 +15,11 @@ integers against one coarse floating-point scale per channel (weights) or per te
     gamma = max_v s_v / (2^M - 1),   s_v^int = clip(round(s_v / gamma), 1, 2^M - 1),   s_v ~ gamma * s_v^int,
 
 so the hardware multiplies integers and applies one floating-point scale per output. A calibrated
-``amax`` for activations fixes gamma (``coarse_amax``) while the per-vector scales stay dynamic.
+``amax`` for activations fixes gamma (``coarse_amax``) while the per-vector scales stay dynamic: the
+largest vector scale is then amax / Q and vectors with a larger range saturate. With float per-vector
+scales (single level, ``scale_bits=None``) the same ``coarse_amax`` caps each vector's scale at amax / Q,
+s_v = min(amax_v, amax) / Q: the limit of two-level scaling as M grows, and the static activation range
+of :class:`~mlsys_jax.quant.QuantSpec` ``('vector', scale_bits=None)`` after calibration.
 
 If the reduction length K is not a multiple of V, it is padded with zeros to the next multiple (zeros
 do not change any dot product); codes keep the original shape and the scales have ceil(K / V) vectors.
@@ -23,13 +27,16 @@ do not change any dot product); codes keep the original shape and the scales hav
 Non-finite inputs: concrete arrays raise ``ValueError``; under tracing (``jit``, ``grad``, ``vmap``) a
 vector holding NaN/inf gets a NaN scale: with float per-vector scales that vector dequantizes to NaN;
 with two-level scales the integer vector scale cannot hold NaN, so the coarse scale of its group (a
-channel for weights, the tensor for activations) becomes NaN. Never zeros.
+channel for weights, the tensor for activations) becomes NaN. Never zeros. The same holds for a calibrated
+``coarse_amax``: a concrete NaN/inf raises ``ValueError``; a traced one makes the scales of its group NaN,
+so they dequantize to NaN.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from mlsys_jax._checks import check_finite, check_int
@@ -109,11 +116,15 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
     vector_size: V, elements per vector (16, 32 or 64 in the paper).
     scale_bits: M, bits of the integer per-vector scales (two-level scaling); None keeps float
       per-vector scales (single level).
-    coarse_axes: axes (of ``x``) over which the coarse scale is shared, besides ``axis``. Default: all
-      but the last axis for weights-like use (per output channel when ``axis`` is not the last axis), and
-      all axes when ``axis`` is the last one (per tensor, for activations).
-    coarse_amax: calibrated amax that fixes the coarse scale (e.g. of an activation), broadcastable
-      to the coarse shape; vectors with a larger range saturate.
+    coarse_axes: axes (of ``x``, negative ones counted from the end, each at most once) over which the
+      coarse scale is shared, besides ``axis`` (which may be listed; its vectors always share one coarse
+      scale). Default: all but the last axis for weights-like use (per output channel when ``axis`` is not
+      the last axis), and all axes when ``axis`` is the last one (per tensor, for activations).
+    coarse_amax: calibrated amax (finite; its absolute value is used) that fixes the coarse scale (e.g.
+      of an activation), broadcastable to the coarse shape (the split layout with the vector axes and
+      ``coarse_axes`` of size 1); vectors with a larger range saturate. With ``scale_bits=None`` it caps
+      each float vector scale at ``|coarse_amax| / Q`` instead (one cap per coarse group). A concrete
+      NaN/inf raises ``ValueError``; a traced one gives NaN scales for its group.
     pad: zero-pad K to a multiple of V (True) or raise (False).
     impl: None (automatic: on a GPU the one-pass Pallas kernel of :mod:`mlsys_jax.quant._pallas_quantize`
       when the vectors run along the last axis, V is 16/32/64/128 and the coarse scale is per row
@@ -140,10 +151,14 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   if scale_bits is not None:
     check_int("scale_bits", scale_bits, 1, 16)
   check_finite("x", x)
+  if coarse_amax is not None:
+    check_finite("coarse_amax", coarse_amax)
   x = jnp.asarray(x)
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"axis {axis} out of range for rank {x.ndim}.")
   axis %= x.ndim
+  if coarse_axes is not None:
+    coarse_axes = _norm_coarse_axes(coarse_axes, x.ndim)
   rows_ok = impl != "xla" and _rows_ok(x, axis, vector_size, scale_bits, coarse_axes, coarse_amax, pad)
   kimpl = _pallas_quantize.choose_impl(
       impl, rows_ok, lambda: f"vectors along the last axis (got axis {axis} of rank {x.ndim}), vector_size in "
@@ -157,21 +172,21 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   amax_v = jnp.max(jnp.abs(xs), axis=axis + 1, keepdims=True)     # one per vector
   bad_v = jnp.any(~jnp.isfinite(xs), axis=axis + 1, keepdims=True)
   s_v = jnp.where(bad_v, jnp.nan, amax_v / qmax)
+  if coarse_axes is None:
+    coarse_axes = tuple(range(x.ndim)) if axis == x.ndim - 1 else tuple(range(x.ndim - 1))
+  # Axes of the split layout reduced for the coarse scale: the vector-index axis plus coarse_axes.
+  red = tuple(sorted({axis} | {a if a < axis else a + 1 for a in coarse_axes if a != axis}))
+  cshape = tuple(1 if d in red or d == axis + 1 else n for d, n in enumerate(xs.shape))
+  cap = None if coarse_amax is None else _coarse_cap(coarse_amax, qmax, cshape)
   if scale_bits is None:
+    if cap is not None:
+      s_v = jnp.minimum(s_v, cap)        # NaN (bad vector or traced NaN/inf amax) stays NaN
     vec, coarse = jnp.where(s_v == 0, 1.0, s_v), jnp.ones((1,) * xs.ndim, jnp.float32)
   else:
-    if coarse_axes is None:
-      coarse_axes = tuple(range(x.ndim)) if axis == x.ndim - 1 else tuple(range(x.ndim - 1))
-    # Axes of the split layout reduced for the coarse scale: the vector-index axis plus coarse_axes.
-    red = sorted({axis} | {a if a < axis else a + 1 for a in coarse_axes if a != axis})
     smax = (2 ** scale_bits) - 1
-    if coarse_amax is None:
-      top = jnp.max(s_v, axis=tuple(red), keepdims=True)
-    else:
-      top = jnp.broadcast_to(jnp.abs(jnp.asarray(coarse_amax, jnp.float32)) / qmax,
-                             jnp.max(s_v, axis=tuple(red), keepdims=True).shape)
+    top = jnp.max(s_v, axis=red, keepdims=True) if cap is None else cap
     coarse = jnp.where(top > 0, top / smax, 1.0)
-    coarse = jnp.where(jnp.any(bad_v, axis=tuple(red), keepdims=True), jnp.nan, coarse)
+    coarse = jnp.where(jnp.any(bad_v, axis=red, keepdims=True) | jnp.isnan(top), jnp.nan, coarse)
     vec = jnp.clip(jnp.nan_to_num(jnp.round(s_v / coarse), nan=1.0), 1, smax)
   scale = vec * coarse
   q = jnp.clip(jnp.round(xs / scale), -qmax, qmax)
@@ -179,6 +194,43 @@ def vs_quantize(x: jax.Array, bits: int, *, axis: int, vector_size: int = 16,
   if scale_bits is not None:
     vec = vec.astype(code_dtype(scale_bits, True))
   return VSQuantizedTensor(codes, vec, coarse, bits, scale_bits, vector_size, axis)
+
+
+def _norm_coarse_axes(coarse_axes, ndim: int) -> tuple[int, ...]:
+  """``coarse_axes`` as sorted non-negative axes of an array of rank ``ndim``; raises on bad entries."""
+  axes = (coarse_axes,) if isinstance(coarse_axes, (int, np.integer)) else coarse_axes
+  try:
+    axes = tuple(axes)
+  except TypeError:
+    raise TypeError(f"coarse_axes must be None, an int or a sequence of ints, got "
+                    f"{type(coarse_axes).__name__} ({coarse_axes!r}).") from None
+  out = []
+  for i, a in enumerate(axes):
+    check_int(f"coarse_axes[{i}]", a)
+    if not -ndim <= a < ndim:
+      raise ValueError(f"coarse_axes entry {a} is out of range for x of rank {ndim}; use axes in "
+                       f"[{-ndim}, {ndim - 1}] (negative ones count from the end).")
+    a = int(a) % ndim
+    if a in out:
+      raise ValueError(f"coarse_axes {tuple(axes)} names axis {a} more than once (negative axes count from "
+                       "the end); list each axis once.")
+    out.append(a)
+  return tuple(sorted(out))
+
+
+def _coarse_cap(coarse_amax, qmax: int, shape: tuple[int, ...]) -> jax.Array:
+  """``|coarse_amax| / qmax`` broadcast to the coarse shape (split layout); non-finite (traced) -> NaN."""
+  amax = jnp.asarray(coarse_amax, jnp.float32)
+  try:
+    full = jnp.broadcast_shapes(amax.shape, shape)
+  except ValueError:
+    full = None
+  if full != shape:
+    raise ValueError(f"coarse_amax of shape {amax.shape} does not broadcast to the coarse-scale shape {shape} "
+                     "(x's split layout with the vector axes and the coarse_axes of size 1); pass a scalar "
+                     "or one amax per coarse group.")
+  cap = jnp.abs(amax) / qmax
+  return jnp.broadcast_to(jnp.where(jnp.isfinite(cap), cap, jnp.nan), shape)
 
 
 def _rows_ok(x: jax.Array, axis: int, vector_size: int, scale_bits, coarse_axes, coarse_amax,

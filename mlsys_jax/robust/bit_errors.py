@@ -264,12 +264,33 @@ def apply_error_map(codes: jax.Array, error_map: ErrorMap, p: float | jax.Array,
 def bit_error_rate(a: jax.Array, b: jax.Array, bits: int) -> jax.Array:
   """Fraction of the low ``bits`` bits that differ between two code arrays.
 
+  Args:
+    a, b: non-empty integer code arrays of the same shape and dtype (no broadcasting).
+    bits: how many low bits of each code to compare, 1 to the dtype's width (8 for uint8).
+
   Example:
     >>> a, b = jnp.array([0, 255], jnp.uint8), jnp.array([1, 255], jnp.uint8)
     >>> float(bit_error_rate(a, b, 8))                   # 1 of 16 bits differs
     0.0625
   """
-  diff = jnp.bitwise_xor(a, b).astype(jnp.uint32) & jnp.uint32(2 ** bits - 1)
+  da, db = jnp.result_type(a), jnp.result_type(b)
+  if not (jnp.issubdtype(da, jnp.integer) and jnp.issubdtype(db, jnp.integer)):
+    raise TypeError(f"bit_error_rate compares integer codes, got dtypes {da} and {db}; pass the codes "
+                    "(e.g. QuantizedTensor.codes), not dequantized values.")
+  if da != db:
+    raise TypeError(f"a and b must have the same dtype, got {da} and {db}; compare codes of one format.")
+  if np.shape(a) != np.shape(b):
+    raise ValueError(f"a and b must have the same shape, got {np.shape(a)} and {np.shape(b)}; compare each "
+                     "code with its own (possibly faulty) copy.")
+  if np.size(a) == 0:
+    raise ValueError("a and b are empty: there are no bits to compare.")
+  width = np.dtype(da).itemsize * 8
+  check_int("bits", bits, 1)
+  if bits > width:
+    raise ValueError(f"bits must be at most {width}, the width of the codes' dtype {da}, got {bits}; pass the "
+                     "code width the codes were quantized to.")
+  udt = jnp.uint64 if width > 32 else jnp.uint32
+  diff = jnp.bitwise_xor(a, b).astype(udt) & udt(2 ** bits - 1)
   return jnp.sum(jax.lax.population_count(diff)) / (np.size(a) * bits)
 
 

@@ -156,6 +156,12 @@ def check_watermark_key(wm: WatermarkKey) -> None:
 
 def _check_inputs(wm: WatermarkKey, x: jax.Array) -> None:
   check_watermark_key(wm)
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"x_target must hold real-valued (floating-point) inputs, got dtype {dtype}: the "
+                    "watermark lives in input gradients, which integer inputs do not have (and a finite-"
+                    "difference step would be rounded away). Cast the inputs the model sees, e.g. "
+                    "x.astype(jnp.float32).")
   if x.ndim < 1 or x.shape[0] == 0:
     raise ValueError("the carrier set is empty: pass at least one input of the target class.")
   if tuple(x.shape[1:]) != wm.input_shape:
@@ -272,7 +278,9 @@ def extract_blackbox(predict_proba: Callable[[jax.Array], jax.Array], x_target: 
   """Signature bits estimated from prediction queries only.
 
   For each input and carrier c: g_c ~ [CE(p(x + h e_c), t) - CE(p(x), t)] / h with the probabilities
-  ``p`` the API returns; averaged over inputs, projected and signed.
+  ``p`` the API returns; averaged over inputs, projected and signed. ``x_target`` must be floating point
+  (``TypeError`` otherwise): an integer input cannot be moved by a step h < 1, so every difference
+  would be zero and the bits meaningless.
 
   Returns:
     ``(bits, queries)`` with queries = n (C + 1).
@@ -328,13 +336,16 @@ def signature_ber(bits: jax.Array, wm: WatermarkKey) -> float:
 def false_claim_probability(matches: int, num_bits: int) -> float:
   """P(Bin(N, 1/2) >= matches): the chance that an unrelated model matches at least that many bits.
 
+  Computed exactly with integers (sum of binomial coefficients / 2^N, correctly rounded to a float), so
+  it works for any N; below about 1e-308 it rounds to 0.0.
+
   Example:
     >>> false_claim_probability(32, 32), round(false_claim_probability(16, 32), 3)   # 2^-32; a coin toss
     (2.3283064365386963e-10, 0.57)
   """
   check_int("num_bits", num_bits, 1)
   check_int("matches", matches, 0, num_bits)
-  return sum(math.comb(num_bits, k) for k in range(matches, num_bits + 1)) / 2.0 ** num_bits
+  return sum(math.comb(num_bits, k) for k in range(matches, num_bits + 1)) / 2 ** num_bits
 
 
 class Verification(NamedTuple):
