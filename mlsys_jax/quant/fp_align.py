@@ -377,8 +377,13 @@ def _pow2(t):
 
 
 def _matmul(a: Decoded, b: Decoded, f: FloatFormat, w, nl: int, convention: str, out_dtype,
-            block_elems: int, lane_bits: int | None = None):
-  """``(M, K) x (K, N)`` limited-alignment products of decoded operands (``w`` may be traced)."""
+            block_elems: int, lane_bits: int | None = None, scale=0):
+  """``(M, K) x (K, N)`` limited-alignment products of decoded operands (``w`` may be traced).
+
+  The result is ``2^-scale`` times the accumulated value, rounded once: ``scale`` (int32, may be traced)
+  undoes a power-of-two scaling of the operands inside the rounding, so the scaled sum never has to fit
+  ``out_dtype`` on its own.
+  """
   m, k = a.sig.shape
   n = b.sig.shape[1]
   lw = _limb_width(k)
@@ -393,7 +398,7 @@ def _matmul(a: Decoded, b: Decoded, f: FloatFormat, w, nl: int, convention: str,
     emax = jnp.max(ea_blk[:, :, None] + eb[None, :, :], axis=1)
     lanes = None if lane_bits is None else (f.man_bits + 1, lane_bits)
     limbs = _block_sums(sa_blk, ea_blk, b.sig, eb, emax, w, convention == "drop", nl, lw, lanes)
-    base = emax - 2 * f.man_bits - w
+    base = emax - 2 * f.man_bits - w - scale
     return _round(limbs, base, lw, out_dtype)
 
   sa = jnp.pad(a.sig, ((0, pad), (0, 0)))
@@ -408,16 +413,18 @@ def _matmul(a: Decoded, b: Decoded, f: FloatFormat, w, nl: int, convention: str,
   return jnp.where(bad, jnp.nan, out).astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9, 10))
-def _fp_matmul(a, b, bad_a, bad_b, w, fmt: str, nl: int, convention: str, out_dtype, block_elems: int,
+@functools.partial(jax.jit, static_argnums=(6, 7, 8, 9, 10, 11))
+def _fp_matmul(a, b, bad_a, bad_b, w, scale, fmt: str, nl: int, convention: str, out_dtype, block_elems: int,
                lane_bits: int | None = None):
-  """One compiled program per (shapes, format, limb count, convention); ``w`` is an argument."""
+  """One compiled program per (shapes, format, limb count, convention); ``w`` and ``scale`` (the result is
+  multiplied by ``2^-scale`` inside the final rounding) are arguments."""
   f = FORMATS[fmt]
   da, db = decode(a, f), decode(b, f)
   da = da._replace(bad=da.bad | bad_a)
   db = db._replace(bad=db.bad | bad_b)
   w = jnp.asarray(w, jnp.int32)
-  out = _matmul(da, db, f, w, nl, convention, out_dtype, block_elems, lane_bits)
+  out = _matmul(da, db, f, w, nl, convention, out_dtype, block_elems, lane_bits,
+                jnp.asarray(scale, jnp.int32))
   lw = _limb_width(a.shape[1])
   ok = (w >= 0) & (f.product_bits + w <= nl * lw)     # a traced w outside its declared bound
   return jnp.where(ok, out, jnp.nan).astype(out_dtype)
@@ -480,7 +487,7 @@ def fp_dot(a: jax.Array, b: jax.Array, *, fmt: str, align_bits: int | None = Non
     nl = _num_limbs(f, w_bound, a2.shape[1])
     if not isinstance(w, jax.Array):
       w = np.int32(w)
-    out = _fp_matmul(a2, b2, ba, bb, w, f.name, nl, convention, od, block_elems, lane_bits)
+    out = _fp_matmul(a2, b2, ba, bb, w, np.int32(0), f.name, nl, convention, od, block_elems, lane_bits)
   if a.ndim == 1:
     out = out[0]
   if b.ndim == 1:
@@ -493,8 +500,9 @@ def alignment_shift_histogram(a: jax.Array, b: jax.Array, *, fmt: str,
   """Counts of alignment shifts ``d = E - e(a_k) - e(b_k)`` over the nonzero products of ``a @ b``.
 
   ``out[d]`` for ``d = 0 .. max_alignment_shift(fmt)``; the paper's motivation (Sec. 3) is this spread.
-  Zero products (e.g. after ReLU) are not counted: they need no alignment. ``max_rows`` subsamples rows
-  of ``a`` evenly (None = all).
+  Zero products (e.g. after ReLU) are not counted: they need no alignment; a product counts only where
+  both operands are nonzero (and finite), whatever the other operand's exponent, and an inner product
+  whose products are all zero adds nothing. ``max_rows`` subsamples rows of ``a`` evenly (None = all).
 
   >>> a = jnp.array([[1.0, 0.25, 0.0]], jnp.float16)
   >>> b = jnp.ones((3, 1), jnp.float16)
@@ -521,7 +529,8 @@ def alignment_shift_histogram(a: jax.Array, b: jax.Array, *, fmt: str,
   def one(carry, ea_blk):
     pe = ea_blk[:, :, None] + eb[None, :, :]
     emax = jnp.max(pe, axis=1, keepdims=True)
-    d = jnp.where(pe > -_BIG, emax - pe, nb)                  # zero products -> overflow bin
+    nonzero = (ea_blk[:, :, None] > -_BIG) & (eb[None, :, :] > -_BIG)   # both operands nonzero
+    d = jnp.where(nonzero, emax - pe, nb)                     # zero products -> overflow bin
     return carry + jnp.bincount(d.ravel(), length=nb + 1)[:nb], None
 
   out, _ = jax.lax.scan(one, jnp.zeros((nb,), jnp.int32), ea.reshape(nblk, rows, k))
@@ -642,11 +651,13 @@ class FpAlignConfig:
     convention: ``'truncate'`` or ``'drop'``.
     scaling: operands are rounded to ``fmt`` (nearest-even) before the product; ``'pow2'`` first scales
       each operand by a power of two so that its largest magnitude sits just below the format's maximum
-      (exact, undone after the product; what FP8 inference needs), ``'none'`` casts directly,
-      ``'auto'`` = ``'pow2'`` for FP8 and ``'none'`` for FP16/BF16. Values beyond the range become inf
-      and the outputs that read them NaN. The ``'pow2'`` scale is one per *operand tensor*, computed
-      from its largest magnitude over every row, batch included (in a flax layer: over the whole input
-      batch). So one example's FP8 rounding, and hence its output, depends on the other examples in
+      (exact; what FP8 inference needs) and undoes it inside the final rounding, so the output is the
+      correctly rounded value in ``out_dtype`` of the unscaled (aligned) inner product and the scaled
+      sum never overflows ``out_dtype`` on its own (FP8 with ``out_dtype=float16``); ``'none'`` casts
+      directly, ``'auto'`` = ``'pow2'`` for FP8 and ``'none'`` for FP16/BF16. Values beyond the range
+      become inf and the outputs that read them NaN. The ``'pow2'`` scale is one per *operand tensor*,
+      computed from its largest magnitude over every row, batch included (in a flax layer: over the
+      whole input batch). So one example's FP8 rounding, and hence its output, depends on the other examples in
       its batch, and FP8 accuracy can change with the evaluation batch size; evaluate with a fixed
       batch size (or batch 1) when comparing runs.
     out_dtype: accumulator output format (float32 by default).
@@ -688,8 +699,14 @@ def _cast(x, cfg: FpAlignConfig):
   return scaled.astype(f.dtype), k
 
 
-def _batched_fp_dot(a, b, cfg: FpAlignConfig):
-  """``(B, M, K) x (B, K, N)`` of format-typed operands -> float32 ``(B, M, N)``."""
+def _batched_fp_dot(a, b, cfg: FpAlignConfig, scale=0):
+  """``(B, M, K) x (B, K, N)`` of format-typed operands -> float32 ``(B, M, N)``, times ``2^-scale``.
+
+  ``scale`` (an int32 scalar) undoes the operands' power-of-two scaling (:func:`_cast`) inside the single
+  rounding to ``cfg.out_dtype``: the result is the correctly rounded unscaled value, so a scaled sum
+  beyond the range of ``out_dtype`` (FP8 operands scaled near their maximum, ``out_dtype=float16``)
+  does not overflow to inf.
+  """
   f, w, bound, od = _check_common(cfg.fmt, cfg.align_bits, cfg.convention, cfg.out_dtype,
                                   cfg.max_align_bits)
   k = a.shape[-1]
@@ -698,7 +715,8 @@ def _batched_fp_dot(a, b, cfg: FpAlignConfig):
   nl = _num_limbs(f, bound, k)
   w = w if isinstance(w, jax.Array) else np.int32(w)
   zb = lambda x: jnp.zeros(x.shape[1:], bool)
-  fn = lambda x, y: _fp_matmul(x, y, zb(a), zb(b), w, f.name, nl, cfg.convention, od,
+  scale = jnp.asarray(scale, jnp.int32)
+  fn = lambda x, y: _fp_matmul(x, y, zb(a), zb(b), w, scale, f.name, nl, cfg.convention, od,
                                1 << 24, cfg.lane_bits)
   return jax.vmap(fn)(a, b).astype(jnp.float32)
 
@@ -718,7 +736,7 @@ def _fpa_dot(cfg: FpAlignConfig | None, lhs, rhs, dimension_numbers, precision=N
   a = jnp.transpose(lhs, lb + lf + lc).reshape(bsz, int(np.prod(shp(lhs, lf))), ksz)
   b = jnp.transpose(rhs, rb + rc + rf).reshape(bsz, ksz, int(np.prod(shp(rhs, rf))))
   (qa, ka), (qb, kb) = _cast(a, cfg), _cast(b, cfg)
-  out = _batched_fp_dot(qa, qb, cfg) * _pow2(-ka) * _pow2(-kb)
+  out = _batched_fp_dot(qa, qb, cfg, ka + kb)                          # scale undone in the rounding
   out = out.reshape(shp(lhs, lb) + shp(lhs, lf) + shp(rhs, rf))
   return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
@@ -762,8 +780,8 @@ def _fpa_conv(cfg: FpAlignConfig | None, lhs, rhs, window_strides, padding, lhs_
   # convolutions of format values, exact at any precision (<= 11 significant bits, wide exponent).
   pa, km, finish = _im2col(qa.astype(jnp.float32), qb.astype(jnp.float32), window_strides, padding,
                            lhs_dilation, rhs_dilation, dimension_numbers)
-  out = _batched_fp_dot(pa[None].astype(dt), km[None].astype(dt), cfg)[0]
-  out = finish(out * _pow2(-ka) * _pow2(-kb))
+  out = _batched_fp_dot(pa[None].astype(dt), km[None].astype(dt), cfg, ka + kb)[0]
+  out = finish(out)
   return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 

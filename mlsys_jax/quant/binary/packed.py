@@ -189,16 +189,31 @@ def _broadcasts_to(shape: tuple, target: tuple) -> bool:
 def _thresholds(mul: np.ndarray, bias: np.ndarray, k: int, lo, hi):
   """Integer thresholds so that ``dot`` gives the sign bit of ``clip(dot, lo, hi) mul + bias`` (float32).
 
-  The float32 map is monotone in ``dot``, so ``y < 0`` holds on a prefix (``mul >= 0``) or a suffix
-  (``mul < 0``) of the K + 1 possible dot values; evaluating it on all of them gives exact thresholds.
+  The float32 map is monotone in ``dot`` (float32 rounding is monotone), so ``y < 0`` holds on a prefix
+  (``mul >= 0``) or a suffix (``mul < 0``) of the dot values. The boundary is found by bisection over
+  *every integer* in ``[-K, K]``, not only the ``K + 1`` values of K's parity: after the zero-padding
+  correction of :func:`pack_conv2d` (``pad_value=0``) a border dot sums fewer than ``K`` taps and can
+  have the other parity. Each probe evaluates the float32 formula itself, so the thresholds are exact for
+  every reachable dot (ties ``y == 0`` give +1; ``mul = 0`` thresholds ``bias`` alone).
   Returns ``(thr, flip)``: -1 iff ``dot < thr`` (``flip`` False) or ``dot > thr`` (``flip`` True).
   """
-  d = np.arange(-k, k + 1, 2)
-  dc = np.clip(d, -np.inf if lo is None else lo, np.inf if hi is None else hi).astype(np.float32)
-  y = dc[None, :] * mul[:, None].astype(np.float32) + bias[:, None].astype(np.float32)
-  n_neg = np.sum(y < 0, axis=1)
+  mul, bias = mul.astype(np.float32), bias.astype(np.float32)
   flip = mul < 0
-  thr = np.where(flip, k - 2 * n_neg, -k + 2 * n_neg)
+  lo = -np.inf if lo is None else lo
+  hi = np.inf if hi is None else hi
+
+  def settled(d):              # monotone in d, False then True: +1 (mul >= 0) or -1 (mul < 0) from d on
+    y = np.clip(d, lo, hi).astype(np.float32) * mul + bias
+    return np.where(flip, y < 0, y >= 0)
+
+  a = np.full(mul.shape, -k - 1, np.int64)      # settled(a) taken False, settled(b) taken True
+  b = np.full(mul.shape, k + 1, np.int64)
+  while np.any(b - a > 1):
+    open_ = b - a > 1
+    m = (a + b) // 2                            # in [-K, K] where open_
+    s = settled(m)
+    a, b = np.where(open_ & ~s, m, a), np.where(open_ & s, m, b)
+  thr = np.where(flip, b - 1, b)                # b: the first dot in [-K, K + 1] where settled holds
   return thr.astype(np.int32), flip
 
 
