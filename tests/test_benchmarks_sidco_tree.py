@@ -360,18 +360,27 @@ def test_quoted_h100_session37_update_alone():
   assert (len(small), round(sum(small) * 1e6)) == (44, 102)
 
 
+# Session 38's update-alone rows (runs a and c): topk, the default and the forced block select in both layouts,
+# the Pallas writer, per tensor.
+S38_ROWS = ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [blocks 8]", "sidco(0.001) [pwrite]",
+            "sidco(0.001, flat_state=True)", "sidco(0.001, flat_state=True) [blocks 8]",
+            "sidco(0.001, per_tensor=True)")
+
+
+def _s38_spans(a):
+  """Span of one call (ms) of every S38_ROWS row and its ratio to ``topk``'s, as the docs round them."""
+  return ([round(a[m]["single_device_s"] * 1e3, 3) for m in S38_ROWS],
+          [round(a[S38_ROWS[0]]["single_device_s"] / a[m]["single_device_s"], 2) for m in S38_ROWS[1:]])
+
+
 def test_quoted_h100_session38_update_alone():
   """Session 38's H100 run (``sidco_tree_h100_s38a.json``), the confirmation of session 37's default, as BENCHMARKS.md,
   README and docs/comm.md quote it: span of one call (ms), x ``topk``, launches, idle, per update over the loop and
   back to back (ms); the block select forced by ``blocks 8`` and every switch row equal to its default over the loop."""
   a, floor = _rows("sidco_tree_h100_s38a.json")
-  names = ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [blocks 8]", "sidco(0.001) [pwrite]",
-           "sidco(0.001, flat_state=True)", "sidco(0.001, flat_state=True) [blocks 8]",
-           "sidco(0.001, per_tensor=True)")
+  names = S38_ROWS
   ms_ = lambda m, k: round(a[m][k] * 1e3, 3)   # noqa: E731
-  assert [ms_(m, "single_device_s") for m in names] == [1.653, 0.573, 1.055, 0.472, 0.536, 0.907, 1.088]
-  assert [round(a[names[0]]["single_device_s"] / a[m]["single_device_s"], 2) for m in names[1:]] == [
-      2.88, 1.57, 3.5, 3.08, 1.82, 1.52]
+  assert _s38_spans(a) == ([1.653, 0.573, 1.055, 0.472, 0.536, 0.907, 1.088], [2.88, 1.57, 3.5, 3.08, 1.82, 1.52])
   assert [int(a[m]["single_kernels"]) for m in names] == [61, 130, 138, 78, 97, 104, 134]
   assert [ms_(m, "single_idle_s") for m in names] == [0.019, 0.001, 0.424, 0.002, 0.0, 0.326, 0.423]
   assert [ms_(m, "device_s") for m in names] == [2.105, 0.937, 1.368, 1.249, 1.002, 1.253, 1.161]
@@ -391,13 +400,8 @@ def test_quoted_h100_session38_repeat():
   BENCHMARKS.md and docs/comm.md quote it: spans (ms) and x ``topk``; the default below the block select alone, over
   the loop and back to back, in both layouts; the copy rate (so the read+write floor) measured lower than in run a."""
   a, floor = _rows("sidco_tree_h100_s38c.json")
-  names = ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [blocks 8]", "sidco(0.001) [pwrite]",
-           "sidco(0.001, flat_state=True)", "sidco(0.001, flat_state=True) [blocks 8]",
-           "sidco(0.001, per_tensor=True)")
-  ms_ = lambda m, k: round(a[m][k] * 1e3, 3)   # noqa: E731
-  assert [ms_(m, "single_device_s") for m in names] == [1.649, 0.572, 0.763, 0.47, 0.532, 0.96, 1.303]
-  assert [round(a[names[0]]["single_device_s"] / a[m]["single_device_s"], 2) for m in names[1:]] == [
-      2.88, 2.16, 3.51, 3.1, 1.72, 1.27]
+  names = S38_ROWS
+  assert _s38_spans(a) == ([1.649, 0.572, 0.763, 0.47, 0.532, 0.96, 1.303], [2.88, 2.16, 3.51, 3.1, 1.72, 1.27])
   for default, blocks in ((names[1], names[2]), (names[4], names[5])):
     assert all(a[default][k] < a[blocks][k] for k in ("single_device_s", "device_s", "single_chain_wall_s"))
   assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"][0] == 0 for m in names if " [" in m)
