@@ -85,16 +85,21 @@ _DEFAULT_LEVELS = {"powersgd": (2, 1), "topk": (0.99, 0.1)}   # the reference co
 def critical_regime(prev_norm: Any, norm: Any, eta: float, has_prev: Any = True) -> jax.Array:
   """ACCORDION's detector rule, elementwise: ``|prev - now| / prev >= eta``.
 
-  Also True where ``prev_norm == 0`` (the reference gives it a ratio of 9) and where there is no
-  previous window (``has_prev`` False). Works on scalars or arrays of per-layer norms.
+  Also True where ``prev_norm == 0`` (the reference gives it a ratio of 9), where there is no
+  previous window (``has_prev`` False), and where either norm is NaN/inf (no signal: the layer keeps the
+  low-compression level rather than being compressed harder). Works on scalars or arrays of per-layer norms.
+  ``eta`` (a Python number) must lie in (0, 1).
 
   >>> critical_regime(jnp.array([10., 10.]), jnp.array([4., 8.]), 0.5)
   Array([ True, False], dtype=bool)
   """
+  if isinstance(eta, (int, float)):
+    check_range("eta", eta, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   prev = jnp.asarray(prev_norm, jnp.float32)
   now = jnp.asarray(norm, jnp.float32)
   ratio = jnp.abs(prev - now) / jnp.where(prev == 0, 1.0, prev)
-  return (ratio >= eta) | (prev == 0) | jnp.logical_not(jnp.asarray(has_prev))
+  bad = ~jnp.isfinite(prev) | ~jnp.isfinite(now)
+  return (ratio >= eta) | (prev == 0) | bad | jnp.logical_not(jnp.asarray(has_prev))
 
 
 class AccordionState(NamedTuple):

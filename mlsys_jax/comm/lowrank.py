@@ -82,8 +82,11 @@ def powersgd_layout(params: Any, rank: int, *, min_size: int = 0, clamp_rank: bo
                     ) -> list[int]:
   """Rank used for each leaf of ``params`` (flatten order); 0 means the leaf is sent dense.
 
-  Raises ``ValueError`` when a compressed leaf has ``min(n, m) < rank`` and ``clamp_rank`` is False.
+  Raises ``ValueError`` when a compressed leaf has ``min(n, m) < rank`` and ``clamp_rank`` is False, and
+  for a ``rank`` that is not an integer >= 1 (or a negative ``min_size``).
   """
+  check_int("rank", rank, 1)
+  check_int("min_size", min_size, 0)
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     shape = np.shape(leaf)
@@ -124,7 +127,8 @@ def orthogonalize(p: jax.Array, rtol: float | None = None) -> jax.Array:
   Each column is projected off the earlier ones twice (re-orthogonalization keeps it orthogonal to
   working precision). A column whose norm after projection is at most ``rtol`` (default
   ``sqrt(eps)`` of the dtype) times its norm before, or zero, is returned as zero: the result has
-  orthonormal or zero columns and never NaN, also for rank-deficient ``p``.
+  orthonormal or zero columns and never NaN for a finite ``p``, rank-deficient ones included. A column
+  that holds NaN/inf stays non-finite (it is not zeroed), so the error propagates.
   """
   if p.ndim != 2:
     raise ValueError(f"orthogonalize expects a matrix (n, r), got shape {p.shape}.")
@@ -138,7 +142,7 @@ def orthogonalize(p: jax.Array, rtol: float | None = None) -> jax.Array:
       for _ in range(2):
         c = c - u @ (u.T @ c)
     after = jnp.linalg.norm(c)
-    keep = after > tol * before
+    keep = (after > tol * before) | ~jnp.isfinite(before)   # NaN/inf columns propagate, never become zeros
     cols.append(jnp.where(keep, c / jnp.where(keep, after, 1.0), 0.0))
   return jnp.stack(cols, axis=1) if cols else p
 

@@ -62,13 +62,31 @@ class WarmupState(NamedTuple):
   nonfinite_steps: jax.Array
 
 
+def _check_same_axis(compressor, axis_name, updates, inner_state, params) -> None:
+  """ValueError unless ``compressor.update`` communicates over ``axis_name`` (or over nothing when it is None):
+  a warm-up that averages over another axis than the compressor (or not at all) leaves the replicas different
+  from each other. Traced abstractly at trace time (nothing runs)."""
+  from mlsys_jax.comm.distributed import collective_axes   # (imports this module)
+  axes = set(collective_axes(lambda u, s: compressor.update(u, s, params)[0], updates, inner_state))
+  if axis_name is None and axes:
+    raise ValueError(f"dense_warmup(axis_name=None) wraps a compressor that communicates over {sorted(axes)}: "
+                     f"the warm-up would return each replica's own gradient, so the replicas drift apart; pass "
+                     f"axis_name={sorted(axes)[0]!r} to dense_warmup.")
+  if axis_name is not None and axis_name not in axes:
+    got = f"over {sorted(axes)}" if axes else "over no axis (built without axis_name)"
+    raise ValueError(f"dense_warmup(axis_name={axis_name!r}) wraps a compressor that communicates {got}: build "
+                     f"the compressor with axis_name={axis_name!r} (e.g. sidco(0.01, axis_name={axis_name!r})).")
+
+
 def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
                  axis_name: str | None = None) -> optax.GradientTransformation:
   """Average the gradients densely for the first ``steps`` steps, then compress with ``compressor``.
 
   Args:
     compressor: a compression transform of this package built with the same ``axis_name`` (e.g.
-      ``sidco(0.01, axis_name='d')``); its state must report ``bytes_sent`` (every transform here does).
+      ``sidco(0.01, axis_name='d')``; checked when the update is traced: ``ValueError`` if it communicates
+      over another axis, or over one while ``axis_name`` is None); its state must report ``bytes_sent``
+      (every transform here does).
     steps: number of dense steps (>= 0; 0 makes the wrapper a pass-through to ``compressor``). DGC
       warms up for the first few epochs of ~100; at short horizons ~10% of the steps is a good start.
     axis_name: the mapped axis of the data-parallel workers (None: one device, the warm-up returns the
@@ -104,6 +122,8 @@ def dense_warmup(compressor: optax.GradientTransformation, steps: int, *,
   def update_fn(updates, state, params=None):
     check_floating("dense_warmup.update", updates)
     _check_axis(axis_name)
+    if steps > 0:
+      _check_same_axis(compressor, axis_name, updates, state.inner_state, params)
     if steps == 0:
       out, inner = compressor.update(updates, state.inner_state, params)
       sent = jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32)
