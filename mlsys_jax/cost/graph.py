@@ -172,7 +172,10 @@ def kernel_io_bytes(g: HloGraph) -> np.ndarray:
 
   This is the memory term of a roofline (Williams et al., CACM 2009; the analytical baseline of Kaufman
   et al., MLSys 2021): a kernel reads each operand and writes its output at least once. Summed over a
-  graph it equals the ``bytes`` of :func:`kernel_costs`.
+  :func:`program_graph` it equals the ``bytes`` of :func:`kernel_costs` exactly: operand bytes are
+  summed in float64 from the operand nodes' ``num_bytes`` over the operand edges. A node whose operands
+  are not nodes of ``g`` (the single entry node of a :func:`kernel_graphs` graph) falls back to the
+  float32 ``operand_bytes`` attribute, exact up to 2**24 bytes and rounded to float32 above.
 
   Args:
     g: an :class:`HloGraph`.
@@ -186,7 +189,19 @@ def kernel_io_bytes(g: HloGraph) -> np.ndarray:
     >>> float(kernel_io_bytes(g).sum())     # two f32[4,4] operands read, one written
     192.0
   """
-  return np.where(kernel_nodes(g), g.attrs[:, ATTR_ID["operand_bytes"]].astype(np.float64) + g.num_bytes, 0.0)
+  mask = kernel_nodes(g)
+  depth0 = g.attrs[:, ATTR_ID["depth"]] == 0
+  senders, receivers = np.asarray(g.senders, np.int64), np.asarray(g.receivers, np.int64)
+  # Edges between two entry-level nodes are exactly the operand edges (one per operand, repeats
+  # included); fused/called computations only connect to depth >= 1 nodes or back from their root.
+  op_edge = depth0[senders] & depth0[receivers] & (g.opcode[senders] != 0)
+  exact = np.zeros(len(mask), np.float64)
+  count = np.zeros(len(mask), np.int64)
+  np.add.at(exact, receivers[op_edge], np.asarray(g.num_bytes, np.float64)[senders[op_edge]])
+  np.add.at(count, receivers[op_edge], 1)
+  has_all = count == np.rint(g.attrs[:, ATTR_ID["num_operands"]]).astype(np.int64)
+  operand = np.where(has_all, exact, g.attrs[:, ATTR_ID["operand_bytes"]].astype(np.float64))
+  return np.where(mask, operand + g.num_bytes, 0.0)
 
 
 def _dim_labels(value: str | None) -> tuple[str, str, str] | None:
@@ -467,7 +482,20 @@ def batch_graphs(graphs: Sequence[HloGraph]) -> HloGraph:
 
 
 def unbatch_graph(g: HloGraph, i: int) -> HloGraph:
-  """Graph ``i`` of a batch, with indices relative to it again."""
+  """Graph ``i`` of a batch, with indices relative to it again; a negative ``i`` counts from the end
+  like Python indexing (``-1`` is the last graph, the padding graph of a padded batch).
+
+  Raises:
+    IndexError: ``i`` is outside ``[-num_graphs, num_graphs)``.
+  """
+  _check_graph("g", g)
+  if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+    raise TypeError(f"i must be an integer graph index, got {type(i).__name__} ({i!r}).")
+  G = g.num_graphs
+  if not -G <= i < G:
+    raise IndexError(f"graph index {i} is out of range for a batch of {G} graph(s); use an index in "
+                     f"[{-G}, {G}).")
+  i = int(i) % G
   n0, n1 = int(g.n_node[:i].sum()), int(g.n_node[:i + 1].sum())
   e0, e1 = int(g.n_edge[:i].sum()), int(g.n_edge[:i + 1].sum())
   k0 = int(g.n_kernel[:i].sum())

@@ -72,7 +72,10 @@ class Shape(NamedTuple):
   def num_bytes(self) -> float:
     if self.is_tuple:
       return sum(e.num_bytes for e in self.elements)
-    return self.num_elements * DTYPE_BYTES.get(self.dtype, 4)
+    if self.dtype not in DTYPE_BYTES:
+      raise ValueError(f"unknown HLO element type {self.dtype!r}: its size is not known; use one of "
+                       f"{', '.join(DTYPE_BYTES)} or add it to mlsys_jax.cost.hlo.DTYPE_BYTES.")
+    return self.num_elements * DTYPE_BYTES[self.dtype]
 
 
 _ARRAY_SHAPE = re.compile(r"^([a-z][a-z0-9]*)\s*\[([^\]]*)\]\s*(\{[^{}]*\})?$")
@@ -81,12 +84,19 @@ _TILE = re.compile(r"T((?:\([^()]*\))+)")
 _MEMSPACE = re.compile(r"S\((\d+)\)")
 
 
-def _parse_layout(layout_s: str, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]:
-  """``{1,0:T(8,128)(2,1)S(1)}`` -> (minor_to_major, tiles, memory_space)."""
+def _parse_layout(layout_s: str, text: str, rank: int | None = None
+                  ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], int]:
+  """``{1,0:T(8,128)(2,1)S(1)}`` -> (minor_to_major, tiles, memory_space); with ``rank`` given, the
+  minor-to-major list must be a permutation of ``range(rank)`` (tiling/memory-space annotations after ':'
+  are not part of it)."""
   body, _, extra = layout_s[1:-1].partition(":")
   if not re.fullmatch(r"[\d\s,]*", body):
     raise ValueError(f"bad layout {layout_s!r} in shape {text!r}")
   layout = tuple(int(x) for x in re.findall(r"\d+", body))
+  if rank is not None and sorted(layout) != list(range(rank)):
+    raise ValueError(f"bad layout {layout_s!r} in shape {text!r}: the minor-to-major list before ':' must be a "
+                     f"permutation of 0..{rank - 1} (one entry per dimension of the rank-{rank} shape), got "
+                     f"{list(layout)}.")
   tiles: tuple[tuple[int, ...], ...] = ()
   space = 0
   m = _TILE.search(extra)
@@ -97,6 +107,13 @@ def _parse_layout(layout_s: str, text: str) -> tuple[tuple[int, ...], tuple[tupl
   if m:
     space = int(m.group(1))
   return layout, tiles, space
+
+
+def _check_dtype(dtype: str, text: str) -> None:
+  if dtype not in DTYPE_BYTES:
+    raise ValueError(f"unknown HLO element type {dtype!r} in shape {text!r}; known types: "
+                     f"{', '.join(DTYPE_BYTES)}. Add it to mlsys_jax.cost.hlo.DTYPE_BYTES with its size in "
+                     "bytes if a newer XLA emits it.")
 
 
 def parse_shape(text: str) -> Shape:
@@ -116,9 +133,11 @@ def parse_shape(text: str) -> Shape:
   m = _ARRAY_SHAPE.match(s)
   if not m:
     if re.fullmatch(r"[a-z][a-z0-9]*", s):  # token / opaque without brackets
+      _check_dtype(s, text)
       return Shape(s)
     raise ValueError(f"not an HLO shape: {text!r}")
   dtype, dims_s, layout_s = m.groups()
+  _check_dtype(dtype, text)
   dims: list[int] = []
   for d in filter(None, (x.strip() for x in dims_s.split(","))):
     d = d.lstrip("<=").strip()
@@ -129,7 +148,7 @@ def parse_shape(text: str) -> Shape:
     dims.append(int(d))
   if not layout_s:
     return Shape(dtype, tuple(dims))
-  layout, tiles, space = _parse_layout(layout_s, text)
+  layout, tiles, space = _parse_layout(layout_s, text, len(dims))
   return Shape(dtype, tuple(dims), layout, (), tiles, space)
 
 

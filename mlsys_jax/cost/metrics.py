@@ -172,6 +172,12 @@ def fit_roofline(flops: np.ndarray, nbytes: np.ndarray, runtime_s: np.ndarray, c
                      f"{b.shape}, {y.shape}.")
   if not np.all(np.isfinite(y) & (y > 0)):
     raise ValueError("runtime_s must be positive and finite (drop failed or unmeasured rows first).")
+  for name, a in (("flops", f), ("nbytes", b)):
+    bad = ~(np.isfinite(a) & (a >= 0))
+    if bad.any():
+      j = int(np.argmax(bad))
+      raise ValueError(f"{name} must be finite and >= 0, got {a[j]!r} at index {j}; drop or fix those rows "
+                       "(e.g. programs whose cost analysis failed) before fitting.")
   ly = np.log(y)
   overheads = [0.0] + (list(np.logspace(-6, -3, 13)) if fit_overhead else [])
 
@@ -191,6 +197,9 @@ def fit_roofline(flops: np.ndarray, nbytes: np.ndarray, runtime_s: np.ndarray, c
         j = int(np.argmin(err))
         if err[j] < best[0]:
           best = (err[j], (rf[i], rb[j], o))
+    if best[1] is None:
+      raise ValueError("fit_roofline found no rates with a finite error on this data; check that flops, "
+                       "nbytes and runtime_s hold finite, realistic values (runtime_s > 0).")
     return best
 
   err, (rf, rb, o) = search(9, 17, 9, 17, grid)
