@@ -51,10 +51,21 @@ class Dataset(NamedTuple):
             f"{self.num_classes} classes)")
 
 
+def _check_split_sizes(n: int, n_test: int, test_fraction: float) -> None:
+  """Raise ``ValueError`` if holding out ``n_test`` of ``n`` examples leaves the test or train split empty."""
+  if n_test <= 0:
+    raise ValueError(f"test_fraction={test_fraction!r} of {n} examples leaves the test split empty; raise "
+                     f"test_fraction (to at least {1.0 / n:.3g}) or use more samples.")
+  if n_test >= n:
+    raise ValueError(f"test_fraction={test_fraction!r} of {n} examples leaves the train split empty; lower "
+                     f"test_fraction (to at most {1.0 - 1.0 / n:.3g}) or use more samples.")
+
+
 def _split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float):
   check_range("test_fraction", test_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-  perm = np.random.default_rng(seed).permutation(len(x))
   n_test = int(round(len(x) * test_fraction))
+  _check_split_sizes(len(x), n_test, test_fraction)
+  perm = np.random.default_rng(seed).permutation(len(x))
   te, tr = perm[:n_test], perm[n_test:]
   return x[tr], y[tr], x[te], y[te]
 
@@ -64,7 +75,8 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
 
   Args:
     seed: seed of the train/test permutation (the same seed gives the same split).
-    test_fraction: fraction of the 1797 images held out for testing.
+    test_fraction: fraction of the 1797 images held out for testing (``ValueError`` if the test or train
+      split would be empty).
 
   Returns:
     A :class:`Dataset` with inputs of shape ``(n, 8, 8, 1)`` and 10 classes.
@@ -100,7 +112,7 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000, test_fraction: float = 
   Args:
     seed: generator seed (sequences and split both depend on it).
     num_samples: number of sequences in total (the paper's set has 5000).
-    test_fraction: fraction held out for testing.
+    test_fraction: fraction held out for testing (``ValueError`` if the test or train split would be empty).
 
   Returns:
     A :class:`Dataset` with inputs of shape ``(n, 40, 1)`` and 10 classes.
@@ -113,6 +125,9 @@ def load_mnist1d(seed: int = 0, num_samples: int = 5000, test_fraction: float = 
   check_int("seed", seed, 0)
   check_int("num_samples", num_samples, 20)
   check_range("test_fraction", test_fraction, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  # mnist1d makes num_samples // 10 sequences per class and keeps the first int(total * train_split) for training.
+  total = (num_samples // 10) * 10
+  _check_split_sizes(total, total - int(total * (1.0 - test_fraction)), test_fraction)
   cache_dir = os.environ.get("MLSYS_JAX_MNIST1D_CACHE")
   cache = (pathlib.Path(cache_dir) / f"mnist1d_s{seed}_n{num_samples}_t{test_fraction:g}.npz"
            if cache_dir else None)
@@ -187,7 +202,8 @@ def load_cifar10(data_dir: str | os.PathLike, normalize: bool = True,
   Args:
     data_dir: directory with the batch files (or its parent holding ``cifar-10-batches-bin``).
     normalize: subtract the per-channel mean and divide by the std (else scale to ``[0, 1]``).
-    max_train, max_test: optional caps on the number of images (the first ones of the files).
+    max_train, max_test: optional caps on the number of images (the first ones of the files): None (no cap)
+      or an integer >= 0.
 
   Returns:
     A :class:`Dataset` with inputs ``(n, 32, 32, 3)`` float32 and 10 classes.
@@ -202,6 +218,9 @@ def load_cifar10(data_dir: str | os.PathLike, normalize: bool = True,
     Dataset(cifar10: train (10, 32, 32, 3), test (2, 32, 32, 3), 10 classes)
     >>> tmp.cleanup()
   """
+  for name, cap in (("max_train", max_train), ("max_test", max_test)):
+    if cap is not None:
+      check_int(name, cap, 0)
   root = pathlib.Path(data_dir)
   if (root / "cifar-10-batches-bin").is_dir():
     root = root / "cifar-10-batches-bin"
@@ -233,15 +252,23 @@ def synthetic_classification(seed: int = 0, num_samples: int = 1024, shape: tupl
   """Gaussian clusters, one random unit-norm mean (times 3) per class, isotropic noise of std ``noise``.
 
   Useful for tests: the Bayes accuracy is high for small ``noise`` and falls toward chance as it grows.
+  ``seed`` (an integer >= 0) seeds the data and the split; ``shape`` is a tuple of positive integers;
+  ``ValueError`` if ``test_fraction`` leaves the test or train split empty.
 
   Example:
     >>> ds = synthetic_classification(seed=0, num_samples=100, shape=(4, 4), num_classes=3)
     >>> ds.x_train.shape, ds.y_test.shape, ds.num_classes
     ((75, 4, 4), (25,), 3)
   """
+  check_int("seed", seed, 0)
   check_int("num_samples", num_samples, 2)
   check_int("num_classes", num_classes, 2)
   check_range("noise", noise, 0.0)
+  if not isinstance(shape, (tuple, list)) or len(shape) == 0:
+    raise TypeError(f"shape must be a non-empty tuple of positive integers (the input shape of one example, e.g. "
+                    f"(16,)), got {shape!r}.")
+  for i, d in enumerate(shape):
+    check_int(f"shape[{i}]", d, 1)
   rng = np.random.default_rng(seed)
   dim = int(np.prod(shape))
   means = rng.normal(size=(num_classes, dim))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlsys_jax._checks import check_int
+from mlsys_jax._checks import check_int, is_concrete
 from mlsys_jax.data import Dataset, batches
 
 LossExtra = Callable[[Any, jnp.ndarray, jnp.ndarray, jax.Array], jnp.ndarray]
@@ -44,7 +44,10 @@ class TrainState(NamedTuple):
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-  """Mean softmax cross-entropy of ``logits (n, c)`` against integer ``labels (n,)``.
+  """Mean softmax cross-entropy of ``logits (n, c)`` against integer ``labels (n,)`` in ``[0, c)``.
+
+  Concrete labels outside ``[0, c)`` raise ``ValueError``; under ``jit``/``grad`` tracing the labels are not
+  checked (an out-of-range label then gives a meaningless loss, e.g. NaN), so validate them beforehand.
 
   Example:
     >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)    # uniform logits: log(4)
@@ -53,6 +56,12 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
   if logits.ndim != 2 or labels.shape != logits.shape[:1]:
     raise ValueError(f"cross_entropy expects logits (n, c) and labels (n,), got {logits.shape} and "
                      f"{labels.shape}.")
+  if is_concrete(labels) and labels.size:
+    lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+    if lo < 0 or hi >= logits.shape[1]:
+      bad = lo if lo < 0 else hi
+      raise ValueError(f"cross_entropy labels must be class indices in [0, {logits.shape[1]}) (logits have "
+                       f"{logits.shape[1]} classes), got label {bad}. Fix the labels or the number of classes.")
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -170,7 +179,7 @@ def _apply_eval(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
 
 
 def predict(model: nn.Module, variables: dict, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-  """Logits of ``model`` on ``x`` in evaluation mode, computed in batches.
+  """Logits of ``model`` on ``x`` in evaluation mode, computed in batches (empty ``x``: shape ``(0, c)``).
 
   Example:
     >>> from mlsys_jax.models import MLP
@@ -180,13 +189,17 @@ def predict(model: nn.Module, variables: dict, x: np.ndarray, batch_size: int = 
     (5, 2)
   """
   check_int("batch_size", batch_size, 1)
+  if len(x) == 0:   # no batch to run: the shape of one example's logits, from shapes alone, with batch 0
+    one = jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), jnp.result_type(x))
+    out = jax.eval_shape(functools.partial(model.apply, train=False), variables, one)
+    return np.zeros((0,) + tuple(out.shape[1:]), out.dtype)
   return np.concatenate([np.asarray(_apply_eval(model, variables, x[i:i + batch_size]))
                          for i in range(0, len(x), batch_size)])
 
 
 def evaluate(model: nn.Module, variables: dict, x: np.ndarray, y: np.ndarray,
              batch_size: int = 1024) -> float:
-  """Top-1 accuracy of ``model`` on ``(x, y)``.
+  """Top-1 accuracy of ``model`` on ``(x, y)``; ``y`` holds integer class labels of shape ``(len(x),)``.
 
   Example:
     >>> from mlsys_jax.models import MLP
@@ -195,6 +208,11 @@ def evaluate(model: nn.Module, variables: dict, x: np.ndarray, y: np.ndarray,
     >>> evaluate(model, variables, np.ones((4, 3)), np.array([0, 1, 0, 1]))   # one class for identical inputs
     0.5
   """
+  y = np.asarray(y)
+  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"evaluate needs integer class labels y of shape (n,), got dtype {y.dtype} and shape "
+                     f"{y.shape}. Flatten (n, 1) labels with y.reshape(-1); turn one-hot labels into indices "
+                     "with y.argmax(-1).")
   if len(x) != len(y) or len(x) == 0:
     raise ValueError(f"evaluate needs matching, non-empty x and y, got {len(x)} and {len(y)} examples.")
   return float(np.mean(np.argmax(predict(model, variables, x, batch_size), -1) == y))

@@ -30,6 +30,7 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
+from mlsys_jax._checks import check_int
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -115,10 +116,11 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
   ``s`` (max groups per stage).
 
   Args:
-    nodes: unit indices of the part in a topological order.
+    nodes: unit indices of the part, each once, in a topological order (every edge of ``succ`` between two
+      of them goes from an earlier to a later one; ``ValueError`` otherwise, so a cycle is refused too).
     succ: unit -> set of successor units (units outside ``nodes`` are ignored).
     stage_cost: Stage -> latency (seconds); called once per distinct stage (memoized here).
-    r, s: the IOS pruning parameters (paper defaults r=3, s=8).
+    r, s: the IOS pruning parameters (paper defaults r=3, s=8), integers >= 1.
     strategy: 'both', 'parallel' or 'merge' (IOS-Both / IOS-Parallel / IOS-Merge). With 'merge' a
       parallel stage is a single unit (sequential execution plus merges).
     merge_key: unit -> hashable key, equal for units that may be merged, None if not mergeable.
@@ -140,8 +142,10 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
     >>> [(st.kind, st.groups) for st in stages], total
     ([('merge', ((0, 1),)), ('parallel', ((2,),))], 2.0)
   """
+  check_int("r", r)
+  check_int("s", s)
   if r < 1 or s < 1:
-    raise ValueError(f"r and s must be >= 1, got r={r}, s={s}")
+    raise ValueError(f"r and s must be >= 1 (units per group, groups per stage), got r={r}, s={s}")
   if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
     raise ValueError(f"top_k must be an int >= 0 (0: cost every candidate), got {top_k!r}")
   if top_k and rank is None:
@@ -151,11 +155,21 @@ def ios_dp(nodes: Sequence[int], succ: dict, stage_cost: Callable[[Stage], float
   n = len(nodes)
   if n == 0:
     return [], 0.0
-  pos = {u: i for i, u in enumerate(nodes)}
+  pos = {}
+  for i, u in enumerate(nodes):
+    if u in pos:
+      raise ValueError(f"nodes lists unit {u!r} twice (positions {pos[u]} and {i}); pass each unit of the part "
+                       "once.")
+    pos[u] = i
   succ_m = [0] * n
   for u in nodes:
     for v in succ.get(u, ()):
       if v in pos:
+        if pos[v] <= pos[u]:
+          what = "a self-loop" if v == u else "a cycle or nodes not in topological order"
+          raise ValueError(f"edge {u!r} -> {v!r} goes backwards in nodes (position {pos[u]} -> {pos[v]}): "
+                           f"{what}. Pass the units of an acyclic part in a topological order (every "
+                           "edge from an earlier to a later unit).")
         succ_m[pos[u]] |= 1 << pos[v]
   # transitive closure (descendants incl. self), reverse topological order
   tc = [0] * n
