@@ -160,7 +160,9 @@ def fit_gnn(graphs: Sequence[HloGraph], runtime_s: np.ndarray, group: np.ndarray
 
 def predict_gnn(params: dict, graphs: Sequence[HloGraph], cfg: GNNConfig = GNNConfig(),
                 feats: Sequence[np.ndarray] | None = None) -> np.ndarray:
-  """Predicted runtimes in seconds, one per graph."""
+  """Predicted runtimes in seconds, one per graph (an empty array for no graphs)."""
+  if len(graphs) == 0:
+    return np.zeros(0)
   feats = list(feats) if feats is not None else [node_features(g) for g in graphs]
   apply = _jitted_apply(cfg.embed_dim, cfg.hidden, cfg.num_layers, cfg.reduction)
   out = np.zeros(len(graphs))

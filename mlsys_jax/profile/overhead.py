@@ -134,8 +134,10 @@ def calibrate(workload: Callable[[], Any], *, repeats: int = 5,
   """
   check_choice("stat", stat, ("paired", "min", "median"))
   levels = tuple(levels)
-  if not levels or levels[0] != "off" or list(levels) != sorted(levels, key=LEVELS.index):
-    raise ValueError(f"levels must start with 'off' and follow {LEVELS}, got {levels}.")
+  if (len(levels) < 2 or levels[0] != "off" or any(l not in LEVELS for l in levels)
+      or any(LEVELS.index(a) >= LEVELS.index(b) for a, b in zip(levels[:-1], levels[1:]))):
+    raise ValueError(f"levels must start with 'off', hold at least two levels, each once, in the order of "
+                     f"{LEVELS}, got {levels}.")
   wall, counts, _ = run_levels(workload, levels, repeats, warmup, clock)
   raw = {s: 0.0 for s in SOURCES}
   for prev, lvl in zip(levels[:-1], levels[1:]):
@@ -252,11 +254,19 @@ class Corrected(NamedTuple):
 
 
 def correct(a: Attribution, cal: Calibration | dict) -> Corrected:
-  """Subtract the calibrated overhead from each operation of ``a`` where its events ran."""
+  """Subtract the calibrated overhead from each operation of ``a`` where its events ran.
+
+  ``cal``: a :class:`Calibration` (its clamped ``delta_ns``) or a dict of per-event costs in ns, each finite
+  and ``>= 0`` (``ValueError`` otherwise: a correction only removes time; a negative cost, e.g. an
+  unclamped ``raw_delta_ns``, would add it)."""
   delta = cal.delta_ns if isinstance(cal, Calibration) else dict(cal)
-  for s in delta:
+  for s, v in delta.items():
     if s not in SOURCES:
       raise ValueError(f"unknown instrumentation source {s!r}; expected {SOURCES}.")
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not (
+        np.isfinite(v) and v >= 0):
+      raise ValueError(f"the per-event cost of {s!r} must be a finite number >= 0 ns, got {v!r}; pass the "
+                       "calibration's delta_ns (clamped at 0), not raw_delta_ns.")
   table = {}
   removed = unabsorbed = 0.0
   for key, row in a.table.items():

@@ -476,8 +476,10 @@ def make_workload(algo: str, env: str = "cartpole", backend: str = "numpy", *, s
 
 def numpy_jax_agree(env: str = "cartpole", steps: int = 50, seed: int = 0) -> float:
   """Max |obs_numpy - obs_jax| over ``steps`` steps from the same start and actions (a consistency check
-  of the two simulators; float32 JAX vs float64 numpy)."""
+  of the two simulators; float32 JAX vs float64 numpy). NaN if the simulators disagree by NaN (it is not
+  dropped); ``steps >= 1``."""
   check_choice("env", env, ENVS)
+  check_int("steps", steps, 1)
   e = CartPoleNP(seed) if env == "cartpole" else PendulumNP(seed)
   if env == "cartpole":
     s = jnp.concatenate([jnp.asarray(e.s, jnp.float32), jnp.zeros(1)])
@@ -491,7 +493,7 @@ def numpy_jax_agree(env: str = "cartpole", steps: int = 50, seed: int = 0) -> fl
     a = int(rng.integers(e.n_actions))
     o_np, _, d = e.step(a)
     s, o_j, _, _ = step(s, jnp.int32(a))
-    err = max(err, float(np.max(np.abs(o_np - np.asarray(o_j)))))
+    err = max(err, float(np.max(np.abs(o_np - np.asarray(o_j)))), key=lambda v: (np.isnan(v), v))  # NaN wins
     if d:
       break
   return err
