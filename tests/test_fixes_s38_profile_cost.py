@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax import profile
-from mlsys_jax.cost.train import predict_gnn
+from mlsys_jax.cost.train import MLPConfig, fit_mlp, predict_gnn
 from mlsys_jax.profile import overhead as ov
 from mlsys_jax.profile import workloads
 from mlsys_jax.profile.attribution import attribute
@@ -49,3 +49,17 @@ def test_numpy_jax_agree_checks_steps_and_keeps_nan(monkeypatch):
 def test_predict_gnn_on_no_graphs_is_empty():
   out = predict_gnn({}, [])
   assert out.shape == (0,) and out.dtype == np.float64
+
+
+def test_fit_deltas_leaves_out_pairs_without_events():
+  """One pair recorded 10 scope events over 1 ms (100,000 ns each), the other none: it carries no information
+  on the per-event cost (it was divided by 1 before, giving a median of 550,000 ns)."""
+  got = ov.fit_deltas([1e-3, 1e-3], [{"scope": 0}, {"scope": 10}], {}, ("scope",))
+  assert got == {"scope": pytest.approx(1e5)}
+
+
+def test_fit_mlp_checks_the_config():
+  x, y, g = np.ones((4, 3), np.float32), np.full(4, 1e-3), np.arange(4)
+  for cfg in (MLPConfig(epochs=-3), MLPConfig(epochs=0), MLPConfig(hidden=0), MLPConfig(num_layers=-1)):
+    with pytest.raises(ValueError, match="cfg"):
+      fit_mlp(x, y, g, cfg)

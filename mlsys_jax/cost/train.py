@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import optax
 
+from mlsys_jax._checks import check_int
 from mlsys_jax.cost.features import node_features
 from mlsys_jax.cost.graph import HloGraph, batch_graphs, pad_graph
 from mlsys_jax.cost.models import (GraphSAGECostModel, MLPCostModel, log_mse_loss, make_batch,
@@ -191,6 +192,8 @@ def fit_mlp(x: np.ndarray, runtime_s: np.ndarray, group: np.ndarray, cfg: MLPCon
   log runtime widened by log(10) on each side (an MLP on aggregate features extrapolates wildly on
   program families it has not seen).
   """
+  for name, low in (("hidden", 1), ("num_layers", 1), ("epochs", 1)):
+    check_int(f"cfg.{name}", getattr(cfg, name), low)
   x = np.asarray(x, np.float32)
   if x.ndim != 2 or not x.shape[0] == len(runtime_s) == len(group) or x.shape[0] == 0:
     raise ValueError(f"x must be [P, F] with one row per entry of runtime_s ({len(runtime_s)}) and "

@@ -379,7 +379,7 @@ def fit_deltas(dy_s: Sequence[float], counts: Sequence[dict], fixed: dict, fit: 
   """Per-event costs (ns) of the sources in ``fit`` from pairs: ``dy_s[i]`` is instrumented minus
   uninstrumented time of pair i (s), ``counts[i]`` its events per source. The known cost of the other
   sources (``fixed`` ns per event) is subtracted first. One fitted source: the median over pairs of
-  residual / n (robust to a disturbed pair); several: least squares on the counts (needs counts that vary
+  residual / n over the pairs that recorded events of it (robust to a disturbed pair); several: least squares on the counts (needs counts that vary
   across pairs, e.g. workloads of different lengths; otherwise the split between them is not identified).
   ``stat='min'`` (one fitted source; needs ``on_s``/``off_s``, the instrumented and uninstrumented times)
   uses min(on) - min(off) instead of the per-pair differences: interference from other processes only
@@ -404,8 +404,9 @@ def fit_deltas(dy_s: Sequence[float], counts: Sequence[dict], fixed: dict, fit: 
       raise ValueError("stat='min' fits exactly one source and needs on_s and off_s; use stat='paired'.")
     known = float(np.mean([sum(c.get(s, 0) * fixed.get(s, 0.0) for s in SOURCES if s not in fit) for c in counts]))
     return {fit[0]: ((min(on_s) - min(off_s)) * 1e9 - known) / max(float(np.mean(x[:, 0])), 1.0)}
-  if len(fit) == 1:
-    return {fit[0]: float(np.median(res / np.maximum(x[:, 0], 1)))}
+  if len(fit) == 1:   # (a pair that recorded no event of the source says nothing about its cost: left out)
+    seen = x[:, 0] > 0
+    return {fit[0]: float(np.median(res[seen] / x[seen, 0]))}
   sol = np.linalg.lstsq(x, res, rcond=None)[0]
   return {s: float(v) for s, v in zip(fit, sol)}
 
