@@ -439,23 +439,15 @@ def scale_by_leaf_rms(decay: float = 0.9, eps: float = 1e-8) -> optax.GradientTr
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _scale_residual(state: Any, decay: float):
-  """``state`` with the first ``residual`` field found (itself, or in ``inner_state``) times ``decay``."""
-  if hasattr(state, "_fields") and "residual" in state._fields:
-    return state._replace(residual=jax.tree_util.tree_map(lambda r: (r * decay).astype(r.dtype),
-                                                          state.residual))
-  if hasattr(state, "_fields") and "inner_state" in state._fields:
-    return state._replace(inner_state=_scale_residual(state.inner_state, decay))
-  raise TypeError("decay_residual: the compressor's state has no residual (error feedback) field; wrap a "
-                  "sparsifier of mlsys_jax.comm (sidco, topk, dgc, randomk) or density_warmup/dense_warmup "
-                  "of one.")
-
-
 def _residual_tree(state: Any):
   """The first ``residual`` field found in ``state`` (itself, or in ``inner_state``)."""
   if hasattr(state, "_fields") and "residual" in state._fields:
     return state.residual
-  return _residual_tree(state.inner_state)
+  if hasattr(state, "_fields") and "inner_state" in state._fields:
+    return _residual_tree(state.inner_state)
+  raise TypeError("decay_residual: the compressor's state has no residual (error feedback) field; wrap a "
+                  "sparsifier of mlsys_jax.comm (sidco, topk, dgc, randomk) or density_warmup/dense_warmup "
+                  "of one.")
 
 
 def _with_residual(state: Any, residual: Any):
@@ -463,6 +455,12 @@ def _with_residual(state: Any, residual: Any):
   if hasattr(state, "_fields") and "residual" in state._fields:
     return state._replace(residual=residual)
   return state._replace(inner_state=_with_residual(state.inner_state, residual))
+
+
+def _scale_residual(state: Any, decay: float):
+  """``state`` with its first ``residual`` field (see :func:`_residual_tree`) times ``decay``."""
+  return _with_residual(state, jax.tree_util.tree_map(lambda r: (r * decay).astype(r.dtype),
+                                                      _residual_tree(state)))
 
 
 def _nonfinite_total(state: Any):
@@ -517,7 +515,7 @@ def decay_residual(compressor: optax.GradientTransformation, decay: float) -> op
 
   def init_fn(params):
     state = compressor.init(params)
-    _scale_residual(state, 1.0)   # fails early when there is no residual
+    _residual_tree(state)   # fails early when there is no residual
     return state
 
   def update_fn(updates, state, params=None):

@@ -72,9 +72,7 @@ class Shape(NamedTuple):
   def num_bytes(self) -> float:
     if self.is_tuple:
       return sum(e.num_bytes for e in self.elements)
-    if self.dtype not in DTYPE_BYTES:
-      raise ValueError(f"unknown HLO element type {self.dtype!r}: its size is not known; use one of "
-                       f"{', '.join(DTYPE_BYTES)} or add it to mlsys_jax.cost.hlo.DTYPE_BYTES.")
+    _check_dtype(self.dtype, str(self))
     return self.num_elements * DTYPE_BYTES[self.dtype]
 
 

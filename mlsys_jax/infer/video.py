@@ -733,8 +733,7 @@ def _layer_list(module: Any, variables: Any) -> tuple[ConvLayer, ...]:
 def _layer_shapes(layers, frame_shape, tile, unit_roundoff):
   """Input shape and ``(nH, nW)`` of every layer; validates channels, padding and the margin."""
   shapes, grids, hw, c = [], [], tuple(frame_shape[:2]), frame_shape[2]
-  for l in layers:
-    _check_layer(l)
+  for l in layers:   # (checked by _layer_list)
     if l.kernel.shape[2] != c:
       raise ValueError(f"layer {l.name} expects {l.kernel.shape[2]} input channels, gets {c}.")
     ho, wo, nh, nw, _, _ = _geometry(l, hw, tile)

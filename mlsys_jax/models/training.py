@@ -57,7 +57,8 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
     raise ValueError(f"cross_entropy expects logits (n, c) and labels (n,), got {logits.shape} and "
                      f"{labels.shape}.")
   if is_concrete(labels) and labels.size:
-    lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+    lab = np.asarray(labels)   # one transfer for both bounds
+    lo, hi = int(lab.min()), int(lab.max())
     if lo < 0 or hi >= logits.shape[1]:
       bad = lo if lo < 0 else hi
       raise ValueError(f"cross_entropy labels must be class indices in [0, {logits.shape[1]}) (logits have "

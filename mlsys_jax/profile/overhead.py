@@ -378,9 +378,10 @@ def fit_deltas(dy_s: Sequence[float], counts: Sequence[dict], fixed: dict, fit: 
                stat: str = "paired") -> dict:
   """Per-event costs (ns) of the sources in ``fit`` from pairs: ``dy_s[i]`` is instrumented minus
   uninstrumented time of pair i (s), ``counts[i]`` its events per source. The known cost of the other
-  sources (``fixed`` ns per event) is subtracted first. One fitted source: the median over pairs of
-  residual / n over the pairs that recorded events of it (robust to a disturbed pair); several: least squares on the counts (needs counts that vary
-  across pairs, e.g. workloads of different lengths; otherwise the split between them is not identified).
+  sources (``fixed`` ns per event) is subtracted first. One fitted source: the median of residual / n over
+  the pairs that recorded events of it (robust to a disturbed pair); several: least squares on the counts
+  (needs counts that vary across pairs, e.g. workloads of different lengths; otherwise the split between
+  them is not identified).
   ``stat='min'`` (one fitted source; needs ``on_s``/``off_s``, the instrumented and uninstrumented times)
   uses min(on) - min(off) instead of the per-pair differences: interference from other processes only
   adds time, so the minima are the least disturbed runs on a shared host."""

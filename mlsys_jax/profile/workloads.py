@@ -493,7 +493,8 @@ def numpy_jax_agree(env: str = "cartpole", steps: int = 50, seed: int = 0) -> fl
     a = int(rng.integers(e.n_actions))
     o_np, _, d = e.step(a)
     s, o_j, _, _ = step(s, jnp.int32(a))
-    err = max(err, float(np.max(np.abs(o_np - np.asarray(o_j)))), key=lambda v: (np.isnan(v), v))  # NaN wins
+    d = float(np.max(np.abs(o_np - np.asarray(o_j))))
+    err = d if d > err or np.isnan(d) else err   # (a NaN, once seen, stays: nothing compares above it)
     if d:
       break
   return err

@@ -32,6 +32,7 @@ import numpy as np
 
 from mlsys_jax._checks import check_int
 
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """A stage: strategy 'parallel' (groups run concurrently, each a chain in order) or 'merge'
