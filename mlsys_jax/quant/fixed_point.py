@@ -265,7 +265,9 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
       identical to the XLA path's, bit for bit.
 
   Returns:
-    A :class:`QuantizedTensor`.
+    A :class:`QuantizedTensor`. An empty ``x`` gives empty codes of the same shape; a scale group with
+    no elements (a zero-size reduced axis) gets the scale and zero point of an all-zero group (the
+    zero-width range [0, 0]: scale 1), instead of failing on the min/max of nothing.
 
   Example:
     >>> w = jnp.array([[0.5, -2.0], [-1.0, 1.0]])
@@ -291,7 +293,12 @@ def quantize(x: jax.Array, bits: int, *, symmetric: bool = True, axis: Axis = No
   if kimpl:
     return _quantize_rows(x, bits, symmetric, unsigned, axes, kimpl)
   xf = x.astype(jnp.float32)
-  if bounds is None:
+  if bounds is None and x.size == 0:
+    # an empty tensor: no groups, or groups without elements (a zero-size reduced axis, where min/max
+    # have no identity); an empty group's range is the zero-width [0, 0]: scale 1, no codes to hold
+    kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+    lo = hi = jnp.zeros(kept, jnp.float32)
+  elif bounds is None:
     lo = jnp.min(xf, axis=axes, keepdims=True)
     hi = jnp.max(xf, axis=axes, keepdims=True)
   elif symmetric and not isinstance(bounds, tuple):

@@ -914,7 +914,10 @@ class BfpConfig:
 
   ``align_bits`` lies in ``[0, emax - emin]`` of ``fmt`` (fp16 29, bf16 253, E4M3 14, E5M2 29): at the
   upper bound every element of every block is exact, so larger values are rejected. It may be a traced
-  int32; a traced value above the bound is clamped to it (the same exact result).
+  int32; a traced value above the bound is clamped to it (the same exact result), and a traced negative
+  value (it cannot be checked in Python) makes the whole :func:`bfp_quantize` output NaN, as a negative
+  ``align_bits`` does in :func:`fp_dot`. A negative value raises ``ValueError`` when it is concrete (a
+  Python int or a concrete array).
 
   FP8 operands are first scaled by one power of two per *tensor* (see :class:`FpAlignConfig`), so an
   example's result can depend on the other examples in its batch.
@@ -926,6 +929,10 @@ class BfpConfig:
   def __post_init__(self):
     f = _format(self.fmt)
     check_int("block", self.block, 1)
+    if isinstance(self.align_bits, jax.Array) and is_concrete(self.align_bits):
+      if np.ndim(self.align_bits) == 0 and int(self.align_bits) < 0:
+        raise ValueError(f"align_bits must be >= 0 (bits kept below the block maximum's LSB), got "
+                         f"{int(self.align_bits)}.")
     if not isinstance(self.align_bits, jax.Array):
       check_int("align_bits", self.align_bits, 0)
       top = _bfp_max_align(f)
@@ -952,6 +959,8 @@ def bfp_quantize(x: jax.Array, cfg: BfpConfig, axis: int = -1) -> jax.Array:
   elements with bits below the block's grid. XLA on CPU flushes float32 subnormals, so there BF16
   subnormal inputs (below 2^-126) already read as 0.
 
+  A traced negative ``cfg.align_bits`` gives an all-NaN output (see :class:`BfpConfig`).
+
   >>> x = jnp.array([1.0, 0.75, 3 * 2.0 ** -12, 0.0])     # grid 2^(0 - 10 - 1)
   >>> [float(v) * 2 ** 11 for v in bfp_quantize(x, BfpConfig('fp16', 1, block=4))]
   [2048.0, 1536.0, 1.0, 0.0]
@@ -976,6 +985,10 @@ def bfp_quantize(x: jax.Array, cfg: BfpConfig, axis: int = -1) -> jax.Array:
   out = jnp.where(small, _scale_pow2(t, grid), vb)                    # exact power-of-two scalings
   out = jnp.where(jnp.isfinite(vb), out, vb)
   out = out.reshape(v.shape[:-1] + (-1,))[..., :n] * _pow2(-k)
+  if isinstance(cfg.align_bits, jax.Array):
+    # a traced negative align_bits (concrete ones raise in BfpConfig) would put the grid above the block
+    # maximum's LSB and truncate silently: the whole output says so instead
+    out = jnp.where(w < 0, jnp.nan, out)
   return jnp.moveaxis(out, -1, axis)
 
 

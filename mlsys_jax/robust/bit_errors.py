@@ -75,10 +75,13 @@ def _check_p(p) -> None:
 
 
 def _threshold(p) -> jax.Array:
-  """p as a uint32 threshold t with P(u < t) = p for u uniform on 32 bits (p = 1 maps to always)."""
+  """p as a uint32 threshold t with P(u < t) = p for u uniform on 32 bits (p = 1 maps to always).
+
+  A NaN p (reachable only when traced: concrete p is checked) also maps to always: every bit is faulty,
+  never none (NaN would otherwise convert to threshold 0 and act silently like p = 0)."""
   pf = jnp.asarray(p, jnp.float32)
   t = jnp.clip(jnp.floor(pf * np.float32(_U32)), 0.0, np.float32(4294967040.0))  # largest f32 < 2^32
-  return t.astype(jnp.uint32), pf >= 1.0
+  return t.astype(jnp.uint32), (pf >= 1.0) | jnp.isnan(pf)
 
 
 def _plane_mask(u: jax.Array, p, codes_dtype) -> jax.Array:
@@ -128,7 +131,12 @@ def inject_bit_errors(key: jax.Array, codes: jax.Array, p: float | jax.Array, bi
   Args:
     key: PRNG key of the error pattern (any key type).
     codes: unsigned integer codes (uint8/uint16), any shape, values < 2**bits.
-    p: bit error rate in [0, 1] (may be traced).
+    p: bit error rate in [0, 1] (may be traced). A concrete p outside [0, 1] or NaN raises
+      ``ValueError``. A traced p cannot be checked: below 0 it flips nothing, above 1 every bit, and a
+      NaN p flips *every* one of the low ``bits`` bits (as p = 1), never none: integer codes cannot
+      hold NaN, so the result is poisoned visibly instead (``bit_error_rate(codes, out, bits) == 1``,
+      every code replaced by its complement ``(2**bits - 1) ^ code``); :func:`perturb_params`, whose
+      output is float, returns NaN for a NaN p.
     bits: number of stored bits per code (1..16).
 
   Returns:
@@ -358,7 +366,8 @@ def perturb_params(key: jax.Array, params: Any, p: float | jax.Array, bits: int,
   Args:
     key: the error pattern's key.
     params: float parameter pytree.
-    p: bit error rate.
+    p: bit error rate. A traced NaN p makes every quantized leaf NaN (it cannot be checked in Python,
+      and it must not act like p = 0); a concrete NaN p raises ``ValueError``.
     bits: code width.
     w_max: clipping bound used for quantization (None = no clipping).
     quantized: optional precomputed :func:`quantize_params` result (saves work in loops).
@@ -379,7 +388,10 @@ def perturb_params(key: jax.Array, params: Any, p: float | jax.Array, bits: int,
   for i, leaf in enumerate(leaves):
     if _is_qt(leaf):
       leaf = leaf.replace(codes=inject_bit_errors(jax.random.fold_in(key, i), leaf.codes, p, bits))
-      out.append(dequantize(leaf))
+      val = dequantize(leaf)
+      if not is_concrete(p):   # a traced NaN p: the float output says so (the codes cannot)
+        val = jnp.where(jnp.isnan(p), jnp.nan, val)
+      out.append(val)
     else:
       out.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, out)

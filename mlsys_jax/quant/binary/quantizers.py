@@ -155,8 +155,13 @@ def _swish_fwd(x, beta):
 
 
 def _swish_bwd(beta, x, dy):
-  bx = beta * x
-  return (dy * beta * (2 - bx * jnp.tanh(bx * 0.5)) / (1 + jnp.cosh(bx)),)
+  # At x = +-inf the formula is -inf / inf = NaN; its limit there is 0 (cosh outgrows the numerator,
+  # and it is already 0 where cosh overflows for large finite x). The infinities get 0 through a
+  # select, and a finite stand-in keeps NaN out of the unselected branch (and of higher derivatives).
+  inf = jnp.isinf(x)
+  bx = beta * jnp.where(inf, jnp.zeros_like(x), x)
+  g = dy * beta * (2 - bx * jnp.tanh(bx * 0.5)) / (1 + jnp.cosh(bx))
+  return (jnp.where(inf, jnp.zeros_like(g), g),)
 
 
 _swish_sign.defvjp(_swish_fwd, _swish_bwd)
@@ -165,7 +170,9 @@ _swish_sign.defvjp(_swish_fwd, _swish_bwd)
 def swish_sign(x: jax.Array, beta: float = 5.0) -> jax.Array:
   """Binarize with the SignSwish pseudo-gradient of BNN+ (Darabi et al., 2018; Larq ``SwishSign``).
 
-  Backward ``dq/dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))`` (beta at x = 0).
+  Backward ``dq/dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))`` (beta at x = 0), and
+  its limit 0 at ``x = +-inf`` (the formula itself gives ``-inf / inf = NaN`` there); a NaN input gives
+  a NaN gradient.
 
   >>> float(jax.grad(lambda v: swish_sign(v))(0.0))
   5.0

@@ -257,24 +257,32 @@ def _check_vm_types(vm_type, valid, n_types: int | None, where: str) -> None:
                      f"would be silently dropped: {fix}.")
 
 
+def _util(usage: jax.Array, capacity: jax.Array) -> jax.Array:
+  """``usage / capacity`` per machine, NaN where the usage is negative: such usage is refused on
+  concrete traces (:func:`validate_trace`, :func:`make_trace`) but unchecked on traced ones, where it
+  would otherwise lower the mean (or peak) and give a plausible but wrong PAR."""
+  return jnp.where(usage < 0, jnp.nan, usage) / capacity[:, None, :]
+
+
 def par_per_step(usage: jax.Array, capacity: jax.Array) -> jax.Array:
   """PAR_r(t) = max_m util / mean_m util per time step and resource, 1 where no machine is used.
 
   NaN/inf usage (possible only on traced input, where :func:`validate_trace` is skipped) propagates:
-  the step's PAR is NaN (or inf), never the best score 1.
+  the step's PAR is NaN (or inf), never the best score 1. Negative usage (also unchecked there) is
+  treated as NaN: the step's PAR is NaN, never a plausible finite value.
 
   Args:
     usage: [M, T, R] usage; capacity: [M, R].
 
   Returns:
-    [T, R] peak-to-average ratios (>= 1; NaN/inf where the usage holds NaN/inf).
+    [T, R] peak-to-average ratios (>= 1; NaN/inf where the usage holds NaN/inf, NaN where it is negative).
 
   Example:
     >>> u = jnp.array([[[2.0]], [[0.0]]])          # two machines, one step, one resource
     >>> float(par_per_step(u, jnp.ones((2, 1)))[0, 0])   # max 2 / mean 1
     2.0
   """
-  util = usage / capacity[:, None, :]
+  util = _util(usage, capacity)
   return _par(jnp.max(util, axis=0), jnp.mean(util, axis=0))
 
 
@@ -283,7 +291,9 @@ def par_objective(usage: jax.Array, capacity: jax.Array, aggregate: str = "mean"
 
   ``aggregate='mean'``: mean over time and resources of :func:`par_per_step`.
   ``aggregate='peak'``: per resource, max_{t,m} util / mean_{t,m} util (1 if unused), mean over resources.
-  A NaN/inf in ``usage`` makes the objective NaN/inf (it propagates; it never scores as unused).
+  A NaN/inf in ``usage`` makes the objective NaN/inf (it propagates; it never scores as unused), and so
+  does a negative usage (NaN; refused on concrete traces by :func:`validate_trace`, unchecked on traced
+  ones).
 
   Example:
     >>> u = jnp.array([[[1.0], [1.0]], [[1.0], [0.0]]])   # 2 machines, 2 steps
@@ -295,7 +305,7 @@ def par_objective(usage: jax.Array, capacity: jax.Array, aggregate: str = "mean"
   check_choice("aggregate", aggregate, ("mean", "peak"))
   if aggregate == "mean":
     return jnp.mean(par_per_step(usage, capacity))
-  util = usage / capacity[:, None, :]
+  util = _util(usage, capacity)
   return jnp.mean(_par(jnp.max(util, axis=(0, 1)), jnp.mean(util, axis=(0, 1))))
 
 
@@ -360,6 +370,9 @@ def _sim_core(trace: Trace, capacity: jax.Array, policy: Policy, params: Any, ke
   def step(carry, xs):
     use, res = carry
     i, a, u_vm, life, size, typ, valid, key_i = xs
+    # negative usage (unchecked on traced traces) as NaN: summed with other VMs' usage it could stay >= 0
+    # on the machine and vanish from the objective; NaN propagates to the objective like NaN usage does
+    u_vm = jnp.where(u_vm < 0, jnp.nan, u_vm)
     typ = jnp.where(valid, typ, 0)  # padding rows are unchecked: their type must not reach the features
     hist = lax.dynamic_slice(use, (0, a, 0), (m, w, r))
     now = lax.dynamic_slice(res, (0, a + pad, 0), (m, 1, r + k))[:, 0]
@@ -413,7 +426,9 @@ def simulate(trace: Trace, cluster: Cluster, policy: Policy, *, spec: Spec, key:
   """Place every VM of ``trace`` online with ``policy`` and score the result.
 
   Jitted; works inside ``jit``/``vmap`` (vmap it over a batch of traces and keys; call
-  :func:`validate_trace` on the concrete batch first, as checks are skipped on tracers).
+  :func:`validate_trace` on the concrete batch first, as checks are skipped on tracers). On a traced
+  trace, a placed VM's NaN or negative usage makes its machine's usage NaN from its arrival on, and so
+  the objective NaN (never a plausible score).
 
   Args:
     trace: a :class:`Trace` (one trace; leading dims [N, ...]).
