@@ -3,7 +3,8 @@
 
 Host time: at every instant the time belongs to the innermost open operation (``'(none)'`` outside all of
 them) and to the innermost open host category (``'python'`` when none is open); the categories of an
-operation therefore sum exactly to its wall time, and all operations sum to the profiler's wall time.
+operation therefore sum exactly to its own (exclusive) time, its wall time less that of the operations
+nested in it, and all operations sum to the profiler's wall time.
 
 Device time comes from the ``jax.profiler`` trace: device kernels are the events of ``/device:*``
 processes (GPU/TPU); on the CPU backend, where XLA programs run on host worker threads, they are the
@@ -30,6 +31,9 @@ from __future__ import annotations
 import bisect
 import gzip
 import json
+import math
+import os
+import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -64,14 +68,24 @@ def _union(iv: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def load_trace(path: str) -> dict:
-  """Read a chrome/perfetto JSON trace (``.json`` or ``.json.gz``); ``ValueError`` on another format."""
+  """Read a chrome/perfetto JSON trace (``.json`` or ``.json.gz``); ``ValueError`` on another format or a
+  damaged file (truncated or corrupt gzip, bytes that are not UTF-8 JSON), ``TypeError`` if ``path`` is not a
+  path."""
+  try:
+    path = os.fspath(path)
+  except TypeError:
+    raise TypeError(f"path must be the path (str or os.PathLike) of a trace file, got {type(path).__name__}; "
+                    "pass Profiler.trace_path.") from None
+  if not isinstance(path, str):
+    raise TypeError(f"path must be a str path of a trace file, got {type(path).__name__}.")
   opener = gzip.open if path.endswith(".gz") else open
   try:
     with opener(path, "rt") as f:
       t = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} is not a JSON trace ({e}); pass the perfetto_trace.json.gz that "
-                     "jax.profiler writes.") from e
+  except (OSError, EOFError, ValueError, zlib.error) as e:  # ValueError: JSON and UTF-8 decoding errors
+    raise ValueError(f"{path} is not a JSON trace ({type(e).__name__}: {e}); pass the perfetto_trace.json.gz "
+                     "that jax.profiler writes (a truncated file comes from a run that was cut short: "
+                     "collect it again).") from e
   if isinstance(t, list):
     t = {"traceEvents": t}
   if not isinstance(t, dict) or not isinstance(t.get("traceEvents"), list):
@@ -116,7 +130,8 @@ def parse_trace(trace: dict, ops: list[Record], kinds: list | None = None) -> tu
   Raises:
     TypeError: ``trace`` has no ``'traceEvents'`` list, or ``kinds`` is not a list. ValueError: ``ops``
     is non-empty but the trace has no annotation, or none matches a recorded operation (the trace
-    belongs to another run).
+    belongs to another run); or a complete event's ``ts``/``dur`` is not a finite number or ``dur < 0``
+    (a corrupt trace).
 
   Example:
     >>> from mlsys_jax.profile.scopes import Record
@@ -142,6 +157,7 @@ def parse_trace(trace: dict, ops: list[Record], kinds: list | None = None) -> tu
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
       tname[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
   xs = [e for e in ev if e.get("ph") == "X" and "ts" in e and "dur" in e]
+  _check_events(xs)
   anns = [e for e in xs if str(e.get("name", "")).startswith(_ANN_PREFIX)]
   if not anns and ops:
     raise ValueError("the trace has no operation annotations ('rlscope/<name>' TraceAnnotations); it was not "
@@ -186,6 +202,26 @@ def parse_trace(trace: dict, ops: list[Record], kinds: list | None = None) -> tu
   return _union(out), sorted(host)
 
 
+def _check_events(xs: list) -> None:
+  # A corrupt complete event would crash below with a bare float/int error (NaN, inf, not a number) or, with
+  # a negative duration, silently drop device time: refuse it here, naming the event.
+  for e in xs:
+    bad = None
+    try:
+      ts, dur = float(e["ts"]), float(e["dur"])
+    except (TypeError, ValueError):
+      bad = "ts and dur must be numbers"
+    else:
+      if not (math.isfinite(ts) and math.isfinite(dur)):
+        bad = "ts and dur must be finite"
+      elif dur < 0:
+        bad = "dur must be >= 0"
+    if bad:
+      raise ValueError(f"trace event {e.get('name', '')!r} (pid {e.get('pid')}, tid {e.get('tid')}) has "
+                       f"ts={e['ts']!r}, dur={e['dur']!r}: {bad} (microseconds); the trace is corrupt, "
+                       "collect it again with Profiler(level='trace').")
+
+
 _CPU_EXECUTOR_THREADS = ("cpuclient", "eigen")  # XLA:CPU program threads (compiler threads differ)
 
 
@@ -207,8 +243,17 @@ def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
   """Split the wall time of a finished profiler run by (phase, operation) and category.
 
   ``trace`` defaults to the profiler's own trace (``prof.trace_path``) when it collected one; without a
-  trace, device columns are zero and ``has_device`` is False (CPU categories only).
+  trace, device columns are zero and ``has_device`` is False (CPU categories only). A trace is aligned
+  with the profiler's clock through the operations' annotations: when the run recorded no operation it
+  cannot be aligned, so it is not used either (``has_device`` False, ``note`` says why).
+
+  Raises:
+    TypeError: ``prof`` is not a :class:`Profiler`. ValueError: it has not run, or ``trace`` is
+    malformed or belongs to another run (:func:`parse_trace`).
   """
+  if not isinstance(prof, Profiler):
+    raise TypeError(f"prof must be a finished profile.Profiler (`with Profiler(...) as prof:`), got "
+                    f"{type(prof).__name__}.")
   if prof.end_ns <= prof.start_ns:
     raise ValueError("the profiler has not run; use it as `with Profiler(...) as prof:` first.")
   lo, hi = prof.start_ns, prof.end_ns
@@ -224,9 +269,14 @@ def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
     trace = load_trace(prof.trace_path)
   if trace is not None:
     dev_all, host_ev = parse_trace(trace, ops)
-    dev = [(max(a, lo), min(b, hi)) for a, b in dev_all if b > lo and a < hi]
-    host_ev = [t for t in host_ev if lo <= t < hi]
-    has_device = True
+    if ops:
+      dev = [(max(a, lo), min(b, hi)) for a, b in dev_all if b > lo and a < hi]
+      host_ev = [t for t in host_ev if lo <= t < hi]
+      has_device = True
+    else:  # no annotation to align the trace's clock with: its times would land anywhere
+      host_ev = []
+      note = "; ".join(n for n in (note, "device trace not used: no operation was recorded to align its clock "
+                                   "(wrap the workload in profile.operation(...)); CPU categories only") if n)
   elif not note:
     note = f"no device trace (level={prof.level!r}); CPU categories only"
   pts = sorted({lo, hi, *(r.start for r in recs), *(r.end for r in recs), *(a for a, _ in dev),

@@ -12,6 +12,7 @@ operation
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,22 @@ from mlsys_jax.profile.overhead import Corrected
 from mlsys_jax.profile.scopes import HOST_CATEGORIES
 
 COLUMNS = ("total", *HOST_CATEGORIES, "device", *RESOURCES)
+
+
+def _is_none(name: str) -> bool:
+  # The row of time outside every operation: '(none)', or 'phase/(none)' with by_phase; a user operation
+  # whose name merely ends in '(none)' (e.g. 'warmup(none)') is an operation.
+  return name == NONE_OP or name.endswith("/" + NONE_OP)
+
+
+def _real(v: Any) -> bool:
+  # A finite real scalar (Python or numpy number, 0-d array); not bool or str.
+  if isinstance(v, (bool, str)):
+    return False
+  try:
+    return np.ndim(v) == 0 and math.isfinite(float(v))
+  except (TypeError, ValueError, OverflowError):
+    return False
 
 
 def _check_rows(name: str, rows: Any, columns: tuple) -> None:
@@ -55,7 +72,8 @@ def table_rows(a: Attribution | Corrected, by_phase: bool = False) -> list[dict]
     ``list[dict]``.
 
   Raises:
-    TypeError: ``a`` has no per-(phase, operation) ``table``.
+    TypeError: ``a`` has no per-(phase, operation) ``table``. ValueError: a value of a column is not a
+    finite real number (NaN or an infinity would make every share NaN).
 
   Example:
     >>> from mlsys_jax.profile import Attribution
@@ -70,13 +88,19 @@ def table_rows(a: Attribution | Corrected, by_phase: bool = False) -> list[dict]
                     f"table keyed by (phase, operation), got {type(a).__name__}.")
   merged: dict = {}
   for (ph, op), row in table.items():
+    if not isinstance(row, dict):
+      raise TypeError(f"a.table[{(ph, op)!r}] must be a dict of column -> ns, got {type(row).__name__}.")
+    bad = {c: row[c] for c in COLUMNS if c in row and not _real(row[c])}
+    if bad:
+      raise ValueError(f"a.table[{(ph, op)!r}] holds {bad}: every column must be a finite real number of ns; "
+                       "build the table with profile.attribute (and profile.correct).")
     key = f"{ph}/{op}" if by_phase else op
     acc = merged.setdefault(key, {c: 0.0 for c in COLUMNS})
     for c in COLUMNS:
       acc[c] += row.get(c, 0) / 1e9
   total = sum(r["total"] for r in merged.values()) or 1.0
   rows = [{"operation": k, **v, "share": v["total"] / total} for k, v in merged.items()]
-  return sorted(rows, key=lambda r: (r["operation"].endswith(NONE_OP), -r["total"]))
+  return sorted(rows, key=lambda r: (_is_none(str(r["operation"])), -r["total"]))
 
 
 def format_table(rows: list[dict], columns: tuple = ("total", "share", *HOST_CATEGORIES, "device")) -> str:
@@ -92,13 +116,18 @@ def format_table(rows: list[dict], columns: tuple = ("total", "share", *HOST_CAT
     The table as one string (lines joined by ``\\n``, no trailing newline).
 
   Raises:
-    TypeError/ValueError: ``rows`` is not a list of dicts holding ``'operation'`` and every column.
+    TypeError/ValueError: ``columns`` is a string or not a sequence of names, or ``rows`` is not a list
+    of dicts holding ``'operation'`` and every column.
 
   Example:
     >>> print(format_table([{"operation": "sim", "total": 0.0125, "share": 0.5}], ("total", "share")))
     operation                   total      share
     sim                         12.50      50.0%
   """
+  if isinstance(columns, str) or not isinstance(columns, (list, tuple)) or not all(
+      isinstance(c, str) for c in columns):
+    raise TypeError(f"columns must be a tuple of column names such as ('total', 'share'), got {columns!r}"
+                    + (f"; for one column write ({columns!r},)." if isinstance(columns, str) else "."))
   columns = tuple(columns)
   _check_rows("rows", rows, columns)
   head = f"{'operation':<22}" + "".join(f"{c:>11}" for c in columns)
@@ -134,7 +163,7 @@ def plot_stacked(groups: dict[str, list[dict]], path: str, title: str = "") -> N
     raise TypeError(f"groups must map a workload name to its table_rows, got {type(groups).__name__}.")
   for g, rs in groups.items():
     _check_rows(f"groups[{g!r}]", rs, HOST_CATEGORIES)
-  if not any(not r["operation"].endswith(NONE_OP) for rs in groups.values() for r in rs):
+  if not any(not _is_none(str(r["operation"])) for rs in groups.values() for r in rs):
     raise ValueError("groups holds no operation to draw (only '(none)' rows or none at all); annotate the "
                      "workload with profile.operation(...).")
   folder = os.path.dirname(os.path.abspath(path))
@@ -146,7 +175,7 @@ def plot_stacked(groups: dict[str, list[dict]], path: str, title: str = "") -> N
   labels, rows = [], []
   for g, rs in groups.items():
     for r in rs:
-      if r["operation"].endswith(NONE_OP):
+      if _is_none(str(r["operation"])):
         continue
       labels.append(f"{g}: {r['operation']}")
       rows.append(r)
@@ -180,7 +209,8 @@ def to_jsonable(rows: list[dict]) -> list[dict[str, Any]]:
 
   Raises:
     TypeError/ValueError: a row is not a dict, lacks ``'operation'``, or holds a value that is not a
-    real number.
+    real number (NaN and infinities included: JSON has no such numbers and ``json.dump`` would write
+    invalid ``NaN``/``Infinity`` tokens).
 
   Example:
     >>> to_jsonable([{"operation": "sim", "total": np.float32(0.5)}])
@@ -198,6 +228,8 @@ def to_jsonable(rows: list[dict]) -> list[dict[str, Any]]:
         if isinstance(v, (bool, str)) or np.ndim(v) != 0:
           raise TypeError
         row[k] = float(v)
+        if not np.isfinite(row[k]):
+          raise ValueError
       except (TypeError, ValueError):
         raise ValueError(f"rows[{i}][{k!r}] = {v!r} is not a real number; to_jsonable converts table_rows' "
                          "numeric columns only.") from None
