@@ -153,6 +153,10 @@ def option_data(ds, program_features_fn=None) -> OptionData:
   variants = [v[0] for v in ds.meta.get("variants", [])] or sorted(set(map(str, ds.variant)))
   options = tuple(variants)
   opt_id = {o: i for i, o in enumerate(options)}
+  unknown = sorted(set(map(str, ds.variant)) - set(opt_id))
+  if unknown:
+    raise ValueError(f"rows have variants {unknown} that ds.meta['variants'] does not list ({list(options)}); "
+                     "add them to meta['variants'] or drop those rows (ds.select).")
   if program_features_fn is None:
     def program_features_fn(i):
       g = graph.program_graph(hlo.parse_hlo(ds.hlo[i]))
@@ -253,6 +257,34 @@ class OptionModel(NamedTuple):
   cfg: OptionConfig
 
 
+def _check_config(cfg: OptionConfig) -> None:
+  """Raise unless every field of ``cfg`` is in range (a zero Huber delta or width, a NaN learning rate
+  or a negative ranking weight trained silently into NaN or inverted predictions)."""
+  if not isinstance(cfg, OptionConfig):
+    raise TypeError(f"cfg must be an OptionConfig, got {type(cfg).__name__}.")
+  check_int("cfg.hidden", cfg.hidden, 1)
+  check_int("cfg.layers", cfg.layers, 0)
+  check_int("cfg.steps", cfg.steps, 1)
+  check_int("cfg.ensemble", cfg.ensemble, 1)
+  check_int("cfg.seed", cfg.seed)
+  check_range("cfg.lr", cfg.lr, 0.0, low_inclusive=False)
+  check_range("cfg.weight_decay", cfg.weight_decay, 0.0)
+  check_range("cfg.rank_weight", cfg.rank_weight, 0.0)
+  check_range("cfg.huber_delta", cfg.huber_delta, 0.0, low_inclusive=False)
+  check_range("cfg.pessimism", cfg.pessimism, 0.0)
+  check_range("cfg.margin", cfg.margin)
+  check_range("cfg.ood_margin", cfg.ood_margin, 0.0)
+
+
+def _check_rows(name: str, x, model: OptionModel) -> np.ndarray:
+  """``x`` as float32 with ``model``'s feature count in its last axis."""
+  x = np.asarray(x, np.float32)
+  if x.shape[-1:] != np.shape(model.mu):
+    raise ValueError(f"{name} must have {np.size(model.mu)} features per row (those the model was fitted on), "
+                     f"got shape {x.shape}.")
+  return x
+
+
 def fit_option_model(x: np.ndarray, y: np.ndarray, group: np.ndarray,
                      cfg: OptionConfig = OptionConfig()) -> OptionModel:
   """Fit the ensemble to predict ``y`` (log runtime ratio to the default) from ``x``, full batch:
@@ -260,14 +292,12 @@ def fit_option_model(x: np.ndarray, y: np.ndarray, group: np.ndarray,
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.float32)
   group = np.asarray(group)
-  if x.ndim != 2 or x.shape[0] != y.shape[0] or y.shape != group.shape or x.shape[0] == 0:
+  if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or y.shape != group.shape or x.shape[0] == 0:
     raise ValueError(f"x [R, F], y [R] and group [R] must agree and be non-empty; got {x.shape}, "
                      f"{y.shape}, {group.shape}.")
   if not np.all(np.isfinite(x)) or not np.all(np.isfinite(y)):
     raise ValueError("x and y must be finite.")
-  check_int("steps", cfg.steps, 1)
-  check_int("ensemble", cfg.ensemble, 1)
-  check_range("ood_margin", cfg.ood_margin, 0.0, None)
+  _check_config(cfg)
   mu, sd = x.mean(0), x.std(0)
   sd = np.where(sd > 1e-6, sd, np.inf).astype(np.float32)  # constant columns carry nothing: map to 0
   xs = (x - mu) / sd
@@ -297,6 +327,8 @@ def fit_option_model(x: np.ndarray, y: np.ndarray, group: np.ndarray,
 
   keys = jnp.stack([jax.random.PRNGKey(cfg.seed * 1000 + e) for e in range(cfg.ensemble)])
   stacked = jax.jit(jax.vmap(train_one))(keys)
+  if not all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(stacked)):
+    raise FloatingPointError(f"option model training diverged (non-finite parameters); lower cfg.lr (got {cfg.lr}).")
   params = [jax.tree_util.tree_map(lambda a, e=e: np.asarray(a[e]), stacked) for e in range(cfg.ensemble)]
   return OptionModel(params, mu, sd, x.min(0), x.max(0), cfg)
 
@@ -307,7 +339,7 @@ def predict_gain(model: OptionModel, x: np.ndarray, pessimism: float | None = 0.
   candidate the members disagree on looks slower, so the choice stays with what they agree on)."""
   pessimism = model.cfg.pessimism if pessimism is None else pessimism
   check_range("pessimism", pessimism, 0.0, None)
-  xs = (np.asarray(x, np.float32) - model.mu) / model.sd
+  xs = (_check_rows("x", x, model) - model.mu) / model.sd
   net = _MLP(model.cfg.hidden, model.cfg.layers)
   p = np.stack([np.asarray(net.apply(q, xs), np.float64) for q in model.params])
   return p.mean(0) + (pessimism * p.std(0) if pessimism else 0.0)
@@ -315,38 +347,61 @@ def predict_gain(model: OptionModel, x: np.ndarray, pessimism: float | None = 0.
 
 def predict_members(model: OptionModel, x: np.ndarray) -> np.ndarray:
   """Each ensemble member's prediction, [members, R]."""
-  xs = (np.asarray(x, np.float32) - model.mu) / model.sd
+  xs = (_check_rows("x", x, model) - model.mu) / model.sd
   net = _MLP(model.cfg.hidden, model.cfg.layers)
   return np.stack([np.asarray(net.apply(q, xs), np.float64) for q in model.params])
 
 
 def option_ood(model: OptionModel, x: np.ndarray) -> np.ndarray:
   """Bool [R]: the candidate has a feature more than ``ood_margin`` of the training range outside it
-  (a count never seen, e.g. an opcode absent from training, or sizes beyond the training programs)."""
-  x = np.asarray(x, np.float32)
+  (a count never seen, e.g. an opcode absent from training, or sizes beyond the training programs), or a
+  NaN feature."""
+  x = _check_rows("x", x, model)
+  if x.ndim != 2:
+    raise ValueError(f"x must be [rows, features], got shape {x.shape}.")
   span = np.maximum(model.hi - model.lo, 1e-6)
   m = model.cfg.ood_margin
-  return np.any((x < model.lo - m * span) | (x > model.hi + m * span), axis=1)
+  return np.any((x < model.lo - m * span) | (x > model.hi + m * span) | np.isnan(x), axis=1)
+
+
+def _row_mask(name: str, mask, group: np.ndarray) -> np.ndarray | None:
+  """``mask`` (None, or one truth value per row) as a bool array of ``group``'s shape: an int 0/1 array
+  would otherwise index rows instead of masking them."""
+  if mask is None:
+    return None
+  mask = np.asarray(mask)
+  if mask.shape != group.shape:
+    raise ValueError(f"{name} must hold one truth value per row, shape {group.shape}, got {mask.shape}.")
+  return mask.astype(bool)
 
 
 def choose(pred: np.ndarray, group: np.ndarray, *, default_mask: np.ndarray | None = None,
            margin: float = 0.0, flagged: np.ndarray | None = None) -> dict:
   """The chosen row per program: the lowest prediction; with ``default_mask`` (True on each
   program's default row), a non-default row only if predicted faster than the default by more than
-  ``margin`` (log) and no row of the program is ``flagged`` (out of distribution)."""
+  ``margin`` (log) and no row of the program is ``flagged`` (out of distribution). ``default_mask`` and
+  ``flagged`` hold one truth value per row (0/1 integers are read as False/True); a NaN prediction or
+  ``margin`` is refused."""
   pred = np.asarray(pred, np.float64)
   group = np.asarray(group)
   if pred.shape != group.shape:
     raise ValueError(f"pred {pred.shape} and group {group.shape} must have one shape.")
+  if np.any(np.isnan(pred)):
+    raise ValueError(f"pred holds {int(np.sum(np.isnan(pred)))} NaN value(s) (rows "
+                     f"{np.flatnonzero(np.isnan(pred))[:8].tolist()}...); a NaN would be chosen as the best "
+                     "candidate. Check the model's inputs (option_ood) or its training.")
+  check_range("margin", margin)
+  default_mask = _row_mask("default_mask", default_mask, group)
+  flagged = _row_mask("flagged", flagged, group)
   out = {}
   for gid in np.unique(group):
     rows = np.flatnonzero(group == gid)
     best = rows[int(np.argmin(pred[rows]))]
     if default_mask is not None:
-      d = rows[np.asarray(default_mask)[rows]]
+      d = rows[default_mask[rows]]
       if d.size:
         d = int(d[0])
-        bad = flagged is not None and bool(np.any(np.asarray(flagged)[rows]))
+        bad = flagged is not None and bool(np.any(flagged[rows]))
         if bad or pred[best] > pred[d] - margin:
           best = d
     out[int(gid)] = int(best)
@@ -369,8 +424,15 @@ def choice_metrics(chosen: dict, runtime: np.ndarray, group: np.ndarray, tol: fl
   the programs in ``chosen``."""
   runtime = np.asarray(runtime, np.float64)
   group = np.asarray(group)
+  if runtime.shape != group.shape or runtime.ndim != 1:
+    raise ValueError(f"runtime {runtime.shape} and group {group.shape} must be vectors of one length.")
+  check_range("tol", tol, 0.0)
   reg = []
   for gid, row in chosen.items():
+    if not (isinstance(row, (int, np.integer)) and 0 <= row < group.size and group[row] == gid):
+      raise ValueError(f"chosen[{gid!r}] = {row!r} is not a row of program {gid} (rows "
+                       f"{np.flatnonzero(group == gid)[:8].tolist()}); chosen maps each program to one of its "
+                       "own rows, as choose and fixed_choice return.")
     best = runtime[group == gid].min()
     reg.append(runtime[row] / best - 1.0)
   reg = np.asarray(reg)
@@ -387,11 +449,19 @@ def fixed_choice(option_index: int, option: np.ndarray, group: np.ndarray, defau
   """Always the option ``option_index``; where the program has no row for it (its compilation equalled
   an earlier option's and was dropped), the default row (the assumption: the option changed nothing)."""
   option, group = np.asarray(option), np.asarray(group)
+  if option.shape != group.shape:
+    raise ValueError(f"option {option.shape} and group {group.shape} must have one shape.")
   out = {}
   for gid in np.unique(group):
     rows = np.flatnonzero(group == gid)
     hit = rows[option[rows] == option_index]
-    out[int(gid)] = int(hit[0]) if hit.size else int(rows[option[rows] == default_index][0])
+    if not hit.size:
+      hit = rows[option[rows] == default_index]
+    if not hit.size:
+      raise ValueError(f"program {gid} has no row of option {option_index} nor of the default option "
+                       f"{default_index} (its options: {sorted(set(option[rows].tolist()))}); pass the index "
+                       "of its default option as default_index, or drop the program.")
+    out[int(gid)] = int(hit[0])
   return out
 
 
@@ -401,13 +471,21 @@ def hybrid_choice(pred: np.ndarray, runtime: np.ndarray, group: np.ndarray, k: i
   flagged row) and keep the fastest measured. Returns the choice and the number of timed candidates."""
   check_int("k", k, 1)
   pred, runtime, group = np.asarray(pred), np.asarray(runtime), np.asarray(group)
+  if pred.shape != group.shape or runtime.shape != group.shape:
+    raise ValueError(f"pred {pred.shape}, runtime {runtime.shape} and group {group.shape} must have one shape.")
+  if np.any(np.isnan(pred)):
+    raise ValueError("pred holds NaN values; a NaN candidate would never be timed. Check the model's inputs.")
+  flagged = _row_mask("flagged", flagged, group)
   out, timed = {}, 0
   for gid in np.unique(group):
     rows = np.flatnonzero(group == gid)
-    if flagged is not None and np.any(np.asarray(flagged)[rows]):
+    if flagged is not None and np.any(flagged[rows]):
       top = rows
     else:
       top = rows[np.argsort(pred[rows], kind="stable")[:k]]
+    if np.any(np.isnan(runtime[top])):
+      raise ValueError(f"program {gid}: a timed candidate's runtime is NaN (rows {top.tolist()}); a NaN "
+                       "would be kept as the fastest. Drop failed measurements first.")
     timed += top.size
     out[int(gid)] = int(top[int(np.argmin(runtime[top]))])
   return out, timed

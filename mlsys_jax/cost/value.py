@@ -70,8 +70,9 @@ MAX_STAGE_CANDIDATES = 8
 
 class State(NamedTuple):
   """A partial IOS schedule: ``stages`` is a tuple of ``(kind, groups, part)`` (groups: tuples of unit
-  indices), ``where[u] = (stage index, group index)`` for the units placed so far, ``step`` the number
-  of units decided, ``order`` the decision order (the parts' units, each part topological)."""
+  indices), ``where`` a tuple of ``(unit, stage index, group index)`` triples for the units placed so
+  far (in decision order), ``step`` the number of units decided, ``order`` the decision order (the
+  parts' units, each part topological)."""
   stages: tuple
   where: tuple  # tuple of (unit, stage, group) triples, in decision order
   step: int
@@ -239,12 +240,17 @@ def to_stages(state: State) -> list:
 
 
 def schedule_cost(g: Graph, stages: Sequence[Stage], cost: Callable, memo: dict | None = None) -> float:
-  """Sum of stage costs ``cost(g, stage)`` (memoized in ``memo``)."""
+  """Sum of stage costs ``cost(g, stage)`` (memoized in ``memo``). A NaN or negative stage cost is
+  refused (a NaN total would be taken as the cheapest schedule by ``np.argmin``); ``inf`` is kept."""
   memo = {} if memo is None else memo
   tot = 0.0
   for st in stages:
     if st not in memo:
-      memo[st] = float(cost(g, st))
+      c = float(cost(g, st))
+      if not c >= 0.0:
+        raise ValueError(f"cost(g, {st}) returned {c}; a stage cost must be a non-negative number of seconds "
+                         "(or inf for a stage that cannot run). Fix the stage cost function.")
+      memo[st] = c
     tot += memo[st]
   return tot
 
@@ -339,7 +345,9 @@ class ValueLSTM(nn.Module):
 
 class ValueModel(NamedTuple):
   """A trained value model: flax module, parameters, kind vocabulary (kind -> id >= 1, 0 = unseen),
-  training range of the static features (for out-of-distribution flags) and target offset."""
+  training range of the static features (``feat_lo``, ``feat_hi``; for out-of-distribution flags) and
+  the IOS pruning parameters ``r``, ``s`` its decisions were made under (the target offset is the
+  module's ``offset`` parameter)."""
   module: ValueLSTM
   params: Any
   vocab: dict
@@ -420,6 +428,10 @@ def demo_policy(g: Graph, stages: Sequence[Stage]) -> Callable:
     for gi, grp in enumerate(st.groups):
       for u in grp:
         dpos[u] = (d, gi, st.kind)
+  missing = [u for part in g.blocks for u in part if u not in dpos]
+  if missing:
+    raise ValueError(f"the demonstration schedule leaves units {missing[:8]} of the graph out; pass a complete "
+                     "schedule of this graph (e.g. dp_schedule(g, cost)[0]).")
   mine: dict = {}  # dp stage index -> list of dp group indices in my stage order
 
   def pol(state, u, acts):
@@ -467,6 +479,9 @@ def collect_states(infos: Sequence[GraphInfo], cost: Callable, n_rollouts: int, 
   so later rounds improve earlier targets; a prefix key is the state's ``stages`` (``State.where`` alone
   would not tell a merge stage from a chain of the same units)."""
   check_int("n_rollouts", n_rollouts, low=1)
+  if demos is not None and len(demos) != len(infos):
+    raise ValueError(f"demos must hold one list of schedules per graph ({len(infos)}), got {len(demos)}; pass "
+                     "[] for a graph without demonstrations.")
   rng = np.random.default_rng(seed)
   best = extra if extra is not None else {}
   visits = []
@@ -482,6 +497,9 @@ def collect_states(infos: Sequence[GraphInfo], cost: Callable, n_rollouts: int, 
         pol = random_policy(rng, p_new=rng.uniform(0.1, 0.7))
       states, final = rollout(info, pol, r, s)
       c = schedule_cost(info.graph, to_stages(final), cost, memo)
+      if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"graph {gi}: a complete schedule costs {c} seconds; the targets are log costs, so every "
+                         "schedule's total cost must be finite and positive. Fix the stage cost function.")
       for st in states:
         key = _state_key(st)
         table[key] = min(table.get(key, math.inf), c)
@@ -524,15 +542,34 @@ def _train_step(module: ValueLSTM, opt) -> Callable:
   return _STEP_CACHE[key]
 
 
+def _check_state_data(data: StateData) -> None:
+  """Raise unless ``data``'s features, kinds and targets agree state by state (``_pad`` zips them, so a
+  short list silently dropped states or left them at length 0) and the targets are finite."""
+  n = len(data.feats)
+  if len(data.kinds) != n or np.shape(data.target) != (n,):
+    raise ValueError(f"data must hold one kind list and one target per state: {n} feature arrays, "
+                     f"{len(data.kinds)} kind lists, targets of shape {np.shape(data.target)}.")
+  for i, (f, ks) in enumerate(zip(data.feats, data.kinds)):
+    if np.ndim(f) != 2 or np.shape(f)[1] != NUM_FEATURES or len(f) != len(ks) or len(ks) == 0:
+      raise ValueError(f"state {i}: features of shape {np.shape(f)} and {len(ks)} kinds; each state needs "
+                       f"[n, {NUM_FEATURES}] features for its n >= 1 operators and one kind per operator.")
+  if not np.all(np.isfinite(data.target)):
+    raise ValueError(f"data.target holds {int(np.sum(~np.isfinite(data.target)))} non-finite value(s); the "
+                     "targets are log seconds of finite, positive costs.")
+
+
 def fit_value_model(data: StateData, vocab: dict | None = None, *, hidden: int = 64, steps: int = 800,
                     batch: int = 128, lr: float = 3e-3, seed: int = 0, r: int = 3, s: int = 8,
                     init: ValueModel | None = None) -> tuple[ValueModel, list]:
   """Fit :class:`ValueLSTM` to ``data`` by mean squared error of log latency (Adam). Returns (model,
   loss per 50 steps)."""
   check_int("steps", steps, low=1)
+  check_int("batch", batch, low=1)
+  check_int("hidden", hidden, low=1)
   check_range("lr", lr, low=0.0, low_inclusive=False)
   if not data.feats:
     raise ValueError("fit_value_model needs at least one state; collect_states returned none.")
+  _check_state_data(data)
   if vocab is None:
     vocab = {}
     for ks in data.kinds:
@@ -725,7 +762,8 @@ def dp_schedule(g: Graph, cost: Callable, r: int = 3, s: int = 8) -> tuple[list,
 def hybrid_schedule(model: ValueModel, g: Graph, cost: Callable, k: int = 4) -> ValueSchedule:
   """Beam search of width ``k`` with the model, then ``cost`` evaluates only the ``k`` final candidates
   (plus the greedy one and the sequential schedule) and the cheapest is kept. If any operator is out of distribution the
-  model is not trusted: the DP with ``cost`` runs instead (``fallback=True``)."""
+  model is not trusted: the DP with ``cost`` runs instead (``fallback=True``). ``k`` >= 1."""
+  check_int("k", k, low=1)
   t0 = time.perf_counter()
   info = graph_info(g)
   ood = out_of_distribution(model, info)
@@ -748,7 +786,8 @@ def train_value_model(graphs: Sequence[Graph], cost: Callable, *, rounds: int = 
                       ) -> tuple[ValueModel, dict]:
   """Rollouts (the DP's schedule under ``cost`` when ``use_dp``, as IOS's stage cache would give, then
   random ones), fit, then ``rounds - 1`` rounds of model-greedy rollouts with ``eps``-random
-  actions (their costs improve the targets of states already seen), refitting each round.
+  actions (their costs improve the targets of states already seen), refitting each round (``steps // 2``
+  steps, at least one, from the previous round's parameters).
 
   Returns (model, stats: states, cost-function rollouts, training seconds, loss curves)."""
   check_int("rounds", rounds, low=1)
@@ -782,7 +821,7 @@ def train_value_model(graphs: Sequence[Graph], cost: Callable, *, rounds: int = 
       keys += [(gi, k) for _, k in new.keys]
     # Later rollouts may improve the best completion of states seen earlier: refresh every target.
     data = StateData(feats, kinds, np.asarray([math.log(best[gi][k]) for gi, k in keys]), keys)
-    model, losses = fit_value_model(data, model.vocab, hidden=hidden, steps=steps // 2, seed=seed + rd,
+    model, losses = fit_value_model(data, model.vocab, hidden=hidden, steps=max(1, steps // 2), seed=seed + rd,
                                     r=r, s=s, init=model)
     curves.append(losses)
     if verbose:
@@ -800,6 +839,9 @@ def random_conv_net(seed: int, blocks: int = 1, hw: int = 9, cin: int = 8,
   constants so that IOS may merge convolutions. Pooled branches max-pool 3x3; with ``avg_pool`` half
   of them (at random) average-pool instead. Returns (fn, example input)."""
   check_int("seed", seed, low=0)
+  check_int("blocks", blocks, low=1)
+  check_int("hw", hw, low=1)
+  check_int("cin", cin, low=1)
   rng = np.random.default_rng(seed)
   dn = ("NHWC", "HWIO", "NHWC")
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlsys_jax._checks import check_int, check_range
+from mlsys_jax._checks import check_choice, check_int, check_range
 from mlsys_jax.cost import value as V
 from mlsys_jax.sched import emit
 from mlsys_jax.sched.dp import Stage, ios_dp
@@ -110,7 +110,9 @@ def candidate_stages(g: Graph, r: int = 3, s: int = 8, strategy: str = "both",
                      merge_kernels: str = "any") -> list:
   """Every distinct stage IOS's DP (:func:`mlsys_jax.sched.ios_dp`) considers for ``g`` under ``r``,
   ``s`` and ``strategy``: the stages a profiler would be asked about (a DP with constant costs visits
-  every state, so none is pruned). In the order first asked."""
+  every state, so none is pruned). In the order first asked. ``merge_kernels``: 'any' or 'same' (as
+  :func:`mlsys_jax.sched.ios_schedule`)."""
+  check_choice("merge_kernels", merge_kernels, ("any", "same"))
   same = merge_kernels == "same"
   mk = (lambda u: emit.merge_key(g, u, same)) if strategy in ("both", "merge") else None
   succ = {u.idx: u.succs for u in g.units}
@@ -187,6 +189,7 @@ class StagePredictor:
     t0 = time.perf_counter()
     for c0 in range(0, len(ok), self.batch):
       idx = ok[c0:c0 + self.batch]
+      ref = None if self.base is None else [self._base(g, stages[i]) for i in idx]
       feats = [stage_features(g, stages[i], static, fb) for i in idx]
       ids = [[self.model.vocab.get(g.units[u].kind, 0) for grp in stages[i].groups for u in grp]
              for i in idx]
@@ -194,11 +197,20 @@ class StagePredictor:
       pad = nb - len(feats)
       k, x, ln = V._pad(feats + feats[:1] * pad, ids + ids[:1] * pad, V._bucket(max(len(f) for f in feats)))
       out[idx] = V.predict(self.model, k, x, ln)[:len(feats)]
-      if self.base is not None:
-        out[idx] += np.log([max(float(self.base(g, stages[i])), 1e-30) for i in idx])
+      if ref is not None:
+        out[idx] += np.log(ref)
       self.calls += len(feats)
     self.predict_s += time.perf_counter() - t0
     return out
+
+  def _base(self, g: Graph, st: Stage) -> float:
+    """``base(g, st)``, at least 1e-30 (a zero-cost stage); NaN or negative is refused (it was turned
+    into inf, or into a stage that costs nothing)."""
+    c = float(self.base(g, st))
+    if not c >= 0.0:
+      raise ValueError(f"base(g, {st}) returned {c}; the base stage cost must be a non-negative number of "
+                       "seconds. Fix the base cost function.")
+    return max(c, 1e-30)
 
   def prefetch(self, g: Graph, stages: Sequence[Stage]) -> int:
     """Predict the not-yet-cached ``stages`` in batches; returns how many were predicted."""
@@ -220,7 +232,10 @@ def stage_examples(graphs: Sequence[Graph], cost: Callable, *, r: int = 3, s: in
                    strategy: str = "both", max_per_graph: int | None = None, seed: int = 0) -> list:
   """Training examples ``(graph, stage, seconds)``: the candidate stages of each graph
   (:func:`candidate_stages`; at most ``max_per_graph`` of them, drawn at random) costed with
-  ``cost(graph, stage)``; stages of infinite or non-positive cost are left out."""
+  ``cost(graph, stage)``; stages of infinite or non-positive cost are left out (NaN as well).
+  ``max_per_graph``: None (all) or >= 1."""
+  if max_per_graph is not None:
+    check_int("max_per_graph", max_per_graph, low=1)
   rng = np.random.default_rng(seed)
   out = []
   for g in graphs:
@@ -252,11 +267,19 @@ def fit_stage_model(examples: Sequence[tuple], *, hidden: int = 64, steps: int =
   """
   if not examples:
     raise ValueError("fit_stage_model needs at least one (graph, stage, seconds) example")
+  check_range("margin", margin, low=0.0)   # before training, not after it
+  bad = next((i for i, e in enumerate(examples) if not (isinstance(e, (tuple, list)) and len(e) == 3)), None)
+  if bad is not None:
+    e = examples[bad]
+    what = f"a {len(e)}-tuple" if isinstance(e, (tuple, list)) else f"a {type(e).__name__}"
+    raise ValueError(f"examples[{bad}] is {what}; each example is a (graph, Stage, seconds) triple "
+                     "(stage_examples returns them).")
   t0 = time.perf_counter()
   statics: dict = {}
   feats, kinds, tgt = [], [], []
   for g, st, sec in examples:
-    if not (isinstance(sec, (int, float, np.floating)) and math.isfinite(sec) and sec > 0):
+    if not (isinstance(sec, (int, float, np.integer, np.floating)) and not isinstance(sec, bool)
+            and math.isfinite(sec) and sec > 0):
       raise ValueError(f"stage latency must be a finite positive number of seconds, got {sec!r}")
     if id(g) not in statics:
       fb = np.asarray([g.unit_flops_bytes(u.idx) for u in g.units], np.float64).reshape(len(g.units), 2)
@@ -274,6 +297,16 @@ def fit_stage_model(examples: Sequence[tuple], *, hidden: int = 64, steps: int =
 
 
 _SAVE_FORMAT = "mlsys_jax.cost.value_ios.StagePredictor/1"
+
+
+def _is_default_analytical(base: Any) -> bool:
+  """Whether ``base`` is a ``sched.AnalyticalCost`` with default arguments (what ``load_predictor``
+  rebuilds for ``base='analytical'``)."""
+  from mlsys_jax.sched import AnalyticalCost
+  if type(base) is not AnalyticalCost:
+    return False
+  ref = AnalyticalCost()
+  return all(getattr(base, a) == getattr(ref, a) for a in ("peak", "bw", "launch", "sat", "merge_launch", "serial"))
 
 
 def save_predictor(path: str, p: StagePredictor, base: str | None = None) -> None:
@@ -305,6 +338,10 @@ def save_predictor(path: str, p: StagePredictor, base: str | None = None) -> Non
                      "base='analytical' for a model fitted with base=sched.AnalyticalCost().")
   if base not in (None, "analytical"):
     raise ValueError(f"save_predictor: base must be None or 'analytical', got {base!r}")
+  if base == "analytical" and not _is_default_analytical(p.base):
+    raise ValueError(f"save_predictor: base='analytical' is loaded as sched.AnalyticalCost() with default "
+                     f"arguments, but the predictor's base is {p.base!r} (other parameters or another cost); "
+                     "its predictions would change on loading. Fit with base=sched.AnalyticalCost().")
   m = p.model
   leaves, treedef = jax.tree_util.tree_flatten_with_path(m.params)
   arrays = {f"p{i}": np.asarray(v) for i, (_, v) in enumerate(leaves)}
@@ -375,9 +412,16 @@ def stage_costs_from_cache(cache: dict, g: Graph) -> dict:
       continue
     groups = ast.literal_eval(fields[-1])
     st = Stage(fields[-2], tuple(tuple(int(u) for u in grp) for grp in groups))
-    if max(st.units, default=-1) >= len(g.units):
+    if not st.units or not all(0 <= u < len(g.units) for u in st.units):
       raise ValueError(f"cache entry {key!r} names units outside the graph ({len(g.units)} units)")
-    out[st] = float(cache[ref])
+    if st.kind not in ("parallel", "merge"):
+      raise ValueError(f"cache entry {key!r} has stage kind {st.kind!r}, not 'parallel' or 'merge'; is it a "
+                       "StageProfiler cache?")
+    sec = float(cache[ref])
+    if not (math.isfinite(sec) and sec > 0):
+      raise ValueError(f"cache entry {ref!r} (for {key!r}) holds latency {sec}; measured latencies are finite "
+                       "and positive. Remove the entry or re-profile the stage.")
+    out[st] = sec
   return out
 
 
