@@ -151,7 +151,10 @@ def _flags(ap):
                        "g<N> = sparse._GROUP_LEAVES, s<N> = sparse._GROUP_SIZE (a leaf of >= N entries a chunk of its own), kthkeys/kthpairs = "
                        "sparse._KTH_KEYS_ONLY (the block select's third sort on keys alone, one segment), pwrite/xwrite = sparse._OUT_WRITE "
                        "(every leaf's residual and output by the Pallas leaf writer, or one XLA fusion per leaf), flatdus/flatconcat = "
-                       "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), pbuild/xbuild = "
+                       "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), fkeep/fkeepi/xkeep = "
+                       "sparse._FLAT_KEPT (flat_state, one segment: the new residual by kept_from_padded, fresh or in place, "
+                       "or XLA's fusion), fout/xout = sparse._FLAT_OUT (flat_state: the outputs by write_sent, reading only "
+                       "candidate blocks, or XLA's per-leaf fusions), pbuild/xbuild = "
                        "sparse._SUM_BUILD (the buffer and its statistics by the Pallas sum kernel, or XLA's sums and the "
                        "statistics kernel), fpass/xpass = sparse._COUNT_PASS (the counting search's passes one Pallas "
                        "kernel each, or four XLA kernels), sg<N> = _pallas_pack.SUM_GROUP (leaves per sum kernel: fewer launches), wg<N> = _pallas_pack.WRITE_GROUP "
@@ -490,7 +493,7 @@ def main():
   switches = [(sp, n) for n in ("_SEARCH_WAYS", "_PASS_WAYS", "_COUNT_IMPL", "_FLATTEN", "_COUNT_SKIP", "_EXACT_SEARCH", "_EXACT_FIT",
                                 "_SUM_FLATTEN", "_GROUP_LEAVES", "_TRIM_SKIP", "_RAVEL_SUM_FLATTEN", "_TRIM", "_DUS_BASE",
                                 "_SEG_KEY", "_GROUP_SIZE", "_KTH_KEYS_ONLY", "_OUT_WRITE", "_FLAT_BUILD", "_SUM_BUILD",
-                                "_COUNT_PASS")]
+                                "_COUNT_PASS", "_FLAT_KEPT", "_FLAT_OUT")]
   switches += [(sp._pallas_pack, n) for n in ("SUM_GROUP", "WRITE_GROUP", "SUM_WARPS", "WRITE_WARPS", "WRITE_TILE")]
   switches0 = [(mod, n, getattr(mod, n)) for mod, n in switches]
   topk_step = jax.jit(topk_tx.update)
@@ -533,6 +536,10 @@ def main():
         sp._TRIM = "quota" if tok == "quota" else "sort"
       elif tok in ("pwrite", "pwritei", "pwriter", "xwrite"):
         sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "pwriter": "pallas_res", "xwrite": "xla"}[tok]
+      elif tok in ("fkeep", "fkeepi", "xkeep"):
+        sp._FLAT_KEPT = {"fkeep": "pallas", "fkeepi": "pallas_inplace", "xkeep": "xla"}[tok]
+      elif tok in ("fout", "xout"):
+        sp._FLAT_OUT = "pallas" if tok == "fout" else "xla"
       elif tok in ("flatdus", "flatconcat"):
         sp._FLAT_BUILD = tok[4:]
       elif tok in ("pbuild", "xbuild"):
@@ -566,6 +573,7 @@ def main():
     row["count_pass"], row["pass_ways"] = sp._COUNT_PASS, sp._PASS_WAYS
     row["sum_warps"], row["write_warps"] = sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS
     row["write_tile"] = sp._pallas_pack.WRITE_TILE
+    row["flat_kept"], row["flat_out"] = sp._FLAT_KEPT, sp._FLAT_OUT
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

@@ -795,6 +795,83 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
   return (outs if write_out else None), ress
 
 
+def write_sent(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: jax.Array, last: jax.Array,
+               finite: jax.Array, block_max: jax.Array, *, interpret: bool | None = None,
+               tile: int | None = None, group: int | None = None, num_warps: int | None = None):
+  """The error-feedback outputs (the sent entries, zeros elsewhere) of every leaf of a flat buffer, reading
+  only the 64-entry blocks that can hold a sent entry.
+
+  :func:`write_leaves`' outputs (``out_i = where(sent, v, 0)`` when ``finite``, else 0; the same sent test,
+  bitwise the same values) without its residuals. An entry can be sent only if ``|v| >= t`` (``t`` its leaf's
+  threshold), so only if the maximum of ``|flat|`` over its block, ``block_max[p // 64]``, is ``>= t``: a program
+  reads the maxima of its tile's blocks and loads ``flat`` only in those blocks (masked loads: at ratio 0.001 a few
+  percent of the buffer); every other entry is written 0 without being read. ``block_max`` is the per-64-entry
+  maximum of ``|flat|`` (:func:`sum_leaves` / :func:`tile_stats`'s), one per block of ``flat``.
+
+  For a residual kept elsewhere (``flat_state=True``: one flat residual written by :func:`kept_from_padded`): the
+  outputs then cost about one write of the gradients' bytes instead of a read and a write."""
+  tile = tile or WRITE_TILE
+  group = group or WRITE_GROUP
+  num_warps = num_warps or WRITE_WARPS
+  sizes = [int(s) for s in sizes]
+  offsets = [int(o) for o in offsets]
+  if len(sizes) != len(offsets):
+    raise ValueError(f"sizes and offsets must have the same length, got {len(sizes)} and {len(offsets)}.")
+  if any(o < 0 or o + s > flat.shape[0] for s, o in zip(sizes, offsets)):
+    raise ValueError(f"every leaf must lie inside flat (length {flat.shape[0]}).")
+  nb = -(-flat.shape[0] // BLOCK)
+  if block_max.shape != (nb,):
+    raise ValueError(f"block_max must hold one maximum per {BLOCK} entries of flat, shape ({nb},), got "
+                     f"{block_max.shape}.")
+  i32, dt = jnp.int32, flat.dtype
+  t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
+  tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
+  if t_leaf.shape != (len(sizes),) or tie_leaf.shape != (len(sizes),):
+    raise ValueError(f"t_leaf and tie_leaf need one entry per leaf ({len(sizes)}), got {t_leaf.shape[0]} and "
+                     f"{tie_leaf.shape[0]}.")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
+  bmax = block_max.astype(jnp.float32)
+  outs = []
+  for g0 in range(0, len(sizes), group):
+    ids = list(range(g0, min(len(sizes), g0 + group)))
+    prog_leaf = np.concatenate([np.full(-(-sizes[i] // tile) if sizes[i] else 0, j, np.int32)
+                                for j, i in enumerate(ids)])
+    prog_start = np.concatenate([np.arange(0, sizes[i], tile, dtype=np.int32) for i in ids])
+    if prog_leaf.size == 0:
+      outs += [jnp.zeros((0,), dt)] * len(ids)
+      continue
+    leaf_off = np.asarray([offsets[i] for i in ids], np.int32)
+    leaf_n = np.asarray([sizes[i] for i in ids], np.int32)
+
+    def kernel(pl_ref, ps_ref, off_ref, n_ref, t_ref, tie_ref, sc_ref, bmax_ref, flat_ref, *out_refs, ids=ids,
+               g0=g0):
+      p = pl.program_id(0)
+      j = pl_ref[p]
+      r = pl.multiple_of(ps_ref[p], tile) + jnp.arange(tile, dtype=i32)   # (aligned: vector stores)
+      m = r < n_ref[j]
+      pos = off_ref[j] + r
+      t = t_ref[g0 + j]
+      zero = jnp.zeros((), dt)
+      safe = (lambda ix, mk: jnp.where(mk, ix, 0)) if interpret else (lambda ix, mk: ix)
+      # (a non-finite step writes zeros and reads nothing; NaN maxima never compare true)
+      bm = plgpu.load(bmax_ref.at[safe(pos // BLOCK, m)], mask=m, other=-jnp.inf)
+      cand = m & (bm >= t) & (pos <= sc_ref[0]) & (sc_ref[1] != 0)
+      v = plgpu.load(flat_ref.at[safe(pos, cand)], mask=cand, other=zero)
+      out = jnp.where(cand & _sent(v, t, tie_ref[g0 + j], sc_ref[0], pos), v, zero)
+      for jj in range(len(ids)):
+        @pl.when(j == jj)
+        def _(o_ref=out_refs[jj]):
+          plgpu.store(o_ref.at[r], out, mask=m)
+
+    shapes = tuple(jax.ShapeDtypeStruct((sizes[i],), dt) for i in ids)
+    outs += list(_call(kernel, shapes, (int(prog_leaf.size),), interpret, num_warps, name="write_sent")(
+        jnp.asarray(prog_leaf), jnp.asarray(prog_start), jnp.asarray(leaf_off), jnp.asarray(leaf_n),
+        t_leaf, tie_leaf, scal, bmax, flat))
+  return outs
+
+
 SUM_GROUP = 24      # leaves per sum_leaves kernel (at least the leaves one tile touches; each program walks a
                     # chain of conditions over its kernel's leaves: 24 -> eight kernels for ResNet-50, 122 us on an
                     # H200 against 139-142 with 48, 129 / 132 with 16 / 32, 502 with all 161; sidco_tree_h200_s33*)
@@ -956,7 +1033,7 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
 
 
 def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_seg: jax.Array, last: jax.Array,
-                     finite: jax.Array, old: jax.Array, *, interpret: bool | None = None,
+                     finite: jax.Array, old: jax.Array, *, in_place: bool = True, interpret: bool | None = None,
                      num_warps: int | None = None):
   """The new error-feedback residual in the leaves' own layout, written in place over ``old``.
 
@@ -971,7 +1048,11 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
   written). Bitwise the XLA expression ``where(finite, where(sent, 0, v), old)``. One program writes one tile
   of 4096 real positions, reading the segments it touches (a chain of ``lax.cond``; static offsets). In a loop
   or a step that donates its state the residual is written where it lies; a jitted update whose state is not
-  donated gets a copy of ``old`` from XLA first."""
+  donated gets a copy of ``old`` from XLA first.
+
+  ``in_place=False``: a fresh output instead, ``old`` read only on a non-finite step (then copied): no copy of
+  ``old`` first where the state is not donated, but in a loop XLA may copy the fresh output into the carried
+  buffer. The same values either way."""
   num_warps = num_warps or WRITE_WARPS
   seg_n = np.asarray(seg_n, np.int64)
   seg_start = np.asarray(seg_start, np.int64)
@@ -996,7 +1077,7 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
   scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
 
   def kernel(tab_ref, t_ref, tie_ref, sc_ref, flat_ref, old_ref, out_ref):
-    del old_ref   # (aliased to out_ref: a non-finite step writes nothing)
+    # (in place: old_ref is aliased to out_ref, and a non-finite step writes nothing)
     i = pl.program_id(0)
     slo, shi, full = tab_ref[3 * i], tab_ref[3 * i + 1], tab_ref[3 * i + 2] != 0
     r = jnp.arange(tile, dtype=i32)
@@ -1031,7 +1112,15 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
     def _():
       plgpu.store(out_ref.at[q], acc, mask=q < n_real)
 
+    if not in_place:
+      @pl.when(sc_ref[1] == 0)
+      def _():
+        m = q < n_real
+        keep = plgpu.load(old_ref.at[jnp.where(m, q, 0) if interpret else q], mask=m, other=zero)
+        plgpu.store(out_ref.at[q], keep, mask=m)
+
   return _call(kernel, jax.ShapeDtypeStruct((n_real,), dt), (tiles,), interpret, num_warps,
-               input_output_aliases={5: 0}, name="kept_from_padded")(
+               input_output_aliases={5: 0} if in_place else {},
+               name="kept_from_padded" if in_place else "kept_from_padded_fresh")(
       jnp.asarray(tab), jnp.asarray(t_seg, jnp.float32).reshape(-1), jnp.asarray(tie_seg, i32).reshape(-1), scal,
       flat, old)

@@ -1607,6 +1607,20 @@ _OUT_WRITES = ("auto", "auto_inplace", "auto_res", "pallas", "pallas_inplace", "
 _SUM_BUILD = "auto"
 
 
+# sidco(flat_state=True) with one segment (per_tensor=False), where the Pallas sum kernel builds the buffer
+# (``_SUM_BUILD``): how the new flat residual is written. "xla": ``where(finite, where(sent, 0, acc), old)``, one
+# fusion reading the buffer and the old residual; "pallas": :func:`_pallas_pack.kept_from_padded` into a fresh
+# vector (the old residual read only on a non-finite step); "pallas_inplace": the same kernel over the old residual
+# (aliased: a donated or loop-carried state is written where it lies, an undonated one copied first by XLA). (With
+# per-tensor segments the kernel in place is the only form.) The same bits.
+_FLAT_KEPT = "xla"
+# and how its per-leaf outputs are written: "xla" (one ``where(sent, v, 0)`` fusion per leaf, reading the buffer;
+# a consumer such as Adam's update absorbs them) or "pallas" (:func:`_pallas_pack.write_sent`: every leaf in a few
+# kernels that read only the blocks whose maximum reaches the threshold, a few percent of the buffer at ratio
+# 0.001). Only without an axis (with one the outputs are the all-gathered mean) and without momentum. The same bits.
+_FLAT_OUT = "xla"
+
+
 def _sum_build_mode(addends, residual, dtype, computed: bool = False) -> tuple[bool, bool]:
   """``(use sum_leaves, interpret)`` for :data:`_SUM_BUILD` (``residual``: its leaves, or the flat vector).
   ``computed``: the addends are computed inside the transform (a ``precondition``'s output, DGC's velocity),
@@ -2354,9 +2368,12 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
         acc = jax.lax.optimization_barrier(acc)
       flat = lay.pad(acc)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype, stats)
-    if use_sb and lay.num_segments > 1:   # every segment's kept entries from the padded buffer, in place
-      tie = jnp.full((lay.num_segments,), -1, jnp.int32) if tie_last is None else tie_last
+    check_choice("_FLAT_KEPT", _FLAT_KEPT, ("xla", "pallas", "pallas_inplace"))
+    check_choice("_FLAT_OUT", _FLAT_OUT, ("xla", "pallas"))
+    tie = jnp.full((lay.num_segments,), -1, jnp.int32) if tie_last is None else tie_last
+    if use_sb and (lay.num_segments > 1 or _FLAT_KEPT != "xla"):   # the kept entries from the padded buffer
       new_res = _pallas_pack.kept_from_padded(flat, lay.seg_n, lay.seg_start, t, tie, last, finite, state.residual,
+                                              in_place=lay.num_segments > 1 or _FLAT_KEPT == "pallas_inplace",
                                               interpret=interp_sb)
     else:
       if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
@@ -2368,8 +2385,14 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
     if momentum > 0:
       velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
-    outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: _leaf_selection(flat, lay, t, tie_last, last, i))
-            for i, leaf in enumerate(leaves)]
+    if use_sb and _FLAT_OUT == "pallas" and dense is None:   # (use_sb: no momentum; float32 leaves)
+      seg_of = np.asarray(lay.seg_of_leaf, np.int32)
+      outs = [o.reshape(leaf.shape) for o, leaf in zip(
+          _pallas_pack.write_sent(flat, sizes, lay.offsets, t[seg_of], tie[seg_of], last, finite, stats[2],
+                                  interpret=interp_sb), leaves)]
+    else:
+      outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: _leaf_selection(flat, lay, t, tie_last, last, i))
+              for i, leaf in enumerate(leaves)]
     out = jax.tree_util.tree_unflatten(treedef, outs)
     return finite, out, new_res, velocity, count, above, payload_bytes(payload), payload.overflow, lay.n_real
 
