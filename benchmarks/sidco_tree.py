@@ -154,7 +154,8 @@ def _flags(ap):
                        "sparse._FLAT_BUILD (flat_state rows: the buffer written leaf by leaf, or concatenated), fkeep/fkeepi/xkeep = "
                        "sparse._FLAT_KEPT (flat_state, one segment: the new residual by kept_from_padded, fresh or in place, "
                        "or XLA's fusion), fout/xout = sparse._FLAT_OUT (flat_state: the outputs by write_sent, reading only "
-                       "candidate blocks, or XLA's per-leaf fusions), pbuild/xbuild = "
+                       "candidate blocks, or XLA's per-leaf fusions), klist/xlist = sparse._KTH_LIST (the exact search's handoff "
+                       "between its levels by two kernels, or XLA's prefix sums and compaction), pbuild/xbuild = "
                        "sparse._SUM_BUILD (the buffer and its statistics by the Pallas sum kernel, or XLA's sums and the "
                        "statistics kernel), fpass/xpass = sparse._COUNT_PASS (the counting search's passes one Pallas "
                        "kernel each, or four XLA kernels), sg<N> = _pallas_pack.SUM_GROUP (leaves per sum kernel: fewer launches), wg<N> = _pallas_pack.WRITE_GROUP "
@@ -493,7 +494,7 @@ def main():
   switches = [(sp, n) for n in ("_SEARCH_WAYS", "_PASS_WAYS", "_COUNT_IMPL", "_FLATTEN", "_COUNT_SKIP", "_EXACT_SEARCH", "_EXACT_FIT",
                                 "_SUM_FLATTEN", "_GROUP_LEAVES", "_TRIM_SKIP", "_RAVEL_SUM_FLATTEN", "_TRIM", "_DUS_BASE",
                                 "_SEG_KEY", "_GROUP_SIZE", "_KTH_KEYS_ONLY", "_OUT_WRITE", "_FLAT_BUILD", "_SUM_BUILD",
-                                "_COUNT_PASS", "_FLAT_KEPT", "_FLAT_OUT")]
+                                "_COUNT_PASS", "_FLAT_KEPT", "_FLAT_OUT", "_KTH_LIST")]
   switches += [(sp._pallas_pack, n) for n in ("SUM_GROUP", "WRITE_GROUP", "SUM_WARPS", "WRITE_WARPS", "WRITE_TILE")]
   switches0 = [(mod, n, getattr(mod, n)) for mod, n in switches]
   topk_step = jax.jit(topk_tx.update)
@@ -538,6 +539,8 @@ def main():
         sp._OUT_WRITE = {"pwrite": "pallas", "pwritei": "pallas_inplace", "pwriter": "pallas_res", "xwrite": "xla"}[tok]
       elif tok in ("fkeep", "fkeepi", "xkeep"):
         sp._FLAT_KEPT = {"fkeep": "pallas", "fkeepi": "pallas_inplace", "xkeep": "xla"}[tok]
+      elif tok in ("klist", "xlist"):
+        sp._KTH_LIST = "pallas" if tok == "klist" else "xla"
       elif tok in ("fout", "xout"):
         sp._FLAT_OUT = "pallas" if tok == "fout" else "xla"
       elif tok in ("flatdus", "flatconcat"):
@@ -573,7 +576,7 @@ def main():
     row["count_pass"], row["pass_ways"] = sp._COUNT_PASS, sp._PASS_WAYS
     row["sum_warps"], row["write_warps"] = sp._pallas_pack.SUM_WARPS, sp._pallas_pack.WRITE_WARPS
     row["write_tile"] = sp._pallas_pack.WRITE_TILE
-    row["flat_kept"], row["flat_out"] = sp._FLAT_KEPT, sp._FLAT_OUT
+    row["flat_kept"], row["flat_out"], row["kth_list"] = sp._FLAT_KEPT, sp._FLAT_OUT, sp._KTH_LIST
     if flatten is not None:
       fast.FLATTEN = row["flatten"] = flatten
     if update is None:

@@ -111,17 +111,20 @@ def _steps(make):
   return res
 
 
-@pytest.mark.parametrize("kept,out", [("pallas", "pallas"), ("pallas_inplace", "xla"), ("xla", "pallas")])
-def test_flat_state_writers_are_bitwise_the_xla_writers(kept, out, monkeypatch):
+@pytest.mark.parametrize("kept,out,per_tensor", [("pallas", "pallas", False), ("pallas_inplace", "xla", False),
+                                                 ("xla", "pallas", False), ("xla", "pallas", True)])
+def test_flat_state_writers_are_bitwise_the_xla_writers(kept, out, per_tensor, monkeypatch):
   """sidco(flat_state=True) with the Pallas residual and/or output writers: every output and state bitwise the XLA
-  writers', over a NaN step (skipped everywhere, residual kept) and a step with ties at the cut; the kernels run."""
+  writers', over a NaN step (skipped everywhere, residual kept) and a step with ties at the cut; the kernels run.
+  Per tensor (padded segments, one threshold each) the residual is always the in-place kernel's; the output writer
+  reads each leaf's segment threshold."""
   monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
   monkeypatch.setattr(sp, "_SUM_BUILD", "pallas")
   res = {}
   for mode in ((kept, out), ("xla", "xla")):
     monkeypatch.setattr(sp, "_FLAT_KEPT", mode[0])
     monkeypatch.setattr(sp, "_FLAT_OUT", mode[1])
-    res[mode] = _steps(lambda: sp.sidco(0.02, flat_state=True))
+    res[mode] = _steps(lambda: sp.sidco(0.02, flat_state=True, per_tensor=per_tensor))
   for x, y in zip(jax.tree_util.tree_leaves(res[(kept, out)]), jax.tree_util.tree_leaves(res[("xla", "xla")])):
     np.testing.assert_array_equal(bits(x), bits(y))
   st = res[(kept, out)][2][1]
@@ -133,9 +136,11 @@ def test_flat_state_writers_are_bitwise_the_xla_writers(kept, out, monkeypatch):
   monkeypatch.setattr(sp, "_FLAT_KEPT", kept)
   monkeypatch.setattr(sp, "_FLAT_OUT", out)
   g = {"a": jnp.ones((30, 40)), "b": jnp.ones((40,))}
-  tx = sp.sidco(0.02, flat_state=True)
+  tx = sp.sidco(0.02, flat_state=True, per_tensor=per_tensor)
   jax.make_jaxpr(tx.update)(g, tx.init(g))
-  assert calls == [n for n, m in (("kept_from_padded", kept), ("write_sent", out)) if m != "xla"]
+  assert ("write_sent" in calls) == (out != "xla")
+  if not per_tensor:   # (per tensor the trace's segments decide: the kernel in place for several)
+    assert ("kept_from_padded" in calls) == (kept != "xla")
 
 
 def test_flat_writer_switches_are_checked(monkeypatch):

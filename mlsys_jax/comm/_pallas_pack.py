@@ -318,6 +318,80 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
   return idx, vals, jnp.sum(group_counts), n_cand
 
 
+def kth_blocks(block_max: jax.Array, big: jax.Array, k, capacity: int, *, interpret: bool | None = None,
+               list_blocks: int | None = None, num_warps: int | None = None):
+  """``(ids, count)``: the blocks of the exact k-th largest search's second level, in two kernels.
+
+  SIDCo's exact counts (:func:`mlsys_jax.comm.sparse._seg_kth_counts`, one segment) find ``T1 = big``, the
+  ``k``-th largest block maximum's float, then search the entries of the blocks above ``T1`` and of the
+  lowest-index blocks equal to it, ``k`` blocks in all: every entry above the segment's ``k``-th largest
+  magnitude lies in one of them. This lists those blocks in block order: ``ids[:count]`` (int32, zeros after), with
+  ``count = min(#selected, capacity)``; the same as ``compact(block_max, sel, capacity)``'s indices and count for
+  ``sel = (bm > big) | ((bm == big) & (#{bm == big up to the block} <= k - #{bm > big}))`` (XLA: two prefix sums
+  over every block, then the compaction's ~8 kernels). Kernel 1 counts, per tile of ``list_blocks`` blocks, the
+  maxima above and equal to ``big``; kernel 2 reads those counts in-kernel (the tiles before it, and all for the
+  total above) and writes each selected block's id at its rank. NaN maxima are never selected."""
+  num_warps = num_warps or NUM_WARPS
+  nb = block_max.shape[0]
+  if block_max.ndim != 1 or nb == 0:
+    raise ValueError(f"block_max must be a non-empty 1-D array of block maxima, got shape {block_max.shape}.")
+  if int(capacity) < 1:
+    raise ValueError(f"capacity must be >= 1, got {capacity}.")
+  capacity = int(capacity)
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  lb = list_blocks or max(LIST_BLOCKS, _pow2(-(-nb // MAX_TILES)))
+  nt = -(-nb // lb)
+  ntp = _pow2(nt)
+  i32 = jnp.int32
+  scal = jnp.stack([jax.lax.bitcast_convert_type(jnp.asarray(big, jnp.float32).reshape(()), i32),
+                    jnp.asarray(k, i32).reshape(())])
+  bmax = block_max.astype(jnp.float32)
+
+  def flags(bmax_ref, sc_ref, i):
+    blk = i * lb + jnp.arange(lb, dtype=i32)
+    bm = plgpu.load(bmax_ref.at[jnp.where(blk < nb, blk, 0) if interpret else blk], mask=blk < nb,
+                    other=-jnp.inf)
+    b = jax.lax.bitcast_convert_type(sc_ref[0], jnp.float32)
+    return blk, bm > b, bm == b
+
+  def count_kernel(sc_ref, bmax_ref, c_ref):
+    i = pl.program_id(0)
+    _, gt, eq = flags(bmax_ref, sc_ref, i)
+    c_ref[2 * i] = jnp.sum(gt.astype(i32))
+    c_ref[2 * i + 1] = jnp.sum(eq.astype(i32))
+
+  counts = _call(count_kernel, jax.ShapeDtypeStruct((2 * nt,), i32), (nt,), interpret, num_warps,
+                 name="kth_blocks_count")(scal, bmax)
+
+  def list_kernel(sc_ref, bmax_ref, c_ref, ids0_ref, ids_ref):
+    del ids0_ref   # (aliased to ids_ref: zeros past the count)
+    i = pl.program_id(0)
+    j = jnp.arange(ntp, dtype=i32)
+    c_gt = plgpu.load(c_ref.at[2 * j], mask=j < nt, other=0)
+    c_eq = plgpu.load(c_ref.at[2 * j + 1], mask=j < nt, other=0)
+    quota = jnp.maximum(sc_ref[1] - jnp.sum(c_gt), 0)        # tied blocks kept: k - #{above}
+    gt_before = jnp.sum(jnp.where(j < i, c_gt, 0))
+    eq_before = jnp.sum(jnp.where(j < i, c_eq, 0))
+    base = gt_before + jnp.minimum(eq_before, quota)        # selected blocks in the tiles before
+
+    @pl.when(base < capacity)
+    def _():
+      blk, gt, eq = flags(bmax_ref, sc_ref, i)
+      sel = gt | (eq & (eq_before + jnp.cumsum(eq.astype(i32)) <= quota))
+      r = base + jnp.cumsum(sel.astype(i32)) - 1
+      ok = sel & (r < capacity)
+      plgpu.store(ids_ref.at[jnp.where(ok, r, capacity)], blk, mask=ok)   # (as _store_ranked: past the end, masked)
+
+  ids = _call(list_kernel, jax.ShapeDtypeStruct((capacity,), i32), (nt,), interpret, num_warps,
+              input_output_aliases={3: 0}, name="kth_blocks_list")(scal, bmax, counts, jnp.zeros((capacity,), i32))
+  c = counts.reshape(nt, 2)
+  n_gt, n_eq = jnp.sum(c[:, 0]), jnp.sum(c[:, 1])
+  k32 = jnp.asarray(k, i32).reshape(())
+  count = jnp.minimum(n_gt + jnp.minimum(n_eq, jnp.maximum(k32 - n_gt, 0)), capacity).astype(i32)
+  return ids, count
+
+
 COUNT_CHUNK = 1024   # entries per inner step of tile_counts_above (chunk x W compares, summed per step)
 COUNT_WARPS = 4
 

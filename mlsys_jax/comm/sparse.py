@@ -1345,6 +1345,12 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max, below: bool = True):
   return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
 
 
+# The handoff between _seg_kth_counts's two levels for one segment with the Pallas passes: "xla" (two prefix sums
+# over the block maxima and :func:`compact`, ~10 kernels) or "pallas" (:func:`_pallas_pack.kth_blocks`: two
+# kernels). The same blocks in the same order.
+_KTH_LIST = "xla"
+
+
 def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   """:func:`_seg_kth_blocks`'s thresholds (the float just below each segment's ``k``-th largest magnitude,
   0 when that is 0) by counting searches instead of sorts: no radix sort, so on GPU a jitted update stays
@@ -1399,17 +1405,20 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
                       ways=ways)
   # T1 (the smallest denormal when t1 = 0 has fewer than k blocks above it: then no block ties it)
   big1 = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(t1, jnp.int32) + 1, jnp.float32)
-  gt = bm > per_block(big1)
-  eq = bm == per_block(big1)
-  n_gt = tile_sum(gt)
-  c_eq = jnp.cumsum(eq.astype(jnp.int32))
-  seg_b0 = np.concatenate([[0], np.cumsum(nblk)[:-1]]).astype(np.int32)           # a segment's first block
-  before = jnp.concatenate([jnp.zeros((1,), jnp.int32), c_eq])[jnp.asarray(seg_b0)]
-  sel = gt | (eq & (c_eq - per_block(before) <= per_block(k - n_gt)))
   m1 = int(np.minimum(k_max, nblk).sum())                                           # >= blocks selected
-  packed = compact(bm, sel, m1)
-  blk = packed.indices
-  rows = jnp.where((jnp.arange(m1) < packed.count)[:, None], a[blk], 0.0)         # (m1, 64)
+  if num == 1 and fused and _KTH_LIST == "pallas":   # (the same ids and count in two kernels)
+    blk, n_rows = _pallas_pack.kth_blocks(bm, big1[0], k[0], m1, interpret=interp)
+  else:
+    gt = bm > per_block(big1)
+    eq = bm == per_block(big1)
+    n_gt = tile_sum(gt)
+    c_eq = jnp.cumsum(eq.astype(jnp.int32))
+    seg_b0 = np.concatenate([[0], np.cumsum(nblk)[:-1]]).astype(np.int32)           # a segment's first block
+    before = jnp.concatenate([jnp.zeros((1,), jnp.int32), c_eq])[jnp.asarray(seg_b0)]
+    sel = gt | (eq & (c_eq - per_block(before) <= per_block(k - n_gt)))
+    packed = compact(bm, sel, m1)
+    blk, n_rows = packed.indices, packed.count
+  rows = jnp.where((jnp.arange(m1) < n_rows)[:, None], a[blk], 0.0)               # (m1, 64)
   if num == 1:
     count2 = lambda tm: jnp.sum(jnp.sum(rows[:, :, None] > tm[0][None, None, :], axis=1, dtype=jnp.int32),
                                 axis=0)[None]
