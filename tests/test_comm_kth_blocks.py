@@ -64,7 +64,7 @@ def _steps(tx):
   return res
 
 
-@pytest.mark.parametrize("ratio", [0.02, 0.3])
+@pytest.mark.parametrize("ratio", [0.02, pytest.param(0.3, marks=pytest.mark.slow)])   # (the same code, ~15 s)
 def test_sidco_with_the_kernel_handoff_is_bitwise_the_xla_handoff(ratio, monkeypatch):
   """sidco (one segment, the counting search's Pallas passes) with the handoff kernels: every update and state
   bitwise the XLA handoff's, over a NaN step and steps with ties (integer-valued gradients); the kernels run."""
