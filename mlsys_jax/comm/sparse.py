@@ -135,9 +135,13 @@ def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
   selected element), and only those blocks are read again to find the element's position inside its
   block. The work beyond one pass over the mask is O(n / 64 + capacity * 64).
 
-  Raises ``ValueError`` unless ``x`` is 1-D, ``mask`` has the same shape and ``capacity >= 1``.
+  Raises ``ValueError`` unless ``x`` is 1-D with at least one entry, ``mask`` has the same shape and
+  ``capacity >= 1``.
   """
   check_rank("x", x, 1)
+  x = jnp.asarray(x)
+  if x.shape[0] == 0:
+    raise ValueError("compact needs at least one entry in x, got an empty vector; skip empty tensors.")
   if np.shape(mask) != np.shape(x):
     raise ValueError(f"compact needs a mask of the same shape as x, got x {np.shape(x)} and mask "
                      f"{np.shape(mask)}; pass one boolean per entry of x.")
@@ -167,9 +171,15 @@ def _check_indices(payload: SparsePayload, size: int, where: str) -> jax.Array:
   """Check a payload against a dense ``size``: raise for concrete out-of-range valid indices; return the
   traced flag ``bad`` (some valid index outside ``[0, size)``) for callers under jit."""
   check_int("size", size, 1)
-  if payload.indices.ndim < 1 or payload.values.shape != payload.indices.shape:
-    raise ValueError(f"{where}: payload indices and values must have the same shape, got "
-                     f"{payload.indices.shape} and {payload.values.shape}.")
+  if np.ndim(payload.indices) != 1 or np.shape(payload.values) != np.shape(payload.indices):
+    raise ValueError(f"{where}: payload indices and values must be 1-D arrays of the same shape (one payload, "
+                     f"capacity slots), got {np.shape(payload.indices)} and {np.shape(payload.values)}; "
+                     f"decompress stacked payloads one at a time (or jax.vmap over them).")
+  if np.ndim(payload.count) != 0:
+    raise ValueError(f"{where}: payload count must be a scalar, got shape {np.shape(payload.count)}.")
+  if not jnp.issubdtype(jnp.result_type(payload.indices), jnp.integer):
+    raise TypeError(f"{where}: payload indices must be integers, got dtype {jnp.result_type(payload.indices)}; "
+                    f"cast them with .astype(jnp.int32).")
   cap = payload.indices.shape[-1]
   valid = jnp.arange(cap) < jnp.asarray(payload.count)[..., None]
   bad = jnp.any(valid & ((payload.indices < 0) | (payload.indices >= size)))
@@ -180,15 +190,24 @@ def _check_indices(payload: SparsePayload, size: int, where: str) -> jax.Array:
   return bad
 
 
+def _check_out_dtype(where: str, dtype) -> None:
+  """A requested output ``dtype`` must be floating: an out-of-range index is flagged with NaN under jit."""
+  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.inexact):
+    raise TypeError(f"{where}: dtype must be a floating dtype (under jit a bad index turns the result into NaN), "
+                    f"got {jnp.dtype(dtype)}; pass e.g. dtype=jnp.float32 and round the result if needed.")
+
+
 def decompress(payload: SparsePayload, size: int, dtype=None) -> jax.Array:
   """Dense vector of length ``size`` from a payload (invalid slots add zero).
 
   A valid index outside ``[0, size)`` raises ``ValueError`` (concrete payloads); under ``jit`` the
-  result is all NaN instead (never a silently truncated vector).
+  result is all NaN instead (never a silently truncated vector). ``dtype`` (default: the values' dtype)
+  must be floating; integer or bool values with ``dtype=None`` give a float32 vector.
 
   >>> decompress(SparsePayload(jnp.array([2, 0]), jnp.array([5., 7.]), jnp.array(1), jnp.array(False)), 4)
   Array([0., 0., 5., 0.], dtype=float32)
   """
+  _check_out_dtype("decompress", dtype)
   bad = _check_indices(payload, size, "decompress")
   valid = jnp.arange(payload.values.shape[0]) < payload.count
   vals = jnp.where(valid, payload.values, 0)
@@ -202,8 +221,9 @@ def allgather_mean(payload: SparsePayload, size: int, axis_name: str, dtype=None
   The collective of every sparsifier here: all-gather the static-capacity payloads (what is actually
   communicated: ``payload_bytes`` per device), scatter-add them once, divide by the axis size. Call it
   inside ``pmap``/``shard_map`` over ``axis_name``. A valid index outside ``[0, size)`` on any device
-  makes the result all NaN (under jit; concrete payloads raise).
+  makes the result all NaN (under jit; concrete payloads raise). ``dtype`` as in :func:`decompress`.
   """
+  _check_out_dtype("allgather_mean", dtype)
   bad = _check_indices(payload, size, "allgather_mean")
   bad = jax.lax.pmax(bad.astype(jnp.int32), axis_name) > 0
   g = jax.lax.all_gather(payload, axis_name)
@@ -394,10 +414,17 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
     >>> p, n_above = compact_above(jnp.array([0.1, -3.0, 0.2, 5.0]), 1.0, 4)   # indices [1, 3, ...]
   """
   check_rank("x", x, 1)
+  x = jnp.asarray(x)
+  if x.shape[0] == 0:
+    raise ValueError("compact_above needs at least one entry in x, got an empty vector; skip empty tensors.")
   check_int("capacity", capacity, 1)
   use_pallas, interpret = _pallas_mode(packing, x)
   if block_max is None:
     block_max = _block_stats(jnp.abs(x))[2]
+  elif np.shape(block_max) != (-(-x.shape[0] // _BLOCK),):
+    raise ValueError(f"compact_above: block_max must hold one maximum of |x| per 64-entry block, shape "
+                     f"({-(-x.shape[0] // _BLOCK)},) for {x.shape[0]} entries, got {np.shape(block_max)}; "
+                     f"pass block_max=None to compute it.")
   threshold = jnp.asarray(threshold, jnp.float32)
   if use_pallas:
     return _pack_pallas(x, threshold, capacity, block_max, interpret)
@@ -405,7 +432,10 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
 
 
 def topk_payload(x: jax.Array, k: int) -> SparsePayload:
-  """Exact Top-k by magnitude of a 1-D ``x`` (``lax.top_k``)."""
+  """Exact Top-k by magnitude of a 1-D ``x`` (``lax.top_k``); ``k`` a static int in ``[0, x.size]``."""
+  check_rank("x", x, 1)
+  x = jnp.asarray(x)
+  check_int("k", k, 0, x.shape[0])
   _, idx = jax.lax.top_k(jnp.abs(x), k)
   idx = idx.astype(jnp.int32)
   return SparsePayload(idx, x[idx], jnp.asarray(k, jnp.int32), jnp.asarray(False))
@@ -416,7 +446,8 @@ def topk_payload(x: jax.Array, k: int) -> SparsePayload:
 
 
 def max_stages(ratio: float) -> int:
-  """Upper bound on SIDCo's number of stages: ceil(log(ratio) / log(1/2))."""
+  """Upper bound on SIDCo's number of stages: ceil(log(ratio) / log(1/2)), for ``ratio`` in (0, 1]."""
+  check_range("ratio", ratio, 0.0, 1.0, low_inclusive=False)
   return max(1, math.ceil(math.log(ratio) / math.log(0.5)))
 
 
@@ -620,9 +651,11 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_rank("abs_x", abs_x, 1)
+  if np.shape(abs_x)[0] == 0:
+    raise ValueError("sidco_threshold needs at least one entry in abs_x, got an empty vector.")
   _check_ratio("ratio", ratio)
   check_range("first_ratio", first_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-  if isinstance(stages, (int, np.integer)):
+  if not isinstance(stages, (jax.Array, np.ndarray)):   # (an array may be traced: not checked)
     check_int("stages", stages, 1, 64)
   a = abs_x.astype(jnp.float32)
   # The first stage fits |g| itself (support from 0): mean and variance from one fused pass of sums.
@@ -664,12 +697,19 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_rank("x", x, 1)
+  if np.shape(x)[0] == 0:
+    raise ValueError("sidco_compress needs at least one entry in x, got an empty vector; skip empty tensors.")
   check_int("capacity", capacity, 1)
   if max_min_count is None:
     check_int("min_count", min_count, 0)
   else:
     check_int("max_min_count", max_min_count, 0)
+    if not isinstance(min_count, (jax.Array, np.ndarray)):   # (an array may be traced: not checked)
+      check_int("min_count", min_count, 0, max_min_count)
   _check_ratio("ratio", ratio)
+  check_range("first_ratio", first_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+  if not isinstance(stages, (jax.Array, np.ndarray)):
+    check_int("stages", stages, 1, 64)
   use_pallas, interpret = _pallas_mode(packing, x)
   a = jnp.abs(x).astype(jnp.float32)
   if use_pallas and _PALLAS_STATS == "pallas":
@@ -1855,11 +1895,20 @@ def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fractio
   """
   check_rank("abs_x", abs_x, 1)
   n = abs_x.shape[0]
+  if n == 0:
+    raise ValueError("dgc_threshold needs at least one entry in abs_x, got an empty vector.")
   if max_ratio is None:
     if not is_concrete(ratio):
       raise ValueError("dgc_threshold: ratio is traced, so the sample's top-k size cannot follow it; pass a "
                        "static max_ratio (>= ratio).")
+    _check_ratio("ratio", ratio)
     ratio = float(ratio)
+  else:
+    check_range("max_ratio", max_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+    _check_ratio("ratio", ratio)   # (a traced ratio is not checked)
+    if is_concrete(ratio) and np.float32(ratio) > np.float32(max_ratio):
+      raise ValueError(f"dgc_threshold: ratio {float(ratio)} exceeds max_ratio {max_ratio}; the sample's top-k "
+                       f"size is set by max_ratio, so raise it.")
   s = dgc_sample_size(n, ratio if max_ratio is None else max_ratio, sample_fraction)
   sample = abs_x if s == n and sample_fraction is None else abs_x[jax.random.randint(key, (s,), 0, n)]
   if max_ratio is None:
@@ -2165,6 +2214,13 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
 
   def init_fn(params):
     check_floating("sparsifier.init", params)
+    sizes = [int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params)]
+    if sum(sizes) == 0:
+      raise ValueError("sparsifier.init needs at least one parameter entry; every leaf of the tree is empty.")
+    if per_tensor and segmented is None and 0 in sizes:
+      raise ValueError("sparsifier.init: per_tensor=True gives every leaf its own payload, but a leaf has no "
+                       "entries; drop empty leaves from the tree, or use per_tensor=False or "
+                       "sidco(per_tensor=True).")
     z = jnp.zeros((), jnp.int32)
     f = jnp.zeros((), jnp.float32)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -2808,6 +2864,7 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
   adapt_every = _static("adapt_every", adapt_every, 10, int)
   tolerance = _static("tolerance", tolerance, 0.1)
   capacity_factor = _static("capacity_factor", capacity_factor, 2.0)
+  check_range("capacity_factor", capacity_factor, 1.0)   # (before the bounds that read it)
   momentum = _static("momentum", momentum, 0.0)
   min_fraction = _static("min_fraction", min_fraction, 0.25)
   check_range("min_fraction", min_fraction, 0.0, 1.0)
