@@ -1387,7 +1387,7 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max, below: bool = True):
 
 # The handoff between _seg_kth_counts's two levels for one segment with the Pallas passes: "xla" (two prefix sums
 # over the block maxima and :func:`compact`, ~10 kernels) or "pallas" (:func:`_pallas_pack.kth_blocks`: two
-# kernels). The same blocks in the same order.
+# kernels). The same blocks in the same order. Not timed yet (session 39 had no machine; docs/comm.md, "Session 39").
 _KTH_LIST = "xla"
 
 
@@ -1667,6 +1667,7 @@ _FLAT_KEPT = "xla"
 # a consumer such as Adam's update absorbs them) or "pallas" (:func:`_pallas_pack.write_sent`: every leaf in a few
 # kernels that read only the blocks whose maximum reaches the threshold, a few percent of the buffer at ratio
 # 0.001). Only without an axis (with one the outputs are the all-gathered mean) and without momentum. The same bits.
+# Both not timed yet (session 39 had no machine; docs/comm.md, "Session 39"): the defaults stay XLA's.
 _FLAT_OUT = "xla"
 
 
