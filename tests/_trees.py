@@ -77,3 +77,22 @@ def pmap_one_bad_worker_under_modes(monkeypatch, module, settings, make_tx, seed
     np.testing.assert_array_equal(np.asarray(leaf)[0], np.asarray(leaf)[1])
   assert float(np.abs(np.asarray(jax.tree_util.tree_leaves(o1)[0])).max()) > 0
   return res
+
+
+def nan_and_tie_steps(tx, seed: int, nan_step: bool = True):
+  """Three jitted ``tx.update`` steps on five integer-valued leaves (a (30, 40), (40,), (900,), (1,) and (70, 3)
+  gradient: ties at any cut), the second with a NaN in leaf "b" (nothing sent, residual kept) unless ``nan_step``
+  is False: ``[(updates, state), ...]``, for comparing the transform under two module switches bitwise."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,), "e": (70, 3)}
+  gs = [{k: jnp.asarray(np.round(rng.standard_normal(s) * 2), jnp.float32) for k, s in shapes.items()}
+        for _ in range(3)]
+  if nan_step:
+    gs[1]["b"] = gs[1]["b"].at[3].set(jnp.nan)
+  st, step, res = tx.init(gs[0]), jax.jit(tx.update), []
+  for g in gs:
+    o, st = step(g, st)
+    res.append((o, st))
+  return res

@@ -10,6 +10,7 @@ import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
+from _trees import nan_and_tie_steps  # tests/_trees.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -96,21 +97,6 @@ def test_kept_from_padded_one_segment_fresh_or_in_place(in_place, finite):
   np.testing.assert_array_equal(bits(got), bits(want))
 
 
-def _steps(make):
-  """Three jitted updates (the second with a NaN: nothing sent, residual kept; the third with ties at the cut)."""
-  rng = np.random.default_rng(5)
-  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,), "e": (70, 3)}
-  gs = [{k: jnp.asarray(np.round(rng.standard_normal(s) * 2), jnp.float32) for k, s in shapes.items()}
-        for _ in range(3)]
-  gs[1]["b"] = gs[1]["b"].at[3].set(jnp.nan)
-  tx = make()
-  st, step, res = tx.init(gs[0]), jax.jit(tx.update), []
-  for g in gs:
-    o, st = step(g, st)
-    res.append((o, st))
-  return res
-
-
 @pytest.mark.parametrize("kept,out,per_tensor", [("pallas", "pallas", False), ("pallas_inplace", "xla", False),
                                                  ("xla", "pallas", False), ("xla", "pallas", True)])
 def test_flat_state_writers_are_bitwise_the_xla_writers(kept, out, per_tensor, monkeypatch):
@@ -124,7 +110,7 @@ def test_flat_state_writers_are_bitwise_the_xla_writers(kept, out, per_tensor, m
   for mode in ((kept, out), ("xla", "xla")):
     monkeypatch.setattr(sp, "_FLAT_KEPT", mode[0])
     monkeypatch.setattr(sp, "_FLAT_OUT", mode[1])
-    res[mode] = _steps(lambda: sp.sidco(0.02, flat_state=True, per_tensor=per_tensor))
+    res[mode] = nan_and_tie_steps(sp.sidco(0.02, flat_state=True, per_tensor=per_tensor), 5)
   for x, y in zip(jax.tree_util.tree_leaves(res[(kept, out)]), jax.tree_util.tree_leaves(res[("xla", "xla")])):
     np.testing.assert_array_equal(bits(x), bits(y))
   st = res[(kept, out)][2][1]

@@ -9,6 +9,7 @@ import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
+from _trees import nan_and_tie_steps  # tests/_trees.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -51,19 +52,6 @@ def test_kth_blocks_bad_input():
     pp.kth_blocks(jnp.ones((8,)), 1.0, 1, 0)
 
 
-def _steps(tx):
-  rng = np.random.default_rng(11)
-  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,), "e": (70, 3)}
-  gs = [{k: jnp.asarray(np.round(rng.standard_normal(s) * 2), jnp.float32) for k, s in shapes.items()}
-        for _ in range(3)]
-  gs[1]["b"] = gs[1]["b"].at[3].set(jnp.nan)
-  st, step, res = tx.init(gs[0]), jax.jit(tx.update), []
-  for g in gs:
-    o, st = step(g, st)
-    res.append((o, st))
-  return res
-
-
 @pytest.mark.parametrize("ratio", [0.02, pytest.param(0.3, marks=pytest.mark.slow)])   # (the same code, ~15 s)
 def test_sidco_with_the_kernel_handoff_is_bitwise_the_xla_handoff(ratio, monkeypatch):
   """sidco (one segment, the counting search's Pallas passes) with the handoff kernels: every update and state
@@ -74,7 +62,7 @@ def test_sidco_with_the_kernel_handoff_is_bitwise_the_xla_handoff(ratio, monkeyp
   res = {}
   for mode in ("pallas", "xla"):
     monkeypatch.setattr(sp, "_KTH_LIST", mode)
-    res[mode] = _steps(sp.sidco(ratio))
+    res[mode] = nan_and_tie_steps(sp.sidco(ratio), 11)
   for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
     np.testing.assert_array_equal(bits(x), bits(y))
   assert int(res["pallas"][2][1].nonfinite_steps) == 1 and float(res["pallas"][2][1].density) > 0

@@ -10,7 +10,7 @@ import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
-from _trees import pmap_one_bad_worker_under_modes, vmapped_under_modes  # tests/_trees.py
+from _trees import nan_and_tie_steps, pmap_one_bad_worker_under_modes, vmapped_under_modes  # tests/_trees.py
 from _triton import triton_ir  # tests/_triton.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
@@ -109,20 +109,6 @@ def test_search_pass_bad_input():
     pp.search_finish(tk, jnp.zeros((12,), jnp.int32), ways=8, interpret=True)
 
 
-def _steps(tx, nan_step: bool = True):
-  rng = np.random.default_rng(7)
-  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,), "e": (70, 3)}
-  gs = [{k: jnp.asarray(np.round(rng.standard_normal(s) * 2), jnp.float32) for k, s in shapes.items()}
-        for _ in range(3)]
-  if nan_step:
-    gs[1]["b"] = gs[1]["b"].at[3].set(jnp.nan)
-  st, step, res = tx.init(gs[0]), jax.jit(tx.update), []
-  for g in gs:
-    o, st = step(g, st)
-    res.append((o, st))
-  return res
-
-
 @pytest.mark.parametrize("kw", [dict(), pytest.param(dict(flat_state=True), marks=pytest.mark.slow),   # (the same
                                 pytest.param(dict(ratio=0.3), marks=pytest.mark.slow)])           # search, ~8 s)
 def test_sidco_with_one_kernel_per_pass_is_bitwise_the_xla_passes_and_the_block_select(kw, monkeypatch):
@@ -136,7 +122,7 @@ def test_sidco_with_one_kernel_per_pass_is_bitwise_the_xla_passes_and_the_block_
   for search, passes in (("counts", "pallas"), ("blocks", "xla")):   # (counts with XLA's passes = blocks:
     monkeypatch.setattr(sp, "_EXACT_SEARCH", search)                    # tests/test_comm_sparse.py)
     monkeypatch.setattr(sp, "_COUNT_PASS", passes)
-    res[search, passes] = _steps(sp.sidco(ratio, **kw))
+    res[search, passes] = nan_and_tie_steps(sp.sidco(ratio, **kw), 7)
   for x, y in zip(jax.tree_util.tree_leaves(res["counts", "pallas"]), jax.tree_util.tree_leaves(res["blocks", "xla"])):
     np.testing.assert_array_equal(bits(x), bits(y))
   assert int(res["counts", "pallas"][1][1].nonfinite_steps) == 1

@@ -9,7 +9,7 @@ import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
 from mlsys_jax.comm import sparse as sp
-from _trees import pmap_one_bad_worker_under_modes, vmapped_under_modes  # tests/_trees.py
+from _trees import nan_and_tie_steps, pmap_one_bad_worker_under_modes, vmapped_under_modes  # tests/_trees.py
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -82,22 +82,6 @@ def test_sum_leaves_bad_input():
     pp.sum_leaves([jnp.ones(0)], [jnp.ones(0)], lay.tile_shift, lay.tile_limit)
 
 
-def _steps(make, flat_state: bool):
-  """Three jitted updates (the second with a NaN: nothing sent, residual kept; the third with ties at the
-  cut): outputs and states."""
-  rng = np.random.default_rng(5)
-  shapes = {"a": (30, 40), "b": (40,), "c": (900,), "d": (1,), "e": (70, 3)}
-  gs = [{k: jnp.asarray(np.round(rng.standard_normal(s) * 2), jnp.float32) for k, s in shapes.items()}
-        for _ in range(3)]
-  gs[1]["b"] = gs[1]["b"].at[3].set(jnp.nan)
-  tx = make()
-  st, step, res = tx.init(gs[0]), jax.jit(tx.update), []
-  for g in gs:
-    o, st = step(g, st)
-    res.append((o, st))
-  return res
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(per_tensor=True), dict(flat_state=True),   # (three forms slow, ~8 s)
                                 pytest.param(dict(per_tensor=True, flat_state=True), marks=pytest.mark.slow),
                                 pytest.param(dict(exact=False, per_tensor=True), marks=pytest.mark.slow),
@@ -110,7 +94,7 @@ def test_sidco_with_the_sum_kernel_is_bitwise_the_xla_build(kw, monkeypatch):
   res = {}
   for mode in ("pallas", "xla"):
     monkeypatch.setattr(sp, "_SUM_BUILD", mode)
-    res[mode] = _steps(lambda: sp.sidco(0.02, **kw), kw.get("flat_state", False))
+    res[mode] = nan_and_tie_steps(sp.sidco(0.02, **kw), 5)
   for x, y in zip(jax.tree_util.tree_leaves(res["pallas"]), jax.tree_util.tree_leaves(res["xla"])):
     np.testing.assert_array_equal(bits(x), bits(y))
   st = res["pallas"][1][1]

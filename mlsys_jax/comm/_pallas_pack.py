@@ -747,6 +747,34 @@ def _pow2_divisor(values, cap: int = 16) -> int:
   return cap if g == 0 else min(cap, g & -g)
 
 
+def _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite):
+  """The leaf writers' checked arguments: ``(sizes, offsets, t_leaf, tie_leaf, scal)`` (static int lists, the
+  per-leaf float32 thresholds and int32 tie cuts, and ``[last, finite]`` as int32)."""
+  sizes = [int(s) for s in sizes]
+  offsets = [int(o) for o in offsets]
+  if len(sizes) != len(offsets):
+    raise ValueError(f"sizes and offsets must have the same length, got {len(sizes)} and {len(offsets)}.")
+  if any(o < 0 or o + s > flat.shape[0] for s, o in zip(sizes, offsets)):
+    raise ValueError(f"every leaf must lie inside flat (length {flat.shape[0]}).")
+  i32 = jnp.int32
+  t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
+  tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
+  if t_leaf.shape != (len(sizes),) or tie_leaf.shape != (len(sizes),):
+    raise ValueError(f"t_leaf and tie_leaf need one entry per leaf ({len(sizes)}), got {t_leaf.shape[0]} and "
+                     f"{tie_leaf.shape[0]}.")
+  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
+  return sizes, offsets, t_leaf, tie_leaf, scal
+
+
+def _leaf_programs(sizes, ids, tile: int):
+  """The static program -> (leaf in the group, start) table of the leaf writers: one program per ``tile``
+  entries of each leaf ``ids`` (empty leaves none)."""
+  prog_leaf = np.concatenate([np.full(-(-sizes[i] // tile) if sizes[i] else 0, j, np.int32)
+                              for j, i in enumerate(ids)])
+  prog_start = np.concatenate([np.arange(0, sizes[i], tile, dtype=np.int32) for i in ids])
+  return prog_leaf, prog_start
+
+
 WRITE_TILE = 4096   # entries per program of write_leaves
 WRITE_WARPS = 4
 WRITE_GROUP = 96    # leaves per write_leaves kernel (its arguments: ~3 pointers per leaf; 96: two kernels for
@@ -778,30 +806,17 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
   tile = tile or WRITE_TILE
   group = group or WRITE_GROUP
   num_warps = num_warps or WRITE_WARPS
-  sizes = [int(s) for s in sizes]
-  offsets = [int(o) for o in offsets]
-  if len(sizes) != len(offsets):
-    raise ValueError(f"sizes and offsets must have the same length, got {len(sizes)} and {len(offsets)}.")
-  if any(o < 0 or o + s > flat.shape[0] for s, o in zip(sizes, offsets)):
-    raise ValueError(f"every leaf must lie inside flat (length {flat.shape[0]}).")
+  sizes, offsets, t_leaf, tie_leaf, scal = _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite)
   if old is None:
     old = [None] * len(sizes)
   if in_place and any(o is None for o in old):
     raise ValueError("in_place=True needs the old residual of every leaf (old).")
   i32, dt = jnp.int32, flat.dtype
-  t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
-  tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
-  if t_leaf.shape != (len(sizes),) or tie_leaf.shape != (len(sizes),):
-    raise ValueError(f"t_leaf and tie_leaf need one entry per leaf ({len(sizes)}), got {t_leaf.shape[0]} and "
-                     f"{tie_leaf.shape[0]}.")
-  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
   outs, ress = [], []
   for g0 in range(0, len(sizes), group):
     ids = list(range(g0, min(len(sizes), g0 + group)))
     nl = len(ids)
-    prog_leaf = np.concatenate([np.full(-(-sizes[i] // tile) if sizes[i] else 0, j, np.int32)
-                                for j, i in enumerate(ids)])
-    prog_start = np.concatenate([np.arange(0, sizes[i], tile, dtype=np.int32) for i in ids])
+    prog_leaf, prog_start = _leaf_programs(sizes, ids, tile)
     if prog_leaf.size == 0:
       outs += [jnp.zeros((0,), dt)] * nl
       ress += [jnp.zeros((0,), dt)] * nl
@@ -887,32 +902,19 @@ def write_sent(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: jax
   tile = tile or WRITE_TILE
   group = group or WRITE_GROUP
   num_warps = num_warps or WRITE_WARPS
-  sizes = [int(s) for s in sizes]
-  offsets = [int(o) for o in offsets]
-  if len(sizes) != len(offsets):
-    raise ValueError(f"sizes and offsets must have the same length, got {len(sizes)} and {len(offsets)}.")
-  if any(o < 0 or o + s > flat.shape[0] for s, o in zip(sizes, offsets)):
-    raise ValueError(f"every leaf must lie inside flat (length {flat.shape[0]}).")
+  sizes, offsets, t_leaf, tie_leaf, scal = _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite)
   nb = -(-flat.shape[0] // BLOCK)
   if block_max.shape != (nb,):
     raise ValueError(f"block_max must hold one maximum per {BLOCK} entries of flat, shape ({nb},), got "
                      f"{block_max.shape}.")
   i32, dt = jnp.int32, flat.dtype
-  t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
-  tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
-  if t_leaf.shape != (len(sizes),) or tie_leaf.shape != (len(sizes),):
-    raise ValueError(f"t_leaf and tie_leaf need one entry per leaf ({len(sizes)}), got {t_leaf.shape[0]} and "
-                     f"{tie_leaf.shape[0]}.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(())])
   bmax = block_max.astype(jnp.float32)
   outs = []
   for g0 in range(0, len(sizes), group):
     ids = list(range(g0, min(len(sizes), g0 + group)))
-    prog_leaf = np.concatenate([np.full(-(-sizes[i] // tile) if sizes[i] else 0, j, np.int32)
-                                for j, i in enumerate(ids)])
-    prog_start = np.concatenate([np.arange(0, sizes[i], tile, dtype=np.int32) for i in ids])
+    prog_leaf, prog_start = _leaf_programs(sizes, ids, tile)
     if prog_leaf.size == 0:
       outs += [jnp.zeros((0,), dt)] * len(ids)
       continue
