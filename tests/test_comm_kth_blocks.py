@@ -74,3 +74,7 @@ def test_sidco_with_the_kernel_handoff_is_bitwise_the_xla_handoff(ratio, monkeyp
   tx = sp.sidco(0.02)
   jax.make_jaxpr(tx.update)(g, tx.init(g))
   assert calls == [1]
+  monkeypatch.setattr(sp, "_KTH_LIST", "kernels")
+  tx = sp.sidco(0.02)   # (a fresh transform: a new trace)
+  with pytest.raises(ValueError, match="_KTH_LIST"):
+    jax.make_jaxpr(tx.update)(g, tx.init(g))

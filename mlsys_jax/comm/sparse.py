@@ -1446,6 +1446,7 @@ def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
   # T1 (the smallest denormal when t1 = 0 has fewer than k blocks above it: then no block ties it)
   big1 = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(t1, jnp.int32) + 1, jnp.float32)
   m1 = int(np.minimum(k_max, nblk).sum())                                           # >= blocks selected
+  check_choice("_KTH_LIST", _KTH_LIST, ("xla", "pallas"))
   if num == 1 and fused and _KTH_LIST == "pallas":   # (the same ids and count in two kernels)
     blk, n_rows = _pallas_pack.kth_blocks(bm, big1[0], k[0], m1, interpret=interp)
   else:
