@@ -126,6 +126,12 @@ _BLOCK = 64
 _SEARCH_METHOD = "scan_unrolled"   # jnp.searchsorted method for the slot -> block search
 
 
+def _check_nonempty(where: str, name: str, x) -> None:
+  """Raise ``ValueError`` if the 1-D ``x`` has no entry (no threshold or payload exists for it)."""
+  if np.shape(x)[0] == 0:
+    raise ValueError(f"{where} needs at least one entry in {name}, got an empty vector; skip empty tensors.")
+
+
 def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
   """Pack the elements of a 1-D ``x`` where ``mask`` is true into a :class:`SparsePayload`.
 
@@ -140,8 +146,7 @@ def compact(x: jax.Array, mask: jax.Array, capacity: int) -> SparsePayload:
   """
   check_rank("x", x, 1)
   x = jnp.asarray(x)
-  if x.shape[0] == 0:
-    raise ValueError("compact needs at least one entry in x, got an empty vector; skip empty tensors.")
+  _check_nonempty("compact", "x", x)
   if np.shape(mask) != np.shape(x):
     raise ValueError(f"compact needs a mask of the same shape as x, got x {np.shape(x)} and mask "
                      f"{np.shape(mask)}; pass one boolean per entry of x.")
@@ -415,8 +420,7 @@ def compact_above(x: jax.Array, threshold: jax.Array, capacity: int,
   """
   check_rank("x", x, 1)
   x = jnp.asarray(x)
-  if x.shape[0] == 0:
-    raise ValueError("compact_above needs at least one entry in x, got an empty vector; skip empty tensors.")
+  _check_nonempty("compact_above", "x", x)
   check_int("capacity", capacity, 1)
   use_pallas, interpret = _pallas_mode(packing, x)
   if block_max is None:
@@ -651,8 +655,7 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_rank("abs_x", abs_x, 1)
-  if np.shape(abs_x)[0] == 0:
-    raise ValueError("sidco_threshold needs at least one entry in abs_x, got an empty vector.")
+  _check_nonempty("sidco_threshold", "abs_x", abs_x)
   _check_ratio("ratio", ratio)
   check_range("first_ratio", first_ratio, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
   if not isinstance(stages, (jax.Array, np.ndarray)):   # (an array may be traced: not checked)
@@ -697,8 +700,7 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
   """
   check_choice("distribution", distribution, DISTRIBUTIONS)
   check_rank("x", x, 1)
-  if np.shape(x)[0] == 0:
-    raise ValueError("sidco_compress needs at least one entry in x, got an empty vector; skip empty tensors.")
+  _check_nonempty("sidco_compress", "x", x)
   check_int("capacity", capacity, 1)
   if max_min_count is None:
     check_int("min_count", min_count, 0)
@@ -1897,8 +1899,7 @@ def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fractio
   """
   check_rank("abs_x", abs_x, 1)
   n = abs_x.shape[0]
-  if n == 0:
-    raise ValueError("dgc_threshold needs at least one entry in abs_x, got an empty vector.")
+  _check_nonempty("dgc_threshold", "abs_x", abs_x)
   if max_ratio is None:
     if not is_concrete(ratio):
       raise ValueError("dgc_threshold: ratio is traced, so the sample's top-k size cannot follow it; pass a "
