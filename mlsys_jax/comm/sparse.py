@@ -207,16 +207,20 @@ def decompress(payload: SparsePayload, size: int, dtype=None) -> jax.Array:
 
   A valid index outside ``[0, size)`` raises ``ValueError`` (concrete payloads); under ``jit`` the
   result is all NaN instead (never a silently truncated vector). ``dtype`` (default: the values' dtype)
-  must be floating; integer or bool values with ``dtype=None`` give a float32 vector.
+  must be floating; integer or bool values with ``dtype=None`` give a float32 vector. A ``dtype``
+  narrower than the values' (e.g. float32 values, ``dtype=jnp.bfloat16``) rounds each value to ``dtype``
+  (round to nearest even; beyond its range: +-inf) before it is added, an explicit cast; entries that share
+  an index then accumulate in ``dtype``.
 
   >>> decompress(SparsePayload(jnp.array([2, 0]), jnp.array([5., 7.]), jnp.array(1), jnp.array(False)), 4)
   Array([0., 0., 5., 0.], dtype=float32)
   """
   _check_out_dtype("decompress", dtype)
   bad = _check_indices(payload, size, "decompress")
+  out_dtype = payload.values.dtype if dtype is None else dtype  # as given: jnp canonicalizes (float -> f32)
   valid = jnp.arange(payload.values.shape[0]) < payload.count
-  vals = jnp.where(valid, payload.values, 0)
-  out = jnp.zeros((size,), dtype or payload.values.dtype).at[payload.indices].add(vals)
+  vals = jnp.where(valid, payload.values, 0).astype(out_dtype)  # explicit: values rounded to out_dtype
+  out = jnp.zeros((size,), out_dtype).at[payload.indices].add(vals)
   return jnp.where(bad, jnp.nan, out)
 
 

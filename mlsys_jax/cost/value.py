@@ -197,8 +197,92 @@ def valid_actions(g: Graph, state: State, u: int, r: int = 3, s: int = 8,
   return acts
 
 
+_ACTION_KINDS = ("new", "group", "par", "merge")
+
+
+def _check_action(state: Any, u: Any, action: Any, part: Any) -> None:
+  """Raise unless ``action`` is a well-formed IOS decision for unit ``u`` in ``state`` (see apply_action)."""
+  if not isinstance(state, State):
+    raise TypeError(f"state must be a value.State (initial_state(g), then apply_action), got "
+                    f"{type(state).__name__}.")
+  if not (type(u) is int and type(part) is int and u >= 0 and part >= 0):  # the named checks only to raise
+    check_int("u", u, 0)
+    check_int("part", part, 0)
+  if u not in state.order:
+    raise ValueError(f"unit {u} is not a unit of this state's graph (state.order holds {len(state.order)} "
+                     "units); pass a unit of the graph the state was built from.")
+  if u in [w[0] for w in state.where]:
+    raise ValueError(f"unit {u} is already placed in state; pass the next undecided unit, "
+                     f"state.order[state.step] = {state.order[state.step] if state.step < len(state.order) else None}.")
+  if not isinstance(action, tuple) or len(action) != 3:
+    raise TypeError(f"action must be a (kind, stage, group) tuple from valid_actions, got {action!r}.")
+  kind, k, gi = action
+  if kind not in _ACTION_KINDS:
+    raise ValueError(f"unknown action {action!r}: kind must be one of {_ACTION_KINDS}; take the action from "
+                     "valid_actions(g, state, u).")
+  if not (type(k) is int and type(gi) is int and k >= -1 and gi >= -1):
+    check_int("action[1] (stage)", k, -1)
+    check_int("action[2] (group)", gi, -1)
+  n = len(state.stages)
+  fix = "; take the action from valid_actions(g, state, u)."
+  if kind != "group" and gi != -1:
+    raise ValueError(f"action {action!r}: a {kind!r} action has group -1 (it names no group){fix}")
+  if kind == "new":
+    if not (k == -1 or k < n):
+      raise ValueError(f"action {action!r}: a new stage goes at the end (-1) or before an existing stage "
+                       f"0..{n - 1}, got stage {k}{fix}")
+    return
+  if not 0 <= k < n:
+    raise ValueError(f"action {action!r}: stage {k} does not exist (the state has {n} stages, 0..{n - 1}){fix}")
+  sk, groups, p = state.stages[k]
+  if p != part:
+    raise ValueError(f"action {action!r}: stage {k} holds units of part {p}, not of part {part}; units of "
+                     f"different parts never share a stage (pass u's own part){fix}")
+  if kind == "merge":
+    if not (sk == "merge" or (len(groups) == 1 and len(groups[0]) == 1)):
+      raise ValueError(f"action {action!r}: only a merge stage or a parallel stage of one unit can take a merge "
+                       f"(stage {k} is {sk} with groups {groups}; a merge would drop units){fix}")
+  elif sk != "parallel":
+    raise ValueError(f"action {action!r}: stage {k} is a merge stage; only a 'merge' action can join it{fix}")
+  elif kind == "group" and not 0 <= gi < len(groups):
+    raise ValueError(f"action {action!r}: stage {k} has {len(groups)} groups (0..{len(groups) - 1}), got "
+                     f"group {gi}{fix}")
+
+
 def apply_action(state: State, u: int, action: tuple, part: int) -> State:
-  """The state after placing unit ``u`` (of part ``part``) by ``action`` (from :func:`valid_actions`)."""
+  """The state after placing unit ``u`` (of part ``part``) by ``action`` (from :func:`valid_actions`).
+
+  One step of Value Learning's decision process (Steiner et al., MLSys 2021, Sec. 3) over IOS's stage
+  space (Ding et al., MLSys 2021, Sec. 4); :func:`valid_actions` lists the actions.
+
+  Args:
+    state: a partial schedule (:func:`initial_state`, then this function).
+    u: the unit to place: a unit of ``state.order`` not placed yet.
+    action: ``(kind, stage, group)``: ``("new", -1, -1)`` (a new stage at the end), ``("new", p, -1)``
+      (a new stage before existing stage ``p``), ``("group", k, gi)`` (after the units of group ``gi`` of
+      parallel stage ``k``), ``("par", k, -1)`` (a new group of parallel stage ``k``), ``("merge", k, -1)``
+      (merged into merge stage ``k``, or into parallel stage ``k`` of one unit).
+    part: the index of ``u``'s part (``g.blocks``); a stage joined by ``u`` must hold that part.
+
+  Returns:
+    The new :class:`State` (``state`` is not modified).
+
+  Raises:
+    TypeError/ValueError: ``state`` is not a :class:`State`; ``u`` is not an unplaced unit of it;
+    ``part`` is not an integer >= 0 or differs from the joined stage's; ``action`` is not a 3-tuple of a
+    kind and integers (a NaN or float index included), or names a stage or group that does not exist, a
+    merge stage for ``group``/``par``, or a merge into a stage of several units. Only the action's form
+    against ``state`` is checked: that it respects ``u``'s predecessors and the ``r``/``s`` limits is
+    what :func:`valid_actions` guarantees (it needs the graph), so pass one of its actions.
+
+  Example:
+    >>> from mlsys_jax import sched
+    >>> g = sched.build_graph(lambda x, w: (x @ w, x @ (2 * w)), jnp.ones((2, 4)), jnp.ones((4, 4)))
+    >>> st = apply_action(initial_state(g), 0, ("new", -1, -1), 0)
+    >>> apply_action(st, 1, ("par", 0, -1), 0).stages      # two independent matmuls side by side
+    (('parallel', ((0,), (1,)), 0),)
+  """
+  _check_action(state, u, action, part)
   kind, k, gi = action
   stages = list(state.stages)
   where = state.where

@@ -4,7 +4,10 @@
 Host time: at every instant the time belongs to the innermost open operation (``'(none)'`` outside all of
 them) and to the innermost open host category (``'python'`` when none is open); the categories of an
 operation therefore sum exactly to its own (exclusive) time, its wall time less that of the operations
-nested in it, and all operations sum to the profiler's wall time.
+nested in it, and all operations sum to the profiler's wall time. Phases: an operation's time goes to the
+phase its record carries (the phase current when it closed); time outside every operation goes to the
+phase active at that instant, from the timestamped phase changes (:attr:`Profiler.phase_changes`, on the
+same ``perf_counter_ns`` clock the trace is aligned to).
 
 Device time comes from the ``jax.profiler`` trace: device kernels are the events of ``/device:*``
 processes (GPU/TPU); on the CPU backend, where XLA programs run on host worker threads, they are the
@@ -38,7 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mlsys_jax.profile.scopes import _ANN_PREFIX, HOST_CATEGORIES, SOURCES, Profiler, Record
+from mlsys_jax.profile.scopes import _ANN_PREFIX, _DEFAULT_PHASE, HOST_CATEGORIES, SOURCES, Profiler, Record
 
 RESOURCES = ("cpu_only", "overlap", "device_only", "idle_wait")
 NONE_OP = "(none)"
@@ -279,8 +282,17 @@ def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
                                    "(wrap the workload in profile.operation(...)); CPU categories only") if n)
   elif not note:
     note = f"no device trace (level={prof.level!r}); CPU categories only"
+  # Phase changes are timestamped on the records' clock: time outside every operation belongs to the phase
+  # active at that instant (segments are split at each change), not to the phase current when the run ended.
+  ph_t = [t for t, _ in prof._phase_log]
+  ph_n = [n for _, n in prof._phase_log]
+
+  def phase_at(t: int) -> str:
+    i = bisect.bisect_right(ph_t, t) - 1
+    return ph_n[i] if i >= 0 else _DEFAULT_PHASE
+
   pts = sorted({lo, hi, *(r.start for r in recs), *(r.end for r in recs), *(a for a, _ in dev),
-                *(b for _, b in dev)})
+                *(b for _, b in dev), *(t for t in ph_t if lo < t < hi)})
   zero = {c: 0 for c in (*HOST_CATEGORIES, *RESOURCES, "total", "device")}
   table: dict = {}
   by_start_o = sorted(ops, key=lambda r: r.start)
@@ -299,7 +311,7 @@ def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
     act_c = [r for r in act_c if r.end > t0]
     o = _innermost(act_o)
     c = _innermost(act_c)
-    key = (o.phase, o.name) if o is not None else (c.phase if c is not None else prof._phase, NONE_OP)
+    key = (o.phase, o.name) if o is not None else (phase_at(t0), NONE_OP)
     cat = c.kind if c is not None else "python"
     while idev < len(dev) and dev[idev][1] <= t0:
       idev += 1
@@ -319,21 +331,21 @@ def attribute(prof: Profiler, trace: dict | None = None) -> Attribution:
   # Instrumentation events, located where their book-keeping ran.
   counts: dict = {k: {s: 0 for s in SOURCES} for k in table}
 
-  def where(t: int, default_phase: str) -> tuple:
+  def where(t: int) -> tuple:
     i = bisect.bisect_right(seg_t, t) - 1
-    return seg_key[i] if i >= 0 else (default_phase, NONE_OP)
+    return seg_key[i] if i >= 0 else (phase_at(t), NONE_OP)
 
   for r in recs:
     if r.kind == "operation" or r.kind == "simulator":
-      k = where(r.start - 1, r.phase)  # enter/exit cost lands in the enclosing operation
+      k = where(r.start - 1)  # enter/exit cost lands in the enclosing operation
       counts.setdefault(k, {s: 0 for s in SOURCES})
       counts[k]["scope"] += 1
     elif r.kind != "compile":
-      k = where(r.start, r.phase)
+      k = where(r.start)
       counts.setdefault(k, {s: 0 for s in SOURCES})
       counts[k]["intercept"] += 1
   for t in host_ev:
-    k = where(t, prof._phase)
+    k = where(t)
     counts.setdefault(k, {s: 0 for s in SOURCES})
     counts[k]["trace"] += 1
   for k in counts:

@@ -106,7 +106,9 @@ def table_rows(a: Attribution | Corrected, by_phase: bool = False) -> list[dict]
 def format_table(rows: list[dict], columns: tuple = ("total", "share", *HOST_CATEGORIES, "device")) -> str:
   """A fixed-width text table of :func:`table_rows`: a header line, then one line per row; the
   operation name left-aligned in 22 characters, each column right-aligned in 11, in milliseconds with
-  2 decimals (``'share'`` in percent with 1 decimal).
+  2 decimals (``'share'`` in percent with 1 decimal). A longer name (or column name, or value) widens its
+  column for every line, so the columns stay aligned and separated by at least one space whatever the
+  lengths.
 
   Args:
     rows: rows of :func:`table_rows` (or any dicts with ``'operation'`` and the ``columns``).
@@ -130,11 +132,14 @@ def format_table(rows: list[dict], columns: tuple = ("total", "share", *HOST_CAT
                     + (f"; for one column write ({columns!r},)." if isinstance(columns, str) else "."))
   columns = tuple(columns)
   _check_rows("rows", rows, columns)
-  head = f"{'operation':<22}" + "".join(f"{c:>11}" for c in columns)
-  lines = [head]
-  for r in rows:
-    cells = "".join(f"{100 * r[c]:>10.1f}%" if c == "share" else f"{1e3 * r[c]:>11.2f}" for c in columns)
-    lines.append(f"{r['operation']:<22}" + cells)
+  names = [str(r["operation"]) for r in rows]
+  cells = [[f"{100 * r[c]:.1f}%" if c == "share" else f"{1e3 * r[c]:.2f}" for c in columns] for r in rows]
+  # Widths from the longest entry of each column (at least 22 / 11 as before), one space of separation.
+  w_name = max([22] + [len(n) + 1 for n in names])
+  w = [max([11, len(c) + 1] + [len(row[j]) + 1 for row in cells]) for j, c in enumerate(columns)]
+  lines = [f"{'operation':<{w_name}}" + "".join(f"{c:>{wj}}" for c, wj in zip(columns, w))]
+  for n, row in zip(names, cells):
+    lines.append(f"{n:<{w_name}}" + "".join(f"{v:>{wj}}" for v, wj in zip(row, w)))
   return "\n".join(lines)
 
 

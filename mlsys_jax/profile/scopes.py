@@ -59,6 +59,7 @@ SOURCES = ("scope", "intercept", "trace")
 """Instrumentation sources whose per-event cost is calibrated (see :mod:`mlsys_jax.profile.overhead`)."""
 
 _now = time.perf_counter_ns
+_DEFAULT_PHASE = "default"  # the phase before the first set_phase
 
 CURRENT: contextvars.ContextVar["Profiler | None"] = contextvars.ContextVar("mlsys_jax_profile_current",
                                                                             default=None)
@@ -123,7 +124,8 @@ class Profiler:
 
   Use it as a context manager (``with Profiler() as prof:``), which makes it :data:`CURRENT`; after the
   block, :attr:`records` holds the host intervals, :attr:`counts` the instrumentation events per source,
-  :attr:`wall_ns` the elapsed time and :attr:`trace_path` the perfetto trace (or ``None``).
+  :attr:`phase_changes` the timestamped :meth:`set_phase` calls, :attr:`wall_ns` the elapsed time and
+  :attr:`trace_path` the perfetto trace (or ``None``).
   """
 
   def __init__(self, level: str = "intercept", trace_dir: str | None = None):
@@ -134,7 +136,8 @@ class Profiler:
     self._records: list[Record] = []
     self._stack: list[tuple[str, int]] = []
     self._open: set[str] = set()
-    self._phase = "default"
+    self._phase = _DEFAULT_PHASE
+    self._phase_log: list[tuple[int, str]] = []  # (perf_counter ns, phase) of every set_phase, in order
     self.counts = {s: 0 for s in SOURCES}
     self.trace_kinds: dict = {}  # level='trace': the 'trace' events split by kind (attribution.TRACE_KINDS)
     self.trace_path: str | None = None
@@ -184,6 +187,14 @@ class Profiler:
   @property
   def records(self) -> list[Record]:
     return list(self._records)
+
+  @property
+  def phase_changes(self) -> list[tuple[int, str]]:
+    """Every :meth:`set_phase` as ``(time_ns, phase)``, in call order, on the records' clock
+    (``perf_counter_ns``). Phase ``'default'`` is active before the first change;
+    :func:`~mlsys_jax.profile.attribute` charges time outside every operation to the phase active at that
+    instant."""
+    return list(self._phase_log)
 
   def _start_trace(self) -> None:
     import shutil
@@ -268,9 +279,15 @@ class Profiler:
       self._annotations.pop().__exit__(None, None, None)
 
   def set_phase(self, name: str) -> None:
-    """Label every following record with phase ``name`` (RL-Scope's ``set_phase``)."""
+    """Label every following record with phase ``name`` (RL-Scope's ``set_phase``).
+
+    The change is timestamped (:attr:`phase_changes`, at every level: one clock read per call), so that
+    :func:`~mlsys_jax.profile.attribute` charges time outside every operation to the phase active at that
+    instant rather than to the last phase of the run. An operation keeps the phase current when it closes.
+    """
     if not isinstance(name, str) or not name:
       raise TypeError(f"phase must be a non-empty string, got {name!r}.")
+    self._phase_log.append((_now(), name))
     self._phase = name
 
   def _category(self, kind: str, name: str, t0: int, t1: int) -> None:
