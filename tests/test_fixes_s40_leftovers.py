@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from mlsys_jax import profile, sched
-from mlsys_jax.comm.sparse import SparsePayload, decompress
+from mlsys_jax._compat import shard_map
+from mlsys_jax.comm.sparse import SparsePayload, allgather_mean, decompress
 from mlsys_jax.cost import value as V
 from mlsys_jax.profile import report as R
 from mlsys_jax.sched.api import _check_cover
@@ -226,3 +227,31 @@ def test_decompress_narrower_dtype_rounds_explicitly_without_warning(dtype, jit)
   if dtype == jnp.float16:
     assert np.isinf(np.asarray(out)[6])                               # beyond float16's range
   assert np.asarray(out, np.float32)[4] != values[0]                  # actually rounded
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_allgather_mean_narrower_dtype_rounds_explicitly_without_warning(dtype):
+  """allgather_mean had decompress's implicit narrowing scatter (a JAX FutureWarning): now the same explicit
+  cast, each worker's value rounded to ``dtype`` before the sum, the mean taken in ``dtype``."""
+  n_dev = 4
+  rng = np.random.default_rng(3)
+  values = rng.normal(size=(n_dev, 5)).astype(np.float32) * 3
+  indices = rng.integers(0, 8, size=(n_dev, 5)).astype(np.int32)
+  counts = np.array([5, 3, 0, 2], np.int32)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("d",))
+  spec = jax.sharding.PartitionSpec("d")
+
+  def body(i, v, c):
+    p = SparsePayload(i[0], v[0], c[0], jnp.array(False))
+    return allgather_mean(p, 8, "d", dtype)[None]
+
+  f = jax.jit(shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = np.asarray(f(jnp.asarray(indices), jnp.asarray(values), jnp.asarray(counts)))
+  assert out.dtype == np.dtype(dtype)
+  ref = np.zeros(8, np.float64)
+  for d in range(n_dev):
+    for j in range(counts[d]):
+      ref[indices[d, j]] += float(values[d, j].astype(np.dtype(dtype)))
+  np.testing.assert_allclose(out[0].astype(np.float64), ref / n_dev, rtol=2e-2, atol=2e-2)
+  assert all(np.array_equal(out[0], out[d]) for d in range(n_dev))  # every replica identical

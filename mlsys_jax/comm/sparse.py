@@ -237,8 +237,9 @@ def allgather_mean(payload: SparsePayload, size: int, axis_name: str, dtype=None
   bad = jax.lax.pmax(bad.astype(jnp.int32), axis_name) > 0
   g = jax.lax.all_gather(payload, axis_name)
   valid = jnp.arange(payload.values.shape[0])[None] < g.count[:, None]
-  dense = jnp.zeros((size,), dtype or payload.values.dtype).at[g.indices.reshape(-1)].add(
-      jnp.where(valid, g.values, 0).reshape(-1))
+  out_dtype = payload.values.dtype if dtype is None else dtype  # as in decompress: an explicit rounding cast
+  dense = jnp.zeros((size,), out_dtype).at[g.indices.reshape(-1)].add(
+      jnp.where(valid, g.values, 0).reshape(-1).astype(out_dtype))
   return jnp.where(bad, jnp.nan, dense / jax.lax.psum(1, axis_name))
 
 
