@@ -332,12 +332,12 @@ def kth_blocks(block_max: jax.Array, big: jax.Array, k, capacity: int, *, interp
   maxima above and equal to ``big``; kernel 2 reads those counts in-kernel (the tiles before it, and all for the
   total above) and writes each selected block's id at its rank. NaN maxima are never selected."""
   num_warps = num_warps or NUM_WARPS
-  nb = block_max.shape[0]
-  if block_max.ndim != 1 or nb == 0:
+  if block_max.ndim != 1 or block_max.shape[0] == 0:
     raise ValueError(f"block_max must be a non-empty 1-D array of block maxima, got shape {block_max.shape}.")
   if int(capacity) < 1:
     raise ValueError(f"capacity must be >= 1, got {capacity}.")
   capacity = int(capacity)
+  nb = block_max.shape[0]
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   lb = list_blocks or max(LIST_BLOCKS, _pow2(-(-nb // MAX_TILES)))
@@ -775,6 +775,21 @@ def _leaf_programs(sizes, ids, tile: int):
   return prog_leaf, prog_start
 
 
+def _nonempty(sizes):
+  """Indices of the non-empty leaves, or None when every leaf has an entry (or none has). The leaf writers take
+  the empty leaves out of their kernels (an output or input of size 0 cannot be a ``pallas_call`` operand in the
+  interpreter, nor indexed in a kernel) and hand back empty arrays for them."""
+  nz = [i for i, n in enumerate(sizes) if n]
+  return nz if 0 < len(nz) < len(sizes) else None
+
+
+def _spread(xs, nz, count: int, dt):
+  """The writers' per-leaf results ``xs`` of the non-empty leaves ``nz`` among ``count`` leaves, empty arrays of
+  ``dt`` in the other places."""
+  at = {i: j for j, i in enumerate(nz)}
+  return [xs[at[i]] if i in at else jnp.zeros((0,), dt) for i in range(count)]
+
+
 WRITE_TILE = 4096   # entries per program of write_leaves
 WRITE_WARPS = 4
 WRITE_GROUP = 96    # leaves per write_leaves kernel (its arguments: ~3 pointers per leaf; 96: two kernels for
@@ -812,6 +827,13 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
   if in_place and any(o is None for o in old):
     raise ValueError("in_place=True needs the old residual of every leaf (old).")
   i32, dt = jnp.int32, flat.dtype
+  nz = _nonempty(sizes)
+  if nz is not None:   # (the non-empty leaves alone; empty arrays for the others)
+    sub = np.asarray(nz, np.int32)
+    outs_nz, ress_nz = write_leaves(flat, [sizes[i] for i in nz], [offsets[i] for i in nz], t_leaf[sub], tie_leaf[sub],
+                                    last, finite, [old[i] for i in nz], write_out=write_out, in_place=in_place,
+                                    interpret=interpret, tile=tile, group=group, num_warps=num_warps)
+    return (_spread(outs_nz, nz, len(sizes), dt) if write_out else None), _spread(ress_nz, nz, len(sizes), dt)
   outs, ress = [], []
   for g0 in range(0, len(sizes), group):
     ids = list(range(g0, min(len(sizes), g0 + group)))
@@ -908,6 +930,12 @@ def write_sent(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: jax
     raise ValueError(f"block_max must hold one maximum per {BLOCK} entries of flat, shape ({nb},), got "
                      f"{block_max.shape}.")
   i32, dt = jnp.int32, flat.dtype
+  nz = _nonempty(sizes)
+  if nz is not None:   # (the non-empty leaves alone; empty arrays for the others)
+    sub = np.asarray(nz, np.int32)
+    outs_nz = write_sent(flat, [sizes[i] for i in nz], [offsets[i] for i in nz], t_leaf[sub], tie_leaf[sub], last,
+                         finite, block_max, interpret=interpret, tile=tile, group=group, num_warps=num_warps)
+    return _spread(outs_nz, nz, len(sizes), dt)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   bmax = block_max.astype(jnp.float32)
