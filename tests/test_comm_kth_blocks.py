@@ -78,3 +78,21 @@ def test_sidco_with_the_kernel_handoff_is_bitwise_the_xla_handoff(ratio, monkeyp
   tx = sp.sidco(0.02)   # (a fresh transform: a new trace)
   with pytest.raises(ValueError, match="_KTH_LIST"):
     jax.make_jaxpr(tx.update)(g, tx.init(g))
+
+
+def test_kth_blocks_with_denormal_maxima_on_the_default_backend():
+  """Block maxima between the smallest denormal and float32's smallest normal, ``big`` the smallest denormal (the
+  value the search hands over when its first threshold is 0): the compacted selection exactly. Runs the kernels on
+  the default backend (interpret mode on the CPU; compiled on a GPU, where a comparison that flushed denormals to
+  zero would select differently from XLA's prefix sums)."""
+  rng = np.random.default_rng(5)
+  tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+  bm = (rng.integers(0, 4, size=300) * tiny).astype(np.float32)             # 0, 1, 2, 3 x the smallest denormal
+  bm[::7] = np.float32(1e-39)                                               # larger denormals
+  for big, k in ((tiny, 150), (np.float32(0), 250), (np.float32(1e-39), 20)):
+    got_ids, got_n = pp.kth_blocks(jnp.asarray(bm), jnp.float32(big), k, 320, list_blocks=64)
+    want_ids, want_n = _reference(jnp.asarray(bm), jnp.float32(big), k, 320)
+    np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(want_ids))
+    assert int(got_n) == int(want_n) > 0
+  # (XLA's CPU backend flushes denormals to zero, so on this host both sides compare zeros; the default path's
+  # answer, not numpy's, is the reference: on a GPU XLA keeps them unless --xla_gpu_ftz)
