@@ -19,8 +19,8 @@ the counting search's thresholds per pass (defaults 8 for XLA's passes, 16 for t
 "pallas"``; ``_pwrite`` / ``_pwriter``: the Pallas leaf writer, ``sparse._OUT_WRITE = "pallas"`` / ``"pallas_res"``
 (residuals only, in place), e.g. ``sidco_counts_fpass_pwrite_w16``; ``_fkeep`` / ``_fkeepi`` / ``_fout`` on a
 ``flat_state`` row: ``sparse._FLAT_KEPT = "pallas"`` / ``"pallas_inplace"`` (the one-segment flat residual by
-``kept_from_padded``, fresh or in place) and ``sparse._FLAT_OUT = "pallas"`` (the outputs by ``write_sent``); ``_klist``: ``sparse._KTH_LIST = "pallas"`` (the
-exact search's handoff between its levels in two kernels), e.g.
+``kept_from_padded``, fresh or in place) and ``sparse._FLAT_OUT = "pallas"`` (the outputs by ``write_sent``); ``_klist`` / ``_xlist``: ``sparse._KTH_LIST = "pallas"``
+(the exact search's handoff between its levels in two kernels, the default since session 40) / ``"xla"``, e.g.
 ``sidco_flat_fkeepi_fout``; these suffixes before ``_w<N>``), each
 ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
 ``sidco_pt_flat``: ``sidco(..., flat_state=True)`` (the residual as one buffer instead of 161); ``adam_flat``:
@@ -185,7 +185,8 @@ def _ways(row: str) -> tuple[str, int | None]:
 
 def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransformation:
   row, _ = _ways(row)
-  for sw in ("_pbuild", "_xbuild", "_fpass", "_pwriter", "_pwrite", "_blocks", "_fkeepi", "_fkeep", "_fout", "_klist"):
+  for sw in ("_pbuild", "_xbuild", "_fpass", "_pwriter", "_pwrite", "_blocks", "_fkeepi", "_fkeep", "_fout", "_klist",
+             "_xlist"):
     # (switches: _switches)
     row = row.replace(sw, "")
   adam = optax.adam(1e-3)
@@ -246,7 +247,7 @@ def _switches(row: str) -> dict:
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
           "_FLAT_KEPT": "pallas_inplace" if "_fkeepi" in row else "pallas" if "_fkeep" in row else sp._FLAT_KEPT,
           "_FLAT_OUT": "pallas" if "_fout" in row else sp._FLAT_OUT,
-          "_KTH_LIST": "pallas" if "_klist" in row else sp._KTH_LIST,
+          "_KTH_LIST": "pallas" if "_klist" in row else "xla" if "_xlist" in row else sp._KTH_LIST,
           "_SUM_BUILD": "pallas" if "_pbuild" in row else "xla" if "_xbuild" in row else sp._SUM_BUILD,
           "_BRANCHES": ("cond" if "_est_cond" in row or row.endswith("_cond") else
                         "where" if "_est_where" in row or row.endswith("_where") else sp._BRANCHES),

@@ -7,11 +7,13 @@
 - :func:`kth_blocks` with a 0-d ``block_max``: its named ``ValueError`` (was an ``IndexError`` from ``shape[0]``).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mlsys_jax.comm import _pallas_pack as pp
+from mlsys_jax.comm import sparse as sp
 
 pytestmark = pytest.mark.skipif(not pp.available(), reason="needs jax.experimental.pallas.triton")
 
@@ -74,3 +76,39 @@ def test_write_leaves_with_empty_leaves(in_place):
 def test_kth_blocks_refuses_a_scalar_block_max_by_name():
   with pytest.raises(ValueError, match="1-D"):
     pp.kth_blocks(jnp.float32(1.0), 1.0, 1, 4)
+
+
+def _selects_after(jaxpr, prim_name: str) -> int:
+  """Number of selects (``select_n``, or ``jnp.where``'s ``jit`` of name ``_where``) of the top-level jaxpr that read an
+  output of a ``prim_name`` call (through reshapes and dtype conversions)."""
+  made, n = set(), 0
+  var = lambda v: type(v).__name__ != "Literal"   # (jax.core.Literal moved between jax versions)
+  reads = lambda eqn: any(id(v) in made for v in eqn.invars if var(v))
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == prim_name:
+      made.update(id(v) for v in eqn.outvars)
+    elif name in ("reshape", "convert_element_type") and reads(eqn):
+      made.update(id(v) for v in eqn.outvars)
+    elif (name == "select_n" or (name in ("jit", "pjit") and eqn.params.get("name") == "_where")) and reads(eqn):
+      n += 1
+  return n
+
+
+def test_flat_state_pallas_outputs_are_not_selected_again(monkeypatch):
+  """``sparse._FLAT_OUT = "pallas"``: write_sent already writes zeros on a non-finite step, so the update does not
+  apply ``where(finite, out, 0)`` to each leaf afterwards (on an H100 that was one extra read+write kernel per leaf,
+  161 kernels, and made the switch slower than XLA's writer: benchmarks/results/sidco_tree_h100_s40a.json); the
+  outputs are still the XLA writer's bitwise, on a NaN step too."""
+  monkeypatch.setattr(sp, "_TRANSFORM_PACKING", "pallas")
+  monkeypatch.setattr(sp, "_SUM_BUILD", "pallas")
+  monkeypatch.setattr(sp, "_FLAT_OUT", "pallas")
+  g = {"a": jnp.ones((30, 40)), "b": jnp.ones((40,)), "c": jnp.ones((5, 5, 3))}
+  tx = sp.sidco(0.02, flat_state=True)
+  jaxpr = jax.make_jaxpr(tx.update)(g, tx.init(g)).jaxpr
+  assert any(e.primitive.name == "pallas_call" for e in jaxpr.eqns)
+  assert _selects_after(jaxpr, "pallas_call") == 0
+  nan = {k: v.at[(0,) * v.ndim].set(jnp.nan) for k, v in g.items()}
+  out, state = jax.jit(tx.update)(nan, tx.init(g))
+  assert all(np.all(np.asarray(o) == 0) for o in jax.tree_util.tree_leaves(out))
+  assert int(state.nonfinite_steps) == 1

@@ -1392,10 +1392,15 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max, below: bool = True):
   return jax.lax.bitcast_convert_type(jnp.maximum(bits - 1, 0), jnp.float32)
 
 
-# The handoff between _seg_kth_counts's two levels for one segment with the Pallas passes: "xla" (two prefix sums
-# over the block maxima and :func:`compact`, ~10 kernels) or "pallas" (:func:`_pallas_pack.kth_blocks`: two
-# kernels). The same blocks in the same order. Not timed yet (session 39 had no machine; docs/comm.md, "Session 39").
-_KTH_LIST = "xla"
+# The handoff between _seg_kth_counts's two levels for one segment with the Pallas passes: "pallas" (the default
+# since session 40: :func:`_pallas_pack.kth_blocks`, two kernels) or "xla" (two prefix sums over the block maxima
+# and :func:`compact`, ~10 kernels). The same blocks in the same order (0 of 331 / 171 arrays differing over the
+# benchmark's loop on an H100). Session 40 (H100, ResNet-50 tree, ratio 0.001; benchmarks/results/
+# sidco_tree_h100_s40b.json, sidco_model_step_h100_s40{a,b}.json): the update alone 0.573 -> 0.535 ms (2.88x ->
+# 3.09x topk), flat_state=True 0.534 -> 0.496 (3.09x -> 3.33x); in the f32 batch-64 training step, kernel time over
+# Adam 0.149 -> 0.114 ms and 0.195 -> 0.137 (two runs), flat_state=True 0.176 -> 0.105. Only where the counting
+# passes are Pallas kernels (_COUNT_PASS: on a GPU by default), one segment.
+_KTH_LIST = "pallas"
 
 
 def _seg_kth_counts(flat, bmax, lay: _Layout, k, k_max):
@@ -2411,7 +2416,10 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     of the tree layout, every leaf having the one dtype); the new residual is ONE elementwise pass over
     that sum: zero where the entry was sent (one segment: the padded buffer's selection, whose real entries
     come first; several: the payload's indices mapped back, one scatter of ``count`` flags), finiteness
-    applied. Returns ``(finite, out, new_residual, new_velocity, count, n_above, bytes, overflow, total)``.
+    applied. Returns ``(finite, out, new_residual, new_velocity, count, n_above, bytes, overflow, total,
+    out_final)``: ``out_final`` (static) when ``out`` is already zero on a non-finite step (the Pallas output
+    writer's: the caller's per-leaf ``where(finite, out, 0)`` would read and write every output once more, one
+    kernel per leaf, since XLA cannot fuse it into the writer).
 
     A 16-bit sum is materialized once (``optimization_barrier``) before its readers: XLA may otherwise keep it in
     float32 inside some fusions and round it in others (excess precision), and the selection (which reads the
@@ -2458,7 +2466,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
     if momentum > 0:
       velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
-    if use_sb and _FLAT_OUT == "pallas" and dense is None:   # (use_sb: no momentum; float32 leaves)
+    out_final = bool(use_sb and _FLAT_OUT == "pallas" and dense is None)
+    if out_final:   # (use_sb: no momentum; float32 leaves; write_sent writes zeros on a non-finite step)
       seg_of = np.asarray(lay.seg_of_leaf, np.int32)
       outs = [o.reshape(leaf.shape) for o, leaf in zip(
           _pallas_pack.write_sent(flat, sizes, lay.offsets, t[seg_of], tie[seg_of], last, finite, stats[2],
@@ -2467,7 +2476,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: _leaf_selection(flat, lay, t, tie_last, last, i))
               for i, leaf in enumerate(leaves)]
     out = jax.tree_util.tree_unflatten(treedef, outs)
-    return finite, out, new_res, velocity, count, above, payload_bytes(payload), payload.overflow, lay.n_real
+    return (finite, out, new_res, velocity, count, above, payload_bytes(payload), payload.overflow, lay.n_real,
+            out_final)
 
   def _leaf_output(leaf, i, dense, lay, selection):
     """Leaf ``i``'s output: the all-gathered mean's slice (with an axis), else its sent entries
@@ -2504,7 +2514,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     velocity = one(vel_pieces) if momentum > 0 else state.velocity
     out = jax.tree_util.tree_unflatten(treedef, outs)
     return (finite, out, one(res_pieces), velocity, count, above, payload_bytes(payload), payload.overflow,
-            lay.n_real)
+            lay.n_real, False)
 
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
@@ -2533,8 +2543,8 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     key, sub = jax.random.split(state.key)
     final = (False, False)   # (residual, output) already hold the non-finite step's values
     if flat_seg:   # (residual and velocity written with finiteness applied)
-      finite, out, new_res, velocity, nsel, n_above, nbytes, overflow, total = _flat_step(updates, state)
-      final = (True, False)
+      finite, out, new_res, velocity, nsel, n_above, nbytes, overflow, total, out_final = _flat_step(updates, state)
+      final = (True, out_final)
     elif flat_state:   # the raveled vector is the state's own layout
       flat = addend + state.residual
       finite = _global_finite([flat], axis_name)
