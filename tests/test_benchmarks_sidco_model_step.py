@@ -533,3 +533,27 @@ def test_quoted_h100_session38_second_run():
   assert (own["sidco"], own["sidco_blocks"], own["recipe_fixed_flat"], own["recipe_fixed_flat_blocks"]) == (
       0.249, 0.301, 0.141, 0.199)
   assert round(r["adam"]["idle_s"] * 1e3, 1) == 18.1   # (Adam's one profiled step: a long idle gap; busy time is used)
+
+
+def test_quoted_h100_session40_handoff_kernels():
+  """Session 40's two H100 steps (``sidco_model_step_h100_s40{a,b}.json``) as sparse.py (``_KTH_LIST``), BENCHMARKS.md
+  and docs/comm.md quote them: the level handoff in two Pallas kernels (``_klist``, the default since) below the XLA
+  handoff in kernel time and wall over Adam in all three pairs; the flat-state Pallas writers (``_fkeep``/``_fkeepi``
+  with ``_fout``) and the tree layout's Pallas writer (``_pwrite``) above the default."""
+  d, r, busy, vs, wall, _ = _step_figures("sidco_model_step_h100_s40a.json")
+  assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(r["adam"]["step_s"] * 1e3, 2) == 20.86
+  assert busy == {"topk": 1.17, "sidco": 0.149, "sidco_klist": 0.114, "sidco_flat": 0.16, "sidco_flat_fkeep_fout": 0.347,
+                  "sidco_flat_fkeepi_fout": 0.25}
+  assert (vs["sidco"], vs["sidco_klist"], vs["sidco_flat"]) == (7.85, 10.23, 7.3)
+  assert [wall[k][0] for k in ("topk", "sidco", "sidco_klist", "sidco_flat", "sidco_flat_fkeep_fout")] == [
+      0.971, -0.049, -0.073, -0.088, 0.136]
+  e, s, busy_b, vs_b, wall_b, _ = _step_figures("sidco_model_step_h100_s40b.json")
+  assert e["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(s["adam"]["step_s"] * 1e3, 2) == 20.93
+  assert busy_b == {"topk": 1.2, "sidco": 0.195, "sidco_klist": 0.136, "sidco_pwrite_klist": 0.55, "sidco_flat": 0.176,
+                    "sidco_flat_klist": 0.105}
+  assert (vs_b["sidco"], vs_b["sidco_klist"], vs_b["sidco_flat"], vs_b["sidco_flat_klist"]) == (6.15, 8.79, 6.82, 11.44)
+  assert [wall_b[k][0] for k in ("topk", "sidco", "sidco_klist", "sidco_pwrite_klist", "sidco_flat", "sidco_flat_klist")] == [
+      0.99, -0.033, -0.069, 0.445, -0.068, -0.093]
+  for b, w, (xla, pal) in ((busy, wall, ("sidco", "sidco_klist")), (busy_b, wall_b, ("sidco", "sidco_klist")),
+                           (busy_b, wall_b, ("sidco_flat", "sidco_flat_klist"))):
+    assert b[pal] < b[xla] and w[pal][0] < w[xla][0]

@@ -406,3 +406,28 @@ def test_quoted_h100_session38_repeat():
     assert all(a[default][k] < a[blocks][k] for k in ("single_device_s", "device_s", "single_chain_wall_s"))
   assert all(a[m]["loop_same_as_default"] and a[m]["loop_arrays_differing"][0] == 0 for m in names if " [" in m)
   assert round(floor * 1e3, 3) == 0.116
+
+
+def test_quoted_h100_session40_update_alone():
+  """Session 40's H100 runs (``sidco_tree_h100_s40{a,b}.json``) as sparse.py, BENCHMARKS.md, README and docs/comm.md
+  quote them: span of one call (ms) and x ``topk``; the level handoff kernels (``klist``, the default since) below the
+  XLA handoff in both layouts; the tree layout's Pallas writer with them 3.83x; the flat-state Pallas writers as built
+  in session 39 (``fkeep``/``fkeepi`` + ``fout``) slower than the default, with 160-odd extra select launches (the
+  per-leaf ``where(finite, out, 0)`` session 40 removed); every switch row equal to its default over the loop."""
+  a, _ = _rows("sidco_tree_h100_s40a.json")
+  b, _ = _rows("sidco_tree_h100_s40b.json")
+  span = lambda r, m: round(r[m]["single_device_s"] * 1e3, 3)   # noqa: E731
+  x = lambda r, m: round(r["topk(0.001)"]["single_device_s"] / r[m]["single_device_s"], 2)   # noqa: E731
+  fl = "sidco(0.001, flat_state=True)"
+  assert [span(a, m) for m in ("topk(0.001)", "sidco(0.001)", fl, "sidco(0.001) [pwrite klist]", fl + " [fkeep fout]",
+                               fl + " [fkeepi fout]", fl + " [fkeep fout klist]")] == [
+      1.654, 0.573, 0.534, 0.432, 0.726, 0.799, 0.692]
+  assert [x(a, m) for m in ("sidco(0.001)", fl, "sidco(0.001) [pwrite klist]", fl + " [fkeep fout klist]")] == [
+      2.89, 3.1, 3.83, 2.39]
+  assert [span(b, m) for m in ("topk(0.001)", "sidco(0.001)", "sidco(0.001) [klist]", fl, fl + " [klist]")] == [
+      1.652, 0.573, 0.535, 0.534, 0.496]
+  assert [x(b, m) for m in ("sidco(0.001)", "sidco(0.001) [klist]", fl, fl + " [klist]")] == [2.88, 3.09, 3.09, 3.33]
+  sel = lambda r, m: sum(t[2] for t in r[m]["single_top_kernels"] if t[0].startswith("loop_select_fusion"))  # noqa: E731
+  assert (sel(a, fl), sel(a, fl + " [fkeep fout]")) == (27, 165)
+  for r, n in ((a, 331), (b, 331)):
+    assert all(r[m]["loop_same_as_default"] and r[m]["loop_arrays_differing"] in ([0, n], [0, 171]) for m in r if " [" in m)

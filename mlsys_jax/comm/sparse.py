@@ -1398,7 +1398,7 @@ def _seg_kth_blocks(flat, bmax, lay: _Layout, k, k_max, below: bool = True):
 # benchmark's loop on an H100). Session 40 (H100, ResNet-50 tree, ratio 0.001; benchmarks/results/
 # sidco_tree_h100_s40b.json, sidco_model_step_h100_s40{a,b}.json): the update alone 0.573 -> 0.535 ms (2.88x ->
 # 3.09x topk), flat_state=True 0.534 -> 0.496 (3.09x -> 3.33x); in the f32 batch-64 training step, kernel time over
-# Adam 0.149 -> 0.114 ms and 0.195 -> 0.137 (two runs), flat_state=True 0.176 -> 0.105. Only where the counting
+# Adam 0.149 -> 0.114 ms and 0.195 -> 0.136 (two runs), flat_state=True 0.176 -> 0.105. Only where the counting
 # passes are Pallas kernels (_COUNT_PASS: on a GPU by default), one segment.
 _KTH_LIST = "pallas"
 
