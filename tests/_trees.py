@@ -60,12 +60,17 @@ def pmap_one_bad_worker_under_modes(monkeypatch, module, settings, make_tx, seed
   shapes = {"a": (30, 40), "b": (900,)}
   gs = [{k: jnp.asarray(rng.normal(size=(2,) + s), jnp.float32) for k, s in shapes.items()} for _ in range(2)]
   gs[0]["b"] = gs[0]["b"].at[1, 7].set(jnp.nan)   # (worker 1 only, first step)
+  # The state placed as pmap places its outputs (split over 2 devices on a mesh axis named as pmap's): a state
+  # stacked on one device would make the second step compile the whole update again (another placement).
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  pmapped = NamedSharding(Mesh(np.asarray(jax.local_devices()[:2]), ("d",)), P("d"))
   res = {}
   for name, attrs in settings.items():
     for attr, value in attrs.items():
       monkeypatch.setattr(module, attr, value)
     tx = make_tx()
     st = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), tx.init(jax.tree_util.tree_map(lambda x: x[0], gs[0])))
+    st = jax.device_put(st, pmapped)   # (where pmap's outputs live: the second step reuses the first's program)
     step, outs = jax.pmap(tx.update, axis_name="d"), []
     for g in gs:
       o, st = step(g, st)
