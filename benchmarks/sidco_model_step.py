@@ -19,7 +19,8 @@ the counting search's thresholds per pass (defaults 8 for XLA's passes, 16 for t
 "pallas"``; ``_pwrite`` / ``_pwriter``: the Pallas leaf writer, ``sparse._OUT_WRITE = "pallas"`` / ``"pallas_res"``
 (residuals only, in place), e.g. ``sidco_counts_fpass_pwrite_w16``; ``_fkeep`` / ``_fkeepi`` / ``_fout`` on a
 ``flat_state`` row: ``sparse._FLAT_KEPT = "pallas"`` / ``"pallas_inplace"`` (the one-segment flat residual by
-``kept_from_padded``, fresh or in place) and ``sparse._FLAT_OUT = "pallas"`` (the outputs by ``write_sent``); ``_klist`` / ``_xlist``: ``sparse._KTH_LIST = "pallas"``
+``kept_from_padded``, fresh or in place); ``_fbuf``: ``sparse._FLAT_KEPT = "buffer"`` (the residual kept padded, the
+buffer itself with its sent entries zeroed by ``zero_sent``) and ``sparse._FLAT_OUT = "pallas"`` (the outputs by ``write_sent``); ``_klist`` / ``_xlist``: ``sparse._KTH_LIST = "pallas"``
 (the exact search's handoff between its levels in two kernels, the default since session 40) / ``"xla"``, e.g.
 ``sidco_flat_fkeepi_fout``; these suffixes before ``_w<N>``), each
 ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /
@@ -185,7 +186,7 @@ def _ways(row: str) -> tuple[str, int | None]:
 
 def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransformation:
   row, _ = _ways(row)
-  for sw in ("_pbuild", "_xbuild", "_fpass", "_pwriter", "_pwrite", "_blocks", "_fkeepi", "_fkeep", "_fout", "_klist",
+  for sw in ("_pbuild", "_xbuild", "_fpass", "_pwriter", "_pwrite", "_blocks", "_fkeepi", "_fkeep", "_fbuf", "_fout", "_klist",
              "_xlist"):
     # (switches: _switches)
     row = row.replace(sw, "")
@@ -245,7 +246,8 @@ def _switches(row: str) -> dict:
           "_COUNT_PASS": "pallas" if "_fpass" in row else sp._COUNT_PASS,
           "_OUT_WRITE": "pallas_res" if "_pwriter" in row else "pallas" if "_pwrite" in row else sp._OUT_WRITE,
           "_FLAT_BUILD": "dus" if "_dus" in row else sp._FLAT_BUILD,
-          "_FLAT_KEPT": "pallas_inplace" if "_fkeepi" in row else "pallas" if "_fkeep" in row else sp._FLAT_KEPT,
+          "_FLAT_KEPT": ("pallas_inplace" if "_fkeepi" in row else "pallas" if "_fkeep" in row else
+                         "buffer" if "_fbuf" in row else sp._FLAT_KEPT),
           "_FLAT_OUT": "pallas" if "_fout" in row else sp._FLAT_OUT,
           "_KTH_LIST": "pallas" if "_klist" in row else "xla" if "_xlist" in row else sp._KTH_LIST,
           "_SUM_BUILD": "pallas" if "_pbuild" in row else "xla" if "_xbuild" in row else sp._SUM_BUILD,
@@ -385,7 +387,15 @@ def main():
   for r in rows:
     tx = _tx(r, args.ratio, len(leaves))
     p = jax.tree_util.tree_map(jnp.copy, params0)
-    s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
+    sw = _switches(r)   # (in force at init too: _FLAT_KEPT = "buffer" keeps the residual in a padded layout)
+    prev_sw = {k: getattr(sp, k) for k in sw}
+    for k, v in sw.items():
+      setattr(sp, k, v)
+    try:
+      s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
+    finally:
+      for k, v in prev_sw.items():
+        setattr(sp, k, v)
     t0 = time.perf_counter()
     prog[r] = _make_step(model, tx, _switches(r), options)(p, s, x, y)
     state[r] = [p, s]

@@ -1009,7 +1009,8 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
 
   ``addends`` (a list of arrays, the leaves in order, every one of ``residual``'s dtype) and ``residual``
   (a list of arrays of the same shapes, or ONE 1-D array of the leaves concatenated, ``flat_state``'s
-  layout): the leaves' sums ``a_i + r_i`` concatenated (``n_real`` entries, "real" positions), then laid out
+  layout, which with one segment may also be the padded buffer's length: only its real entries are read):
+  the leaves' sums ``a_i + r_i`` concatenated (``n_real`` entries, "real" positions), then laid out
   in the padded buffer by tiles of ``THR_BLOCKS * BLOCK`` (4096) entries: padded position ``p`` of tile
   ``T = p // 4096`` holds real position ``p + tile_shift[T]`` when ``p < tile_limit[T]``, else 0 (the
   layout of :class:`mlsys_jax.comm.sparse._Layout`, whose ``tile_shift`` / ``tile_limit`` these are; static).
@@ -1038,9 +1039,13 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
   n_real = int(sizes.sum())
   if n_real == 0:
     raise ValueError("sum_leaves needs at least one non-empty leaf.")
+  tiles_ = np.asarray(tile_shift).shape[0]
   if flat_res:
-    if residual.shape != (n_real,):
-      raise ValueError(f"a flat residual must have shape ({n_real},) (the leaves concatenated), got "
+    padded_res = (residual.shape == (tiles_ * THR_BLOCKS * BLOCK,) and not np.any(np.asarray(tile_shift))
+                  and residual.shape != (n_real,))
+    if residual.shape != (n_real,) and not padded_res:
+      raise ValueError(f"a flat residual must have shape ({n_real},) (the leaves concatenated), or the padded "
+                       f"buffer's ({tiles_ * THR_BLOCKS * BLOCK},) with one segment (tile_shift all 0), got "
                        f"{residual.shape}.")
     residual = residual.reshape(-1)
   else:
@@ -1228,3 +1233,68 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
                name="kept_from_padded" if in_place else "kept_from_padded_fresh")(
       jnp.asarray(tab), jnp.asarray(t_seg, jnp.float32).reshape(-1), jnp.asarray(tie_seg, i32).reshape(-1), scal,
       flat, old)
+
+
+def zero_sent(flat: jax.Array, t: jax.Array, tie: jax.Array, last: jax.Array, finite: jax.Array,
+              block_max: jax.Array, old: jax.Array, *, after=(), interpret: bool | None = None,
+              num_warps: int | None = None) -> jax.Array:
+  """The new error-feedback residual written over the buffer it comes from: only the sent entries are written.
+
+  Error feedback (SIDCo, Abdelmoniem et al., MLSys 2021; Top-k with memory) keeps ``e' = acc - sent``: ``acc``
+  itself except at the ``k`` sent entries, which become 0. ``flat`` is that ``acc`` for ONE segment of the
+  padded layout (:class:`mlsys_jax.comm.sparse._Layout`: the real entries first, zeros after), and the residual
+  is kept in the same padded layout, so the new residual is ``flat`` with its sent entries zeroed:
+  ``where(finite, where(sent, 0, flat), old)``, returned in ``flat``'s own memory (``input_output_aliases``).
+  An entry is sent iff ``(|v| > t or (|v| == t and p <= tie)) and p <= last`` (``t``, ``tie``: the segment's
+  threshold and tie cut, shape ``(1,)`` or scalars); it can be sent only where its 64-entry block's maximum
+  ``block_max[p // 64]`` is ``>= t``, so a finite step reads and writes only those blocks (a few percent of the
+  buffer at ratio 0.001) instead of reading ``flat`` and ``old`` and writing every entry; a non-finite step
+  copies ``old`` (the residual is unchanged). Bitwise the XLA expression.
+
+  ``after``: arrays that must be computed before the buffer is overwritten (the buffer's other readers, e.g.
+  outputs written from it); passed to the kernel unread, they order it after their producers, so that XLA need
+  not copy the buffer to keep it for them. A reader left out is still correct (XLA then copies ``flat``)."""
+  num_warps = num_warps or WRITE_WARPS
+  tile = THR_BLOCKS * BLOCK
+  n_pad = flat.shape[0] if flat.ndim == 1 else -1
+  if flat.ndim != 1 or n_pad % tile:
+    raise ValueError(f"flat must be one padded segment, a vector of whole tiles of {tile} entries, got shape "
+                     f"{flat.shape}.")
+  if old.shape != flat.shape or old.dtype != flat.dtype:
+    raise ValueError(f"old must be the residual in flat's padded layout, {flat.shape} {flat.dtype}, got "
+                     f"{old.shape} {old.dtype}.")
+  if block_max.shape != (n_pad // BLOCK,):
+    raise ValueError(f"block_max must hold one maximum per {BLOCK} entries of flat, shape ({n_pad // BLOCK},), "
+                     f"got {block_max.shape}.")
+  if np.size(t) != 1 or np.size(tie) != 1:
+    raise ValueError(f"zero_sent handles one segment: t and tie must hold one value each, got shapes "
+                     f"{np.shape(t)} and {np.shape(tie)}.")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  i32, dt = jnp.int32, flat.dtype
+  scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(()),
+                    jnp.asarray(tie, i32).reshape(())])
+  after = [a for a in jax.tree_util.tree_leaves(after)]
+
+  def kernel(t_ref, sc_ref, bmax_ref, flat_ref, old_ref, *refs):
+    out_ref = refs[-1]   # (aliased to flat_ref; refs[:-1]: the ``after`` arrays, never read)
+    i = pl.program_id(0)
+    p = i * tile + jnp.arange(THR_BLOCKS, dtype=i32)[:, None] * BLOCK + jnp.arange(BLOCK, dtype=i32)[None, :]
+    safe = (lambda ix, mk: jnp.where(mk, ix, 0)) if interpret else (lambda ix, mk: ix)
+    t = t_ref[0]
+
+    @pl.when(sc_ref[1] != 0)
+    def _():
+      bm = plgpu.load(bmax_ref.at[i * THR_BLOCKS + jnp.arange(THR_BLOCKS, dtype=i32)])
+      cand = (bm >= t)[:, None] & (p <= sc_ref[0])
+      v = plgpu.load(flat_ref.at[safe(p, cand)], mask=cand, other=jnp.zeros((), dt))
+      hit = cand & _sent(v, t, sc_ref[2], sc_ref[0], p)
+      plgpu.store(out_ref.at[safe(p, hit)], jnp.zeros(p.shape, dt), mask=hit)
+
+    @pl.when(sc_ref[1] == 0)
+    def _():
+      plgpu.store(out_ref.at[p], plgpu.load(old_ref.at[p]))
+
+  return _call(kernel, jax.ShapeDtypeStruct(flat.shape, dt), (n_pad // tile,), interpret, num_warps,
+               input_output_aliases={3: 0}, name="zero_sent")(
+      jnp.asarray(t, jnp.float32).reshape(1), scal, block_max.astype(jnp.float32), flat, old, *after)

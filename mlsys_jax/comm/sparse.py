@@ -1674,7 +1674,13 @@ _SUM_BUILD = "auto"
 # fusion reading the buffer and the old residual; "pallas": :func:`_pallas_pack.kept_from_padded` into a fresh
 # vector (the old residual read only on a non-finite step); "pallas_inplace": the same kernel over the old residual
 # (aliased: a donated or loop-carried state is written where it lies, an undonated one copied first by XLA). (With
-# per-tensor segments the kernel in place is the only form.) The same bits.
+# per-tensor segments the kernel in place is the only form.) The same bits. "buffer": the residual is KEPT in the
+# padded layout (``state.residual`` has the buffer's ``n_pad`` entries, the real ones first, zeros after; read at
+# init, so set it before ``init``), and the new residual is the buffer itself with its sent entries zeroed, in its
+# own memory (:func:`_pallas_pack.zero_sent`: only the blocks that can hold a sent entry are read and written),
+# instead of a pass that reads the buffer and the old residual and writes every entry; the per-leaf outputs are
+# then computed from the gradient and the old residual (bitwise the buffer's entries) so that nothing else reads
+# the buffer after it is overwritten. One segment (per_tensor=False); the same bits in the real entries.
 _FLAT_KEPT = "xla"
 # and how its per-leaf outputs are written: "xla" (one ``where(sent, v, 0)`` fusion per leaf, reading the buffer;
 # a consumer such as Adam's update absorbs them) or "pallas" (:func:`_pallas_pack.write_sent`: every leaf in a few
@@ -2102,8 +2108,14 @@ def _flat_size(name: str, leaves) -> int:
   return n
 
 
-def _check_flat_residual(name: str, updates, state) -> None:
-  """Raise ``ValueError`` unless the flat residual of ``state`` has the gradients' entry count and dtype."""
+def _padded_size(n: int) -> int:
+  """The padded buffer's length for one segment of ``n`` entries (:class:`_Layout`: whole tiles, at least one)."""
+  return max(1, -(-n // _TILE)) * _TILE
+
+
+def _check_flat_residual(name: str, updates, state, padded: bool = False) -> None:
+  """Raise ``ValueError`` unless the flat residual of ``state`` has the gradients' entry count and dtype
+  (``padded``: the one-segment padded layout of ``_FLAT_KEPT = "buffer"``, :func:`_padded_size` entries)."""
   leaves = jax.tree_util.tree_leaves(updates)
   r = state.residual
   if not hasattr(r, "shape") or np.ndim(r) != 1:
@@ -2111,9 +2123,15 @@ def _check_flat_residual(name: str, updates, state) -> None:
                      f"with flat_state=True), got {jax.tree_util.tree_structure(r)}; build the state with the "
                      f"same transform's init.")
   n = _flat_size(name, leaves)
-  if r.shape[0] != n:
+  want = _padded_size(n) if padded else n
+  if r.shape[0] != want:
+    if padded:
+      raise ValueError(f"{name}: the gradients have {n} entries, so the padded flat residual of "
+                       f"_FLAT_KEPT = 'buffer' needs {want}, but it has {r.shape[0]}; call init with parameters "
+                       f"shaped like the gradients, with the same _FLAT_KEPT setting as the update.")
     raise ValueError(f"{name}: the gradients have {n} entries in all but the flat residual has "
-                     f"{r.shape[0]}; call init with parameters shaped like the gradients.")
+                     f"{r.shape[0]}; call init with parameters shaped like the gradients (and the same "
+                     f"_FLAT_KEPT setting as the update).")
   if not jnp.issubdtype(r.dtype, jnp.floating):
     raise ValueError(f"{name}: the flat residual has dtype {r.dtype}, not a floating dtype.")
 
@@ -2225,6 +2243,11 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                      "topk, dgc and randomk keep a flat residual with per_tensor=False only.")
   _check_precondition("sparsifier", precondition)
 
+  def _buffer_residual() -> bool:
+    """Whether the flat residual is kept in the padded buffer's layout (``_FLAT_KEPT = "buffer"``, one segment)."""
+    check_choice("_FLAT_KEPT", _FLAT_KEPT, ("xla", "pallas", "pallas_inplace", "buffer"))
+    return flat_state and segmented is not None and not per_tensor and _FLAT_KEPT == "buffer"
+
   def init_fn(params):
     check_floating("sparsifier.init", params)
     sizes = [int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(params)]
@@ -2238,10 +2261,14 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     f = jnp.zeros((), jnp.float32)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     if flat_state:
-      zeros = jnp.zeros((_flat_size("sparsifier.init", jax.tree_util.tree_leaves(params)),),
+      n = _flat_size("sparsifier.init", jax.tree_util.tree_leaves(params))
+      zeros = jnp.zeros((_padded_size(n) if _buffer_residual() else n,),
                         _flat_dtype("sparsifier.init", jax.tree_util.tree_leaves(params)))
+      velocity = jnp.zeros((n,), zeros.dtype) if momentum > 0 else ()
+    else:
+      velocity = zeros if momentum > 0 else ()
     return SparsifierState(zeros, jax.random.PRNGKey(seed), jnp.asarray(initial_stages, jnp.int32),
-                           f, z, f, f, f, z, z, zeros if momentum > 0 else (),
+                           f, z, f, f, f, z, z, velocity,
                            precondition.init(params) if precondition is not None else ())
 
   def _select_leaves(vecs, sub, state):
@@ -2430,12 +2457,18 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     lay = _layout_of(sizes)
     dtype = state.residual.dtype
     check_choice("_FLAT_BUILD", _FLAT_BUILD, ("concat", "dus"))
+    padded = _buffer_residual()   # (the residual in the buffer's padded layout: one segment)
+    if padded and (lay.num_segments != 1 or lay.n_pad != state.residual.shape[0]):
+      raise ValueError(f"_FLAT_KEPT = 'buffer' keeps one padded segment of {state.residual.shape[0]} entries, "
+                       f"but the layout has {lay.num_segments} segments of {lay.n_pad} padded entries.")
+    res_real = state.residual[:lay.n_real] if padded else state.residual   # (XLA's readers: fused slices)
     if _FLAT_BUILD == "dus":
-      return _flat_step_dus(leaves, treedef, sizes, lay, dtype, state)
+      step = _flat_step_dus(leaves, treedef, sizes, lay, dtype, state._replace(residual=res_real))
+      return step[:2] + ((lay.pad(step[2]),) if padded else step[2:3]) + step[3:]
     velocity = state.velocity
     stats = None
     use_sb, interp_sb = ((False, False) if momentum > 0 else
-                         _sum_build_mode(leaves, state.residual, dtype, precondition is not None))
+                         _sum_build_mode(leaves, res_real, dtype, precondition is not None))
     if use_sb:   # the padded buffer and its statistics from the leaves and the flat residual, one kernel each group
       flat, *stats = _pallas_pack.sum_leaves(leaves, state.residual, lay.tile_shift, lay.tile_limit,
                                              interpret=interp_sb)
@@ -2444,37 +2477,52 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       u = _concat_leaves(leaves, dtype)
       if momentum > 0:
         u = momentum * state.velocity + u
-      acc = u + state.residual
+      acc = u + res_real
       if jnp.dtype(dtype).itemsize < 4:   # (one rounding for every reader: see below)
         acc = jax.lax.optimization_barrier(acc)
       flat = lay.pad(acc)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype, stats)
-    check_choice("_FLAT_KEPT", _FLAT_KEPT, ("xla", "pallas", "pallas_inplace"))
     check_choice("_FLAT_OUT", _FLAT_OUT, ("xla", "pallas"))
     tie = jnp.full((lay.num_segments,), -1, jnp.int32) if tie_last is None else tie_last
-    if use_sb and (lay.num_segments > 1 or _FLAT_KEPT != "xla"):   # the kept entries from the padded buffer
-      new_res = _pallas_pack.kept_from_padded(flat, lay.seg_n, lay.seg_start, t, tie, last, finite, state.residual,
-                                              in_place=lay.num_segments > 1 or _FLAT_KEPT == "pallas_inplace",
-                                              interpret=interp_sb)
-    else:
-      if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
-        sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
-      else:   # the payload's entries are exactly the ones sent
-        slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
-        dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
-        sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop")   # (unsent slots: dropped)
-      new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
-    if momentum > 0:
-      velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
+    in_buffer = padded and use_sb   # (the Pallas kernel over the buffer; the XLA form below otherwise)
     out_final = bool(use_sb and _FLAT_OUT == "pallas" and dense is None)
     if out_final:   # (use_sb: no momentum; float32 leaves; write_sent writes zeros on a non-finite step)
       seg_of = np.asarray(lay.seg_of_leaf, np.int32)
       outs = [o.reshape(leaf.shape) for o, leaf in zip(
           _pallas_pack.write_sent(flat, sizes, lay.offsets, t[seg_of], tie[seg_of], last, finite, stats[2],
                                   interpret=interp_sb), leaves)]
+    elif in_buffer and dense is None:   # (not from the buffer, which zero_sent overwrites: leaf + old residual,
+      # bitwise the buffer's entries (one float32 addition), in fusions a consumer such as Adam can absorb)
+      def own(i, leaf):
+        off, n = lay.offsets[i], lay.sizes[i]
+        v = leaf.reshape(-1) + jax.lax.slice(state.residual, (off,), (off + n,))
+        return v, _sent(v, off + jnp.arange(n, dtype=jnp.int32), 0, t, tie_last, last)
+      outs = [_leaf_output(leaf, i, dense, lay, lambda i=i, leaf=leaf: own(i, leaf)) for i, leaf in enumerate(leaves)]
     else:
       outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: _leaf_selection(flat, lay, t, tie_last, last, i))
               for i, leaf in enumerate(leaves)]
+    kept = use_sb and not padded and (lay.num_segments > 1 or _FLAT_KEPT != "xla")
+    if in_buffer:   # the buffer becomes the residual: only its sent entries written, in place
+      new_res = _pallas_pack.zero_sent(flat, t, tie, last, finite, stats[2], state.residual,
+                                       after=(payload.values, outs if out_final else ()), interpret=interp_sb)
+    elif padded:   # (the same values by XLA, over the padded buffer: its padding is zero, as the residual's)
+      sent_p = _sent(flat, jnp.arange(lay.n_pad, dtype=jnp.int32), 0, t, tie_last, last)
+      new_res = jnp.where(finite, jnp.where(sent_p, 0, flat), state.residual)
+    elif kept:   # the kept entries from the padded buffer
+      new_res = _pallas_pack.kept_from_padded(flat, lay.seg_n, lay.seg_start, t, tie, last, finite, state.residual,
+                                              in_place=lay.num_segments > 1 or _FLAT_KEPT == "pallas_inplace",
+                                              interpret=interp_sb)
+    if momentum > 0 or not (padded or kept):   # (the sent flags in the real layout)
+      if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
+        sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
+      else:   # the payload's entries are exactly the ones sent
+        slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
+        dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
+        sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop")   # (unsent slots: dropped)
+      if not (padded or kept):
+        new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
+    if momentum > 0:
+      velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
     out = jax.tree_util.tree_unflatten(treedef, outs)
     return (finite, out, new_res, velocity, count, above, payload_bytes(payload), payload.overflow, lay.n_real,
             out_final)
@@ -2519,7 +2567,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
   def update_fn(updates, state, params=None):
     check_floating("sparsifier.update", updates)
     if flat_state:
-      _check_flat_residual("sparsifier.update", updates, state)
+      _check_flat_residual("sparsifier.update", updates, state, _buffer_residual())
     else:
       _check_like("sparsifier.update", updates, state.residual)
     _check_axis(axis_name)
