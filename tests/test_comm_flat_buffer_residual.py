@@ -176,3 +176,17 @@ def test_buffer_residual_under_vmap_and_pmap_with_a_bad_worker(monkeypatch):
     n = s_x.residual.shape[1]
     np.testing.assert_array_equal(bits(s_b.residual[:, :n]), bits(s_x.residual))
     assert not np.any(np.asarray(s_b.residual[:, n:]))
+
+
+def test_zero_sent_lowers_for_triton_with_unread_arguments(monkeypatch):
+  """The kernel lowers for CUDA (no GPU needed) with ``after`` arrays of several shapes passed unread: they order
+  the kernel, and its loads and stores are masked (a finite step touches only candidate blocks)."""
+  from _triton import triton_ir  # tests/_triton.py
+  n = 2 * TILE
+  f32 = jax.ShapeDtypeStruct((n,), jnp.float32)
+  ir = triton_ir(lambda f, o, b, a1, a2: pp.zero_sent(f, jnp.float32(1.0), jnp.int32(-1), jnp.int32(n - 1),
+                                                      jnp.asarray(True), b, o, after=(a1, a2), interpret=False),
+                 f32, f32, jax.ShapeDtypeStruct((n // pp.BLOCK,), jnp.float32),
+                 jax.ShapeDtypeStruct((30, 40), jnp.float32), jax.ShapeDtypeStruct((7,), jnp.int32),
+                 monkeypatch=monkeypatch)
+  assert "tt.store" in ir and "tt.load" in ir
