@@ -79,14 +79,16 @@ def _run(monkeypatch, kept, seed=3, **kw):
   return nan_and_tie_steps(sp.sidco(0.02, flat_state=True, **kw), seed)
 
 
-@pytest.mark.parametrize("build,kw", [("pallas", {}), ("xla", {}), ("pallas", {"momentum": 0.9})],
-                         ids=["pallas", "xla", "momentum"])
+@pytest.mark.parametrize("build,kw", [("pallas", {}), ("xla", {}), ("pallas", {"momentum": 0.9}), ("dus", {})],
+                         ids=["pallas", "xla", "momentum", "dus"])
 def test_buffer_residual_is_bitwise_the_default(build, kw, monkeypatch):
   """Every output bitwise the default writers', over a NaN step (nothing sent, residual kept) and steps with ties at
   the cut; the residual's real entries bitwise the default's, its padding zero; the kernel runs with the Pallas
   build, the XLA form of the same selection with XLA's (and with momentum, whose velocity keeps the real layout)."""
   ref = _run(monkeypatch, "xla", **kw)
-  monkeypatch.setattr(sp, "_SUM_BUILD", build)
+  if build == "dus":   # (the buffer written leaf by leaf, _FLAT_BUILD = "dus": its residual padded afterwards)
+    monkeypatch.setattr(sp, "_FLAT_BUILD", "dus")
+  monkeypatch.setattr(sp, "_SUM_BUILD", build if build != "dus" else "xla")
   calls = []
   real = pp.zero_sent
   monkeypatch.setattr(pp, "zero_sent", lambda *a, **k: calls.append(1) or real(*a, **k))
