@@ -189,6 +189,6 @@ def test_zero_sent_lowers_for_triton_with_unread_arguments(monkeypatch):
   ir = triton_ir(lambda f, o, b, a1, a2: pp.zero_sent(f, jnp.float32(1.0), jnp.int32(-1), jnp.int32(n - 1),
                                                       jnp.asarray(True), b, o, after=(a1, a2), interpret=False),
                  f32, f32, jax.ShapeDtypeStruct((n // pp.BLOCK,), jnp.float32),
-                 jax.ShapeDtypeStruct((30, 40), jnp.float32), jax.ShapeDtypeStruct((7,), jnp.int32),
+                 jax.ShapeDtypeStruct((30, 40), jnp.float32), jax.ShapeDtypeStruct((7,), jnp.bool_),
                  monkeypatch=monkeypatch)
   assert "tt.store" in ir and "tt.load" in ir

@@ -1274,7 +1274,8 @@ def zero_sent(flat: jax.Array, t: jax.Array, tie: jax.Array, last: jax.Array, fi
   i32, dt = jnp.int32, flat.dtype
   scal = jnp.stack([jnp.asarray(last, i32).reshape(()), jnp.asarray(finite).astype(i32).reshape(()),
                     jnp.asarray(tie, i32).reshape(())])
-  after = [a for a in jax.tree_util.tree_leaves(after)]
+  after = [jnp.asarray(a) for a in jax.tree_util.tree_leaves(after)]
+  after = [a.astype(jnp.int32) if a.dtype == jnp.bool_ else a for a in after]   # (no boolean kernel arguments)
 
   def kernel(t_ref, sc_ref, bmax_ref, flat_ref, old_ref, *refs):
     out_ref = refs[-1]   # (aliased to flat_ref; refs[:-1]: the ``after`` arrays, never read)

@@ -2504,7 +2504,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     kept = use_sb and not padded and (lay.num_segments > 1 or _FLAT_KEPT != "xla")
     if in_buffer:   # the buffer becomes the residual: only its sent entries written, in place
       new_res = _pallas_pack.zero_sent(flat, t, tie, last, finite, stats[2], state.residual,
-                                       after=(payload.values, outs if out_final else ()), interpret=interp_sb)
+                                       after=(payload, above, outs if out_final else ()), interpret=interp_sb)
     elif padded:   # (the same values by XLA, over the padded buffer: its padding is zero, as the residual's)
       sent_p = _sent(flat, jnp.arange(lay.n_pad, dtype=jnp.int32), 0, t, tie_last, last)
       new_res = jnp.where(finite, jnp.where(sent_p, 0, flat), state.residual)
