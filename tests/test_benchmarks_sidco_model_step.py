@@ -557,3 +557,14 @@ def test_quoted_h100_session40_handoff_kernels():
   for b, w, (xla, pal) in ((busy, wall, ("sidco", "sidco_klist")), (busy_b, wall_b, ("sidco", "sidco_klist")),
                            (busy_b, wall_b, ("sidco_flat", "sidco_flat_klist"))):
     assert b[pal] < b[xla] and w[pal][0] < w[xla][0]
+
+
+def test_quoted_h100_session41_buffer_residual():
+  """Session 41's H100 step (``sidco_model_step_h100_s41a.json``) as sparse.py (``_FLAT_KEPT``), BENCHMARKS.md and
+  docs/comm.md quote it: the residual kept in the padded buffer (``_fbuf``) costs more kernel time over Adam than the
+  default ``flat_state=True`` (the reason it is a switch), and more by the wall median."""
+  d, r, busy, _, wall, own = _step_figures("sidco_model_step_h100_s41a.json")
+  assert d["env"]["device"] == "NVIDIA H100 80GB HBM3" and round(r["adam"]["step_s"] * 1e3, 2) == 20.95
+  assert busy == {"sidco_flat": 0.131, "sidco_flat_fbuf": 0.213}
+  assert (wall["sidco_flat"][0], wall["sidco_flat_fbuf"][0]) == (-0.102, 0.066)
+  assert (own["sidco_flat"], own["sidco_flat_fbuf"]) == (0.252, 0.267)

@@ -431,3 +431,24 @@ def test_quoted_h100_session40_update_alone():
   assert (sel(a, fl), sel(a, fl + " [fkeep fout]")) == (27, 165)
   for r, n in ((a, 331), (b, 331)):
     assert all(r[m]["loop_same_as_default"] and r[m]["loop_arrays_differing"] in ([0, n], [0, 171]) for m in r if " [" in m)
+
+
+def test_quoted_h100_session41_buffer_residual():
+  """Session 41's H100 run (``sidco_tree_h100_s41a.json``) as sparse.py (``_FLAT_KEPT``), BENCHMARKS.md, README and
+  docs/comm.md quote it: span of one call (ms) and x ``topk``; the residual kept in the padded buffer with the Pallas
+  output writer (``fbuf fout``) 4.11x, the first form at or above the issue's 4x alone; without that writer
+  (``fbuf``: 161 outputs from gradient + old residual) slower than the default; ``zero_sent`` 16-17 us where the
+  default's residual fusion takes 99; over the loop (loop-carried state) neither below the default; both equal to the
+  default over the loop."""
+  r, _ = _rows("sidco_tree_h100_s41a.json")
+  fl = "sidco(0.001, flat_state=True)"
+  span = lambda m: round(r[m]["single_device_s"] * 1e3, 3)   # noqa: E731
+  x = lambda m: round(r["topk(0.001)"]["single_device_s"] / r[m]["single_device_s"], 2)   # noqa: E731
+  assert [span(m) for m in ("topk(0.001)", fl, fl + " [fbuf]", fl + " [fbuf fout]")] == [1.661, 0.499, 0.62, 0.404]
+  assert [x(m) for m in (fl, fl + " [fbuf]", fl + " [fbuf fout]")] == [3.33, 2.68, 4.11]
+  us = lambda m, k: [round(t[1] * 1e6, 1) for t in r[m]["single_top_kernels"] if t[0] == k]   # noqa: E731
+  assert us(fl, "loop_select_fusion") == [99.3] and us(fl + " [fbuf]", "zero_sent") == [16.5]
+  assert us(fl + " [fbuf fout]", "zero_sent") == [17.2]
+  assert [round(r[m]["device_s"] * 1e3, 3) for m in (fl, fl + " [fbuf]", fl + " [fbuf fout]")] == [0.846, 1.194, 0.868]
+  assert all(r[m]["loop_same_as_default"] and r[m]["loop_arrays_differing"] == [0, 171]
+             for m in (fl + " [fbuf]", fl + " [fbuf fout]"))

@@ -1681,12 +1681,17 @@ _SUM_BUILD = "auto"
 # instead of a pass that reads the buffer and the old residual and writes every entry; the per-leaf outputs are
 # then computed from the gradient and the old residual (bitwise the buffer's entries) so that nothing else reads
 # the buffer after it is overwritten. One segment (per_tensor=False); the same bits in the real entries.
+# H100 (session 41, sidco_tree_h100_s41a.json): the update alone 0.499 -> 0.620 ms with "buffer" (the 161 output
+# fusions from gradient + residual cost more than zero_sent's 17 us saves against the 99-us fusion), 0.404 ms (4.11x
+# topk) with "buffer" and _FLAT_OUT = "pallas"; slower over a loop and in the training step
+# (sidco_model_step_h100_s41a.json: +0.213 ms of kernel time over Adam against +0.131), so not the default.
 _FLAT_KEPT = "xla"
 # and how its per-leaf outputs are written: "xla" (one ``where(sent, v, 0)`` fusion per leaf, reading the buffer;
 # a consumer such as Adam's update absorbs them) or "pallas" (:func:`_pallas_pack.write_sent`: every leaf in a few
 # kernels that read only the blocks whose maximum reaches the threshold, a few percent of the buffer at ratio
 # 0.001). Only without an axis (with one the outputs are the all-gathered mean) and without momentum. The same bits.
-# Both not timed yet (session 39 had no machine; docs/comm.md, "Session 39"): the defaults stay XLA's.
+# Timed in sessions 40-41 (docs/comm.md): faster alone with _FLAT_KEPT = "buffer" (above), a loss in the training
+# step (XLA fuses its own outputs into Adam's update); the defaults stay XLA's.
 _FLAT_OUT = "xla"
 
 
