@@ -67,6 +67,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pathlib
@@ -270,17 +271,24 @@ def _make_step(model, tx, switches: dict, options: dict | None = None):
     return optax.apply_updates(params, updates), opt_state, loss
 
   jitted = jax.jit(step, donate_argnums=(0, 1))
-  prev = {k: getattr(sp, k) for k in switches}
 
   def compile_with(*args):
-    for k, v in switches.items():
-      setattr(sp, k, v)
-    try:
+    with _switched(switches):
       return jitted.lower(*args).compile(dict(options or {}))
-    finally:
-      for k, v in prev.items():
-        setattr(sp, k, v)
   return compile_with
+
+
+@contextlib.contextmanager
+def _switched(switches: dict):
+  """The ``mlsys_jax.comm.sparse`` attributes ``switches`` set inside the block, restored after it."""
+  prev = {k: getattr(sp, k) for k in switches}
+  for k, v in switches.items():
+    setattr(sp, k, v)
+  try:
+    yield
+  finally:
+    for k, v in prev.items():
+      setattr(sp, k, v)
 
 
 def _use_autotune_cache(spec: str) -> str | None:
@@ -387,15 +395,8 @@ def main():
   for r in rows:
     tx = _tx(r, args.ratio, len(leaves))
     p = jax.tree_util.tree_map(jnp.copy, params0)
-    sw = _switches(r)   # (in force at init too: _FLAT_KEPT = "buffer" keeps the residual in a padded layout)
-    prev_sw = {k: getattr(sp, k) for k in sw}
-    for k, v in sw.items():
-      setattr(sp, k, v)
-    try:
+    with _switched(_switches(r)):   # (at init too: _FLAT_KEPT = "buffer" keeps the residual in a padded layout)
       s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
-    finally:
-      for k, v in prev_sw.items():
-        setattr(sp, k, v)
     t0 = time.perf_counter()
     prog[r] = _make_step(model, tx, _switches(r), options)(p, s, x, y)
     state[r] = [p, s]

@@ -1041,8 +1041,7 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
     raise ValueError("sum_leaves needs at least one non-empty leaf.")
   tiles_ = np.asarray(tile_shift).shape[0]
   if flat_res:
-    padded_res = (residual.shape == (tiles_ * THR_BLOCKS * BLOCK,) and not np.any(np.asarray(tile_shift))
-                  and residual.shape != (n_real,))
+    padded_res = residual.shape == (tiles_ * THR_BLOCKS * BLOCK,) and not np.any(np.asarray(tile_shift))
     if residual.shape != (n_real,) and not padded_res:
       raise ValueError(f"a flat residual must have shape ({n_real},) (the leaves concatenated), or the padded "
                        f"buffer's ({tiles_ * THR_BLOCKS * BLOCK},) with one segment (tile_shift all 0), got "

@@ -2114,8 +2114,8 @@ def _flat_size(name: str, leaves) -> int:
 
 
 def _padded_size(n: int) -> int:
-  """The padded buffer's length for one segment of ``n`` entries (:class:`_Layout`: whole tiles, at least one)."""
-  return max(1, -(-n // _TILE)) * _TILE
+  """The padded buffer's length for one segment of ``n`` entries (:class:`_Layout`'s: whole tiles, at least one)."""
+  return _Layout((n,), ((0,),)).n_pad
 
 
 def _check_flat_residual(name: str, updates, state, padded: bool = False) -> None:
@@ -2462,10 +2462,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     lay = _layout_of(sizes)
     dtype = state.residual.dtype
     check_choice("_FLAT_BUILD", _FLAT_BUILD, ("concat", "dus"))
-    padded = _buffer_residual()   # (the residual in the buffer's padded layout: one segment)
-    if padded and (lay.num_segments != 1 or lay.n_pad != state.residual.shape[0]):
-      raise ValueError(f"_FLAT_KEPT = 'buffer' keeps one padded segment of {state.residual.shape[0]} entries, "
-                       f"but the layout has {lay.num_segments} segments of {lay.n_pad} padded entries.")
+    padded = _buffer_residual()   # (the residual in the buffer's padded layout: one segment, length checked)
     res_real = state.residual[:lay.n_real] if padded else state.residual   # (XLA's readers: fused slices)
     if _FLAT_BUILD == "dus":
       step = _flat_step_dus(leaves, treedef, sizes, lay, dtype, state._replace(residual=res_real))
@@ -2506,25 +2503,25 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     else:
       outs = [_leaf_output(leaf, i, dense, lay, lambda i=i: _leaf_selection(flat, lay, t, tie_last, last, i))
               for i, leaf in enumerate(leaves)]
-    kept = use_sb and not padded and (lay.num_segments > 1 or _FLAT_KEPT != "xla")
+    new_res = None
     if in_buffer:   # the buffer becomes the residual: only its sent entries written, in place
       new_res = _pallas_pack.zero_sent(flat, t, tie, last, finite, stats[2], state.residual,
                                        after=(payload, above, outs if out_final else ()), interpret=interp_sb)
     elif padded:   # (the same values by XLA, over the padded buffer: its padding is zero, as the residual's)
       sent_p = _sent(flat, jnp.arange(lay.n_pad, dtype=jnp.int32), 0, t, tie_last, last)
       new_res = jnp.where(finite, jnp.where(sent_p, 0, flat), state.residual)
-    elif kept:   # the kept entries from the padded buffer
+    elif use_sb and (lay.num_segments > 1 or _FLAT_KEPT != "xla"):   # the kept entries from the padded buffer
       new_res = _pallas_pack.kept_from_padded(flat, lay.seg_n, lay.seg_start, t, tie, last, finite, state.residual,
                                               in_place=lay.num_segments > 1 or _FLAT_KEPT == "pallas_inplace",
                                               interpret=interp_sb)
-    if momentum > 0 or not (padded or kept):   # (the sent flags in the real layout)
+    if momentum > 0 or new_res is None:   # (the sent flags in the real layout)
       if lay.num_segments == 1:   # the real entries come first: the selection of the padded buffer
         sent = _sent(acc, jnp.arange(lay.n_real, dtype=jnp.int32), 0, t, tie_last, last)
       else:   # the payload's entries are exactly the ones sent
         slot = jnp.arange(payload.indices.shape[0], dtype=jnp.int32)
         dst = jnp.where(slot < count, lay.unpadded_index(payload.indices.astype(jnp.int32)), lay.n_real)
         sent = jnp.zeros((lay.n_real,), jnp.bool_).at[dst].set(True, mode="drop")   # (unsent slots: dropped)
-      if not (padded or kept):
+      if new_res is None:
         new_res = jnp.where(finite, jnp.where(sent, 0, acc), state.residual)
     if momentum > 0:
       velocity = jnp.where(finite, jnp.where(sent, 0, u), state.velocity)
