@@ -20,7 +20,8 @@ the counting search's thresholds per pass (defaults 8 for XLA's passes, 16 for t
 (residuals only, in place), e.g. ``sidco_counts_fpass_pwrite_w16``; ``_fkeep`` / ``_fkeepi`` / ``_fout`` on a
 ``flat_state`` row: ``sparse._FLAT_KEPT = "pallas"`` / ``"pallas_inplace"`` (the one-segment flat residual by
 ``kept_from_padded``, fresh or in place); ``_fbuf``: ``sparse._FLAT_KEPT = "buffer"`` (the residual kept padded, the
-buffer itself with its sent entries zeroed by ``zero_sent``) and ``sparse._FLAT_OUT = "pallas"`` (the outputs by ``write_sent``); ``_klist`` / ``_xlist``: ``sparse._KTH_LIST = "pallas"``
+buffer itself with its sent entries zeroed by ``zero_sent``; the outputs by ``write_sent`` only with ``_fout``:
+``sparse._FLAT_OUT = "pallas"``); ``_klist`` / ``_xlist``: ``sparse._KTH_LIST = "pallas"``
 (the exact search's handoff between its levels in two kernels, the default since session 40) / ``"xla"``, e.g.
 ``sidco_flat_fkeepi_fout``; these suffixes before ``_w<N>``), each
 ``optax.chain(<compressor>(ratio), optax.adam(1e-3))``; ``sidco_flat`` /

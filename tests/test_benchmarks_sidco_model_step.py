@@ -568,3 +568,20 @@ def test_quoted_h100_session41_buffer_residual():
   assert busy == {"sidco_flat": 0.131, "sidco_flat_fbuf": 0.213}
   assert (wall["sidco_flat"][0], wall["sidco_flat_fbuf"][0]) == (-0.102, 0.066)
   assert (own["sidco_flat"], own["sidco_flat_fbuf"]) == (0.252, 0.267)
+
+
+def test_quoted_h100_session41_donated_copy():
+  """Session 42's reading of session 41's step trace (``sidco_model_step_h100_s41a.json``), as BENCHMARKS.md and
+  docs/comm.md quote it: with the residual kept in the padded buffer (``_fbuf``) the ``copy`` kernels take 0.289 ms
+  per step against the default's 0.222 (+67 us of the +81 us of kernel time: the new residual copied into the
+  donated one), reductions +36 us and fusions -22 us; the per-class sums add up to the busy times compared."""
+  d = json.loads((RESULTS / "sidco_model_step_h100_s41a.json").read_text())
+  rows = {row["row"]: row for row in d["rows"]}
+  base, fbuf = rows["sidco_flat"], rows["sidco_flat_fbuf"]
+  classes = lambda row: {k: round(v * 1e3, 3) for k, v in row["kernel_classes_s"].items()}
+  assert (classes(base)["copy"], classes(fbuf)["copy"]) == (0.222, 0.289)
+  delta = {k: round((fbuf["kernel_classes_s"][k] - base["kernel_classes_s"][k]) * 1e6) for k in base["kernel_classes_s"]}
+  assert (delta["copy"], delta["reduce"], delta["fusion"]) == (67, 36, -22)
+  assert round((fbuf["busy_s"] - base["busy_s"]) * 1e6) == 81
+  for row in (base, fbuf):   # the classes partition the busy time
+    assert abs(sum(row["kernel_classes_s"].values()) - row["busy_s"]) < 1e-6
