@@ -1684,7 +1684,9 @@ _SUM_BUILD = "auto"
 # H100 (session 41, sidco_tree_h100_s41a.json): the update alone 0.499 -> 0.620 ms with "buffer" (the 161 output
 # fusions from gradient + residual cost more than zero_sent's 17 us saves against the 99-us fusion), 0.404 ms (4.11x
 # topk) with "buffer" and _FLAT_OUT = "pallas"; slower over a loop and in the training step
-# (sidco_model_step_h100_s41a.json: +0.213 ms of kernel time over Adam against +0.131), so not the default.
+# (sidco_model_step_h100_s41a.json: +0.213 ms of kernel time over Adam against +0.131), so not the default. Most of
+# that (+67 us, the trace's copy kernels) is XLA copying the buffer into the donated residual, since the step's
+# new residual must come back in the old one's memory; "pallas" pays the same copy, "pallas_inplace" does not.
 _FLAT_KEPT = "xla"
 # and how its per-leaf outputs are written: "xla" (one ``where(sent, v, 0)`` fusion per leaf, reading the buffer;
 # a consumer such as Adam's update absorbs them) or "pallas" (:func:`_pallas_pack.write_sent`: every leaf in a few
