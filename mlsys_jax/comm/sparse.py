@@ -1963,7 +1963,8 @@ class SparsifierState(NamedTuple):
     total_bytes: cumulative ``bytes_sent``.
     overflow_steps: steps in which the payload overflowed (the rest stayed in the residual).
     nonfinite_steps: steps skipped because some device's error-compensated gradient (gradient plus
-      residual, after momentum when it is on) held NaN/inf.
+      residual, after momentum when it is on) held NaN/inf, or because the update would have (a value sent
+      beyond the gradients' dtype, e.g. float16 gradients over a float32 residual).
     velocity: momentum-correction velocity (same structure as the gradients) when the transform was
       built with ``momentum > 0``, else ``()``.
     precondition: state of the local ``precondition`` transform (e.g. Adam's moments of this worker's
@@ -2621,16 +2622,32 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
                                         vel, hit_tree, state.velocity)
     if not final[0]:
       new_res = _keep_on_skip(finite, new_res, state.residual)
+    # (static) a leaf computed in the residual's dtype of wider range than its gradient's (float16 gradients over
+    # a float32 residual): a sent value above the gradient dtype's largest float is inf in the gradient's dtype
+    g_leaves = jax.tree_util.tree_leaves(grads)
+    r_dtypes = ([state.residual.dtype] * len(g_leaves) if flat_state else
+                [jnp.result_type(r) for r in jax.tree_util.tree_leaves(state.residual)])
+    narrow = any(jnp.finfo(r).max > jnp.finfo(jnp.result_type(g)).max for r, g in zip(r_dtypes, g_leaves))
     if not final[1]:
       out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), out, grads)
     else:   # (written in the residual's dtype, the gradients' when they differ)
       out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), out, grads)
+    if narrow:   # such a step is a non-finite one: skipped on every replica (the output, the all-gathered mean
+      # with an axis, is the same on all, so no collective is needed)
+      fits = _global_finite(jax.tree_util.tree_leaves(out), None)
+      out = jax.tree_util.tree_map(lambda o: jnp.where(fits, o, jnp.zeros((), o.dtype)), out)
+      new_res = _keep_on_skip(fits, new_res, state.residual)
+      velocity = _keep_on_skip(fits, velocity, state.velocity)
+      nsel = jnp.where(fits, nsel, 0)
+      finite = finite & fits
     pre_state = _keep_on_skip(finite, pre_state, state.precondition)
     stages, ratio_sum = state.stages, state.ratio_sum
     if adapt is not None:
       hi, every, tol = adapt
       rsum = ratio_sum + jnp.asarray(n_above, jnp.float32) / (total * ratio)
-      due = (state.step + 1) % every == 0
+      # a window is `every` FINITE steps: a skipped step adds nothing to rsum, so counting it (the step counter)
+      # would average fewer terms over `every` (or, skipped where the window ends, about twice as many)
+      due = (state.step - state.nonfinite_steps + 1) % every == 0
       est = rsum / every
       moved = jnp.clip(stages - (est > 1 + tol).astype(jnp.int32) + (est < 1 - tol).astype(jnp.int32), 1, hi)
       stages = jnp.where(finite & due, moved, stages)
@@ -2785,7 +2802,8 @@ def sidco(ratio: float, *, distribution: str = "exponential", stages: int | str 
       ``distribution``, ``stages``, ``first_ratio``, ``adapt_every``, ``tolerance``, ``min_fraction`` and
       ``max_fraction`` configure SIDCo's fit: they are read only with ``exact=False`` (see ``exact``).
     stages: a fixed number of fitting stages, or ``'adaptive'`` (start at 1, adapt every
-      ``adapt_every`` steps by the mean achieved/target density ratio against ``1 +- tolerance``).
+      ``adapt_every`` steps by the mean achieved/target density ratio against ``1 +- tolerance``; skipped
+      non-finite steps do not count).
     first_ratio: density kept by the first stage of a multi-stage fit (default 0.25).
     adapt_every, tolerance: the adaptation rule (defaults 10 steps, 0.1).
     capacity_factor: payload capacity in units of the target count (default 2); more selected elements
