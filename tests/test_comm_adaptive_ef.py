@@ -359,7 +359,7 @@ def test_chains_with_adam_and_density_warmup():
 
 def test_nonfinite_gradient_propagates_or_is_counted():
   """A NaN gradient: the compressor skips the step (counts it); the wrapper releases nothing new and
-  keeps delivering what was pending, never a NaN."""
+  outputs no NaN (since session 42 it skips the step too: tests/test_fixes_s42_recipe.py)."""
   for kw in (dict(), dict(mode="rate", max_interval=16)):
     tx = spread_releases(topk(0.05), **kw)
     st = tx.init(_params())

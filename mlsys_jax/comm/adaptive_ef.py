@@ -125,6 +125,10 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
                     scale: float | None = None, consistent: bool = False) -> optax.GradientTransformation:
   """Deliver each error-feedback release as a rate over the interval it stands for.
 
+  A step the compressor skips (some worker's gradient held NaN/inf: its ``nonfinite_steps`` grew, on every
+  replica) is skipped here too: the output is 0 and ``last``, ``pending``, ``rate`` and ``left`` stay as they
+  were (what is pending is delivered on the next steps; only ``step`` advances), since session 42.
+
   Args:
     compressor: a sparsifying compression transform of :mod:`mlsys_jax.comm` (``sidco``, ``topk``,
       ``dgc``, ``randomk``, or one of them inside ``density_warmup``/``dense_warmup``), built with the
@@ -383,10 +387,15 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
                                      treedef.flatten_up_to(state.pending), treedef.flatten_up_to(state.rate),
                                      treedef.flatten_up_to(state.left))]
     unf = lambda j: jax.tree_util.tree_unflatten(treedef, [p[j] for p in parts])
-    out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), unf(0), updates)
+    # a step the compressor skipped (some worker's gradient held NaN/inf: its nonfinite_steps grew, the same
+    # flag on every replica) is skipped here too: output 0, the pending deliveries kept for the next steps
+    skipped = _nonfinite_total(inner) > _nonfinite_total(state.inner_state)
+    out = jax.tree_util.tree_map(lambda o, g: jnp.where(skipped, 0, o).astype(g.dtype), unf(0), updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(skipped, o, n), new, old)
     sent = jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32)
     rel = sum((p[5] for p in parts), jnp.zeros((), jnp.float32))
-    return out, SpreadState(t + 1, inner, unf(1), unf(2), unf(3), unf(4), state.releases + rel, sent,
+    return out, SpreadState(t + 1, inner, keep(unf(1), state.last), keep(unf(2), state.pending),
+                            keep(unf(3), state.rate), keep(unf(4), state.left), state.releases + rel, sent,
                             state.total_bytes + sent)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -663,6 +672,18 @@ class GradientUnitsState(NamedTuple):
   total_bytes: jax.Array
 
 
+def _check_units_axis(compressor, axis_name, updates, inner_state, params) -> None:
+  """ValueError when ``compressor.update`` communicates over axes and ``axis_name`` is not one of them: each
+  replica would scale the shared aggregate by its own (or another axis' mean) factor, and the replicas drift
+  apart. Traced abstractly at trace time (nothing runs)."""
+  from mlsys_jax.comm.distributed import collective_axes   # (imports this package)
+  axes = set(collective_axes(lambda u, s: compressor.update(u, s, params)[0], updates, inner_state))
+  if axes and axis_name not in axes:
+    raise ValueError(f"gradient_units(axis_name={axis_name!r}) wraps a compressor that communicates over "
+                     f"{sorted(axes)}: the per-leaf factor must be averaged over the same axis or the replicas "
+                     f"drift apart; pass axis_name={sorted(axes)[0]!r} to gradient_units.")
+
+
 def gradient_units(compressor: optax.GradientTransformation, start: int, *,
                    axis_name: str | None, freeze: bool = False) -> optax.GradientTransformation:
   """Deliver an RMS-selected compressor's releases in the gradient's units, one factor per leaf.
@@ -703,7 +724,8 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
     start: the first step (this wrapper's count from 0) whose releases are in RMS units; the recipe's:
       the end of its raw-selection stage (``stage_boundaries(steps, len(ratios))[0]``). 0: every step.
     axis_name: the workers' axis, the compressor's (required: a replica that skipped the mean would scale
-      the shared update by its own factor and drift from the others); None only for one device.
+      the shared update by its own factor and drift from the others); None only for one device. Checked
+      when the update is traced: ``ValueError`` if the compressor communicates over axes other than it.
     freeze: False (default): ``s_l(t)`` of every step. True: ``s_l(start)`` on every step from ``start``
       on, a constant unit conversion at the switch (Adam then sees the RMS-selected stream with its own
       course over time, only rescaled once). Measured worse than False on the session-8 recipe (mnist1d,
@@ -753,6 +775,7 @@ def gradient_units(compressor: optax.GradientTransformation, start: int, *,
 
   def update_fn(updates, state, params=None):
     check_floating("gradient_units.update", updates)
+    _check_units_axis(compressor, axis_name, updates, state.inner_state, params)
     b, inner = compressor.update(updates, state.inner_state, params)
     t = state.step
     rms = jax.tree_util.tree_map(lambda n: jnp.sqrt(jnp.mean(n.astype(jnp.float32))), _nu(inner))
