@@ -1760,9 +1760,11 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   else:
     bsum, bsq, bmax = _block_stats(jnp.abs(flat))
     s1t, s2t = bsum.reshape(nt, _THR_BLOCKS).sum(1), bsq.reshape(nt, _THR_BLOCKS).sum(1)
-  # every entry finite iff sum |x| is (an inf or NaN entry makes it inf or NaN; finite entries can only
-  # overflow it above 3.4e38 in float32, and such a step is then skipped and counted, never silent)
-  finite = jnp.isfinite(jnp.sum(s1t))
+  # every entry finite iff no block maximum is inf and no tile sum is NaN (the maxima ignore NaN: a NaN entry makes
+  # its tile's sum NaN, an inf entry its block's maximum inf). Not "sum |x| is finite": finite entries can overflow
+  # a float32 sum (to inf, never to NaN: the summands are non-negative), and such a step (entries near 3.4e38) was
+  # skipped as non-finite, on every later step too, while topk sent it
+  finite = jnp.all(jnp.isfinite(bmax)) & jnp.logical_not(jnp.any(jnp.isnan(s1t)))
   a_tiles = jnp.abs(flat).astype(jnp.float32).reshape(nt, _TILE)
 
   def pack(t):
@@ -1785,6 +1787,10 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   else:
     t = _seg_threshold(a_tiles, lay, lay.seg_reduce(s1t, "sum"), lay.seg_reduce(s2t, "sum"), ratio,
                        distribution, stages, first_ratio, exact is not None, stage_bound)
+    # a fit whose moments overflowed float32 (|x| above ~1.8e19 squares to inf: gpareto / gamma give NaN) selected
+    # nothing, silently, and a NaN threshold passes the floor (min(NaN, floor) is NaN): select every non-zero entry
+    # instead, which the ceiling cuts to the largest (or the payload overflows, counted)
+    t = jnp.where(jnp.isnan(t), 0.0, t)
     if min_count is not None:
       t = _seg_floor(t, bmax, lay, min_count)
     t = jnp.maximum(t, 0.0)                    # (padding zeros are never selected)
@@ -2417,6 +2423,12 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       flat = _flat_sum(lay.flatten, add_leaves, leaves, dtype)
     else:
       flat = lay.flatten_sum(add_leaves, leaves, dtype, _SUM_FLATTEN)
+    if not use_sb and jnp.dtype(dtype).itemsize < 4:
+      # a 16-bit sum materialized once (as in _flat_step): XLA may otherwise fuse a leaf's slice of the buffer back
+      # into ``a + r`` computed in float32 without the rounding to ``dtype`` (excess precision), so the payload (the
+      # rounded buffer) and the sent flags of the output and residual (the unrounded sum) disagreed: a sent entry
+      # missing from the output and kept in the residual (counted twice with an axis)
+      flat = jax.lax.optimization_barrier(flat)
     payload, above, t, tie_last, finite, count, last, dense = _select_segments(flat, lay, state, dtype, stats)
     unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)
     leaf_sel = lambda i: _leaf_selection(flat, lay, t, tie_last, last, i)
