@@ -94,3 +94,22 @@ def test_sidco_16bit_sum_rounded_once_for_payload_and_output(dtype, r0, g1, per_
   np.testing.assert_array_equal(np.nonzero(out)[0], [16])
   assert out[16] == want and res[16] == 0, (out[16], res[16], want)
   np.testing.assert_array_equal(res, np.zeros(65, res.dtype))
+
+
+@pytest.mark.parametrize("dist", ["gpareto", "gamma"])
+def test_sidco_compress_never_silent_when_its_moments_overflow(dist):
+  """The public one-array functions on N(0, 1) x 1e20 (the fit's sum of squares overflows float32):
+  ``sidco_threshold`` gave a meaningless value (-4.4e18 for gpareto, inf for gamma) and ``sidco_compress`` an
+  empty payload with ``n_above`` 0 (nothing sent, nothing said). Now the threshold is NaN, every non-zero entry
+  is above ``sidco_compress``'s, the payload holds ``capacity`` of them and ``n_above`` (20000 > 400) shows the
+  overflow; at a normal scale both are unchanged (the payload equals compact of the fitted threshold)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (20000,))
+  assert bool(jnp.isnan(sparse.sidco_threshold(jnp.abs(x) * 1e20, 0.01, distribution=dist)))
+  p, n_above = sparse.sidco_compress(x * 1e20, 0.01, 400, distribution=dist)
+  assert int(n_above) == 20000 and int(jnp.sum(p.values != 0)) == 400
+  p1, n1 = sparse.sidco_compress(x, 0.01, 400, distribution=dist)
+  mask = jnp.abs(x) > sparse.sidco_threshold(jnp.abs(x), 0.01, distribution=dist)
+  ref = sparse.compact(x, mask, 400)
+  assert int(n1) == int(jnp.sum(mask))
+  np.testing.assert_array_equal(np.asarray(p1.values), np.asarray(ref.values))
+  np.testing.assert_array_equal(np.asarray(p1.indices), np.asarray(ref.indices))

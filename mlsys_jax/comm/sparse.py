@@ -652,6 +652,10 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
       adapted during training; a ``while_loop``).
     first_ratio: density kept by the first stage when ``stages > 1``.
 
+  Returns:
+    The threshold (float32 scalar); NaN when the fit's sums are not finite in float32 (a NaN or inf entry, or
+    magnitudes above ~1.8e19, whose squares overflow).
+
   Example:
     >>> a = jnp.abs(jax.random.laplace(jax.random.PRNGKey(0), (100_000,)))
     >>> t = sidco_threshold(a, 0.01, 'exponential')      # about 1% of a exceed t
@@ -667,7 +671,11 @@ def sidco_threshold(abs_x: jax.Array, ratio: float, distribution: str = "exponen
     check_int("stages", stages, 1, 64)
   a = abs_x.astype(jnp.float32)
   # The first stage fits |g| itself (support from 0): mean and variance from one fused pass of sums.
-  return _threshold_from_sums(a, jnp.sum(a), jnp.sum(a * a), ratio, distribution, stages, first_ratio)
+  s1, s2 = jnp.sum(a), jnp.sum(a * a)
+  t = _threshold_from_sums(a, s1, s2, ratio, distribution, stages, first_ratio)
+  # moments that overflowed float32 (|x| above ~1.8e19 squares to inf) fit nothing: NaN, not a value (the fits
+  # gave e.g. -4.4e18 for gpareto, inf for gamma on N(0, 1) x 1e20)
+  return jnp.where(jnp.isfinite(s1) & jnp.isfinite(s2), t, jnp.nan)
 
 
 def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str = "exponential",
@@ -680,7 +688,9 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
   the maximum: the sums give the first-stage fit (Abdelmoniem et al., MLSys 2021, Sec. 4), the maxima let
   :func:`compact_above` pack the selected entries by gathering only blocks that can hold one, instead of
   a second pass over ``x``. Each later stage of a multi-stage fit costs one more pass (exceedance
-  moments). The payload equals ``compact(x, abs(x) > sidco_threshold(...), capacity)``.
+  moments). The payload equals ``compact(x, abs(x) > sidco_threshold(...), capacity)``, except where the fit's
+  sums overflow float32 (``|x|`` above ~1.8e19; :func:`sidco_threshold` is then NaN): every non-zero entry is
+  selected, and ``n_above`` above ``capacity`` says the payload overflowed.
 
   Args:
     x: 1-D gradient (error-compensated).
@@ -725,6 +735,13 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
     bsum, bsq, bmax = _block_stats(a)
     s1, s2 = jnp.sum(bsum), jnp.sum(bsq)
   t = _threshold_from_sums(a, s1, s2, ratio, distribution, stages, first_ratio)
+  # a fit whose sums overflowed float32 though every entry is finite (|x| above ~1.8e19: a NaN or meaningless
+  # threshold, and min(NaN, floor) is NaN) would select nothing and report 0 above: select every non-zero entry
+  # instead, so that ``n_above`` shows the payload's overflow (as in the transforms, where the ceiling then cuts
+  # to the largest). Non-finite entries keep the fit's threshold, whatever it is.
+  overflowed = (jnp.all(jnp.isfinite(bmax)) & ~jnp.any(jnp.isnan(s1)) & ~jnp.any(jnp.isnan(s2))
+                & (~jnp.all(jnp.isfinite(s1)) | ~jnp.all(jnp.isfinite(s2))))   # finite entries, inf sums
+  t = jnp.where(overflowed, 0.0, t)
   bound = max_min_count if max_min_count is not None else min_count
   if bound > 0:
     # floor: the j-th largest block maximum is at most the j-th largest |x|, so a threshold just below
