@@ -1777,8 +1777,9 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
   else:
     bsum, bsq, bmax = _block_stats(jnp.abs(flat))
     s1t, s2t = bsum.reshape(nt, _THR_BLOCKS).sum(1), bsq.reshape(nt, _THR_BLOCKS).sum(1)
-  # every entry finite iff no block maximum is inf and no tile sum is NaN (the maxima ignore NaN: a NaN entry makes
-  # its tile's sum NaN, an inf entry its block's maximum inf). Not "sum |x| is finite": finite entries can overflow
+  # every entry finite iff no block maximum is inf or NaN and no tile sum is NaN (a NaN entry makes its tile's sum
+  # NaN whether or not a kernel's maximum skips it; an inf entry its block's maximum inf). Not "sum |x| is
+  # finite": finite entries can overflow
   # a float32 sum (to inf, never to NaN: the summands are non-negative), and such a step (entries near 3.4e38) was
   # skipped as non-finite, on every later step too, while topk sent it
   finite = jnp.all(jnp.isfinite(bmax)) & jnp.logical_not(jnp.any(jnp.isnan(s1t)))
