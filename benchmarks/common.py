@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -14,6 +15,22 @@ import jax.numpy as jnp
 
 from mlsys_jax import stats
 from mlsys_jax.cost.dataset import split_calls
+
+
+@contextlib.contextmanager
+def sparse_switches(values: dict):
+  """Set module switches of :mod:`mlsys_jax.comm.sparse` (``{"_FLAT_KEPT": "buffer", ...}``) inside the block and
+  restore them after it, also on an exception; they are read while a function is traced (and, for some, at
+  ``init``), so trace and initialize inside the block."""
+  from mlsys_jax.comm import sparse as sp
+  prev = {k: getattr(sp, k) for k in values}
+  try:
+    for k, v in values.items():
+      setattr(sp, k, v)
+    yield
+  finally:
+    for k, v in prev.items():
+      setattr(sp, k, v)
 
 
 def parse_args(description: str | None = None, extra=None) -> argparse.Namespace:

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import environment, sparse_switches, write_json  # noqa: E402
 from mlsys_jax.comm import _pallas_pack as pp  # noqa: E402
 from mlsys_jax.comm import sparse as sp  # noqa: E402
 
@@ -123,14 +123,8 @@ def _case_sidco(name, shapes, switches, steps=3, per_tensor=False):
     return [np.asarray(o) for o in outs]
 
   ref = run()
-  old = {k: getattr(sp, k) for k in switches}
-  try:
-    for k, v in switches.items():
-      setattr(sp, k, v)
+  with sparse_switches(switches):
     got = run()
-  finally:
-    for k, v in old.items():
-      setattr(sp, k, v)
   differ = sum(not np.array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(b).view(np.uint8))
                for a, b in zip(ref, got))
   return {"case": name, "switches": switches, "arrays": len(ref), "arrays_differing": differ, "same": differ == 0}

@@ -23,7 +23,6 @@ which is what compression costs inside a jitted training step (``--device_only``
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 import sys
 import time
@@ -34,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import (copy_bandwidth, device_stream_events, environment, parse_args,  # noqa: E402
+from benchmarks.common import (copy_bandwidth, sparse_switches, device_stream_events, environment, parse_args,  # noqa: E402
                                print_table, write_json)
 from mlsys_jax import stats  # noqa: E402
 from mlsys_jax.comm import _pallas_pack as pp  # noqa: E402
@@ -74,25 +73,11 @@ def _time(fn, base, repeats):
   return stats.time_interleaved(fn, base, repeats=repeats, warmup=3, inner=INNER)
 
 
-@contextlib.contextmanager
-def _sparse_switches(**values):
-  """Set module switches of ``mlsys_jax.comm.sparse`` (``_PALLAS_STATS``, ``_BLOCK``, ``_PACK_METHOD``)
-  inside the block and restore them after; they act while a function is traced, so trace inside it."""
-  old = {k: getattr(sp, k) for k in values}
-  for k, v in values.items():
-    setattr(sp, k, v)
-  try:
-    yield
-  finally:
-    for k, v in old.items():
-      setattr(sp, k, v)
-
-
 def _sidco(dist, stages, packing, cap, ratio, stats=None):
   """``x -> sidco_compress(x, ...)`` payload with ``packing``; ``stats`` ('pallas'/'xla') picks the
   statistics pass of the Pallas path (module switch, applied while the function is traced)."""
   def f(x):
-    with _sparse_switches(_PALLAS_STATS=stats or sp._PALLAS_STATS):
+    with sparse_switches({"_PALLAS_STATS": stats or sp._PALLAS_STATS}):
       return sp.sidco_compress(x, ratio, cap, dist, stages, packing=packing)[0]
   return f
 
@@ -387,7 +372,7 @@ def main():
     print(prow[-1], flush=True)
   # Packing method and block size of the statistics / candidate blocks (XLA path).
   for method, blk in (("search", 64), ("scatter", 64), ("search", 128)):
-    with _sparse_switches(_BLOCK=blk, _PACK_METHOD=method):
+    with sparse_switches({"_BLOCK": blk, "_PACK_METHOD": method}):
       fn = jax.jit(lambda x: sp.sidco_compress(x, ratio, cap, "gpareto", 1, packing="xla")[0])
       pk = jax.jit(lambda x, tt: sp.compact_above(x, tt, cap, packing="xla")[0])
       tm = _time(lambda: fn(g), lambda: top(g), repeats)

@@ -68,7 +68,6 @@ Usage:
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import pathlib
@@ -84,7 +83,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import (device_stream_events, environment, idle_clusters, parse_args, print_table,  # noqa: E402
+from benchmarks.common import (device_stream_events, sparse_switches, environment, idle_clusters, parse_args, print_table,  # noqa: E402
                                write_json)
 from benchmarks.hlo_attribution import hlo_file  # noqa: E402
 from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  # noqa: E402
@@ -274,22 +273,9 @@ def _make_step(model, tx, switches: dict, options: dict | None = None):
   jitted = jax.jit(step, donate_argnums=(0, 1))
 
   def compile_with(*args):
-    with _switched(switches):
+    with sparse_switches(switches):
       return jitted.lower(*args).compile(dict(options or {}))
   return compile_with
-
-
-@contextlib.contextmanager
-def _switched(switches: dict):
-  """The ``mlsys_jax.comm.sparse`` attributes ``switches`` set inside the block, restored after it."""
-  prev = {k: getattr(sp, k) for k in switches}
-  for k, v in switches.items():
-    setattr(sp, k, v)
-  try:
-    yield
-  finally:
-    for k, v in prev.items():
-      setattr(sp, k, v)
 
 
 def _use_autotune_cache(spec: str) -> str | None:
@@ -396,7 +382,7 @@ def main():
   for r in rows:
     tx = _tx(r, args.ratio, len(leaves))
     p = jax.tree_util.tree_map(jnp.copy, params0)
-    with _switched(_switches(r)):   # (at init too: _FLAT_KEPT = "buffer" keeps the residual in a padded layout)
+    with sparse_switches(_switches(r)):   # (at init too: _FLAT_KEPT = "buffer" keeps the residual in a padded layout)
       s = jax.tree_util.tree_map(jnp.copy, tx.init(p))   # distinct buffers (donation)
     t0 = time.perf_counter()
     prog[r] = _make_step(model, tx, _switches(r), options)(p, s, x, y)

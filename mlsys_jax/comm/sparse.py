@@ -739,8 +739,8 @@ def sidco_compress(x: jax.Array, ratio: float, capacity: int, distribution: str 
   # threshold, and min(NaN, floor) is NaN) would select nothing and report 0 above: select every non-zero entry
   # instead, so that ``n_above`` shows the payload's overflow (as in the transforms, where the ceiling then cuts
   # to the largest). Non-finite entries keep the fit's threshold, whatever it is.
-  overflowed = (jnp.all(jnp.isfinite(bmax)) & ~jnp.any(jnp.isnan(s1)) & ~jnp.any(jnp.isnan(s2))
-                & (~jnp.all(jnp.isfinite(s1)) | ~jnp.all(jnp.isfinite(s2))))   # finite entries, inf sums
+  overflowed = (jnp.all(jnp.isfinite(bmax)) & ~jnp.isnan(s1) & ~jnp.isnan(s2)
+                & ~(jnp.isfinite(s1) & jnp.isfinite(s2)))   # finite entries, inf sums (s1, s2: scalars)
   t = jnp.where(overflowed, 0.0, t)
   bound = max_min_count if max_min_count is not None else min_count
   if bound > 0:
@@ -1779,9 +1779,8 @@ def _sidco_segments(flat, lay: _Layout, ratio, capacity, distribution, stages, f
     s1t, s2t = bsum.reshape(nt, _THR_BLOCKS).sum(1), bsq.reshape(nt, _THR_BLOCKS).sum(1)
   # every entry finite iff no block maximum is inf or NaN and no tile sum is NaN (a NaN entry makes its tile's sum
   # NaN whether or not a kernel's maximum skips it; an inf entry its block's maximum inf). Not "sum |x| is
-  # finite": finite entries can overflow
-  # a float32 sum (to inf, never to NaN: the summands are non-negative), and such a step (entries near 3.4e38) was
-  # skipped as non-finite, on every later step too, while topk sent it
+  # finite": finite entries can overflow a float32 sum (to inf, never to NaN: the summands are non-negative), and
+  # such a step (entries near 3.4e38) was skipped as non-finite, on every later step too, while topk sent it
   finite = jnp.all(jnp.isfinite(bmax)) & jnp.logical_not(jnp.any(jnp.isnan(s1t)))
   a_tiles = jnp.abs(flat).astype(jnp.float32).reshape(nt, _TILE)
 
