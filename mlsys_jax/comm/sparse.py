@@ -1992,6 +1992,10 @@ class SparsifierState(NamedTuple):
       built with ``momentum > 0``, else ``()``.
     precondition: state of the local ``precondition`` transform (e.g. Adam's moments of this worker's
       gradients), or ``()`` without one.
+    layout: with ``flat_state=True``, the parameters' tree of zero-size float32 arrays of shape ``(0, *leaf.shape)``
+      (no memory): the structure and shapes the flat residual was built for, so ``update`` refuses gradients laid
+      out otherwise with the same entry count; ``()`` without ``flat_state`` (the residual tree checks it) and
+      in states built before it existed (not checked).
   """
   residual: Any
   key: jax.Array
@@ -2005,6 +2009,7 @@ class SparsifierState(NamedTuple):
   nonfinite_steps: jax.Array
   velocity: Any = ()
   precondition: Any = ()
+  layout: Any = ()
 
 
 def _static(name: str, value, default, kind=float):
@@ -2165,6 +2170,10 @@ def _check_flat_residual(name: str, updates, state, padded: bool = False) -> Non
                      f"_FLAT_KEPT setting as the update).")
   if not jnp.issubdtype(r.dtype, jnp.floating):
     raise ValueError(f"{name}: the flat residual has dtype {r.dtype}, not a floating dtype.")
+  layout = getattr(state, "layout", ())
+  if not (isinstance(layout, tuple) and layout == ()):   # the same count: the parameters' structure and shapes
+    _check_like(name, updates, jax.tree_util.tree_map(lambda z: jax.ShapeDtypeStruct(np.shape(z)[1:], z.dtype),
+                                                      layout))
 
 
 def _counts(n: int, ratio, max_ratio, capacity_factor: float):
@@ -2296,11 +2305,13 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       zeros = jnp.zeros((_padded_size(n) if _buffer_residual() else n,),
                         _flat_dtype("sparsifier.init", jax.tree_util.tree_leaves(params)))
       velocity = jnp.zeros((n,), zeros.dtype) if momentum > 0 else ()
+      layout = jax.tree_util.tree_map(lambda p: jnp.zeros((0,) + np.shape(p), jnp.float32), params)
     else:
       velocity = zeros if momentum > 0 else ()
+      layout = ()
     return SparsifierState(zeros, jax.random.PRNGKey(seed), jnp.asarray(initial_stages, jnp.int32),
                            f, z, f, f, f, z, z, velocity,
-                           precondition.init(params) if precondition is not None else ())
+                           precondition.init(params) if precondition is not None else (), layout)
 
   def _select_leaves(vecs, sub, state):
     """``select`` of every vector (leaf ``i`` with key ``fold_in(sub, i)``): one call per leaf, or with
@@ -2685,7 +2696,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
     new_state = SparsifierState(
         new_res, key, stages, ratio_sum, state.step + 1, nsel.astype(jnp.float32) / total, nb,
         state.total_bytes + nb, state.overflow_steps + (overflow & finite).astype(jnp.int32),
-        state.nonfinite_steps + (~finite).astype(jnp.int32), velocity, pre_state)
+        state.nonfinite_steps + (~finite).astype(jnp.int32), velocity, pre_state, state.layout)
     return out, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -233,7 +233,7 @@ def density_warmup(make_compressor: Callable[[float], optax.GradientTransformati
     make_compressor: ``ratio -> GradientTransformation``, e.g. ``lambda r: topk(r, axis_name='d')``.
     final_ratio: the density after the warm-up, in (0, 1).
     steps: warm-up steps (>= 0; 0 is ``make_compressor(final_ratio)`` itself, with this wrapper's state).
-    ratios: the warm-up densities, each in (0, 1); default DGC's
+    ratios: the warm-up densities, each in (0, 1), in non-increasing order and none below ``final_ratio``; default DGC's
       ``dgc_density_schedule(final_ratio)`` (0.25, 0.0625, ... down to the last one above the target).
       ``steps`` must be at least their number.
     fixed_stage: None (default): the stage follows the step counter. An int j runs stage j on every call
@@ -276,6 +276,10 @@ def density_warmup(make_compressor: Callable[[float], optax.GradientTransformati
     if r < final_ratio:
       raise ValueError(f"density_warmup: ratios[{i}]={r} is sparser than final_ratio={final_ratio}; a warm-up "
                        f"runs at densities >= the final one (e.g. ratios={dgc_density_schedule(final_ratio)}).")
+    if i and r > ratios[i - 1]:
+      raise ValueError(f"density_warmup: ratios[{i}]={r} is denser than ratios[{i - 1}]={ratios[i - 1]}; a warm-up "
+                       f"goes from dense to sparse, so give the ratios in non-increasing order (e.g. "
+                       f"{sorted(ratios, reverse=True)}).")
   if steps and not ratios:
     raise ValueError("density_warmup: steps > 0 needs at least one warm-up density in ratios (e.g. "
                      "dgc_density_schedule(final_ratio)); pass steps=0 for no warm-up.")
