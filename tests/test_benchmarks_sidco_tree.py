@@ -452,3 +452,23 @@ def test_quoted_h100_session41_buffer_residual():
   assert [round(r[m]["device_s"] * 1e3, 3) for m in (fl, fl + " [fbuf]", fl + " [fbuf fout]")] == [0.846, 1.194, 0.868]
   assert all(r[m]["loop_same_as_default"] and r[m]["loop_arrays_differing"] == [0, 171]
              for m in (fl + " [fbuf]", fl + " [fbuf fout]"))
+
+
+def test_quoted_h100_session43_update_alone():
+  """Session 43's two H100 runs (``sidco_tree_h100_s43{b,d}.json``) as README, BENCHMARKS.md and docs/comm.md quote
+  them: span of one call (ms) and x ``topk`` of the defaults on the code with the session-42 fixes; per tensor's
+  kernel time 0.67 ms as in session 38 (``_s38a``: 0.667), its idle after cub's sorts 0.635 / 0.685 ms; one
+  read+write pass 0.089 / 0.081 ms, so the default ``flat_state=True`` spans 5.6 / 6.2 passes."""
+  pt, fl = "sidco(0.001, per_tensor=True)", "sidco(0.001, flat_state=True)"
+  for name, spans, xs, idle, floor in (
+      ("sidco_tree_h100_s43b.json", [1.649, 0.539, 0.501, 1.304], [3.06, 3.29, 1.26], 0.635, 0.089),
+      ("sidco_tree_h100_s43d.json", [1.654, 0.539, 0.501, 1.353], [3.07, 3.3, 1.22], 0.685, 0.081)):
+    r, rw = _rows(name)
+    span = lambda m: round(r[m]["single_device_s"] * 1e3, 3)   # noqa: E731
+    assert [span(m) for m in ("topk(0.001)", "sidco(0.001)", fl, pt)] == spans
+    assert [round(r["topk(0.001)"]["single_device_s"] / r[m]["single_device_s"], 2) for m in ("sidco(0.001)", fl, pt)] == xs
+    assert round(r[pt]["single_idle_s"] * 1e3, 3) == idle and round(r[pt]["single_busy_s"] * 1e3, 2) == 0.67
+    assert round(rw * 1e3, 3) == floor
+  r38, _ = _rows("sidco_tree_h100_s38a.json")
+  assert round(r38[pt]["single_busy_s"] * 1e3, 3) == 0.667
+  assert [round(0.501 / f, 1) for f in (0.089, 0.081)] == [5.6, 6.2]
