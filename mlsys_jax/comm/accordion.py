@@ -37,9 +37,11 @@ default; ``regime=`` compiles static levels instead (one compiled step per regim
 Uncompressed leaves (rank <= 1 or fewer than ``min_size`` entries) are all-reduced dense as in
 PowerSGD; their flag is still reported.
 
-Non-finite gradients: as :func:`mlsys_jax.comm.powersgd`: when any device sees NaN/inf, the step
-sends nothing, returns zeros, leaves residuals/Q/detector accumulation unchanged and increments
-``state.nonfinite_steps``.
+Non-finite gradients: as :func:`mlsys_jax.comm.powersgd`: when any device sees NaN/inf, or the mean message
+is non-finite (16-bit overflow), the step sends nothing, returns zeros, leaves residuals/Q/detector
+accumulation unchanged and increments ``state.nonfinite_steps``. The detector accumulates in float32 at least
+(``state.accum``), whatever the gradients' dtype; 16-bit Top-k payloads are all-gathered in their dtype and
+summed in float32.
 
 Batch-size variant (the paper's Sec. 5): :func:`accordion_batch_size` is a pure state machine from
 the whole-model accumulated gradient norm to a batch size (small in critical regimes, large
@@ -63,7 +65,8 @@ import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import _global_finite, _initial_q, _keep_warm, matrix_shape, powersgd_layout, powersgd_step
+from mlsys_jax.comm.lowrank import (_all_finite, _global_finite, _initial_q, _keep_warm, _pmean, matrix_shape,
+                                    powersgd_layout, powersgd_step)
 from mlsys_jax.comm.sparse import _apply_precondition, _check_precondition, _keep_on_skip
 
 __all__ = [
@@ -108,7 +111,7 @@ class AccordionState(NamedTuple):
   Attributes:
     residual: error-feedback memory per leaf.
     q: PowerSGD warm starts per leaf, (m, low-compression rank), or (0, 0) (dense leaves, Top-k).
-    accum: gradient accumulated in the current detection window, per leaf.
+    accum: gradient accumulated in the current detection window, per leaf (float32 for 16-bit leaves).
     prev_norm: (L,) float32 norms of the previous window's accumulation, per leaf (flatten order).
     has_prev: bool, whether ``prev_norm`` holds a window yet.
     critical: (L,) bool, True where the leaf uses the low-compression level now.
@@ -165,7 +168,10 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     accumulate: steps at the end of each interval whose gradients are accumulated for the norm
       (1..interval, default interval); the reference accumulates the last epoch.
     lr_schedule: optional optax-style schedule (step -> learning rate). When it drops between step t
-      and t+1, all layers switch to low compression from step t+1 until the next decision.
+      and t+1, all layers switch to low compression from step t+1 until the next decision. Meant for step
+      decays (``optax.piecewise_constant_schedule``, the paper's): a smooth schedule (cosine, exponential)
+      drops on every step, which keeps every layer at low compression all the time; leave it None there (the
+      detector still sees the change in the gradients).
     min_size: leaves with fewer entries (and all of rank <= 1) are sent dense.
     clamp_rank: PowerSGD only: use min(n, m, rank) for small matrices instead of raising.
     seed: seed of PowerSGD's initial Q (identical on every device).
@@ -245,7 +251,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     out = []
     for leaf in leaves:
       size = int(np.prod(np.shape(leaf)))
-      if np.ndim(leaf) < 2 or size < min_size:
+      if np.ndim(leaf) < 2 or size < max(min_size, 1):   # (a size-0 leaf has no entry to select)
         out.append(("dense", 0, 0))
       else:
         out.append(("topk", _topk_k(lo_c, size), _topk_k(hi_c, size)))
@@ -259,9 +265,12 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     n_leaves = len(leaves)
     _check_regime(n_leaves)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    # the detector's window sum in float32 at least (in bfloat16 a sum of 1.0s stops at 256)
+    accum = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(np.shape(x), jnp.promote_types(jnp.result_type(x), jnp.float32)), params)
     zi, zf = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
     differ = jnp.asarray([kind != "dense" and lo != hi for kind, lo, hi in layout], bool)
-    return AccordionState(zeros, qs, zeros, jnp.zeros((n_leaves,), jnp.float32),
+    return AccordionState(zeros, qs, accum, jnp.zeros((n_leaves,), jnp.float32),
                           jnp.asarray(False), jnp.ones((n_leaves,), bool), zi, zf, zf, zi, zi, zi, differ,
                           precondition.init(params) if precondition is not None else ())
 
@@ -277,7 +286,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     Python bool with a static regime)."""
     item = jnp.dtype(acc.dtype).itemsize
     if kind == "dense":
-      out = jax.lax.pmean(acc, axis_name) if axis_name is not None else acc
+      out = _pmean(acc, axis_name) if axis_name is not None else acc
       return out, jnp.zeros_like(acc), q, jnp.float32(acc.size * item)
     if kind == "powersgd":
       mat = acc.reshape(matrix_shape(acc.shape))
@@ -301,7 +310,11 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       def f(vec):
         payload = _sp.topk_payload(vec, k)
         sent = _sp.decompress(payload, size, vec.dtype)
-        out = _sp.allgather_mean(payload, size, axis_name) if axis_name is not None else sent
+        if axis_name is not None:   # (16-bit payloads summed in float32: 8 entries of 10^4 pass float16's 65504)
+          out = _sp.allgather_mean(payload, size, axis_name, jnp.promote_types(vec.dtype, jnp.float32))
+          out = out.astype(vec.dtype)
+        else:
+          out = sent
         return out, vec - sent, jnp.float32(_sp.payload_bytes(payload))
       return f
 
@@ -310,6 +323,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
 
   def update_fn(updates, state, params=None):
     check_floating("accordion.update", updates)
+    _sp._check_like("accordion.update", updates, state.residual)
     _sp._check_axis(axis_name)
     raw = jax.tree_util.tree_leaves(updates)   # (the detector's signal, and the outputs' dtypes)
     updates, pre_state = _apply_precondition(precondition, updates, state.precondition, params)
@@ -322,16 +336,22 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     t = state.step
     outs, new_res, new_q, new_accum, nbytes = [], [], [], [], jnp.float32(0.0)
     in_window = (t % interval) >= (interval - accumulate)
-    for i, (g, g_raw, res, q, acc_w, (kind, lo, hi)) in enumerate(
-        zip(leaves, raw, res_leaves, state.q, acc_leaves, layout)):
+    for i, (g, res, q, (kind, lo, hi)) in enumerate(zip(leaves, res_leaves, state.q, layout)):
       acc = jnp.where(finite, g.astype(res.dtype) + res, 0)
       out, r_new, q_new, nb = _compress_leaf(kind, lo, hi, acc, q,
                                              state.critical[i] if regime is None else regime[i])
-      outs.append(jnp.where(finite, out, 0).astype(g_raw.dtype))
-      new_res.append(jnp.where(finite, r_new, res))
-      new_q.append(jnp.where(finite, q_new, q))
-      new_accum.append(jnp.where(finite & in_window, acc_w + g_raw.astype(acc_w.dtype), acc_w))
+      outs.append(out)
+      new_res.append(r_new)
+      new_q.append(q_new)
       nbytes = nbytes + nb
+    # a non-finite mean message with finite gradients (16-bit overflow) is the same on every replica: the step
+    # is skipped as for a NaN gradient, so no residual turns NaN
+    finite = finite & _all_finite(outs)
+    outs = [jnp.where(finite, o, 0).astype(g_raw.dtype) for o, g_raw in zip(outs, raw)]
+    new_res = [jnp.where(finite, r, res) for r, res in zip(new_res, res_leaves)]
+    new_q = [jnp.where(finite, qn, q) for qn, q in zip(new_q, state.q)]
+    new_accum = [jnp.where(finite & in_window, acc_w + g_raw.astype(acc_w.dtype), acc_w)
+                 for acc_w, g_raw in zip(acc_leaves, raw)]
     nbytes = jnp.where(finite, nbytes, 0.0)
 
     # Detector: decide at the end of every interval.

@@ -33,7 +33,10 @@ Q keeps its previous column there so the rank is not lost for later steps.
 Non-finite gradients: if any device's incoming gradient holds NaN/inf (checked with one collective
 ``pmax`` of a flag when ``axis_name`` is set, so every device agrees), the step sends nothing, returns
 zeros, leaves residuals and Q unchanged and increments ``state.nonfinite_steps`` (the flag's 4 bytes
-are not counted in ``bytes_sent``).
+are not counted in ``bytes_sent``). So does a step whose mean message is non-finite with finite gradients (a
+16-bit P, Q or dense leaf out of range; the same on every device, no extra collective), so the residual never
+turns NaN. 16-bit leaves are sent in their dtype; their P and Q are averaged as sums of ``x / n`` and
+orthogonalized in float32.
 
 Example:
   >>> tx = optax.chain(powersgd(rank=2), optax.sgd(0.1, momentum=0.9))
@@ -52,7 +55,7 @@ import optax
 
 from mlsys_jax._checks import check_floating, check_int
 from mlsys_jax.comm.sparse import _check_axis, _global_finite  # noqa: F401 (accordion imports it from here)
-from mlsys_jax.comm.sparse import _apply_precondition, _check_precondition, _keep_on_skip
+from mlsys_jax.comm.sparse import _apply_precondition, _check_like, _check_precondition, _keep_on_skip
 
 __all__ = [
     "PowerSGDState",
@@ -128,11 +131,14 @@ def orthogonalize(p: jax.Array, rtol: float | None = None) -> jax.Array:
   working precision). A column whose norm after projection is at most ``rtol`` (default
   ``sqrt(eps)`` of the dtype) times its norm before, or zero, is returned as zero: the result has
   orthonormal or zero columns and never NaN for a finite ``p``, rank-deficient ones included. A column
-  that holds NaN/inf stays non-finite (it is not zeroed), so the error propagates.
+  that holds NaN/inf stays non-finite (it is not zeroed), so the error propagates. A 16-bit ``p`` is
+  orthogonalized in float32 (its norms would overflow float16) and returned in its dtype.
   """
   if p.ndim != 2:
     raise ValueError(f"orthogonalize expects a matrix (n, r), got shape {p.shape}.")
   tol = float(np.sqrt(np.finfo(np.dtype(p.dtype)).eps)) if rtol is None else rtol
+  dtype = p.dtype   # 16-bit input: computed in float32 (a float16 column with entries ~300 has an inf norm)
+  p = p.astype(jnp.promote_types(dtype, jnp.float32))
   cols = []
   for i in range(p.shape[1]):
     c = p[:, i]
@@ -144,7 +150,15 @@ def orthogonalize(p: jax.Array, rtol: float | None = None) -> jax.Array:
     after = jnp.linalg.norm(c)
     keep = (after > tol * before) | ~jnp.isfinite(before)   # NaN/inf columns propagate, never become zeros
     cols.append(jnp.where(keep, c / jnp.where(keep, after, 1.0), 0.0))
-  return jnp.stack(cols, axis=1) if cols else p
+  return (jnp.stack(cols, axis=1) if cols else p).astype(dtype)
+
+
+def _pmean(x: jax.Array, axis_name: str) -> jax.Array:
+  """``pmean`` over ``axis_name``; for 16-bit floats the sum of ``x / n``, so that a mean within the dtype's
+  range does not overflow in the sum (float16: 8 workers' entries of 10^4 sum past 65504)."""
+  if jnp.dtype(x.dtype).itemsize >= 4:
+    return jax.lax.pmean(x, axis_name)
+  return jax.lax.psum(x / jax.lax.psum(1, axis_name), axis_name)
 
 
 def powersgd_step(m: jax.Array, q: jax.Array, axis_name: str | None = None
@@ -156,14 +170,24 @@ def powersgd_step(m: jax.Array, q: jax.Array, axis_name: str | None = None
   Repeating it with ``q = q_new`` on a fixed ``m`` is subspace iteration: ``approx`` converges to
   the truncated SVD of ``m`` when its r-th and (r+1)-th singular values differ.
   """
+  if jnp.dtype(q.dtype).itemsize < 4:   # 16-bit: a unit-column warm start (the same P after orthogonalize), so
+    # that M Q is ~ sigma_1(M), not sigma_1^2 (Q = M^T P carries sigma_1; float16 overflows at sigma_1 ~ 256)
+    q32 = q.astype(jnp.float32)
+    nrm = jnp.linalg.norm(q32, axis=0)
+    q = jnp.where(nrm > 0, q32 / jnp.where(nrm > 0, nrm, 1.0), q32).astype(q.dtype)
   p = m @ q
   if axis_name is not None:
-    p = jax.lax.pmean(p, axis_name)
+    p = _pmean(p, axis_name)
   p = orthogonalize(p)
   q_new = m.T @ p
   if axis_name is not None:
-    q_new = jax.lax.pmean(q_new, axis_name)
+    q_new = _pmean(q_new, axis_name)
   return p @ q_new.T, p, q_new
+
+
+def _all_finite(arrays) -> jax.Array:
+  """True when every array is finite (no collective: for arrays that are the same on every replica)."""
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays] or [True]))
 
 
 def _keep_warm(q_new: jax.Array, q_old: jax.Array) -> jax.Array:
@@ -281,6 +305,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
 
   def update_fn(updates, state, params=None):
     check_floating("powersgd.update", updates)
+    _check_like("powersgd.update", updates, state.residual)
     _check_axis(axis_name)
     grads = jax.tree_util.tree_leaves(updates)
     updates, pre_state = _apply_precondition(precondition, updates, state.precondition, params)
@@ -294,7 +319,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     for i, (acc, q) in enumerate(zip(accs, state.q)):
       item = jnp.dtype(acc.dtype).itemsize
       if q.size == 0:   # dense leaf: all-reduced whole, no residual
-        outs[i] = jax.lax.pmean(acc, axis_name) if axis_name is not None else acc
+        outs[i] = _pmean(acc, axis_name) if axis_name is not None else acc
         new_res[i] = res_leaves[i]
         nbytes += acc.size * item
       else:
@@ -310,8 +335,15 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
       approx, _, qn = step(mats, qs)
       for j, i in enumerate(idx):
         outs[i] = approx[j].reshape(accs[i].shape)
+        new_q[i] = qn[j]
+    # A message that overflowed (16-bit) or a residual+gradient that did (acc inf) gives a non-finite mean on
+    # every replica alike (it is the collectives' output): the step is skipped as for a NaN gradient, so the
+    # residual never turns NaN.
+    finite = finite & _all_finite(outs)
+    for i, q in enumerate(state.q):
+      if q.size:
         new_res[i] = jnp.where(finite, accs[i] - outs[i], res_leaves[i])
-        new_q[i] = jnp.where(finite, _keep_warm(qn[j], state.q[i]), state.q[i])
+        new_q[i] = jnp.where(finite, _keep_warm(new_q[i], q), q)
     outs = [jnp.where(finite, o, 0).astype(g.dtype) for o, g in zip(outs, grads)]
     nb = jnp.where(finite, jnp.float32(nbytes), 0.0)
     new_state = PowerSGDState(jax.tree_util.tree_unflatten(treedef, new_res), tuple(new_q),
