@@ -231,7 +231,8 @@ def test_decompress_narrower_dtype_rounds_explicitly_without_warning(dtype, jit)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_allgather_mean_narrower_dtype_rounds_explicitly_without_warning(dtype):
   """allgather_mean had decompress's implicit narrowing scatter (a JAX FutureWarning): now the same explicit
-  cast, each worker's value rounded to ``dtype`` before the sum, the mean taken in ``dtype``."""
+  cast, each worker's value rounded to ``dtype`` before the sum (the mean taken in float32 and rounded once to
+  ``dtype`` since session 43)."""
   n_dev = 4
   rng = np.random.default_rng(3)
   values = rng.normal(size=(n_dev, 5)).astype(np.float32) * 3

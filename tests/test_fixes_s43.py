@@ -92,3 +92,61 @@ def test_density_warmup_refuses_increasing_warmup_densities():
   tx = density_warmup(topk, 0.001, steps=4, ratios=[0.01, 0.01])   # equal densities are a valid (flat) warm-up
   st = tx.init(_PARAMS)
   tx.update(jax.tree_util.tree_map(lambda p: p * 0.5, _PARAMS), st)
+
+
+def _mesh(n=8):
+  return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("d",))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_allgather_mean_of_16_bit_payloads_is_summed_in_float32(dtype):
+  """8 workers send 16-bit values at shared indices: the mean is the float32 mean of the (rounded) values, rounded
+  once. Summed in float16, 8 entries of 10^4 overflowed to inf though their mean (10^4) fits; in bfloat16 every add
+  rounded (the mean of 1 + k/128 values was off by an ulp)."""
+  from mlsys_jax._compat import shard_map
+  from mlsys_jax.comm.sparse import SparsePayload, allgather_mean
+  n = 8
+  vals = np.stack([[1e4 + 8 * d, 1.0 + d / 128.0, -3.0 - d / 64.0] for d in range(n)]).astype(np.float32)
+  idx = np.tile(np.array([0, 2, 5], np.int32), (n, 1))
+  cnt = np.full((n,), 3, np.int32)
+  spec = jax.sharding.PartitionSpec("d")
+
+  def body(i, v, c):
+    return allgather_mean(SparsePayload(i[0], v[0].astype(dtype), c[0], jnp.array(False)), 6, "d")[None]
+
+  out = np.asarray(jax.jit(shard_map(body, mesh=_mesh(n), in_specs=(spec, spec, spec), out_specs=spec))(
+      jnp.asarray(idx), jnp.asarray(vals), jnp.asarray(cnt)))
+  rounded = np.asarray(jnp.asarray(vals).astype(dtype).astype(jnp.float32))
+  ref = np.zeros(6, np.float32)
+  ref[[0, 2, 5]] = rounded.sum(0) / n
+  want = np.asarray(jnp.asarray(ref).astype(dtype))
+  assert out.dtype == np.dtype(dtype) and np.all(np.isfinite(out.astype(np.float32)))
+  np.testing.assert_array_equal(out[0], want)
+  assert all(np.array_equal(out[0], out[d]) for d in range(n))
+
+
+@pytest.mark.parametrize("make", [lambda: topk(0.25, axis_name="d"), lambda: sidco(0.25, axis_name="d"),
+                                  lambda: sidco(0.25, axis_name="d", flat_state=True)],
+                         ids=["topk", "sidco", "sidco_flat"])
+def test_float16_sparsifier_mean_in_range_is_sent_not_inf(make):
+  """float16 gradients and residual, 8 workers whose largest entries (~10^4) share an index: the mean (~10^4) is
+  sent (it was inf, not counted as a skipped step, and every worker dropped the entry from its residual)."""
+  from mlsys_jax._compat import shard_map
+  n = 8
+  tx = make()
+  params = {"w": jnp.zeros((16,), jnp.float16)}
+  g = np.tile(np.linspace(-1.0, 1.0, 16, dtype=np.float32), (n, 1))
+  g[:, 3] = 1e4 + 16 * np.arange(n)
+  spec = jax.sharding.PartitionSpec("d")
+
+  def body(x):
+    st = tx.init(params)
+    out, st = tx.update({"w": x[0].astype(jnp.float16)}, st)
+    return out["w"][None], st.nonfinite_steps[None]
+
+  out, nf = jax.jit(shard_map(body, mesh=_mesh(n), in_specs=(spec,), out_specs=(spec, spec)))(jnp.asarray(g))
+  out = np.asarray(out, np.float32)
+  assert np.all(np.asarray(nf) == 0) and np.all(np.isfinite(out))
+  want = np.float32(np.asarray(jnp.asarray(g[:, 3]).astype(jnp.float16).astype(jnp.float32)).mean())
+  assert out[0, 3] == np.float32(np.float16(want))
+  assert all(np.array_equal(out[0], out[d]) for d in range(n))
