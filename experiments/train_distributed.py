@@ -45,13 +45,13 @@ from mlsys_jax.comm import distributed as dist  # noqa: E402
 METHODS = ("dense", "sidco", "powersgd", "accordion", "byzshield")
 
 dist.define_flags()
-_STEPS = flags.DEFINE_integer("steps", 200, "Training steps per method.")
+_STEPS = flags.DEFINE_integer("steps", 200, "Training steps per method.", lower_bound=1)
 _METHOD = flags.DEFINE_list("method", ["sidco"], f"Comma-separated methods, each of {METHODS}.")
 _LOCAL_DEVICES = flags.DEFINE_integer("local_devices", 0, "Simulated CPU devices in this process (0: leave "
-                                      "jax's devices as they are, e.g. the GPUs).")
-_BATCH = flags.DEFINE_integer("batch", 16, "Examples per device per step.")
+                                      "jax's devices as they are, e.g. the GPUs).", lower_bound=0)
+_BATCH = flags.DEFINE_integer("batch", 16, "Examples per device per step.", lower_bound=1)
 _LR = flags.DEFINE_float("lr", 3e-3, "Adam learning rate (after the compressor).")
-_HIDDEN = flags.DEFINE_integer("hidden", 64, "Width of the MLP's hidden layer.")
+_HIDDEN = flags.DEFINE_integer("hidden", 64, "Width of the MLP's hidden layer.", lower_bound=1)
 _RATIO = flags.DEFINE_float("ratio", 0.01, "SIDCo target density.")
 _RANK = flags.DEFINE_integer("rank", 2, "PowerSGD rank (ACCORDION: low-compression rank; high is 1).")
 _INTERVAL = flags.DEFINE_integer("accordion_interval", 20, "Steps between ACCORDION decisions.")
@@ -60,7 +60,7 @@ _ATTACK = flags.DEFINE_enum("attack", "none", ["none", *robust.ATTACKS], "ByzShi
                             "workers (simulated).")
 _BYZANTINE = flags.DEFINE_list("byzantine", ["0"], "ByzShield: ids of the Byzantine workers (with --attack).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the batch order.")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Print progress every this many steps.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Print progress every this many steps.", lower_bound=1)
 _SAVE_PARAMS = flags.DEFINE_bool("save_params", False, "Also write the final parameters (.npz).")
 _OUT = flags.DEFINE_string("out_dir", "results/train_distributed", "Output folder.")
 
@@ -113,6 +113,9 @@ def run(cfg: dict, log=print) -> dict:
     x, y = batch
     return models.cross_entropy(model.apply({"params": p}, x), y)
 
+  unknown = [m for m in cfg["methods"] if m not in METHODS]
+  if unknown:   # before any training (a later method's typo would otherwise end the run unwritten)
+    raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}.")
   out = {"process_index": pid, "process_count": jax.process_count(), "devices": n_dev,
          "local_devices": jax.local_device_count(), "jax": jax.__version__, "config": cfg, "methods": {},
          "provenance": provenance.record(data_arrays=(ds.x_train, ds.y_train, ds.x_test, ds.y_test),

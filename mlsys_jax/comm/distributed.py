@@ -52,6 +52,7 @@ heartbeat (``heartbeat_timeout``), which terminates the others (XLA's behaviour,
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import re
@@ -394,9 +395,9 @@ def shard_batch(mesh: Mesh, local_batch: Any, axis_name: str | None = None) -> A
 
   def one(path, x):
     x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] % n_local:
+    if x.ndim == 0 or x.shape[0] == 0 or x.shape[0] % n_local:
       raise ValueError(f"batch{jax.tree_util.keystr(path)} of shape {x.shape}: the leading (batch) size must "
-                       f"be a multiple of this process's {n_local} devices.")
+                       f"be a positive multiple of this process's {n_local} devices.")
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree_util.tree_map_with_path(one, local_batch)
@@ -508,6 +509,30 @@ def check_same_across_processes(tree: Any, name: str = "params", *, values: bool
           raise ValueError(f"processes disagree: {name}{path} holds different values on process {p} than on "
                            "process 0. Initialize with the same seed on every process, or broadcast process "
                            "0's values (jax.experimental.multihost_utils.broadcast_one_to_all).")
+
+
+def _check_same_program(fn: Callable, args: tuple, what: str) -> None:
+  """Raise ``ValueError`` on every process unless the jitted ``fn`` lowers to the same program on every process.
+
+  Processes whose steps differ (another compression ratio or rank, so other payload shapes; another loss or
+  model; other batch shapes) would otherwise enter collectives that never match and wait in them for ever.
+  Compares a SHA-256 of the lowered StableHLO text (without source locations) through the fixed-size
+  all-gathers of :func:`check_same_across_processes`. With one process it checks nothing.
+  """
+  if jax.process_count() == 1:
+    return
+  lowered = fn.lower(*args)
+  try:
+    text = lowered.as_text(debug_info=False)
+  except TypeError:  # pragma: no cover - a jax without the keyword
+    text = lowered.as_text()
+  every = _allgather_text(hashlib.sha256(text.encode()).hexdigest())
+  for p in range(1, len(every)):
+    if every[p] != every[0]:
+      raise ValueError(f"processes disagree: {what} compiles to a different program on process {p} than on "
+                       "process 0, so their collectives would never match (a hang). Start every process with "
+                       "the same flags: the same optimizer and its hyperparameters (e.g. the compression ratio "
+                       "or rank), the same loss and model, and the same per-process batch shapes.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -628,9 +653,9 @@ def byzshield_batch(mesh: Mesh, spec: ByzShieldReduce, global_batch: Any, axis_n
 
   def one(path, x):
     x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] % a.num_files:
+    if x.ndim == 0 or x.shape[0] == 0 or x.shape[0] % a.num_files:
       raise ValueError(f"batch{jax.tree_util.keystr(path)} of shape {x.shape}: the leading size must be a "
-                       f"multiple of the {a.num_files} files of {a.name}.")
+                       f"positive multiple of the {a.num_files} files of {a.name} (at least one row per file).")
     fs = x.shape[0] // a.num_files
     files = x.reshape((a.num_files, fs) + x.shape[1:])
     out = np.zeros((n_dev * wpd, a.load, fs) + x.shape[1:], x.dtype)
@@ -689,7 +714,10 @@ _FINGERPRINT_SEEDS = (0x9E3779B9, 0x7F4A7C15)   # two independent 32-bit hashes:
 
 
 def _leaf_words(x: jax.Array) -> jax.Array:
-  """The bit pattern of ``x`` as a flat uint32 vector (8-byte elements give two words each)."""
+  """The bit pattern of ``x`` as a flat uint32 vector (8-byte elements give two words each; a complex
+  element its real and imaginary parts' words)."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):   # bitcast_convert_type takes no complex operand
+    x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
   if x.dtype == jnp.bool_:
     return x.reshape(-1).astype(jnp.uint32)
   size = jnp.dtype(x.dtype).itemsize
@@ -703,9 +731,11 @@ def _fingerprint(tree: Any) -> jax.Array:
   """``(2,)`` int32 fingerprint of the bit patterns of every leaf (NaN-safe: bits, not values).
 
   Each 32-bit word ``b`` at flat position ``i`` of leaf ``l`` is hashed non-linearly,
-  ``fmix32(b ^ fmix32(i * c + l * c' + seed))``, and the hashes are summed with wrap-around, for two
-  seeds. Equal trees give equal fingerprints; for unequal trees every hash that differs is a
-  pseudo-random uint32, so the sums collide with probability about ``2**-64`` whatever the structure of
+  ``fmix32(b ^ fmix32(i * c + fmix32(l * c' + seed)))``, and the hashes are summed with wrap-around, for two
+  seeds. (The leaf's offset is mixed with the seed: with ``i * c + l * c' + seed`` two positions of two leaves
+  shared a key under both seeds, e.g. word ``i`` of leaf ``l`` and word ``i + 2414777`` of leaf ``l + 97``, so
+  swapping their values went unseen.) Equal trees give equal fingerprints; for unequal trees every hash that
+  differs is a pseudo-random uint32, so the sums collide with probability about ``2**-64`` whatever the structure of
   the difference (a sign flip, a swap of two elements or of two leaves, one changed exponent bit...).
   A *linear* weighted sum of the bits would cancel such differences modulo ``2**32``.
   """
@@ -716,7 +746,8 @@ def _fingerprint(tree: Any) -> jax.Array:
     for l, leaf in enumerate(leaves):
       words = _leaf_words(jnp.asarray(leaf))
       idx = jnp.arange(words.shape[0], dtype=jnp.uint32)
-      key = _fmix32(idx * jnp.uint32(0x9E3779B1) + jnp.uint32((l * 0x85EBCA77 + seed) % 2**32))
+      offset = _fmix32(jnp.uint32((l * 0x85EBCA77 + seed) % 2**32))   # per leaf and seed, non-linear
+      key = _fmix32(idx * jnp.uint32(0x9E3779B1) + offset)
       total = total + jnp.sum(_fmix32(words ^ key), dtype=jnp.uint32)
     out.append(total)
   return jax.lax.bitcast_convert_type(jnp.stack(out), jnp.int32)
@@ -750,8 +781,11 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
   Checked at the first call (trace time), with a ``ValueError`` naming the problem: ``tx`` communicating
   over an axis the mesh does not have (a mismatched ``axis_name``); a compression transform in ``tx``
   whose update runs no collective over ``axis_name`` (built with ``axis_name=None``: used outside its
-  collective context, each device would apply only its own gradient); ``reduce='tx'`` with a ``tx``
-  that does not communicate, ``'mean'`` or ByzShield with one that does.
+  collective context, each device would apply only its own gradient; allowed after ByzShield, where every
+  device holds the same aggregate); ``reduce='tx'`` with a ``tx`` that does not communicate, ``'mean'`` or
+  ByzShield with one that does; with several processes, a step that compiles to a different program on some
+  process (other hyperparameters, loss or batch shapes; it would wait for ever in collectives that do not
+  match), on every process.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with a :class:`DataParallelState` from
@@ -794,17 +828,18 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
     comm = _comm_states(squeeze(state.opt_state))
     names = ", ".join(sorted({type(c).__name__ for c in comm}))
     uses = axis_name in axes
-    if comm and not uses:
-      raise ValueError(f"the optimizer holds a compression transform ({names}) whose update runs no "
-                       f"collective over the data-parallel axis {axis_name!r}: it was built with "
-                       f"axis_name=None (one device) and is used outside its collective context. Build it "
-                       f"with axis_name={axis_name!r}, e.g. sidco(0.01, axis_name={axis_name!r}).")
-    if byz is not None:
+    if byz is not None:   # (first: after ByzShield every device holds the same gradient, so a local transform,
+      # compression built with axis_name=None included, is what it needs; the check below asked for an axis)
       if uses:
         raise ValueError(f"reduce=byzshield_reduce(...) aggregates the workers' gradients itself, but the "
                          f"optimizer communicates over {axis_name!r} ({sorted(axes[axis_name])}); use a "
                          "local optimizer (no axis_name) after ByzShield.")
       return "byzshield"
+    if comm and not uses:
+      raise ValueError(f"the optimizer holds a compression transform ({names}) whose update runs no "
+                       f"collective over the data-parallel axis {axis_name!r}: it was built with "
+                       f"axis_name=None (one device) and is used outside its collective context. Build it "
+                       f"with axis_name={axis_name!r}, e.g. sidco(0.01, axis_name={axis_name!r}).")
     if reduce == "tx" and not uses:
       raise ValueError(f"reduce='tx' but the optimizer runs no collective over {axis_name!r}: each device "
                        "would apply its own gradient. Use a transform with axis_name="
@@ -869,13 +904,13 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
       shape = np.shape(x)
       if byz is not None:
         wpd, _ = _slots(byz.assignment.num_workers, n_dev)
-        if len(shape) < 3 or shape[0] != n_dev * wpd or shape[1] != byz.assignment.load:
+        if len(shape) < 3 or shape[0] != n_dev * wpd or shape[1] != byz.assignment.load or shape[2] == 0:
           raise ValueError(f"batch{jax.tree_util.keystr(path)} has shape {shape}; with ByzShield it must be "
-                           f"({n_dev * wpd}, {byz.assignment.load}, rows per file, ...): build it with "
+                           f"({n_dev * wpd}, {byz.assignment.load}, rows per file >= 1, ...): build it with "
                            "byzshield_batch.")
-      elif len(shape) == 0 or shape[0] % n_dev:
+      elif len(shape) == 0 or shape[0] == 0 or shape[0] % n_dev:
         raise ValueError(f"batch{jax.tree_util.keystr(path)} has shape {shape}; its leading size must be a "
-                         f"multiple of the {n_dev} devices (build it with shard_batch).")
+                         f"positive multiple of the {n_dev} devices (build it with shard_batch).")
 
   def step(state: DataParallelState, batch: Any):
     if not isinstance(state, DataParallelState):
@@ -885,6 +920,8 @@ def data_parallel_step(loss_fn: Callable[[Any, Any], jax.Array], tx: optax.Gradi
     if first:
       compiled["mode"] = analyse(state)
       compiled["fn"] = build(compiled["mode"])
+      _check_same_program(compiled["fn"], (state.params, state.opt_state, state.step, batch),
+                          "the data-parallel step")
     params, opt_state, n, metrics = compiled["fn"](state.params, state.opt_state, state.step, batch)
     if first and not bool(np.asarray(metrics["replicas_agree"].addressable_data(0))):
       raise RuntimeError("after the first data-parallel step the parameters differ between devices: the "

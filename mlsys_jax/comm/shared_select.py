@@ -43,6 +43,7 @@ from jax.flatten_util import ravel_pytree
 
 from mlsys_jax._checks import check_floating
 from mlsys_jax.comm import sparse as _sp
+from mlsys_jax.comm.lowrank import _pmean   # (a mean over the workers; 16-bit as sums of x / n)
 
 __all__ = ["LeaderTopkState", "leader_topk", "union_topk"]
 
@@ -60,7 +61,8 @@ class LeaderTopkState(NamedTuple):
       all-reduce, plus the ``k`` int32 indices when it was the leader (the broadcast); with :func:`union_topk`
       its ``k`` indices plus its values on the union; 0 on a skipped step.
     total_bytes: cumulative ``bytes_sent``.
-    nonfinite_steps: steps skipped because some worker's error-compensated gradient held NaN/inf.
+    nonfinite_steps: steps skipped because some worker's error-compensated gradient held NaN/inf, or because the
+      mean would have (a value beyond the gradients' dtype, e.g. float16 gradients over a float32 residual).
     precondition: state of the local ``precondition`` transform, or ``()`` without one.
   """
   residual: Any
@@ -92,7 +94,9 @@ def leader_topk(ratio: float, *, axis_name: str | None = None,
   Non-finite values: when the error-compensated gradient holds NaN/inf on any worker (one ``pmax`` over
   ``axis_name``), every replica skips the step: nothing is sent (output 0, ``bytes_sent`` 0), residuals and
   the ``precondition`` states stay as they were, ``nonfinite_steps`` grows; the step counter (and so the
-  leader rotation) moves on, identically on every replica.
+  leader rotation) moves on, identically on every replica. A step whose mean of finite buffers is inf in the
+  gradients' dtype (float16 gradients over a float32 residual) is skipped the same way. 16-bit means are sums of
+  ``x / n`` (float16 workers' entries of 10^4 would overflow a sum; float32 means are bitwise as before).
 
   Measured (session 18, issue 18; ``experiments/compressed_adam.py --compressors=leader``, mnist1d, 8 workers x
   batch 32, 600 steps, before ``optax.adam(1e-3)``, seeds 0-4): far below Top-k's sparse mean. At 1% -20.68 pt
@@ -199,6 +203,9 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
 
   def init_fn(params):
     check_floating(f"{name}.init", params)
+    if sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params)) == 0:
+      raise ValueError(f"{name}.init needs at least one parameter entry; every leaf of the tree is empty "
+                       f"(it selects k >= 1 of the entries).")
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     z, f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
     return LeaderTopkState(zeros, z, jnp.full((), -1, jnp.int32), f, f, f, z,
@@ -225,8 +232,7 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
         n_union = jnp.int32(k)
       else:
         hit = jax.lax.psum(jnp.zeros((n,), jnp.int32).at[own].set(1), axis_name) > 0   # U, from the indices
-        workers = jax.lax.psum(1, axis_name)
-        out_flat = (jax.lax.psum(jnp.where(hit, vec, 0), axis_name) / workers).astype(flat.dtype)
+        out_flat = _pmean(jnp.where(hit, vec, 0), axis_name).astype(flat.dtype)   # (16-bit: sums of x / n)
         residual = jnp.where(hit, 0, flat)
         n_union = jnp.sum(hit, dtype=jnp.int32)
       nb = jnp.float32(4 * k) + n_union.astype(jnp.float32) * flat.dtype.itemsize
@@ -239,7 +245,7 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
       leader = (state.step % workers).astype(jnp.int32)
       is_leader = jax.lax.axis_index(axis_name) == leader
       idx = jax.lax.psum(jnp.where(is_leader, own, 0), axis_name)   # the leader's indices, on every worker
-      mean = jax.lax.psum(vec[idx], axis_name) / workers            # exact mean of the workers' values
+      mean = _pmean(vec[idx], axis_name)                            # exact mean of the workers' values
     if not union:
       out_flat = jnp.zeros((n,), flat.dtype).at[idx].set(mean.astype(flat.dtype))
       residual = flat.at[idx].set(0)                                # exact: flat - (flat on S)
@@ -247,8 +253,14 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
     if beta != 1.0:   # ScaleCom's low-pass filter: (1 - beta) e + beta (acc - sent)
       old = ravel_pytree(state.residual)[0].astype(flat.dtype)
       residual = ((1.0 - beta) * old + beta * residual).astype(flat.dtype)
-    new_res = _sp._keep_on_skip(finite, unravel(residual), state.residual)
     out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), unravel(out_flat), grads)
+    # a mean of finite buffers beyond the gradients' dtype (float16 gradients over a float32 residual) would be
+    # sent as inf: such a step is skipped like a non-finite one (the mean is the collective's result, the same on
+    # every replica, and so is this decision)
+    fits = _sp._global_finite(jax.tree_util.tree_leaves(out), None)
+    out = jax.tree_util.tree_map(lambda o: jnp.where(fits, o, jnp.zeros((), o.dtype)), out)
+    finite = finite & fits
+    new_res = _sp._keep_on_skip(finite, unravel(residual), state.residual)
     pre_state = _sp._keep_on_skip(finite, pre_state, state.precondition)
     nb = jnp.where(finite, nb, 0.0)
     released = n_union.astype(jnp.float32) if union else jnp.float32(k)
