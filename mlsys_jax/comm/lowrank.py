@@ -242,7 +242,9 @@ def _init_counted(who: str, compressor, params, use: str):
 
 def total_bytes(state: Any) -> float:
   """Cumulative bytes one device sent, from a :class:`PowerSGDState`, an ACCORDION state, a
-  ``SparsifierState``, or an optax chain state that contains one of them (first found)."""
+  ``SparsifierState``, or an optax chain state that contains one of them (first found). The states keep it as a
+  float32 running sum, exact below 2**24 bytes and rounded per addition beyond (``SparsifierState``'s docstring);
+  for exact totals of long runs sum each step's ``bytes_sent`` on the host."""
   f = _state_field(state, "total_bytes")
   if f is None:
     raise ValueError(f"no compression state with total_bytes found in {type(state).__name__}.")
