@@ -337,7 +337,9 @@ def worst_case_distortion(assignment: Assignment, q: int, *, exact: bool | None 
 def spectral_bound(assignment: Assignment, q: int) -> float:
   """ByzShield's spectral upper bound on c_max(q) (Sec. 5) from the second eigenvalue mu_1 of H H^T,
   H = A / sqrt(l r): with beta = (q l / r) / (mu_1 + (1 - mu_1) q / K),
-  c_max <= (q l - beta) / ((r - 1) / 2).
+  c_max <= (q l - beta) / (r' - 1), where r' - 1 = (r - 1) / 2 for odd r. (A distorted file takes at
+  least r' of the q l edges of the Byzantine workers and every other file they touch at least one; under
+  even replication a tie is lost, so r' = r / 2 and the divisor is r / 2 - 1, not (r - 1) / 2.)
 
   Example:
     >>> round(spectral_bound(mols_assignment(5, 3), 3), 3)   # >= c_max(3) = 3
@@ -347,11 +349,14 @@ def spectral_bound(assignment: Assignment, q: int) -> float:
   k, l, r = assignment.num_workers, assignment.load, assignment.replication
   if r < 3:
     raise ValueError("the spectral bound needs replication r >= 3.")
+  check_int("q", q, 0, k)
+  if q == 0:
+    return 0.0
   h = a / np.sqrt(l * r)
   ev = np.sort(np.linalg.eigvalsh(h @ h.T))[::-1]
   mu1 = float(ev[1])
   beta = (q * l / r) / (mu1 + (1 - mu1) * q / k)
-  return (q * l - beta) / ((r - 1) / 2)
+  return (q * l - beta) / (assignment.majority - 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,7 +394,8 @@ def majority_vote(worker_grads: Any, assignment: Assignment, axis_name: str | No
 
   Two copies agree when their bit patterns are equal (default: exact voting, safe only for
   bit-identical honest copies, see the module docstring) or, with a tolerance, when every coordinate
-  satisfies ``|a - b| <= atol + rtol * max(|a|, |b|)``. The winner is the copy that agrees with the most
+  is bit-identical or finite in both with ``|a - b| <= atol + rtol * max(|a|, |b|)`` (so an inf copy
+  never agrees with a finite one through ``rtol * inf``). The winner is the copy that agrees with the most
   copies (itself included); it is taken when that count is a strict majority (``> r / 2``). Otherwise
   (honest copies that do not agree, or a tie under even replication) ``fallback='median'`` returns the
   coordinate-wise median of the ``r`` copies (NaN sorted as +inf) and ``fallback='first'`` the first
@@ -438,9 +444,12 @@ def majority_vote(worker_grads: Any, assignment: Assignment, axis_name: str | No
     bi, bj = _bits(c[:, i]), _bits(c[:, j])
     same = bi == bj
     if not exact:
-      a, b = c[:, i].astype(jnp.float32), c[:, j].astype(jnp.float32)
+      ct = jnp.promote_types(c.dtype, jnp.float32)          # float64 stays float64 (no false agreement)
+      a, b = c[:, i].astype(ct), c[:, j].astype(ct)
       tol = atol + rtol * jnp.maximum(jnp.abs(a), jnp.abs(b))
-      same = same | (jnp.abs(a - b) <= tol)
+      # only finite values agree within a tolerance: with rtol > 0 an inf copy has tol = inf and would
+      # "agree" with every honest copy (non-finite copies agree only bit for bit, above)
+      same = same | (jnp.isfinite(a) & jnp.isfinite(b) & (jnp.abs(a - b) <= tol))
     return jnp.sum(~same, axis=-1, dtype=jnp.int32)
 
   # Mismatch counts of every pair of copies, one fused compare-and-count per pair (no (f, r, r, d) array).
@@ -530,9 +539,13 @@ def _pairwise_sq_dists(grads, axis_name):
   total = 0
   finite = True
   for g in jax.tree_util.tree_leaves(grads):
-    x = g.reshape(g.shape[0], -1).astype(jnp.float32)
+    x = g.reshape(g.shape[0], -1).astype(jnp.promote_types(g.dtype, jnp.float32))   # float64 stays
     ok = jnp.all(jnp.isfinite(x), axis=1)
     x = jnp.where(jnp.isfinite(x), x, 0.0)
+    # Distances are translation invariant: centre on the coordinate-wise median (local to each coordinate
+    # slice under axis_name) so |x|^2 + |y|^2 - 2 x.y does not cancel catastrophically when the gradients
+    # share a large common component (float32 would round their small differences away).
+    x = x - jnp.median(x, axis=0)
     sq = jnp.sum(x * x, axis=1)
     total = total + sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
     finite = finite & ok
