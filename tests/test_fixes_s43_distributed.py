@@ -5,7 +5,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 import sys  # noqa: E402
 
@@ -128,43 +127,50 @@ def test_empty_batches_raise_instead_of_training_on_nan_losses(mesh8):
 
 # --- experiments/train_distributed.py: flag handling --------------------------------------------------------
 
-def _experiment():
-  """experiments/train_distributed.py as a module (its flags on absl's FLAGS, defined once per process)."""
-  if "train_distributed" in sys.modules:
-    return sys.modules["train_distributed"]
-  sys.path.insert(0, str(ROOT / "experiments"))
-  spec = importlib.util.spec_from_file_location("train_distributed", ROOT / "experiments" / "train_distributed.py")
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules["train_distributed"] = mod
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def test_unknown_method_is_rejected_before_any_training(mesh8):
-  # before: --method=dense,sgd trained 'dense' for every step, then raised, and nothing was written
-  mod = _experiment()
-  cfg = {"methods": ["dense", "sgd"], "steps": 1, "batch": 2, "lr": 1e-3, "hidden": 8, "ratio": 0.1, "rank": 1,
-         "accordion_interval": 5, "aggregator": "median", "attack": "none", "byzantine": ["0"], "seed": 0,
-         "log_every": 1, "save_params": False, "out_dir": ""}
-  logs = []
-  with pytest.raises(ValueError, match="sgd"):
-    mod.run(cfg, log=logs.append)
-  assert logs == []
-
-
-@pytest.mark.parametrize("flag", ["--log_every=0", "--steps=-5", "--hidden=0", "--batch=0", "--local_devices=-1"])
-def test_out_of_range_flags_are_rejected_when_parsed(flag):
-  # before: --log_every=0 / --hidden=0 died with ZeroDivisionError after compiling, --steps=-5 wrote results with a
-  # negative dense byte count, --batch=0 / --local_devices=-1 went on
-  from absl import flags
-  _experiment()
+# Run in a child process: the script defines its flags on absl's global FLAGS, where other experiment modules that
+# tests import in the same worker define some of the same names (e.g. --seed).
+_FLAGS_CHILD = r"""
+import importlib.util, pathlib, sys
+from absl import flags
+root = pathlib.Path(sys.argv[1])
+sys.path.insert(0, str(root / "experiments"))
+spec = importlib.util.spec_from_file_location("train_distributed", root / "experiments" / "train_distributed.py")
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+for flag in ["--log_every=0", "--steps=-5", "--hidden=0", "--batch=0", "--local_devices=-1"]:
   try:
-    with pytest.raises(flags.IllegalFlagValueError, match=flag.split("=")[0].lstrip("-")):
-      flags.FLAGS(["train_distributed", flag])
-  finally:
-    flags.FLAGS.unparse_flags()
-  flags.FLAGS(["train_distributed", "--log_every=1", "--steps=1", "--hidden=1", "--batch=1", "--local_devices=0"])
+    flags.FLAGS(["train_distributed", flag])
+    print("ACCEPTED", flag)
+  except flags.IllegalFlagValueError as e:
+    print("REFUSED", flag, flag.split("=")[0].lstrip("-") in str(e))
   flags.FLAGS.unparse_flags()
+flags.FLAGS(["train_distributed", "--log_every=1", "--steps=1", "--hidden=1", "--batch=1", "--local_devices=0"])
+flags.FLAGS.unparse_flags()
+cfg = {"methods": ["dense", "sgd"], "steps": 1, "batch": 2, "lr": 1e-3, "hidden": 8, "ratio": 0.1, "rank": 1,
+       "accordion_interval": 5, "aggregator": "median", "attack": "none", "byzantine": ["0"], "seed": 0,
+       "log_every": 1, "save_params": False, "out_dir": ""}
+logs = []
+try:
+  mod.run(cfg, log=logs.append)
+  print("METHOD ACCEPTED")
+except ValueError as e:
+  print("METHOD REFUSED", "sgd" in str(e), len(logs))
+"""
+
+
+def test_bad_flags_and_unknown_methods_are_rejected_before_any_training():
+  # before: --log_every=0 / --hidden=0 died with ZeroDivisionError after compiling, --steps=-5 wrote results with a
+  # negative dense byte count, --batch=0 / --local_devices=-1 went on; --method=dense,sgd trained 'dense' for every
+  # step, then raised, and nothing was written
+  import subprocess
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", _FLAGS_CHILD, str(ROOT)], env=env, cwd=str(ROOT), capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  for flag in ["--log_every=0", "--steps=-5", "--hidden=0", "--batch=0", "--local_devices=-1"]:
+    assert f"REFUSED {flag} True" in lines, done.stdout
+  assert "METHOD REFUSED True 0" in lines, done.stdout
 
 
 # --- distributed: the replica fingerprint -------------------------------------------------------------------
