@@ -464,6 +464,10 @@ def _compare_pairs(extra, arms) -> list:
   return pairs
 
 
+_MERGE_SAME = ("dataset", "steps", "workers", "batch", "lr", "sidco_distribution", "per_tensor", "dgc_sample_fraction",
+               "dwarmup_factor", "residual_decay", "spread_max", "spread_floor")   # not in the arm names
+
+
 def merge(paths, out_path, compare=()):
   """One JSON from several runs' JSONs (same seeds, Adam equal seed by seed, so every arm is paired)."""
   runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
@@ -471,6 +475,12 @@ def merge(paths, out_path, compare=()):
   acc, sent = {}, {}
   for p, r in zip(paths, runs):
     provenance.check_same_data(base, r, names=(paths[0], p))   # ValueError: trained on other data
+    # settings that the arm names do not carry: the merged JSON records base's, so they must agree
+    other = [f"{k}={r[k]!r} ({paths[0]}: {base[k]!r})" for k in _MERGE_SAME if k in r and k in base and r[k] != base[k]]
+    if other:
+      raise ValueError(f"{p}: run with other settings than {paths[0]}: {', '.join(other)}; its arms would be "
+                       f"labelled with {paths[0]}'s settings. Merge only runs of the same settings (compare "
+                       f"the others with --adam_from or in a pool that keeps each run's settings).")
     if r["seeds"] != base["seeds"] or r["accuracy"]["adam"] != base["accuracy"]["adam"]:
       raise ValueError(f"{p}: seeds {r['seeds']} / Adam {r['accuracy']['adam']} differ from {paths[0]}'s "
                        f"({base['seeds']} / {base['accuracy']['adam']}); its arms are not paired with the others.")
@@ -554,8 +564,16 @@ def _adam_from(path, ds, seeds):
                              script=__file__).get("data_sha256")
   if ref.get("provenance", {}).get("data_sha256") not in (None, digest):
     raise ValueError(f"--adam_from={path}: trained on other data (digest differs).")
-  if ref.get("steps", _STEPS.value) != _STEPS.value:
-    raise ValueError(f"--adam_from={path}: {ref['steps']} steps, this run {_STEPS.value}.")
+  cfg = ref
+  if "steps" not in ref and ref.get("files"):   # a pooled entry: the settings of the first run it pooled
+    cfg = json.loads((pathlib.Path(path).parent / ref["files"][0]).read_text())
+  wrong = [f"{k}={cfg.get(k)!r} (this run: {v!r})" for k, v in (
+      ("dataset", ds.name), ("steps", _STEPS.value), ("workers", _WORKERS.value), ("batch", _BATCH.value),
+      ("lr", _LR.value)) if cfg.get(k) != v]
+  if wrong:
+    raise ValueError(f"--adam_from={path}: its Adam arm was trained with other settings or does not record them: "
+                     f"{', '.join(wrong)}; pass a JSON of a run with this run's --dataset, --steps, --workers, "
+                     f"--batch and --lr, or drop --adam_from to train Adam here.")
   adam = ref["accuracy"]["adam"] if "accuracy" in ref else ref["adam"]
   sent = (ref.get("bytes_per_worker") or ref.get("mb_per_worker"))["adam"]
   by_seed = dict(zip(ref["seeds"], zip(adam, sent)))
