@@ -437,12 +437,12 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
     i = pl.program_id(0)
     jw = jnp.arange(w, dtype=i32)
     thr = plgpu.load(t_ref.at[i * w + jw])
-    t_min = jnp.min(thr)
+    t_min = jnp.min(jnp.where(jnp.isnan(thr), jnp.inf, thr))   # (a NaN threshold counts nothing: not the minimum)
 
     def body(s, acc):
       offs = i * tile + s * c + jnp.arange(c, dtype=i32)
       if skip:   # blocks whose maximum is not above every threshold are not read (zeros never count)
-        need = plgpu.load(bm_ref.at[offs // BLOCK]) > t_min
+        need = jnp.logical_not(plgpu.load(bm_ref.at[offs // BLOCK]) <= t_min)   # (a NaN maximum: read the block)
         v = plgpu.load(x_ref.at[offs], mask=need, other=jnp.zeros((), x_ref.dtype))
       else:
         v = plgpu.load(x_ref.at[offs])
@@ -1053,6 +1053,11 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
       raise ValueError("residual must hold one leaf per addend leaf, of the same size.")
   if any(jnp.result_type(x) != dt for x in addends + ([residual] if flat_res else residual)):
     raise ValueError(f"sum_leaves needs one dtype for every addend and residual leaf (the first is {dt}).")
+  if not sizes.all():   # (empty leaves hold no position; a size-0 operand breaks the interpreter's pallas_call)
+    keep = np.flatnonzero(sizes)
+    addends = [addends[j] for j in keep]
+    residual = residual if flat_res else [residual[j] for j in keep]
+    sizes = sizes[keep]
   tile = THR_BLOCKS * BLOCK
   shift = np.asarray(tile_shift, np.int64)
   limit = np.asarray(tile_limit, np.int64)
@@ -1289,7 +1294,9 @@ def zero_sent(flat: jax.Array, t: jax.Array, tie: jax.Array, last: jax.Array, fi
       cand = (bm >= t)[:, None] & (p <= sc_ref[0])
       v = plgpu.load(flat_ref.at[safe(p, cand)], mask=cand, other=jnp.zeros((), dt))
       hit = cand & _sent(v, t, sc_ref[2], sc_ref[0], p)
-      plgpu.store(out_ref.at[safe(p, hit)], jnp.zeros(p.shape, dt), mask=hit)
+      # (p itself, always in range: the interpreter's masked store writes every lane, the masked-off ones with the
+      # value they read, so masked-off lanes sent to one index (0) wrote flat[0] back over a sent entry 0)
+      plgpu.store(out_ref.at[p], jnp.zeros(p.shape, dt), mask=hit)
 
     @pl.when(sc_ref[1] == 0)
     def _():
