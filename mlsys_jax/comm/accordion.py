@@ -65,8 +65,8 @@ import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import (_all_finite, _global_finite, _initial_q, _keep_warm, _pmean, matrix_shape,
-                                    powersgd_layout, powersgd_step)
+from mlsys_jax.comm.lowrank import (_global_finite, _initial_q, _keep_warm, _pmean, matrix_shape, powersgd_layout,
+                                    powersgd_step)
 from mlsys_jax.comm.sparse import _apply_precondition, _check_precondition, _keep_on_skip
 
 __all__ = [
@@ -310,11 +310,8 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       def f(vec):
         payload = _sp.topk_payload(vec, k)
         sent = _sp.decompress(payload, size, vec.dtype)
-        if axis_name is not None:   # (16-bit payloads summed in float32: 8 entries of 10^4 pass float16's 65504)
-          out = _sp.allgather_mean(payload, size, axis_name, jnp.promote_types(vec.dtype, jnp.float32))
-          out = out.astype(vec.dtype)
-        else:
-          out = sent
+        # (16-bit payloads: allgather_mean sums them in float32)
+        out = _sp.allgather_mean(payload, size, axis_name) if axis_name is not None else sent
         return out, vec - sent, jnp.float32(_sp.payload_bytes(payload))
       return f
 
@@ -346,7 +343,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       nbytes = nbytes + nb
     # a non-finite mean message with finite gradients (16-bit overflow) is the same on every replica: the step
     # is skipped as for a NaN gradient, so no residual turns NaN
-    finite = finite & _all_finite(outs)
+    finite = finite & _global_finite(outs, None)   # (the means: the same on every replica)
     outs = [jnp.where(finite, o, 0).astype(g_raw.dtype) for o, g_raw in zip(outs, raw)]
     new_res = [jnp.where(finite, r, res) for r, res in zip(new_res, res_leaves)]
     new_q = [jnp.where(finite, qn, q) for qn, q in zip(new_q, state.q)]

@@ -84,6 +84,7 @@ import optax
 from mlsys_jax._checks import check_choice, check_floating, check_int
 from mlsys_jax.comm import sparse as _sp
 from mlsys_jax.comm.lowrank import _init_counted, _state_field
+from mlsys_jax.comm.warmup import _compressor_axes
 
 __all__ = ["FrozenRMSState", "GradientUnitsState", "LeafRMSState", "SpreadState", "StalenessTopkState",
            "decay_residual", "gradient_units", "rms_selection", "scale_by_frozen_rms", "scale_by_leaf_rms",
@@ -391,7 +392,7 @@ def spread_releases(compressor: optax.GradientTransformation, *, mode: str = "le
     # flag on every replica) is skipped here too: output 0, the pending deliveries kept for the next steps
     skipped = _nonfinite_total(inner) > _nonfinite_total(state.inner_state)
     out = jax.tree_util.tree_map(lambda o, g: jnp.where(skipped, 0, o).astype(g.dtype), unf(0), updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(skipped, o, n), new, old)
+    keep = lambda new, old: _sp._keep_on_skip(~skipped, new, old)   # noqa: E731
     sent = jnp.asarray(_state_field(inner, "bytes_sent"), jnp.float32)
     rel = sum((p[5] for p in parts), jnp.zeros((), jnp.float32))
     return out, SpreadState(t + 1, inner, keep(unf(1), state.last), keep(unf(2), state.pending),
@@ -676,8 +677,7 @@ def _check_units_axis(compressor, axis_name, updates, inner_state, params) -> No
   """ValueError when ``compressor.update`` communicates over axes and ``axis_name`` is not one of them: each
   replica would scale the shared aggregate by its own (or another axis' mean) factor, and the replicas drift
   apart. Traced abstractly at trace time (nothing runs)."""
-  from mlsys_jax.comm.distributed import collective_axes   # (imports this package)
-  axes = set(collective_axes(lambda u, s: compressor.update(u, s, params)[0], updates, inner_state))
+  axes = _compressor_axes(compressor, updates, inner_state, params)
   if axes and axis_name not in axes:
     raise ValueError(f"gradient_units(axis_name={axis_name!r}) wraps a compressor that communicates over "
                      f"{sorted(axes)}: the per-leaf factor must be averaged over the same axis or the replicas "

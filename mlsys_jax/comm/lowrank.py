@@ -185,11 +185,6 @@ def powersgd_step(m: jax.Array, q: jax.Array, axis_name: str | None = None
   return p @ q_new.T, p, q_new
 
 
-def _all_finite(arrays) -> jax.Array:
-  """True when every array is finite (no collective: for arrays that are the same on every replica)."""
-  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in arrays] or [True]))
-
-
 def _keep_warm(q_new: jax.Array, q_old: jax.Array) -> jax.Array:
   """Warm start for the next step: columns of ``q_new`` that are exactly zero keep ``q_old``."""
   alive = jnp.any(q_new != 0, axis=0, keepdims=True)
@@ -341,7 +336,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     # A message that overflowed (16-bit) or a residual+gradient that did (acc inf) gives a non-finite mean on
     # every replica alike (it is the collectives' output): the step is skipped as for a NaN gradient, so the
     # residual never turns NaN.
-    finite = finite & _all_finite(outs)
+    finite = finite & _global_finite(outs, None)   # (the means: the same on every replica)
     for i, q in enumerate(state.q):
       if q.size:
         new_res[i] = jnp.where(finite, accs[i] - outs[i], res_leaves[i])

@@ -62,12 +62,17 @@ class WarmupState(NamedTuple):
   nonfinite_steps: jax.Array
 
 
+def _compressor_axes(compressor, updates, inner_state, params) -> set:
+  """The mapped axes ``compressor.update`` communicates over, traced abstractly at trace time (nothing runs)."""
+  from mlsys_jax.comm.distributed import collective_axes   # (imports this module)
+  return set(collective_axes(lambda u, s: compressor.update(u, s, params)[0], updates, inner_state))
+
+
 def _check_same_axis(compressor, axis_name, updates, inner_state, params) -> None:
   """ValueError unless ``compressor.update`` communicates over ``axis_name`` (or over nothing when it is None):
   a warm-up that averages over another axis than the compressor (or not at all) leaves the replicas different
-  from each other. Traced abstractly at trace time (nothing runs)."""
-  from mlsys_jax.comm.distributed import collective_axes   # (imports this module)
-  axes = set(collective_axes(lambda u, s: compressor.update(u, s, params)[0], updates, inner_state))
+  from each other."""
+  axes = _compressor_axes(compressor, updates, inner_state, params)
   if axis_name is None and axes:
     raise ValueError(f"dense_warmup(axis_name=None) wraps a compressor that communicates over {sorted(axes)}: "
                      f"the warm-up would return each replica's own gradient, so the replicas drift apart; pass "
