@@ -173,24 +173,54 @@ def mols_assignment(l: int, r: int) -> Assignment:
 
 def ramanujan_assignment(s: int, m: int) -> Assignment:
   """ByzShield's Ramanujan-bigraph assignment (Sec. 4.2), from the array ``B`` whose ``(i, j)`` block is
-  ``P^(i j)`` (``P`` the ``s x s`` cyclic shift), ``i < s``, ``j < m``.
+  ``P^(i j)`` (``P`` the ``s x s`` cyclic shift, ``P[a, a + 1 mod s] = 1``), ``i < s``, ``j < m``; ``B`` is
+  ``s^2 x m s``, every row has ``m`` ones and every column ``s`` (the array-code construction of unbalanced
+  Ramanujan bigraphs of Burnwal, Sinha and Vidyasagar, arXiv:1910.03937, "Deterministic Completion of
+  Rectangular Matrices Using Ramanujan Bigraphs -- II", the reference of the official code).
 
-  - Case 1, ``m < s``: workers are the columns of ``B``: K = m s, f = s^2, l = s, r = m.
+  - Case 1, ``m < s``: workers are the columns of ``B`` (the assignment is ``B^T``): K = m s, f = s^2,
+    l = s, r = m. Worker ``(j, c)`` holds the files ``(i, c - i j mod s)``, ``i < s``; two workers of
+    different block columns share exactly one file, of the same block column none (the parameters and
+    the sharing pattern of MOLS with l = s, r = m).
   - Case 2, ``m >= s`` and ``s | m``: workers are the rows of ``B``: K = s^2, f = m s, l = m, r = s.
+    Worker ``(i, a)`` holds the files ``(j, a + i j mod s)``, ``j < m``; two workers of different block
+    rows share exactly ``m / s`` files, of the same block row none. Since ``P^s = I``, block column
+    ``j + s`` equals block column ``j``: for ``m = k s`` the matrix is ``k`` side-by-side copies of the
+    ``m = s`` one, so for ``k >= 2`` each worker set holds ``k`` files (the columns repeat) and
+    ``c_max(q)`` is exactly ``k`` times that of ``m = s`` (same eps, ``k`` times the load). This is the
+    paper's construction (and the official code's ``rama_two``), kept as is; ``m = s`` is the setting
+    the paper evaluates (K = f = 25, l = r = 5) and the only case-2 one in which workers share at most
+    one file.
 
-  Exists for prime ``s``.
+  In both cases the worker Gram matrix ``A A^T`` has eigenvalues ``l r`` (once), ``l`` and 0, so the
+  second singular value of the biadjacency matrix is ``sqrt(l)``, within the Ramanujan bound
+  ``sqrt(l - 1) + sqrt(r - 1)`` (``2 sqrt(d - 1)`` when l = r = d) exactly when ``r >= 2``; and
+  ``mu_1 = 1 / r`` for :func:`spectral_bound`.
+
+  Exists for prime ``s`` (with composite ``s`` two workers can share more files, e.g. s=4, m=3) and
+  ``m >= 2`` (``m = 1`` gives ``s`` workers with disjoint files: r = 1 in case 1, no redundancy, and not
+  a Ramanujan bigraph). (The official code's ``P`` is the transpose, ``P[a, a - 1 mod s] = 1``; that only
+  reorders the block rows ``i -> -i mod s``, i.e. relabels files in case 1 and workers in case 2.)
 
   Example:
     >>> a = ramanujan_assignment(5, 3)                       # case 1: K = m s, f = s^2, l = s, r = m
     >>> a.name, a.num_workers, a.num_files, a.load, a.replication
     ('Ramanujan(s=5, m=3, case 1)', 15, 25, 5, 3)
+    >>> b = ramanujan_assignment(5, 5)                       # case 2: K = s^2, f = m s, l = m, r = s
+    >>> b.name, b.num_workers, b.num_files, b.load, b.replication
+    ('Ramanujan(s=5, m=5, case 2)', 25, 25, 5, 5)
   """
   check_int("s", s, 2)
   check_int("m", m, 1)
   if not _is_prime(s):
     raise ValueError(f"ramanujan_assignment needs a prime s, got s={s}.")
+  if m < 2:
+    raise ValueError(f"ramanujan_assignment needs m >= 2, got m={m}: m = 1 gives s workers with disjoint "
+                     "files (replication r = 1, no vote) and its biadjacency matrix is not a Ramanujan "
+                     "bigraph (second singular value sqrt(s) > sqrt(s - 1)).")
   if m >= s and m % s:
-    raise ValueError(f"case 2 (m >= s) needs s | m, got s={s}, m={m}.")
+    raise ValueError(f"case 2 (m >= s) needs s | m, got s={s}, m={m}; use m < s (case 1) or a multiple "
+                     f"of s such as m={s * (m // s)} or m={s * (m // s + 1)}.")
   b = np.zeros((s * s, m * s), np.int8)
   a = np.arange(s)
   for i in range(s):
@@ -267,9 +297,11 @@ def worst_case_distortion(assignment: Assignment, q: int, *, exact: bool | None 
                           ) -> tuple[int, np.ndarray]:
   """c_max(q): the most files ``q`` colluding workers can distort, and one worst set.
 
-  ``exact=True`` enumerates all C(K, q) subsets (vectorized in chunks); ``exact=False`` runs a greedy
-  construction followed by swap local search from ``restarts`` random starts (a lower bound on c_max).
-  By default the exact search runs when C(K, q) <= ``max_subsets``.
+  ``exact=True`` enumerates all C(K, q) subsets (vectorized in chunks). ``exact=False`` is a heuristic
+  local search, not a greedy construction: from each of ``restarts`` uniformly random q-subsets (drawn
+  with ``seed``) it swaps one chosen worker for one unchosen worker, taking the first swap that strictly
+  increases the number of distorted files, until no single swap does; it returns the best of these
+  local optima, a lower bound on c_max. By default the exact search runs when C(K, q) <= ``max_subsets``.
 
   Returns:
     ``(c_max, workers)``; ``eps = c_max / f``.
