@@ -13,7 +13,8 @@ on CPUs through gloo. This module holds the few pieces that turn a single-proces
   seconds instead of hanging (or aborting inside XLA).
 - :func:`global_mesh`, :func:`shard_batch` (each process's part of the global batch -> one global array),
   :func:`local_batch_slice` (which rows of the global batch this process loads), :func:`byzshield_batch`
-  (the redundant worker/file layout of ByzShield).
+  (the redundant worker/file layout of ByzShield; a global batch that differs between processes raises
+  ``ValueError`` on every process).
 - :func:`check_same_across_processes`: every process must hold the same parameter tree (paths, shapes,
   dtypes and, optionally, values) and the same number of local devices; a mismatch raises ``ValueError``
   naming the leaf or the device counts, on every process (nobody is left waiting in a collective).
@@ -52,6 +53,7 @@ heartbeat (``heartbeat_timeout``), which terminates the others (XLA's behaviour,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -420,6 +422,17 @@ def _process_mesh() -> Mesh:
   return Mesh(np.array([first[p] for p in range(jax.process_count())], dtype=object), ("processes",))
 
 
+@functools.lru_cache(maxsize=None)
+def _replicating_identity(mesh: Mesh) -> Callable:
+  """One jitted identity per process mesh (a fresh ``jax.jit(lambda ...)`` per call re-traced and
+  re-compiled every time: about 30 ms per all-gather on 2 processes x 4 CPU devices)."""
+  return jax.jit(_identity, out_shardings=NamedSharding(mesh, P()))
+
+
+def _identity(a: jax.Array) -> jax.Array:
+  return a
+
+
 def _allgather_processes(x: np.ndarray) -> np.ndarray:
   """Stack a same-shape numpy array from every process: ``(process_count, *x.shape)`` on each."""
   x = np.asarray(x)
@@ -427,14 +440,14 @@ def _allgather_processes(x: np.ndarray) -> np.ndarray:
     return x[None]
   mesh = _process_mesh()
   arr = jax.make_array_from_process_local_data(NamedSharding(mesh, P("processes")), x[None])
-  out = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))(arr)
+  out = _replicating_identity(mesh)(arr)
   return np.asarray(out.addressable_data(0))
 
 
 def _allgather_text(text: str) -> list[str]:
   raw = np.frombuffer(text.encode(), np.uint8)
   lengths = _allgather_processes(np.array([raw.size], np.int64))[:, 0]
-  buf = np.zeros((int(lengths.max()),), np.uint8)
+  buf = np.zeros((-(-int(lengths.max()) // 256) * 256,), np.uint8)   # few distinct shapes: few compilations
   buf[:raw.size] = raw
   rows = _allgather_processes(buf)
   return [bytes(rows[i, :int(n)]).decode() for i, n in enumerate(lengths)]
@@ -636,17 +649,95 @@ def _slots(num_workers: int, num_devices: int) -> tuple[int, np.ndarray]:
   return wpd, (w % num_devices) * wpd + w // num_devices
 
 
-def byzshield_batch(mesh: Mesh, spec: ByzShieldReduce, global_batch: Any, axis_name: str | None = None
-                    ) -> Any:
+def _batch_leaf_digest(x: np.ndarray) -> str:
+  """SHA-256 (hex) of the bytes of a host array (object arrays: of their ``repr``)."""
+  if x.dtype.hasobject:
+    return hashlib.sha256(repr(x.tolist()).encode()).hexdigest()
+  return hashlib.sha256(np.ascontiguousarray(x).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _check_same_batch(global_batch: Any, name: str) -> None:
+  """Raise ``ValueError`` on every process unless every process passed the same ``global_batch``.
+
+  Compares the tree structure and each leaf's path, shape, dtype and SHA-256 of its bytes, through the
+  fixed-size all-gathers of :func:`check_same_across_processes` (one JSON description per process). The
+  message names the first leaf that differs, what differs (shape/dtype or content hash) and which processes
+  hold each version. With one process it checks nothing (and hashes nothing).
+  """
+  if jax.process_count() == 1:
+    return
+  flat, treedef = jax.tree_util.tree_flatten_with_path(global_batch)
+  leaves = []
+  for path, leaf in flat:
+    x = np.asarray(leaf)
+    leaves.append([jax.tree_util.keystr(path), list(x.shape), str(x.dtype), _batch_leaf_digest(x)])
+  texts = _allgather_text(json.dumps({"treedef": str(treedef), "leaves": leaves}))
+  descs = [json.loads(t) for t in texts]
+  fix = (f"{name} must be identical on every process: draw it with the same seed on every process (e.g. "
+         "np.random.default_rng([seed, step]), not a seed that depends on the process id, and the same "
+         "step count), or broadcast process 0's batch (jax.experimental.multihost_utils.broadcast_one_to_all).")
+
+  def procs(ps: list[int]) -> str:
+    return f"process {ps[0]}" if len(ps) == 1 else "processes " + ", ".join(map(str, ps))
+
+  def groups(key: Callable[[dict], Any]) -> list[tuple[Any, list[int]]]:
+    out: dict[Any, list[int]] = {}
+    for p, d in enumerate(descs):
+      out.setdefault(key(d), []).append(p)
+    return list(out.items())
+
+  structure = groups(lambda d: (d["treedef"], tuple(l[0] for l in d["leaves"])))
+  if len(structure) > 1:
+    same_paths = len({paths for (_, paths), _ in structure}) == 1   # e.g. a tuple here, a list there
+    parts = "; ".join(f"{procs(ps)}: " + (treedef if same_paths else f"leaves {list(paths) if paths else '(none)'}")
+                      for (treedef, paths), ps in structure)
+    raise ValueError(f"processes disagree: {name} has a different tree structure on different processes "
+                     f"({parts}). {fix}")
+  for i, (path, _, _, _) in enumerate(descs[0]["leaves"]):
+    kinds = groups(lambda d: (tuple(d["leaves"][i][1]), d["leaves"][i][2]))
+    if len(kinds) > 1:
+      parts = " but ".join(f"shape {shape} {dtype} on {procs(ps)}" for (shape, dtype), ps in kinds)
+      raise ValueError(f"processes disagree: {name}{path} has {parts}. {fix}")
+    hashes = groups(lambda d: d["leaves"][i][3])
+    if len(hashes) > 1:
+      shape, dtype = tuple(descs[0]["leaves"][i][1]), descs[0]["leaves"][i][2]
+      parts = " but ".join(f"{h[:16]} on {procs(ps)}" for h, ps in hashes)
+      raise ValueError(f"processes disagree: {name}{path} (shape {shape} {dtype}) holds different values on "
+                       f"different processes (SHA-256 of its bytes {parts}). {fix}")
+
+
+def byzshield_batch(mesh: Mesh, spec: ByzShieldReduce, global_batch: Any, axis_name: str | None = None, *,
+                    check: bool = True) -> Any:
   """The ByzShield layout of a global batch, as global arrays for :func:`data_parallel_step`.
 
   ``global_batch`` (identical on every process: e.g. the same seeded sampling) is cut into the ``f``
   files of the assignment (consecutive equal blocks of rows); each leaf becomes ``(D * w, l, rows per
   file, ...)`` split over the devices: device ``d``, slot ``s`` holds worker ``s D + d``'s ``l`` files
   (zeros in padding slots). Each process builds only its own devices' rows.
+
+  With several processes and ``check=True`` (default), every call verifies that all processes passed the
+  same ``global_batch``: tree structure, each leaf's shape, dtype and SHA-256 of its bytes, compared through
+  the small all-gathers of :func:`check_same_across_processes` (0.4 ms of hashing for 252 x 28 x 28 float32
+  images + labels, about 2.5 ms in all on 2 processes x 4 CPU devices, against a 31 ms step). A mismatch
+  raises ``ValueError: processes disagree: ...`` on every process, naming the leaf, what differs (shapes and
+  dtypes, or the hashes) and the process ids; without it the vote would compare "copies" of files that
+  differ, silently. Every process must then call it the same number of times (it is a collective, queued
+  behind the previous step on each process's first device). ``check=False`` skips it, for a batch that is
+  identical by construction (e.g. broadcast from process 0). With one process nothing is compared.
+
+  Example (one process)::
+
+    >>> from mlsys_jax import robust
+    >>> spec = byzshield_reduce(robust.ramanujan_assignment(3, 3))   # 9 workers, 9 files, l = 3
+    >>> n = len(jax.devices())
+    >>> b = byzshield_batch(global_mesh(), spec, np.arange(18.0).reshape(18, 1))
+    >>> b.shape == (n * -(-9 // n), 3, 2, 1)
+    True
   """
   axis_name = mesh.axis_names[0] if axis_name is None else axis_name
   n_dev = _mesh_axis(mesh, axis_name)
+  if check:   # before the local shape checks below, so that a process with another batch shape raises the
+    _check_same_batch(global_batch, "global_batch")   # same error as its peers instead of leaving them waiting
   a = spec.assignment
   wpd, _ = _slots(a.num_workers, n_dev)
   sharding = NamedSharding(mesh, P(axis_name))
