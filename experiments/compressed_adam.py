@@ -468,6 +468,17 @@ _MERGE_SAME = ("dataset", "steps", "workers", "batch", "lr", "sidco_distribution
                "dwarmup_factor", "residual_decay", "spread_max", "spread_floor")   # not in the arm names
 
 
+def check_same_settings(base, run, names, why: str = ""):
+  """Refuse (ValueError naming ``names[1]``, each setting and both values) a run whose settings outside the arm
+  names (``_MERGE_SAME``: data set, steps, workers, batch, lr and the flags the arm names do not carry) differ from
+  ``base``'s (a setting recorded by only one of the two is not compared). Used by --merge and by the pools of
+  ``experiments/results/compressed_adam_pool.py``: runs put together may differ in their seeds only."""
+  other = [f"{k}={run[k]!r} ({names[0]}: {base[k]!r})" for k in _MERGE_SAME
+           if k in run and k in base and run[k] != base[k]]
+  if other:
+    raise ValueError(f"{names[1]}: run with other settings than {names[0]}: {', '.join(other)}; {why}")
+
+
 def merge(paths, out_path, compare=()):
   """One JSON from several runs' JSONs (same seeds, Adam equal seed by seed, so every arm is paired)."""
   runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
@@ -476,11 +487,9 @@ def merge(paths, out_path, compare=()):
   for p, r in zip(paths, runs):
     provenance.check_same_data(base, r, names=(paths[0], p))   # ValueError: trained on other data
     # settings that the arm names do not carry: the merged JSON records base's, so they must agree
-    other = [f"{k}={r[k]!r} ({paths[0]}: {base[k]!r})" for k in _MERGE_SAME if k in r and k in base and r[k] != base[k]]
-    if other:
-      raise ValueError(f"{p}: run with other settings than {paths[0]}: {', '.join(other)}; its arms would be "
-                       f"labelled with {paths[0]}'s settings. Merge only runs of the same settings (compare "
-                       f"the others with --adam_from or in a pool that keeps each run's settings).")
+    check_same_settings(base, r, (paths[0], p), why=(
+        f"its arms would be labelled with {paths[0]}'s settings. Merge only runs of the same settings (compare "
+        f"the others with --adam_from or in a pool that keeps each run's settings)."))
     if r["seeds"] != base["seeds"] or r["accuracy"]["adam"] != base["accuracy"]["adam"]:
       raise ValueError(f"{p}: seeds {r['seeds']} / Adam {r['accuracy']['adam']} differ from {paths[0]}'s "
                        f"({base['seeds']} / {base['accuracy']['adam']}); its arms are not paired with the others.")

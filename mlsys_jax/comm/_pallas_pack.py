@@ -50,6 +50,60 @@ ROWS = 64           # candidate blocks per program when counting / writing (pack
 MAX_TILES = 8192    # tiles/groups are widened so that their counts fit one in-kernel vector
 THR_BLOCKS = 64     # blocks per threshold tile: a threshold array holds one threshold per 4096 entries
 
+# In-kernel offsets, block ids, positions and counts are int32 (``program_id * span + arange``, ``ids * BLOCK +
+# arange``, compared with the static length ``n``). Past 2**31 - 1 they wrap to negative values, which pass the
+# ``offs < n`` masks: wrong blocks read or written, silently (where a static length past int32 meets an int32 array,
+# jax raises an OverflowError instead, deep in tracing). Every public entry point below refuses, at trace time
+# (static shapes), a size whose largest int32 value would not fit (``_check_int32``, a ValueError naming the size,
+# the limit and what to do). The largest sizes accepted, default parameters: 2**31 - 1 entries for tile_stats /
+# block_stats, pack_above, pack_above_all_tiles, search_pass / search_bits, and seg_search_pass (rows x columns: its
+# int32 counts); 2**31 for tile_counts_above and zero_sent (no static length compared in-kernel: the last offset,
+# 2**31 - 1, fits); for kept_from_padded, write_leaves and write_sent a flat buffer of 2**31 with at most 2**31 - 1
+# real entries, resp. a leaf of at most 2**31 - 1; 2**31 - 4096 padded entries for sum_leaves (its int32 table
+# holds each tile's end, up to the buffer's length: the padded layout's tables are int32 too); 2**31 - 1 block
+# maxima for kth_blocks; payload capacities up to 2**31 + 1 minus the entries one program ranks past its base.
+# A program span that is not a power of two (tile_blocks=96) lowers a limit: offsets are rounded up to whole spans.
+INT32_MAX = 2**31 - 1
+
+
+def _span_fits(n: int, span: int) -> bool:
+  """Programs of ``span`` entries over ``n`` entries, whose offsets are compared in-kernel with ``n``: ``n`` and
+  every lane's offset (at most ``ceil(n / span) * span - 1``) fit int32."""
+  return n <= INT32_MAX and -(-n // span) * span <= 2**31
+
+
+def _largest_fitting(fits) -> int:
+  """The largest size ``m`` in ``[0, 2**33)`` with ``fits(m)`` (``fits`` holds from 0 up to a point, then not)."""
+  lo, hi = 0, 2**33
+  if not fits(lo):
+    return -1
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo
+
+
+def _check_int32(fn: str, n: int, fits, what: str = "entries", hint: str = ""):
+  """Refuse (ValueError at trace time) a size ``n`` for which ``fits`` says an int32 in-kernel offset or count of
+  ``fn`` would wrap, naming the largest size that fits and what to do."""
+  n = int(n)
+  if fits(n):
+    return
+  limit = _largest_fitting(fits)
+  raise ValueError(
+      f"{fn}: {n} {what} is more than its int32 in-kernel offsets address correctly: at most {limit} {what} here "
+      f"(past that they would wrap: wrong entries read or written, silently). {hint}Split the data so that each "
+      f"buffer holds at most {limit} {what} (e.g. compress the gradient tree in parts, or shard it over more "
+      f"devices); the XLA path is no way around it (its payload indices and positions are int32 too).")
+
+
+def _check_capacity(fn: str, capacity: int, past: int):
+  """Refuse a payload ``capacity`` whose slots plus the ``past`` entries one program may rank beyond its base
+  (``base < capacity``) would wrap int32."""
+  if int(capacity) + past - 2 > INT32_MAX:
+    raise ValueError(f"{fn}: capacity {capacity} is too large for its int32 payload slots (at most "
+                     f"{INT32_MAX + 2 - past} here); use a smaller capacity.")
+
 
 def available() -> bool:
   """Whether the Pallas Triton primitives exist in this jax."""
@@ -149,6 +203,9 @@ def tile_stats(x: jax.Array, *, interpret: bool | None = None, tile_blocks: int 
   tile_blocks = tile_blocks or STATS_BLOCKS
   num_warps = num_warps or STATS_WARPS
   n = x.shape[0]
+  _check_int32("tile_stats", n, functools.partial(_span_fits, span=tile_blocks * BLOCK),
+               hint="" if tile_blocks & (tile_blocks - 1) else
+               f"(tile_blocks={tile_blocks}: a power of two allows up to {INT32_MAX}.) ")
   nb = -(-n // BLOCK)
   tiles = -(-nb // tile_blocks)
   tb = tile_blocks
@@ -180,6 +237,10 @@ def pack_above_all_tiles(x: jax.Array, threshold: jax.Array, capacity: int, bloc
   tile_blocks = tile_blocks or TILE_BLOCKS
   num_warps = num_warps or NUM_WARPS
   n = x.shape[0]
+  # (block ids reach ceil(nb / tb) * tb - 1; offsets of candidate blocks nb * 64 - 1, the others masked by block)
+  _check_int32("pack_above_all_tiles", n,
+               lambda m: m <= INT32_MAX and -(-(-(-m // BLOCK)) // tile_blocks) * tile_blocks <= 2**31)
+  _check_capacity("pack_above_all_tiles", capacity, tile_blocks * BLOCK)
   nb = _num_blocks(n, block_max)
   tb = tile_blocks
   tiles = -(-nb // tb)
@@ -239,6 +300,18 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
   """
   num_warps = num_warps or NUM_WARPS
   n = x.shape[0]
+
+  def spans(m):   # (list and row programs of m entries: their block spans)
+    nb_, cap_ = -(-m // BLOCK), min(-(-m // BLOCK), capacity)
+    return (list_blocks or max(LIST_BLOCKS, _pow2(-(-nb_ // MAX_TILES))),
+            rows or max(ROWS, _pow2(-(-cap_ // MAX_TILES))), nb_, cap_)
+
+  def fits(m):    # n and block offsets (candidate ids < nb) fit; list / row ids reach ceil(./span) * span - 1
+    lb_, rb_, nb_, cap_ = spans(m)
+    return m <= INT32_MAX and -(-nb_ // lb_) * lb_ <= 2**31 and -(-cap_ // rb_) * rb_ <= 2**31
+
+  _check_int32("pack_above", n, fits)
+  _check_capacity("pack_above", capacity, max(spans(n)[0], spans(n)[1] * BLOCK))   # (list ranks, payload slots)
   nb = _num_blocks(n, block_max)
   cap_b = min(nb, capacity)
   lb = list_blocks or max(LIST_BLOCKS, _pow2(-(-nb // MAX_TILES)))
@@ -338,6 +411,10 @@ def kth_blocks(block_max: jax.Array, big: jax.Array, k, capacity: int, *, interp
     raise ValueError(f"capacity must be >= 1, got {capacity}.")
   capacity = int(capacity)
   nb = block_max.shape[0]
+  lb_of = lambda m: list_blocks or max(LIST_BLOCKS, _pow2(-(-m // MAX_TILES)))
+  _check_int32("kth_blocks", nb, lambda m: m <= INT32_MAX and -(-m // lb_of(m)) * lb_of(m) <= 2**31,
+               what="block maxima")
+  _check_capacity("kth_blocks", capacity, lb_of(nb))
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   lb = list_blocks or max(LIST_BLOCKS, _pow2(-(-nb // MAX_TILES)))
@@ -421,6 +498,8 @@ def tile_counts_above(x: jax.Array, thresholds: jax.Array, block_max: jax.Array 
   w = t.shape[1]
   if t.shape != (tiles, w) or w & (w - 1):
     raise ValueError(f"thresholds must have shape ({tiles}, W) with W a power of two, got {t.shape}.")
+  # (offsets up to n - 1, threshold / count slots up to tiles * W - 1; no static n compared in-kernel)
+  _check_int32("tile_counts_above", n, lambda m: m <= 2**31 and -(-m // tile) * w <= 2**31)
   c = min(tile, chunk or max(128, COUNT_CHUNK * 16 // max(w, 16)))
   steps = tile // c
   i32 = jnp.int32
@@ -573,6 +652,7 @@ def search_pass(x: jax.Array, bounds: jax.Array, counters: jax.Array, j: int, *,
     raise ValueError(f"search_pass needs a 1-D float32 array, got {x.dtype}{tuple(x.shape)}.")
   _check_bounds(ways, bounds, (3,))
   _check_counters(counters, ways, f"passes * {ways}", j)
+  _check_int32("search_pass", n, functools.partial(_span_fits, span=PASS_CHUNK))   # (counts <= n fit too)
   progs = max(1, -(-n // PASS_CHUNK))
   i32 = jnp.int32
 
@@ -665,6 +745,10 @@ def seg_search_pass(rows: jax.Array, row_seg: jax.Array, bounds: jax.Array, coun
                      f"{row_seg.dtype}{tuple(row_seg.shape)}.")
   ns = bounds.shape[1]
   _check_counters(counters, (ns + 1) * ways, f"passes * ({ns} + 1) * {ways}", j)
+  # (live offsets up to nr * nc - 1 and a segment's count up to nr * nc; row ids reach ceil(nr / 16) * 16 - 1)
+  _check_int32("seg_search_pass", nr * nc,
+               lambda m: m <= INT32_MAX and -(-(-(-m // max(nc, 1))) // SEG_ROWS) * SEG_ROWS <= 2**31,
+               what="entries (rows x columns)")
   progs = max(1, -(-nr // SEG_ROWS))
   i32 = jnp.int32
 
@@ -747,7 +831,7 @@ def _pow2_divisor(values, cap: int = 16) -> int:
   return cap if g == 0 else min(cap, g & -g)
 
 
-def _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite):
+def _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite, fn: str, tile: int):
   """The leaf writers' checked arguments: ``(sizes, offsets, t_leaf, tie_leaf, scal)`` (static int lists, the
   per-leaf float32 thresholds and int32 tie cuts, and ``[last, finite]`` as int32)."""
   sizes = [int(s) for s in sizes]
@@ -756,6 +840,9 @@ def _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite):
     raise ValueError(f"sizes and offsets must have the same length, got {len(sizes)} and {len(offsets)}.")
   if any(o < 0 or o + s > flat.shape[0] for s, o in zip(sizes, offsets)):
     raise ValueError(f"every leaf must lie inside flat (length {flat.shape[0]}).")
+  # (positions offset + r up to len(flat) - 1 where loaded; r up to ceil(size / tile) * tile - 1, compared with size)
+  _check_int32(fn, flat.shape[0], lambda m: m <= 2**31, what="entries (the flat buffer)")
+  _check_int32(fn, max(sizes, default=0), functools.partial(_span_fits, span=tile), what="entries (one leaf)")
   i32 = jnp.int32
   t_leaf = jnp.asarray(t_leaf, jnp.float32).reshape(-1)
   tie_leaf = jnp.asarray(tie_leaf, i32).reshape(-1)
@@ -821,7 +908,8 @@ def write_leaves(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: j
   tile = tile or WRITE_TILE
   group = group or WRITE_GROUP
   num_warps = num_warps or WRITE_WARPS
-  sizes, offsets, t_leaf, tie_leaf, scal = _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite)
+  sizes, offsets, t_leaf, tie_leaf, scal = _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite,
+                                                      "write_leaves", tile)
   if old is None:
     old = [None] * len(sizes)
   if in_place and any(o is None for o in old):
@@ -924,7 +1012,8 @@ def write_sent(flat: jax.Array, sizes, offsets, t_leaf: jax.Array, tie_leaf: jax
   tile = tile or WRITE_TILE
   group = group or WRITE_GROUP
   num_warps = num_warps or WRITE_WARPS
-  sizes, offsets, t_leaf, tie_leaf, scal = _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite)
+  sizes, offsets, t_leaf, tie_leaf, scal = _leaf_args(flat, sizes, offsets, t_leaf, tie_leaf, last, finite,
+                                                      "write_sent", tile)
   nb = -(-flat.shape[0] // BLOCK)
   if block_max.shape != (nb,):
     raise ValueError(f"block_max must hold one maximum per {BLOCK} entries of flat, shape ({nb},), got "
@@ -1064,6 +1153,14 @@ def sum_leaves(addends, residual, tile_shift, tile_limit, *, interpret: bool | N
   tiles = shift.shape[0]
   if limit.shape != (tiles,):
     raise ValueError(f"tile_shift and tile_limit must have one entry per tile, got {shift.shape} and {limit.shape}.")
+  # (padded positions up to tiles * 4096 - 1, stored unmasked; the int32 table holds each tile's end, up to
+  # tiles * 4096, and its shift and limit; real positions and leaf sizes are compared with static ints)
+  _check_int32("sum_leaves", tiles * tile, lambda m: -(-m // tile) * tile + tile <= 2**31, what="padded entries")
+  _check_int32("sum_leaves", n_real, lambda m: m <= INT32_MAX, what="real entries")
+  if shift.size and (shift.min() < -2**31 or shift.max() > INT32_MAX or limit.min() < -2**31
+                     or limit.max() > INT32_MAX):
+    raise ValueError("sum_leaves: tile_shift / tile_limit hold values outside int32 (its in-kernel table); split "
+                     "the data so that each padded buffer holds fewer than 2**31 entries.")
   roff = np.concatenate([[0], np.cumsum(sizes)[:-1]])
   p0 = np.arange(tiles, dtype=np.int64) * tile
   q0 = p0 + shift                                         # first real position of each tile
@@ -1177,6 +1274,9 @@ def kept_from_padded(flat: jax.Array, seg_n, seg_start, t_seg: jax.Array, tie_se
     raise ValueError("every segment must lie inside flat (seg_start, seg_n).")
   if old.dtype != flat.dtype:
     raise ValueError(f"old ({old.dtype}) and flat ({flat.dtype}) must have one dtype.")
+  # (real positions up to ceil(n_real / 4096) * 4096 - 1, compared with n_real; padded ones up to len(flat) - 1)
+  _check_int32("kept_from_padded", n_real, functools.partial(_span_fits, span=WRITE_TILE), what="real entries")
+  _check_int32("kept_from_padded", flat.shape[0], lambda m: m <= 2**31, what="padded entries")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   tile = WRITE_TILE
@@ -1270,6 +1370,7 @@ def zero_sent(flat: jax.Array, t: jax.Array, tie: jax.Array, last: jax.Array, fi
   if block_max.shape != (n_pad // BLOCK,):
     raise ValueError(f"block_max must hold one maximum per {BLOCK} entries of flat, shape ({n_pad // BLOCK},), "
                      f"got {block_max.shape}.")
+  _check_int32("zero_sent", n_pad, lambda m: m <= 2**31)   # (positions up to n_pad - 1; no static n in-kernel)
   if np.size(t) != 1 or np.size(tie) != 1:
     raise ValueError(f"zero_sent handles one segment: t and tie must hold one value each, got shapes "
                      f"{np.shape(t)} and {np.shape(tie)}.")
