@@ -838,6 +838,21 @@ def _chunked(pieces, how: str, dtype) -> jax.Array:
   return buf
 
 
+_MAX_PADDED = 2**31 - _TILE   # the largest padded buffer whose positions and per-tile limits fit int32
+
+
+def _check_int32_layout(sizes, groups) -> None:
+  """Refuse (ValueError) a tree whose flat working buffer would hold more than :data:`_MAX_PADDED` entries:
+  its positions, the per-tile tables and the payload indices are int32, and past that they wrap silently."""
+  n_pad = sum(max(1, -(-sum(sizes[i] for i in g) // _TILE)) * _TILE for g in groups)
+  if n_pad > _MAX_PADDED:
+    raise ValueError(
+        f"the gradient tree has {sum(sizes)} entries in {len(sizes)} leaves, {n_pad} in the padded flat buffer; "
+        f"its positions and payload indices are int32, so at most {_MAX_PADDED} padded entries fit (past that they "
+        f"would wrap: wrong entries sent or kept, silently). Compress the tree in parts (e.g. two transforms over "
+        f"disjoint subtrees with optax.masked / optax.multi_transform) or shard the parameters over more devices.")
+
+
 class _Layout:
   """Static layout of a gradient tree's leaves in one flat working buffer, split into segments.
 
@@ -850,6 +865,7 @@ class _Layout:
 
   def __init__(self, sizes, groups):
     self.sizes = tuple(int(n) for n in sizes)
+    _check_int32_layout(self.sizes, groups)
     offsets, seg_of_leaf, seg_n, seg_tile0, seg_ntiles = [], [], [], [], []
     pos = 0
     for g, leaves in enumerate(groups):
