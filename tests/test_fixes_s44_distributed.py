@@ -159,3 +159,14 @@ def test_messages_name_the_leaf_the_difference_and_the_processes(monkeypatch, ca
                    "PyTreeDef((*, *)); process 1: PyTreeDef([*, *]))",
   }[case]
   assert expect in msg, msg
+
+
+def test_byzshield_batch_names_a_wrong_spec_or_mesh():
+  """A spec that is not a ByzShieldReduce (e.g. the assignment itself) or a mesh that is not a Mesh: a TypeError
+  naming what to pass (an AttributeError from inside before)."""
+  a = robust.ramanujan_assignment(3, 3)
+  batch = np.arange(18.0).reshape(18, 1)
+  with pytest.raises(TypeError, match=r"spec must be a ByzShieldReduce \(byzshield_reduce"):
+    dist.byzshield_batch(dist.global_mesh(), a, batch)
+  with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh"):
+    dist.byzshield_batch(jax.devices(), dist.byzshield_reduce(a), batch)

@@ -734,6 +734,10 @@ def byzshield_batch(mesh: Mesh, spec: ByzShieldReduce, global_batch: Any, axis_n
     >>> b.shape == (n * -(-9 // n), 3, 2, 1)
     True
   """
+  if not isinstance(spec, ByzShieldReduce):
+    raise TypeError(f"spec must be a ByzShieldReduce (byzshield_reduce(assignment, ...)), got {type(spec).__name__}.")
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (see global_mesh), got {type(mesh).__name__}.")
   axis_name = mesh.axis_names[0] if axis_name is None else axis_name
   n_dev = _mesh_axis(mesh, axis_name)
   if check:   # before the local shape checks below, so that a process with another batch shape raises the
