@@ -157,6 +157,28 @@ def idle_clusters(events: list, gap_ns: float) -> list[list]:
   return split_calls(events, gap_ns)
 
 
+def busy_ns(events) -> float:
+  """Nanoseconds in which at least one of ``events`` ``(start_ns, end_ns, ...)`` ran: the union of their intervals.
+  Kernels of one command buffer (a CUDA graph whose independent nodes run concurrently) or of several streams
+  overlap in time, and the sum of their durations counts the overlap more than once (``busy_s`` of
+  ``sidco_tree.py`` / ``sidco_model_step.py`` until session 44, ``kernel_sum_s`` since).
+
+  >>> busy_ns([(0, 10), (5, 12), (20, 30), (21, 22)])
+  22
+  """
+  total, cur_s, cur_e = 0, None, None
+  for s, e, *_ in sorted(events):
+    if cur_e is None or s > cur_e:
+      if cur_e is not None:
+        total += cur_e - cur_s
+      cur_s, cur_e = s, e
+    else:
+      cur_e = max(cur_e, e)
+  if cur_e is not None:
+    total += cur_e - cur_s
+  return total
+
+
 def largest_gaps(cluster: list, n: int = 8) -> tuple[float, list]:
   """The device's idle time inside one call's kernel events ``(start_ns, end_ns, duration_ns, name)``
   (sorted by start): the summed idle seconds between the first start and the last end, and the ``n``

@@ -52,8 +52,9 @@ conditionals); ``accordion_static``: that with ``regime=`` every leaf critical (
 ``--command_buffer``: the command types of every row's compile (e.g. with ``WHILE``). Per row:
 - ``step_s``: wall seconds per step of ``--steps`` steps dispatched back to back (one block at the end: the
   host runs ahead of the device, as in a training loop), median of ``--repeats`` rounds;
-- ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time and idle time per step from one profiler
-  trace of ``--profile_steps`` steps run back to back (GPU only);
+- ``device_s`` / ``busy_s`` / ``idle_s``: device span, kernel time (the time at least one kernel ran: overlapping
+  kernels counted once, since session 44; ``kernel_sum_s``, the durations summed, is what ``busy_s`` was before) and
+  idle time per step from one profiler trace of ``--profile_steps`` steps run back to back (GPU only);
 - ``overhead_s``: the median over rounds of this row's step time minus the ``adam`` row's in the same round
   (rounds are interleaved, so the pair ran seconds apart), with its interquartile range ``overhead_s_iqr``:
   the compressor's cost in the step; ``vs_topk``: topk's overhead over this row's.
@@ -83,7 +84,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import (device_stream_events, sparse_switches, environment, idle_clusters, parse_args, print_table,  # noqa: E402
+from benchmarks.common import (busy_ns, device_stream_events, sparse_switches, environment, idle_clusters, parse_args, print_table,  # noqa: E402
                                write_json)
 from benchmarks.hlo_attribution import hlo_file  # noqa: E402
 from mlsys_jax.comm import accordion, density_warmup, powersgd, rms_selection  # noqa: E402
@@ -323,10 +324,32 @@ def _kernel_breakdown(events, steps: int, top: int = 25):
   return by_class, [(k[:120], t, c / steps) for k, (t, c) in names]
 
 
+def _profile(events, steps: int) -> dict:
+  """Per step, from the GPU events ``(start_ns, end_ns, duration_ns, name)`` of ``steps`` steps run back to back:
+  ``device_s`` (first start to last end), ``busy_s`` (time with at least one event running: the union of the
+  events' intervals, so kernels that overlap are not counted twice), ``idle_s`` (``device_s - busy_s``, >= 0),
+  ``kernel_sum_s`` (the events' durations summed: more than ``busy_s`` where they overlap; what ``busy_s`` was
+  before session 44 and what ``kernel_classes_s`` adds up to), ``kernels`` and ``clusters`` (runs of events
+  separated by more than 5 ms of idle device: 1 when the host kept ahead).
+
+  >>> p = _profile([(0, 10, 10, "a"), (5, 15, 10, "b"), (20, 30, 10, "c")], 1)
+  >>> [round(p[k] * 1e9) for k in ("device_s", "busy_s", "idle_s", "kernel_sum_s")], p["kernels"], p["clusters"]
+  ([30, 25, 5, 30], 3.0, 1)
+  """
+  cl = idle_clusters(sorted(events), 5e6)   # one cluster: the steps ran back to back
+  span = max(e[1] for e in events) - min(e[0] for e in events)
+  busy = busy_ns(events)
+  return {"device_s": span * 1e-9 / steps, "busy_s": busy * 1e-9 / steps, "idle_s": (span - busy) * 1e-9 / steps,
+          "kernel_sum_s": sum(e[2] for e in events) * 1e-9 / steps, "busy_measure": "union",
+          "kernels": len(events) / steps, "clusters": len(cl)}
+
+
 def _summarize(out: list) -> None:
   """Add each row's cost over the ``adam`` row, in place: ``overhead_s`` (median over rounds of the row's step time
   minus Adam's in the same round, from ``step_s_all``; rounds are interleaved, so a pair ran seconds apart and drift
-  cancels), its interquartile range ``overhead_s_iqr``, ``busy_overhead_s`` (profiled kernel time), and
+  cancels), its interquartile range ``overhead_s_iqr``, ``busy_overhead_s`` (profiled kernel time; with
+  ``kernel_sum_overhead_s``, the same on the summed durations, and ``device_overhead_s`` on the device span, where
+  the JSON has ``kernel_sum_s``), and
   ``vs_topk`` / ``busy_vs_topk`` (``topk``'s cost over this row's, where this row's is positive)."""
   base = next((o for o in out if o["row"] == "adam"), None)
   if base is None:
@@ -338,6 +361,9 @@ def _summarize(out: list) -> None:
     o["overhead_s_of_medians"] = o["step_s"] - base["step_s"]
     if "busy_s" in o and "busy_s" in base:
       o["busy_overhead_s"] = o["busy_s"] - base["busy_s"]
+    if "kernel_sum_s" in o and "kernel_sum_s" in base:   # (the summed durations: busy_overhead_s before session 44)
+      o["kernel_sum_overhead_s"] = o["kernel_sum_s"] - base["kernel_sum_s"]
+      o["device_overhead_s"] = o["device_s"] - base["device_s"]   # (the span: idle the host left included)
   tk = next((o for o in out if o["row"] == "topk"), None)
   for o in out:
     if tk is not None and o["row"] not in ("adam", "topk") and o["overhead_s"] > 0:
@@ -416,20 +442,14 @@ def main():
     if jax.default_backend() == "gpu":
       try:
         evs = device_stream_events(lambda: jax.block_until_ready(run(r, args.profile_steps)))
-        cl = idle_clusters(evs, 5e6)   # one cluster: the steps ran back to back
-        ev = [e for c in cl for e in c]
-        span = max(e[1] for e in ev) - min(e[0] for e in ev)
-        busy = sum(e[2] for e in ev)
-        row.update(device_s=span * 1e-9 / args.profile_steps, busy_s=busy * 1e-9 / args.profile_steps,
-                   kernels=len(ev) / args.profile_steps, clusters=len(cl))
-        row["idle_s"] = row["device_s"] - row["busy_s"]
-        row["kernel_classes_s"], row["top_kernels"] = _kernel_breakdown(ev, args.profile_steps, args.top)
+        row.update(_profile(evs, args.profile_steps))
+        row["kernel_classes_s"], row["top_kernels"] = _kernel_breakdown(evs, args.profile_steps, args.top)
       except Exception as e:  # diagnostics: never fatal
         row["device_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     out.append(row)
   _summarize(out)
   print_table(out, ["row", "step_s", "overhead_s", "overhead_s_iqr", "vs_topk", "device_s", "busy_s", "idle_s", "kernels",
-                    "busy_overhead_s", "busy_vs_topk"])
+                    "busy_overhead_s", "busy_vs_topk", "kernel_sum_s", "kernel_sum_overhead_s", "device_overhead_s"])
   write_json(args.out, args.name, {**meta, "rows": out})
 
 

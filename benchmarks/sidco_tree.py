@@ -42,7 +42,10 @@ keeps N kernels in ``top_kernels``.
 Secondary (``wall_s``): the jitted ``tx.update`` called from Python once per step, dispatch included (the
 measure of the earlier tables: it is dominated by the host's handling of 161 argument and ~320 result
 buffers), interleaved with ``topk(0.001)`` (``stats.time_interleaved``); and the loop's wall time / steps.
-``rw_floor_s``: 8 bytes per parameter at ``common.copy_bandwidth`` (dispatched 1 GiB copies).
+``rw_floor_s``: 8 bytes per parameter at the device-timed bandwidth of a 1 GiB copy (``_rw_floor``; before session
+44 at ``common.copy_bandwidth``, wall time of dispatched copies, kept as ``rw_floor_wall_s``). ``busy_s`` counts
+overlapping kernels once (the union of their intervals; ``kernel_sum_s``, the durations summed, is what it was
+before session 44).
 
   PYTHONPATH=. python benchmarks/sidco_tree.py --out $OUT                # H200: ~90 s
   PYTHONPATH=. python benchmarks/sidco_tree.py --small --out /tmp/st     # CPU smoke test (widths / 8)
@@ -68,7 +71,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import (copy_bandwidth, device_stream_events, environment, host_overlap,  # noqa: E402
+from benchmarks.common import (busy_ns, copy_bandwidth, device_stream_events, environment, host_overlap,  # noqa: E402
                                idle_clusters, largest_gap_interval, largest_gaps, parse_args, print_table,
                                write_json)
 from benchmarks.hlo_attribution import hlo_file  # noqa: E402
@@ -354,11 +357,35 @@ def _device(fn, calls: int, per_call: int, gap_s: float = 0.02, host: bool = Fal
       extra["sequence"] = [(ev[3][:70], round((ev[0] - med[0][0]) * 1e-3, 2), round(ev[2] * 1e-3, 2)) for ev in med]
     return {**extra, "device_s": float(np.median(spans)) * 1e-9 / per_call,
             "idle_s": idle / per_call, "gaps": [(g, a[:60], b[:60]) for g, a, b in gaps],
-            "busy_s": sum(ev[2] for c in clusters for ev in c) * norm,
+            "busy_s": sum(busy_ns(c) for c in clusters) * norm,   # (overlapping kernels once: busy_ns)
+            "kernel_sum_s": sum(ev[2] for c in clusters for ev in c) * norm,
             "kernels": sum(len(c) for c in clusters) / (calls * per_call),
             "top_kernels": [(k, d * norm, n / (calls * per_call)) for k, (d, n) in top]}
   except Exception as e:  # diagnostics: never fatal
     return {"device_error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def _rw_floor(n: int, wall_bandwidth: float, calls: int = 5, nbytes: int = 1 << 30) -> dict:
+  """The read+write floor of ``n`` float32 (8 bytes each) and the copy bandwidth it uses: on a GPU the device
+  span of one jitted 1 GiB copy (``x * 1.0000001``, read once and written once; median of ``calls`` profiled
+  calls, ``_device``), else ``wall_bandwidth`` (``common.copy_bandwidth``: wall time of dispatched copies, the
+  only measure before session 44; dispatch and synchronisation included, it read 1.76-2.61 TB/s on H100 runs whose
+  device-timed 'flat copy' row ran at ~2.9 TB/s, so the floor came out 11-65% high)."""
+  out = {"copy_bandwidth_wall": wall_bandwidth, "copy_bandwidth": wall_bandwidth, "rw_floor_measure": "wall"}
+  if jax.default_backend() == "gpu":
+    x = jax.random.normal(jax.random.PRNGKey(1), (nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0000001)
+    jax.block_until_ready(f(x))
+    d = _device(lambda: f(x), calls, 1)
+    if d.get("device_s"):
+      out.update(copy_bandwidth=8 * (nbytes // 4) / d["device_s"], copy_bandwidth_device=8 * (nbytes // 4) / d["device_s"],
+                 rw_floor_measure="device")
+    else:
+      out["copy_device_error"] = d.get("device_error", "no device time")
+    del x
+  out["rw_floor_s"] = 8 * n / out["copy_bandwidth"]
+  out["rw_floor_wall_s"] = 8 * n / wall_bandwidth
+  return out
 
 
 def _wall(fn, repeats: int) -> float:
@@ -434,10 +461,10 @@ def main():
   k = max(1, round(RATIO * n))
   on_cpu = jax.default_backend() == "cpu"
   copy_bw = copy_bandwidth((1 << 26) if on_cpu else (1 << 30), repeats=5 if on_cpu else 20)
-  meta = {"env": env, "pool": args.pool, "change": args.change, "materialize": args.materialize, "n_params": n, "n_tensors": len(shapes), "ratio": RATIO, "k": k, "steps": steps,
-          "calls": args.calls, "repeats": reps, "div": div, "copy_bandwidth": copy_bw,
-          "rw_floor_s": 8 * n / copy_bw, "pallas": sp._pallas_mode("auto")[0],
-          "fast_module": fast is not None}
+  meta = {"env": env, "argv": sys.argv[1:], "pool": args.pool, "change": args.change, "materialize": args.materialize,
+          "n_params": n, "n_tensors": len(shapes), "ratio": RATIO, "k": k, "steps": steps,
+          "calls": args.calls, "repeats": reps, "div": div, **_rw_floor(n, copy_bw),
+          "pallas": sp._pallas_mode("auto")[0], "fast_module": fast is not None}
   print(f"{len(shapes)} tensors, {n:,} parameters, k={k}; read+write floor at copy bandwidth "
         f"{meta['rw_floor_s'] * 1e3:.4f} ms", flush=True)
 
@@ -666,7 +693,7 @@ def main():
           if cfg is None:
             row.update({f"single_{k_}": v for k_, v in d.items()})
           else:
-            row[f"single@{cfg}"] = {k_: d[k_] for k_ in ("device_s", "busy_s", "kernels", "idle_s", "gaps",
+            row[f"single@{cfg}"] = {k_: d[k_] for k_ in ("device_s", "busy_s", "kernel_sum_s", "kernels", "idle_s", "gaps",
                                                          "chain_wall_s", "device_error", "gap_host", "host_top",
                                                          "sequence")
                                     if k_ in d}
