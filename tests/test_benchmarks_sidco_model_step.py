@@ -616,3 +616,24 @@ def test_quoted_h100_session43_steps():
   cls = lambda row, k: ra[row]["kernel_classes_s"].get(k, 0.0)   # noqa: E731
   assert round((cls("sidco_flat_fkeepi", "other") - cls("sidco_flat", "other")) * 1e6) == 70
   assert round((cls("sidco_flat_fkeepi", "fusion") - cls("sidco_flat", "fusion")) * 1e6) == -94
+
+
+def test_quoted_h100_session43_span_and_summed_kernels():
+  """Session 44's reading of session 43's step traces (``sidco_model_step_h100_s43{c,e}.json``), as BENCHMARKS.md,
+  docs/comm.md and README quote it: the "kernel time" of those JSONs (``busy_s``) is the kernels' durations summed,
+  which exceeds the device span by 0.22-0.32 ms in the compressor rows (concurrent kernels each counted), while
+  Adam's is 0.04-0.09 ms below its span (idle); by the span the ``sidco`` and ``flat_state=True`` steps are 0.17-0.24 ms shorter than
+  Adam's, per tensor +0.029 / +0.013 ms, ``topk`` +0.890 / +0.834 ms; 1.6-2.5 passes of the device-timed 0.0705 ms."""
+  spans, excess = {}, {}
+  for run in ("c", "e"):
+    r = {x["row"]: x for x in json.loads((RESULTS / f"sidco_model_step_h100_s43{run}.json").read_text())["rows"]}
+    spans[run] = {k: round((v["device_s"] - r["adam"]["device_s"]) * 1e3, 3) for k, v in r.items() if k != "adam"}
+    excess[run] = {k: round((v["busy_s"] - v["device_s"]) * 1e3, 2) for k, v in r.items()}
+  assert (spans["c"]["topk"], spans["e"]["topk"]) == (0.89, 0.834)
+  assert (spans["c"]["sidco_pt"], spans["e"]["sidco_pt"]) == (0.029, 0.013)
+  assert all(-0.24 <= spans[run][k] <= -0.17 for run in "ce" for k in ("sidco", "sidco_flat"))
+  assert all(0.22 <= v[k] <= 0.32 for v in excess.values() for k in v if k != "adam")   # (sum above the span)
+  assert all(0.03 <= -v["adam"] <= 0.09 for v in excess.values())   # (Adam's sum below its span: real idle)
+  passes = [round(b / 0.0705, 1) for b in (0.110, 0.152, 0.175, 0.151)]
+  assert (min(passes), max(passes)) == (1.6, 2.5)
+  assert [round(b / 0.0705, 1) for b in (0.291, 0.305)] == [4.1, 4.3]

@@ -473,3 +473,16 @@ def test_quoted_h100_session43_update_alone():
   r38, _ = _rows("sidco_tree_h100_s38a.json")
   assert round(r38[pt]["single_busy_s"] * 1e3, 3) == 0.667
   assert [round(0.501 / f, 1) for f in (0.089, 0.081)] == [5.6, 6.2]
+
+
+def test_quoted_device_timed_read_write_pass():
+  """BENCHMARKS.md / docs/comm.md (session 44): the device-timed copy of the 25.56M floats (``flat copy`` rows of
+  s28, s31b, s32a) takes 0.070-0.071 ms, while the runs' ``rw_floor_s`` (wall time of dispatched 1 GiB copies) read
+  0.078-0.089 ms in s38a-s43d; against 0.0705 ms the fastest update alone (``fbuf fout``, 0.404) is 5.7 passes and
+  the default ``flat_state=True`` (0.501) 7.1; 3 passes 0.21 ms."""
+  copies = [round(_rows(f"sidco_tree_h100_{run}.json")[0]["flat copy"]["single_device_s"] * 1e3, 4)
+            for run in ("s28", "s31b", "s32a")]
+  assert copies == [0.0712, 0.0707, 0.0704]
+  floors = [round(_rows(f"sidco_tree_h100_{run}.json")[1] * 1e3, 3) for run in ("s38a", "s40b", "s41a", "s43b", "s43d")]
+  assert min(floors) >= 0.078 and max(floors) <= 0.089
+  assert [round(t / 0.0705, 1) for t in (0.404, 0.501)] == [5.7, 7.1] and round(3 * 0.0705, 2) == 0.21
