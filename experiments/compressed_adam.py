@@ -508,8 +508,21 @@ def merge(paths, out_path, compare=()):
   print(f"wrote {out_path}", flush=True)
 
 
+_UNITS_ARMS = {"off": [False], "on": [True], "both": [False, True], "freeze": ["freeze"]}
+
+
+def _units_arms(values) -> list:
+  """The gradient-units settings of the arms for ``--gradient_units`` (exactly one of off / on / both / freeze;
+  ValueError otherwise: a list such as ``on,off`` ran only its first value, silently, before session 44)."""
+  if len(values) != 1 or values[0] not in _UNITS_ARMS:
+    raise ValueError(f"--gradient_units takes one of {sorted(_UNITS_ARMS)}, got {','.join(values)!r}; for both "
+                     "arms pass --gradient_units=both.")
+  return _UNITS_ARMS[values[0]]
+
+
 def main(argv):
   del argv
+  _units_arms(_UNITS.value)   # (before any training: a bad value does not cost the run)
   if _DGC_MIN.value:
     sp.DGC_MIN_SAMPLE_COUNT = _DGC_MIN.value
   if _MERGE.value:
@@ -521,7 +534,7 @@ def main(argv):
   seeds = list(range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value))
   t0 = time.perf_counter()
   arms = [] if _ADAM_FROM.value else [("adam", None, "dense", 1.0, 0, 0, "none", 0.25, False)]
-  units_arms = {"off": [False], "on": [True], "both": [False, True], "freeze": ["freeze"]}[_UNITS.value[0]]
+  units_arms = _units_arms(_UNITS.value)
   for r in [float(v) for v in _RATIOS.value]:
     for c in _COMPRESSORS.value:
       for m in _MODES.value:

@@ -325,3 +325,27 @@ def test_every_pool_of_the_repository_still_passes(tmp_path):
   assert r.returncode == 0 and "ALL POOLS OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
   # every pool that puts several files together checked them (36 pairs of distinct files when written)
   assert int(r.stdout.split("ALL POOLS OK")[1].split()[0]) >= 36, r.stdout[-2000:]
+
+
+def test_gradient_units_takes_exactly_one_value():
+  """``--gradient_units=on,off`` trained only the first value's arms, silently; now a ValueError naming the choices
+  (checked at the top of main, before any training). One value (each of the four) is accepted as before."""
+  code = """
+      for v in (["on", "off"], ["off", "both"], ["maybe"], []):
+        try:
+          print("ACCEPTED", v, ca._units_arms(v))
+        except ValueError as e:
+          print("REFUSED", v, "|", e)
+      print("OK", [ca._units_arms([v]) for v in ("off", "on", "both", "freeze")])
+      """
+  prog = textwrap.dedent("""
+      import sys
+      sys.path.insert(0, "experiments")
+      import compressed_adam as ca
+      """) + textwrap.dedent(code)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = [l for l in r.stdout.splitlines() if l.startswith(("REFUSED", "ACCEPTED"))]
+  assert len(lines) == 4 and all(l.startswith("REFUSED") and "--gradient_units takes one of" in l for l in lines), lines
+  assert "OK [[False], [True], [False, True], ['freeze']]" in r.stdout
