@@ -479,11 +479,16 @@ def check_same_settings(base, run, names, why: str = ""):
     raise ValueError(f"{names[1]}: run with other settings than {names[0]}: {', '.join(other)}; {why}")
 
 
+_PER_ARM = ("curve", "released_per_step", "release_stats", "mb_per_worker")   # run-JSON entries keyed by arm name
+
+
 def merge(paths, out_path, compare=()):
-  """One JSON from several runs' JSONs (same seeds, Adam equal seed by seed, so every arm is paired)."""
+  """One JSON from several runs' JSONs (same seeds, Adam equal seed by seed, so every arm is paired); the entries
+  keyed by arm (accuracy, bytes, and ``_PER_ARM``: curves, release statistics) come from every run."""
   runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
   base = runs[0]
   acc, sent = {}, {}
+  per_arm = {k: {} for k in _PER_ARM if any(k in r for r in runs)}   # (every run's, not only the first's)
   for p, r in zip(paths, runs):
     provenance.check_same_data(base, r, names=(paths[0], p))   # ValueError: trained on other data
     # settings that the arm names do not carry: the merged JSON records base's, so they must agree
@@ -501,7 +506,10 @@ def merge(paths, out_path, compare=()):
       if new in acc and name != "adam":
         raise ValueError(f"{p}: arm {new!r} is in two of the merged runs.")
       acc[new], sent[new] = r["accuracy"][name], r["bytes_per_worker"][name]
-  merged = {**base, "compressors": [c for r in runs for c in r["compressors"]], "accuracy": acc,
+    for key, into in per_arm.items():
+      for name, v in r.get(key, {}).items():
+        into.setdefault(tag + name[3:] if name.startswith("dgc ") else name, v)   # (Adam's: the first run's)
+  merged = {**base, **per_arm, "compressors": [c for r in runs for c in r["compressors"]], "accuracy": acc,
             "bytes_per_worker": sent, "comparisons": _comparisons(acc, compare), "merged_from": list(paths),
             "dgc_default_sample": {"base_fraction": sp.DGC_BASE_SAMPLE_FRACTION, "min_count": sp.DGC_MIN_SAMPLE_COUNT}}
   pathlib.Path(out_path).write_text(json.dumps(merged, indent=1))

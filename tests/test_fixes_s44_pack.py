@@ -349,3 +349,36 @@ def test_gradient_units_takes_exactly_one_value():
   lines = [l for l in r.stdout.splitlines() if l.startswith(("REFUSED", "ACCEPTED"))]
   assert len(lines) == 4 and all(l.startswith("REFUSED") and "--gradient_units takes one of" in l for l in lines), lines
   assert "OK [[False], [True], [False, True], ['freeze']]" in r.stdout
+
+
+def test_merge_keeps_every_runs_curves_and_release_statistics(tmp_path):
+  """``compressed_adam --merge`` took the per-arm curves / released-per-step / release statistics of the first run
+  only (``{**base, ...}``): the other runs' arms lost them silently. Now every run's entries are kept (a DGC arm
+  renamed as its accuracy is; Adam's from the first run)."""
+  run = {"dataset": "digits", "steps": 600, "workers": 8, "batch": 32, "lr": 0.001, "per_tensor": False,
+         "residual_decay": 1.0, "seeds": [0, 1], "compressors": ["topk"],
+         "accuracy": {"adam": [0.9, 0.91], "topk 0.01 chain": [0.89, 0.9]},
+         "bytes_per_worker": {"adam": [1.0, 1.0], "topk 0.01 chain": [0.1, 0.1]},
+         "curve": {"adam": [[0.5, 0.9]], "topk 0.01 chain": [[0.4, 0.89]]},
+         "released_per_step": {"topk 0.01 chain": [3, 4]}}
+  other = {**run, "compressors": ["sidco"],
+           "accuracy": {"adam": run["accuracy"]["adam"], "sidco 0.01 chain": [0.8, 0.8]},
+           "bytes_per_worker": {"adam": [1.0, 1.0], "sidco 0.01 chain": [0.1, 0.1]},
+           "curve": {"adam": [[0.5, 0.9]], "sidco 0.01 chain": [[0.3, 0.8]]},
+           "release_stats": {"sidco 0.01 chain": {"mean_interval": 7.5}}}
+  (tmp_path / "a.json").write_text(json.dumps(run))
+  (tmp_path / "b.json").write_text(json.dumps(other))
+  out = tmp_path / "m.json"
+  prog = textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, "experiments")
+      import compressed_adam as ca
+      ca.merge([{str(tmp_path / 'a.json')!r}, {str(tmp_path / 'b.json')!r}], {str(out)!r})
+      """)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-2000:]
+  m = json.loads(out.read_text())
+  assert m["curve"] == {"adam": [[0.5, 0.9]], "topk 0.01 chain": [[0.4, 0.89]], "sidco 0.01 chain": [[0.3, 0.8]]}
+  assert m["released_per_step"] == {"topk 0.01 chain": [3, 4]}
+  assert m["release_stats"] == {"sidco 0.01 chain": {"mean_interval": 7.5}}
