@@ -253,13 +253,12 @@ def _shared_topk(name: str, ratio, axis_name, precondition, union: bool, beta: f
     if beta != 1.0:   # ScaleCom's low-pass filter: (1 - beta) e + beta (acc - sent)
       old = ravel_pytree(state.residual)[0].astype(flat.dtype)
       residual = ((1.0 - beta) * old + beta * residual).astype(flat.dtype)
-    out = jax.tree_util.tree_map(lambda o, g: jnp.where(finite, o, 0).astype(g.dtype), unravel(out_flat), grads)
+    out = jax.tree_util.tree_map(lambda o, g: o.astype(g.dtype), unravel(out_flat), grads)
     # a mean of finite buffers beyond the gradients' dtype (float16 gradients over a float32 residual) would be
     # sent as inf: such a step is skipped like a non-finite one (the mean is the collective's result, the same on
-    # every replica, and so is this decision)
-    fits = _sp._global_finite(jax.tree_util.tree_leaves(out), None)
-    out = jax.tree_util.tree_map(lambda o: jnp.where(fits, o, jnp.zeros((), o.dtype)), out)
-    finite = finite & fits
+    # every replica, and so is this decision); one mask for both
+    finite = finite & _sp._global_finite(jax.tree_util.tree_leaves(out), None)
+    out = jax.tree_util.tree_map(lambda o: jnp.where(finite, o, jnp.zeros((), o.dtype)), out)
     new_res = _sp._keep_on_skip(finite, unravel(residual), state.residual)
     pre_state = _sp._keep_on_skip(finite, pre_state, state.precondition)
     nb = jnp.where(finite, nb, 0.0)

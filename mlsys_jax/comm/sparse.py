@@ -841,10 +841,10 @@ def _chunked(pieces, how: str, dtype) -> jax.Array:
 _MAX_PADDED = 2**31 - _TILE   # the largest padded buffer whose positions and per-tile limits fit int32
 
 
-def _check_int32_layout(sizes, groups) -> None:
-  """Refuse (ValueError) a tree whose flat working buffer would hold more than :data:`_MAX_PADDED` entries:
-  its positions, the per-tile tables and the payload indices are int32, and past that they wrap silently."""
-  n_pad = sum(max(1, -(-sum(sizes[i] for i in g) // _TILE)) * _TILE for g in groups)
+def _check_int32_layout(sizes, n_pad: int) -> None:
+  """Refuse (ValueError) a tree whose flat working buffer (``n_pad`` padded entries) holds more than
+  :data:`_MAX_PADDED`: its positions, the per-tile tables and the payload indices are int32, and past that they
+  wrap silently."""
   if n_pad > _MAX_PADDED:
     raise ValueError(
         f"the gradient tree has {sum(sizes)} entries in {len(sizes)} leaves, {n_pad} in the padded flat buffer; "
@@ -865,7 +865,6 @@ class _Layout:
 
   def __init__(self, sizes, groups):
     self.sizes = tuple(int(n) for n in sizes)
-    _check_int32_layout(self.sizes, groups)
     offsets, seg_of_leaf, seg_n, seg_tile0, seg_ntiles = [], [], [], [], []
     pos = 0
     for g, leaves in enumerate(groups):
@@ -880,6 +879,7 @@ class _Layout:
       seg_tile0.append(start // _TILE)
       seg_ntiles.append(nt_g)
       pos = start + nt_g * _TILE
+    _check_int32_layout(self.sizes, pos)   # (before any int32 table is built)
     self.offsets, self.seg_of_leaf = tuple(offsets), tuple(seg_of_leaf)
     self.seg_start = np.asarray(seg_tile0, np.int64) * _TILE   # flat offset of each segment
     self.groups = tuple(tuple(g) for g in groups)
