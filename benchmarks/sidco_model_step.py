@@ -324,6 +324,26 @@ def _kernel_breakdown(events, steps: int, top: int = 25):
   return by_class, [(k[:120], t, c / steps) for k, (t, c) in names]
 
 
+def _class_detail(events, steps: int, cls: str = "copy", top: int = 12):
+  """Per step: the number of kernels of each class, and the ``top`` kernels of class ``cls`` by count as
+  ``(name, s, count)``: the small kernels (copies, memsets) that ``top_kernels``, ranked by time, leaves out.
+
+  >>> counts, names = _class_detail([(0, 1, 2000, "copy_12"), (1, 2, 1000, "memcpy32_post"),
+  ...                                (2, 3, 1000, "memcpy32_post"), (3, 4, 4000, "loop_add_fusion")], 1)
+  >>> counts, [(n, round(t * 1e9), c) for n, t, c in names]
+  ({'copy': 3.0, 'fusion': 1.0}, [('memcpy32_post', 2000, 2.0), ('copy_12', 2000, 1.0)])
+  """
+  counts, by_name = {}, {}
+  for e in events:
+    c = _kernel_class(e[3])
+    counts[c] = counts.get(c, 0.0) + 1.0 / steps
+    if c == cls:
+      t, n = by_name.get(e[3], (0.0, 0))
+      by_name[e[3]] = (t + e[2] * 1e-9 / steps, n + 1)
+  names = sorted(by_name.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))[:top]
+  return dict(sorted(counts.items())), [(k[:120], t, n / steps) for k, (t, n) in names]
+
+
 def _profile(events, steps: int) -> dict:
   """Per step, from the GPU events ``(start_ns, end_ns, duration_ns, name)`` of ``steps`` steps run back to back:
   ``device_s`` (first start to last end), ``busy_s`` (time with at least one event running: the union of the
@@ -349,8 +369,11 @@ def _summarize(out: list) -> None:
   minus Adam's in the same round, from ``step_s_all``; rounds are interleaved, so a pair ran seconds apart and drift
   cancels), its interquartile range ``overhead_s_iqr``, ``busy_overhead_s`` (profiled kernel time; with
   ``kernel_sum_overhead_s``, the same on the summed durations, and ``device_overhead_s`` on the device span, where
-  the JSON has ``kernel_sum_s``), and
-  ``vs_topk`` / ``busy_vs_topk`` (``topk``'s cost over this row's, where this row's is positive)."""
+  the JSON has ``kernel_sum_s``), ``classes_over_adam_s`` (the summed kernel time of each class minus Adam's),
+  ``copy_over_adam_s`` and ``noncopy_overhead_s`` (every class but ``copy``: the kernels a compressor adds, without
+  crediting it the ~0.24 ms of copy kernels that Adam's own step runs and no compressor row of session 43 does),
+  and ``vs_topk`` / ``busy_vs_topk`` / ``noncopy_vs_topk`` (``topk``'s cost over this row's, where this row's is
+  positive)."""
   base = next((o for o in out if o["row"] == "adam"), None)
   if base is None:
     return
@@ -364,12 +387,20 @@ def _summarize(out: list) -> None:
     if "kernel_sum_s" in o and "kernel_sum_s" in base:   # (the summed durations: busy_overhead_s before session 44)
       o["kernel_sum_overhead_s"] = o["kernel_sum_s"] - base["kernel_sum_s"]
       o["device_overhead_s"] = o["device_s"] - base["device_s"]   # (the span: idle the host left included)
+    if "kernel_classes_s" in o and "kernel_classes_s" in base:
+      mine, adam = o["kernel_classes_s"], base["kernel_classes_s"]
+      o["classes_over_adam_s"] = {k: mine.get(k, 0.0) - adam.get(k, 0.0) for k in sorted(set(mine) | set(adam))}
+      o["copy_over_adam_s"] = o["classes_over_adam_s"].get("copy", 0.0)
+      o["noncopy_overhead_s"] = sum(v for k, v in o["classes_over_adam_s"].items() if k != "copy")
   tk = next((o for o in out if o["row"] == "topk"), None)
   for o in out:
     if tk is not None and o["row"] not in ("adam", "topk") and o["overhead_s"] > 0:
       o["vs_topk"] = tk["overhead_s"] / o["overhead_s"]
     if tk is not None and o["row"] not in ("adam", "topk") and o.get("busy_overhead_s", 0) > 0:
       o["busy_vs_topk"] = tk["busy_overhead_s"] / o["busy_overhead_s"]
+    if tk is not None and o["row"] not in ("adam", "topk") and o.get("noncopy_overhead_s", 0) > 0 and \
+        "noncopy_overhead_s" in tk:
+      o["noncopy_vs_topk"] = tk["noncopy_overhead_s"] / o["noncopy_overhead_s"]
 
 
 def main():
@@ -444,6 +475,7 @@ def main():
         evs = device_stream_events(lambda: jax.block_until_ready(run(r, args.profile_steps)))
         row.update(_profile(evs, args.profile_steps))
         row["kernel_classes_s"], row["top_kernels"] = _kernel_breakdown(evs, args.profile_steps, args.top)
+        row["kernel_class_counts"], row["copy_kernels"] = _class_detail(evs, args.profile_steps)
       except Exception as e:  # diagnostics: never fatal
         row["device_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     out.append(row)

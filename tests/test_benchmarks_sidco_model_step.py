@@ -637,3 +637,46 @@ def test_quoted_h100_session43_span_and_summed_kernels():
   passes = [round(b / 0.0705, 1) for b in (0.110, 0.152, 0.175, 0.151)]
   assert (min(passes), max(passes)) == (1.6, 2.5)
   assert [round(b / 0.0705, 1) for b in (0.291, 0.305)] == [4.1, 4.3]
+
+
+def test_quoted_h100_session43_kernels_a_compressor_adds():
+  """Session 45's reading of session 43's step traces (``sidco_model_step_h100_s43{c,e}.json``), as README,
+  BENCHMARKS.md and docs/comm.md quote it: Adam's own step runs 0.46-0.47 ms of ``copy`` kernels, every compressor row
+  0.21-0.24 ms less and 83-167 fewer kernels; by every class but ``copy`` (``noncopy_overhead_s``) ``sidco`` adds
+  0.350 / 0.391 ms, ``flat_state=True`` 0.416 / 0.389, per tensor 0.503 / 0.517, ``topk`` 1.450 / 1.411: 4.14x /
+  3.61x, 3.49x / 3.62x, 2.88x / 2.73x, 5.0-5.9 passes of the device-timed 0.0705 ms."""
+  added, vs, passes = {}, {}, []
+  for run in "ce":
+    rows = _rows(f"sidco_model_step_h100_s43{run}.json")
+    ms._summarize(rows)
+    r = {x["row"]: x for x in rows}
+    assert 0.46 <= round(r["adam"]["kernel_classes_s"]["copy"] * 1e3, 2) <= 0.47
+    for k, v in r.items():
+      if k != "adam":
+        assert -0.24 <= round(v["copy_over_adam_s"] * 1e3, 2) <= -0.21, (run, k)
+        assert -167 <= v["kernels"] - r["adam"]["kernels"] <= -83, (run, k)
+        # (the per-class differences add up to the summed kernel time over Adam)
+        assert v["noncopy_overhead_s"] + v["copy_over_adam_s"] == pytest.approx(v["busy_overhead_s"], abs=1e-9)
+    added[run] = {k: round(v["noncopy_overhead_s"] * 1e3, 3) for k, v in r.items() if k in ("topk", "sidco", "sidco_flat", "sidco_pt")}
+    vs[run] = {k: round(r[k]["noncopy_vs_topk"], 2) for k in ("sidco", "sidco_flat", "sidco_pt")}
+    passes += [round(r[k]["noncopy_overhead_s"] * 1e3 / 0.0705, 1) for k in ("sidco", "sidco_flat")]
+  assert added == {"c": {"topk": 1.45, "sidco": 0.35, "sidco_flat": 0.416, "sidco_pt": 0.503},
+                   "e": {"topk": 1.411, "sidco": 0.391, "sidco_flat": 0.389, "sidco_pt": 0.517}}
+  assert vs == {"c": {"sidco": 4.14, "sidco_flat": 3.49, "sidco_pt": 2.88},
+                "e": {"sidco": 3.61, "sidco_flat": 3.62, "sidco_pt": 2.73}}
+  assert (min(passes), max(passes)) == (5.0, 5.9)
+
+
+def test_class_detail_counts_every_class_and_ranks_copies_by_count():
+  events = [(0, 1, 1000, "memcpy128"), (1, 2, 1000, "memcpy128"), (2, 3, 9000, "copy_7"),
+            (3, 4, 5000, "loop_multiply_fusion"), (4, 5, 3000, "void cub::DeviceRadixSortOnesweepKernel")]
+  counts, names = ms._class_detail(events, steps=2, top=1)
+  assert counts == {"copy": 1.5, "fusion": 0.5, "sort": 0.5}
+  assert names == [("memcpy128", pytest.approx(1e-6), 1.0)]   # the most frequent, not the longest
+  rows = [{"row": "adam", "step_s_all": [1.0], "step_s": 1.0, "kernel_classes_s": {"copy": 3.0, "fusion": 1.0}},
+          {"row": "topk", "step_s_all": [1.5], "step_s": 1.5, "kernel_classes_s": {"copy": 1.0, "fusion": 4.0, "sort": 2.0}},
+          {"row": "sidco", "step_s_all": [1.1], "step_s": 1.1, "kernel_classes_s": {"copy": 1.0, "fusion": 2.5}}]
+  ms._summarize(rows)
+  assert rows[1]["classes_over_adam_s"] == {"copy": -2.0, "fusion": 3.0, "sort": 2.0}
+  assert (rows[1]["noncopy_overhead_s"], rows[2]["noncopy_overhead_s"], rows[2]["noncopy_vs_topk"]) == (5.0, 1.5, 5.0 / 1.5)
+  assert rows[0]["noncopy_overhead_s"] == 0.0 and "noncopy_vs_topk" not in rows[0]
