@@ -93,7 +93,7 @@ from mlsys_jax.comm import sparse as sp  # noqa: E402
 ROWS = ("adam", "topk", "sidco", "sidco_blocks", "sidco_flat_blocks", "sidco_counts", "sidco_pt", "sidco_pt_counts", "sidco_flat", "sidco_pt_flat",
         "sidco_pbuild", "sidco_pt_pbuild", "sidco_flat_pbuild", "sidco_pt_flat_pbuild",
         "sidco_flat_counts", "sidco_pt_flat_counts",
-        "adam_flat", "sidco_flat_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
+        "adam_flat", "sidco_flat_adam_flat", "topk_adam_flat", "sidco_adam_flat", "sidco_pt_adam_flat", "topk_flat", "sidco_flat_dus", "sidco_pt_flat_dus",
         "sidco_flat_dus_adam_flat", "sidco_est", "sidco_pt_est", "sidco_flat_est", "sidco_est_cond",
         "sidco_pt_est_cond", "sidco_flat_est_cond", "sidco_est_where", "sidco_pt_est_where", "sidco_flat_est_where",
         "sidco_est_where_noceil", "sidco_est_where_s1", "sidco_est_where_cblocks", "sidco_est_cond_cblocks",
@@ -203,6 +203,8 @@ def _tx(row: str, ratio: float, n_leaves: int = 161) -> optax.GradientTransforma
           "sidco_flat": lambda: sp.sidco(ratio, flat_state=True),
           "sidco_pt_flat": lambda: sp.sidco(ratio, per_tensor=True, flat_state=True),
           "sidco_flat_adam_flat": lambda: sp.sidco(ratio, flat_state=True),
+          "topk_adam_flat": lambda: sp.topk(ratio), "sidco_adam_flat": lambda: sp.sidco(ratio),
+          "sidco_pt_adam_flat": lambda: sp.sidco(ratio, per_tensor=True),
           "topk_flat": lambda: sp.topk(ratio, flat_state=True)}
   comp["sidco_flat_counts"], comp["sidco_pt_flat_counts"] = comp["sidco_flat"], comp["sidco_pt_flat"]
   comp.update({"sidco_flat_dus": comp["sidco_flat"], "sidco_pt_flat_dus": comp["sidco_pt_flat"],
@@ -372,8 +374,10 @@ def _summarize(out: list) -> None:
   the JSON has ``kernel_sum_s``), ``classes_over_adam_s`` (the summed kernel time of each class minus Adam's),
   ``copy_over_adam_s`` and ``noncopy_overhead_s`` (every class but ``copy``: the kernels a compressor adds, without
   crediting it the ~0.24 ms of copy kernels that Adam's own step runs and no compressor row of session 43 does),
-  and ``vs_topk`` / ``busy_vs_topk`` / ``noncopy_vs_topk`` (``topk``'s cost over this row's, where this row's is
-  positive)."""
+  ``vs_topk`` / ``busy_vs_topk`` / ``noncopy_vs_topk`` (``topk``'s cost over this row's, where this row's is
+  positive), and, where an ``adam_flat`` row ran (``optax.flatten(optax.adam)``: the faster Adam, without plain Adam's
+  per-leaf copies), ``over_adam_flat_s`` (median over rounds of the paired step difference) and
+  ``kernels_over_adam_flat_s`` (the summed kernel time minus ``adam_flat``'s)."""
   base = next((o for o in out if o["row"] == "adam"), None)
   if base is None:
     return
@@ -392,6 +396,13 @@ def _summarize(out: list) -> None:
       o["classes_over_adam_s"] = {k: mine.get(k, 0.0) - adam.get(k, 0.0) for k in sorted(set(mine) | set(adam))}
       o["copy_over_adam_s"] = o["classes_over_adam_s"].get("copy", 0.0)
       o["noncopy_overhead_s"] = sum(v for k, v in o["classes_over_adam_s"].items() if k != "copy")
+  flat = next((o for o in out if o["row"] == "adam_flat"), None)
+  if flat is not None:   # the faster Adam a user can pick: optax.flatten(optax.adam(lr)), no per-leaf copies
+    for o in out:
+      diffs = np.asarray(o["step_s_all"]) - np.asarray(flat["step_s_all"])
+      o["over_adam_flat_s"] = float(np.median(diffs))
+      if "kernel_classes_s" in o and "kernel_classes_s" in flat:
+        o["kernels_over_adam_flat_s"] = sum(o["kernel_classes_s"].values()) - sum(flat["kernel_classes_s"].values())
   tk = next((o for o in out if o["row"] == "topk"), None)
   for o in out:
     if tk is not None and o["row"] not in ("adam", "topk") and o["overhead_s"] > 0:

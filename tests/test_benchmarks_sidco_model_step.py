@@ -680,3 +680,40 @@ def test_class_detail_counts_every_class_and_ranks_copies_by_count():
   assert rows[1]["classes_over_adam_s"] == {"copy": -2.0, "fusion": 3.0, "sort": 2.0}
   assert (rows[1]["noncopy_overhead_s"], rows[2]["noncopy_overhead_s"], rows[2]["noncopy_vs_topk"]) == (5.0, 1.5, 5.0 / 1.5)
   assert rows[0]["noncopy_overhead_s"] == 0.0 and "noncopy_vs_topk" not in rows[0]
+
+
+def test_quoted_flattened_adam_is_the_stronger_baseline():
+  """Session 45's reading, as README, BENCHMARKS.md and docs/comm.md quote it: ``optax.flatten(optax.adam)`` alone
+  (``adam_flat``) runs the compressor rows' copy time, not plain Adam's, the same kernel time in every other class,
+  and is 0.449 / 0.632 ms faster per step than plain Adam (H100 f32, ``_s38b`` / ``_s22b``; H200 bf16 ``_s19a``: 0.866);
+  over it in ``_s38b``: ``sidco`` +0.469 ms wall / +0.403 ms kernels, ``topk`` +1.544 / +1.498 (3.3x / 3.7x), the
+  flat chain +0.478 / +0.599."""
+  over, kern = {}, {}
+  for run in ("h100_s38b", "h100_s22b", "h200_s19a"):
+    rows = _rows(f"sidco_model_step_{run}.json")
+    ms._summarize(rows)
+    r = {x["row"]: x for x in rows}
+    over[run] = {k: round(v["over_adam_flat_s"] * 1e3, 3) for k, v in r.items()}
+    kern[run] = {k: round(v["kernels_over_adam_flat_s"] * 1e3, 3) for k, v in r.items()}
+    copy = lambda k: r[k]["kernel_classes_s"]["copy"] * 1e3   # noqa: E731
+    if run != "h200_s19a":
+      assert 0.216 <= round(copy("adam_flat"), 3) <= 0.221 and 0.456 <= round(copy("adam"), 3) <= 0.462
+      noncopy = lambda k: sum(v for c, v in r[k]["kernel_classes_s"].items() if c != "copy") * 1e3   # noqa: E731
+      assert -0.022 <= noncopy("adam") - noncopy("adam_flat") <= -0.012
+      assert 194 <= r["adam"]["kernels"] - r["adam_flat"]["kernels"] <= 206
+  assert (over["h100_s38b"]["adam"], over["h100_s22b"]["adam"], over["h200_s19a"]["adam"]) == (0.449, 0.632, 0.866)
+  b = over["h100_s38b"]
+  assert (b["sidco"], b["topk"], b["sidco_flat_adam_flat"]) == (0.469, 1.544, 0.478)
+  k = kern["h100_s38b"]
+  assert (k["sidco"], k["topk"], k["sidco_flat_adam_flat"]) == (0.403, 1.498, 0.599)
+  assert (round(b["topk"] / b["sidco"], 1), round(k["topk"] / k["sidco"], 1), round(k["sidco"] / 0.0705, 1)) == (3.3, 3.7, 5.7)
+
+
+def test_flattened_adam_rows_chain_the_compressor_with_a_flattened_adam():
+  import jax.numpy as jnp
+  params = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((4,))}
+  for row in ("topk_adam_flat", "sidco_adam_flat", "sidco_pt_adam_flat", "adam_flat"):
+    state = ms._tx(row, 0.1).init(params)
+    adam = state[-1] if row != "adam_flat" else state
+    # optax.flatten's state holds Adam's moments as one raveled vector of all 10 entries
+    assert [x.shape for x in __import__("jax").tree_util.tree_leaves(adam) if x.ndim == 1] == [(10,), (10,)], row
