@@ -479,6 +479,19 @@ def check_same_settings(base, run, names, why: str = ""):
     raise ValueError(f"{names[1]}: run with other settings than {names[0]}: {', '.join(other)}; {why}")
 
 
+def check_same_dgc_sample(base, run, names, why: str = ""):
+  """Refuse (ValueError naming ``names[1]`` and both settings) a run whose DGC arms were trained with another
+  default sample (``dgc_default_sample``: the sampled fraction and minimum count of ``dgc``'s threshold estimate,
+  changed in session 18) than ``base``'s, where both runs hold DGC arms and record it (older runs do not: not
+  compared). --merge keeps such runs apart by renaming the arms (``dgc[minM] ...``); a pool would count their seeds
+  as one setting's."""
+  dgc = lambda r: any(a.startswith("dgc") for a in r.get("accuracy", {}))   # noqa: E731
+  a, b = base.get("dgc_default_sample"), run.get("dgc_default_sample")
+  if dgc(base) and dgc(run) and a is not None and b is not None and a != b:
+    raise ValueError(f"{names[1]}: DGC arms trained with another default sample than {names[0]}'s: {b} ({names[0]}: "
+                     f"{a}); {why}")
+
+
 _PER_ARM = ("curve", "released_per_step", "release_stats", "mb_per_worker")   # run-JSON entries keyed by arm name
 
 

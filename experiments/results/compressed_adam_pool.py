@@ -40,14 +40,15 @@ data set. Run from the repository root: `python3 experiments/results/compressed_
 Sets whose JSONs carry data digests must agree (`provenance.check_same_data` raises otherwise); the seed
 sets must not overlap; the runs pooled into one arm must agree in every setting outside the arm names (data set,
 steps, workers, batch, lr, per_tensor, residual_decay, ...: `compressed_adam.check_same_settings`, --merge's
-check), so that they differ in their seeds only."""
+check), and runs with DGC arms in DGC's default sample where both record it (`compressed_adam.check_same_dgc_sample`),
+so that they differ in their seeds only."""
 
 import json
 import os
 import sys
 
 sys.path.insert(0, "experiments")
-from compressed_adam import _compare, check_same_settings  # noqa: E402
+from compressed_adam import _compare, check_same_dgc_sample, check_same_settings  # noqa: E402
 from provenance import check_same_data  # noqa: E402
 
 R = "experiments/results/"
@@ -56,6 +57,13 @@ _POOL_WHY = ("pooled, its seeds would count as more seeds of one setting. Pool o
              "(compare the others as separate arms).")
 _PAIR_WHY = ("its arms would be paired seed by seed with arms trained under other settings. Compare only runs that "
              "differ in their arms and seeds.")
+
+
+def _check_pooled(base: dict, run: dict, names) -> None:
+  """The checks of two runs pooled as one setting's seed sets: the same settings outside the seeds
+  (``check_same_settings``) and, for DGC arms, the same default sample (``check_same_dgc_sample``)."""
+  check_same_settings(base, run, names, _POOL_WHY)
+  check_same_dgc_sample(base, run, names, _POOL_WHY)
 
 
 def _check_against_pool(pooled_entry: dict, run: dict, f: str):
@@ -86,7 +94,7 @@ def pool(name: str) -> dict:
     runs = [json.load(open(R + f)) for f in files]
     for i in range(1, len(runs)):
       check_same_data(runs[0], runs[i], (files[0], files[i]))
-      check_same_settings(runs[0], runs[i], (files[0], files[i]), _POOL_WHY)
+      _check_pooled(runs[0], runs[i], (files[0], files[i]))
     seeds = sum([r["seeds"] for r in runs], [])
     assert len(set(seeds)) == len(seeds), f"{name} {D}: seed sets overlap"
     A = sum([r["accuracy"]["adam"] for r in runs], [])
@@ -117,7 +125,7 @@ def pool_s11() -> dict:
     runs = [json.load(open(R + f)) for f in files]
     for f, r in zip(files, runs):
       check_same_data(runs[0], r, (files[0], f))
-      check_same_settings(runs[0], r, (files[0], f), _POOL_WHY)
+      _check_pooled(runs[0], r, (files[0], f))
       _check_against_pool(plain[D], r, f)
       if plain[D].get("provenance", {}).get("data_sha256") not in (None, r["provenance"]["data_sha256"]):
         raise ValueError(f"{f}: other data than {POOLS['s9'][2]}")
@@ -171,7 +179,7 @@ def pool_s13(name: str = "s13") -> dict:
     runs = [json.load(open(R + f)) for f in files]
     for f, r in zip(files, runs):
       check_same_data(runs[0], r, (files[0], f))
-      check_same_settings(runs[0], r, (files[0], f), _POOL_WHY)
+      _check_pooled(runs[0], r, (files[0], f))
       _check_against_pool(recipe[D], r, f)
     seeds = sum([r["seeds"] for r in runs], [])
     assert len(set(seeds)) == len(seeds), f"{name} {D}: seed sets overlap"
@@ -220,7 +228,7 @@ def _load_arm(tag: str, arm: str, key: str, files: list, adam: dict, complete: b
   runs = [json.load(open(R + f)) for f in files]
   for f, r in zip(files, runs):
     check_same_data(runs[0], r, (files[0], f))
-    check_same_settings(runs[0], r, (files[0], f), _POOL_WHY)
+    _check_pooled(runs[0], r, (files[0], f))
     if complete and not len(r["accuracy"][key]) == len(r["accuracy"]["adam"]) == len(r["seeds"]):
       raise ValueError(f"{tag} {arm}: {f} holds {len(r['accuracy'][key])} results of {key!r} for "
                        f"{len(r['accuracy']['adam'])} Adam seeds (a run still going or stopped): finish it first.")
