@@ -42,3 +42,32 @@ def test_pools_refuse_dgc_runs_trained_with_another_default_sample(tmp_path):
   assert "'min_count': 64" in lines["other"] and "'min_count': 16" in lines["other"], r.stdout
   for name in ("same", "unrecorded", "topk"):
     assert "POOLED" in lines[name], r.stdout
+
+
+def test_accordion_full_rank_level_updates_no_slice_of_the_warm_start():
+  """ACCORDION's PowerSGD level whose rank is the whole warm start (the low-compression level, ``q`` of width
+  ``low``) wrote it through ``q.at[:, :r].set``, a scatter with an empty index array: under ``shard_map`` / ``pmap``
+  jax 0.11.2's Shardy partitioner crashes the compiler on it (segfault, seen on CPU; tests of this file pass on jax
+  0.10). That level now takes the new warm start whole: no scatter in the step, the same values."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mlsys_jax.comm import accordion
+  from mlsys_jax.comm import lowrank as lr
+
+  params = {"w": jnp.arange(40.0).reshape(8, 5) / 7 - 2.0, "b": jnp.ones((5,))}
+  grads = jax.tree_util.tree_map(lambda x: jnp.cos(3.0 * x), params)
+  # every leaf at the low-compression level (a static regime: no conditional), whose rank 2 is the warm start's width
+  tx = accordion("powersgd", low=2, high=1, interval=1, regime=(True, True))
+  state = tx.init(params)
+  jaxpr = str(jax.make_jaxpr(lambda g, s: tx.update(g, s))(grads, state))
+  assert "scatter" not in jaxpr
+  out, state2 = jax.jit(tx.update)(grads, state)
+  # the same values as PowerSGD of rank 2 on the same warm start (one step, nothing accumulated yet)
+  ref_tx = lr.powersgd(2)
+  ref_state = ref_tx.init(params)._replace(q=state.q)
+  ref, ref_state2 = jax.jit(ref_tx.update)(grads, ref_state)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6),
+                         out, ref)
+  np.testing.assert_allclose(np.asarray(state2.q[1]), np.asarray(ref_state2.q[1]), rtol=1e-6, atol=1e-6)
