@@ -65,8 +65,8 @@ import optax
 
 from mlsys_jax._checks import check_choice, check_floating, check_int, check_range
 from mlsys_jax.comm import sparse as _sp
-from mlsys_jax.comm.lowrank import (_global_finite, _initial_q, _keep_warm, _pmean, matrix_shape, powersgd_layout,
-                                    powersgd_step)
+from mlsys_jax.comm.lowrank import (_global_finite, _initial_q, _keep_warm, _no_q, _pmean, matrix_shape,
+                                    powersgd_layout, powersgd_step)
 from mlsys_jax.comm.sparse import _apply_precondition, _check_precondition, _keep_on_skip
 
 __all__ = [
@@ -110,7 +110,8 @@ class AccordionState(NamedTuple):
 
   Attributes:
     residual: error-feedback memory per leaf.
-    q: PowerSGD warm starts per leaf, (m, low-compression rank), or (0, 0) (dense leaves, Top-k).
+    q: PowerSGD warm starts per leaf, (m, low-compression rank), or None (dense leaves, Top-k; a (0, 0) array in
+      states before session 45, still accepted).
     accum: gradient accumulated in the current detection window, per leaf (float32 for 16-bit leaves).
     prev_norm: (L,) float32 norms of the previous window's accumulation, per leaf (flatten order).
     has_prev: bool, whether ``prev_norm`` holds a window yet.
@@ -350,7 +351,7 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
     finite = finite & _global_finite(outs, None)   # (the means: the same on every replica)
     outs = [jnp.where(finite, o, 0).astype(g_raw.dtype) for o, g_raw in zip(outs, raw)]
     new_res = [jnp.where(finite, r, res) for r, res in zip(new_res, res_leaves)]
-    new_q = [jnp.where(finite, qn, q) for qn, q in zip(new_q, state.q)]
+    new_q = [qn if _no_q(q) else jnp.where(finite, qn, q) for qn, q in zip(new_q, state.q)]
     new_accum = [jnp.where(finite & in_window, acc_w + g_raw.astype(acc_w.dtype), acc_w)
                  for acc_w, g_raw in zip(acc_leaves, raw)]
     nbytes = jnp.where(finite, nbytes, 0.0)

@@ -196,7 +196,8 @@ class PowerSGDState(NamedTuple):
 
   Attributes:
     residual: error-feedback memory per leaf (zeros for dense leaves).
-    q: tuple (flatten order) of warm-start matrices (m, r) per leaf; shape (0, 0) for dense leaves.
+    q: tuple (flatten order) of warm-start matrices (m, r) per leaf; None for dense leaves (a (0, 0) array in
+      states before session 45, still accepted).
     step: steps taken (int32).
     bytes_sent: bytes this device passed to the collectives in the last step (float32).
     total_bytes: cumulative ``bytes_sent``.
@@ -248,12 +249,19 @@ def total_bytes(state: Any) -> float:
 
 def _initial_q(leaves: Sequence[Any], ranks: Sequence[int], seed: int) -> tuple:
   """Random warm starts Q (m, r) per leaf from ``seed`` (the same on every device: no broadcast), leaf i
-  drawn with ``fold_in(key, i)``; shape (0, 0) where the rank is 0 (dense leaves)."""
+  drawn with ``fold_in(key, i)``; None where the rank is 0 (dense leaves: no array, so a state maps through
+  ``pmap`` / ``shard_map`` without a zero-size operand, on which jax 0.11.2's Shardy partitioner crashes the
+  compiler; states of earlier sessions hold a (0, 0) array there, still accepted: :func:`_no_q`)."""
   key = jax.random.PRNGKey(seed)
   return tuple(
-      jnp.zeros((0, 0), jnp.result_type(leaf)) if r == 0 else
+      None if r == 0 else
       jax.random.normal(jax.random.fold_in(key, i), (matrix_shape(leaf.shape)[1], r), jnp.result_type(leaf))
       for i, (leaf, r) in enumerate(zip(leaves, ranks)))
+
+
+def _no_q(q) -> bool:
+  """Whether a state's warm start ``q`` marks a dense leaf: None, or a (0, 0) array (states before session 45)."""
+  return q is None or np.size(q) == 0
 
 
 def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: int = 0,
@@ -315,7 +323,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     groups: dict = {}
     for i, (acc, q) in enumerate(zip(accs, state.q)):
       item = jnp.dtype(acc.dtype).itemsize
-      if q.size == 0:   # dense leaf: all-reduced whole, no residual
+      if _no_q(q):   # dense leaf: all-reduced whole, no residual
         outs[i] = _pmean(acc, axis_name) if axis_name is not None else acc
         new_res[i] = res_leaves[i]
         nbytes += acc.size * item
@@ -338,7 +346,7 @@ def powersgd(rank: int, *, min_size: int = 0, clamp_rank: bool = False, seed: in
     # residual never turns NaN.
     finite = finite & _global_finite(outs, None)   # (the means: the same on every replica)
     for i, q in enumerate(state.q):
-      if q.size:
+      if not _no_q(q):
         new_res[i] = jnp.where(finite, accs[i] - outs[i], res_leaves[i])
         new_q[i] = jnp.where(finite, _keep_warm(new_q[i], q), q)
     outs = [jnp.where(finite, o, 0).astype(g.dtype) for o, g in zip(outs, grads)]

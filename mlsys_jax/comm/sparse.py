@@ -83,6 +83,7 @@ from mlsys_jax.comm import _pallas_pack
 
 __all__ = [
     "DISTRIBUTIONS",
+    "ParamLayout",
     "SparsePayload",
     "SparsifierState",
     "allgather_mean",
@@ -1991,6 +1992,76 @@ def dgc_threshold(key: jax.Array, abs_x: jax.Array, ratio: float, sample_fractio
 # The optax transforms.
 
 
+@jax.tree_util.register_pytree_node_class
+class ParamLayout:
+  """The parameters' tree structure and leaf shapes that a flat residual (``flat_state=True``) was built for, held
+  as static pytree data: no arrays, so ``jit``, ``vmap``, ``pmap`` and ``shard_map`` carry it unchanged and a
+  state can be mapped with one spec (``P("d")``) as a whole.
+
+  It replaces session 43's tree of zero-size arrays (shape ``(0, *leaf.shape)``), on which jax 0.11.2's Shardy
+  partitioner crashes the compiler when the state enters a ``pmap`` / ``shard_map`` body; states holding that form
+  are still accepted and checked.
+
+  >>> lay = ParamLayout.of({"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)})
+  >>> lay.shapes, jax.tree_util.tree_leaves(lay)
+  (((3,), (2, 3)), [])
+  """
+
+  __slots__ = ("treedef", "shapes")
+
+  def __init__(self, treedef, shapes):
+    if not isinstance(treedef, jax.tree_util.PyTreeDef):
+      raise TypeError(f"ParamLayout: treedef must be a jax PyTreeDef, got {type(treedef).__name__}; build one with "
+                      f"ParamLayout.of(params).")
+    shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+    if len(shapes) != treedef.num_leaves or any(d < 0 for s in shapes for d in s):
+      raise ValueError(f"ParamLayout: {len(shapes)} shapes {shapes} for a tree of {treedef.num_leaves} leaves "
+                       f"({treedef}); give one non-negative shape per leaf, or use ParamLayout.of(params).")
+    self.treedef = treedef
+    self.shapes = shapes
+
+  @classmethod
+  def of(cls, params) -> "ParamLayout":
+    """The layout of a parameter tree."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return cls(treedef, [np.shape(x) for x in leaves])
+
+  def reference(self):
+    """The tree of ``jax.ShapeDtypeStruct`` (float32) that updates are checked against (``_check_like``)."""
+    return jax.tree_util.tree_unflatten(self.treedef, [jax.ShapeDtypeStruct(s, jnp.float32) for s in self.shapes])
+
+  def tree_flatten(self):
+    return (), (self.treedef, self.shapes)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del children
+    return cls(*aux)
+
+  def __eq__(self, other):
+    return isinstance(other, ParamLayout) and (self.treedef, self.shapes) == (other.treedef, other.shapes)
+
+  def __hash__(self):
+    return hash((self.treedef, self.shapes))
+
+  def __repr__(self):
+    return f"ParamLayout({self.treedef}, shapes={self.shapes})"
+
+
+def _register_layout_serialization() -> None:
+  """flax.serialization: a ``ParamLayout`` saves as an empty dict and restores as the target's (its content is
+  static: the target state, built by ``init`` on the same parameters, holds the same)."""
+  try:
+    from flax import serialization
+  except ImportError:   # (flax is a dependency; without it there is nothing to register with)
+    return
+  serialization.register_serialization_state(ParamLayout, lambda x: {}, lambda target, state: target,
+                                             override=True)
+
+
+_register_layout_serialization()
+
+
 class SparsifierState(NamedTuple):
   """State of the sparsifying transforms.
 
@@ -2013,10 +2084,10 @@ class SparsifierState(NamedTuple):
       built with ``momentum > 0``, else ``()``.
     precondition: state of the local ``precondition`` transform (e.g. Adam's moments of this worker's
       gradients), or ``()`` without one.
-    layout: with ``flat_state=True``, the parameters' tree of zero-size float32 arrays of shape ``(0, *leaf.shape)``
-      (no memory): the structure and shapes the flat residual was built for, so ``update`` refuses gradients laid
-      out otherwise with the same entry count; ``()`` without ``flat_state`` (the residual tree checks it) and
-      in states built before it existed (not checked).
+    layout: with ``flat_state=True``, a :class:`ParamLayout` (static: no arrays): the parameters' structure and
+      shapes the flat residual was built for, so ``update`` refuses gradients laid out otherwise with the same
+      entry count; ``()`` without ``flat_state`` (the residual tree checks it) and in states built before it
+      existed (not checked). States of sessions 43-44 hold a tree of zero-size arrays here instead (still checked).
   """
   residual: Any
   key: jax.Array
@@ -2192,7 +2263,9 @@ def _check_flat_residual(name: str, updates, state, padded: bool = False) -> Non
   if not jnp.issubdtype(r.dtype, jnp.floating):
     raise ValueError(f"{name}: the flat residual has dtype {r.dtype}, not a floating dtype.")
   layout = getattr(state, "layout", ())
-  if not (isinstance(layout, tuple) and layout == ()):   # the same count: the parameters' structure and shapes
+  if isinstance(layout, ParamLayout):   # the same count: the parameters' structure and shapes
+    _check_like(name, updates, layout.reference())
+  elif not (isinstance(layout, tuple) and layout == ()):   # (sessions 43-44: zero-size arrays (0, *shape))
     _check_like(name, updates, jax.tree_util.tree_map(lambda z: jax.ShapeDtypeStruct(np.shape(z)[1:], z.dtype),
                                                       layout))
 
@@ -2326,7 +2399,7 @@ def _sparsifier(select, ratio, *, capacity_factor: float, per_tensor: bool,
       zeros = jnp.zeros((_padded_size(n) if _buffer_residual() else n,),
                         _flat_dtype("sparsifier.init", jax.tree_util.tree_leaves(params)))
       velocity = jnp.zeros((n,), zeros.dtype) if momentum > 0 else ()
-      layout = jax.tree_util.tree_map(lambda p: jnp.zeros((0,) + np.shape(p), jnp.float32), params)
+      layout = ParamLayout.of(params)
     else:
       velocity = zeros if momentum > 0 else ()
       layout = ()
