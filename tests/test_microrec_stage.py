@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax.infer import microrec as mr
+from _triton import cuda_target  # tests/_triton.py
 
 
 def _stage():
@@ -151,5 +152,6 @@ def test_lowers_to_triton_ir(kernel, block, num_warps):
   st = _criteo_shape_stage(identity=kernel == "tile_direct")
   f = jax.jit(lambda s, i: mr.lookup(s, i, impl="pallas", kernel=kernel, block=block, num_warps=num_warps,
                                      interpret=False, count="partial" if kernel == "tile_direct" else "total"))
-  lowered = f.trace(st, jax.ShapeDtypeStruct((4096, 26), jnp.int32)).lower(lowering_platforms=("cuda",))
+  with cuda_target():
+    lowered = f.trace(st, jax.ShapeDtypeStruct((4096, 26), jnp.int32)).lower(lowering_platforms=("cuda",))
   assert "triton" in lowered.as_text().lower()

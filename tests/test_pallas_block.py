@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlsys_jax.sched import _pallas_block as pb
+from _triton import cuda_target  # tests/_triton.py
 
 
 def _rel(a, b):
@@ -104,16 +105,18 @@ def test_lowers_to_triton_for_cuda():
       ops, cat = pb.inception_a_ops({k: (w.astype(dt), b.astype(dt)) for k, (w, b) in p.items()})
       blk = pb.build_block(ops, cat, pb.BlockConfig(bm=32, bn=32, bk=32), dtype=dt)
       n0 = len(seen)
-      jax.jit(lambda v: pb.apply_block(blk, v, interpret=False)).trace(
-          jax.ShapeDtypeStruct((1, 7, 7, 32), dt)).lower(lowering_platforms=("cuda",))
+      with cuda_target():
+        jax.jit(lambda v: pb.apply_block(blk, v, interpret=False)).trace(
+            jax.ShapeDtypeStruct((1, 7, 7, 32), dt)).lower(lowering_platforms=("cuda",))
       irs = seen[n0:]
       assert [ir.count("tt.dot") for ir in irs] == [4, 3, 1]
       assert all(want in ir for ir in irs)
       # split-K: float32 atomic adds in level 2 (the 5x5 and the first 3x3) and 3, a fourth level
       blk = pb.build_block(ops, cat, pb.BlockConfig(bm=32, bn=32, bk=32, split_steps=4), dtype=dt)
       n0 = len(seen)
-      jax.jit(lambda v: pb.apply_block(blk, v, interpret=False)).trace(
-          jax.ShapeDtypeStruct((1, 7, 7, 32), dt)).lower(lowering_platforms=("cuda",))
+      with cuda_target():
+        jax.jit(lambda v: pb.apply_block(blk, v, interpret=False)).trace(
+            jax.ShapeDtypeStruct((1, 7, 7, 32), dt)).lower(lowering_platforms=("cuda",))
       assert len(seen) - n0 == 4 and all("tt.atomic_rmw fadd" in ir for ir in seen[n0 + 1:n0 + 3])
   finally:
     tl.lower_jaxpr_to_triton_module = hooked

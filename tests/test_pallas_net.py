@@ -9,6 +9,7 @@ import pytest
 from mlsys_jax.models import ios_nets
 from mlsys_jax.sched import _pallas_block as pb
 from mlsys_jax.sched import _pallas_net as pn
+from _triton import cuda_target  # tests/_triton.py
 
 
 def _rel(a, b):
@@ -114,7 +115,8 @@ def test_lowers_to_triton_for_cuda(small_net):
   net = pn.pallas_inception_v3(m, v, interpret=False)
   try:
     tl.lower_jaxpr_to_triton_module = capture
-    text = jax.jit(net).trace(jax.ShapeDtypeStruct(x.shape, x.dtype)).lower(lowering_platforms=("cuda",)).as_text()
+    with cuda_target():
+      text = jax.jit(net).trace(jax.ShapeDtypeStruct(x.shape, x.dtype)).lower(lowering_platforms=("cuda",)).as_text()
   finally:
     tl.lower_jaxpr_to_triton_module = hooked
   assert len(seen) == sum(net.levels().values()) == 5 * 3 + 4 * 5    # A and E: 3 levels, C: 5

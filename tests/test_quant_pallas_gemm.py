@@ -18,7 +18,7 @@ from mlsys_jax import quant
 from mlsys_jax.quant import _pallas_gemm as pg
 from mlsys_jax.quant import layers
 
-from _triton import triton_ir  # tests/_triton.py
+from _triton import cuda_target, triton_ir  # tests/_triton.py
 
 
 def _codes(rng, shape):
@@ -258,9 +258,10 @@ def test_lowers_to_triton_ir(kind, v, opts):
   g = k // v
   f = jax.jit(functools.partial(fn, vector_size=v, interpret=False, integer_scales=kind != "fp8",
                                 **opts))
-  lowered = f.trace(jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((m, g), jnp.float32),
-                    jax.ShapeDtypeStruct((k // 2 if kind == "w4a8" else k, n), dt),
-                    jax.ShapeDtypeStruct((g, n), jnp.float32)).lower(lowering_platforms=("cuda",))
+  with cuda_target():
+    lowered = f.trace(jax.ShapeDtypeStruct((m, k), dt), jax.ShapeDtypeStruct((m, g), jnp.float32),
+                      jax.ShapeDtypeStruct((k // 2 if kind == "w4a8" else k, n), dt),
+                      jax.ShapeDtypeStruct((g, n), jnp.float32)).lower(lowering_platforms=("cuda",))
   assert "triton" in lowered.as_text().lower()
 
 

@@ -16,6 +16,7 @@ from mlsys_jax.quant import _pallas_quantize as pq
 from mlsys_jax.quant import dequantize, quantize, vs_dequantize, vs_fake_quant, vs_quantize
 from mlsys_jax.quant import fixed_point as fp
 from mlsys_jax.quant import vsquant as vs
+from _triton import cuda_target  # tests/_triton.py
 
 BLOCK = 256      # elements per program: 4 rows of 40 (padded to 64) per program, 2 programs for 6 rows
 
@@ -178,7 +179,8 @@ def test_lowers_to_triton_ir():
     for f in (lambda a: fp._quantize_rows(a, 8, False, False, (1,), "pallas", div="full"),
               lambda a: vs._vs_quantize_rows(a, 4, 16, 8, "pallas"),
               lambda a: vs._vs_quantize_rows(a, 4, 128, None, "pallas", num_warps=4)):
-      text = jax.jit(f).trace(sd).lower(lowering_platforms=("cuda",)).as_text()
+      with cuda_target():
+        text = jax.jit(f).trace(sd).lower(lowering_platforms=("cuda",)).as_text()
       assert "triton" in text.lower()
 
 

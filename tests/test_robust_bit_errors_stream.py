@@ -14,6 +14,7 @@ import pytest
 
 from mlsys_jax.robust import _pallas_bits as pb
 from mlsys_jax.robust import bit_errors as be
+from _triton import cuda_target  # tests/_triton.py
 
 N = 1 << 21          # uint8 codes of the rate tests (16.8M bits)
 Z = 4.5              # two-sided bound in standard errors (false alarm about 7e-6 per check)
@@ -247,7 +248,8 @@ def _triton_ops(f, *args):
   """Operation and callee names in the Triton module(s) of ``f`` lowered for CUDA (no GPU needed: the
   Pallas call is lowered to Triton IR in Python; the names sit in the serialized module's string table)."""
   try:
-    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with cuda_target():
+      return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   except Exception as e:   # pragma: no cover - a jaxlib without the Triton bindings / CUDA lowering
     pytest.skip(f"cannot lower the Pallas call for CUDA here: {e!r:.200}")
 
