@@ -717,3 +717,12 @@ def test_flattened_adam_rows_chain_the_compressor_with_a_flattened_adam():
     adam = state[-1] if row != "adam_flat" else state
     # optax.flatten's state holds Adam's moments as one raveled vector of all 10 entries
     assert [x.shape for x in __import__("jax").tree_util.tree_leaves(adam) if x.ndim == 1] == [(10,), (10,)], row
+
+
+def test_flattened_adam_figures_need_no_plain_adam_row():
+  rows = [{"row": "adam_flat", "step_s_all": [1.0, 1.2], "step_s": 1.1, "kernel_classes_s": {"copy": 1.0, "fusion": 2.0}},
+          {"row": "topk_adam_flat", "step_s_all": [1.5, 1.9], "step_s": 1.7,
+           "kernel_classes_s": {"copy": 1.0, "fusion": 2.5, "sort": 1.0}}]
+  ms._summarize(rows)
+  assert rows[1]["over_adam_flat_s"] == pytest.approx(0.6) and rows[1]["kernels_over_adam_flat_s"] == pytest.approx(1.5)
+  assert "overhead_s" not in rows[1]   # (the figures over plain Adam need its row)
