@@ -378,8 +378,8 @@ def _rw_floor(n: int, wall_bandwidth: float, calls: int = 5, nbytes: int = 1 << 
     jax.block_until_ready(f(x))
     d = _device(lambda: f(x), calls, 1)
     if d.get("device_s"):
-      out.update(copy_bandwidth=8 * (nbytes // 4) / d["device_s"], copy_bandwidth_device=8 * (nbytes // 4) / d["device_s"],
-                 rw_floor_measure="device")
+      bw = 8 * (nbytes // 4) / d["device_s"]
+      out.update(copy_bandwidth=bw, copy_bandwidth_device=bw, rw_floor_measure="device")
     else:
       out["copy_device_error"] = d.get("device_error", "no device time")
     del x

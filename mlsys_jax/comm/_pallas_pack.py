@@ -311,11 +311,9 @@ def pack_above(x: jax.Array, threshold: jax.Array, capacity: int, block_max: jax
     return m <= INT32_MAX and -(-nb_ // lb_) * lb_ <= 2**31 and -(-cap_ // rb_) * rb_ <= 2**31
 
   _check_int32("pack_above", n, fits)
-  _check_capacity("pack_above", capacity, max(spans(n)[0], spans(n)[1] * BLOCK))   # (list ranks, payload slots)
+  lb, rb, _, cap_b = spans(n)       # (list blocks, rows per group; cap_b = min(nb, capacity))
+  _check_capacity("pack_above", capacity, max(lb, rb * BLOCK))   # (list ranks, payload slots)
   nb = _num_blocks(n, block_max)
-  cap_b = min(nb, capacity)
-  lb = list_blocks or max(LIST_BLOCKS, _pow2(-(-nb // MAX_TILES)))
-  rb = rows or max(ROWS, _pow2(-(-cap_b // MAX_TILES)))
   nt = -(-nb // lb)                 # list tiles
   ng = -(-cap_b // rb)              # row groups
   ntp, ngp = _pow2(nt), _pow2(ng)
@@ -417,7 +415,7 @@ def kth_blocks(block_max: jax.Array, big: jax.Array, k, capacity: int, *, interp
   _check_capacity("kth_blocks", capacity, lb_of(nb))
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  lb = list_blocks or max(LIST_BLOCKS, _pow2(-(-nb // MAX_TILES)))
+  lb = lb_of(nb)
   nt = -(-nb // lb)
   ntp = _pow2(nt)
   i32 = jnp.int32

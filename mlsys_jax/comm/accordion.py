@@ -296,12 +296,12 @@ def accordion(compressor: str = "powersgd", low: float | None = None, high: floa
       def branch(r):
         def f(operands):
           mat, q = operands
-          if r == q.shape[1]:   # (the whole warm start: no update of a full-width slice, which makes jax
-            # 0.11.2's Shardy partitioner crash the compiler when the value comes from a collective, session 45)
-            approx, _, qn = powersgd_step(mat, q, axis_name)
-            return approx, _keep_warm(qn, q), jnp.float32((n + m) * r * item)
-          approx, _, qn = powersgd_step(mat, q[:, :r], axis_name)
-          q_full = q.at[:, :r].set(_keep_warm(qn, q[:, :r]))
+          whole = r == q.shape[1]   # (the whole warm start: no update of a full-width slice, a scatter with an
+          # empty index array on which jax 0.11.2's Shardy partitioner crashes the compiler, session 45)
+          q_r = q if whole else q[:, :r]
+          approx, _, qn = powersgd_step(mat, q_r, axis_name)
+          warm = _keep_warm(qn, q_r)
+          q_full = warm if whole else q.at[:, :r].set(warm)
           return approx, q_full, jnp.float32((n + m) * r * item)
         return f
 
